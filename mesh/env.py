@@ -1,0 +1,76 @@
+"""Reading the job description from the environment: torchrun's names first,
+then SLURM's and Open MPI's, so one script runs under any launcher."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+
+__all__ = ["JobSpec", "from_env", "host_id"]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    master_addr: str
+    master_port: int
+    secret: str
+    serve_rendezvous: bool  # True when no launcher of ours runs the service: rank 0 does
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"world size must be >= 1, got {self.size}")
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} is outside the world of size {self.size}")
+
+
+def _first(env: Mapping[str, str], *names: str) -> str | None:
+    for n in names:
+        if env.get(n, "") != "":
+            return env[n]
+    return None
+
+
+def from_env(env: Mapping[str, str] | None = None) -> JobSpec:
+    """Build a JobSpec from torchrun, SLURM or Open MPI variables.
+
+    MESH_SECRET is set by meshrun and mesh.spawn; under another launcher the
+    job may set it itself, else the secret is derived from MASTER_ADDR/PORT
+    (all ranks agree on it, but it does not keep strangers out)."""
+    env = os.environ if env is None else env
+    rank = _first(env, "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    size = _first(env, "WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    if rank is None or size is None:
+        rank, size = "0", "1"
+    local_rank = _first(env, "LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK") or "0"
+    local_size = _first(env, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE",
+                         "OMPI_COMM_WORLD_LOCAL_SIZE") or "1"
+    addr = _first(env, "MASTER_ADDR") or "127.0.0.1"
+    port = _first(env, "MASTER_PORT")
+    ours = env.get("MESH_LAUNCHER", "") == "1"
+    if port is None:
+        if int(size) > 1:
+            raise ValueError("MASTER_PORT is not set: start the job with meshrun, "
+                             "torchrun, srun or mpirun, or set MASTER_ADDR/MASTER_PORT")
+        port = "0"
+    secret = env.get("MESH_SECRET") or f"insecure:{addr}:{port}"
+    return JobSpec(int(rank), int(size), int(local_rank), int(local_size.split("(")[0]),
+                   addr, int(port), secret, serve_rendezvous=not ours)
+
+
+def host_id() -> str:
+    """Which ranks share a host (and so use ipc://): the host name plus the
+    network namespace, so that namespaces on one machine count as hosts.
+    MESH_HOST_ID overrides."""
+    forced = os.environ.get("MESH_HOST_ID")
+    if forced:
+        return forced
+    try:
+        ns = os.readlink("/proc/self/ns/net")
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}|{ns}"

@@ -1,0 +1,53 @@
+"""One family of errors. Every message names the local rank, the peer(s), the
+operation, its group and sequence number, so a log line alone says what failed."""
+from __future__ import annotations
+
+__all__ = [
+    "MeshError", "MeshTimeoutError", "LostPeerError", "MismatchError",
+    "BadMessageError", "AuthError", "RendezvousError", "WorkerError",
+]
+
+
+class MeshError(RuntimeError):
+    """Base class of every error raised by meshrun."""
+
+
+class MeshTimeoutError(MeshError, TimeoutError):
+    """A blocking operation did not complete within its timeout."""
+
+
+class LostPeerError(MeshError):
+    """A peer died or stopped answering; operations involving it fail."""
+
+    def __init__(self, msg: str, peer: int | None = None) -> None:
+        super().__init__(msg)
+        self.peer = peer
+
+
+class MismatchError(MeshError):
+    """Ranks called different collectives, or the same with another dtype/shape/op."""
+
+
+class BadMessageError(MeshError):
+    """A malformed frame or a message whose payload does not fit its header."""
+
+
+class AuthError(MeshError):
+    """A peer did not present the job's secret."""
+
+
+class RendezvousError(MeshError):
+    """The job could not be assembled: ranks missing, duplicated, or no service."""
+
+
+class WorkerError(MeshError):
+    """A worker process failed; carries its rank and its own traceback."""
+
+    def __init__(self, rank: int, tb: str, exitcode: int | None = None) -> None:
+        head = f"rank {rank} failed"
+        if exitcode is not None:
+            head += f" (exit code {exitcode})"
+        super().__init__(f"{head}:\n{tb}")
+        self.rank = rank
+        self.traceback = tb
+        self.exitcode = exitcode
