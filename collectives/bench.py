@@ -1,0 +1,229 @@
+"""Collective benchmark, printed as nccl-tests prints it.
+
+    python -m collectives.bench --op all_reduce -n 4 --sizes 8:64M --compare gloo
+
+launches its own n workers (``mesh.spawn``), times every size from 8 bytes to
+64 MiB (doubling), and prints one row per size: bytes, element count, dtype,
+time per call (the slowest rank's), algbw = bytes / time and busbw = algbw
+times the collective's factor (2(n-1)/n for all_reduce, (n-1)/n for
+all_gather, reduce_scatter, all_to_all, gather and scatter, 1 for broadcast
+and reduce). With ``--compare gloo`` torch.distributed runs the same rows in
+the same invocation and each row ends with gloo's time over ours.
+
+As in nccl-tests, "size" is the whole buffer: the all_gather output, the
+reduce_scatter input, the array scattered from the root.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .plan import parse_size
+
+__all__ = ["COLLECTIVES", "bus_factor", "parse_sizes", "input_count", "plan_rows", "main"]
+
+COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter",
+               "gather", "scatter", "all_to_all", "barrier")
+
+
+def bus_factor(op: str, n: int) -> float:
+    """busbw / algbw for ``op`` on n ranks, as nccl-tests defines it."""
+    if op == "all_reduce":
+        return 2 * (n - 1) / n
+    if op in ("broadcast", "reduce"):
+        return 1.0
+    if op == "barrier":
+        return 0.0
+    return (n - 1) / n
+
+
+def parse_sizes(text: str, factor: int = 2) -> list[int]:
+    """'8:64M' -> [8, 16, ..., 64 MiB]; 'a:b' steps by ``factor``; '1M' alone
+    is one size; 'a,b,c' lists sizes."""
+    if "," in text:
+        return [parse_size(s) for s in text.split(",")]
+    lo, _, hi = text.partition(":")
+    a = parse_size(lo)
+    b = parse_size(hi) if hi else a
+    if a < 1 or b < a or factor < 2:
+        raise ValueError(f"bad size range {text!r}")
+    out = []
+    while a <= b:
+        out.append(a)
+        a *= factor
+    return out
+
+
+def input_count(op: str, size: int, itemsize: int, n: int) -> int:
+    """Elements of each rank's input array for a ``size``-byte row."""
+    count = max(1, size // itemsize)
+    if op in ("all_gather", "gather"):
+        return max(1, count // n)
+    if op in ("reduce_scatter", "scatter", "all_to_all"):
+        return max(n, count - count % n)
+    return count
+
+
+def plan_rows(op: str, sizes: Sequence[int], itemsize: int, n: int,
+              iters: int | None = None, warmup: int | None = None) -> list[tuple[int, int, int]]:
+    """(input count, timed iterations, warm-up calls) per size: more
+    iterations for small sizes, at least 5 timed calls for the largest."""
+    rows = []
+    for size in sizes:
+        it = iters if iters is not None else max(5, min(200, (512 << 20) // size))
+        wu = warmup if warmup is not None else 2 + it // 10
+        rows.append((input_count(op, size, itemsize, n), it, wu))
+    return rows
+
+
+def _make(xp: Any, op: str, count: int, dtype: str, n: int, rank: int) -> Any:
+    if op == "scatter":
+        return xp.ones((n, count // n), dtype=dtype) if rank == 0 else None
+    if op in ("reduce_scatter", "all_to_all"):
+        return xp.ones((n, count // n), dtype=dtype)
+    return xp.ones((count,), dtype=dtype)
+
+
+def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: str,
+                 device: str) -> list[float]:
+    import collectives as C
+
+    xp = np
+    if device == "cuda":
+        import cupy
+        cupy.cuda.Device(world.rank % cupy.cuda.runtime.getDeviceCount()).use()
+        xp = cupy
+    fn = getattr(C, op)
+    times = []
+    for count, iters, warmup in rows:
+        a = _make(xp, op, count, dtype, world.size, world.rank)
+        call = (lambda: fn(world)) if op == "barrier" else (lambda: fn(world, a))
+        for _ in range(warmup):
+            call()
+        C.barrier(world)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        if device == "cuda":
+            xp.cuda.get_current_stream().synchronize()
+        times.append((time.perf_counter() - t0) / iters)
+    C.barrier(world)
+    return times
+
+
+def _slowest(per_rank: list[list[Any]], i: int) -> float | str:
+    vals = [r[i] for r in per_rank]
+    errs = [v for v in vals if isinstance(v, str)]
+    return errs[0] if errs else max(vals)
+
+
+def _fmt_side(size: int, t: float | str, factor: float) -> str:
+    if isinstance(t, str):
+        return f"{'n/a':>10} {'':>8} {'':>8}"
+    algbw = size / t / 1e9
+    return f"{t * 1e6:10.1f} {algbw:8.3f} {algbw * factor:8.3f}"
+
+
+def _plot(path: str, op: str, n: int, sizes: list[int], sides: dict[str, list[Any]]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"# --plot: matplotlib is not installed, {path} not written", file=sys.stderr)
+        return
+    f = bus_factor(op, n)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, ts in sides.items():
+        pts = [(s, s / t / 1e9 * f) for s, t in zip(sizes, ts) if not isinstance(t, str)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title(f"{op}, {n} ranks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"# plot written to {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m collectives.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", default="all_reduce", choices=COLLECTIVES)
+    ap.add_argument("-n", "--nprocs", type=int, default=2)
+    ap.add_argument("--sizes", default="8:64M", help="lo:hi (doubling), or a,b,c; K M G suffixes")
+    ap.add_argument("--factor", type=int, default=2, help="step between sizes of a range")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per size")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per size")
+    ap.add_argument("--compare", choices=("gloo",), default=None)
+    ap.add_argument("--only", choices=("meshrun", "gloo"), default=None,
+                    help="run one side only (e.g. to measure the gloo anchors)")
+    ap.add_argument("--plot", default=None, help="write busbw vs size to this PNG")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = ap.parse_args(argv)
+
+    n = args.nprocs
+    sizes = parse_sizes(args.sizes, args.factor)
+    if args.op == "barrier":
+        sizes = [0]
+    itemsize = np.dtype(args.dtype).itemsize
+    rows = plan_rows(args.op, sizes or [1], itemsize, n, args.iters, args.warmup)
+    want_gloo = args.compare == "gloo" or args.only == "gloo"
+    want_mesh = args.only != "gloo"
+    sides: dict[str, list[Any]] = {}
+
+    print(f"# collectives.bench: {args.op}, {n} ranks, {args.dtype}, {args.device}, "
+          f"pid {os.getpid()}")
+    if want_mesh:
+        import mesh
+        per_rank = mesh.spawn(_mesh_worker, n, args.op, rows, args.dtype, args.device,
+                              timeout=3600)
+        sides["meshrun"] = [_slowest(per_rank, i) for i in range(len(rows))]
+    if want_gloo:
+        from .bench_gloo import available, run_gloo
+        if not available():
+            print("# --compare gloo: torch with gloo is not installed; skipped", file=sys.stderr)
+        else:
+            per_rank = run_gloo(args.op, n, rows, args.dtype, args.device)
+            sides["gloo"] = [_slowest(per_rank, i) for i in range(len(rows))]
+
+    f = bus_factor(args.op, n)
+    head = f"# {'size':>10} {'count':>10} {'type':>8} {'redop':>5}"
+    unit = f"# {'(B)':>10} {'(elems)':>10} {'':>8} {'':>5}"
+    for name in sides:
+        head += f" | {name + ' time':>10} {'algbw':>8} {'busbw':>8}"
+        unit += f" | {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8}"
+    if len(sides) == 2:
+        head += f" | {'ratio':>6}"
+        unit += f" | {'(x)':>6}"
+    print(head)
+    print(unit)
+    redop = "sum" if args.op in ("all_reduce", "reduce", "reduce_scatter") else "none"
+    for i, size in enumerate(sizes):
+        line = f"  {size:>10} {rows[i][0]:>10} {args.dtype:>8} {redop:>5}"
+        for ts in sides.values():
+            line += " | " + _fmt_side(size, ts[i], f)
+        if len(sides) == 2:
+            a, b = sides["meshrun"][i], sides["gloo"][i]
+            ok = not isinstance(a, str) and not isinstance(b, str)
+            line += f" | {b / a:6.2f}" if ok else f" | {'n/a':>6}"
+        print(line, flush=True)
+    for name, ts in sides.items():
+        for t in ts:
+            if isinstance(t, str):
+                print(f"# {name}: {t}")
+                break
+    if args.plot:
+        _plot(args.plot, args.op, n, sizes, sides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The torch.distributed (gloo) side of ``collectives.bench``: the same
+collectives, sizes and timing loop, so each row can be compared in one run.
+
+torch is imported only inside the worker processes; it is never a
+dependency of meshrun.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+__all__ = ["available", "run_gloo"]
+
+
+def available() -> bool:
+    """Whether torch with the gloo backend can be imported here."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    return bool(dist.is_available() and dist.is_gloo_available())
+
+
+def _op_fn(op: str, t: Any, n: int, rank: int) -> Callable[[], Any]:
+    import torch
+    import torch.distributed as dist
+
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(t)
+    if op == "broadcast":
+        return lambda: dist.broadcast(t, 0)
+    if op == "reduce":
+        return lambda: dist.reduce(t, 0)
+    if op == "all_gather":
+        out = torch.empty((n * t.numel(),), dtype=t.dtype, device=t.device)
+        return lambda: dist.all_gather_into_tensor(out, t)
+    if op == "reduce_scatter":
+        out = torch.empty((t.numel() // n,), dtype=t.dtype, device=t.device)
+        return lambda: dist.reduce_scatter_tensor(out, t)
+    if op == "all_to_all":
+        out = torch.empty_like(t)
+        return lambda: dist.all_to_all_single(out, t)
+    if op == "gather":
+        lst = [torch.empty_like(t) for _ in range(n)] if rank == 0 else None
+        return lambda: dist.gather(t, lst, dst=0)
+    if op == "scatter":
+        out = torch.empty((t.numel() // n,), dtype=t.dtype, device=t.device)
+        lst = list(t.chunk(n)) if rank == 0 else None
+        return lambda: dist.scatter(out, lst, src=0)
+    if op == "barrier":
+        return lambda: dist.barrier()
+    raise ValueError(f"no gloo equivalent for {op!r}")
+
+
+def _worker(rank: int, n: int, init: str, op: str, rows: list[tuple[int, int, int]],
+            dtype: str, device: str, conn: Any) -> None:
+    try:
+        import torch
+        import torch.distributed as dist
+
+        dev = "cpu"
+        if device == "cuda":
+            dev = f"cuda:{rank % torch.cuda.device_count()}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=n)
+        times = []
+        for count, iters, warmup in rows:
+            t = torch.ones((count,), dtype=getattr(torch, dtype), device=dev)
+            try:
+                fn = _op_fn(op, t, n, rank)
+                for _ in range(warmup):
+                    fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) / iters)
+            except RuntimeError as e:
+                times.append(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        dist.barrier()
+        dist.destroy_process_group()
+        conn.send((True, times))
+    except BaseException:
+        conn.send((False, traceback.format_exc()))
+
+
+def run_gloo(op: str, n: int, rows: list[tuple[int, int, int]], dtype: str = "float32",
+             device: str = "cpu", timeout: float = 900.0) -> list[list[float | str]]:
+    """Run ``op`` on n gloo ranks for each (input count, iters, warmup) row;
+    return, per rank, the seconds per call of every row (or the error text
+    of a row gloo cannot do)."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init = "file://" + os.path.join(tmp, "store")
+        pipes, procs = [], []
+        for rank in range(n):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker, args=(rank, n, init, op, rows, dtype, device, child))
+            p.start()
+            child.close()
+            pipes.append(parent)
+            procs.append(p)
+        try:
+            results = []
+            deadline = time.monotonic() + timeout
+            for rank, conn in enumerate(pipes):
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"gloo rank {rank} did not finish in {timeout:.0f} s")
+                ok, payload = conn.recv()
+                if not ok:
+                    raise RuntimeError(f"gloo rank {rank} failed:\n{payload}")
+                results.append(payload)
+            return results
+        finally:
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()

@@ -1,0 +1,81 @@
+"""Reduction operators: which ufunc combines two buffers, for which dtypes.
+
+An op is resolved once per collective (``resolve(name, dtype)``) into a
+``ReduceOp`` whose ``combine`` runs in place on numpy arrays, or on CuPy
+arrays through the same ufunc names (the array module is looked up from the
+array, so CuPy is never imported here).
+
+    sum prod min max avg      every numeric dtype (avg: floating and complex)
+    band bor bxor             integers and bool
+
+Booleans follow logic: sum and max are "or", prod and min are "and".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["OPS", "ReduceOp", "resolve", "array_module"]
+
+OPS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
+
+_UFUNC = {"sum": "add", "avg": "add", "prod": "multiply", "min": "minimum",
+          "max": "maximum", "band": "bitwise_and", "bor": "bitwise_or",
+          "bxor": "bitwise_xor"}
+
+
+def array_module(a: Any) -> Any:
+    """numpy, or the array's own module (cupy) when it is not a numpy array."""
+    if isinstance(a, np.ndarray):
+        return np
+    mod = type(a).__module__.split(".")[0]
+    if mod == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+@dataclass(frozen=True)
+class ReduceOp:
+    """A named reduction bound to one dtype. ``combine(dst, src)`` does
+    ``dst = dst (op) src`` in place; ``finish(buf, n)`` applies what is left
+    once n contributions are combined (the division of avg)."""
+
+    name: str
+    dtype: np.dtype
+
+    def combine(self, dst: Any, src: Any) -> None:
+        ufunc = getattr(array_module(dst), _UFUNC[self.name])
+        ufunc(dst, src, out=dst)
+
+    def finish(self, buf: Any, n: int) -> None:
+        if self.name == "avg" and n > 1 and buf.size:
+            buf /= n
+
+
+def _problem(name: str, dt: np.dtype) -> str | None:
+    kind = dt.kind
+    if kind not in "biufc":
+        return f"dtype {dt} is not numeric"
+    if name in ("band", "bor", "bxor") and kind not in "biu":
+        return f"op {name!r} needs an integer or bool dtype, got {dt}"
+    if name == "avg" and kind in "biu":
+        return (f"op 'avg' needs a floating or complex dtype, got {dt} "
+                f"(use 'sum' and divide, or cast first)")
+    if name in ("min", "max") and kind == "c":
+        return f"op {name!r} is undefined for complex dtype {dt}"
+    return None
+
+
+def resolve(name: str, dtype: Any) -> ReduceOp:
+    """The ReduceOp for ``name`` on ``dtype``; ValueError for an unknown op,
+    TypeError for an op that the dtype cannot take."""
+    if not isinstance(name, str) or name not in _UFUNC:
+        raise ValueError(f"unknown reduction op {name!r}; expected one of {', '.join(OPS)}")
+    dt = np.dtype(dtype)
+    problem = _problem(name, dt)
+    if problem:
+        raise TypeError(problem)
+    return ReduceOp(name, dt)

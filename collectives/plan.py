@@ -1,0 +1,197 @@
+"""Pure arithmetic of the algorithms: chunk and segment boundaries, ring
+steps, recursive-doubling partners, binomial trees, algorithm choice.
+
+Nothing here touches a process or a buffer, so every rule is tested alone.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+__all__ = ["split", "ring_chunks", "segments", "segment_count", "ring_chunk",
+           "RDPlan", "rd_plan", "tree_parent", "tree_children", "chain",
+           "Tuning", "parse_size", "ALGORITHMS", "choose"]
+
+
+def split(count: int, parts: int) -> list[tuple[int, int]]:
+    """``count`` items cut into ``parts`` contiguous ranges as even as they
+    can be; the first ``count % parts`` ranges hold one item more. Ranges may
+    be empty when count < parts.
+
+    >>> split(7, 3)
+    [(0, 3), (3, 5), (5, 7)]
+    """
+    if parts < 1 or count < 0:
+        raise ValueError(f"cannot split {count} items into {parts} parts")
+    q, r = divmod(count, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + q + (1 if i < r else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+ring_chunks = split
+"""The ring's chunks: chunk c of a count-long buffer is ``ring_chunks(count, n)[c]``."""
+
+
+def segment_count(max_len: int, itemsize: int, seg_bytes: int) -> int:
+    """How many segments each chunk is cut into so that none exceeds
+    ``seg_bytes`` (at least one, and at least one item per segment)."""
+    per = max(1, seg_bytes // max(1, itemsize))
+    return max(1, -(-max_len // per))
+
+
+def segments(start: int, stop: int, nseg: int) -> list[tuple[int, int]]:
+    """A chunk ``[start, stop)`` cut into ``nseg`` even segments; every chunk of
+    a ring uses the same nseg, so segment j of any step lines up across ranks."""
+    return [(start + a, start + b) for a, b in split(stop - start, nseg)]
+
+
+def ring_chunk(rank: int, step: int, n: int, shift: int = 0) -> tuple[int, int]:
+    """(chunk sent, chunk received) by ``rank`` at ring ``step``.
+
+    Rank r sends chunk r - step and receives chunk r - step - 1 from its left
+    neighbour, so what it receives at one step is what it sends at the next.
+    With shift 0, after n - 1 reducing steps rank r owns the sum of chunk
+    r + 1; with shift -1 it owns chunk r (reduce_scatter's layout)::
+
+        step:    0    1    2          n = 4, shift 0
+        rank 0:  0>   3>   2>   ...   ">" sent to the right
+        rank 1:  1>   0>   3>
+    """
+    return (rank - step + shift) % n, (rank - step - 1 + shift) % n
+
+
+@dataclass(frozen=True)
+class RDPlan:
+    """Recursive doubling for any n: ranks beyond the largest power of two p
+    first fold into a partner (``fold_to``/``fold_from``), the p remaining
+    ranks exchange with ``partners`` (distance 1, 2, 4...), and the folded
+    ranks get the result back at the end from the same partner."""
+
+    fold_to: int | None      # this rank hands its data to fold_to, then waits
+    fold_from: int | None    # this rank first absorbs fold_from's data
+    partners: tuple[int, ...]
+
+
+def rd_plan(rank: int, n: int) -> RDPlan:
+    """The recursive-doubling plan of ``rank`` in a world of ``n``.
+
+    Of the first 2r ranks (r = n - p), each even one folds into the odd one
+    after it; the others renumber 0..p-1 and run plain recursive doubling."""
+    p = 1 << (n.bit_length() - 1)
+    r = n - p
+    if rank < 2 * r and rank % 2 == 0:
+        return RDPlan(rank + 1, None, ())
+    fold_from = rank - 1 if rank < 2 * r else None
+    new = rank // 2 if rank < 2 * r else rank - r
+    partners = []
+    d = 1
+    while d < p:
+        peer_new = new ^ d
+        partners.append(peer_new * 2 + 1 if peer_new < r else peer_new + r)
+        d <<= 1
+    return RDPlan(None, fold_from, tuple(partners))
+
+
+def tree_parent(rank: int, n: int, root: int = 0) -> int | None:
+    """Parent of ``rank`` in the binomial tree rooted at ``root``."""
+    rel = (rank - root) % n
+    if rel == 0:
+        return None
+    return ((rel & (rel - 1)) + root) % n
+
+
+def tree_children(rank: int, n: int, root: int = 0) -> list[int]:
+    """Children of ``rank`` in the binomial tree, the largest subtree first
+    (that is the order a broadcast should feed them)."""
+    rel = (rank - root) % n
+    low = rel & -rel if rel else 1 << max(0, (n - 1).bit_length())
+    kids = []
+    d = low >> 1
+    while d:
+        if rel + d < n:
+            kids.append((rel + d + root) % n)
+        d >>= 1
+    return kids
+
+
+def chain(rank: int, n: int, root: int = 0) -> tuple[int | None, int | None]:
+    """(previous, next) of ``rank`` on the chain root, root+1, ... root-1."""
+    rel = (rank - root) % n
+    prev = None if rel == 0 else (rank - 1) % n
+    nxt = None if rel == n - 1 else (rank + 1) % n
+    return prev, nxt
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
+          "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'8' -> 8, '64K' -> 65536, '1M' / '1MiB' -> 1048576."""
+    s = text.strip().upper()
+    i = len(s)
+    while i and not s[i - 1].isdigit():
+        i -= 1
+    if not i or s[i:] not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 8, 64K, 1M)")
+    return int(s[:i]) * _UNITS[s[i:]]
+
+
+ALGORITHMS = {
+    "all_reduce": ("rd", "ring"),
+    "broadcast": ("tree", "chain"),
+    "reduce": ("tree", "chain"),
+}
+"""Per collective: (algorithm for small buffers, algorithm for large ones)."""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs read from the environment, the same on every rank of a job.
+
+    MESH_COLL_SEGMENT   segment size of pipelined algorithms (default 1M)
+    MESH_COLL_WINDOW    segments in flight per peer (default 8)
+    MESH_COLL_SMALL     below this many bytes the small algorithm is used (64K)
+    MESH_COLL_ALGO      force algorithms: "ring" or "all_reduce=ring,broadcast=tree"
+    """
+
+    segment: int = 1 << 20
+    window: int = 8
+    small: int = 64 << 10
+    forced: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.segment < 1 or self.window < 1 or self.small < 0:
+            raise ValueError(f"bad collective tuning {self}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Tuning":
+        env = os.environ if env is None else env
+        forced = []
+        for item in filter(None, env.get("MESH_COLL_ALGO", "").replace(" ", "").split(",")):
+            coll, _, alg = item.rpartition("=")
+            forced.append((coll or "*", alg))
+        return cls(parse_size(env.get("MESH_COLL_SEGMENT", "1M")),
+                   int(env.get("MESH_COLL_WINDOW", "8")),
+                   parse_size(env.get("MESH_COLL_SMALL", "64K")), tuple(forced))
+
+
+def choose(coll: str, nbytes: int, tuning: Tuning, forced: str | None = None) -> str:
+    """Which algorithm ``coll`` uses for ``nbytes`` on ``n`` ranks: the per-call
+    ``forced`` one, else the environment's, else small/large by size."""
+    small, large = ALGORITHMS[coll]
+    if forced is None:
+        for c, alg in tuning.forced:
+            if c == coll or (c == "*" and alg in (small, large)):
+                forced = alg
+    if forced is not None:
+        if forced not in (small, large):
+            raise ValueError(f"{coll} has no algorithm {forced!r}; "
+                             f"expected {small!r} or {large!r}")
+        return forced
+    return small if nbytes < tuning.small else large
