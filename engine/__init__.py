@@ -1,0 +1,15 @@
+"""engine: pipeline schedules as data, a verifier and simulator, an executor."""
+from . import schedules
+from .ir import Action, Schedule
+from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
+from .render import render
+from .schedules import gpipe, interleaved_1f1b, one_f_one_b, zero_bubble_h1
+from .simulate import SimReport, simulate
+from .verify import ScheduleError, verify
+
+__all__ = [
+    "schedules", "Action", "Schedule", "ScheduleError", "SimReport",
+    "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1",
+    "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
+    "render", "simulate", "verify",
+]

@@ -1,0 +1,90 @@
+"""``python -m engine.show``: print a schedule or summarize a trace.
+
+    python -m engine.show 1f1b 4 8                 # grid + simulated figures
+    python -m engine.show interleaved 4 8 --chunks 2 --costs F=1,B=2
+    python -m engine.show zb-h1 4 8 --json > s.json
+    python -m engine.show s.json                   # a schedule saved as JSON
+    python -m engine.show step.trace.json          # a trace written by Pipeline
+    python -m engine.show step.trace.json --grid   # the measured timeline as a grid
+
+Invalid schedules print the verifier's marked grid and exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .ir import Schedule
+from .schedules import by_name
+from .verify import ScheduleError, format_program
+
+__all__ = ["main", "parse_costs"]
+
+
+def parse_costs(text: str | None) -> dict[str, float]:
+    """``"F=1,B=2,send=0.1"`` -> ``{"F": 1.0, "B": 2.0, "send": 0.1}``."""
+    costs: dict[str, float] = {}
+    for part in (text or "").split(","):
+        if part.strip():
+            key, _, value = part.partition("=")
+            costs[key.strip()] = float(value)
+    return costs
+
+
+def _show_schedule(sched: Schedule, args: argparse.Namespace) -> int:
+    if args.json:
+        print(sched.to_json(indent=None))
+        return 0
+    costs = parse_costs(args.costs)
+    try:
+        lowered = sched.validate()
+        report = sched.simulate(costs or None)
+    except ScheduleError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
+          f"{sched.num_microbatches} micro-batches")
+    print(sched.render(costs or None))
+    print(report)
+    if args.lowered:
+        print(format_program(lowered))
+    return 0
+
+
+def _show_file(path: str, args: argparse.Namespace) -> int:
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, dict) and "ranks" in data:
+        return _show_schedule(Schedule.from_dict(data), args)
+    from .trace import render_trace, summarize_trace
+    print(render_trace(data) if args.grid else summarize_trace(data))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.show", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", help="schedule name (gpipe, 1f1b, interleaved, zb-h1) or a JSON file")
+    ap.add_argument("p", nargs="?", type=int, help="pipeline ranks")
+    ap.add_argument("m", nargs="?", type=int, help="micro-batches")
+    ap.add_argument("--chunks", type=int, default=2, help="virtual stages per rank (interleaved)")
+    ap.add_argument("--costs", help="per-action costs, e.g. F=1,B=2,I=1,W=1,send=0")
+    ap.add_argument("--json", action="store_true", help="print the schedule as JSON")
+    ap.add_argument("--lowered", action="store_true", help="also print each rank's program")
+    ap.add_argument("--grid", action="store_true", help="for a trace: the measured grid")
+    args = ap.parse_args(argv)
+    if args.p is None:
+        return _show_file(args.what, args)
+    if args.m is None:
+        ap.error("give both p and m after the schedule name")
+    try:
+        sched = by_name(args.what, args.p, args.m, args.chunks)
+    except ValueError as e:
+        ap.error(str(e))
+    return _show_schedule(sched, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

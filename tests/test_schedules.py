@@ -1,0 +1,242 @@
+"""Schedule IR, generators, lowering, simulation and rendering: pure, no processes."""
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import engine
+from engine import schedules as S
+from engine.ir import KINDS, Action, Schedule
+from engine.lower import lower, strip_comm, with_grad_sync, with_optimizer_step
+from engine.show import main as show_main
+from engine.show import parse_costs
+
+CASES = {
+    S.gpipe: (4, 4),
+    S.one_f_one_b: (4, 6),
+    S.interleaved_1f1b: (2, 4, 2),
+    S.zero_bubble_h1: (4, 6),
+}
+
+
+def _docstring_table(fn) -> str:
+    lines = [ln.strip() for ln in fn.__doc__.splitlines()]
+    return "\n".join(ln for ln in lines if ln[:1].isdigit() and " | " in ln)
+
+
+@pytest.mark.parametrize("fn", list(CASES), ids=lambda f: f.__name__)
+def test_generator_matches_its_docstring_table(fn):
+    table = _docstring_table(fn)
+    assert table, f"{fn.__name__} draws no table"
+    assert fn(*CASES[fn]).render() == table
+
+
+def test_one_f_one_b_exact_order():
+    sched = S.one_f_one_b(3, 4)
+    assert [[str(a) for a in row] for row in sched.ranks] == [
+        ["0F0", "0F1", "0F2", "0B0", "0F3", "0B1", "0B2", "0B3"],
+        ["1F0", "1F1", "1B0", "1F2", "1B1", "1F3", "1B2", "1B3"],
+        ["2F0", "2B0", "2F1", "2B1", "2F2", "2B2", "2F3", "2B3"],
+    ]
+
+
+def test_zero_bubble_h1_exact_order():
+    sched = S.zero_bubble_h1(2, 3)
+    assert [[str(a) for a in row] for row in sched.ranks] == [
+        ["0F0", "0F1", "0I0", "0W0", "0F2", "0I1", "0W1", "0I2", "0W2"],
+        ["1F0", "1I0", "1F1", "1I1", "1W0", "1F2", "1I2", "1W1", "1W2"],
+    ]
+
+
+def _all_schedules():
+    for p in range(1, 6):
+        for m in range(1, 10):
+            yield S.gpipe(p, m)
+            yield S.one_f_one_b(p, m)
+            yield S.zero_bubble_h1(p, m)
+            for chunks in (1, 2, 3):
+                if m % p == 0:
+                    yield S.interleaved_1f1b(p, m, chunks)
+
+
+def test_every_generated_schedule_is_valid_and_covers_each_microbatch_once():
+    for sched in _all_schedules():
+        sched.validate()
+        for stage in range(sched.num_stages):
+            row = sched.ranks[sched.rank_of(stage)]
+            fwd = sorted(a.mb for a in row if a.stage == stage and a.kind == "F")
+            bwd = sorted(a.mb for a in row if a.stage == stage and a.kind in ("B", "I"))
+            assert fwd == bwd == list(range(sched.num_microbatches)), sched.name
+
+
+def test_interleaved_stage_to_rank_mapping():
+    sched = S.interleaved_1f1b(4, 8, 3)
+    assert sched.num_stages == 12
+    assert sched.stage_ranks == tuple(s % 4 for s in range(12))
+    assert sched.stages_of(1) == (1, 5, 9)
+    for r, row in enumerate(sched.ranks):
+        assert {a.stage for a in row} == set(sched.stages_of(r))
+
+
+def test_generator_argument_errors():
+    with pytest.raises(ValueError):
+        S.gpipe(0, 4)
+    with pytest.raises(ValueError):
+        S.one_f_one_b(2, 0)
+    with pytest.raises(ValueError, match="m % p"):
+        S.interleaved_1f1b(4, 6, 2)
+    with pytest.raises(ValueError):
+        S.interleaved_1f1b(2, 4, 0)
+    with pytest.raises(ValueError):
+        S.by_name("nonesuch", 2, 2)
+    assert S.by_name("ZB-H1", 2, 4) == S.zero_bubble_h1(2, 4)
+    assert S.by_name("interleaved", 2, 4, 3) == S.interleaved_1f1b(2, 4, 3)
+
+
+@given(stage=st.integers(0, 99), kind=st.sampled_from(KINDS), mb=st.integers(0, 999))
+def test_action_string_round_trip(stage, kind, mb):
+    a = Action(stage, kind, None if kind in ("AR", "OPT") else mb)
+    assert Action.parse(str(a)) == a
+
+
+def test_action_forms_and_errors():
+    assert str(Action(1, "F", 3)) == "1F3"
+    assert Action.parse("12SEND_B7") == Action(12, "SEND_B", 7)
+    assert str(Action(2, "AR")) == "2AR"
+    for bad in ("F3", "1X3", "1AR3", "1F", "-1F2", ""):
+        with pytest.raises(ValueError):
+            Action.parse(bad)
+    with pytest.raises(ValueError):
+        Action(0, "F")
+    with pytest.raises(ValueError):
+        Action(0, "OPT", 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["gpipe", "1f1b", "zb-h1", "interleaved"]),
+       st.integers(1, 5), st.integers(1, 4), st.booleans())
+def test_json_round_trip(name, p, k, lowered):
+    sched = S.by_name(name, p, p * k, chunks=2)
+    if lowered:
+        sched = with_optimizer_step(with_grad_sync(lower(sched)))
+    back = Schedule.from_json(sched.to_json())
+    assert back == sched
+    assert back.name == sched.name
+    assert json.loads(sched.to_json())["ranks"][0][0] == str(sched.ranks[0][0])
+
+
+def test_from_json_reports_missing_field():
+    with pytest.raises(ValueError, match="stage_ranks"):
+        Schedule.from_json('{"ranks": [["0F0", "0B0"]], "num_microbatches": 1}')
+
+
+def test_user_schedule_is_just_data():
+    sched = Schedule.build([["0F0", "0F1", "0B0", "0B1"], ["1F0", "1B0", "1F1", "1B1"]],
+                           2, [0, 1], name="mine")
+    assert sched.validate().is_lowered
+    assert sched.render() == ("0 | 0F0 0F1  .  0B0  .  0B1\n"
+                              "1 |  .  1F0 1B0 1F1 1B1  .")
+
+
+def test_lowering_inserts_matching_sends_and_receives():
+    low = lower(S.one_f_one_b(2, 2))
+    assert [str(a) for a in low.ranks[0]] == [
+        "0F0", "0SEND_F0", "0F1", "0SEND_F1", "0RECV_B0", "0B0", "0RECV_B1", "0B1"]
+    assert [str(a) for a in low.ranks[1]] == [
+        "1RECV_F0", "1F0", "1B0", "1SEND_B0", "1RECV_F1", "1F1", "1B1", "1SEND_B1"]
+    assert lower(low) is low
+    assert strip_comm(low) == S.one_f_one_b(2, 2)
+
+
+def test_lowering_skips_stages_on_the_same_rank():
+    sched = Schedule.build([["0F0", "1F0", "1B0", "0B0"]], 1, [0, 0])
+    assert not lower(sched).is_lowered
+    sched.validate()
+
+
+def test_lowering_interleaved_wraps_from_last_rank_to_first():
+    low = lower(S.interleaved_1f1b(2, 2, 2))
+    r0 = [str(a) for a in low.ranks[0]]
+    assert r0.index("2RECV_F0") < r0.index("2F0")
+    r1 = [str(a) for a in low.ranks[1]]
+    assert r1.index("1F0") < r1.index("1SEND_F0")
+
+
+def test_grad_sync_after_last_gradient_and_its_send():
+    sched = with_grad_sync(lower(S.interleaved_1f1b(2, 2, 2)))
+    r0 = [str(a) for a in sched.ranks[0]]
+    assert r0.index("2AR") == r0.index("2SEND_B1") + 1
+    assert r0[-1] == "0AR"
+    zb = [str(a) for a in with_grad_sync(S.zero_bubble_h1(2, 2)).ranks[1]]
+    assert zb[-2:] == ["1W1", "1AR"]
+    assert with_grad_sync(sched) == sched
+    full = with_optimizer_step(sched)
+    assert [str(a) for a in full.ranks[1][-2:]] == ["1OPT", "3OPT"]
+    full.validate()
+
+
+def test_simulated_makespans_match_the_closed_forms():
+    F, B = 1.0, 2.0
+    for p, m in [(2, 4), (4, 8), (4, 16), (3, 5)]:
+        costs = {"F": F, "B": B, "I": 1.0, "W": 1.0}
+        assert S.gpipe(p, m).simulate(costs).makespan == (m + p - 1) * (F + B)
+        assert S.one_f_one_b(p, m).simulate(costs).makespan == (m + p - 1) * (F + B)
+        zb = S.zero_bubble_h1(p, m).simulate(costs)
+        assert zb.makespan == m * 3 + (p - 1) * 1
+    assert S.gpipe(2, 1).simulate({"F": 1, "B": 2, "send": 0.5}).makespan == 7.0
+    assert S.one_f_one_b(4, 8).simulate({"F": 1, "B": 2, "send": 0.5}).makespan > 33
+
+
+def test_bubble_and_peak_activations():
+    costs = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0, "send": 0.0}
+    one = S.one_f_one_b(4, 16).simulate(costs)
+    gp = S.gpipe(4, 16).simulate(costs)
+    zb = S.zero_bubble_h1(4, 16).simulate(costs)
+    assert one.bubble == pytest.approx(3 * 3 / (19 * 3))
+    assert zb.bubble < one.bubble
+    assert one.peak_activations == (4, 3, 2, 1)
+    assert gp.peak_activations == (16,) * 4
+    assert max(zb.peak_activations) == max(one.peak_activations)
+    half = {"F": 0.5, "B": 1.0}
+    assert S.interleaved_1f1b(4, 16, 2).simulate(half).makespan < one.makespan
+    assert one.rank_bubble(0) == pytest.approx(one.bubble)
+    assert "bubble" in str(one)
+
+
+def test_simulate_rejects_unknown_or_negative_costs():
+    with pytest.raises(ValueError, match="unknown cost"):
+        S.gpipe(2, 2).simulate({"X": 1.0})
+    with pytest.raises(ValueError, match="negative"):
+        S.gpipe(2, 2).simulate({"F": -1.0})
+
+
+def test_render_shows_long_actions_and_bubbles():
+    grid = S.one_f_one_b(2, 2).render({"F": 1, "B": 2})
+    assert grid == ("0 | 0F0 0F1  .   .  0B0 ---  .  0B1 ---\n"
+                    "1 |  .  1F0 1B0 --- 1F1 1B1 ---  .   .")
+    assert str(S.gpipe(2, 1)) == S.gpipe(2, 1).render()
+
+
+def test_show_prints_grid_and_figures(capsys, tmp_path):
+    assert show_main(["1f1b", "2", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "0 | 0F0 0F1" in out and "makespan" in out
+    assert show_main(["zb-h1", "2", "3", "--json"]) == 0
+    text = capsys.readouterr().out
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    assert show_main([str(path), "--lowered", "--costs", "F=1,I=1,W=1"]) == 0
+    out = capsys.readouterr().out
+    assert "1SEND_B0" in out and "makespan 10" in out
+    bad = Schedule.build([["0B0", "0F0"]], 1, [0])
+    path.write_text(bad.to_json())
+    assert show_main([str(path)]) == 1
+    assert "^^^" in capsys.readouterr().err
+    assert parse_costs("F=1, B=2.5") == {"F": 1.0, "B": 2.5}
+
+
+def test_public_names_reexported():
+    for name in ("Schedule", "Action", "ScheduleError", "gpipe", "one_f_one_b",
+                 "interleaved_1f1b", "zero_bubble_h1", "schedules"):
+        assert name in engine.__all__ and hasattr(engine, name)
