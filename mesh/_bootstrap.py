@@ -1,0 +1,124 @@
+"""Worker bootstrap: what meshrun runs in every worker process.
+
+    python .../mesh/_bootstrap.py script.py args...
+    python .../mesh/_bootstrap.py -m package.module args...
+    python .../mesh/_bootstrap.py --exec program args...
+
+It first arms the parent-death signal (SIGKILL when the launcher dies) and
+checks that the launcher is still there, then runs the user's program as
+``__main__`` with ``sys.argv`` and ``sys.path[0]`` as plain ``python`` would
+set them. An uncaught exception is printed as usual (without the bootstrap's
+own frames) and also written as a JSON record to ``MESH_ERROR_FILE``, so the
+launcher can show the rank's own traceback with no decorator in user code.
+
+It is run as a file, not with ``-m mesh._bootstrap``, and imports only the
+standard library: the signal is armed before anything slow is imported, and
+the user's program sees neither the mesh package nor its import errors unless
+it imports mesh itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import socket
+import sys
+import time
+import traceback
+from types import TracebackType
+
+__all__ = ["arm_parent_death_signal", "write_error_record", "main"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def arm_parent_death_signal(parent_pid: int | None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), and
+    die now if the parent is already gone (it may have died before the prctl).
+    Elsewhere the launcher's watchdog is the only guard."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """Drop the leading bootstrap and runpy frames from a traceback."""
+    hidden = (globals(), vars(runpy))
+    while tb is not None and any(tb.tb_frame.f_globals is g for g in hidden):
+        tb = tb.tb_next
+    return tb
+
+
+def write_error_record(path: str, exc: BaseException, tb_text: str) -> None:
+    """Write {rank, exc_type, message, traceback, time, pid, host} atomically:
+    the launcher never reads half a record, even if this process is killed."""
+    record = {
+        "rank": int(os.environ.get("RANK", "-1")),
+        "exc_type": type(exc).__qualname__,
+        "message": str(exc),
+        "traceback": tb_text,
+        "time": time.time(),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def _set_path0(entry: str) -> None:
+    """Put the program's directory first on sys.path, where python would, in
+    place of this file's directory (unless -P / PYTHONSAFEPATH is in force)."""
+    if getattr(sys.flags, "safe_path", False):
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0] or ".") == here:
+        sys.path[0] = entry
+    else:
+        sys.path.insert(0, entry)
+
+
+def _run(argv: list[str]) -> None:
+    if argv[0] == "--exec":
+        os.execvp(argv[1], argv[1:])
+    if argv[0] == "-m":
+        _set_path0(os.getcwd())
+        sys.argv = argv[1:]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        _set_path0(os.path.dirname(os.path.abspath(argv[0])))
+        sys.argv = list(argv)
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Arm the parent-death signal, run the program, record an uncaught error."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0] in ("-m", "--exec") and len(argv) < 2):
+        sys.exit("usage: _bootstrap.py script.py args... | -m module args... | --exec prog args...")
+    parent = os.environ.get("MESH_LAUNCHER_PID")
+    arm_parent_death_signal(int(parent) if parent else None)
+    try:
+        _run(argv)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        tb = _user_frames(exc.__traceback__)
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        sys.stderr.write(text)
+        path = os.environ.get("MESH_ERROR_FILE")
+        if path:
+            try:
+                write_error_record(path, exc, text)
+            except OSError as err:
+                sys.stderr.write(f"meshrun bootstrap: cannot write {path}: {err}\n")
+        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+
+
+if __name__ == "__main__":
+    main()

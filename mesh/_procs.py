@@ -1,0 +1,357 @@
+"""Worker processes of one meshrun job: start them, relay their output, notice
+the first failure, and tear everything down within bounded time.
+
+Each worker leads its own process group, so a kill reaches its children too.
+A worker's exit is noticed with ``waitid(WNOWAIT)``: the zombie still holds
+its pid, so its group id cannot be reused while the launcher kills what is
+left in the group, and only then is it reaped. A small watchdog process (this
+file run with ``--watchdog``) kills every group if the launcher itself dies.
+
+Standard library only: the watchdog runs this file with ``python -I``.
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Mapping, Sequence
+
+__all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "Job", "signal_name"]
+
+_POLL_S = 0.1  # fallback exit check when no SIGCHLD wakes the loop
+_REAP_S = 5.0  # how long SIGKILLed processes get to disappear
+_DRAIN_S = 1.0  # how long to keep reading output after the last exit
+_MAX_LINE = 1 << 16  # a longer run without a newline is relayed as a line anyway
+
+
+def signal_name(signum: int) -> str:
+    """'SIGKILL' for 9; 'signal 42' for numbers without a name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One process to start: its global and local rank, argv and environment."""
+    rank: int
+    local_rank: int
+    argv: Sequence[str]
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker ended. returncode < 0 means killed by signal -returncode;
+    None means it could not be reaped in time. after_stop: it ended after the
+    launcher had begun stopping the job, so it is not a root cause."""
+    rank: int
+    local_rank: int
+    pid: int
+    returncode: int | None
+    time: float
+    after_stop: bool
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode != 0
+
+    def describe(self) -> str:
+        if self.returncode is None:
+            return "still running after SIGKILL"
+        if self.returncode < 0:
+            return f"killed by {signal_name(-self.returncode)}"
+        return f"exit code {self.returncode}"
+
+
+@dataclass
+class JobOutcome:
+    """Why the job ended ('ok', 'failed', 'signal', 'timeout') and every exit."""
+    reason: str
+    exits: list[WorkerExit] = field(default_factory=list)
+    signum: int | None = None
+    stop_time: float | None = None
+
+
+class _Stream:
+    """Relays one pipe line by line with a rank prefix, and keeps a raw copy."""
+
+    def __init__(self, fd: int, prefix: bytes, sink: BinaryIO, log: BinaryIO | None) -> None:
+        self.fd, self.prefix, self.sink, self.log = fd, prefix, sink, log
+        self._buf = b""
+
+    def pump(self) -> bool:
+        """Read what is there; False at end of stream."""
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if self.log is not None and data:
+            self.log.write(data)
+        self._buf += data
+        lines = self._buf.split(b"\n")
+        self._buf = lines.pop()
+        if len(self._buf) >= _MAX_LINE or (not data and self._buf):
+            lines.append(self._buf)
+            self._buf = b""
+        if lines:
+            self._emit(b"".join(self.prefix + ln + b"\n" for ln in lines))
+        return bool(data)
+
+    def _emit(self, data: bytes) -> None:
+        try:
+            self.sink.write(data)
+            self.sink.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self._buf:
+            self._emit(self.prefix + self._buf + b"\n")
+            self._buf = b""
+        os.close(self.fd)
+        if self.log is not None:
+            self.log.close()
+
+
+class _Watchdog:
+    """A process in its own session that SIGKILLs the registered process groups
+    when its pipe from the launcher closes without them being withdrawn: the
+    launcher was killed. Workers' parent-death signal covers the workers; this
+    covers their children, which that signal does not reach."""
+
+    def __init__(self) -> None:
+        rfd, self._wfd = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", os.path.abspath(__file__), "--watchdog"],
+                stdin=rfd, stdout=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(rfd)
+
+    def _send(self, line: str) -> None:
+        try:
+            os.write(self._wfd, line.encode())
+        except OSError:
+            pass
+
+    def add(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def remove(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+    def close(self) -> None:
+        os.close(self._wfd)
+        try:
+            self._proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=2)
+
+
+def _watchdog_main() -> None:
+    for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    groups: set[int] = set()
+    for line in sys.stdin.buffer:
+        op, pgid = line[:1], int(line[1:])
+        if op == b"+":
+            groups.add(pgid)
+        else:
+            groups.discard(pgid)
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class _Proc:
+    def __init__(self, spec: WorkerSpec, popen: subprocess.Popen[bytes]) -> None:
+        self.spec, self.popen, self.pid = spec, popen, popen.pid
+        self.exit: WorkerExit | None = None
+
+
+class Job:
+    """Starts workers and supervises them until all have ended.
+
+    run() returns once every worker has been reaped: all succeeded, or the
+    first failure / a signal to the launcher / the job timeout stopped the
+    rest with SIGTERM, then SIGKILL after ``grace`` seconds."""
+
+    def __init__(self, grace: float = 5.0, log_dir: str | None = None,
+                 stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
+        self.grace = grace
+        self.log_dir = log_dir
+        self._out = stdout or sys.stdout.buffer
+        self._err = stderr or sys.stderr.buffer
+        self._procs: list[_Proc] = []
+        self._sel = selectors.DefaultSelector()
+        self._signals: list[int] = []
+        self._watchdog: _Watchdog | None = None
+
+    def _start(self, specs: Sequence[WorkerSpec]) -> None:
+        """Start every worker, each in a new session (its own process group)."""
+        self._watchdog = _Watchdog()
+        for spec in specs:
+            popen = subprocess.Popen(list(spec.argv), env=dict(spec.env),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+            self._watchdog.add(popen.pid)
+            self._procs.append(_Proc(spec, popen))
+            for name, pipe, sink in (("stdout", popen.stdout, self._out),
+                                     ("stderr", popen.stderr, self._err)):
+                assert pipe is not None
+                fd = os.dup(pipe.fileno())
+                pipe.close()
+                os.set_blocking(fd, False)
+                log = (open(os.path.join(self.log_dir, f"rank{spec.rank}.{name}.log"), "wb")
+                       if self.log_dir else None)
+                self._sel.register(fd, selectors.EVENT_READ,
+                                   _Stream(fd, f"[{spec.rank}] ".encode(), sink, log))
+
+    def run(self, specs: Sequence[WorkerSpec], timeout: float | None = None) -> JobOutcome:
+        """Start the workers and supervise them until all have ended; whatever
+        happens (even an error in here), none is left running on return."""
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        self._sel.register(rfd, selectors.EVENT_READ, None)
+        restore = self._install_signals(wfd)
+        try:
+            self._start(specs)
+            return self._loop(timeout)
+        finally:
+            self._kill_all(signal.SIGKILL)
+            for p in self._live():
+                try:
+                    p.popen.wait(timeout=_REAP_S / len(self._procs))
+                except subprocess.TimeoutExpired:
+                    pass
+            self._drain(time.monotonic() + _DRAIN_S)
+            restore()
+            self._sel.unregister(rfd)
+            os.close(rfd)
+            os.close(wfd)
+            if self._watchdog is not None:
+                self._watchdog.close()
+
+    def _install_signals(self, wfd: int) -> Callable[[], None]:
+        """Turn SIGINT/SIGTERM/SIGHUP into stop requests and let SIGCHLD wake
+        the loop at once; returns the function that restores the old state."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        old_fd = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        names = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)
+        old = {s: signal.getsignal(s) for s in names}
+        for s in names[:3]:
+            signal.signal(s, lambda signum, frame: self._signals.append(signum))
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+            signal.set_wakeup_fd(old_fd)
+        return restore
+
+    def _loop(self, timeout: float | None) -> JobOutcome:
+        t0 = time.monotonic()
+        outcome = JobOutcome("ok")
+        kill_at: float | None = None
+        give_up_at: float | None = None
+        signals_seen = 0
+        while self._live():
+            self._pump(_POLL_S)
+            self._reap(stopping=kill_at is not None)
+            now = time.monotonic()
+            if kill_at is None:
+                failed = [p.exit for p in self._procs if p.exit is not None and p.exit.failed]
+                if failed:
+                    outcome.reason = "failed"
+                elif self._signals:
+                    outcome.reason, outcome.signum = "signal", self._signals[0]
+                elif timeout is not None and now - t0 >= timeout:
+                    outcome.reason = "timeout"
+                else:
+                    continue
+                outcome.stop_time = time.time()
+                self._kill_all(signal.SIGTERM)
+                kill_at, signals_seen = now + self.grace, len(self._signals)
+            elif give_up_at is None and (now >= kill_at or len(self._signals) > signals_seen):
+                self._kill_all(signal.SIGKILL)
+                give_up_at = now + _REAP_S
+            elif give_up_at is not None and now >= give_up_at:
+                break
+        outcome.exits = sorted((p.exit or self._unreaped(p) for p in self._procs),
+                               key=lambda e: e.time)
+        return outcome
+
+    def _live(self) -> list[_Proc]:
+        return [p for p in self._procs if p.exit is None]
+
+    def _unreaped(self, p: _Proc) -> WorkerExit:
+        return WorkerExit(p.spec.rank, p.spec.local_rank, p.pid, None, time.time(), True)
+
+    def _pump(self, wait: float) -> None:
+        for key, _ in self._sel.select(wait):
+            if key.data is None:
+                try:
+                    while os.read(key.fd, 512):
+                        pass
+                except OSError:
+                    pass
+            elif not key.data.pump():
+                self._sel.unregister(key.fd)
+                key.data.close()
+
+    def _reap(self, stopping: bool) -> None:
+        """Record workers that ended, after killing what is left of their group."""
+        for p in self._live():
+            try:
+                if os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    continue
+            except ChildProcessError:
+                pass
+            _killpg(p.pid, signal.SIGKILL)
+            rc = p.popen.wait(timeout=_REAP_S)
+            if self._watchdog is not None:
+                self._watchdog.remove(p.pid)
+            p.exit = WorkerExit(p.spec.rank, p.spec.local_rank, p.pid, rc, time.time(), stopping)
+
+    def _kill_all(self, signum: int) -> None:
+        for p in self._live():
+            _killpg(p.pid, signum)
+
+    def _drain(self, deadline: float) -> None:
+        """Relay what the workers wrote before they ended, for a bounded time:
+        a process outside their groups may still hold a pipe open."""
+        while any(k.data is not None for k in self._sel.get_map().values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._pump(min(left, _POLL_S))
+        for key in list(self._sel.get_map().values()):
+            if key.data is not None:
+                self._sel.unregister(key.fd)
+                key.data.pump()
+                key.data.close()
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--watchdog"]:
+    _watchdog_main()

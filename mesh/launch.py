@@ -1,0 +1,277 @@
+"""meshrun: start the workers of a job, relay their output, and stop them all
+as soon as one fails, naming the rank that failed first and showing its own
+Python traceback.
+
+    meshrun -n 4 train.py --lr 0.1        # 4 workers on this host
+    meshrun -n 2 -m package.module        # run a module, like python -m
+    MESH_SECRET=... meshrun --nnodes 2 --node-rank 0 --master-addr host0 \\
+        --master-port 29500 -n 4 train.py # one meshrun per host
+
+The launcher serves the rendezvous (on node 0) and hands each worker its
+place in the job through the environment (see ``mesh.env.from_env``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from typing import Any, Sequence
+
+from ._procs import Job, JobOutcome, WorkerExit, WorkerSpec, signal_name
+
+__all__ = ["main", "launch", "build_parser", "format_report"]
+
+_BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap.py")
+_TIMEOUT_EXIT = 124
+_RULE = "=" * 72
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with torchrun's spellings accepted as aliases."""
+    p = argparse.ArgumentParser(
+        prog="meshrun",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Launch a meshrun job: N worker processes on this host, each told its place
+            in the job through the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+            LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MESH_SECRET); mesh.init()
+            reads them. This meshrun serves the rendezvous (node 0 of a multi-host job)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              meshrun -n 4 train.py --lr 0.1
+              meshrun -n 2 -m mypackage.train
+              meshrun -n 2 --log-dir logs --timeout 600 train.py
+            multi-host (one meshrun per host, the same MESH_SECRET exported on each):
+              meshrun --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500 -n 4 train.py
+              meshrun --nnodes 2 --node-rank 1 --master-addr HOST0 --master-port 29500 -n 4 train.py
+
+            Output lines are prefixed with the global rank: "[3] ...". When a rank
+            fails, the others get SIGTERM, then SIGKILL after --grace seconds, and
+            meshrun prints the first failure with its traceback and exits with its
+            exit code (128+N for signal N; 124 for --timeout). Ctrl-C stops the job;
+            a second Ctrl-C kills it at once. OMP_NUM_THREADS, when unset, becomes
+            cpus/N so that N workers do not oversubscribe the cores."""))
+    p.add_argument("-n", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,
+                   default=1, metavar="N", help="worker processes on this host (default 1)")
+    p.add_argument("--nnodes", type=int, default=1, metavar="K",
+                   help="hosts in the job, one meshrun on each (default 1)")
+    p.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=0,
+                   metavar="I", help="this host's index, 0..K-1; global rank = I*N + local rank")
+    p.add_argument("--master-addr", "--master_addr", dest="master_addr", default="127.0.0.1",
+                   metavar="ADDR", help="address of node 0, which serves the rendezvous "
+                                        "(default 127.0.0.1)")
+    p.add_argument("--master-port", "--master_port", dest="master_port", type=int,
+                   default=None, metavar="PORT",
+                   help="rendezvous port on node 0; required with --nnodes > 1 (node 0 may "
+                        "give 0 and prints the port it bound); default: any free port")
+    p.add_argument("--log-dir", metavar="DIR",
+                   help="also write rank<R>.stdout.log, rank<R>.stderr.log and, on failure, "
+                        "rank<R>.error.json here")
+    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the whole job after this many seconds (exit code 124)")
+    p.add_argument("-m", "--module", action="store_true",
+                   help="the target is a module to run as with python -m")
+    p.add_argument("--no-python", action="store_true",
+                   help="the target is an executable, not a Python script (no traceback "
+                        "capture)")
+    p.add_argument("target", help="script.py, module (with -m) or program (with --no-python)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the target")
+    return p
+
+
+def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.nproc < 1:
+        p.error("-n must be at least 1")
+    if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
+        p.error(f"--node-rank must be in 0..{a.nnodes - 1}")
+    if a.module and a.no_python:
+        p.error("-m and --no-python exclude each other")
+    if a.nnodes > 1 and a.master_port is None:
+        p.error("--master-port is required with --nnodes > 1")
+    if a.nnodes > 1 and a.node_rank > 0 and not a.master_port:
+        p.error("--master-port must be node 0's actual port on the other nodes")
+    if a.nnodes > 1 and not os.environ.get("MESH_SECRET"):
+        p.error("a multi-host job needs the same secret on every host: export "
+                "MESH_SECRET=$(python -c 'import secrets; print(secrets.token_hex(16))')")
+    if not (a.module or a.no_python or os.path.isfile(a.target)):
+        p.error(f"{a.target}: no such file")
+    if a.grace < 0 or (a.timeout is not None and a.timeout <= 0):
+        p.error("--grace must be >= 0 and --timeout > 0")
+
+
+def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
+                err_dir: str) -> dict[str, str]:
+    rank = a.node_rank * a.nproc + local_rank
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and a.nproc > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.nproc))
+    env.update({
+        "RANK": str(rank), "WORLD_SIZE": str(a.nnodes * a.nproc),
+        "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(a.nproc),
+        "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(port), "MESH_SECRET": secret,
+        "MESH_LAUNCHER": "1", "MESH_NODE_RANK": str(a.node_rank),
+        "MESH_LAUNCHER_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
+        "MESH_ERROR_FILE": os.path.join(err_dir, f"rank{rank}.error.json"),
+    })
+    return env
+
+
+def _worker_argv(a: argparse.Namespace) -> list[str]:
+    mode = ["-m"] if a.module else ["--exec"] if a.no_python else []
+    return [sys.executable, _BOOTSTRAP, *mode, a.target, *a.args]
+
+
+def _serve_rendezvous(a: argparse.Namespace, secret: str) -> Any:
+    """Start the rendezvous service (node 0 only); it binds the given port or
+    port 0 and the bound port is what workers are told, never a guess."""
+    from .rendezvous import RendezvousServer
+    host = "*" if a.nnodes > 1 else a.master_addr
+    srv = RendezvousServer(a.nnodes * a.nproc, secret, host=host, port=a.master_port or 0)
+    srv.start()
+    return srv
+
+
+def _close_bounded(srv: Any, seconds: float = 5.0) -> None:
+    t = threading.Thread(target=srv.close, name="meshrun-rdzv-close", daemon=True)
+    t.start()
+    t.join(seconds)
+
+
+def _read_record(err_dir: str, rank: int) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(err_dir, f"rank{rank}.error.json"), encoding="utf-8") as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _no_traceback(e: WorkerExit) -> str:
+    if e.returncode is None:
+        return "no traceback: the process could not be reaped"
+    if e.returncode < 0:
+        return f"no traceback: killed by {signal_name(-e.returncode)}"
+    return (f"no traceback: exited with code {e.returncode} without an uncaught Python "
+            f"exception (sys.exit, os._exit, or a crash in native code)")
+
+
+def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> WorkerExit | None:
+    own = [e for e in outcome.exits if e.failed and not e.after_stop]
+    return min(own, key=lambda e: (records.get(e.rank, {}).get("time", e.time), e.rank),
+               default=None)
+
+
+def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc: int,
+                  timeout: float | None = None) -> str:
+    """The root-cause table: why the job stopped, the first failing rank with
+    its exit and traceback, then one line for every other rank."""
+    root = _root_cause(outcome, records)
+    lines = [_RULE]
+    if outcome.reason == "timeout":
+        lines.append(f"meshrun: job timed out after {timeout:g} s; stopped every rank")
+    elif outcome.reason == "signal":
+        lines.append(f"meshrun: stopped by {signal_name(outcome.signum or 0)}")
+    if root is not None:
+        rec = records.get(root.rank)
+        lines += [f"Root cause: rank {root.rank} failed first",
+                  f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
+                  f"{root.local_rank}, pid {root.pid})",
+                  f"  exit       : {root.describe()}",
+                  f"  time       : {_stamp(rec['time'] if rec else root.time)}"]
+        if rec:
+            lines.append(f"  error      : {rec.get('exc_type')}: {rec.get('message')}")
+            lines.append("  traceback  :")
+            lines += ["    " + ln for ln in str(rec.get("traceback", "")).rstrip().splitlines()]
+        else:
+            lines.append(f"  traceback  : {_no_traceback(root)}")
+    others = [e for e in sorted(outcome.exits, key=lambda e: e.rank) if e is not root]
+    if others:
+        lines.append("Other ranks:")
+    for e in others:
+        if not e.after_stop:
+            how = "failed on its own" if e.failed else "finished"
+        else:
+            how = "stopped by meshrun" if e.returncode != 0 else "finished while stopping"
+        rec = records.get(e.rank)
+        err = f"; {rec.get('exc_type')}: {rec.get('message')}" if rec and e.failed else ""
+        lines.append(f"  rank {e.rank:<4} {e.describe()} ({how}){err}")
+    lines.append(_RULE)
+    return "\n".join(lines) + "\n"
+
+
+def _exit_code(outcome: JobOutcome, root: WorkerExit | None) -> int:
+    if outcome.reason == "timeout":
+        return _TIMEOUT_EXIT
+    if outcome.reason == "signal":
+        return 128 + (outcome.signum or 0)
+    if root is None or root.returncode is None:
+        return 0 if outcome.reason == "ok" else 1
+    return root.returncode if root.returncode > 0 else 128 - root.returncode
+
+
+def launch(a: argparse.Namespace) -> int:
+    """Run one host's share of the job; returns meshrun's exit code."""
+    secret = os.environ.get("MESH_SECRET") or secrets.token_hex(16)
+    if a.log_dir:
+        os.makedirs(a.log_dir, exist_ok=True)
+    err_dir = a.log_dir or tempfile.mkdtemp(prefix="meshrun-")
+    srv = None
+    try:
+        port = a.master_port
+        if a.node_rank == 0:
+            srv = _serve_rendezvous(a, secret)
+            port = srv.port
+            if a.nnodes > 1:
+                print(f"meshrun: node 0 serves the rendezvous on port {port}",
+                      file=sys.stderr, flush=True)
+        specs = []
+        for local in range(a.nproc):
+            env = _worker_env(a, local, int(port or 0), secret, err_dir)
+            try:
+                os.unlink(env["MESH_ERROR_FILE"])
+            except FileNotFoundError:
+                pass
+            specs.append(WorkerSpec(int(env["RANK"]), local, _worker_argv(a), env))
+        outcome = Job(grace=a.grace, log_dir=a.log_dir).run(specs, timeout=a.timeout)
+        records = {e.rank: r for e in outcome.exits
+                   if (r := _read_record(err_dir, e.rank)) is not None}
+        if outcome.reason != "ok":
+            sys.stdout.flush()
+            sys.stderr.write(format_report(outcome, records, a.nproc, a.timeout))
+            sys.stderr.flush()
+        return _exit_code(outcome, _root_cause(outcome, records))
+    finally:
+        if srv is not None:
+            _close_bounded(srv)
+        if not a.log_dir:
+            shutil.rmtree(err_dir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (``meshrun``, ``python -m mesh.launch``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    try:
+        code = launch(args)
+    except Exception as e:
+        print(f"meshrun: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
