@@ -1,0 +1,62 @@
+"""A worker for tests/test_launch.py whose behaviour is given per rank:
+
+    launch_worker.py PIDDIR RANKS:ACTION ...     RANKS is '*' or '0,2'
+
+It writes PIDDIR/<rank>.pid first (and <rank>.child.pid for 'child') so the
+test can check that no process outlives the job."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+RANK = int(os.environ["RANK"])
+SIZE = int(os.environ["WORLD_SIZE"])
+PIDDIR = sys.argv[1]
+
+
+def _write(name, value):
+    tmp = os.path.join(PIDDIR, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(value))
+    os.replace(tmp, os.path.join(PIDDIR, name))
+
+
+def _barrier():
+    """Wait (bounded) until every rank has written its pid file(s)."""
+    want = SIZE * (2 if "*:child" in sys.argv else 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if sum(n.endswith(".pid") for n in os.listdir(PIDDIR)) >= want:
+            return
+        time.sleep(0.02)
+
+
+def _boom():
+    raise ValueError(f"boom from rank {RANK}")
+
+
+ACTIONS = {
+    "print": lambda: print(json.dumps({"rank": RANK, "argv": sys.argv, "env": {
+        k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                       "MASTER_ADDR", "MASTER_PORT", "MESH_SECRET",
+                                       "MESH_LAUNCHER", "MESH_NODE_RANK", "MESH_ERROR_FILE",
+                                       "PYTHONUNBUFFERED")}})),
+    "stderr": lambda: print(f"complaint from rank {RANK}", file=sys.stderr),
+    "child": lambda: _write(f"{RANK}.child.pid", subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"]).pid),
+    "barrier": _barrier,
+    "ignoreterm": lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+    "raise": _boom,
+    "sigkill": lambda: os.kill(os.getpid(), signal.SIGKILL),
+    "exit3": lambda: sys.exit(3),
+    "sleep": lambda: time.sleep(60),
+}
+
+if __name__ == "__main__":
+    _write(f"{RANK}.pid", os.getpid())
+    for item in sys.argv[2:]:
+        ranks, _, action = item.partition(":")
+        if ranks == "*" or str(RANK) in ranks.split(","):
+            ACTIONS[action]()

@@ -1,0 +1,240 @@
+"""meshrun end to end: output, failure propagation, root-cause table, and no
+process outliving the job (workers and their children) after a failure, a
+signal, or the launcher itself being killed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "tests" / "scripts"
+WORKER = SCRIPTS / "launch_worker.py"
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(SCRIPTS)])
+    env.pop("MESH_SECRET", None)
+    env.update(extra)
+    return env
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mesh.launch", *args]
+
+
+def meshrun(*args: str, timeout: float = 20, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_cmd(*args), cwd=REPO, env=_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start(*args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(_cmd(*args), cwd=REPO, env=_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _alive(pid: int) -> bool:
+    """True while pid is a live process (a zombie awaiting its reaper is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def pids(piddir: Path) -> list[int]:
+    return [int(p.read_text()) for p in piddir.glob("*.pid")]
+
+
+def wait_for_pids(piddir: Path, count: int, timeout: float = 15) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = pids(piddir)
+        if len(found) >= count:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"only {len(pids(piddir))} of {count} pid files appeared")
+
+
+def assert_all_gone(piddir: Path, expect: int, timeout: float = 5) -> None:
+    found = pids(piddir)
+    assert len(found) == expect, f"expected {expect} pid files, found {sorted(found)}"
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in found) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not [p for p in found if _alive(p)], "processes outlived the job"
+
+
+def test_normal_run_prefixes_every_line(tmp_path: Path) -> None:
+    r = meshrun("-n", "3", str(WORKER), str(tmp_path), "*:print", "*:stderr")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3
+    seen = {}
+    for line in lines:
+        prefix, _, body = line.partition(" ")
+        rec = json.loads(body)
+        assert prefix == f"[{rec['rank']}]"
+        seen[rec["rank"]] = rec
+    assert sorted(seen) == [0, 1, 2]
+    for rank, rec in seen.items():
+        env = rec["env"]
+        assert env["RANK"] == env["LOCAL_RANK"] == str(rank)
+        assert env["WORLD_SIZE"] == env["LOCAL_WORLD_SIZE"] == "3"
+        assert env["MESH_LAUNCHER"] == "1" and env["MESH_NODE_RANK"] == "0"
+        assert env["PYTHONUNBUFFERED"] == "1" and env["MASTER_ADDR"] == "127.0.0.1"
+        assert int(env["MASTER_PORT"]) > 0 and len(env["MESH_SECRET"]) >= 32
+        assert env["MESH_ERROR_FILE"].endswith(f"rank{rank}.error.json")
+        assert rec["argv"] == [str(WORKER), str(tmp_path), "*:print", "*:stderr"]
+    assert len({rec["env"]["MESH_SECRET"] for rec in seen.values()}) == 1
+    assert sorted(r.stderr.splitlines()) == [f"[{i}] complaint from rank {i}" for i in range(3)]
+    assert_all_gone(tmp_path, 3)
+
+
+def test_failing_rank_is_root_cause_and_others_are_stopped(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    r = meshrun("-n", "3", str(WORKER), str(tmp_path),
+                "*:child", "*:barrier", "1:raise", "*:sleep")
+    assert r.returncode == 1
+    assert time.monotonic() - t0 < 10
+    table = r.stderr[r.stderr.index("=" * 20):]
+    assert "Root cause: rank 1 failed first" in table
+    assert "exit       : exit code 1" in table
+    assert "ValueError: boom from rank 1" in table
+    assert f'File "{WORKER}"' in table and "in _boom" in table
+    assert "_bootstrap" not in r.stderr and "runpy" not in r.stderr
+    for other in (0, 2):
+        assert f"rank {other}    killed by SIGTERM (stopped by meshrun)" in table
+    assert "[1] ValueError: boom from rank 1" in r.stderr
+    assert_all_gone(tmp_path, 6)
+
+
+def test_rank_killed_by_signal(tmp_path: Path) -> None:
+    r = meshrun("-n", "2", str(WORKER), str(tmp_path), "*:barrier", "0:sigkill", "*:sleep")
+    assert r.returncode == 128 + signal.SIGKILL
+    assert "Root cause: rank 0 failed first" in r.stderr
+    assert "exit       : killed by SIGKILL" in r.stderr
+    assert "no traceback: killed by SIGKILL" in r.stderr
+    assert_all_gone(tmp_path, 2)
+
+
+def test_exit_code_of_first_failure_and_sigterm_escalation(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    r = meshrun("-n", "2", "--grace", "0.5", str(WORKER), str(tmp_path),
+                "*:ignoreterm", "*:barrier", "1:exit3", "*:sleep")
+    assert r.returncode == 3
+    assert "no traceback: exited with code 3" in r.stderr
+    assert "rank 0    killed by SIGKILL (stopped by meshrun)" in r.stderr
+    assert time.monotonic() - t0 < 10
+    assert_all_gone(tmp_path, 2)
+
+
+def test_module_mode(tmp_path: Path) -> None:
+    r = meshrun("-n", "2", "-m", "launch_worker", str(tmp_path), "*:print")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line.partition(" ")[2]) for line in r.stdout.splitlines()]
+    assert sorted(rec["rank"] for rec in recs) == [0, 1]
+    assert all(rec["argv"] == [str(WORKER), str(tmp_path), "*:print"] for rec in recs)
+    assert_all_gone(tmp_path, 2)
+
+
+def test_log_dir_keeps_raw_output_and_error_records(tmp_path: Path) -> None:
+    piddir, logs = tmp_path / "pids", tmp_path / "logs"
+    piddir.mkdir()
+    r = meshrun("-n", "2", "--log-dir", str(logs), str(WORKER), str(piddir),
+                "*:print", "*:stderr", "*:barrier", "1:raise")
+    assert r.returncode == 1
+    for rank in (0, 1):
+        out = json.loads((logs / f"rank{rank}.stdout.log").read_text())
+        assert out["rank"] == rank
+        err = (logs / f"rank{rank}.stderr.log").read_text()
+        assert err.startswith(f"complaint from rank {rank}\n")
+    rec = json.loads((logs / "rank1.error.json").read_text())
+    assert rec["rank"] == 1 and rec["exc_type"] == "ValueError"
+    assert rec["message"] == "boom from rank 1" and "_boom" in rec["traceback"]
+    assert abs(rec["time"] - time.time()) < 60
+    assert not (logs / "rank0.error.json").exists()
+    assert_all_gone(piddir, 2)
+
+
+def test_launcher_killed_leaves_no_worker_or_child(tmp_path: Path) -> None:
+    proc = start("-n", "2", str(WORKER), str(tmp_path), "*:child", "*:sleep")
+    try:
+        wait_for_pids(tmp_path, 4)
+        proc.kill()
+        proc.wait(timeout=5)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=5)
+    assert_all_gone(tmp_path, 4)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_launcher_stops_the_job(tmp_path: Path, signum: int) -> None:
+    proc = start("-n", "2", str(WORKER), str(tmp_path), "*:child", "*:sleep")
+    try:
+        wait_for_pids(tmp_path, 4)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}" in err
+    assert_all_gone(tmp_path, 4)
+
+
+def test_job_timeout(tmp_path: Path) -> None:
+    r = meshrun("-n", "2", "--timeout", "1", str(WORKER), str(tmp_path), "*:sleep")
+    assert r.returncode == 124
+    assert "timed out after 1 s" in r.stderr
+    assert "rank 0    killed by SIGTERM (stopped by meshrun)" in r.stderr
+    assert_all_gone(tmp_path, 2)
+
+
+def test_two_nodes_share_one_rendezvous(tmp_path: Path) -> None:
+    secret = "s3cret-for-this-test"
+    common = ("--nnodes", "2", "-n", "2", "--master-addr", "127.0.0.1")
+    node0 = start(*common, "--node-rank", "0", "--master-port", "0",
+                  str(WORKER), str(tmp_path), "*:print", MESH_SECRET=secret)
+    try:
+        assert node0.stderr is not None
+        announce = node0.stderr.readline()
+        assert "node 0 serves the rendezvous on port" in announce
+        port = announce.split()[-1]
+        r1 = meshrun(*common, "--node-rank", "1", "--master-port", port,
+                     str(WORKER), str(tmp_path), "*:print", MESH_SECRET=secret)
+        out0, _ = node0.communicate(timeout=20)
+    finally:
+        node0.kill()
+    assert node0.returncode == 0 and r1.returncode == 0, r1.stderr
+    recs = [json.loads(line.partition(" ")[2]) for line in (out0 + r1.stdout).splitlines()]
+    by_rank = {rec["rank"]: rec["env"] for rec in recs}
+    assert sorted(by_rank) == [0, 1, 2, 3]
+    for rank, env in by_rank.items():
+        assert env["WORLD_SIZE"] == "4" and env["LOCAL_RANK"] == str(rank % 2)
+        assert env["MESH_NODE_RANK"] == str(rank // 2)
+        assert env["MASTER_PORT"] == port and env["MESH_SECRET"] == secret
+    assert_all_gone(tmp_path, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("-n", "2", "no_such_script.py"), "no such file"),
+    (("--nnodes", "2", str(WORKER)), "--master-port is required"),
+    (("--nnodes", "2", "--master-port", "1234", str(WORKER)), "MESH_SECRET"),
+    (("--nnodes", "2", "--node-rank", "2", "--master-port", "1", str(WORKER)), "--node-rank"),
+])
+def test_usage_errors(args: tuple[str, ...], message: str) -> None:
+    r = meshrun(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
