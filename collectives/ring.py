@@ -1,0 +1,141 @@
+"""The pipelined ring: the bandwidth-optimal all_reduce, all_gather and
+reduce_scatter.
+
+The flat buffer is cut into n chunks (one per rank) and every chunk into the
+same number of segments (about ``tuning.segment`` bytes). At each step a rank
+sends one chunk to its right neighbour and receives another from its left,
+reducing it into its own copy (reduce-scatter steps) or storing it (all-gather
+steps); what it receives at one step is what it sends at the next::
+
+    rank r:  send chunk r-s  --->  right        left  --->  recv chunk r-s-1
+             (step s)                                       reduce or store
+
+Segments travel in blocks of ``window``: the link carries block b's segments
+for step 0, then for step 1, ... and then block b+1, so a segment is sent on
+as soon as it is reduced while the next ones are still arriving (send,
+receive and reduce overlap), and a rank never has more than ``2 * window``
+receives posted, whose reduce-step scratch is reused call after call.
+Sends are zero-copy views of the buffer; a region is overwritten only once
+the send that read it is done.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from .ops import ReduceOp
+from .plan import ring_chunk, ring_chunks, segment_count, segments
+from .runner import Ctx
+
+__all__ = ["ring", "message_order"]
+
+
+def message_order(steps: int, nseg: int, window: int) -> list[tuple[int, int]]:
+    """The (step, segment) pairs in the order one link carries them: blocks
+    of ``window`` segments, each block through every step."""
+    order = []
+    for b in range(0, nseg, window):
+        for s in range(steps):
+            order.extend((s, j) for j in range(b, min(b + window, nseg)))
+    return order
+
+
+class _Pool:
+    """Receive buffers kept from call to call: warm memory is several times
+    faster to receive into than fresh pages."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self._lock = threading.Lock()
+        self._free: list[tuple[tuple[str, int, int], list[np.ndarray]]] = []
+        self._keep = keep
+
+    def take(self, dtype: np.dtype, count: int, slots: int) -> list[np.ndarray]:
+        key = (dtype.str, count, slots)
+        with self._lock:
+            for i, (k, bufs) in enumerate(self._free):
+                if k == key:
+                    del self._free[i]
+                    return bufs
+        return [np.empty(count, dtype) for _ in range(slots)]
+
+    def give(self, bufs: list[np.ndarray]) -> None:
+        if bufs:
+            key = (bufs[0].dtype.str, bufs[0].size, len(bufs))
+            with self._lock:
+                self._free.insert(0, (key, bufs))
+                del self._free[self._keep:]
+
+
+_pool = _Pool()
+
+
+def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_steps: int,
+         shift: int = 0) -> None:
+    """Run ``steps`` ring steps over the flat contiguous ``buf``, the first
+    ``reduce_steps`` of them reducing with ``op``. all_reduce is
+    (2(n-1), n-1, shift 0), all_gather (n-1, 0, 0), reduce_scatter
+    (n-1, n-1, shift -1, so rank r ends owning chunk r)."""
+    n, r = ctx.g.size, ctx.g.rank
+    if n == 1 or steps == 0:
+        return
+    left, right = (r - 1) % n, (r + 1) % n
+    bounds = ring_chunks(buf.size, n)
+    seg_elems = max(1, ctx.tuning.segment // buf.itemsize)
+    nseg = segment_count(bounds[0][1] - bounds[0][0], buf.itemsize, ctx.tuning.segment)
+    segs = [segments(lo, hi, nseg) for lo, hi in bounds]
+    order = message_order(steps, nseg, ctx.tuning.window)
+    where = {sj: k for k, sj in enumerate(order)}
+    slots = 2 * ctx.tuning.window
+    scratch = _pool.take(buf.dtype, seg_elems, slots) if reduce_steps else []
+    sending: dict[tuple[int, int], Any] = {}
+    sends: list[Any] = []
+    ready = [s == 0 for s, _ in order]
+    next_send = 0
+
+    def region(k: int, which: int) -> tuple[int, int, tuple[int, int]]:
+        s, j = order[k]
+        c = ring_chunk(r, s, n, shift)[which]
+        lo, hi = segs[c][j]
+        return lo, hi, (c, j)
+
+    def pump() -> None:
+        """Send, in link order, every message whose data is final."""
+        nonlocal next_send
+        while next_send < len(order) and ready[next_send]:
+            lo, hi, key = region(next_send, 0)
+            if hi > lo:
+                sending[key] = req = ctx.isend(buf[lo:hi], right)
+                sends.append(req)
+            next_send += 1
+
+    def post(k: int) -> Any:
+        lo, hi, key = region(k, 1)
+        if hi == lo:
+            return None
+        if order[k][0] < reduce_steps:
+            return ctx.irecv(left, scratch[k % slots][:hi - lo])
+        prior = sending.pop(key, None)
+        if prior is not None:
+            prior.wait()
+        return ctx.irecv(left, buf[lo:hi])
+
+    posted = deque(post(k) for k in range(min(slots, len(order))))
+    pump()
+    for k, (s, j) in enumerate(order):
+        req = posted.popleft()
+        if req is not None:
+            got = req.wait()
+            if s < reduce_steps:
+                lo, hi, _ = region(k, 1)
+                op.combine(buf[lo:hi], got)
+        if k + slots < len(order):
+            posted.append(post(k + slots))
+        if s + 1 < steps:
+            ready[where[(s + 1, j)]] = True
+            pump()
+    for req in sends:
+        req.wait()
+    _pool.give(scratch)

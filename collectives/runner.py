@@ -1,0 +1,156 @@
+"""How one collective call runs: it takes the group's next tag in the calling
+thread (so every member numbers its calls alike), tags every message with its
+fingerprint, aborts the tag on every member if it fails, and runs either
+inline or, with ``async_op=True``, on the group's lane: one background thread
+per group that runs the group's collectives one after another, in call order.
+
+A blocking call made while the lane still has work queues behind it, so
+collectives on one group always complete in the order they were called.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+from typing import Any, Callable
+
+from .plan import Tuning
+
+__all__ = ["Ctx", "Work", "Body", "start"]
+
+
+class Ctx:
+    """One collective call: its group, tag, fingerprint and tuning. The
+    point-to-point helpers stamp every message with the fingerprint."""
+
+    __slots__ = ("g", "tag", "fp", "tuning")
+
+    def __init__(self, g: Any, tag: int, fp: dict, tuning: Tuning) -> None:
+        self.g, self.tag, self.fp, self.tuning = g, tag, fp, tuning
+
+    def isend(self, obj: Any, dst: int) -> Any:
+        return self.g._isend(obj, dst, self.tag, fp=self.fp)
+
+    def irecv(self, src: int, out: Any = None) -> Any:
+        return self.g._irecv(src, self.tag, out, fp=self.fp)
+
+    def send(self, obj: Any, dst: int) -> None:
+        self.g._isend(obj, dst, self.tag, fp=self.fp).wait()
+
+    def recv(self, src: int, out: Any = None) -> Any:
+        return self.g._irecv(src, self.tag, out, fp=self.fp).wait()
+
+
+Body = Callable[[Ctx], Any]
+
+
+class Work:
+    """A collective in flight (``async_op=True``): ``wait()`` returns what the
+    blocking call would have returned, or raises its error."""
+
+    __slots__ = ("_event", "_value", "_error", "desc")
+
+    def __init__(self, desc: str) -> None:
+        self._event = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.desc = desc
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if not self._event.wait(timeout):
+            from mesh import MeshTimeoutError
+            raise MeshTimeoutError(f"{self.desc} did not complete within {timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"<Work {self.desc} {'done' if self.done() else 'pending'}>"
+
+    def _finish(self, value: Any, error: BaseException | None) -> None:
+        self._value, self._error = value, error
+        self._event.set()
+
+
+class _Lane:
+    """The group's background executor; its thread lives while work is queued."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: deque[tuple[Callable[[], Any], Work]] = deque()
+        self.busy = False
+
+    def submit(self, fn: Callable[[], Any], work: Work) -> None:
+        with self.lock:
+            self.queue.append((fn, work))
+            if self.busy:
+                return
+            self.busy = True
+        threading.Thread(target=self._drain, name="collectives-lane", daemon=True).start()
+
+    def idle(self) -> bool:
+        with self.lock:
+            return not self.busy
+
+    def _drain(self) -> None:
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.busy = False
+                    return
+                fn, work = self.queue.popleft()
+            try:
+                value, error = fn(), None
+            except BaseException as e:
+                value, error = None, e
+            work._finish(value, error)
+
+
+_lanes: "weakref.WeakKeyDictionary[Any, _Lane]" = weakref.WeakKeyDictionary()
+_lanes_lock = threading.Lock()
+
+
+def _lane(g: Any) -> _Lane:
+    with _lanes_lock:
+        lane = _lanes.get(g)
+        if lane is None:
+            lane = _lanes[g] = _Lane()
+        return lane
+
+
+def _abort(g: Any, tag: int, name: str, e: BaseException) -> None:
+    g._abort(tag, f"{name} (collective #{-tag}) failed: {type(e).__name__}: {e}")
+
+
+def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
+          async_op: bool) -> Any:
+    """Run the group's next collective. ``prepare(tuning)`` checks the
+    arguments and returns (fingerprint, body); ``body(ctx)`` moves the data.
+    Both run under the collective's tag, so a rank that fails, even on its
+    own arguments, aborts the collective on every member instead of leaving
+    them waiting. Returns body's value, or a Work with ``async_op``."""
+    tag = g._coll_tag()
+    try:
+        tuning = Tuning.from_env()
+        fp, body = prepare(tuning)
+    except BaseException as e:
+        _abort(g, tag, name, e)
+        raise
+    ctx = Ctx(g, tag, fp, tuning)
+
+    def run() -> Any:
+        try:
+            return body(ctx)
+        except BaseException as e:
+            _abort(g, tag, name, e)
+            raise
+
+    lane = _lanes.get(g)
+    if not async_op and (lane is None or lane.idle()):
+        return run()
+    work = Work(f"rank {g.rank}: {name} #{-tag} on group {getattr(g, 'name', '?')}")
+    _lane(g).submit(run, work)
+    return work if async_op else work.wait()
