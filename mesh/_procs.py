@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,12 +124,13 @@ class _Stream:
 
 
 class _Watchdog:
-    """A process in its own session that SIGKILLs the registered process groups
-    when its pipe from the launcher closes without them being withdrawn: the
-    launcher was killed. Workers' parent-death signal covers the workers; this
-    covers their children, which that signal does not reach."""
+    """A process in its own session that cleans up if the launcher dies: its
+    pipe from the launcher closes without the final "bye", so it SIGKILLs the
+    registered process groups and removes the job's scratch directory.
+    Workers' parent-death signal covers the workers; this covers their
+    children, which that signal does not reach."""
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: str | None) -> None:
         rfd, self._wfd = os.pipe()
         try:
             self._proc = subprocess.Popen(
@@ -136,6 +138,8 @@ class _Watchdog:
                 stdin=rfd, stdout=subprocess.DEVNULL, start_new_session=True)
         finally:
             os.close(rfd)
+        if scratch:
+            self._send(f"d{scratch}\n")
 
     def _send(self, line: str) -> None:
         try:
@@ -150,6 +154,7 @@ class _Watchdog:
         self._send(f"-{pgid}\n")
 
     def close(self) -> None:
+        self._send("bye\n")
         os.close(self._wfd)
         try:
             self._proc.wait(timeout=2)
@@ -162,17 +167,24 @@ def _watchdog_main() -> None:
     for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     groups: set[int] = set()
+    scratch = None
     for line in sys.stdin.buffer:
-        op, pgid = line[:1], int(line[1:])
-        if op == b"+":
-            groups.add(pgid)
-        else:
-            groups.discard(pgid)
+        op, arg = line[:1], line[1:].rstrip(b"\n")
+        if line == b"bye\n":
+            return
+        if op == b"d":
+            scratch = os.fsdecode(arg)
+        elif op == b"+":
+            groups.add(int(arg))
+        elif op == b"-":
+            groups.discard(int(arg))
     for pgid in groups:
         try:
             os.killpg(pgid, signal.SIGKILL)
         except OSError:
             pass
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _Proc:
@@ -186,12 +198,16 @@ class Job:
 
     run() returns once every worker has been reaped: all succeeded, or the
     first failure / a signal to the launcher / the job timeout stopped the
-    rest with SIGTERM, then SIGKILL after ``grace`` seconds."""
+    rest with SIGTERM, then SIGKILL after ``grace`` seconds. ``log_dir`` gets
+    each rank's raw output; ``scratch`` is a directory the watchdog removes
+    if the launcher dies (else removing it is the caller's business)."""
 
     def __init__(self, grace: float = 5.0, log_dir: str | None = None,
-                 stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
+                 scratch: str | None = None, stdout: BinaryIO | None = None,
+                 stderr: BinaryIO | None = None) -> None:
         self.grace = grace
         self.log_dir = log_dir
+        self.scratch = scratch
         self._out = stdout or sys.stdout.buffer
         self._err = stderr or sys.stderr.buffer
         self._procs: list[_Proc] = []
@@ -201,7 +217,7 @@ class Job:
 
     def _start(self, specs: Sequence[WorkerSpec]) -> None:
         """Start every worker, each in a new session (its own process group)."""
-        self._watchdog = _Watchdog()
+        self._watchdog = _Watchdog(self.scratch)
         for spec in specs:
             popen = subprocess.Popen(list(spec.argv), env=dict(spec.env),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

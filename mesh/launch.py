@@ -109,7 +109,7 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
-                err_dir: str) -> dict[str, str]:
+                run_dir: str, err_dir: str) -> dict[str, str]:
     rank = a.node_rank * a.nproc + local_rank
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env and a.nproc > 1:
@@ -120,6 +120,7 @@ def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
         "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(port), "MESH_SECRET": secret,
         "MESH_LAUNCHER": "1", "MESH_NODE_RANK": str(a.node_rank),
         "MESH_LAUNCHER_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
+        "MESH_RUNTIME_DIR": run_dir,
         "MESH_ERROR_FILE": os.path.join(err_dir, f"rank{rank}.error.json"),
     })
     return env
@@ -227,7 +228,8 @@ def launch(a: argparse.Namespace) -> int:
     secret = os.environ.get("MESH_SECRET") or secrets.token_hex(16)
     if a.log_dir:
         os.makedirs(a.log_dir, exist_ok=True)
-    err_dir = a.log_dir or tempfile.mkdtemp(prefix="meshrun-")
+    run_dir = tempfile.mkdtemp(prefix="meshrun-")
+    err_dir = a.log_dir or run_dir
     srv = None
     try:
         port = a.master_port
@@ -239,13 +241,13 @@ def launch(a: argparse.Namespace) -> int:
                       file=sys.stderr, flush=True)
         specs = []
         for local in range(a.nproc):
-            env = _worker_env(a, local, int(port or 0), secret, err_dir)
+            env = _worker_env(a, local, int(port or 0), secret, run_dir, err_dir)
             try:
                 os.unlink(env["MESH_ERROR_FILE"])
             except FileNotFoundError:
                 pass
             specs.append(WorkerSpec(int(env["RANK"]), local, _worker_argv(a), env))
-        outcome = Job(grace=a.grace, log_dir=a.log_dir).run(specs, timeout=a.timeout)
+        outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir).run(specs, timeout=a.timeout)
         records = {e.rank: r for e in outcome.exits
                    if (r := _read_record(err_dir, e.rank)) is not None}
         if outcome.reason != "ok":
@@ -256,8 +258,7 @@ def launch(a: argparse.Namespace) -> int:
     finally:
         if srv is not None:
             _close_bounded(srv)
-        if not a.log_dir:
-            shutil.rmtree(err_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -267,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _check(parser, args)
     try:
         code = launch(args)
+    except KeyboardInterrupt:
+        code = 130
     except Exception as e:
         print(f"meshrun: {type(e).__name__}: {e}", file=sys.stderr)
         code = 1
