@@ -169,7 +169,7 @@ def test_log_dir_keeps_raw_output_and_error_records(tmp_path: Path) -> None:
 
 
 def test_launcher_killed_leaves_no_worker_or_child(tmp_path: Path) -> None:
-    proc = start("-n", "2", str(WORKER), str(tmp_path), "*:child", "*:sleep")
+    proc = start("-n", "2", str(WORKER), str(tmp_path), "*:rundir", "*:child", "*:sleep")
     try:
         wait_for_pids(tmp_path, 4)
         proc.kill()
@@ -178,6 +178,11 @@ def test_launcher_killed_leaves_no_worker_or_child(tmp_path: Path) -> None:
         proc.kill()
         proc.communicate(timeout=5)
     assert_all_gone(tmp_path, 4)
+    run_dir = Path((tmp_path / "0.rundir").read_text())
+    deadline = time.monotonic() + 5
+    while run_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not run_dir.exists(), "the job's scratch directory outlived the launcher"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -238,3 +243,53 @@ def test_usage_errors(args: tuple[str, ...], message: str) -> None:
     r = meshrun(*args)
     assert r.returncode == 2
     assert message in r.stderr
+
+
+MESH_SCRIPT = SCRIPTS / "launch_mesh.py"
+
+
+def test_workers_join_one_mesh_and_exchange_messages() -> None:
+    r = meshrun("-n", "3", str(MESH_SCRIPT))
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == [
+        "[0] rank 0 heard from [1, 2]", "[1] rank 1 got {'hello': 1}",
+        "[2] rank 2 got {'hello': 2}"]
+
+
+def test_two_launchers_form_one_mesh() -> None:
+    common = ("--nnodes", "2", "-n", "2", "--master-addr", "127.0.0.1")
+    node0 = start(*common, "--node-rank", "0", "--master-port", "0", str(MESH_SCRIPT),
+                  MESH_SECRET="another-test-secret")
+    try:
+        assert node0.stderr is not None
+        port = node0.stderr.readline().split()[-1]
+        r1 = meshrun(*common, "--node-rank", "1", "--master-port", port, str(MESH_SCRIPT),
+                     MESH_SECRET="another-test-secret")
+        out0, err0 = node0.communicate(timeout=20)
+    finally:
+        node0.kill()
+    assert node0.returncode == 0 and r1.returncode == 0, err0 + r1.stderr
+    assert sorted((out0 + r1.stdout).splitlines()) == [
+        "[0] rank 0 heard from [1, 2, 3]", "[1] rank 1 got {'hello': 1}",
+        "[2] rank 2 got {'hello': 2}", "[3] rank 3 got {'hello': 3}"]
+
+
+def test_two_jobs_at_once_do_not_collide() -> None:
+    jobs = [start("-n", "2", str(MESH_SCRIPT)) for _ in range(2)]
+    try:
+        results = [job.communicate(timeout=20) for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+    for job, (out, err) in zip(jobs, results):
+        assert job.returncode == 0, err
+        assert "[0] rank 0 heard from [1]" in out
+
+
+def test_no_python_runs_a_program_under_the_same_supervision() -> None:
+    r = meshrun("-n", "2", "--no-python", "sh", "-c",
+                'echo "rank $RANK of $WORLD_SIZE"; exit $RANK')
+    assert r.returncode == 1
+    assert "[1] rank 1 of 2" in r.stdout
+    assert "Root cause: rank 1 failed first" in r.stderr
+    assert "no traceback: exited with code 1" in r.stderr

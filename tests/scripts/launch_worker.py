@@ -47,6 +47,7 @@ ACTIONS = {
     "child": lambda: _write(f"{RANK}.child.pid", subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"]).pid),
     "barrier": _barrier,
+    "rundir": lambda: _write(f"{RANK}.rundir", os.environ["MESH_RUNTIME_DIR"]),
     "ignoreterm": lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
     "raise": _boom,
     "sigkill": lambda: os.kill(os.getpid(), signal.SIGKILL),
