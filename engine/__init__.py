@@ -1,5 +1,6 @@
 """engine: pipeline schedules as data, a verifier and simulator, an executor."""
-from . import schedules
+from . import layers, schedules
+from .executor import Pipeline, split_microbatches, stages_for_rank
 from .ir import Action, Schedule
 from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
 from .render import render
@@ -8,8 +9,8 @@ from .simulate import SimReport, simulate
 from .verify import ScheduleError, verify
 
 __all__ = [
-    "schedules", "Action", "Schedule", "ScheduleError", "SimReport",
+    "schedules", "layers", "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline",
     "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
-    "render", "simulate", "verify",
+    "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
 ]

@@ -1,0 +1,250 @@
+"""The executor: run this rank's list of a verified schedule over the mesh.
+
+``Pipeline(grid_or_group, stage, schedule, loss_fn=...)`` checks the
+schedule once; ``step(inputs, targets)`` then runs one training step:
+
+* the batch is cut into ``m`` micro-batches along axis 0 (sizes differ by
+  at most one row); inputs are needed on the rank holding stage 0, targets
+  on the rank holding the last stage, None elsewhere;
+* every receive of the step is posted before the first action runs, and
+  every send is asynchronous: a RECV action only waits, a SEND only starts;
+* an activation or gradient message is the array itself, which the mesh
+  sends with its dtype and shape, so shapes may change from step to step;
+* loss and scaling, explicitly: ``loss_fn(y, target)`` returns the mean
+  loss of micro-batch k and its gradient; the executor multiplies that
+  gradient by ``n_k / N`` (rows of k over rows of the local batch) before
+  the backward pass, so the stage gradients add up to the gradient of the
+  mean loss over the local batch. With a dp axis each stage's gradients are
+  then averaged over the dp group (``collectives.all_reduce(op="avg")``,
+  started as soon as the stage's last backward is done), which makes them
+  the gradient of the mean over the global batch when replicas get equally
+  large batches. Whatever ``grads()`` held before the step is kept and
+  the step's gradient added to it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+import collectives
+
+from . import trace as _trace
+from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
+from .lower import with_grad_sync
+from .simulate import message_key
+
+__all__ = ["Pipeline", "split_microbatches", "stages_for_rank"]
+
+_TRACE_TAG = 1 << 40
+
+
+def split_microbatches(batch: Any, m: int) -> list[Any]:
+    """``m`` slices of ``batch`` along axis 0, sizes differing by at most one."""
+    n = len(batch)
+    if n < m:
+        raise ValueError(f"a batch of {n} rows cannot be cut into {m} micro-batches")
+    bounds = [k * n // m for k in range(m + 1)]
+    return [batch[bounds[k]:bounds[k + 1]] for k in range(m)]
+
+
+def _axes(grid_or_group: Any) -> tuple[Any, Any, int]:
+    """(pp communicator, dp communicator or None, dp index) of a grid or group."""
+    if callable(getattr(grid_or_group, "coord", None)):
+        pp = grid_or_group.group("pp")
+        try:
+            dp = grid_or_group.group("dp")
+            index = grid_or_group.coord("dp")
+        except (KeyError, ValueError):
+            dp, index = None, 0
+        return pp, dp, int(index)
+    return grid_or_group, None, 0
+
+
+class Pipeline:
+    """One rank's part of a pipeline-parallel (and data-parallel) model.
+
+    ``stage`` is this rank's stage object, or the list of its virtual stages
+    in stage order (interleaved schedules); see the module docstring for
+    what ``step`` computes. ``optimizer(stage)``, when given, runs at each
+    OPT action of the schedule."""
+
+    def __init__(self, grid_or_group: Any, stage: Any, schedule: Schedule,
+                 loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,
+                 optimizer: Callable[[Any], None] | None = None,
+                 timeout: float | None = None, tag_base: int = 0) -> None:
+        self.pp, self.dp, self.dp_index = _axes(grid_or_group)
+        if schedule.num_ranks != self.pp.size:
+            raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks but "
+                             f"the pipeline group has {self.pp.size}")
+        lowered = schedule.validate()
+        if self.dp is not None and self.dp.size > 1:
+            lowered = with_grad_sync(lowered)
+        self.schedule = lowered
+        self.rank = self.pp.rank
+        self.program: tuple[Action, ...] = lowered.ranks[self.rank]
+        mine = lowered.stages_of(self.rank)
+        stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
+        if len(stages) != len(mine):
+            raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
+                             f"{schedule.name!r} but was given {len(stages)} stage object(s)")
+        self.stages = dict(zip(mine, stages))
+        self.first = 0 in self.stages
+        self.last = lowered.num_stages - 1 in self.stages
+        if self.last and loss_fn is None:
+            raise ValueError(f"pp rank {self.rank} holds the last stage: it needs a loss_fn")
+        if any(a.kind == OPT for a in self.program) and optimizer is None:
+            raise ValueError(f"schedule {schedule.name!r} has OPT actions: pass optimizer=")
+        self._check_protocol()
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.timeout = timeout
+        self.tag_base = tag_base
+        self.events: list[list[Any]] = []
+
+    def _check_protocol(self) -> None:
+        need = {F: "forward", B: "backward", I: "backward_input", W: "backward_weight",
+                AR: "grads", OPT: "grads"}
+        for a in self.program:
+            method = need.get(a.kind)
+            if method and not callable(getattr(self.stages[a.stage], method, None)):
+                raise TypeError(f"schedule {self.schedule.name!r} runs {a} on pp rank "
+                                f"{self.rank}, but its stage object has no {method}()")
+
+    def _tag(self, a: Action) -> int:
+        kind, _, dst, k = message_key(a)
+        return self.tag_base + ((k * self.schedule.num_stages + dst) * 2 + (kind == B))
+
+    def _flow(self, a: Action) -> int:
+        kind, _, dst, k = message_key(a)
+        return _trace.flow_id(self.dp_index, kind, dst, k, self.schedule.num_stages,
+                              self.schedule.num_microbatches)
+
+    def step(self, inputs: Any = None, targets: Any = None) -> float | None:
+        """Run one step; return the mean loss on last-stage ranks, else None."""
+        sched, m = self.schedule, self.schedule.num_microbatches
+        last = sched.num_stages - 1
+        xs: dict[tuple[int, int], Any] = {}
+        gys: dict[tuple[int, int], Any] = {}
+        outs: dict[tuple[int, int], Any] = {}
+        ctxs: dict[tuple[int, int], Any] = {}
+        wctxs: dict[tuple[int, int], Any] = {}
+        if self.first:
+            if inputs is None:
+                raise ValueError(f"pp rank {self.rank} holds stage 0: step() needs inputs")
+            xs.update({(0, k): x for k, x in enumerate(split_microbatches(inputs, m))})
+        if self.last:
+            if targets is None:
+                raise ValueError(f"pp rank {self.rank} holds the last stage: step() needs targets")
+            tgts = split_microbatches(targets, m)
+            total = sum(len(t) for t in tgts)
+            weights = [len(t) / total for t in tgts]
+            losses = [0.0] * m
+        prior = self._save_prior()
+        recvs = {a: self.pp.irecv(sched.rank_of(message_key(a)[1]), tag=self._tag(a))
+                 for a in self.program if a.kind in (RECV_F, RECV_B)}
+        sends: list[Any] = []
+        syncs: dict[int, list[Any]] = {}
+        events: list[list[Any]] = []
+        for a in self.program:
+            s, k = a.stage, a.mb
+            t0 = time.time_ns()
+            flow = ""
+            if a.kind == F:
+                y, ctxs[(s, k)] = self.stages[s].forward(xs.pop((s, k)))
+                if s == last:
+                    loss, gy = self.loss_fn(y, tgts[k])
+                    losses[k] = float(loss)
+                    gys[(s, k)] = gy * weights[k]
+                elif sched.rank_of(s + 1) == self.rank:
+                    xs[(s + 1, k)] = y
+                else:
+                    outs[(s, k)] = y
+            elif a.kind in (B, I):
+                stage, ctx, gy = self.stages[s], ctxs.pop((s, k)), gys.pop((s, k))
+                if a.kind == B:
+                    gx = stage.backward(ctx, gy)
+                else:
+                    gx, wctxs[(s, k)] = stage.backward_input(ctx, gy)
+                if s > 0 and sched.rank_of(s - 1) == self.rank:
+                    gys[(s - 1, k)] = gx
+                elif s > 0:
+                    outs[(s, k)] = gx
+            elif a.kind == W:
+                self.stages[s].backward_weight(wctxs.pop((s, k)))
+            elif a.kind in (SEND_F, SEND_B):
+                dst = sched.rank_of(message_key(a)[2])
+                sends.append(self.pp.isend(outs.pop((s, k)), dst, tag=self._tag(a)))
+                flow = "s"
+            elif a.kind in (RECV_F, RECV_B):
+                value = recvs.pop(a).wait(self.timeout)
+                (xs if a.kind == RECV_F else gys)[(s, k)] = value
+                flow = "f"
+            elif a.kind == AR:
+                syncs[s] = [collectives.all_reduce(self.dp, g, op="avg", async_op=True)
+                            for g in self.stages[s].grads()]
+            elif a.kind == OPT:
+                self._finish_sync(s, syncs, prior)
+                self.optimizer(self.stages[s])
+            events.append([str(a), a.kind, t0, time.time_ns(), flow,
+                           self._flow(a) if flow else 0])
+        for s in list(syncs):
+            self._finish_sync(s, syncs, prior)
+        for req in sends:
+            req.wait(self.timeout)
+        self.events = events
+        if not self.last:
+            return None
+        mean = sum(w * v for w, v in zip(weights, losses))
+        if self.dp is not None and self.dp.size > 1:
+            buf = np.array([mean], dtype=np.float64)
+            collectives.all_reduce(self.dp, buf, op="avg")
+            mean = float(buf[0])
+        return mean
+
+    def _save_prior(self) -> dict[int, list[Any]]:
+        """With a dp axis, set aside what the gradients held before the step
+        (when anything), so the average covers only this step's gradients."""
+        if self.dp is None or self.dp.size == 1:
+            return {}
+        prior = {}
+        for s, stage in self.stages.items():
+            grads = stage.grads()
+            if any(bool(g.any()) for g in grads):
+                prior[s] = [g.copy() for g in grads]
+                for g in grads:
+                    g[...] = 0
+        return prior
+
+    def _finish_sync(self, s: int, syncs: dict[int, list[Any]],
+                     prior: dict[int, list[Any]]) -> None:
+        for req in syncs.pop(s, []):
+            req.wait()
+        for g, old in zip(self.stages[s].grads(), prior.pop(s, [])):
+            g += old
+
+    def trace(self, costs: dict[str, float] | None = None) -> dict[str, Any] | None:
+        """The last step's Chrome trace, merged from all ranks (collective:
+        every rank of the grid or group calls it); on world rank 0 only.
+
+        With ``costs`` (seconds per action) the simulator's prediction is
+        stored beside it, and ``python -m engine.show`` reports the ratio."""
+        rows = {"dp": self.dp_index, "pp": self.rank, "events": self.events}
+        gathered = _trace.gather(self.pp, self.dp, rows, self.tag_base + _TRACE_TAG)
+        if gathered is None:
+            return None
+        meta: dict[str, Any] = {"schedule": self.schedule.to_dict()}
+        if costs:
+            meta["predicted_makespan_ms"] = self.schedule.simulate(costs).makespan * 1e3
+        return _trace.chrome_trace(gathered, meta)
+
+    def write_trace(self, path: str, costs: dict[str, float] | None = None) -> str | None:
+        """``trace()`` written to ``path`` on world rank 0; returns the path there."""
+        data = self.trace(costs)
+        return _trace.write(path, data) if data is not None else None
+
+
+def stages_for_rank(all_stages: Sequence[Any], schedule: Schedule, pp_rank: int) -> list[Any]:
+    """This rank's stage objects, in stage order, out of the whole model's."""
+    return [all_stages[s] for s in schedule.stages_of(pp_rank)]

@@ -1,0 +1,170 @@
+"""Reference numpy layers with hand-written backward passes.
+
+Small enough to check by eye, exact enough (float64) to compare a pipeline
+against sequential training to 1e-10. Each layer, and ``Sequential`` of
+them, is a stage in the sense of the stage protocol::
+
+    y, ctx = layer.forward(x)
+    gx = layer.backward(ctx, gy)             # adds to the parameter gradients
+    gx, wctx = layer.backward_input(ctx, gy) # split for zero-bubble schedules
+    layer.backward_weight(wctx)              # adds to the parameter gradients
+    layer.params(), layer.grads()            # same order, arrays updated in place
+
+The code uses array methods, operators and ufuncs (which CuPy overrides),
+so CuPy arrays work too.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Linear", "Tanh", "ReLU", "Sequential", "mse_loss", "mlp_stages", "sgd"]
+
+
+class Linear:
+    """``y = x @ weight + bias``; weight is (fan_in, fan_out)."""
+
+    def __init__(self, fan_in: int, fan_out: int, rng: np.random.Generator | None = None,
+                 dtype: Any = np.float64) -> None:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        scale = 1.0 / np.sqrt(fan_in)
+        self.weight = rng.uniform(-scale, scale, (fan_in, fan_out)).astype(dtype)
+        self.bias = rng.uniform(-scale, scale, (fan_out,)).astype(dtype)
+        self.grad_weight = np.zeros_like(self.weight)
+        self.grad_bias = np.zeros_like(self.bias)
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        return x @ self.weight + self.bias, x
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        return gy @ self.weight.T, (ctx, gy)
+
+    def backward_weight(self, wctx: Any) -> None:
+        x, gy = wctx
+        self.grad_weight += x.T @ gy
+        self.grad_bias += gy.sum(axis=0)
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        gx, wctx = self.backward_input(ctx, gy)
+        self.backward_weight(wctx)
+        return gx
+
+    def params(self) -> list[Any]:
+        return [self.weight, self.bias]
+
+    def grads(self) -> list[Any]:
+        return [self.grad_weight, self.grad_bias]
+
+
+class _Activation:
+    """A parameter-free elementwise layer: backward_weight has nothing to do."""
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        raise NotImplementedError
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        return self.backward(ctx, gy), None
+
+    def backward_weight(self, wctx: Any) -> None:
+        return None
+
+    def params(self) -> list[Any]:
+        return []
+
+    def grads(self) -> list[Any]:
+        return []
+
+
+class Tanh(_Activation):
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        y = np.tanh(x)
+        return y, y
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        return gy * (1.0 - ctx * ctx)
+
+
+class ReLU(_Activation):
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        mask = x > 0
+        return x * mask, mask
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        return gy * ctx
+
+
+class Sequential:
+    """Layers applied in order; a whole pipeline stage."""
+
+    def __init__(self, *layers: Any) -> None:
+        self.layers = list(layers)
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        ctxs = []
+        for layer in self.layers:
+            x, ctx = layer.forward(x)
+            ctxs.append(ctx)
+        return x, ctxs
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        for layer, c in zip(reversed(self.layers), reversed(ctx)):
+            gy = layer.backward(c, gy)
+        return gy
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        """Input gradient through every layer; the weight-gradient inputs are
+        kept for ``backward_weight``, which runs later."""
+        wctxs = []
+        for layer, c in zip(reversed(self.layers), reversed(ctx)):
+            gy, w = layer.backward_input(c, gy)
+            wctxs.append((layer, w))
+        return gy, wctxs
+
+    def backward_weight(self, wctx: Any) -> None:
+        for layer, w in wctx:
+            layer.backward_weight(w)
+
+    def params(self) -> list[Any]:
+        return [p for layer in self.layers for p in layer.params()]
+
+    def grads(self) -> list[Any]:
+        return [g for layer in self.layers for g in layer.grads()]
+
+
+def mse_loss(y: Any, target: Any) -> tuple[float, Any]:
+    """Mean squared error over every element of the micro-batch, and its
+    gradient ``2 (y - target) / y.size``."""
+    diff = y - target
+    return float((diff * diff).sum()) / diff.size, diff * (2.0 / diff.size)
+
+
+def mlp_stages(widths: Sequence[int], num_stages: int, seed: int = 0,
+               dtype: Any = np.float64) -> list[Sequential]:
+    """A tanh MLP through ``widths`` cut into ``num_stages`` stages, built
+    identically on every rank from ``seed``; the last layer is linear.
+
+    ``widths`` has one entry per layer boundary, so ``len(widths) - 1``
+    Linear layers, which must be at least ``num_stages``."""
+    n_layers = len(widths) - 1
+    if n_layers < num_stages:
+        raise ValueError(f"{n_layers} layers cannot fill {num_stages} stages")
+    rng = np.random.default_rng(seed)
+    layers: list[list[Any]] = [[] for _ in range(num_stages)]
+    for i in range(n_layers):
+        s = i * num_stages // n_layers
+        layers[s].append(Linear(widths[i], widths[i + 1], rng, dtype))
+        if i < n_layers - 1:
+            layers[s].append(Tanh())
+    return [Sequential(*ls) for ls in layers]
+
+
+def sgd(stages: Sequence[Any], lr: float) -> None:
+    """Plain SGD on each stage, then zero its gradients."""
+    for stage in stages:
+        for p, g in zip(stage.params(), stage.grads()):
+            p -= lr * g
+            g[...] = 0

@@ -1,0 +1,95 @@
+"""Turn a torch ``nn.Module`` into a pipeline stage; torch autograd does the
+backward. torch is imported only when a TorchStage is built, so meshrun
+never depends on it.
+
+Arrays cross the stage boundary as numpy (CPU tensors share memory with
+them); ``grads()`` returns numpy views of the parameters' ``.grad``
+tensors, so the executor's in-place all-reduce updates torch's gradients.
+
+    stage = TorchStage(nn.Sequential(nn.Linear(8, 8), nn.Tanh()))
+    pipe = engine.Pipeline(grid, stage, schedule, loss_fn=loss_fn)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TorchStage", "torch_loss"]
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("TorchStage needs torch: pip install torch") from e
+    return torch
+
+
+class TorchStage:
+    """A stage running ``module`` on CPU tensors made from numpy arrays."""
+
+    def __init__(self, module: Any) -> None:
+        torch = _torch()
+        self.module = module
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _input(self, x: Any) -> Any:
+        torch = _torch()
+        t = torch.as_tensor(np.asarray(x))
+        if t.is_floating_point():
+            t = t.detach().clone().requires_grad_(True)
+        return t
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        t = self._input(x)
+        out = self.module(t)
+        return out.detach().numpy(), (t, out)
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        torch = _torch()
+        t, out = ctx
+        out.backward(torch.as_tensor(np.asarray(gy)))
+        return None if t.grad is None else t.grad.numpy()
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        """Gradient of the input only; the graph is kept for backward_weight."""
+        torch = _torch()
+        t, out = ctx
+        g = torch.as_tensor(np.asarray(gy))
+        if not t.requires_grad:
+            return None, (out, g)
+        (gx,) = torch.autograd.grad(out, [t], g, retain_graph=True)
+        return gx.numpy(), (out, g)
+
+    def backward_weight(self, wctx: Any) -> None:
+        torch = _torch()
+        out, g = wctx
+        grads = torch.autograd.grad(out, self._params, g, allow_unused=True)
+        with torch.no_grad():
+            for p, gp in zip(self._params, grads):
+                if gp is not None:
+                    p.grad += gp
+
+    def params(self) -> list[Any]:
+        return [p.detach().numpy() for p in self._params]
+
+    def grads(self) -> list[Any]:
+        return [p.grad.numpy() for p in self._params]
+
+
+def torch_loss(fn: Any) -> Any:
+    """Wrap a torch loss (``fn(y, target) -> scalar tensor``, mean over the
+    micro-batch) as a pipeline ``loss_fn`` on numpy arrays."""
+    torch = _torch()
+
+    def loss_fn(y: Any, target: Any) -> tuple[float, Any]:
+        ty = torch.as_tensor(np.asarray(y)).detach().requires_grad_(True)
+        loss = fn(ty, torch.as_tensor(np.asarray(target)))
+        loss.backward()
+        return float(loss.detach()), ty.grad.numpy()
+
+    return loss_fn

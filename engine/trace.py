@@ -1,0 +1,143 @@
+"""Chrome/Perfetto traces of real pipeline steps, merged from every rank.
+
+Each rank records one row per executed action: name, kind, wall-clock
+start and end (``time.time_ns``, which all processes on a host share), and
+for a send or receive the id of its message, which becomes a flow arrow
+from the send to the end of the receive's wait. ``gather`` collects the
+rows on world rank 0 (pp group first, then the dp group of first-stage
+ranks); ``chrome_trace`` turns them into the JSON that chrome://tracing and
+ui.perfetto.dev open: one process per dp replica, one thread per pp rank.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+__all__ = ["Record", "flow_id", "gather", "chrome_trace", "write", "measured",
+           "summarize_trace", "render_trace"]
+
+# [name, kind, start_ns, end_ns, flow_dir ("s", "f" or ""), flow_id (0 if none)]
+Record = list
+_COMPUTE = ("F", "B", "I", "W")
+
+
+def flow_id(dp_index: int, kind: str, dst_stage: int, mb: int, num_stages: int,
+            num_microbatches: int) -> int:
+    """The same positive integer on the sending and the receiving rank."""
+    k = 0 if kind == "F" else 1
+    return ((dp_index * 2 + k) * num_stages + dst_stage) * num_microbatches + mb + 1
+
+
+def gather(pp: Any, dp: Any, rows: dict[str, Any], tag: int) -> list[dict[str, Any]] | None:
+    """Collect every rank's ``rows`` on pp rank 0 of dp rank 0; None elsewhere.
+
+    ``rows`` must be msgpack-able (it crosses the wire as an object)."""
+    if pp.rank != 0:
+        pp.send(rows, 0, tag=tag)
+        return None
+    mine = [rows] + [pp.recv(r, tag=tag) for r in range(1, pp.size)]
+    if dp is None or dp.size == 1:
+        return mine
+    if dp.rank != 0:
+        dp.send(mine, 0, tag=tag)
+        return None
+    for r in range(1, dp.size):
+        mine.extend(dp.recv(r, tag=tag))
+    return mine
+
+
+def chrome_trace(ranks: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Trace Event Format from gathered rows (``{"dp", "pp", "events"}`` each)."""
+    starts = [e[2] for r in ranks for e in r["events"]]
+    t0 = min(starts) if starts else 0
+    out: list[dict[str, Any]] = []
+    for dp in sorted({r["dp"] for r in ranks}):
+        out.append({"name": "process_name", "ph": "M", "pid": dp,
+                    "args": {"name": f"dp replica {dp}"}})
+    for r in ranks:
+        pid, tid = r["dp"], r["pp"]
+        out.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
+                    "args": {"name": f"pp rank {tid}"}})
+        for name, kind, start, end, fdir, fid in r["events"]:
+            ts, dur = (start - t0) / 1e3, max(end - start, 0) / 1e3
+            out.append({"name": name, "cat": kind, "ph": "X", "ts": ts, "dur": dur,
+                        "pid": pid, "tid": tid})
+            if fdir == "s":
+                out.append({"name": "p2p", "cat": "p2p", "ph": "s", "id": fid, "ts": ts,
+                            "pid": pid, "tid": tid})
+            elif fdir == "f":
+                out.append({"name": "p2p", "cat": "p2p", "ph": "f", "bp": "e", "id": fid,
+                            "ts": max(ts, ts + dur - 0.001), "pid": pid, "tid": tid})
+    return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": dict(meta or {})}
+
+
+def write(path: str, trace: dict[str, Any]) -> str:
+    with open(path, "w") as f:
+        json.dump(trace, f)
+    return path
+
+
+def _slices(trace: dict[str, Any]) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    rows: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X":
+            rows.setdefault((e["pid"], e["tid"]), []).append(e)
+    return rows
+
+
+def measured(trace: dict[str, Any]) -> tuple[float, float]:
+    """(step time in microseconds, bubble = idle fraction of compute) of a trace."""
+    rows = _slices(trace)
+    if not rows:
+        return 0.0, 0.0
+    start = min(e["ts"] for es in rows.values() for e in es)
+    end = max(e["ts"] + e["dur"] for es in rows.values() for e in es)
+    busy = sum(e["dur"] for es in rows.values() for e in es if e["cat"] in _COMPUTE)
+    span = end - start
+    return span, (1.0 - busy / (span * len(rows)) if span else 0.0)
+
+
+def summarize_trace(trace: dict[str, Any]) -> str:
+    """Per-rank busy, waiting and idle time, and the whole step's figures."""
+    rows = _slices(trace)
+    span, bubble = measured(trace)
+    lines = [f"{'dp':>3} {'pp':>3} {'actions':>8} {'compute ms':>11} {'recv wait ms':>13} "
+             f"{'idle':>6}"]
+    for (pid, tid), es in sorted(rows.items()):
+        busy = sum(e["dur"] for e in es if e["cat"] in _COMPUTE)
+        wait = sum(e["dur"] for e in es if e["cat"].startswith("RECV"))
+        idle = 1.0 - busy / span if span else 0.0
+        lines.append(f"{pid:>3} {tid:>3} {len(es):>8} {busy / 1e3:>11.3f} {wait / 1e3:>13.3f} "
+                     f"{idle:>6.1%}")
+    lines.append(f"step {span / 1e3:.3f} ms, measured bubble {bubble:.1%}")
+    pred = trace.get("otherData", {}).get("predicted_makespan_ms")
+    if pred:
+        lines.append(f"simulator predicted {pred:.3f} ms; measured/predicted "
+                     f"{span / 1e3 / pred:.2f}")
+    return "\n".join(lines)
+
+
+def render_trace(trace: dict[str, Any]) -> str:
+    """The measured timeline as a text grid like ``Schedule.render``: each
+    column is the shortest compute action's duration."""
+    rows = _slices(trace)
+    comp = {k: [e for e in es if e["cat"] in _COMPUTE and e["dur"] > 0]
+            for k, es in rows.items()}
+    every = [e for es in comp.values() for e in es]
+    if not every:
+        return "(no compute actions in this trace)"
+    unit = min(e["dur"] for e in every)
+    t0 = min(e["ts"] for e in every)
+    width = max(len(e["name"]) for e in every)
+    ncols = max(round((e["ts"] + e["dur"] - t0) / unit) for e in every) + 1
+    lines = []
+    for (pid, tid), es in sorted(comp.items()):
+        cells = [".".center(width)] * ncols
+        for e in es:
+            col = min(round((e["ts"] - t0) / unit), ncols - 1)
+            cells[col] = e["name"].center(width)
+            for c in range(col + 1, min(col + max(1, round(e["dur"] / unit)), ncols)):
+                cells[c] = "-" * width
+        lines.append(f"dp{pid} pp{tid} | {' '.join(cells)}".rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""The executor in one process: pipelines of one rank hand activations over
+locally, so the whole step, its scaling, its checks and its trace run
+without the mesh."""
+import json
+
+import numpy as np
+import pytest
+
+from engine import Pipeline, Schedule, schedules
+from engine import trace as tr
+from engine.executor import split_microbatches
+from engine.layers import Linear, ReLU, Sequential, Tanh, mlp_stages, mse_loss, sgd
+from engine.show import main as show_main
+
+
+class _Solo:
+    """A one-rank group: all a single-rank pipeline ever asks of it."""
+    rank, size = 0, 1
+
+
+def _reference_grads(widths, seed, x, y):
+    model = Sequential(*mlp_stages(widths, 1, seed)[0].layers)
+    out, ctx = model.forward(x)
+    loss, gy = mse_loss(out, y)
+    model.backward(ctx, gy)
+    return loss, model.grads()
+
+
+@pytest.mark.parametrize("sched", [
+    schedules.interleaved_1f1b(1, 4, 3),
+    schedules.zero_bubble_h1(1, 5),
+    Schedule.build([["0F0", "1F0", "0F1", "1F1", "1B0", "0B0", "1B1", "0B1"]], 2, [0, 0]),
+], ids=lambda s: s.name)
+def test_local_stages_match_full_batch_gradients(sched):
+    widths = [4, 6, 5, 3]
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((11, 4)), rng.standard_normal((11, 3))
+    stages = mlp_stages(widths, sched.num_stages, seed=5)
+    pipe = Pipeline(_Solo(), stages, sched, loss_fn=mse_loss)
+    loss = pipe.step(x, y)
+    ref_loss, ref_grads = _reference_grads(widths, 5, x, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    got = [g for s in stages for g in s.grads()]
+    for a, b in zip(got, ref_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_step_adds_to_existing_gradients_and_shapes_may_change():
+    stages = mlp_stages([3, 4, 2], 2, seed=1)
+    pipe = Pipeline(_Solo(), stages, Schedule.build([["0F0", "1F0", "1B0", "0B0"]], 1, [0, 0]),
+                    loss_fn=mse_loss)
+    for g in stages[0].grads():
+        g[...] = 1.0
+    x, y = np.ones((2, 3)), np.zeros((2, 2))
+    pipe.step(x, y)
+    first = [g.copy() for g in stages[0].grads()]
+    sgd(stages, 0.0)
+    pipe.step(x, y)
+    for a, b in zip(first, stages[0].grads()):
+        np.testing.assert_allclose(a - 1.0, b, rtol=1e-12)
+    pipe.step(np.ones((5, 3)), np.zeros((5, 2)))
+
+
+def test_optimizer_runs_at_opt_actions():
+    seen = []
+    sched = Schedule.build([["0F0", "0B0", "0OPT"]], 1, [0])
+    stage = Sequential(Linear(2, 2), ReLU())
+    Pipeline(_Solo(), stage, sched, loss_fn=mse_loss, optimizer=seen.append).step(
+        np.ones((1, 2)), np.ones((1, 2)))
+    assert seen == [stage]
+    with pytest.raises(ValueError, match="optimizer="):
+        Pipeline(_Solo(), stage, sched, loss_fn=mse_loss)
+
+
+def test_construction_errors():
+    one = schedules.one_f_one_b(1, 2)
+    stage = Sequential(Linear(2, 2))
+    with pytest.raises(ValueError, match="2 ranks"):
+        Pipeline(_Solo(), stage, schedules.one_f_one_b(2, 2), loss_fn=mse_loss)
+    with pytest.raises(ValueError, match="stage object"):
+        Pipeline(_Solo(), [stage, stage], one, loss_fn=mse_loss)
+    with pytest.raises(ValueError, match="loss_fn"):
+        Pipeline(_Solo(), stage, one)
+
+    class ForwardBackwardOnly:
+        def forward(self, x):
+            return x, None
+
+        def backward(self, ctx, gy):
+            return gy
+
+    with pytest.raises(TypeError, match="backward_input"):
+        Pipeline(_Solo(), ForwardBackwardOnly(), schedules.zero_bubble_h1(1, 2), loss_fn=mse_loss)
+    pipe = Pipeline(_Solo(), stage, one, loss_fn=mse_loss)
+    with pytest.raises(ValueError, match="needs inputs"):
+        pipe.step(None, np.ones((2, 2)))
+    with pytest.raises(ValueError, match="cannot be cut"):
+        pipe.step(np.ones((1, 2)), np.ones((1, 2)))
+
+
+def test_split_microbatches():
+    parts = split_microbatches(np.arange(10), 4)
+    assert [len(p) for p in parts] == [2, 3, 2, 3]
+    assert np.concatenate(parts).tolist() == list(range(10))
+
+
+def test_layers_split_backward_equals_full_backward():
+    rng = np.random.default_rng(0)
+    a = Sequential(Linear(3, 4, np.random.default_rng(1)), Tanh(), Linear(4, 2, np.random.default_rng(2)))
+    b = Sequential(Linear(3, 4, np.random.default_rng(1)), Tanh(), Linear(4, 2, np.random.default_rng(2)))
+    x, gy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    gx_full = a.backward(a.forward(x)[1], gy)
+    gx_split, wctx = b.backward_input(b.forward(x)[1], gy)
+    assert all(not g.any() for g in b.grads())
+    b.backward_weight(wctx)
+    np.testing.assert_allclose(gx_full, gx_split)
+    for ga, gb in zip(a.grads(), b.grads()):
+        np.testing.assert_allclose(ga, gb)
+
+
+def test_linear_backward_against_finite_differences():
+    rng = np.random.default_rng(4)
+    layer = Sequential(Linear(3, 2, rng), Tanh())
+    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    y, ctx = layer.forward(x)
+    _, gy = mse_loss(y, t)
+    gx = layer.backward(ctx, gy)
+    eps = 1e-6
+    num = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        num[idx] = (mse_loss(layer.forward(xp)[0], t)[0] - mse_loss(layer.forward(xm)[0], t)[0]) / (2 * eps)
+    np.testing.assert_allclose(gx, num, rtol=1e-6, atol=1e-9)
+
+
+def test_trace_of_a_local_step(tmp_path, capsys):
+    stages = mlp_stages([3, 4, 2], 2, seed=1)
+    sched = schedules.interleaved_1f1b(1, 2, 2)
+    pipe = Pipeline(_Solo(), stages, sched, loss_fn=mse_loss)
+    pipe.step(np.ones((4, 3)), np.zeros((4, 2)))
+    data = pipe.trace(costs={"F": 1e-3, "B": 2e-3})
+    slices = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert [e["name"] for e in slices] == [str(a) for a in pipe.program]
+    assert all(e["dur"] >= 0 for e in slices)
+    assert slices == sorted(slices, key=lambda e: e["ts"])
+    assert data["otherData"]["predicted_makespan_ms"] == pytest.approx(12.0)
+    path = pipe.write_trace(str(tmp_path / "t.trace.json"), costs={"F": 1e-3, "B": 2e-3})
+    assert json.load(open(path))["traceEvents"]
+    assert show_main([path]) == 0
+    out = capsys.readouterr().out
+    assert "measured bubble" in out and "measured/predicted" in out
+    assert show_main([path, "--grid"]) == 0
+    assert "dp0 pp0 | 0F0" in capsys.readouterr().out
+
+
+def test_chrome_trace_flow_arrows_pair_up():
+    ranks = [
+        {"dp": 0, "pp": 0, "events": [["0F0", "F", 1000, 2000, "", 0],
+                                      ["0SEND_F0", "SEND_F", 2000, 2100, "s", 7]]},
+        {"dp": 0, "pp": 1, "events": [["1RECV_F0", "RECV_F", 1500, 2600, "f", 7],
+                                      ["1F0", "F", 2600, 3600, "", 0]]},
+    ]
+    data = tr.chrome_trace(ranks)
+    flows = [e for e in data["traceEvents"] if e["ph"] in ("s", "f")]
+    assert [(e["ph"], e["id"], e["tid"]) for e in flows] == [("s", 7, 0), ("f", 7, 1)]
+    assert flows[0]["ts"] == 1.0 and flows[1]["ts"] < 1.6
+    span, bubble = tr.measured(data)
+    assert span == pytest.approx(2.6)
+    assert bubble == pytest.approx(1 - 2.0 / 5.2)
+    assert tr.flow_id(1, "B", 2, 3, 4, 5) != tr.flow_id(0, "B", 2, 3, 4, 5)
