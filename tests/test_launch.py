@@ -57,14 +57,15 @@ def pids(piddir: Path) -> list[int]:
     return [int(p.read_text()) for p in piddir.glob("*.pid")]
 
 
-def wait_for_pids(piddir: Path, count: int, timeout: float = 15) -> list[int]:
+def wait_for_files(piddir: Path, count: int, pattern: str = "*.pid",
+                  timeout: float = 15) -> None:
+    """Wait until count files match pattern: pids written, or ranks at the barrier."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = pids(piddir)
-        if len(found) >= count:
-            return found
+        if len(list(piddir.glob(pattern))) >= count:
+            return
         time.sleep(0.02)
-    raise AssertionError(f"only {len(pids(piddir))} of {count} pid files appeared")
+    raise AssertionError(f"only {len(list(piddir.glob(pattern)))} of {count} {pattern} appeared")
 
 
 def assert_all_gone(piddir: Path, expect: int, timeout: float = 5) -> None:
@@ -97,6 +98,7 @@ def test_normal_run_prefixes_every_line(tmp_path: Path) -> None:
         assert int(env["MASTER_PORT"]) > 0 and len(env["MESH_SECRET"]) >= 32
         assert env["MESH_ERROR_FILE"].endswith(f"rank{rank}.error.json")
         assert rec["argv"] == [str(WORKER), str(tmp_path), "*:print", "*:stderr"]
+        assert rec["path0"] == str(SCRIPTS) and rec["main"] == "__main__"
     assert len({rec["env"]["MESH_SECRET"] for rec in seen.values()}) == 1
     assert sorted(r.stderr.splitlines()) == [f"[{i}] complaint from rank {i}" for i in range(3)]
     assert_all_gone(tmp_path, 3)
@@ -145,7 +147,9 @@ def test_module_mode(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line.partition(" ")[2]) for line in r.stdout.splitlines()]
     assert sorted(rec["rank"] for rec in recs) == [0, 1]
-    assert all(rec["argv"] == [str(WORKER), str(tmp_path), "*:print"] for rec in recs)
+    for rec in recs:
+        assert rec["argv"] == [str(WORKER), str(tmp_path), "*:print"]
+        assert rec["path0"] == str(REPO) and rec["main"] == "__main__"
     assert_all_gone(tmp_path, 2)
 
 
@@ -171,7 +175,7 @@ def test_log_dir_keeps_raw_output_and_error_records(tmp_path: Path) -> None:
 def test_launcher_killed_leaves_no_worker_or_child(tmp_path: Path) -> None:
     proc = start("-n", "2", str(WORKER), str(tmp_path), "*:rundir", "*:child", "*:sleep")
     try:
-        wait_for_pids(tmp_path, 4)
+        wait_for_files(tmp_path, 4)
         proc.kill()
         proc.wait(timeout=5)
     finally:
@@ -189,7 +193,7 @@ def test_launcher_killed_leaves_no_worker_or_child(tmp_path: Path) -> None:
 def test_signal_to_launcher_stops_the_job(tmp_path: Path, signum: int) -> None:
     proc = start("-n", "2", str(WORKER), str(tmp_path), "*:child", "*:sleep")
     try:
-        wait_for_pids(tmp_path, 4)
+        wait_for_files(tmp_path, 4)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=10)
     finally:
@@ -200,9 +204,9 @@ def test_signal_to_launcher_stops_the_job(tmp_path: Path, signum: int) -> None:
 
 
 def test_job_timeout(tmp_path: Path) -> None:
-    r = meshrun("-n", "2", "--timeout", "1", str(WORKER), str(tmp_path), "*:sleep")
+    r = meshrun("-n", "2", "--timeout", "0.5", str(WORKER), str(tmp_path), "*:sleep")
     assert r.returncode == 124
-    assert "timed out after 1 s" in r.stderr
+    assert "timed out after 0.5 s" in r.stderr
     assert "rank 0    killed by SIGTERM (stopped by meshrun)" in r.stderr
     assert_all_gone(tmp_path, 2)
 
@@ -293,3 +297,19 @@ def test_no_python_runs_a_program_under_the_same_supervision() -> None:
     assert "[1] rank 1 of 2" in r.stdout
     assert "Root cause: rank 1 failed first" in r.stderr
     assert "no traceback: exited with code 1" in r.stderr
+
+
+def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
+    proc = start("-n", "2", "--grace", "60", str(WORKER), str(tmp_path),
+                 "*:ignoreterm", "*:barrier", "*:sleep")
+    try:
+        wait_for_files(tmp_path, 2, "*.ready")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "killed by SIGKILL (stopped by meshrun)" in err
+    assert_all_gone(tmp_path, 2)

@@ -24,11 +24,11 @@ def _write(name, value):
 
 
 def _barrier():
-    """Wait (bounded) until every rank has written its pid file(s)."""
-    want = SIZE * (2 if "*:child" in sys.argv else 1)
+    """Wait (bounded) until every rank has reached this point."""
+    _write(f"{RANK}.ready", "")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if sum(n.endswith(".pid") for n in os.listdir(PIDDIR)) >= want:
+        if sum(n.endswith(".ready") for n in os.listdir(PIDDIR)) >= SIZE:
             return
         time.sleep(0.02)
 
@@ -38,7 +38,8 @@ def _boom():
 
 
 ACTIONS = {
-    "print": lambda: print(json.dumps({"rank": RANK, "argv": sys.argv, "env": {
+    "print": lambda: print(json.dumps({"rank": RANK, "argv": sys.argv, "path0": sys.path[0],
+                                       "main": __name__, "env": {
         k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                        "MASTER_ADDR", "MASTER_PORT", "MESH_SECRET",
                                        "MESH_LAUNCHER", "MESH_NODE_RANK", "MESH_ERROR_FILE",
