@@ -332,11 +332,8 @@ class Job:
     def _reap(self, stopping: bool) -> None:
         """Record workers that ended, after killing what is left of their group."""
         for p in self._live():
-            try:
-                if os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    continue
-            except ChildProcessError:
-                pass
+            if not _has_exited(p.popen):
+                continue
             _killpg(p.pid, signal.SIGKILL)
             rc = p.popen.wait(timeout=_REAP_S)
             if self._watchdog is not None:
@@ -360,6 +357,17 @@ class Job:
                 self._sel.unregister(key.fd)
                 key.data.pump()
                 key.data.close()
+
+
+def _has_exited(popen: subprocess.Popen[bytes]) -> bool:
+    """Whether the process has ended, leaving it unreaped where the platform
+    allows (waitid with WNOWAIT), so that its group id stays reserved."""
+    if not hasattr(os, "waitid"):
+        return popen.poll() is not None
+    try:
+        return os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _killpg(pgid: int, signum: int) -> None:
