@@ -1,0 +1,156 @@
+"""``python -m engine.bench``: measured pipeline steps beside the simulator.
+
+Stages sleep for known F/B (or I/W) times, so two cores do not distort
+the picture: what is measured is the schedule and the runtime's overhead.
+Each schedule runs in one ``mesh.spawn`` job; a barrier precedes every
+step; a step's time is the latest end minus the earliest start over all
+ranks, and the figure is the median over the timed steps. The measured
+bubble comes from the merged trace of the last step. With torch
+installed, torch.distributed.pipelining's Schedule1F1B (gloo) runs the
+same sleep workload in the same run (see engine.bench_torch).
+
+    python -m engine.bench                      # p=4, m=16, F=10ms, B=20ms
+    python -m engine.bench -p 4 -m 16 --F 0.01 --B 0.02 --steps 5 --trace /tmp
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .executor import Pipeline, stages_for_rank
+from .schedules import by_name
+from .trace import measured
+
+__all__ = ["SleepStage", "main", "run_meshrun"]
+
+
+class SleepStage:
+    """A stage that computes nothing: it sleeps ``costs[kind]`` seconds per
+    action and passes its input through, so its output has the input's shape."""
+
+    def __init__(self, costs: dict[str, float]) -> None:
+        self.costs = costs
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        time.sleep(self.costs["F"])
+        return x, None
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        time.sleep(self.costs["B"])
+        return gy
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        time.sleep(self.costs["I"])
+        return gy, None
+
+    def backward_weight(self, wctx: Any) -> None:
+        time.sleep(self.costs["W"])
+
+    def grads(self) -> list[Any]:
+        return []
+
+
+def _costs(name: str, f: float, b: float, chunks: int) -> dict[str, float]:
+    """Per-action costs: an interleaved stage is 1/chunks of a rank's work."""
+    k = chunks if name.startswith("interleaved") else 1
+    return {"F": f / k, "B": b / k, "I": b / (2 * k), "W": b / (2 * k), "send": 0.0}
+
+
+def _mesh_worker(world: Any, configs: list[tuple], steps: int, rows: int, width: int
+                 ) -> list[dict[str, Any]]:
+    import collectives
+    out = []
+    for name, p, m, chunks, costs in configs:
+        sched = by_name(name, p, m, chunks)
+        stages = [SleepStage(costs) for _ in range(sched.num_stages)]
+        pipe = Pipeline(world, stages_for_rank(stages, sched, world.rank), sched,
+                        loss_fn=lambda y, t: (0.0, y), timeout=120)
+        batch = np.ones((rows, width), dtype=np.float32)
+        spans = []
+        for _ in range(steps + 1):
+            collectives.barrier(world)
+            t0 = time.time()
+            pipe.step(batch if pipe.first else None, batch if pipe.last else None)
+            spans.append((t0, time.time()))
+        out.append({"spans": spans[1:], "trace": pipe.trace(costs)})
+    return out
+
+
+def run_meshrun(names: Sequence[str], p: int, m: int, f: float, b: float, chunks: int,
+                steps: int, rows: int, width: int) -> list[dict[str, Any]]:
+    """Measure each schedule; return rows of predicted and measured figures."""
+    import mesh
+    configs = [(n, p, m, chunks, _costs(n, f, b, chunks)) for n in names]
+    results = mesh.spawn(_mesh_worker, p, configs, steps, rows, width,
+                         timeout=120 + 3 * steps * len(names) * (m + p) * (f + b))
+    report = []
+    for i, (name, _, _, _, costs) in enumerate(configs):
+        per_step = [max(r[i]["spans"][s][1] for r in results) -
+                    min(r[i]["spans"][s][0] for r in results) for s in range(steps)]
+        sim = by_name(name, p, m, chunks).simulate(costs)
+        trace = results[0][i]["trace"]
+        _, bubble = measured(trace)
+        report.append({"schedule": by_name(name, p, m, chunks).name,
+                       "predicted_ms": sim.makespan * 1e3, "predicted_bubble": sim.bubble,
+                       "measured_ms": statistics.median(per_step) * 1e3,
+                       "measured_bubble": bubble, "trace": trace})
+    return report
+
+
+def _table(report: list[dict[str, Any]]) -> str:
+    lines = [f"{'schedule':<26} {'predicted ms':>12} {'measured ms':>12} {'meas/pred':>9} "
+             f"{'pred bubble':>11} {'meas bubble':>11}"]
+    for r in report:
+        lines.append(f"{r['schedule']:<26} {r['predicted_ms']:>12.1f} {r['measured_ms']:>12.1f} "
+                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f} "
+                     f"{r['predicted_bubble']:>11.1%} {r['measured_bubble']:>11.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-p", type=int, default=4, help="pipeline ranks (processes)")
+    ap.add_argument("-m", type=int, default=16, help="micro-batches per step")
+    ap.add_argument("--F", type=float, default=0.010, help="forward seconds per stage")
+    ap.add_argument("--B", type=float, default=0.020, help="backward seconds (I = W = B/2)")
+    ap.add_argument("--chunks", type=int, default=2, help="virtual stages per rank (interleaved)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    ap.add_argument("--rows", type=int, default=64, help="rows per batch")
+    ap.add_argument("--width", type=int, default=256, help="float32 columns per activation")
+    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb-h1")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch.distributed.pipelining")
+    ap.add_argument("--trace", metavar="DIR", help="write each schedule's last step trace here")
+    a = ap.parse_args(argv)
+    names = [n for n in a.schedules.split(",") if n]
+    print(f"meshrun engine: p={a.p} m={a.m} F={a.F * 1e3:g}ms B={a.B * 1e3:g}ms "
+          f"(I=W={a.B * 500:g}ms), activations {a.rows // a.m}x{a.width} float32 per micro-batch")
+    report = run_meshrun(names, a.p, a.m, a.F, a.B, a.chunks, a.steps, a.rows, a.width)
+    print(_table(report))
+    if a.trace:
+        from .trace import write
+        for r in report:
+            path = os.path.join(a.trace, r["schedule"].replace(",", "_") + ".trace.json")
+            print(f"trace: {write(path, r['trace'])}")
+    from . import bench_torch
+    if a.no_torch or not bench_torch.available():
+        print("torch.distributed.pipelining: skipped" + ("" if a.no_torch else " (no torch)"))
+        return 0
+    ours = next((r for r in report if r["schedule"].startswith("1f1b")), None)
+    if ours is None:
+        ours = run_meshrun(["1f1b"], a.p, a.m, a.F, a.B, 1, a.steps, a.rows, a.width)[0]
+    theirs = bench_torch.run(a.p, a.m, a.F, a.B, a.steps, a.rows, a.width)
+    print(f"torch.distributed.pipelining Schedule1F1B (gloo): {theirs * 1e3:.1f} ms/step; "
+          f"meshrun 1F1B {ours['measured_ms']:.1f} ms/step; "
+          f"meshrun/torch = {ours['measured_ms'] / (theirs * 1e3):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
