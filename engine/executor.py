@@ -123,106 +123,23 @@ class Pipeline:
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
         """Run one step; return the mean loss on last-stage ranks, else None."""
-        sched, m = self.schedule, self.schedule.num_microbatches
-        last = sched.num_stages - 1
-        xs: dict[tuple[int, int], Any] = {}
-        gys: dict[tuple[int, int], Any] = {}
-        outs: dict[tuple[int, int], Any] = {}
-        ctxs: dict[tuple[int, int], Any] = {}
-        wctxs: dict[tuple[int, int], Any] = {}
-        if self.first:
-            if inputs is None:
-                raise ValueError(f"pp rank {self.rank} holds stage 0: step() needs inputs")
-            xs.update({(0, k): x for k, x in enumerate(split_microbatches(inputs, m))})
-        if self.last:
-            if targets is None:
-                raise ValueError(f"pp rank {self.rank} holds the last stage: step() needs targets")
-            tgts = split_microbatches(targets, m)
-            total = sum(len(t) for t in tgts)
-            weights = [len(t) / total for t in tgts]
-            losses = [0.0] * m
-        prior = self._save_prior()
-        recvs = {a: self.pp.irecv(sched.rank_of(message_key(a)[1]), tag=self._tag(a))
-                 for a in self.program if a.kind in (RECV_F, RECV_B)}
-        sends: list[Any] = []
-        syncs: dict[int, list[Any]] = {}
+        st = _Step(self, inputs, targets)
         events: list[list[Any]] = []
         for a in self.program:
-            s, k = a.stage, a.mb
             t0 = time.time_ns()
-            flow = ""
-            if a.kind == F:
-                y, ctxs[(s, k)] = self.stages[s].forward(xs.pop((s, k)))
-                if s == last:
-                    loss, gy = self.loss_fn(y, tgts[k])
-                    losses[k] = float(loss)
-                    gys[(s, k)] = gy * weights[k]
-                elif sched.rank_of(s + 1) == self.rank:
-                    xs[(s + 1, k)] = y
-                else:
-                    outs[(s, k)] = y
-            elif a.kind in (B, I):
-                stage, ctx, gy = self.stages[s], ctxs.pop((s, k)), gys.pop((s, k))
-                if a.kind == B:
-                    gx = stage.backward(ctx, gy)
-                else:
-                    gx, wctxs[(s, k)] = stage.backward_input(ctx, gy)
-                if s > 0 and sched.rank_of(s - 1) == self.rank:
-                    gys[(s - 1, k)] = gx
-                elif s > 0:
-                    outs[(s, k)] = gx
-            elif a.kind == W:
-                self.stages[s].backward_weight(wctxs.pop((s, k)))
-            elif a.kind in (SEND_F, SEND_B):
-                dst = sched.rank_of(message_key(a)[2])
-                sends.append(self.pp.isend(outs.pop((s, k)), dst, tag=self._tag(a)))
-                flow = "s"
-            elif a.kind in (RECV_F, RECV_B):
-                value = recvs.pop(a).wait(self.timeout)
-                (xs if a.kind == RECV_F else gys)[(s, k)] = value
-                flow = "f"
-            elif a.kind == AR:
-                syncs[s] = [collectives.all_reduce(self.dp, g, op="avg", async_op=True)
-                            for g in self.stages[s].grads()]
-            elif a.kind == OPT:
-                self._finish_sync(s, syncs, prior)
-                self.optimizer(self.stages[s])
+            flow = st.run(a)
             events.append([str(a), a.kind, t0, time.time_ns(), flow,
                            self._flow(a) if flow else 0])
-        for s in list(syncs):
-            self._finish_sync(s, syncs, prior)
-        for req in sends:
-            req.wait(self.timeout)
+        st.finish()
         self.events = events
         if not self.last:
             return None
-        mean = sum(w * v for w, v in zip(weights, losses))
+        mean = st.mean_loss()
         if self.dp is not None and self.dp.size > 1:
             buf = np.array([mean], dtype=np.float64)
             collectives.all_reduce(self.dp, buf, op="avg")
             mean = float(buf[0])
         return mean
-
-    def _save_prior(self) -> dict[int, list[Any]]:
-        """With a dp axis, set aside what the gradients held before the step
-        (when anything), so the average covers only this step's gradients."""
-        if self.dp is None or self.dp.size == 1:
-            return {}
-        prior = {}
-        for s, stage in self.stages.items():
-            grads = stage.grads()
-            if any(bool(g.any()) for g in grads):
-                prior[s] = [g.copy() for g in grads]
-                for g in grads:
-                    g[...] = 0
-        return prior
-
-    def _finish_sync(self, s: int, syncs: dict[int, list[Any]],
-                     prior: dict[int, list[Any]]) -> None:
-        for req in syncs.pop(s, []):
-            req.wait()
-        for g, old in zip(self.stages[s].grads(), prior.pop(s, [])):
-            g += old
 
     def trace(self, costs: dict[str, float] | None = None) -> dict[str, Any] | None:
         """The last step's Chrome trace, merged from all ranks (collective:
@@ -248,3 +165,125 @@ class Pipeline:
 def stages_for_rank(all_stages: Sequence[Any], schedule: Schedule, pp_rank: int) -> list[Any]:
     """This rank's stage objects, in stage order, out of the whole model's."""
     return [all_stages[s] for s in schedule.stages_of(pp_rank)]
+
+
+_Key = tuple[int, int]
+
+
+def _key(a: Action) -> _Key:
+    assert a.mb is not None
+    return (a.stage, a.mb)
+
+
+class _Step:
+    """The state of one step on one rank: what each action leaves for a later
+    one, keyed by (stage, micro-batch), and the requests still in flight."""
+
+    def __init__(self, pipe: Pipeline, inputs: Any, targets: Any) -> None:
+        self.pipe = pipe
+        sched, m = pipe.schedule, pipe.schedule.num_microbatches
+        self.xs: dict[_Key, Any] = {}
+        self.gys: dict[_Key, Any] = {}
+        self.outs: dict[_Key, Any] = {}
+        self.ctxs: dict[_Key, Any] = {}
+        self.wctxs: dict[_Key, Any] = {}
+        self.targets: list[Any] = []
+        self.weights: list[float] = []
+        self.losses = [0.0] * m
+        if pipe.first:
+            if inputs is None:
+                raise ValueError(f"pp rank {pipe.rank} holds stage 0: step() needs inputs")
+            self.xs.update({(0, k): x for k, x in enumerate(split_microbatches(inputs, m))})
+        if pipe.last:
+            if targets is None:
+                raise ValueError(f"pp rank {pipe.rank} holds the last stage: step() needs targets")
+            self.targets = split_microbatches(targets, m)
+            total = sum(len(t) for t in self.targets)
+            self.weights = [len(t) / total for t in self.targets]
+        self.prior = self._save_prior()
+        self.recvs = {a: pipe.pp.irecv(sched.rank_of(message_key(a)[1]), tag=pipe._tag(a))
+                      for a in pipe.program if a.kind in (RECV_F, RECV_B)}
+        self.sends: list[Any] = []
+        self.syncs: dict[int, list[Any]] = {}
+
+    def run(self, a: Action) -> str:
+        """Execute one action; return its flow direction for the trace."""
+        pipe, sched = self.pipe, self.pipe.schedule
+        if a.kind == F:
+            self._forward(a)
+        elif a.kind in (B, I):
+            self._backward(a)
+        elif a.kind == W:
+            pipe.stages[a.stage].backward_weight(self.wctxs.pop(_key(a)))
+        elif a.kind in (SEND_F, SEND_B):
+            dst = sched.rank_of(message_key(a)[2])
+            self.sends.append(pipe.pp.isend(self.outs.pop(_key(a)), dst, tag=pipe._tag(a)))
+            return "s"
+        elif a.kind in (RECV_F, RECV_B):
+            value = self.recvs.pop(a).wait(pipe.timeout)
+            (self.xs if a.kind == RECV_F else self.gys)[_key(a)] = value
+            return "f"
+        elif a.kind == AR:
+            self.syncs[a.stage] = [collectives.all_reduce(pipe.dp, g, op="avg", async_op=True)
+                                   for g in pipe.stages[a.stage].grads()]
+        elif a.kind == OPT:
+            self._finish_sync(a.stage)
+            assert pipe.optimizer is not None
+            pipe.optimizer(pipe.stages[a.stage])
+        return ""
+
+    def _forward(self, a: Action) -> None:
+        pipe, (s, k) = self.pipe, _key(a)
+        y, self.ctxs[(s, k)] = pipe.stages[s].forward(self.xs.pop((s, k)))
+        if s == pipe.schedule.num_stages - 1:
+            assert pipe.loss_fn is not None
+            loss, gy = pipe.loss_fn(y, self.targets[k])
+            self.losses[k] = float(loss)
+            self.gys[(s, k)] = gy * self.weights[k]
+        elif pipe.schedule.rank_of(s + 1) == pipe.rank:
+            self.xs[(s + 1, k)] = y
+        else:
+            self.outs[(s, k)] = y
+
+    def _backward(self, a: Action) -> None:
+        pipe, (s, k) = self.pipe, _key(a)
+        stage, ctx, gy = pipe.stages[s], self.ctxs.pop((s, k)), self.gys.pop((s, k))
+        if a.kind == B:
+            gx = stage.backward(ctx, gy)
+        else:
+            gx, self.wctxs[(s, k)] = stage.backward_input(ctx, gy)
+        if s > 0 and pipe.schedule.rank_of(s - 1) == pipe.rank:
+            self.gys[(s - 1, k)] = gx
+        elif s > 0:
+            self.outs[(s, k)] = gx
+
+    def _save_prior(self) -> dict[int, list[Any]]:
+        """With a dp axis, set aside what the gradients held before the step
+        (when anything), so the average covers only this step's gradients."""
+        pipe = self.pipe
+        if pipe.dp is None or pipe.dp.size == 1:
+            return {}
+        prior = {}
+        for s, stage in pipe.stages.items():
+            grads = stage.grads()
+            if any(bool(g.any()) for g in grads):
+                prior[s] = [g.copy() for g in grads]
+                for g in grads:
+                    g[...] = 0
+        return prior
+
+    def _finish_sync(self, s: int) -> None:
+        for req in self.syncs.pop(s, []):
+            req.wait()
+        for g, old in zip(self.pipe.stages[s].grads(), self.prior.pop(s, [])):
+            g += old
+
+    def finish(self) -> None:
+        """Wait for every all-reduce and every send of the step."""
+        for s in list(self.syncs):
+            self._finish_sync(s)
+        for req in self.sends:
+            req.wait(self.pipe.timeout)
+
+    def mean_loss(self) -> float:
+        return sum(w * v for w, v in zip(self.weights, self.losses))

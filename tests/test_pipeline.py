@@ -48,7 +48,13 @@ def _train(topo, pp, dp, dp_index, name, m):
         x, y = _data(step)
         if dp is not None:
             x, y = split_microbatches(x, dp.size)[dp_index], split_microbatches(y, dp.size)[dp_index]
+        if dp is not None:  # what grads() held before must survive the dp average
+            for g in (g for stage in mine for g in stage.grads()):
+                g[...] = dp_index + 1.0
         loss = pipe.step(x if pipe.first else None, y if pipe.last else None)
+        if dp is not None:
+            for g in (g for stage in mine for g in stage.grads()):
+                g -= dp_index + 1.0
         sgd(mine, LR)
         losses.append(loss)
     params = {s: [p.copy() for p in stage.params()] for s, stage in pipe.stages.items()}
