@@ -68,7 +68,8 @@ class Pipeline:
     ``stage`` is this rank's stage object, or the list of its virtual stages
     in stage order (interleaved schedules); see the module docstring for
     what ``step`` computes. ``optimizer(stage)``, when given, runs at each
-    OPT action of the schedule."""
+    OPT action of the schedule. ``timeout`` bounds every wait (None: the
+    mesh's default); ``tag_base`` keeps two pipelines on one group apart."""
 
     def __init__(self, grid_or_group: Any, stage: Any, schedule: Schedule,
                  loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,

@@ -208,4 +208,9 @@ class Schedule:
         return render(self, costs)
 
     def __str__(self) -> str:
-        return self.render()
+        """The grid when the schedule is valid, else its per-rank lists."""
+        from .verify import ScheduleError, format_program
+        try:
+            return self.render()
+        except ScheduleError:
+            return format_program(self)

@@ -117,6 +117,10 @@ def test_grad_sync_and_optimizer_order():
     _sched([["0F0", "0B0", "0AR", "0OPT"]]).validate()
 
 
+def test_str_of_an_invalid_schedule_lists_the_programs():
+    assert "rank 0 | 0B0 0F0" in str(_sched([["0B0", "0F0"]]))
+
+
 def test_validate_returns_lowered_schedule():
     low = S.one_f_one_b(3, 3).validate()
     assert low == verify(low) == lower(S.one_f_one_b(3, 3))
