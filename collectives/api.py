@@ -20,7 +20,7 @@ from .plan import Tuning, choose
 from .ring import ring
 from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chain,
                      reduce_tree, scatter_direct)
-from .runner import Body, Ctx, start
+from .runner import Body, Ctx, agreed, start
 from .small import all_reduce_rd, barrier_dissemination
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
@@ -104,7 +104,7 @@ def broadcast(g: Any, a: np.ndarray, root: int = 0, async_op: bool = False,
         alg = choose("broadcast", arr.nbytes, t, algorithm)
         fn = broadcast_chain if alg == "chain" else broadcast_tree
         return (_fp("broadcast", arr, root=r, alg=alg),
-                _in_place(arr, lambda ctx, buf: fn(ctx, buf, r)))
+                agreed(_in_place(arr, lambda ctx, buf: fn(ctx, buf, r))))
     return start(g, "broadcast", prepare, async_op)
 
 
@@ -124,7 +124,7 @@ def reduce(g: Any, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool
                 fn(ctx, buf, rop, r)
             if ctx.g.rank == r:
                 rop.finish(buf, ctx.g.size)
-        return _fp("reduce", arr, op=op, root=r, alg=alg), _in_place(arr, body)
+        return _fp("reduce", arr, op=op, root=r, alg=alg), agreed(_in_place(arr, body))
     return start(g, "reduce", prepare, async_op)
 
 
@@ -173,7 +173,7 @@ def gather(g: Any, a: Any, root: int = 0, async_op: bool = False) -> Any:
             out = np.empty((ctx.g.size,) + arr.shape, arr.dtype) if ctx.g.rank == r else None
             gather_direct(ctx, arr, out, r)
             return out
-        return _fp("gather", arr, root=r), body
+        return _fp("gather", arr, root=r), agreed(body)
     return start(g, "gather", prepare, async_op)
 
 
@@ -195,7 +195,7 @@ def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False) -> Any:
             out = np.empty(src.shape[1:], src.dtype)
             scatter_direct(ctx, src, out, r)
             return out
-        return _fp("scatter", root=r), body
+        return _fp("scatter", root=r), agreed(body)
     return start(g, "scatter", prepare, async_op)
 
 
@@ -228,7 +228,8 @@ def broadcast_object(g: Any, obj: Any = None, root: int = 0, async_op: bool = Fa
     def prepare(t: Tuning) -> tuple[dict, Body]:
         r = _root(g, root)
         value = as_received(obj) if g.rank == r else None
-        return _fp("broadcast_object", root=r), lambda ctx: broadcast_object_tree(ctx, value, r)
+        return _fp("broadcast_object", root=r), agreed(
+            lambda ctx: broadcast_object_tree(ctx, value, r))
     return start(g, "broadcast_object", prepare, async_op)
 
 

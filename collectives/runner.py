@@ -14,9 +14,14 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
+from mesh import ANY
+
 from .plan import Tuning
 
-__all__ = ["Ctx", "Work", "Body", "start"]
+__all__ = ["Ctx", "Work", "Body", "start", "agreed"]
+
+
+Body = Callable[["Ctx"], Any]
 
 
 class Ctx:
@@ -39,9 +44,6 @@ class Ctx:
 
     def recv(self, src: int, out: Any = None) -> Any:
         return self.g._irecv(src, self.tag, out, fp=self.fp).wait()
-
-
-Body = Callable[[Ctx], Any]
 
 
 class Work:
@@ -75,13 +77,16 @@ class Work:
         self._event.set()
 
 
-class _Lane:
-    """The group's background executor; its thread lives while work is queued."""
+class _Group:
+    """Per group: the lane (background executor; its thread lives while work
+    is queued) and the watches of recent collectives with a root."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.queue: deque[tuple[Callable[[], Any], Work]] = deque()
         self.busy = False
+        self.watches: deque[tuple[int, Any]] = deque()
+        self.calls = 0
 
     def submit(self, fn: Callable[[], Any], work: Work) -> None:
         with self.lock:
@@ -108,17 +113,70 @@ class _Lane:
                 value, error = None, e
             work._finish(value, error)
 
+    def watch(self, ctx: Ctx) -> None:
+        req = ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp)
+        with self.lock:
+            self.watches.append((self.calls, req))
 
-_lanes: "weakref.WeakKeyDictionary[Any, _Lane]" = weakref.WeakKeyDictionary()
-_lanes_lock = threading.Lock()
+    def check(self) -> BaseException | None:
+        """Called as each collective starts: the error a watch caught, if any;
+        watches that saw nothing for two more collectives are withdrawn."""
+        with self.lock:
+            self.calls += 1
+            found, keep = None, deque()
+            for call, req in self.watches:
+                if req.done():
+                    try:
+                        req.wait()
+                    except BaseException as e:
+                        found = found or e
+                elif self.calls - call > 2:
+                    _withdraw(req)
+                else:
+                    keep.append((call, req))
+            self.watches = keep
+        return found
 
 
-def _lane(g: Any) -> _Lane:
-    with _lanes_lock:
-        lane = _lanes.get(g)
-        if lane is None:
-            lane = _lanes[g] = _Lane()
-        return lane
+def _withdraw(req: Any) -> None:
+    try:
+        req.wait(timeout=0)
+    except BaseException:
+        pass
+
+
+_groups: "weakref.WeakKeyDictionary[Any, _Group]" = weakref.WeakKeyDictionary()
+_groups_lock = threading.Lock()
+
+
+def _state(g: Any) -> _Group:
+    with _groups_lock:
+        st = _groups.get(g)
+        if st is None:
+            st = _groups[g] = _Group()
+        return st
+
+
+def agreed(body: Body) -> Body:
+    """``body`` wrapped for a collective with a root, where some ranks only
+    send (a broadcast root, a gather leaf) and a rank given another root
+    could wait forever for a message nobody sends. Each rank first sends
+    its fingerprint to its right neighbour and expects its left one's, so
+    any disagreement is seen by some rank, which aborts the others; and a
+    rank that finished before that abort reached it raises it at the
+    group's next collective (a receive stays posted on the tag a while)."""
+    def run(ctx: Ctx) -> Any:
+        n = ctx.g.size
+        if n == 1:
+            return body(ctx)
+        hello = ctx.irecv((ctx.g.rank - 1) % n)
+        sent = ctx.isend(None, (ctx.g.rank + 1) % n)
+        value = body(ctx)
+        hello.wait()
+        sent.wait()
+        _state(ctx.g).watch(ctx)
+        return value
+    return run
 
 
 def _abort(g: Any, tag: int, name: str, e: BaseException) -> None:
@@ -133,7 +191,12 @@ def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
     own arguments, aborts the collective on every member instead of leaving
     them waiting. Returns body's value, or a Work with ``async_op``."""
     tag = g._coll_tag()
+    st = _state(g)
     try:
+        late = st.check()
+        if late is not None:
+            raise type(late)(f"an earlier collective failed on a peer after it had finished "
+                             f"here: {late}")
         tuning = Tuning.from_env()
         fp, body = prepare(tuning)
     except BaseException as e:
@@ -148,9 +211,8 @@ def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
             _abort(g, tag, name, e)
             raise
 
-    lane = _lanes.get(g)
-    if not async_op and (lane is None or lane.idle()):
+    if not async_op and st.idle():
         return run()
     work = Work(f"rank {g.rank}: {name} #{-tag} on group {getattr(g, 'name', '?')}")
-    _lane(g).submit(run, work)
+    st.submit(run, work)
     return work if async_op else work.wait()

@@ -1,0 +1,221 @@
+"""Every collective and op against numpy, at world sizes 1, 2, 3, 4, 5 and 8.
+
+One spawn per world size runs the whole battery (that is what keeps the
+suite fast on two cores); every rank can generate every rank's input from
+the shared seed, so each computes the numpy reference itself. Inputs are
+small integers (also in float dtypes), so every reduction order gives the
+exact same answer and results are compared exactly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import collectives as C
+import mesh
+
+DTYPES = ["float32", "float64", "int32", "int64", "uint8", "int16", "float16", "complex64",
+          "bool"]
+SHAPES = [(), (0,), (1,), (2,), (3,), (7,), (4, 3), (1, 0, 2), (1001,), (3, 333)]
+SMALL_SEGMENTS = {"MESH_COLL_SEGMENT": "256", "MESH_COLL_WINDOW": "2"}
+
+
+def data(seed: int, rank: int, shape: tuple, dtype: str) -> np.ndarray:
+    """Rank ``rank``'s input: small integers, so sums and products stay exact."""
+    rng = np.random.default_rng([seed, rank])
+    dt = np.dtype(dtype)
+    if dt.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    lo = 0 if dt.kind == "u" else -3
+    return rng.integers(lo, 4, size=shape).astype(dt)
+
+
+def reference(op: str, xs: list[np.ndarray]) -> np.ndarray:
+    fn = {"sum": np.add, "avg": np.add, "prod": np.multiply, "min": np.minimum,
+          "max": np.maximum, "band": np.bitwise_and, "bor": np.bitwise_or,
+          "bxor": np.bitwise_xor}[op]
+    acc = xs[0].copy()
+    for x in xs[1:]:
+        acc = fn(acc, x).astype(xs[0].dtype)
+    if op == "avg":
+        acc = (acc / len(xs)).astype(xs[0].dtype)
+    return acc
+
+
+def valid(op: str, dtype: str) -> bool:
+    k = np.dtype(dtype).kind
+    return not ((op in ("band", "bor", "bxor") and k not in "biu")
+                or (op == "avg" and k in "biu") or (op in ("min", "max") and k == "c"))
+
+
+def expect(got: Any, want: Any, what: str) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, \
+        f"{what}: got {got.dtype}{got.shape}, want {want.dtype}{want.shape}"
+    if want.dtype.kind in "fc":
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=what)
+    else:
+        assert np.array_equal(got, want), f"{what}: got {got}, want {want}"
+
+
+def _all_reduce_cases(g: Any, seed: int) -> None:
+    n, r = g.size, g.rank
+    for alg in ("rd", "ring"):
+        for op in C.OPS:
+            for dtype in DTYPES:
+                if not valid(op, dtype):
+                    continue
+                shape = (5, 3) if dtype != "float16" else (9,)
+                a = data(seed, r, shape, dtype)
+                C.all_reduce(g, a, op=op, algorithm=alg)
+                want = reference(op, [data(seed, i, shape, dtype) for i in range(n)])
+                expect(a, want, f"all_reduce {alg} {op} {dtype} n={n}")
+        for shape in SHAPES + [(n - 1,), (n + 1,)]:
+            a = data(seed + 1, r, shape, "float32")
+            out = C.all_reduce(g, a, algorithm=alg)
+            assert out is a
+            want = reference("sum", [data(seed + 1, i, shape, "float32") for i in range(n)])
+            expect(a, want, f"all_reduce {alg} shape {shape} n={n}")
+        want = reference("max", [data(seed + 2, i, (6, 8), "int64") for i in range(n)])
+        for pick in (np.s_[:, ::2], np.s_[::-1, 1:5], np.s_[1:4]):
+            base = data(seed + 2, r, (6, 8), "int64")
+            before = base.copy()
+            C.all_reduce(g, base[pick], op="max", algorithm=alg)
+            before[pick] = want[pick]
+            expect(base, before, f"all_reduce {alg} on view {pick} n={n}")
+        fortran = np.asfortranarray(data(seed + 2, r, (6, 8), "int64"))
+        C.all_reduce(g, fortran, op="max", algorithm=alg)
+        expect(fortran, want, f"all_reduce {alg} Fortran order n={n}")
+    rng = np.random.default_rng([seed, r, 9])
+    a = rng.standard_normal(777).astype(np.float32)
+    C.all_reduce(g, a)
+    everyone = C.all_gather(g, a)
+    assert all(np.array_equal(everyone[0], x) for x in everyone), "ranks disagree bitwise"
+
+
+def _rooted_cases(g: Any, seed: int) -> None:
+    n, r = g.size, g.rank
+    for root in sorted({0, n - 1, n // 2}):
+        for alg in ("tree", "chain"):
+            for shape, dtype in [((), "int32"), ((0,), "float32"), ((1001,), "float64"),
+                                 ((3, 4), "uint8")]:
+                a = data(seed + root, r, shape, dtype)
+                assert C.broadcast(g, a, root=root, algorithm=alg) is a
+                expect(a, data(seed + root, root, shape, dtype),
+                       f"broadcast {alg} root {root} {shape} n={n}")
+            for op in ("sum", "prod", "max", "bxor", "avg"):
+                dtype = "float64" if op == "avg" else "int64"
+                a = data(seed + 3, r, (2, 51), dtype)
+                mine = a.copy()
+                C.reduce(g, a, root=root, op=op, algorithm=alg)
+                want = reference(op, [data(seed + 3, i, (2, 51), dtype) for i in range(n)])
+                expect(a, want if r == root else mine, f"reduce {alg} {op} root {root} n={n}")
+        x = data(seed, r, (2, 3), "int16")
+        got = C.gather(g, x, root=root)
+        if r == root:
+            expect(got, np.stack([data(seed, i, (2, 3), "int16") for i in range(n)]),
+                   f"gather root {root} n={n}")
+        else:
+            assert got is None
+        src = data(seed + 4, root, (n, 5), "float32")
+        row = C.scatter(g, src if r == root else None, root=root)
+        expect(row, src[r], f"scatter root {root} n={n}")
+
+
+def _gather_scatter_cases(g: Any, seed: int) -> None:
+    n, r = g.size, g.rank
+    for shape, dtype in [((), "float32"), ((0,), "int8"), ((5,), "int64"), ((3, 700), "float32"),
+                         ((2, 2), "bool")]:
+        got = C.all_gather(g, data(seed, r, shape, dtype))
+        expect(got, np.stack([data(seed, i, shape, dtype) for i in range(n)]).reshape(
+            (n,) + shape), f"all_gather {shape} {dtype} n={n}")
+    for rows, op, dtype in [(n, "sum", "float32"), (3 * n, "min", "int32"),
+                            (2 * n, "avg", "float64"), (n, "bor", "uint8"), (0, "sum", "int64")]:
+        shape = (rows, 37)
+        got = C.reduce_scatter(g, data(seed, r, shape, dtype), op=op)
+        want = reference(op, [data(seed, i, shape, dtype) for i in range(n)])
+        m = rows // n
+        expect(got, want[r * m:(r + 1) * m], f"reduce_scatter {op} {shape} n={n}")
+    for shape in [(n,), (2 * n, 3), (0,)]:
+        got = C.all_to_all(g, data(seed, r, shape, "int32"))
+        m = shape[0] // n
+        want = np.concatenate([data(seed, i, shape, "int32")[r * m:(r + 1) * m] for i in range(n)])
+        expect(got, want.reshape(shape), f"all_to_all {shape} n={n}")
+    C.barrier(g)
+    assert C.all_gather_object(g, {"rank": r, "t": (r, "x")}) == \
+        [{"rank": i, "t": [i, "x"]} for i in range(n)]
+    assert C.broadcast_object(g, {"w": [1.5, None, "s"]} if r == n - 1 else None,
+                              root=n - 1) == {"w": [1.5, None, "s"]}
+
+
+def _async_cases(g: Any, seed: int) -> None:
+    n, r = g.size, g.rank
+    arrays = [data(seed + k, r, (50 * k + 1,), "float64") for k in range(6)]
+    works = [C.all_reduce(g, a, async_op=True, algorithm=("rd", "ring")[k % 2])
+             for k, a in enumerate(arrays)]
+    gathered = C.all_gather(g, np.array([r]), async_op=True)
+    busy = np.ones((200, 200)) @ np.ones((200, 200))
+    assert busy[0, 0] == 200
+    expect(gathered.wait(), np.arange(n)[:, None], "async all_gather")
+    assert all(w.done() for w in works), "lane finished a later collective before earlier ones"
+    for k in reversed(range(6)):
+        assert works[k].wait() is arrays[k]
+        want = reference("sum", [data(seed + k, i, (50 * k + 1,), "float64") for i in range(n)])
+        expect(arrays[k], want, f"async all_reduce #{k} n={n}")
+    b = data(seed, r, (4,), "int32")
+    w = C.broadcast(g, b, root=0, async_op=True)
+    C.barrier(g)
+    assert w.done()
+    expect(b, data(seed, 0, (4,), "int32"), "blocking call after async")
+
+
+def battery(world: Any, seed: int) -> int:
+    _all_reduce_cases(world, seed)
+    _rooted_cases(world, seed)
+    _gather_scatter_cases(world, seed)
+    _async_cases(world, seed)
+    return world.size
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, pytest.param(5, marks=pytest.mark.slow),
+                               pytest.param(8, marks=pytest.mark.slow)])
+def test_every_collective_matches_numpy(n: int) -> None:
+    env = SMALL_SEGMENTS if n in (3, 4) else {}
+    assert mesh.spawn(battery, n, 1234 + n, timeout=100, env=env) == [n] * n
+
+
+def groups_battery(world: Any, seed: int) -> list[int | None]:
+    """Sub-groups with reordered ranks, and groups overlapping in time."""
+    r = world.rank
+    g_even = world.group([4, 2, 0])
+    g_odd = world.group([3, 1])
+    g_mid = world.group([1, 2, 3])
+    mine = [g for g in (g_even, g_odd) if g is not None]
+    assert len(mine) == 1
+    g = mine[0]
+    assert g.rank == {4: 0, 2: 1, 0: 2, 3: 0, 1: 1}[r]
+    _gather_scatter_cases(g, seed)
+    _rooted_cases(g, seed)
+    a = data(seed, g.rank, (10,), "int64")
+    w1 = C.all_reduce(g, a, async_op=True)
+    b = data(seed + 1, r, (300,), "float32")
+    w2 = C.all_reduce(g_mid, b, async_op=True, algorithm="ring") if g_mid is not None else None
+    c = data(seed + 2, r, (5,), "int32")
+    C.all_reduce(world, c, op="max")
+    expect(c, reference("max", [data(seed + 2, i, (5,), "int32") for i in range(5)]),
+           "world all_reduce while groups are in flight")
+    w1.wait()
+    expect(a, reference("sum", [data(seed, i, (10,), "int64") for i in range(g.size)]),
+           "async all_reduce on a sub-group")
+    if w2 is not None:
+        w2.wait()
+        expect(b, reference("sum", [data(seed + 1, i, (300,), "float32") for i in (1, 2, 3)]),
+               "overlapping group all_reduce")
+    return [None if x is None else x.rank for x in (g_even, g_odd, g_mid)]
+
+
+def test_subgroups_and_overlapping_groups() -> None:
+    got = mesh.spawn(groups_battery, 5, 77, timeout=100, env=SMALL_SEGMENTS)
+    assert got == [[2, None, None], [None, 1, 0], [1, None, 1], [None, 0, 2], [0, None, None]]

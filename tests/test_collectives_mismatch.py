@@ -1,0 +1,107 @@
+"""Ranks that disagree: a different op, dtype, shape, collective or root, or
+bad arguments on one rank. Every rank must raise a clear error (no hang, no
+silent garbage), and the group must stay usable afterwards."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import collectives as C
+import mesh
+
+N = 4
+
+
+def _odd(rank: int, a: Any, b: Any, who: int = 1) -> Any:
+    return b if rank == who else a
+
+
+CASES: dict[str, Callable[[Any], Any]] = {
+    "op": lambda g: C.all_reduce(g, np.ones(4, np.float32), op=_odd(g.rank, "sum", "max")),
+    "dtype": lambda g: C.all_reduce(g, np.ones(4, _odd(g.rank, np.float32, np.float64, 2))),
+    "shape": lambda g: C.all_reduce(g, np.ones(_odd(g.rank, 4, 5, 0), np.float32)),
+    "ring shape": lambda g: C.all_reduce(g, np.ones(_odd(g.rank, 300_000, 300_001), np.float32),
+                                         algorithm="ring"),
+    "size picks another algorithm": lambda g: C.all_reduce(
+        g, np.ones(_odd(g.rank, 4, 1 << 20), np.float32)),
+    "collective": lambda g: (C.broadcast(g, np.ones(4, np.float32)) if g.rank == 1
+                             else C.all_reduce(g, np.ones(4, np.float32))),
+    "root": lambda g: C.broadcast(g, np.ones(4), root=_odd(g.rank, 0, 1, 0)),
+    "gather root": lambda g: C.gather(g, np.ones(2), root=_odd(g.rank, 0, 2)),
+    "gather root seen late": lambda g: C.gather(g, np.ones(2), root=0 if g.rank == 0 else 3),
+    "reduce_scatter vs all_gather": lambda g: (
+        C.all_gather(g, np.ones(4)) if g.rank == 2 else C.reduce_scatter(g, np.ones(4))),
+    "bad op on one rank": lambda g: C.all_reduce(g, np.ones(3, np.int32),
+                                                 op=_odd(g.rank, "sum", "avg")),
+}
+
+
+def run_cases(world: Any) -> dict[str, list[str]]:
+    """Per case, per rank: what the call raised, then what the next calls
+    raised (a rank that finished before hearing of the mismatch raises it in
+    one of the group's next calls)."""
+    out: dict[str, list[str]] = {}
+    for name, fn in CASES.items():
+        texts = []
+        for call in [fn] + [C.barrier] * 3:
+            try:
+                call(world)
+                texts.append("ok")
+            except (mesh.MeshError, TypeError, ValueError) as e:
+                texts.append(f"{type(e).__name__}: {e}")
+        out[name] = texts
+        a = np.full(3, world.rank, np.int64)
+        C.all_reduce(world, a)
+        assert (a == sum(range(world.size))).all(), f"group unusable after case {name!r}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> list[dict[str, list[str]]]:
+    return mesh.spawn(run_cases, N, timeout=100)
+
+
+def _texts(outcomes: list[dict[str, list[str]]], case: str) -> list[str]:
+    """What each rank's call raised."""
+    return [o[case][0] for o in outcomes]
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("op", ["op=sum", "op=max"]),
+    ("dtype", ["dtype=float32", "dtype=float64"]),
+    ("shape", ["shape=[4]", "shape=[5]"]),
+    ("ring shape", ["shape=[300000]", "shape=[300001]"]),
+    ("size picks another algorithm", ["alg=rd", "alg=ring"]),
+    ("collective", ["broadcast(", "all_reduce("]),
+    ("reduce_scatter vs all_gather", ["all_gather(", "reduce_scatter("]),
+])
+def test_every_rank_raises_a_mismatch_naming_both_calls(outcomes: list, case: str,
+                                                       needles: list[str]) -> None:
+    for rank, text in enumerate(_texts(outcomes, case)):
+        assert text.startswith("MismatchError"), f"rank {rank}: {text}"
+        assert "collective mismatch on group world" in text, f"rank {rank}: {text}"
+        assert all(s in text for s in needles), f"rank {rank}: {text}"
+        assert "rank" in text and "called" in text
+
+
+@pytest.mark.parametrize("case", ["root", "gather root", "gather root seen late"])
+def test_a_root_mismatch_never_hangs_and_every_rank_hears_of_it(outcomes: list,
+                                                               case: str) -> None:
+    """Ranks given different roots may all wait for a message nobody sends;
+    the fingerprint ring wakes them. A gather leaf that sent its row and
+    finished hears of it in one of the group's next calls."""
+    for rank, o in enumerate(outcomes):
+        texts = o[case]
+        assert any("MismatchError" in t and "root=" in t for t in texts), f"rank {rank}: {texts}"
+        assert texts[-1] == "ok", f"rank {rank}: the group did not recover: {texts}"
+
+
+def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> None:
+    texts = _texts(outcomes, "bad op on one rank")
+    assert texts[1].startswith("TypeError: op 'avg' needs a floating"), texts[1]
+    for rank in (0, 2):
+        assert texts[rank].startswith("MeshError"), texts[rank]
+        assert "rank 1" in texts[rank] and "all_reduce" in texts[rank]
+        assert "op 'avg' needs a floating" in texts[rank]
