@@ -219,3 +219,20 @@ def groups_battery(world: Any, seed: int) -> list[int | None]:
 def test_subgroups_and_overlapping_groups() -> None:
     got = mesh.spawn(groups_battery, 5, 77, timeout=100, env=SMALL_SEGMENTS)
     assert got == [[2, None, None], [None, 1, 0], [1, None, 1], [None, 0, 2], [0, None, None]]
+
+
+def peak_extra_mib(world: Any, nbytes: int) -> float:
+    import resource
+    a = np.ones(nbytes // 4, np.float32)
+    C.all_reduce(world, np.ones(1 << 20, np.float32))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    C.all_reduce(world, a)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert a[0] == world.size and a[-1] == world.size
+    return (peak - base) / 1024
+
+
+@pytest.mark.slow
+def test_256mib_all_reduce_needs_at_most_64mib_beyond_its_input() -> None:
+    extra = mesh.spawn(peak_extra_mib, 2, 256 << 20, timeout=100)
+    assert max(extra) <= 64, f"peak memory beyond the input, MiB per rank: {extra}"
