@@ -1,0 +1,133 @@
+"""Communicators: the public point-to-point API over a Transport.
+
+The world and every sub-group are the same class; a group's ranks are local
+(0..size-1) and its traffic carries the group's id, so it can never be
+confused with the world's or another group's."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from .match import ANY, Pending
+from .transport import Outgoing, Transport
+
+__all__ = ["Comm", "Request", "ANY"]
+
+
+class Request:
+    """An operation in flight: ``wait()`` returns its result (None for sends)."""
+
+    __slots__ = ("_t", "_item", "_result", "_finished")
+
+    def __init__(self, transport: Transport, item: Pending | Outgoing) -> None:
+        self._t, self._item = transport, item
+        self._finished = False
+        self._result: Any = None
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if not self._finished:
+            self._result = self._t.wait(self._item, timeout)
+            self._finished = True
+        return self._result
+
+    def done(self) -> bool:
+        item = self._item
+        return item.done() if isinstance(item, Outgoing) else item.event.is_set()
+
+
+class Comm:
+    """A communicator: ``rank``/``size`` within it, and send/recv by local rank."""
+
+    def __init__(self, transport: Transport, ranks: Sequence[int], gid: int, name: str) -> None:
+        self._t = transport
+        self.ranks = list(ranks)
+        self.size = len(self.ranks)
+        self.rank = self.ranks.index(transport.rank)
+        self.gid = gid
+        self.name = name
+        self._coll_seq = 0
+        self._children: dict[tuple[int, ...], int] = {}
+        transport.groups[gid] = (name, self.ranks)
+
+    def __repr__(self) -> str:
+        return f"<Comm {self.name} rank {self.rank}/{self.size}>"
+
+    # -- public point-to-point ---------------------------------------------------
+
+    def send(self, obj: Any, dst: int, tag: int = 0, timeout: float | None = None) -> None:
+        """Blocking send; returns when ``obj``'s buffer may be reused."""
+        self.isend(obj, dst, tag).wait(timeout)
+
+    def recv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None,
+             timeout: float | None = None) -> Any:
+        return self.irecv(src, tag, out).wait(timeout)
+
+    def isend(self, obj: Any, dst: int, tag: int = 0) -> Request:
+        _check_tag(tag, self, "isend")
+        return self._isend(obj, dst, tag)
+
+    def irecv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None) -> Request:
+        _check_tag(tag, self, "irecv")
+        return self._irecv(src, tag, out)
+
+    # -- internal: negative tags and fingerprints, for collectives ---------------
+
+    def _isend(self, obj: Any, dst: int, tag: int, fp: Any = None) -> Request:
+        wdst = self._world_rank(dst, "send")
+        desc = f"send to rank {dst} (tag {tag}, group {self.name})"
+        return Request(self._t, self._t.isend(wdst, self.gid, tag, obj, fp, desc))
+
+    def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Request:
+        wsrc = ANY if src == ANY else self._world_rank(src, "recv")
+        who = "any rank" if src == ANY else f"rank {src}"
+        desc = f"recv from {who} (tag {tag}, group {self.name})"
+        return Request(self._t, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
+
+    def _send(self, obj: Any, dst: int, tag: int, fp: Any = None) -> None:
+        self._isend(obj, dst, tag, fp).wait()
+
+    def _recv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Any:
+        return self._irecv(src, tag, out, fp).wait()
+
+    def _coll_tag(self) -> int:
+        """The next collective's tag: negative, so it never meets a user tag."""
+        self._coll_seq += 1
+        return -self._coll_seq
+
+    def _abort(self, tag: int, reason: str) -> None:
+        self._t.abort(self.gid, tag, f"rank {self.rank} of group {self.name}: {reason}")
+
+    def _world_rank(self, r: int, op: str) -> int:
+        if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
+            raise ValueError(f"rank {self.rank}: {op} to/from rank {r!r}: group {self.name} "
+                             f"has ranks 0..{self.size - 1}")
+        return self.ranks[int(r)]
+
+    # -- groups ------------------------------------------------------------------
+
+    def group(self, ranks: Sequence[int]) -> "Comm | None":
+        """A sub-communicator of ``ranks`` (local to this one). Members get it,
+        other ranks get None. Members must create groups of the same ranks in
+        the same order, so the group's id agrees without any message."""
+        ranks = [int(r) for r in ranks]
+        if len(set(ranks)) != len(ranks) or not all(0 <= r < self.size for r in ranks):
+            raise ValueError(f"rank {self.rank}: group({ranks}) of group {self.name}: ranks must "
+                             f"be distinct and in 0..{self.size - 1}")
+        key = tuple(ranks)
+        n = self._children.get(key, 0)
+        self._children[key] = n + 1
+        if self.rank not in ranks:
+            return None
+        digest = hashlib.blake2b(repr((self.gid, key, n)).encode(), digest_size=8).digest()
+        gid = int.from_bytes(digest, "little") >> 1 or 1
+        world = [self.ranks[r] for r in ranks]
+        name = f"{self.name}/{list(ranks)}" + (f"#{n}" if n else "")
+        return Comm(self._t, world, gid, name)
+
+
+def _check_tag(tag: int, comm: Comm, op: str) -> None:
+    if not isinstance(tag, (int, np.integer)) or tag < 0:
+        raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: tag must be an "
+                         f"integer >= 0, got {tag!r}")

@@ -1,0 +1,91 @@
+"""Named axes over a communicator: ``mesh.grid(world, dp=2, pp=2)``.
+
+Ranks are laid out row-major over the axes in the order given, the last axis
+varying fastest. For dp=2, pp=2:
+
+    world rank   0    1    2    3
+    dp           0    0    1    1
+    pp           0    1    0    1
+
+``grid.group("pp")`` is the pipeline this rank belongs to (ranks that share
+every other coordinate); ``grid.group("dp")`` its data-parallel replicas."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .comm import Comm
+
+__all__ = ["Grid", "grid"]
+
+
+class Grid:
+    def __init__(self, comm: Comm, axes: dict[str, int]) -> None:
+        if not axes:
+            raise ValueError("grid needs at least one axis, e.g. grid(world, dp=2, pp=2)")
+        bad = {k: v for k, v in axes.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"grid axes must be positive integers, got {bad}")
+        if math.prod(axes.values()) != comm.size:
+            raise ValueError(f"rank {comm.rank}: grid {axes} has {math.prod(axes.values())} "
+                             f"ranks but group {comm.name} has {comm.size}")
+        self.comm = comm
+        self.axes = dict(axes)
+        self.names = list(axes)
+        self._coords = self._unravel(comm.rank)
+        self._groups: dict[str, Comm] = {}
+        for name in self.names:
+            # Every rank creates every line of this axis in the same order, so
+            # group ids agree; each keeps the one it belongs to.
+            for line in self._lines(name):
+                g = comm.group(line)
+                if g is not None:
+                    self._groups[name] = g
+
+    def _unravel(self, rank: int) -> dict[str, int]:
+        coords = {}
+        for name in reversed(self.names):
+            coords[name] = rank % self.axes[name]
+            rank //= self.axes[name]
+        return {n: coords[n] for n in self.names}
+
+    def _lines(self, axis: str) -> list[list[int]]:
+        lines: dict[tuple, list[int]] = {}
+        for r in range(self.comm.size):
+            c = self._unravel(r)
+            key = tuple(v for k, v in c.items() if k != axis)
+            lines.setdefault(key, []).append(r)
+        return list(lines.values())
+
+    def coord(self, axis: str) -> int:
+        """This rank's index along ``axis``."""
+        self._check(axis)
+        return self._coords[axis]
+
+    def group(self, axis: str) -> Comm:
+        """The communicator along ``axis`` through this rank (local rank = coord)."""
+        self._check(axis)
+        return self._groups[axis]
+
+    def size(self, axis: str) -> int:
+        self._check(axis)
+        return self.axes[axis]
+
+    def rank_of(self, **coords: Any) -> int:
+        """The rank (in the grid's communicator) at the given coordinates."""
+        rank = 0
+        for name in self.names:
+            rank = rank * self.axes[name] + int(coords.get(name, self._coords[name]))
+        return rank
+
+    def _check(self, axis: str) -> None:
+        if axis not in self.axes:
+            raise KeyError(f"grid has axes {self.names}, not {axis!r}")
+
+    def __repr__(self) -> str:
+        return f"<Grid {self.axes} at {self._coords}>"
+
+
+def grid(comm: Comm, **axes: int) -> Grid:
+    """Named axes over ``comm``; every rank of ``comm`` must call it."""
+    return Grid(comm, axes)

@@ -1,0 +1,138 @@
+"""Matching of incoming messages to posted receives (MPI semantics).
+
+A message ``(group, src, tag)`` goes to the earliest posted receive that names
+its source or ``ANY``; if none is posted it waits in the unexpected queue, in
+arrival order, never dropped. Not thread-safe: the transport holds its lock."""
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from typing import Any, Callable, Iterator
+
+__all__ = ["ANY", "Pending", "Arrived", "Matcher"]
+
+ANY = -1
+
+
+class Pending:
+    """A posted receive; completed by the transport, waited on by the caller."""
+
+    __slots__ = ("group", "src", "tag", "out", "fp", "desc", "order", "event",
+                 "value", "error", "state")
+
+    def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: str) -> None:
+        self.group, self.src, self.tag, self.out, self.fp, self.desc = group, src, tag, out, fp, desc
+        self.order = 0
+        self.event = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.state = 0  # 0 posted, 1 matched (payload on its way), 2 complete
+
+    def complete(self, value: Any) -> None:
+        self.value = value
+        self.state = 2
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.state = 2
+        self.event.set()
+
+
+class Arrived:
+    """A message that arrived before its receive was posted."""
+
+    __slots__ = ("src", "value", "nbytes", "fp", "order")
+
+    def __init__(self, src: int, value: Any, nbytes: int, fp: Any, order: int) -> None:
+        self.src, self.value, self.nbytes, self.fp, self.order = src, value, nbytes, fp, order
+
+
+class Matcher:
+    def __init__(self) -> None:
+        self._posted: dict[tuple[int, int, int], deque[Pending]] = {}
+        self._posted_any: dict[tuple[int, int], deque[Pending]] = {}
+        self._unexpected: dict[tuple[int, int], dict[int, deque[Arrived]]] = {}
+        self._count = itertools.count()
+
+    def take_posted(self, group: int, src: int, tag: int) -> Pending | None:
+        """The receive an arriving message from ``src`` goes to, removed from the queue."""
+        q = self._posted.get((group, src, tag))
+        qa = self._posted_any.get((group, tag))
+        if q and (not qa or q[0].order < qa[0].order):
+            req = q.popleft()
+            if not q:
+                del self._posted[(group, src, tag)]
+        elif qa:
+            req = qa.popleft()
+            if not qa:
+                del self._posted_any[(group, tag)]
+        else:
+            return None
+        req.state = 1
+        return req
+
+    def add_unexpected(self, group: int, tag: int, msg: Arrived) -> None:
+        msg.order = next(self._count)
+        self._unexpected.setdefault((group, tag), {}).setdefault(msg.src, deque()).append(msg)
+
+    def post(self, req: Pending) -> Arrived | None:
+        """Match ``req`` against waiting messages; enqueue it if none fits."""
+        by_src = self._unexpected.get((req.group, req.tag))
+        if by_src:
+            if req.src == ANY:
+                src = min(by_src, key=lambda s: by_src[s][0].order)
+            else:
+                src = req.src if req.src in by_src else None
+            if src is not None:
+                q = by_src[src]
+                msg = q.popleft()
+                if not q:
+                    del by_src[src]
+                    if not by_src:
+                        del self._unexpected[(req.group, req.tag)]
+                req.state = 1
+                return msg
+        req.order = next(self._count)
+        if req.src == ANY:
+            self._posted_any.setdefault((req.group, req.tag), deque()).append(req)
+        else:
+            self._posted.setdefault((req.group, req.src, req.tag), deque()).append(req)
+        return None
+
+    def cancel(self, req: Pending) -> bool:
+        """Withdraw a receive still waiting for its message; False once matched."""
+        if req.state != 0:
+            return False
+        if req.src == ANY:
+            q = self._posted_any.get((req.group, req.tag))
+        else:
+            q = self._posted.get((req.group, req.src, req.tag))
+        if q is not None and req in q:
+            q.remove(req)
+            req.state = 2
+            return True
+        return False
+
+    def posted(self) -> Iterator[Pending]:
+        for q in list(self._posted.values()) + list(self._posted_any.values()):
+            yield from q
+
+    def remove_posted(self, pred: Callable[[Pending], bool]) -> list[Pending]:
+        """Take out and return every posted receive for which ``pred`` holds."""
+        taken = []
+        for table in (self._posted, self._posted_any):
+            for key in list(table):
+                q = table[key]
+                keep = deque(r for r in q if not pred(r))
+                taken.extend(r for r in q if pred(r))
+                if keep:
+                    table[key] = keep
+                else:
+                    del table[key]
+        return taken
+
+    def drop_unexpected(self, group: int, tag: int) -> list[Arrived]:
+        by_src = self._unexpected.pop((group, tag), {})
+        return [m for q in by_src.values() for m in q]

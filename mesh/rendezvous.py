@@ -1,0 +1,178 @@
+"""Rendezvous: a small ZeroMQ service that assembles the job.
+
+Each worker binds its own endpoints first (port 0, never probe-then-bind),
+then registers ``{rank, size, host, endpoints}`` here and gets the full table
+back once every rank has arrived. The service runs in the launcher, in the
+parent of ``mesh.spawn``, or in rank 0 under another launcher (torchrun, srun).
+
+    worker r --join{rank, endpoints}--> service
+    worker r <--waiting{missing}------- service   (every second until complete)
+    worker r <--table{peers}----------- service   (once all ranks joined)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from . import auth
+from .errors import RendezvousError
+
+__all__ = ["RendezvousServer", "join"]
+
+_log = logging.getLogger("mesh.rendezvous")
+_MAX_REQUEST = 64 * 1024
+
+
+class RendezvousServer:
+    """Collects one registration per rank and hands every rank the table."""
+
+    def __init__(self, world_size: int, secret: str, host: str = "127.0.0.1",
+                 port: int = 0, ctx: zmq.Context | None = None) -> None:
+        self.world_size = world_size
+        self._own_ctx = ctx is None
+        self._ctx = ctx or zmq.Context()
+        self._auth = auth.Authenticator(self._ctx, secret) if self._own_ctx else None
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, _MAX_REQUEST)
+        auth.make_server(self._sock)
+        bind_host = "*" if host in ("", "0.0.0.0", "*") else host
+        try:
+            self._sock.bind(f"tcp://{bind_host}:{port}")
+        except zmq.ZMQError as e:
+            self._sock.close(linger=0)
+            raise RendezvousError(f"rendezvous: cannot bind tcp://{bind_host}:{port}: {e}") from e
+        self.port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self.rejected = 0
+        self.complete = threading.Event()
+        self._peers: dict[int, dict[str, Any]] = {}
+        self._idents: dict[int, bytes] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mesh-rendezvous", daemon=True)
+
+    def start(self) -> "RendezvousServer":
+        self._thread.start()
+        return self
+
+    def missing(self) -> list[int]:
+        return [r for r in range(self.world_size) if r not in self._peers]
+
+    def _reply(self, ident: bytes, msg: dict[str, Any]) -> None:
+        try:
+            self._sock.send_multipart([ident, msgpack.packb(msg)])
+        except zmq.ZMQError:
+            pass
+
+    def _register(self, ident: bytes, req: Any) -> None:
+        if not (isinstance(req, dict) and req.get("op") == "join"
+                and isinstance(req.get("rank"), int) and isinstance(req.get("size"), int)
+                and isinstance(req.get("endpoints"), dict)):
+            self.rejected += 1
+            _log.warning("rendezvous: ignored a malformed request (%d so far)", self.rejected)
+            return
+        rank, size = req["rank"], req["size"]
+        if size != self.world_size or not 0 <= rank < size:
+            self.rejected += 1
+            self._reply(ident, {"op": "error", "msg":
+                                f"rank {rank} of world {size} cannot join a job of world size "
+                                f"{self.world_size}"})
+            return
+        prev = self._peers.get(rank)
+        if prev is not None and self._idents[rank] != ident:
+            self.rejected += 1
+            self._reply(ident, {"op": "error", "msg":
+                                f"rank {rank} already joined (pid {prev.get('pid')} on "
+                                f"{prev.get('host')}); duplicate from pid {req.get('pid')}"})
+            return
+        self._peers[rank] = {"rank": rank, "host": str(req.get("host", "")),
+                             "endpoints": req["endpoints"], "pid": req.get("pid")}
+        self._idents[rank] = ident
+        if len(self._peers) == self.world_size:
+            table = {"op": "table", "peers": [self._peers[r] for r in range(self.world_size)]}
+            for r in range(self.world_size):
+                self._reply(self._idents[r], table)
+            self.complete.set()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        last_status = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                events = poller.poll(200)
+            except zmq.ZMQError:
+                break
+            if events:
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue
+                try:
+                    req = msgpack.unpackb(frames[1], raw=False) if len(frames) == 2 else None
+                except Exception:
+                    req = None
+                self._register(frames[0], req)
+            now = time.monotonic()
+            if now - last_status > 1.0 and not self.complete.is_set():
+                last_status = now
+                missing = self.missing()
+                for ident in self._idents.values():
+                    self._reply(ident, {"op": "waiting", "missing": missing})
+        self._sock.close(linger=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        else:
+            self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.close()
+        if self._own_ctx:
+            self._ctx.term()
+
+
+def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: int,
+         host: str, endpoints: dict[str, str], timeout: float) -> list[dict[str, Any]]:
+    """Register with the service and return the table of all peers, by rank."""
+    where = f"tcp://{addr}:{port}"
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    auth.make_client(sock, secret)
+    sock.connect(where)
+    sock.send(msgpack.packb({"op": "join", "rank": rank, "size": size, "host": host,
+                             "endpoints": endpoints, "pid": os.getpid()}))
+    deadline = time.monotonic() + timeout
+    missing: list[int] | None = None
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                who = (f"ranks {missing} never arrived" if missing is not None
+                       else "the service never answered (not running, wrong address, "
+                            "or a different job secret)")
+                raise RendezvousError(f"rank {rank}: rendezvous at {where} timed out after "
+                                      f"{timeout:.0f}s: {who}")
+            if not sock.poll(int(min(left, 1.0) * 1000) + 1):
+                continue
+            try:
+                msg = msgpack.unpackb(sock.recv(), raw=False)
+            except Exception:
+                continue
+            if not isinstance(msg, dict):
+                continue
+            if msg.get("op") == "table":
+                return list(msg["peers"])
+            if msg.get("op") == "waiting":
+                missing = list(msg.get("missing", []))
+            elif msg.get("op") == "error":
+                raise RendezvousError(f"rank {rank}: rendezvous at {where} refused: {msg.get('msg')}")
+    finally:
+        sock.close(linger=0)

@@ -1,0 +1,647 @@
+"""Transport: one worker's sockets and the progress thread that owns reading.
+
+Every worker binds one ROUTER (ipc:// and tcp://) for everything it receives
+and connects one DEALER to each peer for everything it sends:
+
+    rank a: DEALER(a->b) ===> ROUTER(b) :rank b      routing id = sender's rank
+    rank a: ROUTER(a) <=== DEALER(b->a) :rank b      credits flow back this way
+
+Senders write from the calling thread (zero-copy frames, under the peer's
+lock); the progress thread reads, matches and delivers, grants credit, sends
+heartbeats and notices dead peers. Credits bound what a peer may have in
+flight to us, so a fast sender cannot make a receiver buffer unbounded memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from . import wire
+from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
+from .match import ANY, Arrived, Matcher, Pending
+
+__all__ = ["Transport", "Outgoing", "config_float"]
+
+_log = logging.getLogger("mesh.transport")
+_ALIVE, _CLOSED, _DEAD = 0, 1, 2
+_ERR_KINDS: dict[int, type[MeshError]] = {0: MismatchError, 1: LostPeerError, 2: MeshError}
+_COPY_BELOW = 64 * 1024
+
+
+def config_float(name: str, default: float) -> float:
+    v = os.environ.get(name)
+    return float(v) if v else default
+
+
+class Outgoing:
+    """A send in progress: queued (no credit yet), handed to ZeroMQ, then done
+    once ZeroMQ has released the caller's buffer."""
+
+    __slots__ = ("dst", "frames", "nbytes", "desc", "event", "tracker", "error", "keep")
+
+    def __init__(self, dst: int, frames: list, nbytes: int, desc: str, keep: Any) -> None:
+        self.dst, self.frames, self.nbytes, self.desc, self.keep = dst, frames, nbytes, desc, keep
+        self.event = threading.Event()
+        self.tracker: zmq.MessageTracker | None = None
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.event.is_set() and (self.tracker is None or self.tracker.done)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.frames = None
+        self.event.set()
+
+
+class _Peer:
+    __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
+                 "last_heard", "last_sent", "to_grant", "suspect_since")
+
+    def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
+        self.rank, self.sock, self.monitor = rank, sock, monitor
+        self.lock = threading.Lock()
+        self.inflight = 0
+        self.queue: deque[Outgoing] = deque()
+        self.state = _ALIVE
+        self.why = ""
+        self.last_heard = self.last_sent = time.monotonic()
+        self.to_grant = 0
+        self.suspect_since = 0.0
+
+
+class Transport:
+    """Sockets, matching and liveness for one rank. Built by ``mesh.init``."""
+
+    def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
+                 endpoints: list[str], secret: str, timeout: float) -> None:
+        self.rank, self.size, self.timeout = rank, size, timeout
+        self.window = int(config_float("MESH_WINDOW_BYTES", 64 << 20))
+        self.grant_step = max(self.window // 4, 1)
+        self.heartbeat = config_float("MESH_HEARTBEAT", 0.5)
+        self.peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0)
+        self.bad_messages = 0
+        self._ctx, self._router = ctx, router
+        self._lock = threading.Lock()
+        self._matcher = Matcher()
+        self._aborted: dict[tuple[int, int], tuple[int, str]] = {}
+        self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
+        self._peers: list[_Peer] = []
+        for r, ep in enumerate(endpoints):
+            if r == rank:
+                self._peers.append(_Peer(r, None, None))
+                continue
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, str(rank).encode())
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.setsockopt(zmq.LINGER, 2000)
+            s.setsockopt(zmq.PLAIN_USERNAME, b"meshrun")
+            s.setsockopt(zmq.PLAIN_PASSWORD, secret.encode())
+            mon = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            s.connect(ep)
+            self._peers.append(_Peer(r, s, mon))
+        self.handshake_failures = 0
+        self._router_mon = router.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._closing = False
+        self._rlock = threading.Lock()
+        self._want_lock = threading.Lock()
+        self._want = 0
+        self._progress_reading = False
+        self._aside_until = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._reader_poll = zmq.Poller()
+        self._reader_poll.register(self._router, zmq.POLLIN)
+        self._reader_poll.register(self._wake_r, zmq.POLLIN)
+        self._thread = threading.Thread(target=self._run, name=f"mesh-progress-{rank}", daemon=True)
+        self._thread.start()
+
+    # ---- sending -------------------------------------------------------------
+
+    def isend(self, dst: int, group: int, tag: int, obj: Any, fp: Any, desc: str) -> Outgoing:
+        kind, header_kw, payload, keep = _encode_payload(obj, desc, self.rank)
+        nbytes = sum(len(p) for p in payload)
+        if dst == self.rank:
+            value = np.array(keep, copy=True) if kind == wire.DATA else \
+                msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
+            self._arrive(self.rank, group, tag, value, nbytes, fp)
+            self._nudge()
+            out = Outgoing(dst, [], nbytes, desc, None)
+            out.event.set()
+            return out
+        header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, **header_kw)
+        out = Outgoing(dst, [header, *payload], nbytes, desc, keep)
+        self._submit(self._peers[dst], out)
+        return out
+
+    def _submit(self, peer: _Peer, out: Outgoing) -> None:
+        with peer.lock:
+            if peer.state != _ALIVE:
+                out.fail(self._gone(peer, out.desc))
+            elif peer.queue or not self._credit_ok(peer, out.nbytes):
+                peer.queue.append(out)
+            else:
+                self._transmit(peer, out)
+
+    def _credit_ok(self, peer: _Peer, n: int) -> bool:
+        return peer.inflight + n <= self.window or peer.inflight < self.grant_step
+
+    def _transmit(self, peer: _Peer, out: Outgoing) -> None:
+        """Hand frames to ZeroMQ; caller holds ``peer.lock``."""
+        frames, out.frames = out.frames, None
+        peer.inflight += out.nbytes
+        try:
+            if out.nbytes < _COPY_BELOW:
+                peer.sock.send_multipart(frames, copy=True)
+            else:
+                trackers = []
+                for i, f in enumerate(frames):
+                    flags = zmq.SNDMORE if i < len(frames) - 1 else 0
+                    t = peer.sock.send(f, flags, copy=False, track=True)
+                    if t is not None:
+                        trackers.append(t)
+                out.tracker = zmq.MessageTracker(*trackers)
+        except zmq.ZMQError as e:
+            out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
+            return
+        peer.last_sent = time.monotonic()
+        out.event.set()
+
+    def _control(self, peer: _Peer, header: bytes) -> None:
+        with peer.lock:
+            if peer.state == _ALIVE:
+                try:
+                    peer.sock.send(header, zmq.NOBLOCK)
+                    peer.last_sent = time.monotonic()
+                except zmq.ZMQError:
+                    pass
+
+    def _consumed(self, src: int, nbytes: int) -> None:
+        """A message from ``src`` left our buffers: grant its bytes back."""
+        if src == self.rank or nbytes == 0:
+            return
+        peer = self._peers[src]
+        with self._lock:
+            peer.to_grant += nbytes
+            grant = peer.to_grant if peer.to_grant >= self.grant_step or nbytes >= self.grant_step else 0
+            if grant:
+                peer.to_grant = 0
+        if grant:
+            self._control(peer, wire.encode(wire.CREDIT, self.rank, credit=grant))
+
+    def _on_credit(self, peer: _Peer, credit: int) -> None:
+        with peer.lock:
+            peer.inflight = max(0, peer.inflight - credit)
+            while peer.queue and peer.state == _ALIVE and self._credit_ok(peer, peer.queue[0].nbytes):
+                self._transmit(peer, peer.queue.popleft())
+
+    # ---- receiving -----------------------------------------------------------
+
+    def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: str) -> Pending:
+        req = Pending(group, src, tag, out, fp, desc)
+        with self._lock:
+            aborted = self._aborted.get((group, tag))
+            msg = None if aborted else self._matcher.post(req)
+            gone = None
+            if msg is None and not aborted and src != ANY and self._peers[src].state != _ALIVE:
+                self._matcher.cancel(req)
+                gone = self._gone(self._peers[src], desc)
+        if aborted:
+            req.fail(_ERR_KINDS[aborted[0]](aborted[1]))
+        elif gone is not None:
+            req.fail(gone)
+        elif msg is not None:
+            self._complete(req, msg.src, msg.value, msg.nbytes, msg.fp)
+        return req
+
+    def _complete(self, req: Pending, src: int, value: Any, nbytes: int, fp: Any) -> None:
+        """Finish a matched receive with a value that is not yet in ``req.out``."""
+        self._consumed(src, nbytes)
+        if fp != req.fp:
+            return self._mismatch(req, src, fp)
+        if req.out is not None:
+            problem = _out_problem(req.out, value)
+            if problem:
+                return req.fail(BadMessageError(f"rank {self.rank}: {req.desc}: message from "
+                                                f"rank {src} does not fit out=: {problem}"))
+            np.copyto(req.out, value.reshape(req.out.shape), casting="no")
+            value = req.out
+        req.complete(value)
+
+    def _mismatch(self, req: Pending, src: int, fp: Any) -> None:
+        text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}: rank "
+                f"{self.rank} called {_fmt_fp(req.fp)} but rank {src} called {_fmt_fp(fp)}")
+        req.fail(MismatchError(f"rank {self.rank}: {text}"))
+        self.abort(req.group, req.tag, text, 0)
+
+    def wait(self, item: Pending | Outgoing, timeout: float | None) -> Any:
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        if isinstance(item, Pending):
+            if not item.event.is_set() and not self._drive(item, deadline):
+                with self._lock:
+                    cancelled = self._matcher.cancel(item)
+                if cancelled or not item.event.wait(max(1.0, limit)):
+                    raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
+                                           f"{limit:g}s{self._peer_note(item)}")
+            if item.error is not None:
+                raise item.error
+            return item.value
+        if not item.event.wait(limit):
+            raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
+                                   f"waiting for credit from rank {item.dst} (it is not "
+                                   f"receiving){self._peer_note(item)}")
+        if item.error is not None:
+            raise item.error
+        if item.tracker is not None:
+            try:
+                item.tracker.wait(max(0.0, deadline - time.monotonic()))
+            except zmq.NotDone:
+                raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
+                                       f"while rank {item.dst} was not reading") from None
+            item.keep = None
+        return None
+
+    def _drive(self, item: Pending, deadline: float) -> bool:
+        """Wait for ``item`` by reading the ROUTER in this thread: the progress
+        thread steps aside while anyone waits, so a reply is read by the thread
+        that wants it, with no hand-off between threads. False on timeout."""
+        with self._want_lock:
+            self._want += 1
+            if self._progress_reading:
+                os.write(self._wake_w, b"w")
+        try:
+            while not item.event.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if not self._rlock.acquire(timeout=min(left, 0.002)):
+                    item.event.wait(min(left, 0.002))
+                    continue
+                try:
+                    while not item.event.is_set():
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return False
+                        if self._reader_poll.poll(min(left, 0.05) * 1000):
+                            self._drain_wake()
+                            for _ in range(1024):
+                                if not self._read_one() or item.event.is_set():
+                                    break
+                finally:
+                    self._rlock.release()
+            return True
+        finally:
+            with self._want_lock:
+                self._want -= 1
+                if self._want == 0:
+                    self._aside_until = time.monotonic() + 0.002
+
+    def _nudge(self) -> None:
+        """Wake a thread blocked reading, after completing a request elsewhere."""
+        if self._want:
+            try:
+                os.write(self._wake_w, b"n")
+            except OSError:
+                pass
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except (BlockingIOError, OSError):
+            pass
+
+    def _peer_note(self, item: Pending | Outgoing) -> str:
+        peer = item.dst if isinstance(item, Outgoing) else item.src
+        if peer == ANY or peer == self.rank:
+            return ""
+        p = self._peers[peer]
+        return f" (rank {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago)"
+
+    def _arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any) -> None:
+        """Deliver a fully received message that no posted receive had claimed."""
+        with self._lock:
+            if (group, tag) in self._aborted:
+                req, dropped = None, True
+            else:
+                dropped = False
+                req = self._matcher.take_posted(group, src, tag)
+                if req is None:
+                    self._matcher.add_unexpected(group, tag, Arrived(src, value, nbytes, fp, 0))
+                    return
+        if dropped:
+            self._consumed(src, nbytes)
+        else:
+            self._complete(req, src, value, nbytes, fp)
+
+    def _read_one(self) -> bool:
+        """Read and dispatch one message from the ROUTER; False when none is waiting."""
+        r = self._router
+        try:
+            ident = r.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        if not r.getsockopt(zmq.RCVMORE):
+            return self._bad(f"a bare frame from {ident!r}", more=False)
+        head = r.recv(zmq.NOBLOCK)
+        more = bool(r.getsockopt(zmq.RCVMORE))
+        try:
+            h = wire.decode(head, self.size)
+            if ident != str(h.src).encode():
+                raise BadMessageError(f"header says source {h.src} but the connection is {ident!r}")
+        except BadMessageError as e:
+            return self._bad(str(e), more)
+        peer = self._peers[h.src]
+        peer.last_heard = time.monotonic()
+        if h.kind == wire.DATA:
+            self._read_array(h, more)
+        elif h.kind == wire.OBJ:
+            frame = r.recv(zmq.NOBLOCK) if more else b""
+            if r.getsockopt(zmq.RCVMORE) or len(frame) != h.nbytes:
+                return self._bad(f"object payload of {len(frame)} bytes, header says {h.nbytes}",
+                                 bool(r.getsockopt(zmq.RCVMORE)))
+            try:
+                value = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+            except Exception as e:
+                return self._bad(f"object payload is not msgpack ({type(e).__name__})", False)
+            self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)
+        elif more:
+            return self._bad(f"control message kind {h.kind} with a payload", more)
+        elif h.kind == wire.CREDIT:
+            self._on_credit(peer, h.credit)
+        elif h.kind == wire.ABORT:
+            self._abort_local(h.group, h.tag, h.credit, h.reason)
+        elif h.kind == wire.BYE:
+            self._peer_gone(h.src, "it closed its mesh", _CLOSED)
+        return True
+
+    def _read_array(self, h: wire.Header, more: bool) -> None:
+        """Take all payload frames first and check their length, so a malformed
+        message never claims a receive nor touches a caller's ``out=``; then
+        copy them once into the destination."""
+        parts, got = _take_parts(self._router, more, h.nbytes >= _COPY_BELOW)
+        if got != h.nbytes:
+            self.bad_messages += 1
+            _log.warning("rank %d: dropped a message from rank %d: payload of %d bytes, header "
+                         "says %d (%d bad so far)", self.rank, h.src, got, h.nbytes,
+                         self.bad_messages)
+            return
+        with self._lock:
+            req = None if (h.group, h.tag) in self._aborted else \
+                self._matcher.take_posted(h.group, h.src, h.tag)
+        dt = np.dtype(h.dtype)
+        direct = (req is not None and req.out is not None and req.fp == h.fp
+                  and not _out_problem(req.out, np.empty(0, dt), h.shape))
+        dest = req.out if direct else np.empty(h.shape, dt)
+        _fill(dest, parts)
+        if req is None:
+            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp)
+        elif direct:
+            self._consumed(h.src, h.nbytes)
+            req.complete(dest)
+        else:
+            self._complete(req, h.src, dest, h.nbytes, h.fp)
+
+    def _bad(self, why: str, more: bool) -> bool:
+        self.bad_messages += 1
+        _log.warning("rank %d: dropped a bad message: %s (%d so far)", self.rank, why,
+                     self.bad_messages)
+        while more:
+            self._router.recv(zmq.NOBLOCK)
+            more = bool(self._router.getsockopt(zmq.RCVMORE))
+        return True
+
+    # ---- aborts and lost peers --------------------------------------------------
+
+    def abort(self, group: int, tag: int, reason: str, err: int = 2) -> None:
+        """Fail ``tag`` on every member of ``group``: pending and future ops raise."""
+        if not self._abort_local(group, tag, err, reason):
+            return
+        header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, credit=err)
+        for r in self.groups.get(group, ("", []))[1]:
+            if r != self.rank:
+                self._control(self._peers[r], header)
+
+    def _abort_local(self, group: int, tag: int, err: int, reason: str) -> bool:
+        with self._lock:
+            if (group, tag) in self._aborted:
+                return False
+            self._aborted[(group, tag)] = (err, reason)
+            reqs = self._matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
+            dropped = self._matcher.drop_unexpected(group, tag)
+        for m in dropped:
+            self._consumed(m.src, m.nbytes)
+        cls = _ERR_KINDS.get(err, MeshError)
+        for q in reqs:
+            q.fail(cls(f"rank {self.rank}: {q.desc} aborted: {reason}"))
+        self._nudge()
+        return True
+
+    def _gone(self, peer: _Peer, desc: str) -> LostPeerError:
+        return LostPeerError(f"rank {self.rank}: {desc} failed: peer rank {peer.rank} is gone "
+                             f"({peer.why})", peer.rank)
+
+    def _peer_gone(self, rank: int, why: str, state: int) -> None:
+        peer = self._peers[rank]
+        with self._lock:
+            if peer.state != _ALIVE:
+                return
+            peer.state, peer.why = state, why
+            members = {g for g, (_, ranks) in self.groups.items() if rank in ranks}
+            reqs = self._matcher.remove_posted(
+                lambda q: q.src == rank or (state == _DEAD and q.src == ANY and q.group in members))
+        if state == _DEAD:
+            _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
+        for q in reqs:
+            q.fail(self._gone(peer, q.desc))
+        self._nudge()
+        with peer.lock:
+            while peer.queue:
+                peer.queue.popleft().fail(self._gone(peer, "send"))
+
+    def peer_state(self, rank: int) -> str:
+        return ("alive", "closed", "dead")[self._peers[rank].state]
+
+    # ---- progress thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        """Read when no caller is waiting; always watch monitors and timers."""
+        monitors: dict[zmq.Socket, _Peer | None] = {
+            p.monitor: p for p in self._peers if p.monitor is not None}
+        monitors[self._router_mon] = None
+        reading, aside = zmq.Poller(), zmq.Poller()
+        reading.register(self._router, zmq.POLLIN)
+        for poller in (reading, aside):
+            poller.register(self._wake_r, zmq.POLLIN)
+            for m in monitors:
+                poller.register(m, zmq.POLLIN)
+        held = False
+        next_tick = 0.0
+        while not self._closing:
+            try:
+                if not held and not self._want and time.monotonic() >= self._aside_until:
+                    held = self._rlock.acquire(timeout=0.05)
+                with self._want_lock:
+                    if held and self._want:
+                        self._rlock.release()
+                        held = False
+                    self._progress_reading = held
+                events = dict((reading if held else aside).poll(100 if held else 5))
+                if self._wake_r in events:
+                    self._drain_wake()
+                if held and self._router in events:
+                    for _ in range(1024):
+                        if self._want or not self._read_one():
+                            break
+                for m in monitors:
+                    if m in events:
+                        self._on_monitor(monitors[m], m)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + min(self.heartbeat, 0.25)
+            except zmq.ZMQError as e:
+                if self._closing or e.errno == zmq.ETERM:
+                    break
+                _log.exception("rank %d: progress thread error", self.rank)
+            except Exception:
+                _log.exception("rank %d: progress thread error", self.rank)
+        if held:
+            self._rlock.release()
+
+    def _on_monitor(self, peer: _Peer | None, mon: zmq.Socket) -> None:
+        while True:
+            try:
+                ev = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if peer is None:
+                self.handshake_failures += 1
+                _log.warning("rank %d: refused a connection that failed the handshake (no or "
+                             "wrong job secret; %d so far)", self.rank, self.handshake_failures)
+            elif ev["event"] == zmq.EVENT_DISCONNECTED and peer.state == _ALIVE:
+                peer.suspect_since = peer.suspect_since or time.monotonic()
+            elif ev["event"] == zmq.EVENT_CONNECTED:
+                peer.suspect_since = 0.0
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._peer_gone(peer.rank, "it refused our credentials: a different job secret?",
+                                _DEAD)
+
+    def _tick(self, now: float) -> None:
+        beat = wire.encode(wire.HEARTBEAT, self.rank)
+        for p in self._peers:
+            if p.sock is None or p.state != _ALIVE:
+                continue
+            if p.suspect_since and now - p.suspect_since > 0.5:
+                self._peer_gone(p.rank, "its connection closed: the process exited or crashed", _DEAD)
+            elif now - p.last_heard > self.peer_timeout:
+                self._peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s", _DEAD)
+            elif now - p.last_sent > self.heartbeat:
+                self._control(p, beat)
+
+    def close(self, linger: float = 5.0) -> None:
+        """Flush queued sends (bounded), say goodbye, stop the thread, close sockets."""
+        deadline = time.monotonic() + linger
+        for p in self._peers:
+            while p.queue and p.state == _ALIVE and time.monotonic() < deadline:
+                time.sleep(0.005)
+        bye = wire.encode(wire.BYE, self.rank)
+        for p in self._peers:
+            if p.sock is not None:
+                self._control(p, bye)
+        self._closing = True
+        self._thread.join(timeout=5)
+        for p in self._peers:
+            if p.sock is not None:
+                p.sock.disable_monitor()
+                p.monitor.close(linger=0)
+                p.sock.close()
+        self._router.disable_monitor()
+        self._router_mon.close(linger=0)
+        self._router.close(linger=0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _encode_payload(obj: Any, desc: str, rank: int) -> tuple[int, dict, list, Any]:
+    arr = _as_array(obj)
+    if arr is not None:
+        if not wire.dtype_ok(arr.dtype):
+            raise TypeError(f"rank {rank}: {desc}: dtype {arr.dtype} cannot be sent; numeric and "
+                            f"bool arrays only")
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
+        kw = {"dtype": arr.dtype.str, "shape": arr.shape}
+        return wire.DATA, kw, wire.array_frames(arr), arr
+    try:
+        packed = msgpack.packb(obj, use_bin_type=True)
+    except Exception as e:
+        raise TypeError(f"rank {rank}: {desc}: {type(obj).__name__} is neither an array nor "
+                        f"msgpack-able ({e})") from None
+    return wire.OBJ, {}, [packed], None
+
+
+def _as_array(obj: Any) -> np.ndarray | None:
+    if isinstance(obj, np.ndarray):
+        return obj
+    if isinstance(obj, np.generic):
+        return np.asarray(obj)
+    return None
+
+
+def _out_problem(out: Any, value: np.ndarray, shape: tuple[int, ...] | None = None) -> str:
+    if not isinstance(value, np.ndarray):
+        return f"message is a {type(value).__name__}, not an array"
+    if not isinstance(out, np.ndarray):
+        return f"out= is a {type(out).__name__}, not a numpy array"
+    size = int(np.prod(shape)) if shape is not None else value.size
+    if out.dtype != value.dtype or out.size != size:
+        return (f"message is {value.dtype}[{size} elements], out= is {out.dtype}"
+                f"[{out.size} elements]")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        return "out= is not a writable C-contiguous array"
+    return ""
+
+
+def _take_parts(sock: zmq.Socket, more: bool, zero_copy: bool) -> tuple[list, int]:
+    """The remaining frames of the message being read, and their total length."""
+    parts: list = []
+    got = 0
+    while more:
+        p = sock.recv(zmq.NOBLOCK, copy=not zero_copy)
+        got += len(p)
+        parts.append(p if not zero_copy else p.buffer)
+        more = bool(sock.getsockopt(zmq.RCVMORE))
+    return parts, got
+
+
+def _fill(dest: np.ndarray, parts: list) -> None:
+    if not parts:
+        return
+    view = memoryview(dest.reshape(-1).view(np.uint8))
+    off = 0
+    for p in parts:
+        n = len(p)
+        view[off:off + n] = p
+        off += n
+
+
+def _fmt_fp(fp: Any) -> str:
+    if isinstance(fp, dict):
+        name = fp.get("coll", "?")
+        args = ", ".join(f"{k}={v}" for k, v in fp.items() if k != "coll" and v is not None)
+        return f"{name}({args})"
+    return repr(fp)

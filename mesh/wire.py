@@ -1,0 +1,132 @@
+"""Wire format: multipart messages ``[header, payload...]``.
+
+The header is a small msgpack map; array payloads follow as raw frames of at
+most ``FRAME_BYTES`` each (views of the caller's array, never copies), so the
+receiver can write each frame straight into its destination and no single
+giant allocation page-faults on the way. Objects travel as one msgpack frame.
+
+    header keys: k kind, s source world rank, g group id, t tag,
+                 d dtype (arrays), sh shape (arrays), n payload bytes,
+                 f fingerprint (collectives), c credit bytes, r reason
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import BadMessageError
+
+__all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "FRAME_BYTES",
+           "MAX_HEADER", "Header", "encode", "decode", "array_frames", "dtype_ok"]
+
+DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE = 0, 1, 2, 3, 4, 5
+_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE)
+FRAME_BYTES = 1 << 20
+MAX_HEADER = 16 * 1024
+_MAX_DIMS = 32
+_NUMERIC_KINDS = "biufc"
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    src: int
+    group: int = 0
+    tag: int = 0
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    nbytes: int = 0
+    fp: Any = None
+    credit: int = 0
+    reason: str = ""
+
+
+def dtype_ok(dt: np.dtype) -> bool:
+    return dt.kind in _NUMERIC_KINDS and not dt.hasobject and dt.fields is None
+
+
+def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
+           shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
+           credit: int = 0, reason: str = "") -> bytes:
+    h: dict[str, Any] = {"k": kind, "s": src}
+    if kind in (DATA, OBJ, ABORT):
+        h["g"] = group
+        h["t"] = tag
+    if kind == DATA:
+        h["d"] = dtype
+        h["sh"] = list(shape or ())
+    if kind in (DATA, OBJ):
+        h["n"] = nbytes
+        if fp is not None:
+            h["f"] = fp
+    elif kind == CREDIT:
+        h["c"] = credit
+    elif kind == ABORT:
+        h["r"] = reason
+        h["c"] = credit  # the error kind: 0 mismatch, 1 lost peer, 2 other
+    return msgpack.packb(h)
+
+
+def _int(h: dict, key: str, lo: int = -(1 << 63), hi: int = (1 << 63) - 1) -> int:
+    v = h.get(key, 0)
+    if type(v) is not int or not lo <= v <= hi:
+        raise BadMessageError(f"header field {key!r} is {v!r}, not an integer in [{lo}, {hi}]")
+    return v
+
+
+def decode(frame: bytes | memoryview, world_size: int) -> Header:
+    """Parse and validate a header; raise BadMessageError on anything off."""
+    if len(frame) > MAX_HEADER:
+        raise BadMessageError(f"header of {len(frame)} bytes exceeds {MAX_HEADER}")
+    try:
+        h = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=0,
+                            max_array_len=4096, max_map_len=64, max_str_len=MAX_HEADER)
+    except Exception as e:
+        raise BadMessageError(f"header is not msgpack ({type(e).__name__})") from None
+    if not isinstance(h, dict):
+        raise BadMessageError(f"header is a {type(h).__name__}, not a map")
+    kind = _int(h, "k")
+    if kind not in _KINDS:
+        raise BadMessageError(f"unknown message kind {kind}")
+    src = _int(h, "s", 0, world_size - 1)
+    if kind == CREDIT:
+        return Header(kind, src, credit=_int(h, "c", 0))
+    if kind in (HEARTBEAT, BYE):
+        return Header(kind, src)
+    group, tag = _int(h, "g", 0), _int(h, "t")
+    if kind == ABORT:
+        reason = h.get("r", "")
+        if not isinstance(reason, str):
+            raise BadMessageError("abort reason is not a string")
+        return Header(kind, src, group, tag, reason=reason, credit=_int(h, "c", 0, 2))
+    nbytes = _int(h, "n", 0)
+    if kind == OBJ:
+        return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"))
+    dtype, shape = h.get("d"), h.get("sh")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+        raise BadMessageError(f"array header has dtype {dtype!r} and shape {shape!r}")
+    if not all(type(x) is int and x >= 0 for x in shape):
+        raise BadMessageError(f"array shape {shape!r} has a non-integer or negative extent")
+    try:
+        dt = np.dtype(dtype)
+    except Exception:
+        raise BadMessageError(f"unknown dtype {dtype!r}") from None
+    if not dtype_ok(dt):
+        raise BadMessageError(f"dtype {dtype!r} is not a numeric dtype")
+    if math.prod(shape) * dt.itemsize != nbytes:
+        raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
+                              f"and shape {tuple(shape)}")
+    return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"))
+
+
+def array_frames(arr: np.ndarray) -> list[memoryview]:
+    """Views of a C-contiguous array's bytes, cut into frames of FRAME_BYTES."""
+    n = arr.nbytes
+    if n == 0:
+        return []
+    mv = memoryview(arr.reshape(-1).view(np.uint8))
+    return [mv[i:i + FRAME_BYTES] for i in range(0, n, FRAME_BYTES)]

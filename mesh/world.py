@@ -1,0 +1,125 @@
+"""Joining a job: ``mesh.init()`` binds this worker's sockets, rendezvouses,
+connects to every peer and returns the world communicator."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import tempfile
+from typing import Any
+
+import zmq
+
+from . import auth, env
+from .comm import Comm
+from .rendezvous import RendezvousServer, join
+from .transport import Transport, config_float
+
+__all__ = ["Mesh", "init"]
+
+
+class Mesh(Comm):
+    """The world communicator; also a context manager that closes the mesh."""
+
+    def __init__(self, transport: Transport, ctx: zmq.Context, authenticator: auth.Authenticator,
+                 spec: env.JobSpec, hosts: list[str], endpoints: list[str],
+                 server: RendezvousServer | None, ipc_path: str) -> None:
+        super().__init__(transport, range(transport.size), 0, "world")
+        self.spec = spec
+        self.hosts = hosts
+        self.endpoints = endpoints
+        self._ctx, self._auth, self._server, self._ipc_path = ctx, authenticator, server, ipc_path
+        self._closed = False
+
+    @property
+    def local_rank(self) -> int:
+        return self.spec.local_rank
+
+    @property
+    def refused(self) -> int:
+        """Connections refused because they did not present the job's secret."""
+        return self._t.handshake_failures
+
+    @property
+    def bad_messages(self) -> int:
+        return self._t.bad_messages
+
+    def close(self) -> None:
+        """Leave the job: flush sends, tell peers, release sockets. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._t.close()
+        if self._server is not None:
+            self._server.close()
+        self._auth.close()
+        self._ctx.term()
+        try:
+            os.unlink(self._ipc_path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _tcp_host(master_addr: str) -> str:
+    forced = os.environ.get("MESH_IFADDR")
+    if forced:
+        return forced
+    if master_addr in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master_addr, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def init(timeout: float | None = None, rendezvous_timeout: float | None = None) -> Mesh:
+    """Join the job described by the environment (meshrun, torchrun, SLURM,
+    Open MPI). ``timeout`` is the default for every blocking operation
+    (MESH_TIMEOUT, else 300 s); with no job variables this is a world of one."""
+    spec = env.from_env()
+    op_timeout = timeout if timeout is not None else config_float("MESH_TIMEOUT", 300.0)
+    rdv_timeout = rendezvous_timeout if rendezvous_timeout is not None else \
+        config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0)
+    ctx = zmq.Context()
+    authenticator = auth.Authenticator(ctx, spec.secret)
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.RCVHWM, 0)
+    router.setsockopt(zmq.LINGER, 0)
+    auth.make_server(router)
+    ipc_dir = os.environ.get("MESH_RUNTIME_DIR") or tempfile.gettempdir()
+    ipc_path = os.path.join(ipc_dir, f"mr-{os.getpid()}-{secrets.token_hex(4)}.sock")
+    server = None
+    try:
+        router.bind(f"ipc://{ipc_path}")
+        router.bind(f"tcp://{_tcp_host(spec.master_addr)}:0")
+        tcp_ep = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        host = env.host_id()
+        eps = {"ipc": f"ipc://{ipc_path}", "tcp": tcp_ep}
+        if spec.size == 1:
+            table = [{"rank": 0, "host": host, "endpoints": eps}]
+        else:
+            if spec.serve_rendezvous and spec.rank == 0:
+                server = RendezvousServer(spec.size, spec.secret, host="*",
+                                          port=spec.master_port, ctx=ctx).start()
+            table = join(ctx, spec.master_addr, spec.master_port, spec.secret, spec.rank,
+                         spec.size, host, eps, rdv_timeout)
+    except BaseException:
+        router.close(linger=0)
+        if server is not None:
+            server.close()
+        authenticator.close()
+        ctx.term()
+        raise
+    hosts = [p["host"] for p in table]
+    endpoints = [p["endpoints"]["ipc"] if p["host"] == host else p["endpoints"]["tcp"]
+                 for p in table]
+    transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout)
+    return Mesh(transport, ctx, authenticator, spec, hosts, endpoints, server, ipc_path)

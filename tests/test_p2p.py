@@ -1,0 +1,275 @@
+"""Point-to-point over real processes and sockets: payload kinds, ordering,
+tags, ANY, out=, groups, timeouts, background progress, flow control, and
+peers that misbehave."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+import mesh
+from mesh import wire
+
+DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+          np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128]
+SHAPES = [(), (0,), (1,), (7,), (3, 0, 2), (4, 5), (2, 3, 4)]
+OBJECTS = [None, 0, -5, 2**40, 3.5, "text", b"\x00bytes", [1, "a", [2.5, None]],
+           {"k": [1, 2], "nested": {"x": b"y"}}, True]
+
+
+def _payload(dtype: type, shape: tuple, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 100, size=shape)
+    if np.dtype(dtype).kind == "c":
+        return (a + 1j * a).astype(dtype)
+    return a.astype(dtype)
+
+
+def _kinds(world: mesh.Mesh) -> str:
+    cases = [(d, s) for d in DTYPES for s in SHAPES]
+    big = np.arange((3 << 20) // 8 + 3, dtype=np.float64)          # four frames, odd tail
+    strided = np.arange(60, dtype=np.int32).reshape(6, 10)[::2, ::3]  # non-contiguous
+    fortran = np.asfortranarray(np.arange(12.0).reshape(3, 4))
+    if world.rank == 0:
+        for i, (d, s) in enumerate(cases):
+            world.send(_payload(d, s, i), 1, tag=i)
+        for obj in OBJECTS:
+            world.send(obj, 1, tag=1000)
+        for a in (big, strided, fortran, np.float32(2.5)):
+            world.send(a, 1, tag=2000)
+        return "sent"
+    for i, (d, s) in enumerate(cases):
+        got = world.recv(0, tag=i)
+        want = _payload(d, s, i)
+        assert got.dtype == want.dtype and got.shape == want.shape, (d, s, got.dtype, got.shape)
+        assert np.array_equal(got, want), (d, s)
+    for obj in OBJECTS:
+        assert world.recv(0, tag=1000) == obj
+    for want in (big, strided, fortran, np.asarray(np.float32(2.5))):
+        got = world.recv(0, tag=2000)
+        assert got.shape == want.shape and np.array_equal(got, want)
+    return "ok"
+
+
+def test_every_payload_kind_arrives_intact() -> None:
+    assert mesh.spawn(_kinds, 2, timeout=90) == ["sent", "ok"]
+
+
+def _order(world: mesh.Mesh) -> list:
+    if world.rank > 0:
+        for i in range(20):
+            world.send(i, 0, tag=i % 2)
+        world.send(np.full(3, world.rank), 0, tag=9)
+        return []
+    # tag 1 first although tag 0 messages were sent first: they wait, in order
+    odd = [world.recv(1, tag=1) for _ in range(10)]
+    even = [world.recv(1, tag=0) for _ in range(10)]
+    assert odd == list(range(1, 20, 2)) and even == list(range(0, 20, 2))
+    other = [world.recv(2, tag=t) for t in (1, 0) for _ in range(10)]
+    assert other[:10] == list(range(1, 20, 2))
+    srcs = sorted(int(world.recv(mesh.ANY, tag=9)[0]) for _ in range(world.size - 1))
+    assert srcs == list(range(1, world.size))
+    return srcs
+
+
+def test_order_per_source_and_tag_and_any_source() -> None:
+    assert mesh.spawn(_order, 3, timeout=60)[0] == [1, 2]
+
+
+def _out_and_errors(world: mesh.Mesh) -> str:
+    if world.rank == 1:
+        world.send(np.arange(6.0), 0)
+        world.send(np.arange(6.0), 0, tag=1)
+        world.send({"not": "an array"}, 0, tag=2)
+        world.recv(0, tag=3)
+        return "ok"
+    out = np.zeros((2, 3))
+    got = world.recv(1, out=out)
+    assert got is out and np.array_equal(out.ravel(), np.arange(6.0))
+    with pytest.raises(mesh.BadMessageError, match=r"rank 0: recv from rank 1 \(tag 1.*float32"):
+        world.recv(1, tag=1, out=np.zeros(6, np.float32))
+    with pytest.raises(mesh.BadMessageError, match="dict, not an array"):
+        world.recv(1, tag=2, out=np.zeros(6))
+    t0 = time.monotonic()
+    with pytest.raises(mesh.MeshTimeoutError,
+                       match=r"rank 0: recv from rank 1 \(tag 7, group world\) timed out"):
+        world.recv(1, tag=7, timeout=0.3)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ValueError, match="tag must be an integer >= 0"):
+        world.send(1, 1, tag=-3)
+    with pytest.raises(ValueError, match="group world has ranks 0..1"):
+        world.send(1, 5)
+    with pytest.raises(TypeError, match="neither an array nor msgpack-able"):
+        world.send(object(), 1)
+    with pytest.raises(TypeError, match="cannot be sent"):
+        world.send(np.array(["a"], dtype=object), 1)
+    world.send(0, 1, tag=3)
+    return "ok"
+
+
+def test_out_receive_and_clear_errors() -> None:
+    assert mesh.spawn(_out_and_errors, 2, timeout=60) == ["ok", "ok"]
+
+
+def _groups(world: mesh.Mesh) -> list:
+    evens = world.group([r for r in range(world.size) if r % 2 == 0])
+    pair = world.group([3, 1])
+    if world.rank % 2 == 1:
+        assert evens is None
+    if world.rank in (1, 3):
+        assert pair.size == 2 and pair.rank == (0 if world.rank == 3 else 1)
+        # same tag on the world and on the group: never confused
+        if world.rank == 3:
+            world.send("world", 1, tag=4)
+            pair.send("group", 1, tag=4)
+        else:
+            assert pair.recv(0, tag=4) == "group"
+            assert world.recv(3, tag=4) == "world"
+    if evens is not None:
+        if evens.rank == 0:
+            for r in range(1, evens.size):
+                evens.send(r * 10, r)
+        else:
+            assert evens.recv(0) == evens.rank * 10
+    grid = mesh.grid(world, dp=2, pp=2)
+    return [grid.coord("dp"), grid.coord("pp"), grid.group("pp").ranks, grid.group("dp").ranks]
+
+
+def test_groups_are_isolated_and_grid_axes() -> None:
+    res = mesh.spawn(_groups, 4, timeout=60)
+    assert res == [[0, 0, [0, 1], [0, 2]], [0, 1, [0, 1], [1, 3]],
+                   [1, 0, [2, 3], [0, 2]], [1, 1, [2, 3], [1, 3]]]
+
+
+def _progress(world: mesh.Mesh) -> bool:
+    if world.rank == 1:
+        world.send(np.ones(4 << 20, np.uint8), 0)
+        return True
+    req = world.irecv(1)
+    time.sleep(1.5)      # no mesh call: the progress thread must receive meanwhile
+    done = req.done()
+    assert req.wait().sum() == 4 << 20
+    return done
+
+
+def test_irecv_completes_in_the_background() -> None:
+    assert mesh.spawn(_progress, 2, timeout=60)[0] is True
+
+
+def _flow(world: mesh.Mesh) -> list:
+    n, size = 24, 4 << 20
+    if world.rank == 1:
+        reqs = [world.isend(np.full(size, i % 251, np.uint8), 0) for i in range(n)]
+        time.sleep(1.0)
+        handed = sum(r._item.event.is_set() for r in reqs)
+        for r in reqs:
+            r.wait()
+        return [handed]
+    time.sleep(1.5)      # not receiving: the sender must be held back by credit
+    for i in range(n):
+        a = world.recv(1)
+        assert a[0] == i % 251 and a[-1] == i % 251
+    return []
+
+
+def test_credit_bounds_what_a_fast_sender_buffers() -> None:
+    window = 16 << 20
+    handed = mesh.spawn(_flow, 2, timeout=60, env={"MESH_WINDOW_BYTES": str(window)})[1][0]
+    # at most a window's worth (plus one message) is in flight before the receiver reads
+    assert handed <= window // (4 << 20) + 1
+
+
+def _self_and_single(world: mesh.Mesh) -> str:
+    world.send(np.arange(3), world.rank, tag=2)
+    assert np.array_equal(world.recv(world.rank, tag=2), np.arange(3))
+    return "ok"
+
+
+def test_send_to_self_and_world_of_one() -> None:
+    assert mesh.spawn(_self_and_single, 1, timeout=30) == ["ok"]
+    assert mesh.spawn(_self_and_single, 2, timeout=30) == ["ok", "ok"]
+
+
+def _misbehave(world: mesh.Mesh) -> list:
+    if world.rank == 1:
+        # a stranger without the job secret connects to rank 0 and sends junk
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(world.endpoints[0])
+        for _ in range(20):
+            s.send_multipart([b"junk", b"\x00" * 10])
+        w = ctx.socket(zmq.DEALER)          # ...and one with a wrong secret
+        w.setsockopt(zmq.LINGER, 0)
+        w.setsockopt(zmq.PLAIN_USERNAME, b"meshrun")
+        w.setsockopt(zmq.PLAIN_PASSWORD, b"guess")
+        w.connect(world.endpoints[0])
+        w.send_multipart([b"junk"])
+        # an authenticated peer's socket sends malformed frames
+        sock = world._t._peers[0].sock
+        bad = [[b"\xc1not msgpack"], [wire.encode(wire.DATA, 1, 0, 0, dtype="<f8", shape=(4,),
+                                                   nbytes=32), b"short"],
+               [b"\x81\xa1k\xa5hello"], [wire.encode(wire.DATA, 1, 0, 0, dtype="|O", shape=(1,),
+                                                     nbytes=8), b"12345678"],
+               [wire.encode(wire.OBJ, 0, 0, 0, nbytes=1), b"x"]]
+        for frames in bad:
+            sock.send_multipart(frames)
+        world.send(np.arange(4.0), 0)
+        time.sleep(0.5)
+        s.close()
+        w.close()
+        ctx.term()
+        world.recv(0)
+        return []
+    got = world.recv(1)
+    assert np.array_equal(got, np.arange(4.0))
+    deadline = time.monotonic() + 5
+    while world.refused < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    world.send("done", 1)
+    return [world.refused, world.bad_messages]
+
+
+def test_strangers_refused_and_garbage_dropped() -> None:
+    refused, bad = mesh.spawn(_misbehave, 2, timeout=60)[0]
+    assert refused >= 2
+    assert bad == 5
+
+
+def _raises(world: mesh.Mesh) -> None:
+    if world.rank == 1:
+        raise ValueError("boom on purpose")
+    world.recv(1, timeout=30)
+
+
+def test_spawn_forwards_the_failing_rank_and_its_traceback() -> None:
+    with pytest.raises(mesh.WorkerError) as info:
+        mesh.spawn(_raises, 2, timeout=60)
+    assert info.value.rank == 1
+    assert "ValueError: boom on purpose" in str(info.value)
+    assert "_raises" in info.value.traceback
+
+
+def _threads(world: mesh.Mesh) -> int:
+    """Several threads blocked in recv at once, each completed by its own message."""
+    peer = 1 - world.rank
+    results = [None] * 4
+
+    def worker(i: int) -> None:
+        results[i] = world.recv(peer, tag=i)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for i in reversed(range(4)):
+        world.send(i * 3, peer, tag=i)
+    for t in ts:
+        t.join(30)
+    return sum(results)
+
+
+def test_several_threads_waiting_at_once() -> None:
+    assert mesh.spawn(_threads, 2, timeout=60) == [18, 18]
