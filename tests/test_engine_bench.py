@@ -29,7 +29,6 @@ def test_sleep_stage_passes_data_through():
     assert stage.backward_input(ctx, 4) == (4, None) and stage.grads() == []
 
 
-@pytest.mark.skipif(not hasattr(mesh, "grid"), reason="mesh.grid is not there yet")
 def test_flagship_example_trains_and_writes_a_trace(tmp_path):
     trace = tmp_path / "t.trace.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -111,7 +111,6 @@ def test_schedules_match_sequential_training(pp_size, m):
     _check(results, pp_size, 1)
 
 
-@pytest.mark.skipif(not hasattr(mesh, "grid"), reason="mesh.grid is not there yet")
 def test_dp2_pp2_matches_sequential_training():
     results = mesh.spawn(_worker, 4, 2, 4, timeout=90)
     _check(results, 2, 2)
