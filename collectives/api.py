@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import cma
 from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
                        broadcast_object_tree)
 from .ops import resolve
@@ -77,7 +78,9 @@ def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
 def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None) -> Any:
     """Reduce ``a`` over the group, in place on every rank; returns ``a``.
-    ``algorithm``: "rd" (recursive doubling) or "ring"; default by size."""
+    ``algorithm``: "rd" (recursive doubling) or "ring" (reduce-scatter then
+    all-gather); default by size. Between processes of one host the ring's
+    copies go through cross-memory attach (collectives.cma) unless MESH_CMA=0."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_reduce", a, writable=True)
         rop = resolve(op, arr.dtype)
@@ -85,10 +88,12 @@ def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
-                if alg == "ring":
-                    ring(ctx, buf, rop, 2 * (ctx.g.size - 1), ctx.g.size - 1)
-                else:
+                if alg == "rd":
                     all_reduce_rd(ctx, buf, rop)
+                elif cma.usable(ctx):
+                    cma.all_reduce(ctx, buf, rop)
+                else:
+                    ring(ctx, buf, rop, 2 * (ctx.g.size - 1), ctx.g.size - 1)
             rop.finish(buf, ctx.g.size)
         return _fp("all_reduce", arr, op=op, alg=alg), _in_place(arr, body)
     return start(g, "all_reduce", prepare, async_op)
@@ -102,9 +107,15 @@ def broadcast(g: Any, a: np.ndarray, root: int = 0, async_op: bool = False,
         arr = _array("broadcast", a, writable=True)
         r = _root(g, root)
         alg = choose("broadcast", arr.nbytes, t, algorithm)
-        fn = broadcast_chain if alg == "chain" else broadcast_tree
-        return (_fp("broadcast", arr, root=r, alg=alg),
-                agreed(_in_place(arr, lambda ctx, buf: fn(ctx, buf, r))))
+
+        def body(ctx: Ctx, buf: np.ndarray) -> None:
+            if alg == "tree":
+                broadcast_tree(ctx, buf, r)
+            elif cma.usable(ctx):
+                cma.broadcast(ctx, buf, r)
+            else:
+                broadcast_chain(ctx, buf, r)
+        return _fp("broadcast", arr, root=r, alg=alg), agreed(_in_place(arr, body))
     return start(g, "broadcast", prepare, async_op)
 
 
@@ -136,8 +147,11 @@ def all_gather(g: Any, a: Any, async_op: bool = False) -> Any:
         def body(ctx: Ctx) -> np.ndarray:
             n = ctx.g.size
             out = np.empty((n,) + arr.shape, arr.dtype)
-            out[ctx.g.rank] = arr
-            ring(ctx, out.reshape(-1), None, n - 1, 0)
+            if n > 1 and out.nbytes >= t.small and cma.usable(ctx):
+                cma.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
+            else:
+                out[ctx.g.rank] = arr
+                ring(ctx, out.reshape(-1), None, n - 1, 0)
             return out
         return _fp("all_gather", arr), body
     return start(g, "all_gather", prepare, async_op)
@@ -152,10 +166,15 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False) -> A
         rop = resolve(op, arr.dtype)
 
         def body(ctx: Ctx) -> np.ndarray:
-            n, m = ctx.g.size, arr.shape[0] // ctx.g.size
-            work = np.array(arr, order="C")
-            ring(ctx, work.reshape(-1), rop, n - 1, n - 1, shift=-1)
-            mine = work[ctx.g.rank * m:(ctx.g.rank + 1) * m].copy()
+            n, m, rank = ctx.g.size, arr.shape[0] // ctx.g.size, ctx.g.rank
+            if n > 1 and arr.nbytes >= t.small and cma.usable(ctx):
+                mine = np.empty((m,) + arr.shape[1:], arr.dtype)
+                cma.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
+                                   mine.reshape(-1), rop)
+            else:
+                work = np.array(arr, order="C")
+                ring(ctx, work.reshape(-1), rop, n - 1, n - 1, shift=-1)
+                mine = work[rank * m:(rank + 1) * m].copy()
             rop.finish(mine, n)
             return mine
         return _fp("reduce_scatter", arr, op=op), body

@@ -171,7 +171,12 @@ class Tuning:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Tuning":
-        env = os.environ if env is None else env
+        if env is None:
+            key = tuple(os.environ.get(k) for k in _ENV_KEYS)
+            cached = _tuning_cache.get(key)
+            if cached is None:
+                cached = _tuning_cache[key] = cls.from_env(os.environ.copy())
+            return cached
         forced = []
         for item in filter(None, env.get("MESH_COLL_ALGO", "").replace(" ", "").split(",")):
             coll, _, alg = item.rpartition("=")
@@ -179,6 +184,10 @@ class Tuning:
         return cls(parse_size(env.get("MESH_COLL_SEGMENT", "1M")),
                    int(env.get("MESH_COLL_WINDOW", "8")),
                    parse_size(env.get("MESH_COLL_SMALL", "64K")), tuple(forced))
+
+
+_ENV_KEYS = ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO")
+_tuning_cache: dict[tuple[str | None, ...], Tuning] = {}
 
 
 def choose(coll: str, nbytes: int, tuning: Tuning, forced: str | None = None) -> str:

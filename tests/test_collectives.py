@@ -19,7 +19,7 @@ import mesh
 DTYPES = ["float32", "float64", "int32", "int64", "uint8", "int16", "float16", "complex64",
           "bool"]
 SHAPES = [(), (0,), (1,), (2,), (3,), (7,), (4, 3), (1, 0, 2), (1001,), (3, 333)]
-SMALL_SEGMENTS = {"MESH_COLL_SEGMENT": "256", "MESH_COLL_WINDOW": "2"}
+SMALL_SEGMENTS = {"MESH_COLL_SEGMENT": "256", "MESH_COLL_WINDOW": "2", "MESH_CMA": "0"}
 
 
 def data(seed: int, rank: int, shape: tuple, dtype: str) -> np.ndarray:
