@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=64, help="rows per replica per step")
-    ap.add_argument("--lr", type=float, default=0.2)
+    ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--trace", default="train_pipeline.trace.json")
     args = ap.parse_args()
 
