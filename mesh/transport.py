@@ -27,7 +27,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import wire
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
-from .match import ANY, Arrived, Matcher, Pending
+from .match import ANY, Arrived, Flag, Matcher, Pending
 
 __all__ = ["Transport", "Outgoing", "config_float"]
 
@@ -50,7 +50,7 @@ class Outgoing:
 
     def __init__(self, dst: int, frames: list, nbytes: int, desc: str, keep: Any) -> None:
         self.dst, self.frames, self.nbytes, self.desc, self.keep = dst, frames, nbytes, desc, keep
-        self.event = threading.Event()
+        self.event = Flag()
         self.tracker: zmq.MessageTracker | None = None
         self.error: BaseException | None = None
 
@@ -123,9 +123,7 @@ class Transport:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._reader_poll = zmq.Poller()
-        self._reader_poll.register(self._router, zmq.POLLIN)
-        self._reader_poll.register(self._wake_r, zmq.POLLIN)
+        self._reader_items = [(self._router, zmq.POLLIN), (self._wake_r, zmq.POLLIN)]
         self._thread = threading.Thread(target=self._run, name=f"mesh-progress-{rank}", daemon=True)
         self._thread.start()
 
@@ -296,8 +294,10 @@ class Transport:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             return False
-                        if self._reader_poll.poll(min(left, 0.05) * 1000):
-                            self._drain_wake()
+                        ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
+                        if ready:
+                            if len(ready) > 1 or ready[0][0] is not self._router:
+                                self._drain_wake()
                             for _ in range(1024):
                                 if not self._read_one() or item.event.is_set():
                                     break
@@ -349,37 +349,35 @@ class Transport:
 
     def _read_one(self) -> bool:
         """Read and dispatch one message from the ROUTER; False when none is waiting."""
-        r = self._router
         try:
-            ident = r.recv(zmq.NOBLOCK)
+            parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
-        if not r.getsockopt(zmq.RCVMORE):
-            return self._bad(f"a bare frame from {ident!r}", more=False)
-        head = r.recv(zmq.NOBLOCK)
-        more = bool(r.getsockopt(zmq.RCVMORE))
+        if len(parts) < 2:
+            return self._bad(f"a bare frame from {parts[0].bytes[:16]!r}")
+        ident = parts[0].bytes
         try:
-            h = wire.decode(head, self.size)
+            h = wire.decode(parts[1].bytes, self.size)
             if ident != str(h.src).encode():
                 raise BadMessageError(f"header says source {h.src} but the connection is {ident!r}")
         except BadMessageError as e:
-            return self._bad(str(e), more)
+            return self._bad(str(e))
         peer = self._peers[h.src]
         peer.last_heard = time.monotonic()
+        payload = parts[2:]
         if h.kind == wire.DATA:
-            self._read_array(h, more)
+            self._read_array(h, payload)
         elif h.kind == wire.OBJ:
-            frame = r.recv(zmq.NOBLOCK) if more else b""
-            if r.getsockopt(zmq.RCVMORE) or len(frame) != h.nbytes:
-                return self._bad(f"object payload of {len(frame)} bytes, header says {h.nbytes}",
-                                 bool(r.getsockopt(zmq.RCVMORE)))
+            if len(payload) != 1 or len(payload[0]) != h.nbytes:
+                return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
+                                 f"{len(payload)} frames, header says {h.nbytes}")
             try:
-                value = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+                value = msgpack.unpackb(payload[0].buffer, raw=False, strict_map_key=False)
             except Exception as e:
-                return self._bad(f"object payload is not msgpack ({type(e).__name__})", False)
+                return self._bad(f"object payload is not msgpack ({type(e).__name__})")
             self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)
-        elif more:
-            return self._bad(f"control message kind {h.kind} with a payload", more)
+        elif payload:
+            return self._bad(f"control message kind {h.kind} with a payload")
         elif h.kind == wire.CREDIT:
             self._on_credit(peer, h.credit)
         elif h.kind == wire.ABORT:
@@ -388,11 +386,11 @@ class Transport:
             self._peer_gone(h.src, "it closed its mesh", _CLOSED)
         return True
 
-    def _read_array(self, h: wire.Header, more: bool) -> None:
-        """Take all payload frames first and check their length, so a malformed
+    def _read_array(self, h: wire.Header, parts: list) -> None:
+        """Check the payload's length before anything else, so a malformed
         message never claims a receive nor touches a caller's ``out=``; then
-        copy them once into the destination."""
-        parts, got = _take_parts(self._router, more, h.nbytes >= _COPY_BELOW)
+        copy the frames once into the destination."""
+        got = sum(map(len, parts))
         if got != h.nbytes:
             self.bad_messages += 1
             _log.warning("rank %d: dropped a message from rank %d: payload of %d bytes, header "
@@ -415,13 +413,10 @@ class Transport:
         else:
             self._complete(req, h.src, dest, h.nbytes, h.fp)
 
-    def _bad(self, why: str, more: bool) -> bool:
+    def _bad(self, why: str) -> bool:
         self.bad_messages += 1
         _log.warning("rank %d: dropped a bad message: %s (%d so far)", self.rank, why,
                      self.bad_messages)
-        while more:
-            self._router.recv(zmq.NOBLOCK)
-            more = bool(self._router.getsockopt(zmq.RCVMORE))
         return True
 
     # ---- aborts and lost peers --------------------------------------------------
@@ -616,18 +611,6 @@ def _out_problem(out: Any, value: np.ndarray, shape: tuple[int, ...] | None = No
     return ""
 
 
-def _take_parts(sock: zmq.Socket, more: bool, zero_copy: bool) -> tuple[list, int]:
-    """The remaining frames of the message being read, and their total length."""
-    parts: list = []
-    got = 0
-    while more:
-        p = sock.recv(zmq.NOBLOCK, copy=not zero_copy)
-        got += len(p)
-        parts.append(p if not zero_copy else p.buffer)
-        more = bool(sock.getsockopt(zmq.RCVMORE))
-    return parts, got
-
-
 def _fill(dest: np.ndarray, parts: list) -> None:
     if not parts:
         return
@@ -635,7 +618,7 @@ def _fill(dest: np.ndarray, parts: list) -> None:
     off = 0
     for p in parts:
         n = len(p)
-        view[off:off + n] = p
+        view[off:off + n] = p.buffer
         off += n
 
 

@@ -12,8 +12,7 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -31,8 +30,9 @@ _MAX_DIMS = 32
 _NUMERIC_KINDS = "biufc"
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """A decoded header (immutable; a NamedTuple because one is built per message)."""
+
     kind: int
     src: int
     group: int = 0
@@ -47,6 +47,23 @@ class Header:
 
 def dtype_ok(dt: np.dtype) -> bool:
     return dt.kind in _NUMERIC_KINDS and not dt.hasobject and dt.fields is None
+
+
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def _dtype(name: str) -> np.dtype:
+    dt = _DTYPES.get(name)
+    if dt is None:
+        try:
+            dt = np.dtype(name)
+        except Exception:
+            raise BadMessageError(f"unknown dtype {name!r}") from None
+        if not dtype_ok(dt):
+            raise BadMessageError(f"dtype {name!r} is not a numeric dtype")
+        if len(_DTYPES) < 256:
+            _DTYPES[name] = dt
+    return dt
 
 
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
@@ -111,12 +128,7 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         raise BadMessageError(f"array header has dtype {dtype!r} and shape {shape!r}")
     if not all(type(x) is int and x >= 0 for x in shape):
         raise BadMessageError(f"array shape {shape!r} has a non-integer or negative extent")
-    try:
-        dt = np.dtype(dtype)
-    except Exception:
-        raise BadMessageError(f"unknown dtype {dtype!r}") from None
-    if not dtype_ok(dt):
-        raise BadMessageError(f"dtype {dtype!r} is not a numeric dtype")
+    dt = _dtype(dtype)
     if math.prod(shape) * dt.itemsize != nbytes:
         raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
                               f"and shape {tuple(shape)}")
