@@ -46,6 +46,7 @@ def _iters_for(size: int, base: int) -> int:
 # ---- raw pyzmq -----------------------------------------------------------------
 
 def _raw_peer(eps: list[str], role: int, sizes: list[int], iters: int, q: Any) -> None:
+    """One side of the raw pyzmq reference, wired as the mesh wires itself."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind(eps[role])
@@ -61,7 +62,7 @@ def _raw_peer(eps: list[str], role: int, sizes: list[int], iters: int, q: Any) -
     else:
         pull.connect(eps[2])
     time.sleep(0.3)
-    small = np.zeros(1)
+    small: Any = np.zeros(1)
     results: dict[str, float] = {}
     for n in (200, iters):
         t = time.perf_counter()
@@ -74,7 +75,7 @@ def _raw_peer(eps: list[str], role: int, sizes: list[int], iters: int, q: Any) -
                 dealer.send_multipart([b"h", small])
         results["rtt"] = (time.perf_counter() - t) / n
     for size in sizes:
-        buf = np.ones(size, np.uint8)
+        buf: Any = np.ones(size, np.uint8)
         k = _iters_for(size, iters)
         if role == 0:
             t = time.perf_counter()

@@ -109,6 +109,7 @@ class Matcher:
         """Match ``req`` against waiting messages; enqueue it if none fits."""
         by_src = self._unexpected.get((req.group, req.tag))
         if by_src:
+            src: int | None
             if req.src == ANY:
                 src = min(by_src, key=lambda s: by_src[s][0].order)
             else:
@@ -149,8 +150,9 @@ class Matcher:
 
     def remove_posted(self, pred: Callable[[Pending], bool]) -> list[Pending]:
         """Take out and return every posted receive for which ``pred`` holds."""
-        taken = []
-        for table in (self._posted, self._posted_any):
+        taken: list[Pending] = []
+        tables: tuple[dict[Any, deque[Pending]], ...] = (self._posted, self._posted_any)
+        for table in tables:
             for key in list(table):
                 q = table[key]
                 keep = deque(r for r in q if not pred(r))

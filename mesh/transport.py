@@ -28,6 +28,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import wire
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
 from .match import ANY, Arrived, Flag, Matcher, Pending
+from .payload import encode_payload, fill, fmt_fp, out_problem
 
 __all__ = ["Transport", "Outgoing", "config_float"]
 
@@ -48,7 +49,8 @@ class Outgoing:
 
     __slots__ = ("dst", "frames", "nbytes", "desc", "event", "tracker", "error", "keep")
 
-    def __init__(self, dst: int, frames: list, nbytes: int, desc: str, keep: Any) -> None:
+    def __init__(self, dst: int, frames: list | None, nbytes: int, desc: str, keep: Any) -> None:
+        self.frames: list | None
         self.dst, self.frames, self.nbytes, self.desc, self.keep = dst, frames, nbytes, desc, keep
         self.event = Flag()
         self.tracker: zmq.MessageTracker | None = None
@@ -68,7 +70,8 @@ class _Peer:
                  "last_heard", "last_sent", "to_grant", "suspect_since")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
-        self.rank, self.sock, self.monitor = rank, sock, monitor
+        self.rank, self.monitor = rank, monitor
+        self.sock: Any = sock
         self.lock = threading.Lock()
         self.inflight = 0
         self.queue: deque[Outgoing] = deque()
@@ -123,14 +126,14 @@ class Transport:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._reader_items = [(self._router, zmq.POLLIN), (self._wake_r, zmq.POLLIN)]
+        self._reader_items: list[Any] = [(self._router, zmq.POLLIN), (self._wake_r, zmq.POLLIN)]
         self._thread = threading.Thread(target=self._run, name=f"mesh-progress-{rank}", daemon=True)
         self._thread.start()
 
     # ---- sending -------------------------------------------------------------
 
     def isend(self, dst: int, group: int, tag: int, obj: Any, fp: Any, desc: str) -> Outgoing:
-        kind, header_kw, payload, keep = _encode_payload(obj, desc, self.rank)
+        kind, header_kw, payload, keep = encode_payload(obj, desc, self.rank)
         nbytes = sum(len(p) for p in payload)
         if dst == self.rank:
             value = np.array(keep, copy=True) if kind == wire.DATA else \
@@ -159,7 +162,7 @@ class Transport:
 
     def _transmit(self, peer: _Peer, out: Outgoing) -> None:
         """Hand frames to ZeroMQ; caller holds ``peer.lock``."""
-        frames, out.frames = out.frames, None
+        frames, out.frames = out.frames or [], None
         peer.inflight += out.nbytes
         try:
             if out.nbytes < _COPY_BELOW:
@@ -231,7 +234,7 @@ class Transport:
         if fp != req.fp:
             return self._mismatch(req, src, fp)
         if req.out is not None:
-            problem = _out_problem(req.out, value)
+            problem = out_problem(req.out, value)
             if problem:
                 return req.fail(BadMessageError(f"rank {self.rank}: {req.desc}: message from "
                                                 f"rank {src} does not fit out=: {problem}"))
@@ -241,7 +244,7 @@ class Transport:
 
     def _mismatch(self, req: Pending, src: int, fp: Any) -> None:
         text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}: rank "
-                f"{self.rank} called {_fmt_fp(req.fp)} but rank {src} called {_fmt_fp(fp)}")
+                f"{self.rank} called {fmt_fp(req.fp)} but rank {src} called {fmt_fp(fp)}")
         req.fail(MismatchError(f"rank {self.rank}: {text}"))
         self.abort(req.group, req.tag, text, 0)
 
@@ -335,14 +338,13 @@ class Transport:
         """Deliver a fully received message that no posted receive had claimed."""
         with self._lock:
             if (group, tag) in self._aborted:
-                req, dropped = None, True
+                req = None
             else:
-                dropped = False
                 req = self._matcher.take_posted(group, src, tag)
                 if req is None:
                     self._matcher.add_unexpected(group, tag, Arrived(src, value, nbytes, fp, 0))
                     return
-        if dropped:
+        if req is None:
             self._consumed(src, nbytes)
         else:
             self._complete(req, src, value, nbytes, fp)
@@ -401,10 +403,11 @@ class Transport:
             req = None if (h.group, h.tag) in self._aborted else \
                 self._matcher.take_posted(h.group, h.src, h.tag)
         dt = np.dtype(h.dtype)
+        shape = h.shape or ()
         direct = (req is not None and req.out is not None and req.fp == h.fp
-                  and not _out_problem(req.out, np.empty(0, dt), h.shape))
-        dest = req.out if direct else np.empty(h.shape, dt)
-        _fill(dest, parts)
+                  and not out_problem(req.out, np.empty(0, dt), shape))
+        dest: Any = req.out if (direct and req is not None) else np.empty(shape, dt)
+        fill(dest, parts)
         if req is None:
             self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp)
         elif direct:
@@ -562,69 +565,11 @@ class Transport:
         for p in self._peers:
             if p.sock is not None:
                 p.sock.disable_monitor()
-                p.monitor.close(linger=0)
+                if p.monitor is not None:
+                    p.monitor.close(linger=0)
                 p.sock.close()
         self._router.disable_monitor()
         self._router_mon.close(linger=0)
         self._router.close(linger=0)
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-
-def _encode_payload(obj: Any, desc: str, rank: int) -> tuple[int, dict, list, Any]:
-    arr = _as_array(obj)
-    if arr is not None:
-        if not wire.dtype_ok(arr.dtype):
-            raise TypeError(f"rank {rank}: {desc}: dtype {arr.dtype} cannot be sent; numeric and "
-                            f"bool arrays only")
-        if not arr.flags.c_contiguous:
-            arr = arr.copy(order="C")
-        kw = {"dtype": arr.dtype.str, "shape": arr.shape}
-        return wire.DATA, kw, wire.array_frames(arr), arr
-    try:
-        packed = msgpack.packb(obj, use_bin_type=True)
-    except Exception as e:
-        raise TypeError(f"rank {rank}: {desc}: {type(obj).__name__} is neither an array nor "
-                        f"msgpack-able ({e})") from None
-    return wire.OBJ, {}, [packed], None
-
-
-def _as_array(obj: Any) -> np.ndarray | None:
-    if isinstance(obj, np.ndarray):
-        return obj
-    if isinstance(obj, np.generic):
-        return np.asarray(obj)
-    return None
-
-
-def _out_problem(out: Any, value: np.ndarray, shape: tuple[int, ...] | None = None) -> str:
-    if not isinstance(value, np.ndarray):
-        return f"message is a {type(value).__name__}, not an array"
-    if not isinstance(out, np.ndarray):
-        return f"out= is a {type(out).__name__}, not a numpy array"
-    size = int(np.prod(shape)) if shape is not None else value.size
-    if out.dtype != value.dtype or out.size != size:
-        return (f"message is {value.dtype}[{size} elements], out= is {out.dtype}"
-                f"[{out.size} elements]")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        return "out= is not a writable C-contiguous array"
-    return ""
-
-
-def _fill(dest: np.ndarray, parts: list) -> None:
-    if not parts:
-        return
-    view = memoryview(dest.reshape(-1).view(np.uint8))
-    off = 0
-    for p in parts:
-        n = len(p)
-        view[off:off + n] = p.buffer
-        off += n
-
-
-def _fmt_fp(fp: Any) -> str:
-    if isinstance(fp, dict):
-        name = fp.get("coll", "?")
-        args = ", ".join(f"{k}={v}" for k, v in fp.items() if k != "coll" and v is not None)
-        return f"{name}({args})"
-    return repr(fp)

@@ -140,5 +140,5 @@ def array_frames(arr: np.ndarray) -> list[memoryview]:
     n = arr.nbytes
     if n == 0:
         return []
-    mv = memoryview(arr.reshape(-1).view(np.uint8))
+    mv = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     return [mv[i:i + FRAME_BYTES] for i in range(0, n, FRAME_BYTES)]

@@ -104,7 +104,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None) 
         host = env.host_id()
         eps = {"ipc": f"ipc://{ipc_path}", "tcp": tcp_ep}
         if spec.size == 1:
-            table = [{"rank": 0, "host": host, "endpoints": eps}]
+            table: list[dict[str, Any]] = [{"rank": 0, "host": host, "endpoints": eps}]
         else:
             if spec.serve_rendezvous and spec.rank == 0:
                 server = RendezvousServer(spec.size, spec.secret, host="*",

@@ -1,0 +1,73 @@
+"""Payloads: what may be sent and how it is turned into frames and back.
+
+Arrays (numeric and bool numpy arrays, any shape, any layout) travel as raw
+frames; anything else must be msgpack-able (no pickle on the wire)."""
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from . import wire
+
+__all__ = ["encode_payload", "as_array", "out_problem", "fill", "fmt_fp"]
+
+
+def encode_payload(obj: Any, desc: str, rank: int) -> tuple[int, dict, list, Any]:
+    arr = as_array(obj)
+    if arr is not None:
+        if not wire.dtype_ok(arr.dtype):
+            raise TypeError(f"rank {rank}: {desc}: dtype {arr.dtype} cannot be sent; numeric and "
+                            f"bool arrays only")
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
+        kw = {"dtype": arr.dtype.str, "shape": arr.shape}
+        return wire.DATA, kw, wire.array_frames(arr), arr
+    try:
+        packed = msgpack.packb(obj, use_bin_type=True)
+    except Exception as e:
+        raise TypeError(f"rank {rank}: {desc}: {type(obj).__name__} is neither an array nor "
+                        f"msgpack-able ({e})") from None
+    return wire.OBJ, {}, [packed], None
+
+
+def as_array(obj: Any) -> np.ndarray | None:
+    if isinstance(obj, np.ndarray):
+        return obj
+    if isinstance(obj, np.generic):
+        return np.asarray(obj)
+    return None
+
+
+def out_problem(out: Any, value: np.ndarray, shape: tuple[int, ...] | None = None) -> str:
+    if not isinstance(value, np.ndarray):
+        return f"message is a {type(value).__name__}, not an array"
+    if not isinstance(out, np.ndarray):
+        return f"out= is a {type(out).__name__}, not a numpy array"
+    size = int(np.prod(shape)) if shape is not None else value.size
+    if out.dtype != value.dtype or out.size != size:
+        return (f"message is {value.dtype}[{size} elements], out= is {out.dtype}"
+                f"[{out.size} elements]")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        return "out= is not a writable C-contiguous array"
+    return ""
+
+
+def fill(dest: np.ndarray, parts: list) -> None:
+    if not parts:
+        return
+    view = memoryview(dest.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    off = 0
+    for p in parts:
+        n = len(p)
+        view[off:off + n] = p.buffer
+        off += n
+
+
+def fmt_fp(fp: Any) -> str:
+    if isinstance(fp, dict):
+        name = fp.get("coll", "?")
+        args = ", ".join(f"{k}={v}" for k, v in fp.items() if k != "coll" and v is not None)
+        return f"{name}({args})"
+    return repr(fp)
