@@ -47,7 +47,7 @@ class Pending:
     """A posted receive; completed by the transport, waited on by the caller."""
 
     __slots__ = ("group", "src", "tag", "out", "fp", "desc", "order", "event",
-                 "value", "error", "state")
+                 "value", "error", "state", "device")
 
     def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: str) -> None:
         self.group, self.src, self.tag, self.out, self.fp, self.desc = group, src, tag, out, fp, desc
@@ -56,6 +56,7 @@ class Pending:
         self.value: Any = None
         self.error: BaseException | None = None
         self.state = 0  # 0 posted, 1 matched (payload on its way), 2 complete
+        self.device = False  # the message came from a device array
 
     def complete(self, value: Any) -> None:
         self.value = value
@@ -71,10 +72,12 @@ class Pending:
 class Arrived:
     """A message that arrived before its receive was posted."""
 
-    __slots__ = ("src", "value", "nbytes", "fp", "order")
+    __slots__ = ("src", "value", "nbytes", "fp", "order", "device")
 
-    def __init__(self, src: int, value: Any, nbytes: int, fp: Any, order: int) -> None:
+    def __init__(self, src: int, value: Any, nbytes: int, fp: Any, order: int,
+                 device: bool = False) -> None:
         self.src, self.value, self.nbytes, self.fp, self.order = src, value, nbytes, fp, order
+        self.device = device
 
 
 class Matcher:

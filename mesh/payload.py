@@ -9,20 +9,22 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from . import wire
+from . import device, wire
 
 __all__ = ["encode_payload", "as_array", "out_problem", "fill", "fmt_fp"]
 
 
 def encode_payload(obj: Any, desc: str, rank: int) -> tuple[int, dict, list, Any]:
-    arr = as_array(obj)
+    """(kind, header fields, payload frames, what must stay alive until sent)."""
+    on_device = device.is_device(obj)
+    arr = device.to_host(obj) if on_device else as_array(obj)
     if arr is not None:
         if not wire.dtype_ok(arr.dtype):
             raise TypeError(f"rank {rank}: {desc}: dtype {arr.dtype} cannot be sent; numeric and "
                             f"bool arrays only")
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
-        kw = {"dtype": arr.dtype.str, "shape": arr.shape}
+        kw = {"dtype": arr.dtype.str, "shape": arr.shape, "device": on_device}
         return wire.DATA, kw, wire.array_frames(arr), arr
     try:
         packed = msgpack.packb(obj, use_bin_type=True)
@@ -37,14 +39,18 @@ def as_array(obj: Any) -> np.ndarray | None:
         return obj
     if isinstance(obj, np.generic):
         return np.asarray(obj)
+    if hasattr(obj, "__dlpack__"):
+        return np.from_dlpack(obj)
     return None
 
 
 def out_problem(out: Any, value: np.ndarray, shape: tuple[int, ...] | None = None) -> str:
     if not isinstance(value, np.ndarray):
         return f"message is a {type(value).__name__}, not an array"
+    if device.is_device(out):
+        return ""  # checked and filled by the waiting thread, on its stream
     if not isinstance(out, np.ndarray):
-        return f"out= is a {type(out).__name__}, not a numpy array"
+        return f"out= is a {type(out).__name__}, not a numpy or device array"
     size = int(np.prod(shape)) if shape is not None else value.size
     if out.dtype != value.dtype or out.size != size:
         return (f"message is {value.dtype}[{size} elements], out= is {out.dtype}"

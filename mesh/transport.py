@@ -25,7 +25,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import wire
+from . import device, wire
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
 from .match import ANY, Arrived, Flag, Matcher, Pending
 from .payload import encode_payload, fill, fmt_fp, out_problem
@@ -138,7 +138,7 @@ class Transport:
         if dst == self.rank:
             value = np.array(keep, copy=True) if kind == wire.DATA else \
                 msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
-            self._arrive(self.rank, group, tag, value, nbytes, fp)
+            self._arrive(self.rank, group, tag, value, nbytes, fp, header_kw.get("device", False))
             self._nudge()
             out = Outgoing(dst, [], nbytes, desc, None)
             out.event.set()
@@ -225,15 +225,17 @@ class Transport:
         elif gone is not None:
             req.fail(gone)
         elif msg is not None:
-            self._complete(req, msg.src, msg.value, msg.nbytes, msg.fp)
+            self._complete(req, msg.src, msg.value, msg.nbytes, msg.fp, msg.device)
         return req
 
-    def _complete(self, req: Pending, src: int, value: Any, nbytes: int, fp: Any) -> None:
+    def _complete(self, req: Pending, src: int, value: Any, nbytes: int, fp: Any,
+                  on_device: bool = False) -> None:
         """Finish a matched receive with a value that is not yet in ``req.out``."""
         self._consumed(src, nbytes)
         if fp != req.fp:
             return self._mismatch(req, src, fp)
-        if req.out is not None:
+        req.device = on_device
+        if req.out is not None and not device.is_device(req.out):
             problem = out_problem(req.out, value)
             if problem:
                 return req.fail(BadMessageError(f"rank {self.rank}: {req.desc}: message from "
@@ -260,6 +262,10 @@ class Transport:
                                            f"{limit:g}s{self._peer_note(item)}")
             if item.error is not None:
                 raise item.error
+            if item.out is not None and device.is_device(item.out):
+                return device.to_device(_host_array(item), item.out)
+            if item.device:
+                return device.to_device(_host_array(item))
             return item.value
         if not item.event.wait(limit):
             raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
@@ -334,7 +340,8 @@ class Transport:
         p = self._peers[peer]
         return f" (rank {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago)"
 
-    def _arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any) -> None:
+    def _arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
+                on_device: bool = False) -> None:
         """Deliver a fully received message that no posted receive had claimed."""
         with self._lock:
             if (group, tag) in self._aborted:
@@ -342,12 +349,13 @@ class Transport:
             else:
                 req = self._matcher.take_posted(group, src, tag)
                 if req is None:
-                    self._matcher.add_unexpected(group, tag, Arrived(src, value, nbytes, fp, 0))
+                    self._matcher.add_unexpected(group, tag,
+                                                 Arrived(src, value, nbytes, fp, 0, on_device))
                     return
         if req is None:
             self._consumed(src, nbytes)
         else:
-            self._complete(req, src, value, nbytes, fp)
+            self._complete(req, src, value, nbytes, fp, on_device)
 
     def _read_one(self) -> bool:
         """Read and dispatch one message from the ROUTER; False when none is waiting."""
@@ -404,17 +412,17 @@ class Transport:
                 self._matcher.take_posted(h.group, h.src, h.tag)
         dt = np.dtype(h.dtype)
         shape = h.shape or ()
-        direct = (req is not None and req.out is not None and req.fp == h.fp
+        direct = (req is not None and isinstance(req.out, np.ndarray) and req.fp == h.fp
                   and not out_problem(req.out, np.empty(0, dt), shape))
         dest: Any = req.out if (direct and req is not None) else np.empty(shape, dt)
         fill(dest, parts)
         if req is None:
-            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp)
+            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
         elif direct:
             self._consumed(h.src, h.nbytes)
             req.complete(dest)
         else:
-            self._complete(req, h.src, dest, h.nbytes, h.fp)
+            self._complete(req, h.src, dest, h.nbytes, h.fp, h.device)
 
     def _bad(self, why: str) -> bool:
         self.bad_messages += 1
@@ -573,3 +581,10 @@ class Transport:
         self._router.close(linger=0)
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _host_array(item: Pending) -> np.ndarray:
+    if not isinstance(item.value, np.ndarray):
+        raise BadMessageError(f"{item.desc}: a device out= needs an array message, got a "
+                              f"{type(item.value).__name__}")
+    return item.value

@@ -7,7 +7,8 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
 
     header keys: k kind, s source world rank, g group id, t tag,
                  d dtype (arrays), sh shape (arrays), n payload bytes,
-                 f fingerprint (collectives), c credit bytes, r reason
+                 f fingerprint (collectives), c credit bytes, r reason,
+                 v true when the array came from a device (returned on one)
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Header(NamedTuple):
     fp: Any = None
     credit: int = 0
     reason: str = ""
+    device: bool = False
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -68,7 +70,7 @@ def _dtype(name: str) -> np.dtype:
 
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
-           credit: int = 0, reason: str = "") -> bytes:
+           credit: int = 0, reason: str = "", device: bool = False) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if kind in (DATA, OBJ, ABORT):
         h["g"] = group
@@ -76,6 +78,8 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
     if kind == DATA:
         h["d"] = dtype
         h["sh"] = list(shape or ())
+        if device:
+            h["v"] = True
     if kind in (DATA, OBJ):
         h["n"] = nbytes
         if fp is not None:
@@ -132,7 +136,8 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     if math.prod(shape) * dt.itemsize != nbytes:
         raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
                               f"and shape {tuple(shape)}")
-    return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"))
+    return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"),
+                  device=h.get("v") is True)
 
 
 def array_frames(arr: np.ndarray) -> list[memoryview]:

@@ -273,3 +273,39 @@ def _threads(world: mesh.Mesh) -> int:
 
 def test_several_threads_waiting_at_once() -> None:
     assert mesh.spawn(_threads, 2, timeout=60) == [18, 18]
+
+
+class _DLPackOnly:
+    """An array known only through DLPack (as a torch CPU tensor would be)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self._a = a
+
+    def __dlpack__(self, **kw: object) -> object:
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self) -> tuple:
+        return self._a.__dlpack_device__()
+
+
+class _FakeCuda:
+    __cuda_array_interface__ = {"shape": (2,), "typestr": "<f4", "data": (0, False),
+                                "version": 3}
+
+
+def _dlpack(world: mesh.Mesh) -> str:
+    if world.rank == 0:
+        world.send(_DLPackOnly(np.arange(5, dtype=np.int16)), 1)
+        try:
+            import cupy  # noqa: F401
+        except ImportError:
+            with pytest.raises(ImportError, match=r"meshrun\[gpu\]"):
+                world.send(_FakeCuda(), 1)
+        return "ok"
+    got = world.recv(0)
+    assert got.dtype == np.int16 and np.array_equal(got, np.arange(5))
+    return "ok"
+
+
+def test_dlpack_objects_and_a_clear_error_without_cupy() -> None:
+    assert mesh.spawn(_dlpack, 2, timeout=60) == ["ok", "ok"]
