@@ -151,9 +151,7 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
 
 
 def _mesh(sizes: list[int], iters: int, transport: str) -> dict[str, float]:
-    env = {"MESH_HOST_ID": ""} if transport == "ipc" else {}
-    if transport == "tcp":
-        env = {"MESH_FORCE_TCP": "1"}
+    env = {"MESH_FORCE_TCP": "1"} if transport == "tcp" else {}
     return spawn(_mesh_peer, 2, sizes, iters, timeout=600, env=env)[0]
 
 

@@ -119,7 +119,8 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None) 
         ctx.term()
         raise
     hosts = [p["host"] for p in table]
-    endpoints = [p["endpoints"]["ipc"] if p["host"] == host else p["endpoints"]["tcp"]
-                 for p in table]
+    same_host_ipc = os.environ.get("MESH_FORCE_TCP", "") in ("", "0")
+    endpoints = [p["endpoints"]["ipc"] if same_host_ipc and p["host"] == host
+                 else p["endpoints"]["tcp"] for p in table]
     transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout)
     return Mesh(transport, ctx, authenticator, spec, hosts, endpoints, server, ipc_path)
