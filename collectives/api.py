@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import cma
+from . import cma, mailbox
 from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
                        broadcast_object_tree)
 from .ops import resolve
@@ -89,7 +89,10 @@ def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
                 if alg == "rd":
-                    all_reduce_rd(ctx, buf, rop)
+                    if mailbox.fits(ctx, buf.nbytes):
+                        mailbox.all_reduce(ctx, buf, rop)
+                    else:
+                        all_reduce_rd(ctx, buf, rop)
                 elif cma.usable(ctx):
                     cma.all_reduce(ctx, buf, rop)
                 else:
@@ -238,7 +241,12 @@ def all_to_all(g: Any, a: Any, async_op: bool = False) -> Any:
 
 def barrier(g: Any, async_op: bool = False) -> Any:
     """Return once every member of ``g`` has entered the barrier."""
-    return start(g, "barrier", lambda t: (_fp("barrier"), barrier_dissemination), async_op)
+    def body(ctx: Ctx) -> None:
+        if mailbox.fits(ctx, 0):
+            mailbox.barrier(ctx)
+        else:
+            barrier_dissemination(ctx)
+    return start(g, "barrier", lambda t: (_fp("barrier"), body), async_op)
 
 
 def broadcast_object(g: Any, obj: Any = None, root: int = 0, async_op: bool = False) -> Any:

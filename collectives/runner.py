@@ -10,6 +10,7 @@ collectives on one group always complete in the order they were called.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import deque
 from typing import Any, Callable
@@ -22,6 +23,8 @@ __all__ = ["Ctx", "Work", "Body", "start", "agreed"]
 
 
 Body = Callable[["Ctx"], Any]
+_WATCH_S = 0.1
+_WATCH_MAX = 64
 
 
 class Ctx:
@@ -85,7 +88,7 @@ class _Group:
         self.lock = threading.Lock()
         self.queue: deque[tuple[Callable[[], Any], Work]] = deque()
         self.busy = False
-        self.watches: deque[tuple[int, Any]] = deque()
+        self.watches: deque[tuple[int, float, Any]] = deque()
         self.calls = 0
 
     def submit(self, fn: Callable[[], Any], work: Work) -> None:
@@ -116,24 +119,29 @@ class _Group:
     def watch(self, ctx: Ctx) -> None:
         req = ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp)
         with self.lock:
-            self.watches.append((self.calls, req))
+            self.watches.append((self.calls, time.monotonic(), req))
 
     def check(self) -> BaseException | None:
-        """Called as each collective starts: the error a watch caught, if any;
-        watches that saw nothing for two more collectives are withdrawn."""
+        """Called as each collective starts: the error a watch caught, if any.
+        A watch is withdrawn once two more collectives have started and an
+        abort would have had time to arrive (_WATCH_S), or when too many
+        are kept."""
         with self.lock:
             self.calls += 1
+            now = time.monotonic()
             found, keep = None, deque()
-            for call, req in self.watches:
+            for call, t, req in self.watches:
                 if req.done():
                     try:
                         req.wait()
                     except BaseException as e:
                         found = found or e
-                elif self.calls - call > 2:
+                elif self.calls - call > 2 and now - t > _WATCH_S:
                     _withdraw(req)
                 else:
-                    keep.append((call, req))
+                    keep.append((call, t, req))
+            while len(keep) > _WATCH_MAX:
+                _withdraw(keep.popleft()[2])
             self.watches = keep
         return found
 
@@ -180,7 +188,13 @@ def agreed(body: Body) -> Body:
 
 
 def _abort(g: Any, tag: int, name: str, e: BaseException) -> None:
-    g._abort(tag, f"{name} (collective #{-tag}) failed: {type(e).__name__}: {e}")
+    """Fail the tag on every member; peers raise the same error class where
+    the mesh can carry it (``error=``), else MeshError with the text."""
+    reason = f"{name} (collective #{-tag}) failed: {type(e).__name__}: {e}"
+    try:
+        g._abort(tag, reason, error=type(e))
+    except TypeError:
+        g._abort(tag, reason)
 
 
 def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],

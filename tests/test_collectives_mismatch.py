@@ -3,6 +3,7 @@ bad arguments on one rank. Every rank must raise a clear error (no hang, no
 silent garbage), and the group must stay usable afterwards."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -41,7 +42,7 @@ CASES: dict[str, Callable[[Any], Any]] = {
 def run_cases(world: Any) -> dict[str, list[str]]:
     """Per case, per rank: what the call raised, then what the next calls
     raised (a rank that finished before hearing of the mismatch raises it in
-    one of the group's next calls)."""
+    one of the group's next calls; the pause lets the news arrive)."""
     out: dict[str, list[str]] = {}
     for name, fn in CASES.items():
         texts = []
@@ -51,6 +52,8 @@ def run_cases(world: Any) -> dict[str, list[str]]:
                 texts.append("ok")
             except (mesh.MeshError, TypeError, ValueError) as e:
                 texts.append(f"{type(e).__name__}: {e}")
+            if call is fn:
+                time.sleep(0.2)
         out[name] = texts
         a = np.full(3, world.rank, np.int64)
         C.all_reduce(world, a)
