@@ -212,7 +212,7 @@ def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False) -> Any:
                                  f"{g.size}, ...), got shape {src.shape}")
 
         def body(ctx: Ctx) -> np.ndarray:
-            if ctx.g.rank != r:
+            if src is None:
                 return ctx.recv(r)
             out = np.empty(src.shape[1:], src.dtype)
             scatter_direct(ctx, src, out, r)

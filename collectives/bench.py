@@ -96,7 +96,7 @@ def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: s
                  device: str) -> list[float]:
     import collectives as C
 
-    xp = np
+    xp: Any = np
     if device == "cuda":
         import cupy
         cupy.cuda.Device(world.rank % cupy.cuda.runtime.getDeviceCount()).use()

@@ -67,7 +67,7 @@ def _worker(rank: int, n: int, init: str, op: str, rows: list[tuple[int, int, in
             dev = f"cuda:{rank % torch.cuda.device_count()}"
             torch.cuda.set_device(dev)
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=n)
-        times = []
+        times: list[float | str] = []
         for count, iters, warmup in rows:
             t = torch.ones((count,), dtype=getattr(torch, dtype), device=dev)
             try:

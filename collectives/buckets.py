@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .api import all_reduce
+from .ops import resolve
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "bucket_plan", "GradReducer", "all_reduce_grads"]
 
@@ -65,17 +66,19 @@ class _Bucket:
 
 class GradReducer:
     """All-reduce a fixed list of gradient arrays, bucket by bucket, as they
-    become ready; ``wait()`` leaves every gradient summed (or averaged, the
-    default) over the group, in place."""
+    become ready; ``wait()`` leaves every gradient averaged (``op="avg"``,
+    the default) or summed (``op="sum"``) over the group, in place."""
 
-    def __init__(self, g: Any, grads: Sequence[np.ndarray], average: bool = True,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(self, g: Any, grads: Sequence[np.ndarray], bucket_bytes: int =
+                 DEFAULT_BUCKET_BYTES, op: str = "avg") -> None:
         self.g = g
         self.grads = list(grads)
         for i, a in enumerate(self.grads):
             if not isinstance(a, np.ndarray) or not a.flags.writeable:
                 raise TypeError(f"gradient {i} is not a writable numpy array")
-        self.op = "avg" if average else "sum"
+        for a in self.grads:
+            resolve(op, a.dtype)
+        self.op = op
         plan = bucket_plan([a.nbytes for a in self.grads], [a.dtype for a in self.grads],
                            bucket_bytes)
         self.buckets = [_Bucket(m, self.grads) for m in plan]
@@ -118,9 +121,8 @@ class GradReducer:
                 a[...] = b.buf[off:off + a.size].reshape(a.shape)
 
 
-def all_reduce_grads(g: Any, grads: Sequence[np.ndarray], average: bool = True,
-                     bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+def all_reduce_grads(g: Any, grads: Sequence[np.ndarray], bucket_bytes: int =
+                     DEFAULT_BUCKET_BYTES, op: str = "avg") -> None:
     """All gradients at once through fusion buckets (no overlap with
     backward; build a GradReducer and call ``ready`` for that)."""
-    r = GradReducer(g, grads, average, bucket_bytes)
-    r.wait()
+    GradReducer(g, grads, bucket_bytes, op).wait()

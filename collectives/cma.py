@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from mesh import LostPeerError
+
 from .ops import ReduceOp
 from .plan import ring_chunks, segments
 from .runner import Ctx
@@ -73,6 +75,18 @@ def read(pid: int, addr: int, dst: np.ndarray) -> None:
             err = ctypes.get_errno()
             raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
         done += got
+
+
+def peer_read(ctx: Ctx, peer: int, addr: int, dst: np.ndarray) -> None:
+    """``read`` from group rank ``peer`` of this collective; a peer that is
+    gone raises LostPeerError naming it (by world rank, as the mesh does)."""
+    try:
+        read(_pids(ctx)[peer], addr, dst)
+    except OSError as e:
+        world = ctx.g.ranks[peer] if hasattr(ctx.g, "ranks") else peer
+        raise LostPeerError(f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
+                            f"{getattr(ctx.g, 'name', '?')}: cannot read the memory of rank "
+                            f"{peer} ({e.strerror}): it is gone", world) from None
 
 
 def _my_token() -> np.ndarray:
@@ -157,7 +171,6 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
     one warm scratch buffer, peers in ring order from rank + 1. ``dst`` may
     be ``src[lo:hi]`` itself."""
     n, rank, item = ctx.g.size, ctx.g.rank, src.itemsize
-    pids = _pids(ctx)
     per = max(1, ctx.tuning.segment // item)
     scratch = np.empty(min(per, hi - lo), src.dtype)
     in_place = np.may_share_memory(dst, src)
@@ -168,13 +181,12 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
         tmp = scratch[:b - a]
         for k in range(1, n):
             p = (rank + k) % n
-            read(pids[p], addrs[p] + a * item, tmp)
+            peer_read(ctx, p, addrs[p] + a * item, tmp)
             op.combine(out, tmp)
 
 
 def all_reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
     n, rank, item = ctx.g.size, ctx.g.rank, buf.itemsize
-    pids = _pids(ctx)
     addrs = _exchange(ctx, buf.ctypes.data)
     bounds = ring_chunks(buf.size, n)
     lo, hi = bounds[rank]
@@ -185,7 +197,7 @@ def all_reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
         req.wait()
         a, b = bounds[p]
         if b > a:
-            read(pids[p], addrs[p] + a * item, buf[a:b])
+            peer_read(ctx, p, addrs[p] + a * item, buf[a:b])
     _wait_all(ctx, final + _signal_all(ctx))
 
 
@@ -201,25 +213,23 @@ def reduce_scatter(ctx: Ctx, buf: np.ndarray, out: np.ndarray, op: ReduceOp) -> 
 def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray) -> None:
     """Row p of ``out`` (flat rows of buf.size) = rank p's ``buf``."""
     n, rank = ctx.g.size, ctx.g.rank
-    pids = _pids(ctx)
     addrs = _exchange(ctx, buf.ctypes.data)
     rows = out.reshape(n, -1)
     rows[rank] = buf
     for k in range(1, n):
         p = (rank + k) % n
         if buf.size:
-            read(pids[p], addrs[p], rows[p])
+            peer_read(ctx, p, addrs[p], rows[p])
     _wait_all(ctx, _signal_all(ctx))
 
 
 def broadcast(ctx: Ctx, buf: np.ndarray, root: int) -> None:
     """Every rank copies the root's buffer; the root waits until all have."""
-    pids = _pids(ctx)
     if ctx.g.rank == root:
         sends = _signal_all(ctx, buf.ctypes.data)
         _wait_all(ctx, sends)
         return
     addr = ctx.recv(root)
     if buf.size:
-        read(pids[root], addr, buf)
+        peer_read(ctx, root, addr, buf)
     ctx.send(None, root)

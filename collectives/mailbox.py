@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -59,7 +59,6 @@ class _Box:
         where = cma._exchange(ctx, [self.mem.ctypes.data, cookie])
         self.addrs = [a for a, _ in where]
         self.cookies = [c for _, c in where]
-        self.pids = cma._groups[ctx.g]
         self.peek = np.zeros(8, np.int64)
         self.seen = np.zeros((ctx.g.size, 7), np.int64)
 
@@ -82,26 +81,79 @@ def fits(ctx: Ctx, nbytes: int) -> bool:
     return True
 
 
-def _timeout(g: Any) -> float:
-    return float(getattr(getattr(g, "_t", None), "timeout", 300.0))
-
-
 def _peek(ctx: Ctx, box: _Box, peer: int) -> np.ndarray:
     """Refresh and return the last head seen of ``peer``."""
-    try:
-        cma.read(box.pids[peer], box.addrs[peer], box.peek)
-        why = "" if box.peek[0] == box.cookies[peer] else "it was freed"
-    except OSError as e:
-        why = e.strerror
-    if why:
+    cma.peer_read(ctx, peer, box.addrs[peer], box.peek)
+    if box.peek[0] != box.cookies[peer]:
         raise LostPeerError(f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
-                            f"{getattr(ctx.g, 'name', '?')}: cannot read rank {peer}'s "
-                            f"mailbox ({why}): it is gone", peer)
+                            f"{getattr(ctx.g, 'name', '?')}: rank {peer}'s mailbox was freed "
+                            f"(its group was closed)", ctx.g.ranks[peer])
     box.seen[peer] = box.peek[1:]
     return box.seen[peer]
 
 
-def _wait(ctx: Ctx, box: _Box, ready: Any, state: dict) -> None:
+class _Waiting:
+    """One collective's wait on its peers: since when, until when, and the
+    receive posted on the tag once the wait gets long."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.t0 = time.monotonic()
+        self.limit = float(getattr(getattr(ctx.g, "_t", None), "timeout", 300.0))
+        self.watch: Any = None
+        self.error: BaseException | None = None
+
+    def where(self) -> str:
+        return (f"rank {self.ctx.g.rank}: collective #{-self.ctx.tag} on group "
+                f"{getattr(self.ctx.g, 'name', '?')}")
+
+    def posted(self) -> Any:
+        if self.watch is None:
+            self.watch = self.ctx.g._irecv(ANY, self.ctx.tag, fp=self.ctx.fp)
+        return self.watch
+
+    def idle(self) -> BaseException | None:
+        """Between polls: yield the core; after a while post a receive on the
+        tag (a peer on a socket path would be talking to us there, and an
+        abort fails it) and sleep. Returns the error the receive caught."""
+        waited = time.monotonic() - self.t0
+        if waited < _SPIN_S:
+            os.sched_yield()
+            if waited < _WATCH_AFTER_S:
+                return None
+        watch = self.posted()
+        if watch.done():
+            try:
+                watch.wait()
+            except MeshError as e:
+                return e
+            return MeshError(f"{self.where()}: a peer sent a message where none was expected")
+        if waited > self.limit:
+            raise MeshTimeoutError(f"{self.where()} timed out after {self.limit:g}s waiting "
+                                   f"for its peers' mailboxes")
+        if waited >= _SPIN_S:
+            time.sleep(min(0.001, waited / 20))
+        return None
+
+    def skipped(self, peer: int) -> None:
+        """``peer`` went on to later collectives without posting this one: it
+        failed here, and whoever failed first aborted the tag; raise that."""
+        try:
+            self.posted().wait(timeout=0.2)
+        except MeshTimeoutError:
+            pass
+        raise MeshError(f"{self.where()}: rank {peer} has moved past it without taking part "
+                        f"(it called another collective or failed)")
+
+    def close(self) -> None:
+        if self.watch is not None and not self.watch.done():
+            try:
+                self.watch.wait(timeout=0)
+            except MeshTimeoutError:
+                pass
+
+
+def _wait(ctx: Ctx, box: _Box, ready: Callable[[np.ndarray], bool], w: _Waiting) -> None:
     """Poll every peer's head until ``ready(head)`` holds for all of them. If
     the tag is aborted meanwhile and a peer never gets there, raise why; if
     they all do get there, carry on (each rank then sees a mismatch itself,
@@ -111,55 +163,12 @@ def _wait(ctx: Ctx, box: _Box, ready: Any, state: dict) -> None:
     while todo:
         todo = [p for p in todo if not ready(_peek(ctx, box, p))]
         if todo:
-            err = _idle(ctx, state)
+            err = w.idle()
             if err is not None:
                 todo = [p for p in todo if not ready(_peek(ctx, box, p))]
                 if todo:
                     raise err
-                state["error"] = err
-
-
-def _idle(ctx: Ctx, state: dict) -> BaseException | None:
-    """Between polls: yield the core; after a while post a receive on the tag
-    (a peer on a socket path would be talking to us there, and an abort
-    fails it) and sleep. Returns the error the receive caught."""
-    waited = time.monotonic() - state["t0"]
-    if waited < _SPIN_S:
-        os.sched_yield()
-        if waited < _WATCH_AFTER_S:
-            return None
-    if state["watch"] is None:
-        state["watch"] = ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp)
-    watch = state["watch"]
-    name = getattr(ctx.g, "name", "?")
-    if watch.done():
-        try:
-            watch.wait()
-        except MeshError as e:
-            return e
-        return MeshError(f"rank {ctx.g.rank}: collective #{-ctx.tag} on group {name}: a peer "
-                         f"sent a message where none was expected")
-    if waited > state["limit"]:
-        raise MeshTimeoutError(f"rank {ctx.g.rank}: collective #{-ctx.tag} on group {name} "
-                               f"timed out after {state['limit']:g}s waiting for its peers' "
-                               f"mailboxes")
-    if waited >= _SPIN_S:
-        time.sleep(min(0.001, waited / 20))
-    return None
-
-
-def _skipped(ctx: Ctx, state: dict, peer: int) -> None:
-    """``peer`` went on to later collectives without posting this one: it
-    failed here, and whoever failed first aborted the tag; raise that."""
-    if state["watch"] is None:
-        state["watch"] = ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp)
-    try:
-        state["watch"].wait(timeout=0.2)
-    except MeshTimeoutError:
-        pass
-    raise MeshError(f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
-                    f"{getattr(ctx.g, 'name', '?')}: rank {peer} has moved past it without "
-                    f"taking part (it called another collective or failed)")
+                w.error = err
 
 
 def _fmt(fp: bytes) -> str:
@@ -177,11 +186,11 @@ def _run(ctx: Ctx, payload: np.ndarray, outs: list[np.ndarray | None]) -> None:
     fp = msgpack.packb(ctx.fp)
     if len(fp) > _FP_ROOM:
         raise ValueError(f"fingerprint of {len(fp)} bytes does not fit a mailbox")
-    state = {"t0": time.monotonic(), "watch": None, "limit": _timeout(ctx.g)}
+    w = _Waiting(ctx)
     head, base = box.head, 1 + 3 * slot
     try:
         held = int(head[base])
-        _wait(ctx, box, lambda h: h[0] >= held, state)
+        _wait(ctx, box, lambda h: h[0] >= held, w)
         body = box.mem[_HEAD + slot * _BODY:_HEAD + (slot + 1) * _BODY]
         raw = payload.reshape(-1).view(np.uint8)
         body[:len(fp)] = np.frombuffer(fp, np.uint8)
@@ -189,15 +198,15 @@ def _run(ctx: Ctx, payload: np.ndarray, outs: list[np.ndarray | None]) -> None:
         head[base + 1], head[base + 2] = len(fp), raw.size
         head[base] = seq
         head[0] = max(head[0], seq - 1)
-        _wait(ctx, box, lambda h: h[base] == seq or h[0] >= seq, state)
+        _wait(ctx, box, lambda h: h[base] == seq or h[0] >= seq, w)
         n, rank = ctx.g.size, ctx.g.rank
         inbox = np.empty(_FP_ROOM + raw.size, np.uint8)
         for k in range(1, n):
             p = (rank + k) % n
             h = box.seen[p]
             if h[base] != seq:
-                _skipped(ctx, state, p)
-            cma.read(box.pids[p], box.addrs[p] + _HEAD + slot * _BODY, inbox)
+                w.skipped(p)
+            cma.peer_read(ctx, p, box.addrs[p] + _HEAD + slot * _BODY, inbox)
             theirs = bytes(inbox[:int(h[base + 1])])
             if theirs != fp or int(h[base + 2]) != raw.size:
                 raise MismatchError(
@@ -205,15 +214,11 @@ def _run(ctx: Ctx, payload: np.ndarray, outs: list[np.ndarray | None]) -> None:
                     f"rank {rank} called {_fmt(fp)} but rank {p} called {_fmt(theirs)}")
             if outs[p] is not None:
                 outs[p].reshape(-1).view(np.uint8)[...] = inbox[_FP_ROOM:]
-        if state.get("error") is not None:
-            raise state["error"]
+        if w.error is not None:
+            raise w.error
     finally:
         head[0] = max(head[0], seq)
-        if state["watch"] is not None and not state["watch"].done():
-            try:
-                state["watch"].wait(timeout=0)
-            except MeshTimeoutError:
-                pass
+        w.close()
 
 
 def all_reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:

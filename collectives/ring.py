@@ -36,7 +36,7 @@ __all__ = ["ring", "message_order"]
 def message_order(steps: int, nseg: int, window: int) -> list[tuple[int, int]]:
     """The (step, segment) pairs in the order one link carries them: blocks
     of ``window`` segments, each block through every step."""
-    order = []
+    order: list[tuple[int, int]] = []
     for b in range(0, nseg, window):
         for s in range(steps):
             order.extend((s, j) for j in range(b, min(b + window, nseg)))
@@ -129,6 +129,7 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
         if req is not None:
             got = req.wait()
             if s < reduce_steps:
+                assert op is not None
                 lo, hi, _ = region(k, 1)
                 op.combine(buf[lo:hi], got)
         if k + slots < len(order):

@@ -73,6 +73,7 @@ def reduce_chain(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
     towards, upstream = chain(ctx.g.rank, ctx.g.size, root)
     segs = _segments(ctx, buf)
     if upstream is None:
+        assert towards is not None
         reqs = [ctx.isend(buf[lo:hi], towards) for lo, hi in segs]
         for req in reqs:
             req.wait()
@@ -111,6 +112,7 @@ def gather_direct(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) 
     if rank != root:
         ctx.send(buf, root)
         return
+    assert out is not None
     reqs = [ctx.irecv(i, out[i]) for i in range(n) if i != rank]
     out[rank] = buf.reshape(out.shape[1:])
     for req in reqs:
@@ -123,6 +125,7 @@ def scatter_direct(ctx: Ctx, src: np.ndarray | None, out: np.ndarray, root: int)
     if rank != root:
         ctx.recv(root, out=out)
         return
+    assert src is not None
     order = [(rank + k) % n for k in range(1, n)]
     reqs = [ctx.isend(src[i], i) for i in order]
     out[...] = src[rank]

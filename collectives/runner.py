@@ -129,7 +129,8 @@ class _Group:
         with self.lock:
             self.calls += 1
             now = time.monotonic()
-            found, keep = None, deque()
+            found: BaseException | None = None
+            keep: deque[tuple[int, float, Any]] = deque()
             for call, t, req in self.watches:
                 if req.done():
                     try:

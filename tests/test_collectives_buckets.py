@@ -56,7 +56,7 @@ def reducer_cases(world: Any) -> bool:
     red.wait()
     np.testing.assert_allclose(fresh[0], sum(_grads(1, i)[0] for i in range(n)) / n, rtol=1e-6)
     summed = _grads(2, r)
-    C.all_reduce_grads(world, summed, average=False, bucket_bytes=1 << 10)
+    C.all_reduce_grads(world, summed, bucket_bytes=1 << 10, op="sum")
     for g, w in zip(summed, [sum(gs) for gs in zip(*(_grads(2, i) for i in range(n)))]):
         assert np.array_equal(g, w)
     return True
