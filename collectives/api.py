@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import cma, mailbox
+from . import board, local
 from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
                        broadcast_object_tree)
 from .ops import resolve
@@ -79,8 +79,9 @@ def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None) -> Any:
     """Reduce ``a`` over the group, in place on every rank; returns ``a``.
     ``algorithm``: "rd" (recursive doubling) or "ring" (reduce-scatter then
-    all-gather); default by size. Between processes of one host the ring's
-    copies go through cross-memory attach (collectives.cma) unless MESH_CMA=0."""
+    all-gather); default by size. Between processes of one host both run
+    over the board and cross-memory attach (collectives.local) unless
+    MESH_CMA=0."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_reduce", a, writable=True)
         rop = resolve(op, arr.dtype)
@@ -89,12 +90,12 @@ def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
                 if alg == "rd":
-                    if mailbox.fits(ctx, buf.nbytes):
-                        mailbox.all_reduce(ctx, buf, rop)
+                    if board.available(ctx, buf.nbytes):
+                        local.all_reduce_small(ctx, buf, rop)
                     else:
                         all_reduce_rd(ctx, buf, rop)
-                elif cma.usable(ctx):
-                    cma.all_reduce(ctx, buf, rop)
+                elif board.available(ctx):
+                    local.all_reduce_large(ctx, buf, rop)
                 else:
                     ring(ctx, buf, rop, 2 * (ctx.g.size - 1), ctx.g.size - 1)
             rop.finish(buf, ctx.g.size)
@@ -111,14 +112,14 @@ def broadcast(g: Any, a: np.ndarray, root: int = 0, async_op: bool = False,
         r = _root(g, root)
         alg = choose("broadcast", arr.nbytes, t, algorithm)
 
+        fn = broadcast_tree if alg == "tree" else broadcast_chain
+
         def body(ctx: Ctx, buf: np.ndarray) -> None:
-            if alg == "tree":
-                broadcast_tree(ctx, buf, r)
-            elif cma.usable(ctx):
-                cma.broadcast(ctx, buf, r)
+            if board.available(ctx):
+                local.broadcast(ctx, buf, r)
             else:
-                broadcast_chain(ctx, buf, r)
-        return _fp("broadcast", arr, root=r, alg=alg), agreed(_in_place(arr, body))
+                agreed(lambda c: fn(c, buf, r))(ctx)
+        return _fp("broadcast", arr, root=r, alg=alg), _in_place(arr, body)
     return start(g, "broadcast", prepare, async_op)
 
 
@@ -150,8 +151,8 @@ def all_gather(g: Any, a: Any, async_op: bool = False) -> Any:
         def body(ctx: Ctx) -> np.ndarray:
             n = ctx.g.size
             out = np.empty((n,) + arr.shape, arr.dtype)
-            if n > 1 and out.nbytes >= t.small and cma.usable(ctx):
-                cma.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
+            if board.available(ctx):
+                local.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
             else:
                 out[ctx.g.rank] = arr
                 ring(ctx, out.reshape(-1), None, n - 1, 0)
@@ -170,10 +171,10 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False) -> A
 
         def body(ctx: Ctx) -> np.ndarray:
             n, m, rank = ctx.g.size, arr.shape[0] // ctx.g.size, ctx.g.rank
-            if n > 1 and arr.nbytes >= t.small and cma.usable(ctx):
+            if board.available(ctx):
                 mine = np.empty((m,) + arr.shape[1:], arr.dtype)
-                cma.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
-                                   mine.reshape(-1), rop)
+                local.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
+                                     mine.reshape(-1), rop)
             else:
                 work = np.array(arr, order="C")
                 ring(ctx, work.reshape(-1), rop, n - 1, n - 1, shift=-1)
@@ -193,9 +194,12 @@ def gather(g: Any, a: Any, root: int = 0, async_op: bool = False) -> Any:
 
         def body(ctx: Ctx) -> np.ndarray | None:
             out = np.empty((ctx.g.size,) + arr.shape, arr.dtype) if ctx.g.rank == r else None
-            gather_direct(ctx, arr, out, r)
+            if board.available(ctx):
+                local.gather(ctx, arr.reshape(-1), out, r)
+            else:
+                agreed(lambda c: gather_direct(c, arr, out, r))(ctx)
             return out
-        return _fp("gather", arr, root=r), agreed(body)
+        return _fp("gather", arr, root=r), body
     return start(g, "gather", prepare, async_op)
 
 
@@ -230,10 +234,12 @@ def all_to_all(g: Any, a: Any, async_op: bool = False) -> Any:
         _rows("all_to_all", arr, g.size)
 
         def body(ctx: Ctx) -> np.ndarray:
-            n = ctx.g.size
             out = np.empty_like(arr)
-            blocks = (n, -1) + arr.shape[1:]
-            all_to_all_direct(ctx, arr.reshape(blocks), out.reshape(blocks))
+            blocks = (ctx.g.size, -1)
+            if board.available(ctx):
+                local.all_to_all(ctx, arr.reshape(blocks), out.reshape(blocks))
+            else:
+                all_to_all_direct(ctx, arr.reshape(blocks), out.reshape(blocks))
             return out
         return _fp("all_to_all", arr), body
     return start(g, "all_to_all", prepare, async_op)
@@ -242,8 +248,8 @@ def all_to_all(g: Any, a: Any, async_op: bool = False) -> Any:
 def barrier(g: Any, async_op: bool = False) -> Any:
     """Return once every member of ``g`` has entered the barrier."""
     def body(ctx: Ctx) -> None:
-        if mailbox.fits(ctx, 0):
-            mailbox.barrier(ctx)
+        if board.available(ctx):
+            local.barrier(ctx)
         else:
             barrier_dissemination(ctx)
     return start(g, "barrier", lambda t: (_fp("barrier"), body), async_op)

@@ -1,0 +1,270 @@
+"""Same-host synchronization without sockets: every rank of a group keeps a
+small board in its own memory, and its peers poll it with cross-memory
+reads (collectives.cma). A socket round trip between two processes on a
+small machine costs 150-400 us; a poll costs a couple of microseconds.
+
+    head = [cookie | ack | slot 0: seq stage fplen paylen addr | slot 1: ...]
+    slot s body = [fingerprint (msgpack) | payload (small collectives)]
+
+A collective (a ``Round``) posts into slot seq % 2: fingerprint, payload
+or the address of its buffer, then ``seq``. Peers wait for every other
+rank's ``seq``, compare fingerprints (so every rank sees a mismatch itself),
+then read payloads or buffers directly, and step ``stage`` up as they go
+(1: my part is final, 2: I am done reading you). ``ack`` is the last
+collective a rank has finished with; a slot is rewritten only once every
+peer's ack has reached what it holds, which in lockstep the heads already
+seen show, so it costs no extra read.
+
+A peer on a socket path instead (another collective) is caught by a receive
+posted on the tag once a wait gets long; so is an abort; a dead peer fails
+the read; a freed board fails the cookie check.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+
+from mesh import ANY, LostPeerError, MeshError, MeshTimeoutError, MismatchError
+
+from . import cma
+from .runner import Ctx
+
+__all__ = ["CAPACITY", "available", "Round"]
+
+CAPACITY = 64 << 10
+_FP_ROOM = 1024
+_HEAD = 128
+_BODY = _FP_ROOM + CAPACITY
+_SPIN_S = 0.002
+_WATCH_AFTER_S = 0.0005
+_BUSY_S = 0.00005
+SEQ, STAGE, FPLEN, PAYLEN, ADDR = range(5)
+
+
+class _Box:
+    """One group's board: ours, where the peers' are, the last head seen of each."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.mem = np.zeros(_HEAD + 2 * _BODY, np.uint8)
+        words = self.mem[:_HEAD].view(np.int64)
+        words[0] = cookie = secrets.randbits(63)
+        self.head = words[1:12]
+        where = cma._exchange(ctx, [self.mem.ctypes.data, cookie])
+        self.addrs = [a for a, _ in where]
+        self.cookies = [c for _, c in where]
+        self.peek = np.zeros(12, np.int64)
+        self.seen = np.zeros((ctx.g.size, 11), np.int64)
+
+
+_boxes: "weakref.WeakKeyDictionary[Any, _Box]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def available(ctx: Ctx, payload: int = 0) -> bool:
+    """Whether this group syncs through boards (a same-host group whose
+    members may read each other) with room for ``payload`` bytes; sets the
+    boards up on the first ask (messages under this collective's tag)."""
+    if payload > CAPACITY or ctx.g.size == 1 or not cma.usable(ctx):
+        return False
+    with _lock:
+        box = _boxes.get(ctx.g)
+    if box is None:
+        box = _Box(ctx)
+        with _lock:
+            _boxes[ctx.g] = box
+    return True
+
+
+class _Waiting:
+    """A wait on peers: since when, until when, and the receive posted on
+    the tag once the wait gets long."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.t0 = time.monotonic()
+        self.limit = float(getattr(getattr(ctx.g, "_t", None), "timeout", 300.0))
+        self.watch: Any = None
+        self.error: BaseException | None = None
+        self.busy = _BUSY_S if ctx.g.size <= (os.cpu_count() or 1) else 0.0
+
+    def where(self) -> str:
+        return (f"rank {self.ctx.g.rank}: collective #{-self.ctx.tag} on group "
+                f"{getattr(self.ctx.g, 'name', '?')}")
+
+    def posted(self) -> Any:
+        if self.watch is None:
+            self.watch = self.ctx.g._irecv(ANY, self.ctx.tag, fp=self.ctx.fp)
+        return self.watch
+
+    def idle(self) -> BaseException | None:
+        """Between polls: poll on (when every rank has a core), then yield
+        the core; after a while post the receive (a peer on a socket path
+        would talk to us there, an abort fails it) and sleep. Returns the
+        error the receive caught."""
+        waited = time.monotonic() - self.t0
+        if waited < self.busy:
+            return None
+        if waited < _SPIN_S:
+            os.sched_yield()
+            if waited < _WATCH_AFTER_S:
+                return None
+        watch = self.posted()
+        if watch.done():
+            try:
+                watch.wait()
+            except MeshError as e:
+                return e
+            return MeshError(f"{self.where()}: a peer sent a message where none was expected")
+        if waited > self.limit:
+            raise MeshTimeoutError(f"{self.where()} timed out after {self.limit:g}s waiting "
+                                   f"for its peers")
+        if waited >= _SPIN_S:
+            time.sleep(min(0.001, waited / 20))
+        return None
+
+    def gone(self, peer: int, what: str) -> None:
+        """``peer`` finished this collective without ``what``: it failed, and
+        whoever failed first aborted the tag; raise that."""
+        try:
+            self.posted().wait(timeout=0.2)
+        except MeshTimeoutError:
+            pass
+        raise MeshError(f"{self.where()}: rank {peer} left it without {what} "
+                        f"(it called another collective or failed)")
+
+    def close(self) -> None:
+        if self.watch is not None and not self.watch.done():
+            try:
+                self.watch.wait(timeout=0)
+            except MeshTimeoutError:
+                pass
+
+
+def _fmt(fp: bytes) -> str:
+    try:
+        d = msgpack.unpackb(fp, raw=False)
+        return f"{d.pop('coll', '?')}({', '.join(f'{k}={v}' for k, v in d.items())})"
+    except Exception:
+        return repr(fp)
+
+
+class Round:
+    """One collective on the board; use as a context manager::
+
+        with Round(ctx) as r:
+            r.post(payload=a)            # or addr=buf.ctypes.data
+            r.gather(outs)               # peers' payloads; fingerprints checked
+            ...; r.stage(1); r.wait_stage(peers, 1) ...
+    """
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx, self.box = ctx, _boxes[ctx.g]
+        self.seq = -ctx.tag
+        self.slot = self.seq % 2
+        self.base = 5 * self.slot
+        self.fp = msgpack.packb(ctx.fp)
+        if len(self.fp) > _FP_ROOM:
+            raise ValueError(f"fingerprint of {len(self.fp)} bytes does not fit a board")
+        self.wait = _Waiting(ctx)
+        self.peers = [(ctx.g.rank + k) % ctx.g.size for k in range(1, ctx.g.size)]
+
+    def __enter__(self) -> "Round":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        head = self.box.head
+        head[0] = max(head[0], self.seq)
+        self.wait.close()
+
+    def _peek(self, peer: int) -> np.ndarray:
+        box = self.box
+        cma.peer_read(self.ctx, peer, box.addrs[peer], box.peek)
+        if box.peek[0] != box.cookies[peer]:
+            raise LostPeerError(f"{self.wait.where()}: rank {peer}'s board was freed (its "
+                                f"group was closed)", self.ctx.g.ranks[peer])
+        box.seen[peer] = box.peek[1:]
+        return box.seen[peer]
+
+    def _until(self, peers: list[int], ready: Callable[[np.ndarray], bool]) -> None:
+        """Poll peers' heads until ``ready`` holds for all. If the tag is
+        aborted meanwhile and a peer never gets there, raise why; if they all
+        get there, carry on (each rank then sees a mismatch itself, as a
+        MismatchError) and raise it at the end."""
+        seen = self.box.seen
+        todo = [p for p in peers if not ready(seen[p])]
+        while todo:
+            todo = [p for p in todo if not ready(self._peek(p))]
+            if todo:
+                err = self.wait.idle()
+                if err is not None:
+                    todo = [p for p in todo if not ready(self._peek(p))]
+                    if todo:
+                        raise err
+                    self.wait.error = err
+
+    def post(self, payload: np.ndarray | None = None, addr: int = 0) -> None:
+        """Publish this rank's fingerprint and payload (or buffer address)."""
+        head, b, slot = self.box.head, 1 + self.base, self.slot
+        held = int(head[b + SEQ])
+        self._until(self.peers, lambda h: h[0] >= held)
+        body = self.box.mem[_HEAD + slot * _BODY:_HEAD + (slot + 1) * _BODY]
+        body[:len(self.fp)] = np.frombuffer(self.fp, np.uint8)
+        size = 0
+        if payload is not None:
+            raw = payload.reshape(-1).view(np.uint8)
+            body[_FP_ROOM:_FP_ROOM + raw.size] = raw
+            size = raw.size
+        head[b + STAGE], head[b + FPLEN], head[b + PAYLEN], head[b + ADDR] = 0, len(self.fp), \
+            size, addr
+        head[b + SEQ] = self.seq
+        head[0] = max(head[0], self.seq - 1)
+
+    def gather(self, outs: list[np.ndarray | None] | None = None) -> list[int]:
+        """Wait for every peer's post; check fingerprints; copy payloads into
+        ``outs[peer]``. Returns the peers' buffer addresses, by rank."""
+        seq, b = self.seq, 1 + self.base
+        self._until(self.peers, lambda h: h[b + SEQ] == seq or h[0] >= seq)
+        n, rank = self.ctx.g.size, self.ctx.g.rank
+        paylen = 0 if outs is None or outs[self.peers[0]] is None else \
+            outs[self.peers[0]].nbytes  # type: ignore[union-attr]
+        inbox = np.empty(_FP_ROOM + paylen, np.uint8)
+        addrs = [0] * n
+        for p in self.peers:
+            h = self.box.seen[p]
+            if h[b + SEQ] != seq:
+                self.wait.gone(p, "taking part")
+            cma.peer_read(self.ctx, p, self.box.addrs[p] + _HEAD + self.slot * _BODY, inbox)
+            theirs = bytes(inbox[:int(h[b + FPLEN])])
+            if theirs != self.fp or int(h[b + PAYLEN]) != paylen:
+                raise MismatchError(
+                    f"rank {rank}: collective mismatch on group "
+                    f"{getattr(self.ctx.g, 'name', '?')}: rank {rank} called {_fmt(self.fp)} "
+                    f"but rank {p} called {_fmt(theirs)}")
+            if outs is not None and outs[p] is not None:
+                outs[p].reshape(-1).view(np.uint8)[...] = inbox[_FP_ROOM:]  # type: ignore
+            addrs[p] = int(h[b + ADDR])
+        if self.wait.error is not None:
+            raise self.wait.error
+        return addrs
+
+    def stage(self, k: int) -> None:
+        """Tell peers this rank has reached stage ``k`` of the collective."""
+        self.box.head[1 + self.base + STAGE] = k
+
+    def wait_stage(self, peers: list[int], k: int) -> None:
+        """Wait until each of ``peers`` has reached stage ``k``."""
+        seq, b = self.seq, 1 + self.base
+        self._until(peers, lambda h: (h[b + SEQ] == seq and h[b + STAGE] >= k) or h[0] >= seq)
+        for p in peers:
+            h = self.box.seen[p]
+            if h[b + SEQ] != seq or h[b + STAGE] < k:
+                self.wait.gone(p, f"reaching stage {k}")
+        if self.wait.error is not None:
+            raise self.wait.error

@@ -1,0 +1,161 @@
+"""Collectives between processes of one host: synchronized on the board
+(collectives.board), data copied once, straight out of the peers' memory
+(collectives.cma). No socket carries data or waits here.
+
+    small all_reduce, all_gather:  post payload | read every peer's | reduce in rank order
+    large all_reduce:              post address | reduce chunk r from every peer's buffer |
+                                   stage 1 | read each peer's final chunk | stage 2 | exit
+    reduce_scatter:                post address | reduce chunk r | stage 2 | exit
+    broadcast, gather,             post address | read what this rank needs | stage 2 |
+    all_gather, all_to_all         exit once no one reads us any more
+
+"Exit" waits until every peer that reads this rank's buffer has said stage 2,
+so a buffer is never changed or freed under a reader. Every reduction runs
+in a fixed order (rank order, or ring order from the chunk's owner for the
+owner alone), so all ranks get the same bits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .board import CAPACITY, Round
+from .cma import peer_read
+from .ops import ReduceOp
+from .plan import ring_chunks, segments
+from .runner import Ctx
+
+__all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "reduce_scatter",
+           "broadcast", "gather", "all_to_all"]
+
+
+def all_reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    """Every rank reads every contribution and reduces them in rank order."""
+    n, rank = ctx.g.size, ctx.g.rank
+    parts: list[np.ndarray | None] = [None if p == rank else np.empty_like(buf)
+                                      for p in range(n)]
+    with Round(ctx) as r:
+        r.post(payload=buf)
+        r.gather(parts)
+    acc = buf.copy() if rank == 0 else parts[0]
+    assert acc is not None
+    for p in range(1, n):
+        op.combine(acc, buf if p == rank else parts[p])
+    if acc is not buf:
+        buf[...] = acc
+
+
+def barrier(ctx: Ctx) -> None:
+    with Round(ctx) as r:
+        r.post()
+        r.gather()
+
+
+def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
+                  dst: np.ndarray, op: ReduceOp) -> None:
+    """dst = src[lo:hi] (op) every peer's [lo:hi], segment by segment through
+    one warm scratch buffer, peers in ring order from rank + 1. ``dst`` may
+    be ``src[lo:hi]`` itself."""
+    n, rank, item = ctx.g.size, ctx.g.rank, src.itemsize
+    per = max(1, ctx.tuning.segment // item)
+    scratch = np.empty(min(per, hi - lo), src.dtype)
+    in_place = np.may_share_memory(dst, src)
+    for a, b in segments(lo, hi, max(1, -(-(hi - lo) // per))):
+        out = dst[a - lo:b - lo]
+        if not in_place:
+            out[...] = src[a:b]
+        tmp = scratch[:b - a]
+        for k in range(1, n):
+            p = (rank + k) % n
+            peer_read(ctx, p, addrs[p] + a * item, tmp)
+            op.combine(out, tmp)
+
+
+def all_reduce_large(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    n, rank, item = ctx.g.size, ctx.g.rank, buf.itemsize
+    bounds = ring_chunks(buf.size, n)
+    with Round(ctx) as r:
+        r.post(addr=buf.ctypes.data)
+        addrs = r.gather()
+        lo, hi = bounds[rank]
+        _reduce_chunk(ctx, addrs, buf, lo, hi, buf[lo:hi], op)
+        r.stage(1)
+        for p in r.peers:
+            r.wait_stage([p], 1)
+            a, b = bounds[p]
+            if b > a:
+                peer_read(ctx, p, addrs[p] + a * item, buf[a:b])
+        r.stage(2)
+        r.wait_stage(r.peers, 2)
+
+
+def reduce_scatter(ctx: Ctx, buf: np.ndarray, out: np.ndarray, op: ReduceOp) -> None:
+    """``out`` = this rank's share (chunk ``rank`` of the flat ``buf``)
+    reduced over the group; ``buf`` is left as it was."""
+    lo, hi = ring_chunks(buf.size, ctx.g.size)[ctx.g.rank]
+    with Round(ctx) as r:
+        r.post(addr=buf.ctypes.data)
+        addrs = r.gather()
+        _reduce_chunk(ctx, addrs, buf, lo, hi, out, op)
+        r.stage(2)
+        r.wait_stage(r.peers, 2)
+
+
+def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray) -> None:
+    """Row p of ``out`` (rows of buf.size) = rank p's flat ``buf``."""
+    rows = out.reshape(ctx.g.size, -1)
+    rows[ctx.g.rank] = buf
+    with Round(ctx) as r:
+        if buf.nbytes <= min(ctx.tuning.small, CAPACITY):
+            r.post(payload=buf)
+            r.gather(list(rows))
+            return
+        r.post(addr=buf.ctypes.data)
+        addrs = r.gather()
+        for p in r.peers:
+            if buf.size:
+                peer_read(ctx, p, addrs[p], rows[p])
+        r.stage(2)
+        r.wait_stage(r.peers, 2)
+
+
+def broadcast(ctx: Ctx, buf: np.ndarray, root: int) -> None:
+    with Round(ctx) as r:
+        r.post(addr=buf.ctypes.data)
+        addrs = r.gather()
+        if ctx.g.rank == root:
+            r.wait_stage(r.peers, 2)
+            return
+        if buf.size:
+            peer_read(ctx, root, addrs[root], buf)
+        r.stage(2)
+
+
+def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) -> None:
+    """The root reads every rank's flat ``buf`` into row p of ``out``."""
+    with Round(ctx) as r:
+        r.post(addr=buf.ctypes.data)
+        addrs = r.gather()
+        if ctx.g.rank != root:
+            r.wait_stage([root], 2)
+            return
+        assert out is not None
+        rows = out.reshape(ctx.g.size, -1)
+        rows[root] = buf
+        for p in r.peers:
+            if buf.size:
+                peer_read(ctx, p, addrs[p], rows[p])
+        r.stage(2)
+
+
+def all_to_all(ctx: Ctx, src: np.ndarray, out: np.ndarray) -> None:
+    """Block p of ``out`` = block ``rank`` of rank p's ``src`` (both shaped (n, ...))."""
+    rank, block = ctx.g.rank, src[0].nbytes
+    out[rank] = src[rank]
+    with Round(ctx) as r:
+        r.post(addr=src.ctypes.data)
+        addrs = r.gather()
+        for p in r.peers:
+            if block:
+                peer_read(ctx, p, addrs[p] + rank * block, out[p])
+        r.stage(2)
+        r.wait_stage(r.peers, 2)
