@@ -103,7 +103,7 @@ class _Waiting:
             self.watch = self.ctx.g._irecv(ANY, self.ctx.tag, fp=self.ctx.fp)
         return self.watch
 
-    def idle(self) -> BaseException | None:
+    def idle(self, waiting_for: list[int]) -> BaseException | None:
         """Between polls: poll on (when every rank has a core), then yield
         the core; after a while post the receive (a peer on a socket path
         would talk to us there, an abort fails it) and sleep. Returns the
@@ -122,6 +122,11 @@ class _Waiting:
             except MeshError as e:
                 return e
             return MeshError(f"{self.where()}: a peer sent a message where none was expected")
+        for p in waiting_for:
+            state = _peer_state(self.ctx.g, p)
+            if state != "alive":
+                return LostPeerError(f"{self.where()}: rank {p} is {state} (the mesh lost it)",
+                                     self.ctx.g.ranks[p])
         if waited > self.limit:
             raise MeshTimeoutError(f"{self.where()} timed out after {self.limit:g}s waiting "
                                    f"for its peers")
@@ -145,6 +150,12 @@ class _Waiting:
                 self.watch.wait(timeout=0)
             except MeshTimeoutError:
                 pass
+
+
+def _peer_state(g: Any, peer: int) -> str:
+    """The mesh's view of group rank ``peer``: alive, closed or dead."""
+    t = getattr(g, "_t", None)
+    return "alive" if t is None else t.peer_state(g.ranks[peer])
 
 
 def _fmt(fp: bytes) -> str:
@@ -202,7 +213,7 @@ class Round:
         while todo:
             todo = [p for p in todo if not ready(self._peek(p))]
             if todo:
-                err = self.wait.idle()
+                err = self.wait.idle(todo)
                 if err is not None:
                     todo = [p for p in todo if not ready(self._peek(p))]
                     if todo:

@@ -1,0 +1,67 @@
+"""A rank stops answering in the middle of a stream of collectives: the
+survivors raise LostPeerError (or the abort that names it) within the
+mesh's peer timeout, on the same-host path and on the socket path, and
+their later collectives fail fast instead of hanging. (Crashes, where the
+process is gone and its memory unreadable, are covered by tests/test_faults.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import collectives as C
+import mesh
+
+VICTIM = 2
+
+
+def stall_midway(world: Any, count: int, outdir: str) -> None:
+    pids = C.all_gather_object(world, os.getpid())
+    if world.rank == VICTIM:
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGSTOP)).start()
+    a = np.empty(count, np.float32)
+    rounds, t0 = 0, time.monotonic()
+    try:
+        while True:
+            a.fill(1)
+            C.all_reduce(world, a)
+            assert a[0] == world.size, "wrong result before the failure"
+            rounds += 1
+    except mesh.MeshError as e:
+        first = {"type": type(e).__name__, "msg": str(e), "after": time.monotonic() - t0}
+    later = []
+    for call in (lambda: C.all_reduce(world, np.ones(8)), lambda: C.barrier(world)):
+        t = time.monotonic()
+        try:
+            call()
+            later.append(["ok", 0.0])
+        except mesh.MeshError as e:
+            later.append([type(e).__name__, time.monotonic() - t])
+    with open(os.path.join(outdir, f"{world.rank}.json"), "w") as f:
+        json.dump({"first": first, "later": later, "rounds": rounds}, f)
+    if world.rank == 0:
+        time.sleep(0.5)
+        os.kill(pids[VICTIM], signal.SIGKILL)
+
+
+@pytest.mark.parametrize("cma", ["1", "0"])
+@pytest.mark.parametrize("count", [2, 1 << 20])
+def test_survivors_of_a_stalled_rank_raise_fast(tmp_path: Any, cma: str, count: int) -> None:
+    env = {"MESH_CMA": cma, "MESH_PEER_TIMEOUT": "1.5"}
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(stall_midway, 3, count, str(tmp_path), timeout=60, env=env)
+    assert err.value.rank == VICTIM
+    for rank in (0, 1):
+        with open(tmp_path / f"{rank}.json") as f:
+            seen = json.load(f)
+        first = seen["first"]
+        assert seen["rounds"] > 0 and first["after"] < 10, seen
+        assert first["type"] in ("LostPeerError", "MeshError"), seen
+        assert "rank 2" in first["msg"], seen
+        assert all(kind != "ok" and took < 3 for kind, took in seen["later"]), seen
