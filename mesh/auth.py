@@ -1,27 +1,59 @@
 """Job secret enforcement: a ZeroMQ ZAP handler that accepts only peers that
-present the job's secret through the PLAIN mechanism. A stranger's connection
-is refused during the handshake, before any of its frames reach us, and counted."""
+prove they hold the job's secret. A stranger's connection is refused during
+the handshake, before any of its frames reach us, and counted.
+
+Two mechanisms, chosen per job (every process of a job must agree):
+
+- PLAIN (default): the secret itself is the password. Cheap, but the
+  password and all traffic cross the network in clear: fine on one host or a
+  trusted network.
+- CURVE (``MESH_CURVE=1``, or ``meshrun --curve``): a Curve25519 key pair is
+  derived from the secret, and every socket (rendezvous and workers) runs
+  CurveZMQ with it. The secret never crosses the wire, a peer proves it holds
+  it by its long-term key, and each connection is encrypted with its own
+  session keys. For multi-host jobs on networks you do not trust.
+"""
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+import os
 import threading
+from typing import Mapping
 
 import zmq
+from zmq.utils import z85
 
-__all__ = ["Authenticator", "make_server", "make_client", "USER"]
+__all__ = ["Authenticator", "make_server", "make_client", "curve_wanted", "job_keys", "USER"]
 
 USER = b"meshrun"
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _log = logging.getLogger("mesh.auth")
 
 
+def curve_wanted(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the job runs CurveZMQ (MESH_CURVE=1)."""
+    env = os.environ if env is None else env
+    return env.get("MESH_CURVE", "") not in ("", "0")
+
+
+def job_keys(secret: str) -> tuple[bytes, bytes]:
+    """The job's CURVE key pair (public, secret; Z85), derived from the job
+    secret so that every process that holds it, and only those, can make it."""
+    seed = hashlib.blake2b(secret.encode(), digest_size=32, person=b"meshrun-curve").digest()
+    secret_key = z85.encode(seed)
+    return zmq.curve_public(secret_key), secret_key
+
+
 class Authenticator:
     """One per ZeroMQ context; must be started before server sockets bind."""
 
-    def __init__(self, ctx: zmq.Context, secret: str) -> None:
+    def __init__(self, ctx: zmq.Context, secret: str, curve: bool | None = None) -> None:
         self._ctx = ctx
         self._secret = secret.encode()
+        self.curve = curve_wanted() if curve is None else curve
+        self._client_key = z85.decode(job_keys(secret)[0]) if self.curve else b""
         self.accepted = 0
         self.refused = 0
         self._sock = ctx.socket(zmq.REP)
@@ -32,9 +64,11 @@ class Authenticator:
         self._thread.start()
 
     def _check(self, request: list[bytes]) -> bool:
-        if len(request) < 6 or request[0] != b"1.0":
+        if len(request) < 7 or request[0] != b"1.0":
             return False
         mechanism = request[5]
+        if self.curve:
+            return mechanism == b"CURVE" and hmac.compare_digest(request[6], self._client_key)
         if mechanism != b"PLAIN" or len(request) < 8:
             return False
         user, password = request[6], request[7]
@@ -72,12 +106,23 @@ class Authenticator:
         self._thread.join(timeout=2)
 
 
-def make_server(sock: zmq.Socket) -> None:
-    """Require PLAIN credentials checked by this context's Authenticator."""
-    sock.setsockopt(zmq.PLAIN_SERVER, 1)
+def make_server(sock: zmq.Socket, secret: str = "", curve: bool = False) -> None:
+    """Require the job's credentials, checked by this context's Authenticator."""
+    if curve:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, job_keys(secret)[1])
+    else:
+        sock.setsockopt(zmq.PLAIN_SERVER, 1)
     sock.setsockopt(zmq.ZAP_DOMAIN, b"meshrun")
 
 
-def make_client(sock: zmq.Socket, secret: str) -> None:
-    sock.setsockopt(zmq.PLAIN_USERNAME, USER)
-    sock.setsockopt(zmq.PLAIN_PASSWORD, secret.encode())
+def make_client(sock: zmq.Socket, secret: str, curve: bool = False) -> None:
+    """Present the job's credentials when connecting."""
+    if curve:
+        public, secret_key = job_keys(secret)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+    else:
+        sock.setsockopt(zmq.PLAIN_USERNAME, USER)
+        sock.setsockopt(zmq.PLAIN_PASSWORD, secret.encode())

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import LostPeerError, MismatchError
 from .match import ANY, Pending
 from .transport import Outgoing, Transport
 
@@ -96,8 +97,15 @@ class Comm:
         self._coll_seq += 1
         return -self._coll_seq
 
-    def _abort(self, tag: int, reason: str) -> None:
-        self._t.abort(self.gid, tag, f"rank {self.rank} of group {self.name}: {reason}")
+    def _abort(self, tag: int, reason: str, error: type[BaseException] | None = None) -> None:
+        """Fail ``tag`` on every member; they raise ``error``'s kind where the
+        wire carries it (mismatch, lost peer), else MeshError."""
+        kind = 2
+        if error is not None and issubclass(error, MismatchError):
+            kind = 0
+        elif error is not None and issubclass(error, LostPeerError):
+            kind = 1
+        self._t.abort(self.gid, tag, f"rank {self.rank} of group {self.name}: {reason}", kind)
 
     def _world_rank(self, r: int, op: str) -> int:
         if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:

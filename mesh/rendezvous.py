@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import auth
 from .errors import RendezvousError
@@ -30,27 +31,39 @@ _MAX_REQUEST = 64 * 1024
 
 
 class RendezvousServer:
-    """Collects one registration per rank and hands every rank the table."""
+    """Collects one registration per rank and hands every rank the table.
+
+    ``refused`` counts connections that failed the handshake (no secret, a
+    wrong one, another mechanism); ``rejected`` counts requests refused after
+    it (malformed, wrong world size, a rank that already joined)."""
 
     def __init__(self, world_size: int, secret: str, host: str = "127.0.0.1",
-                 port: int = 0, ctx: zmq.Context | None = None) -> None:
+                 port: int = 0, ctx: zmq.Context | None = None,
+                 curve: bool | None = None) -> None:
         self.world_size = world_size
+        self.curve = auth.curve_wanted() if curve is None else curve
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        self._auth = auth.Authenticator(self._ctx, secret) if self._own_ctx else None
+        self._auth = auth.Authenticator(self._ctx, secret, self.curve) if self._own_ctx else None
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.MAXMSGSIZE, _MAX_REQUEST)
-        auth.make_server(self._sock)
+        auth.make_server(self._sock, secret, self.curve)
+        self._mon = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         bind_host = "*" if host in ("", "0.0.0.0", "*") else host
         try:
             self._sock.bind(f"tcp://{bind_host}:{port}")
         except zmq.ZMQError as e:
+            self._sock.disable_monitor()
+            self._mon.close(linger=0)
             self._sock.close(linger=0)
             raise RendezvousError(f"rendezvous: cannot bind tcp://{bind_host}:{port}: {e}") from e
         self.port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.rejected = 0
+        self.refused = 0
         self.complete = threading.Event()
         self._peers: dict[int, dict[str, Any]] = {}
         self._idents: dict[int, bytes] = {}
@@ -72,8 +85,8 @@ class RendezvousServer:
 
     def _register(self, ident: bytes, req: Any) -> None:
         if not (isinstance(req, dict) and req.get("op") == "join"
-                and isinstance(req.get("rank"), int) and isinstance(req.get("size"), int)
-                and isinstance(req.get("endpoints"), dict)):
+                and type(req.get("rank")) is int and type(req.get("size")) is int
+                and _endpoints_ok(req.get("endpoints"))):
             self.rejected += 1
             _log.warning("rendezvous: ignored a malformed request (%d so far)", self.rejected)
             return
@@ -100,16 +113,29 @@ class RendezvousServer:
                 self._reply(self._idents[r], table)
             self.complete.set()
 
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                parse_monitor_message(self._mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.refused += 1
+            _log.warning("rendezvous: refused a connection that failed the handshake (no or "
+                         "wrong job secret; %d so far)", self.refused)
+
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._mon, zmq.POLLIN)
         last_status = time.monotonic()
         while not self._stop.is_set():
             try:
-                events = poller.poll(200)
+                events = dict(poller.poll(200))
             except zmq.ZMQError:
                 break
-            if events:
+            if self._mon in events:
+                self._on_monitor()
+            if self._sock in events:
                 try:
                     frames = self._sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.ZMQError:
@@ -125,27 +151,40 @@ class RendezvousServer:
                 missing = self.missing()
                 for ident in self._idents.values():
                     self._reply(ident, {"op": "waiting", "missing": missing})
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        self._sock.disable_monitor()
+        self._mon.close(linger=0)
         self._sock.close(linger=0)
 
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
-        else:
-            self._sock.close(linger=0)
+        elif not self._sock.closed:
+            self._close_sockets()
         if self._auth is not None:
             self._auth.close()
         if self._own_ctx:
             self._ctx.term()
 
 
+def _endpoints_ok(eps: Any) -> bool:
+    """A worker's endpoints: {"ipc": "ipc://...", "tcp": "tcp://..."}."""
+    return (isinstance(eps, dict) and set(eps) == {"ipc", "tcp"}
+            and all(isinstance(eps[k], str) and eps[k].startswith(f"{k}://")
+                    and len(eps[k]) < 1024 for k in eps))
+
+
 def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: int,
-         host: str, endpoints: dict[str, str], timeout: float) -> list[dict[str, Any]]:
+         host: str, endpoints: dict[str, str], timeout: float,
+         curve: bool = False) -> list[dict[str, Any]]:
     """Register with the service and return the table of all peers, by rank."""
     where = f"tcp://{addr}:{port}"
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    auth.make_client(sock, secret)
+    auth.make_client(sock, secret, curve)
     sock.connect(where)
     sock.send(msgpack.packb({"op": "join", "rank": rank, "size": size, "host": host,
                              "endpoints": endpoints, "pid": os.getpid()}))
@@ -157,7 +196,7 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
             if left <= 0:
                 who = (f"ranks {missing} never arrived" if missing is not None
                        else "the service never answered (not running, wrong address, "
-                            "or a different job secret)")
+                            "or a different job secret or MESH_CURVE setting)")
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} timed out after "
                                       f"{timeout:.0f}s: {who}")
             if not sock.poll(int(min(left, 1.0) * 1000) + 1):

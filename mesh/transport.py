@@ -10,6 +10,10 @@ Senders write from the calling thread (zero-copy frames, under the peer's
 lock); the progress thread reads, matches and delivers, grants credit, sends
 heartbeats and notices dead peers. Credits bound what a peer may have in
 flight to us, so a fast sender cannot make a receiver buffer unbounded memory.
+
+Heartbeats carry a short status (what the sender is waiting in, or what it
+last did), so a wait that passes MESH_STALL_WARN seconds logs a stall report
+naming the peers it waits for and what they said they were doing.
 """
 from __future__ import annotations
 
@@ -18,14 +22,14 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Iterable
 
 import msgpack
 import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import device, wire
+from . import auth, device, wire
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
 from .match import ANY, Arrived, Flag, Matcher, Pending
 from .payload import encode_payload, fill, fmt_fp, out_problem
@@ -67,7 +71,7 @@ class Outgoing:
 
 class _Peer:
     __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
-                 "last_heard", "last_sent", "to_grant", "suspect_since")
+                 "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
         self.rank, self.monitor = rank, monitor
@@ -80,23 +84,32 @@ class _Peer:
         self.last_heard = self.last_sent = time.monotonic()
         self.to_grant = 0
         self.suspect_since = 0.0
+        self.status = ""
+        self.status_at = 0.0
 
 
 class Transport:
     """Sockets, matching and liveness for one rank. Built by ``mesh.init``."""
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
-                 endpoints: list[str], secret: str, timeout: float) -> None:
+                 endpoints: list[str], secret: str, timeout: float, curve: bool = False) -> None:
         self.rank, self.size, self.timeout = rank, size, timeout
         self.window = int(config_float("MESH_WINDOW_BYTES", 64 << 20))
         self.grant_step = max(self.window // 4, 1)
         self.heartbeat = config_float("MESH_HEARTBEAT", 0.5)
         self.peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0)
+        self.stall_warn = config_float("MESH_STALL_WARN", 60.0)
         self.bad_messages = 0
+        self.stalls = 0
+        self._dead: set[int] = set()
+        self._doing: Pending | Outgoing | None = None
+        self._doing_since = 0.0
+        self._last: Pending | Outgoing | None = None
+        self._last_end = 0.0
         self._ctx, self._router = ctx, router
         self._lock = threading.Lock()
         self._matcher = Matcher()
-        self._aborted: dict[tuple[int, int], tuple[int, str]] = {}
+        self._aborted: dict[tuple[int, int], tuple[int, str, int]] = {}
         self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
         self._peers: list[_Peer] = []
         for r, ep in enumerate(endpoints):
@@ -107,8 +120,7 @@ class Transport:
             s.setsockopt(zmq.IDENTITY, str(rank).encode())
             s.setsockopt(zmq.SNDHWM, 0)
             s.setsockopt(zmq.LINGER, 2000)
-            s.setsockopt(zmq.PLAIN_USERNAME, b"meshrun")
-            s.setsockopt(zmq.PLAIN_PASSWORD, secret.encode())
+            auth.make_client(s, secret, curve)
             mon = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
                                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             s.connect(ep)
@@ -217,11 +229,14 @@ class Transport:
             aborted = self._aborted.get((group, tag))
             msg = None if aborted else self._matcher.post(req)
             gone = None
-            if msg is None and not aborted and src != ANY and self._peers[src].state != _ALIVE:
-                self._matcher.cancel(req)
-                gone = self._gone(self._peers[src], desc)
+            if msg is None and not aborted:
+                lost = src if src != ANY and self._peers[src].state != _ALIVE else \
+                    self._dead_member(group) if self._dead and (src == ANY or tag < 0) else None
+                if lost is not None:
+                    self._matcher.cancel(req)
+                    gone = self._gone(self._peers[lost], desc)
         if aborted:
-            req.fail(_ERR_KINDS[aborted[0]](aborted[1]))
+            req.fail(_abort_error(aborted, f"rank {self.rank}: {desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
         elif msg is not None:
@@ -267,7 +282,7 @@ class Transport:
             if item.device:
                 return device.to_device(_host_array(item))
             return item.value
-        if not item.event.wait(limit):
+        if not item.event.is_set() and not self._await_credit(item, limit):
             raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
                                    f"waiting for credit from rank {item.dst} (it is not "
                                    f"receiving){self._peer_note(item)}")
@@ -290,19 +305,30 @@ class Transport:
             self._want += 1
             if self._progress_reading:
                 os.write(self._wake_w, b"w")
+        start = time.monotonic()
+        warn_at = start + self.stall_warn
+        self._doing, self._doing_since = item, start
         try:
             while not item.event.is_set():
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     return False
+                if now >= warn_at:
+                    self._stalled(item, now - start)
+                    warn_at = now + self.stall_warn
                 if not self._rlock.acquire(timeout=min(left, 0.002)):
                     item.event.wait(min(left, 0.002))
                     continue
                 try:
                     while not item.event.is_set():
-                        left = deadline - time.monotonic()
+                        now = time.monotonic()
+                        left = deadline - now
                         if left <= 0:
                             return False
+                        if now >= warn_at:
+                            self._stalled(item, now - start)
+                            warn_at = now + self.stall_warn
                         ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
                         if ready:
                             if len(ready) > 1 or ready[0][0] is not self._router:
@@ -314,10 +340,72 @@ class Transport:
                     self._rlock.release()
             return True
         finally:
+            self._doing, self._last, self._last_end = None, item, time.monotonic()
             with self._want_lock:
                 self._want -= 1
                 if self._want == 0:
                     self._aside_until = time.monotonic() + 0.002
+
+    def _await_credit(self, item: Outgoing, limit: float) -> bool:
+        """Wait for a queued send to be handed to ZeroMQ; report stalls."""
+        start = time.monotonic()
+        end = start + limit
+        self._doing, self._doing_since = item, start
+        try:
+            while True:
+                left = end - time.monotonic()
+                if left <= 0 or item.event.wait(min(left, self.stall_warn)):
+                    return item.event.is_set()
+                if time.monotonic() < end:
+                    self._stalled(item, time.monotonic() - start)
+        finally:
+            self._doing, self._last, self._last_end = None, item, time.monotonic()
+
+    # ---- stall reports -------------------------------------------------------
+
+    def _what(self, item: Pending | Outgoing) -> str:
+        if isinstance(item, Pending) and isinstance(item.fp, dict) and "coll" in item.fp:
+            group = self.groups.get(item.group, ("?",))[0]
+            return f"{item.fp['coll']} #{-item.tag} on group {group} ({item.desc})"
+        return item.desc
+
+    def status(self) -> str:
+        """What this rank is doing, as its heartbeats tell its peers."""
+        now = time.monotonic()
+        item, since = self._doing, self._doing_since
+        if item is not None:
+            return f"waiting {now - since:.1f}s in {self._what(item)}"
+        last = self._last
+        if last is not None:
+            return f"not in a mesh call; last: {self._what(last)}, {now - self._last_end:.1f}s ago"
+        return "not in a mesh call yet"
+
+    def _stalled(self, item: Pending | Outgoing, waited: float) -> None:
+        if isinstance(item, Outgoing):
+            peers = [item.dst]
+        elif item.src != ANY:
+            peers = [item.src]
+        else:
+            peers = self.groups.get(item.group, ("", []))[1]
+        self.stalled(self._what(item), peers, waited)
+
+    def stalled(self, what: str, peers: Iterable[int], waited: float) -> None:
+        """Log that ``what`` has waited ``waited`` seconds for world ranks
+        ``peers``, with what each of them last told us it was doing. Any wait
+        loop may call it (collectives that wait outside the transport do)."""
+        now = time.monotonic()
+        notes = []
+        for r in peers:
+            if r == self.rank:
+                continue
+            p = self._peers[r]
+            said = (f"{p.status} (said {now - p.status_at:.1f}s ago)" if p.status
+                    else "no status heard yet")
+            notes.append(f"rank {r} [{('alive', 'closed', 'dead')[p.state]}, heard from "
+                         f"{now - p.last_heard:.1f}s ago]: {said}")
+        self.stalls += 1
+        _log.warning("rank %d: stalled: %s has waited %.1fs (times out after %gs) for %s",
+                     self.rank, what, waited, self.timeout, "; ".join(notes) or "no peer")
 
     def _nudge(self) -> None:
         """Wake a thread blocked reading, after completing a request elsewhere."""
@@ -338,7 +426,8 @@ class Transport:
         if peer == ANY or peer == self.rank:
             return ""
         p = self._peers[peer]
-        return f" (rank {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago)"
+        said = f"; it said: {p.status}" if p.status else ""
+        return f" (rank {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago{said})"
 
     def _arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
                 on_device: bool = False) -> None:
@@ -368,7 +457,7 @@ class Transport:
         ident = parts[0].bytes
         try:
             h = wire.decode(parts[1].bytes, self.size)
-            if ident != str(h.src).encode():
+            if ident != str(h.src).encode() or h.src == self.rank:
                 raise BadMessageError(f"header says source {h.src} but the connection is {ident!r}")
         except BadMessageError as e:
             return self._bad(str(e))
@@ -390,8 +479,10 @@ class Transport:
             return self._bad(f"control message kind {h.kind} with a payload")
         elif h.kind == wire.CREDIT:
             self._on_credit(peer, h.credit)
+        elif h.kind == wire.HEARTBEAT:
+            peer.status, peer.status_at = h.reason, peer.last_heard
         elif h.kind == wire.ABORT:
-            self._abort_local(h.group, h.tag, h.credit, h.reason)
+            self._abort_local(h.group, h.tag, h.credit, h.reason, h.peer)
         elif h.kind == wire.BYE:
             self._peer_gone(h.src, "it closed its mesh", _CLOSED)
         return True
@@ -433,26 +524,34 @@ class Transport:
     # ---- aborts and lost peers --------------------------------------------------
 
     def abort(self, group: int, tag: int, reason: str, err: int = 2) -> None:
-        """Fail ``tag`` on every member of ``group``: pending and future ops raise."""
-        if not self._abort_local(group, tag, err, reason):
+        """Fail ``tag`` on every member of ``group``: pending and future ops raise.
+        With a member of the group known dead, the error is a lost peer naming it."""
+        lost = self._dead_member(group) if self._dead and err != 0 else None
+        if lost is not None:
+            err = 1
+        peer = -1 if lost is None else lost
+        if not self._abort_local(group, tag, err, reason, peer):
             return
-        header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, credit=err)
+        header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, credit=err,
+                             peer=peer)
         for r in self.groups.get(group, ("", []))[1]:
             if r != self.rank:
                 self._control(self._peers[r], header)
 
-    def _abort_local(self, group: int, tag: int, err: int, reason: str) -> bool:
+    def _abort_local(self, group: int, tag: int, err: int, reason: str, peer: int = -1) -> bool:
         with self._lock:
             if (group, tag) in self._aborted:
                 return False
-            self._aborted[(group, tag)] = (err, reason)
+            if err == 1 and peer < 0 and self._dead:
+                lost = self._dead_member(group)
+                peer = -1 if lost is None else lost
+            record = self._aborted[(group, tag)] = (err, reason, peer)
             reqs = self._matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
             dropped = self._matcher.drop_unexpected(group, tag)
         for m in dropped:
             self._consumed(m.src, m.nbytes)
-        cls = _ERR_KINDS.get(err, MeshError)
         for q in reqs:
-            q.fail(cls(f"rank {self.rank}: {q.desc} aborted: {reason}"))
+            q.fail(_abort_error(record, f"rank {self.rank}: {q.desc} aborted: {reason}"))
         self._nudge()
         return True
 
@@ -460,15 +559,25 @@ class Transport:
         return LostPeerError(f"rank {self.rank}: {desc} failed: peer rank {peer.rank} is gone "
                              f"({peer.why})", peer.rank)
 
+    def _dead_member(self, group: int) -> int | None:
+        """The lowest rank of ``group`` known dead, if any."""
+        dead = [r for r in self.groups.get(group, ("", []))[1] if r in self._dead]
+        return min(dead) if dead else None
+
     def _peer_gone(self, rank: int, why: str, state: int) -> None:
+        """Fail what involves ``rank``: receives from it and, when it died,
+        receives from any rank and every collective's (negative tag) in its groups."""
         peer = self._peers[rank]
         with self._lock:
             if peer.state != _ALIVE:
                 return
             peer.state, peer.why = state, why
+            if state == _DEAD:
+                self._dead.add(rank)
             members = {g for g, (_, ranks) in self.groups.items() if rank in ranks}
             reqs = self._matcher.remove_posted(
-                lambda q: q.src == rank or (state == _DEAD and q.src == ANY and q.group in members))
+                lambda q: q.src == rank or (state == _DEAD and (q.src == ANY or q.tag < 0)
+                                            and q.group in members))
         if state == _DEAD:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
         for q in reqs:
@@ -547,7 +656,7 @@ class Transport:
                                 _DEAD)
 
     def _tick(self, now: float) -> None:
-        beat = wire.encode(wire.HEARTBEAT, self.rank)
+        beat = None
         for p in self._peers:
             if p.sock is None or p.state != _ALIVE:
                 continue
@@ -556,6 +665,8 @@ class Transport:
             elif now - p.last_heard > self.peer_timeout:
                 self._peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s", _DEAD)
             elif now - p.last_sent > self.heartbeat:
+                if beat is None:
+                    beat = wire.encode(wire.HEARTBEAT, self.rank, reason=self.status()[:2000])
                 self._control(p, beat)
 
     def close(self, linger: float = 5.0) -> None:
@@ -581,6 +692,13 @@ class Transport:
         self._router.close(linger=0)
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _abort_error(record: tuple[int, str, int], text: str) -> MeshError:
+    err, _, peer = record
+    if err == 1:
+        return LostPeerError(text, peer if peer >= 0 else None)
+    return _ERR_KINDS.get(err, MeshError)(text)
 
 
 def _host_array(item: Pending) -> np.ndarray:

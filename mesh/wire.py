@@ -7,7 +7,9 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
 
     header keys: k kind, s source world rank, g group id, t tag,
                  d dtype (arrays), sh shape (arrays), n payload bytes,
-                 f fingerprint (collectives), c credit bytes, r reason,
+                 f fingerprint (collectives), c credit bytes, r reason (aborts)
+                 or status (heartbeats: what the sender is doing, for stall
+                 reports), p the lost peer an abort names (-1: none),
                  v true when the array came from a device (returned on one)
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Header(NamedTuple):
     credit: int = 0
     reason: str = ""
     device: bool = False
+    peer: int = -1
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -70,7 +73,7 @@ def _dtype(name: str) -> np.dtype:
 
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
-           credit: int = 0, reason: str = "", device: bool = False) -> bytes:
+           credit: int = 0, reason: str = "", device: bool = False, peer: int = -1) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if kind in (DATA, OBJ, ABORT):
         h["g"] = group
@@ -89,6 +92,10 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
     elif kind == ABORT:
         h["r"] = reason
         h["c"] = credit  # the error kind: 0 mismatch, 1 lost peer, 2 other
+        if peer >= 0:
+            h["p"] = peer
+    elif kind == HEARTBEAT and reason:
+        h["r"] = reason
     return msgpack.packb(h)
 
 
@@ -116,14 +123,17 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     src = _int(h, "s", 0, world_size - 1)
     if kind == CREDIT:
         return Header(kind, src, credit=_int(h, "c", 0))
-    if kind in (HEARTBEAT, BYE):
+    if kind == BYE:
         return Header(kind, src)
+    reason = h.get("r", "")
+    if not isinstance(reason, str):
+        raise BadMessageError("reason/status is not a string")
+    if kind == HEARTBEAT:
+        return Header(kind, src, reason=reason)
     group, tag = _int(h, "g", 0), _int(h, "t")
     if kind == ABORT:
-        reason = h.get("r", "")
-        if not isinstance(reason, str):
-            raise BadMessageError("abort reason is not a string")
-        return Header(kind, src, group, tag, reason=reason, credit=_int(h, "c", 0, 2))
+        return Header(kind, src, group, tag, reason=reason, credit=_int(h, "c", 0, 2),
+                      peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
     nbytes = _int(h, "n", 0)
     if kind == OBJ:
         return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"))

@@ -88,12 +88,13 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None) 
     op_timeout = timeout if timeout is not None else config_float("MESH_TIMEOUT", 300.0)
     rdv_timeout = rendezvous_timeout if rendezvous_timeout is not None else \
         config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0)
+    curve = auth.curve_wanted()
     ctx = zmq.Context()
-    authenticator = auth.Authenticator(ctx, spec.secret)
+    authenticator = auth.Authenticator(ctx, spec.secret, curve)
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.RCVHWM, 0)
     router.setsockopt(zmq.LINGER, 0)
-    auth.make_server(router)
+    auth.make_server(router, spec.secret, curve)
     ipc_dir = os.environ.get("MESH_RUNTIME_DIR") or tempfile.gettempdir()
     ipc_path = os.path.join(ipc_dir, f"mr-{os.getpid()}-{secrets.token_hex(4)}.sock")
     server = None
@@ -108,9 +109,9 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None) 
         else:
             if spec.serve_rendezvous and spec.rank == 0:
                 server = RendezvousServer(spec.size, spec.secret, host="*",
-                                          port=spec.master_port, ctx=ctx).start()
+                                          port=spec.master_port, ctx=ctx, curve=curve).start()
             table = join(ctx, spec.master_addr, spec.master_port, spec.secret, spec.rank,
-                         spec.size, host, eps, rdv_timeout)
+                         spec.size, host, eps, rdv_timeout, curve)
     except BaseException:
         router.close(linger=0)
         if server is not None:
@@ -122,5 +123,6 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None) 
     same_host_ipc = os.environ.get("MESH_FORCE_TCP", "") in ("", "0")
     endpoints = [p["endpoints"]["ipc"] if same_host_ipc and p["host"] == host
                  else p["endpoints"]["tcp"] for p in table]
-    transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout)
+    transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout,
+                          curve)
     return Mesh(transport, ctx, authenticator, spec, hosts, endpoints, server, ipc_path)

@@ -1,0 +1,149 @@
+"""Property-based tests of the frame decoder: whatever bytes arrive as a
+header, ``mesh.wire.decode`` returns a Header that satisfies every invariant
+the transport relies on, or raises BadMessageError; never anything else."""
+from __future__ import annotations
+
+import math
+import os
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh import BadMessageError, wire
+
+pytestmark = pytest.mark.timeout(120)
+
+KEYS = ["k", "s", "g", "t", "d", "sh", "n", "f", "c", "r"]
+INT64 = st.integers(-(1 << 63), (1 << 64) - 1)        # what msgpack can carry
+SMALL = st.integers(-3, 40)
+DTYPES = ["<f4", "<f8", "|u1", "<i8", "|b1", "<c16", ">f4", "|O", "V8", "<M8[s]", "S3",
+          "<U2", "i4,i4", "(2,)f8", "float128", "", "nope", "\x00"]
+SETTINGS = settings(max_examples=int(os.environ.get("MESH_FUZZ_EXAMPLES", "300")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+scalars = st.one_of(st.none(), st.booleans(), INT64, SMALL, st.floats(allow_nan=True),
+                    st.text(max_size=20), st.binary(max_size=20), st.sampled_from(DTYPES))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=4), inner, max_size=4)),
+    max_leaves=20)
+shapes = st.lists(st.one_of(st.integers(0, 8), INT64, st.just(-1), st.text(max_size=2)),
+                  max_size=40)
+
+
+def _header_maps() -> st.SearchStrategy[dict]:
+    """Maps that look like headers: the real keys, plausible and absurd values."""
+    field = {"k": st.one_of(st.integers(-1, 7), values), "s": st.one_of(SMALL, values),
+             "sh": st.one_of(shapes, values), "d": st.one_of(st.sampled_from(DTYPES), values),
+             "n": st.one_of(st.integers(-1, 1 << 40), values)}
+    known = st.fixed_dictionaries({}, optional={k: field.get(k, values) for k in KEYS})
+    extra = st.dictionaries(st.one_of(st.text(max_size=3), INT64), values, max_size=3)
+    return st.tuples(known, extra).map(lambda p: {**p[1], **p[0]})
+
+
+def _check(frame: bytes, size: int) -> None:
+    """decode accepts or rejects cleanly, and what it accepts is sound."""
+    try:
+        h = wire.decode(frame, size)
+    except BadMessageError:
+        return
+    assert isinstance(h, wire.Header)
+    assert h.kind in (wire.DATA, wire.OBJ, wire.CREDIT, wire.HEARTBEAT, wire.ABORT, wire.BYE)
+    assert type(h.src) is int and 0 <= h.src < size
+    assert type(h.group) is int and h.group >= 0 and type(h.tag) is int
+    assert type(h.nbytes) is int and h.nbytes >= 0
+    assert type(h.credit) is int and h.credit >= 0
+    assert isinstance(h.reason, str)
+    if h.kind == wire.DATA:
+        dt = np.dtype(h.dtype)
+        assert wire.dtype_ok(dt)
+        assert all(type(x) is int and x >= 0 for x in h.shape)
+        assert math.prod(h.shape) * dt.itemsize == h.nbytes
+    if h.kind == wire.ABORT:
+        assert 0 <= h.credit <= 2
+    assert type(h.peer) is int and -1 <= h.peer < size
+
+
+@SETTINGS
+@given(st.binary(max_size=256), st.integers(1, 8))
+def test_arbitrary_bytes(frame: bytes, size: int) -> None:
+    _check(frame, size)
+
+
+@SETTINGS
+@given(_header_maps(), st.integers(1, 8))
+def test_arbitrary_msgpack_maps(h: dict, size: int) -> None:
+    try:
+        frame = msgpack.packb(h, use_bin_type=True)
+    except (OverflowError, ValueError, TypeError):
+        return
+    _check(frame, size)
+
+
+@SETTINGS
+@given(values, st.integers(1, 8))
+def test_arbitrary_msgpack_values(v: object, size: int) -> None:
+    _check(msgpack.packb(v, use_bin_type=True), size)
+
+
+valid = st.one_of(
+    st.builds(lambda s, g, t, d, sh, f: wire.encode(
+        wire.DATA, s, g, t, dtype=np.dtype(d).str, shape=tuple(sh),
+        nbytes=math.prod(sh) * np.dtype(d).itemsize, fp=f),
+        st.integers(0, 3), st.integers(0, 1 << 62), st.integers(-(1 << 62), 1 << 62),
+        st.sampled_from(["<f4", "<f8", "|u1", "<c8", "|b1", "<i2"]),
+        st.lists(st.integers(0, 5), max_size=4),
+        st.one_of(st.none(), st.dictionaries(st.text(max_size=4), SMALL, max_size=3))),
+    st.builds(lambda s, n: wire.encode(wire.OBJ, s, nbytes=n), st.integers(0, 3),
+              st.integers(0, 1 << 40)),
+    st.builds(lambda s, c: wire.encode(wire.CREDIT, s, credit=c), st.integers(0, 3),
+              st.integers(0, 1 << 40)),
+    st.builds(lambda s, r, e, p: wire.encode(wire.ABORT, s, reason=r, credit=e, peer=p),
+              st.integers(0, 3), st.text(max_size=30), st.integers(0, 2), st.integers(-1, 3)),
+    st.builds(lambda s, r: wire.encode(wire.HEARTBEAT, s, reason=r), st.integers(0, 3),
+              st.text(max_size=30)))
+
+
+@SETTINGS
+@given(valid, st.data())
+def test_mutated_valid_headers(frame: bytes, data: st.DataObject) -> None:
+    """Valid headers decode; any byte flip, cut or splice of one is still
+    either a sound Header or a BadMessageError."""
+    assert wire.decode(frame, 4).src < 4
+    buf = bytearray(frame)
+    for _ in range(data.draw(st.integers(1, 4))):
+        how = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        i = data.draw(st.integers(0, max(0, len(buf) - 1)))
+        if how == "flip" and buf:
+            buf[i] ^= 1 << data.draw(st.integers(0, 7))
+        elif how == "cut":
+            del buf[i:i + data.draw(st.integers(1, 8))]
+        else:
+            buf[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    _check(bytes(buf), data.draw(st.integers(1, 4)))
+
+
+def test_hostile_shapes_and_sizes() -> None:
+    """Named cases the generators may not reach: oversized, deep, huge, lying."""
+    deep = b"\x91" * 5000 + b"\x00"
+    cases = [
+        b"", b"\x80", b"\xc1", deep, b"\x81\xa1k" + b"\x91" * 3000 + b"\x00",
+        b"\x00" * (wire.MAX_HEADER + 1),
+        msgpack.packb({"k": 0, "s": 0, "g": 0, "t": 0, "d": "<f8", "sh": [1 << 40] * 4,
+                       "n": 8}),
+        msgpack.packb({"k": 0, "s": 0, "g": 0, "t": 0, "d": "<f8", "sh": [0] * 33, "n": 0}),
+        msgpack.packb({"k": 0, "s": 0, "g": 0, "t": 0, "d": "<f8", "sh": [2], "n": 15}),
+        msgpack.packb({"k": 0, "s": 0, "g": 0, "t": 0, "d": "|O", "sh": [1], "n": 8}),
+        msgpack.packb({"k": 0, "s": 0, "g": 0, "t": 0, "d": "f8,f8", "sh": [1], "n": 16}),
+        msgpack.packb({"k": True, "s": 0}), msgpack.packb({"k": 2, "s": 1.0, "c": 1}),
+        msgpack.packb({"k": 2, "s": 0, "c": -1}), msgpack.packb({"k": 4, "s": 0, "r": 5}),
+        msgpack.packb({"k": 3, "s": 9}), msgpack.packb({1: 2}), msgpack.packb([3, 0]),
+        msgpack.packb({"k": 3, "s": 0, "r": 7}), msgpack.packb({"k": 4, "s": 0, "p": 2}),
+        msgpack.packb({"k": 1, "s": 0, "n": 1, "pad": "x" * wire.MAX_HEADER}),
+    ]
+    for frame in cases:
+        with pytest.raises(BadMessageError):
+            wire.decode(frame, 2)
+    assert wire.decode(msgpack.packb({"k": 3, "s": 1}), 2).src == 1
