@@ -136,10 +136,13 @@ def reduce(g: Any, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
-                fn(ctx, buf, rop, r)
+                if board.available(ctx):
+                    local.reduce(ctx, buf, rop, r)
+                else:
+                    agreed(lambda c: fn(c, buf, rop, r))(ctx)
             if ctx.g.rank == r:
                 rop.finish(buf, ctx.g.size)
-        return _fp("reduce", arr, op=op, root=r, alg=alg), agreed(_in_place(arr, body))
+        return _fp("reduce", arr, op=op, root=r, alg=alg), _in_place(arr, body)
     return start(g, "reduce", prepare, async_op)
 
 

@@ -75,7 +75,7 @@ def plan_rows(op: str, sizes: Sequence[int], itemsize: int, n: int,
     iterations for small sizes, at least 5 timed calls for the largest."""
     rows = []
     for size in sizes:
-        it = iters if iters is not None else max(5, min(200, (512 << 20) // size))
+        it = iters if iters is not None else max(5, min(200, (512 << 20) // max(size, 1)))
         wu = warmup if warmup is not None else 2 + it // 10
         rows.append((input_count(op, size, itemsize, n), it, wu))
     return rows

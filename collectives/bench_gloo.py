@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 import traceback
+import warnings
 from typing import Any, Callable
 
 __all__ = ["available", "run_gloo"]
@@ -62,6 +63,7 @@ def _worker(rank: int, n: int, init: str, op: str, rows: list[tuple[int, int, in
         import torch
         import torch.distributed as dist
 
+        warnings.filterwarnings("ignore", category=FutureWarning)
         dev = "cpu"
         if device == "cuda":
             dev = f"cuda:{rank % torch.cuda.device_count()}"

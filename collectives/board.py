@@ -3,14 +3,17 @@ small board in its own memory, and its peers poll it with cross-memory
 reads (collectives.cma). A socket round trip between two processes on a
 small machine costs 150-400 us; a poll costs a couple of microseconds.
 
-    head = [cookie | ack | slot 0: seq stage fplen paylen addr | slot 1: ...]
+    head = [cookie | ack | slot 0: seq stage fplen paylen addr addr2 fphash | slot 1: ...]
+           [inline payload, slot 0 | slot 1]          (one 512-byte read polls all this)
     slot s body = [fingerprint (msgpack) | payload (small collectives)]
 
 A collective (a ``Round``) posts into slot seq % 2: fingerprint, payload
-or the address of its buffer, then ``seq``. Peers wait for every other
+or the address of its buffer, then ``seq``. A reader that has seen ``seq``
+reads the slot again in a second call before using it: one copy may load
+bytes out of order, two calls do not. Peers wait for every other
 rank's ``seq``, compare fingerprints (so every rank sees a mismatch itself),
-then read payloads or buffers directly, and step ``stage`` up as they go
-(1: my part is final, 2: I am done reading you). ``ack`` is the last
+then read payloads or buffers (at ``addr``, ``addr2``) directly, and step
+``stage`` up as they go (1: my part is final, 2: I am done reading you). ``ack`` is the last
 collective a rank has finished with; a slot is rewritten only once every
 peer's ack has reached what it holds, which in lockstep the heads already
 seen show, so it costs no extra read.
@@ -21,6 +24,7 @@ the read; a freed board fails the cookie check.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
@@ -41,26 +45,31 @@ __all__ = ["CAPACITY", "available", "Round"]
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
 _HEAD = 128
+_INLINE = 192
+_PEEK = _HEAD + 2 * _INLINE
 _BODY = _FP_ROOM + CAPACITY
 _SPIN_S = 0.002
 _WATCH_AFTER_S = 0.0005
 _BUSY_S = 0.00005
-SEQ, STAGE, FPLEN, PAYLEN, ADDR = range(5)
+SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
+_SLOT_WORDS = 7
+_WORDS = 1 + 2 * _SLOT_WORDS
 
 
 class _Box:
     """One group's board: ours, where the peers' are, the last head seen of each."""
 
     def __init__(self, ctx: Ctx) -> None:
-        self.mem = np.zeros(_HEAD + 2 * _BODY, np.uint8)
+        self.mem = np.zeros(_PEEK + 2 * _BODY, np.uint8)
         words = self.mem[:_HEAD].view(np.int64)
         words[0] = cookie = secrets.randbits(63)
-        self.head = words[1:12]
+        self.head = words[1:1 + _WORDS]
         where = cma._exchange(ctx, [self.mem.ctypes.data, cookie])
         self.addrs = [a for a, _ in where]
         self.cookies = [c for _, c in where]
-        self.peek = np.zeros(12, np.int64)
-        self.seen = np.zeros((ctx.g.size, 11), np.int64)
+        self.peek = np.zeros(_PEEK, np.uint8)
+        self.seen = np.zeros((ctx.g.size, _PEEK), np.uint8)
+        self.seen_head = self.seen[:, 8:8 + 8 * _WORDS].view(np.int64)
 
 
 _boxes: "weakref.WeakKeyDictionary[Any, _Box]" = weakref.WeakKeyDictionary()
@@ -179,11 +188,13 @@ class Round:
         self.ctx, self.box = ctx, _boxes[ctx.g]
         self.seq = -ctx.tag
         self.slot = self.seq % 2
-        self.base = 5 * self.slot
+        self.base = _SLOT_WORDS * self.slot
         self.fp = msgpack.packb(ctx.fp)
         if len(self.fp) > _FP_ROOM:
             raise ValueError(f"fingerprint of {len(self.fp)} bytes does not fit a board")
+        self.hash = int.from_bytes(hashlib.blake2b(self.fp, digest_size=8).digest(), "little") >> 1
         self.wait = _Waiting(ctx)
+        self.addr2: list[int] = []
         self.peers = [(ctx.g.rank + k) % ctx.g.size for k in range(1, ctx.g.size)]
 
     def __enter__(self) -> "Round":
@@ -197,73 +208,89 @@ class Round:
     def _peek(self, peer: int) -> np.ndarray:
         box = self.box
         cma.peer_read(self.ctx, peer, box.addrs[peer], box.peek)
-        if box.peek[0] != box.cookies[peer]:
+        if box.peek[:8].view(np.int64)[0] != box.cookies[peer]:
             raise LostPeerError(f"{self.wait.where()}: rank {peer}'s board was freed (its "
                                 f"group was closed)", self.ctx.g.ranks[peer])
-        box.seen[peer] = box.peek[1:]
-        return box.seen[peer]
+        box.seen[peer] = box.peek
+        return box.seen_head[peer]
 
     def _until(self, peers: list[int], ready: Callable[[np.ndarray], bool]) -> None:
         """Poll peers' heads until ``ready`` holds for all. If the tag is
-        aborted meanwhile and a peer never gets there, raise why; if they all
-        get there, carry on (each rank then sees a mismatch itself, as a
-        MismatchError) and raise it at the end."""
-        seen = self.box.seen
+        aborted meanwhile, or the mesh loses a peer, and a peer never gets
+        there, raise why; if they all get there, carry on (each rank then
+        sees a mismatch itself, as a MismatchError; a peer that left after
+        doing its part is no error) and raise an abort at the end."""
+        seen = self.box.seen_head
         todo = [p for p in peers if not ready(seen[p])]
         while todo:
             todo = [p for p in todo if not ready(self._peek(p))]
-            if todo:
-                err = self.wait.idle(todo)
-                if err is not None:
-                    todo = [p for p in todo if not ready(self._peek(p))]
-                    if todo:
-                        raise err
+            if not todo:
+                break
+            err = self.wait.idle(todo)
+            if err is not None:
+                todo = [p for p in todo if not ready(self._peek(p))]
+                if todo:
+                    raise err
+                if not isinstance(err, LostPeerError):
                     self.wait.error = err
 
-    def post(self, payload: np.ndarray | None = None, addr: int = 0) -> None:
-        """Publish this rank's fingerprint and payload (or buffer address)."""
-        head, b, slot = self.box.head, 1 + self.base, self.slot
+    def post(self, payload: np.ndarray | None = None, addr: int = 0, addr2: int = 0) -> None:
+        """Publish this rank's fingerprint and payload (or buffer addresses)."""
+        head, b, slot, mem = self.box.head, 1 + self.base, self.slot, self.box.mem
         held = int(head[b + SEQ])
         self._until(self.peers, lambda h: h[0] >= held)
-        body = self.box.mem[_HEAD + slot * _BODY:_HEAD + (slot + 1) * _BODY]
-        body[:len(self.fp)] = np.frombuffer(self.fp, np.uint8)
+        body = _PEEK + slot * _BODY
+        mem[body:body + len(self.fp)] = np.frombuffer(self.fp, np.uint8)
         size = 0
         if payload is not None:
             raw = payload.reshape(-1).view(np.uint8)
-            body[_FP_ROOM:_FP_ROOM + raw.size] = raw
             size = raw.size
-        head[b + STAGE], head[b + FPLEN], head[b + PAYLEN], head[b + ADDR] = 0, len(self.fp), \
-            size, addr
+            at = _HEAD + slot * _INLINE if size <= _INLINE else body + _FP_ROOM
+            mem[at:at + size] = raw
+        head[b + STAGE], head[b + FPLEN], head[b + PAYLEN] = 0, len(self.fp), size
+        head[b + ADDR], head[b + ADDR2], head[b + FPHASH] = addr, addr2, self.hash
         head[b + SEQ] = self.seq
         head[0] = max(head[0], self.seq - 1)
 
     def gather(self, outs: list[np.ndarray | None] | None = None) -> list[int]:
-        """Wait for every peer's post; check fingerprints; copy payloads into
-        ``outs[peer]``. Returns the peers' buffer addresses, by rank."""
-        seq, b = self.seq, 1 + self.base
+        """Wait for every peer's post; check fingerprints; copy the payload of
+        each peer p with an ``outs[p]`` (contiguous, its exact size) there.
+        Returns the peers' ``addr`` by rank (``addr2`` in ``self.addr2``)."""
+        seq, b, slot = self.seq, 1 + self.base, self.slot
         self._until(self.peers, lambda h: h[b + SEQ] == seq or h[0] >= seq)
-        n, rank = self.ctx.g.size, self.ctx.g.rank
-        paylen = 0 if outs is None or outs[self.peers[0]] is None else \
-            outs[self.peers[0]].nbytes  # type: ignore[union-attr]
-        inbox = np.empty(_FP_ROOM + paylen, np.uint8)
-        addrs = [0] * n
+        box = self.box
+        addrs, self.addr2 = [0] * self.ctx.g.size, [0] * self.ctx.g.size
         for p in self.peers:
-            h = self.box.seen[p]
+            h = self._peek(p)
             if h[b + SEQ] != seq:
                 self.wait.gone(p, "taking part")
-            cma.peer_read(self.ctx, p, self.box.addrs[p] + _HEAD + self.slot * _BODY, inbox)
-            theirs = bytes(inbox[:int(h[b + FPLEN])])
-            if theirs != self.fp or int(h[b + PAYLEN]) != paylen:
-                raise MismatchError(
-                    f"rank {rank}: collective mismatch on group "
-                    f"{getattr(self.ctx.g, 'name', '?')}: rank {rank} called {_fmt(self.fp)} "
-                    f"but rank {p} called {_fmt(theirs)}")
-            if outs is not None and outs[p] is not None:
-                outs[p].reshape(-1).view(np.uint8)[...] = inbox[_FP_ROOM:]  # type: ignore
-            addrs[p] = int(h[b + ADDR])
+            out = None if outs is None else outs[p]
+            size = int(h[b + PAYLEN])
+            if h[b + FPHASH] != self.hash or (out is not None and size != out.nbytes):
+                self._mismatch(p, int(h[b + FPLEN]))
+            if out is not None and size:
+                dst = out.reshape(-1).view(np.uint8)
+                if size <= _INLINE:
+                    dst[...] = box.seen[p, _HEAD + slot * _INLINE:_HEAD + slot * _INLINE + size]
+                else:
+                    cma.peer_read(self.ctx, p, box.addrs[p] + _PEEK + slot * _BODY + _FP_ROOM,
+                                  dst)
+            addrs[p], self.addr2[p] = int(h[b + ADDR]), int(h[b + ADDR2])
         if self.wait.error is not None:
             raise self.wait.error
         return addrs
+
+    def _mismatch(self, peer: int, fplen: int) -> None:
+        theirs = np.zeros(min(max(fplen, 0), _FP_ROOM), np.uint8)
+        try:
+            cma.peer_read(self.ctx, peer, self.box.addrs[peer] + _PEEK + self.slot * _BODY,
+                          theirs)
+        except LostPeerError:
+            pass
+        rank = self.ctx.g.rank
+        raise MismatchError(f"rank {rank}: collective mismatch on group "
+                            f"{getattr(self.ctx.g, 'name', '?')}: rank {rank} called "
+                            f"{_fmt(self.fp)} but rank {peer} called {_fmt(theirs.tobytes())}")
 
     def stage(self, k: int) -> None:
         """Tell peers this rank has reached stage ``k`` of the collective."""
@@ -274,7 +301,7 @@ class Round:
         seq, b = self.seq, 1 + self.base
         self._until(peers, lambda h: (h[b + SEQ] == seq and h[b + STAGE] >= k) or h[0] >= seq)
         for p in peers:
-            h = self.box.seen[p]
+            h = self.box.seen_head[p]
             if h[b + SEQ] != seq or h[b + STAGE] < k:
                 self.wait.gone(p, f"reaching stage {k}")
         if self.wait.error is not None:

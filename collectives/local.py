@@ -2,11 +2,13 @@
 (collectives.board), data copied once, straight out of the peers' memory
 (collectives.cma). No socket carries data or waits here.
 
-    small all_reduce, all_gather:  post payload | read every peer's | reduce in rank order
+    small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
+    broadcast, gather
     large all_reduce:              post address | reduce chunk r from every peer's buffer |
                                    stage 1 | read each peer's final chunk | stage 2 | exit
     reduce_scatter:                post address | reduce chunk r | stage 2 | exit
-    broadcast, gather,             post address | read what this rank needs | stage 2 |
+    reduce:                        post addresses | reduce chunk r | stage 1 | root reads chunks
+    large broadcast, gather,       post address | read what this rank needs | stage 2 |
     all_gather, all_to_all         exit once no one reads us any more
 
 "Exit" waits until every peer that reads this rank's buffer has said stage 2,
@@ -25,7 +27,7 @@ from .plan import ring_chunks, segments
 from .runner import Ctx
 
 __all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "reduce_scatter",
-           "broadcast", "gather", "all_to_all"]
+           "broadcast", "reduce", "gather", "all_to_all"]
 
 
 def all_reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
@@ -105,7 +107,7 @@ def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray) -> None:
     rows = out.reshape(ctx.g.size, -1)
     rows[ctx.g.rank] = buf
     with Round(ctx) as r:
-        if buf.nbytes <= min(ctx.tuning.small, CAPACITY):
+        if _small(ctx, buf):
             r.post(payload=buf)
             r.gather(list(rows))
             return
@@ -118,11 +120,24 @@ def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray) -> None:
         r.wait_stage(r.peers, 2)
 
 
+def _small(ctx: Ctx, buf: np.ndarray) -> bool:
+    return buf.nbytes <= min(ctx.tuning.small, CAPACITY)
+
+
 def broadcast(ctx: Ctx, buf: np.ndarray, root: int) -> None:
+    """Small: the root posts its buffer as payload, the others copy it (one
+    sync; the acks keep the slot until all have). Large: the others read the
+    root's buffer, which the root holds until they say so."""
+    is_root = ctx.g.rank == root
     with Round(ctx) as r:
+        if _small(ctx, buf):
+            r.post(payload=buf if is_root else None)
+            r.gather(None if is_root else [buf if p == root else None
+                                           for p in range(ctx.g.size)])
+            return
         r.post(addr=buf.ctypes.data)
         addrs = r.gather()
-        if ctx.g.rank == root:
+        if is_root:
             r.wait_stage(r.peers, 2)
             return
         if buf.size:
@@ -130,21 +145,56 @@ def broadcast(ctx: Ctx, buf: np.ndarray, root: int) -> None:
         r.stage(2)
 
 
-def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) -> None:
-    """The root reads every rank's flat ``buf`` into row p of ``out``."""
+def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
+    """Rank c reduces chunk c of everyone's buffer (the root in place, the
+    others into a chunk of their own), then the root reads the chunks::
+
+        post (buffer, chunk) | reduce chunk r | stage 1 | root: read chunks, stage 2
+    """
+    n, rank = ctx.g.size, ctx.g.rank
+    bounds = ring_chunks(buf.size, n)
+    lo, hi = bounds[rank]
+    mine = buf[lo:hi] if rank == root else np.empty(hi - lo, buf.dtype)
     with Round(ctx) as r:
-        r.post(addr=buf.ctypes.data)
+        r.post(addr=buf.ctypes.data, addr2=mine.ctypes.data)
         addrs = r.gather()
-        if ctx.g.rank != root:
+        _reduce_chunk(ctx, addrs, buf, lo, hi, mine, op)
+        r.stage(1)
+        if rank != root:
+            r.wait_stage(r.peers, 1)
             r.wait_stage([root], 2)
             return
-        assert out is not None
-        rows = out.reshape(ctx.g.size, -1)
-        rows[root] = buf
         for p in r.peers:
-            if buf.size:
-                peer_read(ctx, p, addrs[p], rows[p])
+            r.wait_stage([p], 1)
+            a, b = bounds[p]
+            if b > a:
+                peer_read(ctx, p, r.addr2[p], buf[a:b])
         r.stage(2)
+
+
+def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) -> None:
+    """The root collects every rank's flat ``buf`` into row p of ``out``:
+    as payloads when small, else straight from the ranks' buffers."""
+    is_root = ctx.g.rank == root
+    rows = None if out is None else out.reshape(ctx.g.size, -1)
+    with Round(ctx) as r:
+        if _small(ctx, buf):
+            r.post(payload=None if is_root else buf)
+            r.gather(None if rows is None else [None if p == root else rows[p]
+                                                for p in range(ctx.g.size)])
+        else:
+            r.post(addr=buf.ctypes.data)
+            addrs = r.gather()
+            if not is_root:
+                r.wait_stage([root], 2)
+                return
+            assert rows is not None
+            for p in r.peers:
+                if buf.size:
+                    peer_read(ctx, p, addrs[p], rows[p])
+            r.stage(2)
+    if rows is not None:
+        rows[root] = buf
 
 
 def all_to_all(ctx: Ctx, src: np.ndarray, out: np.ndarray) -> None:
