@@ -102,6 +102,7 @@ class Transport:
         self.bad_messages = 0
         self.stalls = 0
         self._dead: set[int] = set()
+        self._orphans: list[Any] = []   # buffers of sends to lost peers ZeroMQ may still hold
         self._doing: Pending | Outgoing | None = None
         self._doing_since = 0.0
         self._last: Pending | Outgoing | None = None
@@ -289,13 +290,29 @@ class Transport:
         if item.error is not None:
             raise item.error
         if item.tracker is not None:
-            try:
-                item.tracker.wait(max(0.0, deadline - time.monotonic()))
-            except zmq.NotDone:
-                raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
-                                       f"while rank {item.dst} was not reading") from None
+            self._await_release(item, deadline, limit)
             item.keep = None
         return None
+
+    def _await_release(self, item: Outgoing, deadline: float, limit: float) -> None:
+        """Wait until ZeroMQ has let go of a zero-copy send's frames. Frames
+        bound for a peer that is gone are never released: fail then, and keep
+        the buffer alive for as long as ZeroMQ may hold it (until close)."""
+        peer = self._peers[item.dst]
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                item.tracker.wait(max(0.0, min(left, 0.1)))
+                return
+            except zmq.NotDone:
+                pass
+            if peer.state != _ALIVE:
+                self._orphans.append(item.keep)
+                raise self._gone(peer, item.desc)
+            if left <= 0.1:
+                raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
+                                       f"while rank {item.dst} was not reading"
+                                       f"{self._peer_note(item)}")
 
     def _drive(self, item: Pending, deadline: float) -> bool:
         """Wait for ``item`` by reading the ROUTER in this thread: the progress
