@@ -92,8 +92,9 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
 
 
 class _Waiting:
-    """A wait on peers: since when, until when, and the receive posted on
-    the tag once the wait gets long."""
+    """Waits on peers: since when the current one runs (each wait spins
+    before it sleeps), the time limit, and the receive posted on the tag
+    once a wait gets long."""
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -222,6 +223,7 @@ class Round:
         doing its part is no error) and raise an abort at the end."""
         seen = self.box.seen_head
         todo = [p for p in peers if not ready(seen[p])]
+        self.wait.t0 = time.monotonic()
         while todo:
             todo = [p for p in todo if not ready(self._peek(p))]
             if not todo:
