@@ -299,8 +299,14 @@ class Transport:
         bound for a peer that is gone are never released: fail then, and keep
         the buffer alive for as long as ZeroMQ may hold it (until close)."""
         peer = self._peers[item.dst]
+        start = time.monotonic()
+        warn_at = start + self.stall_warn
         while True:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
+            if now >= warn_at:
+                self._stalled(item, now - start, limit)
+                warn_at = now + self.stall_warn
             try:
                 item.tracker.wait(max(0.0, min(left, 0.1)))
                 return
@@ -332,7 +338,7 @@ class Transport:
                 if left <= 0:
                     return False
                 if now >= warn_at:
-                    self._stalled(item, now - start)
+                    self._stalled(item, now - start, deadline - start)
                     warn_at = now + self.stall_warn
                 if not self._rlock.acquire(timeout=min(left, 0.002)):
                     item.event.wait(min(left, 0.002))
@@ -344,7 +350,7 @@ class Transport:
                         if left <= 0:
                             return False
                         if now >= warn_at:
-                            self._stalled(item, now - start)
+                            self._stalled(item, now - start, deadline - start)
                             warn_at = now + self.stall_warn
                         ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
                         if ready:
@@ -374,7 +380,7 @@ class Transport:
                 if left <= 0 or item.event.wait(min(left, self.stall_warn)):
                     return item.event.is_set()
                 if time.monotonic() < end:
-                    self._stalled(item, time.monotonic() - start)
+                    self._stalled(item, time.monotonic() - start, limit)
         finally:
             self._doing, self._last, self._last_end = None, item, time.monotonic()
 
@@ -397,16 +403,17 @@ class Transport:
             return f"not in a mesh call; last: {self._what(last)}, {now - self._last_end:.1f}s ago"
         return "not in a mesh call yet"
 
-    def _stalled(self, item: Pending | Outgoing, waited: float) -> None:
+    def _stalled(self, item: Pending | Outgoing, waited: float, limit: float) -> None:
         if isinstance(item, Outgoing):
             peers = [item.dst]
         elif item.src != ANY:
             peers = [item.src]
         else:
             peers = self.groups.get(item.group, ("", []))[1]
-        self.stalled(self._what(item), peers, waited)
+        self.stalled(self._what(item), peers, waited, limit)
 
-    def stalled(self, what: str, peers: Iterable[int], waited: float) -> None:
+    def stalled(self, what: str, peers: Iterable[int], waited: float,
+                limit: float | None = None) -> None:
         """Log that ``what`` has waited ``waited`` seconds for world ranks
         ``peers``, with what each of them last told us it was doing. Any wait
         loop may call it (collectives that wait outside the transport do)."""
@@ -421,8 +428,9 @@ class Transport:
             notes.append(f"rank {r} [{('alive', 'closed', 'dead')[p.state]}, heard from "
                          f"{now - p.last_heard:.1f}s ago]: {said}")
         self.stalls += 1
-        _log.warning("rank %d: stalled: %s has waited %.1fs (times out after %gs) for %s",
-                     self.rank, what, waited, self.timeout, "; ".join(notes) or "no peer")
+        _log.warning("rank %d: stalled: %s has waited %.1fs (times out after %.3gs) for %s",
+                     self.rank, what, waited, self.timeout if limit is None else limit,
+                     "; ".join(notes) or "no peer")
 
     def _nudge(self) -> None:
         """Wake a thread blocked reading, after completing a request elsewhere."""
