@@ -51,6 +51,7 @@ _BODY = _FP_ROOM + CAPACITY
 _SPIN_S = 0.002
 _WATCH_AFTER_S = 0.0005
 _BUSY_S = 0.00005
+_CORES = os.cpu_count() or 1
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _SLOT_WORDS = 7
 _WORDS = 1 + 2 * _SLOT_WORDS
@@ -67,9 +68,12 @@ class _Box:
         where = cma._exchange(ctx, [self.mem.ctypes.data, cookie])
         self.addrs = [a for a, _ in where]
         self.cookies = [c for _, c in where]
-        self.peek = np.zeros(_PEEK, np.uint8)
         self.seen = np.zeros((ctx.g.size, _PEEK), np.uint8)
+        self.seen_cookie = self.seen[:, :8].view(np.int64)[:, 0]
         self.seen_head = self.seen[:, 8:8 + 8 * _WORDS].view(np.int64)
+        pids = cma.pids(ctx)
+        self.peekers = [cma.Reader(pids[p], self.addrs[p], self.seen[p]) if p != ctx.g.rank
+                        else None for p in range(ctx.g.size)]
 
 
 _boxes: "weakref.WeakKeyDictionary[Any, _Box]" = weakref.WeakKeyDictionary()
@@ -102,7 +106,7 @@ class _Waiting:
         self.limit = float(getattr(getattr(ctx.g, "_t", None), "timeout", 300.0))
         self.watch: Any = None
         self.error: BaseException | None = None
-        self.busy = _BUSY_S if ctx.g.size <= (os.cpu_count() or 1) else 0.0
+        self.busy = _BUSY_S if ctx.g.size <= _CORES else 0.0
 
     def where(self) -> str:
         return (f"rank {self.ctx.g.rank}: collective #{-self.ctx.tag} on group "
@@ -208,11 +212,11 @@ class Round:
 
     def _peek(self, peer: int) -> np.ndarray:
         box = self.box
-        cma.peer_read(self.ctx, peer, box.addrs[peer], box.peek)
-        if box.peek[:8].view(np.int64)[0] != box.cookies[peer]:
+        if not box.peekers[peer]():  # type: ignore[misc]
+            raise cma.lost(self.ctx, peer, "no such process")
+        if box.seen_cookie[peer] != box.cookies[peer]:
             raise LostPeerError(f"{self.wait.where()}: rank {peer}'s board was freed (its "
                                 f"group was closed)", self.ctx.g.ranks[peer])
-        box.seen[peer] = box.peek
         return box.seen_head[peer]
 
     def _until(self, peers: list[int], ready: Callable[[np.ndarray], bool]) -> None:

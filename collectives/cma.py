@@ -25,7 +25,7 @@ from mesh import LostPeerError
 
 from .runner import Ctx
 
-__all__ = ["read", "peer_read", "usable"]
+__all__ = ["read", "Reader", "lost", "peer_read", "usable", "pids"]
 
 
 class _IoVec(ctypes.Structure):
@@ -65,16 +65,42 @@ def read(pid: int, addr: int, dst: np.ndarray) -> None:
         done += got
 
 
+class Reader:
+    """One fixed read, set up once and repeated (a board poll): the same
+    remote range of ``pid`` into the same local array. Returns False when
+    the process is gone."""
+
+    def __init__(self, pid: int, addr: int, dst: np.ndarray) -> None:
+        self.fn = _syscall()
+        self.pid, self.size = pid, dst.nbytes
+        self._local = _IoVec(dst.ctypes.data, dst.nbytes)
+        self._remote = _IoVec(addr, dst.nbytes)
+        self.local, self.remote = ctypes.byref(self._local), ctypes.byref(self._remote)
+
+    def __call__(self) -> bool:
+        got = self.fn(self.pid, self.local, 1, self.remote, 1, 0)
+        if got == self.size:
+            return True
+        if got < 0:
+            return False
+        raise OSError(0, f"process_vm_readv from pid {self.pid}: short read of {got} bytes")
+
+
+def lost(ctx: Ctx, peer: int, why: str) -> LostPeerError:
+    """The error for group rank ``peer`` gone (named by world rank, as the mesh does)."""
+    world = ctx.g.ranks[peer] if hasattr(ctx.g, "ranks") else peer
+    return LostPeerError(f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
+                         f"{getattr(ctx.g, 'name', '?')}: cannot read the memory of rank "
+                         f"{peer} ({why}): it is gone", world)
+
+
 def peer_read(ctx: Ctx, peer: int, addr: int, dst: np.ndarray) -> None:
     """``read`` from group rank ``peer`` of this collective; a peer that is
-    gone raises LostPeerError naming it (by world rank, as the mesh does)."""
+    gone raises LostPeerError naming it."""
     try:
-        read(_pids(ctx)[peer], addr, dst)
+        read(pids(ctx)[peer], addr, dst)
     except OSError as e:
-        world = ctx.g.ranks[peer] if hasattr(ctx.g, "ranks") else peer
-        raise LostPeerError(f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
-                            f"{getattr(ctx.g, 'name', '?')}: cannot read the memory of rank "
-                            f"{peer} ({e.strerror}): it is gone", world) from None
+        raise lost(ctx, peer, e.strerror or str(e)) from None
 
 
 def _my_token() -> np.ndarray:
@@ -133,7 +159,7 @@ def usable(ctx: Ctx) -> bool:
     return _groups[ctx.g] is not None
 
 
-def _pids(ctx: Ctx) -> list[int]:
+def pids(ctx: Ctx) -> list[int]:
     pids = _groups[ctx.g]
     assert pids is not None
     return pids
