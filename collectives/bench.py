@@ -93,7 +93,11 @@ def _make(xp: Any, op: str, count: int, dtype: str, n: int, rank: int) -> Any:
 
 
 def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: str,
-                 device: str) -> list[float]:
+                 device: str) -> list[tuple[float, float]]:
+    """(seconds per call, MiB of peak memory beyond the input) per row; the
+    memory figure is exact for the first row and a lower bound after it."""
+    import resource
+
     import collectives as C
 
     xp: Any = np
@@ -106,6 +110,7 @@ def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: s
     for count, iters, warmup in rows:
         a = _make(xp, op, count, dtype, world.size, world.rank)
         call = (lambda: fn(world)) if op == "barrier" else (lambda: fn(world, a))
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for _ in range(warmup):
             call()
         C.barrier(world)
@@ -114,7 +119,9 @@ def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: s
             call()
         if device == "cuda":
             xp.cuda.get_current_stream().synchronize()
-        times.append((time.perf_counter() - t0) / iters)
+        dt = (time.perf_counter() - t0) / iters
+        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        times.append((dt, extra))
     C.barrier(world)
     return times
 
@@ -170,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run one side only (e.g. to measure the gloo anchors)")
     ap.add_argument("--plot", default=None, help="write busbw vs size to this PNG")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--memory", action="store_true",
+                    help="also print meshrun's peak memory beyond the input, worst rank "
+                         "(exact for the first size only: run one size)")
     args = ap.parse_args(argv)
 
     n = args.nprocs
@@ -184,11 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"# collectives.bench: {args.op}, {n} ranks, {args.dtype}, {args.device}, "
           f"pid {os.getpid()}")
+    memory: list[float] = []
     if want_mesh:
         import mesh
         per_rank = mesh.spawn(_mesh_worker, n, args.op, rows, args.dtype, args.device,
                               timeout=3600)
-        sides["meshrun"] = [_slowest(per_rank, i) for i in range(len(rows))]
+        sides["meshrun"] = [_slowest([[t for t, _ in r] for r in per_rank], i)
+                            for i in range(len(rows))]
+        memory = [max(r[i][1] for r in per_rank) for i in range(len(rows))]
     if want_gloo:
         from .bench_gloo import available, run_gloo
         if not available():
@@ -206,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(sides) == 2:
         head += f" | {'ratio':>6}"
         unit += f" | {'(x)':>6}"
+    if args.memory:
+        head += f" | {'extra mem':>9}"
+        unit += f" | {'(MiB)':>9}"
     print(head)
     print(unit)
     redop = "sum" if args.op in ("all_reduce", "reduce", "reduce_scatter") else "none"
@@ -217,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             a, b = sides["meshrun"][i], sides["gloo"][i]
             ok = not isinstance(a, str) and not isinstance(b, str)
             line += f" | {b / a:6.2f}" if ok else f" | {'n/a':>6}"
+        if args.memory and memory:
+            line += f" | {memory[i]:9.1f}"
         print(line, flush=True)
     for name, ts in sides.items():
         for t in ts:
