@@ -171,7 +171,30 @@ def _async_cases(g: Any, seed: int) -> None:
     expect(b, data(seed, 0, (4,), "int32"), "blocking call after async")
 
 
+def _random_cases(g: Any, seed: int, count: int = 16) -> None:
+    """Shapes, dtypes and ops drawn from a generator every rank seeds alike."""
+    n, r = g.size, g.rank
+    rng = np.random.default_rng([seed, 4242])
+    for case in range(count):
+        dtype = DTYPES[rng.integers(len(DTYPES))]
+        ops = [o for o in C.OPS if valid(o, dtype)]
+        op = ops[rng.integers(len(ops))]
+        shape = tuple(int(d) for d in rng.integers(0, 7, size=rng.integers(0, 4)))
+        what = f"random case {case}: {op} {dtype} {shape} n={n}"
+        xs = [data(seed + case, i, shape, dtype) for i in range(n)]
+        a = xs[r].copy()
+        C.all_reduce(g, a, op=op)
+        expect(a, reference(op, xs), "all_reduce " + what)
+        expect(C.all_gather(g, xs[r]), np.stack(xs), "all_gather " + what)
+        rows = (n * int(rng.integers(0, 3)),) + shape
+        ys = [data(seed + case, i, rows, dtype) for i in range(n)]
+        m = rows[0] // n
+        expect(C.reduce_scatter(g, ys[r], op=op), reference(op, ys)[r * m:(r + 1) * m],
+               "reduce_scatter " + what)
+
+
 def battery(world: Any, seed: int) -> int:
+    _random_cases(world, seed)
     _all_reduce_cases(world, seed)
     _rooted_cases(world, seed)
     _gather_scatter_cases(world, seed)
