@@ -92,8 +92,9 @@ class Authenticator:
             else:
                 self.refused += 1
                 addr = request[3].decode(errors="replace") if len(request) > 3 else "?"
-                _log.warning("refused a connection from %s without the job secret "
-                             "(%d refused so far)", addr or "a local peer", self.refused)
+                if self.refused & (self.refused - 1) == 0:   # 1, 2, 4, 8...: strangers retry
+                    _log.warning("refused a connection from %s without the job secret "
+                                 "(%d refused so far)", addr or "a local peer", self.refused)
                 reply = [b"1.0", request_id, b"400", b"bad credentials", b"", b""]
             try:
                 self._sock.send_multipart(reply)

@@ -120,8 +120,9 @@ class RendezvousServer:
             except zmq.Again:
                 return
             self.refused += 1
-            _log.warning("rendezvous: refused a connection that failed the handshake (no or "
-                         "wrong job secret; %d so far)", self.refused)
+            if self.refused & (self.refused - 1) == 0:   # 1, 2, 4, 8...: strangers retry
+                _log.warning("rendezvous: refused a connection that failed the handshake (no "
+                             "or wrong job secret; %d so far)", self.refused)
 
     def _run(self) -> None:
         poller = zmq.Poller()

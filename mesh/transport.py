@@ -670,8 +670,10 @@ class Transport:
                 return
             if peer is None:
                 self.handshake_failures += 1
-                _log.warning("rank %d: refused a connection that failed the handshake (no or "
-                             "wrong job secret; %d so far)", self.rank, self.handshake_failures)
+                n = self.handshake_failures
+                if n & (n - 1) == 0:    # 1, 2, 4, 8...: a stranger retries every 100 ms
+                    _log.warning("rank %d: refused a connection that failed the handshake (no "
+                                 "or wrong job secret; %d so far)", self.rank, n)
             elif ev["event"] == zmq.EVENT_DISCONNECTED and peer.state == _ALIVE:
                 peer.suspect_since = peer.suspect_since or time.monotonic()
             elif ev["event"] == zmq.EVENT_CONNECTED:

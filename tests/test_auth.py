@@ -1,0 +1,222 @@
+"""Only holders of the job secret get in: strangers, wrong secrets and the
+wrong mechanism are refused during the handshake, at the rendezvous and at a
+worker, and counted. CURVE mode (MESH_CURVE=1) runs the same job encrypted,
+and a packet capture on the loopback shows the difference: the payload and
+the secret cross the wire in clear with PLAIN, never with CURVE."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+import collectives
+import mesh
+from mesh import auth
+from mesh.rendezvous import RendezvousServer, join
+
+pytestmark = pytest.mark.timeout(60)
+
+EPS = {"ipc": "ipc:///tmp/nowhere", "tcp": "tcp://127.0.0.1:1"}
+
+
+def _wait(cond: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(cond())
+
+
+def _stranger(ctx: zmq.Context, port: int, how: str, secret: str) -> zmq.Socket:
+    """A DEALER that tries to join with the wrong credentials and says hello."""
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if how == "plain-wrong":
+        auth.make_client(s, "not-" + secret)
+    elif how == "plain-right":
+        auth.make_client(s, secret)
+    elif how == "curve-wrong":
+        auth.make_client(s, "not-" + secret, curve=True)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    s.send(b"\x81\xa2op\xa4join")
+    return s
+
+
+def _join_in_thread(port: int, secret: str, rank: int, size: int, curve: bool,
+                    results: dict) -> threading.Thread:
+    def run() -> None:
+        ctx = zmq.Context()
+        try:
+            results[rank] = join(ctx, "127.0.0.1", port, secret, rank, size, f"h{rank}", EPS,
+                                 10, curve)
+        except Exception as e:
+            results[rank] = e
+        finally:
+            ctx.term()
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
+def test_rendezvous_refuses_strangers_and_duplicates(curve: bool) -> None:
+    secret = secrets.token_hex(16)
+    srv = RendezvousServer(2, secret, curve=curve).start()
+    ctx = zmq.Context()
+    try:
+        strangers = ["none", "plain-wrong", "curve-wrong"] + (["plain-right"] if curve else [])
+        socks = [_stranger(ctx, srv.port, how, secret) for how in strangers]
+        assert _wait(lambda: srv.refused >= len(strangers)), srv.refused
+        assert not any(s.poll(200) for s in socks), "a stranger got an answer"
+        assert srv.missing() == [0, 1]
+
+        results: dict[int, Any] = {}
+        first = _join_in_thread(srv.port, secret, 0, 2, curve, results)
+        assert _wait(lambda: srv.missing() == [1])
+        dup: dict[int, Any] = {}
+        _join_in_thread(srv.port, secret, 0, 2, curve, dup).join(10)
+        assert isinstance(dup[0], mesh.RendezvousError)
+        assert "rank 0 already joined" in str(dup[0])
+        wrong: dict[int, Any] = {}
+        _join_in_thread(srv.port, secret, 1, 3, curve, wrong).join(10)
+        assert "cannot join a job of world size 2" in str(wrong[1])
+        _join_in_thread(srv.port, secret, 1, 2, curve, results).join(10)
+        first.join(10)
+        assert [p["rank"] for p in results[0]] == [0, 1] and results[0] == results[1]
+        assert srv.rejected == 2
+        for s in socks:
+            s.close()
+    finally:
+        ctx.term()
+        srv.close()
+
+
+def test_a_wrong_secret_fails_the_rendezvous_with_a_clear_error() -> None:
+    srv = RendezvousServer(2, "right").start()
+    ctx = zmq.Context()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(mesh.RendezvousError, match="never answered.*different job secret"):
+            join(ctx, "127.0.0.1", srv.port, "wrong", 0, 2, "h", EPS, 1.0)
+        assert time.monotonic() - t0 < 5
+        assert _wait(lambda: srv.refused >= 1)
+    finally:
+        ctx.term()
+        srv.close()
+
+
+def _curve_job(world: mesh.Mesh) -> list:
+    """An encrypted job works; strangers at a worker are refused and counted."""
+    secret = os.environ["MESH_SECRET"]
+    if world.rank == 1:
+        ctx = zmq.Context()
+        socks = []
+        for how in ("none", "plain-right", "curve-wrong"):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            if how == "plain-right":
+                auth.make_client(s, secret)
+            elif how == "curve-wrong":
+                auth.make_client(s, "not-" + secret, curve=True)
+            s.connect(world.endpoints[0])
+            s.send_multipart([b"junk", b"more junk"])
+            socks.append(s)
+        world.recv(0, tag=5)
+        for s in socks:
+            s.close()
+        ctx.term()
+    else:
+        assert _wait(lambda: world.refused >= 3)
+        world.send("done", 1, tag=5)
+    a = np.arange(1000, dtype=np.float64) * (world.rank + 1)
+    collectives.all_reduce(world, a)
+    assert np.array_equal(a, np.arange(1000) * 3.0)
+    big = np.full(3 << 20, world.rank, np.uint8)
+    world.send(big, 1 - world.rank)
+    got = world.recv(1 - world.rank)
+    assert got.shape == big.shape and np.all(got == 1 - world.rank)
+    return [world.endpoints, world.refused, world.bad_messages]
+
+
+def test_curve_job_runs_and_refuses_plain_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESH_CURVE", "1")       # the spawn parent serves the rendezvous
+    monkeypatch.setenv("MESH_FORCE_TCP", "1")
+    res = mesh.spawn(_curve_job, 2, timeout=20)
+    assert all(ep.startswith("tcp://") for ep in res[0][0])
+    assert res[0][1] >= 3 and res[0][2] == 0
+
+
+# ---- what crosses the wire ---------------------------------------------------
+
+class _Sniffer:
+    """Every packet on the loopback (AF_PACKET, needs root), searched as it
+    arrives for the needles; small packets (handshakes) are kept."""
+
+    def __init__(self, needles: list[bytes]) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+        self.sock.bind(("lo", 0))
+        self.sock.settimeout(0.05)
+        self.needles = needles
+        self.found: set[bytes] = set()
+        self.small: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pkt = self.sock.recv(1 << 17)
+            except socket.timeout:
+                continue
+            for n in self.needles:
+                if n in pkt:
+                    self.found.add(n)
+            if len(pkt) < 2048 and len(self.small) < 100_000:
+                self.small.append(pkt)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def saw(self, needle: bytes) -> bool:
+        return needle in self.found or any(needle in p for p in self.small)
+
+
+MARK = b"MESHRUN-CLEARTEXT-" + secrets.token_hex(7).encode()
+
+
+def _send_marked(world: mesh.Mesh, mark: bytes) -> str:
+    payload = np.frombuffer(mark * 4096, np.uint8)
+    if world.rank == 0:
+        world.send(payload, 1)
+        world.send({"note": mark.decode()}, 1)
+    else:
+        assert world.recv(0).tobytes() == payload.tobytes()
+        assert world.recv(0)["note"] == mark.decode()
+    return os.environ["MESH_SECRET"]
+
+
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
+def test_only_curve_keeps_payload_and_secret_off_the_wire(
+        monkeypatch: pytest.MonkeyPatch, curve: bool) -> None:
+    try:
+        sniffer = _Sniffer([MARK])
+    except (PermissionError, OSError) as e:
+        pytest.skip(f"cannot capture packets on lo (needs root / CAP_NET_RAW): {e}")
+    monkeypatch.setenv("MESH_FORCE_TCP", "1")
+    monkeypatch.setenv("MESH_CURVE", "1" if curve else "0")
+    try:
+        secret = mesh.spawn(_send_marked, 2, MARK, timeout=60)[0]
+    finally:
+        time.sleep(0.2)
+        sniffer.stop()
+    assert sniffer.saw(MARK) is not curve
+    assert sniffer.saw(secret.encode()) is not curve
