@@ -1,0 +1,269 @@
+"""Dead and hung peers, injected into real jobs at random moments.
+
+Ranks are started the way any launcher starts them (environment variables,
+``mesh.init``), with the rendezvous served here, so that the test and not a
+supervisor decides when a rank dies and the survivors live on to report. A
+rank is SIGKILLed while everyone is idle, in the middle of a point-to-point
+stream, or in the middle of 16 MiB all_reduces (the socket ring and the
+same-host path); or SIGSTOPped, so that only heartbeat silence can tell.
+Every survivor must raise LostPeerError naming the victim within a bounded
+time, and every later operation involving the victim must fail at once.
+
+MESH_FAULT_TRIALS=N repeats each scenario N times; MESH_FAULT_LOG=path
+appends one JSON line per trial (the figures in BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import collectives
+import mesh
+from mesh.rendezvous import RendezvousServer
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "scripts" / "fault_worker.py"
+TRIALS = int(os.environ.get("MESH_FAULT_TRIALS", "1"))
+DETECT_S = 5.0        # generous: a dead process is seen in ~0.7 s, MESH_PEER_TIMEOUT=2 for hangs
+LATER_S = 2.0         # a later operation involving the dead rank fails at once
+
+pytestmark = pytest.mark.timeout(60 * TRIALS)
+
+
+class Job:
+    """n ranks of fault_worker.py; always all killed on exit."""
+
+    def __init__(self, tmp: Path, n: int, scenario: str, victim: int, **env: str) -> None:
+        self.out, self.n, self.victim = tmp, n, victim
+        secret = secrets.token_hex(16)
+        self.server = RendezvousServer(n, secret).start()
+        base = dict(os.environ, PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(self.server.port), MESH_SECRET=secret, MESH_LAUNCHER="1",
+                    WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), **env)
+        self.procs = [subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp), scenario, str(victim)],
+            env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in range(n)]
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            self.dump_stacks()
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            p.wait(timeout=10)
+        self.server.close()
+
+    def dump_stacks(self) -> None:
+        """On a failure, have each live survivor print where it is stuck."""
+        for r, p in enumerate(self.procs):
+            if r != self.victim and p.poll() is None:
+                p.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+
+    def wait_files(self, suffix: str, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum(f.name.endswith(suffix) for f in self.out.iterdir()) >= count:
+                return
+            if any(p.poll() not in (None, 0) for r, p in enumerate(self.procs)
+                   if r != self.victim):
+                break
+            time.sleep(0.01)
+        codes = [p.poll() for p in self.procs]
+        raise AssertionError(f"only {sum(f.name.endswith(suffix) for f in self.out.iterdir())} "
+                             f"of {count} *{suffix} files after {timeout}s; exit codes {codes}")
+
+    def strike(self, sig: int, delay: float) -> float:
+        """Once every rank is communicating, wait ``delay`` and signal the victim."""
+        self.wait_files(".ready", self.n, 30)
+        time.sleep(delay)
+        self.procs[self.victim].send_signal(sig)
+        return time.monotonic()
+
+    def reports(self) -> dict[int, dict]:
+        self.wait_files(".json", self.n - 1, 30)
+        return {r: json.loads((self.out / f"{r}.json").read_text())
+                for r in range(self.n) if r != self.victim}
+
+
+def _check(reports: dict[int, dict], victim: int, struck: float, bound: float) -> list[float]:
+    """Every survivor saw LostPeerError naming the victim in time, and every
+    later operation failed the same way at once. Returns times to error."""
+    times = []
+    for rank, rep in reports.items():
+        first = rep.get("first")
+        assert first is not None, f"rank {rank} finished without an error: {rep}"
+        assert first["type"] == "LostPeerError", f"rank {rank}: {first}"
+        if f"rank {victim}" not in first["msg"] and "Bad address" in first["msg"]:
+            pytest.xfail(f"known collectives bug (same-host path): a live peer that left the "
+                         f"collective is reported lost: {first['msg']}")
+        assert f"rank {victim}" in first["msg"], f"rank {rank}: {first['msg']}"
+        assert first["peer"] in (victim, None), f"rank {rank} blames {first['peer']}: {first}"
+        took = first["t"] - struck
+        assert took < bound, f"rank {rank} took {took:.2f}s to notice: {first}"
+        times.append(took)
+        assert not rep.get("wrong"), f"rank {rank} saw wrong all_reduce results: {rep}"
+        assert rep["state"] == "dead"
+        for later in rep["later"]:
+            assert later["type"] == "LostPeerError", f"rank {rank}, after the death: {later}"
+            assert later["peer"] in (victim, None) and f"rank {victim}" in later["msg"], later
+            assert later["took"] < LATER_S, f"rank {rank}: {later}"
+    return times
+
+
+def _log(scenario: str, sig: str, n: int, victim: int, delay: float, times: list[float],
+         reports: dict[int, dict]) -> None:
+    rounds = max((r.get("rounds") or 0) for r in reports.values())
+    print(f"{scenario}: {sig} rank {victim} of {n} after {delay:.2f}s ({rounds} rounds): "
+          f"errors after {min(times):.2f}-{max(times):.2f}s")
+    path = os.environ.get("MESH_FAULT_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"scenario": scenario, "signal": sig, "n": n, "victim": victim,
+                                "delay": delay, "rounds": rounds, "times": times}) + "\n")
+
+
+CASES = {
+    "idle": (3, {}),
+    "p2p": (3, {}),
+    "all_reduce-ring": (4, {"MESH_CMA": "0"}),
+    "all_reduce-same-host": (4, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_killed_rank_is_named_on_every_survivor(tmp_path: Path, case: str) -> None:
+    n, env = CASES[case]
+    scenario = case.split("-")[0]
+    for trial in range(TRIALS):
+        out = tmp_path / str(trial)
+        out.mkdir()
+        victim = random.randrange(1, n) if scenario == "p2p" else random.randrange(n)
+        delay = random.uniform(0.0, 0.8)
+        with Job(out, n, scenario, victim, **env) as job:
+            struck = job.strike(signal.SIGKILL, delay)
+            reports = job.reports()
+        times = _check(reports, victim, struck, DETECT_S)
+        _log(case, "SIGKILL", n, victim, delay, times, reports)
+
+
+@pytest.mark.parametrize("scenario", ["idle", "all_reduce"])
+def test_hung_rank_is_found_by_heartbeat_silence(tmp_path: Path, scenario: str) -> None:
+    """A SIGSTOPped rank keeps its connections open: only its silence shows."""
+    n, victim = 3, 1
+    for trial in range(TRIALS):
+        out = tmp_path / str(trial)
+        out.mkdir()
+        delay = random.uniform(0.0, 0.5)
+        with Job(out, n, scenario, victim, MESH_PEER_TIMEOUT="2",
+                 MESH_HEARTBEAT="0.2") as job:
+            struck = job.strike(signal.SIGSTOP, delay)
+            reports = job.reports()
+        times = _check(reports, victim, struck, 2.0 + DETECT_S)
+        assert min(times) >= 1.5, f"noticed a stopped rank before its peer timeout: {times}"
+        _log(scenario, "SIGSTOP", n, victim, delay, times, reports)
+
+
+def test_launcher_names_the_killed_rank_as_root_cause(tmp_path: Path) -> None:
+    """Under meshrun, a rank SIGKILLed mid all_reduce is the root cause in
+    the table, and the whole job is down within a bounded time."""
+    n, victim = 3, random.randrange(3)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("MESH_SECRET", None)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "mesh.launch", "-n", str(n), "--grace", "2", str(WORKER),
+         str(tmp_path), "all_reduce", str(victim)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("*.ready"))) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(list(tmp_path.glob("*.ready"))) == n, "the job never started"
+        time.sleep(random.uniform(0.0, 0.5))
+        pid = json.loads((tmp_path / f"{victim}.ready").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        struck = time.monotonic()
+        _, err = launcher.communicate(timeout=20)
+        took = time.monotonic() - struck
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 128 + signal.SIGKILL, err
+    assert f"Root cause: rank {victim} failed first" in err, err
+    assert "killed by SIGKILL" in err
+    assert took < 10, f"the job took {took:.1f}s to come down"
+    for r in range(n):
+        assert not _alive(json.loads((tmp_path / f"{r}.ready").read_text())["pid"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _stalls(world: mesh.Mesh) -> list[str]:
+    """Rank 2 comes late to an all_reduce, rank 1 late to a send: the ranks
+    kept waiting report whom they wait for and what it last did, then finish."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logging.getLogger("mesh.transport").addHandler(Keep())
+    collectives.barrier(world)
+    if world.rank == 2:
+        time.sleep(1.5)
+    a = np.full(1 << 16, world.rank + 1.0)
+    collectives.all_reduce(world, a, algorithm="ring")
+    assert np.all(a == 6.0)
+    if world.rank == 1:
+        time.sleep(1.0)
+        world.send("late", 0)
+    if world.rank == 0:
+        assert world.recv(1) == "late"
+        with pytest.raises(mesh.MeshTimeoutError) as info:
+            world.recv(1, tag=7, timeout=0.6)
+        seen.append(f"timeout: {info.value}")
+    collectives.barrier(world)
+    return seen
+
+
+def test_stall_reports_name_the_late_rank_and_what_it_last_did() -> None:
+    env = {"MESH_STALL_WARN": "0.4", "MESH_HEARTBEAT": "0.1", "MESH_CMA": "0"}
+    logs = mesh.spawn(_stalls, 3, timeout=60, env=env)
+    text = "\n".join(f"[{r}] {m}" for r, ms in enumerate(logs) for m in ms)
+    # rank 0 waits for rank 2 (its left neighbour), which is not in any call yet
+    assert any("all_reduce #2 on group world" in m and "rank 2 [alive" in m
+               and "not in a mesh call; last: barrier #1 on group world" in m
+               for m in logs[0]), text
+    # rank 1 waits for rank 0, which says it is waiting in the same all_reduce
+    assert any("rank 0 [alive" in m and "waiting" in m and "all_reduce #2" in m
+               for m in logs[1]), text
+    # a point-to-point receive names its source and what it is doing
+    assert any("stalled: recv from rank 1 (tag 0, group world)" in m and
+               "not in a mesh call; last: all_reduce #2 on group world" in m
+               for m in logs[0]), text
+    timeout = [m for m in logs[0] if m.startswith("timeout: ")]
+    assert timeout and "rank 1 last heard from" in timeout[0] and "it said:" in timeout[0], text
+    assert "(times out after 0.6s)" in text
+    assert not [m for m in logs[2] if "stalled: all_reduce" in m], text
