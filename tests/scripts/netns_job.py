@@ -1,0 +1,57 @@
+"""A worker for tests/test_netns.py, run by meshrun inside a network
+namespace ("host"): it records where it lives and what it connected to,
+checks collectives against numpy, times a cross-host round trip, and writes
+OUTDIR/<rank>.json.
+
+    netns_job.py OUTDIR
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import collectives
+import mesh
+from mesh.env import host_id
+
+OUTDIR = sys.argv[1]
+
+
+def main() -> None:
+    with mesh.init(timeout=60) as world:
+        n, r = world.size, world.rank
+        checked = 0
+        for size in (1, 1000, 300_000, 2 << 20):
+            a = np.arange(size, dtype=np.float32) + r
+            collectives.all_reduce(world, a)
+            assert np.array_equal(a, n * np.arange(size, dtype=np.float32) + n * (n - 1) / 2)
+            g = collectives.all_gather(world, np.full(size % 1000 + 1, r, np.int64))
+            assert np.array_equal(g[:, 0], np.arange(n))
+            b = np.full(size, r, np.int32)
+            collectives.broadcast(world, b, root=n - 1)
+            assert np.all(b == n - 1)
+            checked += 3
+        # a round trip between rank 0 and the first rank of the other host
+        other = world.hosts.index(next(h for h in world.hosts if h != world.hosts[0]))
+        rtt = None
+        if r in (0, other):
+            peer = other if r == 0 else 0
+            for _ in range(3):
+                t = time.perf_counter()
+                if r == 0:
+                    world.send(np.zeros(1), peer)
+                    world.recv(peer)
+                else:
+                    world.send(world.recv(peer), peer)
+                rtt = time.perf_counter() - t
+        collectives.barrier(world)
+        out = {"rank": r, "host": host_id(), "hosts": world.hosts, "endpoints": world.endpoints,
+               "checked": checked, "rtt": rtt, "netns": os.readlink("/proc/self/ns/net")}
+        with open(os.path.join(OUTDIR, f"{r}.json"), "w") as f:
+            json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()

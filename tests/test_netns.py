@@ -1,0 +1,162 @@
+"""Multi-host on one machine: two network namespaces joined by a veth pair,
+each with its own address, are two "hosts". One meshrun per namespace runs a
+real ``--nnodes 2`` job (2 ranks per host). Ranks on one host talk over
+ipc://, across hosts over tcp:// to the other namespace's address, and the
+collectives agree with numpy; also over a slowed link (``tc netem`` delay,
+or a token-bucket rate limit where the kernel has no netem). Skipped with the reason where namespaces cannot be made; the
+namespaces are always deleted."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "tests" / "scripts" / "netns_job.py"
+ADDR = ["10.77.0.1", "10.77.0.2"]
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+
+
+class Hosts:
+    """Two namespaces with a veth pair between them; deleted on exit."""
+
+    def __init__(self) -> None:
+        tok = secrets.token_hex(3)
+        self.ns = [f"mesh-{tok}-0", f"mesh-{tok}-1"]
+        self.dev = [f"mr{tok}a", f"mr{tok}b"]
+
+    def __enter__(self) -> "Hosts":
+        if shutil.which("ip") is None:
+            pytest.skip("no `ip` command (iproute2) to make network namespaces")
+        if os.geteuid() != 0:
+            pytest.skip("network namespaces need root")
+        made = _ip("netns", "add", self.ns[0])
+        if made.returncode != 0:
+            pytest.skip(f"cannot make a network namespace: {made.stderr.strip()}")
+        try:
+            self._setup()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _setup(self) -> None:
+        steps = [("netns", "add", self.ns[1]),
+                 ("link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])]
+        for i in (0, 1):
+            steps += [("link", "set", self.dev[i], "netns", self.ns[i]),
+                      ("-n", self.ns[i], "addr", "add", f"{ADDR[i]}/24", "dev", self.dev[i]),
+                      ("-n", self.ns[i], "link", "set", self.dev[i], "up"),
+                      ("-n", self.ns[i], "link", "set", "lo", "up")]
+        for step in steps:
+            done = _ip(*step)
+            if done.returncode != 0:
+                pytest.skip(f"cannot set up namespaces (ip {' '.join(step)}): "
+                            f"{done.stderr.strip()}")
+
+    def slow_down(self) -> str:
+        """Slow the link both ways: 10 ms netem delay, or where the kernel
+        lacks netem, a 100 Mbit/s token bucket (queueing delay for bulk).
+        Returns which, or skips the test with both errors."""
+        errors = []
+        for name, qdisc in (("netem", ["netem", "delay", "10ms"]),
+                            ("tbf", ["tbf", "rate", "100mbit", "burst", "64kb",
+                                     "latency", "200ms"])):
+            for i in (0, 1):
+                done = subprocess.run(["tc", "-n", self.ns[i], "qdisc", "replace", "dev",
+                                       self.dev[i], "root", *qdisc],
+                                      capture_output=True, text=True, timeout=10)
+                if done.returncode != 0:
+                    errors.append(f"{name}: {done.stderr.strip()}")
+                    break
+            else:
+                return name
+        pytest.skip(f"cannot shape the link with tc: {'; '.join(errors)}")
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in self.ns:
+            _ip("netns", "del", ns)
+
+    def launch(self, i: int, port: int, out: Path, secret: str) -> subprocess.Popen[str]:
+        env = dict(os.environ, PYTHONPATH=str(REPO), MESH_SECRET=secret)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[i], sys.executable, "-m", "mesh.launch",
+             "--nnodes", "2", "--node-rank", str(i), "--master-addr", ADDR[0],
+             "--master-port", str(port), "-n", "2", "--timeout", "60", str(JOB), str(out)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _node0_port(proc: subprocess.Popen[str], timeout: float = 20) -> int:
+    """Node 0 binds port 0 and says which port it got."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "serves the rendezvous on port" in line:
+            return int(line.rsplit(" ", 1)[1])
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"node 0 never reported its port (exit {proc.poll()})")
+
+
+def _run_job(hosts: Hosts, out: Path) -> list[dict]:
+    secret = secrets.token_hex(16)
+    procs = [hosts.launch(0, 0, out, secret)]
+    try:
+        port = _node0_port(procs[0])
+        procs.append(hosts.launch(1, port, out, secret))
+        for p in procs:
+            _, err = p.communicate(timeout=70)
+            assert p.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    with Hosts() as h:
+        yield h
+
+
+def _check_topology(reports: list[dict]) -> None:
+    # ranks 0,1 on node 0 and 2,3 on node 1: two hosts, told apart by namespace
+    assert reports[0]["host"] == reports[1]["host"] != reports[2]["host"] == reports[3]["host"]
+    assert reports[0]["netns"] != reports[2]["netns"]
+    for rep in reports:
+        r, eps = rep["rank"], rep["endpoints"]
+        mine = {0: (0, 1), 1: (0, 1), 2: (2, 3), 3: (2, 3)}[r]
+        for peer, ep in enumerate(eps):
+            if peer in mine:
+                assert ep.startswith("ipc://"), (r, peer, ep)
+            else:
+                assert ep.startswith(f"tcp://{ADDR[peer // 2]}:"), (r, peer, ep)
+        assert rep["checked"] == 12
+
+
+def test_two_hosts_tcp_across_ipc_within(hosts: Hosts, tmp_path: Path) -> None:
+    reports = _run_job(hosts, tmp_path)
+    _check_topology(reports)
+
+
+def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -> None:
+    how = hosts.slow_down()
+    reports = _run_job(hosts, tmp_path)
+    _check_topology(reports)
+    if how == "netem":
+        assert reports[0]["rtt"] >= 0.02, f"netem delay not in effect: rtt {reports[0]['rtt']}"
