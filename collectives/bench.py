@@ -162,55 +162,43 @@ def _plot(path: str, op: str, n: int, sizes: list[int], sides: dict[str, list[An
     print(f"# plot written to {path}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m collectives.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", default="all_reduce", choices=COLLECTIVES)
-    ap.add_argument("-n", "--nprocs", type=int, default=2)
-    ap.add_argument("--sizes", default="8:64M", help="lo:hi (doubling), or a,b,c; K M G suffixes")
-    ap.add_argument("--factor", type=int, default=2, help="step between sizes of a range")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--iters", type=int, default=None, help="timed calls per size")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per size")
-    ap.add_argument("--compare", choices=("gloo",), default=None)
-    ap.add_argument("--only", choices=("meshrun", "gloo"), default=None,
-                    help="run one side only (e.g. to measure the gloo anchors)")
-    ap.add_argument("--plot", default=None, help="write busbw vs size to this PNG")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--memory", action="store_true",
-                    help="also print meshrun's peak memory beyond the input, worst rank "
-                         "(exact for the first size only: run one size)")
-    args = ap.parse_args(argv)
+def _best(a: list[Any], b: list[Any]) -> list[Any]:
+    """Row by row, the faster of two trials (an error row loses)."""
+    return [x if isinstance(y, str) or (not isinstance(x, str) and x <= y) else y
+            for x, y in zip(a, b)]
 
+
+def _measure(args: argparse.Namespace, rows: list[tuple[int, int, int]]
+             ) -> tuple[dict[str, list[Any]], list[float]]:
+    """Per side, seconds per call by row (best of the trials, sides
+    alternating), and meshrun's peak extra memory by row."""
     n = args.nprocs
-    sizes = parse_sizes(args.sizes, args.factor)
-    if args.op == "barrier":
-        sizes = [0]
-    itemsize = np.dtype(args.dtype).itemsize
-    rows = plan_rows(args.op, sizes or [1], itemsize, n, args.iters, args.warmup)
     want_gloo = args.compare == "gloo" or args.only == "gloo"
-    want_mesh = args.only != "gloo"
-    sides: dict[str, list[Any]] = {}
-
-    print(f"# collectives.bench: {args.op}, {n} ranks, {args.dtype}, {args.device}, "
-          f"pid {os.getpid()}")
-    memory: list[float] = []
-    if want_mesh:
-        import mesh
-        per_rank = mesh.spawn(_mesh_worker, n, args.op, rows, args.dtype, args.device,
-                              timeout=3600)
-        sides["meshrun"] = [_slowest([[t for t, _ in r] for r in per_rank], i)
-                            for i in range(len(rows))]
-        memory = [max(r[i][1] for r in per_rank) for i in range(len(rows))]
     if want_gloo:
         from .bench_gloo import available, run_gloo
         if not available():
             print("# --compare gloo: torch with gloo is not installed; skipped", file=sys.stderr)
-        else:
+            want_gloo = False
+    sides: dict[str, list[Any]] = {}
+    memory: list[float] = []
+    for _ in range(args.trials):
+        if args.only != "gloo":
+            import mesh
+            per_rank = mesh.spawn(_mesh_worker, n, args.op, rows, args.dtype, args.device,
+                                  timeout=3600)
+            ts = [_slowest([[t for t, _ in r] for r in per_rank], i) for i in range(len(rows))]
+            sides["meshrun"] = _best(sides.get("meshrun", ts), ts)
+            memory = [max(r[i][1] for r in per_rank) for i in range(len(rows))]
+        if want_gloo:
             per_rank = run_gloo(args.op, n, rows, args.dtype, args.device)
-            sides["gloo"] = [_slowest(per_rank, i) for i in range(len(rows))]
+            ts = [_slowest(per_rank, i) for i in range(len(rows))]
+            sides["gloo"] = _best(sides.get("gloo", ts), ts)
+    return sides, memory
 
-    f = bus_factor(args.op, n)
+
+def _print_table(args: argparse.Namespace, sizes: list[int], rows: list[tuple[int, int, int]],
+                 sides: dict[str, list[Any]], memory: list[float]) -> None:
+    f = bus_factor(args.op, args.nprocs)
     head = f"# {'size':>10} {'count':>10} {'type':>8} {'redop':>5}"
     unit = f"# {'(B)':>10} {'(elems)':>10} {'':>8} {'':>5}"
     for name in sides:
@@ -241,8 +229,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(t, str):
                 print(f"# {name}: {t}")
                 break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m collectives.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", default="all_reduce", choices=COLLECTIVES)
+    ap.add_argument("-n", "--nprocs", type=int, default=2)
+    ap.add_argument("--sizes", default="8:64M", help="lo:hi (doubling), or a,b,c; K M G suffixes")
+    ap.add_argument("--factor", type=int, default=2, help="step between sizes of a range")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per size")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per size")
+    ap.add_argument("--trials", type=int, default=1,
+                    help="alternate the sides this many times, keep each row's best")
+    ap.add_argument("--compare", choices=("gloo",), default=None)
+    ap.add_argument("--only", choices=("meshrun", "gloo"), default=None,
+                    help="run one side only (e.g. to measure the gloo anchors)")
+    ap.add_argument("--plot", default=None, help="write busbw vs size to this PNG")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--memory", action="store_true",
+                    help="also print meshrun's peak memory beyond the input, worst rank "
+                         "(exact for the first size only: run one size)")
+    args = ap.parse_args(argv)
+
+    sizes = [0] if args.op == "barrier" else parse_sizes(args.sizes, args.factor)
+    rows = plan_rows(args.op, sizes, np.dtype(args.dtype).itemsize, args.nprocs, args.iters,
+                     args.warmup)
+    print(f"# collectives.bench: {args.op}, {args.nprocs} ranks, {args.dtype}, {args.device}, "
+          f"best of {args.trials}, pid {os.getpid()}")
+    sides, memory = _measure(args, rows)
+    _print_table(args, sizes, rows, sides, memory)
     if args.plot:
-        _plot(args.plot, args.op, n, sizes, sides)
+        _plot(args.plot, args.op, args.nprocs, sizes, sides)
     return 0
 
 
