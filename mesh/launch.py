@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
             multi-host (one meshrun per host, the same MESH_SECRET exported on each):
               meshrun --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500 -n 4 train.py
               meshrun --nnodes 2 --node-rank 1 --master-addr HOST0 --master-port 29500 -n 4 train.py
+            add --curve on every node to encrypt the job's traffic (CurveZMQ).
 
             Output lines are prefixed with the global rank: "[3] ...". When a rank
             fails, the others get SIGTERM, then SIGKILL after --grace seconds, and
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the whole job after this many seconds (exit code 124)")
+    p.add_argument("--curve", action="store_true",
+                   help="encrypt and authenticate all traffic with CurveZMQ, keys derived from "
+                        "the job secret (same as MESH_CURVE=1; use it on every node)")
     p.add_argument("-m", "--module", action="store_true",
                    help="the target is a module to run as with python -m")
     p.add_argument("--no-python", action="store_true",
@@ -123,6 +127,8 @@ def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
         "MESH_RUNTIME_DIR": run_dir,
         "MESH_ERROR_FILE": os.path.join(err_dir, f"rank{rank}.error.json"),
     })
+    if a.curve:
+        env["MESH_CURVE"] = "1"
     return env
 
 
@@ -134,9 +140,11 @@ def _worker_argv(a: argparse.Namespace) -> list[str]:
 def _serve_rendezvous(a: argparse.Namespace, secret: str) -> Any:
     """Start the rendezvous service (node 0 only); it binds the given port or
     port 0 and the bound port is what workers are told, never a guess."""
+    from .auth import curve_wanted
     from .rendezvous import RendezvousServer
     host = "*" if a.nnodes > 1 else a.master_addr
-    srv = RendezvousServer(a.nnodes * a.nproc, secret, host=host, port=a.master_port or 0)
+    srv = RendezvousServer(a.nnodes * a.nproc, secret, host=host, port=a.master_port or 0,
+                           curve=a.curve or curve_wanted())
     srv.start()
     return srv
 

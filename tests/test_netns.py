@@ -1,7 +1,8 @@
 """Multi-host on one machine: two network namespaces joined by a veth pair,
 each with its own address, are two "hosts". One meshrun per namespace runs a
 real ``--nnodes 2`` job (2 ranks per host). Ranks on one host talk over
-ipc://, across hosts over tcp:// to the other namespace's address, and the
+ipc://, across hosts over tcp:// to the other namespace's address (also with
+``meshrun --curve``, encrypted), and the
 collectives agree with numpy; also over a slowed link (``tc netem`` delay,
 or a token-bucket rate limit where the kernel has no netem). Skipped with the reason where namespaces cannot be made; the
 namespaces are always deleted."""
@@ -90,10 +91,13 @@ class Hosts:
         for ns in self.ns:
             _ip("netns", "del", ns)
 
-    def launch(self, i: int, port: int, out: Path, secret: str) -> subprocess.Popen[str]:
+    def launch(self, i: int, port: int, out: Path, secret: str,
+               curve: bool) -> subprocess.Popen[str]:
         env = dict(os.environ, PYTHONPATH=str(REPO), MESH_SECRET=secret)
+        env.pop("MESH_CURVE", None)
         return subprocess.Popen(
             ["ip", "netns", "exec", self.ns[i], sys.executable, "-m", "mesh.launch",
+             *(["--curve"] if curve else []),
              "--nnodes", "2", "--node-rank", str(i), "--master-addr", ADDR[0],
              "--master-port", str(port), "-n", "2", "--timeout", "60", str(JOB), str(out)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -111,12 +115,12 @@ def _node0_port(proc: subprocess.Popen[str], timeout: float = 20) -> int:
     raise AssertionError(f"node 0 never reported its port (exit {proc.poll()})")
 
 
-def _run_job(hosts: Hosts, out: Path) -> list[dict]:
+def _run_job(hosts: Hosts, out: Path, curve: bool = False) -> list[dict]:
     secret = secrets.token_hex(16)
-    procs = [hosts.launch(0, 0, out, secret)]
+    procs = [hosts.launch(0, 0, out, secret, curve)]
     try:
         port = _node0_port(procs[0])
-        procs.append(hosts.launch(1, port, out, secret))
+        procs.append(hosts.launch(1, port, out, secret, curve))
         for p in procs:
             _, err = p.communicate(timeout=70)
             assert p.returncode == 0, err
@@ -149,9 +153,11 @@ def _check_topology(reports: list[dict]) -> None:
         assert rep["checked"] == 12
 
 
-def test_two_hosts_tcp_across_ipc_within(hosts: Hosts, tmp_path: Path) -> None:
-    reports = _run_job(hosts, tmp_path)
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
+def test_two_hosts_tcp_across_ipc_within(hosts: Hosts, tmp_path: Path, curve: bool) -> None:
+    reports = _run_job(hosts, tmp_path, curve)
     _check_topology(reports)
+    assert all(rep["curve"] is curve for rep in reports)
 
 
 def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 import collectives
 import mesh
+from mesh.auth import curve_wanted
 from mesh.env import host_id
 
 OUTDIR = sys.argv[1]
@@ -48,7 +49,8 @@ def main() -> None:
                 rtt = time.perf_counter() - t
         collectives.barrier(world)
         out = {"rank": r, "host": host_id(), "hosts": world.hosts, "endpoints": world.endpoints,
-               "checked": checked, "rtt": rtt, "netns": os.readlink("/proc/self/ns/net")}
+               "checked": checked, "rtt": rtt, "netns": os.readlink("/proc/self/ns/net"),
+               "curve": curve_wanted()}
         with open(os.path.join(OUTDIR, f"{r}.json"), "w") as f:
             json.dump(out, f)
 
