@@ -1,10 +1,12 @@
 """Point-to-point benchmark: mesh beside raw pyzmq on the same transport.
 
-    python -m mesh.bench [--sizes 1K:64M] [--iters 2000] [--transport ipc|tcp]
+    python -m mesh.bench [--sizes 1K:64M] [--iters 2000] [--transport ipc|tcp] [--curve]
 
 Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it) and
 one-way bandwidth (raw: PUSH/PULL with copy=False; mesh: send/recv with out=),
-run alternately in one process tree so that both see the same machine."""
+run alternately in one process tree so that both see the same machine.
+With --curve, the mesh also runs encrypted (MESH_CURVE=1) in the same
+alternation, and the last column is what CurveZMQ costs: curve/mesh."""
 from __future__ import annotations
 
 import argparse
@@ -150,8 +152,9 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
     return results
 
 
-def _mesh(sizes: list[int], iters: int, transport: str) -> dict[str, float]:
+def _mesh(sizes: list[int], iters: int, transport: str, curve: bool = False) -> dict[str, float]:
     env = {"MESH_FORCE_TCP": "1"} if transport == "tcp" else {}
+    env["MESH_CURVE"] = "1" if curve else "0"
     return spawn(_mesh_peer, 2, sizes, iters, timeout=600, env=env)[0]
 
 
@@ -161,26 +164,40 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=2000, help="round trips per trial")
     ap.add_argument("--trials", type=int, default=3, help="alternating raw/mesh trials")
     ap.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
+    ap.add_argument("--curve", action="store_true",
+                    help="also run the mesh encrypted (CurveZMQ) and report its cost")
     args = ap.parse_args(argv)
     sizes = _sizes(args.sizes)
     raw: list[dict[str, float]] = []
     ours: list[dict[str, float]] = []
+    curve: list[dict[str, float]] = []
     for _ in range(args.trials):
         raw.append(_raw(sizes, args.iters, args.transport))
         ours.append(_mesh(sizes, args.iters, args.transport))
+        if args.curve:
+            curve.append(_mesh(sizes, args.iters, args.transport, curve=True))
     best_rtt_raw = min(r["rtt"] for r in raw)
     best_rtt_mesh = min(r["rtt"] for r in ours)
+    extra = f" {'curve':>12} {'curve/mesh':>10}" if curve else ""
     print(f"# meshrun p2p benchmark, transport {args.transport}, best of {args.trials} "
           f"alternating trials, {os.cpu_count()} cores")
-    print(f"{'measure':>22} {'raw pyzmq':>12} {'mesh':>12} {'mesh/raw':>9}")
+    print(f"{'measure':>22} {'raw pyzmq':>12} {'mesh':>12} {'mesh/raw':>9}{extra}")
+    rtt_curve = ""
+    if curve:
+        c = min(r["rtt"] for r in curve)
+        rtt_curve = f" {c * 1e6:12.1f} {c / best_rtt_mesh:10.2f}"
     print(f"{'round trip 8 B (us)':>22} {best_rtt_raw * 1e6:12.1f} {best_rtt_mesh * 1e6:12.1f} "
-          f"{best_rtt_mesh / best_rtt_raw:9.2f}")
+          f"{best_rtt_mesh / best_rtt_raw:9.2f}{rtt_curve}")
     for size in sizes:
         key = f"bw{size}"
         r = max(x[key] for x in raw) / 1e9
         m = max(x[key] for x in ours) / 1e9
         label = f"bandwidth {_fmt(size)} (GB/s)"
-        print(f"{label:>22} {r:12.3f} {m:12.3f} {m / r:9.2f}")
+        bw_curve = ""
+        if curve:
+            c = max(x[key] for x in curve) / 1e9
+            bw_curve = f" {c:12.3f} {c / m:10.2f}"
+        print(f"{label:>22} {r:12.3f} {m:12.3f} {m / r:9.2f}{bw_curve}")
 
 
 def _fmt(n: int) -> str:

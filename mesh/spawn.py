@@ -11,6 +11,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from .auth import curve_wanted
 from .errors import WorkerError
 from .rendezvous import RendezvousServer
 
@@ -44,7 +45,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     if nprocs < 1:
         raise ValueError(f"spawn needs nprocs >= 1, got {nprocs}")
     secret = secrets.token_hex(16)
-    server = RendezvousServer(nprocs, secret).start() if nprocs > 1 else None
+    curve = curve_wanted({**os.environ, **(env or {})})
+    server = RendezvousServer(nprocs, secret, curve=curve).start() if nprocs > 1 else None
     port = server.port if server is not None else 0
     ctx = mp.get_context("spawn")
     procs, conns = [], []
