@@ -1,0 +1,78 @@
+"""meshrun robustness beyond tests/test_launch.py: jobs that share a host
+and even a rendezvous address never mix (another job's secret is refused),
+and a multi-host job whose other node never comes up ends within the
+rendezvous timeout, naming the ranks that never arrived."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MESH_SCRIPT = REPO / "tests" / "scripts" / "launch_mesh.py"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _start(*args: str, **env: str) -> subprocess.Popen[str]:
+    full = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    return subprocess.Popen([sys.executable, "-m", "mesh.launch", *args], cwd=REPO, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _node(rank: int, port: int | str, *extra: str) -> tuple[str, ...]:
+    return ("--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+            "--master-port", str(port), "-n", "2", *extra, str(MESH_SCRIPT))
+
+
+def _port(node0: subprocess.Popen[str]) -> str:
+    assert node0.stderr is not None
+    line = node0.stderr.readline()
+    assert "serves the rendezvous on port" in line, line
+    return line.split()[-1]
+
+
+def test_a_node_of_another_job_is_refused_and_the_job_goes_on() -> None:
+    """Job B waits for its second node; a node of job A (another secret)
+    pointed at B's rendezvous is refused and fails on its own, within its
+    rendezvous timeout; then B's real second node joins and B succeeds."""
+    procs = [_start(*_node(0, 0), MESH_SECRET="secret-of-job-b")]
+    try:
+        port = _port(procs[0])
+        stray = _start(*_node(1, port), MESH_SECRET="secret-of-job-a",
+                       MESH_RENDEZVOUS_TIMEOUT="2")
+        procs.append(stray)
+        _, err = stray.communicate(timeout=30)
+        assert stray.returncode == 1, err
+        assert "never answered" in err and "different job secret" in err, err
+        assert procs[0].poll() is None, "job B died of a stranger's attempt"
+        node1 = _start(*_node(1, port), MESH_SECRET="secret-of-job-b")
+        procs.append(node1)
+        out1, err1 = node1.communicate(timeout=30)
+        out0, err0 = procs[0].communicate(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert procs[0].returncode == 0 and node1.returncode == 0, err0 + err1
+    assert "[0] rank 0 heard from [1, 2, 3]" in out0
+
+
+def test_a_missing_node_ends_the_job_within_the_rendezvous_timeout() -> None:
+    t0 = time.monotonic()
+    node0 = _start(*_node(0, 0), MESH_SECRET="lonely", MESH_RENDEZVOUS_TIMEOUT="2")
+    try:
+        _port(node0)
+        _, err = node0.communicate(timeout=30)
+    finally:
+        if node0.poll() is None:
+            node0.kill()
+            node0.communicate()
+    assert node0.returncode == 1, err
+    assert "ranks [2, 3] never arrived" in err and "Root cause: rank" in err, err
+    assert time.monotonic() - t0 < 20
