@@ -52,6 +52,11 @@ class Comm:
         self._children: dict[tuple[int, ...], int] = {}
         transport.groups[gid] = (name, self.ranks)
 
+    @property
+    def timeout(self) -> float:
+        """The default timeout (s) of this communicator's blocking operations."""
+        return self._t.timeout
+
     def __repr__(self) -> str:
         return f"<Comm {self.name} rank {self.rank}/{self.size}>"
 
