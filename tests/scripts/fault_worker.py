@@ -32,6 +32,10 @@ def _write(name, obj):
     os.replace(tmp, os.path.join(OUTDIR, name))
 
 
+def _ready(world):
+    _write(f"{world.rank}.ready", {"pid": os.getpid()})
+
+
 def _failure(op, e):
     return {"op": op, "type": type(e).__name__, "peer": getattr(e, "peer", None),
             "msg": str(e), "t": time.monotonic()}
@@ -85,7 +89,29 @@ def _idle(world, seen):
     req.wait(timeout=60)
 
 
-SCENARIOS = {"idle": _idle, "p2p": _p2p_loop, "all_reduce": _all_reduce_loop}
+def _pipeline(world, seen):
+    """dp=2 x pp=2 training steps (1F1B, gradients all-reduced over dp)."""
+    import engine
+    from engine.layers import mlp_stages, mse_loss, sgd
+
+    grid = mesh.grid(world, dp=2, pp=2)
+    sched = engine.schedules.one_f_one_b(2, 8)
+    stages = engine.stages_for_rank(mlp_stages([64, 256, 256, 256, 8], sched.num_stages),
+                                    sched, grid.coord("pp"))
+    pipe = engine.Pipeline(grid, stages, sched, loss_fn=mse_loss)
+    rng = np.random.default_rng(grid.coord("dp"))
+    seen["rounds"] = 0
+    while True:
+        x, y = rng.standard_normal((128, 64)), rng.standard_normal((128, 8))
+        pipe.step(x if pipe.first else None, y if pipe.last else None)
+        sgd(stages, 0.01)
+        seen["rounds"] += 1
+        if seen["rounds"] == 1:
+            _ready(world)
+
+
+SCENARIOS = {"idle": _idle, "p2p": _p2p_loop, "all_reduce": _all_reduce_loop,
+             "pipeline": _pipeline}
 
 
 def main():
@@ -93,11 +119,18 @@ def main():
     seen = {}
     with mesh.init(timeout=60) as world:
         collectives.barrier(world)
-        _write(f"{world.rank}.ready", {"pid": os.getpid()})
+        if SCENARIO != "pipeline":       # it is ready once its first step is done
+            _ready(world)
         try:
             SCENARIOS[SCENARIO](world, seen)
         except mesh.MeshError as e:
             seen["first"] = _failure(SCENARIO, e)
+        if SCENARIO == "pipeline":
+            # leave at once, as a failed rank would: the ranks that share no
+            # group with the victim learn of it through their partners' exit
+            seen.update(rank=world.rank, later=[], state=world._t.peer_state(VICTIM))
+            _write(f"{world.rank}.json", seen)
+            os._exit(0)
         later = [_attempt("recv", lambda: world.recv(VICTIM, tag=9, timeout=30)),
                  _attempt("send", lambda: world.send(np.ones(4), VICTIM, tag=9, timeout=30)),
                  _attempt("all_reduce", lambda: collectives.all_reduce(world, np.ones(8)))]
