@@ -106,6 +106,13 @@ def _int(h: dict, key: str, lo: int = -(1 << 63), hi: int = (1 << 63) - 1) -> in
     return v
 
 
+def _str(h: dict, key: str) -> str:
+    v = h.get(key, "")
+    if not isinstance(v, str):
+        raise BadMessageError(f"header field {key!r} is a {type(v).__name__}, not a string")
+    return v
+
+
 def decode(frame: bytes | memoryview, world_size: int) -> Header:
     """Parse and validate a header; raise BadMessageError on anything off."""
     if len(frame) > MAX_HEADER:
@@ -125,14 +132,11 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         return Header(kind, src, credit=_int(h, "c", 0))
     if kind == BYE:
         return Header(kind, src)
-    reason = h.get("r", "")
-    if not isinstance(reason, str):
-        raise BadMessageError("reason/status is not a string")
     if kind == HEARTBEAT:
-        return Header(kind, src, reason=reason)
+        return Header(kind, src, reason=_str(h, "r"))
     group, tag = _int(h, "g", 0), _int(h, "t")
     if kind == ABORT:
-        return Header(kind, src, group, tag, reason=reason, credit=_int(h, "c", 0, 2),
+        return Header(kind, src, group, tag, reason=_str(h, "r"), credit=_int(h, "c", 0, 2),
                       peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
     nbytes = _int(h, "n", 0)
     if kind == OBJ:
