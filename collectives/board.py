@@ -38,6 +38,7 @@ import numpy as np
 from mesh import ANY, LostPeerError, MeshError, MeshTimeoutError, MismatchError
 
 from . import cma
+from .exchange import all_gather_object_direct
 from .runner import Ctx
 
 __all__ = ["CAPACITY", "available", "Round"]
@@ -65,7 +66,7 @@ class _Box:
         words = self.mem[:_HEAD].view(np.int64)
         words[0] = cookie = secrets.randbits(63)
         self.head = words[1:1 + _WORDS]
-        where = cma._exchange(ctx, [self.mem.ctypes.data, cookie])
+        where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie])
         self.addrs = [a for a, _ in where]
         self.cookies = [c for _, c in where]
         self.seen = np.zeros((ctx.g.size, _PEEK), np.uint8)

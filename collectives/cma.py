@@ -23,6 +23,7 @@ import numpy as np
 
 from mesh import LostPeerError
 
+from .exchange import all_gather_object_direct
 from .runner import Ctx
 
 __all__ = ["read", "Reader", "lost", "peer_read", "usable", "pids"]
@@ -111,18 +112,6 @@ def _my_token() -> np.ndarray:
     return _token
 
 
-def _exchange(ctx: Ctx, obj: Any) -> list[Any]:
-    """Every rank's ``obj``, by rank (one message to and from each peer)."""
-    n, rank = ctx.g.size, ctx.g.rank
-    peers = [(rank + k) % n for k in range(1, n)]
-    recvs = {p: ctx.irecv(p) for p in peers}
-    sends = [ctx.isend(obj, p) for p in peers]
-    out = [obj if p == rank else recvs[p].wait() for p in range(n)]
-    for s in sends:
-        s.wait()
-    return out
-
-
 def _probe(ctx: Ctx) -> list[int] | None:
     from mesh.env import host_id
 
@@ -130,7 +119,7 @@ def _probe(ctx: Ctx) -> list[int] | None:
     tok = _my_token()
     me = {"host": host_id(), "pid": os.getpid(), "addr": tok.ctypes.data,
           "token": [int(t) for t in tok], "on": willing}
-    everyone = _exchange(ctx, me)
+    everyone = all_gather_object_direct(ctx, me)
     ok = all(p["on"] and p["host"] == me["host"] for p in everyone)
     if ok:
         got = np.zeros(2, np.uint64)
@@ -143,7 +132,7 @@ def _probe(ctx: Ctx) -> list[int] | None:
                 ok = False
                 break
             ok = ok and [int(t) for t in got] == p["token"]
-    agreed = all(_exchange(ctx, ok))
+    agreed = all(all_gather_object_direct(ctx, ok))
     return [p["pid"] for p in everyone] if agreed else None
 
 
