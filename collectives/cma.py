@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mesh import LostPeerError
+from mesh.env import host_id
 
 from .exchange import all_gather_object_direct
 from .runner import Ctx
@@ -113,8 +114,6 @@ def _my_token() -> np.ndarray:
 
 
 def _probe(ctx: Ctx) -> list[int] | None:
-    from mesh.env import host_id
-
     willing = sys.platform == "linux" and os.environ.get("MESH_CMA", "1") != "0"
     tok = _my_token()
     me = {"host": host_id(), "pid": os.getpid(), "addr": tok.ctypes.data,
