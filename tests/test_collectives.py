@@ -239,8 +239,9 @@ def groups_battery(world: Any, seed: int) -> list[int | None]:
     return [None if x is None else x.rank for x in (g_even, g_odd, g_mid)]
 
 
-def test_subgroups_and_overlapping_groups() -> None:
-    got = mesh.spawn(groups_battery, 5, 77, timeout=100, env=SMALL_SEGMENTS)
+@pytest.mark.parametrize("env", [SMALL_SEGMENTS, {}], ids=["sockets", "same-host"])
+def test_subgroups_and_overlapping_groups(env: dict) -> None:
+    got = mesh.spawn(groups_battery, 5, 77, timeout=100, env=env)
     assert got == [[2, None, None], [None, 1, 0], [1, None, 1], [None, 0, 2], [0, None, None]]
 
 

@@ -61,9 +61,9 @@ def run_cases(world: Any) -> dict[str, list[str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> list[dict[str, list[str]]]:
-    return mesh.spawn(run_cases, N, timeout=100)
+@pytest.fixture(scope="module", params=["0", "1"], ids=["sockets", "same-host"])
+def outcomes(request: Any) -> list[dict[str, list[str]]]:
+    return mesh.spawn(run_cases, N, timeout=100, env={"MESH_CMA": request.param})
 
 
 def _texts(outcomes: list[dict[str, list[str]]], case: str) -> list[str]:
