@@ -91,6 +91,7 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
         box = _boxes.get(ctx.g)
     if box is None:
         box = _Box(ctx)
+        ctx.g._keep_alive(box)  # peers may read it after this rank drops the group
         with _lock:
             _boxes[ctx.g] = box
     return True

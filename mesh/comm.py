@@ -112,6 +112,12 @@ class Comm:
             kind = 1
         self._t.abort(self.gid, tag, f"rank {self.rank} of group {self.name}: {reason}", kind)
 
+    def _keep_alive(self, obj: Any) -> None:
+        """Hold ``obj`` until the mesh closes, not just while this group
+        object lives: peers may still read memory it owns (same-host
+        collectives) after this rank has dropped the group."""
+        self._t.keep_alive.append(obj)
+
     def _world_rank(self, r: int, op: str) -> int:
         if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
             raise ValueError(f"rank {self.rank}: {op} to/from rank {r!r}: group {self.name} "

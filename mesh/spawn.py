@@ -24,16 +24,20 @@ def _child(fn: Callable[..., Any], rank: int, size: int, port: int, secret: str,
                        "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "MESH_SECRET": secret, "MESH_LAUNCHER": "1"})
     os.environ.update(extra_env)
+    from .errors import LostPeerError, MeshError
+    from .world import init
+    world = None
     try:
-        from .world import init
-        with init() as world:
-            result = fn(world, *args)
+        world = init()
+        result = fn(world, *args)
+        world.close()
         conn.send((True, result, 0.0, False))
     except BaseException as e:
-        from .errors import LostPeerError, MeshError
         # a lost peer or an abort is the consequence of another rank's failure
         secondary = isinstance(e, LostPeerError) or (isinstance(e, MeshError) and "aborted" in str(e))
         conn.send((False, traceback.format_exc(), time.time(), secondary))
+        if world is not None:
+            world.close()  # report first: closing waits for the peers
     finally:
         conn.close()
 

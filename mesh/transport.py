@@ -110,6 +110,7 @@ class Transport:
         self._ctx, self._router = ctx, router
         self._lock = threading.Lock()
         self._matcher = Matcher()
+        self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes
         self._aborted: dict[tuple[int, int], tuple[int, str, int]] = {}
         self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
         self._peers: list[_Peer] = []
@@ -697,7 +698,8 @@ class Transport:
                 self._control(p, beat)
 
     def close(self, linger: float = 5.0) -> None:
-        """Flush queued sends (bounded), say goodbye, stop the thread, close sockets."""
+        """Flush queued sends (bounded), say goodbye, wait for the peers'
+        goodbyes (bounded by MESH_CLOSE_WAIT), stop the thread, close sockets."""
         deadline = time.monotonic() + linger
         for p in self._peers:
             while p.queue and p.state == _ALIVE and time.monotonic() < deadline:
@@ -706,7 +708,15 @@ class Transport:
         for p in self._peers:
             if p.sock is not None:
                 self._control(p, bye)
+        # Like MPI_Finalize: stay until every peer has said goodbye too (or is
+        # gone), so no rank exits while a peer may still read from it, be it
+        # a message in flight or memory shared by a same-host collective.
+        deadline = time.monotonic() + config_float("MESH_CLOSE_WAIT", 30.0)
+        while (any(p.state == _ALIVE for p in self._peers if p.sock is not None)
+               and time.monotonic() < deadline):
+            time.sleep(0.002)
         self._closing = True
+        self.keep_alive.clear()
         self._thread.join(timeout=5)
         for p in self._peers:
             if p.sock is not None:
