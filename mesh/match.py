@@ -137,12 +137,16 @@ class Matcher:
         """Withdraw a receive still waiting for its message; False once matched."""
         if req.state != 0:
             return False
+        table: dict[Any, deque[Pending]]
         if req.src == ANY:
-            q = self._posted_any.get((req.group, req.tag))
+            table, key = self._posted_any, (req.group, req.tag)
         else:
-            q = self._posted.get((req.group, req.src, req.tag))
+            table, key = self._posted, (req.group, req.src, req.tag)
+        q = table.get(key)
         if q is not None and req in q:
             q.remove(req)
+            if not q:
+                del table[key]    # one empty queue per withdrawn tag would add up
             req.state = 2
             return True
         return False
