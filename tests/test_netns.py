@@ -70,11 +70,11 @@ class Hosts:
 
     def slow_down(self) -> str:
         """Slow the link both ways: 10 ms netem delay, or where the kernel
-        lacks netem, a 100 Mbit/s token bucket (queueing delay for bulk).
+        lacks netem, a 300 Mbit/s token bucket (queueing delay for bulk).
         Returns which, or skips the test with both errors."""
         errors = []
         for name, qdisc in (("netem", ["netem", "delay", "10ms"]),
-                            ("tbf", ["tbf", "rate", "100mbit", "burst", "64kb",
+                            ("tbf", ["tbf", "rate", "300mbit", "burst", "64kb",
                                      "latency", "200ms"])):
             for i in (0, 1):
                 done = subprocess.run(["tc", "-n", self.ns[i], "qdisc", "replace", "dev",
