@@ -23,9 +23,10 @@ VICTIM = 2
 
 def stall_midway(world: Any, count: int, outdir: str) -> None:
     pids = C.all_gather_object(world, os.getpid())
+    a = np.empty(count, np.float32)
+    C.all_reduce(world, a)
     if world.rank == VICTIM:
         threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGSTOP)).start()
-    a = np.empty(count, np.float32)
     rounds, t0 = 0, time.monotonic()
     try:
         while True:
@@ -61,7 +62,7 @@ def test_survivors_of_a_stalled_rank_raise_fast(tmp_path: Any, cma: str, count: 
         with open(tmp_path / f"{rank}.json") as f:
             seen = json.load(f)
         first = seen["first"]
-        assert seen["rounds"] > 0 and first["after"] < 10, seen
+        assert first["after"] < 10, seen
         assert first["type"] in ("LostPeerError", "MeshError"), seen
         assert "rank 2" in first["msg"], seen
         assert all(kind != "ok" and took < 3 for kind, took in seen["later"]), seen
