@@ -300,6 +300,8 @@ class Transport:
         bound for a peer that is gone are never released: fail then, and keep
         the buffer alive for as long as ZeroMQ may hold it (until close)."""
         peer = self._peers[item.dst]
+        tracker = item.tracker
+        assert tracker is not None
         start = time.monotonic()
         warn_at = start + self.stall_warn
         while True:
@@ -309,7 +311,7 @@ class Transport:
                 self._stalled(item, now - start, limit)
                 warn_at = now + self.stall_warn
             try:
-                item.tracker.wait(max(0.0, min(left, 0.1)))
+                tracker.wait(max(0.0, min(left, 0.1)))
                 return
             except zmq.NotDone:
                 pass
