@@ -138,7 +138,7 @@ class Matcher:
         if req.state != 0:
             return False
         table: dict[Any, deque[Pending]]
-        key: tuple[int, ...]
+        key: Any
         if req.src == ANY:
             table, key = self._posted_any, (req.group, req.tag)
         else:
