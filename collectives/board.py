@@ -288,6 +288,16 @@ class Round:
             raise self.wait.error
         return addrs
 
+    def payload_of(self, peer: int) -> np.ndarray:
+        """A copy of ``peer``'s payload, whatever its size (after ``gather``)."""
+        h, slot = self.box.seen_head[peer], self.slot
+        size = int(h[1 + self.base + PAYLEN])
+        if size <= _INLINE:
+            return self.box.seen[peer, _HEAD + slot * _INLINE:_HEAD + slot * _INLINE + size].copy()
+        out = np.empty(size, np.uint8)
+        cma.peer_read(self.ctx, peer, self.box.addrs[peer] + _PEEK + slot * _BODY + _FP_ROOM, out)
+        return out
+
     def _mismatch(self, peer: int, fplen: int) -> None:
         theirs = np.zeros(min(max(fplen, 0), _FP_ROOM), np.uint8)
         try:

@@ -3,13 +3,13 @@
 (collectives.cma). No socket carries data or waits here.
 
     small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
-    broadcast, gather
-    large all_reduce:              post address | reduce chunk r from every peer's buffer |
+      broadcast, gather, reduce
+    large all_reduce               post address | reduce chunk r from every peer's buffer |
                                    stage 1 | read each peer's final chunk | stage 2 | exit
-    reduce_scatter:                post address | reduce chunk r | stage 2 | exit
-    reduce:                        post addresses | reduce chunk r | stage 1 | root reads chunks
-    large broadcast, gather,       post address | read what this rank needs | stage 2 |
-    all_gather, all_to_all         exit once no one reads us any more
+    large reduce                   post addresses | reduce chunk r | stage 1 | root reads chunks
+    reduce_scatter                 post address | reduce chunk r | stage 2 | exit
+    large broadcast, gather,       post address | read what this rank needs | stage 2 | exit
+      all_gather, scatter, all_to_all
 
 "Exit" waits until every peer that reads this rank's buffer has said stage 2,
 so a buffer is never changed or freed under a reader. Every reduction runs
@@ -18,6 +18,7 @@ owner alone), so all ranks get the same bits.
 """
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 
 from .board import CAPACITY, Round
@@ -27,7 +28,7 @@ from .plan import ring_chunks, segments
 from .runner import Ctx
 
 __all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "reduce_scatter",
-           "broadcast", "reduce", "gather", "all_to_all"]
+           "broadcast", "reduce", "scatter", "gather", "all_to_all"]
 
 
 def all_reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
@@ -152,6 +153,9 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
         post (buffer, chunk) | reduce chunk r | stage 1 | root: read chunks, stage 2
     """
     n, rank = ctx.g.size, ctx.g.rank
+    if _small(ctx, buf):
+        _reduce_small(ctx, buf, op, root)
+        return
     bounds = ring_chunks(buf.size, n)
     lo, hi = bounds[rank]
     mine = buf[lo:hi] if rank == root else np.empty(hi - lo, buf.dtype)
@@ -170,6 +174,44 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
             if b > a:
                 peer_read(ctx, p, r.addr2[p], buf[a:b])
         r.stage(2)
+
+
+def _reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
+    """Everyone posts its buffer; the root reads them all and reduces in rank order."""
+    n, rank = ctx.g.size, ctx.g.rank
+    parts: list[np.ndarray | None] = [np.empty_like(buf) if rank == root and p != rank else None
+                                      for p in range(n)]
+    with Round(ctx) as r:
+        r.post(payload=None if rank == root else buf)
+        r.gather(parts if rank == root else None)
+    if rank == root:
+        acc = buf.copy() if rank == 0 else parts[0]
+        assert acc is not None
+        for p in range(1, n):
+            op.combine(acc, buf if p == rank else parts[p])
+        if acc is not buf:
+            buf[...] = acc
+
+
+def scatter(ctx: Ctx, src: np.ndarray | None, root: int) -> np.ndarray:
+    """Rank p reads row p of the root's ``src`` (shaped (n, ...)); the root
+    posts the rows' dtype and shape with the buffer's address."""
+    rank = ctx.g.rank
+    with Round(ctx) as r:
+        if src is not None:
+            meta = msgpack.packb([src.dtype.str, list(src.shape[1:])])
+            r.post(payload=np.frombuffer(meta, np.uint8), addr=src.ctypes.data)
+            r.gather()
+            r.wait_stage(r.peers, 2)
+            return src[rank].copy()
+        r.post()
+        addrs = r.gather()
+        dtype, shape = msgpack.unpackb(r.payload_of(root).tobytes())
+        out = np.empty(shape, dtype)
+        if out.size:
+            peer_read(ctx, root, addrs[root] + rank * out.nbytes, out.reshape(-1))
+        r.stage(2)
+        return out
 
 
 def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) -> None:
