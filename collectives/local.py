@@ -31,20 +31,26 @@ __all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "red
            "broadcast", "reduce", "scatter", "gather", "all_to_all"]
 
 
+def _reduce_payloads(ctx: Ctx, buf: np.ndarray, op: ReduceOp, readers: range) -> None:
+    """Everyone posts ``buf``; the ranks in ``readers`` read all the others'
+    and set ``buf`` to the reduction in rank order (the same bits on each)."""
+    n, rank = ctx.g.size, ctx.g.rank
+    reads = rank in readers
+    parts = [np.empty_like(buf) if reads and p != rank else buf for p in range(n)]
+    with Round(ctx) as r:
+        r.post(payload=None if reads and len(readers) == 1 else buf)
+        r.gather([None if p == rank else parts[p] for p in range(n)] if reads else None)
+    if reads:
+        acc = parts[0]
+        for p in range(1, n):
+            op.combine(acc, parts[p])
+        if acc is not buf:
+            buf[...] = acc
+
+
 def all_reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
     """Every rank reads every contribution and reduces them in rank order."""
-    n, rank = ctx.g.size, ctx.g.rank
-    parts: list[np.ndarray | None] = [None if p == rank else np.empty_like(buf)
-                                      for p in range(n)]
-    with Round(ctx) as r:
-        r.post(payload=buf)
-        r.gather(parts)
-    acc = buf.copy() if rank == 0 else parts[0]
-    assert acc is not None
-    for p in range(1, n):
-        op.combine(acc, buf if p == rank else parts[p])
-    if acc is not buf:
-        buf[...] = acc
+    _reduce_payloads(ctx, buf, op, range(ctx.g.size))
 
 
 def barrier(ctx: Ctx) -> None:
@@ -154,7 +160,7 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
     """
     n, rank = ctx.g.size, ctx.g.rank
     if _small(ctx, buf):
-        _reduce_small(ctx, buf, op, root)
+        _reduce_payloads(ctx, buf, op, range(root, root + 1))
         return
     bounds = ring_chunks(buf.size, n)
     lo, hi = bounds[rank]
@@ -174,23 +180,6 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
             if b > a:
                 peer_read(ctx, p, r.addr2[p], buf[a:b])
         r.stage(2)
-
-
-def _reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
-    """Everyone posts its buffer; the root reads them all and reduces in rank order."""
-    n, rank = ctx.g.size, ctx.g.rank
-    parts: list[np.ndarray | None] = [np.empty_like(buf) if rank == root and p != rank else None
-                                      for p in range(n)]
-    with Round(ctx) as r:
-        r.post(payload=None if rank == root else buf)
-        r.gather(parts if rank == root else None)
-    if rank == root:
-        acc = buf.copy() if rank == 0 else parts[0]
-        assert acc is not None
-        for p in range(1, n):
-            op.combine(acc, buf if p == rank else parts[p])
-        if acc is not buf:
-            buf[...] = acc
 
 
 def scatter(ctx: Ctx, src: np.ndarray | None, root: int) -> np.ndarray:
