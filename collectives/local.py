@@ -21,6 +21,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
+from . import scratch
 from .board import CAPACITY, Round
 from .cma import peer_read
 from .ops import ReduceOp
@@ -66,17 +67,18 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
     be ``src[lo:hi]`` itself."""
     n, rank, item = ctx.g.size, ctx.g.rank, src.itemsize
     per = max(1, ctx.tuning.segment // item)
-    scratch = np.empty(min(per, hi - lo), src.dtype)
+    bufs = scratch.take(src.dtype, per, 1)
     in_place = np.may_share_memory(dst, src)
     for a, b in segments(lo, hi, max(1, -(-(hi - lo) // per))):
         out = dst[a - lo:b - lo]
         if not in_place:
             out[...] = src[a:b]
-        tmp = scratch[:b - a]
+        tmp = bufs[0][:b - a]
         for k in range(1, n):
             p = (rank + k) % n
             peer_read(ctx, p, addrs[p] + a * item, tmp)
             op.combine(out, tmp)
+    scratch.give(bufs)
 
 
 def all_reduce_large(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:

@@ -20,12 +20,12 @@ the send that read it is done.
 """
 from __future__ import annotations
 
-import threading
 from collections import deque
 from typing import Any
 
 import numpy as np
 
+from . import scratch
 from .ops import ReduceOp
 from .plan import ring_chunk, ring_chunks, segment_count, segments
 from .runner import Ctx
@@ -41,35 +41,6 @@ def message_order(steps: int, nseg: int, window: int) -> list[tuple[int, int]]:
         for s in range(steps):
             order.extend((s, j) for j in range(b, min(b + window, nseg)))
     return order
-
-
-class _Pool:
-    """Receive buffers kept from call to call: warm memory is several times
-    faster to receive into than fresh pages."""
-
-    def __init__(self, keep: int = 4) -> None:
-        self._lock = threading.Lock()
-        self._free: list[tuple[tuple[str, int, int], list[np.ndarray]]] = []
-        self._keep = keep
-
-    def take(self, dtype: np.dtype, count: int, slots: int) -> list[np.ndarray]:
-        key = (dtype.str, count, slots)
-        with self._lock:
-            for i, (k, bufs) in enumerate(self._free):
-                if k == key:
-                    del self._free[i]
-                    return bufs
-        return [np.empty(count, dtype) for _ in range(slots)]
-
-    def give(self, bufs: list[np.ndarray]) -> None:
-        if bufs:
-            key = (bufs[0].dtype.str, bufs[0].size, len(bufs))
-            with self._lock:
-                self._free.insert(0, (key, bufs))
-                del self._free[self._keep:]
-
-
-_pool = _Pool()
 
 
 def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_steps: int,
@@ -89,7 +60,7 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
     order = message_order(steps, nseg, ctx.tuning.window)
     where = {sj: k for k, sj in enumerate(order)}
     slots = 2 * ctx.tuning.window
-    scratch = _pool.take(buf.dtype, seg_elems, slots) if reduce_steps else []
+    bufs = scratch.take(buf.dtype, seg_elems, slots) if reduce_steps else []
     sending: dict[tuple[int, int], Any] = {}
     sends: list[Any] = []
     ready = [s == 0 for s, _ in order]
@@ -116,7 +87,7 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
         if hi == lo:
             return None
         if order[k][0] < reduce_steps:
-            return ctx.irecv(left, scratch[k % slots][:hi - lo])
+            return ctx.irecv(left, bufs[k % slots][:hi - lo])
         prior = sending.pop(key, None)
         if prior is not None:
             prior.wait()
@@ -139,4 +110,4 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
             pump()
     for req in sends:
         req.wait()
-    _pool.give(scratch)
+    scratch.give(bufs)
