@@ -3,7 +3,8 @@
 VM, against about 1 GB/s per direction for two busy ipc:// sockets).
 
 When every member of a group runs on this host and may read the others'
-memory (same user, no ptrace restriction), the group uses it: the board
+memory (same user; where Yama restricts ptrace to ancestors, each process
+opts out with prctl(PR_SET_PTRACER_ANY) first), the group uses it: the board
 (collectives.board) for synchronization and collectives.local for the
 data. Whether it may is settled once, on the group's first collective that
 asks, by every member reading a token out of every other one and all
@@ -35,6 +36,7 @@ class _IoVec(ctypes.Structure):
 
 
 _libc: Any = None
+_PR_SET_PTRACER, _PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1)
 _token = np.zeros(2, np.uint64)
 _token_pid = 0
 _groups: "weakref.WeakKeyDictionary[Any, list[int] | None]" = weakref.WeakKeyDictionary()
@@ -113,8 +115,20 @@ def _my_token() -> np.ndarray:
     return _token
 
 
+def _allow_peers() -> None:
+    """Under Yama's ptrace_scope 1 (Ubuntu's default) only an ancestor may
+    read a process's memory; let any process of this user do it, as plain
+    Linux does (Open MPI's shared-memory transport does the same)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _probe(ctx: Ctx) -> list[int] | None:
     willing = sys.platform == "linux" and os.environ.get("MESH_CMA", "1") != "0"
+    if willing:
+        _allow_peers()
     tok = _my_token()
     me = {"host": host_id(), "pid": os.getpid(), "addr": tok.ctypes.data,
           "token": [int(t) for t in tok], "on": willing}
