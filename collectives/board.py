@@ -105,7 +105,7 @@ class _Waiting:
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
         self.t0 = time.monotonic()
-        self.limit = float(getattr(getattr(ctx.g, "_t", None), "timeout", 300.0))
+        self.limit = float(ctx.g.timeout)
         self.watch: Any = None
         self.error: BaseException | None = None
         self.busy = _BUSY_S if ctx.g.size <= _CORES else 0.0

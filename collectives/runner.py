@@ -190,12 +190,8 @@ def agreed(body: Body) -> Body:
 
 def _abort(g: Any, tag: int, name: str, e: BaseException) -> None:
     """Fail the tag on every member; peers raise the same error class where
-    the mesh can carry it (``error=``), else MeshError with the text."""
-    reason = f"{name} (collective #{-tag}) failed: {type(e).__name__}: {e}"
-    try:
-        g._abort(tag, reason, error=type(e))
-    except TypeError:
-        g._abort(tag, reason)
+    the mesh carries it (mismatch, lost peer), else MeshError with the text."""
+    g._abort(tag, f"{name} (collective #{-tag}) failed: {type(e).__name__}: {e}", error=type(e))
 
 
 def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
