@@ -27,6 +27,7 @@ __all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "Job", "signal_name"]
 _POLL_S = 0.1  # fallback exit check when no SIGCHLD wakes the loop
 _REAP_S = 5.0  # how long SIGKILLed processes get to disappear
 _DRAIN_S = 1.0  # how long to keep reading output after the last exit
+_SINK_MAX = 64 << 20  # relayed output waiting for a slow reader
 _MAX_LINE = 1 << 16  # a longer run without a newline is relayed as a line anyway
 
 
@@ -80,10 +81,66 @@ class JobOutcome:
     stop_time: float | None = None
 
 
+class _Sink:
+    """Relayed output goes to the launcher's stdout/stderr from a thread of
+    its own, so a reader that stops reading (a full pipe) can never stall the
+    supervision loop: failures, Ctrl-C and --timeout are handled regardless.
+    At most ``_SINK_MAX`` bytes wait; beyond that output is dropped and the
+    loss is reported."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._chunks: list[bytes] = []
+        self._queued = 0
+        self._dropped = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="meshrun-output", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            if self._queued + len(data) > _SINK_MAX:
+                self._dropped += len(data)
+                return
+            self._chunks.append(data)
+            self._queued += len(data)
+            self._cond.notify()
+
+    def flush(self) -> None:
+        pass
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._chunks and not self._closed:
+                    self._cond.wait()
+                if not self._chunks:
+                    return
+                chunks, self._chunks = self._chunks, []
+                self._queued = 0
+                dropped, self._dropped = self._dropped, 0
+            try:
+                if dropped:
+                    chunks.append(f"[meshrun] {dropped} bytes of output dropped: nobody was "
+                                  f"reading them\n".encode())
+                self._out.write(b"".join(chunks))
+                self._out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def finish(self, deadline: float) -> None:
+        """Write out what is queued, waiting until ``deadline`` at most."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class _Stream:
     """Relays one pipe line by line with a rank prefix, and keeps a raw copy."""
 
-    def __init__(self, fd: int, prefix: bytes, sink: BinaryIO, log: BinaryIO | None) -> None:
+    def __init__(self, fd: int, prefix: bytes, sink: "_Sink", log: BinaryIO | None) -> None:
         self.fd, self.prefix, self.sink, self.log = fd, prefix, sink, log
         self._buf = b""
 
@@ -208,8 +265,8 @@ class Job:
         self.grace = grace
         self.log_dir = log_dir
         self.scratch = scratch
-        self._out = stdout or sys.stdout.buffer
-        self._err = stderr or sys.stderr.buffer
+        self._out = _Sink(stdout or sys.stdout.buffer)
+        self._err = _Sink(stderr or sys.stderr.buffer)
         self._procs: list[_Proc] = []
         self._sel = selectors.DefaultSelector()
         self._signals: list[int] = []
@@ -254,6 +311,8 @@ class Job:
                 except subprocess.TimeoutExpired:
                     pass
             self._drain(time.monotonic() + _DRAIN_S)
+            for sink in (self._out, self._err):
+                sink.finish(time.monotonic() + _DRAIN_S)
             restore()
             self._sel.unregister(rfd)
             os.close(rfd)

@@ -76,3 +76,22 @@ def test_a_missing_node_ends_the_job_within_the_rendezvous_timeout() -> None:
     assert node0.returncode == 1, err
     assert "ranks [2, 3] never arrived" in err and "Root cause: rank" in err, err
     assert time.monotonic() - t0 < 20
+
+
+def test_a_reader_that_stops_reading_cannot_stall_teardown(tmp_path) -> None:
+    """meshrun's own stdout is a pipe nobody reads: --timeout must still fire."""
+    script = tmp_path / "spew.py"
+    script.write_text("import sys, time\nsys.stdout.write(('x' * 99 + '\\n') * 200000)\n"
+                      "sys.stdout.flush()\ntime.sleep(60)\n")
+    r, w = os.pipe()   # never read from r
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", "--timeout", "2",
+                                 str(script)], stdout=w, stderr=subprocess.DEVNULL,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        os.close(w)
+        code = proc.wait(timeout=30)
+    finally:
+        os.close(r)
+    assert code == 124
+    assert time.monotonic() - start < 20
