@@ -21,74 +21,27 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from typing import Any, Iterable
+from typing import Any
 
 import msgpack
 import numpy as np
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from . import auth, device, wire
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
-from .match import ANY, Arrived, Flag, Matcher, Pending
+from .match import ANY, Arrived, Matcher, Pending
+from .liveness import Liveness
 from .payload import encode_payload, fill, fmt_fp, out_problem
+from .peer import ALIVE, CLOSED, Outgoing, Peer, config_float
 
 __all__ = ["Transport", "Outgoing", "config_float"]
 
 _log = logging.getLogger("mesh.transport")
-_ALIVE, _CLOSED, _DEAD = 0, 1, 2
 _ERR_KINDS: dict[int, type[MeshError]] = {0: MismatchError, 1: LostPeerError, 2: MeshError}
 _COPY_BELOW = 64 * 1024
 
 
-def config_float(name: str, default: float) -> float:
-    v = os.environ.get(name)
-    return float(v) if v else default
-
-
-class Outgoing:
-    """A send in progress: queued (no credit yet), handed to ZeroMQ, then done
-    once ZeroMQ has released the caller's buffer."""
-
-    __slots__ = ("dst", "frames", "nbytes", "desc", "event", "tracker", "error", "keep")
-
-    def __init__(self, dst: int, frames: list | None, nbytes: int, desc: str, keep: Any) -> None:
-        self.frames: list | None
-        self.dst, self.frames, self.nbytes, self.desc, self.keep = dst, frames, nbytes, desc, keep
-        self.event = Flag()
-        self.tracker: zmq.MessageTracker | None = None
-        self.error: BaseException | None = None
-
-    def done(self) -> bool:
-        return self.event.is_set() and (self.tracker is None or self.tracker.done)
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.frames = None
-        self.event.set()
-
-
-class _Peer:
-    __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
-                 "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at")
-
-    def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
-        self.rank, self.monitor = rank, monitor
-        self.sock: Any = sock
-        self.lock = threading.Lock()
-        self.inflight = 0
-        self.queue: deque[Outgoing] = deque()
-        self.state = _ALIVE
-        self.why = ""
-        self.last_heard = self.last_sent = time.monotonic()
-        self.to_grant = 0
-        self.suspect_since = 0.0
-        self.status = ""
-        self.status_at = 0.0
-
-
-class Transport:
+class Transport(Liveness):
     """Sockets, matching and liveness for one rank. Built by ``mesh.init``."""
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
@@ -113,10 +66,10 @@ class Transport:
         self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes
         self._aborted: dict[tuple[int, int], tuple[int, str, int]] = {}
         self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
-        self._peers: list[_Peer] = []
+        self._peers: list[Peer] = []
         for r, ep in enumerate(endpoints):
             if r == rank:
-                self._peers.append(_Peer(r, None, None))
+                self._peers.append(Peer(r, None, None))
                 continue
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.IDENTITY, str(rank).encode())
@@ -126,7 +79,7 @@ class Transport:
             mon = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
                                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             s.connect(ep)
-            self._peers.append(_Peer(r, s, mon))
+            self._peers.append(Peer(r, s, mon))
         self.handshake_failures = 0
         self._router_mon = router.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -162,19 +115,19 @@ class Transport:
         self._submit(self._peers[dst], out)
         return out
 
-    def _submit(self, peer: _Peer, out: Outgoing) -> None:
+    def _submit(self, peer: Peer, out: Outgoing) -> None:
         with peer.lock:
-            if peer.state != _ALIVE:
+            if peer.state != ALIVE:
                 out.fail(self._gone(peer, out.desc))
             elif peer.queue or not self._credit_ok(peer, out.nbytes):
                 peer.queue.append(out)
             else:
                 self._transmit(peer, out)
 
-    def _credit_ok(self, peer: _Peer, n: int) -> bool:
+    def _credit_ok(self, peer: Peer, n: int) -> bool:
         return peer.inflight + n <= self.window or peer.inflight < self.grant_step
 
-    def _transmit(self, peer: _Peer, out: Outgoing) -> None:
+    def _transmit(self, peer: Peer, out: Outgoing) -> None:
         """Hand frames to ZeroMQ; caller holds ``peer.lock``."""
         frames, out.frames = out.frames or [], None
         peer.inflight += out.nbytes
@@ -195,9 +148,9 @@ class Transport:
         peer.last_sent = time.monotonic()
         out.event.set()
 
-    def _control(self, peer: _Peer, header: bytes) -> None:
+    def _control(self, peer: Peer, header: bytes) -> None:
         with peer.lock:
-            if peer.state == _ALIVE:
+            if peer.state == ALIVE:
                 try:
                     peer.sock.send(header, zmq.NOBLOCK)
                     peer.last_sent = time.monotonic()
@@ -217,10 +170,10 @@ class Transport:
         if grant:
             self._control(peer, wire.encode(wire.CREDIT, self.rank, credit=grant))
 
-    def _on_credit(self, peer: _Peer, credit: int) -> None:
+    def _on_credit(self, peer: Peer, credit: int) -> None:
         with peer.lock:
             peer.inflight = max(0, peer.inflight - credit)
-            while peer.queue and peer.state == _ALIVE and self._credit_ok(peer, peer.queue[0].nbytes):
+            while peer.queue and peer.state == ALIVE and self._credit_ok(peer, peer.queue[0].nbytes):
                 self._transmit(peer, peer.queue.popleft())
 
     # ---- receiving -----------------------------------------------------------
@@ -232,7 +185,7 @@ class Transport:
             msg = None if aborted else self._matcher.post(req)
             gone = None
             if msg is None and not aborted:
-                lost = src if src != ANY and self._peers[src].state != _ALIVE else \
+                lost = src if src != ANY and self._peers[src].state != ALIVE else \
                     self._dead_member(group) if self._dead and (src == ANY or tag < 0) else None
                 if lost is not None:
                     self._matcher.cancel(req)
@@ -315,7 +268,7 @@ class Transport:
                 return
             except zmq.NotDone:
                 pass
-            if peer.state != _ALIVE:
+            if peer.state != ALIVE:
                 self._orphans.append(item.keep)
                 raise self._gone(peer, item.desc)
             if left <= 0.1:
@@ -389,52 +342,6 @@ class Transport:
 
     # ---- stall reports -------------------------------------------------------
 
-    def _what(self, item: Pending | Outgoing) -> str:
-        if isinstance(item, Pending) and isinstance(item.fp, dict) and "coll" in item.fp:
-            group = self.groups.get(item.group, ("?",))[0]
-            return f"{item.fp['coll']} #{-item.tag} on group {group} ({item.desc})"
-        return item.desc
-
-    def status(self) -> str:
-        """What this rank is doing, as its heartbeats tell its peers."""
-        now = time.monotonic()
-        item, since = self._doing, self._doing_since
-        if item is not None:
-            return f"waiting {now - since:.1f}s in {self._what(item)}"
-        last = self._last
-        if last is not None:
-            return f"not in a mesh call; last: {self._what(last)}, {now - self._last_end:.1f}s ago"
-        return "not in a mesh call yet"
-
-    def _stalled(self, item: Pending | Outgoing, waited: float, limit: float) -> None:
-        if isinstance(item, Outgoing):
-            peers = [item.dst]
-        elif item.src != ANY:
-            peers = [item.src]
-        else:
-            peers = self.groups.get(item.group, ("", []))[1]
-        self.stalled(self._what(item), peers, waited, limit)
-
-    def stalled(self, what: str, peers: Iterable[int], waited: float,
-                limit: float | None = None) -> None:
-        """Log that ``what`` has waited ``waited`` seconds for world ranks
-        ``peers``, with what each of them last told us it was doing. Any wait
-        loop may call it (collectives that wait outside the transport do)."""
-        now = time.monotonic()
-        notes = []
-        for r in peers:
-            if r == self.rank:
-                continue
-            p = self._peers[r]
-            said = (f"{p.status} (said {now - p.status_at:.1f}s ago)" if p.status
-                    else "no status heard yet")
-            notes.append(f"rank {r} [{('alive', 'closed', 'dead')[p.state]}, heard from "
-                         f"{now - p.last_heard:.1f}s ago]: {said}")
-        self.stalls += 1
-        _log.warning("rank %d: stalled: %s has waited %.1fs (times out after %.3gs) for %s",
-                     self.rank, what, waited, self.timeout if limit is None else limit,
-                     "; ".join(notes) or "no peer")
-
     def _nudge(self) -> None:
         """Wake a thread blocked reading, after completing a request elsewhere."""
         if self._want:
@@ -448,14 +355,6 @@ class Transport:
             os.read(self._wake_r, 4096)
         except (BlockingIOError, OSError):
             pass
-
-    def _peer_note(self, item: Pending | Outgoing) -> str:
-        peer = item.dst if isinstance(item, Outgoing) else item.src
-        if peer == ANY or peer == self.rank:
-            return ""
-        p = self._peers[peer]
-        said = f"; it said: {p.status}" if p.status else ""
-        return f" (rank {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago{said})"
 
     def _arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
                 on_device: bool = False) -> None:
@@ -512,7 +411,7 @@ class Transport:
         elif h.kind == wire.ABORT:
             self._abort_local(h.group, h.tag, h.credit, h.reason, h.peer)
         elif h.kind == wire.BYE:
-            self._peer_gone(h.src, "it closed its mesh", _CLOSED)
+            self._peer_gone(h.src, "it closed its mesh", CLOSED)
         return True
 
     def _read_array(self, h: wire.Header, parts: list) -> None:
@@ -583,128 +482,12 @@ class Transport:
         self._nudge()
         return True
 
-    def _gone(self, peer: _Peer, desc: str) -> LostPeerError:
-        return LostPeerError(f"rank {self.rank}: {desc} failed: peer rank {peer.rank} is gone "
-                             f"({peer.why})", peer.rank)
-
-    def _dead_member(self, group: int) -> int | None:
-        """The lowest rank of ``group`` known dead, if any."""
-        dead = [r for r in self.groups.get(group, ("", []))[1] if r in self._dead]
-        return min(dead) if dead else None
-
-    def _peer_gone(self, rank: int, why: str, state: int) -> None:
-        """Fail what involves ``rank``: receives from it and, when it died,
-        receives from any rank and every collective's (negative tag) in its groups."""
-        peer = self._peers[rank]
-        with self._lock:
-            if peer.state != _ALIVE:
-                return
-            peer.state, peer.why = state, why
-            if state == _DEAD:
-                self._dead.add(rank)
-            members = {g for g, (_, ranks) in self.groups.items() if rank in ranks}
-            reqs = self._matcher.remove_posted(
-                lambda q: q.src == rank or (state == _DEAD and (q.src == ANY or q.tag < 0)
-                                            and q.group in members))
-        if state == _DEAD:
-            _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
-        for q in reqs:
-            q.fail(self._gone(peer, q.desc))
-        self._nudge()
-        with peer.lock:
-            while peer.queue:
-                peer.queue.popleft().fail(self._gone(peer, "send"))
-
-    def peer_state(self, rank: int) -> str:
-        return ("alive", "closed", "dead")[self._peers[rank].state]
-
-    # ---- progress thread --------------------------------------------------------
-
-    def _run(self) -> None:
-        """Read when no caller is waiting; always watch monitors and timers."""
-        monitors: dict[zmq.Socket, _Peer | None] = {
-            p.monitor: p for p in self._peers if p.monitor is not None}
-        monitors[self._router_mon] = None
-        reading, aside = zmq.Poller(), zmq.Poller()
-        reading.register(self._router, zmq.POLLIN)
-        for poller in (reading, aside):
-            poller.register(self._wake_r, zmq.POLLIN)
-            for m in monitors:
-                poller.register(m, zmq.POLLIN)
-        held = False
-        next_tick = 0.0
-        while not self._closing:
-            try:
-                if not held and not self._want and time.monotonic() >= self._aside_until:
-                    held = self._rlock.acquire(timeout=0.05)
-                with self._want_lock:
-                    if held and self._want:
-                        self._rlock.release()
-                        held = False
-                    self._progress_reading = held
-                events = dict((reading if held else aside).poll(100 if held else 5))
-                if self._wake_r in events:
-                    self._drain_wake()
-                if held and self._router in events:
-                    for _ in range(1024):
-                        if self._want or not self._read_one():
-                            break
-                for m in monitors:
-                    if m in events:
-                        self._on_monitor(monitors[m], m)
-                now = time.monotonic()
-                if now >= next_tick:
-                    self._tick(now)
-                    next_tick = now + min(self.heartbeat, 0.25)
-            except zmq.ZMQError as e:
-                if self._closing or e.errno == zmq.ETERM:
-                    break
-                _log.exception("rank %d: progress thread error", self.rank)
-            except Exception:
-                _log.exception("rank %d: progress thread error", self.rank)
-        if held:
-            self._rlock.release()
-
-    def _on_monitor(self, peer: _Peer | None, mon: zmq.Socket) -> None:
-        while True:
-            try:
-                ev = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            if peer is None:
-                self.handshake_failures += 1
-                n = self.handshake_failures
-                if n & (n - 1) == 0:    # 1, 2, 4, 8...: a stranger retries every 100 ms
-                    _log.warning("rank %d: refused a connection that failed the handshake (no "
-                                 "or wrong job secret; %d so far)", self.rank, n)
-            elif ev["event"] == zmq.EVENT_DISCONNECTED and peer.state == _ALIVE:
-                peer.suspect_since = peer.suspect_since or time.monotonic()
-            elif ev["event"] == zmq.EVENT_CONNECTED:
-                peer.suspect_since = 0.0
-            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._peer_gone(peer.rank, "it refused our credentials: a different job secret?",
-                                _DEAD)
-
-    def _tick(self, now: float) -> None:
-        beat = None
-        for p in self._peers:
-            if p.sock is None or p.state != _ALIVE:
-                continue
-            if p.suspect_since and now - p.suspect_since > 0.5:
-                self._peer_gone(p.rank, "its connection closed: the process exited or crashed", _DEAD)
-            elif now - p.last_heard > self.peer_timeout:
-                self._peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s", _DEAD)
-            elif now - p.last_sent > self.heartbeat:
-                if beat is None:
-                    beat = wire.encode(wire.HEARTBEAT, self.rank, reason=self.status()[:2000])
-                self._control(p, beat)
-
     def close(self, linger: float = 5.0) -> None:
         """Flush queued sends (bounded), say goodbye, wait for the peers'
         goodbyes (bounded by MESH_CLOSE_WAIT), stop the thread, close sockets."""
         deadline = time.monotonic() + linger
         for p in self._peers:
-            while p.queue and p.state == _ALIVE and time.monotonic() < deadline:
+            while p.queue and p.state == ALIVE and time.monotonic() < deadline:
                 time.sleep(0.005)
         bye = wire.encode(wire.BYE, self.rank)
         for p in self._peers:
@@ -714,7 +497,7 @@ class Transport:
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.
         deadline = time.monotonic() + config_float("MESH_CLOSE_WAIT", 30.0)
-        while (any(p.state == _ALIVE for p in self._peers if p.sock is not None)
+        while (any(p.state == ALIVE for p in self._peers if p.sock is not None)
                and time.monotonic() < deadline):
             time.sleep(0.002)
         self._closing = True
