@@ -109,6 +109,7 @@ class _Waiting:
         self.watch: Any = None
         self.error: BaseException | None = None
         self.busy = _BUSY_S if ctx.g.size <= _CORES else 0.0
+        self.reports = 0
 
     def where(self) -> str:
         return (f"rank {self.ctx.g.rank}: collective #{-self.ctx.tag} on group "
@@ -146,9 +147,20 @@ class _Waiting:
         if waited > self.limit:
             raise MeshTimeoutError(f"{self.where()} timed out after {self.limit:g}s waiting "
                                    f"for its peers")
+        self._report(waited, waiting_for)
         if waited >= _SPIN_S:
             time.sleep(min(0.001, waited / 20))
         return None
+
+    def _report(self, waited: float, waiting_for: list[int]) -> None:
+        """Every MESH_STALL_WARN seconds of one wait, log what the late peers
+        last said they were doing (the mesh's stall report)."""
+        t = getattr(self.ctx.g, "_t", None)
+        every = getattr(t, "stall_warn", 0.0)
+        if t is None or not every or waited < every * (self.reports + 1):
+            return
+        self.reports += 1
+        t.stalled(self.where(), [self.ctx.g.ranks[p] for p in waiting_for], waited, self.limit)
 
     def gone(self, peer: int, what: str) -> None:
         """``peer`` finished this collective without ``what``: it failed, and
@@ -214,8 +226,9 @@ class Round:
 
     def _peek(self, peer: int) -> np.ndarray:
         box = self.box
-        if not box.peekers[peer]():  # type: ignore[misc]
-            raise cma.lost(self.ctx, peer, "no such process")
+        err = box.peekers[peer]()  # type: ignore[misc]
+        if err:
+            raise cma.failed_read(self.ctx, peer, err, "the board")
         if box.seen_cookie[peer] != box.cookies[peer]:
             raise LostPeerError(f"{self.wait.where()}: rank {peer}'s board was freed (its "
                                 f"group was closed)", self.ctx.g.ranks[peer])
@@ -229,7 +242,7 @@ class Round:
         doing its part is no error) and raise an abort at the end."""
         seen = self.box.seen_head
         todo = [p for p in peers if not ready(seen[p])]
-        self.wait.t0 = time.monotonic()
+        self.wait.t0, self.wait.reports = time.monotonic(), 0
         while todo:
             todo = [p for p in todo if not ready(self._peek(p))]
             if not todo:

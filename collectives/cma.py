@@ -13,6 +13,7 @@ agreeing; MESH_CMA=0 turns it off. Otherwise the socket algorithms run.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import secrets
 import sys
@@ -22,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from mesh import LostPeerError
+from mesh import ANY, LostPeerError, MeshError, MeshTimeoutError
 from mesh.env import host_id
 
 from .exchange import all_gather_object_direct
 from .runner import Ctx
 
-__all__ = ["read", "Reader", "lost", "peer_read", "usable", "pids"]
+__all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "pids"]
 
 
 class _IoVec(ctypes.Structure):
@@ -37,6 +38,7 @@ class _IoVec(ctypes.Structure):
 
 _libc: Any = None
 _PR_SET_PTRACER, _PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1)
+_LEFT_WAIT_S = 2.0
 _token = np.zeros(2, np.uint64)
 _token_pid = 0
 _groups: "weakref.WeakKeyDictionary[Any, list[int] | None]" = weakref.WeakKeyDictionary()
@@ -71,8 +73,7 @@ def read(pid: int, addr: int, dst: np.ndarray) -> None:
 
 class Reader:
     """One fixed read, set up once and repeated (a board poll): the same
-    remote range of ``pid`` into the same local array. Returns False when
-    the process is gone."""
+    remote range of ``pid`` into the same local array."""
 
     def __init__(self, pid: int, addr: int, dst: np.ndarray) -> None:
         self.fn = _syscall()
@@ -81,30 +82,43 @@ class Reader:
         self._remote = _IoVec(addr, dst.nbytes)
         self.local, self.remote = ctypes.byref(self._local), ctypes.byref(self._remote)
 
-    def __call__(self) -> bool:
+    def __call__(self) -> int:
+        """0 when the read went through, else the errno."""
         got = self.fn(self.pid, self.local, 1, self.remote, 1, 0)
         if got == self.size:
-            return True
-        if got < 0:
-            return False
-        raise OSError(0, f"process_vm_readv from pid {self.pid}: short read of {got} bytes")
+            return 0
+        return ctypes.get_errno() if got < 0 else errno.EFAULT
 
 
-def lost(ctx: Ctx, peer: int, why: str) -> LostPeerError:
-    """The error for group rank ``peer`` gone (named by world rank, as the mesh does)."""
-    world = ctx.g.ranks[peer] if hasattr(ctx.g, "ranks") else peer
-    return LostPeerError(f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
-                         f"{getattr(ctx.g, 'name', '?')}: cannot read the memory of rank "
-                         f"{peer} ({why}): it is gone", world)
+def failed_read(ctx: Ctx, peer: int, err: int, what: str) -> MeshError:
+    """The error for a read of group rank ``peer`` that failed with ``err``.
+    ESRCH: the process is gone, LostPeerError. Anything else (EFAULT): the
+    peer is alive but has left this collective after an error of its own
+    and its buffer went with it; whoever failed first aborted the tag, so
+    wait a moment for that abort and raise it."""
+    where = (f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
+             f"{getattr(ctx.g, 'name', '?')}")
+    if err == errno.ESRCH:
+        world = ctx.g.ranks[peer] if hasattr(ctx.g, "ranks") else peer
+        return LostPeerError(f"{where}: cannot read {what} of rank {peer} (no such process): "
+                             f"it is gone", world)
+    try:
+        ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp).wait(timeout=_LEFT_WAIT_S)
+    except MeshTimeoutError:
+        pass
+    except MeshError as e:
+        return e
+    return MeshError(f"{where}: {what} of rank {peer} is gone ({os.strerror(err)}): it left "
+                     f"the collective")
 
 
 def peer_read(ctx: Ctx, peer: int, addr: int, dst: np.ndarray) -> None:
-    """``read`` from group rank ``peer`` of this collective; a peer that is
-    gone raises LostPeerError naming it."""
+    """``read`` from group rank ``peer`` of this collective; a failure raises
+    what ``failed_read`` says."""
     try:
         read(pids(ctx)[peer], addr, dst)
     except OSError as e:
-        raise lost(ctx, peer, e.strerror or str(e)) from None
+        raise failed_read(ctx, peer, e.errno or errno.EFAULT, "the memory") from None
 
 
 def _my_token() -> np.ndarray:
