@@ -288,7 +288,7 @@ class Round:
             out = None if outs is None else outs[p]
             size = int(h[b + PAYLEN])
             if h[b + FPHASH] != self.hash or (out is not None and size != out.nbytes):
-                self._mismatch(p, int(h[b + FPLEN]))
+                self._mismatch(p, h, None if out is None else out.nbytes)
             if out is not None and size:
                 dst = out.reshape(-1).view(np.uint8)
                 if size <= _INLINE:
@@ -311,17 +311,22 @@ class Round:
         cma.peer_read(self.ctx, peer, self.box.addrs[peer] + _PEEK + slot * _BODY + _FP_ROOM, out)
         return out
 
-    def _mismatch(self, peer: int, fplen: int) -> None:
-        theirs = np.zeros(min(max(fplen, 0), _FP_ROOM), np.uint8)
+    def _mismatch(self, peer: int, h: np.ndarray, want: int | None) -> None:
+        b = 1 + self.base
+        theirs = np.zeros(min(max(int(h[b + FPLEN]), 0), _FP_ROOM), np.uint8)
         try:
             cma.peer_read(self.ctx, peer, self.box.addrs[peer] + _PEEK + self.slot * _BODY,
                           theirs)
-        except LostPeerError:
+        except MeshError:
             pass
-        rank = self.ctx.g.rank
+        rank, mine, other = self.ctx.g.rank, _fmt(self.fp), _fmt(theirs.tobytes())
+        if mine == other:
+            other += (f" with a {int(h[b + PAYLEN])}-byte payload, {want} expected"
+                      if h[b + FPHASH] == self.hash else
+                      f" (fingerprint hash {int(h[b + FPHASH]):x}, ours {self.hash:x})")
         raise MismatchError(f"rank {rank}: collective mismatch on group "
                             f"{getattr(self.ctx.g, 'name', '?')}: rank {rank} called "
-                            f"{_fmt(self.fp)} but rank {peer} called {_fmt(theirs.tobytes())}")
+                            f"{mine} but rank {peer} called {other}")
 
     def stage(self, k: int) -> None:
         """Tell peers this rank has reached stage ``k`` of the collective."""
