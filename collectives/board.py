@@ -139,11 +139,6 @@ class _Waiting:
             except MeshError as e:
                 return e
             return MeshError(f"{self.where()}: a peer sent a message where none was expected")
-        for p in waiting_for:
-            state = _peer_state(self.ctx.g, p)
-            if state != "alive":
-                return LostPeerError(f"{self.where()}: rank {p} is {state} (the mesh lost it)",
-                                     self.ctx.g.ranks[p])
         if waited > self.limit:
             raise MeshTimeoutError(f"{self.where()} timed out after {self.limit:g}s waiting "
                                    f"for its peers")
@@ -178,12 +173,6 @@ class _Waiting:
                 self.watch.wait(timeout=0)
             except MeshTimeoutError:
                 pass
-
-
-def _peer_state(g: Any, peer: int) -> str:
-    """The mesh's view of group rank ``peer``: alive, closed or dead."""
-    t = getattr(g, "_t", None)
-    return "alive" if t is None else t.peer_state(g.ranks[peer])
 
 
 def _fmt(fp: bytes) -> str:

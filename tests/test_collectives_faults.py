@@ -1,6 +1,6 @@
 """A rank stops answering in the middle of a stream of collectives: the
-survivors raise LostPeerError (or the abort that names it) within the
-mesh's peer timeout, on the same-host path and on the socket path, and
+survivors raise LostPeerError (directly, or through a peer's abort) within
+the mesh's peer timeout, on the same-host path and on the socket path, and
 their later collectives fail fast instead of hanging. (Crashes, where the
 process is gone and its memory unreadable, are covered by tests/test_faults.py.)"""
 from __future__ import annotations
@@ -63,6 +63,6 @@ def test_survivors_of_a_stalled_rank_raise_fast(tmp_path: Any, cma: str, count: 
             seen = json.load(f)
         first = seen["first"]
         assert first["after"] < 10, seen
-        assert first["type"] in ("LostPeerError", "MeshError"), seen
+        assert first["type"] == "LostPeerError", seen
         assert "rank 2" in first["msg"], seen
-        assert all(kind != "ok" and took < 3 for kind, took in seen["later"]), seen
+        assert all(kind == "LostPeerError" and took < 3 for kind, took in seen["later"]), seen
