@@ -148,9 +148,9 @@ class Transport(Liveness):
         peer.last_sent = time.monotonic()
         out.event.set()
 
-    def _control(self, peer: Peer, header: bytes) -> None:
+    def _control(self, peer: Peer, header: bytes, to_closed: bool = False) -> None:
         with peer.lock:
-            if peer.state == ALIVE:
+            if peer.state == ALIVE or (to_closed and peer.state == CLOSED):
                 try:
                     peer.sock.send(header, zmq.NOBLOCK)
                     peer.last_sent = time.monotonic()
@@ -492,7 +492,7 @@ class Transport(Liveness):
         bye = wire.encode(wire.BYE, self.rank)
         for p in self._peers:
             if p.sock is not None:
-                self._control(p, bye)
+                self._control(p, bye, to_closed=True)  # a peer that left first waits for it
         # Like MPI_Finalize: stay until every peer has said goodbye too (or is
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.

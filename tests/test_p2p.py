@@ -309,3 +309,23 @@ def _dlpack(world: mesh.Mesh) -> str:
 
 def test_dlpack_objects_and_a_clear_error_without_cupy() -> None:
     assert mesh.spawn(_dlpack, 2, timeout=60) == ["ok", "ok"]
+
+
+def _staggered_close(world: mesh.Mesh) -> list:
+    import logging
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logging.getLogger("mesh").addHandler(Keep(logging.WARNING))
+    time.sleep(0.2 * world.rank)      # ranks leave one after another
+    world.close()
+    states = [world._t.peer_state(r) for r in range(world.size) if r != world.rank]
+    return [states, [r.getMessage() for r in records]]
+
+
+def test_a_clean_shutdown_is_quiet_whoever_leaves_first() -> None:
+    for states, logged in mesh.spawn(_staggered_close, 4, timeout=60):
+        assert states == ["closed"] * 3 and logged == []
