@@ -224,7 +224,8 @@ class Round:
         return box.seen_head[peer]
 
     def _until(self, peers: list[int], ready: Callable[[np.ndarray], bool]) -> None:
-        """Poll peers' heads until ``ready`` holds for all. If the tag is
+        """Poll peers' heads until ``ready`` holds for all (one at a time:
+        all must get there, and each poll is a system call). If the tag is
         aborted meanwhile, or the mesh loses a peer, and a peer never gets
         there, raise why; if they all get there, carry on (each rank then
         sees a mismatch itself, as a MismatchError; a peer that left after
@@ -233,7 +234,8 @@ class Round:
         todo = [p for p in peers if not ready(seen[p])]
         self.wait.t0, self.wait.reports = time.monotonic(), 0
         while todo:
-            todo = [p for p in todo if not ready(self._peek(p))]
+            while todo and ready(self._peek(todo[0])):
+                todo.pop(0)
             if not todo:
                 break
             err = self.wait.idle(todo)
