@@ -287,6 +287,7 @@ class Transport(Liveness):
         start = time.monotonic()
         warn_at = start + self.stall_warn
         self._doing, self._doing_since = item, start
+        held = False
         try:
             while not item.event.is_set():
                 now = time.monotonic()
@@ -296,29 +297,22 @@ class Transport(Liveness):
                 if now >= warn_at:
                     self._stalled(item, now - start, deadline - start)
                     warn_at = now + self.stall_warn
-                if not self._rlock.acquire(timeout=min(left, 0.002)):
-                    item.event.wait(min(left, 0.002))
-                    continue
-                try:
-                    while not item.event.is_set():
-                        now = time.monotonic()
-                        left = deadline - now
-                        if left <= 0:
-                            return False
-                        if now >= warn_at:
-                            self._stalled(item, now - start, deadline - start)
-                            warn_at = now + self.stall_warn
-                        ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
-                        if ready:
-                            if len(ready) > 1 or ready[0][0] is not self._router:
-                                self._drain_wake()
-                            for _ in range(1024):
-                                if not self._read_one() or item.event.is_set():
-                                    break
-                finally:
-                    self._rlock.release()
+                if not held:
+                    held = self._rlock.acquire(timeout=min(left, 0.002))
+                    if not held:       # another waiter reads; it completes us too
+                        item.event.wait(min(left, 0.002))
+                        continue
+                ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
+                if ready:
+                    if len(ready) > 1 or ready[0][0] is not self._router:
+                        self._drain_wake()
+                    for _ in range(1024):
+                        if not self._read_one() or item.event.is_set():
+                            break
             return True
         finally:
+            if held:
+                self._rlock.release()
             self._doing, self._last, self._last_end = None, item, time.monotonic()
             with self._want_lock:
                 self._want -= 1
