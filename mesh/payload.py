@@ -11,7 +11,7 @@ import numpy as np
 
 from . import device, wire
 
-__all__ = ["encode_payload", "as_array", "out_problem", "fill", "fmt_fp"]
+__all__ = ["encode_payload", "as_array", "out_problem", "out_fits", "fill", "fmt_fp"]
 
 
 def encode_payload(obj: Any, desc: str, rank: int) -> tuple[int, dict, list, Any]:
@@ -44,16 +44,22 @@ def as_array(obj: Any) -> np.ndarray | None:
     return None
 
 
-def out_problem(out: Any, value: np.ndarray, shape: tuple[int, ...] | None = None) -> str:
+def out_problem(out: Any, value: Any) -> str:
+    """Why a received ``value`` cannot go into ``out=`` ("" when it can)."""
     if not isinstance(value, np.ndarray):
         return f"message is a {type(value).__name__}, not an array"
+    return out_fits(out, value.dtype, value.size)
+
+
+def out_fits(out: Any, dtype: np.dtype, size: int) -> str:
+    """Why an array message of ``dtype`` and ``size`` elements cannot be
+    written into ``out=`` ("" when it can)."""
     if device.is_device(out):
         return ""  # checked and filled by the waiting thread, on its stream
     if not isinstance(out, np.ndarray):
         return f"out= is a {type(out).__name__}, not a numpy or device array"
-    size = int(np.prod(shape)) if shape is not None else value.size
-    if out.dtype != value.dtype or out.size != size:
-        return (f"message is {value.dtype}[{size} elements], out= is {out.dtype}"
+    if out.dtype != dtype or out.size != size:
+        return (f"message is {dtype}[{size} elements], out= is {out.dtype}"
                 f"[{out.size} elements]")
     if not (out.flags.c_contiguous and out.flags.writeable):
         return "out= is not a writable C-contiguous array"

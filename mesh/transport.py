@@ -18,6 +18,7 @@ naming the peers it waits for and what they said they were doing.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -31,7 +32,7 @@ from . import auth, device, wire
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
 from .match import ANY, Arrived, Matcher, Pending
 from .liveness import Liveness
-from .payload import encode_payload, fill, fmt_fp, out_problem
+from .payload import encode_payload, fill, fmt_fp, out_fits, out_problem
 from .peer import ALIVE, CLOSED, Outgoing, Peer, config_float
 
 __all__ = ["Transport", "Outgoing", "config_float"]
@@ -425,7 +426,7 @@ class Transport(Liveness):
         dt = np.dtype(h.dtype)
         shape = h.shape or ()
         direct = (req is not None and isinstance(req.out, np.ndarray) and req.fp == h.fp
-                  and not out_problem(req.out, np.empty(0, dt), shape))
+                  and not out_fits(req.out, dt, math.prod(shape)))
         dest: Any = req.out if (direct and req is not None) else np.empty(shape, dt)
         fill(dest, parts)
         if req is None:
