@@ -31,6 +31,7 @@ import pytest
 import collectives
 import mesh
 from mesh.rendezvous import RendezvousServer
+from proctools import alive
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "scripts" / "fault_worker.py"
@@ -241,15 +242,8 @@ def test_launcher_names_the_killed_rank_as_root_cause(tmp_path: Path) -> None:
     assert "killed by SIGKILL" in err
     assert took < 10, f"the job took {took:.1f}s to come down"
     for r in range(n):
-        assert not _alive(json.loads((tmp_path / f"{r}.ready").read_text())["pid"])
+        assert not alive(json.loads((tmp_path / f"{r}.ready").read_text())["pid"])
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _stalls(world: mesh.Mesh) -> list[str]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from proctools import alive
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "scripts"
@@ -42,16 +43,6 @@ def start(*args: str, **env: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _alive(pid: int) -> bool:
-    """True while pid is a live process (a zombie awaiting its reaper is dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-
 
 def pids(piddir: Path) -> list[int]:
     return [int(p.read_text()) for p in piddir.glob("*.pid")]
@@ -72,9 +63,9 @@ def assert_all_gone(piddir: Path, expect: int, timeout: float = 5) -> None:
     found = pids(piddir)
     assert len(found) == expect, f"expected {expect} pid files, found {sorted(found)}"
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in found) and time.monotonic() < deadline:
+    while any(alive(p) for p in found) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not [p for p in found if _alive(p)], "processes outlived the job"
+    assert not [p for p in found if alive(p)], "processes outlived the job"
 
 
 def test_normal_run_prefixes_every_line(tmp_path: Path) -> None:
