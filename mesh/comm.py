@@ -64,11 +64,18 @@ class Comm:
 
     def send(self, obj: Any, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         """Blocking send; returns when ``obj``'s buffer may be reused."""
-        self.isend(obj, dst, tag).wait(timeout)
+        _check_tag(tag, self, "send")
+        t = self._t
+        t.wait(t.isend(self._world_rank(dst, "send"), self.gid, tag, obj, None,
+                       ("send to", dst, tag, self.name)), timeout)
 
     def recv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None,
              timeout: float | None = None) -> Any:
-        return self.irecv(src, tag, out).wait(timeout)
+        _check_tag(tag, self, "recv")
+        t = self._t
+        wsrc = ANY if src == ANY else self._world_rank(src, "recv")
+        return t.wait(t.irecv(self.gid, wsrc, tag, out, None, ("recv from", src, tag, self.name)),
+                      timeout)
 
     def isend(self, obj: Any, dst: int, tag: int = 0) -> Request:
         _check_tag(tag, self, "isend")
@@ -82,13 +89,12 @@ class Comm:
 
     def _isend(self, obj: Any, dst: int, tag: int, fp: Any = None) -> Request:
         wdst = self._world_rank(dst, "send")
-        desc = f"send to rank {dst} (tag {tag}, group {self.name})"
+        desc = ("send to", dst, tag, self.name)
         return Request(self._t, self._t.isend(wdst, self.gid, tag, obj, fp, desc))
 
     def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Request:
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
-        who = "any rank" if src == ANY else f"rank {src}"
-        desc = f"recv from {who} (tag {tag}, group {self.name})"
+        desc = ("recv from", src, tag, self.name)
         return Request(self._t, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
 
     def _send(self, obj: Any, dst: int, tag: int, fp: Any = None) -> None:
@@ -119,6 +125,8 @@ class Comm:
         self._t.keep_alive.append(obj)
 
     def _world_rank(self, r: int, op: str) -> int:
+        if type(r) is int and 0 <= r < self.size:
+            return self.ranks[r]
         if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
             raise ValueError(f"rank {self.rank}: {op} to/from rank {r!r}: group {self.name} "
                              f"has ranks 0..{self.size - 1}")
@@ -147,6 +155,8 @@ class Comm:
 
 
 def _check_tag(tag: int, comm: Comm, op: str) -> None:
+    if type(tag) is int and tag >= 0:
+        return
     if not isinstance(tag, (int, np.integer)) or tag < 0:
         raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: tag must be an "
                          f"integer >= 0, got {tag!r}")

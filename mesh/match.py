@@ -10,9 +10,20 @@ import threading
 from collections import deque
 from typing import Any, Callable, Iterator
 
-__all__ = ["ANY", "Flag", "Pending", "Arrived", "Matcher"]
+__all__ = ["ANY", "Flag", "Pending", "Arrived", "Matcher", "describe"]
 
 ANY = -1
+
+
+def describe(d: Any) -> str:
+    """An operation's description. Point-to-point calls pass the parts,
+    ``(verb, peer, tag, group name)``, and the text is made only when an
+    error or a status report needs it, not once per message."""
+    if type(d) is str:
+        return d
+    verb, peer, tag, name = d
+    who = "any rank" if peer == ANY else f"rank {peer}"
+    return f"{verb} {who} (tag {tag}, group {name})"
 
 
 class Flag:
@@ -46,17 +57,21 @@ class Flag:
 class Pending:
     """A posted receive; completed by the transport, waited on by the caller."""
 
-    __slots__ = ("group", "src", "tag", "out", "fp", "desc", "order", "event",
+    __slots__ = ("group", "src", "tag", "out", "fp", "_desc", "order", "event",
                  "value", "error", "state", "device")
 
-    def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: str) -> None:
-        self.group, self.src, self.tag, self.out, self.fp, self.desc = group, src, tag, out, fp, desc
+    def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> None:
+        self.group, self.src, self.tag, self.out, self.fp, self._desc = group, src, tag, out, fp, desc
         self.order = 0
         self.event = Flag()
         self.value: Any = None
         self.error: BaseException | None = None
         self.state = 0  # 0 posted, 1 matched (payload on its way), 2 complete
         self.device = False  # the message came from a device array
+
+    @property
+    def desc(self) -> str:
+        return describe(self._desc)
 
     def complete(self, value: Any) -> None:
         self.value = value

@@ -67,13 +67,18 @@ def out_fits(out: Any, dtype: np.dtype, size: int) -> str:
 
 
 def fill(dest: np.ndarray, parts: list) -> None:
+    """Copy received frames, in order, into the C-contiguous array ``dest``."""
     if not parts:
         return
-    view = memoryview(dest.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    view = dest.data.cast("B")
+    if len(parts) == 1 and type(parts[0]) is bytes:
+        view[:] = parts[0]
+        return
     off = 0
-    for p in parts:
-        n = len(p)
-        view[off:off + n] = p.buffer
+    for p in parts:    # bytes (small messages) or zero-copy zmq.Frames
+        b = p if type(p) is bytes else p.buffer
+        n = len(b)
+        view[off:off + n] = b
         off += n
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from .match import Flag
+from .match import Flag, describe
 
 __all__ = ["ALIVE", "CLOSED", "DEAD", "Outgoing", "Peer", "config_float"]
 
@@ -27,14 +27,18 @@ class Outgoing:
     """A send in progress: queued (no credit yet), handed to ZeroMQ, then done
     once ZeroMQ has released the caller's buffer."""
 
-    __slots__ = ("dst", "frames", "nbytes", "desc", "event", "tracker", "error", "keep")
+    __slots__ = ("dst", "frames", "nbytes", "_desc", "event", "tracker", "error", "keep")
 
-    def __init__(self, dst: int, frames: list | None, nbytes: int, desc: str, keep: Any) -> None:
+    def __init__(self, dst: int, frames: list | None, nbytes: int, desc: Any, keep: Any) -> None:
         self.frames: list | None
-        self.dst, self.frames, self.nbytes, self.desc, self.keep = dst, frames, nbytes, desc, keep
+        self.dst, self.frames, self.nbytes, self._desc, self.keep = dst, frames, nbytes, desc, keep
         self.event = Flag()
         self.tracker: zmq.MessageTracker | None = None
         self.error: BaseException | None = None
+
+    @property
+    def desc(self) -> str:
+        return describe(self._desc)
 
     def done(self) -> bool:
         return self.event.is_set() and (self.tracker is None or self.tracker.done)

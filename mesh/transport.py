@@ -40,6 +40,9 @@ __all__ = ["Transport", "Outgoing", "config_float"]
 _log = logging.getLogger("mesh.transport")
 _ERR_KINDS: dict[int, type[MeshError]] = {0: MismatchError, 1: LostPeerError, 2: MeshError}
 _COPY_BELOW = 64 * 1024
+_SNDMORE, _RCVMORE = int(zmq.SNDMORE), int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_CACHE = 1024  # headers remembered, each way, per transport
 
 
 class Transport(Liveness):
@@ -86,6 +89,12 @@ class Transport(Liveness):
             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self._closing = False
+        # Headers repeat (same peer, tag, dtype and shape, message after
+        # message): encode each once, and decode each distinct byte string
+        # once; both tables are bounded and start over when full.
+        self._encoded: dict[tuple, bytes] = {}
+        self._decoded: dict[bytes, wire.Header] = {}
+        self._idents = [str(r).encode() for r in range(size)]
         self._rlock = threading.Lock()
         self._want_lock = threading.Lock()
         self._want = 0
@@ -100,7 +109,20 @@ class Transport(Liveness):
 
     # ---- sending -------------------------------------------------------------
 
-    def isend(self, dst: int, group: int, tag: int, obj: Any, fp: Any, desc: str) -> Outgoing:
+    def isend(self, dst: int, group: int, tag: int, obj: Any, fp: Any, desc: Any) -> Outgoing:
+        if type(obj) is np.ndarray and fp is None and dst != self.rank:
+            n = obj.nbytes
+            if n < _COPY_BELOW and obj.flags.c_contiguous:   # the common small case, lean
+                key = (obj.dtype, obj.shape, group, tag)
+                header = self._encoded.get(key)
+                if header is None and wire.dtype_ok(obj.dtype):
+                    header = self._remember(key, wire.encode(
+                        wire.DATA, self.rank, group, tag, dtype=obj.dtype.str, shape=obj.shape,
+                        nbytes=n))
+                if header is not None:
+                    out = Outgoing(dst, [header, obj] if n else [header], n, desc, None)
+                    self._submit(self._peers[dst], out)
+                    return out
         kind, header_kw, payload, keep = encode_payload(obj, desc, self.rank)
         nbytes = sum(len(p) for p in payload)
         if dst == self.rank:
@@ -115,6 +137,12 @@ class Transport(Liveness):
         out = Outgoing(dst, [header, *payload], nbytes, desc, keep)
         self._submit(self._peers[dst], out)
         return out
+
+    def _remember(self, key: tuple, header: bytes) -> bytes:
+        if len(self._encoded) >= _CACHE:
+            self._encoded.clear()
+        self._encoded[key] = header
+        return header
 
     def _submit(self, peer: Peer, out: Outgoing) -> None:
         with peer.lock:
@@ -134,7 +162,11 @@ class Transport(Liveness):
         peer.inflight += out.nbytes
         try:
             if out.nbytes < _COPY_BELOW:
-                peer.sock.send_multipart(frames, copy=True)
+                send = peer.sock.send
+                last = len(frames) - 1
+                for i in range(last):
+                    send(frames[i], _SNDMORE)
+                send(frames[last], 0)
             else:
                 trackers = []
                 for i, f in enumerate(frames):
@@ -233,8 +265,9 @@ class Transport(Liveness):
                                            f"{limit:g}s{self._peer_note(item)}")
             if item.error is not None:
                 raise item.error
-            if item.out is not None and device.is_device(item.out):
-                return device.to_device(_host_array(item), item.out)
+            out = item.out
+            if out is not None and type(out) is not np.ndarray and device.is_device(out):
+                return device.to_device(_host_array(item), out)
             if item.device:
                 return device.to_device(_host_array(item))
             return item.value
@@ -369,23 +402,38 @@ class Transport(Liveness):
             self._complete(req, src, value, nbytes, fp, on_device)
 
     def _read_one(self) -> bool:
-        """Read and dispatch one message from the ROUTER; False when none is waiting."""
+        """Read and dispatch one message from the ROUTER; False when none is
+        waiting. Frame by frame: the header says how big the payload is, so
+        small payloads come as bytes and large ones as zero-copy frames."""
+        router = self._router
         try:
-            parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            ident = router.recv(_NOBLOCK)
         except zmq.Again:
             return False
-        if len(parts) < 2:
-            return self._bad(f"a bare frame from {parts[0].bytes[:16]!r}")
-        ident = parts[0].bytes
-        try:
-            h = wire.decode(parts[1].bytes, self.size)
-            if ident != str(h.src).encode() or h.src == self.rank:
-                raise BadMessageError(f"header says source {h.src} but the connection is {ident!r}")
-        except BadMessageError as e:
-            return self._bad(str(e))
+        if not router.get(_RCVMORE):   # the rest of a multipart message is already here
+            return self._bad(f"a bare frame from {ident[:16]!r}")
+        head = router.recv(0)
+        more = router.get(_RCVMORE)
+        h = self._decoded.get(head)
+        if h is None:
+            try:
+                h = wire.decode(head, self.size)
+            except BadMessageError as e:
+                return self._bad(str(e), more)
+            if h.kind <= wire.OBJ:
+                if len(self._decoded) >= _CACHE:
+                    self._decoded.clear()
+                self._decoded[head] = h
+        if ident != self._idents[h.src] or h.src == self.rank:
+            return self._bad(f"header says source {h.src} but the connection is {ident!r}", more)
         peer = self._peers[h.src]
         peer.last_heard = time.monotonic()
-        payload = parts[2:]
+        payload: list = []
+        if more:
+            copy = h.nbytes < _COPY_BELOW
+            while more:
+                payload.append(router.recv(0, copy=copy))
+                more = router.get(_RCVMORE)
         if h.kind == wire.DATA:
             self._read_array(h, payload)
         elif h.kind == wire.OBJ:
@@ -393,7 +441,8 @@ class Transport(Liveness):
                 return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
                                  f"{len(payload)} frames, header says {h.nbytes}")
             try:
-                value = msgpack.unpackb(payload[0].buffer, raw=False, strict_map_key=False)
+                value = msgpack.unpackb(payload[0] if copy else payload[0].buffer, raw=False,
+                                        strict_map_key=False)
             except Exception as e:
                 return self._bad(f"object payload is not msgpack ({type(e).__name__})")
             self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)
@@ -415,32 +464,36 @@ class Transport(Liveness):
         copy the frames once into the destination."""
         got = sum(map(len, parts))
         if got != h.nbytes:
-            self.bad_messages += 1
-            _log.warning("rank %d: dropped a message from rank %d: payload of %d bytes, header "
-                         "says %d (%d bad so far)", self.rank, h.src, got, h.nbytes,
-                         self.bad_messages)
+            self._bad(f"payload of {got} bytes from rank {h.src}, header says {h.nbytes}")
             return
         with self._lock:
             req = None if (h.group, h.tag) in self._aborted else \
                 self._matcher.take_posted(h.group, h.src, h.tag)
-        dt = np.dtype(h.dtype)
-        shape = h.shape or ()
-        direct = (req is not None and isinstance(req.out, np.ndarray) and req.fp == h.fp
-                  and not out_fits(req.out, dt, math.prod(shape)))
-        dest: Any = req.out if (direct and req is not None) else np.empty(shape, dt)
+        if req is not None:
+            out = req.out
+            if (type(out) is np.ndarray and req.fp == h.fp and out.dtype == h.dt
+                    and out.nbytes == h.nbytes and not out_fits(out, h.dt, out.size)):
+                fill(out, parts)            # straight into the caller's out=
+                self._consumed(h.src, h.nbytes)
+                req.complete(out)
+                return
+        dest = np.empty(h.shape or (), h.dt)
         fill(dest, parts)
         if req is None:
             self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
-        elif direct:
-            self._consumed(h.src, h.nbytes)
-            req.complete(dest)
         else:
             self._complete(req, h.src, dest, h.nbytes, h.fp, h.device)
 
-    def _bad(self, why: str) -> bool:
+    def _bad(self, why: str, more: Any = 0) -> bool:
+        """Drop a message (the rest of its frames too) and count it. Logged
+        at the 1st, 2nd, 4th, 8th... so a flood cannot flood the log."""
+        while more:
+            self._router.recv(0, copy=False)
+            more = self._router.get(_RCVMORE)
         self.bad_messages += 1
-        _log.warning("rank %d: dropped a bad message: %s (%d so far)", self.rank, why,
-                     self.bad_messages)
+        n = self.bad_messages
+        if n & (n - 1) == 0:
+            _log.warning("rank %d: dropped a bad message: %s (%d so far)", self.rank, why, n)
         return True
 
     # ---- aborts and lost peers --------------------------------------------------

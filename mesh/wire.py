@@ -48,6 +48,7 @@ class Header(NamedTuple):
     reason: str = ""
     device: bool = False
     peer: int = -1
+    dt: Any = None          # np.dtype of ``dtype``, resolved once
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -151,7 +152,7 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
                               f"and shape {tuple(shape)}")
     return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"),
-                  device=h.get("v") is True)
+                  device=h.get("v") is True, dt=dt)
 
 
 def array_frames(arr: np.ndarray) -> list[memoryview]:
