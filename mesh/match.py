@@ -142,10 +142,16 @@ class Matcher:
                 req.state = 1
                 return msg
         req.order = next(self._count)
+        table: dict[Any, deque[Pending]]
+        key: Any
         if req.src == ANY:
-            self._posted_any.setdefault((req.group, req.tag), deque()).append(req)
+            table, key = self._posted_any, (req.group, req.tag)
         else:
-            self._posted.setdefault((req.group, req.src, req.tag), deque()).append(req)
+            table, key = self._posted, (req.group, req.src, req.tag)
+        posted = table.get(key)
+        if posted is None:
+            table[key] = posted = deque()
+        posted.append(req)
         return None
 
     def cancel(self, req: Pending) -> bool:

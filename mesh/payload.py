@@ -10,18 +10,20 @@ import msgpack
 import numpy as np
 
 from . import device, wire
+from .match import describe
 
 __all__ = ["encode_payload", "as_array", "out_problem", "out_fits", "fill", "fmt_fp"]
 
 
-def encode_payload(obj: Any, desc: str, rank: int) -> tuple[int, dict, list, Any]:
-    """(kind, header fields, payload frames, what must stay alive until sent)."""
+def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any]:
+    """(kind, header fields, payload frames, what must stay alive until sent);
+    ``desc`` is the operation's description (see match.describe)."""
     on_device = device.is_device(obj)
     arr = device.to_host(obj) if on_device else as_array(obj)
     if arr is not None:
         if not wire.dtype_ok(arr.dtype):
-            raise TypeError(f"rank {rank}: {desc}: dtype {arr.dtype} cannot be sent; numeric and "
-                            f"bool arrays only")
+            raise TypeError(f"rank {rank}: {describe(desc)}: dtype {arr.dtype} cannot be sent; "
+                            f"numeric and bool arrays only")
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
         kw = {"dtype": arr.dtype.str, "shape": arr.shape, "device": on_device}
@@ -29,7 +31,7 @@ def encode_payload(obj: Any, desc: str, rank: int) -> tuple[int, dict, list, Any
     try:
         packed = msgpack.packb(obj, use_bin_type=True)
     except Exception as e:
-        raise TypeError(f"rank {rank}: {desc}: {type(obj).__name__} is neither an array nor "
+        raise TypeError(f"rank {rank}: {describe(desc)}: {type(obj).__name__} is neither an array nor "
                         f"msgpack-able ({e})") from None
     return wire.OBJ, {}, [packed], None
 
@@ -68,17 +70,16 @@ def out_fits(out: Any, dtype: np.dtype, size: int) -> str:
 
 def fill(dest: np.ndarray, parts: list) -> None:
     """Copy received frames, in order, into the C-contiguous array ``dest``."""
-    if not parts:
+    if not parts or dest.nbytes == 0:
         return
     view = dest.data.cast("B")
-    if len(parts) == 1 and type(parts[0]) is bytes:
+    if len(parts) == 1:
         view[:] = parts[0]
         return
     off = 0
-    for p in parts:    # bytes (small messages) or zero-copy zmq.Frames
-        b = p if type(p) is bytes else p.buffer
-        n = len(b)
-        view[off:off + n] = b
+    for p in parts:    # bytes-like: bytes, or memoryviews of zero-copy frames
+        n = len(p)
+        view[off:off + n] = p
         off += n
 
 

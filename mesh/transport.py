@@ -120,7 +120,8 @@ class Transport(Liveness):
                         wire.DATA, self.rank, group, tag, dtype=obj.dtype.str, shape=obj.shape,
                         nbytes=n))
                 if header is not None:
-                    out = Outgoing(dst, [header, obj] if n else [header], n, desc, None)
+                    frames = [wire.inline(header, obj)] if n < wire.INLINE_MAX else [header, obj]
+                    out = Outgoing(dst, frames, n, desc, None)
                     self._submit(self._peers[dst], out)
                     return out
         kind, header_kw, payload, keep = encode_payload(obj, desc, self.rank)
@@ -134,7 +135,11 @@ class Transport(Liveness):
             out.event.set()
             return out
         header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, **header_kw)
-        out = Outgoing(dst, [header, *payload], nbytes, desc, keep)
+        if nbytes < wire.INLINE_MAX:
+            frames = [wire.inline(header, b"".join(payload))]
+        else:
+            frames = [header, *payload]
+        out = Outgoing(dst, frames, nbytes, desc, keep)
         self._submit(self._peers[dst], out)
         return out
 
@@ -211,7 +216,7 @@ class Transport(Liveness):
 
     # ---- receiving -----------------------------------------------------------
 
-    def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: str) -> Pending:
+    def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> Pending:
         req = Pending(group, src, tag, out, fp, desc)
         with self._lock:
             aborted = self._aborted.get((group, tag))
@@ -222,9 +227,9 @@ class Transport(Liveness):
                     self._dead_member(group) if self._dead and (src == ANY or tag < 0) else None
                 if lost is not None:
                     self._matcher.cancel(req)
-                    gone = self._gone(self._peers[lost], desc)
+                    gone = self._gone(self._peers[lost], req.desc)
         if aborted:
-            req.fail(_abort_error(aborted, f"rank {self.rank}: {desc} aborted: {aborted[1]}"))
+            req.fail(_abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
         elif msg is not None:
@@ -414,6 +419,15 @@ class Transport(Liveness):
             return self._bad(f"a bare frame from {ident[:16]!r}")
         head = router.recv(0)
         more = router.get(_RCVMORE)
+        payload: list = []
+        if head[:1] == b"\xc1":         # a small message in one frame
+            if more:
+                return self._bad("a one-frame message with more frames", more)
+            try:
+                head, body = wire.split_inline(head)
+            except BadMessageError as e:
+                return self._bad(str(e))
+            payload.append(body)
         h = self._decoded.get(head)
         if h is None:
             try:
@@ -428,11 +442,11 @@ class Transport(Liveness):
             return self._bad(f"header says source {h.src} but the connection is {ident!r}", more)
         peer = self._peers[h.src]
         peer.last_heard = time.monotonic()
-        payload: list = []
-        if more:
+        if more:              # frames: small ones as bytes, large ones zero-copy
             copy = h.nbytes < _COPY_BELOW
             while more:
-                payload.append(router.recv(0, copy=copy))
+                f = router.recv(0, copy=copy)
+                payload.append(f if copy else f.buffer)
                 more = router.get(_RCVMORE)
         if h.kind == wire.DATA:
             self._read_array(h, payload)
@@ -441,8 +455,7 @@ class Transport(Liveness):
                 return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
                                  f"{len(payload)} frames, header says {h.nbytes}")
             try:
-                value = msgpack.unpackb(payload[0] if copy else payload[0].buffer, raw=False,
-                                        strict_map_key=False)
+                value = msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
             except Exception as e:
                 return self._bad(f"object payload is not msgpack ({type(e).__name__})")
             self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)

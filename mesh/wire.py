@@ -5,6 +5,11 @@ most ``FRAME_BYTES`` each (views of the caller's array, never copies), so the
 receiver can write each frame straight into its destination and no single
 giant allocation page-faults on the way. Objects travel as one msgpack frame.
 
+    Small messages (payload under INLINE_MAX) travel as ONE frame instead:
+    0xC1 | header length (2 bytes, little-endian) | header | payload.
+    0xC1 is never used by msgpack, so no plain header starts with it; one
+    frame saves a send and a receive per hop, which dominates small messages.
+
     header keys: k kind, s source world rank, g group id, t tag,
                  d dtype (arrays), sh shape (arrays), n payload bytes,
                  f fingerprint (collectives), c credit bytes, r reason (aborts)
@@ -23,12 +28,16 @@ import numpy as np
 from .errors import BadMessageError
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "FRAME_BYTES",
-           "MAX_HEADER", "Header", "encode", "decode", "array_frames", "dtype_ok"]
+           "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "inline", "split_inline",
+           "array_frames", "dtype_ok"]
 
 DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE = 0, 1, 2, 3, 4, 5
 _KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE)
 FRAME_BYTES = 1 << 20
 MAX_HEADER = 16 * 1024
+INLINE_MAX = 8 * 1024
+INLINE_MARK = 0xC1
+_MARK = bytes([INLINE_MARK])
 _MAX_DIMS = 32
 _NUMERIC_KINDS = "biufc"
 
@@ -153,6 +162,21 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
                               f"and shape {tuple(shape)}")
     return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"),
                   device=h.get("v") is True, dt=dt)
+
+
+def inline(header: bytes, payload: Any) -> bytes:
+    """One frame holding ``header`` and a small ``payload`` (any buffer)."""
+    return b"".join((_MARK, len(header).to_bytes(2, "little"), header, payload))
+
+
+def split_inline(frame: bytes) -> tuple[bytes, memoryview]:
+    """(header, payload) of a frame made by ``inline``; BadMessageError if it
+    is too short for the header length it claims."""
+    n = len(frame)
+    hl = int.from_bytes(frame[1:3], "little") if n >= 3 else n
+    if 3 + hl > n:
+        raise BadMessageError(f"one-frame message of {n} bytes claims a {hl}-byte header")
+    return frame[3:3 + hl], memoryview(frame)[3 + hl:]
 
 
 def array_frames(arr: np.ndarray) -> list[memoryview]:

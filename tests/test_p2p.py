@@ -102,10 +102,12 @@ def _out_and_errors(world: mesh.Mesh) -> str:
         world.send(1, 1, tag=-3)
     with pytest.raises(ValueError, match="group world has ranks 0..1"):
         world.send(1, 5)
-    with pytest.raises(TypeError, match="neither an array nor msgpack-able"):
+    with pytest.raises(TypeError, match=r"rank 0: send to rank 1 \(tag 0, group world\): object is "
+                                        "neither an array nor msgpack-able"):
         world.send(object(), 1)
-    with pytest.raises(TypeError, match="cannot be sent"):
-        world.send(np.array(["a"], dtype=object), 1)
+    with pytest.raises(TypeError, match=r"rank 0: send to rank 1 \(tag 4, group world\): dtype "
+                                        "object cannot be sent"):
+        world.isend(np.array(["a"], dtype=object), 1, tag=4)
     world.send(0, 1, tag=3)
     return "ok"
 
@@ -333,3 +335,23 @@ def _staggered_close(world: mesh.Mesh) -> list:
 def test_a_clean_shutdown_is_quiet_whoever_leaves_first() -> None:
     for states, logged in mesh.spawn(_staggered_close, 4, timeout=60):
         assert states == ["closed"] * 3 and logged == []
+
+
+def _after_close(world: mesh.Mesh) -> list[str]:
+    """Receives from a peer that has closed its mesh fail at once, naming the
+    operation: one posted before the goodbye arrives, and one posted after."""
+    if world.rank == 1:
+        return []
+    errors = []
+    for _ in range(2):
+        with pytest.raises(mesh.LostPeerError) as info:
+            world.recv(1, tag=5, timeout=20)
+        errors.append(str(info.value))
+    return errors
+
+
+def test_receives_from_a_closed_peer_name_the_operation() -> None:
+    errors = mesh.spawn(_after_close, 2, timeout=60)[0]
+    for e in errors:
+        assert e.startswith("rank 0: recv from rank 1 (tag 5, group world) failed: peer rank 1 "
+                            "is gone (it closed its mesh)"), e
