@@ -1,6 +1,7 @@
 """Property-based tests of the frame decoder: whatever bytes arrive as a
 header, ``mesh.wire.decode`` returns a Header that satisfies every invariant
-the transport relies on, or raises BadMessageError; never anything else."""
+the transport relies on, or raises BadMessageError; never anything else.
+The same holds for one-frame small messages (``mesh.wire.split_inline``)."""
 from __future__ import annotations
 
 import math
@@ -147,3 +148,28 @@ def test_hostile_shapes_and_sizes() -> None:
         with pytest.raises(BadMessageError):
             wire.decode(frame, 2)
     assert wire.decode(msgpack.packb({"k": 3, "s": 1}), 2).src == 1
+
+
+@SETTINGS
+@given(valid, st.binary(max_size=64), st.data())
+def test_one_frame_messages(header: bytes, payload: bytes, data: st.DataObject) -> None:
+    """inline/split_inline round-trip; a cut, flipped or padded one-frame
+    message splits into a header the decoder judges, or raises cleanly."""
+    frame = wire.inline(header, payload)
+    h, body = wire.split_inline(frame)
+    assert h == header and bytes(body) == payload
+    buf = bytearray(frame)
+    how = data.draw(st.sampled_from(["flip", "cut", "pad"]))
+    i = data.draw(st.integers(0, len(buf) - 1))
+    if how == "flip":
+        buf[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif how == "cut":
+        del buf[i:]
+    else:
+        buf[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    try:
+        h, body = wire.split_inline(bytes(buf))
+    except BadMessageError:
+        return
+    assert len(h) + len(body) + 3 == len(buf)
+    _check(h, 4)
