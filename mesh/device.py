@@ -6,15 +6,25 @@ without it. Stream semantics: a send first waits for the work queued on the
 current CUDA stream (it copies on that stream, then synchronizes it); a
 received device array is written on the current stream, so later work on
 that stream sees it, and it is complete when ``recv``/``wait`` returns.
-Pinned buffers are kept in a small pool keyed by size and reused."""
+Pinned buffers are kept in a small pool keyed by size and reused.
+
+``use(module)`` puts a stand-in for the cupy module in place (the tests run
+the device code paths on CPU with a fake whose streams and IPC handles are
+simulated); ``use(None)`` goes back to importing CuPy."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
 
-__all__ = ["is_device", "to_host", "to_device", "cupy", "PinnedPool"]
+__all__ = ["is_device", "to_host", "to_device", "cupy", "use", "as_cupy", "nbytes_of",
+           "wait_event", "view", "MEMCPY_DEFAULT", "PinnedPool", "POOL"]
+
+MEMCPY_DEFAULT = 4
+"""cudaMemcpyDefault: the direction is inferred from the pointers (unified
+addressing), for host, device and peer-device pointers alike."""
 
 _cupy: Any = None
 
@@ -29,6 +39,14 @@ def cupy() -> Any:
             raise ImportError("device arrays need CuPy: pip install 'meshrun[gpu]'") from e
         _cupy = cp
     return _cupy
+
+
+def use(module: Any) -> None:
+    """Use ``module`` in place of cupy from now on (None: import CuPy again).
+    For tests: a stand-in with the same names runs the device paths on CPU."""
+    global _cupy
+    _cupy = module
+    POOL.clear()
 
 
 def is_device(obj: Any) -> bool:
@@ -57,6 +75,45 @@ def as_cupy(obj: Any) -> Any:
     return cp.from_dlpack(obj)
 
 
+def nbytes_of(obj: Any) -> int:
+    """Bytes of a device array, read from its CUDA array interface when it
+    has one (no CuPy import), else through a CuPy view."""
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if isinstance(cai, dict) and "shape" in cai and "typestr" in cai:
+        count = 1
+        for d in cai["shape"]:
+            count *= int(d)
+        return count * np.dtype(cai["typestr"]).itemsize
+    return int(as_cupy(obj).nbytes)
+
+
+def wait_event(event: Any, timeout: float, what: str) -> None:
+    """Block until the CUDA ``event`` has completed, polling, so that the wait
+    is bounded: after ``timeout`` seconds raise MeshTimeoutError naming ``what``."""
+    if event.done:
+        return
+    deadline = time.monotonic() + timeout
+    pause = 0.0
+    while not event.done:
+        if time.monotonic() > deadline:
+            from .errors import MeshTimeoutError
+            raise MeshTimeoutError(f"{what}: GPU work did not complete within {timeout:g}s")
+        time.sleep(pause)
+        pause = min(0.001, pause + 0.00002)
+
+
+def view(ptr: int, count: int, dtype: Any, owner: Any, device_id: int) -> Any:
+    """A 1-D CuPy array of ``count`` items over device memory at ``ptr`` that
+    CuPy does not own (a buffer opened from a peer); ``owner`` is kept alive."""
+    cp = cupy()
+    dt = np.dtype(dtype)
+    mem = cp.cuda.UnownedMemory(ptr, max(1, count * dt.itemsize), owner, device_id)
+    return cp.ndarray((count,), dt, cp.cuda.MemoryPointer(mem, 0))
+
+
+_MIB = 1 << 20
+
+
 class PinnedPool:
     """Page-locked host buffers reused across calls: allocation is costly."""
 
@@ -67,6 +124,8 @@ class PinnedPool:
 
     def take(self, nbytes: int) -> np.ndarray:
         size = 1 << max(12, (max(nbytes, 1) - 1).bit_length())
+        if size > _MIB:   # past 1 MiB, whole MiBs: the ring's slot sets are not powers of two
+            size = -(-nbytes // _MIB) * _MIB
         with self._lock:
             free = self._free.get(size)
             mem = free.pop() if free else None
@@ -74,6 +133,10 @@ class PinnedPool:
             mem = cupy().cuda.alloc_pinned_memory(size)
         buf = np.frombuffer(mem, np.uint8, size)
         return buf
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
 
     def give(self, buf: np.ndarray) -> None:
         mem = buf.base
