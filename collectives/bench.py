@@ -10,6 +10,12 @@ all_gather, reduce_scatter, all_to_all, gather and scatter, 1 for broadcast
 and reduce). With ``--compare gloo`` torch.distributed runs the same rows in
 the same invocation and each row ends with gloo's time over ours.
 
+With ``--device cuda`` the arrays are CuPy arrays (torch CUDA tensors on the
+gloo side) and ``--path`` picks the device path: ``auto`` (CUDA IPC when the
+ranks can use it, else the overlapped staged ring), ``ipc`` (MESH_CUDA_IPC=1:
+fail if IPC cannot be used), ``staged`` (MESH_CUDA_IPC=0) or ``simple``
+(whole-array staging, MESH_CUDA_OVERLAP=0 as well).
+
 As in nccl-tests, "size" is the whole buffer: the all_gather output, the
 reduce_scatter input, the array scattered from the root.
 """
@@ -25,10 +31,23 @@ import numpy as np
 
 from .plan import parse_size
 
-__all__ = ["COLLECTIVES", "bus_factor", "parse_sizes", "input_count", "plan_rows", "main"]
+__all__ = ["COLLECTIVES", "PATHS", "bus_factor", "parse_sizes", "input_count", "plan_rows",
+           "path_env", "main"]
 
 COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter",
                "gather", "scatter", "all_to_all", "barrier")
+
+
+PATHS = {"auto": {}, "ipc": {"MESH_CUDA_IPC": "1"}, "staged": {"MESH_CUDA_IPC": "0"},
+         "simple": {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": "0"}}
+"""--path: the environment the workers get, per device path."""
+
+
+def path_env(path: str) -> dict[str, str]:
+    """The workers' environment for ``--path`` (see PATHS)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)}")
+    return dict(PATHS[path])
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -185,7 +204,7 @@ def _measure(args: argparse.Namespace, rows: list[tuple[int, int, int]]
         if args.only != "gloo":
             import mesh
             per_rank = mesh.spawn(_mesh_worker, n, args.op, rows, args.dtype, args.device,
-                                  timeout=3600)
+                                  timeout=3600, env=path_env(args.path))
             ts = [_slowest([[t for t, _ in r] for r in per_rank], i) for i in range(len(rows))]
             sides["meshrun"] = _best(sides.get("meshrun", ts), ts)
             memory = [max(r[i][1] for r in per_rank) for i in range(len(rows))]
@@ -248,15 +267,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run one side only (e.g. to measure the gloo anchors)")
     ap.add_argument("--plot", default=None, help="write busbw vs size to this PNG")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--path", choices=tuple(PATHS), default="auto",
+                    help="device path with --device cuda (auto, ipc, staged, simple)")
     ap.add_argument("--memory", action="store_true",
                     help="also print meshrun's peak memory beyond the input, worst rank "
                          "(exact for the first size only: run one size)")
     args = ap.parse_args(argv)
 
+    if args.device == "cuda":
+        try:
+            import cupy  # noqa: F401
+        except ImportError:
+            print("# --device cuda needs CuPy: pip install 'meshrun[gpu]'", file=sys.stderr)
+            return 2
     sizes = [0] if args.op == "barrier" else parse_sizes(args.sizes, args.factor)
     rows = plan_rows(args.op, sizes, np.dtype(args.dtype).itemsize, args.nprocs, args.iters,
                      args.warmup)
-    print(f"# collectives.bench: {args.op}, {args.nprocs} ranks, {args.dtype}, {args.device}, "
+    where = args.device + (f" ({args.path} path)" if args.device == "cuda" else "")
+    print(f"# collectives.bench: {args.op}, {args.nprocs} ranks, {args.dtype}, {where}, "
           f"best of {args.trials}, pid {os.getpid()}")
     sides, memory = _measure(args, rows)
     _print_table(args, sizes, rows, sides, memory)
