@@ -10,17 +10,11 @@ from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket
 from .ops import OPS
 from .plan import Tuning
 from .runner import Work
-from .staged import staged
-
-# Device arrays (CuPy, CUDA array interface, DLPack) go through pinned host buffers.
-all_reduce = staged(api.all_reduce, in_place=True)
-broadcast = staged(api.broadcast, in_place=True)
-reduce = staged(api.reduce, in_place=True)
-all_gather = staged(api.all_gather, in_place=False)
-reduce_scatter = staged(api.reduce_scatter, in_place=False)
-gather = staged(api.gather, in_place=False)
-scatter = staged(api.scatter, in_place=False)
-all_to_all = staged(api.all_to_all, in_place=False)
+# Host arrays go straight to collectives.api; device arrays (CuPy, CUDA array
+# interface, DLPack) take CUDA IPC, the overlapped staged ring or simple
+# staging through pinned host buffers (collectives.staged says which).
+from .staged import (all_gather, all_reduce, all_to_all, broadcast, gather, reduce,
+                     reduce_scatter, scatter, staged)
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object",

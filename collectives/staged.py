@@ -1,24 +1,45 @@
-"""Device arrays in collectives: the staged path.
+"""Collectives on device arrays (CuPy, CUDA array interface, DLPack): which
+path a call takes.
 
-A CuPy array (or any CUDA-array-interface or DLPack device array) is copied
-to host memory through the mesh's reused pinned buffers, after the work
-queued on the current stream; the host collective runs (reductions on the
-CPU); the result is copied back on the current stream: into the caller's
-array for in-place collectives, as a new device array for the others. When
-the call returns (or its ``Work.wait()`` does) the device result is complete.
+    same host, CUDA IPC usable      all_reduce, reduce_scatter, all_gather,
+      (collectives.cuda_ipc)          broadcast: device-to-device copies
+                                      out of the peers' registered buffers
+    otherwise, overlapped staging   all_reduce, reduce_scatter, all_gather:
+      (collectives.gpu_ring)          the ring, segments through pinned
+                                      slots, reductions on the GPU
+    simple staging (below)          small arrays (under MESH_COLL_SMALL),
+                                      the other collectives, MESH_CUDA_OVERLAP=0:
+                                      one copy down, the host collective,
+                                      one copy back
 
-This path is correct on any pair of processes and hosts, but it does not yet
-overlap the copies with the transfers segment by segment, reduce on the GPU,
-or use CUDA IPC between processes of one host.
+Stream semantics (collectives.gpu): a call waits for the work queued on the
+caller's current stream before it; its result is complete on the device
+when the call, or its ``Work.wait()``, returns. In-place collectives write
+into the caller's array; the others return a new CuPy array on its device.
+
+Every rank of a call must pass a device array, or every rank a host array,
+when the array is large: the paths differ, and a mix raises MismatchError.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
+
+import numpy as np
 
 from mesh import device
 
-__all__ = ["staged", "DeviceWork"]
+from . import api, cuda_ipc, gpu, gpu_ring
+from .api import _fp, _root, _rows
+from .ops import resolve
+from .plan import Tuning
+from .ring import ring as host_ring
+from .rooted import broadcast_tree
+from .runner import Ctx, agreed, start
+
+__all__ = ["staged", "simple", "DeviceWork", "all_reduce", "broadcast", "reduce",
+           "all_gather", "reduce_scatter", "gather", "scatter", "all_to_all"]
 
 
 class DeviceWork:
@@ -41,8 +62,9 @@ class DeviceWork:
         return self._value
 
 
-def staged(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
-    """Wrap a host collective ``fn(g, a, ...)`` so that ``a`` may live on a device."""
+def simple(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
+    """Wrap a host collective ``fn(g, a, ...)`` so that ``a`` may live on a
+    device: copied down whole, the host collective, copied back whole."""
     @functools.wraps(fn)
     def run(g: Any, a: Any = None, *args: Any, async_op: bool = False, **kw: Any) -> Any:
         if a is None or not device.is_device(a):
@@ -58,3 +80,193 @@ def staged(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
         result = fn(g, host, *args, async_op=async_op, **kw)
         return DeviceWork(result, finish) if async_op else finish(result)
     return run
+
+
+staged = simple
+"""The earlier name of ``simple``."""
+
+
+def _device_path(g: Any, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
+                 small_alg: str = "") -> bool:
+    """Whether a device call takes the overlapped or IPC path: a large array
+    (the same answer on every rank, whose shapes agree)."""
+    if isinstance(a, np.ndarray) or a is None or not device.is_device(a) or g.size == 1:
+        return False
+    if os.environ.get("MESH_CUDA_OVERLAP", "1") == "0" and cuda_ipc.mode() == "0":
+        return False
+    if algorithm is not None and algorithm == small_alg:
+        return False
+    return device.nbytes_of(a) * nbytes_factor >= Tuning.from_env().small
+
+
+def _ipc(ctx: Ctx, call: gpu.Call, nbytes: int) -> bool:
+    """Every rank asks (the first ask is the group's collective probe)."""
+    return cuda_ipc.usable(ctx, call, nbytes)
+
+
+def _overlap_off() -> bool:
+    return os.environ.get("MESH_CUDA_OVERLAP", "1") == "0"
+
+
+def _whole(ctx: Ctx, lanes: gpu.Lanes, flat: Any, steps: int, reduce_steps: int,
+           op: Any, shift: int = 0) -> None:
+    """The ring without overlap (MESH_CUDA_OVERLAP=0 where IPC is unusable):
+    ``flat`` down whole into pinned memory, the host ring, back up whole."""
+    nbytes = int(flat.nbytes)
+    host = device.POOL.take(nbytes)
+    buf = host[:nbytes].view(flat.dtype)
+    lanes.down.wait_event(lanes.event(lanes.up))
+    lanes.copy(int(buf.ctypes.data), int(flat.data.ptr), nbytes, lanes.down)
+    lanes.sync()
+    host_ring(ctx, buf, op, steps, reduce_steps, shift)
+    lanes.copy(int(flat.data.ptr), int(buf.ctypes.data), nbytes, lanes.up)
+    lanes.sync()
+    device.POOL.give(host)
+
+
+_simple_all_reduce = simple(api.all_reduce, in_place=True)
+_simple_all_gather = simple(api.all_gather, in_place=False)
+_simple_reduce_scatter = simple(api.reduce_scatter, in_place=False)
+_simple_broadcast = simple(api.broadcast, in_place=True)
+
+
+def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+               algorithm: str | None = None) -> Any:
+    """collectives.api.all_reduce, for host and device arrays."""
+    if not _device_path(g, a, 1, algorithm, "rd"):
+        return _simple_all_reduce(g, a, op=op, async_op=async_op, algorithm=algorithm)
+    def prepare(t: Tuning) -> tuple[dict, Any]:
+        call = gpu.Call(a)
+        rop = resolve(op, call.dtype)
+        return _fp("all_reduce", call.arr, op=op, alg="device"), lambda ctx: body(ctx, call, rop)
+
+    def body(ctx: Ctx, call: gpu.Call, rop: Any) -> Any:
+        cp = call.cp
+        with cp.cuda.Device(call.dev):
+            lanes = gpu.lanes(ctx, call)
+            flat = call.flat(lanes)
+            if _ipc(ctx, call, flat.nbytes):
+                cuda_ipc.all_reduce(ctx, lanes, call, flat, rop)
+            else:
+                n = ctx.g.size
+                ring = _whole if _overlap_off() else gpu_ring.ring
+                ring(ctx, lanes, flat, 2 * (n - 1), n - 1, rop)
+            with lanes.up:
+                rop.finish(flat, ctx.g.size)
+            call.write_back(lanes, flat)
+            lanes.sync()
+        return a
+    return start(g, "all_reduce", prepare, async_op)
+
+
+def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False) -> Any:
+    """collectives.api.reduce_scatter, for host and device arrays."""
+    if not _device_path(g, a):
+        return _simple_reduce_scatter(g, a, op=op, async_op=async_op)
+    def prepare(t: Tuning) -> tuple[dict, Any]:
+        call = gpu.Call(a)
+        _rows("reduce_scatter", call.arr, g.size)
+        rop = resolve(op, call.dtype)
+        return (_fp("reduce_scatter", call.arr, op=op, alg="device"),
+                lambda ctx: body(ctx, call, rop))
+
+    def body(ctx: Ctx, call: gpu.Call, rop: Any) -> Any:
+        cp, n, rank = call.cp, ctx.g.size, ctx.g.rank
+        shape = tuple(call.arr.shape)
+        m = shape[0] // n
+        with cp.cuda.Device(call.dev):
+            lanes = gpu.lanes(ctx, call)
+            flat = call.flat(lanes)
+            with lanes.up:
+                mine = cp.empty((m,) + shape[1:], call.dtype)
+            if _ipc(ctx, call, flat.nbytes):
+                cuda_ipc.reduce_scatter(ctx, lanes, call, flat, mine.reshape(-1), rop)
+            else:
+                with lanes.up:
+                    work = flat.copy()
+                ring = _whole if _overlap_off() else gpu_ring.ring
+                ring(ctx, lanes, work, n - 1, n - 1, rop, shift=-1)
+                size = mine.size
+                lanes.copy(int(mine.data.ptr), int(work.data.ptr) + rank * size * work.itemsize,
+                           size * work.itemsize, lanes.up)
+            with lanes.up:
+                rop.finish(mine, n)
+            lanes.sync()
+        return mine
+    return start(g, "reduce_scatter", prepare, async_op)
+
+
+def all_gather(g: Any, a: Any, async_op: bool = False) -> Any:
+    """collectives.api.all_gather, for host and device arrays."""
+    if not _device_path(g, a, g.size):
+        return _simple_all_gather(g, a, async_op=async_op)
+    def prepare(t: Tuning) -> tuple[dict, Any]:
+        call = gpu.Call(a)
+        return _fp("all_gather", call.arr, alg="device"), lambda ctx: body(ctx, call)
+
+    def body(ctx: Ctx, call: gpu.Call) -> Any:
+        cp, n, rank = call.cp, ctx.g.size, ctx.g.rank
+        shape = tuple(call.arr.shape)
+        with cp.cuda.Device(call.dev):
+            lanes = gpu.lanes(ctx, call)
+            flat = call.flat(lanes)
+            with lanes.up:
+                out = cp.empty((n,) + shape, call.dtype)
+            rows = out.reshape(n, -1)
+            if _ipc(ctx, call, flat.nbytes):
+                cuda_ipc.all_gather(ctx, lanes, call, flat, rows)
+            else:
+                lanes.copy(int(rows[rank].data.ptr), int(flat.data.ptr), int(flat.nbytes),
+                           lanes.up)
+                ring = _whole if _overlap_off() else gpu_ring.ring
+                ring(ctx, lanes, out.reshape(-1), n - 1, 0, None)
+            lanes.sync()
+        return out
+    return start(g, "all_gather", prepare, async_op)
+
+
+def broadcast(g: Any, a: Any, root: int = 0, async_op: bool = False,
+              algorithm: str | None = None) -> Any:
+    """collectives.api.broadcast, for host and device arrays: through CUDA
+    IPC when the group can, else the simple staged path."""
+    if not _device_path(g, a) or algorithm is not None:
+        return _simple_broadcast(g, a, root=root, async_op=async_op, algorithm=algorithm)
+    def prepare(t: Tuning) -> tuple[dict, Any]:
+        call = gpu.Call(a)
+        r = _root(g, root)
+        return _fp("broadcast", call.arr, root=r, alg="device"), lambda ctx: body(ctx, call, r)
+
+    def body(ctx: Ctx, call: gpu.Call, r: int) -> Any:
+        with call.cp.cuda.Device(call.dev):
+            lanes = gpu.lanes(ctx, call)
+            flat = call.flat(lanes)
+            if _ipc(ctx, call, flat.nbytes):
+                cuda_ipc.broadcast(ctx, lanes, call, flat, r)
+            else:
+                _simple_broadcast_body(ctx, lanes, call, flat, r)
+            call.write_back(lanes, flat)
+            lanes.sync()
+        return a
+    return start(g, "broadcast", prepare, async_op)
+
+
+def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any,
+                           root: int) -> None:
+    """Broadcast without IPC inside a device collective: the root's array
+    goes down whole and along the binomial tree; the others copy it up."""
+    host = device.POOL.take(int(flat.nbytes))
+    buf = host[:flat.nbytes].view(flat.dtype)
+    if ctx.g.rank == root:
+        lanes.copy(int(buf.ctypes.data), int(flat.data.ptr), int(flat.nbytes), lanes.down)
+        lanes.sync()
+    agreed(lambda c: broadcast_tree(c, buf, root))(ctx)
+    if ctx.g.rank != root:
+        lanes.copy(int(flat.data.ptr), int(buf.ctypes.data), int(flat.nbytes), lanes.up)
+    lanes.sync()
+    device.POOL.give(host)
+
+
+reduce = simple(api.reduce, in_place=True)
+gather = simple(api.gather, in_place=False)
+scatter = simple(api.scatter, in_place=False)
+all_to_all = simple(api.all_to_all, in_place=False)

@@ -1,0 +1,187 @@
+"""The device paths of the collectives, run on CPU through tests/fakecupy.py
+(a stand-in for CuPy with lazy streams and /dev/shm-backed IPC handles):
+the overlapped staged ring's segment and slot bookkeeping, the CUDA IPC
+probe, handle exchange, caching, synchronization and cleanup, and the
+choice between them. Every result is checked against numpy.
+
+What this cannot show: that real CUDA streams, pinned copies and IPC
+handles behave as the stand-in does (tests/test_gpu_collectives.py does,
+on a machine with a GPU)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import collectives as C
+import mesh
+
+import fakecupy
+
+SMALL_SEGMENTS = {"MESH_COLL_SEGMENT": "8K", "MESH_COLL_WINDOW": "2"}
+
+
+def _check_all(world: mesh.Mesh, devices: int) -> dict[str, Any]:
+    cp = fakecupy.install()
+    cp.cuda.Device(world.rank % devices).use()
+    n, r = world.size, world.rank
+    for dt in (np.float32, np.float64, np.int64):
+        for size in (7, 20_000, 100_003):        # simple path, then the device paths
+            x = cp.arange(size, dtype=dt) + r
+            assert C.all_reduce(world, x) is x
+            want = n * np.arange(size, dtype=dt) + sum(range(n))
+            assert np.array_equal(cp.asnumpy(x), want), (dt, size)
+    big = 50_001
+    y = cp.asarray(np.full(big, float(r)))
+    C.all_reduce(world, y, op="avg", async_op=True).wait()
+    assert np.allclose(cp.asnumpy(y), (n - 1) / 2)
+    m = cp.asarray((np.arange(big) * (r + 1)) % 1000)
+    C.all_reduce(world, m, op="max")
+    assert np.array_equal(cp.asnumpy(m), np.max([(np.arange(big) * (p + 1)) % 1000
+                                                 for p in range(n)], axis=0))
+    base = cp.asarray(np.arange(2 * big, dtype=np.float64).reshape(big, 2) + r)
+    strided = base[:, 1]
+    C.all_reduce(world, strided)
+    assert np.array_equal(cp.asnumpy(strided), n * (np.arange(big) * 2 + 1.0) + sum(range(n)))
+    assert np.array_equal(cp.asnumpy(base)[:, 0], np.arange(big) * 2.0 + r)
+
+    rows = 4 * n
+    rs_in = cp.asarray(np.arange(rows * 3000, dtype=np.float32).reshape(rows, 3000) * (r + 1))
+    rs = C.reduce_scatter(world, rs_in)
+    total = np.arange(rows * 3000, dtype=np.float32).reshape(rows, 3000) * sum(range(1, n + 1))
+    assert isinstance(rs, cp.ndarray) and rs.shape == (4, 3000)
+    assert np.array_equal(cp.asnumpy(rs), total[4 * r:4 * (r + 1)])
+
+    ag = C.all_gather(world, cp.asarray(np.full(9000, r, np.int32)))
+    assert isinstance(ag, cp.ndarray) and ag.shape == (n, 9000)
+    assert np.array_equal(cp.asnumpy(ag), np.repeat(np.arange(n), 9000).reshape(n, 9000))
+
+    b = cp.asarray(np.full(40_000, r, np.int16))
+    assert C.broadcast(world, b, root=n - 1) is b
+    assert np.array_equal(cp.asnumpy(b), np.full(40_000, n - 1))
+
+    red = cp.asarray(np.ones(30_000))
+    C.reduce(world, red, root=0)
+    assert cp.asnumpy(red)[0] == (n if r == 0 else 1)
+    got = C.gather(world, cp.asarray(np.array([r])), root=0)
+    assert np.array_equal(cp.asnumpy(got).ravel(), np.arange(n)) if r == 0 else got is None
+    sc = C.scatter(world, cp.asarray(np.arange(n) * 10) if r == 0 else None, root=0)
+    assert int(cp.asnumpy(sc)) == 10 * r
+    a2a = C.all_to_all(world, cp.asarray(np.arange(n) * 10 + r))
+    assert np.array_equal(cp.asnumpy(a2a), np.arange(n) + r * 10)
+
+    from collectives import cuda_ipc
+    st = cuda_ipc.state(world)
+    out = {"ipc": st is not None, "opens": st.opens if st else 0,
+           "gen": st.gen if st else 0, "pinned": cp.stats["pinned"]}
+    # The same sizes again: no new handle opened, no new pinned buffer.
+    x = cp.arange(100_003, dtype=np.float32) + r
+    C.all_reduce(world, x)
+    out["opens_again"] = st.opens if st else 0
+    out["pinned_again"] = cp.stats["pinned"]
+    world.close()
+    out.update(opened=cp.stats["opened"], closed=cp.stats["closed"])
+    return out
+
+
+@pytest.mark.parametrize("n,env,ipc", [
+    (2, {"MESH_CUDA_IPC": "0"}, False),                 # staged ring (overlapped)
+    (3, {"MESH_CUDA_IPC": "0", "MESH_CMA": "0"}, False),  # the same, sockets only
+    (3, {"MESH_CUDA_IPC": "1"}, True),                  # IPC, one GPU shared, board sync
+    (2, {"MESH_CUDA_IPC": "1", "MESH_CMA": "0", "FAKECUPY_DEVICES": "2"}, True),
+    # IPC on two GPUs (peer copies), synchronized by messages
+    (2, {}, True),                                      # auto: IPC where it works
+    (2, {"FAKECUPY_NO_IPC": "1"}, False),               # auto, handles cannot be opened
+    (2, {"FAKECUPY_NO_IPC": "1", "MESH_CUDA_OVERLAP": "0"}, False),   # whole-array ring
+])
+def test_device_collectives_on_fake_cupy(n: int, env: dict[str, str], ipc: bool) -> None:
+    devices = int(env.get("FAKECUPY_DEVICES", "1"))
+    res = mesh.spawn(_check_all, n, devices, timeout=120, env={**SMALL_SEGMENTS, **env})
+    for out in res:
+        assert out["ipc"] == ipc
+        if out["ipc"]:
+            # one open per peer per generation (the buffer grew once: 2 generations at most)
+            assert out["opens"] == (n - 1) * out["gen"] and out["gen"] <= 2
+            assert out["opens_again"] == out["opens"]
+            assert out["opened"] == out["closed"] == out["opens"], out
+        assert out["pinned_again"] == out["pinned"]
+
+
+def _ring_windows(world: mesh.Mesh) -> str:
+    """The ring's slot bookkeeping at several windows, segment sizes and
+    lengths (empty chunks and segments included)."""
+    import os
+
+    from collectives.plan import Tuning
+    cp = fakecupy.install()
+    n, r = world.size, world.rank
+    for window in (1, 2, 3):
+        for seg in ("8", "64", "1K"):
+            os.environ.update(MESH_COLL_WINDOW=str(window), MESH_COLL_SEGMENT=seg,
+                              MESH_COLL_SMALL="0")
+            assert Tuning.from_env().window == window
+            for size in (1, n - 1, 37, 300):
+                x = cp.arange(size, dtype=np.float64) * (r + 1)
+                C.all_reduce(world, x)
+                assert np.array_equal(cp.asnumpy(x), np.arange(size) * sum(range(1, n + 1)))
+                g = C.all_gather(world, cp.asarray(np.arange(size) + 100 * r))
+                assert np.array_equal(cp.asnumpy(g), np.arange(size) + 100 * np.arange(n)[:, None])
+    return "ok"
+
+
+def test_staged_ring_bookkeeping_at_every_window() -> None:
+    env = {"MESH_CUDA_IPC": "0"}
+    assert mesh.spawn(_ring_windows, 3, timeout=120, env=env) == ["ok"] * 3
+
+
+def _mixed(world: mesh.Mesh) -> str:
+    cp = fakecupy.install()
+    a = cp.asarray(np.ones(50_000)) if world.rank == 0 else np.ones(50_000)
+    try:
+        C.all_reduce(world, a)
+    except mesh.MismatchError as e:
+        return "mismatch" if "device" in str(e) else str(e)
+    return "no error"
+
+
+def test_device_and_host_arrays_in_one_call_raise_mismatch() -> None:
+    assert mesh.spawn(_mixed, 2, timeout=60, env={"MESH_CUDA_IPC": "0"}) == ["mismatch"] * 2
+
+
+def _required(world: mesh.Mesh) -> str:
+    import os
+    cp = fakecupy.install()
+    if world.rank == 1:
+        os.environ["MESH_CUDA_IPC"] = "0"
+    try:
+        C.all_reduce(world, cp.asarray(np.ones(50_000)))
+    except mesh.MeshError as e:
+        return "refused" if "MESH_CUDA_IPC=1" in str(e) else str(e)
+    return "no error"
+
+
+def test_required_ipc_that_a_peer_refuses_fails_on_every_rank() -> None:
+    assert mesh.spawn(_required, 2, timeout=60, env={"MESH_CUDA_IPC": "1"}) == ["refused"] * 2
+
+
+def _own_handle(world: mesh.Mesh) -> str:
+    cp = fakecupy.install()
+    mem = cp.cuda.Memory(4096)
+    with pytest.raises(RuntimeError):
+        cp.cuda.runtime.ipcOpenMemHandle(cp.cuda.runtime.ipcGetMemHandle(mem.ptr))
+    return "ok"
+
+
+def test_fake_refuses_to_open_its_own_handle_as_cuda_does() -> None:
+    assert mesh.spawn(_own_handle, 1, timeout=30) == ["ok"]
+
+
+def test_bench_paths_map_to_the_environment() -> None:
+    from collectives.bench import path_env
+    assert path_env("auto") == {}
+    assert path_env("ipc") == {"MESH_CUDA_IPC": "1"}
+    assert path_env("staged") == {"MESH_CUDA_IPC": "0"}
+    assert path_env("simple") == {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": "0"}
+    with pytest.raises(ValueError):
+        path_env("nccl")
