@@ -1,5 +1,9 @@
-"""Collectives on CuPy arrays against a numpy reference (staged path).
-Skipped cleanly where CuPy or a CUDA device is missing."""
+"""Every collective on CuPy arrays against a numpy reference, on both device
+paths (the overlapped staged ring with MESH_CUDA_IPC=0, CUDA IPC with
+MESH_CUDA_IPC=1), ranks sharing one GPU and, where there are several, on
+different GPUs; and a torch CUDA tensor through DLPack. Skipped cleanly
+where CuPy or a CUDA device is missing (tests/test_gpu_fake.py runs the
+same control flow on CPU)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,29 +20,80 @@ except Exception:  # no driver
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_DEVICES == 0, reason="no CUDA device")]
 
 
-def _run(world: mesh.Mesh) -> str:
+def _run(world: mesh.Mesh, spread: bool, ipc: str) -> str:
     import cupy
-    cupy.cuda.Device(world.rank % cupy.cuda.runtime.getDeviceCount()).use()
+    cupy.cuda.Device(world.rank % cupy.cuda.runtime.getDeviceCount() if spread else 0).use()
     n, r = world.size, world.rank
     for dt in (cupy.float32, cupy.float64, cupy.int64):
-        for size in (1, 7, 3 << 20):
+        for size in (1, 7, 100_003, 3 << 20):
             x = cupy.arange(size, dtype=dt) + r
             assert C.all_reduce(world, x) is x
             want = n * np.arange(size, dtype=dt) + sum(range(n))
-            assert np.array_equal(cupy.asnumpy(x), want)
-    y = cupy.full(5, float(r))
+            assert np.array_equal(cupy.asnumpy(x), want), (dt, size)
+    y = cupy.full(1 << 20, float(r))
     C.all_reduce(world, y, op="avg", async_op=True).wait()
     assert np.allclose(cupy.asnumpy(y), (n - 1) / 2)
-    b = cupy.full(4, r, cupy.int32)
-    C.broadcast(world, b, root=n - 1)
-    assert int(b[0]) == n - 1
-    g = C.all_gather(world, cupy.array([r]))
-    assert isinstance(g, cupy.ndarray) and cupy.asnumpy(g).ravel().tolist() == list(range(n))
-    rs = C.reduce_scatter(world, cupy.ones((2 * n, 3)))
-    assert isinstance(rs, cupy.ndarray) and float(rs[0, 0]) == n
+    m = (cupy.arange(1 << 18) * (r + 1)) % 1000
+    C.all_reduce(world, m, op="max")
+    assert np.array_equal(cupy.asnumpy(m), np.max([(np.arange(1 << 18) * (p + 1)) % 1000
+                                                   for p in range(n)], axis=0))
+    strided = cupy.arange(2 << 18, dtype=cupy.float64).reshape(-1, 2)[:, 1] + r
+    C.all_reduce(world, strided)
+    assert np.array_equal(cupy.asnumpy(strided),
+                          n * (np.arange(1 << 18) * 2 + 1.0) + sum(range(n)))
+    for count in (5, 1 << 18):
+        b = cupy.full(count, r, cupy.int32)
+        C.broadcast(world, b, root=n - 1)
+        assert int(b[0]) == n - 1 and int(b[-1]) == n - 1
+        g = C.all_gather(world, cupy.full(count, r, cupy.int32))
+        assert isinstance(g, cupy.ndarray)
+        assert np.array_equal(cupy.asnumpy(g)[:, -1], np.arange(n))
+        rs = C.reduce_scatter(world, cupy.ones((2 * n, count)) * (r + 1))
+        assert isinstance(rs, cupy.ndarray) and rs.shape == (2, count)
+        assert float(rs[0, 0]) == sum(range(1, n + 1))
+        red = cupy.ones(count)
+        C.reduce(world, red, root=0)
+        assert float(red[0]) == (n if r == 0 else 1)
+        got = C.gather(world, cupy.full(count, r), root=0)
+        assert got is None if r else np.array_equal(cupy.asnumpy(got)[:, 0], np.arange(n))
+        sc = C.scatter(world, cupy.arange(n * count).reshape(n, count) if r == 0 else None)
+        assert int(sc[0]) == r * count
+        a2a = C.all_to_all(world, cupy.arange(n * count) + 1000 * r)
+        assert int(a2a[0]) == r * count
+    from collectives import cuda_ipc
+    assert (cuda_ipc.state(world) is not None) == (ipc == "1")
     return "ok"
 
 
+@pytest.mark.parametrize("ipc", ["0", "1"])
 @pytest.mark.parametrize("n", [2, 4])
-def test_collectives_on_cupy_arrays(n: int) -> None:
-    assert mesh.spawn(_run, n, timeout=180) == ["ok"] * n
+def test_collectives_on_cupy_arrays_one_gpu(n: int, ipc: str) -> None:
+    assert mesh.spawn(_run, n, False, ipc, timeout=300,
+                      env={"MESH_CUDA_IPC": ipc}) == ["ok"] * n
+
+
+@pytest.mark.skipif(_DEVICES < 2, reason="one CUDA device")
+@pytest.mark.parametrize("ipc", ["0", "1"])
+def test_collectives_on_cupy_arrays_several_gpus(ipc: str) -> None:
+    n = min(4, _DEVICES)
+    assert mesh.spawn(_run, n, True, ipc, timeout=300,
+                      env={"MESH_CUDA_IPC": ipc}) == ["ok"] * n
+
+
+def _torch(world: mesh.Mesh) -> str:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        return "skip"
+    t = torch.full((1 << 20,), float(world.rank + 1), device="cuda")
+    C.all_reduce(world, t)
+    torch.cuda.synchronize()
+    assert float(t[0]) == sum(range(1, world.size + 1))
+    return "ok"
+
+
+@pytest.mark.parametrize("ipc", ["0", "1"])
+def test_torch_cuda_tensor_through_dlpack(ipc: str) -> None:
+    res = mesh.spawn(_torch, 2, timeout=120, env={"MESH_CUDA_IPC": ipc})
+    if "skip" in res:
+        pytest.skip("torch without CUDA")
+    assert res == ["ok", "ok"]
