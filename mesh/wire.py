@@ -173,7 +173,7 @@ def split_inline(frame: bytes) -> tuple[bytes, memoryview]:
     """(header, payload) of a frame made by ``inline``; BadMessageError if it
     is too short for the header length it claims."""
     n = len(frame)
-    hl = int.from_bytes(frame[1:3], "little") if n >= 3 else n
+    hl = frame[1] | frame[2] << 8 if n >= 3 else n
     if 3 + hl > n:
         raise BadMessageError(f"one-frame message of {n} bytes claims a {hl}-byte header")
     return frame[3:3 + hl], memoryview(frame)[3 + hl:]
