@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -53,6 +53,7 @@ class Transport(Liveness):
                  local: int = 1) -> None:
         self.rank, self.size, self.timeout = rank, size, timeout
         self.spin = config_float("MESH_SPIN_US", _spin_default(local)) * 1e-6
+        self._spin_now = self.spin     # adapted to the waits seen (_adapt_spin)
         self.window = int(config_float("MESH_WINDOW_BYTES", 64 << 20))
         self.grant_step = max(self.window // 4, 1)
         self.heartbeat = config_float("MESH_HEARTBEAT", 0.5)
@@ -70,6 +71,7 @@ class Transport(Liveness):
         self._lock = threading.Lock()
         self._matcher = Matcher()
         self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes
+        self.on_close: list[Callable[[], None]] = []  # called then, before the release
         self._aborted: dict[tuple[int, int], tuple[int, str, int]] = {}
         self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
         self._peers: list[Peer] = []
@@ -329,6 +331,7 @@ class Transport(Liveness):
         warn_at = start + self.stall_warn
         self._doing, self._doing_since = item, start
         held = False
+        polled = 0.0
         try:
             while item.state != 2:     # complete (the flag is set just after)
                 now = time.monotonic()
@@ -344,13 +347,15 @@ class Transport(Liveness):
                         item.event.wait(min(left, 0.002))
                         continue
                 ready = None
-                if self.spin:    # poll a little before sleeping; see _spin_default
-                    spin_end = time.perf_counter() + self.spin
-                    while True:
-                        ready = zmq.zmq_poll(self._reader_items, 0)
-                        if ready or time.perf_counter() >= spin_end:
-                            break
-                        os.sched_yield()
+                if not polled:
+                    polled = time.perf_counter()
+                    if self._spin_now:    # poll a little before sleeping; see _spin_default
+                        spin_end = polled + self._spin_now
+                        while True:
+                            ready = zmq.zmq_poll(self._reader_items, 0)
+                            if ready or time.perf_counter() >= spin_end:
+                                break
+                            os.sched_yield()
                 if not ready:
                     ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
                 if ready:
@@ -359,6 +364,8 @@ class Transport(Liveness):
                     for _ in range(1024):
                         if not self._read_one() or item.state == 2:
                             break
+            if polled and self.spin:
+                self._adapt_spin(time.perf_counter() - polled)
             return True
         finally:
             if held:
@@ -369,6 +376,17 @@ class Transport(Liveness):
                 self._want -= 1
                 if self._want == 0:
                     self._aside_until = end + 0.002
+
+    def _adapt_spin(self, waited: float) -> None:
+        """Like adaptive halt polling: a wait longer than the longest spin
+        halves the spin (long waits, big messages: polling would only take
+        CPU from the threads that move the data); a short wait that the spin
+        missed doubles it, up to MESH_SPIN_US."""
+        now = self._spin_now
+        if waited > self.spin:
+            self._spin_now = now / 2 if now > 5e-6 else 0.0
+        elif waited > now:
+            self._spin_now = min(self.spin, max(2 * now, 10e-6))
 
     def _await_credit(self, item: Outgoing, limit: float) -> bool:
         """Wait for a queued send to be handed to ZeroMQ; report stalls."""
@@ -586,6 +604,12 @@ class Transport(Liveness):
                and time.monotonic() < deadline):
             time.sleep(0.002)
         self._closing = True
+        for fn in reversed(self.on_close):
+            try:
+                fn()
+            except Exception:
+                _log.exception("rank %d: a close hook failed", self.rank)
+        self.on_close.clear()
         self.keep_alive.clear()
         self._thread.join(timeout=5)
         for p in self._peers:

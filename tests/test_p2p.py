@@ -355,3 +355,26 @@ def test_receives_from_a_closed_peer_name_the_operation() -> None:
     for e in errors:
         assert e.startswith("rank 0: recv from rank 1 (tag 5, group world) failed: peer rank 1 "
                             "is gone (it closed its mesh)"), e
+
+
+def test_receive_spin_adapts_to_the_waits_it_sees() -> None:
+    """Short waits the spin missed grow it (up to MESH_SPIN_US); waits longer
+    than that shrink it to nothing, so long waits and big transfers do not
+    burn CPU that the threads moving the data need."""
+    from types import SimpleNamespace
+
+    from mesh.transport import Transport, _spin_default
+
+    t = SimpleNamespace(spin=200e-6, _spin_now=200e-6)
+    for _ in range(12):
+        Transport._adapt_spin(t, 5e-3)           # a pipeline stage computing
+    assert t._spin_now == 0.0
+    seen = []
+    for _ in range(8):
+        Transport._adapt_spin(t, 80e-6)          # a ping-pong's replies
+        seen.append(t._spin_now)
+    assert seen == sorted(seen) and t._spin_now >= 80e-6 and t._spin_now <= 200e-6
+    before = t._spin_now
+    Transport._adapt_spin(t, 50e-6)              # caught by the spin: no change
+    assert t._spin_now == before
+    assert _spin_default(1) == 200.0 and _spin_default(10_000) == 0.0
