@@ -31,9 +31,9 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
 def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack_device__"):
-            raise TypeError(f"{name}: device arrays ({type(a).__module__}."
-                            f"{type(a).__name__}) are not supported by collectives yet; "
-                            f"pass a numpy array")
+            raise TypeError(f"{name}: collectives.api takes numpy arrays; device arrays "
+                            f"({type(a).__module__}.{type(a).__name__}) go through "
+                            f"collectives.{name}, which picks a device path")
         if writable:
             raise TypeError(f"{name} works in place: it needs a numpy array, "
                             f"got {type(a).__name__}")

@@ -45,7 +45,7 @@ from mesh.env import host_id
 from . import board
 from .exchange import all_gather_object_direct
 from .gpu import Call, Lanes, where
-from .ops import _UFUNC, ReduceOp
+from .ops import ReduceOp
 from .plan import ring_chunks
 from .runner import Ctx
 
@@ -131,17 +131,6 @@ class _State:
             self.retired.clear()
 
 
-class _Closer:
-    """Kept alive by the mesh (Comm._keep_alive) until it closes, after the
-    peers' goodbyes: then it closes the group's handles and frees its buffer."""
-
-    def __init__(self, st: _State) -> None:
-        self.st = st
-
-    def __del__(self) -> None:
-        self.st.close()
-
-
 _groups: "weakref.WeakKeyDictionary[Any, _State | None]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
@@ -159,8 +148,8 @@ def usable(ctx: Ctx, call: Call, nbytes: int) -> bool:
         known = ctx.g in _groups
     if not known:
         st = _probe(ctx, call, nbytes)
-        if st is not None:
-            ctx.g._keep_alive(_Closer(st))
+        if st is not None:    # after the peers' goodbyes: none still reads our buffer
+            ctx.g._on_close(st.close)
         with _lock:
             _groups[ctx.g] = st
     return state(ctx.g) is not None
@@ -318,7 +307,7 @@ class _Round:
         if hi == lo:
             return
         lanes, cp, dt = self.lanes, self.call.cp, np.dtype(dst.dtype)
-        ufunc = getattr(cp, _UFUNC[op.name])
+        ufunc = getattr(cp, op.ufunc_name)
         scratch = None
         with lanes.up:
             for p in self.sync.peers:

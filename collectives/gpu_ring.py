@@ -33,7 +33,7 @@ import numpy as np
 from mesh import device
 
 from .gpu import Lanes
-from .ops import _UFUNC, ReduceOp
+from .ops import ReduceOp
 from .plan import ring_chunk, ring_chunks, segment_count, segments
 from .ring import message_order
 from .runner import Ctx
@@ -111,7 +111,7 @@ def ring(ctx: Ctx, lanes: Lanes, buf: Any, steps: int, reduce_steps: int,
     host = device.POOL.take(nslots * width * item)
     slots = _Slots(host, np.dtype(buf.dtype), width, nslots)
     scratch = [cp.empty(width, buf.dtype) for _ in range(2)] if reduce_steps else []
-    ufunc = getattr(cp, _UFUNC[op.name]) if op is not None else None
+    ufunc = getattr(cp, op.ufunc_name) if op is not None else None
     base = int(buf.data.ptr)
     # Per message in link order: None (its data is not final yet), DEVICE
     # (final in buf, to be copied down), or (slot, event to wait for or None).

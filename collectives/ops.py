@@ -46,8 +46,14 @@ class ReduceOp:
     name: str
     dtype: np.dtype
 
+    @property
+    def ufunc_name(self) -> str:
+        """The name of the ufunc that combines two operands (numpy's and
+        CuPy's agree): ``add`` for sum and avg, ``maximum`` for max..."""
+        return _UFUNC[self.name]
+
     def combine(self, dst: Any, src: Any) -> None:
-        ufunc = getattr(array_module(dst), _UFUNC[self.name])
+        ufunc = getattr(array_module(dst), self.ufunc_name)
         ufunc(dst, src, out=dst)
 
     def finish(self, buf: Any, n: int) -> None:

@@ -128,6 +128,11 @@ class Comm:
         collectives) after this rank has dropped the group."""
         self._t.keep_alive.append(obj)
 
+    def _on_close(self, fn: Any) -> None:
+        """Call ``fn()`` when the mesh closes, after every peer has said
+        goodbye (so none still reads what it releases), latest first."""
+        self._t.on_close.append(fn)
+
     def _world_rank(self, r: int, op: str) -> int:
         if type(r) is int and 0 <= r < self.size:
             return self.ranks[r]
