@@ -61,7 +61,8 @@ class Pending:
                  "value", "error", "state", "device")
 
     def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> None:
-        self.group, self.src, self.tag, self.out, self.fp, self._desc = group, src, tag, out, fp, desc
+        self.group, self.src, self.tag, self.out, self.fp = group, src, tag, out, fp
+        self._desc = desc
         self.order = 0
         self.event = Flag()
         self.value: Any = None

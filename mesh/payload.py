@@ -31,8 +31,8 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
     try:
         packed = msgpack.packb(obj, use_bin_type=True)
     except Exception as e:
-        raise TypeError(f"rank {rank}: {describe(desc)}: {type(obj).__name__} is neither an array nor "
-                        f"msgpack-able ({e})") from None
+        raise TypeError(f"rank {rank}: {describe(desc)}: {type(obj).__name__} is neither an "
+                        f"array nor msgpack-able ({e})") from None
     return wire.OBJ, {}, [packed], None
 
 

@@ -51,8 +51,7 @@ class Outgoing:
 
 class Peer:
     __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
-                 "last_heard", "last_sent", "to_grant", "read_grant", "suspect_since", "status",
-                 "status_at")
+                 "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
         self.rank, self.monitor = rank, monitor
@@ -63,8 +62,7 @@ class Peer:
         self.state = ALIVE
         self.why = ""
         self.last_heard = self.last_sent = time.monotonic()
-        self.to_grant = 0      # consumed bytes not yet granted back (under the transport lock)
-        self.read_grant = 0    # the same, counted by the reader alone (under the reader lock)
+        self.to_grant = 0
         self.suspect_since = 0.0
         self.status = ""
         self.status_at = 0.0

@@ -18,7 +18,6 @@ naming the peers it waits for and what they said they were doing.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -124,8 +123,7 @@ class Transport(Liveness):
                         wire.DATA, self.rank, group, tag, dtype=obj.dtype.str, shape=obj.shape,
                         nbytes=n))
                 if header is not None:
-                    frames = [wire.inline(header, obj)] if n < wire.INLINE_MAX else [header, obj]
-                    out = Outgoing(dst, frames, n, desc, None)
+                    out = Outgoing(dst, wire.frames(header, [obj], n), n, desc, None)
                     self._submit(self._peers[dst], out)
                     return out
         kind, header_kw, payload, keep = encode_payload(obj, desc, self.rank)
@@ -139,11 +137,7 @@ class Transport(Liveness):
             out.event.set()
             return out
         header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, **header_kw)
-        if nbytes < wire.INLINE_MAX:
-            frames = [wire.inline(header, b"".join(payload))]
-        else:
-            frames = [header, *payload]
-        out = Outgoing(dst, frames, nbytes, desc, keep)
+        out = Outgoing(dst, wire.frames(header, payload, nbytes), nbytes, desc, keep)
         self._submit(self._peers[dst], out)
         return out
 
@@ -517,20 +511,8 @@ class Transport(Liveness):
             out = req.out
             if (type(out) is np.ndarray and out.dtype == h.dt and out.nbytes == got
                     and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable):
-                if got:                     # straight into the caller's out=
-                    if len(parts) == 1:
-                        out.data.cast("B")[:] = parts[0]
-                    else:
-                        fill(out, parts)
-                # Granted back by the reader alone (it holds the reader lock),
-                # apart from the locked count of other paths: together at most
-                # two grant steps wait ungranted, half the window.
-                peer = self._peers[h.src]
-                peer.read_grant += got
-                if peer.read_grant >= self.grant_step:
-                    self._control(peer, wire.encode(wire.CREDIT, self.rank,
-                                                     credit=peer.read_grant))
-                    peer.read_grant = 0
+                fill(out, parts)            # straight into the caller's out=
+                self._consumed(h.src, got)
                 req.complete(out)
                 return
         dest = np.empty(h.shape or (), h.dt)

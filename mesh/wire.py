@@ -28,8 +28,8 @@ import numpy as np
 from .errors import BadMessageError
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "FRAME_BYTES",
-           "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "inline", "split_inline",
-           "array_frames", "dtype_ok"]
+           "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
+           "split_inline", "array_frames", "dtype_ok"]
 
 DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE = 0, 1, 2, 3, 4, 5
 _KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE)
@@ -164,9 +164,15 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
                   device=h.get("v") is True, dt=dt)
 
 
-def inline(header: bytes, payload: Any) -> bytes:
-    """One frame holding ``header`` and a small ``payload`` (any buffer)."""
-    return b"".join((_MARK, len(header).to_bytes(2, "little"), header, payload))
+def inline(header: bytes, *payload: Any) -> bytes:
+    """One frame holding ``header`` and a small payload (buffers, joined)."""
+    return b"".join((_MARK, len(header).to_bytes(2, "little"), header, *payload))
+
+
+def frames(header: bytes, payload: list, nbytes: int) -> list:
+    """A message's frames: one (``inline``) under INLINE_MAX payload bytes,
+    else the header and then the payload frames."""
+    return [inline(header, *payload)] if nbytes < INLINE_MAX else [header, *payload]
 
 
 def split_inline(frame: bytes) -> tuple[bytes, memoryview]:
