@@ -18,7 +18,8 @@ __all__ = ["Comm", "Request", "ANY"]
 
 
 class Request:
-    """An operation in flight: ``wait()`` returns its result (None for sends)."""
+    """An operation in flight: ``wait()`` returns its result (None for sends);
+    ``cancel()`` withdraws a receive no message has matched yet."""
 
     __slots__ = ("_t", "_item", "_result", "_finished")
 
@@ -36,6 +37,16 @@ class Request:
     def done(self) -> bool:
         item = self._item
         return item.done() if isinstance(item, Outgoing) else item.event.is_set()
+
+    def cancel(self) -> bool:
+        """Withdraw a posted receive that no message has matched yet, like
+        ``MPI_Cancel``: True, and then ``done()`` is True and ``wait()``
+        raises MeshError; the message it would have taken goes to the next
+        matching receive instead. False once a message matched it (its value
+        is then what ``wait()`` returns), and always for sends: a send may
+        already be on the wire and cannot be cancelled."""
+        item = self._item
+        return not isinstance(item, Outgoing) and self._t.cancel(item)
 
 
 class Comm:

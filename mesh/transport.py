@@ -234,6 +234,21 @@ class Transport(Liveness):
             self._complete(req, msg.src, msg.value, msg.nbytes, msg.fp, msg.device)
         return req
 
+    def cancel(self, req: Pending) -> bool:
+        """Withdraw ``req`` if no message has matched it (Request.cancel). The
+        error is in place before the request reads as complete, so a thread
+        already waiting on it raises instead of returning None."""
+        with self._lock:
+            if req.state != 0:
+                return False
+            req.error = MeshError(f"rank {self.rank}: {req.desc} was cancelled")
+            if not self._matcher.cancel(req):
+                req.error = None
+                return False
+        req.event.set()
+        self._nudge()
+        return True
+
     def _complete(self, req: Pending, src: int, value: Any, nbytes: int, fp: Any,
                   on_device: bool = False) -> None:
         """Finish a matched receive with a value that is not yet in ``req.out``."""

@@ -1,0 +1,79 @@
+"""Request.cancel, like MPI_Cancel: a posted receive no message has matched
+is withdrawn (its wait raises, the message goes to the next receive); a
+matched receive and every send cannot be cancelled."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import mesh
+
+
+def _wait_done(req: mesh.Request) -> None:
+    end = time.monotonic() + 20
+    while not req.done():
+        assert time.monotonic() < end, "the message never arrived"
+        time.sleep(0.005)
+
+
+def _cancel(world: mesh.Mesh) -> list[str]:
+    seen = []
+    if world.rank == 1:
+        world.recv(0, tag=0)                           # rank 0 has cancelled tag 5
+        world.send(np.arange(3), 0, tag=5)
+        world.send("matched", 0, tag=6)
+        world.send("early", 0, tag=7)
+        assert np.array_equal(world.recv(0, tag=8), np.ones(4))
+        world.recv(0, tag=0)
+        return seen
+    req = world.irecv(1, tag=5)
+    assert req.cancel() is True and req.done()
+    with pytest.raises(mesh.MeshError, match=r"rank 0: recv from rank 1 \(tag 5, group world\) "
+                                             r"was cancelled"):
+        req.wait(timeout=5)
+    assert req.cancel() is False                        # already withdrawn
+    assert world.irecv(mesh.ANY, tag=9).cancel() is True
+    world.send(None, 1, tag=0)
+    assert np.array_equal(world.irecv(1, tag=5).wait(timeout=20), np.arange(3))
+    seen.append("not lost")
+
+    req = world.irecv(1, tag=6)                         # posted, then matched
+    _wait_done(req)
+    assert req.cancel() is False and req.wait(timeout=5) == "matched"
+    time.sleep(0.2)
+    req = world.irecv(1, tag=7)                         # matched from the unexpected queue
+    assert req.cancel() is False and req.wait(timeout=20) == "early"
+    seen.append("matched")
+
+    send = world.isend(np.ones(4), 1, tag=8)
+    assert send.cancel() is False
+    send.wait(timeout=20)
+    seen.append("send")
+
+    req = world.irecv(1, tag=10)                        # a thread already waiting raises
+    errors: list[BaseException] = []
+    waiter = threading.Thread(target=lambda: _catch(req, errors))
+    waiter.start()
+    time.sleep(0.3)
+    assert req.cancel() is True
+    waiter.join(10)
+    assert not waiter.is_alive() and "was cancelled" in str(errors[0])
+    seen.append("waiter")
+
+    assert list(world._t._matcher.posted()) == []
+    world.send(None, 1, tag=0)
+    return seen
+
+
+def _catch(req: mesh.Request, errors: list[BaseException]) -> None:
+    try:
+        req.wait(timeout=30)
+    except mesh.MeshError as e:
+        errors.append(e)
+
+
+def test_cancel_withdraws_only_unmatched_receives() -> None:
+    assert mesh.spawn(_cancel, 2, timeout=90)[0] == ["not lost", "matched", "send", "waiter"]
