@@ -20,6 +20,21 @@ schedule once; ``step(inputs, targets)`` then runs one training step:
   the gradient of the mean over the global batch when replicas get equally
   large batches. Whatever ``grads()`` held before the step is kept and
   the step's gradient added to it.
+
+A step that fails (a stage, the loss function, a receive, a lost peer...)
+raises on this rank after cleaning up: its receives still posted are
+cancelled, and every message tag it had not finished with is aborted on the
+pp group, so peers waiting for those messages raise at once instead of
+hanging, and a late message of the failed step is dropped wherever it
+arrives. Each step uses tags of its own (the step number is part of them,
+and every rank counts its calls to ``step()``), so nothing of a failed step
+can ever be taken by a later one; with a dp axis, the all-reduces the step
+will no longer start are aborted on the dp group too, which keeps its
+collectives in step. The same Pipeline can then run the next step, as long
+as every rank calls ``step()`` as many times as the others. A failure
+spreads only along what the ranks wait for: a rank that had already sent
+and received everything may finish the step; which batches to skip or
+redo, and zeroing the partial gradients, is the caller's call.
 """
 from __future__ import annotations
 
@@ -37,7 +52,8 @@ from .simulate import message_key
 
 __all__ = ["Pipeline", "split_microbatches", "stages_for_rank"]
 
-_TRACE_TAG = 1 << 40
+_STEP_SHIFT = 32      # step n's tags are tag_base + i + (n << 32)
+_REASON_MAX = 400     # abort reasons cross the wire in a header
 
 
 def split_microbatches(batch: Any, m: int) -> list[Any]:
@@ -69,7 +85,13 @@ class Pipeline:
     in stage order (interleaved schedules); see the module docstring for
     what ``step`` computes. ``optimizer(stage)``, when given, runs at each
     OPT action of the schedule. ``timeout`` bounds every wait (None: the
-    mesh's default); ``tag_base`` keeps two pipelines on one group apart."""
+    mesh's default). Step n's messages use tags ``tag_base + i + (n << 32)``
+    for ``i <= 2 * micro-batches * stages`` (the last one is the trace's):
+    two pipelines on one group need tag_bases that far apart, below 2**32.
+
+    A failed ``step()`` cancels its receives and aborts the rest of its
+    messages on every pp rank (see the module docstring); the pipeline stays
+    usable for the next step."""
 
     def __init__(self, grid_or_group: Any, stage: Any, schedule: Schedule,
                  loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,
@@ -102,6 +124,11 @@ class Pipeline:
         self.optimizer = optimizer
         self.timeout = timeout
         self.tag_base = tag_base
+        self._span = 2 * lowered.num_microbatches * lowered.num_stages
+        if not 0 <= tag_base <= (1 << _STEP_SHIFT) - 1 - self._span:
+            raise ValueError(f"tag_base {tag_base} out of range: this pipeline's tags need "
+                             f"0 <= tag_base <= 2**{_STEP_SHIFT} - 1 - {self._span}")
+        self._steps = 0
         self.events: list[list[Any]] = []
 
     def _check_protocol(self) -> None:
@@ -113,9 +140,12 @@ class Pipeline:
                 raise TypeError(f"schedule {self.schedule.name!r} runs {a} on pp rank "
                                 f"{self.rank}, but its stage object has no {method}()")
 
-    def _tag(self, a: Action) -> int:
+    def _tag(self, a: Action, step: int) -> int:
+        """The tag of ``a``'s message in step ``step``: unique to the step,
+        so a message of a failed step can never be taken by a later one."""
         kind, _, dst, k = message_key(a)
-        return self.tag_base + ((k * self.schedule.num_stages + dst) * 2 + (kind == B))
+        return (self.tag_base + (step << _STEP_SHIFT)
+                + ((k * self.schedule.num_stages + dst) * 2 + (kind == B)))
 
     def _flow(self, a: Action) -> int:
         kind, _, dst, k = message_key(a)
@@ -123,24 +153,34 @@ class Pipeline:
                               self.schedule.num_microbatches)
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
-        """Run one step; return the mean loss on last-stage ranks, else None."""
-        st = _Step(self, inputs, targets)
-        events: list[list[Any]] = []
-        for a in self.program:
-            t0 = time.time_ns()
-            flow = st.run(a)
-            events.append([str(a), a.kind, t0, time.time_ns(), flow,
-                           self._flow(a) if flow else 0])
-        st.finish()
-        self.events = events
-        if not self.last:
-            return None
-        mean = st.mean_loss()
-        if self.dp is not None and self.dp.size > 1:
-            buf = np.array([mean], dtype=np.float64)
-            collectives.all_reduce(self.dp, buf, op="avg")
-            mean = float(buf[0])
-        return mean
+        """Run one step; return the mean loss on last-stage ranks, else None.
+        On failure, clean up (see the class docstring) and raise."""
+        st = _Step(self, self._steps)
+        self._steps += 1
+        at = 0
+        try:
+            st.start(inputs, targets)
+            events: list[list[Any]] = []
+            for at, a in enumerate(self.program):
+                t0 = time.time_ns()
+                flow = st.run(a)
+                events.append([str(a), a.kind, t0, time.time_ns(), flow,
+                               self._flow(a) if flow else 0])
+            at = len(self.program)
+            st.finish()
+            self.events = events
+            if not self.last:
+                return None
+            mean = st.mean_loss()
+            if st.loss_sync:
+                st.loss_sync = False
+                buf = np.array([mean], dtype=np.float64)
+                collectives.all_reduce(self.dp, buf, op="avg")
+                mean = float(buf[0])
+            return mean
+        except BaseException as e:
+            st.abandon(at, e)
+            raise
 
     def trace(self, costs: dict[str, float] | None = None) -> dict[str, Any] | None:
         """The last step's Chrome trace, merged from all ranks (collective:
@@ -149,7 +189,8 @@ class Pipeline:
         With ``costs`` (seconds per action) the simulator's prediction is
         stored beside it, and ``python -m engine.show`` reports the ratio."""
         rows = {"dp": self.dp_index, "pp": self.rank, "events": self.events}
-        gathered = _trace.gather(self.pp, self.dp, rows, self.tag_base + _TRACE_TAG)
+        tag = self.tag_base + self._span + (self._steps << _STEP_SHIFT)
+        gathered = _trace.gather(self.pp, self.dp, rows, tag)
         if gathered is None:
             return None
         meta: dict[str, Any] = {"schedule": self.schedule.to_dict()}
@@ -180,9 +221,8 @@ class _Step:
     """The state of one step on one rank: what each action leaves for a later
     one, keyed by (stage, micro-batch), and the requests still in flight."""
 
-    def __init__(self, pipe: Pipeline, inputs: Any, targets: Any) -> None:
-        self.pipe = pipe
-        sched, m = pipe.schedule, pipe.schedule.num_microbatches
+    def __init__(self, pipe: Pipeline, n: int) -> None:
+        self.pipe, self.n = pipe, n
         self.xs: dict[_Key, Any] = {}
         self.gys: dict[_Key, Any] = {}
         self.outs: dict[_Key, Any] = {}
@@ -190,7 +230,17 @@ class _Step:
         self.wctxs: dict[_Key, Any] = {}
         self.targets: list[Any] = []
         self.weights: list[float] = []
-        self.losses = [0.0] * m
+        self.losses = [0.0] * pipe.schedule.num_microbatches
+        self.prior: dict[int, list[Any]] = {}
+        self.recvs: dict[Action, Any] = {}
+        self.sends: list[Any] = []
+        self.syncs: dict[int, list[Any]] = {}
+        self.loss_sync = pipe.last and pipe.dp is not None and pipe.dp.size > 1
+
+    def start(self, inputs: Any, targets: Any) -> None:
+        """Split the batch and post every receive of the step."""
+        pipe = self.pipe
+        sched, m = pipe.schedule, pipe.schedule.num_microbatches
         if pipe.first:
             if inputs is None:
                 raise ValueError(f"pp rank {pipe.rank} holds stage 0: step() needs inputs")
@@ -202,10 +252,10 @@ class _Step:
             total = sum(len(t) for t in self.targets)
             self.weights = [len(t) / total for t in self.targets]
         self.prior = self._save_prior()
-        self.recvs = {a: pipe.pp.irecv(sched.rank_of(message_key(a)[1]), tag=pipe._tag(a))
-                      for a in pipe.program if a.kind in (RECV_F, RECV_B)}
-        self.sends: list[Any] = []
-        self.syncs: dict[int, list[Any]] = {}
+        for a in pipe.program:
+            if a.kind in (RECV_F, RECV_B):
+                self.recvs[a] = pipe.pp.irecv(sched.rank_of(message_key(a)[1]),
+                                              tag=pipe._tag(a, self.n))
 
     def run(self, a: Action) -> str:
         """Execute one action; return its flow direction for the trace."""
@@ -218,15 +268,17 @@ class _Step:
             pipe.stages[a.stage].backward_weight(self.wctxs.pop(_key(a)))
         elif a.kind in (SEND_F, SEND_B):
             dst = sched.rank_of(message_key(a)[2])
-            self.sends.append(pipe.pp.isend(self.outs.pop(_key(a)), dst, tag=pipe._tag(a)))
+            self.sends.append(pipe.pp.isend(self.outs.pop(_key(a)), dst,
+                                            tag=pipe._tag(a, self.n)))
             return "s"
         elif a.kind in (RECV_F, RECV_B):
             value = self.recvs.pop(a).wait(pipe.timeout)
             (self.xs if a.kind == RECV_F else self.gys)[_key(a)] = value
             return "f"
         elif a.kind == AR:
-            self.syncs[a.stage] = [collectives.all_reduce(pipe.dp, g, op="avg", async_op=True)
-                                   for g in pipe.stages[a.stage].grads()]
+            works = self.syncs.setdefault(a.stage, [])
+            for g in pipe.stages[a.stage].grads():
+                works.append(collectives.all_reduce(pipe.dp, g, op="avg", async_op=True))
         elif a.kind == OPT:
             self._finish_sync(a.stage)
             assert pipe.optimizer is not None
@@ -288,3 +340,37 @@ class _Step:
 
     def mean_loss(self) -> float:
         return sum(w * v for w, v in zip(self.weights, self.losses))
+
+    def abandon(self, at: int, error: BaseException) -> None:
+        """Clean up after ``error`` in action ``at`` (len(program): after the
+        last one). Cancel the receives still posted; abort, on every pp rank,
+        the tags of the messages from ``at`` on (peers waiting for one raise,
+        a late one is dropped), and on the dp group the all-reduces this step
+        will not start, so the group's collective sequence stays the same on
+        every rank. Then let the started all-reduces finish and put back what
+        the gradients held before the step."""
+        pipe = self.pipe
+        for req in self.recvs.values():
+            req.cancel()
+        self.recvs.clear()
+        reason = (f"pipeline step {self.n} failed on pp rank {pipe.rank}: "
+                  f"{type(error).__name__}: {error}")[:_REASON_MAX]
+        skipped = 1 if self.loss_sync else 0
+        for a in pipe.program[at:]:
+            if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B):
+                pipe.pp._abort(pipe._tag(a, self.n), reason)
+            elif a.kind == AR:
+                skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
+        for _ in range(skipped):
+            assert pipe.dp is not None
+            pipe.dp._abort(pipe.dp._coll_tag(), reason)
+        for s in list(self.syncs):
+            for work in self.syncs.pop(s):
+                try:
+                    work.wait(pipe.timeout if pipe.timeout is not None else pipe.dp.timeout)
+                except Exception:
+                    pass
+        for s, old in self.prior.items():
+            for g, o in zip(pipe.stages[s].grads(), old):
+                g += o
+        self.prior.clear()
