@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import collectives
+from mesh import LostPeerError
 
 from . import trace as _trace
 from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
@@ -326,8 +327,9 @@ class _Step:
         return prior
 
     def _finish_sync(self, s: int) -> None:
-        for req in self.syncs.pop(s, []):
+        for req in self.syncs.get(s, []):    # kept until all are done: see abandon()
             req.wait()
+        self.syncs.pop(s, None)
         for g, old in zip(self.pipe.stages[s].grads(), self.prior.pop(s, [])):
             g += old
 
@@ -355,15 +357,17 @@ class _Step:
         self.recvs.clear()
         reason = (f"pipeline step {self.n} failed on pp rank {pipe.rank}: "
                   f"{type(error).__name__}: {error}")[:_REASON_MAX]
+        kind = type(error)         # peers raise the same kind: a lost peer stays one
+        lost = error.peer if isinstance(error, LostPeerError) else None
         skipped = 1 if self.loss_sync else 0
         for a in pipe.program[at:]:
             if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B):
-                pipe.pp._abort(pipe._tag(a, self.n), reason)
+                pipe.pp._abort(pipe._tag(a, self.n), reason, kind, lost)
             elif a.kind == AR:
                 skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
         for _ in range(skipped):
             assert pipe.dp is not None
-            pipe.dp._abort(pipe.dp._coll_tag(), reason)
+            pipe.dp._abort(pipe.dp._coll_tag(), reason, kind, lost)
         for s in list(self.syncs):
             for work in self.syncs.pop(s):
                 try:

@@ -123,15 +123,18 @@ class Comm:
         self._coll_seq += 1
         return -self._coll_seq
 
-    def _abort(self, tag: int, reason: str, error: type[BaseException] | None = None) -> None:
+    def _abort(self, tag: int, reason: str, error: type[BaseException] | None = None,
+               peer: int | None = None) -> None:
         """Fail ``tag`` on every member; they raise ``error``'s kind where the
-        wire carries it (mismatch, lost peer), else MeshError."""
+        wire carries it (mismatch, lost peer, naming ``peer``: a world rank),
+        else MeshError."""
         kind = 2
         if error is not None and issubclass(error, MismatchError):
             kind = 0
         elif error is not None and issubclass(error, LostPeerError):
             kind = 1
-        self._t.abort(self.gid, tag, f"rank {self.rank} of group {self.name}: {reason}", kind)
+        self._t.abort(self.gid, tag, f"rank {self.rank} of group {self.name}: {reason}", kind,
+                      -1 if peer is None else peer)
 
     def _keep_alive(self, obj: Any) -> None:
         """Hold ``obj`` until the mesh closes, not just while this group

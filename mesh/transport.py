@@ -550,13 +550,15 @@ class Transport(Liveness):
 
     # ---- aborts and lost peers --------------------------------------------------
 
-    def abort(self, group: int, tag: int, reason: str, err: int = 2) -> None:
+    def abort(self, group: int, tag: int, reason: str, err: int = 2, peer: int = -1) -> None:
         """Fail ``tag`` on every member of ``group``: pending and future ops raise.
-        With a member of the group known dead, the error is a lost peer naming it."""
-        lost = self._dead_member(group) if self._dead and err != 0 else None
-        if lost is not None:
-            err = 1
-        peer = -1 if lost is None else lost
+        A lost-peer abort names ``peer`` (a world rank) when given; else, with
+        a member of the group known dead, the error is a lost peer naming it."""
+        if err != 1 or peer < 0:
+            lost = self._dead_member(group) if self._dead and err != 0 else None
+            if lost is not None:
+                err = 1
+            peer = -1 if lost is None else lost
         if not self._abort_local(group, tag, err, reason, peer):
             return
         header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, credit=err,
