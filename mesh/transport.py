@@ -48,10 +48,14 @@ class Transport(Liveness):
     """Sockets, matching and liveness for one rank. Built by ``mesh.init``."""
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
-                 endpoints: list[str], secret: str, timeout: float, curve: bool = False,
-                 local: int = 1) -> None:
+                 endpoints: list[str], secret: str, timeout: float, curve: bool = False) -> None:
         self.rank, self.size, self.timeout = rank, size, timeout
-        self.spin = config_float("MESH_SPIN_US", _spin_default(local)) * 1e-6
+        # A blocked receive polls (yielding the CPU) up to this long before it
+        # sleeps: waking a sleeping (virtual) CPU for a socket costs tens of
+        # microseconds, often more than the wait itself, so a short poll
+        # catches a reply already on its way, as MPI libraries do. Adapted
+        # to the waits seen (_adapt_spin), so long waits do not burn CPU.
+        self.spin = config_float("MESH_SPIN_US", 200.0) * 1e-6
         self._spin_now = self.spin     # adapted to the waits seen (_adapt_spin)
         self.window = int(config_float("MESH_WINDOW_BYTES", 64 << 20))
         self.grant_step = max(self.window // 4, 1)
@@ -358,7 +362,7 @@ class Transport(Liveness):
                 ready = None
                 if not polled:
                     polled = time.perf_counter()
-                    if self._spin_now:    # poll a little before sleeping; see _spin_default
+                    if self._spin_now:    # poll a little before sleeping (see __init__)
                         spin_end = polled + self._spin_now
                         while True:
                             ready = zmq.zmq_poll(self._reader_items, 0)
@@ -622,19 +626,6 @@ class Transport(Liveness):
         self._router.close(linger=0)
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-
-def _spin_default(local: int) -> float:
-    """Microseconds a blocked receive polls (yielding the CPU between polls)
-    before it sleeps. A socket wake-up costs a sleeping (virtual) CPU tens of
-    microseconds, often more than the wait itself; a short poll keeps the CPU
-    awake for a reply that is on its way, as MPI libraries do. With more
-    ranks on this host than CPUs it could only slow the others: 0 then."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return 200.0 if local <= cpus else 0.0
 
 
 def _abort_error(record: tuple[int, str, int], text: str) -> MeshError:
