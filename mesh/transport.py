@@ -39,6 +39,10 @@ __all__ = ["Transport", "Outgoing", "config_float"]
 _log = logging.getLogger("mesh.transport")
 _ERR_KINDS: dict[int, type[MeshError]] = {0: MismatchError, 1: LostPeerError, 2: MeshError}
 _COPY_BELOW = 64 * 1024
+# What one message costs the receiver beyond its payload (header, ZeroMQ's and
+# our bookkeeping): charged against the credit window, so a flood of empty or
+# tiny messages is bounded too, not only big payloads.
+_MSG_COST = 256
 _SNDMORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 _CACHE = 1024  # headers remembered, each way, per transport
@@ -161,12 +165,13 @@ class Transport(Liveness):
                 self._transmit(peer, out)
 
     def _credit_ok(self, peer: Peer, n: int) -> bool:
-        return peer.inflight + n <= self.window or peer.inflight < self.grant_step
+        """Whether a message of ``n`` payload bytes fits the window now."""
+        return peer.inflight + n + _MSG_COST <= self.window or peer.inflight < self.grant_step
 
     def _transmit(self, peer: Peer, out: Outgoing) -> None:
         """Hand frames to ZeroMQ; caller holds ``peer.lock``."""
         frames, out.frames = out.frames or [], None
-        peer.inflight += out.nbytes
+        peer.inflight += out.nbytes + _MSG_COST
         try:
             if out.nbytes < _COPY_BELOW:
                 send = peer.sock.send
@@ -199,11 +204,11 @@ class Transport(Liveness):
 
     def _consumed(self, src: int, nbytes: int) -> None:
         """A message from ``src`` left our buffers: grant its bytes back."""
-        if src == self.rank or nbytes == 0:
+        if src == self.rank:
             return
         peer = self._peers[src]
         with self._lock:
-            peer.to_grant += nbytes
+            peer.to_grant += nbytes + _MSG_COST
             grant = peer.to_grant if peer.to_grant >= self.grant_step or nbytes >= self.grant_step else 0
             if grant:
                 peer.to_grant = 0

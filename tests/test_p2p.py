@@ -184,6 +184,29 @@ def test_credit_bounds_what_a_fast_sender_buffers() -> None:
     assert handed <= window // (4 << 20) + 1
 
 
+def _flood(world: mesh.Mesh) -> list:
+    """Empty messages carry no payload, but each still costs the receiver:
+    credit charges every message, so a flood of them is held back too."""
+    n = 20_000
+    if world.rank == 1:
+        reqs = [world.isend(np.empty(0), 0) for _ in range(n)]
+        time.sleep(1.0)
+        handed = sum(r._item.event.is_set() for r in reqs)
+        for r in reqs:
+            r.wait()
+        return [handed]
+    time.sleep(1.5)
+    for _ in range(n):
+        assert world.recv(1).shape == (0,)
+    return []
+
+
+def test_credit_bounds_a_flood_of_empty_messages() -> None:
+    window = 1 << 20
+    handed = mesh.spawn(_flood, 2, timeout=90, env={"MESH_WINDOW_BYTES": str(window)})[1][0]
+    assert 0 < handed <= window // 256 + 1
+
+
 def _self_and_single(world: mesh.Mesh) -> str:
     world.send(np.arange(3), world.rank, tag=2)
     assert np.array_equal(world.recv(world.rank, tag=2), np.arange(3))
