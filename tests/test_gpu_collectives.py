@@ -97,3 +97,21 @@ def test_torch_cuda_tensor_through_dlpack(ipc: str) -> None:
     if "skip" in res:
         pytest.skip("torch without CUDA")
     assert res == ["ok", "ok"]
+
+
+def _grad_reducer(world: mesh.Mesh) -> str:
+    import cupy
+    r, n = world.rank, world.size
+    grads = [cupy.full((1 << 20,), float(r), cupy.float32), cupy.full((1000,), float(r))]
+    reducer = C.GradReducer(world, grads, bucket_bytes=1 << 20)
+    for i in reversed(range(len(grads))):
+        reducer.ready(i)
+    reducer.wait()
+    for g in grads:
+        assert np.allclose(cupy.asnumpy(g), (n - 1) / 2)
+    return "ok"
+
+
+@pytest.mark.parametrize("ipc", ["0", "1"])
+def test_grad_reducer_on_cupy_gradients(ipc: str) -> None:
+    assert mesh.spawn(_grad_reducer, 2, timeout=120, env={"MESH_CUDA_IPC": ipc}) == ["ok", "ok"]

@@ -185,3 +185,38 @@ def test_bench_paths_map_to_the_environment() -> None:
     assert path_env("simple") == {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": "0"}
     with pytest.raises(ValueError):
         path_env("nccl")
+
+
+def _grad_reducer(world: mesh.Mesh) -> str:
+    """GradReducer on device gradients: buckets on the GPU, two steps (the
+    fusion buffers reused), ready() in backward order, every result against
+    numpy; mixing host and device gradients is refused."""
+    cp = fakecupy.install()
+    n, r = world.size, world.rank
+    shapes = [(30_000,), (300,), (40, 25), (7,), (2000,), (3, 3)]   # the first: a device ring
+    dtypes = [np.float32, np.float32, np.float32, np.float64, np.float64, np.float32]
+    grads = [cp.zeros(s, d) for s, d in zip(shapes, dtypes)]
+    reducer = C.GradReducer(world, grads, bucket_bytes=4096)
+    assert reducer.on_device and len(reducer.buckets) > 2
+    for step in range(2):
+        local = [np.arange(np.prod(s), dtype=d).reshape(s) * (r + 1) + step
+                 for s, d in zip(shapes, dtypes)]
+        for i in reversed(range(len(grads))):
+            if i == 0 and step == 1:       # a new array for a gradient, as ready() allows
+                grads[0] = cp.asarray(local[0])
+                reducer.ready(0, grads[0])
+                continue
+            grads[i][...] = cp.asarray(local[i])
+            reducer.ready(i)
+        reducer.wait()
+        for i, (s, d) in enumerate(zip(shapes, dtypes)):
+            want = np.mean([np.arange(np.prod(s), dtype=d).reshape(s) * (p + 1) + step
+                            for p in range(n)], axis=0).astype(d)
+            assert np.allclose(cp.asnumpy(grads[i]), want), (step, i)
+    with pytest.raises(TypeError, match="all host \\(numpy\\) or all device"):
+        C.GradReducer(world, [cp.zeros(3), np.zeros(3)])
+    return "ok"
+
+
+def test_grad_reducer_on_device_gradients() -> None:
+    assert mesh.spawn(_grad_reducer, 2, timeout=90, env=SMALL_SEGMENTS) == ["ok", "ok"]
