@@ -4,9 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-import mesh
 from engine.bench import SleepStage, run_meshrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
