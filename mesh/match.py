@@ -143,12 +143,7 @@ class Matcher:
                 req.state = 1
                 return msg
         req.order = next(self._count)
-        table: dict[Any, deque[Pending]]
-        key: Any
-        if req.src == ANY:
-            table, key = self._posted_any, (req.group, req.tag)
-        else:
-            table, key = self._posted, (req.group, req.src, req.tag)
+        table, key = self._queue_of(req)
         posted = table.get(key)
         if posted is None:
             table[key] = posted = deque()
@@ -159,12 +154,7 @@ class Matcher:
         """Withdraw a receive still waiting for its message; False once matched."""
         if req.state != 0:
             return False
-        table: dict[Any, deque[Pending]]
-        key: Any
-        if req.src == ANY:
-            table, key = self._posted_any, (req.group, req.tag)
-        else:
-            table, key = self._posted, (req.group, req.src, req.tag)
+        table, key = self._queue_of(req)
         q = table.get(key)
         if q is not None and req in q:
             q.remove(req)
@@ -173,6 +163,12 @@ class Matcher:
             req.state = 2
             return True
         return False
+
+    def _queue_of(self, req: Pending) -> tuple[dict[Any, deque[Pending]], Any]:
+        """The table and key under which ``req`` waits while posted."""
+        if req.src == ANY:
+            return self._posted_any, (req.group, req.tag)
+        return self._posted, (req.group, req.src, req.tag)
 
     def posted(self) -> Iterator[Pending]:
         for q in list(self._posted.values()) + list(self._posted_any.values()):
