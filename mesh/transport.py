@@ -483,7 +483,9 @@ class Transport(Liveness):
                 h = wire.decode(head, self.size)
             except BadMessageError as e:
                 return self._bad(str(e), more)
-            if h.kind <= wire.OBJ:
+            # A collective's header carries its sequence number, so each is
+            # seen once: only point-to-point headers are worth keeping.
+            if h.kind <= wire.OBJ and h.fp is None:
                 if len(self._decoded) >= _CACHE:
                     self._decoded.clear()
                 self._decoded[head] = h
