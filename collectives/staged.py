@@ -112,16 +112,29 @@ def _whole(ctx: Ctx, lanes: gpu.Lanes, flat: Any, steps: int, reduce_steps: int,
            op: Any, shift: int = 0) -> None:
     """The ring without overlap (MESH_CUDA_OVERLAP=0 where IPC is unusable):
     ``flat`` down whole into pinned memory, the host ring, back up whole."""
+    lanes.down.wait_event(lanes.event(lanes.up))
+    _via_host(lanes, flat, lambda buf: host_ring(ctx, buf, op, steps, reduce_steps, shift))
+
+
+def _via_host(lanes: gpu.Lanes, flat: Any, host_op: Callable[[Any], Any],
+              down: bool = True, up: bool = True) -> None:
+    """Stage ``flat`` whole through a pooled pinned buffer: copy it down
+    (when ``down``), run ``host_op(buf)``, copy the buffer back up (when
+    ``up``). The buffer goes back to the pool even when host_op raises (no
+    copy is in flight then: the copy down has been waited for)."""
     nbytes = int(flat.nbytes)
     host = device.POOL.take(nbytes)
-    buf = host[:nbytes].view(flat.dtype)
-    lanes.down.wait_event(lanes.event(lanes.up))
-    lanes.copy(int(buf.ctypes.data), int(flat.data.ptr), nbytes, lanes.down)
-    lanes.sync()
-    host_ring(ctx, buf, op, steps, reduce_steps, shift)
-    lanes.copy(int(flat.data.ptr), int(buf.ctypes.data), nbytes, lanes.up)
-    lanes.sync()
-    device.POOL.give(host)
+    try:
+        buf = host[:nbytes].view(flat.dtype)
+        if down:
+            lanes.copy(int(buf.ctypes.data), int(flat.data.ptr), nbytes, lanes.down)
+            lanes.sync()
+        host_op(buf)
+        if up:
+            lanes.copy(int(flat.data.ptr), int(buf.ctypes.data), nbytes, lanes.up)
+        lanes.sync()
+    finally:
+        device.POOL.give(host)
 
 
 _simple_all_reduce = simple(api.all_reduce, in_place=True)
@@ -254,16 +267,9 @@ def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any
                            root: int) -> None:
     """Broadcast without IPC inside a device collective: the root's array
     goes down whole and along the binomial tree; the others copy it up."""
-    host = device.POOL.take(int(flat.nbytes))
-    buf = host[:flat.nbytes].view(flat.dtype)
-    if ctx.g.rank == root:
-        lanes.copy(int(buf.ctypes.data), int(flat.data.ptr), int(flat.nbytes), lanes.down)
-        lanes.sync()
-    agreed(lambda c: broadcast_tree(c, buf, root))(ctx)
-    if ctx.g.rank != root:
-        lanes.copy(int(flat.data.ptr), int(buf.ctypes.data), int(flat.nbytes), lanes.up)
-    lanes.sync()
-    device.POOL.give(host)
+    here = ctx.g.rank == root
+    _via_host(lanes, flat, lambda buf: agreed(lambda c: broadcast_tree(c, buf, root))(ctx),
+              down=here, up=not here)
 
 
 reduce = simple(api.reduce, in_place=True)

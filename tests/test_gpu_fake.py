@@ -220,3 +220,38 @@ def _grad_reducer(world: mesh.Mesh) -> str:
 
 def test_grad_reducer_on_device_gradients() -> None:
     assert mesh.spawn(_grad_reducer, 2, timeout=90, env=SMALL_SEGMENTS) == ["ok", "ok"]
+
+
+def test_staging_returns_its_pinned_buffer_when_the_host_step_fails() -> None:
+    """A collective that fails half-way (a lost peer, an abort) must not
+    keep the pooled pinned buffer it staged through."""
+    import importlib
+
+    from mesh import device
+
+    staged = importlib.import_module("collectives.staged")  # the name is also a function
+    cp = fakecupy.install()
+    device.POOL.clear()
+    flat = cp.arange(1000, dtype=np.float32)
+
+    class Lanes:                               # copies and syncs only, on one stream
+        down = up = cp.cuda.get_current_stream()
+
+        def copy(self, dst: int, src: int, n: int, stream: Any) -> None:
+            cp.cuda.runtime.memcpyAsync(dst, src, n, 4, stream.ptr)
+
+        def sync(self) -> None:
+            self.down.synchronize()
+
+    lanes = Lanes()
+
+    def boom(buf: Any) -> None:
+        assert np.array_equal(buf, np.arange(1000, dtype=np.float32))
+        raise RuntimeError("peer lost")
+
+    try:
+        with pytest.raises(RuntimeError, match="peer lost"):
+            staged._via_host(lanes, flat, boom)
+        assert sum(len(v) for v in device.POOL._free.values()) == 1
+    finally:
+        device.use(None)                       # later tests in this process see no stand-in
