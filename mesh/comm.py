@@ -75,20 +75,16 @@ class Comm:
 
     def send(self, obj: Any, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         """Blocking send; returns when ``obj``'s buffer may be reused."""
-        if type(tag) is not int or tag < 0:
-            _check_tag(tag, self, "send")
-        wdst = self.ranks[dst] if type(dst) is int and 0 <= dst < self.size else \
-            self._world_rank(dst, "send")
+        _check_tag(tag, self, "send")
         t = self._t
-        t.wait(t.isend(wdst, self.gid, tag, obj, None, ("send to", dst, tag, self.name)), timeout)
+        t.wait(t.isend(self._world_rank(dst, "send"), self.gid, tag, obj, None,
+                       ("send to", dst, tag, self.name)), timeout)
 
     def recv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None,
              timeout: float | None = None) -> Any:
-        if type(tag) is not int or tag < 0:
-            _check_tag(tag, self, "recv")
+        _check_tag(tag, self, "recv")
         t = self._t
-        wsrc = self.ranks[src] if type(src) is int and 0 <= src < self.size else \
-            ANY if src == ANY else self._world_rank(src, "recv")
+        wsrc = ANY if src == ANY else self._world_rank(src, "recv")
         return t.wait(t.irecv(self.gid, wsrc, tag, out, None, ("recv from", src, tag, self.name)),
                       timeout)
 
