@@ -1,5 +1,9 @@
 """Reading the job description from the environment: torchrun's names first,
-then SLURM's and Open MPI's, so one script runs under any launcher."""
+then SLURM's and Open MPI's, so one script runs under any launcher.
+
+Under torchrun the agent's TCPStore usually holds MASTER_PORT already
+(TORCHELASTIC_USE_AGENT_STORE=True); rank 0 then serves the rendezvous on a
+port of its own and publishes it in that store, under ``agent_store``."""
 from __future__ import annotations
 
 import os
@@ -20,6 +24,7 @@ class JobSpec:
     master_port: int
     secret: str
     serve_rendezvous: bool  # True when no launcher of ours runs the service: rank 0 does
+    agent_store: str | None = None  # torchrun's store key for the rendezvous address
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -59,7 +64,21 @@ def from_env(env: Mapping[str, str] | None = None) -> JobSpec:
         port = "0"
     secret = env.get("MESH_SECRET") or f"insecure:{addr}:{port}"
     return JobSpec(int(rank), int(size), int(local_rank), int(local_size.split("(")[0]),
-                   addr, int(port), secret, serve_rendezvous=not ours)
+                   addr, int(port), secret, serve_rendezvous=not ours,
+                   agent_store=None if ours else _agent_store_key(env))
+
+
+def _agent_store_key(env: Mapping[str, str]) -> str | None:
+    """The key under which rank 0 publishes the rendezvous address in the
+    torchrun agent's store at MASTER_ADDR:MASTER_PORT, or None when the agent
+    keeps no store there (no torchrun, or TORCHELASTIC_USE_AGENT_STORE is not
+    "True", torch's own test; then MASTER_PORT is free and rank 0 binds it).
+    The run id and restart count in the key keep a restarted job from reading
+    the address of its previous attempt."""
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if not run_id or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return f"meshrun/rendezvous/{run_id}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def host_id() -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, env
+from . import auth, env, torchelastic
 from .comm import Comm
 from .rendezvous import RendezvousServer, join
 from .transport import Transport, config_float
@@ -108,9 +108,14 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None) 
             table: list[dict[str, Any]] = [{"rank": 0, "host": host, "endpoints": eps}]
         else:
             if spec.serve_rendezvous and spec.rank == 0:
+                port = 0 if spec.agent_store else spec.master_port
                 server = RendezvousServer(spec.size, spec.secret, host="*",
-                                          port=spec.master_port, ctx=ctx, curve=curve).start()
-            table = join(ctx, spec.master_addr, spec.master_port, spec.secret, spec.rank,
+                                          port=port, ctx=ctx, curve=curve).start()
+            rdv_addr, rdv_port = spec.master_addr, spec.master_port
+            if spec.agent_store:
+                rdv_addr, rdv_port = torchelastic.rendezvous_address(
+                    spec, server.port if server is not None else None, rdv_timeout)
+            table = join(ctx, rdv_addr, rdv_port, spec.secret, spec.rank,
                          spec.size, host, eps, rdv_timeout, curve)
     except BaseException:
         router.close(linger=0)

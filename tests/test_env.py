@@ -22,6 +22,24 @@ def test_torchrun_names() -> None:
     assert (spec.rank, spec.size, spec.local_rank, spec.local_size) == (2, 4, 0, 2)
     assert (spec.master_addr, spec.master_port) == ("10.0.0.1", 29500)
     assert spec.serve_rendezvous          # no meshrun: rank 0 serves it
+    assert spec.agent_store is None       # ... at MASTER_PORT: no torchrun agent holds it
+
+
+def test_torchrun_agent_store_is_detected_as_torch_does() -> None:
+    """torch.distributed's own test: TORCHELASTIC_USE_AGENT_STORE == "True"."""
+    tr = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500",
+          "TORCHELASTIC_RUN_ID": "abc", "TORCHELASTIC_RESTART_COUNT": "3",
+          "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    spec = env.from_env(tr)
+    assert spec.agent_store == "meshrun/rendezvous/abc/3" and spec.serve_rendezvous
+    assert (spec.master_addr, spec.master_port) == ("h", 29500)     # where the store is
+    restarted = env.from_env({**tr, "TORCHELASTIC_RESTART_COUNT": "4"})
+    assert restarted.agent_store == "meshrun/rendezvous/abc/4"     # never the old attempt's
+    for no_store in ({**tr, "TORCHELASTIC_USE_AGENT_STORE": "False"},
+                     {**tr, "TORCHELASTIC_USE_AGENT_STORE": ""},
+                     {k: v for k, v in tr.items() if k != "TORCHELASTIC_RUN_ID"},
+                     {**tr, "MESH_LAUNCHER": "1"}):
+        assert env.from_env(no_store).agent_store is None, no_store
 
 
 def test_slurm_and_open_mpi_names() -> None:
@@ -52,8 +70,9 @@ WORKER = textwrap.dedent("""
 
 
 def test_ranks_started_by_another_launcher_join_through_rank_0() -> None:
-    """As torchrun starts them: no meshrun, rank 0 binds MASTER_PORT itself."""
-    with socket.socket() as s:      # a launcher's choice of port, as torchrun's --master-port
+    """As srun or mpirun start them (and torchrun with no agent store): no
+    meshrun, rank 0 binds MASTER_PORT itself."""
+    with socket.socket() as s:      # a launcher's choice of port, as with MASTER_PORT=...
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []

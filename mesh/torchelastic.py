@@ -1,0 +1,63 @@
+"""Joining under torchrun: its agent's store carries the rendezvous address.
+
+torchrun's agent already listens on MASTER_ADDR:MASTER_PORT (a TCPStore that
+workers reach as clients), so rank 0 cannot serve the rendezvous there. It
+binds port 0 instead and publishes where it listens under the job's key:
+
+    rank 0 --set(key, "MASTER_ADDR:port")--> agent store <--wait/get(key)-- rank r
+
+Rank 0 runs on the store's host (node rank 0 hosts both), so MASTER_ADDR
+reaches it wherever it reaches the store. torch is imported only here.
+"""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from .env import JobSpec
+from .errors import RendezvousError
+
+__all__ = ["rendezvous_address"]
+
+
+def rendezvous_address(spec: JobSpec, port: int | None, timeout: float) -> tuple[str, int]:
+    """Rank 0 (``port``: where its rendezvous service listens) publishes it;
+    every other rank (``port=None``) waits up to ``timeout`` seconds for it.
+    Returns the (host, port) to join."""
+    key = spec.agent_store
+    if key is None:
+        raise ValueError("this job has no torchrun agent store")
+    store_at = f"{spec.master_addr}:{spec.master_port}"
+    where = f"rank {spec.rank}: torchrun's agent store at {store_at}"
+    try:
+        from torch.distributed import TCPStore
+    except ImportError as e:
+        raise RendezvousError(f"{where} needs torch to be importable: {e}") from e
+    deadline = time.monotonic() + timeout
+    try:
+        store = TCPStore(spec.master_addr, spec.master_port, is_master=False,
+                         timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    except RuntimeError as e:
+        raise RendezvousError(f"{where} could not be reached within {timeout:.0f}s: "
+                              f"{_first_line(e)}") from e
+    if port is not None:
+        try:
+            store.set(key, f"{spec.master_addr}:{port}")
+        except RuntimeError as e:
+            raise RendezvousError(f"{where}: could not publish the rendezvous address under "
+                                  f"key {key!r}: {_first_line(e)}") from e
+        return spec.master_addr, port
+    try:
+        store.wait([key], timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+        value = store.get(key).decode()
+    except RuntimeError as e:
+        raise RendezvousError(f"{where}: rank 0 did not publish the rendezvous address under "
+                              f"key {key!r} within {timeout:.0f}s (did rank 0 start and call "
+                              f"mesh.init()?): {_first_line(e)}") from e
+    host, _, p = value.rpartition(":")
+    return host, int(p)
+
+
+def _first_line(e: BaseException) -> str:
+    """torch's store errors carry a C++ backtrace after the first line."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

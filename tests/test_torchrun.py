@@ -1,0 +1,111 @@
+"""Scripts started by the real torchrun (python -m torch.distributed.run) join
+with a plain ``mesh.init()``, whichever rendezvous torchrun itself uses."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch.distributed", reason="torchrun ships with torch (the test extra)")
+
+from torch.distributed import TCPStore  # noqa: E402
+
+from mesh import RendezvousError, env, torchelastic  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import collectives, mesh
+    with mesh.init(timeout=30) as world:
+        r, n = world.rank, world.size
+        world.send(np.arange(4.0) + r, dst=(r + 1) % n)
+        got = world.recv(src=(r - 1) % n)
+        a = np.full(3, r + 1.0)
+        collectives.all_reduce(world, a)
+        ok = (got == np.arange(4.0) + (r - 1) % n).all() and (a == n * (n + 1) / 2).all()
+        sys.stdout.write(f"rank {r} of {n}: {'ok' if ok else f'wrong {got} {a}'}\\n")
+""")
+
+
+def _free_port() -> int:
+    """A port for torchrun's own command line (it takes a number, not port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None = None,
+              timeout: float = 90) -> str:
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_")) and k not in
+         ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    e.update(PYTHONPATH=ROOT, MESH_RENDEZVOUS_TIMEOUT="30", **(extra_env or {}))
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, str(script)],
+                         env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} timed out after {timeout}s:\n{out}")
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)      # no worker outlives the test
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 0, f"torchrun {' '.join(args)} exited {p.returncode}:\n{out}"
+    assert "Address already in use" not in out, out
+    assert sorted(ln for ln in out.splitlines() if ln.startswith("rank ")) == \
+        ["rank 0 of 2: ok", "rank 1 of 2: ok"], out
+    return out
+
+
+def test_standalone(tmp_path: Path) -> None:
+    _torchrun(tmp_path, ["--standalone", "--nproc-per-node", "2"])
+
+
+def test_static_rendezvous_with_master_port(tmp_path: Path) -> None:
+    _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                         "--master-port", str(_free_port()), "--rdzv-backend", "static"])
+
+
+def test_c10d_rendezvous(tmp_path: Path) -> None:
+    _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"])
+
+
+def test_c10d_rendezvous_without_a_shared_agent_store(tmp_path: Path) -> None:
+    """TORCHELASTIC_USE_AGENT_STORE=False: nobody holds MASTER_PORT, rank 0 binds it."""
+    _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"],
+              {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+
+
+def _spec(rank: int, port: int, restart: str = "0") -> env.JobSpec:
+    return env.from_env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "job",
+                         "TORCHELASTIC_RESTART_COUNT": restart,
+                         "TORCHELASTIC_USE_AGENT_STORE": "True"})
+
+
+def test_rank_0_publishes_and_a_restart_never_reads_the_old_address() -> None:
+    agent = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    assert torchelastic.rendezvous_address(_spec(0, agent.port), 4321, 5) == ("127.0.0.1", 4321)
+    assert torchelastic.rendezvous_address(_spec(1, agent.port), None, 5) == ("127.0.0.1", 4321)
+    with pytest.raises(RendezvousError) as e:       # attempt 1: rank 0 has not published yet
+        torchelastic.rendezvous_address(_spec(1, agent.port, restart="1"), None, 0.5)
+    msg = str(e.value)
+    assert f"rank 1: torchrun's agent store at 127.0.0.1:{agent.port}" in msg
+    assert "'meshrun/rendezvous/job/1'" in msg and "MASTER_PORT" not in msg
