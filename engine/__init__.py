@@ -1,4 +1,12 @@
-"""engine: pipeline schedules as data, a verifier and simulator, an executor."""
+"""engine: pipeline schedules as data, a verifier and simulator, an executor.
+
+The passes run one way, each module importing only the ones before it::
+
+    ir -> lower -> replay -> verify -> simulate -> render -> executor
+
+(schedules sits beside lower, on ir alone; tests/test_engine_layering.py
+keeps the order.)
+"""
 from . import layers, schedules
 from .executor import Pipeline, split_microbatches, stages_for_rank
 from .ir import Action, Schedule

@@ -47,9 +47,11 @@ import collectives
 from mesh import LostPeerError
 
 from . import trace as _trace
-from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
+from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule,
+                 message_key)
 from .lower import with_grad_sync
-from .simulate import message_key
+from .simulate import simulate
+from .verify import verify
 
 __all__ = ["Pipeline", "split_microbatches", "stages_for_rank"]
 
@@ -102,7 +104,7 @@ class Pipeline:
         if schedule.num_ranks != self.pp.size:
             raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks but "
                              f"the pipeline group has {self.pp.size}")
-        lowered = schedule.validate()
+        lowered = verify(schedule)
         if self.dp is not None and self.dp.size > 1:
             lowered = with_grad_sync(lowered)
         self.schedule = lowered
@@ -196,7 +198,7 @@ class Pipeline:
             return None
         meta: dict[str, Any] = {"schedule": self.schedule.to_dict()}
         if costs:
-            meta["predicted_makespan_ms"] = self.schedule.simulate(costs).makespan * 1e3
+            meta["predicted_makespan_ms"] = simulate(self.schedule, costs).makespan * 1e3
         return _trace.chrome_trace(gathered, meta)
 
     def write_trace(self, path: str, costs: dict[str, float] | None = None) -> str | None:

@@ -18,6 +18,11 @@ Short string forms (``s`` = stage, ``k`` = micro-batch)::
 
 ``Schedule.stage_ranks[s]`` is the pipeline rank that holds stage s; a rank
 may hold several (virtual) stages, listed in stage order by ``stages_of``.
+
+This module imports nothing else from the engine. ``Schedule.lower``,
+``validate``, ``simulate`` and ``render`` are the users' short forms of the
+later passes (see ``engine``): each imports its pass when called, and no
+pass calls them.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ if TYPE_CHECKING:
     from .simulate import SimReport
 
 __all__ = [
-    "Action", "Schedule", "COMPUTE", "COMM", "KINDS",
+    "Action", "Schedule", "COMPUTE", "COMM", "KINDS", "MessageKey", "message_key",
+    "format_program",
     "F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "AR", "OPT",
 ]
 
@@ -90,6 +96,25 @@ class Action:
     @property
     def is_comm(self) -> bool:
         return self.kind in COMM
+
+
+MessageKey = tuple[str, int, int, int]
+
+
+def message_key(a: Action) -> MessageKey:
+    """Identity of the message a SEND/RECV moves: (F|B, from stage, to stage, mb).
+
+    ``1SEND_F3`` and ``2RECV_F3`` both name ("F", 1, 2, 3)."""
+    assert a.mb is not None
+    if a.kind == SEND_F:
+        return (F, a.stage, a.stage + 1, a.mb)
+    if a.kind == RECV_F:
+        return (F, a.stage - 1, a.stage, a.mb)
+    if a.kind == SEND_B:
+        return (B, a.stage, a.stage - 1, a.mb)
+    if a.kind == RECV_B:
+        return (B, a.stage + 1, a.stage, a.mb)
+    raise ValueError(f"{a} moves no message")
 
 
 def _as_action(a: Action | str) -> Action:
@@ -208,9 +233,23 @@ class Schedule:
         return render(self, costs)
 
     def __str__(self) -> str:
-        """The grid when the schedule is valid, else its per-rank lists."""
-        from .verify import ScheduleError, format_program
-        try:
-            return self.render()
-        except ScheduleError:
-            return format_program(self)
+        """Name, sizes and each rank's list; cheap (``render()`` draws the grid)."""
+        return (f"{self.name}: {self.num_ranks} ranks, {self.num_stages} stages, "
+                f"{self.num_microbatches} micro-batches\n{format_program(self)}")
+
+
+def format_program(sched: Schedule, marks: Sequence[tuple[int, int]] = (),
+                   notes: Mapping[int, str] | None = None) -> str:
+    """Each rank's list on one line; ``^`` under each (rank, index) in marks,
+    and ``<- note`` after the rows named in notes."""
+    lines = []
+    for r, row in enumerate(sched.ranks):
+        head = f"  rank {r} | "
+        cells = [str(a) for a in row]
+        note = f"   <- {notes[r]}" if notes and r in notes else ""
+        lines.append(head + " ".join(cells) + note)
+        marked = sorted(i for rr, i in marks if rr == r)
+        if marked:
+            under = " ".join(("^" if i in marked else " ") * len(c) for i, c in enumerate(cells))
+            lines.append((" " * len(head) + under).rstrip())
+    return "\n".join(lines)

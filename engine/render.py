@@ -14,6 +14,7 @@ import math
 from typing import Mapping
 
 from .ir import Schedule
+from .simulate import simulate
 
 __all__ = ["render", "UNIT_COSTS"]
 
@@ -30,7 +31,7 @@ def render(sched: Schedule, costs: Mapping[str, float] | None = None) -> str:
     ``{"F": 1, "B": 2}`` a backward takes two cells."""
     merged = dict(UNIT_COSTS)
     merged.update(costs or {})
-    report = sched.simulate(merged)
+    report = simulate(sched, merged)
     shown = [e for e in report.events if e.action.kind in _SHOWN and e.end > e.start]
     if not shown:
         return "\n".join(f"{r} |" for r in range(sched.num_ranks))

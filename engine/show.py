@@ -16,9 +16,9 @@ import json
 import sys
 from typing import Sequence
 
-from .ir import Schedule
+from .ir import Schedule, format_program
 from .schedules import by_name
-from .verify import ScheduleError, format_program
+from .verify import ScheduleError
 
 __all__ = ["main", "parse_costs"]
 

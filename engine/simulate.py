@@ -1,52 +1,22 @@
 """Simulate a lowered schedule on all ranks at once, with per-action costs.
 
-The model matches the executor: each rank runs its list in order; a compute
-action occupies its rank for its cost; a send costs the sender nothing and
-arrives ``costs["send"]`` later; a receive waits until its message has
-arrived. Since sends never block, each rank's timeline depends only on its
-own list and the arrival times, so ranks are advanced in any order until
-all finish or none can move (a deadlock).
+The timing model is the replay's (engine.replay), which follows the
+executor; this module adds the costs and sums the replay up: makespan,
+bubble, busy time and peak activations per rank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
 
-from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
+from .ir import AR, OPT, B, F, I, W, Schedule
+from .replay import Event
+from .verify import verified_replay
 
-__all__ = ["SimReport", "Event", "simulate", "DEFAULT_COSTS", "message_key", "run_ranks"]
+__all__ = ["SimReport", "simulate", "DEFAULT_COSTS"]
 
 DEFAULT_COSTS: dict[str, float] = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0, "send": 0.0,
                                    "AR": 0.0, "OPT": 0.0}
-
-MessageKey = tuple[str, int, int, int]
-
-
-def message_key(a: Action) -> MessageKey:
-    """Identity of the message a SEND/RECV moves: (F|B, from stage, to stage, mb).
-
-    ``1SEND_F3`` and ``2RECV_F3`` both name ("F", 1, 2, 3)."""
-    assert a.mb is not None
-    if a.kind == SEND_F:
-        return (F, a.stage, a.stage + 1, a.mb)
-    if a.kind == RECV_F:
-        return (F, a.stage - 1, a.stage, a.mb)
-    if a.kind == SEND_B:
-        return (B, a.stage, a.stage - 1, a.mb)
-    if a.kind == RECV_B:
-        return (B, a.stage + 1, a.stage, a.mb)
-    raise ValueError(f"{a} moves no message")
-
-
-@dataclass(frozen=True)
-class Event:
-    """One executed action: which rank, what, and when."""
-
-    rank: int
-    index: int
-    action: Action
-    start: float
-    end: float
 
 
 @dataclass(frozen=True)
@@ -88,40 +58,6 @@ def _costs(costs: Mapping[str, float] | None) -> dict[str, float]:
     return merged
 
 
-def run_ranks(sched: Schedule, costs: Mapping[str, float] | None = None
-              ) -> tuple[list[Event], dict[int, int]]:
-    """Run every rank's list; return the events and, for ranks that could not
-    finish, the index of the receive each is stuck on (empty when none)."""
-    c = _costs(costs)
-    clock = [0.0] * sched.num_ranks
-    pc = [0] * sched.num_ranks
-    arrived: dict[MessageKey, list[float]] = {}
-    events: list[Event] = []
-    moved = True
-    while moved:
-        moved = False
-        for r, row in enumerate(sched.ranks):
-            while pc[r] < len(row):
-                a = row[pc[r]]
-                start = clock[r]
-                if a.kind in (SEND_F, SEND_B):
-                    arrived.setdefault(message_key(a), []).append(start + c["send"])
-                    end = start
-                elif a.kind in (RECV_F, RECV_B):
-                    queue = arrived.get(message_key(a))
-                    if not queue:
-                        break
-                    end = max(start, queue.pop(0))
-                else:
-                    end = start + c[a.kind]
-                events.append(Event(r, pc[r], a, start, end))
-                clock[r] = end
-                pc[r] += 1
-                moved = True
-    stuck = {r: pc[r] for r, row in enumerate(sched.ranks) if pc[r] < len(row)}
-    return events, stuck
-
-
 def _peaks(sched: Schedule) -> tuple[int, ...]:
     peaks = []
     for row in sched.ranks:
@@ -140,9 +76,8 @@ def simulate(sched: Schedule, costs: Mapping[str, float] | None = None) -> SimRe
     """Predict one step of ``sched`` (lowered first if it is compute-only).
 
     Raises ScheduleError when the schedule is invalid or deadlocks."""
-    from .verify import verify
-    lowered = verify(sched)
-    events, _ = run_ranks(lowered, costs)
+    run = verified_replay(sched, _costs(costs))
+    lowered, events = run.schedule, run.events
     makespan = max((e.end for e in events), default=0.0)
     busy = [0.0] * lowered.num_ranks
     for e in events:
@@ -150,4 +85,4 @@ def simulate(sched: Schedule, costs: Mapping[str, float] | None = None) -> SimRe
             busy[e.rank] += e.end - e.start
     total = makespan * lowered.num_ranks
     bubble = 1.0 - sum(busy) / total if total else 0.0
-    return SimReport(makespan, bubble, _peaks(lowered), tuple(busy), tuple(events))
+    return SimReport(makespan, bubble, _peaks(lowered), tuple(busy), events)

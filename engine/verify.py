@@ -4,9 +4,10 @@ It lowers the schedule, then checks, in this order: every action is on the
 rank that holds its stage and names a real micro-batch; every send has its
 receive; each rank's list respects the data dependencies (no backward
 before its forward, no compute before its input has been received);
-every micro-batch passes every stage exactly once; and a simulation of all
-ranks finishes (no deadlock). The first failure raises ScheduleError, whose text
-shows every rank's list with the offending action marked::
+every micro-batch passes every stage exactly once; and a replay of all
+ranks (engine.replay) finishes (no deadlock). The first failure raises
+ScheduleError, whose text shows every rank's list with the offending
+action marked::
 
     schedule 'custom' is invalid: rank 1 runs 1B0 before its forward 1F0
       rank 0 | 0F0 0SEND_F0 0RECV_B0 0B0
@@ -18,28 +19,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Mapping, Sequence
 
-from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
+from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule,
+                 format_program, message_key)
 from .lower import lower
-from .simulate import message_key, run_ranks
+from .replay import Replay, replay
 
-__all__ = ["ScheduleError", "verify", "format_program"]
-
-
-def format_program(sched: Schedule, marks: Sequence[tuple[int, int]] = (),
-                   notes: Mapping[int, str] | None = None) -> str:
-    """Each rank's list on one line; ``^`` under each (rank, index) in marks,
-    and ``<- note`` after the rows named in notes."""
-    lines = []
-    for r, row in enumerate(sched.ranks):
-        head = f"  rank {r} | "
-        cells = [str(a) for a in row]
-        note = f"   <- {notes[r]}" if notes and r in notes else ""
-        lines.append(head + " ".join(cells) + note)
-        marked = sorted(i for rr, i in marks if rr == r)
-        if marked:
-            under = " ".join(("^" if i in marked else " ") * len(c) for i, c in enumerate(cells))
-            lines.append((" " * len(head) + under).rstrip())
-    return "\n".join(lines)
+__all__ = ["ScheduleError", "verify", "verified_replay"]
 
 
 class ScheduleError(ValueError):
@@ -179,21 +164,29 @@ def _check_matching(s: Schedule) -> None:
                                 f"{peer} on rank {s.rank_of(src)}", [pos])
 
 
-def _check_deadlock(s: Schedule) -> None:
-    _, stuck = run_ranks(s)
-    if stuck:
-        waits = ", ".join(f"rank {r} at {s.ranks[r][i]}" for r, i in sorted(stuck.items()))
+def _check_deadlock(run: Replay) -> None:
+    s = run.schedule
+    if run.stuck:
+        waits = ", ".join(f"rank {r} at {s.ranks[r][i]}" for r, i in sorted(run.stuck.items()))
         raise ScheduleError(s, f"deadlock: every unfinished rank waits on a receive "
-                            f"that can never arrive ({waits})", sorted(stuck.items()))
+                            f"that can never arrive ({waits})", sorted(run.stuck.items()))
 
 
-def verify(sched: Schedule) -> Schedule:
-    """Check ``sched`` (lowered first when compute-only); return the lowered
-    schedule, or raise ScheduleError naming and marking the first problem."""
+def verified_replay(sched: Schedule, costs: Mapping[str, float] | None = None) -> Replay:
+    """Check ``sched`` as ``verify`` does and return the replay of the lowered
+    schedule with ``costs``: the one walk that proves no rank deadlocks also
+    times every action, so the simulator walks the table only once."""
     s = lower(sched)
     _check_placement(s)
     _check_matching(s)
     _check_order(s)
     _check_coverage(s)
-    _check_deadlock(s)
-    return s
+    run = replay(s, costs)
+    _check_deadlock(run)
+    return run
+
+
+def verify(sched: Schedule) -> Schedule:
+    """Check ``sched`` (lowered first when compute-only); return the lowered
+    schedule, or raise ScheduleError naming and marking the first problem."""
+    return verified_replay(sched).schedule

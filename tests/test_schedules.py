@@ -1,4 +1,5 @@
 """Schedule IR, generators, lowering, simulation and rendering: pure, no processes."""
+import importlib
 import json
 
 import pytest
@@ -204,6 +205,16 @@ def test_bubble_and_peak_activations():
     assert "bubble" in str(one)
 
 
+def test_simulate_walks_the_table_once(monkeypatch):
+    verify_module = importlib.import_module("engine.verify")   # engine.verify is the function
+    walks = []
+    real = verify_module.replay
+    monkeypatch.setattr(verify_module, "replay", lambda s, c=None: walks.append(s) or real(s, c))
+    report = S.one_f_one_b(4, 8).simulate({"F": 1, "B": 2})
+    assert len(walks) == 1 and report.makespan == 33
+    assert report.events == real(walks[0], {"F": 1, "B": 2, "send": 0}).events
+
+
 def test_simulate_rejects_unknown_or_negative_costs():
     with pytest.raises(ValueError, match="unknown cost"):
         S.gpipe(2, 2).simulate({"X": 1.0})
@@ -215,7 +226,9 @@ def test_render_shows_long_actions_and_bubbles():
     grid = S.one_f_one_b(2, 2).render({"F": 1, "B": 2})
     assert grid == ("0 | 0F0 0F1  .   .  0B0 ---  .  0B1 ---\n"
                     "1 |  .  1F0 1B0 --- 1F1 1B1 ---  .   .")
-    assert str(S.gpipe(2, 1)) == S.gpipe(2, 1).render()
+    assert str(S.gpipe(2, 1)) == ("gpipe(2,1): 2 ranks, 2 stages, 1 micro-batches\n"
+                                  "  rank 0 | 0F0 0B0\n"
+                                  "  rank 1 | 1F0 1B0")
 
 
 def test_show_prints_grid_and_figures(capsys, tmp_path):
