@@ -39,6 +39,10 @@ _CODE = textwrap.dedent("""\
     scale = 7
     out = {"fn": mesh.spawn(fn, 3, 10, timeout=40),
            "lambda": mesh.spawn(lambda world: world.rank * scale, 2, timeout=40)}
+    with mesh.init() as own:  # a live mesh (ZeroMQ context, threads) in the forked parent
+        own.send("kept", 0)
+        out["beside a live mesh"] = mesh.spawn(lambda world: world.size, 2, timeout=40)
+        out["kept"] = own.recv(0)
     try:
         mesh.spawn(bad, 2, timeout=40)
     except mesh.WorkerError as e:
@@ -58,6 +62,7 @@ def _python(*args: str, stdin: str | None = None) -> dict:
 def _check(out: dict) -> None:
     assert out["fn"] == [3, 13, 23]
     assert out["lambda"] == [0, 7]
+    assert out["beside a live mesh"] == [2, 2] and out["kept"] == "kept"
     rank, tb = out["error"]
     assert rank == 1
     assert "ValueError: boom in rank 1" in tb and ", in bad" in tb
