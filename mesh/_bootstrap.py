@@ -10,6 +10,9 @@ checks that the launcher is still there, then runs the user's program as
 set them. An uncaught exception is printed as usual (without the bootstrap's
 own frames) and also written as a JSON record to ``MESH_ERROR_FILE``, so the
 launcher can show the rank's own traceback with no decorator in user code.
+When that record is written, stderr gets only the error's last line: the
+launcher prints the root cause's traceback once, in its report, and a single
+line for every other rank (``--log-dir`` keeps every traceback whole).
 
 It is run as a file, not with ``-m mesh._bootstrap``, and imports only the
 standard library: the signal is armed before anything slow is imported, and
@@ -28,9 +31,11 @@ import time
 import traceback
 from types import TracebackType
 
-__all__ = ["arm_parent_death_signal", "write_error_record", "main"]
+__all__ = ["arm_parent_death_signal", "write_error_record", "brief_traceback", "main"]
 
 _PR_SET_PDEATHSIG = 1
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OWN = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in ("mesh", "collectives", "engine"))
 
 
 def arm_parent_death_signal(parent_pid: int | None) -> None:
@@ -53,14 +58,36 @@ def _user_frames(tb: TracebackType | None) -> TracebackType | None:
     return tb
 
 
-def write_error_record(path: str, exc: BaseException, tb_text: str) -> None:
-    """Write {rank, exc_type, message, traceback, time, pid, host} atomically:
-    the launcher never reads half a record, even if this process is killed."""
+def brief_traceback(exc: BaseException, tb: TracebackType | None) -> str:
+    """The traceback without its last frames inside meshrun's own packages
+    (mesh, collectives, engine), below the user's last call; a line says how
+    many are left out. Whole when no user frame would remain."""
+    te = traceback.TracebackException(type(exc), exc, tb)
+    frames = list(te.stack)
+    keep = len(frames)
+    while keep > 0 and frames[keep - 1].filename.startswith(_OWN):
+        keep -= 1
+    text = "".join(te.format())
+    if keep == 0 or keep == len(frames):
+        return text
+    te.stack = traceback.StackSummary.from_list(frames[:keep])
+    text, tail = "".join(te.format()), "".join(te.format_exception_only())
+    note = (f"  ... {len(frames) - keep} frames inside mesh/collectives/engine left out "
+            f"(meshrun --log-dir keeps the whole traceback)\n")
+    return text[:len(text) - len(tail)] + note + tail
+
+
+def write_error_record(path: str, exc: BaseException, tb_text: str,
+                       brief: str | None = None) -> None:
+    """Write {rank, exc_type, message, traceback, brief, time, pid, host}
+    atomically: the launcher never reads half a record, even if this process
+    is killed. ``brief`` is the traceback to show (``tb_text`` by default)."""
     record = {
         "rank": int(os.environ.get("RANK", "-1")),
         "exc_type": type(exc).__qualname__,
         "message": str(exc),
         "traceback": tb_text,
+        "brief": tb_text if brief is None else brief,
         "time": time.time(),
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -96,6 +123,15 @@ def _run(argv: list[str]) -> None:
         runpy.run_path(argv[0], run_name="__main__")
 
 
+def _one_line(exc: BaseException) -> str:
+    """'ValueError: boom', as the last line of its traceback (first line of a long message)."""
+    name = type(exc).__qualname__
+    if type(exc).__module__ not in ("builtins", "__main__"):
+        name = f"{type(exc).__module__}.{name}"
+    msg = str(exc).splitlines()
+    return f"{name}: {msg[0]}" if msg else name
+
+
 def main(argv: list[str] | None = None) -> None:
     """Arm the parent-death signal, run the program, record an uncaught error."""
     argv = sys.argv[1:] if argv is None else argv
@@ -110,13 +146,18 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as exc:
         tb = _user_frames(exc.__traceback__)
         text = "".join(traceback.format_exception(type(exc), exc, tb))
-        sys.stderr.write(text)
         path = os.environ.get("MESH_ERROR_FILE")
+        recorded = False
         if path:
             try:
-                write_error_record(path, exc, text)
+                write_error_record(path, exc, text, brief_traceback(exc, tb))
+                recorded = True
             except OSError as err:
                 sys.stderr.write(f"meshrun bootstrap: cannot write {path}: {err}\n")
+        if recorded:
+            sys.stderr.write(f"{_one_line(exc)}  (uncaught: meshrun reports it at the end)\n")
+        else:
+            sys.stderr.write(text)
         sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
 
 

@@ -183,27 +183,38 @@ def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> Work
                default=None)
 
 
+def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
+    """msg with its last part elided when the root cause's message ends the
+    same way (the same mismatch seen from another rank)."""
+    head, _, last = msg.rpartition(": ")
+    if head and len(last) >= 30 and root_msg.endswith(": " + last):
+        return f"{head}: ... (as rank {root_rank})"
+    return msg
+
+
 def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc: int,
                   timeout: float | None = None) -> str:
-    """The root-cause table: why the job stopped, the first failing rank with
-    its exit and traceback, then one line for every other rank."""
+    """The root-cause table: why the job stopped, the first failing rank's
+    error, exit and traceback, then one line for every other rank."""
     root = _root_cause(outcome, records)
     lines = [_RULE]
     if outcome.reason == "timeout":
         lines.append(f"meshrun: job timed out after {timeout:g} s; stopped every rank")
     elif outcome.reason == "signal":
         lines.append(f"meshrun: stopped by {signal_name(outcome.signum or 0)}")
+    root_rec = records.get(root.rank) if root is not None else None
     if root is not None:
-        rec = records.get(root.rank)
-        lines += [f"Root cause: rank {root.rank} failed first",
-                  f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
+        lines.append(f"Root cause: rank {root.rank} failed first")
+        if root_rec:
+            lines.append(f"  error      : {root_rec.get('exc_type')}: {root_rec.get('message')}")
+        lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
                   f"{root.local_rank}, pid {root.pid})",
                   f"  exit       : {root.describe()}",
-                  f"  time       : {_stamp(rec['time'] if rec else root.time)}"]
-        if rec:
-            lines.append(f"  error      : {rec.get('exc_type')}: {rec.get('message')}")
+                  f"  time       : {_stamp(root_rec['time'] if root_rec else root.time)}"]
+        if root_rec:
+            tb = root_rec.get("brief") or root_rec.get("traceback", "")
             lines.append("  traceback  :")
-            lines += ["    " + ln for ln in str(rec.get("traceback", "")).rstrip().splitlines()]
+            lines += ["    " + ln for ln in str(tb).rstrip().splitlines()]
         else:
             lines.append(f"  traceback  : {_no_traceback(root)}")
     others = [e for e in sorted(outcome.exits, key=lambda e: e.rank) if e is not root]
@@ -215,10 +226,27 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
         else:
             how = "stopped by meshrun" if e.returncode != 0 else "finished while stopping"
         rec = records.get(e.rank)
-        err = f"; {rec.get('exc_type')}: {rec.get('message')}" if rec and e.failed else ""
+        err = ""
+        if rec and e.failed:
+            msg = str(rec.get("message")).split("\n", 1)[0]
+            if root is not None and root_rec:
+                msg = _as_root(msg, str(root_rec.get("message")), root.rank)
+            err = f"; {rec.get('exc_type')}: {msg}"
         lines.append(f"  rank {e.rank:<4} {e.describe()} ({how}){err}")
     lines.append(_RULE)
     return "\n".join(lines) + "\n"
+
+
+def _log_tracebacks(log_dir: str, records: dict[int, dict[str, Any]]) -> None:
+    """Add each rank's whole traceback to its stderr log: only its last line
+    went through the relay."""
+    for rank, rec in records.items():
+        try:
+            with open(os.path.join(log_dir, f"rank{rank}.stderr.log"), "a",
+                      encoding="utf-8") as f:
+                f.write(str(rec.get("traceback", "")))
+        except OSError:
+            pass
 
 
 def _exit_code(outcome: JobOutcome, root: WorkerExit | None) -> int:
@@ -258,6 +286,8 @@ def launch(a: argparse.Namespace) -> int:
         outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir).run(specs, timeout=a.timeout)
         records = {e.rank: r for e in outcome.exits
                    if (r := _read_record(err_dir, e.rank)) is not None}
+        if a.log_dir:
+            _log_tracebacks(a.log_dir, records)
         if outcome.reason != "ok":
             sys.stdout.flush()
             sys.stderr.write(format_report(outcome, records, a.nproc, a.timeout))

@@ -1,14 +1,28 @@
 """``mesh.spawn``: run ``fn(world, *args)`` on N fresh local processes joined
 into one mesh; return results by rank, or raise the first failure with that
 rank's own traceback. Every path is bounded: on failure or timeout all
-processes are killed."""
+processes are killed.
+
+How the processes start: a fresh interpreter ("spawn") when it can import
+``fn`` and the classes of ``args`` by name; otherwise, on Linux, a fork of the
+caller, so a function typed in ``python -c``, on standard input, in IPython
+or a notebook, a lambda or a closure runs too. The fork happens before the
+rendezvous service exists, so a child inherits no ZeroMQ context of ours;
+each child then builds its own mesh and never touches the parent's objects.
+Forking a process that runs threads (a live mesh of its own, thread pools)
+can deadlock the child; that risk is taken only when there is no other way.
+"""
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
+import pickle
 import secrets
+import sys
 import time
 import traceback
+import types
 from typing import Any, Callable
 
 from .auth import curve_wanted
@@ -17,17 +31,81 @@ from .rendezvous import RendezvousServer
 
 __all__ = ["spawn"]
 
+_PORT_WAIT_S = 120.0  # a child waits this long for the parent's rendezvous port
 
-def _child(fn: Callable[..., Any], rank: int, size: int, port: int, secret: str,
-           args: tuple, extra_env: dict[str, str], conn: Any) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "MESH_SECRET": secret, "MESH_LAUNCHER": "1"})
-    os.environ.update(extra_env)
+
+class _MainProbe(pickle.Pickler):
+    """Pickles while noting whether something is pickled by a name in ``__main__``."""
+    uses_main = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and \
+                getattr(obj, "__module__", None) == "__main__":
+            self.uses_main = True
+        return NotImplemented
+
+
+def _main_rebuilt() -> bool | None:
+    """How a fresh interpreter rebuilds ``__main__``, as multiprocessing's spawn
+    does: True from ``-m``'s module or the script's file (its names are found),
+    False not at all (``python -c``, IPython), None it would fail (a
+    ``__file__`` that is no file: standard input's ``<stdin>``)."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return True
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return False
+    return True if os.path.isfile(os.path.join(getattr(mp.process, "ORIGINAL_DIR", None) or "", path)) else None
+
+
+def _by_name(fn: Callable[..., Any], args: tuple) -> bytes | None:
+    """(fn, args) pickled for a fresh interpreter, or None when one could not
+    load them: a lambda, a closure, names in a __main__ it cannot rebuild."""
+    rebuilt = _main_rebuilt()
+    if rebuilt is None:
+        return None
+    buf = io.BytesIO()
+    probe = _MainProbe(buf, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        probe.dump((fn, args))
+    except Exception:
+        return None
+    return None if probe.uses_main and not rebuilt else buf.getvalue()
+
+
+def _can_fork() -> bool:
+    return sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+
+
+def _load(job: bytes | tuple, rank: int) -> tuple[Callable[..., Any], tuple]:
+    if not isinstance(job, bytes):
+        return job[0], job[1]
+    try:
+        fn, args = pickle.loads(job)
+    except Exception as e:
+        raise RuntimeError(
+            f"mesh.spawn: rank {rank} cannot load its function and arguments ({e}); a new "
+            f"process imports them by name: define fn (and the classes of its arguments) at "
+            f"the top level of a module, not under `if __name__ == '__main__':`") from e
+    return fn, args
+
+
+def _child(job: bytes | tuple, rank: int, size: int, secret: str,
+           extra_env: dict[str, str], conn: Any) -> None:
     from .errors import LostPeerError, MeshError
     from .world import init
     world = None
     try:
+        if not conn.poll(_PORT_WAIT_S):
+            return  # the parent is gone
+        port = conn.recv()
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                           "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port), "MESH_SECRET": secret,
+                           "MESH_LAUNCHER": "1"})
+        os.environ.update(extra_env)
+        fn, args = _load(job, rank)
         world = init()
         result = fn(world, *args)
         world.close()
@@ -44,25 +122,44 @@ def _child(fn: Callable[..., Any], rank: int, size: int, port: int, secret: str,
 
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
           env: dict[str, str] | None = None) -> list[Any]:
-    """Run ``fn(world, *args)`` on ``nprocs`` local processes (fn must be a
-    top-level, picklable function); return its results ordered by rank."""
+    """Run ``fn(world, *args)`` on ``nprocs`` local processes; return its
+    results ordered by rank (they travel back pickled).
+
+    A top-level function of an importable module runs in fresh interpreters.
+    Anything else (``python -c``, stdin, a notebook, a lambda, a closure) runs
+    in forks of this process on Linux, and raises ValueError elsewhere."""
     if nprocs < 1:
         raise ValueError(f"spawn needs nprocs >= 1, got {nprocs}")
+    payload = _by_name(fn, args)
+    if payload is None and not _can_fork():
+        raise ValueError(
+            f"mesh.spawn: {getattr(fn, '__qualname__', fn)!r} (or an argument) cannot be "
+            f"loaded by name in a new process: it is a lambda or a nested function, or it was "
+            f"defined in __main__ without a file (python -c, standard input, a notebook), and "
+            f"{sys.platform} cannot fork safely. Move it to a .py module, import it from "
+            f"there and pass that function.")
+    ctx = mp.get_context("spawn") if payload is not None else mp.get_context("fork")
+    job: bytes | tuple = payload if payload is not None else (fn, args)
     secret = secrets.token_hex(16)
     curve = curve_wanted({**os.environ, **(env or {})})
-    server = RendezvousServer(nprocs, secret, curve=curve).start() if nprocs > 1 else None
-    port = server.port if server is not None else 0
-    ctx = mp.get_context("spawn")
+    server = None
     procs, conns = [], []
     try:
         for r in range(nprocs):
-            parent, child = ctx.Pipe(duplex=False)
+            parent, child = ctx.Pipe()
             p = ctx.Process(target=_child, name=f"mesh-rank-{r}", daemon=True,
-                            args=(fn, r, nprocs, port, secret, args, env or {}, child))
+                            args=(job, r, nprocs, secret, env or {}, child))
             p.start()
             child.close()
             procs.append(p)
             conns.append(parent)
+        # only now, with every child started (forked), the service and its ZeroMQ context
+        server = RendezvousServer(nprocs, secret, curve=curve).start() if nprocs > 1 else None
+        for c in conns:
+            try:
+                c.send(server.port if server is not None else 0)
+            except OSError:
+                pass  # that child died already; _collect reports it
         return _collect(procs, conns, timeout)
     finally:
         for p in procs:

@@ -304,3 +304,31 @@ def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
     assert proc.returncode == 130
     assert "killed by SIGKILL (stopped by meshrun)" in err
     assert_all_gone(tmp_path, 2)
+
+
+def test_mismatch_report_leads_with_the_root_cause_and_stays_short(tmp_path: Path) -> None:
+    """Three ranks raise the same MismatchError: the report shows it once,
+    with the root cause's traceback cut to the user's frames, one line for
+    each other rank; --log-dir keeps every rank's whole traceback."""
+    r = meshrun("-n", "3", "--log-dir", str(tmp_path), str(SCRIPTS / "launch_mismatch.py"))
+    assert r.returncode == 1
+    out = (r.stdout + r.stderr).splitlines()
+    assert len(out) < 30, "\n".join(out)
+    table = r.stderr[r.stderr.index("=" * 20):].splitlines()
+    assert table[1].startswith("Root cause: rank ")
+    root = int(table[1].split()[3])
+    assert table[2].startswith("  error      : MismatchError: ")
+    assert "shape=[4]" in table[2] and "shape=[5]" in table[2] and "rank 1 called" in table[2]
+    assert sum("Traceback (most recent call last)" in ln for ln in out) == 1
+    assert any("C.all_reduce(world, a)" in ln for ln in table)
+    assert any("frames inside mesh/collectives/engine left out" in ln for ln in table)
+    assert not any("collectives/runner.py" in ln for ln in out)
+    others = table[table.index("Other ranks:") + 1:-1]
+    assert sorted(int(ln.split()[1]) for ln in others) == sorted({0, 1, 2} - {root})
+    assert all("MismatchError" in ln for ln in others)
+    for rank in range(3):
+        rec = json.loads((tmp_path / f"rank{rank}.error.json").read_text())
+        assert rec["exc_type"] == "MismatchError"
+        err = (tmp_path / f"rank{rank}.stderr.log").read_text()
+        assert "Traceback (most recent call last)" in err
+        assert "collectives/runner.py" in err and "launch_mismatch.py" in err

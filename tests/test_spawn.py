@@ -1,0 +1,110 @@
+"""mesh.spawn from where a notebook user calls it: a function typed in
+``python -c``, on standard input, a lambda, a closure (forked children on
+Linux), and what it says where that cannot work."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import mesh
+
+REPO = Path(__file__).resolve().parents[1]
+spawn_mod = importlib.import_module("mesh.spawn")
+
+pytestmark = pytest.mark.timeout(90)
+
+_CODE = textwrap.dedent("""\
+    import json
+    import numpy as np
+    import collectives as C
+    import mesh
+
+    def fn(world, n):
+        a = np.full(2, float(world.rank))
+        C.all_reduce(world, a)
+        return world.rank * n + int(a[0])
+
+    def bad(world):
+        if world.rank == 1:
+            raise ValueError("boom in rank 1")
+        world.recv(1, timeout=30)
+
+    scale = 7
+    out = {"fn": mesh.spawn(fn, 3, 10, timeout=40),
+           "lambda": mesh.spawn(lambda world: world.rank * scale, 2, timeout=40)}
+    with mesh.init() as own:  # a live mesh (ZeroMQ context, threads) in the forked parent
+        own.send("kept", 0)
+        out["beside a live mesh"] = mesh.spawn(lambda world: world.size, 2, timeout=40)
+        out["kept"] = own.recv(0)
+    try:
+        mesh.spawn(bad, 2, timeout=40)
+    except mesh.WorkerError as e:
+        out["error"] = [e.rank, e.traceback]
+    print(json.dumps(out))
+    """)
+
+
+def _python(*args: str, stdin: str | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, *args], input=stdin, cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=75)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def _check(out: dict) -> None:
+    assert out["fn"] == [3, 13, 23]
+    assert out["lambda"] == [0, 7]
+    assert out["beside a live mesh"] == [2, 2] and out["kept"] == "kept"
+    rank, tb = out["error"]
+    assert rank == 1
+    assert "ValueError: boom in rank 1" in tb and ", in bad" in tb
+
+
+def test_spawn_from_python_c() -> None:
+    _check(_python("-c", _CODE))
+
+
+def test_spawn_from_standard_input() -> None:
+    _check(_python("-", stdin=_CODE))
+
+
+def _top_level(world: mesh.Mesh) -> int:
+    return world.rank
+
+
+def test_importable_functions_start_fresh_interpreters_others_fork() -> None:
+    assert spawn_mod._by_name(_top_level, (1, "x")) is not None
+    assert spawn_mod._by_name(lambda world: 0, ()) is None
+    assert spawn_mod._by_name(_top_level, (lambda: 0,)) is None
+
+
+def test_where_fork_is_not_used_it_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spawn_mod, "_can_fork", lambda: False)
+    with pytest.raises(ValueError, match="Move it to a .py module"):
+        mesh.spawn(lambda world: 0, 2, timeout=10)
+
+
+def test_function_under_the_main_guard_is_named_in_the_error(tmp_path: Path) -> None:
+    script = tmp_path / "guarded.py"
+    script.write_text(textwrap.dedent("""\
+        import mesh
+        if __name__ == "__main__":
+            def fn(world):
+                return 1
+            try:
+                mesh.spawn(fn, 2, timeout=40)
+            except mesh.WorkerError as e:
+                print(str(e).splitlines()[-1])
+        """))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=75)
+    assert "not under `if __name__ == '__main__':`" in r.stdout, r.stdout + r.stderr
