@@ -4,6 +4,7 @@ peers that misbehave."""
 from __future__ import annotations
 
 import threading
+import os
 import time
 
 import numpy as np
@@ -184,7 +185,7 @@ def test_credit_bounds_what_a_fast_sender_buffers() -> None:
     assert handed <= window // (4 << 20) + 1
 
 
-def _flood(world: mesh.Mesh) -> list:
+def _flood(world: mesh.Mesh, flag: str) -> list:
     """Empty messages carry no payload, but each still costs the receiver:
     credit charges every message, so a flood of them is held back too."""
     n = 20_000
@@ -192,18 +193,22 @@ def _flood(world: mesh.Mesh) -> list:
         reqs = [world.isend(np.empty(0), 0) for _ in range(n)]
         time.sleep(1.0)
         handed = sum(r._item.event.is_set() for r in reqs)
+        open(flag, "w").close()   # not a message: credit would hold it back
         for r in reqs:
             r.wait()
         return [handed]
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60   # rank 0 reads only once rank 1 has counted
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for _ in range(n):
         assert world.recv(1).shape == (0,)
     return []
 
 
-def test_credit_bounds_a_flood_of_empty_messages() -> None:
+def test_credit_bounds_a_flood_of_empty_messages(tmp_path) -> None:
     window = 1 << 20
-    handed = mesh.spawn(_flood, 2, timeout=90, env={"MESH_WINDOW_BYTES": str(window)})[1][0]
+    handed = mesh.spawn(_flood, 2, str(tmp_path / "counted"), timeout=90,
+                        env={"MESH_WINDOW_BYTES": str(window)})[1][0]
     assert 0 < handed <= window // 256 + 1
 
 
