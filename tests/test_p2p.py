@@ -3,8 +3,8 @@ tags, ANY, out=, groups, timeouts, background progress, flow control, and
 peers that misbehave."""
 from __future__ import annotations
 
-import threading
 import os
+import threading
 import time
 
 import numpy as np
