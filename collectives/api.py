@@ -80,7 +80,7 @@ def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
 
 
 def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
-               algorithm: str | None = None) -> Any:
+               algorithm: str | None = None, timeout: float | None = None) -> Any:
     """Reduce ``a`` over the group, in place on every rank; returns ``a``.
     ``algorithm``: "rd" (recursive doubling) or "ring" (reduce-scatter then
     all-gather); default by size. Between processes of one host both run
@@ -104,11 +104,11 @@ def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
                     ring(ctx, buf, rop, 2 * (ctx.g.size - 1), ctx.g.size - 1)
             rop.finish(buf, ctx.g.size)
         return _fp("all_reduce", arr, op=op, alg=alg), _in_place(arr, body)
-    return start(g, "all_reduce", prepare, async_op)
+    return start(g, "all_reduce", prepare, async_op, timeout)
 
 
 def broadcast(g: Any, a: np.ndarray, root: int = 0, async_op: bool = False,
-              algorithm: str | None = None) -> Any:
+              algorithm: str | None = None, timeout: float | None = None) -> Any:
     """Copy the root's ``a`` into ``a`` on every rank; returns ``a``.
     ``algorithm``: "tree" (binomial) or "chain" (pipelined); default by size."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
@@ -124,11 +124,11 @@ def broadcast(g: Any, a: np.ndarray, root: int = 0, async_op: bool = False,
             else:
                 agreed(lambda c: fn(c, buf, r))(ctx)
         return _fp("broadcast", arr, root=r, alg=alg), _in_place(arr, body)
-    return start(g, "broadcast", prepare, async_op)
+    return start(g, "broadcast", prepare, async_op, timeout)
 
 
 def reduce(g: Any, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool = False,
-           algorithm: str | None = None) -> Any:
+           algorithm: str | None = None, timeout: float | None = None) -> Any:
     """Reduce ``a`` over the group into the root's ``a`` (the others' arrays
     are left as they were); returns ``a``."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
@@ -147,10 +147,10 @@ def reduce(g: Any, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool
             if ctx.g.rank == r:
                 rop.finish(buf, ctx.g.size)
         return _fp("reduce", arr, op=op, root=r, alg=alg), _in_place(arr, body)
-    return start(g, "reduce", prepare, async_op)
+    return start(g, "reduce", prepare, async_op, timeout)
 
 
-def all_gather(g: Any, a: Any, async_op: bool = False) -> Any:
+def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """Every rank's ``a`` stacked in rank order: shape (g.size, *a.shape)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_gather", a)
@@ -165,10 +165,11 @@ def all_gather(g: Any, a: Any, async_op: bool = False) -> Any:
                 ring(ctx, out.reshape(-1), None, n - 1, 0)
             return out
         return _fp("all_gather", arr), body
-    return start(g, "all_gather", prepare, async_op)
+    return start(g, "all_gather", prepare, async_op, timeout)
 
 
-def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False) -> Any:
+def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+                   timeout: float | None = None) -> Any:
     """Reduce ``a`` (a.shape[0] divisible by g.size) over the group and return
     this rank's share: rows [rank*m, (rank+1)*m) of the result, m = shape[0]/size."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
@@ -189,10 +190,11 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False) -> A
             rop.finish(mine, n)
             return mine
         return _fp("reduce_scatter", arr, op=op), body
-    return start(g, "reduce_scatter", prepare, async_op)
+    return start(g, "reduce_scatter", prepare, async_op, timeout)
 
 
-def gather(g: Any, a: Any, root: int = 0, async_op: bool = False) -> Any:
+def gather(g: Any, a: Any, root: int = 0, async_op: bool = False,
+           timeout: float | None = None) -> Any:
     """Every rank's ``a`` stacked on the root (shape (g.size, *a.shape));
     None on the other ranks."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
@@ -207,10 +209,11 @@ def gather(g: Any, a: Any, root: int = 0, async_op: bool = False) -> Any:
                 agreed(lambda c: gather_direct(c, arr, out, r))(ctx)
             return out
         return _fp("gather", arr, root=r), body
-    return start(g, "gather", prepare, async_op)
+    return start(g, "gather", prepare, async_op, timeout)
 
 
-def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False) -> Any:
+def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False,
+            timeout: float | None = None) -> Any:
     """Row i of the root's ``a`` (shape (g.size, ...)) to rank i; returns this
     rank's row. ``a`` is ignored (may be None) on the other ranks."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
@@ -234,10 +237,10 @@ def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False) -> Any:
                 return local.scatter(ctx, src, r)
             return agreed(sockets)(ctx)
         return _fp("scatter", root=r), body
-    return start(g, "scatter", prepare, async_op)
+    return start(g, "scatter", prepare, async_op, timeout)
 
 
-def all_to_all(g: Any, a: Any, async_op: bool = False) -> Any:
+def all_to_all(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """Split ``a`` (a.shape[0] divisible by g.size) into g.size blocks of rows;
     block i goes to rank i. Returns the blocks received, in rank order,
     concatenated: the same shape as ``a``."""
@@ -254,20 +257,21 @@ def all_to_all(g: Any, a: Any, async_op: bool = False) -> Any:
                 all_to_all_direct(ctx, arr.reshape(blocks), out.reshape(blocks))
             return out
         return _fp("all_to_all", arr), body
-    return start(g, "all_to_all", prepare, async_op)
+    return start(g, "all_to_all", prepare, async_op, timeout)
 
 
-def barrier(g: Any, async_op: bool = False) -> Any:
+def barrier(g: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """Return once every member of ``g`` has entered the barrier."""
     def body(ctx: Ctx) -> None:
         if board.available(ctx):
             local.barrier(ctx)
         else:
             barrier_dissemination(ctx)
-    return start(g, "barrier", lambda t: (_fp("barrier"), body), async_op)
+    return start(g, "barrier", lambda t: (_fp("barrier"), body), async_op, timeout)
 
 
-def broadcast_object(g: Any, obj: Any = None, root: int = 0, async_op: bool = False) -> Any:
+def broadcast_object(g: Any, obj: Any = None, root: int = 0, async_op: bool = False,
+                     timeout: float | None = None) -> Any:
     """The root's msgpack-able ``obj`` on every rank (as msgpack returns it:
     tuples become lists)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
@@ -275,12 +279,13 @@ def broadcast_object(g: Any, obj: Any = None, root: int = 0, async_op: bool = Fa
         value = as_received(obj) if g.rank == r else None
         return _fp("broadcast_object", root=r), agreed(
             lambda ctx: broadcast_object_tree(ctx, value, r))
-    return start(g, "broadcast_object", prepare, async_op)
+    return start(g, "broadcast_object", prepare, async_op, timeout)
 
 
-def all_gather_object(g: Any, obj: Any, async_op: bool = False) -> Any:
+def all_gather_object(g: Any, obj: Any, async_op: bool = False,
+                      timeout: float | None = None) -> Any:
     """The list of every rank's msgpack-able ``obj``, in rank order."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         value = as_received(obj)
         return _fp("all_gather_object"), lambda ctx: all_gather_object_direct(ctx, value)
-    return start(g, "all_gather_object", prepare, async_op)
+    return start(g, "all_gather_object", prepare, async_op, timeout)

@@ -35,11 +35,11 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from mesh import ANY, LostPeerError, MeshError, MeshTimeoutError, MismatchError
+from mesh import ANY, LostPeerError, MeshError, MismatchError
 
 from . import cma
 from .exchange import all_gather_object_direct
-from .runner import Ctx
+from .runner import Ctx, caught
 
 __all__ = ["CAPACITY", "available", "Round"]
 
@@ -105,15 +105,13 @@ class _Waiting:
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
         self.t0 = time.monotonic()
-        self.limit = float(ctx.g.timeout)
         self.watch: Any = None
         self.error: BaseException | None = None
         self.busy = _BUSY_S if ctx.g.size <= _CORES else 0.0
         self.reports = 0
 
     def where(self) -> str:
-        return (f"rank {self.ctx.g.rank}: collective #{-self.ctx.tag} on group "
-                f"{getattr(self.ctx.g, 'name', '?')}")
+        return self.ctx.where()
 
     def posted(self) -> Any:
         if self.watch is None:
@@ -139,9 +137,9 @@ class _Waiting:
             except MeshError as e:
                 return e
             return MeshError(f"{self.where()}: a peer sent a message where none was expected")
-        if waited > self.limit:
-            raise MeshTimeoutError(f"{self.where()} timed out after {self.limit:g}s waiting "
-                                   f"for its peers")
+        if time.monotonic() > self.ctx.deadline:
+            raise self.ctx.timed_out(f" waiting for {_ranks(self.ctx, waiting_for)} (same-host "
+                                     f"board)")
         self._report(waited, waiting_for)
         if waited >= _SPIN_S:
             time.sleep(min(0.001, waited / 20))
@@ -155,24 +153,28 @@ class _Waiting:
         if t is None or not every or waited < every * (self.reports + 1):
             return
         self.reports += 1
-        t.stalled(self.where(), [self.ctx.g.ranks[p] for p in waiting_for], waited, self.limit)
+        t.stalled(self.where(), [self.ctx.g.ranks[p] for p in waiting_for], waited,
+                  self.ctx.timeout)
 
     def gone(self, peer: int, what: str) -> None:
         """``peer`` finished this collective without ``what``: it failed, and
         whoever failed first aborted the tag; raise that."""
-        try:
-            self.posted().wait(timeout=0.2)
-        except MeshTimeoutError:
-            pass
-        raise MeshError(f"{self.where()}: rank {peer} left it without {what} "
+        err = caught(self.posted(), 0.2)
+        if err is not None:
+            raise err
+        raise MeshError(f"{self.where()}: {_ranks(self.ctx, [peer])} left it without {what} "
                         f"(it called another collective or failed)")
 
     def close(self) -> None:
         if self.watch is not None and not self.watch.done():
-            try:
-                self.watch.wait(timeout=0)
-            except MeshTimeoutError:
-                pass
+            caught(self.watch, 0)
+
+
+def _ranks(ctx: Ctx, peers: list[int]) -> str:
+    """Group ranks as errors name them: with their world ranks in a sub-group."""
+    names = [f"rank {p}" if not ctx.g.gid else f"rank {p} (world rank {ctx.g.ranks[p]})"
+             for p in peers]
+    return ", ".join(names)
 
 
 def _fmt(fp: bytes) -> str:
@@ -219,8 +221,8 @@ class Round:
         if err:
             raise cma.failed_read(self.ctx, peer, err, "the board")
         if box.seen_cookie[peer] != box.cookies[peer]:
-            raise LostPeerError(f"{self.wait.where()}: rank {peer}'s board was freed (its "
-                                f"group was closed)", self.ctx.g.ranks[peer])
+            raise LostPeerError(f"{self.wait.where()}: {_ranks(self.ctx, [peer])}'s board was "
+                                f"freed (its group was closed)", self.ctx.g.ranks[peer])
         return box.seen_head[peer]
 
     def _until(self, peers: list[int], ready: Callable[[np.ndarray], bool]) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from mesh import device
 
 from .ops import resolve
+from .runner import check_comm
 from .staged import all_reduce   # host arrays go to collectives.api, device ones to a GPU path
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "bucket_plan", "GradReducer", "all_reduce_grads"]
@@ -78,11 +79,14 @@ class _Bucket:
 class GradReducer:
     """All-reduce a fixed list of gradient arrays, bucket by bucket, as they
     become ready; ``wait()`` leaves every gradient averaged (``op="avg"``,
-    the default) or summed (``op="sum"``) over the group, in place."""
+    the default) or summed (``op="sum"``) over the group, in place.
+    ``timeout`` bounds each bucket's all_reduce (default: the group's)."""
 
     def __init__(self, g: Any, grads: Sequence[Any], bucket_bytes: int =
-                 DEFAULT_BUCKET_BYTES, op: str = "avg") -> None:
+                 DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
+        check_comm(g, "GradReducer")
         self.g = g
+        self.timeout = timeout
         self.grads = list(grads)
         self.on_device = bool(self.grads) and device.is_device(self.grads[0])
         for i, a in enumerate(self.grads):
@@ -146,7 +150,7 @@ class GradReducer:
             for i, off in zip(b.members, b.offsets):
                 v = self._views[i]
                 b.buf[off:off + v.size] = v.reshape(-1)
-            b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True)
+            b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True, timeout=self.timeout)
 
     def wait(self) -> None:
         """Launch what is left (in bucket order), wait for every bucket,
@@ -165,7 +169,7 @@ class GradReducer:
 
 
 def all_reduce_grads(g: Any, grads: Sequence[Any], bucket_bytes: int =
-                     DEFAULT_BUCKET_BYTES, op: str = "avg") -> None:
+                     DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
     """All gradients at once through fusion buckets (no overlap with
     backward; build a GradReducer and call ``ready`` for that)."""
-    GradReducer(g, grads, bucket_bytes, op).wait()
+    GradReducer(g, grads, bucket_bytes, op, timeout).wait()

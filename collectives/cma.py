@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from mesh import ANY, LostPeerError, MeshError, MeshTimeoutError
+from mesh import ANY, LostPeerError, MeshError
 from mesh.env import host_id
 
 from .exchange import all_gather_object_direct
-from .runner import Ctx
+from .runner import Ctx, caught
 
 __all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "pids"]
 
@@ -96,19 +96,15 @@ def failed_read(ctx: Ctx, peer: int, err: int, what: str) -> MeshError:
     peer is alive but has left this collective after an error of its own
     and its buffer went with it; whoever failed first aborted the tag, so
     wait a moment for that abort and raise it."""
-    where = (f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
-             f"{getattr(ctx.g, 'name', '?')}")
+    where, world = ctx.where(), ctx.g.ranks[peer]
+    who = f"rank {peer}" if not ctx.g.gid else f"rank {peer} (world rank {world})"
     if err == errno.ESRCH:
-        world = ctx.g.ranks[peer] if hasattr(ctx.g, "ranks") else peer
-        return LostPeerError(f"{where}: cannot read {what} of rank {peer} (no such process): "
+        return LostPeerError(f"{where}: cannot read {what} of {who} (no such process): "
                              f"it is gone", world)
-    try:
-        ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp).wait(timeout=_LEFT_WAIT_S)
-    except MeshTimeoutError:
-        pass
-    except MeshError as e:
-        return e
-    return MeshError(f"{where}: {what} of rank {peer} is gone ({os.strerror(err)}): it left "
+    aborted = caught(ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp), min(_LEFT_WAIT_S, ctx.left()))
+    if isinstance(aborted, MeshError):
+        return aborted
+    return MeshError(f"{where}: {what} of {who} is gone ({os.strerror(err)}): it left "
                      f"the collective")
 
 

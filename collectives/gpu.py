@@ -32,8 +32,7 @@ __all__ = ["Call", "Lanes", "lanes", "where"]
 
 def where(ctx: Ctx) -> str:
     """How errors name this collective: rank, collective, number, group."""
-    return (f"rank {ctx.g.rank}: {ctx.fp.get('coll', 'collective')} #{-ctx.tag} on group "
-            f"{getattr(ctx.g, 'name', '?')}")
+    return ctx.where()
 
 
 class Call:
@@ -72,7 +71,7 @@ class Lanes:
 
     def __init__(self, ctx: Ctx, call: Call, up: Any, down: Any) -> None:
         self.cp, self.up, self.down = call.cp, up, down
-        self.timeout = float(ctx.g.timeout)
+        self.ctx = ctx
         self.what = where(ctx)
         up.wait_event(call.start)
         down.wait_event(call.start)
@@ -84,8 +83,8 @@ class Lanes:
         return ev
 
     def wait(self, event: Any) -> None:
-        """The host waits (bounded by the group's timeout) for ``event``."""
-        device.wait_event(event, self.timeout, self.what)
+        """The host waits (bounded by the call's deadline) for ``event``."""
+        device.wait_event(event, self.ctx.left(), self.what)
 
     def copy(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
         """Queue a copy of ``nbytes`` between any two pointers (host, device,

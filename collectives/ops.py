@@ -52,9 +52,16 @@ class ReduceOp:
         CuPy's agree): ``add`` for sum and avg, ``maximum`` for max..."""
         return _UFUNC[self.name]
 
-    def combine(self, dst: Any, src: Any) -> None:
+    def combine(self, dst: Any, src: Any, src_first: bool = False) -> None:
+        """``dst = dst (op) src``, or ``src (op) dst`` with ``src_first``.
+        The order of the operands can change the bits (a complex product
+        rounds differently as a*b and b*a), so two ranks that must agree
+        combine the same two operands in the same order."""
         ufunc = getattr(array_module(dst), self.ufunc_name)
-        ufunc(dst, src, out=dst)
+        if src_first:
+            ufunc(src, dst, out=dst)
+        else:
+            ufunc(dst, src, out=dst)
 
     def finish(self, buf: Any, n: int) -> None:
         if self.name == "avg" and n > 1 and buf.size:

@@ -6,20 +6,27 @@ per group that runs the group's collectives one after another, in call order.
 
 A blocking call made while the lane still has work queues behind it, so
 collectives on one group always complete in the order they were called.
+
+A call's ``timeout`` bounds the whole call (a deadline set when it is made),
+on every path: each wait inside it gets what is left. A call that runs out
+of time raises MeshTimeoutError and aborts its tag on every member, so each
+raises too (a MeshTimeoutError naming the rank that timed out) and nothing
+is left running; ``Work.wait(timeout)`` running out does the same.
 """
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 import weakref
 from collections import deque
 from typing import Any, Callable
 
-from mesh import ANY
+from mesh import ANY, MeshTimeoutError
 
 from .plan import Tuning
 
-__all__ = ["Ctx", "Work", "Body", "start", "agreed"]
+__all__ = ["Ctx", "Work", "Body", "start", "agreed", "check_comm", "caught", "where"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -27,47 +34,121 @@ _WATCH_S = 0.1
 _WATCH_MAX = 64
 
 
+def check_comm(g: Any, name: str) -> None:
+    """A clear error for a communicator that is None: ``world.group(ranks)``
+    returns None on the ranks that are not in ``ranks``."""
+    if g is None:
+        raise TypeError(f"{name}: the communicator is None; world.group(ranks) returns None "
+                        f"on ranks that are not members of the group, and only members may "
+                        f"call its collectives")
+
+
+def caught(req: Any, timeout: float) -> BaseException | None:
+    """Wait up to ``timeout`` for a receive posted on a collective's tag
+    only to catch an abort; the error that failed it, or None if it timed
+    out (an abort for a timeout is a MeshTimeoutError too: ``done()`` tells
+    them apart) or a message came."""
+    try:
+        req.wait(timeout)
+    except MeshTimeoutError as e:
+        return e if req.done() else None
+    except BaseException as e:
+        return e
+    return None
+
+
+def where(g: Any, name: str, tag: int) -> str:
+    """How errors name a collective: this rank (its world rank), the
+    collective, its sequence number and its group."""
+    ranks = getattr(g, "ranks", None)
+    me = ranks[g.rank] if ranks is not None else g.rank
+    return f"rank {me}: {name} #{-tag} on group {getattr(g, 'name', '?')}"
+
+
 class Ctx:
-    """One collective call: its group, tag, fingerprint and tuning. The
-    point-to-point helpers stamp every message with the fingerprint."""
+    """One collective call: its group, tag, fingerprint, tuning and
+    deadline. The point-to-point helpers stamp every message with the
+    fingerprint, and their requests wait at most until the deadline."""
 
-    __slots__ = ("g", "tag", "fp", "tuning")
+    __slots__ = ("g", "tag", "fp", "tuning", "name", "timeout", "deadline")
 
-    def __init__(self, g: Any, tag: int, fp: dict, tuning: Tuning) -> None:
-        self.g, self.tag, self.fp, self.tuning = g, tag, fp, tuning
+    def __init__(self, g: Any, tag: int, fp: dict, tuning: Tuning, name: str = "collective",
+                 timeout: float | None = None, deadline: float | None = None) -> None:
+        self.g, self.tag, self.fp, self.tuning, self.name = g, tag, fp, tuning, name
+        self.timeout = float(g.timeout) if timeout is None else float(timeout)
+        self.deadline = time.monotonic() + self.timeout if deadline is None else deadline
 
-    def isend(self, obj: Any, dst: int) -> Any:
-        return self.g._isend(obj, dst, self.tag, fp=self.fp)
+    def where(self) -> str:
+        """``rank 2: all_reduce #5 on group world/[1, 2]`` (see ``where``)."""
+        return where(self.g, self.name, self.tag)
 
-    def irecv(self, src: int, out: Any = None) -> Any:
-        return self.g._irecv(src, self.tag, out, fp=self.fp)
+    def left(self) -> float:
+        """Seconds left before the call's deadline (0 once past)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def timed_out(self, waiting: str) -> MeshTimeoutError:
+        return MeshTimeoutError(f"{self.where()} timed out after {self.timeout:g}s{waiting}")
+
+    def isend(self, obj: Any, dst: int) -> "Req":
+        return Req(self, self.g._isend(obj, dst, self.tag, fp=self.fp))
+
+    def irecv(self, src: int, out: Any = None) -> "Req":
+        return Req(self, self.g._irecv(src, self.tag, out, fp=self.fp))
 
     def send(self, obj: Any, dst: int) -> None:
-        self.g._isend(obj, dst, self.tag, fp=self.fp).wait()
+        self.isend(obj, dst).wait()
 
     def recv(self, src: int, out: Any = None) -> Any:
-        return self.g._irecv(src, self.tag, out, fp=self.fp).wait()
+        return self.irecv(src, out).wait()
+
+
+class Req:
+    """A collective's point-to-point request: ``wait()`` is bounded by the
+    call's deadline, and its timeout names the call."""
+
+    __slots__ = ("ctx", "req")
+
+    def __init__(self, ctx: Ctx, req: Any) -> None:
+        self.ctx, self.req = ctx, req
+
+    def done(self) -> bool:
+        return bool(self.req.done())
+
+    def wait(self) -> Any:
+        try:
+            return self.req.wait(self.ctx.left())
+        except MeshTimeoutError as e:
+            if self.req.done():      # failed, not timed out: a peer's timeout aborted the call
+                raise
+            text, here = str(e), self.ctx.where()
+            inner = text[len(here) + 2:] if text.startswith(here + ": ") else text
+            raise self.ctx.timed_out(f"; last wait: {inner}") from None
 
 
 class Work:
     """A collective in flight (``async_op=True``): ``wait()`` returns what the
-    blocking call would have returned, or raises its error."""
+    blocking call would have returned, or raises its error. A ``wait`` that
+    runs out of time aborts the collective on every member."""
 
-    __slots__ = ("_event", "_value", "_error", "desc")
+    __slots__ = ("_event", "_value", "_error", "desc", "_abort")
 
-    def __init__(self, desc: str) -> None:
+    def __init__(self, desc: str, abort: Callable[[BaseException], None] | None = None) -> None:
         self._event = threading.Event()
         self._value: Any = None
         self._error: BaseException | None = None
         self.desc = desc
+        self._abort = abort
 
     def done(self) -> bool:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> Any:
-        if not self._event.wait(timeout):
-            from mesh import MeshTimeoutError
-            raise MeshTimeoutError(f"{self.desc} did not complete within {timeout:g}s")
+        if not self._event.wait(timeout) and not self._event.is_set():
+            e = MeshTimeoutError(f"{self.desc} timed out after {timeout:g}s (in Work.wait); "
+                                 f"aborted on every member")
+            if self._abort is not None:
+                self._abort(e)
+            raise e
         if self._error is not None:
             raise self._error
         return self._value
@@ -190,20 +271,40 @@ def agreed(body: Body) -> Body:
 
 def _abort(g: Any, tag: int, name: str, e: BaseException) -> None:
     """Fail the tag on every member; peers raise the same error class where
-    the mesh carries it (mismatch, lost peer), else MeshError with the text."""
-    g._abort(tag, f"{name} (collective #{-tag}) failed: {type(e).__name__}: {e}", error=type(e))
+    the mesh carries it (mismatch, lost peer, timeout), else MeshError with
+    the text."""
+    text, here = str(e), where(g, name, tag)
+    if text.startswith(here):    # it names this collective: drop "rank N: ", the abort says it
+        text = text[here.index(": ") + 2:]
+    else:
+        text = f"{name} #{-tag} failed: {type(e).__name__}: {text}"
+    g._abort(tag, text, error=type(e))
+
+
+def _limit(g: Any, name: str, timeout: Any) -> float:
+    if timeout is None:
+        return float(g.timeout)
+    limit = float(timeout) if isinstance(timeout, numbers.Real) else -1.0
+    if isinstance(timeout, bool) or not limit >= 0:
+        raise ValueError(f"{name}: timeout must be a number of seconds >= 0 or None, "
+                         f"got {timeout!r}")
+    return limit
 
 
 def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
-          async_op: bool) -> Any:
+          async_op: bool, timeout: float | None = None) -> Any:
     """Run the group's next collective. ``prepare(tuning)`` checks the
     arguments and returns (fingerprint, body); ``body(ctx)`` moves the data.
     Both run under the collective's tag, so a rank that fails, even on its
     own arguments, aborts the collective on every member instead of leaving
-    them waiting. Returns body's value, or a Work with ``async_op``."""
+    them waiting. ``timeout`` (default: the group's) bounds the whole call,
+    from now. Returns body's value, or a Work with ``async_op``."""
+    check_comm(g, name)
+    t0 = time.monotonic()
     tag = g._coll_tag()
     st = _state(g)
     try:
+        limit = _limit(g, name, timeout)
         late = st.check()
         if late is not None:
             raise type(late)(f"an earlier collective failed on a peer after it had finished "
@@ -213,10 +314,17 @@ def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
     except BaseException as e:
         _abort(g, tag, name, e)
         raise
-    ctx = Ctx(g, tag, fp, tuning)
+    deadline = t0 + limit
+    ctx = Ctx(g, tag, fp, tuning, name, limit, deadline)
 
     def run() -> Any:
         try:
+            aborted = g._abort_error(tag, ctx.where().split(": ", 1)[1])
+            if aborted is not None:     # a peer gave up on it before this rank got here
+                raise aborted
+            if time.monotonic() > deadline:
+                raise ctx.timed_out(" before it started (queued behind the group's earlier "
+                                    "collectives)")
             return body(ctx)
         except BaseException as e:
             _abort(g, tag, name, e)
@@ -224,6 +332,6 @@ def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
 
     if not async_op and st.idle():
         return run()
-    work = Work(f"rank {g.rank}: {name} #{-tag} on group {getattr(g, 'name', '?')}")
+    work = Work(ctx.where(), lambda e: _abort(g, tag, name, e))
     st.submit(run, work)
-    return work if async_op else work.wait()
+    return work if async_op else work.wait(max(0.0, deadline - time.monotonic()))

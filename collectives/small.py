@@ -7,8 +7,10 @@ Recursive doubling on n = p + r ranks (p a power of two)::
     rounds:    exchange with partner at distance 1, 2, 4 ... among the p
     unfold:    rank 2i+1 -> rank 2i      the result goes back
 
-Every op is commutative, so both partners of an exchange compute the same
-bits and every rank ends with an identical result.
+Both partners of an exchange combine the lower rank's operand first, so
+they compute the same bits (operand order matters to rounding: a complex
+product a*b and b*a can differ in the last place) and every rank ends with
+an identical result.
 """
 from __future__ import annotations
 
@@ -31,12 +33,12 @@ def all_reduce_rd(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
         return
     tmp = np.empty_like(buf)
     if plan.fold_from is not None:
-        op.combine(buf, ctx.recv(plan.fold_from, out=tmp))
+        op.combine(buf, ctx.recv(plan.fold_from, out=tmp), src_first=True)
     for peer in plan.partners:
         req = ctx.isend(buf, peer)
         got = ctx.recv(peer, out=tmp)
         req.wait()
-        op.combine(buf, got)
+        op.combine(buf, got, src_first=peer < rank)
     if plan.fold_from is not None:
         ctx.send(buf, plan.fold_from)
 

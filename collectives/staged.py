@@ -36,7 +36,7 @@ from .ops import resolve
 from .plan import Tuning
 from .ring import ring as host_ring
 from .rooted import broadcast_tree
-from .runner import Ctx, agreed, start
+from .runner import Ctx, agreed, check_comm, start
 
 __all__ = ["staged", "simple", "DeviceWork", "all_reduce", "broadcast", "reduce",
            "all_gather", "reduce_scatter", "gather", "scatter", "all_to_all"]
@@ -66,9 +66,10 @@ def simple(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
     """Wrap a host collective ``fn(g, a, ...)`` so that ``a`` may live on a
     device: copied down whole, the host collective, copied back whole."""
     @functools.wraps(fn)
-    def run(g: Any, a: Any = None, *args: Any, async_op: bool = False, **kw: Any) -> Any:
+    def run(g: Any, a: Any = None, *args: Any, async_op: bool = False,
+            timeout: float | None = None, **kw: Any) -> Any:
         if a is None or not device.is_device(a):
-            return fn(g, a, *args, async_op=async_op, **kw)
+            return fn(g, a, *args, async_op=async_op, timeout=timeout, **kw)
         host = device.to_host(a)
 
         def finish(result: Any) -> Any:
@@ -77,7 +78,7 @@ def simple(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
                 return a
             return None if result is None else device.to_device(result)
 
-        result = fn(g, host, *args, async_op=async_op, **kw)
+        result = fn(g, host, *args, async_op=async_op, timeout=timeout, **kw)
         return DeviceWork(result, finish) if async_op else finish(result)
     return run
 
@@ -144,10 +145,12 @@ _simple_broadcast = simple(api.broadcast, in_place=True)
 
 
 def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
-               algorithm: str | None = None) -> Any:
+               algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.api.all_reduce, for host and device arrays."""
+    check_comm(g, "all_reduce")
     if not _device_path(g, a, 1, algorithm, "rd"):
-        return _simple_all_reduce(g, a, op=op, async_op=async_op, algorithm=algorithm)
+        return _simple_all_reduce(g, a, op=op, async_op=async_op, timeout=timeout,
+                                  algorithm=algorithm)
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         rop = resolve(op, call.dtype)
@@ -169,13 +172,15 @@ def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
             call.write_back(lanes, flat)
             lanes.sync()
         return a
-    return start(g, "all_reduce", prepare, async_op)
+    return start(g, "all_reduce", prepare, async_op, timeout)
 
 
-def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False) -> Any:
+def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+                   timeout: float | None = None) -> Any:
     """collectives.api.reduce_scatter, for host and device arrays."""
+    check_comm(g, "reduce_scatter")
     if not _device_path(g, a):
-        return _simple_reduce_scatter(g, a, op=op, async_op=async_op)
+        return _simple_reduce_scatter(g, a, op=op, async_op=async_op, timeout=timeout)
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         _rows("reduce_scatter", call.arr, g.size)
@@ -206,13 +211,14 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False) -> A
                 rop.finish(mine, n)
             lanes.sync()
         return mine
-    return start(g, "reduce_scatter", prepare, async_op)
+    return start(g, "reduce_scatter", prepare, async_op, timeout)
 
 
-def all_gather(g: Any, a: Any, async_op: bool = False) -> Any:
+def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """collectives.api.all_gather, for host and device arrays."""
+    check_comm(g, "all_gather")
     if not _device_path(g, a, g.size):
-        return _simple_all_gather(g, a, async_op=async_op)
+        return _simple_all_gather(g, a, async_op=async_op, timeout=timeout)
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         return _fp("all_gather", call.arr, alg="device"), lambda ctx: body(ctx, call)
@@ -235,15 +241,17 @@ def all_gather(g: Any, a: Any, async_op: bool = False) -> Any:
                 ring(ctx, lanes, out.reshape(-1), n - 1, 0, None)
             lanes.sync()
         return out
-    return start(g, "all_gather", prepare, async_op)
+    return start(g, "all_gather", prepare, async_op, timeout)
 
 
 def broadcast(g: Any, a: Any, root: int = 0, async_op: bool = False,
-              algorithm: str | None = None) -> Any:
+              algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.api.broadcast, for host and device arrays: through CUDA
     IPC when the group can, else the simple staged path."""
+    check_comm(g, "broadcast")
     if not _device_path(g, a) or algorithm is not None:
-        return _simple_broadcast(g, a, root=root, async_op=async_op, algorithm=algorithm)
+        return _simple_broadcast(g, a, root=root, async_op=async_op, timeout=timeout,
+                                 algorithm=algorithm)
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         r = _root(g, root)
@@ -260,7 +268,7 @@ def broadcast(g: Any, a: Any, root: int = 0, async_op: bool = False,
             call.write_back(lanes, flat)
             lanes.sync()
         return a
-    return start(g, "broadcast", prepare, async_op)
+    return start(g, "broadcast", prepare, async_op, timeout)
 
 
 def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any,

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import LostPeerError, MismatchError
+from .errors import LostPeerError, MeshError, MeshTimeoutError, MismatchError
 from .match import ANY, Pending
-from .transport import Outgoing, Transport
+from .transport import Outgoing, Transport, abort_error
 
 __all__ = ["Comm", "Request", "ANY"]
 
@@ -77,16 +77,17 @@ class Comm:
         """Blocking send; returns when ``obj``'s buffer may be reused."""
         _check_tag(tag, self, "send")
         t = self._t
-        t.wait(t.isend(self._world_rank(dst, "send"), self.gid, tag, obj, None,
-                       ("send to", dst, tag, self.name)), timeout)
+        wdst = self._world_rank(dst, "send")
+        t.wait(t.isend(wdst, self.gid, tag, obj, None, self._desc("send to", dst, wdst, tag)),
+               timeout)
 
     def recv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None,
              timeout: float | None = None) -> Any:
         _check_tag(tag, self, "recv")
         t = self._t
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
-        return t.wait(t.irecv(self.gid, wsrc, tag, out, None, ("recv from", src, tag, self.name)),
-                      timeout)
+        return t.wait(t.irecv(self.gid, wsrc, tag, out, None,
+                              self._desc("recv from", src, wsrc, tag)), timeout)
 
     def isend(self, obj: Any, dst: int, tag: int = 0) -> Request:
         _check_tag(tag, self, "isend")
@@ -100,13 +101,24 @@ class Comm:
 
     def _isend(self, obj: Any, dst: int, tag: int, fp: Any = None) -> Request:
         wdst = self._world_rank(dst, "send")
-        desc = ("send to", dst, tag, self.name)
+        desc = self._desc("send to", dst, wdst, tag, fp)
         return Request(self._t, self._t.isend(wdst, self.gid, tag, obj, fp, desc))
 
     def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Request:
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
-        desc = ("recv from", src, tag, self.name)
+        desc = self._desc("recv from", src, wsrc, tag, fp)
         return Request(self._t, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
+
+    def _desc(self, verb: str, peer: int, world: int, tag: int, fp: Any = None) -> tuple:
+        """The parts of an operation's description (mesh.match.describe):
+        the peer's world rank too in a sub-group, and the collective a
+        message belongs to."""
+        coll = fp.get("coll") if type(fp) is dict else None
+        if coll is not None:
+            return (verb, peer, tag, self.name, world if self.gid else None, coll)
+        if self.gid:
+            return (verb, peer, tag, self.name, world)
+        return (verb, peer, tag, self.name)
 
     def _send(self, obj: Any, dst: int, tag: int, fp: Any = None) -> None:
         self._isend(obj, dst, tag, fp).wait()
@@ -122,15 +134,28 @@ class Comm:
     def _abort(self, tag: int, reason: str, error: type[BaseException] | None = None,
                peer: int | None = None) -> None:
         """Fail ``tag`` on every member; they raise ``error``'s kind where the
-        wire carries it (mismatch, lost peer, naming ``peer``: a world rank),
-        else MeshError."""
+        wire carries it (mismatch, lost peer, naming ``peer``: a world rank,
+        timeout), else MeshError."""
         kind = 2
         if error is not None and issubclass(error, MismatchError):
             kind = 0
         elif error is not None and issubclass(error, LostPeerError):
             kind = 1
-        self._t.abort(self.gid, tag, f"rank {self.rank} of group {self.name}: {reason}", kind,
-                      -1 if peer is None else peer)
+        elif error is not None and issubclass(error, MeshTimeoutError):
+            kind = 3
+        me = f"rank {self.rank} of group {self.name}"
+        if self.gid:
+            me += f" (world rank {self.ranks[self.rank]})"
+        self._t.abort(self.gid, tag, f"{me}: {reason}", kind, -1 if peer is None else peer)
+
+    def _abort_error(self, tag: int, what: str) -> MeshError | None:
+        """The error to raise for ``what`` if ``tag`` was aborted here (by a
+        peer, before this rank got to it), else None. Cheap: no lock, no message."""
+        t = self._t
+        record = t._aborted.get((self.gid, tag)) if t._aborted else None
+        if record is None:
+            return None
+        return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")
 
     def _keep_alive(self, obj: Any) -> None:
         """Hold ``obj`` until the mesh closes, not just while this group

@@ -64,10 +64,7 @@ class Liveness:
     def _control(self, peer: Peer, header: bytes) -> None: ...
 
     def _what(self, item: Pending | Outgoing) -> str:
-        if isinstance(item, Pending) and isinstance(item.fp, dict) and "coll" in item.fp:
-            group = self.groups.get(item.group, ("?",))[0]
-            return f"{item.fp['coll']} #{-item.tag} on group {group} ({item.desc})"
-        return item.desc
+        return item.desc    # a collective's message names it (mesh.match.describe)
 
     def status(self) -> str:
         """What this rank is doing, as its heartbeats tell its peers."""
@@ -117,8 +114,11 @@ class Liveness:
         said = f"; it said: {p.status}" if p.status else ""
         return f" (rank {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago{said})"
 
-    def _gone(self, peer: Peer, desc: str) -> LostPeerError:
-        return LostPeerError(f"rank {self.rank}: {desc} failed: peer rank {peer.rank} is gone "
+    def _gone(self, peer: Peer, desc: str, group: int = 0) -> LostPeerError:
+        """The error of an operation (of ``group``) that involves a lost
+        peer; in a sub-group the peer is named by its world rank, as such."""
+        who = f"world rank {peer.rank}" if group else f"rank {peer.rank}"
+        return LostPeerError(f"rank {self.rank}: {desc} failed: peer {who} is gone "
                              f"({peer.why})", peer.rank)
 
     def _dead_member(self, group: int) -> int | None:
@@ -143,11 +143,12 @@ class Liveness:
         if state == DEAD:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
         for q in reqs:
-            q.fail(self._gone(peer, q.desc))
+            q.fail(self._gone(peer, q.desc, q.group))
         self._nudge()
         with peer.lock:
             while peer.queue:
-                peer.queue.popleft().fail(self._gone(peer, "send"))
+                out = peer.queue.popleft()
+                out.fail(self._gone(peer, out.desc))
 
     def peer_state(self, rank: int) -> str:
         return ("alive", "closed", "dead")[self._peers[rank].state]

@@ -17,13 +17,28 @@ ANY = -1
 
 def describe(d: Any) -> str:
     """An operation's description. Point-to-point calls pass the parts,
-    ``(verb, peer, tag, group name)``, and the text is made only when an
-    error or a status report needs it, not once per message."""
+    ``(verb, peer, tag, group name[, peer's world rank, collective])``, and
+    the text is made only when an error or a status report needs it, not
+    once per message. A peer of a sub-group is named in both numberings
+    (its world rank given only for sub-groups); a collective's message
+    names the collective, its sequence number (minus the tag) and group::
+
+        recv from rank 1 (tag 7, group world)
+        recv from rank 1 of group world/[1, 2] (world rank 2), tag 7
+        all_reduce #3 on group world/[1, 2]: recv from rank 1 (world rank 2)
+    """
     if type(d) is str:
         return d
-    verb, peer, tag, name = d
+    verb, peer, tag, name = d[0], d[1], d[2], d[3]
+    world = d[4] if len(d) > 4 else None
+    coll = d[5] if len(d) > 5 else None
     who = "any rank" if peer == ANY else f"rank {peer}"
-    return f"{verb} {who} (tag {tag}, group {name})"
+    if coll is not None:
+        mine = "" if world is None or peer == ANY else f" (world rank {world})"
+        return f"{coll} #{-tag} on group {name}: {verb} {who}{mine}"
+    if world is None or peer == ANY:
+        return f"{verb} {who} (tag {tag}, group {name})"
+    return f"{verb} {who} of group {name} (world rank {world}), tag {tag}"
 
 
 class Flag:

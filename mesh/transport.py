@@ -34,10 +34,11 @@ from .liveness import Liveness
 from .payload import encode_payload, fill, fmt_fp, out_problem
 from .peer import ALIVE, CLOSED, Outgoing, Peer, config_float
 
-__all__ = ["Transport", "Outgoing", "config_float"]
+__all__ = ["Transport", "Outgoing", "config_float", "abort_error"]
 
 _log = logging.getLogger("mesh.transport")
-_ERR_KINDS: dict[int, type[MeshError]] = {0: MismatchError, 1: LostPeerError, 2: MeshError}
+_ERR_KINDS: dict[int, type[MeshError]] = {0: MismatchError, 1: LostPeerError, 2: MeshError,
+                                           3: MeshTimeoutError}
 _COPY_BELOW = 64 * 1024
 # What one message costs the receiver beyond its payload (header, ZeroMQ's and
 # our bookkeeping): charged against the credit window, so a flood of empty or
@@ -234,9 +235,9 @@ class Transport(Liveness):
                     self._dead_member(group) if self._dead and (src == ANY or tag < 0) else None
                 if lost is not None:
                     self._matcher.cancel(req)
-                    gone = self._gone(self._peers[lost], req.desc)
+                    gone = self._gone(self._peers[lost], req.desc, group)
         if aborted:
-            req.fail(_abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
+            req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
         elif msg is not None:
@@ -591,7 +592,7 @@ class Transport(Liveness):
         for m in dropped:
             self._consumed(m.src, m.nbytes)
         for q in reqs:
-            q.fail(_abort_error(record, f"rank {self.rank}: {q.desc} aborted: {reason}"))
+            q.fail(abort_error(record, f"rank {self.rank}: {q.desc} aborted: {reason}"))
         self._nudge()
         return True
 
@@ -635,7 +636,7 @@ class Transport(Liveness):
         os.close(self._wake_w)
 
 
-def _abort_error(record: tuple[int, str, int], text: str) -> MeshError:
+def abort_error(record: tuple[int, str, int], text: str) -> MeshError:
     err, _, peer = record
     if err == 1:
         return LostPeerError(text, peer if peer >= 0 else None)

@@ -101,7 +101,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         h["c"] = credit
     elif kind == ABORT:
         h["r"] = reason
-        h["c"] = credit  # the error kind: 0 mismatch, 1 lost peer, 2 other
+        h["c"] = credit  # the error kind: 0 mismatch, 1 lost peer, 2 other, 3 timeout
         if peer >= 0:
             h["p"] = peer
     elif kind == HEARTBEAT and reason:
@@ -146,7 +146,7 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         return Header(kind, src, reason=_str(h, "r"))
     group, tag = _int(h, "g", 0), _int(h, "t")
     if kind == ABORT:
-        return Header(kind, src, group, tag, reason=_str(h, "r"), credit=_int(h, "c", 0, 2),
+        return Header(kind, src, group, tag, reason=_str(h, "r"), credit=_int(h, "c", 0, 3),
                       peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
     nbytes = _int(h, "n", 0)
     if kind == OBJ:

@@ -260,3 +260,41 @@ def peak_extra_mib(world: Any, nbytes: int) -> float:
 def test_256mib_all_reduce_needs_at_most_64mib_beyond_its_input() -> None:
     extra = mesh.spawn(peak_extra_mib, 2, 256 << 20, timeout=100)
     assert max(extra) <= 64, f"peak memory beyond the input, MiB per rank: {extra}"
+
+
+BITWISE_DTYPES = ["float32", "float64", "complex64", "complex128", "float16", "int64"]
+
+
+def bitwise_battery(world: Any, seed: int) -> list[str]:
+    """all_reduce of random (not integer-valued) data, every op and several
+    dtypes, at a size for each algorithm: every rank's result must be the
+    same bytes. Returns what differed."""
+    n, r = world.size, world.rank
+    rng = np.random.default_rng([seed, r])
+    bad = []
+    for count, alg in [(1000, "rd"), (1000, "ring"), (40000, None)]:
+        for dtype in BITWISE_DTYPES:
+            for op in C.OPS:
+                if not valid(op, dtype):
+                    continue
+                dt = np.dtype(dtype)
+                if dt.kind == "i":
+                    a = rng.integers(-1000, 1000, count).astype(dt)
+                else:
+                    a = (1 + 0.1 * rng.standard_normal(count)).astype(dt)
+                    if dt.kind == "c":
+                        a += (0.1j * rng.standard_normal(count)).astype(dt)
+                C.all_reduce(world, a, op=op, algorithm=alg)
+                everyone = C.all_gather(world, a.view(np.uint8))
+                differ = [i for i in range(n) if everyone[i].tobytes() != everyone[0].tobytes()]
+                if differ:
+                    bad.append(f"{alg or 'auto'} {count} {op} {dtype}: ranks {differ} differ "
+                               f"from rank 0")
+    return bad
+
+
+@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("env", [{"MESH_CMA": "0"}, {}], ids=["sockets", "same-host"])
+def test_all_reduce_is_bitwise_identical_on_every_rank(n: int, env: dict) -> None:
+    got = mesh.spawn(bitwise_battery, n, 99 + n, timeout=100, env=env)
+    assert got == [[]] * n, got[0]
