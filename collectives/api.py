@@ -198,7 +198,7 @@ def gather(g: Any, a: Any, root: int = 0, async_op: bool = False,
     """Every rank's ``a`` stacked on the root (shape (g.size, *a.shape));
     None on the other ranks."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
-        arr = np.ascontiguousarray(_array("gather", a))
+        arr = np.asarray(_array("gather", a), order="C")   # ascontiguousarray makes 0-d 1-d
         r = _root(g, root)
 
         def body(ctx: Ctx) -> np.ndarray | None:
@@ -220,7 +220,7 @@ def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False,
         r = _root(g, root)
         src = None
         if g.rank == r:
-            src = np.ascontiguousarray(_array("scatter", a))
+            src = np.asarray(_array("scatter", a), order="C")
             if src.ndim == 0 or src.shape[0] != g.size:
                 raise ValueError(f"scatter needs the root's array shaped (group size "
                                  f"{g.size}, ...), got shape {src.shape}")
@@ -245,7 +245,7 @@ def all_to_all(g: Any, a: Any, async_op: bool = False, timeout: float | None = N
     block i goes to rank i. Returns the blocks received, in rank order,
     concatenated: the same shape as ``a``."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
-        arr = np.ascontiguousarray(_array("all_to_all", a))
+        arr = np.asarray(_array("all_to_all", a), order="C")
         _rows("all_to_all", arr, g.size)
 
         def body(ctx: Ctx) -> np.ndarray:

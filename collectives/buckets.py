@@ -12,6 +12,16 @@ Buckets follow backward's order (the last gradients first), hold one dtype
 each and about ``bucket_bytes``; their fusion buffers are allocated once
 and reused every step.
 
+With torch, pass the parameters, as torch's DDP holds them:
+``GradReducer(world, [p for p in model.parameters() if p.requires_grad])``.
+torch replaces gradient tensors (its default ``optimizer.zero_grad()`` sets
+``.grad`` to None and the next backward makes a new one), so the reducer
+reads each parameter's current ``.grad`` when its bucket launches (zeros
+where it is None), and ``wait()`` raises, naming the gradient, if ``.grad``
+was replaced between the launch and the copy back. A torch gradient tensor
+(or a numpy view of one) is refused: the reducer would go on reducing the
+old tensor after torch replaced it, and the replicas would drift apart.
+
 Gradients are all host (numpy) arrays or all device arrays of one GPU
 (CuPy, or anything with ``__cuda_array_interface__`` or DLPack, such as
 torch CUDA tensors, reduced in place through a CuPy view). Device buckets
@@ -23,7 +33,7 @@ on that stream.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -61,6 +71,19 @@ def bucket_plan(sizes: Sequence[int], dtypes: Sequence[Any],
     return plan
 
 
+def _is_param(x: Any) -> bool:
+    """A parameter whose ``.grad`` the reducer follows (a torch Parameter)."""
+    return not isinstance(x, np.ndarray) and getattr(x, "requires_grad", False) is True \
+        and hasattr(x, "grad")
+
+
+def _torch_held(a: Any) -> bool:
+    """A torch tensor, or a numpy array viewing one's memory."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return type(a).__module__.split(".")[0] == "torch"
+
+
 class _Bucket:
     __slots__ = ("members", "buf", "offsets", "pending", "work")
 
@@ -77,17 +100,32 @@ class _Bucket:
 
 
 class GradReducer:
-    """All-reduce a fixed list of gradient arrays, bucket by bucket, as they
-    become ready; ``wait()`` leaves every gradient averaged (``op="avg"``,
-    the default) or summed (``op="sum"``) over the group, in place.
-    ``timeout`` bounds each bucket's all_reduce (default: the group's)."""
+    """All-reduce a fixed list of gradient arrays (or the current gradients
+    of a fixed list of parameters), bucket by bucket, as they become ready;
+    ``wait()`` leaves every gradient averaged (``op="avg"``, the default) or
+    summed (``op="sum"``) over the group, in place. ``timeout`` bounds each
+    bucket's all_reduce (default: the group's)."""
 
-    def __init__(self, g: Any, grads: Sequence[Any], bucket_bytes: int =
+    _refuse_torch = True      # all_reduce_grads' one-shot reducer takes them
+
+    def __init__(self, g: Any, grads: Iterable[Any], bucket_bytes: int =
                  DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
         check_comm(g, "GradReducer")
         self.g = g
         self.timeout = timeout
-        self.grads = list(grads)
+        items = list(grads)
+        kinds = [_is_param(x) for x in items]
+        self.params: list[Any] | None = items if items and all(kinds) else None
+        if any(kinds) and self.params is None:
+            raise TypeError(f"gradient {kinds.index(False)} is not a parameter and gradient "
+                            f"{kinds.index(True)} is: a GradReducer takes all parameters "
+                            f"(it follows their .grad) or all gradient arrays")
+        self._held: list[Any] = [None] * len(items)
+        self.grads = [self._current(i) for i in range(len(items))] if self.params else items
+        if self.params is None and self._refuse_torch:
+            for i, a in enumerate(self.grads):
+                if _torch_held(a):
+                    raise TypeError(self._torch_message(i))
         self.on_device = bool(self.grads) and device.is_device(self.grads[0])
         for i, a in enumerate(self.grads):
             if device.is_device(a) != self.on_device:
@@ -99,6 +137,7 @@ class GradReducer:
         # What the buckets copy from and back into: the arrays themselves, or
         # CuPy views of device arrays (sharing their memory).
         self._views = [self._view(a) for a in self.grads]
+        self._specs = [(v.shape, v.dtype) for v in self._views]
         self._gpu: Any = None
         xp: Any = np
         if self.on_device:
@@ -120,6 +159,32 @@ class GradReducer:
     def _view(self, a: Any) -> Any:
         return device.as_cupy(a) if self.on_device else a
 
+    @staticmethod
+    def _torch_message(i: int) -> str:
+        return (f"gradient {i} is a torch tensor or a numpy view of one: torch replaces "
+                f"gradient tensors (optimizer.zero_grad() sets .grad to None), and a "
+                f"GradReducer would go on reducing the old one; pass the parameters "
+                f"instead: GradReducer(g, [p for p in model.parameters() if p.requires_grad])")
+
+    def _current(self, i: int) -> Any:
+        """Parameter i's current gradient as the reducer reduces it (a numpy
+        view of a CPU tensor, a CUDA tensor as it is); zeros when None."""
+        assert self.params is not None
+        p = self.params[i]
+        if p.grad is None:
+            p.grad = p.detach().new_zeros(p.shape)
+        t = self._held[i] = p.grad
+        return t if device.is_device(t) else t.detach().numpy()
+
+    def _replace(self, i: int, grad: Any) -> None:
+        if device.is_device(grad) != self.on_device:
+            raise TypeError(f"gradient {i}: a {'host' if self.on_device else 'device'} "
+                            f"array replaces a {'device' if self.on_device else 'host'} one")
+        (shape, dtype), new = self._specs[i], self._view(grad)
+        if new.shape != shape or new.dtype != dtype:
+            raise ValueError(f"gradient {i} was {dtype}{shape}, now {new.dtype}{new.shape}")
+        self.grads[i], self._views[i] = grad, new
+
     def _on_gpu(self) -> Any:
         return device.cupy().cuda.Device(self._gpu) if self.on_device else \
             contextlib.nullcontext()
@@ -128,16 +193,15 @@ class GradReducer:
         """Gradient ``i`` is final (``grad`` replaces the array registered for
         it: same shape and dtype, and host or device as the others). Buckets
         launch in plan order (the same on every rank, as collectives must),
-        each once all its gradients are ready."""
+        each once all its gradients are ready. A reducer of parameters reads
+        their ``.grad`` itself: no ``grad`` then."""
         if grad is not None:
-            if device.is_device(grad) != self.on_device:
-                raise TypeError(f"gradient {i}: a {'host' if self.on_device else 'device'} "
-                                f"array replaces a {'device' if self.on_device else 'host'} one")
-            old, new = self._views[i], self._view(grad)
-            if new.shape != old.shape or new.dtype != old.dtype:
-                raise ValueError(f"gradient {i} was {old.dtype}{old.shape}, "
-                                 f"now {new.dtype}{new.shape}")
-            self.grads[i], self._views[i] = grad, new
+            if self.params is not None:
+                raise TypeError(f"gradient {i}: this GradReducer follows its parameters' "
+                                f".grad; ready() takes no gradient")
+            if self._refuse_torch and _torch_held(grad):
+                raise TypeError(self._torch_message(i))
+            self._replace(i, grad)
         self._where[i].pending.discard(i)
         for b in self.buckets:
             if b.pending:
@@ -146,6 +210,9 @@ class GradReducer:
                 self._launch(b)
 
     def _launch(self, b: _Bucket) -> None:
+        if self.params is not None:
+            for i in b.members:
+                self._replace(i, self._current(i))
         with self._on_gpu():
             for i, off in zip(b.members, b.offsets):
                 v = self._views[i]
@@ -154,7 +221,9 @@ class GradReducer:
 
     def wait(self) -> None:
         """Launch what is left (in bucket order), wait for every bucket,
-        copy the results into the gradients; ready for the next step."""
+        copy the results into the gradients; ready for the next step.
+        Raises, after all that, when a parameter's ``.grad`` was replaced
+        after its bucket took it: the new tensor holds no average."""
         for b in self.buckets:
             if b.work is None:
                 self._launch(b)
@@ -166,10 +235,27 @@ class GradReducer:
                 for i, off in zip(b.members, b.offsets):
                     v = self._views[i]
                     v[...] = b.buf[off:off + v.size].reshape(v.shape)
+        if self.params is None:
+            return
+        stale = [i for i, p in enumerate(self.params) if p.grad is not self._held[i]]
+        for i in range(len(self.params)):    # keep no tensor torch may drop before the next step
+            self.grads[i] = self._views[i] = self._held[i] = None
+        if stale:
+            i = stale[0]
+            raise RuntimeError(f"rank {self.g.rank}: gradient {i} was replaced after its "
+                               f"bucket took it: parameter {i}'s .grad changed between its "
+                               f"bucket's launch and wait() (zero_grad() or another backward "
+                               f"in between?), so it holds no average (replaced: {stale[:8]})")
 
 
-def all_reduce_grads(g: Any, grads: Sequence[Any], bucket_bytes: int =
+class _Once(GradReducer):
+    """all_reduce_grads' reducer: used at once, so torch gradients are current."""
+    _refuse_torch = False
+
+
+def all_reduce_grads(g: Any, grads: Iterable[Any], bucket_bytes: int =
                      DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
-    """All gradients at once through fusion buckets (no overlap with
-    backward; build a GradReducer and call ``ready`` for that)."""
-    GradReducer(g, grads, bucket_bytes, op, timeout).wait()
+    """All gradients (arrays, torch gradients too, or parameters' .grad) at
+    once through fusion buckets (no overlap with backward; build a
+    GradReducer and call ``ready`` for that)."""
+    _Once(g, grads, bucket_bytes, op, timeout).wait()

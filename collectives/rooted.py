@@ -113,7 +113,7 @@ def gather_direct(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) 
         ctx.send(buf, root)
         return
     assert out is not None
-    reqs = [ctx.irecv(i, out[i]) for i in range(n) if i != rank]
+    reqs = [ctx.irecv(i, out[i, ...]) for i in range(n) if i != rank]   # 0-d rows too
     out[rank] = buf.reshape(out.shape[1:])
     for req in reqs:
         req.wait()

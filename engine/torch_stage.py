@@ -3,8 +3,13 @@ backward. torch is imported only when a TorchStage is built, so meshrun
 never depends on it.
 
 Arrays cross the stage boundary as numpy (CPU tensors share memory with
-them); ``grads()`` returns numpy views of the parameters' ``.grad``
-tensors, so the executor's in-place all-reduce updates torch's gradients.
+them). A floating input is cast to the module's dtype inside the graph, so
+a float32 module takes float64 activations and hands back gradients in the
+input's dtype. ``grads()`` returns numpy views of the parameters' current
+``.grad`` tensors (zeros put in place of the None that torch's default
+``optimizer.zero_grad()`` leaves), so the executor's in-place all-reduce
+updates torch's gradients; call it again after ``zero_grad()``, as the
+executor does every step: an older list may view tensors torch replaced.
 
     stage = TorchStage(nn.Sequential(nn.Linear(8, 8), nn.Tanh()))
     pipe = engine.Pipeline(grid, stage, schedule, loss_fn=loss_fn)
@@ -33,20 +38,34 @@ class TorchStage:
         torch = _torch()
         self.module = module
         self._params = [p for p in module.parameters() if p.requires_grad]
+        # Floating inputs are cast to the dtype of the module's first floating
+        # parameter or buffer (a module without any takes them as they come).
+        floats = [t.dtype for t in (*module.parameters(), *module.buffers())
+                  if t.is_floating_point()]
+        self.dtype = floats[0] if floats else None
         for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            self._grad(p)
 
-    def _input(self, x: Any) -> Any:
+    @staticmethod
+    def _grad(p: Any) -> Any:
+        """``p.grad``, made zeros when None (torch's default zero_grad())."""
+        if p.grad is None:
+            p.grad = _torch().zeros_like(p)
+        return p.grad
+
+    def _input(self, x: Any) -> tuple[Any, Any]:
+        """The leaf tensor whose .grad is the input gradient, and what the
+        module gets: the leaf cast to the module's dtype (inside the graph)."""
         torch = _torch()
         t = torch.as_tensor(np.asarray(x))
-        if t.is_floating_point():
-            t = t.detach().clone().requires_grad_(True)
-        return t
+        if not t.is_floating_point():
+            return t, t
+        t = t.detach().clone().requires_grad_(True)
+        return t, (t if self.dtype is None else t.to(self.dtype))
 
     def forward(self, x: Any) -> tuple[Any, Any]:
-        t = self._input(x)
-        out = self.module(t)
+        t, fed = self._input(x)
+        out = self.module(fed)
         return out.detach().numpy(), (t, out)
 
     def backward(self, ctx: Any, gy: Any) -> Any:
@@ -72,13 +91,13 @@ class TorchStage:
         with torch.no_grad():
             for p, gp in zip(self._params, grads):
                 if gp is not None:
-                    p.grad += gp
+                    self._grad(p).add_(gp)
 
     def params(self) -> list[Any]:
         return [p.detach().numpy() for p in self._params]
 
     def grads(self) -> list[Any]:
-        return [p.grad.numpy() for p in self._params]
+        return [self._grad(p).numpy() for p in self._params]
 
 
 def torch_loss(fn: Any) -> Any:

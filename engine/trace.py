@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+from .ir import Schedule
+from .simulate import SimReport
+
 __all__ = ["Record", "flow_id", "gather", "chrome_trace", "write", "measured",
-           "summarize_trace", "render_trace"]
+           "compute_costs", "simulated", "summarize_trace", "render_trace"]
 
 # [name, kind, start_ns, end_ns, flow_dir ("s", "f" or ""), flow_id (0 if none)]
 Record = list
@@ -86,31 +89,81 @@ def _slices(trace: dict[str, Any]) -> dict[tuple[int, int], list[dict[str, Any]]
     return rows
 
 
+def _spans(rows: dict[tuple[int, int], list[dict[str, Any]]]) -> dict[int, float]:
+    """Each dp replica's step: from its first action's start to its last's end."""
+    ends: dict[int, tuple[float, float]] = {}
+    for (pid, _), es in rows.items():
+        lo = min(e["ts"] for e in es)
+        hi = max(e["ts"] + e["dur"] for e in es)
+        a, b = ends.get(pid, (lo, hi))
+        ends[pid] = (min(a, lo), max(b, hi))
+    return {pid: hi - lo for pid, (lo, hi) in ends.items()}
+
+
 def measured(trace: dict[str, Any]) -> tuple[float, float]:
-    """(step time in microseconds, bubble = idle fraction of compute) of a trace."""
+    """(step time in microseconds: the longest replica's, bubble) of a trace.
+    The bubble is the simulator's, measured: the idle fraction of every rank
+    over its replica's step (replicas start unsynchronized), only F/B/I/W
+    counting as busy; so waiting for messages, starting sends and
+    all-reduces, and the Python between actions count as idle."""
     rows = _slices(trace)
+    spans = _spans(rows)
     if not rows:
         return 0.0, 0.0
-    start = min(e["ts"] for es in rows.values() for e in es)
-    end = max(e["ts"] + e["dur"] for es in rows.values() for e in es)
     busy = sum(e["dur"] for es in rows.values() for e in es if e["cat"] in _COMPUTE)
-    span = end - start
-    return span, (1.0 - busy / (span * len(rows)) if span else 0.0)
+    total = sum(spans[pid] for pid, _ in rows)
+    return max(spans.values()), (1.0 - busy / total if total else 0.0)
+
+
+def compute_costs(trace: dict[str, Any]) -> dict[str, float]:
+    """The mean duration (microseconds) of each compute kind in a trace."""
+    durs: dict[str, list[float]] = {}
+    for es in _slices(trace).values():
+        for e in es:
+            if e["cat"] in _COMPUTE:
+                durs.setdefault(e["cat"], []).append(e["dur"])
+    return {k: sum(v) / len(v) for k, v in durs.items()}
+
+
+def simulated(trace: dict[str, Any]) -> SimReport | None:
+    """The simulator's report for the traced schedule at the trace's own mean
+    compute times, messages free (microseconds): the bubble the schedule
+    itself leaves, without communication or overhead. None when the trace
+    holds no schedule."""
+    sched = trace.get("otherData", {}).get("schedule")
+    costs = compute_costs(trace)
+    if not sched or not costs:
+        return None
+    return Schedule.from_dict(sched).simulate(costs)
 
 
 def summarize_trace(trace: dict[str, Any]) -> str:
-    """Per-rank busy, waiting and idle time, and the whole step's figures."""
+    """Per-rank compute, receive waits, other actions (sends, all-reduce
+    starts) and the gaps between actions; the step's measured bubble beside
+    the simulator's for the same schedule at the same compute times."""
     rows = _slices(trace)
     span, bubble = measured(trace)
+    spans = _spans(rows)
     lines = [f"{'dp':>3} {'pp':>3} {'actions':>8} {'compute ms':>11} {'recv wait ms':>13} "
-             f"{'idle':>6}"]
+             f"{'other ms':>9} {'gaps ms':>8} {'idle':>6}"]
     for (pid, tid), es in sorted(rows.items()):
         busy = sum(e["dur"] for e in es if e["cat"] in _COMPUTE)
         wait = sum(e["dur"] for e in es if e["cat"].startswith("RECV"))
-        idle = 1.0 - busy / span if span else 0.0
+        other = sum(e["dur"] for e in es) - busy - wait
+        gaps = spans[pid] - busy - wait - other
+        idle = 1.0 - busy / spans[pid] if spans[pid] else 0.0
         lines.append(f"{pid:>3} {tid:>3} {len(es):>8} {busy / 1e3:>11.3f} {wait / 1e3:>13.3f} "
-                     f"{idle:>6.1%}")
-    lines.append(f"step {span / 1e3:.3f} ms, measured bubble {bubble:.1%}")
+                     f"{other / 1e3:>9.3f} {gaps / 1e3:>8.3f} {idle:>6.1%}")
+    lines.append(f"step {span / 1e3:.3f} ms, measured bubble {bubble:.1%} (the idle share of "
+                 f"each replica's step; only F/B/I/W are busy,\n  so message waits, sends, "
+                 f"all-reduce starts and the gaps between actions count as idle)")
+    sim = simulated(trace)
+    if sim is not None and sim.makespan:
+        costs = " ".join(f"{k} {v / 1e3:.3f}" for k, v in sorted(compute_costs(trace).items()))
+        lines.append(f"simulator, same schedule at these mean compute times ({costs} ms) and "
+                     f"free messages:\n  makespan {sim.makespan / 1e3:.3f} ms, bubble "
+                     f"{sim.bubble:.1%}; communication and overhead make the step "
+                     f"{span / sim.makespan:.1f}x longer")
     pred = trace.get("otherData", {}).get("predicted_makespan_ms")
     if pred:
         lines.append(f"simulator predicted {pred:.3f} ms; measured/predicted "

@@ -42,7 +42,10 @@ def main() -> None:
         sched = engine.schedules.by_name(args.schedule, world.size // dp, args.microbatches)
         if world.rank == 0:
             print(f"{sched.name} on dp={dp} x pp={world.size // dp}:\n{sched.render()}")
-            print(sched.simulate({"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}))
+            sim = sched.simulate({"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0})
+            print(f"simulated with F=1 B=2 and free messages: {sim}\n(the schedule's own "
+                  f"idle time: on stages this small a real step is mostly messages and "
+                  f"overhead; python -m engine.show {args.trace} shows both)")
 
         stages = engine.stages_for_rank(mlp_stages(WIDTHS, sched.num_stages, seed=0),
                                         sched, pp_rank)

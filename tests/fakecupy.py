@@ -439,7 +439,7 @@ def _c_strides(shape: tuple[int, ...], item: int) -> tuple[int, ...]:
 def asarray(a: Any, dtype: Any = None) -> ndarray:
     if isinstance(a, ndarray) and dtype is None:
         return a
-    host = np.ascontiguousarray(np.asarray(a, dtype))
+    host = np.asarray(a, dtype, order="C")
     out = ndarray(host.shape, host.dtype)
     out._np()[...] = host
     return out

@@ -112,16 +112,17 @@ def _rooted_cases(g: Any, seed: int) -> None:
                 C.reduce(g, a, root=root, op=op, algorithm=alg)
                 want = reference(op, [data(seed + 3, i, (2, 51), dtype) for i in range(n)])
                 expect(a, want if r == root else mine, f"reduce {alg} {op} root {root} n={n}")
-        x = data(seed, r, (2, 3), "int16")
-        got = C.gather(g, x, root=root)
-        if r == root:
-            expect(got, np.stack([data(seed, i, (2, 3), "int16") for i in range(n)]),
-                   f"gather root {root} n={n}")
-        else:
-            assert got is None
-        src = data(seed + 4, root, (n, 5), "float32")
-        row = C.scatter(g, src if r == root else None, root=root)
-        expect(row, src[r], f"scatter root {root} n={n}")
+        for shape, dtype in [((2, 3), "int16"), ((), "float32")]:
+            got = C.gather(g, data(seed, r, shape, dtype), root=root)
+            if r == root:
+                expect(got, np.stack([data(seed, i, shape, dtype) for i in range(n)]),
+                       f"gather {shape} root {root} n={n}")
+            else:
+                assert got is None
+        for shape in [(n, 5), (n,)]:
+            src = data(seed + 4, root, shape, "float32")
+            row = C.scatter(g, src if r == root else None, root=root)
+            expect(row, src[r], f"scatter {shape} root {root} n={n}")
 
 
 def _gather_scatter_cases(g: Any, seed: int) -> None:
@@ -143,6 +144,8 @@ def _gather_scatter_cases(g: Any, seed: int) -> None:
         m = shape[0] // n
         want = np.concatenate([data(seed, i, shape, "int32")[r * m:(r + 1) * m] for i in range(n)])
         expect(got, want.reshape(shape), f"all_to_all {shape} n={n}")
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        C.all_to_all(g, data(seed, r, (), "int32"))
     C.barrier(g)
     assert C.all_gather_object(g, {"rank": r, "t": (r, "x")}) == \
         [{"rank": i, "t": [i, "x"]} for i in range(n)]

@@ -74,3 +74,74 @@ def test_data_parallel_example_matches_single_process() -> None:
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "3 ranks: weights equal single-process full-batch training: True" in p.stdout
+
+
+TORCH_STEPS, TORCH_ROWS = 4, 12
+
+
+def _torch_mlp() -> Any:
+    import torch
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7),
+                               torch.nn.Tanh(), torch.nn.Linear(7, 2)).double()
+
+
+def _torch_batch(step: int) -> tuple[Any, Any]:
+    import torch
+    rng = np.random.default_rng(70 + step)
+    return (torch.from_numpy(rng.standard_normal((TORCH_ROWS, 6))),
+            torch.from_numpy(rng.standard_normal((TORCH_ROWS, 2))))
+
+
+def torch_cases(world: Any) -> list[np.ndarray]:
+    """Data-parallel torch training with the default zero_grad() (which sets
+    .grad to None): the reducer, given the parameters, follows the new
+    gradient tensors; torch gradient tensors themselves are refused."""
+    import torch
+    mse = torch.nn.functional.mse_loss
+    n, r = world.size, world.rank
+    model = _torch_mlp()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.2)
+    red = C.GradReducer(world, params, bucket_bytes=256)
+    assert len(red.buckets) >= 2
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: red.ready(i))
+             for i, p in enumerate(params)]
+    rows = TORCH_ROWS // n
+    for step in range(TORCH_STEPS):
+        x, y = (a[r * rows:(r + 1) * rows] for a in _torch_batch(step))
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        red.wait()
+        opt.step()
+    for h in hooks:
+        h.remove()
+    with pytest.raises(TypeError, match="gradient 0 is a torch tensor or a numpy view of one"):
+        C.GradReducer(world, [p.grad.numpy() for p in params])
+    with pytest.raises(TypeError, match="gradient 1 is a torch tensor"):
+        C.GradReducer(world, [np.zeros(3), params[1].grad])
+    for i in reversed(range(len(params))):      # every bucket launched, then .grad replaced
+        red.ready(i)
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="gradient 0 was replaced after its bucket took it"):
+        red.wait()
+    mse(model(x), y).backward()
+    C.all_reduce_grads(world, [p.grad.numpy() for p in params], op="sum")   # current: fine
+    return [p.detach().numpy().copy() for p in params]
+
+
+def test_grad_reducer_follows_torch_zero_grad() -> None:
+    torch = pytest.importorskip("torch")
+    results = mesh.spawn(torch_cases, 2, timeout=100)
+    model = _torch_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for step in range(TORCH_STEPS):
+        x, y = _torch_batch(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    want = [p.detach().numpy() for p in model.parameters()]
+    for rank, got in enumerate(results):
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12,
+                                       err_msg=f"rank {rank} parameter {i}")

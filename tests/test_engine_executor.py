@@ -170,3 +170,35 @@ def test_chrome_trace_flow_arrows_pair_up():
     assert span == pytest.approx(2.6)
     assert bubble == pytest.approx(1 - 2.0 / 5.2)
     assert tr.flow_id(1, "B", 2, 3, 4, 5) != tr.flow_id(0, "B", 2, 3, 4, 5)
+
+
+def _simulated_rows(sched, costs_ms, dp, offset_ms):
+    """Trace rows of a step that runs exactly as the simulator says, for one
+    dp replica whose clock starts ``offset_ms`` late."""
+    rep = sched.simulate(costs_ms)
+    rows = {}
+    for e in rep.events:
+        rows.setdefault(e.rank, []).append(
+            [str(e.action), e.action.kind, int((e.start + offset_ms) * 1e6),
+             int((e.end + offset_ms) * 1e6), "", 0])
+    return [{"dp": dp, "pp": r, "events": ev} for r, ev in sorted(rows.items())]
+
+
+def test_measured_bubble_is_the_simulators_per_replica():
+    """A step that runs as simulated measures the simulator's bubble, even
+    with replicas out of step; the summary sets it beside the simulator's
+    at the trace's own compute times."""
+    sched = schedules.one_f_one_b(2, 4)
+    costs = {"F": 1.0, "B": 2.0}
+    lowered = sched.validate()
+    ranks = _simulated_rows(sched, costs, 0, 0.0) + _simulated_rows(sched, costs, 1, 7.0)
+    data = tr.chrome_trace(ranks, {"schedule": lowered.to_dict()})
+    span, bubble = tr.measured(data)
+    assert span == pytest.approx(15e3)
+    assert bubble == pytest.approx(0.2)
+    assert tr.compute_costs(data) == pytest.approx({"F": 1e3, "B": 2e3})
+    sim = tr.simulated(data)
+    assert sim is not None and sim.bubble == pytest.approx(0.2)
+    out = tr.summarize_trace(data)
+    assert "measured bubble 20.0%" in out and "bubble 20.0%; communication and overhead " \
+        "make the step 1.0x longer" in out

@@ -52,3 +52,103 @@ def test_grads_are_views_of_torch_gradients():
     stage.grads()[0][...] = 3.0
     assert float(stage.module.weight.grad[0, 0]) == 3.0
     assert len(stage.params()) == 2
+
+
+def test_float64_input_to_a_float32_stage():
+    """Inputs are cast to the module's dtype; the input gradient keeps theirs."""
+    torch.manual_seed(0)
+    stage = TorchStage(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh()))
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    y, ctx = stage.forward(x)
+    assert y.dtype == np.float32
+    gx = stage.backward(ctx, np.ones_like(y))
+    assert gx.dtype == np.float64 and gx.shape == x.shape
+    gx_i, wctx = stage.backward_input(stage.forward(x)[1], np.ones_like(y))
+    assert gx_i.dtype == np.float64
+    np.testing.assert_allclose(gx_i, gx, rtol=1e-6)
+    stage.backward_weight(wctx)
+    assert stage.grads()[0].dtype == np.float32
+
+
+def test_default_zero_grad_leaves_grads_usable():
+    """torch's zero_grad() sets .grad to None: grads() and backward_weight
+    put zeros back in place, and grads() views the current tensors."""
+    stage = TorchStage(torch.nn.Linear(2, 2).double())
+    opt = torch.optim.SGD(stage.module.parameters(), lr=0.1)
+    opt.zero_grad()
+    assert [float(np.abs(g).sum()) for g in stage.grads()] == [0.0, 0.0]
+    opt.zero_grad()
+    _, ctx = stage.forward(np.ones((1, 2)))
+    _, wctx = stage.backward_input(ctx, np.ones((1, 2)))
+    stage.backward_weight(wctx)
+    grads = stage.grads()
+    grads[1][...] = 7.0
+    assert float(stage.module.bias.grad[0]) == 7.0
+
+
+WIDTHS, ROWS, STEPS, LR = [5, 8, 6, 4, 3], 16, 3, 0.1
+
+
+def _torch_model():
+    torch.manual_seed(3)
+    layers = []
+    for i, (a, b) in enumerate(zip(WIDTHS, WIDTHS[1:])):
+        layers += [torch.nn.Linear(a, b).double()] + ([torch.nn.Tanh()] if i < 3 else [])
+    return torch.nn.Sequential(*layers)
+
+
+def _torch_data(step):
+    rng = np.random.default_rng(50 + step)
+    return rng.standard_normal((ROWS, WIDTHS[0])), rng.standard_normal((ROWS, WIDTHS[-1]))
+
+
+def _torch_dp_pp(world, names):
+    """dp=2 x pp=2, TorchStages and torch SGD with the default zero_grad()."""
+    import mesh
+    from engine.executor import split_microbatches, stages_for_rank
+    grid = mesh.grid(world, dp=2, pp=2)
+    pp, d = grid.group("pp"), grid.coord("dp")
+    out = {}
+    for name in names:
+        sched = schedules.by_name(name, pp.size, 4, chunks=2)
+        blocks = list(_torch_model())           # 4 blocks of (Linear, Tanh), the last alone
+        per = [blocks[i:i + 2] for i in range(0, len(blocks), 2)]
+        k = len(per) // sched.num_stages
+        stages = [TorchStage(torch.nn.Sequential(*sum(per[s * k:(s + 1) * k], [])))
+                  for s in range(sched.num_stages)]
+        mine = stages_for_rank(stages, sched, pp.rank)
+        opt = torch.optim.SGD([p for s in mine for p in s.module.parameters()], lr=LR)
+        pipe = Pipeline(grid, mine, sched, loss_fn=torch_loss(torch.nn.functional.mse_loss),
+                        timeout=30)
+        for step in range(STEPS):
+            x, y = (split_microbatches(a, 2)[d] for a in _torch_data(step))
+            opt.zero_grad()
+            pipe.step(x if pipe.first else None, y if pipe.last else None)
+            opt.step()
+        out[name] = {s: [p.detach().numpy().copy() for p in st.module.parameters()]
+                     for s, st in pipe.stages.items()}
+    return out
+
+
+@pytest.mark.timeout(200)    # four processes importing torch on a loaded machine
+def test_dp2_pp2_torch_stages_with_default_zero_grad_match_one_process():
+    import mesh
+    names = ["1f1b", "zb-h1"]
+    results = mesh.spawn(_torch_dp_pp, 4, names, timeout=180)
+    model = _torch_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = (torch.from_numpy(a) for a in _torch_data(step))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    want = [p.detach().numpy() for p in model.parameters()]
+    for name in names:
+        for d in range(2):
+            got = {}
+            for r in range(2):
+                got.update(results[d * 2 + r][name])
+            flat = [p for s in sorted(got) for p in got[s]]
+            assert len(flat) == len(want)
+            for a, b in zip(flat, want):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{name} dp {d}")

@@ -66,6 +66,9 @@ def _check_all(world: mesh.Mesh, devices: int) -> dict[str, Any]:
     assert cp.asnumpy(red)[0] == (n if r == 0 else 1)
     got = C.gather(world, cp.asarray(np.array([r])), root=0)
     assert np.array_equal(cp.asnumpy(got).ravel(), np.arange(n)) if r == 0 else got is None
+    got = C.gather(world, cp.asarray(np.float32(r)), root=0)      # 0-d: stacked to (n,)
+    assert got.shape == (n,) and np.array_equal(cp.asnumpy(got), np.arange(n)) if r == 0 \
+        else got is None
     sc = C.scatter(world, cp.asarray(np.arange(n) * 10) if r == 0 else None, root=0)
     assert int(cp.asnumpy(sc)) == 10 * r
     a2a = C.all_to_all(world, cp.asarray(np.arange(n) * 10 + r))
