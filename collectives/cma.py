@@ -92,22 +92,25 @@ class Reader:
 
 def failed_read(ctx: Ctx, peer: int, err: int, what: str) -> MeshError:
     """The error for a read of group rank ``peer`` that failed with ``err``.
-    ESRCH: the process is gone, LostPeerError. Anything else (EFAULT): the
-    peer is alive but has left this collective after an error of its own
-    and its buffer went with it; whoever failed first aborted the tag, so
-    wait a moment for that abort and raise it."""
+    ESRCH: the process is gone, LostPeerError; or, when it said why before
+    it left (a failing rank leaves once its peers have heard its goodbye,
+    which follows any abort it sent), the abort or its failure. Anything
+    else (EFAULT): the peer is alive but has left this collective after an
+    error of its own and its buffer went with it; whoever failed first
+    aborted the tag, so wait a moment for that abort and raise it."""
     where = (f"rank {ctx.g.rank}: collective #{-ctx.tag} on group "
              f"{getattr(ctx.g, 'name', '?')}")
-    if err == errno.ESRCH:
-        world = ctx.g.ranks[peer] if hasattr(ctx.g, "ranks") else peer
-        return LostPeerError(f"{where}: cannot read {what} of rank {peer} (no such process): "
-                             f"it is gone", world)
     try:
-        ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp).wait(timeout=_LEFT_WAIT_S)
+        ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp).wait(
+            timeout=0 if err == errno.ESRCH else _LEFT_WAIT_S)
     except MeshTimeoutError:
         pass
     except MeshError as e:
         return e
+    if err == errno.ESRCH:
+        world = ctx.g.ranks[peer] if hasattr(ctx.g, "ranks") else peer
+        return LostPeerError(f"{where}: cannot read {what} of rank {peer} (no such process): "
+                             f"it is gone", world)
     return MeshError(f"{where}: {what} of rank {peer} is gone ({os.strerror(err)}): it left "
                      f"the collective")
 

@@ -131,9 +131,10 @@ class Liveness:
         dead = [r for r in self.groups.get(group, ("", []))[1] if r in self._dead]
         return min(dead) if dead else None
 
-    def _peer_gone(self, rank: int, why: str, state: int) -> None:
+    def _peer_gone(self, rank: int, why: str, state: int, told: bool = False) -> None:
         """Fail what involves ``rank``: receives from it and, when it died,
-        receives from any rank and every collective's (negative tag) in its groups."""
+        receives from any rank and every collective's (negative tag) in its groups.
+        A death is logged unless the peer ``told`` us (it reports its own error)."""
         peer = self._peers[rank]
         with self._lock:
             if peer.state != ALIVE:
@@ -145,7 +146,7 @@ class Liveness:
             reqs = self._matcher.remove_posted(
                 lambda q: q.src == rank or (state == DEAD and (q.src == ANY or q.tag < 0)
                                             and q.group in members))
-        if state == DEAD:
+        if state == DEAD and not told:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
         for q in reqs:
             q.fail(self._gone(peer, q.desc))
@@ -163,7 +164,7 @@ class Liveness:
         if not reason:
             self._peer_gone(peer.rank, "it closed its mesh", CLOSED)
             return
-        self._peer_gone(peer.rank, f"it failed: {reason}", DEAD)
+        self._peer_gone(peer.rank, f"it failed: {reason}", DEAD, told=True)
         self._control(peer, wire.encode(wire.HEARTBEAT, self.rank, reason=self.status()[:2000],
                                         peer=peer.rank), upto=DEAD)
 
