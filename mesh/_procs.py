@@ -258,15 +258,14 @@ class Job:
     rest with SIGTERM, then SIGKILL after ``grace`` seconds. ``log_dir`` gets
     each rank's raw output; ``scratch`` is a directory the watchdog removes
     if the launcher dies (else removing it is the caller's business).
-    ``settle(exit)``: how long a failure lets the others end on their own
-    before they are stopped (0 when omitted); the shortest among the
-    failures seen counts, from the first: a failure that only follows
-    another's, ending first, must not get the failure it follows killed."""
+    ``settle``: how long the first failure lets the others end on their own
+    before they are stopped: ranks told of a failure end with errors of
+    their own, and the one that failed first may not be the first to end."""
 
     def __init__(self, grace: float = 5.0, log_dir: str | None = None,
                  scratch: str | None = None, stdout: BinaryIO | None = None,
                  stderr: BinaryIO | None = None,
-                 settle: Callable[[WorkerExit], float] | None = None) -> None:
+                 settle: float = 0.0) -> None:
         self.grace = grace
         self.settle = settle
         self.log_dir = log_dir
@@ -360,8 +359,7 @@ class Job:
                 if failed:
                     outcome.reason = "failed"
                     failed_at = failed_at or now
-                    settle = min(map(self.settle, failed)) if self.settle else 0.0
-                    if (now < failed_at + settle and not self._signals
+                    if (now < failed_at + self.settle and not self._signals
                             and (timeout is None or now - t0 < timeout)):
                         continue
                 elif self._signals:

@@ -31,7 +31,7 @@ __all__ = ["main", "launch", "build_parser", "format_report"]
 
 _BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap.py")
 _TIMEOUT_EXIT = 124
-_SETTLE_S = 1.0  # how long a lost-peer failure lets the others end on their own
+_SETTLE_S = 1.0  # how long the first failure lets the others end on their own
 _RULE = "=" * 72
 
 
@@ -297,17 +297,8 @@ def launch(a: argparse.Namespace) -> int:
             except FileNotFoundError:
                 pass
             specs.append(WorkerSpec(int(env["RANK"]), local, _worker_argv(a), env))
-        seen: dict[int, bool] = {}
-
-        def settle(e: WorkerExit) -> float:
-            """A rank that failed because another did (a lost peer) may end
-            first: let the one it names end on its own, with its own error."""
-            if e.rank not in seen:
-                seen[e.rank] = _secondary(_read_record(err_dir, e.rank))
-            return _SETTLE_S if seen[e.rank] else 0.0
-
         outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir,
-                      settle=settle).run(specs, timeout=a.timeout)
+                      settle=_SETTLE_S).run(specs, timeout=a.timeout)
         records = {e.rank: r for e in outcome.exits
                    if (r := _read_record(err_dir, e.rank)) is not None}
         if a.log_dir:
