@@ -92,18 +92,21 @@ class Reader:
 
 def failed_read(ctx: Ctx, peer: int, err: int, what: str) -> MeshError:
     """The error for a read of group rank ``peer`` that failed with ``err``.
-    ESRCH: the process is gone, LostPeerError. Anything else (EFAULT): the
-    peer is alive but has left this collective after an error of its own
-    and its buffer went with it; whoever failed first aborted the tag, so
-    wait a moment for that abort and raise it."""
+    ESRCH: the process is gone, LostPeerError; or, when it said why before
+    it left (a failing rank leaves once its peers have heard its goodbye,
+    which follows any abort it sent), the abort or its failure. Anything
+    else (EFAULT): the peer is alive but has left this collective after an
+    error of its own and its buffer went with it; whoever failed first
+    aborted the tag, so wait a moment for that abort and raise it."""
     where, world = ctx.where(), ctx.g.ranks[peer]
     who = f"rank {peer}" if not ctx.g.gid else f"rank {peer} (world rank {world})"
+    wait = 0.0 if err == errno.ESRCH else min(_LEFT_WAIT_S, ctx.left())
+    aborted = caught(ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp), wait)
+    if isinstance(aborted, MeshError):
+        return aborted
     if err == errno.ESRCH:
         return LostPeerError(f"{where}: cannot read {what} of {who} (no such process): "
                              f"it is gone", world)
-    aborted = caught(ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp), min(_LEFT_WAIT_S, ctx.left()))
-    if isinstance(aborted, MeshError):
-        return aborted
     return MeshError(f"{where}: {what} of {who} is gone ({os.strerror(err)}): it left "
                      f"the collective")
 

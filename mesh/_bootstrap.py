@@ -12,7 +12,9 @@ own frames) and also written as a JSON record to ``MESH_ERROR_FILE``, so the
 launcher can show the rank's own traceback with no decorator in user code.
 When that record is written, stderr gets only the error's last line: the
 launcher prints the root cause's traceback once, in its report, and a single
-line for every other rank (``--log-dir`` keeps every traceback whole).
+line for every other rank (``--log-dir`` keeps every traceback whole). The
+error is also left in ``sys.last_value``, as the interpreter leaves one, so
+that a mesh the program left open is closed at exit as failed.
 
 It is run as a file, not with ``-m mesh._bootstrap``, and imports only the
 standard library: the signal is armed before anything slow is imported, and
@@ -132,6 +134,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{name}: {msg[0]}" if msg else name
 
 
+def _set_last(exc: BaseException) -> None:
+    """Leave the error where the interpreter leaves an uncaught one, so that
+    exit handlers (mesh closes a mesh left open) know the program failed."""
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
+    sys.last_exc = exc  # type: ignore[attr-defined]  # Python 3.12's name
+
+
 def main(argv: list[str] | None = None) -> None:
     """Arm the parent-death signal, run the program, record an uncaught error."""
     argv = sys.argv[1:] if argv is None else argv
@@ -141,9 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     arm_parent_death_signal(int(parent) if parent else None)
     try:
         _run(argv)
-    except SystemExit:
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            _set_last(exc)
         raise
     except BaseException as exc:
+        _set_last(exc)
         tb = _user_frames(exc.__traceback__)
         text = "".join(traceback.format_exception(type(exc), exc, tb))
         path = os.environ.get("MESH_ERROR_FILE")

@@ -257,12 +257,17 @@ class Job:
     first failure / a signal to the launcher / the job timeout stopped the
     rest with SIGTERM, then SIGKILL after ``grace`` seconds. ``log_dir`` gets
     each rank's raw output; ``scratch`` is a directory the watchdog removes
-    if the launcher dies (else removing it is the caller's business)."""
+    if the launcher dies (else removing it is the caller's business).
+    ``settle``: how long the first failure lets the others end on their own
+    before they are stopped: ranks told of a failure end with errors of
+    their own, and the one that failed first may not be the first to end."""
 
     def __init__(self, grace: float = 5.0, log_dir: str | None = None,
                  scratch: str | None = None, stdout: BinaryIO | None = None,
-                 stderr: BinaryIO | None = None) -> None:
+                 stderr: BinaryIO | None = None,
+                 settle: float = 0.0) -> None:
         self.grace = grace
+        self.settle = settle
         self.log_dir = log_dir
         self.scratch = scratch
         self._out = _Sink(stdout or sys.stdout.buffer)
@@ -343,6 +348,7 @@ class Job:
         outcome = JobOutcome("ok")
         kill_at: float | None = None
         give_up_at: float | None = None
+        failed_at: float | None = None
         signals_seen = 0
         while self._live():
             self._pump(_POLL_S)
@@ -352,6 +358,10 @@ class Job:
                 failed = [p.exit for p in self._procs if p.exit is not None and p.exit.failed]
                 if failed:
                     outcome.reason = "failed"
+                    failed_at = failed_at or now
+                    if (now < failed_at + self.settle and not self._signals
+                            and (timeout is None or now - t0 < timeout)):
+                        continue
                 elif self._signals:
                     outcome.reason, outcome.signum = "signal", self._signals[0]
                 elif timeout is not None and now - t0 >= timeout:

@@ -24,12 +24,14 @@ import threading
 import time
 from typing import Any, Sequence
 
+from . import errors
 from ._procs import Job, JobOutcome, WorkerExit, WorkerSpec, signal_name
 
 __all__ = ["main", "launch", "build_parser", "format_report"]
 
 _BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap.py")
 _TIMEOUT_EXIT = 124
+_SETTLE_S = 1.0  # how long the first failure lets the others end on their own
 _RULE = "=" * 72
 
 
@@ -177,9 +179,21 @@ def _no_traceback(e: WorkerExit) -> str:
             f"exception (sys.exit, os._exit, or a crash in native code)")
 
 
+def _secondary(rec: dict[str, Any] | None) -> bool:
+    """Whether an error record is a consequence of another rank's failure (a
+    lost peer, an abort relayed from the rank that failed), as mesh.spawn
+    tells them: its rank may well exit before the one that failed first."""
+    if not rec:
+        return False
+    kind = rec.get("exc_type")
+    return kind == "LostPeerError" or (kind in errors.__all__
+                                       and " aborted: " in str(rec.get("message", "")))
+
+
 def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> WorkerExit | None:
     own = [e for e in outcome.exits if e.failed and not e.after_stop]
-    return min(own, key=lambda e: (records.get(e.rank, {}).get("time", e.time), e.rank),
+    return min(own, key=lambda e: (_secondary(records.get(e.rank)),
+                                   records.get(e.rank, {}).get("time", e.time), e.rank),
                default=None)
 
 
@@ -283,7 +297,8 @@ def launch(a: argparse.Namespace) -> int:
             except FileNotFoundError:
                 pass
             specs.append(WorkerSpec(int(env["RANK"]), local, _worker_argv(a), env))
-        outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir).run(specs, timeout=a.timeout)
+        outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir,
+                      settle=_SETTLE_S).run(specs, timeout=a.timeout)
         records = {e.rank: r for e in outcome.exits
                    if (r := _read_record(err_dir, e.rank)) is not None}
         if a.log_dir:

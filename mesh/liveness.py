@@ -5,6 +5,11 @@ and always watches the DEALER monitors (a peer's connection closing), sends
 heartbeats carrying this rank's status, declares silent or vanished peers
 lost (failing everything that involves them), and writes stall reports:
 which peers an operation waits for and what they last said they were doing.
+
+Leaving: a goodbye (BYE) makes the peer closed; heartbeats go on both ways
+until it has left, so nobody finds a live rank silent. A rank leaving on an
+error says so in its goodbye: its peers fail at once whatever waits on it,
+naming its error, and answer, so that it need not wait for their goodbyes.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import wire
 from .errors import LostPeerError
 from .match import ANY, Matcher, Pending
-from .peer import ALIVE, DEAD, Outgoing, Peer
+from .peer import ALIVE, CLOSED, DEAD, Outgoing, Peer
 
 __all__ = ["Liveness"]
 
@@ -61,7 +66,7 @@ class Liveness:
 
     def _nudge(self) -> None: ...
 
-    def _control(self, peer: Peer, header: bytes) -> None: ...
+    def _control(self, peer: Peer, header: bytes, upto: int = ALIVE) -> None: ...
 
     def _what(self, item: Pending | Outgoing) -> str:
         return item.desc    # a collective's message names it (mesh.match.describe)
@@ -126,9 +131,10 @@ class Liveness:
         dead = [r for r in self.groups.get(group, ("", []))[1] if r in self._dead]
         return min(dead) if dead else None
 
-    def _peer_gone(self, rank: int, why: str, state: int) -> None:
+    def _peer_gone(self, rank: int, why: str, state: int, told: bool = False) -> None:
         """Fail what involves ``rank``: receives from it and, when it died,
-        receives from any rank and every collective's (negative tag) in its groups."""
+        receives from any rank and every collective's (negative tag) in its groups.
+        A death is logged unless the peer ``told`` us (it reports its own error)."""
         peer = self._peers[rank]
         with self._lock:
             if peer.state != ALIVE:
@@ -140,7 +146,7 @@ class Liveness:
             reqs = self._matcher.remove_posted(
                 lambda q: q.src == rank or (state == DEAD and (q.src == ANY or q.tag < 0)
                                             and q.group in members))
-        if state == DEAD:
+        if state == DEAD and not told:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
         for q in reqs:
             q.fail(self._gone(peer, q.desc, q.group))
@@ -149,6 +155,24 @@ class Liveness:
             while peer.queue:
                 out = peer.queue.popleft()
                 out.fail(self._gone(peer, out.desc))
+
+    def _on_bye(self, peer: Peer, reason: str) -> None:
+        """A peer leaves. After a clean close (no reason) it is closed, and
+        waits in its close for our goodbye, hearing our heartbeats meanwhile.
+        A peer that leaves failing (``reason``: its error) is dead at once:
+        everything that involves it fails, naming its error; the answer tells
+        it that we know, so it need not wait for our goodbye."""
+        if not reason:
+            self._peer_gone(peer.rank, "it closed its mesh", CLOSED)
+            return
+        self._peer_gone(peer.rank, f"it failed: {reason}", DEAD, told=True)
+        self._control(peer, wire.encode(wire.HEARTBEAT, self.rank, reason=self.status()[:2000],
+                                        peer=peer.rank), upto=DEAD)
+
+    def _on_heartbeat(self, peer: Peer, status: str, answers: int) -> None:
+        peer.status, peer.status_at = status, peer.last_heard
+        if answers == self.rank:     # it knows this rank is failing: done with it
+            self._peer_gone(peer.rank, "it heard that this rank failed", CLOSED)
 
     def peer_state(self, rank: int) -> str:
         return ("alive", "closed", "dead")[self._peers[rank].state]
@@ -210,7 +234,7 @@ class Liveness:
                 if n & (n - 1) == 0:    # 1, 2, 4, 8...: a stranger retries every 100 ms
                     _log.warning("rank %d: refused a connection that failed the handshake (no "
                                  "or wrong job secret; %d so far)", self.rank, n)
-            elif ev["event"] == zmq.EVENT_DISCONNECTED and peer.state == ALIVE:
+            elif ev["event"] == zmq.EVENT_DISCONNECTED and peer.state != DEAD:
                 peer.suspect_since = peer.suspect_since or time.monotonic()
             elif ev["event"] == zmq.EVENT_CONNECTED:
                 peer.suspect_since = 0.0
@@ -219,15 +243,23 @@ class Liveness:
                                 DEAD)
 
     def _tick(self, now: float) -> None:
+        """Declare silent or vanished peers lost; beat to the others. A peer
+        that said goodbye is not watched, but is still beaten to until its
+        connection goes: it waits in its close for every peer's goodbye, and
+        must not find a live peer silent meanwhile."""
         beat = None
         for p in self._peers:
-            if p.sock is None or p.state != ALIVE:
+            if p.sock is None or p.state == DEAD or (p.state == CLOSED and p.suspect_since):
                 continue
-            if p.suspect_since and now - p.suspect_since > 0.5:
-                self._peer_gone(p.rank, "its connection closed: the process exited or crashed", DEAD)
-            elif now - p.last_heard > self.peer_timeout:
-                self._peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s", DEAD)
-            elif now - p.last_sent > self.heartbeat:
+            if p.state == ALIVE:
+                if p.suspect_since and now - p.suspect_since > 0.5:
+                    self._peer_gone(p.rank, "its connection closed: the process exited or "
+                                    "crashed", DEAD)
+                    continue
+                if now - p.last_heard > self.peer_timeout:
+                    self._peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s", DEAD)
+                    continue
+            if now - p.last_sent > self.heartbeat:
                 if beat is None:
                     beat = wire.encode(wire.HEARTBEAT, self.rank, reason=self.status()[:2000])
-                self._control(p, beat)
+                self._control(p, beat, upto=CLOSED)

@@ -115,7 +115,7 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         secondary = isinstance(e, LostPeerError) or (isinstance(e, MeshError) and "aborted" in str(e))
         conn.send((False, traceback.format_exc(), time.time(), secondary))
         if world is not None:
-            world.close()  # report first: closing waits for the peers
+            world._close(e)  # report first: closing waits for the peers' answers
     finally:
         conn.close()
 

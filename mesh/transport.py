@@ -47,6 +47,7 @@ _MSG_COST = 256
 _SNDMORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 _CACHE = 1024  # headers remembered, each way, per transport
+_FAIL_WAIT = 1.0  # a failing rank's wait for its peers to answer its goodbye
 
 
 class Transport(Liveness):
@@ -194,9 +195,11 @@ class Transport(Liveness):
         peer.last_sent = time.monotonic()
         out.event.set()
 
-    def _control(self, peer: Peer, header: bytes, to_closed: bool = False) -> None:
+    def _control(self, peer: Peer, header: bytes, upto: int = ALIVE) -> None:
+        """Send a control message to ``peer`` if its state is ``upto`` or better
+        (ALIVE < CLOSED < DEAD): one that left may never read it again."""
         with peer.lock:
-            if peer.state == ALIVE or (to_closed and peer.state == CLOSED):
+            if peer.state <= upto:
                 try:
                     peer.sock.send(header, zmq.NOBLOCK)
                     peer.last_sent = time.monotonic()
@@ -516,11 +519,11 @@ class Transport(Liveness):
         elif h.kind == wire.CREDIT:
             self._on_credit(peer, h.credit)
         elif h.kind == wire.HEARTBEAT:
-            peer.status, peer.status_at = h.reason, peer.last_heard
+            self._on_heartbeat(peer, h.reason, h.peer)
         elif h.kind == wire.ABORT:
             self._abort_local(h.group, h.tag, h.credit, h.reason, h.peer)
         elif h.kind == wire.BYE:
-            self._peer_gone(h.src, "it closed its mesh", CLOSED)
+            self._on_bye(peer, h.reason)
         return True
 
     def _read_array(self, h: wire.Header, parts: list) -> None:
@@ -596,21 +599,28 @@ class Transport(Liveness):
         self._nudge()
         return True
 
-    def close(self, linger: float = 5.0) -> None:
+    def close(self, linger: float = 5.0, failure: str = "") -> None:
         """Flush queued sends (bounded), say goodbye, wait for the peers'
-        goodbyes (bounded by MESH_CLOSE_WAIT), stop the thread, close sockets."""
-        deadline = time.monotonic() + linger
-        for p in self._peers:
-            while p.queue and p.state == ALIVE and time.monotonic() < deadline:
-                time.sleep(0.005)
-        bye = wire.encode(wire.BYE, self.rank)
-        for p in self._peers:
-            if p.sock is not None:
-                self._control(p, bye, to_closed=True)  # a peer that left first waits for it
+        goodbyes (bounded by MESH_CLOSE_WAIT), stop the thread, close sockets.
+
+        ``failure``: the error this rank leaves with. Then nothing is flushed
+        and the goodbye carries the error: whatever the peers wait for from
+        this rank fails at once. Their answers, not their goodbyes, are
+        waited for (_FAIL_WAIT at most): they may be blocked on this rank."""
+        if not failure:
+            deadline = time.monotonic() + linger
+            for p in self._peers:
+                while p.queue and p.state == ALIVE and time.monotonic() < deadline:
+                    time.sleep(0.005)
+        bye = wire.encode(wire.BYE, self.rank, reason=failure[:2000])
+        for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone
+            if p.sock is not None and not (p.state == CLOSED and p.suspect_since):
+                self._control(p, bye, upto=CLOSED)
         # Like MPI_Finalize: stay until every peer has said goodbye too (or is
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.
-        deadline = time.monotonic() + config_float("MESH_CLOSE_WAIT", 30.0)
+        wait = config_float("MESH_CLOSE_WAIT", 30.0)
+        deadline = time.monotonic() + (min(wait, _FAIL_WAIT) if failure else wait)
         while (any(p.state == ALIVE for p in self._peers if p.sock is not None)
                and time.monotonic() < deadline):
             time.sleep(0.002)

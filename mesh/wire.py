@@ -12,9 +12,11 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
 
     header keys: k kind, s source world rank, g group id, t tag,
                  d dtype (arrays), sh shape (arrays), n payload bytes,
-                 f fingerprint (collectives), c credit bytes, r reason (aborts)
-                 or status (heartbeats: what the sender is doing, for stall
-                 reports), p the lost peer an abort names (-1: none),
+                 f fingerprint (collectives), c credit bytes, r reason (aborts),
+                 status (heartbeats: what the sender is doing, for stall
+                 reports) or the error a failing rank leaves with (goodbyes;
+                 none: a clean close), p the lost peer an abort names, or the
+                 failing rank whose goodbye a heartbeat answers (-1: none),
                  v true when the array came from a device (returned on one)
 """
 from __future__ import annotations
@@ -104,8 +106,11 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         h["c"] = credit  # the error kind: 0 mismatch, 1 lost peer, 2 other, 3 timeout
         if peer >= 0:
             h["p"] = peer
-    elif kind == HEARTBEAT and reason:
-        h["r"] = reason
+    elif kind in (HEARTBEAT, BYE):
+        if reason:
+            h["r"] = reason
+        if peer >= 0:
+            h["p"] = peer
     return msgpack.packb(h)
 
 
@@ -140,10 +145,9 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     src = _int(h, "s", 0, world_size - 1)
     if kind == CREDIT:
         return Header(kind, src, credit=_int(h, "c", 0))
-    if kind == BYE:
-        return Header(kind, src)
-    if kind == HEARTBEAT:
-        return Header(kind, src, reason=_str(h, "r"))
+    if kind in (HEARTBEAT, BYE):
+        return Header(kind, src, reason=_str(h, "r"),
+                      peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
     group, tag = _int(h, "g", 0), _int(h, "t")
     if kind == ABORT:
         return Header(kind, src, group, tag, reason=_str(h, "r"), credit=_int(h, "c", 0, 3),

@@ -2,10 +2,14 @@
 connects to every peer and returns the world communicator."""
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import secrets
 import socket
+import sys
 import tempfile
+import weakref
 from typing import Any
 
 import zmq
@@ -16,6 +20,9 @@ from .rendezvous import RendezvousServer, join
 from .transport import Transport, config_float
 
 __all__ = ["Mesh", "init"]
+
+_log = logging.getLogger("mesh.transport")
+_open: "weakref.WeakSet[Mesh]" = weakref.WeakSet()
 
 
 class Mesh(Comm):
@@ -30,6 +37,8 @@ class Mesh(Comm):
         self.endpoints = endpoints
         self._ctx, self._auth, self._server, self._ipc_path = ctx, authenticator, server, ipc_path
         self._closed = False
+        self._pid = os.getpid()
+        _open.add(self)
 
     @property
     def local_rank(self) -> int:
@@ -46,10 +55,16 @@ class Mesh(Comm):
 
     def close(self) -> None:
         """Leave the job: flush sends, tell peers, release sockets. Idempotent."""
+        self._close(None)
+
+    def _close(self, error: BaseException | None) -> None:
+        """Close; when leaving because of ``error``, the goodbye says so and
+        the peers fail at once whatever they wait for from this rank."""
         if self._closed:
             return
         self._closed = True
-        self._t.close()
+        _open.discard(self)
+        self._t.close(failure=_failure(error))
         if self._server is not None:
             self._server.close()
         self._auth.close()
@@ -62,8 +77,31 @@ class Mesh(Comm):
     def __enter__(self) -> "Mesh":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._close(exc)
+
+
+def _failure(exc: BaseException | None) -> str:
+    """What a goodbye says of the error a rank leaves with ('' for none)."""
+    if exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0)):
+        return ""
+    return f"{type(exc).__name__}: {exc}"
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the meshes a program left open: as failed after an uncaught
+    exception (the interpreter, and meshrun's bootstrap, leave it in
+    sys.last_value), so the peers learn of it at once; else cleanly. Not in
+    a forked child: the sockets are its parent's."""
+    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    for m in list(_open):
+        if m._pid != os.getpid():
+            continue
+        try:
+            m._close(exc)
+        except Exception:
+            _log.exception("rank %d: closing the mesh at exit failed", m.rank)
 
 
 def _tcp_host(master_addr: str) -> str:

@@ -103,8 +103,9 @@ valid = st.one_of(
               st.integers(0, 1 << 40)),
     st.builds(lambda s, r, e, p: wire.encode(wire.ABORT, s, reason=r, credit=e, peer=p),
               st.integers(0, 3), st.text(max_size=30), st.integers(0, 2), st.integers(-1, 3)),
-    st.builds(lambda s, r: wire.encode(wire.HEARTBEAT, s, reason=r), st.integers(0, 3),
-              st.text(max_size=30)))
+    st.builds(lambda k, s, r, p: wire.encode(k, s, reason=r, peer=p),
+              st.sampled_from([wire.HEARTBEAT, wire.BYE]), st.integers(0, 3),
+              st.text(max_size=30), st.integers(-1, 3)))
 
 
 @SETTINGS

@@ -332,3 +332,42 @@ def test_mismatch_report_leads_with_the_root_cause_and_stays_short(tmp_path: Pat
         err = (tmp_path / f"rank{rank}.stderr.log").read_text()
         assert "Traceback (most recent call last)" in err
         assert "collectives/runner.py" in err and "launch_mismatch.py" in err
+
+
+FAIL_SCRIPT = SCRIPTS / "launch_fail.py"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["with", "bare"])
+def test_a_rank_that_raises_ends_the_job_at_once(mode: str) -> None:
+    """Rank 2 raises while ranks 0 and 1 wait for it in a small all_reduce,
+    inside ``with mesh.init()`` or with no close at all. Its goodbye says it
+    failed: the others fail at once, naming it and its error, the launcher
+    shows rank 2's own exception as the root cause, and no live rank is
+    reported silent. With MESH_PEER_TIMEOUT=30, a job that waited on
+    silence would still run when meshrun's --timeout stops it."""
+    r = meshrun("--timeout", "20", "--grace", "3", "-n", "3", str(FAIL_SCRIPT), mode,
+                timeout=40, MESH_PEER_TIMEOUT="30")
+    ended = time.time()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "Root cause: rank 2 failed first" in r.stderr, out
+    assert "error      : RuntimeError: rank 2 fails on purpose" in r.stderr, out
+    for rank in (0, 1):
+        saw = [ln for ln in r.stdout.splitlines() if ln.startswith(f"[{rank}] saw ")]
+        assert saw and "rank 2 is gone (it failed: RuntimeError: rank 2 fails on purpose)" \
+            in saw[0], out
+    assert not [ln for ln in out.splitlines() if "silent" in ln], out
+    failed_at = [float(ln.split()[-1]) for ln in r.stdout.splitlines()
+                 if ln.startswith("[2] failing at ")]
+    assert failed_at and ended - failed_at[0] < 10, out
+
+
+def test_a_rank_that_finishes_late_is_not_reported_lost() -> None:
+    """Rank 0 works on (as if saving a checkpoint) longer than the peer
+    timeout after the last collective, while rank 1 waits in its close:
+    both keep beating, so nobody is reported lost and the job succeeds."""
+    r = meshrun("-n", "2", str(FAIL_SCRIPT), "late", "4", MESH_PEER_TIMEOUT="2")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "lost peer" not in out and "silent" not in out, out

@@ -162,25 +162,34 @@ def test_irecv_completes_in_the_background() -> None:
     assert mesh.spawn(_progress, 2, timeout=60)[0] is True
 
 
-def _flow(world: mesh.Mesh) -> list:
+def _flow(world: mesh.Mesh, flag: str) -> list:
     n, size = 24, 4 << 20
     if world.rank == 1:
         reqs = [world.isend(np.full(size, i % 251, np.uint8), 0) for i in range(n)]
         time.sleep(1.0)
         handed = sum(r._item.event.is_set() for r in reqs)
+        open(flag, "w").close()   # not a message: credit would hold it back
         for r in reqs:
             r.wait()
         return [handed]
-    time.sleep(1.5)      # not receiving: the sender must be held back by credit
+    _wait_for(flag)      # not receiving: the sender must be held back by credit
     for i in range(n):
         a = world.recv(1)
         assert a[0] == i % 251 and a[-1] == i % 251
     return []
 
 
-def test_credit_bounds_what_a_fast_sender_buffers() -> None:
+def _wait_for(flag: str) -> None:
+    """Until the sender has counted what it handed over (bounded)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_credit_bounds_what_a_fast_sender_buffers(tmp_path) -> None:
     window = 16 << 20
-    handed = mesh.spawn(_flow, 2, timeout=60, env={"MESH_WINDOW_BYTES": str(window)})[1][0]
+    handed = mesh.spawn(_flow, 2, str(tmp_path / "counted"), timeout=60,
+                        env={"MESH_WINDOW_BYTES": str(window)})[1][0]
     # at most a window's worth (plus one message) is in flight before the receiver reads
     assert handed <= window // (4 << 20) + 1
 
@@ -197,9 +206,7 @@ def _flood(world: mesh.Mesh, flag: str) -> list:
         for r in reqs:
             r.wait()
         return [handed]
-    deadline = time.monotonic() + 60   # rank 0 reads only once rank 1 has counted
-    while not os.path.exists(flag) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for(flag)      # rank 0 reads only once rank 1 has counted
     for _ in range(n):
         assert world.recv(1).shape == (0,)
     return []
