@@ -63,7 +63,7 @@ def _check(frame: bytes, size: int) -> None:
         assert all(type(x) is int and x >= 0 for x in h.shape)
         assert math.prod(h.shape) * dt.itemsize == h.nbytes
     if h.kind == wire.ABORT:
-        assert 0 <= h.credit <= 2
+        assert 0 <= h.credit <= 3   # abort kinds: mismatch, lost peer, other, timeout
     assert type(h.peer) is int and -1 <= h.peer < size
 
 
