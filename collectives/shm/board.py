@@ -37,9 +37,9 @@ import numpy as np
 
 from mesh import ANY, LostPeerError, MeshError, MismatchError
 
+from ..host.exchange import all_gather_object_direct
+from ..runner import Ctx, caught
 from . import cma
-from .exchange import all_gather_object_direct
-from .runner import Ctx, caught
 
 __all__ = ["CAPACITY", "available", "Round"]
 

@@ -30,13 +30,15 @@ import numpy as np
 
 from mesh import device
 
-from . import api, cuda_ipc, gpu, gpu_ring
-from .api import _fp, _root, _rows
-from .ops import resolve
-from .plan import Tuning
-from .ring import ring as host_ring
-from .rooted import broadcast_tree
-from .runner import Ctx, agreed, check_comm, start
+from ..host import paths as api
+from ..host.paths import _fp, _root, _rows
+from ..host.ring import ring as host_ring
+from ..host.rooted import broadcast_tree
+from ..ops import resolve
+from ..plan import Tuning
+from ..runner import Ctx, agreed, check_comm, start
+from . import cuda_ipc, gpu
+from . import ring as gpu_ring
 
 __all__ = ["staged", "simple", "DeviceWork", "all_reduce", "broadcast", "reduce",
            "all_gather", "reduce_scatter", "gather", "scatter", "all_to_all"]

@@ -1,11 +1,12 @@
-"""The public collectives: argument checks, fingerprints, algorithm choice.
+"""The collectives on host (numpy) arrays: argument checks, fingerprints,
+and the path each call takes. Between processes of one host that may read
+each other's memory: the board and cross-memory attach (collectives.shm);
+otherwise an algorithm over sockets (ring, small, rooted, exchange, beside
+this module), chosen by size or by ``algorithm=`` / MESH_COLL_ALGO
+(collectives.plan.choose).
 
-Every function takes a communicator ``g`` (the world or any ``world.group``)
-and must be called by every member of ``g`` in the same order. With
-``async_op=True`` it returns a ``Work`` at once (do not touch the arrays
-until ``work.wait()``); otherwise it returns its result. A rank that calls a
-different collective, op, dtype, shape or root than its peers makes every
-member raise ``mesh.MismatchError`` naming both ranks and both calls.
+collectives.api runs these on host arrays, and on device arrays staged
+whole through host memory.
 """
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import board, local
+from ..ops import resolve
+from ..plan import Tuning, choose
+from ..runner import Body, Ctx, agreed, start
+from ..shm import board, local
 from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
                        broadcast_object_tree)
-from .ops import resolve
-from .plan import Tuning, choose
 from .ring import ring
 from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chain,
                      reduce_tree, scatter_direct)
-from .runner import Body, Ctx, agreed, start
 from .small import all_reduce_rd, barrier_dissemination
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
@@ -31,7 +32,7 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
 def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack_device__"):
-            raise TypeError(f"{name}: collectives.api takes numpy arrays; device arrays "
+            raise TypeError(f"{name}: collectives.host.paths takes numpy arrays; device arrays "
                             f"({type(a).__module__}.{type(a).__name__}) go through "
                             f"collectives.{name}, which picks a device path")
         if writable:
@@ -84,7 +85,7 @@ def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
     """Reduce ``a`` over the group, in place on every rank; returns ``a``.
     ``algorithm``: "rd" (recursive doubling) or "ring" (reduce-scatter then
     all-gather); default by size. Between processes of one host both run
-    over the board and cross-memory attach (collectives.local) unless
+    over the board and cross-memory attach (collectives.shm) unless
     MESH_CMA=0."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_reduce", a, writable=True)

@@ -26,8 +26,8 @@ import numpy as np
 from mesh import ANY, LostPeerError, MeshError
 from mesh.env import host_id
 
-from .exchange import all_gather_object_direct
-from .runner import Ctx, caught
+from ..host.exchange import all_gather_object_direct
+from ..runner import Ctx, caught
 
 __all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "pids"]
 
