@@ -1,0 +1,80 @@
+"""The public collectives, on host and device arrays alike.
+
+Every function takes a communicator ``g`` (the world or any ``world.group``)
+and must be called by every member of ``g`` in the same order. With
+``async_op=True`` it returns a ``Work`` at once (do not touch the arrays
+until ``work.wait()``); otherwise it returns its result. A rank that calls a
+different collective, op, dtype, shape or root than its peers makes every
+member raise ``mesh.MismatchError`` naming both ranks and both calls.
+
+Each call takes the path of its array's kind::
+
+    numpy array                      collectives.host.paths: same-host memory
+                                       (collectives.shm) or sockets
+    large device array: all_reduce,  collectives.device.paths: CUDA IPC or the
+      reduce_scatter, all_gather,      ring through pinned slots, reductions
+      broadcast                        on the GPU
+    any other device array           staged whole: copied down, the host
+                                       collective, copied back
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .device import paths as device
+from .device.paths import simple
+from .host import paths as host
+from .host.paths import all_gather_object, barrier, broadcast_object
+from .runner import check_comm
+
+__all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
+           "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object"]
+
+_staged_all_reduce = simple(host.all_reduce, in_place=True)
+_staged_all_gather = simple(host.all_gather, in_place=False)
+_staged_reduce_scatter = simple(host.reduce_scatter, in_place=False)
+_staged_broadcast = simple(host.broadcast, in_place=True)
+
+
+def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+               algorithm: str | None = None, timeout: float | None = None) -> Any:
+    """collectives.host.paths.all_reduce, for host and device arrays."""
+    check_comm(g, "all_reduce")
+    if device.large(g, a, 1, algorithm, "rd"):
+        return device.all_reduce(g, a, op, async_op, timeout)
+    return _staged_all_reduce(g, a, op=op, async_op=async_op, timeout=timeout,
+                              algorithm=algorithm)
+
+
+def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+                   timeout: float | None = None) -> Any:
+    """collectives.host.paths.reduce_scatter, for host and device arrays."""
+    check_comm(g, "reduce_scatter")
+    if device.large(g, a):
+        return device.reduce_scatter(g, a, op, async_op, timeout)
+    return _staged_reduce_scatter(g, a, op=op, async_op=async_op, timeout=timeout)
+
+
+def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+    """collectives.host.paths.all_gather, for host and device arrays."""
+    check_comm(g, "all_gather")
+    if device.large(g, a, g.size):
+        return device.all_gather(g, a, async_op, timeout)
+    return _staged_all_gather(g, a, async_op=async_op, timeout=timeout)
+
+
+def broadcast(g: Any, a: Any, root: int = 0, async_op: bool = False,
+              algorithm: str | None = None, timeout: float | None = None) -> Any:
+    """collectives.host.paths.broadcast, for host and device arrays: through
+    CUDA IPC when the group can, else staged."""
+    check_comm(g, "broadcast")
+    if device.large(g, a) and algorithm is None:
+        return device.broadcast(g, a, root, async_op, timeout)
+    return _staged_broadcast(g, a, root=root, async_op=async_op, timeout=timeout,
+                             algorithm=algorithm)
+
+
+reduce = simple(host.reduce, in_place=True)
+gather = simple(host.gather, in_place=False)
+scatter = simple(host.scatter, in_place=False)
+all_to_all = simple(host.all_to_all, in_place=False)
