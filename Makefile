@@ -22,7 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m mesh.bench
-	$(BIN)/python -m collectives.bench --op all_reduce -n 4 --sizes 8:64M
+	$(BIN)/python -m collectives.tools.bench --op all_reduce -n 4 --sizes 8:64M
 
 clean:
 	rm -rf $(VENV) build *.egg-info

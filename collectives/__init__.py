@@ -3,18 +3,29 @@
     import collectives
     collectives.all_reduce(world, grads, op="avg")      # in place
     work = collectives.all_reduce(g, a, async_op=True); work.wait()
+
+    api.py        the public collectives: each call takes its array kind's path
+    buckets.py    GradReducer: gradient all-reduce in fusion buckets
+    runner.py     how one call runs: tag, fingerprint, deadline, abort, lanes, Work
+    plan.py       pure arithmetic: chunks, segments, trees, algorithm choice, Tuning
+    ops.py        reduction operators;  scratch.py: buffers kept between calls
+    host/         numpy arrays: paths.py (checks, which path), and the algorithms
+                  over sockets: ring.py, small.py (recursive doubling, barrier),
+                  rooted.py (broadcast, reduce, gather, scatter), exchange.py
+    shm/          same host, no sockets: board.py (sync), cma.py (reading a
+                  peer's memory), local.py (the collectives on them)
+    device/       device arrays: paths.py (which path, whole-array staging),
+                  gpu.py (a call's array and streams), ring.py (the ring through
+                  pinned slots), cuda_ipc.py (peers' device memory)
+    tools/        python -m collectives.tools.bench | .soak (bench_gloo.py: torch's side)
 """
 from . import api
-from .api import all_gather_object, barrier, broadcast_object
+from .api import (all_gather, all_gather_object, all_reduce, all_to_all, barrier, broadcast,
+                  broadcast_object, gather, reduce, reduce_scatter, scatter)
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
 from .plan import Tuning
 from .runner import Work
-# Host arrays go straight to collectives.api; device arrays (CuPy, CUDA array
-# interface, DLPack) take CUDA IPC, the overlapped staged ring or simple
-# staging through pinned host buffers (collectives.staged says which).
-from .staged import (all_gather, all_reduce, all_to_all, broadcast, gather, reduce,
-                     reduce_scatter, scatter, staged)
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object",

@@ -41,7 +41,7 @@ from mesh import device
 
 from .ops import resolve
 from .runner import check_comm
-from .staged import all_reduce   # host arrays go to collectives.api, device ones to a GPU path
+from .api import all_reduce   # host arrays, or device ones, each on its path
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "bucket_plan", "GradReducer", "all_reduce_grads"]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from collectives.bench import bus_factor, input_count, parse_sizes, plan_rows
+from collectives.tools.bench import bus_factor, input_count, parse_sizes, plan_rows
 from collectives.ops import OPS, resolve
 from collectives.plan import (Tuning, chain, choose, parse_size, rd_plan, ring_chunk,
                               ring_chunks, segment_count, segments, split, tree_children,

@@ -60,7 +60,7 @@ def _run(world: mesh.Mesh, spread: bool, ipc: str) -> str:
         assert int(sc[0]) == r * count
         a2a = C.all_to_all(world, cupy.arange(n * count) + 1000 * r)
         assert int(a2a[0]) == r * count
-    from collectives import cuda_ipc
+    from collectives.device import cuda_ipc
     assert (cuda_ipc.state(world) is not None) == (ipc == "1")
     return "ok"
 

@@ -74,7 +74,7 @@ def _check_all(world: mesh.Mesh, devices: int) -> dict[str, Any]:
     a2a = C.all_to_all(world, cp.asarray(np.arange(n) * 10 + r))
     assert np.array_equal(cp.asnumpy(a2a), np.arange(n) + r * 10)
 
-    from collectives import cuda_ipc
+    from collectives.device import cuda_ipc
     st = cuda_ipc.state(world)
     out = {"ipc": st is not None, "opens": st.opens if st else 0,
            "gen": st.gen if st else 0, "pinned": cp.stats["pinned"]}
@@ -181,7 +181,7 @@ def test_fake_refuses_to_open_its_own_handle_as_cuda_does() -> None:
 
 
 def test_bench_paths_map_to_the_environment() -> None:
-    from collectives.bench import path_env
+    from collectives.tools.bench import path_env
     assert path_env("auto") == {}
     assert path_env("ipc") == {"MESH_CUDA_IPC": "1"}
     assert path_env("staged") == {"MESH_CUDA_IPC": "0"}
@@ -228,11 +228,9 @@ def test_grad_reducer_on_device_gradients() -> None:
 def test_staging_returns_its_pinned_buffer_when_the_host_step_fails() -> None:
     """A collective that fails half-way (a lost peer, an abort) must not
     keep the pooled pinned buffer it staged through."""
-    import importlib
-
+    from collectives.device import paths as staged
     from mesh import device
 
-    staged = importlib.import_module("collectives.staged")  # the name is also a function
     cp = fakecupy.install()
     device.POOL.clear()
     flat = cp.arange(1000, dtype=np.float32)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .ops import ReduceOp
-from .plan import chain, segments, tree_children, tree_parent
-from .runner import Ctx
+from ..ops import ReduceOp
+from ..plan import chain, segments, tree_children, tree_parent
+from ..runner import Ctx
 
 __all__ = ["broadcast_tree", "broadcast_chain", "reduce_tree", "reduce_chain",
            "gather_direct", "scatter_direct"]

@@ -1,7 +1,7 @@
 """Soak: thousands of random-size collectives and point-to-point messages on
 N ranks, every result checked, memory sampled as it goes.
 
-    python -m collectives.soak [-n 4] [--ops 4000] [--max-bytes 4M] [--seed 1]
+    python -m collectives.tools.soak [-n 4] [--ops 4000] [--max-bytes 4M] [--seed 1]
 
 Every rank draws the same sequence of operations from one seed: which
 collective (all_reduce sum/max/min, async all_reduce overlapped with
@@ -207,7 +207,8 @@ def soak_worker(world: Any, ops: int, max_bytes: int, seed: int, trace: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m collectives.soak", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m collectives.tools.soak",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=4, help="ranks (default 4)")
     ap.add_argument("--ops", type=int, default=4000, help="operations (default 4000)")
     ap.add_argument("--max-bytes", default="4M", help="largest message (default 4M)")

@@ -42,12 +42,12 @@ import numpy as np
 from mesh import MeshError, device
 from mesh.env import host_id
 
-from . import board
-from .exchange import all_gather_object_direct
+from ..host.exchange import all_gather_object_direct
+from ..ops import ReduceOp
+from ..plan import ring_chunks
+from ..runner import Ctx
+from ..shm import board
 from .gpu import Call, Lanes, where
-from .ops import ReduceOp
-from .plan import ring_chunks
-from .runner import Ctx
 
 __all__ = ["usable", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "mode"]
 
@@ -235,7 +235,7 @@ class _Messages:
 
 
 class _Board:
-    """Stages on the same-host board (collectives.board): no socket at all."""
+    """Stages on the same-host board (collectives.shm.board): no socket at all."""
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx, self.round = ctx, board.Round(ctx)

@@ -1,18 +1,18 @@
 """Collectives on device arrays (CuPy, CUDA array interface, DLPack): which
-path a call takes.
+path a call takes (collectives.api asks ``large`` and calls the path).
 
     same host, CUDA IPC usable      all_reduce, reduce_scatter, all_gather,
-      (collectives.cuda_ipc)          broadcast: device-to-device copies
+      (device/cuda_ipc.py)            broadcast: device-to-device copies
                                       out of the peers' registered buffers
     otherwise, overlapped staging   all_reduce, reduce_scatter, all_gather:
-      (collectives.gpu_ring)          the ring, segments through pinned
+      (device/ring.py)                the ring, segments through pinned
                                       slots, reductions on the GPU
-    simple staging (below)          small arrays (under MESH_COLL_SMALL),
+    simple staging (``simple``)     small arrays (under MESH_COLL_SMALL),
                                       the other collectives, MESH_CUDA_OVERLAP=0:
                                       one copy down, the host collective,
                                       one copy back
 
-Stream semantics (collectives.gpu): a call waits for the work queued on the
+Stream semantics (device/gpu.py): a call waits for the work queued on the
 caller's current stream before it; its result is complete on the device
 when the call, or its ``Work.wait()``, returns. In-place collectives write
 into the caller's array; the others return a new CuPy array on its device.
@@ -30,16 +30,17 @@ import numpy as np
 
 from mesh import device
 
-from . import api, cuda_ipc, gpu, gpu_ring
-from .api import _fp, _root, _rows
-from .ops import resolve
-from .plan import Tuning
-from .ring import ring as host_ring
-from .rooted import broadcast_tree
-from .runner import Ctx, agreed, check_comm, start
+from ..host.paths import _fp, _root, _rows
+from ..host.ring import ring as host_ring
+from ..host.rooted import broadcast_tree
+from ..ops import resolve
+from ..plan import Tuning
+from ..runner import Ctx, agreed, start
+from . import cuda_ipc, gpu
+from .ring import ring as overlapped
 
-__all__ = ["staged", "simple", "DeviceWork", "all_reduce", "broadcast", "reduce",
-           "all_gather", "reduce_scatter", "gather", "scatter", "all_to_all"]
+__all__ = ["simple", "DeviceWork", "large", "all_reduce", "reduce_scatter", "all_gather",
+           "broadcast"]
 
 
 class DeviceWork:
@@ -83,14 +84,11 @@ def simple(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
     return run
 
 
-staged = simple
-"""The earlier name of ``simple``."""
-
-
-def _device_path(g: Any, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
-                 small_alg: str = "") -> bool:
-    """Whether a device call takes the overlapped or IPC path: a large array
-    (the same answer on every rank, whose shapes agree)."""
+def large(g: Any, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
+          small_alg: str = "") -> bool:
+    """Whether a call takes the overlapped or IPC path: a large device array
+    (the same answer on every rank, whose shapes agree); otherwise it is
+    staged whole (``simple``) or, for a host array, runs on the host."""
     if isinstance(a, np.ndarray) or a is None or not device.is_device(a) or g.size == 1:
         return False
     if os.environ.get("MESH_CUDA_OVERLAP", "1") == "0" and cuda_ipc.mode() == "0":
@@ -138,19 +136,8 @@ def _via_host(lanes: gpu.Lanes, flat: Any, host_op: Callable[[Any], Any],
         device.POOL.give(host)
 
 
-_simple_all_reduce = simple(api.all_reduce, in_place=True)
-_simple_all_gather = simple(api.all_gather, in_place=False)
-_simple_reduce_scatter = simple(api.reduce_scatter, in_place=False)
-_simple_broadcast = simple(api.broadcast, in_place=True)
-
-
-def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
-               algorithm: str | None = None, timeout: float | None = None) -> Any:
-    """collectives.api.all_reduce, for host and device arrays."""
-    check_comm(g, "all_reduce")
-    if not _device_path(g, a, 1, algorithm, "rd"):
-        return _simple_all_reduce(g, a, op=op, async_op=async_op, timeout=timeout,
-                                  algorithm=algorithm)
+def all_reduce(g: Any, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
+    """all_reduce of a large device array: CUDA IPC or the overlapped ring."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         rop = resolve(op, call.dtype)
@@ -165,7 +152,7 @@ def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
                 cuda_ipc.all_reduce(ctx, lanes, call, flat, rop)
             else:
                 n = ctx.g.size
-                ring = _whole if _overlap_off() else gpu_ring.ring
+                ring = _whole if _overlap_off() else overlapped
                 ring(ctx, lanes, flat, 2 * (n - 1), n - 1, rop)
             with lanes.up:
                 rop.finish(flat, ctx.g.size)
@@ -175,12 +162,8 @@ def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
     return start(g, "all_reduce", prepare, async_op, timeout)
 
 
-def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
-                   timeout: float | None = None) -> Any:
-    """collectives.api.reduce_scatter, for host and device arrays."""
-    check_comm(g, "reduce_scatter")
-    if not _device_path(g, a):
-        return _simple_reduce_scatter(g, a, op=op, async_op=async_op, timeout=timeout)
+def reduce_scatter(g: Any, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
+    """reduce_scatter of a large device array: CUDA IPC or the overlapped ring."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         _rows("reduce_scatter", call.arr, g.size)
@@ -202,7 +185,7 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
             else:
                 with lanes.up:
                     work = flat.copy()
-                ring = _whole if _overlap_off() else gpu_ring.ring
+                ring = _whole if _overlap_off() else overlapped
                 ring(ctx, lanes, work, n - 1, n - 1, rop, shift=-1)
                 size = mine.size
                 lanes.copy(int(mine.data.ptr), int(work.data.ptr) + rank * size * work.itemsize,
@@ -214,11 +197,8 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
     return start(g, "reduce_scatter", prepare, async_op, timeout)
 
 
-def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
-    """collectives.api.all_gather, for host and device arrays."""
-    check_comm(g, "all_gather")
-    if not _device_path(g, a, g.size):
-        return _simple_all_gather(g, a, async_op=async_op, timeout=timeout)
+def all_gather(g: Any, a: Any, async_op: bool, timeout: float | None) -> Any:
+    """all_gather of a large device array: CUDA IPC or the overlapped ring."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         return _fp("all_gather", call.arr, alg="device"), lambda ctx: body(ctx, call)
@@ -237,21 +217,16 @@ def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = N
             else:
                 lanes.copy(int(rows[rank].data.ptr), int(flat.data.ptr), int(flat.nbytes),
                            lanes.up)
-                ring = _whole if _overlap_off() else gpu_ring.ring
+                ring = _whole if _overlap_off() else overlapped
                 ring(ctx, lanes, out.reshape(-1), n - 1, 0, None)
             lanes.sync()
         return out
     return start(g, "all_gather", prepare, async_op, timeout)
 
 
-def broadcast(g: Any, a: Any, root: int = 0, async_op: bool = False,
-              algorithm: str | None = None, timeout: float | None = None) -> Any:
-    """collectives.api.broadcast, for host and device arrays: through CUDA
-    IPC when the group can, else the simple staged path."""
-    check_comm(g, "broadcast")
-    if not _device_path(g, a) or algorithm is not None:
-        return _simple_broadcast(g, a, root=root, async_op=async_op, timeout=timeout,
-                                 algorithm=algorithm)
+def broadcast(g: Any, a: Any, root: int, async_op: bool, timeout: float | None) -> Any:
+    """broadcast of a large device array: CUDA IPC, else staged whole down the
+    binomial tree."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         r = _root(g, root)
@@ -278,9 +253,3 @@ def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any
     here = ctx.g.rank == root
     _via_host(lanes, flat, lambda buf: agreed(lambda c: broadcast_tree(c, buf, root))(ctx),
               down=here, up=not here)
-
-
-reduce = simple(api.reduce, in_place=True)
-gather = simple(api.gather, in_place=False)
-scatter = simple(api.scatter, in_place=False)
-all_to_all = simple(api.all_to_all, in_place=False)

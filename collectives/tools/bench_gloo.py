@@ -1,4 +1,4 @@
-"""The torch.distributed (gloo) side of ``collectives.bench``: the same
+"""The torch.distributed (gloo) side of ``collectives.tools.bench``: the same
 collectives, sizes and timing loop, so each row can be compared in one run.
 
 torch is imported only inside the worker processes; it is never a

@@ -1,6 +1,6 @@
 """Collectives between processes of one host: synchronized on the board
-(collectives.board), data copied once, straight out of the peers' memory
-(collectives.cma). No socket carries data or waits here.
+(collectives.shm.board), data copied once, straight out of the peers' memory
+(collectives.shm.cma). No socket carries data or waits here.
 
     small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
       broadcast, gather, reduce
@@ -21,12 +21,12 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from . import scratch
+from .. import scratch
+from ..ops import ReduceOp
+from ..plan import ring_chunks, segments
+from ..runner import Ctx
 from .board import CAPACITY, Round
 from .cma import peer_read
-from .ops import ReduceOp
-from .plan import ring_chunks, segments
-from .runner import Ctx
 
 __all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "reduce_scatter",
            "broadcast", "reduce", "scatter", "gather", "all_to_all"]

@@ -12,8 +12,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .plan import tree_children, tree_parent
-from .runner import Ctx
+from ..plan import tree_children, tree_parent
+from ..runner import Ctx
 
 __all__ = ["all_to_all_direct", "as_received", "broadcast_object_tree",
            "all_gather_object_direct"]

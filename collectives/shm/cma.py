@@ -5,7 +5,7 @@ VM, against about 1 GB/s per direction for two busy ipc:// sockets).
 When every member of a group runs on this host and may read the others'
 memory (same user; where Yama restricts ptrace to ancestors, each process
 opts out with prctl(PR_SET_PTRACER_ANY) first), the group uses it: the board
-(collectives.board) for synchronization and collectives.local for the
+(collectives.shm.board) for synchronization and collectives.shm.local for the
 data. Whether it may is settled once, on the group's first collective that
 asks, by every member reading a token out of every other one and all
 agreeing; MESH_CMA=0 turns it off. Otherwise the socket algorithms run.
@@ -26,8 +26,8 @@ import numpy as np
 from mesh import ANY, LostPeerError, MeshError
 from mesh.env import host_id
 
-from .exchange import all_gather_object_direct
-from .runner import Ctx, caught
+from ..host.exchange import all_gather_object_direct
+from ..runner import Ctx, caught
 
 __all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "pids"]
 

@@ -1,4 +1,4 @@
-"""The staged path with overlap: the pipelined ring of collectives.ring run
+"""The staged path with overlap: the pipelined ring of collectives.host.ring run
 on a device array, its segments moving through reused pinned host buffers
 (slots) and every reduction done on the GPU.
 
@@ -32,11 +32,11 @@ import numpy as np
 
 from mesh import device
 
+from ..host.ring import message_order
+from ..ops import ReduceOp
+from ..plan import ring_chunk, ring_chunks, segment_count, segments
+from ..runner import Ctx
 from .gpu import Lanes
-from .ops import ReduceOp
-from .plan import ring_chunk, ring_chunks, segment_count, segments
-from .ring import message_order
-from .runner import Ctx
 
 __all__ = ["ring", "slot_count"]
 
@@ -92,7 +92,7 @@ def ring(ctx: Ctx, lanes: Lanes, buf: Any, steps: int, reduce_steps: int,
          op: ReduceOp | None, shift: int = 0) -> None:
     """``steps`` ring steps over the flat contiguous device array ``buf``, the
     first ``reduce_steps`` reducing with ``op`` (on the up stream); the same
-    (steps, reduce_steps, shift) as collectives.ring.ring. Returns with the
+    (steps, reduce_steps, shift) as collectives.host.ring.ring. Returns with the
     device work still queued on the lanes: the caller syncs them."""
     n, r = ctx.g.size, ctx.g.rank
     if n == 1 or steps == 0 or buf.size == 0:

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from . import scratch
-from .ops import ReduceOp
-from .plan import ring_chunk, ring_chunks, segment_count, segments
-from .runner import Ctx
+from .. import scratch
+from ..ops import ReduceOp
+from ..plan import ring_chunk, ring_chunks, segment_count, segments
+from ..runner import Ctx
 
 __all__ = ["ring", "message_order"]
 

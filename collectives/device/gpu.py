@@ -25,7 +25,7 @@ import numpy as np
 
 from mesh import device
 
-from .runner import Ctx
+from ..runner import Ctx
 
 __all__ = ["Call", "Lanes", "lanes", "where"]
 

@@ -1,6 +1,6 @@
 """Collective benchmark, printed as nccl-tests prints it.
 
-    python -m collectives.bench --op all_reduce -n 4 --sizes 8:64M --compare gloo
+    python -m collectives.tools.bench --op all_reduce -n 4 --sizes 8:64M --compare gloo
 
 launches its own n workers (``mesh.spawn``), times every size from 8 bytes to
 64 MiB (doubling), and prints one row per size: bytes, element count, dtype,
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .plan import parse_size
+from ..plan import parse_size
 
 __all__ = ["COLLECTIVES", "PATHS", "bus_factor", "parse_sizes", "input_count", "plan_rows",
            "path_env", "main"]
@@ -251,7 +251,7 @@ def _print_table(args: argparse.Namespace, sizes: list[int], rows: list[tuple[in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m collectives.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--op", default="all_reduce", choices=COLLECTIVES)
     ap.add_argument("-n", "--nprocs", type=int, default=2)

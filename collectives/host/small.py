@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import ReduceOp
-from .plan import rd_plan
-from .runner import Ctx
+from ..ops import ReduceOp
+from ..plan import rd_plan
+from ..runner import Ctx
 
 __all__ = ["all_reduce_rd", "barrier_dissemination"]
 

@@ -1,6 +1,6 @@
 """Same-host synchronization without sockets: every rank of a group keeps a
 small board in its own memory, and its peers poll it with cross-memory
-reads (collectives.cma). A socket round trip between two processes on a
+reads (collectives.shm.cma). A socket round trip between two processes on a
 small machine costs 150-400 us; a poll costs a couple of microseconds.
 
     head = [cookie | ack | slot 0: seq stage fplen paylen addr addr2 fphash | slot 1: ...]
@@ -37,9 +37,9 @@ import numpy as np
 
 from mesh import ANY, LostPeerError, MeshError, MismatchError
 
+from ..host.exchange import all_gather_object_direct
+from ..runner import Ctx, caught
 from . import cma
-from .exchange import all_gather_object_direct
-from .runner import Ctx, caught
 
 __all__ = ["CAPACITY", "available", "Round"]
 

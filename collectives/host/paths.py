@@ -1,0 +1,292 @@
+"""The collectives on host (numpy) arrays: argument checks, fingerprints,
+and the path each call takes. Between processes of one host that may read
+each other's memory: the board and cross-memory attach (collectives.shm);
+otherwise an algorithm over sockets (ring, small, rooted, exchange, beside
+this module), chosen by size or by ``algorithm=`` / MESH_COLL_ALGO
+(collectives.plan.choose).
+
+collectives.api runs these on host arrays, and on device arrays staged
+whole through host memory.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ..ops import resolve
+from ..plan import Tuning, choose
+from ..runner import Body, Ctx, agreed, start
+from ..shm import board, local
+from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
+                       broadcast_object_tree)
+from .ring import ring
+from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chain,
+                     reduce_tree, scatter_direct)
+from .small import all_reduce_rd, barrier_dissemination
+
+__all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
+           "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object"]
+
+
+def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack_device__"):
+            raise TypeError(f"{name}: collectives.host.paths takes numpy arrays; device arrays "
+                            f"({type(a).__module__}.{type(a).__name__}) go through "
+                            f"collectives.{name}, which picks a device path")
+        if writable:
+            raise TypeError(f"{name} works in place: it needs a numpy array, "
+                            f"got {type(a).__name__}")
+        a = np.asarray(a)
+    if a.dtype.kind not in "biufc" or a.dtype.fields is not None:
+        raise TypeError(f"{name}: dtype {a.dtype} cannot be sent; numeric and bool arrays only")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} works in place but the array is read-only")
+    return a
+
+
+def _fp(coll: str, a: np.ndarray | None = None, **kw: Any) -> dict:
+    fp: dict[str, Any] = {"coll": coll}
+    if a is not None:
+        fp["dtype"] = str(a.dtype)
+        fp["shape"] = list(a.shape)
+    fp.update((k, v) for k, v in kw.items() if v is not None)
+    return fp
+
+
+def _root(g: Any, root: int) -> int:
+    if not isinstance(root, (int, np.integer)) or not 0 <= root < g.size:
+        raise ValueError(f"root {root!r} is not a rank of group {getattr(g, 'name', '?')} "
+                         f"(0..{g.size - 1})")
+    return int(root)
+
+
+def _rows(name: str, a: np.ndarray, n: int) -> None:
+    if a.ndim == 0 or a.shape[0] % n:
+        raise ValueError(f"{name} needs a.shape[0] divisible by the group size {n}, "
+                         f"got shape {a.shape}")
+
+
+def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
+    """Run ``body`` on a flat contiguous view of ``a`` (a contiguous copy
+    written back when ``a`` is not C-contiguous); return ``a``."""
+    def run(ctx: Ctx) -> np.ndarray:
+        work = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+        body(ctx, work.reshape(-1))
+        if work is not a:
+            a[...] = work
+        return a
+    return run
+
+
+def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
+               algorithm: str | None = None, timeout: float | None = None) -> Any:
+    """Reduce ``a`` over the group, in place on every rank; returns ``a``.
+    ``algorithm``: "rd" (recursive doubling) or "ring" (reduce-scatter then
+    all-gather); default by size. Between processes of one host both run
+    over the board and cross-memory attach (collectives.shm) unless
+    MESH_CMA=0."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        arr = _array("all_reduce", a, writable=True)
+        rop = resolve(op, arr.dtype)
+        alg = choose("all_reduce", arr.nbytes, t, algorithm)
+
+        def body(ctx: Ctx, buf: np.ndarray) -> None:
+            if ctx.g.size > 1:
+                if alg == "rd":
+                    if board.available(ctx, buf.nbytes):
+                        local.all_reduce_small(ctx, buf, rop)
+                    else:
+                        all_reduce_rd(ctx, buf, rop)
+                elif board.available(ctx):
+                    local.all_reduce_large(ctx, buf, rop)
+                else:
+                    ring(ctx, buf, rop, 2 * (ctx.g.size - 1), ctx.g.size - 1)
+            rop.finish(buf, ctx.g.size)
+        return _fp("all_reduce", arr, op=op, alg=alg), _in_place(arr, body)
+    return start(g, "all_reduce", prepare, async_op, timeout)
+
+
+def broadcast(g: Any, a: np.ndarray, root: int = 0, async_op: bool = False,
+              algorithm: str | None = None, timeout: float | None = None) -> Any:
+    """Copy the root's ``a`` into ``a`` on every rank; returns ``a``.
+    ``algorithm``: "tree" (binomial) or "chain" (pipelined); default by size."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        arr = _array("broadcast", a, writable=True)
+        r = _root(g, root)
+        alg = choose("broadcast", arr.nbytes, t, algorithm)
+
+        fn = broadcast_tree if alg == "tree" else broadcast_chain
+
+        def body(ctx: Ctx, buf: np.ndarray) -> None:
+            if board.available(ctx):
+                local.broadcast(ctx, buf, r)
+            else:
+                agreed(lambda c: fn(c, buf, r))(ctx)
+        return _fp("broadcast", arr, root=r, alg=alg), _in_place(arr, body)
+    return start(g, "broadcast", prepare, async_op, timeout)
+
+
+def reduce(g: Any, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool = False,
+           algorithm: str | None = None, timeout: float | None = None) -> Any:
+    """Reduce ``a`` over the group into the root's ``a`` (the others' arrays
+    are left as they were); returns ``a``."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        arr = _array("reduce", a, writable=g.rank == root)
+        rop = resolve(op, arr.dtype)
+        r = _root(g, root)
+        alg = choose("reduce", arr.nbytes, t, algorithm)
+        fn = reduce_chain if alg == "chain" else reduce_tree
+
+        def body(ctx: Ctx, buf: np.ndarray) -> None:
+            if ctx.g.size > 1:
+                if board.available(ctx):
+                    local.reduce(ctx, buf, rop, r)
+                else:
+                    agreed(lambda c: fn(c, buf, rop, r))(ctx)
+            if ctx.g.rank == r:
+                rop.finish(buf, ctx.g.size)
+        return _fp("reduce", arr, op=op, root=r, alg=alg), _in_place(arr, body)
+    return start(g, "reduce", prepare, async_op, timeout)
+
+
+def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+    """Every rank's ``a`` stacked in rank order: shape (g.size, *a.shape)."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        arr = _array("all_gather", a)
+
+        def body(ctx: Ctx) -> np.ndarray:
+            n = ctx.g.size
+            out = np.empty((n,) + arr.shape, arr.dtype)
+            if board.available(ctx):
+                local.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
+            else:
+                out[ctx.g.rank] = arr
+                ring(ctx, out.reshape(-1), None, n - 1, 0)
+            return out
+        return _fp("all_gather", arr), body
+    return start(g, "all_gather", prepare, async_op, timeout)
+
+
+def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+                   timeout: float | None = None) -> Any:
+    """Reduce ``a`` (a.shape[0] divisible by g.size) over the group and return
+    this rank's share: rows [rank*m, (rank+1)*m) of the result, m = shape[0]/size."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        arr = _array("reduce_scatter", a)
+        _rows("reduce_scatter", arr, g.size)
+        rop = resolve(op, arr.dtype)
+
+        def body(ctx: Ctx) -> np.ndarray:
+            n, m, rank = ctx.g.size, arr.shape[0] // ctx.g.size, ctx.g.rank
+            if board.available(ctx):
+                mine = np.empty((m,) + arr.shape[1:], arr.dtype)
+                local.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
+                                     mine.reshape(-1), rop)
+            else:
+                work = np.array(arr, order="C")
+                ring(ctx, work.reshape(-1), rop, n - 1, n - 1, shift=-1)
+                mine = work[rank * m:(rank + 1) * m].copy()
+            rop.finish(mine, n)
+            return mine
+        return _fp("reduce_scatter", arr, op=op), body
+    return start(g, "reduce_scatter", prepare, async_op, timeout)
+
+
+def gather(g: Any, a: Any, root: int = 0, async_op: bool = False,
+           timeout: float | None = None) -> Any:
+    """Every rank's ``a`` stacked on the root (shape (g.size, *a.shape));
+    None on the other ranks."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        arr = np.asarray(_array("gather", a), order="C")   # ascontiguousarray makes 0-d 1-d
+        r = _root(g, root)
+
+        def body(ctx: Ctx) -> np.ndarray | None:
+            out = np.empty((ctx.g.size,) + arr.shape, arr.dtype) if ctx.g.rank == r else None
+            if board.available(ctx):
+                local.gather(ctx, arr.reshape(-1), out, r)
+            else:
+                agreed(lambda c: gather_direct(c, arr, out, r))(ctx)
+            return out
+        return _fp("gather", arr, root=r), body
+    return start(g, "gather", prepare, async_op, timeout)
+
+
+def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False,
+            timeout: float | None = None) -> Any:
+    """Row i of the root's ``a`` (shape (g.size, ...)) to rank i; returns this
+    rank's row. ``a`` is ignored (may be None) on the other ranks."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        r = _root(g, root)
+        src = None
+        if g.rank == r:
+            src = np.asarray(_array("scatter", a), order="C")
+            if src.ndim == 0 or src.shape[0] != g.size:
+                raise ValueError(f"scatter needs the root's array shaped (group size "
+                                 f"{g.size}, ...), got shape {src.shape}")
+
+        def sockets(ctx: Ctx) -> np.ndarray:
+            if src is None:
+                return ctx.recv(r)
+            out = np.empty(src.shape[1:], src.dtype)
+            scatter_direct(ctx, src, out, r)
+            return out
+
+        def body(ctx: Ctx) -> np.ndarray:
+            if board.available(ctx):
+                return local.scatter(ctx, src, r)
+            return agreed(sockets)(ctx)
+        return _fp("scatter", root=r), body
+    return start(g, "scatter", prepare, async_op, timeout)
+
+
+def all_to_all(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+    """Split ``a`` (a.shape[0] divisible by g.size) into g.size blocks of rows;
+    block i goes to rank i. Returns the blocks received, in rank order,
+    concatenated: the same shape as ``a``."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        arr = np.asarray(_array("all_to_all", a), order="C")
+        _rows("all_to_all", arr, g.size)
+
+        def body(ctx: Ctx) -> np.ndarray:
+            out = np.empty_like(arr)
+            blocks = (ctx.g.size, -1)
+            if board.available(ctx):
+                local.all_to_all(ctx, arr.reshape(blocks), out.reshape(blocks))
+            else:
+                all_to_all_direct(ctx, arr.reshape(blocks), out.reshape(blocks))
+            return out
+        return _fp("all_to_all", arr), body
+    return start(g, "all_to_all", prepare, async_op, timeout)
+
+
+def barrier(g: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+    """Return once every member of ``g`` has entered the barrier."""
+    def body(ctx: Ctx) -> None:
+        if board.available(ctx):
+            local.barrier(ctx)
+        else:
+            barrier_dissemination(ctx)
+    return start(g, "barrier", lambda t: (_fp("barrier"), body), async_op, timeout)
+
+
+def broadcast_object(g: Any, obj: Any = None, root: int = 0, async_op: bool = False,
+                     timeout: float | None = None) -> Any:
+    """The root's msgpack-able ``obj`` on every rank (as msgpack returns it:
+    tuples become lists)."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        r = _root(g, root)
+        value = as_received(obj) if g.rank == r else None
+        return _fp("broadcast_object", root=r), agreed(
+            lambda ctx: broadcast_object_tree(ctx, value, r))
+    return start(g, "broadcast_object", prepare, async_op, timeout)
+
+
+def all_gather_object(g: Any, obj: Any, async_op: bool = False,
+                      timeout: float | None = None) -> Any:
+    """The list of every rank's msgpack-able ``obj``, in rank order."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        value = as_received(obj)
+        return _fp("all_gather_object"), lambda ctx: all_gather_object_direct(ctx, value)
+    return start(g, "all_gather_object", prepare, async_op, timeout)
