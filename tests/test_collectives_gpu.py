@@ -3,7 +3,7 @@ numpy reference, on both device paths (the overlapped staged ring with
 MESH_CUDA_IPC=0, CUDA IPC with MESH_CUDA_IPC=1), ranks sharing one GPU and,
 where there are several, on different GPUs; and a torch CUDA tensor through
 DLPack. Skipped cleanly where CuPy or a CUDA device is missing
-(tests/test_gpu_fake.py runs the same control flow on CPU). Small arrays,
+(tests/test_collectives_gpu_fake.py runs the same control flow on CPU). Small arrays,
 every op and dtype, views, sub-groups: the battery of
 tests/test_collectives.py, whose cupy cells run where a GPU is."""
 from __future__ import annotations

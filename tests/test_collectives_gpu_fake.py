@@ -5,7 +5,7 @@ probe, handle exchange, caching, synchronization and cleanup, and the
 choice between them. Every result is checked against numpy.
 
 What this cannot show: that real CUDA streams, pinned copies and IPC
-handles behave as the stand-in does (tests/test_gpu_collectives.py does,
+handles behave as the stand-in does (tests/test_collectives_gpu.py does,
 on a machine with a GPU). Every collective on every dtype, on the sockets
 (staged ring) and same-host (CUDA IPC) paths, world and sub-group, is in the
 battery of tests/test_collectives.py, which runs on this stand-in and on
