@@ -179,6 +179,11 @@ def to_device(host: np.ndarray, out: Any = None) -> Any:
     if dst.dtype != host.dtype or dst.size != host.size:
         raise ValueError(f"device out= is {dst.dtype}[{dst.size}], message is "
                          f"{host.dtype}[{host.size}]")
-    dst.reshape(-1).set(host.reshape(-1), stream=stream)
+    if dst.flags.c_contiguous:
+        dst.reshape(-1).set(host.reshape(-1), stream=stream)
+    else:   # reshape would copy: fill a contiguous array, then the strided one from it
+        tmp = cp.empty(dst.shape, dst.dtype)
+        tmp.set(host.reshape(dst.shape), stream=stream)
+        dst[...] = tmp
     stream.synchronize()
     return out

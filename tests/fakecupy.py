@@ -327,9 +327,11 @@ class ndarray:
         """A numpy view of the device memory (no waiting)."""
         if self.size == 0:
             return np.empty(self._shape, self._dtype)
-        span = max(0, sum((d - 1) * s for d, s in zip(self._shape, self._strides)))
-        raw = _bytes_at(self._ptr, span + self._dtype.itemsize)
-        return np.ndarray(self._shape, self._dtype, buffer=raw, strides=self._strides)
+        steps = [(d - 1) * s for d, s in zip(self._shape, self._strides)]
+        low = sum(x for x in steps if x < 0)       # negative strides reach below the pointer
+        raw = _bytes_at(self._ptr + low, sum(map(abs, steps)) + self._dtype.itemsize)
+        return np.ndarray(self._shape, self._dtype, buffer=raw, offset=-low,
+                          strides=self._strides)
 
     shape = property(lambda self: self._shape)
     dtype = property(lambda self: self._dtype)

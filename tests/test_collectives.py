@@ -1,10 +1,14 @@
-"""Every collective and op against numpy, at world sizes 1, 2, 3, 4, 5 and 8.
+"""Every collective and op against numpy, over the matrix of tests/conftest.py
+(transport path x array backend x communicator) and at world sizes 1, 2, 5
+and 8.
 
-One spawn per world size runs the whole battery (that is what keeps the
-suite fast on two cores); every rank can generate every rank's input from
-the shared seed, so each computes the numpy reference itself. Inputs are
-small integers (also in float dtypes), so every reduction order gives the
-exact same answer and results are compared exactly.
+One spawn per cell runs the whole battery (that is what keeps the suite
+fast on two cores); every rank can generate every rank's input from the
+shared seed, so each computes the numpy reference itself. Inputs are small
+integers (also in float dtypes), so every reduction order gives the exact
+same answer and results are compared exactly. The body is written on numpy
+arrays against ``C``, the collectives module seen through the cell's array
+backend (tests/backends.py).
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ import pytest
 import collectives as C
 import mesh
 
+from backends import Cell
+from conftest import PATHS
+
 DTYPES = ["float32", "float64", "int32", "int64", "uint8", "int16", "float16", "complex64",
           "bool"]
 SHAPES = [(), (0,), (1,), (2,), (3,), (7,), (4, 3), (1, 0, 2), (1001,), (3, 333)]
-SMALL_SEGMENTS = {"MESH_COLL_SEGMENT": "256", "MESH_COLL_WINDOW": "2", "MESH_CMA": "0"}
 
 
 def data(seed: int, rank: int, shape: tuple, dtype: str) -> np.ndarray:
@@ -60,7 +66,7 @@ def expect(got: Any, want: Any, what: str) -> None:
         assert np.array_equal(got, want), f"{what}: got {got}, want {want}"
 
 
-def _all_reduce_cases(g: Any, seed: int) -> None:
+def _all_reduce_cases(C: Any, g: Any, seed: int) -> None:
     n, r = g.size, g.rank
     for alg in ("rd", "ring"):
         for op in C.OPS:
@@ -95,7 +101,7 @@ def _all_reduce_cases(g: Any, seed: int) -> None:
     assert all(np.array_equal(everyone[0], x) for x in everyone), "ranks disagree bitwise"
 
 
-def _rooted_cases(g: Any, seed: int) -> None:
+def _rooted_cases(C: Any, g: Any, seed: int) -> None:
     n, r = g.size, g.rank
     for root in sorted({0, n - 1, n // 2}):
         for alg in ("tree", "chain"):
@@ -125,7 +131,7 @@ def _rooted_cases(g: Any, seed: int) -> None:
             expect(row, src[r], f"scatter {shape} root {root} n={n}")
 
 
-def _gather_scatter_cases(g: Any, seed: int) -> None:
+def _gather_scatter_cases(C: Any, g: Any, seed: int) -> None:
     n, r = g.size, g.rank
     for shape, dtype in [((), "float32"), ((0,), "int8"), ((5,), "int64"), ((3, 700), "float32"),
                          ((2, 2), "bool")]:
@@ -153,7 +159,7 @@ def _gather_scatter_cases(g: Any, seed: int) -> None:
                               root=n - 1) == {"w": [1.5, None, "s"]}
 
 
-def _async_cases(g: Any, seed: int) -> None:
+def _async_cases(C: Any, g: Any, seed: int) -> None:
     n, r = g.size, g.rank
     arrays = [data(seed + k, r, (50 * k + 1,), "float64") for k in range(6)]
     works = [C.all_reduce(g, a, async_op=True, algorithm=("rd", "ring")[k % 2])
@@ -171,10 +177,13 @@ def _async_cases(g: Any, seed: int) -> None:
     w = C.broadcast(g, b, root=0, async_op=True)
     C.barrier(g)
     assert w.done()
-    expect(b, data(seed, 0, (4,), "int32"), "blocking call after async")
+    if C.backend.host:   # a device result is copied back at wait()
+        expect(b, data(seed, 0, (4,), "int32"), "blocking call after async")
+    w.wait()
+    expect(b, data(seed, 0, (4,), "int32"), "async broadcast after wait")
 
 
-def _random_cases(g: Any, seed: int, count: int = 16) -> None:
+def _random_cases(C: Any, g: Any, seed: int, count: int = 16) -> None:
     """Shapes, dtypes and ops drawn from a generator every rank seeds alike."""
     n, r = g.size, g.rank
     rng = np.random.default_rng([seed, 4242])
@@ -196,20 +205,34 @@ def _random_cases(g: Any, seed: int, count: int = 16) -> None:
                "reduce_scatter " + what)
 
 
-def battery(world: Any, seed: int) -> int:
-    _random_cases(world, seed)
-    _all_reduce_cases(world, seed)
-    _rooted_cases(world, seed)
-    _gather_scatter_cases(world, seed)
-    _async_cases(world, seed)
-    return world.size
+def battery(world: Any, seed: int, cell: Cell) -> int | None:
+    """Every case of the battery on the cell's communicator and backend;
+    returns the communicator's size (None on a rank outside it)."""
+    g = cell.communicator(world)
+    if g is None:
+        return None
+    C = cell.collectives(world)
+    _random_cases(C, g, seed)
+    _all_reduce_cases(C, g, seed)
+    _rooted_cases(C, g, seed)
+    _gather_scatter_cases(C, g, seed)
+    _async_cases(C, g, seed)
+    return g.size
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, pytest.param(5, marks=pytest.mark.slow),
+def test_every_collective_matches_numpy(cell: Cell) -> None:
+    """One spawn per cell of tests/conftest.py's matrix."""
+    want = [None if cell.ranks is not None and i not in cell.ranks else
+            len(cell.ranks or range(cell.size)) for i in range(cell.size)]
+    assert mesh.spawn(battery, cell.size, 1234, cell, timeout=150, env=cell.env) == want
+
+
+@pytest.mark.parametrize("n", [1, 2, pytest.param(5, marks=pytest.mark.slow),
                                pytest.param(8, marks=pytest.mark.slow)])
-def test_every_collective_matches_numpy(n: int) -> None:
-    env = SMALL_SEGMENTS if n in (3, 4) else {}
-    assert mesh.spawn(battery, n, 1234 + n, timeout=100, env=env) == [n] * n
+def test_every_collective_matches_numpy_at_world_size(n: int) -> None:
+    """The world sizes the matrix (4 ranks, a group of 3) leaves out."""
+    cell = Cell("same-host", "numpy", "world", n)
+    assert mesh.spawn(battery, n, 1234 + n, cell, timeout=100) == [n] * n
 
 
 def groups_battery(world: Any, seed: int) -> list[int | None]:
@@ -222,8 +245,6 @@ def groups_battery(world: Any, seed: int) -> list[int | None]:
     assert len(mine) == 1
     g = mine[0]
     assert g.rank == {4: 0, 2: 1, 0: 2, 3: 0, 1: 1}[r]
-    _gather_scatter_cases(g, seed)
-    _rooted_cases(g, seed)
     a = data(seed, g.rank, (10,), "int64")
     w1 = C.all_reduce(g, a, async_op=True)
     b = data(seed + 1, r, (300,), "float32")
@@ -242,9 +263,11 @@ def groups_battery(world: Any, seed: int) -> list[int | None]:
     return [None if x is None else x.rank for x in (g_even, g_odd, g_mid)]
 
 
-@pytest.mark.parametrize("env", [SMALL_SEGMENTS, {}], ids=["sockets", "same-host"])
-def test_subgroups_and_overlapping_groups(env: dict) -> None:
-    got = mesh.spawn(groups_battery, 5, 77, timeout=100, env=env)
+@pytest.mark.parametrize("path", PATHS)
+def test_subgroups_overlapping_in_time(path: str) -> None:
+    """Every collective on a reordered sub-group is in the matrix; here two
+    disjoint groups and one across them run at once, beside the world."""
+    got = mesh.spawn(groups_battery, 5, 77, timeout=100, env=PATHS[path])
     assert got == [[2, None, None], [None, 1, 0], [1, None, 1], [None, 0, 2], [0, None, None]]
 
 

@@ -2,7 +2,7 @@
 survivors raise LostPeerError (directly, or through a peer's abort) within
 the mesh's peer timeout, on the same-host path and on the socket path, and
 their later collectives fail fast instead of hanging. (Crashes, where the
-process is gone and its memory unreadable, are covered by tests/test_faults.py.)"""
+process is gone and its memory unreadable, are covered by tests/test_mesh_faults.py.)"""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""A rank for tests/test_faults.py, started the way any launcher starts one
+"""A rank for tests/test_mesh_faults.py, started the way any launcher starts one
 (environment variables, mesh.init), so that the test, not a supervisor,
 decides when ranks die:
 

@@ -1,4 +1,4 @@
-"""A foreign process for tests/test_bad_input.py: hammers a worker's socket
+"""A foreign process for tests/test_mesh_bad_input.py: hammers a worker's socket
 with garbage until told to stop (stdin closes) or SECONDS pass.
 
     hammer.py ENDPOINT SECRET WORLD_SIZE SECONDS

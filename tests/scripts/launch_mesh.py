@@ -1,4 +1,4 @@
-"""A mesh program for tests/test_launch.py: join through mesh.init(), have
+"""A mesh program for tests/test_mesh_launch.py: join through mesh.init(), have
 rank 0 greet every rank and collect the replies, then leave."""
 import mesh
 

@@ -1,4 +1,4 @@
-"""A mesh program for tests/test_launch.py: rank 1 passes a different shape
+"""A mesh program for tests/test_mesh_launch.py: rank 1 passes a different shape
 to all_reduce, so every rank raises MismatchError."""
 import numpy as np
 

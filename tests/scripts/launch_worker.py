@@ -1,4 +1,4 @@
-"""A worker for tests/test_launch.py whose behaviour is given per rank:
+"""A worker for tests/test_mesh_launch.py whose behaviour is given per rank:
 
     launch_worker.py PIDDIR RANKS:ACTION ...     RANKS is '*' or '0,2'
 

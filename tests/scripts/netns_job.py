@@ -1,4 +1,4 @@
-"""A worker for tests/test_netns.py, run by meshrun inside a network
+"""A worker for tests/test_mesh_netns.py, run by meshrun inside a network
 namespace ("host"): it records where it lives and what it connected to,
 checks collectives against numpy, times a cross-host round trip, and writes
 OUTDIR/<rank>.json.

@@ -1,4 +1,4 @@
-"""meshrun robustness beyond tests/test_launch.py: jobs that share a host
+"""meshrun robustness beyond tests/test_mesh_launch.py: jobs that share a host
 and even a rendezvous address never mix (another job's secret is refused),
 and a multi-host job whose other node never comes up ends within the
 rendezvous timeout, naming the ranks that never arrived."""

@@ -8,7 +8,7 @@ import mesh
 from engine import Pipeline, schedules
 from engine.executor import split_microbatches, stages_for_rank
 from engine.layers import mlp_stages, mse_loss, sgd
-from test_pipeline import LR, SEED, STEPS, WIDTHS, _data, _reference
+from test_engine_pipeline import LR, SEED, STEPS, WIDTHS, _data, _reference
 
 
 class _Boom(Exception):

@@ -1,0 +1,46 @@
+"""The matrix the collective battery runs over (tests/test_collectives.py):
+transport path x array backend x communicator, each cell one ``mesh.spawn``.
+A test that takes a ``cell`` argument is run once per cell; a cell whose
+backend is missing here (real CuPy without a GPU) is skipped, saying why.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from backends import Cell, backend
+
+PATHS = {
+    # every byte through ZeroMQ sockets, rings cut into many small segments
+    "sockets": {"MESH_CMA": "0", "MESH_CUDA_IPC": "0", "MESH_COLL_SEGMENT": "256",
+                "MESH_COLL_WINDOW": "2"},
+    # the defaults: the same-host board, cross-memory attach, CUDA IPC
+    "same-host": {},
+}
+
+_DEVICE = {"MESH_COLL_SMALL": "16"}   # all but the tiniest arrays take the device paths
+BACKENDS = {"numpy": {}, "fakecupy": _DEVICE, "cupy": _DEVICE, "torch": {}}
+
+SIZE = 4
+COMMS: dict[str, tuple[int, ...] | None] = {
+    "world": None,
+    "reordered": (3, 0, 2),     # 3 of the 4 ranks, in another order; rank 1 stays out
+}
+
+
+def cells() -> list[Any]:
+    out = []
+    for (path, env), (name, benv), (comm, ranks) in itertools.product(
+            PATHS.items(), BACKENDS.items(), COMMS.items()):
+        cell = Cell(path, name, comm, SIZE, ranks, {**env, **benv})
+        reason = backend(name).skip_reason()
+        out.append(pytest.param(cell, id=f"{path}-{name}-{comm}",
+                                marks=[pytest.mark.skip(reason=reason)] if reason else []))
+    return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cell" in metafunc.fixturenames:
+        metafunc.parametrize("cell", cells())
