@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import LostPeerError, MismatchError
-from .match import ANY, ANY_TAG, Pending, describe
+from .match import ANY, ANY_TAG, Pending, describe, got_fields
 from .payload import out_unusable
 from .transport import Outgoing, Transport
 
@@ -117,7 +117,12 @@ class Comm:
         ``out=`` when given; ``status`` is filled in with what it matched."""
         _check_tag(tag, self, "recv", True)
         t = self._t
-        req = self._post_recv(src, tag, out, "recv from")
+        wsrc = ANY if src == ANY else self._world_rank(src, "recv")
+        desc = ("recv from", src, tag, self.name)
+        if out is not None and not (type(out) is np.ndarray and (f := out.flags).c_contiguous
+                                    and f.writeable):
+            self._check_out(out, desc)
+        req = t.irecv(self.gid, wsrc, tag, out, None, desc)
         value = t.wait(req, timeout)
         if status is not None:
             self._fill(status, req)
@@ -184,21 +189,25 @@ class Comm:
         return Request(self, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
 
     def _post_recv(self, src: int, tag: int, out: Any, verb: str) -> Pending:
-        """Post a user receive; an ``out=`` no message could be written into
-        (not an array, read-only, not C-contiguous) raises ValueError now."""
+        """Post a user receive (``out=`` checked first, see _check_out)."""
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
         desc = (verb, src, tag, self.name)
         if out is not None:
-            why = out_unusable(out)
-            if why:
-                raise ValueError(f"rank {self.rank}: {describe(desc)}: {why}")
+            self._check_out(out, desc)
         return self._t.irecv(self.gid, wsrc, tag, out, None, desc)
+
+    def _check_out(self, out: Any, desc: tuple) -> None:
+        """An ``out=`` no message could be written into (not an array,
+        read-only, not C-contiguous) raises ValueError before anything is posted."""
+        why = out_unusable(out)
+        if why:
+            raise ValueError(f"rank {self.rank}: {describe(desc)}: {why}")
 
     def _fill(self, status: Status, item: Pending) -> Status:
         return self._status(status, item.got) if item.got is not None else status
 
-    def _status(self, status: Status, got: tuple) -> Status:
-        src, status.tag, status.nbytes, status.dtype, status.shape = got
+    def _status(self, status: Status, got: Any) -> Status:
+        src, status.tag, status.nbytes, status.dtype, status.shape = got_fields(got)
         status.source = src if self.gid == 0 else self.ranks.index(src)
         return status
 

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["ANY", "ANY_TAG", "Flag", "Pending", "Probe", "Arrived", "Matcher", "describe"]
+__all__ = ["ANY", "ANY_TAG", "Flag", "Pending", "Probe", "Arrived", "Matcher", "describe",
+           "got_fields"]
 
 ANY = -1
 ANY_TAG = 1 << 63
@@ -31,6 +32,14 @@ def describe(d: Any) -> str:
     verb, peer, tag, name = d
     who = "any rank" if peer == ANY else f"rank {peer}"
     return f"{verb} {who} ({'any tag' if tag == ANY_TAG else f'tag {tag}'}, group {name})"
+
+
+def got_fields(got: Any) -> tuple:
+    """(world source, tag, nbytes, dtype, shape) of a receive's ``got``: the
+    message's wire header (the fast path stores it as is) or that tuple."""
+    if type(got) is tuple:
+        return got
+    return got.src, got.tag, got.nbytes, got.dt, got.shape
 
 
 class Flag:
@@ -76,7 +85,7 @@ class Pending:
         self.error: BaseException | None = None
         self.state = 0  # 0 posted, 1 matched (payload on its way), 2 complete
         self.device = False  # the message came from a device array
-        self.got: tuple | None = None  # the message's (src, tag, nbytes, dtype, shape)
+        self.got: Any = None  # what matched: its wire header, or see got_fields
 
     @property
     def desc(self) -> str:
@@ -224,27 +233,24 @@ class Matcher:
             if not by_src:
                 del self._unexpected[(group, msg.tag)]
 
-    def post(self, req: Pending) -> Arrived | None:
+    def post(self, req: Pending, take: bool = True) -> Arrived | None:
         """Match ``req`` against waiting messages and return the one it
-        matched, taken from the queue (a Probe leaves it there); enqueue
-        ``req`` if none fits."""
+        matched, taken from the queue (left there when not ``take``: a probe,
+        or a receive that must check its ``out=`` first, see take); enqueue
+        ``req`` if none matches."""
         msg = self.waiting(req.group, req.src, req.tag)
         if msg is not None:
-            if type(req) is not Probe:
+            if take:
                 self.take(req.group, msg)
-            req.state = 1
+                req.state = 1
             return msg
-        self.enqueue(req)
-        return None
-
-    def enqueue(self, req: Pending) -> None:
-        """Post ``req`` to wait for a message (post, without looking first)."""
         req.order = next(self._count)
         table, key = self._queue_of(req)
         posted = table.get(key)
         if posted is None:
             table[key] = posted = deque()
         posted.append(req)
+        return None
 
     def cancel(self, req: Pending) -> bool:
         """Withdraw a receive still waiting for its message; False once matched."""

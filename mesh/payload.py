@@ -52,7 +52,8 @@ def out_unusable(out: Any) -> str:
     """Why ``out=`` cannot take any message ("" when it can), checked when
     the receive is posted: not an array, read-only, not C-contiguous."""
     if isinstance(out, np.ndarray):
-        contiguous, writable = out.flags.c_contiguous, out.flags.writeable
+        flags = out.flags
+        contiguous, writable = flags.c_contiguous, flags.writeable
     elif device.is_device(out):
         _, _, contiguous, writable = device.layout(out)
     else:
@@ -66,6 +67,9 @@ def out_unusable(out: Any) -> str:
 
 def out_problem(out: Any, value: Any) -> str:
     """Why a received ``value`` cannot go into ``out=`` ("" when it can)."""
+    if type(out) is np.ndarray and type(value) is np.ndarray and out.dtype == value.dtype \
+            and out.size == value.size and (f := out.flags).c_contiguous and f.writeable:
+        return ""
     if not isinstance(value, np.ndarray):
         return f"the message is a {type(value).__name__}, not an array"
     return out_fits(out, value.dtype, value.shape)

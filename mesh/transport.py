@@ -226,20 +226,12 @@ class Transport(Liveness):
 
     def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
               probe: bool = False) -> Pending:
-        """Post a receive (a Probe when ``probe``: complete, ``got`` set, once a
-        message it matches waits in the unexpected queue, which keeps it)."""
-        return self._post((Probe if probe else Pending)(group, src, tag, out, fp, desc))
-
-    def iprobe(self, group: int, src: int, tag: int) -> tuple | None:
-        """``got`` of the message a receive posted now would take, if any."""
-        with self._lock:
-            msg = self._matcher.waiting(group, src, tag)
-        return None if msg is None else msg.got
-
-    def _post(self, req: Pending) -> Pending:
-        """Match ``req`` with a waiting message or post it. A waiting message
-        that does not fit ``req.out`` fails ``req`` and stays queued."""
-        group, src, tag, out = req.group, req.src, req.tag, req.out
+        """Post a receive: matched with a waiting message at once, or queued.
+        A waiting message that does not fit ``out`` fails it and stays queued.
+        A Probe when ``probe``: complete, ``got`` set, once a message it
+        matches waits in the unexpected queue, which keeps the message."""
+        req = Probe(group, src, tag, out, fp, desc) if probe else \
+            Pending(group, src, tag, out, fp, desc)
         msg = gone = None
         misfit = ""
         with self._lock:
@@ -247,12 +239,10 @@ class Transport(Liveness):
             if aborted:
                 pass
             elif out is None:
-                msg = self._matcher.post(req)
+                msg = self._matcher.post(req, not probe)
             else:
-                msg = self._matcher.waiting(group, src, tag)
-                if msg is None:
-                    self._matcher.enqueue(req)
-                elif msg.fp == req.fp and (misfit := out_problem(out, msg.value)):
+                msg = self._matcher.post(req, False)
+                if msg is None or (msg.fp == fp and (misfit := out_problem(out, msg.value))):
                     pass
                 else:
                     self._matcher.take(group, msg)
@@ -263,20 +253,25 @@ class Transport(Liveness):
                 if lost is not None:
                     self._matcher.cancel(req)
                     gone = self._gone(self._peers[lost], req.desc)
-        if aborted:
+        if msg is not None:
+            if misfit:
+                req.fail(self._misfit(req, msg.src, msg.tag, msg.value, misfit))
+            elif probe:
+                req.got = msg.got
+                req.complete(None)
+            else:
+                self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device)
+        elif aborted:
             req.fail(_abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
-        elif msg is None:
-            pass
-        elif misfit:
-            req.fail(self._misfit(req, msg.src, msg.tag, msg.value, misfit))
-        elif type(req) is Probe:
-            req.got = msg.got
-            req.complete(None)
-        else:
-            self._complete(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device)
         return req
+
+    def iprobe(self, group: int, src: int, tag: int) -> tuple | None:
+        """``got`` of the message a receive posted now would take, if any."""
+        with self._lock:
+            msg = self._matcher.waiting(group, src, tag)
+        return None if msg is None else msg.got
 
     def cancel(self, req: Pending) -> bool:
         """Withdraw ``req`` if no message has matched it (Request.cancel). The
@@ -298,25 +293,31 @@ class Transport(Liveness):
         """Finish a matched receive with a value that is not yet in ``req.out``.
         False when the value does not fit ``req.out``: ``req`` fails and the
         message is still the caller's to deliver (see _arrive)."""
-        if fp != req.fp:
-            self._consumed(src, nbytes)
-            self._mismatch(req, src, fp)
-            return True
-        arr = isinstance(value, np.ndarray)
         out = req.out
-        if out is not None:
+        if out is not None and fp == req.fp:
             problem = out_problem(out, value)
             if problem:
                 req.fail(self._misfit(req, src, tag, value, problem))
                 return False
-        self._consumed(src, nbytes)
-        req.device = on_device
-        req.got = (src, tag, nbytes, value.dtype if arr else None, value.shape if arr else None)
-        if isinstance(out, np.ndarray):
-            np.copyto(out, value.reshape(out.shape), casting="no")
-            value = out
-        req.complete(value)
+        self._finish(req, src, tag, value, nbytes, fp, on_device)
         return True
+
+    def _finish(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
+                on_device: bool) -> None:
+        """_complete once the value is known to fit ``req.out``."""
+        self._consumed(src, nbytes)
+        if fp != req.fp:
+            return self._mismatch(req, src, fp)
+        req.device = on_device
+        out = req.out
+        if type(value) is np.ndarray:
+            req.got = (src, tag, nbytes, value.dtype, value.shape)
+            if out is not None and isinstance(out, np.ndarray):
+                np.copyto(out, value.reshape(out.shape), casting="no")
+                value = out
+        else:
+            req.got = (src, tag, nbytes, None, None)
+        req.complete(value)
 
     def _misfit(self, req: Pending, src: int, tag: int, value: Any, problem: str) -> MeshError:
         ranks = self.groups.get(req.group, ("", []))[1]
@@ -596,7 +597,7 @@ class Transport(Liveness):
                     and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable):
                 fill(out, parts)            # straight into the caller's out=
                 self._consumed(h.src, got)
-                req.got = (h.src, h.tag, got, h.dt, h.shape)
+                req.got = h
                 req.complete(out)
                 return
         dest = np.empty(h.shape or (), h.dt)
