@@ -210,6 +210,24 @@ def test_device_out_is_checked_too() -> None:
     assert mesh.spawn(_device_out_misfits, 2, timeout=60) == ["ok", "ok"]
 
 
+class _DeviceView:
+    """Just a CUDA array interface: what a device out= is judged by."""
+
+    def __init__(self, shape: tuple, strides: tuple | None, readonly: bool) -> None:
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "version": 3,
+                                         "strides": strides, "data": (1 << 20, readonly)}
+
+
+def test_out_usable_is_judged_without_a_message() -> None:
+    from mesh.payload import out_unusable
+    assert out_unusable(np.zeros((2, 3))) == "" and out_unusable(np.zeros((3, 1))[:, :1]) == ""
+    assert out_unusable(_DeviceView((2, 3), None, False)) == ""
+    assert out_unusable(_DeviceView((2, 1), (4, 40), False)) == ""     # extent 1: any stride
+    assert out_unusable(_DeviceView((2, 3), None, True)) == "out= is read-only"
+    assert out_unusable(_DeviceView((2, 3), (4, 8), False)) == "out= is not C-contiguous"
+    assert out_unusable(b"abc") == "out= is a bytes, not a numpy or device array"
+
+
 def _groups(world: mesh.Mesh) -> list:
     evens = world.group([r for r in range(world.size) if r % 2 == 0])
     pair = world.group([3, 1])
