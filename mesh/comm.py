@@ -6,33 +6,64 @@ confused with the world's or another group's."""
 from __future__ import annotations
 
 import hashlib
+import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import LostPeerError, MeshError, MeshTimeoutError, MismatchError
-from .match import ANY, Pending
+from .match import ANY, ANY_TAG, Pending, describe, got_fields
+from .payload import out_unusable
 from .transport import Outgoing, Transport, abort_error
 
-__all__ = ["Comm", "Request", "ANY"]
+__all__ = ["Comm", "Request", "Status", "ANY", "ANY_SOURCE", "ANY_TAG"]
+
+ANY_SOURCE = ANY
+
+
+@dataclass
+class Status:
+    """What a receive or probe matched, as mpi4py's Status: the sender's rank
+    in the communicator, the tag, the payload's bytes, and for arrays the
+    dtype and shape the sender sent (None for msgpack objects). Pass one as
+    ``status=`` to be filled in, or read ``Request.status``."""
+
+    source: int = ANY
+    tag: int = ANY_TAG
+    nbytes: int = 0
+    dtype: np.dtype | None = None
+    shape: tuple[int, ...] | None = None
 
 
 class Request:
     """An operation in flight: ``wait()`` returns its result (None for sends);
     ``cancel()`` withdraws a receive no message has matched yet."""
 
-    __slots__ = ("_t", "_item", "_result", "_finished")
+    __slots__ = ("_c", "_item", "_result", "_finished")
 
-    def __init__(self, transport: Transport, item: Pending | Outgoing) -> None:
-        self._t, self._item = transport, item
+    def __init__(self, comm: "Comm", item: Pending | Outgoing) -> None:
+        self._c, self._item = comm, item
         self._finished = False
         self._result: Any = None
 
-    def wait(self, timeout: float | None = None) -> Any:
+    def wait(self, timeout: float | None = None, status: Status | None = None) -> Any:
+        """The received value (None for a send); ``status``, when given, is
+        filled in with what the receive matched."""
         if not self._finished:
-            self._result = self._t.wait(self._item, timeout)
+            self._result = self._c._t.wait(self._item, timeout)
             self._finished = True
+        if status is not None and isinstance(self._item, Pending):
+            self._c._fill(status, self._item)
         return self._result
+
+    @property
+    def status(self) -> Status | None:
+        """What a completed receive matched; None for sends and until then."""
+        item = self._item
+        if isinstance(item, Outgoing) or item.got is None or not item.event.is_set():
+            return None
+        return self._c._fill(Status(), item)
 
     def done(self) -> bool:
         item = self._item
@@ -46,7 +77,7 @@ class Request:
         is then what ``wait()`` returns), and always for sends: a send may
         already be on the wire and cannot be cancelled."""
         item = self._item
-        return not isinstance(item, Outgoing) and self._t.cancel(item)
+        return not isinstance(item, Outgoing) and self._c._t.cancel(item)
 
 
 class Comm:
@@ -81,33 +112,105 @@ class Comm:
         t.wait(t.isend(wdst, self.gid, tag, obj, None, self._desc("send to", dst, wdst, tag)),
                timeout)
 
-    def recv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None,
-             timeout: float | None = None) -> Any:
-        _check_tag(tag, self, "recv")
+    def recv(self, src: int = ANY, tag: int = 0, out: Any = None, timeout: float | None = None,
+             status: Status | None = None) -> Any:
+        """Blocking receive from ``src`` (or ANY) of ``tag`` (or ANY_TAG), into
+        ``out=`` when given; ``status`` is filled in with what it matched."""
+        _check_tag(tag, self, "recv", True)
         t = self._t
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
-        return t.wait(t.irecv(self.gid, wsrc, tag, out, None,
-                              self._desc("recv from", src, wsrc, tag)), timeout)
+        desc = self._desc("recv from", src, wsrc, tag)
+        if out is not None and not (type(out) is np.ndarray and (f := out.flags).c_contiguous
+                                    and f.writeable):
+            self._check_out(out, desc)
+        req = t.irecv(self.gid, wsrc, tag, out, None, desc)
+        value = t.wait(req, timeout)
+        if status is not None:
+            self._fill(status, req)
+        return value
 
     def isend(self, obj: Any, dst: int, tag: int = 0) -> Request:
         _check_tag(tag, self, "isend")
         return self._isend(obj, dst, tag)
 
-    def irecv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None) -> Request:
-        _check_tag(tag, self, "irecv")
-        return self._irecv(src, tag, out)
+    def irecv(self, src: int = ANY, tag: int = 0, out: Any = None) -> Request:
+        _check_tag(tag, self, "irecv", True)
+        return Request(self, self._post_recv(src, tag, out, "recv from"))
+
+    def sendrecv(self, obj: Any, dst: int, src: int = ANY, sendtag: int = 0,
+                 recvtag: int = ANY_TAG, out: Any = None, timeout: float | None = None,
+                 status: Status | None = None) -> Any:
+        """Send ``obj`` to ``dst`` and receive from ``src``, as one call: the
+        receive is posted before the send, so ranks exchanging with each
+        other never deadlock. ``timeout`` bounds the whole call; if the send
+        fails, the receive is withdrawn (unless a message matched it)."""
+        _check_tag(sendtag, self, "sendrecv")
+        _check_tag(recvtag, self, "sendrecv", True)
+        t = self._t
+        deadline = time.monotonic() + (t.timeout if timeout is None else timeout)
+        req = self._post_recv(src, recvtag, out, "sendrecv from")
+        try:
+            t.wait(t.isend(self._world_rank(dst, "sendrecv"), self.gid, sendtag, obj, None,
+                           ("sendrecv to", dst, sendtag, self.name)), timeout)
+        except BaseException:
+            t.cancel(req)
+            raise
+        value = t.wait(req, max(0.0, deadline - time.monotonic()))
+        if status is not None:
+            self._fill(status, req)
+        return value
+
+    def probe(self, src: int = ANY, tag: int = ANY_TAG, timeout: float | None = None) -> Status:
+        """Block until a message from ``src`` with ``tag`` is waiting, and say
+        what it is, without receiving it: the next receive that matches it
+        (and has a fitting ``out=``, or none) takes it."""
+        _check_tag(tag, self, "probe", True)
+        wsrc = ANY if src == ANY else self._world_rank(src, "probe")
+        req = self._t.irecv(self.gid, wsrc, tag, None, None, ("probe", src, tag, self.name), True)
+        self._t.wait(req, timeout)
+        return self._fill(Status(), req)
+
+    def iprobe(self, src: int = ANY, tag: int = ANY_TAG) -> Status | None:
+        """probe without blocking: the waiting message's Status, or None."""
+        _check_tag(tag, self, "iprobe", True)
+        wsrc = ANY if src == ANY else self._world_rank(src, "iprobe")
+        got = self._t.iprobe(self.gid, wsrc, tag)
+        return None if got is None else self._status(Status(), got)
 
     # -- internal: negative tags and fingerprints, for collectives ---------------
 
     def _isend(self, obj: Any, dst: int, tag: int, fp: Any = None) -> Request:
         wdst = self._world_rank(dst, "send")
         desc = self._desc("send to", dst, wdst, tag, fp)
-        return Request(self._t, self._t.isend(wdst, self.gid, tag, obj, fp, desc))
+        return Request(self, self._t.isend(wdst, self.gid, tag, obj, fp, desc))
 
     def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Request:
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
         desc = self._desc("recv from", src, wsrc, tag, fp)
-        return Request(self._t, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
+        return Request(self, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
+
+    def _post_recv(self, src: int, tag: int, out: Any, verb: str) -> Pending:
+        """Post a user receive (``out=`` checked first, see _check_out)."""
+        wsrc = ANY if src == ANY else self._world_rank(src, "recv")
+        desc = self._desc(verb, src, wsrc, tag)
+        if out is not None:
+            self._check_out(out, desc)
+        return self._t.irecv(self.gid, wsrc, tag, out, None, desc)
+
+    def _check_out(self, out: Any, desc: tuple) -> None:
+        """An ``out=`` no message could be written into (not an array,
+        read-only, not C-contiguous) raises ValueError before anything is posted."""
+        why = out_unusable(out)
+        if why:
+            raise ValueError(f"rank {self.rank}: {describe(desc)}: {why}")
+
+    def _fill(self, status: Status, item: Pending) -> Status:
+        return self._status(status, item.got) if item.got is not None else status
+
+    def _status(self, status: Status, got: Any) -> Status:
+        src, status.tag, status.nbytes, status.dtype, status.shape = got_fields(got)
+        status.source = src if self.gid == 0 else self.ranks.index(src)
+        return status
 
     def _desc(self, verb: str, peer: int, world: int, tag: int, fp: Any = None) -> tuple:
         """The parts of an operation's description (mesh.match.describe):
@@ -198,9 +301,13 @@ class Comm:
         return Comm(self._t, world, gid, name)
 
 
-def _check_tag(tag: int, comm: Comm, op: str) -> None:
-    if type(tag) is int and tag >= 0:
+def _check_tag(tag: int, comm: Comm, op: str, any_tag: bool = False) -> None:
+    """A user tag is 0..2**63-1 (int64 on the wire; negative ones are the
+    collectives'); receives and probes may also ask for ANY_TAG."""
+    if type(tag) is int and 0 <= tag < ANY_TAG:
         return
-    if not isinstance(tag, (int, np.integer)) or tag < 0:
-        raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: tag must be an "
-                         f"integer >= 0, got {tag!r}")
+    if isinstance(tag, (int, np.integer)) and (0 <= tag < ANY_TAG or (any_tag and tag == ANY_TAG)):
+        return
+    extra = " or mesh.ANY_TAG" if any_tag else ""
+    raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: tag must be an integer >= 0 "
+                     f"(and < 2**63){extra}, got {tag!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "MeshError", "MeshTimeoutError", "LostPeerError", "MismatchError",
-    "BadMessageError", "AuthError", "RendezvousError", "WorkerError",
+    "BadMessageError", "OutMismatchError", "AuthError", "RendezvousError", "WorkerError",
 ]
 
 
@@ -30,6 +30,11 @@ class MismatchError(MeshError):
 
 class BadMessageError(MeshError):
     """A malformed frame or a message whose payload does not fit its header."""
+
+
+class OutMismatchError(MismatchError, BadMessageError):
+    """A received message does not fit the receive's ``out=`` (dtype, element
+    count, or not an array). The message stays queued for the next receive."""
 
 
 class AuthError(MeshError):

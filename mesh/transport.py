@@ -28,8 +28,9 @@ import numpy as np
 import zmq
 
 from . import auth, device, wire
-from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
-from .match import ANY, Arrived, Matcher, Pending
+from .errors import (BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError,
+                     OutMismatchError)
+from .match import ANY, Arrived, Matcher, Pending, Probe
 from .liveness import Liveness
 from .payload import encode_payload, fill, fmt_fp, out_problem
 from .peer import ALIVE, CLOSED, Outgoing, Peer, config_float
@@ -227,25 +228,54 @@ class Transport(Liveness):
 
     # ---- receiving -----------------------------------------------------------
 
-    def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> Pending:
-        req = Pending(group, src, tag, out, fp, desc)
+    def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
+              probe: bool = False) -> Pending:
+        """Post a receive: matched with a waiting message at once, or queued.
+        A waiting message that does not fit ``out`` fails it and stays queued.
+        A Probe when ``probe``: complete, ``got`` set, once a message it
+        matches waits in the unexpected queue, which keeps the message."""
+        req = Probe(group, src, tag, out, fp, desc) if probe else \
+            Pending(group, src, tag, out, fp, desc)
+        msg = gone = None
+        misfit = ""
         with self._lock:
             aborted = self._aborted.get((group, tag)) if self._aborted else None
-            msg = None if aborted else self._matcher.post(req)
-            gone = None
+            if aborted:
+                pass
+            elif out is None:
+                msg = self._matcher.post(req, not probe)
+            else:
+                msg = self._matcher.post(req, False)
+                if msg is None or (msg.fp == fp and (misfit := out_problem(out, msg.value))):
+                    pass
+                else:
+                    self._matcher.take(group, msg)
+                    req.state = 1
             if msg is None and not aborted:
                 lost = src if src != ANY and self._peers[src].state != ALIVE else \
                     self._dead_member(group) if self._dead and (src == ANY or tag < 0) else None
                 if lost is not None:
                     self._matcher.cancel(req)
                     gone = self._gone(self._peers[lost], req.desc, group)
-        if aborted:
+        if msg is not None:
+            if misfit:
+                req.fail(self._misfit(req, msg.src, msg.tag, msg.value, misfit))
+            elif probe:
+                req.got = msg.got
+                req.complete(None)
+            else:
+                self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device)
+        elif aborted:
             req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
-        elif msg is not None:
-            self._complete(req, msg.src, msg.value, msg.nbytes, msg.fp, msg.device)
         return req
+
+    def iprobe(self, group: int, src: int, tag: int) -> tuple | None:
+        """``got`` of the message a receive posted now would take, if any."""
+        with self._lock:
+            msg = self._matcher.waiting(group, src, tag)
+        return None if msg is None else msg.got
 
     def cancel(self, req: Pending) -> bool:
         """Withdraw ``req`` if no message has matched it (Request.cancel). The
@@ -262,21 +292,43 @@ class Transport(Liveness):
         self._nudge()
         return True
 
-    def _complete(self, req: Pending, src: int, value: Any, nbytes: int, fp: Any,
-                  on_device: bool = False) -> None:
-        """Finish a matched receive with a value that is not yet in ``req.out``."""
+    def _complete(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
+                  on_device: bool = False) -> bool:
+        """Finish a matched receive with a value that is not yet in ``req.out``.
+        False when the value does not fit ``req.out``: ``req`` fails and the
+        message is still the caller's to deliver (see _arrive)."""
+        out = req.out
+        if out is not None and fp == req.fp:
+            problem = out_problem(out, value)
+            if problem:
+                req.fail(self._misfit(req, src, tag, value, problem))
+                return False
+        self._finish(req, src, tag, value, nbytes, fp, on_device)
+        return True
+
+    def _finish(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
+                on_device: bool) -> None:
+        """_complete once the value is known to fit ``req.out``."""
         self._consumed(src, nbytes)
         if fp != req.fp:
             return self._mismatch(req, src, fp)
         req.device = on_device
-        if req.out is not None and not device.is_device(req.out):
-            problem = out_problem(req.out, value)
-            if problem:
-                return req.fail(BadMessageError(f"rank {self.rank}: {req.desc}: message from "
-                                                f"rank {src} does not fit out=: {problem}"))
-            np.copyto(req.out, value.reshape(req.out.shape), casting="no")
-            value = req.out
+        out = req.out
+        if type(value) is np.ndarray:
+            req.got = (src, tag, nbytes, value.dtype, value.shape)
+            if out is not None and isinstance(out, np.ndarray):
+                np.copyto(out, value.reshape(out.shape), casting="no")
+                value = out
+        else:
+            req.got = (src, tag, nbytes, None, None)
         req.complete(value)
+
+    def _misfit(self, req: Pending, src: int, tag: int, value: Any, problem: str) -> MeshError:
+        ranks = self.groups.get(req.group, ("", []))[1]
+        who = f"rank {ranks.index(src)}" if src in ranks else f"world rank {src}"
+        return OutMismatchError(f"rank {self.rank}: {req.desc}: the message from {who} (tag "
+                                f"{tag}) does not fit out=: {problem}; the message stays queued "
+                                f"for the next receive")
 
     def _mismatch(self, req: Pending, src: int, fp: Any) -> None:
         text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}: rank "
@@ -443,20 +495,26 @@ class Transport(Liveness):
 
     def _arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
                 on_device: bool = False) -> None:
-        """Deliver a fully received message that no posted receive had claimed."""
-        with self._lock:
-            if (group, tag) in self._aborted:
-                req = None
-            else:
-                req = self._matcher.take_posted(group, src, tag)
-                if req is None:
-                    self._matcher.add_unexpected(group, tag,
-                                                 Arrived(src, value, nbytes, fp, 0, on_device))
-                    return
-        if req is None:
-            self._consumed(src, nbytes)
-        else:
-            self._complete(req, src, value, nbytes, fp, on_device)
+        """Deliver a fully received message that no posted receive had claimed:
+        to the first posted receive it fits (those it does not fit fail), else
+        to the unexpected queue, waking the probes it matches."""
+        while True:
+            with self._lock:
+                if (group, tag) in self._aborted:
+                    req = None
+                else:
+                    req = self._matcher.take_posted(group, src, tag)
+                    if req is None:
+                        probes = self._matcher.add_unexpected(
+                            group, tag, Arrived(src, tag, value, nbytes, fp, on_device))
+                        break
+            if req is None:
+                self._consumed(src, nbytes)
+                return
+            if self._complete(req, src, tag, value, nbytes, fp, on_device):
+                return
+        for p in probes:
+            p.complete(None)
 
     def _read_one(self) -> bool:
         """Read and dispatch one message from the ROUTER; False when none is
@@ -543,14 +601,13 @@ class Transport(Liveness):
                     and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable):
                 fill(out, parts)            # straight into the caller's out=
                 self._consumed(h.src, got)
+                req.got = h
                 req.complete(out)
                 return
         dest = np.empty(h.shape or (), h.dt)
         fill(dest, parts)
-        if req is None:
+        if req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp, h.device):
             self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
-        else:
-            self._complete(req, h.src, dest, h.nbytes, h.fp, h.device)
 
     def _bad(self, why: str, more: Any = 0) -> bool:
         """Drop a message (the rest of its frames too) and count it. Logged
