@@ -1,15 +1,5 @@
-"""meshrun: start the workers of a job, relay their output, and stop them all
-as soon as one fails, naming the rank that failed first and showing its own
-Python traceback.
-
-    meshrun -n 4 train.py --lr 0.1        # 4 workers on this host
-    meshrun -n 2 -m package.module        # run a module, like python -m
-    MESH_SECRET=... meshrun --nnodes 2 --node-rank 0 --master-addr host0 \\
-        --master-port 29500 -n 4 train.py # one meshrun per host
-
-The launcher serves the rendezvous (on node 0) and hands each worker its
-place in the job through the environment (see ``mesh.env.from_env``).
-"""
+"""meshrun's command line: its arguments, each worker's place in the job, and
+one host's share of the job from start to exit code."""
 from __future__ import annotations
 
 import argparse
@@ -24,8 +14,8 @@ import threading
 import time
 from typing import Any, Sequence
 
-from . import errors
-from ._procs import Job, JobOutcome, WorkerExit, WorkerSpec, signal_name
+from .. import errors
+from .supervise import Job, JobOutcome, WorkerExit, WorkerSpec, signal_name
 
 __all__ = ["main", "launch", "build_parser", "format_report"]
 
@@ -142,8 +132,8 @@ def _worker_argv(a: argparse.Namespace) -> list[str]:
 def _serve_rendezvous(a: argparse.Namespace, secret: str) -> Any:
     """Start the rendezvous service (node 0 only); it binds the given port or
     port 0 and the bound port is what workers are told, never a guess."""
-    from .auth import curve_wanted
-    from .rendezvous import RendezvousServer
+    from ..auth import curve_wanted
+    from ..rendezvous import RendezvousServer
     host = "*" if a.nnodes > 1 else a.master_addr
     srv = RendezvousServer(a.nnodes * a.nproc, secret, host=host, port=a.master_port or 0,
                            curve=a.curve or curve_wanted())
@@ -328,6 +318,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 1
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    main()
