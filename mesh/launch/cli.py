@@ -15,7 +15,8 @@ import time
 from typing import Any, Sequence
 
 from .. import errors
-from .supervise import Job, JobOutcome, WorkerExit, WorkerSpec, signal_name
+from .records import JobOutcome, WorkerExit, WorkerSpec, signal_name
+from .supervise import Job
 
 __all__ = ["main", "launch", "build_parser", "format_report"]
 
