@@ -10,6 +10,7 @@ Python traceback.
 The launcher serves the rendezvous (on node 0) and hands each worker its
 place in the job through the environment (see ``mesh.env.from_env``).
 """
-from .cli import build_parser, format_report, launch, main
+from .cli import build_parser, launch, main
+from .report import format_report
 
 __all__ = ["main", "launch", "build_parser", "format_report"]

@@ -1,12 +1,16 @@
-"""What supervision is given and what it reports: the workers to start, how
-each one ended, and why the job ended."""
+"""What meshrun knows of a job's ranks: the workers to start, how each one
+ended and why the job ended, and the error record a rank wrote as it failed
+(rank<R>.error.json, written by ``_bootstrap.write_error_record``)."""
 from __future__ import annotations
 
+import json
+import os
 import signal
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "signal_name"]
+__all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "signal_name", "error_file",
+           "read_records", "log_tracebacks"]
 
 
 def signal_name(signum: int) -> str:
@@ -57,3 +61,34 @@ class JobOutcome:
     exits: list[WorkerExit] = field(default_factory=list)
     signum: int | None = None
     stop_time: float | None = None
+
+
+def error_file(err_dir: str, rank: int) -> str:
+    """Where rank's error record goes (its ``MESH_ERROR_FILE``)."""
+    return os.path.join(err_dir, f"rank{rank}.error.json")
+
+
+def read_records(err_dir: str, ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """The error records found in err_dir, by rank."""
+    records: dict[int, dict[str, Any]] = {}
+    for rank in ranks:
+        try:
+            with open(error_file(err_dir, rank), encoding="utf-8") as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict):
+            records[rank] = rec
+    return records
+
+
+def log_tracebacks(log_dir: str, records: dict[int, dict[str, Any]]) -> None:
+    """Add each rank's whole traceback to its stderr log: only its last line
+    went through the relay."""
+    for rank, rec in records.items():
+        try:
+            with open(os.path.join(log_dir, f"rank{rank}.stderr.log"), "a",
+                      encoding="utf-8") as f:
+                f.write(str(rec.get("traceback", "")))
+        except OSError:
+            pass
