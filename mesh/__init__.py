@@ -5,7 +5,7 @@
     results = mesh.spawn(fn, 4)       # fn(world) on four local processes
 """
 from .comm import ANY, Comm, Request
-from .errors import (AuthError, BadMessageError, LostPeerError, MeshError,
+from .errors import (AbortKind, AuthError, BadMessageError, LostPeerError, MeshError,
                      MeshTimeoutError, MismatchError, RendezvousError, WorkerError)
 from .grid import Grid, grid
 from .spawn import spawn
@@ -13,4 +13,4 @@ from .world import Mesh, init
 
 __all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "ANY",
            "MeshError", "MeshTimeoutError", "LostPeerError", "MismatchError",
-           "BadMessageError", "AuthError", "RendezvousError", "WorkerError"]
+           "BadMessageError", "AuthError", "RendezvousError", "WorkerError", "AbortKind"]

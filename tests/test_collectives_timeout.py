@@ -49,7 +49,7 @@ def never_calls(world: Any, count: int) -> dict:
     C.barrier(world)
     for case in ("blocking", "async"):
         a = np.ones(count, np.float32)
-        seq = world._coll_seq + 1
+        seq = world.collective_channel().seq + 1
         stalls = world._t.stalls
         if world.rank == LATE:
             time.sleep(3.0)
