@@ -175,3 +175,14 @@ def test_one_frame_messages(header: bytes, payload: bytes, data: st.DataObject) 
         return
     assert len(h) + len(body) + 3 == len(buf)
     _check(h, 4)
+
+
+@pytest.mark.parametrize("kind", list(AbortKind))
+def test_abort_kind_has_its_own_field(kind: AbortKind) -> None:
+    """An abort's kind travels in field "e", not in the credit field."""
+    frame = wire.encode(wire.ABORT, 1, 5, -3, reason="why", abort=kind, peer=0)
+    assert msgpack.unpackb(frame)["e"] == kind and "c" not in msgpack.unpackb(frame)
+    h = wire.decode(frame, 2)
+    assert (h.abort, h.credit, h.reason, h.peer) == (kind, 0, "why", 0)
+    with pytest.raises(BadMessageError):
+        wire.decode(msgpack.packb({**msgpack.unpackb(frame), "e": len(AbortKind)}), 2)
