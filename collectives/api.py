@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh import Comm
+
 from .device import paths as device
 from .device.paths import simple
 from .host import paths as host
@@ -36,7 +38,7 @@ _staged_reduce_scatter = simple(host.reduce_scatter, in_place=False)
 _staged_broadcast = simple(host.broadcast, in_place=True)
 
 
-def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_reduce, for host and device arrays."""
     check_comm(g, "all_reduce")
@@ -46,7 +48,7 @@ def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
                               algorithm=algorithm)
 
 
-def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                    timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce_scatter, for host and device arrays."""
     check_comm(g, "reduce_scatter")
@@ -55,7 +57,7 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
     return _staged_reduce_scatter(g, a, op=op, async_op=async_op, timeout=timeout)
 
 
-def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_gather, for host and device arrays."""
     check_comm(g, "all_gather")
     if device.large(g, a, g.size):
@@ -63,7 +65,7 @@ def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = N
     return _staged_all_gather(g, a, async_op=async_op, timeout=timeout)
 
 
-def broadcast(g: Any, a: Any, root: int = 0, async_op: bool = False,
+def broadcast(g: Comm, a: Any, root: int = 0, async_op: bool = False,
               algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.broadcast, for host and device arrays: through
     CUDA IPC when the group can, else staged."""

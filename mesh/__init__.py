@@ -5,8 +5,9 @@
     results = mesh.spawn(fn, 4)       # fn(world) on four local processes
 """
 from .comm import ANY, ANY_SOURCE, ANY_TAG, Comm, Request, Status
-from .errors import (AuthError, BadMessageError, LostPeerError, MeshError, MeshTimeoutError,
-                     MismatchError, OutMismatchError, RendezvousError, WorkerError)
+from .errors import (AbortKind, AuthError, BadMessageError, LostPeerError, MeshError,
+                     MeshTimeoutError, MismatchError, OutMismatchError, RendezvousError,
+                     WorkerError)
 from .grid import Grid, grid
 from .spawn import spawn
 from .world import Mesh, init
@@ -14,4 +15,4 @@ from .world import Mesh, init
 __all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "Status", "ANY",
            "ANY_SOURCE", "ANY_TAG", "MeshError", "MeshTimeoutError", "LostPeerError",
            "MismatchError", "OutMismatchError", "BadMessageError", "AuthError", "RendezvousError",
-           "WorkerError"]
+           "WorkerError", "AbortKind"]

@@ -6,16 +6,19 @@ confused with the world's or another group's."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import LostPeerError, MeshError, MeshTimeoutError, MismatchError
 from .match import ANY, ANY_TAG, Pending, describe, got_fields
 from .payload import out_unusable
-from .transport import Outgoing, Transport, abort_error
+from .transport import Outgoing, Transport
+
+if TYPE_CHECKING:
+    from .channel import CollectiveChannel
 
 __all__ = ["Comm", "Request", "Status", "ANY", "ANY_SOURCE", "ANY_TAG"]
 
@@ -34,6 +37,8 @@ class Status:
     nbytes: int = 0
     dtype: np.dtype | None = None
     shape: tuple[int, ...] | None = None
+
+_channel_lock = threading.Lock()
 
 
 class Request:
@@ -90,7 +95,7 @@ class Comm:
         self.rank = self.ranks.index(transport.rank)
         self.gid = gid
         self.name = name
-        self._coll_seq = 0
+        self._channel: CollectiveChannel | None = None
         self._children: dict[tuple[int, ...], int] = {}
         transport.groups[gid] = (name, self.ranks)
 
@@ -177,16 +182,28 @@ class Comm:
         got = self._t.iprobe(self.gid, wsrc, tag)
         return None if got is None else self._status(Status(), got)
 
-    # -- internal: negative tags and fingerprints, for collectives ---------------
+    # -- internal: the collectives' side (mesh.channel) -----------------------------
 
-    def _isend(self, obj: Any, dst: int, tag: int, fp: Any = None) -> Request:
+    def collective_channel(self) -> CollectiveChannel:
+        """The interface collectives use (mesh.channel): collective tags,
+        fingerprinted messages, aborts. One per communicator, made on first use."""
+        if self._channel is None:
+            with _channel_lock:
+                if self._channel is None:
+                    from .channel import CollectiveChannel
+                    self._channel = CollectiveChannel(self, self._t)
+        return self._channel
+
+    def _isend(self, obj: Any, dst: int, tag: int, fp: Any = None,
+               what: str | None = None) -> Request:
         wdst = self._world_rank(dst, "send")
-        desc = self._desc("send to", dst, wdst, tag, fp)
+        desc = self._desc("send to", dst, wdst, tag, what)
         return Request(self, self._t.isend(wdst, self.gid, tag, obj, fp, desc))
 
-    def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Request:
+    def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None,
+               what: str | None = None) -> Request:
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
-        desc = self._desc("recv from", src, wsrc, tag, fp)
+        desc = self._desc("recv from", src, wsrc, tag, what)
         return Request(self, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
 
     def _post_recv(self, src: int, tag: int, out: Any, verb: str) -> Pending:
@@ -212,64 +229,15 @@ class Comm:
         status.source = src if self.gid == 0 else self.ranks.index(src)
         return status
 
-    def _desc(self, verb: str, peer: int, world: int, tag: int, fp: Any = None) -> tuple:
+    def _desc(self, verb: str, peer: int, world: int, tag: int, what: str | None = None) -> tuple:
         """The parts of an operation's description (mesh.match.describe):
-        the peer's world rank too in a sub-group, and the collective a
-        message belongs to."""
-        coll = fp.get("coll") if type(fp) is dict else None
-        if coll is not None:
-            return (verb, peer, tag, self.name, world if self.gid else None, coll)
+        the peer's world rank too in a sub-group, and the collective
+        ``what`` a message belongs to."""
+        if what is not None:
+            return (verb, peer, tag, self.name, world if self.gid else None, what)
         if self.gid:
             return (verb, peer, tag, self.name, world)
         return (verb, peer, tag, self.name)
-
-    def _send(self, obj: Any, dst: int, tag: int, fp: Any = None) -> None:
-        self._isend(obj, dst, tag, fp).wait()
-
-    def _recv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Any:
-        return self._irecv(src, tag, out, fp).wait()
-
-    def _coll_tag(self) -> int:
-        """The next collective's tag: negative, so it never meets a user tag."""
-        self._coll_seq += 1
-        return -self._coll_seq
-
-    def _abort(self, tag: int, reason: str, error: type[BaseException] | None = None,
-               peer: int | None = None) -> None:
-        """Fail ``tag`` on every member; they raise ``error``'s kind where the
-        wire carries it (mismatch, lost peer, naming ``peer``: a world rank,
-        timeout), else MeshError."""
-        kind = 2
-        if error is not None and issubclass(error, MismatchError):
-            kind = 0
-        elif error is not None and issubclass(error, LostPeerError):
-            kind = 1
-        elif error is not None and issubclass(error, MeshTimeoutError):
-            kind = 3
-        me = f"rank {self.rank} of group {self.name}"
-        if self.gid:
-            me += f" (world rank {self.ranks[self.rank]})"
-        self._t.abort(self.gid, tag, f"{me}: {reason}", kind, -1 if peer is None else peer)
-
-    def _abort_error(self, tag: int, what: str) -> MeshError | None:
-        """The error to raise for ``what`` if ``tag`` was aborted here (by a
-        peer, before this rank got to it), else None. Cheap: no lock, no message."""
-        t = self._t
-        record = t._aborted.get((self.gid, tag)) if t._aborted else None
-        if record is None:
-            return None
-        return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")
-
-    def _keep_alive(self, obj: Any) -> None:
-        """Hold ``obj`` until the mesh closes, not just while this group
-        object lives: peers may still read memory it owns (same-host
-        collectives) after this rank has dropped the group."""
-        self._t.keep_alive.append(obj)
-
-    def _on_close(self, fn: Any) -> None:
-        """Call ``fn()`` when the mesh closes, after every peer has said
-        goodbye (so none still reads what it releases), latest first."""
-        self._t.on_close.append(fn)
 
     def _world_rank(self, r: int, op: str) -> int:
         if type(r) is int and 0 <= r < self.size:

@@ -28,8 +28,8 @@ import numpy as np
 import zmq
 
 from . import auth, device, wire
-from .errors import (BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError,
-                     OutMismatchError)
+from .errors import (AbortKind, BadMessageError, LostPeerError, MeshError, MeshTimeoutError,
+                     MismatchError, OutMismatchError)
 from .match import ANY, Arrived, Matcher, Pending, Probe
 from .liveness import Liveness
 from .payload import encode_payload, fill, fmt_fp, out_problem
@@ -38,8 +38,6 @@ from .peer import ALIVE, CLOSED, Outgoing, Peer, config_float
 __all__ = ["Transport", "Outgoing", "config_float", "abort_error"]
 
 _log = logging.getLogger("mesh.transport")
-_ERR_KINDS: dict[int, type[MeshError]] = {0: MismatchError, 1: LostPeerError, 2: MeshError,
-                                           3: MeshTimeoutError}
 _COPY_BELOW = 64 * 1024
 # What one message costs the receiver beyond its payload (header, ZeroMQ's and
 # our bookkeeping): charged against the credit window, so a flood of empty or
@@ -82,7 +80,7 @@ class Transport(Liveness):
         self._matcher = Matcher()
         self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes
         self.on_close: list[Callable[[], None]] = []  # called then, before the release
-        self._aborted: dict[tuple[int, int], tuple[int, str, int]] = {}
+        self._aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
         self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
         self._peers: list[Peer] = []
         for r, ep in enumerate(endpoints):
@@ -334,7 +332,7 @@ class Transport(Liveness):
         text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}: rank "
                 f"{self.rank} called {fmt_fp(req.fp)} but rank {src} called {fmt_fp(fp)}")
         req.fail(MismatchError(f"rank {self.rank}: {text}"))
-        self.abort(req.group, req.tag, text, 0)
+        self.abort(req.group, req.tag, text, AbortKind.MISMATCH)
 
     def wait(self, item: Pending | Outgoing, timeout: float | None) -> Any:
         limit = self.timeout if timeout is None else timeout
@@ -579,7 +577,7 @@ class Transport(Liveness):
         elif h.kind == wire.HEARTBEAT:
             self._on_heartbeat(peer, h.reason, h.peer)
         elif h.kind == wire.ABORT:
-            self._abort_local(h.group, h.tag, h.credit, h.reason, h.peer)
+            self._abort_local(h.group, h.tag, h.abort, h.reason, h.peer)
         elif h.kind == wire.BYE:
             self._on_bye(peer, h.reason)
         return True
@@ -622,31 +620,34 @@ class Transport(Liveness):
 
     # ---- aborts and lost peers --------------------------------------------------
 
-    def abort(self, group: int, tag: int, reason: str, err: int = 2, peer: int = -1) -> None:
+    def abort(self, group: int, tag: int, reason: str, kind: AbortKind = AbortKind.OTHER,
+              peer: int = -1) -> None:
         """Fail ``tag`` on every member of ``group``: pending and future ops raise.
         A lost-peer abort names ``peer`` (a world rank) when given; else, with
         a member of the group known dead, the error is a lost peer naming it."""
-        if err != 1 or peer < 0:
-            lost = self._dead_member(group) if self._dead and err != 0 else None
+        if kind != AbortKind.LOST_PEER or peer < 0:
+            lost = self._dead_member(group) if self._dead and kind != AbortKind.MISMATCH \
+                else None
             if lost is not None:
-                err = 1
+                kind = AbortKind.LOST_PEER
             peer = -1 if lost is None else lost
-        if not self._abort_local(group, tag, err, reason, peer):
+        if not self._abort_local(group, tag, kind, reason, peer):
             return
-        header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, credit=err,
+        header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, abort=kind,
                              peer=peer)
         for r in self.groups.get(group, ("", []))[1]:
             if r != self.rank:
                 self._control(self._peers[r], header)
 
-    def _abort_local(self, group: int, tag: int, err: int, reason: str, peer: int = -1) -> bool:
+    def _abort_local(self, group: int, tag: int, kind: AbortKind, reason: str,
+                     peer: int = -1) -> bool:
         with self._lock:
             if (group, tag) in self._aborted:
                 return False
-            if err == 1 and peer < 0 and self._dead:
+            if kind == AbortKind.LOST_PEER and peer < 0 and self._dead:
                 lost = self._dead_member(group)
                 peer = -1 if lost is None else lost
-            record = self._aborted[(group, tag)] = (err, reason, peer)
+            record = self._aborted[(group, tag)] = (kind, reason, peer)
             reqs = self._matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
             dropped = self._matcher.drop_unexpected(group, tag)
         for m in dropped:
@@ -703,11 +704,11 @@ class Transport(Liveness):
         os.close(self._wake_w)
 
 
-def abort_error(record: tuple[int, str, int], text: str) -> MeshError:
-    err, _, peer = record
-    if err == 1:
+def abort_error(record: tuple[AbortKind, str, int], text: str) -> MeshError:
+    kind, _, peer = record
+    if kind == AbortKind.LOST_PEER:
         return LostPeerError(text, peer if peer >= 0 else None)
-    return _ERR_KINDS.get(err, MeshError)(text)
+    return kind.error(text)
 
 
 def _host_array(item: Pending) -> np.ndarray:

@@ -13,6 +13,7 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
     header keys: k kind, s source world rank, g group id, t tag,
                  d dtype (arrays), sh shape (arrays), n payload bytes,
                  f fingerprint (collectives), c credit bytes, r reason (aborts),
+                 e what an abort makes its receivers raise (mesh.AbortKind),
                  status (heartbeats: what the sender is doing, for stall
                  reports) or the error a failing rank leaves with (goodbyes;
                  none: a clean close), p the lost peer an abort names, or the
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from .errors import BadMessageError
+from .errors import AbortKind, BadMessageError
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "FRAME_BYTES",
            "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
@@ -60,6 +61,7 @@ class Header(NamedTuple):
     device: bool = False
     peer: int = -1
     dt: Any = None          # np.dtype of ``dtype``, resolved once
+    abort: AbortKind = AbortKind.OTHER
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -85,7 +87,8 @@ def _dtype(name: str) -> np.dtype:
 
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
-           credit: int = 0, reason: str = "", device: bool = False, peer: int = -1) -> bytes:
+           credit: int = 0, reason: str = "", device: bool = False, peer: int = -1,
+           abort: AbortKind = AbortKind.OTHER) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if kind in (DATA, OBJ, ABORT):
         h["g"] = group
@@ -103,7 +106,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         h["c"] = credit
     elif kind == ABORT:
         h["r"] = reason
-        h["c"] = credit  # the error kind: 0 mismatch, 1 lost peer, 2 other, 3 timeout
+        h["e"] = int(abort)
         if peer >= 0:
             h["p"] = peer
     elif kind in (HEARTBEAT, BYE):
@@ -150,8 +153,10 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
                       peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
     group, tag = _int(h, "g", 0), _int(h, "t")
     if kind == ABORT:
-        return Header(kind, src, group, tag, reason=_str(h, "r"), credit=_int(h, "c", 0, 3),
-                      peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
+        return Header(kind, src, group, tag, reason=_str(h, "r"),
+                      peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1,
+                      abort=AbortKind(_int(h, "e", 0, max(AbortKind))) if "e" in h
+                      else AbortKind.OTHER)
     nbytes = _int(h, "n", 0)
     if kind == OBJ:
         return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"))

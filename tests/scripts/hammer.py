@@ -55,7 +55,7 @@ def garbage(rng: random.Random) -> list:
     if k == 8:
         return [wire.encode(wire.CREDIT, 1, credit=1 << 40), b"payload"]
     if k == 9:
-        return [wire.encode(wire.ABORT, rng.randrange(SIZE), 0, tag, reason="bogus", credit=2)]
+        return [wire.encode(wire.ABORT, rng.randrange(SIZE), 0, tag, reason="bogus")]
     if k == 10:
         return [_header(k=0, s=1, g=0, t=tag, d="|O", sh=[1], n=8), b"\x00" * 8]
     return [_header(k=0, s=1, g=0, t=tag, d="<f8", sh=[1 << 40, 1 << 40], n=8), b"\x00" * 8]
