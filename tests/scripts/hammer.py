@@ -8,7 +8,7 @@ the secret but no rank, who sends every kind of malformed message the
 transport must drop: random frames, headers that are not msgpack, wrong
 field types, oversized headers, payloads whose length does not fit dtype and
 shape, unknown and spoofed source ranks, non-msgpack objects, control
-messages with payloads. Prints how many messages it sent.
+messages with payloads. Prints how many messages it sent (after a first line, "started", once its sockets are up).
 """
 import os
 import random
@@ -77,6 +77,7 @@ def main() -> None:
         s.setsockopt(zmq.IDENTITY, {"self": b"0", "rank1": b"1"}.get(how, b"x"))
         s.connect(ENDPOINT)
         socks.append(s)
+    print("started", flush=True)   # the test's ranks start their all_reduces only now
     sent = 0
     deadline = time.monotonic() + SECONDS
     while time.monotonic() < deadline and not select.select([sys.stdin], [], [], 0)[0]:
