@@ -33,7 +33,7 @@ from .errors import (AbortKind, BadMessageError, LostPeerError, MeshError, MeshT
 from .match import ANY, Arrived, Matcher, Pending, Probe
 from .liveness import Liveness
 from .payload import encode_payload, fill, fmt_fp, out_problem
-from .peer import ALIVE, CLOSED, Outgoing, Peer, config_float
+from .peer import ALIVE, CLOSED, DEAD, Outgoing, Peer, config_float
 
 __all__ = ["Transport", "Outgoing", "config_float", "abort_error"]
 
@@ -577,7 +577,12 @@ class Transport(Liveness):
         elif h.kind == wire.HEARTBEAT:
             self._on_heartbeat(peer, h.reason, h.peer)
         elif h.kind == wire.ABORT:
-            self._abort_local(h.group, h.tag, h.abort, h.reason, h.peer)
+            # Pass it on, once: a member that fails because of this abort says
+            # goodbye after it, on the same connection, so no member can hear
+            # of that failure before it hears of the abort (a lost peer would
+            # otherwise be reported where every rank should see a mismatch).
+            if self._abort_local(h.group, h.tag, h.abort, h.reason, h.peer):
+                self._send_abort(h.group, h.tag, h.reason, h.abort, h.peer, h.src)
         elif h.kind == wire.BYE:
             self._on_bye(peer, h.reason)
         return True
@@ -631,12 +636,15 @@ class Transport(Liveness):
             if lost is not None:
                 kind = AbortKind.LOST_PEER
             peer = -1 if lost is None else lost
-        if not self._abort_local(group, tag, kind, reason, peer):
-            return
+        if self._abort_local(group, tag, kind, reason, peer):
+            self._send_abort(group, tag, reason, kind, peer)
+
+    def _send_abort(self, group: int, tag: int, reason: str, kind: AbortKind, peer: int,
+                    heard_from: int = -1) -> None:
         header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, abort=kind,
                              peer=peer)
         for r in self.groups.get(group, ("", []))[1]:
-            if r != self.rank:
+            if r != self.rank and r != heard_from:
                 self._control(self._peers[r], header)
 
     def _abort_local(self, group: int, tag: int, kind: AbortKind, reason: str,
@@ -696,7 +704,9 @@ class Transport(Liveness):
                 p.sock.disable_monitor()
                 if p.monitor is not None:
                     p.monitor.close(linger=0)
-                p.sock.close()
+                # nothing queued for a dead peer will ever be read: do not let
+                # it hold the context's term() for the linger period
+                p.sock.close(linger=0 if p.state == DEAD else None)
         self._router.disable_monitor()
         self._router_mon.close(linger=0)
         self._router.close(linger=0)
