@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import LostPeerError, MeshError, MeshTimeoutError, MismatchError
+from .errors import AbortKind, MeshError
 from .match import ANY, ANY_TAG, Pending, describe, got_fields
 from .payload import out_unusable
 from .transport import Outgoing, Transport, abort_error
@@ -239,13 +239,7 @@ class Comm:
         """Fail ``tag`` on every member; they raise ``error``'s kind where the
         wire carries it (mismatch, lost peer, naming ``peer``: a world rank,
         timeout), else MeshError."""
-        kind = 2
-        if error is not None and issubclass(error, MismatchError):
-            kind = 0
-        elif error is not None and issubclass(error, LostPeerError):
-            kind = 1
-        elif error is not None and issubclass(error, MeshTimeoutError):
-            kind = 3
+        kind = AbortKind.OTHER if error is None else AbortKind.of(error)
         me = f"rank {self.rank} of group {self.name}"
         if self.gid:
             me += f" (world rank {self.ranks[self.rank]})"
@@ -255,7 +249,8 @@ class Comm:
         """The error to raise for ``what`` if ``tag`` was aborted here (by a
         peer, before this rank got to it), else None. Cheap: no lock, no message."""
         t = self._t
-        record = t._aborted.get((self.gid, tag)) if t._aborted else None
+        aborted = t.inbox.aborted
+        record = aborted.get((self.gid, tag)) if aborted else None
         if record is None:
             return None
         return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")
