@@ -68,7 +68,8 @@ class CollectiveChannel:
         """The error to raise for ``what`` if ``tag`` was aborted here (by a
         peer, before this rank got to it), else None. Cheap: no lock, no message."""
         t = self._t
-        record = t._aborted.get((self._comm.gid, tag)) if t._aborted else None
+        aborted = t.inbox.aborted
+        record = aborted.get((self._comm.gid, tag)) if aborted else None
         if record is None:
             return None
         return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")

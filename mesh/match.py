@@ -7,6 +7,7 @@ that match it. ``ANY_TAG`` matches user tags (>= 0) only, never the negative
 tags of collectives. Not thread-safe: the transport holds its lock."""
 from __future__ import annotations
 
+import enum
 import itertools
 import threading
 from collections import deque
@@ -14,8 +15,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["ANY", "ANY_TAG", "Flag", "Pending", "Probe", "Arrived", "Matcher", "describe",
-           "got_fields"]
+__all__ = ["ANY", "ANY_TAG", "Flag", "State", "POSTED", "MATCHED", "DONE", "Pending", "Probe",
+           "Arrived", "Matcher", "describe", "got_fields"]
 
 ANY = -1
 ANY_TAG = 1 << 63
@@ -86,6 +87,21 @@ class Flag:
         return False
 
 
+class State(enum.IntEnum):
+    """Where a receive is: posted (waiting in the tables), matched (a
+    message claimed it; its payload may still be on its way), done
+    (completed, failed or withdrawn)."""
+
+    POSTED = 0
+    MATCHED = 1
+    DONE = 2
+
+
+# The members as module constants: on the hot path, State.DONE (an enum
+# class attribute) costs ten times a global's lookup.
+POSTED, MATCHED, DONE = State.POSTED, State.MATCHED, State.DONE
+
+
 class Pending:
     """A posted receive; completed by the transport, waited on by the caller."""
 
@@ -99,7 +115,7 @@ class Pending:
         self.event = Flag()
         self.value: Any = None
         self.error: BaseException | None = None
-        self.state = 0  # 0 posted, 1 matched (payload on its way), 2 complete
+        self.state = POSTED
         self.device = False  # the message came from a device array
         self.got: Any = None  # what matched: its wire header, or see got_fields
 
@@ -109,12 +125,12 @@ class Pending:
 
     def complete(self, value: Any) -> None:
         self.value = value
-        self.state = 2
+        self.state = DONE
         self.event.set()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self.state = 2
+        self.state = DONE
         self.event.set()
 
 
@@ -182,7 +198,7 @@ class Matcher:
                 del self._posted_any[(group, tag)]
         else:
             return None
-        req.state = 1
+        req.state = MATCHED
         return req
 
     def _take_wild(self, group: int, src: int, tag: int) -> Pending | None:
@@ -204,7 +220,7 @@ class Matcher:
         q.remove(best)
         if not q:
             del table[key]
-        best.state = 1
+        best.state = MATCHED
         return best
 
     def add_unexpected(self, group: int, tag: int, msg: Arrived) -> Sequence[Pending]:
@@ -219,7 +235,7 @@ class Matcher:
         if hit:
             for p in hit:
                 q.remove(p)
-                p.got, p.state = msg.got, 1
+                p.got, p.state = msg.got, MATCHED
             if not q:
                 del self._probes[group]
         return hit
@@ -258,7 +274,7 @@ class Matcher:
         if msg is not None:
             if take:
                 self.take(req.group, msg)
-                req.state = 1
+                req.state = MATCHED
             return msg
         req.order = next(self._count)
         table, key = self._queue_of(req)
@@ -270,7 +286,7 @@ class Matcher:
 
     def cancel(self, req: Pending) -> bool:
         """Withdraw a receive still waiting for its message; False once matched."""
-        if req.state != 0:
+        if req.state != POSTED:
             return False
         table, key = self._queue_of(req)
         q = table.get(key)
@@ -278,7 +294,7 @@ class Matcher:
             q.remove(req)
             if not q:
                 del table[key]    # one empty queue per withdrawn tag would add up
-            req.state = 2
+            req.state = DONE
             return True
         return False
 

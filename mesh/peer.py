@@ -1,6 +1,11 @@
 """Per-peer state: what a rank knows of each peer (its socket, the credit it
 has used, whether it is alive, what it last said it was doing) and the sends
-in flight to it."""
+in flight to it.
+
+Credit, both ways: a peer may have at most ``window`` bytes in flight to us
+and we to it (``admit``); what we received from it and let go is granted
+back in steps of a quarter window (``consumed``), and its grants free our
+window (``release``). Each message costs MSG_COST bytes beyond its payload."""
 from __future__ import annotations
 
 import os
@@ -13,9 +18,15 @@ import zmq
 
 from .match import Flag, describe
 
-__all__ = ["ALIVE", "CLOSED", "DEAD", "Outgoing", "Peer", "config_float"]
+__all__ = ["ALIVE", "CLOSED", "DEAD", "STATE_NAMES", "MSG_COST", "Outgoing", "Peer",
+           "config_float"]
 
 ALIVE, CLOSED, DEAD = 0, 1, 2
+STATE_NAMES = ("alive", "closed", "dead")
+# What one message costs the receiver beyond its payload (header, ZeroMQ's and
+# our bookkeeping): charged against the credit window, so a flood of empty or
+# tiny messages is bounded too, not only big payloads.
+MSG_COST = 256
 
 
 def config_float(name: str, default: float) -> float:
@@ -50,13 +61,21 @@ class Outgoing:
 
 
 class Peer:
-    __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
-                 "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at")
+    """One peer: its socket (None for this rank itself), the sends queued
+    for credit, and the credit both ways (see the module docstring)."""
 
-    def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
+    __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
+                 "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at",
+                 "window", "grant_step", "_grant_lock")
+
+    def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None,
+                 window: int = 64 << 20) -> None:
         self.rank, self.monitor = rank, monitor
         self.sock: Any = sock
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()       # held while sending to it
+        self.window = window
+        self.grant_step = max(window // 4, 1)
+        self._grant_lock = threading.Lock()
         self.inflight = 0
         self.queue: deque[Outgoing] = deque()
         self.state = ALIVE
@@ -66,3 +85,27 @@ class Peer:
         self.suspect_since = 0.0
         self.status = ""
         self.status_at = 0.0
+
+    def admit(self, n: int) -> bool:
+        """Charge a message of ``n`` payload bytes to the window if it fits
+        now (a message larger than the window goes alone); caller holds ``lock``."""
+        inflight = self.inflight
+        if inflight + n + MSG_COST <= self.window or inflight < self.grant_step:
+            self.inflight = inflight + n + MSG_COST
+            return True
+        return False
+
+    def release(self, credit: int) -> None:
+        """The peer granted ``credit`` bytes back; caller holds ``lock``."""
+        self.inflight = max(0, self.inflight - credit)
+
+    def consumed(self, n: int) -> int:
+        """A message of ``n`` payload bytes from this peer left our buffers:
+        the credit to grant back now (0 until a step's worth has gathered)."""
+        with self._grant_lock:
+            self.to_grant += n + MSG_COST
+            grant = self.to_grant if self.to_grant >= self.grant_step or n >= self.grant_step \
+                else 0
+            if grant:
+                self.to_grant = 0
+        return grant

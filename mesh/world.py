@@ -47,11 +47,11 @@ class Mesh(Comm):
     @property
     def refused(self) -> int:
         """Connections refused because they did not present the job's secret."""
-        return self._t.handshake_failures
+        return self._t.live.handshake_failures
 
     @property
     def bad_messages(self) -> int:
-        return self._t.bad_messages
+        return self._t.reader.bad_messages
 
     def close(self) -> None:
         """Leave the job: flush sends, tell peers, release sockets. Idempotent."""

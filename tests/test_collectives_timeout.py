@@ -35,9 +35,9 @@ def _attempt(fn: Any) -> list:
 def _quiet_after(world: Any) -> int:
     """Stall reports logged in the second after a collective raised: none,
     if nothing of it is still running."""
-    before = world._t.stalls
+    before = world._t.live.stalls
     time.sleep(1.0)
-    return world._t.stalls - before
+    return world._t.live.stalls - before
 
 
 def never_calls(world: Any, count: int) -> dict:
@@ -50,7 +50,7 @@ def never_calls(world: Any, count: int) -> dict:
     for case in ("blocking", "async"):
         a = np.ones(count, np.float32)
         seq = world.collective_channel().seq + 1
-        stalls = world._t.stalls
+        stalls = world._t.live.stalls
         if world.rank == LATE:
             time.sleep(3.0)
             seen[case] = _attempt(lambda: C.all_reduce(world, a)) + [seq, 0, 0]
@@ -65,7 +65,7 @@ def never_calls(world: Any, count: int) -> dict:
             else:
                 timeout = 1.0 if world.rank == 0 else None
                 got = _attempt(lambda: C.all_reduce(world, a, timeout=timeout))
-            waited = world._t.stalls - stalls
+            waited = world._t.live.stalls - stalls
             seen[case] = got + [seq, waited, _quiet_after(world)]
         b = np.full(count, world.rank + 1.0, np.float32)
         C.all_reduce(world, b, timeout=30)

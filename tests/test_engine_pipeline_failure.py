@@ -65,7 +65,7 @@ def _worker(world, dp_size, name, m, fail_rank, where):
         pipe.step(*batch(0))
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-    left = [r.desc for r in world._t._matcher.posted()]
+    left = [r.desc for r in world._t.inbox.matcher.posted()]
     for g in (g for stage in mine for g in stage.grads()):
         g[...] = 0                        # the failed step's partial gradients
     losses = []

@@ -512,17 +512,17 @@ def test_receive_spin_adapts_to_the_waits_it_sees() -> None:
     burn CPU that the threads moving the data need."""
     from types import SimpleNamespace
 
-    from mesh.transport import Transport
+    from mesh.progress import Progress
 
     t = SimpleNamespace(spin=200e-6, _spin_now=200e-6)
     for _ in range(12):
-        Transport._adapt_spin(t, 5e-3)           # a pipeline stage computing
+        Progress._adapt_spin(t, 5e-3)           # a pipeline stage computing
     assert t._spin_now == 0.0
     seen = []
     for _ in range(8):
-        Transport._adapt_spin(t, 80e-6)          # a ping-pong's replies
+        Progress._adapt_spin(t, 80e-6)          # a ping-pong's replies
         seen.append(t._spin_now)
     assert seen == sorted(seen) and t._spin_now >= 80e-6 and t._spin_now <= 200e-6
     before = t._spin_now
-    Transport._adapt_spin(t, 50e-6)              # caught by the spin: no change
+    Progress._adapt_spin(t, 50e-6)              # caught by the spin: no change
     assert t._spin_now == before

@@ -63,7 +63,7 @@ def _cancel(world: mesh.Mesh) -> list[str]:
     assert not waiter.is_alive() and "was cancelled" in str(errors[0])
     seen.append("waiter")
 
-    assert list(world._t._matcher.posted()) == []
+    assert list(world._t.inbox.matcher.posted()) == []
     world.send(None, 1, tag=0)
     return seen
 

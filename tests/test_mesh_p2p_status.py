@@ -151,7 +151,7 @@ def _probe(world: mesh.Mesh) -> str:
     with pytest.raises(mesh.MeshTimeoutError, match=r"rank 0: probe rank 1 \(any tag, group "
                                                     r"world\) timed out"):
         world.probe(1, timeout=0.3)
-    assert time.monotonic() - t0 < 5 and list(world._t._matcher.posted()) == []
+    assert time.monotonic() - t0 < 5 and list(world._t.inbox.matcher.posted()) == []
     with pytest.raises(ValueError, match="tag must be an integer >= 0"):
         world.probe(tag=-1)
     with pytest.raises(ValueError, match="tag must be an integer >= 0"):
@@ -190,7 +190,7 @@ def _sendrecv(world: mesh.Mesh) -> str:
     with pytest.raises(mesh.MeshTimeoutError, match=r"sendrecv from rank .* timed out"):
         world.sendrecv(None, (r + 1) % n, src=(r + 1) % n, recvtag=77, timeout=0.5)
     world.recv((r - 1) % n, tag=0)                   # the timed-out exchange's message
-    assert list(world._t._matcher.posted()) == []
+    assert list(world._t.inbox.matcher.posted()) == []
     C.barrier(world)                                 # no rank leaves while one still waits
     return "ok"
 

@@ -1,0 +1,294 @@
+"""The inbox: what one rank expects and what has come in, without sockets.
+
+Posted receives and probes meet arriving messages here (mesh.match holds the
+tables); a message nobody asked for waits. Aborted tags fail what is posted
+on them and whatever is posted later; a lost peer fails the receives that
+name it and, when it died, every receive from any rank and every
+collective's (negative tag) in its groups, and the sends queued for it.
+
+What leaves the inbox goes through two callables given by the transport:
+``control(rank, header)`` sends a control message (credit grants, aborts),
+``nudge()`` wakes a thread blocked reading the socket after a request was
+completed elsewhere. Thread-safe: one lock guards the tables.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from . import wire
+from .errors import AbortKind, LostPeerError, MeshError, MismatchError, OutMismatchError
+from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe
+from .payload import fmt_fp, out_problem
+from .peer import ALIVE, DEAD, Peer
+
+__all__ = ["Inbox", "abort_error"]
+
+_log = logging.getLogger("mesh.transport")
+
+
+class Inbox:
+    """Matching, aborts and lost peers for the rank ``rank`` of ``peers``
+    (indexed by world rank; this rank's own entry has no socket)."""
+
+    def __init__(self, rank: int, peers: list[Peer], groups: dict[int, tuple[str, list[int]]],
+                 control: Callable[[Peer, bytes], None], nudge: Callable[[], None]) -> None:
+        self.rank, self.peers, self.groups = rank, peers, groups
+        self.lock = threading.Lock()
+        self.matcher = Matcher()
+        self.aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
+        self.dead: set[int] = set()
+        self._control, self._nudge = control, nudge
+
+    # ---- posting -------------------------------------------------------------
+
+    def post(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
+             probe: bool = False) -> Pending:
+        """Post a receive: matched with a waiting message at once, or queued.
+        A waiting message that does not fit ``out`` fails it and stays queued.
+        A Probe when ``probe``: complete, ``got`` set, once a message it
+        matches waits in the unexpected queue, which keeps the message."""
+        req = Probe(group, src, tag, out, fp, desc) if probe else \
+            Pending(group, src, tag, out, fp, desc)
+        msg = gone = None
+        misfit = ""
+        with self.lock:
+            aborted = self.aborted.get((group, tag)) if self.aborted else None
+            if aborted:
+                pass
+            elif out is None:
+                msg = self.matcher.post(req, not probe)
+            else:
+                msg = self.matcher.post(req, False)
+                if msg is None or (msg.fp == fp and (misfit := out_problem(out, msg.value))):
+                    pass
+                else:
+                    self.matcher.take(group, msg)
+                    req.state = MATCHED
+            if msg is None and not aborted:
+                lost = src if src != ANY and self.peers[src].state != ALIVE else \
+                    self.dead_member(group) if self.dead and (src == ANY or tag < 0) else None
+                if lost is not None:
+                    self.matcher.cancel(req)
+                    gone = self.gone(self.peers[lost], req.desc, group)
+        if msg is not None:
+            if misfit:
+                req.fail(self._misfit(req, msg.src, msg.tag, msg.value, misfit))
+            elif probe:
+                req.got = msg.got
+                req.complete(None)
+            else:
+                self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device)
+        elif aborted:
+            req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
+        elif gone is not None:
+            req.fail(gone)
+        return req
+
+    def iprobe(self, group: int, src: int, tag: int) -> tuple | None:
+        """``got`` of the message a receive posted now would take, if any."""
+        with self.lock:
+            msg = self.matcher.waiting(group, src, tag)
+        return None if msg is None else msg.got
+
+    def cancel(self, req: Pending) -> bool:
+        """Withdraw ``req`` if no message has matched it (Request.cancel). The
+        error is in place before the request reads as complete, so a thread
+        already waiting on it raises instead of returning None."""
+        with self.lock:
+            if req.state != POSTED:
+                return False
+            req.error = MeshError(f"rank {self.rank}: {req.desc} was cancelled")
+            if not self.matcher.cancel(req):
+                req.error = None
+                return False
+        req.event.set()
+        self._nudge()
+        return True
+
+    def withdraw(self, req: Pending) -> bool:
+        """Take a timed-out receive out of the tables; False once matched."""
+        with self.lock:
+            return self.matcher.cancel(req)
+
+    # ---- arrivals ------------------------------------------------------------
+
+    def claim(self, group: int, src: int, tag: int) -> Pending | None:
+        """The posted receive a message arriving now goes to, taken out (None:
+        none is posted, or the tag was aborted)."""
+        with self.lock:
+            if self.aborted and (group, tag) in self.aborted:
+                return None
+            return self.matcher.take_posted(group, src, tag)
+
+    def arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
+               on_device: bool = False) -> None:
+        """Deliver a fully received message that no posted receive had claimed:
+        to the first posted receive it fits (those it does not fit fail), else
+        to the unexpected queue, waking the probes it matches."""
+        while True:
+            with self.lock:
+                if (group, tag) in self.aborted:
+                    req = None
+                else:
+                    req = self.matcher.take_posted(group, src, tag)
+                    if req is None:
+                        probes = self.matcher.add_unexpected(
+                            group, tag, Arrived(src, tag, value, nbytes, fp, on_device))
+                        break
+            if req is None:
+                self.consumed(src, nbytes)
+                return
+            if self.complete(req, src, tag, value, nbytes, fp, on_device):
+                return
+        for p in probes:
+            p.complete(None)
+
+    def complete(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
+                 on_device: bool = False) -> bool:
+        """Finish a matched receive with a value that is not yet in ``req.out``.
+        False when the value does not fit ``req.out``: ``req`` fails and the
+        message is still the caller's to deliver (see arrive)."""
+        out = req.out
+        if out is not None and fp == req.fp:
+            problem = out_problem(out, value)
+            if problem:
+                req.fail(self._misfit(req, src, tag, value, problem))
+                return False
+        self._finish(req, src, tag, value, nbytes, fp, on_device)
+        return True
+
+    def _finish(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
+                on_device: bool) -> None:
+        """complete once the value is known to fit ``req.out``."""
+        self.consumed(src, nbytes)
+        if fp != req.fp:
+            return self._mismatch(req, src, fp)
+        req.device = on_device
+        out = req.out
+        if type(value) is np.ndarray:
+            req.got = (src, tag, nbytes, value.dtype, value.shape)
+            if out is not None and isinstance(out, np.ndarray):
+                np.copyto(out, value.reshape(out.shape), casting="no")
+                value = out
+        else:
+            req.got = (src, tag, nbytes, None, None)
+        req.complete(value)
+
+    def consumed(self, src: int, nbytes: int) -> None:
+        """A message from ``src`` left our buffers: grant its bytes back."""
+        if src == self.rank:
+            return
+        peer = self.peers[src]
+        grant = peer.consumed(nbytes)
+        if grant:
+            self._control(peer, wire.encode(wire.CREDIT, self.rank, credit=grant))
+
+    def _misfit(self, req: Pending, src: int, tag: int, value: Any, problem: str) -> MeshError:
+        ranks = self.groups.get(req.group, ("", []))[1]
+        who = f"rank {ranks.index(src)}" if src in ranks else f"world rank {src}"
+        return OutMismatchError(f"rank {self.rank}: {req.desc}: the message from {who} (tag "
+                                f"{tag}) does not fit out=: {problem}; the message stays queued "
+                                f"for the next receive")
+
+    def _mismatch(self, req: Pending, src: int, fp: Any) -> None:
+        text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}: rank "
+                f"{self.rank} called {fmt_fp(req.fp)} but rank {src} called {fmt_fp(fp)}")
+        req.fail(MismatchError(f"rank {self.rank}: {text}"))
+        self.abort(req.group, req.tag, text, AbortKind.MISMATCH)
+
+    # ---- aborts --------------------------------------------------------------
+
+    def abort(self, group: int, tag: int, reason: str, kind: AbortKind = AbortKind.OTHER,
+              peer: int = -1) -> None:
+        """Fail ``tag`` on every member of ``group``: pending and future ops raise.
+        A lost-peer abort names ``peer`` (a world rank) when given; else, with
+        a member of the group known dead, the error is a lost peer naming it."""
+        if kind != AbortKind.LOST_PEER or peer < 0:
+            lost = self.dead_member(group) if self.dead and kind != AbortKind.MISMATCH else None
+            if lost is not None:
+                kind = AbortKind.LOST_PEER
+            peer = -1 if lost is None else lost
+        if self.abort_local(group, tag, kind, reason, peer):
+            self.send_abort(group, tag, reason, kind, peer)
+
+    def send_abort(self, group: int, tag: int, reason: str, kind: AbortKind, peer: int,
+                   heard_from: int = -1) -> None:
+        """Tell the group's members (but ``heard_from``) that ``tag`` is aborted."""
+        header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, abort=kind,
+                             peer=peer)
+        for r in self.groups.get(group, ("", []))[1]:
+            if r != self.rank and r != heard_from:
+                self._control(self.peers[r], header)
+
+    def abort_local(self, group: int, tag: int, kind: AbortKind, reason: str,
+                    peer: int = -1) -> bool:
+        """Fail ``tag`` here (an abort of ours, or one a peer sent); False if
+        it was aborted already."""
+        with self.lock:
+            if (group, tag) in self.aborted:
+                return False
+            if kind == AbortKind.LOST_PEER and peer < 0 and self.dead:
+                lost = self.dead_member(group)
+                peer = -1 if lost is None else lost
+            record = self.aborted[(group, tag)] = (kind, reason, peer)
+            reqs = self.matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
+            dropped = self.matcher.drop_unexpected(group, tag)
+        for m in dropped:
+            self.consumed(m.src, m.nbytes)
+        for q in reqs:
+            q.fail(abort_error(record, f"rank {self.rank}: {q.desc} aborted: {reason}"))
+        self._nudge()
+        return True
+
+    # ---- lost peers ----------------------------------------------------------
+
+    def gone(self, peer: Peer, desc: str, group: int = 0) -> LostPeerError:
+        """The error of an operation (of ``group``) that involves a lost
+        peer; in a sub-group the peer is named by its world rank, as such."""
+        who = f"world rank {peer.rank}" if group else f"rank {peer.rank}"
+        return LostPeerError(f"rank {self.rank}: {desc} failed: peer {who} is gone "
+                             f"({peer.why})", peer.rank)
+
+    def dead_member(self, group: int) -> int | None:
+        """The lowest rank of ``group`` known dead, if any."""
+        dead = [r for r in self.groups.get(group, ("", []))[1] if r in self.dead]
+        return min(dead) if dead else None
+
+    def peer_gone(self, rank: int, why: str, state: int, told: bool = False) -> None:
+        """Fail what involves ``rank``: receives from it and, when it died,
+        receives from any rank and every collective's (negative tag) in its
+        groups; then the sends queued for it. A death is logged unless the
+        peer ``told`` us (it reports its own error)."""
+        peer = self.peers[rank]
+        with self.lock:
+            if peer.state != ALIVE:
+                return
+            peer.state, peer.why = state, why
+            if state == DEAD:
+                self.dead.add(rank)
+            members = {g for g, (_, ranks) in self.groups.items() if rank in ranks}
+            reqs = self.matcher.remove_posted(
+                lambda q: q.src == rank or (state == DEAD and (q.src == ANY or q.tag < 0)
+                                            and q.group in members))
+        if state == DEAD and not told:
+            _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
+        for q in reqs:
+            q.fail(self.gone(peer, q.desc, q.group))
+        self._nudge()
+        with peer.lock:
+            while peer.queue:
+                out = peer.queue.popleft()
+                out.fail(self.gone(peer, out.desc))
+
+
+def abort_error(record: tuple[AbortKind, str, int], text: str) -> MeshError:
+    """The error an operation on an aborted tag raises (``record``: the
+    abort's kind, reason and lost peer), with ``text``."""
+    kind, _, peer = record
+    if kind == AbortKind.LOST_PEER:
+        return LostPeerError(text, peer if peer >= 0 else None)
+    return kind.error(text)

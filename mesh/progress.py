@@ -1,0 +1,199 @@
+"""Progress: which thread reads the socket, and how it waits.
+
+One thread at a time reads the ROUTER, the one holding the reading turn
+(``_rlock``). A caller blocked in a receive takes the turn itself (``drive``),
+so a reply is read by the thread that wants it, with no hand-off between
+threads; the progress thread (``_run``) reads only while nobody waits, and
+steps aside as soon as someone does: a waiter raises ``_want`` and writes
+to the wake pipe, which the progress thread also polls. Whoever reads
+completes other threads' requests too; ``nudge`` wakes a reader after a
+request was completed elsewhere (a cancel, an abort, a lost peer).
+
+A blocked receive polls (yielding the CPU) up to MESH_SPIN_US before it
+sleeps: waking a sleeping (virtual) CPU for a socket costs tens of
+microseconds, often more than the wait itself, so a short poll catches a
+reply already on its way, as MPI libraries do. The spin adapts to the waits
+seen (``_adapt_spin``), so long waits do not burn CPU.
+
+The progress thread also runs liveness: its monitors and its timer tick.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from .liveness import Liveness
+from .match import DONE, Pending
+from .peer import config_float
+from .reader import Reader
+
+__all__ = ["Progress"]
+
+_log = logging.getLogger("mesh.transport")
+
+
+class Progress:
+    """The reading turn over ``router``, the wake pipe and the progress thread."""
+
+    def __init__(self, router: zmq.Socket, rank: int) -> None:
+        self.rank = rank
+        self.spin = config_float("MESH_SPIN_US", 200.0) * 1e-6
+        self._spin_now = self.spin     # adapted to the waits seen (_adapt_spin)
+        self._router = router
+        self._rlock = threading.Lock()        # the reading turn
+        self._want_lock = threading.Lock()
+        self._want = 0                        # callers waiting in drive
+        self._progress_reading = False        # the progress thread holds the turn
+        self._aside_until = 0.0
+        self.closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._reader_items: list[Any] = [(router, zmq.POLLIN), (self._wake_r, zmq.POLLIN)]
+        self._thread: threading.Thread | None = None
+
+    def start(self, reader: Reader, live: Liveness) -> None:
+        """Start the progress thread, reading with ``reader``, watching with ``live``."""
+        self._read_one, self._live = reader.read_one, live
+        self._thread = threading.Thread(target=self._run, name=f"mesh-progress-{self.rank}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the progress thread and close the wake pipe."""
+        self.closing = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def drive(self, item: Pending, deadline: float, limit: float) -> bool:
+        """Wait for ``item`` by reading the ROUTER in this thread (see the
+        module docstring); stall reports every MESH_STALL_WARN. False on timeout."""
+        with self._want_lock:
+            self._want += 1
+            if self._progress_reading:
+                os.write(self._wake_w, b"w")
+        live = self._live
+        start = deadline - limit
+        warn_at = start + live.stall_warn
+        live.doing, live.doing_since = item, start
+        held = False
+        polled = 0.0
+        try:
+            while item.state != DONE:     # complete (the flag is set just after)
+                now = time.monotonic()
+                left = deadline - now
+                if left <= 0:
+                    return False
+                if now >= warn_at:
+                    live.stalled_on(item, now - start, deadline - start)
+                    warn_at = now + live.stall_warn
+                if not held:
+                    held = self._rlock.acquire(timeout=min(left, 0.002))
+                    if not held:       # another waiter reads; it completes us too
+                        item.event.wait(min(left, 0.002))
+                        continue
+                ready = None
+                if not polled:
+                    polled = time.perf_counter()
+                    if self._spin_now:    # poll a little before sleeping (module docstring)
+                        spin_end = polled + self._spin_now
+                        while True:
+                            ready = zmq.zmq_poll(self._reader_items, 0)
+                            if ready or time.perf_counter() >= spin_end:
+                                break
+                            os.sched_yield()
+                if not ready:
+                    ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
+                if ready:
+                    if len(ready) > 1 or ready[0][0] is not self._router:
+                        self._drain_wake()
+                    for _ in range(1024):
+                        if not self._read_one() or item.state == DONE:
+                            break
+            if polled and self.spin:
+                self._adapt_spin(time.perf_counter() - polled)
+            return True
+        finally:
+            if held:
+                self._rlock.release()
+            end = time.monotonic()
+            live.doing, live.last, live.last_end = None, item, end
+            with self._want_lock:
+                self._want -= 1
+                if self._want == 0:
+                    self._aside_until = end + 0.002
+
+    def _adapt_spin(self, waited: float) -> None:
+        """Like adaptive halt polling: a wait longer than the longest spin
+        halves the spin (long waits, big messages: polling would only take
+        CPU from the threads that move the data); a short wait that the spin
+        missed doubles it, up to MESH_SPIN_US."""
+        now = self._spin_now
+        if waited > self.spin:
+            self._spin_now = now / 2 if now > 5e-6 else 0.0
+        elif waited > now:
+            self._spin_now = min(self.spin, max(2 * now, 10e-6))
+
+    def nudge(self) -> None:
+        """Wake a thread blocked reading, after completing a request elsewhere."""
+        if self._want:
+            try:
+                os.write(self._wake_w, b"n")
+            except OSError:
+                pass
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run(self) -> None:
+        """Read when no caller is waiting; always watch monitors and timers."""
+        live = self._live
+        reading, aside = zmq.Poller(), zmq.Poller()
+        reading.register(self._router, zmq.POLLIN)
+        for poller in (reading, aside):
+            poller.register(self._wake_r, zmq.POLLIN)
+            for m in live.monitors:
+                poller.register(m, zmq.POLLIN)
+        held = False
+        next_tick = 0.0
+        while not self.closing:
+            try:
+                if not held and not self._want and time.monotonic() >= self._aside_until:
+                    held = self._rlock.acquire(timeout=0.05)
+                with self._want_lock:
+                    if held and self._want:
+                        self._rlock.release()
+                        held = False
+                    self._progress_reading = held
+                events = dict((reading if held else aside).poll(100 if held else 5))
+                if self._wake_r in events:
+                    self._drain_wake()
+                if held and self._router in events:
+                    for _ in range(1024):
+                        if self._want or not self._read_one():
+                            break
+                for m in live.monitors:
+                    if m in events:
+                        live.on_monitor(m)
+                now = time.monotonic()
+                if now >= next_tick:
+                    live.tick(now)
+                    next_tick = now + min(live.heartbeat, 0.25)
+            except zmq.ZMQError as e:
+                if self.closing or e.errno == zmq.ETERM:
+                    break
+                _log.exception("rank %d: progress thread error", self.rank)
+            except Exception:
+                _log.exception("rank %d: progress thread error", self.rank)
+        if held:
+            self._rlock.release()

@@ -1,0 +1,157 @@
+"""The reader: one message off the ROUTER, decoded, checked and handed on.
+
+Frame by frame: the header says how big the payload is, so small payloads
+come as bytes and large ones as zero-copy frames; an array is copied once,
+straight into the caller's ``out=`` when a posted receive has one that fits.
+Data goes to the inbox, credit to the send path, heartbeats and goodbyes to
+liveness, aborts to the inbox. A malformed message is dropped whole (every
+frame of it) and counted in ``bad_messages``. Whoever holds the reading
+turn calls ``read_one`` (see mesh.progress).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+import zmq
+
+from . import wire
+from .errors import BadMessageError
+from .inbox import Inbox
+from .liveness import Liveness
+from .payload import fill
+from .peer import Peer
+
+__all__ = ["Reader", "COPY_BELOW"]
+
+_log = logging.getLogger("mesh.transport")
+COPY_BELOW = 64 * 1024   # payloads smaller than this are copied, not zero-copy
+_NOBLOCK = int(zmq.NOBLOCK)
+_CACHE = 1024  # headers remembered
+
+
+class Reader:
+    """Reads rank ``rank``'s ROUTER; ``on_credit(peer, bytes)`` takes grants."""
+
+    def __init__(self, router: zmq.Socket, rank: int, peers: list[Peer], inbox: Inbox,
+                 live: Liveness, on_credit: Callable[[Peer, int], None]) -> None:
+        self.rank, self.size = rank, len(peers)
+        self.bad_messages = 0
+        self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
+        self._on_credit = on_credit
+        self._idents = [str(r).encode() for r in range(len(peers))]
+        # Headers repeat (same peer, tag, dtype and shape, message after
+        # message): decode each distinct byte string once; bounded, starts
+        # over when full.
+        self._decoded: dict[bytes, wire.Header] = {}
+        self._claim, self._arrive = inbox.claim, inbox.arrive
+        self._consumed, self._complete = inbox.consumed, inbox.complete
+
+    def read_one(self) -> bool:
+        """Read and dispatch one message from the ROUTER; False when none is
+        waiting."""
+        router = self._router
+        try:
+            ident = router.recv(_NOBLOCK)
+        except zmq.Again:
+            return False
+        # A ROUTER puts the sender's identity before >= 1 frame. Frame.more
+        # is read off the message; Socket.get(RCVMORE) costs several times more.
+        frame = router.recv(0, copy=False)
+        more = frame.more
+        head = frame.bytes
+        payload: list = []
+        if head.startswith(b"\xc1"):       # a small message in one frame
+            try:
+                head, body = wire.split_inline(head)
+            except BadMessageError as e:
+                return self._bad(str(e), more)
+            if more:
+                return self._bad("a one-frame message with more frames", more)
+            payload.append(body)
+        h = self._decoded.get(head)
+        if h is None:
+            try:
+                h = wire.decode(head, self.size)
+            except BadMessageError as e:
+                return self._bad(str(e), more)
+            # A collective's header carries its sequence number, so each is
+            # seen once: only point-to-point headers are worth keeping.
+            if h.kind <= wire.OBJ and h.fp is None:
+                if len(self._decoded) >= _CACHE:
+                    self._decoded.clear()
+                self._decoded[head] = h
+        if ident != self._idents[h.src] or h.src == self.rank:
+            return self._bad(f"header says source {h.src} but the connection is {ident!r}", more)
+        peer = self._peers[h.src]
+        peer.last_heard = time.monotonic()
+        if more:              # frames: small ones as bytes, large ones zero-copy
+            copy = h.nbytes < COPY_BELOW
+            while more:
+                frame = router.recv(0, copy=False)
+                more = frame.more
+                payload.append(frame.bytes if copy else frame.buffer)
+        if h.kind == wire.DATA:
+            self._read_array(h, payload)
+        elif h.kind == wire.OBJ:
+            if len(payload) != 1 or len(payload[0]) != h.nbytes:
+                return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
+                                 f"{len(payload)} frames, header says {h.nbytes}")
+            try:
+                value = msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
+            except Exception as e:
+                return self._bad(f"object payload is not msgpack ({type(e).__name__})")
+            self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)
+        elif payload:
+            return self._bad(f"control message kind {h.kind} with a payload")
+        elif h.kind == wire.CREDIT:
+            self._on_credit(peer, h.credit)
+        elif h.kind == wire.HEARTBEAT:
+            self._live.on_heartbeat(peer, h.reason, h.peer)
+        elif h.kind == wire.ABORT:
+            # Pass it on, once: a member that fails because of this abort says
+            # goodbye after it, on the same connection, so no member can hear
+            # of that failure before it hears of the abort (a lost peer would
+            # otherwise be reported where every rank should see a mismatch).
+            if self._inbox.abort_local(h.group, h.tag, h.abort, h.reason, h.peer):
+                self._inbox.send_abort(h.group, h.tag, h.reason, h.abort, h.peer, h.src)
+        elif h.kind == wire.BYE:
+            self._live.on_bye(peer, h.reason)
+        return True
+
+    def _read_array(self, h: wire.Header, parts: list) -> None:
+        """Check the payload's length before anything else, so a malformed
+        message never claims a receive nor touches a caller's ``out=``; then
+        copy the frames once into the destination."""
+        got = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+        if got != h.nbytes:
+            self._bad(f"payload of {got} bytes from rank {h.src}, header says {h.nbytes}")
+            return
+        req = self._claim(h.group, h.src, h.tag)
+        if req is not None:
+            out = req.out
+            if (type(out) is np.ndarray and out.dtype == h.dt and out.nbytes == got
+                    and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable):
+                fill(out, parts)            # straight into the caller's out=
+                self._consumed(h.src, got)
+                req.got = h
+                req.complete(out)
+                return
+        dest = np.empty(h.shape or (), h.dt)
+        fill(dest, parts)
+        if req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp, h.device):
+            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
+
+    def _bad(self, why: str, more: Any = 0) -> bool:
+        """Drop a message (the rest of its frames too) and count it. Logged
+        at the 1st, 2nd, 4th, 8th... so a flood cannot flood the log."""
+        while more:
+            more = self._router.recv(0, copy=False).more
+        self.bad_messages += 1
+        n = self.bad_messages
+        if n & (n - 1) == 0:
+            _log.warning("rank %d: dropped a bad message: %s (%d so far)", self.rank, why, n)
+        return True

@@ -1,0 +1,121 @@
+"""The inbox without sockets: matching, credit grants, aborts and lost peers,
+seen through what it completes and the control messages it would send."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mesh import wire
+from mesh.errors import (AbortKind, LostPeerError, MeshError, MeshTimeoutError, MismatchError,
+                         OutMismatchError)
+from mesh.inbox import Inbox
+from mesh.match import ANY, DONE, MATCHED, POSTED
+from mesh.peer import ALIVE, CLOSED, DEAD, MSG_COST, Outgoing, Peer
+
+SIZE = 4
+
+
+def _inbox(window: int = 64 << 20) -> tuple[Inbox, list]:
+    """Rank 0 of 4; ``sent`` collects (peer, decoded header) of control messages."""
+    peers = [Peer(r, None, None, window) for r in range(SIZE)]
+    groups = {0: ("world", list(range(SIZE))), 7: ("world/[0, 2]", [0, 2])}
+    sent: list = []
+    box = Inbox(0, peers, groups, lambda p, h: sent.append((p.rank, wire.decode(h, SIZE))),
+                lambda: None)
+    return box, sent
+
+
+def test_a_message_meets_its_receive_whichever_comes_first() -> None:
+    box, _ = _inbox()
+    early = np.arange(3.0)
+    box.arrive(1, 0, 5, early, early.nbytes, None)            # nobody asked yet: it waits
+    assert box.iprobe(0, ANY, 5) == (1, 5, 24, early.dtype, (3,))
+    req = box.post(0, 1, 5, None, None, "recv")
+    assert req.state == DONE and req.value is early and req.got[:3] == (1, 5, 24)
+    later = box.post(0, ANY, 5, None, None, "recv")
+    assert later.state == POSTED and box.iprobe(0, ANY, 5) is None
+    assert box.claim(0, 2, 5) is later and later.state == MATCHED
+
+
+def test_credit_is_granted_back_in_steps_of_a_quarter_window() -> None:
+    box, sent = _inbox(window=4096)                            # grant step: 1024 bytes
+    box.consumed(1, 100)
+    box.consumed(1, 100)
+    assert sent == []                                          # 712 bytes gathered: not yet
+    box.consumed(1, 100)
+    assert [(r, h.kind, h.credit) for r, h in sent] == [(1, wire.CREDIT, 3 * (100 + MSG_COST))]
+    box.consumed(0, 5000)                                      # from itself: nothing to grant
+    assert len(sent) == 1
+
+
+def test_an_out_that_does_not_fit_fails_and_leaves_the_message_queued() -> None:
+    box, _ = _inbox()
+    box.arrive(1, 0, 5, np.arange(4.0), 32, None)
+    bad = box.post(0, 1, 5, np.empty(3), None, "recv")
+    assert isinstance(bad.error, OutMismatchError) and "rank 1 (tag 5)" in str(bad.error)
+    good = box.post(0, 1, 5, np.empty(4), None, "recv")
+    assert good.error is None and list(good.value) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kind,error", [(AbortKind.MISMATCH, MismatchError),
+                                        (AbortKind.OTHER, MeshError),
+                                        (AbortKind.TIMEOUT, MeshTimeoutError)])
+def test_an_abort_fails_the_tag_now_and_later_and_tells_the_group(kind: AbortKind,
+                                                                  error: type) -> None:
+    box, sent = _inbox()
+    posted = box.post(7, 2, -3, None, None, "all_reduce")
+    other = box.post(7, 2, -4, None, None, "all_reduce")
+    box.arrive(2, 7, -3, np.zeros(2), 16, None)                # goes to ``posted``
+    assert posted.state == DONE
+    queued = box.post(7, 2, -3, None, None, "second")          # a second, still posted
+    box.abort(7, -3, "boom", kind)
+    assert type(queued.error) is error and "second aborted: boom" in str(queued.error)
+    late = box.post(7, 2, -3, None, None, "late")
+    assert type(late.error) is error and other.state == POSTED
+    assert [(r, h.kind, h.tag, h.abort, h.reason) for r, h in sent] == [
+        (2, wire.ABORT, -3, int(kind), "boom")]                # the group's members only
+    box.abort(7, -3, "again", kind)
+    assert len(sent) == 1                                      # once per tag
+    assert AbortKind.of(error) == kind
+
+
+def test_a_dead_peer_fails_what_it_would_have_completed() -> None:
+    box, _ = _inbox()
+    mine = box.post(0, 1, 5, None, None, "recv from 1")
+    anyone = box.post(0, ANY, 6, None, None, "recv from any")
+    coll = box.post(7, 2, -1, None, None, "collective of 7")
+    unrelated = box.post(0, 2, 5, None, None, "recv from 2")
+    out = Outgoing(1, [b"x"], 1, "send to 1", None)
+    box.peers[1].queue.append(out)
+    box.peer_gone(1, "silent for 10s", DEAD)
+    assert box.peers[1].state == DEAD and box.dead == {1}
+    for req in (mine, anyone, out):
+        assert isinstance(req.error, LostPeerError) and req.error.peer == 1
+        assert "peer rank 1 is gone (silent for 10s)" in str(req.error)
+    assert coll.state == POSTED and unrelated.state == POSTED  # group 7 is ranks 0 and 2
+    later = box.post(0, ANY, 9, None, None, "recv from any")
+    assert isinstance(later.error, LostPeerError)
+    box.abort(0, -8, "stop")                                   # a group with a dead member
+    assert box.aborted[(0, -8)] == (AbortKind.LOST_PEER, "stop", 1)
+
+
+def test_a_closed_peer_fails_only_what_names_it() -> None:
+    box, _ = _inbox()
+    mine = box.post(0, 3, 5, None, None, "recv from 3")
+    anyone = box.post(0, ANY, 5, None, None, "recv from any")
+    box.peer_gone(3, "it closed its mesh", CLOSED)
+    assert isinstance(mine.error, LostPeerError) and anyone.state == POSTED
+    assert box.dead == set() and box.peers[2].state == ALIVE
+    assert box.cancel(anyone) and isinstance(anyone.error, MeshError)
+
+
+def test_an_abort_heard_from_a_peer_is_passed_on_once_to_the_others() -> None:
+    """What the reader does with an ABORT: fail it here, then tell every other
+    member but the sender, so a member failing because of it says goodbye
+    only after the abort, on the same connection; a second copy is ignored."""
+    box, sent = _inbox()
+    assert box.abort_local(0, -4, AbortKind.MISMATCH, "odd shape", -1)
+    box.send_abort(0, -4, "odd shape", AbortKind.MISMATCH, -1, heard_from=1)
+    assert [(r, h.kind, h.tag, h.abort) for r, h in sent] == [
+        (2, wire.ABORT, -4, AbortKind.MISMATCH), (3, wire.ABORT, -4, AbortKind.MISMATCH)]
+    assert not box.abort_local(0, -4, AbortKind.MISMATCH, "odd shape", -1)
