@@ -73,9 +73,10 @@ class Pending:
     """A posted receive; completed by the transport, waited on by the caller."""
 
     __slots__ = ("group", "src", "tag", "out", "fp", "_desc", "order", "event",
-                 "value", "error", "state", "device")
+                 "value", "error", "state", "device", "target")
 
-    def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> None:
+    def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
+                 target: Any = None) -> None:
         self.group, self.src, self.tag, self.out, self.fp = group, src, tag, out, fp
         self._desc = desc
         self.order = 0
@@ -83,7 +84,8 @@ class Pending:
         self.value: Any = None
         self.error: BaseException | None = None
         self.state = 0  # 0 posted, 1 matched (payload on its way), 2 complete
-        self.device = False  # the message came from a device array
+        self.device = 0      # the message's origin flags (mesh.wire: device, torch)
+        self.target = target  # the caller's out= when ``out`` is a view of it (a tensor)
 
     @property
     def desc(self) -> str:
@@ -106,7 +108,7 @@ class Arrived:
     __slots__ = ("src", "value", "nbytes", "fp", "order", "device")
 
     def __init__(self, src: int, value: Any, nbytes: int, fp: Any, order: int,
-                 device: bool = False) -> None:
+                 device: int = 0) -> None:
         self.src, self.value, self.nbytes, self.fp, self.order = src, value, nbytes, fp, order
         self.device = device
 

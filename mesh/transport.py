@@ -27,11 +27,11 @@ import msgpack
 import numpy as np
 import zmq
 
-from . import auth, device, wire
+from . import auth, device, tensors, wire
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
-from .match import ANY, Arrived, Matcher, Pending
+from .match import ANY, Arrived, Matcher, Pending, describe
 from .liveness import Liveness
-from .payload import encode_payload, fill, fmt_fp, out_problem
+from .payload import delivered, encode_payload, fill, fmt_fp, out_problem
 from .peer import ALIVE, CLOSED, Outgoing, Peer, config_float
 
 __all__ = ["Transport", "Outgoing", "config_float", "abort_error"]
@@ -228,7 +228,10 @@ class Transport(Liveness):
     # ---- receiving -----------------------------------------------------------
 
     def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> Pending:
-        req = Pending(group, src, tag, out, fp, desc)
+        target = None
+        if out is not None and type(out) is not np.ndarray and tensors.is_tensor(out):
+            target, out = out, tensors.out_view(out, f"rank {self.rank}: {describe(desc)}")
+        req = Pending(group, src, tag, out, fp, desc, target)
         with self._lock:
             aborted = self._aborted.get((group, tag)) if self._aborted else None
             msg = None if aborted else self._matcher.post(req)
@@ -263,7 +266,7 @@ class Transport(Liveness):
         return True
 
     def _complete(self, req: Pending, src: int, value: Any, nbytes: int, fp: Any,
-                  on_device: bool = False) -> None:
+                  on_device: int = 0) -> None:
         """Finish a matched receive with a value that is not yet in ``req.out``."""
         self._consumed(src, nbytes)
         if fp != req.fp:
@@ -298,10 +301,12 @@ class Transport(Liveness):
                 raise item.error
             out = item.out
             if out is not None and type(out) is not np.ndarray and device.is_device(out):
-                return device.to_device(_host_array(item), out)
-            if item.device:
-                return device.to_device(_host_array(item))
-            return item.value
+                out = device.to_device(_host_array(item), out)
+            if item.target is not None:
+                return item.target
+            if item.device and out is None:
+                return delivered(_host_array(item), item.device)
+            return item.value if out is None else out
         if not item.event.is_set() and not self._await_credit(item, limit):
             raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
                                    f"waiting for credit from rank {item.dst} (it is not "
@@ -442,7 +447,7 @@ class Transport(Liveness):
             pass
 
     def _arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
-                on_device: bool = False) -> None:
+                on_device: int = 0) -> None:
         """Deliver a fully received message that no posted receive had claimed."""
         with self._lock:
             if (group, tag) in self._aborted:

@@ -17,7 +17,8 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  reports) or the error a failing rank leaves with (goodbyes;
                  none: a clean close), p the lost peer an abort names, or the
                  failing rank whose goodbye a heartbeat answers (-1: none),
-                 v true when the array came from a device (returned on one)
+                 v flags of the array's origin (returned as such): 1 a device
+                 array, 2 a torch tensor, 4 a bfloat16 one (sent as uint16)
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class Header(NamedTuple):
     fp: Any = None
     credit: int = 0
     reason: str = ""
-    device: bool = False
+    device: int = 0         # the v flags
     peer: int = -1
     dt: Any = None          # np.dtype of ``dtype``, resolved once
 
@@ -85,7 +86,7 @@ def _dtype(name: str) -> np.dtype:
 
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
-           credit: int = 0, reason: str = "", device: bool = False, peer: int = -1) -> bytes:
+           credit: int = 0, reason: str = "", device: int = 0, peer: int = -1) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if kind in (DATA, OBJ, ABORT):
         h["g"] = group
@@ -94,7 +95,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         h["d"] = dtype
         h["sh"] = list(shape or ())
         if device:
-            h["v"] = True
+            h["v"] = int(device)
     if kind in (DATA, OBJ):
         h["n"] = nbytes
         if fp is not None:
@@ -160,12 +161,16 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         raise BadMessageError(f"array header has dtype {dtype!r} and shape {shape!r}")
     if not all(type(x) is int and x >= 0 for x in shape):
         raise BadMessageError(f"array shape {shape!r} has a non-integer or negative extent")
+    v = h.get("v", 0)
+    origin = int(v) if type(v) is bool else _int(h, "v", 0, 7)
     dt = _dtype(dtype)
+    if origin & 4 and dt != np.uint16:
+        raise BadMessageError(f"a bfloat16 array travels as uint16, not {dtype}")
     if math.prod(shape) * dt.itemsize != nbytes:
         raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
                               f"and shape {tuple(shape)}")
     return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"),
-                  device=h.get("v") is True, dt=dt)
+                  device=origin, dt=dt)
 
 
 def inline(header: bytes, *payload: Any) -> bytes:
