@@ -111,6 +111,8 @@ def to_torch(a: Any, like: Any) -> Any:
     ``like``'s device: shared memory where the dtype matches, bfloat16 from
     its bits or rounded once from float32."""
     torch = _torch()
+    if isinstance(a, np.generic):       # a row of a 1-d array, as numpy indexing gives it
+        a = np.array(a)
     if isinstance(a, np.ndarray):
         t = torch.from_numpy(a if a.flags.writeable else a.copy())
         if like.is_cuda:
