@@ -354,6 +354,56 @@ def test_dlpack_objects_and_a_clear_error_without_cupy() -> None:
     assert mesh.spawn(_dlpack, 2, timeout=60) == ["ok", "ok"]
 
 
+def _tensors(world: mesh.Mesh) -> str:
+    """torch tensors both ways: a torch tensor arrives as one (bfloat16 from
+    its bits), out= tensors are written in place, views and tensors that
+    require grad go as their values, and other dtypes raise naming them."""
+    import torch
+    peer = 1 - world.rank
+    bf = torch.tensor([1.5, -2.25, 3e38, float("nan")], dtype=torch.bfloat16)
+    big = torch.arange(3 << 18, dtype=torch.float32)         # several frames
+    if world.rank == 0:
+        world.send(torch.arange(6, dtype=torch.int64).reshape(2, 3), peer)
+        world.send(bf, peer)
+        world.isend(torch.arange(12.0).reshape(3, 4).t(), peer).wait()
+        world.send(torch.ones(3, requires_grad=True), peer, tag=1)
+        world.send(big, peer, tag=2)
+        world.send(bf, peer, tag=3)
+        world.send(torch.tensor(7, dtype=torch.uint8), peer, tag=4)
+        world.send(np.arange(3.0), peer, tag=5)
+        for bad in (torch.ones(2, dtype=torch.complex32),
+                    torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.quint8)):
+            with pytest.raises(TypeError) as err:
+                world.isend(bad, peer)
+            assert str(bad.dtype) in str(err.value) and "send to rank 1" in str(err.value)
+        world.send(torch.zeros(2), peer, tag=6)
+        return "ok"
+    a = world.recv(peer)
+    assert isinstance(a, torch.Tensor) and a.dtype == torch.int64
+    assert a.tolist() == [[0, 1, 2], [3, 4, 5]]
+    b = world.recv(peer)
+    assert b.dtype == torch.bfloat16 and torch.equal(b.view(torch.int16), bf.view(torch.int16))
+    assert torch.equal(world.recv(peer), torch.arange(12.0).reshape(3, 4).t())
+    g = world.recv(peer, tag=1)
+    assert not g.requires_grad and g.tolist() == [1.0] * 3
+    out = torch.empty(3 << 18)
+    assert world.irecv(peer, tag=2, out=out).wait() is out and torch.equal(out, big)
+    out16 = torch.zeros(4, dtype=torch.bfloat16)
+    assert world.recv(peer, tag=3, out=out16) is out16
+    assert torch.equal(out16.view(torch.int16), bf.view(torch.int16))
+    u = world.recv(peer, tag=4)
+    assert u.shape == () and u.dtype == torch.uint8 and int(u) == 7
+    assert isinstance(world.recv(peer, tag=5), np.ndarray)   # numpy stays numpy
+    with pytest.raises(mesh.BadMessageError, match=r"out= is float64\[2 elements\]"):
+        world.recv(peer, tag=6, out=torch.zeros(2, dtype=torch.float64))
+    return "ok"
+
+
+def test_torch_tensors_point_to_point() -> None:
+    pytest.importorskip("torch")
+    assert mesh.spawn(_tensors, 2, timeout=90) == ["ok", "ok"]
+
+
 def _staggered_close(world: mesh.Mesh) -> list:
     import logging
     records: list[logging.LogRecord] = []
