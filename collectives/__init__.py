@@ -26,9 +26,9 @@ from .api import (all_gather, all_gather_object, all_reduce, all_to_all, barrier
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
 from .plan import Tuning
-from .runner import Work
+from .runner import Work, abandon
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object",
            "GradReducer", "all_reduce_grads", "bucket_plan", "DEFAULT_BUCKET_BYTES",
-           "Work", "Tuning", "OPS"]
+           "Work", "Tuning", "OPS", "abandon"]

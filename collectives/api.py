@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from mesh import Comm
+
 from .device import paths as device
 from .device.paths import simple
 from .host import paths as host
@@ -47,7 +49,7 @@ _staged_scatter = simple(host.scatter, in_place=False)
 _staged_all_to_all = simple(host.all_to_all, in_place=False)
 
 
-def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_reduce, for host and device arrays and tensors."""
     check_comm(g, "all_reduce")
@@ -60,7 +62,7 @@ def all_reduce(g: Any, a: Any, op: str = "sum", async_op: bool = False,
                               algorithm=algorithm)
 
 
-def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                    timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce_scatter, for host and device arrays and tensors."""
     check_comm(g, "reduce_scatter")
@@ -72,7 +74,7 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
     return _staged_reduce_scatter(g, a, op=op, async_op=async_op, timeout=timeout)
 
 
-def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_gather, for host and device arrays and tensors."""
     check_comm(g, "all_gather")
     if type(a) is not np.ndarray and is_tensor(a):
@@ -82,7 +84,7 @@ def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = N
     return _staged_all_gather(g, a, async_op=async_op, timeout=timeout)
 
 
-def broadcast(g: Any, a: Any, root: int = 0, async_op: bool = False,
+def broadcast(g: Comm, a: Any, root: int = 0, async_op: bool = False,
               algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.broadcast, for host and device arrays and
     tensors: through CUDA IPC when the group can, else staged."""
@@ -96,7 +98,7 @@ def broadcast(g: Any, a: Any, root: int = 0, async_op: bool = False,
                              algorithm=algorithm)
 
 
-def reduce(g: Any, a: Any, root: int = 0, op: str = "sum", async_op: bool = False,
+def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = False,
            algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce, for host and device arrays and tensors."""
     if type(a) is not np.ndarray and is_tensor(a):
@@ -106,7 +108,7 @@ def reduce(g: Any, a: Any, root: int = 0, op: str = "sum", async_op: bool = Fals
                           timeout=timeout)
 
 
-def gather(g: Any, a: Any, root: int = 0, async_op: bool = False,
+def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
            timeout: float | None = None) -> Any:
     """collectives.host.paths.gather, for host and device arrays and tensors."""
     if type(a) is not np.ndarray and is_tensor(a):
@@ -115,7 +117,7 @@ def gather(g: Any, a: Any, root: int = 0, async_op: bool = False,
     return _staged_gather(g, a, root=root, async_op=async_op, timeout=timeout)
 
 
-def scatter(g: Any, a: Any = None, root: int = 0, async_op: bool = False,
+def scatter(g: Comm, a: Any = None, root: int = 0, async_op: bool = False,
             timeout: float | None = None) -> Any:
     """collectives.host.paths.scatter, for host and device arrays and tensors.
     A tensor passed on a rank that is not the root (where ``a`` is ignored)
@@ -126,7 +128,7 @@ def scatter(g: Any, a: Any = None, root: int = 0, async_op: bool = False,
     return _staged_scatter(g, a, root=root, async_op=async_op, timeout=timeout)
 
 
-def all_to_all(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_to_all, for host and device arrays and tensors."""
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(all_to_all, "all_to_all", g, a, async_op=async_op, timeout=timeout)

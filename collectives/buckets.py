@@ -41,7 +41,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from mesh import device, tensors
+from mesh import Comm, device, tensors
 
 from .ops import resolve
 from .runner import check_comm
@@ -112,7 +112,7 @@ class GradReducer:
 
     _refuse_torch = True      # all_reduce_grads' one-shot reducer takes them
 
-    def __init__(self, g: Any, grads: Iterable[Any], bucket_bytes: int =
+    def __init__(self, g: Comm, grads: Iterable[Any], bucket_bytes: int =
                  DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
         check_comm(g, "GradReducer")
         self.g = g
@@ -301,7 +301,7 @@ class _Once(GradReducer):
     _refuse_torch = False
 
 
-def all_reduce_grads(g: Any, grads: Iterable[Any], bucket_bytes: int =
+def all_reduce_grads(g: Comm, grads: Iterable[Any], bucket_bytes: int =
                      DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
     """All gradients (arrays, torch gradients too, or parameters' .grad) at
     once through fusion buckets (no overlap with backward; build a

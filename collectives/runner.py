@@ -22,11 +22,11 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
-from mesh import ANY, MeshTimeoutError
+from mesh import ANY, AbortKind, Comm, MeshTimeoutError
 
 from .plan import Tuning
 
-__all__ = ["Ctx", "Work", "Body", "start", "agreed", "check_comm", "caught", "where"]
+__all__ = ["Ctx", "Work", "Body", "start", "abandon", "agreed", "check_comm", "caught", "where"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -34,7 +34,7 @@ _WATCH_S = 0.1
 _WATCH_MAX = 64
 
 
-def check_comm(g: Any, name: str) -> None:
+def check_comm(g: Comm | None, name: str) -> None:
     """A clear error for a communicator that is None: ``world.group(ranks)``
     returns None on the ranks that are not in ``ranks``."""
     if g is None:
@@ -57,24 +57,24 @@ def caught(req: Any, timeout: float) -> BaseException | None:
     return None
 
 
-def where(g: Any, name: str, tag: int) -> str:
+def where(g: Comm, name: str, tag: int) -> str:
     """How errors name a collective: this rank (its world rank), the
     collective, its sequence number and its group."""
-    ranks = getattr(g, "ranks", None)
-    me = ranks[g.rank] if ranks is not None else g.rank
-    return f"rank {me}: {name} #{-tag} on group {getattr(g, 'name', '?')}"
+    return f"rank {g.ranks[g.rank]}: {name} #{-tag} on group {g.name}"
 
 
 class Ctx:
-    """One collective call: its group, tag, fingerprint, tuning and
-    deadline. The point-to-point helpers stamp every message with the
-    fingerprint, and their requests wait at most until the deadline."""
+    """One collective call: its group, the group's channel to the mesh, tag,
+    fingerprint, tuning and deadline. The point-to-point helpers stamp every
+    message with the fingerprint, and their requests wait at most until the
+    deadline."""
 
-    __slots__ = ("g", "tag", "fp", "tuning", "name", "timeout", "deadline")
+    __slots__ = ("g", "ch", "tag", "fp", "tuning", "name", "timeout", "deadline")
 
-    def __init__(self, g: Any, tag: int, fp: dict, tuning: Tuning, name: str = "collective",
+    def __init__(self, g: Comm, tag: int, fp: dict, tuning: Tuning, name: str = "collective",
                  timeout: float | None = None, deadline: float | None = None) -> None:
         self.g, self.tag, self.fp, self.tuning, self.name = g, tag, fp, tuning, name
+        self.ch = g.collective_channel()
         self.timeout = float(g.timeout) if timeout is None else float(timeout)
         self.deadline = time.monotonic() + self.timeout if deadline is None else deadline
 
@@ -90,10 +90,15 @@ class Ctx:
         return MeshTimeoutError(f"{self.where()} timed out after {self.timeout:g}s{waiting}")
 
     def isend(self, obj: Any, dst: int) -> "Req":
-        return Req(self, self.g._isend(obj, dst, self.tag, fp=self.fp))
+        return Req(self, self.ch.isend(obj, dst, self.tag, self.fp, self.name))
 
     def irecv(self, src: int, out: Any = None) -> "Req":
-        return Req(self, self.g._irecv(src, self.tag, out, fp=self.fp))
+        return Req(self, self.ch.irecv(src, self.tag, self.fp, self.name, out))
+
+    def watch(self) -> Any:
+        """A receive from any rank on the call's tag, posted only to catch
+        an abort (no member sends one there)."""
+        return self.ch.irecv(ANY, self.tag, self.fp, self.name)
 
     def send(self, obj: Any, dst: int) -> None:
         self.isend(obj, dst).wait()
@@ -198,7 +203,7 @@ class _Group:
             work._finish(value, error)
 
     def watch(self, ctx: Ctx) -> None:
-        req = ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp)
+        req = ctx.watch()
         with self.lock:
             self.watches.append((self.calls, time.monotonic(), req))
 
@@ -235,11 +240,11 @@ def _withdraw(req: Any) -> None:
         pass
 
 
-_groups: "weakref.WeakKeyDictionary[Any, _Group]" = weakref.WeakKeyDictionary()
+_groups: "weakref.WeakKeyDictionary[Comm, _Group]" = weakref.WeakKeyDictionary()
 _groups_lock = threading.Lock()
 
 
-def _state(g: Any) -> _Group:
+def _state(g: Comm) -> _Group:
     with _groups_lock:
         st = _groups.get(g)
         if st is None:
@@ -269,7 +274,7 @@ def agreed(body: Body) -> Body:
     return run
 
 
-def _abort(g: Any, tag: int, name: str, e: BaseException) -> None:
+def _abort(g: Comm, tag: int, name: str, e: BaseException) -> None:
     """Fail the tag on every member; peers raise the same error class where
     the mesh carries it (mismatch, lost peer, timeout), else MeshError with
     the text."""
@@ -278,10 +283,22 @@ def _abort(g: Any, tag: int, name: str, e: BaseException) -> None:
         text = text[here.index(": ") + 2:]
     else:
         text = f"{name} #{-tag} failed: {type(e).__name__}: {text}"
-    g._abort(tag, text, error=type(e))
+    g.collective_channel().abort(tag, text, AbortKind.of(e))
 
 
-def _limit(g: Any, name: str, timeout: Any) -> float:
+def abandon(g: Comm, reason: str, kind: AbortKind = AbortKind.OTHER,
+            peer: int | None = None) -> None:
+    """Fail the group's next collective on every member without making it:
+    for a rank that will not make a call its peers make (a failed pipeline
+    step's all-reduces), so the peers raise instead of waiting, with
+    ``kind``'s error (a lost peer naming world rank ``peer``), and the
+    group's calls stay numbered alike on every rank."""
+    check_comm(g, "abandon")
+    ch = g.collective_channel()
+    ch.abort(ch.next_tag(), reason, kind, peer)
+
+
+def _limit(g: Comm, name: str, timeout: Any) -> float:
     if timeout is None:
         return float(g.timeout)
     limit = float(timeout) if isinstance(timeout, numbers.Real) else -1.0
@@ -291,7 +308,7 @@ def _limit(g: Any, name: str, timeout: Any) -> float:
     return limit
 
 
-def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
+def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
           async_op: bool, timeout: float | None = None) -> Any:
     """Run the group's next collective. ``prepare(tuning)`` checks the
     arguments and returns (fingerprint, body); ``body(ctx)`` moves the data.
@@ -301,7 +318,8 @@ def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
     from now. Returns body's value, or a Work with ``async_op``."""
     check_comm(g, name)
     t0 = time.monotonic()
-    tag = g._coll_tag()
+    ch = g.collective_channel()
+    tag = ch.next_tag()
     st = _state(g)
     try:
         limit = _limit(g, name, timeout)
@@ -319,7 +337,7 @@ def start(g: Any, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
 
     def run() -> Any:
         try:
-            aborted = g._abort_error(tag, ctx.where().split(": ", 1)[1])
+            aborted = ch.aborted(tag, ctx.where().split(": ", 1)[1])
             if aborted is not None:     # a peer gave up on it before this rank got here
                 raise aborted
             if time.monotonic() > deadline:

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import collectives
-from mesh import LostPeerError
+from mesh import AbortKind, Comm, Grid, LostPeerError
 
 from . import trace as _trace
 from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule,
@@ -68,9 +68,9 @@ def split_microbatches(batch: Any, m: int) -> list[Any]:
     return [batch[bounds[k]:bounds[k + 1]] for k in range(m)]
 
 
-def _axes(grid_or_group: Any) -> tuple[Any, Any, int]:
+def _axes(grid_or_group: Grid | Comm) -> tuple[Comm, Comm | None, int]:
     """(pp communicator, dp communicator or None, dp index) of a grid or group."""
-    if callable(getattr(grid_or_group, "coord", None)):
+    if isinstance(grid_or_group, Grid):
         pp = grid_or_group.group("pp")
         try:
             dp = grid_or_group.group("dp")
@@ -96,7 +96,7 @@ class Pipeline:
     messages on every pp rank (see the module docstring); the pipeline stays
     usable for the next step."""
 
-    def __init__(self, grid_or_group: Any, stage: Any, schedule: Schedule,
+    def __init__(self, grid_or_group: Grid | Comm, stage: Any, schedule: Schedule,
                  loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0) -> None:
@@ -176,6 +176,7 @@ class Pipeline:
                 return None
             mean = st.mean_loss()
             if st.loss_sync:
+                assert self.dp is not None
                 st.loss_sync = False
                 buf = np.array([mean], dtype=np.float64)
                 collectives.all_reduce(self.dp, buf, op="avg")
@@ -279,6 +280,7 @@ class _Step:
             (self.xs if a.kind == RECV_F else self.gys)[_key(a)] = value
             return "f"
         elif a.kind == AR:
+            assert pipe.dp is not None       # the lowering adds ARs only with a dp axis
             works = self.syncs.setdefault(a.stage, [])
             for g in pipe.stages[a.stage].grads():
                 works.append(collectives.all_reduce(pipe.dp, g, op="avg", async_op=True))
@@ -359,21 +361,23 @@ class _Step:
         self.recvs.clear()
         reason = (f"pipeline step {self.n} failed on pp rank {pipe.rank}: "
                   f"{type(error).__name__}: {error}")[:_REASON_MAX]
-        kind = type(error)         # peers raise the same kind: a lost peer stays one
+        kind = AbortKind.of(error)  # peers raise the same kind: a lost peer stays one
         lost = error.peer if isinstance(error, LostPeerError) else None
         skipped = 1 if self.loss_sync else 0
         for a in pipe.program[at:]:
             if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B):
-                pipe.pp._abort(pipe._tag(a, self.n), reason, kind, lost)
+                pipe.pp.collective_channel().abort(pipe._tag(a, self.n), reason, kind, lost)
             elif a.kind == AR:
                 skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
+        dp = pipe.dp
         for _ in range(skipped):
-            assert pipe.dp is not None
-            pipe.dp._abort(pipe.dp._coll_tag(), reason, kind, lost)
+            assert dp is not None
+            collectives.abandon(dp, reason, kind, lost)
+        limit = pipe.timeout if pipe.timeout is not None or dp is None else dp.timeout
         for s in list(self.syncs):
             for work in self.syncs.pop(s):
                 try:
-                    work.wait(pipe.timeout if pipe.timeout is not None else pipe.dp.timeout)
+                    work.wait(limit)
                 except Exception:
                     pass
         for s, old in self.prior.items():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+from mesh import Comm
+
 from .ir import Schedule
 from .simulate import SimReport
 
@@ -31,7 +33,8 @@ def flow_id(dp_index: int, kind: str, dst_stage: int, mb: int, num_stages: int,
     return ((dp_index * 2 + k) * num_stages + dst_stage) * num_microbatches + mb + 1
 
 
-def gather(pp: Any, dp: Any, rows: dict[str, Any], tag: int) -> list[dict[str, Any]] | None:
+def gather(pp: Comm, dp: Comm | None, rows: dict[str, Any], tag: int
+           ) -> list[dict[str, Any]] | None:
     """Collect every rank's ``rows`` on pp rank 0 of dp rank 0; None elsewhere.
 
     ``rows`` must be msgpack-able (it crosses the wire as an object)."""

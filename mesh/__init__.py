@@ -4,13 +4,15 @@
     world.send(array, dst=1); x = world.recv(src=0)
     results = mesh.spawn(fn, 4)       # fn(world) on four local processes
 """
-from .comm import ANY, Comm, Request
-from .errors import (AuthError, BadMessageError, LostPeerError, MeshError,
-                     MeshTimeoutError, MismatchError, RendezvousError, WorkerError)
+from .comm import ANY, ANY_SOURCE, ANY_TAG, Comm, Request, Status
+from .errors import (AbortKind, AuthError, BadMessageError, LostPeerError, MeshError,
+                     MeshTimeoutError, MismatchError, OutMismatchError, RendezvousError,
+                     WorkerError)
 from .grid import Grid, grid
 from .spawn import spawn
 from .world import Mesh, init
 
-__all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "ANY",
-           "MeshError", "MeshTimeoutError", "LostPeerError", "MismatchError",
-           "BadMessageError", "AuthError", "RendezvousError", "WorkerError"]
+__all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "Status", "ANY",
+           "ANY_SOURCE", "ANY_TAG", "MeshError", "MeshTimeoutError", "LostPeerError",
+           "MismatchError", "OutMismatchError", "BadMessageError", "AuthError", "RendezvousError",
+           "WorkerError", "AbortKind"]

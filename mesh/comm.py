@@ -6,33 +6,69 @@ confused with the world's or another group's."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import LostPeerError, MeshError, MeshTimeoutError, MismatchError
-from .match import ANY, Pending
-from .transport import Outgoing, Transport, abort_error
+from .match import ANY, ANY_TAG, Pending, describe, got_fields
+from .payload import out_unusable
+from .transport import Outgoing, Transport
 
-__all__ = ["Comm", "Request", "ANY"]
+if TYPE_CHECKING:
+    from .channel import CollectiveChannel
+
+__all__ = ["Comm", "Request", "Status", "ANY", "ANY_SOURCE", "ANY_TAG"]
+
+ANY_SOURCE = ANY
+
+
+@dataclass
+class Status:
+    """What a receive or probe matched, as mpi4py's Status: the sender's rank
+    in the communicator, the tag, the payload's bytes, and for arrays the
+    dtype and shape the sender sent (None for msgpack objects). Pass one as
+    ``status=`` to be filled in, or read ``Request.status``."""
+
+    source: int = ANY
+    tag: int = ANY_TAG
+    nbytes: int = 0
+    dtype: np.dtype | None = None
+    shape: tuple[int, ...] | None = None
+
+_channel_lock = threading.Lock()
 
 
 class Request:
     """An operation in flight: ``wait()`` returns its result (None for sends);
     ``cancel()`` withdraws a receive no message has matched yet."""
 
-    __slots__ = ("_t", "_item", "_result", "_finished")
+    __slots__ = ("_c", "_item", "_result", "_finished")
 
-    def __init__(self, transport: Transport, item: Pending | Outgoing) -> None:
-        self._t, self._item = transport, item
+    def __init__(self, comm: "Comm", item: Pending | Outgoing) -> None:
+        self._c, self._item = comm, item
         self._finished = False
         self._result: Any = None
 
-    def wait(self, timeout: float | None = None) -> Any:
+    def wait(self, timeout: float | None = None, status: Status | None = None) -> Any:
+        """The received value (None for a send); ``status``, when given, is
+        filled in with what the receive matched."""
         if not self._finished:
-            self._result = self._t.wait(self._item, timeout)
+            self._result = self._c._t.wait(self._item, timeout)
             self._finished = True
+        if status is not None and isinstance(self._item, Pending):
+            self._c._fill(status, self._item)
         return self._result
+
+    @property
+    def status(self) -> Status | None:
+        """What a completed receive matched; None for sends and until then."""
+        item = self._item
+        if isinstance(item, Outgoing) or item.got is None or not item.event.is_set():
+            return None
+        return self._c._fill(Status(), item)
 
     def done(self) -> bool:
         item = self._item
@@ -46,7 +82,7 @@ class Request:
         is then what ``wait()`` returns), and always for sends: a send may
         already be on the wire and cannot be cancelled."""
         item = self._item
-        return not isinstance(item, Outgoing) and self._t.cancel(item)
+        return not isinstance(item, Outgoing) and self._c._t.cancel(item)
 
 
 class Comm:
@@ -59,7 +95,7 @@ class Comm:
         self.rank = self.ranks.index(transport.rank)
         self.gid = gid
         self.name = name
-        self._coll_seq = 0
+        self._channel: CollectiveChannel | None = None
         self._children: dict[tuple[int, ...], int] = {}
         transport.groups[gid] = (name, self.ranks)
 
@@ -81,92 +117,127 @@ class Comm:
         t.wait(t.isend(wdst, self.gid, tag, obj, None, self._desc("send to", dst, wdst, tag)),
                timeout)
 
-    def recv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None,
-             timeout: float | None = None) -> Any:
-        _check_tag(tag, self, "recv")
+    def recv(self, src: int = ANY, tag: int = 0, out: Any = None, timeout: float | None = None,
+             status: Status | None = None) -> Any:
+        """Blocking receive from ``src`` (or ANY) of ``tag`` (or ANY_TAG), into
+        ``out=`` when given; ``status`` is filled in with what it matched."""
+        _check_tag(tag, self, "recv", True)
         t = self._t
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
-        return t.wait(t.irecv(self.gid, wsrc, tag, out, None,
-                              self._desc("recv from", src, wsrc, tag)), timeout)
+        desc = self._desc("recv from", src, wsrc, tag)
+        if out is not None and not (type(out) is np.ndarray and (f := out.flags).c_contiguous
+                                    and f.writeable):
+            self._check_out(out, desc)
+        req = t.irecv(self.gid, wsrc, tag, out, None, desc)
+        value = t.wait(req, timeout)
+        if status is not None:
+            self._fill(status, req)
+        return value
 
     def isend(self, obj: Any, dst: int, tag: int = 0) -> Request:
         _check_tag(tag, self, "isend")
         return self._isend(obj, dst, tag)
 
-    def irecv(self, src: int = ANY, tag: int = 0, out: np.ndarray | None = None) -> Request:
-        _check_tag(tag, self, "irecv")
-        return self._irecv(src, tag, out)
+    def irecv(self, src: int = ANY, tag: int = 0, out: Any = None) -> Request:
+        _check_tag(tag, self, "irecv", True)
+        return Request(self, self._post_recv(src, tag, out, "recv from"))
 
-    # -- internal: negative tags and fingerprints, for collectives ---------------
+    def sendrecv(self, obj: Any, dst: int, src: int = ANY, sendtag: int = 0,
+                 recvtag: int = ANY_TAG, out: Any = None, timeout: float | None = None,
+                 status: Status | None = None) -> Any:
+        """Send ``obj`` to ``dst`` and receive from ``src``, as one call: the
+        receive is posted before the send, so ranks exchanging with each
+        other never deadlock. ``timeout`` bounds the whole call; if the send
+        fails, the receive is withdrawn (unless a message matched it)."""
+        _check_tag(sendtag, self, "sendrecv")
+        _check_tag(recvtag, self, "sendrecv", True)
+        t = self._t
+        deadline = time.monotonic() + (t.timeout if timeout is None else timeout)
+        req = self._post_recv(src, recvtag, out, "sendrecv from")
+        try:
+            t.wait(t.isend(self._world_rank(dst, "sendrecv"), self.gid, sendtag, obj, None,
+                           ("sendrecv to", dst, sendtag, self.name)), timeout)
+        except BaseException:
+            t.cancel(req)
+            raise
+        value = t.wait(req, max(0.0, deadline - time.monotonic()))
+        if status is not None:
+            self._fill(status, req)
+        return value
 
-    def _isend(self, obj: Any, dst: int, tag: int, fp: Any = None) -> Request:
+    def probe(self, src: int = ANY, tag: int = ANY_TAG, timeout: float | None = None) -> Status:
+        """Block until a message from ``src`` with ``tag`` is waiting, and say
+        what it is, without receiving it: the next receive that matches it
+        (and has a fitting ``out=``, or none) takes it."""
+        _check_tag(tag, self, "probe", True)
+        wsrc = ANY if src == ANY else self._world_rank(src, "probe")
+        req = self._t.irecv(self.gid, wsrc, tag, None, None, ("probe", src, tag, self.name), True)
+        self._t.wait(req, timeout)
+        return self._fill(Status(), req)
+
+    def iprobe(self, src: int = ANY, tag: int = ANY_TAG) -> Status | None:
+        """probe without blocking: the waiting message's Status, or None."""
+        _check_tag(tag, self, "iprobe", True)
+        wsrc = ANY if src == ANY else self._world_rank(src, "iprobe")
+        got = self._t.iprobe(self.gid, wsrc, tag)
+        return None if got is None else self._status(Status(), got)
+
+    # -- internal: the collectives' side (mesh.channel) -----------------------------
+
+    def collective_channel(self) -> CollectiveChannel:
+        """The interface collectives use (mesh.channel): collective tags,
+        fingerprinted messages, aborts. One per communicator, made on first use."""
+        if self._channel is None:
+            with _channel_lock:
+                if self._channel is None:
+                    from .channel import CollectiveChannel
+                    self._channel = CollectiveChannel(self, self._t)
+        return self._channel
+
+    def _isend(self, obj: Any, dst: int, tag: int, fp: Any = None,
+               what: str | None = None) -> Request:
         wdst = self._world_rank(dst, "send")
-        desc = self._desc("send to", dst, wdst, tag, fp)
-        return Request(self._t, self._t.isend(wdst, self.gid, tag, obj, fp, desc))
+        desc = self._desc("send to", dst, wdst, tag, what)
+        return Request(self, self._t.isend(wdst, self.gid, tag, obj, fp, desc))
 
-    def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Request:
+    def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None,
+               what: str | None = None) -> Request:
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
-        desc = self._desc("recv from", src, wsrc, tag, fp)
-        return Request(self._t, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
+        desc = self._desc("recv from", src, wsrc, tag, what)
+        return Request(self, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
 
-    def _desc(self, verb: str, peer: int, world: int, tag: int, fp: Any = None) -> tuple:
+    def _post_recv(self, src: int, tag: int, out: Any, verb: str) -> Pending:
+        """Post a user receive (``out=`` checked first, see _check_out)."""
+        wsrc = ANY if src == ANY else self._world_rank(src, "recv")
+        desc = self._desc(verb, src, wsrc, tag)
+        if out is not None:
+            self._check_out(out, desc)
+        return self._t.irecv(self.gid, wsrc, tag, out, None, desc)
+
+    def _check_out(self, out: Any, desc: tuple) -> None:
+        """An ``out=`` no message could be written into (not an array,
+        read-only, not C-contiguous) raises ValueError before anything is posted."""
+        why = out_unusable(out)
+        if why:
+            raise ValueError(f"rank {self.rank}: {describe(desc)}: {why}")
+
+    def _fill(self, status: Status, item: Pending) -> Status:
+        return self._status(status, item.got) if item.got is not None else status
+
+    def _status(self, status: Status, got: Any) -> Status:
+        src, status.tag, status.nbytes, status.dtype, status.shape = got_fields(got)
+        status.source = src if self.gid == 0 else self.ranks.index(src)
+        return status
+
+    def _desc(self, verb: str, peer: int, world: int, tag: int, what: str | None = None) -> tuple:
         """The parts of an operation's description (mesh.match.describe):
-        the peer's world rank too in a sub-group, and the collective a
-        message belongs to."""
-        coll = fp.get("coll") if type(fp) is dict else None
-        if coll is not None:
-            return (verb, peer, tag, self.name, world if self.gid else None, coll)
+        the peer's world rank too in a sub-group, and the collective
+        ``what`` a message belongs to."""
+        if what is not None:
+            return (verb, peer, tag, self.name, world if self.gid else None, what)
         if self.gid:
             return (verb, peer, tag, self.name, world)
         return (verb, peer, tag, self.name)
-
-    def _send(self, obj: Any, dst: int, tag: int, fp: Any = None) -> None:
-        self._isend(obj, dst, tag, fp).wait()
-
-    def _recv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Any:
-        return self._irecv(src, tag, out, fp).wait()
-
-    def _coll_tag(self) -> int:
-        """The next collective's tag: negative, so it never meets a user tag."""
-        self._coll_seq += 1
-        return -self._coll_seq
-
-    def _abort(self, tag: int, reason: str, error: type[BaseException] | None = None,
-               peer: int | None = None) -> None:
-        """Fail ``tag`` on every member; they raise ``error``'s kind where the
-        wire carries it (mismatch, lost peer, naming ``peer``: a world rank,
-        timeout), else MeshError."""
-        kind = 2
-        if error is not None and issubclass(error, MismatchError):
-            kind = 0
-        elif error is not None and issubclass(error, LostPeerError):
-            kind = 1
-        elif error is not None and issubclass(error, MeshTimeoutError):
-            kind = 3
-        me = f"rank {self.rank} of group {self.name}"
-        if self.gid:
-            me += f" (world rank {self.ranks[self.rank]})"
-        self._t.abort(self.gid, tag, f"{me}: {reason}", kind, -1 if peer is None else peer)
-
-    def _abort_error(self, tag: int, what: str) -> MeshError | None:
-        """The error to raise for ``what`` if ``tag`` was aborted here (by a
-        peer, before this rank got to it), else None. Cheap: no lock, no message."""
-        t = self._t
-        record = t._aborted.get((self.gid, tag)) if t._aborted else None
-        if record is None:
-            return None
-        return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")
-
-    def _keep_alive(self, obj: Any) -> None:
-        """Hold ``obj`` until the mesh closes, not just while this group
-        object lives: peers may still read memory it owns (same-host
-        collectives) after this rank has dropped the group."""
-        self._t.keep_alive.append(obj)
-
-    def _on_close(self, fn: Any) -> None:
-        """Call ``fn()`` when the mesh closes, after every peer has said
-        goodbye (so none still reads what it releases), latest first."""
-        self._t.on_close.append(fn)
 
     def _world_rank(self, r: int, op: str) -> int:
         if type(r) is int and 0 <= r < self.size:
@@ -198,9 +269,13 @@ class Comm:
         return Comm(self._t, world, gid, name)
 
 
-def _check_tag(tag: int, comm: Comm, op: str) -> None:
-    if type(tag) is int and tag >= 0:
+def _check_tag(tag: int, comm: Comm, op: str, any_tag: bool = False) -> None:
+    """A user tag is 0..2**63-1 (int64 on the wire; negative ones are the
+    collectives'); receives and probes may also ask for ANY_TAG."""
+    if type(tag) is int and 0 <= tag < ANY_TAG:
         return
-    if not isinstance(tag, (int, np.integer)) or tag < 0:
-        raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: tag must be an "
-                         f"integer >= 0, got {tag!r}")
+    if isinstance(tag, (int, np.integer)) and (0 <= tag < ANY_TAG or (any_tag and tag == ANY_TAG)):
+        return
+    extra = " or mesh.ANY_TAG" if any_tag else ""
+    raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: tag must be an integer >= 0 "
+                     f"(and < 2**63){extra}, got {tag!r}")

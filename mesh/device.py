@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_device", "to_host", "to_device", "cupy", "use", "as_cupy", "nbytes_of",
+__all__ = ["is_device", "to_host", "to_device", "cupy", "use", "as_cupy", "nbytes_of", "layout",
            "wait_event", "view", "MEMCPY_DEFAULT", "PinnedPool", "POOL"]
 
 MEMCPY_DEFAULT = 4
@@ -85,6 +85,35 @@ def nbytes_of(obj: Any) -> int:
             count *= int(d)
         return count * np.dtype(cai["typestr"]).itemsize
     return int(as_cupy(obj).nbytes)
+
+
+def layout(obj: Any) -> tuple[np.dtype, tuple[int, ...], bool, bool]:
+    """(dtype, shape, C-contiguous, writable) of a device array, from its CUDA
+    array interface when it has one (no CuPy import), else a CuPy view's
+    (DLPack does not say whether memory is read-only: taken as writable)."""
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if isinstance(cai, dict) and "shape" in cai and "typestr" in cai:
+        dt = np.dtype(cai["typestr"])
+        shape = tuple(int(d) for d in cai["shape"])
+        strides = cai.get("strides")
+        contiguous = strides is None or _c_contiguous(shape, tuple(strides), dt.itemsize)
+        data = cai.get("data")
+        writable = not (isinstance(data, tuple) and len(data) > 1 and data[1])
+        return dt, shape, contiguous, writable
+    arr = as_cupy(obj)
+    return np.dtype(arr.dtype), tuple(arr.shape), bool(arr.flags.c_contiguous), True
+
+
+def _c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """As numpy decides it: extents of 1 may have any stride, empty is contiguous."""
+    if 0 in shape:
+        return True
+    step = itemsize
+    for d, s in zip(reversed(shape), reversed(strides)):
+        if d != 1 and s != step:
+            return False
+        step *= d
+    return True
 
 
 def wait_event(event: Any, timeout: float, what: str) -> None:

@@ -2,9 +2,12 @@
 operation, its group and sequence number, so a log line alone says what failed."""
 from __future__ import annotations
 
+import enum
+
 __all__ = [
     "MeshError", "MeshTimeoutError", "LostPeerError", "MismatchError",
-    "BadMessageError", "AuthError", "RendezvousError", "WorkerError",
+    "BadMessageError", "OutMismatchError", "AuthError", "RendezvousError", "WorkerError",
+    "AbortKind",
 ]
 
 
@@ -32,6 +35,11 @@ class BadMessageError(MeshError):
     """A malformed frame or a message whose payload does not fit its header."""
 
 
+class OutMismatchError(MismatchError, BadMessageError):
+    """A received message does not fit the receive's ``out=`` (dtype, element
+    count, or not an array). The message stays queued for the next receive."""
+
+
 class AuthError(MeshError):
     """A peer did not present the job's secret."""
 
@@ -51,3 +59,31 @@ class WorkerError(MeshError):
         self.rank = rank
         self.traceback = tb
         self.exitcode = exitcode
+
+
+class AbortKind(enum.IntEnum):
+    """Which error an abort makes every member raise (an ABORT message
+    carries it in a header field of its own): MeshError for OTHER."""
+
+    MISMATCH = 0
+    LOST_PEER = 1
+    OTHER = 2
+    TIMEOUT = 3
+
+    @classmethod
+    def of(cls, error: BaseException | type[BaseException]) -> "AbortKind":
+        """The kind that makes peers raise ``error``'s class, or OTHER."""
+        kind = error if isinstance(error, type) else type(error)
+        for k in (cls.MISMATCH, cls.LOST_PEER, cls.TIMEOUT):
+            if issubclass(kind, k.error):
+                return k
+        return cls.OTHER
+
+    @property
+    def error(self) -> type[MeshError]:
+        return _ERRORS[self]
+
+
+_ERRORS: dict[AbortKind, type[MeshError]] = {
+    AbortKind.MISMATCH: MismatchError, AbortKind.LOST_PEER: LostPeerError,
+    AbortKind.OTHER: MeshError, AbortKind.TIMEOUT: MeshTimeoutError}

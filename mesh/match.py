@@ -1,18 +1,26 @@
 """Matching of incoming messages to posted receives (MPI semantics).
 
 A message ``(group, src, tag)`` goes to the earliest posted receive that names
-its source or ``ANY``; if none is posted it waits in the unexpected queue, in
-arrival order, never dropped. Not thread-safe: the transport holds its lock."""
+its source or ``ANY`` and its tag or ``ANY_TAG``; if none is posted it waits
+in the unexpected queue, in arrival order, never dropped, and wakes the probes
+that match it. ``ANY_TAG`` matches user tags (>= 0) only, never the negative
+tags of collectives. Not thread-safe: the transport holds its lock."""
 from __future__ import annotations
 
 import itertools
 import threading
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["ANY", "Flag", "Pending", "Arrived", "Matcher", "describe"]
+import numpy as np
+
+__all__ = ["ANY", "ANY_TAG", "Flag", "Pending", "Probe", "Arrived", "Matcher", "describe",
+           "got_fields"]
 
 ANY = -1
+ANY_TAG = 1 << 63
+"""A receive's tag that matches any user tag. Message tags are int64 on the
+wire (user tags 0..2**63-1, collectives' negative), so no message has it."""
 
 
 def describe(d: Any) -> str:
@@ -33,12 +41,21 @@ def describe(d: Any) -> str:
     world = d[4] if len(d) > 4 else None
     coll = d[5] if len(d) > 5 else None
     who = "any rank" if peer == ANY else f"rank {peer}"
+    tagged = "any tag" if tag == ANY_TAG else f"tag {tag}"
     if coll is not None:
         mine = "" if world is None or peer == ANY else f" (world rank {world})"
         return f"{coll} #{-tag} on group {name}: {verb} {who}{mine}"
     if world is None or peer == ANY:
-        return f"{verb} {who} (tag {tag}, group {name})"
-    return f"{verb} {who} of group {name} (world rank {world}), tag {tag}"
+        return f"{verb} {who} ({tagged}, group {name})"
+    return f"{verb} {who} of group {name} (world rank {world}), {tagged}"
+
+
+def got_fields(got: Any) -> tuple:
+    """(world source, tag, nbytes, dtype, shape) of a receive's ``got``: the
+    message's wire header (the fast path stores it as is) or that tuple."""
+    if type(got) is tuple:
+        return got
+    return got.src, got.tag, got.nbytes, got.dt, got.shape
 
 
 class Flag:
@@ -73,7 +90,7 @@ class Pending:
     """A posted receive; completed by the transport, waited on by the caller."""
 
     __slots__ = ("group", "src", "tag", "out", "fp", "_desc", "order", "event",
-                 "value", "error", "state", "device", "target")
+                 "value", "error", "state", "device", "got", "target")
 
     def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
                  target: Any = None) -> None:
@@ -85,6 +102,7 @@ class Pending:
         self.error: BaseException | None = None
         self.state = 0  # 0 posted, 1 matched (payload on its way), 2 complete
         self.device = 0      # the message's origin flags (mesh.wire: device, torch)
+        self.got: Any = None  # what matched: its wire header, or see got_fields
         self.target = target  # the caller's out= when ``out`` is a view of it (a tensor)
 
     @property
@@ -102,26 +120,58 @@ class Pending:
         self.event.set()
 
 
+class Probe(Pending):
+    """A posted probe: completed, with ``got`` and no value, when a message
+    it matches is waiting in the unexpected queue, which keeps the message."""
+
+    __slots__ = ()
+
+
 class Arrived:
     """A message that arrived before its receive was posted."""
 
-    __slots__ = ("src", "value", "nbytes", "fp", "order", "device")
+    __slots__ = ("src", "tag", "value", "nbytes", "fp", "order", "device")
 
-    def __init__(self, src: int, value: Any, nbytes: int, fp: Any, order: int,
+    def __init__(self, src: int, tag: int, value: Any, nbytes: int, fp: Any,
                  device: int = 0) -> None:
-        self.src, self.value, self.nbytes, self.fp, self.order = src, value, nbytes, fp, order
+        self.src, self.tag, self.value, self.nbytes, self.fp = src, tag, value, nbytes, fp
+        self.order = 0
         self.device = device
+
+    @property
+    def got(self) -> tuple:
+        """(src, tag, nbytes, dtype, shape) as a receive records it."""
+        v = self.value
+        arr = type(v) is np.ndarray
+        return (self.src, self.tag, self.nbytes, v.dtype if arr else None,
+                v.shape if arr else None)
 
 
 class Matcher:
+    """Posted receives by how they match, and messages nobody has asked for:
+
+        _posted[(group, src, tag)]   receives naming a source and a tag
+        _posted_any[(group, tag)]    receives from ANY source, naming a tag
+        _wild[group]                 receives for ANY_TAG (any or one source)
+        _probes[group]               probes (any source and tag combination)
+        _unexpected[(group, tag)][src]   arrived messages, oldest first
+
+    A message goes to the matching receive posted first (``order``); the
+    wildcard tables are scanned, and only looked at when they hold anything,
+    so exact receives cost what they did."""
+
     def __init__(self) -> None:
         self._posted: dict[tuple[int, int, int], deque[Pending]] = {}
         self._posted_any: dict[tuple[int, int], deque[Pending]] = {}
+        self._wild: dict[int, deque[Pending]] = {}
+        self._probes: dict[int, deque[Pending]] = {}
         self._unexpected: dict[tuple[int, int], dict[int, deque[Arrived]]] = {}
         self._count = itertools.count()
 
     def take_posted(self, group: int, src: int, tag: int) -> Pending | None:
         """The receive an arriving message from ``src`` goes to, removed from the queue."""
+        if self._wild and tag >= 0 and group in self._wild:
+            return self._take_wild(group, src, tag)
         q = self._posted.get((group, src, tag))
         qa = self._posted_any.get((group, tag))
         if q and (not qa or q[0].order < qa[0].order):
@@ -137,28 +187,81 @@ class Matcher:
         req.state = 1
         return req
 
-    def add_unexpected(self, group: int, tag: int, msg: Arrived) -> None:
+    def _take_wild(self, group: int, src: int, tag: int) -> Pending | None:
+        """take_posted when any-tag receives are posted in ``group``: the
+        earliest posted of the exact, any-source and first fitting any-tag one."""
+        best: Pending | None = None
+        for q in (self._posted.get((group, src, tag)), self._posted_any.get((group, tag))):
+            if q and (best is None or q[0].order < best.order):
+                best = q[0]
+        for r in self._wild[group]:
+            if r.src == ANY or r.src == src:
+                if best is None or r.order < best.order:
+                    best = r
+                break
+        if best is None:
+            return None
+        table, key = self._queue_of(best)
+        q = table[key]
+        q.remove(best)
+        if not q:
+            del table[key]
+        best.state = 1
+        return best
+
+    def add_unexpected(self, group: int, tag: int, msg: Arrived) -> Sequence[Pending]:
+        """Queue ``msg``; return the probes it completes (taken out, ``got`` set)."""
         msg.order = next(self._count)
         self._unexpected.setdefault((group, tag), {}).setdefault(msg.src, deque()).append(msg)
+        if not self._probes or group not in self._probes:
+            return _NONE
+        q = self._probes[group]
+        hit = [p for p in q if (p.src == ANY or p.src == msg.src)
+               and (p.tag == tag or (p.tag == ANY_TAG and tag >= 0))]
+        if hit:
+            for p in hit:
+                q.remove(p)
+                p.got, p.state = msg.got, 1
+            if not q:
+                del self._probes[group]
+        return hit
 
-    def post(self, req: Pending) -> Arrived | None:
-        """Match ``req`` against waiting messages; enqueue it if none fits."""
-        by_src = self._unexpected.get((req.group, req.tag))
-        if by_src:
-            src: int | None
-            if req.src == ANY:
-                src = min(by_src, key=lambda s: by_src[s][0].order)
-            else:
-                src = req.src if req.src in by_src else None
-            if src is not None:
-                q = by_src[src]
-                msg = q.popleft()
-                if not q:
-                    del by_src[src]
-                    if not by_src:
-                        del self._unexpected[(req.group, req.tag)]
+    def waiting(self, group: int, src: int, tag: int) -> Arrived | None:
+        """The message a receive of ``(group, src, tag)`` posted now would
+        take, left in the queue: the oldest of those it matches."""
+        if tag != ANY_TAG:
+            by_src = self._unexpected.get((group, tag))
+            if not by_src:
+                return None
+            if src != ANY:
+                q = by_src.get(src)
+                return q[0] if q else None
+            return min((q[0] for q in by_src.values()), key=_order)
+        heads = [q[0] for (g, t), by_src in self._unexpected.items() if g == group and t >= 0
+                 for s, q in by_src.items() if src == ANY or s == src]
+        return min(heads, key=_order) if heads else None
+
+    def take(self, group: int, msg: Arrived) -> None:
+        """Remove ``msg``, the head of its (source, tag) queue (see waiting)."""
+        by_src = self._unexpected[(group, msg.tag)]
+        q = by_src[msg.src]
+        q.popleft()
+        if not q:
+            del by_src[msg.src]
+            if not by_src:
+                del self._unexpected[(group, msg.tag)]
+
+    def post(self, req: Pending, take: bool = True) -> Arrived | None:
+        """Match ``req`` against waiting messages and return the one it
+        matched, taken from the queue (left there when not ``take``: a probe,
+        or a receive that must check its ``out=`` first, see take); enqueue
+        ``req`` if none matches."""
+        msg = self.waiting(req.group, req.src, req.tag)
+        if msg is not None:
+            if take:
+                self.take(req.group, msg)
                 req.state = 1
-                return msg
+            return msg
         req.order = next(self._count)
         table, key = self._queue_of(req)
         posted = table.get(key)
@@ -183,19 +286,25 @@ class Matcher:
 
     def _queue_of(self, req: Pending) -> tuple[dict[Any, deque[Pending]], Any]:
         """The table and key under which ``req`` waits while posted."""
+        if type(req) is Probe:
+            return self._probes, req.group
+        if req.tag == ANY_TAG:
+            return self._wild, req.group
         if req.src == ANY:
             return self._posted_any, (req.group, req.tag)
         return self._posted, (req.group, req.src, req.tag)
 
+    def _tables(self) -> tuple[dict[Any, deque[Pending]], ...]:
+        return (self._posted, self._posted_any, self._wild, self._probes)
+
     def posted(self) -> Iterator[Pending]:
-        for q in list(self._posted.values()) + list(self._posted_any.values()):
+        for q in [q for table in self._tables() for q in table.values()]:
             yield from q
 
     def remove_posted(self, pred: Callable[[Pending], bool]) -> list[Pending]:
         """Take out and return every posted receive for which ``pred`` holds."""
         taken: list[Pending] = []
-        tables: tuple[dict[Any, deque[Pending]], ...] = (self._posted, self._posted_any)
-        for table in tables:
+        for table in self._tables():
             for key in list(table):
                 q = table[key]
                 keep = deque(r for r in q if not pred(r))
@@ -209,3 +318,10 @@ class Matcher:
     def drop_unexpected(self, group: int, tag: int) -> list[Arrived]:
         by_src = self._unexpected.pop((group, tag), {})
         return [m for q in by_src.values() for m in q]
+
+
+_NONE: tuple[Pending, ...] = ()
+
+
+def _order(m: Arrived) -> int:
+    return m.order

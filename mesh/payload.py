@@ -5,6 +5,7 @@ through mesh.tensors) travel as raw frames; anything else must be
 msgpack-able (no pickle on the wire)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -13,7 +14,8 @@ import numpy as np
 from . import device, tensors, wire
 from .match import describe
 
-__all__ = ["encode_payload", "as_array", "out_problem", "out_fits", "fill", "fmt_fp", "delivered"]
+__all__ = ["encode_payload", "as_array", "out_unusable", "out_problem", "out_fits", "fill",
+           "fmt_fp", "delivered"]
 
 
 def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any]:
@@ -52,26 +54,50 @@ def as_array(obj: Any) -> np.ndarray | None:
     return None
 
 
+def out_unusable(out: Any) -> str:
+    """Why ``out=`` cannot take any message ("" when it can), checked when
+    the receive is posted: not an array, read-only, not C-contiguous."""
+    if isinstance(out, np.ndarray):
+        flags = out.flags
+        contiguous, writable = flags.c_contiguous, flags.writeable
+    elif tensors.is_tensor(out):
+        return tensors.out_unusable(out)
+    elif device.is_device(out):
+        _, _, contiguous, writable = device.layout(out)
+    else:
+        return f"out= is a {type(out).__name__}, not a numpy or device array"
+    if not writable:
+        return "out= is read-only"
+    if not contiguous:
+        return "out= is not C-contiguous"
+    return ""
+
+
 def out_problem(out: Any, value: Any) -> str:
     """Why a received ``value`` cannot go into ``out=`` ("" when it can)."""
+    if type(out) is np.ndarray and type(value) is np.ndarray and out.dtype == value.dtype \
+            and out.size == value.size and (f := out.flags).c_contiguous and f.writeable:
+        return ""
     if not isinstance(value, np.ndarray):
-        return f"message is a {type(value).__name__}, not an array"
-    return out_fits(out, value.dtype, value.size)
+        return f"the message is a {type(value).__name__}, not an array"
+    return out_fits(out, value.dtype, value.shape)
 
 
-def out_fits(out: Any, dtype: np.dtype, size: int) -> str:
-    """Why an array message of ``dtype`` and ``size`` elements cannot be
-    written into ``out=`` ("" when it can)."""
-    if device.is_device(out):
-        return ""  # checked and filled by the waiting thread, on its stream
-    if not isinstance(out, np.ndarray):
+def out_fits(out: Any, dtype: np.dtype, shape: tuple[int, ...]) -> str:
+    """Why an array message of ``dtype`` and ``shape`` cannot be written into
+    ``out=`` ("" when it can): same dtype and element count, any shape."""
+    if isinstance(out, np.ndarray):
+        odt, oshape = out.dtype, out.shape
+        usable = out.flags.c_contiguous and out.flags.writeable
+    elif device.is_device(out):
+        odt, oshape, contiguous, writable = device.layout(out)
+        usable = contiguous and writable
+    else:
         return f"out= is a {type(out).__name__}, not a numpy or device array"
-    if out.dtype != dtype or out.size != size:
-        return (f"message is {dtype}[{size} elements], out= is {tensors.dtype_name(out.dtype)}"
-                f"[{out.size} elements]")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        return "out= is not a writable C-contiguous array"
-    return ""
+    if odt != dtype or math.prod(oshape) != math.prod(shape):
+        name = tensors.dtype_name      # bfloat16's raw bits are named bfloat16
+        return f"the message is {name(dtype)}{list(shape)}, out= is {name(odt)}{list(oshape)}"
+    return "" if usable else "out= is not a writable C-contiguous array"
 
 
 def delivered(value: np.ndarray, bits: int) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 from . import device
 
 __all__ = ["is_tensor", "BFLOAT16", "BFLOAT16_WIDE", "TORCH", "BF16", "check", "operand",
-           "out_view", "to_torch", "flags", "received", "stream_of", "dtype_name"]
+           "out_unusable", "out_view", "to_torch", "flags", "received", "stream_of", "dtype_name"]
 
 BFLOAT16 = np.dtype(np.uint16, metadata={"name": "bfloat16"})
 """bfloat16's raw bits as numpy holds them; fingerprints read the name."""
@@ -104,6 +104,23 @@ def out_view(t: Any, what: str) -> Any:
         raise TypeError(f"{what}: out= is a conjugate or negative view; resolve it first "
                         f"(t.resolve_conj(), t.resolve_neg())")
     return v
+
+
+def out_unusable(t: Any) -> str:
+    """Why the tensor ``t`` cannot be a receive's ``out=`` ("" when it can),
+    checked when the receive is posted: a message is written straight into
+    its memory, so it must be dense, contiguous, and not a lazy conjugate or
+    negation. (A dtype meshrun cannot carry raises in ``out_view``.)"""
+    torch = _torch()
+    if t.layout != torch.strided:
+        return f"out= is a {t.layout} {t.dtype} tensor; dense (strided) tensors only"
+    if not t.is_contiguous():
+        return (f"out= is a non-contiguous {t.dtype} tensor (shape {tuple(t.shape)}, strides "
+                f"{t.stride()}); receive into a contiguous one (t.contiguous() is a copy)")
+    if t.is_conj() or t.is_neg():
+        return (f"out= is a conjugate or negative view of a {t.dtype} tensor; resolve it "
+                f"first (t.resolve_conj(), t.resolve_neg())")
+    return ""
 
 
 def to_torch(a: Any, like: Any) -> Any:

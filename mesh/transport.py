@@ -28,17 +28,16 @@ import numpy as np
 import zmq
 
 from . import auth, device, tensors, wire
-from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError, MismatchError
-from .match import ANY, Arrived, Matcher, Pending, describe
+from .errors import (AbortKind, BadMessageError, LostPeerError, MeshError, MeshTimeoutError,
+                     MismatchError, OutMismatchError)
+from .match import ANY, Arrived, Matcher, Pending, Probe, describe
 from .liveness import Liveness
 from .payload import delivered, encode_payload, fill, fmt_fp, out_problem
-from .peer import ALIVE, CLOSED, Outgoing, Peer, config_float
+from .peer import ALIVE, CLOSED, DEAD, Outgoing, Peer, config_float
 
 __all__ = ["Transport", "Outgoing", "config_float", "abort_error"]
 
 _log = logging.getLogger("mesh.transport")
-_ERR_KINDS: dict[int, type[MeshError]] = {0: MismatchError, 1: LostPeerError, 2: MeshError,
-                                           3: MeshTimeoutError}
 _COPY_BELOW = 64 * 1024
 # What one message costs the receiver beyond its payload (header, ZeroMQ's and
 # our bookkeeping): charged against the credit window, so a flood of empty or
@@ -81,7 +80,7 @@ class Transport(Liveness):
         self._matcher = Matcher()
         self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes
         self.on_close: list[Callable[[], None]] = []  # called then, before the release
-        self._aborted: dict[tuple[int, int], tuple[int, str, int]] = {}
+        self._aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
         self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
         self._peers: list[Peer] = []
         for r, ep in enumerate(endpoints):
@@ -227,28 +226,60 @@ class Transport(Liveness):
 
     # ---- receiving -----------------------------------------------------------
 
-    def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> Pending:
+    def irecv(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
+              probe: bool = False) -> Pending:
+        """Post a receive: matched with a waiting message at once, or queued.
+        A waiting message that does not fit ``out`` fails it and stays queued.
+        A Probe when ``probe``: complete, ``got`` set, once a message it
+        matches waits in the unexpected queue, which keeps the message.
+        A torch tensor ``out`` is received into through a numpy (or CuPy)
+        view of its memory; the tensor is the request's ``target``, which
+        ``wait`` returns."""
         target = None
         if out is not None and type(out) is not np.ndarray and tensors.is_tensor(out):
             target, out = out, tensors.out_view(out, f"rank {self.rank}: {describe(desc)}")
-        req = Pending(group, src, tag, out, fp, desc, target)
+        req = Probe(group, src, tag, out, fp, desc) if probe else \
+            Pending(group, src, tag, out, fp, desc, target)
+        msg = gone = None
+        misfit = ""
         with self._lock:
             aborted = self._aborted.get((group, tag)) if self._aborted else None
-            msg = None if aborted else self._matcher.post(req)
-            gone = None
+            if aborted:
+                pass
+            elif out is None:
+                msg = self._matcher.post(req, not probe)
+            else:
+                msg = self._matcher.post(req, False)
+                if msg is None or (msg.fp == fp and (misfit := out_problem(out, msg.value))):
+                    pass
+                else:
+                    self._matcher.take(group, msg)
+                    req.state = 1
             if msg is None and not aborted:
                 lost = src if src != ANY and self._peers[src].state != ALIVE else \
                     self._dead_member(group) if self._dead and (src == ANY or tag < 0) else None
                 if lost is not None:
                     self._matcher.cancel(req)
                     gone = self._gone(self._peers[lost], req.desc, group)
-        if aborted:
+        if msg is not None:
+            if misfit:
+                req.fail(self._misfit(req, msg.src, msg.tag, msg.value, misfit))
+            elif probe:
+                req.got = msg.got
+                req.complete(None)
+            else:
+                self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device)
+        elif aborted:
             req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
-        elif msg is not None:
-            self._complete(req, msg.src, msg.value, msg.nbytes, msg.fp, msg.device)
         return req
+
+    def iprobe(self, group: int, src: int, tag: int) -> tuple | None:
+        """``got`` of the message a receive posted now would take, if any."""
+        with self._lock:
+            msg = self._matcher.waiting(group, src, tag)
+        return None if msg is None else msg.got
 
     def cancel(self, req: Pending) -> bool:
         """Withdraw ``req`` if no message has matched it (Request.cancel). The
@@ -265,27 +296,50 @@ class Transport(Liveness):
         self._nudge()
         return True
 
-    def _complete(self, req: Pending, src: int, value: Any, nbytes: int, fp: Any,
-                  on_device: int = 0) -> None:
-        """Finish a matched receive with a value that is not yet in ``req.out``."""
+    def _complete(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
+                  on_device: int = 0) -> bool:
+        """Finish a matched receive with a value that is not yet in ``req.out``.
+        False when the value does not fit ``req.out``: ``req`` fails and the
+        message is still the caller's to deliver (see _arrive)."""
+        out = req.out
+        if out is not None and fp == req.fp:
+            problem = out_problem(out, value)
+            if problem:
+                req.fail(self._misfit(req, src, tag, value, problem))
+                return False
+        self._finish(req, src, tag, value, nbytes, fp, on_device)
+        return True
+
+    def _finish(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
+                on_device: int) -> None:
+        """_complete once the value is known to fit ``req.out``; ``on_device``
+        is the message's origin flags (mesh.wire's v)."""
         self._consumed(src, nbytes)
         if fp != req.fp:
             return self._mismatch(req, src, fp)
         req.device = on_device
-        if req.out is not None and not device.is_device(req.out):
-            problem = out_problem(req.out, value)
-            if problem:
-                return req.fail(BadMessageError(f"rank {self.rank}: {req.desc}: message from "
-                                                f"rank {src} does not fit out=: {problem}"))
-            np.copyto(req.out, value.reshape(req.out.shape), casting="no")
-            value = req.out
+        out = req.out
+        if type(value) is np.ndarray:
+            req.got = (src, tag, nbytes, value.dtype, value.shape)
+            if out is not None and isinstance(out, np.ndarray):
+                np.copyto(out, value.reshape(out.shape), casting="no")
+                value = out
+        else:
+            req.got = (src, tag, nbytes, None, None)
         req.complete(value)
+
+    def _misfit(self, req: Pending, src: int, tag: int, value: Any, problem: str) -> MeshError:
+        ranks = self.groups.get(req.group, ("", []))[1]
+        who = f"rank {ranks.index(src)}" if src in ranks else f"world rank {src}"
+        return OutMismatchError(f"rank {self.rank}: {req.desc}: the message from {who} (tag "
+                                f"{tag}) does not fit out=: {problem}; the message stays queued "
+                                f"for the next receive")
 
     def _mismatch(self, req: Pending, src: int, fp: Any) -> None:
         text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}: rank "
                 f"{self.rank} called {fmt_fp(req.fp)} but rank {src} called {fmt_fp(fp)}")
         req.fail(MismatchError(f"rank {self.rank}: {text}"))
-        self.abort(req.group, req.tag, text, 0)
+        self.abort(req.group, req.tag, text, AbortKind.MISMATCH)
 
     def wait(self, item: Pending | Outgoing, timeout: float | None) -> Any:
         limit = self.timeout if timeout is None else timeout
@@ -300,13 +354,11 @@ class Transport(Liveness):
             if item.error is not None:
                 raise item.error
             out = item.out
-            if out is not None and type(out) is not np.ndarray and device.is_device(out):
+            if out is None:     # flagged: a device array's or a tensor's message
+                return delivered(_host_array(item), item.device) if item.device else item.value
+            if type(out) is not np.ndarray and device.is_device(out):
                 out = device.to_device(_host_array(item), out)
-            if item.target is not None:
-                return item.target
-            if item.device and out is None:
-                return delivered(_host_array(item), item.device)
-            return item.value if out is None else out
+            return out if item.target is None else item.target   # a tensor out=: the tensor
         if not item.event.is_set() and not self._await_credit(item, limit):
             raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
                                    f"waiting for credit from rank {item.dst} (it is not "
@@ -448,20 +500,26 @@ class Transport(Liveness):
 
     def _arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
                 on_device: int = 0) -> None:
-        """Deliver a fully received message that no posted receive had claimed."""
-        with self._lock:
-            if (group, tag) in self._aborted:
-                req = None
-            else:
-                req = self._matcher.take_posted(group, src, tag)
-                if req is None:
-                    self._matcher.add_unexpected(group, tag,
-                                                 Arrived(src, value, nbytes, fp, 0, on_device))
-                    return
-        if req is None:
-            self._consumed(src, nbytes)
-        else:
-            self._complete(req, src, value, nbytes, fp, on_device)
+        """Deliver a fully received message that no posted receive had claimed:
+        to the first posted receive it fits (those it does not fit fail), else
+        to the unexpected queue, waking the probes it matches."""
+        while True:
+            with self._lock:
+                if (group, tag) in self._aborted:
+                    req = None
+                else:
+                    req = self._matcher.take_posted(group, src, tag)
+                    if req is None:
+                        probes = self._matcher.add_unexpected(
+                            group, tag, Arrived(src, tag, value, nbytes, fp, on_device))
+                        break
+            if req is None:
+                self._consumed(src, nbytes)
+                return
+            if self._complete(req, src, tag, value, nbytes, fp, on_device):
+                return
+        for p in probes:
+            p.complete(None)
 
     def _read_one(self) -> bool:
         """Read and dispatch one message from the ROUTER; False when none is
@@ -526,7 +584,12 @@ class Transport(Liveness):
         elif h.kind == wire.HEARTBEAT:
             self._on_heartbeat(peer, h.reason, h.peer)
         elif h.kind == wire.ABORT:
-            self._abort_local(h.group, h.tag, h.credit, h.reason, h.peer)
+            # Pass it on, once: a member that fails because of this abort says
+            # goodbye after it, on the same connection, so no member can hear
+            # of that failure before it hears of the abort (a lost peer would
+            # otherwise be reported where every rank should see a mismatch).
+            if self._abort_local(h.group, h.tag, h.abort, h.reason, h.peer):
+                self._send_abort(h.group, h.tag, h.reason, h.abort, h.peer, h.src)
         elif h.kind == wire.BYE:
             self._on_bye(peer, h.reason)
         return True
@@ -548,14 +611,13 @@ class Transport(Liveness):
                     and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable):
                 fill(out, parts)            # straight into the caller's out=
                 self._consumed(h.src, got)
+                req.got = h
                 req.complete(out)
                 return
         dest = np.empty(h.shape or (), h.dt)
         fill(dest, parts)
-        if req is None:
+        if req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp, h.device):
             self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
-        else:
-            self._complete(req, h.src, dest, h.nbytes, h.fp, h.device)
 
     def _bad(self, why: str, more: Any = 0) -> bool:
         """Drop a message (the rest of its frames too) and count it. Logged
@@ -570,31 +632,37 @@ class Transport(Liveness):
 
     # ---- aborts and lost peers --------------------------------------------------
 
-    def abort(self, group: int, tag: int, reason: str, err: int = 2, peer: int = -1) -> None:
+    def abort(self, group: int, tag: int, reason: str, kind: AbortKind = AbortKind.OTHER,
+              peer: int = -1) -> None:
         """Fail ``tag`` on every member of ``group``: pending and future ops raise.
         A lost-peer abort names ``peer`` (a world rank) when given; else, with
         a member of the group known dead, the error is a lost peer naming it."""
-        if err != 1 or peer < 0:
-            lost = self._dead_member(group) if self._dead and err != 0 else None
+        if kind != AbortKind.LOST_PEER or peer < 0:
+            lost = self._dead_member(group) if self._dead and kind != AbortKind.MISMATCH \
+                else None
             if lost is not None:
-                err = 1
+                kind = AbortKind.LOST_PEER
             peer = -1 if lost is None else lost
-        if not self._abort_local(group, tag, err, reason, peer):
-            return
-        header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, credit=err,
+        if self._abort_local(group, tag, kind, reason, peer):
+            self._send_abort(group, tag, reason, kind, peer)
+
+    def _send_abort(self, group: int, tag: int, reason: str, kind: AbortKind, peer: int,
+                    heard_from: int = -1) -> None:
+        header = wire.encode(wire.ABORT, self.rank, group, tag, reason=reason, abort=kind,
                              peer=peer)
         for r in self.groups.get(group, ("", []))[1]:
-            if r != self.rank:
+            if r != self.rank and r != heard_from:
                 self._control(self._peers[r], header)
 
-    def _abort_local(self, group: int, tag: int, err: int, reason: str, peer: int = -1) -> bool:
+    def _abort_local(self, group: int, tag: int, kind: AbortKind, reason: str,
+                     peer: int = -1) -> bool:
         with self._lock:
             if (group, tag) in self._aborted:
                 return False
-            if err == 1 and peer < 0 and self._dead:
+            if kind == AbortKind.LOST_PEER and peer < 0 and self._dead:
                 lost = self._dead_member(group)
                 peer = -1 if lost is None else lost
-            record = self._aborted[(group, tag)] = (err, reason, peer)
+            record = self._aborted[(group, tag)] = (kind, reason, peer)
             reqs = self._matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
             dropped = self._matcher.drop_unexpected(group, tag)
         for m in dropped:
@@ -643,7 +711,9 @@ class Transport(Liveness):
                 p.sock.disable_monitor()
                 if p.monitor is not None:
                     p.monitor.close(linger=0)
-                p.sock.close()
+                # nothing queued for a dead peer will ever be read: do not let
+                # it hold the context's term() for the linger period
+                p.sock.close(linger=0 if p.state == DEAD else None)
         self._router.disable_monitor()
         self._router_mon.close(linger=0)
         self._router.close(linger=0)
@@ -651,11 +721,11 @@ class Transport(Liveness):
         os.close(self._wake_w)
 
 
-def abort_error(record: tuple[int, str, int], text: str) -> MeshError:
-    err, _, peer = record
-    if err == 1:
+def abort_error(record: tuple[AbortKind, str, int], text: str) -> MeshError:
+    kind, _, peer = record
+    if kind == AbortKind.LOST_PEER:
         return LostPeerError(text, peer if peer >= 0 else None)
-    return _ERR_KINDS.get(err, MeshError)(text)
+    return kind.error(text)
 
 
 def _host_array(item: Pending) -> np.ndarray:

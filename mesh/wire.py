@@ -13,6 +13,7 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
     header keys: k kind, s source world rank, g group id, t tag,
                  d dtype (arrays), sh shape (arrays), n payload bytes,
                  f fingerprint (collectives), c credit bytes, r reason (aborts),
+                 e what an abort makes its receivers raise (mesh.AbortKind),
                  status (heartbeats: what the sender is doing, for stall
                  reports) or the error a failing rank leaves with (goodbyes;
                  none: a clean close), p the lost peer an abort names, or the
@@ -28,7 +29,8 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from .errors import BadMessageError
+from .errors import AbortKind, BadMessageError
+from .tensors import BFLOAT16
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "FRAME_BYTES",
            "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
@@ -61,6 +63,7 @@ class Header(NamedTuple):
     device: int = 0         # the v flags
     peer: int = -1
     dt: Any = None          # np.dtype of ``dtype``, resolved once
+    abort: AbortKind = AbortKind.OTHER
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -86,7 +89,8 @@ def _dtype(name: str) -> np.dtype:
 
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
-           credit: int = 0, reason: str = "", device: int = 0, peer: int = -1) -> bytes:
+           credit: int = 0, reason: str = "", device: int = 0, peer: int = -1,
+           abort: AbortKind = AbortKind.OTHER) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if kind in (DATA, OBJ, ABORT):
         h["g"] = group
@@ -104,7 +108,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         h["c"] = credit
     elif kind == ABORT:
         h["r"] = reason
-        h["c"] = credit  # the error kind: 0 mismatch, 1 lost peer, 2 other, 3 timeout
+        h["e"] = int(abort)
         if peer >= 0:
             h["p"] = peer
     elif kind in (HEARTBEAT, BYE):
@@ -151,8 +155,10 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
                       peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
     group, tag = _int(h, "g", 0), _int(h, "t")
     if kind == ABORT:
-        return Header(kind, src, group, tag, reason=_str(h, "r"), credit=_int(h, "c", 0, 3),
-                      peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
+        return Header(kind, src, group, tag, reason=_str(h, "r"),
+                      peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1,
+                      abort=AbortKind(_int(h, "e", 0, max(AbortKind))) if "e" in h
+                      else AbortKind.OTHER)
     nbytes = _int(h, "n", 0)
     if kind == OBJ:
         return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"))
@@ -162,10 +168,13 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     if not all(type(x) is int and x >= 0 for x in shape):
         raise BadMessageError(f"array shape {shape!r} has a non-integer or negative extent")
     v = h.get("v", 0)
-    origin = int(v) if type(v) is bool else _int(h, "v", 0, 7)
+    origin = v if type(v) is int and 0 <= v < 8 else int(v) if type(v) is bool else \
+        _int(h, "v", 0, 7)
     dt = _dtype(dtype)
-    if origin & 4 and dt != np.uint16:
-        raise BadMessageError(f"a bfloat16 array travels as uint16, not {dtype}")
+    if origin & 4:
+        if dt != np.uint16:
+            raise BadMessageError(f"a bfloat16 array travels as uint16, not {dtype}")
+        dt = BFLOAT16   # uint16 that names itself bfloat16 (in a Status, in errors)
     if math.prod(shape) * dt.itemsize != nbytes:
         raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
                               f"and shape {tuple(shape)}")

@@ -49,7 +49,7 @@ def never_calls(world: Any, count: int) -> dict:
     C.barrier(world)
     for case in ("blocking", "async"):
         a = np.ones(count, np.float32)
-        seq = world._coll_seq + 1
+        seq = world.collective_channel().seq + 1
         stalls = world._t.stalls
         if world.rank == LATE:
             time.sleep(3.0)
@@ -179,3 +179,27 @@ def test_a_none_communicator_is_a_clear_error() -> None:
                                                 "GradReducer"]
     assert all("communicator is None" in t and "not members of the group" in t
                for t in texts), texts
+
+
+def abandons_one(world: Any) -> list:
+    """Rank 0 will not make the group's next call (a failed pipeline step's
+    all-reduce) and abandons it: the others raise its kind at once, and the
+    call after it is numbered alike everywhere and works."""
+    if world.rank == 0:
+        C.abandon(world, "step 4 failed here", mesh.AbortKind.TIMEOUT)
+        got = ["abandoned", ""]
+    else:
+        got = _attempt(lambda: C.all_reduce(world, np.ones(4), timeout=30))[:2]
+    b = np.ones(3)
+    C.all_reduce(world, b, timeout=30)
+    return got + [b.tolist()]
+
+
+def test_abandon_fails_the_call_on_the_peers_and_keeps_the_numbering() -> None:
+    got = mesh.spawn(abandons_one, 3, timeout=60)
+    assert got[0] == ["abandoned", "", [3.0] * 3]
+    for kind, text, b in got[1:]:
+        assert kind == "MeshTimeoutError", text
+        assert "all_reduce #1 on group world" in text and "rank 0" in text, text
+        assert "step 4 failed here" in text, text
+        assert b == [3.0] * 3

@@ -50,6 +50,8 @@ def _under_fire(world: mesh.Mesh, seconds: float) -> dict:
             [sys.executable, str(HAMMER), world.endpoints[0], os.environ["MESH_SECRET"],
              str(world.size), str(seconds + 30)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, text=True)
+        # on a loaded machine its start-up alone can outlast the run below
+        assert hammer.stdout is not None and hammer.stdout.readline().strip() == "started"
         stop = threading.Event()
         count: list[int] = []
         liar = threading.Thread(target=lambda: count.append(_short_payloads(world, stop)))

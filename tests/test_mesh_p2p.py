@@ -94,6 +94,8 @@ def _out_and_errors(world: mesh.Mesh) -> str:
         world.recv(1, tag=1, out=np.zeros(6, np.float32))
     with pytest.raises(mesh.BadMessageError, match="dict, not an array"):
         world.recv(1, tag=2, out=np.zeros(6))
+    assert np.array_equal(world.recv(1, tag=1), np.arange(6.0))     # both still there
+    assert world.recv(1, tag=2) == {"not": "an array"}
     t0 = time.monotonic()
     with pytest.raises(mesh.MeshTimeoutError,
                        match=r"rank 0: recv from rank 1 \(tag 7, group world\) timed out"):
@@ -115,6 +117,116 @@ def _out_and_errors(world: mesh.Mesh) -> str:
 
 def test_out_receive_and_clear_errors() -> None:
     assert mesh.spawn(_out_and_errors, 2, timeout=60) == ["ok", "ok"]
+
+
+def _out_misfits(world: mesh.Mesh) -> str:
+    """An out= no message fits raises when posted; a message that does not
+    fit out= fails that receive and stays queued for the next one, in order."""
+    big = np.arange(300_000, dtype=np.float64)          # multi-frame, not copied inline
+    if world.rank == 1:
+        world.recv(0, tag=9)                           # rank 0 checked its out= at post time
+        for i in range(3):
+            world.send(np.full((2, 3), i, np.float64), 0, tag=1)
+        world.send({"k": 1}, 0, tag=2)
+        world.recv(0, tag=9)                           # rank 0 posted the receives for tag 3
+        world.send(np.arange(4, dtype=np.int32), 0, tag=3)
+        world.send(big, 0, tag=3)
+        world.send(np.arange(2.0), 0, tag=4)
+        world.recv(0, tag=9)
+        return "ok"
+    ro = np.zeros(6)
+    ro.flags.writeable = False
+    cases = [(ro, "out= is read-only"), (np.zeros((6, 2))[:, 0], "out= is not C-contiguous"),
+             ([0.0] * 6, "out= is a list, not a numpy or device array")]
+    for out, why in cases:
+        with pytest.raises(ValueError, match=rf"rank 0: recv from rank 1 \(tag 1, group world\): "
+                                             rf"{why}"):
+            world.recv(1, tag=1, out=out)
+        with pytest.raises(ValueError, match=why):
+            world.irecv(1, tag=1, out=out)
+        with pytest.raises(ValueError, match=why):
+            world.sendrecv(None, 1, 1, recvtag=1, out=out)    # posted before anything is sent
+    world.send(None, 1, tag=9)
+    # waiting messages: a misfit raises and the message stays at the head, order kept
+    deadline = time.monotonic() + 20
+    while world.iprobe(1, tag=2) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(mesh.OutMismatchError,
+                       match=r"rank 0: recv from rank 1 \(tag 1, group world\): the message from "
+                             r"rank 1 \(tag 1\) does not fit out=: the message is float64\[2, 3\], "
+                             r"out= is float32\[6\]; the message stays queued"):
+        world.recv(1, tag=1, out=np.zeros(6, np.float32))
+    with pytest.raises(mesh.MismatchError, match=r"float64\[2, 3\], out= is float64\[5\]"):
+        world.recv(mesh.ANY, tag=mesh.ANY_TAG, out=np.zeros(5))
+    out = np.zeros(6)
+    assert world.recv(1, tag=1, out=out) is out and np.all(out == 0)
+    assert np.array_equal(world.recv(1, tag=1), np.full((2, 3), 1.0))
+    with pytest.raises(mesh.OutMismatchError, match="the message is a dict, not an array"):
+        world.irecv(1, tag=2, out=np.zeros(1)).wait(timeout=20)
+    assert world.recv(1, tag=2) == {"k": 1}
+    # posted receives: a misfit fails that one, the message goes to the next
+    bad = world.irecv(1, tag=3, out=np.zeros(4, np.int64))
+    good = world.irecv(1, tag=3, out=np.zeros(4, np.int32))
+    bad_big = world.irecv(1, tag=3, out=np.zeros(7))
+    rest = world.irecv(1, tag=3)
+    later = world.irecv(1, tag=4, out=np.zeros(3))
+    world.send(None, 1, tag=9)
+    with pytest.raises(mesh.OutMismatchError, match=r"int32\[4\], out= is int64\[4\]"):
+        bad.wait(timeout=20)
+    assert np.array_equal(good.wait(timeout=20), np.arange(4))
+    with pytest.raises(mesh.OutMismatchError, match=r"float64\[300000\], out= is float64\[7\]"):
+        bad_big.wait(timeout=20)
+    assert np.array_equal(rest.wait(timeout=20), big)
+    with pytest.raises(mesh.OutMismatchError, match=r"float64\[2\], out= is float64\[3\]"):
+        later.wait(timeout=20)
+    assert np.array_equal(world.recv(1, tag=4, out=np.zeros(2)), np.arange(2.0))
+    assert np.array_equal(world.recv(1, tag=1), np.full((2, 3), 2.0))
+    world.send(None, 1, tag=9)
+    return "ok"
+
+
+def test_out_that_does_not_fit_leaves_the_message_queued() -> None:
+    assert mesh.spawn(_out_misfits, 2, timeout=90) == ["ok", "ok"]
+
+
+def _device_out_misfits(world: mesh.Mesh) -> str:
+    import fakecupy
+    cp = fakecupy.install()
+    if world.rank == 1:
+        world.send(np.arange(4.0), 0)
+        return "ok"
+    with pytest.raises(ValueError, match=r"rank 0: recv from rank 1 \(tag 0, group world\): "
+                                         r"out= is not C-contiguous"):
+        world.recv(1, out=cp.zeros((4, 2))[:, 0])
+    with pytest.raises(mesh.OutMismatchError, match=r"float64\[4\], out= is float32\[4\]"):
+        world.recv(1, out=cp.zeros(4, np.float32), timeout=20)
+    out = cp.zeros((2, 2))
+    assert world.recv(1, out=out) is out
+    assert np.array_equal(cp.asnumpy(out).ravel(), np.arange(4.0))
+    return "ok"
+
+
+def test_device_out_is_checked_too() -> None:
+    assert mesh.spawn(_device_out_misfits, 2, timeout=60) == ["ok", "ok"]
+
+
+class _DeviceView:
+    """Just a CUDA array interface: what a device out= is judged by."""
+
+    def __init__(self, shape: tuple, strides: tuple | None, readonly: bool) -> None:
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "version": 3,
+                                         "strides": strides, "data": (1 << 20, readonly)}
+
+
+def test_out_usable_is_judged_without_a_message() -> None:
+    from mesh.payload import out_unusable
+    assert out_unusable(np.zeros((2, 3))) == "" and out_unusable(np.zeros((3, 1))[:, :1]) == ""
+    assert out_unusable(_DeviceView((2, 3), None, False)) == ""
+    assert out_unusable(_DeviceView((2, 1), (4, 40), False)) == ""     # extent 1: any stride
+    assert out_unusable(_DeviceView((2, 3), None, True)) == "out= is read-only"
+    assert out_unusable(_DeviceView((2, 3), (4, 8), False)) == "out= is not C-contiguous"
+    assert out_unusable(b"abc") == "out= is a bytes, not a numpy or device array"
 
 
 def _groups(world: mesh.Mesh) -> list:
@@ -357,8 +469,13 @@ def test_dlpack_objects_and_a_clear_error_without_cupy() -> None:
 def _tensors(world: mesh.Mesh) -> str:
     """torch tensors both ways: a torch tensor arrives as one (bfloat16 from
     its bits), out= tensors are written in place, views and tensors that
-    require grad go as their values, and other dtypes raise naming them."""
+    require grad go as their values, and other dtypes raise naming them. out=
+    tensors are checked when posted (contiguous, a dtype meshrun carries);
+    one that does not fit leaves the message queued, as a numpy out= does;
+    a bfloat16 message's Status and errors name bfloat16."""
     import torch
+
+    from mesh.tensors import dtype_name
     peer = 1 - world.rank
     bf = torch.tensor([1.5, -2.25, 3e38, float("nan")], dtype=torch.bfloat16)
     big = torch.arange(3 << 18, dtype=torch.float32)         # several frames
@@ -377,6 +494,7 @@ def _tensors(world: mesh.Mesh) -> str:
                 world.isend(bad, peer)
             assert str(bad.dtype) in str(err.value) and "send to rank 1" in str(err.value)
         world.send(torch.zeros(2), peer, tag=6)
+        world.send(bf, peer, tag=7)
         return "ok"
     a = world.recv(peer)
     assert isinstance(a, torch.Tensor) and a.dtype == torch.int64
@@ -394,8 +512,26 @@ def _tensors(world: mesh.Mesh) -> str:
     u = world.recv(peer, tag=4)
     assert u.shape == () and u.dtype == torch.uint8 and int(u) == 7
     assert isinstance(world.recv(peer, tag=5), np.ndarray)   # numpy stays numpy
-    with pytest.raises(mesh.BadMessageError, match=r"out= is float64\[2 elements\]"):
+    with pytest.raises(ValueError, match=r"rank 1: recv from rank 0 \(tag 6, group world\): "
+                       r"out= is a non-contiguous torch.float32 tensor \(shape \(2, 2\), "
+                       r"strides \(1, 2\)\)"):
+        world.recv(peer, tag=6, out=torch.zeros(2, 2).t())
+    with pytest.raises(TypeError, match=r"rank 1: recv from rank 0 .*torch.complex32"):
+        world.irecv(peer, tag=6, out=torch.zeros(2, dtype=torch.complex32))
+    with pytest.raises(mesh.OutMismatchError, match=r"the message is float32\[2\], out= is "
+                       r"float64\[2\]; the message stays queued"):
         world.recv(peer, tag=6, out=torch.zeros(2, dtype=torch.float64))
+    out2 = torch.ones(1, 2)
+    assert world.recv(peer, tag=6, out=out2) is out2 and out2.tolist() == [[0.0, 0.0]]
+    st = world.probe(peer, tag=7)
+    assert st.dtype == np.uint16 and dtype_name(st.dtype) == "bfloat16"
+    with pytest.raises(mesh.OutMismatchError, match=r"the message is bfloat16\[4\], out= is "
+                       r"bfloat16\[3\]"):
+        world.recv(peer, tag=7, out=torch.zeros(3, dtype=torch.bfloat16))
+    status = mesh.Status()
+    b2 = world.recv(peer, tag=7, status=status)
+    assert torch.equal(b2.view(torch.int16), bf.view(torch.int16))
+    assert dtype_name(status.dtype) == "bfloat16" and status.shape == (4,)
     return "ok"
 
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh import BadMessageError, wire
+from mesh import AbortKind, BadMessageError, wire
 
 pytestmark = pytest.mark.timeout(120)
 
-KEYS = ["k", "s", "g", "t", "d", "sh", "n", "f", "c", "r"]
+KEYS = ["k", "s", "g", "t", "d", "sh", "n", "f", "c", "r", "e"]
 INT64 = st.integers(-(1 << 63), (1 << 64) - 1)        # what msgpack can carry
 SMALL = st.integers(-3, 40)
 DTYPES = ["<f4", "<f8", "|u1", "<i8", "|b1", "<c16", ">f4", "|O", "V8", "<M8[s]", "S3",
@@ -63,7 +63,7 @@ def _check(frame: bytes, size: int) -> None:
         assert all(type(x) is int and x >= 0 for x in h.shape)
         assert math.prod(h.shape) * dt.itemsize == h.nbytes
     if h.kind == wire.ABORT:
-        assert 0 <= h.credit <= 3   # abort kinds: mismatch, lost peer, other, timeout
+        assert type(h.abort) is AbortKind and 0 <= h.abort <= 3   # the four abort kinds
     assert type(h.peer) is int and -1 <= h.peer < size
 
 
@@ -101,8 +101,9 @@ valid = st.one_of(
               st.integers(0, 1 << 40)),
     st.builds(lambda s, c: wire.encode(wire.CREDIT, s, credit=c), st.integers(0, 3),
               st.integers(0, 1 << 40)),
-    st.builds(lambda s, r, e, p: wire.encode(wire.ABORT, s, reason=r, credit=e, peer=p),
-              st.integers(0, 3), st.text(max_size=30), st.integers(0, 2), st.integers(-1, 3)),
+    st.builds(lambda s, r, e, p: wire.encode(wire.ABORT, s, reason=r, abort=e, peer=p),
+              st.integers(0, 3), st.text(max_size=30), st.sampled_from(AbortKind),
+              st.integers(-1, 3)),
     st.builds(lambda k, s, r, p: wire.encode(k, s, reason=r, peer=p),
               st.sampled_from([wire.HEARTBEAT, wire.BYE]), st.integers(0, 3),
               st.text(max_size=30), st.integers(-1, 3)))
@@ -174,3 +175,14 @@ def test_one_frame_messages(header: bytes, payload: bytes, data: st.DataObject) 
         return
     assert len(h) + len(body) + 3 == len(buf)
     _check(h, 4)
+
+
+@pytest.mark.parametrize("kind", list(AbortKind))
+def test_abort_kind_has_its_own_field(kind: AbortKind) -> None:
+    """An abort's kind travels in field "e", not in the credit field."""
+    frame = wire.encode(wire.ABORT, 1, 5, -3, reason="why", abort=kind, peer=0)
+    assert msgpack.unpackb(frame)["e"] == kind and "c" not in msgpack.unpackb(frame)
+    h = wire.decode(frame, 2)
+    assert (h.abort, h.credit, h.reason, h.peer) == (kind, 0, "why", 0)
+    with pytest.raises(BadMessageError):
+        wire.decode(msgpack.packb({**msgpack.unpackb(frame), "e": len(AbortKind)}), 2)

@@ -39,7 +39,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mesh import MeshError, device
+from mesh import Comm, MeshError, device
 from mesh.env import host_id
 
 from ..host.exchange import all_gather_object_direct
@@ -131,11 +131,11 @@ class _State:
             self.retired.clear()
 
 
-_groups: "weakref.WeakKeyDictionary[Any, _State | None]" = weakref.WeakKeyDictionary()
+_groups: "weakref.WeakKeyDictionary[Comm, _State | None]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
-def state(g: Any) -> _State | None:
+def state(g: Comm) -> _State | None:
     """The group's IPC state (None: not probed, or IPC is not used)."""
     with _lock:
         return _groups.get(g)
@@ -149,7 +149,7 @@ def usable(ctx: Ctx, call: Call, nbytes: int) -> bool:
     if not known:
         st = _probe(ctx, call, nbytes)
         if st is not None:    # after the peers' goodbyes: none still reads our buffer
-            ctx.g._on_close(st.close)
+            ctx.ch.on_close(st.close)
         with _lock:
             _groups[ctx.g] = st
     return state(ctx.g) is not None

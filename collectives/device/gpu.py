@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh import device
+from mesh import Comm, device
 
 from ..runner import Ctx
 
@@ -98,7 +98,7 @@ class Lanes:
         self.wait(self.event(self.down))
 
 
-_streams: "weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, Any]]]" = \
+_streams: "weakref.WeakKeyDictionary[Comm, dict[int, tuple[Any, Any]]]" = \
     weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 

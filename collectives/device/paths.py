@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mesh import device
+from mesh import Comm, device
 
 from ..host.paths import _fp, _root, _rows
 from ..host.ring import ring as host_ring
@@ -67,7 +67,7 @@ def simple(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
     """Wrap a host collective ``fn(g, a, ...)`` so that ``a`` may live on a
     device: copied down whole, the host collective, copied back whole."""
     @functools.wraps(fn)
-    def run(g: Any, a: Any = None, *args: Any, async_op: bool = False,
+    def run(g: Comm, a: Any = None, *args: Any, async_op: bool = False,
             timeout: float | None = None, **kw: Any) -> Any:
         if a is None or not device.is_device(a):
             return fn(g, a, *args, async_op=async_op, timeout=timeout, **kw)
@@ -84,7 +84,7 @@ def simple(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
     return run
 
 
-def large(g: Any, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
+def large(g: Comm, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
           small_alg: str = "") -> bool:
     """Whether a call takes the overlapped or IPC path: a large device array
     (the same answer on every rank, whose shapes agree); otherwise it is
@@ -136,7 +136,7 @@ def _via_host(lanes: gpu.Lanes, flat: Any, host_op: Callable[[Any], Any],
         device.POOL.give(host)
 
 
-def all_reduce(g: Any, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
+def all_reduce(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
     """all_reduce of a large device array: CUDA IPC or the overlapped ring."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
@@ -162,7 +162,7 @@ def all_reduce(g: Any, a: Any, op: str, async_op: bool, timeout: float | None) -
     return start(g, "all_reduce", prepare, async_op, timeout)
 
 
-def reduce_scatter(g: Any, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
+def reduce_scatter(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
     """reduce_scatter of a large device array: CUDA IPC or the overlapped ring."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
@@ -197,7 +197,7 @@ def reduce_scatter(g: Any, a: Any, op: str, async_op: bool, timeout: float | Non
     return start(g, "reduce_scatter", prepare, async_op, timeout)
 
 
-def all_gather(g: Any, a: Any, async_op: bool, timeout: float | None) -> Any:
+def all_gather(g: Comm, a: Any, async_op: bool, timeout: float | None) -> Any:
     """all_gather of a large device array: CUDA IPC or the overlapped ring."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
@@ -224,7 +224,7 @@ def all_gather(g: Any, a: Any, async_op: bool, timeout: float | None) -> Any:
     return start(g, "all_gather", prepare, async_op, timeout)
 
 
-def broadcast(g: Any, a: Any, root: int, async_op: bool, timeout: float | None) -> Any:
+def broadcast(g: Comm, a: Any, root: int, async_op: bool, timeout: float | None) -> Any:
     """broadcast of a large device array: CUDA IPC, else staged whole down the
     binomial tree."""
     def prepare(t: Tuning) -> tuple[dict, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mesh import device
+from mesh import Comm, device
 from mesh.tensors import dtype_name, is_tensor
 
 from ..ops import resolve
@@ -61,9 +61,9 @@ def _fp(coll: str, a: np.ndarray | None = None, **kw: Any) -> dict:
     return fp
 
 
-def _root(g: Any, root: int) -> int:
+def _root(g: Comm, root: int) -> int:
     if not isinstance(root, (int, np.integer)) or not 0 <= root < g.size:
-        raise ValueError(f"root {root!r} is not a rank of group {getattr(g, 'name', '?')} "
+        raise ValueError(f"root {root!r} is not a rank of group {g.name} "
                          f"(0..{g.size - 1})")
     return int(root)
 
@@ -86,7 +86,7 @@ def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
     return run
 
 
-def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
+def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
     """Reduce ``a`` over the group, in place on every rank; returns ``a``.
     ``algorithm``: "rd" (recursive doubling) or "ring" (reduce-scatter then
@@ -114,7 +114,7 @@ def all_reduce(g: Any, a: np.ndarray, op: str = "sum", async_op: bool = False,
     return start(g, "all_reduce", prepare, async_op, timeout)
 
 
-def broadcast(g: Any, a: np.ndarray, root: int = 0, async_op: bool = False,
+def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
               algorithm: str | None = None, timeout: float | None = None) -> Any:
     """Copy the root's ``a`` into ``a`` on every rank; returns ``a``.
     ``algorithm``: "tree" (binomial) or "chain" (pipelined); default by size."""
@@ -134,7 +134,7 @@ def broadcast(g: Any, a: np.ndarray, root: int = 0, async_op: bool = False,
     return start(g, "broadcast", prepare, async_op, timeout)
 
 
-def reduce(g: Any, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool = False,
+def reduce(g: Comm, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool = False,
            algorithm: str | None = None, timeout: float | None = None) -> Any:
     """Reduce ``a`` over the group into the root's ``a`` (the others' arrays
     are left as they were); returns ``a``."""
@@ -157,7 +157,7 @@ def reduce(g: Any, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool
     return start(g, "reduce", prepare, async_op, timeout)
 
 
-def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """Every rank's ``a`` stacked in rank order: shape (g.size, *a.shape)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_gather", a)
@@ -175,7 +175,7 @@ def all_gather(g: Any, a: Any, async_op: bool = False, timeout: float | None = N
     return start(g, "all_gather", prepare, async_op, timeout)
 
 
-def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
+def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                    timeout: float | None = None) -> Any:
     """Reduce ``a`` (a.shape[0] divisible by g.size) over the group and return
     this rank's share: rows [rank*m, (rank+1)*m) of the result, m = shape[0]/size."""
@@ -200,7 +200,7 @@ def reduce_scatter(g: Any, a: Any, op: str = "sum", async_op: bool = False,
     return start(g, "reduce_scatter", prepare, async_op, timeout)
 
 
-def gather(g: Any, a: Any, root: int = 0, async_op: bool = False,
+def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
            timeout: float | None = None) -> Any:
     """Every rank's ``a`` stacked on the root (shape (g.size, *a.shape));
     None on the other ranks."""
@@ -219,7 +219,7 @@ def gather(g: Any, a: Any, root: int = 0, async_op: bool = False,
     return start(g, "gather", prepare, async_op, timeout)
 
 
-def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False,
+def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
             timeout: float | None = None) -> Any:
     """Row i of the root's ``a`` (shape (g.size, ...)) to rank i; returns this
     rank's row. ``a`` is ignored (may be None) on the other ranks."""
@@ -247,7 +247,7 @@ def scatter(g: Any, a: Any, root: int = 0, async_op: bool = False,
     return start(g, "scatter", prepare, async_op, timeout)
 
 
-def all_to_all(g: Any, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """Split ``a`` (a.shape[0] divisible by g.size) into g.size blocks of rows;
     block i goes to rank i. Returns the blocks received, in rank order,
     concatenated: the same shape as ``a``."""
@@ -267,7 +267,7 @@ def all_to_all(g: Any, a: Any, async_op: bool = False, timeout: float | None = N
     return start(g, "all_to_all", prepare, async_op, timeout)
 
 
-def barrier(g: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+def barrier(g: Comm, async_op: bool = False, timeout: float | None = None) -> Any:
     """Return once every member of ``g`` has entered the barrier."""
     def body(ctx: Ctx) -> None:
         if board.available(ctx):
@@ -277,7 +277,7 @@ def barrier(g: Any, async_op: bool = False, timeout: float | None = None) -> Any
     return start(g, "barrier", lambda t: (_fp("barrier"), body), async_op, timeout)
 
 
-def broadcast_object(g: Any, obj: Any = None, root: int = 0, async_op: bool = False,
+def broadcast_object(g: Comm, obj: Any = None, root: int = 0, async_op: bool = False,
                      timeout: float | None = None) -> Any:
     """The root's msgpack-able ``obj`` on every rank (as msgpack returns it:
     tuples become lists)."""
@@ -289,7 +289,7 @@ def broadcast_object(g: Any, obj: Any = None, root: int = 0, async_op: bool = Fa
     return start(g, "broadcast_object", prepare, async_op, timeout)
 
 
-def all_gather_object(g: Any, obj: Any, async_op: bool = False,
+def all_gather_object(g: Comm, obj: Any, async_op: bool = False,
                       timeout: float | None = None) -> Any:
     """The list of every rank's msgpack-able ``obj``, in rank order."""
     def prepare(t: Tuning) -> tuple[dict, Body]:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from mesh import ANY, LostPeerError, MeshError, MismatchError
+from mesh import Comm, LostPeerError, MeshError, MismatchError
 
 from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
@@ -77,7 +77,7 @@ class _Box:
                         else None for p in range(ctx.g.size)]
 
 
-_boxes: "weakref.WeakKeyDictionary[Any, _Box]" = weakref.WeakKeyDictionary()
+_boxes: "weakref.WeakKeyDictionary[Comm, _Box]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -91,7 +91,7 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
         box = _boxes.get(ctx.g)
     if box is None:
         box = _Box(ctx)
-        ctx.g._keep_alive(box)  # peers may read it after this rank drops the group
+        ctx.ch.keep_alive(box)  # peers may read it after this rank drops the group
         with _lock:
             _boxes[ctx.g] = box
     return True
@@ -115,7 +115,7 @@ class _Waiting:
 
     def posted(self) -> Any:
         if self.watch is None:
-            self.watch = self.ctx.g._irecv(ANY, self.ctx.tag, fp=self.ctx.fp)
+            self.watch = self.ctx.watch()
         return self.watch
 
     def idle(self, waiting_for: list[int]) -> BaseException | None:
@@ -148,13 +148,12 @@ class _Waiting:
     def _report(self, waited: float, waiting_for: list[int]) -> None:
         """Every MESH_STALL_WARN seconds of one wait, log what the late peers
         last said they were doing (the mesh's stall report)."""
-        t = getattr(self.ctx.g, "_t", None)
-        every = getattr(t, "stall_warn", 0.0)
-        if t is None or not every or waited < every * (self.reports + 1):
+        ch = self.ctx.ch
+        every = ch.stall_warn
+        if not every or waited < every * (self.reports + 1):
             return
         self.reports += 1
-        t.stalled(self.where(), [self.ctx.g.ranks[p] for p in waiting_for], waited,
-                  self.ctx.timeout)
+        ch.stalled(self.where(), waiting_for, waited, self.ctx.timeout)
 
     def gone(self, peer: int, what: str) -> None:
         """``peer`` finished this collective without ``what``: it failed, and
@@ -318,7 +317,7 @@ class Round:
                       if h[b + FPHASH] == self.hash else
                       f" (fingerprint hash {int(h[b + FPHASH]):x}, ours {self.hash:x})")
         raise MismatchError(f"rank {rank}: collective mismatch on group "
-                            f"{getattr(self.ctx.g, 'name', '?')}: rank {rank} called "
+                            f"{self.ctx.g.name}: rank {rank} called "
                             f"{mine} but rank {peer} called {other}")
 
     def stage(self, k: int) -> None:

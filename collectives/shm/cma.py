@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh import ANY, LostPeerError, MeshError
+from mesh import Comm, LostPeerError, MeshError
 from mesh.env import host_id
 
 from ..host.exchange import all_gather_object_direct
@@ -41,7 +41,7 @@ _PR_SET_PTRACER, _PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1)
 _LEFT_WAIT_S = 2.0
 _token = np.zeros(2, np.uint64)
 _token_pid = 0
-_groups: "weakref.WeakKeyDictionary[Any, list[int] | None]" = weakref.WeakKeyDictionary()
+_groups: "weakref.WeakKeyDictionary[Comm, list[int] | None]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -101,7 +101,7 @@ def failed_read(ctx: Ctx, peer: int, err: int, what: str) -> MeshError:
     where, world = ctx.where(), ctx.g.ranks[peer]
     who = f"rank {peer}" if not ctx.g.gid else f"rank {peer} (world rank {world})"
     wait = 0.0 if err == errno.ESRCH else min(_LEFT_WAIT_S, ctx.left())
-    aborted = caught(ctx.g._irecv(ANY, ctx.tag, fp=ctx.fp), wait)
+    aborted = caught(ctx.watch(), wait)
     if isinstance(aborted, MeshError):
         return aborted
     if err == errno.ESRCH:

@@ -194,7 +194,7 @@ def scatter(ctx: Ctx, src: np.ndarray | None, root: int) -> np.ndarray:
             r.post(payload=np.frombuffer(meta, np.uint8), addr=src.ctypes.data)
             r.gather()
             r.wait_stage(r.peers, 2)
-            return src[rank].copy()
+            return src[rank, ...].copy()   # a 0-d array for 1-d src, not a numpy scalar
         r.post()
         addrs = r.gather()
         dtype, shape = msgpack.unpackb(r.payload_of(root).tobytes())

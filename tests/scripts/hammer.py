@@ -8,7 +8,7 @@ the secret but no rank, who sends every kind of malformed message the
 transport must drop: random frames, headers that are not msgpack, wrong
 field types, oversized headers, payloads whose length does not fit dtype and
 shape, unknown and spoofed source ranks, non-msgpack objects, control
-messages with payloads. Prints how many messages it sent.
+messages with payloads. Prints how many messages it sent (after a first line, "started", once its sockets are up).
 """
 import os
 import random
@@ -55,7 +55,7 @@ def garbage(rng: random.Random) -> list:
     if k == 8:
         return [wire.encode(wire.CREDIT, 1, credit=1 << 40), b"payload"]
     if k == 9:
-        return [wire.encode(wire.ABORT, rng.randrange(SIZE), 0, tag, reason="bogus", credit=2)]
+        return [wire.encode(wire.ABORT, rng.randrange(SIZE), 0, tag, reason="bogus")]
     if k == 10:
         return [_header(k=0, s=1, g=0, t=tag, d="|O", sh=[1], n=8), b"\x00" * 8]
     return [_header(k=0, s=1, g=0, t=tag, d="<f8", sh=[1 << 40, 1 << 40], n=8), b"\x00" * 8]
@@ -77,6 +77,7 @@ def main() -> None:
         s.setsockopt(zmq.IDENTITY, {"self": b"0", "rank1": b"1"}.get(how, b"x"))
         s.connect(ENDPOINT)
         socks.append(s)
+    print("started", flush=True)   # the test's ranks start their all_reduces only now
     sent = 0
     deadline = time.monotonic() + SECONDS
     while time.monotonic() < deadline and not select.select([sys.stdin], [], [], 0)[0]:

@@ -1,8 +1,8 @@
 """Worker bootstrap: what meshrun runs in every worker process.
 
-    python .../mesh/_bootstrap.py script.py args...
-    python .../mesh/_bootstrap.py -m package.module args...
-    python .../mesh/_bootstrap.py --exec program args...
+    python .../mesh/launch/_bootstrap.py script.py args...
+    python .../mesh/launch/_bootstrap.py -m package.module args...
+    python .../mesh/launch/_bootstrap.py --exec program args...
 
 It first arms the parent-death signal (SIGKILL when the launcher dies) and
 checks that the launcher is still there, then runs the user's program as
@@ -16,10 +16,10 @@ line for every other rank (``--log-dir`` keeps every traceback whole). The
 error is also left in ``sys.last_value``, as the interpreter leaves one, so
 that a mesh the program left open is closed at exit as failed.
 
-It is run as a file, not with ``-m mesh._bootstrap``, and imports only the
-standard library: the signal is armed before anything slow is imported, and
-the user's program sees neither the mesh package nor its import errors unless
-it imports mesh itself.
+It is run as a file, not with ``-m mesh.launch._bootstrap``, and imports
+only the standard library: the signal is armed before anything slow is
+imported, and the user's program sees neither the mesh package nor its
+import errors unless it imports mesh itself.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from types import TracebackType
 __all__ = ["arm_parent_death_signal", "write_error_record", "brief_traceback", "main"]
 
 _PR_SET_PDEATHSIG = 1
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _OWN = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in ("mesh", "collectives", "engine"))
 
 

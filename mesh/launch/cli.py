@@ -1,19 +1,8 @@
-"""meshrun: start the workers of a job, relay their output, and stop them all
-as soon as one fails, naming the rank that failed first and showing its own
-Python traceback.
-
-    meshrun -n 4 train.py --lr 0.1        # 4 workers on this host
-    meshrun -n 2 -m package.module        # run a module, like python -m
-    MESH_SECRET=... meshrun --nnodes 2 --node-rank 0 --master-addr host0 \\
-        --master-port 29500 -n 4 train.py # one meshrun per host
-
-The launcher serves the rendezvous (on node 0) and hands each worker its
-place in the job through the environment (see ``mesh.env.from_env``).
-"""
+"""meshrun's command line: its arguments, each worker's place in the job, and
+one host's share of the job from start to exit code."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
@@ -21,18 +10,16 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from typing import Any, Sequence
 
-from . import errors
-from ._procs import Job, JobOutcome, WorkerExit, WorkerSpec, signal_name
+from .records import WorkerSpec, error_file, log_tracebacks, read_records
+from .report import exit_code, format_report
+from .supervise import Job
 
-__all__ = ["main", "launch", "build_parser", "format_report"]
+__all__ = ["main", "launch", "build_parser"]
 
 _BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap.py")
-_TIMEOUT_EXIT = 124
 _SETTLE_S = 1.0  # how long the first failure lets the others end on their own
-_RULE = "=" * 72
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +114,7 @@ def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
         "MESH_LAUNCHER": "1", "MESH_NODE_RANK": str(a.node_rank),
         "MESH_LAUNCHER_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
         "MESH_RUNTIME_DIR": run_dir,
-        "MESH_ERROR_FILE": os.path.join(err_dir, f"rank{rank}.error.json"),
+        "MESH_ERROR_FILE": error_file(err_dir, rank),
     })
     if a.curve:
         env["MESH_CURVE"] = "1"
@@ -142,8 +129,8 @@ def _worker_argv(a: argparse.Namespace) -> list[str]:
 def _serve_rendezvous(a: argparse.Namespace, secret: str) -> Any:
     """Start the rendezvous service (node 0 only); it binds the given port or
     port 0 and the bound port is what workers are told, never a guess."""
-    from .auth import curve_wanted
-    from .rendezvous import RendezvousServer
+    from ..auth import curve_wanted
+    from ..rendezvous import RendezvousServer
     host = "*" if a.nnodes > 1 else a.master_addr
     srv = RendezvousServer(a.nnodes * a.nproc, secret, host=host, port=a.master_port or 0,
                            curve=a.curve or curve_wanted())
@@ -155,122 +142,6 @@ def _close_bounded(srv: Any, seconds: float = 5.0) -> None:
     t = threading.Thread(target=srv.close, name="meshrun-rdzv-close", daemon=True)
     t.start()
     t.join(seconds)
-
-
-def _read_record(err_dir: str, rank: int) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(err_dir, f"rank{rank}.error.json"), encoding="utf-8") as f:
-            rec = json.load(f)
-        return rec if isinstance(rec, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _stamp(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
-
-
-def _no_traceback(e: WorkerExit) -> str:
-    if e.returncode is None:
-        return "no traceback: the process could not be reaped"
-    if e.returncode < 0:
-        return f"no traceback: killed by {signal_name(-e.returncode)}"
-    return (f"no traceback: exited with code {e.returncode} without an uncaught Python "
-            f"exception (sys.exit, os._exit, or a crash in native code)")
-
-
-def _secondary(rec: dict[str, Any] | None) -> bool:
-    """Whether an error record is a consequence of another rank's failure (a
-    lost peer, an abort relayed from the rank that failed), as mesh.spawn
-    tells them: its rank may well exit before the one that failed first."""
-    if not rec:
-        return False
-    kind = rec.get("exc_type")
-    return kind == "LostPeerError" or (kind in errors.__all__
-                                       and " aborted: " in str(rec.get("message", "")))
-
-
-def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> WorkerExit | None:
-    own = [e for e in outcome.exits if e.failed and not e.after_stop]
-    return min(own, key=lambda e: (_secondary(records.get(e.rank)),
-                                   records.get(e.rank, {}).get("time", e.time), e.rank),
-               default=None)
-
-
-def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
-    """msg with its last part elided when the root cause's message ends the
-    same way (the same mismatch seen from another rank)."""
-    head, _, last = msg.rpartition(": ")
-    if head and len(last) >= 30 and root_msg.endswith(": " + last):
-        return f"{head}: ... (as rank {root_rank})"
-    return msg
-
-
-def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc: int,
-                  timeout: float | None = None) -> str:
-    """The root-cause table: why the job stopped, the first failing rank's
-    error, exit and traceback, then one line for every other rank."""
-    root = _root_cause(outcome, records)
-    lines = [_RULE]
-    if outcome.reason == "timeout":
-        lines.append(f"meshrun: job timed out after {timeout:g} s; stopped every rank")
-    elif outcome.reason == "signal":
-        lines.append(f"meshrun: stopped by {signal_name(outcome.signum or 0)}")
-    root_rec = records.get(root.rank) if root is not None else None
-    if root is not None:
-        lines.append(f"Root cause: rank {root.rank} failed first")
-        if root_rec:
-            lines.append(f"  error      : {root_rec.get('exc_type')}: {root_rec.get('message')}")
-        lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
-                  f"{root.local_rank}, pid {root.pid})",
-                  f"  exit       : {root.describe()}",
-                  f"  time       : {_stamp(root_rec['time'] if root_rec else root.time)}"]
-        if root_rec:
-            tb = root_rec.get("brief") or root_rec.get("traceback", "")
-            lines.append("  traceback  :")
-            lines += ["    " + ln for ln in str(tb).rstrip().splitlines()]
-        else:
-            lines.append(f"  traceback  : {_no_traceback(root)}")
-    others = [e for e in sorted(outcome.exits, key=lambda e: e.rank) if e is not root]
-    if others:
-        lines.append("Other ranks:")
-    for e in others:
-        if not e.after_stop:
-            how = "failed on its own" if e.failed else "finished"
-        else:
-            how = "stopped by meshrun" if e.returncode != 0 else "finished while stopping"
-        rec = records.get(e.rank)
-        err = ""
-        if rec and e.failed:
-            msg = str(rec.get("message")).split("\n", 1)[0]
-            if root is not None and root_rec:
-                msg = _as_root(msg, str(root_rec.get("message")), root.rank)
-            err = f"; {rec.get('exc_type')}: {msg}"
-        lines.append(f"  rank {e.rank:<4} {e.describe()} ({how}){err}")
-    lines.append(_RULE)
-    return "\n".join(lines) + "\n"
-
-
-def _log_tracebacks(log_dir: str, records: dict[int, dict[str, Any]]) -> None:
-    """Add each rank's whole traceback to its stderr log: only its last line
-    went through the relay."""
-    for rank, rec in records.items():
-        try:
-            with open(os.path.join(log_dir, f"rank{rank}.stderr.log"), "a",
-                      encoding="utf-8") as f:
-                f.write(str(rec.get("traceback", "")))
-        except OSError:
-            pass
-
-
-def _exit_code(outcome: JobOutcome, root: WorkerExit | None) -> int:
-    if outcome.reason == "timeout":
-        return _TIMEOUT_EXIT
-    if outcome.reason == "signal":
-        return 128 + (outcome.signum or 0)
-    if root is None or root.returncode is None:
-        return 0 if outcome.reason == "ok" else 1
-    return root.returncode if root.returncode > 0 else 128 - root.returncode
 
 
 def launch(a: argparse.Namespace) -> int:
@@ -299,15 +170,14 @@ def launch(a: argparse.Namespace) -> int:
             specs.append(WorkerSpec(int(env["RANK"]), local, _worker_argv(a), env))
         outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir,
                       settle=_SETTLE_S).run(specs, timeout=a.timeout)
-        records = {e.rank: r for e in outcome.exits
-                   if (r := _read_record(err_dir, e.rank)) is not None}
+        records = read_records(err_dir, (e.rank for e in outcome.exits))
         if a.log_dir:
-            _log_tracebacks(a.log_dir, records)
+            log_tracebacks(a.log_dir, records)
         if outcome.reason != "ok":
             sys.stdout.flush()
             sys.stderr.write(format_report(outcome, records, a.nproc, a.timeout))
             sys.stderr.flush()
-        return _exit_code(outcome, _root_cause(outcome, records))
+        return exit_code(outcome, records)
     finally:
         if srv is not None:
             _close_bounded(srv)
@@ -328,6 +198,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 1
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,247 +1,32 @@
-"""Worker processes of one meshrun job: start them, relay their output, notice
-the first failure, and tear everything down within bounded time.
+"""Supervision of one meshrun job's workers: start them, notice the first
+failure, and tear everything down within bounded time.
 
 Each worker leads its own process group, so a kill reaches its children too.
 A worker's exit is noticed with ``waitid(WNOWAIT)``: the zombie still holds
 its pid, so its group id cannot be reused while the launcher kills what is
-left in the group, and only then is it reaped. A small watchdog process (this
-file run with ``--watchdog``) kills every group if the launcher itself dies.
-
-Standard library only: the watchdog runs this file with ``python -I``.
+left in the group, and only then is it reaped. The watchdog (watchdog.py)
+kills every group if the launcher itself dies.
 """
 from __future__ import annotations
 
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import BinaryIO, Callable, Sequence
 
-__all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "Job", "signal_name"]
+from .records import JobOutcome, WorkerExit, WorkerSpec
+from .relay import Sink, Stream
+from .watchdog import Watchdog
+
+__all__ = ["Job"]
 
 _POLL_S = 0.1  # fallback exit check when no SIGCHLD wakes the loop
 _REAP_S = 5.0  # how long SIGKILLed processes get to disappear
 _DRAIN_S = 1.0  # how long to keep reading output after the last exit
-_SINK_MAX = 64 << 20  # relayed output waiting for a slow reader
-_MAX_LINE = 1 << 16  # a longer run without a newline is relayed as a line anyway
-
-
-def signal_name(signum: int) -> str:
-    """'SIGKILL' for 9; 'signal 42' for numbers without a name."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """One process to start: its global and local rank, argv and environment."""
-    rank: int
-    local_rank: int
-    argv: Sequence[str]
-    env: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class WorkerExit:
-    """How a worker ended. returncode < 0 means killed by signal -returncode;
-    None means it could not be reaped in time. after_stop: it ended after the
-    launcher had begun stopping the job, so it is not a root cause."""
-    rank: int
-    local_rank: int
-    pid: int
-    returncode: int | None
-    time: float
-    after_stop: bool
-
-    @property
-    def failed(self) -> bool:
-        return self.returncode != 0
-
-    def describe(self) -> str:
-        if self.returncode is None:
-            return "still running after SIGKILL"
-        if self.returncode < 0:
-            return f"killed by {signal_name(-self.returncode)}"
-        return f"exit code {self.returncode}"
-
-
-@dataclass
-class JobOutcome:
-    """Why the job ended ('ok', 'failed', 'signal', 'timeout') and every exit."""
-    reason: str
-    exits: list[WorkerExit] = field(default_factory=list)
-    signum: int | None = None
-    stop_time: float | None = None
-
-
-class _Sink:
-    """Relayed output goes to the launcher's stdout/stderr from a thread of
-    its own, so a reader that stops reading (a full pipe) can never stall the
-    supervision loop: failures, Ctrl-C and --timeout are handled regardless.
-    At most ``_SINK_MAX`` bytes wait; beyond that output is dropped and the
-    loss is reported."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
-        self._chunks: list[bytes] = []
-        self._queued = 0
-        self._dropped = 0
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="meshrun-output", daemon=True)
-        self._thread.start()
-
-    def write(self, data: bytes) -> None:
-        with self._cond:
-            if self._queued + len(data) > _SINK_MAX:
-                self._dropped += len(data)
-                return
-            self._chunks.append(data)
-            self._queued += len(data)
-            self._cond.notify()
-
-    def flush(self) -> None:
-        pass
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._chunks and not self._closed:
-                    self._cond.wait()
-                if not self._chunks:
-                    return
-                chunks, self._chunks = self._chunks, []
-                self._queued = 0
-                dropped, self._dropped = self._dropped, 0
-            try:
-                if dropped:
-                    chunks.append(f"[meshrun] {dropped} bytes of output dropped: nobody was "
-                                  f"reading them\n".encode())
-                self._out.write(b"".join(chunks))
-                self._out.flush()
-            except (OSError, ValueError):
-                pass
-
-    def finish(self, deadline: float) -> None:
-        """Write out what is queued, waiting until ``deadline`` at most."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-
-
-class _Stream:
-    """Relays one pipe line by line with a rank prefix, and keeps a raw copy."""
-
-    def __init__(self, fd: int, prefix: bytes, sink: "_Sink", log: BinaryIO | None) -> None:
-        self.fd, self.prefix, self.sink, self.log = fd, prefix, sink, log
-        self._buf = b""
-
-    def pump(self) -> bool:
-        """Read what is there; False at end of stream."""
-        try:
-            data = os.read(self.fd, 1 << 16)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""
-        if self.log is not None and data:
-            self.log.write(data)
-        self._buf += data
-        lines = self._buf.split(b"\n")
-        self._buf = lines.pop()
-        if len(self._buf) >= _MAX_LINE or (not data and self._buf):
-            lines.append(self._buf)
-            self._buf = b""
-        if lines:
-            self._emit(b"".join(self.prefix + ln + b"\n" for ln in lines))
-        return bool(data)
-
-    def _emit(self, data: bytes) -> None:
-        try:
-            self.sink.write(data)
-            self.sink.flush()
-        except (OSError, ValueError):
-            pass
-
-    def close(self) -> None:
-        if self._buf:
-            self._emit(self.prefix + self._buf + b"\n")
-            self._buf = b""
-        os.close(self.fd)
-        if self.log is not None:
-            self.log.close()
-
-
-class _Watchdog:
-    """A process in its own session that cleans up if the launcher dies: its
-    pipe from the launcher closes without the final "bye", so it SIGKILLs the
-    registered process groups and removes the job's scratch directory.
-    Workers' parent-death signal covers the workers; this covers their
-    children, which that signal does not reach."""
-
-    def __init__(self, scratch: str | None) -> None:
-        rfd, self._wfd = os.pipe()
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-I", os.path.abspath(__file__), "--watchdog"],
-                stdin=rfd, stdout=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            os.close(rfd)
-        if scratch:
-            self._send(f"d{scratch}\n")
-
-    def _send(self, line: str) -> None:
-        try:
-            os.write(self._wfd, line.encode())
-        except OSError:
-            pass
-
-    def add(self, pgid: int) -> None:
-        self._send(f"+{pgid}\n")
-
-    def remove(self, pgid: int) -> None:
-        self._send(f"-{pgid}\n")
-
-    def close(self) -> None:
-        self._send("bye\n")
-        os.close(self._wfd)
-        try:
-            self._proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=2)
-
-
-def _watchdog_main() -> None:
-    for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-    groups: set[int] = set()
-    scratch = None
-    for line in sys.stdin.buffer:
-        op, arg = line[:1], line[1:].rstrip(b"\n")
-        if line == b"bye\n":
-            return
-        if op == b"d":
-            scratch = os.fsdecode(arg)
-        elif op == b"+":
-            groups.add(int(arg))
-        elif op == b"-":
-            groups.discard(int(arg))
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except OSError:
-            pass
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _Proc:
@@ -270,16 +55,16 @@ class Job:
         self.settle = settle
         self.log_dir = log_dir
         self.scratch = scratch
-        self._out = _Sink(stdout or sys.stdout.buffer)
-        self._err = _Sink(stderr or sys.stderr.buffer)
+        self._out = Sink(stdout or sys.stdout.buffer)
+        self._err = Sink(stderr or sys.stderr.buffer)
         self._procs: list[_Proc] = []
         self._sel = selectors.DefaultSelector()
         self._signals: list[int] = []
-        self._watchdog: _Watchdog | None = None
+        self._watchdog: Watchdog | None = None
 
     def _start(self, specs: Sequence[WorkerSpec]) -> None:
         """Start every worker, each in a new session (its own process group)."""
-        self._watchdog = _Watchdog(self.scratch)
+        self._watchdog = Watchdog(self.scratch)
         for spec in specs:
             popen = subprocess.Popen(list(spec.argv), env=dict(spec.env),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -295,7 +80,7 @@ class Job:
                 log = (open(os.path.join(self.log_dir, f"rank{spec.rank}.{name}.log"), "wb")
                        if self.log_dir else None)
                 self._sel.register(fd, selectors.EVENT_READ,
-                                   _Stream(fd, f"[{spec.rank}] ".encode(), sink, log))
+                                   Stream(fd, f"[{spec.rank}] ".encode(), sink, log))
 
     def run(self, specs: Sequence[WorkerSpec], timeout: float | None = None) -> JobOutcome:
         """Start the workers and supervise them until all have ended; whatever
@@ -444,7 +229,3 @@ def _killpg(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--watchdog"]:
-    _watchdog_main()

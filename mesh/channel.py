@@ -1,0 +1,96 @@
+"""What the layers above mesh (collectives, the engine) use, beside the
+public point-to-point API, to run operations that involve a whole group:
+``comm.collective_channel()``, one per communicator.
+
+* Tags: ``next_tag()`` numbers the group's collective calls, call n getting
+  tag -n, so their messages never meet a user's (user tags are >= 0) and
+  members that make the same calls number them alike. The transport knows
+  negative tags as collective ones: a member's death fails every receive
+  posted on one in its groups, whatever its source.
+* Fingerprinted messages: ``isend``/``irecv`` carry ``fp``, a msgpack value
+  equal on every member for one call; a receive whose message carries
+  another fails with MismatchError and aborts the tag on every member. A
+  dict is shown in that error as ``coll(key=value, ...)``, its ``"coll"``
+  entry naming the call. ``what`` names the operation in errors and stall
+  reports: ``all_reduce #3 on group world: recv from rank 1``.
+* Aborts: ``abort(tag, reason, kind)`` fails a tag on every member, now and
+  for operations posted on it later; each raises ``kind``'s error.
+  ``aborted(tag, what)`` is that error here, if the tag was aborted.
+* Lifetime: ``keep_alive(obj)`` and ``on_close(fn)`` keep memory that peers
+  may read until they have all said goodbye.
+* Stall reports: ``stalled(what, peers, waited)`` for waits made outside the
+  transport (polling a peer's memory).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from .comm import Comm, Request
+from .errors import AbortKind, MeshError
+from .transport import Transport, abort_error
+
+__all__ = ["CollectiveChannel", "AbortKind"]
+
+
+class CollectiveChannel:
+    """A communicator's collective side (see the module docstring). Ranks
+    are the communicator's, except where a world rank is said."""
+
+    __slots__ = ("_comm", "_t", "_me", "seq")
+
+    def __init__(self, comm: Comm, transport: Transport) -> None:
+        self._comm, self._t = comm, transport
+        self.seq = 0     # how many tags next_tag() has handed out
+        self._me = f"rank {comm.rank} of group {comm.name}" + (
+            f" (world rank {comm.ranks[comm.rank]})" if comm.gid else "")
+
+    def next_tag(self) -> int:
+        """The group's next collective's tag; take it in the calling thread,
+        in call order, so every member numbers its calls alike."""
+        self.seq += 1
+        return -self.seq
+
+    def isend(self, obj: Any, dst: int, tag: int, fp: Any, what: str) -> Request:
+        return self._comm._isend(obj, dst, tag, fp, what)
+
+    def irecv(self, src: int, tag: int, fp: Any, what: str, out: Any = None) -> Request:
+        """``src`` may be mesh.ANY (a receive posted only to catch an abort)."""
+        return self._comm._irecv(src, tag, out, fp, what)
+
+    def abort(self, tag: int, reason: str, kind: AbortKind = AbortKind.OTHER,
+              peer: int | None = None) -> None:
+        """Fail ``tag`` on every member; they raise ``kind``'s error (a lost
+        peer names ``peer``, a world rank), its text naming this rank."""
+        self._t.abort(self._comm.gid, tag, f"{self._me}: {reason}", kind,
+                      -1 if peer is None else peer)
+
+    def aborted(self, tag: int, what: str) -> MeshError | None:
+        """The error to raise for ``what`` if ``tag`` was aborted here (by a
+        peer, before this rank got to it), else None. Cheap: no lock, no message."""
+        t = self._t
+        record = t._aborted.get((self._comm.gid, tag)) if t._aborted else None
+        if record is None:
+            return None
+        return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")
+
+    def keep_alive(self, obj: Any) -> None:
+        """Hold ``obj`` until the mesh closes, not just while the group
+        object lives: peers may still read memory it owns (same-host
+        collectives) after this rank has dropped the group."""
+        self._t.keep_alive.append(obj)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` when the mesh closes, after every peer has said
+        goodbye (so none still reads what it releases), latest first."""
+        self._t.on_close.append(fn)
+
+    @property
+    def stall_warn(self) -> float:
+        """Seconds a wait may last before it logs a stall report (0: never)."""
+        return self._t.stall_warn
+
+    def stalled(self, what: str, peers: Iterable[int], waited: float,
+                limit: float | None = None) -> None:
+        """Log that ``what`` has waited ``waited`` seconds for ``peers``, with
+        what each of them last said it was doing (the mesh's stall report)."""
+        self._t.stalled(what, [self._comm.ranks[p] for p in peers], waited, limit)

@@ -1,0 +1,94 @@
+"""What meshrun knows of a job's ranks: the workers to start, how each one
+ended and why the job ended, and the error record a rank wrote as it failed
+(rank<R>.error.json, written by ``_bootstrap.write_error_record``)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "signal_name", "error_file",
+           "read_records", "log_tracebacks"]
+
+
+def signal_name(signum: int) -> str:
+    """'SIGKILL' for 9; 'signal 42' for numbers without a name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One process to start: its global and local rank, argv and environment."""
+    rank: int
+    local_rank: int
+    argv: Sequence[str]
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker ended. returncode < 0 means killed by signal -returncode;
+    None means it could not be reaped in time. after_stop: it ended after the
+    launcher had begun stopping the job, so it is not a root cause."""
+    rank: int
+    local_rank: int
+    pid: int
+    returncode: int | None
+    time: float
+    after_stop: bool
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode != 0
+
+    def describe(self) -> str:
+        if self.returncode is None:
+            return "still running after SIGKILL"
+        if self.returncode < 0:
+            return f"killed by {signal_name(-self.returncode)}"
+        return f"exit code {self.returncode}"
+
+
+@dataclass
+class JobOutcome:
+    """Why the job ended ('ok', 'failed', 'signal', 'timeout') and every exit."""
+    reason: str
+    exits: list[WorkerExit] = field(default_factory=list)
+    signum: int | None = None
+    stop_time: float | None = None
+
+
+def error_file(err_dir: str, rank: int) -> str:
+    """Where rank's error record goes (its ``MESH_ERROR_FILE``)."""
+    return os.path.join(err_dir, f"rank{rank}.error.json")
+
+
+def read_records(err_dir: str, ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """The error records found in err_dir, by rank."""
+    records: dict[int, dict[str, Any]] = {}
+    for rank in ranks:
+        try:
+            with open(error_file(err_dir, rank), encoding="utf-8") as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict):
+            records[rank] = rec
+    return records
+
+
+def log_tracebacks(log_dir: str, records: dict[int, dict[str, Any]]) -> None:
+    """Add each rank's whole traceback to its stderr log: only its last line
+    went through the relay."""
+    for rank, rec in records.items():
+        try:
+            with open(os.path.join(log_dir, f"rank{rank}.stderr.log"), "a",
+                      encoding="utf-8") as f:
+                f.write(str(rec.get("traceback", "")))
+        except OSError:
+            pass

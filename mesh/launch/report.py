@@ -1,0 +1,112 @@
+"""The root-cause report: from how each rank ended and the error records they
+wrote, which rank failed first and why, and the exit code meshrun ends with."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .. import errors
+from .records import JobOutcome, WorkerExit, signal_name
+
+__all__ = ["format_report", "exit_code"]
+
+_TIMEOUT_EXIT = 124
+_RULE = "=" * 72
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _no_traceback(e: WorkerExit) -> str:
+    if e.returncode is None:
+        return "no traceback: the process could not be reaped"
+    if e.returncode < 0:
+        return f"no traceback: killed by {signal_name(-e.returncode)}"
+    return (f"no traceback: exited with code {e.returncode} without an uncaught Python "
+            f"exception (sys.exit, os._exit, or a crash in native code)")
+
+
+def _secondary(rec: dict[str, Any] | None) -> bool:
+    """Whether an error record is a consequence of another rank's failure (a
+    lost peer, an abort relayed from the rank that failed), as mesh.spawn
+    tells them: its rank may well exit before the one that failed first."""
+    if not rec:
+        return False
+    kind = rec.get("exc_type")
+    return kind == "LostPeerError" or (kind in errors.__all__
+                                       and " aborted: " in str(rec.get("message", "")))
+
+
+def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> WorkerExit | None:
+    own = [e for e in outcome.exits if e.failed and not e.after_stop]
+    return min(own, key=lambda e: (_secondary(records.get(e.rank)),
+                                   records.get(e.rank, {}).get("time", e.time), e.rank),
+               default=None)
+
+
+def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
+    """msg with its last part elided when the root cause's message ends the
+    same way (the same mismatch seen from another rank)."""
+    head, _, last = msg.rpartition(": ")
+    if head and len(last) >= 30 and root_msg.endswith(": " + last):
+        return f"{head}: ... (as rank {root_rank})"
+    return msg
+
+
+def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc: int,
+                  timeout: float | None = None) -> str:
+    """The root-cause table: why the job stopped, the first failing rank's
+    error, exit and traceback, then one line for every other rank."""
+    root = _root_cause(outcome, records)
+    lines = [_RULE]
+    if outcome.reason == "timeout":
+        lines.append(f"meshrun: job timed out after {timeout:g} s; stopped every rank")
+    elif outcome.reason == "signal":
+        lines.append(f"meshrun: stopped by {signal_name(outcome.signum or 0)}")
+    root_rec = records.get(root.rank) if root is not None else None
+    if root is not None:
+        lines.append(f"Root cause: rank {root.rank} failed first")
+        if root_rec:
+            lines.append(f"  error      : {root_rec.get('exc_type')}: {root_rec.get('message')}")
+        lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
+                  f"{root.local_rank}, pid {root.pid})",
+                  f"  exit       : {root.describe()}",
+                  f"  time       : {_stamp(root_rec['time'] if root_rec else root.time)}"]
+        if root_rec:
+            tb = root_rec.get("brief") or root_rec.get("traceback", "")
+            lines.append("  traceback  :")
+            lines += ["    " + ln for ln in str(tb).rstrip().splitlines()]
+        else:
+            lines.append(f"  traceback  : {_no_traceback(root)}")
+    others = [e for e in sorted(outcome.exits, key=lambda e: e.rank) if e is not root]
+    if others:
+        lines.append("Other ranks:")
+    for e in others:
+        if not e.after_stop:
+            how = "failed on its own" if e.failed else "finished"
+        else:
+            how = "stopped by meshrun" if e.returncode != 0 else "finished while stopping"
+        rec = records.get(e.rank)
+        err = ""
+        if rec and e.failed:
+            msg = str(rec.get("message")).split("\n", 1)[0]
+            if root is not None and root_rec:
+                msg = _as_root(msg, str(root_rec.get("message")), root.rank)
+            err = f"; {rec.get('exc_type')}: {msg}"
+        lines.append(f"  rank {e.rank:<4} {e.describe()} ({how}){err}")
+    lines.append(_RULE)
+    return "\n".join(lines) + "\n"
+
+
+def exit_code(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> int:
+    """meshrun's exit code: the root cause's (128+N for signal N), 124 for a
+    timeout, 128+N when meshrun was stopped by signal N."""
+    root = _root_cause(outcome, records)
+    if outcome.reason == "timeout":
+        return _TIMEOUT_EXIT
+    if outcome.reason == "signal":
+        return 128 + (outcome.signum or 0)
+    if root is None or root.returncode is None:
+        return 0 if outcome.reason == "ok" else 1
+    return root.returncode if root.returncode > 0 else 128 - root.returncode
