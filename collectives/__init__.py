@@ -5,6 +5,7 @@
     work = collectives.all_reduce(g, a, async_op=True); work.wait()
 
     api.py        the public collectives: each call takes its array kind's path
+    tensors.py    torch tensors through them (views, bfloat16, results as tensors)
     buckets.py    GradReducer: gradient all-reduce in fusion buckets
     runner.py     how one call runs: tag, fingerprint, deadline, abort, lanes, Work
     plan.py       pure arithmetic: chunks, segments, trees, algorithm choice, Tuning

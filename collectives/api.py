@@ -16,10 +16,15 @@ Each call takes the path of its array's kind::
       broadcast                        on the GPU
     any other device array           staged whole: copied down, the host
                                        collective, copied back
+    torch tensor                     as a numpy view (CPU) or a CuPy view (CUDA)
+                                       of its memory, on the paths above
+                                       (collectives.tensors: bfloat16, results)
 """
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from mesh import Comm
 
@@ -28,6 +33,8 @@ from .device.paths import simple
 from .host import paths as host
 from .host.paths import all_gather_object, barrier, broadcast_object
 from .runner import check_comm
+from .tensors import is_tensor
+from .tensors import run as _on_tensor
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object"]
@@ -36,12 +43,19 @@ _staged_all_reduce = simple(host.all_reduce, in_place=True)
 _staged_all_gather = simple(host.all_gather, in_place=False)
 _staged_reduce_scatter = simple(host.reduce_scatter, in_place=False)
 _staged_broadcast = simple(host.broadcast, in_place=True)
+_staged_reduce = simple(host.reduce, in_place=True)
+_staged_gather = simple(host.gather, in_place=False)
+_staged_scatter = simple(host.scatter, in_place=False)
+_staged_all_to_all = simple(host.all_to_all, in_place=False)
 
 
 def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
-    """collectives.host.paths.all_reduce, for host and device arrays."""
+    """collectives.host.paths.all_reduce, for host and device arrays and tensors."""
     check_comm(g, "all_reduce")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(all_reduce, "all_reduce", g, a, op=op, async_op=async_op,
+                          algorithm=algorithm, timeout=timeout)
     if device.large(g, a, 1, algorithm, "rd"):
         return device.all_reduce(g, a, op, async_op, timeout)
     return _staged_all_reduce(g, a, op=op, async_op=async_op, timeout=timeout,
@@ -50,16 +64,21 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 
 def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                    timeout: float | None = None) -> Any:
-    """collectives.host.paths.reduce_scatter, for host and device arrays."""
+    """collectives.host.paths.reduce_scatter, for host and device arrays and tensors."""
     check_comm(g, "reduce_scatter")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(reduce_scatter, "reduce_scatter", g, a, op=op, async_op=async_op,
+                          timeout=timeout)
     if device.large(g, a):
         return device.reduce_scatter(g, a, op, async_op, timeout)
     return _staged_reduce_scatter(g, a, op=op, async_op=async_op, timeout=timeout)
 
 
 def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
-    """collectives.host.paths.all_gather, for host and device arrays."""
+    """collectives.host.paths.all_gather, for host and device arrays and tensors."""
     check_comm(g, "all_gather")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(all_gather, "all_gather", g, a, async_op=async_op, timeout=timeout)
     if device.large(g, a, g.size):
         return device.all_gather(g, a, async_op, timeout)
     return _staged_all_gather(g, a, async_op=async_op, timeout=timeout)
@@ -67,16 +86,50 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
 
 def broadcast(g: Comm, a: Any, root: int = 0, async_op: bool = False,
               algorithm: str | None = None, timeout: float | None = None) -> Any:
-    """collectives.host.paths.broadcast, for host and device arrays: through
-    CUDA IPC when the group can, else staged."""
+    """collectives.host.paths.broadcast, for host and device arrays and
+    tensors: through CUDA IPC when the group can, else staged."""
     check_comm(g, "broadcast")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(broadcast, "broadcast", g, a, root=root, async_op=async_op,
+                          algorithm=algorithm, timeout=timeout)
     if device.large(g, a) and algorithm is None:
         return device.broadcast(g, a, root, async_op, timeout)
     return _staged_broadcast(g, a, root=root, async_op=async_op, timeout=timeout,
                              algorithm=algorithm)
 
 
-reduce = simple(host.reduce, in_place=True)
-gather = simple(host.gather, in_place=False)
-scatter = simple(host.scatter, in_place=False)
-all_to_all = simple(host.all_to_all, in_place=False)
+def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = False,
+           algorithm: str | None = None, timeout: float | None = None) -> Any:
+    """collectives.host.paths.reduce, for host and device arrays and tensors."""
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(reduce, "reduce", g, a, root=root, op=op, async_op=async_op,
+                          algorithm=algorithm, timeout=timeout)
+    return _staged_reduce(g, a, root=root, op=op, async_op=async_op, algorithm=algorithm,
+                          timeout=timeout)
+
+
+def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
+           timeout: float | None = None) -> Any:
+    """collectives.host.paths.gather, for host and device arrays and tensors."""
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(gather, "gather", g, a, root=root, async_op=async_op,
+                          timeout=timeout)
+    return _staged_gather(g, a, root=root, async_op=async_op, timeout=timeout)
+
+
+def scatter(g: Comm, a: Any = None, root: int = 0, async_op: bool = False,
+            timeout: float | None = None) -> Any:
+    """collectives.host.paths.scatter, for host and device arrays and tensors.
+    A tensor passed on a rank that is not the root (where ``a`` is ignored)
+    makes its row come back as a tensor of that dtype and device."""
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(scatter, "scatter", g, a, root=root, async_op=async_op,
+                          timeout=timeout)
+    return _staged_scatter(g, a, root=root, async_op=async_op, timeout=timeout)
+
+
+def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+    """collectives.host.paths.all_to_all, for host and device arrays and tensors."""
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(all_to_all, "all_to_all", g, a, async_op=async_op, timeout=timeout)
+    return _staged_all_to_all(g, a, async_op=async_op, timeout=timeout)

@@ -22,9 +22,13 @@ was replaced between the launch and the copy back. A torch gradient tensor
 (or a numpy view of one) is refused: the reducer would go on reducing the
 old tensor after torch replaced it, and the replicas would drift apart.
 
-Gradients are all host (numpy) arrays or all device arrays of one GPU
-(CuPy, or anything with ``__cuda_array_interface__`` or DLPack, such as
-torch CUDA tensors, reduced in place through a CuPy view). Device buckets
+Gradients are all torch tensors on one device (parameters' ``.grad``, or
+the tensors given to ``all_reduce_grads``), all host (numpy) arrays or all
+device arrays of one GPU (CuPy, or anything with ``__cuda_array_interface__``
+or DLPack, reduced in place through a CuPy view). torch buckets are tensors
+on the gradients' device, reduced through collectives.tensors; bfloat16
+gradients share float32 buckets (widened on the way in, rounded once on the
+way back). Device buckets
 live on that GPU and go through collectives.all_reduce's device paths; the
 copies into and out of them run on the current stream, so, as for every
 device collective, ``wait()``'s results are ready for work queued after it
@@ -37,7 +41,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from mesh import Comm, device
+from mesh import Comm, device, tensors
 
 from .ops import resolve
 from .runner import check_comm
@@ -87,14 +91,14 @@ def _torch_held(a: Any) -> bool:
 class _Bucket:
     __slots__ = ("members", "buf", "offsets", "pending", "work")
 
-    def __init__(self, members: list[int], grads: Sequence[Any], xp: Any) -> None:
+    def __init__(self, members: list[int], sizes: Sequence[int], empty: Any) -> None:
         self.members = members
         self.offsets = []
         off = 0
         for i in members:
             self.offsets.append(off)
-            off += grads[i].size
-        self.buf = xp.empty(off, grads[members[0]].dtype)
+            off += sizes[i]
+        self.buf = empty(off, members[0])
         self.pending = set(members)
         self.work: Any = None
 
@@ -126,37 +130,78 @@ class GradReducer:
             for i, a in enumerate(self.grads):
                 if _torch_held(a):
                     raise TypeError(self._torch_message(i))
-        self.on_device = bool(self.grads) and device.is_device(self.grads[0])
+        self.torch = bool(self.grads) and tensors.is_tensor(self.grads[0])
+        self.on_device = not self.torch and bool(self.grads) and device.is_device(self.grads[0])
         for i, a in enumerate(self.grads):
-            if device.is_device(a) != self.on_device:
-                raise TypeError(f"gradient {i} is a {'host' if self.on_device else 'device'} "
-                                f"array and gradient 0 is not: a GradReducer takes all host "
-                                f"(numpy) or all device gradients")
-            if not self.on_device and (not isinstance(a, np.ndarray) or not a.flags.writeable):
-                raise TypeError(f"gradient {i} is not a writable numpy array")
-        # What the buckets copy from and back into: the arrays themselves, or
-        # CuPy views of device arrays (sharing their memory).
+            self._check(i, a)
+        # What the buckets copy from and back into: the arrays themselves,
+        # detached tensors, or CuPy views of device arrays (sharing their memory).
         self._views = [self._view(a) for a in self.grads]
-        self._specs = [(v.shape, v.dtype) for v in self._views]
+        self._specs = [(tuple(v.shape), v.dtype) for v in self._views]
         self._gpu: Any = None
-        xp: Any = np
-        if self.on_device:
-            xp = device.cupy()
-            ids = {v.device.id for v in self._views}
-            if len(ids) != 1:
-                raise ValueError(f"gradients live on GPUs {sorted(ids)}: a GradReducer's "
-                                 f"gradients share one GPU")
-            self._gpu = ids.pop()
-        for v in self._views:
-            resolve(op, v.dtype)
+        self._device: Any = None
+        if self.torch:
+            where = {v.device for v in self._views}
+            if len(where) != 1:
+                raise ValueError(f"gradients live on {sorted(map(str, where))}: a "
+                                 f"GradReducer's gradients share one device")
+            dev = self._device = where.pop()
+            wide = [tensors.BFLOAT16_WIDE if v.dtype == self._bf16 else
+                    tensors.check(v, f"GradReducer: gradient {i}")
+                    for i, v in enumerate(self._views)]
+            sizes = [v.numel() for v in self._views]
+            nbytes = [v.numel() * v.element_size() for v in self._views]
+
+            def empty(n: int, first: int) -> Any:
+                dt = self._views[first].dtype
+                return _torch().empty(n, dtype=_torch().float32 if dt == self._bf16 else dt,
+                                     device=dev)
+        else:
+            xp: Any = np
+            if self.on_device:
+                xp = device.cupy()
+                ids = {v.device.id for v in self._views}
+                if len(ids) != 1:
+                    raise ValueError(f"gradients live on GPUs {sorted(ids)}: a GradReducer's "
+                                     f"gradients share one GPU")
+                self._gpu = ids.pop()
+            wide = [v.dtype for v in self._views]
+            sizes = [v.size for v in self._views]
+            nbytes = [v.nbytes for v in self._views]
+
+            def empty(n: int, first: int) -> Any:
+                return xp.empty(n, self._views[first].dtype)
+        for dt in wide:
+            resolve(op, dt)
         self.op = op
-        plan = bucket_plan([v.nbytes for v in self._views], [v.dtype for v in self._views],
-                           bucket_bytes)
+        self._sizes = sizes
+        plan = bucket_plan(nbytes, wide, bucket_bytes)
         with self._on_gpu():
-            self.buckets = [_Bucket(m, self._views, xp) for m in plan]
+            self.buckets = [_Bucket(m, sizes, empty) for m in plan]
         self._where = {i: b for b in self.buckets for i in b.members}
 
+    @property
+    def _bf16(self) -> Any:
+        return _torch().bfloat16
+
+    def _check(self, i: int, a: Any) -> None:
+        """Gradient ``i`` is of the reducer's kind: torch, device or host."""
+        if self.torch:
+            if not tensors.is_tensor(a):
+                raise TypeError(f"gradient {i} is a {type(a).__name__} and gradient 0 a torch "
+                                f"tensor: a GradReducer takes all torch, all host (numpy) or "
+                                f"all device gradients")
+            return
+        if tensors.is_tensor(a) or device.is_device(a) != self.on_device:
+            raise TypeError(f"gradient {i} is a {'host' if self.on_device else 'device'} "
+                            f"array and gradient 0 is not: a GradReducer takes all torch, "
+                            f"all host (numpy) or all device gradients")
+        if not self.on_device and (not isinstance(a, np.ndarray) or not a.flags.writeable):
+            raise TypeError(f"gradient {i} is not a writable numpy array")
+
     def _view(self, a: Any) -> Any:
+        if self.torch:
+            return a.detach()
         return device.as_cupy(a) if self.on_device else a
 
     @staticmethod
@@ -167,22 +212,21 @@ class GradReducer:
                 f"instead: GradReducer(g, [p for p in model.parameters() if p.requires_grad])")
 
     def _current(self, i: int) -> Any:
-        """Parameter i's current gradient as the reducer reduces it (a numpy
-        view of a CPU tensor, a CUDA tensor as it is); zeros when None."""
+        """Parameter i's current gradient tensor; zeros when None."""
         assert self.params is not None
         p = self.params[i]
         if p.grad is None:
             p.grad = p.detach().new_zeros(p.shape)
         t = self._held[i] = p.grad
-        return t if device.is_device(t) else t.detach().numpy()
+        return t
 
     def _replace(self, i: int, grad: Any) -> None:
-        if device.is_device(grad) != self.on_device:
-            raise TypeError(f"gradient {i}: a {'host' if self.on_device else 'device'} "
-                            f"array replaces a {'device' if self.on_device else 'host'} one")
+        self._check(i, grad)
         (shape, dtype), new = self._specs[i], self._view(grad)
-        if new.shape != shape or new.dtype != dtype:
-            raise ValueError(f"gradient {i} was {dtype}{shape}, now {new.dtype}{new.shape}")
+        if tuple(new.shape) != shape or new.dtype != dtype or \
+                (self.torch and new.device != self._device):
+            raise ValueError(f"gradient {i} was {dtype}{shape}, now {new.dtype}"
+                             f"{tuple(new.shape)}")
         self.grads[i], self._views[i] = grad, new
 
     def _on_gpu(self) -> Any:
@@ -215,8 +259,7 @@ class GradReducer:
                 self._replace(i, self._current(i))
         with self._on_gpu():
             for i, off in zip(b.members, b.offsets):
-                v = self._views[i]
-                b.buf[off:off + v.size] = v.reshape(-1)
+                b.buf[off:off + self._sizes[i]] = self._views[i].reshape(-1)
             b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True, timeout=self.timeout)
 
     def wait(self) -> None:
@@ -234,7 +277,7 @@ class GradReducer:
                 b.pending = set(b.members)
                 for i, off in zip(b.members, b.offsets):
                     v = self._views[i]
-                    v[...] = b.buf[off:off + v.size].reshape(v.shape)
+                    v[...] = b.buf[off:off + self._sizes[i]].reshape(v.shape)
         if self.params is None:
             return
         stale = [i for i, p in enumerate(self.params) if p.grad is not self._held[i]]
@@ -246,6 +289,11 @@ class GradReducer:
                                f"bucket took it: parameter {i}'s .grad changed between its "
                                f"bucket's launch and wait() (zero_grad() or another backward "
                                f"in between?), so it holds no average (replaced: {stale[:8]})")
+
+
+def _torch() -> Any:
+    import torch     # only ever called once a tensor was seen
+    return torch
 
 
 class _Once(GradReducer):

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from mesh.tensors import dtype_name
+
 __all__ = ["OPS", "ReduceOp", "resolve", "array_module"]
 
 OPS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
@@ -71,11 +73,11 @@ class ReduceOp:
 def _problem(name: str, dt: np.dtype) -> str | None:
     kind = dt.kind
     if kind not in "biufc":
-        return f"dtype {dt} is not numeric"
+        return f"dtype {dtype_name(dt)} is not numeric"
     if name in ("band", "bor", "bxor") and kind not in "biu":
-        return f"op {name!r} needs an integer or bool dtype, got {dt}"
+        return f"op {name!r} needs an integer or bool dtype, got {dtype_name(dt)}"
     if name == "avg" and kind in "biu":
-        return (f"op 'avg' needs a floating or complex dtype, got {dt} "
+        return (f"op 'avg' needs a floating or complex dtype, got {dtype_name(dt)} "
                 f"(use 'sum' and divide, or cast first)")
     if name in ("min", "max") and kind == "c":
         return f"op {name!r} is undefined for complex dtype {dt}"

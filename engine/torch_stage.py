@@ -2,11 +2,14 @@
 backward. torch is imported only when a TorchStage is built, so meshrun
 never depends on it.
 
-Arrays cross the stage boundary as numpy (CPU tensors share memory with
-them). A floating input is cast to the module's dtype inside the graph, so
-a float32 module takes float64 activations and hands back gradients in the
-input's dtype. ``grads()`` returns numpy views of the parameters' current
-``.grad`` tensors (zeros put in place of the None that torch's default
+Activations and their gradients cross the stage boundary as torch tensors
+(point-to-point sends them as views of their memory, and the receiving
+stage gets tensors); numpy arrays are taken too (the first stage's inputs).
+Inputs go to the module's device (CPU or CUDA). A floating input is cast to
+the module's dtype inside the graph, so a float32 module takes float64
+activations and hands back gradients in the input's dtype. ``grads()``
+returns views of the parameters' current ``.grad`` tensors (numpy for CPU,
+CuPy for CUDA; zeros put in place of the None that torch's default
 ``optimizer.zero_grad()`` leaves), so the executor's in-place all-reduce
 updates torch's gradients; call it again after ``zero_grad()``, as the
 executor does every step: an older list may view tensors torch replaced.
@@ -31,8 +34,14 @@ def _torch() -> Any:
     return torch
 
 
+def _tensor(torch: Any, x: Any, device: Any = None) -> Any:
+    """``x`` (a tensor or an array) as a tensor, on ``device`` when given."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t if device is None else t.to(device)
+
+
 class TorchStage:
-    """A stage running ``module`` on CPU tensors made from numpy arrays."""
+    """A stage running ``module`` (on CPU or one GPU) on torch tensors."""
 
     def __init__(self, module: Any) -> None:
         torch = _torch()
@@ -43,6 +52,8 @@ class TorchStage:
         floats = [t.dtype for t in (*module.parameters(), *module.buffers())
                   if t.is_floating_point()]
         self.dtype = floats[0] if floats else None
+        where = [t.device for t in (*module.parameters(), *module.buffers())]
+        self.device = where[0] if where else None
         for p in self._params:
             self._grad(p)
 
@@ -57,7 +68,7 @@ class TorchStage:
         """The leaf tensor whose .grad is the input gradient, and what the
         module gets: the leaf cast to the module's dtype (inside the graph)."""
         torch = _torch()
-        t = torch.as_tensor(np.asarray(x))
+        t = _tensor(torch, x, self.device)
         if not t.is_floating_point():
             return t, t
         t = t.detach().clone().requires_grad_(True)
@@ -66,23 +77,23 @@ class TorchStage:
     def forward(self, x: Any) -> tuple[Any, Any]:
         t, fed = self._input(x)
         out = self.module(fed)
-        return out.detach().numpy(), (t, out)
+        return out.detach(), (t, out)
 
     def backward(self, ctx: Any, gy: Any) -> Any:
         torch = _torch()
         t, out = ctx
-        out.backward(torch.as_tensor(np.asarray(gy)))
-        return None if t.grad is None else t.grad.numpy()
+        out.backward(_tensor(torch, gy, out.device))
+        return t.grad
 
     def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
         """Gradient of the input only; the graph is kept for backward_weight."""
         torch = _torch()
         t, out = ctx
-        g = torch.as_tensor(np.asarray(gy))
+        g = _tensor(torch, gy, out.device)
         if not t.requires_grad:
             return None, (out, g)
         (gx,) = torch.autograd.grad(out, [t], g, retain_graph=True)
-        return gx.numpy(), (out, g)
+        return gx, (out, g)
 
     def backward_weight(self, wctx: Any) -> None:
         torch = _torch()
@@ -94,21 +105,30 @@ class TorchStage:
                     self._grad(p).add_(gp)
 
     def params(self) -> list[Any]:
-        return [p.detach().numpy() for p in self._params]
+        return [_view(p.detach()) for p in self._params]
 
     def grads(self) -> list[Any]:
-        return [self._grad(p).numpy() for p in self._params]
+        return [_view(self._grad(p)) for p in self._params]
+
+
+def _view(t: Any) -> Any:
+    """An array sharing ``t``'s memory: numpy for CPU, CuPy for CUDA."""
+    if t.is_cuda:
+        from mesh import device
+        return device.as_cupy(t)
+    return t.numpy()
 
 
 def torch_loss(fn: Any) -> Any:
     """Wrap a torch loss (``fn(y, target) -> scalar tensor``, mean over the
-    micro-batch) as a pipeline ``loss_fn`` on numpy arrays."""
+    micro-batch) as a pipeline ``loss_fn`` on tensors (or numpy arrays);
+    the target goes to the output's device."""
     torch = _torch()
 
     def loss_fn(y: Any, target: Any) -> tuple[float, Any]:
-        ty = torch.as_tensor(np.asarray(y)).detach().requires_grad_(True)
-        loss = fn(ty, torch.as_tensor(np.asarray(target)))
+        ty = _tensor(torch, y).detach().requires_grad_(True)
+        loss = fn(ty, _tensor(torch, target, ty.device))
         loss.backward()
-        return float(loss.detach()), ty.grad.numpy()
+        return float(loss.detach()), ty.grad
 
     return loss_fn

@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import wire
+from . import tensors, wire
 from .errors import AbortKind, LostPeerError, MeshError, MismatchError, OutMismatchError
-from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe
+from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe, describe
 from .payload import fmt_fp, out_problem
 from .peer import ALIVE, DEAD, Peer
 
@@ -50,9 +50,15 @@ class Inbox:
         """Post a receive: matched with a waiting message at once, or queued.
         A waiting message that does not fit ``out`` fails it and stays queued.
         A Probe when ``probe``: complete, ``got`` set, once a message it
-        matches waits in the unexpected queue, which keeps the message."""
+        matches waits in the unexpected queue, which keeps the message.
+        A torch tensor ``out`` is received into through a numpy (or CuPy)
+        view of its memory; the tensor is the request's ``target``, which
+        the transport's ``wait`` returns."""
+        target = None
+        if out is not None and type(out) is not np.ndarray and tensors.is_tensor(out):
+            target, out = out, tensors.out_view(out, f"rank {self.rank}: {describe(desc)}")
         req = Probe(group, src, tag, out, fp, desc) if probe else \
-            Pending(group, src, tag, out, fp, desc)
+            Pending(group, src, tag, out, fp, desc, target)
         msg = gone = None
         misfit = ""
         with self.lock:
@@ -125,7 +131,7 @@ class Inbox:
             return self.matcher.take_posted(group, src, tag)
 
     def arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
-               on_device: bool = False) -> None:
+               on_device: int = 0) -> None:
         """Deliver a fully received message that no posted receive had claimed:
         to the first posted receive it fits (those it does not fit fail), else
         to the unexpected queue, waking the probes it matches."""
@@ -148,7 +154,7 @@ class Inbox:
             p.complete(None)
 
     def complete(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
-                 on_device: bool = False) -> bool:
+                 on_device: int = 0) -> bool:
         """Finish a matched receive with a value that is not yet in ``req.out``.
         False when the value does not fit ``req.out``: ``req`` fails and the
         message is still the caller's to deliver (see arrive)."""
@@ -162,7 +168,7 @@ class Inbox:
         return True
 
     def _finish(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
-                on_device: bool) -> None:
+                on_device: int) -> None:
         """complete once the value is known to fit ``req.out``."""
         self.consumed(src, nbytes)
         if fp != req.fp:

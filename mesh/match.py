@@ -106,9 +106,10 @@ class Pending:
     """A posted receive; completed by the transport, waited on by the caller."""
 
     __slots__ = ("group", "src", "tag", "out", "fp", "_desc", "order", "event",
-                 "value", "error", "state", "device", "got")
+                 "value", "error", "state", "device", "got", "target")
 
-    def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> None:
+    def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
+                 target: Any = None) -> None:
         self.group, self.src, self.tag, self.out, self.fp = group, src, tag, out, fp
         self._desc = desc
         self.order = 0
@@ -116,8 +117,9 @@ class Pending:
         self.value: Any = None
         self.error: BaseException | None = None
         self.state = POSTED
-        self.device = False  # the message came from a device array
+        self.device = 0      # the message's origin flags (mesh.wire: device, torch)
         self.got: Any = None  # what matched: its wire header, or see got_fields
+        self.target = target  # the caller's out= when ``out`` is a view of it (a tensor)
 
     @property
     def desc(self) -> str:
@@ -147,7 +149,7 @@ class Arrived:
     __slots__ = ("src", "tag", "value", "nbytes", "fp", "order", "device")
 
     def __init__(self, src: int, tag: int, value: Any, nbytes: int, fp: Any,
-                 device: bool = False) -> None:
+                 device: int = 0) -> None:
         self.src, self.tag, self.value, self.nbytes, self.fp = src, tag, value, nbytes, fp
         self.order = 0
         self.device = device

@@ -1,7 +1,8 @@
 """Payloads: what may be sent and how it is turned into frames and back.
 
-Arrays (numeric and bool numpy arrays, any shape, any layout) travel as raw
-frames; anything else must be msgpack-able (no pickle on the wire)."""
+Arrays (numeric and bool numpy arrays, any shape, any layout; torch tensors
+through mesh.tensors) travel as raw frames; anything else must be
+msgpack-able (no pickle on the wire)."""
 from __future__ import annotations
 
 import math
@@ -10,16 +11,21 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from . import device, wire
+from . import device, tensors, wire
 from .match import describe
 
 __all__ = ["encode_payload", "as_array", "out_unusable", "out_problem", "out_fits", "fill",
-           "fmt_fp"]
+           "fmt_fp", "delivered"]
 
 
 def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any]:
     """(kind, header fields, payload frames, what must stay alive until sent);
-    ``desc`` is the operation's description (see match.describe)."""
+    ``desc`` is the operation's description (see match.describe). A torch
+    tensor goes as a view of its memory, flagged so the receiver gets one."""
+    bits = 0
+    if type(obj) is not np.ndarray and tensors.is_tensor(obj):
+        bits = tensors.flags(obj)
+        obj, _ = tensors.operand(obj, f"rank {rank}: {describe(desc)}")
     on_device = device.is_device(obj)
     arr = device.to_host(obj) if on_device else as_array(obj)
     if arr is not None:
@@ -28,7 +34,7 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
                             f"numeric and bool arrays only")
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
-        kw = {"dtype": arr.dtype.str, "shape": arr.shape, "device": on_device}
+        kw = {"dtype": arr.dtype.str, "shape": arr.shape, "device": int(on_device) | bits}
         return wire.DATA, kw, wire.array_frames(arr), arr
     try:
         packed = msgpack.packb(obj, use_bin_type=True)
@@ -54,6 +60,8 @@ def out_unusable(out: Any) -> str:
     if isinstance(out, np.ndarray):
         flags = out.flags
         contiguous, writable = flags.c_contiguous, flags.writeable
+    elif tensors.is_tensor(out):
+        return tensors.out_unusable(out)
     elif device.is_device(out):
         _, _, contiguous, writable = device.layout(out)
     else:
@@ -87,8 +95,17 @@ def out_fits(out: Any, dtype: np.dtype, shape: tuple[int, ...]) -> str:
     else:
         return f"out= is a {type(out).__name__}, not a numpy or device array"
     if odt != dtype or math.prod(oshape) != math.prod(shape):
-        return f"the message is {dtype}{list(shape)}, out= is {odt}{list(oshape)}"
+        name = tensors.dtype_name      # bfloat16's raw bits are named bfloat16
+        return f"the message is {name(dtype)}{list(shape)}, out= is {name(odt)}{list(oshape)}"
     return "" if usable else "out= is not a writable C-contiguous array"
+
+
+def delivered(value: np.ndarray, bits: int) -> Any:
+    """A received array as its sender's kind (header flags ``bits``): on the
+    device when it came from one, a torch tensor when it was one."""
+    if bits & tensors.TORCH:
+        return tensors.received(value, bool(bits & 1), bits)
+    return device.to_device(value)
 
 
 def fill(dest: np.ndarray, parts: list) -> None:

@@ -29,7 +29,7 @@ from .errors import BadMessageError, LostPeerError, MeshTimeoutError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
 from .match import DONE, Pending
-from .payload import encode_payload
+from .payload import delivered, encode_payload
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float
 from .progress import Progress
 from .reader import COPY_BELOW, Reader
@@ -188,11 +188,11 @@ class Transport:
             if item.error is not None:
                 raise item.error
             out = item.out
-            if out is not None and type(out) is not np.ndarray and device.is_device(out):
-                return device.to_device(_host_array(item), out)
-            if item.device:
-                return device.to_device(_host_array(item))
-            return item.value
+            if out is None:     # flagged: a device array's or a tensor's message
+                return delivered(_host_array(item), item.device) if item.device else item.value
+            if type(out) is not np.ndarray and device.is_device(out):
+                out = device.to_device(_host_array(item), out)
+            return out if item.target is None else item.target   # a tensor out=: the tensor
         if not item.event.is_set() and not self._await_credit(item, limit):
             raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
                                    f"waiting for credit from rank {item.dst} (it is not "

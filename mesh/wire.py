@@ -18,7 +18,8 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  reports) or the error a failing rank leaves with (goodbyes;
                  none: a clean close), p the lost peer an abort names, or the
                  failing rank whose goodbye a heartbeat answers (-1: none),
-                 v true when the array came from a device (returned on one)
+                 v flags of the array's origin (returned as such): 1 a device
+                 array, 2 a torch tensor, 4 a bfloat16 one (sent as uint16)
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import msgpack
 import numpy as np
 
 from .errors import AbortKind, BadMessageError
+from .tensors import BFLOAT16
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "FRAME_BYTES",
            "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
@@ -58,7 +60,7 @@ class Header(NamedTuple):
     fp: Any = None
     credit: int = 0
     reason: str = ""
-    device: bool = False
+    device: int = 0         # the v flags
     peer: int = -1
     dt: Any = None          # np.dtype of ``dtype``, resolved once
     abort: AbortKind = AbortKind.OTHER
@@ -87,7 +89,7 @@ def _dtype(name: str) -> np.dtype:
 
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
-           credit: int = 0, reason: str = "", device: bool = False, peer: int = -1,
+           credit: int = 0, reason: str = "", device: int = 0, peer: int = -1,
            abort: AbortKind = AbortKind.OTHER) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if kind in (DATA, OBJ, ABORT):
@@ -97,7 +99,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         h["d"] = dtype
         h["sh"] = list(shape or ())
         if device:
-            h["v"] = True
+            h["v"] = int(device)
     if kind in (DATA, OBJ):
         h["n"] = nbytes
         if fp is not None:
@@ -165,12 +167,19 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         raise BadMessageError(f"array header has dtype {dtype!r} and shape {shape!r}")
     if not all(type(x) is int and x >= 0 for x in shape):
         raise BadMessageError(f"array shape {shape!r} has a non-integer or negative extent")
+    v = h.get("v", 0)
+    origin = v if type(v) is int and 0 <= v < 8 else int(v) if type(v) is bool else \
+        _int(h, "v", 0, 7)
     dt = _dtype(dtype)
+    if origin & 4:
+        if dt != np.uint16:
+            raise BadMessageError(f"a bfloat16 array travels as uint16, not {dtype}")
+        dt = BFLOAT16   # uint16 that names itself bfloat16 (in a Status, in errors)
     if math.prod(shape) * dt.itemsize != nbytes:
         raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
                               f"and shape {tuple(shape)}")
     return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"),
-                  device=h.get("v") is True, dt=dt)
+                  device=origin, dt=dt)
 
 
 def inline(header: bytes, *payload: Any) -> bytes:

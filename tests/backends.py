@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -131,13 +132,13 @@ class FakeCupyBackend(CupyBackend):
 
 
 class TorchBackend(Backend):
-    """torch CPU tensors."""
+    """torch CPU tensors (collectives.tensors: numpy views of their memory)."""
 
     name = "torch"
     host = True
 
     def skip_reason(self) -> str | None:
-        return "torch tensors are not accepted yet (issue 12)"
+        return None if importlib.util.find_spec("torch") else "torch is not installed"
 
     @functools.cached_property
     def torch(self) -> Any:
@@ -150,13 +151,16 @@ class TorchBackend(Backend):
         return self.torch.from_numpy(a.copy())
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return x.numpy()
+        return x.numpy() if self.is_native(x) else np.asarray(x)   # scatter's non-roots: numpy
 
-    def strided(self, buf: Any, a: np.ndarray, offset: int) -> Any:
-        item = a.dtype.itemsize
-        typed = buf.view(self.torch.from_numpy(np.empty(0, a.dtype)).dtype)
-        return self.torch.as_strided(typed, a.shape, [s // item for s in a.strides],
-                                     offset // item)
+    def mirror(self, a: np.ndarray) -> tuple[Any, Callable[[], None]]:
+        """A tensor sharing ``a``'s memory (views stay views), so in-place
+        results are in ``a`` as soon as the call is done; torch has no
+        negative strides, so such a view goes as a copy, written back."""
+        if all(s >= 0 for s in a.strides):
+            return self.torch.from_numpy(a), lambda: None
+        x = self.asarray(np.ascontiguousarray(a))
+        return x, lambda: a.__setitem__(..., self.to_numpy(x))
 
 
 _BACKENDS = {b.name: b for b in (NumpyBackend(), FakeCupyBackend(), CupyBackend(),

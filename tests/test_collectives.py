@@ -205,6 +205,80 @@ def _random_cases(C: Any, g: Any, seed: int, count: int = 16) -> None:
                "reduce_scatter " + what)
 
 
+def _torch_cases(g: Any, seed: int) -> None:
+    """What the numpy-written body cannot say: bfloat16 through every
+    collective (reductions widened to float32 and rounded once: the same
+    bits on every rank), tensors' own non-contiguous views, results as
+    tensors of the caller's dtype, and the dtypes meshrun refuses."""
+    import torch
+    n, r = g.size, g.rank
+    bf = torch.bfloat16
+
+    def tdata(rank: int, shape: tuple, dtype: Any = bf) -> Any:
+        return torch.from_numpy(data(seed, rank, shape, "float32")).to(dtype)
+
+    def same(got: Any, want: Any, what: str) -> None:
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype, \
+            f"{what}: got {type(got).__name__} {getattr(got, 'dtype', '')}, want {want.dtype}"
+        assert torch.equal(got, want), f"{what}: got {got}, want {want}"
+
+    xs = [tdata(i, (5, 3)) for i in range(n)]
+    for alg in ("rd", "ring"):
+        for op in ("sum", "prod", "min", "max", "avg"):
+            a = xs[r].clone()
+            assert C.all_reduce(g, a, op=op, algorithm=alg) is a
+            wide = torch.from_numpy(reference(op, [x.float().numpy() for x in xs]))
+            same(a, wide.to(bf), f"bfloat16 all_reduce {alg} {op} n={n}")
+    rng = np.random.default_rng([seed, r, 5])
+    for count, alg in [(999, "rd"), (999, "ring"), (40000, None)]:
+        a = torch.from_numpy(1 + 0.1 * rng.standard_normal(count).astype(np.float32)).to(bf)
+        wide = a.float()
+        C.all_reduce(g, a, op="avg", algorithm=alg)
+        C.all_reduce(g, wide, op="avg", algorithm=alg)
+        same(a, wide.to(bf), f"bfloat16 all_reduce {alg} {count}: rounded once, from float32")
+        everyone = C.all_gather(g, a)
+        assert all(torch.equal(everyone[0].view(torch.int16), e.view(torch.int16))
+                   for e in everyone), f"bfloat16 all_reduce {alg} {count}: ranks differ"
+    for root in sorted({0, n - 1}):
+        b = xs[r].clone()
+        assert C.broadcast(g, b, root=root) is b
+        same(b, xs[root], f"bfloat16 broadcast root {root}")
+        b = xs[r].clone()
+        C.reduce(g, b, root=root, op="max")
+        same(b, torch.stack(xs).max(0).values if r == root else xs[r], f"bfloat16 reduce {root}")
+        got = C.gather(g, xs[r], root=root)
+        assert got is None if r != root else torch.equal(got, torch.stack(xs))
+        rows = torch.stack(xs)
+        same(C.scatter(g, rows if r == root else torch.empty(0, dtype=bf), root=root), xs[r],
+             f"bfloat16 scatter root {root}")
+    same(C.all_gather(g, xs[r]), torch.stack(xs), "bfloat16 all_gather")
+    ys = [tdata(i, (2 * n, 3)) for i in range(n)]
+    same(C.reduce_scatter(g, ys[r]), sum(y.float() for y in ys)[2 * r:2 * r + 2].to(bf),
+         "bfloat16 reduce_scatter")
+    same(C.all_to_all(g, ys[r]), torch.cat([y[2 * r:2 * r + 2] for y in ys]),
+         "bfloat16 all_to_all")
+    for dtype in (bf, torch.float32, torch.int64):    # the tensor's own strided views
+        base = tdata(r, (6, 8), dtype)
+        want = base.clone()
+        want[1:, ::3] = sum(tdata(i, (6, 8), dtype) for i in range(n))[1:, ::3].to(dtype)
+        C.all_reduce(g, base[1:, ::3], algorithm="ring")
+        same(base, want, f"all_reduce of a strided {dtype} view")
+        t = tdata(r, (4, 3), dtype).t()
+        C.broadcast(g, t, root=0)
+        same(t, tdata(0, (4, 3), dtype).t(), f"broadcast into a transposed {dtype} tensor")
+    p = torch.nn.Parameter(tdata(r, (3,), torch.float32))
+    C.broadcast(g, p, root=0)      # as DDP does at the start: in place, autograd untouched
+    assert p.requires_grad and torch.equal(p.detach(), tdata(0, (3,), torch.float32))
+    for bad in (torch.ones(2, dtype=torch.complex32),
+                torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.quint8)):
+        with pytest.raises(TypeError) as err:
+            C.all_reduce(g, bad)
+        assert str(bad.dtype) in str(err.value) and "all_reduce" in str(err.value) \
+            and "collectives.all_reduce" not in str(err.value), str(err.value)
+        with pytest.raises(TypeError, match=str(bad.dtype)):
+            C.all_gather(g, bad)
+
+
 def battery(world: Any, seed: int, cell: Cell) -> int | None:
     """Every case of the battery on the cell's communicator and backend;
     returns the communicator's size (None on a rank outside it)."""
@@ -217,6 +291,8 @@ def battery(world: Any, seed: int, cell: Cell) -> int | None:
     _rooted_cases(C, g, seed)
     _gather_scatter_cases(C, g, seed)
     _async_cases(C, g, seed)
+    if cell.backend == "torch":
+        _torch_cases(g, seed)
     return g.size
 
 

@@ -127,7 +127,36 @@ def torch_cases(world: Any) -> list[np.ndarray]:
         red.wait()
     mse(model(x), y).backward()
     C.all_reduce_grads(world, [p.grad.numpy() for p in params], op="sum")   # current: fine
+    before = [p.grad.clone() for p in params]
+    C.all_reduce_grads(world, [p.grad for p in params], op="sum")   # the tensors themselves
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, C.all_reduce(world, b, op="sum"))
+    _bfloat16_grads(world)
     return [p.detach().numpy().copy() for p in params]
+
+
+def _bfloat16_grads(world: Any) -> None:
+    """bfloat16 gradients share a float32 bucket with float32 ones: the
+    average is taken in float32 and rounded to bfloat16 once."""
+    import torch
+    n = world.size
+    shapes, dtypes = [(5,), (2, 3)], [torch.bfloat16, torch.float32]
+
+    def grad(rank: int, k: int) -> Any:
+        rng = np.random.default_rng([7, rank, k])
+        return torch.from_numpy(rng.standard_normal(shapes[k]).astype(np.float32))
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in zip(shapes, dtypes)]
+    for k, p in enumerate(params):
+        p.grad = grad(world.rank, k).to(p.dtype)
+    red = C.GradReducer(world, params)
+    assert len(red.buckets) == 1
+    red.wait()
+    for k, p in enumerate(params):
+        wide = sum(grad(i, k).to(dtypes[k]).float() for i in range(n)) / n
+        assert p.grad.dtype == dtypes[k] and torch.equal(p.grad, wide.to(dtypes[k])), k
+    grads = [p.grad for p in params]
+    C.all_reduce_grads(world, grads, op="max")
+    assert grads[0] is params[0].grad
 
 
 def test_grad_reducer_follows_torch_zero_grad() -> None:

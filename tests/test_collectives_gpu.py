@@ -83,19 +83,63 @@ def test_collectives_on_cupy_arrays_several_gpus(ipc: str) -> None:
 
 
 def _torch(world: mesh.Mesh) -> str:
+    """torch CUDA tensors: every collective (large ones on the device paths,
+    small ones staged), bfloat16, strided views, results as CUDA tensors of
+    the caller's dtype; point-to-point; GradReducer and all_reduce_grads."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         return "skip"
-    t = torch.full((1 << 20,), float(world.rank + 1), device="cuda")
-    C.all_reduce(world, t)
+    n, r = world.size, world.rank
+    cuda = torch.device("cuda", 0)
+    t = torch.full((1 << 20,), float(r + 1), device=cuda)
+    assert C.all_reduce(world, t) is t
+    assert float(t[0]) == sum(range(1, n + 1))
+    for count in (1 << 20, 100):
+        for dt in (torch.bfloat16, torch.float32):
+            h = torch.full((count,), 1.0 + r, dtype=dt, device=cuda)
+            C.all_reduce(world, h, op="avg")
+            assert h.dtype == dt and h.is_cuda and float(h[-1]) == (n + 1) / 2
+        base = torch.zeros((count, 4), device=cuda) + r
+        C.all_reduce(world, base[:, 1])
+        assert float(base[0, 1]) == sum(range(n)) and float(base[0, 0]) == r
+        g = C.all_gather(world, torch.full((count,), r, dtype=torch.bfloat16, device=cuda))
+        assert g.is_cuda and g.dtype == torch.bfloat16 and g[:, 0].tolist() == list(range(n))
+        rs = C.reduce_scatter(world, torch.ones((2 * n, count), dtype=torch.bfloat16,
+                                                device=cuda))
+        assert rs.is_cuda and rs.dtype == torch.bfloat16 and float(rs[0, 0]) == n
+        b = torch.full((count,), r, dtype=torch.int64, device=cuda)
+        C.broadcast(world, b, root=n - 1)
+        assert int(b[0]) == n - 1
+        sc = C.scatter(world, torch.arange(n * count, device=cuda).reshape(n, count)
+                       if r == 0 else torch.empty(0, dtype=torch.int64, device=cuda))
+        assert sc.is_cuda and int(sc[0]) == r * count
+    peer = 1 - r if r < 2 else None
+    if peer is not None:
+        x = torch.arange(1 << 19, dtype=torch.bfloat16, device=cuda)
+        if r == 0:
+            world.send(x, peer)
+            world.send(x, peer, tag=1)
+        else:
+            got = world.recv(peer)
+            assert got.is_cuda and got.dtype == torch.bfloat16 and torch.equal(got, x)
+            out = torch.empty_like(x)
+            assert world.recv(peer, tag=1, out=out) is out and torch.equal(out, x)
+    model = torch.nn.Linear(64, 64).to(cuda)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.full_like(p, float(r))
+    C.GradReducer(world, params, bucket_bytes=4096).wait()
+    assert all(float(p.grad.flatten()[0]) == (n - 1) / 2 for p in params)
+    grads = [p.grad for p in params]
+    C.all_reduce_grads(world, grads, op="sum")
+    assert all(float(p.grad.flatten()[0]) == n * (n - 1) / 2 for p in params)
     torch.cuda.synchronize()
-    assert float(t[0]) == sum(range(1, world.size + 1))
     return "ok"
 
 
 @pytest.mark.parametrize("ipc", ["0", "1"])
-def test_torch_cuda_tensor_through_dlpack(ipc: str) -> None:
-    res = mesh.spawn(_torch, 2, timeout=120, env={"MESH_CUDA_IPC": ipc})
+def test_torch_cuda_tensors(ipc: str) -> None:
+    res = mesh.spawn(_torch, 2, timeout=240, env={"MESH_CUDA_IPC": ipc})
     if "skip" in res:
         pytest.skip("torch without CUDA")
     assert res == ["ok", "ok"]

@@ -60,12 +60,12 @@ def test_float64_input_to_a_float32_stage():
     stage = TorchStage(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh()))
     x = np.random.default_rng(0).standard_normal((4, 3))
     y, ctx = stage.forward(x)
-    assert y.dtype == np.float32
-    gx = stage.backward(ctx, np.ones_like(y))
-    assert gx.dtype == np.float64 and gx.shape == x.shape
-    gx_i, wctx = stage.backward_input(stage.forward(x)[1], np.ones_like(y))
-    assert gx_i.dtype == np.float64
-    np.testing.assert_allclose(gx_i, gx, rtol=1e-6)
+    assert y.dtype == torch.float32
+    gx = stage.backward(ctx, torch.ones_like(y))
+    assert gx.dtype == torch.float64 and gx.shape == x.shape
+    gx_i, wctx = stage.backward_input(stage.forward(x)[1], np.ones(tuple(y.shape)))
+    assert gx_i.dtype == torch.float64
+    np.testing.assert_allclose(gx_i.numpy(), gx.numpy(), rtol=1e-6)
     stage.backward_weight(wctx)
     assert stage.grads()[0].dtype == np.float32
 
@@ -102,6 +102,27 @@ def _torch_data(step):
     return rng.standard_normal((ROWS, WIDTHS[0])), rng.standard_normal((ROWS, WIDTHS[-1]))
 
 
+class _Recording(TorchStage):
+    """A TorchStage that notes the kinds of activations and gradients it is
+    handed (point-to-point carries tensors between stages)."""
+
+    def __init__(self, module, index):
+        super().__init__(module)
+        self.index, self.kinds = index, set()
+
+    def forward(self, x):
+        self.kinds.add(f"stage {self.index} forward: {type(x).__name__}")
+        return super().forward(x)
+
+    def backward(self, ctx, gy):
+        self.kinds.add(f"backward: {type(gy).__name__}")
+        return super().backward(ctx, gy)
+
+    def backward_input(self, ctx, gy):
+        self.kinds.add(f"backward: {type(gy).__name__}")
+        return super().backward_input(ctx, gy)
+
+
 def _torch_dp_pp(world, names):
     """dp=2 x pp=2, TorchStages and torch SGD with the default zero_grad()."""
     import mesh
@@ -114,7 +135,7 @@ def _torch_dp_pp(world, names):
         blocks = list(_torch_model())           # 4 blocks of (Linear, Tanh), the last alone
         per = [blocks[i:i + 2] for i in range(0, len(blocks), 2)]
         k = len(per) // sched.num_stages
-        stages = [TorchStage(torch.nn.Sequential(*sum(per[s * k:(s + 1) * k], [])))
+        stages = [_Recording(torch.nn.Sequential(*sum(per[s * k:(s + 1) * k], [])), s)
                   for s in range(sched.num_stages)]
         mine = stages_for_rank(stages, sched, pp.rank)
         opt = torch.optim.SGD([p for s in mine for p in s.module.parameters()], lr=LR)
@@ -127,6 +148,7 @@ def _torch_dp_pp(world, names):
             opt.step()
         out[name] = {s: [p.detach().numpy().copy() for p in st.module.parameters()]
                      for s, st in pipe.stages.items()}
+        out[name + " kinds"] = sorted(set().union(*(st.kinds for st in mine)))
     return out
 
 
@@ -144,6 +166,9 @@ def test_dp2_pp2_torch_stages_with_default_zero_grad_match_one_process():
         opt.step()
     want = [p.detach().numpy() for p in model.parameters()]
     for name in names:
+        kinds = sorted(set().union(*(res[name + " kinds"] for res in results)))
+        assert kinds == ["backward: Tensor", "stage 0 forward: ndarray",
+                         "stage 1 forward: Tensor"], kinds
         for d in range(2):
             got = {}
             for r in range(2):

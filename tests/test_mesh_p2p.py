@@ -466,6 +466,80 @@ def test_dlpack_objects_and_a_clear_error_without_cupy() -> None:
     assert mesh.spawn(_dlpack, 2, timeout=60) == ["ok", "ok"]
 
 
+def _tensors(world: mesh.Mesh) -> str:
+    """torch tensors both ways: a torch tensor arrives as one (bfloat16 from
+    its bits), out= tensors are written in place, views and tensors that
+    require grad go as their values, and other dtypes raise naming them. out=
+    tensors are checked when posted (contiguous, a dtype meshrun carries);
+    one that does not fit leaves the message queued, as a numpy out= does;
+    a bfloat16 message's Status and errors name bfloat16."""
+    import torch
+
+    from mesh.tensors import dtype_name
+    peer = 1 - world.rank
+    bf = torch.tensor([1.5, -2.25, 3e38, float("nan")], dtype=torch.bfloat16)
+    big = torch.arange(3 << 18, dtype=torch.float32)         # several frames
+    if world.rank == 0:
+        world.send(torch.arange(6, dtype=torch.int64).reshape(2, 3), peer)
+        world.send(bf, peer)
+        world.isend(torch.arange(12.0).reshape(3, 4).t(), peer).wait()
+        world.send(torch.ones(3, requires_grad=True), peer, tag=1)
+        world.send(big, peer, tag=2)
+        world.send(bf, peer, tag=3)
+        world.send(torch.tensor(7, dtype=torch.uint8), peer, tag=4)
+        world.send(np.arange(3.0), peer, tag=5)
+        for bad in (torch.ones(2, dtype=torch.complex32),
+                    torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.quint8)):
+            with pytest.raises(TypeError) as err:
+                world.isend(bad, peer)
+            assert str(bad.dtype) in str(err.value) and "send to rank 1" in str(err.value)
+        world.send(torch.zeros(2), peer, tag=6)
+        world.send(bf, peer, tag=7)
+        return "ok"
+    a = world.recv(peer)
+    assert isinstance(a, torch.Tensor) and a.dtype == torch.int64
+    assert a.tolist() == [[0, 1, 2], [3, 4, 5]]
+    b = world.recv(peer)
+    assert b.dtype == torch.bfloat16 and torch.equal(b.view(torch.int16), bf.view(torch.int16))
+    assert torch.equal(world.recv(peer), torch.arange(12.0).reshape(3, 4).t())
+    g = world.recv(peer, tag=1)
+    assert not g.requires_grad and g.tolist() == [1.0] * 3
+    out = torch.empty(3 << 18)
+    assert world.irecv(peer, tag=2, out=out).wait() is out and torch.equal(out, big)
+    out16 = torch.zeros(4, dtype=torch.bfloat16)
+    assert world.recv(peer, tag=3, out=out16) is out16
+    assert torch.equal(out16.view(torch.int16), bf.view(torch.int16))
+    u = world.recv(peer, tag=4)
+    assert u.shape == () and u.dtype == torch.uint8 and int(u) == 7
+    assert isinstance(world.recv(peer, tag=5), np.ndarray)   # numpy stays numpy
+    with pytest.raises(ValueError, match=r"rank 1: recv from rank 0 \(tag 6, group world\): "
+                       r"out= is a non-contiguous torch.float32 tensor \(shape \(2, 2\), "
+                       r"strides \(1, 2\)\)"):
+        world.recv(peer, tag=6, out=torch.zeros(2, 2).t())
+    with pytest.raises(TypeError, match=r"rank 1: recv from rank 0 .*torch.complex32"):
+        world.irecv(peer, tag=6, out=torch.zeros(2, dtype=torch.complex32))
+    with pytest.raises(mesh.OutMismatchError, match=r"the message is float32\[2\], out= is "
+                       r"float64\[2\]; the message stays queued"):
+        world.recv(peer, tag=6, out=torch.zeros(2, dtype=torch.float64))
+    out2 = torch.ones(1, 2)
+    assert world.recv(peer, tag=6, out=out2) is out2 and out2.tolist() == [[0.0, 0.0]]
+    st = world.probe(peer, tag=7)
+    assert st.dtype == np.uint16 and dtype_name(st.dtype) == "bfloat16"
+    with pytest.raises(mesh.OutMismatchError, match=r"the message is bfloat16\[4\], out= is "
+                       r"bfloat16\[3\]"):
+        world.recv(peer, tag=7, out=torch.zeros(3, dtype=torch.bfloat16))
+    status = mesh.Status()
+    b2 = world.recv(peer, tag=7, status=status)
+    assert torch.equal(b2.view(torch.int16), bf.view(torch.int16))
+    assert dtype_name(status.dtype) == "bfloat16" and status.shape == (4,)
+    return "ok"
+
+
+def test_torch_tensors_point_to_point() -> None:
+    pytest.importorskip("torch")
+    assert mesh.spawn(_tensors, 2, timeout=90) == ["ok", "ok"]
+
+
 def _staggered_close(world: mesh.Mesh) -> list:
     import logging
     records: list[logging.LogRecord] = []
@@ -526,3 +600,17 @@ def test_receive_spin_adapts_to_the_waits_it_sees() -> None:
     before = t._spin_now
     Progress._adapt_spin(t, 50e-6)              # caught by the spin: no change
     assert t._spin_now == before
+
+
+def test_a_tensor_reaches_a_rank_that_never_imported_torch() -> None:
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "mesh.launch", "-n", "2", "--timeout", "90",
+                        str(repo / "tests" / "scripts" / "tensor_to_torchless.py")],
+                       capture_output=True, text=True, timeout=120, cwd=repo,
+                       env={**os.environ, "PYTHONPATH": str(repo)})
+    assert r.returncode == 0, r.stderr
+    assert "Tensor torch.bfloat16 [0.0, 1.0, 2.0, 3.0]" in r.stdout

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mesh import Comm
+from mesh import Comm, device
+from mesh.tensors import dtype_name, is_tensor
 
 from ..ops import resolve
 from ..plan import Tuning, choose
@@ -33,10 +34,13 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
 
 def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
     if not isinstance(a, np.ndarray):
-        if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack_device__"):
-            raise TypeError(f"{name}: collectives.host.paths takes numpy arrays; device arrays "
-                            f"({type(a).__module__}.{type(a).__name__}) go through "
-                            f"collectives.{name}, which picks a device path")
+        kind = f"{type(a).__module__}.{type(a).__name__}"
+        if is_tensor(a) or device.is_device(a):     # collectives.host.paths called directly
+            raise TypeError(f"{name}: collectives.host.paths takes numpy arrays; torch tensors "
+                            f"and device arrays ({kind}) go through collectives.{name}")
+        if hasattr(a, "__dlpack_device__"):
+            raise TypeError(f"{name}: a {kind} is neither a numpy array, a torch tensor nor "
+                            f"a CUDA array; np.from_dlpack(a) gives a numpy array of it")
         if writable:
             raise TypeError(f"{name} works in place: it needs a numpy array, "
                             f"got {type(a).__name__}")
@@ -51,7 +55,7 @@ def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
 def _fp(coll: str, a: np.ndarray | None = None, **kw: Any) -> dict:
     fp: dict[str, Any] = {"coll": coll}
     if a is not None:
-        fp["dtype"] = str(a.dtype)
+        fp["dtype"] = dtype_name(a.dtype)
         fp["shape"] = list(a.shape)
     fp.update((k, v) for k, v in kw.items() if v is not None)
     return fp

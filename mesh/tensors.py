@@ -1,0 +1,180 @@
+"""torch tensors at meshrun's API: what they are on the wire and back.
+
+A CPU tensor is used through a numpy view of its memory
+(``t.detach().numpy()``, no copy); a CUDA tensor through a CuPy view
+(mesh.device). Every dtype torch and numpy share travels as itself;
+bfloat16, which numpy lacks, travels as its raw 16 bits (uint16), named
+"bfloat16" in fingerprints (the dtype's metadata) and flagged in message
+headers, so a receiver gets a bfloat16 tensor back. Anything else (complex32,
+float8, quantized, sparse tensors) raises a TypeError naming the dtype and
+the operation.
+
+torch is never imported here: a torch tensor can only exist once the
+program has imported torch, so ``is_tensor`` looks torch up in sys.modules.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import numpy as np
+
+from . import device
+
+__all__ = ["is_tensor", "BFLOAT16", "BFLOAT16_WIDE", "TORCH", "BF16", "check", "operand",
+           "out_unusable", "out_view", "to_torch", "flags", "received", "stream_of", "dtype_name"]
+
+BFLOAT16 = np.dtype(np.uint16, metadata={"name": "bfloat16"})
+"""bfloat16's raw bits as numpy holds them; fingerprints read the name."""
+BFLOAT16_WIDE = np.dtype(np.float32, metadata={"name": "bfloat16"})
+"""bfloat16 widened to float32 for a reduction (rounded back once, at the end)."""
+
+TORCH, BF16 = 2, 4
+"""Header flags beside mesh.device's 1: the array was a torch tensor; its
+dtype was bfloat16 (sent as uint16)."""
+
+_NAMES = ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+          "float16", "float32", "float64", "complex64", "complex128")
+
+
+def _torch() -> Any:
+    """torch, imported on first need: a receiver that never imported it may
+    still be sent a tensor."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        import torch
+    return torch
+
+
+def is_tensor(x: Any) -> bool:
+    """True for a torch tensor (never imports torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def dtype_name(dt: np.dtype) -> str:
+    """How fingerprints and errors name a dtype: bfloat16 for its bits."""
+    md = dt.metadata
+    return md["name"] if md and "name" in md else str(dt)
+
+
+def check(t: Any, what: str) -> np.dtype:
+    """The numpy dtype ``t`` travels as; TypeError naming its dtype (or layout,
+    or device) and ``what`` when meshrun cannot carry it."""
+    torch = _torch()
+    if t.layout != torch.strided:
+        raise TypeError(f"{what}: {t.layout} tensors cannot be sent; dense (strided) "
+                        f"tensors only")
+    if t.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"{what}: tensors on {t.device.type} cannot be sent; CPU and CUDA "
+                        f"tensors only")
+    if t.dtype == torch.bfloat16:
+        return BFLOAT16
+    name = str(t.dtype).replace("torch.", "")
+    if name not in _NAMES:
+        raise TypeError(f"{what}: dtype {t.dtype} cannot be sent; torch tensors of "
+                        f"{', '.join(_NAMES)} and bfloat16 only")
+    return np.dtype(name)
+
+
+def operand(t: Any, what: str, wide: bool = False) -> tuple[Any, bool]:
+    """``t`` as the array the host or device paths take, and whether it
+    shares ``t``'s memory (else it is a copy, to be copied back into ``t``
+    when written). CPU: a numpy view; CUDA: a CuPy view. ``wide``: bfloat16
+    widened to float32 (a copy), for reductions."""
+    torch = _torch()
+    check(t, what)
+    d = t.detach()
+    bf16 = d.dtype == torch.bfloat16
+    shares = not (wide and bf16) and not d.is_conj() and not d.is_neg()
+    if wide and bf16:
+        d = d.float()
+    elif not shares:
+        d = d.resolve_conj().resolve_neg()
+    if d.is_cuda:
+        v = device.cupy().from_dlpack(d.view(torch.int16) if bf16 and not wide else d)
+        return (v.view(np.uint16) if bf16 and not wide else v), shares
+    if bf16:
+        return d.numpy().view(BFLOAT16_WIDE) if wide else d.view(torch.uint16).numpy().view(
+            BFLOAT16), shares
+    return d.numpy(), shares
+
+
+def out_view(t: Any, what: str) -> Any:
+    """Where a received array goes for ``out=t``: ``t``'s memory as numpy
+    (CPU) or CuPy (CUDA), bfloat16 as its raw bits."""
+    v, shares = operand(t, what)
+    if not shares:
+        raise TypeError(f"{what}: out= is a conjugate or negative view; resolve it first "
+                        f"(t.resolve_conj(), t.resolve_neg())")
+    return v
+
+
+def out_unusable(t: Any) -> str:
+    """Why the tensor ``t`` cannot be a receive's ``out=`` ("" when it can),
+    checked when the receive is posted: a message is written straight into
+    its memory, so it must be dense, contiguous, and not a lazy conjugate or
+    negation. (A dtype meshrun cannot carry raises in ``out_view``.)"""
+    torch = _torch()
+    if t.layout != torch.strided:
+        return f"out= is a {t.layout} {t.dtype} tensor; dense (strided) tensors only"
+    if not t.is_contiguous():
+        return (f"out= is a non-contiguous {t.dtype} tensor (shape {tuple(t.shape)}, strides "
+                f"{t.stride()}); receive into a contiguous one (t.contiguous() is a copy)")
+    if t.is_conj() or t.is_neg():
+        return (f"out= is a conjugate or negative view of a {t.dtype} tensor; resolve it "
+                f"first (t.resolve_conj(), t.resolve_neg())")
+    return ""
+
+
+def to_torch(a: Any, like: Any) -> Any:
+    """The array ``a`` (numpy, or CuPy) as a tensor of ``like``'s dtype on
+    ``like``'s device: shared memory where the dtype matches, bfloat16 from
+    its bits or rounded once from float32."""
+    torch = _torch()
+    if isinstance(a, np.generic):       # a row of a 1-d array, as numpy indexing gives it
+        a = np.array(a)
+    if isinstance(a, np.ndarray):
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        if like.is_cuda:
+            t = t.to(like.device)
+    else:
+        if a.dtype == np.uint16:
+            a = a.view(np.int16)
+        t = torch.from_dlpack(a)
+    if like.dtype == torch.bfloat16 and t.dtype in (torch.uint16, torch.int16):
+        return t.view(torch.bfloat16)
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def flags(t: Any) -> int:
+    torch = _torch()
+    return TORCH | (BF16 if t.dtype == torch.bfloat16 else 0)
+
+
+def received(value: np.ndarray, on_device: bool, bits: int) -> Any:
+    """A received array as the sender's kind: a torch tensor (bfloat16 from
+    its bits) on the current CUDA device when it came from one, else on CPU."""
+    torch = _torch()
+    if on_device:
+        v = device.to_device(value)
+        t = torch.from_dlpack(v.view(np.int16) if v.dtype == np.uint16 else v)
+    else:
+        t = torch.from_numpy(value if value.flags.writeable else value.copy())
+    return t.view(torch.bfloat16) if bits & BF16 else t
+
+
+def stream_of(t: Any) -> Any:
+    """A context that makes ``t``'s CUDA device and torch's current stream
+    on it CuPy's current ones, so that device paths order their work after
+    torch's (nothing for a CPU tensor)."""
+    if not t.is_cuda:
+        return contextlib.nullcontext()
+    torch, cp = _torch(), device.cupy()
+    stack = contextlib.ExitStack()
+    stack.enter_context(cp.cuda.Device(t.device.index))
+    s = torch.cuda.current_stream(t.device).cuda_stream
+    if s:
+        stack.enter_context(cp.cuda.ExternalStream(s))
+    return stack
