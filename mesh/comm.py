@@ -21,12 +21,24 @@ class Request:
     """An operation in flight: ``wait()`` returns its result (None for sends);
     ``cancel()`` withdraws a receive no message has matched yet."""
 
-    __slots__ = ("_t", "_item", "_result", "_finished")
+    __slots__ = ("_t", "_item", "_result", "_finished", "_ranks")
 
-    def __init__(self, transport: Transport, item: Pending | Outgoing) -> None:
+    def __init__(self, transport: Transport, item: Pending | Outgoing,
+                 ranks: list[int] | None = None) -> None:
         self._t, self._item = transport, item
         self._finished = False
         self._result: Any = None
+        self._ranks = ranks
+
+    @property
+    def source(self) -> int | None:
+        """The rank (in the receive's group) whose message a receive took,
+        also when it was posted for ``mesh.ANY``; None until a message has
+        matched it, and for sends."""
+        item = self._item
+        if isinstance(item, Outgoing) or item.source < 0:
+            return None
+        return self._ranks.index(item.source) if self._ranks is not None else item.source
 
     def wait(self, timeout: float | None = None) -> Any:
         if not self._finished:
@@ -107,7 +119,7 @@ class Comm:
     def _irecv(self, src: int, tag: int, out: np.ndarray | None = None, fp: Any = None) -> Request:
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
         desc = self._desc("recv from", src, wsrc, tag, fp)
-        return Request(self._t, self._t.irecv(self.gid, wsrc, tag, out, fp, desc))
+        return Request(self._t, self._t.irecv(self.gid, wsrc, tag, out, fp, desc), self.ranks)
 
     def _desc(self, verb: str, peer: int, world: int, tag: int, fp: Any = None) -> tuple:
         """The parts of an operation's description (mesh.match.describe):

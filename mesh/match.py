@@ -73,7 +73,7 @@ class Pending:
     """A posted receive; completed by the transport, waited on by the caller."""
 
     __slots__ = ("group", "src", "tag", "out", "fp", "_desc", "order", "event",
-                 "value", "error", "state", "device")
+                 "value", "error", "state", "device", "source")
 
     def __init__(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any) -> None:
         self.group, self.src, self.tag, self.out, self.fp = group, src, tag, out, fp
@@ -84,6 +84,7 @@ class Pending:
         self.error: BaseException | None = None
         self.state = 0  # 0 posted, 1 matched (payload on its way), 2 complete
         self.device = False  # the message came from a device array
+        self.source = -1     # the world rank whose message matched it (src may be ANY)
 
     @property
     def desc(self) -> str:
@@ -133,6 +134,7 @@ class Matcher:
         else:
             return None
         req.state = 1
+        req.source = src
         return req
 
     def add_unexpected(self, group: int, tag: int, msg: Arrived) -> None:
@@ -156,6 +158,7 @@ class Matcher:
                     if not by_src:
                         del self._unexpected[(req.group, req.tag)]
                 req.state = 1
+                req.source = src
                 return msg
         req.order = next(self._count)
         table, key = self._queue_of(req)
