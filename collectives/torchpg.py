@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import ReduceOp, _create_work_from_future
+from torch._C._distributed_c10d import ReduceOp
 from torch.futures import Future
 
 import mesh
@@ -59,7 +59,39 @@ def _scaled(arr: Any, factor: Any) -> Any:
 def _done(result: Any) -> dist.Work:
     fut: Future = Future()
     fut.set_result(result)
-    return _create_work_from_future(fut)
+    return _FutureWork(fut)
+
+
+class _FutureWork(dist.Work):
+    """A torch Work over a torch Future that meshrun completes. (torch's
+    ``_create_work_from_future`` makes a Work whose ``wait()`` returns True
+    even when the future failed; this one raises the collective's error.)"""
+
+    def __init__(self, fut: Future) -> None:
+        super().__init__()
+        self._fut = fut
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        self._fut.wait()
+        return True
+
+    def get_future(self) -> Future:
+        return self._fut
+
+    def is_completed(self) -> bool:
+        return bool(self._fut.done())
+
+    def is_success(self) -> bool:
+        if not self._fut.done():
+            return False
+        try:
+            self._fut.wait()
+        except Exception:
+            return False
+        return True
+
+    def result(self) -> Any:
+        return self._fut.wait()
 
 
 class ProcessGroupMeshrun(dist.ProcessGroup):
@@ -122,7 +154,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
 
         for w in works:
             w.add_done_callback(on_done)
-        return _create_work_from_future(fut)
+        return _FutureWork(fut)
 
     def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool) -> dist.Work:
         name, factor = _op(rop)
@@ -262,6 +294,12 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
                 write(o, piece)
         return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)],
                          finish, output_tensors, opts.asyncOp)
+
+    all_gather_single = _allgather_base
+    all_gather_single_coalesced = allgather_into_tensor_coalesced
+    reduce_scatter_single = _reduce_scatter_base
+    reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced
+    all_to_all_single = alltoall_base
 
     def gather(self, output_tensors: list[list[torch.Tensor]],
                input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
