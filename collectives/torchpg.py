@@ -57,41 +57,63 @@ def _scaled(arr: Any, factor: Any) -> Any:
 
 
 def _done(result: Any) -> dist.Work:
-    fut: Future = Future()
-    fut.set_result(result)
-    return _FutureWork(fut)
+    work = _FutureWork()
+    work.finish(result, None)
+    return work
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _unwrap(fut: Future) -> Any:
+    value = fut.value()
+    if isinstance(value, _Failed):
+        raise value.error
+    return value
 
 
 class _FutureWork(dist.Work):
-    """A torch Work over a torch Future that meshrun completes. (torch's
-    ``_create_work_from_future`` makes a Work whose ``wait()`` returns True
-    even when the future failed; this one raises the collective's error.)"""
+    """A torch Work that meshrun completes with ``finish``. Its future is a
+    ``then`` of a plain one, so that an error is a real error to torch's
+    C++ (DDP's reducer): ``Future.set_exception`` only stores the exception
+    as the value, and torch's own future-wrapping Work returns from
+    ``wait()`` even then. ``wait()`` raises the collective's own error."""
 
-    def __init__(self, fut: Future) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._fut = fut
+        self._base: Future = Future()
+        self._fut = self._base.then(_unwrap)
+        self._error: BaseException | None = None
+
+    def finish(self, result: Any, error: BaseException | None) -> None:
+        self._error = error
+        self._base.set_result(result if error is None else _Failed(error))
 
     def wait(self, timeout: timedelta | None = None) -> bool:
-        self._fut.wait()
+        self._base.wait()
+        if self._error is not None:
+            raise self._error
         return True
 
     def get_future(self) -> Future:
         return self._fut
 
     def is_completed(self) -> bool:
-        return bool(self._fut.done())
+        return bool(self._base.done())
 
     def is_success(self) -> bool:
-        if not self._fut.done():
-            return False
-        try:
-            self._fut.wait()
-        except Exception:
-            return False
-        return True
+        return self._base.done() and self._error is None
+
+    def exception(self) -> BaseException | None:
+        return self._error
 
     def result(self) -> Any:
-        return self._fut.wait()
+        self.wait()
+        return self._base.value()
 
 
 class ProcessGroupMeshrun(dist.ProcessGroup):
@@ -133,8 +155,12 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
             if finish is not None:
                 finish(values)
             return _done(result)
-        works = [launch(True) for launch in launches]
-        fut: Future = Future()
+        work = _FutureWork()
+        try:
+            works = [launch(True) for launch in launches]
+        except BaseException as e:      # torch reads an async call's errors from its Work
+            work.finish(None, e)
+            return work
         left = [len(works)]
         lock = threading.Lock()
 
@@ -148,13 +174,15 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
                 if finish is not None:
                     finish(values)
             except BaseException as e:
-                fut.set_exception(e)
+                work.finish(None, e)
                 return
-            fut.set_result(result)
+            work.finish(result, None)
 
         for w in works:
             w.add_done_callback(on_done)
-        return _FutureWork(fut)
+        if not works:
+            work.finish(result, None)
+        return work
 
     def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool) -> dist.Work:
         name, factor = _op(rop)
@@ -364,7 +392,7 @@ class _P2PWork(dist.Work):
         super().__init__()
         self._req, self._finish, self._tensors = req, finish, tensors
         self._lock = threading.Lock()
-        self._fut: Future | None = None
+        self._done: _FutureWork | None = None
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         secs = timeout.total_seconds() if timeout else None
@@ -402,20 +430,19 @@ class _P2PWork(dist.Work):
     def get_future(self) -> Future:
         """A future completed once the transfer is done (a thread waits for it)."""
         with self._lock:
-            if self._fut is None:
-                self._fut = Future()
-                threading.Thread(target=self._complete, name="meshrun-p2p-future",
-                                 daemon=True).start()
-            return self._fut
+            if self._done is None:
+                self._done = _FutureWork()
+                threading.Thread(target=self._complete, args=(self._done,),
+                                 name="meshrun-p2p-future", daemon=True).start()
+            return self._done.get_future()
 
-    def _complete(self) -> None:
-        assert self._fut is not None
+    def _complete(self, done: _FutureWork) -> None:
         try:
             self.wait()
         except BaseException as e:
-            self._fut.set_exception(e)
+            done.finish(None, e)
             return
-        self._fut.set_result(self._tensors)
+        done.finish(self._tensors, None)
 
 
 def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[int],

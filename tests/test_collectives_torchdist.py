@@ -186,9 +186,8 @@ def _groups(r: int, n: int) -> None:
     assert len(subs) == n // dist.get_world_size(sub)
 
 
-def battery(world: Any) -> str:
+def _battery(world: Any) -> None:
     """Every torch collective and point-to-point call on the backend."""
-    _init()
     r, n = dist.get_rank(), dist.get_world_size()
     assert (r, n) == (world.rank, world.size) and dist.get_backend() == "meshrun"
     _reductions(r, n)
@@ -196,13 +195,18 @@ def battery(world: Any) -> str:
     _gathers(r, n)
     _p2p(r, n)
     _groups(r, n)
+
+
+def battery(world: Any) -> str:
+    _init()
+    _battery(world)
     dist.destroy_process_group()
     return "ok"
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_every_torch_collective_and_p2p_gives_the_expected_values(n: int) -> None:
-    assert mesh.spawn(battery, n, timeout=90) == ["ok"] * n
+def test_every_torch_collective_and_p2p_gives_the_expected_values_3_ranks() -> None:
+    """(2 ranks: in the DDP test's spawn, to start torch fewer times.)"""
+    assert mesh.spawn(battery, 3, timeout=90) == ["ok"] * 3
 
 
 def _model() -> Any:
@@ -231,6 +235,7 @@ def ddp_and_mismatch(world: Any) -> dict:
     single-process training on the full batch; then a shape mismatch."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     _init()
+    _battery(world)
     r, n = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(3)
     steps = [(torch.randn(4 * n, 5, generator=gen), torch.randn(4 * n, 2, generator=gen))
@@ -270,7 +275,7 @@ def ddp_and_mismatch(world: Any) -> dict:
     return {"diff": diff, "errors": errors, "after": t.tolist(), "threads": sorted(threads)}
 
 
-def test_ddp_trains_like_one_process_and_mismatches_raise_everywhere() -> None:
+def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_raise() -> None:
     out = mesh.spawn(ddp_and_mismatch, 2, timeout=90)
     for r, o in enumerate(out):
         assert o["diff"] < 1e-6, (r, o)
@@ -283,12 +288,12 @@ def test_ddp_trains_like_one_process_and_mismatches_raise_everywhere() -> None:
 
 
 INIT = textwrap.dedent("""
-    import sys, threading
+    import os, sys, threading, time
     import torch, torch.distributed as dist
     import collectives.torchdist
     rank, size = int(sys.argv[1]), int(sys.argv[2])
     before = {t.name for t in threading.enumerate()}
-    for method in sys.argv[3:]:
+    for method in sys.argv[4:]:
         dist.init_process_group("meshrun", init_method=method, rank=rank, world_size=size)
         t = torch.full((2,), rank + 1.0)
         dist.all_reduce(t)
@@ -299,6 +304,18 @@ INIT = textwrap.dedent("""
         left = {t.name for t in threading.enumerate()} - before
         assert not left, f"threads left behind: {left}"
         print(f"rank {rank} {method.split(':')[0]} ok", flush=True)
+    # the last rank dies during DDP's backward: the others' raises, naming it
+    dist.init_process_group("meshrun", init_method=sys.argv[3], rank=rank, world_size=size)
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    loss = net(torch.ones(2, 4)).sum()
+    if rank == size - 1:
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        loss.backward()
+        print("backward returned", flush=True)
+    except Exception as e:
+        print(f"rank {rank} raised after {time.monotonic() - t0:.0f}s: {e}", flush=True)
 """)
 
 
@@ -311,7 +328,7 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return e
 
 
-def test_tcp_and_file_init_methods_and_no_thread_left(tmp_path: Path) -> None:
+def test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(tmp_path: Path) -> None:
     import socket
     script = tmp_path / "init.py"
     script.write_text(INIT)
@@ -319,17 +336,23 @@ def test_tcp_and_file_init_methods_and_no_thread_left(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     methods = [f"tcp://127.0.0.1:{port}", f"file://{tmp_path}/store"]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", *methods],
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "3", f"file://{tmp_path}/s2",
+                               *methods],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=_env(), cwd=ROOT) for r in range(2)]
+                              env=_env(), cwd=ROOT) for r in range(3)]
     try:
-        outs = [p.communicate(timeout=90)[0] for p in procs]
+        procs[0].wait(timeout=90)
+        procs[1].wait(timeout=30)
     finally:
         for p in procs:
             p.kill()
+        outs = [p.communicate()[0] for p in procs]
     for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, out
+        assert p.returncode == (3 if r == 2 else 0), out
         assert f"rank {r} tcp ok" in out and f"rank {r} file ok" in out, out
+        if r < 2:
+            line = next(x for x in out.splitlines() if x.startswith(f"rank {r} raised after"))
+            assert int(line.split()[4].rstrip("s:")) < 15 and "rank 2" in line, line
 
 
 @pytest.mark.parametrize("launcher", ["meshrun", "torchrun"])
