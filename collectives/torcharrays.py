@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 __all__ = ["movable", "reducible", "write", "stack"]
@@ -39,7 +38,10 @@ def reducible(t: torch.Tensor) -> tuple[Any, Callable[[], None] | None]:
     if t.dtype != torch.bfloat16:
         return _raw(t), None
     up = t.detach().float()
-    return _raw(up), lambda: t.detach().copy_(up)
+
+    def back() -> None:
+        t.detach().copy_(up)
+    return _raw(up), back
 
 
 def write(t: torch.Tensor, value: Any) -> None:
@@ -58,9 +60,3 @@ def stack(ts: list[torch.Tensor], reduce: bool = False) -> Any:
     s = torch.stack([x.detach() for x in ts])
     return reducible(s)[0] if reduce else movable(s)
 
-
-def as_numpy(a: Any) -> np.ndarray:
-    """A host copy of a device array (CuPy or CUDA tensor); numpy as is."""
-    if isinstance(a, np.ndarray):
-        return a
-    return torch.as_tensor(a).cpu().numpy()

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch._C import _distributed_c10d as c10d
 from torch._C._distributed_c10d import ReduceOp
 from torch.futures import Future
 
@@ -33,15 +34,14 @@ from .torcharrays import movable, reducible, stack, write
 
 __all__ = ["ProcessGroupMeshrun"]
 
-_R = ReduceOp.RedOpType
+_R: Any = ReduceOp.RedOpType
 _OPS = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max",
         _R.BAND: "band", _R.BOR: "bor", _R.BXOR: "bxor"}
-Launch = Callable[[bool], Any]
 
 
 def _op(rop: Any) -> tuple[str, Any]:
     """meshrun's op name and the PREMUL_SUM factor (None for the others)."""
-    kind = rop.op if isinstance(rop, ReduceOp) else rop
+    kind = getattr(rop, "op", rop)
     if kind == _R.PREMUL_SUM:
         return "sum", rop.factor
     if kind not in _OPS:
@@ -54,6 +54,11 @@ def _scaled(arr: Any, factor: Any) -> Any:
         return arr
     f = float(factor) if not isinstance(factor, torch.Tensor) else factor.item()
     return arr * f
+
+
+# torch's stubs overload these methods; the C++ trampoline calls ours by name
+_ProcessGroup: Any = dist.ProcessGroup
+_Work: Any = dist.Work
 
 
 def _done(result: Any) -> dist.Work:
@@ -76,7 +81,7 @@ def _unwrap(fut: Future) -> Any:
     return value
 
 
-class _FutureWork(dist.Work):
+class _FutureWork(_Work):
     """A torch Work that meshrun completes with ``finish``. Its future is a
     ``then`` of a plain one, so that an error is a real error to torch's
     C++ (DDP's reducer): ``Future.set_exception`` only stores the exception
@@ -116,7 +121,7 @@ class _FutureWork(dist.Work):
         return self._base.value()
 
 
-class ProcessGroupMeshrun(dist.ProcessGroup):
+class ProcessGroupMeshrun(_ProcessGroup):
     """torch.distributed's ProcessGroup on ``comm`` (a meshrun world or
     group whose ranks are the torch group's). ``on_shutdown`` runs when
     torch destroys the group (closing a mesh made for it)."""
@@ -145,7 +150,8 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
 
     # -- how a call runs ----------------------------------------------------------
 
-    def _run(self, launches: list[Launch], finish: Callable[[list[Any]], None] | None,
+    def _run(self, launches: Sequence[Callable[..., Any]],
+             finish: Callable[[list[Any]], Any] | None,
              result: Any, async_op: bool) -> dist.Work:
         """Start each launch (a meshrun collective, given async_op); once all
         have finished, ``finish(values)`` writes the outputs and torch's
@@ -200,22 +206,22 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
     # -- collectives --------------------------------------------------------------
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts or dist.AllreduceOptions()
+        opts = opts or c10d.AllreduceOptions()
         return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts or dist.AllreduceCoalescedOptions()
+        opts = opts or c10d.AllreduceCoalescedOptions()
         return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts or dist.BroadcastOptions()
+        opts = opts or c10d.BroadcastOptions()
         launches = [lambda a, arr=movable(t): C.broadcast(self.comm, arr, root=opts.rootRank,
                                                           async_op=a, timeout=self.timeout)
                     for t in tensors]
         return self._run(launches, None, tensors, opts.asyncOp)
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts or dist.ReduceOptions()
+        opts = opts or c10d.ReduceOptions()
         name, factor = _op(opts.reduceOp)
         launches, backs = [], []
         for t in tensors:
@@ -232,7 +238,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
 
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts or dist.AllgatherOptions()
+        opts = opts or c10d.AllgatherOptions()
         launches = [lambda a, arr=movable(x): C.all_gather(self.comm, arr, async_op=a,
                                                            timeout=self.timeout)
                     for x in input_tensors]
@@ -254,7 +260,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
     def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor],
                                         inputs: list[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
-        opts = opts or dist.AllgatherOptions()
+        opts = opts or c10d.AllgatherOptions()
         launches = [lambda a, arr=movable(x): C.all_gather(self.comm, arr, async_op=a,
                                                            timeout=self.timeout)
                     for x in inputs]
@@ -266,7 +272,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
 
     def reduce_scatter(self, output_tensors: list[torch.Tensor],
                        input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
-        opts = opts or dist.ReduceScatterOptions()
+        opts = opts or c10d.ReduceScatterOptions()
         return self._reduce_scatter(output_tensors, [stack(ins, reduce=True)
                                                      for ins in input_tensors], opts)
 
@@ -277,7 +283,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
     def reduce_scatter_tensor_coalesced(self, outputs: list[torch.Tensor],
                                         inputs: list[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
-        opts = opts or dist.ReduceScatterOptions()
+        opts = opts or c10d.ReduceScatterOptions()
         return self._reduce_scatter(outputs, [reducible(x)[0].reshape(self._n, -1)
                                               for x in inputs], opts)
 
@@ -295,22 +301,22 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
                       output_split_sizes: list[int], input_split_sizes: list[int],
                       opts: Any = None) -> dist.Work:
-        opts = opts or dist.AllToAllOptions()
-        if not output_split_sizes and not input_split_sizes:
-            launch: Launch = lambda a, arr=movable(input): C.all_to_all(  # noqa: E731
-                self.comm, arr, async_op=a, timeout=self.timeout)
-        else:
-            n = self._n
-            ins = list(input_split_sizes) or [input.shape[0] // n] * n
-            outs = list(output_split_sizes) or [output.shape[0] // n] * n
-            arr = movable(input.cpu() if input.device.type != "cpu" else input)
-            launch = lambda a: _all_to_all_v(self.comm, arr, ins, outs, a,  # noqa: E731
-                                             self.timeout)
+        opts = opts or c10d.AllToAllOptions()
+        n = self._n
+        even = not output_split_sizes and not input_split_sizes
+        ins = list(input_split_sizes) or [input.shape[0] // n] * n
+        outs = list(output_split_sizes) or [output.shape[0] // n] * n
+        arr = movable(input if even or input.device.type == "cpu" else input.cpu())
+
+        def launch(a: bool) -> Any:
+            if even:
+                return C.all_to_all(self.comm, arr, async_op=a, timeout=self.timeout)
+            return _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)
         return self._run([launch], lambda v: write(output, v[0]), [output], opts.asyncOp)
 
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
-        opts = opts or dist.AllToAllOptions()
+        opts = opts or c10d.AllToAllOptions()
         flat = torch.cat([x.detach().reshape(-1) for x in input_tensors])
         ins = [x.numel() for x in input_tensors]
         outs = [o.numel() for o in output_tensors]
@@ -331,7 +337,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
 
     def gather(self, output_tensors: list[list[torch.Tensor]],
                input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts or dist.GatherOptions()
+        opts = opts or c10d.GatherOptions()
         arr = movable(input_tensors[0])
 
         def finish(values: list[Any]) -> None:
@@ -344,7 +350,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
 
     def scatter(self, output_tensors: list[torch.Tensor],
                 input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
-        opts = opts or dist.ScatterOptions()
+        opts = opts or c10d.ScatterOptions()
         src = stack(input_tensors[0]) if self.comm.rank == opts.rootRank else None
         return self._run([lambda a: C.scatter(self.comm, src, root=opts.rootRank, async_op=a,
                                               timeout=self.timeout)],
@@ -352,7 +358,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
                          opts.asyncOp)
 
     def barrier(self, opts: Any = None) -> dist.Work:
-        opts = opts or dist.BarrierOptions()
+        opts = opts or c10d.BarrierOptions()
         return self._run([lambda a: C.barrier(self.comm, async_op=a, timeout=self.timeout)],
                          None, [], opts.asyncOp)
 
@@ -383,7 +389,7 @@ class ProcessGroupMeshrun(dist.ProcessGroup):
         return _P2PWork(req, None if direct else (lambda v: write(t, v)), [t])
 
 
-class _P2PWork(dist.Work):
+class _P2PWork(_Work):
     """A torch Work over a mesh request; ``finish(value)`` copies a received
     value where the tensor could not take it directly."""
 

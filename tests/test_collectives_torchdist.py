@@ -230,21 +230,14 @@ class _Net(torch.nn.Module):
         return _forward(self.m, x)
 
 
-def ddp_and_mismatch(world: Any) -> dict:
-    """DDP (no_sync, find_unused_parameters, small buckets) against
-    single-process training on the full batch; then a shape mismatch."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    _init()
-    _battery(world)
-    r, n = dist.get_rank(), dist.get_world_size()
-    gen = torch.Generator().manual_seed(3)
-    steps = [(torch.randn(4 * n, 5, generator=gen), torch.randn(4 * n, 2, generator=gen))
-             for _ in range(4)]
-    ref = _Net()
+def _train(net: Any, steps: list, r: int, device: str = "cpu") -> float:
+    """Train ``net`` (DDP) on this rank's quarter rows and a reference on
+    all of them, step 1 accumulated under no_sync; the largest difference."""
+    ref = _Net().to(device)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    net = DDP(_Net(), find_unused_parameters=True, bucket_cap_mb=0.0002)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for i, (x, y) in enumerate(steps):
+        x, y = x.to(device), y.to(device)
         mine = slice(r * 4, (r + 1) * 4)
         if i == 1:                     # accumulate this step into the next one
             with net.no_sync():
@@ -257,8 +250,25 @@ def ddp_and_mismatch(world: Any) -> dict:
         ref_opt.step()
         opt.zero_grad()
         ref_opt.zero_grad()
-    diff = max((a - b).abs().max().item()
+    return max((a - b).abs().max().item()
                for a, b in zip(net.module.parameters(), ref.parameters()))
+
+
+def ddp_and_mismatch(world: Any) -> dict:
+    """DDP (no_sync, find_unused_parameters, small buckets) against
+    single-process training on the full batch; then a shape mismatch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    _init()
+    _battery(world)
+    r, n = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(3)
+    steps = [(torch.randn(4 * n, 5, generator=gen), torch.randn(4 * n, 2, generator=gen))
+             for _ in range(4)]
+    diffs = []
+    for kw in ({"find_unused_parameters": True, "bucket_cap_mb": 0.0002},
+               {"static_graph": True}):
+        diffs.append(_train(DDP(_Net(), **kw), steps, r))
+    diff = max(diffs)
     errors = []
     for async_op in (False, True):
         t = torch.zeros(3 if r == 0 else 4)
@@ -366,3 +376,32 @@ def test_the_ddp_example_runs_unchanged(launcher: str) -> None:
     losses = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines()
               if "loss" in line]
     assert len(losses) == 6 and losses[-1] < losses[0], out.stdout
+
+
+def ddp_on_one_gpu(world: Any) -> float:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    _init()
+    gen = torch.Generator().manual_seed(3)
+    steps = [(torch.randn(4 * world.size, 5, generator=gen),
+              torch.randn(4 * world.size, 2, generator=gen)) for _ in range(4)]
+    diff = _train(DDP(_Net().cuda(0)), steps, world.rank, "cuda:0")
+    dist.destroy_process_group()
+    return diff
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_ddp_with_ranks_sharing_one_gpu() -> None:
+    """NCCL refuses two ranks on one GPU; meshrun's CUDA IPC path takes them."""
+    for diff in mesh.spawn(ddp_on_one_gpu, 2, timeout=120):
+        assert diff < 1e-5
+
+
+def test_register_is_idempotent_and_autoload_never_raises(monkeypatch: Any) -> None:
+    import collectives.torchdist as td
+    td.register()
+    td.register()
+    assert dist.Backend.backend_list.count("meshrun") == 1
+    monkeypatch.setattr(td, "register", lambda: 1 / 0)
+    with pytest.warns(UserWarning, match="could not register"):
+        td.autoload()
