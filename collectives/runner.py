@@ -15,6 +15,7 @@ is left running; ``Work.wait(timeout)`` running out does the same.
 """
 from __future__ import annotations
 
+import logging
 import numbers
 import threading
 import time
@@ -30,6 +31,7 @@ __all__ = ["Ctx", "Work", "Body", "start", "abandon", "agreed", "check_comm", "c
 
 
 Body = Callable[["Ctx"], Any]
+_log = logging.getLogger("collectives")
 _WATCH_S = 0.1
 _WATCH_MAX = 64
 
@@ -135,7 +137,7 @@ class Work:
     blocking call would have returned, or raises its error. A ``wait`` that
     runs out of time aborts the collective on every member."""
 
-    __slots__ = ("_event", "_value", "_error", "desc", "_abort")
+    __slots__ = ("_event", "_value", "_error", "desc", "_abort", "_callbacks")
 
     def __init__(self, desc: str, abort: Callable[[BaseException], None] | None = None) -> None:
         self._event = threading.Event()
@@ -143,6 +145,18 @@ class Work:
         self._error: BaseException | None = None
         self.desc = desc
         self._abort = abort
+        self._callbacks: list[Callable[["Work"], None]] = []
+
+    def add_done_callback(self, fn: Callable[["Work"], None]) -> None:
+        """Call ``fn(self)`` once the collective has finished, in the thread
+        that finishes it (the group's lane), or at once here if it has
+        (collectives.torchdist completes torch futures this way). An
+        exception ``fn`` raises is logged, never raised."""
+        with _callbacks_lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        _call(fn, self)
 
     def done(self) -> bool:
         return self._event.is_set()
@@ -163,7 +177,21 @@ class Work:
 
     def _finish(self, value: Any, error: BaseException | None) -> None:
         self._value, self._error = value, error
-        self._event.set()
+        with _callbacks_lock:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            _call(fn, self)
+
+
+_callbacks_lock = threading.Lock()
+
+
+def _call(fn: Callable[[Work], None], work: Work) -> None:
+    try:
+        fn(work)
+    except Exception:
+        _log.exception("a done-callback of %s failed", work.desc)
 
 
 class _Group:

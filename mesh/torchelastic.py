@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Any
 
 from .env import JobSpec
 from .errors import RendezvousError
@@ -20,26 +21,31 @@ from .errors import RendezvousError
 __all__ = ["rendezvous_address"]
 
 
-def rendezvous_address(spec: JobSpec, port: int | None, timeout: float) -> tuple[str, int]:
+def rendezvous_address(spec: JobSpec, port: int | None, timeout: float,
+                       store: Any = None) -> tuple[str, int]:
     """Rank 0 (``port``: where its rendezvous service listens) publishes it;
     every other rank (``port=None``) waits up to ``timeout`` seconds for it.
-    Returns the (host, port) to join."""
+    Returns the (host, port) to join. ``store``: a torch Store to use in
+    place of the agent's (torch.distributed's own, for tcp:// and file://)."""
     key = spec.agent_store
     if key is None:
         raise ValueError("this job has no torchrun agent store")
     store_at = f"{spec.master_addr}:{spec.master_port}"
     where = f"rank {spec.rank}: torchrun's agent store at {store_at}"
-    try:
-        from torch.distributed import TCPStore
-    except ImportError as e:
-        raise RendezvousError(f"{where} needs torch to be importable: {e}") from e
     deadline = time.monotonic() + timeout
-    try:
-        store = TCPStore(spec.master_addr, spec.master_port, is_master=False,
-                         timeout=timedelta(seconds=timeout), wait_for_workers=False)
-    except RuntimeError as e:
-        raise RendezvousError(f"{where} could not be reached within {timeout:.0f}s: "
-                              f"{_first_line(e)}") from e
+    if store is not None:
+        where = f"rank {spec.rank}: torch.distributed's store ({type(store).__name__})"
+    else:
+        try:
+            from torch.distributed import TCPStore
+        except ImportError as e:
+            raise RendezvousError(f"{where} needs torch to be importable: {e}") from e
+        try:
+            store = TCPStore(spec.master_addr, spec.master_port, is_master=False,
+                             timeout=timedelta(seconds=timeout), wait_for_workers=False)
+        except RuntimeError as e:
+            raise RendezvousError(f"{where} could not be reached within {timeout:.0f}s: "
+                                  f"{_first_line(e)}") from e
     if port is not None:
         try:
             store.set(key, f"{spec.master_addr}:{port}")

@@ -19,7 +19,7 @@ from .comm import Comm
 from .rendezvous import RendezvousServer, join
 from .transport import Transport, config_float
 
-__all__ = ["Mesh", "init"]
+__all__ = ["Mesh", "init", "current"]
 
 _log = logging.getLogger("mesh.transport")
 _open: "weakref.WeakSet[Mesh]" = weakref.WeakSet()
@@ -118,11 +118,24 @@ def _tcp_host(master_addr: str) -> str:
         return "127.0.0.1"
 
 
-def init(timeout: float | None = None, rendezvous_timeout: float | None = None) -> Mesh:
+def current() -> Mesh | None:
+    """The mesh this process has open (its ``mesh.init()``, or the world
+    ``mesh.spawn`` handed it), or None when it has none or several."""
+    mine = [m for m in list(_open) if m._pid == os.getpid() and not m._closed]
+    return mine[0] if len(mine) == 1 else None
+
+
+def init(timeout: float | None = None, rendezvous_timeout: float | None = None, *,
+         spec: env.JobSpec | None = None, store: Any = None) -> Mesh:
     """Join the job described by the environment (meshrun, torchrun, SLURM,
     Open MPI). ``timeout`` is the default for every blocking operation
-    (MESH_TIMEOUT, else 300 s); with no job variables this is a world of one."""
-    spec = env.from_env()
+    (MESH_TIMEOUT, else 300 s); with no job variables this is a world of one.
+
+    ``spec`` describes the job instead of the environment; with ``store`` (a
+    torch.distributed Store all ranks share) rank 0 publishes where its
+    rendezvous service listens there, under ``spec.agent_store``, as under
+    torchrun (collectives.torchdist joins this way for tcp:// and file://)."""
+    spec = spec if spec is not None else env.from_env()
     op_timeout = timeout if timeout is not None else config_float("MESH_TIMEOUT", 300.0)
     rdv_timeout = rendezvous_timeout if rendezvous_timeout is not None else \
         config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0)
@@ -152,7 +165,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None) 
             rdv_addr, rdv_port = spec.master_addr, spec.master_port
             if spec.agent_store:
                 rdv_addr, rdv_port = torchelastic.rendezvous_address(
-                    spec, server.port if server is not None else None, rdv_timeout)
+                    spec, server.port if server is not None else None, rdv_timeout, store)
             table = join(ctx, rdv_addr, rdv_port, spec.secret, spec.rank,
                          spec.size, host, eps, rdv_timeout, curve)
     except BaseException:

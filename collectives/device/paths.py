@@ -56,6 +56,11 @@ class DeviceWork:
     def done(self) -> bool:
         return bool(self._work.done())
 
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """``fn(self)`` once the host collective has finished (see Work's);
+        ``wait()`` then copies the result back without waiting."""
+        self._work.add_done_callback(lambda _: fn(self))
+
     def wait(self, timeout: float | None = None) -> Any:
         if not self._done:
             self._value = self._finish(self._work.wait(timeout))

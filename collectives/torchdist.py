@@ -1,0 +1,178 @@
+"""A torch.distributed backend named "meshrun": unchanged torch code
+(``dist.init_process_group("meshrun")``, DDP, new_group...) on a mesh.
+
+    import collectives.torchdist          # registers "meshrun" (idempotent)
+    dist.init_process_group("meshrun")    # under meshrun, torchrun, mesh.spawn
+
+Where the mesh comes from (the default group's; new_group's are its groups):
+
+    the process has one open (mesh.spawn's world, the script's mesh.init())
+                                   -> that one, left open by destroy_process_group
+    otherwise (torchrun, tcp://, file://, env:// set by hand)
+                                   -> a new mesh: rank 0 serves the rendezvous on
+                                      port 0 and publishes it in torch's store
+                                      (as mesh.init does in torchrun's agent
+                                      store); closed by destroy_process_group
+
+Under meshrun (and inside mesh.spawn) MASTER_PORT is meshrun's own
+rendezvous, where torch's env:// would start its TCPStore; so importing
+this module wraps torch's env:// handler: there, the store is a TCPStore
+rank 0 starts on port 0 and announces over the process's mesh (made with
+mesh.init() if the script has none). Elsewhere env:// is torch's own.
+
+The ``torch.backends`` entry point (``autoload``) registers the backend
+when torch is imported; it never raises.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch.distributed as dist
+
+import mesh
+from mesh import env, world as _world
+
+from . import api as C
+from .torchpg import ProcessGroupMeshrun
+
+__all__ = ["BACKEND", "register", "autoload", "ProcessGroupMeshrun"]
+
+BACKEND = "meshrun"
+_lock = threading.Lock()
+_registered = False
+_torch_env: Any = None
+_owned: Any = None          # the mesh this module made (closed with the default group)
+_default: Any = None        # the default group's mesh
+
+
+def register() -> None:
+    """Register the "meshrun" backend with torch.distributed (and wrap
+    env:// for meshrun's jobs); calling it again does nothing."""
+    global _registered, _torch_env
+    with _lock:
+        if _registered:
+            return
+        dist.Backend.register_backend(BACKEND, _create, extended_api=True,
+                                      devices=["cpu", "cuda"])
+        handlers = importlib.import_module("torch.distributed.rendezvous")._rendezvous_handlers
+        if getattr(handlers.get("env"), "__module__", None) != __name__:
+            _torch_env = handlers.get("env")
+            handlers["env"] = _env_handler
+        _registered = True
+
+
+def autoload() -> None:
+    """The ``torch.backends`` entry point: register, and never make
+    ``import torch`` fail."""
+    try:
+        if dist.is_available():
+            register()
+    except Exception as e:  # noqa: BLE001 - import torch must survive anything here
+        warnings.warn(f"meshrun: could not register the torch.distributed backend: {e}",
+                      stacklevel=2)
+
+
+# -- env:// under meshrun ---------------------------------------------------------
+
+
+def _env_handler(url: str, timeout: timedelta = dist.default_pg_timeout,
+                 **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
+    if os.environ.get("MESH_LAUNCHER") != "1":
+        yield from _torch_env(url, timeout=timeout, **kwargs)
+        return
+    world = _process_mesh()
+    query = dict(p.split("=", 1) for p in url.partition("?")[2].split("&") if "=" in p)
+    for key, have in (("rank", world.rank), ("world_size", world.size)):
+        if key in query and int(query[key]) != have:
+            raise ValueError(f"init_process_group: {key}={query[key]} but this meshrun job "
+                             f"gives this process {key} {have}")
+    yield _store_over(world, timeout), world.rank, world.size
+    raise RuntimeError("meshrun's env:// rendezvous cannot be repeated in one process group")
+
+
+def _process_mesh() -> Any:
+    """The process's open mesh, or a new one (mesh.init(), owned here)."""
+    global _owned
+    m = _world.current()
+    if m is None:
+        m = _owned = mesh.init()
+    return m
+
+
+def _store_over(world: Any, timeout: timedelta) -> Any:
+    """A TCPStore rank 0 starts on port 0; the others learn the port over the mesh."""
+    host = world.spec.master_addr
+    if world.rank == 0:
+        store = dist.TCPStore(host, 0, world.size, True, timeout, wait_for_workers=False)
+        C.broadcast_object(world, store.port)
+        return store
+    port = C.broadcast_object(world, None)
+    return dist.TCPStore(host, int(port), world.size, False, timeout)
+
+
+# -- the backend's creator --------------------------------------------------------
+
+
+def _create(opts: Any, _pg_options: Any) -> ProcessGroupMeshrun:
+    """torch's call for each new group: the default one (no global ranks
+    given) finds or makes the mesh; the others are groups of it."""
+    global _default
+    ranks = list(opts.global_ranks_in_group)
+    timeout = opts.timeout.total_seconds()
+    if not ranks:
+        m = _world.current()
+        if m is None or (m.rank, m.size) != (opts.group_rank, opts.group_size):
+            m = _mesh_over_store(opts.store, opts.group_rank, opts.group_size)
+        _default = m
+        return ProcessGroupMeshrun(m, timeout, _closer(m))
+    if _default is None or _default._closed:
+        raise RuntimeError("meshrun backend: new_group before init_process_group('meshrun')")
+    comm = _default.group(ranks)
+    if comm is None or comm.rank != opts.group_rank:
+        raise RuntimeError(f"meshrun backend: group {ranks} does not map onto the mesh (rank "
+                           f"{opts.group_rank} of torch's group)")
+    return ProcessGroupMeshrun(comm, timeout)
+
+
+def _closer(m: Any) -> Any:
+    """What the default group's shutdown does: close the mesh if it was made here."""
+    def close() -> None:
+        global _owned, _default
+        if _default is m:
+            _default = None
+        if m is _owned:
+            _owned = None
+            m.close()
+    return close
+
+
+def _mesh_over_store(store: Any, rank: int, size: int) -> Any:
+    """A new mesh whose rendezvous address rank 0 publishes in torch's store."""
+    gen = (int(store.add("meshrun/joined", 1)) - 1) // size
+    host = _store_host(store)
+    e = os.environ
+    local = e.get("LOCAL_RANK", "0") if e.get("WORLD_SIZE") == str(size) else "0"
+    local_size = e.get("LOCAL_WORLD_SIZE", "1") if e.get("WORLD_SIZE") == str(size) else "1"
+    spec = env.JobSpec(rank, size, int(local), int(local_size), host, 0,
+                       e.get("MESH_SECRET") or f"insecure:torch:{host}", serve_rendezvous=True,
+                       agent_store=f"meshrun/rendezvous/{gen}")
+    global _owned
+    m = _owned = mesh.init(spec=spec, store=store)
+    return m
+
+
+def _store_host(store: Any) -> str:
+    """Where rank 0 can be reached: the TCPStore's host (rank 0 or torchrun's
+    agent on its node serves it), else MASTER_ADDR, else this host."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    host = getattr(store, "host", None)
+    return str(host) if host else os.environ.get("MASTER_ADDR", "127.0.0.1")
+
+
+register()

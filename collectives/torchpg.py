@@ -1,0 +1,488 @@
+"""The "meshrun" ProcessGroup: torch.distributed's calls on a meshrun
+communicator (collectives.torchdist registers it and makes its mesh).
+
+torch calls a method per collective with its options; the method starts
+the meshrun collective and returns a torch Work::
+
+    asyncOp False   the collective runs here, in torch's thread; errors
+                    (MismatchError, LostPeerError...) raise from the call
+    asyncOp True    the collective runs on meshrun's lane for the group;
+    (DDP's buckets)   a torch Future is completed from there, so torch's
+                    thread never waits in a call it asked to be asynchronous
+
+Point-to-point calls return a Work over the mesh's request (the mesh's
+progress thread moves the data); ``get_future()`` on one waits in a thread.
+"""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch._C import _distributed_c10d as c10d
+from torch._C._distributed_c10d import ReduceOp
+from torch.futures import Future
+
+import mesh
+
+from . import api as C
+from .runner import Ctx, start
+from .torcharrays import movable, reducible, stack, write
+
+__all__ = ["ProcessGroupMeshrun"]
+
+_R: Any = ReduceOp.RedOpType
+_OPS = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max",
+        _R.BAND: "band", _R.BOR: "bor", _R.BXOR: "bxor"}
+
+
+def _op(rop: Any) -> tuple[str, Any]:
+    """meshrun's op name and the PREMUL_SUM factor (None for the others)."""
+    kind = getattr(rop, "op", rop)
+    if kind == _R.PREMUL_SUM:
+        return "sum", rop.factor
+    if kind not in _OPS:
+        raise ValueError(f"meshrun backend: reduce op {kind} is not supported")
+    return _OPS[kind], None
+
+
+def _scaled(arr: Any, factor: Any) -> Any:
+    if factor is None:
+        return arr
+    f = float(factor) if not isinstance(factor, torch.Tensor) else factor.item()
+    return arr * f
+
+
+# torch's stubs overload these methods; the C++ trampoline calls ours by name
+_ProcessGroup: Any = dist.ProcessGroup
+_Work: Any = dist.Work
+
+
+def _done(result: Any) -> dist.Work:
+    work = _FutureWork()
+    work.finish(result, None)
+    return work
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _unwrap(fut: Future) -> Any:
+    value = fut.value()
+    if isinstance(value, _Failed):
+        raise value.error
+    return value
+
+
+class _FutureWork(_Work):
+    """A torch Work that meshrun completes with ``finish``. Its future is a
+    ``then`` of a plain one, so that an error is a real error to torch's
+    C++ (DDP's reducer): ``Future.set_exception`` only stores the exception
+    as the value, and torch's own future-wrapping Work returns from
+    ``wait()`` even then. ``wait()`` raises the collective's own error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._base: Future = Future()
+        self._fut = self._base.then(_unwrap)
+        self._error: BaseException | None = None
+
+    def finish(self, result: Any, error: BaseException | None) -> None:
+        self._error = error
+        self._base.set_result(result if error is None else _Failed(error))
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        self._base.wait()
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def get_future(self) -> Future:
+        return self._fut
+
+    def is_completed(self) -> bool:
+        return bool(self._base.done())
+
+    def is_success(self) -> bool:
+        return self._base.done() and self._error is None
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def result(self) -> Any:
+        self.wait()
+        return self._base.value()
+
+
+class ProcessGroupMeshrun(_ProcessGroup):
+    """torch.distributed's ProcessGroup on ``comm`` (a meshrun world or
+    group whose ranks are the torch group's). ``on_shutdown`` runs when
+    torch destroys the group (closing a mesh made for it)."""
+
+    def __init__(self, comm: Any, timeout: float,
+                 on_shutdown: Callable[[], None] | None = None) -> None:
+        super().__init__(comm.rank, comm.size)
+        self.comm = comm
+        self.timeout = timeout
+        self._on_shutdown = on_shutdown
+
+    def getBackendName(self) -> str:
+        return "meshrun"
+
+    @property
+    def _n(self) -> int:
+        return int(self.comm.size)
+
+    def __repr__(self) -> str:
+        return f"<ProcessGroupMeshrun {self.comm.name} rank {self.comm.rank}/{self.comm.size}>"
+
+    def shutdown(self) -> None:
+        fn, self._on_shutdown = self._on_shutdown, None
+        if fn is not None:
+            fn()
+
+    # -- how a call runs ----------------------------------------------------------
+
+    def _run(self, launches: Sequence[Callable[..., Any]],
+             finish: Callable[[list[Any]], Any] | None,
+             result: Any, async_op: bool) -> dist.Work:
+        """Start each launch (a meshrun collective, given async_op); once all
+        have finished, ``finish(values)`` writes the outputs and torch's
+        future gets ``result``."""
+        if not async_op:
+            values = [launch(False) for launch in launches]
+            if finish is not None:
+                finish(values)
+            return _done(result)
+        work = _FutureWork()
+        try:
+            works = [launch(True) for launch in launches]
+        except BaseException as e:      # torch reads an async call's errors from its Work
+            work.finish(None, e)
+            return work
+        left = [len(works)]
+        lock = threading.Lock()
+
+        def on_done(_: Any) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            try:
+                values = [w.wait(0) for w in works]
+                if finish is not None:
+                    finish(values)
+            except BaseException as e:
+                work.finish(None, e)
+                return
+            work.finish(result, None)
+
+        for w in works:
+            w.add_done_callback(on_done)
+        if not works:
+            work.finish(result, None)
+        return work
+
+    def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool) -> dist.Work:
+        name, factor = _op(rop)
+        launches, backs = [], []
+        for t in tensors:
+            if factor is not None:
+                t.detach().mul_(factor)
+            arr, back = reducible(t)
+            launches.append(lambda a, arr=arr: C.all_reduce(self.comm, arr, op=name, async_op=a,
+                                                             timeout=self.timeout))
+            backs.append(back)
+        return self._run(launches, lambda _: [b() for b in backs if b is not None], tensors,
+                         async_op)
+
+    # -- collectives --------------------------------------------------------------
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = opts or c10d.AllreduceOptions()
+        return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = opts or c10d.AllreduceCoalescedOptions()
+        return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = opts or c10d.BroadcastOptions()
+        launches = [lambda a, arr=movable(t): C.broadcast(self.comm, arr, root=opts.rootRank,
+                                                          async_op=a, timeout=self.timeout)
+                    for t in tensors]
+        return self._run(launches, None, tensors, opts.asyncOp)
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = opts or c10d.ReduceOptions()
+        name, factor = _op(opts.reduceOp)
+        launches, backs = [], []
+        for t in tensors:
+            if factor is not None:
+                t.detach().mul_(factor)
+            arr, back = reducible(t)
+            launches.append(lambda a, arr=arr: C.reduce(self.comm, arr, root=opts.rootRank,
+                                                         op=name, async_op=a,
+                                                         timeout=self.timeout))
+            backs.append(back)
+        mine = self.comm.rank == opts.rootRank
+        return self._run(launches, lambda _: [b() for b in backs if b is not None and mine],
+                         tensors, opts.asyncOp)
+
+    def allgather(self, output_tensors: list[list[torch.Tensor]],
+                  input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = opts or c10d.AllgatherOptions()
+        launches = [lambda a, arr=movable(x): C.all_gather(self.comm, arr, async_op=a,
+                                                           timeout=self.timeout)
+                    for x in input_tensors]
+
+        def finish(values: list[Any]) -> None:
+            for outs, value in zip(output_tensors, values):
+                for j, o in enumerate(outs):
+                    write(o, value[j])
+        return self._run(launches, finish, output_tensors, opts.asyncOp)
+
+    def allgather_coalesced(self, output_lists: list[list[torch.Tensor]],
+                            input_list: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        return self.allgather(output_lists, input_list, opts)
+
+    def _allgather_base(self, output: torch.Tensor, input: torch.Tensor,
+                        opts: Any = None) -> dist.Work:
+        return self.allgather_into_tensor_coalesced([output], [input], opts)
+
+    def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor],
+                                        inputs: list[torch.Tensor],
+                                        opts: Any = None) -> dist.Work:
+        opts = opts or c10d.AllgatherOptions()
+        launches = [lambda a, arr=movable(x): C.all_gather(self.comm, arr, async_op=a,
+                                                           timeout=self.timeout)
+                    for x in inputs]
+
+        def finish(values: list[Any]) -> None:
+            for o, value in zip(outputs, values):
+                write(o, value)
+        return self._run(launches, finish, outputs, opts.asyncOp)
+
+    def reduce_scatter(self, output_tensors: list[torch.Tensor],
+                       input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
+        opts = opts or c10d.ReduceScatterOptions()
+        return self._reduce_scatter(output_tensors, [stack(ins, reduce=True)
+                                                     for ins in input_tensors], opts)
+
+    def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor,
+                             opts: Any = None) -> dist.Work:
+        return self.reduce_scatter_tensor_coalesced([output], [input], opts)
+
+    def reduce_scatter_tensor_coalesced(self, outputs: list[torch.Tensor],
+                                        inputs: list[torch.Tensor],
+                                        opts: Any = None) -> dist.Work:
+        opts = opts or c10d.ReduceScatterOptions()
+        return self._reduce_scatter(outputs, [reducible(x)[0].reshape(self._n, -1)
+                                              for x in inputs], opts)
+
+    def _reduce_scatter(self, outputs: list[torch.Tensor], arrays: list[Any],
+                        opts: Any) -> dist.Work:
+        name, factor = _op(opts.reduceOp)
+        launches = [lambda a, arr=_scaled(arr, factor): C.reduce_scatter(
+            self.comm, arr, op=name, async_op=a, timeout=self.timeout) for arr in arrays]
+
+        def finish(values: list[Any]) -> None:
+            for o, value in zip(outputs, values):
+                write(o, value)
+        return self._run(launches, finish, outputs, opts.asyncOp)
+
+    def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
+                      output_split_sizes: list[int], input_split_sizes: list[int],
+                      opts: Any = None) -> dist.Work:
+        opts = opts or c10d.AllToAllOptions()
+        n = self._n
+        even = not output_split_sizes and not input_split_sizes
+        ins = list(input_split_sizes) or [input.shape[0] // n] * n
+        outs = list(output_split_sizes) or [output.shape[0] // n] * n
+        arr = movable(input if even or input.device.type == "cpu" else input.cpu())
+
+        def launch(a: bool) -> Any:
+            if even:
+                return C.all_to_all(self.comm, arr, async_op=a, timeout=self.timeout)
+            return _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)
+        return self._run([launch], lambda v: write(output, v[0]), [output], opts.asyncOp)
+
+    def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
+                 opts: Any = None) -> dist.Work:
+        opts = opts or c10d.AllToAllOptions()
+        flat = torch.cat([x.detach().reshape(-1) for x in input_tensors])
+        ins = [x.numel() for x in input_tensors]
+        outs = [o.numel() for o in output_tensors]
+        arr = movable(flat.cpu())
+
+        def finish(values: list[Any]) -> None:
+            pieces = np.split(values[0], np.cumsum(outs)[:-1])
+            for o, piece in zip(output_tensors, pieces):
+                write(o, piece)
+        return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)],
+                         finish, output_tensors, opts.asyncOp)
+
+    all_gather_single = _allgather_base
+    all_gather_single_coalesced = allgather_into_tensor_coalesced
+    reduce_scatter_single = _reduce_scatter_base
+    reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced
+    all_to_all_single = alltoall_base
+
+    def gather(self, output_tensors: list[list[torch.Tensor]],
+               input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = opts or c10d.GatherOptions()
+        arr = movable(input_tensors[0])
+
+        def finish(values: list[Any]) -> None:
+            if values[0] is not None:
+                for j, o in enumerate(output_tensors[0]):
+                    write(o, values[0][j])
+        return self._run([lambda a: C.gather(self.comm, arr, root=opts.rootRank, async_op=a,
+                                             timeout=self.timeout)],
+                         finish, output_tensors, opts.asyncOp)
+
+    def scatter(self, output_tensors: list[torch.Tensor],
+                input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
+        opts = opts or c10d.ScatterOptions()
+        src = stack(input_tensors[0]) if self.comm.rank == opts.rootRank else None
+        return self._run([lambda a: C.scatter(self.comm, src, root=opts.rootRank, async_op=a,
+                                              timeout=self.timeout)],
+                         lambda v: write(output_tensors[0], v[0]), output_tensors,
+                         opts.asyncOp)
+
+    def barrier(self, opts: Any = None) -> dist.Work:
+        opts = opts or c10d.BarrierOptions()
+        return self._run([lambda a: C.barrier(self.comm, async_op=a, timeout=self.timeout)],
+                         None, [], opts.asyncOp)
+
+    def monitored_barrier(self, timeout: timedelta | None = None,
+                          wait_all_ranks: bool = False) -> None:
+        """A barrier that raises, naming the rank, when one died or did not
+        come within ``timeout`` (every meshrun barrier does). torch's own
+        ``dist.monitored_barrier`` refuses every backend but gloo."""
+        secs = self.timeout if timeout is None else timeout.total_seconds()
+        C.barrier(self.comm, timeout=secs)
+
+    # -- point-to-point -----------------------------------------------------------
+
+    def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> dist.Work:
+        return _P2PWork(self.comm.isend(movable(tensors[0]), dstRank, tag), None, tensors)
+
+    def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> dist.Work:
+        return self._recv(tensors[0], srcRank, tag)
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int) -> dist.Work:
+        return self._recv(tensors[0], mesh.ANY, tag)
+
+    def _recv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
+        out = movable(t)
+        direct = not isinstance(out, np.ndarray) or (out.flags.c_contiguous
+                                                     and out.flags.writeable)
+        req = self.comm.irecv(src, tag, out=out if direct else None)
+        return _P2PWork(req, None if direct else (lambda v: write(t, v)), [t])
+
+
+class _P2PWork(_Work):
+    """A torch Work over a mesh request; ``finish(value)`` copies a received
+    value where the tensor could not take it directly."""
+
+    def __init__(self, req: Any, finish: Callable[[Any], None] | None,
+                 tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        self._req, self._finish, self._tensors = req, finish, tensors
+        self._lock = threading.Lock()
+        self._done: _FutureWork | None = None
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        secs = timeout.total_seconds() if timeout else None
+        value = self._req.wait(secs if secs and secs > 0 else None)
+        with self._lock:
+            fn, self._finish = self._finish, None
+        if fn is not None:
+            fn(value)
+        return True
+
+    def is_completed(self) -> bool:
+        return bool(self._req.done())
+
+    def is_success(self) -> bool:
+        if not self._req.done():
+            return False
+        try:
+            self.wait()
+        except Exception:
+            return False
+        return True
+
+    def source_rank(self) -> int:
+        status = self._req.status      # the sender's rank in the receive's group
+        if status is None:
+            raise RuntimeError("source_rank: the receive has not matched a message yet")
+        return int(status.source)
+
+    def _source_rank(self) -> int:
+        return self.source_rank()
+
+    def result(self) -> list[torch.Tensor]:
+        return self._tensors
+
+    def get_future(self) -> Future:
+        """A future completed once the transfer is done (a thread waits for it)."""
+        with self._lock:
+            if self._done is None:
+                self._done = _FutureWork()
+                threading.Thread(target=self._complete, args=(self._done,),
+                                 name="meshrun-p2p-future", daemon=True).start()
+            return self._done.get_future()
+
+    def _complete(self, done: _FutureWork) -> None:
+        try:
+            self.wait()
+        except BaseException as e:
+            done.finish(None, e)
+            return
+        done.finish(self._tensors, None)
+
+
+def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[int],
+                  async_op: bool, timeout: float | None) -> Any:
+    """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
+    ``a`` go to rank i; the result holds rank j's block at out_splits'
+    offset j. A block whose row count is not what the receiver expects
+    raises MismatchError on every member, naming both ranks."""
+    n = g.size
+    if len(in_splits) != n or len(out_splits) != n or sum(in_splits) != a.shape[0]:
+        raise ValueError(f"all_to_all_single on group {g.name}: split sizes {in_splits} / "
+                         f"{out_splits} do not fit {n} ranks and {a.shape[0]} input rows")
+
+    def prepare(_: Any) -> tuple[dict, Callable[[Ctx], np.ndarray]]:
+        arr = np.ascontiguousarray(a)
+        rest = arr.shape[1:]
+        ioff = np.concatenate([[0], np.cumsum(in_splits)]).astype(int)
+        ooff = np.concatenate([[0], np.cumsum(out_splits)]).astype(int)
+
+        def body(ctx: Ctx) -> np.ndarray:
+            me = ctx.g.rank
+            out = np.empty((int(ooff[-1]),) + rest, arr.dtype)
+            recvs = [(j, ctx.irecv(j)) for j in range(n) if j != me]
+            sends = [ctx.isend(arr[ioff[i]:ioff[i + 1]], i) for i in range(n) if i != me]
+            out[ooff[me]:ooff[me + 1]] = arr[ioff[me]:ioff[me + 1]]
+            for j, r in recvs:
+                got = r.wait()
+                if got.shape[0] != out_splits[j]:
+                    raise mesh.MismatchError(
+                        f"{ctx.where()}: rank {me} expects {out_splits[j]} rows from rank {j}, "
+                        f"which sent {got.shape[0]} (output_split_sizes vs input_split_sizes)")
+                out[ooff[j]:ooff[j + 1]] = got
+            for s in sends:
+                s.wait()
+            return out
+        return {"coll": "all_to_all_v", "dtype": str(arr.dtype), "shape": list(rest)}, body
+    return start(g, "all_to_all_v", prepare, async_op, timeout)

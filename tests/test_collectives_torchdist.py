@@ -1,0 +1,407 @@
+"""The "meshrun" torch.distributed backend (collectives.torchdist): torch's
+own calls, checked against the values they must give; DDP against
+single-process training; mismatches; every way torch initializes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+import mesh  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R = dist.ReduceOp
+
+
+def _init() -> None:
+    import collectives.torchdist  # noqa: F401
+    dist.init_process_group("meshrun")
+
+
+def _eq(got: Any, want: Any, what: str) -> None:
+    want = torch.as_tensor(want, dtype=got.dtype)
+    assert torch.equal(got, want), f"rank {dist.get_rank()}: {what}: got {got}, want {want}"
+
+
+def _reductions(r: int, n: int) -> None:
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    for op, want in [(R.SUM, ranks.sum()), (R.AVG, ranks.mean()), (R.PRODUCT, ranks.prod()),
+                     (R.MIN, 1.0), (R.MAX, float(n))]:
+        t = torch.full((5,), r + 1.0, dtype=torch.float64)
+        dist.all_reduce(t, op=op)
+        _eq(t, torch.full((5,), float(want), dtype=torch.float64), f"all_reduce {op}")
+    bits = [1 << r | 8 for r in range(n)]
+    for op, fold in [(R.BAND, lambda a, b: a & b), (R.BOR, lambda a, b: a | b),
+                     (R.BXOR, lambda a, b: a ^ b)]:
+        want = bits[0]
+        for b in bits[1:]:
+            want = fold(want, b)
+        t = torch.tensor([bits[r]] * 3, dtype=torch.int32)
+        dist.all_reduce(t, op=op)
+        _eq(t, [want] * 3, f"all_reduce {op}")
+    t = torch.full((4,), r + 1.0)
+    dist.all_reduce(t, op=dist._make_nccl_premul_sum(2.0))
+    _eq(t, torch.full((4,), 2.0 * float(ranks.sum())), "all_reduce PREMUL_SUM")
+    t = torch.full((3,), r + 1.0, dtype=torch.bfloat16)
+    dist.all_reduce(t)
+    _eq(t, torch.full((3,), float(ranks.sum()), dtype=torch.bfloat16), "all_reduce bfloat16")
+    base = torch.arange(12.0).reshape(3, 4) * (r + 1)
+    t = base.t()                        # not contiguous
+    dist.all_reduce(t)
+    _eq(t, (torch.arange(12.0).reshape(3, 4) * float(ranks.sum())).t(), "strided all_reduce")
+    t = torch.full((6,), r + 1.0)
+    w = dist.all_reduce(t, async_op=True)
+    fut = w.get_future()
+    w.wait()
+    _eq(fut.wait()[0], torch.full((6,), float(ranks.sum())), "async all_reduce future")
+
+
+def _rooted(r: int, n: int) -> None:
+    root = n - 1
+    t = torch.full((4,), float(r))
+    dist.broadcast(t, src=root)
+    _eq(t, torch.full((4,), float(root)), "broadcast")
+    t = torch.full((4,), r + 1.0, dtype=torch.bfloat16)
+    dist.broadcast(t, src=0)
+    _eq(t, torch.ones(4, dtype=torch.bfloat16), "broadcast bfloat16")
+    t = torch.full((2,), r + 1.0)
+    dist.reduce(t, dst=root, op=R.MAX)
+    _eq(t, torch.full((2,), float(n if r == root else r + 1)), "reduce")
+    outs = [torch.zeros(2) for _ in range(n)] if r == root else None
+    dist.gather(torch.full((2,), float(r)), outs, dst=root)
+    if r == root:
+        for j, o in enumerate(outs):
+            _eq(o, torch.full((2,), float(j)), "gather")
+    out = torch.zeros(3)
+    dist.scatter(out, [torch.full((3,), 10.0 + j) for j in range(n)] if r == 0 else None, src=0)
+    _eq(out, torch.full((3,), 10.0 + r), "scatter")
+
+
+def _gathers(r: int, n: int) -> None:
+    outs = [torch.zeros(2, dtype=torch.int64) for _ in range(n)]
+    dist.all_gather(outs, torch.tensor([r, 2 * r]))
+    for j, o in enumerate(outs):
+        _eq(o, [j, 2 * j], "all_gather")
+    out = torch.zeros(n * 2)
+    dist.all_gather_into_tensor(out, torch.tensor([r, r + 0.5]))
+    _eq(out, [v for j in range(n) for v in (j, j + 0.5)], "all_gather_into_tensor")
+    out = torch.zeros(2)
+    dist.reduce_scatter(out, [torch.full((2,), float(j + r)) for j in range(n)])
+    _eq(out, torch.full((2,), float(n * r + n * (n - 1) / 2)), "reduce_scatter")
+    out = torch.zeros(3)
+    dist.reduce_scatter_tensor(out, torch.arange(3.0 * n) + r, op=R.SUM)
+    _eq(out, (torch.arange(3.0) + 3 * r) * n + n * (n - 1) / 2, "reduce_scatter_tensor")
+    outs = [torch.zeros(1) for _ in range(n)]
+    dist.all_to_all(outs, [torch.tensor([10.0 * r + j]) for j in range(n)])
+    _eq(torch.cat(outs), [10.0 * j + r for j in range(n)], "all_to_all")
+    out = torch.zeros(n)
+    dist.all_to_all_single(out, torch.arange(float(n)) + 10 * r)
+    _eq(out, [10.0 * j + r for j in range(n)], "all_to_all_single")
+    # uneven: rank r sends j+1 rows to rank j, each holding 100*r + j
+    ins = [j + 1 for j in range(n)]
+    src = torch.cat([torch.full((j + 1,), 100.0 * r + j) for j in range(n)])
+    out = torch.zeros(n * (r + 1))
+    w = dist.all_to_all_single(out, src, [r + 1] * n, ins, async_op=True)
+    w.wait()
+    _eq(out, torch.cat([torch.full((r + 1,), 100.0 * j + r) for j in range(n)]),
+        "all_to_all_single uneven")
+    got: list[Any] = [None] * n
+    dist.all_gather_object(got, {"rank": r})
+    assert got == [{"rank": j} for j in range(n)], got
+    box = [{"k": [1, 2]}, "x"] if r == 0 else [None, None]
+    dist.broadcast_object_list(box, src=0)
+    assert box == [{"k": [1, 2]}, "x"], box
+    gathered = [None] * n if r == 0 else None
+    dist.gather_object(("t", r), gathered, dst=0)
+    assert r != 0 or gathered == [("t", j) for j in range(n)], gathered
+    mine: list[Any] = [None]
+    dist.scatter_object_list(mine, [j * 3 for j in range(n)] if r == 0 else None, src=0)
+    assert mine == [r * 3], mine
+    dist.barrier()
+
+
+def _p2p(r: int, n: int) -> None:
+    right, left = (r + 1) % n, (r - 1) % n
+    got = torch.zeros(3)
+    if r % 2 == 0:
+        dist.send(torch.full((3,), float(r)), dst=right)
+        dist.recv(got, src=left)
+    else:
+        dist.recv(got, src=left)
+        dist.send(torch.full((3,), float(r)), dst=right)
+    _eq(got, torch.full((3,), float(left)), "send/recv")
+    reqs = [dist.isend(torch.full((2,), r + 0.5), dst=right, tag=5)]
+    got = torch.zeros(2)
+    reqs.append(dist.irecv(got, src=left, tag=5))
+    for q in reqs:
+        q.wait()
+    _eq(got, torch.full((2,), left + 0.5), "isend/irecv")
+    got = torch.zeros(2, dtype=torch.int64)
+    ops = [dist.P2POp(dist.isend, torch.tensor([r, r]), right),
+           dist.P2POp(dist.irecv, got, left)]
+    for q in dist.batch_isend_irecv(ops):
+        q.wait()
+    _eq(got, [left, left], "batch_isend_irecv")
+    if r == 0:                                  # from any source
+        seen = set()
+        for _ in range(n - 1):
+            t = torch.zeros(1)
+            src = dist.recv(t, tag=9)
+            _eq(t, [float(src)], "recv from any source")
+            seen.add(src)
+        assert seen == set(range(1, n)), seen
+    else:
+        dist.send(torch.tensor([float(r)]), dst=0, tag=9)
+    strided = torch.zeros(2, 3).t()
+    if r == 0:
+        dist.send(torch.arange(6.0).reshape(3, 2), dst=n - 1)
+    elif r == n - 1:
+        dist.recv(strided, src=0)
+        _eq(strided, torch.arange(6.0).reshape(3, 2), "recv into a strided tensor")
+
+
+def _groups(r: int, n: int) -> None:
+    evens = list(range(0, n, 2))
+    g = dist.new_group(evens)
+    if r in evens:
+        t = torch.ones(2)
+        dist.all_reduce(t, group=g)
+        _eq(t, torch.full((2,), float(len(evens))), "all_reduce on new_group")
+        t = torch.full((1,), float(r))
+        dist.broadcast(t, src=evens[-1], group=g)
+        _eq(t, [float(evens[-1])], "broadcast on new_group (global src)")
+    sub, subs = dist.new_subgroups(group_size=1 if n % 2 else 2)
+    t = torch.ones(1)
+    dist.all_reduce(t, group=sub)
+    _eq(t, [float(dist.get_world_size(sub))], "all_reduce on new_subgroups")
+    assert len(subs) == n // dist.get_world_size(sub)
+
+
+def _battery(world: Any) -> None:
+    """Every torch collective and point-to-point call on the backend."""
+    r, n = dist.get_rank(), dist.get_world_size()
+    assert (r, n) == (world.rank, world.size) and dist.get_backend() == "meshrun"
+    _reductions(r, n)
+    _rooted(r, n)
+    _gathers(r, n)
+    _p2p(r, n)
+    _groups(r, n)
+
+
+def battery(world: Any) -> str:
+    _init()
+    _battery(world)
+    dist.destroy_process_group()
+    return "ok"
+
+
+def test_every_torch_collective_and_p2p_gives_the_expected_values_3_ranks() -> None:
+    """(2 ranks: in the DDP test's spawn, to start torch fewer times.)"""
+    assert mesh.spawn(battery, 3, timeout=90) == ["ok"] * 3
+
+
+def _model() -> Any:
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"body": torch.nn.Sequential(torch.nn.Linear(5, 8),
+                                                            torch.nn.Tanh()),
+                                "head": torch.nn.Linear(8, 2),
+                                "unused": torch.nn.Linear(8, 2)})
+
+
+def _forward(m: Any, x: Any) -> Any:
+    return m["head"](m["body"](x))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = _model()
+
+    def forward(self, x: Any) -> Any:
+        return _forward(self.m, x)
+
+
+def _train(net: Any, steps: list, r: int, device: str = "cpu") -> float:
+    """Train ``net`` (DDP) on this rank's quarter rows and a reference on
+    all of them, step 1 accumulated under no_sync; the largest difference."""
+    ref = _Net().to(device)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for i, (x, y) in enumerate(steps):
+        x, y = x.to(device), y.to(device)
+        mine = slice(r * 4, (r + 1) * 4)
+        if i == 1:                     # accumulate this step into the next one
+            with net.no_sync():
+                torch.nn.functional.mse_loss(net(x[mine]), y[mine]).backward()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            continue
+        torch.nn.functional.mse_loss(net(x[mine]), y[mine]).backward()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    return max((a - b).abs().max().item()
+               for a, b in zip(net.module.parameters(), ref.parameters()))
+
+
+def ddp_and_mismatch(world: Any) -> dict:
+    """DDP (no_sync, find_unused_parameters, small buckets) against
+    single-process training on the full batch; then a shape mismatch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    _init()
+    _battery(world)
+    r, n = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(3)
+    steps = [(torch.randn(4 * n, 5, generator=gen), torch.randn(4 * n, 2, generator=gen))
+             for _ in range(4)]
+    diffs = []
+    for kw in ({"find_unused_parameters": True, "bucket_cap_mb": 0.0002},
+               {"static_graph": True}):
+        diffs.append(_train(DDP(_Net(), **kw), steps, r))
+    diff = max(diffs)
+    errors = []
+    for async_op in (False, True):
+        t = torch.zeros(3 if r == 0 else 4)
+        try:
+            w = dist.all_reduce(t, async_op=async_op)
+            if async_op:
+                w.wait()
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    t = torch.ones(2)
+    dist.all_reduce(t)                 # the group's next collective works
+    threads = {th.name for th in threading.enumerate()}
+    dist.destroy_process_group()
+    return {"diff": diff, "errors": errors, "after": t.tolist(), "threads": sorted(threads)}
+
+
+def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_raise() -> None:
+    out = mesh.spawn(ddp_and_mismatch, 2, timeout=90)
+    for r, o in enumerate(out):
+        assert o["diff"] < 1e-6, (r, o)
+        assert len(o["errors"]) == 2, (r, o)
+        for e in o["errors"]:
+            assert "mismatch" in e and "rank 0" in e and "rank 1" in e, e
+            assert "[3]" in e and "[4]" in e, e       # the two shapes
+        assert o["errors"][0].startswith("MismatchError"), o["errors"]
+        assert o["after"] == [2.0, 2.0]
+
+
+INIT = textwrap.dedent("""
+    import os, sys, threading, time
+    import torch, torch.distributed as dist
+    import collectives.torchdist
+    rank, size = int(sys.argv[1]), int(sys.argv[2])
+    before = {t.name for t in threading.enumerate()}
+    for method in sys.argv[4:]:
+        dist.init_process_group("meshrun", init_method=method, rank=rank, world_size=size)
+        t = torch.full((2,), rank + 1.0)
+        dist.all_reduce(t)
+        assert t.tolist() == [size * (size + 1) / 2] * 2, t
+        g = dist.new_group([0, size - 1])
+        dist.barrier(group=g)
+        dist.destroy_process_group()
+        left = {t.name for t in threading.enumerate()} - before
+        assert not left, f"threads left behind: {left}"
+        print(f"rank {rank} {method.split(':')[0]} ok", flush=True)
+    # the last rank dies during DDP's backward: the others' raises, naming it
+    dist.init_process_group("meshrun", init_method=sys.argv[3], rank=rank, world_size=size)
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    loss = net(torch.ones(2, 4)).sum()
+    if rank == size - 1:
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        loss.backward()
+        print("backward returned", flush=True)
+    except Exception as e:
+        print(f"rank {rank} raised after {time.monotonic() - t0:.0f}s: {e}", flush=True)
+""")
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("MESH_", "TORCHELASTIC_")) and k not in (
+             "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(extra or {})
+    return e
+
+
+def test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(tmp_path: Path) -> None:
+    import socket
+    script = tmp_path / "init.py"
+    script.write_text(INIT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    methods = [f"tcp://127.0.0.1:{port}", f"file://{tmp_path}/store"]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "3", f"file://{tmp_path}/s2",
+                               *methods],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=_env(), cwd=ROOT) for r in range(3)]
+    try:
+        procs[0].wait(timeout=90)
+        procs[1].wait(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == (3 if r == 2 else 0), out
+        assert f"rank {r} tcp ok" in out and f"rank {r} file ok" in out, out
+        if r < 2:
+            line = next(x for x in out.splitlines() if x.startswith(f"rank {r} raised after"))
+            assert int(line.split()[4].rstrip("s:")) < 15 and "rank 2" in line, line
+
+
+@pytest.mark.parametrize("launcher", ["meshrun", "torchrun"])
+def test_the_ddp_example_runs_unchanged(launcher: str) -> None:
+    ex = os.path.join(ROOT, "examples", "torch_ddp.py")
+    cmd = ([sys.executable, "-m", "mesh.launch", "-n", "2", ex] if launcher == "meshrun" else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", ex])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    losses = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines()
+              if "loss" in line]
+    assert len(losses) == 6 and losses[-1] < losses[0], out.stdout
+
+
+def ddp_on_one_gpu(world: Any) -> float:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    _init()
+    gen = torch.Generator().manual_seed(3)
+    steps = [(torch.randn(4 * world.size, 5, generator=gen),
+              torch.randn(4 * world.size, 2, generator=gen)) for _ in range(4)]
+    diff = _train(DDP(_Net().cuda(0)), steps, world.rank, "cuda:0")
+    dist.destroy_process_group()
+    return diff
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_ddp_with_ranks_sharing_one_gpu() -> None:
+    """NCCL refuses two ranks on one GPU; meshrun's CUDA IPC path takes them."""
+    for diff in mesh.spawn(ddp_on_one_gpu, 2, timeout=120):
+        assert diff < 1e-5
+
+
+def test_register_is_idempotent_and_autoload_never_raises(monkeypatch: Any) -> None:
+    import collectives.torchdist as td
+    td.register()
+    td.register()
+    assert dist.Backend.backend_list.count("meshrun") == 1
+    monkeypatch.setattr(td, "register", lambda: 1 / 0)
+    with pytest.warns(UserWarning, match="could not register"):
+        td.autoload()
