@@ -59,7 +59,7 @@ def _ddp_sides(gloo: Any, model: str, batch: int) -> dict[str, Callable[[], Any]
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     width, layers = MODELS[model]
-    sides = {}
+    sides: dict[str, Callable[[], Any]] = {}
     for side, group in (("meshrun", None), ("gloo", gloo)):
         torch.manual_seed(0)
         net = DDP(nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]),

@@ -33,10 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import unittest
 from typing import Any, Iterable
 
-__all__ = ["FEATURES", "suite_class", "test_names", "run_suite", "reason", "table", "main"]
+__all__ = ["FEATURES", "suite_class", "test_names", "run_suite", "reason", "table", "counts",
+           "main"]
 
 FEATURES = ("plugin", "ddp", "subgroup", "gpu", "cuda")
 """DistTestCases.backend_feature entries "meshrun" is added to."""
@@ -132,11 +134,15 @@ class _Record(unittest.TestResult):
         self._put(test, "skip", why.splitlines()[0] if why else "")
 
     def addFailure(self, test: unittest.TestCase, err: Any) -> None:
-        self._put(test, "fail", reason(self._exc_info_to_string(err, test)))
+        self._put(test, "fail", reason(_text(err)))
 
     def addError(self, test: unittest.TestCase, err: Any) -> None:
-        text = self._exc_info_to_string(err, test)
+        text = _text(err)
         self._put(test, "timeout" if reason(text).startswith("timeout") else "fail", reason(text))
+
+
+def _text(err: Any) -> str:
+    return "".join(traceback.format_exception(*err))
 
 
 def _suite_main() -> None:
