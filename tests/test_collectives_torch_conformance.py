@@ -9,7 +9,10 @@ pytest.importorskip("expecttest")  # torch's test utilities import it
 
 from collectives.tools import torch_conformance as tc  # noqa: E402
 
-SMOKE = ["test_all_reduce_sum", "test_broadcast", "test_send_recv"]
+SMOKE = ["test_all_reduce_sum", "test_send_recv", "test_destroy_group",
+         "test_all_gather_coalesced_simple"]
+"""A few of torch's tests; the last two failed before torchpg named its
+groups for torch and laid allgather_coalesced's outputs out rank-major."""
 
 
 def test_reason_picks_the_failing_ranks_error_line() -> None:
