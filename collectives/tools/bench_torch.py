@@ -10,7 +10,11 @@ comparison runs interleaved on the same processes and the same load:
                  meshrun's own ``collectives.all_reduce`` on numpy ("direct"),
                  ``dist.all_reduce`` on meshrun, ``dist.all_reduce`` on gloo
     ddp          per model (1 M and 25 M parameters) two DDP replicas, one
-                 per group, stepped alternately (forward, backward, SGD step)
+                 per group, and the plain model ("local": no communication),
+                 stepped alternately (forward, backward, SGD step); step
+                 minus local is the communication DDP did not hide
+
+``-n 1`` measures the backend's per-call overhead with no peer to wait for.
 
 Times are the slowest rank's; figures are medians over the repetitions,
 with the ratios meshrun/gloo and meshrun/direct. Sizes, iteration counts
@@ -60,10 +64,11 @@ def _ddp_sides(gloo: Any, model: str, batch: int) -> dict[str, Callable[[], Any]
 
     width, layers = MODELS[model]
     sides: dict[str, Callable[[], Any]] = {}
-    for side, group in (("meshrun", None), ("gloo", gloo)):
+    for side, group in (("meshrun", None), ("gloo", gloo), ("local", None)):
         torch.manual_seed(0)
-        net = DDP(nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]),
-                  process_group=group)
+        net: Any = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+        if side != "local":
+            net = DDP(net, process_group=group)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
         x = torch.randn(batch, width)
 
@@ -114,6 +119,10 @@ def _medians(per_rank: list[list[list[dict[str, float]]]], i: int) -> dict[str, 
             for s in sides}
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:5.2f}" if b > 0 else "  n/a"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench_torch",
                                  description=__doc__,
@@ -149,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for j, m in enumerate(models):
             t = _medians([r["ddp"] for r in per_rank], j)
             print(f"  DDP {m:>4} step ms: meshrun {t['meshrun'] * 1e3:8.1f}  gloo "
-                  f"{t['gloo'] * 1e3:8.1f}  m/gloo {t['meshrun'] / t['gloo']:5.2f}", flush=True)
+                  f"{t['gloo'] * 1e3:8.1f}  local {t['local'] * 1e3:8.1f}  m/gloo "
+                  f"{t['meshrun'] / t['gloo']:5.2f}  exposed comm m/gloo "
+                  f"{_ratio(t['meshrun'] - t['local'], t['gloo'] - t['local'])}", flush=True)
     return 0
 
 
