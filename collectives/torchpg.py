@@ -132,9 +132,20 @@ class ProcessGroupMeshrun(_ProcessGroup):
         self.comm = comm
         self.timeout = timeout
         self._on_shutdown = on_shutdown
+        self._group_name = ""
 
     def getBackendName(self) -> str:
         return "meshrun"
+
+    def _set_group_name(self, name: str) -> None:
+        super()._set_group_name(name)
+        self._group_name = name
+
+    @property
+    def group_name(self) -> str:
+        """torch's name for the group (C++ reads it from a registered backend,
+        which a Python ProcessGroup has none of)."""
+        return self._group_name
 
     @property
     def _n(self) -> int:
@@ -251,7 +262,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def allgather_coalesced(self, output_lists: list[list[torch.Tensor]],
                             input_list: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        return self.allgather(output_lists, input_list, opts)
+        """output_lists[rank][j] receives that rank's input_list[j] (allgather's
+        outputs transposed)."""
+        return self.allgather([list(outs) for outs in zip(*output_lists)], input_list, opts)
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor,
                         opts: Any = None) -> dist.Work:

@@ -1,0 +1,168 @@
+"""The "meshrun" torch.distributed backend against gloo, in one process tree.
+
+    python -m collectives.tools.bench_torch -n 2 --sizes 8,64M --reps 5
+
+``mesh.spawn`` starts n ranks; each makes the default group on meshrun and
+a gloo group over the same ranks (``new_group(backend="gloo")``), so every
+comparison runs interleaved on the same processes and the same load:
+
+    all_reduce   per size and repetition, three sides in rotating order:
+                 meshrun's own ``collectives.all_reduce`` on numpy ("direct"),
+                 ``dist.all_reduce`` on meshrun, ``dist.all_reduce`` on gloo
+    ddp          per model (1 M and 25 M parameters) two DDP replicas, one
+                 per group, and the plain model ("local": no communication),
+                 stepped alternately (forward, backward, SGD step); step
+                 minus local is the communication DDP did not hide
+
+``-n 1`` measures the backend's per-call overhead with no peer to wait for.
+
+Times are the slowest rank's; figures are medians over the repetitions,
+with the ratios meshrun/gloo and meshrun/direct. Sizes, iteration counts
+and bus factors are those of ``collectives.tools.bench``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from .bench import bus_factor, parse_sizes, plan_rows
+
+__all__ = ["MODELS", "main"]
+
+MODELS = {"1M": (1024, 1), "25M": (2500, 4)}
+"""name -> (width, layers) of a stack of width x width Linear layers."""
+
+
+def _timed(fn: Callable[[], Any], iters: int, barrier: Callable[[], Any]) -> float:
+    barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def _all_reduce_sides(world: Any, gloo: Any, count: int) -> dict[str, Callable[[], Any]]:
+    import torch
+    import torch.distributed as dist
+
+    import collectives as C
+
+    t = torch.zeros(count)
+    a = t.numpy()
+    return {"direct": lambda: C.all_reduce(world, a),
+            "meshrun": lambda: dist.all_reduce(t),
+            "gloo": lambda: dist.all_reduce(t, group=gloo)}
+
+
+def _ddp_sides(gloo: Any, model: str, batch: int) -> dict[str, Callable[[], Any]]:
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    width, layers = MODELS[model]
+    sides: dict[str, Callable[[], Any]] = {}
+    for side, group in (("meshrun", None), ("gloo", gloo), ("local", None)):
+        torch.manual_seed(0)
+        net: Any = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+        if side != "local":
+            net = DDP(net, process_group=group)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        x = torch.randn(batch, width)
+
+        def step(net: Any = net, opt: Any = opt, x: Any = x) -> None:
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        sides[side] = step
+    return sides
+
+
+def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], steps: int,
+            warmup: int, reps: int, batch: int) -> dict[str, list[list[dict[str, float]]]]:
+    """Per benchmark row, per repetition, seconds per call of each side."""
+    import torch
+    import torch.distributed as dist
+
+    import collectives.torchdist  # noqa: F401  registers "meshrun"
+
+    torch.set_num_threads(1)
+    dist.init_process_group("meshrun")
+    gloo = dist.new_group(backend="gloo")
+    barrier = dist.barrier
+    out: dict[str, list[list[dict[str, float]]]] = {"all_reduce": [], "ddp": []}
+    plans = [("all_reduce", _all_reduce_sides(world, gloo, count), it, wu)
+             for count, it, wu in rows]
+    plans += [("ddp", _ddp_sides(gloo, m, batch), steps, warmup) for m in models]
+    for kind, sides, iters, wu in plans:
+        names = list(sides)
+        for name in names:
+            for _ in range(wu):
+                sides[name]()
+        row = []
+        for rep in range(reps):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            row.append({name: _timed(sides[name], iters, barrier) for name in order})
+        out[kind].append(row)
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def _medians(per_rank: list[list[list[dict[str, float]]]], i: int) -> dict[str, float]:
+    """Row i: per side, the median over repetitions of the slowest rank's time."""
+    reps = len(per_rank[0][i])
+    sides = per_rank[0][i][0].keys()
+    return {s: statistics.median(max(r[i][k][s] for r in per_rank) for k in range(reps))
+            for s in sides}
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:5.2f}" if b > 0 else "  n/a"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench_torch",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", "--nprocs", default="2,4", help="rank counts, e.g. 2,4")
+    ap.add_argument("--sizes", default="8,1K,64K,1M,16M,64M")
+    ap.add_argument("--max-iters", type=int, default=50, help="timed calls per size, at most")
+    ap.add_argument("--models", default="1M,25M")
+    ap.add_argument("--steps", type=int, default=3, help="timed DDP steps per repetition")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed DDP steps")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args(argv)
+    import mesh
+
+    sizes = parse_sizes(a.sizes) if a.sizes else []
+    models = [m for m in a.models.split(",") if m]
+    for n in (int(x) for x in a.nprocs.split(",")):
+        rows = [(c, min(it, a.max_iters), min(wu, 5))
+                for c, it, wu in plan_rows("all_reduce", sizes, 4, n)]
+        per_rank = mesh.spawn(_worker, n, rows, models, a.steps, a.warmup, a.reps, a.batch,
+                              timeout=3600)
+        f = bus_factor("all_reduce", n)
+        print(f"# bench_torch: {n} ranks, float32, cpu, median of {a.reps} (slowest rank)")
+        print(f"# {'size (B)':>10} | {'direct us':>10} {'meshrun us':>10} {'gloo us':>10} | "
+              f"{'busbw GB/s m/g':>15} | {'m/gloo':>6} {'m/direct':>8}")
+        for i, size in enumerate(sizes):
+            t = _medians([r["all_reduce"] for r in per_rank], i)
+            bw = f"{size / t['meshrun'] / 1e9 * f:6.3f}/{size / t['gloo'] / 1e9 * f:<6.3f}"
+            print(f"  {size:>10} | {t['direct'] * 1e6:10.1f} {t['meshrun'] * 1e6:10.1f} "
+                  f"{t['gloo'] * 1e6:10.1f} | {bw:>15} | {t['meshrun'] / t['gloo']:6.2f} "
+                  f"{t['meshrun'] / t['direct']:8.2f}", flush=True)
+        for j, m in enumerate(models):
+            t = _medians([r["ddp"] for r in per_rank], j)
+            print(f"  DDP {m:>4} step ms: meshrun {t['meshrun'] * 1e3:8.1f}  gloo "
+                  f"{t['gloo'] * 1e3:8.1f}  local {t['local'] * 1e3:8.1f}  m/gloo "
+                  f"{t['meshrun'] / t['gloo']:5.2f}  exposed comm m/gloo "
+                  f"{_ratio(t['meshrun'] - t['local'], t['gloo'] - t['local'])}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

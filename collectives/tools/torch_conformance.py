@@ -1,0 +1,311 @@
+"""torch's own distributed suite on the "meshrun" backend, beside gloo.
+
+    python -m collectives.tools.torch_conformance --world-sizes 2,3 --filter all_reduce
+
+runs ``DistributedTest._DistTestBase`` from the torch wheel
+(torch/testing/_internal/distributed/distributed_test.py) as torch's
+test/distributed/test_distributed_spawn.py wires it: one
+MultiProcessTestCase per test, WORLD_SIZE spawned ranks, file:// init,
+``BACKEND`` read from the environment when the suite is imported. So each
+(backend, world size) runs in a suite process of its own, serially, and
+the table puts each test's gloo result beside meshrun's.
+
+What the runner adds for a third-party backend (torch's tables name only
+its own): "meshrun" goes into ``DistTestCases.backend_feature`` "plugin"
+(else ``require_backend_is_available`` skips every test), "ddp",
+"subgroup", "gpu" and "cuda" (the features the backend claims), before the
+suite module is imported, since its decorators read the tables then. The
+rank processes import this module to find the test class, and so import
+collectives.torchdist, which registers the backend. Tests the suite gates
+on a backend's name (``BACKEND != "gloo"``, ``require_backend_is_available
+({"gloo"})``) are skipped on meshrun with torch's reason; ``--ungate`` runs
+them on meshrun too (marked "ungated" in the table).
+
+Each test has a timeout (torch's own join loop, ``--timeout``; the suite
+process has a watchdog on top). Results are one JSON line per test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import unittest
+from typing import Any, Iterable
+
+__all__ = ["FEATURES", "UNGATE", "suite_class", "test_names", "run_suite", "reason", "table", "counts",
+           "main"]
+
+FEATURES = ("plugin", "ddp", "subgroup", "gpu", "cuda")
+"""DistTestCases.backend_feature entries "meshrun" is added to."""
+
+_CLASS = "TestDistBackendWithSpawn"
+_built: dict[str, Any] = {}
+
+
+def suite_class() -> Any:
+    """torch's spawn test class for the BACKEND of this process's
+    environment (built once; importing the suite reads BACKEND)."""
+    if "cls" in _built:
+        return _built["cls"]
+    backend = os.environ["BACKEND"]
+    import torch
+    from torch.testing._internal import common_distributed as cd
+
+    if backend == "meshrun":
+        import collectives.torchdist  # noqa: F401  (registers the backend)
+        for feature in FEATURES:
+            cd.DistTestCases.backend_feature[feature].add("meshrun")
+    limit = int(os.environ.get("DISTRIBUTED_TESTS_DEFAULT_TIMEOUT", "300"))
+    for name, secs in list(cd.TIMEOUT_OVERRIDE.items()):
+        cd.TIMEOUT_OVERRIDE[name] = min(secs, limit)
+    from torch.testing._internal.distributed.distributed_test import (
+        DistributedTest, TestDistBackend)
+
+    class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):  # type: ignore[misc,name-defined]
+        def setUp(self) -> None:
+            super().setUp()
+            self._spawn_processes()
+            torch.backends.cudnn.flags(enabled=True, allow_tf32=False).__enter__()
+
+        def run_test(self, test_name: str, parent_pipe: Any) -> None:
+            """A rank's skip reason goes to a file the parent reads (torch
+            only logs it and reports a generic skip)."""
+            fn = getattr(self, test_name)
+
+            def noting() -> None:
+                try:
+                    fn()
+                except unittest.SkipTest as e:
+                    with open(_skip_file(), "w") as f:
+                        f.write(str(e).splitlines()[0] if str(e) else "")
+                    raise
+            setattr(self, test_name, noting)
+            super().run_test(test_name, parent_pipe)
+
+    if backend == "meshrun" and os.environ.get("CONFORMANCE_UNGATE") == "1":
+        _built["ungated"] = _ungate(TestDistBackendWithSpawn)
+    TestDistBackendWithSpawn.__module__ = __name__
+    TestDistBackendWithSpawn.__qualname__ = _CLASS
+    _built["cls"] = TestDistBackendWithSpawn
+    return TestDistBackendWithSpawn
+
+
+UNGATE = re.compile(r"gloo|Only MPI supports (CPU )?all_to_all", re.IGNORECASE)
+"""--ungate: the skips the suite decides by the backend's name alone (gloo's
+features, and all_to_all that only MPI runs on the CPU), lifted for meshrun."""
+
+
+def _ungate(cls: Any) -> set[str]:
+    """Run the tests the suite skips only because BACKEND is not "gloo"
+    (the rank processes run a test whatever its skip marks say)."""
+    lifted = set()
+    for name in unittest.TestLoader().getTestCaseNames(cls):
+        fn = getattr(cls, name)
+        if getattr(fn, "__unittest_skip__", False) and UNGATE.search(
+                str(getattr(fn, "__unittest_skip_why__", ""))):
+            fn.__unittest_skip__ = False
+            lifted.add(name)
+    return lifted
+
+
+def _skip_file() -> str:
+    return os.path.join(os.path.dirname(os.environ["CONFORMANCE_OUT"]), "skip-reason")
+
+
+def __getattr__(name: str) -> Any:
+    """The rank processes unpickle the test class by this name."""
+    if name == _CLASS:
+        return suite_class()
+    raise AttributeError(name)
+
+
+def test_names(pattern: str | None = None) -> list[str]:
+    """The suite's test names (sorted, as unittest loads them), those matching ``pattern``
+    (a regular expression searched in the name) if given."""
+    os.environ.setdefault("BACKEND", "gloo")
+    os.environ.setdefault("WORLD_SIZE", "2")
+    cls = suite_class()
+    names = unittest.TestLoader().getTestCaseNames(cls)
+    rx = re.compile(pattern) if pattern else None
+    return [n for n in names if rx is None or rx.search(n)]
+
+
+def reason(err: str) -> str:
+    """One line out of a test's error text: the last ``SomeError: ...`` line
+    of the first failing rank's traceback (or of the parent's)."""
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    if any("Timing out after" in ln or "timed out after" in ln for ln in lines):
+        return "timeout: " + next(ln for ln in lines if "timed out" in ln or "Timing out" in ln)
+    picked = ""
+    for ln in lines:
+        if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*", ln) or ln.startswith("Process "):
+            if ln.startswith("Process ") and picked:
+                break
+            picked = ln
+    return (picked or (lines[-1] if lines else "?"))[:200]
+
+
+class _Record(unittest.TestResult):
+    def __init__(self, out: Any) -> None:
+        super().__init__()
+        self.out = out
+        self.t0 = 0.0
+
+    def startTest(self, test: unittest.TestCase) -> None:
+        super().startTest(test)
+        self.t0 = time.monotonic()
+        if os.path.exists(_skip_file()):
+            os.unlink(_skip_file())
+
+    def _put(self, test: unittest.TestCase, result: str, why: str = "") -> None:
+        name = test.id().rsplit(".", 1)[-1]
+        if name in _built.get("ungated", ()):
+            result += " (ungated)"
+        self.out.write(json.dumps({"test": name, "result": result, "reason": why,
+                                   "secs": round(time.monotonic() - self.t0, 1)}) + "\n")
+        self.out.flush()
+
+    def addSuccess(self, test: unittest.TestCase) -> None:
+        self._put(test, "pass")
+
+    def addSkip(self, test: unittest.TestCase, why: str) -> None:
+        if why.startswith("Test skipped at subprocess level") and os.path.exists(_skip_file()):
+            with open(_skip_file()) as f:
+                why = f.read() or why
+        self._put(test, "skip", why.splitlines()[0] if why else "")
+
+    def addFailure(self, test: unittest.TestCase, err: Any) -> None:
+        self._put(test, "fail", reason(_text(err)))
+
+    def addError(self, test: unittest.TestCase, err: Any) -> None:
+        text = _text(err)
+        self._put(test, "timeout" if reason(text).startswith("timeout") else "fail", reason(text))
+
+
+def _text(err: Any) -> str:
+    return "".join(traceback.format_exception(*err))
+
+
+def _suite_main() -> None:
+    """The suite process: run the named tests (argv) serially, one JSON
+    line per test to the file in CONFORMANCE_OUT."""
+    cls = suite_class()
+    with open(os.environ["CONFORMANCE_OUT"], "a") as out:
+        rec = _Record(out)
+        for name in sys.argv[1:]:
+            cls(name).run(rec)
+
+
+def run_suite(backend: str, world_size: int, names: list[str], timeout: float,
+              quiet: bool = True, ungate: bool = False) -> dict[str, dict[str, Any]]:
+    """Run ``names`` with BACKEND=backend at ``world_size``; each test's
+    record (result, reason, secs). A test the suite process never reported
+    (it was killed by the watchdog or crashed) is "crash"."""
+    got: dict[str, dict[str, Any]] = {}
+    left = list(names)
+    with tempfile.TemporaryDirectory(prefix="meshrun-conformance-") as tmp:
+        out_file = os.path.join(tmp, "results.jsonl")
+        env = dict(os.environ, BACKEND=backend, WORLD_SIZE=str(world_size),
+                   TEMP_DIR=tmp, CONFORMANCE_OUT=out_file,
+                   DISTRIBUTED_TESTS_DEFAULT_TIMEOUT=str(int(timeout)),
+                   CONFORMANCE_UNGATE="1" if ungate else "0",
+                   PYTHONPATH=os.pathsep.join(p for p in (_root(), os.environ.get("PYTHONPATH"))
+                                              if p))
+        os.makedirs(os.path.join(tmp, "barrier"), exist_ok=True)
+        while left:
+            cmd = [sys.executable, "-c",
+                   "from collectives.tools.torch_conformance import _suite_main; _suite_main()",
+                   *left]
+            log = subprocess.DEVNULL if quiet else None
+            try:
+                subprocess.run(cmd, env=env, stdout=log, stderr=log,
+                               timeout=len(left) * (timeout + 30) + 60)
+            except subprocess.TimeoutExpired:
+                pass
+            if os.path.exists(out_file):
+                with open(out_file) as f:
+                    for line in f:
+                        rec = json.loads(line)
+                        got[rec["test"]] = rec
+            stuck = next((n for n in left if n not in got), None)
+            if stuck is None:
+                break
+            got[stuck] = {"test": stuck, "result": "crash", "reason":
+                          "the suite process ended (or its watchdog fired) during this test",
+                          "secs": None}
+            left = [n for n in left if n not in got]
+    return got
+
+
+def _root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], names: Iterable[str]) -> str:
+    """Rows: test, gloo's result, meshrun's, meshrun's reason (or gloo's
+    where only gloo's is not a pass)."""
+    rows = ["| test | gloo | meshrun | reason |", "|---|---|---|---|"]
+    for n in names:
+        g = results.get("gloo", {}).get(n, {})
+        m = results.get("meshrun", {}).get(n, {})
+        ok = m.get("result", "pass").startswith("pass")
+        why = g.get("reason", "") if ok else m.get("reason")
+        rows.append(f"| {n} | {g.get('result', '-')} | {m.get('result', '-')} | {why or ''} |")
+    return "\n".join(rows)
+
+
+def counts(recs: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many tests ran, and how many passed, failed, timed out, crashed, skipped."""
+    c = {"ran": len(recs)}
+    for kind in ("pass", "fail", "timeout", "crash", "skip"):
+        c[kind] = sum(1 for r in recs.values() if r["result"].split(" ")[0] == kind)
+    return c
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--world-sizes", default="2,3")
+    ap.add_argument("--backends", default="gloo,meshrun")
+    ap.add_argument("--filter", default=None, help="regular expression on test names")
+    ap.add_argument("--limit", type=int, default=None, help="the first N matching tests")
+    ap.add_argument("--timeout", type=float, default=120, help="seconds per test")
+    ap.add_argument("--json", default=None, help="write all records here")
+    ap.add_argument("--verbose", action="store_true", help="show the suite's output")
+    ap.add_argument("--list", action="store_true", help="print the selected names and stop")
+    ap.add_argument("--ungate", action="store_true",
+                    help="on meshrun, run the tests the suite skips by backend name (UNGATE)")
+    a = ap.parse_args(argv)
+    names = test_names(a.filter)[:a.limit]
+    if a.list:
+        print("\n".join(names))
+        return 0
+    everything: dict[str, Any] = {}
+    status = 0
+    for ws in (int(w) for w in a.world_sizes.split(",")):
+        results = {}
+        for backend in a.backends.split(","):
+            t0 = time.monotonic()
+            results[backend] = run_suite(backend, ws, names, a.timeout, quiet=not a.verbose,
+                                         ungate=a.ungate)
+            print(f"# world size {ws}, {backend}: {counts(results[backend])} "
+                  f"in {time.monotonic() - t0:.0f} s", flush=True)
+        print(f"\n## world size {ws}\n\n{table(results, names)}\n", flush=True)
+        everything[str(ws)] = results
+        g, m = results.get("gloo", {}), results.get("meshrun", {})
+        if any(g.get(n, {}).get("result") == "pass" and m.get(n, {}).get("result", "")
+               .split(" ")[0] not in ("pass", "skip") for n in names):
+            status = 1
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(everything, f, indent=1)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
