@@ -317,8 +317,10 @@ INIT = textwrap.dedent("""
     # the last rank dies during DDP's backward: the others' raises, naming it
     dist.init_process_group("meshrun", init_method=sys.argv[3], rank=rank, world_size=size)
     net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
-    loss = net(torch.ones(2, 4)).sum()
+    dist.barrier()     # every rank is past DDP's start-up broadcast (a rank that
+    loss = net(torch.ones(2, 4)).sum()   # died in it would fail that, not backward)
     if rank == size - 1:
+        time.sleep(2)  # the others wait in backward's all-reduce by now
         os._exit(3)
     t0 = time.monotonic()
     try:
