@@ -277,18 +277,25 @@ def test_irecv_completes_in_the_background() -> None:
 def _flow(world: mesh.Mesh, flag: str) -> list:
     n, size = 24, 4 << 20
     if world.rank == 1:
-        reqs = [world.isend(np.full(size, i % 251, np.uint8), 0) for i in range(n)]
-        time.sleep(1.0)
-        handed = sum(r._item.event.is_set() for r in reqs)
-        open(flag, "w").close()   # not a message: credit would hold it back
-        for r in reqs:
-            r.wait()
-        return [handed]
+        return _handed([world.isend(np.full(size, i % 251, np.uint8), 0) for i in range(n)],
+                       flag)
     _wait_for(flag)      # not receiving: the sender must be held back by credit
     for i in range(n):
         a = world.recv(1)
         assert a[0] == i % 251 and a[-1] == i % 251
     return []
+
+
+def _handed(reqs: list, flag: str) -> list:
+    """The sender's side: how many sends were handed over a second after
+    posting them, told to the receiver by ``flag`` (not a message: credit
+    would hold it back); then every send completes."""
+    time.sleep(1.0)
+    handed = sum(r._item.event.is_set() for r in reqs)
+    open(flag, "w").close()
+    for r in reqs:
+        r.wait()
+    return [handed]
 
 
 def _wait_for(flag: str) -> None:
@@ -311,13 +318,7 @@ def _flood(world: mesh.Mesh, flag: str) -> list:
     credit charges every message, so a flood of them is held back too."""
     n = 20_000
     if world.rank == 1:
-        reqs = [world.isend(np.empty(0), 0) for _ in range(n)]
-        time.sleep(1.0)
-        handed = sum(r._item.event.is_set() for r in reqs)
-        open(flag, "w").close()   # not a message: credit would hold it back
-        for r in reqs:
-            r.wait()
-        return [handed]
+        return _handed([world.isend(np.empty(0), 0) for _ in range(n)], flag)
     _wait_for(flag)      # rank 0 reads only once rank 1 has counted
     for _ in range(n):
         assert world.recv(1).shape == (0,)
