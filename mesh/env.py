@@ -1,13 +1,31 @@
-"""Reading the job description from the environment: torchrun's names first,
-then SLURM's and Open MPI's, so one script runs under any launcher.
+"""Reading the job description from the environment, so one script runs
+under any launcher: meshrun, mesh.spawn and torchrun (RANK, WORLD_SIZE...),
+Open MPI's mpirun (OMPI_COMM_WORLD_*), SLURM's srun (SLURM_PROCID...) and
+PMI launchers (PMI_RANK, PMI_SIZE).
 
-Under torchrun the agent's TCPStore usually holds MASTER_PORT already
-(TORCHELASTIC_USE_AGENT_STORE=True); rank 0 then serves the rendezvous on a
-port of its own and publishes it in that store, under ``agent_store``."""
+When several launchers' names are present, the innermost launcher describes
+this process, in this order: meshrun or torchrun (RANK), then mpirun (which
+may run inside an sbatch job or an srun step), then srun, then PMI. RANK and
+WORLD_SIZE with neither meshrun's nor torchrun's marks (set by hand, or left
+from another job) must agree with mpirun's or srun's numbers, if any.
+
+Where rank 0 serves the rendezvous (under every launcher but meshrun):
+MASTER_ADDR:MASTER_PORT when MASTER_PORT is set; otherwise
+
+- torchrun: its agent's store holds MASTER_PORT; rank 0 serves on a port of
+  its own and publishes it in that store (mesh.torchelastic);
+- mpirun on one host: rank 0 serves on a port of its own and publishes it in
+  a file named after the job, in mpirun's session directory (mesh.rdvfile);
+- srun: the first host of the step's node list, on the first port of
+  SLURM_STEP_RESV_PORTS if the cluster reserves ports, else a port derived
+  from SLURM_JOB_ID and SLURM_STEP_ID."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
+import tempfile
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -25,6 +43,8 @@ class JobSpec:
     secret: str
     serve_rendezvous: bool  # True when no launcher of ours runs the service: rank 0 does
     agent_store: str | None = None  # torchrun's store key for the rendezvous address
+    rendezvous_file: str | None = None  # where rank 0 publishes it under mpirun on one host
+    source: str = ""  # the variables the job was read from, for error messages
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -33,39 +53,228 @@ class JobSpec:
             raise ValueError(f"rank {self.rank} is outside the world of size {self.size}")
 
 
-def _first(env: Mapping[str, str], *names: str) -> str | None:
-    for n in names:
-        if env.get(n, "") != "":
-            return env[n]
-    return None
+# Each launcher's names: rank, size, local rank, local size (None: it has none).
+_TORCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+_OMPI = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+         "OMPI_COMM_WORLD_LOCAL_SIZE")
+_SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None)
+_PMI = ("PMI_RANK", "PMI_SIZE", None, None)
+_NAMES = {"torch": _TORCH, "ompi": _OMPI, "slurm": _SLURM, "pmi": _PMI}
+_SLURM_PORTS = (15000, 15000)  # derived ports: 15000-29999, below Linux's ephemeral range
+
+
+def _set(env: Mapping[str, str], name: str | None) -> bool:
+    return name is not None and env.get(name, "") != ""
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r} is not an integer") from None
+
+
+def _read(env: Mapping[str, str]) -> dict[str, tuple[int, int]]:
+    """(rank, size) of every launcher present, checked against itself."""
+    out: dict[str, tuple[int, int]] = {}
+    for kind, (rank, size, local, local_size) in _NAMES.items():
+        assert rank is not None and size is not None
+        if kind == "slurm":
+            if not _set(env, rank):    # an allocation (salloc) has tasks, not a rank
+                continue
+            if not (_set(env, "SLURM_STEP_ID") or _set(env, "SLURM_STEPID")):
+                continue               # sbatch's script: see _refuse_batch_script
+        elif not (_set(env, rank) or _set(env, size)):
+            continue
+        for have, missing in ((rank, size), (size, rank)):
+            if not _set(env, missing):
+                raise ValueError(f"{have}={env[have]} is set but {missing} is not: the "
+                                 "launcher's environment is incomplete")
+        r, n = _int(env, rank), _int(env, size)
+        if n < 1 or not 0 <= r < n:
+            raise ValueError(f"{rank}={r} is outside the world of {size}={n}")
+        if local is not None and local_size is not None and _set(env, local) \
+                and _set(env, local_size):
+            lr, ln = _int(env, local), _int(env, local_size)
+            if not 0 <= lr < ln:
+                raise ValueError(f"{local}={lr} is outside its host's {local_size}={ln}")
+        out[kind] = (r, n)
+    return out
+
+
+def _refuse_batch_script(env: Mapping[str, str]) -> None:
+    """sbatch runs its script as task 0 of the job's tasks, with no step id:
+    a mesh program started there without srun would wait for the others."""
+    tasks = env.get("SLURM_NTASKS", "")
+    if _set(env, "SLURM_PROCID") and tasks.isdigit() and int(tasks) > 1:
+        raise ValueError(f"SLURM_PROCID={env['SLURM_PROCID']} SLURM_NTASKS={tasks} without "
+                         "SLURM_STEP_ID: this is the batch script of a SLURM job, not one of "
+                         "its tasks: start the ranks with srun (or mpirun, meshrun)")
+
+
+def _check_agree(env: Mapping[str, str], found: dict[str, tuple[int, int]]) -> None:
+    """RANK/WORLD_SIZE that no launcher of ours or torchrun's set must agree
+    with mpirun's or srun's numbers: a shell that kept RANK=0 would else make
+    every rank of an mpirun job rank 0."""
+    launched = env.get("MESH_LAUNCHER", "") == "1" or _set(env, "TORCHELASTIC_RUN_ID")
+    if "torch" not in found or launched:
+        return
+    for kind in ("ompi", "slurm"):
+        if kind in found and found[kind] != found["torch"]:
+            r, n = _NAMES[kind][:2]
+            raise ValueError(
+                f"the launchers disagree: RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} "
+                f"(set by neither meshrun nor torchrun) but {r}={env[r]} {n}={env[n]}: "
+                "unset RANK and WORLD_SIZE (left from another job?) or make them agree")
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: "gpu[07-09,12],cpu1" -> "gpu07"."""
+    out, i = "", 0
+    while i < len(nodelist) and nodelist[i] != ",":
+        end = nodelist.find("]", i)
+        if nodelist[i] == "[" and end > 0:
+            out += re.split(r"[-,]", nodelist[i + 1:end])[0]
+            i = end + 1
+        else:
+            out += nodelist[i]
+            i += 1
+    return out
+
+
+def _slurm_port(job_id: int, step_id: int) -> int:
+    """The rendezvous port of an srun step when none is set or reserved:
+    15000 + (job * 101 + step) mod 15000, so the steps of one job, and jobs
+    near in number, get different ports, below the ephemeral range."""
+    base, span = _SLURM_PORTS
+    return base + (job_id * 101 + step_id) % span
+
+
+def _names(env: Mapping[str, str], *names: str | None) -> str:
+    return " ".join(f"{n}={env[n]}" for n in names if n is not None and _set(env, n))
 
 
 def from_env(env: Mapping[str, str] | None = None) -> JobSpec:
-    """Build a JobSpec from torchrun, SLURM or Open MPI variables.
+    """Build a JobSpec from the variables of the launcher that started this
+    process (see the module's docstring); no launcher: a world of one.
+    Incomplete or contradictory variables raise ValueError naming them.
 
     MESH_SECRET is set by meshrun and mesh.spawn; under another launcher the
-    job may set it itself, else the secret is derived from MASTER_ADDR/PORT
+    job may set it itself, else the secret is derived from the job's address
     (all ranks agree on it, but it does not keep strangers out)."""
     env = os.environ if env is None else env
-    rank = _first(env, "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-    size = _first(env, "WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-    if rank is None or size is None:
-        rank, size = "0", "1"
-    local_rank = _first(env, "LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK") or "0"
-    local_size = _first(env, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE",
-                         "OMPI_COMM_WORLD_LOCAL_SIZE") or "1"
-    addr = _first(env, "MASTER_ADDR") or "127.0.0.1"
-    port = _first(env, "MASTER_PORT")
+    found = _read(env)
+    if not found:
+        _refuse_batch_script(env)
+    _check_agree(env, found)
+    kind = next(iter(found), "")       # _NAMES' order: the innermost launcher first
+    rank, size = found.get(kind, (0, 1))
+    _, _, local, local_names = _NAMES.get(kind, _PMI)
+    local_rank = _int(env, local) if local is not None and _set(env, local) else 0
+    local_size = _int(env, local_names) if local_names is not None and _set(env, local_names) \
+        else 1
+    if kind == "slurm":
+        local_size = _slurm_tasks_here(env) or local_size
+    source = _names(env, *_NAMES.get(kind, ()))
     ours = env.get("MESH_LAUNCHER", "") == "1"
-    if port is None:
-        if int(size) > 1:
-            raise ValueError("MASTER_PORT is not set: start the job with meshrun, "
-                             "torchrun, srun or mpirun, or set MASTER_ADDR/MASTER_PORT")
+    addr = env.get("MASTER_ADDR") or "127.0.0.1"
+    port = env.get("MASTER_PORT") or ""
+    secret = f"insecure:{addr}:{port}"
+    rdv_file = None
+    if kind == "slurm" and size > 1:
+        addr, port, secret, how = _slurm_address(env)
+        source += f"; rendezvous at {addr}:{port} from {how}"
+    elif kind == "ompi" and size > 1 and local_size < size and not (
+            env.get("MASTER_ADDR") and port):
+        raise ValueError(f"{'MASTER_PORT' if env.get('MASTER_ADDR') else 'MASTER_ADDR'} is "
+                         f"not set and Open MPI started this job on more than one host "
+                         f"({_names(env, *_OMPI[1::2])}): pass rank 0's host and a free port to "
+                         "every rank: mpirun -x MASTER_ADDR=<host of rank 0> "
+                         "-x MASTER_PORT=<port> ...")
+    elif port:
+        source += f"; rendezvous at MASTER_ADDR={addr} MASTER_PORT={port}"
+    elif size == 1:
         port = "0"
-    secret = env.get("MESH_SECRET") or f"insecure:{addr}:{port}"
-    return JobSpec(int(rank), int(size), int(local_rank), int(local_size.split("(")[0]),
-                   addr, int(port), secret, serve_rendezvous=not ours,
-                   agent_store=None if ours else _agent_store_key(env))
+    elif kind == "ompi":
+        key = _ompi_job_key(env)
+        rdv_file = os.path.join(
+            env.get("PMIX_SERVER_TMPDIR") or env.get("OMPI_MCA_orte_jobfam_session_dir")
+            or tempfile.gettempdir(),
+            f"meshrun-rendezvous-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+        port, secret = "0", f"insecure:ompi:{hashlib.sha256(key.encode()).hexdigest()}"
+        source += f"; rendezvous address published by rank 0 in {rdv_file}"
+    else:
+        raise ValueError(f"MASTER_PORT is not set ({source}): start the job with meshrun, "
+                         "torchrun, srun or mpirun, or set MASTER_ADDR/MASTER_PORT")
+    if len(env.get("MESH_SECRET", "").encode()) > 255:
+        raise ValueError(f"MESH_SECRET is {len(env['MESH_SECRET'].encode())} bytes long: at "
+                         "most 255 (ZeroMQ's limit for a password)")
+    return JobSpec(rank, size, local_rank, local_size, addr, int(port),
+                   env.get("MESH_SECRET") or secret, serve_rendezvous=not ours,
+                   agent_store=None if ours or kind != "torch" else _agent_store_key(env),
+                   rendezvous_file=rdv_file, source=source)
+
+
+def _slurm_tasks_here(env: Mapping[str, str]) -> int | None:
+    """The tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE
+    ("2(x3),1": per node index SLURM_NODEID), or SLURM_NTASKS_PER_NODE."""
+    counts: list[int] = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            break
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = env.get("SLURM_NODEID", "0")
+    if node.isdigit() and int(node) < len(counts):
+        return counts[int(node)]
+    per_node = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", ""))
+    return int(per_node.group(0)) if per_node else None
+
+
+def _ompi_job_key(env: Mapping[str, str]) -> str:
+    """What every rank of one mpirun on one host shares and no other job
+    does: the job id and the addresses of mpirun's own servers (random ports,
+    so a file left by an earlier job of the same id never matches)."""
+    ids = [env.get(n, "") for n in ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE")]
+    if not any(ids):
+        raise ValueError(f"Open MPI's job id (OMPI_MCA_ess_base_jobid, PMIX_NAMESPACE) is not "
+                         f"set ({_names(env, *_OMPI)}): set MASTER_ADDR and MASTER_PORT, "
+                         "mpirun -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=<port> ...")
+    uris = [env[n] for n in sorted(env) if n.startswith("PMIX_SERVER_URI")
+            or n == "OMPI_MCA_orte_hnp_uri"]
+    return "|".join(ids + uris)
+
+
+def _slurm_address(env: Mapping[str, str]) -> tuple[str, str, str, str]:
+    """(addr, port, secret, the variables read) of an srun step's rendezvous:
+    MASTER_ADDR, else the first host of the step's node list (where srun's
+    block and cyclic distributions put task 0); MASTER_PORT, else the first
+    port SLURM reserved for the step, else one derived from the job and step."""
+    read = []
+    addr = env.get("MASTER_ADDR", "")
+    for name in ("MASTER_ADDR", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        if _set(env, name):
+            addr = addr or _first_host(env[name])
+            read.append(name)
+            break
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID", "")
+    resv = re.match(r"\d+", env.get("SLURM_STEP_RESV_PORTS", ""))
+    if env.get("MASTER_PORT"):
+        port = env["MASTER_PORT"]
+        read.append("MASTER_PORT")
+    elif resv:
+        port = resv.group(0)
+        read.append("SLURM_STEP_RESV_PORTS")
+    elif _set(env, "SLURM_JOB_ID") and step.isdigit():
+        port = str(_slurm_port(_int(env, "SLURM_JOB_ID"), int(step)))
+        read += ["SLURM_JOB_ID", "SLURM_STEP_ID" if _set(env, "SLURM_STEP_ID") else "SLURM_STEPID"]
+    else:
+        raise ValueError(f"MASTER_PORT is not set and SLURM_JOB_ID/SLURM_STEP_ID are not "
+                         f"usable ({_names(env, *_SLURM, 'SLURM_JOB_ID', 'SLURM_STEP_ID')}): "
+                         "set MASTER_PORT (srun --export=ALL,MASTER_PORT=<port> ...)")
+    addr = addr or "127.0.0.1"
+    secret = f"insecure:{addr}:{port}:slurm:{env.get('SLURM_JOB_ID', '')}.{step}"
+    return addr, port, secret, _names(env, *read)
 
 
 def _agent_store_key(env: Mapping[str, str]) -> str | None:

@@ -185,13 +185,13 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     where = f"tcp://{addr}:{port}"
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    auth.make_client(sock, secret, curve)
-    sock.connect(where)
-    sock.send(msgpack.packb({"op": "join", "rank": rank, "size": size, "host": host,
-                             "endpoints": endpoints, "pid": os.getpid()}))
     deadline = time.monotonic() + timeout
     missing: list[int] | None = None
     try:
+        auth.make_client(sock, secret, curve)
+        sock.connect(where)
+        sock.send(msgpack.packb({"op": "join", "rank": rank, "size": size, "host": host,
+                                 "endpoints": endpoints, "pid": os.getpid()}))
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

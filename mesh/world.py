@@ -14,8 +14,9 @@ from typing import Any
 
 import zmq
 
-from . import auth, env, torchelastic
+from . import auth, env, rdvfile, torchelastic
 from .comm import Comm
+from .errors import RendezvousError
 from .rendezvous import RendezvousServer, join
 from .transport import Transport, config_float
 
@@ -118,6 +119,21 @@ def _tcp_host(master_addr: str) -> str:
         return "127.0.0.1"
 
 
+def _serve(spec: env.JobSpec, ctx: zmq.Context, curve: bool) -> RendezvousServer:
+    """Rank 0's rendezvous service: on MASTER_PORT, or on a port of its own
+    where it publishes the address (torchrun's store, mpirun's file)."""
+    published = spec.agent_store or spec.rendezvous_file
+    try:
+        return RendezvousServer(spec.size, spec.secret, host="*",
+                                port=0 if published else spec.master_port, ctx=ctx,
+                                curve=curve).start()
+    except RendezvousError as e:
+        if published or not spec.source:
+            raise
+        raise RendezvousError(f"rank 0: {e} (read: {spec.source}; set MASTER_PORT to a free "
+                              "port)") from e
+
+
 def current() -> Mesh | None:
     """The mesh this process has open (its ``mesh.init()``, or the world
     ``mesh.spawn`` handed it), or None when it has none or several."""
@@ -159,15 +175,20 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
             table: list[dict[str, Any]] = [{"rank": 0, "host": host, "endpoints": eps}]
         else:
             if spec.serve_rendezvous and spec.rank == 0:
-                port = 0 if spec.agent_store else spec.master_port
-                server = RendezvousServer(spec.size, spec.secret, host="*",
-                                          port=port, ctx=ctx, curve=curve).start()
+                server = _serve(spec, ctx, curve)
             rdv_addr, rdv_port = spec.master_addr, spec.master_port
+            own_port = server.port if server is not None else None
             if spec.agent_store:
                 rdv_addr, rdv_port = torchelastic.rendezvous_address(
-                    spec, server.port if server is not None else None, rdv_timeout, store)
-            table = join(ctx, rdv_addr, rdv_port, spec.secret, spec.rank,
-                         spec.size, host, eps, rdv_timeout, curve)
+                    spec, own_port, rdv_timeout, store)
+            elif spec.rendezvous_file:
+                rdv_addr, rdv_port = rdvfile.rendezvous_address(spec, own_port, rdv_timeout)
+            try:
+                table = join(ctx, rdv_addr, rdv_port, spec.secret, spec.rank,
+                             spec.size, host, eps, rdv_timeout, curve)
+            finally:
+                if server is not None:
+                    rdvfile.withdraw(spec)
     except BaseException:
         router.close(linger=0)
         if server is not None:

@@ -3,14 +3,16 @@ SLURM and Open MPI variables, and rank 0 serving the rendezvous itself."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from mesh import env
+from mesh import RendezvousError, env, rdvfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,19 +46,130 @@ def test_torchrun_agent_store_is_detected_as_torch_does() -> None:
 
 def test_slurm_and_open_mpi_names() -> None:
     slurm = env.from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                          "SLURM_NTASKS_PER_NODE": "4(x2)", "MASTER_PORT": "1"})
+                          "SLURM_STEP_ID": "0", "SLURM_NTASKS_PER_NODE": "4",
+                          "MASTER_PORT": "1"})
     assert (slurm.rank, slurm.size, slurm.local_rank, slurm.local_size) == (5, 8, 1, 4)
     ompi = env.from_env({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "6",
                          "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "3",
-                         "MASTER_PORT": "1"})
+                         "MASTER_ADDR": "h0", "MASTER_PORT": "1"})
     assert (ompi.rank, ompi.size, ompi.local_rank, ompi.local_size) == (3, 6, 1, 3)
+    assert (ompi.master_addr, ompi.master_port) == ("h0", 1)
+
+
+# What the real srun of slurm-wlm 22.05 sets for task 2 of `srun -N2 -n4` (trimmed).
+SRUN = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+        "SLURM_STEP_ID": "0", "SLURM_STEPID": "0", "SLURM_JOB_ID": "12", "SLURM_JOBID": "12",
+        "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "gpu[07-08,12]",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NUM_TASKS": "4"}
+
+
+def test_srun_with_nothing_set_meets_on_the_steps_first_host() -> None:
+    spec = env.from_env(SRUN)
+    assert (spec.rank, spec.size, spec.local_rank, spec.local_size) == (2, 4, 0, 2)
+    assert spec.master_addr == "gpu07" and spec.master_port == env._slurm_port(12, 0)
+    assert spec.serve_rendezvous and spec.agent_store is None and spec.rendezvous_file is None
+    assert "SLURM_JOB_ID=12 SLURM_STEP_ID=0" in spec.source
+    # another step of the job, the next job: other ports, other secrets
+    step1 = env.from_env({**SRUN, "SLURM_STEP_ID": "1"})
+    job13 = env.from_env({**SRUN, "SLURM_JOB_ID": "13"})
+    assert len({spec.master_port, step1.master_port, job13.master_port}) == 3
+    assert len({spec.secret, step1.secret, job13.secret}) == 3
+    assert all(15000 <= env._slurm_port(j, s) < 30000 for j in (0, 12, 10**9) for s in (0, 7))
+    # ports the cluster reserved for the step, then MASTER_ADDR/MASTER_PORT, come first
+    assert env.from_env({**SRUN, "SLURM_STEP_RESV_PORTS": "12000-12003"}).master_port == 12000
+    given = env.from_env({**SRUN, "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29500"})
+    assert (given.master_addr, given.master_port) == ("10.0.0.9", 29500)
+    assert env._first_host("node1,node[2-3]") == "node1"
+    assert env._first_host("r[2-3]n[001-004]") == "r2n001"
+
+
+OMPI = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        "OMPI_MCA_ess_base_jobid": "2026045441", "PMIX_NAMESPACE": "2026045441",
+        "OMPI_MCA_orte_hnp_uri": "2026045440.0;tcp://192.0.2.2:47341",
+        "PMIX_SERVER_URI4": "2026045440.0;tcp4://127.0.0.1:58811"}
+
+
+def test_mpirun_on_one_host_meets_through_a_file_named_after_the_job(tmp_path: Path) -> None:
+    one = {**OMPI, "PMIX_SERVER_TMPDIR": str(tmp_path)}
+    spec = env.from_env(one)
+    assert spec.rendezvous_file is not None and spec.master_port == 0
+    assert os.path.dirname(spec.rendezvous_file) == str(tmp_path)   # mpirun's session dir
+    assert env.from_env({**one, "OMPI_COMM_WORLD_RANK": "3"}).rendezvous_file == \
+        spec.rendezvous_file
+    for other in ({"OMPI_MCA_ess_base_jobid": "7", "PMIX_NAMESPACE": "7"},    # another job
+                  {"PMIX_SERVER_URI4": "2026045440.0;tcp4://127.0.0.1:1"}):  # a reused job id
+        assert env.from_env({**one, **other}).rendezvous_file != spec.rendezvous_file
+    rank0 = env.from_env({**one, "OMPI_COMM_WORLD_RANK": "0"})
+    assert rdvfile.rendezvous_address(rank0, 4321, 1) == ("127.0.0.1", 4321)
+    assert rdvfile.rendezvous_address(spec, None, 1) == ("127.0.0.1", 4321)
+    rdvfile.withdraw(rank0)
+    with pytest.raises(RendezvousError, match="rank 1: rank 0 did not publish the rendezvous "
+                       "address in .*OMPI_COMM_WORLD_RANK=1"):
+        rdvfile.rendezvous_address(spec, None, 0.1)
+    given = env.from_env({**one, "MASTER_PORT": "29500"})
+    assert (given.master_addr, given.master_port, given.rendezvous_file) == \
+        ("127.0.0.1", 29500, None)
+
+
+def test_mpirun_across_hosts_asks_for_master_addr_and_port() -> None:
+    hosts = {**OMPI, "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    for given in ({}, {"MASTER_PORT": "29500"}, {"MASTER_ADDR": "h0"}):
+        with pytest.raises(ValueError) as e:
+            env.from_env({**hosts, **given})
+        msg = str(e.value)
+        assert "OMPI_COMM_WORLD_SIZE=4 OMPI_COMM_WORLD_LOCAL_SIZE=2" in msg, msg
+        assert "mpirun -x MASTER_ADDR=<host of rank 0> -x MASTER_PORT=<port>" in msg, msg
+    spec = env.from_env({**hosts, "MASTER_ADDR": "h0", "MASTER_PORT": "29500"})
+    assert (spec.master_addr, spec.master_port) == ("h0", 29500)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not"),
+    ({"WORLD_SIZE": "2", "MASTER_PORT": "1"}, "WORLD_SIZE=2 is set but RANK is not"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_SIZE=4 is set but OMPI_COMM_WORLD_RANK is"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+    ({**SRUN, "SLURM_PROCID": "4"}, "SLURM_PROCID=4 is outside the world of SLURM_NTASKS=4"),
+    ({**OMPI, "OMPI_COMM_WORLD_SIZE": "0"}, "OMPI_COMM_WORLD_RANK=1 is outside the world of "
+                                             "OMPI_COMM_WORLD_SIZE=0"),
+    ({**OMPI, "OMPI_COMM_WORLD_LOCAL_RANK": "4"}, "OMPI_COMM_WORLD_LOCAL_RANK=4 is outside its "
+                                                   "host's OMPI_COMM_WORLD_LOCAL_SIZE=4"),
+    ({**OMPI, "RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"},
+     "RANK=0 WORLD_SIZE=2 (set by neither meshrun nor torchrun) but OMPI_COMM_WORLD_RANK=1 "
+     "OMPI_COMM_WORLD_SIZE=4"),
+    ({**SRUN, "RANK": "0", "WORLD_SIZE": "4"},
+     "RANK=0 WORLD_SIZE=4 (set by neither meshrun nor torchrun) but SLURM_PROCID=2 "
+     "SLURM_NTASKS=4"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "3"},
+     "SLURM_PROCID=0 SLURM_NTASKS=4 without SLURM_STEP_ID: this is the batch script"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT is not set (RANK=0 WORLD_SIZE=2)"),
+    ({**SRUN, "MESH_SECRET": "s" * 256}, "MESH_SECRET is 256 bytes long: at most 255"),
+])
+def test_incomplete_or_contradictory_launchers_fail_naming_the_variables(
+        bad: dict[str, str], says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        env.from_env(bad)
+
+
+def test_the_innermost_launcher_describes_the_process() -> None:
+    """torchrun or meshrun inside srun or mpirun, mpirun inside an sbatch job
+    or an srun step: the inner numbers win, and disagreeing is no error."""
+    torchrun = {"RANK": "5", "WORLD_SIZE": "8", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "j"}
+    assert env.from_env({**SRUN, **torchrun}).rank == 5
+    assert env.from_env({**OMPI, **torchrun, "MESH_LAUNCHER": "1"}).rank == 5
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "3"}   # no step id
+    for outer in (batch, SRUN):
+        spec = env.from_env({**outer, **OMPI})
+        assert (spec.rank, spec.size, spec.rendezvous_file is not None) == (1, 4, True)
+    assert env.from_env({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "3"}).size == 1   # salloc's shell
+    assert env.from_env({**batch, "SLURM_NTASKS": "1"}).size == 1   # a one-task batch script
 
 
 def test_no_job_is_a_world_of_one_and_bad_jobs_are_named() -> None:
     assert env.from_env({}).size == 1
     with pytest.raises(ValueError, match="MASTER_PORT is not set"):
         env.from_env({"RANK": "0", "WORLD_SIZE": "2"})
-    with pytest.raises(ValueError, match="rank 4 is outside the world of size 2"):
+    with pytest.raises(ValueError, match="RANK=4 is outside the world of WORLD_SIZE=2"):
         env.from_env({"RANK": "4", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
 
 
