@@ -11,8 +11,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import zmq
 
 from mesh import RendezvousError, env, rdvfile
+from mesh.rendezvous import join
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,6 +173,20 @@ def test_no_job_is_a_world_of_one_and_bad_jobs_are_named() -> None:
         env.from_env({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="RANK=4 is outside the world of WORLD_SIZE=2"):
         env.from_env({"RANK": "4", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
+
+
+@pytest.mark.timeout(20)
+def test_a_join_that_cannot_start_leaves_no_socket_open() -> None:
+    """A password ZeroMQ refuses (over 255 bytes) fails the join at once,
+    and the context still terminates (it hung on the join's socket)."""
+    ctx = zmq.Context()
+    try:
+        join(ctx, "127.0.0.1", 1, "s" * 256, 1, 2, "h",
+             {"ipc": "ipc:///tmp/x", "tcp": "tcp://127.0.0.1:1"}, 5)
+    except zmq.ZMQError:
+        ctx.term()       # as mesh.init does, while the error (and its frames) live
+    else:
+        pytest.fail("a 256-byte password was accepted")
 
 
 WORKER = textwrap.dedent("""
