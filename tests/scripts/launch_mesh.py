@@ -1,5 +1,13 @@
-"""A mesh program for tests/test_mesh_launch.py: join through mesh.init(), have
-rank 0 greet every rank and collect the replies, then leave."""
+"""A mesh program for the launcher tests (tests/test_mesh_launch.py, and
+tests/test_mesh_launchers.py under the real mpirun and srun): join through
+mesh.init(), have rank 0 greet every rank and collect the replies, check an
+all_reduce against its known sum, then leave. Each line is one write, so
+that launchers that relay unbuffered output (mpirun) never split it."""
+import sys
+
+import numpy as np
+
+import collectives
 import mesh
 
 with mesh.init(timeout=20) as world:
@@ -7,8 +15,10 @@ with mesh.init(timeout=20) as world:
         for dst in range(1, world.size):
             world.send({"hello": dst}, dst)
         replies = [world.recv(src)["from"] for src in range(1, world.size)]
-        print(f"rank 0 heard from {replies}")
+        sys.stdout.write(f"rank 0 heard from {replies}\n")
     else:
         msg = world.recv(0)
         world.send({"from": world.rank, "echo": msg["hello"]}, 0)
-        print(f"rank {world.rank} got {msg}")
+        sys.stdout.write(f"rank {world.rank} got {msg}\n")
+    total = collectives.all_reduce(world, np.full(3, world.rank + 1.0))
+    assert (total == world.size * (world.size + 1) / 2).all(), f"rank {world.rank}: {total}"

@@ -1,0 +1,219 @@
+"""A meshrun script runs unchanged under the real Open MPI mpirun and the real
+SLURM srun and sbatch, with none of meshrun's or torchrun's variables set:
+the ranks find each other from what those launchers give them alone.
+
+Each test skips, saying why, where its launcher is not installed (CI installs
+Debian's openmpi-bin, slurm-wlm and munge in .ci/run). The SLURM tests bring
+up a one-node cluster of their own (munged, slurmctld, slurmd in a temporary
+directory, on free ports), and stop it and remove its files afterwards."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "scripts" / "launch_mesh.py"
+SBIN = os.pathsep.join(["/usr/sbin", "/sbin"])
+
+
+def _expected(n: int) -> list[str]:
+    return sorted([f"rank 0 heard from {list(range(1, n))}"]
+                  + [f"rank {r} got {{'hello': {r}}}" for r in range(1, n)])
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables: the launcher under
+    test must provide everything."""
+    launcher = ("MESH_", "MASTER_", "OMPI_", "PMIX_", "SLURM_", "TORCHELASTIC_", "PMI_")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(launcher)
+         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    e["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), e.get("PATH", ""), SBIN])
+    e.update(PYTHONPATH=str(ROOT), MESH_RENDEZVOUS_TIMEOUT="30", **extra)
+    return e
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 90) -> str:
+    """Run a launcher in a session of its own; nothing it started outlives it."""
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s:\n{out}")
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{out}"
+    return out
+
+
+def _rank_lines(out: str) -> list[str]:
+    return sorted(ln for ln in out.splitlines() if ln.startswith("rank "))
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None,
+                    reason="Open MPI's mpirun is not installed (apt-get install openmpi-bin)")
+def test_mpirun_on_one_host_with_nothing_set() -> None:
+    """mpirun -n 4 python script.py; a second job at once meets only its own."""
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    e = _clean_env(**root)
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-n"]
+    other = subprocess.Popen([*cmd, "2", sys.executable, str(SCRIPT)], env=e, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        out = _run([*cmd, "4", sys.executable, str(SCRIPT)], e)
+        other_out, _ = other.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(other.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert _rank_lines(out) == _expected(4), out
+    assert other.returncode == 0 and _rank_lines(other_out) == _expected(2), other_out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+SLURM_CONF = """\
+ClusterName=meshtest
+SlurmctldHost={host}
+SlurmUser={user}
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={d}/munge.sock
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+ProctrackType=proctrack/pgid
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=2
+NodeName={host} CPUs=4 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[dict[str, str]]:
+    """A one-node SLURM cluster (4 CPUs declared, whatever the machine has):
+    the environment in which srun and sbatch talk to it."""
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmd needs root")
+    path = os.pathsep.join([os.environ.get("PATH", ""), SBIN])
+    missing = [p for p in ("munged", "slurmctld", "slurmd", "srun", "sbatch", "sinfo")
+               if shutil.which(p, path=path) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing: apt-get install "
+                    "slurm-wlm munge)")
+    d = tempfile.mkdtemp(prefix="mslurm-")      # short: munged's socket path must fit
+    procs: list[subprocess.Popen[bytes]] = []
+    e = _clean_env(SLURM_CONF=f"{d}/slurm.conf")
+    try:
+        for sub in ("state", "spool"):
+            os.mkdir(os.path.join(d, sub))
+        key = os.path.join(d, "munge.key")
+        with open(os.open(key, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(os.urandom(1024))
+        host = socket.gethostname()
+        Path(e["SLURM_CONF"]).write_text(SLURM_CONF.format(
+            host=host, user="root", d=d, ctld_port=_free_port(), d_port=_free_port()))
+        for cmd in (["munged", "-F", "-f", f"--key-file={key}", f"--socket={d}/munge.sock",
+                     f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log",
+                     f"--seed-file={d}/munged.seed"],
+                    ["slurmctld", "-D", "-f", e["SLURM_CONF"]],
+                    ["slurmd", "-D", "-f", e["SLURM_CONF"], "-N", host]):
+            with open(os.path.join(d, f"{cmd[0]}.out"), "wb") as log:
+                procs.append(subprocess.Popen([shutil.which(cmd[0], path=path) or cmd[0],
+                                               *cmd[1:]], env=e, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+            if cmd[0] == "munged":
+                _wait(lambda: os.path.exists(f"{d}/munge.sock"), 10)
+        ready = _wait(lambda: subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], env=e, capture_output=True, text=True,
+            timeout=10).stdout.strip() == "idle", 30)
+        if not ready:
+            pytest.skip("the SLURM daemons did not come up:\n" + _logs(d, procs))
+        yield e
+    finally:
+        if procs:
+            subprocess.run(["scancel", "--full", "--user", "root"], env=e,
+                           capture_output=True, timeout=10)
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _wait(cond: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():  # type: ignore[operator]
+                return True
+        except (OSError, subprocess.SubprocessError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _logs(d: str, procs: list[subprocess.Popen[bytes]]) -> str:
+    out = [f"exit codes: {[p.poll() for p in procs]}"]
+    for name in ("munged.out", "slurmctld.out", "slurmd.out"):
+        try:
+            out.append(f"{name}: " + Path(d, name).read_text()[-2000:])
+        except OSError:
+            pass
+    return "\n".join(out)
+
+
+def test_srun_with_nothing_set(slurm: dict[str, str]) -> None:
+    out = _run(["srun", "-n", "4", "--kill-on-bad-exit=1", sys.executable, str(SCRIPT)], slurm)
+    assert _rank_lines(out) == _expected(4), out
+
+
+@pytest.mark.slow          # sbatch --wait polls the job's state every few seconds
+def test_sbatch_job_from_the_example_script(slurm: dict[str, str], tmp_path: Path) -> None:
+    """examples/slurm_job.sbatch, as the README shows it, on one node."""
+    log = tmp_path / "job.out"
+    _run(["sbatch", "--wait", "--nodes=1", "--ntasks=4", f"--output={log}",
+          str(ROOT / "examples" / "slurm_job.sbatch"), str(SCRIPT)], slurm)
+    out = log.read_text()
+    assert _rank_lines(out) == _expected(4), out
