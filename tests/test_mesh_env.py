@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+import mesh
 from mesh import RendezvousError, env, rdvfile
 from mesh.rendezvous import join
 
@@ -173,6 +174,21 @@ def test_no_job_is_a_world_of_one_and_bad_jobs_are_named() -> None:
         env.from_env({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="RANK=4 is outside the world of WORLD_SIZE=2"):
         env.from_env({"RANK": "4", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
+
+
+@pytest.mark.timeout(30)
+def test_rank_0_whose_port_is_taken_fails_at_once_naming_where_it_came_from() -> None:
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        spec = env.from_env({**SRUN, "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "localhost",
+                             "MASTER_PORT": str(port)})
+        with pytest.raises(RendezvousError) as e:
+            mesh.init(spec=spec, rendezvous_timeout=5)
+    msg = str(e.value)
+    assert f"cannot bind tcp://*:{port}" in msg and "SLURM_PROCID=0 SLURM_NTASKS=4" in msg, msg
+    assert f"MASTER_PORT={port}" in msg and "set MASTER_PORT to a free port" in msg, msg
 
 
 @pytest.mark.timeout(20)
