@@ -9,6 +9,7 @@ directory, on free ports), and stop it and remove its files afterwards."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -120,6 +121,7 @@ SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=2
+FirstJobId={first_job}
 NodeName={host} CPUs=4 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
@@ -147,8 +149,15 @@ def slurm() -> Iterator[dict[str, str]]:
         with open(os.open(key, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
             f.write(os.urandom(1024))
         host = socket.gethostname()
+        try:
+            socket.gethostbyname(host)      # srun's ranks meet at the node's name
+        except OSError as e:
+            pytest.skip(f"this host's name {host!r} does not resolve: {e}")
+        # a random first job id: the ports srun's jobs derive differ from those
+        # of another such cluster running at once
         Path(e["SLURM_CONF"]).write_text(SLURM_CONF.format(
-            host=host, user="root", d=d, ctld_port=_free_port(), d_port=_free_port()))
+            host=host, user="root", d=d, ctld_port=_free_port(), d_port=_free_port(),
+            first_job=random.randrange(1000, 10**6)))
         for cmd in (["munged", "-F", "-f", f"--key-file={key}", f"--socket={d}/munge.sock",
                      f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log",
                      f"--seed-file={d}/munged.seed"],
