@@ -60,7 +60,6 @@ _OMPI = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_
 _SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None)
 _PMI = ("PMI_RANK", "PMI_SIZE", None, None)
 _NAMES = {"torch": _TORCH, "ompi": _OMPI, "slurm": _SLURM, "pmi": _PMI}
-_SLURM_PORTS = (15000, 15000)  # derived ports: 15000-29999, below Linux's ephemeral range
 
 
 def _set(env: Mapping[str, str], name: str | None) -> bool:
@@ -146,8 +145,7 @@ def _slurm_port(job_id: int, step_id: int) -> int:
     """The rendezvous port of an srun step when none is set or reserved:
     15000 + (job * 101 + step) mod 15000, so the steps of one job, and jobs
     near in number, get different ports, below the ephemeral range."""
-    base, span = _SLURM_PORTS
-    return base + (job_id * 101 + step_id) % span
+    return 15000 + (job_id * 101 + step_id) % 15000
 
 
 def _names(env: Mapping[str, str], *names: str | None) -> str:
@@ -180,29 +178,17 @@ def from_env(env: Mapping[str, str] | None = None) -> JobSpec:
     addr = env.get("MASTER_ADDR") or "127.0.0.1"
     port = env.get("MASTER_PORT") or ""
     secret = f"insecure:{addr}:{port}"
-    rdv_file = None
+    rdv_file = _ompi_rendezvous_file(env, size, local_size) if kind == "ompi" else None
     if kind == "slurm" and size > 1:
         addr, port, secret, how = _slurm_address(env)
         source += f"; rendezvous at {addr}:{port} from {how}"
-    elif kind == "ompi" and size > 1 and local_size < size and not (
-            env.get("MASTER_ADDR") and port):
-        raise ValueError(f"{'MASTER_PORT' if env.get('MASTER_ADDR') else 'MASTER_ADDR'} is "
-                         f"not set and Open MPI started this job on more than one host "
-                         f"({_names(env, *_OMPI[1::2])}): pass rank 0's host and a free port to "
-                         "every rank: mpirun -x MASTER_ADDR=<host of rank 0> "
-                         "-x MASTER_PORT=<port> ...")
+    elif rdv_file is not None:
+        port, secret = "0", f"insecure:ompi:{os.path.basename(rdv_file)}"
+        source += f"; rendezvous address published by rank 0 in {rdv_file}"
     elif port:
         source += f"; rendezvous at MASTER_ADDR={addr} MASTER_PORT={port}"
     elif size == 1:
         port = "0"
-    elif kind == "ompi":
-        key = _ompi_job_key(env)
-        rdv_file = os.path.join(
-            env.get("PMIX_SERVER_TMPDIR") or env.get("OMPI_MCA_orte_jobfam_session_dir")
-            or tempfile.gettempdir(),
-            f"meshrun-rendezvous-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
-        port, secret = "0", f"insecure:ompi:{hashlib.sha256(key.encode()).hexdigest()}"
-        source += f"; rendezvous address published by rank 0 in {rdv_file}"
     else:
         raise ValueError(f"MASTER_PORT is not set ({source}): start the job with meshrun, "
                          "torchrun, srun or mpirun, or set MASTER_ADDR/MASTER_PORT")
@@ -231,10 +217,22 @@ def _slurm_tasks_here(env: Mapping[str, str]) -> int | None:
     return int(per_node.group(0)) if per_node else None
 
 
-def _ompi_job_key(env: Mapping[str, str]) -> str:
-    """What every rank of one mpirun on one host shares and no other job
-    does: the job id and the addresses of mpirun's own servers (random ports,
-    so a file left by an earlier job of the same id never matches)."""
+def _ompi_rendezvous_file(env: Mapping[str, str], size: int, local_size: int) -> str | None:
+    """Where rank 0 of an mpirun job on one host publishes its address: a file
+    in mpirun's session directory named from what every rank of this job, and
+    no other, shares: the job id and the addresses of mpirun's own servers
+    (random ports, so a file an earlier job of the same id left never
+    matches). None when MASTER_PORT is given or the world is one rank; across
+    hosts MASTER_ADDR and MASTER_PORT must be given."""
+    given = bool(env.get("MASTER_ADDR")), bool(env.get("MASTER_PORT"))
+    if size == 1 or given == (True, True) or (given[1] and local_size == size):
+        return None
+    if local_size < size:
+        raise ValueError(f"{'MASTER_PORT' if given[0] else 'MASTER_ADDR'} is not set and Open "
+                         f"MPI started this job on more than one host "
+                         f"({_names(env, *_OMPI[1::2])}): pass rank 0's host and a free port to "
+                         "every rank: mpirun -x MASTER_ADDR=<host of rank 0> "
+                         "-x MASTER_PORT=<port> ...")
     ids = [env.get(n, "") for n in ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE")]
     if not any(ids):
         raise ValueError(f"Open MPI's job id (OMPI_MCA_ess_base_jobid, PMIX_NAMESPACE) is not "
@@ -242,7 +240,9 @@ def _ompi_job_key(env: Mapping[str, str]) -> str:
                          "mpirun -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=<port> ...")
     uris = [env[n] for n in sorted(env) if n.startswith("PMIX_SERVER_URI")
             or n == "OMPI_MCA_orte_hnp_uri"]
-    return "|".join(ids + uris)
+    key = hashlib.sha256("|".join(ids + uris).encode()).hexdigest()[:32]
+    where = env.get("PMIX_SERVER_TMPDIR") or env.get("OMPI_MCA_orte_jobfam_session_dir")
+    return os.path.join(where or tempfile.gettempdir(), f"meshrun-rendezvous-{key}")
 
 
 def _slurm_address(env: Mapping[str, str]) -> tuple[str, str, str, str]:
