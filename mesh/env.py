@@ -6,12 +6,13 @@ Under torchrun the agent's TCPStore usually holds MASTER_PORT already
 port of its own and publishes it in that store, under ``agent_store``."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["JobSpec", "from_env", "host_id"]
+__all__ = ["JobSpec", "from_env", "host_id", "is_loopback"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,11 @@ def host_id() -> str:
     except OSError:
         ns = ""
     return f"{socket.gethostname()}|{ns}"
+
+
+def is_loopback(addr: str) -> bool:
+    """True for "localhost" and loopback IP addresses (127.0.0.0/8, ::1)."""
+    try:
+        return addr == "localhost" or ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False

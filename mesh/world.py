@@ -3,7 +3,6 @@ connects to every peer and returns the world communicator."""
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import logging
 import os
 import secrets
@@ -113,7 +112,7 @@ def _tcp_host(master_addr: str, across_hosts: bool = False) -> str:
     forced = os.environ.get("MESH_IFADDR")
     if forced:
         return forced
-    if _loopback(master_addr):
+    if env.is_loopback(master_addr):
         return "127.0.0.1"
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -121,16 +120,7 @@ def _tcp_host(master_addr: str, across_hosts: bool = False) -> str:
             host = str(s.getsockname()[0])
     except OSError:
         return "127.0.0.1"
-    return "*" if across_hosts and _loopback(host) else host
-
-
-def _loopback(addr: str) -> bool:
-    if addr == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False
+    return "*" if across_hosts and env.is_loopback(host) else host
 
 
 def _tcp_endpoint(router: zmq.Socket, spec: env.JobSpec) -> str:
