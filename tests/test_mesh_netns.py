@@ -31,7 +31,6 @@ JOB = REPO / "tests" / "scripts" / "netns_job.py"
 TORCH_JOB = REPO / "tests" / "scripts" / "netns_torch_job.py"
 ADDR = ["10.77.0.1", "10.77.0.2"]
 NAME = ["node0", "node1"]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -101,7 +100,12 @@ class Hosts:
         pytest.skip(f"cannot shape the link with tc: {'; '.join(errors)}")
 
     def __exit__(self, *exc: object) -> None:
-        for ns in self.ns:
+        for ns in self.ns:      # what a failed job left there (torchrun's workers
+            for pid in _ip("netns", "pids", ns).stdout.split():   # have their own sessions)
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             _ip("netns", "del", ns)
             shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
 
@@ -111,9 +115,12 @@ class Hosts:
         own name (and the machine's) is 127.0.1.1, the other's its address."""
         for i in (0, 1):
             etc = Path("/etc/netns") / self.ns[i]
-            etc.mkdir(parents=True)
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {NAME[i]} "
-                                       f"{socket.gethostname()}\n{ADDR[1 - i]} {NAME[1 - i]}\n")
+            try:
+                etc.mkdir(parents=True)
+                (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {NAME[i]} "
+                                           f"{socket.gethostname()}\n{ADDR[1 - i]} {NAME[1 - i]}\n")
+            except OSError as e:
+                pytest.skip(f"cannot give the namespaces their own /etc/hosts: {e}")
 
     def launch(self, i: int, port: int, out: Path, secret: str,
                curve: bool) -> subprocess.Popen[str]:
@@ -135,22 +142,37 @@ def _torchrun(hosts: Hosts, script: Path, out: Path) -> list[dict]:
            if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(PYTHONPATH=str(REPO), MESH_RENDEZVOUS_TIMEOUT="60", MESH_TIMEOUT="60")
-    procs = [subprocess.Popen(
-        ["ip", "netns", "exec", hosts.ns[i], str(TORCHRUN), "--nnodes", "2",
-         "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-         f"{ADDR[0]}:29400", "--rdzv-id", "netns", "--local-addr", NAME[i],
-         *(["--rdzv-conf", "is_host=1"] if i == 0 else []), str(script), str(out)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True) for i in (0, 1)]
+    logs = [out / f"torchrun{i}.log" for i in (0, 1)]
+    procs = []
+    for i in (0, 1):
+        with open(logs[i], "w") as log:
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", hosts.ns[i], sys.executable, "-m",
+                 "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{ADDR[0]}:29400",
+                 "--rdzv-id", "netns", "--local-addr", NAME[i],
+                 *(["--rdzv-conf", "is_host=1"] if i == 0 else []), str(script), str(out)],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
-        for p in procs:
-            log, _ = p.communicate(timeout=150)
-            assert p.returncode == 0, log[-6000:]
+        deadline = time.monotonic() + 150
+        for i, p in enumerate(procs):
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            what = "did not end in 150 s" if p.returncode is None else f"exited {p.returncode}"
+            assert p.returncode == 0, f"torchrun on node {i} {what}:\n" + \
+                logs[i].read_text()[-6000:]
     finally:
-        for p in procs:
+        for p in procs:         # the agent stops its workers on SIGTERM
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.communicate()
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
     return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
 
 
