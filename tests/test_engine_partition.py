@@ -1,0 +1,196 @@
+"""engine.partition: cutting unmodified models into stages, balanced by
+layer count, parameters or simulated time; tied weights kept equal."""
+import functools
+import time
+
+import numpy as np
+import pytest
+
+import mesh
+from engine import Pipeline, partition, schedules, stages_for_rank
+from engine import layers as L
+from engine.partition import _best_simulated, cut_points
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class _Solo:
+    rank, size = 0, 1
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 64), nn.Tanh(),
+                         nn.Linear(64, 64), nn.Linear(64, 2)).double()
+
+
+def test_counts_by_layers_parameters_and_list():
+    model = _mlp()
+    assert partition(model, 4).counts == (1, 2, 1, 2)
+    # parameters 40, 0, 576, 0, 4160, 130: the big layer alone
+    assert partition(model, 3, "parameters").counts == (4, 1, 1)
+    stages = partition(model, 2, [5, 1])
+    assert [len(s) for s in stages] == [5, 1] and stages[1][0] is model[5]
+    assert cut_points([1, 1, 1, 1, 5, 1], 3) == [4, 1, 1]
+    np_model = L.Sequential(*L.mlp_stages([3, 4, 5, 6, 2], 1)[0].layers)
+    parts = partition(np_model, 2, "parameters")
+    assert all(isinstance(s, L.Sequential) for s in parts) and sum(parts.counts) == 7
+
+
+def test_errors_before_any_step_name_the_numbers():
+    model = _mlp()
+    with pytest.raises(ValueError, match="cannot cut 6 layers into 7 stages"):
+        partition(model, 7)
+    with pytest.raises(ValueError, match=r"balance \[1, 2\] must give 3 stages.*gives 2 stages, "
+                                         r"3 layers"):
+        partition(model, 3, [1, 2])
+    with pytest.raises(ValueError, match="balance='time' measures each of the 6 layers.*sample="):
+        partition(model, 3, "time")
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        partition(nn.Linear(2, 2), 1)
+
+
+def test_torch_stages_train_like_the_whole_model():
+    """The Pipeline takes the partition's nn.Sequential stages as they are."""
+    model = _mlp()
+    whole = _mlp()
+    sched = schedules.interleaved_1f1b(1, 3, 3)
+    stages = partition(model, 3, "parameters")
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    loss_fn = lambda out, t: (float(((out - t) ** 2).mean()), 2 * (out - t) / out.numel())
+    loss = Pipeline(_Solo(), list(stages), sched, loss_fn=loss_fn).step(x, y)
+    ref = ((whole(x) - y) ** 2).mean()
+    ref.backward()
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-12)
+    for a, b in zip(model.parameters(), whole.parameters(), strict=True):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_specs_build_only_the_stages_asked_for():
+    built = []
+
+    def counted(cls, *args):
+        built.append(cls.__name__)
+        return cls(*args)
+
+    specs = [functools.partial(counted, nn.Linear, 4, 8), nn.Tanh,
+             (counted, (nn.Linear, 8, 2), {}), lambda x: x * 2]
+    parts = partition(specs, 2, "parameters", stages=[1])
+    assert parts[0] is None and parts.counts == (1, 3)
+    assert built == ["Linear"] * 3     # both counted (on the meta device), then one built
+    assert parts[1][1].weight.device.type == "cpu"
+    assert parts[1][2](torch.ones(1)).item() == 2.0   # the function became a module
+
+
+def test_time_balance_is_chosen_by_simulation():
+    """With ZB-V's placement (rank r holds stages r and 3-r) the cut that
+    minimises the largest stage is not the fastest step; the simulator's is."""
+    f = [1, 1, 1, 1, 6, 1, 1, 1, 1, 1]
+    costs = {"F": f, "I": f, "W": f}
+    sched = schedules.zb_v(2, 4)
+    best = _best_simulated(costs, sched)
+    minmax = cut_points([3 * c for c in f], 4)
+
+    def step(counts):
+        per = {k: [sum(v[a:a + c]) for a, c in zip(np.cumsum([0] + counts), counts)]
+               for k, v in costs.items()}
+        return sched.simulate(per).makespan
+
+    assert step(best) < step(minmax)
+
+
+def test_time_balance_measures_each_layer_on_the_sample():
+    slow = lambda x: (time.sleep(0.02), x)[1]
+    layers = [nn.Linear(4, 4), nn.Tanh(), slow, nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)]
+    parts = partition(layers, 3, "time", sample=torch.randn(2, 4), reps=1)
+    f = parts.layer_costs["F"]
+    assert f[2] >= 0.02 and f.index(max(f)) == 2
+    assert parts.counts[1] == 1 or parts.counts[0] == 3 or parts.counts[2] == 4
+    assert parts.stage_costs()["F"] == pytest.approx(
+        [sum(f[:parts.counts[0]]), sum(f[parts.counts[0]:-parts.counts[2]]),
+         sum(f[-parts.counts[2]:])])
+
+
+def _tied_torch():
+    torch.manual_seed(1)
+    first, head = nn.Linear(4, 4), nn.Linear(4, 4)
+    head.weight = first.weight
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), head).double()
+
+
+def test_tied_weights_on_one_rank():
+    model, whole = _tied_torch(), _tied_torch()
+    stages = partition(model, 2, [2, 3])
+    (tie,) = stages.ties
+    assert tie.name == "0.weight" and tie.stages == (0, 1)
+    assert stages[1][2].weight is not stages[0][0].weight        # untied into a copy
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    loss_fn = lambda out, t: (float(((out - t) ** 2).mean()), 2 * (out - t) / out.numel())
+    Pipeline(_Solo(), list(stages), schedules.interleaved_1f1b(1, 2, 2), loss_fn=loss_fn).step(x, y)
+    ((whole(x) - y) ** 2).mean().backward()
+    for copy in (stages[0][0].weight, stages[1][2].weight):
+        np.testing.assert_allclose(copy.grad.numpy(), whole[0].weight.grad.numpy(), rtol=1e-10)
+
+
+# -- tied weights over real processes (numpy) ----------------------------------
+
+WIDTH, ROWS, STEPS, LR = 3, 8, 3, 0.1
+
+
+def _tied_numpy():
+    rng = np.random.default_rng(4)
+    first, head = L.Linear(WIDTH, WIDTH, rng), L.Linear(WIDTH, WIDTH, rng)
+    head.weight = first.weight
+    return [first, L.Tanh(), L.Linear(WIDTH, WIDTH, rng), L.Tanh(), L.Linear(WIDTH, WIDTH, rng),
+            L.Tanh(), head]
+
+
+def _tied_data(step):
+    rng = np.random.default_rng(70 + step)
+    return rng.standard_normal((ROWS, WIDTH)), rng.standard_normal((ROWS, WIDTH))
+
+
+def _tied_reference():
+    """Sequential training; SGD subtracts each use's gradient from the one array."""
+    model = L.Sequential(*_tied_numpy())
+    for step in range(STEPS):
+        x, y = _tied_data(step)
+        out, ctx = model.forward(x)
+        model.backward(ctx, mse_loss_grad(out, y))
+        L.sgd([model], LR)
+    return model.layers[0].weight
+
+
+def mse_loss_grad(out, y):
+    return L.mse_loss(out, y)[1]
+
+
+def _tied_worker(world):
+    out = {}
+    for name, sched, counts in [("1f1b", schedules.one_f_one_b(2, 4), [3, 4]),
+                                ("zb-v", schedules.zb_v(2, 4), [2, 2, 1, 2])]:
+        parts = partition(_tied_numpy(), sched.num_stages, counts)
+        mine = stages_for_rank(parts, sched, world.rank)
+        for s, stage in zip(sched.stages_of(world.rank), mine):
+            for tie, index in getattr(stage, "tied", ()):
+                if s != tie.stages[0]:    # the Pipeline makes the copies equal again
+                    stage.params()[index][...] += 1.0
+        pipe = Pipeline(world, mine, sched, loss_fn=L.mse_loss, timeout=30)
+        for step in range(STEPS):
+            x, y = _tied_data(step)
+            pipe.step(x if pipe.first else None, y if pipe.last else None)
+            L.sgd(mine, LR)
+        out[name] = {s: [p.copy() for p in st.params()] for s, st in pipe.stages.items()}
+    return out
+
+
+def test_tied_weights_over_processes_train_like_sequential():
+    results = mesh.spawn(_tied_worker, 2, timeout=90)
+    want = _tied_reference()
+    for name, first, last in [("1f1b", 0, 1), ("zb-v", 0, 3)]:
+        got = {}
+        for r in results:
+            got.update(r[name])
+        np.testing.assert_allclose(got[first][0], want, rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(got[last][-2], want, rtol=1e-10, err_msg=name)
