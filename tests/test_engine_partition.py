@@ -6,8 +6,7 @@ import time
 import numpy as np
 import pytest
 
-import mesh
-from engine import Pipeline, partition, schedules, stages_for_rank
+from engine import Pipeline, partition, schedules
 from engine import layers as L
 from engine.partition import _best_simulated, cut_points
 
@@ -131,66 +130,3 @@ def test_tied_weights_on_one_rank():
     ((whole(x) - y) ** 2).mean().backward()
     for copy in (stages[0][0].weight, stages[1][2].weight):
         np.testing.assert_allclose(copy.grad.numpy(), whole[0].weight.grad.numpy(), rtol=1e-10)
-
-
-# -- tied weights over real processes (numpy) ----------------------------------
-
-WIDTH, ROWS, STEPS, LR = 3, 8, 3, 0.1
-
-
-def _tied_numpy():
-    rng = np.random.default_rng(4)
-    first, head = L.Linear(WIDTH, WIDTH, rng), L.Linear(WIDTH, WIDTH, rng)
-    head.weight = first.weight
-    return [first, L.Tanh(), L.Linear(WIDTH, WIDTH, rng), L.Tanh(), L.Linear(WIDTH, WIDTH, rng),
-            L.Tanh(), head]
-
-
-def _tied_data(step):
-    rng = np.random.default_rng(70 + step)
-    return rng.standard_normal((ROWS, WIDTH)), rng.standard_normal((ROWS, WIDTH))
-
-
-def _tied_reference():
-    """Sequential training; SGD subtracts each use's gradient from the one array."""
-    model = L.Sequential(*_tied_numpy())
-    for step in range(STEPS):
-        x, y = _tied_data(step)
-        out, ctx = model.forward(x)
-        model.backward(ctx, mse_loss_grad(out, y))
-        L.sgd([model], LR)
-    return model.layers[0].weight
-
-
-def mse_loss_grad(out, y):
-    return L.mse_loss(out, y)[1]
-
-
-def _tied_worker(world):
-    out = {}
-    for name, sched, counts in [("1f1b", schedules.one_f_one_b(2, 4), [3, 4]),
-                                ("zb-v", schedules.zb_v(2, 4), [2, 2, 1, 2])]:
-        parts = partition(_tied_numpy(), sched.num_stages, counts)
-        mine = stages_for_rank(parts, sched, world.rank)
-        for s, stage in zip(sched.stages_of(world.rank), mine):
-            for tie, index in getattr(stage, "tied", ()):
-                if s != tie.stages[0]:    # the Pipeline makes the copies equal again
-                    stage.params()[index][...] += 1.0
-        pipe = Pipeline(world, mine, sched, loss_fn=L.mse_loss, timeout=30)
-        for step in range(STEPS):
-            x, y = _tied_data(step)
-            pipe.step(x if pipe.first else None, y if pipe.last else None)
-            L.sgd(mine, LR)
-        out[name] = {s: [p.copy() for p in st.params()] for s, st in pipe.stages.items()}
-    return out
-
-
-def test_tied_weights_over_processes_train_like_sequential():
-    results = mesh.spawn(_tied_worker, 2, timeout=90)
-    want = _tied_reference()
-    for name, first, last in [("1f1b", 0, 1), ("zb-v", 0, 3)]:
-        got = {}
-        for r in results:
-            got.update(r[name])
-        np.testing.assert_allclose(got[first][0], want, rtol=1e-10, err_msg=name)
-        np.testing.assert_allclose(got[last][-2], want, rtol=1e-10, err_msg=name)
