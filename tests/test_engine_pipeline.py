@@ -155,7 +155,10 @@ def _tied_reference():
 
 
 def _tied_worker(world):
-    out = {}
+    """Also: balance="time" with a group cuts alike on every rank (the first
+    rank's measurements are broadcast)."""
+    timed = partition(_tied_numpy(), 3, "time", sample=_tied_data(0)[0], group=world, reps=1)
+    out = {"time": (timed.counts, timed.layer_costs)}
     for name, sched, counts in [("1f1b", schedules.one_f_one_b(2, 4), [3, 4]),
                                 ("zb-v", schedules.zb_v(2, 4), [2, 2, 1, 2])]:
         parts = partition(_tied_numpy(), sched.num_stages, counts)
@@ -176,6 +179,7 @@ def _tied_worker(world):
 def _check_tied(results):
     """The first stage's weight and the head's copy both equal the reference's
     one array; across ranks (1F1B) and on one rank (ZB-V: stages 0 and 3)."""
+    assert results[0]["time"] == results[1]["time"]
     want = _tied_reference()
     for name, first, last in [("1f1b", 0, 1), ("zb-v", 0, 3)]:
         got = {}
