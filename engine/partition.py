@@ -36,9 +36,10 @@ wraps it in a TorchStage) or an ``engine.layers.Sequential``. ``balance``:
 A parameter shared by layers of two stages (same object: an embedding and
 an output head) is untied into one copy per later stage and marked on the
 stages (``stage.tied``); the Pipeline keeps the copies equal (engine.tied).
-Specs build separate objects, so ties between spec layers are not seen:
-build the tied layers of a model given by specs as one layer, or pass the
-built model.
+Specs build separate objects, so ties between spec layers cannot be seen:
+name them, ``tied=[("0.weight", "9.weight")]`` (layer index and parameter
+name; for engine.layers, the parameter's position in ``params()``), and
+the Pipeline gives every copy the first stage's value.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class Partition(list):
 def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "uniform",
               sample: Any = None, *, schedule: Schedule | None = None,
               stages: Sequence[int] | None = None, group: Any = None,
-              reps: int = 3) -> Partition:
+              tied: Sequence[Sequence[str]] = (), reps: int = 3) -> Partition:
     """Cut ``model`` into ``num_stages`` stages (see the module docstring)."""
     items = _items(model)
     n = len(items)
@@ -131,6 +132,8 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
             built.append(None)
         start += c
     ties = _untie(built, counts)
+    for names in tied:
+        ties.update(_declared(built, counts, [str(x) for x in names], ties))
     out: list[Any] = [None if ls is None else _stage(ls, s) for s, ls in enumerate(built)]
     for tie, members in ties.items():
         for s, p in members:
@@ -352,18 +355,59 @@ def _untie(built: list[list[Any] | None], counts: Sequence[int]) -> dict[Tie, li
     return ties
 
 
-def _copy_into(layers: list[Any], p: Any) -> Any:
-    """Replace ``p`` by one new copy wherever ``layers`` hold it."""
+def _declared(built: list[list[Any] | None], counts: Sequence[int], names: list[str],
+              found: dict[Tie, list[tuple[int, Any]]]) -> dict[Tie, list[tuple[int, Any]]]:
+    """The tie named by ``names`` ("layer.parameter": "0.weight" in torch,
+    "0.0" for the first of an engine.layers layer's params()): each built
+    stage's copies become one object; nothing new when they already are
+    one (found by ``_untie``)."""
+    first = list(itertools.accumulate(counts, initial=0))
+    where: list[tuple[int, int, str]] = []
+    for name in names:
+        layer, _, pname = name.partition(".")
+        if not layer.isdigit() or not pname or int(layer) >= first[-1]:
+            raise ValueError(f"tied name {name!r}: use 'layer.parameter' with a layer index "
+                             f"below {first[-1]}")
+        i = int(layer)
+        s = next(k for k in range(len(counts)) if first[k] <= i < first[k + 1])
+        where.append((s, i - first[s], pname))
+    known = {id(p) for members in found.values() for _, p in members}
+    stages = tuple(sorted({s for s, _, _ in where}))
+    members: list[tuple[int, Any]] = []
+    for s in stages:
+        ls = built[s]
+        if ls is None:
+            continue
+        params = []
+        for ss, j, pname in where:
+            if ss == s:
+                named = dict(_params(ls[j]))
+                if pname not in named:
+                    raise ValueError(f"tied name {first[s] + j}.{pname}: layer {first[s] + j} "
+                                     f"has no parameter {pname!r} (it has {sorted(named)})")
+                params.append(named[pname])
+        if all(id(p) in known for p in params):
+            return {}
+        for p in params[1:]:
+            _copy_into(ls, p, params[0])
+        members.append((s, params[0]))
+    return {Tie(names[0], stages): members} if len(stages) > 1 else {}
+
+
+def _copy_into(layers: list[Any], p: Any, copy: Any = None) -> Any:
+    """Replace ``p`` by ``copy`` (default: a new copy of p) wherever
+    ``layers`` hold it; return what replaced it."""
     torch = _torch()
     if torch is not None and isinstance(p, torch.nn.Parameter):
-        copy = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        if copy is None:
+            copy = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
         for layer in layers:
             for mod in layer.modules() if _is_module(layer) else ():
                 for name, q in list(mod._parameters.items()):
                     if q is p:
                         setattr(mod, name, copy)
         return copy
-    copy = p.copy()
+    copy = p.copy() if copy is None else copy
     for layer in layers:
         for name, q in list(vars(layer).items()):
             if q is p:

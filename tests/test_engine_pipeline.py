@@ -6,6 +6,8 @@ compares them with full-batch training of the same model on the same data.
 Batches are cut into micro-batches of unequal size on purpose. The
 two-rank spawn also trains a model with a weight tied between stages.
 """
+import functools
+
 import numpy as np
 import pytest
 
@@ -159,9 +161,16 @@ def _tied_worker(world):
     rank's measurements are broadcast)."""
     timed = partition(_tied_numpy(), 3, "time", sample=_tied_data(0)[0], group=world, reps=1)
     out = {"time": (timed.counts, timed.layer_costs)}
+    specs = [functools.partial(lambda i: _tied_numpy()[i], i) for i in range(7)]
     for name, sched, counts in [("1f1b", schedules.one_f_one_b(2, 4), [3, 4]),
-                                ("zb-v", schedules.zb_v(2, 4), [2, 2, 1, 2])]:
-        parts = partition(_tied_numpy(), sched.num_stages, counts)
+                                ("zb-v", schedules.zb_v(2, 4), [2, 2, 1, 2]),
+                                ("specs", schedules.one_f_one_b(2, 4), [3, 4])]:
+        if name == "specs":    # each rank builds its stage; the tie is named
+            parts = partition(specs, 2, counts, stages=sched.stages_of(world.rank),
+                              tied=[("0.0", "6.0")])
+            assert parts[1 - world.rank] is None
+        else:
+            parts = partition(_tied_numpy(), sched.num_stages, counts)
         mine = stages_for_rank(parts, sched, world.rank)
         for s, stage in zip(sched.stages_of(world.rank), mine):
             for tie, index in getattr(stage, "tied", ()):
@@ -181,7 +190,7 @@ def _check_tied(results):
     one array; across ranks (1F1B) and on one rank (ZB-V: stages 0 and 3)."""
     assert results[0]["time"] == results[1]["time"]
     want = _tied_reference()
-    for name, first, last in [("1f1b", 0, 1), ("zb-v", 0, 3)]:
+    for name, first, last in [("1f1b", 0, 1), ("zb-v", 0, 3), ("specs", 0, 1)]:
         got = {}
         for r in results:
             got.update(r[name])
