@@ -26,11 +26,12 @@ wraps it in a TorchStage) or an ``engine.layers.Sequential``. ``balance``:
   each gets its real input), and the cut is the one whose simulated step
   of ``schedule`` (engine.simulate with per-stage costs; default 1F1B over
   ``2 * num_stages`` micro-batches) is shortest: every cut when there are
-  few, else the DP cut minimising the largest stage's time, improved by
-  moving single cut points while the simulated step shrinks. Timings differ
-  between processes, so pass ``group=`` (every rank of it calls partition):
-  its first rank measures (specs built one at a time) and broadcasts the
-  costs, and every rank cuts alike;
+  few, else the better of the DP cut minimising the largest stage's time
+  and the uniform cut, improved by moving one or two cut points by a layer
+  while the simulated step shrinks. Timings differ between processes, so
+  pass ``group=`` (every rank of it calls partition): its first rank
+  measures (specs built one at a time) and broadcasts the costs, and every
+  rank cuts alike;
 * a list of layer counts, one per stage.
 
 A parameter shared by layers of two stages (same object: an embedding and
@@ -201,22 +202,24 @@ def _best_simulated(layer_costs: dict[str, list[float]], sched: Schedule) -> lis
         cuts = itertools.combinations(range(1, n), p - 1)
         every = [[b - a for a, b in zip((0,) + c, c + (n,))] for c in cuts]
         return list(min(key(c) for c in every)[2])
-    current = tuple(cut_points(per_layer, p))
-    best = key(current)
+    best = min(key(c) for c in (cut_points(per_layer, p),
+                                [(s + 1) * n // p - s * n // p for s in range(p)]))
     for _ in range(4 * n):
         moves = []
-        for b in range(p - 1):
-            for d in (-1, 1):
-                c = list(current)
-                c[b] += d
-                c[b + 1] -= d
+        for b1, b2 in itertools.combinations_with_replacement(range(p - 1), 2):
+            for d1, d2 in ((1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)):
+                bounds = list(itertools.accumulate(best[2], initial=0))
+                bounds[b1 + 1] += d1
+                if b2 != b1:
+                    bounds[b2 + 1] += d2
+                c = [b - a for a, b in zip(bounds, bounds[1:])]
                 if min(c) >= 1:
-                    moves.append(tuple(c))
+                    moves.append(c)
         top = min((key(c) for c in moves), default=best)
         if top >= best:
             break
-        best, current = top, top[2]
-    return list(current)
+        best = top
+    return list(best[2])
 
 
 # -- layers, specs and stages ------------------------------------------------
