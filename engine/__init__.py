@@ -4,9 +4,10 @@ The passes run one way, each module importing only the ones before it::
 
     ir -> lower -> replay -> verify -> simulate -> render -> executor
 
-(schedules sits beside lower, on ir alone; partition, which cuts a model
-into stages, and tied, which keeps shared parameters equal, come before
-the executor; tests/test_engine_layering.py keeps the order.)
+(schedules sits beside lower, on ir alone; tied (shared parameters kept
+equal), stagebuild (a model's layers as stages) and partition (where to
+cut) come before the executor; tests/test_engine_layering.py keeps the
+order.)
 """
 from . import layers, schedules
 from .executor import Pipeline, split_microbatches, stages_for_rank
