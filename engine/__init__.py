@@ -4,21 +4,26 @@ The passes run one way, each module importing only the ones before it::
 
     ir -> lower -> replay -> verify -> simulate -> render -> executor
 
-(schedules sits beside lower, on ir alone; tests/test_engine_layering.py
-keeps the order.)
+(schedules sits beside lower, on ir alone; tied (shared parameters kept
+equal), stagebuild (a model's layers as stages) and partition (where to
+cut) come before the executor; tests/test_engine_layering.py keeps the
+order.)
 """
 from . import layers, schedules
 from .executor import Pipeline, split_microbatches, stages_for_rank
 from .ir import Action, Schedule
 from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
+from .partition import Partition, partition
 from .render import render
-from .schedules import gpipe, interleaved_1f1b, one_f_one_b, zero_bubble_h1
+from .schedules import (gpipe, interleaved_1f1b, one_f_one_b, zb_v, zero_bubble_h1,
+                        zero_bubble_h2)
 from .simulate import SimReport, simulate
 from .verify import ScheduleError, verify
 
 __all__ = [
     "schedules", "layers", "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline",
-    "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1",
+    "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
+    "partition", "Partition",
 ]

@@ -22,6 +22,7 @@ MASTER_ADDR:MASTER_PORT when MASTER_PORT is set; otherwise
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import socket
@@ -29,7 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["JobSpec", "from_env", "host_id"]
+__all__ = ["JobSpec", "from_env", "host_id", "is_loopback"]
 
 
 @dataclass(frozen=True)
@@ -302,3 +303,11 @@ def host_id() -> str:
     except OSError:
         ns = ""
     return f"{socket.gethostname()}|{ns}"
+
+
+def is_loopback(addr: str) -> bool:
+    """True for "localhost" and loopback IP addresses (127.0.0.0/8, ::1)."""
+    try:
+        return addr == "localhost" or ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False

@@ -15,7 +15,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from .env import JobSpec
+from .env import JobSpec, is_loopback
 from .errors import RendezvousError
 
 __all__ = ["rendezvous_address"]
@@ -45,7 +45,7 @@ def rendezvous_address(spec: JobSpec, port: int | None, timeout: float,
                              timeout=timedelta(seconds=timeout), wait_for_workers=False)
         except RuntimeError as e:
             raise RendezvousError(f"{where} could not be reached within {timeout:.0f}s: "
-                                  f"{_first_line(e)}") from e
+                                  f"{_first_line(e)}{_loopback_note(spec)}") from e
     if port is not None:
         try:
             store.set(key, f"{spec.master_addr}:{port}")
@@ -62,6 +62,17 @@ def rendezvous_address(spec: JobSpec, port: int | None, timeout: float,
                               f"mesh.init()?): {_first_line(e)}") from e
     host, _, p = value.rpartition(":")
     return host, int(p)
+
+
+def _loopback_note(spec: JobSpec) -> str:
+    """Why a host may not reach node 0: MASTER_ADDR is loopback in a job
+    across hosts (torchrun's node 0 gave its host name, loopback there)."""
+    if spec.size <= spec.local_size or not is_loopback(spec.master_addr):
+        return ""
+    return (f"; MASTER_ADDR={spec.master_addr} is a loopback address, yet the job spans hosts "
+            f"(WORLD_SIZE={spec.size}, LOCAL_WORLD_SIZE={spec.local_size}): torchrun takes it "
+            f"from node 0's host name, which resolves to loopback there; start each torchrun "
+            f"with --local-addr set to its host's address")
 
 
 def _first_line(e: BaseException) -> str:

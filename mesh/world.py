@@ -105,18 +105,34 @@ def _close_at_exit() -> None:
             _log.exception("rank %d: closing the mesh at exit failed", m.rank)
 
 
-def _tcp_host(master_addr: str) -> str:
+def _tcp_host(master_addr: str, across_hosts: bool = False) -> str:
+    """The address to bind tcp:// on: the one this host reaches MASTER_ADDR
+    from (MESH_IFADDR overrides). In a job across hosts, "*" on MASTER_ADDR's
+    own host when its name resolves to loopback there (Debian maps the host
+    name to 127.0.1.1): the other hosts reach it by that name."""
     forced = os.environ.get("MESH_IFADDR")
     if forced:
         return forced
-    if master_addr in ("127.0.0.1", "localhost", "::1"):
+    if env.is_loopback(master_addr):
         return "127.0.0.1"
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((master_addr, 9))
-            return s.getsockname()[0]
+            host = str(s.getsockname()[0])
     except OSError:
         return "127.0.0.1"
+    return "*" if across_hosts and env.is_loopback(host) else host
+
+
+def _tcp_endpoint(router: zmq.Socket, spec: env.JobSpec) -> str:
+    """Bind tcp:// and say where peers connect. Bound on "*" by _tcp_host,
+    this is MASTER_ADDR's host, which the other hosts know by MASTER_ADDR."""
+    host = _tcp_host(spec.master_addr, spec.size > spec.local_size)
+    router.bind(f"tcp://{host}:0")
+    bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    if host != "*" or os.environ.get("MESH_IFADDR"):
+        return bound
+    return f"tcp://{spec.master_addr}:{bound.rsplit(':', 1)[1]}"
 
 
 def _serve(spec: env.JobSpec, ctx: zmq.Context, curve: bool) -> RendezvousServer:
@@ -167,8 +183,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     server = None
     try:
         router.bind(f"ipc://{ipc_path}")
-        router.bind(f"tcp://{_tcp_host(spec.master_addr)}:0")
-        tcp_ep = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        tcp_ep = _tcp_endpoint(router, spec)
         host = env.host_id()
         eps = {"ipc": f"ipc://{ipc_path}", "tcp": tcp_ep}
         if spec.size == 1:

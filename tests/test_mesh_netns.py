@@ -4,14 +4,20 @@ real ``--nnodes 2`` job (2 ranks per host). Ranks on one host talk over
 ipc://, across hosts over tcp:// to the other namespace's address (also with
 ``meshrun --curve``, encrypted), and the
 collectives agree with numpy; also over a slowed link (``tc netem`` delay,
-or a token-bucket rate limit where the kernel has no netem). Skipped with the reason where namespaces cannot be made; the
-namespaces are always deleted."""
+or a token-bucket rate limit where the kernel has no netem). The same with
+one real ``torchrun --nnodes 2`` per namespace (c10d rendezvous on the first
+one's address), for a meshrun script and for torch.distributed code on the
+"meshrun" backend, the hosts named as Debian names them (a host's own name
+is 127.0.1.1 in its /etc/hosts). Skipped with the reason where namespaces
+cannot be made; the namespaces are always deleted."""
 from __future__ import annotations
 
 import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +28,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "scripts" / "netns_job.py"
+TORCH_JOB = REPO / "tests" / "scripts" / "netns_torch_job.py"
 ADDR = ["10.77.0.1", "10.77.0.2"]
+NAME = ["node0", "node1"]
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -68,6 +76,10 @@ class Hosts:
                 pytest.skip(f"cannot set up namespaces (ip {' '.join(step)}): "
                             f"{done.stderr.strip()}")
 
+    def netns(self, i: int) -> str:
+        """Namespace i as /proc/PID/ns/net names it."""
+        return f"net:[{os.stat(f'/run/netns/{self.ns[i]}').st_ino}]"
+
     def slow_down(self) -> str:
         """Slow the link both ways: 10 ms netem delay, or where the kernel
         lacks netem, a 300 Mbit/s token bucket (queueing delay for bulk).
@@ -88,8 +100,27 @@ class Hosts:
         pytest.skip(f"cannot shape the link with tc: {'; '.join(errors)}")
 
     def __exit__(self, *exc: object) -> None:
-        for ns in self.ns:
+        for ns in self.ns:      # what a failed job left there (torchrun's workers
+            for pid in _ip("netns", "pids", ns).stdout.split():   # have their own sessions)
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             _ip("netns", "del", ns)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+
+    def name_hosts(self) -> None:
+        """Name the hosts node0 and node1 in each namespace's /etc/hosts (ip
+        netns exec mounts /etc/netns/NS/hosts there), as Debian does: a host's
+        own name (and the machine's) is 127.0.1.1, the other's its address."""
+        for i in (0, 1):
+            etc = Path("/etc/netns") / self.ns[i]
+            try:
+                etc.mkdir(parents=True)
+                (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {NAME[i]} "
+                                           f"{socket.gethostname()}\n{ADDR[1 - i]} {NAME[1 - i]}\n")
+            except OSError as e:
+                pytest.skip(f"cannot give the namespaces their own /etc/hosts: {e}")
 
     def launch(self, i: int, port: int, out: Path, secret: str,
                curve: bool) -> subprocess.Popen[str]:
@@ -101,6 +132,48 @@ class Hosts:
              "--nnodes", "2", "--node-rank", str(i), "--master-addr", ADDR[0],
              "--master-port", str(port), "-n", "2", "--timeout", "60", str(JOB), str(out)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _torchrun(hosts: Hosts, script: Path, out: Path) -> list[dict]:
+    """One torchrun per namespace, c10d rendezvous served by node 0's agent
+    on its address; each host gives its name as --local-addr (torchrun's
+    default, the FQDN, is this machine's one name in both namespaces)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(REPO), MESH_RENDEZVOUS_TIMEOUT="60", MESH_TIMEOUT="60")
+    logs = [out / f"torchrun{i}.log" for i in (0, 1)]
+    procs = []
+    for i in (0, 1):
+        with open(logs[i], "w") as log:
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", hosts.ns[i], sys.executable, "-m",
+                 "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{ADDR[0]}:29400",
+                 "--rdzv-id", "netns", "--local-addr", NAME[i],
+                 *(["--rdzv-conf", "is_host=1"] if i == 0 else []), str(script), str(out)],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 150
+        for i, p in enumerate(procs):
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            what = "did not end in 150 s" if p.returncode is None else f"exited {p.returncode}"
+            assert p.returncode == 0, f"torchrun on node {i} {what}:\n" + \
+                logs[i].read_text()[-6000:]
+    finally:
+        for p in procs:         # the agent stops its workers on SIGTERM
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
 
 
 def _node0_port(proc: subprocess.Popen[str], timeout: float = 20) -> int:
@@ -138,8 +211,9 @@ def hosts() -> Iterator[Hosts]:
         yield h
 
 
-def _check_topology(reports: list[dict]) -> None:
-    # ranks 0,1 on node 0 and 2,3 on node 1: two hosts, told apart by namespace
+def _check_topology(reports: list[dict], tcp_to: list[str] = ADDR, checked: int = 12) -> None:
+    """Ranks 0,1 on node 0 and 2,3 on node 1: two hosts, told apart by
+    namespace; within a host ipc://, across to the other's tcp_to."""
     assert reports[0]["host"] == reports[1]["host"] != reports[2]["host"] == reports[3]["host"]
     assert reports[0]["netns"] != reports[2]["netns"]
     for rep in reports:
@@ -149,8 +223,8 @@ def _check_topology(reports: list[dict]) -> None:
             if peer in mine:
                 assert ep.startswith("ipc://"), (r, peer, ep)
             else:
-                assert ep.startswith(f"tcp://{ADDR[peer // 2]}:"), (r, peer, ep)
-        assert rep["checked"] == 12
+                assert ep.startswith(f"tcp://{tcp_to[peer // 2]}:"), (r, peer, ep)
+        assert rep["checked"] == checked
 
 
 @pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
@@ -166,3 +240,17 @@ def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -
     _check_topology(reports)
     if how == "netem":
         assert reports[0]["rtt"] >= 0.02, f"netem delay not in effect: rtt {reports[0]['rtt']}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("script", [JOB, TORCH_JOB], ids=["meshrun-script", "torch-dist"])
+def test_torchrun_two_hosts(hosts: Hosts, tmp_path: Path, script: Path) -> None:
+    """The same scripts as on one host, unchanged. Node 0's own name is
+    loopback where it runs: its ranks bind tcp:// on every address and are
+    reached by that name (not 127.0.0.1) from node 1."""
+    pytest.importorskip("torch.distributed", reason="torchrun ships with torch (the test extra)")
+    hosts.name_hosts()
+    reports = _torchrun(hosts, script, tmp_path)
+    assert [rep["netns"] for rep in reports] == [hosts.netns(i) for i in (0, 0, 1, 1)]
+    _check_topology(reports, [NAME[0], ADDR[1]], 12 if script == JOB else 4)

@@ -108,3 +108,21 @@ def test_rank_0_publishes_and_a_restart_never_reads_the_old_address() -> None:
     msg = str(e.value)
     assert f"rank 1: torchrun's agent store at 127.0.0.1:{agent.port}" in msg
     assert "'meshrun/rendezvous/job/1'" in msg and "MASTER_PORT" not in msg
+
+
+@pytest.mark.parametrize("local_size", ["2", "4"], ids=["across-hosts", "one-host"])
+def test_an_unreachable_loopback_agent_store_across_hosts_says_local_addr(
+        local_size: str) -> None:
+    """torchrun --nnodes 2 where node 0's host name is loopback there: the
+    other host's ranks cannot reach MASTER_ADDR; the error names the
+    variables and says what to pass (only when the job spans hosts)."""
+    spec = env.from_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": local_size,
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                         "TORCHELASTIC_RUN_ID": "job", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    with pytest.raises(RendezvousError) as e:
+        torchelastic.rendezvous_address(spec, None, 0.5)
+    msg = str(e.value)
+    assert "rank 2: torchrun's agent store at 127.0.0.1:" in msg
+    hint = "MASTER_ADDR=127.0.0.1 is a loopback address, yet the job spans hosts " \
+           "(WORLD_SIZE=4, LOCAL_WORLD_SIZE=2)"
+    assert (hint in msg and "--local-addr" in msg) is (local_size == "2"), msg
