@@ -27,7 +27,8 @@ from typing import Any, Mapping
 import collectives
 
 from . import tp_layers
-from .tp_plan import PlanError, Style, agree, check_divisible, digest, match, rewrite_attrs
+from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, match,
+                      rewrite_attrs)
 from .torch_stage import _torch
 
 __all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
@@ -69,13 +70,19 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     return module
 
 
-def gather_state_dict(module: Any, root: int | None = None) -> dict[str, Any] | None:
+def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
+                      ) -> dict[str, Any] | None:
     """The full, unsharded ``state_dict`` of a module ``parallelize`` sharded
     (collective over each tp group): on every rank with ``root=None``, else
     on tp rank ``root`` only (None elsewhere). Keys are the original ones, so
-    it loads into an unsharded copy of the model."""
+    it loads into an unsharded copy of the model. ``grads=True``: the
+    parameters' gradients instead, whole (zeros where a grad is None)."""
     torch = _torch()
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if grads:
+        state = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+                 for k, p in module.named_parameters()}
+    else:
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     group = None
     for name, sub in module.named_modules():
         meta = getattr(sub, "_tp", None)
@@ -152,13 +159,13 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
         sub.num_embeddings //= tp
         meta.lo = r * sub.num_embeddings
     summed = (list(sub.parameters()) if style.style == "sequence" else
-              [sub.bias] if style.style == "rowwise" and style.output == "sequence" else [])
+              [sub.bias] if style.style == "rowwise" and style.output != "replicate" else [])
     for param in summed:       # whole, but fed a part of the sequence: sum the parts
         if param is not None and param.requires_grad:
             param.register_hook(functools.partial(_summed, group))
     rewrite_attrs(sub, name, style, tp)
     sub._tp = meta
-    if style.style != "replicate":
+    if style.style != "replicate" or (style.input, style.output) != ("any", "any"):
         sub.forward = types.MethodType(_forward, sub)
 
 
@@ -168,26 +175,29 @@ def _summed(group: Any, grad: Any) -> Any:
 
 def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The wrapped forward of a sharded submodule: its input's collective,
-    the computation on the shard, its output's collective."""
+    the computation on the shard, its output's collective (and a rowwise
+    bias, added once)."""
     torch = _torch()
     meta: _Meta = self._tp
-    st, g, seq = meta.style, meta.group, meta.style.seq_dim
+    st, g = meta.style, meta.group
+    enter, leave = edges(st)
     x, rest = args[0], args[1:]
-    if st.style == "colwise":
-        x = _op(g, x, "id", "ar", 0) if st.input == "replicate" else _op(g, x, "ag", "rs", seq)
-        y = type(self).forward(self, x, *rest, **kwargs)
-        return y if st.output == "shard" else _op(g, y, "ag", "split", -1)
-    if st.style == "sequence":
-        if st.input == "replicate":
-            x = _op(g, x, "split", "ag", seq)
-        y = type(self).forward(self, x, *rest, **kwargs)
-        return y if st.output == "sequence" else _op(g, y, "ag", "split", seq)
+    if enter:
+        x = _edge(g, x, enter, st.seq_dim)
     if st.style == "rowwise":
         y = torch.nn.functional.linear(x, self.weight)
-    else:
+    elif st.style == "vocab":
         y = _embed(torch, self, meta, x)
-    y = _op(g, y, "ar", "id", 0) if st.output == "replicate" else _op(g, y, "rs", "ag", seq)
-    return y + self.bias if getattr(self, "bias", None) is not None else y
+    else:
+        y = type(self).forward(self, x, *rest, **kwargs)
+    if leave:
+        y = _edge(g, y, leave, st.seq_dim)
+    if st.style == "rowwise" and self.bias is not None:
+        # a partial output takes the bias on tp rank 0 only, yet every rank
+        # keeps it in its graph, so its gradient hook (a collective) runs on all
+        once = st.output != "partial" or g.rank == 0
+        y = y + (self.bias if once else self.bias * 0)
+    return y
 
 
 def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
@@ -202,8 +212,11 @@ def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
     return y.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
-def _op(group: Any, x: Any, fwd: str, bwd: str, dim: int) -> Any:
-    return _function().apply(x, group, fwd, bwd, dim)
+def _edge(group: Any, x: Any, spec: Edge, seq_dim: int) -> Any:
+    """``x`` through the Comm function: (forward, backward, axis; None: the
+    sequence axis)."""
+    fwd, bwd, axis = spec
+    return _function().apply(x, group, fwd, bwd, seq_dim if axis is None else axis)
 
 
 @functools.cache

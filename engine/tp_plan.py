@@ -12,19 +12,26 @@ A plan value is one of::
 
 Styles and the layouts of their input and output (``shard``: split along the
 last axis; ``sequence``: split along ``seq_dim``; ``replicate``: whole and
-equal on every rank, its gradient too):
+equal on every rank, its gradient too; ``partial``: a colwise input whose
+gradient, or a rowwise output whose value, is a per-rank partial sum that an
+enclosing module reduces):
 
-    style      module           parameters                 input              output
-    colwise    Linear           weight rows (out) split    replicate|sequence shard|replicate
-    rowwise    Linear           weight columns (in) split  shard              replicate|sequence
-    vocab      Embedding        rows (vocabulary) split    replicate (ids)    replicate|sequence
-    sequence   any              replicated, grads summed   sequence|replicate sequence|replicate
-    replicate  any              replicated                 as it comes        as it comes
+    style      module           parameters                 input                      output
+    colwise    Linear           weight rows (out) split    replicate|sequence|partial shard|replicate
+    rowwise    Linear           weight columns (in) split  shard                      replicate|sequence|partial
+    vocab      Embedding        rows (vocabulary) split    replicate (ids)            replicate|sequence
+    sequence   any              replicated, grads summed   sequence|replicate         sequence|replicate
+    replicate  any              replicated                 any|sequence               any|sequence
 
 The first layout listed is the default. Megatron's sequence parallelism is a
 "sequence" region (norms, dropouts) between a rowwise (or vocab) module whose
 output is ``"sequence"`` (a reduce-scatter instead of an all-reduce) and a
-colwise module whose input is ``"sequence"`` (an all-gather on entry).
+colwise module whose input is ``"sequence"`` (an all-gather on entry). When
+module code needs the whole sequence (an attention reading its length from
+its input), put the edges on the module: ``replicate`` with input
+``"sequence"`` all-gathers on entry (reduce-scatters the gradient) and output
+``"sequence"`` reduce-scatters on exit, around colwise modules with input
+``"partial"`` and rowwise modules with output ``"partial"`` inside.
 ``attrs`` rewrites attributes that depend on the shard count after sharding:
 a callable gets ``(old value, tp size)``, any other value is set as is.
 """
@@ -37,17 +44,35 @@ from typing import Any, Iterable, Mapping
 
 import collectives
 
-__all__ = ["Style", "STYLES", "PlanError", "parse", "match", "rewrite_attrs",
+__all__ = ["Style", "STYLES", "PlanError", "parse", "match", "edges", "rewrite_attrs",
            "check_divisible", "digest", "agree"]
 
 LAYOUTS = {
-    "colwise": (("replicate", "sequence"), ("shard", "replicate")),
-    "rowwise": (("shard",), ("replicate", "sequence")),
+    "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
+    "rowwise": (("shard",), ("replicate", "sequence", "partial")),
     "vocab": (("replicate",), ("replicate", "sequence")),
     "sequence": (("sequence", "replicate"), ("sequence", "replicate")),
-    "replicate": ((None,), (None,)),
+    "replicate": (("any", "sequence"), ("any", "sequence")),
 }
 STYLES = tuple(LAYOUTS)
+
+# The collectives at a sharded module's edges, (forward, backward, axis), by
+# (style, layout); axis None is the sequence axis. id: nothing, ar:
+# all-reduce, ag: all-gather, rs: reduce-scatter, split: this rank's part.
+Edge = tuple[str, str, "int | None"]
+_ENTER: dict[tuple[str, str], Edge] = {
+    ("colwise", "replicate"): ("id", "ar", 0),           # Megatron's f
+    ("colwise", "sequence"): ("ag", "rs", None),
+    ("sequence", "replicate"): ("split", "ag", None),
+    ("replicate", "sequence"): ("ag", "rs", None)}
+_EXIT: dict[tuple[str, str], Edge] = {
+    ("colwise", "replicate"): ("ag", "split", -1),
+    ("rowwise", "replicate"): ("ar", "id", 0),           # Megatron's g
+    ("rowwise", "sequence"): ("rs", "ag", None),
+    ("vocab", "replicate"): ("ar", "id", 0),
+    ("vocab", "sequence"): ("rs", "ag", None),
+    ("sequence", "replicate"): ("ag", "split", None),
+    ("replicate", "sequence"): ("rs", "ag", None)}
 
 
 class PlanError(ValueError):
@@ -73,6 +98,11 @@ class Style:
         if self.input not in ins or self.output not in outs:
             raise PlanError(f"style {self.style!r} takes input in {ins} and output in {outs}, "
                             f"not input={self.input!r} output={self.output!r}")
+
+
+def edges(style: Style) -> tuple[Edge | None, Edge | None]:
+    """The collectives on entry to and on exit from a module of ``style``."""
+    return _ENTER.get((style.style, style.input)), _EXIT.get((style.style, style.output))
 
 
 def parse(value: Any) -> Style:
