@@ -59,7 +59,7 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
         local: dict[str, str] | str = {} if init == "broadcast" else {
             k: digest([_bytes(torch, t)]) for k, t in module.state_dict().items()}
     except PlanError as e:
-        local = f"rank {group.rank}: parallelize: {e}"
+        local = str(e)
     agree(group, local, "parallelize")
     if init == "broadcast":
         with torch.no_grad():
@@ -253,7 +253,7 @@ def _comm(group: Any, x: Any, op: str, where: str, dim: int) -> Any:
     if op == "ag":
         return _gather(torch, group, x.detach(), dim)
     if x.shape[dim] % n:
-        raise PlanError(f"rank {group.rank}: tensor parallel {where}: axis {dim} of a "
+        raise PlanError(f"tp rank {group.rank}: tensor parallel {where}: axis {dim} of a "
                         f"{tuple(x.shape)} activation is not divisible by the tp size {n} "
                         f"(group {group.name})")
     if op == "split":

@@ -42,7 +42,7 @@ def _comm(group: Any, x: Any, op: str, dim: int) -> Any:
         return np.concatenate(list(collectives.all_gather(group, np.ascontiguousarray(x))),
                               axis=dim)
     if x.shape[dim] % n:
-        raise PlanError(f"rank {group.rank}: tensor parallel: axis {dim} of a {x.shape} "
+        raise PlanError(f"tp rank {group.rank}: tensor parallel: axis {dim} of a {x.shape} "
                         f"activation is not divisible by the tp size {n} (group {group.name})")
     if op == "split":
         return np.split(x, n, axis=dim)[group.rank].copy()
@@ -188,7 +188,7 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
             for name, (layer, _, _) in layers.items() if not isinstance(layer, Sequential)
             for k, p in enumerate(layer.params())}
     except PlanError as e:
-        local = f"rank {group.rank}: parallelize: {e}"
+        local = str(e)
     agree(group, local, "parallelize")
     if init == "broadcast":
         for p in (model.params() if hasattr(model, "params") else []):

@@ -172,11 +172,11 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
     dict compares nothing and only shares the errors."""
     everyone = collectives.all_gather_object(group, local)
     if isinstance(local, str):
-        raise PlanError(local)
+        raise PlanError(f"tp rank {group.rank} of group {group.name}: {what}: {local}")
     failed = [(r, e) for r, e in enumerate(everyone) if isinstance(e, str)]
     if failed:
         r, e = failed[0]
-        raise PlanError(f"rank {group.rank}: {what} failed on tp rank {r} of group "
+        raise PlanError(f"tp rank {group.rank}: {what} failed on tp rank {r} of group "
                         f"{group.name}: {e}")
     assert isinstance(local, dict)
     for name in local:
@@ -185,12 +185,12 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
             seen.setdefault(d.get(name, "missing"), []).append(r)
         if len(seen) > 1:
             ranks = " vs ".join(str(rs) for rs in seen.values())
-            raise PlanError(f"rank {group.rank}: {what}: {name} differs across the tp group "
+            raise PlanError(f"tp rank {group.rank}: {what}: {name} differs across the tp group "
                             f"{group.name} (ranks {ranks}); build the module identically on "
                             f"every rank (same seed) or pass init='broadcast'")
     for r, d in enumerate(everyone):
         extra = set(d) - set(local)  # type: ignore[arg-type]
         if extra:
-            raise PlanError(f"rank {group.rank}: {what}: tp rank {r} has {sorted(extra)[0]} "
+            raise PlanError(f"tp rank {group.rank}: {what}: tp rank {r} has {sorted(extra)[0]} "
                             f"that rank {group.rank} does not")
 

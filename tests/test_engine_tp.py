@@ -134,9 +134,11 @@ def test_numpy_styles_match_the_unsharded_layers():
     assert "plan pattern '3' matches no submodule" in errors["nothing"]
     assert "0 param 0 differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
-    assert errors["one rank"].startswith("rank 1: parallelize failed on tp rank 1") or \
-        "not divisible" in errors["one rank"]
-    assert "failed on tp rank 1" in results[0][1]["one rank"]
+    assert errors["one rank"] == ("tp rank 1 of group world: parallelize: 0: fan_out "
+                                  "(weight columns) is 5, not divisible by the tp size 2")
+    assert results[0][1]["one rank"] == ("tp rank 0: parallelize failed on tp rank 1 of group "
+                                         "world: 0: fan_out (weight columns) is 5, not "
+                                         "divisible by the tp size 2")
     want = Sequential(Linear(D, H, np.random.default_rng(0)), Tanh()).params()
     for a, b in zip(errors["broadcast"], want):
         np.testing.assert_array_equal(a, b)
