@@ -160,10 +160,8 @@ def _torch_worker(world, dp, runs):
             opt.zero_grad()
             pipe.step(x if pipe.first else None, y if pipe.last else None)
             opt.step()
-        full = gather_state_dict(module)
-        out[plan_name, sched_name] = {
-            f"{2 * pp + int(k.split('.')[0])}.{k.split('.', 1)[1]}": v.numpy()
-            for k, v in full.items()}
+        full = gather_state_dict(module)            # a slice keeps the model's keys
+        out[plan_name, sched_name] = {k: v.numpy() for k, v in full.items()}
     return out
 
 
