@@ -113,6 +113,8 @@ _TYPES = {"colwise": "Linear", "rowwise": "Linear", "vocab": "Embedding"}
 
 
 def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
+    if hasattr(sub, "_tp"):
+        raise PlanError(f"{name} is sharded already (parallelize ran on it before)")
     kind = _TYPES.get(style.style)
     if kind and not isinstance(sub, getattr(torch.nn, kind)):
         raise PlanError(f"style {style.style!r} fits an nn.{kind}, but {name} is a "
@@ -138,6 +140,12 @@ class _Meta:
     def __init__(self, name: str, style: Style, group: Any, dims: dict[str, int]) -> None:
         self.name, self.style, self.group, self.dims = name, style, group, dims
         self.lo = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Meta":
+        """A copy of the module is sharded over the same group (a Comm is not copied)."""
+        new = _Meta(self.name, self.style, self.group, dict(self.dims))
+        new.lo = self.lo
+        return new
 
 
 def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:

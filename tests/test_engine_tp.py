@@ -195,6 +195,12 @@ def _torch_worker(world):
             parallelize(make(), world, plan)
         except PlanError as e:
             errors[key] = str(e)
+    twice = parallelize(tp_models.model(1), world, tp_models.PLAIN)
+    torch.testing.assert_close(copy_of(twice)(ids), twice(ids), rtol=0, atol=0)
+    try:
+        parallelize(twice, world, tp_models.PLAIN)
+    except PlanError as e:
+        errors["twice"] = str(e)
     shared = parallelize(tp_models.model(world.rank), world, tp_models.PLAIN, init="broadcast")
     want = tp_models.model(0).state_dict()
     for k, v in gather_state_dict(shared).items():
@@ -221,3 +227,4 @@ def test_torch_styles_match_the_unsharded_module():
         errors["attr"]
     assert "0.embed.weight differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
+    assert "0.embed is sharded already" in errors["twice"]
