@@ -201,10 +201,11 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     if leave:
         y = _edge(g, y, leave, st.seq_dim)
     if st.style == "rowwise" and self.bias is not None:
-        # a partial output takes the bias on tp rank 0 only, yet every rank
-        # keeps it in its graph, so its gradient hook (a collective) runs on all
-        once = st.output != "partial" or g.rank == 0
-        y = y + (self.bias if once else self.bias * 0)
+        # a partial output takes the bias on tp rank 0 only (times 1, times 0
+        # elsewhere): every rank has the same graph, so the bias's gradient
+        # hook (a collective) runs on all of them at the same point
+        once = self.bias if st.output != "partial" else self.bias * float(g.rank == 0)
+        y = y + once
     return y
 
 

@@ -16,12 +16,12 @@ equal on every rank, its gradient too; ``partial``: a colwise input whose
 gradient, or a rowwise output whose value, is a per-rank partial sum that an
 enclosing module reduces):
 
-    style      module           parameters                 input                      output
-    colwise    Linear           weight rows (out) split    replicate|sequence|partial shard|replicate
-    rowwise    Linear           weight columns (in) split  shard                      replicate|sequence|partial
-    vocab      Embedding        rows (vocabulary) split    replicate (ids)            replicate|sequence
-    sequence   any              replicated, grads summed   sequence|replicate         sequence|replicate
-    replicate  any              replicated                 any|sequence               any|sequence
+    style     fits      parameters           input                       output
+    colwise   Linear    rows (out) split     replicate|sequence|partial  shard|replicate
+    rowwise   Linear    columns (in) split   shard                       replicate|sequence|partial
+    vocab     Embedding rows (vocab) split   replicate (ids)             replicate|sequence
+    sequence  any       whole, grads summed  sequence|replicate          sequence|replicate
+    replicate any       whole                any|sequence                any|sequence
 
 The first layout listed is the default. Megatron's sequence parallelism is a
 "sequence" region (norms, dropouts) between a rowwise (or vocab) module whose
