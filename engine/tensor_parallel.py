@@ -76,7 +76,16 @@ def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
     (collective over each tp group): on every rank with ``root=None``, else
     on tp rank ``root`` only (None elsewhere). Keys are the original ones, so
     it loads into an unsharded copy of the model. ``grads=True``: the
-    parameters' gradients instead, whole (zeros where a grad is None)."""
+    parameters' gradients instead, whole (zeros where a grad is None).
+
+    For an engine.layers model the keys are the positions in the unsharded
+    model's ``params()`` (``"0"``, ``"1"``...; engine.tp_layers.full_params)."""
+    if not _is_torch(module):
+        whole = tp_layers.full_params(module, grads)
+        group = tp_layers.group_of(module)
+        if root is not None and group is not None and group.rank != root:
+            return None
+        return {str(i): p for i, p in enumerate(whole)}
     torch = _torch()
     if grads:
         state = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()

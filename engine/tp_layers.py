@@ -27,7 +27,7 @@ from .layers import Embedding, Linear, Sequential
 from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, match,
                       rewrite_attrs)
 
-__all__ = ["Sharded", "parallelize", "full_params", "named_layers"]
+__all__ = ["Sharded", "parallelize", "full_params", "group_of", "named_layers"]
 
 
 def _comm(group: Any, x: Any, op: str, dim: int) -> Any:
@@ -236,6 +236,17 @@ def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
         part = _part(layer.weight, group, 0)
         return Sharded(_VocabShard(part, group.rank * len(part)), group, style, [0])
     return Sharded(layer, group, style, [None] * len(layer.params()))
+
+
+def group_of(model: Any) -> Any:
+    """The tp group of the first sharded layer in ``model`` (None: none is)."""
+    if isinstance(model, Sharded):
+        return model.group
+    for layer in model.layers if isinstance(model, Sequential) else []:
+        group = group_of(layer)
+        if group is not None:
+            return group
+    return None
 
 
 def full_params(model: Any, grads: bool = False) -> list[Any]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mesh
-from engine import PlanError, Style, parallelize
+from engine import PlanError, Style, gather_state_dict, parallelize
 from engine.layers import Embedding, Linear, Sequential, Tanh
 from engine.tp_layers import full_params
 from engine.tp_plan import match, parse
@@ -120,6 +120,10 @@ def _np_worker(world):
     shared = Sequential(Linear(D, H, np.random.default_rng(world.rank)), Tanh())
     parallelize(shared, world, {"0": "colwise"}, init="broadcast")
     errors["broadcast"] = [a.tolist() for a in full_params(shared)]
+    state = gather_state_dict(shared, root=0)
+    assert (state is None) == (world.rank == 1)
+    if state is not None:
+        assert list(state) == ["0", "1"] and state["0"].shape == (D, H)
     return out, errors
 
 
@@ -151,7 +155,6 @@ def _torch_worker(world):
     import torch
 
     import tp_models
-    from engine import gather_state_dict
     torch.set_num_threads(1)
     ids = torch.from_numpy(np.random.default_rng(3).integers(0, tp_models.VOCAB, (2, 4)))
     weights = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 4, 8))).float()
