@@ -29,15 +29,15 @@ import collectives
 from . import tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, match,
                       rewrite_attrs)
-from .torch_stage import _torch
+from .torch_stage import TorchStage, _torch
 
 __all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
 
 
 def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str = "check",
                 strict: bool = True) -> Any:
-    """Shard ``module`` (a torch module or an engine.layers model) in place
-    by ``plan`` over the tp communicator ``group``; return it.
+    """Shard ``module`` (a torch module, a TorchStage or an engine.layers
+    model) in place by ``plan`` over the tp communicator ``group``; return it.
 
     ``init="check"``: every rank must have built the same full module (a hash
     of every parameter and buffer is all-gathered; a difference raises on
@@ -47,6 +47,12 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     pipeline stages). Every error is raised on every rank before any step."""
     if init not in ("check", "broadcast"):
         raise ValueError(f"init is 'check' or 'broadcast', not {init!r}")
+    if isinstance(module, TorchStage):        # shard its module, then see the shards
+        parallelize(module.module, group, plan, init=init, strict=strict)
+        module._params = [p for p in module.module.parameters() if p.requires_grad]
+        for p in module._params:
+            module._grad(p)
+        return module
     torch = _torch() if _is_torch(module) else None
     if torch is None:
         return tp_layers.parallelize(module, group, plan, init=init, strict=strict)

@@ -198,6 +198,11 @@ def _torch_worker(world):
             parallelize(make(), world, plan)
         except PlanError as e:
             errors[key] = str(e)
+    from engine.torch_stage import TorchStage
+    stage = parallelize(TorchStage(tp_models.model(1)), world, tp_models.PLAIN)
+    assert stage.grads()[0].shape == (tp_models.VOCAB // 2, tp_models.DIM)
+    assert [tuple(p.shape) for p in stage.params()] == \
+        [tuple(p.shape) for p in stage.module.parameters()]
     twice = parallelize(tp_models.model(1), world, tp_models.PLAIN)
     torch.testing.assert_close(copy_of(twice)(ids), twice(ids), rtol=0, atol=0)
     try:
