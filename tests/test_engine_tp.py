@@ -112,7 +112,9 @@ def _np_worker(world):
             ("nothing", Sequential(Linear(D, H)), {"3": "colwise"}),
             ("differs", Sequential(Linear(D, H, np.random.default_rng(world.rank))),
              {"0": "colwise"}),
-            ("one rank", Sequential(Linear(D, H if world.rank == 0 else 5)), {"0": "colwise"})]:
+            ("one rank", Sequential(Linear(D, H if world.rank == 0 else 5)), {"0": "colwise"}),
+            ("twice", parallelize(Sequential(Linear(D, H)), world, {"0": "colwise"}),
+             {"0": "sequence"})]:
         try:
             parallelize(model, world, plan)
         except PlanError as e:
@@ -141,6 +143,7 @@ def test_numpy_styles_match_the_unsharded_layers():
     assert "0: fan_out (weight columns) is 5, not divisible by the tp size 2" in \
         errors["divisible"]
     assert "plan pattern '3' matches no submodule" in errors["nothing"]
+    assert "0 is sharded already" in errors["twice"]
     assert "0 param 0 differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
     assert errors["sequence axis"] == ("tp rank 1: 0 forward: axis 1 of a (2, 3, 4) "
