@@ -106,6 +106,7 @@ def test_numpy_pp2_tp2_trains_like_one_process():
     _check_np(mesh.spawn(_np_worker, 4, 1, timeout=120), 1)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_numpy_dp2_pp2_tp2_trains_like_one_process():
     _check_np(mesh.spawn(_np_worker, 8, 2, timeout=180, env=PATIENT), 2)
