@@ -4,7 +4,8 @@ The passes run one way, each module importing only the ones before it::
 
     ir -> lower -> replay -> verify -> simulate -> render -> executor
 
-(schedules sits beside lower, on ir alone; tied (shared parameters kept
+(schedules sits beside lower, on ir alone; tensor parallelism, tp_plan ->
+tp_layers -> tensor_parallel, on layers alone; tied (shared parameters kept
 equal), stagebuild (a model's layers as stages) and partition (where to
 cut) come before the executor; tests/test_engine_layering.py keeps the
 order.)
@@ -18,6 +19,8 @@ from .render import render
 from .schedules import (gpipe, interleaved_1f1b, one_f_one_b, zb_v, zero_bubble_h1,
                         zero_bubble_h2)
 from .simulate import SimReport, simulate
+from .tensor_parallel import gather_state_dict, parallelize
+from .tp_plan import PlanError, Style
 from .verify import ScheduleError, verify
 
 __all__ = [
@@ -25,5 +28,5 @@ __all__ = [
     "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
-    "partition", "Partition",
+    "partition", "Partition", "parallelize", "gather_state_dict", "Style", "PlanError",
 ]

@@ -11,8 +11,8 @@ ENGINE = pathlib.Path(engine.__file__).parent
 # ir -> lower -> replay -> verify -> simulate -> render -> executor, with the
 # modules beside that chain placed after what they use.
 ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "trace",
-         "layers", "torch_stage", "tied", "stagebuild", "partition", "executor", "show",
-         "bench_torch", "bench"]
+         "layers", "tp_plan", "tp_layers", "torch_stage", "tensor_parallel", "tied",
+         "stagebuild", "partition", "executor", "show", "bench_torch", "bench"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its
 # pass when called; no pass calls them.
