@@ -2,7 +2,8 @@
 
 The one walk behind both the verifier (does every rank finish?) and the
 simulator (when does each action run?). It follows the executor: each rank
-runs its list in order; a compute action occupies its rank for its cost; a
+runs its list in order; a compute action occupies its rank for its cost
+(``costs["1F"]``, stage 1's forward, when given, else ``costs["F"]``); a
 send costs the sender nothing and arrives ``costs["send"]`` later; a receive
 waits until its message has arrived. Since sends never block, each rank's
 timeline depends only on its own list and the arrival times, so ranks are
@@ -64,7 +65,7 @@ def replay(sched: Schedule, costs: Mapping[str, float] | None = None) -> Replay:
                         break
                     end = max(start, queue.pop(0))
                 else:
-                    end = start + c.get(a.kind, 0.0)
+                    end = start + c.get(f"{a.stage}{a.kind}", c.get(a.kind, 0.0))
                 events.append(Event(r, pc[r], a, start, end))
                 clock[r] = end
                 pc[r] += 1

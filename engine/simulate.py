@@ -6,6 +6,7 @@ bubble, busy time and peak activations per rank.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -17,6 +18,10 @@ __all__ = ["SimReport", "simulate", "DEFAULT_COSTS"]
 
 DEFAULT_COSTS: dict[str, float] = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0, "send": 0.0,
                                    "AR": 0.0, "OPT": 0.0}
+
+# A cost may be given per stage: "1F" is stage 1's forward (stages of
+# uneven size), and overrides "F" for that stage.
+_STAGE_KEY = re.compile(r"^\d+(F|B|I|W|AR|OPT)$")
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,10 @@ class SimReport:
 def _costs(costs: Mapping[str, float] | None) -> dict[str, float]:
     merged = dict(DEFAULT_COSTS)
     if costs:
-        unknown = set(costs) - set(merged)
+        unknown = {k for k in costs if k not in merged and not _STAGE_KEY.match(k)}
         if unknown:
-            raise ValueError(f"unknown cost keys {sorted(unknown)}; known: {sorted(merged)}")
+            raise ValueError(f"unknown cost keys {sorted(unknown)}; known: {sorted(merged)}, "
+                             "or per stage such as '1F'")
         merged.update({k: float(v) for k, v in costs.items()})
     for k, v in merged.items():
         if v < 0:

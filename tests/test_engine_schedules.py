@@ -189,6 +189,17 @@ def test_simulated_makespans_match_the_closed_forms():
     assert S.one_f_one_b(4, 8).simulate({"F": 1, "B": 2, "send": 0.5}).makespan > 33
 
 
+def test_per_stage_costs_override_the_kind():
+    """A slow stage sets the pace: gpipe(2, m) with stage 1 twice as slow
+    costs (m + 1) steps of stage 1 on the critical path."""
+    costs = {"F": 1.0, "B": 2.0, "1F": 2.0, "1B": 4.0}
+    for m in (1, 4):
+        assert S.gpipe(2, m).simulate(costs).makespan == 1 + m * 2 + m * 4 + 2
+    assert S.gpipe(2, 4).simulate({"0F": 1.0, "1F": 1.0, "B": 0.0}).makespan == 5
+    with pytest.raises(ValueError, match="unknown cost"):
+        S.gpipe(2, 2).simulate({"1X": 1.0})
+
+
 def test_bubble_and_peak_activations():
     costs = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0, "send": 0.0}
     one = S.one_f_one_b(4, 16).simulate(costs)
