@@ -1,0 +1,170 @@
+"""engine.distribute trains like one process; engine.choose picks by simulation.
+
+One spawn per kind of model (numpy, torch) runs distribute at dp=2 x pp=2
+with the schedule chosen automatically, trains a few SGD steps, gathers the
+state on rank 0 and checks the argument errors; the parent compares with
+single-process training on the whole batch. Nothing here is timed: which
+schedule wins may differ from run to run, the weights may not.
+"""
+import numpy as np
+import pytest
+
+import engine
+import mesh
+from engine import choose
+from engine.choose import LayerCost
+from engine.layers import Linear, Sequential, Tanh, mlp_stages, mse_loss, sgd
+
+WIDTHS = [5, 8, 6, 7, 4, 3]          # 5 Linear layers, 9 layers with the Tanh between
+ROWS, STEPS, LR, SEED = 24, 3, 0.1, 7
+
+
+def _data(step):
+    rng = np.random.default_rng(2000 + step)
+    return rng.standard_normal((ROWS, WIDTHS[0])), rng.standard_normal((ROWS, WIDTHS[-1]))
+
+
+def _half(a, d):
+    return a[d * len(a) // 2:(d + 1) * len(a) // 2]
+
+
+# ---- engine.choose, without processes
+
+
+def test_cut_minimizes_the_heaviest_stage():
+    assert choose.cut([1, 1, 1, 5], 2) == (3, 1)
+    assert choose.cut([5, 1, 1, 1, 1, 1], 2) == (1, 5)
+    assert choose.cut([1] * 6, 3) == (2, 2, 2)
+    with pytest.raises(ValueError, match="cannot fill"):
+        choose.cut([1, 2], 3)
+
+
+def test_counts_for_each_balance():
+    params = [10, 0, 10, 30, 80]
+    times = [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert choose.counts_for("uniform", 2, None, params) == (2, 3)
+    assert choose.counts_for("parameters", 2, None, params) == (4, 1)
+    assert choose.counts_for("time", 2, times, params) in ((2, 3), (3, 2))
+    assert choose.counts_for([1, 4], 2, None, params) == (1, 4)
+    with pytest.raises(ValueError, match="positive layer counts"):
+        choose.counts_for([1, 3], 2, None, params)
+    with pytest.raises(ValueError, match="cannot fill 6"):
+        choose.counts_for("uniform", 6, None, params)
+    with pytest.raises(ValueError, match="sample="):
+        choose.counts_for("time", 2, None, params)
+    with pytest.raises(ValueError, match="unknown balance"):
+        choose.counts_for("flops", 2, None, params)
+
+
+def _profile(rows, ms, layers):
+    """A made-up profile: each layer costs its weight per row, plus a little."""
+    out = {}
+    for m in ms:
+        size = -(-rows // m)
+        out[size] = {i: LayerCost(1e-4 + w * size * 1e-4, 2e-4 + 2 * w * size * 1e-4,
+                                  1e-4 + w * size * 1e-4, 1e-4 + w * size * 1e-4, 100 * size)
+                     for i, w in enumerate(layers)}
+    return out
+
+
+def test_candidates_best_first_under_the_memory_limit():
+    layers, rows, p = [1, 1, 1, 1, 4, 4, 1, 1], 32, 2
+    ms = choose.microbatch_counts(p, rows)
+    assert ms == [2, 4, 8, 16, 32]
+    scheds = choose.builtin(choose.SCHEDULES, p, ms)
+    assert {s.name.split("(")[0] for s in scheds} >= {"gpipe", "1f1b", "interleaved_1f1b",
+                                                       "zero_bubble_h1"}
+    cands = choose.candidates(_profile(rows, ms, layers), [1] * 8, rows, scheds)
+    assert [c.makespan for c in cands] == sorted(c.makespan for c in cands)
+    best = cands[0]
+    assert best.counts in ((5, 3), (4, 4)) or len(best.counts) == 4
+    at32 = {c.schedule.name: c for c in cands if c.schedule.num_microbatches == 32}
+    assert at32["gpipe(2,32)"].peak_bytes > at32["1f1b(2,32)"].peak_bytes
+    limit = at32["1f1b(2,32)"].peak_bytes
+    capped = choose.candidates(_profile(rows, ms, layers), [1] * 8, rows, scheds,
+                               memory_limit=limit)
+    assert all(c.fits == (c.peak_bytes <= limit) for c in capped)
+    assert not [c for c in capped if c.schedule.name == "gpipe(2,32)"][0].fits
+    assert capped[0].fits and capped[0].peak_bytes <= limit
+    assert [c.fits for c in capped] == sorted((c.fits for c in capped), reverse=True)
+    text = choose.table(capped, capped[0])
+    assert "<- chosen" in text and "over memory limit" in text and "pred ms" in text
+
+
+def test_uneven_layers_balanced_by_time_beat_uniform():
+    layers, rows, p = [1, 1, 1, 1, 1, 1, 6, 6], 16, 2
+    ms = [4]
+    scheds = choose.builtin(["1f1b"], p, ms)
+    prof = _profile(rows, ms, layers)
+    by_time = choose.candidates(prof, [1] * 8, rows, scheds, "time")[0]
+    uniform = choose.candidates(prof, [1] * 8, rows, scheds, "uniform")[0]
+    assert by_time.counts == (6, 2) and uniform.counts == (4, 4)
+    assert by_time.makespan < uniform.makespan
+
+
+# ---- distribute on numpy layers: dp=2 x pp=2
+
+
+def _numpy_model():
+    return Sequential(*mlp_stages(WIDTHS, 1, SEED)[0].layers)
+
+
+def _numpy_worker(world):
+    grid = mesh.grid(world, dp=2, pp=2)
+    d = grid.coord("dp")
+    model = _numpy_model()
+    errors = []
+    for kwargs, match in [({"loss_fn": None}, "loss_fn"),
+                          ({"sample": None}, "sample="),
+                          ({"balance": "uniform", "schedule": "interleaved", "microbatches": 2,
+                            "sample": None, "model": Sequential(Linear(2, 2), Tanh())},
+                           "cannot fill")]:
+        args = dict(model=model, grid=grid, loss_fn=mse_loss, sample=_half(_data(0)[0], d))
+        args.update(kwargs)
+        try:
+            engine.distribute(**args)
+        except ValueError as e:
+            errors.append(match in str(e) or str(e))
+    try:
+        engine.distribute(Sequential(Linear(2, 2)), grid, sample=np.ones((4, 2)),
+                          loss_fn=mse_loss)
+    except ValueError as e:
+        errors.append("pp=2" in str(e) or str(e))
+    job = engine.distribute(model, grid, sample=_half(_data(0)[0], d), loss_fn=mse_loss,
+                            timeout=30)
+    losses = []
+    for step in range(STEPS):
+        x, y = (_half(a, d) for a in _data(step))
+        losses.append(job.step(x, y))
+        sgd(job.stages, LR)
+    return {"errors": errors, "losses": losses, "state": job.state_dict(),
+            "schedule": job.schedule.name, "table": job.table(), "counts": job.counts}
+
+
+def _numpy_reference():
+    model = _numpy_model()
+    losses = []
+    for step in range(STEPS):
+        x, y = _data(step)
+        out, ctx = model.forward(x)
+        loss, gy = mse_loss(out, y)
+        model.backward(ctx, gy)
+        sgd([model], LR)
+        losses.append(loss)
+    return model, losses
+
+
+def test_numpy_dp2_pp2_auto_matches_one_process():
+    results = mesh.spawn(_numpy_worker, 4, timeout=120)
+    ref, ref_losses = _numpy_reference()
+    for r, res in enumerate(results):
+        assert res["errors"] == [True] * 4, res["errors"]
+        assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
+        if r % 2 == 1:      # the last stage's ranks
+            np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
+    state = results[0]["state"]
+    assert all(res["state"] is None for res in results[1:])
+    got = _numpy_model()
+    engine.load_state(got, state)
+    for a, b in zip(got.params(), ref.params(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
