@@ -98,6 +98,8 @@ class TorchStage:
     def backward_weight(self, wctx: Any) -> None:
         torch = _torch()
         out, g = wctx
+        if not self._params:         # an activation: autograd.grad refuses no inputs
+            return
         grads = torch.autograd.grad(out, self._params, g, allow_unused=True)
         with torch.no_grad():
             for p, gp in zip(self._params, grads):
