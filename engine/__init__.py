@@ -5,8 +5,9 @@ The passes run one way, each module importing only the ones before it::
     ir -> lower -> replay -> verify -> simulate -> render -> executor -> distribute
 
 (schedules sits beside lower, on ir alone; choose, which picks a schedule
-by simulating it, after render; tests/test_engine_layering.py keeps the
-order.)
+by simulating it, after render; tensor parallelism, tp_plan -> tp_layers ->
+tensor_parallel, beside the executor, on layers alone;
+tests/test_engine_layering.py keeps the order.)
 """
 from . import choose, layers, schedules
 from .distribute import Job, distribute, load_state
@@ -16,11 +17,15 @@ from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
 from .render import render
 from .schedules import gpipe, interleaved_1f1b, one_f_one_b, zero_bubble_h1
 from .simulate import SimReport, simulate
+from .tensor_parallel import gather_state_dict, parallelize
+from .tp_plan import PlanError, Style
 from .verify import ScheduleError, verify
 
 __all__ = [
-    "schedules", "layers", "choose", "distribute", "Job", "load_state", "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline",
+    "schedules", "layers", "choose", "distribute", "Job", "load_state",
+    "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline",
     "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
+    "parallelize", "gather_state_dict", "Style", "PlanError",
 ]

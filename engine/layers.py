@@ -19,11 +19,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Linear", "Tanh", "ReLU", "Sequential", "mse_loss", "mlp_stages", "sgd"]
+__all__ = ["Linear", "Embedding", "Tanh", "ReLU", "Sequential", "mse_loss", "mlp_stages",
+           "sgd"]
 
 
 class Linear:
-    """``y = x @ weight + bias``; weight is (fan_in, fan_out)."""
+    """``y = x @ weight + bias``; weight is (fan_in, fan_out); ``x`` is
+    (..., fan_in): leading axes (batch, sequence) are rows alike."""
 
     def __init__(self, fan_in: int, fan_out: int, rng: np.random.Generator | None = None,
                  dtype: Any = np.float64) -> None:
@@ -42,6 +44,7 @@ class Linear:
 
     def backward_weight(self, wctx: Any) -> None:
         x, gy = wctx
+        x, gy = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
         self.grad_weight += x.T @ gy
         self.grad_bias += gy.sum(axis=0)
 
@@ -55,6 +58,38 @@ class Linear:
 
     def grads(self) -> list[Any]:
         return [self.grad_weight, self.grad_bias]
+
+
+class Embedding:
+    """``y = weight[ids]`` for integer ``ids`` of any shape; weight is
+    (num, dim). Its input has no gradient (``backward`` returns None).
+    numpy only (the gradient is an ``np.add.at``)."""
+
+    def __init__(self, num: int, dim: int, rng: np.random.Generator | None = None,
+                 dtype: Any = np.float64) -> None:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.weight = rng.standard_normal((num, dim)).astype(dtype)
+        self.grad_weight = np.zeros_like(self.weight)
+
+    def forward(self, ids: Any) -> tuple[Any, Any]:
+        return self.weight[ids], ids
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        return None, (ctx, gy)
+
+    def backward_weight(self, wctx: Any) -> None:
+        ids, gy = wctx
+        np.add.at(self.grad_weight, ids.reshape(-1), gy.reshape(-1, gy.shape[-1]))
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        self.backward_weight(self.backward_input(ctx, gy)[1])
+        return None
+
+    def params(self) -> list[Any]:
+        return [self.weight]
+
+    def grads(self) -> list[Any]:
+        return [self.grad_weight]
 
 
 class _Activation:

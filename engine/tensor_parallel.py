@@ -1,0 +1,255 @@
+"""Tensor parallelism by plan: ``engine.parallelize(module, group, plan)``.
+
+Shards a torch module in place over the tp communicator ``group`` without
+touching its code: each planned submodule keeps its class and parameter
+names, its parameters become this rank's shard, and its ``forward`` is
+wrapped with the collectives its style needs (styles and layouts: see
+engine.tp_plan). The collectives run inside one autograd Function, as in
+Megatron: ``f`` is the identity forward and an all-reduce backward at a
+colwise input, ``g`` the reverse at a rowwise output; all-gather and
+reduce-scatter (each the other's backward) at the edges of a sequence
+region::
+
+    replicated x --f--> colwise (W rows split) -> local act -> rowwise (W cols) --g--> y
+    seq-split x --all-gather--> colwise ... rowwise --reduce-scatter--> seq-split y
+
+Parameters that stay whole but see a part of the sequence (a "sequence"
+style module: norms) get their gradients summed over the group by a hook.
+The same call takes an ``engine.layers`` model (engine.tp_layers). torch is
+imported only when a torch module is parallelized.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Mapping
+
+import collectives
+
+from . import tp_layers
+from .tp_plan import PlanError, Style, agree, check_divisible, digest, match, rewrite_attrs
+from .torch_stage import _torch
+
+__all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
+
+
+def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str = "check",
+                strict: bool = True) -> Any:
+    """Shard ``module`` (a torch module or an engine.layers model) in place
+    by ``plan`` over the tp communicator ``group``; return it.
+
+    ``init="check"``: every rank must have built the same full module (a hash
+    of every parameter and buffer is all-gathered; a difference raises on
+    every rank, naming the tensor and the ranks); ``init="broadcast"``: group
+    rank 0's values are taken. ``strict``: a pattern that matches nothing
+    raises (pass False when applying one model's plan to each of its
+    pipeline stages). Every error is raised on every rank before any step."""
+    if init not in ("check", "broadcast"):
+        raise ValueError(f"init is 'check' or 'broadcast', not {init!r}")
+    torch = _torch() if _is_torch(module) else None
+    if torch is None:
+        return tp_layers.parallelize(module, group, plan, init=init, strict=strict)
+    todo: dict[str, tuple[Any, Style]] = {}
+    try:
+        named = dict(module.named_modules())
+        for name, style in match(plan, named, strict).items():
+            _validate(torch, name, named[name], style, group.size)
+            todo[name] = (named[name], style)
+        local: dict[str, str] | str = {} if init == "broadcast" else {
+            k: digest([_bytes(torch, t)]) for k, t in module.state_dict().items()}
+    except PlanError as e:
+        local = f"rank {group.rank}: parallelize: {e}"
+    agree(group, local, "parallelize")
+    if init == "broadcast":
+        with torch.no_grad():
+            for t in module.state_dict().values():
+                collectives.broadcast(group, t, root=0)
+    for name, (sub, style) in todo.items():
+        _shard(torch, name, sub, style, group)
+    return module
+
+
+def gather_state_dict(module: Any, root: int | None = None) -> dict[str, Any] | None:
+    """The full, unsharded ``state_dict`` of a module ``parallelize`` sharded
+    (collective over each tp group): on every rank with ``root=None``, else
+    on tp rank ``root`` only (None elsewhere). Keys are the original ones, so
+    it loads into an unsharded copy of the model."""
+    torch = _torch()
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    group = None
+    for name, sub in module.named_modules():
+        meta = getattr(sub, "_tp", None)
+        if meta is None:
+            continue
+        group = meta.group
+        for pname, dim in meta.dims.items():
+            key = f"{name}.{pname}" if name else pname
+            if key in state:
+                state[key] = _gather(torch, meta.group, state[key], dim)
+    if root is not None and group is not None and group.rank != root:
+        return None
+    return state
+
+
+def _is_torch(module: Any) -> bool:
+    import sys
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(module, torch.nn.Module)
+
+
+def _bytes(torch: Any, t: Any) -> bytes:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy()) + str((t.dtype, tuple(t.shape))).encode()
+
+
+_TYPES = {"colwise": "Linear", "rowwise": "Linear", "vocab": "Embedding"}
+
+
+def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
+    kind = _TYPES.get(style.style)
+    if kind and not isinstance(sub, getattr(torch.nn, kind)):
+        raise PlanError(f"style {style.style!r} fits an nn.{kind}, but {name} is a "
+                        f"{type(sub).__name__}")
+    if style.style == "colwise":
+        check_divisible(name, "out_features (weight rows)", sub.out_features, tp)
+    elif style.style == "rowwise":
+        check_divisible(name, "in_features (weight columns)", sub.in_features, tp)
+    elif style.style == "vocab":
+        check_divisible(name, "num_embeddings (weight rows)", sub.num_embeddings, tp)
+        if sub.max_norm is not None:
+            raise PlanError(f"{name}: a vocab-sharded Embedding cannot renormalize (max_norm)")
+    for attr in style.attrs:
+        if not hasattr(sub, attr):
+            raise PlanError(f"plan rewrites {name}.{attr}, but {name} "
+                            f"({type(sub).__name__}) has no attribute {attr!r}")
+
+
+class _Meta:
+    """What parallelize left on a submodule (``sub._tp``): how to cut and
+    re-join its parameters and which collectives wrap its forward."""
+
+    def __init__(self, name: str, style: Style, group: Any, dims: dict[str, int]) -> None:
+        self.name, self.style, self.group, self.dims = name, style, group, dims
+        self.lo = 0
+
+
+def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
+    tp, r = group.size, group.rank
+    dims = {"colwise": {"weight": 0, "bias": 0}, "rowwise": {"weight": 1},
+            "vocab": {"weight": 0}}.get(style.style, {})
+    meta = _Meta(name, style, group, {p: d for p, d in dims.items()
+                                      if getattr(sub, p, None) is not None})
+    with torch.no_grad():
+        for p, d in meta.dims.items():
+            full = getattr(sub, p)
+            part = full.chunk(tp, d)[r].clone()
+            setattr(sub, p, torch.nn.Parameter(part, requires_grad=full.requires_grad))
+    if style.style == "colwise":
+        sub.out_features //= tp
+    elif style.style == "rowwise":
+        sub.in_features //= tp
+    elif style.style == "vocab":
+        sub.num_embeddings //= tp
+        meta.lo = r * sub.num_embeddings
+    summed = (list(sub.parameters()) if style.style == "sequence" else
+              [sub.bias] if style.style == "rowwise" and style.output == "sequence" else [])
+    for param in summed:       # whole, but fed a part of the sequence: sum the parts
+        if param is not None and param.requires_grad:
+            param.register_hook(functools.partial(_summed, group))
+    rewrite_attrs(sub, name, style, tp)
+    sub._tp = meta
+    if style.style != "replicate":
+        sub.forward = types.MethodType(_forward, sub)
+
+
+def _summed(group: Any, grad: Any) -> Any:
+    return _comm(group, grad, "ar", "", 0)
+
+
+def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The wrapped forward of a sharded submodule: its input's collective,
+    the computation on the shard, its output's collective."""
+    torch = _torch()
+    meta: _Meta = self._tp
+    st, g, seq = meta.style, meta.group, meta.style.seq_dim
+    x, rest = args[0], args[1:]
+    if st.style == "colwise":
+        x = _op(g, x, "id", "ar", 0) if st.input == "replicate" else _op(g, x, "ag", "rs", seq)
+        y = type(self).forward(self, x, *rest, **kwargs)
+        return y if st.output == "shard" else _op(g, y, "ag", "split", -1)
+    if st.style == "sequence":
+        if st.input == "replicate":
+            x = _op(g, x, "split", "ag", seq)
+        y = type(self).forward(self, x, *rest, **kwargs)
+        return y if st.output == "sequence" else _op(g, y, "ag", "split", seq)
+    if st.style == "rowwise":
+        y = torch.nn.functional.linear(x, self.weight)
+    else:
+        y = _embed(torch, self, meta, x)
+    y = _op(g, y, "ar", "id", 0) if st.output == "replicate" else _op(g, y, "rs", "ag", seq)
+    return y + self.bias if getattr(self, "bias", None) is not None else y
+
+
+def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
+    """This rank's rows of the embedding; ids outside them give zeros."""
+    local = ids - meta.lo
+    outside = (local < 0) | (local >= sub.num_embeddings)
+    local = local.masked_fill(outside, 0)
+    pad = sub.padding_idx
+    pad = pad - meta.lo if pad is not None and 0 <= pad - meta.lo < sub.num_embeddings else None
+    y = torch.nn.functional.embedding(local, sub.weight, pad, None, 2.0,
+                                      sub.scale_grad_by_freq, sub.sparse)
+    return y.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+def _op(group: Any, x: Any, fwd: str, bwd: str, dim: int) -> Any:
+    return _function().apply(x, group, fwd, bwd, dim)
+
+
+@functools.cache
+def _function() -> Any:
+    torch = _torch()
+
+    class Comm(torch.autograd.Function):  # type: ignore[name-defined,misc]
+        """``fwd`` forward, ``bwd`` backward (id, ar: all-reduce, ag:
+        all-gather along dim, rs: reduce-scatter along dim, split: this
+        rank's part along dim)."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, group: Any, fwd: str, bwd: str, dim: int) -> Any:
+            ctx.group, ctx.bwd, ctx.dim = group, bwd, dim
+            return _comm(group, x, fwd, "forward", dim)
+
+        @staticmethod
+        def backward(ctx: Any, gy: Any) -> Any:
+            return _comm(ctx.group, gy, ctx.bwd, "backward", ctx.dim), None, None, None, None
+
+    return Comm
+
+
+def _comm(group: Any, x: Any, op: str, where: str, dim: int) -> Any:
+    """One collective of the Comm function on a tensor; a fresh tensor."""
+    torch = _torch()
+    if op == "id":
+        return x.view_as(x) if where == "forward" else x
+    n = group.size
+    if op == "ar":
+        out = x.detach().contiguous().clone()
+        collectives.all_reduce(group, out)
+        return out
+    if op == "ag":
+        return _gather(torch, group, x.detach(), dim)
+    if x.shape[dim] % n:
+        raise PlanError(f"rank {group.rank}: tensor parallel {where}: axis {dim} of a "
+                        f"{tuple(x.shape)} activation is not divisible by the tp size {n} "
+                        f"(group {group.name})")
+    if op == "split":
+        return x.detach().chunk(n, dim)[group.rank].contiguous()
+    moved = x.detach().movedim(dim, 0).contiguous()
+    return collectives.reduce_scatter(group, moved).movedim(0, dim).contiguous()
+
+
+def _gather(torch: Any, group: Any, x: Any, dim: int) -> Any:
+    parts = collectives.all_gather(group, x.contiguous())
+    return torch.cat(list(parts.unbind(0)), dim=dim)
+

@@ -1,0 +1,253 @@
+"""Tensor parallelism for ``engine.layers`` models (numpy), by the same
+plans and styles as torch modules (engine.tp_plan, engine.tensor_parallel).
+
+``parallelize(model, group, plan)`` replaces each planned layer of a
+``Sequential`` (names are list indices, dotted through nested Sequentials:
+``"0"``, ``"2.1"``) by a ``Sharded`` layer: the original layer cut to this
+rank's shard, between the collectives of its style, with hand-written
+backward passes like every layer here::
+
+    colwise   Linear: weight columns (fan_out) split     enter: f (or all-gather seq)
+    rowwise   Linear: weight rows (fan_in) split         leave: all-reduce (or reduce-scatter)
+    vocab     Embedding: rows split, others' ids -> 0    leave: all-reduce (or reduce-scatter)
+    sequence  any layer, on its part of the sequence     grads summed over the group
+
+``full_params(model)`` gathers the unsharded parameters back, in the order
+the unsharded model's ``params()`` has them.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+import collectives
+
+from .layers import Embedding, Linear, Sequential
+from .tp_plan import PlanError, Style, agree, check_divisible, digest, match, rewrite_attrs
+
+__all__ = ["Sharded", "parallelize", "full_params", "named_layers"]
+
+
+def _comm(group: Any, x: Any, op: str, dim: int) -> Any:
+    """One collective on an array: ar (all-reduce), ag (all-gather along
+    dim), rs (reduce-scatter along dim), split (this rank's part), id."""
+    if op == "id" or x is None:
+        return x
+    n = group.size
+    if op == "ar":
+        return collectives.all_reduce(group, np.array(x))
+    if op == "ag":
+        return np.concatenate(list(collectives.all_gather(group, np.ascontiguousarray(x))),
+                              axis=dim)
+    if x.shape[dim] % n:
+        raise PlanError(f"rank {group.rank}: tensor parallel: axis {dim} of a {x.shape} "
+                        f"activation is not divisible by the tp size {n} (group {group.name})")
+    if op == "split":
+        return np.split(x, n, axis=dim)[group.rank].copy()
+    moved = np.ascontiguousarray(np.moveaxis(x, dim, 0))
+    return np.ascontiguousarray(np.moveaxis(collectives.reduce_scatter(group, moved), 0, dim))
+
+
+class _NoBias:
+    """A Linear's weight shard without its bias (a rowwise layer adds the
+    bias once, after the reduction)."""
+
+    def __init__(self, weight: Any) -> None:
+        self.weight, self.grad_weight = weight, np.zeros_like(weight)
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        return x @ self.weight, x
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        return gy @ self.weight.T, (ctx, gy)
+
+    def backward_weight(self, wctx: Any) -> None:
+        x, gy = wctx
+        self.grad_weight += x.reshape(-1, x.shape[-1]).T @ gy.reshape(-1, gy.shape[-1])
+
+    def params(self) -> list[Any]:
+        return [self.weight]
+
+    def grads(self) -> list[Any]:
+        return [self.grad_weight]
+
+
+class _VocabShard(Embedding):
+    """Rows ``lo:lo+len(weight)`` of an embedding; other ids give zeros."""
+
+    def __init__(self, weight: Any, lo: int) -> None:
+        self.weight, self.grad_weight, self.lo = weight, np.zeros_like(weight), lo
+
+    def forward(self, ids: Any) -> tuple[Any, Any]:
+        local = ids - self.lo
+        outside = (local < 0) | (local >= len(self.weight))
+        local = np.where(outside, 0, local)
+        return np.where(outside[..., None], 0.0, self.weight[local]), (local, outside)
+
+    def backward_weight(self, wctx: Any) -> None:
+        (local, outside), gy = wctx
+        super().backward_weight((local, np.where(outside[..., None], 0.0, gy)))
+
+
+class Sharded:
+    """``inner`` (a layer cut to this rank's shard) between the collectives
+    of ``style`` over ``group``; a layer of the stage protocol.
+
+    ``dims``: the axis each of ``inner``'s params was cut along (None:
+    whole), for ``full_params``; ``bias``: a whole bias added after the
+    output's collective (rowwise)."""
+
+    def __init__(self, inner: Any, group: Any, style: Style, dims: list[int | None],
+                 bias: Any = None) -> None:
+        self.inner, self.group, self.style, self.dims = inner, group, style, dims
+        self.bias = bias
+        self.grad_bias = None if bias is None else np.zeros_like(bias)
+        s, seq = style, style.seq_dim
+        self.enter = {("colwise", "replicate"): ("id", "ar", 0),
+                      ("colwise", "sequence"): ("ag", "rs", seq),
+                      ("sequence", "replicate"): ("split", "ag", seq)}.get((s.style, s.input))
+        self.leave = {("colwise", "replicate"): ("ag", "split", -1),
+                      ("rowwise", "replicate"): ("ar", "id", 0),
+                      ("rowwise", "sequence"): ("rs", "ag", seq),
+                      ("vocab", "replicate"): ("ar", "id", 0),
+                      ("vocab", "sequence"): ("rs", "ag", seq),
+                      ("sequence", "replicate"): ("ag", "split", seq)}.get((s.style, s.output))
+        # whole parameters fed a part of the sequence: their gradients are summed
+        self.partial = s.style == "sequence"
+        self.partial_bias = s.style == "rowwise" and s.output == "sequence"
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        if self.enter:
+            x = _comm(self.group, x, self.enter[0], self.enter[2])
+        y, ctx = self.inner.forward(x)
+        if self.leave:
+            y = _comm(self.group, y, self.leave[0], self.leave[2])
+        return (y if self.bias is None else y + self.bias), ctx
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        gb = gy
+        if self.leave:
+            gy = _comm(self.group, gy, self.leave[1], self.leave[2])
+        gx, wctx = self.inner.backward_input(ctx, gy)
+        if self.enter:
+            gx = _comm(self.group, gx, self.enter[1], self.enter[2])
+        return gx, (wctx, gb)
+
+    def backward_weight(self, wctx: Any) -> None:
+        w, gb = wctx
+        if self.partial:
+            grads = self.inner.grads()
+            before = [g.copy() for g in grads]
+            for g in grads:
+                g[...] = 0
+            self.inner.backward_weight(w)
+            for g, old in zip(grads, before):
+                g[...] = _comm(self.group, g, "ar", 0) + old
+        else:
+            self.inner.backward_weight(w)
+        if self.grad_bias is not None:
+            part = gb.reshape(-1, gb.shape[-1]).sum(axis=0)
+            self.grad_bias += _comm(self.group, part, "ar", 0) if self.partial_bias else part
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        gx, wctx = self.backward_input(ctx, gy)
+        self.backward_weight(wctx)
+        return gx
+
+    def params(self) -> list[Any]:
+        return self.inner.params() + ([] if self.bias is None else [self.bias])
+
+    def grads(self) -> list[Any]:
+        return self.inner.grads() + ([] if self.grad_bias is None else [self.grad_bias])
+
+    def full_params(self, grads: bool = False) -> list[Any]:
+        """The unsharded parameters, or gradients (collective over the group)."""
+        return [p if d is None else _comm(self.group, p, "ag", d)
+                for p, d in zip(self.grads() if grads else self.params(), self.dims)]
+
+
+def named_layers(model: Any, prefix: str = "") -> list[tuple[str, Any, Any, int]]:
+    """(name, layer, parent Sequential or None, index in it), depth first."""
+    out: list[tuple[str, Any, Any, int]] = []
+    if isinstance(model, Sequential):
+        for i, layer in enumerate(model.layers):
+            name = f"{prefix}{i}"
+            out.append((name, layer, model, i))
+            out.extend(named_layers(layer, name + "."))
+    return out
+
+
+def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = "check",
+                strict: bool = True) -> Any:
+    """engine.parallelize for an engine.layers model (see there)."""
+    layers = {name: (layer, parent, i) for name, layer, parent, i in named_layers(model)}
+    todo = {}
+    try:
+        for name, style in match(plan, layers, strict).items():
+            _validate(name, layers[name][0], style, group.size)
+            todo[name] = style
+        local: dict[str, str] | str = {} if init == "broadcast" else {
+            f"{name} param {k}": digest([np.ascontiguousarray(p).tobytes(),
+                                         str((p.dtype, p.shape)).encode()])
+            for name, (layer, _, _) in layers.items() if not isinstance(layer, Sequential)
+            for k, p in enumerate(layer.params())}
+    except PlanError as e:
+        local = f"rank {group.rank}: parallelize: {e}"
+    agree(group, local, "parallelize")
+    if init == "broadcast":
+        for p in (model.params() if hasattr(model, "params") else []):
+            collectives.broadcast(group, p, root=0)
+    for name, style in todo.items():
+        layer, parent, i = layers[name]
+        parent.layers[i] = _shard(layer, name, style, group)
+    return model
+
+
+def _validate(name: str, layer: Any, style: Style, tp: int) -> None:
+    kind = {"colwise": Linear, "rowwise": Linear, "vocab": Embedding}.get(style.style)
+    if kind is not None and type(layer) is not kind:
+        raise PlanError(f"style {style.style!r} fits an engine.layers.{kind.__name__}, but "
+                        f"{name} is a {type(layer).__name__}")
+    if style.style == "colwise":
+        check_divisible(name, "fan_out (weight columns)", layer.weight.shape[1], tp)
+    elif style.style == "rowwise":
+        check_divisible(name, "fan_in (weight rows)", layer.weight.shape[0], tp)
+    elif style.style == "vocab":
+        check_divisible(name, "num (weight rows)", layer.weight.shape[0], tp)
+    for attr in style.attrs:
+        if not hasattr(layer, attr):
+            raise PlanError(f"plan rewrites {name}.{attr}, but {name} "
+                            f"({type(layer).__name__}) has no attribute {attr!r}")
+
+
+def _part(a: Any, group: Any, axis: int) -> Any:
+    return np.split(a, group.size, axis=axis)[group.rank].copy()
+
+
+def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
+    rewrite_attrs(layer, name, style, group.size)
+    if style.style == "replicate":
+        return layer
+    if style.style == "colwise":
+        layer.weight, layer.bias = _part(layer.weight, group, 1), _part(layer.bias, group, 0)
+        layer.grad_weight, layer.grad_bias = (np.zeros_like(layer.weight),
+                                              np.zeros_like(layer.bias))
+        return Sharded(layer, group, style, [1, 0])
+    if style.style == "rowwise":
+        return Sharded(_NoBias(_part(layer.weight, group, 0)), group, style, [0, None],
+                       bias=layer.bias.copy())
+    if style.style == "vocab":
+        part = _part(layer.weight, group, 0)
+        return Sharded(_VocabShard(part, group.rank * len(part)), group, style, [0])
+    return Sharded(layer, group, style, [None] * len(layer.params()))
+
+
+def full_params(model: Any, grads: bool = False) -> list[Any]:
+    """``model.params()`` (``grads()`` with ``grads=True``) with every sharded
+    layer's gathered whole (collective over each tp group)."""
+    if isinstance(model, Sharded):
+        return model.full_params(grads)
+    if isinstance(model, Sequential):
+        return [p for layer in model.layers for p in full_params(layer, grads)]
+    return list(model.grads() if grads else model.params())
