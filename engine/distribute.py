@@ -38,7 +38,9 @@ from .choose import (SCHEDULES, Candidate, LayerCost, builtin, candidates, count
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name
+from .tensor_parallel import gather_state_dict, parallelize
 from .torch_stage import TorchStage, torch_loss
+from .tp_layers import full_params
 
 __all__ = ["distribute", "Job", "load_state"]
 
@@ -97,12 +99,6 @@ def _param_count(layer: Any, is_torch: bool) -> int:
     return sum(int(p.size) for p in layer.params())
 
 
-def _parallelize(module: Any, group: Comm, plan: dict[str, str]) -> Any:
-    """Shard ``module`` by ``plan`` over ``group`` (engine.parallelize)."""
-    raise NotImplementedError("engine.distribute(plan=...) needs engine.parallelize "
-                              "(tensor parallelism), which this build does not have yet")
-
-
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int
              ) -> dict[int, dict[int, Any]]:
     """Every layer measured at every size; the ranks share the layers and
@@ -124,8 +120,9 @@ class Job:
 
     def __init__(self, grid: Grid, pipeline: Pipeline, stages: list[Any], counts: tuple[int, ...],
                  names: list[str], is_torch: bool, chosen: Candidate | None,
-                 cands: list[Candidate]) -> None:
+                 cands: list[Candidate], sharded: bool = False) -> None:
         self.grid = grid
+        self.sharded = sharded
         self.pipeline = pipeline
         self.stages = stages
         self.counts = counts
@@ -166,14 +163,18 @@ class Job:
         return [g for st in self.stages for g in st.grads()]
 
     def _local_state(self) -> OrderedDict[str, Any]:
+        """This rank's stages, unsharded (collective over the tp group)."""
         out: OrderedDict[str, Any] = OrderedDict()
         for st in self.stages:
             if self.is_torch:
-                for k, v in st.module.state_dict().items():
+                state = (gather_state_dict(st.module) if self.sharded
+                         else st.module.state_dict())
+                assert state is not None        # root=None: on every tp rank
+                for k, v in state.items():
                     out[k] = v.detach().contiguous()
             else:
                 for name, layer in zip(st.names, st.layers):
-                    for j, p in enumerate(layer.params()):
+                    for j, p in enumerate(full_params(layer)):
                         out[f"{name}.{j}"] = p
         return out
 
@@ -181,10 +182,12 @@ class Job:
         """The whole model's state on world rank 0 (None elsewhere), keyed
         as the model's own ``state_dict()`` (torch) or ``"layer.index"``
         (numpy: see ``load_state``). Every rank must call it."""
-        if _coord(self.grid, "dp") or _coord(self.grid, "tp"):
+        if _coord(self.grid, "dp"):
+            return None
+        local = self._local_state()
+        if _coord(self.grid, "tp"):
             return None
         pp = self.grid.group("pp")
-        local = self._local_state()
         if pp.rank:
             pp.send(list(local), 0, tag=_STATE_TAG, timeout=timeout)
             for i, v in enumerate(local.values()):
@@ -292,20 +295,17 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
               f"{table(cands, chosen)}", flush=True)
 
+    if plan:        # the whole model, so the plan's names are the model's own
+        parallelize(model, grid.group("tp"), plan)
+        named, _ = _model_layers(model)
     starts = [sum(counts[:s]) for s in range(len(counts))]
-    pp_rank = grid.coord("pp")
     stages = []
-    for s in sched.stages_of(pp_rank):
+    for s in sched.stages_of(grid.coord("pp")):
         owned = named[starts[s]:starts[s] + counts[s]]
         if is_torch:
             import torch
-            module = torch.nn.Sequential(OrderedDict(owned))
-            if plan:
-                module = _parallelize(module, grid.group("tp"), plan)
-            stages.append(TorchStage(module))
+            stages.append(TorchStage(torch.nn.Sequential(OrderedDict(owned))))
         else:
-            if plan:
-                raise NotImplementedError("plan= on engine.layers models needs engine.parallelize")
             stages.append(_numpy_stage(owned))
     if _size(grid, "dp") > 1:
         dp = grid.group("dp")
@@ -314,4 +314,5 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 collectives.broadcast(dp, arr, root=0)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
     pipe = Pipeline(grid, stages, sched, loss_fn=wrapped, timeout=timeout)
-    return Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands)
+    return Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
+               bool(plan))

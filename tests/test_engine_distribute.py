@@ -16,12 +16,14 @@ from engine.choose import LayerCost
 from engine.layers import Linear, Sequential, Tanh, mlp_stages, mse_loss, sgd
 
 WIDTHS = [5, 8, 6, 7, 4, 3]          # 5 Linear layers, 9 layers with the Tanh between
+TP_WIDTHS = [4, 8, 6, 8, 4]          # Linear 0, 4 colwise; 2, 6 rowwise
+TP_PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
 ROWS, STEPS, LR, SEED = 24, 3, 0.1, 7
 
 
-def _data(step):
+def _data(step, widths=WIDTHS):
     rng = np.random.default_rng(2000 + step)
-    return rng.standard_normal((ROWS, WIDTHS[0])), rng.standard_normal((ROWS, WIDTHS[-1]))
+    return rng.standard_normal((ROWS, widths[0])), rng.standard_normal((ROWS, widths[-1]))
 
 
 def _half(a, d):
@@ -105,47 +107,56 @@ def test_uneven_layers_balanced_by_time_beat_uniform():
 # ---- distribute on numpy layers: dp=2 x pp=2
 
 
-def _numpy_model():
-    return Sequential(*mlp_stages(WIDTHS, 1, SEED)[0].layers)
+def _numpy_model(widths=WIDTHS):
+    return Sequential(*mlp_stages(widths, 1, SEED)[0].layers)
 
 
-def _numpy_worker(world):
-    grid = mesh.grid(world, dp=2, pp=2)
-    d = grid.coord("dp")
-    model = _numpy_model()
-    errors = []
+def _argument_errors(grid, d):
+    """Each bad call raises on every rank, before anything collective."""
+    model, errors = _numpy_model(), []
     for kwargs, match in [({"loss_fn": None}, "loss_fn"),
                           ({"sample": None}, "sample="),
                           ({"balance": "uniform", "schedule": "interleaved", "microbatches": 2,
                             "sample": None, "model": Sequential(Linear(2, 2), Tanh())},
-                           "cannot fill")]:
+                           "cannot fill"),
+                          ({"model": Sequential(Linear(2, 2))}, "pp=2"),
+                          ({"plan": {"0": "colwise"}}, "tp axis")]:
         args = dict(model=model, grid=grid, loss_fn=mse_loss, sample=_half(_data(0)[0], d))
         args.update(kwargs)
         try:
             engine.distribute(**args)
+            errors.append(f"no error for {kwargs}")
         except ValueError as e:
             errors.append(match in str(e) or str(e))
-    try:
-        engine.distribute(Sequential(Linear(2, 2)), grid, sample=np.ones((4, 2)),
-                          loss_fn=mse_loss)
-    except ValueError as e:
-        errors.append("pp=2" in str(e) or str(e))
-    job = engine.distribute(model, grid, sample=_half(_data(0)[0], d), loss_fn=mse_loss,
-                            timeout=30)
+    return errors
+
+
+def _numpy_worker(world, axes, plan, widths):
+    grid = mesh.grid(world, **axes)
+    d = grid.coord("dp") if "dp" in axes else 0
+    dp = axes.get("dp", 1)
+    errors = _argument_errors(grid, d) if not plan else []
+    model = _numpy_model(widths)
+
+    def part(a):
+        return a[d * len(a) // dp:(d + 1) * len(a) // dp]
+
+    job = engine.distribute(model, grid, plan=plan, sample=part(_data(0, widths)[0]),
+                            loss_fn=mse_loss, timeout=30, reps=1)
     losses = []
     for step in range(STEPS):
-        x, y = (_half(a, d) for a in _data(step))
+        x, y = (part(a) for a in _data(step, widths))
         losses.append(job.step(x, y))
         sgd(job.stages, LR)
     return {"errors": errors, "losses": losses, "state": job.state_dict(),
-            "schedule": job.schedule.name, "table": job.table(), "counts": job.counts}
+            "schedule": job.schedule.name, "table": job.table(), "last": job.pipeline.last}
 
 
-def _numpy_reference():
-    model = _numpy_model()
+def _numpy_reference(widths=WIDTHS):
+    model = _numpy_model(widths)
     losses = []
     for step in range(STEPS):
-        x, y = _data(step)
+        x, y = _data(step, widths)
         out, ctx = model.forward(x)
         loss, gy = mse_loss(out, y)
         model.backward(ctx, gy)
@@ -154,17 +165,25 @@ def _numpy_reference():
     return model, losses
 
 
-def test_numpy_dp2_pp2_auto_matches_one_process():
-    results = mesh.spawn(_numpy_worker, 4, timeout=120)
-    ref, ref_losses = _numpy_reference()
-    for r, res in enumerate(results):
-        assert res["errors"] == [True] * 4, res["errors"]
+@pytest.mark.parametrize("axes,plan", [
+    ({"dp": 2, "pp": 2}, None),
+    ({"pp": 2, "tp": 2}, TP_PLAN),
+    pytest.param({"dp": 2, "pp": 2, "tp": 2}, TP_PLAN, marks=pytest.mark.slow),
+], ids=["dp2xpp2", "pp2xtp2", "dp2xpp2xtp2"])
+def test_numpy_distribute_matches_one_process(axes, plan):
+    widths = TP_WIDTHS if plan else WIDTHS
+    n = int(np.prod(list(axes.values())))
+    results = mesh.spawn(_numpy_worker, n, axes, plan, widths, timeout=120)
+    ref, ref_losses = _numpy_reference(widths)
+    for res in results:
+        assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
-        if r % 2 == 1:      # the last stage's ranks
+        if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
+    assert sum(res["last"] for res in results) == n // 2
     state = results[0]["state"]
     assert all(res["state"] is None for res in results[1:])
-    got = _numpy_model()
+    got = _numpy_model(widths)
     engine.load_state(got, state)
     for a, b in zip(got.params(), ref.params(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
