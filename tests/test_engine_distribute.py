@@ -192,65 +192,75 @@ def test_numpy_distribute_matches_one_process(axes, plan):
 # ---- distribute on a torch nn.Sequential: dp=2 x pp=2, torch's own SGD
 
 
-def _torch_model():
+def _torch_model(widths=WIDTHS):
     import torch
     torch.manual_seed(SEED)
     mods = []
-    for i, (a, b) in enumerate(zip(WIDTHS, WIDTHS[1:])):
-        mods += [torch.nn.Linear(a, b).double()] + ([torch.nn.Tanh()] if i < len(WIDTHS) - 2 else [])
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        mods += [torch.nn.Linear(a, b).double()] + ([torch.nn.Tanh()] if i < len(widths) - 2 else [])
     return torch.nn.Sequential(*mods)
 
 
-def _torch_worker(world):
+def _torch_worker(world, axes, plan, widths):
     import torch
     torch.set_num_threads(1)
-    grid = mesh.grid(world, dp=2, pp=2)
-    d = grid.coord("dp")
-    model = _torch_model()
+    grid = mesh.grid(world, **axes)
+    d, dp = (grid.coord("dp"), 2) if "dp" in axes else (0, 1)
+    model = _torch_model(widths)
     if d == 1:                          # replica 1 starts elsewhere: distribute broadcasts
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
-    job = engine.distribute(model, grid, sample=torch.from_numpy(_half(_data(0)[0], d)),
+
+    def part(a):
+        return torch.from_numpy(a[d * len(a) // dp:(d + 1) * len(a) // dp])
+
+    job = engine.distribute(model, grid, plan=plan, sample=part(_data(0, widths)[0]),
                             loss_fn=torch.nn.functional.mse_loss, microbatches=2, reps=1,
                             timeout=60)
     opt = torch.optim.SGD(job.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
-        x, y = (torch.from_numpy(_half(a, d)) for a in _data(step))
+        x, y = (part(a) for a in _data(step, widths))
         opt.zero_grad()
         losses.append(job.step(x, y))
         opt.step()
     state = job.state_dict()
-    return {"losses": losses, "schedule": job.schedule.name,
+    return {"losses": losses, "schedule": job.schedule.name, "last": job.pipeline.last,
             "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
 
 
-@pytest.mark.timeout(200)    # four processes importing torch on a loaded machine
-def test_torch_dp2_pp2_auto_matches_one_process():
+@pytest.mark.timeout(300)    # four processes importing torch on a loaded machine
+@pytest.mark.parametrize("axes,plan", [
+    ({"dp": 2, "pp": 2}, None),
+    pytest.param({"pp": 2, "tp": 2}, TP_PLAN, marks=pytest.mark.slow),
+], ids=["dp2xpp2", "pp2xtp2"])
+def test_torch_distribute_matches_one_process(axes, plan):
     torch = pytest.importorskip("torch")
-    results = mesh.spawn(_torch_worker, 4, timeout=180)
-    model = _torch_model()
+    widths = TP_WIDTHS if plan else WIDTHS
+    results = mesh.spawn(_torch_worker, 4, axes, plan, widths, timeout=280)
+    model = _torch_model(widths)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
-        x, y = (torch.from_numpy(a) for a in _data(step))
+        x, y = (torch.from_numpy(a) for a in _data(step, widths))
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    for r in (1, 3):
-        np.testing.assert_allclose(results[r]["losses"], losses, rtol=1e-10)
+    for res in results:
+        if res["last"]:
+            np.testing.assert_allclose(res["losses"], losses, rtol=1e-10)
     state = results[0]["state"]
     assert all(res["state"] is None for res in results[1:])
     want = model.state_dict()
     assert list(state) == list(want)
-    copy = _torch_model()
+    copy = _torch_model(widths)
     copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     for k, v in want.items():
         np.testing.assert_allclose(state[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
-    x = torch.from_numpy(_data(9)[0])
+    x = torch.from_numpy(_data(9, widths)[0])
     torch.testing.assert_close(copy(x), model(x), rtol=1e-12, atol=1e-12)
 
 
