@@ -6,7 +6,8 @@ The passes run one way, each module importing only the ones before it::
 
 (schedules sits beside lower, on ir alone; choose, which picks a schedule
 by simulating it, after render; tensor parallelism, tp_plan -> tp_layers ->
-tensor_parallel, beside the executor, on layers alone;
+tensor_parallel, on layers alone; partition, which cuts a model into
+stages, and tied, which keeps shared parameters equal, before the executor;
 tests/test_engine_layering.py keeps the order.)
 """
 from . import choose, layers, schedules
@@ -14,8 +15,10 @@ from .distribute import Job, distribute, load_state
 from .executor import Pipeline, split_microbatches, stages_for_rank
 from .ir import Action, Schedule
 from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
+from .partition import Partition, partition
 from .render import render
-from .schedules import gpipe, interleaved_1f1b, one_f_one_b, zero_bubble_h1
+from .schedules import (gpipe, interleaved_1f1b, one_f_one_b, zb_v, zero_bubble_h1,
+                        zero_bubble_h2)
 from .simulate import SimReport, simulate
 from .tensor_parallel import gather_state_dict, parallelize
 from .tp_plan import PlanError, Style
@@ -24,8 +27,8 @@ from .verify import ScheduleError, verify
 __all__ = [
     "schedules", "layers", "choose", "distribute", "Job", "load_state",
     "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline",
-    "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1",
+    "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
-    "parallelize", "gather_state_dict", "Style", "PlanError",
+    "parallelize", "gather_state_dict", "Style", "PlanError", "partition", "Partition",
 ]

@@ -4,7 +4,7 @@
 on micro-batches of the sizes a step may use; ``cut`` splits per-layer
 weights into contiguous stages so that the heaviest stage is as light as it
 can be; ``candidates`` cuts the layers for every built-in schedule and
-micro-batch count, simulates each with its per-stage costs (``"1F"``...),
+micro-batch count, simulates each with its per-stage costs (``{"F": [...]}``),
 and returns them best first: feasible under the memory limit, then by
 predicted step time. ``table`` prints them::
 
@@ -146,16 +146,17 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
 
 
 def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
-                overhead: float = 0.0) -> dict[str, float]:
-    """The simulator's per-stage costs ("0F", "0B", ...) of stages holding
-    ``counts`` consecutive layers; each action also pays ``overhead``."""
-    costs: dict[str, float] = {}
+                overhead: float = 0.0) -> dict[str, list[float]]:
+    """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
+    of stages holding ``counts`` consecutive layers; each action also pays
+    ``overhead``."""
+    costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     start = 0
-    for s, c in enumerate(counts):
+    for c in counts:
         layers = [row[i] for i in range(start, start + c)]
         start += c
-        for kind in ("F", "B", "I", "W"):
-            costs[f"{s}{kind}"] = sum(getattr(lc, kind) for lc in layers) * scale + overhead
+        for kind in costs:
+            costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead)
     return costs
 
 
@@ -196,7 +197,7 @@ class Candidate:
     bubble: float
     peak_bytes: int
     fits: bool
-    costs: dict[str, float]
+    costs: dict[str, list[float]]
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2

@@ -39,6 +39,7 @@ from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name
 from .tensor_parallel import gather_state_dict, parallelize
+from .partition import partition
 from .torch_stage import TorchStage, torch_loss
 from .tp_layers import full_params
 
@@ -127,13 +128,14 @@ class Job:
         self.stages = stages
         self.counts = counts
         self.names = names
+        self.first = [sum(counts[:s]) for s in range(len(counts))]
         self.is_torch = is_torch
         self.chosen = chosen
         self.candidates = cands
         self.schedule: Schedule = pipeline.schedule
 
     @property
-    def costs(self) -> dict[str, float] | None:
+    def costs(self) -> dict[str, list[float]] | None:
         """The chosen schedule's per-stage costs in seconds (when measured)."""
         return None if self.chosen is None else self.chosen.costs
 
@@ -163,17 +165,20 @@ class Job:
         return [g for st in self.stages for g in st.grads()]
 
     def _local_state(self) -> OrderedDict[str, Any]:
-        """This rank's stages, unsharded (collective over the tp group)."""
+        """This rank's stages, unsharded (collective over the tp group), keyed
+        by the model's names: a stage's layer j is the model's layer
+        ``first[s] + j``."""
         out: OrderedDict[str, Any] = OrderedDict()
-        for st in self.stages:
+        for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
+            mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
             if self.is_torch:
-                state = (gather_state_dict(st.module) if self.sharded
-                         else st.module.state_dict())
+                state = gather_state_dict(st.module) if self.sharded else st.module.state_dict()
                 assert state is not None        # root=None: on every tp rank
                 for k, v in state.items():
-                    out[k] = v.detach().contiguous()
+                    j, _, rest = k.partition(".")
+                    out[f"{mine[int(j)]}.{rest}"] = v.detach().contiguous()
             else:
-                for name, layer in zip(st.names, st.layers):
+                for name, layer in zip(mine, st.layers):
                     for j, p in enumerate(full_params(layer)):
                         out[f"{name}.{j}"] = p
         return out
@@ -212,12 +217,6 @@ def load_state(model: Any, state: dict[str, Any]) -> None:
     for name, layer in named:
         for j, p in enumerate(layer.params()):
             p[...] = state[f"{name}.{j}"]
-
-
-def _numpy_stage(named: list[tuple[str, Any]]) -> Any:
-    st = _layers.Sequential(*(layer for _, layer in named))
-    st.names = [n for n, _ in named]     # type: ignore[attr-defined]
-    return st
 
 
 def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None,
@@ -298,21 +297,15 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     if plan:        # the whole model, so the plan's names are the model's own
         parallelize(model, grid.group("tp"), plan)
         named, _ = _model_layers(model)
-    starts = [sum(counts[:s]) for s in range(len(counts))]
-    stages = []
-    for s in sched.stages_of(grid.coord("pp")):
-        owned = named[starts[s]:starts[s] + counts[s]]
-        if is_torch:
-            import torch
-            stages.append(TorchStage(torch.nn.Sequential(OrderedDict(owned))))
-        else:
-            stages.append(_numpy_stage(owned))
-    if _size(grid, "dp") > 1:
+    mine = sched.stages_of(grid.coord("pp"))
+    cut = partition(model, sched.num_stages, balance=list(counts), stages=mine)
+    wrapped = torch_loss(loss_fn) if is_torch else loss_fn
+    pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout)
+    stages = [pipe.stages[s] for s in mine]
+    if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
         dp = grid.group("dp")
         for st in stages:
             for arr in st.params():
                 collectives.broadcast(dp, arr, root=0)
-    wrapped = torch_loss(loss_fn) if is_torch else loss_fn
-    pipe = Pipeline(grid, stages, sched, loss_fn=wrapped, timeout=timeout)
     return Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
                bool(plan))

@@ -38,6 +38,7 @@ redo, and zeroing the partial gradients, is the caller's call.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -51,6 +52,8 @@ from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Sc
                  message_key)
 from .lower import with_grad_sync
 from .simulate import simulate
+from .tied import TiedGrads
+from .torch_stage import TorchStage
 from .verify import verify
 
 __all__ = ["Pipeline", "split_microbatches", "stages_for_rank"]
@@ -85,8 +88,11 @@ class Pipeline:
     """One rank's part of a pipeline-parallel (and data-parallel) model.
 
     ``stage`` is this rank's stage object, or the list of its virtual stages
-    in stage order (interleaved schedules); see the module docstring for
-    what ``step`` computes. ``optimizer(stage)``, when given, runs at each
+    in stage order (interleaved schedules); a torch ``nn.Module`` is a stage
+    (wrapped in a TorchStage, ``pipe.stages`` holds the wrapper). Stages
+    marked by ``engine.partition`` as holding copies of a tied parameter are
+    kept equal (see engine.tied). See the module docstring for what ``step``
+    computes. ``optimizer(stage)``, when given, runs at each
     OPT action of the schedule. ``timeout`` bounds every wait (None: the
     mesh's default). Step n's messages use tags ``tag_base + i + (n << 32)``
     for ``i <= 2 * micro-batches * stages`` (the last one is the trace's):
@@ -111,7 +117,7 @@ class Pipeline:
         self.rank = self.pp.rank
         self.program: tuple[Action, ...] = lowered.ranks[self.rank]
         mine = lowered.stages_of(self.rank)
-        stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
+        stages = [_as_stage(s) for s in (stage if isinstance(stage, (list, tuple)) else [stage])]
         if len(stages) != len(mine):
             raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
                              f"{schedule.name!r} but was given {len(stages)} stage object(s)")
@@ -123,6 +129,12 @@ class Pipeline:
         if any(a.kind == OPT for a in self.program) and optimizer is None:
             raise ValueError(f"schedule {schedule.name!r} has OPT actions: pass optimizer=")
         self._check_protocol()
+        self.tied = TiedGrads(self.pp, lowered, self.stages)
+        if self.tied and any(a.kind == OPT for a in self.program):
+            raise ValueError(f"pp rank {self.rank} holds tied parameters, whose gradients are "
+                             f"summed after the step: schedule {schedule.name!r} cannot have "
+                             "OPT actions")
+        self.tied.broadcast(timeout)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.timeout = timeout
@@ -208,6 +220,17 @@ class Pipeline:
         return _trace.write(path, data) if data is not None else None
 
 
+def _as_stage(obj: Any) -> Any:
+    """``obj``, or a TorchStage of it when it is a torch module (keeping the
+    partition's marks of tied parameters)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.nn.Module):
+        return obj
+    stage: Any = TorchStage(obj)
+    stage.tied = getattr(obj, "tied", ())
+    return stage
+
+
 def stages_for_rank(all_stages: Sequence[Any], schedule: Schedule, pp_rank: int) -> list[Any]:
     """This rank's stage objects, in stage order, out of the whole model's."""
     return [all_stages[s] for s in schedule.stages_of(pp_rank)]
@@ -245,6 +268,7 @@ class _Step:
         """Split the batch and post every receive of the step."""
         pipe = self.pipe
         sched, m = pipe.schedule, pipe.schedule.num_microbatches
+        pipe.tied.start()
         if pipe.first:
             if inputs is None:
                 raise ValueError(f"pp rank {pipe.rank} holds stage 0: step() needs inputs")
@@ -338,11 +362,13 @@ class _Step:
             g += old
 
     def finish(self) -> None:
-        """Wait for every all-reduce and every send of the step."""
+        """Wait for every all-reduce and every send of the step, then sum
+        the gradients of tied parameters over their copies."""
         for s in list(self.syncs):
             self._finish_sync(s)
         for req in self.sends:
             req.wait(self.pipe.timeout)
+        self.pipe.tied.reduce(self.pipe.timeout)
 
     def mean_loss(self) -> float:
         return sum(w * v for w, v in zip(self.weights, self.losses))
@@ -369,6 +395,7 @@ class _Step:
                 pipe.pp.collective_channel().abort(pipe._tag(a, self.n), reason, kind, lost)
             elif a.kind == AR:
                 skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
+        pipe.tied.abandon(reason, kind, lost)
         dp = pipe.dp
         for _ in range(skipped):
             assert dp is not None

@@ -222,12 +222,12 @@ class Schedule:
         from .verify import verify
         return verify(self)
 
-    def simulate(self, costs: Mapping[str, float] | None = None) -> "SimReport":
+    def simulate(self, costs: Mapping[str, Any] | None = None) -> "SimReport":
         """Predicted timeline, makespan, bubble and peak activations."""
         from .simulate import simulate
         return simulate(self, costs)
 
-    def render(self, costs: Mapping[str, float] | None = None) -> str:
+    def render(self, costs: Mapping[str, Any] | None = None) -> str:
         """Text grid, ranks x time, bubbles shown as '.' (see engine.render)."""
         from .render import render
         return render(self, costs)

@@ -14,6 +14,7 @@ import math
 from typing import Mapping
 
 from .ir import Schedule
+from .replay import Cost
 from .simulate import simulate
 
 __all__ = ["render", "UNIT_COSTS"]
@@ -24,12 +25,12 @@ UNIT_COSTS: dict[str, float] = {"F": 1.0, "B": 1.0, "I": 1.0, "W": 1.0, "send": 
 _SHOWN = ("F", "B", "I", "W", "AR", "OPT")
 
 
-def render(sched: Schedule, costs: Mapping[str, float] | None = None) -> str:
+def render(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> str:
     """Grid of ``sched`` simulated with ``costs`` (unit costs by default).
 
     The time unit is the smallest positive cost of an action shown, so with
     ``{"F": 1, "B": 2}`` a backward takes two cells."""
-    merged = dict(UNIT_COSTS)
+    merged: dict[str, Cost] = dict(UNIT_COSTS)
     merged.update(costs or {})
     report = simulate(sched, merged)
     shown = [e for e in report.events if e.action.kind in _SHOWN and e.end > e.start]

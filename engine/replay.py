@@ -2,22 +2,25 @@
 
 The one walk behind both the verifier (does every rank finish?) and the
 simulator (when does each action run?). It follows the executor: each rank
-runs its list in order; a compute action occupies its rank for its cost
-(``costs["1F"]``, stage 1's forward, when given, else ``costs["F"]``); a
+runs its list in order; a compute action occupies its rank for its cost; a
 send costs the sender nothing and arrives ``costs["send"]`` later; a receive
 waits until its message has arrived. Since sends never block, each rank's
 timeline depends only on its own list and the arrival times, so ranks are
 advanced in any order until all finish or none can move (a deadlock); which
-ranks get stuck does not depend on the costs.
+ranks get stuck does not depend on the costs. A cost is one number for
+every stage, or a sequence with one number per stage (a send's is its
+sending stage's).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence, Union
 
 from .ir import RECV_B, RECV_F, SEND_B, SEND_F, Action, MessageKey, Schedule, message_key
 
-__all__ = ["Event", "Replay", "replay"]
+__all__ = ["Event", "Replay", "replay", "Cost"]
+
+Cost = Union[float, Sequence[float]]
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,12 @@ class Replay:
     stuck: Mapping[int, int]
 
 
-def replay(sched: Schedule, costs: Mapping[str, float] | None = None) -> Replay:
+def _cost(costs: Mapping[str, Cost], key: str, stage: int) -> float:
+    value = costs.get(key, 0.0)
+    return float(value) if isinstance(value, (int, float)) else float(value[stage])
+
+
+def replay(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> Replay:
     """Run every rank's list of the lowered ``sched``; an action whose kind
     (or ``"send"``) has no cost in ``costs`` takes no time."""
     c = costs or {}
@@ -57,7 +65,8 @@ def replay(sched: Schedule, costs: Mapping[str, float] | None = None) -> Replay:
                 a = row[pc[r]]
                 start = clock[r]
                 if a.kind in (SEND_F, SEND_B):
-                    arrived.setdefault(message_key(a), []).append(start + c.get("send", 0.0))
+                    arrival = start + _cost(c, "send", a.stage)
+                    arrived.setdefault(message_key(a), []).append(arrival)
                     end = start
                 elif a.kind in (RECV_F, RECV_B):
                     queue = arrived.get(message_key(a))
@@ -65,7 +74,7 @@ def replay(sched: Schedule, costs: Mapping[str, float] | None = None) -> Replay:
                         break
                     end = max(start, queue.pop(0))
                 else:
-                    end = start + c.get(f"{a.stage}{a.kind}", c.get(a.kind, 0.0))
+                    end = start + _cost(c, a.kind, a.stage)
                 events.append(Event(r, pc[r], a, start, end))
                 clock[r] = end
                 pc[r] += 1

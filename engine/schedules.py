@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .ir import B, F, I, W, Action, Schedule
 
-__all__ = ["gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "by_name"]
+__all__ = ["gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2",
+           "zb_v", "by_name"]
 
 
 def _check(p: int, m: int) -> None:
@@ -137,8 +138,83 @@ def zero_bubble_h1(p: int, m: int) -> Schedule:
     return Schedule(tuple(ranks), m, tuple(range(p)), f"zero_bubble_h1({p},{m})")
 
 
+def _unit_list_schedule(p: int, m: int, stage_ranks: tuple[int, ...], cap: int,
+                        name: str) -> Schedule:
+    """Orders found by running every rank at unit costs (F = I = W = 1, free
+    messages): a rank that is free runs, in this order of preference, an
+    input gradient that is ready (its latest stage first), a forward that is
+    ready if it holds fewer than ``cap`` activations (forward to weight
+    gradient; its latest stage first), a weight gradient (earliest stage
+    first). Each stage runs its micro-batches in order."""
+    n = len(stage_ranks)
+    done: dict[tuple[str, int, int], int] = {}
+    nxt = {kind: [0] * n for kind in (F, I, W)}
+    live = [0] * p
+    mine = [sorted((s for s in range(n) if stage_ranks[s] == r), reverse=True) for r in range(p)]
+    orders: list[list[Action]] = [[] for _ in range(p)]
+    t = 0
+
+    def ready(key: tuple[str, int, int]) -> bool:
+        return done.get(key, t + 1) <= t
+
+    while len(done) < 3 * m * n:
+        for r in range(p):
+            pick = next(((I, s) for s in mine[r] if nxt[I][s] < m
+                         and ready((F, s, nxt[I][s]))
+                         and (s == n - 1 or ready((I, s + 1, nxt[I][s])))), None)
+            if pick is None and live[r] < cap:
+                pick = next(((F, s) for s in mine[r] if nxt[F][s] < m
+                             and (s == 0 or ready((F, s - 1, nxt[F][s])))), None)
+            if pick is None:
+                pick = next(((W, s) for s in reversed(mine[r]) if nxt[W][s] < nxt[I][s]
+                             and ready((I, s, nxt[W][s]))), None)
+            if pick is None:
+                continue
+            kind, s = pick
+            done[(kind, s, nxt[kind][s])] = t + 1
+            orders[r].append(Action(s, kind, nxt[kind][s]))
+            nxt[kind][s] += 1
+            live[r] += {F: 1, I: 0, W: -1}[kind]
+        t += 1
+    return Schedule(tuple(map(tuple, orders)), m, stage_ranks, name)
+
+
+def zero_bubble_h2(p: int, m: int) -> Schedule:
+    """ZB-H2 (Qi et al. 2023): ZB-H1 with more warm-up forwards, so that each
+    rank is busy from its first action to its last when F = I = W: the step
+    is a parallelogram, and a next step that starts on each rank as soon as
+    that rank is done (no flush) has no bubble. Costs up to 2p-1 activations
+    per rank (1F1B: p). Found by ``_unit_list_schedule`` with cap 2p-1.
+    ``zero_bubble_h2(4, 6)``::
+
+        0 | 0F0 0F1 0F2 0F3 0F4 0F5  .  0I0 0W0 0I1 0W1 0I2 0W2 0I3 0W3 0I4 0W4 0I5 0W5  .   .
+        1 |  .  1F0 1F1 1F2 1F3 1F4 1I0 1F5 1I1 1W0 1I2 1W1 1I3 1W2 1I4 1W3 1I5 1W4 1W5  .   .
+        2 |  .   .  2F0 2F1 2F2 2I0 2F3 2I1 2F4 2I2 2F5 2I3 2W0 2I4 2W1 2I5 2W2 2W3 2W4 2W5  .
+        3 |  .   .   .  3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3F4 3I4 3F5 3I5 3W0 3W1 3W2 3W3 3W4 3W5
+    """
+    _check(p, m)
+    return _unit_list_schedule(p, m, tuple(range(p)), 2 * p - 1, f"zero_bubble_h2({p},{m})")
+
+
+def zb_v(p: int, m: int) -> Schedule:
+    """ZB-V (Qi et al. 2024): 2p stages placed in a V, rank r holding stages
+    r and 2p-1-r, so the forward runs down the ranks and back up and rank 0
+    holds the first and the last stage; with the backward split into I and W
+    each rank is busy almost all its span when F = I = W, at 1F1B's
+    activation memory (2p stages of half the size: at most 2p live per
+    rank). Found by ``_unit_list_schedule`` with cap 2p. ``zb_v(2, 3)``::
+
+        0 | 0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 0I0 0W0 0I1 0W1 3W1 3F2 3I2 3W2  .  0I2 0W2
+        1 |  .  1F0 2F0 1F1 2F1 2I0 1I0 1W0 2I1 1I1 1F2 1W1 2F2 2W0 2W1 2I2 1I2 1W2 2W2
+    """
+    _check(p, m)
+    stage_ranks = tuple(s if s < p else 2 * p - 1 - s for s in range(2 * p))
+    return _unit_list_schedule(p, m, stage_ranks, 2 * p, f"zb_v({p},{m})")
+
+
 def by_name(name: str, p: int, m: int, chunks: int = 2) -> Schedule:
-    """Look a generator up by a short name: gpipe, 1f1b, interleaved, zb-h1."""
+    """Look a generator up by a short name: gpipe, 1f1b, interleaved, zb-h1,
+    zb-h2, zb-v."""
     key = name.lower().replace("_", "").replace("-", "")
     if key in ("gpipe",):
         return gpipe(p, m)
@@ -148,4 +224,9 @@ def by_name(name: str, p: int, m: int, chunks: int = 2) -> Schedule:
         return interleaved_1f1b(p, m, chunks)
     if key in ("zbh1", "zerobubble", "zerobubbleh1", "zb"):
         return zero_bubble_h1(p, m)
-    raise ValueError(f"unknown schedule {name!r}: use gpipe, 1f1b, interleaved or zb-h1")
+    if key in ("zbh2", "zerobubbleh2"):
+        return zero_bubble_h2(p, m)
+    if key in ("zbv", "zerobubblev"):
+        return zb_v(p, m)
+    raise ValueError(f"unknown schedule {name!r}: use gpipe, 1f1b, interleaved, zb-h1, zb-h2 "
+                     "or zb-v")

@@ -2,26 +2,24 @@
 
 The timing model is the replay's (engine.replay), which follows the
 executor; this module adds the costs and sums the replay up: makespan,
-bubble, busy time and peak activations per rank.
+bubble, busy time and peak activations per rank. A cost is one number, or
+one per stage (``{"F": [1.0, 2.5, 1.0], ...}``: what a partition measured).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .ir import AR, OPT, B, F, I, W, Schedule
-from .replay import Event
+from .replay import Cost, Event
 from .verify import verified_replay
 
 __all__ = ["SimReport", "simulate", "DEFAULT_COSTS"]
 
+_BUSY = (F, B, I, W, AR, OPT)
+
 DEFAULT_COSTS: dict[str, float] = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0, "send": 0.0,
                                    "AR": 0.0, "OPT": 0.0}
-
-# A cost may be given per stage: "1F" is stage 1's forward (stages of
-# uneven size), and overrides "F" for that stage.
-_STAGE_KEY = re.compile(r"^\d+(F|B|I|W|AR|OPT)$")
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,20 @@ class SimReport:
     busy: tuple[float, ...]
     events: tuple[Event, ...]
 
+    @property
+    def span_bubble(self) -> float:
+        """Idle fraction inside each rank's own span, from its first compute
+        action to its last: the bubble of back-to-back steps when each rank
+        starts the next step as soon as it is done (no flush between steps;
+        the zero-bubble paper's measure, under which ZB-H2 has none)."""
+        spans: dict[int, list[float]] = {}
+        for e in self.events:
+            if e.action.kind in _BUSY and e.end > e.start:
+                lo, hi, busy = spans.setdefault(e.rank, [e.start, e.end, 0.0])
+                spans[e.rank] = [min(lo, e.start), max(hi, e.end), busy + e.end - e.start]
+        total = sum(hi - lo for lo, hi, _ in spans.values())
+        return 1.0 - sum(b for _, _, b in spans.values()) / total if total else 0.0
+
     def rank_bubble(self, rank: int) -> float:
         """Idle fraction of one rank over the whole makespan."""
         return 1.0 - self.busy[rank] / self.makespan if self.makespan else 0.0
@@ -50,16 +62,22 @@ class SimReport:
                 f"peak activations per rank [{peaks}]")
 
 
-def _costs(costs: Mapping[str, float] | None) -> dict[str, float]:
-    merged = dict(DEFAULT_COSTS)
+def _costs(costs: Mapping[str, Cost] | None, num_stages: int) -> dict[str, Cost]:
+    merged: dict[str, Cost] = dict(DEFAULT_COSTS)
     if costs:
-        unknown = {k for k in costs if k not in merged and not _STAGE_KEY.match(k)}
+        unknown = set(costs) - set(merged)
         if unknown:
-            raise ValueError(f"unknown cost keys {sorted(unknown)}; known: {sorted(merged)}, "
-                             "or per stage such as '1F'")
-        merged.update({k: float(v) for k, v in costs.items()})
+            raise ValueError(f"unknown cost keys {sorted(unknown)}; known: {sorted(merged)}")
+        for k, v in costs.items():
+            if isinstance(v, (int, float)):
+                merged[k] = float(v)
+                continue
+            if len(v) != num_stages:
+                raise ValueError(f"cost {k} has {len(v)} per-stage values for "
+                                 f"{num_stages} stages")
+            merged[k] = tuple(float(x) for x in v)
     for k, v in merged.items():
-        if v < 0:
+        if min(v if isinstance(v, Sequence) else [v]) < 0:
             raise ValueError(f"cost {k}={v} is negative")
     return merged
 
@@ -78,16 +96,16 @@ def _peaks(sched: Schedule) -> tuple[int, ...]:
     return tuple(peaks)
 
 
-def simulate(sched: Schedule, costs: Mapping[str, float] | None = None) -> SimReport:
+def simulate(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> SimReport:
     """Predict one step of ``sched`` (lowered first if it is compute-only).
 
     Raises ScheduleError when the schedule is invalid or deadlocks."""
-    run = verified_replay(sched, _costs(costs))
+    run = verified_replay(sched, _costs(costs, sched.num_stages))
     lowered, events = run.schedule, run.events
     makespan = max((e.end for e in events), default=0.0)
     busy = [0.0] * lowered.num_ranks
     for e in events:
-        if e.action.kind in (F, B, I, W, AR, OPT):
+        if e.action.kind in _BUSY:
             busy[e.rank] += e.end - e.start
     total = makespan * lowered.num_ranks
     bubble = 1.0 - sum(busy) / total if total else 0.0

@@ -98,7 +98,7 @@ class TorchStage:
     def backward_weight(self, wctx: Any) -> None:
         torch = _torch()
         out, g = wctx
-        if not self._params:         # an activation: autograd.grad refuses no inputs
+        if not self._params or not out.requires_grad:
             return
         grads = torch.autograd.grad(out, self._params, g, allow_unused=True)
         with torch.no_grad():

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule,
                  format_program, message_key)
 from .lower import lower
-from .replay import Replay, replay
+from .replay import Cost, Replay, replay
 
 __all__ = ["ScheduleError", "verify", "verified_replay"]
 
@@ -172,7 +172,7 @@ def _check_deadlock(run: Replay) -> None:
                             f"that can never arrive ({waits})", sorted(run.stuck.items()))
 
 
-def verified_replay(sched: Schedule, costs: Mapping[str, float] | None = None) -> Replay:
+def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> Replay:
     """Check ``sched`` as ``verify`` does and return the replay of the lowered
     schedule with ``costs``: the one walk that proves no rank deadlocks also
     times every action, so the simulator walks the table only once."""

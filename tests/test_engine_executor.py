@@ -29,6 +29,8 @@ def _reference_grads(widths, seed, x, y):
 @pytest.mark.parametrize("sched", [
     schedules.interleaved_1f1b(1, 4, 3),
     schedules.zero_bubble_h1(1, 5),
+    schedules.zero_bubble_h2(1, 4),
+    schedules.zb_v(1, 3),
     Schedule.build([["0F0", "1F0", "0F1", "1F1", "1B0", "0B0", "1B1", "0B1"]], 2, [0, 0]),
 ], ids=lambda s: s.name)
 def test_local_stages_match_full_batch_gradients(sched):

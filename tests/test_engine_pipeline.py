@@ -1,21 +1,25 @@
 """Every schedule trains exactly like sequential single-process training.
 
-One spawn per topology runs all four schedules for a few SGD steps on a
+One spawn per topology runs all the schedules for a few SGD steps on a
 tanh MLP (float64) and returns each rank's weights and losses; the parent
 compares them with full-batch training of the same model on the same data.
-Batches are cut into micro-batches of unequal size on purpose.
+Batches are cut into micro-batches of unequal size on purpose. The
+two-rank spawn also trains a model with a weight tied between stages.
 """
+import functools
+
 import numpy as np
 import pytest
 
 import mesh
-from engine import Pipeline, schedules
+from engine import Pipeline, partition, schedules
 from engine.executor import split_microbatches, stages_for_rank
+from engine import layers as L
 from engine.layers import Sequential, mlp_stages, mse_loss, sgd
 
 WIDTHS = [5, 8, 6, 7, 4, 6, 5, 3, 2]  # 8 Linear layers: splits into 2, 4 or 8 stages
 ROWS, STEPS, LR, SEED = 22, 3, 0.1, 7
-NAMES = ["gpipe", "1f1b", "interleaved", "zb-h1"]
+NAMES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"]
 
 
 def _data(step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,19 +71,24 @@ def _worker(world, dp_size, m):
     else:
         topo = mesh.grid(world, dp=dp_size, pp=world.size // dp_size)
         pp, dp, dp_index = topo.group("pp"), topo.group("dp"), topo.coord("dp")
-    return {name: _train(topo, pp, dp, dp_index, name, m) for name in NAMES}
+    out = {name: _train(topo, pp, dp, dp_index, name, m) for name in NAMES}
+    if dp_size == 1 and world.size == 2:
+        out["tied"] = _tied_worker(world)
+    return out
 
 
-def _check(results, pp_size, dp_size):
+def _check(results, pp_size, dp_size, m):
     ref_params, ref_losses = _reference(STEPS)
     for name in NAMES:
+        sched = schedules.by_name(name, pp_size, m, chunks=2)
+        last = sched.rank_of(sched.num_stages - 1)
         for d in range(dp_size):
             got: dict[int, list[np.ndarray]] = {}
             for r in range(pp_size):
                 params, losses, _ = results[d * pp_size + r][name]
                 got.update(params)
-                assert (losses[0] is not None) == (r == pp_size - 1)
-                if r == pp_size - 1:
+                assert (losses[0] is not None) == (r == last)
+                if r == last:
                     np.testing.assert_allclose(losses, ref_losses, rtol=1e-10,
                                                err_msg=f"{name}: loss")
             flat = [p for s in sorted(got) for p in got[s]]
@@ -108,9 +117,82 @@ def _check_trace(results, name, pp_size, dp_size):
 @pytest.mark.parametrize("pp_size,m", [(2, 4), (4, 8)])
 def test_schedules_match_sequential_training(pp_size, m):
     results = mesh.spawn(_worker, pp_size, 1, m, timeout=90)
-    _check(results, pp_size, 1)
+    _check(results, pp_size, 1, m)
+    if pp_size == 2:
+        _check_tied([r["tied"] for r in results])
 
 
 def test_dp2_pp2_matches_sequential_training():
     results = mesh.spawn(_worker, 4, 2, 4, timeout=90)
-    _check(results, 2, 2)
+    _check(results, 2, 2, 4)
+
+
+# -- a weight tied between stages (partition unties it, the Pipeline keeps it) --
+
+TIED = 3    # the tied model's width
+
+
+def _tied_numpy():
+    rng = np.random.default_rng(4)
+    first, head = L.Linear(TIED, TIED, rng), L.Linear(TIED, TIED, rng)
+    head.weight = first.weight
+    return [first, L.Tanh(), L.Linear(TIED, TIED, rng), L.Tanh(), L.Linear(TIED, TIED, rng),
+            L.Tanh(), head]
+
+
+def _tied_data(step):
+    rng = np.random.default_rng(70 + step)
+    return rng.standard_normal((8, TIED)), rng.standard_normal((8, TIED))
+
+
+def _tied_reference():
+    """Sequential training; SGD subtracts each use's gradient from the one array."""
+    model = L.Sequential(*_tied_numpy())
+    for step in range(STEPS):
+        x, y = _tied_data(step)
+        out, ctx = model.forward(x)
+        model.backward(ctx, L.mse_loss(out, y)[1])
+        L.sgd([model], LR)
+    return model.layers[0].weight
+
+
+def _tied_worker(world):
+    """Also: balance="time" with a group cuts alike on every rank (the first
+    rank's measurements are broadcast)."""
+    timed = partition(_tied_numpy(), 3, "time", sample=_tied_data(0)[0], group=world, reps=1)
+    out = {"time": (timed.counts, timed.layer_costs)}
+    specs = [functools.partial(lambda i: _tied_numpy()[i], i) for i in range(7)]
+    for name, sched, counts in [("1f1b", schedules.one_f_one_b(2, 4), [3, 4]),
+                                ("zb-v", schedules.zb_v(2, 4), [2, 2, 1, 2]),
+                                ("specs", schedules.one_f_one_b(2, 4), [3, 4])]:
+        if name == "specs":    # each rank builds its stage; the tie is named
+            parts = partition(specs, 2, counts, stages=sched.stages_of(world.rank),
+                              tied=[("0.0", "6.0")])
+            assert parts[1 - world.rank] is None
+        else:
+            parts = partition(_tied_numpy(), sched.num_stages, counts)
+        mine = stages_for_rank(parts, sched, world.rank)
+        for s, stage in zip(sched.stages_of(world.rank), mine):
+            for tie, index in getattr(stage, "tied", ()):
+                if s != tie.stages[0]:    # the Pipeline makes the copies equal again
+                    stage.params()[index][...] += 1.0
+        pipe = Pipeline(world, mine, sched, loss_fn=L.mse_loss, timeout=30)
+        for step in range(STEPS):
+            x, y = _tied_data(step)
+            pipe.step(x if pipe.first else None, y if pipe.last else None)
+            L.sgd(mine, LR)
+        out[name] = {s: [p.copy() for p in st.params()] for s, st in pipe.stages.items()}
+    return out
+
+
+def _check_tied(results):
+    """The first stage's weight and the head's copy both equal the reference's
+    one array; across ranks (1F1B) and on one rank (ZB-V: stages 0 and 3)."""
+    assert results[0]["time"] == results[1]["time"]
+    want = _tied_reference()
+    for name, first, last in [("1f1b", 0, 1), ("zb-v", 0, 3), ("specs", 0, 1)]:
+        got = {}
+        for r in results:
+            got.update(r[name])
+        np.testing.assert_allclose(got[first][0], want, rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(got[last][-2], want, rtol=1e-10, err_msg=name)

@@ -18,6 +18,8 @@ CASES = {
     S.one_f_one_b: (4, 6),
     S.interleaved_1f1b: (2, 4, 2),
     S.zero_bubble_h1: (4, 6),
+    S.zero_bubble_h2: (4, 6),
+    S.zb_v: (2, 3),
 }
 
 
@@ -56,6 +58,8 @@ def _all_schedules():
             yield S.gpipe(p, m)
             yield S.one_f_one_b(p, m)
             yield S.zero_bubble_h1(p, m)
+            yield S.zero_bubble_h2(p, m)
+            yield S.zb_v(p, m)
             for chunks in (1, 2, 3):
                 if m % p == 0:
                     yield S.interleaved_1f1b(p, m, chunks)
@@ -93,6 +97,8 @@ def test_generator_argument_errors():
         S.by_name("nonesuch", 2, 2)
     assert S.by_name("ZB-H1", 2, 4) == S.zero_bubble_h1(2, 4)
     assert S.by_name("interleaved", 2, 4, 3) == S.interleaved_1f1b(2, 4, 3)
+    assert S.by_name("zb-h2", 2, 4) == S.zero_bubble_h2(2, 4)
+    assert S.by_name("ZB-V", 2, 4) == S.zb_v(2, 4)
 
 
 @given(stage=st.integers(0, 99), kind=st.sampled_from(KINDS), mb=st.integers(0, 999))
@@ -189,17 +195,6 @@ def test_simulated_makespans_match_the_closed_forms():
     assert S.one_f_one_b(4, 8).simulate({"F": 1, "B": 2, "send": 0.5}).makespan > 33
 
 
-def test_per_stage_costs_override_the_kind():
-    """A slow stage sets the pace: gpipe(2, m) with stage 1 twice as slow
-    costs (m + 1) steps of stage 1 on the critical path."""
-    costs = {"F": 1.0, "B": 2.0, "1F": 2.0, "1B": 4.0}
-    for m in (1, 4):
-        assert S.gpipe(2, m).simulate(costs).makespan == 1 + m * 2 + m * 4 + 2
-    assert S.gpipe(2, 4).simulate({"0F": 1.0, "1F": 1.0, "B": 0.0}).makespan == 5
-    with pytest.raises(ValueError, match="unknown cost"):
-        S.gpipe(2, 2).simulate({"1X": 1.0})
-
-
 def test_bubble_and_peak_activations():
     costs = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0, "send": 0.0}
     one = S.one_f_one_b(4, 16).simulate(costs)
@@ -214,6 +209,35 @@ def test_bubble_and_peak_activations():
     assert S.interleaved_1f1b(4, 16, 2).simulate(half).makespan < one.makespan
     assert one.rank_bubble(0) == pytest.approx(one.bubble)
     assert "bubble" in str(one)
+
+
+def test_zero_bubble_figures_of_the_paper():
+    """With F = I = W (B = 2): ZB-H1 idles a third of 1F1B; ZB-H2 and ZB-V
+    keep every rank busy (almost) all its span, at 2p-1 and 2p activations
+    (ZB-V's stages are half as large: 1F1B's memory)."""
+    unit = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
+    for p, m in [(4, 8), (3, 6)]:
+        one, h1 = S.one_f_one_b(p, m).simulate(unit), S.zero_bubble_h1(p, m).simulate(unit)
+        h2, v = S.zero_bubble_h2(p, m).simulate(unit), S.zb_v(p, m).simulate(unit)
+        assert (h1.makespan - 3 * m) * 3 == one.makespan - 3 * m == 3 * (p - 1)
+        assert h2.span_bubble == 0.0 and h2.peak_activations == (2 * p - 1,) * p
+        assert h2.makespan == h1.makespan        # the least a p-rank pipeline can take
+        assert v.span_bubble < 0.04 and max(v.peak_activations) == 2 * p
+        assert v.makespan - 6 * m < (p - 1) * 2
+        assert one.span_bubble > 0.14 and h1.span_bubble > 0.05
+    assert S.zb_v(4, 16).simulate(unit).span_bubble < 0.02
+    assert S.zb_v(4, 4).stage_ranks == (0, 1, 2, 3, 3, 2, 1, 0)
+
+
+def test_per_stage_costs():
+    sched = S.one_f_one_b(2, 2)
+    even = sched.simulate({"F": [1, 1], "B": [2, 2]})
+    slow_last = sched.simulate({"F": [1, 3], "B": [2, 6]})
+    assert even.makespan == 9 and slow_last.makespan == 1 + 2 * 9 + 2
+    assert sched.render({"F": [1, 2], "B": [1, 2]}).splitlines()[1] == \
+        "1 |  .  1F0 --- 1B0 --- 1F1 --- 1B1 ---  ."
+    with pytest.raises(ValueError, match="3 per-stage values for 2 stages"):
+        sched.simulate({"F": [1, 2, 3]})
 
 
 def test_simulate_walks_the_table_once(monkeypatch):
@@ -262,5 +286,6 @@ def test_show_prints_grid_and_figures(capsys, tmp_path):
 
 def test_public_names_reexported():
     for name in ("Schedule", "Action", "ScheduleError", "gpipe", "one_f_one_b",
-                 "interleaved_1f1b", "zero_bubble_h1", "schedules"):
+                 "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v", "schedules",
+                 "partition"):
         assert name in engine.__all__ and hasattr(engine, name)

@@ -1,0 +1,139 @@
+"""engine.partition: cutting unmodified models into stages, balanced by
+layer count, parameters or simulated time; tied weights kept equal."""
+import functools
+import importlib
+import time
+
+import numpy as np
+import pytest
+
+from engine import Pipeline, partition, schedules
+from engine import layers as L
+from engine.partition import _best_simulated, cut_points
+
+P = importlib.import_module("engine.partition")      # engine.partition is the function
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class _Solo:
+    rank, size = 0, 1
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 64), nn.Tanh(),
+                         nn.Linear(64, 64), nn.Linear(64, 2)).double()
+
+
+def test_counts_by_layers_parameters_and_list():
+    model = _mlp()
+    assert partition(model, 4).counts == (1, 2, 1, 2)
+    # parameters 40, 0, 576, 0, 4160, 130: the big layer alone
+    assert partition(model, 3, "parameters").counts == (4, 1, 1)
+    stages = partition(model, 2, [5, 1])
+    assert [len(s) for s in stages] == [5, 1] and stages[1][0] is model[5]
+    assert cut_points([1, 1, 1, 1, 5, 1], 3) == [4, 1, 1]
+    np_model = L.Sequential(*L.mlp_stages([3, 4, 5, 6, 2], 1)[0].layers)
+    parts = partition(np_model, 2, "parameters")
+    assert all(isinstance(s, L.Sequential) for s in parts) and sum(parts.counts) == 7
+
+
+def test_errors_before_any_step_name_the_numbers():
+    model = _mlp()
+    with pytest.raises(ValueError, match="cannot cut 6 layers into 7 stages"):
+        partition(model, 7)
+    with pytest.raises(ValueError, match=r"balance \[1, 2\] must give 3 stages.*gives 2 stages, "
+                                         r"3 layers"):
+        partition(model, 3, [1, 2])
+    with pytest.raises(ValueError, match="balance='time' measures each of the 6 layers.*sample="):
+        partition(model, 3, "time")
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        partition(nn.Linear(2, 2), 1)
+    with pytest.raises(ValueError, match="layer 1 has no parameter 'weight'"):
+        partition(model, 2, tied=[("0.weight", "1.weight")])
+
+
+def test_torch_stages_train_like_the_whole_model():
+    """The Pipeline takes the partition's nn.Sequential stages as they are."""
+    model = _mlp()
+    whole = _mlp()
+    sched = schedules.interleaved_1f1b(1, 3, 3)
+    stages = partition(model, 3, "parameters")
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    loss_fn = lambda out, t: (float(((out - t) ** 2).mean()), 2 * (out - t) / out.numel())
+    loss = Pipeline(_Solo(), list(stages), sched, loss_fn=loss_fn).step(x, y)
+    ref = ((whole(x) - y) ** 2).mean()
+    ref.backward()
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-12)
+    for a, b in zip(model.parameters(), whole.parameters(), strict=True):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_specs_build_only_the_stages_asked_for():
+    built = []
+
+    def counted(cls, *args):
+        built.append(cls.__name__)
+        return cls(*args)
+
+    specs = [functools.partial(counted, nn.Linear, 4, 8), nn.Tanh,
+             (counted, (nn.Linear, 8, 2), {}), lambda x: x * 2]
+    parts = partition(specs, 2, "parameters", stages=[1])
+    assert parts[0] is None and parts.counts == (1, 3)
+    assert built == ["Linear"] * 3     # both counted (on the meta device), then one built
+    assert parts[1][1].weight.device.type == "cpu"
+    assert parts[1][2](torch.ones(1)).item() == 2.0   # the function became a module
+
+
+def test_time_balance_is_chosen_by_simulation(monkeypatch):
+    """With ZB-V's placement (rank r holds stages r and 3-r) the cut that
+    minimises the largest stage is not the fastest step; the simulator's is."""
+    f = [1, 1, 1, 1, 6, 1, 1, 1, 1, 1]
+    costs = {"F": f, "I": f, "W": f}
+    sched = schedules.zb_v(2, 4)
+    best = _best_simulated(costs, sched)
+    minmax = cut_points([3 * c for c in f], 4)
+
+    def step(counts):
+        per = {k: [sum(v[a:a + c]) for a, c in zip(np.cumsum([0] + counts), counts)]
+               for k, v in costs.items()}
+        return sched.simulate(per).makespan
+
+    assert step(best) < step(minmax)
+    monkeypatch.setattr(P, "_EXHAUSTIVE", 0)          # many layers: hill climbing from the DP cut
+    assert step(best) <= step(_best_simulated(costs, sched)) < step(minmax)
+
+
+def test_time_balance_measures_each_layer_on_the_sample():
+    slow = lambda x: (time.sleep(0.02), x)[1]
+    layers = [nn.Linear(4, 4), nn.Tanh(), slow, nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)]
+    parts = partition(layers, 3, "time", sample=torch.randn(2, 4), reps=1)
+    f = parts.layer_costs["F"]
+    assert f[2] >= 0.02 and f.index(max(f)) == 2
+    assert parts.counts[1] == 1 or parts.counts[0] == 3 or parts.counts[2] == 4
+    assert parts.stage_costs()["F"] == pytest.approx(
+        [sum(f[:parts.counts[0]]), sum(f[parts.counts[0]:-parts.counts[2]]),
+         sum(f[-parts.counts[2]:])])
+
+
+def _tied_torch():
+    torch.manual_seed(1)
+    first, head = nn.Linear(4, 4), nn.Linear(4, 4)
+    head.weight = first.weight
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), head).double()
+
+
+def test_tied_weights_on_one_rank():
+    model, whole = _tied_torch(), _tied_torch()
+    stages = partition(model, 2, [2, 3])
+    (tie,) = stages.ties
+    assert tie.name == "0.weight" and tie.stages == (0, 1)
+    assert stages[1][2].weight is not stages[0][0].weight        # untied into a copy
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    loss_fn = lambda out, t: (float(((out - t) ** 2).mean()), 2 * (out - t) / out.numel())
+    Pipeline(_Solo(), list(stages), schedules.interleaved_1f1b(1, 2, 2), loss_fn=loss_fn).step(x, y)
+    ((whole(x) - y) ** 2).mean().backward()
+    for copy in (stages[0][0].weight, stages[1][2].weight):
+        np.testing.assert_allclose(copy.grad.numpy(), whole[0].weight.grad.numpy(), rtol=1e-10)
