@@ -119,7 +119,9 @@ def main() -> None:
             return x[d::dp], y[d::dp]
 
         if world.rank == 0:
-            print(f"grid {grid.axes}; plan:\n" + "\n".join(f"  {k}: {v}" for k, v in PLAN.items()))
+            print(f"grid {grid.axes}; plan:\n" + "\n".join(
+                f"  {k}: {v if isinstance(v, str) else v[0] + ', heads // tp'}"
+                for k, v in PLAN.items()))
         torch.manual_seed(0)
         job = engine.distribute(TinyGPT(), grid, plan=PLAN if tp > 1 else None,
                                 sample=mine(0)[0], loss_fn=loss_fn)
