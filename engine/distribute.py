@@ -225,7 +225,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                loss_fn: Callable[[Any, Any], Any] | None = None,
                memory_limit: float | None = None, *, chunks: int = 2,
                timeout: float | None = None, reps: int = 3, verbose: bool = True,
-               overhead: float = 0.0) -> Job:
+               overhead: float = 0.0, tag_base: int = 0) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
     over tp, and build the pipeline (gradients averaged over dp).
 
@@ -235,6 +235,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     ``balance``: "time" (measured on ``sample``, this replica's batch),
     "uniform", "parameters" or layer counts per stage. ``memory_limit``:
     bytes of activations a rank may hold (estimated from layer outputs).
+    ``tag_base``: as Pipeline's, for several jobs on one grid.
     Collective: every rank of the grid calls it with the same arguments."""
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
@@ -275,7 +276,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     cands: list[Candidate] = []
     chosen: Candidate | None = None
     sched = scheds[0]
-    if sample is not None and (auto or balance == "time"):
+    if sample is not None:         # measured: the cut by time, the choice, the prediction
         rows = len(sample)
         sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
         mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
@@ -300,7 +301,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     mine = sched.stages_of(grid.coord("pp"))
     cut = partition(model, sched.num_stages, balance=list(counts), stages=mine)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
-    pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout)
+    pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
+                    tag_base=tag_base)
     stages = [pipe.stages[s] for s in mine]
     if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
         dp = grid.group("dp")

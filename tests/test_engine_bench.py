@@ -60,3 +60,12 @@ def test_3d_example_trains_saves_and_reloads(tmp_path, script, out):
     assert "<- chosen" in proc.stdout and "0 | 0F0" in proc.stdout
     assert "step   1  loss" in proc.stdout and "one process on the reloaded model" in proc.stdout
     assert (tmp_path / out).exists()
+
+
+def test_balance_bench_reports_each_balance():
+    from engine.bench_distribute import balance_table, run_balance
+    report = run_balance(width=16, rows=16, m=2, steps=1)
+    assert [r["balance"] for r in report] == ["time", "uniform", "parameters", "time"]
+    assert [r["counts"] for r in report[1:3]] == [(3, 4), (1, 6)]
+    assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in report)
+    assert "meas/pred" in balance_table(report)
