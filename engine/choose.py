@@ -51,7 +51,8 @@ def _nbytes(y: Any) -> int:
 
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
             mine: Sequence[int] | None = None) -> dict[int, dict[int, LayerCost]]:
-    """``{size: {layer index: LayerCost}}``: the median of ``reps`` runs of
+    """``{size: {layer index: LayerCost}}``: the median of ``reps`` runs (after
+    one more to warm up) of
     each layer (a stage object) on the first ``size`` rows of ``batch``,
     passed through the layers before it. Only the layers in ``mine`` are
     timed (all by default), so ranks can share the work. Gradients the runs
@@ -67,7 +68,7 @@ def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int =
                 continue
             f, b, gi, gw = [], [], [], []
             y = x
-            for _ in range(reps):
+            for _ in range(reps + 1):          # the first run warms up, untimed
                 t0 = time.perf_counter()
                 y, ctx = layer.forward(x)
                 f.append(time.perf_counter() - t0)
@@ -82,6 +83,7 @@ def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int =
                 layer.backward_weight(wctx)
                 gi.append(t1 - t0)
                 gw.append(time.perf_counter() - t1)
+            f, b, gi, gw = f[1:], b[1:], gi[1:], gw[1:]
             row[i] = LayerCost(statistics.median(f), statistics.median(b), statistics.median(gi),
                                statistics.median(gw), _nbytes(y))
             x = y
