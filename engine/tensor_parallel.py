@@ -27,16 +27,17 @@ from typing import Any, Mapping
 import collectives
 
 from . import tp_layers
-from .tp_plan import PlanError, Style, agree, check_divisible, digest, match, rewrite_attrs
-from .torch_stage import _torch
+from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, match,
+                      rewrite_attrs)
+from .torch_stage import TorchStage, _torch
 
 __all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
 
 
 def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str = "check",
                 strict: bool = True) -> Any:
-    """Shard ``module`` (a torch module or an engine.layers model) in place
-    by ``plan`` over the tp communicator ``group``; return it.
+    """Shard ``module`` (a torch module, a TorchStage or an engine.layers
+    model) in place by ``plan`` over the tp communicator ``group``; return it.
 
     ``init="check"``: every rank must have built the same full module (a hash
     of every parameter and buffer is all-gathered; a difference raises on
@@ -46,6 +47,12 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     pipeline stages). Every error is raised on every rank before any step."""
     if init not in ("check", "broadcast"):
         raise ValueError(f"init is 'check' or 'broadcast', not {init!r}")
+    if isinstance(module, TorchStage):        # shard its module, then see the shards
+        parallelize(module.module, group, plan, init=init, strict=strict)
+        module._params = [p for p in module.module.parameters() if p.requires_grad]
+        for p in module._params:
+            module._grad(p)
+        return module
     torch = _torch() if _is_torch(module) else None
     if torch is None:
         return tp_layers.parallelize(module, group, plan, init=init, strict=strict)
@@ -58,7 +65,7 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
         local: dict[str, str] | str = {} if init == "broadcast" else {
             k: digest([_bytes(torch, t)]) for k, t in module.state_dict().items()}
     except PlanError as e:
-        local = f"rank {group.rank}: parallelize: {e}"
+        local = str(e)
     agree(group, local, "parallelize")
     if init == "broadcast":
         with torch.no_grad():
@@ -69,13 +76,28 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     return module
 
 
-def gather_state_dict(module: Any, root: int | None = None) -> dict[str, Any] | None:
+def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
+                      ) -> dict[str, Any] | None:
     """The full, unsharded ``state_dict`` of a module ``parallelize`` sharded
     (collective over each tp group): on every rank with ``root=None``, else
     on tp rank ``root`` only (None elsewhere). Keys are the original ones, so
-    it loads into an unsharded copy of the model."""
+    it loads into an unsharded copy of the model. ``grads=True``: the
+    parameters' gradients instead, whole (zeros where a grad is None).
+
+    For an engine.layers model the keys are the positions in the unsharded
+    model's ``params()`` (``"0"``, ``"1"``...; engine.tp_layers.full_params)."""
+    if not _is_torch(module):
+        whole = tp_layers.full_params(module, grads)
+        group = tp_layers.group_of(module)
+        if root is not None and group is not None and group.rank != root:
+            return None
+        return {str(i): p for i, p in enumerate(whole)}
     torch = _torch()
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if grads:
+        state = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+                 for k, p in module.named_parameters()}
+    else:
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     group = None
     for name, sub in module.named_modules():
         meta = getattr(sub, "_tp", None)
@@ -106,6 +128,8 @@ _TYPES = {"colwise": "Linear", "rowwise": "Linear", "vocab": "Embedding"}
 
 
 def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
+    if hasattr(sub, "_tp"):
+        raise PlanError(f"{name} is sharded already (parallelize ran on it before)")
     kind = _TYPES.get(style.style)
     if kind and not isinstance(sub, getattr(torch.nn, kind)):
         raise PlanError(f"style {style.style!r} fits an nn.{kind}, but {name} is a "
@@ -132,6 +156,12 @@ class _Meta:
         self.name, self.style, self.group, self.dims = name, style, group, dims
         self.lo = 0
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Meta":
+        """A copy of the module is sharded over the same group (a Comm is not copied)."""
+        new = _Meta(self.name, self.style, self.group, dict(self.dims))
+        new.lo = self.lo
+        return new
+
 
 def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
     tp, r = group.size, group.rank
@@ -152,13 +182,13 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
         sub.num_embeddings //= tp
         meta.lo = r * sub.num_embeddings
     summed = (list(sub.parameters()) if style.style == "sequence" else
-              [sub.bias] if style.style == "rowwise" and style.output == "sequence" else [])
+              [sub.bias] if style.style == "rowwise" and style.output != "replicate" else [])
     for param in summed:       # whole, but fed a part of the sequence: sum the parts
         if param is not None and param.requires_grad:
             param.register_hook(functools.partial(_summed, group))
     rewrite_attrs(sub, name, style, tp)
     sub._tp = meta
-    if style.style != "replicate":
+    if style.style != "replicate" or (style.input, style.output) != ("any", "any"):
         sub.forward = types.MethodType(_forward, sub)
 
 
@@ -168,26 +198,30 @@ def _summed(group: Any, grad: Any) -> Any:
 
 def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The wrapped forward of a sharded submodule: its input's collective,
-    the computation on the shard, its output's collective."""
+    the computation on the shard, its output's collective (and a rowwise
+    bias, added once)."""
     torch = _torch()
     meta: _Meta = self._tp
-    st, g, seq = meta.style, meta.group, meta.style.seq_dim
+    st, g = meta.style, meta.group
+    enter, leave = edges(st)
     x, rest = args[0], args[1:]
-    if st.style == "colwise":
-        x = _op(g, x, "id", "ar", 0) if st.input == "replicate" else _op(g, x, "ag", "rs", seq)
-        y = type(self).forward(self, x, *rest, **kwargs)
-        return y if st.output == "shard" else _op(g, y, "ag", "split", -1)
-    if st.style == "sequence":
-        if st.input == "replicate":
-            x = _op(g, x, "split", "ag", seq)
-        y = type(self).forward(self, x, *rest, **kwargs)
-        return y if st.output == "sequence" else _op(g, y, "ag", "split", seq)
+    if enter:
+        x = _edge(g, x, enter, st.seq_dim)
     if st.style == "rowwise":
         y = torch.nn.functional.linear(x, self.weight)
-    else:
+    elif st.style == "vocab":
         y = _embed(torch, self, meta, x)
-    y = _op(g, y, "ar", "id", 0) if st.output == "replicate" else _op(g, y, "rs", "ag", seq)
-    return y + self.bias if getattr(self, "bias", None) is not None else y
+    else:
+        y = type(self).forward(self, x, *rest, **kwargs)
+    if leave:
+        y = _edge(g, y, leave, st.seq_dim)
+    if st.style == "rowwise" and self.bias is not None:
+        # a partial output takes the bias on tp rank 0 only (times 1, times 0
+        # elsewhere): every rank has the same graph, so the bias's gradient
+        # hook (a collective) runs on all of them at the same point
+        once = self.bias if st.output != "partial" else self.bias * float(g.rank == 0)
+        y = y + once
+    return y
 
 
 def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
@@ -202,8 +236,11 @@ def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
     return y.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
-def _op(group: Any, x: Any, fwd: str, bwd: str, dim: int) -> Any:
-    return _function().apply(x, group, fwd, bwd, dim)
+def _edge(group: Any, x: Any, spec: Edge, seq_dim: int) -> Any:
+    """``x`` through the Comm function: (forward, backward, axis; None: the
+    sequence axis)."""
+    fwd, bwd, axis = spec
+    return _function().apply(x, group, fwd, bwd, seq_dim if axis is None else axis)
 
 
 @functools.cache
@@ -240,7 +277,7 @@ def _comm(group: Any, x: Any, op: str, where: str, dim: int) -> Any:
     if op == "ag":
         return _gather(torch, group, x.detach(), dim)
     if x.shape[dim] % n:
-        raise PlanError(f"rank {group.rank}: tensor parallel {where}: axis {dim} of a "
+        raise PlanError(f"tp rank {group.rank}: tensor parallel {where}: axis {dim} of a "
                         f"{tuple(x.shape)} activation is not divisible by the tp size {n} "
                         f"(group {group.name})")
     if op == "split":

@@ -24,9 +24,10 @@ import numpy as np
 import collectives
 
 from .layers import Embedding, Linear, Sequential
-from .tp_plan import PlanError, Style, agree, check_divisible, digest, match, rewrite_attrs
+from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, match,
+                      rewrite_attrs)
 
-__all__ = ["Sharded", "parallelize", "full_params", "named_layers"]
+__all__ = ["Sharded", "parallelize", "full_params", "group_of", "named_layers"]
 
 
 def _comm(group: Any, x: Any, op: str, dim: int) -> Any:
@@ -41,7 +42,7 @@ def _comm(group: Any, x: Any, op: str, dim: int) -> Any:
         return np.concatenate(list(collectives.all_gather(group, np.ascontiguousarray(x))),
                               axis=dim)
     if x.shape[dim] % n:
-        raise PlanError(f"rank {group.rank}: tensor parallel: axis {dim} of a {x.shape} "
+        raise PlanError(f"tp rank {group.rank}: tensor parallel: axis {dim} of a {x.shape} "
                         f"activation is not divisible by the tp size {n} (group {group.name})")
     if op == "split":
         return np.split(x, n, axis=dim)[group.rank].copy()
@@ -103,36 +104,27 @@ class Sharded:
         self.inner, self.group, self.style, self.dims = inner, group, style, dims
         self.bias = bias
         self.grad_bias = None if bias is None else np.zeros_like(bias)
-        s, seq = style, style.seq_dim
-        self.enter = {("colwise", "replicate"): ("id", "ar", 0),
-                      ("colwise", "sequence"): ("ag", "rs", seq),
-                      ("sequence", "replicate"): ("split", "ag", seq)}.get((s.style, s.input))
-        self.leave = {("colwise", "replicate"): ("ag", "split", -1),
-                      ("rowwise", "replicate"): ("ar", "id", 0),
-                      ("rowwise", "sequence"): ("rs", "ag", seq),
-                      ("vocab", "replicate"): ("ar", "id", 0),
-                      ("vocab", "sequence"): ("rs", "ag", seq),
-                      ("sequence", "replicate"): ("ag", "split", seq)}.get((s.style, s.output))
+        self.enter, self.leave = edges(style)
         # whole parameters fed a part of the sequence: their gradients are summed
-        self.partial = s.style == "sequence"
-        self.partial_bias = s.style == "rowwise" and s.output == "sequence"
+        self.partial = style.style == "sequence"
+        self.partial_bias = style.style == "rowwise" and style.output != "replicate"
+        self.add_bias = bias is not None and (style.output != "partial" or group.rank == 0)
+
+    def _edge(self, x: Any, edge: Edge | None, backward: bool) -> Any:
+        if edge is None:
+            return x
+        axis = self.style.seq_dim if edge[2] is None else edge[2]
+        return _comm(self.group, x, edge[1] if backward else edge[0], axis)
 
     def forward(self, x: Any) -> tuple[Any, Any]:
-        if self.enter:
-            x = _comm(self.group, x, self.enter[0], self.enter[2])
-        y, ctx = self.inner.forward(x)
-        if self.leave:
-            y = _comm(self.group, y, self.leave[0], self.leave[2])
-        return (y if self.bias is None else y + self.bias), ctx
+        y, ctx = self.inner.forward(self._edge(x, self.enter, False))
+        y = self._edge(y, self.leave, False)
+        return (y + self.bias if self.add_bias else y), ctx
 
     def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
-        gb = gy
-        if self.leave:
-            gy = _comm(self.group, gy, self.leave[1], self.leave[2])
-        gx, wctx = self.inner.backward_input(ctx, gy)
-        if self.enter:
-            gx = _comm(self.group, gx, self.enter[1], self.enter[2])
-        return gx, (wctx, gb)
+        gb = gy if self.add_bias else None
+        gx, wctx = self.inner.backward_input(ctx, self._edge(gy, self.leave, True))
+        return self._edge(gx, self.enter, True), (wctx, gb)
 
     def backward_weight(self, wctx: Any) -> None:
         w, gb = wctx
@@ -147,7 +139,8 @@ class Sharded:
         else:
             self.inner.backward_weight(w)
         if self.grad_bias is not None:
-            part = gb.reshape(-1, gb.shape[-1]).sum(axis=0)
+            part = (np.zeros_like(self.grad_bias) if gb is None
+                    else gb.reshape(-1, gb.shape[-1]).sum(axis=0))
             self.grad_bias += _comm(self.group, part, "ar", 0) if self.partial_bias else part
 
     def backward(self, ctx: Any, gy: Any) -> Any:
@@ -163,6 +156,8 @@ class Sharded:
 
     def full_params(self, grads: bool = False) -> list[Any]:
         """The unsharded parameters, or gradients (collective over the group)."""
+        if isinstance(self.inner, Sequential):   # a region: its layers say
+            return full_params(self.inner, grads)
         return [p if d is None else _comm(self.group, p, "ag", d)
                 for p, d in zip(self.grads() if grads else self.params(), self.dims)]
 
@@ -193,7 +188,7 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
             for name, (layer, _, _) in layers.items() if not isinstance(layer, Sequential)
             for k, p in enumerate(layer.params())}
     except PlanError as e:
-        local = f"rank {group.rank}: parallelize: {e}"
+        local = str(e)
     agree(group, local, "parallelize")
     if init == "broadcast":
         for p in (model.params() if hasattr(model, "params") else []):
@@ -227,7 +222,7 @@ def _part(a: Any, group: Any, axis: int) -> Any:
 
 def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
     rewrite_attrs(layer, name, style, group.size)
-    if style.style == "replicate":
+    if style.style == "replicate" and (style.input, style.output) == ("any", "any"):
         return layer
     if style.style == "colwise":
         layer.weight, layer.bias = _part(layer.weight, group, 1), _part(layer.bias, group, 0)
@@ -241,6 +236,17 @@ def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
         part = _part(layer.weight, group, 0)
         return Sharded(_VocabShard(part, group.rank * len(part)), group, style, [0])
     return Sharded(layer, group, style, [None] * len(layer.params()))
+
+
+def group_of(model: Any) -> Any:
+    """The tp group of the first sharded layer in ``model`` (None: none is)."""
+    if isinstance(model, Sharded):
+        return model.group
+    for layer in model.layers if isinstance(model, Sequential) else []:
+        group = group_of(layer)
+        if group is not None:
+            return group
+    return None
 
 
 def full_params(model: Any, grads: bool = False) -> list[Any]:

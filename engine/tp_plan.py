@@ -12,19 +12,26 @@ A plan value is one of::
 
 Styles and the layouts of their input and output (``shard``: split along the
 last axis; ``sequence``: split along ``seq_dim``; ``replicate``: whole and
-equal on every rank, its gradient too):
+equal on every rank, its gradient too; ``partial``: a colwise input whose
+gradient, or a rowwise output whose value, is a per-rank partial sum that an
+enclosing module reduces):
 
-    style      module           parameters                 input              output
-    colwise    Linear           weight rows (out) split    replicate|sequence shard|replicate
-    rowwise    Linear           weight columns (in) split  shard              replicate|sequence
-    vocab      Embedding        rows (vocabulary) split    replicate (ids)    replicate|sequence
-    sequence   any              replicated, grads summed   sequence|replicate sequence|replicate
-    replicate  any              replicated                 as it comes        as it comes
+    style     fits      parameters           input                       output
+    colwise   Linear    rows (out) split     replicate|sequence|partial  shard|replicate
+    rowwise   Linear    columns (in) split   shard                       replicate|sequence|partial
+    vocab     Embedding rows (vocab) split   replicate (ids)             replicate|sequence
+    sequence  any       whole, grads summed  sequence|replicate          sequence|replicate
+    replicate any       whole                any|sequence                any|sequence
 
 The first layout listed is the default. Megatron's sequence parallelism is a
 "sequence" region (norms, dropouts) between a rowwise (or vocab) module whose
 output is ``"sequence"`` (a reduce-scatter instead of an all-reduce) and a
-colwise module whose input is ``"sequence"`` (an all-gather on entry).
+colwise module whose input is ``"sequence"`` (an all-gather on entry). When
+module code needs the whole sequence (an attention reading its length from
+its input), put the edges on the module: ``replicate`` with input
+``"sequence"`` all-gathers on entry (reduce-scatters the gradient) and output
+``"sequence"`` reduce-scatters on exit, around colwise modules with input
+``"partial"`` and rowwise modules with output ``"partial"`` inside.
 ``attrs`` rewrites attributes that depend on the shard count after sharding:
 a callable gets ``(old value, tp size)``, any other value is set as is.
 """
@@ -37,17 +44,35 @@ from typing import Any, Iterable, Mapping
 
 import collectives
 
-__all__ = ["Style", "STYLES", "PlanError", "parse", "match", "rewrite_attrs",
+__all__ = ["Style", "STYLES", "PlanError", "parse", "match", "edges", "rewrite_attrs",
            "check_divisible", "digest", "agree"]
 
 LAYOUTS = {
-    "colwise": (("replicate", "sequence"), ("shard", "replicate")),
-    "rowwise": (("shard",), ("replicate", "sequence")),
+    "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
+    "rowwise": (("shard",), ("replicate", "sequence", "partial")),
     "vocab": (("replicate",), ("replicate", "sequence")),
     "sequence": (("sequence", "replicate"), ("sequence", "replicate")),
-    "replicate": ((None,), (None,)),
+    "replicate": (("any", "sequence"), ("any", "sequence")),
 }
 STYLES = tuple(LAYOUTS)
+
+# The collectives at a sharded module's edges, (forward, backward, axis), by
+# (style, layout); axis None is the sequence axis. id: nothing, ar:
+# all-reduce, ag: all-gather, rs: reduce-scatter, split: this rank's part.
+Edge = tuple[str, str, "int | None"]
+_ENTER: dict[tuple[str, str], Edge] = {
+    ("colwise", "replicate"): ("id", "ar", 0),           # Megatron's f
+    ("colwise", "sequence"): ("ag", "rs", None),
+    ("sequence", "replicate"): ("split", "ag", None),
+    ("replicate", "sequence"): ("ag", "rs", None)}
+_EXIT: dict[tuple[str, str], Edge] = {
+    ("colwise", "replicate"): ("ag", "split", -1),
+    ("rowwise", "replicate"): ("ar", "id", 0),           # Megatron's g
+    ("rowwise", "sequence"): ("rs", "ag", None),
+    ("vocab", "replicate"): ("ar", "id", 0),
+    ("vocab", "sequence"): ("rs", "ag", None),
+    ("sequence", "replicate"): ("ag", "split", None),
+    ("replicate", "sequence"): ("rs", "ag", None)}
 
 
 class PlanError(ValueError):
@@ -73,6 +98,11 @@ class Style:
         if self.input not in ins or self.output not in outs:
             raise PlanError(f"style {self.style!r} takes input in {ins} and output in {outs}, "
                             f"not input={self.input!r} output={self.output!r}")
+
+
+def edges(style: Style) -> tuple[Edge | None, Edge | None]:
+    """The collectives on entry to and on exit from a module of ``style``."""
+    return _ENTER.get((style.style, style.input)), _EXIT.get((style.style, style.output))
 
 
 def parse(value: Any) -> Style:
@@ -142,11 +172,11 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
     dict compares nothing and only shares the errors."""
     everyone = collectives.all_gather_object(group, local)
     if isinstance(local, str):
-        raise PlanError(local)
+        raise PlanError(f"tp rank {group.rank} of group {group.name}: {what}: {local}")
     failed = [(r, e) for r, e in enumerate(everyone) if isinstance(e, str)]
     if failed:
         r, e = failed[0]
-        raise PlanError(f"rank {group.rank}: {what} failed on tp rank {r} of group "
+        raise PlanError(f"tp rank {group.rank}: {what} failed on tp rank {r} of group "
                         f"{group.name}: {e}")
     assert isinstance(local, dict)
     for name in local:
@@ -155,12 +185,12 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
             seen.setdefault(d.get(name, "missing"), []).append(r)
         if len(seen) > 1:
             ranks = " vs ".join(str(rs) for rs in seen.values())
-            raise PlanError(f"rank {group.rank}: {what}: {name} differs across the tp group "
+            raise PlanError(f"tp rank {group.rank}: {what}: {name} differs across the tp group "
                             f"{group.name} (ranks {ranks}); build the module identically on "
                             f"every rank (same seed) or pass init='broadcast'")
     for r, d in enumerate(everyone):
         extra = set(d) - set(local)  # type: ignore[arg-type]
         if extra:
-            raise PlanError(f"rank {group.rank}: {what}: tp rank {r} has {sorted(extra)[0]} "
+            raise PlanError(f"tp rank {group.rank}: {what}: tp rank {r} has {sorted(extra)[0]} "
                             f"that rank {group.rank} does not")
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mesh
-from engine import PlanError, Style, parallelize
+from engine import PlanError, Style, gather_state_dict, parallelize
 from engine.layers import Embedding, Linear, Sequential, Tanh
 from engine.tp_layers import full_params
 from engine.tp_plan import match, parse
@@ -59,6 +59,12 @@ def _np_case(name):
             lambda: Sequential(Linear(D, D, np.random.default_rng(3)), Tanh(), *mlp().layers),
             {"0": "sequence", "1": "sequence", "2": {"style": "colwise", "input": "sequence"},
              "4": {"style": "rowwise", "output": "sequence"}}, x, True, True),
+        "region edges": (
+            lambda: Sequential(Linear(D, D, np.random.default_rng(3)), Tanh(), mlp()),
+            {"0": "sequence", "1": "sequence",
+             "2": {"style": "replicate", "input": "sequence", "output": "sequence"},
+             "2.0": {"style": "colwise", "input": "partial"},
+             "2.2": {"style": "rowwise", "output": "partial"}}, x, True, True),
         "sequence replicated edges": (
             lambda: Sequential(Linear(D, D, np.random.default_rng(3)), Tanh()),
             {"0": {"style": "sequence", "input": "replicate", "output": "replicate"}}, x,
@@ -72,7 +78,7 @@ def _np_case(name):
     return cases[name]
 
 
-NP_CASES = ["colwise+rowwise", "colwise gathered", "sequence parallel",
+NP_CASES = ["colwise+rowwise", "colwise gathered", "sequence parallel", "region edges",
             "sequence replicated edges", "vocab", "vocab to sequence"]
 
 
@@ -114,6 +120,10 @@ def _np_worker(world):
     shared = Sequential(Linear(D, H, np.random.default_rng(world.rank)), Tanh())
     parallelize(shared, world, {"0": "colwise"}, init="broadcast")
     errors["broadcast"] = [a.tolist() for a in full_params(shared)]
+    state = gather_state_dict(shared, root=0)
+    assert (state is None) == (world.rank == 1)
+    if state is not None:
+        assert list(state) == ["0", "1"] and state["0"].shape == (D, H)
     return out, errors
 
 
@@ -128,9 +138,101 @@ def test_numpy_styles_match_the_unsharded_layers():
     assert "plan pattern '3' matches no submodule" in errors["nothing"]
     assert "0 param 0 differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
-    assert errors["one rank"].startswith("rank 1: parallelize failed on tp rank 1") or \
-        "not divisible" in errors["one rank"]
-    assert "failed on tp rank 1" in results[0][1]["one rank"]
+    assert errors["one rank"] == ("tp rank 1 of group world: parallelize: 0: fan_out "
+                                  "(weight columns) is 5, not divisible by the tp size 2")
+    assert results[0][1]["one rank"] == ("tp rank 0: parallelize failed on tp rank 1 of group "
+                                         "world: 0: fan_out (weight columns) is 5, not "
+                                         "divisible by the tp size 2")
     want = Sequential(Linear(D, H, np.random.default_rng(0)), Tanh()).params()
     for a, b in zip(errors["broadcast"], want):
         np.testing.assert_array_equal(a, b)
+
+
+# --- torch modules --------------------------------------------------------------
+
+
+def _torch_worker(world):
+    import torch
+
+    import tp_models
+    torch.set_num_threads(1)
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, tp_models.VOCAB, (2, 4)))
+    weights = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 4, 8))).float()
+    out = {}
+    for name, plan in [("plain", tp_models.PLAIN), ("sequence", tp_models.SEQUENCE)]:
+        ref, tp = tp_models.model(1), parallelize(tp_models.model(1), world, plan)
+        for m in (ref, tp):
+            (m(ids) * weights).sum().backward()
+        assert tp[1].attn.num_heads == 1 and tp[1].attn.q.weight.shape == (4, 8)
+        torch.testing.assert_close(tp(ids), ref(ids), rtol=1e-5, atol=1e-6)
+        grads = gather_state_dict(tp, grads=True)
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=name + k)
+        state = gather_state_dict(tp, root=1)
+        if world.rank == 1:
+            fresh = tp_models.model(2)
+            fresh.load_state_dict(state)
+            torch.testing.assert_close(fresh(ids), ref(ids), rtol=0, atol=0)
+        else:
+            assert state is None
+        out[name] = sorted(k for k, _ in tp.named_parameters()) == \
+            sorted(k for k, _ in ref.named_parameters())
+    # a "sequence" module with whole input and output
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 4, 8))).float()
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    tp = parallelize(copy_of(ref), world, {"0": {"style": "sequence", "input": "replicate",
+                                                 "output": "replicate"}})
+    for m in (ref, tp):
+        (m(x) ** 2).sum().backward()
+    for a, b in zip(tp.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    errors = {}
+    for key, make, plan in [
+            ("type", lambda: tp_models.model(1), {"*.ln1": "colwise"}),
+            ("divisible", lambda: torch.nn.Sequential(torch.nn.Linear(4, 5)), {"0": "colwise"}),
+            ("nothing", lambda: tp_models.model(1), {"*.mlp.gate": "colwise"}),
+            ("attr", lambda: tp_models.model(1), {"*.mlp": ("replicate", {"heads": 1})}),
+            ("differs", lambda: tp_models.model(world.rank), tp_models.PLAIN)]:
+        try:
+            parallelize(make(), world, plan)
+        except PlanError as e:
+            errors[key] = str(e)
+    from engine.torch_stage import TorchStage
+    stage = parallelize(TorchStage(tp_models.model(1)), world, tp_models.PLAIN)
+    assert stage.grads()[0].shape == (tp_models.VOCAB // 2, tp_models.DIM)
+    assert [tuple(p.shape) for p in stage.params()] == \
+        [tuple(p.shape) for p in stage.module.parameters()]
+    twice = parallelize(tp_models.model(1), world, tp_models.PLAIN)
+    torch.testing.assert_close(copy_of(twice)(ids), twice(ids), rtol=0, atol=0)
+    try:
+        parallelize(twice, world, tp_models.PLAIN)
+    except PlanError as e:
+        errors["twice"] = str(e)
+    shared = parallelize(tp_models.model(world.rank), world, tp_models.PLAIN, init="broadcast")
+    want = tp_models.model(0).state_dict()
+    for k, v in gather_state_dict(shared).items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    return out, errors
+
+
+def copy_of(module):
+    import copy
+    return copy.deepcopy(module)
+
+
+@pytest.mark.timeout(200)
+def test_torch_styles_match_the_unsharded_module():
+    pytest.importorskip("torch")
+    results = mesh.spawn(_torch_worker, 2, timeout=180)
+    names, errors = results[0]
+    assert names == {"plain": True, "sequence": True}
+    assert "style 'colwise' fits an nn.Linear, but 1.ln1 is a LayerNorm" in errors["type"]
+    assert "0: out_features (weight rows) is 5, not divisible by the tp size 2" in \
+        errors["divisible"]
+    assert "plan pattern '*.mlp.gate' matches no submodule" in errors["nothing"]
+    assert "plan rewrites 1.mlp.heads, but 1.mlp (MLP) has no attribute 'heads'" in \
+        errors["attr"]
+    assert "0.embed.weight differs across the tp group" in errors["differs"]
+    assert "ranks [0] vs [1]" in errors["differs"]
+    assert "0.embed is sharded already" in errors["twice"]

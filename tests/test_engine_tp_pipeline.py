@@ -1,0 +1,197 @@
+"""dp x pp x tp: a pipeline whose stages are tensor-parallel over the grid's
+tp axis, gradients averaged over dp only, trains to the weights of
+single-process training. One spawn per configuration runs every plan and
+schedule; numpy to 1e-10, torch to float32 tolerance.
+
+The tp collectives of a stage run on the grid's tp group, the pipeline's
+sends on its pp group and the gradient average on its dp group: traffic of
+different groups never mixes, so none of them needs tags of the others.
+"""
+import numpy as np
+import pytest
+
+import mesh
+from engine import Pipeline, parallelize, schedules
+from engine.executor import split_microbatches, stages_for_rank
+from engine.layers import Embedding, Linear, Sequential, Tanh, mse_loss, sgd
+from engine.tp_layers import full_params
+
+B, T, D, H, V, OUT = 8, 4, 4, 6, 8, 4
+STEPS, LR, M = 3, 0.1, 4
+# Eight processes on a loaded 2-core machine can each go unscheduled for
+# seconds: the 8-rank runs check training, not liveness.
+PATIENT = {"MESH_PEER_TIMEOUT": "60"}
+
+
+def _np_model():
+    """Two stages of a numpy model on (batch, sequence, features) activations."""
+    rng = np.random.default_rng(11)
+    return [Sequential(Embedding(V, D, rng), Linear(D, D, rng), Tanh(), Linear(D, H, rng), Tanh(),
+                       Linear(H, D, rng)),
+            Sequential(Tanh(), Linear(D, H, rng), Tanh(), Linear(H, D, rng), Tanh(),
+                       Linear(D, OUT, rng))]
+
+
+NP_PLANS = {
+    "plain": [{"0": "vocab", "3": "colwise", "5": "rowwise"},
+              {"1": "colwise", "3": "rowwise", "5": {"style": "colwise", "output": "replicate"}}],
+    # the activations between the stages are split along the sequence
+    "sequence": [{"0": {"style": "vocab", "output": "sequence"}, "1": "sequence",
+                  "2": "sequence", "3": {"style": "colwise", "input": "sequence"},
+                  "5": {"style": "rowwise", "output": "sequence"}},
+                 {"0": "sequence", "1": {"style": "colwise", "input": "sequence"},
+                  "3": "rowwise", "5": {"style": "colwise", "output": "replicate"}}],
+}
+
+
+def _np_data(step):
+    rng = np.random.default_rng(100 + step)
+    return rng.integers(0, V, (B, T)), rng.standard_normal((B, T, OUT))
+
+
+def _np_reference():
+    model = Sequential(*[layer for stage in _np_model() for layer in stage.layers])
+    for step in range(STEPS):
+        x, y = _np_data(step)
+        out, ctx = model.forward(x)
+        model.backward(ctx, mse_loss(out, y)[1])
+        sgd([model], LR)
+    return model.params()
+
+
+def _axes(world, dp):
+    grid = mesh.grid(world, dp=dp, pp=2, tp=2)
+    tp, pp = grid.group("tp"), grid.group("pp")
+    assert (tp.rank, pp.rank) == (grid.coord("tp"), grid.coord("pp"))
+    assert grid.rank_of(tp=0) == world.rank - tp.rank     # tp is the fastest axis
+    return grid, tp, grid.coord("dp")
+
+
+def _np_worker(world, dp):
+    grid, tp, d = _axes(world, dp)
+    out = {}
+    for plan_name, plans in NP_PLANS.items():
+        for sched_name in ("1f1b", "zb-h1"):
+            sched = schedules.by_name(sched_name, 2, M)
+            stages = _np_model()
+            mine = stages_for_rank(stages, sched, grid.coord("pp"))
+            for s, stage in zip(sched.stages_of(grid.coord("pp")), mine):
+                parallelize(stage, tp, plans[s])
+            pipe = Pipeline(grid, mine, sched, loss_fn=mse_loss, timeout=60)
+            for step in range(STEPS):
+                x, y = (split_microbatches(a, dp)[d] for a in _np_data(step))
+                pipe.step(x if pipe.first else None, y if pipe.last else None)
+                sgd(mine, LR)
+            out[plan_name, sched_name] = {s: [p.tolist() for p in full_params(st)]
+                                          for s, st in pipe.stages.items()}
+    return out
+
+
+def _check_np(results, dp):
+    want = _np_reference()
+    for key in results[0]:
+        for r, res in enumerate(results):
+            got = [np.array(p) for s in sorted(res[key]) for p in res[key][s]]
+            stage_of = (r // 2) % 2          # world rank = (dp * 2 + pp) * 2 + tp
+            n0 = len(_np_model()[0].params())
+            ref = want[:n0] if stage_of == 0 else want[n0:]
+            assert len(got) == len(ref), key
+            for a, b in zip(got, ref):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=f"{key} rank {r}")
+
+
+def test_numpy_pp2_tp2_trains_like_one_process():
+    _check_np(mesh.spawn(_np_worker, 4, 1, timeout=120), 1)
+
+
+@pytest.mark.timeout(200)
+def test_numpy_dp2_pp2_tp2_trains_like_one_process():
+    _check_np(mesh.spawn(_np_worker, 8, 2, timeout=180, env=PATIENT), 2)
+
+
+# --- torch ------------------------------------------------------------------------
+
+TB = 4
+
+
+def _torch_data(step):
+    import tp_models
+    rng = np.random.default_rng(200 + step)
+    return (rng.integers(0, tp_models.VOCAB, (TB, tp_models.SEQ)),
+            rng.integers(0, tp_models.VOCAB, (TB, tp_models.SEQ)))
+
+
+def _ce(y, t):
+    import torch
+    return torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1))
+
+
+def _torch_reference():
+    import torch
+
+    import tp_models
+    model = tp_models.model(7)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = (torch.from_numpy(a) for a in _torch_data(step))
+        opt.zero_grad()
+        _ce(model(x), y).backward()
+        opt.step()
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _torch_worker(world, dp, runs):
+    import torch
+
+    import tp_models
+    from engine import gather_state_dict
+    from engine.torch_stage import TorchStage, torch_loss
+    torch.set_num_threads(1)
+    grid, tp, d = _axes(world, dp)
+    out = {}
+    for plan_name, sched_name in runs:
+        sched = schedules.by_name(sched_name, 2, 2)
+        model = tp_models.model(7)
+        pp = grid.coord("pp")
+        module = model[2 * pp:2 * pp + 2]             # stage pp: two of the four parts
+        parallelize(module, tp, getattr(tp_models, plan_name), strict=False)
+        stage = TorchStage(module)
+        opt = torch.optim.SGD(module.parameters(), lr=LR)
+        pipe = Pipeline(grid, stage, sched, loss_fn=torch_loss(_ce), timeout=60)
+        for step in range(STEPS):
+            x, y = (split_microbatches(a, dp)[d] for a in _torch_data(step))
+            opt.zero_grad()
+            pipe.step(x if pipe.first else None, y if pipe.last else None)
+            opt.step()
+        full = gather_state_dict(module)            # a slice keeps the model's keys
+        out[plan_name, sched_name] = {k: v.numpy() for k, v in full.items()}
+    return out
+
+
+def _check_torch(results, runs):
+    want = _torch_reference()
+    for run in runs:
+        seen = set()
+        for r, res in enumerate(results):
+            for k, v in res[run].items():
+                np.testing.assert_allclose(v, want[k], rtol=2e-4, atol=2e-5,
+                                           err_msg=f"{run} rank {r} {k}")
+                seen.add(k)
+        assert seen == set(want), run
+
+
+TORCH_RUNS = [("PLAIN", "1f1b"), ("SEQUENCE", "zb-h1")]
+
+
+@pytest.mark.timeout(300)
+def test_torch_pp2_tp2_trains_like_one_process():
+    pytest.importorskip("torch")
+    _check_torch(mesh.spawn(_torch_worker, 4, 1, TORCH_RUNS, timeout=280), TORCH_RUNS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_torch_dp2_pp2_tp2_trains_like_one_process():
+    pytest.importorskip("torch")
+    runs = [("SEQUENCE", "1f1b")]
+    _check_torch(mesh.spawn(_torch_worker, 8, 2, runs, timeout=480, env=PATIENT), runs)

@@ -1,0 +1,98 @@
+"""A small plain transformer (no distribution code in it) and its
+tensor-parallel plans, for the tensor-parallel tests."""
+import torch
+from torch import nn
+
+VOCAB, DIM, HIDDEN, HEADS, SEQ = 8, 8, 12, 2, 4
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+
+        def heads(z):
+            return z.view(b, t, self.num_heads, -1).transpose(1, 2)
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.o((a @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.attn, self.mlp = Attention(DIM, HEADS), MLP(DIM, HIDDEN)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Embed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_f, self.head = nn.LayerNorm(DIM), nn.Linear(DIM, VOCAB)
+
+    def forward(self, x):
+        return self.head(self.ln_f(x))
+
+
+def model(seed: int = 0, blocks: int = 2, dtype=torch.float32) -> nn.Sequential:
+    """Embed, blocks, Head: an nn.Sequential, so its stages are slices of it."""
+    torch.manual_seed(seed)
+    return nn.Sequential(Embed(), *(Block() for _ in range(blocks)), Head()).to(dtype)
+
+
+def _heads(n, tp):
+    return n // tp
+
+
+PLAIN = {
+    "*embed": "vocab",
+    "*.attn": ("replicate", {"num_heads": _heads}),
+    "*.attn.[qkv]": "colwise",
+    "*.attn.o": "rowwise",
+    "*.mlp.up": "colwise",
+    "*.mlp.down": "rowwise",
+    "*.head": {"style": "colwise", "output": "replicate"},
+}
+
+# Megatron's sequence parallelism: norms on a part of the sequence, the
+# residual stream (and what crosses pipeline stages) split along it. The
+# attention reads the sequence length from its input: it takes the whole
+# sequence (one all-gather for q, k and v) and reduce-scatters its output.
+SEQUENCE = {
+    "*embed": {"style": "vocab", "output": "sequence"},
+    "*.ln?": "sequence",
+    "*.ln_f": "sequence",
+    "*.attn": {"style": "replicate", "input": "sequence", "output": "sequence",
+               "attrs": {"num_heads": _heads}},
+    "*.attn.[qkv]": {"style": "colwise", "input": "partial"},
+    "*.attn.o": {"style": "rowwise", "output": "partial"},
+    "*.mlp.up": {"style": "colwise", "input": "sequence"},
+    "*.mlp.down": {"style": "rowwise", "output": "sequence"},
+    "*.head": {"style": "colwise", "input": "sequence", "output": "replicate"},
+}
