@@ -6,9 +6,9 @@ The passes run one way, each module importing only the ones before it::
 
 (schedules sits beside lower, on ir alone; choose, which picks a schedule
 by simulating it, after render; tensor parallelism, tp_plan -> tp_layers ->
-tensor_parallel, on layers alone; partition, which cuts a model into
-stages, and tied, which keeps shared parameters equal, before the executor;
-tests/test_engine_layering.py keeps the order.)
+tensor_parallel, on layers alone; tied (shared parameters kept equal),
+stagebuild (a model's layers as stages) and partition (where to cut) come
+before the executor; tests/test_engine_layering.py keeps the order.)
 """
 from . import choose, layers, schedules
 from .distribute import Job, distribute, load_state

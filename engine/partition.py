@@ -26,11 +26,12 @@ wraps it in a TorchStage) or an ``engine.layers.Sequential``. ``balance``:
   each gets its real input), and the cut is the one whose simulated step
   of ``schedule`` (engine.simulate with per-stage costs; default 1F1B over
   ``2 * num_stages`` micro-batches) is shortest: every cut when there are
-  few, else the DP cut minimising the largest stage's time, improved by
-  moving single cut points while the simulated step shrinks. Timings differ
-  between processes, so pass ``group=`` (every rank of it calls partition):
-  its first rank measures (specs built one at a time) and broadcasts the
-  costs, and every rank cuts alike;
+  few, else the better of the DP cut minimising the largest stage's time
+  and the uniform cut, improved by moving one or two cut points by a layer
+  while the simulated step shrinks. Timings differ between processes, so
+  pass ``group=`` (every rank of it calls partition): its first rank
+  measures (specs built one at a time) and broadcasts the costs, and every
+  rank cuts alike;
 * a list of layer counts, one per stage.
 
 A parameter shared by layers of two stages (same object: an embedding and
@@ -43,20 +44,18 @@ the Pipeline gives every copy the first stage's value.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 import math
 import statistics
-import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from . import layers as L
 from .ir import Schedule
 from .replay import replay
 from .schedules import one_f_one_b
 from .simulate import _costs
+from .stagebuild import (as_module, build, declared_tie, is_module, kind_of, layers_of,
+                         make_stage, param_count, stage_params, untie)
 from .tied import Tie
 from .torch_stage import TorchStage
 from .verify import verify
@@ -91,17 +90,17 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
               stages: Sequence[int] | None = None, group: Any = None,
               tied: Sequence[Sequence[str]] = (), reps: int = 3) -> Partition:
     """Cut ``model`` into ``num_stages`` stages (see the module docstring)."""
-    items = _items(model)
+    items = layers_of(model)
     n = len(items)
     if num_stages < 1 or num_stages > n:
         raise ValueError(f"cannot cut {n} layers into {num_stages} stages: each stage needs "
                          "at least one layer")
-    kinds = [_kind(i, x) for i, x in enumerate(items)]
+    kinds = [kind_of(i, x) for i, x in enumerate(items)]
     layer_costs = None
     if balance == "uniform":
         counts = [(s + 1) * n // num_stages - s * n // num_stages for s in range(num_stages)]
     elif balance == "parameters":
-        sizes = [_param_count(x, k) for x, k in zip(items, kinds)]
+        sizes = [param_count(x, k) for x, k in zip(items, kinds)]
         counts = cut_points([(p, 1) for p in sizes], num_stages)
     elif balance == "time":
         if sample is None:
@@ -127,17 +126,17 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     start = 0
     for s, c in enumerate(counts):
         if s in wanted:
-            built.append([_build(items[i], kinds[i]) for i in range(start, start + c)])
+            built.append([build(items[i], kinds[i]) for i in range(start, start + c)])
         else:
             built.append(None)
         start += c
-    ties = _untie(built, counts)
+    ties = untie(built, counts)
     for names in tied:
-        ties.update(_declared(built, counts, [str(x) for x in names], ties))
-    out: list[Any] = [None if ls is None else _stage(ls, s) for s, ls in enumerate(built)]
+        ties.update(declared_tie(built, counts, [str(x) for x in names], ties))
+    out: list[Any] = [None if ls is None else make_stage(ls, s) for s, ls in enumerate(built)]
     for tie, members in ties.items():
         for s, p in members:
-            index = next(i for i, q in enumerate(_stage_params(out[s])) if q is p)
+            index = next(i for i, q in enumerate(stage_params(out[s])) if q is p)
             out[s].tied = getattr(out[s], "tied", ()) + ((tie, index),)
     return Partition(out, counts, layer_costs, list(ties))
 
@@ -173,7 +172,8 @@ def cut_points(costs: Sequence[Any], num_stages: int) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def _stage_costs(layer_costs: dict[str, list[float]], counts: Sequence[int]) -> dict[str, list[float]]:
+def _stage_costs(layer_costs: dict[str, list[float]],
+                 counts: Sequence[int]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     start = 0
     for c in counts:
@@ -201,218 +201,24 @@ def _best_simulated(layer_costs: dict[str, list[float]], sched: Schedule) -> lis
         cuts = itertools.combinations(range(1, n), p - 1)
         every = [[b - a for a, b in zip((0,) + c, c + (n,))] for c in cuts]
         return list(min(key(c) for c in every)[2])
-    current = tuple(cut_points(per_layer, p))
-    best = key(current)
+    best = min(key(c) for c in (cut_points(per_layer, p),
+                                [(s + 1) * n // p - s * n // p for s in range(p)]))
     for _ in range(4 * n):
         moves = []
-        for b in range(p - 1):
-            for d in (-1, 1):
-                c = list(current)
-                c[b] += d
-                c[b + 1] -= d
+        for b1, b2 in itertools.combinations_with_replacement(range(p - 1), 2):
+            for d1, d2 in ((1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)):
+                bounds = list(itertools.accumulate(best[2], initial=0))
+                bounds[b1 + 1] += d1
+                if b2 != b1:
+                    bounds[b2 + 1] += d2
+                c = [b - a for a, b in zip(bounds, bounds[1:])]
                 if min(c) >= 1:
-                    moves.append(tuple(c))
+                    moves.append(c)
         top = min((key(c) for c in moves), default=best)
         if top >= best:
             break
-        best, current = top, top[2]
-    return list(current)
-
-
-# -- layers, specs and stages ------------------------------------------------
-
-
-def _torch() -> Any:
-    return sys.modules.get("torch")
-
-
-def _is_module(x: Any) -> bool:
-    torch = _torch()
-    return torch is not None and isinstance(x, torch.nn.Module)
-
-
-def _items(model: Any) -> list[Any]:
-    torch = _torch()
-    if _is_module(model):
-        if isinstance(model, (torch.nn.Sequential, torch.nn.ModuleList)):
-            return list(model)
-        raise TypeError(f"cannot cut a {type(model).__name__}: pass an nn.Sequential or a list "
-                        "of its layers in the order they run")
-    if isinstance(model, L.Sequential):
-        return list(model.layers)
-    if isinstance(model, (list, tuple)):
-        return list(model)
-    raise TypeError(f"cannot cut a {type(model).__name__}: pass an nn.Sequential, an "
-                    "engine.layers.Sequential or a list of layers or specs")
-
-
-def _kind(i: int, x: Any) -> str:
-    """'module' (torch), 'layer' (engine.layers protocol), 'fn' (a function
-    of its input) or 'spec' (a constructor of one of those)."""
-    if _is_module(x):
-        return "module"
-    if callable(getattr(x, "forward", None)) and callable(getattr(x, "backward", None)):
-        return "layer"
-    if isinstance(x, tuple) and len(x) == 3 and callable(x[0]):
-        return "spec"
-    if isinstance(x, type):
-        return "spec"
-    if callable(x):
-        try:
-            params = inspect.signature(x).parameters.values()
-        except (TypeError, ValueError):
-            return "fn"
-        required = [q for q in params if q.default is q.empty
-                    and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
-        return "fn" if required else "spec"
-    raise TypeError(f"layer {i}: a {type(x).__name__} is neither a layer, a function of its "
-                    "input nor a constructor of a layer")
-
-
-def _build(x: Any, kind: str) -> Any:
-    if kind != "spec":
-        return x
-    if isinstance(x, tuple):
-        cls, args, kwargs = x
-        return cls(*args, **kwargs)
-    return x()
-
-
-def _param_count(x: Any, kind: str) -> int:
-    torch = _torch()
-    if kind == "spec" and torch is not None:
-        with torch.device("meta"):
-            x = _build(x, kind)
-    else:
-        x = _build(x, kind)
-    if _is_module(x):
-        return sum(p.numel() for p in x.parameters() if p.requires_grad)
-    params = getattr(x, "params", None)
-    return sum(int(p.size) for p in params()) if callable(params) else 0
-
-
-@functools.lru_cache(maxsize=1)
-def _fn_class() -> Any:
-    torch = _torch()
-    if torch is None:
-        raise TypeError("a plain function is a layer only in a torch model: import torch")
-
-    class Fn(torch.nn.Module):  # type: ignore[name-defined]
-        """A function of the input as a parameter-free module."""
-
-        def __init__(self, fn: Callable[..., Any]) -> None:
-            super().__init__()
-            self.fn = fn
-
-        def forward(self, x: Any) -> Any:
-            return self.fn(x)
-
-    return Fn
-
-
-def _as_module(x: Any) -> Any:
-    return x if _is_module(x) else _fn_class()(x)
-
-
-def _stage(layers: list[Any], s: int) -> Any:
-    if all(not _is_module(x) and callable(getattr(x, "backward", None)) for x in layers):
-        return L.Sequential(*layers)
-    if any(callable(getattr(x, "backward", None)) and not _is_module(x) for x in layers):
-        raise TypeError(f"stage {s} mixes engine.layers layers with torch modules")
-    return _torch().nn.Sequential(*[_as_module(x) for x in layers])
-
-
-def _params(layer: Any) -> list[tuple[str, Any]]:
-    if _is_module(layer):
-        return [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
-    params = getattr(layer, "params", None)
-    return [(str(k), p) for k, p in enumerate(params())] if callable(params) else []
-
-
-def _stage_params(stage: Any) -> list[Any]:
-    """What the stage's (or its TorchStage's) params() lists, as objects."""
-    if _is_module(stage):
-        return [p for p in stage.parameters() if p.requires_grad]
-    return list(stage.params())
-
-
-def _untie(built: list[list[Any] | None], counts: Sequence[int]) -> dict[Tie, list[tuple[int, Any]]]:
-    """Find parameters shared between stages, give each later stage its own
-    copy, and return each tie's (stage, its copy)."""
-    first = list(itertools.accumulate(counts, initial=0))
-    owners: dict[int, tuple[str, Any, list[int]]] = {}
-    for s, ls in enumerate(built):
-        for j, layer in enumerate(ls or []):
-            for name, p in _params(layer):
-                entry = owners.setdefault(id(p), (f"{first[s] + j}.{name}", p, []))
-                if s not in entry[2]:
-                    entry[2].append(s)
-    ties: dict[Tie, list[tuple[int, Any]]] = {}
-    for name, p, stages in owners.values():
-        if len(stages) > 1:
-            ties[Tie(name, tuple(stages))] = [
-                (s, p if s == stages[0] else _copy_into(built[s] or [], p)) for s in stages]
-    return ties
-
-
-def _declared(built: list[list[Any] | None], counts: Sequence[int], names: list[str],
-              found: dict[Tie, list[tuple[int, Any]]]) -> dict[Tie, list[tuple[int, Any]]]:
-    """The tie named by ``names`` ("layer.parameter": "0.weight" in torch,
-    "0.0" for the first of an engine.layers layer's params()): each built
-    stage's copies become one object; nothing new when they already are
-    one (found by ``_untie``)."""
-    first = list(itertools.accumulate(counts, initial=0))
-    where: list[tuple[int, int, str]] = []
-    for name in names:
-        layer, _, pname = name.partition(".")
-        if not layer.isdigit() or not pname or int(layer) >= first[-1]:
-            raise ValueError(f"tied name {name!r}: use 'layer.parameter' with a layer index "
-                             f"below {first[-1]}")
-        i = int(layer)
-        s = next(k for k in range(len(counts)) if first[k] <= i < first[k + 1])
-        where.append((s, i - first[s], pname))
-    known = {id(p) for members in found.values() for _, p in members}
-    stages = tuple(sorted({s for s, _, _ in where}))
-    members: list[tuple[int, Any]] = []
-    for s in stages:
-        ls = built[s]
-        if ls is None:
-            continue
-        params = []
-        for ss, j, pname in where:
-            if ss == s:
-                named = dict(_params(ls[j]))
-                if pname not in named:
-                    raise ValueError(f"tied name {first[s] + j}.{pname}: layer {first[s] + j} "
-                                     f"has no parameter {pname!r} (it has {sorted(named)})")
-                params.append(named[pname])
-        if all(id(p) in known for p in params):
-            return {}
-        for p in params[1:]:
-            _copy_into(ls, p, params[0])
-        members.append((s, params[0]))
-    return {Tie(names[0], stages): members} if len(stages) > 1 else {}
-
-
-def _copy_into(layers: list[Any], p: Any, copy: Any = None) -> Any:
-    """Replace ``p`` by ``copy`` (default: a new copy of p) wherever
-    ``layers`` hold it; return what replaced it."""
-    torch = _torch()
-    if torch is not None and isinstance(p, torch.nn.Parameter):
-        if copy is None:
-            copy = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        for layer in layers:
-            for mod in layer.modules() if _is_module(layer) else ():
-                for name, q in list(mod._parameters.items()):
-                    if q is p:
-                        setattr(mod, name, copy)
-        return copy
-    copy = p.copy() if copy is None else copy
-    for layer in layers:
-        for name, q in list(vars(layer).items()):
-            if q is p:
-                setattr(layer, name, copy)
-    return copy
+        best = top
+    return list(best[2])
 
 
 # -- measuring ---------------------------------------------------------------
@@ -427,7 +233,7 @@ def _measured(items: list[Any], kinds: list[str], sample: Any, reps: int,
         costs = {k: [] for k in _KINDS}
         x = sample
         for item, kind in zip(items, kinds):
-            layer = _build(item, kind)
+            layer = build(item, kind)
             f, i, w, x = _time_layer(layer, x, reps)
             for k, v in zip(_KINDS, (f, i, w)):
                 costs[k].append(v)
@@ -441,8 +247,8 @@ def _measured(items: list[Any], kinds: list[str], sample: Any, reps: int,
 def _time_layer(layer: Any, x: Any, reps: int) -> tuple[float, float, float, Any]:
     """Median forward, input-gradient and weight-gradient seconds of one
     layer on ``x`` (its gradients are put back as they were), and its output."""
-    if _is_module(layer) or not callable(getattr(layer, "backward", None)):
-        stage: Any = TorchStage(_as_module(layer))
+    if is_module(layer) or not callable(getattr(layer, "backward", None)):
+        stage: Any = TorchStage(as_module(layer))
         saved = [(p, None if p.grad is None else p.grad.clone()) for p in stage._params]
     else:
         stage = layer

@@ -58,7 +58,8 @@ class SimReport:
 
     def __str__(self) -> str:
         peaks = " ".join(str(n) for n in self.peak_activations)
-        return (f"makespan {self.makespan:g}  bubble {self.bubble:.1%}  "
+        return (f"makespan {self.makespan:g}  bubble {self.bubble:.1%} "
+                f"(within each rank's span {self.span_bubble:.1%})  "
                 f"peak activations per rank [{peaks}]")
 
 

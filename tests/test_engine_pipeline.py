@@ -72,8 +72,8 @@ def _worker(world, dp_size, m):
         topo = mesh.grid(world, dp=dp_size, pp=world.size // dp_size)
         pp, dp, dp_index = topo.group("pp"), topo.group("dp"), topo.coord("dp")
     out = {name: _train(topo, pp, dp, dp_index, name, m) for name in NAMES}
-    if dp_size == 1 and world.size == 2:
-        out["tied"] = _tied_worker(world)
+    if pp.size == 2:
+        out["tied"] = _tied_worker(topo, pp, dp, dp_index)
     return out
 
 
@@ -125,6 +125,8 @@ def test_schedules_match_sequential_training(pp_size, m):
 def test_dp2_pp2_matches_sequential_training():
     results = mesh.spawn(_worker, 4, 2, 4, timeout=90)
     _check(results, 2, 2, 4)
+    for d in range(2):
+        _check_tied([r["tied"] for r in results[2 * d:2 * d + 2]])
 
 
 # -- a weight tied between stages (partition unties it, the Pipeline keeps it) --
@@ -156,29 +158,32 @@ def _tied_reference():
     return model.layers[0].weight
 
 
-def _tied_worker(world):
+def _tied_worker(topo, pp, dp, dp_index):
     """Also: balance="time" with a group cuts alike on every rank (the first
     rank's measurements are broadcast)."""
-    timed = partition(_tied_numpy(), 3, "time", sample=_tied_data(0)[0], group=world, reps=1)
+    timed = partition(_tied_numpy(), 3, "time", sample=_tied_data(0)[0], group=pp, reps=1)
     out = {"time": (timed.counts, timed.layer_costs)}
     specs = [functools.partial(lambda i: _tied_numpy()[i], i) for i in range(7)]
     for name, sched, counts in [("1f1b", schedules.one_f_one_b(2, 4), [3, 4]),
                                 ("zb-v", schedules.zb_v(2, 4), [2, 2, 1, 2]),
                                 ("specs", schedules.one_f_one_b(2, 4), [3, 4])]:
         if name == "specs":    # each rank builds its stage; the tie is named
-            parts = partition(specs, 2, counts, stages=sched.stages_of(world.rank),
+            parts = partition(specs, 2, counts, stages=sched.stages_of(pp.rank),
                               tied=[("0.0", "6.0")])
-            assert parts[1 - world.rank] is None
+            assert parts[1 - pp.rank] is None
         else:
             parts = partition(_tied_numpy(), sched.num_stages, counts)
-        mine = stages_for_rank(parts, sched, world.rank)
-        for s, stage in zip(sched.stages_of(world.rank), mine):
+        mine = stages_for_rank(parts, sched, pp.rank)
+        for s, stage in zip(sched.stages_of(pp.rank), mine):
             for tie, index in getattr(stage, "tied", ()):
                 if s != tie.stages[0]:    # the Pipeline makes the copies equal again
                     stage.params()[index][...] += 1.0
-        pipe = Pipeline(world, mine, sched, loss_fn=L.mse_loss, timeout=30)
+        pipe = Pipeline(topo, mine, sched, loss_fn=L.mse_loss, timeout=30)
         for step in range(STEPS):
             x, y = _tied_data(step)
+            if dp is not None:
+                x, y = (split_microbatches(x, dp.size)[dp_index],
+                        split_microbatches(y, dp.size)[dp_index])
             pipe.step(x if pipe.first else None, y if pipe.last else None)
             L.sgd(mine, LR)
         out[name] = {s: [p.copy() for p in st.params()] for s, st in pipe.stages.items()}

@@ -1,14 +1,16 @@
 """A failed Pipeline.step: every rank that waits on the failure raises (no
 hang), no receive of the step is left posted, and the same Pipeline then
-trains exactly like sequential training, with and without a dp axis."""
+trains exactly like sequential training, with and without a dp axis, and
+with a tied weight."""
 import numpy as np
 import pytest
 
 import mesh
-from engine import Pipeline, schedules
+from engine import Pipeline, partition, schedules
 from engine.executor import split_microbatches, stages_for_rank
 from engine.layers import mlp_stages, mse_loss, sgd
-from test_engine_pipeline import LR, SEED, STEPS, WIDTHS, _data, _reference
+from test_engine_pipeline import (LR, SEED, STEPS, WIDTHS, _data, _reference, _tied_data,
+                                  _tied_numpy, _tied_reference)
 
 
 class _Boom(Exception):
@@ -103,3 +105,50 @@ def test_failed_step_raises_everywhere_and_the_pipeline_recovers(dp_size, name, 
         flat = [p for s in sorted(got) for p in got[s]]
         for a, b in zip(flat, ref_params, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+class _FlakyWeight(_Flaky):
+    """Raises in its ``fail_at``-th backward_weight: after its last send."""
+
+    def forward(self, x):
+        return self.stage.forward(x)
+
+    def backward_weight(self, wctx):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise _Boom("weight gradient failed on purpose")
+        return self.stage.backward_weight(wctx)
+
+
+def _tied_failure_worker(world):
+    """ZB-H1 on 2 ranks, a weight tied between stage 0 and stage 1: rank 1
+    fails in its last W, when rank 0 is already summing the tied gradient."""
+    sched, m = schedules.zero_bubble_h1(2, 4), 4
+    parts = partition(_tied_numpy(), 2, [3, 4])
+    (mine,) = stages_for_rank(parts, sched, world.rank)
+    stage = _FlakyWeight(mine, m if world.rank == 1 else 0)
+    stage.tied = mine.tied
+    pipe = Pipeline(world, stage, sched, loss_fn=mse_loss, timeout=30)
+    error = None
+    try:
+        x, y = _tied_data(0)
+        pipe.step(x if pipe.first else None, y if pipe.last else None)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    for g in mine.grads():
+        g[...] = 0
+    for step in range(STEPS):
+        x, y = _tied_data(step)
+        pipe.step(x if pipe.first else None, y if pipe.last else None)
+        sgd([mine], LR)
+    return error, mine.params()[0 if world.rank == 0 else -2]
+
+
+def test_failed_step_aborts_the_tied_gradient_sum():
+    results = mesh.spawn(_tied_failure_worker, 2, timeout=90)
+    assert results[1][0].startswith("_Boom"), results[1][0]
+    assert "aborted" in results[0][0] and "step 0 failed on pp rank 1" in results[0][0], \
+        results[0][0]
+    want = _tied_reference()
+    for _, weight in results:
+        np.testing.assert_allclose(weight, want, rtol=1e-10)

@@ -208,7 +208,7 @@ def test_bubble_and_peak_activations():
     half = {"F": 0.5, "B": 1.0}
     assert S.interleaved_1f1b(4, 16, 2).simulate(half).makespan < one.makespan
     assert one.rank_bubble(0) == pytest.approx(one.bubble)
-    assert "bubble" in str(one)
+    assert "bubble 15.8% (within each rank's span 8.6%)" in str(one)
 
 
 def test_zero_bubble_figures_of_the_paper():

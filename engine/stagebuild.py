@@ -1,0 +1,219 @@
+"""The layers of a model as stage objects: what ``engine.partition`` cuts.
+
+A layer is a torch module, an engine.layers layer (the stage protocol), a
+plain function of its input (made a parameter-free torch module), or a
+spec: a constructor of one (a class, a zero-argument callable, a
+``functools.partial``, a ``(cls, args, kwargs)`` tuple), built only when
+its stage is. A stage is an ``nn.Sequential`` of the model's own modules
+or an ``engine.layers.Sequential``. A parameter that layers of two stages
+share is untied here into one copy per later stage (``untie``), or named
+by the user when specs built the layers apart (``declared_tie``).
+
+torch is never imported here: a model that has torch modules imported it.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import sys
+from typing import Any, Callable, Sequence
+
+from . import layers as L
+from .tied import Tie
+
+__all__ = ["torch_module", "is_module", "layers_of", "kind_of", "build", "param_count",
+           "as_module", "make_stage", "layer_params", "stage_params", "untie", "declared_tie"]
+
+
+def torch_module() -> Any:
+    return sys.modules.get("torch")
+
+
+def is_module(x: Any) -> bool:
+    torch = torch_module()
+    return torch is not None and isinstance(x, torch.nn.Module)
+
+
+def layers_of(model: Any) -> list[Any]:
+    torch = torch_module()
+    if is_module(model):
+        if isinstance(model, (torch.nn.Sequential, torch.nn.ModuleList)):
+            return list(model)
+        raise TypeError(f"cannot cut a {type(model).__name__}: pass an nn.Sequential or a list "
+                        "of its layers in the order they run")
+    if isinstance(model, L.Sequential):
+        return list(model.layers)
+    if isinstance(model, (list, tuple)):
+        return list(model)
+    raise TypeError(f"cannot cut a {type(model).__name__}: pass an nn.Sequential, an "
+                    "engine.layers.Sequential or a list of layers or specs")
+
+
+def kind_of(i: int, x: Any) -> str:
+    """'module' (torch), 'layer' (engine.layers protocol), 'fn' (a function
+    of its input) or 'spec' (a constructor of one of those)."""
+    if is_module(x):
+        return "module"
+    if callable(getattr(x, "forward", None)) and callable(getattr(x, "backward", None)):
+        return "layer"
+    if isinstance(x, tuple) and len(x) == 3 and callable(x[0]):
+        return "spec"
+    if isinstance(x, type):
+        return "spec"
+    if callable(x):
+        try:
+            params = inspect.signature(x).parameters.values()
+        except (TypeError, ValueError):
+            return "fn"
+        required = [q for q in params if q.default is q.empty
+                    and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+        return "fn" if required else "spec"
+    raise TypeError(f"layer {i}: a {type(x).__name__} is neither a layer, a function of its "
+                    "input nor a constructor of a layer")
+
+
+def build(x: Any, kind: str) -> Any:
+    if kind != "spec":
+        return x
+    if isinstance(x, tuple):
+        cls, args, kwargs = x
+        return cls(*args, **kwargs)
+    return x()
+
+
+def param_count(x: Any, kind: str) -> int:
+    torch = torch_module()
+    if kind == "spec" and torch is not None:
+        with torch.device("meta"):
+            x = build(x, kind)
+    else:
+        x = build(x, kind)
+    if is_module(x):
+        return sum(p.numel() for p in x.parameters() if p.requires_grad)
+    params = getattr(x, "params", None)
+    return sum(int(p.size) for p in params()) if callable(params) else 0
+
+
+@functools.lru_cache(maxsize=1)
+def _fn_class() -> Any:
+    torch = torch_module()
+    if torch is None:
+        raise TypeError("a plain function is a layer only in a torch model: import torch")
+
+    class Fn(torch.nn.Module):  # type: ignore[name-defined]
+        """A function of the input as a parameter-free module."""
+
+        def __init__(self, fn: Callable[..., Any]) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x: Any) -> Any:
+            return self.fn(x)
+
+    return Fn
+
+
+def as_module(x: Any) -> Any:
+    return x if is_module(x) else _fn_class()(x)
+
+
+def make_stage(layers: list[Any], s: int) -> Any:
+    if all(not is_module(x) and callable(getattr(x, "backward", None)) for x in layers):
+        return L.Sequential(*layers)
+    if any(callable(getattr(x, "backward", None)) and not is_module(x) for x in layers):
+        raise TypeError(f"stage {s} mixes engine.layers layers with torch modules")
+    return torch_module().nn.Sequential(*[as_module(x) for x in layers])
+
+
+def layer_params(layer: Any) -> list[tuple[str, Any]]:
+    if is_module(layer):
+        return [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    params = getattr(layer, "params", None)
+    return [(str(k), p) for k, p in enumerate(params())] if callable(params) else []
+
+
+def stage_params(stage: Any) -> list[Any]:
+    """What the stage's (or its TorchStage's) params() lists, as objects."""
+    if is_module(stage):
+        return [p for p in stage.parameters() if p.requires_grad]
+    return list(stage.params())
+
+
+def untie(built: list[list[Any] | None], counts: Sequence[int]) -> dict[Tie, list[tuple[int, Any]]]:
+    """Find parameters shared between stages, give each later stage its own
+    copy, and return each tie's (stage, its copy)."""
+    first = list(itertools.accumulate(counts, initial=0))
+    owners: dict[int, tuple[str, Any, list[int]]] = {}
+    for s, ls in enumerate(built):
+        for j, layer in enumerate(ls or []):
+            for name, p in layer_params(layer):
+                entry = owners.setdefault(id(p), (f"{first[s] + j}.{name}", p, []))
+                if s not in entry[2]:
+                    entry[2].append(s)
+    ties: dict[Tie, list[tuple[int, Any]]] = {}
+    for name, p, stages in owners.values():
+        if len(stages) > 1:
+            ties[Tie(name, tuple(stages))] = [
+                (s, p if s == stages[0] else _copy_into(built[s] or [], p)) for s in stages]
+    return ties
+
+
+def declared_tie(built: list[list[Any] | None], counts: Sequence[int], names: list[str],
+              found: dict[Tie, list[tuple[int, Any]]]) -> dict[Tie, list[tuple[int, Any]]]:
+    """The tie named by ``names`` ("layer.parameter": "0.weight" in torch,
+    "0.0" for the first of an engine.layers layer's params()): each built
+    stage's copies become one object; nothing new when they already are
+    one (found by ``_untie``)."""
+    first = list(itertools.accumulate(counts, initial=0))
+    where: list[tuple[int, int, str]] = []
+    for name in names:
+        layer, _, pname = name.partition(".")
+        if not layer.isdigit() or not pname or int(layer) >= first[-1]:
+            raise ValueError(f"tied name {name!r}: use 'layer.parameter' with a layer index "
+                             f"below {first[-1]}")
+        i = int(layer)
+        s = next(k for k in range(len(counts)) if first[k] <= i < first[k + 1])
+        where.append((s, i - first[s], pname))
+    known = {id(p) for members in found.values() for _, p in members}
+    stages = tuple(sorted({s for s, _, _ in where}))
+    members: list[tuple[int, Any]] = []
+    for s in stages:
+        ls = built[s]
+        if ls is None:
+            continue
+        params = []
+        for ss, j, pname in where:
+            if ss == s:
+                named = dict(layer_params(ls[j]))
+                if pname not in named:
+                    raise ValueError(f"tied name {first[s] + j}.{pname}: layer {first[s] + j} "
+                                     f"has no parameter {pname!r} (it has {sorted(named)})")
+                params.append(named[pname])
+        if all(id(p) in known for p in params):
+            return {}
+        for p in params[1:]:
+            _copy_into(ls, p, params[0])
+        members.append((s, params[0]))
+    return {Tie(names[0], stages): members} if len(stages) > 1 else {}
+
+
+def _copy_into(layers: list[Any], p: Any, copy: Any = None) -> Any:
+    """Replace ``p`` by ``copy`` (default: a new copy of p) wherever
+    ``layers`` hold it; return what replaced it."""
+    torch = torch_module()
+    if torch is not None and isinstance(p, torch.nn.Parameter):
+        if copy is None:
+            copy = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for layer in layers:
+            for mod in layer.modules() if is_module(layer) else ():
+                for name, q in list(mod._parameters.items()):
+                    if q is p:
+                        setattr(mod, name, copy)
+        return copy
+    copy = p.copy() if copy is None else copy
+    for layer in layers:
+        for name, q in list(vars(layer).items()):
+            if q is p:
+                setattr(layer, name, copy)
+    return copy
