@@ -51,7 +51,8 @@ def test_3d_example_trains_saves_and_reloads(tmp_path, script, out):
     itself asserts that the reloaded model's loss equals the distributed one."""
     if script == "train_3d.py":
         pytest.importorskip("torch")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MESH_PEER_TIMEOUT="60")     # 8 processes on two loaded cores starve
     proc = subprocess.run(
         [sys.executable, "-m", "mesh.launch", "-n", "8", os.path.join(ROOT, "examples", script),
          "--steps", "2", "--out", str(tmp_path / out)],
