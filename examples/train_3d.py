@@ -92,10 +92,12 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def batch(step: int, rows: int, seq: int = 16, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, rows: int, seq: int = 16, vocab: int = 64
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences that count up by a random stride: the next token is learnable."""
     g = torch.Generator().manual_seed(step)
-    start, stride = torch.randint(0, vocab, (rows, 1), generator=g), torch.randint(1, 4, (rows, 1), generator=g)
+    start = torch.randint(0, vocab, (rows, 1), generator=g)
+    stride = torch.randint(1, 4, (rows, 1), generator=g)
     ids = (start + stride * torch.arange(seq + 1)) % vocab
     return ids[:, :-1], ids[:, 1:]
 

@@ -17,7 +17,7 @@ import engine
 import mesh
 from engine.layers import Linear, Sequential, Tanh, mse_loss, sgd
 
-PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}   # pairs share one all-reduce
+PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}  # one all-reduce a pair
 WIDTHS = [16, 64, 32, 64, 4]
 
 

@@ -19,7 +19,7 @@ WIDTHS = [5, 8, 6, 7, 4, 3]          # 5 Linear layers, 9 layers with the Tanh b
 TP_WIDTHS = [4, 8, 6, 8, 4]          # Linear 0, 4 colwise; 2, 6 rowwise
 TP_PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
 ROWS, STEPS, LR, SEED = 24, 3, 0.1, 7
-PATIENT = {"MESH_PEER_TIMEOUT": "60"}   # many processes on two loaded cores starve; we check training
+PATIENT = {"MESH_PEER_TIMEOUT": "60"}   # processes starve on 2 loaded cores: check training
 
 
 def _data(step, widths=WIDTHS):
@@ -198,7 +198,8 @@ def _torch_model(widths=WIDTHS):
     torch.manual_seed(SEED)
     mods = []
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
-        mods += [torch.nn.Linear(a, b).double()] + ([torch.nn.Tanh()] if i < len(widths) - 2 else [])
+        last = i == len(widths) - 2
+        mods += [torch.nn.Linear(a, b).double()] + ([] if last else [torch.nn.Tanh()])
     return torch.nn.Sequential(*mods)
 
 
