@@ -15,7 +15,6 @@ predicted step time. ``table`` prints them::
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -51,8 +50,9 @@ def _nbytes(y: Any) -> int:
 
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
             mine: Sequence[int] | None = None) -> dict[int, dict[int, LayerCost]]:
-    """``{size: {layer index: LayerCost}}``: the median of ``reps`` runs (after
-    one more to warm up) of
+    """``{size: {layer index: LayerCost}}``: the fastest of ``reps`` runs
+    (after one more to warm up; the fastest, as timeit takes: a run the OS
+    interrupted says nothing of the layer) of
     each layer (a stage object) on the first ``size`` rows of ``batch``,
     passed through the layers before it. Only the layers in ``mine`` are
     timed (all by default), so ranks can share the work. Gradients the runs
@@ -84,8 +84,7 @@ def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int =
                 gi.append(t1 - t0)
                 gw.append(time.perf_counter() - t1)
             f, b, gi, gw = f[1:], b[1:], gi[1:], gw[1:]
-            row[i] = LayerCost(statistics.median(f), statistics.median(b), statistics.median(gi),
-                               statistics.median(gw), _nbytes(y))
+            row[i] = LayerCost(min(f), min(b), min(gi), min(gw), _nbytes(y))
             x = y
         out[size] = row
     for layer in layers:
