@@ -135,6 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("engine.distribute, pp=2, numpy layers costing 4 4 6 1 1 1 1 matmuls "
               "(parameters 4 4 0 1 1 1 1); median of interleaved passes")
         print(balance_table(run_balance(steps=max(a.steps, 3))))
+        from . import bench_torch
+        if a.no_torch or not bench_torch.available():
+            return 0
+        from .bench_distribute import run_tp
+        tp = run_tp(steps=max(a.steps, 3))
+        print(f"tp=2, 4-Linear MLP (256 wide, 64 rows), SGD step: engine.distribute plan on "
+              f"meshrun {tp['meshrun_ms']:.1f} ms; torch parallelize_module (gloo, "
+              f"DeviceMesh cpu) {tp['torch_ms']:.1f} ms; meshrun/torch = "
+              f"{tp['meshrun_ms'] / tp['torch_ms']:.3f}")
         return 0
     names = [n for n in a.schedules.split(",") if n]
     print(f"meshrun engine: p={a.p} m={a.m} F={a.F * 1e3:g}ms B={a.B * 1e3:g}ms "
