@@ -121,7 +121,8 @@ def _argument_errors(grid, d):
                             "sample": None, "model": Sequential(Linear(2, 2), Tanh())},
                            "cannot fill"),
                           ({"model": Sequential(Linear(2, 2))}, "pp=2"),
-                          ({"plan": {"0": "colwise"}}, "tp axis")]:
+                          ({"plan": {"0": "colwise"}}, "tp axis"),
+                          ({"grid": mesh.grid(grid.comm, dp=2, stage=2)}, "pp axis")]:
         args = dict(model=model, grid=grid, loss_fn=mse_loss, sample=_half(_data(0)[0], d))
         args.update(kwargs)
         try:
