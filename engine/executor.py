@@ -107,6 +107,8 @@ class Pipeline:
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
+        self.tp_index = (grid_or_group.coord("tp") if isinstance(grid_or_group, Grid)
+                         and "tp" in grid_or_group.axes else 0)
         if schedule.num_ranks != self.pp.size:
             raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks but "
                              f"the pipeline group has {self.pp.size}")
@@ -200,10 +202,14 @@ class Pipeline:
 
     def trace(self, costs: dict[str, float] | None = None) -> dict[str, Any] | None:
         """The last step's Chrome trace, merged from all ranks (collective:
-        every rank of the grid or group calls it); on world rank 0 only.
+        every rank of the grid or group calls it); on world rank 0 only. With
+        a tp axis, the ranks of tp index 0 stand for their tensor-parallel peers,
+        which run the same schedule.
 
         With ``costs`` (seconds per action) the simulator's prediction is
         stored beside it, and ``python -m engine.show`` reports the ratio."""
+        if self.tp_index:
+            return None
         rows = {"dp": self.dp_index, "pp": self.rank, "events": self.events}
         tag = self.tag_base + self._span + (self._steps << _STEP_SHIFT)
         gathered = _trace.gather(self.pp, self.dp, rows, tag)

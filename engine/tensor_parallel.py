@@ -193,7 +193,7 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
 
 
 def _summed(group: Any, grad: Any) -> Any:
-    return _comm(group, grad, "ar", "", 0)
+    return _comm(group, grad, "ar", "gradient", 0)
 
 
 def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -206,7 +206,7 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     enter, leave = edges(st)
     x, rest = args[0], args[1:]
     if enter:
-        x = _edge(g, x, enter, st.seq_dim)
+        x = _edge(g, x, enter, st.seq_dim, meta.name)
     if st.style == "rowwise":
         y = torch.nn.functional.linear(x, self.weight)
     elif st.style == "vocab":
@@ -214,7 +214,7 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     else:
         y = type(self).forward(self, x, *rest, **kwargs)
     if leave:
-        y = _edge(g, y, leave, st.seq_dim)
+        y = _edge(g, y, leave, st.seq_dim, meta.name)
     if st.style == "rowwise" and self.bias is not None:
         # a partial output takes the bias on tp rank 0 only (times 1, times 0
         # elsewhere): every rank has the same graph, so the bias's gradient
@@ -236,11 +236,11 @@ def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
     return y.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
-def _edge(group: Any, x: Any, spec: Edge, seq_dim: int) -> Any:
-    """``x`` through the Comm function: (forward, backward, axis; None: the
-    sequence axis)."""
+def _edge(group: Any, x: Any, spec: Edge, seq_dim: int, name: str) -> Any:
+    """``x`` through the Comm function at an edge of submodule ``name``:
+    (forward, backward, axis; None: the sequence axis)."""
     fwd, bwd, axis = spec
-    return _function().apply(x, group, fwd, bwd, seq_dim if axis is None else axis)
+    return _function().apply(x, group, fwd, bwd, seq_dim if axis is None else axis, name)
 
 
 @functools.cache
@@ -253,13 +253,15 @@ def _function() -> Any:
         rank's part along dim)."""
 
         @staticmethod
-        def forward(ctx: Any, x: Any, group: Any, fwd: str, bwd: str, dim: int) -> Any:
-            ctx.group, ctx.bwd, ctx.dim = group, bwd, dim
-            return _comm(group, x, fwd, "forward", dim)
+        def forward(ctx: Any, x: Any, group: Any, fwd: str, bwd: str, dim: int,
+                    name: str) -> Any:
+            ctx.group, ctx.bwd, ctx.dim, ctx.name = group, bwd, dim, name
+            return _comm(group, x, fwd, f"{name} forward", dim)
 
         @staticmethod
         def backward(ctx: Any, gy: Any) -> Any:
-            return _comm(ctx.group, gy, ctx.bwd, "backward", ctx.dim), None, None, None, None
+            gx = _comm(ctx.group, gy, ctx.bwd, f"{ctx.name} backward", ctx.dim)
+            return gx, None, None, None, None, None
 
     return Comm
 
@@ -268,7 +270,7 @@ def _comm(group: Any, x: Any, op: str, where: str, dim: int) -> Any:
     """One collective of the Comm function on a tensor; a fresh tensor."""
     torch = _torch()
     if op == "id":
-        return x.view_as(x) if where == "forward" else x
+        return x.view_as(x) if where.endswith("forward") else x
     n = group.size
     if op == "ar":
         out = x.detach().contiguous().clone()
@@ -277,8 +279,8 @@ def _comm(group: Any, x: Any, op: str, where: str, dim: int) -> Any:
     if op == "ag":
         return _gather(torch, group, x.detach(), dim)
     if x.shape[dim] % n:
-        raise PlanError(f"tp rank {group.rank}: tensor parallel {where}: axis {dim} of a "
-                        f"{tuple(x.shape)} activation is not divisible by the tp size {n} "
+        raise PlanError(f"tp rank {group.rank}: {where}: axis {dim} of a {tuple(x.shape)} "
+                        f"activation is {x.shape[dim]}, not divisible by the tp size {n} "
                         f"(group {group.name})")
     if op == "split":
         return x.detach().chunk(n, dim)[group.rank].contiguous()

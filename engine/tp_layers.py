@@ -30,7 +30,7 @@ from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, ed
 __all__ = ["Sharded", "parallelize", "full_params", "group_of", "named_layers"]
 
 
-def _comm(group: Any, x: Any, op: str, dim: int) -> Any:
+def _comm(group: Any, x: Any, op: str, dim: int, where: str = "tensor parallel") -> Any:
     """One collective on an array: ar (all-reduce), ag (all-gather along
     dim), rs (reduce-scatter along dim), split (this rank's part), id."""
     if op == "id" or x is None:
@@ -42,8 +42,9 @@ def _comm(group: Any, x: Any, op: str, dim: int) -> Any:
         return np.concatenate(list(collectives.all_gather(group, np.ascontiguousarray(x))),
                               axis=dim)
     if x.shape[dim] % n:
-        raise PlanError(f"tp rank {group.rank}: tensor parallel: axis {dim} of a {x.shape} "
-                        f"activation is not divisible by the tp size {n} (group {group.name})")
+        raise PlanError(f"tp rank {group.rank}: {where}: axis {dim} of a {x.shape} activation "
+                        f"is {x.shape[dim]}, not divisible by the tp size {n} "
+                        f"(group {group.name})")
     if op == "split":
         return np.split(x, n, axis=dim)[group.rank].copy()
     moved = np.ascontiguousarray(np.moveaxis(x, dim, 0))
@@ -100,8 +101,9 @@ class Sharded:
     output's collective (rowwise)."""
 
     def __init__(self, inner: Any, group: Any, style: Style, dims: list[int | None],
-                 bias: Any = None) -> None:
+                 bias: Any = None, name: str = "") -> None:
         self.inner, self.group, self.style, self.dims = inner, group, style, dims
+        self.name = name
         self.bias = bias
         self.grad_bias = None if bias is None else np.zeros_like(bias)
         self.enter, self.leave = edges(style)
@@ -114,7 +116,8 @@ class Sharded:
         if edge is None:
             return x
         axis = self.style.seq_dim if edge[2] is None else edge[2]
-        return _comm(self.group, x, edge[1] if backward else edge[0], axis)
+        where = f"{self.name} {'backward' if backward else 'forward'}"
+        return _comm(self.group, x, edge[1] if backward else edge[0], axis, where)
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         y, ctx = self.inner.forward(self._edge(x, self.enter, False))
@@ -228,14 +231,14 @@ def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
         layer.weight, layer.bias = _part(layer.weight, group, 1), _part(layer.bias, group, 0)
         layer.grad_weight, layer.grad_bias = (np.zeros_like(layer.weight),
                                               np.zeros_like(layer.bias))
-        return Sharded(layer, group, style, [1, 0])
+        return Sharded(layer, group, style, [1, 0], name=name)
     if style.style == "rowwise":
         return Sharded(_NoBias(_part(layer.weight, group, 0)), group, style, [0, None],
-                       bias=layer.bias.copy())
+                       bias=layer.bias.copy(), name=name)
     if style.style == "vocab":
         part = _part(layer.weight, group, 0)
-        return Sharded(_VocabShard(part, group.rank * len(part)), group, style, [0])
-    return Sharded(layer, group, style, [None] * len(layer.params()))
+        return Sharded(_VocabShard(part, group.rank * len(part)), group, style, [0], name=name)
+    return Sharded(layer, group, style, [None] * len(layer.params()), name=name)
 
 
 def group_of(model: Any) -> Any:

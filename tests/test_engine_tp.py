@@ -117,6 +117,11 @@ def _np_worker(world):
             parallelize(model, world, plan)
         except PlanError as e:
             errors[key] = str(e)
+    odd = parallelize(Sequential(Tanh()), world, {"0": {"style": "sequence", "input": "replicate"}})
+    try:
+        odd.forward(np.zeros((2, 3, D)))
+    except PlanError as e:
+        errors["sequence axis"] = str(e)
     shared = Sequential(Linear(D, H, np.random.default_rng(world.rank)), Tanh())
     parallelize(shared, world, {"0": "colwise"}, init="broadcast")
     errors["broadcast"] = [a.tolist() for a in full_params(shared)]
@@ -138,6 +143,9 @@ def test_numpy_styles_match_the_unsharded_layers():
     assert "plan pattern '3' matches no submodule" in errors["nothing"]
     assert "0 param 0 differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
+    assert errors["sequence axis"] == ("tp rank 1: 0 forward: axis 1 of a (2, 3, 4) "
+                                       "activation is 3, not divisible by the tp size 2 "
+                                       "(group world)")
     assert errors["one rank"] == ("tp rank 1 of group world: parallelize: 0: fan_out "
                                   "(weight columns) is 5, not divisible by the tp size 2")
     assert results[0][1]["one rank"] == ("tp rank 0: parallelize failed on tp rank 1 of group "

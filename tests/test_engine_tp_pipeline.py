@@ -84,6 +84,8 @@ def _np_worker(world, dp):
                 sgd(mine, LR)
             out[plan_name, sched_name] = {s: [p.tolist() for p in full_params(st)]
                                           for s, st in pipe.stages.items()}
+    trace = pipe.trace()        # one trace, on world rank 0, not one per tp index
+    assert (trace is not None) == (world.rank == 0), world.rank
     return out
 
 
