@@ -2,15 +2,16 @@
 
 The passes run one way, each module importing only the ones before it::
 
-    ir -> lower -> replay -> verify -> simulate -> render -> executor
+    ir -> lower -> replay -> verify -> simulate -> render -> executor -> distribute
 
-(schedules sits beside lower, on ir alone; tensor parallelism, tp_plan ->
-tp_layers -> tensor_parallel, on layers alone; tied (shared parameters kept
-equal), stagebuild (a model's layers as stages) and partition (where to
-cut) come before the executor; tests/test_engine_layering.py keeps the
-order.)
+(schedules sits beside lower, on ir alone; choose, which picks a schedule
+by simulating it, after render; tensor parallelism, tp_plan -> tp_layers ->
+tensor_parallel, on layers alone; tied (shared parameters kept equal),
+stagebuild (a model's layers as stages) and partition (where to cut) come
+before the executor; tests/test_engine_layering.py keeps the order.)
 """
-from . import layers, schedules
+from . import choose, layers, schedules
+from .distribute import Job, distribute, load_state
 from .executor import Pipeline, split_microbatches, stages_for_rank
 from .ir import Action, Schedule
 from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
@@ -24,9 +25,10 @@ from .tp_plan import PlanError, Style
 from .verify import ScheduleError, verify
 
 __all__ = [
-    "schedules", "layers", "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline",
+    "schedules", "layers", "choose", "distribute", "Job", "load_state",
+    "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline",
     "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
-    "partition", "Partition", "parallelize", "gather_state_dict", "Style", "PlanError",
+    "parallelize", "gather_state_dict", "Style", "PlanError", "partition", "Partition",
 ]

@@ -127,7 +127,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb-h1")
     ap.add_argument("--no-torch", action="store_true", help="skip torch.distributed.pipelining")
     ap.add_argument("--trace", metavar="DIR", help="write each schedule's last step trace here")
+    ap.add_argument("--balance", action="store_true",
+                    help="engine.distribute on uneven layers: balance time/uniform/parameters")
     a = ap.parse_args(argv)
+    if a.balance:
+        from .bench_distribute import balance_table, run_balance
+        print("engine.distribute, pp=2, numpy layers costing 4 4 6 1 1 1 1 matmuls "
+              "(parameters 4 4 0 1 1 1 1); median of interleaved passes")
+        print(balance_table(run_balance(steps=max(a.steps, 3))))
+        from . import bench_torch
+        if a.no_torch or not bench_torch.available():
+            return 0
+        from .bench_distribute import run_tp
+        tp = run_tp(steps=max(a.steps, 3))
+        print(f"tp=2, 4-Linear MLP (256 wide, 64 rows), SGD step: engine.distribute plan on "
+              f"meshrun {tp['meshrun_ms']:.1f} ms; torch parallelize_module (gloo, "
+              f"DeviceMesh cpu) {tp['torch_ms']:.1f} ms; meshrun/torch = "
+              f"{tp['meshrun_ms'] / tp['torch_ms']:.3f}")
+        return 0
     names = [n for n in a.schedules.split(",") if n]
     print(f"meshrun engine: p={a.p} m={a.m} F={a.F * 1e3:g}ms B={a.B * 1e3:g}ms "
           f"(I=W={a.B * 500:g}ms), activations {a.rows // a.m}x{a.width} float32 per micro-batch")

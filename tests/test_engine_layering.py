@@ -8,11 +8,12 @@ import engine
 
 ENGINE = pathlib.Path(engine.__file__).parent
 
-# ir -> lower -> replay -> verify -> simulate -> render -> executor, with the
+# ir -> lower -> replay -> verify -> simulate -> render -> executor -> distribute, with the
 # modules beside that chain placed after what they use.
-ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "trace",
-         "layers", "tp_plan", "tp_layers", "torch_stage", "tensor_parallel", "tied",
-         "stagebuild", "partition", "executor", "show", "bench_torch", "bench"]
+ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "choose",
+         "trace", "layers", "tp_plan", "tp_layers", "torch_stage", "tensor_parallel", "tied",
+         "stagebuild", "partition", "executor", "distribute", "show", "bench_torch",
+         "bench_distribute", "bench"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its
 # pass when called; no pass calls them.

@@ -70,6 +70,14 @@ def test_float64_input_to_a_float32_stage():
     assert stage.grads()[0].dtype == np.float32
 
 
+def test_split_backward_of_a_stage_without_parameters():
+    stage = TorchStage(torch.nn.Tanh())
+    y, ctx = stage.forward(np.ones((2, 3)))
+    gx, wctx = stage.backward_input(ctx, torch.ones_like(y))
+    stage.backward_weight(wctx)
+    assert gx.shape == (2, 3) and stage.grads() == []
+
+
 def test_default_zero_grad_leaves_grads_usable():
     """torch's zero_grad() sets .grad to None: grads() and backward_weight
     put zeros back in place, and grads() views the current tensors."""

@@ -1,0 +1,234 @@
+"""``python -m engine.bench --balance``: how the cut changes a real step.
+
+A numpy model with uneven layers (two wide Linear layers, a parameter-free
+layer that costs as much as several matmuls, then narrow Linear layers) is
+distributed on pp=2 three times, by ``balance="time"``, ``"uniform"`` and
+``"parameters"``, with the same schedule; then once with ``schedule="auto"``.
+Each job's step is timed in interleaved passes (a barrier before each step;
+latest end minus earliest start; the median) beside the simulator's
+prediction from the measured layer costs. With torch, ``run_tp`` then times
+one SGD step of a 4-Linear MLP at tp=2 sharded by engine.distribute's plan
+on meshrun and by torch's ``parallelize_module`` (DeviceMesh on CPU, gloo).
+
+    python -m engine.bench --balance [--steps 7] [--width 256] [--rows 256]
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from .distribute import distribute
+from .layers import Linear, Sequential, mse_loss
+
+__all__ = ["Burn", "uneven_model", "run_balance", "balance_table", "run_tp"]
+
+
+class Burn:
+    """A parameter-free layer that passes its input through and costs
+    ``reps`` matmuls of it (forward and backward alike): a stand-in for work
+    whose cost is not in its parameters (attention, convolutions)."""
+
+    def __init__(self, width: int, reps: int) -> None:
+        self.m = np.random.default_rng(9).standard_normal((width, width)) / width
+        self.reps = reps
+
+    def _burn(self, x: Any) -> None:
+        for _ in range(self.reps):
+            x @ self.m
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        self._burn(x)
+        return x.copy(), None
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        self._burn(gy)
+        return gy.copy()
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        return self.backward(ctx, gy), None
+
+    def backward_weight(self, wctx: Any) -> None:
+        return None
+
+    def params(self) -> list[Any]:
+        return []
+
+    def grads(self) -> list[Any]:
+        return []
+
+
+def uneven_model(width: int) -> Sequential:
+    """Costs (in matmuls of width x width) 4, 4, 6, 1, 1, 1, 1; parameters
+    4, 4, 0, 1, 1, 1, 1: uniform, parameters and time cut it differently."""
+    rng = np.random.default_rng(0)
+    w = width
+    return Sequential(Linear(w, 4 * w, rng), Linear(4 * w, w, rng), Burn(w, 6),
+                      *[Linear(w, w, rng) for _ in range(4)])
+
+
+def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[str, Any]]:
+    import collectives
+    x = np.random.default_rng(1).standard_normal((rows, width))
+    y = np.zeros((rows, width))
+    jobs = []
+    for i, (balance, sched) in enumerate([("time", "1f1b"), ("uniform", "1f1b"),
+                                          ("parameters", "1f1b"), ("time", "auto")]):
+        job = distribute(uneven_model(width), world, schedule=sched, balance=balance,
+                         microbatches=None if sched == "auto" else m, sample=x,
+                         loss_fn=mse_loss, verbose=False, timeout=120, tag_base=i << 20)
+        jobs.append((balance, sched, job))
+    spans: list[list[tuple[float, float]]] = [[] for _ in jobs]
+    for _ in range(steps + 1):               # the first pass warms up
+        for k, (_, _, job) in enumerate(jobs):
+            collectives.barrier(world)
+            t0 = time.time()
+            job.step(x, y)
+            spans[k].append((t0, time.time()))
+            for g in job.grads():
+                g[...] = 0
+    return [{"balance": b, "schedule": job.schedule.name, "counts": job.counts,
+             "predicted": job.predicted, "spans": spans[k][1:]}
+            for k, (b, _, job) in enumerate(jobs)]
+
+
+def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
+                ) -> list[dict[str, Any]]:
+    """Measure each job on 2 processes; rows of predicted and measured ms."""
+    import mesh
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    results = mesh.spawn(_worker, 2, width, rows, m, steps, timeout=600)
+    report = []
+    for k, row in enumerate(results[0]):
+        per_step = [max(r[k]["spans"][s][1] for r in results) -
+                    min(r[k]["spans"][s][0] for r in results) for s in range(steps)]
+        report.append({"balance": row["balance"], "schedule": row["schedule"],
+                       "counts": row["counts"], "predicted_ms": row["predicted"] * 1e3,
+                       "measured_ms": statistics.median(per_step) * 1e3})
+    return report
+
+
+def balance_table(report: list[dict[str, Any]]) -> str:
+    lines = [f"{'balance':<11} {'schedule':<22} {'layers/stage':<13} {'predicted ms':>12} "
+             f"{'measured ms':>12} {'meas/pred':>9}"]
+    for r in report:
+        counts = " ".join(str(c) for c in r["counts"])
+        lines.append(f"{r['balance']:<11} {r['schedule']:<22} {counts:<13} "
+                     f"{r['predicted_ms']:>12.1f} {r['measured_ms']:>12.1f} "
+                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f}")
+    return "\n".join(lines)
+
+
+PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
+
+
+def _mlp(width: int) -> Any:
+    import torch
+    torch.manual_seed(0)
+    w, nn = width, torch.nn
+    return nn.Sequential(nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, w), nn.GELU(),
+                         nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, w))
+
+
+def _mesh_tp_worker(world: Any, width: int, rows: int, steps: int) -> list[tuple[float, float]]:
+    import torch
+
+    import collectives
+    import mesh
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, pp=1, tp=world.size)
+    job = distribute(_mlp(width), grid, plan=PLAN, schedule="1f1b", microbatches=1,
+                     balance="uniform", loss_fn=torch.nn.functional.mse_loss, verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=1e-3)
+    x, y = torch.ones(rows, width), torch.zeros(rows, width)
+    spans = []
+    for _ in range(steps + 1):
+        collectives.barrier(world)
+        t0 = time.time()
+        opt.zero_grad()
+        job.step(x, y)
+        opt.step()
+        spans.append((t0, time.time()))
+    return spans[1:]
+
+
+def _torch_tp_worker(rank: int, n: int, init_file: str, width: int, rows: int, steps: int,
+                     conn: Any) -> None:
+    import traceback
+    try:
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                       parallelize_module)
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=n)
+        model = _mlp(width)
+        styles: dict[str, Any] = {k: ColwiseParallel() if v == "colwise" else RowwiseParallel()
+                                  for k, v in PLAN.items()}
+        parallelize_module(model, init_device_mesh("cpu", (n,)), styles)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x, y = torch.ones(rows, width), torch.zeros(rows, width)
+        spans = []
+        for _ in range(steps + 1):
+            dist.barrier()
+            t0 = time.time()
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            spans.append((t0, time.time()))
+        dist.destroy_process_group()
+        conn.send((True, spans[1:]))
+    except BaseException:
+        conn.send((False, traceback.format_exc()))
+
+
+def _torch_tp(n: int, width: int, rows: int, steps: int, timeout: float = 300
+              ) -> list[list[tuple[float, float]]]:
+    import multiprocessing as mp
+    import tempfile
+    ctx = mp.get_context("spawn")
+    fd, init_file = tempfile.mkstemp(prefix="meshrun-bench-tp-")
+    os.close(fd)
+    os.unlink(init_file)
+    procs, conns, out = [], [], []
+    try:
+        for r in range(n):
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_torch_tp_worker, daemon=True,
+                               args=(r, n, init_file, width, rows, steps, child))
+            proc.start()
+            procs.append(proc)
+            conns.append(parent)
+        for r, conn in enumerate(conns):
+            if not conn.poll(timeout):
+                raise TimeoutError(f"torch tp rank {r} did not finish in {timeout:g}s")
+            ok, payload = conn.recv()
+            if not ok:
+                raise RuntimeError(f"torch tp rank {r} failed:\n{payload}")
+            out.append(payload)
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    return out
+
+
+def run_tp(n: int = 2, width: int = 256, rows: int = 64, steps: int = 7) -> dict[str, float]:
+    """The same 4-Linear MLP at tp=n: engine.distribute's plan on meshrun, and
+    torch's parallelize_module over gloo; median ms per SGD step of each."""
+    import mesh
+
+    def median(spans: list[list[tuple[float, float]]]) -> float:
+        return statistics.median(max(r[s][1] for r in spans) - min(r[s][0] for r in spans)
+                                 for s in range(steps)) * 1e3
+
+    ours = median(mesh.spawn(_mesh_tp_worker, n, width, rows, steps, timeout=300))
+    theirs = median(_torch_tp(n, width, rows, steps))
+    return {"meshrun_ms": ours, "torch_ms": theirs}

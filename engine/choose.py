@@ -1,0 +1,258 @@
+"""Choose a schedule by simulating it: measured layer costs in, candidates out.
+
+``measure`` times each layer's forward, backward and split backward (I, W)
+on micro-batches of the sizes a step may use; ``cut`` splits per-layer
+weights into contiguous stages so that the heaviest stage is as light as it
+can be; ``candidates`` cuts the layers for every built-in schedule and
+micro-batch count, simulates each with its per-stage costs (``{"F": [...]}``),
+and returns them best first: feasible under the memory limit, then by
+predicted step time. ``table`` prints them::
+
+    schedule                 m  layers/stage   pred ms  bubble   peak MB
+    zero_bubble_h1(2,8)      8  3 3              41.2    7.9%      1.5  <- chosen
+    1f1b(2,8)                8  3 3              44.0   13.6%      1.0
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .ir import B, F, W, Schedule
+from .schedules import by_name
+
+__all__ = ["LayerCost", "Candidate", "measure", "cut", "counts_for", "stage_costs",
+           "peak_bytes", "microbatch_counts", "builtin", "candidates", "table", "SCHEDULES"]
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Seconds one layer takes per micro-batch of some size, and the bytes
+    of its output (what the stage keeps for the backward pass, roughly)."""
+
+    F: float
+    B: float
+    I: float
+    W: float
+    act_bytes: int
+
+
+def _nbytes(y: Any) -> int:
+    if hasattr(y, "nbytes"):
+        return int(y.nbytes)
+    if hasattr(y, "element_size"):
+        return int(y.element_size() * y.numel())
+    return 0
+
+
+def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
+            mine: Sequence[int] | None = None) -> dict[int, dict[int, LayerCost]]:
+    """``{size: {layer index: LayerCost}}``: the fastest of ``reps`` runs
+    (after one more to warm up; the fastest, as timeit takes: a run the OS
+    interrupted says nothing of the layer) of
+    each layer (a stage object) on the first ``size`` rows of ``batch``,
+    passed through the layers before it. Only the layers in ``mine`` are
+    timed (all by default), so ranks can share the work. Gradients the runs
+    leave are zeroed."""
+    timed = set(range(len(layers)) if mine is None else mine)
+    out: dict[int, dict[int, LayerCost]] = {}
+    for size in sizes:
+        x = batch[:size]
+        row: dict[int, LayerCost] = {}
+        for i, layer in enumerate(layers):
+            if i not in timed:
+                x = layer.forward(x)[0]
+                continue
+            f, b, gi, gw = [], [], [], []
+            y = x
+            for _ in range(reps + 1):          # the first run warms up, untimed
+                t0 = time.perf_counter()
+                y, ctx = layer.forward(x)
+                f.append(time.perf_counter() - t0)
+                gy = y * 0 + 1
+                t0 = time.perf_counter()
+                layer.backward(ctx, gy)
+                b.append(time.perf_counter() - t0)
+                _, ctx = layer.forward(x)
+                t0 = time.perf_counter()
+                _, wctx = layer.backward_input(ctx, gy)
+                t1 = time.perf_counter()
+                layer.backward_weight(wctx)
+                gi.append(t1 - t0)
+                gw.append(time.perf_counter() - t1)
+            f, b, gi, gw = f[1:], b[1:], gi[1:], gw[1:]
+            row[i] = LayerCost(min(f), min(b), min(gi), min(gw), _nbytes(y))
+            x = y
+        out[size] = row
+    for layer in layers:
+        for g in layer.grads():
+            g[...] = 0
+    return out
+
+
+def cut(weights: Sequence[float], n: int) -> tuple[int, ...]:
+    """Layer counts of ``n`` contiguous, non-empty stages that minimize the
+    heaviest stage's total weight (exact, by dynamic programming)."""
+    L = len(weights)
+    if not 1 <= n <= L:
+        raise ValueError(f"{L} layers cannot fill {n} stages")
+    pre = [0.0]
+    for w in weights:
+        pre.append(pre[-1] + float(w))
+    inf = math.inf
+    # best[k][j]: the lightest heaviest stage cutting the first j layers into k stages
+    best = [[inf] * (L + 1) for _ in range(n + 1)]
+    arg = [[0] * (L + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n + 1):
+        for j in range(k, L - (n - k) + 1):
+            for i in range(k - 1, j):
+                v = max(best[k - 1][i], pre[j] - pre[i])
+                if v < best[k][j] - 1e-15:
+                    best[k][j], arg[k][j] = v, i
+    counts, j = [], L
+    for k in range(n, 0, -1):
+        i = arg[k][j]
+        counts.append(j - i)
+        j = i
+    return tuple(reversed(counts))
+
+
+def counts_for(balance: Any, n: int, times: Sequence[float] | None,
+               params: Sequence[int]) -> tuple[int, ...]:
+    """Layers per stage for ``balance``: "uniform" (layer count),
+    "parameters", "time" (``times``, one per layer) or explicit counts."""
+    L = len(params)
+    if n > L:
+        raise ValueError(f"the model has {L} layers: it cannot fill {n} pipeline stages")
+    if isinstance(balance, (list, tuple)):
+        counts = tuple(int(c) for c in balance)
+        if len(counts) != n or sum(counts) != L or min(counts) < 1:
+            raise ValueError(f"balance={list(counts)} must give {n} positive layer counts "
+                             f"adding up to the model's {L} layers")
+        return counts
+    if balance == "uniform":
+        return tuple((s + 1) * L // n - s * L // n for s in range(n))
+    if balance == "parameters":
+        return cut([float(p) for p in params], n)
+    if balance == "time":
+        if times is None:
+            raise ValueError('balance="time" needs measured layer times: pass sample=')
+        return cut(times, n)
+    raise ValueError(f"unknown balance {balance!r}: use 'time', 'uniform', 'parameters' "
+                     "or a list of layer counts")
+
+
+def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
+                overhead: float = 0.0) -> dict[str, list[float]]:
+    """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
+    of stages holding ``counts`` consecutive layers; each action also pays
+    ``overhead``."""
+    costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
+    start = 0
+    for c in counts:
+        layers = [row[i] for i in range(start, start + c)]
+        start += c
+        for kind in costs:
+            costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead)
+    return costs
+
+
+def peak_bytes(sched: Schedule, act: Sequence[int]) -> tuple[int, ...]:
+    """Per rank, the most activation bytes held at once: a stage's ``act[s]``
+    from its F to its B (or W, when the backward is split)."""
+    peaks = []
+    for row in sched.ranks:
+        live = peak = 0
+        for a in row:
+            if a.kind == F:
+                live += act[a.stage]
+                peak = max(peak, live)
+            elif a.kind in (B, W):
+                live -= act[a.stage]
+        peaks.append(peak)
+    return tuple(peaks)
+
+
+def microbatch_counts(p: int, rows: int) -> list[int]:
+    """The micro-batch counts tried: p, 2p, 4p... (1, 2, 4... when p is 1),
+    as long as each micro-batch keeps at least one row."""
+    ms: list[int] = []
+    m = p
+    while m <= rows and len(ms) < 5:
+        ms.append(m)
+        m *= 2
+    return ms
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One schedule with its layer cut, and what the simulator predicts."""
+
+    schedule: Schedule
+    counts: tuple[int, ...]
+    makespan: float
+    bubble: float
+    peak_bytes: int
+    fits: bool
+    costs: dict[str, list[float]]
+
+
+def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
+            ) -> list[Schedule]:
+    """Each named schedule for ``p`` ranks at each micro-batch count in ``ms``
+    (those this build lacks, or that do not take that p and m, left out)."""
+    out = []
+    for m in ms:
+        for name in names:
+            try:
+                out.append(by_name(name, p, m, chunks))
+            except ValueError:
+                continue
+    return out
+
+
+def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], rows: int,
+               scheds: Sequence[Schedule], balance: Any = "time", scale: float = 1.0,
+               memory_limit: float | None = None, overhead: float = 0.0) -> list[Candidate]:
+    """Each schedule of ``scheds`` with its layers cut by ``balance`` and
+    simulated; best first. ``profile`` has a row for each micro-batch size
+    ``ceil(rows / m)``; ``scale`` multiplies every measured time (1/tp for
+    tensor-parallel stages); ``overhead`` is added to every action."""
+    L = len(params)
+    out = []
+    for sched in scheds:
+        if sched.num_stages > L:
+            continue
+        row = profile[-(-rows // sched.num_microbatches)]
+        times = [row[i].F + row[i].B for i in range(L)]
+        counts = counts_for(balance, sched.num_stages, times, params)
+        costs = stage_costs(row, counts, scale, overhead)
+        rep = sched.simulate(costs)
+        act, start = [], 0
+        for c in counts:
+            act.append(sum(row[i].act_bytes for i in range(start, start + c)))
+            start += c
+        peak = max(peak_bytes(sched, act))
+        fits = memory_limit is None or peak <= memory_limit
+        out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs))
+    out.sort(key=lambda c: (not c.fits, c.makespan, c.peak_bytes, c.schedule.num_microbatches))
+    return out
+
+
+def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
+    """The candidates as a text table, the chosen one marked."""
+    lines = [f"{'schedule':<28} {'m':>3}  {'layers/stage':<14} {'pred ms':>9} {'bubble':>7} "
+             f"{'peak MB':>8}"]
+    for c in cands:
+        note = "  <- chosen" if c is chosen else ("" if c.fits else "  over memory limit")
+        counts = " ".join(str(n) for n in c.counts)
+        if len(counts) > 14:
+            counts = counts[:11] + "..."
+        lines.append(f"{c.schedule.name:<28} {c.schedule.num_microbatches:>3}  {counts:<14} "
+                     f"{c.makespan * 1e3:>9.2f} {c.bubble:>7.1%} {c.peak_bytes / 2**20:>8.2f}"
+                     f"{note}")
+    return "\n".join(lines)

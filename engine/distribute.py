@@ -1,0 +1,313 @@
+"""``engine.distribute``: cut, shard and pipeline a model in one call.
+
+The model stays a plain model: a torch ``nn.Sequential`` (or a list of
+modules) or an ``engine.layers`` model, built the same way on every rank.
+distribute cuts it into pipeline stages over the grid's ``pp`` axis, shards
+the stages by ``plan`` over ``tp``, averages gradients over ``dp``, and, with
+``schedule="auto"``, measures every layer on the sample batch, simulates
+every built-in schedule at several micro-batch counts (engine.choose) and
+runs the fastest that fits ``memory_limit``::
+
+    grid = mesh.grid(world, dp=2, pp=2)
+    job = engine.distribute(model, grid, sample=x, loss_fn=F.mse_loss)
+    opt = torch.optim.SGD(job.parameters(), lr=0.1)
+    for x, y in batches:             # this dp replica's batch
+        opt.zero_grad()
+        loss = job.step(x, y)        # the mean loss on last-stage ranks, else None
+        opt.step()
+    state = job.state_dict()         # the whole model on rank 0 (collective)
+
+A torch ``loss_fn(output, target)`` is an ordinary torch loss (the mean over
+its micro-batch); a numpy one returns ``(loss, gradient)`` as
+``engine.layers.mse_loss`` does. The executor weighs each micro-batch by its
+rows, and dp averages, so a step's gradients are those of the mean loss over
+the global batch: the same as one process training on all of it.
+"""
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import collectives
+from mesh import Comm, Grid
+
+from . import layers as _layers
+from .choose import (SCHEDULES, Candidate, LayerCost, builtin, candidates, counts_for,
+                     measure, microbatch_counts, table)
+from .executor import Pipeline
+from .ir import Schedule
+from .schedules import by_name
+from .tensor_parallel import gather_state_dict, parallelize
+from .partition import partition
+from .torch_stage import TorchStage, torch_loss
+from .tp_layers import full_params
+
+__all__ = ["distribute", "Job", "load_state"]
+
+_AXES = ("dp", "pp", "tp")
+_STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above the pipeline's
+
+
+def _is_torch(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _model_layers(model: Any) -> tuple[list[tuple[str, Any]], bool]:
+    """The model's layers in order, each with its name in the model, and
+    whether they are torch modules."""
+    if _is_torch(model):
+        import torch
+        if isinstance(model, (torch.nn.Sequential, torch.nn.ModuleList)):
+            return list(model.named_children()), True
+        raise TypeError(f"engine.distribute cuts a model into consecutive layers: pass an "
+                        f"nn.Sequential (a subclass is fine) or a list of modules, not a "
+                        f"{type(model).__name__}")
+    if isinstance(model, _layers.Sequential):
+        return [(str(i), layer) for i, layer in enumerate(model.layers)], False
+    if isinstance(model, (list, tuple)):
+        items = list(model)
+        is_torch = bool(items) and all(_is_torch(m) for m in items)
+        return [(str(i), m) for i, m in enumerate(items)], is_torch
+    raise TypeError(f"engine.distribute takes an nn.Sequential, an engine.layers.Sequential "
+                    f"or a list of layers, not a {type(model).__name__}")
+
+
+def _as_grid(grid: Grid | Comm) -> Grid:
+    if not isinstance(grid, Grid):
+        import mesh
+        return mesh.grid(grid, pp=grid.size)
+    extra = [a for a in grid.names if a not in _AXES]
+    if extra or "pp" not in grid.names:
+        raise ValueError(f"rank {grid.comm.rank}: engine.distribute needs a grid with a pp axis "
+                         f"and at most dp and tp beside it (pp=1 for no pipeline), got "
+                         f"{grid.axes}")
+    return grid
+
+
+def _size(grid: Grid, axis: str) -> int:
+    return grid.size(axis) if axis in grid.names else 1
+
+
+def _coord(grid: Grid, axis: str) -> int:
+    return grid.coord(axis) if axis in grid.names else 0
+
+
+def _param_count(layer: Any, is_torch: bool) -> int:
+    if is_torch:
+        return sum(p.numel() for p in layer.parameters())
+    return sum(int(p.size) for p in layer.params())
+
+
+def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int
+             ) -> dict[int, dict[int, Any]]:
+    """Every layer measured at every size; the ranks share the layers and
+    exchange what they measured, so all of them decide alike."""
+    world = grid.comm
+    mine = [i for i in range(len(mlayers)) if i % world.size == world.rank]
+    local = measure(mlayers, sample, sizes, reps, mine)
+    rows = [[size, i, lc.F, lc.B, lc.I, lc.W, lc.act_bytes]
+            for size, row in local.items() for i, lc in row.items()]
+    merged: dict[int, dict[int, LayerCost]] = {s: {} for s in sizes}
+    for part in collectives.all_gather_object(world, rows):
+        for size, i, f, b, gi, gw, nb in part:
+            merged[int(size)][int(i)] = LayerCost(f, b, gi, gw, int(nb))
+    return merged
+
+
+class Job:
+    """One rank's part of a distributed model: see the module docstring."""
+
+    def __init__(self, grid: Grid, pipeline: Pipeline, stages: list[Any], counts: tuple[int, ...],
+                 names: list[str], is_torch: bool, chosen: Candidate | None,
+                 cands: list[Candidate], sharded: bool = False) -> None:
+        self.grid = grid
+        self.sharded = sharded
+        self.pipeline = pipeline
+        self.stages = stages
+        self.counts = counts
+        self.names = names
+        self.first = [sum(counts[:s]) for s in range(len(counts))]
+        self.is_torch = is_torch
+        self.chosen = chosen
+        self.candidates = cands
+        self.schedule: Schedule = pipeline.schedule
+
+    @property
+    def costs(self) -> dict[str, list[float]] | None:
+        """The chosen schedule's per-stage costs in seconds (when measured)."""
+        return None if self.chosen is None else self.chosen.costs
+
+    @property
+    def predicted(self) -> float | None:
+        """The simulator's step time in seconds for the chosen schedule."""
+        return None if self.chosen is None else self.chosen.makespan
+
+    def table(self) -> str:
+        """The candidates the choice was made from."""
+        return table(self.candidates, self.chosen)
+
+    def step(self, inputs: Any = None, targets: Any = None) -> float | None:
+        """One step on this dp replica's batch; the mean loss where the last
+        stage runs, None elsewhere. Ranks that need neither may pass them."""
+        pipe = self.pipeline
+        return pipe.step(inputs if pipe.first else None, targets if pipe.last else None)
+
+    def parameters(self) -> list[Any]:
+        """This rank's parameters (its stages, its shards), for an optimizer."""
+        if self.is_torch:
+            return [p for st in self.stages for p in st.module.parameters()]
+        return [p for st in self.stages for p in st.params()]
+
+    def grads(self) -> list[Any]:
+        """The gradients, in the order of ``parameters()`` (numpy models)."""
+        return [g for st in self.stages for g in st.grads()]
+
+    def _local_state(self) -> OrderedDict[str, Any]:
+        """This rank's stages, unsharded (collective over the tp group), keyed
+        by the model's names: a stage's layer j is the model's layer
+        ``first[s] + j``."""
+        out: OrderedDict[str, Any] = OrderedDict()
+        for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
+            mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
+            if self.is_torch:
+                state = gather_state_dict(st.module) if self.sharded else st.module.state_dict()
+                assert state is not None        # root=None: on every tp rank
+                for k, v in state.items():
+                    j, _, rest = k.partition(".")
+                    out[f"{mine[int(j)]}.{rest}"] = v.detach().contiguous()
+            else:
+                for name, layer in zip(mine, st.layers):
+                    for j, p in enumerate(full_params(layer)):
+                        out[f"{name}.{j}"] = p
+        return out
+
+    def state_dict(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The whole model's state on world rank 0 (None elsewhere), keyed
+        as the model's own ``state_dict()`` (torch) or ``"layer.index"``
+        (numpy: see ``load_state``). Every rank must call it."""
+        if _coord(self.grid, "dp"):
+            return None
+        local = self._local_state()
+        if _coord(self.grid, "tp"):
+            return None
+        pp = self.grid.group("pp")
+        if pp.rank:
+            pp.send(list(local), 0, tag=_STATE_TAG, timeout=timeout)
+            for i, v in enumerate(local.values()):
+                pp.send(v, 0, tag=_STATE_TAG + 1 + i, timeout=timeout)
+            return None
+        state = dict(local)
+        for src in range(1, pp.size):
+            keys = pp.recv(src, tag=_STATE_TAG, timeout=timeout)
+            for i, k in enumerate(keys):
+                state[k] = pp.recv(src, tag=_STATE_TAG + 1 + i, timeout=timeout)
+        order = {n: i for i, n in enumerate(self.names)}
+        return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
+
+
+def load_state(model: Any, state: dict[str, Any]) -> None:
+    """Load ``Job.state_dict()`` into a single-process copy of the model:
+    torch's ``load_state_dict``, or the numpy layers' arrays in place."""
+    if _is_torch(model):
+        model.load_state_dict(state)
+        return
+    named, _ = _model_layers(model)
+    for name, layer in named:
+        for j, p in enumerate(layer.params()):
+            p[...] = state[f"{name}.{j}"]
+
+
+def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None,
+               schedule: str | Schedule = "auto", microbatches: int | None = None,
+               balance: Any = "time", sample: Any = None,
+               loss_fn: Callable[[Any, Any], Any] | None = None,
+               memory_limit: float | None = None, *, chunks: int = 2,
+               timeout: float | None = None, reps: int = 3, verbose: bool = True,
+               overhead: float = 0.0, tag_base: int = 0) -> Job:
+    """Partition ``model`` over the grid's pp axis, shard it by ``plan``
+    over tp, and build the pipeline (gradients averaged over dp).
+
+    ``schedule``: "auto" (simulate ``engine.choose.SCHEDULES`` at the
+    micro-batch counts ``microbatches`` or p, 2p, 4p...; print the
+    candidates on rank 0 when ``verbose``), a name ("1f1b"...) or a Schedule.
+    ``balance``: "time" (measured on ``sample``, this replica's batch),
+    "uniform", "parameters" or layer counts per stage. ``memory_limit``:
+    bytes of activations a rank may hold (estimated from layer outputs).
+    ``tag_base``: as Pipeline's, for several jobs on one grid.
+    Collective: every rank of the grid calls it with the same arguments."""
+    named, is_torch = _model_layers(model)
+    grid = _as_grid(grid)
+    if loss_fn is None:
+        raise ValueError("engine.distribute needs loss_fn= (output, target) -> loss")
+    if plan and "tp" not in grid.names:
+        raise ValueError(f"a tensor-parallel plan needs a grid with a tp axis, got {grid.axes}")
+    p = grid.size("pp")
+    L = len(named)
+    if p > L:
+        raise ValueError(f"the model has {L} layers: it cannot fill pp={p} pipeline stages")
+    auto = isinstance(schedule, str) and schedule == "auto"
+    if (auto or balance == "time") and sample is None:
+        raise ValueError(f"{'schedule=auto' if auto else 'balance=time'} measures the layers: "
+                         "pass sample= (a batch of inputs as step() will get)")
+    tp = _size(grid, "tp")
+    params = [_param_count(layer, is_torch) for _, layer in named]
+
+    if isinstance(schedule, Schedule):
+        if schedule.num_ranks != p:
+            raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, "
+                             f"the grid's pp axis {p}")
+        scheds = [schedule]
+    else:
+        rows = len(sample) if sample is not None else 0
+        if microbatches:
+            ms = [microbatches]
+        else:
+            ms = microbatch_counts(p, rows) if rows else [2 * p]
+        if rows and ms[0] > rows:
+            raise ValueError(f"{ms[0]} micro-batches need a batch of at least {ms[0]} rows; "
+                             f"the sample has {rows}")
+        if not auto:
+            by_name(schedule, p, ms[0], chunks)       # an unknown name raises here
+        scheds = builtin(SCHEDULES if auto else [schedule], p, ms, chunks)
+        if not scheds:
+            raise ValueError(f"no schedule {schedule!r} for pp={p} at micro-batch counts {ms}")
+    cands: list[Candidate] = []
+    chosen: Candidate | None = None
+    sched = scheds[0]
+    if sample is not None:         # measured: the cut by time, the choice, the prediction
+        rows = len(sample)
+        sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
+        mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
+        profile = _profile(grid, mlayers, sample, sizes, reps)
+        cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
+                           overhead)
+        if not cands:
+            raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
+        chosen = cands[0]
+        if not chosen.fits:
+            raise ValueError(f"no schedule keeps its activations under memory_limit="
+                             f"{memory_limit:g} bytes:\n{table(cands)}")
+        sched = chosen.schedule
+    counts = chosen.counts if chosen else counts_for(balance, sched.num_stages, None, params)
+    if verbose and grid.comm.rank == 0 and auto:
+        print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
+              f"{table(cands, chosen)}", flush=True)
+
+    if plan:        # the whole model, so the plan's names are the model's own
+        parallelize(model, grid.group("tp"), plan)
+        named, _ = _model_layers(model)
+    mine = sched.stages_of(grid.coord("pp"))
+    cut = partition(model, sched.num_stages, balance=list(counts), stages=mine)
+    wrapped = torch_loss(loss_fn) if is_torch else loss_fn
+    pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
+                    tag_base=tag_base)
+    stages = [pipe.stages[s] for s in mine]
+    if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
+        dp = grid.group("dp")
+        for st in stages:
+            for arr in st.params():
+                collectives.broadcast(dp, arr, root=0)
+    return Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
+               bool(plan))

@@ -1,0 +1,157 @@
+"""Train a small transformer on 8 workers: dp=2 x pp=2 x tp=2, by one call.
+
+    meshrun -n 8 examples/train_3d.py [--steps 20] [--out model.pt]
+
+The model below is plain torch with no distribution code in it.
+``engine.distribute`` cuts it into pipeline stages, shards each block by
+PLAN, measures the layers and picks the schedule by simulating them all.
+Rank 0 prints the plan, the candidates and the chosen schedule's grid; the
+loss is printed each step; the gathered model is saved, reloaded into a
+single-process copy and checked against the distributed forward.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import collectives
+import engine
+import mesh
+
+PLAN = {                                                   # tensor parallelism, Megatron's
+    "*.attn.qkv": "colwise",                               # heads split over tp
+    "*.attn": ("replicate", {"heads": lambda n, tp: n // tp}),
+    "*.attn.proj": "rowwise",                              # partial sums all-reduced
+    "*.mlp.up": "colwise",
+    "*.mlp.down": "rowwise",
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)                 # per head: q, k, v
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, self.heads, 3, -1).permute(3, 0, 2, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln2, self.mlp = nn.LayerNorm(dim), MLP(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Embed(nn.Module):
+    def __init__(self, vocab: int, dim: int, seq: int) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.ln, self.out = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(x))
+
+
+class TinyGPT(nn.Sequential):
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, blocks: int = 4,
+                 seq: int = 16) -> None:
+        super().__init__(Embed(vocab, dim, seq), *[Block(dim, heads) for _ in range(blocks)],
+                         Head(dim, vocab))
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def batch(step: int, rows: int, seq: int = 16, vocab: int = 64
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences that count up by a random stride: the next token is learnable."""
+    g = torch.Generator().manual_seed(step)
+    start = torch.randint(0, vocab, (rows, 1), generator=g)
+    stride = torch.randint(1, 4, (rows, 1), generator=g)
+    ids = (start + stride * torch.arange(seq + 1)) % vocab
+    return ids[:, :-1], ids[:, 1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=int(os.environ.get("TRAIN_3D_STEPS", 20)))
+    ap.add_argument("--rows", type=int, default=16, help="sequences per step, all replicas")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--out", default="train_3d.pt")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with mesh.init() as world:
+        tp = 2 if world.size % 2 == 0 else 1
+        pp = 2 if world.size % (2 * tp) == 0 else 1
+        grid = mesh.grid(world, dp=world.size // (pp * tp), pp=pp, tp=tp)
+        dp, d = grid.size("dp"), grid.coord("dp")
+
+        def mine(step: int) -> tuple[torch.Tensor, torch.Tensor]:   # this replica's rows
+            x, y = batch(step, args.rows)
+            return x[d::dp], y[d::dp]
+
+        if world.rank == 0:
+            print(f"grid {grid.axes}; plan:\n" + "\n".join(
+                f"  {k}: {v if isinstance(v, str) else v[0] + ', heads // tp'}"
+                for k, v in PLAN.items()))
+        torch.manual_seed(0)
+        job = engine.distribute(TinyGPT(), grid, plan=PLAN if tp > 1 else None,
+                                sample=mine(0)[0], loss_fn=loss_fn)
+        if world.rank == 0:
+            print(f"chosen: {job.schedule.name}\n{job.schedule.render()}", flush=True)
+        opt = torch.optim.SGD(job.parameters(), lr=args.lr, momentum=0.9)
+        for step in range(args.steps):
+            opt.zero_grad()
+            loss = job.step(*mine(step))
+            opt.step()
+            if loss is not None and d == 0 and grid.coord("tp") == 0:
+                print(f"step {step:3d}  loss {loss:.4f}", flush=True)
+
+        opt.zero_grad()
+        final = job.step(*mine(args.steps))           # the distributed forward, trained
+        final = [v for v in collectives.all_gather_object(world, final) if v is not None][0]
+        state = job.state_dict()                      # every rank; the whole model on rank 0
+        if world.rank == 0:
+            torch.save(state, args.out)
+            copy = TinyGPT()
+            copy.load_state_dict(torch.load(args.out))
+            with torch.no_grad():
+                again = float(loss_fn(copy(batch(args.steps, args.rows)[0]),
+                                      batch(args.steps, args.rows)[1]))
+            print(f"saved {args.out}; one process on the reloaded model: loss {again:.6f}, "
+                  f"distributed: {final:.6f}")
+            assert abs(again - final) < 1e-4 * max(1.0, abs(final)), (again, final)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""engine.distribute trains like one process; engine.choose picks by simulation.
+
+One spawn per kind of model (numpy, torch) runs distribute at dp=2 x pp=2
+with the schedule chosen automatically, trains a few SGD steps, gathers the
+state on rank 0 and checks the argument errors; the parent compares with
+single-process training on the whole batch. Nothing here is timed: which
+schedule wins may differ from run to run, the weights may not.
+"""
+import numpy as np
+import pytest
+
+import engine
+import mesh
+from engine import choose
+from engine.choose import LayerCost
+from engine.layers import Linear, Sequential, Tanh, mlp_stages, mse_loss, sgd
+
+WIDTHS = [5, 8, 6, 7, 4, 3]          # 5 Linear layers, 9 layers with the Tanh between
+TP_WIDTHS = [4, 8, 6, 8, 4]          # Linear 0, 4 colwise; 2, 6 rowwise
+TP_PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
+ROWS, STEPS, LR, SEED = 24, 3, 0.1, 7
+PATIENT = {"MESH_PEER_TIMEOUT": "60"}   # processes starve on 2 loaded cores: check training
+
+
+def _data(step, widths=WIDTHS):
+    rng = np.random.default_rng(2000 + step)
+    return rng.standard_normal((ROWS, widths[0])), rng.standard_normal((ROWS, widths[-1]))
+
+
+def _half(a, d):
+    return a[d * len(a) // 2:(d + 1) * len(a) // 2]
+
+
+# ---- engine.choose, without processes
+
+
+def test_cut_minimizes_the_heaviest_stage():
+    assert choose.cut([1, 1, 1, 5], 2) == (3, 1)
+    assert choose.cut([5, 1, 1, 1, 1, 1], 2) == (1, 5)
+    assert choose.cut([1] * 6, 3) == (2, 2, 2)
+    with pytest.raises(ValueError, match="cannot fill"):
+        choose.cut([1, 2], 3)
+
+
+def test_counts_for_each_balance():
+    params = [10, 0, 10, 30, 80]
+    times = [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert choose.counts_for("uniform", 2, None, params) == (2, 3)
+    assert choose.counts_for("parameters", 2, None, params) == (4, 1)
+    assert choose.counts_for("time", 2, times, params) in ((2, 3), (3, 2))
+    assert choose.counts_for([1, 4], 2, None, params) == (1, 4)
+    with pytest.raises(ValueError, match="positive layer counts"):
+        choose.counts_for([1, 3], 2, None, params)
+    with pytest.raises(ValueError, match="cannot fill 6"):
+        choose.counts_for("uniform", 6, None, params)
+    with pytest.raises(ValueError, match="sample="):
+        choose.counts_for("time", 2, None, params)
+    with pytest.raises(ValueError, match="unknown balance"):
+        choose.counts_for("flops", 2, None, params)
+
+
+def _profile(rows, ms, layers):
+    """A made-up profile: each layer costs its weight per row, plus a little."""
+    out = {}
+    for m in ms:
+        size = -(-rows // m)
+        out[size] = {i: LayerCost(1e-4 + w * size * 1e-4, 2e-4 + 2 * w * size * 1e-4,
+                                  1e-4 + w * size * 1e-4, 1e-4 + w * size * 1e-4, 100 * size)
+                     for i, w in enumerate(layers)}
+    return out
+
+
+def test_candidates_best_first_under_the_memory_limit():
+    layers, rows, p = [1, 1, 1, 1, 4, 4, 1, 1], 32, 2
+    ms = choose.microbatch_counts(p, rows)
+    assert ms == [2, 4, 8, 16, 32]
+    scheds = choose.builtin(choose.SCHEDULES, p, ms)
+    assert {s.name.split("(")[0] for s in scheds} >= {"gpipe", "1f1b", "interleaved_1f1b",
+                                                       "zero_bubble_h1"}
+    cands = choose.candidates(_profile(rows, ms, layers), [1] * 8, rows, scheds)
+    assert [c.makespan for c in cands] == sorted(c.makespan for c in cands)
+    best = cands[0]
+    assert best.counts in ((5, 3), (4, 4)) or len(best.counts) == 4
+    at32 = {c.schedule.name: c for c in cands if c.schedule.num_microbatches == 32}
+    assert at32["gpipe(2,32)"].peak_bytes > at32["1f1b(2,32)"].peak_bytes
+    limit = at32["1f1b(2,32)"].peak_bytes
+    capped = choose.candidates(_profile(rows, ms, layers), [1] * 8, rows, scheds,
+                               memory_limit=limit)
+    assert all(c.fits == (c.peak_bytes <= limit) for c in capped)
+    assert not [c for c in capped if c.schedule.name == "gpipe(2,32)"][0].fits
+    assert capped[0].fits and capped[0].peak_bytes <= limit
+    assert [c.fits for c in capped] == sorted((c.fits for c in capped), reverse=True)
+    text = choose.table(capped, capped[0])
+    assert "<- chosen" in text and "over memory limit" in text and "pred ms" in text
+
+
+def test_uneven_layers_balanced_by_time_beat_uniform():
+    layers, rows, p = [1, 1, 1, 1, 1, 1, 6, 6], 16, 2
+    ms = [4]
+    scheds = choose.builtin(["1f1b"], p, ms)
+    prof = _profile(rows, ms, layers)
+    by_time = choose.candidates(prof, [1] * 8, rows, scheds, "time")[0]
+    uniform = choose.candidates(prof, [1] * 8, rows, scheds, "uniform")[0]
+    assert by_time.counts == (6, 2) and uniform.counts == (4, 4)
+    assert by_time.makespan < uniform.makespan
+
+
+# ---- distribute on numpy layers: dp=2 x pp=2
+
+
+def _numpy_model(widths=WIDTHS):
+    return Sequential(*mlp_stages(widths, 1, SEED)[0].layers)
+
+
+def _argument_errors(grid, d):
+    """Each bad call raises on every rank, before anything collective."""
+    model, errors = _numpy_model(), []
+    for kwargs, match in [({"loss_fn": None}, "loss_fn"),
+                          ({"sample": None}, "sample="),
+                          ({"balance": "uniform", "schedule": "interleaved", "microbatches": 2,
+                            "sample": None, "model": Sequential(Linear(2, 2), Tanh())},
+                           "cannot fill"),
+                          ({"model": Sequential(Linear(2, 2))}, "pp=2"),
+                          ({"plan": {"0": "colwise"}}, "tp axis"),
+                          ({"grid": mesh.grid(grid.comm, dp=2, stage=2)}, "pp axis")]:
+        args = dict(model=model, grid=grid, loss_fn=mse_loss, sample=_half(_data(0)[0], d))
+        args.update(kwargs)
+        try:
+            engine.distribute(**args)
+            errors.append(f"no error for {kwargs}")
+        except ValueError as e:
+            errors.append(match in str(e) or str(e))
+    return errors
+
+
+def _numpy_worker(world, axes, plan, widths):
+    grid = mesh.grid(world, **axes)
+    d = grid.coord("dp") if "dp" in axes else 0
+    dp = axes.get("dp", 1)
+    errors = _argument_errors(grid, d) if not plan else []
+    model = _numpy_model(widths)
+
+    def part(a):
+        return a[d * len(a) // dp:(d + 1) * len(a) // dp]
+
+    job = engine.distribute(model, grid, plan=plan, sample=part(_data(0, widths)[0]),
+                            loss_fn=mse_loss, timeout=30, reps=1)
+    losses = []
+    for step in range(STEPS):
+        x, y = (part(a) for a in _data(step, widths))
+        losses.append(job.step(x, y))
+        sgd(job.stages, LR)
+    return {"errors": errors, "losses": losses, "state": job.state_dict(),
+            "schedule": job.schedule.name, "table": job.table(), "last": job.pipeline.last}
+
+
+def _numpy_reference(widths=WIDTHS):
+    model = _numpy_model(widths)
+    losses = []
+    for step in range(STEPS):
+        x, y = _data(step, widths)
+        out, ctx = model.forward(x)
+        loss, gy = mse_loss(out, y)
+        model.backward(ctx, gy)
+        sgd([model], LR)
+        losses.append(loss)
+    return model, losses
+
+
+@pytest.mark.parametrize("axes,plan", [
+    ({"dp": 2, "pp": 2}, None),
+    ({"pp": 2, "tp": 2}, TP_PLAN),
+    pytest.param({"dp": 2, "pp": 2, "tp": 2}, TP_PLAN, marks=pytest.mark.slow),
+], ids=["dp2xpp2", "pp2xtp2", "dp2xpp2xtp2"])
+def test_numpy_distribute_matches_one_process(axes, plan):
+    widths = TP_WIDTHS if plan else WIDTHS
+    n = int(np.prod(list(axes.values())))
+    results = mesh.spawn(_numpy_worker, n, axes, plan, widths, timeout=180, env=PATIENT)
+    ref, ref_losses = _numpy_reference(widths)
+    for res in results:
+        assert all(e is True for e in res["errors"]), res["errors"]
+        assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
+        if res["last"]:
+            np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
+    assert sum(res["last"] for res in results) == n // 2
+    state = results[0]["state"]
+    assert all(res["state"] is None for res in results[1:])
+    got = _numpy_model(widths)
+    engine.load_state(got, state)
+    for a, b in zip(got.params(), ref.params(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+# ---- distribute on a torch nn.Sequential: dp=2 x pp=2, torch's own SGD
+
+
+def _torch_model(widths=WIDTHS):
+    import torch
+    torch.manual_seed(SEED)
+    mods = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        last = i == len(widths) - 2
+        mods += [torch.nn.Linear(a, b).double()] + ([] if last else [torch.nn.Tanh()])
+    return torch.nn.Sequential(*mods)
+
+
+def _torch_worker(world, axes, plan, widths):
+    import torch
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, **axes)
+    d, dp = (grid.coord("dp"), 2) if "dp" in axes else (0, 1)
+    model = _torch_model(widths)
+    if d == 1:                          # replica 1 starts elsewhere: distribute broadcasts
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+
+    def part(a):
+        return torch.from_numpy(a[d * len(a) // dp:(d + 1) * len(a) // dp])
+
+    job = engine.distribute(model, grid, plan=plan, sample=part(_data(0, widths)[0]),
+                            loss_fn=torch.nn.functional.mse_loss, microbatches=2, reps=1,
+                            timeout=60)
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        x, y = (part(a) for a in _data(step, widths))
+        opt.zero_grad()
+        losses.append(job.step(x, y))
+        opt.step()
+    state = job.state_dict()
+    return {"losses": losses, "schedule": job.schedule.name, "last": job.pipeline.last,
+            "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+
+
+@pytest.mark.timeout(300)    # four processes importing torch on a loaded machine
+@pytest.mark.parametrize("axes,plan", [
+    ({"dp": 2, "pp": 2}, None),
+    pytest.param({"pp": 2, "tp": 2}, TP_PLAN, marks=pytest.mark.slow),
+], ids=["dp2xpp2", "pp2xtp2"])
+def test_torch_distribute_matches_one_process(axes, plan):
+    torch = pytest.importorskip("torch")
+    widths = TP_WIDTHS if plan else WIDTHS
+    results = mesh.spawn(_torch_worker, 4, axes, plan, widths, timeout=280, env=PATIENT)
+    model = _torch_model(widths)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        x, y = (torch.from_numpy(a) for a in _data(step, widths))
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for res in results:
+        if res["last"]:
+            np.testing.assert_allclose(res["losses"], losses, rtol=1e-10)
+    state = results[0]["state"]
+    assert all(res["state"] is None for res in results[1:])
+    want = model.state_dict()
+    assert list(state) == list(want)
+    copy = _torch_model(widths)
+    copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    for k, v in want.items():
+        np.testing.assert_allclose(state[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
+    x = torch.from_numpy(_data(9, widths)[0])
+    torch.testing.assert_close(copy(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_model_must_be_a_sequence_of_layers():
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.a(x)
+
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        engine.distribute(Net(), None, loss_fn=torch.nn.functional.mse_loss)
