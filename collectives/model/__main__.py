@@ -62,6 +62,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _markdown(path: str, rows: list[dict], errs: list[float]) -> None:
+    """One table per path: a row per (op, size), a column per world size,
+    each cell "measured / predicted (error)" in microseconds."""
+    ns = sorted({r["n"] for r in rows})
+    cells: dict[tuple[str, int], dict[int, str]] = {}
+    for r, e in zip(rows, errs):
+        size = r["bytes"] // r["n"] * r["n"] if r["op"] == "all_gather" else r["bytes"]
+        key = (r["op"], min(CHECK_SIZES + FIT_SIZES, key=lambda s: abs(s - size)))
+        cells.setdefault(key, {})[r["n"]] = (f"{r['t'] * 1e6:.0f} / {r['t'] * (1 + e) * 1e6:.0f}"
+                                             f" ({e * 100:+.0f}%)")
+    print(f"\n{path} path, us, measured / predicted (error):\n")
+    print("| op | size | " + " | ".join(f"{n} ranks" for n in ns) + " |")
+    print("|---" * (len(ns) + 2) + "|")
+    for (op, size), byn in cells.items():
+        print(f"| {op} | {_fmt_b(size)} | " + " | ".join(byn.get(n, "") for n in ns) + " |")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     fit, where = load(args.params)
     print(f"# parameters from {where}" + (" (shipped: no fit made on this machine)"
@@ -82,6 +99,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"{algorithm(path, r['op'], r['bytes']):>11s} "
                   f"{row_share(r, fit.cores):5.2f} {r['t'] * 1e6:10.1f} "
                   f"{r['t'] * (1 + e) * 1e6:10.1f} {e * 100:+6.1f}% | {e0 * 100:+6.1f}%")
+        if args.markdown:
+            _markdown(path, mine, errs)
         if errs:
             within = sum(abs(e) <= 0.2 for e in errs) / len(errs)
             print(f"# {path}: median |error| {statistics.median(map(abs, errs)) * 100:.1f}%, "
@@ -153,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--from", dest="source", default=None,
                     help="read measurements (sweep JSON lines) instead of measuring")
     ap.add_argument("--save", default=None, help="--check: write the measurements here")
+    ap.add_argument("--markdown", action="store_true",
+                    help="--check: also print a table per path (as in BENCHMARKS.md)")
     ap.add_argument("--out", default=None, help="--fit: where to save (default: cache)")
     ap.add_argument("--params", default=None, help="--check/--predict: the fit to use")
     args = ap.parse_args(argv)

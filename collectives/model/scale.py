@@ -17,18 +17,24 @@ between a call's phases, one core per rank (share 1). Algorithms::
                   at distance >= L cross hosts, all L ranks of a host at once)
     tree          binomial reduce then binomial broadcast (2 log2 N rounds;
                   at distance >= L only one rank per host is left)
-    hier          board reduce in each host | all_reduce among the H host
-                  leaders over sockets (meshrun's choice: rd or ring) | board
-                  broadcast in each host
+    hier          board reduce in each host | ring all_reduce among the H
+                  host leaders over sockets | board broadcast in each host
+    hier_rd       the same with recursive doubling among the leaders
     hier_rs       board reduce_scatter | L rings among hosts at once, one per
                   local rank, on m/L each (the NIC shared by L) | board all_gather
+
+    broadcast:  chain (pipelined, 1 MiB segments), tree (binomial), hier
+                (tree below 64 KiB, else chain, among the leaders | board broadcast)
+    all_gather: ring, rd (recursive doubling, blocks doubling each round),
+                hier (board gather to the leader | ring among the leaders on
+                blocks of m/H | board broadcast of the whole m)
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from ..plan import Tuning, choose, segment_count
+from ..plan import Tuning, segment_count
 from .costs import Params, Terms, terms
 
 __all__ = ["Cluster", "LINKS", "parse_link", "ALGORITHMS", "at_scale", "best"]
@@ -66,7 +72,7 @@ class Cluster:
 
 
 ALGORITHMS = {
-    "all_reduce": ("ring", "rd", "tree", "hier", "hier_rs"),
+    "all_reduce": ("ring", "rd", "tree", "hier", "hier_rd", "hier_rs"),
     "broadcast": ("chain", "tree", "hier"),
     "all_gather": ("ring", "rd", "hier"),
 }
@@ -122,10 +128,9 @@ def _all_reduce(alg: str, h: _Hops, board: Params, c: Cluster, m: float,
     if alg == "tree":
         hop = inside * h.intra(m) + across * h.inter(m)
         return 2 * (sock.a0 + hop) + (inside + across) * m * sock.gamma
-    if alg == "hier":
+    if alg in ("hier", "hier_rd"):
         lead = Cluster(hosts, 1, c.link_bps, c.wire)
-        inner = choose("all_reduce", int(m), tuning)
-        across_t = _all_reduce("ring" if inner == "ring" else "rd", h, board, lead, m, tuning)
+        across_t = _all_reduce("ring" if alg == "hier" else "rd", h, board, lead, m, tuning)
         return (_board(board, "reduce", L, m) + (across_t if hosts > 1 else 0.0)
                 + _board(board, "broadcast", L, m))
     if alg == "hier_rs":

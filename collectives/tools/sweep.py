@@ -8,12 +8,13 @@ shared and a round can be hit by another job.
 
 prints one JSON line per (op, size): ``{"path", "op", "n", "bytes", "t",
 "share"}`` with ``bytes`` the nccl-tests size (the all_gather output), ``t``
-seconds, and ``share`` the compute share one rank got while it ran: before
-and after each row all ranks run the same small numpy loop at once, and
-share is the
-loop's time on an idle core (the fastest of many short runs in the parent)
-over the slowest rank's time (so 2 cores and 8 ranks give at most 0.25,
-less when other jobs take CPU).
+seconds, and ``share`` the compute share one rank got while it ran. Before
+and after each row all ranks run the same small numpy loop at once; a
+round's share is that loop's time on an idle core (the fastest of many short
+runs in the parent) over the slowest rank's time, so 8 ranks on 2 cores get
+at most 0.25, less when other jobs take CPU. ``t`` is the median round and
+``share`` is such that ``t * share`` is the median of the rounds' time x
+share (time normalized to a whole core, paired round by round).
 """
 from __future__ import annotations
 
@@ -109,10 +110,11 @@ def measure(path: str, n: int, ops: Sequence[str] = OPS, sizes: Sequence[int] = 
     res = []
     for i, (op, nbytes) in enumerate(meta):
         slowest = [max(r[i][k][0] for r in per_rank) for k in range(rounds)]
-        shares = [ref / max(r[i][k][1] for r in per_rank) for k in range(rounds)]
-        res.append({"path": path, "op": op, "n": n, "bytes": nbytes,
-                    "t": statistics.median(slowest),
-                    "share": min(1.0, statistics.median(shares))})
+        shares = [min(1.0, ref / max(r[i][k][1] for r in per_rank)) for k in range(rounds)]
+        t = statistics.median(slowest)
+        whole_core = statistics.median(a * b for a, b in zip(slowest, shares))
+        res.append({"path": path, "op": op, "n": n, "bytes": nbytes, "t": t,
+                    "share": whole_core / t})
     return res
 
 
