@@ -28,13 +28,22 @@ FIT_SIZES = (8, 1 << 10, 16 << 10, 256 << 10, 2 << 20, 16 << 20)
 CHECK_SIZES = (64, 4 << 10, 32 << 10, 128 << 10, 1 << 20, 8 << 20)
 
 
-def _measure(ranks: Sequence[int], sizes: Sequence[int], rounds: int) -> list[dict]:
+def _measure(ranks: Sequence[int], sizes: Sequence[int], rounds: int,
+             log: str | None) -> list[dict]:
+    """Both paths at each world size; each job's rows appended to ``log``
+    as they come (JSON lines), so an interrupted run keeps what it measured."""
     from ..tools.sweep import measure
     rows = []
+    if log:
+        open(log, "w").close()
     for n in ranks:
         for path in PATHS:
             print(f"# measuring {path} path, {n} ranks ...", file=sys.stderr, flush=True)
-            rows.extend(measure(path, n, sizes=sizes, rounds=rounds))
+            got = measure(path, n, sizes=sizes, rounds=rounds)
+            rows.extend(got)
+            if log:
+                with open(log, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in got)
     return rows
 
 
@@ -49,7 +58,7 @@ def _ranks(text: str) -> list[int]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     rows = _read(args.source) if args.source else _measure(
-        _ranks(args.ranks) if args.ranks else FIT_RANKS, FIT_SIZES, args.rounds)
+        _ranks(args.ranks) if args.ranks else FIT_RANKS, FIT_SIZES, args.rounds, args.save)
     cores = os.cpu_count() or 1
     params = {p: fit_params([r for r in rows if r["path"] == p], cores) for p in PATHS}
     fit = Fit(params, cores, rows, note=f"load average at fit {os.getloadavg()[0]:.1f}")
@@ -68,8 +77,8 @@ def _markdown(path: str, rows: list[dict], errs: list[float]) -> None:
     ns = sorted({r["n"] for r in rows})
     cells: dict[tuple[str, int], dict[int, str]] = {}
     for r, e in zip(rows, errs):
-        size = r["bytes"] // r["n"] * r["n"] if r["op"] == "all_gather" else r["bytes"]
-        key = (r["op"], min(CHECK_SIZES + FIT_SIZES, key=lambda s: abs(s - size)))
+        key = (r["op"], r.get("size") or min(CHECK_SIZES + FIT_SIZES,
+                                             key=lambda s: abs(s - r["bytes"])))
         cells.setdefault(key, {})[r["n"]] = (f"{r['t'] * 1e6:.0f} / {r['t'] * (1 + e) * 1e6:.0f}"
                                              f" ({e * 100:+.0f}%)")
     print(f"\n{path} path, us, measured / predicted (error):\n")
@@ -84,10 +93,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"# parameters from {where}" + (" (shipped: no fit made on this machine)"
                                           if where == shipped_path() else ""))
     rows = _read(args.source) if args.source else _measure(
-        _ranks(args.ranks) if args.ranks else FIT_RANKS, CHECK_SIZES, args.rounds)
-    if args.save:
-        with open(args.save, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        _ranks(args.ranks) if args.ranks else FIT_RANKS, CHECK_SIZES, args.rounds, args.save)
     print(f"# {'path':6s} {'op':10s} {'n':>3s} {'bytes':>9s} {'alg':>11s} {'share':>5s} "
           f"{'measured':>10s} {'predicted':>10s} {'error':>7s} | {'nominal':>7s}")
     for path in PATHS:
@@ -171,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     ap.add_argument("--from", dest="source", default=None,
                     help="read measurements (sweep JSON lines) instead of measuring")
-    ap.add_argument("--save", default=None, help="--check: write the measurements here")
+    ap.add_argument("--save", default=None,
+                    help="--fit/--check: also write the measurements here, as they come")
     ap.add_argument("--markdown", action="store_true",
                     help="--check: also print a table per path (as in BENCHMARKS.md)")
     ap.add_argument("--out", default=None, help="--fit: where to save (default: cache)")

@@ -167,8 +167,10 @@ def row_share(row: dict, cores: float) -> float:
 
 def fit_params(rows: Iterable[dict], cores: float, tuning: Tuning = Tuning()) -> Params:
     """Unit costs fitted to measured rows (``{"path", "op", "n", "bytes",
-    "t"}`` and maybe ``"share"``, one path) by least squares on the relative
-    error, so small and large sizes weigh alike."""
+    "t"}`` and maybe ``"share"``, one path): least absolute relative error
+    (iteratively reweighted non-negative least squares), so small and large
+    sizes weigh alike and a row hit by another job pulls less than it would
+    on its square."""
     rows = list(rows)
     if not rows:
         raise ValueError("no measurements to fit")
@@ -180,8 +182,17 @@ def fit_params(rows: Iterable[dict], cores: float, tuning: Tuning = Tuning()) ->
                   / row_share(r, cores) / r["t"] for r in rows])
     scale = a.max(axis=0)
     scale[scale == 0] = 1.0
-    x = nnls(a / scale, np.ones(len(rows))) / scale
-    return Params(*(float(v) for v in x))
+    a /= scale
+    ones = np.ones(len(rows))
+    w = ones
+    for _ in range(_IRLS_ROUNDS):
+        x = nnls(a * w[:, None], w)
+        w = 1 / np.sqrt(np.maximum(np.abs(a @ x - ones), _IRLS_FLOOR))
+    return Params(*(float(v) for v in x / scale))
+
+
+_IRLS_ROUNDS = 30
+_IRLS_FLOOR = 0.01
 
 
 def rel_errors(params: Params, cores: float, rows: Sequence[dict],

@@ -24,7 +24,8 @@ between a call's phases, one core per rank (share 1). Algorithms::
                   local rank, on m/L each (the NIC shared by L) | board all_gather
 
     broadcast:  chain (pipelined, 1 MiB segments), tree (binomial), hier
-                (tree below 64 KiB, else chain, among the leaders | board broadcast)
+                (binomial tree among the host leaders | board broadcast),
+                hier_chain (chain among the leaders | board broadcast)
     all_gather: ring, rd (recursive doubling, blocks doubling each round),
                 hier (board gather to the leader | ring among the leaders on
                 blocks of m/H | board broadcast of the whole m)
@@ -73,7 +74,7 @@ class Cluster:
 
 ALGORITHMS = {
     "all_reduce": ("ring", "rd", "tree", "hier", "hier_rd", "hier_rs"),
-    "broadcast": ("chain", "tree", "hier"),
+    "broadcast": ("chain", "tree", "hier", "hier_chain"),
     "all_gather": ("ring", "rd", "hier"),
 }
 
@@ -155,9 +156,9 @@ def _broadcast(alg: str, h: _Hops, board: Params, c: Cluster, m: float) -> float
         fill = (n - hosts) * h.intra(seg) + (hosts - 1) * h.inter(seg)
         slowest = h.inter(seg) if hosts > 1 else h.intra(seg)
         return sock.a0 + fill + (k - 1) * slowest
-    if alg == "hier":
+    if alg in ("hier", "hier_chain"):
         lead = Cluster(hosts, 1, c.link_bps, c.wire)
-        inner = "tree" if m < Tuning().small else "chain"
+        inner = "tree" if alg == "hier" else "chain"
         across_t = _broadcast(inner, h, board, lead, m) if hosts > 1 else 0.0
         return across_t + _board(board, "broadcast", L, m)
     raise ValueError(f"no broadcast algorithm {alg!r}")

@@ -6,8 +6,9 @@ shared and a round can be hit by another job.
 
     python -m collectives.tools.sweep -n 8 --path socket
 
-prints one JSON line per (op, size): ``{"path", "op", "n", "bytes", "t",
-"share"}`` with ``bytes`` the nccl-tests size (the all_gather output), ``t``
+prints one JSON line per (op, size): ``{"path", "op", "n", "size", "bytes",
+"t", "share"}`` with ``size`` as asked, ``bytes`` the nccl-tests size run
+(the all_gather output, a multiple of n), ``t``
 seconds, and ``share`` the compute share one rank got while it ran. Before
 and after each row all ranks run the same small numpy loop at once; a
 round's share is that loop's time on an idle core (the fastest of many short
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -67,15 +69,33 @@ def probe_reference(pieces: int = 200) -> float:
     return min(probe(per) for _ in range(pieces)) * _PROBE_REPS / per
 
 
+def cpu_wait() -> tuple[int, int]:
+    """(nanoseconds on a CPU, nanoseconds runnable but waiting for one) of
+    all this process's threads so far (Linux schedstat; zeros elsewhere)."""
+    run = wait = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0, 0
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/schedstat") as f:
+                a, b, _ = f.read().split()
+        except (OSError, ValueError):
+            continue
+        run, wait = run + int(a), wait + int(b)
+    return run, wait
+
+
 def _worker(world: Any, rows: list[tuple[str, int, int, int]], rounds: int
-            ) -> list[list[tuple[float, float]]]:
+            ) -> list[list[tuple[float, float, float]]]:
     """(seconds per call, probe seconds) of every row, per round (rows
     interleaved in each round)."""
     import collectives as C
 
     arrays = [_make(np, op, count, "float32", world.size, world.rank)
               for op, count, _, _ in rows]
-    out: list[list[tuple[float, float]]] = [[] for _ in rows]
+    out: list[list[tuple[float, float, float]]] = [[] for _ in rows]
     for _ in range(rounds):
         for i, (op, _, iters, warmup) in enumerate(rows):
             fn, a = getattr(C, op), arrays[i]
@@ -84,11 +104,14 @@ def _worker(world: Any, rows: list[tuple[str, int, int, int]], rounds: int
             C.barrier(world)
             busy = probe()
             C.barrier(world)
+            r0, w0 = cpu_wait()
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn(world, a)
             dt = (time.perf_counter() - t0) / iters
-            out[i].append((dt, (busy + probe()) / 2))
+            r1, w1 = cpu_wait()
+            ran = (r1 - r0) / max(1, (r1 - r0) + (w1 - w0))
+            out[i].append((dt, (busy + probe()) / 2, ran))
     C.barrier(world)
     return out
 
@@ -105,16 +128,18 @@ def measure(path: str, n: int, ops: Sequence[str] = OPS, sizes: Sequence[int] = 
         for size in sizes:
             count, nbytes, iters, warmup = plan(op, size, n)
             rows.append((op, count, iters, warmup))
-            meta.append((op, nbytes))
+            meta.append((op, size, nbytes))
     per_rank = mesh.spawn(_worker, n, rows, rounds, timeout=timeout, env=PATH_ENV[path])
     res = []
-    for i, (op, nbytes) in enumerate(meta):
+    for i, (op, size, nbytes) in enumerate(meta):
         slowest = [max(r[i][k][0] for r in per_rank) for k in range(rounds)]
         shares = [min(1.0, ref / max(r[i][k][1] for r in per_rank)) for k in range(rounds)]
+        ran = [statistics.mean(r[i][k][2] for r in per_rank) for k in range(rounds)]
         t = statistics.median(slowest)
         whole_core = statistics.median(a * b for a, b in zip(slowest, shares))
-        res.append({"path": path, "op": op, "n": n, "bytes": nbytes, "t": t,
-                    "share": whole_core / t})
+        ran_core = statistics.median(a * b for a, b in zip(slowest, ran))
+        res.append({"path": path, "op": op, "n": n, "size": size, "bytes": nbytes, "t": t,
+                    "share": whole_core / t, "ran": ran_core / t})
     return res
 
 
