@@ -7,15 +7,18 @@ shared and a round can be hit by another job.
     python -m collectives.tools.sweep -n 8 --path socket
 
 prints one JSON line per (op, size): ``{"path", "op", "n", "size", "bytes",
-"t", "share"}`` with ``size`` as asked, ``bytes`` the nccl-tests size run
-(the all_gather output, a multiple of n), ``t``
-seconds, and ``share`` the compute share one rank got while it ran. Before
+"t", "share", "ran"}`` with ``size`` as asked, ``bytes`` the nccl-tests size
+run (the all_gather output, a multiple of n), ``t`` seconds, and ``share``
+the compute share one rank got while it ran. Before
 and after each row all ranks run the same small numpy loop at once; a
 round's share is that loop's time on an idle core (the fastest of many short
 runs in the parent) over the slowest rank's time, so 8 ranks on 2 cores get
 at most 0.25, less when other jobs take CPU. ``t`` is the median round and
 ``share`` is such that ``t * share`` is the median of the rounds' time x
-share (time normalized to a whole core, paired round by round).
+share (time normalized to a whole core, paired round by round). ``ran`` is
+the same from the kernel's scheduler statistics over the timed calls (time
+on a CPU / time on a CPU or runnable, all threads, mean over ranks): kept
+for comparison; the model uses ``share``.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .bench import _make, input_count
+from .bench import _make, input_count, parse_sizes
 
 __all__ = ["PATH_ENV", "OPS", "SIZES", "plan", "probe", "probe_reference", "measure", "main"]
 
@@ -150,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--path", choices=tuple(PATH_ENV), default="board")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="a,b,c or lo:hi")
     args = ap.parse_args(argv)
-    for row in measure(args.path, args.nprocs, args.ops.split(","), rounds=args.rounds):
+    sizes = parse_sizes(args.sizes)
+    for row in measure(args.path, args.nprocs, args.ops.split(","), sizes, args.rounds):
         print(json.dumps(row), flush=True)
     return 0
 
