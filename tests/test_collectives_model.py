@@ -184,3 +184,7 @@ def test_store_round_trip_and_predict_cli(tmp_path, capsys):
     assert main(["--fit", "--from", str(rows), "--out", str(tmp_path / "f2.json")]) == 0
     assert main(["--check", "--from", str(rows), "--params", str(tmp_path / "f2.json")]) == 0
     assert "100% of rows within 20%" in capsys.readouterr().out
+    assert main(["--check", "--from", str(tmp_path / "f2.json"), "--params",
+                 str(tmp_path / "f2.json"), "--markdown"]) == 0     # a fit's own rows
+    out = capsys.readouterr().out
+    assert "board path, us" in out and "| all_reduce | 16 MiB |" in out

@@ -6,7 +6,9 @@
 
 --fit and --check measure with collectives.tools.sweep (the benchmark's
 timing, medians over interleaved rounds, the compute share probed); both
-take ``--from FILE`` (its JSON lines) instead of measuring.
+take ``--from FILE`` (its JSON lines, or a saved fit's rows) instead of
+measuring. ``--check --from collectives/model/fitted.json`` shows how well
+the shipped fit matches its own measurements.
 """
 from __future__ import annotations
 
@@ -48,8 +50,14 @@ def _measure(ranks: Sequence[int], sizes: Sequence[int], rounds: int,
 
 
 def _read(path: str) -> list[dict]:
+    """Measured rows: sweep's JSON lines, or a saved fit's ``rows``."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip().startswith("{")]
+        text = f.read()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+    return list(whole["rows"]) if isinstance(whole, dict) and "rows" in whole else [whole]
 
 
 def _ranks(text: str) -> list[int]:
