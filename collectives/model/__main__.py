@@ -19,11 +19,12 @@ import statistics
 import sys
 from typing import Sequence
 
-from ..plan import parse_size
 from ..tools.bench import parse_sizes
 from .costs import PATHS, algorithm, fit_params, rel_errors, row_share
 from .scale import ALGORITHMS, Cluster, at_scale, best, parse_link
 from .store import Fit, load, save, shipped_path
+
+__all__ = ["main", "FIT_RANKS", "FIT_SIZES", "CHECK_SIZES"]
 
 FIT_RANKS = (2, 3, 4, 8, 16, 32)
 FIT_SIZES = (8, 1 << 10, 16 << 10, 256 << 10, 2 << 20, 16 << 20)
