@@ -114,7 +114,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"{algorithm(path, r['op'], r['bytes']):>11s} "
                   f"{row_share(r, fit.cores):5.2f} {r['t'] * 1e6:10.1f} "
                   f"{r['t'] * (1 + e) * 1e6:10.1f} {e * 100:+6.1f}% | {e0 * 100:+6.1f}%")
-        if args.markdown:
+        if args.markdown and mine:
             _markdown(path, mine, errs)
         if errs:
             within = sum(abs(e) <= 0.2 for e in errs) / len(errs)
