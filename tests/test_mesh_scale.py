@@ -11,16 +11,19 @@ beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
 
 import collectives as C
 import mesh
+from mesh.limits import context, open_files, rank_fds
 
 
 def _x(rank: int, shape: tuple, dtype: str = "int64", salt: int = 0) -> np.ndarray:
@@ -135,11 +138,60 @@ def scale_battery(world: Any) -> int:
     return n
 
 
+@contextlib.contextmanager
+def _soft_fd_limit(soft: int) -> Iterator[None]:
+    """This process (and what it starts) under a soft limit of ``soft`` open files."""
+    was = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, was[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, was)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(170)
 @pytest.mark.parametrize("n", [16, 32])
 def test_every_collective_and_point_to_point_at_scale(n: int) -> None:
-    assert mesh.spawn(scale_battery, n, timeout=150) == [n] * n
+    """Under a soft limit on open files the world would outgrow (about five
+    per peer in each rank, a few per rank in the parent): mesh.spawn and
+    mesh.init raise it as far as they need."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < rank_fds(n):
+        pytest.skip(f"the hard limit on open files ({hard}) is below what {n} ranks need")
+    with _soft_fd_limit(3 * n + 32):
+        assert mesh.spawn(scale_battery, n, timeout=150) == [n] * n
+
+
+def test_open_files_raises_the_soft_limit_within_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 512:
+        pytest.skip(f"hard limit on open files {hard}")
+    with _soft_fd_limit(100):
+        assert open_files(400, "test") == 400
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (400, hard)
+        assert open_files(200, "test") == 400     # never lowered
+    if hard != resource.RLIM_INFINITY:
+        with _soft_fd_limit(100):
+            assert open_files(hard + 1, "test") == hard
+
+
+def test_a_context_holds_the_sockets_of_a_world_of_400() -> None:
+    """Three ZeroMQ sockets per peer: past libzmq's default of 1023 from
+    about 340 ranks on."""
+    import zmq
+    was = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_files(rank_fds(400), "test")    # as mesh.init does: a mailbox fd per socket
+    ctx = context(400)
+    socks = []
+    try:
+        for _ in range(3 * 399):
+            socks.append(ctx.socket(zmq.DEALER))
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+        resource.setrlimit(resource.RLIMIT_NOFILE, was)
 
 
 def test_importing_the_runtime_leaves_asyncio_out() -> None:
