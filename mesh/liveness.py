@@ -27,9 +27,10 @@ from .inbox import Inbox
 from .match import ANY, Pending
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float
 
-__all__ = ["Liveness", "monitor_event"]
+__all__ = ["Liveness", "heartbeat_for", "monitor_event"]
 
 _log = logging.getLogger("mesh.transport")
+_BEATS_PER_S = 64
 
 
 def monitor_event(frames: list[bytes]) -> int:
@@ -37,6 +38,14 @@ def monitor_event(frames: list[bytes]) -> int:
     with it, a native uint16). zmq.utils.monitor would parse it too, but it
     imports asyncio: a tenth of every rank's start-up."""
     return int(struct.unpack_from("=H", frames[0])[0])
+
+
+def heartbeat_for(size: int, peer_timeout: float) -> float:
+    """The default heartbeat interval of a world of ``size``: 0.5 s, longer
+    in large worlds, so that a rank beats to at most about 64 peers a second
+    (each beat costs the sender and the receiver some Python), but at least
+    four times per peer timeout."""
+    return max(0.5, min((size - 1) / _BEATS_PER_S, peer_timeout / 4))
 
 
 class Liveness:
@@ -50,8 +59,9 @@ class Liveness:
                  groups: dict[int, tuple[str, list[int]]], inbox: Inbox,
                  control: Callable[..., None], router_mon: zmq.Socket) -> None:
         self.rank, self.timeout, self.peers, self.groups = rank, timeout, peers, groups
-        self.heartbeat = config_float("MESH_HEARTBEAT", 0.5)
         self.peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0)
+        self.heartbeat = config_float("MESH_HEARTBEAT", heartbeat_for(len(peers),
+                                                                      self.peer_timeout))
         self.stall_warn = config_float("MESH_STALL_WARN", 60.0)
         self.stalls = 0
         self.handshake_failures = 0

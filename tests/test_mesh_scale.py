@@ -24,6 +24,8 @@ import pytest
 import collectives as C
 import mesh
 from mesh.limits import context, open_files, rank_fds
+from mesh.liveness import Liveness, heartbeat_for
+from mesh.peer import Peer
 
 
 def _x(rank: int, shape: tuple, dtype: str = "int64", salt: int = 0) -> np.ndarray:
@@ -202,3 +204,17 @@ def test_importing_the_runtime_leaves_asyncio_out() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_heartbeats_slow_down_in_large_worlds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank beats to every peer: at 0.5 s, 64 ranks idle sent 8,000 beats a
+    second between them. A rank now beats to about 64 peers a second at
+    most, and still four times per peer timeout."""
+    assert [heartbeat_for(n, 10.0) for n in (2, 33, 65, 129, 1024)] == [0.5, 0.5, 1.0, 2.0, 2.5]
+    assert heartbeat_for(1024, 1.0) == 0.5
+    peers = [Peer(r, None, None) for r in range(129)]
+    monkeypatch.delenv("MESH_HEARTBEAT", raising=False)
+    monkeypatch.delenv("MESH_PEER_TIMEOUT", raising=False)
+    assert Liveness(0, 1.0, peers, {}, None, None, None).heartbeat == 2.0  # type: ignore
+    monkeypatch.setenv("MESH_HEARTBEAT", "0.3")
+    assert Liveness(0, 1.0, peers, {}, None, None, None).heartbeat == 0.3  # type: ignore
