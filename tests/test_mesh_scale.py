@@ -23,6 +23,7 @@ import pytest
 
 import collectives as C
 import mesh
+from mesh import bench_scale
 from mesh.limits import context, open_files, rank_fds
 from mesh.liveness import Liveness, heartbeat_for
 from mesh.peer import Peer
@@ -218,3 +219,11 @@ def test_heartbeats_slow_down_in_large_worlds(monkeypatch: pytest.MonkeyPatch) -
     assert Liveness(0, 1.0, peers, {}, None, None, None).heartbeat == 2.0  # type: ignore
     monkeypatch.setenv("MESH_HEARTBEAT", "0.3")
     assert Liveness(0, 1.0, peers, {}, None, None, None).heartbeat == 0.3  # type: ignore
+
+
+def test_scale_bench_runs_a_small_world(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m mesh.bench --scale``'s machinery, on 2 ranks."""
+    got = bench_scale.main([2], trials=1, idle=0.1)[2]
+    assert got["threads"] >= 2 and got["fds"] > 0 and got["zmq"] >= 2 and got["board"] > 0
+    assert 0 < got["init_med"] < got["ready"]
+    assert capsys.readouterr().out.splitlines()[-1].split()[0] == "2"
