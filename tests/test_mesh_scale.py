@@ -1,5 +1,8 @@
 """The runtime at the largest worlds one small machine holds: every
-collective and point-to-point at 16 and 32 ranks, one spawn per size.
+collective and point-to-point at 16 and 32 ranks, one spawn per size (32
+only with MESH_TEST_SCALE=1: over a minute of CPU on two cores), and the
+limits and rates that grow with the world (open files, ZeroMQ sockets,
+heartbeats).
 
 Each rank checks every result against numpy (inputs are small integers
 derived from the rank, so every rank knows every input and sums are exact).
@@ -152,18 +155,25 @@ def _soft_fd_limit(soft: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, was)
 
 
+_AT_32 = pytest.mark.skipif(
+    os.environ.get("MESH_TEST_SCALE", "") in ("", "0"),
+    reason="32 ranks take over a minute of CPU on two cores: run with MESH_TEST_SCALE=1 "
+           "(result in BENCHMARKS.md)")
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(170)
-@pytest.mark.parametrize("n", [16, 32])
+@pytest.mark.timeout(280)
+@pytest.mark.parametrize("n", [16, pytest.param(32, marks=_AT_32)])
 def test_every_collective_and_point_to_point_at_scale(n: int) -> None:
     """Under a soft limit on open files the world would outgrow (about five
     per peer in each rank, a few per rank in the parent): mesh.spawn and
-    mesh.init raise it as far as they need."""
+    mesh.init raise it as far as they need. 16 ranks run in CI; 32 with
+    MESH_TEST_SCALE=1."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < rank_fds(n):
         pytest.skip(f"the hard limit on open files ({hard}) is below what {n} ranks need")
     with _soft_fd_limit(3 * n + 32):
-        assert mesh.spawn(scale_battery, n, timeout=150) == [n] * n
+        assert mesh.spawn(scale_battery, n, timeout=250) == [n] * n
 
 
 def test_open_files_raises_the_soft_limit_within_the_hard_one() -> None:
