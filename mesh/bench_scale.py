@@ -60,8 +60,7 @@ def footprint(world: Any = None) -> dict[str, Any]:
 
 
 def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system
+    return time.process_time()    # every thread of the process, to the nanosecond
 
 
 def rank_main(out: str, idle: float = _IDLE_S) -> None:
@@ -148,10 +147,10 @@ _COLUMNS = [
     ("1st AR s", "{:>8.3f}", "ar1_max"),
     ("2nd AR ms", "{:>9.2f}", "ar2_max"),
     ("RSS MiB", "{:>7.1f}", "rss"),
-    ("thr", "{:>4}", "threads"),
-    ("fds", "{:>4}", "fds"),
-    ("socks", "{:>5}", "sockets"),
-    ("zmq", "{:>4}", "zmq"),
+    ("thr", "{:>4.0f}", "threads"),
+    ("fds", "{:>4.0f}", "fds"),
+    ("socks", "{:>5.0f}", "sockets"),
+    ("zmq", "{:>4.0f}", "zmq"),
     ("board KiB", "{:>9.0f}", "board"),
     ("idle CPU%", "{:>9.1f}", "idle"),
     ("blocked CPU%", "{:>12.1f}", "blocked"),
