@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Any
 
-__all__ = ["main", "rank_main", "footprint"]
+__all__ = ["main", "rank_main", "footprint", "summarize"]
 
 _IDLE_S = 2.0
 
