@@ -1,12 +1,15 @@
 """Point-to-point benchmark: mesh beside raw pyzmq on the same transport.
 
     python -m mesh.bench [--sizes 1K:64M] [--iters 2000] [--transport ipc|tcp] [--curve]
+    python -m mesh.bench --scale [--ranks 8,16,32,64] [--trials 3]
 
 Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it) and
 one-way bandwidth (raw: PUSH/PULL with copy=False; mesh: send/recv with out=),
 run alternately in one process tree so that both see the same machine.
 With --curve, the mesh also runs encrypted (MESH_CURVE=1) in the same
-alternation, and the last column is what CurveZMQ costs: curve/mesh."""
+alternation, and the last column is what CurveZMQ costs: curve/mesh.
+With --scale: rendezvous, first-collective time and each rank's footprint as
+the world grows, launched with meshrun (mesh.bench_scale)."""
 from __future__ import annotations
 
 import argparse
@@ -166,7 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
     ap.add_argument("--curve", action="store_true",
                     help="also run the mesh encrypted (CurveZMQ) and report its cost")
+    ap.add_argument("--scale", action="store_true",
+                    help="time joining and the first collectives, and measure each rank's "
+                         "footprint, at growing world sizes (see --ranks)")
+    ap.add_argument("--ranks", default="8,16,32,64", help="world sizes for --scale")
     args = ap.parse_args(argv)
+    if args.scale:
+        from . import bench_scale
+        bench_scale.main([int(n) for n in args.ranks.split(",")], trials=args.trials)
+        return
     sizes = _sizes(args.sizes)
     raw: list[dict[str, float]] = []
     ours: list[dict[str, float]] = []

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from .auth import curve_wanted
 from .errors import WorkerError
+from .limits import open_files
 from .rendezvous import RendezvousServer
 
 __all__ = ["spawn"]
@@ -162,6 +163,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
             f"there and pass that function.")
     ctx = mp.get_context("spawn") if payload is not None else mp.get_context("fork")
     job: bytes | tuple = payload if payload is not None else (fn, args)
+    open_files(4 * nprocs + 256, f"mesh.spawn of {nprocs} ranks")  # pipes, connections
     secret = secrets.token_hex(16)
     curve = curve_wanted({**os.environ, **(env or {})})
     server = None
