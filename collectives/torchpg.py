@@ -35,14 +35,16 @@ from .runner import Ctx, start
 __all__ = ["ProcessGroupMeshrun"]
 
 _R: Any = ReduceOp.RedOpType
-_OPS = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max",
-        _R.BAND: "band", _R.BOR: "bor", _R.BXOR: "bxor"}
+_OPS = {int(k): v for k, v in ((_R.SUM, "sum"), (_R.AVG, "avg"), (_R.PRODUCT, "prod"),
+                                (_R.MIN, "min"), (_R.MAX, "max"), (_R.BAND, "band"),
+                                (_R.BOR, "bor"), (_R.BXOR, "bxor"))}
+"""By the enum's value: hashing the pybind enum itself costs a Python-level call."""
 
 
 def _op(rop: Any) -> tuple[str, Any]:
     """meshrun's op name and the PREMUL_SUM factor (None for the others)."""
     kind = getattr(rop, "op", rop)
-    name = _OPS.get(kind)
+    name = _OPS.get(kind.value)
     if name is not None:
         return name, None
     if kind == _R.PREMUL_SUM:

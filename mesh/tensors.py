@@ -100,8 +100,13 @@ def operand(t: Any, what: str, wide: bool = False) -> tuple[Any, bool]:
     when written). CPU: a numpy view; CUDA: a CuPy view. ``wide``: bfloat16
     widened to float32 (a copy), for reductions."""
     torch = _torch()
-    check(t, what)
+    dt = check(t, what)
     d = t.detach() if t.requires_grad else t
+    if dt is not BFLOAT16 and d.is_cpu:
+        try:
+            return d.numpy(), True
+        except RuntimeError:     # a conjugate or negative view: resolved below
+            pass
     bf16 = d.dtype == torch.bfloat16
     shares = not (wide and bf16) and not d.is_conj() and not d.is_neg()
     if wide and bf16:
