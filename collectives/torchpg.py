@@ -1,11 +1,13 @@
 """The "meshrun" ProcessGroup: torch.distributed's calls on a meshrun
 communicator (collectives.torchdist registers it and makes its mesh).
 
-torch calls a method per collective with its options; the method starts
-the meshrun collective and returns a torch Work::
+torch calls a method per collective with its options; the method hands
+torch's tensors to the meshrun collective (collectives.api takes them as
+they are: views, bfloat16, CUDA) and returns a torch Work::
 
     asyncOp False   the collective runs here, in torch's thread; errors
-                    (MismatchError, LostPeerError...) raise from the call
+                    (MismatchError, LostPeerError...) raise from the call,
+                    and the Work is a finished one (no Future is made)
     asyncOp True    the collective runs on meshrun's lane for the group;
     (DDP's buckets)   a torch Future is completed from there, so torch's
                     thread never waits in a call it asked to be asynchronous
