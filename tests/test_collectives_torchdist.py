@@ -409,11 +409,12 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
     import collectives.torchdist  # noqa: F401
     from collectives import api, torchpg
     seen: list[Any] = []
+    views: list[Any] = []
     made: list[int] = []
 
     def spy(g: Any, a: Any, **kw: Any) -> Any:
-        if isinstance(a, torch.Tensor):     # (collectives.tensors calls back with its view)
-            seen.append(a)
+        # collectives.tensors calls back with its numpy view: the tensor's memory, no copy
+        (seen if isinstance(a, torch.Tensor) else views).append(a)
         return real(g, a, **kw)
 
     class Counted(torch.futures.Future):
@@ -432,6 +433,7 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
         t = torch.full((3,), 2.0)
         dist.all_reduce(t, op=R.AVG)
         assert len(seen) == 1 and seen[0] is t and made == []
+        assert views[0].__array_interface__["data"][0] == t.data_ptr()
         opts = dist.AllreduceOptions()
         opts.asyncOp = False
         w = dist.group.WORLD.allreduce([t], opts)
