@@ -26,6 +26,8 @@ from .schedules import by_name
 __all__ = ["LayerCost", "Candidate", "time_layer", "measure", "cut", "counts_for", "stage_costs",
            "peak_bytes", "microbatch_counts", "builtin", "candidates", "table", "SCHEDULES"]
 
+_SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
 
 
@@ -52,15 +54,20 @@ def _nbytes(y: Any) -> int:
 def time_layer(layer: Any, x: Any, reps: int = 3) -> tuple[LayerCost, Any]:
     """The costs of one layer (a stage object: forward, backward,
     backward_input, backward_weight) on ``x``, and its output. Each time is
-    the median of ``reps`` runs after one more to warm up, as the executor
-    runs the layer: the same calls on a micro-batch of the same size, the
-    median being what a step meets (the fastest would leave out the
-    interruptions a loaded machine makes). What its gradients held before
+    the median of at least ``reps`` runs after one more to warm up, as the
+    executor runs the layer: the same calls on a micro-batch of the same
+    size. Short layers run more times, for 50 ms of runs or 25 runs: on a
+    loaded machine a run of a millisecond is a quiet slice or a preempted
+    one (3-5x longer), so the fastest of three is too low and the median of
+    three a coin toss; the mean of many follows the bursts of others' load
+    at profiling time, which the step, seconds later, does not meet. What its gradients held before
     is put back."""
     saved = [(g, g.copy()) for g in layer.grads()] if hasattr(layer, "grads") else []
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     y = x
-    for _ in range(max(1, reps) + 1):           # the first run warms up, untimed
+    begin, runs = time.perf_counter(), 0
+    while runs <= max(1, reps) or (time.perf_counter() - begin < _SPAN and runs < _MAX_RUNS):
+        runs += 1
         t0 = time.perf_counter()
         y, ctx = layer.forward(x)
         t1 = time.perf_counter()
