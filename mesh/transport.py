@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 
 from . import auth, device, wire
+from .direct import Direct
 from .errors import BadMessageError, LostPeerError, MeshTimeoutError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
@@ -78,7 +79,9 @@ class Transport:
         self.inbox = Inbox(rank, self._peers, self.groups, self._control, self.progress.nudge)
         self.live = Liveness(rank, timeout, self._peers, self.groups, self.inbox, self._control,
                              self._router_mon)
-        self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit)
+        self.direct = Direct(rank, self._peers, endpoints, self._control)
+        self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
+                             self.direct)
         self.stall_warn = self.live.stall_warn
         # what communicators call of the inbox and of liveness
         self.irecv, self.iprobe = self.inbox.post, self.inbox.iprobe
@@ -114,6 +117,14 @@ class Transport:
             out = Outgoing(dst, [], nbytes, desc, None)
             out.event.set()
             return out
+        if kind == wire.DATA and nbytes >= self.direct.min_bytes and self.direct.usable(dst):
+            out = Outgoing(dst, None, nbytes, desc, keep)    # read by dst out of our memory
+            out.frames = [self.direct.header(out, group=group, tag=tag, nbytes=nbytes, fp=fp,
+                                             **header_kw)]
+            self._submit(self._peers[dst], out)
+            if out.error is not None:
+                self.direct.forget(out)
+            return out
         header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, **header_kw)
         out = Outgoing(dst, wire.frames(header, payload, nbytes), nbytes, desc, keep)
         self._submit(self._peers[dst], out)
@@ -138,7 +149,7 @@ class Transport:
         """Hand frames to ZeroMQ; caller holds ``peer.lock``, ``out`` is admitted."""
         frames, out.frames = out.frames or [], None
         try:
-            if out.nbytes < COPY_BELOW:
+            if out.nbytes < COPY_BELOW or out.tracker is not None:  # small, or direct
                 send = peer.sock.send
                 last = len(frames) - 1
                 for i in range(last):
@@ -286,6 +297,7 @@ class Transport:
                 _log.exception("rank %d: a close hook failed", self.rank)
         self.on_close.clear()
         self.keep_alive.clear()
+        self.direct.close()
         self.progress.stop()
         for p in self._peers:
             if p.sock is not None:
