@@ -25,7 +25,7 @@ import numpy as np
 import zmq
 
 from . import auth, device, wire
-from .direct import Direct
+from .direct import Ack, Direct
 from .errors import BadMessageError, LostPeerError, MeshTimeoutError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
@@ -218,7 +218,9 @@ class Transport:
     def _await_release(self, item: Outgoing, deadline: float, limit: float) -> None:
         """Wait until ZeroMQ has let go of a zero-copy send's frames. Frames
         bound for a peer that is gone are never released: fail then, and keep
-        the buffer alive for as long as ZeroMQ may hold it (until close)."""
+        the buffer alive for as long as ZeroMQ may hold it (until close).
+        A direct send (mesh.direct) waits instead for the peer's answer
+        that it has read the buffer, reading the socket in this thread."""
         peer = self._peers[item.dst]
         tracker = item.tracker
         assert tracker is not None
@@ -230,11 +232,16 @@ class Transport:
             if now >= warn_at:
                 self.live.stalled_on(item, now - start, limit)
                 warn_at = now + self.stall_warn
-            try:
-                tracker.wait(max(0.0, min(left, 0.1)))
-                return
-            except zmq.NotDone:
-                pass
+            if isinstance(tracker, Ack):    # read by the peer: its answer, read here
+                step = max(0.0, min(left, 0.1))
+                if self._drive(item, now + step, step, tracker.flag):
+                    return
+            else:
+                try:
+                    tracker.wait(max(0.0, min(left, 0.1)))
+                    return
+                except zmq.NotDone:
+                    pass
             if peer.state != ALIVE:
                 self._orphans.append(item.keep)
                 raise self.inbox.gone(peer, item.desc)
