@@ -2,6 +2,7 @@
 
     python -m mesh.bench [--sizes 1K:64M] [--iters 2000] [--transport ipc|tcp] [--curve]
                          [--compare mpi]
+    python -m mesh.bench --scale [--ranks 8,16,32,64] [--trials 3]
 
 Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it),
 one-way stream bandwidth (raw: PUSH/PULL with copy=False; mesh: isend/recv
@@ -13,7 +14,9 @@ column "mesh shm=0"). With --curve, the mesh also runs encrypted
 (MESH_CURVE=1) in the same alternation, and the last column is what
 CurveZMQ costs: curve/mesh. With --compare mpi, mpi4py on the local MPI
 (``mpirun -np 2``) runs the same measures in the same alternation; it is
-skipped, saying why, when mpi4py or mpirun is missing."""
+skipped, saying why, when mpi4py or mpirun is missing.
+With --scale: rendezvous, first-collective time and each rank's footprint as
+the world grows, launched with meshrun (mesh.bench_scale)."""
 from __future__ import annotations
 
 import argparse
@@ -278,9 +281,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare", choices=["mpi"], action="append", default=[],
                     help="also run mpi4py on the local MPI (skipped when missing)")
     ap.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--scale", action="store_true",
+                    help="time joining and the first collectives, and measure each rank's "
+                         "footprint, at growing world sizes (see --ranks)")
+    ap.add_argument("--ranks", default="8,16,32,64", help="world sizes for --scale")
     args = ap.parse_args(argv)
     if args.mpi_worker:
         _mpi_worker([int(x) for x in args.sizes.split(",")], args.iters)
+        return
+    if args.scale:
+        from . import bench_scale
+        bench_scale.main([int(n) for n in args.ranks.split(",")], trials=args.trials)
         return
     sizes = _sizes(args.sizes)
     mpi_why = _mpi_missing() if "mpi" in args.compare else "not asked"
