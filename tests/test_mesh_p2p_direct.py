@@ -91,10 +91,12 @@ def _refused(world: mesh.Mesh) -> tuple[int, bool]:
         world._t.direct.on = False                        # as MESH_SHM=0, on this rank only
         world.send(0, 0)
         got = [world.recv(0) for _ in range(3)]
+        world.send(1, 0)                                  # after its answer to the probe
         return 0, all(np.array_equal(g, _big(i)) for i, g in enumerate(got))
     world.recv(1)
     for i in range(3):
         world.send(_big(i), 1)
+    world.recv(1)
     return world._t.direct._state[1], True
 
 
