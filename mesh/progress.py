@@ -30,7 +30,7 @@ from typing import Any
 import zmq
 
 from .liveness import Liveness
-from .match import DONE, Pending
+from .match import DONE, Flag, Pending
 from .peer import config_float
 from .reader import Reader
 
@@ -74,9 +74,10 @@ class Progress:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def drive(self, item: Pending, deadline: float, limit: float) -> bool:
-        """Wait for ``item`` by reading the ROUTER in this thread (see the
-        module docstring); stall reports every MESH_STALL_WARN. False on timeout."""
+    def drive(self, item: Any, deadline: float, limit: float, flag: Flag | None = None) -> bool:
+        """Wait for ``item`` (a Pending; or an Outgoing, until ``flag`` is
+        set) by reading the ROUTER in this thread (see the module docstring);
+        stall reports every MESH_STALL_WARN. False on timeout."""
         with self._want_lock:
             self._want += 1
             if self._progress_reading:
@@ -88,7 +89,7 @@ class Progress:
         held = False
         polled = 0.0
         try:
-            while item.state != DONE:     # complete (the flag is set just after)
+            while (item.state != DONE) if flag is None else not flag.is_set():
                 now = time.monotonic()
                 left = deadline - now
                 if left <= 0:
@@ -99,7 +100,7 @@ class Progress:
                 if not held:
                     held = self._rlock.acquire(timeout=min(left, 0.002))
                     if not held:       # another waiter reads; it completes us too
-                        item.event.wait(min(left, 0.002))
+                        (item.event if flag is None else flag).wait(min(left, 0.002))
                         continue
                 ready = None
                 if not polled:
@@ -117,7 +118,8 @@ class Progress:
                     if len(ready) > 1 or ready[0][0] is not self._router:
                         self._drain_wake()
                     for _ in range(1024):
-                        if not self._read_one() or item.state == DONE:
+                        if not self._read_one() or (item.state == DONE if flag is None
+                                                    else flag.is_set()):
                             break
             if polled and self.spin:
                 self._adapt_spin(time.perf_counter() - polled)
