@@ -25,10 +25,12 @@ import json
 import os
 import secrets
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -125,7 +127,8 @@ class Hosts:
                 _ip("-n", self.ns[i], "link", "set", "lo", "up")
                 etc = Path("/etc/netns") / self.ns[i]
                 etc.mkdir(parents=True, exist_ok=True)
-                (etc / "hosts").write_text(f"127.0.0.1 localhost\n{ADDR[i]} {NAME[i]}\n"
+                (etc / "hosts").write_text(f"127.0.0.1 localhost\n{ADDR[i]} {NAME[i]} "
+                                           f"{socket.gethostname()}\n"
                                            f"{ADDR[1 - i]} {NAME[1 - i]}\n")
         except BaseException:
             self.__exit__()
@@ -159,14 +162,18 @@ class Hosts:
                                 **kw)
 
 
-def _wait(procs: list[subprocess.Popen], what: str, timeout: float = 900) -> None:
+def _wait(procs: list[subprocess.Popen], what: str, logs: list[Path],
+          timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     try:
-        for p in procs:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            if p.returncode:
-                err = p.stderr.read() if p.stderr else ""
-                raise RuntimeError(f"{what} exited {p.returncode}: {err[-3000:]}")
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() for p in procs):     # one failed: do not wait for the other
+                break
+            time.sleep(0.2)
+        for p, log in zip(procs, logs):
+            if p.poll() != 0:
+                raise RuntimeError(f"{what} exited {p.returncode}: "
+                                   f"{log.read_text(errors='replace')[-3000:]}")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -201,10 +208,14 @@ def _run_mesh(hosts: Hosts, per: int, out: Path, args: argparse.Namespace,
                 break
         if port is None:
             raise RuntimeError("meshrun on node 0 never said its rendezvous port")
-        procs.append(hosts.exec(1, [*cmd, "--node-rank", "1", "--master-port", port, *worker],
-                                env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True))
-        _wait(procs, "meshrun")
+        log = out.with_suffix(".log")
+        with open(log, "w") as f:
+            procs.append(hosts.exec(1, [*cmd, "--node-rank", "1", "--master-port", port,
+                                        *worker], env, stdout=f, stderr=subprocess.STDOUT))
+        err0 = p0.stderr
+        threading.Thread(target=lambda: log.with_suffix(".0.log").write_text(err0.read()),
+                         daemon=True).start()
+        _wait(procs, "meshrun", [log.with_suffix(".0.log"), log])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -217,7 +228,7 @@ def _run_gloo(hosts: Hosts, per: int, out: Path, args: argparse.Namespace,
               sizes: list[int]) -> dict:
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_"))}
-    procs = []
+    procs, logs = [], [out.with_suffix(f".{i}.log") for i in (0, 1)]
     for i in (0, 1):
         env = dict(base, PYTHONPATH=str(REPO), GLOO_SOCKET_IFNAME=hosts.dev[i],
                    OMP_NUM_THREADS="1")
@@ -227,8 +238,8 @@ def _run_gloo(hosts: Hosts, per: int, out: Path, args: argparse.Namespace,
             "--rdzv-endpoint", f"{ADDR[0]}:29400", "--rdzv-id", "bench",
             "--local-addr", NAME[i], *(["--rdzv-conf", "is_host=1"] if i == 0 else []),
             *_worker_args("gloo", out, args, sizes)], env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    _wait(procs, "torchrun")
+            stdout=open(logs[i], "w"), stderr=subprocess.STDOUT))
+    _wait(procs, "torchrun", logs)
     return json.loads(out.read_text())
 
 
@@ -271,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-host", default="1,2", help="ranks per host to run")
     ap.add_argument("--slow", default="1gbit", help="tbf rate of the slowed link; 0: skip")
     ap.add_argument("--no-gloo", action="store_true")
+    ap.add_argument("--logs", default=None, help="keep the jobs' logs in this folder")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -286,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         links.append((f"link slowed by tbf {args.slow}", args.slow,
                       parse_sizes(args.slow_sizes, args.factor)))
     with Hosts() as hosts, tempfile.TemporaryDirectory() as tmp:
+        if args.logs:
+            os.makedirs(args.logs, exist_ok=True)
+            tmp = args.logs
         for title, rate, sizes in links:
             hosts.shape(rate) if rate else None
             for per in (int(x) for x in args.per_host.split(",")):
