@@ -30,6 +30,8 @@ def _fake_host(world: Any) -> None:
 def every_op(world: Any) -> None:
     _fake_host(world)
     n, r = world.size, world.rank
+    C.all_reduce(world, np.ones(5))     # small and not forced: flat, the layout not even asked
+    assert hier.topology_of(world) is None
     for count in (5, 200_000):          # rd / ring between leaders
         a = np.arange(count, dtype=np.float64) * (r + 1)
         want = np.arange(count, dtype=np.float64) * sum(range(1, n + 1))
@@ -37,6 +39,7 @@ def every_op(world: Any) -> None:
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(C.all_reduce(world, a.copy(), op="avg"), want / n)
         assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+        assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="hier"), want)
         rows = np.tile(a, (n, 1)) + np.arange(n)[:, None]
         mine = C.reduce_scatter(world, rows)
         np.testing.assert_array_equal(mine[0], want + n * r)
@@ -48,28 +51,42 @@ def every_op(world: Any) -> None:
             b = a.copy() if r == root else np.zeros(count)
             C.broadcast(world, b, root=root)
             assert np.array_equal(b, np.arange(count) * (root + 1)), (count, root)
+            b = a.copy() if r == root else np.zeros(count)
+            C.broadcast(world, b, root=root, algorithm="hier")
+            assert np.array_equal(b, np.arange(count) * (root + 1)), (count, root)
     topo = hier.topology_of(world)
     assert topo is not None and topo.hosts == ((0, 3), (1, 2)), topo
     assert (topo.leaders is not None) == (r in (0, 1))
     # one rank calls another op: every rank raises MismatchError
     with pytest.raises(mesh.MismatchError):
-        C.all_reduce(world, np.ones(4), op="max" if r == 2 else "sum")
-    assert C.all_reduce(world, np.ones(3))[0] == n       # the group still works
+        C.all_reduce(world, np.ones(20_000), op="max" if r == 2 else "sum")
+    assert C.all_reduce(world, np.ones(20_000))[0] == n       # the group still works
+    # one rank's own arguments are wrong: it raises ValueError, the others
+    # (waiting in the host and leaders' phases) raise too instead of waiting
+    big = np.ones(20_000)
+    bad = (lambda: C.all_reduce(world, big, op="nope" if r == 3 else "sum"),
+           lambda: C.reduce_scatter(world, np.ones((5 if r == 2 else 8, 4000))),
+           lambda: C.broadcast(world, big, root=7 if r == 1 else 2))
+    for call in bad:
+        with pytest.raises((ValueError, mesh.MeshError)) as err:
+            call()
+        assert not isinstance(err.value, mesh.MeshTimeoutError), err.value
+    assert C.all_reduce(world, np.ones(20_000))[0] == n
 
 
 def test_every_hierarchical_op_matches_numpy() -> None:
-    mesh.spawn(every_op, 4, timeout=90)
+    mesh.spawn(every_op, 4, timeout=90, env={"MESH_TIMEOUT": "20"})
 
 
 def die_between_hosts(world: Any, outdir: str) -> None:
     _fake_host(world)
-    C.all_reduce(world, np.ones(8))     # topology made; every rank alive
+    C.all_reduce(world, np.ones(8), algorithm="hier")   # topology made; every rank alive
     if world.rank == VICTIM:
         def killed(*args: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         hier.all_reduce_rd = killed     # dies as the leaders' phase starts
     try:
-        C.all_reduce(world, np.ones(8))
+        C.all_reduce(world, np.ones(8), algorithm="hier")
         result = {"type": "ok"}
     except mesh.MeshError as e:
         result = {"type": type(e).__name__, "msg": str(e), "peer": getattr(e, "peer", None)}

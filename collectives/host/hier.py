@@ -11,9 +11,11 @@ each host), then within each host again::
     broadcast       root's host: broadcast from the root | leaders broadcast
                     from the root's leader | other hosts: host broadcast
 
-A group takes this layout when it spans more than one host and some host
-holds more than one of its ranks (collectives.plan.layout: MESH_COLL_ALGO /
-``algorithm=`` "hier" or "ring" force it either way). Which rank sits on
+A call takes this layout when its group spans more than one host, some
+host holds more than one of its ranks, and the buffer is at least
+MESH_COLL_SMALL (64K; below, the flat recursive doubling or tree is
+quicker than three phases); MESH_COLL_ALGO / ``algorithm=`` "hier" or
+"ring" force it either way (collectives.plan.layout). Which rank sits on
 which host (mesh.env.host_id; MESH_HOST_ID overrides it, which the tests
 use to fake hosts on one machine) is exchanged once, on the group's first
 collective that asks, and the per-host and leaders' groups are made then,
@@ -49,7 +51,7 @@ from .ring import ring
 from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
 from .small import all_reduce_rd
 
-__all__ = ["Topology", "topology", "topology_of", "all_reduce", "all_gather", "broadcast"]
+__all__ = ["Topology", "topology", "topology_of", "refuse", "all_reduce", "all_gather", "broadcast"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,33 @@ def topology_of(g: Comm) -> Topology | None:
     """The layout ``g``'s collectives found (None: flat, or not asked yet)."""
     with _lock:
         return _topos.get(g)
+
+
+def _groups(topo: Topology, coll: str, root: int) -> list[Comm]:
+    """The sub-groups of ``coll``'s phases on this rank, in order (what
+    all_reduce, all_gather and broadcast below run)."""
+    both = [topo.local] if topo.local.size > 1 else []
+    across = [topo.leaders] if topo.leaders is not None else []
+    if coll != "broadcast":
+        return both + across + both
+    home = topo.host == next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
+    return (both if home else []) + across + ([] if home else both)
+
+
+def refuse(g: Comm, coll: str, root: Any, e: BaseException) -> None:
+    """A call that would have run in two levels failed on this rank before
+    it started (its own arguments): fail the phases its peers wait in (a
+    group whose layout is not known yet learns it under the call's own
+    tag, which the failure aborts)."""
+    topo = topology_of(g)
+    if topo is None:
+        return
+    if not isinstance(root, (int, np.integer)) or not 0 <= root < g.size:
+        root = 0
+    reason = (f"rank {g.ranks[g.rank]}: {coll} on group {g.name} failed: "
+              f"{type(e).__name__}: {e}")
+    for sub in _groups(topo, coll, int(root)):
+        abandon(sub, reason, AbortKind.of(e), getattr(e, "peer", None))
 
 
 Phase = tuple[Comm, str, Callable[[Ctx], Any]]

@@ -75,10 +75,32 @@ def _rows(name: str, a: np.ndarray, n: int) -> None:
                          f"got shape {a.shape}")
 
 
-def _topology(ctx: Ctx, lay: bool | None) -> hier.Topology | None:
-    """The group's layout over hosts when the call runs hierarchically
-    (``lay``: collectives.plan.layout), else None: the flat algorithms."""
-    return None if lay is False or ctx.g.size < 3 else hier.topology(ctx)
+def _skipped(g: Comm, coll: str, a: Any, root: Any,
+             algorithm: str | None) -> Callable[[BaseException], None]:
+    """For runner.start: when this rank's call fails before its body runs
+    and the call runs in two levels, the phases its peers run fail too
+    (hier.refuse), so they raise instead of waiting and every sub-group's
+    calls stay numbered alike."""
+    def fail(e: BaseException) -> None:
+        t = Tuning.from_env()
+        try:
+            lay = layout(coll, t, algorithm)
+        except Exception:
+            lay = None
+        nbytes = getattr(a, "nbytes", 0) * (g.size if coll == "all_gather" else 1)
+        if g.size > 2 and (lay or (lay is None and nbytes >= t.small)):
+            hier.refuse(g, coll, root, e)
+    return fail
+
+
+def _topology(ctx: Ctx, lay: bool | None, nbytes: int) -> hier.Topology | None:
+    """The group's layout over hosts when the call runs hierarchically, else
+    None: the flat algorithms. ``lay`` (collectives.plan.layout) True forces
+    it; None chooses it for ``nbytes`` from MESH_COLL_SMALL up (below, the
+    flat recursive doubling / tree beat three phases on a loaded machine)."""
+    if lay is False or ctx.g.size < 3 or (lay is None and nbytes < ctx.tuning.small):
+        return None
+    return hier.topology(ctx)
 
 
 def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
@@ -110,7 +132,7 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
-                topo = _topology(ctx, lay)
+                topo = _topology(ctx, lay, buf.nbytes)
                 if topo is not None:
                     hier.all_reduce(ctx, topo, buf, rop, alg)
                 elif alg == "rd":
@@ -124,7 +146,8 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
                     ring(ctx, buf, rop, 2 * (ctx.g.size - 1), ctx.g.size - 1)
             rop.finish(buf, ctx.g.size)
         return _fp("all_reduce", arr, op=op, alg=alg, hier=lay), _in_place(arr, body)
-    return start(g, "all_reduce", prepare, async_op, timeout)
+    return start(g, "all_reduce", prepare, async_op, timeout,
+                 _skipped(g, "all_reduce", a, 0, algorithm))
 
 
 def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
@@ -142,7 +165,7 @@ def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
         fn = broadcast_tree if alg == "tree" else broadcast_chain
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
-            topo = _topology(ctx, lay)
+            topo = _topology(ctx, lay, buf.nbytes)
             if topo is not None:
                 hier.broadcast(ctx, topo, buf, r, alg == "chain")
             elif board.available(ctx):
@@ -150,7 +173,8 @@ def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
             else:
                 agreed(lambda c: fn(c, buf, r))(ctx)
         return _fp("broadcast", arr, root=r, alg=alg, hier=lay), _in_place(arr, body)
-    return start(g, "broadcast", prepare, async_op, timeout)
+    return start(g, "broadcast", prepare, async_op, timeout,
+                 _skipped(g, "broadcast", a, root, algorithm))
 
 
 def reduce(g: Comm, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool = False,
@@ -185,7 +209,7 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
         def body(ctx: Ctx) -> np.ndarray:
             n = ctx.g.size
             out = np.empty((n,) + arr.shape, arr.dtype)
-            topo = _topology(ctx, lay)
+            topo = _topology(ctx, lay, out.nbytes)
             if topo is not None:
                 hier.all_gather(ctx, topo, arr, out, out.nbytes >= t.small)
             elif board.available(ctx):
@@ -195,7 +219,8 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
                 ring(ctx, out.reshape(-1), None, n - 1, 0)
             return out
         return _fp("all_gather", arr, hier=lay), body
-    return start(g, "all_gather", prepare, async_op, timeout)
+    return start(g, "all_gather", prepare, async_op, timeout,
+                 _skipped(g, "all_gather", a, 0, None))
 
 
 def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
@@ -210,7 +235,7 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 
         def body(ctx: Ctx) -> np.ndarray:
             n, m, rank = ctx.g.size, arr.shape[0] // ctx.g.size, ctx.g.rank
-            topo = _topology(ctx, lay)
+            topo = _topology(ctx, lay, arr.nbytes)
             if topo is not None:
                 work = np.array(arr, order="C")
                 hier.all_reduce(ctx, topo, work.reshape(-1), rop,
@@ -227,7 +252,8 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
             rop.finish(mine, n)
             return mine
         return _fp("reduce_scatter", arr, op=op, hier=lay), body
-    return start(g, "reduce_scatter", prepare, async_op, timeout)
+    return start(g, "reduce_scatter", prepare, async_op, timeout,
+                 _skipped(g, "reduce_scatter", a, 0, None))
 
 
 def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
