@@ -274,9 +274,9 @@ def _table(title: str, n: int, sizes: list[int], res: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench_hosts",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="8:64M")
-    ap.add_argument("--factor", type=int, default=8, help="step between sizes (default 8)")
-    ap.add_argument("--slow-sizes", default="8:16M", help="sizes over the slowed link")
+    ap.add_argument("--sizes", default="8,512,32K,256K,1M,4M,16M,64M")
+    ap.add_argument("--factor", type=int, default=4, help="step between sizes of a range a:b")
+    ap.add_argument("--slow-sizes", default="8,32K,1M,16M", help="sizes over the slowed link")
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.25, help="seconds per timed row")
     ap.add_argument("--per-host", default="1,2", help="ranks per host to run")
