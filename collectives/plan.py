@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 __all__ = ["split", "ring_chunks", "segments", "segment_count", "ring_chunk",
            "RDPlan", "rd_plan", "tree_parent", "tree_children", "chain",
@@ -174,7 +174,7 @@ class Tuning:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Tuning":
         if env is None:
-            key = tuple(os.environ.get(k) for k in _ENV_KEYS)
+            key = _env_key()
             cached = _tuning_cache.get(key)
             if cached is None:
                 cached = _tuning_cache[key] = cls.from_env(os.environ.copy())
@@ -189,7 +189,20 @@ class Tuning:
 
 
 _ENV_KEYS = ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO")
-_tuning_cache: dict[tuple[str | None, ...], Tuning] = {}
+_tuning_cache: dict[tuple[Any, ...], Tuning] = {}
+_encode = getattr(os.environ, "encodekey", None)
+_RAW_KEYS = tuple(_encode(k) for k in _ENV_KEYS) if _encode is not None else ()
+
+
+def _env_key() -> tuple[Any, ...]:
+    """The tuning variables' values as os.environ holds them (every collective
+    call asks: its own dict is read directly, as os.environ.get costs four
+    times more; a change made through os.environ is seen at the next call)."""
+    data = getattr(os.environ, "_data", None)
+    if _RAW_KEYS and type(data) is dict:
+        return (data.get(_RAW_KEYS[0]), data.get(_RAW_KEYS[1]), data.get(_RAW_KEYS[2]),
+                data.get(_RAW_KEYS[3]))
+    return tuple(os.environ.get(k) for k in _ENV_KEYS)
 
 
 def choose(coll: str, nbytes: int, tuning: Tuning, forced: str | None = None) -> str:

@@ -49,14 +49,20 @@ def run(fn: Callable[..., Any], name: str, g: Any, t: Any, **kw: Any) -> Any:
         def refuse(tuning: Any) -> Any:
             raise err
         return start(g, name, refuse, async_op, kw.get("timeout"))
-    with tensors.stream_of(t):
+    if not t.is_cuda:
         res = fn(g, arr, **kw)
+    else:
+        with tensors.stream_of(t):
+            res = fn(g, arr, **kw)
 
     def finish(result: Any) -> Any:
-        with tensors.stream_of(t):
-            if name in _IN_PLACE:
-                if not shares and (name != "reduce" or g.rank == root):
+        if name in _IN_PLACE:
+            if not shares and (name != "reduce" or g.rank == root):
+                with tensors.stream_of(t):
                     t.copy_(tensors.to_torch(arr, t))
-                return t
-            return None if result is None else tensors.to_torch(result, t)
+            return t
+        if result is None:
+            return None
+        with tensors.stream_of(t):
+            return tensors.to_torch(result, t)
     return DeviceWork(res, finish) if async_op else finish(res)

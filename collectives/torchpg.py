@@ -1,11 +1,13 @@
 """The "meshrun" ProcessGroup: torch.distributed's calls on a meshrun
 communicator (collectives.torchdist registers it and makes its mesh).
 
-torch calls a method per collective with its options; the method starts
-the meshrun collective and returns a torch Work::
+torch calls a method per collective with its options; the method hands
+torch's tensors to the meshrun collective (collectives.api takes them as
+they are: views, bfloat16, CUDA) and returns a torch Work::
 
     asyncOp False   the collective runs here, in torch's thread; errors
-                    (MismatchError, LostPeerError...) raise from the call
+                    (MismatchError, LostPeerError...) raise from the call,
+                    and the Work is a finished one (no Future is made)
     asyncOp True    the collective runs on meshrun's lane for the group;
     (DDP's buckets)   a torch Future is completed from there, so torch's
                     thread never waits in a call it asked to be asynchronous
@@ -27,33 +29,44 @@ from torch._C._distributed_c10d import ReduceOp
 from torch.futures import Future
 
 import mesh
+from mesh import tensors as _tensors
 
 from . import api as C
 from .runner import Ctx, start
-from .torcharrays import movable, reducible, stack, write
 
 __all__ = ["ProcessGroupMeshrun"]
 
 _R: Any = ReduceOp.RedOpType
-_OPS = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max",
-        _R.BAND: "band", _R.BOR: "bor", _R.BXOR: "bxor"}
+_OPS = {int(k): v for k, v in ((_R.SUM, "sum"), (_R.AVG, "avg"), (_R.PRODUCT, "prod"),
+                                (_R.MIN, "min"), (_R.MAX, "max"), (_R.BAND, "band"),
+                                (_R.BOR, "bor"), (_R.BXOR, "bxor"))}
+"""By the enum's value: hashing the pybind enum itself costs a Python-level call."""
 
 
 def _op(rop: Any) -> tuple[str, Any]:
     """meshrun's op name and the PREMUL_SUM factor (None for the others)."""
     kind = getattr(rop, "op", rop)
+    name = _OPS.get(kind.value)
+    if name is not None:
+        return name, None
     if kind == _R.PREMUL_SUM:
         return "sum", rop.factor
-    if kind not in _OPS:
-        raise ValueError(f"meshrun backend: reduce op {kind} is not supported")
-    return _OPS[kind], None
+    raise ValueError(f"meshrun backend: reduce op {kind} is not supported")
 
 
-def _scaled(arr: Any, factor: Any) -> Any:
-    if factor is None:
-        return arr
-    f = float(factor) if not isinstance(factor, torch.Tensor) else factor.item()
-    return arr * f
+def _factor(factor: Any) -> float:
+    return factor.item() if isinstance(factor, torch.Tensor) else float(factor)
+
+
+def _write(out: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a collective's result (a tensor of the caller's dtype) into ``out``."""
+    out.detach().copy_(value.reshape(out.shape))
+
+
+def _host(t: torch.Tensor, what: str) -> np.ndarray:
+    """``t`` as a numpy array (a view of a CPU tensor's memory, bfloat16 as
+    its bits), for the algorithms of this module, which run on the host."""
+    return _tensors.operand(t if t.is_cpu else t.cpu(), what)[0]
 
 
 # torch's stubs overload these methods; the C++ trampoline calls ours by name
@@ -61,10 +74,33 @@ _ProcessGroup: Any = dist.ProcessGroup
 _Work: Any = dist.Work
 
 
-def _done(result: Any) -> dist.Work:
-    work = _FutureWork()
-    work.finish(result, None)
-    return work
+class _Done(_Work):
+    """The Work of a call that ran synchronously and succeeded (its errors
+    raised from the call): nothing to wait for; a future only when asked."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__()
+        self._result = result
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        return True
+
+    def get_future(self) -> Future:
+        fut: Future = Future()
+        fut.set_result(self._result)
+        return fut
+
+    def is_completed(self) -> bool:
+        return True
+
+    def is_success(self) -> bool:
+        return True
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def result(self) -> Any:
+        return self._result
 
 
 class _Failed:
@@ -171,7 +207,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             values = [launch(False) for launch in launches]
             if finish is not None:
                 finish(values)
-            return _done(result)
+            return _Done(result)
         work = _FutureWork()
         try:
             works = [launch(True) for launch in launches]
@@ -203,16 +239,15 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool) -> dist.Work:
         name, factor = _op(rop)
-        launches, backs = [], []
-        for t in tensors:
-            if factor is not None:
-                t.detach().mul_(factor)
-            arr, back = reducible(t)
-            launches.append(lambda a, arr=arr: C.all_reduce(self.comm, arr, op=name, async_op=a,
-                                                             timeout=self.timeout))
-            backs.append(back)
-        return self._run(launches, lambda _: [b() for b in backs if b is not None], tensors,
-                         async_op)
+        if factor is not None:
+            for t in tensors:
+                t.detach().mul_(_factor(factor))
+        if not async_op and len(tensors) == 1:     # dist.all_reduce: nothing but the call
+            C.all_reduce(self.comm, tensors[0], op=name, timeout=self.timeout)
+            return _Done(tensors)
+        return self._run([lambda a, t=t: C.all_reduce(self.comm, t, op=name, async_op=a,
+                                                       timeout=self.timeout)
+                          for t in tensors], None, tensors, async_op)
 
     # -- collectives --------------------------------------------------------------
 
@@ -226,39 +261,33 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.BroadcastOptions()
-        launches = [lambda a, arr=movable(t): C.broadcast(self.comm, arr, root=opts.rootRank,
-                                                          async_op=a, timeout=self.timeout)
-                    for t in tensors]
-        return self._run(launches, None, tensors, opts.asyncOp)
+        root = opts.rootRank
+        return self._run([lambda a, t=t: C.broadcast(self.comm, t, root=root, async_op=a,
+                                                      timeout=self.timeout)
+                          for t in tensors], None, tensors, opts.asyncOp)
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.ReduceOptions()
         name, factor = _op(opts.reduceOp)
-        launches, backs = [], []
-        for t in tensors:
-            if factor is not None:
-                t.detach().mul_(factor)
-            arr, back = reducible(t)
-            launches.append(lambda a, arr=arr: C.reduce(self.comm, arr, root=opts.rootRank,
-                                                         op=name, async_op=a,
-                                                         timeout=self.timeout))
-            backs.append(back)
-        mine = self.comm.rank == opts.rootRank
-        return self._run(launches, lambda _: [b() for b in backs if b is not None and mine],
-                         tensors, opts.asyncOp)
+        root = opts.rootRank
+        if factor is not None:
+            for t in tensors:
+                t.detach().mul_(_factor(factor))
+        return self._run([lambda a, t=t: C.reduce(self.comm, t, root=root, op=name, async_op=a,
+                                                   timeout=self.timeout)
+                          for t in tensors], None, tensors, opts.asyncOp)
 
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
-        launches = [lambda a, arr=movable(x): C.all_gather(self.comm, arr, async_op=a,
-                                                           timeout=self.timeout)
-                    for x in input_tensors]
 
         def finish(values: list[Any]) -> None:
             for outs, value in zip(output_tensors, values):
                 for j, o in enumerate(outs):
-                    write(o, value[j])
-        return self._run(launches, finish, output_tensors, opts.asyncOp)
+                    _write(o, value[j])
+        return self._run([lambda a, x=x: C.all_gather(self.comm, x, async_op=a,
+                                                       timeout=self.timeout)
+                          for x in input_tensors], finish, output_tensors, opts.asyncOp)
 
     def allgather_coalesced(self, output_lists: list[list[torch.Tensor]],
                             input_list: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -274,20 +303,19 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         inputs: list[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
-        launches = [lambda a, arr=movable(x): C.all_gather(self.comm, arr, async_op=a,
-                                                           timeout=self.timeout)
-                    for x in inputs]
 
         def finish(values: list[Any]) -> None:
             for o, value in zip(outputs, values):
-                write(o, value)
-        return self._run(launches, finish, outputs, opts.asyncOp)
+                _write(o, value)
+        return self._run([lambda a, x=x: C.all_gather(self.comm, x, async_op=a,
+                                                       timeout=self.timeout)
+                          for x in inputs], finish, outputs, opts.asyncOp)
 
     def reduce_scatter(self, output_tensors: list[torch.Tensor],
                        input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
         opts = opts or c10d.ReduceScatterOptions()
-        return self._reduce_scatter(output_tensors, [stack(ins, reduce=True)
-                                                     for ins in input_tensors], opts)
+        return self._reduce_scatter(output_tensors, [torch.stack([x.detach() for x in ins])
+                                                     for ins in input_tensors], opts, True)
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor,
                              opts: Any = None) -> dist.Work:
@@ -297,35 +325,40 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         inputs: list[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
         opts = opts or c10d.ReduceScatterOptions()
-        return self._reduce_scatter(outputs, [reducible(x)[0].reshape(self._n, -1)
-                                              for x in inputs], opts)
+        return self._reduce_scatter(outputs, [x.detach().reshape(self._n, -1) for x in inputs],
+                                    opts, False)
 
-    def _reduce_scatter(self, outputs: list[torch.Tensor], arrays: list[Any],
-                        opts: Any) -> dist.Work:
+    def _reduce_scatter(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+                        opts: Any, own: bool) -> dist.Work:
+        """``inputs`` shaped (group size, ...); ``own``: they are copies made
+        here, which a PREMUL_SUM factor may scale in place."""
         name, factor = _op(opts.reduceOp)
-        launches = [lambda a, arr=_scaled(arr, factor): C.reduce_scatter(
-            self.comm, arr, op=name, async_op=a, timeout=self.timeout) for arr in arrays]
+        if factor is not None:
+            f = _factor(factor)
+            inputs = [x.mul_(f) if own else x * f for x in inputs]
 
         def finish(values: list[Any]) -> None:
             for o, value in zip(outputs, values):
-                write(o, value)
-        return self._run(launches, finish, outputs, opts.asyncOp)
+                _write(o, value)
+        return self._run([lambda a, x=x: C.reduce_scatter(self.comm, x, op=name, async_op=a,
+                                                           timeout=self.timeout)
+                          for x in inputs], finish, outputs, opts.asyncOp)
 
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
                       output_split_sizes: list[int], input_split_sizes: list[int],
                       opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllToAllOptions()
         n = self._n
-        even = not output_split_sizes and not input_split_sizes
+        if not output_split_sizes and not input_split_sizes:
+            return self._run([lambda a: C.all_to_all(self.comm, input, async_op=a,
+                                                     timeout=self.timeout)],
+                             lambda v: _write(output, v[0]), [output], opts.asyncOp)
         ins = list(input_split_sizes) or [input.shape[0] // n] * n
         outs = list(output_split_sizes) or [output.shape[0] // n] * n
-        arr = movable(input if even or input.device.type == "cpu" else input.cpu())
-
-        def launch(a: bool) -> Any:
-            if even:
-                return C.all_to_all(self.comm, arr, async_op=a, timeout=self.timeout)
-            return _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)
-        return self._run([launch], lambda v: write(output, v[0]), [output], opts.asyncOp)
+        arr = _host(input, self._what("all_to_all_single"))
+        return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)],
+                         lambda v: _write(output, _tensors.to_torch(v[0], output)), [output],
+                         opts.asyncOp)
 
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
@@ -333,12 +366,12 @@ class ProcessGroupMeshrun(_ProcessGroup):
         flat = torch.cat([x.detach().reshape(-1) for x in input_tensors])
         ins = [x.numel() for x in input_tensors]
         outs = [o.numel() for o in output_tensors]
-        arr = movable(flat.cpu())
+        arr = _host(flat, self._what("all_to_all"))
 
         def finish(values: list[Any]) -> None:
-            pieces = np.split(values[0], np.cumsum(outs)[:-1])
+            pieces = _tensors.to_torch(values[0], output_tensors[0]).split(outs)
             for o, piece in zip(output_tensors, pieces):
-                write(o, piece)
+                _write(o, piece)
         return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)],
                          finish, output_tensors, opts.asyncOp)
 
@@ -351,24 +384,28 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def gather(self, output_tensors: list[list[torch.Tensor]],
                input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.GatherOptions()
-        arr = movable(input_tensors[0])
+        root = opts.rootRank
 
         def finish(values: list[Any]) -> None:
             if values[0] is not None:
                 for j, o in enumerate(output_tensors[0]):
-                    write(o, values[0][j])
-        return self._run([lambda a: C.gather(self.comm, arr, root=opts.rootRank, async_op=a,
-                                             timeout=self.timeout)],
+                    _write(o, values[0][j])
+        return self._run([lambda a: C.gather(self.comm, input_tensors[0], root=root,
+                                             async_op=a, timeout=self.timeout)],
                          finish, output_tensors, opts.asyncOp)
 
     def scatter(self, output_tensors: list[torch.Tensor],
                 input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
+        """The root scatters its stacked inputs; elsewhere the output tensor
+        passed says the dtype and device the row comes back as."""
         opts = opts or c10d.ScatterOptions()
-        src = stack(input_tensors[0]) if self.comm.rank == opts.rootRank else None
-        return self._run([lambda a: C.scatter(self.comm, src, root=opts.rootRank, async_op=a,
+        root = opts.rootRank
+        out = output_tensors[0]
+        src = (torch.stack([x.detach() for x in input_tensors[0]])
+               if self.comm.rank == root else out)
+        return self._run([lambda a: C.scatter(self.comm, src, root=root, async_op=a,
                                               timeout=self.timeout)],
-                         lambda v: write(output_tensors[0], v[0]), output_tensors,
-                         opts.asyncOp)
+                         lambda v: _write(out, v[0]), output_tensors, opts.asyncOp)
 
     def barrier(self, opts: Any = None) -> dist.Work:
         opts = opts or c10d.BarrierOptions()
@@ -383,10 +420,13 @@ class ProcessGroupMeshrun(_ProcessGroup):
         secs = self.timeout if timeout is None else timeout.total_seconds()
         C.barrier(self.comm, timeout=secs)
 
+    def _what(self, op: str) -> str:
+        return f"rank {self.comm.rank}: {op} on group {self.comm.name}"
+
     # -- point-to-point -----------------------------------------------------------
 
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> dist.Work:
-        return _P2PWork(self.comm.isend(movable(tensors[0]), dstRank, tag), None, tensors)
+        return _P2PWork(self.comm.isend(tensors[0], dstRank, tag), None, tensors)
 
     def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> dist.Work:
         return self._recv(tensors[0], srcRank, tag)
@@ -395,11 +435,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
         return self._recv(tensors[0], mesh.ANY, tag)
 
     def _recv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
-        out = movable(t)
-        direct = not isinstance(out, np.ndarray) or (out.flags.c_contiguous
-                                                     and out.flags.writeable)
-        req = self.comm.irecv(src, tag, out=out if direct else None)
-        return _P2PWork(req, None if direct else (lambda v: write(t, v)), [t])
+        """Straight into ``t`` where a message can go (dense, contiguous);
+        else a fresh tensor, copied into ``t``."""
+        direct = not _tensors.out_unusable(t)
+        req = self.comm.irecv(src, tag, out=t if direct else None)
+        return _P2PWork(req, None if direct else (lambda v: _write(t, v)), [t])
 
 
 class _P2PWork(_Work):

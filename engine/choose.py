@@ -1,6 +1,6 @@
 """Choose a schedule by simulating it: measured layer costs in, candidates out.
 
-``measure`` times each layer's forward, backward and split backward (I, W)
+``time_layer`` and ``measure`` time each layer's forward, backward and split backward (I, W)
 on micro-batches of the sizes a step may use; ``cut`` splits per-layer
 weights into contiguous stages so that the heaviest stage is as light as it
 can be; ``candidates`` cuts the layers for every built-in schedule and
@@ -15,6 +15,7 @@ predicted step time. ``table`` prints them::
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -22,8 +23,10 @@ from typing import Any, Sequence
 from .ir import B, F, W, Schedule
 from .schedules import by_name
 
-__all__ = ["LayerCost", "Candidate", "measure", "cut", "counts_for", "stage_costs",
+__all__ = ["LayerCost", "Candidate", "time_layer", "measure", "cut", "counts_for", "stage_costs",
            "peak_bytes", "microbatch_counts", "builtin", "candidates", "table", "SCHEDULES"]
+
+_SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
 
@@ -48,15 +51,50 @@ def _nbytes(y: Any) -> int:
     return 0
 
 
+def time_layer(layer: Any, x: Any, reps: int = 3) -> tuple[LayerCost, Any]:
+    """The costs of one layer (a stage object: forward, backward,
+    backward_input, backward_weight) on ``x``, and its output. Each time is
+    the median of at least ``reps`` runs after one more to warm up, as the
+    executor runs the layer: the same calls on a micro-batch of the same
+    size. Short layers run more times, for 50 ms of runs or 25 runs: on a
+    loaded machine a run of a millisecond is a quiet slice or a preempted
+    one (3-5x longer), so the fastest of three is too low and the median of
+    three a coin toss; the mean of many follows the bursts of others' load
+    at profiling time, which the step, seconds later, does not meet. What its gradients held before
+    is put back."""
+    saved = [(g, g.copy()) for g in layer.grads()] if hasattr(layer, "grads") else []
+    times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
+    y = x
+    begin, runs = time.perf_counter(), 0
+    while runs <= max(1, reps) or (time.perf_counter() - begin < _SPAN and runs < _MAX_RUNS):
+        runs += 1
+        t0 = time.perf_counter()
+        y, ctx = layer.forward(x)
+        t1 = time.perf_counter()
+        gy = y * 0 + 1
+        t2 = time.perf_counter()
+        layer.backward(ctx, gy)
+        t3 = time.perf_counter()
+        _, ctx = layer.forward(x)
+        t4 = time.perf_counter()
+        _, wctx = layer.backward_input(ctx, gy)
+        t5 = time.perf_counter()
+        layer.backward_weight(wctx)
+        t6 = time.perf_counter()
+        for k, v in zip(times, (t1 - t0, t3 - t2, t5 - t4, t6 - t5)):
+            times[k].append(v)
+    for g, old in saved:
+        g[...] = old
+    f, b, gi, gw = (statistics.median(v[1:]) for v in times.values())
+    return LayerCost(f, b, gi, gw, _nbytes(y)), y
+
+
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
             mine: Sequence[int] | None = None) -> dict[int, dict[int, LayerCost]]:
-    """``{size: {layer index: LayerCost}}``: the fastest of ``reps`` runs
-    (after one more to warm up; the fastest, as timeit takes: a run the OS
-    interrupted says nothing of the layer) of
-    each layer (a stage object) on the first ``size`` rows of ``batch``,
-    passed through the layers before it. Only the layers in ``mine`` are
-    timed (all by default), so ranks can share the work. Gradients the runs
-    leave are zeroed."""
+    """``{size: {layer index: LayerCost}}``: ``time_layer`` of each layer
+    (a stage object) on the first ``size`` rows of ``batch``, passed through
+    the layers before it. Only the layers in ``mine`` are timed (all by
+    default), so ranks can share the work."""
     timed = set(range(len(layers)) if mine is None else mine)
     out: dict[int, dict[int, LayerCost]] = {}
     for size in sizes:
@@ -66,30 +104,8 @@ def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int =
             if i not in timed:
                 x = layer.forward(x)[0]
                 continue
-            f, b, gi, gw = [], [], [], []
-            y = x
-            for _ in range(reps + 1):          # the first run warms up, untimed
-                t0 = time.perf_counter()
-                y, ctx = layer.forward(x)
-                f.append(time.perf_counter() - t0)
-                gy = y * 0 + 1
-                t0 = time.perf_counter()
-                layer.backward(ctx, gy)
-                b.append(time.perf_counter() - t0)
-                _, ctx = layer.forward(x)
-                t0 = time.perf_counter()
-                _, wctx = layer.backward_input(ctx, gy)
-                t1 = time.perf_counter()
-                layer.backward_weight(wctx)
-                gi.append(t1 - t0)
-                gw.append(time.perf_counter() - t1)
-            f, b, gi, gw = f[1:], b[1:], gi[1:], gw[1:]
-            row[i] = LayerCost(min(f), min(b), min(gi), min(gw), _nbytes(y))
-            x = y
+            row[i], x = time_layer(layer, x, reps)
         out[size] = row
-    for layer in layers:
-        for g in layer.grads():
-            g[...] = 0
     return out
 
 
@@ -147,10 +163,11 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
 
 
 def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
-                overhead: float = 0.0) -> dict[str, list[float]]:
+                overhead: float = 0.0, send: float = 0.0) -> dict[str, list[float]]:
     """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
-    of stages holding ``counts`` consecutive layers; each action also pays
-    ``overhead``."""
+    of stages holding ``counts`` consecutive layers; each compute action
+    also pays ``overhead`` (the executor's own cost per action), and each
+    message takes ``send`` seconds to arrive."""
     costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     start = 0
     for c in counts:
@@ -158,6 +175,7 @@ def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float =
         start += c
         for kind in costs:
             costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead)
+    costs["send"] = [send] * len(counts)
     return costs
 
 
@@ -217,11 +235,13 @@ def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
 
 def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], rows: int,
                scheds: Sequence[Schedule], balance: Any = "time", scale: float = 1.0,
-               memory_limit: float | None = None, overhead: float = 0.0) -> list[Candidate]:
+               memory_limit: float | None = None, overhead: float = 0.0, send: float = 0.0
+               ) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``scale`` multiplies every measured time (1/tp for
-    tensor-parallel stages); ``overhead`` is added to every action."""
+    tensor-parallel stages); ``overhead`` is added to every compute action
+    and ``send`` is each message's time of flight (see ``stage_costs``)."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -230,7 +250,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         row = profile[-(-rows // sched.num_microbatches)]
         times = [row[i].F + row[i].B for i in range(L)]
         counts = counts_for(balance, sched.num_stages, times, params)
-        costs = stage_costs(row, counts, scale, overhead)
+        costs = stage_costs(row, counts, scale, overhead, send)
         rep = sched.simulate(costs)
         act, start = [], 0
         for c in counts:

@@ -33,6 +33,7 @@ import collectives
 from mesh import Comm, Grid
 
 from . import layers as _layers
+from .calibrate import calibrate
 from .choose import (SCHEDULES, Candidate, LayerCost, builtin, candidates, counts_for,
                      measure, microbatch_counts, table)
 from .executor import Pipeline
@@ -225,7 +226,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                loss_fn: Callable[[Any, Any], Any] | None = None,
                memory_limit: float | None = None, *, chunks: int = 2,
                timeout: float | None = None, reps: int = 3, verbose: bool = True,
-               overhead: float = 0.0, tag_base: int = 0) -> Job:
+               overhead: float | None = None, tag_base: int = 0) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
     over tp, and build the pipeline (gradients averaged over dp).
 
@@ -235,6 +236,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     ``balance``: "time" (measured on ``sample``, this replica's batch),
     "uniform", "parameters" or layer counts per stage. ``memory_limit``:
     bytes of activations a rank may hold (estimated from layer outputs).
+    ``overhead``: the executor's own seconds per compute action, and no
+    message time, in the prediction; None (the default) measures both on a
+    dry pipeline (engine.calibrate) when the layers are measured.
     ``tag_base``: as Pipeline's, for several jobs on one grid.
     Collective: every rank of the grid calls it with the same arguments."""
     named, is_torch = _model_layers(model)
@@ -281,8 +285,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
         mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
         profile = _profile(grid, mlayers, sample, sizes, reps)
+        action, message = overhead or 0.0, 0.0
+        if overhead is None:
+            m = max(sc.num_microbatches for sc in scheds)
+            acts = sorted(lc.act_bytes for lc in profile[-(-rows // m)].values())
+            action, message = calibrate(grid.comm, grid.group("pp"), m, acts[len(acts) // 2],
+                                        tag_base=tag_base, timeout=timeout)
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
-                           overhead)
+                           action, message)
         if not cands:
             raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
         chosen = cands[0]

@@ -30,7 +30,9 @@ arrives. Each step uses tags of its own (the step number is part of them,
 and every rank counts its calls to ``step()``), so nothing of a failed step
 can ever be taken by a later one; with a dp axis, the all-reduces the step
 will no longer start are aborted on the dp group too, which keeps its
-collectives in step. The same Pipeline can then run the next step, as long
+collectives in step; with a tp axis, the tp collective the failed rank will
+not make is aborted on its tp peers (they raise at once, naming it, and the
+group's collectives stay numbered alike: see ``_Step._abandon_tp``). The same Pipeline can then run the next step, as long
 as every rank calls ``step()`` as many times as the others. A failure
 spreads only along what the ranks wait for: a rank that had already sent
 and received everything may finish the step; which batches to skip or
@@ -107,8 +109,11 @@ class Pipeline:
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
-        self.tp_index = (grid_or_group.coord("tp") if isinstance(grid_or_group, Grid)
-                         and "tp" in grid_or_group.axes else 0)
+        self.tp_index, self.tp = 0, None      # tp: the stage's peers, when it has any
+        if isinstance(grid_or_group, Grid) and "tp" in grid_or_group.axes:
+            self.tp_index = grid_or_group.coord("tp")
+            tp = grid_or_group.group("tp")
+            self.tp = tp if tp.size > 1 else None
         if schedule.num_ranks != self.pp.size:
             raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks but "
                              f"the pipeline group has {self.pp.size}")
@@ -269,6 +274,7 @@ class _Step:
         self.sends: list[Any] = []
         self.syncs: dict[int, list[Any]] = {}
         self.loss_sync = pipe.last and pipe.dp is not None and pipe.dp.size > 1
+        self.tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
 
     def start(self, inputs: Any, targets: Any) -> None:
         """Split the batch and post every receive of the step."""
@@ -391,7 +397,8 @@ class _Step:
         for req in self.recvs.values():
             req.cancel()
         self.recvs.clear()
-        reason = (f"pipeline step {self.n} failed on pp rank {pipe.rank}: "
+        where = f" (tp rank {pipe.tp.rank})" if pipe.tp is not None else ""
+        reason = (f"pipeline step {self.n} failed on pp rank {pipe.rank}{where}: "
                   f"{type(error).__name__}: {error}")[:_REASON_MAX]
         kind = AbortKind.of(error)  # peers raise the same kind: a lost peer stays one
         lost = error.peer if isinstance(error, LostPeerError) else None
@@ -402,6 +409,7 @@ class _Step:
             elif a.kind == AR:
                 skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
         pipe.tied.abandon(reason, kind, lost)
+        self._abandon_tp(reason, kind, lost)
         dp = pipe.dp
         for _ in range(skipped):
             assert dp is not None
@@ -417,3 +425,20 @@ class _Step:
             for g, o in zip(pipe.stages[s].grads(), old):
                 g += o
         self.prior.clear()
+
+    def _abandon_tp(self, reason: str, kind: AbortKind, lost: int | None) -> None:
+        """Fail the tp peers' next collective, which this rank will not make
+        (they run the same stage and would wait in it until its timeout),
+        unless the tp group already knows: this rank's last tp collective of
+        the step was aborted (by a peer, or by this rank as it failed in it).
+        tp peers make their collectives in lockstep, so a peer is at most one
+        collective ahead, waiting in it: every rank of the group then ends
+        the step at the same sequence number (the one that failed, or the
+        one abandoned), and the next step's collectives line up."""
+        tp = self.pipe.tp
+        if tp is None:
+            return
+        ch = tp.collective_channel()
+        if ch.seq > self.tp_seq and ch.aborted(-ch.seq, "tp collective") is not None:
+            return
+        collectives.abandon(tp, reason, kind, lost)

@@ -46,10 +46,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
-import time
 from typing import Any, Sequence
 
+from .choose import time_layer
 from .ir import Schedule
 from .replay import replay
 from .schedules import one_f_one_b
@@ -226,51 +225,22 @@ def _best_simulated(layer_costs: dict[str, list[float]], sched: Schedule) -> lis
 
 def _measured(items: list[Any], kinds: list[str], sample: Any, reps: int,
               group: Any) -> dict[str, list[float]]:
-    """Seconds per layer for F, I and W on ``sample`` (median of ``reps``),
-    measured on the group's first rank and broadcast (with a group)."""
+    """Seconds per layer for F, I and W on ``sample`` (engine.choose's
+    ``time_layer``), measured on the group's first rank and broadcast (with
+    a group)."""
     costs: dict[str, list[float]] | None = None
     if group is None or group.rank == 0:
         costs = {k: [] for k in _KINDS}
         x = sample
         for item, kind in zip(items, kinds):
             layer = build(item, kind)
-            f, i, w, x = _time_layer(layer, x, reps)
-            for k, v in zip(_KINDS, (f, i, w)):
-                costs[k].append(v)
+            if is_module(layer) or not callable(getattr(layer, "backward", None)):
+                layer = TorchStage(as_module(layer))
+            lc, x = time_layer(layer, x, reps)
+            for k in _KINDS:
+                costs[k].append(getattr(lc, k))
     if group is not None:
         import collectives
         costs = collectives.broadcast_object(group, costs, root=0)
     assert costs is not None
     return {k: [float(v) for v in costs[k]] for k in _KINDS}
-
-
-def _time_layer(layer: Any, x: Any, reps: int) -> tuple[float, float, float, Any]:
-    """Median forward, input-gradient and weight-gradient seconds of one
-    layer on ``x`` (its gradients are put back as they were), and its output."""
-    if is_module(layer) or not callable(getattr(layer, "backward", None)):
-        stage: Any = TorchStage(as_module(layer))
-        saved = [(p, None if p.grad is None else p.grad.clone()) for p in stage._params]
-    else:
-        stage = layer
-        saved = [(g, g.copy()) for g in stage.grads()] if hasattr(stage, "grads") else []
-    times: dict[str, list[float]] = {k: [] for k in _KINDS}
-    y = None
-    for _ in range(max(1, reps) + 1):     # the first run warms up and is not counted
-        t0 = time.perf_counter()
-        y, ctx = stage.forward(x)
-        t1 = time.perf_counter()
-        gy = y * 0 + 1
-        t2 = time.perf_counter()
-        _, wctx = stage.backward_input(ctx, gy)
-        t3 = time.perf_counter()
-        stage.backward_weight(wctx)
-        t4 = time.perf_counter()
-        for k, v in zip(_KINDS, (t1 - t0, t3 - t2, t4 - t3)):
-            times[k].append(v)
-    for target, old in saved:
-        if isinstance(stage, TorchStage):
-            target.grad = old
-        else:
-            target[...] = old
-    f, i, w = (float(statistics.median(times[k][1:])) for k in _KINDS)
-    return f, i, w, y

@@ -1,17 +1,32 @@
 """Point-to-point benchmark: mesh beside raw pyzmq on the same transport.
 
     python -m mesh.bench [--sizes 1K:64M] [--iters 2000] [--transport ipc|tcp] [--curve]
+                         [--compare mpi]
+    python -m mesh.bench --scale [--ranks 8,16,32,64] [--trials 3]
 
-Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it) and
-one-way bandwidth (raw: PUSH/PULL with copy=False; mesh: send/recv with out=),
-run alternately in one process tree so that both see the same machine.
-With --curve, the mesh also runs encrypted (MESH_CURVE=1) in the same
-alternation, and the last column is what CurveZMQ costs: curve/mesh."""
+Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it),
+one-way stream bandwidth (raw: PUSH/PULL with copy=False; mesh: isend/recv
+with out=) and, from 1 MiB up, ping-pong bandwidth (2 x bytes / time of a
+round trip), run alternately in one process tree so that all see the same
+machine; the median of the trials is shown. The mesh runs twice per trial:
+with its same-host direct path (the default) and without (MESH_SHM=0,
+column "mesh shm=0"). With --curve, the mesh also runs encrypted
+(MESH_CURVE=1) in the same alternation, and the last column is what
+CurveZMQ costs: curve/mesh. With --compare mpi, mpi4py on the local MPI
+(``mpirun -np 2``) runs the same measures in the same alternation; it is
+skipped, saying why, when mpi4py or mpirun is missing.
+With --scale: rendezvous, first-collective time and each rank's footprint as
+the world grows, launched with meshrun (mesh.bench_scale)."""
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -43,6 +58,9 @@ def _sizes(spec: str) -> list[int]:
 
 def _iters_for(size: int, base: int) -> int:
     return max(3, min(base, (256 << 20) // max(size, 1)))
+
+
+PINGPONG_FROM = 1 << 20    # ping-pong bandwidth for sizes from here up
 
 
 # ---- raw pyzmq -----------------------------------------------------------------
@@ -149,55 +167,176 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
             for _ in range(k):
                 world.recv(0, out=buf)
             world.send(b"ack", 0)
+    for size in sizes:
+        if size < PINGPONG_FROM:
+            continue
+        buf = np.ones(size, np.uint8)
+        k = max(3, _iters_for(size, iters) // 2)
+        world.send(0, peer)
+        world.recv(peer)
+        t = time.perf_counter()
+        for _ in range(k):
+            if world.rank == 0:
+                world.send(buf, 1)
+                world.recv(1, out=buf)
+            else:
+                world.recv(0, out=buf)
+                world.send(buf, 0)
+        results[f"pp{size}"] = 2 * k * size / (time.perf_counter() - t)
     return results
 
 
-def _mesh(sizes: list[int], iters: int, transport: str, curve: bool = False) -> dict[str, float]:
+def _mesh(sizes: list[int], iters: int, transport: str, curve: bool = False,
+          shm: bool = True) -> dict[str, float]:
     env = {"MESH_FORCE_TCP": "1"} if transport == "tcp" else {}
     env["MESH_CURVE"] = "1" if curve else "0"
+    env["MESH_SHM"] = "1" if shm else "0"
     return spawn(_mesh_peer, 2, sizes, iters, timeout=600, env=env)[0]
+
+
+# ---- mpi4py on the local MPI -------------------------------------------------------
+
+def _mpi_missing() -> str:
+    """Why MPI cannot be compared here ("" when it can)."""
+    try:
+        import mpi4py  # noqa: F401  # pyflakes: ignore
+        del mpi4py
+    except ImportError:
+        return "mpi4py is not installed"
+    if shutil.which("mpirun") is None:
+        return "mpirun is not on PATH"
+    return ""
+
+
+def _mpi_worker(sizes: list[int], iters: int) -> None:
+    """One rank of the MPI reference (run under mpirun); rank 0 prints JSON."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    small = np.zeros(1)
+    results: dict[str, float] = {}
+    for n in (200, iters):
+        comm.Barrier()
+        t = time.perf_counter()
+        for _ in range(n):
+            if rank == 0:
+                comm.Send(small, peer)
+                comm.Recv(small, peer)
+            else:
+                comm.Recv(small, peer)
+                comm.Send(small, peer)
+        results["rtt"] = (time.perf_counter() - t) / n
+    for size in sizes:
+        buf = np.ones(size, np.uint8)
+        k = _iters_for(size, iters)
+        comm.Barrier()
+        if rank == 0:
+            t = time.perf_counter()
+            MPI.Request.Waitall([comm.Isend(buf, 1) for _ in range(k)])
+            comm.Recv(small, 1)
+            results[f"bw{size}"] = k * size / (time.perf_counter() - t)
+        else:
+            for _ in range(k):
+                comm.Recv(buf, 0)
+            comm.Send(small, 0)
+    for size in sizes:
+        if size < PINGPONG_FROM:
+            continue
+        buf = np.ones(size, np.uint8)
+        k = max(3, _iters_for(size, iters) // 2)
+        comm.Barrier()
+        t = time.perf_counter()
+        for _ in range(k):
+            if rank == 0:
+                comm.Send(buf, 1)
+                comm.Recv(buf, 1)
+            else:
+                comm.Recv(buf, 0)
+                comm.Send(buf, 0)
+        results[f"pp{size}"] = 2 * k * size / (time.perf_counter() - t)
+    if rank == 0:
+        print("MESHBENCH " + json.dumps(results), flush=True)
+
+
+def _mpi(sizes: list[int], iters: int) -> dict[str, float]:
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    cmd = ["mpirun", "-np", "2", sys.executable, "-m", "mesh.bench", "--mpi-worker",
+           "--sizes", ",".join(map(str, sizes)), "--iters", str(iters)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for line in run.stdout.splitlines():
+        if line.startswith("MESHBENCH "):
+            return json.loads(line[len("MESHBENCH "):])
+    raise RuntimeError(f"mpirun failed ({run.returncode}): {run.stderr[-2000:]}")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mesh.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1K:64M", help="bandwidth sizes, LO:HI, x4 steps")
     ap.add_argument("--iters", type=int, default=2000, help="round trips per trial")
-    ap.add_argument("--trials", type=int, default=3, help="alternating raw/mesh trials")
+    ap.add_argument("--trials", type=int, default=3, help="alternating trials (median shown)")
     ap.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
     ap.add_argument("--curve", action="store_true",
                     help="also run the mesh encrypted (CurveZMQ) and report its cost")
+    ap.add_argument("--compare", choices=["mpi"], action="append", default=[],
+                    help="also run mpi4py on the local MPI (skipped when missing)")
+    ap.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--scale", action="store_true",
+                    help="time joining and the first collectives, and measure each rank's "
+                         "footprint, at growing world sizes (see --ranks)")
+    ap.add_argument("--ranks", default="8,16,32,64", help="world sizes for --scale")
     args = ap.parse_args(argv)
+    if args.mpi_worker:
+        _mpi_worker([int(x) for x in args.sizes.split(",")], args.iters)
+        return
+    if args.scale:
+        from . import bench_scale
+        bench_scale.main([int(n) for n in args.ranks.split(",")], trials=args.trials)
+        return
     sizes = _sizes(args.sizes)
-    raw: list[dict[str, float]] = []
-    ours: list[dict[str, float]] = []
-    curve: list[dict[str, float]] = []
+    mpi_why = _mpi_missing() if "mpi" in args.compare else "not asked"
+    runs: dict[str, list[dict[str, float]]] = {"raw pyzmq": [], "mesh shm=0": [], "mesh": []}
+    if args.curve:
+        runs["curve"] = []
+    if not mpi_why:
+        runs["mpi4py"] = []
     for _ in range(args.trials):
-        raw.append(_raw(sizes, args.iters, args.transport))
-        ours.append(_mesh(sizes, args.iters, args.transport))
+        runs["raw pyzmq"].append(_raw(sizes, args.iters, args.transport))
+        runs["mesh shm=0"].append(_mesh(sizes, args.iters, args.transport, shm=False))
+        runs["mesh"].append(_mesh(sizes, args.iters, args.transport))
         if args.curve:
-            curve.append(_mesh(sizes, args.iters, args.transport, curve=True))
-    best_rtt_raw = min(r["rtt"] for r in raw)
-    best_rtt_mesh = min(r["rtt"] for r in ours)
-    extra = f" {'curve':>12} {'curve/mesh':>10}" if curve else ""
-    print(f"# meshrun p2p benchmark, transport {args.transport}, best of {args.trials} "
+            runs["curve"].append(_mesh(sizes, args.iters, args.transport, curve=True))
+        if not mpi_why:
+            runs["mpi4py"].append(_mpi(sizes, args.iters))
+    print(f"# meshrun p2p benchmark, transport {args.transport}, median of {args.trials} "
           f"alternating trials, {os.cpu_count()} cores")
-    print(f"{'measure':>22} {'raw pyzmq':>12} {'mesh':>12} {'mesh/raw':>9}{extra}")
-    rtt_curve = ""
-    if curve:
-        c = min(r["rtt"] for r in curve)
-        rtt_curve = f" {c * 1e6:12.1f} {c / best_rtt_mesh:10.2f}"
-    print(f"{'round trip 8 B (us)':>22} {best_rtt_raw * 1e6:12.1f} {best_rtt_mesh * 1e6:12.1f} "
-          f"{best_rtt_mesh / best_rtt_raw:9.2f}{rtt_curve}")
-    for size in sizes:
-        key = f"bw{size}"
-        r = max(x[key] for x in raw) / 1e9
-        m = max(x[key] for x in ours) / 1e9
-        label = f"bandwidth {_fmt(size)} (GB/s)"
-        bw_curve = ""
-        if curve:
-            c = max(x[key] for x in curve) / 1e9
-            bw_curve = f" {c:12.3f} {c / m:10.2f}"
-        print(f"{label:>22} {r:12.3f} {m:12.3f} {m / r:9.2f}{bw_curve}")
+    if "mpi" in args.compare and mpi_why:
+        print(f"# MPI skipped: {mpi_why}")
+    names = list(runs)
+    ratios = [("mesh/raw", "mesh", "raw pyzmq"), ("mesh/shm=0", "mesh", "mesh shm=0")]
+    if "curve" in runs:
+        ratios.append(("curve/mesh", "curve", "mesh"))
+    if "mpi4py" in runs:
+        ratios.append(("mesh/mpi", "mesh", "mpi4py"))
+    print(f"{'measure':>24} " + " ".join(f"{n:>11}" for n in names) + " "
+          + " ".join(f"{r:>10}" for r, _, _ in ratios))
+    keys = [("rtt", "round trip 8 B (us)")]
+    keys += [(f"bw{n}", f"stream {_fmt(n)} (GB/s)") for n in sizes]
+    keys += [(f"pp{n}", f"ping-pong {_fmt(n)} (GB/s)") for n in sizes if n >= PINGPONG_FROM]
+    for key, label in keys:
+        scale = 1e6 if key == "rtt" else 1e-9
+        med = {n: statistics.median(x[key] for x in runs[n]) * scale
+               for n in names if all(key in x for x in runs[n])}
+        cells = " ".join(f"{med[n]:11.3f}" if n in med else f"{'-':>11}" for n in names)
+        rs = []
+        for _, a, b in ratios:
+            if a in med and b in med:
+                # a ratio above 1 is better for the first named, both for times and rates
+                rs.append(f"{(med[b] / med[a] if key == 'rtt' else med[a] / med[b]):10.2f}")
+            else:
+                rs.append(f"{'-':>10}")
+        print(f"{label:>24} {cells} " + " ".join(rs))
+    print("# ratios: > 1 means the first named is faster (for round trips too)")
 
 
 def _fmt(n: int) -> str:

@@ -16,20 +16,36 @@ naming its error, and answer, so that it need not wait for their goodbyes.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Callable, Iterable
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from . import wire
 from .inbox import Inbox
 from .match import ANY, Pending
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float
 
-__all__ = ["Liveness"]
+__all__ = ["Liveness", "heartbeat_for", "monitor_event"]
 
 _log = logging.getLogger("mesh.transport")
+_BEATS_PER_S = 64
+
+
+def monitor_event(frames: list[bytes]) -> int:
+    """The event number of a ZeroMQ monitor message (its first frame starts
+    with it, a native uint16). zmq.utils.monitor would parse it too, but it
+    imports asyncio: a tenth of every rank's start-up."""
+    return int(struct.unpack_from("=H", frames[0])[0])
+
+
+def heartbeat_for(size: int, peer_timeout: float) -> float:
+    """The default heartbeat interval of a world of ``size``: 0.5 s, longer
+    in large worlds, so that a rank beats to at most about 64 peers a second
+    (each beat costs the sender and the receiver some Python), but at least
+    four times per peer timeout."""
+    return max(0.5, min((size - 1) / _BEATS_PER_S, peer_timeout / 4))
 
 
 class Liveness:
@@ -43,8 +59,9 @@ class Liveness:
                  groups: dict[int, tuple[str, list[int]]], inbox: Inbox,
                  control: Callable[..., None], router_mon: zmq.Socket) -> None:
         self.rank, self.timeout, self.peers, self.groups = rank, timeout, peers, groups
-        self.heartbeat = config_float("MESH_HEARTBEAT", 0.5)
         self.peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0)
+        self.heartbeat = config_float("MESH_HEARTBEAT", heartbeat_for(len(peers),
+                                                                      self.peer_timeout))
         self.stall_warn = config_float("MESH_STALL_WARN", 60.0)
         self.stalls = 0
         self.handshake_failures = 0
@@ -134,7 +151,7 @@ class Liveness:
         peer = self.monitors[mon]
         while True:
             try:
-                ev = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+                event = monitor_event(mon.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
             if peer is None:
@@ -143,11 +160,11 @@ class Liveness:
                 if n & (n - 1) == 0:    # 1, 2, 4, 8...: a stranger retries every 100 ms
                     _log.warning("rank %d: refused a connection that failed the handshake (no "
                                  "or wrong job secret; %d so far)", self.rank, n)
-            elif ev["event"] == zmq.EVENT_DISCONNECTED and peer.state != DEAD:
+            elif event == zmq.EVENT_DISCONNECTED and peer.state != DEAD:
                 peer.suspect_since = peer.suspect_since or time.monotonic()
-            elif ev["event"] == zmq.EVENT_CONNECTED:
+            elif event == zmq.EVENT_CONNECTED:
                 peer.suspect_since = 0.0
-            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._inbox.peer_gone(peer.rank, "it refused our credentials: a different job "
                                       "secret?", DEAD)
 

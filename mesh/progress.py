@@ -15,7 +15,9 @@ microseconds, often more than the wait itself, so a short poll catches a
 reply already on its way, as MPI libraries do. The spin adapts to the waits
 seen (``_adapt_spin``), so long waits do not burn CPU.
 
-The progress thread also runs liveness: its monitors and its timer tick.
+The progress thread also runs liveness: its timer tick, which first reads
+the monitors (one per peer, so they are not polled on every wake: a wake
+costs the same in any world; a closed connection is seen within a tick).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import Any
 import zmq
 
 from .liveness import Liveness
-from .match import DONE, Pending
+from .match import DONE, Flag, Pending
 from .peer import config_float
 from .reader import Reader
 
@@ -72,9 +74,10 @@ class Progress:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def drive(self, item: Pending, deadline: float, limit: float) -> bool:
-        """Wait for ``item`` by reading the ROUTER in this thread (see the
-        module docstring); stall reports every MESH_STALL_WARN. False on timeout."""
+    def drive(self, item: Any, deadline: float, limit: float, flag: Flag | None = None) -> bool:
+        """Wait for ``item`` (a Pending; or an Outgoing, until ``flag`` is
+        set) by reading the ROUTER in this thread (see the module docstring);
+        stall reports every MESH_STALL_WARN. False on timeout."""
         with self._want_lock:
             self._want += 1
             if self._progress_reading:
@@ -86,7 +89,7 @@ class Progress:
         held = False
         polled = 0.0
         try:
-            while item.state != DONE:     # complete (the flag is set just after)
+            while (item.state != DONE) if flag is None else not flag.is_set():
                 now = time.monotonic()
                 left = deadline - now
                 if left <= 0:
@@ -97,7 +100,7 @@ class Progress:
                 if not held:
                     held = self._rlock.acquire(timeout=min(left, 0.002))
                     if not held:       # another waiter reads; it completes us too
-                        item.event.wait(min(left, 0.002))
+                        (item.event if flag is None else flag).wait(min(left, 0.002))
                         continue
                 ready = None
                 if not polled:
@@ -115,7 +118,8 @@ class Progress:
                     if len(ready) > 1 or ready[0][0] is not self._router:
                         self._drain_wake()
                     for _ in range(1024):
-                        if not self._read_one() or item.state == DONE:
+                        if not self._read_one() or (item.state == DONE if flag is None
+                                                    else flag.is_set()):
                             break
             if polled and self.spin:
                 self._adapt_spin(time.perf_counter() - polled)
@@ -158,12 +162,12 @@ class Progress:
     def _run(self) -> None:
         """Read when no caller is waiting; always watch monitors and timers."""
         live = self._live
-        reading, aside = zmq.Poller(), zmq.Poller()
+        reading, aside, watch = zmq.Poller(), zmq.Poller(), zmq.Poller()
         reading.register(self._router, zmq.POLLIN)
         for poller in (reading, aside):
             poller.register(self._wake_r, zmq.POLLIN)
-            for m in live.monitors:
-                poller.register(m, zmq.POLLIN)
+        for m in live.monitors:     # one per peer: read on the timer, not on every wake
+            watch.register(m, zmq.POLLIN)
         held = False
         next_tick = 0.0
         while not self.closing:
@@ -182,11 +186,10 @@ class Progress:
                     for _ in range(1024):
                         if self._want or not self._read_one():
                             break
-                for m in live.monitors:
-                    if m in events:
-                        live.on_monitor(m)
                 now = time.monotonic()
                 if now >= next_tick:
+                    for m, _ in watch.poll(0):
+                        live.on_monitor(m)
                     live.tick(now)
                     next_tick = now + min(live.heartbeat, 0.25)
             except zmq.ZMQError as e:

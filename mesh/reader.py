@@ -11,6 +11,7 @@ turn calls ``read_one`` (see mesh.progress).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -18,12 +19,13 @@ import msgpack
 import numpy as np
 import zmq
 
-from . import wire
+from . import cma, wire
+from .direct import Direct
 from .errors import BadMessageError
 from .inbox import Inbox
 from .liveness import Liveness
 from .payload import fill
-from .peer import Peer
+from .peer import DEAD, Peer
 
 __all__ = ["Reader", "COPY_BELOW"]
 
@@ -37,11 +39,12 @@ class Reader:
     """Reads rank ``rank``'s ROUTER; ``on_credit(peer, bytes)`` takes grants."""
 
     def __init__(self, router: zmq.Socket, rank: int, peers: list[Peer], inbox: Inbox,
-                 live: Liveness, on_credit: Callable[[Peer, int], None]) -> None:
+                 live: Liveness, on_credit: Callable[[Peer, int], None],
+                 direct: Direct) -> None:
         self.rank, self.size = rank, len(peers)
         self.bad_messages = 0
         self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
-        self._on_credit = on_credit
+        self._on_credit, self._direct = on_credit, direct
         self._idents = [str(r).encode() for r in range(len(peers))]
         # Headers repeat (same peer, tag, dtype and shape, message after
         # message): decode each distinct byte string once; bounded, starts
@@ -95,7 +98,12 @@ class Reader:
                 more = frame.more
                 payload.append(frame.bytes if copy else frame.buffer)
         if h.kind == wire.DATA:
-            self._read_array(h, payload)
+            if h.direct:
+                if payload:
+                    return self._bad("a direct-path message with payload frames")
+                self._read_direct(h, peer)
+            else:
+                self._read_array(h, payload)
         elif h.kind == wire.OBJ:
             if len(payload) != 1 or len(payload[0]) != h.nbytes:
                 return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
@@ -120,6 +128,10 @@ class Reader:
                 self._inbox.send_abort(h.group, h.tag, h.reason, h.abort, h.peer, h.src)
         elif h.kind == wire.BYE:
             self._live.on_bye(peer, h.reason)
+        elif h.kind == wire.DONE:
+            self._direct.on_done(h.direct[0])
+        elif h.kind == wire.PROBE:
+            self._direct.on_probe(peer, h.direct)
         return True
 
     def _read_array(self, h: wire.Header, parts: list) -> None:
@@ -143,6 +155,42 @@ class Reader:
         dest = np.empty(h.shape or (), h.dt)
         fill(dest, parts)
         if req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp, h.device):
+            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
+
+    def _read_direct(self, h: wire.Header, peer: Peer) -> None:
+        """An array to read out of the sender's memory (mesh.direct): into
+        the claiming receive's ``out=`` when it fits, else a fresh array;
+        then tell the sender. A failed read (the sender is gone) loses the
+        peer; the claiming receive, if any, raises LostPeerError."""
+        pid = self._direct.pids[h.src]
+        if not pid:
+            self._bad(f"a direct-path message from rank {h.src}, which was never probed")
+            return
+        req = self._claim(h.group, h.src, h.tag)
+        dest = None
+        if req is not None:
+            out = req.out
+            if (type(out) is np.ndarray and out.dtype == h.dt and out.nbytes == h.nbytes
+                    and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable):
+                dest = out
+        into_out = dest is not None
+        if dest is None:
+            dest = np.empty(h.shape or (), h.dt)
+        err = cma.read_errno(pid, h.direct[0], dest) if h.nbytes else 0
+        if err:
+            self._inbox.peer_gone(h.src, f"reading its message (tag {h.tag}, {h.nbytes} bytes) "
+                                  f"out of its memory failed: {os.strerror(err)}", DEAD)
+            if req is not None:
+                req.fail(self._inbox.gone(peer, req.desc, req.group))
+            return
+        self._direct.read_done(peer, h.direct[1])
+        if into_out:
+            assert req is not None
+            self._consumed(h.src, h.nbytes)
+            req.got = h
+            req.complete(dest)
+        elif req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp,
+                                               h.device):
             self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
 
     def _bad(self, why: str, more: Any = 0) -> bool:

@@ -11,14 +11,19 @@ rendezvous service exists, so a child inherits no ZeroMQ context of ours;
 each child then builds its own mesh and never touches the parent's objects.
 Forking a process that runs threads (a live mesh of its own, thread pools)
 can deadlock the child; that risk is taken only when there is no other way.
+
+The ranks die with the caller: on Linux the kernel kills them when the
+process that spawned them dies, by a signal included (PR_SET_PDEATHSIG).
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing as mp
 import os
 import pickle
 import secrets
+import signal
 import sys
 import time
 import traceback
@@ -27,6 +32,7 @@ from typing import Any, Callable
 
 from .auth import curve_wanted
 from .errors import WorkerError
+from .limits import open_files
 from .rendezvous import RendezvousServer
 
 __all__ = ["spawn"]
@@ -91,10 +97,27 @@ def _load(job: bytes | tuple, rank: int) -> tuple[Callable[..., Any], tuple]:
     return fn, args
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this rank when the process that spawned it dies,
+    however it dies (SIGTERM or SIGKILL leave it no chance to kill its
+    children): Linux's PR_SET_PDEATHSIG. Elsewhere the rank notices when its
+    pipe to the parent closes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os._exit(1)
+
+
 def _child(job: bytes | tuple, rank: int, size: int, secret: str,
-           extra_env: dict[str, str], conn: Any) -> None:
+           extra_env: dict[str, str], conn: Any, parent: int) -> None:
     from .errors import LostPeerError, MeshError
     from .world import init
+    _die_with_parent(parent)
     world = None
     try:
         if not conn.poll(_PORT_WAIT_S):
@@ -140,6 +163,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
             f"there and pass that function.")
     ctx = mp.get_context("spawn") if payload is not None else mp.get_context("fork")
     job: bytes | tuple = payload if payload is not None else (fn, args)
+    open_files(4 * nprocs + 256, f"mesh.spawn of {nprocs} ranks")  # pipes, connections
     secret = secrets.token_hex(16)
     curve = curve_wanted({**os.environ, **(env or {})})
     server = None
@@ -148,7 +172,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
         for r in range(nprocs):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_child, name=f"mesh-rank-{r}", daemon=True,
-                            args=(job, r, nprocs, secret, env or {}, child))
+                            args=(job, r, nprocs, secret, env or {}, child, os.getpid()))
             p.start()
             child.close()
             procs.append(p)

@@ -56,7 +56,19 @@ def is_tensor(x: Any) -> bool:
 def dtype_name(dt: np.dtype) -> str:
     """How fingerprints and errors name a dtype: bfloat16 for its bits."""
     md = dt.metadata
-    return md["name"] if md and "name" in md else str(dt)
+    if md is not None:
+        return md["name"] if "name" in md else str(dt)
+    name = _DTYPE_NAMES.get(dt)     # str(dtype) is slow: every collective call names one
+    if name is None:
+        name = _DTYPE_NAMES[dt] = str(dt)
+    return name
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+"""Names of dtypes without metadata (a dtype with metadata compares equal
+to the plain one, so it is never looked up here)."""
+_AS_NUMPY: dict[Any, np.dtype] = {}
+"""torch dtype -> the numpy dtype it travels as, for those meshrun carries."""
 
 
 def check(t: Any, what: str) -> np.dtype:
@@ -66,16 +78,20 @@ def check(t: Any, what: str) -> np.dtype:
     if t.layout != torch.strided:
         raise TypeError(f"{what}: {t.layout} tensors cannot be sent; dense (strided) "
                         f"tensors only")
-    if t.device.type not in ("cpu", "cuda"):
+    if not (t.is_cpu or t.is_cuda):
         raise TypeError(f"{what}: tensors on {t.device.type} cannot be sent; CPU and CUDA "
                         f"tensors only")
+    dt = _AS_NUMPY.get(t.dtype)
+    if dt is not None:
+        return dt
     if t.dtype == torch.bfloat16:
         return BFLOAT16
     name = str(t.dtype).replace("torch.", "")
     if name not in _NAMES:
         raise TypeError(f"{what}: dtype {t.dtype} cannot be sent; torch tensors of "
                         f"{', '.join(_NAMES)} and bfloat16 only")
-    return np.dtype(name)
+    dt = _AS_NUMPY[t.dtype] = np.dtype(name)
+    return dt
 
 
 def operand(t: Any, what: str, wide: bool = False) -> tuple[Any, bool]:
@@ -84,8 +100,13 @@ def operand(t: Any, what: str, wide: bool = False) -> tuple[Any, bool]:
     when written). CPU: a numpy view; CUDA: a CuPy view. ``wide``: bfloat16
     widened to float32 (a copy), for reductions."""
     torch = _torch()
-    check(t, what)
-    d = t.detach()
+    dt = check(t, what)
+    d = t.detach() if t.requires_grad else t
+    if dt is not BFLOAT16 and d.is_cpu:
+        try:
+            return d.numpy(), True
+        except RuntimeError:     # a conjugate or negative view: resolved below
+            pass
     bf16 = d.dtype == torch.bfloat16
     shares = not (wide and bf16) and not d.is_conj() and not d.is_neg()
     if wide and bf16:

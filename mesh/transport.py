@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 
 from . import auth, device, wire
+from .direct import Ack, Direct
 from .errors import BadMessageError, LostPeerError, MeshTimeoutError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
@@ -78,7 +79,9 @@ class Transport:
         self.inbox = Inbox(rank, self._peers, self.groups, self._control, self.progress.nudge)
         self.live = Liveness(rank, timeout, self._peers, self.groups, self.inbox, self._control,
                              self._router_mon)
-        self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit)
+        self.direct = Direct(rank, self._peers, endpoints, self._control)
+        self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
+                             self.direct)
         self.stall_warn = self.live.stall_warn
         # what communicators call of the inbox and of liveness
         self.irecv, self.iprobe = self.inbox.post, self.inbox.iprobe
@@ -114,6 +117,14 @@ class Transport:
             out = Outgoing(dst, [], nbytes, desc, None)
             out.event.set()
             return out
+        if kind == wire.DATA and nbytes >= self.direct.min_bytes and self.direct.usable(dst):
+            out = Outgoing(dst, None, nbytes, desc, keep)    # read by dst out of our memory
+            out.frames = [self.direct.header(out, group=group, tag=tag, nbytes=nbytes, fp=fp,
+                                             **header_kw)]
+            self._submit(self._peers[dst], out)
+            if out.error is not None:
+                self.direct.forget(out)
+            return out
         header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, **header_kw)
         out = Outgoing(dst, wire.frames(header, payload, nbytes), nbytes, desc, keep)
         self._submit(self._peers[dst], out)
@@ -138,7 +149,7 @@ class Transport:
         """Hand frames to ZeroMQ; caller holds ``peer.lock``, ``out`` is admitted."""
         frames, out.frames = out.frames or [], None
         try:
-            if out.nbytes < COPY_BELOW:
+            if out.nbytes < COPY_BELOW or out.tracker is not None:  # small, or direct
                 send = peer.sock.send
                 last = len(frames) - 1
                 for i in range(last):
@@ -207,7 +218,9 @@ class Transport:
     def _await_release(self, item: Outgoing, deadline: float, limit: float) -> None:
         """Wait until ZeroMQ has let go of a zero-copy send's frames. Frames
         bound for a peer that is gone are never released: fail then, and keep
-        the buffer alive for as long as ZeroMQ may hold it (until close)."""
+        the buffer alive for as long as ZeroMQ may hold it (until close).
+        A direct send (mesh.direct) waits instead for the peer's answer
+        that it has read the buffer, reading the socket in this thread."""
         peer = self._peers[item.dst]
         tracker = item.tracker
         assert tracker is not None
@@ -219,11 +232,16 @@ class Transport:
             if now >= warn_at:
                 self.live.stalled_on(item, now - start, limit)
                 warn_at = now + self.stall_warn
-            try:
-                tracker.wait(max(0.0, min(left, 0.1)))
-                return
-            except zmq.NotDone:
-                pass
+            if isinstance(tracker, Ack):    # read by the peer: its answer, read here
+                step = max(0.0, min(left, 0.1))
+                if self._drive(item, now + step, step, tracker.flag):
+                    return
+            else:
+                try:
+                    tracker.wait(max(0.0, min(left, 0.1)))
+                    return
+                except zmq.NotDone:
+                    pass
             if peer.state != ALIVE:
                 self._orphans.append(item.keep)
                 raise self.inbox.gone(peer, item.desc)
@@ -286,6 +304,7 @@ class Transport:
                 _log.exception("rank %d: a close hook failed", self.rank)
         self.on_close.clear()
         self.keep_alive.clear()
+        self.direct.close()
         self.progress.stop()
         for p in self._peers:
             if p.sock is not None:

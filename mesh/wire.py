@@ -19,7 +19,12 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  none: a clean close), p the lost peer an abort names, or the
                  failing rank whose goodbye a heartbeat answers (-1: none),
                  v flags of the array's origin (returned as such): 1 a device
-                 array, 2 a torch tensor, 4 a bfloat16 one (sent as uint16)
+                 array, 2 a torch tensor, 4 a bfloat16 one (sent as uint16),
+                 x same-host direct path (mesh.direct), a list of integers:
+                 on DATA [address, id] (no payload frames: the receiver reads
+                 the bytes from the sender's memory and answers DONE [id]);
+                 on PROBE [pid, address, token 0, token 1] (may you read me?)
+                 or [1 or 0] (the answer)
 """
 from __future__ import annotations
 
@@ -32,12 +37,13 @@ import numpy as np
 from .errors import AbortKind, BadMessageError
 from .tensors import BFLOAT16
 
-__all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "FRAME_BYTES",
+__all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "PROBE", "DONE", "FRAME_BYTES",
            "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
            "split_inline", "array_frames", "dtype_ok"]
 
-DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE = 0, 1, 2, 3, 4, 5
-_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE)
+DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE = 0, 1, 2, 3, 4, 5, 6, 7
+_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE)
+_MAX_DIRECT = 4
 FRAME_BYTES = 1 << 20
 MAX_HEADER = 16 * 1024
 INLINE_MAX = 8 * 1024
@@ -64,6 +70,7 @@ class Header(NamedTuple):
     peer: int = -1
     dt: Any = None          # np.dtype of ``dtype``, resolved once
     abort: AbortKind = AbortKind.OTHER
+    direct: tuple[int, ...] = ()  # the x field
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -90,8 +97,10 @@ def _dtype(name: str) -> np.dtype:
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
            credit: int = 0, reason: str = "", device: int = 0, peer: int = -1,
-           abort: AbortKind = AbortKind.OTHER) -> bytes:
+           abort: AbortKind = AbortKind.OTHER, direct: tuple[int, ...] = ()) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
+    if direct:
+        h["x"] = list(direct)
     if kind in (DATA, OBJ, ABORT):
         h["g"] = group
         h["t"] = tag
@@ -148,6 +157,11 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     if kind not in _KINDS:
         raise BadMessageError(f"unknown message kind {kind}")
     src = _int(h, "s", 0, world_size - 1)
+    direct = _direct(h) if "x" in h else ()
+    if kind in (PROBE, DONE):
+        if len(direct) != (1 if kind == DONE else 4) and (kind == DONE or len(direct) != 1):
+            raise BadMessageError(f"message kind {kind} with direct-path field {direct!r}")
+        return Header(kind, src, direct=direct)
     if kind == CREDIT:
         return Header(kind, src, credit=_int(h, "c", 0))
     if kind in (HEARTBEAT, BYE):
@@ -178,8 +192,19 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     if math.prod(shape) * dt.itemsize != nbytes:
         raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
                               f"and shape {tuple(shape)}")
+    if direct and len(direct) != 2:
+        raise BadMessageError(f"array header with direct-path field {list(direct)!r}")
     return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"),
-                  device=origin, dt=dt)
+                  device=origin, dt=dt, direct=direct)
+
+
+def _direct(h: dict) -> tuple[int, ...]:
+    x = h["x"]
+    if (not isinstance(x, list) or not 0 < len(x) <= _MAX_DIRECT
+            or not all(type(v) is int and 0 <= v < 1 << 63 for v in x)):
+        raise BadMessageError(f"header field 'x' is {x!r}, not a list of up to {_MAX_DIRECT} "
+                              f"non-negative integers")
+    return tuple(x)
 
 
 def inline(header: bytes, *payload: Any) -> bytes:

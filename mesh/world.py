@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, env, rdvfile, torchelastic
+from . import auth, env, limits, rdvfile, torchelastic
 from .comm import Comm
 from .errors import RendezvousError
 from .rendezvous import RendezvousServer, join
@@ -172,7 +172,8 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     rdv_timeout = rendezvous_timeout if rendezvous_timeout is not None else \
         config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0)
     curve = auth.curve_wanted()
-    ctx = zmq.Context()
+    limits.open_files(limits.rank_fds(spec.size), f"rank {spec.rank} of a world of {spec.size}")
+    ctx = limits.context(spec.size)
     authenticator = auth.Authenticator(ctx, spec.secret, curve)
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.RCVHWM, 0)

@@ -14,9 +14,10 @@ from backends import Cell, backend
 
 PATHS = {
     # every byte through ZeroMQ sockets, rings cut into many small segments
-    "sockets": {"MESH_CMA": "0", "MESH_CUDA_IPC": "0", "MESH_COLL_SEGMENT": "256",
-                "MESH_COLL_WINDOW": "2"},
-    # the defaults: the same-host board, cross-memory attach, CUDA IPC
+    "sockets": {"MESH_CMA": "0", "MESH_SHM": "0", "MESH_CUDA_IPC": "0",
+                "MESH_COLL_SEGMENT": "256", "MESH_COLL_WINDOW": "2"},
+    # the defaults: the same-host board, cross-memory attach (collectives and
+    # point-to-point), CUDA IPC
     "same-host": {},
 }
 

@@ -186,6 +186,22 @@ def test_choose_by_size_call_and_env() -> None:
         choose("all_reduce", 8, t, forced="tree")
 
 
+
+def test_tuning_follows_the_environment_as_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every call reads the knobs (from os.environ's own dict, cheaply): a
+    change made in the process applies to the next collective."""
+    for k in ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO"):
+        monkeypatch.delenv(k, raising=False)
+    assert Tuning.from_env() == Tuning()
+    monkeypatch.setenv("MESH_COLL_WINDOW", "3")
+    monkeypatch.setenv("MESH_COLL_ALGO", "ring")
+    assert Tuning.from_env() == Tuning(window=3, forced=(("*", "ring"),))
+    monkeypatch.setenv("MESH_COLL_WINDOW", "5")
+    assert Tuning.from_env().window == 5
+    monkeypatch.delenv("MESH_COLL_WINDOW")
+    monkeypatch.delenv("MESH_COLL_ALGO")
+    assert Tuning.from_env() == Tuning()
+
 # ---- benchmark arithmetic ----------------------------------------------------------------
 
 def test_bench_arithmetic() -> None:

@@ -399,6 +399,57 @@ def test_ddp_with_ranks_sharing_one_gpu() -> None:
         assert diff < 1e-5
 
 
+def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: Any) -> None:
+    """In this process, one rank: the backend hands the caller's tensor
+    itself to collectives.* (their torch support, no conversion of its own),
+    and a synchronous call returns a finished Work without making a torch
+    Future (an asynchronous one still completes its future)."""
+    import socket
+
+    import collectives.torchdist  # noqa: F401
+    from collectives import api, torchpg
+    seen: list[Any] = []
+    views: list[Any] = []
+    made: list[int] = []
+
+    def spy(g: Any, a: Any, **kw: Any) -> Any:
+        # collectives.tensors calls back with its numpy view: the tensor's memory, no copy
+        (seen if isinstance(a, torch.Tensor) else views).append(a)
+        return real(g, a, **kw)
+
+    class Counted(torch.futures.Future):
+        def __init__(self) -> None:
+            made.append(1)
+            super().__init__()
+    real = api.all_reduce
+    monkeypatch.setattr(api, "all_reduce", spy)
+    monkeypatch.setattr(torchpg, "Future", Counted)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("meshrun", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        t = torch.full((3,), 2.0)
+        dist.all_reduce(t, op=R.AVG)
+        assert len(seen) == 1 and seen[0] is t and made == []
+        assert views[0].__array_interface__["data"][0] == t.data_ptr()
+        opts = dist.AllreduceOptions()
+        opts.asyncOp = False
+        w = dist.group.WORLD.allreduce([t], opts)
+        assert w.wait() and w.is_completed() and w.is_success() and w.exception() is None
+        assert w.result()[0] is t and w.get_future().value()[0] is t
+        w = dist.all_reduce(t, async_op=True)
+        w.wait()
+        assert w.get_future().wait()[0] is t and t.tolist() == [2.0] * 3
+        seen.clear()
+        u = torch.ones(2, dtype=torch.bfloat16)
+        dist.all_reduce(u)
+        assert seen[0] is u and u.tolist() == [1.0, 1.0]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_register_is_idempotent_and_autoload_never_raises(monkeypatch: Any) -> None:
     import collectives.torchdist as td
     td.register()

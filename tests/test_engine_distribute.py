@@ -105,6 +105,23 @@ def test_uneven_layers_balanced_by_time_beat_uniform():
     assert by_time.makespan < uniform.makespan
 
 
+
+def test_the_executors_costs_enter_the_prediction():
+    """engine.calibrate's figures: a per-action cost and a message time,
+    the latter found back from a dry step's length by bisection."""
+    from engine.calibrate import _message_time
+    rows, p = 16, 2
+    (sched,) = choose.builtin(["1f1b"], p, [4])
+    prof = _profile(rows, [4], [1, 1, 1, 1])
+    bare, = choose.candidates(prof, [1] * 4, rows, [sched])
+    paid, = choose.candidates(prof, [1] * 4, rows, [sched], overhead=0.5, send=0.25)
+    assert paid.costs["send"] == [0.25, 0.25] and paid.costs["F"][0] == bare.costs["F"][0] + 0.5
+    assert paid.makespan > bare.makespan
+    span = sched.simulate({k: 1.0 for k in "FBIW"} | {"send": 0.3}).makespan
+    assert _message_time(sched, 1.0, span) == pytest.approx(0.3)
+    assert _message_time(sched, 1.0, 0.5 * span) == 0.0
+
+
 # ---- distribute on numpy layers: dp=2 x pp=2
 
 

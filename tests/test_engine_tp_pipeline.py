@@ -198,3 +198,59 @@ def test_torch_dp2_pp2_tp2_trains_like_one_process():
     pytest.importorskip("torch")
     runs = [("SEQUENCE", "1f1b")]
     _check_torch(mesh.spawn(_torch_worker, 8, 2, runs, timeout=480, env=PATIENT), runs)
+
+
+class _Boom(Exception):
+    pass
+
+
+class _FailOnce:
+    """A stage whose second forward raises (the one tp rank that fails)."""
+
+    def __init__(self, stage):
+        self.stage, self.calls = stage, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise _Boom("stage failed on purpose")
+        return self.stage.forward(x)
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+
+def _tp_failure_worker(world):
+    """pp=1 x tp=2, the whole model one stage: tp rank 1 fails in step 0
+    before the collectives of its second micro-batch, where tp rank 0 waits."""
+    grid = mesh.grid(world, pp=1, tp=2)
+    stage = Sequential(*[layer for st in _np_model() for layer in st.layers])
+    first, second = NP_PLANS["plain"]
+    parallelize(stage, grid.group("tp"), {**first, **{str(int(k) + 6): v
+                                                      for k, v in second.items()}})
+    sched = schedules.by_name("1f1b", 1, M)
+    pipe = Pipeline(grid, _FailOnce(stage) if world.rank == 1 else stage, sched,
+                    loss_fn=mse_loss, timeout=60)
+    error = None
+    try:
+        pipe.step(*_np_data(0))
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    for g in stage.grads():
+        g[...] = 0
+    for step in range(STEPS):          # the tp collectives still line up
+        pipe.step(*_np_data(step))
+        sgd([stage], LR)
+    return error, [p.tolist() for p in full_params(stage)]
+
+
+def test_tp_peer_of_a_failed_stage_raises_and_the_pipeline_recovers():
+    # a short collective timeout: without the tp abort, rank 0 would time out
+    results = mesh.spawn(_tp_failure_worker, 2, timeout=60, env={"MESH_TIMEOUT": "20"})
+    assert results[1][0].startswith("_Boom"), results[1][0]
+    error = results[0][0]
+    assert error is not None and "aborted" in error, error
+    assert "step 0 failed on pp rank 0 (tp rank 1)" in error, error
+    for _, params in results:
+        for a, b in zip([np.array(p) for p in params], _np_reference(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)

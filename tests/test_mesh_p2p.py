@@ -536,6 +536,17 @@ def _tensors(world: mesh.Mesh) -> str:
     return "ok"
 
 
+def test_dtype_names_keep_bfloat16_apart_from_its_bits() -> None:
+    """dtype_name caches plain dtypes' names; bfloat16's bits (uint16 with
+    metadata) compare equal to uint16 and must not take or give its name."""
+    from mesh.tensors import BFLOAT16, BFLOAT16_WIDE, dtype_name
+    for _ in range(2):
+        assert [dtype_name(d) for d in (np.dtype(np.uint16), BFLOAT16, np.dtype(np.float32),
+                                        BFLOAT16_WIDE)] == ["uint16", "bfloat16", "float32",
+                                                            "bfloat16"]
+    assert dtype_name(BFLOAT16) == "bfloat16" and dtype_name(np.dtype(">f8")) == ">f8"
+
+
 def test_torch_tensors_point_to_point() -> None:
     pytest.importorskip("torch")
     assert mesh.spawn(_tensors, 2, timeout=90) == ["ok", "ok"]

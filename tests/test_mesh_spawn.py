@@ -108,3 +108,55 @@ def test_function_under_the_main_guard_is_named_in_the_error(tmp_path: Path) -> 
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=75)
     assert "not under `if __name__ == '__main__':`" in r.stdout, r.stdout + r.stderr
+
+
+_ORPHAN = textwrap.dedent("""\
+    import os, sys, time
+    import mesh
+
+    def fn(world, path):
+        with open(f"{path}.{world.rank}", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)
+
+    if __name__ == "__main__":
+        mesh.spawn(fn, 2, sys.argv[1], timeout=80)
+    """)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_ranks_die_with_the_process_that_spawned_them(tmp_path: Path, sig: str) -> None:
+    import signal
+    import time
+    script = tmp_path / "orphans.py"
+    script.write_text(_ORPHAN)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pid")], env=env,
+                              cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        files = [tmp_path / f"pid.{r}" for r in (0, 1)]
+        while not all(f.exists() and f.read_text() for f in files):
+            assert parent.poll() is None and time.monotonic() < deadline, "ranks never started"
+            time.sleep(0.05)
+        pids = [int(f.read_text()) for f in files]
+        parent.send_signal(getattr(signal, sig))
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in pids if _alive(p)]
+            time.sleep(0.05)
+        assert not alive, f"ranks {alive} outlived the process that spawned them ({sig})"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False

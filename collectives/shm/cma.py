@@ -12,18 +12,16 @@ agreeing; MESH_CMA=0 turns it off. Otherwise the socket algorithms run.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import secrets
 import sys
 import threading
 import weakref
-from typing import Any
 
 import numpy as np
 
 from mesh import Comm, LostPeerError, MeshError
+from mesh.cma import Reader, allow_peers, read, token
 from mesh.env import host_id
 
 from ..host.exchange import all_gather_object_direct
@@ -31,63 +29,9 @@ from ..runner import Ctx, caught
 
 __all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "pids"]
 
-
-class _IoVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-_libc: Any = None
-_PR_SET_PTRACER, _PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1)
 _LEFT_WAIT_S = 2.0
-_token = np.zeros(2, np.uint64)
-_token_pid = 0
 _groups: "weakref.WeakKeyDictionary[Comm, list[int] | None]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-
-
-def _syscall() -> Any:
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.process_vm_readv
-        fn.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
-                       ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
-        fn.restype = ctypes.c_ssize_t
-        _libc = fn
-    return _libc
-
-
-def read(pid: int, addr: int, dst: np.ndarray) -> None:
-    """Copy ``dst.nbytes`` bytes at ``addr`` in process ``pid`` into ``dst``."""
-    fn = _syscall()
-    base, total, done = dst.ctypes.data, dst.nbytes, 0
-    while done < total:
-        local = _IoVec(base + done, total - done)
-        remote = _IoVec(addr + done, total - done)
-        got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got <= 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
-        done += got
-
-
-class Reader:
-    """One fixed read, set up once and repeated (a board poll): the same
-    remote range of ``pid`` into the same local array."""
-
-    def __init__(self, pid: int, addr: int, dst: np.ndarray) -> None:
-        self.fn = _syscall()
-        self.pid, self.size = pid, dst.nbytes
-        self._local = _IoVec(dst.ctypes.data, dst.nbytes)
-        self._remote = _IoVec(addr, dst.nbytes)
-        self.local, self.remote = ctypes.byref(self._local), ctypes.byref(self._remote)
-
-    def __call__(self) -> int:
-        """0 when the read went through, else the errno."""
-        got = self.fn(self.pid, self.local, 1, self.remote, 1, 0)
-        if got == self.size:
-            return 0
-        return ctypes.get_errno() if got < 0 else errno.EFAULT
 
 
 def failed_read(ctx: Ctx, peer: int, err: int, what: str) -> MeshError:
@@ -120,29 +64,11 @@ def peer_read(ctx: Ctx, peer: int, addr: int, dst: np.ndarray) -> None:
         raise failed_read(ctx, peer, e.errno or errno.EFAULT, "the memory") from None
 
 
-def _my_token() -> np.ndarray:
-    global _token_pid
-    if _token_pid != os.getpid():
-        _token[:] = [os.getpid(), secrets.randbits(64)]
-        _token_pid = os.getpid()
-    return _token
-
-
-def _allow_peers() -> None:
-    """Under Yama's ptrace_scope 1 (Ubuntu's default) only an ancestor may
-    read a process's memory; let any process of this user do it, as plain
-    Linux does (Open MPI's shared-memory transport does the same)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _probe(ctx: Ctx) -> list[int] | None:
     willing = sys.platform == "linux" and os.environ.get("MESH_CMA", "1") != "0"
     if willing:
-        _allow_peers()
-    tok = _my_token()
+        allow_peers()
+    tok = token()
     me = {"host": host_id(), "pid": os.getpid(), "addr": tok.ctypes.data,
           "token": [int(t) for t in tok], "on": willing}
     everyone = all_gather_object_direct(ctx, me)

@@ -12,6 +12,7 @@ import textwrap
 import threading
 from typing import Any, Sequence
 
+from ..limits import open_files
 from .records import WorkerSpec, error_file, log_tracebacks, read_records
 from .report import exit_code, format_report
 from .supervise import Job
@@ -147,6 +148,7 @@ def _close_bounded(srv: Any, seconds: float = 5.0) -> None:
 def launch(a: argparse.Namespace) -> int:
     """Run one host's share of the job; returns meshrun's exit code."""
     secret = os.environ.get("MESH_SECRET") or secrets.token_hex(16)
+    open_files(5 * a.nproc + 256, f"meshrun -n {a.nproc}")  # pipes, logs, connections
     if a.log_dir:
         os.makedirs(a.log_dir, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix="meshrun-")

@@ -1,0 +1,206 @@
+"""The cost of each collective algorithm meshrun runs, as counts of four
+unit costs along one rank's critical path::
+
+    T = (a0 + msgs * alpha + moved * beta + reduced * gamma) / share(n)
+
+    a0      fixed cost of one call (Python entry, fingerprint, first sync)
+    alpha   one message (socket path) or one peer poll / read (board path)
+    beta    one byte moved (a socket hop, or a process_vm_readv copy)
+    gamma   one byte reduced (numpy's combine)
+    share   min(1, cores / n): the compute share of one rank when n ranks
+            share the host's cores; every term here is CPU work on one host
+            (the socket hops are loopback copies and wake-ups), so all scale
+
+Which algorithm runs is meshrun's own rule (collectives.plan.choose,
+collectives.shm.board.CAPACITY), so the model follows its size switches.
+Pure arithmetic: no process, no buffer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+
+from ..plan import Tuning, choose, segment_count
+
+__all__ = ["PATHS", "OPS", "BOARD_CAPACITY", "Terms", "Params", "share", "algorithm", "terms",
+           "predict", "row_share", "fit_params", "rel_errors", "nnls"]
+
+PATHS = ("board", "socket")
+OPS = ("all_reduce", "broadcast", "all_gather", "reduce", "reduce_scatter")
+BOARD_CAPACITY = 64 << 10
+"""collectives.shm.board.CAPACITY (not imported, to keep this module light;
+tests/test_collectives_model.py checks they agree)."""
+
+
+class Terms(NamedTuple):
+    """Counts of each unit cost on one rank's critical path."""
+    calls: float
+    msgs: float
+    moved: float
+    reduced: float
+
+
+@dataclass(frozen=True)
+class Params:
+    """One path's unit costs, in seconds and seconds per byte."""
+    a0: float
+    alpha: float
+    beta: float
+    gamma: float
+
+    def time(self, t: Terms, share: float = 1.0) -> float:
+        return (t.calls * self.a0 + t.msgs * self.alpha + t.moved * self.beta
+                + t.reduced * self.gamma) / share
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def share(n: int, cores: float) -> float:
+    """The compute share of one of ``n`` ranks on ``cores`` cores."""
+    return min(1.0, cores / n)
+
+
+def algorithm(path: str, op: str, nbytes: int, tuning: Tuning = Tuning()) -> str:
+    """The algorithm meshrun runs for ``op`` on ``nbytes`` (the nccl-tests
+    size: the all_gather output, the reduce_scatter input) on ``path``."""
+    if path == "board":
+        if op == "all_reduce":
+            if choose("all_reduce", nbytes, tuning) == "rd":
+                return "board_small" if nbytes <= BOARD_CAPACITY else "rd"
+            return "board_large"
+        if op in ("broadcast", "reduce"):
+            small = nbytes <= min(tuning.small, BOARD_CAPACITY)
+            return "board_small" if small else "board_large"
+        return "board_large" if op == "reduce_scatter" else "board"
+    if path != "socket":
+        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+    if op in ("all_reduce", "broadcast", "reduce"):
+        return choose(op, nbytes, tuning)
+    return "ring"
+
+
+def _log2(n: int) -> int:
+    return max(0, (n - 1).bit_length())
+
+
+def _board(op: str, alg: str, n: int, m: float, nseg: int) -> Terms:
+    p = n - 1
+    if op == "all_reduce":
+        if alg == "board_small":
+            return Terms(1, p, n * m, p * m)
+        return Terms(1, p * (4 + nseg), 2 * p / n * m, p / n * m)
+    if op == "broadcast":
+        return Terms(1, p, 2 * m, 0) if alg == "board_small" else Terms(1, p + 1, m, 0)
+    if op == "all_gather":
+        return Terms(1, p if m / n <= BOARD_CAPACITY else 2 * p, m, 0)
+    if op == "reduce":
+        if alg == "board_small":
+            return Terms(1, p, n * m, p * m)
+        return Terms(1, p * (3 + nseg), 2 * p / n * m, p / n * m)
+    if op == "reduce_scatter":
+        return Terms(1, p * (2 + nseg), p / n * m, p / n * m)
+    raise ValueError(f"no board model for {op}")
+
+
+def _socket(op: str, alg: str, n: int, m: float, seg: int) -> Terms:
+    if op == "all_reduce" and alg == "rd":
+        pow2 = 1 << (n.bit_length() - 1)
+        k, extra = pow2.bit_length() - 1, int(n != pow2)
+        return Terms(1, k + 2 * extra, (k + 2 * extra) * m, (k + extra) * m)
+    nseg = segment_count(math.ceil(m / n), 1, seg)
+    if op == "all_reduce":
+        return Terms(1, 2 * (n - 1) * nseg, 2 * (n - 1) / n * m, (n - 1) / n * m)
+    if op in ("all_gather", "reduce_scatter"):
+        red = (n - 1) / n * m if op == "reduce_scatter" else 0
+        return Terms(1, (n - 1) * nseg, (n - 1) / n * m, red)
+    if op in ("broadcast", "reduce"):
+        red = 1.0 if op == "reduce" else 0.0
+        if alg == "tree":
+            d = _log2(n)
+            return Terms(1, d, d * m, red * d * m)
+        k = segment_count(int(m), 1, seg)
+        return Terms(1, n - 2 + k, (n - 2 + k) * m / k, red * (n - 2 + k) * m / k)
+    raise ValueError(f"no socket model for {op}")
+
+
+def terms(path: str, op: str, n: int, nbytes: int, tuning: Tuning = Tuning()) -> Terms:
+    """The unit-cost counts of ``op`` on ``n`` ranks and ``nbytes`` on ``path``."""
+    if n < 2:
+        return Terms(1, 0, 0, 0)
+    alg = algorithm(path, op, nbytes, tuning)
+    if path == "board" and alg != "rd":
+        nseg = segment_count(math.ceil(nbytes / n), 1, tuning.segment)
+        return _board(op, alg, n, float(nbytes), nseg)
+    return _socket(op, alg, n, float(nbytes), tuning.segment)
+
+
+def predict(params: Params, cores: float, path: str, op: str, n: int, nbytes: int,
+            tuning: Tuning = Tuning()) -> float:
+    """Predicted seconds per call of ``op`` on ``n`` ranks of one host."""
+    return params.time(terms(path, op, n, nbytes, tuning), share(n, cores))
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: solve, drop the most
+    negative column, solve again (enough for four well-scaled columns)."""
+    keep = list(range(a.shape[1]))
+    x = np.zeros(a.shape[1])
+    while keep:
+        sol, *_ = np.linalg.lstsq(a[:, keep], b, rcond=None)
+        if (sol >= 0).all():
+            x[keep] = sol
+            return x
+        del keep[int(np.argmin(sol))]
+    return x
+
+
+def row_share(row: dict, cores: float) -> float:
+    """A measured row's compute share: as measured (``"share"``,
+    collectives.tools.sweep), else min(1, cores / n)."""
+    got = row.get("share")
+    return float(got) if got else share(row["n"], cores)
+
+
+def fit_params(rows: Iterable[dict], cores: float, tuning: Tuning = Tuning()) -> Params:
+    """Unit costs fitted to measured rows (``{"path", "op", "n", "bytes",
+    "t"}`` and maybe ``"share"``, one path): least absolute relative error
+    (iteratively reweighted non-negative least squares), so small and large
+    sizes weigh alike and a row hit by another job pulls less than it would
+    on its square."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no measurements to fit")
+    paths = {r["path"] for r in rows}
+    if len(paths) != 1:
+        raise ValueError(f"fit one path at a time, got {sorted(paths)}")
+    path = paths.pop()
+    a = np.array([np.array(terms(path, r["op"], r["n"], r["bytes"], tuning))
+                  / row_share(r, cores) / r["t"] for r in rows])
+    scale = a.max(axis=0)
+    scale[scale == 0] = 1.0
+    a /= scale
+    ones = np.ones(len(rows))
+    w = ones
+    for _ in range(_IRLS_ROUNDS):
+        x = nnls(a * w[:, None], w)
+        w = 1 / np.sqrt(np.maximum(np.abs(a @ x - ones), _IRLS_FLOOR))
+    return Params(*(float(v) for v in x / scale))
+
+
+_IRLS_ROUNDS = 30
+_IRLS_FLOOR = 0.01
+
+
+def rel_errors(params: Params, cores: float, rows: Sequence[dict],
+               measured_share: bool = True) -> list[float]:
+    """(predicted - measured) / measured for each row, predicted with the
+    row's measured share (or with min(1, cores / n))."""
+    out = []
+    for r in rows:
+        sh = row_share(r, cores) if measured_share else share(r["n"], cores)
+        out.append(params.time(terms(r["path"], r["op"], r["n"], r["bytes"]), sh) / r["t"] - 1)
+    return out

@@ -1,0 +1,62 @@
+"""The process limits a world needs as it grows.
+
+Every rank holds about five file descriptors per peer (its DEALER's
+connection and ZeroMQ's mailboxes for the DEALER and its monitor, and the
+peer's connection into our ROUTER), and three ZeroMQ sockets per peer (the
+DEALER, its monitor and the monitor's own end). Common defaults run out
+early: a soft limit of 256 open files (macOS) stops a world near 45 ranks,
+1024 (most Linux logins) near 190, and libzmq's 1023 sockets per context near
+340. A rank, and the parent that starts the ranks, raise what they need at
+start, within the hard limit, as MPI launchers do.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+__all__ = ["FDS_PER_PEER", "rank_fds", "open_files", "context"]
+
+_log = logging.getLogger("mesh.transport")
+FDS_PER_PEER = 6    # five measured, and one to spare
+_BASE_FDS = 256     # the interpreter, the libraries, the user's own files
+_SOCKETS_PER_PEER = 3
+_BASE_SOCKETS = 64
+
+
+def rank_fds(size: int) -> int:
+    """Open files one rank of a world of ``size`` needs."""
+    return FDS_PER_PEER * size + _BASE_FDS
+
+
+def open_files(need: int, who: str) -> int:
+    """Raise this process's soft limit on open files to ``need`` when it is
+    lower, up to the hard limit; return the limit now. When even the hard
+    limit is lower, log a warning naming ``who`` (ZeroMQ would fail later)."""
+    try:
+        import resource
+    except ImportError:     # not POSIX: nothing to raise
+        return need
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft if soft != resource.RLIM_INFINITY else need
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        new = soft
+    if new < need:
+        _log.warning("%s needs about %d open files, but the limit is %d (ulimit -n; hard "
+                     "limit %d): connections may fail; raise the hard limit", who, need, new,
+                     hard)
+    return new
+
+
+def context(size: int) -> Any:
+    """A ZeroMQ context with room for the sockets of a world of ``size``
+    (libzmq fixes its socket table when the first socket is made)."""
+    import zmq
+    ctx = zmq.Context()
+    want = _SOCKETS_PER_PEER * size + _BASE_SOCKETS
+    if ctx.get(zmq.MAX_SOCKETS) < want:
+        ctx.set(zmq.MAX_SOCKETS, want)
+    return ctx

@@ -1,0 +1,190 @@
+"""The cost model's arithmetic (collectives.model): which algorithm it
+charges, the unit-cost counts, the fit, the extrapolation. No process, no
+timing."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from collectives.model import (Cluster, Params, Terms, algorithm, at_scale, best, fit_params,
+                               load, parse_link, predict, rel_errors, save, share, terms)
+from collectives.model.__main__ import main
+from collectives.model.costs import BOARD_CAPACITY, nnls
+from collectives.model.store import Fit
+from collectives.plan import Tuning
+
+MIB = 1 << 20
+BOARD = Params(a0=50e-6, alpha=3e-6, beta=0.2e-9, gamma=0.1e-9)
+SOCK = Params(a0=100e-6, alpha=40e-6, beta=0.5e-9, gamma=0.3e-9)
+
+
+def test_board_capacity_is_the_boards():
+    from collectives.shm.board import CAPACITY
+    assert BOARD_CAPACITY == CAPACITY
+
+
+def test_algorithm_follows_meshruns_size_switches():
+    small = Tuning().small
+    assert algorithm("board", "all_reduce", 8) == "board_small"
+    assert algorithm("board", "all_reduce", small - 4) == "board_small"
+    assert algorithm("board", "all_reduce", small) == "board_large"
+    assert algorithm("board", "broadcast", small) == "board_small"     # <= on the board
+    assert algorithm("board", "broadcast", small + 4) == "board_large"
+    assert algorithm("socket", "all_reduce", small - 4) == "rd"
+    assert algorithm("socket", "all_reduce", small) == "ring"
+    assert algorithm("socket", "broadcast", 8) == "tree"
+    assert algorithm("socket", "broadcast", small) == "chain"
+    assert algorithm("socket", "all_gather", 8) == "ring"
+    assert algorithm("board", "all_reduce", 8, Tuning(small=1 << 20)) == "board_small"
+    assert algorithm("board", "all_reduce", 128 << 10, Tuning(small=1 << 20)) == "rd"
+    with pytest.raises(ValueError):
+        algorithm("pigeon", "all_reduce", 8)
+
+
+def test_socket_counts():
+    m = 4 * MIB
+    # ring: 2(n-1) steps of one 1 MiB segment each; (n-1)/n of the buffer reduced
+    assert terms("socket", "all_reduce", 4, m) == Terms(1, 6, 1.5 * m, 0.75 * m)
+    # 16 MiB on 4 ranks: 4 MiB chunks, 4 segments a step
+    assert terms("socket", "all_reduce", 4, 16 * MIB).msgs == 24
+    # recursive doubling: log2 n rounds; n = 3 folds one rank in and back out
+    assert terms("socket", "all_reduce", 4, 8) == Terms(1, 2, 16, 16)
+    assert terms("socket", "all_reduce", 3, 8) == Terms(1, 3, 24, 16)
+    # binomial tree: ceil(log2 n) hops; chain: n-2 hops to fill, then one per segment
+    assert terms("socket", "broadcast", 5, 8) == Terms(1, 3, 24, 0)
+    assert terms("socket", "broadcast", 4, 8 * MIB) == Terms(1, 10, 10 * MIB, 0)
+    assert terms("socket", "all_gather", 4, m) == Terms(1, 3, 0.75 * m, 0)
+    assert terms("socket", "all_reduce", 1, m) == Terms(1, 0, 0, 0)
+
+
+def test_board_counts():
+    m = 2 * MIB
+    assert terms("board", "all_reduce", 4, 8) == Terms(1, 3, 32, 24)
+    big = terms("board", "all_reduce", 4, m)
+    assert (big.moved, big.reduced) == (1.5 * m, 0.75 * m)
+    assert terms("board", "broadcast", 4, m).moved == m
+    assert terms("board", "all_gather", 4, m).moved == m
+
+
+def test_share_and_prediction_scale_with_oversubscription():
+    assert share(1, 2) == share(2, 2) == 1.0
+    assert share(8, 2) == 0.25
+    t2 = predict(BOARD, 2, "board", "all_gather", 2, MIB)
+    assert predict(BOARD, 2, "board", "all_gather", 2, MIB) == pytest.approx(
+        BOARD.time(terms("board", "all_gather", 2, MIB)))
+    t8 = predict(BOARD, 2, "board", "all_gather", 8, MIB)
+    assert t8 == pytest.approx(4 * BOARD.time(terms("board", "all_gather", 8, MIB)))
+    assert t8 > t2
+
+
+def _rows(params: Params, path: str, cores: int, shared: bool) -> list[dict]:
+    rows = []
+    for op in ("all_reduce", "broadcast", "all_gather"):
+        for n in (2, 3, 4, 8, 16):
+            for size in (8, 1024, 16 << 10, 256 << 10, 2 * MIB, 16 * MIB):
+                sh = 0.8 * share(n, cores) if shared else share(n, cores)
+                t = params.time(terms(path, op, n, size), sh)
+                row = {"path": path, "op": op, "n": n, "bytes": size, "t": t}
+                if shared:
+                    row["share"] = sh
+                rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("path,params", [("board", BOARD), ("socket", SOCK)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fit_recovers_the_unit_costs(path, params, shared):
+    rows = _rows(params, path, 2, shared)
+    got = fit_params(rows, 2)
+    for k, v in params.as_dict().items():
+        assert getattr(got, k) == pytest.approx(v, rel=1e-6), k
+    assert max(map(abs, rel_errors(got, 2, rows))) < 1e-6
+
+
+def test_fit_rejects_mixed_paths_and_nothing():
+    rows = _rows(BOARD, "board", 2, False) + _rows(SOCK, "socket", 2, False)
+    with pytest.raises(ValueError, match="one path"):
+        fit_params(rows, 2)
+    with pytest.raises(ValueError):
+        fit_params([], 2)
+
+
+def test_nnls_keeps_coefficients_non_negative():
+    a = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    b = np.array([3.0, 2.0, 1.0])            # unconstrained: slope -1
+    x = nnls(a, b)
+    assert (x >= 0).all() and x[1] == 0 and x[0] == pytest.approx(2.0)
+
+
+def test_flat_ring_at_scale_is_the_closed_form():
+    c = Cluster(hosts=128, per_host=8, link_bps=10e9, wire=10e-6)
+    n, m = c.ranks, float(1 << 30)
+    chunk = m / n                                  # 1 MiB: one segment a step
+    step = SOCK.alpha + c.wire + chunk * max(SOCK.beta, 8 / c.link_bps)
+    want = SOCK.a0 + 2 * (n - 1) * step + (n - 1) / n * m * SOCK.gamma
+    assert at_scale("all_reduce", BOARD, SOCK, c, 1 << 30)["ring"] == pytest.approx(want)
+
+
+def test_recursive_doubling_shares_the_nic_across_hosts():
+    c = Cluster(hosts=128, per_host=8, link_bps=10e9, wire=0.0)
+    m = 1 << 20
+    rd = at_scale("all_reduce", BOARD, SOCK, c, m)["rd"]
+    intra = 3 * (SOCK.alpha + m * SOCK.beta)
+    inter = 7 * (SOCK.alpha + m * 8 * 8 / c.link_bps)    # 8 ranks on one 10 Gb/s link
+    assert rd == pytest.approx(SOCK.a0 + intra + inter + 10 * m * SOCK.gamma)
+
+
+def test_one_host_hierarchy_is_the_board():
+    c = Cluster(hosts=1, per_host=8, link_bps=10e9)
+    t = at_scale("all_reduce", BOARD, SOCK, c, MIB)["hier"]
+    want = (BOARD.time(terms("board", "reduce", 8, MIB))
+            + BOARD.time(terms("board", "broadcast", 8, MIB)))
+    assert t == pytest.approx(want)
+
+
+def test_crossovers_latency_then_bandwidth():
+    c = Cluster(hosts=128, per_host=8, link_bps=10e9)
+    small = at_scale("all_reduce", BOARD, SOCK, c, 8)
+    large = at_scale("all_reduce", BOARD, SOCK, c, 1 << 30)
+    assert small["ring"] > 10 * min(small.values())         # 2046 latencies
+    assert best(large) in ("ring", "hier", "hier_rs")
+    assert large["rd"] > large["ring"]
+    for op in ("broadcast", "all_gather"):
+        for size in (8, 1 << 30):
+            assert all(math.isfinite(t) and t > 0
+                       for t in at_scale(op, BOARD, SOCK, c, size).values())
+    with pytest.raises(ValueError):
+        at_scale("gather", BOARD, SOCK, c, 8)
+
+
+def test_parse_link_and_cluster():
+    assert parse_link("10gbit") == 10e9
+    assert parse_link("100Gbit") == 100e9
+    assert parse_link("2.5gbit") == 2.5e9
+    assert parse_link("1e9") == 1e9
+    with pytest.raises(ValueError):
+        Cluster(hosts=0, per_host=8, link_bps=10e9)
+
+
+def test_store_round_trip_and_predict_cli(tmp_path, capsys):
+    fit = Fit({"board": BOARD, "socket": SOCK}, 2, [{"path": "board", "op": "all_reduce",
+                                                    "n": 2, "bytes": 8, "t": 1e-4}])
+    p = save(fit, tmp_path / "fit.json")
+    back, where = load(p)
+    assert where == p and back == fit
+    assert json.loads(p.read_text())["cores"] == 2
+    assert main(["--predict", "--ranks", "1024", "--hosts", "128", "--link", "100gbit",
+                 "--params", str(p), "--sizes", "8,1G"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 GiB |" in out and "crossovers" in out
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in _rows(SOCK, "socket", 2, True)
+                            + _rows(BOARD, "board", 2, True)))
+    assert main(["--fit", "--from", str(rows), "--out", str(tmp_path / "f2.json")]) == 0
+    assert main(["--check", "--from", str(rows), "--params", str(tmp_path / "f2.json")]) == 0
+    assert "100% of rows within 20%" in capsys.readouterr().out
+    assert main(["--check", "--from", str(tmp_path / "f2.json"), "--params",
+                 str(tmp_path / "f2.json"), "--markdown"]) == 0     # a fit's own rows
+    out = capsys.readouterr().out
+    assert "board path, us" in out and "| all_reduce | 16 MiB |" in out

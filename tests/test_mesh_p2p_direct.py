@@ -1,0 +1,155 @@
+"""The same-host direct path (mesh.direct: large arrays read out of the
+sender's memory) keeps every point-to-point guarantee of the socket path.
+The semantics check runs over both paths (MESH_SHM=0: sockets only)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mesh
+import mesh.reader
+from mesh import direct
+
+BIG = (256 << 10) // 8           # float64 elements: 256 KiB, above MESH_SHM_MIN
+PATHS = {"direct": {}, "sockets": {"MESH_SHM": "0"}}
+
+
+def _big(i: int, n: int = BIG) -> np.ndarray:
+    return np.arange(n, dtype=np.float64) + i * 1000.0
+
+
+def _semantics(world: mesh.Mesh) -> int:
+    """Order with small and large messages mixed on one tag (posted and
+    unexpected), out=, a misfit out= that leaves the message queued, ANY,
+    cancel, a non-contiguous array, many sends in flight
+    (credit), and a timeout: rank 1 sends, rank 0 checks."""
+    mixed = [_big(0), np.arange(3), _big(1), {"obj": 1}, _big(2, 7), _big(3)]
+    if world.rank == 1:
+        world.recv(0, tag=99)                            # rank 0 has posted its receives
+        for m in mixed:
+            world.send(m, 0, tag=1)                      # to posted receives
+        for m in mixed:
+            world.send(m, 0, tag=2)                      # unexpected, read before they are asked
+        world.send(_big(5), 0, tag=3)
+        world.send(_big(6), 0, tag=4)
+        world.send(np.arange(BIG * 2, dtype=np.int32).reshape(-1, 2)[:, 1], 0, tag=5)
+        reqs = [world.isend(_big(10 + i), 0, tag=6) for i in range(40)]   # 10 MiB in flight
+        for r in reqs:
+            r.wait()
+        world.send(_big(7), 0, tag=8)
+        world.recv(0, tag=98)
+        return direct.YES if world._t.direct.usable(0) else direct.NO
+    outs = [np.zeros(BIG), None, np.zeros(BIG)]
+    posted = [world.irecv(1, tag=1, out=outs[0]), world.irecv(1, tag=1),
+              world.irecv(1, tag=1, out=outs[2])] + [world.irecv(1, tag=1) for _ in range(3)]
+    cancelled = world.irecv(1, tag=8)
+    assert cancelled.cancel()
+    world.send(0, 1, tag=99)
+    got = [r.wait() for r in posted]
+    assert got[0] is outs[0] and got[2] is outs[2]
+    time.sleep(0.3)                                       # tag 2 waits unexpected
+    got2 = [world.recv(1, tag=2) for _ in mixed]
+    for g in (got, got2):
+        for m, x in zip(mixed, g):
+            if isinstance(m, np.ndarray):
+                assert x.dtype == m.dtype and np.array_equal(x, m)
+            else:
+                assert x == m
+    with pytest.raises(mesh.OutMismatchError, match="does not fit out="):
+        world.recv(1, tag=3, out=np.zeros(BIG, np.float32))
+    assert np.array_equal(world.recv(1, tag=3), _big(5))  # still queued
+    status = mesh.Status()
+    assert np.array_equal(world.recv(mesh.ANY, tag=4, status=status), _big(6))
+    assert status.source == 1
+    assert np.array_equal(world.recv(1, tag=5), np.arange(1, BIG * 2, 2, dtype=np.int32))
+    for i in range(40):
+        assert np.array_equal(world.recv(1, tag=6), _big(10 + i))
+    assert np.array_equal(world.recv(1, tag=8), _big(7))  # the cancelled receive took nothing
+    with pytest.raises(mesh.MeshTimeoutError, match="recv from rank 1"):
+        world.recv(1, tag=9, timeout=0.2)
+    world.send(0, 1, tag=98)
+    return 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_point_to_point_semantics_on_both_paths(path: str) -> None:
+    before = set(os.listdir("/dev/shm"))
+    used = mesh.spawn(_semantics, 2, timeout=90, env=PATHS[path])[1]
+    assert used == (direct.YES if path == "direct" else direct.NO)
+    assert not {f for f in set(os.listdir("/dev/shm")) - before if "mesh" in f or "mr-" in f}
+
+
+def _refused(world: mesh.Mesh) -> tuple[int, bool]:
+    """A receiver that may not read its sender answers the probe "no": the
+    large messages take the socket, the first one and every later one."""
+    if world.rank == 1:
+        world._t.direct.on = False                        # as MESH_SHM=0, on this rank only
+        world.send(0, 0)
+        got = [world.recv(0) for _ in range(3)]
+        world.send(1, 0)                                  # after its answer to the probe
+        return 0, all(np.array_equal(g, _big(i)) for i, g in enumerate(got))
+    world.recv(1)
+    for i in range(3):
+        world.send(_big(i), 1)
+    world.recv(1)
+    return world._t.direct._state[1], True
+
+
+def test_a_peer_that_cannot_read_us_gets_the_socket() -> None:
+    assert mesh.spawn(_refused, 2, timeout=60) == [(direct.NO, True), (0, True)]
+
+
+def _dies_while_read(world: mesh.Mesh, path: str) -> None:
+    """Rank 0 sends a large message and is SIGKILLed before rank 1 reads it."""
+    if world.rank == 0:
+        world.recv(1)
+        world.send(_big(0), 1, tag=1)                     # probes; goes by socket
+        world.recv(1)
+        world.isend(_big(1), 1, tag=2)                    # direct
+        os.kill(os.getpid(), signal.SIGKILL)
+    real = mesh.reader.cma.read_errno
+    tried = []
+
+    def late_read(pid: int, addr: int, dst: np.ndarray) -> int:
+        deadline = time.monotonic() + 20
+        while dst.nbytes >= 64 << 10 and time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
+        err = real(pid, addr, dst)
+        tried.append(err)
+        return err
+
+    mesh.reader.cma.read_errno = late_read                # type: ignore[assignment]
+    req = world.irecv(0, tag=2)
+    world.send(0, 0)
+    assert np.array_equal(world.recv(0, tag=1), _big(0))
+    world.send(0, 0)
+    try:
+        req.wait(timeout=30)
+        Path(path).write_text("no error")
+    except mesh.LostPeerError as e:
+        deadline = time.monotonic() + 0.7     # the header is read even if the death was seen first
+        while not tried and time.monotonic() < deadline:
+            time.sleep(0.01)
+        Path(path).write_text(f"{e.peer}|{tried}|{e}")
+
+
+def test_a_sender_killed_before_its_message_is_read_is_a_lost_peer(tmp_path: Path) -> None:
+    out = tmp_path / "result"
+    with pytest.raises(mesh.WorkerError, match="rank 0"):
+        mesh.spawn(_dies_while_read, 2, str(out), timeout=60)
+    peer, tried, text = out.read_text().split("|", 2)
+    assert peer == "0", text
+    assert tried not in ("[]", "[0]"), tried           # the direct read was tried, and failed
+    assert "rank 1: recv from rank 0 (tag 2, group world) failed: peer rank 0 is gone" in text
+    # the failed read says so, unless the closed connection was noticed first (under load)
+    assert "out of its memory failed" in text or "connection closed" in text, text
