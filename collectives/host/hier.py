@@ -3,8 +3,13 @@ same-host path (the board and cross-memory attach, collectives.shm), across
 hosts over sockets between one rank per host (the leaders: local rank 0 of
 each host), then within each host again::
 
-    all_reduce      host reduce to the leader | leaders all_reduce (rd / ring
-                    by size) | host broadcast from the leader
+    all_reduce      small: host reduce to the leader | leaders all_reduce
+                    (recursive doubling) | host broadcast from the leader;
+                    large, as many ranks on every host: host reduce_scatter |
+                    local rank i all-reduces chunk i with the local ranks i
+                    of the other hosts (a ring per column, all at once) |
+                    host all_gather; large otherwise: as small, a ring
+                    among the leaders
     reduce_scatter  the all_reduce above on a copy, then this rank's rows
     all_gather      host gather to the leader | leaders all_gather of the
                     hosts' blocks | host broadcast of the whole
@@ -45,7 +50,10 @@ from mesh.env import host_id
 from ..ops import ReduceOp
 from ..plan import Tuning
 from ..runner import Ctx, abandon, agreed, start
+from ..plan import ring_chunks
 from ..shm import board, local
+from ..shm.board import Round
+from ..shm.cma import peer_read
 from .exchange import all_gather_object_direct
 from .ring import ring
 from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
@@ -65,6 +73,7 @@ class Topology:
     host: int
     local: Comm
     leaders: Comm | None
+    column: Comm | None = None
 
 
 _topos: "weakref.WeakKeyDictionary[Comm, Topology | None]" = weakref.WeakKeyDictionary()
@@ -74,8 +83,10 @@ _lock = threading.Lock()
 def _sub(g: Comm, members: tuple[int, ...], name: str) -> Comm:
     """A sub-group of ``g`` made without group()'s counter (the user's own
     group() calls stay numbered as they were): its id hashes g's id and
-    the members, the same on every rank."""
-    digest = hashlib.blake2b(repr((g.gid, "hier", members)).encode(), digest_size=8).digest()
+    the name and the members, the same on every rank (the leaders and
+    column 0 hold the same ranks but are separate groups)."""
+    key = repr((g.gid, "hier", name, members)).encode()
+    digest = hashlib.blake2b(key, digest_size=8).digest()
     sub = Comm(g._t, [g.ranks[r] for r in members], int.from_bytes(digest, "little") >> 1 or 1,
                f"{g.name}/{name}")
     with _lock:
@@ -100,7 +111,11 @@ def topology(ctx: Ctx) -> Topology | None:
             heads = tuple(h[0] for h in hosts)
             local_g = _sub(g, hosts[mine], f"host{mine}")
             leaders = _sub(g, heads, "leaders") if g.rank in heads else None
-            topo = Topology(hosts, mine, local_g, leaders)
+            column = None
+            if len({len(h) for h in hosts}) == 1:    # as many ranks on every host
+                i = hosts[mine].index(g.rank)
+                column = _sub(g, tuple(h[i] for h in hosts), f"column{i}")
+            topo = Topology(hosts, mine, local_g, leaders, column)
     with _lock:
         _topos[g] = topo
     return topo
@@ -112,18 +127,26 @@ def topology_of(g: Comm) -> Topology | None:
         return _topos.get(g)
 
 
-def _groups(topo: Topology, coll: str, root: int) -> list[Comm]:
+def _columns(topo: Topology, coll: str, large: bool) -> bool:
+    """Whether a large all_reduce (reduce_scatter) runs over the columns."""
+    return large and coll in ("all_reduce", "reduce_scatter") and topo.column is not None
+
+
+def _groups(topo: Topology, coll: str, root: int, large: bool) -> list[Comm]:
     """The sub-groups of ``coll``'s phases on this rank, in order (what
     all_reduce, all_gather and broadcast below run)."""
     both = [topo.local] if topo.local.size > 1 else []
     across = [topo.leaders] if topo.leaders is not None else []
+    if _columns(topo, coll, large):
+        assert topo.column is not None
+        return both + [topo.column] + both
     if coll != "broadcast":
         return both + across + both
     home = topo.host == next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
     return (both if home else []) + across + ([] if home else both)
 
 
-def refuse(g: Comm, coll: str, root: Any, e: BaseException) -> None:
+def refuse(g: Comm, coll: str, root: Any, large: bool, e: BaseException) -> None:
     """A call that would have run in two levels failed on this rank before
     it started (its own arguments): fail the phases its peers wait in (a
     group whose layout is not known yet learns it under the call's own
@@ -135,7 +158,7 @@ def refuse(g: Comm, coll: str, root: Any, e: BaseException) -> None:
         root = 0
     reason = (f"rank {g.ranks[g.rank]}: {coll} on group {g.name} failed: "
               f"{type(e).__name__}: {e}")
-    for sub in _groups(topo, coll, int(root)):
+    for sub in _groups(topo, coll, int(root), large):
         abandon(sub, reason, AbortKind.of(e), getattr(e, "peer", None))
 
 
@@ -181,6 +204,9 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
     """Reduce the flat ``buf`` over the group in place (``op.finish`` left to
     the caller); ``alg`` ("rd" / "ring") is the leaders' algorithm."""
     large = alg != "rd"
+    if _columns(topo, "all_reduce", large):
+        _all_reduce_columns(ctx, topo, buf, op)
+        return
     phases: list[Phase] = []
     if topo.local.size > 1:
         phases.append((topo.local, "host reduce", _host_reduce(buf, op, large)))
@@ -193,6 +219,49 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
         phases.append((topo.leaders, "leaders all_reduce", across))
     if topo.local.size > 1:
         phases.append((topo.local, "host broadcast", _host_broadcast(buf, 0, large)))
+    _run(ctx, phases)
+
+
+def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
+    """As many ranks on every host: local rank i reduces chunk i over its
+    host, all-reduces it with the local ranks i of the other hosts (every
+    column at once, so every rank's link to the others carries a share), and
+    the host gathers the chunks back."""
+    k, i = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank)
+    bounds = ring_chunks(buf.size, k)
+    lo, hi = bounds[i]
+    item = buf.itemsize
+    column = topo.column
+    assert column is not None
+
+    def scatter(c: Ctx) -> None:
+        if board.available(c):
+            local.reduce_scatter(c, buf, buf[lo:hi], op)
+        else:
+            ring(c, buf, op, k - 1, k - 1, shift=-1)
+
+    def across(c: Ctx) -> None:
+        ring(c, buf[lo:hi], op, 2 * (c.g.size - 1), c.g.size - 1)
+
+    def gather(c: Ctx) -> None:
+        if not board.available(c):
+            ring(c, buf, None, k - 1, 0)
+            return
+        with Round(c) as r:
+            r.post(addr=buf.ctypes.data)
+            addrs = r.gather()
+            for p in r.peers:
+                a, b = bounds[p]
+                if b > a:
+                    peer_read(c, p, addrs[p] + a * item, buf[a:b])
+            r.stage(2)
+            r.wait_stage(r.peers, 2)
+    phases: list[Phase] = []
+    if k > 1:
+        phases.append((topo.local, "host reduce_scatter", scatter))
+    phases.append((column, "column all_reduce", across))
+    if k > 1:
+        phases.append((topo.local, "host all_gather", gather))
     _run(ctx, phases)
 
 

@@ -89,7 +89,12 @@ def _skipped(g: Comm, coll: str, a: Any, root: Any,
             lay = None
         nbytes = getattr(a, "nbytes", 0) * (g.size if coll == "all_gather" else 1)
         if g.size > 2 and (lay or (lay is None and nbytes >= t.small)):
-            hier.refuse(g, coll, root, e)
+            try:        # the size rule of the body: the leaders' (columns') algorithm
+                large = choose("all_reduce", nbytes, t,
+                               algorithm if coll == "all_reduce" else "hier") == "ring"
+            except ValueError:
+                large = nbytes >= t.small
+            hier.refuse(g, coll, root, large, e)
     return fail
 
 
