@@ -78,15 +78,16 @@ def test_every_hierarchical_op_matches_numpy() -> None:
     mesh.spawn(every_op, 4, timeout=90, env={"MESH_TIMEOUT": "20"})
 
 
-def die_between_hosts(world: Any, outdir: str) -> None:
+def die_between_hosts(world: Any, outdir: str, count: int) -> None:
     _fake_host(world)
-    C.all_reduce(world, np.ones(8), algorithm="hier")   # topology made; every rank alive
+    C.all_reduce(world, np.ones(count), algorithm="hier")   # topology made; all alive
     if world.rank == VICTIM:
         def killed(*args: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
-        hier.all_reduce_rd = killed     # dies as the leaders' phase starts
+        hier.all_reduce_rd = killed     # dies as the leaders' (small) phase starts
+        hier.ring = killed              # or the columns' (large)
     try:
-        C.all_reduce(world, np.ones(8), algorithm="hier")
+        C.all_reduce(world, np.ones(count), algorithm="hier")
         result = {"type": "ok"}
     except mesh.MeshError as e:
         result = {"type": type(e).__name__, "msg": str(e), "peer": getattr(e, "peer", None)}
@@ -94,9 +95,12 @@ def die_between_hosts(world: Any, outdir: str) -> None:
         json.dump(result, f)
 
 
-def test_a_leader_lost_in_the_leaders_phase_fails_every_rank(tmp_path: Any) -> None:
+@pytest.mark.parametrize("count", [8, 100_000], ids=["leaders", "columns"])
+def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int) -> None:
+    """Small: the leaders' phase (rank 1 leads host b); large: the columns'
+    (rank 1 is in column 0 with rank 0)."""
     with pytest.raises(mesh.WorkerError) as err:
-        mesh.spawn(die_between_hosts, 4, str(tmp_path), timeout=60,
+        mesh.spawn(die_between_hosts, 4, str(tmp_path), count, timeout=60,
                    env={"MESH_PEER_TIMEOUT": "1.5"})
     assert err.value.rank == VICTIM
     for r in (0, 2, 3):
