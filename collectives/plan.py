@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 __all__ = ["split", "ring_chunks", "segments", "segment_count", "ring_chunk",
            "RDPlan", "rd_plan", "tree_parent", "tree_children", "chain",
-           "Tuning", "parse_size", "ALGORITHMS", "choose"]
+           "Tuning", "parse_size", "ALGORITHMS", "choose", "HIER", "layout"]
 
 
 def split(count: int, parts: int) -> list[tuple[int, int]]:
@@ -157,7 +157,9 @@ class Tuning:
     MESH_COLL_SEGMENT   segment size of pipelined algorithms (default 1M)
     MESH_COLL_WINDOW    segments in flight per peer (default 8)
     MESH_COLL_SMALL     below this many bytes the small algorithm is used (64K)
-    MESH_COLL_ALGO      force algorithms: "ring" or "all_reduce=ring,broadcast=tree"
+    MESH_COLL_ALGO      force algorithms: "ring" or "all_reduce=ring,broadcast=tree";
+                        "hier" / "ring" force the hierarchical / flat layout
+                        across hosts ("hier", "all_reduce=hier,all_gather=ring")
     """
 
     segment: int = 1 << 20
@@ -207,9 +209,11 @@ def choose(coll: str, nbytes: int, tuning: Tuning, forced: str | None = None) ->
     """Which algorithm ``coll`` uses for ``nbytes`` on ``n`` ranks: the per-call
     ``forced`` one, else the environment's, else small/large by size."""
     small, large = ALGORITHMS[coll]
+    if forced == HIER:
+        forced = None
     if forced is None:
         for c, alg in tuning.forced:
-            if c == coll or (c == "*" and alg in (small, large)):
+            if alg != HIER and (c == coll or (c == "*" and alg in (small, large))):
                 forced = alg
     if forced is not None:
         if forced not in (small, large):
@@ -217,3 +221,26 @@ def choose(coll: str, nbytes: int, tuning: Tuning, forced: str | None = None) ->
                              f"expected {small!r} or {large!r}")
         return forced
     return small if nbytes < tuning.small else large
+
+
+HIER = "hier"
+TOPOLOGY_AWARE = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+
+
+def layout(coll: str, tuning: Tuning, forced: str | None = None) -> bool | None:
+    """Whether ``coll`` runs hierarchically across hosts (collectives.host.hier):
+    True when "hier" is forced (per call, else by MESH_COLL_ALGO for ``coll``
+    or "*"), False when a flat algorithm is ("ring", or one of the
+    collective's own), None to choose by topology: hierarchical when the
+    group spans hosts with more than one rank on some host."""
+    if coll not in TOPOLOGY_AWARE:
+        return False
+    flat = ("ring",) + ALGORITHMS.get(coll, ())
+    wanted = [forced] if forced is not None else \
+        [alg for c, alg in tuning.forced if c == coll or (c == "*" and (alg == HIER or alg in flat))]
+    for alg in reversed(wanted):
+        if alg == HIER:
+            return True
+        if alg in flat:
+            return False
+    return None

@@ -339,13 +339,18 @@ def _limit(g: Comm, name: str, timeout: Any) -> float:
 
 
 def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
-          async_op: bool, timeout: float | None = None) -> Any:
+          async_op: bool, timeout: float | None = None,
+          skipped: Callable[[BaseException], None] | None = None) -> Any:
     """Run the group's next collective. ``prepare(tuning)`` checks the
     arguments and returns (fingerprint, body); ``body(ctx)`` moves the data.
     Both run under the collective's tag, so a rank that fails, even on its
     own arguments, aborts the collective on every member instead of leaving
     them waiting. ``timeout`` (default: the group's) bounds the whole call,
-    from now. Returns body's value, or a Work with ``async_op``."""
+    from now. ``skipped(error)`` is called when the call fails on this rank
+    before its body runs (its own arguments, a peer's abort or the deadline
+    came first): a body that would have run collectives on sub-groups
+    (collectives.host.hier) fails them there too. Returns body's value, or
+    a Work with ``async_op``."""
     check_comm(g, name)
     t0 = time.monotonic()
     ch = g.collective_channel()
@@ -361,6 +366,8 @@ def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
         fp, body = prepare(tuning)
     except BaseException as e:
         _abort(g, tag, name, e)
+        if skipped is not None:
+            skipped(e)
         raise
     deadline = t0 + limit
     ctx = Ctx(g, tag, fp, tuning, name, limit, deadline)
@@ -368,11 +375,13 @@ def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
     def run() -> Any:
         try:
             aborted = ch.aborted(tag, ctx.where().split(": ", 1)[1])
+            if aborted is None and time.monotonic() > deadline:
+                aborted = ctx.timed_out(" before it started (queued behind the group's "
+                                        "earlier collectives)")
             if aborted is not None:     # a peer gave up on it before this rank got here
+                if skipped is not None:
+                    skipped(aborted)
                 raise aborted
-            if time.monotonic() > deadline:
-                raise ctx.timed_out(" before it started (queued behind the group's earlier "
-                                    "collectives)")
             return body(ctx)
         except BaseException as e:
             _abort(g, tag, name, e)

@@ -225,6 +225,8 @@ def _check_topology(reports: list[dict], tcp_to: list[str] = ADDR, checked: int 
             else:
                 assert ep.startswith(f"tcp://{tcp_to[peer // 2]}:"), (r, peer, ep)
         assert rep["checked"] == checked
+        if "hier" in rep:      # netns_job.py: collectives ran in two levels
+            assert rep["hier"] == [[0, 1], [2, 3]], rep["hier"]
 
 
 @pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])

@@ -18,9 +18,10 @@ from mesh import Comm, device
 from mesh.tensors import dtype_name, is_tensor
 
 from ..ops import resolve
-from ..plan import Tuning, choose
+from ..plan import Tuning, choose, layout
 from ..runner import Body, Ctx, agreed, start
 from ..shm import board, local
+from . import hier
 from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
                        broadcast_object_tree)
 from .ring import ring
@@ -74,6 +75,39 @@ def _rows(name: str, a: np.ndarray, n: int) -> None:
                          f"got shape {a.shape}")
 
 
+def _skipped(g: Comm, coll: str, a: Any, root: Any,
+             algorithm: str | None) -> Callable[[BaseException], None]:
+    """For runner.start: when this rank's call fails before its body runs
+    and the call runs in two levels, the phases its peers run fail too
+    (hier.refuse), so they raise instead of waiting and every sub-group's
+    calls stay numbered alike."""
+    def fail(e: BaseException) -> None:
+        t = Tuning.from_env()
+        try:
+            lay = layout(coll, t, algorithm)
+        except Exception:
+            lay = None
+        nbytes = getattr(a, "nbytes", 0) * (g.size if coll == "all_gather" else 1)
+        if g.size > 2 and (lay or (lay is None and nbytes >= t.small)):
+            try:        # the size rule of the body: the leaders' (columns') algorithm
+                large = choose("all_reduce", nbytes, t,
+                               algorithm if coll == "all_reduce" else "hier") == "ring"
+            except ValueError:
+                large = nbytes >= t.small
+            hier.refuse(g, coll, root, large, e)
+    return fail
+
+
+def _topology(ctx: Ctx, lay: bool | None, nbytes: int) -> hier.Topology | None:
+    """The group's layout over hosts when the call runs hierarchically, else
+    None: the flat algorithms. ``lay`` (collectives.plan.layout) True forces
+    it; None chooses it for ``nbytes`` from MESH_COLL_SMALL up (below, the
+    flat recursive doubling / tree beat three phases on a loaded machine)."""
+    if lay is False or ctx.g.size < 3 or (lay is None and nbytes < ctx.tuning.small):
+        return None
+    return hier.topology(ctx)
+
+
 def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
     """Run ``body`` on a flat contiguous view of ``a`` (a contiguous copy
     written back when ``a`` is not C-contiguous); return ``a``."""
@@ -92,15 +126,21 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
     ``algorithm``: "rd" (recursive doubling) or "ring" (reduce-scatter then
     all-gather); default by size. Between processes of one host both run
     over the board and cross-memory attach (collectives.shm) unless
-    MESH_CMA=0."""
+    MESH_CMA=0. Across hosts with more than one rank on some host, or with
+    "hier", it runs in two levels (collectives.host.hier; "rd" / "ring"
+    force the flat algorithm)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_reduce", a, writable=True)
         rop = resolve(op, arr.dtype)
         alg = choose("all_reduce", arr.nbytes, t, algorithm)
+        lay = layout("all_reduce", t, algorithm)
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
-                if alg == "rd":
+                topo = _topology(ctx, lay, buf.nbytes)
+                if topo is not None:
+                    hier.all_reduce(ctx, topo, buf, rop, alg)
+                elif alg == "rd":
                     if board.available(ctx, buf.nbytes):
                         local.all_reduce_small(ctx, buf, rop)
                     else:
@@ -110,28 +150,36 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
                 else:
                     ring(ctx, buf, rop, 2 * (ctx.g.size - 1), ctx.g.size - 1)
             rop.finish(buf, ctx.g.size)
-        return _fp("all_reduce", arr, op=op, alg=alg), _in_place(arr, body)
-    return start(g, "all_reduce", prepare, async_op, timeout)
+        return _fp("all_reduce", arr, op=op, alg=alg, hier=lay), _in_place(arr, body)
+    return start(g, "all_reduce", prepare, async_op, timeout,
+                 _skipped(g, "all_reduce", a, 0, algorithm))
 
 
 def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
               algorithm: str | None = None, timeout: float | None = None) -> Any:
     """Copy the root's ``a`` into ``a`` on every rank; returns ``a``.
-    ``algorithm``: "tree" (binomial) or "chain" (pipelined); default by size."""
+    ``algorithm``: "tree" (binomial) or "chain" (pipelined); default by size;
+    "hier" (or across hosts with more than one rank on some host): in two
+    levels (collectives.host.hier)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("broadcast", a, writable=True)
         r = _root(g, root)
         alg = choose("broadcast", arr.nbytes, t, algorithm)
+        lay = layout("broadcast", t, algorithm)
 
         fn = broadcast_tree if alg == "tree" else broadcast_chain
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
-            if board.available(ctx):
+            topo = _topology(ctx, lay, buf.nbytes)
+            if topo is not None:
+                hier.broadcast(ctx, topo, buf, r, alg == "chain")
+            elif board.available(ctx):
                 local.broadcast(ctx, buf, r)
             else:
                 agreed(lambda c: fn(c, buf, r))(ctx)
-        return _fp("broadcast", arr, root=r, alg=alg), _in_place(arr, body)
-    return start(g, "broadcast", prepare, async_op, timeout)
+        return _fp("broadcast", arr, root=r, alg=alg, hier=lay), _in_place(arr, body)
+    return start(g, "broadcast", prepare, async_op, timeout,
+                 _skipped(g, "broadcast", a, root, algorithm))
 
 
 def reduce(g: Comm, a: np.ndarray, root: int = 0, op: str = "sum", async_op: bool = False,
@@ -161,18 +209,23 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
     """Every rank's ``a`` stacked in rank order: shape (g.size, *a.shape)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_gather", a)
+        lay = layout("all_gather", t)
 
         def body(ctx: Ctx) -> np.ndarray:
             n = ctx.g.size
             out = np.empty((n,) + arr.shape, arr.dtype)
-            if board.available(ctx):
+            topo = _topology(ctx, lay, out.nbytes)
+            if topo is not None:
+                hier.all_gather(ctx, topo, arr, out, out.nbytes >= t.small)
+            elif board.available(ctx):
                 local.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
             else:
                 out[ctx.g.rank] = arr
                 ring(ctx, out.reshape(-1), None, n - 1, 0)
             return out
-        return _fp("all_gather", arr), body
-    return start(g, "all_gather", prepare, async_op, timeout)
+        return _fp("all_gather", arr, hier=lay), body
+    return start(g, "all_gather", prepare, async_op, timeout,
+                 _skipped(g, "all_gather", a, 0, None))
 
 
 def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
@@ -183,10 +236,17 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
         arr = _array("reduce_scatter", a)
         _rows("reduce_scatter", arr, g.size)
         rop = resolve(op, arr.dtype)
+        lay = layout("reduce_scatter", t)
 
         def body(ctx: Ctx) -> np.ndarray:
             n, m, rank = ctx.g.size, arr.shape[0] // ctx.g.size, ctx.g.rank
-            if board.available(ctx):
+            topo = _topology(ctx, lay, arr.nbytes)
+            if topo is not None:
+                work = np.array(arr, order="C")
+                hier.all_reduce(ctx, topo, work.reshape(-1), rop,
+                                choose("all_reduce", work.nbytes, t, "hier"))
+                mine = work[rank * m:(rank + 1) * m].copy()
+            elif board.available(ctx):
                 mine = np.empty((m,) + arr.shape[1:], arr.dtype)
                 local.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
                                      mine.reshape(-1), rop)
@@ -196,8 +256,9 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                 mine = work[rank * m:(rank + 1) * m].copy()
             rop.finish(mine, n)
             return mine
-        return _fp("reduce_scatter", arr, op=op), body
-    return start(g, "reduce_scatter", prepare, async_op, timeout)
+        return _fp("reduce_scatter", arr, op=op, hier=lay), body
+    return start(g, "reduce_scatter", prepare, async_op, timeout,
+                 _skipped(g, "reduce_scatter", a, 0, None))
 
 
 def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,

@@ -1,6 +1,7 @@
 """A worker for tests/test_mesh_netns.py, run by meshrun inside a network
 namespace ("host"): it records where it lives and what it connected to,
-checks collectives against numpy, times a cross-host round trip, and writes
+checks collectives against numpy (hierarchical across the hosts, and the flat
+ring forced), times a cross-host round trip, and writes
 OUTDIR/<rank>.json.
 
     netns_job.py OUTDIR
@@ -15,6 +16,7 @@ import numpy as np
 import collectives
 import mesh
 from mesh.auth import curve_wanted
+from collectives.host.hier import topology_of
 from mesh.env import host_id
 
 OUTDIR = sys.argv[1]
@@ -33,6 +35,12 @@ def main() -> None:
             b = np.full(size, r, np.int32)
             collectives.broadcast(world, b, root=n - 1)
             assert np.all(b == n - 1)
+            rows = np.tile(np.arange(size % 1000 + 1, dtype=np.float64), (n, 1)) * (r + 1)
+            mine = collectives.reduce_scatter(world, rows)
+            assert np.array_equal(mine[0], rows[0] / (r + 1) * n * (n + 1) / 2)
+            flat = np.arange(size, dtype=np.float32) + r
+            collectives.all_reduce(world, flat, algorithm="ring")   # the flat ring, forced
+            assert np.array_equal(flat, a)
             checked += 3
         # a round trip between rank 0 and the first rank of the other host
         other = world.hosts.index(next(h for h in world.hosts if h != world.hosts[0]))
@@ -48,7 +56,8 @@ def main() -> None:
                     world.send(world.recv(peer), peer)
                 rtt = time.perf_counter() - t
         collectives.barrier(world)
-        out = {"rank": r, "host": host_id(), "hosts": world.hosts, "endpoints": world.endpoints,
+        topo = topology_of(world)     # 2 ranks on each host: the hierarchical layout
+        out = {"hier": None if topo is None else [list(h) for h in topo.hosts],"rank": r, "host": host_id(), "hosts": world.hosts, "endpoints": world.endpoints,
                "checked": checked, "rtt": rtt, "netns": os.readlink("/proc/self/ns/net"),
                "curve": curve_wanted()}
         with open(os.path.join(OUTDIR, f"{r}.json"), "w") as f:

@@ -1,0 +1,310 @@
+"""Collectives across hosts in two levels: within each host over the
+same-host path (the board and cross-memory attach, collectives.shm), across
+hosts over sockets between one rank per host (the leaders: local rank 0 of
+each host), then within each host again::
+
+    all_reduce      small: host reduce to the leader | leaders all_reduce
+                    (recursive doubling) | host broadcast from the leader;
+                    large, as many ranks on every host: host reduce_scatter |
+                    local rank i all-reduces chunk i with the local ranks i
+                    of the other hosts (a ring per column, all at once) |
+                    host all_gather; large otherwise: as small, a ring
+                    among the leaders
+    reduce_scatter  the all_reduce above on a copy, then this rank's rows
+    all_gather      host gather to the leader | leaders all_gather of the
+                    hosts' blocks | host broadcast of the whole
+    broadcast       root's host: broadcast from the root | leaders broadcast
+                    from the root's leader | other hosts: host broadcast
+
+A call takes this layout when its group spans more than one host, some
+host holds more than one of its ranks, and the buffer is at least
+MESH_COLL_SMALL (64K; below, the flat recursive doubling or tree is
+quicker than three phases); MESH_COLL_ALGO / ``algorithm=`` "hier" or
+"ring" force it either way (collectives.plan.layout). Which rank sits on
+which host (mesh.env.host_id; MESH_HOST_ID overrides it, which the tests
+use to fake hosts on one machine) is exchanged once, on the group's first
+collective that asks, and the per-host and leaders' groups are made then,
+the same on every rank, with ids derived from the group's (no message).
+
+Each phase is a collective of its own on its sub-group (its own tag, the
+top call's fingerprint plus the phase's name, so a mismatch anywhere is
+seen on some rank of every sub-group), bounded by what is left of the call's
+deadline. A rank whose phase fails abandons the phases it has not made yet
+(runner.abandon), so the ranks waiting in them raise the same error kind
+(a lost peer naming the same world rank) instead of waiting, and every
+sub-group's calls stay numbered alike.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from mesh import AbortKind, Comm
+from mesh.env import host_id
+
+from ..ops import ReduceOp
+from ..plan import Tuning
+from ..runner import Ctx, abandon, agreed, start
+from ..plan import ring_chunks
+from ..shm import board, local
+from ..shm.board import Round
+from ..shm.cma import peer_read
+from .exchange import all_gather_object_direct
+from .ring import ring
+from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
+from .small import all_reduce_rd
+
+__all__ = ["Topology", "topology", "topology_of", "refuse", "all_reduce", "all_gather", "broadcast"]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A group spread over hosts: ``hosts[h]`` the group ranks on host h
+    (hosts in order of their first rank), this rank's host ``host``, its
+    host's group ``local`` (local rank 0 leads) and, on leaders only, the
+    leaders' group (leaders' rank h = host h)."""
+
+    hosts: tuple[tuple[int, ...], ...]
+    host: int
+    local: Comm
+    leaders: Comm | None
+    column: Comm | None = None
+
+
+_topos: "weakref.WeakKeyDictionary[Comm, Topology | None]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _sub(g: Comm, members: tuple[int, ...], name: str) -> Comm:
+    """A sub-group of ``g`` made without group()'s counter (the user's own
+    group() calls stay numbered as they were): its id hashes g's id and
+    the name and the members, the same on every rank (the leaders and
+    column 0 hold the same ranks but are separate groups)."""
+    key = repr((g.gid, "hier", name, members)).encode()
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    sub = Comm(g._t, [g.ranks[r] for r in members], int.from_bytes(digest, "little") >> 1 or 1,
+               f"{g.name}/{name}")
+    with _lock:
+        _topos[sub] = None      # one host, or one rank per host: flat
+    return sub
+
+
+def topology(ctx: Ctx) -> Topology | None:
+    """The group's layout over hosts, or None when the flat algorithms fit
+    (one host, or one rank per host); exchanged on the first ask."""
+    g = ctx.g
+    with _lock:
+        if g in _topos:
+            return _topos[g]
+    topo = None
+    if g.size > 2:
+        ids = all_gather_object_direct(ctx, host_id())
+        order = list(dict.fromkeys(ids))
+        hosts = tuple(tuple(r for r in range(g.size) if ids[r] == h) for h in order)
+        if 1 < len(hosts) < g.size:
+            mine = order.index(ids[g.rank])
+            heads = tuple(h[0] for h in hosts)
+            local_g = _sub(g, hosts[mine], f"host{mine}")
+            leaders = _sub(g, heads, "leaders") if g.rank in heads else None
+            column = None
+            if len({len(h) for h in hosts}) == 1:    # as many ranks on every host
+                i = hosts[mine].index(g.rank)
+                column = _sub(g, tuple(h[i] for h in hosts), f"column{i}")
+            topo = Topology(hosts, mine, local_g, leaders, column)
+    with _lock:
+        _topos[g] = topo
+    return topo
+
+
+def topology_of(g: Comm) -> Topology | None:
+    """The layout ``g``'s collectives found (None: flat, or not asked yet)."""
+    with _lock:
+        return _topos.get(g)
+
+
+def _columns(topo: Topology, coll: str, large: bool) -> bool:
+    """Whether a large all_reduce (reduce_scatter) runs over the columns."""
+    return large and coll in ("all_reduce", "reduce_scatter") and topo.column is not None
+
+
+def _groups(topo: Topology, coll: str, root: int, large: bool) -> list[Comm]:
+    """The sub-groups of ``coll``'s phases on this rank, in order (what
+    all_reduce, all_gather and broadcast below run)."""
+    both = [topo.local] if topo.local.size > 1 else []
+    across = [topo.leaders] if topo.leaders is not None else []
+    if _columns(topo, coll, large):
+        assert topo.column is not None
+        return both + [topo.column] + both
+    if coll != "broadcast":
+        return both + across + both
+    home = topo.host == next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
+    return (both if home else []) + across + ([] if home else both)
+
+
+def refuse(g: Comm, coll: str, root: Any, large: bool, e: BaseException) -> None:
+    """A call that would have run in two levels failed on this rank before
+    it started (its own arguments): fail the phases its peers wait in (a
+    group whose layout is not known yet learns it under the call's own
+    tag, which the failure aborts)."""
+    topo = topology_of(g)
+    if topo is None:
+        return
+    if not isinstance(root, (int, np.integer)) or not 0 <= root < g.size:
+        root = 0
+    reason = (f"rank {g.ranks[g.rank]}: {coll} on group {g.name} failed: "
+              f"{type(e).__name__}: {e}")
+    for sub in _groups(topo, coll, int(root), large):
+        abandon(sub, reason, AbortKind.of(e), getattr(e, "peer", None))
+
+
+Phase = tuple[Comm, str, Callable[[Ctx], Any]]
+
+
+def _run(ctx: Ctx, phases: list[Phase]) -> None:
+    """Run the phases in order, each a collective on its sub-group; on a
+    failure, abandon the ones not made yet and raise."""
+    for i, (sub, what, body) in enumerate(phases):
+        fp = dict(ctx.fp, phase=what)
+
+        def prepare(t: Tuning, fp: dict = fp, body: Callable[[Ctx], Any] = body) -> tuple:
+            return fp, body
+        try:
+            start(sub, f"{ctx.name} ({what})", prepare, False, ctx.left())
+        except BaseException as e:
+            reason = f"{ctx.where()}: {what} failed: {e}"
+            for later, _, _ in phases[i + 1:]:
+                abandon(later, reason, AbortKind.of(e), getattr(e, "peer", None))
+            raise
+
+
+def _host_reduce(buf: np.ndarray, op: ReduceOp, large: bool) -> Callable[[Ctx], None]:
+    def body(c: Ctx) -> None:
+        if board.available(c):
+            local.reduce(c, buf, op, 0)
+        else:
+            agreed(lambda c2: (reduce_chain if large else reduce_tree)(c2, buf, op, 0))(c)
+    return body
+
+
+def _host_broadcast(buf: np.ndarray, root: int, large: bool) -> Callable[[Ctx], None]:
+    def body(c: Ctx) -> None:
+        if board.available(c):
+            local.broadcast(c, buf, root)
+        else:
+            agreed(lambda c2: (broadcast_chain if large else broadcast_tree)(c2, buf, root))(c)
+    return body
+
+
+def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str) -> None:
+    """Reduce the flat ``buf`` over the group in place (``op.finish`` left to
+    the caller); ``alg`` ("rd" / "ring") is the leaders' algorithm."""
+    large = alg != "rd"
+    if _columns(topo, "all_reduce", large):
+        _all_reduce_columns(ctx, topo, buf, op)
+        return
+    phases: list[Phase] = []
+    if topo.local.size > 1:
+        phases.append((topo.local, "host reduce", _host_reduce(buf, op, large)))
+    if topo.leaders is not None:
+        def across(c: Ctx) -> None:
+            if large:
+                ring(c, buf, op, 2 * (c.g.size - 1), c.g.size - 1)
+            else:
+                all_reduce_rd(c, buf, op)
+        phases.append((topo.leaders, "leaders all_reduce", across))
+    if topo.local.size > 1:
+        phases.append((topo.local, "host broadcast", _host_broadcast(buf, 0, large)))
+    _run(ctx, phases)
+
+
+def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
+    """As many ranks on every host: local rank i reduces chunk i over its
+    host, all-reduces it with the local ranks i of the other hosts (every
+    column at once, so every rank's link to the others carries a share), and
+    the host gathers the chunks back."""
+    k, i = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank)
+    bounds = ring_chunks(buf.size, k)
+    lo, hi = bounds[i]
+    item = buf.itemsize
+    column = topo.column
+    assert column is not None
+
+    def scatter(c: Ctx) -> None:
+        if board.available(c):
+            local.reduce_scatter(c, buf, buf[lo:hi], op)
+        else:
+            ring(c, buf, op, k - 1, k - 1, shift=-1)
+
+    def across(c: Ctx) -> None:
+        ring(c, buf[lo:hi], op, 2 * (c.g.size - 1), c.g.size - 1)
+
+    def gather(c: Ctx) -> None:
+        if not board.available(c):
+            ring(c, buf, None, k - 1, 0)
+            return
+        with Round(c) as r:
+            r.post(addr=buf.ctypes.data)
+            addrs = r.gather()
+            for p in r.peers:
+                a, b = bounds[p]
+                if b > a:
+                    peer_read(c, p, addrs[p] + a * item, buf[a:b])
+            r.stage(2)
+            r.wait_stage(r.peers, 2)
+    phases: list[Phase] = []
+    if k > 1:
+        phases.append((topo.local, "host reduce_scatter", scatter))
+    phases.append((column, "column all_reduce", across))
+    if k > 1:
+        phases.append((topo.local, "host all_gather", gather))
+    _run(ctx, phases)
+
+
+def all_gather(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray, large: bool) -> None:
+    """Row p of ``out`` (shape (group size, *arr.shape)) = rank p's ``arr``."""
+    rows = out.reshape(ctx.g.size, -1)
+    mine = topo.hosts[topo.host]
+    width = max(len(h) for h in topo.hosts)
+    blocks = np.empty((len(topo.hosts), width, rows.shape[1]), out.dtype)
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    phases: list[Phase] = []
+    if topo.local.size > 1:
+        def gather(c: Ctx) -> None:
+            dst = blocks[topo.host, :len(mine)] if c.g.rank == 0 else None
+            if board.available(c):
+                local.gather(c, flat, dst, 0)
+            else:
+                agreed(lambda c2: gather_direct(c2, flat, dst, 0))(c)
+        phases.append((topo.local, "host gather", gather))
+    else:
+        blocks[topo.host, 0] = flat
+    if topo.leaders is not None:
+        def across(c: Ctx) -> None:
+            ring(c, blocks.reshape(-1), None, c.g.size - 1, 0)
+            for h, ranks in enumerate(topo.hosts):
+                rows[list(ranks)] = blocks[h, :len(ranks)]
+        phases.append((topo.leaders, "leaders all_gather", across))
+    if topo.local.size > 1:
+        phases.append((topo.local, "host broadcast", _host_broadcast(rows.reshape(-1), 0, large)))
+    _run(ctx, phases)
+
+
+def broadcast(ctx: Ctx, topo: Topology, buf: np.ndarray, root: int, large: bool) -> None:
+    """The root's flat ``buf`` into ``buf`` on every rank."""
+    home = next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
+    phases: list[Phase] = []
+    if topo.host == home and topo.local.size > 1:
+        phases.append((topo.local, "host broadcast",
+                       _host_broadcast(buf, topo.hosts[home].index(root), large)))
+    if topo.leaders is not None:
+        def across(c: Ctx) -> None:
+            agreed(lambda c2: (broadcast_chain if large else broadcast_tree)(c2, buf, home))(c)
+        phases.append((topo.leaders, "leaders broadcast", across))
+    if topo.host != home and topo.local.size > 1:
+        phases.append((topo.local, "host broadcast", _host_broadcast(buf, 0, large)))
+    _run(ctx, phases)

@@ -1,0 +1,129 @@
+"""Hierarchical collectives (collectives.host.hier) on one machine, hosts
+faked with MESH_HOST_ID (read by mesh.env.host_id; the board then runs only
+within each fake host): 4 ranks, ranks 0 and 3 on host "a", 1 and 2 on "b"
+(not contiguous, so the mapping of rows to hosts is exercised); leaders
+are ranks 0 and 1. The same over real namespaces: tests/test_mesh_netns.py."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import numpy as np
+import pytest
+
+import collectives as C
+import mesh
+from collectives import plan
+from collectives.host import hier
+
+pytestmark = pytest.mark.timeout(120)
+HOSTS = "abba"
+VICTIM = 1     # the leader of host "b"
+
+
+def _fake_host(world: Any) -> None:
+    os.environ["MESH_HOST_ID"] = "fake-" + HOSTS[world.rank]
+
+
+def every_op(world: Any) -> None:
+    _fake_host(world)
+    n, r = world.size, world.rank
+    C.all_reduce(world, np.ones(5))     # small and not forced: flat, the layout not even asked
+    assert hier.topology_of(world) is None
+    for count in (5, 200_000):          # rd / ring between leaders
+        a = np.arange(count, dtype=np.float64) * (r + 1)
+        want = np.arange(count, dtype=np.float64) * sum(range(1, n + 1))
+        got = C.all_reduce(world, a.copy())
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(C.all_reduce(world, a.copy(), op="avg"), want / n)
+        assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+        assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="hier"), want)
+        rows = np.tile(a, (n, 1)) + np.arange(n)[:, None]
+        mine = C.reduce_scatter(world, rows)
+        np.testing.assert_array_equal(mine[0], want + n * r)
+        ag = C.all_gather(world, a.astype(np.int32))
+        assert ag.shape == (n, count)
+        for p in range(n):
+            assert np.array_equal(ag[p], (np.arange(count) * (p + 1)).astype(np.int32))
+        for root in range(n):
+            b = a.copy() if r == root else np.zeros(count)
+            C.broadcast(world, b, root=root)
+            assert np.array_equal(b, np.arange(count) * (root + 1)), (count, root)
+            b = a.copy() if r == root else np.zeros(count)
+            C.broadcast(world, b, root=root, algorithm="hier")
+            assert np.array_equal(b, np.arange(count) * (root + 1)), (count, root)
+    topo = hier.topology_of(world)
+    assert topo is not None and topo.hosts == ((0, 3), (1, 2)), topo
+    assert (topo.leaders is not None) == (r in (0, 1))
+    # one rank calls another op: every rank raises MismatchError
+    with pytest.raises(mesh.MismatchError):
+        C.all_reduce(world, np.ones(20_000), op="max" if r == 2 else "sum")
+    assert C.all_reduce(world, np.ones(20_000))[0] == n       # the group still works
+    # one rank's own arguments are wrong: it raises ValueError, the others
+    # (waiting in the host and leaders' phases) raise too instead of waiting
+    big = np.ones(20_000)
+    bad = (lambda: C.all_reduce(world, big, op="nope" if r == 3 else "sum"),
+           lambda: C.reduce_scatter(world, np.ones((5 if r == 2 else 8, 4000))),
+           lambda: C.broadcast(world, big, root=7 if r == 1 else 2))
+    for call in bad:
+        with pytest.raises((ValueError, mesh.MeshError)) as err:
+            call()
+        assert not isinstance(err.value, mesh.MeshTimeoutError), err.value
+    assert C.all_reduce(world, np.ones(20_000))[0] == n
+
+
+def test_every_hierarchical_op_matches_numpy() -> None:
+    mesh.spawn(every_op, 4, timeout=90, env={"MESH_TIMEOUT": "20"})
+
+
+def die_between_hosts(world: Any, outdir: str, count: int) -> None:
+    _fake_host(world)
+    C.all_reduce(world, np.ones(count), algorithm="hier")   # topology made; all alive
+    if world.rank == VICTIM:
+        def killed(*args: Any) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        hier.all_reduce_rd = killed     # dies as the leaders' (small) phase starts
+        hier.ring = killed              # or the columns' (large)
+    try:
+        C.all_reduce(world, np.ones(count), algorithm="hier")
+        result = {"type": "ok"}
+    except mesh.MeshError as e:
+        result = {"type": type(e).__name__, "msg": str(e), "peer": getattr(e, "peer", None)}
+    with open(os.path.join(outdir, f"{world.rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+@pytest.mark.parametrize("count", [8, 100_000], ids=["leaders", "columns"])
+def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int) -> None:
+    """Small: the leaders' phase (rank 1 leads host b); large: the columns'
+    (rank 1 is in column 0 with rank 0)."""
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(die_between_hosts, 4, str(tmp_path), count, timeout=60,
+                   env={"MESH_PEER_TIMEOUT": "1.5"})
+    assert err.value.rank == VICTIM
+    for r in (0, 2, 3):
+        got = json.loads((tmp_path / f"{r}.json").read_text())
+        assert got["type"] == "LostPeerError", (r, got)
+        assert got["peer"] == VICTIM, (r, got)
+
+
+def test_layout_forcing() -> None:
+    t = plan.Tuning()
+    assert plan.layout("all_reduce", t) is None
+    assert plan.layout("all_reduce", t, "hier") is True
+    assert plan.layout("all_reduce", t, "ring") is False
+    assert plan.layout("all_reduce", t, "rd") is False
+    assert plan.layout("gather", t) is False
+    env = plan.Tuning.from_env({"MESH_COLL_ALGO": "hier"})
+    assert plan.layout("broadcast", env) is True
+    assert plan.choose("all_reduce", 8, env) == "rd"          # leaders' algorithm by size
+    assert plan.choose("all_reduce", 1 << 20, env, "hier") == "ring"
+    env = plan.Tuning.from_env({"MESH_COLL_ALGO": "ring"})
+    assert plan.layout("all_gather", env) is False
+    assert plan.layout("broadcast", env) is False
+    env = plan.Tuning.from_env({"MESH_COLL_ALGO": "all_reduce=hier,broadcast=tree"})
+    assert plan.layout("all_reduce", env) is True
+    assert plan.layout("broadcast", env) is False
+    assert plan.layout("all_gather", env) is None
