@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from .bench_torch import run_workers
 from .distribute import distribute
-from .layers import Linear, Sequential, mse_loss
+from .layers import Linear, Sequential, _Activation, mse_loss
 
 __all__ = ["Burn", "uneven_model", "run_balance", "balance_table", "run_tp"]
 
 
-class Burn:
+class Burn(_Activation):
     """A parameter-free layer that passes its input through and costs
     ``reps`` matmuls of it (forward and backward alike): a stand-in for work
     whose cost is not in its parameters (attention, convolutions)."""
@@ -47,18 +48,6 @@ class Burn:
     def backward(self, ctx: Any, gy: Any) -> Any:
         self._burn(gy)
         return gy.copy()
-
-    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
-        return self.backward(ctx, gy), None
-
-    def backward_weight(self, wctx: Any) -> None:
-        return None
-
-    def params(self) -> list[Any]:
-        return []
-
-    def grads(self) -> list[Any]:
-        return []
 
 
 def uneven_model(width: int) -> Sequential:
@@ -188,38 +177,6 @@ def _torch_tp_worker(rank: int, n: int, init_file: str, width: int, rows: int, s
         conn.send((False, traceback.format_exc()))
 
 
-def _torch_tp(n: int, width: int, rows: int, steps: int, timeout: float = 300
-              ) -> list[list[tuple[float, float]]]:
-    import multiprocessing as mp
-    import tempfile
-    ctx = mp.get_context("spawn")
-    fd, init_file = tempfile.mkstemp(prefix="meshrun-bench-tp-")
-    os.close(fd)
-    os.unlink(init_file)
-    procs, conns, out = [], [], []
-    try:
-        for r in range(n):
-            parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_torch_tp_worker, daemon=True,
-                               args=(r, n, init_file, width, rows, steps, child))
-            proc.start()
-            procs.append(proc)
-            conns.append(parent)
-        for r, conn in enumerate(conns):
-            if not conn.poll(timeout):
-                raise TimeoutError(f"torch tp rank {r} did not finish in {timeout:g}s")
-            ok, payload = conn.recv()
-            if not ok:
-                raise RuntimeError(f"torch tp rank {r} failed:\n{payload}")
-            out.append(payload)
-    finally:
-        for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-    return out
-
-
 def run_tp(n: int = 2, width: int = 256, rows: int = 64, steps: int = 7) -> dict[str, float]:
     """The same 4-Linear MLP at tp=n: engine.distribute's plan on meshrun, and
     torch's parallelize_module over gloo; median ms per SGD step of each."""
@@ -230,5 +187,5 @@ def run_tp(n: int = 2, width: int = 256, rows: int = 64, steps: int = 7) -> dict
                                  for s in range(steps)) * 1e3
 
     ours = median(mesh.spawn(_mesh_tp_worker, n, width, rows, steps, timeout=300))
-    theirs = median(_torch_tp(n, width, rows, steps))
+    theirs = median(run_workers(_torch_tp_worker, n, (width, rows, steps), "torch tp"))
     return {"meshrun_ms": ours, "torch_ms": theirs}

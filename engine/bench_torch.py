@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["available", "run"]
+__all__ = ["available", "run", "run_workers"]
 
 
 def available() -> bool:
@@ -80,19 +80,20 @@ def _worker(rank: int, p: int, init_file: str, m: int, f: float, b: float, steps
         conn.close()
 
 
-def run(p: int, m: int, f: float, b: float, steps: int, rows: int, width: int,
-        timeout: float = 300) -> float:
-    """Median step time in seconds of Schedule1F1B on ``p`` gloo processes."""
+def run_workers(target: Any, n: int, args: tuple, what: str, timeout: float = 300) -> list[Any]:
+    """Run ``target(rank, n, init_file, *args, conn)`` on ``n`` fresh processes
+    (a gloo group meets at ``file://init_file``); each sends ``(ok, payload)``.
+    Payloads by rank; a failure or a rank late past ``timeout`` raises, naming
+    it, and every process is ended."""
     ctx = mp.get_context("spawn")
     fd, init_file = tempfile.mkstemp(prefix="meshrun-bench-gloo-")
     os.close(fd)
     os.unlink(init_file)
     procs, conns = [], []
     try:
-        for r in range(p):
+        for r in range(n):
             parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, daemon=True,
-                               args=(r, p, init_file, m, f, b, steps, rows, width, child))
+            proc = ctx.Process(target=target, daemon=True, args=(r, n, init_file, *args, child))
             proc.start()
             child.close()
             procs.append(proc)
@@ -101,11 +102,12 @@ def run(p: int, m: int, f: float, b: float, steps: int, rows: int, width: int,
         deadline = time.monotonic() + timeout
         for r, conn in enumerate(conns):
             if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"torch bench rank {r} did not finish in {timeout:g}s")
+                raise TimeoutError(f"{what} rank {r} did not finish in {timeout:g}s")
             ok, payload = conn.recv()
             if not ok:
-                raise RuntimeError(f"torch bench rank {r} failed:\n{payload}")
+                raise RuntimeError(f"{what} rank {r} failed:\n{payload}")
             results.append(payload)
+        return results
     finally:
         for proc in procs:
             proc.join(timeout=5)
@@ -113,6 +115,12 @@ def run(p: int, m: int, f: float, b: float, steps: int, rows: int, width: int,
                 proc.kill()
         if os.path.exists(init_file):
             os.unlink(init_file)
+
+
+def run(p: int, m: int, f: float, b: float, steps: int, rows: int, width: int,
+        timeout: float = 300) -> float:
+    """Median step time in seconds of Schedule1F1B on ``p`` gloo processes."""
+    results = run_workers(_worker, p, (m, f, b, steps, rows, width), "torch bench", timeout)
     per_step = [max(r[s][1] for r in results) - min(r[s][0] for r in results)
                 for s in range(steps)]
     return statistics.median(per_step)

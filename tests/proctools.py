@@ -1,7 +1,13 @@
 """Helpers shared by the tests that check no process outlives a job."""
 from __future__ import annotations
 
-__all__ = ["alive"]
+import os
+import signal
+import subprocess
+
+import pytest
+
+__all__ = ["alive", "run_in_session"]
 
 
 def alive(pid: int) -> bool:
@@ -13,3 +19,24 @@ def alive(pid: int) -> bool:
         return False
     except OSError:
         return True
+
+
+def run_in_session(cmd: list[str], env: dict[str, str], timeout: float,
+                   cwd: str | os.PathLike | None = None) -> tuple[int, str]:
+    """Run a launcher in a session of its own and return (exit code, output);
+    nothing it started outlives it (its process group is killed either
+    way), and a run past ``timeout`` fails the test with the output so far."""
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} timed out after {timeout}s:\n{out}")
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return p.returncode, out

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from proctools import run_in_session
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "launch_mesh.py"
@@ -45,20 +46,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 90) -> str:
     """Run a launcher in a session of its own; nothing it started outlives it."""
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s:\n{out}")
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{out}"
+    code, out = run_in_session(cmd, env, timeout, cwd=ROOT)
+    assert code == 0, f"{' '.join(cmd)} exited {code}:\n{out}"
     return out
 
 

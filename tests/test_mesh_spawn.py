@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from proctools import alive as proc_alive
 
 import mesh
 
@@ -146,17 +147,10 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path: Path, sig: str) 
         deadline = time.monotonic() + 10
         alive = pids
         while alive and time.monotonic() < deadline:
-            alive = [p for p in pids if _alive(p)]
+            alive = [p for p in pids if proc_alive(p)]
             time.sleep(0.05)
         assert not alive, f"ranks {alive} outlived the process that spawned them ({sig})"
     finally:
         parent.kill()
         parent.wait()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][0] != "Z"
-    except FileNotFoundError:
-        return False

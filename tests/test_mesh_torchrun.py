@@ -3,14 +3,13 @@ with a plain ``mesh.init()``, whichever rendezvous torchrun itself uses."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from proctools import run_in_session
 
 pytest.importorskip("torch.distributed", reason="torchrun ships with torch (the test extra)")
 
@@ -50,21 +49,9 @@ def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None 
          if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_")) and k not in
          ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     e.update(PYTHONPATH=ROOT, MESH_RENDEZVOUS_TIMEOUT="30", **(extra_env or {}))
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, str(script)],
-                         env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        pytest.fail(f"torchrun {' '.join(args)} timed out after {timeout}s:\n{out}")
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)      # no worker outlives the test
-        except ProcessLookupError:
-            pass
-    assert p.returncode == 0, f"torchrun {' '.join(args)} exited {p.returncode}:\n{out}"
+    code, out = run_in_session([sys.executable, "-m", "torch.distributed.run", *args,
+                                str(script)], e, timeout)   # no worker outlives the test
+    assert code == 0, f"torchrun {' '.join(args)} exited {code}:\n{out}"
     assert "Address already in use" not in out, out
     assert sorted(ln for ln in out.splitlines() if ln.startswith("rank ")) == \
         ["rank 0 of 2: ok", "rank 1 of 2: ok"], out
