@@ -35,6 +35,14 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _CACHE = 1024  # headers remembered
 
 
+def _fits(out: Any, req: Any, h: wire.Header) -> bool:
+    """Whether a message described by ``h`` can land straight in the claiming
+    receive's ``out=`` (a writable C-contiguous numpy array of its dtype and
+    size, posted for the same fingerprint)."""
+    return (type(out) is np.ndarray and out.dtype == h.dt and out.nbytes == h.nbytes
+            and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable)
+
+
 class Reader:
     """Reads rank ``rank``'s ROUTER; ``on_credit(peer, bytes)`` takes grants."""
 
@@ -145,8 +153,7 @@ class Reader:
         req = self._claim(h.group, h.src, h.tag)
         if req is not None:
             out = req.out
-            if (type(out) is np.ndarray and out.dtype == h.dt and out.nbytes == got
-                    and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable):
+            if _fits(out, req, h):
                 fill(out, parts)            # straight into the caller's out=
                 self._consumed(h.src, got)
                 req.got = h
@@ -167,12 +174,7 @@ class Reader:
             self._bad(f"a direct-path message from rank {h.src}, which was never probed")
             return
         req = self._claim(h.group, h.src, h.tag)
-        dest = None
-        if req is not None:
-            out = req.out
-            if (type(out) is np.ndarray and out.dtype == h.dt and out.nbytes == h.nbytes
-                    and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable):
-                dest = out
+        dest = req.out if req is not None and _fits(req.out, req, h) else None
         into_out = dest is not None
         if dest is None:
             dest = np.empty(h.shape or (), h.dt)
