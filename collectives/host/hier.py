@@ -48,9 +48,8 @@ from mesh import AbortKind, Comm
 from mesh.env import host_id
 
 from ..ops import ReduceOp
-from ..plan import Tuning
+from ..plan import Tuning, ring_chunks
 from ..runner import Ctx, abandon, agreed, start
-from ..plan import ring_chunks
 from ..shm import board, local
 from ..shm.board import Round
 from ..shm.cma import peer_read
