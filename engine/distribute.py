@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import collectives
 from mesh import Comm, Grid
@@ -39,6 +39,7 @@ from .choose import (SCHEDULES, Candidate, LayerCost, builtin, candidates, count
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name
+from .stagebuild import param_count
 from .tensor_parallel import gather_state_dict, parallelize
 from .partition import partition
 from .torch_stage import TorchStage, torch_loss
@@ -93,12 +94,6 @@ def _size(grid: Grid, axis: str) -> int:
 
 def _coord(grid: Grid, axis: str) -> int:
     return grid.coord(axis) if axis in grid.names else 0
-
-
-def _param_count(layer: Any, is_torch: bool) -> int:
-    if is_torch:
-        return sum(p.numel() for p in layer.parameters())
-    return sum(int(p.size) for p in layer.params())
 
 
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int
@@ -256,7 +251,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         raise ValueError(f"{'schedule=auto' if auto else 'balance=time'} measures the layers: "
                          "pass sample= (a batch of inputs as step() will get)")
     tp = _size(grid, "tp")
-    params = [_param_count(layer, is_torch) for _, layer in named]
+    params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
 
     if isinstance(schedule, Schedule):
         if schedule.num_ranks != p:

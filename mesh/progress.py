@@ -30,7 +30,7 @@ from typing import Any
 import zmq
 
 from .liveness import Liveness
-from .match import DONE, Flag, Pending
+from .match import DONE, Flag
 from .peer import config_float
 from .reader import Reader
 
