@@ -66,7 +66,7 @@ class Peer:
 
     __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
                  "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at",
-                 "window", "grant_step", "_grant_lock")
+                 "window", "grant_step", "_grant_lock", "sent")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None,
                  window: int = 64 << 20) -> None:
@@ -85,6 +85,7 @@ class Peer:
         self.suspect_since = 0.0
         self.status = ""
         self.status_at = 0.0
+        self.sent = 0          # messages put on its socket (order with mesh.rings)
 
     def admit(self, n: int) -> bool:
         """Charge a message of ``n`` payload bytes to the window if it fits

@@ -62,6 +62,9 @@ class Progress:
     def start(self, reader: Reader, live: Liveness) -> None:
         """Start the progress thread, reading with ``reader``, watching with ``live``."""
         self._read_one, self._live = reader.read_one, live
+        self._read_rings, self._rings = reader.read_rings, reader.rings
+        if self._rings is not None:     # its wake pipe: polled by the reading turn only
+            self._reader_items.append((self._rings.wake_r, zmq.POLLIN))
         self._thread = threading.Thread(target=self._run, name=f"mesh-progress-{self.rank}",
                                         daemon=True)
         self._thread.start()
@@ -88,6 +91,7 @@ class Progress:
         live.doing, live.doing_since = item, start
         held = False
         polled = 0.0
+        rings = self._rings
         try:
             while (item.state != DONE) if flag is None else not flag.is_set():
                 now = time.monotonic()
@@ -105,18 +109,35 @@ class Progress:
                 ready = None
                 if not polled:
                     polled = time.perf_counter()
+                    if rings is not None:   # the rings too (mesh.rings): watched while spinning
+                        rings.awake(True)
+                        if self._read_rings() and self._done(item, flag):
+                            continue
                     if self._spin_now:    # poll a little before sleeping (module docstring)
                         spin_end = polled + self._spin_now
                         while True:
                             ready = zmq.zmq_poll(self._reader_items, 0)
                             if ready or time.perf_counter() >= spin_end:
                                 break
+                            if rings is not None and rings.changed():
+                                self._read_rings()
+                                if self._done(item, flag):
+                                    break
                             os.sched_yield()
+                    if rings is not None:     # asleep from here: senders ring the doorbell
+                        rings.awake(False)
+                        if self._read_rings() and self._done(item, flag):
+                            continue
+                    if not ready and self._done(item, flag):
+                        continue
+                elif rings is not None and self._read_rings() and self._done(item, flag):
+                    continue
                 if not ready:
                     ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
                 if ready:
                     if len(ready) > 1 or ready[0][0] is not self._router:
-                        self._drain_wake()
+                        if self._woken(ready) and self._done(item, flag):
+                            continue
                     for _ in range(1024):
                         if not self._read_one() or (item.state == DONE if flag is None
                                                     else flag.is_set()):
@@ -125,6 +146,8 @@ class Progress:
                 self._adapt_spin(time.perf_counter() - polled)
             return True
         finally:
+            # AWAKE stays set: the next receive, or the progress thread when it
+            # takes the turn (within _aside_until), clears it before sleeping
             if held:
                 self._rlock.release()
             end = time.monotonic()
@@ -133,6 +156,22 @@ class Progress:
                 self._want -= 1
                 if self._want == 0:
                     self._aside_until = end + 0.002
+
+    def _woken(self, ready: list) -> int:
+        """Empty the wake pipes that woke a poll (``ready``); when the rings'
+        did, read the rings (mesh.rings): the count of messages delivered."""
+        n = 0
+        for fd, _ in ready:
+            if fd == self._wake_r:
+                self._drain_wake()
+            elif self._rings is not None and fd == self._rings.wake_r:
+                self._rings.woken()
+                n += self._read_rings(True)
+        return n
+
+    @staticmethod
+    def _done(item: Any, flag: Flag | None) -> bool:
+        return item.state == DONE if flag is None else flag.is_set()
 
     def _adapt_spin(self, waited: float) -> None:
         """Like adaptive halt polling: a wait longer than the longest spin
@@ -164,6 +203,8 @@ class Progress:
         live = self._live
         reading, aside, watch = zmq.Poller(), zmq.Poller(), zmq.Poller()
         reading.register(self._router, zmq.POLLIN)
+        if self._rings is not None:
+            reading.register(self._rings.wake_r, zmq.POLLIN)
         for poller in (reading, aside):
             poller.register(self._wake_r, zmq.POLLIN)
         for m in live.monitors:     # one per peer: read on the timer, not on every wake
@@ -179,9 +220,15 @@ class Progress:
                         self._rlock.release()
                         held = False
                     self._progress_reading = held
+                if held and self._rings is not None:    # asleep in poll: wake me (mesh.rings)
+                    self._rings.awake(False)
+                    self._read_rings()
                 events = dict((reading if held else aside).poll(100 if held else 5))
                 if self._wake_r in events:
                     self._drain_wake()
+                if held and self._rings is not None and self._rings.wake_r in events:
+                    self._rings.woken()
+                    self._read_rings(True)
                 if held and self._router in events:
                     for _ in range(1024):
                         if self._want or not self._read_one():

@@ -26,6 +26,7 @@ from .inbox import Inbox
 from .liveness import Liveness
 from .payload import fill
 from .peer import DEAD, Peer
+from .rings import Rings
 
 __all__ = ["Reader", "COPY_BELOW"]
 
@@ -48,12 +49,20 @@ class Reader:
 
     def __init__(self, router: zmq.Socket, rank: int, peers: list[Peer], inbox: Inbox,
                  live: Liveness, on_credit: Callable[[Peer, int], None],
-                 direct: Direct) -> None:
+                 direct: Direct, rings: Rings | None = None) -> None:
         self.rank, self.size = rank, len(peers)
         self.bad_messages = 0
         self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
         self._on_credit, self._direct = on_credit, direct
         self._idents = [str(r).encode() for r in range(len(peers))]
+        self._rank_of = {ident: r for r, ident in enumerate(self._idents)}
+        # mesh.rings: messages read off each peer's socket, to order its ring by
+        self.rings = rings
+        self.heard = [0] * len(peers)
+        self._ringed = [False] * len(peers)
+        if rings is not None:
+            for r in rings.peers:
+                self._ringed[r] = True
         # Headers repeat (same peer, tag, dtype and shape, message after
         # message): decode each distinct byte string once; bounded, starts
         # over when full.
@@ -75,6 +84,53 @@ class Reader:
         more = frame.more
         head = frame.bytes
         payload: list = []
+        del frame
+        src = self._rank_of.get(ident)
+        if src is not None and self._ringed[src]:   # what its ring holds from before, first
+            rings = self.rings
+            assert rings is not None
+            rings.drain(src, self.heard[src], self._from_ring)
+            self.heard[src] += 1
+            try:
+                return self._dispatch(ident, head, payload, more)
+            finally:
+                rings.drain(src, self.heard[src], self._from_ring)
+        return self._dispatch(ident, head, payload, more)
+
+    def read_rings(self, force: bool = False) -> int:
+        """Deliver what the same-host peers' rings hold (mesh.rings), if a
+        sender wrote since the last look (always, with ``force``)."""
+        rings = self.rings
+        if rings is None or not (force or rings.changed()):
+            return 0
+        return rings.drain_all(self.heard, self._from_ring)
+
+    def _from_ring(self, src: int, frame: memoryview) -> None:
+        """One message out of rank ``src``'s ring: an array or an object,
+        delivered as from the socket (the bytes are copied before the ring
+        moves on)."""
+        try:
+            if frame[0] != wire.INLINE_MARK:
+                raise BadMessageError("not a one-frame message")
+            hv, body = wire.split_inline(frame)
+            head = bytes(hv)
+            h = self._decoded.get(head)
+            if h is None:
+                h = wire.decode(head, self.size)
+                if h.kind <= wire.OBJ and h.fp is None and len(self._decoded) < _CACHE:
+                    self._decoded[head] = h
+        except BadMessageError as e:
+            self._bad(f"from rank {src}'s ring: {e}")
+            return
+        if h.src != src or h.kind > wire.OBJ or h.direct:
+            self._bad(f"rank {src}'s ring holds a message of kind {h.kind} from rank {h.src}")
+            return
+        self._peers[src].last_heard = time.monotonic()
+        self._deliver(h, [body])
+
+    def _dispatch(self, ident: bytes, head: bytes, payload: list, more: Any) -> bool:
+        """The rest of ``read_one``: the message whose first frame was ``head``."""
+        router = self._router
         if head.startswith(b"\xc1"):       # a small message in one frame
             try:
                 head, body = wire.split_inline(head)
@@ -105,22 +161,12 @@ class Reader:
                 frame = router.recv(0, copy=False)
                 more = frame.more
                 payload.append(frame.bytes if copy else frame.buffer)
-        if h.kind == wire.DATA:
-            if h.direct:
-                if payload:
-                    return self._bad("a direct-path message with payload frames")
-                self._read_direct(h, peer)
-            else:
-                self._read_array(h, payload)
-        elif h.kind == wire.OBJ:
-            if len(payload) != 1 or len(payload[0]) != h.nbytes:
-                return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
-                                 f"{len(payload)} frames, header says {h.nbytes}")
-            try:
-                value = msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
-            except Exception as e:
-                return self._bad(f"object payload is not msgpack ({type(e).__name__})")
-            self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)
+        if h.kind == wire.DATA and h.direct:
+            if payload:
+                return self._bad("a direct-path message with payload frames")
+            self._read_direct(h, peer)
+        elif h.kind <= wire.OBJ:
+            self._deliver(h, payload)
         elif payload:
             return self._bad(f"control message kind {h.kind} with a payload")
         elif h.kind == wire.CREDIT:
@@ -140,6 +186,23 @@ class Reader:
             self._direct.on_done(h.direct[0])
         elif h.kind == wire.PROBE:
             self._direct.on_probe(peer, h.direct)
+        elif h.kind == wire.RING and len(h.direct) == 4 and self.rings is not None:
+            self.rings.attach(h.src, h.direct)
+        return True
+
+    def _deliver(self, h: wire.Header, payload: list) -> bool:
+        """An array or an object message, its payload in ``payload``."""
+        if h.kind == wire.DATA:
+            self._read_array(h, payload)
+            return True
+        if len(payload) != 1 or len(payload[0]) != h.nbytes:
+            return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
+                             f"{len(payload)} frames, header says {h.nbytes}")
+        try:
+            value = msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
+        except Exception as e:
+            return self._bad(f"object payload is not msgpack ({type(e).__name__})")
+        self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)
         return True
 
     def _read_array(self, h: wire.Header, parts: list) -> None:

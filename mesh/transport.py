@@ -24,7 +24,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from . import auth, device, wire
+from . import auth, device, rings, wire
 from .direct import Ack, Direct
 from .errors import BadMessageError, LostPeerError, MeshTimeoutError
 from .inbox import Inbox, abort_error
@@ -80,8 +80,12 @@ class Transport:
         self.live = Liveness(rank, timeout, self._peers, self.groups, self.inbox, self._control,
                              self._router_mon)
         self.direct = Direct(rank, self._peers, endpoints, self._control)
+        same_host = [r for r, ep in enumerate(endpoints) if r != rank and ep.startswith("ipc://")]
+        self.rings = rings.Rings(rank, size, same_host) if same_host and rings.enabled() \
+            else None
+        self._ring_max = self.rings.max if self.rings is not None else -1
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
-                             self.direct)
+                             self.direct, self.rings)
         self.stall_warn = self.live.stall_warn
         # what communicators call of the inbox and of liveness
         self.irecv, self.iprobe = self.inbox.post, self.inbox.iprobe
@@ -89,6 +93,10 @@ class Transport:
         self.stalled, self.status = self.live.stalled, self.live.status
         self._drive = self.progress.drive
         self.progress.start(self.reader, self.live)
+        if self.rings is not None:     # where each same-host peer writes to us (mesh.rings)
+            there = wire.encode(wire.RING, rank, direct=self.rings.announce())
+            for r in same_host:
+                self._control(self._peers[r], there)
 
     # ---- sending -------------------------------------------------------------
 
@@ -142,8 +150,25 @@ class Transport:
                 out.fail(self.inbox.gone(peer, out.desc))
             elif peer.queue or not peer.admit(out.nbytes):
                 peer.queue.append(out)
+            elif out.nbytes <= self._ring_max and out.tracker is None and self._ring(peer, out):
+                return
             else:
                 self._transmit(peer, out)
+
+    def _ring(self, peer: Peer, out: Outgoing) -> bool:
+        """Put a small message in ``peer``'s ring (mesh.rings), if it has told
+        us where that is and it has room; caller holds ``peer.lock``."""
+        assert self.rings is not None
+        ring = self.rings.out[peer.rank]
+        frames = out.frames
+        if ring is None or not frames:
+            return False
+        frame = frames[0] if len(frames) == 1 else wire.inline(*frames)
+        if not ring.put(frame, len(frame), peer.sent):
+            return False
+        out.frames = None
+        out.event.set()
+        return True
 
     def _transmit(self, peer: Peer, out: Outgoing) -> None:
         """Hand frames to ZeroMQ; caller holds ``peer.lock``, ``out`` is admitted."""
@@ -166,6 +191,7 @@ class Transport:
         except zmq.ZMQError as e:
             out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
             return
+        peer.sent += 1
         peer.last_sent = time.monotonic()
         out.event.set()
 
@@ -176,6 +202,7 @@ class Transport:
             if peer.state <= upto:
                 try:
                     peer.sock.send(header, zmq.NOBLOCK)
+                    peer.sent += 1
                     peer.last_sent = time.monotonic()
                 except zmq.ZMQError:
                     pass
@@ -306,6 +333,8 @@ class Transport:
         self.keep_alive.clear()
         self.direct.close()
         self.progress.stop()
+        if self.rings is not None:
+            self.rings.close()
         for p in self._peers:
             if p.sock is not None:
                 p.sock.disable_monitor()

@@ -24,7 +24,8 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  on DATA [address, id] (no payload frames: the receiver reads
                  the bytes from the sender's memory and answers DONE [id]);
                  on PROBE [pid, address, token 0, token 1] (may you read me?)
-                 or [1 or 0] (the answer)
+                 or [1 or 0] (the answer); on RING [pid, fd, token 0, token 1]
+                 (where the sender's ring in our region is: mesh.rings)
 """
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ import numpy as np
 from .errors import AbortKind, BadMessageError
 from .tensors import BFLOAT16
 
-__all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "PROBE", "DONE", "FRAME_BYTES",
+__all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "PROBE", "DONE", "RING",
+           "FRAME_BYTES",
            "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
            "split_inline", "array_frames", "dtype_ok"]
 
-DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE = 0, 1, 2, 3, 4, 5, 6, 7
-_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE)
+DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING = 0, 1, 2, 3, 4, 5, 6, 7, 8
+_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING)
 _MAX_DIRECT = 4
 FRAME_BYTES = 1 << 20
 MAX_HEADER = 16 * 1024
@@ -158,7 +160,7 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         raise BadMessageError(f"unknown message kind {kind}")
     src = _int(h, "s", 0, world_size - 1)
     direct = _direct(h) if "x" in h else ()
-    if kind in (PROBE, DONE):
+    if kind in (PROBE, DONE, RING):
         if len(direct) != (1 if kind == DONE else 4) and (kind == DONE or len(direct) != 1):
             raise BadMessageError(f"message kind {kind} with direct-path field {direct!r}")
         return Header(kind, src, direct=direct)

@@ -1,0 +1,302 @@
+"""The same-host small-message path: a shared-memory ring per sender.
+
+A message under MESH_RING_MAX bytes between two ranks of one host is not
+put on the socket: the sender copies it into a ring in the receiver's
+memory, and a receiver that is waiting sees it there within a microsecond
+or two, where a socket costs a wake-up of ZeroMQ's I/O threads on each side
+(the round trip goes from about a hundred microseconds to a few).
+
+Each rank owns one region, an anonymous memory file (memfd: nothing in
+/dev/shm, gone with the last process that maps it, SIGKILL included):
+
+    page 0     token (pid, random), WAKE, BELL, AWAKE, RUNG
+    CTL        per sender s: TAIL[s] (bytes it has written)
+    HEADS      per sender s: HEAD[s] (bytes the receiver has read)
+    DATA       per sender s: a ring of MESH_RING_BYTES
+
+It tells each same-host peer where it is (RING x=[pid, fd, token]) over the
+socket once, at start; the peer maps page 0 to the end of HEADS and its own
+ring, by /proc/pid/fd/fd (allowed where the process may read the other's
+memory: mesh.cma.allow_peers), and checks the token.
+
+An entry is [c, length] (two 64-bit words) and a one-frame message (wire's
+inline form), 16-byte aligned; a length with WRAP set pads to the ring's end.
+The sender writes the entry, then TAIL, then BELL (a value never written
+before: its tail and its rank), then reads AWAKE: a receiver spinning in a
+receive sets AWAKE and sees BELL change; one that is not is woken by a byte
+written to the region's wake pipe (WAKE is its descriptor, opened by the
+sender through /proc like the region), unless one is there already (RUNG):
+a pipe wakes a poll directly, where a message on the socket would wake
+ZeroMQ's I/O thread on each side first. Only the thread holding the reading
+turn (mesh.progress) polls that pipe, and it empties the pipe, clears RUNG
+and then reads the rings (``woken``), so no wake-up is lost.
+
+Order per (source, tag) across the two ways: the socket carries everything
+the ring does not (large messages, the direct path's headers, control), and
+both are one stream. Each sender counts the messages it put on the socket
+to each peer (``Peer.sent``); an entry carries that count ``c``; the
+receiver counts what it read from each peer's socket (``heard``) and takes
+an entry only once ``heard >= c``, and before it takes a socket message it
+takes the entries written before it. A full ring sends by socket (until the
+receiver has emptied it), so the ring never blocks a sender; what it carries is charged to the same credit
+window as the socket (mesh.peer), so flow control is unchanged.
+
+Ordering of plain loads and stores across the two processes: the x86
+order (stores are seen in order) plus a full fence (``fence``, an atomic
+read-modify-write in the lock) between a store and the load that must see
+the other side's store (TAIL then AWAKE and RUNG; AWAKE or RUNG then TAIL).
+``MESH_SHM=0`` (on either side) turns the path off, with the direct path.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import threading
+from typing import Any, Callable
+
+from .peer import config_float
+
+__all__ = ["Rings", "enabled", "fence"]
+
+_log = logging.getLogger("mesh.transport")
+_PAGE = mmap.PAGESIZE
+_WAKE, _BELL, _AWAKE, _RUNG = 2, 8, 16, 24    # 64-bit word indices in page 0
+_LINE = 8                      # words per cache line: one line per sender's counters
+_WRAP = 1 << 32
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory fence: acquiring a lock is an atomic read-modify-write."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def enabled() -> bool:
+    from .direct import enabled as shm_on
+    return shm_on() and hasattr(os, "memfd_create")
+
+
+def _round(n: int) -> int:
+    return -(-n // _PAGE) * _PAGE
+
+
+class _Layout:
+    def __init__(self, size: int, ring: int) -> None:
+        self.ring = ring
+        self.ctl = _PAGE                                  # TAIL[s]
+        self.heads = self.ctl + _round(64 * size)         # HEAD[s]
+        self.data = self.heads + _round(64 * size)        # the rings
+        self.total = self.data + size * ring
+
+    def slot(self, s: int) -> int:
+        return self.data + s * self.ring
+
+
+class _Out:
+    """This rank's ring in one peer's region (the writing side)."""
+
+    __slots__ = ("ctl", "q", "buf", "qd", "tail", "ti", "hi", "ring", "mask", "src", "wake",
+                 "full")
+
+    def __init__(self, fd: int, lay: _Layout, src: int) -> None:
+        self.ctl = mmap.mmap(fd, lay.data)
+        self.buf = mmap.mmap(fd, lay.ring, offset=lay.slot(src))
+        self.q = memoryview(self.ctl).cast("Q")
+        self.qd = memoryview(self.buf).cast("Q")
+        self.ring, self.mask, self.src = lay.ring, lay.ring - 1, src
+        self.ti = (lay.ctl >> 3) + _LINE * src
+        self.hi = (lay.heads >> 3) + _LINE * src
+        self.tail = self.q[self.ti]
+        self.wake = -1             # the receiver's wake pipe, opened by Rings.attach
+        self.full = False          # was full: the socket until the receiver has read it all
+
+    def put(self, frame: Any, n: int, c: int) -> bool:
+        """Write a one-frame message of ``n`` bytes, and wake the receiver
+        if it is not watching; False when it does not fit now."""
+        size = 16 + ((n + 15) & ~15)
+        tail, ring = self.tail, self.ring
+        used = tail - self.q[self.hi]
+        if self.full:       # alternating ring and socket message by message would make
+            if used:        # every ring entry wait for a socket message: stay off it
+                return False
+            self.full = False
+        free = ring - used
+        off = tail & self.mask
+        if off + size > ring:               # pad to the end, start over at 0
+            if free < ring - off + size:
+                self.full = True
+                return False
+            self.qd[(off >> 3) + 1] = _WRAP
+            tail += ring - off
+            off = 0
+        elif free < size:
+            self.full = True
+            return False
+        w = off >> 3
+        self.qd[w] = c
+        self.qd[w + 1] = n
+        self.buf[off + 16:off + 16 + n] = frame
+        self.tail = tail = tail + size
+        q = self.q
+        q[self.ti] = tail
+        q[_BELL] = tail << 16 | self.src
+        fence()
+        if not (q[_AWAKE] or q[_RUNG]):
+            q[_RUNG] = 1
+            try:
+                os.write(self.wake, b"r")
+            except OSError:      # full: it is awake already; gone: so is the peer
+                pass
+        return True
+
+    def close(self) -> None:
+        if self.wake >= 0:
+            os.close(self.wake)
+        self.q.release()
+        self.qd.release()
+        self.ctl.close()
+        self.buf.close()
+
+
+class Rings:
+    """Rank ``rank``'s region (the receiving side) and its rings in the
+    regions of the peers that told it theirs (the sending side)."""
+
+    def __init__(self, rank: int, size: int, same_host: list[int]) -> None:
+        self.rank = rank
+        ring = int(config_float("MESH_RING_BYTES", 256 << 10))
+        ring = max(_PAGE, 1 << (ring - 1).bit_length())          # a power of two
+        self.max = min(int(config_float("MESH_RING_MAX", 16 << 10)), ring // 4)
+        self.lay = _Layout(size, ring)
+        self.peers = same_host            # the slots that may be written
+        self.out: list[_Out | None] = [None] * size
+        self.fd = os.memfd_create(f"meshrun-rank{rank}", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.lay.total)
+        self._map = mmap.mmap(self.fd, self.lay.total)
+        self._mv = memoryview(self._map)
+        self.q = self._mv.cast("Q")
+        self.token = (os.getpid(), secrets.randbits(62))
+        self.q[0], self.q[1] = self.token
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_w = wake_w
+        self.q[_WAKE] = wake_w
+        self._heads = [0] * size
+        self._last_bell = 0
+
+    # ---- the sending side ----------------------------------------------------
+
+    def attach(self, src: int, x: tuple[int, ...]) -> bool:
+        """Map our ring in rank ``src``'s region, from its RING x=[pid, fd,
+        token]; False (and the socket stays the way) when that fails."""
+        pid, fd, t0, t1 = x
+        try:
+            f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            _log.debug("rank %d: rank %d's ring cannot be opened: %s", self.rank, src, e)
+            return False
+        try:
+            out = _Out(f, self.lay, self.rank)
+        except (OSError, ValueError) as e:
+            _log.debug("rank %d: rank %d's ring cannot be mapped: %s", self.rank, src, e)
+            return False
+        finally:
+            os.close(f)
+        if (out.q[0], out.q[1]) != (t0, t1):
+            out.close()
+            return False
+        try:
+            out.wake = os.open(f"/proc/{pid}/fd/{out.q[_WAKE]}",
+                               os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            _log.debug("rank %d: rank %d's wake pipe cannot be opened: %s", self.rank, src, e)
+            out.close()
+            return False
+        self.out[src] = out
+        return True
+
+    # ---- the receiving side --------------------------------------------------
+
+    def announce(self) -> tuple[int, int, int, int]:
+        return (os.getpid(), self.fd, *self.token)
+
+    def awake(self, on: bool) -> None:
+        """Say whether a receive is watching the rings (no doorbells needed);
+        after turning it off, ``fence`` and look once more before sleeping."""
+        self.q[_AWAKE] = 1 if on else 0
+        if not on:
+            fence()
+
+    def changed(self) -> bool:
+        """Whether a sender wrote since the last ``drain_all``."""
+        return self.q[_BELL] != self._last_bell
+
+    def woken(self) -> None:
+        """The wake pipe was readable: empty it and say so (RUNG), before
+        the rings are read (``drain_all``), so a later sender writes again."""
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+        self.q[_RUNG] = 0
+        fence()
+
+    def drain_all(self, heard: list[int], deliver: Callable[[int, memoryview], None]) -> int:
+        """Deliver what every same-host peer's ring holds that may go now."""
+        self._last_bell = self.q[_BELL]
+        n = 0
+        for s in self.peers:
+            n += self.drain(s, heard[s], deliver)
+        return n
+
+    def drain(self, s: int, upto: int, deliver: Callable[[int, memoryview], None]) -> int:
+        """Deliver sender ``s``'s entries written before its socket message
+        ``upto`` + 1; the count delivered."""
+        lay, q = self.lay, self.q
+        head = self._heads[s]
+        tail = q[(lay.ctl >> 3) + _LINE * s]
+        if head == tail:
+            return 0
+        base, mask, ring = lay.slot(s), lay.ring - 1, lay.ring
+        mv = self._mv
+        n = 0
+        try:
+            while head != tail:
+                off = head & mask
+                w = (base + off) >> 3
+                length = q[w + 1]
+                if length & _WRAP:
+                    head += ring - off
+                    continue
+                if q[w] > upto:
+                    break
+                if length > ring - off - 16:
+                    _log.warning("rank %d: rank %d's ring holds an entry of %d bytes at %d; "
+                                 "dropped what is left", self.rank, s, length, off)
+                    head = tail
+                    break
+                deliver(s, mv[base + off + 16:base + off + 16 + length])
+                head += 16 + ((length + 15) & ~15)
+                n += 1
+                q[(lay.heads >> 3) + _LINE * s] = head
+        finally:
+            self._heads[s] = head
+            q[(lay.heads >> 3) + _LINE * s] = head
+        return n
+
+    def close(self) -> None:
+        for i, o in enumerate(self.out):
+            if o is not None:
+                o.close()
+                self.out[i] = None
+        self.q.release()
+        self._mv.release()
+        try:
+            self._map.close()
+        except BufferError:      # a view of a message still held: the mapping goes with it
+            pass
+        for fd in (self.fd, self.wake_r, self._wake_w):
+            os.close(fd)
