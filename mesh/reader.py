@@ -110,10 +110,10 @@ class Reader:
         delivered as from the socket (the bytes are copied before the ring
         moves on)."""
         try:
-            if frame[0] != wire.INLINE_MARK:
-                raise BadMessageError("not a one-frame message")
-            hv, body = wire.split_inline(frame)
-            head = bytes(hv)
+            hl = frame[1] | frame[2] << 8 if len(frame) >= 3 else len(frame)
+            if frame[0] != wire.INLINE_MARK or 3 + hl > len(frame):
+                raise BadMessageError(f"not a one-frame message ({len(frame)} bytes)")
+            head, body = bytes(frame[3:3 + hl]), frame[3 + hl:]
             h = self._decoded.get(head)
             if h is None:
                 h = wire.decode(head, self.size)
