@@ -58,7 +58,7 @@ from typing import Any, Callable
 
 from .peer import config_float
 
-__all__ = ["Rings", "enabled", "fence"]
+__all__ = ["Rings", "enabled", "fence", "open_rings"]
 
 _log = logging.getLogger("mesh.transport")
 _PAGE = mmap.PAGESIZE
@@ -77,6 +77,18 @@ def fence() -> None:
 def enabled() -> bool:
     from .direct import enabled as shm_on
     return shm_on() and hasattr(os, "memfd_create")
+
+
+def open_rings(rank: int, size: int, same_host: list[int]) -> Rings | None:
+    """Rank ``rank``'s rings, for the peers ``same_host``; None when there
+    are none, the path is off, or this system will not make the region."""
+    if not same_host or not enabled():
+        return None
+    try:
+        return Rings(rank, size, same_host)
+    except OSError as e:
+        _log.info("rank %d: no same-host rings (%s); small messages take the socket", rank, e)
+        return None
 
 
 def _round(n: int) -> int:

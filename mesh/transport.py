@@ -81,8 +81,7 @@ class Transport:
                              self._router_mon)
         self.direct = Direct(rank, self._peers, endpoints, self._control)
         same_host = [r for r, ep in enumerate(endpoints) if r != rank and ep.startswith("ipc://")]
-        self.rings = rings.Rings(rank, size, same_host) if same_host and rings.enabled() \
-            else None
+        self.rings = rings.open_rings(rank, size, same_host)
         self._ring_max = self.rings.max if self.rings is not None else -1
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings)
