@@ -4,12 +4,15 @@ unit costs along one rank's critical path::
     T = (a0 + msgs * alpha + moved * beta + reduced * gamma) / share(n)
 
     a0      fixed cost of one call (Python entry, fingerprint, first sync)
-    alpha   one message (socket path) or one peer poll / read (board path)
+    alpha   one message (socket path), or one peer waited for (board path:
+            each time a rank waits for all its peers, n - 1 of them)
     beta    one byte moved (a socket hop, or a process_vm_readv copy)
     gamma   one byte reduced (numpy's combine)
-    share   min(1, cores / n): the compute share of one rank when n ranks
-            share the host's cores; every term here is CPU work on one host
-            (the socket hops are loopback copies and wake-ups), so all scale
+    share   the compute share of one rank: as measured (the time its threads
+            ran over the time they ran or waited to run, from the kernel's
+            scheduler statistics: collectives.tools.sweep's ``ran``), else
+            min(1, cores / n); every term here is CPU work on one host (the
+            socket hops are loopback copies and wake-ups), so all scale
 
 Which algorithm runs is meshrun's own rule (collectives.plan.choose,
 collectives.shm.board.CAPACITY), so the model follows its size switches.
@@ -87,22 +90,26 @@ def _log2(n: int) -> int:
     return max(0, (n - 1).bit_length())
 
 
-def _board(op: str, alg: str, n: int, m: float, nseg: int) -> Terms:
+def _board(op: str, alg: str, n: int, m: float) -> Terms:
+    """Board counts: ``msgs`` is peer waits, p = n - 1 for each time a rank
+    waits for all its peers (a post seen, a stage reached: collectives.shm.
+    local's syncs), since each such wait runs every peer once (each polls,
+    yields, is run again); the cross-memory reads themselves are bytes."""
     p = n - 1
     if op == "all_reduce":
-        if alg == "board_small":
+        if alg == "board_small":                    # post payload | gather | reduce
             return Terms(1, p, n * m, p * m)
-        return Terms(1, p * (4 + nseg), 2 * p / n * m, p / n * m)
+        return Terms(1, 3 * p, 2 * p / n * m, p / n * m)   # gather | stage 1 | stage 2
     if op == "broadcast":
-        return Terms(1, p, 2 * m, 0) if alg == "board_small" else Terms(1, p + 1, m, 0)
+        return Terms(1, p, 2 * m, 0) if alg == "board_small" else Terms(1, 2 * p, m, 0)
     if op == "all_gather":
         return Terms(1, p if m / n <= BOARD_CAPACITY else 2 * p, m, 0)
     if op == "reduce":
         if alg == "board_small":
             return Terms(1, p, n * m, p * m)
-        return Terms(1, p * (3 + nseg), 2 * p / n * m, p / n * m)
+        return Terms(1, 3 * p, 2 * p / n * m, p / n * m)
     if op == "reduce_scatter":
-        return Terms(1, p * (2 + nseg), p / n * m, p / n * m)
+        return Terms(1, 2 * p, p / n * m, p / n * m)
     raise ValueError(f"no board model for {op}")
 
 
@@ -133,8 +140,7 @@ def terms(path: str, op: str, n: int, nbytes: int, tuning: Tuning = Tuning()) ->
         return Terms(1, 0, 0, 0)
     alg = algorithm(path, op, nbytes, tuning)
     if path == "board" and alg != "rd":
-        nseg = segment_count(math.ceil(nbytes / n), 1, tuning.segment)
-        return _board(op, alg, n, float(nbytes), nseg)
+        return _board(op, alg, n, float(nbytes))
     return _socket(op, alg, n, float(nbytes), tuning.segment)
 
 
@@ -159,9 +165,17 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def row_share(row: dict, cores: float) -> float:
-    """A measured row's compute share: as measured (``"share"``,
-    collectives.tools.sweep), else min(1, cores / n)."""
-    got = row.get("share")
+    """A measured row's compute share: the scheduler's (``"ran"``,
+    collectives.tools.sweep), else the probe's (``"share"``: rows measured
+    before ``ran`` was kept), else min(1, cores / n).
+
+    ``ran`` is taken over the timed calls themselves and counts only the
+    time a thread wanted a core, so it sees oversubscription and other jobs
+    alike and is not fooled by threads asleep in a receive. The probe (a
+    numpy loop run by every rank at once between the timed calls) reads
+    0.6-0.8 for 2 ranks on 2 idle cores, where ``ran`` reads 0.95, and so
+    made every 2-rank prediction 1.3-1.7x too slow."""
+    got = row.get("ran") or row.get("share")
     return float(got) if got else share(row["n"], cores)
 
 
