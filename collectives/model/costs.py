@@ -122,8 +122,12 @@ def _socket(op: str, alg: str, n: int, m: float, seg: int) -> Terms:
     if op == "all_reduce":
         return Terms(1, 2 * (n - 1) * nseg, 2 * (n - 1) / n * m, (n - 1) / n * m)
     if op in ("all_gather", "reduce_scatter"):
+        # both write the whole m into a new array each call (all_gather's
+        # output, which the ring receives into; reduce_scatter's working
+        # copy of its input), where all_reduce works in place and receives
+        # into reused scratch: one more m moved
         red = (n - 1) / n * m if op == "reduce_scatter" else 0
-        return Terms(1, (n - 1) * nseg, (n - 1) / n * m, red)
+        return Terms(1, (n - 1) * nseg, (n - 1) / n * m + m, red)
     if op in ("broadcast", "reduce"):
         red = 1.0 if op == "reduce" else 0.0
         if alg == "tree":
