@@ -103,7 +103,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         args.save)
     cores = os.cpu_count() or 1
     params = {p: fit_params([r for r in rows if r["path"] == p], cores) for p in PATHS}
-    fit = Fit(params, cores, rows, note=f"load average at fit {os.getloadavg()[0]:.1f}")
+    note = (f"fitted from {args.source}" if args.source else
+            f"load average at the end of the measurement {os.getloadavg()[0]:.1f}")
+    fit = Fit(params, cores, rows, note=args.note or note)
     where = save(fit, args.out)
     for p, v in params.items():
         print(f"{p:7s} a0 {v.a0 * 1e6:8.2f} us  alpha {v.alpha * 1e6:8.2f} us  "
@@ -229,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true",
                     help="--check: also print a table per path (as in BENCHMARKS.md)")
     ap.add_argument("--out", default=None, help="--fit: where to save (default: cache)")
+    ap.add_argument("--note", default=None,
+                    help="--fit: what to record of the conditions (default: the load average)")
     ap.add_argument("--params", default=None, help="--check/--predict: the fit to use")
     args = ap.parse_args(argv)
     if args.fit:
