@@ -15,7 +15,7 @@ from collectives.model.store import Fit
 from collectives.plan import Tuning
 
 MIB = 1 << 20
-BOARD = Params(a0=50e-6, alpha=3e-6, beta=0.2e-9, gamma=0.1e-9)
+BOARD = Params(a0=50e-6, alpha=3e-6, beta=0.2e-9, gamma=0.1e-9, delta=2e-6)
 SOCK = Params(a0=100e-6, alpha=40e-6, beta=0.5e-9, gamma=0.3e-9)
 
 
@@ -61,7 +61,7 @@ def test_socket_counts():
 
 def test_board_counts():
     m = 2 * MIB
-    assert terms("board", "all_reduce", 4, 8) == Terms(1, 3, 32, 24)
+    assert terms("board", "all_reduce", 4, 8) == Terms(1, 3, 32, 24, 6)   # copy, combine x 3
     big = terms("board", "all_reduce", 4, m)
     assert (big.moved, big.reduced) == (1.5 * m, 0.75 * m)
     assert terms("board", "broadcast", 4, m).moved == m
@@ -81,6 +81,13 @@ def test_board_counts_one_alpha_per_peer_waited_for():
     assert terms("board", "all_gather", n, n * BOARD_CAPACITY + 4 * n).msgs == 2 * p
     assert terms("board", "reduce", n, 2 * MIB).msgs == 3 * p
     assert terms("board", "reduce_scatter", n, 2 * MIB).msgs == 2 * p
+    # delta counts the operations on peers' data: reads, payload copies, combines
+    assert terms("board", "all_reduce", n, 8).ops == 2 * p                # copy, combine
+    assert terms("board", "all_reduce", n, 2 * MIB).ops == 3 * p          # read, combine, read
+    assert terms("board", "all_reduce", n, 16 * MIB).ops == 9 * p         # 4 segments a chunk
+    assert terms("board", "broadcast", n, 2 * MIB).ops == 1
+    assert terms("board", "all_gather", n, 2 * MIB).ops == p
+    assert terms("socket", "all_reduce", n, 2 * MIB).ops == 0
     # a 2-rank call waits for one peer, an 8-rank call for seven
     assert terms("board", "all_reduce", 8, 2 * MIB).msgs == 7 * terms(
         "board", "all_reduce", 2, 2 * MIB).msgs
@@ -107,6 +114,16 @@ def test_merge_takes_each_rows_median_over_trials():
     assert m["t"] == 2.0 and m["trials"] == 3 and "trial" not in m
     assert m["ran"] == pytest.approx(0.25)       # median of t x ran (0.5, 0.3, 0.8) / t
     assert m["share"] == pytest.approx(0.5)
+
+
+def test_delta_prices_the_ops_and_old_fits_load_without_it():
+    t = terms("board", "all_reduce", 4, 16 * MIB)
+    with_ops = Params(0, 0, 0, 0, delta=1e-6)
+    assert with_ops.time(t) == pytest.approx(27e-6)
+    assert with_ops.time(t, 0.5) == pytest.approx(54e-6)
+    old = Fit.from_json({"cores": 2, "params": {
+        p: {"a0": 1e-4, "alpha": 1e-5, "beta": 1e-10, "gamma": 1e-10} for p in ("board", "socket")}})
+    assert old.params["board"].delta == 0.0
 
 
 def test_share_and_prediction_scale_with_oversubscription():

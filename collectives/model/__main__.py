@@ -110,7 +110,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for p, v in params.items():
         print(f"{p:7s} a0 {v.a0 * 1e6:8.2f} us  alpha {v.alpha * 1e6:8.2f} us  "
               f"beta {v.beta * 1e9:7.4f} ns/B ({1 / v.beta / 1e9 if v.beta else 0:6.2f} GB/s)  "
-              f"gamma {v.gamma * 1e9:7.4f} ns/B")
+              f"gamma {v.gamma * 1e9:7.4f} ns/B  delta {v.delta * 1e6:7.2f} us")
     print(f"fit saved to {where}")
     return 0
 

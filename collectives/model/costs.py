@@ -1,13 +1,15 @@
-"""The cost of each collective algorithm meshrun runs, as counts of four
+"""The cost of each collective algorithm meshrun runs, as counts of five
 unit costs along one rank's critical path::
 
-    T = (a0 + msgs * alpha + moved * beta + reduced * gamma) / share(n)
+    T = (a0 + msgs * alpha + moved * beta + reduced * gamma + ops * delta) / share
 
     a0      fixed cost of one call (Python entry, fingerprint, first sync)
     alpha   one message (socket path), or one peer waited for (board path:
             each time a rank waits for all its peers, n - 1 of them)
     beta    one byte moved (a socket hop, or a process_vm_readv copy)
     gamma   one byte reduced (numpy's combine)
+    delta   one operation on a peer's data (board path: a cross-memory read
+            or a payload copy, a combine: a system call or a numpy call)
     share   the compute share of one rank: as measured (the time its threads
             ran over the time they ran or waited to run, from the kernel's
             scheduler statistics: collectives.tools.sweep's ``ran``), else
@@ -44,6 +46,7 @@ class Terms(NamedTuple):
     msgs: float
     moved: float
     reduced: float
+    ops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,11 @@ class Params:
     alpha: float
     beta: float
     gamma: float
+    delta: float = 0.0      # fits made before 2026-12-01 11:00 have none
 
     def time(self, t: Terms, share: float = 1.0) -> float:
         return (t.calls * self.a0 + t.msgs * self.alpha + t.moved * self.beta
-                + t.reduced * self.gamma) / share
+                + t.reduced * self.gamma + t.ops * self.delta) / share
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -90,26 +94,26 @@ def _log2(n: int) -> int:
     return max(0, (n - 1).bit_length())
 
 
-def _board(op: str, alg: str, n: int, m: float) -> Terms:
-    """Board counts: ``msgs`` is peer waits, p = n - 1 for each time a rank
-    waits for all its peers (a post seen, a stage reached: collectives.shm.
-    local's syncs), since each such wait runs every peer once (each polls,
-    yields, is run again); the cross-memory reads themselves are bytes."""
+def _board(op: str, alg: str, n: int, m: float, nseg: int) -> Terms:
+    """Board counts (collectives.shm.local). ``msgs``: peers waited for,
+    n - 1 each time a rank waits for all its peers (a post seen, a stage
+    reached), since each such wait lasts until every peer has run its part
+    (with more ranks than cores the waiting ones poll, yield and run again).
+    ``ops``: operations on a peer's data (a read, a payload copy, a
+    combine), ``nseg`` segments per chunk where a chunk is reduced."""
     p = n - 1
-    if op == "all_reduce":
-        if alg == "board_small":                    # post payload | gather | reduce
-            return Terms(1, p, n * m, p * m)
-        return Terms(1, 3 * p, 2 * p / n * m, p / n * m)   # gather | stage 1 | stage 2
-    if op == "broadcast":
-        return Terms(1, p, 2 * m, 0) if alg == "board_small" else Terms(1, 2 * p, m, 0)
-    if op == "all_gather":
-        return Terms(1, p if m / n <= BOARD_CAPACITY else 2 * p, m, 0)
-    if op == "reduce":
-        if alg == "board_small":
-            return Terms(1, p, n * m, p * m)
-        return Terms(1, 3 * p, 2 * p / n * m, p / n * m)
-    if op == "reduce_scatter":
-        return Terms(1, 2 * p, p / n * m, p / n * m)
+    if op in ("all_reduce", "reduce"):
+        if alg == "board_small":            # one wait; copy and combine each peer's payload
+            return Terms(1, p, n * m, p * m, 2 * p)
+        # post | wait | read and combine each peer's segments of chunk r | stage 1 |
+        # (all_reduce: read each peer's final chunk | stage 2; reduce: the root reads them)
+        return Terms(1, 3 * p, 2 * p / n * m, p / n * m, p * (2 * nseg + 1))
+    if op == "broadcast":                   # a non-root copies or reads the root's one
+        return Terms(1, p, 2 * m, 0, 1) if alg == "board_small" else Terms(1, 2 * p, m, 0, 1)
+    if op == "all_gather":                  # every peer's payload, or every peer's buffer
+        return Terms(1, p if m / n <= BOARD_CAPACITY else 2 * p, m, 0, p)
+    if op == "reduce_scatter":              # wait | reduce chunk r | stage 2
+        return Terms(1, 2 * p, p / n * m, p / n * m, 2 * p * nseg)
     raise ValueError(f"no board model for {op}")
 
 
@@ -144,7 +148,8 @@ def terms(path: str, op: str, n: int, nbytes: int, tuning: Tuning = Tuning()) ->
         return Terms(1, 0, 0, 0)
     alg = algorithm(path, op, nbytes, tuning)
     if path == "board" and alg != "rd":
-        return _board(op, alg, n, float(nbytes))
+        nseg = segment_count(math.ceil(nbytes / n), 1, tuning.segment)
+        return _board(op, alg, n, float(nbytes), nseg)
     return _socket(op, alg, n, float(nbytes), tuning.segment)
 
 
