@@ -2,14 +2,14 @@
 
     python -m collectives.model --fit                 # measure here (2-32 ranks), fit, save
     python -m collectives.model --check               # predicted against measured, fresh run
-    python -m collectives.model --check --ranks 2,4,8 --trials 3   # each row a median of 3 jobs
+    python -m collectives.model --check --ranks 2,4,8 --trials 1   # one job per row
     python -m collectives.model --predict --ranks 1024 --hosts 128 --link 10gbit
 
 --fit and --check measure with collectives.tools.sweep (the benchmark's
 timing, medians over interleaved rounds, the compute share from the
-scheduler), ``--trials`` jobs per world size and path, one after another,
-each row the median of its trials; both take ``--from FILE`` (its JSON lines, or a saved fit's rows) instead of
-measuring. ``--check --from collectives/model/fitted.json`` shows how well
+scheduler), ``--trials`` jobs (3) per world size and path, one after
+another, each row the median of its trials; both take ``--from FILE`` (its
+JSON lines, or a saved fit's rows) instead of measuring. ``--check --from collectives/model/fitted.json`` shows how well
 the shipped fit matches its own measurements.
 """
 from __future__ import annotations
@@ -221,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--factor", type=int, default=8, help="--predict: step of a size range")
     ap.add_argument("--rounds", type=int, default=5,
                     help="interleaved rounds in each job (median)")
-    ap.add_argument("--trials", type=int, default=1,
+    ap.add_argument("--trials", type=int, default=3,
                     help="--fit/--check: jobs per world size and path, one after another "
-                         "(each row the median; 3 on a machine others use)")
+                         "(each row the median of its trials)")
     ap.add_argument("--from", dest="source", default=None,
                     help="read measurements (sweep JSON lines) instead of measuring")
     ap.add_argument("--save", default=None,
