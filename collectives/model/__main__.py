@@ -9,8 +9,9 @@
 timing, medians over interleaved rounds, the compute share from the
 scheduler), ``--trials`` jobs (3) per world size and path, one after
 another, each row the median of its trials; both take ``--from FILE`` (its
-JSON lines, or a saved fit's rows) instead of measuring. ``--check --from collectives/model/fitted.json`` shows how well
-the shipped fit matches its own measurements.
+JSON lines, or a saved fit's rows) instead of measuring.
+``--check --from collectives/model/fitted.json`` shows how well the shipped
+fit matches its own measurements.
 """
 from __future__ import annotations
 

@@ -106,8 +106,10 @@ def _board(op: str, alg: str, n: int, m: float, nseg: int) -> Terms:
         if alg == "board_small":            # one wait; copy and combine each peer's payload
             return Terms(1, p, n * m, p * m, 2 * p)
         # post | wait | read and combine each peer's segments of chunk r | stage 1 |
-        # (all_reduce: read each peer's final chunk | stage 2; reduce: the root reads them)
-        return Terms(1, 3 * p, 2 * p / n * m, p / n * m, p * (2 * nseg + 1))
+        # all_reduce: read each peer's final chunk | stage 2 (three waits);
+        # reduce: the root reads them, the others wait for it (two and the root)
+        waits = 3 * p if op == "all_reduce" else 2 * p + 1
+        return Terms(1, waits, 2 * p / n * m, p / n * m, p * (2 * nseg + 1))
     if op == "broadcast":                   # a non-root copies or reads the root's one
         return Terms(1, p, 2 * m, 0, 1) if alg == "board_small" else Terms(1, 2 * p, m, 0, 1)
     if op == "all_gather":                  # every peer's payload, or every peer's buffer
