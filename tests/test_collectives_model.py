@@ -9,13 +9,13 @@ import pytest
 
 from collectives.model import (Cluster, Params, Terms, algorithm, at_scale, best, fit_params,
                                load, parse_link, predict, rel_errors, save, share, terms)
-from collectives.model.__main__ import main
-from collectives.model.costs import BOARD_CAPACITY, nnls
+from collectives.model.__main__ import main, merge
+from collectives.model.costs import BOARD_CAPACITY, nnls, row_share
 from collectives.model.store import Fit
 from collectives.plan import Tuning
 
 MIB = 1 << 20
-BOARD = Params(a0=50e-6, alpha=3e-6, beta=0.2e-9, gamma=0.1e-9)
+BOARD = Params(a0=50e-6, alpha=3e-6, beta=0.2e-9, gamma=0.1e-9, delta=2e-6)
 SOCK = Params(a0=100e-6, alpha=40e-6, beta=0.5e-9, gamma=0.3e-9)
 
 
@@ -54,17 +54,76 @@ def test_socket_counts():
     # binomial tree: ceil(log2 n) hops; chain: n-2 hops to fill, then one per segment
     assert terms("socket", "broadcast", 5, 8) == Terms(1, 3, 24, 0)
     assert terms("socket", "broadcast", 4, 8 * MIB) == Terms(1, 10, 10 * MIB, 0)
-    assert terms("socket", "all_gather", 4, m) == Terms(1, 3, 0.75 * m, 0)
+    # all_gather: 3 ring steps, and its new m-byte output written
+    assert terms("socket", "all_gather", 4, m) == Terms(1, 3, 1.75 * m, 0)
     assert terms("socket", "all_reduce", 1, m) == Terms(1, 0, 0, 0)
 
 
 def test_board_counts():
     m = 2 * MIB
-    assert terms("board", "all_reduce", 4, 8) == Terms(1, 3, 32, 24)
+    assert terms("board", "all_reduce", 4, 8) == Terms(1, 3, 32, 24, 6)   # copy, combine x 3
     big = terms("board", "all_reduce", 4, m)
     assert (big.moved, big.reduced) == (1.5 * m, 0.75 * m)
     assert terms("board", "broadcast", 4, m).moved == m
     assert terms("board", "all_gather", 4, m).moved == m
+
+
+def test_board_counts_one_alpha_per_peer_waited_for():
+    # alpha on the board is a peer waited for: n - 1 each time a rank waits
+    # for all its peers (collectives.shm.local), whatever the reads or segments
+    n, p = 4, 3
+    assert terms("board", "all_reduce", n, 8).msgs == p                 # gather
+    assert terms("board", "all_reduce", n, 2 * MIB).msgs == 3 * p       # gather, stage 1, 2
+    assert terms("board", "all_reduce", n, 16 * MIB).msgs == 3 * p      # 4 segments a chunk
+    assert terms("board", "broadcast", n, 8).msgs == p
+    assert terms("board", "broadcast", n, 2 * MIB).msgs == 2 * p        # the root: gather, stage 2
+    assert terms("board", "all_gather", n, n * BOARD_CAPACITY).msgs == p          # payloads
+    assert terms("board", "all_gather", n, n * BOARD_CAPACITY + 4 * n).msgs == 2 * p
+    assert terms("board", "reduce", n, 2 * MIB).msgs == 2 * p + 1        # and the root's stage 2
+    assert terms("board", "reduce_scatter", n, 2 * MIB).msgs == 2 * p
+    # delta counts the operations on peers' data: reads, payload copies, combines
+    assert terms("board", "all_reduce", n, 8).ops == 2 * p                # copy, combine
+    assert terms("board", "all_reduce", n, 2 * MIB).ops == 3 * p          # read, combine, read
+    assert terms("board", "all_reduce", n, 16 * MIB).ops == 9 * p         # 4 segments a chunk
+    assert terms("board", "broadcast", n, 2 * MIB).ops == 1
+    assert terms("board", "all_gather", n, 2 * MIB).ops == p
+    assert terms("socket", "all_reduce", n, 2 * MIB).ops == 0
+    # a 2-rank call waits for one peer, an 8-rank call for seven
+    assert terms("board", "all_reduce", 8, 2 * MIB).msgs == 7 * terms(
+        "board", "all_reduce", 2, 2 * MIB).msgs
+
+
+def test_row_share_is_the_schedulers_then_the_probes_then_nominal():
+    row = {"path": "board", "op": "all_reduce", "n": 8, "bytes": 8, "t": 1e-3}
+    assert row_share(dict(row, share=0.1, ran=0.2), 2) == 0.2
+    assert row_share(dict(row, share=0.1), 2) == 0.1
+    assert row_share(row, 2) == 0.25
+    # rel_errors divides by that share
+    got = rel_errors(BOARD, 2, [dict(row, share=0.1, ran=0.2)])[0]
+    assert got == pytest.approx(BOARD.time(terms("board", "all_reduce", 8, 8), 0.2) / 1e-3 - 1)
+
+
+def test_merge_takes_each_rows_median_over_trials():
+    base = {"path": "socket", "op": "broadcast", "n": 4, "size": 64, "bytes": 64}
+    rows = [dict(base, t=t, share=0.5, ran=r, trial=i)
+            for i, (t, r) in enumerate([(1.0, 0.5), (3.0, 0.1), (2.0, 0.4)])]
+    other = dict(base, op="all_gather", t=5.0, share=0.5, ran=0.5)
+    got = merge(rows + [other])
+    assert len(got) == 2 and got[1] == other
+    m = got[0]
+    assert m["t"] == 2.0 and m["trials"] == 3 and "trial" not in m
+    assert m["ran"] == pytest.approx(0.25)       # median of t x ran (0.5, 0.3, 0.8) / t
+    assert m["share"] == pytest.approx(0.5)
+
+
+def test_delta_prices_the_ops_and_old_fits_load_without_it():
+    t = terms("board", "all_reduce", 4, 16 * MIB)
+    with_ops = Params(0, 0, 0, 0, delta=1e-6)
+    assert with_ops.time(t) == pytest.approx(27e-6)
+    assert with_ops.time(t, 0.5) == pytest.approx(54e-6)
+    old = Fit.from_json({"cores": 2, "params": {
+        p: {"a0": 1e-4, "alpha": 1e-5, "beta": 1e-10, "gamma": 1e-10} for p in ("board", "socket")}})
+    assert old.params["board"].delta == 0.0
 
 
 def test_share_and_prediction_scale_with_oversubscription():

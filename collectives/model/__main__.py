@@ -2,13 +2,16 @@
 
     python -m collectives.model --fit                 # measure here (2-32 ranks), fit, save
     python -m collectives.model --check               # predicted against measured, fresh run
+    python -m collectives.model --check --ranks 2,4,8 --trials 1   # one job per row
     python -m collectives.model --predict --ranks 1024 --hosts 128 --link 10gbit
 
 --fit and --check measure with collectives.tools.sweep (the benchmark's
-timing, medians over interleaved rounds, the compute share probed); both
-take ``--from FILE`` (its JSON lines, or a saved fit's rows) instead of
-measuring. ``--check --from collectives/model/fitted.json`` shows how well
-the shipped fit matches its own measurements.
+timing, medians over interleaved rounds, the compute share from the
+scheduler), ``--trials`` jobs (3) per world size and path, one after
+another, each row the median of its trials; both take ``--from FILE`` (its
+JSON lines, or a saved fit's rows) instead of measuring.
+``--check --from collectives/model/fitted.json`` shows how well the shipped
+fit matches its own measurements.
 """
 from __future__ import annotations
 
@@ -24,30 +27,59 @@ from .costs import PATHS, algorithm, fit_params, rel_errors, row_share
 from .scale import ALGORITHMS, Cluster, at_scale, best, parse_link
 from .store import Fit, load, save, shipped_path
 
-__all__ = ["main", "FIT_RANKS", "FIT_SIZES", "CHECK_SIZES"]
+__all__ = ["main", "merge", "FIT_RANKS", "FIT_SIZES", "CHECK_SIZES"]
 
 FIT_RANKS = (2, 3, 4, 8, 16, 32)
 FIT_SIZES = (8, 1 << 10, 16 << 10, 256 << 10, 2 << 20, 16 << 20)
 CHECK_SIZES = (64, 4 << 10, 32 << 10, 128 << 10, 1 << 20, 8 << 20)
 
 
-def _measure(ranks: Sequence[int], sizes: Sequence[int], rounds: int,
+def _measure(ranks: Sequence[int], sizes: Sequence[int], rounds: int, trials: int,
              log: str | None) -> list[dict]:
-    """Both paths at each world size; each job's rows appended to ``log``
-    as they come (JSON lines), so an interrupted run keeps what it measured."""
+    """Both paths at each world size, ``trials`` times over (each trial a
+    fresh job per world size and path, the trials one after another, so a
+    burst of load from another job hits one trial of a row, not all);
+    each row the median of its trials (``merge``). Each job's rows are
+    appended to ``log`` as they come (JSON lines, with their ``trial``), so
+    an interrupted run keeps what it measured."""
     from ..tools.sweep import measure
     rows = []
     if log:
         open(log, "w").close()
-    for n in ranks:
-        for path in PATHS:
-            print(f"# measuring {path} path, {n} ranks ...", file=sys.stderr, flush=True)
-            got = measure(path, n, sizes=sizes, rounds=rounds)
-            rows.extend(got)
-            if log:
-                with open(log, "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in got)
-    return rows
+    for trial in range(trials):
+        for n in ranks:
+            for path in PATHS:
+                print(f"# trial {trial + 1}/{trials}: measuring {path} path, {n} ranks ...",
+                      file=sys.stderr, flush=True)
+                got = [dict(r, trial=trial) for r in measure(path, n, sizes=sizes,
+                                                             rounds=rounds)]
+                rows.extend(got)
+                if log:
+                    with open(log, "a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in got)
+    return merge(rows)
+
+
+def merge(rows: Sequence[dict]) -> list[dict]:
+    """One row per (path, op, n, bytes): the median time over the rows
+    given (trials), with each share such that time x share is the median
+    of the trials' time x share (as collectives.tools.sweep pairs rounds)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["path"], r["op"], r["n"], r["bytes"]), []).append(r)
+    out = []
+    for same in groups.values():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        t = statistics.median(r["t"] for r in same)
+        row = {k: v for k, v in same[0].items() if k != "trial"}
+        row.update(t=t, trials=len(same))
+        for key in ("share", "ran"):
+            if all(r.get(key) for r in same):
+                row[key] = statistics.median(r["t"] * r[key] for r in same) / t
+        out.append(row)
+    return out
 
 
 def _read(path: str) -> list[dict]:
@@ -57,7 +89,8 @@ def _read(path: str) -> list[dict]:
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+        return merge([json.loads(line) for line in text.splitlines()
+                      if line.strip().startswith("{")])
     return list(whole["rows"]) if isinstance(whole, dict) and "rows" in whole else [whole]
 
 
@@ -67,15 +100,18 @@ def _ranks(text: str) -> list[int]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     rows = _read(args.source) if args.source else _measure(
-        _ranks(args.ranks) if args.ranks else FIT_RANKS, FIT_SIZES, args.rounds, args.save)
+        _ranks(args.ranks) if args.ranks else FIT_RANKS, FIT_SIZES, args.rounds, args.trials,
+        args.save)
     cores = os.cpu_count() or 1
     params = {p: fit_params([r for r in rows if r["path"] == p], cores) for p in PATHS}
-    fit = Fit(params, cores, rows, note=f"load average at fit {os.getloadavg()[0]:.1f}")
+    note = (f"fitted from {args.source}" if args.source else
+            f"load average at the end of the measurement {os.getloadavg()[0]:.1f}")
+    fit = Fit(params, cores, rows, note=args.note or note)
     where = save(fit, args.out)
     for p, v in params.items():
         print(f"{p:7s} a0 {v.a0 * 1e6:8.2f} us  alpha {v.alpha * 1e6:8.2f} us  "
               f"beta {v.beta * 1e9:7.4f} ns/B ({1 / v.beta / 1e9 if v.beta else 0:6.2f} GB/s)  "
-              f"gamma {v.gamma * 1e9:7.4f} ns/B")
+              f"gamma {v.gamma * 1e9:7.4f} ns/B  delta {v.delta * 1e6:7.2f} us")
     print(f"fit saved to {where}")
     return 0
 
@@ -102,7 +138,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"# parameters from {where}" + (" (shipped: no fit made on this machine)"
                                           if where == shipped_path() else ""))
     rows = _read(args.source) if args.source else _measure(
-        _ranks(args.ranks) if args.ranks else FIT_RANKS, CHECK_SIZES, args.rounds, args.save)
+        _ranks(args.ranks) if args.ranks else FIT_RANKS, CHECK_SIZES, args.rounds, args.trials,
+        args.save)
     print(f"# {'path':6s} {'op':10s} {'n':>3s} {'bytes':>9s} {'alg':>11s} {'share':>5s} "
           f"{'measured':>10s} {'predicted':>10s} {'error':>7s} | {'nominal':>7s}")
     for path in PATHS:
@@ -183,7 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--op", default="all_reduce", choices=tuple(ALGORITHMS))
     ap.add_argument("--sizes", default="8:1G", help="--predict: lo:hi or a,b,c")
     ap.add_argument("--factor", type=int, default=8, help="--predict: step of a size range")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds in each job (median)")
+    ap.add_argument("--trials", type=int, default=3,
+                    help="--fit/--check: jobs per world size and path, one after another "
+                         "(each row the median of its trials)")
     ap.add_argument("--from", dest="source", default=None,
                     help="read measurements (sweep JSON lines) instead of measuring")
     ap.add_argument("--save", default=None,
@@ -191,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true",
                     help="--check: also print a table per path (as in BENCHMARKS.md)")
     ap.add_argument("--out", default=None, help="--fit: where to save (default: cache)")
+    ap.add_argument("--note", default=None,
+                    help="--fit: what to record of the conditions (default: the load average)")
     ap.add_argument("--params", default=None, help="--check/--predict: the fit to use")
     args = ap.parse_args(argv)
     if args.fit:

@@ -1,15 +1,20 @@
-"""The cost of each collective algorithm meshrun runs, as counts of four
+"""The cost of each collective algorithm meshrun runs, as counts of five
 unit costs along one rank's critical path::
 
-    T = (a0 + msgs * alpha + moved * beta + reduced * gamma) / share(n)
+    T = (a0 + msgs * alpha + moved * beta + reduced * gamma + ops * delta) / share
 
     a0      fixed cost of one call (Python entry, fingerprint, first sync)
-    alpha   one message (socket path) or one peer poll / read (board path)
+    alpha   one message (socket path), or one peer waited for (board path:
+            each time a rank waits for all its peers, n - 1 of them)
     beta    one byte moved (a socket hop, or a process_vm_readv copy)
     gamma   one byte reduced (numpy's combine)
-    share   min(1, cores / n): the compute share of one rank when n ranks
-            share the host's cores; every term here is CPU work on one host
-            (the socket hops are loopback copies and wake-ups), so all scale
+    delta   one operation on a peer's data (board path: a cross-memory read
+            or a payload copy, a combine: a system call or a numpy call)
+    share   the compute share of one rank: as measured (the time its threads
+            ran over the time they ran or waited to run, from the kernel's
+            scheduler statistics: collectives.tools.sweep's ``ran``), else
+            min(1, cores / n); every term here is CPU work on one host (the
+            socket hops are loopback copies and wake-ups), so all scale
 
 Which algorithm runs is meshrun's own rule (collectives.plan.choose,
 collectives.shm.board.CAPACITY), so the model follows its size switches.
@@ -41,6 +46,7 @@ class Terms(NamedTuple):
     msgs: float
     moved: float
     reduced: float
+    ops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,11 @@ class Params:
     alpha: float
     beta: float
     gamma: float
+    delta: float = 0.0      # fits made before 2026-12-01 11:00 have none
 
     def time(self, t: Terms, share: float = 1.0) -> float:
         return (t.calls * self.a0 + t.msgs * self.alpha + t.moved * self.beta
-                + t.reduced * self.gamma) / share
+                + t.reduced * self.gamma + t.ops * self.delta) / share
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -88,21 +95,27 @@ def _log2(n: int) -> int:
 
 
 def _board(op: str, alg: str, n: int, m: float, nseg: int) -> Terms:
+    """Board counts (collectives.shm.local). ``msgs``: peers waited for,
+    n - 1 each time a rank waits for all its peers (a post seen, a stage
+    reached), since each such wait lasts until every peer has run its part
+    (with more ranks than cores the waiting ones poll, yield and run again).
+    ``ops``: operations on a peer's data (a read, a payload copy, a
+    combine), ``nseg`` segments per chunk where a chunk is reduced."""
     p = n - 1
-    if op == "all_reduce":
-        if alg == "board_small":
-            return Terms(1, p, n * m, p * m)
-        return Terms(1, p * (4 + nseg), 2 * p / n * m, p / n * m)
-    if op == "broadcast":
-        return Terms(1, p, 2 * m, 0) if alg == "board_small" else Terms(1, p + 1, m, 0)
-    if op == "all_gather":
-        return Terms(1, p if m / n <= BOARD_CAPACITY else 2 * p, m, 0)
-    if op == "reduce":
-        if alg == "board_small":
-            return Terms(1, p, n * m, p * m)
-        return Terms(1, p * (3 + nseg), 2 * p / n * m, p / n * m)
-    if op == "reduce_scatter":
-        return Terms(1, p * (2 + nseg), p / n * m, p / n * m)
+    if op in ("all_reduce", "reduce"):
+        if alg == "board_small":            # one wait; copy and combine each peer's payload
+            return Terms(1, p, n * m, p * m, 2 * p)
+        # post | wait | read and combine each peer's segments of chunk r | stage 1 |
+        # all_reduce: read each peer's final chunk | stage 2 (three waits);
+        # reduce: the root reads them, the others wait for it (two and the root)
+        waits = 3 * p if op == "all_reduce" else 2 * p + 1
+        return Terms(1, waits, 2 * p / n * m, p / n * m, p * (2 * nseg + 1))
+    if op == "broadcast":                   # a non-root copies or reads the root's one
+        return Terms(1, p, 2 * m, 0, 1) if alg == "board_small" else Terms(1, 2 * p, m, 0, 1)
+    if op == "all_gather":                  # every peer's payload, or every peer's buffer
+        return Terms(1, p if m / n <= BOARD_CAPACITY else 2 * p, m, 0, p)
+    if op == "reduce_scatter":              # wait | reduce chunk r | stage 2
+        return Terms(1, 2 * p, p / n * m, p / n * m, 2 * p * nseg)
     raise ValueError(f"no board model for {op}")
 
 
@@ -115,8 +128,12 @@ def _socket(op: str, alg: str, n: int, m: float, seg: int) -> Terms:
     if op == "all_reduce":
         return Terms(1, 2 * (n - 1) * nseg, 2 * (n - 1) / n * m, (n - 1) / n * m)
     if op in ("all_gather", "reduce_scatter"):
+        # both write the whole m into a new array each call (all_gather's
+        # output, which the ring receives into; reduce_scatter's working
+        # copy of its input), where all_reduce works in place and receives
+        # into reused scratch: one more m moved
         red = (n - 1) / n * m if op == "reduce_scatter" else 0
-        return Terms(1, (n - 1) * nseg, (n - 1) / n * m, red)
+        return Terms(1, (n - 1) * nseg, (n - 1) / n * m + m, red)
     if op in ("broadcast", "reduce"):
         red = 1.0 if op == "reduce" else 0.0
         if alg == "tree":
@@ -159,9 +176,17 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def row_share(row: dict, cores: float) -> float:
-    """A measured row's compute share: as measured (``"share"``,
-    collectives.tools.sweep), else min(1, cores / n)."""
-    got = row.get("share")
+    """A measured row's compute share: the scheduler's (``"ran"``,
+    collectives.tools.sweep), else the probe's (``"share"``: rows measured
+    before ``ran`` was kept), else min(1, cores / n).
+
+    ``ran`` is taken over the timed calls themselves and counts only the
+    time a thread wanted a core, so it sees oversubscription and other jobs
+    alike and is not fooled by threads asleep in a receive. The probe (a
+    numpy loop run by every rank at once between the timed calls) reads
+    0.6-0.8 for 2 ranks on 2 idle cores, where ``ran`` reads 0.95, and so
+    made every 2-rank prediction 1.3-1.7x too slow."""
+    got = row.get("ran") or row.get("share")
     return float(got) if got else share(row["n"], cores)
 
 

@@ -177,7 +177,7 @@ def _all_gather(alg: str, h: _Hops, board: Params, c: Cluster, m: float) -> floa
         return t
     if alg == "hier":
         across_t = sock.a0 + _ring(h, hosts, True, m, hosts - 1) if hosts > 1 else 0.0
-        gather = board.time(Terms(1, L - 1, m / hosts, 0)) if L > 1 else 0.0
+        gather = board.time(Terms(1, L - 1, m / hosts, 0, L - 1)) if L > 1 else 0.0
         return gather + across_t + _board(board, "broadcast", L, m)
     raise ValueError(f"no all_gather algorithm {alg!r}")
 
