@@ -63,6 +63,8 @@ class Progress:
         """Start the progress thread, reading with ``reader``, watching with ``live``."""
         self._read_one, self._live = reader.read_one, live
         self._read_rings, self._rings = reader.read_rings, reader.rings
+        # while spinning, the rings are looked at directly, not through their pipe
+        self._spin_items = list(self._reader_items)
         if self._rings is not None:     # its wake pipe: polled by the reading turn only
             self._reader_items.append((self._rings.wake_r, zmq.POLLIN))
         self._thread = threading.Thread(target=self._run, name=f"mesh-progress-{self.rank}",
@@ -116,7 +118,7 @@ class Progress:
                     if self._spin_now:    # poll a little before sleeping (module docstring)
                         spin_end = polled + self._spin_now
                         while True:
-                            ready = zmq.zmq_poll(self._reader_items, 0)
+                            ready = zmq.zmq_poll(self._spin_items, 0)
                             if ready or time.perf_counter() >= spin_end:
                                 break
                             if rings is not None and rings.changed():

@@ -236,9 +236,16 @@ class Rings:
 
     def awake(self, on: bool) -> None:
         """Say whether a receive is watching the rings (no doorbells needed);
-        after turning it off, ``fence`` and look once more before sleeping."""
-        self.q[_AWAKE] = 1 if on else 0
-        if not on:
+        after turning it off, ``fence`` and look once more before sleeping.
+        Turning it on empties the wake pipe if a sender rang it: a byte left
+        there would end the next spin at once, and the spin sets AWAKE."""
+        q = self.q
+        if on:
+            q[_AWAKE] = 1
+            if q[_RUNG]:
+                self.woken()
+        else:
+            q[_AWAKE] = 0
             fence()
 
     def changed(self) -> bool:
