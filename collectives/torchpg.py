@@ -35,7 +35,7 @@ from mesh import tensors as _tensors
 
 from . import api as C
 from .host.paths import all_reduce as _host_all_reduce
-from .runner import Ctx, start
+from .runner import Ctx, release, start
 
 __all__ = ["ProcessGroupMeshrun"]
 
@@ -204,6 +204,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         return f"<ProcessGroupMeshrun {self.comm.name} rank {self.comm.rank}/{self.comm.size}>"
 
     def shutdown(self) -> None:
+        release(self.comm)       # the lane thread exits now, not when its linger runs out
         fn, self._on_shutdown = self._on_shutdown, None
         if fn is not None:
             fn()
@@ -271,7 +272,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             # numpy view of its memory (what collectives.tensors would hand it)
             name = _OPS.get(opts.reduceOp.op.value)
             arr = _numpy_view(tensors[0]) if name is not None else None
-            if arr is not None:
+            if name is not None and arr is not None:
                 _host_all_reduce(self.comm, arr, name, False, None, self.timeout)
                 return _Done(tensors)
         opts = opts or c10d.AllreduceOptions()

@@ -308,6 +308,7 @@ INIT = textwrap.dedent("""
         t = torch.full((2,), rank + 1.0)
         dist.all_reduce(t)
         assert t.tolist() == [size * (size + 1) / 2] * 2, t
+        dist.all_reduce(t, async_op=True).wait()     # a lane thread, which destroy ends
         g = dist.new_group([0, size - 1])
         dist.barrier(group=g)
         dist.destroy_process_group()
