@@ -257,6 +257,7 @@ class _Group:
             with self.lock:
                 self.running = False
             work._finish(value, error)
+            del fn, work, value, error      # a lingering lane keeps no call's arrays alive
 
     def watch(self, ctx: Ctx) -> None:
         req = ctx.watch()
