@@ -27,12 +27,14 @@ from mesh import ANY, AbortKind, Comm, MeshTimeoutError
 
 from .plan import Tuning
 
-__all__ = ["Ctx", "Work", "Body", "start", "abandon", "agreed", "check_comm", "caught", "where"]
+__all__ = ["Ctx", "Work", "Body", "start", "abandon", "agreed", "check_comm", "caught", "where",
+           "release"]
 
 
 Body = Callable[["Ctx"], Any]
 _log = logging.getLogger("collectives")
 _WATCH_S = 0.1
+_LINGER_S = 0.5
 _WATCH_MAX = 64
 
 
@@ -195,40 +197,67 @@ def _call(fn: Callable[[Work], None], work: Work) -> None:
 
 
 class _Group:
-    """Per group: the lane (background executor; its thread lives while work
-    is queued) and the watches of recent collectives with a root."""
+    """Per group: the lane (background executor; its thread stays _LINGER_S
+    after its queue empties, for the next async call, e.g. DDP's next
+    bucket: starting a thread per call costs more than the call at small
+    sizes) and the watches of recent collectives with a root."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
         self.queue: deque[tuple[Callable[[], Any], Work]] = deque()
-        self.busy = False
+        self.busy = False       # a lane thread exists
+        self.running = False    # it runs a collective
+        self.stop = False       # it should exit once the queue is empty
+        self.thread: threading.Thread | None = None
         self.watches: deque[tuple[int, float, Any]] = deque()
         self.calls = 0
 
     def submit(self, fn: Callable[[], Any], work: Work) -> None:
         with self.lock:
             self.queue.append((fn, work))
+            self.stop = False
             if self.busy:
+                self.wake.notify()
                 return
             self.busy = True
-        threading.Thread(target=self._drain, name="collectives-lane", daemon=True).start()
+            self.thread = threading.Thread(target=self._drain, name="collectives-lane",
+                                           daemon=True)
+            self.thread.start()
 
     def idle(self) -> bool:
+        """No collective queued or running on the lane (a blocking call may run inline)."""
         with self.lock:
-            return not self.busy
+            return not self.queue and not self.running
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Let the lane thread exit as soon as its queue is empty, and wait for it."""
+        with self.lock:
+            self.stop = True
+            self.wake.notify()
+            thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _drain(self) -> None:
         while True:
             with self.lock:
+                if not self.queue and not self.stop:
+                    self.wake.wait(_LINGER_S)
                 if not self.queue:
-                    self.busy = False
+                    self.busy = self.running = False
+                    self.thread = None
                     return
                 fn, work = self.queue.popleft()
+                self.running = True
             try:
                 value, error = fn(), None
             except BaseException as e:
                 value, error = None, e
+            with self.lock:
+                self.running = False
             work._finish(value, error)
+            del fn, work, value, error      # a lingering lane keeps no call's arrays alive
 
     def watch(self, ctx: Ctx) -> None:
         req = ctx.watch()
@@ -278,6 +307,16 @@ def _state(g: Comm) -> _Group:
         if st is None:
             st = _groups[g] = _Group()
         return st
+
+
+def release(g: Comm, timeout: float = 5.0) -> None:
+    """Let the group's lane thread exit once its queued collectives are done
+    (instead of lingering for the next), and wait up to ``timeout`` for it:
+    for an owner that is done with the group (torch's destroy_process_group)."""
+    with _groups_lock:
+        st = _groups.get(g)
+    if st is not None:
+        st.release(timeout)
 
 
 def agreed(body: Body) -> Body:

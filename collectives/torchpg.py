@@ -7,7 +7,9 @@ they are: views, bfloat16, CUDA) and returns a torch Work::
 
     asyncOp False   the collective runs here, in torch's thread; errors
                     (MismatchError, LostPeerError...) raise from the call,
-                    and the Work is a finished one (no Future is made)
+                    and the Work is a finished one (no Future is made);
+                    dist.all_reduce of a CPU tensor goes straight to the
+                    host collective with the tensor's numpy view
     asyncOp True    the collective runs on meshrun's lane for the group;
     (DDP's buckets)   a torch Future is completed from there, so torch's
                     thread never waits in a call it asked to be asynchronous
@@ -32,7 +34,8 @@ import mesh
 from mesh import tensors as _tensors
 
 from . import api as C
-from .runner import Ctx, start
+from .host.paths import all_reduce as _host_all_reduce
+from .runner import Ctx, release, start
 
 __all__ = ["ProcessGroupMeshrun"]
 
@@ -61,6 +64,16 @@ def _factor(factor: Any) -> float:
 def _write(out: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a collective's result (a tensor of the caller's dtype) into ``out``."""
     out.detach().copy_(value.reshape(out.shape))
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
+    """A numpy view of a CPU tensor's memory when torch gives one as it is
+    (a dtype numpy has, no grad, no lazy conjugate or negation); else None,
+    and the call takes collectives.api's tensor path."""
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):
+        return None
 
 
 def _host(t: torch.Tensor, what: str) -> np.ndarray:
@@ -191,6 +204,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         return f"<ProcessGroupMeshrun {self.comm.name} rank {self.comm.rank}/{self.comm.size}>"
 
     def shutdown(self) -> None:
+        release(self.comm)       # the lane thread exits now, not when its linger runs out
         fn, self._on_shutdown = self._on_shutdown, None
         if fn is not None:
             fn()
@@ -252,6 +266,15 @@ class ProcessGroupMeshrun(_ProcessGroup):
     # -- collectives --------------------------------------------------------------
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        if opts is not None and not opts.asyncOp and len(tensors) == 1:
+            # dist.all_reduce's call, on this thread with the least work: a CPU
+            # tensor of a dtype numpy has goes to the host collective as the
+            # numpy view of its memory (what collectives.tensors would hand it)
+            name = _OPS.get(opts.reduceOp.op.value)
+            arr = _numpy_view(tensors[0]) if name is not None else None
+            if name is not None and arr is not None:
+                _host_all_reduce(self.comm, arr, name, False, None, self.timeout)
+                return _Done(tensors)
         opts = opts or c10d.AllreduceOptions()
         return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
 

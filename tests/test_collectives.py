@@ -181,6 +181,27 @@ def _async_cases(C: Any, g: Any, seed: int) -> None:
         expect(b, data(seed, 0, (4,), "int32"), "blocking call after async")
     w.wait()
     expect(b, data(seed, 0, (4,), "int32"), "async broadcast after wait")
+    _lane_lingers(C, g)
+
+
+def _lane_lingers(C: Any, g: Any) -> None:
+    """One lane thread runs consecutive async calls (it waits for the next
+    one instead of exiting, and a thread is not started per call), and
+    runner.release makes it exit at once."""
+    from collectives import runner
+    runner.release(g)       # the lane of the calls above, with its own linger
+    linger, runner._LINGER_S = runner._LINGER_S, 60.0
+    try:
+        threads = []
+        for _ in range(2):
+            C.all_reduce(g, np.ones(3), async_op=True).wait()
+            threads.append(runner._state(g).thread)
+        assert threads[0] is threads[1] and threads[0] is not None, threads
+        assert threads[0].is_alive()
+        runner.release(g)
+        assert not threads[0].is_alive(), "the lane outlived runner.release"
+    finally:
+        runner._LINGER_S = linger
 
 
 def _random_cases(C: Any, g: Any, seed: int, count: int = 16) -> None:

@@ -308,6 +308,7 @@ INIT = textwrap.dedent("""
         t = torch.full((2,), rank + 1.0)
         dist.all_reduce(t)
         assert t.tolist() == [size * (size + 1) / 2] * 2, t
+        dist.all_reduce(t, async_op=True).wait()     # a lane thread, which destroy ends
         g = dist.new_group([0, size - 1])
         dist.barrier(group=g)
         dist.destroy_process_group()
@@ -400,9 +401,11 @@ def test_ddp_with_ranks_sharing_one_gpu() -> None:
 
 
 def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: Any) -> None:
-    """In this process, one rank: the backend hands the caller's tensor
-    itself to collectives.* (their torch support, no conversion of its own),
-    and a synchronous call returns a finished Work without making a torch
+    """In this process, one rank: dist.all_reduce of a CPU tensor numpy can
+    view goes straight to the host collective with that view of its memory
+    (no tensor dispatch); other tensors (bfloat16, asynchronous calls) go to
+    collectives.* as they are (their torch support, no conversion of its
+    own); a synchronous call returns a finished Work without making a torch
     Future (an asynchronous one still completes its future)."""
     import socket
 
@@ -410,12 +413,19 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
     from collectives import api, torchpg
     seen: list[Any] = []
     views: list[Any] = []
+    direct: list[Any] = []
     made: list[int] = []
 
     def spy(g: Any, a: Any, **kw: Any) -> Any:
         # collectives.tensors calls back with its numpy view: the tensor's memory, no copy
         (seen if isinstance(a, torch.Tensor) else views).append(a)
         return real(g, a, **kw)
+
+    def spy_host(g: Any, a: Any, *args: Any) -> Any:
+        direct.append(a)
+        return real_host(g, a, *args)
+    real_host = torchpg._host_all_reduce
+    monkeypatch.setattr(torchpg, "_host_all_reduce", spy_host)
 
     class Counted(torch.futures.Future):
         def __init__(self) -> None:
@@ -432,8 +442,8 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
     try:
         t = torch.full((3,), 2.0)
         dist.all_reduce(t, op=R.AVG)
-        assert len(seen) == 1 and seen[0] is t and made == []
-        assert views[0].__array_interface__["data"][0] == t.data_ptr()
+        assert seen == [] and len(direct) == 1 and made == []
+        assert direct[0].__array_interface__["data"][0] == t.data_ptr()
         opts = dist.AllreduceOptions()
         opts.asyncOp = False
         w = dist.group.WORLD.allreduce([t], opts)
@@ -442,6 +452,11 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
         w = dist.all_reduce(t, async_op=True)
         w.wait()
         assert w.get_future().wait()[0] is t and t.tolist() == [2.0] * 3
+        assert len(seen) == 1 and seen[0] is t and len(direct) == 2
+        assert views[0].__array_interface__["data"][0] == t.data_ptr()
+        g = torch.full((2,), 3.0, requires_grad=True)     # no numpy view: the tensor path
+        dist.all_reduce(g)
+        assert seen[-1] is g and len(direct) == 2 and g.tolist() == [3.0, 3.0]
         seen.clear()
         u = torch.ones(2, dtype=torch.bfloat16)
         dist.all_reduce(u)

@@ -12,7 +12,10 @@ comparison runs interleaved on the same processes and the same load:
     ddp          per model (1 M and 25 M parameters) two DDP replicas, one
                  per group, and the plain model ("local": no communication),
                  stepped alternately (forward, backward, SGD step); step
-                 minus local is the communication DDP did not hide
+                 minus local is the communication DDP did not hide.
+                 ``--floor`` adds a DDP replica whose comm hook does nothing
+                 ("floor": DDP's own bucket copies and bookkeeping), the
+                 step no backend can go under
 
 ``-n 1`` measures the backend's per-call overhead with no peer to wait for.
 
@@ -57,18 +60,33 @@ def _all_reduce_sides(world: Any, gloo: Any, count: int) -> dict[str, Callable[[
             "gloo": lambda: dist.all_reduce(t, group=gloo)}
 
 
-def _ddp_sides(gloo: Any, model: str, batch: int) -> dict[str, Callable[[], Any]]:
+def _finished(value: Any) -> Any:
+    """A torch Future holding ``value``."""
+    import torch
+
+    fut: Any = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _ddp_sides(gloo: Any, model: str, batch: int,
+               floor: bool = False) -> dict[str, Callable[[], Any]]:
     import torch
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     width, layers = MODELS[model]
     sides: dict[str, Callable[[], Any]] = {}
-    for side, group in (("meshrun", None), ("gloo", gloo), ("local", None)):
+    kinds = [("meshrun", None), ("gloo", gloo), ("local", None)]
+    for side, group in kinds + ([("floor", None)] if floor else []):
         torch.manual_seed(0)
         net: Any = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
         if side != "local":
             net = DDP(net, process_group=group)
+        if side == "floor":
+            # a comm hook that communicates nothing (DDP checks the hook's
+            # annotations: a lambda has none)
+            net.register_comm_hook(None, lambda state, bucket: _finished(bucket.buffer()))
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
         x = torch.randn(batch, width)
 
@@ -81,7 +99,8 @@ def _ddp_sides(gloo: Any, model: str, batch: int) -> dict[str, Callable[[], Any]
 
 
 def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], steps: int,
-            warmup: int, reps: int, batch: int) -> dict[str, list[list[dict[str, float]]]]:
+            warmup: int, reps: int, batch: int,
+            floor: bool = False) -> dict[str, list[list[dict[str, float]]]]:
     """Per benchmark row, per repetition, seconds per call of each side."""
     import torch
     import torch.distributed as dist
@@ -95,7 +114,7 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
     out: dict[str, list[list[dict[str, float]]]] = {"all_reduce": [], "ddp": []}
     plans = [("all_reduce", _all_reduce_sides(world, gloo, count), it, wu)
              for count, it, wu in rows]
-    plans += [("ddp", _ddp_sides(gloo, m, batch), steps, warmup) for m in models]
+    plans += [("ddp", _ddp_sides(gloo, m, batch, floor), steps, warmup) for m in models]
     for kind, sides, iters, wu in plans:
         names = list(sides)
         for name in names:
@@ -135,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed DDP steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--floor", action="store_true",
+                    help="also step DDP with a comm hook that does nothing")
     a = ap.parse_args(argv)
     import mesh
 
@@ -144,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [(c, min(it, a.max_iters), min(wu, 5))
                 for c, it, wu in plan_rows("all_reduce", sizes, 4, n)]
         per_rank = mesh.spawn(_worker, n, rows, models, a.steps, a.warmup, a.reps, a.batch,
-                              timeout=3600)
+                              a.floor, timeout=3600)
         f = bus_factor("all_reduce", n)
         print(f"# bench_torch: {n} ranks, float32, cpu, median of {a.reps} (slowest rank)")
         print(f"# {'size (B)':>10} | {'direct us':>10} {'meshrun us':>10} {'gloo us':>10} | "
@@ -160,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  DDP {m:>4} step ms: meshrun {t['meshrun'] * 1e3:8.1f}  gloo "
                   f"{t['gloo'] * 1e3:8.1f}  local {t['local'] * 1e3:8.1f}  m/gloo "
                   f"{t['meshrun'] / t['gloo']:5.2f}  exposed comm m/gloo "
-                  f"{_ratio(t['meshrun'] - t['local'], t['gloo'] - t['local'])}", flush=True)
+                  f"{_ratio(t['meshrun'] - t['local'], t['gloo'] - t['local'])}"
+                  + (f"  floor {t['floor'] * 1e3:8.1f}  floor/gloo {t['floor'] / t['gloo']:5.2f}"
+                     if "floor" in t else ""), flush=True)
     return 0
 
 
