@@ -36,6 +36,10 @@ from .reader import Reader
 
 __all__ = ["Progress"]
 
+# A spin gives the CPU away (sched_yield) only after this long: on a busy
+# machine each yield can cost a time slice to another process
+_BUSY = 30e-6
+
 _log = logging.getLogger("mesh.transport")
 
 
@@ -117,15 +121,22 @@ class Progress:
                             continue
                     if self._spin_now:    # poll a little before sleeping (module docstring)
                         spin_end = polled + self._spin_now
+                        yield_at = polled + _BUSY
                         while True:
                             ready = zmq.zmq_poll(self._spin_items, 0)
-                            if ready or time.perf_counter() >= spin_end:
+                            now = time.perf_counter()
+                            if ready or now >= spin_end:
                                 break
-                            if rings is not None and rings.changed():
-                                self._read_rings()
-                                if self._done(item, flag):
-                                    break
-                            os.sched_yield()
+                            if rings is not None:   # a ring costs a load to look at,
+                                for _ in range(32):  # the socket a system call
+                                    if rings.changed():
+                                        break
+                                if rings.changed():
+                                    self._read_rings()
+                                    if self._done(item, flag):
+                                        break
+                            if now >= yield_at:
+                                os.sched_yield()
                     if rings is not None:     # asleep from here: senders ring the doorbell
                         rings.awake(False)
                         if self._read_rings() and self._done(item, flag):
