@@ -6,7 +6,12 @@ weights into contiguous stages so that the heaviest stage is as light as it
 can be; ``candidates`` cuts the layers for every built-in schedule and
 micro-batch count, simulates each with its per-stage costs (``{"F": [...]}``),
 and returns them best first: feasible under the memory limit, then by
-predicted step time. ``table`` prints them::
+predicted step time. A stage of several layers costs more than its layers
+timed one by one (each timed alone keeps its weights in the core's cache; a
+stage runs through all of its layers' weights, as the step does: 1.1-1.4x
+the sum on the 2-core machine, BENCHMARKS.md), so ``stage_spans`` lists the
+candidates' stages and ``measure_stages`` times each whole, and
+``candidates`` takes those times where it has them. ``table`` prints them::
 
     schedule                 m  layers/stage   pred ms  bubble   peak MB
     zero_bubble_h1(2,8)      8  3 3              41.2    7.9%      1.5  <- chosen
@@ -18,15 +23,18 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .ir import B, F, W, Schedule
 from .schedules import by_name
 
-__all__ = ["LayerCost", "Candidate", "time_layer", "measure", "cut", "counts_for", "stage_costs",
-           "peak_bytes", "microbatch_counts", "builtin", "candidates", "table", "SCHEDULES"]
+__all__ = ["LayerCost", "Candidate", "time_layer", "measure", "measure_stages", "stage_spans",
+           "cut", "counts_for", "stage_costs", "peak_bytes", "microbatch_counts", "builtin",
+           "candidates", "table", "SCHEDULES", "Span"]
 
 _SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
+
+Span = tuple[int, int]          # a stage's layers: first, stop (first..stop-1)
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
 
@@ -109,6 +117,30 @@ def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int =
     return out
 
 
+def measure_stages(layers: Sequence[Any], join: Callable[[int, int], Any], batch: Any,
+                   spans: Mapping[int, Sequence[Span]], reps: int = 3,
+                   mine: Sequence[int] | None = None) -> dict[int, dict[Span, LayerCost]]:
+    """``{size: {(first, stop): LayerCost}}``: ``time_layer`` of the stage
+    ``join(first, stop)`` (one stage object of layers first..stop-1, as the
+    pipeline runs it) on the first ``size`` rows of ``batch`` passed through
+    ``layers`` (the layers' stage objects, as ``measure`` takes them) up to
+    ``first``, for every span of ``spans[size]``. Only the spans whose
+    positions in ``sorted((size, first, stop))`` are in ``mine`` (all by
+    default) are timed, so ranks can share the work."""
+    todo = sorted((size, first, stop) for size, ss in spans.items() for first, stop in ss)
+    timed = set(range(len(todo)) if mine is None else mine)
+    out: dict[int, dict[Span, LayerCost]] = {size: {} for size in spans}
+    inputs: dict[int, list[Any]] = {}
+    for j, (size, first, stop) in enumerate(todo):
+        if j not in timed:
+            continue
+        xs = inputs.setdefault(size, [batch[:size]])
+        while len(xs) <= first:
+            xs.append(layers[len(xs) - 1].forward(xs[-1])[0])
+        out[size][(first, stop)] = time_layer(join(first, stop), xs[first], reps)[0]
+    return out
+
+
 def cut(weights: Sequence[float], n: int) -> tuple[int, ...]:
     """Layer counts of ``n`` contiguous, non-empty stages that minimize the
     heaviest stage's total weight (exact, by dynamic programming)."""
@@ -163,15 +195,18 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
 
 
 def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
-                overhead: float = 0.0, send: float = 0.0) -> dict[str, list[float]]:
+                overhead: float = 0.0, send: float = 0.0,
+                whole: Mapping[Span, LayerCost] | None = None) -> dict[str, list[float]]:
     """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
-    of stages holding ``counts`` consecutive layers; each compute action
-    also pays ``overhead`` (the executor's own cost per action), and each
-    message takes ``send`` seconds to arrive."""
+    of stages holding ``counts`` consecutive layers: a stage's time measured
+    whole when ``whole`` has its span, else the sum of its layers'; each
+    compute action also pays ``overhead`` (the executor's own cost per
+    action), and each message takes ``send`` seconds to arrive."""
     costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     start = 0
     for c in counts:
-        layers = [row[i] for i in range(start, start + c)]
+        measured = (whole or {}).get((start, start + c))
+        layers = [measured] if measured else [row[i] for i in range(start, start + c)]
         start += c
         for kind in costs:
             costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead)
@@ -235,22 +270,26 @@ def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
 
 def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], rows: int,
                scheds: Sequence[Schedule], balance: Any = "time", scale: float = 1.0,
-               memory_limit: float | None = None, overhead: float = 0.0, send: float = 0.0
+               memory_limit: float | None = None, overhead: float = 0.0, send: float = 0.0,
+               stages: Mapping[int, Mapping[Span, LayerCost]] | None = None
                ) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
-    ``ceil(rows / m)``; ``scale`` multiplies every measured time (1/tp for
-    tensor-parallel stages); ``overhead`` is added to every compute action
-    and ``send`` is each message's time of flight (see ``stage_costs``)."""
+    ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
+    stage, that stage's time measured whole; ``scale`` multiplies every
+    measured time (1/tp for tensor-parallel stages); ``overhead`` is added
+    to every compute action and ``send`` is each message's time of flight
+    (see ``stage_costs``)."""
     L = len(params)
     out = []
     for sched in scheds:
         if sched.num_stages > L:
             continue
-        row = profile[-(-rows // sched.num_microbatches)]
+        size = -(-rows // sched.num_microbatches)
+        row = profile[size]
         times = [row[i].F + row[i].B for i in range(L)]
         counts = counts_for(balance, sched.num_stages, times, params)
-        costs = stage_costs(row, counts, scale, overhead, send)
+        costs = stage_costs(row, counts, scale, overhead, send, (stages or {}).get(size))
         rep = sched.simulate(costs)
         act, start = [], 0
         for c in counts:
@@ -261,6 +300,18 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs))
     out.sort(key=lambda c: (not c.fits, c.makespan, c.peak_bytes, c.schedule.num_microbatches))
     return out
+
+
+def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
+    """``{micro-batch size: [(first, stop)...]}``: the stages of more than one
+    layer that ``cands`` cut, for ``measure_stages``."""
+    spans: dict[int, set[Span]] = {}
+    for c in cands:
+        size = -(-rows // c.schedule.num_microbatches)
+        bounds = [sum(c.counts[:s]) for s in range(len(c.counts) + 1)]
+        spans.setdefault(size, set()).update(
+            (a, b) for a, b in zip(bounds, bounds[1:]) if b - a > 1)
+    return {size: sorted(ss) for size, ss in spans.items() if ss}
 
 
 def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
