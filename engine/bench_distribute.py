@@ -6,7 +6,9 @@ distributed on pp=2 three times, by ``balance="time"``, ``"uniform"`` and
 ``"parameters"``, with the same schedule; then once with ``schedule="auto"``.
 Each job's step is timed in interleaved passes (a barrier before each step;
 latest end minus earliest start; the median) beside the simulator's
-prediction from the measured layer costs. With torch, ``run_tp`` then times
+prediction from the measured costs (a stage of several layers timed whole)
+and, for comparison, the prediction had each stage cost the sum of its
+layers timed one by one ("layers summed"). With torch, ``run_tp`` then times
 one SGD step of a 4-Linear MLP at tp=2 sharded by engine.distribute's plan
 on meshrun and by torch's ``parallelize_module`` (DeviceMesh on CPU, gloo).
 
@@ -80,7 +82,8 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
             for g in job.grads():
                 g[...] = 0
     return [{"balance": b, "schedule": job.schedule.name, "counts": job.counts,
-             "predicted": job.predicted, "spans": spans[k][1:]}
+             "predicted": job.predicted, "summed": job.chosen.summed if job.chosen else None,
+             "spans": spans[k][1:]}
             for k, (b, _, job) in enumerate(jobs)]
 
 
@@ -97,18 +100,20 @@ def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
                     min(r[k]["spans"][s][0] for r in results) for s in range(steps)]
         report.append({"balance": row["balance"], "schedule": row["schedule"],
                        "counts": row["counts"], "predicted_ms": row["predicted"] * 1e3,
+                       "summed_ms": (row["summed"] or row["predicted"]) * 1e3,
                        "measured_ms": statistics.median(per_step) * 1e3})
     return report
 
 
 def balance_table(report: list[dict[str, Any]]) -> str:
     lines = [f"{'balance':<11} {'schedule':<22} {'layers/stage':<13} {'predicted ms':>12} "
-             f"{'measured ms':>12} {'meas/pred':>9}"]
+             f"{'measured ms':>12} {'meas/pred':>9} {'layers summed ms':>16} {'meas/summed':>11}"]
     for r in report:
         counts = " ".join(str(c) for c in r["counts"])
         lines.append(f"{r['balance']:<11} {r['schedule']:<22} {counts:<13} "
                      f"{r['predicted_ms']:>12.1f} {r['measured_ms']:>12.1f} "
-                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f}")
+                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f} {r['summed_ms']:>16.1f} "
+                     f"{r['measured_ms'] / r['summed_ms']:>11.3f}")
     return "\n".join(lines)
 
 

@@ -252,6 +252,7 @@ class Candidate:
     peak_bytes: int
     fits: bool
     costs: dict[str, list[float]]
+    summed: float | None = None     # the makespan had every stage cost its layers' sum
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -289,15 +290,18 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         row = profile[size]
         times = [row[i].F + row[i].B for i in range(L)]
         counts = counts_for(balance, sched.num_stages, times, params)
-        costs = stage_costs(row, counts, scale, overhead, send, (stages or {}).get(size))
+        whole = (stages or {}).get(size)
+        costs = stage_costs(row, counts, scale, overhead, send, whole)
         rep = sched.simulate(costs)
+        summed = (sched.simulate(stage_costs(row, counts, scale, overhead, send)).makespan
+                  if whole else rep.makespan)
         act, start = [], 0
         for c in counts:
             act.append(sum(row[i].act_bytes for i in range(start, start + c)))
             start += c
         peak = max(peak_bytes(sched, act))
         fits = memory_limit is None or peak <= memory_limit
-        out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs))
+        out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed))
     out.sort(key=lambda c: (not c.fits, c.makespan, c.peak_bytes, c.schedule.num_microbatches))
     return out
 

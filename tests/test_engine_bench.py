@@ -73,5 +73,6 @@ def test_balance_bench_reports_each_balance():
     report = run_balance(width=16, rows=16, m=2, steps=1)
     assert [r["balance"] for r in report] == ["time", "uniform", "parameters", "time"]
     assert [r["counts"] for r in report[1:3]] == [(3, 4), (1, 6)]
-    assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in report)
-    assert "meas/pred" in balance_table(report)
+    assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 and r["summed_ms"] > 0
+               for r in report)
+    assert "meas/pred" in balance_table(report) and "meas/summed" in balance_table(report)

@@ -152,6 +152,9 @@ def test_stages_measured_whole_enter_the_prediction():
             assert c.costs["F"][s] == pytest.approx(want + 0.5)
             start += n
     assert min(c.makespan for c in timed) > max(c.makespan for c in cands)
+    paid = {c.schedule.name: c.makespan
+            for c in choose.candidates(prof, [1] * 6, rows, scheds, overhead=0.5)}
+    assert all(c.summed == pytest.approx(paid[c.schedule.name]) for c in timed)
 
     layers = [Linear(a, b, np.random.default_rng(i)) for i, (a, b) in
               enumerate(zip(widths, widths[1:]))]
