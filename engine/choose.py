@@ -59,7 +59,8 @@ def _nbytes(y: Any) -> int:
     return 0
 
 
-def time_layer(layer: Any, x: Any, reps: int = 3) -> tuple[LayerCost, Any]:
+def time_layer(layer: Any, x: Any, reps: int = 3,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[LayerCost, Any]:
     """The costs of one layer (a stage object: forward, backward,
     backward_input, backward_weight) on ``x``, and its output. Each time is
     the median of at least ``reps`` runs after one more to warm up, as the
@@ -69,26 +70,27 @@ def time_layer(layer: Any, x: Any, reps: int = 3) -> tuple[LayerCost, Any]:
     one (3-5x longer), so the fastest of three is too low and the median of
     three a coin toss; the mean of many follows the bursts of others' load
     at profiling time, which the step, seconds later, does not meet. What its gradients held before
-    is put back."""
+    is put back. ``clock``: ``time.thread_time`` counts this thread's CPU
+    only (what a comparison on a loaded machine wants), not the wall."""
     saved = [(g, g.copy()) for g in layer.grads()] if hasattr(layer, "grads") else []
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     y = x
-    begin, runs = time.perf_counter(), 0
-    while runs <= max(1, reps) or (time.perf_counter() - begin < _SPAN and runs < _MAX_RUNS):
+    begin, runs = clock(), 0
+    while runs <= max(1, reps) or (clock() - begin < _SPAN and runs < _MAX_RUNS):
         runs += 1
-        t0 = time.perf_counter()
+        t0 = clock()
         y, ctx = layer.forward(x)
-        t1 = time.perf_counter()
+        t1 = clock()
         gy = y * 0 + 1
-        t2 = time.perf_counter()
+        t2 = clock()
         layer.backward(ctx, gy)
-        t3 = time.perf_counter()
+        t3 = clock()
         _, ctx = layer.forward(x)
-        t4 = time.perf_counter()
+        t4 = clock()
         _, wctx = layer.backward_input(ctx, gy)
-        t5 = time.perf_counter()
+        t5 = clock()
         layer.backward_weight(wctx)
-        t6 = time.perf_counter()
+        t6 = clock()
         for k, v in zip(times, (t1 - t0, t3 - t2, t5 - t4, t6 - t5)):
             times[k].append(v)
     for g, old in saved:
