@@ -8,8 +8,8 @@ micro-batch count, simulates each with its per-stage costs (``{"F": [...]}``),
 and returns them best first: feasible under the memory limit, then by
 predicted step time. A stage of several layers costs more than its layers
 timed one by one (each timed alone keeps its weights in the core's cache; a
-stage runs through all of its layers' weights, as the step does: 1.1-1.4x
-the sum on the 2-core machine, BENCHMARKS.md), so ``stage_spans`` lists the
+stage runs through all of its layers' weights, as the step does: mostly
+1.05-1.35x the sum on the 2-core machine, BENCHMARKS.md), so ``stage_spans`` lists the
 candidates' stages and ``measure_stages`` times each whole, and
 ``candidates`` takes those times where it has them. ``table`` prints them::
 
@@ -208,7 +208,7 @@ def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float =
     start = 0
     for c in counts:
         measured = (whole or {}).get((start, start + c))
-        layers = [measured] if measured else [row[i] for i in range(start, start + c)]
+        layers = [measured] if measured is not None else [row[i] for i in range(start, start + c)]
         start += c
         for kind in costs:
             costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead)
