@@ -98,36 +98,43 @@ def _coord(grid: Grid, axis: str) -> int:
     return grid.coord(axis) if axis in grid.names else 0
 
 
+def _shared(world: Comm, n: int, timed: Callable[[list[int]], list[tuple[Any, LayerCost]]]
+            ) -> list[tuple[list[int], LayerCost]]:
+    """Items ``0..n-1`` shared out over the ranks, each timing its own
+    (``timed(mine)``: ``(key, cost)`` pairs, a key a tuple of ints), and
+    every rank's results exchanged, so all of them decide alike."""
+    mine = [j for j in range(n) if j % world.size == world.rank]
+    rows = [[*key, lc.F, lc.B, lc.I, lc.W, lc.act_bytes] for key, lc in timed(mine)]
+    return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb)))
+            for part in collectives.all_gather_object(world, rows)
+            for *key, f, b, gi, gw, nb in part]
+
+
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int
-             ) -> dict[int, dict[int, Any]]:
-    """Every layer measured at every size; the ranks share the layers and
-    exchange what they measured, so all of them decide alike."""
-    world = grid.comm
-    mine = [i for i in range(len(mlayers)) if i % world.size == world.rank]
-    local = measure(mlayers, sample, sizes, reps, mine)
-    rows = [[size, i, lc.F, lc.B, lc.I, lc.W, lc.act_bytes]
-            for size, row in local.items() for i, lc in row.items()]
+             ) -> dict[int, dict[int, LayerCost]]:
+    """Every layer measured at every size (``_shared`` over the layers)."""
+    def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
+        local = measure(mlayers, sample, sizes, reps, mine)
+        return [((size, i), lc) for size, row in local.items() for i, lc in row.items()]
+
     merged: dict[int, dict[int, LayerCost]] = {s: {} for s in sizes}
-    for part in collectives.all_gather_object(world, rows):
-        for size, i, f, b, gi, gw, nb in part:
-            merged[int(size)][int(i)] = LayerCost(f, b, gi, gw, int(nb))
+    for (size, i), lc in _shared(grid.comm, len(mlayers), timed):
+        merged[size][i] = lc
     return merged
 
 
 def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], Any], sample: Any,
                     spans: dict[int, list[Span]], reps: int) -> dict[int, dict[Span, LayerCost]]:
-    """Every stage of ``spans`` measured whole (engine.choose.measure_stages),
-    shared out and exchanged as ``_profile`` does."""
-    world = grid.comm
-    n = sum(len(ss) for ss in spans.values())
-    mine = [j for j in range(n) if j % world.size == world.rank]
-    local = measure_stages(mlayers, join, sample, spans, reps, mine)
-    rows = [[size, a, b, lc.F, lc.B, lc.I, lc.W, lc.act_bytes]
-            for size, row in local.items() for (a, b), lc in row.items()]
+    """Every stage of ``spans`` measured whole (engine.choose.measure_stages;
+    ``_shared`` over the stages)."""
+    def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
+        local = measure_stages(mlayers, join, sample, spans, reps, mine)
+        return [((size, a, b), lc) for size, row in local.items() for (a, b), lc in row.items()]
+
     merged: dict[int, dict[Span, LayerCost]] = {s: {} for s in spans}
-    for part in collectives.all_gather_object(world, rows):
-        for size, a, b, f, bw, gi, gw, nb in part:
-            merged[int(size)][(int(a), int(b))] = LayerCost(f, bw, gi, gw, int(nb))
+    n = sum(len(ss) for ss in spans.values())
+    for (size, a, b), lc in _shared(grid.comm, n, timed):
+        merged[size][(a, b)] = lc
     return merged
 
 
