@@ -129,7 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--trace", metavar="DIR", help="write each schedule's last step trace here")
     ap.add_argument("--balance", action="store_true",
                     help="engine.distribute on uneven layers: balance time/uniform/parameters")
+    ap.add_argument("--stages", action="store_true",
+                    help="the uneven model's stages timed whole over their layers' sum (CPU)")
     a = ap.parse_args(argv)
+    if a.stages:
+        from .bench_distribute import stage_overrun
+        print("uneven model's stages (layers first..stop-1), 32 rows: timed whole / sum of "
+              "the layers timed alone, thread CPU, median of 9 rotated rounds")
+        for (first, stop), ratios in stage_overrun():
+            print(f"  layers {first}..{stop - 1}: "
+                  + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        return 0
     if a.balance:
         from .bench_distribute import balance_table, run_balance
         print("engine.distribute, pp=2, numpy layers costing 4 4 6 1 1 1 1 matmuls "

@@ -6,7 +6,9 @@ distributed on pp=2 three times, by ``balance="time"``, ``"uniform"`` and
 ``"parameters"``, with the same schedule; then once with ``schedule="auto"``.
 Each job's step is timed in interleaved passes (a barrier before each step;
 latest end minus earliest start; the median) beside the simulator's
-prediction from the measured layer costs. With torch, ``run_tp`` then times
+prediction from the measured costs (a stage of several layers timed whole)
+and, for comparison, the prediction had each stage cost the sum of its
+layers timed one by one ("layers summed"). With torch, ``run_tp`` then times
 one SGD step of a 4-Linear MLP at tp=2 sharded by engine.distribute's plan
 on meshrun and by torch's ``parallelize_module`` (DeviceMesh on CPU, gloo).
 
@@ -22,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from .bench_torch import run_workers
+from .choose import time_layer
 from .distribute import distribute
 from .layers import Linear, Sequential, _Activation, mse_loss
 
-__all__ = ["Burn", "uneven_model", "run_balance", "balance_table", "run_tp"]
+__all__ = ["Burn", "uneven_model", "run_balance", "balance_table", "run_tp", "stage_overrun"]
 
 
 class Burn(_Activation):
@@ -80,7 +83,8 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
             for g in job.grads():
                 g[...] = 0
     return [{"balance": b, "schedule": job.schedule.name, "counts": job.counts,
-             "predicted": job.predicted, "spans": spans[k][1:]}
+             "predicted": job.predicted, "summed": job.chosen.summed if job.chosen else None,
+             "spans": spans[k][1:]}
             for k, (b, _, job) in enumerate(jobs)]
 
 
@@ -97,19 +101,57 @@ def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
                     min(r[k]["spans"][s][0] for r in results) for s in range(steps)]
         report.append({"balance": row["balance"], "schedule": row["schedule"],
                        "counts": row["counts"], "predicted_ms": row["predicted"] * 1e3,
+                       "summed_ms": (row["summed"] or row["predicted"]) * 1e3,
                        "measured_ms": statistics.median(per_step) * 1e3})
     return report
 
 
 def balance_table(report: list[dict[str, Any]]) -> str:
     lines = [f"{'balance':<11} {'schedule':<22} {'layers/stage':<13} {'predicted ms':>12} "
-             f"{'measured ms':>12} {'meas/pred':>9}"]
+             f"{'measured ms':>12} {'meas/pred':>9} {'layers summed ms':>16} {'meas/summed':>11}"]
     for r in report:
         counts = " ".join(str(c) for c in r["counts"])
         lines.append(f"{r['balance']:<11} {r['schedule']:<22} {counts:<13} "
                      f"{r['predicted_ms']:>12.1f} {r['measured_ms']:>12.1f} "
-                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f}")
+                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f} {r['summed_ms']:>16.1f} "
+                     f"{r['measured_ms'] / r['summed_ms']:>11.3f}")
     return "\n".join(lines)
+
+
+def _overrun_worker(world: Any, width: int, rows: int, rounds: int,
+                    spans: tuple[tuple[int, int], ...]) -> list[Any]:
+    layers = uneven_model(width).layers
+    xs = [np.random.default_rng(1).standard_normal((rows, width))]
+    for layer in layers:
+        xs.append(layer.forward(xs[-1])[0])
+    out = []
+    for first, stop in spans:
+        items = [(Sequential(*layers[first:stop]), xs[first])] + \
+            [(layers[i], xs[i]) for i in range(first, stop)]
+        times: list[list[Any]] = [[] for _ in items]
+        for r in range(rounds):
+            for j in range(len(items)):
+                stage, x = items[(j + r) % len(items)]
+                times[(j + r) % len(items)].append(time_layer(stage, x, clock=time.thread_time)[0])
+        med = [{k: statistics.median(getattr(c, k) for c in t) for k in "FBIW"} for t in times]
+        out.append([[first, stop], {k: med[0][k] / sum(m[k] for m in med[1:]) for k in "FBIW"}])
+    return out
+
+
+def stage_overrun(width: int = 256, rows: int = 32, rounds: int = 9,
+                  spans: tuple[tuple[int, int], ...] = ((0, 2), (2, 7), (1, 7), (0, 3), (3, 7))
+                  ) -> list[tuple[tuple[int, int], dict[str, float]]]:
+    """Per stage of ``uneven_model`` (layers first..stop-1), its F, B, I and W
+    timed whole over the sum of its layers timed one by one: the median of
+    ``rounds`` rounds, each timing the stage and its layers in a rotated
+    order, in thread CPU time (others' load preempts the wall, not this), in
+    one child process with single-threaded BLAS (else the BLAS threads'
+    CPU would be missed)."""
+    import mesh
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    rows_out = mesh.spawn(_overrun_worker, 1, width, rows, rounds, spans, timeout=600)[0]
+    return [((int(a), int(b)), ratios) for (a, b), ratios in rows_out]
 
 
 PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}

@@ -6,7 +6,12 @@ weights into contiguous stages so that the heaviest stage is as light as it
 can be; ``candidates`` cuts the layers for every built-in schedule and
 micro-batch count, simulates each with its per-stage costs (``{"F": [...]}``),
 and returns them best first: feasible under the memory limit, then by
-predicted step time. ``table`` prints them::
+predicted step time. A stage of several layers costs more than its layers
+timed one by one (each timed alone keeps its weights in the core's cache; a
+stage runs through all of its layers' weights, as the step does: mostly
+1.05-1.35x the sum on the 2-core machine, BENCHMARKS.md), so ``stage_spans`` lists the
+candidates' stages and ``measure_stages`` times each whole, and
+``candidates`` takes those times where it has them. ``table`` prints them::
 
     schedule                 m  layers/stage   pred ms  bubble   peak MB
     zero_bubble_h1(2,8)      8  3 3              41.2    7.9%      1.5  <- chosen
@@ -18,15 +23,18 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .ir import B, F, W, Schedule
 from .schedules import by_name
 
-__all__ = ["LayerCost", "Candidate", "time_layer", "measure", "cut", "counts_for", "stage_costs",
-           "peak_bytes", "microbatch_counts", "builtin", "candidates", "table", "SCHEDULES"]
+__all__ = ["LayerCost", "Candidate", "time_layer", "measure", "measure_stages", "stage_spans",
+           "cut", "counts_for", "stage_costs", "peak_bytes", "microbatch_counts", "builtin",
+           "candidates", "table", "SCHEDULES", "Span"]
 
 _SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
+
+Span = tuple[int, int]          # a stage's layers: first, stop (first..stop-1)
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
 
@@ -51,7 +59,8 @@ def _nbytes(y: Any) -> int:
     return 0
 
 
-def time_layer(layer: Any, x: Any, reps: int = 3) -> tuple[LayerCost, Any]:
+def time_layer(layer: Any, x: Any, reps: int = 3,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[LayerCost, Any]:
     """The costs of one layer (a stage object: forward, backward,
     backward_input, backward_weight) on ``x``, and its output. Each time is
     the median of at least ``reps`` runs after one more to warm up, as the
@@ -61,26 +70,27 @@ def time_layer(layer: Any, x: Any, reps: int = 3) -> tuple[LayerCost, Any]:
     one (3-5x longer), so the fastest of three is too low and the median of
     three a coin toss; the mean of many follows the bursts of others' load
     at profiling time, which the step, seconds later, does not meet. What its gradients held before
-    is put back."""
+    is put back. ``clock``: ``time.thread_time`` counts this thread's CPU
+    only (what a comparison on a loaded machine wants), not the wall."""
     saved = [(g, g.copy()) for g in layer.grads()] if hasattr(layer, "grads") else []
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     y = x
-    begin, runs = time.perf_counter(), 0
-    while runs <= max(1, reps) or (time.perf_counter() - begin < _SPAN and runs < _MAX_RUNS):
+    begin, runs = clock(), 0
+    while runs <= max(1, reps) or (clock() - begin < _SPAN and runs < _MAX_RUNS):
         runs += 1
-        t0 = time.perf_counter()
+        t0 = clock()
         y, ctx = layer.forward(x)
-        t1 = time.perf_counter()
+        t1 = clock()
         gy = y * 0 + 1
-        t2 = time.perf_counter()
+        t2 = clock()
         layer.backward(ctx, gy)
-        t3 = time.perf_counter()
+        t3 = clock()
         _, ctx = layer.forward(x)
-        t4 = time.perf_counter()
+        t4 = clock()
         _, wctx = layer.backward_input(ctx, gy)
-        t5 = time.perf_counter()
+        t5 = clock()
         layer.backward_weight(wctx)
-        t6 = time.perf_counter()
+        t6 = clock()
         for k, v in zip(times, (t1 - t0, t3 - t2, t5 - t4, t6 - t5)):
             times[k].append(v)
     for g, old in saved:
@@ -106,6 +116,30 @@ def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int =
                 continue
             row[i], x = time_layer(layer, x, reps)
         out[size] = row
+    return out
+
+
+def measure_stages(layers: Sequence[Any], join: Callable[[int, int], Any], batch: Any,
+                   spans: Mapping[int, Sequence[Span]], reps: int = 3,
+                   mine: Sequence[int] | None = None) -> dict[int, dict[Span, LayerCost]]:
+    """``{size: {(first, stop): LayerCost}}``: ``time_layer`` of the stage
+    ``join(first, stop)`` (one stage object of layers first..stop-1, as the
+    pipeline runs it) on the first ``size`` rows of ``batch`` passed through
+    ``layers`` (the layers' stage objects, as ``measure`` takes them) up to
+    ``first``, for every span of ``spans[size]``. Only the spans whose
+    positions in ``sorted((size, first, stop))`` are in ``mine`` (all by
+    default) are timed, so ranks can share the work."""
+    todo = sorted((size, first, stop) for size, ss in spans.items() for first, stop in ss)
+    timed = set(range(len(todo)) if mine is None else mine)
+    out: dict[int, dict[Span, LayerCost]] = {size: {} for size in spans}
+    inputs: dict[int, list[Any]] = {}
+    for j, (size, first, stop) in enumerate(todo):
+        if j not in timed:
+            continue
+        xs = inputs.setdefault(size, [batch[:size]])
+        while len(xs) <= first:
+            xs.append(layers[len(xs) - 1].forward(xs[-1])[0])
+        out[size][(first, stop)] = time_layer(join(first, stop), xs[first], reps)[0]
     return out
 
 
@@ -163,15 +197,18 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
 
 
 def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
-                overhead: float = 0.0, send: float = 0.0) -> dict[str, list[float]]:
+                overhead: float = 0.0, send: float = 0.0,
+                whole: Mapping[Span, LayerCost] | None = None) -> dict[str, list[float]]:
     """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
-    of stages holding ``counts`` consecutive layers; each compute action
-    also pays ``overhead`` (the executor's own cost per action), and each
-    message takes ``send`` seconds to arrive."""
+    of stages holding ``counts`` consecutive layers: a stage's time measured
+    whole when ``whole`` has its span, else the sum of its layers'; each
+    compute action also pays ``overhead`` (the executor's own cost per
+    action), and each message takes ``send`` seconds to arrive."""
     costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     start = 0
     for c in counts:
-        layers = [row[i] for i in range(start, start + c)]
+        measured = (whole or {}).get((start, start + c))
+        layers = [measured] if measured is not None else [row[i] for i in range(start, start + c)]
         start += c
         for kind in costs:
             costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead)
@@ -217,6 +254,7 @@ class Candidate:
     peak_bytes: int
     fits: bool
     costs: dict[str, list[float]]
+    summed: float | None = None     # the makespan had every stage cost its layers' sum
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -235,32 +273,51 @@ def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
 
 def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], rows: int,
                scheds: Sequence[Schedule], balance: Any = "time", scale: float = 1.0,
-               memory_limit: float | None = None, overhead: float = 0.0, send: float = 0.0
+               memory_limit: float | None = None, overhead: float = 0.0, send: float = 0.0,
+               stages: Mapping[int, Mapping[Span, LayerCost]] | None = None
                ) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
-    ``ceil(rows / m)``; ``scale`` multiplies every measured time (1/tp for
-    tensor-parallel stages); ``overhead`` is added to every compute action
-    and ``send`` is each message's time of flight (see ``stage_costs``)."""
+    ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
+    stage, that stage's time measured whole; ``scale`` multiplies every
+    measured time (1/tp for tensor-parallel stages); ``overhead`` is added
+    to every compute action and ``send`` is each message's time of flight
+    (see ``stage_costs``)."""
     L = len(params)
     out = []
     for sched in scheds:
         if sched.num_stages > L:
             continue
-        row = profile[-(-rows // sched.num_microbatches)]
+        size = -(-rows // sched.num_microbatches)
+        row = profile[size]
         times = [row[i].F + row[i].B for i in range(L)]
         counts = counts_for(balance, sched.num_stages, times, params)
-        costs = stage_costs(row, counts, scale, overhead, send)
+        whole = (stages or {}).get(size)
+        costs = stage_costs(row, counts, scale, overhead, send, whole)
         rep = sched.simulate(costs)
+        summed = (sched.simulate(stage_costs(row, counts, scale, overhead, send)).makespan
+                  if whole else rep.makespan)
         act, start = [], 0
         for c in counts:
             act.append(sum(row[i].act_bytes for i in range(start, start + c)))
             start += c
         peak = max(peak_bytes(sched, act))
         fits = memory_limit is None or peak <= memory_limit
-        out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs))
+        out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed))
     out.sort(key=lambda c: (not c.fits, c.makespan, c.peak_bytes, c.schedule.num_microbatches))
     return out
+
+
+def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
+    """``{micro-batch size: [(first, stop)...]}``: the stages of more than one
+    layer that ``cands`` cut, for ``measure_stages``."""
+    spans: dict[int, set[Span]] = {}
+    for c in cands:
+        size = -(-rows // c.schedule.num_microbatches)
+        bounds = [sum(c.counts[:s]) for s in range(len(c.counts) + 1)]
+        spans.setdefault(size, set()).update(
+            (a, b) for a, b in zip(bounds, bounds[1:]) if b - a > 1)
+    return {size: sorted(ss) for size, ss in spans.items() if ss}
 
 
 def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:

@@ -5,8 +5,10 @@ modules) or an ``engine.layers`` model, built the same way on every rank.
 distribute cuts it into pipeline stages over the grid's ``pp`` axis, shards
 the stages by ``plan`` over ``tp``, averages gradients over ``dp``, and, with
 ``schedule="auto"``, measures every layer on the sample batch, simulates
-every built-in schedule at several micro-batch counts (engine.choose) and
-runs the fastest that fits ``memory_limit``::
+every built-in schedule at several micro-batch counts (engine.choose), with
+each candidate's stages of several layers measured whole and the executor's
+own costs (engine.calibrate), and runs the fastest that fits
+``memory_limit``::
 
     grid = mesh.grid(world, dp=2, pp=2)
     job = engine.distribute(model, grid, sample=x, loss_fn=F.mse_loss)
@@ -34,12 +36,12 @@ from mesh import Comm, Grid
 
 from . import layers as _layers
 from .calibrate import calibrate
-from .choose import (SCHEDULES, Candidate, LayerCost, builtin, candidates, counts_for,
-                     measure, microbatch_counts, table)
+from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates, counts_for,
+                     measure, measure_stages, microbatch_counts, stage_spans, table)
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name
-from .stagebuild import param_count
+from .stagebuild import make_stage, param_count
 from .tensor_parallel import gather_state_dict, parallelize
 from .partition import partition
 from .torch_stage import TorchStage, torch_loss
@@ -96,19 +98,43 @@ def _coord(grid: Grid, axis: str) -> int:
     return grid.coord(axis) if axis in grid.names else 0
 
 
+def _shared(world: Comm, n: int, timed: Callable[[list[int]], list[tuple[Any, LayerCost]]]
+            ) -> list[tuple[list[int], LayerCost]]:
+    """Items ``0..n-1`` shared out over the ranks, each timing its own
+    (``timed(mine)``: ``(key, cost)`` pairs, a key a tuple of ints), and
+    every rank's results exchanged, so all of them decide alike."""
+    mine = [j for j in range(n) if j % world.size == world.rank]
+    rows = [[*key, lc.F, lc.B, lc.I, lc.W, lc.act_bytes] for key, lc in timed(mine)]
+    return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb)))
+            for part in collectives.all_gather_object(world, rows)
+            for *key, f, b, gi, gw, nb in part]
+
+
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int
-             ) -> dict[int, dict[int, Any]]:
-    """Every layer measured at every size; the ranks share the layers and
-    exchange what they measured, so all of them decide alike."""
-    world = grid.comm
-    mine = [i for i in range(len(mlayers)) if i % world.size == world.rank]
-    local = measure(mlayers, sample, sizes, reps, mine)
-    rows = [[size, i, lc.F, lc.B, lc.I, lc.W, lc.act_bytes]
-            for size, row in local.items() for i, lc in row.items()]
+             ) -> dict[int, dict[int, LayerCost]]:
+    """Every layer measured at every size (``_shared`` over the layers)."""
+    def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
+        local = measure(mlayers, sample, sizes, reps, mine)
+        return [((size, i), lc) for size, row in local.items() for i, lc in row.items()]
+
     merged: dict[int, dict[int, LayerCost]] = {s: {} for s in sizes}
-    for part in collectives.all_gather_object(world, rows):
-        for size, i, f, b, gi, gw, nb in part:
-            merged[int(size)][int(i)] = LayerCost(f, b, gi, gw, int(nb))
+    for (size, i), lc in _shared(grid.comm, len(mlayers), timed):
+        merged[size][i] = lc
+    return merged
+
+
+def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], Any], sample: Any,
+                    spans: dict[int, list[Span]], reps: int) -> dict[int, dict[Span, LayerCost]]:
+    """Every stage of ``spans`` measured whole (engine.choose.measure_stages;
+    ``_shared`` over the stages)."""
+    def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
+        local = measure_stages(mlayers, join, sample, spans, reps, mine)
+        return [((size, a, b), lc) for size, row in local.items() for (a, b), lc in row.items()]
+
+    merged: dict[int, dict[Span, LayerCost]] = {s: {} for s in spans}
+    n = sum(len(ss) for ss in spans.values())
+    for (size, a, b), lc in _shared(grid.comm, n, timed):
+        merged[size][(a, b)] = lc
     return merged
 
 
@@ -288,6 +314,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                         tag_base=tag_base, timeout=timeout)
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
                            action, message)
+        spans = stage_spans(cands, rows)
+        if spans:          # the cuts' stages, timed whole: what the steps will pay
+            def join(first: int, stop: int) -> Any:
+                stage = make_stage([layer for _, layer in named[first:stop]], first)
+                return TorchStage(stage) if is_torch else stage
+            whole = _profile_stages(grid, mlayers, join, sample, spans, reps)
+            cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
+                               action, message, whole)
         if not cands:
             raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
         chosen = cands[0]

@@ -73,5 +73,13 @@ def test_balance_bench_reports_each_balance():
     report = run_balance(width=16, rows=16, m=2, steps=1)
     assert [r["balance"] for r in report] == ["time", "uniform", "parameters", "time"]
     assert [r["counts"] for r in report[1:3]] == [(3, 4), (1, 6)]
-    assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in report)
-    assert "meas/pred" in balance_table(report)
+    assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 and r["summed_ms"] > 0
+               for r in report)
+    assert "meas/pred" in balance_table(report) and "meas/summed" in balance_table(report)
+
+
+def test_stage_overrun_reports_each_kind_per_stage():
+    from engine.bench_distribute import stage_overrun
+    (span, ratios), = stage_overrun(width=16, rows=4, rounds=1, spans=((0, 2),))
+    assert span == (0, 2) and sorted(ratios) == ["B", "F", "I", "W"]
+    assert all(v > 0 for v in ratios.values())

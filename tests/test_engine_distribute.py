@@ -122,6 +122,67 @@ def test_the_executors_costs_enter_the_prediction():
     assert _message_time(sched, 1.0, 0.5 * span) == 0.0
 
 
+def test_stages_measured_whole_enter_the_prediction():
+    """A stage of several layers costs more than its layers timed alone
+    (their weights leave the core's cache between them): stage_spans lists
+    the candidates' multi-layer stages, measure_stages times each whole on
+    its real input, and candidates takes those times instead of the sums."""
+    rows, p, widths = 16, 2, [3, 5, 4, 6, 2, 3, 4]
+    ms = [2, 4]
+    scheds = choose.builtin(["1f1b", "interleaved"], p, ms)
+    prof = _profile(rows, ms, [1] * 6)
+    cands = choose.candidates(prof, [1] * 6, rows, scheds)
+    spans = choose.stage_spans(cands, rows)
+    assert set(spans) == {8, 4}
+    for c in cands:
+        size = -(-rows // c.schedule.num_microbatches)
+        bounds = [sum(c.counts[:s]) for s in range(len(c.counts) + 1)]
+        mine = {(a, b) for a, b in zip(bounds, bounds[1:]) if b - a > 1}
+        assert mine <= set(spans[size])
+    assert all(b - a > 1 for ss in spans.values() for a, b in ss)
+
+    whole = {size: {sp: LayerCost(1.0, 2.0, 1.0, 1.0, 0) for sp in ss}
+             for size, ss in spans.items()}
+    timed = choose.candidates(prof, [1] * 6, rows, scheds, overhead=0.5, stages=whole)
+    for c in timed:
+        size = -(-rows // c.schedule.num_microbatches)
+        start = 0
+        for s, n in enumerate(c.counts):
+            want = 1.0 if n > 1 else prof[size][start].F
+            assert c.costs["F"][s] == pytest.approx(want + 0.5)
+            start += n
+    assert min(c.makespan for c in timed) > max(c.makespan for c in cands)
+    paid = {c.schedule.name: c.makespan
+            for c in choose.candidates(prof, [1] * 6, rows, scheds, overhead=0.5)}
+    assert all(c.summed == pytest.approx(paid[c.schedule.name]) for c in timed)
+
+    layers = [Linear(a, b, np.random.default_rng(i)) for i, (a, b) in
+              enumerate(zip(widths, widths[1:]))]
+    batch = np.random.default_rng(9).standard_normal((rows, widths[0]))
+    seen = {}
+
+    class Probe(Sequential):
+        def forward(self, x):
+            seen.setdefault(self.span, x.copy())
+            return super().forward(x)
+
+    def join(first, stop):
+        stage = Probe(*layers[first:stop])
+        stage.span = (first, stop)
+        return stage
+
+    got = choose.measure_stages(layers, join, batch, {8: [(2, 5)], 4: [(0, 3), (3, 6)]},
+                                reps=1, mine=[1, 2])
+    todo = [(4, 3, 6), (8, 2, 5)]        # sorted (size, first, stop) minus position 0
+    assert {(size, *sp) for size, row in got.items() for sp in row} == set(todo)
+    for size, first, stop in todo:
+        x = batch[:size]
+        for layer in layers[:first]:
+            x = layer.forward(x)[0]
+        assert np.array_equal(seen[(first, stop)], x)
+        assert got[size][(first, stop)].act_bytes == size * widths[stop] * 8
+
+
 # ---- distribute on numpy layers: dp=2 x pp=2
 
 
