@@ -464,7 +464,12 @@ class ProcessGroupMeshrun(_ProcessGroup):
         come within ``timeout`` (every meshrun barrier does). torch's own
         ``dist.monitored_barrier`` refuses every backend but gloo."""
         secs = self.timeout if timeout is None else timeout.total_seconds()
-        C.barrier(self.comm, timeout=secs)
+        try:
+            C.barrier(self.comm, timeout=secs)
+        except MeshTimeoutError as e:   # gloo's words, which torch's suite matches
+            e.args = (f"Rank {self.comm.rank} timed out in monitoredBarrier after "
+                      f"{secs * 1000:g} ms: {e.args[0] if e.args else ''}",) + e.args[1:]
+            raise
 
     def _what(self, op: str) -> str:
         return f"rank {self.comm.rank}: {op} on group {self.comm.name}"

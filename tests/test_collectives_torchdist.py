@@ -288,6 +288,12 @@ def ddp_and_mismatch(world: Any) -> dict:
             dist.barrier(group=g)
         except Exception as e:
             timed_out = str(e)
+    g2 = dist.new_group([0, 1])
+    if r == 0:                         # torch's test_monitored_barrier_gloo_rank_0_timeout
+        try:
+            g2.monitored_barrier(timedelta(seconds=0))
+        except RuntimeError as e:
+            timed_out += f"\n{e}"
     t = torch.ones(2)
     dist.all_reduce(t)                 # the group's next collective works
     threads = {th.name for th in threading.enumerate()}
@@ -309,6 +315,7 @@ def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_rais
     # the regex torch's suite (test_barrier_timeout_*) matches a timed-out barrier with
     assert re.search(" (Timed out|closed|timeout) ", out[0]["timed_out"]), out[0]
     assert "barrier" in out[0]["timed_out"] and "rank 1" in out[0]["timed_out"], out[0]
+    assert "Rank 0 timed out in monitoredBarrier" in out[0]["timed_out"], out[0]
 
 
 INIT = textwrap.dedent("""
