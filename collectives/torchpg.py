@@ -31,6 +31,7 @@ from torch._C._distributed_c10d import ReduceOp
 from torch.futures import Future
 
 import mesh
+from mesh import MeshTimeoutError
 from mesh import tensors as _tensors
 
 from . import api as C
@@ -55,6 +56,14 @@ def _op(rop: Any) -> tuple[str, Any]:
     if kind == _R.PREMUL_SUM:
         return "sum", rop.factor
     raise ValueError(f"meshrun backend: reduce op {kind} is not supported")
+
+
+def _torch_words(e: BaseException, secs: float) -> None:
+    """A collective's MeshTimeoutError says it is the process group's timeout
+    (in place, type and traceback kept): torch's callers and its own suite
+    match " (Timed out|closed|timeout) " in a timed-out collective's error."""
+    if isinstance(e, MeshTimeoutError) and e.args and " timeout " not in str(e.args[0]):
+        e.args = (f"{e.args[0]} (process group timeout of {secs:g}s)",) + e.args[1:]
 
 
 def _factor(factor: Any) -> float:
@@ -218,7 +227,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
         have finished, ``finish(values)`` writes the outputs and torch's
         future gets ``result``."""
         if not async_op:
-            values = [launch(False) for launch in launches]
+            try:
+                values = [launch(False) for launch in launches]
+            except MeshTimeoutError as e:
+                _torch_words(e, self.timeout)
+                raise
             if finish is not None:
                 finish(values)
             return _Done(result)
@@ -226,6 +239,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         try:
             works = [launch(True) for launch in launches]
         except BaseException as e:      # torch reads an async call's errors from its Work
+            _torch_words(e, self.timeout)
             work.finish(None, e)
             return work
         left = [len(works)]
@@ -241,6 +255,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 if finish is not None:
                     finish(values)
             except BaseException as e:
+                _torch_words(e, self.timeout)
                 work.finish(None, e)
                 return
             work.finish(result, None)
@@ -257,7 +272,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
             for t in tensors:
                 t.detach().mul_(_factor(factor))
         if not async_op and len(tensors) == 1:     # dist.all_reduce: nothing but the call
-            C.all_reduce(self.comm, tensors[0], op=name, timeout=self.timeout)
+            try:
+                C.all_reduce(self.comm, tensors[0], op=name, timeout=self.timeout)
+            except MeshTimeoutError as e:
+                _torch_words(e, self.timeout)
+                raise
             return _Done(tensors)
         return self._run([lambda a, t=t: C.all_reduce(self.comm, t, op=name, async_op=a,
                                                        timeout=self.timeout)
@@ -273,7 +292,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
             name = _OPS.get(opts.reduceOp.op.value)
             arr = _numpy_view(tensors[0]) if name is not None else None
             if name is not None and arr is not None:
-                _host_all_reduce(self.comm, arr, name, False, None, self.timeout)
+                try:
+                    _host_all_reduce(self.comm, arr, name, False, None, self.timeout)
+                except MeshTimeoutError as e:
+                    _torch_words(e, self.timeout)
+                    raise
                 return _Done(tensors)
         opts = opts or c10d.AllreduceOptions()
         return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
@@ -441,7 +464,12 @@ class ProcessGroupMeshrun(_ProcessGroup):
         come within ``timeout`` (every meshrun barrier does). torch's own
         ``dist.monitored_barrier`` refuses every backend but gloo."""
         secs = self.timeout if timeout is None else timeout.total_seconds()
-        C.barrier(self.comm, timeout=secs)
+        try:
+            C.barrier(self.comm, timeout=secs)
+        except MeshTimeoutError as e:   # gloo's words, which torch's suite matches
+            e.args = (f"Rank {self.comm.rank} timed out in monitoredBarrier after "
+                      f"{secs * 1000:g} ms: {e.args[0] if e.args else ''}",) + e.args[1:]
+            raise
 
     def _what(self, op: str) -> str:
         return f"rank {self.comm.rank}: {op} on group {self.comm.name}"

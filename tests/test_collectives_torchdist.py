@@ -4,10 +4,12 @@ single-process training; mismatches; every way torch initializes."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +258,8 @@ def _train(net: Any, steps: list, r: int, device: str = "cpu") -> float:
 
 def ddp_and_mismatch(world: Any) -> dict:
     """DDP (no_sync, find_unused_parameters, small buckets) against
-    single-process training on the full batch; then a shape mismatch."""
+    single-process training on the full batch; then a shape mismatch and
+    a barrier that times out."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     _init()
     _battery(world)
@@ -278,11 +281,25 @@ def ddp_and_mismatch(world: Any) -> dict:
                 w.wait()
         except Exception as e:
             errors.append(f"{type(e).__name__}: {e}")
+    g = dist.new_group([0, 1], timeout=timedelta(seconds=1))
+    timed_out = ""
+    if r == 0:                         # rank 1 never comes: torch's words for a timeout
+        try:
+            dist.barrier(group=g)
+        except Exception as e:
+            timed_out = str(e)
+    g2 = dist.new_group([0, 1])
+    if r == 0:                         # torch's test_monitored_barrier_gloo_rank_0_timeout
+        try:
+            g2.monitored_barrier(timedelta(seconds=0))
+        except RuntimeError as e:
+            timed_out += f"\n{e}"
     t = torch.ones(2)
     dist.all_reduce(t)                 # the group's next collective works
     threads = {th.name for th in threading.enumerate()}
     dist.destroy_process_group()
-    return {"diff": diff, "errors": errors, "after": t.tolist(), "threads": sorted(threads)}
+    return {"diff": diff, "errors": errors, "after": t.tolist(), "threads": sorted(threads),
+            "timed_out": timed_out}
 
 
 def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_raise() -> None:
@@ -295,6 +312,10 @@ def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_rais
             assert "[3]" in e and "[4]" in e, e       # the two shapes
         assert o["errors"][0].startswith("MismatchError"), o["errors"]
         assert o["after"] == [2.0, 2.0]
+    # the regex torch's suite (test_barrier_timeout_*) matches a timed-out barrier with
+    assert re.search(" (Timed out|closed|timeout) ", out[0]["timed_out"]), out[0]
+    assert "barrier" in out[0]["timed_out"] and "rank 1" in out[0]["timed_out"], out[0]
+    assert "Rank 0 timed out in monitoredBarrier" in out[0]["timed_out"], out[0]
 
 
 INIT = textwrap.dedent("""
