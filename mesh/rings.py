@@ -38,8 +38,9 @@ both are one stream. Each sender counts the messages it put on the socket
 to each peer (``Peer.sent``); an entry carries that count ``c``; the
 receiver counts what it read from each peer's socket (``heard``) and takes
 an entry only once ``heard >= c``, and before it takes a socket message it
-takes the entries written before it. A full ring sends by socket (until
-the receiver has emptied it), so the ring never blocks a sender; what it
+takes the entries written before it. A sender waits up to 200 us for room
+in a full ring (a stream outrunning its receiver), then sends by socket
+until the receiver has emptied it, so the ring never blocks a sender long; what it
 carries is charged to the same credit window as the socket (mesh.peer), so
 flow control is unchanged.
 
@@ -56,6 +57,7 @@ import mmap
 import os
 import secrets
 import threading
+import time
 from typing import Any, Callable
 
 from .peer import config_float
@@ -68,6 +70,7 @@ _WAKE, _BELL, _AWAKE, _RUNG = 2, 8, 16, 24    # 64-bit word indices in page 0
 _LINE = 8                      # words per cache line: one line per sender's counters
 _WRAP = 1 << 32
 _fence_lock = threading.Lock()
+_WAIT = 200e-6     # how long a sender waits for room in a full ring
 
 
 def fence() -> None:
@@ -129,7 +132,23 @@ class _Out:
 
     def put(self, frame: Any, n: int, c: int) -> bool:
         """Write a one-frame message of ``n`` bytes, and wake the receiver
-        if it is not watching; False when it does not fit now."""
+        if it is not watching; False when it does not fit: a full ring is
+        given up to _WAIT to make room (a stream outruns its receiver),
+        then left until the receiver has emptied it."""
+        was_full = self.full
+        if self._put(frame, n, c):
+            return True
+        if was_full:        # gave up on it before: the socket until it is empty
+            return False
+        end = time.perf_counter() + _WAIT
+        while time.perf_counter() < end:
+            os.sched_yield()
+            self.full = False
+            if self._put(frame, n, c):
+                return True
+        return False
+
+    def _put(self, frame: Any, n: int, c: int) -> bool:
         size = 16 + ((n + 15) & ~15)
         tail, ring = self.tail, self.ring
         used = tail - self.q[self.hi]
