@@ -110,15 +110,8 @@ class Reader:
         delivered as from the socket (the bytes are copied before the ring
         moves on)."""
         try:
-            hl = frame[1] | frame[2] << 8 if len(frame) >= 3 else len(frame)
-            if frame[0] != wire.INLINE_MARK or 3 + hl > len(frame):
-                raise BadMessageError(f"not a one-frame message ({len(frame)} bytes)")
-            head, body = bytes(frame[3:3 + hl]), frame[3 + hl:]
-            h = self._decoded.get(head)
-            if h is None:
-                h = wire.decode(head, self.size)
-                if h.kind <= wire.OBJ and h.fp is None and len(self._decoded) < _CACHE:
-                    self._decoded[head] = h
+            head, body = wire.split_inline(frame)
+            h = self._header(head)
         except BadMessageError as e:
             self._bad(f"from rank {src}'s ring: {e}")
             return
@@ -127,6 +120,18 @@ class Reader:
             return
         self._peers[src].last_heard = time.monotonic()
         self._deliver(h, [body])
+
+    def _header(self, head: bytes) -> wire.Header:
+        """``head`` decoded, each distinct point-to-point header once (a
+        collective's carries its sequence number, so each is seen once)."""
+        h = self._decoded.get(head)
+        if h is None:
+            h = wire.decode(head, self.size)
+            if h.kind <= wire.OBJ and h.fp is None:
+                if len(self._decoded) >= _CACHE:
+                    self._decoded.clear()
+                self._decoded[head] = h
+        return h
 
     def _dispatch(self, ident: bytes, head: bytes, payload: list, more: Any) -> bool:
         """The rest of ``read_one``: the message whose first frame was ``head``."""
@@ -139,18 +144,10 @@ class Reader:
             if more:
                 return self._bad("a one-frame message with more frames", more)
             payload.append(body)
-        h = self._decoded.get(head)
-        if h is None:
-            try:
-                h = wire.decode(head, self.size)
-            except BadMessageError as e:
-                return self._bad(str(e), more)
-            # A collective's header carries its sequence number, so each is
-            # seen once: only point-to-point headers are worth keeping.
-            if h.kind <= wire.OBJ and h.fp is None:
-                if len(self._decoded) >= _CACHE:
-                    self._decoded.clear()
-                self._decoded[head] = h
+        try:
+            h = self._header(head)
+        except BadMessageError as e:
+            return self._bad(str(e), more)
         if ident != self._idents[h.src] or h.src == self.rank:
             return self._bad(f"header says source {h.src} but the connection is {ident!r}", more)
         peer = self._peers[h.src]

@@ -301,6 +301,7 @@ class Rings:
         if head == tail:
             return 0
         base, mask, ring = lay.slot(s), lay.ring - 1, lay.ring
+        hi = (lay.heads >> 3) + _LINE * s
         mv = self._mv
         n = 0
         try:
@@ -321,10 +322,10 @@ class Rings:
                 deliver(s, mv[base + off + 16:base + off + 16 + length])
                 head += 16 + ((length + 15) & ~15)
                 n += 1
-                q[(lay.heads >> 3) + _LINE * s] = head
+                q[hi] = head
         finally:
             self._heads[s] = head
-            q[(lay.heads >> 3) + _LINE * s] = head
+            q[hi] = head
         return n
 
     def close(self) -> None:

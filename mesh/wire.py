@@ -161,7 +161,7 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     src = _int(h, "s", 0, world_size - 1)
     direct = _direct(h) if "x" in h else ()
     if kind in (PROBE, DONE, RING):
-        if len(direct) != (1 if kind == DONE else 4) and (kind == DONE or len(direct) != 1):
+        if len(direct) != (1 if kind == DONE else 4) and (kind != PROBE or len(direct) != 1):
             raise BadMessageError(f"message kind {kind} with direct-path field {direct!r}")
         return Header(kind, src, direct=direct)
     if kind == CREDIT:
@@ -220,14 +220,15 @@ def frames(header: bytes, payload: list, nbytes: int) -> list:
     return [inline(header, *payload)] if nbytes < INLINE_MAX else [header, *payload]
 
 
-def split_inline(frame: bytes) -> tuple[bytes, memoryview]:
-    """(header, payload) of a frame made by ``inline``; BadMessageError if it
-    is too short for the header length it claims."""
+def split_inline(frame: bytes | memoryview) -> tuple[bytes, memoryview]:
+    """(header, payload) of a frame made by ``inline`` (off a socket, or a
+    view of a same-host ring); BadMessageError if it is not one, or too
+    short for the header length it claims."""
     n = len(frame)
     hl = frame[1] | frame[2] << 8 if n >= 3 else n
-    if 3 + hl > n:
+    if 3 + hl > n or frame[0] != INLINE_MARK:
         raise BadMessageError(f"one-frame message of {n} bytes claims a {hl}-byte header")
-    return frame[3:3 + hl], memoryview(frame)[3 + hl:]
+    return bytes(frame[3:3 + hl]), memoryview(frame)[3 + hl:]
 
 
 def array_frames(arr: np.ndarray) -> list[memoryview]:
