@@ -3,15 +3,24 @@
     python -m collectives.model --fit                 # measure here (2-32 ranks), fit, save
     python -m collectives.model --check               # predicted against measured, fresh run
     python -m collectives.model --check --ranks 2,4,8 --trials 1   # one job per row
+    python -m collectives.model --fit-check --ranks 2,4,8 --save rows.jsonl --out fit.json
     python -m collectives.model --predict --ranks 1024 --hosts 128 --link 10gbit
+    python -m collectives.model --predict --tables --into docs/scale.md
 
---fit and --check measure with collectives.tools.sweep (the benchmark's
-timing, medians over interleaved rounds, the compute share from the
-scheduler), ``--trials`` jobs (3) per world size and path, one after
-another, each row the median of its trials; both take ``--from FILE`` (its
-JSON lines, or a saved fit's rows) instead of measuring.
-``--check --from collectives/model/fitted.json`` shows how well the shipped
-fit matches its own measurements.
+--fit, --check and --fit-check measure with collectives.tools.sweep (the
+benchmark's timing, the median of interleaved rounds, the compute share
+from the scheduler), ``--trials`` jobs (3) per world size and path, one
+after another, each row the median of its trials (``merge``); all take
+``--from FILE`` (its JSON lines, or a saved fit's rows) instead of
+measuring. ``--check --from collectives/model/fitted.json`` shows how well
+the shipped fit matches its own measurements.
+
+--fit-check measures the fit's sizes and the check's held-out sizes in the
+same jobs, their rows alternating in every round (FIT_SIZES and
+CHECK_SIZES interleave), fits on the fit sizes, saves that fit and reports
+the held-out rows against it as --check does: a machine that gets faster
+or slower during the run moves both alike, where a --fit then a --check
+would see it as model error.
 """
 from __future__ import annotations
 
@@ -27,7 +36,7 @@ from .costs import PATHS, algorithm, fit_params, rel_errors, row_share
 from .scale import ALGORITHMS, Cluster, at_scale, best, parse_link
 from .store import Fit, load, save, shipped_path
 
-__all__ = ["main", "merge", "FIT_RANKS", "FIT_SIZES", "CHECK_SIZES"]
+__all__ = ["main", "merge", "split", "FIT_RANKS", "FIT_SIZES", "CHECK_SIZES"]
 
 FIT_RANKS = (2, 3, 4, 8, 16, 32)
 FIT_SIZES = (8, 1 << 10, 16 << 10, 256 << 10, 2 << 20, 16 << 20)
@@ -63,7 +72,13 @@ def _measure(ranks: Sequence[int], sizes: Sequence[int], rounds: int, trials: in
 def merge(rows: Sequence[dict]) -> list[dict]:
     """One row per (path, op, n, bytes): the median time over the rows
     given (trials), with each share such that time x share is the median
-    of the trials' time x share (as collectives.tools.sweep pairs rounds)."""
+    of the trials' time x share (as collectives.tools.sweep pairs rounds).
+
+    The median of the trials' medians (each trial's the median of its
+    rounds): one trial hit by another job moves it little. Tried against the
+    geometric mean and the minimum of the trials on the saved runs of
+    2026-12-01 (BENCHMARKS.md, "Cost model"): no statistic was better on
+    every run, the minimum the worst on the board path."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["path"], r["op"], r["n"], r["bytes"]), []).append(r)
@@ -98,21 +113,51 @@ def _ranks(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    rows = _read(args.source) if args.source else _measure(
-        _ranks(args.ranks) if args.ranks else FIT_RANKS, FIT_SIZES, args.rounds, args.trials,
-        args.save)
+def split(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(the rows at FIT_SIZES, the others: held out), by the size asked."""
+    fit = [r for r in rows if r.get("size", r["bytes"]) in FIT_SIZES]
+    return fit, [r for r in rows if r.get("size", r["bytes"]) not in FIT_SIZES]
+
+
+def _fit_and_save(rows: list[dict], args: argparse.Namespace, note: str) -> Fit:
     cores = os.cpu_count() or 1
     params = {p: fit_params([r for r in rows if r["path"] == p], cores) for p in PATHS}
-    note = (f"fitted from {args.source}" if args.source else
-            f"load average at the end of the measurement {os.getloadavg()[0]:.1f}")
     fit = Fit(params, cores, rows, note=args.note or note)
     where = save(fit, args.out)
     for p, v in params.items():
         print(f"{p:7s} a0 {v.a0 * 1e6:8.2f} us  alpha {v.alpha * 1e6:8.2f} us  "
               f"beta {v.beta * 1e9:7.4f} ns/B ({1 / v.beta / 1e9 if v.beta else 0:6.2f} GB/s)  "
-              f"gamma {v.gamma * 1e9:7.4f} ns/B  delta {v.delta * 1e6:7.2f} us")
+              f"gamma {v.gamma * 1e9:7.4f} ns/B  delta {v.delta * 1e6:7.2f} us  "
+              f"kappa {v.kappa * 1e6:7.2f} us")
     print(f"fit saved to {where}")
+    return fit
+
+
+def _note(args: argparse.Namespace) -> str:
+    return (f"fitted from {args.source}" if args.source else
+            f"load average at the end of the measurement {os.getloadavg()[0]:.1f}")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    rows = _read(args.source) if args.source else _measure(
+        _ranks(args.ranks) if args.ranks else FIT_RANKS, FIT_SIZES, args.rounds, args.trials,
+        args.save)
+    _fit_and_save(rows, args, _note(args))
+    return 0
+
+
+def cmd_fit_check(args: argparse.Namespace) -> int:
+    rows = _read(args.source) if args.source else _measure(
+        _ranks(args.ranks) if args.ranks else (2, 4, 8),
+        tuple(sorted(FIT_SIZES + CHECK_SIZES)), args.rounds, args.trials, args.save)
+    fit_rows, held = split(rows)
+    if not fit_rows or not held:
+        raise SystemExit(f"--fit-check needs rows at the fit's sizes {FIT_SIZES} and at "
+                         f"others (held out); got {len(fit_rows)} and {len(held)}")
+    fit = _fit_and_save(fit_rows, args, _note(args) + "; fitted on the sizes of an "
+                        "interleaved --fit-check run, its held-out rows not included")
+    print(f"# held-out rows ({len(held)}) against the fit above, measured in the same jobs")
+    _report(fit, held, args.markdown)
     return 0
 
 
@@ -140,6 +185,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = _read(args.source) if args.source else _measure(
         _ranks(args.ranks) if args.ranks else FIT_RANKS, CHECK_SIZES, args.rounds, args.trials,
         args.save)
+    _report(fit, rows, args.markdown)
+    return 0
+
+
+def _report(fit: Fit, rows: list[dict], markdown: bool) -> None:
+    """Each row predicted against measured, a table per path (``markdown``)
+    and a summary line per path."""
     print(f"# {'path':6s} {'op':10s} {'n':>3s} {'bytes':>9s} {'alg':>11s} {'share':>5s} "
           f"{'measured':>10s} {'predicted':>10s} {'error':>7s} | {'nominal':>7s}")
     for path in PATHS:
@@ -151,15 +203,18 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"{algorithm(path, r['op'], r['bytes']):>11s} "
                   f"{row_share(r, fit.cores):5.2f} {r['t'] * 1e6:10.1f} "
                   f"{r['t'] * (1 + e) * 1e6:10.1f} {e * 100:+6.1f}% | {e0 * 100:+6.1f}%")
-        if args.markdown and mine:
+        if markdown and mine:
             _markdown(path, mine, errs)
         if errs:
             within = sum(abs(e) <= 0.2 for e in errs) / len(errs)
+            byn = ", ".join(
+                f"{n}: {statistics.median(e for e, r in zip(errs, mine) if r['n'] == n) * 100:+.0f}%"
+                for n in sorted({r["n"] for r in mine}))
             print(f"# {path}: median |error| {statistics.median(map(abs, errs)) * 100:.1f}%, "
                   f"{within * 100:.0f}% of rows within 20% (with the measured share); "
                   f"nominal share min(1, {fit.cores}/n): median |error| "
-                  f"{statistics.median(map(abs, nominal)) * 100:.1f}%")
-    return 0
+                  f"{statistics.median(map(abs, nominal)) * 100:.1f}%; "
+                  f"median signed error by ranks {byn}")
 
 
 def _fmt_t(t: float) -> str:
@@ -177,30 +232,110 @@ def _fmt_b(b: int) -> str:
     return f"{b} B"
 
 
+def _table(fit: Fit, op: str, c: Cluster, sizes: Sequence[int]) -> tuple[list[str], list[str]]:
+    """Markdown rows of ``op``'s algorithms at ``sizes`` on ``c``, and the
+    best algorithm at each size."""
+    algs = ALGORITHMS[op]
+    lines = ["| size | " + " | ".join(algs) + " | best |", "|---" * (len(algs) + 2) + "|"]
+    bests = []
+    for size in sizes:
+        ts = at_scale(op, fit.params["board"], fit.params["socket"], c, size)
+        bests.append(best(ts))
+        lines.append(f"| {_fmt_b(size)} | " + " | ".join(_fmt_t(ts[a]) for a in algs)
+                     + f" | {bests[-1]} |")
+    return lines, bests
+
+
+def _crossings(sizes: Sequence[int], bests: Sequence[str]) -> list[str]:
+    return [f"{a} -> {b} at {_fmt_b(s)}" for s, a, b in zip(sizes[1:], bests, bests[1:]) if a != b]
+
+
+def _runs(sizes: Sequence[int], bests: Sequence[str]) -> str:
+    """"rd up to 4 KiB, hier_rd from 8 KiB, ...": where each algorithm is best."""
+    runs: list[tuple[str, int, int]] = []
+    for s, b in zip(sizes, bests):
+        if runs and runs[-1][0] == b:
+            runs[-1] = (b, runs[-1][1], s)
+        else:
+            runs.append((b, s, s))
+    if len(runs) == 1:
+        return f"{runs[0][0]} at every size"
+    return ", ".join(f"{b} up to {_fmt_b(hi)}" if i == 0 else f"{b} from {_fmt_b(lo)}"
+                     for i, (b, lo, hi) in enumerate(runs))
+
+
+TABLES_BEGIN = "<!-- generated by: python -m collectives.model --predict --tables; do not edit -->"
+TABLES_END = "<!-- end of generated tables -->"
+TABLE_LINKS = ("10gbit", "100gbit")
+
+
+def tables(fit: Fit, where: str, ranks: int, hosts: int, wire: float,
+           sizes: Sequence[int], fine: Sequence[int]) -> str:
+    """docs/scale.md's extrapolation: a table per collective and link speed
+    at ``sizes``, then where each algorithm is best on the ``fine`` grid."""
+    c0 = Cluster(hosts, ranks // hosts, 1.0, wire)
+    out = [f"Generated from {where} ({fit.note or 'no note'}); {ranks} ranks on {hosts} hosts "
+           f"of {c0.per_host}, {wire * 1e6:g} us wire latency. Times per call; \"best\" is "
+           "the fastest column.", ""]
+    summary = []
+    for op in ALGORITHMS:
+        row = []
+        for link in TABLE_LINKS:
+            c = Cluster(hosts, ranks // hosts, parse_link(link), wire)
+            lines, bests = _table(fit, op, c, sizes)
+            cross = _crossings(sizes, bests)
+            out += [f"### {op}, {c.link_bps / 1e9:g} Gb/s", "", *lines, "",
+                    f"(crossovers: {'; '.join(cross) if cross else 'none'} on this grid "
+                    "of sizes)", ""]
+            row.append(_runs(fine, _table(fit, op, c, fine)[1]))
+        summary.append(f"| {op} | " + " | ".join(row) + " |")
+    out += ["### Where each algorithm is best", "",
+            f"Finer grid (sizes {_fmt_b(fine[0])} to {_fmt_b(fine[-1])}, factor "
+            f"{fine[1] // fine[0]}):", "",
+            "| collective | " + " | ".join(f"{parse_link(x) / 1e9:g} Gb/s"
+                                           for x in TABLE_LINKS) + " |",
+            "|---" * (len(TABLE_LINKS) + 1) + "|", *summary]
+    return "\n".join(out) + "\n"
+
+
+def _into(path: str, text: str) -> None:
+    """Replace what lies between TABLES_BEGIN and TABLES_END in ``path``."""
+    with open(path) as f:
+        doc = f.read()
+    if doc.count(TABLES_BEGIN) != 1 or doc.count(TABLES_END) != 1:
+        raise SystemExit(f"{path} must hold the lines {TABLES_BEGIN!r} and {TABLES_END!r} "
+                         "once each")
+    head, rest = doc.split(TABLES_BEGIN)
+    _, tail = rest.split(TABLES_END)
+    with open(path, "w") as f:
+        f.write(head + TABLES_BEGIN + "\n\n" + text + "\n" + TABLES_END + tail)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     fit, where = load(args.params)
     ranks = int(args.ranks or 1024)
-    hosts = int(args.hosts or 1)
+    hosts = int(args.hosts or (128 if args.tables else 1))
     if ranks % hosts:
         raise SystemExit(f"--ranks {ranks} is not a multiple of --hosts {hosts}")
-    c = Cluster(hosts, ranks // hosts, parse_link(args.link), args.wire_us * 1e-6)
     sizes = parse_sizes(args.sizes, args.factor)
+    if args.tables:
+        name = os.path.relpath(where) if not os.path.isabs(args.params or "") else str(where)
+        text = tables(fit, name, ranks, hosts, args.wire_us * 1e-6, sizes,
+                      parse_sizes(args.sizes, 2))
+        if args.into:
+            _into(args.into, text)
+            print(f"tables written into {args.into}")
+        else:
+            print(text, end="")
+        return 0
+    c = Cluster(hosts, ranks // hosts, parse_link(args.link), args.wire_us * 1e-6)
     print(f"# {args.op}, {ranks} ranks on {hosts} hosts of {c.per_host}, "
           f"{c.link_bps / 1e9:g} Gb/s links, {args.wire_us:g} us wire latency; "
           f"unit costs from {where}")
-    algs = ALGORITHMS[args.op]
-    print("| size | " + " | ".join(algs) + " | best |")
-    print("|---" * (len(algs) + 2) + "|")
-    prev = None
-    crossings = []
-    for size in sizes:
-        ts = at_scale(args.op, fit.params["board"], fit.params["socket"], c, size)
-        b = best(ts)
-        if prev is not None and b != prev:
-            crossings.append(f"{prev} -> {b} at {_fmt_b(size)}")
-        prev = b
-        print(f"| {_fmt_b(size)} | " + " | ".join(_fmt_t(ts[a]) for a in algs) + f" | {b} |")
-    print("# crossovers: " + ("; ".join(crossings) if crossings else "none"))
+    lines, bests = _table(fit, args.op, c, sizes)
+    print("\n".join(lines))
+    cross = _crossings(sizes, bests)
+    print("# crossovers: " + ("; ".join(cross) if cross else "none"))
     return 0
 
 
@@ -210,36 +345,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--fit", action="store_true", help="measure, fit, save")
     mode.add_argument("--check", action="store_true", help="predicted against measured")
+    mode.add_argument("--fit-check", action="store_true",
+                      help="fit sizes and held-out sizes measured interleaved in one run "
+                           "(ranks 2,4,8): fit, save, report the held-out rows")
     mode.add_argument("--predict", action="store_true", help="extrapolate to a cluster")
     ap.add_argument("--ranks", default=None,
-                    help="--fit/--check: world sizes (2,4,8); --predict: total ranks (1024)")
+                    help="--fit/--check: world sizes (2,3,4,8,16,32), --fit-check (2,4,8); "
+                         "--predict: total ranks (1024)")
     ap.add_argument("--hosts", default=None, help="--predict: hosts (ranks split evenly)")
     ap.add_argument("--link", default="10gbit", help="--predict: 10gbit, 100gbit, or bits/s")
     ap.add_argument("--wire-us", type=float, default=10.0,
                     help="--predict: one-way latency between hosts, us")
     ap.add_argument("--op", default="all_reduce", choices=tuple(ALGORITHMS))
+    ap.add_argument("--tables", action="store_true",
+                    help="--predict: every collective at 10 and 100 Gb/s, and where each "
+                         "algorithm is best, as docs/scale.md shows them (hosts 128)")
+    ap.add_argument("--into", default=None,
+                    help="--predict --tables: write them into this file, between its "
+                         "generated-tables marks (docs/scale.md)")
     ap.add_argument("--sizes", default="8:1G", help="--predict: lo:hi or a,b,c")
     ap.add_argument("--factor", type=int, default=8, help="--predict: step of a size range")
     ap.add_argument("--rounds", type=int, default=5,
                     help="interleaved rounds in each job (median)")
     ap.add_argument("--trials", type=int, default=3,
-                    help="--fit/--check: jobs per world size and path, one after another "
+                    help="--fit/--check/--fit-check: jobs per world size and path, one after another "
                          "(each row the median of its trials)")
     ap.add_argument("--from", dest="source", default=None,
                     help="read measurements (sweep JSON lines) instead of measuring")
     ap.add_argument("--save", default=None,
-                    help="--fit/--check: also write the measurements here, as they come")
+                    help="--fit/--check/--fit-check: also write the measurements here, as "
+                         "they come")
     ap.add_argument("--markdown", action="store_true",
-                    help="--check: also print a table per path (as in BENCHMARKS.md)")
-    ap.add_argument("--out", default=None, help="--fit: where to save (default: cache)")
+                    help="--check/--fit-check: also print a table per path (as in "
+                         "BENCHMARKS.md)")
+    ap.add_argument("--out", default=None,
+                    help="--fit/--fit-check: where to save (default: cache)")
     ap.add_argument("--note", default=None,
-                    help="--fit: what to record of the conditions (default: the load average)")
+                    help="--fit/--fit-check: what to record of the conditions (default: the "
+                         "load average)")
     ap.add_argument("--params", default=None, help="--check/--predict: the fit to use")
     args = ap.parse_args(argv)
     if args.fit:
         return cmd_fit(args)
     if args.check:
         return cmd_check(args)
+    if args.fit_check:
+        return cmd_fit_check(args)
     return cmd_predict(args)
 
 

@@ -1,7 +1,8 @@
-"""The cost of each collective algorithm meshrun runs, as counts of five
+"""The cost of each collective algorithm meshrun runs, as counts of six
 unit costs along one rank's critical path::
 
-    T = (a0 + msgs * alpha + moved * beta + reduced * gamma + ops * delta) / share
+    T = (a0 + msgs * alpha + moved * beta + reduced * gamma + ops * delta
+         + crowd * kappa) / share
 
     a0      fixed cost of one call (Python entry, fingerprint, first sync)
     alpha   one message (socket path), or one peer waited for (board path:
@@ -10,6 +11,13 @@ unit costs along one rank's critical path::
     gamma   one byte reduced (numpy's combine)
     delta   one operation on a peer's data (board path: a cross-memory read
             or a payload copy, a combine: a system call or a numpy call)
+    kappa   socket path, ranks outnumbering cores: one message's extra cost
+            for each further rank on its core (crowd = msgs * (n / cores - 1)):
+            a blocked receive polls and yields before it sleeps
+            (mesh.progress, MESH_SPIN_US), so the receiver of each message is
+            woken behind the polls, yields and context switches of the
+            other ranks on its core; none with a core per rank, so none at
+            scale. (The board's waits already count every peer, n - 1.)
     share   the compute share of one rank: as measured (the time its threads
             ran over the time they ran or waited to run, from the kernel's
             scheduler statistics: collectives.tools.sweep's ``ran``), else
@@ -31,7 +39,7 @@ import numpy as np
 from ..plan import Tuning, choose, segment_count
 
 __all__ = ["PATHS", "OPS", "BOARD_CAPACITY", "Terms", "Params", "share", "algorithm", "terms",
-           "predict", "row_share", "fit_params", "rel_errors", "nnls"]
+           "crowding", "predict", "row_share", "fit_params", "rel_errors", "nnls"]
 
 PATHS = ("board", "socket")
 OPS = ("all_reduce", "broadcast", "all_gather", "reduce", "reduce_scatter")
@@ -47,6 +55,7 @@ class Terms(NamedTuple):
     moved: float
     reduced: float
     ops: float = 0.0
+    crowd: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,10 +66,11 @@ class Params:
     beta: float
     gamma: float
     delta: float = 0.0      # fits made before 2026-12-01 11:00 have none
+    kappa: float = 0.0      # fits made before 2026-12-01 14:00 have none
 
     def time(self, t: Terms, share: float = 1.0) -> float:
         return (t.calls * self.a0 + t.msgs * self.alpha + t.moved * self.beta
-                + t.reduced * self.gamma + t.ops * self.delta) / share
+                + t.reduced * self.gamma + t.ops * self.delta + t.crowd * self.kappa) / share
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -144,26 +154,36 @@ def _socket(op: str, alg: str, n: int, m: float, seg: int) -> Terms:
     raise ValueError(f"no socket model for {op}")
 
 
-def terms(path: str, op: str, n: int, nbytes: int, tuning: Tuning = Tuning()) -> Terms:
-    """The unit-cost counts of ``op`` on ``n`` ranks and ``nbytes`` on ``path``."""
+def terms(path: str, op: str, n: int, nbytes: int, tuning: Tuning = Tuning(),
+          cores: float | None = None) -> Terms:
+    """The unit-cost counts of ``op`` on ``n`` ranks and ``nbytes`` on
+    ``path``, on one host of ``cores`` cores (None: a core per rank, no
+    ``crowd``)."""
     if n < 2:
         return Terms(1, 0, 0, 0)
     alg = algorithm(path, op, nbytes, tuning)
     if path == "board" and alg != "rd":
         nseg = segment_count(math.ceil(nbytes / n), 1, tuning.segment)
         return _board(op, alg, n, float(nbytes), nseg)
-    return _socket(op, alg, n, float(nbytes), tuning.segment)
+    t = _socket(op, alg, n, float(nbytes), tuning.segment)
+    return t._replace(crowd=t.msgs * crowding(n, cores))
+
+
+def crowding(n: int, cores: float | None) -> float:
+    """Further ranks on a rank's core: max(0, n / cores - 1) (0 with no cores
+    given: a core per rank)."""
+    return max(0.0, n / cores - 1) if cores else 0.0
 
 
 def predict(params: Params, cores: float, path: str, op: str, n: int, nbytes: int,
             tuning: Tuning = Tuning()) -> float:
     """Predicted seconds per call of ``op`` on ``n`` ranks of one host."""
-    return params.time(terms(path, op, n, nbytes, tuning), share(n, cores))
+    return params.time(terms(path, op, n, nbytes, tuning, cores), share(n, cores))
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient >= 0: solve, drop the most
-    negative column, solve again (enough for four well-scaled columns)."""
+    negative column, solve again (enough for six well-scaled columns)."""
     keep = list(range(a.shape[1]))
     x = np.zeros(a.shape[1])
     while keep:
@@ -203,7 +223,7 @@ def fit_params(rows: Iterable[dict], cores: float, tuning: Tuning = Tuning()) ->
     if len(paths) != 1:
         raise ValueError(f"fit one path at a time, got {sorted(paths)}")
     path = paths.pop()
-    a = np.array([np.array(terms(path, r["op"], r["n"], r["bytes"], tuning))
+    a = np.array([np.array(terms(path, r["op"], r["n"], r["bytes"], tuning, cores))
                   / row_share(r, cores) / r["t"] for r in rows])
     scale = a.max(axis=0)
     scale[scale == 0] = 1.0
@@ -227,5 +247,6 @@ def rel_errors(params: Params, cores: float, rows: Sequence[dict],
     out = []
     for r in rows:
         sh = row_share(r, cores) if measured_share else share(r["n"], cores)
-        out.append(params.time(terms(r["path"], r["op"], r["n"], r["bytes"]), sh) / r["t"] - 1)
+        t = terms(r["path"], r["op"], r["n"], r["bytes"], cores=cores)
+        out.append(params.time(t, sh) / r["t"] - 1)
     return out
