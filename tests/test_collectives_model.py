@@ -9,14 +9,15 @@ import pytest
 
 from collectives.model import (Cluster, Params, Terms, algorithm, at_scale, best, fit_params,
                                load, parse_link, predict, rel_errors, save, share, terms)
-from collectives.model.__main__ import main, merge
-from collectives.model.costs import BOARD_CAPACITY, nnls, row_share
+from collectives.model.__main__ import (CHECK_SIZES, FIT_SIZES, TABLES_BEGIN, TABLES_END, main,
+                                        merge, split)
+from collectives.model.costs import BOARD_CAPACITY, crowding, nnls, row_share
 from collectives.model.store import Fit
 from collectives.plan import Tuning
 
 MIB = 1 << 20
 BOARD = Params(a0=50e-6, alpha=3e-6, beta=0.2e-9, gamma=0.1e-9, delta=2e-6)
-SOCK = Params(a0=100e-6, alpha=40e-6, beta=0.5e-9, gamma=0.3e-9)
+SOCK = Params(a0=100e-6, alpha=40e-6, beta=0.5e-9, gamma=0.3e-9, kappa=20e-6)
 
 
 def test_board_capacity_is_the_boards():
@@ -93,6 +94,19 @@ def test_board_counts_one_alpha_per_peer_waited_for():
         "board", "all_reduce", 2, 2 * MIB).msgs
 
 
+def test_crowd_counts_socket_messages_times_further_ranks_per_core():
+    # kappa: each message's extra cost per further rank on its core, socket path only
+    assert crowding(2, 2) == crowding(1, 2) == crowding(8, None) == 0.0
+    assert crowding(8, 2) == 3.0
+    t = terms("socket", "all_reduce", 8, 8, cores=2)
+    assert t.msgs == 3 and t.crowd == 9
+    assert terms("socket", "all_reduce", 8, 8).crowd == 0            # a core per rank
+    assert terms("socket", "all_reduce", 2, 8, cores=2).crowd == 0
+    assert terms("board", "all_reduce", 8, 8, cores=2).crowd == 0    # its waits count peers
+    assert predict(SOCK, 2, "socket", "all_reduce", 8, 8) == pytest.approx(
+        (SOCK.a0 + 3 * SOCK.alpha + 24 * SOCK.beta + 24 * SOCK.gamma + 9 * SOCK.kappa) / 0.25)
+
+
 def test_row_share_is_the_schedulers_then_the_probes_then_nominal():
     row = {"path": "board", "op": "all_reduce", "n": 8, "bytes": 8, "t": 1e-3}
     assert row_share(dict(row, share=0.1, ran=0.2), 2) == 0.2
@@ -123,7 +137,7 @@ def test_delta_prices_the_ops_and_old_fits_load_without_it():
     assert with_ops.time(t, 0.5) == pytest.approx(54e-6)
     old = Fit.from_json({"cores": 2, "params": {
         p: {"a0": 1e-4, "alpha": 1e-5, "beta": 1e-10, "gamma": 1e-10} for p in ("board", "socket")}})
-    assert old.params["board"].delta == 0.0
+    assert old.params["board"].delta == old.params["socket"].kappa == 0.0
 
 
 def test_share_and_prediction_scale_with_oversubscription():
@@ -137,14 +151,15 @@ def test_share_and_prediction_scale_with_oversubscription():
     assert t8 > t2
 
 
-def _rows(params: Params, path: str, cores: int, shared: bool) -> list[dict]:
+def _rows(params: Params, path: str, cores: int, shared: bool,
+          sizes: tuple = FIT_SIZES) -> list[dict]:
     rows = []
     for op in ("all_reduce", "broadcast", "all_gather"):
         for n in (2, 3, 4, 8, 16):
-            for size in (8, 1024, 16 << 10, 256 << 10, 2 * MIB, 16 * MIB):
+            for size in sizes:
                 sh = 0.8 * share(n, cores) if shared else share(n, cores)
-                t = params.time(terms(path, op, n, size), sh)
-                row = {"path": path, "op": op, "n": n, "bytes": size, "t": t}
+                t = params.time(terms(path, op, n, size, cores=cores), sh)
+                row = {"path": path, "op": op, "n": n, "size": size, "bytes": size, "t": t}
                 if shared:
                     row["share"] = sh
                 rows.append(row)
@@ -247,3 +262,66 @@ def test_store_round_trip_and_predict_cli(tmp_path, capsys):
                  str(tmp_path / "f2.json"), "--markdown"]) == 0     # a fit's own rows
     out = capsys.readouterr().out
     assert "board path, us" in out and "| all_reduce | 16 MiB |" in out
+
+
+def _both(sizes: tuple) -> list[dict]:
+    return _rows(BOARD, "board", 2, True, sizes) + _rows(SOCK, "socket", 2, True, sizes)
+
+
+def test_fit_check_from_saved_rows_fits_the_fit_sizes_reports_the_held_out(tmp_path, capsys):
+    rows = _both(FIT_SIZES) + _both(CHECK_SIZES)
+    fit_rows, held = split(rows)
+    assert {r["size"] for r in fit_rows} == set(FIT_SIZES)
+    assert {r["size"] for r in held} == set(CHECK_SIZES)
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "fit.json"
+    assert main(["--fit-check", "--from", str(src), "--out", str(out), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("100% of rows within 20%") == 2
+    assert "| all_reduce | 8 MiB |" in text and "| all_reduce | 16 MiB |" not in text
+    fit, _ = load(out)
+    assert {r["size"] for r in fit.rows} == set(FIT_SIZES)        # the held-out rows are not in it
+    assert fit.params["socket"].kappa == pytest.approx(SOCK.kappa, rel=1e-6)
+    src.write_text("".join(json.dumps(r) + "\n" for r in fit_rows))
+    with pytest.raises(SystemExit, match="held out"):
+        main(["--fit-check", "--from", str(src), "--out", str(out)])
+
+
+def test_fit_check_measures_fit_and_held_out_sizes_in_the_same_jobs(tmp_path, monkeypatch, capsys):
+    import collectives.tools.sweep as sweep
+    jobs = []
+
+    def measure(path, n, sizes, rounds):
+        jobs.append((path, n, tuple(sizes)))
+        return [r for r in _rows(BOARD if path == "board" else SOCK, path, 2, True, tuple(sizes))
+                if r["n"] == 2]
+    monkeypatch.setattr(sweep, "measure", measure)
+    save_to = tmp_path / "rows.jsonl"
+    assert main(["--fit-check", "--ranks", "2", "--trials", "2", "--rounds", "1",
+                 "--save", str(save_to), "--out", str(tmp_path / "fit.json")]) == 0
+    assert [j[:2] for j in jobs] == [("board", 2), ("socket", 2)] * 2
+    for _, _, sizes in jobs:      # one job: every size, fit and held out alternating
+        assert sorted(sizes) == sorted(FIT_SIZES + CHECK_SIZES)
+        assert [s in FIT_SIZES for s in sizes] == [i % 2 == 0 for i in range(len(sizes))]
+    assert len(save_to.read_text().splitlines()) == 2 * 2 * 3 * 12     # every trial's rows
+    assert capsys.readouterr().out.count("100% of rows within 20%") == 2
+
+
+def test_tables_into_a_document_replace_only_the_generated_part(tmp_path, capsys):
+    p = save(Fit({"board": BOARD, "socket": SOCK}, 2, note="made up"), tmp_path / "fit.json")
+    doc = tmp_path / "scale.md"
+    doc.write_text(f"# head\n\n{TABLES_BEGIN}\nold\n{TABLES_END}\n\ntail\n")
+    args = ["--predict", "--tables", "--params", str(p), "--into", str(doc)]
+    assert main(args) == 0
+    text = doc.read_text()
+    assert text.startswith("# head\n") and text.endswith(f"{TABLES_END}\n\ntail\n")
+    assert "old" not in text and "made up" in text and "128 hosts of 8" in text
+    for op in ("all_reduce", "broadcast", "all_gather"):
+        for link in ("10", "100"):
+            assert f"### {op}, {link} Gb/s" in text
+    assert "| all_reduce | rd up to " in text
+    assert main(args) == 0 and doc.read_text() == text            # the same again
+    doc.write_text("no marks\n")
+    with pytest.raises(SystemExit, match="generated"):
+        main(args)

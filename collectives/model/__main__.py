@@ -17,7 +17,7 @@ the shipped fit matches its own measurements.
 
 --fit-check measures the fit's sizes and the check's held-out sizes in the
 same jobs, their rows alternating in every round (FIT_SIZES and
-CHECK_SIZES interleave), fits on the fit sizes, saves that fit and reports
+CHECK_SIZES alternate: INTERLEAVED), fits on the fit sizes, saves that fit and reports
 the held-out rows against it as --check does: a machine that gets faster
 or slower during the run moves both alike, where a --fit then a --check
 would see it as model error.
@@ -36,11 +36,15 @@ from .costs import PATHS, algorithm, fit_params, rel_errors, row_share
 from .scale import ALGORITHMS, Cluster, at_scale, best, parse_link
 from .store import Fit, load, save, shipped_path
 
-__all__ = ["main", "merge", "split", "FIT_RANKS", "FIT_SIZES", "CHECK_SIZES"]
+__all__ = ["main", "merge", "split", "tables", "FIT_RANKS", "FIT_SIZES", "CHECK_SIZES",
+           "INTERLEAVED", "TABLES_BEGIN", "TABLES_END"]
 
 FIT_RANKS = (2, 3, 4, 8, 16, 32)
 FIT_SIZES = (8, 1 << 10, 16 << 10, 256 << 10, 2 << 20, 16 << 20)
 CHECK_SIZES = (64, 4 << 10, 32 << 10, 128 << 10, 1 << 20, 8 << 20)
+INTERLEAVED = tuple(s for pair in zip(FIT_SIZES, CHECK_SIZES) for s in pair)
+"""--fit-check's sizes: a fit size, a held-out one, and so on (sweep runs its
+rows in this order in every round)."""
 
 
 def _measure(ranks: Sequence[int], sizes: Sequence[int], rounds: int, trials: int,
@@ -149,7 +153,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_fit_check(args: argparse.Namespace) -> int:
     rows = _read(args.source) if args.source else _measure(
         _ranks(args.ranks) if args.ranks else (2, 4, 8),
-        tuple(sorted(FIT_SIZES + CHECK_SIZES)), args.rounds, args.trials, args.save)
+        INTERLEAVED, args.rounds, args.trials, args.save)
     fit_rows, held = split(rows)
     if not fit_rows or not held:
         raise SystemExit(f"--fit-check needs rows at the fit's sizes {FIT_SIZES} and at "
