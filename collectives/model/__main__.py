@@ -81,7 +81,7 @@ def merge(rows: Sequence[dict]) -> list[dict]:
     The median of the trials' medians (each trial's the median of its
     rounds): one trial hit by another job moves it little. Tried against the
     geometric mean and the minimum of the trials on the saved runs of
-    2026-12-01 (BENCHMARKS.md, "Cost model"): no statistic was better on
+    2026-12-01 (docs/scale.md, "How to check it"): no statistic was better on
     every run, the minimum the worst on the board path."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
