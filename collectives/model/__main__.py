@@ -160,6 +160,11 @@ def cmd_fit_check(args: argparse.Namespace) -> int:
                          f"others (held out); got {len(fit_rows)} and {len(held)}")
     fit = _fit_and_save(fit_rows, args, _note(args) + "; fitted on the sizes of an "
                         "interleaved --fit-check run, its held-out rows not included")
+    own = {p: rel_errors(fit.params[p], fit.cores, [r for r in fit_rows if r["path"] == p])
+           for p in PATHS}
+    print("# the fit's own rows: " + "; ".join(
+        f"{p} median |error| {statistics.median(map(abs, e)) * 100:.1f}%"
+        for p, e in own.items() if e))
     print(f"# held-out rows ({len(held)}) against the fit above, measured in the same jobs")
     _report(fit, held, args.markdown)
     return 0

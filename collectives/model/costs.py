@@ -66,7 +66,7 @@ class Params:
     beta: float
     gamma: float
     delta: float = 0.0      # fits made before 2026-12-01 11:00 have none
-    kappa: float = 0.0      # fits made before 2026-12-01 14:00 have none
+    kappa: float = 0.0      # fits made before 2026-12-01 13:30 have none
 
     def time(self, t: Terms, share: float = 1.0) -> float:
         return (t.calls * self.a0 + t.msgs * self.alpha + t.moved * self.beta
