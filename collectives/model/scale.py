@@ -9,7 +9,8 @@ ranks h*L .. h*L+L-1), from the unit costs fitted on one host.
 k is how many ranks of a host send across its link at once (its NIC is
 shared); beta_sock, meshrun's own per-byte cost on a socket hop, bounds a
 hop however fast the link is. No congestion in the switches, no overlap
-between a call's phases, one core per rank (share 1). Algorithms::
+between a call's phases, one core per rank (share 1, and no kappa: that
+is the cost of ranks outnumbering cores). Algorithms::
 
     ring          flat ring over all N ranks (2(N-1) steps; one stream per
                   NIC: only the last rank of a host sends across)
