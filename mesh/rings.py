@@ -130,13 +130,14 @@ class _Out:
         self.wake = -1             # the receiver's wake pipe, opened by Rings.attach
         self.full = False          # was full: the socket until the receiver has read it all
 
-    def put(self, frame: Any, n: int, c: int) -> bool:
-        """Write a one-frame message of ``n`` bytes, and wake the receiver
-        if it is not watching; False when it does not fit: a full ring is
-        given up to _WAIT to make room (a stream outruns its receiver),
-        then left until the receiver has emptied it."""
+    def put(self, frame: Any, n: int, c: int, body: Any = None, nb: int = 0) -> bool:
+        """Write a one-frame message of ``n`` bytes (and ``nb`` more from
+        ``body``: a header written once and an array's bytes, unjoined), and
+        wake the receiver if it is not watching; False when it does not
+        fit: a full ring is given up to _WAIT to make room (a stream
+        outruns its receiver), then left until the receiver has emptied it."""
         was_full = self.full
-        if self._put(frame, n, c):
+        if self._put(frame, n, c, body, nb):
             return True
         if was_full:        # gave up on it before: the socket until it is empty
             return False
@@ -144,12 +145,12 @@ class _Out:
         while time.perf_counter() < end:
             os.sched_yield()
             self.full = False
-            if self._put(frame, n, c):
+            if self._put(frame, n, c, body, nb):
                 return True
         return False
 
-    def _put(self, frame: Any, n: int, c: int) -> bool:
-        size = 16 + ((n + 15) & ~15)
+    def _put(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
+        size = 16 + ((n + nb + 15) & ~15)
         tail, ring = self.tail, self.ring
         used = tail - self.q[self.hi]
         if self.full:       # alternating ring and socket message by message would make
@@ -170,8 +171,11 @@ class _Out:
             return False
         w = off >> 3
         self.qd[w] = c
-        self.qd[w + 1] = n
-        self.buf[off + 16:off + 16 + n] = frame
+        self.qd[w + 1] = n + nb
+        off += 16
+        self.buf[off:off + n] = frame
+        if nb:
+            self.buf[off + n:off + n + nb] = body
         self.tail = tail = tail + size
         q = self.q
         q[self.ti] = tail
@@ -218,6 +222,11 @@ class Rings:
         self.q[_WAKE] = wake_w
         self._heads = [0] * size
         self._last_bell = 0
+        lay = self.lay       # per sender: its TAIL's and HEAD's words, its ring's offset
+        self._tail_w = [(lay.ctl >> 3) + _LINE * s for s in range(size)]
+        self._head_w = [(lay.heads >> 3) + _LINE * s for s in range(size)]
+        self._base = [lay.slot(s) for s in range(size)]
+        self._next = 0       # the head after the entry ``peek`` gave
 
     # ---- the sending side ----------------------------------------------------
 
@@ -327,6 +336,45 @@ class Rings:
             self._heads[s] = head
             q[hi] = head
         return n
+
+    def peek(self, s: int, upto: int) -> memoryview | None:
+        """Sender ``s``'s next entry if it may be taken now (written before
+        its socket message ``upto`` + 1), left in the ring until ``pop``;
+        None when there is none; an empty view when the next must wait
+        for the socket (or is malformed: ``drain`` says so)."""
+        q = self.q
+        head = self._heads[s]
+        if head == q[self._tail_w[s]]:
+            return None
+        ring = self.lay.ring
+        off = head & (ring - 1)
+        base = self._base[s]
+        w = (base + off) >> 3
+        length = q[w + 1]
+        if length & _WRAP:
+            head += ring - off
+            self._heads[s] = q[self._head_w[s]] = head
+            if head == q[self._tail_w[s]]:
+                return None
+            off, w = 0, base >> 3
+            length = q[w + 1]
+        if q[w] > upto or length > ring - off - 16:
+            return self._mv[0:0]      # there, but not to be taken now
+        self._next = head + 16 + ((length + 15) & ~15)
+        base += off + 16
+        return self._mv[base:base + length]
+
+    def pop(self, s: int) -> None:
+        """Move past the entry ``peek`` gave of sender ``s``."""
+        self._heads[s] = self.q[self._head_w[s]] = self._next
+
+    def holding(self, but: int) -> bool:
+        """Whether a same-host peer other than ``but`` has entries not read yet."""
+        q, heads, tails = self.q, self._heads, self._tail_w
+        for s in self.peers:
+            if s != but and q[tails[s]] != heads[s]:
+                return True
+        return False
 
     def close(self) -> None:
         for i, o in enumerate(self.out):
