@@ -126,7 +126,7 @@ class Reader:
             return False
         if out is None:
             out = np.empty(h.shape or (), h.dt)
-        elif out.dtype != h.dt or out.nbytes != h.nbytes:
+        elif (out.dtype is not h.dt and out.dtype != h.dt) or out.nbytes != h.nbytes:
             return False
         if h.nbytes:
             out.data.cast("B")[:] = frame[3 + hl:]

@@ -88,7 +88,7 @@ class Transport:
         self._ring_max = self.rings.max if self.rings is not None else -1
         self._ring_out = self.rings.out if self.rings is not None else [None] * size
         self._ringed = [self.rings is not None and r in same_host for r in range(size)]
-        self._prefixes: dict[tuple, bytes] = {}     # send_ring's headers, inline-framed
+        self._prefixes: dict[tuple, tuple] = {}     # send_ring's headers, inline-framed
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings)
         self.stall_warn = self.live.stall_warn
@@ -154,16 +154,19 @@ class Transport:
         n = obj.nbytes
         if n > self._ring_max or not obj.flags.c_contiguous:
             return None
-        key = (obj.dtype, obj.shape, group, tag)
-        pre = self._prefixes.get(key)
-        if pre is None:
-            if not wire.dtype_ok(obj.dtype):
+        dt = obj.dtype       # a dtype hashes slowly: known by identity, held by the entry
+        key = (id(dt), obj.shape, group, tag)
+        known = self._prefixes.get(key)
+        if known is not None and known[0] is dt:
+            pre = known[1]
+        else:
+            if not wire.dtype_ok(dt):
                 return None
-            pre = wire.inline(wire.encode(wire.DATA, self.rank, group, tag, dtype=obj.dtype.str,
+            pre = wire.inline(wire.encode(wire.DATA, self.rank, group, tag, dtype=dt.str,
                                           shape=obj.shape, nbytes=n))
             if len(self._prefixes) >= _CACHE:
                 self._prefixes.clear()
-            self._prefixes[key] = pre
+            self._prefixes[key] = (dt, pre)
         peer = self._peers[dst]
         with peer.lock:
             if peer.state != ALIVE or peer.queue or not peer.admit(n):
