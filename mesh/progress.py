@@ -9,6 +9,11 @@ to the wake pipe, which the progress thread also polls. Whoever reads
 completes other threads' requests too; ``nudge`` wakes a reader after a
 request was completed elsewhere (a cancel, an abort, a lost peer).
 
+A blocking receive that only a same-host ring can answer (mesh.rings)
+first takes the turn for a look of its own (``enter``, ``await_ring``,
+``leave``): it watches that ring and takes its message straight out, and
+leaves the rest (the socket, other rings) to ``drive``.
+
 A blocked receive polls (yielding the CPU) up to MESH_SPIN_US before it
 sleeps: waking a sleeping (virtual) CPU for a socket costs tens of
 microseconds, often more than the wait itself, so a short poll catches a

@@ -110,16 +110,17 @@ class Reader:
         thread that asks for it alone (mesh.progress.await_ring): ``(array,
         header)`` when it is an array of ``group`` and ``tag`` that fits
         ``out`` (None: a new array) and its header was seen before, copied
-        out and taken; None when the ring holds nothing that may go now;
-        False when what is there is for the usual way (``_from_ring``)."""
-        frame = self.rings.peek(src, self.heard[src])   # type: ignore[union-attr]
-        if frame is None:
-            return None
-        n = len(frame)
-        if n < 3:
-            return False
-        hl = frame[1] | frame[2] << 8
-        h = self._decoded.get(bytes(frame[3:3 + hl])) if 3 + hl <= n else None
+        out and taken; None when the ring is empty; False when what is
+        there is for the usual way (``_from_ring``), or waits for the socket."""
+        rings = self.rings
+        assert rings is not None
+        n = rings.peek(src, self.heard[src])
+        if n <= 0:
+            return None if n == 0 else False
+        at = rings.at
+        frame = rings.map[at:at + n]          # bytes: cheaper than views when small
+        hl = frame[1] | frame[2] << 8 if n >= 3 else n
+        h = self._decoded.get(frame[3:3 + hl]) if 3 + hl <= n else None
         if (h is None or h.kind or h.group != group or h.tag != tag or h.src != src or h.device
                 or h.fp is not None or h.direct or h.nbytes != n - 3 - hl
                 or frame[0] != wire.INLINE_MARK):
@@ -130,8 +131,7 @@ class Reader:
             return False
         if h.nbytes:
             out.data.cast("B")[:] = frame[3 + hl:]
-        del frame
-        self.rings.pop(src)                             # type: ignore[union-attr]
+        rings.pop(src)
         self._peers[src].last_heard = time.monotonic()
         self._consumed(src, h.nbytes)
         return out, h

@@ -38,7 +38,16 @@ both are one stream. Each sender counts the messages it put on the socket
 to each peer (``Peer.sent``); an entry carries that count ``c``; the
 receiver counts what it read from each peer's socket (``heard``) and takes
 an entry only once ``heard >= c``, and before it takes a socket message it
-takes the entries written before it. A sender waits up to 200 us for room
+takes the entries written before it.
+
+The common case goes straight through, no generic machinery: a small
+array is copied in by the sending thread, its header framed once per
+(dtype, shape, group, tag) (``Transport.send_ring``: nothing to wait on),
+and a blocking receive naming its source, with nothing posted or queued
+before it, takes the entry out of the ring in its own thread
+(``Transport.recv_ring``, ``peek``/``pop``: no posted receive, no
+matching, no hand-off); whatever else comes first (a socket message,
+another peer's entry, an unknown header) sends it the usual way. A sender waits up to 200 us for room
 in a full ring (a stream outrunning its receiver), then sends by socket
 until the receiver has emptied it, so the ring never blocks a sender long; what it
 carries is charged to the same credit window as the socket (mesh.peer), so
@@ -227,6 +236,8 @@ class Rings:
         self._head_w = [(lay.heads >> 3) + _LINE * s for s in range(size)]
         self._base = [lay.slot(s) for s in range(size)]
         self._next = 0       # the head after the entry ``peek`` gave
+        self.at = 0          # where that entry's bytes are in ``map``
+        self.map = self._map
 
     # ---- the sending side ----------------------------------------------------
 
@@ -337,15 +348,16 @@ class Rings:
             q[hi] = head
         return n
 
-    def peek(self, s: int, upto: int) -> memoryview | None:
-        """Sender ``s``'s next entry if it may be taken now (written before
-        its socket message ``upto`` + 1), left in the ring until ``pop``;
-        None when there is none; an empty view when the next must wait
-        for the socket (or is malformed: ``drain`` says so)."""
+    def peek(self, s: int, upto: int) -> int:
+        """The length of sender ``s``'s next entry if it may be taken now
+        (written before its socket message ``upto`` + 1), left in the ring
+        until ``pop``; its bytes are ``map[at:at + length]``. 0 when there
+        is none; -1 when the next must wait for the socket (or is
+        malformed: ``drain`` says so)."""
         q = self.q
         head = self._heads[s]
         if head == q[self._tail_w[s]]:
-            return None
+            return 0
         ring = self.lay.ring
         off = head & (ring - 1)
         base = self._base[s]
@@ -355,14 +367,14 @@ class Rings:
             head += ring - off
             self._heads[s] = q[self._head_w[s]] = head
             if head == q[self._tail_w[s]]:
-                return None
+                return 0
             off, w = 0, base >> 3
             length = q[w + 1]
-        if q[w] > upto or length > ring - off - 16:
-            return self._mv[0:0]      # there, but not to be taken now
+        if q[w] > upto or length > ring - off - 16 or not length:
+            return -1
         self._next = head + 16 + ((length + 15) & ~15)
-        base += off + 16
-        return self._mv[base:base + length]
+        self.at = base + off + 16
+        return length
 
     def pop(self, s: int) -> None:
         """Move past the entry ``peek`` gave of sender ``s``."""
