@@ -183,7 +183,9 @@ class Transport:
         it), taken by this thread if it comes within the spin
         (mesh.progress.await_ring): (array, header); None when it must be posted
         and waited for the usual way."""
-        if not self._ringed[src] or (timeout is not None and timeout < self.progress.spin):
+        matcher = self.inbox.matcher       # looked at before the turn too: messages queued
+        if (not self._ringed[src] or (timeout is not None and timeout < self.progress.spin)
+                or not matcher.quiet(group, src, tag)):
             return None
         progress = self.progress
         entered = progress.enter()
@@ -191,7 +193,7 @@ class Transport:
             inbox = self.inbox
             if (not entered or self._peers[src].state != ALIVE
                     or (inbox.aborted and (group, tag) in inbox.aborted)
-                    or not inbox.matcher.quiet(group, src, tag)):
+                    or not matcher.quiet(group, src, tag)):
                 return None
             return progress.await_ring(self.reader.take, src, group, tag, out)
         finally:

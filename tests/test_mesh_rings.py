@@ -86,8 +86,8 @@ def _mixed(world: mesh.Mesh, n: int) -> bool:
 def _direct(world: mesh.Mesh) -> bool:
     """Rank 1 to rank 0, blocking receives naming the source (taken from
     the ring by the receiving thread when nothing else may come first):
-    socket and ring messages on one tag while rank 0 waits, a receive posted
-    before, Status, 0-d, bool and empty arrays, an out= that does not fit,
+    socket and ring messages on one tag while rank 0 waits, received from
+    this source and from any in turn, a receive posted before, Status, 0-d, bool and empty arrays, an out= that does not fit,
     a timeout; a ring send is done at once."""
     if world.rank == 2:
         return True
@@ -97,6 +97,8 @@ def _direct(world: mesh.Mesh) -> bool:
         world.recv(0, tag=9)
         for i in range(300):                        # while rank 0 is blocked in recv(1, 2)
             world.send(big + i if i % 3 == 0 else np.array([i], np.int32), 0, tag=2)
+        for i in range(60):                         # ring and socket; any source or this one
+            world.send(big + i if i % 5 == 0 else np.array([i], np.int32), 0, tag=14)
         for i in range(30):                         # a ping-pong: the ring alone
             world.send(world.recv(0, tag=12) + 1, 0, tag=11)
         world.send(np.array(7, np.int16), 0, tag=3)
@@ -128,6 +130,9 @@ def _direct(world: mesh.Mesh) -> bool:
             assert np.array_equal(world.recv(1, tag=2), big + i)
         else:
             assert world.recv(1, tag=2, out=small) is small and small[0] == i
+    for i in range(60):
+        x = world.recv(mesh.ANY if i % 2 else 1, tag=14)
+        assert np.array_equal(x, big + i) if i % 5 == 0 else x.tolist() == [i]
     for i in range(30):
         world.send(np.array([i], np.int32), 1, tag=12)
         assert world.recv(1, tag=11, out=small) is small and small[0] == i + 1
