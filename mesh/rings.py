@@ -11,7 +11,8 @@ Each rank owns one region, an anonymous memory file (memfd: nothing in
 /dev/shm, gone with the last process that maps it, SIGKILL included):
 
     page 0     token (pid, random), WAKE, BELL, AWAKE, RUNG
-    CTL        per sender s: TAIL[s] (bytes it has written)
+    CTL        per sender s: TAIL[s] (bytes it has written), OFF[s] (given up,
+               full: the socket until the receiver has emptied it)
     HEADS      per sender s: HEAD[s] (bytes the receiver has read)
     DATA       per sender s: a ring of MESH_RING_BYTES
 
@@ -47,11 +48,12 @@ and a blocking receive naming its source, with nothing posted or queued
 before it, takes the entry out of the ring in its own thread
 (``Transport.recv_ring``, ``peek``/``pop``: no posted receive, no
 matching, no hand-off); whatever else comes first (a socket message,
-another peer's entry, an unknown header) sends it the usual way. A sender waits up to 200 us for room
-in a full ring (a stream outrunning its receiver), then sends by socket
-until the receiver has emptied it, so the ring never blocks a sender long; what it
-carries is charged to the same credit window as the socket (mesh.peer), so
-flow control is unchanged.
+another peer's entry, an unknown header) sends it the usual way.
+
+A sender waits up to 200 us for room in a full ring (a stream outrunning
+its receiver), then sends by socket until the receiver has emptied it, so
+the ring never blocks a sender long; what it carries is charged to the
+same credit window as the socket (mesh.peer), so flow control is unchanged.
 
 Ordering of plain loads and stores across the two processes: the x86
 order (stores are seen in order) plus a full fence (``fence``, an atomic
@@ -77,6 +79,7 @@ _log = logging.getLogger("mesh.transport")
 _PAGE = mmap.PAGESIZE
 _WAKE, _BELL, _AWAKE, _RUNG = 2, 8, 16, 24    # 64-bit word indices in page 0
 _LINE = 8                      # words per cache line: one line per sender's counters
+_OFF = 1                       # in that line after TAIL: the sender takes the socket for now
 _WRAP = 1 << 32
 _fence_lock = threading.Lock()
 _WAIT = 200e-6     # how long a sender waits for room in a full ring
@@ -156,7 +159,12 @@ class _Out:
             self.full = False
             if self._put(frame, n, c, body, nb):
                 return True
+        self.q[self.ti + _OFF] = 1     # the receiver need not watch this ring for now
         return False
+
+    def off(self) -> bool:
+        """Whether this ring was given up, full, until the receiver empties it."""
+        return self.full and self.tail != self.q[self.hi]
 
     def _put(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
         size = 16 + ((n + nb + 15) & ~15)
@@ -166,6 +174,7 @@ class _Out:
             if used:        # every ring entry wait for a socket message: stay off it
                 return False
             self.full = False
+            self.q[self.ti + _OFF] = 0
         free = ring - used
         off = tail & self.mask
         if off + size > ring:               # pad to the end, start over at 0
@@ -375,6 +384,10 @@ class Rings:
         self._next = head + 16 + ((length + 15) & ~15)
         self.at = base + off + 16
         return length
+
+    def off(self, s: int) -> bool:
+        """Whether sender ``s`` left its full ring for the socket for now."""
+        return bool(self.q[self._tail_w[s] + _OFF])
 
     def pop(self, s: int) -> None:
         """Move past the entry ``peek`` gave of sender ``s``."""

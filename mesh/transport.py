@@ -149,7 +149,7 @@ class Transport:
         None when it must go the usual way (``isend``: no ring, too big,
         not C-contiguous, no credit or room, sends queued before it)."""
         ring = self._ring_out[dst]
-        if ring is None:
+        if ring is None or (ring.full and ring.off()):
             return None
         n = obj.nbytes
         if n > self._ring_max or not obj.flags.c_contiguous:
@@ -183,9 +183,10 @@ class Transport:
         it), taken by this thread if it comes within the spin
         (mesh.progress.await_ring): (array, header); None when it must be posted
         and waited for the usual way."""
-        matcher = self.inbox.matcher       # looked at before the turn too: messages queued
-        if (not self._ringed[src] or (timeout is not None and timeout < self.progress.spin)
-                or not matcher.quiet(group, src, tag)):
+        rings, matcher = self.rings, self.inbox.matcher
+        if (rings is None or not self._ringed[src] or rings.off(src)    # on the socket for now
+                or (timeout is not None and timeout < self.progress.spin)
+                or not matcher.quiet(group, src, tag)):    # queued: looked at before the turn too
             return None
         progress = self.progress
         entered = progress.enter()

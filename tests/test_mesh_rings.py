@@ -87,8 +87,9 @@ def _direct(world: mesh.Mesh) -> bool:
     """Rank 1 to rank 0, blocking receives naming the source (taken from
     the ring by the receiving thread when nothing else may come first):
     socket and ring messages on one tag while rank 0 waits, received from
-    this source and from any in turn, a receive posted before, Status, 0-d, bool and empty arrays, an out= that does not fit,
-    a timeout; a ring send is done at once."""
+    this source and from any in turn, a receive posted before, Status,
+    0-d, bool and empty arrays, an out= that does not fit, a timeout; a
+    ring send is done at once."""
     if world.rank == 2:
         return True
     t = world._t
