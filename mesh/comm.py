@@ -111,8 +111,12 @@ class Comm:
 
     def send(self, obj: Any, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         """Blocking send; returns when ``obj``'s buffer may be reused."""
-        _check_tag(tag, self, "send")
         t = self._t
+        if (type(obj) is np.ndarray and type(dst) is int and 0 <= dst < self.size
+                and type(tag) is int and 0 <= tag < ANY_TAG
+                and t.send_ring(self.ranks[dst], self.gid, tag, obj) is not None):
+            return
+        _check_tag(tag, self, "send")
         wdst = self._world_rank(dst, "send")
         t.wait(t.isend(wdst, self.gid, tag, obj, None, self._desc("send to", dst, wdst, tag)),
                timeout)
@@ -121,8 +125,16 @@ class Comm:
              status: Status | None = None) -> Any:
         """Blocking receive from ``src`` (or ANY) of ``tag`` (or ANY_TAG), into
         ``out=`` when given; ``status`` is filled in with what it matched."""
-        _check_tag(tag, self, "recv", True)
         t = self._t
+        if (type(src) is int and 0 <= src < self.size and type(tag) is int and 0 <= tag < ANY_TAG
+                and (out is None or type(out) is np.ndarray and (f := out.flags).c_contiguous
+                     and f.writeable)):
+            got = t.recv_ring(self.gid, self.ranks[src], tag, out, timeout)
+            if got is not None:        # from a same-host ring, by this thread
+                if status is not None:
+                    self._status(status, got[1])
+                return got[0]
+        _check_tag(tag, self, "recv", True)
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
         desc = self._desc("recv from", src, wsrc, tag)
         if out is not None and not (type(out) is np.ndarray and (f := out.flags).c_contiguous
@@ -135,6 +147,11 @@ class Comm:
         return value
 
     def isend(self, obj: Any, dst: int, tag: int = 0) -> Request:
+        if type(obj) is np.ndarray and type(dst) is int and 0 <= dst < self.size \
+                and type(tag) is int and 0 <= tag < ANY_TAG:
+            sent = self._t.send_ring(self.ranks[dst], self.gid, tag, obj)
+            if sent is not None:
+                return Request(self, sent)
         _check_tag(tag, self, "isend")
         return self._isend(obj, dst, tag)
 

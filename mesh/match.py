@@ -225,6 +225,16 @@ class Matcher:
         best.state = MATCHED
         return best
 
+    def quiet(self, group: int, src: int, tag: int) -> bool:
+        """Whether a message ``(group, src, tag)`` (a user tag) may go to a
+        receive that is not posted (mesh.transport.recv_ring): no posted
+        receive could take it, and no message it would overtake waits."""
+        if (group, src, tag) in self._posted or (group, tag) in self._posted_any \
+                or group in self._wild:
+            return False
+        by_src = self._unexpected.get((group, tag))
+        return not by_src or src not in by_src
+
     def add_unexpected(self, group: int, tag: int, msg: Arrived) -> Sequence[Pending]:
         """Queue ``msg``; return the probes it completes (taken out, ``got`` set)."""
         msg.order = next(self._count)

@@ -9,6 +9,11 @@ to the wake pipe, which the progress thread also polls. Whoever reads
 completes other threads' requests too; ``nudge`` wakes a reader after a
 request was completed elsewhere (a cancel, an abort, a lost peer).
 
+A blocking receive that only a same-host ring can answer (mesh.rings)
+first takes the turn for a look of its own (``enter``, ``await_ring``,
+``leave``): it watches that ring and takes its message straight out, and
+leaves the rest (the socket, other rings) to ``drive``.
+
 A blocked receive polls (yielding the CPU) up to MESH_SPIN_US before it
 sleeps: waking a sleeping (virtual) CPU for a socket costs tens of
 microseconds, often more than the wait itself, so a short poll catches a
@@ -25,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -169,6 +174,62 @@ class Progress:
                 self._want -= 1
                 if self._want == 0:
                     self._aside_until = end + 0.002
+
+    def enter(self) -> int:
+        """Take the reading turn for a receive's first look (``await_ring``):
+        at once when free (1), else the way ``drive`` does (2); 0 when
+        another waiter keeps it (then ``drive``). ``leave`` with the answer."""
+        if not self._rlock.acquire(False):
+            with self._want_lock:
+                self._want += 1
+                if self._progress_reading:
+                    os.write(self._wake_w, b"w")
+            if not self._rlock.acquire(timeout=0.002):
+                return 0
+            self._rings.awake(True)     # type: ignore[union-attr]
+            return 2
+        self._rings.awake(True)     # type: ignore[union-attr]
+        return 1
+
+    def leave(self, entered: int) -> None:
+        """Give back the turn ``enter`` took; AWAKE stays set (see ``drive``),
+        and the progress thread stays aside a while, as after ``drive``."""
+        if entered:
+            self._rlock.release()
+        if entered == 1:
+            self._aside_until = time.monotonic() + 0.002
+            return
+        with self._want_lock:
+            self._want -= 1
+            if self._want == 0:
+                self._aside_until = time.monotonic() + 0.002
+
+    def await_ring(self, take: Callable[..., Any], src: int, *args: Any) -> Any:
+        """Between ``enter`` and ``leave``: wait up to the adapted spin for
+        ``take(src, *args)`` (mesh.reader.take) to give the message only
+        rank ``src``'s ring can bring, taken by this thread with nothing
+        posted nor handed over; None when the spin ran out, or something
+        else came first (the socket, another peer's ring, a message for
+        the usual way): the caller then posts its receive and ``drive``s."""
+        r = take(src, *args)
+        if r is not None or not self._spin_now:
+            return r or None
+        rings = self._rings
+        assert rings is not None
+        items = self._spin_items
+        start = time.perf_counter()
+        end, yield_at = start + self._spin_now, start + _BUSY
+        while not (zmq.zmq_poll(items, 0) or rings.holding(src)):
+            for _ in range(16):
+                r = take(src, *args)
+                if r is not None:
+                    return r or None
+            now = time.perf_counter()
+            if now >= end:
+                return None
+            if now >= yield_at:
+                os.sched_yield()
+        return None
 
     def _woken(self, ready: list) -> int:
         """Empty the wake pipes that woke a poll (``ready``); when the rings'

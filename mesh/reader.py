@@ -105,6 +105,37 @@ class Reader:
             return 0
         return rings.drain_all(self.heard, self._from_ring)
 
+    def take(self, src: int, group: int, tag: int, out: np.ndarray | None) -> Any:
+        """The head of rank ``src``'s ring for a receive of the calling
+        thread that asks for it alone (mesh.progress.await_ring): ``(array,
+        header)`` when it is an array of ``group`` and ``tag`` that fits
+        ``out`` (None: a new array) and its header was seen before, copied
+        out and taken; None when the ring is empty; False when what is
+        there is for the usual way (``_from_ring``), or waits for the socket."""
+        rings = self.rings
+        assert rings is not None
+        n = rings.peek(src, self.heard[src])
+        if n <= 0:
+            return None if n == 0 else False
+        at = rings.at
+        frame = rings.map[at:at + n]          # bytes: cheaper than views when small
+        hl = frame[1] | frame[2] << 8 if n >= 3 else n
+        h = self._decoded.get(frame[3:3 + hl]) if 3 + hl <= n else None
+        if (h is None or h.kind or h.group != group or h.tag != tag or h.src != src or h.device
+                or h.fp is not None or h.direct or h.nbytes != n - 3 - hl
+                or frame[0] != wire.INLINE_MARK):
+            return False
+        if out is None:
+            out = np.empty(h.shape or (), h.dt)
+        elif (out.dtype is not h.dt and out.dtype != h.dt) or out.nbytes != h.nbytes:
+            return False
+        if h.nbytes:
+            out.data.cast("B")[:] = frame[3 + hl:]
+        rings.pop(src)
+        self._peers[src].last_heard = time.monotonic()
+        self._consumed(src, h.nbytes)
+        return out, h
+
     def _from_ring(self, src: int, frame: memoryview) -> None:
         """One message out of rank ``src``'s ring: an array or an object,
         delivered as from the socket (the bytes are copied before the ring

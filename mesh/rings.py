@@ -11,7 +11,8 @@ Each rank owns one region, an anonymous memory file (memfd: nothing in
 /dev/shm, gone with the last process that maps it, SIGKILL included):
 
     page 0     token (pid, random), WAKE, BELL, AWAKE, RUNG
-    CTL        per sender s: TAIL[s] (bytes it has written)
+    CTL        per sender s: TAIL[s] (bytes it has written), OFF[s] (given up,
+               full: the socket until the receiver has emptied it)
     HEADS      per sender s: HEAD[s] (bytes the receiver has read)
     DATA       per sender s: a ring of MESH_RING_BYTES
 
@@ -38,11 +39,21 @@ both are one stream. Each sender counts the messages it put on the socket
 to each peer (``Peer.sent``); an entry carries that count ``c``; the
 receiver counts what it read from each peer's socket (``heard``) and takes
 an entry only once ``heard >= c``, and before it takes a socket message it
-takes the entries written before it. A sender waits up to 200 us for room
-in a full ring (a stream outrunning its receiver), then sends by socket
-until the receiver has emptied it, so the ring never blocks a sender long; what it
-carries is charged to the same credit window as the socket (mesh.peer), so
-flow control is unchanged.
+takes the entries written before it.
+
+The common case goes straight through, no generic machinery: a small
+array is copied in by the sending thread, its header framed once per
+(dtype, shape, group, tag) (``Transport.send_ring``: nothing to wait on),
+and a blocking receive naming its source, with nothing posted or queued
+before it, takes the entry out of the ring in its own thread
+(``Transport.recv_ring``, ``peek``/``pop``: no posted receive, no
+matching, no hand-off); whatever else comes first (a socket message,
+another peer's entry, an unknown header) sends it the usual way.
+
+A sender waits up to 200 us for room in a full ring (a stream outrunning
+its receiver), then sends by socket until the receiver has emptied it, so
+the ring never blocks a sender long; what it carries is charged to the
+same credit window as the socket (mesh.peer), so flow control is unchanged.
 
 Ordering of plain loads and stores across the two processes: the x86
 order (stores are seen in order) plus a full fence (``fence``, an atomic
@@ -68,6 +79,7 @@ _log = logging.getLogger("mesh.transport")
 _PAGE = mmap.PAGESIZE
 _WAKE, _BELL, _AWAKE, _RUNG = 2, 8, 16, 24    # 64-bit word indices in page 0
 _LINE = 8                      # words per cache line: one line per sender's counters
+_OFF = 1                       # in that line after TAIL: the sender takes the socket for now
 _WRAP = 1 << 32
 _fence_lock = threading.Lock()
 _WAIT = 200e-6     # how long a sender waits for room in a full ring
@@ -130,13 +142,14 @@ class _Out:
         self.wake = -1             # the receiver's wake pipe, opened by Rings.attach
         self.full = False          # was full: the socket until the receiver has read it all
 
-    def put(self, frame: Any, n: int, c: int) -> bool:
-        """Write a one-frame message of ``n`` bytes, and wake the receiver
-        if it is not watching; False when it does not fit: a full ring is
-        given up to _WAIT to make room (a stream outruns its receiver),
-        then left until the receiver has emptied it."""
+    def put(self, frame: Any, n: int, c: int, body: Any = None, nb: int = 0) -> bool:
+        """Write a one-frame message of ``n`` bytes (and ``nb`` more from
+        ``body``: a header written once and an array's bytes, unjoined), and
+        wake the receiver if it is not watching; False when it does not
+        fit: a full ring is given up to _WAIT to make room (a stream
+        outruns its receiver), then left until the receiver has emptied it."""
         was_full = self.full
-        if self._put(frame, n, c):
+        if self._put(frame, n, c, body, nb):
             return True
         if was_full:        # gave up on it before: the socket until it is empty
             return False
@@ -144,18 +157,24 @@ class _Out:
         while time.perf_counter() < end:
             os.sched_yield()
             self.full = False
-            if self._put(frame, n, c):
+            if self._put(frame, n, c, body, nb):
                 return True
+        self.q[self.ti + _OFF] = 1     # the receiver need not watch this ring for now
         return False
 
-    def _put(self, frame: Any, n: int, c: int) -> bool:
-        size = 16 + ((n + 15) & ~15)
+    def off(self) -> bool:
+        """Whether this ring was given up, full, until the receiver empties it."""
+        return self.full and self.tail != self.q[self.hi]
+
+    def _put(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
+        size = 16 + ((n + nb + 15) & ~15)
         tail, ring = self.tail, self.ring
         used = tail - self.q[self.hi]
         if self.full:       # alternating ring and socket message by message would make
             if used:        # every ring entry wait for a socket message: stay off it
                 return False
             self.full = False
+            self.q[self.ti + _OFF] = 0
         free = ring - used
         off = tail & self.mask
         if off + size > ring:               # pad to the end, start over at 0
@@ -170,8 +189,11 @@ class _Out:
             return False
         w = off >> 3
         self.qd[w] = c
-        self.qd[w + 1] = n
-        self.buf[off + 16:off + 16 + n] = frame
+        self.qd[w + 1] = n + nb
+        off += 16
+        self.buf[off:off + n] = frame
+        if nb:
+            self.buf[off + n:off + n + nb] = body
         self.tail = tail = tail + size
         q = self.q
         q[self.ti] = tail
@@ -218,6 +240,13 @@ class Rings:
         self.q[_WAKE] = wake_w
         self._heads = [0] * size
         self._last_bell = 0
+        lay = self.lay       # per sender: its TAIL's and HEAD's words, its ring's offset
+        self._tail_w = [(lay.ctl >> 3) + _LINE * s for s in range(size)]
+        self._head_w = [(lay.heads >> 3) + _LINE * s for s in range(size)]
+        self._base = [lay.slot(s) for s in range(size)]
+        self._next = 0       # the head after the entry ``peek`` gave
+        self.at = 0          # where that entry's bytes are in ``map``
+        self.map = self._map
 
     # ---- the sending side ----------------------------------------------------
 
@@ -327,6 +356,50 @@ class Rings:
             self._heads[s] = head
             q[hi] = head
         return n
+
+    def peek(self, s: int, upto: int) -> int:
+        """The length of sender ``s``'s next entry if it may be taken now
+        (written before its socket message ``upto`` + 1), left in the ring
+        until ``pop``; its bytes are ``map[at:at + length]``. 0 when there
+        is none; -1 when the next must wait for the socket (or is
+        malformed: ``drain`` says so)."""
+        q = self.q
+        head = self._heads[s]
+        if head == q[self._tail_w[s]]:
+            return 0
+        ring = self.lay.ring
+        off = head & (ring - 1)
+        base = self._base[s]
+        w = (base + off) >> 3
+        length = q[w + 1]
+        if length & _WRAP:
+            head += ring - off
+            self._heads[s] = q[self._head_w[s]] = head
+            if head == q[self._tail_w[s]]:
+                return 0
+            off, w = 0, base >> 3
+            length = q[w + 1]
+        if q[w] > upto or length > ring - off - 16 or not length:
+            return -1
+        self._next = head + 16 + ((length + 15) & ~15)
+        self.at = base + off + 16
+        return length
+
+    def off(self, s: int) -> bool:
+        """Whether sender ``s`` left its full ring for the socket for now."""
+        return bool(self.q[self._tail_w[s] + _OFF])
+
+    def pop(self, s: int) -> None:
+        """Move past the entry ``peek`` gave of sender ``s``."""
+        self._heads[s] = self.q[self._head_w[s]] = self._next
+
+    def holding(self, but: int) -> bool:
+        """Whether a same-host peer other than ``but`` has entries not read yet."""
+        q, heads, tails = self.q, self._heads, self._tail_w
+        for s in self.peers:
+            if s != but and q[tails[s]] != heads[s]:
+                return True
+        return False
 
     def close(self) -> None:
         for i, o in enumerate(self.out):

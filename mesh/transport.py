@@ -31,7 +31,7 @@ from .inbox import Inbox, abort_error
 from .liveness import Liveness
 from .match import DONE, Pending
 from .payload import delivered, encode_payload
-from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float
+from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_float
 from .progress import Progress
 from .reader import COPY_BELOW, Reader
 
@@ -41,6 +41,9 @@ _log = logging.getLogger("mesh.transport")
 _SNDMORE = int(zmq.SNDMORE)
 _CACHE = 1024  # headers remembered per transport
 _FAIL_WAIT = 1.0  # a failing rank's wait for its peers to answer its goodbye
+
+SENT = Outgoing(-1, None, 0, "a send by ring", None)   # what send_ring's sends wait on: done
+SENT.event.set()
 
 
 class Transport:
@@ -83,6 +86,9 @@ class Transport:
         same_host = [r for r, ep in enumerate(endpoints) if r != rank and ep.startswith("ipc://")]
         self.rings = rings.open_rings(rank, size, same_host)
         self._ring_max = self.rings.max if self.rings is not None else -1
+        self._ring_out = self.rings.out if self.rings is not None else [None] * size
+        self._ringed = [self.rings is not None and r in same_host for r in range(size)]
+        self._prefixes: dict[tuple, tuple] = {}     # send_ring's headers, inline-framed
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings)
         self.stall_warn = self.live.stall_warn
@@ -136,6 +142,63 @@ class Transport:
         out = Outgoing(dst, wire.frames(header, payload, nbytes), nbytes, desc, keep)
         self._submit(self._peers[dst], out)
         return out
+
+    def send_ring(self, dst: int, group: int, tag: int, obj: np.ndarray) -> Outgoing | None:
+        """Send a small array to a same-host peer by its ring (mesh.rings),
+        header and bytes copied in and nothing else: SENT, done already;
+        None when it must go the usual way (``isend``: no ring, too big,
+        not C-contiguous, no credit or room, sends queued before it)."""
+        ring = self._ring_out[dst]
+        if ring is None or (ring.full and ring.off()):
+            return None
+        n = obj.nbytes
+        if n > self._ring_max or not obj.flags.c_contiguous:
+            return None
+        dt = obj.dtype       # a dtype hashes slowly: known by identity, held by the entry
+        key = (id(dt), obj.shape, group, tag)
+        known = self._prefixes.get(key)
+        if known is not None and known[0] is dt:
+            pre = known[1]
+        else:
+            if not wire.dtype_ok(dt):
+                return None
+            pre = wire.inline(wire.encode(wire.DATA, self.rank, group, tag, dtype=dt.str,
+                                          shape=obj.shape, nbytes=n))
+            if len(self._prefixes) >= _CACHE:
+                self._prefixes.clear()
+            self._prefixes[key] = (dt, pre)
+        peer = self._peers[dst]
+        with peer.lock:
+            if peer.state != ALIVE or peer.queue or not peer.admit(n):
+                return None
+            if ring.put(pre, len(pre), peer.sent, obj, n):
+                return SENT
+            peer.inflight -= n + MSG_COST      # the usual way charges it again
+        return None
+
+    def recv_ring(self, group: int, src: int, tag: int, out: np.ndarray | None,
+                  timeout: float | None) -> tuple[np.ndarray, wire.Header] | None:
+        """A blocking receive of an array that only rank ``src``'s ring can
+        bring now (nothing of ``src`` and ``tag`` queued or posted before
+        it), taken by this thread if it comes within the spin
+        (mesh.progress.await_ring): (array, header); None when it must be posted
+        and waited for the usual way."""
+        rings, matcher = self.rings, self.inbox.matcher
+        if (rings is None or not self._ringed[src] or rings.off(src)    # on the socket for now
+                or (timeout is not None and timeout < self.progress.spin)
+                or not matcher.quiet(group, src, tag)):    # queued: looked at before the turn too
+            return None
+        progress = self.progress
+        entered = progress.enter()
+        try:
+            inbox = self.inbox
+            if (not entered or self._peers[src].state != ALIVE
+                    or (inbox.aborted and (group, tag) in inbox.aborted)
+                    or not matcher.quiet(group, src, tag)):
+                return None
+            return progress.await_ring(self.reader.take, src, group, tag, out)
+        finally:
+            progress.leave(entered)
 
     def _remember(self, key: tuple, header: bytes) -> bytes:
         if len(self._encoded) >= _CACHE:

@@ -1,7 +1,9 @@
 """The same-host small-message rings (mesh.rings): one ring of one page,
 written and read in one process (a rank may map its own region), then
 across real ranks: order per source across ring and socket, wrap-around, a
-full ring falling back to the socket, and nothing left in /dev/shm."""
+full ring falling back to the socket, the sends and blocking receives that
+use a ring directly (Transport.send_ring, recv_ring), and nothing left in
+/dev/shm."""
 from __future__ import annotations
 
 import os
@@ -12,6 +14,7 @@ import pytest
 
 import mesh
 from mesh import rings
+from mesh.transport import SENT
 
 pytestmark = pytest.mark.skipif(not rings.enabled(), reason="no memfd here, or MESH_SHM=0")
 
@@ -80,9 +83,90 @@ def _mixed(world: mesh.Mesh, n: int) -> bool:
     return True
 
 
+def _direct(world: mesh.Mesh) -> bool:
+    """Rank 1 to rank 0, blocking receives naming the source (taken from
+    the ring by the receiving thread when nothing else may come first):
+    socket and ring messages on one tag while rank 0 waits, received from
+    this source and from any in turn, a receive posted before, Status,
+    0-d, bool and empty arrays, an out= that does not fit, a timeout; a
+    ring send is done at once."""
+    if world.rank == 2:
+        return True
+    t = world._t
+    big = np.arange(300, dtype=np.float64)          # over MESH_RING_MAX: the socket
+    if world.rank == 1:
+        world.recv(0, tag=9)
+        for i in range(300):                        # while rank 0 is blocked in recv(1, 2)
+            world.send(big + i if i % 3 == 0 else np.array([i], np.int32), 0, tag=2)
+        for i in range(60):                         # ring and socket; any source or this one
+            world.send(big + i if i % 5 == 0 else np.array([i], np.int32), 0, tag=14)
+        for i in range(30):                         # a ping-pong: the ring alone
+            world.send(world.recv(0, tag=12) + 1, 0, tag=11)
+        world.send(np.array(7, np.int16), 0, tag=3)
+        world.send(np.array([True, False]), 0, tag=3)
+        world.send(np.zeros((2, 0)), 0, tag=3)
+        world.send(np.arange(4, dtype=np.int32), 0, tag=4)
+        world.send(np.arange(3.0) - 1, 0, tag=5)     # its header is known from now on
+        world.recv(0, tag=13)
+        world.send(np.arange(3.0), 0, tag=5)
+        world.send(np.arange(3.0) + 1, 0, tag=5)
+        world.recv(0, tag=10)                        # all read: the ring is empty
+        r = world.isend(np.arange(2.0), 0, tag=6)
+        assert r._item is SENT
+        assert r.done() and r.wait() is None and not r.cancel() and r.status is None
+        world.recv(0, tag=8)
+        return True
+    taken = [0]
+    take = t.reader.take
+
+    def counted(*a: object) -> object:
+        got = take(*a)
+        taken[0] += bool(got)
+        return got
+    t.reader.take = counted                         # type: ignore[method-assign]
+    world.send(0, 1, tag=9)
+    small = np.empty(1, np.int32)
+    for i in range(300):
+        if i % 3 == 0:
+            assert np.array_equal(world.recv(1, tag=2), big + i)
+        else:
+            assert world.recv(1, tag=2, out=small) is small and small[0] == i
+    for i in range(60):
+        x = world.recv(mesh.ANY if i % 2 else 1, tag=14)
+        assert np.array_equal(x, big + i) if i % 5 == 0 else x.tolist() == [i]
+    for i in range(30):
+        world.send(np.array([i], np.int32), 1, tag=12)
+        assert world.recv(1, tag=11, out=small) is small and small[0] == i + 1
+    st = mesh.Status()
+    x = world.recv(1, tag=3, status=st)
+    assert x.shape == () and x.dtype == np.int16 and x == 7
+    assert (st.source, st.tag, st.nbytes, st.dtype, st.shape) == (1, 3, 2, np.int16, ())
+    assert world.recv(1, tag=3).tolist() == [True, False]
+    assert world.recv(1, tag=3).shape == (2, 0)
+    with pytest.raises(mesh.OutMismatchError):
+        world.recv(1, tag=4, out=np.empty(4, np.float32))
+    assert world.recv(1, tag=4).tolist() == [0, 1, 2, 3]
+    assert world.recv(1, tag=5).tolist() == [-1.0, 0.0, 1.0]
+    r = world.irecv(1, tag=5)                        # posted first: it takes the first
+    world.send(0, 1, tag=13)
+    assert world.recv(1, tag=5).tolist() == [1.0, 2.0, 3.0]
+    assert r.wait().tolist() == [0.0, 1.0, 2.0]
+    world.send(0, 1, tag=10)
+    assert world.recv(1, tag=6).tolist() == [0.0, 1.0]
+    with pytest.raises(mesh.MeshTimeoutError):
+        world.recv(1, tag=7, timeout=0.3)
+    world.send(0, 1, tag=8)
+    assert taken[0] >= 10, taken
+    return True
+
+
+def _both(world: mesh.Mesh, n: int) -> bool:
+    return _mixed(world, n) and _direct(world)
+
+
 def test_small_messages_take_the_rings_in_order_with_the_socket() -> None:
     before = set(os.listdir("/dev/shm"))
-    got = mesh.spawn(_mixed, 3, 120, timeout=90,
+    got = mesh.spawn(_both, 3, 120, timeout=90,
                      env={"MESH_RING_BYTES": "4096", "MESH_RING_MAX": "1024"})
     assert got == [True, True, True]
     assert not set(os.listdir("/dev/shm")) - before
