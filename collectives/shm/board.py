@@ -48,12 +48,14 @@ from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 from . import cma
 
-__all__ = ["CAPACITY", "available", "mapped", "Round", "signature"]
+__all__ = ["CAPACITY", "INLINE", "available", "mapped", "Round", "signature"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
 _HEAD = 128
 _INLINE = 192
+INLINE = _INLINE
+"""Payloads up to this many bytes sit in the head, read with every poll."""
 _PEEK = _HEAD + 2 * _INLINE
 _BODY = _FP_ROOM + CAPACITY
 _SIZE = _PEEK + 2 * _BODY
