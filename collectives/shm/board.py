@@ -85,6 +85,15 @@ def _region() -> tuple[np.ndarray, int]:
     return np.zeros(_SIZE, np.uint8), -1
 
 
+def _raw(a: np.ndarray) -> Any:
+    """The bytes of ``a`` as a writable flat buffer (a memoryview where
+    numpy can give one: a third of the cost of reshape and view)."""
+    try:
+        return a.data.cast("B")
+    except (TypeError, ValueError):
+        return a.reshape(-1).view(np.uint8)
+
+
 def _attach(pid: int, fd: int, cookie: int) -> np.ndarray | None:
     """A peer's whole board, mapped read-only from /proc/pid/fd/fd, or None
     where it cannot be (then it is polled with cross-memory reads)."""
@@ -127,14 +136,17 @@ class _Box:
         self.boards: list[np.ndarray | None] = [None] * n
         self.rows: list[np.ndarray] = [self.mem[:_PEEK]] * n
         self.readers: list[Any] = [None] * n
+        self.probes = np.zeros((n, 8), np.uint8)    # (a Reader holds only their address)
         for p in self.peers:
             board = self.boards[p] = _attach(pids[p], where[p][2], self.cookies[p])
             row = board[:_PEEK] if board is not None else np.zeros(_PEEK, np.uint8)
             self.rows[p] = row
-            probe = row if board is None else np.zeros(8, np.uint8)
-            self.readers[p] = cma.Reader(pids[p], self.addrs[p], probe)
+            self.readers[p] = cma.Reader(pids[p], self.addrs[p],
+                                         row if board is None else self.probes[p])
         self.mapped = all(self.boards[p] is not None for p in self.peers)
         self.heads = [r[8:8 + 8 * _WORDS].view(np.int64).data for r in self.rows]
+        self.inline = [r.data[_HEAD:_PEEK] for r in self.rows]
+        self.mv = self.mem.data
         self.seen_cookie = [r[:8].view(np.int64).data for r in self.rows]
 
     def read_body(self, ctx: Ctx, peer: int, offset: int, dst: np.ndarray) -> None:
@@ -347,19 +359,19 @@ class Round:
     def post(self, payload: np.ndarray | None = None, addr: int = 0, addr2: int = 0) -> None:
         """Publish this rank's fingerprint and payload (or buffer addresses)."""
         box = self.box
-        head, b, slot, mem = box.head, 1 + self.base, self.slot, box.mem
+        head, b, slot = box.head, 1 + self.base, self.slot
         held = head[b + SEQ]
         self._until(self.peers, lambda h: h[0] >= held)
         body = _PEEK + slot * _BODY
         if box.slot_fp[slot] != self.fp:
-            mem[body:body + len(self.fp)] = np.frombuffer(self.fp, np.uint8)
+            box.mv[body:body + len(self.fp)] = self.fp
             box.slot_fp[slot] = self.fp
         size = 0
         if payload is not None:
-            raw = payload.reshape(-1).view(np.uint8)
-            size = raw.size
+            raw = _raw(payload)
+            size = raw.nbytes
             at = _HEAD + slot * _INLINE if size <= _INLINE else body + _FP_ROOM
-            mem[at:at + size] = raw
+            box.mv[at:at + size] = raw
         head[b + STAGE], head[b + FPLEN], head[b + PAYLEN] = 0, len(self.fp), size
         head[b + ADDR], head[b + ADDR2], head[b + FPHASH] = addr, addr2, self.hash
         fence()
@@ -376,7 +388,7 @@ class Round:
         box = self.box
         n = self.ctx.g.size
         addrs, self.addr2 = [0] * n, [0] * n
-        inline = _HEAD + slot * _INLINE
+        inline = slot * _INLINE
         for p in self.peers:
             h = self._peek(p)       # (the second read, where the board is not mapped)
             if h[b + SEQ] != seq:
@@ -387,7 +399,7 @@ class Round:
                 self._mismatch(p, h, None if out is None else out.nbytes)
             if out is not None and size:
                 if size <= _INLINE:
-                    out.reshape(-1).view(np.uint8)[...] = box.rows[p][inline:inline + size]
+                    _raw(out)[:] = box.inline[p][inline:inline + size]
                 else:
                     box.read_body(self.ctx, p, _PEEK + slot * _BODY + _FP_ROOM, out)
             addrs[p], self.addr2[p] = h[b + ADDR], h[b + ADDR2]

@@ -45,8 +45,7 @@ class _Plan:
         self.tuning, self.fp, self.rop = ctx.tuning, ctx.fp, rop
         self.sig = board.signature(ctx.fp)
         self.n = ctx.g.size
-        flat = arr.reshape(-1)
-        self.outs: list[np.ndarray | None] = [None if p == ctx.g.rank else np.empty_like(flat)
+        self.outs: list[np.ndarray | None] = [None if p == ctx.g.rank else np.empty_like(arr)
                                               for p in range(self.n)]
 
     def body(self, buf: np.ndarray) -> Any:
@@ -86,7 +85,7 @@ def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | No
             or not a.flags.writeable or not (timeout is None or type(timeout) is float
                                              and timeout >= 0)):
         return None
-    if now(g, "all_reduce", plan.fp, plan.tuning, plan.body(a.reshape(-1)),
+    if now(g, "all_reduce", plan.fp, plan.tuning, plan.body(a),
            timeout) is NOT_NOW:
         return None
     return a
