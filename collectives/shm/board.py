@@ -60,9 +60,8 @@ _PEEK = _HEAD + 2 * _INLINE
 _BODY = _FP_ROOM + CAPACITY
 _SIZE = _PEEK + 2 * _BODY
 _SPIN_S = 0.002
-_WATCH_AFTER_S = 0.0005
 _BUSY_S = 0.00005
-_CORES = os.cpu_count() or 1
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _SLOT_WORDS = 7
 _WORDS = 1 + 2 * _SLOT_WORDS
@@ -204,6 +203,7 @@ class _Waiting:
         self.error: BaseException | None = None
         self.busy = _BUSY_S if ctx.g.size <= _CORES else 0.0
         self.reports = 0
+        self.what: str | None = None
 
     def where(self) -> str:
         return self.ctx.where()
@@ -215,15 +215,23 @@ class _Waiting:
 
     def idle(self, waiting_for: list[int]) -> BaseException | None:
         """Between polls: poll on (when every rank has a core), then yield
-        the core; after a while post the receive (a peer on a socket path
-        would talk to us there, an abort fails it) and sleep. Returns the
-        error the receive caught."""
-        waited = time.monotonic() - self.t0
+        the core, looking for an abort of the call (a lookup, no message)
+        and at the deadline; after _SPIN_S post the receive (a peer on a
+        socket path would talk to us there, an abort or a lost peer fails
+        it) and sleep. Returns the error found."""
+        now = time.monotonic()
+        waited = now - self.t0
         if waited < self.busy:
             return None
+        ctx = self.ctx
         if waited < _SPIN_S:
             os.sched_yield()
-            if waited < _WATCH_AFTER_S:
+            if self.what is None:
+                self.what = ctx.where().split(": ", 1)[1]
+            aborted = ctx.ch.aborted(ctx.tag, self.what)
+            if aborted is not None:
+                return aborted
+            if now <= ctx.deadline:
                 return None
         watch = self.posted()
         if watch.done():
@@ -232,12 +240,10 @@ class _Waiting:
             except MeshError as e:
                 return e
             return MeshError(f"{self.where()}: a peer sent a message where none was expected")
-        if time.monotonic() > self.ctx.deadline:
-            raise self.ctx.timed_out(f" waiting for {_ranks(self.ctx, waiting_for)} (same-host "
-                                     f"board)")
+        if time.monotonic() > ctx.deadline:
+            raise ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} (same-host board)")
         self._report(waited, waiting_for)
-        if waited >= _SPIN_S:
-            time.sleep(min(0.001, waited / 20))
+        time.sleep(min(0.001, waited / 20))
         return None
 
     def _report(self, waited: float, waiting_for: list[int]) -> None:
