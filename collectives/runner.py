@@ -445,8 +445,8 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, body: Body,
     ``start`` does, without its preparation. NOT_NOW, with no tag taken,
     while the group's lane has work or watches (the call then takes
     ``start``, which orders it behind them and reports what they caught)."""
-    st = _state(g)
-    if st.watches or st.running or st.queue:
+    st = _groups.get(g)     # (made by the first call, which took ``start``)
+    if st is None or st.watches or st.running or st.queue:
         return NOT_NOW
     t0 = time.monotonic()
     limit = float(g.timeout) if timeout is None else timeout

@@ -70,7 +70,8 @@ def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> None:
         plans = _plans.get(ctx.g)
         if plans is None:
             plans = _plans[ctx.g] = {}
-        if key not in plans:
+        plan = plans.get(key)
+        if plan is None or plan.tuning is not ctx.tuning:
             plans[key] = _Plan(ctx, arr, rop)
 
 
