@@ -33,6 +33,7 @@ from .device.paths import simple
 from .host import paths as host
 from .host.paths import all_gather_object, barrier, broadcast_object
 from .runner import check_comm
+from .shm import tiny
 from .tensors import is_tensor
 from .tensors import run as _on_tensor
 
@@ -51,7 +52,12 @@ _staged_all_to_all = simple(host.all_to_all, in_place=False)
 
 def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
-    """collectives.host.paths.all_reduce, for host and device arrays and tensors."""
+    """collectives.host.paths.all_reduce, for host and device arrays and tensors
+    (a tiny numpy array the short way, collectives.shm.tiny, once a first
+    call has settled it)."""
+    if type(a) is np.ndarray and not async_op and algorithm is None \
+            and tiny.all_reduce(g, a, op, timeout) is not None:
+        return a
     check_comm(g, "all_reduce")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(all_reduce, "all_reduce", g, a, op=op, async_op=async_op,

@@ -27,8 +27,8 @@ from mesh import ANY, AbortKind, Comm, MeshTimeoutError
 
 from .plan import Tuning
 
-__all__ = ["Ctx", "Work", "Body", "start", "abandon", "agreed", "check_comm", "caught", "where",
-           "release"]
+__all__ = ["Ctx", "Work", "Body", "start", "now", "NOT_NOW", "abandon", "agreed", "check_comm",
+           "caught", "where", "release"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -431,3 +431,34 @@ def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
     work = Work(ctx.where(), lambda e: _abort(g, tag, name, e))
     st.submit(run, work)
     return work if async_op else work.wait(max(0.0, deadline - time.monotonic()))
+
+
+NOT_NOW = object()
+"""What ``now`` returns when the call must take ``start`` (no tag was taken)."""
+
+
+def now(g: Comm, name: str, fp: dict, tuning: Tuning, body: Body,
+        timeout: float | None = None) -> Any:
+    """``start`` for a blocking call whose arguments an earlier call with the
+    same fingerprint has checked (collectives.shm.tiny): the group's next
+    tag, the deadline, and on failure the abort on every member, as
+    ``start`` does, without its preparation. NOT_NOW, with no tag taken,
+    while the group's lane has work or watches (the call then takes
+    ``start``, which orders it behind them and reports what they caught)."""
+    st = _groups.get(g)     # (made by the first call, which took ``start``)
+    if st is None or st.watches or st.running or st.queue:
+        return NOT_NOW
+    t0 = time.monotonic()
+    limit = float(g.timeout) if timeout is None else timeout
+    ch = g.collective_channel()
+    tag = ch.next_tag()
+    st.calls += 1
+    ctx = Ctx(g, tag, fp, tuning, name, limit, t0 + limit)
+    try:
+        aborted = ch.aborted(tag, f"{name} #{-tag} on group {g.name}")
+        if aborted is not None:
+            raise aborted
+        return body(ctx)
+    except BaseException as e:
+        _abort(g, tag, name, e)
+        raise

@@ -20,7 +20,7 @@ from mesh.tensors import dtype_name, is_tensor
 from ..ops import resolve
 from ..plan import Tuning, choose, layout
 from ..runner import Body, Ctx, agreed, start
-from ..shm import board, local
+from ..shm import board, local, tiny
 from . import hier
 from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
                        broadcast_object_tree)
@@ -143,6 +143,8 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
                 elif alg == "rd":
                     if board.available(ctx, buf.nbytes):
                         local.all_reduce_small(ctx, buf, rop)
+                        if algorithm is None and lay is None:
+                            tiny.learn(ctx, arr, op, rop)
                     else:
                         all_reduce_rd(ctx, buf, rop)
                 elif board.available(ctx):

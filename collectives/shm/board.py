@@ -1,16 +1,20 @@
 """Same-host synchronization without sockets: every rank of a group keeps a
-small board in its own memory, and its peers poll it with cross-memory
-reads (collectives.shm.cma). A socket round trip between two processes on a
-small machine costs 150-400 us; a poll costs a couple of microseconds.
+small board in its own memory, an anonymous memory file (memfd) that each
+peer maps read-only (by /proc/pid/fd, as mesh.rings does), so a poll is a
+load, not a system call. A socket round trip between two processes on a
+small machine costs 150-400 us; a poll through the mapping well under one.
+Where a peer's board cannot be mapped, it is polled with cross-memory reads
+(collectives.shm.cma), a couple of microseconds each.
 
     head = [cookie | ack | slot 0: seq stage fplen paylen addr addr2 fphash | slot 1: ...]
            [inline payload, slot 0 | slot 1]          (one 512-byte read polls all this)
     slot s body = [fingerprint (msgpack) | payload (small collectives)]
 
 A collective (a ``Round``) posts into slot seq % 2: fingerprint, payload
-or the address of its buffer, then ``seq``. A reader that has seen ``seq``
-reads the slot again in a second call before using it: one copy may load
-bytes out of order, two calls do not. Peers wait for every other
+or the address of its buffer, then (after a fence) ``seq``. A reader that
+has seen ``seq`` uses the slot only after a fence (through the mapping) or
+after reading it again in a second call (cross-memory: one copy may load
+bytes out of order, two calls do not). Peers wait for every other
 rank's ``seq``, compare fingerprints (so every rank sees a mismatch itself),
 then read payloads or buffers (at ``addr``, ``addr2``) directly, and step
 ``stage`` up as they go (1: my part is final, 2: I am done reading you). ``ack`` is the last
@@ -20,11 +24,13 @@ seen show, so it costs no extra read.
 
 A peer on a socket path instead (another collective) is caught by a receive
 posted on the tag once a wait gets long; so is an abort; a dead peer fails
-the read; a freed board fails the cookie check.
+a cross-memory read of its board (made on every poll without a mapping, on
+each slow poll with one); a freed board fails the cookie check.
 """
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import secrets
 import threading
@@ -36,45 +42,119 @@ import msgpack
 import numpy as np
 
 from mesh import Comm, LostPeerError, MeshError, MismatchError
+from mesh.rings import fence
 
 from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 from . import cma
 
-__all__ = ["CAPACITY", "available", "Round"]
+__all__ = ["CAPACITY", "INLINE", "available", "mapped", "Round", "signature"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
 _HEAD = 128
 _INLINE = 192
+INLINE = _INLINE
+"""Payloads up to this many bytes sit in the head, read with every poll."""
 _PEEK = _HEAD + 2 * _INLINE
 _BODY = _FP_ROOM + CAPACITY
+_SIZE = _PEEK + 2 * _BODY
 _SPIN_S = 0.002
-_WATCH_AFTER_S = 0.0005
 _BUSY_S = 0.00005
-_CORES = os.cpu_count() or 1
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _SLOT_WORDS = 7
 _WORDS = 1 + 2 * _SLOT_WORDS
 
 
+def _region() -> tuple[np.ndarray, int]:
+    """This rank's board: a memfd mapping peers can map too (and its
+    descriptor), or private memory (-1) where memfd is missing."""
+    if hasattr(os, "memfd_create"):
+        try:
+            fd = os.memfd_create("meshrun-board", os.MFD_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                os.ftruncate(fd, _SIZE)
+                return np.frombuffer(mmap.mmap(fd, _SIZE), np.uint8), fd
+            except (OSError, ValueError):
+                os.close(fd)
+    return np.zeros(_SIZE, np.uint8), -1
+
+
+def _raw(a: np.ndarray) -> Any:
+    """The bytes of ``a`` as a writable flat buffer (a memoryview where
+    numpy can give one: a third of the cost of reshape and view)."""
+    try:
+        return a.data.cast("B")
+    except (TypeError, ValueError):
+        return a.reshape(-1).view(np.uint8)
+
+
+def _attach(pid: int, fd: int, cookie: int) -> np.ndarray | None:
+    """A peer's whole board, mapped read-only from /proc/pid/fd/fd, or None
+    where it cannot be (then it is polled with cross-memory reads)."""
+    if fd < 0:
+        return None
+    try:
+        f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        view = np.frombuffer(mmap.mmap(f, _SIZE, prot=mmap.PROT_READ), np.uint8)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(f)
+    return view if int(view[:8].view(np.int64)[0]) == cookie else None
+
+
 class _Box:
-    """One group's board: ours, where the peers' are, the last head seen of each."""
+    """One group's board: ours, and per peer its board's head as this rank
+    sees it (``rows``: the mapping itself, or the copy the last read left;
+    ``heads``: its words, ``heads[p][0]`` the ack), the mapping of its
+    whole board (``boards``) or None, and a cross-memory read of it
+    (``readers``: the poll without a mapping, a liveness probe with one)."""
 
     def __init__(self, ctx: Ctx) -> None:
-        self.mem = np.zeros(_PEEK + 2 * _BODY, np.uint8)
+        self.mem, fd = _region()
         words = self.mem[:_HEAD].view(np.int64)
         words[0] = cookie = secrets.randbits(63)
-        self.head = words[1:1 + _WORDS]
-        where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie])
-        self.addrs = [a for a, _ in where]
-        self.cookies = [c for _, c in where]
-        self.seen = np.zeros((ctx.g.size, _PEEK), np.uint8)
-        self.seen_cookie = self.seen[:, :8].view(np.int64)[:, 0]
-        self.seen_head = self.seen[:, 8:8 + 8 * _WORDS].view(np.int64)
+        self.head = words[1:1 + _WORDS].data
+        self.slot_fp = [b"", b""]        # the fingerprint each slot's body holds
+        n, rank = ctx.g.size, ctx.g.rank
+        where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd])
+        if fd >= 0:
+            ctx.ch.on_close(lambda: os.close(fd))
+        self.addrs = [a for a, _, _ in where]
+        self.cookies = [c for _, c, _ in where]
         pids = cma.pids(ctx)
-        self.peekers = [cma.Reader(pids[p], self.addrs[p], self.seen[p]) if p != ctx.g.rank
-                        else None for p in range(ctx.g.size)]
+        self.peers = [(rank + k) % n for k in range(1, n)]
+        self.boards: list[np.ndarray | None] = [None] * n
+        self.rows: list[np.ndarray] = [self.mem[:_PEEK]] * n
+        self.readers: list[Any] = [None] * n
+        self.probes = np.zeros((n, 8), np.uint8)    # (a Reader holds only their address)
+        for p in self.peers:
+            board = self.boards[p] = _attach(pids[p], where[p][2], self.cookies[p])
+            row = board[:_PEEK] if board is not None else np.zeros(_PEEK, np.uint8)
+            self.rows[p] = row
+            self.readers[p] = cma.Reader(pids[p], self.addrs[p],
+                                         row if board is None else self.probes[p])
+        self.mapped = all(self.boards[p] is not None for p in self.peers)
+        self.heads = [r[8:8 + 8 * _WORDS].view(np.int64).data for r in self.rows]
+        self.inline = [r.data[_HEAD:_PEEK] for r in self.rows]
+        self.mv = self.mem.data
+        self.seen_cookie = [r[:8].view(np.int64).data for r in self.rows]
+
+    def read_body(self, ctx: Ctx, peer: int, offset: int, dst: np.ndarray) -> None:
+        """``dst.nbytes`` bytes at ``offset`` of ``peer``'s board into ``dst``."""
+        board = self.boards[peer]
+        if board is not None:
+            dst.reshape(-1).view(np.uint8)[...] = board[offset:offset + dst.nbytes]
+        else:
+            cma.peer_read(ctx, peer, self.addrs[peer] + offset, dst)
 
 
 _boxes: "weakref.WeakKeyDictionary[Comm, _Box]" = weakref.WeakKeyDictionary()
@@ -97,6 +177,20 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
     return True
 
 
+def mapped(g: Comm) -> bool:
+    """Whether every peer's board in group ``g`` is mapped here (polls are loads)."""
+    box = _boxes.get(g)
+    return box is not None and box.mapped
+
+
+def signature(fp: dict) -> tuple[bytes, int]:
+    """A fingerprint as a board holds it: msgpack bytes, and their 63-bit hash."""
+    packed = msgpack.packb(fp)
+    if len(packed) > _FP_ROOM:
+        raise ValueError(f"fingerprint of {len(packed)} bytes does not fit a board")
+    return packed, int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") >> 1
+
+
 class _Waiting:
     """Waits on peers: since when the current one runs (each wait spins
     before it sleeps), the time limit, and the receive posted on the tag
@@ -109,6 +203,7 @@ class _Waiting:
         self.error: BaseException | None = None
         self.busy = _BUSY_S if ctx.g.size <= _CORES else 0.0
         self.reports = 0
+        self.what: str | None = None
 
     def where(self) -> str:
         return self.ctx.where()
@@ -120,15 +215,23 @@ class _Waiting:
 
     def idle(self, waiting_for: list[int]) -> BaseException | None:
         """Between polls: poll on (when every rank has a core), then yield
-        the core; after a while post the receive (a peer on a socket path
-        would talk to us there, an abort fails it) and sleep. Returns the
-        error the receive caught."""
-        waited = time.monotonic() - self.t0
+        the core, looking for an abort of the call (a lookup, no message)
+        and at the deadline; after _SPIN_S post the receive (a peer on a
+        socket path would talk to us there, an abort or a lost peer fails
+        it) and sleep. Returns the error found."""
+        now = time.monotonic()
+        waited = now - self.t0
         if waited < self.busy:
             return None
+        ctx = self.ctx
         if waited < _SPIN_S:
             os.sched_yield()
-            if waited < _WATCH_AFTER_S:
+            if self.what is None:
+                self.what = ctx.where().split(": ", 1)[1]
+            aborted = ctx.ch.aborted(ctx.tag, self.what)
+            if aborted is not None:
+                return aborted
+            if now <= ctx.deadline:
                 return None
         watch = self.posted()
         if watch.done():
@@ -137,12 +240,10 @@ class _Waiting:
             except MeshError as e:
                 return e
             return MeshError(f"{self.where()}: a peer sent a message where none was expected")
-        if time.monotonic() > self.ctx.deadline:
-            raise self.ctx.timed_out(f" waiting for {_ranks(self.ctx, waiting_for)} (same-host "
-                                     f"board)")
+        if time.monotonic() > ctx.deadline:
+            raise ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} (same-host board)")
         self._report(waited, waiting_for)
-        if waited >= _SPIN_S:
-            time.sleep(min(0.001, waited / 20))
+        time.sleep(min(0.001, waited / 20))
         return None
 
     def _report(self, waited: float, waiting_for: list[int]) -> None:
@@ -191,20 +292,19 @@ class Round:
             r.post(payload=a)            # or addr=buf.ctypes.data
             r.gather(outs)               # peers' payloads; fingerprints checked
             ...; r.stage(1); r.wait_stage(peers, 1) ...
+
+    ``sig``: ``signature(ctx.fp)``, when the caller keeps it between calls.
     """
 
-    def __init__(self, ctx: Ctx) -> None:
+    def __init__(self, ctx: Ctx, sig: tuple[bytes, int] | None = None) -> None:
         self.ctx, self.box = ctx, _boxes[ctx.g]
         self.seq = -ctx.tag
         self.slot = self.seq % 2
         self.base = _SLOT_WORDS * self.slot
-        self.fp = msgpack.packb(ctx.fp)
-        if len(self.fp) > _FP_ROOM:
-            raise ValueError(f"fingerprint of {len(self.fp)} bytes does not fit a board")
-        self.hash = int.from_bytes(hashlib.blake2b(self.fp, digest_size=8).digest(), "little") >> 1
+        self.fp, self.hash = signature(ctx.fp) if sig is None else sig
         self.wait = _Waiting(ctx)
         self.addr2: list[int] = []
-        self.peers = [(ctx.g.rank + k) % ctx.g.size for k in range(1, ctx.g.size)]
+        self.peers = self.box.peers
 
     def __enter__(self) -> "Round":
         return self
@@ -214,54 +314,73 @@ class Round:
         head[0] = max(head[0], self.seq)
         self.wait.close()
 
-    def _peek(self, peer: int) -> np.ndarray:
+    def _peek(self, peer: int) -> Any:
         box = self.box
-        err = box.peekers[peer]()  # type: ignore[misc]
-        if err:
-            raise cma.failed_read(self.ctx, peer, err, "the board")
-        if box.seen_cookie[peer] != box.cookies[peer]:
+        if box.boards[peer] is None:
+            err = box.readers[peer]()
+            if err:
+                raise cma.failed_read(self.ctx, peer, err, "the board")
+        if box.seen_cookie[peer][0] != box.cookies[peer]:
             raise LostPeerError(f"{self.wait.where()}: {_ranks(self.ctx, [peer])}'s board was "
                                 f"freed (its group was closed)", self.ctx.g.ranks[peer])
-        return box.seen_head[peer]
+        return box.heads[peer]
 
-    def _until(self, peers: list[int], ready: Callable[[np.ndarray], bool]) -> None:
+    def _alive(self, peer: int) -> None:
+        """A mapped board outlives its process: read it across processes to
+        learn that the peer is gone (ESRCH)."""
+        box = self.box
+        if box.boards[peer] is not None:
+            err = box.readers[peer]()
+            if err:
+                raise cma.failed_read(self.ctx, peer, err, "the board")
+
+    def _until(self, peers: list[int], ready: Callable[[Any], bool]) -> None:
         """Poll peers' heads until ``ready`` holds for all (one at a time:
-        all must get there, and each poll is a system call). If the tag is
-        aborted meanwhile, or the mesh loses a peer, and a peer never gets
-        there, raise why; if they all get there, carry on (each rank then
-        sees a mismatch itself, as a MismatchError; a peer that left after
-        doing its part is no error) and raise an abort at the end."""
-        seen = self.box.seen_head
-        todo = [p for p in peers if not ready(seen[p])]
-        self.wait.t0, self.wait.reports = time.monotonic(), 0
+        all must get there). If the tag is aborted meanwhile, or the mesh
+        loses a peer, and a peer never gets there, raise why; if they all
+        get there, carry on (each rank then sees a mismatch itself, as a
+        MismatchError; a peer that left after doing its part is no error)
+        and raise an abort at the end."""
+        heads = self.box.heads
+        todo = [p for p in peers if not ready(heads[p])]
+        if not todo:
+            return
+        wait = self.wait
+        wait.t0, wait.reports = time.monotonic(), 0
         while todo:
             while todo and ready(self._peek(todo[0])):
                 todo.pop(0)
             if not todo:
                 break
-            err = self.wait.idle(todo)
+            err = wait.idle(todo)
+            if err is None and wait.watch is not None:
+                self._alive(todo[0])
             if err is not None:
                 todo = [p for p in todo if not ready(self._peek(p))]
                 if todo:
                     raise err
                 if not isinstance(err, LostPeerError):
-                    self.wait.error = err
+                    wait.error = err
 
     def post(self, payload: np.ndarray | None = None, addr: int = 0, addr2: int = 0) -> None:
         """Publish this rank's fingerprint and payload (or buffer addresses)."""
-        head, b, slot, mem = self.box.head, 1 + self.base, self.slot, self.box.mem
-        held = int(head[b + SEQ])
+        box = self.box
+        head, b, slot = box.head, 1 + self.base, self.slot
+        held = head[b + SEQ]
         self._until(self.peers, lambda h: h[0] >= held)
         body = _PEEK + slot * _BODY
-        mem[body:body + len(self.fp)] = np.frombuffer(self.fp, np.uint8)
+        if box.slot_fp[slot] != self.fp:
+            box.mv[body:body + len(self.fp)] = self.fp
+            box.slot_fp[slot] = self.fp
         size = 0
         if payload is not None:
-            raw = payload.reshape(-1).view(np.uint8)
-            size = raw.size
+            raw = _raw(payload)
+            size = raw.nbytes
             at = _HEAD + slot * _INLINE if size <= _INLINE else body + _FP_ROOM
-            mem[at:at + size] = raw
+            box.mv[at:at + size] = raw
         head[b + STAGE], head[b + FPLEN], head[b + PAYLEN] = 0, len(self.fp), size
         head[b + ADDR], head[b + ADDR2], head[b + FPHASH] = addr, addr2, self.hash
+        fence()
         head[b + SEQ] = self.seq
         head[0] = max(head[0], self.seq - 1)
 
@@ -271,51 +390,52 @@ class Round:
         Returns the peers' ``addr`` by rank (``addr2`` in ``self.addr2``)."""
         seq, b, slot = self.seq, 1 + self.base, self.slot
         self._until(self.peers, lambda h: h[b + SEQ] == seq or h[0] >= seq)
+        fence()      # what the posts hold is read after their seq (mapped boards)
         box = self.box
-        addrs, self.addr2 = [0] * self.ctx.g.size, [0] * self.ctx.g.size
+        n = self.ctx.g.size
+        addrs, self.addr2 = [0] * n, [0] * n
+        inline = slot * _INLINE
         for p in self.peers:
-            h = self._peek(p)
+            h = self._peek(p)       # (the second read, where the board is not mapped)
             if h[b + SEQ] != seq:
                 self.wait.gone(p, "taking part")
             out = None if outs is None else outs[p]
-            size = int(h[b + PAYLEN])
+            size = h[b + PAYLEN]
             if h[b + FPHASH] != self.hash or (out is not None and size != out.nbytes):
                 self._mismatch(p, h, None if out is None else out.nbytes)
             if out is not None and size:
-                dst = out.reshape(-1).view(np.uint8)
                 if size <= _INLINE:
-                    dst[...] = box.seen[p, _HEAD + slot * _INLINE:_HEAD + slot * _INLINE + size]
+                    _raw(out)[:] = box.inline[p][inline:inline + size]
                 else:
-                    cma.peer_read(self.ctx, p, box.addrs[p] + _PEEK + slot * _BODY + _FP_ROOM,
-                                  dst)
-            addrs[p], self.addr2[p] = int(h[b + ADDR]), int(h[b + ADDR2])
+                    box.read_body(self.ctx, p, _PEEK + slot * _BODY + _FP_ROOM, out)
+            addrs[p], self.addr2[p] = h[b + ADDR], h[b + ADDR2]
         if self.wait.error is not None:
             raise self.wait.error
         return addrs
 
     def payload_of(self, peer: int) -> np.ndarray:
         """A copy of ``peer``'s payload, whatever its size (after ``gather``)."""
-        h, slot = self.box.seen_head[peer], self.slot
-        size = int(h[1 + self.base + PAYLEN])
+        h, slot = self.box.heads[peer], self.slot
+        size = h[1 + self.base + PAYLEN]
         if size <= _INLINE:
-            return self.box.seen[peer, _HEAD + slot * _INLINE:_HEAD + slot * _INLINE + size].copy()
+            at = _HEAD + slot * _INLINE
+            return self.box.rows[peer][at:at + size].copy()
         out = np.empty(size, np.uint8)
-        cma.peer_read(self.ctx, peer, self.box.addrs[peer] + _PEEK + slot * _BODY + _FP_ROOM, out)
+        self.box.read_body(self.ctx, peer, _PEEK + slot * _BODY + _FP_ROOM, out)
         return out
 
-    def _mismatch(self, peer: int, h: np.ndarray, want: int | None) -> None:
+    def _mismatch(self, peer: int, h: Any, want: int | None) -> None:
         b = 1 + self.base
-        theirs = np.zeros(min(max(int(h[b + FPLEN]), 0), _FP_ROOM), np.uint8)
+        theirs = np.zeros(min(max(h[b + FPLEN], 0), _FP_ROOM), np.uint8)
         try:
-            cma.peer_read(self.ctx, peer, self.box.addrs[peer] + _PEEK + self.slot * _BODY,
-                          theirs)
+            self.box.read_body(self.ctx, peer, _PEEK + self.slot * _BODY, theirs)
         except MeshError:
             pass
         rank, mine, other = self.ctx.g.rank, _fmt(self.fp), _fmt(theirs.tobytes())
         if mine == other:
-            other += (f" with a {int(h[b + PAYLEN])}-byte payload, {want} expected"
+            other += (f" with a {h[b + PAYLEN]}-byte payload, {want} expected"
                       if h[b + FPHASH] == self.hash else
-                      f" (fingerprint hash {int(h[b + FPHASH]):x}, ours {self.hash:x})")
+                      f" (fingerprint hash {h[b + FPHASH]:x}, ours {self.hash:x})")
         raise MismatchError(f"rank {rank}: collective mismatch on group "
                             f"{self.ctx.g.name}: rank {rank} called "
                             f"{mine} but rank {peer} called {other}")
@@ -328,8 +448,9 @@ class Round:
         """Wait until each of ``peers`` has reached stage ``k``."""
         seq, b = self.seq, 1 + self.base
         self._until(peers, lambda h: (h[b + SEQ] == seq and h[b + STAGE] >= k) or h[0] >= seq)
+        fence()
         for p in peers:
-            h = self.box.seen_head[p]
+            h = self.box.heads[p]
             if h[b + SEQ] != seq or h[b + STAGE] < k:
                 self.wait.gone(p, f"reaching stage {k}")
         if self.wait.error is not None:

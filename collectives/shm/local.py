@@ -32,26 +32,35 @@ __all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "red
            "broadcast", "reduce", "scatter", "gather", "all_to_all"]
 
 
-def _reduce_payloads(ctx: Ctx, buf: np.ndarray, op: ReduceOp, readers: range) -> None:
+def _reduce_payloads(ctx: Ctx, buf: np.ndarray, op: ReduceOp, readers: range,
+                     outs: list[np.ndarray | None] | None = None,
+                     sig: tuple[bytes, int] | None = None) -> None:
     """Everyone posts ``buf``; the ranks in ``readers`` read all the others'
-    and set ``buf`` to the reduction in rank order (the same bits on each)."""
+    (into ``outs[p]``, made here unless given; ``outs[rank]`` is None) and
+    set ``buf`` to the reduction in rank order (the same bits on each).
+    ``sig``: the board's signature of the call's fingerprint, if known."""
     n, rank = ctx.g.size, ctx.g.rank
     reads = rank in readers
-    parts = [np.empty_like(buf) if reads and p != rank else buf for p in range(n)]
-    with Round(ctx) as r:
+    if reads and outs is None:
+        outs = [None if p == rank else np.empty_like(buf) for p in range(n)]
+    with Round(ctx, sig) as r:
         r.post(payload=None if reads and len(readers) == 1 else buf)
-        r.gather([None if p == rank else parts[p] for p in range(n)] if reads else None)
-    if reads:
-        acc = parts[0]
+        r.gather(outs if reads else None)
+    if outs is not None and reads:
+        acc = buf if rank == 0 else outs[0]
+        assert acc is not None
         for p in range(1, n):
-            op.combine(acc, parts[p])
+            op.combine(acc, buf if p == rank else outs[p])
         if acc is not buf:
             buf[...] = acc
 
 
-def all_reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
-    """Every rank reads every contribution and reduces them in rank order."""
-    _reduce_payloads(ctx, buf, op, range(ctx.g.size))
+def all_reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp,
+                     outs: list[np.ndarray | None] | None = None,
+                     sig: tuple[bytes, int] | None = None) -> None:
+    """Every rank reads every contribution and reduces them in rank order
+    (``outs``, ``sig``: as for _reduce_payloads, kept by collectives.shm.tiny)."""
+    _reduce_payloads(ctx, buf, op, range(ctx.g.size), outs, sig)
 
 
 def barrier(ctx: Ctx) -> None:

@@ -1,0 +1,92 @@
+"""The short way of a tiny all_reduce (a payload that fits the board's
+inline room, ranks of one host, a blocking call): what the first call of a
+(group, dtype, shape, op) settles through collectives.host.paths (argument
+checks, fingerprint, algorithm, the board) is kept, and later calls under
+the same tuning go straight to the board: one post, one poll per peer, a
+reduction in rank order into buffers kept from the last call.
+
+It keeps the long way's guarantees: the fingerprint on the board is the
+same (a rank on either way that called something else raises a
+MismatchError on every rank), the call takes the group's next tag and its
+deadline, and a failure aborts the tag on every member
+(collectives.runner.now). Anything the short way cannot take (async,
+an algorithm or a timeout that is not a float, a non-contiguous or
+read-only array, a lane with work) takes the long way.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from mesh import Comm
+
+from ..ops import ReduceOp
+from ..plan import Tuning
+from ..runner import NOT_NOW, Ctx, now
+from . import board
+from .local import all_reduce_small
+
+__all__ = ["MAX_BYTES", "learn", "all_reduce"]
+
+MAX_BYTES = board.INLINE
+"""The largest payload the short way takes: the board's inline room."""
+
+
+class _Plan:
+    """One (group, dtype, shape, op): the tuning it was settled under, its
+    fingerprint and board signature, the op, the peers' receive buffers."""
+
+    __slots__ = ("tuning", "fp", "sig", "rop", "outs", "n")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: ReduceOp) -> None:
+        self.tuning, self.fp, self.rop = ctx.tuning, ctx.fp, rop
+        self.sig = board.signature(ctx.fp)
+        self.n = ctx.g.size
+        self.outs: list[np.ndarray | None] = [None if p == ctx.g.rank else np.empty_like(arr)
+                                              for p in range(self.n)]
+
+    def body(self, buf: np.ndarray) -> Any:
+        def run(ctx: Ctx) -> None:
+            all_reduce_small(ctx, buf, self.rop, self.outs, self.sig)
+            self.rop.finish(buf, self.n)
+        return run
+
+
+_plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Plan]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> None:
+    """Keep what ``ctx``'s all_reduce of ``arr`` settled, for the short way:
+    called by the long way after a board all_reduce_small that any later
+    blocking call with these arguments and this tuning would repeat."""
+    if arr.nbytes > MAX_BYTES or not board.mapped(ctx.g):
+        return
+    key = (arr.dtype, arr.shape, op)
+    with _lock:
+        plans = _plans.get(ctx.g)
+        if plans is None:
+            plans = _plans[ctx.g] = {}
+        plan = plans.get(key)
+        if plan is None or plan.tuning is not ctx.tuning:
+            plans[key] = _Plan(ctx, arr, rop)
+
+
+def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | None:
+    """``a`` all-reduced the short way, or None (nothing done, no tag taken)
+    where the call must take the long way."""
+    try:
+        plan = _plans[g][(a.dtype, a.shape, op)]
+    except (KeyError, TypeError):
+        return None
+    if (plan.tuning is not Tuning.from_env() or not a.flags.c_contiguous
+            or not a.flags.writeable or not (timeout is None or type(timeout) is float
+                                             and timeout >= 0)):
+        return None
+    if now(g, "all_reduce", plan.fp, plan.tuning, plan.body(a),
+           timeout) is NOT_NOW:
+        return None
+    return a

@@ -1,0 +1,107 @@
+"""The tiny all_reduce's short way (collectives.shm.tiny) and the mapped
+boards it runs on (collectives.shm.board): the same bits as the long way,
+and the long way's guarantees when ranks are on different ways: a
+mismatch raises on every rank, a bad argument aborts the others, a
+timeout ends the call on every rank; boards that cannot be mapped are
+polled with cross-memory reads instead."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+import collectives as C
+import mesh
+from collectives.shm import board, tiny
+
+N = 3
+
+
+def _caught(fn: Any) -> str:
+    try:
+        fn()
+    except (mesh.MeshError, TypeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "ok"
+
+
+def _results(world: Any) -> list:
+    """Repeated calls (the first settles the short way, the next take it)
+    against numpy, over ops, dtypes and shapes."""
+    rng = np.random.default_rng(7)
+    wrong = []
+    for op, dtype, shape in [("sum", np.float32, (2,)), ("avg", np.float64, (2, 3)),
+                             ("max", np.int16, ()), ("bxor", np.uint8, (5,)),
+                             ("prod", np.complex64, (3,))]:
+        for i in range(4):
+            xs = [np.array(rng.integers(-3, 4, size=shape), dtype=dtype)
+                  for _ in range(world.size)]
+            if dtype == np.complex64:
+                xs = [x + np.complex64(1j) * x[::-1] for x in xs]
+            a = xs[world.rank].copy()
+            C.all_reduce(world, a, op=op)
+            want = xs[0].copy()
+            for x in xs[1:]:
+                want = {"sum": np.add, "avg": np.add, "max": np.maximum, "bxor": np.bitwise_xor,
+                        "prod": np.multiply}[op](want, x)
+            if op == "avg":
+                want = want / world.size
+            if a.shape != want.shape or not np.array_equal(a, want.astype(dtype)):
+                wrong.append((op, i, a.tolist(), want.tolist()))
+    return wrong
+
+
+def on_both_ways(world: Any) -> dict:
+    out: dict[str, Any] = {"wrong": _results(world), "mapped": board.mapped(world),
+                           "plans": len(tiny._plans.get(world, {}))}
+    ones = np.ones(4, np.float32)
+    C.all_reduce(world, ones)        # settles (float32, (4,), sum): later calls are short
+    # rank 1 takes the long way with another shape; the others the short way
+    out["shape"] = _caught(lambda: C.all_reduce(world, np.ones(4 if world.rank != 1 else 5,
+                                                               np.float32)))
+    # rank 1 fails on its own argument and aborts the call the others make the short way
+    out["bad op"] = _caught(lambda: C.all_reduce(world, np.ones(4, np.float32),
+                                                 op="sum" if world.rank != 1 else "nope"))
+    # rank 2 comes too late for rank 0's short call with a timeout
+    if world.rank == 2:
+        time.sleep(1.0)
+    out["timeout"] = _caught(lambda: C.all_reduce(world, ones, timeout=0.3 if world.rank == 0
+                                                  else None))
+    C.barrier(world)
+    a = np.full(4, world.rank + 1, np.float32)
+    C.all_reduce(world, a)
+    out["after"] = a.tolist()
+    return out
+
+
+def test_the_short_way_matches_numpy_and_keeps_the_guarantees() -> None:
+    res = mesh.spawn(on_both_ways, N, timeout=90)
+    total = float(sum(range(1, N + 1)))
+    for rank, r in enumerate(res):
+        assert r["wrong"] == [], f"rank {rank}: {r['wrong']}"
+        assert r["mapped"] and r["plans"] == 5, r
+        text = r["shape"]
+        assert text.startswith("MismatchError") and "shape=[4]" in text and "shape=[5]" in text, \
+            f"rank {rank}: {text}"
+        text = r["bad op"]
+        if rank == 1:
+            assert text.startswith("ValueError: unknown reduction op"), text
+        else:
+            assert text.startswith("MeshError") and "rank 1" in text and "nope" in text, text
+        text = r["timeout"]
+        assert text.startswith("MeshTimeoutError") and "rank 0" in text, f"rank {rank}: {text}"
+        assert r["after"] == [total] * 4, r
+
+
+def unmapped(world: Any) -> dict:
+    board._attach = lambda *args: None      # as where /proc/pid/fd cannot be opened
+    wrong = _results(world)
+    return {"wrong": wrong, "mapped": board.mapped(world),
+            "shape": _caught(lambda: C.all_reduce(world, np.ones(3 if world.rank else 2)))}
+
+
+def test_boards_that_cannot_be_mapped_are_read_across_processes() -> None:
+    for rank, r in enumerate(mesh.spawn(unmapped, 2, timeout=60)):
+        assert r["wrong"] == [] and not r["mapped"], r
+        assert r["shape"].startswith("MismatchError") and "shape=[3]" in r["shape"], r
