@@ -60,6 +60,7 @@ class Authenticator:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(_ZAP_ENDPOINT)
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()      # close() wakes the poll at once
         self._thread = threading.Thread(target=self._run, name="mesh-zap", daemon=True)
         self._thread.start()
 
@@ -77,9 +78,10 @@ class Authenticator:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if not poller.poll(100):
+                if self._sock not in dict(poller.poll(100)):
                     continue
                 request = self._sock.recv_multipart()
             except zmq.ZMQError:
@@ -103,8 +105,14 @@ class Authenticator:
         self._sock.close(linger=0)
 
     def close(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
+        os.write(self._wake_w, b"x")
         self._thread.join(timeout=2)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 def make_server(sock: zmq.Socket, secret: str = "", curve: bool = False) -> None:

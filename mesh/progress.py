@@ -84,6 +84,10 @@ class Progress:
         """Stop the progress thread and close the wake pipe."""
         self.closing = True
         if self._thread is not None:
+            try:
+                os.write(self._wake_w, b"c")    # not a poll interval later
+            except OSError:
+                pass
             self._thread.join(timeout=5)
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -67,6 +67,7 @@ class RendezvousServer:
         self._peers: dict[int, dict[str, Any]] = {}
         self._idents: dict[int, bytes] = {}
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()      # close() wakes the poll at once
         self._thread = threading.Thread(target=self._run, name="mesh-rendezvous", daemon=True)
 
     def start(self) -> "RendezvousServer":
@@ -127,6 +128,7 @@ class RendezvousServer:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._mon, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         last_status = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -161,9 +163,14 @@ class RendezvousServer:
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
+            os.write(self._wake_w, b"x")
             self._thread.join(timeout=2)
         elif not self._sock.closed:
             self._close_sockets()
+        if self._wake_w >= 0 and not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
         if self._auth is not None:
             self._auth.close()
         if self._own_ctx:

@@ -6,11 +6,16 @@ backend is missing here (real CuPy without a GPU) is skipped, saying why.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import pytest
 
 from backends import Cell, backend
+
+# mesh.spawn's fork server imports these once: every rank imports its test
+# module, and with it pytest and the packages
+os.environ.setdefault("MESH_SPAWN_PRELOAD", "pytest,collectives,engine")
 
 PATHS = {
     # every byte through ZeroMQ sockets, rings cut into many small segments

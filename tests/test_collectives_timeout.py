@@ -41,10 +41,11 @@ def _quiet_after(world: Any) -> int:
 
 
 def never_calls(world: Any, count: int) -> dict:
-    """Rank 2 comes 3 s late to two all_reduces. First: rank 0 gives the
+    """Rank 2 comes 2 s late to two all_reduces. First: rank 0 gives the
     blocking call a 1 s timeout, rank 1 none (so only rank 0's abort can
     stop it). Second: rank 0 waits for an async call's Work with a 1 s
-    timeout, rank 1 makes the blocking call without one."""
+    timeout, rank 1 makes the blocking call without one. Rank 2 arrives a
+    second after the abort, as the others end their quiet second."""
     seen: dict = {}
     C.barrier(world)
     for case in ("blocking", "async"):
@@ -52,7 +53,7 @@ def never_calls(world: Any, count: int) -> dict:
         seq = world.collective_channel().seq + 1
         stalls = world._t.live.stalls
         if world.rank == LATE:
-            time.sleep(3.0)
+            time.sleep(2.0)
             seen[case] = _attempt(lambda: C.all_reduce(world, a)) + [seq, 0, 0]
         else:
             if world.rank == 0 and case == "async":

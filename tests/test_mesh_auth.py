@@ -111,6 +111,28 @@ def test_a_wrong_secret_fails_the_rendezvous_with_a_clear_error() -> None:
         srv.close()
 
 
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_closing_the_service_and_the_authenticator_leaves_nothing_behind() -> None:
+    """close() wakes their threads (no poll interval waited): both end, the
+    wake pipes are closed, and a second close() does nothing."""
+    fds, threads = _fds(), threading.active_count()
+    for curve in (False, True):
+        srv = RendezvousServer(2, "s", curve=curve).start()
+        srv.close()
+        srv.close()
+        ctx = zmq.Context()
+        a = auth.Authenticator(ctx, "s", curve)
+        a.close()
+        a.close()
+        ctx.term()
+    assert threading.active_count() == threads
+    assert _fds() == fds
+
+
 def _curve_job(world: mesh.Mesh) -> list:
     """An encrypted job works; strangers at a worker are refused and counted."""
     secret = os.environ["MESH_SECRET"]

@@ -87,6 +87,20 @@ def test_importable_functions_start_fresh_interpreters_others_fork() -> None:
     assert spawn_mod._by_name(_top_level, (lambda: 0,)) is None
 
 
+def _env_of(world: mesh.Mesh, name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def test_ranks_see_the_callers_environment_as_of_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fork server started at an earlier spawn; its ranks still see what
+    the caller set and unset since."""
+    assert mesh.spawn(_top_level, 2, timeout=40) == [0, 1]
+    monkeypatch.setenv("MESH_TEST_LATE", "set after the first spawn")
+    monkeypatch.delenv("MESH_SPAWN_PRELOAD", raising=False)
+    assert mesh.spawn(_env_of, 2, "MESH_TEST_LATE", timeout=40) == ["set after the first spawn"] * 2
+    assert mesh.spawn(_env_of, 2, "MESH_SPAWN_PRELOAD", timeout=40) == [None] * 2
+
+
 def test_where_fork_is_not_used_it_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spawn_mod, "_can_fork", lambda: False)
     with pytest.raises(ValueError, match="Move it to a .py module"):
