@@ -195,9 +195,11 @@ def test_signal_to_launcher_stops_the_job(tmp_path: Path, signum: int) -> None:
 
 
 def test_job_timeout(tmp_path: Path) -> None:
-    r = meshrun("-n", "2", "--timeout", "0.5", str(WORKER), str(tmp_path), "*:sleep")
+    # 3 s: long enough for both ranks to start Python and write their pid
+    # files on a loaded machine, which assert_all_gone then checks are gone
+    r = meshrun("-n", "2", "--timeout", "3", str(WORKER), str(tmp_path), "*:sleep")
     assert r.returncode == 124
-    assert "timed out after 0.5 s" in r.stderr
+    assert "timed out after 3 s" in r.stderr
     assert "rank 0    killed by SIGTERM (stopped by meshrun)" in r.stderr
     assert_all_gone(tmp_path, 2)
 
