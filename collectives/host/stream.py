@@ -8,10 +8,10 @@ over loopback TCP cost 70-98 ms of CPU per process through pyzmq (zero-copy
 send, copy into place) against 46-62 ms through plain sockets, and the ring
 all_reduce 97 ms against gloo's 52-56. So a ring link that crosses hosts
 carries its segments over a plain TCP connection instead, received with
-``recv_into`` straight into the ring's slot or the buffer itself, and sent
-from the buffer, non-blocking, both directions and the reduction driven by
-the calling thread (the kernel's socket buffers keep the link busy while it
-reduces).
+``recv_into`` straight into the ring's slot or the buffer itself by the
+calling thread as it waits for it, and sent from the buffer by a thread of
+the link's own (so a send moves whatever the caller waits for: a receive
+from a same-host neighbour over the mesh, a reduction).
 
 Per call and per link (A sends to B), through the mesh, fingerprinted (so a
 mismatch is seen as on any ring call)::
@@ -179,13 +179,13 @@ def _connect(ctx: Ctx, peer: int, port: int, token: bytes) -> socket.socket | No
 
 
 class _Req:
-    """A stream send or receive: ``wait()`` drives the links until it is
-    done; a receive returns its destination."""
+    """A stream send or receive: ``wait()`` returns once it is done (a
+    receive returns its destination), watching the call meanwhile."""
 
-    __slots__ = ("links", "arr", "mv", "off", "done_")
+    __slots__ = ("links", "arr", "mv", "off", "done_", "sending")
 
-    def __init__(self, links: "Links", arr: np.ndarray) -> None:
-        self.links, self.arr = links, arr
+    def __init__(self, links: "Links", arr: np.ndarray, sending: bool) -> None:
+        self.links, self.arr, self.sending = links, arr, sending
         self.mv = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         self.off = 0
         self.done_ = self.mv.nbytes == 0
@@ -194,14 +194,17 @@ class _Req:
         return self.done_
 
     def wait(self) -> np.ndarray:
-        while not self.done_:
-            self.links.drive()
+        if not self.done_:
+            (self.links.await_sent if self.sending else self.links.await_received)(self)
         return self.arr
 
 
 class Links:
     """One ring call's streams: ``out`` to the right neighbour, ``inp`` from
-    the left one (either None: that link runs over the mesh)."""
+    the left one (either None: that link runs over the mesh). Sends go out
+    from a thread of their own, so they move whatever the caller waits for
+    (a receive over the mesh from a same-host neighbour, a reduction);
+    receives are read by the caller as it waits for them."""
 
     def __init__(self, ctx: Ctx, left: int, right: int, out: socket.socket | None,
                  inp: socket.socket | None) -> None:
@@ -210,83 +213,99 @@ class Links:
         self.recvs: deque[_Req] = deque()
         self.watch: Any = ctx.watch() if inp is not None else None
         self.poll = select.poll()
+        if inp is not None:
+            self.poll.register(inp, select.POLLIN)
         self.failed = False
+        self.cond = threading.Condition()
+        self.send_error: OSError | None = None
+        self.stop = False
+        self.thread: threading.Thread | None = None
+        if out is not None:
+            out.setblocking(True)
+            self.thread = threading.Thread(target=self._send_loop, daemon=True,
+                                           name=f"mesh-stream-{ctx.g.ranks[right]}")
+            self.thread.start()
 
     def isend(self, arr: np.ndarray) -> _Req:
-        req = _Req(self, arr)
+        req = _Req(self, arr, True)
         if not req.done_:
-            self.sends.append(req)
+            with self.cond:
+                self.sends.append(req)
+                self.cond.notify_all()
         return req
 
     def irecv(self, arr: np.ndarray) -> _Req:
-        req = _Req(self, arr)
+        req = _Req(self, arr, False)
         if not req.done_:
             self.recvs.append(req)
         return req
 
-    def drive(self) -> None:
-        """Move what the sockets take now; if nothing moved, wait for them
-        (bounded), watching the tag and the deadline."""
-        if self._move():
-            return
-        self._check()
-        poll = self.poll
-        fds = []
-        if self.sends and self.out is not None:
-            fds.append((self.out, select.POLLOUT))
-        if self.recvs and self.inp is not None:
-            fds.append((self.inp, select.POLLIN))
-        for s, ev in fds:
-            poll.register(s, ev)
-        try:
-            poll.poll(int(min(_POLL_S, max(self.ctx.left(), 0.001)) * 1000))
-        finally:
-            for s, _ in fds:
-                poll.unregister(s)
-
-    def _move(self) -> bool:
-        moved = False
-        sends, out = self.sends, self.out
-        while sends and out is not None:
-            req = sends[0]
+    def _send_loop(self) -> None:
+        out, cond, sends = self.out, self.cond, self.sends
+        assert out is not None
+        while True:
+            with cond:
+                while not sends and not self.stop:
+                    cond.wait()
+                if not sends:
+                    return
+                req = sends[0]
             try:
-                n = out.send(req.mv[req.off:req.off + _CHUNK])
-            except (BlockingIOError, InterruptedError):
-                break
+                out.sendall(req.mv)
             except OSError as e:
-                self._lost(self.right, f"the stream to it failed ({e.strerror or e})")
-            moved = True
-            req.off += n
-            if req.off >= req.mv.nbytes:
-                req.done_ = True
+                with cond:
+                    self.send_error = e
+                    cond.notify_all()
+                return
+            with cond:
                 sends.popleft()
+                req.done_ = True
+                cond.notify_all()
+
+    def await_sent(self, req: _Req) -> None:
+        cond = self.cond
+        while True:
+            with cond:
+                if req.done_:
+                    return
+                if self.send_error is not None:
+                    e = self.send_error
+                    self._lost(self.right, f"the stream to it failed ({e.strerror or e})")
+                cond.wait(_POLL_S)
+                if req.done_:
+                    return
+            self._check(self.right)
+
+    def await_received(self, req: _Req) -> None:
+        """Read the stream (in order) until ``req`` is filled; wait for it
+        (bounded) when nothing is there."""
         recvs, inp = self.recvs, self.inp
-        while recvs and inp is not None:
-            req = recvs[0]
+        assert inp is not None
+        while not req.done_:
+            head = recvs[0]
             try:
-                n = inp.recv_into(req.mv[req.off:], min(_CHUNK, req.mv.nbytes - req.off))
+                n = inp.recv_into(head.mv[head.off:], min(_CHUNK, head.mv.nbytes - head.off))
             except (BlockingIOError, InterruptedError):
-                break
+                self._check(self.left)
+                self.poll.poll(int(min(_POLL_S, max(self.ctx.left(), 0.001)) * 1000))
+                continue
             except OSError as e:
                 self._lost(self.left, f"the stream from it failed ({e.strerror or e})")
             if n == 0:
                 self._lost(self.left, "the stream from it ended early")
-            moved = True
-            req.off += n
-            if req.off >= req.mv.nbytes:
-                req.done_ = True
+            head.off += n
+            if head.off >= head.mv.nbytes:
+                head.done_ = True
                 recvs.popleft()
-        return moved
 
-    def _check(self) -> None:
+    def _check(self, peer: int) -> None:
         watch = self.watch
         if watch is not None and watch.done():
             err = caught(watch, 0)
             raise err if err is not None else MeshError(
                 f"{self.ctx.where()}: a peer sent a message where none was expected")
         if self.ctx.left() <= 0:
-            who = self.left if self.recvs else self.right
-            raise self.ctx.timed_out(f" waiting for rank {self.ctx.g.ranks[who]} (stream)")
+            raise self.ctx.timed_out(f" waiting for rank {self.ctx.g.ranks[peer]} (stream)")
 
     def _lost(self, peer: int, why: str) -> None:
         """The stream with ``peer`` broke: the mesh's own error when it has
@@ -307,14 +326,23 @@ class Links:
 
     def close(self) -> None:
         """After the ring: every byte was read (a reset is safe) unless it
-        failed."""
+        failed; a failed one resets the outgoing stream too, which ends a
+        send blocked in it."""
         if self.inp is not None:
             _reset(self.inp)
         if self.out is not None:
-            if self.failed or self.sends:
-                _reset(self.out)
-            else:
-                self.out.close()
+            with self.cond:
+                self.stop = True
+                unsent = bool(self.sends)
+                self.cond.notify_all()
+            if self.failed or unsent:
+                try:
+                    self.out.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if self.thread is not None:
+                self.thread.join(_HELLO_S)
+            (_reset if self.failed or unsent else socket.socket.close)(self.out)
         if self.watch is not None and not self.watch.done():
             caught(self.watch, 0)
 
