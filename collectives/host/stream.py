@@ -8,10 +8,9 @@ over loopback TCP cost 70-98 ms of CPU per process through pyzmq (zero-copy
 send, copy into place) against 46-62 ms through plain sockets, and the ring
 all_reduce 97 ms against gloo's 52-56. So a ring link that crosses hosts
 carries its segments over a plain TCP connection instead, received with
-``recv_into`` straight into the ring's slot or the buffer itself by the
-calling thread as it waits for it, and sent from the buffer by a thread of
-the link's own (so a send moves whatever the caller waits for: a receive
-from a same-host neighbour over the mesh, a reduction).
+``recv_into`` straight into the ring's slot or the buffer itself, and sent
+from the buffer, both ways by a thread of the call's own while the caller
+reduces (the sockets' calls let go of the interpreter).
 
 Per call and per link (A sends to B), through the mesh, fingerprinted (so a
 mismatch is seen as on any ring call)::
@@ -180,12 +179,12 @@ def _connect(ctx: Ctx, peer: int, port: int, token: bytes) -> socket.socket | No
 
 class _Req:
     """A stream send or receive: ``wait()`` returns once it is done (a
-    receive returns its destination), watching the call meanwhile."""
+    receive returns its destination)."""
 
-    __slots__ = ("links", "arr", "mv", "off", "done_", "sending")
+    __slots__ = ("links", "arr", "mv", "off", "done_")
 
-    def __init__(self, links: "Links", arr: np.ndarray, sending: bool) -> None:
-        self.links, self.arr, self.sending = links, arr, sending
+    def __init__(self, links: "Links", arr: np.ndarray) -> None:
+        self.links, self.arr = links, arr
         self.mv = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         self.off = 0
         self.done_ = self.mv.nbytes == 0
@@ -195,16 +194,17 @@ class _Req:
 
     def wait(self) -> np.ndarray:
         if not self.done_:
-            (self.links.await_sent if self.sending else self.links.await_received)(self)
+            self.links.until(self)
         return self.arr
 
 
 class Links:
     """One ring call's streams: ``out`` to the right neighbour, ``inp`` from
-    the left one (either None: that link runs over the mesh). Sends go out
-    from a thread of their own, so they move whatever the caller waits for
-    (a receive over the mesh from a same-host neighbour, a reduction);
-    receives are read by the caller as it waits for them."""
+    the left one (either None: that link runs over the mesh). A thread of
+    their own moves both ways (the sockets' calls let go of the interpreter,
+    so it copies while the caller reduces, and a send moves whatever the
+    caller waits for); the caller sleeps on a condition until its request
+    is done, watching the call."""
 
     def __init__(self, ctx: Ctx, left: int, right: int, out: socket.socket | None,
                  inp: socket.socket | None) -> None:
@@ -212,93 +212,124 @@ class Links:
         self.sends: deque[_Req] = deque()
         self.recvs: deque[_Req] = deque()
         self.watch: Any = ctx.watch() if inp is not None else None
-        self.poll = select.poll()
-        if inp is not None:
-            self.poll.register(inp, select.POLLIN)
-        self.failed = False
         self.cond = threading.Condition()
-        self.send_error: OSError | None = None
-        self.stop = False
-        self.thread: threading.Thread | None = None
-        if out is not None:
-            out.setblocking(True)
-            self.thread = threading.Thread(target=self._send_loop, daemon=True,
-                                           name=f"mesh-stream-{ctx.g.ranks[right]}")
-            self.thread.start()
+        self.error: tuple[int, str] | None = None     # (peer, why) the thread hit
+        self.failed = self.stop = False
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.thread = threading.Thread(target=self._loop, daemon=True,
+                                       name=f"mesh-stream-{ctx.where()}")
+        self.thread.start()
 
     def isend(self, arr: np.ndarray) -> _Req:
-        req = _Req(self, arr, True)
-        if not req.done_:
-            with self.cond:
-                self.sends.append(req)
-                self.cond.notify_all()
-        return req
+        return self._post(self.sends, _Req(self, arr))
 
     def irecv(self, arr: np.ndarray) -> _Req:
-        req = _Req(self, arr, False)
+        return self._post(self.recvs, _Req(self, arr))
+
+    def _post(self, queue: deque, req: _Req) -> _Req:
         if not req.done_:
-            self.recvs.append(req)
+            with self.cond:
+                idle = not queue
+                queue.append(req)
+            if idle:
+                self._wake()
         return req
 
-    def _send_loop(self) -> None:
-        out, cond, sends = self.out, self.cond, self.sends
-        assert out is not None
-        while True:
-            with cond:
-                while not sends and not self.stop:
-                    cond.wait()
-                if not sends:
-                    return
-                req = sends[0]
-            try:
-                out.sendall(req.mv)
-            except OSError as e:
-                with cond:
-                    self.send_error = e
-                    cond.notify_all()
-                return
-            with cond:
-                sends.popleft()
-                req.done_ = True
-                cond.notify_all()
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"w")
+        except BlockingIOError:     # full: the thread has words enough
+            pass
 
-    def await_sent(self, req: _Req) -> None:
+    def until(self, req: _Req) -> None:
+        """Sleep until ``req`` is done, raising what failed the call."""
         cond = self.cond
         while True:
             with cond:
                 if req.done_:
                     return
-                if self.send_error is not None:
-                    e = self.send_error
-                    self._lost(self.right, f"the stream to it failed ({e.strerror or e})")
-                cond.wait(_POLL_S)
-                if req.done_:
-                    return
-            self._check(self.right)
+                if self.error is None:
+                    cond.wait(_POLL_S)
+                    if req.done_:
+                        return
+                err = self.error
+            if err is not None:
+                self._lost(*err)
+            self.check(self.right if req in self.sends else self.left)
 
-    def await_received(self, req: _Req) -> None:
-        """Read the stream (in order) until ``req`` is filled; wait for it
-        (bounded) when nothing is there."""
+    def _loop(self) -> None:
+        """The thread: send and read what the sockets take, sleep in poll."""
+        poll = select.poll()
+        out, inp, sends, recvs, cond = self.out, self.inp, self.sends, self.recvs, self.cond
+        poll.register(self.wake_r, select.POLLIN)
+        watching = 0
+        try:
+            while not self.stop:
+                want = (select.POLLOUT if sends and out is not None else 0,
+                        select.POLLIN if recvs and inp is not None else 0)
+                for sock, ev, bit in ((out, want[0], 1), (inp, want[1], 2)):
+                    if sock is not None and bool(ev) != bool(watching & bit):
+                        if ev:
+                            poll.register(sock, ev)
+                        else:
+                            poll.unregister(sock)
+                        watching ^= bit
+                for fd, _ in poll.poll(1000):
+                    if fd == self.wake_r:
+                        try:
+                            os.read(self.wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                done = self._move()
+                if done:
+                    with cond:
+                        cond.notify_all()
+        except _Broken as e:
+            with cond:
+                self.error = (e.peer, e.why)
+                cond.notify_all()
+
+    def _move(self) -> int:
+        """Send and read what the sockets take now; how many requests ended."""
+        done = 0
+        sends, out = self.sends, self.out
+        while sends and out is not None:
+            head = sends[0]
+            try:
+                n = out.send(head.mv[head.off:head.off + _CHUNK])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                raise _Broken(self.right, f"the stream to it failed ({e.strerror or e})")
+            head.off += n
+            if head.off >= head.mv.nbytes:
+                with self.cond:
+                    head.done_ = True
+                    sends.popleft()
+                done += 1
         recvs, inp = self.recvs, self.inp
-        assert inp is not None
-        while not req.done_:
+        while recvs and inp is not None:
             head = recvs[0]
             try:
                 n = inp.recv_into(head.mv[head.off:], min(_CHUNK, head.mv.nbytes - head.off))
             except (BlockingIOError, InterruptedError):
-                self._check(self.left)
-                self.poll.poll(int(min(_POLL_S, max(self.ctx.left(), 0.001)) * 1000))
-                continue
+                break
             except OSError as e:
-                self._lost(self.left, f"the stream from it failed ({e.strerror or e})")
+                raise _Broken(self.left, f"the stream from it failed ({e.strerror or e})")
             if n == 0:
-                self._lost(self.left, "the stream from it ended early")
+                raise _Broken(self.left, "the stream from it ended early")
             head.off += n
             if head.off >= head.mv.nbytes:
-                head.done_ = True
-                recvs.popleft()
+                with self.cond:
+                    head.done_ = True
+                    recvs.popleft()
+                done += 1
+        return done
 
-    def _check(self, peer: int) -> None:
+    def check(self, peer: int) -> None:
+        """Raise what failed the call elsewhere (the watch), or a timeout."""
         watch = self.watch
         if watch is not None and watch.done():
             err = caught(watch, 0)
@@ -325,26 +356,34 @@ class Links:
             self.watch = self.ctx.watch()
 
     def close(self) -> None:
-        """After the ring: every byte was read (a reset is safe) unless it
-        failed; a failed one resets the outgoing stream too, which ends a
-        send blocked in it."""
+        """Stop the thread; then every byte was read (a reset is safe)
+        unless it failed, when the outgoing stream is reset too."""
+        broken = self.failed or bool(self.sends) or self.error is not None
+        self.stop = True
+        if broken:
+            for sock in (self.out, self.inp):
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        self._wake()
+        self.thread.join(_HELLO_S)
         if self.inp is not None:
             _reset(self.inp)
         if self.out is not None:
-            with self.cond:
-                self.stop = True
-                unsent = bool(self.sends)
-                self.cond.notify_all()
-            if self.failed or unsent:
-                try:
-                    self.out.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            if self.thread is not None:
-                self.thread.join(_HELLO_S)
-            (_reset if self.failed or unsent else socket.socket.close)(self.out)
+            (_reset if broken else socket.socket.close)(self.out)
+        if not self.thread.is_alive():
+            os.close(self.wake_r)
+            os.close(self.wake_w)
         if self.watch is not None and not self.watch.done():
             caught(self.watch, 0)
+
+
+class _Broken(Exception):
+    def __init__(self, peer: int, why: str) -> None:
+        super().__init__(why)
+        self.peer, self.why = peer, why
 
 
 def open_links(ctx: Ctx, left: int, right: int, nbytes: int) -> Links | None:
