@@ -51,7 +51,7 @@ from mesh import LostPeerError, MeshError
 from ..plan import parse_size
 from ..runner import Ctx, caught
 
-__all__ = ["Links", "open_links", "enabled"]
+__all__ = ["Links", "open_links", "enabled", "stats", "listener"]
 
 _HELLO = struct.Struct("<4s16sqqq")     # magic, token, group id, tag, world rank
 _MAGIC = b"MSTR"
@@ -60,6 +60,7 @@ _POLL_S = 0.05                          # between looks at the tag and the deadl
 _CONNECT_S = 5.0
 _HELLO_S = 2.0
 _STALE_S = 120.0                        # accepted, never claimed: closed after this
+stats = {"links": 0}                    # ring calls that ran a stream (tests, benchmarks)
 
 
 def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
@@ -135,6 +136,12 @@ class _Listener:
 
 _listener: _Listener | None = None
 _listener_lock = threading.Lock()
+
+
+def listener() -> _Listener | None:
+    """This process's listener, once a stream was asked for (its
+    ``strangers``: connections refused for a wrong hello)."""
+    return _listener
 
 
 def _the_listener() -> _Listener:
@@ -418,4 +425,5 @@ def open_links(ctx: Ctx, left: int, right: int, nbytes: int) -> Links | None:
         raise
     if inp is None and out is None:
         return None
+    stats["links"] += 1
     return Links(ctx, left, right, out, inp)
