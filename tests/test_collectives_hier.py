@@ -184,6 +184,21 @@ def streams(world: Any) -> dict:
     with pytest.raises(mesh.MismatchError):
         C.all_reduce(world, np.ones(count + (r == 2)), algorithm="ring")
     assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+    # rank 0 cannot reach its right neighbour's stream (a firewall): that
+    # link runs over the mesh, and rank 0 does not try again
+    tries = [0]
+    connect = stream._connect
+
+    def refused(*args: Any) -> None:
+        tries[0] += 1
+    if r == 0:
+        stream._connect = refused       # type: ignore[assignment]
+    try:
+        for _ in range(2):
+            assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+    finally:
+        stream._connect = connect
+    assert tries[0] == (1 if r == 0 else 0)
     return {"links": stream.stats["links"] - used}
 
 

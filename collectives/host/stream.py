@@ -18,8 +18,8 @@ mismatch is seen as on any ring call)::
     B -> A   [port, token]          B's listener (one per process, any address)
     A        connects to B's host (B's tcp:// endpoint), sends a hello:
              token, group id, tag, A's world rank
-    A -> B   [True] (or [False]: it could not connect; the link then runs
-             over the mesh's socket as before)
+    A -> B   [True] (or [False]: it could not connect, and will not try
+             again; the link then runs over the mesh's socket as before)
     B        takes A's connection off its listener (by group, tag and rank;
              a stranger without the token is closed)
 
@@ -61,6 +61,7 @@ _CONNECT_S = 5.0
 _HELLO_S = 2.0
 _STALE_S = 120.0                        # accepted, never claimed: closed after this
 stats = {"links": 0}                    # ring calls that ran a stream (tests, benchmarks)
+_unreachable: set[int] = set()          # world ranks a connect failed to
 
 
 def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
@@ -404,7 +405,11 @@ def open_links(ctx: Ctx, left: int, right: int, nbytes: int) -> Links | None:
     out = None
     if use_out:
         port, token = ctx.recv(right)
-        out = _connect(ctx, right, int(port), bytes(token))
+        where = ctx.g.ranks[right]
+        if where not in _unreachable:       # once refused (a firewall), not tried again
+            out = _connect(ctx, right, int(port), bytes(token))
+            if out is None:
+                _unreachable.add(where)
         ctx.send([out is not None], right)
     inp = None
     try:
