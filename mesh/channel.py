@@ -16,6 +16,7 @@ public point-to-point API, to run operations that involve a whole group:
 * Aborts: ``abort(tag, reason, kind)`` fails a tag on every member, now and
   for operations posted on it later; each raises ``kind``'s error.
   ``aborted(tag, what)`` is that error here, if the tag was aborted.
+* Where peers are: ``endpoint(rank)`` (tcp:// or ipc://), ``encrypted``.
 * Lifetime: ``keep_alive(obj)`` and ``on_close(fn)`` keep memory that peers
   may read until they have all said goodbye.
 * Stall reports: ``stalled(what, peers, waited)`` for waits made outside the
@@ -73,6 +74,16 @@ class CollectiveChannel:
         if record is None:
             return None
         return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")
+
+    def endpoint(self, rank: int) -> str:
+        """How this rank reaches group rank ``rank``: ``tcp://host:port``
+        (another host, or MESH_FORCE_TCP) or ``ipc://...`` (this host)."""
+        return self._t.endpoints[self._comm.ranks[rank]]
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the mesh's sockets run CurveZMQ (MESH_CURVE=1)."""
+        return bool(self._t.curve)
 
     def keep_alive(self, obj: Any) -> None:
         """Hold ``obj`` until the mesh closes, not just while the group

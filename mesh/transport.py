@@ -52,6 +52,7 @@ class Transport:
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
                  endpoints: list[str], secret: str, timeout: float, curve: bool = False) -> None:
         self.rank, self.size, self.timeout = rank, size, timeout
+        self.endpoints, self.curve = list(endpoints), curve   # how each peer is reached
         window = int(config_float("MESH_WINDOW_BYTES", 64 << 20))
         self._orphans: list[Any] = []   # buffers of sends to lost peers ZeroMQ may still hold
         self._ctx, self._router = ctx, router

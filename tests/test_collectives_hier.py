@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from typing import Any
 
 import numpy as np
@@ -79,13 +80,25 @@ def test_every_hierarchical_op_matches_numpy() -> None:
 
 
 def die_between_hosts(world: Any, outdir: str, count: int) -> None:
+    from collectives.host import stream
     _fake_host(world)
     C.all_reduce(world, np.ones(count), algorithm="hier")   # topology made; all alive
     if world.rank == VICTIM:
         def killed(*args: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         hier.all_reduce_rd = killed     # dies as the leaders' (small) phase starts
-        hier.ring = killed              # or the columns' (large)
+        if os.environ.get("MESH_FORCE_TCP"):    # or halfway through the columns' streams
+            sends = [0]
+            isend = stream.Links.isend
+
+            def isend_then_die(self: Any, arr: Any) -> Any:
+                sends[0] += 1
+                if sends[0] > 2:
+                    killed()
+                return isend(self, arr)
+            stream.Links.isend = isend_then_die     # type: ignore[method-assign]
+        else:
+            hier.ring = killed          # or as the columns' (large) starts
     try:
         C.all_reduce(world, np.ones(count), algorithm="hier")
         result = {"type": "ok"}
@@ -95,13 +108,18 @@ def die_between_hosts(world: Any, outdir: str, count: int) -> None:
         json.dump(result, f)
 
 
-@pytest.mark.parametrize("count", [8, 100_000], ids=["leaders", "columns"])
-def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int) -> None:
+@pytest.mark.parametrize("count,tcp", [(8, False), (100_000, False), (400_000, True)],
+                         ids=["leaders", "columns", "columns-stream"])
+def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int,
+                                                    tcp: bool) -> None:
     """Small: the leaders' phase (rank 1 leads host b); large: the columns'
-    (rank 1 is in column 0 with rank 0)."""
+    (rank 1 is in column 0 with rank 0); over tcp://, halfway through the
+    column's streams (collectives.host.stream)."""
+    env = {"MESH_PEER_TIMEOUT": "1.5"}
+    if tcp:
+        env.update(MESH_FORCE_TCP="1", MESH_COLL_STREAM_MIN="64K", MESH_COLL_SEGMENT="64K")
     with pytest.raises(mesh.WorkerError) as err:
-        mesh.spawn(die_between_hosts, 4, str(tmp_path), count, timeout=60,
-                   env={"MESH_PEER_TIMEOUT": "1.5"})
+        mesh.spawn(die_between_hosts, 4, str(tmp_path), count, timeout=60, env=env)
     assert err.value.rank == VICTIM
     for r in (0, 2, 3):
         got = json.loads((tmp_path / f"{r}.json").read_text())
@@ -127,3 +145,64 @@ def test_layout_forcing() -> None:
     assert plan.layout("all_reduce", env) is True
     assert plan.layout("broadcast", env) is False
     assert plan.layout("all_gather", env) is None
+
+
+def streams(world: Any) -> dict:
+    """MESH_FORCE_TCP: every peer is reached over tcp://, so the ring's links
+    between the fake hosts (and, with the flat ring forced, within them)
+    carry their segments over plain TCP streams (collectives.host.stream)."""
+    from collectives.host import stream
+    _fake_host(world)
+    n, r = world.size, world.rank
+    count = 300_001                     # odd: uneven chunks and segments
+    a = np.arange(count, dtype=np.float32) % 1000 * (r + 1)
+    want = np.arange(count, dtype=np.float32) % 1000 * sum(range(1, n + 1))
+    for alg in ("ring", "hier"):        # every link a stream / the columns' links
+        assert np.array_equal(C.all_reduce(world, a.copy(), algorithm=alg), want), alg
+    rows = np.tile(a, (n, 1)) + np.arange(n)[:, None]
+    np.testing.assert_array_equal(C.reduce_scatter(world, rows)[0], want + n * r)
+    ag = C.all_gather(world, np.full(count, r, np.int64))
+    assert all((ag[p] == p).all() for p in range(n))
+    used = stream.stats["links"]
+    assert used >= 3, used
+    lis = stream.listener()
+    assert lis is not None
+    # a stranger on the listener (no token) is refused; the calls go on
+    with socket.create_connection(("127.0.0.1", lis.port)) as s:
+        s.sendall(b"MSTR" + bytes(44))
+        assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+    assert lis.strangers == 1, lis.strangers
+    # a mixed ring: streams across the fake hosts only, the mesh within
+    real = stream.enabled
+    stream.enabled = lambda ctx, peer, nbytes: (real(ctx, peer, nbytes) and
+                                                HOSTS[ctx.g.ranks[peer]] != HOSTS[r])
+    try:
+        assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+    finally:
+        stream.enabled = real
+    # one rank's shape differs: every rank raises MismatchError, the group goes on
+    with pytest.raises(mesh.MismatchError):
+        C.all_reduce(world, np.ones(count + (r == 2)), algorithm="ring")
+    assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+    # rank 0 cannot reach its right neighbour's stream (a firewall): that
+    # link runs over the mesh, and rank 0 does not try again
+    tries = [0]
+    connect = stream._connect
+
+    def refused(*args: Any) -> None:
+        tries[0] += 1
+    if r == 0:
+        stream._connect = refused       # type: ignore[assignment]
+    try:
+        for _ in range(2):
+            assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+    finally:
+        stream._connect = connect
+    assert tries[0] == (1 if r == 0 else 0)
+    return {"links": stream.stats["links"] - used}
+
+
+def test_ring_links_across_hosts_run_over_streams() -> None:
+    got = mesh.spawn(streams, 4, timeout=90, env={
+        "MESH_TIMEOUT": "20", "MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K"})
+    assert all(g["links"] >= 2 for g in got), got

@@ -234,6 +234,9 @@ def test_two_hosts_tcp_across_ipc_within(hosts: Hosts, tmp_path: Path, curve: bo
     reports = _run_job(hosts, tmp_path, curve)
     _check_topology(reports)
     assert all(rep["curve"] is curve for rep in reports)
+    # the ring's links across the hosts ran over plain TCP streams
+    # (collectives.host.stream), except under CurveZMQ (they are not encrypted)
+    assert all((rep["streams"] > 0) is not curve for rep in reports), reports
 
 
 def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -> None:

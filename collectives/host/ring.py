@@ -16,7 +16,9 @@ as soon as it is reduced while the next ones are still arriving (send,
 receive and reduce overlap), and a rank never has more than ``2 * window``
 receives posted, whose reduce-step scratch is reused call after call.
 Sends are zero-copy views of the buffer; a region is overwritten only once
-the send that read it is done.
+the send that read it is done. A link to a rank on another host carries its
+segments over a plain TCP stream, received straight into the slot or the
+buffer (collectives.host.stream); the rest over the mesh.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .. import scratch
 from ..ops import ReduceOp
 from ..plan import ring_chunk, ring_chunks, segment_count, segments
 from ..runner import Ctx
+from . import stream
 
 __all__ = ["ring", "message_order"]
 
@@ -58,6 +61,34 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
     nseg = segment_count(bounds[0][1] - bounds[0][0], buf.itemsize, ctx.tuning.segment)
     segs = [segments(lo, hi, nseg) for lo, hi in bounds]
     order = message_order(steps, nseg, ctx.tuning.window)
+    links = stream.open_links(ctx, left, right, steps * (bounds[0][1] - bounds[0][0])
+                              * buf.itemsize)
+    try:
+        _run(ctx, buf, op, steps, reduce_steps, shift, bounds, seg_elems, nseg, segs, order,
+             links)
+    except BaseException:
+        if links is not None:
+            links.failed = True
+        raise
+    finally:
+        if links is not None:
+            links.close()
+
+
+def _run(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_steps: int,
+         shift: int, bounds: list[tuple[int, int]], seg_elems: int, nseg: int,
+         segs: list[list[tuple[int, int]]], order: list[tuple[int, int]],
+         links: "stream.Links | None") -> None:
+    n, r = ctx.g.size, ctx.g.rank
+    left, right = (r - 1) % n, (r + 1) % n
+    out_stream = links if links is not None and links.out is not None else None
+    in_stream = links if links is not None and links.inp is not None else None
+
+    def isend(a: np.ndarray) -> Any:
+        return out_stream.isend(a) if out_stream is not None else ctx.isend(a, right)
+
+    def irecv(a: np.ndarray) -> Any:
+        return in_stream.irecv(a) if in_stream is not None else ctx.irecv(left, a)
     where = {sj: k for k, sj in enumerate(order)}
     slots = 2 * ctx.tuning.window
     bufs = scratch.take(buf.dtype, seg_elems, slots) if reduce_steps else []
@@ -78,7 +109,7 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
         while next_send < len(order) and ready[next_send]:
             lo, hi, key = region(next_send, 0)
             if hi > lo:
-                sending[key] = req = ctx.isend(buf[lo:hi], right)
+                sending[key] = req = isend(buf[lo:hi])
                 sends.append(req)
             next_send += 1
 
@@ -87,11 +118,11 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
         if hi == lo:
             return None
         if order[k][0] < reduce_steps:
-            return ctx.irecv(left, bufs[k % slots][:hi - lo])
+            return irecv(bufs[k % slots][:hi - lo])
         prior = sending.pop(key, None)
         if prior is not None:
             prior.wait()
-        return ctx.irecv(left, buf[lo:hi])
+        return irecv(buf[lo:hi])
 
     posted = deque(post(k) for k in range(min(slots, len(order))))
     pump()
@@ -108,6 +139,8 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
         if s + 1 < steps:
             ready[where[(s + 1, j)]] = True
             pump()
+    if links is not None:
+        links.arm()
     for req in sends:
         req.wait()
     scratch.give(bufs)

@@ -16,6 +16,7 @@ import numpy as np
 import collectives
 import mesh
 from mesh.auth import curve_wanted
+from collectives.host import stream
 from collectives.host.hier import topology_of
 from mesh.env import host_id
 
@@ -59,7 +60,7 @@ def main() -> None:
         topo = topology_of(world)     # 2 ranks on each host: the hierarchical layout
         out = {"hier": None if topo is None else [list(h) for h in topo.hosts],"rank": r, "host": host_id(), "hosts": world.hosts, "endpoints": world.endpoints,
                "checked": checked, "rtt": rtt, "netns": os.readlink("/proc/self/ns/net"),
-               "curve": curve_wanted()}
+               "curve": curve_wanted(), "streams": stream.stats["links"]}
         with open(os.path.join(OUTDIR, f"{r}.json"), "w") as f:
             json.dump(out, f)
 

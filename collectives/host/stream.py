@@ -1,0 +1,436 @@
+"""Plain TCP streams for the ring's data between ranks on different hosts.
+
+Over a ZeroMQ socket a large message is read by ZeroMQ's I/O thread into a
+buffer it allocates, then copied into its destination: two copies and a
+thread hand-off per byte, where gloo has one copy. Measured on a 2-core
+machine (BENCHMARKS.md, issue 13, sixth session), 64 MiB exchanged both ways
+over loopback TCP cost 70-98 ms of CPU per process through pyzmq (zero-copy
+send, copy into place) against 46-62 ms through plain sockets, and the ring
+all_reduce 97 ms against gloo's 52-56. So a ring link that crosses hosts
+carries its segments over a plain TCP connection instead, received with
+``recv_into`` straight into the ring's slot or the buffer itself, and sent
+from the buffer, both ways by a thread of the call's own while the caller
+reduces (the sockets' calls let go of the interpreter).
+
+Per call and per link (A sends to B), through the mesh, fingerprinted (so a
+mismatch is seen as on any ring call)::
+
+    B -> A   [port, token]          B's listener (one per process, any address)
+    A        connects to B's host (B's tcp:// endpoint), sends a hello:
+             token, group id, tag, A's world rank
+    A -> B   [True] (or [False]: it could not connect, and will not try
+             again; the link then runs over the mesh's socket as before)
+    B        takes A's connection off its listener (by group, tag and rank;
+             a stranger without the token is closed)
+
+The connection lives for one call: every call starts clean whatever the last
+one did (a failed call leaves nothing half-read behind). The receiver closes
+with a reset once it has read everything, so neither side keeps a TIME_WAIT.
+While it waits on a stream a rank watches the call's tag (an abort, a lost
+peer or a mismatch seen elsewhere fails it there) and its deadline; a stream
+that ends early is a lost peer, named. Off with MESH_COLL_STREAM=0, under
+CurveZMQ (the stream is not encrypted), and below MESH_COLL_STREAM_MIN bytes
+per link (8M; below, setting the stream up (two mesh messages, a
+connection, a thread) costs more than it saves: 1 MiB all_reduce took 8 ms
+with one against 3 without).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from mesh import LostPeerError, MeshError
+
+from ..plan import parse_size
+from ..runner import Ctx, caught
+
+__all__ = ["Links", "open_links", "enabled", "stats", "listener"]
+
+_HELLO = struct.Struct("<4s16sqqq")     # magic, token, group id, tag, world rank
+_MAGIC = b"MSTR"
+_CHUNK = 4 << 20                        # most bytes handed to one send / recv_into
+_POLL_S = 0.05                          # between looks at the tag and the deadline
+_CONNECT_S = 5.0
+_HELLO_S = 2.0
+_STALE_S = 120.0                        # accepted, never claimed: closed after this
+stats = {"links": 0}                    # ring calls that ran a stream (tests, benchmarks)
+_unreachable: set[int] = set()          # world ranks a connect failed to
+
+
+def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
+    """Whether the link to group rank ``peer`` carries ``nbytes`` over a
+    stream: another host (a tcp:// endpoint), no CurveZMQ, big enough. The
+    same answer on both ends of a link (job-wide settings, the same sizes)."""
+    env = os.environ
+    if env.get("MESH_COLL_STREAM", "1") in ("0", "") or nbytes < parse_size(
+            env.get("MESH_COLL_STREAM_MIN", "8M")):
+        return False
+    return ctx.ch.endpoint(peer).startswith("tcp://") and not ctx.ch.encrypted
+
+
+class _Listener:
+    """This process's listening socket; connections accepted and their hellos
+    read by whichever caller is waiting for one, kept by (group, tag, rank)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(128)
+        self.sock.settimeout(_POLL_S)
+        self.port = self.sock.getsockname()[1]
+        self.token = secrets.token_bytes(16)
+        self.lock = threading.Lock()
+        self.ready: dict[tuple[int, int, int], tuple[socket.socket, float]] = {}
+        self.strangers = 0
+
+    def take(self, key: tuple[int, int, int], until: float) -> socket.socket | None:
+        """The connection whose hello named ``key``, waiting up to ``until``
+        (monotonic) for it; None if it has not come by then."""
+        while True:
+            with self.lock:
+                got = self.ready.pop(key, None)
+                if got is not None:
+                    return got[0]
+                self._accept_one()
+                got = self.ready.pop(key, None)
+                if got is not None:
+                    return got[0]
+            if time.monotonic() >= until:
+                return None
+
+    def _accept_one(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (socket.timeout, BlockingIOError, InterruptedError):
+            self._prune()
+            return
+        try:
+            conn.settimeout(_HELLO_S)
+            hello = _read_exact(conn, _HELLO.size)
+            magic, token, gid, tag, src = _HELLO.unpack(hello)
+            if magic != _MAGIC or not secrets.compare_digest(token, self.token):
+                raise ValueError("bad hello")
+        except (OSError, ValueError, struct.error):
+            self.strangers += 1
+            conn.close()
+            return
+        old = self.ready.pop((gid, tag, src), None)
+        if old is not None:
+            _reset(old[0])
+        self.ready[(gid, tag, src)] = (conn, time.monotonic())
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for key, (conn, t) in list(self.ready.items()):
+            if now - t > _STALE_S:
+                del self.ready[key]
+                _reset(conn)
+
+
+_listener: _Listener | None = None
+_listener_lock = threading.Lock()
+
+
+def listener() -> _Listener | None:
+    """This process's listener, once a stream was asked for (its
+    ``strangers``: connections refused for a wrong hello)."""
+    return _listener
+
+
+def _the_listener() -> _Listener:
+    global _listener
+    with _listener_lock:
+        if _listener is None:
+            _listener = _Listener()
+        return _listener
+
+
+def _read_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        got = conn.recv(n - len(data))
+        if not got:
+            raise ConnectionError("closed during the hello")
+        data += got
+    return data
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close without TIME_WAIT (a reset): only once nothing more is owed."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    conn.close()
+
+
+def _connect(ctx: Ctx, peer: int, port: int, token: bytes) -> socket.socket | None:
+    host = ctx.ch.endpoint(peer)[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    try:
+        conn = socket.create_connection((host, port), timeout=min(_CONNECT_S, ctx.left() or 0.1))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(min(_CONNECT_S, ctx.left() or 0.1))
+        conn.sendall(_HELLO.pack(_MAGIC, token, ctx.g.gid, ctx.tag, ctx.g.ranks[ctx.g.rank]))
+        conn.setblocking(False)
+        return conn
+    except OSError:
+        return None
+
+
+class _Req:
+    """A stream send or receive: ``wait()`` returns once it is done (a
+    receive returns its destination)."""
+
+    __slots__ = ("links", "arr", "mv", "off", "done_")
+
+    def __init__(self, links: "Links", arr: np.ndarray) -> None:
+        self.links, self.arr = links, arr
+        self.mv = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        self.off = 0
+        self.done_ = self.mv.nbytes == 0
+
+    def done(self) -> bool:
+        return self.done_
+
+    def wait(self) -> np.ndarray:
+        if not self.done_:
+            self.links.until(self)
+        return self.arr
+
+
+class Links:
+    """One ring call's streams: ``out`` to the right neighbour, ``inp`` from
+    the left one (either None: that link runs over the mesh). A thread of
+    their own moves both ways (the sockets' calls let go of the interpreter,
+    so it copies while the caller reduces, and a send moves whatever the
+    caller waits for); the caller sleeps on a condition until its request
+    is done, watching the call."""
+
+    def __init__(self, ctx: Ctx, left: int, right: int, out: socket.socket | None,
+                 inp: socket.socket | None) -> None:
+        self.ctx, self.left, self.right, self.out, self.inp = ctx, left, right, out, inp
+        self.sends: deque[_Req] = deque()
+        self.recvs: deque[_Req] = deque()
+        self.watch: Any = ctx.watch() if inp is not None else None
+        self.cond = threading.Condition()
+        self.error: tuple[int, str] | None = None     # (peer, why) the thread hit
+        self.failed = self.stop = False
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.thread = threading.Thread(target=self._loop, daemon=True,
+                                       name=f"mesh-stream-{ctx.where()}")
+        self.thread.start()
+
+    def isend(self, arr: np.ndarray) -> _Req:
+        return self._post(self.sends, _Req(self, arr))
+
+    def irecv(self, arr: np.ndarray) -> _Req:
+        return self._post(self.recvs, _Req(self, arr))
+
+    def _post(self, queue: deque, req: _Req) -> _Req:
+        if not req.done_:
+            with self.cond:
+                idle = not queue
+                queue.append(req)
+            if idle:
+                self._wake()
+        return req
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"w")
+        except BlockingIOError:     # full: the thread has words enough
+            pass
+
+    def until(self, req: _Req) -> None:
+        """Sleep until ``req`` is done, raising what failed the call."""
+        cond = self.cond
+        while True:
+            with cond:
+                if req.done_:
+                    return
+                if self.error is None:
+                    cond.wait(_POLL_S)
+                    if req.done_:
+                        return
+                err = self.error
+            if err is not None:
+                self._lost(*err)
+            self.check(self.right if req in self.sends else self.left)
+
+    def _loop(self) -> None:
+        """The thread: send and read what the sockets take, sleep in poll."""
+        poll = select.poll()
+        out, inp, sends, recvs, cond = self.out, self.inp, self.sends, self.recvs, self.cond
+        poll.register(self.wake_r, select.POLLIN)
+        watching = 0
+        try:
+            while not self.stop:
+                want = (select.POLLOUT if sends and out is not None else 0,
+                        select.POLLIN if recvs and inp is not None else 0)
+                for sock, ev, bit in ((out, want[0], 1), (inp, want[1], 2)):
+                    if sock is not None and bool(ev) != bool(watching & bit):
+                        if ev:
+                            poll.register(sock, ev)
+                        else:
+                            poll.unregister(sock)
+                        watching ^= bit
+                for fd, _ in poll.poll(1000):
+                    if fd == self.wake_r:
+                        try:
+                            os.read(self.wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                done = self._move()
+                if done:
+                    with cond:
+                        cond.notify_all()
+        except _Broken as e:
+            with cond:
+                self.error = (e.peer, e.why)
+                cond.notify_all()
+
+    def _move(self) -> int:
+        """Send and read what the sockets take now; how many requests ended."""
+        done = 0
+        sends, out = self.sends, self.out
+        while sends and out is not None:
+            head = sends[0]
+            try:
+                n = out.send(head.mv[head.off:head.off + _CHUNK])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                raise _Broken(self.right, f"the stream to it failed ({e.strerror or e})")
+            head.off += n
+            if head.off >= head.mv.nbytes:
+                with self.cond:
+                    head.done_ = True
+                    sends.popleft()
+                done += 1
+        recvs, inp = self.recvs, self.inp
+        while recvs and inp is not None:
+            head = recvs[0]
+            try:
+                n = inp.recv_into(head.mv[head.off:], min(_CHUNK, head.mv.nbytes - head.off))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                raise _Broken(self.left, f"the stream from it failed ({e.strerror or e})")
+            if n == 0:
+                raise _Broken(self.left, "the stream from it ended early")
+            head.off += n
+            if head.off >= head.mv.nbytes:
+                with self.cond:
+                    head.done_ = True
+                    recvs.popleft()
+                done += 1
+        return done
+
+    def check(self, peer: int) -> None:
+        """Raise what failed the call elsewhere (the watch), or a timeout."""
+        watch = self.watch
+        if watch is not None and watch.done():
+            err = caught(watch, 0)
+            raise err if err is not None else MeshError(
+                f"{self.ctx.where()}: a peer sent a message where none was expected")
+        if self.ctx.left() <= 0:
+            raise self.ctx.timed_out(f" waiting for rank {self.ctx.g.ranks[peer]} (stream)")
+
+    def _lost(self, peer: int, why: str) -> None:
+        """The stream with ``peer`` broke: the mesh's own error when it has
+        one (the peer's death, an abort), else a lost peer named here."""
+        self.failed = True
+        if self.watch is not None:
+            err = caught(self.watch, 0.5)
+            if err is not None:
+                raise err
+        world = self.ctx.g.ranks[peer]
+        raise LostPeerError(f"{self.ctx.where()}: rank {world}: {why}", world)
+
+    def arm(self) -> None:
+        """Watch the tag from now on even without an incoming stream (every
+        receive over the mesh is done: none can be taken for the watch)."""
+        if self.watch is None:
+            self.watch = self.ctx.watch()
+
+    def close(self) -> None:
+        """Stop the thread; then every byte was read (a reset is safe)
+        unless it failed, when the outgoing stream is reset too."""
+        broken = self.failed or bool(self.sends) or self.error is not None
+        self.stop = True
+        if broken:
+            for sock in (self.out, self.inp):
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        self._wake()
+        self.thread.join(_HELLO_S)
+        if self.inp is not None:
+            _reset(self.inp)
+        if self.out is not None:
+            (_reset if broken else socket.socket.close)(self.out)
+        if not self.thread.is_alive():
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+        if self.watch is not None and not self.watch.done():
+            caught(self.watch, 0)
+
+
+class _Broken(Exception):
+    def __init__(self, peer: int, why: str) -> None:
+        super().__init__(why)
+        self.peer, self.why = peer, why
+
+
+def open_links(ctx: Ctx, left: int, right: int, nbytes: int) -> Links | None:
+    """Set up this call's streams (module docstring) for a ring moving
+    ``nbytes`` over each link; None when neither link takes one."""
+    use_in, use_out = enabled(ctx, left, nbytes), enabled(ctx, right, nbytes)
+    if not (use_in or use_out):
+        return None
+    lis = _the_listener() if use_in else None
+    told = ctx.isend([lis.port, lis.token], left) if lis is not None else None
+    out = None
+    if use_out:
+        port, token = ctx.recv(right)
+        where = ctx.g.ranks[right]
+        if where not in _unreachable:       # once refused (a firewall), not tried again
+            out = _connect(ctx, right, int(port), bytes(token))
+            if out is None:
+                _unreachable.add(where)
+        ctx.send([out is not None], right)
+    inp = None
+    try:
+        if lis is not None:
+            assert told is not None
+            told.wait()
+            (ok,) = ctx.recv(left)
+            if ok:
+                key = (ctx.g.gid, ctx.tag, ctx.g.ranks[left])
+                inp = lis.take(key, time.monotonic() + min(ctx.left(), _CONNECT_S))
+                if inp is None:
+                    raise LostPeerError(f"{ctx.where()}: rank {key[2]} said it connected its "
+                                        f"stream but none came", key[2])
+                inp.setblocking(False)
+    except BaseException:
+        if out is not None:
+            _reset(out)
+        raise
+    if inp is None and out is None:
+        return None
+    stats["links"] += 1
+    return Links(ctx, left, right, out, inp)
