@@ -37,6 +37,7 @@ from mesh import tensors as _tensors
 from . import api as C
 from .host.paths import all_reduce as _host_all_reduce
 from .runner import Ctx, release, start
+from .torchsparse import sparse_all_reduce
 
 __all__ = ["ProcessGroupMeshrun"]
 
@@ -299,7 +300,22 @@ class ProcessGroupMeshrun(_ProcessGroup):
                     raise
                 return _Done(tensors)
         opts = opts or c10d.AllreduceOptions()
+        if tensors and tensors[0].layout is torch.sparse_coo:
+            return self._sparse_all_reduce(tensors, opts)
         return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
+
+    def _sparse_all_reduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
+        """The sum of sparse COO tensors, written into each of them (as
+        gloo does: ``copy_`` of the coalesced sum)."""
+        name, factor = _op(opts.reduceOp)
+        op = name if factor is None else "premul_sum"
+
+        def finish(values: list[Any]) -> None:
+            with torch.no_grad():
+                for t in tensors:
+                    t.copy_(values[0])
+        return self._run([lambda a: sparse_all_reduce(self.comm, tensors, op, a, self.timeout)],
+                         finish, tensors, opts.asyncOp)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllreduceCoalescedOptions()
