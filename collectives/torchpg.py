@@ -46,6 +46,8 @@ _OPS = {int(k): v for k, v in ((_R.SUM, "sum"), (_R.AVG, "avg"), (_R.PRODUCT, "p
                                 (_R.MIN, "min"), (_R.MAX, "max"), (_R.BAND, "band"),
                                 (_R.BOR, "bor"), (_R.BXOR, "bxor"))}
 """By the enum's value: hashing the pybind enum itself costs a Python-level call."""
+_SUM = ReduceOp.SUM
+"""``opts.reduceOp == _SUM`` is one C++ comparison: cheaper than reading ``.op.value``."""
 
 
 def _op(rop: Any) -> tuple[str, Any]:
@@ -99,11 +101,11 @@ _Work: Any = dist.Work
 
 class _Done(_Work):
     """The Work of a call that ran synchronously and succeeded (its errors
-    raised from the call): nothing to wait for; a future only when asked."""
+    raised from the call): nothing to wait for; a future only when asked.
+    Made as ``_Done()`` then ``._result = value``: with no ``__init__`` of its
+    own, torch's (C++) is the only one that runs (dist.all_reduce's 8 B path)."""
 
-    def __init__(self, result: Any) -> None:
-        super().__init__()
-        self._result = result
+    _result: Any = None
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         return True
@@ -124,6 +126,12 @@ class _Done(_Work):
 
     def result(self) -> Any:
         return self._result
+
+
+def _done(result: Any) -> _Done:
+    w = _Done()
+    w._result = result
+    return w
 
 
 class _Failed:
@@ -235,7 +243,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 raise
             if finish is not None:
                 finish(values)
-            return _Done(result)
+            return _done(result)
         work = _FutureWork()
         try:
             works = [launch(True) for launch in launches]
@@ -278,7 +286,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             except MeshTimeoutError as e:
                 _torch_words(e, self.timeout)
                 raise
-            return _Done(tensors)
+            return _done(tensors)
         return self._run([lambda a, t=t: C.all_reduce(self.comm, t, op=name, async_op=a,
                                                        timeout=self.timeout)
                           for t in tensors], None, tensors, async_op)
@@ -290,7 +298,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
             # dist.all_reduce's call, on this thread with the least work: a CPU
             # tensor of a dtype numpy has goes to the host collective as the
             # numpy view of its memory (what collectives.tensors would hand it)
-            name = _OPS.get(opts.reduceOp.op.value)
+            rop = opts.reduceOp
+            name = "sum" if rop == _SUM else _OPS.get(rop.op.value)
             arr = _numpy_view(tensors[0]) if name is not None else None
             if name is not None and arr is not None:
                 try:
@@ -298,7 +307,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 except MeshTimeoutError as e:
                     _torch_words(e, self.timeout)
                     raise
-                return _Done(tensors)
+                done = _Done()
+                done._result = tensors
+                return done
         opts = opts or c10d.AllreduceOptions()
         if tensors and tensors[0].layout is torch.sparse_coo:
             return self._sparse_all_reduce(tensors, opts)
