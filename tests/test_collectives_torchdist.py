@@ -65,6 +65,25 @@ def _reductions(r: int, n: int) -> None:
     fut = w.get_future()
     w.wait()
     _eq(fut.wait()[0], torch.full((6,), float(ranks.sum())), "async all_reduce future")
+    _sparse(r, n)
+
+
+def _sparse(r: int, n: int) -> None:
+    """Sparse COO all_reduce (SUM, as on gloo): rank j holds rows 0..j of an
+    (n + 1, 2) tensor, each j + 1; the coalesced sum lands in place."""
+    def mine(j: int, dtype: Any = torch.float32) -> Any:
+        return torch.sparse_coo_tensor(torch.arange(j + 1)[None], torch.full((j + 1, 2), j + 1.0),
+                                       (n + 1, 2), dtype=dtype)
+    for dtype, async_op in ((torch.float32, False), (torch.float64, True)):
+        s = mine(r, dtype)
+        w = dist.all_reduce(s, async_op=async_op)
+        if async_op:
+            w.wait()
+        want = sum(mine(j, dtype).to_dense() for j in range(n))
+        assert s.is_sparse and s.is_coalesced() and s._nnz() == n, s
+        _eq(s.to_dense(), want, f"sparse all_reduce {dtype} async_op={async_op}")
+    with pytest.raises(ValueError, match="SUM only"):
+        dist.all_reduce(mine(r), op=R.MAX)
 
 
 def _rooted(r: int, n: int) -> None:
