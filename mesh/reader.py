@@ -34,6 +34,7 @@ _log = logging.getLogger("mesh.transport")
 COPY_BELOW = 64 * 1024   # payloads smaller than this are copied, not zero-copy
 _NOBLOCK = int(zmq.NOBLOCK)
 _CACHE = 1024  # headers remembered
+_COPY_ENTRY = 1024   # a ring entry up to this many bytes is read as a copy (take)
 
 
 def _fits(out: Any, req: Any, h: wire.Header) -> bool:
@@ -118,9 +119,11 @@ class Reader:
         if n <= 0:
             return None if n == 0 else False
         at = rings.at
-        frame = rings.map[at:at + n]          # bytes: cheaper than views when small
+        # bytes: cheaper than views when small; a big entry is read through a
+        # view of the map, so its payload is copied once, into ``out``
+        frame = rings.map[at:at + n] if n <= _COPY_ENTRY else rings.view(at, n)
         hl = frame[1] | frame[2] << 8 if n >= 3 else n
-        h = self._decoded.get(frame[3:3 + hl]) if 3 + hl <= n else None
+        h = self._decoded.get(bytes(frame[3:3 + hl])) if 3 + hl <= n else None
         if (h is None or h.kind or h.group != group or h.tag != tag or h.src != src or h.device
                 or h.fp is not None or h.direct or h.nbytes != n - 3 - hl
                 or frame[0] != wire.INLINE_MARK):

@@ -385,6 +385,11 @@ class Rings:
         self.at = base + off + 16
         return length
 
+    def view(self, at: int, n: int) -> memoryview:
+        """``n`` bytes of the region from ``at`` (an entry ``peek`` gave), in
+        place: valid until ``pop``."""
+        return self._mv[at:at + n]
+
     def off(self, s: int) -> bool:
         """Whether sender ``s`` left its full ring for the socket for now."""
         return bool(self.q[self._tail_w[s] + _OFF])

@@ -106,6 +106,8 @@ def _direct(world: mesh.Mesh) -> bool:
         world.send(np.array([True, False]), 0, tag=3)
         world.send(np.zeros((2, 0)), 0, tag=3)
         world.send(np.arange(4, dtype=np.int32), 0, tag=4)
+        for i in range(3):                          # over reader._COPY_ENTRY, under the ring's max
+            world.send(np.arange(127.0) + i, 0, tag=15)
         world.send(np.arange(3.0) - 1, 0, tag=5)     # its header is known from now on
         world.recv(0, tag=13)
         world.send(np.arange(3.0), 0, tag=5)
@@ -146,6 +148,9 @@ def _direct(world: mesh.Mesh) -> bool:
     with pytest.raises(mesh.OutMismatchError):
         world.recv(1, tag=4, out=np.empty(4, np.float32))
     assert world.recv(1, tag=4).tolist() == [0, 1, 2, 3]
+    mid = np.empty(127)
+    for i in range(3):                              # read in place (a view of the ring)
+        assert world.recv(1, tag=15, out=mid) is mid and np.array_equal(mid, np.arange(127.0) + i)
     assert world.recv(1, tag=5).tolist() == [-1.0, 0.0, 1.0]
     r = world.irecv(1, tag=5)                        # posted first: it takes the first
     world.send(0, 1, tag=13)
