@@ -174,7 +174,7 @@ class Transport:
                 return None
             if ring.put(pre, len(pre), peer.sent, obj, n):
                 return SENT
-            peer.inflight -= n + MSG_COST      # the usual way charges it again
+            peer.release(n + MSG_COST)       # the usual way charges it again
         return None
 
     def recv_ring(self, group: int, src: int, tag: int, out: np.ndarray | None,

@@ -313,12 +313,7 @@ class Links:
                 break
             except OSError as e:
                 raise _Broken(self.right, f"the stream to it failed ({e.strerror or e})")
-            head.off += n
-            if head.off >= head.mv.nbytes:
-                with self.cond:
-                    head.done_ = True
-                    sends.popleft()
-                done += 1
+            done += self._advance(sends, head, n)
         recvs, inp = self.recvs, self.inp
         while recvs and inp is not None:
             head = recvs[0]
@@ -330,13 +325,19 @@ class Links:
                 raise _Broken(self.left, f"the stream from it failed ({e.strerror or e})")
             if n == 0:
                 raise _Broken(self.left, "the stream from it ended early")
-            head.off += n
-            if head.off >= head.mv.nbytes:
-                with self.cond:
-                    head.done_ = True
-                    recvs.popleft()
-                done += 1
+            done += self._advance(recvs, head, n)
         return done
+
+    def _advance(self, queue: "deque[_Req]", head: "_Req", n: int) -> int:
+        """``n`` more bytes of ``head`` (the first of ``queue``) moved: 1 when
+        that ends it (marked done, taken off the queue), else 0."""
+        head.off += n
+        if head.off < head.mv.nbytes:
+            return 0
+        with self.cond:
+            head.done_ = True
+            queue.popleft()
+        return 1
 
     def check(self, peer: int) -> None:
         """Raise what failed the call elsewhere (the watch), or a timeout."""
