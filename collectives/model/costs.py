@@ -19,9 +19,10 @@ unit costs along one rank's critical path::
             cores / n), the chance of that with n / cores ranks of the same
             step on a core (``crowding``). It saturates: at most one switch
             per message, however many ranks share the core (the measured
-            CPU per message of the exchanges stops growing past 4 ranks per
-            core; until 2026-12-01 16:45 crowd was msgs * (n / cores - 1),
-            which over-charged 8 per core by 40%). None in the tree and
+            CPU per message of the exchanges grows little past 4 ranks per
+            core, docs/scale.md; until 2026-12-01 16:40 crowd was
+            msgs * (n / cores - 1), which over-charged 8 ranks per core by
+            40%). None in the tree and
             chain (broadcast, reduce: one hop's two ranks run, the others
             sleep, and their CPU per message stays the 2-rank one at 32
             ranks), none with a core per rank, so none at scale. (The
