@@ -14,19 +14,19 @@ unit costs along one rank's critical path::
     kappa   socket path, ranks outnumbering cores: one message of an
             exchange (recursive doubling, the rings: every rank sends and
             receives in every step) whose receiver was off its core when it
-            came, so was woken and switched in rather than catching it in
-            its spin (mesh.progress, MESH_SPIN_US): crowd = msgs * (1 -
-            cores / n), the chance of that with n / cores ranks of the same
-            step on a core (``crowding``). It saturates: at most one switch
-            per message, however many ranks share the core (the measured
-            CPU per message of the exchanges grows little past 4 ranks per
-            core, docs/scale.md; until 2026-12-01 16:40 crowd was
-            msgs * (n / cores - 1), which over-charged 8 ranks per core by
-            40%). None in the tree and
-            chain (broadcast, reduce: one hop's two ranks run, the others
-            sleep, and their CPU per message stays the 2-rank one at 32
-            ranks), none with a core per rank, so none at scale. (The
-            board's waits already count every peer, n - 1.)
+            came, so is switched in after another rank of the step ran
+            there (a switch between processes, the caches that rank left):
+            crowd = msgs * (1 - cores / n), the chance of that with n / cores
+            ranks of the same step on a core (``crowding``). It saturates:
+            at most one switch per message, however many ranks share the
+            core (the measured CPU per message of the exchanges grows
+            little past 4 ranks per core, docs/scale.md; until 2026-12-01
+            16:40 crowd was msgs * (n / cores - 1), which over-charged 8
+            ranks per core by 40%). None in the tree and chain (broadcast,
+            reduce: one hop's two ranks run, the others sleep, and their
+            CPU per message stays the 2-rank one at 32 ranks), none with a
+            core per rank, so none at scale. (The board's waits already
+            count every peer, n - 1.)
     share   the compute share of one rank: as measured (the time its threads
             ran over the time they ran or waited to run, from the kernel's
             scheduler statistics: collectives.tools.sweep's ``ran``), else
@@ -188,11 +188,11 @@ def crowding(n: int, cores: float | None, alg: str = "ring") -> float:
     cores: 1 - cores / n, the chance that the message's receiver does not
     hold its core when the message comes (the other r - 1 of the r = n /
     cores ranks there, all in the same step, hold it the rest of the
-    time), so it is woken and switched in instead of catching the message
-    in its spin; at most one such switch per message, however many ranks
-    share the core. 0 with a core per rank (``cores`` None or >= n) and
-    outside the exchanges (EXCHANGES): in a tree or chain step only the
-    hop's two ranks run, the others sleep in their receive."""
+    time), so it is switched in after another rank ran there; at most one
+    such switch per message, however many ranks share the core. 0 with a
+    core per rank (``cores`` None or >= n) and outside the exchanges
+    (EXCHANGES): in a tree or chain step only the hop's two ranks run, the
+    others sleep in their receive."""
     if not cores or alg not in EXCHANGES or n <= cores:
         return 0.0
     return 1.0 - cores / n
