@@ -3,6 +3,7 @@ charges, the unit-cost counts, the fit, the extrapolation. No process, no
 timing."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -296,6 +297,8 @@ def test_fit_check_from_saved_rows_fits_the_fit_sizes_reports_the_held_out(tmp_p
     assert main(["--fit-check", "--from", str(src), "--out", str(out), "--markdown"]) == 0
     text = capsys.readouterr().out
     assert text.count("100% of rows within 20%") == 2
+    # per world size: the median signed error, and in brackets the median |error|
+    assert len(re.findall(r"by ranks (\d+: [+-]0% \(0%\)(, )?)+$", text, re.M)) == 2
     assert "| all_reduce | 8 MiB |" in text and "| all_reduce | 16 MiB |" not in text
     fit, _ = load(out)
     assert {r["size"] for r in fit.rows} == set(FIT_SIZES)        # the held-out rows are not in it
