@@ -4,11 +4,14 @@ A numpy model with uneven layers (two wide Linear layers, a parameter-free
 layer that costs as much as several matmuls, then narrow Linear layers) is
 distributed on pp=2 three times, by ``balance="time"``, ``"uniform"`` and
 ``"parameters"``, with the same schedule; then once with ``schedule="auto"``.
-Each job's step is timed in interleaved passes (a barrier before each step;
+Each job's stages are timed again right before the passes (``Job.retime``)
+and its step is timed in interleaved passes (a barrier before each step;
 latest end minus earliest start; the median) beside the simulator's
-prediction from the measured costs (a stage of several layers timed whole)
-and, for comparison, the prediction had each stage cost the sum of its
-layers timed one by one ("layers summed"). With torch, ``run_tp`` then times
+prediction from those times ("predicted"), from distribute's profile
+("profile": a stage of several layers timed whole) and, for comparison,
+had each stage cost the sum of its layers timed one by one ("summed"); the
+last line gives the mesh threads' CPU per message end (engine.calibrate)
+and whether it was charged. With torch, ``run_tp`` then times
 one SGD step of a 4-Linear MLP at tp=2 sharded by engine.distribute's plan
 on meshrun and by torch's ``parallelize_module`` (DeviceMesh on CPU, gloo).
 

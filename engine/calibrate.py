@@ -150,12 +150,14 @@ def _busy(events: list[list[Any]], wall: float) -> tuple[float, int]:
 
 def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
               tag_base: int = 0, timeout: float | None = None, spin: float = 3e-4,
-              busy_steps: int = 2) -> Calibration:
+              busy_steps: int = 2, busy_nbytes: int | None = None) -> Calibration:
     """The executor's own costs on ``pp`` (1F1B over ``m`` micro-batches,
     messages of ``nbytes``): seconds per compute action and per message,
     the medians of ``steps`` dry steps after one to warm up; then the mesh
     threads' CPU per message end over ``busy_steps`` steps (after one more)
-    whose stages spin ``spin`` seconds of CPU per action. Collective over
+    whose stages spin ``spin`` seconds of CPU per action, with messages of
+    ``busy_nbytes`` (default ``nbytes``: the threads' work grows with the
+    size, about 2x from 8 KiB to 256 KiB here). Collective over
     ``world`` (every pp group of it runs its own dry pipeline): every rank
     gets the same figures."""
     sched = one_f_one_b(pp.size, m)
@@ -173,6 +175,8 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
         if i:
             rows.append((t0, t1, *_busy(pipe.events, t1 - t0)))
     stage.seconds = spin
+    if busy_nbytes is not None:
+        stage.out = np.zeros(max(1, busy_nbytes // 8))
     collectives.barrier(world, timeout=timeout)
     pipe.step(dummy, dummy)
     h0 = helper_cpu()

@@ -7,8 +7,11 @@ the stages by ``plan`` over ``tp``, averages gradients over ``dp``, and, with
 ``schedule="auto"``, measures every layer on the sample batch, simulates
 every built-in schedule at several micro-batch counts (engine.choose), with
 each candidate's stages of several layers measured whole and the executor's
-own costs (engine.calibrate), and runs the fastest that fits
-``memory_limit``::
+own costs (engine.calibrate: with, on a host with no spare core, the mesh
+threads' CPU per message charged to the computing ranks), and runs the
+fastest that fits ``memory_limit``; the chosen stages are timed once more
+right before it returns (``Job.retime``: ``job.predicted``), so the
+prediction is of the machine as the steps will find it::
 
     grid = mesh.grid(world, dp=2, pp=2)
     job = engine.distribute(model, grid, sample=x, loss_fn=F.mse_loss)
@@ -352,8 +355,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if overhead is None:
             m = max(sc.num_microbatches for sc in scheds)
             acts = sorted(lc.act_bytes for lc in profile[-(-rows // m)].values())
+            mid = sorted(lc.act_bytes for lc in profile[sizes[len(sizes) // 2]].values())
             cal = calibrate(grid.comm, grid.group("pp"), m, acts[len(acts) // 2],
-                            tag_base=tag_base, timeout=timeout)
+                            tag_base=tag_base, timeout=timeout, busy_nbytes=mid[len(mid) // 2])
         action, message = cal.action, cal.message
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
                            action, message, helper=cal.helper)
