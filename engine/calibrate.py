@@ -67,16 +67,18 @@ class _Noop:
 
 
 class _Spin(_Noop):
-    """A no-op stage that keeps its thread busy ``seconds`` of CPU per action."""
+    """A no-op stage that keeps its thread busy ``seconds`` of CPU per action,
+    with small matmuls (which let go of the GIL, as a real stage's do)."""
 
     def __init__(self, out: Any, seconds: float) -> None:
         super().__init__(out)
         self.seconds = seconds
+        self._a = np.ones((64, 64))
 
     def _spin(self) -> None:
         end = time.thread_time() + self.seconds
         while time.thread_time() < end:
-            pass
+            self._a @ self._a
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         self._spin()
@@ -149,21 +151,22 @@ def _busy(events: list[list[Any]], wall: float) -> tuple[float, int]:
 
 
 def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
-              tag_base: int = 0, timeout: float | None = None, spin: float = 3e-4,
+              tag_base: int = 0, timeout: float | None = None, spin: float = 1e-3,
               busy_steps: int = 2, busy_nbytes: int | None = None) -> Calibration:
     """The executor's own costs on ``pp`` (1F1B over ``m`` micro-batches,
     messages of ``nbytes``): seconds per compute action and per message,
     the medians of ``steps`` dry steps after one to warm up; then the mesh
     threads' CPU per message end over ``busy_steps`` steps (after one more)
-    whose stages spin ``spin`` seconds of CPU per action, with messages of
-    ``busy_nbytes`` (default ``nbytes``: the threads' work grows with the
-    size, about 2x from 8 KiB to 256 KiB here). Collective over
-    ``world`` (every pp group of it runs its own dry pipeline): every rank
-    gets the same figures."""
+    of 1F1B over 2p micro-batches whose stages spin ``spin`` seconds of CPU
+    per action (as long as the real actions: those threads' CPU grows with
+    the time between messages, 40, 170 and 290 us per message end at 0.3, 1
+    and 3 ms here, not only with their count), with messages of
+    ``busy_nbytes`` (default ``nbytes``). Collective over ``world`` (every
+    pp group of it runs its own dry pipeline): every rank gets the same
+    figures."""
     sched = one_f_one_b(pp.size, m)
     act = np.zeros(max(1, nbytes // 8))
-    stage = _Spin(act, 0.0)
-    pipe = Pipeline(pp, stage, sched, loss_fn=lambda y, t: (0.0, y), timeout=timeout,
+    pipe = Pipeline(pp, _Noop(act), sched, loss_fn=lambda y, t: (0.0, y), timeout=timeout,
                     tag_base=tag_base)
     dummy = np.zeros((m, 1))
     rows = []
@@ -174,15 +177,17 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
         t1 = time.time()
         if i:
             rows.append((t0, t1, *_busy(pipe.events, t1 - t0)))
-    stage.seconds = spin
-    if busy_nbytes is not None:
-        stage.out = np.zeros(max(1, busy_nbytes // 8))
+    busy_m = 2 * pp.size       # the same tags as the dry run's first steps, all done by now
+    out = act if busy_nbytes is None else np.zeros(max(1, busy_nbytes // 8))
+    busy = Pipeline(pp, _Spin(out, spin), one_f_one_b(pp.size, busy_m),
+                    loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
+    dummy = np.zeros((busy_m, 1))
     collectives.barrier(world, timeout=timeout)
-    pipe.step(dummy, dummy)
+    busy.step(dummy, dummy)
     h0 = helper_cpu()
     for _ in range(busy_steps):
-        pipe.step(dummy, dummy)
-    ends = _messages(pipe.program) * busy_steps
+        busy.step(dummy, dummy)
+    ends = _messages(busy.program) * busy_steps
     helper = (helper_cpu() - h0) / ends if ends else 0.0
     groups: dict[tuple[int, ...], list[Any]] = {}
     helpers, hosts = [], []

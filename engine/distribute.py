@@ -355,9 +355,12 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if overhead is None:
             m = max(sc.num_microbatches for sc in scheds)
             acts = sorted(lc.act_bytes for lc in profile[-(-rows // m)].values())
-            mid = sorted(lc.act_bytes for lc in profile[sizes[len(sizes) // 2]].values())
+            mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
+            nb = sorted(lc.act_bytes for lc in mid.values())[len(mid) // 2]
+            spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p) / tp
             cal = calibrate(grid.comm, grid.group("pp"), m, acts[len(acts) // 2],
-                            tag_base=tag_base, timeout=timeout, busy_nbytes=mid[len(mid) // 2])
+                            tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
+                            busy_nbytes=nb)
         action, message = cal.action, cal.message
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
                            action, message, helper=cal.helper)
