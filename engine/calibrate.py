@@ -42,7 +42,7 @@ from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W
 from .schedules import one_f_one_b
 from .simulate import simulate
 
-__all__ = ["calibrate", "Calibration", "helper_cpu"]
+__all__ = ["calibrate", "Calibration", "helper_cpu", "crowded"]
 
 _COMPUTE = (F, B, I, W)
 
