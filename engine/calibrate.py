@@ -159,7 +159,7 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
     threads' CPU per message end over ``busy_steps`` steps (after one more)
     of 1F1B over 2p micro-batches whose stages spin ``spin`` seconds of CPU
     per action (as long as the real actions: those threads' CPU grows with
-    the time between messages, 40, 170 and 290 us per message end at 0.3, 1
+    the time between messages, 100, 229 and 391 us per message end at 0.3, 1
     and 3 ms here, not only with their count), with messages of
     ``busy_nbytes`` (default ``nbytes``). Collective over ``world`` (every
     pp group of it runs its own dry pipeline): every rank gets the same
