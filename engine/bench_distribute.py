@@ -4,11 +4,14 @@ A numpy model with uneven layers (two wide Linear layers, a parameter-free
 layer that costs as much as several matmuls, then narrow Linear layers) is
 distributed on pp=2 three times, by ``balance="time"``, ``"uniform"`` and
 ``"parameters"``, with the same schedule; then once with ``schedule="auto"``.
-Each job's step is timed in interleaved passes (a barrier before each step;
+Each job's stages are timed again right before the passes (``Job.retime``)
+and its step is timed in interleaved passes (a barrier before each step;
 latest end minus earliest start; the median) beside the simulator's
-prediction from the measured costs (a stage of several layers timed whole)
-and, for comparison, the prediction had each stage cost the sum of its
-layers timed one by one ("layers summed"). With torch, ``run_tp`` then times
+prediction from those times ("predicted"), from distribute's profile
+("profile": a stage of several layers timed whole) and, for comparison,
+had each stage cost the sum of its layers timed one by one ("summed"); the
+last line gives the mesh threads' CPU per message end (engine.calibrate)
+and whether it was charged. With torch, ``run_tp`` then times
 one SGD step of a 4-Linear MLP at tp=2 sharded by engine.distribute's plan
 on meshrun and by torch's ``parallelize_module`` (DeviceMesh on CPU, gloo).
 
@@ -73,6 +76,8 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
                          microbatches=None if sched == "auto" else m, sample=x,
                          loss_fn=mse_loss, verbose=False, timeout=120, tag_base=i << 20)
         jobs.append((balance, sched, job))
+    for _, _, job in jobs:               # each job's stages timed again, right before the steps
+        job.retime()
     spans: list[list[tuple[float, float]]] = [[] for _ in jobs]
     for _ in range(steps + 1):               # the first pass warms up
         for k, (_, _, job) in enumerate(jobs):
@@ -84,6 +89,9 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
                 g[...] = 0
     return [{"balance": b, "schedule": job.schedule.name, "counts": job.counts,
              "predicted": job.predicted, "summed": job.chosen.summed if job.chosen else None,
+             "profiled": job.profiled.makespan if job.profiled else None,
+             "helper": job.calibration.helper_measured if job.calibration else 0.0,
+             "charged": bool(job.calibration and job.calibration.crowded),
              "spans": spans[k][1:]}
             for k, (b, _, job) in enumerate(jobs)]
 
@@ -101,20 +109,31 @@ def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
                     min(r[k]["spans"][s][0] for r in results) for s in range(steps)]
         report.append({"balance": row["balance"], "schedule": row["schedule"],
                        "counts": row["counts"], "predicted_ms": row["predicted"] * 1e3,
+                       "profiled_ms": (row["profiled"] or row["predicted"]) * 1e3,
                        "summed_ms": (row["summed"] or row["predicted"]) * 1e3,
+                       "helper_us": row["helper"] * 1e6, "charged": row["charged"],
                        "measured_ms": statistics.median(per_step) * 1e3})
     return report
 
 
 def balance_table(report: list[dict[str, Any]]) -> str:
+    """``predicted``: stages timed again right before the passes (Job.retime);
+    ``profile``: distribute's prediction; ``summed``: its layers' sums."""
     lines = [f"{'balance':<11} {'schedule':<22} {'layers/stage':<13} {'predicted ms':>12} "
-             f"{'measured ms':>12} {'meas/pred':>9} {'layers summed ms':>16} {'meas/summed':>11}"]
+             f"{'measured ms':>12} {'meas/pred':>9} {'profile ms':>10} {'meas/prof':>9} "
+             f"{'summed ms':>9} {'meas/summed':>11}"]
     for r in report:
         counts = " ".join(str(c) for c in r["counts"])
         lines.append(f"{r['balance']:<11} {r['schedule']:<22} {counts:<13} "
                      f"{r['predicted_ms']:>12.1f} {r['measured_ms']:>12.1f} "
-                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f} {r['summed_ms']:>16.1f} "
+                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f} {r['profiled_ms']:>10.1f} "
+                     f"{r['measured_ms'] / r['profiled_ms']:>9.3f} {r['summed_ms']:>9.1f} "
                      f"{r['measured_ms'] / r['summed_ms']:>11.3f}")
+    h = report[0] if report else None
+    if h is not None:
+        lines.append(f"mesh threads' CPU per message end {h['helper_us']:.0f} us, "
+                     + ("charged to the computing ranks (no spare core)" if h["charged"]
+                        else "not charged (a spare core)"))
     return "\n".join(lines)
 
 

@@ -12,11 +12,24 @@ makes the simulator's step of the dry run as long as the measured one.
 engine.distribute adds them to the simulated costs (``overhead`` and
 ``send`` of engine.choose.candidates), so the prediction covers what a real
 step pays besides its layers.
+
+A third figure is the CPU of the mesh's own threads (the progress thread and
+ZeroMQ's I/O thread) per message end (a send or a receive of this rank): a
+real step's messages arrive while the main thread computes, so these threads
+read them, and on a host with no spare core (as many ranks as cores, or
+more) that CPU comes out of a computing rank. A second dry run, whose stages
+keep the main thread busy (``_Spin``), measures it from
+``/proc/self/task/*/schedstat``; ``helper`` is that figure where some host
+of the job is crowded, else 0 (a spare core takes it).
 """
 from __future__ import annotations
 
+import os
+import socket
 import statistics
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,11 +38,11 @@ import collectives
 from mesh import Comm
 
 from .executor import Pipeline
-from .ir import B, F, I, RECV_B, RECV_F, W
+from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W
 from .schedules import one_f_one_b
 from .simulate import simulate
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "Calibration", "helper_cpu", "crowded"]
 
 _COMPUTE = (F, B, I, W)
 
@@ -53,6 +66,84 @@ class _Noop:
         return []
 
 
+class _Spin(_Noop):
+    """A no-op stage that keeps its thread busy ``seconds`` of CPU per action,
+    with small matmuls (which let go of the GIL, as a real stage's do)."""
+
+    def __init__(self, out: Any, seconds: float) -> None:
+        super().__init__(out)
+        self.seconds = seconds
+        self._a = np.ones((64, 64))
+
+    def _spin(self) -> None:
+        end = time.thread_time() + self.seconds
+        while time.thread_time() < end:
+            self._a @ self._a
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        self._spin()
+        return self.out, None
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        self._spin()
+        return self.out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What engine.distribute adds to the layers' costs: the executor's
+    seconds per compute action, each message's seconds of flight, and the
+    mesh threads' CPU seconds per message end charged to the computing rank
+    (``helper_measured`` where a host is ``crowded``, else 0)."""
+
+    action: float
+    message: float
+    helper: float = 0.0
+    helper_measured: float = 0.0
+    crowded: bool = False
+
+
+def helper_cpu() -> float:
+    """CPU seconds so far of this process's threads other than the calling
+    one (Linux: /proc/self/task/*/schedstat; 0 elsewhere)."""
+    me, total = threading.get_native_id(), 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for t in tasks:
+        if int(t) == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def crowded(hosts: list[tuple[str, int]]) -> bool:
+    """Whether some host runs at least as many ranks as it has cores, given
+    ``(host, cores)`` of every rank: then no core is spare for the mesh's
+    threads."""
+    ranks: dict[str, int] = {}
+    for host, _ in hosts:
+        ranks[host] = ranks.get(host, 0) + 1
+    return any(ranks[host] >= cores for host, cores in hosts)
+
+
+def _messages(program: Any) -> int:
+    """Message ends (sends and receives) of one rank's lowered program."""
+    return sum(1 for a in program if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B))
+
+
 def _busy(events: list[list[Any]], wall: float) -> tuple[float, int]:
     """A rank's step time outside its receives, and its compute actions."""
     waits = sum(e[3] - e[2] for e in events if e[1] in (RECV_F, RECV_B)) / 1e9
@@ -60,12 +151,19 @@ def _busy(events: list[list[Any]], wall: float) -> tuple[float, int]:
 
 
 def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
-              tag_base: int = 0, timeout: float | None = None) -> tuple[float, float]:
-    """``(seconds per compute action, seconds per message)`` of the executor
-    on ``pp`` (1F1B over ``m`` micro-batches, messages of ``nbytes``), the
-    medians of ``steps`` dry steps after one to warm up. Collective over
-    ``world`` (every pp group of it runs its own dry pipeline): every rank
-    gets the same figures."""
+              tag_base: int = 0, timeout: float | None = None, spin: float = 1e-3,
+              busy_steps: int = 2, busy_nbytes: int | None = None) -> Calibration:
+    """The executor's own costs on ``pp`` (1F1B over ``m`` micro-batches,
+    messages of ``nbytes``): seconds per compute action and per message,
+    the medians of ``steps`` dry steps after one to warm up; then the mesh
+    threads' CPU per message end over ``busy_steps`` steps (after one more)
+    of 1F1B over 2p micro-batches whose stages spin ``spin`` seconds of CPU
+    per action (as long as the real actions: those threads' CPU grows with
+    the time between messages, 100, 229 and 391 us per message end at 0.3, 1
+    and 3 ms here, not only with their count), with messages of
+    ``busy_nbytes`` (default ``nbytes``). Collective over ``world`` (every
+    pp group of it runs its own dry pipeline): every rank gets the same
+    figures."""
     sched = one_f_one_b(pp.size, m)
     act = np.zeros(max(1, nbytes // 8))
     pipe = Pipeline(pp, _Noop(act), sched, loss_fn=lambda y, t: (0.0, y), timeout=timeout,
@@ -79,9 +177,25 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
         t1 = time.time()
         if i:
             rows.append((t0, t1, *_busy(pipe.events, t1 - t0)))
+    busy_m = 2 * pp.size       # the same tags as the dry run's first steps, all done by now
+    out = act if busy_nbytes is None else np.zeros(max(1, busy_nbytes // 8))
+    busy = Pipeline(pp, _Spin(out, spin), one_f_one_b(pp.size, busy_m),
+                    loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
+    dummy = np.zeros((busy_m, 1))
+    collectives.barrier(world, timeout=timeout)
+    busy.step(dummy, dummy)
+    h0 = helper_cpu()
+    for _ in range(busy_steps):
+        busy.step(dummy, dummy)
+    ends = _messages(busy.program) * busy_steps
+    helper = (helper_cpu() - h0) / ends if ends else 0.0
     groups: dict[tuple[int, ...], list[Any]] = {}
-    for ranks, mine in collectives.all_gather_object(world, (pp.ranks, rows)):
+    helpers, hosts = [], []
+    for ranks, mine, h, host in collectives.all_gather_object(
+            world, (pp.ranks, rows, helper, (socket.gethostname(), _cores()))):
         groups.setdefault(tuple(ranks), []).append(mine)
+        helpers.append(h)
+        hosts.append(tuple(host))
     per_action, spans = [], []
     for members in groups.values():
         for s in range(steps):
@@ -90,7 +204,9 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
             per_action.append(busy / max(1, count))
             spans.append(max(r[s][1] for r in members) - min(r[s][0] for r in members))
     action, span = statistics.median(per_action), statistics.median(spans)
-    return action, _message_time(sched, action, span)
+    measured, full = statistics.median(helpers), crowded(hosts)
+    return Calibration(action, _message_time(sched, action, span), measured if full else 0.0,
+                       measured, full)
 
 
 def _message_time(sched: Any, action: float, span: float) -> float:

@@ -22,15 +22,15 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from .ir import B, F, W, Schedule
 from .schedules import by_name
 
 __all__ = ["LayerCost", "Candidate", "time_layer", "measure", "measure_stages", "stage_spans",
-           "cut", "counts_for", "stage_costs", "peak_bytes", "microbatch_counts", "builtin",
-           "candidates", "table", "SCHEDULES", "Span"]
+           "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes", "microbatch_counts",
+           "builtin", "candidates", "retimed", "table", "SCHEDULES", "Span"]
 
 _SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
 
@@ -198,22 +198,39 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
 
 def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
                 overhead: float = 0.0, send: float = 0.0,
-                whole: Mapping[Span, LayerCost] | None = None) -> dict[str, list[float]]:
+                whole: Mapping[Span, LayerCost] | None = None,
+                helper: Sequence[float] | None = None) -> dict[str, list[float]]:
     """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
     of stages holding ``counts`` consecutive layers: a stage's time measured
     whole when ``whole`` has its span, else the sum of its layers'; each
     compute action also pays ``overhead`` (the executor's own cost per
-    action), and each message takes ``send`` seconds to arrive."""
+    action), and each message takes ``send`` seconds to arrive. ``helper``
+    (per stage) is added to its F, B and I: the mesh threads' CPU for the
+    messages those actions send and receive (``helper_charge``)."""
     costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     start = 0
-    for c in counts:
+    for s, c in enumerate(counts):
         measured = (whole or {}).get((start, start + c))
         layers = [measured] if measured is not None else [row[i] for i in range(start, start + c)]
         start += c
         for kind in costs:
-            costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead)
+            extra = helper[s] if helper is not None and kind != "W" else 0.0
+            costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead + extra)
     costs["send"] = [send] * len(counts)
     return costs
+
+
+def helper_charge(sched: Schedule, helper: float) -> list[float]:
+    """Per stage of ``sched``, the mesh threads' CPU (``helper`` seconds per
+    message end, engine.calibrate) that each of its F, B and I actions pays
+    on a host with no spare core: per micro-batch a stage receives and sends
+    one message to each neighbour stage on another rank, the forward message
+    beside its F (received before, sent after), the gradient beside its B
+    or I, so each of those pays ``helper`` per such neighbour."""
+    n = sched.num_stages
+    return [helper * sum(1 for t in (s - 1, s + 1)
+                         if 0 <= t < n and sched.rank_of(t) != sched.rank_of(s))
+            for s in range(n)]
 
 
 def peak_bytes(sched: Schedule, act: Sequence[int]) -> tuple[int, ...]:
@@ -274,15 +291,17 @@ def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
 def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], rows: int,
                scheds: Sequence[Schedule], balance: Any = "time", scale: float = 1.0,
                memory_limit: float | None = None, overhead: float = 0.0, send: float = 0.0,
-               stages: Mapping[int, Mapping[Span, LayerCost]] | None = None
-               ) -> list[Candidate]:
+               stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
+               helper: float = 0.0) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
     stage, that stage's time measured whole; ``scale`` multiplies every
     measured time (1/tp for tensor-parallel stages); ``overhead`` is added
     to every compute action and ``send`` is each message's time of flight
-    (see ``stage_costs``)."""
+    (see ``stage_costs``); ``helper`` the mesh threads' CPU per message end
+    charged to the computing ranks (``helper_charge``; 0 where a core is
+    spare)."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -293,10 +312,11 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         times = [row[i].F + row[i].B for i in range(L)]
         counts = counts_for(balance, sched.num_stages, times, params)
         whole = (stages or {}).get(size)
-        costs = stage_costs(row, counts, scale, overhead, send, whole)
+        charge = helper_charge(sched, helper) if helper else None
+        costs = stage_costs(row, counts, scale, overhead, send, whole, charge)
         rep = sched.simulate(costs)
-        summed = (sched.simulate(stage_costs(row, counts, scale, overhead, send)).makespan
-                  if whole else rep.makespan)
+        summed = (sched.simulate(stage_costs(row, counts, scale, overhead, send, None,
+                                             charge)).makespan if whole else rep.makespan)
         act, start = [], 0
         for c in counts:
             act.append(sum(row[i].act_bytes for i in range(start, start + c)))
@@ -306,6 +326,21 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed))
     out.sort(key=lambda c: (not c.fits, c.makespan, c.peak_bytes, c.schedule.num_microbatches))
     return out
+
+
+def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
+            helper: float = 0.0) -> Candidate:
+    """``cand`` simulated again with the stages of ``times`` (stage index:
+    its F, B, I and W, timed whole again, e.g. right before the steps) in
+    place of their profiled costs, plus ``overhead`` per action and the
+    ``helper_charge``; the other costs and ``summed`` are kept."""
+    charge = helper_charge(cand.schedule, helper)
+    costs = {k: list(v) for k, v in cand.costs.items()}
+    for st, lc in times.items():
+        for kind in ("F", "B", "I", "W"):
+            costs[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
+    rep = cand.schedule.simulate(costs)
+    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs)
 
 
 def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:

@@ -7,8 +7,11 @@ the stages by ``plan`` over ``tp``, averages gradients over ``dp``, and, with
 ``schedule="auto"``, measures every layer on the sample batch, simulates
 every built-in schedule at several micro-batch counts (engine.choose), with
 each candidate's stages of several layers measured whole and the executor's
-own costs (engine.calibrate), and runs the fastest that fits
-``memory_limit``::
+own costs (engine.calibrate: with, on a host with no spare core, the mesh
+threads' CPU per message charged to the computing ranks), and runs the
+fastest that fits ``memory_limit``; the chosen stages are timed once more
+right before it returns (``Job.retime``: ``job.predicted``), so the
+prediction is of the machine as the steps will find it::
 
     grid = mesh.grid(world, dp=2, pp=2)
     job = engine.distribute(model, grid, sample=x, loss_fn=F.mse_loss)
@@ -27,6 +30,8 @@ the global batch: the same as one process training on all of it.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from collections import OrderedDict
 from typing import Any, Callable
@@ -35,9 +40,10 @@ import collectives
 from mesh import Comm, Grid
 
 from . import layers as _layers
-from .calibrate import calibrate
+from .calibrate import Calibration, calibrate
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates, counts_for,
-                     measure, measure_stages, microbatch_counts, stage_spans, table)
+                     measure, measure_stages, microbatch_counts, retimed, stage_spans, table,
+                     time_layer)
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name
@@ -138,13 +144,33 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
     return merged
 
 
+def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], reps: int
+            ) -> dict[int, LayerCost]:
+    """Each rank times a copy of each of its stages on its input (every rank
+    at once, as the steps run them); the times of every stage, averaged over
+    the ranks that hold it (dp replicas), exchanged."""
+    rows = [[s, *dataclasses.astuple(time_layer(copy.deepcopy(st), inputs[s], reps)[0])]
+            for s, st in stages.items()]
+    got: dict[int, list[list[float]]] = {}
+    for part in collectives.all_gather_object(world, rows):
+        for s, *vals in part:
+            got.setdefault(int(s), []).append(vals)
+    mean = {s: [sum(v[k] for v in vs) / len(vs) for k in range(4)] for s, vs in got.items()}
+    return {s: LayerCost(f, b, gi, gw, int(got[s][0][4])) for s, (f, b, gi, gw) in mean.items()}
+
+
 class Job:
     """One rank's part of a distributed model: see the module docstring."""
 
     def __init__(self, grid: Grid, pipeline: Pipeline, stages: list[Any], counts: tuple[int, ...],
                  names: list[str], is_torch: bool, chosen: Candidate | None,
-                 cands: list[Candidate], sharded: bool = False) -> None:
+                 cands: list[Candidate], sharded: bool = False,
+                 calibration: Calibration | None = None, inputs: dict[int, Any] | None = None,
+                 reps: int = 3) -> None:
         self.grid = grid
+        self.calibration = calibration
+        self.profiled = chosen        # the prediction from distribute's profile
+        self._inputs, self._reps = inputs or {}, reps
         self.sharded = sharded
         self.pipeline = pipeline
         self.stages = stages
@@ -166,9 +192,27 @@ class Job:
         """The simulator's step time in seconds for the chosen schedule."""
         return None if self.chosen is None else self.chosen.makespan
 
+    def retime(self) -> float | None:
+        """Time this rank's stages again, whole (copies, on a micro-batch of
+        the sample), every rank at once, and predict the step again from
+        those times and the calibration: ``predicted`` then reflects the
+        machine as it is now, right before the steps (``profiled`` keeps
+        the choice's own prediction). distribute does it once before
+        returning. Collective over the grid; returns the new prediction, or
+        None (nothing timed) when the costs were not measured or the stages
+        are tensor-parallel (their collectives cannot be timed apart).
+        Nothing is fitted to a step: no step runs."""
+        if self.chosen is None or not self._inputs:
+            return None
+        own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
+        times = _retime(self.grid.comm, own, self._inputs, self._reps)
+        cal = self.calibration or Calibration(0.0, 0.0)
+        self.chosen = retimed(self.chosen, times, cal.action, cal.helper)
+        return self.chosen.makespan
+
     def table(self) -> str:
         """The candidates the choice was made from."""
-        return table(self.candidates, self.chosen)
+        return table(self.candidates, self.profiled)
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
         """One step on this dp replica's batch; the mean loss where the last
@@ -301,19 +345,25 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     cands: list[Candidate] = []
     chosen: Candidate | None = None
     sched = scheds[0]
+    cal: Calibration | None = None
     if sample is not None:         # measured: the cut by time, the choice, the prediction
         rows = len(sample)
         sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
         mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
         profile = _profile(grid, mlayers, sample, sizes, reps)
-        action, message = overhead or 0.0, 0.0
+        cal = Calibration(overhead or 0.0, 0.0)
         if overhead is None:
             m = max(sc.num_microbatches for sc in scheds)
             acts = sorted(lc.act_bytes for lc in profile[-(-rows // m)].values())
-            action, message = calibrate(grid.comm, grid.group("pp"), m, acts[len(acts) // 2],
-                                        tag_base=tag_base, timeout=timeout)
+            mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
+            nb = sorted(lc.act_bytes for lc in mid.values())[len(mid) // 2]
+            spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p) / tp
+            cal = calibrate(grid.comm, grid.group("pp"), m, acts[len(acts) // 2],
+                            tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
+                            busy_nbytes=nb)
+        action, message = cal.action, cal.message
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
-                           action, message)
+                           action, message, helper=cal.helper)
         spans = stage_spans(cands, rows)
         if spans:          # the cuts' stages, timed whole: what the steps will pay
             def join(first: int, stop: int) -> Any:
@@ -321,7 +371,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 return TorchStage(stage) if is_torch else stage
             whole = _profile_stages(grid, mlayers, join, sample, spans, reps)
             cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
-                               action, message, whole)
+                               action, message, whole, cal.helper)
         if not cands:
             raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
         chosen = cands[0]
@@ -348,5 +398,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         for st in stages:
             for arr in st.params():
                 collectives.broadcast(dp, arr, root=0)
-    return Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
-               bool(plan))
+    inputs: dict[int, Any] = {}
+    if chosen is not None and not plan:       # for Job.retime: each own stage's input
+        bounds = [sum(counts[:s]) for s in range(len(counts))]
+        xs = [sample[:-(-len(sample) // sched.num_microbatches)]]
+        while len(xs) <= max(bounds[s] for s in mine):
+            xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
+        inputs = {s: xs[bounds[s]] for s in mine}
+    job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
+              bool(plan), cal, inputs, reps)
+    job.retime()
+    return job

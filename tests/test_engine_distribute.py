@@ -122,6 +122,43 @@ def test_the_executors_costs_enter_the_prediction():
     assert _message_time(sched, 1.0, 0.5 * span) == 0.0
 
 
+def test_mesh_threads_cpu_charged_beside_each_message():
+    """On a host with no spare core the mesh threads' CPU per message end
+    (engine.calibrate) is added to the F, B and I of each stage once per
+    neighbour stage on another rank; W pays none."""
+    from engine.calibrate import crowded
+    assert crowded([("a", 2), ("a", 2)]) and not crowded([("a", 4), ("a", 4)])
+    assert not crowded([("a", 2), ("b", 2)]) and crowded([("a", 1)])
+    by = {s.name: s for s in choose.builtin(["1f1b", "zb-v", "interleaved"], 2, [4])}
+    assert choose.helper_charge(by["1f1b(2,4)"], 0.5) == [0.5, 0.5]
+    assert choose.helper_charge(by["zb_v(2,4)"], 0.5) == [0.5, 0.5, 0.5, 0.5]  # V: 1-2 local
+    assert choose.helper_charge(by["interleaved_1f1b(2,4,2)"], 0.5) == [0.5, 1.0, 1.0, 0.5]
+    rows = 16
+    prof = _profile(rows, [4], [1, 1, 1, 1])
+    sched = by["zb_v(2,4)"]
+    bare, = choose.candidates(prof, [1] * 4, rows, [sched])
+    paid, = choose.candidates(prof, [1] * 4, rows, [sched], helper=0.25)
+    for kind, extra in (("F", 0.25), ("B", 0.25), ("I", 0.25), ("W", 0.0)):
+        assert paid.costs[kind] == pytest.approx([c + extra for c in bare.costs[kind]])
+    assert paid.makespan > bare.makespan
+
+
+def test_retimed_stages_replace_the_profile():
+    """Job.retime's times (a stage timed whole again) take the place of the
+    profiled ones, with the executor's cost and the mesh threads' charge."""
+    rows = 16
+    prof = _profile(rows, [4], [1, 1, 1, 1])
+    (sched,) = choose.builtin(["1f1b"], 2, [4])
+    cand, = choose.candidates(prof, [1] * 4, rows, [sched], overhead=0.1, helper=0.2)
+    same = choose.retimed(cand, {s: LayerCost(*(cand.costs[k][s] - 0.1 - (0.2 if k != "W" else 0)
+                                                for k in "FBIW"), 0) for s in (0, 1)},
+                          overhead=0.1, helper=0.2)
+    assert same.makespan == pytest.approx(cand.makespan) and same.summed == cand.summed
+    slow = choose.retimed(cand, {1: LayerCost(1.0, 2.0, 1.0, 1.0, 0)}, overhead=0.1, helper=0.2)
+    assert slow.costs["F"] == [cand.costs["F"][0], pytest.approx(1.3)]
+    assert slow.costs["W"][1] == pytest.approx(1.1) and slow.makespan > cand.makespan
+
+
 def test_stages_measured_whole_enter_the_prediction():
     """A stage of several layers costs more than its layers timed alone
     (their weights leave the core's cache between them): stage_spans lists
@@ -228,8 +265,12 @@ def _numpy_worker(world, axes, plan, widths):
         x, y = (part(a) for a in _data(step, widths))
         losses.append(job.step(x, y))
         sgd(job.stages, LR)
+    cal = job.calibration
     return {"errors": errors, "losses": losses, "state": job.state_dict(),
-            "schedule": job.schedule.name, "table": job.table(), "last": job.pipeline.last}
+            "schedule": job.schedule.name, "table": job.table(), "last": job.pipeline.last,
+            "calibrated": (cal.helper_measured > 0 and cal.helper == (cal.helper_measured
+                                                                      if cal.crowded else 0.0)),
+            "retimed": plan is not None or job.predicted != job.profiled.makespan}
 
 
 def _numpy_reference(widths=WIDTHS):
@@ -258,6 +299,7 @@ def test_numpy_distribute_matches_one_process(axes, plan):
     for res in results:
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
+        assert res["calibrated"] and res["retimed"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
