@@ -456,9 +456,8 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any],
     tag = ch.next_tag()
     st.calls += 1
     try:
-        aborted = ch.aborted(tag, f"{name} #{-tag} on group {g.name}")
-        if aborted is not None:
-            raise aborted
+        if ch.aborted(tag, "") is not None:      # (the text made only when it is)
+            raise ch.aborted(tag, f"{name} #{-tag} on group {g.name}")  # type: ignore[misc]
         rest = step(tag, arg)
         if rest is None:
             return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import platform
 import secrets
 import threading
 import time
@@ -63,6 +64,10 @@ _SPIN_S = 0.002
 _BUSY_S = 0.00005
 _QUICK_SPIN_S = 0.0
 _QUICK_YIELD_S = 0.0005
+_FENCE = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86")
+"""Whether Quick fences: not on x86, whose stores are seen in program order
+and loads are not passed by later loads or stores (all the board needs:
+no rank acts on a store it has made before loading another's)."""
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _SLOT_WORDS = 7
@@ -126,6 +131,7 @@ class _Box:
         words[0] = cookie = secrets.randbits(63)
         self.head = words[1:1 + _WORDS].data
         self.slot_fp = [b"", b""]        # the fingerprint each slot's body holds
+        self.slot_words: list[Any] = [None, None]  # the Quick whose words a slot's head holds
         n, rank = ctx.g.size, ctx.g.rank
         where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd])
         if fd >= 0:
@@ -380,6 +386,7 @@ class Round:
             size = raw.nbytes
             at = _HEAD + slot * _INLINE if size <= _INLINE else body + _FP_ROOM
             box.mv[at:at + size] = raw
+        box.slot_words[slot] = None
         head[b + STAGE], head[b + FPLEN], head[b + PAYLEN] = 0, len(self.fp), size
         head[b + ADDR], head[b + ADDR2], head[b + FPHASH] = addr, addr2, self.hash
         fence()
@@ -444,6 +451,7 @@ class Round:
 
     def stage(self, k: int) -> None:
         """Tell peers this rank has reached stage ``k`` of the collective."""
+        self.box.slot_words[self.slot] = None
         self.box.head[1 + self.base + STAGE] = k
 
     def wait_stage(self, peers: list[int], k: int) -> None:
@@ -487,14 +495,14 @@ class Quick:
         self.views = [[payload(box.mem if p == rank else box.rows[p], s) for p in range(g.size)]
                       for s in (0, 1)]
         self.mine = [self.views[0][rank], self.views[1][rank]]
-        self.busy = g.size <= _CORES
+        self.spin = _BUSY_S if g.size <= _CORES else _QUICK_SPIN_S
 
     def post(self, seq: int, a: np.ndarray) -> bool:
         """Round.post of ``a`` for call ``seq``; False, with nothing written,
         where a peer has not acked this slot's last call yet."""
         head, heads, slot = self.head, self.heads, seq & 1
         b = 1 + _SLOT_WORDS * slot
-        held = head[b + SEQ]
+        held = head[b]
         for p in self.peers:
             if heads[p][0] < held:
                 return False
@@ -504,46 +512,45 @@ class Quick:
             box.mv[body:body + len(self.fp)] = self.fp
             box.slot_fp[slot] = self.fp
         self.mine[slot][...] = a
-        head[b + 1:b + 1 + 6] = self.meta
-        fence()
-        head[b + SEQ] = seq
+        if box.slot_words[slot] is not self:     # (a Round or another Quick wrote them)
+            head[b + 1:b + 1 + 6] = self.meta
+            box.slot_words[slot] = self
+        if _FENCE:
+            fence()
+        head[b] = seq
         if head[0] < seq - 1:
             head[0] = seq - 1
         return True
 
     def arrived(self, seq: int) -> bool:
         """Whether every peer has posted call ``seq`` with this fingerprint
-        and payload size, after a short wait: a spin of _BUSY_S where every
-        rank of the group has a core, else yields for up to _QUICK_YIELD_S
-        (the peer waited for may need this core). False: go on with
+        and payload size, after a short wait (``_wait``). False: go on with
         Round.gather (a longer wait, an abort, a lost peer, a mismatch)."""
         heads, b = self.heads, 1 + _SLOT_WORDS * (seq & 1)
+        hash_at, size_at = b + FPHASH, b + PAYLEN
         for p in self.peers:
             h = heads[p]
             if h[b] != seq and not self._wait(h, b, seq):
                 return False
-        fence()     # what the posts hold is read after their seq
-        hash_at, size_at = b + FPHASH, b + PAYLEN
-        for p in self.peers:
-            h = heads[p]
+            if _FENCE:
+                fence()     # what the post holds is read after its seq
             if h[hash_at] != self.hash or h[size_at] != self.size:
                 return False
         return True
 
     def _wait(self, h: Any, b: int, seq: int) -> bool:
         """Until ``h``'s slot word at ``b`` says ``seq``: spin (_BUSY_S where
-        every rank has a core, else _QUICK_SPIN_S), then, where ranks share
-        cores, yield up to _QUICK_YIELD_S. False once that is over."""
+        every rank of the group has a core, else _QUICK_SPIN_S), then yield
+        (the rank waited for may need this core) up to _QUICK_YIELD_S.
+        False once that is over."""
         clock = time.perf_counter
         start = clock()
-        end = start + (_BUSY_S if self.busy else _QUICK_SPIN_S)
+        end = start + self.spin
         while h[b] != seq:
             if clock() > end:
                 break
         else:
             return True
-        if self.busy:
-            return False
         end = start + _QUICK_YIELD_S
         while h[b] != seq:
             if clock() > end:
@@ -553,7 +560,8 @@ class Quick:
 
     def done(self, seq: int) -> None:
         """This rank is done reading the peers' posts of call ``seq`` (Round's exit)."""
-        fence()     # (the reads above come before the ack)
+        if _FENCE:
+            fence()     # (the reads above come before the ack)
         head = self.head
         if head[0] < seq:
             head[0] = seq
