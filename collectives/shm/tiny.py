@@ -11,10 +11,10 @@ It keeps the long way's guarantees: the fingerprint on the board is the
 same (a rank on either way that called something else raises a
 MismatchError on every rank), the call takes the group's next tag and its
 deadline, and a failure aborts the tag on every member
-(collectives.runner.now). A wait longer than a short spin (or a few
-yields, where the group has more ranks than cores), a mismatch, or a peer
-not done with the slot goes on as the long way does, with a Round, from
-where the short way left off (collectives.shm.local.all_reduce_small).
+(collectives.runner.now). A wait past board.Quick's (a spin where every
+rank of the group has a core, then yields, 0.5 ms in all), a mismatch, or
+a peer not done with the slot goes on as the long way does, with a Round,
+from where the short way left off (collectives.shm.local.all_reduce_small).
 Anything the short way cannot take (async, an algorithm or a timeout that
 is not a float, a non-contiguous or read-only array, a lane with work)
 takes the long way.
