@@ -22,6 +22,10 @@ collective a rank has finished with; a slot is rewritten only once every
 peer's ack has reached what it holds, which in lockstep the heads already
 seen show, so it costs no extra read.
 
+A repeated tiny all_reduce (collectives.shm.tiny) posts and polls the same
+words through ``Quick``, its views made once, and reduces the peers'
+payloads where they lie in their mapped boards.
+
 A peer on a socket path instead (another collective) is caught by a receive
 posted on the tag once a wait gets long; so is an abort; a dead peer fails
 a cross-memory read of its board (made on every poll without a mapping, on
