@@ -437,28 +437,32 @@ NOT_NOW = object()
 """What ``now`` returns when the call must take ``start`` (no tag was taken)."""
 
 
-def now(g: Comm, name: str, fp: dict, tuning: Tuning, body: Body,
-        timeout: float | None = None) -> Any:
+def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any], Body | None],
+        arg: Any, timeout: float | None = None) -> Any:
     """``start`` for a blocking call whose arguments an earlier call with the
     same fingerprint has checked (collectives.shm.tiny): the group's next
     tag, the deadline, and on failure the abort on every member, as
-    ``start`` does, without its preparation. NOT_NOW, with no tag taken,
-    while the group's lane has work or watches (the call then takes
-    ``start``, which orders it behind them and reports what they caught)."""
+    ``start`` does, without its preparation. ``step(tag, arg)`` runs the
+    call as far as it can without a Ctx (no long wait): None once it is
+    done, else the Body that finishes it, run with the call's Ctx (its
+    deadline counted from this call). NOT_NOW, with no tag taken, while
+    the group's lane has work or watches (the call then takes ``start``,
+    which orders it behind them and reports what they caught)."""
     st = _groups.get(g)     # (made by the first call, which took ``start``)
     if st is None or st.watches or st.running or st.queue:
         return NOT_NOW
     t0 = time.monotonic()
-    limit = float(g.timeout) if timeout is None else timeout
     ch = g.collective_channel()
     tag = ch.next_tag()
     st.calls += 1
-    ctx = Ctx(g, tag, fp, tuning, name, limit, t0 + limit)
     try:
-        aborted = ch.aborted(tag, f"{name} #{-tag} on group {g.name}")
-        if aborted is not None:
-            raise aborted
-        return body(ctx)
+        if ch.aborted(tag, "") is not None:      # (the text made only when it is)
+            raise ch.aborted(tag, f"{name} #{-tag} on group {g.name}")  # type: ignore[misc]
+        rest = step(tag, arg)
+        if rest is None:
+            return None
+        limit = float(g.timeout) if timeout is None else timeout
+        return rest(Ctx(g, tag, fp, tuning, name, limit, t0 + limit))
     except BaseException as e:
         _abort(g, tag, name, e)
         raise

@@ -2,12 +2,19 @@
 boards it runs on (collectives.shm.board): the same bits as the long way,
 and the long way's guarantees when ranks are on different ways: a
 mismatch raises on every rank, a bad argument aborts the others, a
-timeout ends the call on every rank; boards that cannot be mapped are
-polled with cross-memory reads instead."""
+timeout ends the call on every rank, a killed peer is named; boards that
+cannot be mapped are polled with cross-memory reads instead. The short
+way's two waits (a spin where every rank has a core, yields where not)
+are both taken, whatever the machine's cores."""
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import numpy as np
 
@@ -28,13 +35,18 @@ def _caught(fn: Any) -> str:
 
 def _results(world: Any) -> list:
     """Repeated calls (the first settles the short way, the next take it)
-    against numpy, over ops, dtypes and shapes."""
+    against numpy, over ops, dtypes and shapes; every other plan spins
+    where the others yield."""
     rng = np.random.default_rng(7)
     wrong = []
-    for op, dtype, shape in [("sum", np.float32, (2,)), ("avg", np.float64, (2, 3)),
-                             ("max", np.int16, ()), ("bxor", np.uint8, (5,)),
-                             ("prod", np.complex64, (3,))]:
+    for k, (op, dtype, shape) in enumerate([("sum", np.float32, (2,)),
+                                            ("avg", np.float64, (2, 3)),
+                                            ("max", np.int16, ()), ("bxor", np.uint8, (5,)),
+                                            ("prod", np.complex64, (3,))]):
         for i in range(4):
+            plan = tiny._plans.get(world, {}).get((np.dtype(dtype), shape, op))
+            if plan is not None:
+                plan.quick.spin = board._BUSY_S if k % 2 == 0 else 0.0
             xs = [np.array(rng.integers(-3, 4, size=shape), dtype=dtype)
                   for _ in range(world.size)]
             if dtype == np.complex64:
@@ -72,6 +84,19 @@ def on_both_ways(world: Any) -> dict:
     a = np.full(4, world.rank + 1, np.float32)
     C.all_reduce(world, a)
     out["after"] = a.tolist()
+    # every rank on the short way, rank 1 with another op, then another dtype
+    for x in (np.ones(4), np.ones(4, np.float32)):
+        C.all_reduce(world, x, op="max")
+    out["op"] = _caught(lambda: C.all_reduce(world, ones, op="max" if world.rank == 1 else "sum"))
+    out["dtype"] = _caught(lambda: C.all_reduce(world, np.ones(4) if world.rank == 1 else ones,
+                                                op="max"))
+    # a peer late past the short wait: the others go on with a Round, same result
+    if world.rank == 2:
+        time.sleep(0.05)
+    a = np.full(4, world.rank + 1, np.float32)
+    C.all_reduce(world, a)
+    out["late"] = a.tolist()
+    out["plans"] = len(tiny._plans.get(world, {}))
     return out
 
 
@@ -80,7 +105,7 @@ def test_the_short_way_matches_numpy_and_keeps_the_guarantees() -> None:
     total = float(sum(range(1, N + 1)))
     for rank, r in enumerate(res):
         assert r["wrong"] == [], f"rank {rank}: {r['wrong']}"
-        assert r["mapped"] and r["plans"] == 5, r
+        assert r["mapped"] and r["plans"] == 8, r
         text = r["shape"]
         assert text.startswith("MismatchError") and "shape=[4]" in text and "shape=[5]" in text, \
             f"rank {rank}: {text}"
@@ -91,7 +116,13 @@ def test_the_short_way_matches_numpy_and_keeps_the_guarantees() -> None:
             assert text.startswith("MeshError") and "rank 1" in text and "nope" in text, text
         text = r["timeout"]
         assert text.startswith("MeshTimeoutError") and "rank 0" in text, f"rank {rank}: {text}"
-        assert r["after"] == [total] * 4, r
+        assert r["after"] == [total] * 4 and r["late"] == [total] * 4, r
+        text = r["op"]
+        assert text.startswith("MismatchError") and "op=sum" in text and "op=max" in text, \
+            f"rank {rank}: {text}"
+        text = r["dtype"]
+        assert text.startswith("MismatchError") and "float32" in text and "float64" in text, \
+            f"rank {rank}: {text}"
 
 
 def unmapped(world: Any) -> dict:
@@ -105,3 +136,33 @@ def test_boards_that_cannot_be_mapped_are_read_across_processes() -> None:
     for rank, r in enumerate(mesh.spawn(unmapped, 2, timeout=60)):
         assert r["wrong"] == [] and not r["mapped"], r
         assert r["shape"].startswith("MismatchError") and "shape=[3]" in r["shape"], r
+
+
+def killed(world: Any, out: str) -> None:
+    """Rank 2 is killed between two short calls; the others, waiting for it
+    in the next, write what they raised and how long it took them."""
+    a = np.ones(2, np.float32)
+    for _ in range(50):
+        C.all_reduce(world, a)
+    if world.rank == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        for _ in range(1000):
+            C.all_reduce(world, a)
+        text = "no error"
+    except mesh.MeshError as e:
+        text = f"{type(e).__name__}: {e}"
+    Path(out, str(world.rank)).write_text(f"{time.monotonic() - t0:.2f} {text}")
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_killed_between_short_calls_is_named(tmp_path: Path) -> None:
+    env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_HEARTBEAT": "0.1"}
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(killed, N, str(tmp_path), timeout=60, env=env)
+    assert err.value.rank == 2
+    for rank in (0, 1):
+        took, text = Path(tmp_path, str(rank)).read_text().split(" ", 1)
+        assert text.startswith("LostPeerError") and "2" in text, f"rank {rank}: {text}"
+        assert float(took) < 15, f"rank {rank} took {took}s: {text}"

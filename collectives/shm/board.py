@@ -22,6 +22,10 @@ collective a rank has finished with; a slot is rewritten only once every
 peer's ack has reached what it holds, which in lockstep the heads already
 seen show, so it costs no extra read.
 
+A repeated tiny all_reduce (collectives.shm.tiny) posts and polls the same
+words through ``Quick``, its views made once, and reduces the peers'
+payloads where they lie in their mapped boards.
+
 A peer on a socket path instead (another collective) is caught by a receive
 posted on the tag once a wait gets long; so is an abort; a dead peer fails
 a cross-memory read of its board (made on every poll without a mapping, on
@@ -32,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import platform
 import secrets
 import threading
 import time
@@ -48,7 +53,7 @@ from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 from . import cma
 
-__all__ = ["CAPACITY", "INLINE", "available", "mapped", "Round", "signature"]
+__all__ = ["CAPACITY", "INLINE", "available", "mapped", "Round", "Quick", "signature"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
@@ -61,6 +66,12 @@ _BODY = _FP_ROOM + CAPACITY
 _SIZE = _PEEK + 2 * _BODY
 _SPIN_S = 0.002
 _BUSY_S = 0.00005
+_QUICK_SPIN_S = 0.0
+_QUICK_YIELD_S = 0.0005
+_FENCE = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86")
+"""Whether Quick fences: not on x86, whose stores are seen in program order
+and loads are not passed by later loads or stores (all the board needs:
+no rank acts on a store it has made before loading another's)."""
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _SLOT_WORDS = 7
@@ -124,6 +135,7 @@ class _Box:
         words[0] = cookie = secrets.randbits(63)
         self.head = words[1:1 + _WORDS].data
         self.slot_fp = [b"", b""]        # the fingerprint each slot's body holds
+        self.slot_words: list[Any] = [None, None]  # the Quick whose words a slot's head holds
         n, rank = ctx.g.size, ctx.g.rank
         where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd])
         if fd >= 0:
@@ -378,6 +390,7 @@ class Round:
             size = raw.nbytes
             at = _HEAD + slot * _INLINE if size <= _INLINE else body + _FP_ROOM
             box.mv[at:at + size] = raw
+        box.slot_words[slot] = None
         head[b + STAGE], head[b + FPLEN], head[b + PAYLEN] = 0, len(self.fp), size
         head[b + ADDR], head[b + ADDR2], head[b + FPHASH] = addr, addr2, self.hash
         fence()
@@ -442,6 +455,7 @@ class Round:
 
     def stage(self, k: int) -> None:
         """Tell peers this rank has reached stage ``k`` of the collective."""
+        self.box.slot_words[self.slot] = None
         self.box.head[1 + self.base + STAGE] = k
 
     def wait_stage(self, peers: list[int], k: int) -> None:
@@ -455,3 +469,103 @@ class Round:
                 self.wait.gone(p, f"reaching stage {k}")
         if self.wait.error is not None:
             raise self.wait.error
+
+
+class Quick:
+    """The board side of a repeated tiny call (collectives.shm.tiny), for one
+    group with every peer's board mapped and one payload (``like``'s dtype
+    and shape, inline) under one fingerprint: the plain case of Round's
+    ``post`` and ``gather``, with every view made once. The payload is
+    posted inline as Round posts it, and the peers' payloads are read
+    where they lie, in their mapped boards (``views``: per slot, rank
+    order, this rank's own post in its place), until ``done`` acks them.
+    Anything else (a peer not done with the slot, a wait past a short
+    spin or a few yields, a mismatch) tells the caller to go on with a
+    Round, which picks up where this left off."""
+
+    def __init__(self, g: Comm, like: np.ndarray, sig: tuple[bytes, int]) -> None:
+        box = _boxes[g]
+        self.box, self.head, self.heads, self.peers = box, box.head, box.heads, box.peers
+        self.fp, self.hash = sig
+        self.size = size = like.nbytes
+        self.meta = np.array([0, len(self.fp), size, 0, 0, self.hash], np.int64).data
+        # (the words after seq, as Round.post writes them: stage fplen paylen addr addr2 fphash)
+
+        def payload(row: np.ndarray, slot: int) -> np.ndarray:
+            at = _HEAD + slot * _INLINE
+            return row[at:at + size].view(like.dtype).reshape(like.shape)
+
+        rank = g.rank
+        self.views = [[payload(box.mem if p == rank else box.rows[p], s) for p in range(g.size)]
+                      for s in (0, 1)]
+        self.mine = [self.views[0][rank], self.views[1][rank]]
+        self.spin = _BUSY_S if g.size <= _CORES else _QUICK_SPIN_S
+
+    def post(self, seq: int, a: np.ndarray) -> bool:
+        """Round.post of ``a`` for call ``seq``; False, with nothing written,
+        where a peer has not acked this slot's last call yet."""
+        head, heads, slot = self.head, self.heads, seq & 1
+        b = 1 + _SLOT_WORDS * slot
+        held = head[b]
+        for p in self.peers:
+            if heads[p][0] < held:
+                return False
+        box = self.box
+        if box.slot_fp[slot] is not self.fp:
+            body = _PEEK + slot * _BODY
+            box.mv[body:body + len(self.fp)] = self.fp
+            box.slot_fp[slot] = self.fp
+        self.mine[slot][...] = a
+        if box.slot_words[slot] is not self:     # (a Round or another Quick wrote them)
+            head[b + 1:b + 1 + 6] = self.meta
+            box.slot_words[slot] = self
+        if _FENCE:
+            fence()
+        head[b] = seq
+        if head[0] < seq - 1:
+            head[0] = seq - 1
+        return True
+
+    def arrived(self, seq: int) -> bool:
+        """Whether every peer has posted call ``seq`` with this fingerprint
+        and payload size, after a short wait (``_wait``). False: go on with
+        Round.gather (a longer wait, an abort, a lost peer, a mismatch)."""
+        heads, b = self.heads, 1 + _SLOT_WORDS * (seq & 1)
+        hash_at, size_at = b + FPHASH, b + PAYLEN
+        for p in self.peers:
+            h = heads[p]
+            if h[b] != seq and not self._wait(h, b, seq):
+                return False
+            if _FENCE:
+                fence()     # what the post holds is read after its seq
+            if h[hash_at] != self.hash or h[size_at] != self.size:
+                return False
+        return True
+
+    def _wait(self, h: Any, b: int, seq: int) -> bool:
+        """Until ``h``'s slot word at ``b`` says ``seq``: spin (_BUSY_S where
+        every rank of the group has a core, else _QUICK_SPIN_S), then yield
+        (the rank waited for may need this core) up to _QUICK_YIELD_S.
+        False once that is over."""
+        clock = time.perf_counter
+        start = clock()
+        end = start + self.spin
+        while h[b] != seq:
+            if clock() > end:
+                break
+        else:
+            return True
+        end = start + _QUICK_YIELD_S
+        while h[b] != seq:
+            if clock() > end:
+                return False
+            os.sched_yield()
+        return True
+
+    def done(self, seq: int) -> None:
+        """This rank is done reading the peers' posts of call ``seq`` (Round's exit)."""
+        if _FENCE:
+            fence()     # (the reads above come before the ack)
+        head = self.head
+        if head[0] < seq:
+            head[0] = seq

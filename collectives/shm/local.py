@@ -34,17 +34,19 @@ __all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "red
 
 def _reduce_payloads(ctx: Ctx, buf: np.ndarray, op: ReduceOp, readers: range,
                      outs: list[np.ndarray | None] | None = None,
-                     sig: tuple[bytes, int] | None = None) -> None:
+                     sig: tuple[bytes, int] | None = None, posted: bool = False) -> None:
     """Everyone posts ``buf``; the ranks in ``readers`` read all the others'
     (into ``outs[p]``, made here unless given; ``outs[rank]`` is None) and
     set ``buf`` to the reduction in rank order (the same bits on each).
-    ``sig``: the board's signature of the call's fingerprint, if known."""
+    ``sig``: the board's signature of the call's fingerprint, if known;
+    ``posted``: this rank's post is on the board already (board.Quick)."""
     n, rank = ctx.g.size, ctx.g.rank
     reads = rank in readers
     if reads and outs is None:
         outs = [None if p == rank else np.empty_like(buf) for p in range(n)]
     with Round(ctx, sig) as r:
-        r.post(payload=None if reads and len(readers) == 1 else buf)
+        if not posted:
+            r.post(payload=None if reads and len(readers) == 1 else buf)
         r.gather(outs if reads else None)
     if outs is not None and reads:
         acc = buf if rank == 0 else outs[0]
@@ -57,10 +59,11 @@ def _reduce_payloads(ctx: Ctx, buf: np.ndarray, op: ReduceOp, readers: range,
 
 def all_reduce_small(ctx: Ctx, buf: np.ndarray, op: ReduceOp,
                      outs: list[np.ndarray | None] | None = None,
-                     sig: tuple[bytes, int] | None = None) -> None:
+                     sig: tuple[bytes, int] | None = None, posted: bool = False) -> None:
     """Every rank reads every contribution and reduces them in rank order
-    (``outs``, ``sig``: as for _reduce_payloads, kept by collectives.shm.tiny)."""
-    _reduce_payloads(ctx, buf, op, range(ctx.g.size), outs, sig)
+    (``outs``, ``sig``, ``posted``: as for _reduce_payloads, from
+    collectives.shm.tiny)."""
+    _reduce_payloads(ctx, buf, op, range(ctx.g.size), outs, sig, posted)
 
 
 def barrier(ctx: Ctx) -> None:

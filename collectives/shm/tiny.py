@@ -1,17 +1,23 @@
 """The short way of a tiny all_reduce (a payload that fits the board's
-inline room, ranks of one host, a blocking call): what the first call of a
-(group, dtype, shape, op) settles through collectives.host.paths (argument
-checks, fingerprint, algorithm, the board) is kept, and later calls under
-the same tuning go straight to the board: one post, one poll per peer, a
-reduction in rank order into buffers kept from the last call.
+inline room, ranks of one host whose boards are all mapped, a blocking
+call): what the first call of a (group, dtype, shape, op) settles through
+collectives.host.paths (argument checks, fingerprint, algorithm, the
+board) is kept, and later calls under the same tuning go straight to the
+board (collectives.shm.board.Quick): one post, one poll per peer, and the
+reduction in rank order read straight out of the peers' mapped boards
+into the caller's array, with no copy and nothing made per call.
 
 It keeps the long way's guarantees: the fingerprint on the board is the
 same (a rank on either way that called something else raises a
 MismatchError on every rank), the call takes the group's next tag and its
 deadline, and a failure aborts the tag on every member
-(collectives.runner.now). Anything the short way cannot take (async,
-an algorithm or a timeout that is not a float, a non-contiguous or
-read-only array, a lane with work) takes the long way.
+(collectives.runner.now). A wait past board.Quick's (a spin where every
+rank of the group has a core, then yields, 0.5 ms in all), a mismatch, or
+a peer not done with the slot goes on as the long way does, with a Round,
+from where the short way left off (collectives.shm.local.all_reduce_small).
+Anything the short way cannot take (async, an algorithm or a timeout that
+is not a float, a non-contiguous or read-only array, a lane with work)
+takes the long way.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from mesh import Comm
 
 from ..ops import ReduceOp
 from ..plan import Tuning
-from ..runner import NOT_NOW, Ctx, now
+from ..runner import NOT_NOW, Body, Ctx, now
 from . import board
 from .local import all_reduce_small
 
@@ -37,26 +43,55 @@ MAX_BYTES = board.INLINE
 
 class _Plan:
     """One (group, dtype, shape, op): the tuning it was settled under, its
-    fingerprint and board signature, the op, the peers' receive buffers."""
+    fingerprint and board signature, the op (its ufunc; ``avg``: whether
+    the sum is divided), the board's Quick, and the peers' receive buffers
+    for a call that goes on with a Round."""
 
-    __slots__ = ("tuning", "fp", "sig", "rop", "outs", "n")
+    __slots__ = ("tuning", "fp", "sig", "rop", "outs", "n", "quick", "ufunc", "later", "avg")
 
     def __init__(self, ctx: Ctx, arr: np.ndarray, rop: ReduceOp) -> None:
         self.tuning, self.fp, self.rop = ctx.tuning, ctx.fp, rop
         self.sig = board.signature(ctx.fp)
-        self.n = ctx.g.size
+        self.n = n = ctx.g.size
         self.outs: list[np.ndarray | None] = [None if p == ctx.g.rank else np.empty_like(arr)
-                                              for p in range(self.n)]
+                                              for p in range(n)]
+        self.quick = board.Quick(ctx.g, arr, self.sig)
+        self.ufunc = getattr(np, rop.ufunc_name)
+        self.later = [tuple(views[2:]) for views in self.quick.views]
+        self.avg = rop.name == "avg" and n > 1 and arr.size > 0    # (what rop.finish divides)
 
-    def body(self, buf: np.ndarray) -> Any:
+    def step(self, tag: int, a: np.ndarray) -> Body | None:
+        """runner.now's step: the call on the board's Quick; None once done,
+        else the rest of it on a Round."""
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, False)
+        if not quick.arrived(seq):
+            return self.rest(a, True)
+        slot = seq & 1
+        views, f = quick.views[slot], self.ufunc
+        f(views[0], views[1], out=a)    # in rank order, as _reduce_payloads combines
+        for v in self.later[slot]:
+            f(a, v, out=a)
+        quick.done(seq)
+        if self.avg:
+            a /= self.n
+        return None
+
+    def rest(self, buf: np.ndarray, posted: bool) -> Body:
         def run(ctx: Ctx) -> None:
-            all_reduce_small(ctx, buf, self.rop, self.outs, self.sig)
+            all_reduce_small(ctx, buf, self.rop, self.outs, self.sig, posted)
             self.rop.finish(buf, self.n)
         return run
 
 
 _plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Plan]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_NO_LAST: tuple = (lambda: None, None, None, None, None)
+_last = _NO_LAST
+"""(group's weak reference, dtype, shape, op, plan) of the last short call:
+a loop's next call finds its plan here for a third of what the
+dictionaries cost (hashing a dtype alone costs about as much)."""
 
 
 def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> None:
@@ -73,20 +108,25 @@ def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> None:
         plan = plans.get(key)
         if plan is None or plan.tuning is not ctx.tuning:
             plans[key] = _Plan(ctx, arr, rop)
+            global _last
+            _last = _NO_LAST
 
 
 def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | None:
     """``a`` all-reduced the short way, or None (nothing done, no tag taken)
     where the call must take the long way."""
-    try:
-        plan = _plans[g][(a.dtype, a.shape, op)]
-    except (KeyError, TypeError):
+    global _last
+    ref, dtype, shape, last_op, plan = _last
+    if ref() is not g or dtype is not a.dtype or last_op is not op or shape != a.shape:
+        try:
+            plan = _plans[g][(a.dtype, a.shape, op)]
+        except (KeyError, TypeError):
+            return None
+        _last = (weakref.ref(g), a.dtype, a.shape, op, plan)
+    flags = a.flags
+    if (plan.tuning is not Tuning.from_env() or not flags.c_contiguous or not flags.writeable
+            or not (timeout is None or type(timeout) is float and timeout >= 0)):
         return None
-    if (plan.tuning is not Tuning.from_env() or not a.flags.c_contiguous
-            or not a.flags.writeable or not (timeout is None or type(timeout) is float
-                                             and timeout >= 0)):
-        return None
-    if now(g, "all_reduce", plan.fp, plan.tuning, plan.body(a),
-           timeout) is NOT_NOW:
+    if now(g, "all_reduce", plan.fp, plan.tuning, plan.step, a, timeout) is NOT_NOW:
         return None
     return a
