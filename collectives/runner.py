@@ -350,7 +350,7 @@ def _abort(g: Comm, tag: int, name: str, e: BaseException) -> None:
         text = text[here.index(": ") + 2:]
     else:
         text = f"{name} #{-tag} failed: {type(e).__name__}: {text}"
-    g.collective_channel().abort(tag, text, AbortKind.of(e))
+    g.collective_channel().abort(tag, text, AbortKind.of(e), getattr(e, "peer", None))
 
 
 def abandon(g: Comm, reason: str, kind: AbortKind = AbortKind.OTHER,

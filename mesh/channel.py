@@ -16,7 +16,7 @@ public point-to-point API, to run operations that involve a whole group:
 * Aborts: ``abort(tag, reason, kind)`` fails a tag on every member, now and
   for operations posted on it later; each raises ``kind``'s error.
   ``aborted(tag, what)`` is that error here, if the tag was aborted.
-* Where peers are: ``endpoint(rank)`` (tcp:// or ipc://), ``encrypted``.
+* Where peers are: ``endpoint(rank)`` (tcp:// or ipc://), ``host(rank)``, ``encrypted``.
 * Lifetime: ``keep_alive(obj)`` and ``on_close(fn)`` keep memory that peers
   may read until they have all said goodbye.
 * Stall reports: ``stalled(what, peers, waited)`` for waits made outside the
@@ -79,6 +79,11 @@ class CollectiveChannel:
         """How this rank reaches group rank ``rank``: ``tcp://host:port``
         (another host, or MESH_FORCE_TCP) or ``ipc://...`` (this host)."""
         return self._t.endpoints[self._comm.ranks[rank]]
+
+    def host(self, rank: int) -> str:
+        """Group rank ``rank``'s host id (mesh.env.host_id, as the rendezvous
+        table has it): ranks with the same one share a host."""
+        return self._t.hosts[self._comm.ranks[rank]]
 
     @property
     def encrypted(self) -> bool:

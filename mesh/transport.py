@@ -50,9 +50,12 @@ class Transport:
     """Sockets, matching and liveness for one rank. Built by ``mesh.init``."""
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
-                 endpoints: list[str], secret: str, timeout: float, curve: bool = False) -> None:
+                 endpoints: list[str], secret: str, timeout: float, curve: bool = False,
+                 hosts: list[str] | None = None) -> None:
         self.rank, self.size, self.timeout = rank, size, timeout
         self.endpoints, self.curve = list(endpoints), curve   # how each peer is reached
+        # each rank's host id (mesh.env.host_id) as the rendezvous table has it
+        self.hosts = hosts if hosts is not None else [""] * size
         window = int(config_float("MESH_WINDOW_BYTES", 64 << 20))
         self._orphans: list[Any] = []   # buffers of sends to lost peers ZeroMQ may still hold
         self._ctx, self._router = ctx, router

@@ -34,7 +34,7 @@ class Mesh(Comm):
                  server: RendezvousServer | None, ipc_path: str) -> None:
         super().__init__(transport, range(transport.size), 0, "world")
         self.spec = spec
-        self.hosts = hosts
+        self.hosts = transport.hosts     # each rank's host id (the same list as the transport's)
         self.endpoints = endpoints
         self._ctx, self._auth, self._server, self._ipc_path = ctx, authenticator, server, ipc_path
         self._closed = False
@@ -217,5 +217,5 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     endpoints = [p["endpoints"]["ipc"] if same_host_ipc and p["host"] == host
                  else p["endpoints"]["tcp"] for p in table]
     transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout,
-                          curve)
+                          curve, hosts)
     return Mesh(transport, ctx, authenticator, spec, hosts, endpoints, server, ipc_path)

@@ -1,8 +1,9 @@
 """Hierarchical collectives (collectives.host.hier) on one machine, hosts
-faked with MESH_HOST_ID (read by mesh.env.host_id; the board then runs only
-within each fake host): 4 ranks, ranks 0 and 3 on host "a", 1 and 2 on "b"
-(not contiguous, so the mapping of rows to hosts is exercised); leaders
-are ranks 0 and 1. The same over real namespaces: tests/test_mesh_netns.py."""
+faked by rewriting the world's host table (world.hosts, what the
+rendezvous gave: the board then runs only within each fake host): 4 ranks,
+ranks 0 and 3 on host "a", 1 and 2 on "b" (not contiguous, so the mapping
+of rows to hosts is exercised); leaders are ranks 0 and 1. The same over
+real namespaces: tests/test_mesh_netns.py."""
 from __future__ import annotations
 
 import json
@@ -17,27 +18,37 @@ import pytest
 import collectives as C
 import mesh
 from collectives import plan
-from collectives.host import hier
+from collectives.host import columns, hier
+from collectives.host.ring import final_regions
 
 pytestmark = pytest.mark.timeout(120)
 HOSTS = "abba"
 VICTIM = 1     # the leader of host "b"
 
 
-def _fake_host(world: Any) -> None:
-    os.environ["MESH_HOST_ID"] = "fake-" + HOSTS[world.rank]
+def _fake_host(world: Any, hosts: str = HOSTS) -> None:
+    """Before the first collective: the one table every layout is read from."""
+    world.hosts[:] = ["fake-" + h for h in hosts]
 
 
 def every_op(world: Any) -> None:
     _fake_host(world)
     n, r = world.size, world.rank
-    C.all_reduce(world, np.ones(5))     # small and not forced: flat, the layout not even asked
-    assert hier.topology_of(world) is None
-    for count in (5, 200_000):          # rd / ring between leaders
+    fresh = world.group(list(range(n)))   # its first large all_reduce: three phases, not pipelined
+    big = np.arange(200_001, dtype=np.float32) % 100 * (r + 1)
+    assert np.array_equal(C.all_reduce(fresh, big.copy()), big / (r + 1) * 10)
+    assert hier.topology_of(fresh) is not None
+    # small, not forced: two levels too (from the table: no message asked it);
+    # the first call in three phases, the next ones in one board round
+    assert C.all_reduce(world, np.ones(5))[0] == n
+    assert hier.topology_of(world) is not None
+    for count in (5, 1000, 200_000):    # rd between leaders (inline, body payload) / columns
         a = np.arange(count, dtype=np.float64) * (r + 1)
         want = np.arange(count, dtype=np.float64) * sum(range(1, n + 1))
         got = C.all_reduce(world, a.copy())
         np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(C.all_reduce(world, a.astype(np.int64), op="max"),
+                                      (np.arange(count) * n).astype(np.int64))
         np.testing.assert_allclose(C.all_reduce(world, a.copy(), op="avg"), want / n)
         assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
         assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="hier"), want)
@@ -55,6 +66,7 @@ def every_op(world: Any) -> None:
             b = a.copy() if r == root else np.zeros(count)
             C.broadcast(world, b, root=root, algorithm="hier")
             assert np.array_equal(b, np.arange(count) * (root + 1)), (count, root)
+    assert hier.stats["one_round"] >= 6, hier.stats   # small and large, once the boards were up
     topo = hier.topology_of(world)
     assert topo is not None and topo.hosts == ((0, 3), (1, 2)), topo
     assert (topo.leaders is not None) == (r in (0, 1))
@@ -76,7 +88,41 @@ def every_op(world: Any) -> None:
 
 
 def test_every_hierarchical_op_matches_numpy() -> None:
-    mesh.spawn(every_op, 4, timeout=90, env={"MESH_TIMEOUT": "20"})
+    """Pipelined columns (MESH_COLL_PIPELINE=1) with small segments and
+    window: many blocks."""
+    mesh.spawn(every_op, 4, timeout=90, env={"MESH_TIMEOUT": "20", "MESH_COLL_SEGMENT": "64K",
+                                             "MESH_COLL_WINDOW": "2", "MESH_COLL_PIPELINE": "1"})
+
+
+def three_hosts(world: Any) -> None:
+    """Columns of three: the column ring's reduce steps and gather steps
+    both more than one, so the segments the host reads back come from both."""
+    _fake_host(world, "abccab")
+    n, r = world.size, world.rank
+    for count in (7, 100_003, 100_003):     # three phases first, then one round
+        a = np.arange(count, dtype=np.float32) % 64 * (r + 1)
+        want = np.arange(count, dtype=np.float32) % 64 * sum(range(1, n + 1))
+        assert np.array_equal(C.all_reduce(world, a), want), count
+    assert hier.stats["one_round"] == 2, hier.stats
+    topo = hier.topology_of(world)
+    assert topo is not None and topo.hosts == ((0, 4), (1, 5), (2, 3)), topo
+
+
+def test_columns_of_three_hosts() -> None:
+    mesh.spawn(three_hosts, 6, timeout=90, env={"MESH_TIMEOUT": "20", "MESH_COLL_SEGMENT": "8K",
+                                                "MESH_COLL_WINDOW": "3", "MESH_COLL_PIPELINE": "1"})
+
+
+@pytest.mark.parametrize("n,count,seg,window", [(2, 1000, 64, 2), (3, 10_001, 400, 3),
+                                                (4, 5, 4, 8), (5, 3, 4, 1)])
+def test_final_regions_cover_the_buffer_once(n: int, count: int, seg: int, window: int) -> None:
+    """What the host reads back, in the order the column's ring makes it final."""
+    for rank in range(n):
+        regions = final_regions(n, rank, count, 4, seg, window)
+        covered = np.zeros(count, int)
+        for lo, hi in regions:
+            covered[lo:hi] += 1
+        assert (covered == 1).all(), (rank, regions)
 
 
 def die_between_hosts(world: Any, outdir: str, count: int) -> None:
@@ -84,7 +130,7 @@ def die_between_hosts(world: Any, outdir: str, count: int) -> None:
     _fake_host(world)
     C.all_reduce(world, np.ones(count), algorithm="hier")   # topology made; all alive
     if world.rank == VICTIM:
-        def killed(*args: Any) -> None:
+        def killed(*args: Any, **kw: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         hier.all_reduce_rd = killed     # dies as the leaders' (small) phase starts
         if os.environ.get("MESH_FORCE_TCP"):    # or halfway through the columns' streams
@@ -98,7 +144,7 @@ def die_between_hosts(world: Any, outdir: str, count: int) -> None:
                 return isend(self, arr)
             stream.Links.isend = isend_then_die     # type: ignore[method-assign]
         else:
-            hier.ring = killed          # or as the columns' (large) starts
+            hier.ring = columns.ring = killed   # or as the columns' (large) starts
     try:
         C.all_reduce(world, np.ones(count), algorithm="hier")
         result = {"type": "ok"}
@@ -115,7 +161,7 @@ def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int,
     """Small: the leaders' phase (rank 1 leads host b); large: the columns'
     (rank 1 is in column 0 with rank 0); over tcp://, halfway through the
     column's streams (collectives.host.stream)."""
-    env = {"MESH_PEER_TIMEOUT": "1.5"}
+    env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_COLL_PIPELINE": "1"}
     if tcp:
         env.update(MESH_FORCE_TCP="1", MESH_COLL_STREAM_MIN="64K", MESH_COLL_SEGMENT="64K")
     with pytest.raises(mesh.WorkerError) as err:

@@ -4,27 +4,30 @@ hosts over sockets between one rank per host (the leaders: local rank 0 of
 each host), then within each host again::
 
     all_reduce      small: host reduce to the leader | leaders all_reduce
-                    (recursive doubling) | host broadcast from the leader;
+                    (recursive doubling) | host broadcast from the leader,
+                    in one board round on the host once its boards are up
+                    (the others sleep while the leaders talk);
                     large, as many ranks on every host: host reduce_scatter |
                     local rank i all-reduces chunk i with the local ranks i
                     of the other hosts (a ring per column, all at once) |
-                    host all_gather; large otherwise: as small, a ring
-                    among the leaders
+                    host all_gather (pipelined segment by segment with
+                    MESH_COLL_PIPELINE=1, collectives.host.columns);
+                    large otherwise: as small, a ring among the leaders
     reduce_scatter  the all_reduce above on a copy, then this rank's rows
     all_gather      host gather to the leader | leaders all_gather of the
                     hosts' blocks | host broadcast of the whole
     broadcast       root's host: broadcast from the root | leaders broadcast
                     from the root's leader | other hosts: host broadcast
 
-A call takes this layout when its group spans more than one host, some
-host holds more than one of its ranks, and the buffer is at least
-MESH_COLL_SMALL (64K; below, the flat recursive doubling or tree is
-quicker than three phases); MESH_COLL_ALGO / ``algorithm=`` "hier" or
-"ring" force it either way (collectives.plan.layout). Which rank sits on
-which host (mesh.env.host_id; MESH_HOST_ID overrides it, which the tests
-use to fake hosts on one machine) is exchanged once, on the group's first
-collective that asks, and the per-host and leaders' groups are made then,
-the same on every rank, with ids derived from the group's (no message).
+A call takes this layout when its group spans more than one host and some
+host holds more than one of its ranks: an all_reduce (reduce_scatter) at
+any size, all_gather and broadcast from MESH_COLL_SMALL (64K; below, the
+flat tree and ring are quicker than three phases); MESH_COLL_ALGO /
+``algorithm=`` "hier" or "ring" force it either way (collectives.plan.layout). Which rank sits on
+which host is the mesh's rendezvous table's (mesh.env.host_id of each
+rank; MESH_HOST_ID overrides it), which every rank holds: the per-host and
+leaders' groups are made on the group's first collective that asks, the
+same on every rank, with ids derived from the group's (no message).
 
 Each phase is a collective of its own on its sub-group (its own tag, the
 top call's fingerprint plus the phase's name, so a mismatch anywhere is
@@ -32,11 +35,14 @@ seen on some rank of every sub-group), bounded by what is left of the call's
 deadline. A rank whose phase fails abandons the phases it has not made yet
 (runner.abandon), so the ranks waiting in them raise the same error kind
 (a lost peer naming the same world rank) instead of waiting, and every
-sub-group's calls stay numbered alike.
+sub-group's calls stay numbered alike. A phase nested in another (the
+one-round forms above) is abandoned the same way when the outer one fails
+before it is made.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -45,7 +51,6 @@ from typing import Any, Callable
 import numpy as np
 
 from mesh import AbortKind, Comm
-from mesh.env import host_id
 
 from ..ops import ReduceOp
 from ..plan import Tuning, ring_chunks
@@ -53,12 +58,15 @@ from ..runner import Ctx, abandon, agreed, start
 from ..shm import board, local
 from ..shm.board import Round
 from ..shm.cma import peer_read
-from .exchange import all_gather_object_direct
+from . import columns
 from .ring import ring
 from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
 from .small import all_reduce_rd
 
-__all__ = ["Topology", "topology", "topology_of", "refuse", "all_reduce", "all_gather", "broadcast"]
+__all__ = ["Topology", "topology", "topology_of", "refuse", "all_reduce", "all_gather", "broadcast",
+           "stats"]
+
+stats = {"one_round": 0}    # all_reduces whose host part ran in one board round (tests)
 
 
 @dataclass(frozen=True)
@@ -93,16 +101,17 @@ def _sub(g: Comm, members: tuple[int, ...], name: str) -> Comm:
     return sub
 
 
-def topology(ctx: Ctx) -> Topology | None:
+def topology(g: Comm) -> Topology | None:
     """The group's layout over hosts, or None when the flat algorithms fit
-    (one host, or one rank per host); exchanged on the first ask."""
-    g = ctx.g
+    (one host, or one rank per host): from the mesh's table of host ids
+    (every rank has it, so no message), made once per group."""
     with _lock:
         if g in _topos:
             return _topos[g]
     topo = None
     if g.size > 2:
-        ids = all_gather_object_direct(ctx, host_id())
+        ch = g.collective_channel()
+        ids = [ch.host(r) for r in range(g.size)]
         order = list(dict.fromkeys(ids))
         hosts = tuple(tuple(r for r in range(g.size) if ids[r] == h) for h in order)
         if 1 < len(hosts) < g.size:
@@ -131,33 +140,55 @@ def _columns(topo: Topology, coll: str, large: bool) -> bool:
     return large and coll in ("all_reduce", "reduce_scatter") and topo.column is not None
 
 
-def _groups(topo: Topology, coll: str, root: int, large: bool) -> list[Comm]:
+def _one_round(topo: Topology) -> bool:
+    """Whether an all_reduce runs its host's part in one board round with
+    the part across hosts nested in it (collectives.host.columns, and
+    _all_reduce_small below): the host's boards are up (an earlier call set
+    them up). Otherwise its three phases run one after the other."""
+    return topo.local.size > 1 and board.ready(topo.local)
+
+
+def _pipelined(topo: Topology) -> bool:
+    """Whether a large all_reduce over the columns pipelines its three
+    levels (collectives.host.columns): MESH_COLL_PIPELINE=1 (job-wide), off
+    by default: on the loaded 2-core machine it was no quicker than the
+    three phases (BENCHMARKS.md, issue 13, seventh session)."""
+    return os.environ.get("MESH_COLL_PIPELINE", "0") not in ("0", "") and _one_round(topo)
+
+
+def _small_round(topo: Topology, nbytes: int) -> bool:
+    """Whether a small all_reduce of ``nbytes`` takes _all_reduce_small."""
+    return nbytes <= board.CAPACITY and _one_round(topo)
+
+
+def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> list[Comm]:
     """The sub-groups of ``coll``'s phases on this rank, in order (what
     all_reduce, all_gather and broadcast below run)."""
     both = [topo.local] if topo.local.size > 1 else []
     across = [topo.leaders] if topo.leaders is not None else []
+    reduces = coll in ("all_reduce", "reduce_scatter")
     if _columns(topo, coll, large):
         assert topo.column is not None
-        return both + [topo.column] + both
+        return both + [topo.column] + ([] if _pipelined(topo) else both)
+    if reduces and not large and _small_round(topo, nbytes):
+        return both + across
     if coll != "broadcast":
         return both + across + both
     home = topo.host == next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
     return (both if home else []) + across + ([] if home else both)
 
 
-def refuse(g: Comm, coll: str, root: Any, large: bool, e: BaseException) -> None:
+def refuse(g: Comm, coll: str, root: Any, large: bool, nbytes: int, e: BaseException) -> None:
     """A call that would have run in two levels failed on this rank before
-    it started (its own arguments): fail the phases its peers wait in (a
-    group whose layout is not known yet learns it under the call's own
-    tag, which the failure aborts)."""
-    topo = topology_of(g)
+    it started (its own arguments): fail the phases its peers wait in."""
+    topo = topology(g)
     if topo is None:
         return
     if not isinstance(root, (int, np.integer)) or not 0 <= root < g.size:
         root = 0
     reason = (f"rank {g.ranks[g.rank]}: {coll} on group {g.name} failed: "
               f"{type(e).__name__}: {e}")
-    for sub in _groups(topo, coll, int(root), large):
+    for sub in _groups(topo, coll, int(root), large, nbytes):
         abandon(sub, reason, AbortKind.of(e), getattr(e, "peer", None))
 
 
@@ -179,6 +210,32 @@ def _run(ctx: Ctx, phases: list[Phase]) -> None:
             for later, _, _ in phases[i + 1:]:
                 abandon(later, reason, AbortKind.of(e), getattr(e, "peer", None))
             raise
+
+
+Body = Callable[[Ctx], Any]
+
+
+def _nested(ctx: Ctx, sub: Comm, what: str, inner: Comm | None, inner_what: str,
+            body_of: Callable[[Callable[[Body], None]], Body]) -> None:
+    """One phase on ``sub`` whose body (``body_of(across)``) runs the phase
+    on ``inner`` inside it by calling ``across(its body)`` (a rank without
+    ``inner`` does not); if the outer one fails before that, ``inner`` is
+    abandoned, so its peers raise too."""
+    made = [False]
+    stats["one_round"] += 1
+
+    def across(body: Body) -> None:
+        assert inner is not None
+        made[0] = True
+        fp = dict(ctx.fp, phase=inner_what)
+        start(inner, f"{ctx.name} ({inner_what})", lambda t: (fp, body), False, ctx.left())
+    try:
+        _run(ctx, [(sub, what, body_of(across))])
+    except BaseException as e:
+        if inner is not None and not made[0]:
+            abandon(inner, f"{ctx.where()}: {what} failed: {e}", AbortKind.of(e),
+                    getattr(e, "peer", None))
+        raise
 
 
 def _host_reduce(buf: np.ndarray, op: ReduceOp, large: bool) -> Callable[[Ctx], None]:
@@ -206,6 +263,9 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
     if _columns(topo, "all_reduce", large):
         _all_reduce_columns(ctx, topo, buf, op)
         return
+    if not large and _small_round(topo, buf.nbytes):
+        _all_reduce_small(ctx, topo, buf, op)
+        return
     phases: list[Phase] = []
     if topo.local.size > 1:
         phases.append((topo.local, "host reduce", _host_reduce(buf, op, large)))
@@ -221,17 +281,56 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
     _run(ctx, phases)
 
 
+def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
+    """One board round on the host: the others post their ``buf``, the
+    leader reduces them in rank order, all-reduces the host's sum with the
+    other leaders (recursive doubling, nested), and publishes the result in
+    its board; the others sleep (not spin: the leaders need the cores)
+    until it is there, and copy it."""
+    def body_of(across: Callable[[Body], None]) -> Body:
+        def body(lc: Ctx) -> None:
+            lead = lc.g.rank == 0
+            with Round(lc) as r:
+                if lead:
+                    outs: list[np.ndarray | None] = [None] + [np.empty_like(buf)
+                                                              for _ in r.peers]
+                    r.post()
+                    r.gather(outs)
+                    for got in outs[1:]:
+                        assert got is not None
+                        op.combine(buf, got)
+                    if topo.leaders is not None:
+                        across(lambda c: all_reduce_rd(c, buf, op))
+                    r.publish(buf, 1)
+                else:
+                    r.post(payload=buf)
+                    r.gather()
+                    r.wait_stage([0], 1, patient=True)
+                    r.payload_into(0, buf)
+        return body
+    _nested(ctx, topo.local, "host reduce, leaders all_reduce, host broadcast",
+            topo.leaders, "leaders all_reduce", body_of)
+
+
 def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
     """As many ranks on every host: local rank i reduces chunk i over its
     host, all-reduces it with the local ranks i of the other hosts (every
     column at once, so every rank's link to the others carries a share), and
-    the host gathers the chunks back."""
+    the host gathers the chunks back: pipelined segment by segment in one
+    board round once the host's boards are up (collectives.host.columns),
+    else in three phases."""
     k, i = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank)
     bounds = ring_chunks(buf.size, k)
     lo, hi = bounds[i]
     item = buf.itemsize
     column = topo.column
     assert column is not None
+    if _pipelined(topo):
+        _nested(ctx, topo.local, "host reduce_scatter, column all_reduce, host all_gather",
+                column, "column all_reduce",
+                lambda across: columns.host_body(buf, op, i, k, len(topo.hosts), topo.host,
+                                                 across))
+        return
 
     def scatter(c: Ctx) -> None:
         if board.available(c):

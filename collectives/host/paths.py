@@ -88,24 +88,34 @@ def _skipped(g: Comm, coll: str, a: Any, root: Any,
         except Exception:
             lay = None
         nbytes = getattr(a, "nbytes", 0) * (g.size if coll == "all_gather" else 1)
-        if g.size > 2 and (lay or (lay is None and nbytes >= t.small)):
+        if _hierarchical(g.size, coll, lay, nbytes, t):
             try:        # the size rule of the body: the leaders' (columns') algorithm
                 large = choose("all_reduce", nbytes, t,
                                algorithm if coll == "all_reduce" else "hier") == "ring"
             except ValueError:
                 large = nbytes >= t.small
-            hier.refuse(g, coll, root, large, e)
+            hier.refuse(g, coll, root, large, nbytes, e)
     return fail
 
 
-def _topology(ctx: Ctx, lay: bool | None, nbytes: int) -> hier.Topology | None:
+def _hierarchical(size: int, coll: str, lay: bool | None, nbytes: int, t: Tuning) -> bool:
+    """Whether a call may run hierarchically (if its group's layout over
+    hosts says so): ``lay`` (collectives.plan.layout) True forces it, False
+    forbids it; None chooses it for all_reduce (and reduce_scatter, which
+    runs it) at every size (small: one board round on the host around one
+    exchange between the leaders), for all_gather and broadcast from
+    MESH_COLL_SMALL up (below, the flat tree and ring are quicker)."""
+    if lay is False or size < 3:
+        return False
+    return bool(lay) or nbytes >= t.small or coll in ("all_reduce", "reduce_scatter")
+
+
+def _topology(ctx: Ctx, coll: str, lay: bool | None, nbytes: int) -> hier.Topology | None:
     """The group's layout over hosts when the call runs hierarchically, else
-    None: the flat algorithms. ``lay`` (collectives.plan.layout) True forces
-    it; None chooses it for ``nbytes`` from MESH_COLL_SMALL up (below, the
-    flat recursive doubling / tree beat three phases on a loaded machine)."""
-    if lay is False or ctx.g.size < 3 or (lay is None and nbytes < ctx.tuning.small):
+    None: the flat algorithms (_hierarchical)."""
+    if not _hierarchical(ctx.g.size, coll, lay, nbytes, ctx.tuning):
         return None
-    return hier.topology(ctx)
+    return hier.topology(ctx.g)
 
 
 def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
@@ -137,7 +147,7 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
-                topo = _topology(ctx, lay, buf.nbytes)
+                topo = _topology(ctx, "all_reduce", lay, buf.nbytes)
                 if topo is not None:
                     hier.all_reduce(ctx, topo, buf, rop, alg)
                 elif alg == "rd":
@@ -172,7 +182,7 @@ def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
         fn = broadcast_tree if alg == "tree" else broadcast_chain
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
-            topo = _topology(ctx, lay, buf.nbytes)
+            topo = _topology(ctx, "broadcast", lay, buf.nbytes)
             if topo is not None:
                 hier.broadcast(ctx, topo, buf, r, alg == "chain")
             elif board.available(ctx):
@@ -216,7 +226,7 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
         def body(ctx: Ctx) -> np.ndarray:
             n = ctx.g.size
             out = np.empty((n,) + arr.shape, arr.dtype)
-            topo = _topology(ctx, lay, out.nbytes)
+            topo = _topology(ctx, "all_gather", lay, out.nbytes)
             if topo is not None:
                 hier.all_gather(ctx, topo, arr, out, out.nbytes >= t.small)
             elif board.available(ctx):
@@ -242,7 +252,7 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 
         def body(ctx: Ctx) -> np.ndarray:
             n, m, rank = ctx.g.size, arr.shape[0] // ctx.g.size, ctx.g.rank
-            topo = _topology(ctx, lay, arr.nbytes)
+            topo = _topology(ctx, "reduce_scatter", lay, arr.nbytes)
             if topo is not None:
                 work = np.array(arr, order="C")
                 hier.all_reduce(ctx, topo, work.reshape(-1), rop,

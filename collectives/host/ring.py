@@ -19,11 +19,19 @@ Sends are zero-copy views of the buffer; a region is overwritten only once
 the send that read it is done. A link to a rank on another host carries its
 segments over a plain TCP stream, received straight into the slot or the
 buffer (collectives.host.stream); the rest over the mesh.
+
+An all_reduce may take ``hooks`` (first, final): ``first(lo, hi)`` is called
+before this rank's own data in buf[lo:hi] is first sent or reduced into
+(step-0 sends a block ahead, in link order), ``final(lo, hi)`` once
+buf[lo:hi] holds the result, in ``final_regions`` order. The hierarchical
+all_reduce (collectives.host.columns) reduces a region over the host in
+``first`` and lets the host read it back after ``final``, so the three
+levels overlap segment by segment.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,7 +41,9 @@ from ..plan import ring_chunk, ring_chunks, segment_count, segments
 from ..runner import Ctx
 from . import stream
 
-__all__ = ["ring", "message_order"]
+__all__ = ["ring", "message_order", "final_regions", "Hooks"]
+
+Hooks = tuple[Callable[[int, int], None], Callable[[int, int], None]]
 
 
 def message_order(steps: int, nseg: int, window: int) -> list[tuple[int, int]]:
@@ -46,26 +56,44 @@ def message_order(steps: int, nseg: int, window: int) -> list[tuple[int, int]]:
     return order
 
 
+def _geometry(n: int, count: int, itemsize: int, segment: int, window: int,
+              steps: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]],
+                                   list[tuple[int, int]]]:
+    """A ring's chunks, their segments and the link's message order."""
+    bounds = ring_chunks(count, n)
+    nseg = segment_count(bounds[0][1] - bounds[0][0], itemsize, segment)
+    return bounds, [segments(lo, hi, nseg) for lo, hi in bounds], \
+        message_order(steps, nseg, window)
+
+
+def final_regions(n: int, rank: int, count: int, itemsize: int, segment: int,
+                  window: int) -> list[tuple[int, int]]:
+    """The regions of a ``count``-long all_reduce buffer in the order rank
+    ``rank`` of ``n`` calls ``final`` on them (empty ones included): each
+    received on the last reduce step or a gather step, in link order."""
+    steps = 2 * (n - 1)
+    _, segs, order = _geometry(n, count, itemsize, segment, window, steps)
+    return [segs[ring_chunk(rank, s, n)[1]][j] for s, j in order if s >= n - 2]
+
+
 def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_steps: int,
-         shift: int = 0) -> None:
+         shift: int = 0, hooks: Hooks | None = None) -> None:
     """Run ``steps`` ring steps over the flat contiguous ``buf``, the first
     ``reduce_steps`` of them reducing with ``op``. all_reduce is
     (2(n-1), n-1, shift 0), all_gather (n-1, 0, 0), reduce_scatter
-    (n-1, n-1, shift -1, so rank r ends owning chunk r)."""
+    (n-1, n-1, shift -1, so rank r ends owning chunk r). ``hooks``: an
+    all_reduce's (first, final), module docstring."""
     n, r = ctx.g.size, ctx.g.rank
     if n == 1 or steps == 0:
         return
     left, right = (r - 1) % n, (r + 1) % n
-    bounds = ring_chunks(buf.size, n)
+    bounds, segs, order = _geometry(n, buf.size, buf.itemsize, ctx.tuning.segment,
+                                    ctx.tuning.window, steps)
     seg_elems = max(1, ctx.tuning.segment // buf.itemsize)
-    nseg = segment_count(bounds[0][1] - bounds[0][0], buf.itemsize, ctx.tuning.segment)
-    segs = [segments(lo, hi, nseg) for lo, hi in bounds]
-    order = message_order(steps, nseg, ctx.tuning.window)
     links = stream.open_links(ctx, left, right, steps * (bounds[0][1] - bounds[0][0])
                               * buf.itemsize)
     try:
-        _run(ctx, buf, op, steps, reduce_steps, shift, bounds, seg_elems, nseg, segs, order,
-             links)
+        _run(ctx, buf, op, steps, reduce_steps, shift, seg_elems, segs, order, links, hooks)
     except BaseException:
         if links is not None:
             links.failed = True
@@ -76,9 +104,9 @@ def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
 
 
 def _run(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_steps: int,
-         shift: int, bounds: list[tuple[int, int]], seg_elems: int, nseg: int,
-         segs: list[list[tuple[int, int]]], order: list[tuple[int, int]],
-         links: "stream.Links | None") -> None:
+         shift: int, seg_elems: int, segs: list[list[tuple[int, int]]],
+         order: list[tuple[int, int]], links: "stream.Links | None",
+         hooks: Hooks | None) -> None:
     n, r = ctx.g.size, ctx.g.rank
     left, right = (r - 1) % n, (r + 1) % n
     out_stream = links if links is not None and links.out is not None else None
@@ -94,8 +122,9 @@ def _run(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
     bufs = scratch.take(buf.dtype, seg_elems, slots) if reduce_steps else []
     sending: dict[tuple[int, int], Any] = {}
     sends: list[Any] = []
-    ready = [s == 0 for s, _ in order]
-    next_send = 0
+    first, final = hooks if hooks is not None else (None, None)
+    ready = [s == 0 and first is None for s, _ in order]
+    next_send = prepared = 0
 
     def region(k: int, which: int) -> tuple[int, int, tuple[int, int]]:
         s, j = order[k]
@@ -113,6 +142,19 @@ def _run(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
                 sends.append(req)
             next_send += 1
 
+    def prepare(upto: int) -> None:
+        """first() on this rank's step-0 sends before index ``upto``, each
+        sent as soon as it is ready."""
+        nonlocal prepared
+        assert first is not None
+        while prepared < min(upto, len(order)):
+            if order[prepared][0] == 0:
+                lo, hi, _ = region(prepared, 0)
+                first(lo, hi)
+                ready[prepared] = True
+                pump()
+            prepared += 1
+
     def post(k: int) -> Any:
         lo, hi, key = region(k, 1)
         if hi == lo:
@@ -125,20 +167,28 @@ def _run(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
         return irecv(buf[lo:hi])
 
     posted = deque(post(k) for k in range(min(slots, len(order))))
+    if first is not None:
+        prepare(slots)
     pump()
     for k, (s, j) in enumerate(order):
         req = posted.popleft()
+        lo, hi, _ = region(k, 1)
+        if first is not None and s < reduce_steps:
+            first(lo, hi)       # while the segment travels
         if req is not None:
             got = req.wait()
             if s < reduce_steps:
                 assert op is not None
-                lo, hi, _ = region(k, 1)
                 op.combine(buf[lo:hi], got)
+        if final is not None and s >= reduce_steps - 1:
+            final(lo, hi)
         if k + slots < len(order):
             posted.append(post(k + slots))
         if s + 1 < steps:
             ready[where[(s + 1, j)]] = True
             pump()
+        if first is not None:
+            prepare(k + 1 + slots)
     if links is not None:
         links.arm()
     for req in sends:

@@ -53,7 +53,7 @@ from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 from . import cma
 
-__all__ = ["CAPACITY", "INLINE", "available", "mapped", "Round", "Quick", "signature"]
+__all__ = ["CAPACITY", "INLINE", "available", "ready", "mapped", "Round", "Quick", "signature"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
@@ -189,6 +189,13 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
     return True
 
 
+def ready(g: Comm) -> bool:
+    """Whether ``g``'s boards are set up (an earlier collective found them
+    available): then a collective may use them without asking (no message)."""
+    with _lock:
+        return g in _boxes
+
+
 def mapped(g: Comm) -> bool:
     """Whether every peer's board in group ``g`` is mapped here (polls are loads)."""
     box = _boxes.get(g)
@@ -214,6 +221,7 @@ class _Waiting:
         self.watch: Any = None
         self.error: BaseException | None = None
         self.busy = _BUSY_S if ctx.g.size <= _CORES else 0.0
+        self.patient = False    # sleep at once: a long wait, others need the cores
         self.reports = 0
         self.what: str | None = None
 
@@ -233,10 +241,10 @@ class _Waiting:
         it) and sleep. Returns the error found."""
         now = time.monotonic()
         waited = now - self.t0
-        if waited < self.busy:
+        if waited < self.busy and not self.patient:
             return None
         ctx = self.ctx
-        if waited < _SPIN_S:
+        if waited < _SPIN_S and not self.patient:
             os.sched_yield()
             if self.what is None:
                 self.what = ctx.where().split(": ", 1)[1]
@@ -255,7 +263,7 @@ class _Waiting:
         if time.monotonic() > ctx.deadline:
             raise ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} (same-host board)")
         self._report(waited, waiting_for)
-        time.sleep(min(0.001, waited / 20))
+        time.sleep(min(0.001, max(waited / 20, 0.00002)))
         return None
 
     def _report(self, waited: float, waiting_for: list[int]) -> None:
@@ -426,6 +434,34 @@ class Round:
             raise self.wait.error
         return addrs
 
+    def publish(self, payload: np.ndarray, k: int) -> None:
+        """Put ``payload`` (at most CAPACITY bytes) in this rank's slot, in
+        place of what it posted (which no peer may still read: it posted
+        none that peers gather), then reach stage ``k``: peers that waited
+        for it take it with ``payload_into``."""
+        box, b, slot = self.box, 1 + self.base, self.slot
+        raw = _raw(payload)
+        size = raw.nbytes
+        at = _HEAD + slot * _INLINE if size <= _INLINE else _PEEK + slot * _BODY + _FP_ROOM
+        box.mv[at:at + size] = raw
+        box.head[b + PAYLEN] = size
+        fence()
+        box.head[b + STAGE] = k
+
+    def payload_into(self, peer: int, out: np.ndarray) -> None:
+        """``peer``'s payload into ``out`` (contiguous, its exact size), after
+        a wait for the stage it published it at."""
+        b = 1 + self.base
+        h = self._peek(peer)        # (the second read, where the board is not mapped)
+        size = h[b + PAYLEN]
+        if size != out.nbytes:
+            self._mismatch(peer, h, out.nbytes)
+        if size <= _INLINE:
+            at = self.slot * _INLINE
+            _raw(out)[:] = self.box.inline[peer][at:at + size]
+        else:
+            self.box.read_body(self.ctx, peer, _PEEK + self.slot * _BODY + _FP_ROOM, out)
+
     def payload_of(self, peer: int) -> np.ndarray:
         """A copy of ``peer``'s payload, whatever its size (after ``gather``)."""
         h, slot = self.box.heads[peer], self.slot
@@ -458,10 +494,27 @@ class Round:
         self.box.slot_words[self.slot] = None
         self.box.head[1 + self.base + STAGE] = k
 
-    def wait_stage(self, peers: list[int], k: int) -> None:
-        """Wait until each of ``peers`` has reached stage ``k``."""
+    def stage_of(self, peer: int) -> int:
+        """``peer``'s stage in this collective now, without waiting (0 before
+        it has posted); what it wrote before that stage may be read then."""
+        b = 1 + self.base
+        h = self._peek(peer)
+        if h[b + SEQ] != self.seq:
+            return 0
+        stage = int(h[b + STAGE])
+        fence()
+        return stage
+
+    def wait_stage(self, peers: list[int], k: int, patient: bool = False) -> None:
+        """Wait until each of ``peers`` has reached stage ``k``; ``patient``:
+        sleeping between polls from the start (a wait on work across hosts)."""
         seq, b = self.seq, 1 + self.base
-        self._until(peers, lambda h: (h[b + SEQ] == seq and h[b + STAGE] >= k) or h[0] >= seq)
+        self.wait.patient = patient
+        try:
+            self._until(peers, lambda h: (h[b + SEQ] == seq and h[b + STAGE] >= k)
+                        or h[0] >= seq)
+        finally:
+            self.wait.patient = False
         fence()
         for p in peers:
             h = self.box.heads[p]

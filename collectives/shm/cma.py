@@ -2,7 +2,8 @@
 ``process_vm_readv``, one kernel copy per byte (about 10 GB/s on a small
 VM, against about 1 GB/s per direction for two busy ipc:// sockets).
 
-When every member of a group runs on this host and may read the others'
+When every member of a group runs on this host (the same host id in the
+mesh's rendezvous table, mesh.env.host_id) and may read the others'
 memory (same user; where Yama restricts ptrace to ancestors, each process
 opts out with prctl(PR_SET_PTRACER_ANY) first), the group uses it: the board
 (collectives.shm.board) for synchronization and collectives.shm.local for the
@@ -22,7 +23,6 @@ import numpy as np
 
 from mesh import Comm, LostPeerError, MeshError
 from mesh.cma import Reader, allow_peers, read, token
-from mesh.env import host_id
 
 from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
@@ -65,14 +65,19 @@ def peer_read(ctx: Ctx, peer: int, addr: int, dst: np.ndarray) -> None:
 
 
 def _probe(ctx: Ctx) -> list[int] | None:
+    """The members' pids, or None where the group may not read each other
+    (another host says the mesh's table: known on every rank, no message)."""
+    host = ctx.ch.host
+    if any(host(p) != host(ctx.g.rank) for p in range(ctx.g.size)):
+        return None
     willing = sys.platform == "linux" and os.environ.get("MESH_CMA", "1") != "0"
     if willing:
         allow_peers()
     tok = token()
-    me = {"host": host_id(), "pid": os.getpid(), "addr": tok.ctypes.data,
-          "token": [int(t) for t in tok], "on": willing}
+    me = {"pid": os.getpid(), "addr": tok.ctypes.data, "token": [int(t) for t in tok],
+          "on": willing}
     everyone = all_gather_object_direct(ctx, me)
-    ok = all(p["on"] and p["host"] == me["host"] for p in everyone)
+    ok = all(p["on"] for p in everyone)
     if ok:
         got = np.zeros(2, np.uint64)
         for i, p in enumerate(everyone):

@@ -10,7 +10,7 @@ with gloo per namespace (c10d rendezvous on 10.77.0.1), all_reduce of
 float32 from 8 B to 64 MiB, then the same over a link slowed by a tbf rate
 limit (``--slow RATE``; ``--slow 0`` skips it). The meshrun job times the
 flat algorithms (forced, ``algorithm="rd"`` / ``"ring"``) and the
-automatic choice (hierarchical from 64 KiB where there are 2 ranks per
+automatic choice (hierarchical at every size where there are 2 ranks per
 host) in
 interleaved passes; each figure is the median over passes of the slowest
 rank's mean time per call. Prints per size: time and busbw of each, and
