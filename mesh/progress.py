@@ -44,6 +44,9 @@ __all__ = ["Progress"]
 # A spin gives the CPU away (sched_yield) only after this long: on a busy
 # machine each yield can cost a time slice to another process
 _BUSY = 30e-6
+# A receive spinning on one ring (``await_ring``) looks at the socket and the
+# other rings this often: a poll costs microseconds, a look at the ring a load
+_POLL = 20e-6
 
 _log = logging.getLogger("mesh.transport")
 
@@ -220,20 +223,26 @@ class Progress:
             return r or None
         rings = self._rings
         assert rings is not None
+        q, tail, heads = rings.watch(src)     # that ring has an entry once q[tail] != heads[src]
         items = self._spin_items
-        start = time.perf_counter()
-        end, yield_at = start + self._spin_now, start + _BUSY
-        while not (zmq.zmq_poll(items, 0) or rings.holding(src)):
-            for _ in range(16):
-                r = take(src, *args)
-                if r is not None:
-                    return r or None
-            now = time.perf_counter()
+        clock = time.perf_counter
+        start = clock()
+        end, yield_at, poll_at = start + self._spin_now, start + _BUSY, start
+        while True:
+            for _ in range(64):
+                if q[tail] != heads[src]:
+                    r = take(src, *args)
+                    if r is not None:
+                        return r or None
+            now = clock()
             if now >= end:
                 return None
+            if now >= poll_at:      # a system call, where the ring is a load: now and then
+                if zmq.zmq_poll(items, 0) or rings.holding(src):
+                    return None
+                poll_at = now + _POLL
             if now >= yield_at:
                 os.sched_yield()
-        return None
 
     def _woken(self, ready: list) -> int:
         """Empty the wake pipes that woke a poll (``ready``); when the rings'

@@ -92,6 +92,7 @@ class Reader:
             assert rings is not None
             rings.drain(src, self.heard[src], self._from_ring)
             self.heard[src] += 1
+            rings.heard(src, self.heard[src])
             try:
                 return self._dispatch(ident, head, payload, more)
             finally:

@@ -46,6 +46,53 @@ def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> 
         receiver.close()
 
 
+def test_a_full_ring_is_waited_on_while_its_receiver_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender that finds the ring full waits as long as the receiver
+    reads (this ring, or its socket messages: HEARD), however long that
+    takes; once the receiver reads nothing for _WAIT it leaves the ring
+    (OFF) until the receiver has emptied it. The receiver's reads are
+    played by the sender's yield, so no clock decides."""
+    monkeypatch.setenv("MESH_RING_BYTES", "4096")
+    receiver, sender = rings.Rings(0, 2, [1]), rings.Rings(1, 2, [0])
+    try:
+        assert sender.attach(0, receiver.announce())
+        out = sender.out[0]
+        assert out is not None
+        got: list[bytes] = []
+
+        def drain() -> None:
+            receiver.drain_all([0, 0], lambda s, mv: got.append(bytes(mv)))
+        xs = zs = 0
+        while out.put(b"x" * 200, 200, 0):
+            xs += 1
+        assert out.waits == 1 and out.gave_up == 1 and receiver.off(1)   # nobody read
+        assert not out.put(b"y", 1, 0) and out.waits == 1        # left: at once, until emptied
+        drain()
+        assert out.put(b"y", 1, 0) and not receiver.off(1)       # emptied: the ring again
+        looks = [0]
+
+        def reading() -> None:       # socket messages for 49 looks, then the ring
+            looks[0] += 1
+            if looks[0] < 50:
+                receiver.heard(1, looks[0])
+            else:
+                drain()
+        monkeypatch.setattr(rings, "_WAIT", 0.0)     # a look without a read ends the wait
+        monkeypatch.setattr(rings, "_SPIN", float("inf"))
+        monkeypatch.setattr(rings, "_yield", reading)
+        while not looks[0]:
+            assert out.put(b"z" * 200, 200, 0)       # the last one found the ring full
+            zs += 1
+        assert looks[0] == 50 and out.waits == 2 and out.gave_up == 1
+        assert not receiver.off(1)
+        drain()
+        assert xs > 10 and got == [b"x" * 200] * xs + [b"y"] + [b"z" * 200] * zs
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def _message(src: int, i: int) -> object:
     k = i % 4
     if k == 0:
@@ -117,6 +164,8 @@ def _direct(world: mesh.Mesh) -> bool:
         assert r._item is SENT
         assert r.done() and r.wait() is None and not r.cancel() and r.status is None
         world.recv(0, tag=8)
+        ring = t.rings.out[0]       # rank 0 says how many of our socket messages it read
+        assert ring is not None and ring.q[ring.hi + rings._HEARD] >= 112
         return True
     taken = [0]
     take = t.reader.take
