@@ -12,7 +12,7 @@ Each rank owns one region, an anonymous memory file (memfd: nothing in
 
     page 0     token (pid, random), WAKE, BELL, AWAKE, RUNG
     CTL        per sender s: TAIL[s] (bytes it has written), OFF[s] (given up,
-               full: the socket until the receiver has emptied it)
+               full: the socket until the receiver reads again)
     HEADS      per sender s: HEAD[s] (bytes the receiver has read), HEARD[s]
                (its socket messages the receiver has read)
     DATA       per sender s: a ring of MESH_RING_BYTES
@@ -57,11 +57,11 @@ move): leaving for the socket a ring that is being drained would make the
 next entries wait for socket messages, slower to read, and a stream would
 fall into alternating the two. It spins while the receiver read in the
 last 200 us and naps after that; once the receiver has read nothing for
-2 ms (computing without its progress thread getting a turn, stopped) the
-sender leaves the full ring (OFF) and sends by socket until the receiver
-has emptied it, so the ring never blocks a sender long on a receiver that
-is not receiving (a receiver's progress thread drains its rings within a
-few milliseconds of its last receive anyway); what it carries
+10 ms (starved of CPU, stopped: a receiver that computes instead has its
+progress thread drain its rings within a few milliseconds of its last
+receive) the sender leaves the full ring (OFF) and sends by socket until
+the receiver reads again, then waits for room as before, so the ring
+never blocks a sender long on a receiver that is not reading; what it carries
 is charged to the same credit window as the socket (mesh.peer), so flow
 control is unchanged.
 
@@ -94,7 +94,7 @@ _WRAP = 1 << 32
 _fence_lock = threading.Lock()
 _SPIN = 200e-6     # a sender waiting for room spins while its receiver read this recently,
 _NAP = 50e-6       # then sleeps this long between looks,
-_WAIT = 2e-3       # and leaves the ring once the receiver has read nothing for this long
+_WAIT = 10e-3      # and leaves the ring once the receiver has read nothing for this long
 _HEARD = 1         # in a sender's HEADS line after HEAD: its socket messages read
 _yield = os.sched_yield    # what a sender waiting for room does between looks
 
@@ -142,7 +142,7 @@ class _Out:
     """This rank's ring in one peer's region (the writing side)."""
 
     __slots__ = ("ctl", "q", "buf", "qd", "tail", "ti", "hi", "ring", "mask", "src", "wake",
-                 "full", "waits", "gave_up", "rung")
+                 "full", "left", "waits", "gave_up", "rung")
 
     def __init__(self, fd: int, lay: _Layout, src: int) -> None:
         self.ctl = mmap.mmap(fd, lay.data)
@@ -154,7 +154,8 @@ class _Out:
         self.hi = (lay.heads >> 3) + _LINE * src
         self.tail = self.q[self.ti]
         self.wake = -1             # the receiver's wake pipe, opened by Rings.attach
-        self.full = False          # was full: the socket until the receiver has read it all
+        self.full = False          # left full: the socket until the receiver reads again
+        self.left = 0              # HEAD + HEARD when it was left
         self.waits = 0             # times a put found the ring full and waited for room
         self.gave_up = 0           # ... and left it for the socket (OFF)
         self.rung = 0              # doorbells written to the wake pipe
@@ -165,15 +166,23 @@ class _Out:
         wake the receiver if it is not watching; False when it does not
         fit: a full ring is waited on while the receiver keeps reading (a
         stream outruns its receiver), and left, once it has not for _WAIT,
-        until the receiver has emptied it."""
-        was_full = self.full       # left full before: the socket until it is empty
+        until the receiver reads again."""
+        was_full = self.full       # left full before (``_wait``)
         if self._put(frame, n, c, body, nb):
             return True
-        return False if was_full else self._wait(frame, n, c, body, nb)
+        if was_full:
+            q = self.q
+            if q[self.hi] + q[self.hi + _HEARD] == self.left:
+                return False       # nothing read since: the socket
+            self.full = False      # it reads again: back to the ring, waiting for room
+            q[self.ti + _OFF] = 0
+        return self._wait(frame, n, c, body, nb)
 
     def off(self) -> bool:
-        """Whether this ring was left full (``_wait``) until the receiver empties it."""
-        return self.full and self.tail != self.q[self.hi]
+        """Whether this ring was left full (``_wait``) and the receiver has
+        read nothing since."""
+        q = self.q
+        return self.full and q[self.hi] + q[self.hi + _HEARD] == self.left
 
     def _wait(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
         """Wait for room as long as the receiver reads, this ring (HEAD) or
@@ -183,7 +192,7 @@ class _Out:
         stream falls into alternating the two. Spin while it read within
         _SPIN, then nap (a receiver descheduled on a busy machine needs the
         CPU); one that has read nothing for _WAIT (computing, stopped,
-        gone) is left alone: OFF, the socket until it has emptied the ring."""
+        gone) is left alone: OFF, the socket until it reads again (``put``)."""
         self.waits += 1
         q, hi = self.q, self.hi
         seen = q[hi] + q[hi + _HEARD]
@@ -204,6 +213,7 @@ class _Out:
             elif now - moved >= _WAIT:
                 break
         self.gave_up += 1
+        self.left = seen
         q[self.ti + _OFF] = 1      # the receiver need not watch this ring for now
         return False
 
@@ -239,7 +249,8 @@ class _Out:
         q = self.q
         q[self.ti] = tail
         q[_BELL] = tail << 16 | self.src
-        fence()
+        _fence_lock.acquire()      # fence(), without the call
+        _fence_lock.release()
         if not (q[_AWAKE] or q[_RUNG]):
             q[_RUNG] = 1
             self.rung += 1

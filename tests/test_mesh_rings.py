@@ -51,8 +51,8 @@ def test_a_full_ring_is_waited_on_while_its_receiver_reads(
     """A sender that finds the ring full waits as long as the receiver
     reads (this ring, or its socket messages: HEARD), however long that
     takes; once the receiver reads nothing for _WAIT it leaves the ring
-    (OFF) until the receiver has emptied it. The receiver's reads are
-    played by the sender's yield, so no clock decides."""
+    (OFF) for the socket, until the receiver reads again. The receiver's
+    reads are played by the sender's yield, so no clock decides."""
     monkeypatch.setenv("MESH_RING_BYTES", "4096")
     receiver, sender = rings.Rings(0, 2, [1]), rings.Rings(1, 2, [0])
     try:
@@ -66,25 +66,27 @@ def test_a_full_ring_is_waited_on_while_its_receiver_reads(
         xs = zs = 0
         while out.put(b"x" * 200, 200, 0):
             xs += 1
-        assert out.waits == 1 and out.gave_up == 1 and receiver.off(1)   # nobody read
-        assert not out.put(b"y", 1, 0) and out.waits == 1        # left: at once, until emptied
-        drain()
-        assert out.put(b"y", 1, 0) and not receiver.off(1)       # emptied: the ring again
+        assert out.waits == 1 and out.gave_up == 1 and receiver.off(1) and out.off()
+        assert not out.put(b"y", 1, 0) and out.waits == 1        # nothing read: at once
+        receiver.heard(1, 1)                    # it read a socket message: back to the ring
+        assert not out.off()
         looks = [0]
 
         def reading() -> None:       # socket messages for 49 looks, then the ring
             looks[0] += 1
             if looks[0] < 50:
-                receiver.heard(1, looks[0])
+                receiver.heard(1, 1 + looks[0])
             else:
                 drain()
         monkeypatch.setattr(rings, "_WAIT", 0.0)     # a look without a read ends the wait
         monkeypatch.setattr(rings, "_SPIN", float("inf"))
+        monkeypatch.setattr(rings, "_yield", drain)
+        assert out.put(b"y", 1, 0) and out.waits == 2 and not receiver.off(1)
         monkeypatch.setattr(rings, "_yield", reading)
         while not looks[0]:
             assert out.put(b"z" * 200, 200, 0)       # the last one found the ring full
             zs += 1
-        assert looks[0] == 50 and out.waits == 2 and out.gave_up == 1
+        assert looks[0] == 50 and out.waits == 3 and out.gave_up == 1
         assert not receiver.off(1)
         drain()
         assert xs > 10 and got == [b"x" * 200] * xs + [b"y"] + [b"z" * 200] * zs
@@ -153,7 +155,7 @@ def _direct(world: mesh.Mesh) -> bool:
         world.send(np.array([True, False]), 0, tag=3)
         world.send(np.zeros((2, 0)), 0, tag=3)
         world.send(np.arange(4, dtype=np.int32), 0, tag=4)
-        for i in range(3):                          # over reader._COPY_ENTRY, under the ring's max
+        for i in range(3):                          # over 1 KiB, under the ring's max
             world.send(np.arange(127.0) + i, 0, tag=15)
         world.send(np.arange(3.0) - 1, 0, tag=5)     # its header is known from now on
         world.recv(0, tag=13)
