@@ -99,13 +99,15 @@ class Reader:
                 rings.drain(src, self.heard[src], self._from_ring)
         return self._dispatch(ident, head, payload, more)
 
-    def read_rings(self, force: bool = False) -> int:
+    def read_rings(self, force: bool = False, until: Callable[[], bool] | None = None) -> int:
         """Deliver what the same-host peers' rings hold (mesh.rings), if a
-        sender wrote since the last look (always, with ``force``)."""
+        sender wrote since the last look (always, with ``force``); with
+        ``until``, stop once it is true (a waiting receive is complete:
+        what follows stays in the ring for ``take``, the cheaper way)."""
         rings = self.rings
         if rings is None or not (force or rings.changed()):
             return 0
-        return rings.drain_all(self.heard, self._from_ring)
+        return rings.drain_all(self.heard, self._from_ring, until)
 
     def take(self, src: int, group: int, tag: int, out: np.ndarray | None) -> Any:
         """The head of rank ``src``'s ring for a receive of the calling

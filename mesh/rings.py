@@ -366,17 +366,23 @@ class Rings:
         self.q[_RUNG] = 0
         fence()
 
-    def drain_all(self, heard: list[int], deliver: Callable[[int, memoryview], None]) -> int:
-        """Deliver what every same-host peer's ring holds that may go now."""
+    def drain_all(self, heard: list[int], deliver: Callable[[int, memoryview], None],
+                  until: Callable[[], bool] | None = None) -> int:
+        """Deliver what every same-host peer's ring holds that may go now
+        (until ``until()`` is true: then what is left reads as new, ``changed``)."""
         self._last_bell = self.q[_BELL]
         n = 0
         for s in self.peers:
-            n += self.drain(s, heard[s], deliver)
+            n += self.drain(s, heard[s], deliver, until)
+            if until is not None and until():
+                self._last_bell = -1
+                break
         return n
 
-    def drain(self, s: int, upto: int, deliver: Callable[[int, memoryview], None]) -> int:
+    def drain(self, s: int, upto: int, deliver: Callable[[int, memoryview], None],
+              until: Callable[[], bool] | None = None) -> int:
         """Deliver sender ``s``'s entries written before its socket message
-        ``upto`` + 1; the count delivered."""
+        ``upto`` + 1 (until ``until()`` is true); the count delivered."""
         lay, q = self.lay, self.q
         head = self._heads[s]
         tail = q[(lay.ctl >> 3) + _LINE * s]
@@ -405,6 +411,8 @@ class Rings:
                 head += 16 + ((length + 15) & ~15)
                 n += 1
                 q[hi] = head
+                if until is not None and until():
+                    break
         finally:
             self._heads[s] = head
             q[hi] = head

@@ -7,6 +7,7 @@ use a ring directly (Transport.send_ring, recv_ring), and nothing left in
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -168,6 +169,9 @@ def _direct(world: mesh.Mesh) -> bool:
         world.recv(0, tag=8)
         ring = t.rings.out[0]       # rank 0 says how many of our socket messages it read
         assert ring is not None and ring.q[ring.hi + rings._HEARD] >= 112
+        world.recv(0, tag=20)
+        for i in range(10):
+            world.send(np.array([i]), 0, tag=21)
         return True
     taken = [0]
     take = t.reader.take
@@ -213,7 +217,43 @@ def _direct(world: mesh.Mesh) -> bool:
         world.recv(1, tag=7, timeout=0.3)
     world.send(0, 1, tag=8)
     assert taken[0] >= 1, taken      # the receiving thread took some (how many: the load's)
+    _waiting_reads_no_further(world)
     return True
+
+
+def _waiting_reads_no_further(world: mesh.Mesh) -> None:
+    """A posted receive waited for reads the rings only until it is
+    complete: what follows stays in the ring (for ``take``), and comes in
+    order. The progress thread is kept off the rings meanwhile."""
+    t, p = world._t, world._t.progress
+    rs = t.rings
+    assert rs is not None
+    req = world.irecv(1, tag=21)
+    mine: list[int] = []
+    deliver = t.reader._from_ring
+
+    def counted(src: int, frame: memoryview) -> None:
+        if threading.current_thread() is threading.main_thread():
+            mine.append(src)
+        deliver(src, frame)
+    t.reader._from_ring = counted                   # type: ignore[method-assign]
+    p._aside_until = float("inf")
+    entered = p.enter()
+    world.send(0, 1, tag=20)
+    q, w, heads = rs.watch(1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:              # all ten in the ring
+        n = rs.peek(1, 1 << 40)
+        if n > 0 and q[w] - heads[1] >= 10 * (16 + ((n + 15) & ~15)):
+            break
+        time.sleep(0.005)
+    p.leave(entered)
+    p._aside_until = float("inf")
+    assert req.wait().tolist() == [0]
+    assert mine == [1], mine                        # one read for it, nine left
+    p._aside_until = 0.0
+    for i in range(1, 10):
+        assert world.recv(1, tag=21).tolist() == [i]
 
 
 def _both(world: mesh.Mesh, n: int) -> bool:
