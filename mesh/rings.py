@@ -221,8 +221,8 @@ class _Out:
         size = 16 + ((n + nb + 15) & ~15)
         tail, ring = self.tail, self.ring
         used = tail - self.q[self.hi]
-        if self.full:       # alternating ring and socket message by message would make
-            if used:        # every ring entry wait for a socket message: stay off it
+        if self.full:       # left (``_wait``): ``put`` says when to come back to a
+            if used:        # ring not empty yet; an empty one, at once
                 return False
             self.full = False
             self.q[self.ti + _OFF] = 0
