@@ -10,7 +10,10 @@ with out=) and, from 1 MiB up, ping-pong bandwidth (2 x bytes / time of a
 round trip), run alternately in one process tree so that all see the same
 machine; the median of the trials is shown. The mesh runs twice per trial:
 with its same-host direct path (the default) and without (MESH_SHM=0,
-column "mesh shm=0"). With --curve, the mesh also runs encrypted
+column "mesh shm=0"). For each trial, a line says how each stream of
+messages under 16 KiB went on the same-host rings (mesh.rings): how many
+of its messages the sender put on the socket, how many times it left a
+full ring, how many receives did not take the ring directly. With --curve, the mesh also runs encrypted
 (MESH_CURVE=1) in the same alternation, and the last column is what
 CurveZMQ costs: curve/mesh. With --compare mpi, mpi4py on the local MPI
 (``mpirun -np 2``) runs the same measures in the same alternation; it is
@@ -143,8 +146,17 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
     small = np.zeros(1)
     results: dict[str, float] = {}
     peer = 1 - world.rank
+    t = world._t
+    missed = [0]       # receives a same-host ring did not answer directly (mesh.rings)
+    recv_ring = t.recv_ring
+
+    def counted(*a: Any) -> Any:
+        got = recv_ring(*a)
+        missed[0] += got is None
+        return got
+    t.recv_ring = counted
     for n in (200, iters):
-        t = time.perf_counter()
+        start = time.perf_counter()
         for _ in range(n):
             if world.rank == 0:
                 world.send(small, peer)
@@ -152,20 +164,25 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
             else:
                 world.recv(peer, out=small)
                 world.send(small, peer)
-        results["rtt"] = (time.perf_counter() - t) / n
+        results["rtt"] = (time.perf_counter() - start) / n
     for size in sizes:
         buf = np.ones(size, np.uint8)
         k = _iters_for(size, iters)
+        ring = t.rings.out[peer] if t.rings is not None else None
+        sent, left, missed[0] = t._peers[peer].sent, getattr(ring, "gave_up", 0), 0
         if world.rank == 0:
-            t = time.perf_counter()
+            start = time.perf_counter()
             reqs = [world.isend(buf, 1) for _ in range(k)]
             for r in reqs:
                 r.wait()
             world.recv(1)
-            results[f"bw{size}"] = k * size / (time.perf_counter() - t)
+            results[f"bw{size}"] = k * size / (time.perf_counter() - start)
+            results[f"sock{size}"] = t._peers[peer].sent - sent     # the stream's by socket
+            results[f"left{size}"] = getattr(ring, "gave_up", 0) - left   # full rings left
         else:
             for _ in range(k):
                 world.recv(0, out=buf)
+            results[f"miss{size}"] = missed[0]
             world.send(b"ack", 0)
     for size in sizes:
         if size < PINGPONG_FROM:
@@ -174,7 +191,7 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
         k = max(3, _iters_for(size, iters) // 2)
         world.send(0, peer)
         world.recv(peer)
-        t = time.perf_counter()
+        start = time.perf_counter()
         for _ in range(k):
             if world.rank == 0:
                 world.send(buf, 1)
@@ -182,7 +199,7 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
             else:
                 world.recv(0, out=buf)
                 world.send(buf, 0)
-        results[f"pp{size}"] = 2 * k * size / (time.perf_counter() - t)
+        results[f"pp{size}"] = 2 * k * size / (time.perf_counter() - start)
     return results
 
 
@@ -191,7 +208,8 @@ def _mesh(sizes: list[int], iters: int, transport: str, curve: bool = False,
     env = {"MESH_FORCE_TCP": "1"} if transport == "tcp" else {}
     env["MESH_CURVE"] = "1" if curve else "0"
     env["MESH_SHM"] = "1" if shm else "0"
-    return spawn(_mesh_peer, 2, sizes, iters, timeout=600, env=env)[0]
+    res = spawn(_mesh_peer, 2, sizes, iters, timeout=600, env=env)
+    return {**res[1], **res[0]}      # the receiver's counts beside the sender's figures
 
 
 # ---- mpi4py on the local MPI -------------------------------------------------------
@@ -337,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
                 rs.append(f"{'-':>10}")
         print(f"{label:>24} {cells} " + " ".join(rs))
     print("# ratios: > 1 means the first named is faster (for round trips too)")
+    for i, r in enumerate(runs["mesh"]):     # which way each stream went (mesh.rings)
+        print(f"# mesh trial {i + 1}, stream of small messages: " + "; ".join(
+            f"{_fmt(n)} {r[f'sock{n}']:.0f} by socket, {r[f'left{n}']:.0f} full rings left, "
+            f"{r[f'miss{n}']:.0f} receives off the ring" for n in sizes if n <= 16 << 10))
 
 
 def _fmt(n: int) -> str:

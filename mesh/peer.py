@@ -103,10 +103,14 @@ class Peer:
     def consumed(self, n: int) -> int:
         """A message of ``n`` payload bytes from this peer left our buffers:
         the credit to grant back now (0 until a step's worth has gathered)."""
-        with self._grant_lock:
+        lock = self._grant_lock     # acquire/release: cheaper than ``with``, once a message
+        lock.acquire()
+        try:
             self.to_grant += n + MSG_COST
             grant = self.to_grant if self.to_grant >= self.grant_step or n >= self.grant_step \
                 else 0
             if grant:
                 self.to_grant = 0
+        finally:
+            lock.release()
         return grant

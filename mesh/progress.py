@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from typing import Any, Callable
 
 import zmq
@@ -44,6 +45,9 @@ __all__ = ["Progress"]
 # A spin gives the CPU away (sched_yield) only after this long: on a busy
 # machine each yield can cost a time slice to another process
 _BUSY = 30e-6
+# A receive spinning on one ring (``await_ring``) looks at the socket and the
+# other rings this often: a poll costs microseconds, a look at the ring a load
+_POLL = 20e-6
 
 _log = logging.getLogger("mesh.transport")
 
@@ -107,6 +111,7 @@ class Progress:
         held = False
         polled = 0.0
         rings = self._rings
+        until = partial(self._done, item, flag)   # what the rings deliver past that stays there
         try:
             while (item.state != DONE) if flag is None else not flag.is_set():
                 now = time.monotonic()
@@ -126,7 +131,7 @@ class Progress:
                     polled = time.perf_counter()
                     if rings is not None:   # the rings too (mesh.rings): watched while spinning
                         rings.awake(True)
-                        if self._read_rings() and self._done(item, flag):
+                        if self._read_rings(False, until) and self._done(item, flag):
                             continue
                     if self._spin_now:    # poll a little before sleeping (module docstring)
                         spin_end = polled + self._spin_now
@@ -141,24 +146,24 @@ class Progress:
                                     if rings.changed():
                                         break
                                 if rings.changed():
-                                    self._read_rings()
+                                    self._read_rings(False, until)
                                     if self._done(item, flag):
                                         break
                             if now >= yield_at:
                                 os.sched_yield()
                     if rings is not None:     # asleep from here: senders ring the doorbell
                         rings.awake(False)
-                        if self._read_rings() and self._done(item, flag):
+                        if self._read_rings(False, until) and self._done(item, flag):
                             continue
                     if not ready and self._done(item, flag):
                         continue
-                elif rings is not None and self._read_rings() and self._done(item, flag):
+                elif rings is not None and self._read_rings(False, until) and until():
                     continue
                 if not ready:
                     ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
                 if ready:
                     if len(ready) > 1 or ready[0][0] is not self._router:
-                        if self._woken(ready) and self._done(item, flag):
+                        if self._woken(ready, until) and self._done(item, flag):
                             continue
                     for _ in range(1024):
                         if not self._read_one() or (item.state == DONE if flag is None
@@ -220,31 +225,38 @@ class Progress:
             return r or None
         rings = self._rings
         assert rings is not None
+        q, tail, heads = rings.watch(src)     # that ring has an entry once q[tail] != heads[src]
         items = self._spin_items
-        start = time.perf_counter()
-        end, yield_at = start + self._spin_now, start + _BUSY
-        while not (zmq.zmq_poll(items, 0) or rings.holding(src)):
-            for _ in range(16):
-                r = take(src, *args)
-                if r is not None:
-                    return r or None
-            now = time.perf_counter()
+        clock = time.perf_counter
+        start = clock()
+        end, yield_at, poll_at = start + self._spin_now, start + _BUSY, start
+        while True:
+            for _ in range(64):
+                if q[tail] != heads[src]:
+                    r = take(src, *args)
+                    if r is not None:
+                        return r or None
+            now = clock()
             if now >= end:
                 return None
+            if now >= poll_at:      # a system call, where the ring is a load: now and then
+                if zmq.zmq_poll(items, 0) or rings.holding(src):
+                    return None
+                poll_at = now + _POLL
             if now >= yield_at:
                 os.sched_yield()
-        return None
 
-    def _woken(self, ready: list) -> int:
+    def _woken(self, ready: list, until: Callable[[], bool] | None = None) -> int:
         """Empty the wake pipes that woke a poll (``ready``); when the rings'
-        did, read the rings (mesh.rings): the count of messages delivered."""
+        did, read the rings (mesh.rings; until ``until()``, for a waiting
+        receive): the count of messages delivered."""
         n = 0
         for fd, _ in ready:
             if fd == self._wake_r:
                 self._drain_wake()
             elif self._rings is not None and fd == self._rings.wake_r:
                 self._rings.woken()
-                n += self._read_rings(True)
+                n += self._read_rings(True, until)
         return n
 
     @staticmethod

@@ -34,7 +34,6 @@ _log = logging.getLogger("mesh.transport")
 COPY_BELOW = 64 * 1024   # payloads smaller than this are copied, not zero-copy
 _NOBLOCK = int(zmq.NOBLOCK)
 _CACHE = 1024  # headers remembered
-_COPY_ENTRY = 1024   # a ring entry up to this many bytes is read as a copy (take)
 
 
 def _fits(out: Any, req: Any, h: wire.Header) -> bool:
@@ -68,6 +67,7 @@ class Reader:
         # message): decode each distinct byte string once; bounded, starts
         # over when full.
         self._decoded: dict[bytes, wire.Header] = {}
+        self._plain: dict[bytes, wire.Header] = {}   # those of plain arrays (``take``)
         self._claim, self._arrive = inbox.claim, inbox.arrive
         self._consumed, self._complete = inbox.consumed, inbox.complete
 
@@ -92,19 +92,22 @@ class Reader:
             assert rings is not None
             rings.drain(src, self.heard[src], self._from_ring)
             self.heard[src] += 1
+            rings.heard(src, self.heard[src])
             try:
                 return self._dispatch(ident, head, payload, more)
             finally:
                 rings.drain(src, self.heard[src], self._from_ring)
         return self._dispatch(ident, head, payload, more)
 
-    def read_rings(self, force: bool = False) -> int:
+    def read_rings(self, force: bool = False, until: Callable[[], bool] | None = None) -> int:
         """Deliver what the same-host peers' rings hold (mesh.rings), if a
-        sender wrote since the last look (always, with ``force``)."""
+        sender wrote since the last look (always, with ``force``); with
+        ``until``, stop once it is true (a waiting receive is complete:
+        what follows stays in the ring for ``take``, the cheaper way)."""
         rings = self.rings
         if rings is None or not (force or rings.changed()):
             return 0
-        return rings.drain_all(self.heard, self._from_ring)
+        return rings.drain_all(self.heard, self._from_ring, until)
 
     def take(self, src: int, group: int, tag: int, out: np.ndarray | None) -> Any:
         """The head of rank ``src``'s ring for a receive of the calling
@@ -118,22 +121,20 @@ class Reader:
         n = rings.peek(src, self.heard[src])
         if n <= 0:
             return None if n == 0 else False
-        at = rings.at
-        # bytes: cheaper than views when small; a big entry is read through a
-        # view of the map, so its payload is copied once, into ``out``
-        frame = rings.map[at:at + n] if n <= _COPY_ENTRY else rings.view(at, n)
-        hl = frame[1] | frame[2] << 8 if n >= 3 else n
-        h = self._decoded.get(bytes(frame[3:3 + hl])) if 3 + hl <= n else None
-        if (h is None or h.kind or h.group != group or h.tag != tag or h.src != src or h.device
-                or h.fp is not None or h.direct or h.nbytes != n - 3 - hl
-                or frame[0] != wire.INLINE_MARK):
+        at, m = rings.at, rings.map
+        hl = m[at + 1] | m[at + 2] << 8 if n >= 3 else n
+        if 3 + hl > n or m[at] != wire.INLINE_MARK:
+            return False
+        h = self._plain.get(m[at + 3:at + 3 + hl])
+        if h is None or h.group != group or h.tag != tag or h.src != src \
+                or h.nbytes != n - 3 - hl:
             return False
         if out is None:
             out = np.empty(h.shape or (), h.dt)
         elif (out.dtype is not h.dt and out.dtype != h.dt) or out.nbytes != h.nbytes:
             return False
-        if h.nbytes:
-            out.data.cast("B")[:] = frame[3 + hl:]
+        if h.nbytes:     # copied once, out of the map into ``out``
+            out.data.cast("B")[:] = rings.view(at + 3 + hl, h.nbytes)
         rings.pop(src)
         self._peers[src].last_heard = time.monotonic()
         self._consumed(src, h.nbytes)
@@ -164,7 +165,10 @@ class Reader:
             if h.kind <= wire.OBJ and h.fp is None:
                 if len(self._decoded) >= _CACHE:
                     self._decoded.clear()
+                    self._plain.clear()
                 self._decoded[head] = h
+                if h.kind == wire.DATA and not h.device and not h.direct:
+                    self._plain[head] = h
         return h
 
     def _dispatch(self, ident: bytes, head: bytes, payload: list, more: Any) -> bool:

@@ -12,8 +12,9 @@ Each rank owns one region, an anonymous memory file (memfd: nothing in
 
     page 0     token (pid, random), WAKE, BELL, AWAKE, RUNG
     CTL        per sender s: TAIL[s] (bytes it has written), OFF[s] (given up,
-               full: the socket until the receiver has emptied it)
-    HEADS      per sender s: HEAD[s] (bytes the receiver has read)
+               full: the socket until the receiver reads again)
+    HEADS      per sender s: HEAD[s] (bytes the receiver has read), HEARD[s]
+               (its socket messages the receiver has read)
     DATA       per sender s: a ring of MESH_RING_BYTES
 
 It tells each same-host peer where it is (RING x=[pid, fd, token]) over the
@@ -50,10 +51,19 @@ before it, takes the entry out of the ring in its own thread
 matching, no hand-off); whatever else comes first (a socket message,
 another peer's entry, an unknown header) sends it the usual way.
 
-A sender waits up to 200 us for room in a full ring (a stream outrunning
-its receiver), then sends by socket until the receiver has emptied it, so
-the ring never blocks a sender long; what it carries is charged to the
-same credit window as the socket (mesh.peer), so flow control is unchanged.
+A sender that finds the ring full (a stream outrunning its receiver)
+waits for room as long as the receiver keeps reading (HEAD or HEARD
+move): leaving for the socket a ring that is being drained would make the
+next entries wait for socket messages, slower to read, and a stream would
+fall into alternating the two. It spins while the receiver read in the
+last 200 us and naps after that; once the receiver has read nothing for
+10 ms (starved of CPU, stopped: a receiver that computes instead has its
+progress thread drain its rings within a few milliseconds of its last
+receive) the sender leaves the full ring (OFF) and sends by socket until
+the receiver reads again, then waits for room as before, so the ring
+never blocks a sender long on a receiver that is not reading; what it carries
+is charged to the same credit window as the socket (mesh.peer), so flow
+control is unchanged.
 
 Ordering of plain loads and stores across the two processes: the x86
 order (stores are seen in order) plus a full fence (``fence``, an atomic
@@ -82,7 +92,11 @@ _LINE = 8                      # words per cache line: one line per sender's cou
 _OFF = 1                       # in that line after TAIL: the sender takes the socket for now
 _WRAP = 1 << 32
 _fence_lock = threading.Lock()
-_WAIT = 200e-6     # how long a sender waits for room in a full ring
+_SPIN = 200e-6     # a sender waiting for room spins while its receiver read this recently,
+_NAP = 50e-6       # then sleeps this long between looks,
+_WAIT = 10e-3      # and leaves the ring once the receiver has read nothing for this long
+_HEARD = 1         # in a sender's HEADS line after HEAD: its socket messages read
+_yield = os.sched_yield    # what a sender waiting for room does between looks
 
 
 def fence() -> None:
@@ -128,7 +142,7 @@ class _Out:
     """This rank's ring in one peer's region (the writing side)."""
 
     __slots__ = ("ctl", "q", "buf", "qd", "tail", "ti", "hi", "ring", "mask", "src", "wake",
-                 "full")
+                 "full", "left", "waits", "gave_up", "rung")
 
     def __init__(self, fd: int, lay: _Layout, src: int) -> None:
         self.ctl = mmap.mmap(fd, lay.data)
@@ -140,38 +154,75 @@ class _Out:
         self.hi = (lay.heads >> 3) + _LINE * src
         self.tail = self.q[self.ti]
         self.wake = -1             # the receiver's wake pipe, opened by Rings.attach
-        self.full = False          # was full: the socket until the receiver has read it all
+        self.full = False          # left full: the socket until the receiver reads again
+        self.left = 0              # HEAD + HEARD when it was left
+        self.waits = 0             # times a put found the ring full and waited for room
+        self.gave_up = 0           # ... and left it for the socket (OFF)
+        self.rung = 0              # doorbells written to the wake pipe
 
     def put(self, frame: Any, n: int, c: int, body: Any = None, nb: int = 0) -> bool:
         """Write a one-frame message of ``n`` bytes (and ``nb`` more from
         ``body``: a header written once and an array's bytes, unjoined), and
         wake the receiver if it is not watching; False when it does not
-        fit: a full ring is given up to _WAIT to make room (a stream
-        outruns its receiver), then left until the receiver has emptied it."""
-        was_full = self.full
+        fit: a full ring is waited on while the receiver keeps reading (a
+        stream outruns its receiver), and left, once it has not for _WAIT,
+        until the receiver reads again."""
+        was_full = self.full       # left full before (``_wait``)
         if self._put(frame, n, c, body, nb):
             return True
-        if was_full:        # gave up on it before: the socket until it is empty
-            return False
-        end = time.perf_counter() + _WAIT
-        while time.perf_counter() < end:
-            os.sched_yield()
+        if was_full:
+            q = self.q
+            if q[self.hi] + q[self.hi + _HEARD] == self.left:
+                return False       # nothing read since: the socket
+            self.full = False      # it reads again: back to the ring, waiting for room
+            q[self.ti + _OFF] = 0
+        return self._wait(frame, n, c, body, nb)
+
+    def off(self) -> bool:
+        """Whether this ring was left full (``_wait``) and the receiver has
+        read nothing since."""
+        q = self.q
+        return self.full and q[self.hi] + q[self.hi + _HEARD] == self.left
+
+    def _wait(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
+        """Wait for room as long as the receiver reads, this ring (HEAD) or
+        this sender's socket messages that its entries wait for (HEARD):
+        leaving a ring the receiver drains for the socket makes the next
+        entries wait for socket messages, which are slower to read, so the
+        stream falls into alternating the two. Spin while it read within
+        _SPIN, then nap (a receiver descheduled on a busy machine needs the
+        CPU); one that has read nothing for _WAIT (computing, stopped,
+        gone) is left alone: OFF, the socket until it reads again (``put``)."""
+        self.waits += 1
+        q, hi = self.q, self.hi
+        seen = q[hi] + q[hi + _HEARD]
+        clock = time.perf_counter
+        now = moved = clock()
+        while True:
+            if now - moved < _SPIN:
+                _yield()
+            else:
+                time.sleep(_NAP)
             self.full = False
             if self._put(frame, n, c, body, nb):
                 return True
-        self.q[self.ti + _OFF] = 1     # the receiver need not watch this ring for now
+            now = clock()
+            read = q[hi] + q[hi + _HEARD]
+            if read != seen:
+                seen, moved = read, now
+            elif now - moved >= _WAIT:
+                break
+        self.gave_up += 1
+        self.left = seen
+        q[self.ti + _OFF] = 1      # the receiver need not watch this ring for now
         return False
-
-    def off(self) -> bool:
-        """Whether this ring was given up, full, until the receiver empties it."""
-        return self.full and self.tail != self.q[self.hi]
 
     def _put(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
         size = 16 + ((n + nb + 15) & ~15)
         tail, ring = self.tail, self.ring
         used = tail - self.q[self.hi]
-        if self.full:       # alternating ring and socket message by message would make
-            if used:        # every ring entry wait for a socket message: stay off it
+        if self.full:       # left (``_wait``): ``put`` says when to come back to a
+            if used:        # ring not empty yet; an empty one, at once
                 return False
             self.full = False
             self.q[self.ti + _OFF] = 0
@@ -198,9 +249,11 @@ class _Out:
         q = self.q
         q[self.ti] = tail
         q[_BELL] = tail << 16 | self.src
-        fence()
+        _fence_lock.acquire()      # fence(), without the call
+        _fence_lock.release()
         if not (q[_AWAKE] or q[_RUNG]):
             q[_RUNG] = 1
+            self.rung += 1
             try:
                 os.write(self.wake, b"r")
             except OSError:      # full: it is awake already; gone: so is the peer
@@ -313,17 +366,23 @@ class Rings:
         self.q[_RUNG] = 0
         fence()
 
-    def drain_all(self, heard: list[int], deliver: Callable[[int, memoryview], None]) -> int:
-        """Deliver what every same-host peer's ring holds that may go now."""
+    def drain_all(self, heard: list[int], deliver: Callable[[int, memoryview], None],
+                  until: Callable[[], bool] | None = None) -> int:
+        """Deliver what every same-host peer's ring holds that may go now
+        (until ``until()`` is true: then what is left reads as new, ``changed``)."""
         self._last_bell = self.q[_BELL]
         n = 0
         for s in self.peers:
-            n += self.drain(s, heard[s], deliver)
+            n += self.drain(s, heard[s], deliver, until)
+            if until is not None and until():
+                self._last_bell = -1
+                break
         return n
 
-    def drain(self, s: int, upto: int, deliver: Callable[[int, memoryview], None]) -> int:
+    def drain(self, s: int, upto: int, deliver: Callable[[int, memoryview], None],
+              until: Callable[[], bool] | None = None) -> int:
         """Deliver sender ``s``'s entries written before its socket message
-        ``upto`` + 1; the count delivered."""
+        ``upto`` + 1 (until ``until()`` is true); the count delivered."""
         lay, q = self.lay, self.q
         head = self._heads[s]
         tail = q[(lay.ctl >> 3) + _LINE * s]
@@ -352,6 +411,8 @@ class Rings:
                 head += 16 + ((length + 15) & ~15)
                 n += 1
                 q[hi] = head
+                if until is not None and until():
+                    break
         finally:
             self._heads[s] = head
             q[hi] = head
@@ -385,10 +446,20 @@ class Rings:
         self.at = base + off + 16
         return length
 
+    def watch(self, s: int) -> tuple[memoryview, int, list[int]]:
+        """``(q, w, heads)``: sender ``s``'s ring holds an entry not read
+        yet once ``q[w] != heads[s]`` (a load, for a spinning receive)."""
+        return self.q, self._tail_w[s], self._heads
+
     def view(self, at: int, n: int) -> memoryview:
         """``n`` bytes of the region from ``at`` (an entry ``peek`` gave), in
         place: valid until ``pop``."""
         return self._mv[at:at + n]
+
+    def heard(self, s: int, n: int) -> None:
+        """Say (HEARD) that ``n`` of sender ``s``'s socket messages were read:
+        a sender waiting for room in a full ring waits on while this moves."""
+        self.q[self._head_w[s] + _HEARD] = n
 
     def off(self, s: int) -> bool:
         """Whether sender ``s`` left its full ring for the socket for now."""

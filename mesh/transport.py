@@ -172,12 +172,16 @@ class Transport:
                 self._prefixes.clear()
             self._prefixes[key] = (dt, pre)
         peer = self._peers[dst]
-        with peer.lock:
+        lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
+        lock.acquire()
+        try:
             if peer.state != ALIVE or peer.queue or not peer.admit(n):
                 return None
             if ring.put(pre, len(pre), peer.sent, obj, n):
                 return SENT
             peer.release(n + MSG_COST)       # the usual way charges it again
+        finally:
+            lock.release()
         return None
 
     def recv_ring(self, group: int, src: int, tag: int, out: np.ndarray | None,

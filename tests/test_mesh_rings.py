@@ -7,6 +7,7 @@ use a ring directly (Transport.send_ring, recv_ring), and nothing left in
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -41,6 +42,55 @@ def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> 
         assert receiver.drain(1, 2, lambda s, mv: got.append(bytes(mv))) == 0
         assert receiver.drain(1, 3, lambda s, mv: got.append(bytes(mv))) == 1
         assert got[-1] == b"late"
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_full_ring_is_waited_on_while_its_receiver_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender that finds the ring full waits as long as the receiver
+    reads (this ring, or its socket messages: HEARD), however long that
+    takes; once the receiver reads nothing for _WAIT it leaves the ring
+    (OFF) for the socket, until the receiver reads again. The receiver's
+    reads are played by the sender's yield, so no clock decides."""
+    monkeypatch.setenv("MESH_RING_BYTES", "4096")
+    receiver, sender = rings.Rings(0, 2, [1]), rings.Rings(1, 2, [0])
+    try:
+        assert sender.attach(0, receiver.announce())
+        out = sender.out[0]
+        assert out is not None
+        got: list[bytes] = []
+
+        def drain() -> None:
+            receiver.drain_all([0, 0], lambda s, mv: got.append(bytes(mv)))
+        xs = zs = 0
+        while out.put(b"x" * 200, 200, 0):
+            xs += 1
+        assert out.waits == 1 and out.gave_up == 1 and receiver.off(1) and out.off()
+        assert not out.put(b"y", 1, 0) and out.waits == 1        # nothing read: at once
+        receiver.heard(1, 1)                    # it read a socket message: back to the ring
+        assert not out.off()
+        looks = [0]
+
+        def reading() -> None:       # socket messages for 49 looks, then the ring
+            looks[0] += 1
+            if looks[0] < 50:
+                receiver.heard(1, 1 + looks[0])
+            else:
+                drain()
+        monkeypatch.setattr(rings, "_WAIT", 0.0)     # a look without a read ends the wait
+        monkeypatch.setattr(rings, "_SPIN", float("inf"))
+        monkeypatch.setattr(rings, "_yield", drain)
+        assert out.put(b"y", 1, 0) and out.waits == 2 and not receiver.off(1)
+        monkeypatch.setattr(rings, "_yield", reading)
+        while not looks[0]:
+            assert out.put(b"z" * 200, 200, 0)       # the last one found the ring full
+            zs += 1
+        assert looks[0] == 50 and out.waits == 3 and out.gave_up == 1
+        assert not receiver.off(1)
+        drain()
+        assert xs > 10 and got == [b"x" * 200] * xs + [b"y"] + [b"z" * 200] * zs
     finally:
         sender.close()
         receiver.close()
@@ -106,7 +156,7 @@ def _direct(world: mesh.Mesh) -> bool:
         world.send(np.array([True, False]), 0, tag=3)
         world.send(np.zeros((2, 0)), 0, tag=3)
         world.send(np.arange(4, dtype=np.int32), 0, tag=4)
-        for i in range(3):                          # over reader._COPY_ENTRY, under the ring's max
+        for i in range(3):                          # over 1 KiB, under the ring's max
             world.send(np.arange(127.0) + i, 0, tag=15)
         world.send(np.arange(3.0) - 1, 0, tag=5)     # its header is known from now on
         world.recv(0, tag=13)
@@ -117,6 +167,11 @@ def _direct(world: mesh.Mesh) -> bool:
         assert r._item is SENT
         assert r.done() and r.wait() is None and not r.cancel() and r.status is None
         world.recv(0, tag=8)
+        ring = t.rings.out[0]       # rank 0 says how many of our socket messages it read
+        assert ring is not None and ring.q[ring.hi + rings._HEARD] >= 112
+        world.recv(0, tag=20)
+        for i in range(10):
+            world.send(np.array([i]), 0, tag=21)
         return True
     taken = [0]
     take = t.reader.take
@@ -162,7 +217,43 @@ def _direct(world: mesh.Mesh) -> bool:
         world.recv(1, tag=7, timeout=0.3)
     world.send(0, 1, tag=8)
     assert taken[0] >= 1, taken      # the receiving thread took some (how many: the load's)
+    _waiting_reads_no_further(world)
     return True
+
+
+def _waiting_reads_no_further(world: mesh.Mesh) -> None:
+    """A posted receive waited for reads the rings only until it is
+    complete: what follows stays in the ring (for ``take``), and comes in
+    order. The progress thread is kept off the rings meanwhile."""
+    t, p = world._t, world._t.progress
+    rs = t.rings
+    assert rs is not None
+    req = world.irecv(1, tag=21)
+    mine: list[int] = []
+    deliver = t.reader._from_ring
+
+    def counted(src: int, frame: memoryview) -> None:
+        if threading.current_thread() is threading.main_thread():
+            mine.append(src)
+        deliver(src, frame)
+    t.reader._from_ring = counted                   # type: ignore[method-assign]
+    p._aside_until = float("inf")
+    entered = p.enter()
+    world.send(0, 1, tag=20)
+    q, w, heads = rs.watch(1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:              # all ten in the ring
+        n = rs.peek(1, 1 << 40)
+        if n > 0 and q[w] - heads[1] >= 10 * (16 + ((n + 15) & ~15)):
+            break
+        time.sleep(0.005)
+    p.leave(entered)
+    p._aside_until = float("inf")
+    assert req.wait().tolist() == [0]
+    assert mine == [1], mine                        # one read for it, nine left
+    p._aside_until = 0.0
+    for i in range(1, 10):
+        assert world.recv(1, tag=21).tolist() == [i]
 
 
 def _both(world: mesh.Mesh, n: int) -> bool:
