@@ -12,7 +12,9 @@ they are: views, bfloat16, CUDA) and returns a torch Work::
                     host collective with the tensor's numpy view
     asyncOp True    the collective runs on meshrun's lane for the group;
     (DDP's buckets)   a torch Future is completed from there, so torch's
-                    thread never waits in a call it asked to be asynchronous
+                    thread never waits in a call it asked to be asynchronous;
+                    all_reduce of one CPU tensor hands the host collective
+                    its numpy view there too
 
 Point-to-point calls return a Work over the mesh's request (the mesh's
 progress thread moves the data); ``get_future()`` on one waits in a thread.
@@ -295,16 +297,19 @@ class ProcessGroupMeshrun(_ProcessGroup):
     # -- collectives --------------------------------------------------------------
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        if opts is not None and not opts.asyncOp and len(tensors) == 1:
-            # dist.all_reduce's call, on this thread with the least work: a CPU
-            # tensor of a dtype numpy has goes to the host collective as the
-            # numpy view of its memory (what collectives.tensors would hand it),
-            # a tiny one the short way once a first call has settled it, as
-            # collectives.all_reduce does (collectives.shm.tiny)
+        if opts is not None and len(tensors) == 1:
+            # dist.all_reduce's call and DDP's bucket, with the least work: a
+            # CPU tensor of a dtype numpy has goes to the host collective as
+            # the numpy view of its memory (what collectives.tensors would hand
+            # it); synchronously on this thread, a tiny one the short way once
+            # a first call has settled it, as collectives.all_reduce does
+            # (collectives.shm.tiny); asynchronously on the group's lane
             rop = opts.reduceOp
             name = "sum" if rop == _SUM else _OPS.get(rop.op.value)
             arr = _numpy_view(tensors[0]) if name is not None else None
             if name is not None and arr is not None:
+                if opts.asyncOp:
+                    return self._host_async(arr, name, tensors)
                 try:
                     if _tiny_all_reduce(self.comm, arr, name, self.timeout) is None:
                         _host_all_reduce(self.comm, arr, name, False, None, self.timeout)
@@ -318,6 +323,30 @@ class ProcessGroupMeshrun(_ProcessGroup):
         if tensors and tensors[0].layout is torch.sparse_coo:
             return self._sparse_all_reduce(tensors, opts)
         return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
+
+    def _host_async(self, arr: np.ndarray, name: str, tensors: list[torch.Tensor]) -> dist.Work:
+        """``arr`` (the view of ``tensors[0]``) all-reduced on the group's
+        lane by the host collective, its Work's completion finishing torch's
+        (no collectives.tensors round trip, no per-call launch list)."""
+        work = _FutureWork()
+        timeout = self.timeout
+        try:
+            hw = _host_all_reduce(self.comm, arr, name, True, None, timeout)
+        except BaseException as e:      # torch reads an async call's errors from its Work
+            _torch_words(e, timeout)
+            work.finish(None, e)
+            return work
+
+        def done(w: Any) -> None:
+            try:
+                w.wait(0)
+            except BaseException as e:
+                _torch_words(e, timeout)
+                work.finish(None, e)
+                return
+            work.finish(tensors, None)
+        hw.add_done_callback(done)
+        return work
 
     def _sparse_all_reduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         """The sum of sparse COO tensors, written into each of them (as

@@ -461,10 +461,11 @@ def test_ddp_with_ranks_sharing_one_gpu() -> None:
 def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: Any) -> None:
     """In this process, one rank: dist.all_reduce of a CPU tensor numpy can
     view goes straight to the host collective with that view of its memory
-    (no tensor dispatch); other tensors (bfloat16, asynchronous calls) go to
-    collectives.* as they are (their torch support, no conversion of its
-    own); a synchronous call returns a finished Work without making a torch
-    Future (an asynchronous one still completes its future)."""
+    (no tensor dispatch), synchronous or not (DDP's buckets); other tensors
+    (bfloat16, one that requires grad) go to collectives.* as they are (their
+    torch support, no conversion of its own); a synchronous call returns a
+    finished Work without making a torch Future (an asynchronous one still
+    completes its future)."""
     import socket
 
     import collectives.torchdist  # noqa: F401
@@ -507,14 +508,17 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
         w = dist.group.WORLD.allreduce([t], opts)
         assert w.wait() and w.is_completed() and w.is_success() and w.exception() is None
         assert w.result()[0] is t and w.get_future().value()[0] is t
-        w = dist.all_reduce(t, async_op=True)
+        w = dist.all_reduce(t, async_op=True)     # DDP's bucket: the view too, on the lane
         w.wait()
         assert w.get_future().wait()[0] is t and t.tolist() == [2.0] * 3
-        assert len(seen) == 1 and seen[0] is t and len(direct) == 2
-        assert views[0].__array_interface__["data"][0] == t.data_ptr()
+        assert seen == [] and len(direct) == 3 and len(made) == 2     # (the future and its then)
+        assert direct[2].__array_interface__["data"][0] == t.data_ptr()
+        w = dist.all_reduce(t, op=R.MAX, async_op=True)
+        assert w.get_future().wait()[0] is t and len(direct) == 4
         g = torch.full((2,), 3.0, requires_grad=True)     # no numpy view: the tensor path
         dist.all_reduce(g)
-        assert seen[-1] is g and len(direct) == 2 and g.tolist() == [3.0, 3.0]
+        assert seen[-1] is g and len(direct) == 4 and g.tolist() == [3.0, 3.0]
+        assert views[0].__array_interface__["data"][0] == g.data_ptr()
         seen.clear()
         u = torch.ones(2, dtype=torch.bfloat16)
         dist.all_reduce(u)
