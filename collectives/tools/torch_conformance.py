@@ -10,6 +10,9 @@ MultiProcessTestCase per test, WORLD_SIZE spawned ranks, file:// init,
 (backend, world size) runs in a suite process of its own, serially, and
 the table puts each test's gloo result beside meshrun's.
 
+INIT_METHOD is file:// when the suite is imported, as in torch's own
+file-init configuration (test/run_test.py), so the tests that need it run.
+
 What the runner adds for a third-party backend (torch's tables name only
 its own): "meshrun" goes into ``DistTestCases.backend_feature`` "plugin"
 (else ``require_backend_is_available`` skips every test), "ddp",
@@ -81,7 +84,16 @@ def suite_class() -> Any:
             if method == "spawn":
                 super()._spawn_processes()
             else:
-                self._start_processes(torch.multiprocessing.get_context(method).Process)
+                ctx: Any = torch.multiprocessing.get_context(method)
+                self._start_processes(ctx.Process)
+
+        @classmethod
+        def _run(cls, *args: Any, **kwargs: Any) -> None:
+            """A forked rank sees the suite's INIT_METHOD as this test's setUp
+            set it, as a spawned rank that imports the suite afresh does."""
+            suite: Any = sys.modules[DistributedTest.__module__]
+            suite.INIT_METHOD = os.environ.get("INIT_METHOD", suite.INIT_METHOD)
+            super()._run(*args, **kwargs)
 
         def run_test(self, test_name: str, parent_pipe: Any) -> None:
             """A rank's skip reason goes to a file the parent reads (torch
@@ -229,6 +241,7 @@ def run_suite(backend: str, world_size: int, names: list[str], timeout: float,
                    TEMP_DIR=tmp, CONFORMANCE_OUT=out_file,
                    DISTRIBUTED_TESTS_DEFAULT_TIMEOUT=str(int(timeout)),
                    CONFORMANCE_UNGATE="1" if ungate else "0", CONFORMANCE_START=start,
+                   INIT_METHOD=f"file://{tmp}/init_dir/shared_init_file",
                    PYTHONPATH=os.pathsep.join(p for p in (_root(), os.environ.get("PYTHONPATH"))
                                               if p))
         os.makedirs(os.path.join(tmp, "barrier"), exist_ok=True)
