@@ -10,9 +10,12 @@ pytest.importorskip("expecttest")  # torch's test utilities import it
 from collectives.tools import torch_conformance as tc  # noqa: E402
 
 SMOKE = ["test_all_reduce_sum", "test_send_recv", "test_destroy_group",
-         "test_all_gather_coalesced_simple"]
-"""A few of torch's tests; the last two failed before torchpg named its
-groups for torch and laid allgather_coalesced's outputs out rank-major."""
+         "test_all_gather_coalesced_simple", "test_barrier_timeout_global"]
+"""A few of torch's tests; test_destroy_group and test_all_gather_coalesced_simple
+failed before torchpg named its groups for torch and laid allgather_coalesced's
+outputs out rank-major; test_barrier_timeout_global (ungated: the suite gates it
+on gloo) re-initialises with the suite's INIT_METHOD, which forked ranks once
+saw as env://, and skips unless it is file:// when the suite is imported."""
 
 
 def test_reason_picks_the_failing_ranks_error_line() -> None:
@@ -38,5 +41,6 @@ def test_counts_and_table() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torch_suite_smoke_on_meshrun() -> None:
-    got = tc.run_suite("meshrun", 2, SMOKE, timeout=60)
-    assert {n: r["result"] for n, r in got.items()} == dict.fromkeys(SMOKE, "pass"), got
+    got = tc.run_suite("meshrun", 2, SMOKE, timeout=60, ungate=True)
+    assert {n: r["result"] for n, r in got.items()} == {**dict.fromkeys(SMOKE, "pass"),
+                                                        SMOKE[-1]: "pass (ungated)"}, got

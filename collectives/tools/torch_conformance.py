@@ -10,6 +10,9 @@ MultiProcessTestCase per test, WORLD_SIZE spawned ranks, file:// init,
 (backend, world size) runs in a suite process of its own, serially, and
 the table puts each test's gloo result beside meshrun's.
 
+INIT_METHOD is file:// when the suite is imported, as in torch's own
+file-init configuration (test/run_test.py), so the tests that need it run.
+
 What the runner adds for a third-party backend (torch's tables name only
 its own): "meshrun" goes into ``DistTestCases.backend_feature`` "plugin"
 (else ``require_backend_is_available`` skips every test), "ddp",
@@ -72,6 +75,25 @@ def suite_class() -> Any:
             super().setUp()
             self._spawn_processes()
             torch.backends.cudnn.flags(enabled=True, allow_tf32=False).__enter__()
+
+        def _spawn_processes(self) -> None:
+            """Ranks forked from this process (torch and the suite already
+            imported: what took most of a test's 10-45 s under load, each rank
+            importing them afresh) unless CONFORMANCE_START=spawn."""
+            method = os.environ.get("CONFORMANCE_START", "fork")
+            if method == "spawn":
+                super()._spawn_processes()
+            else:
+                ctx: Any = torch.multiprocessing.get_context(method)
+                self._start_processes(ctx.Process)
+
+        @classmethod
+        def _run(cls, *args: Any, **kwargs: Any) -> None:
+            """A forked rank sees the suite's INIT_METHOD as this test's setUp
+            set it, as a spawned rank that imports the suite afresh does."""
+            suite: Any = sys.modules[DistributedTest.__module__]
+            suite.INIT_METHOD = os.environ.get("INIT_METHOD", suite.INIT_METHOD)
+            super()._run(*args, **kwargs)
 
         def run_test(self, test_name: str, parent_pipe: Any) -> None:
             """A rank's skip reason goes to a file the parent reads (torch
@@ -203,10 +225,14 @@ def _suite_main() -> None:
 
 
 def run_suite(backend: str, world_size: int, names: list[str], timeout: float,
-              quiet: bool = True, ungate: bool = False) -> dict[str, dict[str, Any]]:
+              quiet: bool = True, ungate: bool = False,
+              start: str = "fork") -> dict[str, dict[str, Any]]:
     """Run ``names`` with BACKEND=backend at ``world_size``; each test's
     record (result, reason, secs). A test the suite process never reported
-    (it was killed by the watchdog or crashed) is "crash"."""
+    (it was killed by the watchdog or crashed) is "crash". ``start``: how
+    the ranks are started, "fork" (from the suite process, which has
+    imported torch and the suite once) or "spawn" (torch's way: each rank
+    imports them again, several seconds of CPU each)."""
     got: dict[str, dict[str, Any]] = {}
     left = list(names)
     with tempfile.TemporaryDirectory(prefix="meshrun-conformance-") as tmp:
@@ -214,7 +240,8 @@ def run_suite(backend: str, world_size: int, names: list[str], timeout: float,
         env = dict(os.environ, BACKEND=backend, WORLD_SIZE=str(world_size),
                    TEMP_DIR=tmp, CONFORMANCE_OUT=out_file,
                    DISTRIBUTED_TESTS_DEFAULT_TIMEOUT=str(int(timeout)),
-                   CONFORMANCE_UNGATE="1" if ungate else "0",
+                   CONFORMANCE_UNGATE="1" if ungate else "0", CONFORMANCE_START=start,
+                   INIT_METHOD=f"file://{tmp}/init_dir/shared_init_file",
                    PYTHONPATH=os.pathsep.join(p for p in (_root(), os.environ.get("PYTHONPATH"))
                                               if p))
         os.makedirs(os.path.join(tmp, "barrier"), exist_ok=True)
@@ -280,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the selected names and stop")
     ap.add_argument("--ungate", action="store_true",
                     help="on meshrun, run the tests the suite skips by backend name (UNGATE)")
+    ap.add_argument("--start-method", default="fork", choices=("fork", "spawn"),
+                    help="how each test's ranks start (spawn: as torch's runner does, slower)")
     a = ap.parse_args(argv)
     names = test_names(a.filter)[:a.limit]
     if a.list:
@@ -292,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in a.backends.split(","):
             t0 = time.monotonic()
             results[backend] = run_suite(backend, ws, names, a.timeout, quiet=not a.verbose,
-                                         ungate=a.ungate)
+                                         ungate=a.ungate, start=a.start_method)
             print(f"# world size {ws}, {backend}: {counts(results[backend])} "
                   f"in {time.monotonic() - t0:.0f} s", flush=True)
         print(f"\n## world size {ws}\n\n{table(results, names)}\n", flush=True)
