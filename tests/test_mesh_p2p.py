@@ -369,8 +369,12 @@ def _misbehave(world: mesh.Mesh) -> list:
                # of their own: the whole multipart message must go
                [b"\xc1bad", wire.encode(wire.DATA, 1, 0, 0, dtype="<f8", shape=(1,), nbytes=8),
                 b"\x00" * 8]]
-        for frames in bad:
-            sock.send_multipart(frames)
+        # under the peer's lock: a ZeroMQ socket is not thread-safe, and the
+        # progress thread sends on it too (credits, control), so sending on it
+        # bare raced with that now and then and hung both ranks
+        with world._t._peers[0].lock:
+            for frames in bad:
+                sock.send_multipart(frames)
         world.send(np.arange(4.0), 0)
         # keep the strangers connected until rank 0 has counted them: ZeroMQ
         # connects in the background, and a socket closed early may never
