@@ -3,6 +3,7 @@ charges, the unit-cost counts, the fit, the extrapolation. No process, no
 timing."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -94,17 +95,34 @@ def test_board_counts_one_alpha_per_peer_waited_for():
         "board", "all_reduce", 2, 2 * MIB).msgs
 
 
-def test_crowd_counts_socket_messages_times_further_ranks_per_core():
-    # kappa: each message's extra cost per further rank on its core, socket path only
+def test_crowd_counts_exchange_messages_times_the_chance_the_core_is_elsewhere():
+    # kappa: a message of an exchange whose receiver was off its core, chance 1 - cores/n
     assert crowding(2, 2) == crowding(1, 2) == crowding(8, None) == 0.0
-    assert crowding(8, 2) == 3.0
+    assert crowding(8, 2) == crowding(8, 2, "rd") == 0.75
     t = terms("socket", "all_reduce", 8, 8, cores=2)
-    assert t.msgs == 3 and t.crowd == 9
+    assert t.msgs == 3 and t.crowd == 2.25
+    assert terms("socket", "all_gather", 8, 8, cores=2).crowd == 7 * 0.75       # ring
     assert terms("socket", "all_reduce", 8, 8).crowd == 0            # a core per rank
     assert terms("socket", "all_reduce", 2, 8, cores=2).crowd == 0
     assert terms("board", "all_reduce", 8, 8, cores=2).crowd == 0    # its waits count peers
     assert predict(SOCK, 2, "socket", "all_reduce", 8, 8) == pytest.approx(
-        (SOCK.a0 + 3 * SOCK.alpha + 24 * SOCK.beta + 24 * SOCK.gamma + 9 * SOCK.kappa) / 0.25)
+        (SOCK.a0 + 3 * SOCK.alpha + 24 * SOCK.beta + 24 * SOCK.gamma + 2.25 * SOCK.kappa) / 0.25)
+
+
+def test_crowd_saturates_and_spares_the_tree_and_chain():
+    # at most one switch per message, however many ranks share a core
+    counts = [crowding(n, 2) for n in (4, 8, 16, 32, 64, 1024)]
+    assert counts == sorted(counts) and counts[-1] < 1.0
+    assert crowding(32, 2) - crowding(16, 2) < crowding(8, 2) - crowding(4, 2)
+    # tree and chain steps run one hop's two ranks, the others asleep: no crowd
+    assert crowding(16, 2, "tree") == crowding(16, 2, "chain") == 0.0
+    for size in (8, 4 * MIB):
+        assert terms("socket", "broadcast", 16, size, cores=2).crowd == 0
+        assert terms("socket", "reduce", 16, size, cores=2).crowd == 0
+    assert terms("socket", "reduce_scatter", 16, 4 * MIB, cores=2).crowd == 15 * (1 - 2 / 16)
+    # per call, 32 ranks on 2 cores: 2.2x the crowd of 16 (n / cores - 1 gave 4.4x)
+    t16, t32 = (terms("socket", "all_gather", n, 1024, cores=2) for n in (16, 32))
+    assert t32.crowd / t16.crowd == pytest.approx(31 * (1 - 2 / 32) / (15 * (1 - 2 / 16)))
 
 
 def test_row_share_is_the_schedulers_then_the_probes_then_nominal():
@@ -279,6 +297,8 @@ def test_fit_check_from_saved_rows_fits_the_fit_sizes_reports_the_held_out(tmp_p
     assert main(["--fit-check", "--from", str(src), "--out", str(out), "--markdown"]) == 0
     text = capsys.readouterr().out
     assert text.count("100% of rows within 20%") == 2
+    # per world size: the median signed error, and in brackets the median |error|
+    assert len(re.findall(r"by ranks (\d+: [+-]0% \(0%\)(, )?)+$", text, re.M)) == 2
     assert "| all_reduce | 8 MiB |" in text and "| all_reduce | 16 MiB |" not in text
     fit, _ = load(out)
     assert {r["size"] for r in fit.rows} == set(FIT_SIZES)        # the held-out rows are not in it

@@ -218,12 +218,13 @@ def _report(fit: Fit, rows: list[dict], markdown: bool) -> None:
             within = sum(abs(e) <= 0.2 for e in errs) / len(errs)
             byn = ", ".join(
                 f"{n}: {statistics.median(e for e, r in zip(errs, mine) if r['n'] == n) * 100:+.0f}%"
+                f" ({statistics.median(abs(e) for e, r in zip(errs, mine) if r['n'] == n) * 100:.0f}%)"
                 for n in sorted({r["n"] for r in mine}))
             print(f"# {path}: median |error| {statistics.median(map(abs, errs)) * 100:.1f}%, "
                   f"{within * 100:.0f}% of rows within 20% (with the measured share); "
                   f"nominal share min(1, {fit.cores}/n): median |error| "
                   f"{statistics.median(map(abs, nominal)) * 100:.1f}%; "
-                  f"median signed error by ranks {byn}")
+                  f"median signed (|error|) by ranks {byn}")
 
 
 def _fmt_t(t: float) -> str:

@@ -11,13 +11,22 @@ unit costs along one rank's critical path::
     gamma   one byte reduced (numpy's combine)
     delta   one operation on a peer's data (board path: a cross-memory read
             or a payload copy, a combine: a system call or a numpy call)
-    kappa   socket path, ranks outnumbering cores: one message's extra cost
-            for each further rank on its core (crowd = msgs * (n / cores - 1)):
-            a blocked receive polls and yields before it sleeps
-            (mesh.progress, MESH_SPIN_US), so the receiver of each message is
-            woken behind the polls, yields and context switches of the
-            other ranks on its core; none with a core per rank, so none at
-            scale. (The board's waits already count every peer, n - 1.)
+    kappa   socket path, ranks outnumbering cores: one message of an
+            exchange (recursive doubling, the rings: every rank sends and
+            receives in every step) whose receiver was off its core when it
+            came, so is switched in after another rank of the step ran
+            there (a switch between processes, the caches that rank left):
+            crowd = msgs * (1 - cores / n), the chance of that with n / cores
+            ranks of the same step on a core (``crowding``). It saturates:
+            at most one switch per message, however many ranks share the
+            core (the measured CPU per message of the exchanges grows
+            little past 4 ranks per core, docs/scale.md; until 2026-12-01
+            16:40 crowd was msgs * (n / cores - 1), which over-charged 8
+            ranks per core by 40%). None in the tree and chain (broadcast,
+            reduce: one hop's two ranks run, the others sleep, and their
+            CPU per message stays the 2-rank one at 32 ranks), none with a
+            core per rank, so none at scale. (The board's waits already
+            count every peer, n - 1.)
     share   the compute share of one rank: as measured (the time its threads
             ran over the time they ran or waited to run, from the kernel's
             scheduler statistics: collectives.tools.sweep's ``ran``), else
@@ -39,7 +48,7 @@ import numpy as np
 from ..plan import Tuning, choose, segment_count
 
 __all__ = ["PATHS", "OPS", "BOARD_CAPACITY", "Terms", "Params", "share", "algorithm", "terms",
-           "crowding", "predict", "row_share", "fit_params", "rel_errors", "nnls"]
+           "crowding", "EXCHANGES", "predict", "row_share", "fit_params", "rel_errors", "nnls"]
 
 PATHS = ("board", "socket")
 OPS = ("all_reduce", "broadcast", "all_gather", "reduce", "reduce_scatter")
@@ -166,13 +175,27 @@ def terms(path: str, op: str, n: int, nbytes: int, tuning: Tuning = Tuning(),
         nseg = segment_count(math.ceil(nbytes / n), 1, tuning.segment)
         return _board(op, alg, n, float(nbytes), nseg)
     t = _socket(op, alg, n, float(nbytes), tuning.segment)
-    return t._replace(crowd=t.msgs * crowding(n, cores))
+    return t._replace(crowd=t.msgs * crowding(n, cores, alg))
 
 
-def crowding(n: int, cores: float | None) -> float:
-    """Further ranks on a rank's core: max(0, n / cores - 1) (0 with no cores
-    given: a core per rank)."""
-    return max(0.0, n / cores - 1) if cores else 0.0
+EXCHANGES = ("rd", "ring")
+"""The socket algorithms whose every step has every rank send and receive
+(recursive doubling, the rings): the ones kappa is charged in."""
+
+
+def crowding(n: int, cores: float | None, alg: str = "ring") -> float:
+    """kappa's count per message of ``alg`` on ``n`` ranks of ``cores``
+    cores: 1 - cores / n, the chance that the message's receiver does not
+    hold its core when the message comes (the other r - 1 of the r = n /
+    cores ranks there, all in the same step, hold it the rest of the
+    time), so it is switched in after another rank ran there; at most one
+    such switch per message, however many ranks share the core. 0 with a
+    core per rank (``cores`` None or >= n) and outside the exchanges
+    (EXCHANGES): in a tree or chain step only the hop's two ranks run, the
+    others sleep in their receive."""
+    if not cores or alg not in EXCHANGES or n <= cores:
+        return 0.0
+    return 1.0 - cores / n
 
 
 def predict(params: Params, cores: float, path: str, op: str, n: int, nbytes: int,
