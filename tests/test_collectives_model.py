@@ -146,6 +146,11 @@ def test_merge_takes_each_rows_median_over_trials():
     assert m["t"] == 2.0 and m["trials"] == 3 and "trial" not in m
     assert m["ran"] == pytest.approx(0.25)       # median of t x ran (0.5, 0.3, 0.8) / t
     assert m["share"] == pytest.approx(0.5)
+    # two sizes asked for that move the same bytes (the sweep's smallest
+    # all_gathers at 32 ranks) stay two rows
+    a, b = (dict(base, op="all_gather", n=32, size=s, bytes=128, t=t) for s, t in ((8, 1.0),
+                                                                                (64, 2.0)))
+    assert [r["t"] for r in merge([a, b])] == [1.0, 2.0]
 
 
 def test_delta_prices_the_ops_and_old_fits_load_without_it():

@@ -74,7 +74,7 @@ def _measure(ranks: Sequence[int], sizes: Sequence[int], rounds: int, trials: in
 
 
 def merge(rows: Sequence[dict]) -> list[dict]:
-    """One row per (path, op, n, bytes): the median time over the rows
+    """One row per (path, op, n, size): the median time over the rows
     given (trials), with each share such that time x share is the median
     of the trials' time x share (as collectives.tools.sweep pairs rounds).
 
@@ -84,8 +84,9 @@ def merge(rows: Sequence[dict]) -> list[dict]:
     2026-12-01 (docs/scale.md, "How to check it"): no statistic was better on
     every run, the minimum the worst on the board path."""
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["path"], r["op"], r["n"], r["bytes"]), []).append(r)
+    for r in rows:      # by the size asked for: two sizes may move the same bytes
+        key = (r["path"], r["op"], r["n"], r.get("size", r["bytes"]), r["bytes"])
+        groups.setdefault(key, []).append(r)
     out = []
     for same in groups.values():
         if len(same) == 1:
