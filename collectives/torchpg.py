@@ -254,14 +254,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
             _torch_words(e, self.timeout)
             work.finish(None, e)
             return work
-        left = [len(works)]
-        lock = threading.Lock()
 
-        def on_done(_: Any) -> None:
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
+        def complete(_: Any = None) -> None:
             try:
                 values = [w.wait(0) for w in works]
                 if finish is not None:
@@ -272,10 +266,24 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 return
             work.finish(result, None)
 
+        if len(works) <= 1:      # one collective (DDP's bucket): nothing to count
+            if works:
+                works[0].add_done_callback(complete)
+            else:
+                complete()
+            return work
+        left = [len(works)]
+        lock = threading.Lock()
+
+        def on_done(_: Any) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            complete()
+
         for w in works:
             w.add_done_callback(on_done)
-        if not works:
-            work.finish(result, None)
         return work
 
     def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool) -> dist.Work:
@@ -327,26 +335,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def _host_async(self, arr: np.ndarray, name: str, tensors: list[torch.Tensor]) -> dist.Work:
         """``arr`` (the view of ``tensors[0]``) all-reduced on the group's
         lane by the host collective, its Work's completion finishing torch's
-        (no collectives.tensors round trip, no per-call launch list)."""
-        work = _FutureWork()
-        timeout = self.timeout
-        try:
-            hw = _host_all_reduce(self.comm, arr, name, True, None, timeout)
-        except BaseException as e:      # torch reads an async call's errors from its Work
-            _torch_words(e, timeout)
-            work.finish(None, e)
-            return work
-
-        def done(w: Any) -> None:
-            try:
-                w.wait(0)
-            except BaseException as e:
-                _torch_words(e, timeout)
-                work.finish(None, e)
-                return
-            work.finish(tensors, None)
-        hw.add_done_callback(done)
-        return work
+        (no collectives.tensors round trip)."""
+        return self._run([lambda a: _host_all_reduce(self.comm, arr, name, a, None,
+                                                     self.timeout)], None, tensors, True)
 
     def _sparse_all_reduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         """The sum of sparse COO tensors, written into each of them (as

@@ -31,7 +31,6 @@ the global batch: the same as one process training on all of it.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 from collections import OrderedDict
 from typing import Any, Callable
@@ -109,8 +108,12 @@ def _shared(world: Comm, n: int, timed: Callable[[list[int]], list[tuple[Any, La
     """Items ``0..n-1`` shared out over the ranks, each timing its own
     (``timed(mine)``: ``(key, cost)`` pairs, a key a tuple of ints), and
     every rank's results exchanged, so all of them decide alike."""
-    mine = [j for j in range(n) if j % world.size == world.rank]
-    rows = [[*key, lc.F, lc.B, lc.I, lc.W, lc.act_bytes] for key, lc in timed(mine)]
+    return _exchange(world, timed([j for j in range(n) if j % world.size == world.rank]))
+
+
+def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]]) -> list[tuple[list[int], LayerCost]]:
+    """Every rank's ``(key, cost)`` pairs (a key a tuple of ints), to every rank."""
+    rows = [[*key, lc.F, lc.B, lc.I, lc.W, lc.act_bytes] for key, lc in pairs]
     return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb)))
             for part in collectives.all_gather_object(world, rows)
             for *key, f, b, gi, gw, nb in part]
@@ -149,14 +152,14 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], reps: i
     """Each rank times a copy of each of its stages on its input (every rank
     at once, as the steps run them); the times of every stage, averaged over
     the ranks that hold it (dp replicas), exchanged."""
-    rows = [[s, *dataclasses.astuple(time_layer(copy.deepcopy(st), inputs[s], reps)[0])]
-            for s, st in stages.items()]
-    got: dict[int, list[list[float]]] = {}
-    for part in collectives.all_gather_object(world, rows):
-        for s, *vals in part:
-            got.setdefault(int(s), []).append(vals)
-    mean = {s: [sum(v[k] for v in vs) / len(vs) for k in range(4)] for s, vs in got.items()}
-    return {s: LayerCost(f, b, gi, gw, int(got[s][0][4])) for s, (f, b, gi, gw) in mean.items()}
+    got: dict[int, list[LayerCost]] = {}
+    for (s,), lc in _exchange(world, [((s,), time_layer(copy.deepcopy(st), inputs[s], reps)[0])
+                                      for s, st in stages.items()]):
+        got.setdefault(s, []).append(lc)
+    def mean(lcs: list[LayerCost], k: str) -> float:
+        return sum(getattr(lc, k) for lc in lcs) / len(lcs)
+    return {s: LayerCost(mean(lcs, "F"), mean(lcs, "B"), mean(lcs, "I"), mean(lcs, "W"),
+                         lcs[0].act_bytes) for s, lcs in got.items()}
 
 
 class Job:

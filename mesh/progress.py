@@ -131,7 +131,7 @@ class Progress:
                     polled = time.perf_counter()
                     if rings is not None:   # the rings too (mesh.rings): watched while spinning
                         rings.awake(True)
-                        if self._read_rings(False, until) and self._done(item, flag):
+                        if self._read_rings(False, until) and until():
                             continue
                     if self._spin_now:    # poll a little before sleeping (module docstring)
                         spin_end = polled + self._spin_now
@@ -147,15 +147,15 @@ class Progress:
                                         break
                                 if rings.changed():
                                     self._read_rings(False, until)
-                                    if self._done(item, flag):
+                                    if until():
                                         break
                             if now >= yield_at:
                                 os.sched_yield()
                     if rings is not None:     # asleep from here: senders ring the doorbell
                         rings.awake(False)
-                        if self._read_rings(False, until) and self._done(item, flag):
+                        if self._read_rings(False, until) and until():
                             continue
-                    if not ready and self._done(item, flag):
+                    if not ready and until():
                         continue
                 elif rings is not None and self._read_rings(False, until) and until():
                     continue
@@ -163,7 +163,7 @@ class Progress:
                     ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
                 if ready:
                     if len(ready) > 1 or ready[0][0] is not self._router:
-                        if self._woken(ready, until) and self._done(item, flag):
+                        if self._woken(ready, until) and until():
                             continue
                     for _ in range(1024):
                         if not self._read_one() or (item.state == DONE if flag is None

@@ -171,11 +171,10 @@ class _Out:
         if self._put(frame, n, c, body, nb):
             return True
         if was_full:
-            q = self.q
-            if q[self.hi] + q[self.hi + _HEARD] == self.left:
+            if self.off():
                 return False       # nothing read since: the socket
             self.full = False      # it reads again: back to the ring, waiting for room
-            q[self.ti + _OFF] = 0
+            self.q[self.ti + _OFF] = 0
         return self._wait(frame, n, c, body, nb)
 
     def off(self) -> bool:

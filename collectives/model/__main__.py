@@ -85,8 +85,8 @@ def merge(rows: Sequence[dict]) -> list[dict]:
     every run, the minimum the worst on the board path."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:      # by the size asked for: two sizes may move the same bytes
-        key = (r["path"], r["op"], r["n"], r.get("size", r["bytes"]), r["bytes"])
-        groups.setdefault(key, []).append(r)
+        same_row = (r["path"], r["op"], r["n"], r.get("size", r["bytes"]), r["bytes"])
+        groups.setdefault(same_row, []).append(r)
     out = []
     for same in groups.values():
         if len(same) == 1:
