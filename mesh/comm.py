@@ -15,7 +15,7 @@ import numpy as np
 
 from .match import ANY, ANY_TAG, Pending, describe, got_fields
 from .payload import out_unusable
-from .transport import Outgoing, Transport
+from .transport import SENT, Outgoing, Transport
 
 if TYPE_CHECKING:
     from .channel import CollectiveChannel
@@ -55,6 +55,8 @@ class Request:
     def wait(self, timeout: float | None = None, status: Status | None = None) -> Any:
         """The received value (None for a send); ``status``, when given, is
         filled in with what the receive matched."""
+        if self._item is SENT:       # a send by ring: done when it returned (Transport.send_ring)
+            return None
         if not self._finished:
             self._result = self._c._t.wait(self._item, timeout)
             self._finished = True

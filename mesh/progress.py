@@ -76,6 +76,7 @@ class Progress:
         """Start the progress thread, reading with ``reader``, watching with ``live``."""
         self._read_one, self._live = reader.read_one, live
         self._read_rings, self._rings = reader.read_rings, reader.rings
+        self._settle = reader.settle       # credit owed, granted before sleeping
         # while spinning, the rings are looked at directly, not through their pipe
         self._spin_items = list(self._reader_items)
         if self._rings is not None:     # its wake pipe: polled by the reading turn only
@@ -160,6 +161,7 @@ class Progress:
                 elif rings is not None and self._read_rings(False, until) and until():
                     continue
                 if not ready:
+                    self._settle()
                     ready = zmq.zmq_poll(self._reader_items, int(min(left, 0.05) * 1000))
                 if ready:
                     if len(ready) > 1 or ready[0][0] is not self._router:
@@ -313,6 +315,7 @@ class Progress:
                 if held and self._rings is not None:    # asleep in poll: wake me (mesh.rings)
                     self._rings.awake(False)
                     self._read_rings()
+                    self._settle()
                 events = dict((reading if held else aside).poll(100 if held else 5))
                 if self._wake_r in events:
                     self._drain_wake()

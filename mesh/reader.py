@@ -25,8 +25,8 @@ from .errors import BadMessageError
 from .inbox import Inbox
 from .liveness import Liveness
 from .payload import fill
-from .peer import DEAD, Peer
-from .rings import Rings
+from .peer import DEAD, MSG_COST, Peer
+from .rings import WRAP as _WRAP, Rings
 
 __all__ = ["Reader", "COPY_BELOW"]
 
@@ -34,6 +34,7 @@ _log = logging.getLogger("mesh.transport")
 COPY_BELOW = 64 * 1024   # payloads smaller than this are copied, not zero-copy
 _NOBLOCK = int(zmq.NOBLOCK)
 _CACHE = 1024  # headers remembered
+_OWE = 256 << 10   # ``take`` grants credit back once this much is owed to a peer (at most)
 
 
 def _fits(out: Any, req: Any, h: wire.Header) -> bool:
@@ -67,7 +68,10 @@ class Reader:
         # message): decode each distinct byte string once; bounded, starts
         # over when full.
         self._decoded: dict[bytes, wire.Header] = {}
-        self._plain: dict[bytes, wire.Header] = {}   # those of plain arrays (``take``)
+        # those of plain arrays, unpacked for ``take``: (header, src, group, tag, nbytes, dtype)
+        self._plain: dict[bytes, tuple] = {}
+        self._owed = [0] * len(peers)   # credit ``take`` freed, per peer, not granted yet
+        self._owe = min([_OWE] + [p.grant_step // 4 for p in peers])   # ... up to this
         self._claim, self._arrive = inbox.claim, inbox.arrive
         self._consumed, self._complete = inbox.consumed, inbox.complete
 
@@ -115,30 +119,62 @@ class Reader:
         header)`` when it is an array of ``group`` and ``tag`` that fits
         ``out`` (None: a new array) and its header was seen before, copied
         out and taken; None when the ring is empty; False when what is
-        there is for the usual way (``_from_ring``), or waits for the socket."""
+        there is for the usual way (``_from_ring``), or waits for the socket.
+        The ring's ``peek`` and ``pop``, inline (``Rings.where``); the
+        credit it frees is granted back in batches (``_owe``), and what is
+        left when the reading turn's holder goes to sleep (``settle``)."""
         rings = self.rings
         assert rings is not None
-        n = rings.peek(src, self.heard[src])
-        if n <= 0:
-            return None if n == 0 else False
-        at, m = rings.at, rings.map
-        hl = m[at + 1] | m[at + 2] << 8 if n >= 3 else n
-        if 3 + hl > n or m[at] != wire.INLINE_MARK:
+        q, heads = rings.q, rings.heads
+        head = heads[src]
+        tail_w, head_w, base = rings.where[src]
+        if head == q[tail_w]:
+            return None
+        off = head & rings.mask
+        w = (base + off) >> 3
+        n = q[w + 1]
+        if n & _WRAP or q[w] > self.heard[src] or n > rings.ring - off - 16 or not n:
+            n = rings.peek(src, self.heard[src])     # (a wrap, a wait, or malformed)
+            if n <= 0:
+                return None if n == 0 else False
+            at, head = rings.at, rings.next
+        else:
+            at, head = base + off + 16, head + 16 + ((n + 15) & ~15)
+        m = rings.map
+        if m[at] != wire.INLINE_MARK:
             return False
-        h = self._plain.get(m[at + 3:at + 3 + hl])
-        if h is None or h.group != group or h.tag != tag or h.src != src \
-                or h.nbytes != n - 3 - hl:
+        hl = m[at + 1] | m[at + 2] << 8
+        known = self._plain.get(m[at + 3:at + 3 + hl]) if 3 + hl <= n else None
+        if known is None:
+            return False
+        h, hsrc, hgroup, htag, nbytes, dt = known
+        if hsrc != src or hgroup != group or htag != tag or nbytes != n - 3 - hl:
             return False
         if out is None:
-            out = np.empty(h.shape or (), h.dt)
-        elif (out.dtype is not h.dt and out.dtype != h.dt) or out.nbytes != h.nbytes:
+            out = np.empty(h.shape or (), dt)
+        elif (out.dtype is not dt and out.dtype != dt) or out.nbytes != nbytes:
             return False
-        if h.nbytes:     # copied once, out of the map into ``out``
-            out.data.cast("B")[:] = rings.view(at + 3 + hl, h.nbytes)
-        rings.pop(src)
-        self._peers[src].last_heard = time.monotonic()
-        self._consumed(src, h.nbytes)
+        if nbytes:     # copied once, out of the map into ``out``
+            at += 3 + hl
+            out.data.cast("B")[:] = rings.mv[at:at + nbytes]
+        heads[src] = q[head_w] = head
+        owed = self._owed[src] + nbytes + MSG_COST
+        if owed >= self._owe:
+            self._owed[src] = 0
+            self._consumed(src, owed - MSG_COST)
+            self._peers[src].last_heard = time.monotonic()
+        else:
+            self._owed[src] = owed
         return out, h
+
+    def settle(self) -> None:
+        """Grant back the credit ``take`` owes (mesh.progress, before the
+        reading turn's holder sleeps): a sender must not wait on it."""
+        owed = self._owed
+        for src, n in enumerate(owed):
+            if n:
+                owed[src] = 0
+                self._consumed(src, n - MSG_COST)
 
     def _from_ring(self, src: int, frame: memoryview) -> None:
         """One message out of rank ``src``'s ring: an array or an object,
@@ -168,7 +204,7 @@ class Reader:
                     self._plain.clear()
                 self._decoded[head] = h
                 if h.kind == wire.DATA and not h.device and not h.direct:
-                    self._plain[head] = h
+                    self._plain[head] = (h, h.src, h.group, h.tag, h.nbytes, h.dt)
         return h
 
     def _dispatch(self, ident: bytes, head: bytes, payload: list, more: Any) -> bool:

@@ -83,14 +83,14 @@ from typing import Any, Callable
 
 from .peer import config_float
 
-__all__ = ["Rings", "enabled", "fence", "open_rings"]
+__all__ = ["Rings", "WRAP", "enabled", "fence", "open_rings"]
 
 _log = logging.getLogger("mesh.transport")
 _PAGE = mmap.PAGESIZE
 _WAKE, _BELL, _AWAKE, _RUNG = 2, 8, 16, 24    # 64-bit word indices in page 0
 _LINE = 8                      # words per cache line: one line per sender's counters
 _OFF = 1                       # in that line after TAIL: the sender takes the socket for now
-_WRAP = 1 << 32
+_WRAP = WRAP = 1 << 32        # (an entry's length word: padding to the ring's end)
 _fence_lock = threading.Lock()
 _SPIN = 200e-6     # a sender waiting for room spins while its receiver read this recently,
 _NAP = 50e-6       # then sleeps this long between looks,
@@ -218,34 +218,33 @@ class _Out:
 
     def _put(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
         size = 16 + ((n + nb + 15) & ~15)
-        tail, ring = self.tail, self.ring
-        used = tail - self.q[self.hi]
+        tail, ring, q = self.tail, self.ring, self.q
+        used = tail - q[self.hi]
         if self.full:       # left (``_wait``): ``put`` says when to come back to a
             if used:        # ring not empty yet; an empty one, at once
                 return False
             self.full = False
-            self.q[self.ti + _OFF] = 0
-        free = ring - used
+            q[self.ti + _OFF] = 0
         off = tail & self.mask
         if off + size > ring:               # pad to the end, start over at 0
-            if free < ring - off + size:
+            if ring - used < ring - off + size:
                 self.full = True
                 return False
             self.qd[(off >> 3) + 1] = _WRAP
             tail += ring - off
             off = 0
-        elif free < size:
+        elif ring - used < size:
             self.full = True
             return False
+        qd, buf = self.qd, self.buf
         w = off >> 3
-        self.qd[w] = c
-        self.qd[w + 1] = n + nb
+        qd[w] = c
+        qd[w + 1] = n + nb
         off += 16
-        self.buf[off:off + n] = frame
+        buf[off:off + n] = frame
         if nb:
-            self.buf[off + n:off + n + nb] = body
+            buf[off + n:off + n + nb] = body
         self.tail = tail = tail + size
-        q = self.q
         q[self.ti] = tail
         q[_BELL] = tail << 16 | self.src
         _fence_lock.acquire()      # fence(), without the call
@@ -290,15 +289,18 @@ class Rings:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_w = wake_w
         self.q[_WAKE] = wake_w
-        self._heads = [0] * size
+        self.heads = self._heads = [0] * size      # per sender: what we have read
         self._last_bell = 0
         lay = self.lay       # per sender: its TAIL's and HEAD's words, its ring's offset
         self._tail_w = [(lay.ctl >> 3) + _LINE * s for s in range(size)]
         self._head_w = [(lay.heads >> 3) + _LINE * s for s in range(size)]
         self._base = [lay.slot(s) for s in range(size)]
-        self._next = 0       # the head after the entry ``peek`` gave
+        # the same, together, for a reader that peeks and pops inline (mesh.reader.take)
+        self.where = list(zip(self._tail_w, self._head_w, self._base))
+        self.ring, self.mask = lay.ring, lay.ring - 1
+        self.next = 0        # the head after the entry ``peek`` gave
         self.at = 0          # where that entry's bytes are in ``map``
-        self.map = self._map
+        self.map, self.mv = self._map, self._mv
 
     # ---- the sending side ----------------------------------------------------
 
@@ -441,7 +443,7 @@ class Rings:
             length = q[w + 1]
         if q[w] > upto or length > ring - off - 16 or not length:
             return -1
-        self._next = head + 16 + ((length + 15) & ~15)
+        self.next = head + 16 + ((length + 15) & ~15)
         self.at = base + off + 16
         return length
 
@@ -466,7 +468,7 @@ class Rings:
 
     def pop(self, s: int) -> None:
         """Move past the entry ``peek`` gave of sender ``s``."""
-        self._heads[s] = self.q[self._head_w[s]] = self._next
+        self._heads[s] = self.q[self._head_w[s]] = self.next
 
     def holding(self, but: int) -> bool:
         """Whether a same-host peer other than ``but`` has entries not read yet."""

@@ -175,8 +175,11 @@ class Transport:
         lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
         lock.acquire()
         try:
-            if peer.state != ALIVE or peer.queue or not peer.admit(n):
+            inflight = peer.inflight     # peer.admit(n), inline
+            if peer.state != ALIVE or peer.queue or not (
+                    inflight + n + MSG_COST <= peer.window or inflight < peer.grant_step):
                 return None
+            peer.inflight = inflight + n + MSG_COST
             if ring.put(pre, len(pre), peer.sent, obj, n):
                 return SENT
             peer.release(n + MSG_COST)       # the usual way charges it again
@@ -191,19 +194,16 @@ class Transport:
         it), taken by this thread if it comes within the spin
         (mesh.progress.await_ring): (array, header); None when it must be posted
         and waited for the usual way."""
-        rings, matcher = self.rings, self.inbox.matcher
-        if (rings is None or not self._ringed[src] or rings.off(src)    # on the socket for now
+        if (not self._ringed[src]      # (no rings: none is)
                 or (out is not None and out.nbytes > self._ring_max)    # comes by socket
-                or (timeout is not None and timeout < self.progress.spin)
-                or not matcher.quiet(group, src, tag)):    # queued: looked at before the turn too
+                or (timeout is not None and timeout < self.progress.spin)):
             return None
-        progress = self.progress
+        progress, inbox = self.progress, self.inbox
         entered = progress.enter()
         try:
-            inbox = self.inbox
             if (not entered or self._peers[src].state != ALIVE
                     or (inbox.aborted and (group, tag) in inbox.aborted)
-                    or not matcher.quiet(group, src, tag)):
+                    or not inbox.matcher.quiet(group, src, tag)):    # queued or posted before
                 return None
             return progress.await_ring(self.reader.take, src, group, tag, out)
         finally:

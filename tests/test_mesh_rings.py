@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,90 @@ def test_small_messages_take_the_rings_in_order_with_the_socket() -> None:
                      env={"MESH_RING_BYTES": "4096", "MESH_RING_MAX": "1024"})
     assert got == [True, True, True]
     assert not set(os.listdir("/dev/shm")) - before
+
+
+def _short_way_falls_back(world: mesh.Mesh, path: str) -> None:
+    """Rank 1 sends arrays whose headers rank 0 has seen, so its blocking
+    receives naming the source try the short way (Transport.recv_ring)
+    first; what it cannot take goes the usual way, with every
+    point-to-point rule kept: an out= that does not fit raises on rank 0
+    naming rank 1 and leaves the message queued, a tag asked out of order
+    leaves the earlier one for its own receive, ANY takes the next, and
+    rank 1's death during a wait is a lost peer naming it."""
+    a = np.arange(4.0)
+    if world.rank == 1:
+        for tag in (1, 2, 3, 1):
+            world.send(a, 0, tag=tag)           # their headers, seen by rank 0
+        world.recv(0, tag=9)
+        for i, tag in enumerate((1, 2, 3, 1, 2), 1):
+            world.send(a + i, 0, tag=tag)
+        world.recv(0, tag=9)
+        os.kill(os.getpid(), 9)                 # while rank 0 waits for tag 4
+    t = world._t
+    taken = [0]
+    take = t.reader.take
+
+    def counted(*args: object) -> object:
+        got = take(*args)
+        taken[0] += bool(got)
+        return got
+    t.reader.take = counted                     # type: ignore[method-assign]
+    out = np.empty(4)
+    for tag in (1, 2, 3, 1):
+        assert world.recv(1, tag=tag, out=out) is out and np.array_equal(out, a)
+    world.send(0, 1, tag=9)
+    with pytest.raises(mesh.OutMismatchError,
+                       match=r"^rank 0: recv from rank 1 \(tag 1, group world\): the message "
+                             r"from rank 1 \(tag 1\) does not fit out="):
+        world.recv(1, tag=1, out=np.empty(4, np.int32))
+    assert world.recv(1, tag=1, out=out) is out and np.array_equal(out, a + 1)   # still queued
+    assert np.array_equal(world.recv(1, tag=3), a + 3)       # tag 2's message waits meanwhile
+    assert np.array_equal(world.recv(1, tag=2), a + 2)
+    st = mesh.Status()
+    assert np.array_equal(world.recv(mesh.ANY, tag=1, status=st), a + 4) and st.source == 1
+    assert world.recv(1, tag=2, out=out) is out and np.array_equal(out, a + 5)
+    assert taken[0] >= 1, taken      # the short way took some (how many: the load's)
+    world.send(0, 1, tag=9)
+    try:
+        world.recv(1, tag=4, out=out, timeout=30)
+        text = "no error"
+    except mesh.LostPeerError as e:
+        text = f"{e.peer}|{e}"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_the_short_way_falls_back_keeping_every_rule(tmp_path: Path) -> None:
+    path = tmp_path / "result"
+    with pytest.raises(mesh.WorkerError, match="rank 1"):
+        mesh.spawn(_short_way_falls_back, 2, str(path), timeout=60)
+    peer, text = path.read_text().split("|", 1)
+    assert peer == "1", text
+    assert text.startswith("rank 0: recv from rank 1 (tag 4, group world) failed: peer rank 1 "
+                           "is gone"), text
+
+
+def _credit_owed(world: mesh.Mesh) -> bool:
+    """Rank 0 takes 28 small messages (the first the usual way, the rest
+    the short way, which grants their credit back in batches: 19200 bytes
+    owed at the end, counted with MSG_COST), then waits for one larger than
+    the window (64 KiB here), which goes only once nearly all credit is
+    back (under a quarter window in flight): what the short way still owes
+    is granted before rank 0 sleeps."""
+    if world.rank == 1:
+        world.recv(0, tag=9)
+        for i in range(28):
+            world.send(np.full(128, i), 0)
+        time.sleep(0.2)                  # rank 0 waits for the next one meanwhile
+        world.send(np.arange(30000.0), 0)
+        return True
+    out = np.empty(128, np.int64)
+    world.send(0, 1, tag=9)
+    for i in range(28):
+        assert world.recv(1, out=out) is out and out[0] == i
+    return bool(np.array_equal(world.recv(1, timeout=20), np.arange(30000.0)))
+
+
+def test_credit_the_short_way_owes_is_granted_before_it_sleeps() -> None:
+    got = mesh.spawn(_credit_owed, 2, timeout=60, env={"MESH_WINDOW_BYTES": str(64 << 10)})
+    assert got == [True, True]
