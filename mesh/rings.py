@@ -166,7 +166,26 @@ class _Out:
         wake the receiver if it is not watching; False when it does not
         fit: a full ring is waited on while the receiver keeps reading (a
         stream outruns its receiver), and left, once it has not for _WAIT,
-        until the receiver reads again."""
+        until the receiver reads again. The common case (room before the
+        ring's end) is written here; the rest is ``_put_hard``'s."""
+        size = 16 + ((n + nb + 15) & ~15)
+        tail, ring, q = self.tail, self.ring, self.q
+        off = tail & self.mask
+        if self.full or off + size > ring or ring - (tail - q[self.hi]) < size:
+            return self._put_hard(frame, n, c, body, nb)
+        qd, buf = self.qd, self.buf
+        w = off >> 3
+        qd[w] = c
+        qd[w + 1] = n + nb
+        off += 16
+        buf[off:off + n] = frame
+        if nb:
+            buf[off + n:off + n + nb] = body
+        self._bell(tail + size)
+        return True
+
+    def _put_hard(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
+        """``put`` where the ring is full, was left full, or wraps."""
         was_full = self.full       # left full before (``_wait``)
         if self._put(frame, n, c, body, nb):
             return True
@@ -244,7 +263,14 @@ class _Out:
         buf[off:off + n] = frame
         if nb:
             buf[off + n:off + n + nb] = body
-        self.tail = tail = tail + size
+        self._bell(tail + size)
+        return True
+
+    def _bell(self, tail: int) -> None:
+        """Publish what is written up to ``tail`` (TAIL, then BELL) and wake
+        the receiver if it is not watching (module docstring)."""
+        self.tail = tail
+        q = self.q
         q[self.ti] = tail
         q[_BELL] = tail << 16 | self.src
         _fence_lock.acquire()      # fence(), without the call
@@ -256,7 +282,6 @@ class _Out:
                 os.write(self.wake, b"r")
             except OSError:      # full: it is awake already; gone: so is the peer
                 pass
-        return True
 
     def close(self) -> None:
         if self.wake >= 0:
