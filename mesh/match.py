@@ -229,9 +229,12 @@ class Matcher:
         """Whether a message ``(group, src, tag)`` (a user tag) may go to a
         receive that is not posted (mesh.transport.recv_ring): no posted
         receive could take it, and no message it would overtake waits."""
-        if (group, src, tag) in self._posted or (group, tag) in self._posted_any \
-                or group in self._wild:
+        if ((self._posted and (group, src, tag) in self._posted)    # (empty tables: no key)
+                or (self._posted_any and (group, tag) in self._posted_any)
+                or (self._wild and group in self._wild)):
             return False
+        if not self._unexpected:
+            return True
         by_src = self._unexpected.get((group, tag))
         return not by_src or src not in by_src
 

@@ -190,26 +190,27 @@ class Progress:
         """Take the reading turn for a receive's first look (``await_ring``):
         at once when free (1), else the way ``drive`` does (2); 0 when
         another waiter keeps it (then ``drive``). ``leave`` with the answer."""
-        if not self._rlock.acquire(False):
-            with self._want_lock:
-                self._want += 1
-                if self._progress_reading:
-                    os.write(self._wake_w, b"w")
-            if not self._rlock.acquire(timeout=0.002):
-                return 0
+        if self._rlock.acquire(False):
             self._rings.awake(True)     # type: ignore[union-attr]
-            return 2
+            return 1
+        with self._want_lock:
+            self._want += 1
+            if self._progress_reading:
+                os.write(self._wake_w, b"w")
+        if not self._rlock.acquire(timeout=0.002):
+            return 0
         self._rings.awake(True)     # type: ignore[union-attr]
-        return 1
+        return 2
 
     def leave(self, entered: int) -> None:
         """Give back the turn ``enter`` took; AWAKE stays set (see ``drive``),
         and the progress thread stays aside a while, as after ``drive``."""
-        if entered:
-            self._rlock.release()
         if entered == 1:
+            self._rlock.release()
             self._aside_until = time.monotonic() + 0.002
             return
+        if entered:
+            self._rlock.release()
         with self._want_lock:
             self._want -= 1
             if self._want == 0:
