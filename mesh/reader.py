@@ -72,6 +72,7 @@ class Reader:
         self._plain: dict[bytes, tuple] = {}
         self._owed = [0] * len(peers)   # credit ``take`` freed, per peer, not granted yet
         self._owe = min([_OWE] + [p.grant_step // 4 for p in peers])   # ... up to this
+        self._owing = False             # whether any is
         self._claim, self._arrive = inbox.claim, inbox.arrive
         self._consumed, self._complete = inbox.consumed, inbox.complete
 
@@ -165,11 +166,15 @@ class Reader:
             self._peers[src].last_heard = time.monotonic()
         else:
             self._owed[src] = owed
+            self._owing = True
         return out, h
 
     def settle(self) -> None:
         """Grant back the credit ``take`` owes (mesh.progress, before the
         reading turn's holder sleeps): a sender must not wait on it."""
+        if not self._owing:
+            return
+        self._owing = False
         owed = self._owed
         for src, n in enumerate(owed):
             if n:
