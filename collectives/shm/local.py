@@ -4,16 +4,17 @@
 
     small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
       broadcast, gather, reduce
-    large all_reduce               post address | reduce chunk r from every peer's buffer |
-                                   stage 1 | read each peer's final chunk | stage 2 | exit
+    large all_reduce               per piece: copy into the arena | post | reduce chunk r
+                                   from every arena | stage | copy each arena's final chunk
     large reduce                   post addresses | reduce chunk r | stage 1 | root reads chunks
     reduce_scatter                 post address | reduce chunk r | stage 2 | exit
     large broadcast, gather,       post address | read what this rank needs | stage 2 | exit
       all_gather, scatter, all_to_all
 
 "Exit" waits until every peer that reads this rank's buffer has said stage 2,
-so a buffer is never changed or freed under a reader. Every reduction runs
-in a fixed order (rank order, or ring order from the chunk's owner for the
+so a buffer is never changed or freed under a reader (an arena is written
+again only once the peers have left the call that read it). Every reduction
+runs in a fixed order (rank order, or ring order from the chunk's owner for the
 owner alone), so all ranks get the same bits.
 """
 from __future__ import annotations
@@ -21,10 +22,13 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
+from mesh.rings import fence
+
 from .. import scratch
 from ..ops import ReduceOp
 from ..plan import ring_chunks, segments
 from ..runner import Ctx
+from . import board
 from .board import CAPACITY, Round
 from .cma import peer_read
 
@@ -94,21 +98,57 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
 
 
 def all_reduce_large(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
-    n, rank, item = ctx.g.size, ctx.g.rank, buf.itemsize
-    bounds = ring_chunks(buf.size, n)
+    """Through the arenas (collectives.shm.board), board.ARENA bytes at a
+    time: each rank copies its piece of ``buf`` into its arena, reduces
+    chunk ``rank`` of the piece out of every arena into its own (the peers
+    in ring order from rank + 1, so each chunk is summed once, the same bits
+    everywhere), then copies every rank's reduced chunk out of its arena::
+
+        piece k:  copy in | stage 3k (k = 0: the post) | reduce chunk r |
+                  stage 3k+1 | copy the chunks out | stage 3k+2
+
+    Peers' arenas are read through their mapped boards: a copy in, the
+    reduction and a copy out per byte, where reading the peers' buffers
+    across processes costs five times a copy. A rank leaves as soon as it
+    has copied; a later call writes its arena only once the peers have left
+    this one (Round.arena)."""
+    n, rank, item, dt = ctx.g.size, ctx.g.rank, buf.itemsize, buf.dtype
+    per = max(1, board.ARENA // item)
+    pieces = [(s, min(s + per, buf.size)) for s in range(0, buf.size, per)] or [(0, 0)]
     with Round(ctx) as r:
-        r.post(addr=buf.ctypes.data)
-        addrs = r.gather()
-        lo, hi = bounds[rank]
-        _reduce_chunk(ctx, addrs, buf, lo, hi, buf[lo:hi], op)
-        r.stage(1)
-        for p in r.peers:
-            r.wait_stage([p], 1)
-            a, b = bounds[p]
-            if b > a:
-                peer_read(ctx, p, addrs[p] + a * item, buf[a:b])
-        r.stage(2)
-        r.wait_stage(r.peers, 2)
+        mine = r.arena(dt)
+        tmp = None if board.mapped(ctx.g) else scratch.take(dt, -(-min(per, buf.size) // n), 1)
+        for k, (s, e) in enumerate(pieces):
+            if k:
+                r.wait_stage(r.peers, 3 * k - 1)     # every peer is done with piece k - 1
+            mine[:e - s] = buf[s:e]
+            if k:
+                fence()
+                r.stage(3 * k)
+            else:
+                r.post()
+                r.gather()
+            bounds = ring_chunks(e - s, n)
+            lo, hi = bounds[rank]
+            out = mine[lo:hi]
+            part = None if tmp is None else tmp[0][:hi - lo]
+            for p in r.peers:
+                if k:
+                    r.wait_stage([p], 3 * k)
+                op.combine(out, r.arena_of(p, dt, lo, hi, part))
+            fence()
+            r.stage(3 * k + 1)
+            for p in r.peers:
+                r.wait_stage([p], 3 * k + 1)
+                a, b = bounds[p]
+                dst = buf[s + a:s + b]
+                got = r.arena_of(p, dt, a, b, dst)
+                if got is not dst:
+                    dst[...] = got
+            buf[s + lo:s + hi] = out
+            r.stage(3 * k + 2)
+        if tmp is not None:
+            scratch.give(tmp)
 
 
 def reduce_scatter(ctx: Ctx, buf: np.ndarray, out: np.ndarray, op: ReduceOp) -> None:
