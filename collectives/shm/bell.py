@@ -15,6 +15,7 @@ architecture), ``available()`` is False and callers sleep on a timer.
 from __future__ import annotations
 
 import ctypes
+import errno
 import platform
 import sys
 from typing import Any
@@ -45,14 +46,16 @@ def available() -> bool:
     return sys.platform == "linux" and _NR != 0
 
 
-def wait(addr: int, value: int, timeout: float) -> None:
+def wait(addr: int, value: int, timeout: float) -> bool:
     """Sleep while the 32-bit word at ``addr`` holds ``value``, at most
-    ``timeout`` seconds (a wake, a change of the word seen on entry, a
-    signal or the timeout all return; the caller checks what it waits for)."""
+    ``timeout`` seconds. True when a wake or a change of the word ended it,
+    False when the timeout (or a signal) did; the caller checks what it
+    waits for either way."""
     secs = max(0.0, timeout)
     ts = _Timespec(int(secs), int((secs % 1) * 1e9))
-    _syscall()(ctypes.c_long(_NR), ctypes.c_void_p(addr), ctypes.c_int(_WAIT),
-               ctypes.c_int(value), ctypes.byref(ts), None, ctypes.c_int(0))
+    got = _syscall()(ctypes.c_long(_NR), ctypes.c_void_p(addr), ctypes.c_int(_WAIT),
+                     ctypes.c_int(value), ctypes.byref(ts), None, ctypes.c_int(0))
+    return got == 0 or ctypes.get_errno() == errno.EAGAIN
 
 
 def wake(addr: int) -> None:
