@@ -99,20 +99,22 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
 
 def all_reduce_large(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
     """Through the arenas (collectives.shm.board), board.ARENA bytes at a
-    time: each rank copies its piece of ``buf`` into its arena, reduces
-    chunk ``rank`` of the piece out of every arena into its own (the peers
-    in ring order from rank + 1, so each chunk is summed once, the same bits
-    everywhere), then copies every rank's reduced chunk out of its arena::
+    time: each rank copies its piece of ``buf`` into its arena (all but its
+    own chunk, which it reads where it is), reduces chunk ``rank`` of the
+    piece out of every arena into its own (the peers in ring order from
+    rank + 1, so each chunk is reduced once: the same bits everywhere),
+    then copies every rank's reduced chunk out of its arena::
 
         piece k:  copy in | stage 3k (k = 0: the post) | reduce chunk r |
                   stage 3k+1 | copy the chunks out | stage 3k+2
 
-    Peers' arenas are read through their mapped boards: a copy in, the
-    reduction and a copy out per byte, where reading the peers' buffers
-    across processes costs five times a copy. A rank leaves as soon as it
-    has copied; a later call writes its arena only once the peers have left
-    this one (Round.arena)."""
+    The peers' arenas are read through their mapped boards with plain
+    loads, where reading their buffers across processes (process_vm_readv)
+    costs several times a cached copy, in the kernel. A rank leaves as soon
+    as it has copied; a later call writes its arena only once the peers
+    have left this one (Round.arena)."""
     n, rank, item, dt = ctx.g.size, ctx.g.rank, buf.itemsize, buf.dtype
+    ufunc = getattr(np, op.ufunc_name)
     per = max(1, board.ARENA // item)
     pieces = [(s, min(s + per, buf.size)) for s in range(0, buf.size, per)] or [(0, 0)]
     with Round(ctx) as r:
@@ -121,21 +123,28 @@ def all_reduce_large(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
         for k, (s, e) in enumerate(pieces):
             if k:
                 r.wait_stage(r.peers, 3 * k - 1)     # every peer is done with piece k - 1
-            mine[:e - s] = buf[s:e]
+            bounds = ring_chunks(e - s, n)
+            lo, hi = bounds[rank]
+            mine[:lo] = buf[s:s + lo]       # (this rank's own chunk is read where it is)
+            mine[hi:e - s] = buf[s + hi:e]
             if k:
                 fence()
                 r.stage(3 * k)
             else:
                 r.post()
                 r.gather()
-            bounds = ring_chunks(e - s, n)
-            lo, hi = bounds[rank]
             out = mine[lo:hi]
             part = None if tmp is None else tmp[0][:hi - lo]
+            first: np.ndarray | None = buf[s + lo:s + hi]
             for p in r.peers:
                 if k:
                     r.wait_stage([p], 3 * k)
-                op.combine(out, r.arena_of(p, dt, lo, hi, part))
+                theirs = r.arena_of(p, dt, lo, hi, part)
+                if first is not None:       # out = own (op) the first peer's, as combine orders
+                    ufunc(first, theirs, out=out)
+                    first = None
+                else:
+                    op.combine(out, theirs)
             fence()
             r.stage(3 * k + 1)
             for p in r.peers:
