@@ -127,12 +127,12 @@ def test_the_short_way_matches_numpy_and_keeps_the_guarantees() -> None:
 
 
 def _large(world: Any) -> list:
-    """Large all_reduces through the arenas (collectives.shm.local), cut
-    into pieces (board.ARENA lowered), back to back, against numpy; rank 0
-    reads its peers' chunks late, so the others leave each call first and
-    must not rewrite their arenas before it has read them; one call
-    starts late on rank 1."""
-    board.ARENA = 64 << 10
+    """Large all_reduces, back to back, against numpy: through the arenas
+    (collectives.shm.local; board.ARENA lowered to 256 KiB) and, above
+    that, across processes. Rank 0 reads its peers' chunks late, so the
+    others leave each call first and must not rewrite their arenas before
+    it has read them; one call starts late on rank 1."""
+    board.ARENA = 256 << 10
     read = board.Round.arena_of
     if world.rank == 0:
         def late(self: Any, peer: int, dtype: Any, lo: int, hi: int, out: Any) -> Any:
@@ -140,10 +140,10 @@ def _large(world: Any) -> list:
             return read(self, peer, dtype, lo, hi, out)
         board.Round.arena_of = late     # type: ignore[method-assign]
     wrong = []
-    for i, (count, dtype) in enumerate([(40000, "float32"), (32773, "float64"),
-                                        (70001, "int64"), (49152, "complex64"),
-                                        (3, "float32"), (100000, "int16")]):
-        if world.rank == 1 and i == 4:
+    for i, (count, dtype) in enumerate([(40000, "float32"), (100000, "int16"), (3, "float32"),
+                                        (32768, "float64"), (49152, "complex64"),
+                                        (70001, "int64"), (50001, "float32")]):
+        if world.rank == 1 and i == 2:
             time.sleep(0.3)
         xs = [((np.arange(count) * (r + 1) + i) % 7).astype(dtype) for r in range(world.size)]
         a = xs[world.rank].copy()

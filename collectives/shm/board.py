@@ -9,7 +9,7 @@ Where a peer's board cannot be mapped, it is polled with cross-memory reads
     head = [cookie | ack | slot 0: seq stage fplen paylen addr addr2 fphash | slot 1: ...]
            [inline payload, slot 0 | slot 1]          (one 512-byte read polls all this)
     slot s body = [fingerprint (msgpack) | payload (small collectives)]
-    arena = [a large all_reduce's piece]              (ARENA bytes, page-aligned)
+    arena = [a large all_reduce's buffer]             (ARENA bytes, page-aligned)
 
 A collective (a ``Round``) posts into slot seq % 2: fingerprint, payload
 or the address of its buffer, then (after a fence) ``seq``. A reader that
@@ -73,10 +73,10 @@ sleeping on it: collectives.shm.bell), and after it the word that says on
 whose bell this rank sleeps (that rank + 1; 0: none)."""
 _ASLEEP = _BELL + 64
 _ARENA_AT = -(-(_ASLEEP + 64) // 4096) * 4096
-ARENA = 16 << 20
+ARENA = 8 << 20
 """Bytes of each board's arena (a page-aligned tail), where a large
-all_reduce puts its buffer a piece at a time for the peers to read through
-their mappings (collectives.shm.local.all_reduce_large); its pages are
+all_reduce of at most that many bytes puts its buffer for the peers to
+read through their mappings (collectives.shm.local); its pages are
 touched only as far as calls reach. A process may lower it (tests), the
 same on every rank; the board's size stays."""
 _SIZE = _ARENA_AT + ARENA
@@ -528,14 +528,14 @@ class Round:
         return addrs
 
     def arena(self, dtype: np.dtype) -> np.ndarray:
-        """This rank's arena as ``dtype`` items (ARENA bytes' worth), once no
+        """This rank's arena as ``dtype`` items (all of it), once no
         peer may still read what an earlier call left there: each peer's ack
         has reached that call (it has left it). Before ``post``."""
         box = self.box
         held = box.arena_seq
         self._until(self.peers, lambda h: h[0] >= held)
         box.arena_seq = self.seq
-        return box.mem[_ARENA_AT:_ARENA_AT + ARENA].view(dtype)
+        return box.mem[_ARENA_AT:_SIZE].view(dtype)
 
     def arena_of(self, peer: int, dtype: np.dtype, lo: int, hi: int,
                  out: np.ndarray | None) -> np.ndarray:

@@ -4,8 +4,10 @@
 
     small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
       broadcast, gather, reduce
-    large all_reduce               per piece: copy into the arena | post | reduce chunk r
-                                   from every arena | stage | copy each arena's final chunk
+    large all_reduce               post address | reduce chunk r from every peer's buffer |
+                                   stage 1 | read each peer's final chunk | stage 2 | exit;
+                                   up to 8 MiB: copy into the arena | post | reduce chunk r
+                                   from every arena | stage 1 | copy each arena's final chunk
     large reduce                   post addresses | reduce chunk r | stage 1 | root reads chunks
     reduce_scatter                 post address | reduce chunk r | stage 2 | exit
     large broadcast, gather,       post address | read what this rank needs | stage 2 | exit
@@ -98,66 +100,85 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
 
 
 def all_reduce_large(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
-    """Through the arenas (collectives.shm.board), board.ARENA bytes at a
-    time: each rank copies its piece of ``buf`` into its arena (all but its
-    own chunk, which it reads where it is), reduces chunk ``rank`` of the
-    piece out of every arena into its own (the peers in ring order from
-    rank + 1, so each chunk is reduced once: the same bits everywhere),
-    then copies every rank's reduced chunk out of its arena::
+    """Up to board.ARENA bytes through the arenas (``_through_arenas``),
+    larger straight out of the peers' buffers (``_read_across``): the
+    arenas' extra copy in pays where the buffers sit in the cache (DDP's
+    bucket of a small model, just filled) and costs more than reading
+    across processes where they do not (BENCHMARKS.md, branch ddp4)."""
+    if buf.nbytes <= board.ARENA:
+        _through_arenas(ctx, buf, op)
+    else:
+        _read_across(ctx, buf, op)
 
-        piece k:  copy in | stage 3k (k = 0: the post) | reduce chunk r |
-                  stage 3k+1 | copy the chunks out | stage 3k+2
+
+def _through_arenas(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    """Each rank copies ``buf`` into its arena (collectives.shm.board; all
+    but its own chunk, which it reads where it is), reduces chunk ``rank``
+    out of every arena into its own (the peers in ring order from rank + 1,
+    so each chunk is reduced once: the same bits everywhere), then copies
+    every rank's reduced chunk out of its arena::
+
+        copy in | post | reduce chunk r | stage 1 | copy the chunks out | leave
 
     The peers' arenas are read through their mapped boards with plain
-    loads, where reading their buffers across processes (process_vm_readv)
-    costs several times a cached copy, in the kernel. A rank leaves as soon
-    as it has copied; a later call writes its arena only once the peers
-    have left this one (Round.arena)."""
-    n, rank, item, dt = ctx.g.size, ctx.g.rank, buf.itemsize, buf.dtype
+    loads (across processes where a board is not mapped). A rank leaves as
+    soon as it has copied: its arena is written again only once the peers
+    have left this call (Round.arena), and no peer reads its buffer."""
+    n, rank, dt = ctx.g.size, ctx.g.rank, buf.dtype
     ufunc = getattr(np, op.ufunc_name)
-    per = max(1, board.ARENA // item)
-    pieces = [(s, min(s + per, buf.size)) for s in range(0, buf.size, per)] or [(0, 0)]
+    bounds = ring_chunks(buf.size, n)
+    lo, hi = bounds[rank]
     with Round(ctx) as r:
         mine = r.arena(dt)
-        tmp = None if board.mapped(ctx.g) else scratch.take(dt, -(-min(per, buf.size) // n), 1)
-        for k, (s, e) in enumerate(pieces):
-            if k:
-                r.wait_stage(r.peers, 3 * k - 1)     # every peer is done with piece k - 1
-            bounds = ring_chunks(e - s, n)
-            lo, hi = bounds[rank]
-            mine[:lo] = buf[s:s + lo]       # (this rank's own chunk is read where it is)
-            mine[hi:e - s] = buf[s + hi:e]
-            if k:
-                fence()
-                r.stage(3 * k)
+        mine[:lo] = buf[:lo]
+        mine[hi:buf.size] = buf[hi:]
+        r.post()
+        r.gather()
+        out = mine[lo:hi]
+        tmp = None if board.mapped(ctx.g) else scratch.take(dt, hi - lo, 1)
+        part = None if tmp is None else tmp[0]
+        first: np.ndarray | None = buf[lo:hi]
+        for p in r.peers:
+            theirs = r.arena_of(p, dt, lo, hi, part)
+            if first is not None:       # out = own (op) the first peer's, as combine orders
+                ufunc(first, theirs, out=out)
+                first = None
             else:
-                r.post()
-                r.gather()
-            out = mine[lo:hi]
-            part = None if tmp is None else tmp[0][:hi - lo]
-            first: np.ndarray | None = buf[s + lo:s + hi]
-            for p in r.peers:
-                if k:
-                    r.wait_stage([p], 3 * k)
-                theirs = r.arena_of(p, dt, lo, hi, part)
-                if first is not None:       # out = own (op) the first peer's, as combine orders
-                    ufunc(first, theirs, out=out)
-                    first = None
-                else:
-                    op.combine(out, theirs)
-            fence()
-            r.stage(3 * k + 1)
-            for p in r.peers:
-                r.wait_stage([p], 3 * k + 1)
-                a, b = bounds[p]
-                dst = buf[s + a:s + b]
-                got = r.arena_of(p, dt, a, b, dst)
-                if got is not dst:
-                    dst[...] = got
-            buf[s + lo:s + hi] = out
-            r.stage(3 * k + 2)
+                op.combine(out, theirs)
+        fence()
+        r.stage(1)
+        for p in r.peers:
+            r.wait_stage([p], 1)
+            a, b = bounds[p]
+            dst = buf[a:b]
+            got = r.arena_of(p, dt, a, b, dst)
+            if got is not dst:
+                dst[...] = got
+        buf[lo:hi] = out
         if tmp is not None:
             scratch.give(tmp)
+
+
+def _read_across(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    """Each rank reduces chunk ``rank`` out of the peers' buffers (read
+    across processes), then reads each peer's final chunk::
+
+        post address | reduce chunk r | stage 1 | read the chunks | stage 2 | exit"""
+    n, rank, item = ctx.g.size, ctx.g.rank, buf.itemsize
+    bounds = ring_chunks(buf.size, n)
+    with Round(ctx) as r:
+        r.post(addr=buf.ctypes.data)
+        addrs = r.gather()
+        lo, hi = bounds[rank]
+        _reduce_chunk(ctx, addrs, buf, lo, hi, buf[lo:hi], op)
+        r.stage(1)
+        for p in r.peers:
+            r.wait_stage([p], 1)
+            a, b = bounds[p]
+            if b > a:
+                peer_read(ctx, p, addrs[p] + a * item, buf[a:b])
+        r.stage(2)
+        r.wait_stage(r.peers, 2)
 
 
 def reduce_scatter(ctx: Ctx, buf: np.ndarray, out: np.ndarray, op: ReduceOp) -> None:
