@@ -3,7 +3,8 @@ boards it runs on (collectives.shm.board): the same bits as the long way,
 and the long way's guarantees when ranks are on different ways: a
 mismatch raises on every rank, a bad argument aborts the others, a
 timeout ends the call on every rank, a killed peer is named; boards that
-cannot be mapped are polled with cross-memory reads instead. The short
+cannot be mapped are polled with cross-memory reads instead. Large calls
+through the boards' arenas, and waits that sleep on a peer's bell. The short
 way's two waits (a spin where every rank has a core, yields where not)
 are both taken, whatever the machine's cores."""
 from __future__ import annotations
@@ -125,16 +126,70 @@ def test_the_short_way_matches_numpy_and_keeps_the_guarantees() -> None:
             f"rank {rank}: {text}"
 
 
+def _large(world: Any) -> list:
+    """Large all_reduces, back to back, against numpy: through the arenas
+    (collectives.shm.local; board.ARENA lowered to 256 KiB) and, above
+    that, across processes. Rank 0 reads its peers' chunks late, so the
+    others leave each call first and must not rewrite their arenas before
+    it has read them; one call starts late on rank 1."""
+    board.ARENA = 256 << 10
+    read = board.Round.arena_of
+    if world.rank == 0:
+        def late(self: Any, peer: int, dtype: Any, lo: int, hi: int, out: Any) -> Any:
+            time.sleep(0.002)
+            return read(self, peer, dtype, lo, hi, out)
+        board.Round.arena_of = late     # type: ignore[method-assign]
+    wrong = []
+    for i, (count, dtype) in enumerate([(40000, "float32"), (100000, "int16"), (3, "float32"),
+                                        (32768, "float64"), (49152, "complex64"),
+                                        (70001, "int64"), (50001, "float32")]):
+        if world.rank == 1 and i == 2:
+            time.sleep(0.3)
+        xs = [((np.arange(count) * (r + 1) + i) % 7).astype(dtype) for r in range(world.size)]
+        a = xs[world.rank].copy()
+        C.all_reduce(world, a, algorithm="ring")
+        if not np.array_equal(a, sum(xs[1:], xs[0])):
+            wrong.append((count, dtype))
+    board.Round.arena_of = read         # type: ignore[method-assign]
+    return wrong
+
+
+def crowded(world: Any) -> dict:
+    """More ranks than cores (as the board sees it): a waiting rank sleeps
+    on the late peer's bell, and the peer's ring ends the sleep (a sleep
+    that ran out its long timeout would be a ring missed)."""
+    board._CORES = 1
+    board._BELL_WAIT_S = 5.0
+    sleeps: list[tuple[float, bool]] = []
+    wait = board.bell.wait
+
+    def counted(addr: int, value: int, timeout: float) -> bool:
+        woken = wait(addr, value, timeout)
+        sleeps.append((timeout, woken))
+        return woken
+    board.bell.wait = counted
+    wrong = _large(world)
+    return {"wrong": wrong, "long sleeps": [w for t, w in sleeps if t > 1]}
+
+
+def test_large_calls_through_arenas_and_bells() -> None:
+    res = mesh.spawn(crowded, N, timeout=90)
+    for rank, r in enumerate(res):
+        assert r["wrong"] == [], f"rank {rank}: {r}"
+        assert all(r["long sleeps"]), f"rank {rank}: a sleep on a bell was not rung: {r}"
+    assert any(r["long sleeps"] for r in res), res
+
+
 def unmapped(world: Any) -> dict:
     board._attach = lambda *args: None      # as where /proc/pid/fd cannot be opened
     wrong = _results(world)
-    return {"wrong": wrong, "mapped": board.mapped(world),
+    return {"wrong": wrong, "mapped": board.mapped(world), "large": _large(world),
             "shape": _caught(lambda: C.all_reduce(world, np.ones(3 if world.rank else 2)))}
 
 
 def test_boards_that_cannot_be_mapped_are_read_across_processes() -> None:
     for rank, r in enumerate(mesh.spawn(unmapped, 2, timeout=60)):
-        assert r["wrong"] == [] and not r["mapped"], r
+        assert r["wrong"] == [] and r["large"] == [] and not r["mapped"], r
         assert r["shape"].startswith("MismatchError") and "shape=[3]" in r["shape"], r
 
 

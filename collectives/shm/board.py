@@ -9,6 +9,7 @@ Where a peer's board cannot be mapped, it is polled with cross-memory reads
     head = [cookie | ack | slot 0: seq stage fplen paylen addr addr2 fphash | slot 1: ...]
            [inline payload, slot 0 | slot 1]          (one 512-byte read polls all this)
     slot s body = [fingerprint (msgpack) | payload (small collectives)]
+    arena = [a large all_reduce's buffer]             (ARENA bytes, page-aligned)
 
 A collective (a ``Round``) posts into slot seq % 2: fingerprint, payload
 or the address of its buffer, then (after a fence) ``seq``. A reader that
@@ -20,7 +21,9 @@ then read payloads or buffers (at ``addr``, ``addr2``) directly, and step
 ``stage`` up as they go (1: my part is final, 2: I am done reading you). ``ack`` is the last
 collective a rank has finished with; a slot is rewritten only once every
 peer's ack has reached what it holds, which in lockstep the heads already
-seen show, so it costs no extra read.
+seen show, so it costs no extra read. The arena, likewise, is written
+again only once every peer's ack has reached the last call that used it
+(``Round.arena``): a rank leaves a call without waiting for its readers.
 
 A repeated tiny all_reduce (collectives.shm.tiny) posts and polls the same
 words through ``Quick``, its views made once, and reduces the peers'
@@ -51,9 +54,10 @@ from mesh.rings import fence
 
 from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
-from . import cma
+from . import bell, cma
 
-__all__ = ["CAPACITY", "INLINE", "available", "ready", "mapped", "Round", "Quick", "signature"]
+__all__ = ["CAPACITY", "INLINE", "ARENA", "available", "ready", "mapped", "Round", "Quick",
+           "signature"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
@@ -63,8 +67,23 @@ INLINE = _INLINE
 """Payloads up to this many bytes sit in the head, read with every poll."""
 _PEEK = _HEAD + 2 * _INLINE
 _BODY = _FP_ROOM + CAPACITY
-_SIZE = _PEEK + 2 * _BODY
+_BELL = _PEEK + 2 * _BODY
+"""Where a board's bell is (an int32 rung as its head changes, for peers
+sleeping on it: collectives.shm.bell), and after it the word that says on
+whose bell this rank sleeps (that rank + 1; 0: none)."""
+_ASLEEP = _BELL + 64
+_ARENA_AT = -(-(_ASLEEP + 64) // 4096) * 4096
+ARENA = 8 << 20
+"""Bytes of each board's arena (a page-aligned tail), where a large
+all_reduce of at most that many bytes puts its buffer for the peers to
+read through their mappings (collectives.shm.local); its pages are
+touched only as far as calls reach. A process may lower it (tests), the
+same on every rank; the board's size stays."""
+_SIZE = _ARENA_AT + ARENA
 _SPIN_S = 0.002
+_BELL_WAIT_S = 0.005
+"""The longest sleep on a peer's bell (its ring ends it sooner): an abort,
+a lost peer and the deadline are looked at between."""
 _BUSY_S = 0.00005
 _QUICK_SPIN_S = 0.0
 _QUICK_YIELD_S = 0.0005
@@ -158,7 +177,47 @@ class _Box:
         self.heads = [r[8:8 + 8 * _WORDS].view(np.int64).data for r in self.rows]
         self.inline = [r.data[_HEAD:_PEEK] for r in self.rows]
         self.mv = self.mem.data
+        self.arena_seq = 0      # the last call that put data in this rank's arena
+        self.bell = self.mem[_BELL:_BELL + 4].view(np.int32)
+        self.asleep = self.mem[_ASLEEP:_ASLEEP + 4].view(np.int32)
+        self.me = rank + 1
+        self.rung = 0
+        # per peer: its bell's address and word (mapped boards only), and its
+        # word saying whose bell it sleeps on
+        self.bells: list[tuple[int, np.ndarray] | None] = [None] * n
+        self.sleepers: list[np.ndarray] = []
+        if bell.available():
+            for p in self.peers:
+                board = self.boards[p]
+                if board is not None:
+                    word = board[_BELL:_BELL + 4].view(np.int32)
+                    self.bells[p] = (word.ctypes.data, word)
+                    self.sleepers.append(board[_ASLEEP:_ASLEEP + 4].view(np.int32))
+        self.own_bell = self.bell.ctypes.data
         self.seen_cookie = [r[:8].view(np.int64).data for r in self.rows]
+
+    def ring(self) -> None:
+        """After a change of this rank's head: bump the bell, and wake the
+        peers that said they sleep on it."""
+        self.rung = (self.rung + 1) & 0x7FFFFFFF
+        self.bell[0] = self.rung
+        if self.sleepers:
+            fence()     # (the bump before the look at their words)
+            me = self.me
+            for word in self.sleepers:
+                if word[0] == me:
+                    bell.wake(self.own_bell)
+                    return
+
+    def ring_asleep(self) -> None:
+        """``ring`` where a peer says it sleeps on this bell (Quick: a look
+        at the peers' words, no fence, where a tiny call's microsecond
+        counts; a ring missed in the race costs the sleeper _BELL_WAIT_S)."""
+        me = self.me
+        for word in self.sleepers:
+            if word[0] == me:
+                self.ring()
+                return
 
     def read_body(self, ctx: Ctx, peer: int, offset: int, dst: np.ndarray) -> None:
         """``dst.nbytes`` bytes at ``offset`` of ``peer``'s board into ``dst``."""
@@ -220,7 +279,8 @@ class _Waiting:
         self.t0 = time.monotonic()
         self.watch: Any = None
         self.error: BaseException | None = None
-        self.busy = _BUSY_S if ctx.g.size <= _CORES else 0.0
+        self.crowded = ctx.g.size > _CORES
+        self.busy = 0.0 if self.crowded else _BUSY_S
         self.patient = False    # sleep at once: a long wait, others need the cores
         self.reports = 0
         self.what: str | None = None
@@ -233,25 +293,36 @@ class _Waiting:
             self.watch = self.ctx.watch()
         return self.watch
 
-    def idle(self, waiting_for: list[int]) -> BaseException | None:
-        """Between polls: poll on (when every rank has a core), then yield
-        the core, looking for an abort of the call (a lookup, no message)
-        and at the deadline; after _SPIN_S post the receive (a peer on a
-        socket path would talk to us there, an abort or a lost peer fails
-        it) and sleep. Returns the error found."""
+    def idle(self, waiting_for: list[int], box: "_Box | None" = None,
+             seen: int = 0) -> BaseException | None:
+        """Between polls: poll on (when every rank has a core); then, for
+        _SPIN_S, look for an abort of the call (a lookup, no message) and at
+        the deadline, and give the core away: a yield, or where the group
+        has more ranks than cores and the first late peer's board is mapped,
+        a sleep on its bell (``seen``: the bell's value before its head was
+        looked at) until it rings: polling would take a core from a rank
+        with work. After that, post the receive (a peer on a socket path
+        would talk to us there, an abort or a lost peer fails it) and sleep:
+        on the bell where the board is mapped, else a nap. Returns the error
+        found."""
         now = time.monotonic()
         waited = now - self.t0
         if waited < self.busy and not self.patient:
             return None
         ctx = self.ctx
+        peer = waiting_for[0]
+        rung = None if box is None else box.bells[peer]
         if waited < _SPIN_S and not self.patient:
-            os.sched_yield()
             if self.what is None:
                 self.what = ctx.where().split(": ", 1)[1]
             aborted = ctx.ch.aborted(ctx.tag, self.what)
             if aborted is not None:
                 return aborted
             if now <= ctx.deadline:
+                if self.crowded and box is not None and rung is not None:
+                    self._sleep(box, peer, rung[0], seen, _SPIN_S - waited)
+                else:
+                    os.sched_yield()
                 return None
         watch = self.posted()
         if watch.done():
@@ -263,8 +334,21 @@ class _Waiting:
         if time.monotonic() > ctx.deadline:
             raise ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} (same-host board)")
         self._report(waited, waiting_for)
-        time.sleep(min(0.001, max(waited / 20, 0.00002)))
+        if box is None or rung is None:
+            time.sleep(min(0.001, max(waited / 20, 0.00002)))
+        else:
+            self._sleep(box, peer, rung[0], seen,
+                        min(_BELL_WAIT_S, max(0.0, ctx.deadline - time.monotonic())))
         return None
+
+    @staticmethod
+    def _sleep(box: "_Box", peer: int, addr: int, seen: int, timeout: float) -> None:
+        """Sleep on ``peer``'s bell (at ``addr``) while it says ``seen``, at
+        most ``timeout``; this rank's word says so meanwhile, for its ring."""
+        box.asleep[0] = peer + 1
+        fence()     # (the word before the look at the bell: the peer's ring sees one or the other)
+        bell.wait(addr, seen, timeout)
+        box.asleep[0] = 0
 
     def _report(self, waited: float, waiting_for: list[int]) -> None:
         """Every MESH_STALL_WARN seconds of one wait, log what the late peers
@@ -332,6 +416,7 @@ class Round:
     def __exit__(self, *exc: Any) -> None:
         head = self.box.head
         head[0] = max(head[0], self.seq)
+        self.box.ring()
         self.wait.close()
 
     def _peek(self, peer: int) -> Any:
@@ -361,18 +446,25 @@ class Round:
         get there, carry on (each rank then sees a mismatch itself, as a
         MismatchError; a peer that left after doing its part is no error)
         and raise an abort at the end."""
-        heads = self.box.heads
+        box = self.box
+        heads, bells = box.heads, box.bells
         todo = [p for p in peers if not ready(heads[p])]
         if not todo:
             return
         wait = self.wait
         wait.t0, wait.reports = time.monotonic(), 0
+        seen = 0
         while todo:
-            while todo and ready(self._peek(todo[0])):
+            while todo:
+                rung = bells[todo[0]]
+                if rung is not None:
+                    seen = int(rung[1][0])    # (before the look: a ring after it wakes us)
+                if not ready(self._peek(todo[0])):
+                    break
                 todo.pop(0)
             if not todo:
                 break
-            err = wait.idle(todo)
+            err = wait.idle(todo, box, seen)
             if err is None and wait.watch is not None:
                 self._alive(todo[0])
             if err is not None:
@@ -404,6 +496,7 @@ class Round:
         fence()
         head[b + SEQ] = self.seq
         head[0] = max(head[0], self.seq - 1)
+        box.ring()
 
     def gather(self, outs: list[np.ndarray | None] | None = None) -> list[int]:
         """Wait for every peer's post; check fingerprints; copy the payload of
@@ -434,6 +527,30 @@ class Round:
             raise self.wait.error
         return addrs
 
+    def arena(self, dtype: np.dtype) -> np.ndarray:
+        """This rank's arena as ``dtype`` items (all of it), once no
+        peer may still read what an earlier call left there: each peer's ack
+        has reached that call (it has left it). Before ``post``."""
+        box = self.box
+        held = box.arena_seq
+        self._until(self.peers, lambda h: h[0] >= held)
+        box.arena_seq = self.seq
+        return box.mem[_ARENA_AT:_SIZE].view(dtype)
+
+    def arena_of(self, peer: int, dtype: np.dtype, lo: int, hi: int,
+                 out: np.ndarray | None) -> np.ndarray:
+        """Items [lo, hi) of ``peer``'s arena as ``dtype``: a view of its
+        mapped board (no copy), else read across processes into ``out``
+        (that many items), which is returned. After a wait for the stage
+        at which the peer wrote them."""
+        size = dtype.itemsize
+        board = self.box.boards[peer]
+        if board is not None:
+            return board[_ARENA_AT + lo * size:_ARENA_AT + hi * size].view(dtype)
+        assert out is not None
+        self.box.read_body(self.ctx, peer, _ARENA_AT + lo * size, out)
+        return out
+
     def publish(self, payload: np.ndarray, k: int) -> None:
         """Put ``payload`` (at most CAPACITY bytes) in this rank's slot, in
         place of what it posted (which no peer may still read: it posted
@@ -447,6 +564,7 @@ class Round:
         box.head[b + PAYLEN] = size
         fence()
         box.head[b + STAGE] = k
+        box.ring()
 
     def payload_into(self, peer: int, out: np.ndarray) -> None:
         """``peer``'s payload into ``out`` (contiguous, its exact size), after
@@ -493,6 +611,7 @@ class Round:
         """Tell peers this rank has reached stage ``k`` of the collective."""
         self.box.slot_words[self.slot] = None
         self.box.head[1 + self.base + STAGE] = k
+        self.box.ring()
 
     def stage_of(self, peer: int) -> int:
         """``peer``'s stage in this collective now, without waiting (0 before
@@ -577,6 +696,7 @@ class Quick:
         head[b] = seq
         if head[0] < seq - 1:
             head[0] = seq - 1
+        box.ring_asleep()
         return True
 
     def arrived(self, seq: int) -> bool:
@@ -622,3 +742,4 @@ class Quick:
         head = self.head
         if head[0] < seq:
             head[0] = seq
+        self.box.ring_asleep()

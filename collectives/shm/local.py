@@ -5,15 +5,18 @@
     small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
       broadcast, gather, reduce
     large all_reduce               post address | reduce chunk r from every peer's buffer |
-                                   stage 1 | read each peer's final chunk | stage 2 | exit
+                                   stage 1 | read each peer's final chunk | stage 2 | exit;
+                                   up to 8 MiB: copy into the arena | post | reduce chunk r
+                                   from every arena | stage 1 | copy each arena's final chunk
     large reduce                   post addresses | reduce chunk r | stage 1 | root reads chunks
     reduce_scatter                 post address | reduce chunk r | stage 2 | exit
     large broadcast, gather,       post address | read what this rank needs | stage 2 | exit
       all_gather, scatter, all_to_all
 
 "Exit" waits until every peer that reads this rank's buffer has said stage 2,
-so a buffer is never changed or freed under a reader. Every reduction runs
-in a fixed order (rank order, or ring order from the chunk's owner for the
+so a buffer is never changed or freed under a reader (an arena is written
+again only once the peers have left the call that read it). Every reduction
+runs in a fixed order (rank order, or ring order from the chunk's owner for the
 owner alone), so all ranks get the same bits.
 """
 from __future__ import annotations
@@ -21,10 +24,13 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
+from mesh.rings import fence
+
 from .. import scratch
 from ..ops import ReduceOp
 from ..plan import ring_chunks, segments
 from ..runner import Ctx
+from . import board
 from .board import CAPACITY, Round
 from .cma import peer_read
 
@@ -94,6 +100,70 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
 
 
 def all_reduce_large(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    """Up to board.ARENA bytes through the arenas (``_through_arenas``),
+    larger straight out of the peers' buffers (``_read_across``): the
+    arenas' extra copy in pays where the buffers sit in the cache (DDP's
+    bucket of a small model, just filled) and costs more than reading
+    across processes where they do not (BENCHMARKS.md, branch ddp4)."""
+    if buf.nbytes <= board.ARENA:
+        _through_arenas(ctx, buf, op)
+    else:
+        _read_across(ctx, buf, op)
+
+
+def _through_arenas(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    """Each rank copies ``buf`` into its arena (collectives.shm.board; all
+    but its own chunk, which it reads where it is), reduces chunk ``rank``
+    out of every arena into its own (the peers in ring order from rank + 1,
+    so each chunk is reduced once: the same bits everywhere), then copies
+    every rank's reduced chunk out of its arena::
+
+        copy in | post | reduce chunk r | stage 1 | copy the chunks out | leave
+
+    The peers' arenas are read through their mapped boards with plain
+    loads (across processes where a board is not mapped). A rank leaves as
+    soon as it has copied: its arena is written again only once the peers
+    have left this call (Round.arena), and no peer reads its buffer."""
+    n, rank, dt = ctx.g.size, ctx.g.rank, buf.dtype
+    ufunc = getattr(np, op.ufunc_name)
+    bounds = ring_chunks(buf.size, n)
+    lo, hi = bounds[rank]
+    with Round(ctx) as r:
+        mine = r.arena(dt)
+        mine[:lo] = buf[:lo]
+        mine[hi:buf.size] = buf[hi:]
+        r.post()
+        r.gather()
+        out = mine[lo:hi]
+        tmp = None if board.mapped(ctx.g) else scratch.take(dt, hi - lo, 1)
+        part = None if tmp is None else tmp[0]
+        first: np.ndarray | None = buf[lo:hi]
+        for p in r.peers:
+            theirs = r.arena_of(p, dt, lo, hi, part)
+            if first is not None:       # out = own (op) the first peer's, as combine orders
+                ufunc(first, theirs, out=out)
+                first = None
+            else:
+                op.combine(out, theirs)
+        fence()
+        r.stage(1)
+        for p in r.peers:
+            r.wait_stage([p], 1)
+            a, b = bounds[p]
+            dst = buf[a:b]
+            got = r.arena_of(p, dt, a, b, dst)
+            if got is not dst:
+                dst[...] = got
+        buf[lo:hi] = out
+        if tmp is not None:
+            scratch.give(tmp)
+
+
+def _read_across(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    """Each rank reduces chunk ``rank`` out of the peers' buffers (read
+    across processes), then reads each peer's final chunk::
+
+        post address | reduce chunk r | stage 1 | read the chunks | stage 2 | exit"""
     n, rank, item = ctx.g.size, ctx.g.rank, buf.itemsize
     bounds = ring_chunks(buf.size, n)
     with Round(ctx) as r:
