@@ -53,12 +53,12 @@ import numpy as np
 from mesh import AbortKind, Comm
 
 from ..ops import ReduceOp
-from ..plan import Tuning, ring_chunks
+from ..plan import Tuning, rd_plan, ring_chunks
 from ..runner import Ctx, abandon, agreed, start
 from ..shm import board, local
 from ..shm.board import Round
 from ..shm.cma import peer_read
-from . import columns
+from . import columns, link
 from .ring import ring
 from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
 from .small import all_reduce_rd
@@ -274,11 +274,19 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
             if large:
                 ring(c, buf, op, 2 * (c.g.size - 1), c.g.size - 1)
             else:
-                all_reduce_rd(c, buf, op)
+                _leaders_rd(c, buf, op)
         phases.append((topo.leaders, "leaders all_reduce", across))
     if topo.local.size > 1:
         phases.append((topo.local, "host broadcast", _host_broadcast(buf, 0, large)))
     _run(ctx, phases)
+
+
+def _leaders_rd(c: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    """The leaders' recursive doubling of a small all_reduce, over their kept
+    TCP links (collectives.host.link) where they have them."""
+    plan = rd_plan(c.g.rank, c.g.size)
+    peers = [p for p in (plan.fold_to, plan.fold_from, *plan.partners) if p is not None]
+    all_reduce_rd(link.via(c, peers, buf.nbytes), buf, op)
 
 
 def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
@@ -300,7 +308,7 @@ def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -
                         assert got is not None
                         op.combine(buf, got)
                     if topo.leaders is not None:
-                        across(lambda c: all_reduce_rd(c, buf, op))
+                        across(lambda c: _leaders_rd(c, buf, op))
                     r.publish(buf, 1)
                 else:
                     r.post(payload=buf)
