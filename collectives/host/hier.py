@@ -312,8 +312,8 @@ def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -
                     r.publish(buf, 1)
                 else:
                     r.post(payload=buf)
-                    r.gather()
                     r.wait_stage([0], 1, patient=True)
+                    r.gather()      # (every post is there once the leader has published)
                     r.payload_into(0, buf)
         return body
     _nested(ctx, topo.local, "host reduce, leaders all_reduce, host broadcast",

@@ -43,6 +43,7 @@ import msgpack
 import numpy as np
 
 from mesh import Comm, LostPeerError, MeshError, MismatchError
+from mesh.peer import config_float
 
 from ..runner import Ctx, caught
 from . import stream
@@ -51,6 +52,7 @@ __all__ = ["Via", "via", "stats"]
 
 _FRAME = struct.Struct("<qII")
 _SLICE_S = 0.02
+_SPIN_S = config_float("MESH_SPIN_US", 200.0) * 1e-6     # a receive polls this long first
 _MAX = 1 << 20
 stats = {"pairs": 0, "frames": 0}   # pairs set up, frames received (tests)
 
@@ -91,9 +93,13 @@ class _Link:
         """This call's frame from the peer: (its fingerprint, its payload)."""
         got = self.later.pop(ctx.tag, None)
         wait: _Wait | None = None
+        spin_until = time.perf_counter() + _SPIN_S
         while got is None:
             frame = self._frame()
             if frame is None:
+                if time.perf_counter() < spin_until:
+                    os.sched_yield()
+                    continue
                 wait = wait or _Wait(ctx, self)
                 wait.idle()
                 continue

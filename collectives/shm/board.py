@@ -6,8 +6,9 @@ small machine costs 150-400 us; a poll through the mapping well under one.
 Where a peer's board cannot be mapped, it is polled with cross-memory reads
 (collectives.shm.cma), a couple of microseconds each.
 
-    head = [cookie | ack | slot 0: seq stage fplen paylen addr addr2 fphash | slot 1: ...]
-           [inline payload, slot 0 | slot 1]          (one 512-byte read polls all this)
+    head = [cookie | ack | slot 0: seq stage fplen paylen addr addr2 fphash | slot 1: ...
+            | asleep]
+           [inline payload, slot 0 | slot 1]          (one 576-byte read polls all this)
     slot s body = [fingerprint (msgpack) | payload (small collectives)]
 
 A collective (a ``Round``) posts into slot seq % 2: fingerprint, payload
@@ -26,6 +27,11 @@ A repeated tiny all_reduce (collectives.shm.tiny) posts and polls the same
 words through ``Quick``, its views made once, and reduces the peers'
 payloads where they lie in their mapped boards.
 
+A patient wait (one on work across hosts) sleeps on this rank's doorbell, a
+pipe every peer opened through /proc, with ``asleep`` set: a peer that
+reaches a stage or publishes rings it when it sees ``asleep`` (each side
+stores, fences, then loads the other's word, so no wake-up is lost).
+
 A peer on a socket path instead (another collective) is caught by a receive
 posted on the tag once a wait gets long; so is an abort; a dead peer fails
 a cross-memory read of its board (made on every poll without a mapping, on
@@ -38,9 +44,11 @@ import mmap
 import os
 import platform
 import secrets
+import select
 import threading
 import time
 import weakref
+from functools import partial
 from typing import Any, Callable
 
 import msgpack
@@ -57,7 +65,7 @@ __all__ = ["CAPACITY", "INLINE", "available", "ready", "mapped", "Round", "Quick
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
-_HEAD = 128
+_HEAD = 192
 _INLINE = 192
 INLINE = _INLINE
 """Payloads up to this many bytes sit in the head, read with every poll."""
@@ -76,6 +84,7 @@ _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else o
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _SLOT_WORDS = 7
 _WORDS = 1 + 2 * _SLOT_WORDS
+_ASLEEP = 8 + 8 * _WORDS      # byte offset of the word saying a patient wait sleeps
 
 
 def _region() -> tuple[np.ndarray, int]:
@@ -134,31 +143,66 @@ class _Box:
         words = self.mem[:_HEAD].view(np.int64)
         words[0] = cookie = secrets.randbits(63)
         self.head = words[1:1 + _WORDS].data
+        self.asleep = words[1 + _WORDS:2 + _WORDS].data
+        self.bell_r, bell_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.slot_fp = [b"", b""]        # the fingerprint each slot's body holds
         self.slot_words: list[Any] = [None, None]  # the Quick whose words a slot's head holds
         n, rank = ctx.g.size, ctx.g.rank
-        where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd])
-        if fd >= 0:
-            ctx.ch.on_close(lambda: os.close(fd))
-        self.addrs = [a for a, _, _ in where]
-        self.cookies = [c for _, c, _ in where]
+        where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd, bell_w])
+        for own in (fd, self.bell_r, bell_w):
+            if own >= 0:
+                ctx.ch.on_close(partial(os.close, own))
+        self.addrs = [w[0] for w in where]
+        self.cookies = [w[1] for w in where]
         pids = cma.pids(ctx)
         self.peers = [(rank + k) % n for k in range(1, n)]
         self.boards: list[np.ndarray | None] = [None] * n
         self.rows: list[np.ndarray] = [self.mem[:_PEEK]] * n
         self.readers: list[Any] = [None] * n
         self.probes = np.zeros((n, 8), np.uint8)    # (a Reader holds only their address)
+        self.bells = [-1] * n       # peers' doorbells (write ends), where they opened
+        self.sleepers: list[tuple[Any, int]] = []  # (a peer's asleep word, its doorbell)
         for p in self.peers:
+            bell = self.bells[p] = _open_bell(pids[p], where[p][3])
+            if bell >= 0:
+                ctx.ch.on_close(partial(os.close, bell))
             board = self.boards[p] = _attach(pids[p], where[p][2], self.cookies[p])
             row = board[:_PEEK] if board is not None else np.zeros(_PEEK, np.uint8)
             self.rows[p] = row
             self.readers[p] = cma.Reader(pids[p], self.addrs[p],
                                          row if board is None else self.probes[p])
+            if board is not None and bell >= 0:
+                self.sleepers.append((board[_ASLEEP:_ASLEEP + 8].view(np.int64).data, bell))
         self.mapped = all(self.boards[p] is not None for p in self.peers)
         self.heads = [r[8:8 + 8 * _WORDS].view(np.int64).data for r in self.rows]
         self.inline = [r.data[_HEAD:_PEEK] for r in self.rows]
         self.mv = self.mem.data
         self.seen_cookie = [r[:8].view(np.int64).data for r in self.rows]
+
+    def ring(self) -> None:
+        """After a store peers may wait on: ring the doorbell of each whose
+        patient wait sleeps (its ``asleep`` word, read through the mapping)."""
+        if not self.sleepers:
+            return
+        fence()
+        for word, bell in self.sleepers:
+            if word[0]:
+                try:
+                    os.write(bell, b"b")
+                except OSError:     # full (it has words enough), or the peer is gone
+                    pass
+
+    def doze(self, until: float) -> None:
+        """Sleep on the doorbell at most until ``until`` (monotonic), with
+        ``asleep`` set; the caller has set it, fenced and looked once more."""
+        try:
+            select.select([self.bell_r], [], [], max(0.0, until - time.monotonic()))
+            while os.read(self.bell_r, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        finally:
+            self.asleep[0] = 0
 
     def read_body(self, ctx: Ctx, peer: int, offset: int, dst: np.ndarray) -> None:
         """``dst.nbytes`` bytes at ``offset`` of ``peer``'s board into ``dst``."""
@@ -167,6 +211,14 @@ class _Box:
             dst.reshape(-1).view(np.uint8)[...] = board[offset:offset + dst.nbytes]
         else:
             cma.peer_read(ctx, peer, self.addrs[peer] + offset, dst)
+
+
+def _open_bell(pid: int, fd: int) -> int:
+    """A peer's doorbell opened for writing through /proc (-1 where it cannot be)."""
+    try:
+        return os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 _boxes: "weakref.WeakKeyDictionary[Comm, _Box]" = weakref.WeakKeyDictionary()
@@ -215,8 +267,8 @@ class _Waiting:
     before it sleeps), the time limit, and the receive posted on the tag
     once a wait gets long."""
 
-    def __init__(self, ctx: Ctx) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: Ctx, box: _Box | None = None) -> None:
+        self.ctx, self.box = ctx, box
         self.t0 = time.monotonic()
         self.watch: Any = None
         self.error: BaseException | None = None
@@ -233,19 +285,30 @@ class _Waiting:
             self.watch = self.ctx.watch()
         return self.watch
 
-    def idle(self, waiting_for: list[int]) -> BaseException | None:
+    def idle(self, waiting_for: list[int],
+             still: Callable[[], bool] | None = None) -> BaseException | None:
         """Between polls: poll on (when every rank has a core), then yield
         the core, looking for an abort of the call (a lookup, no message)
         and at the deadline; after _SPIN_S post the receive (a peer on a
         socket path would talk to us there, an abort or a lost peer fails
-        it) and sleep. Returns the error found."""
+        it) and sleep. A patient wait sleeps on the doorbell from the start
+        (``still()``: whether it must, looked at once ``asleep`` is set).
+        Returns the error found."""
         now = time.monotonic()
         waited = now - self.t0
         if waited < self.busy and not self.patient:
             return None
         ctx = self.ctx
-        if waited < _SPIN_S and not self.patient:
-            os.sched_yield()
+        if waited < _SPIN_S:
+            if self.patient and self.box is not None and still is not None:
+                self.box.asleep[0] = 1
+                fence()
+                if still():
+                    self.box.doze(min(self.t0 + _SPIN_S, ctx.deadline))
+                else:
+                    self.box.asleep[0] = 0
+            else:
+                os.sched_yield()
             if self.what is None:
                 self.what = ctx.where().split(": ", 1)[1]
             aborted = ctx.ch.aborted(ctx.tag, self.what)
@@ -263,7 +326,16 @@ class _Waiting:
         if time.monotonic() > ctx.deadline:
             raise ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} (same-host board)")
         self._report(waited, waiting_for)
-        time.sleep(min(0.001, max(waited / 20, 0.00002)))
+        nap = min(0.001, max(waited / 20, 0.00002))
+        if self.patient and self.box is not None and still is not None:
+            self.box.asleep[0] = 1
+            fence()
+            if still():
+                self.box.doze(time.monotonic() + 10 * nap)
+            else:
+                self.box.asleep[0] = 0
+        else:
+            time.sleep(nap)
         return None
 
     def _report(self, waited: float, waiting_for: list[int]) -> None:
@@ -322,7 +394,7 @@ class Round:
         self.slot = self.seq % 2
         self.base = _SLOT_WORDS * self.slot
         self.fp, self.hash = signature(ctx.fp) if sig is None else sig
-        self.wait = _Waiting(ctx)
+        self.wait = _Waiting(ctx, self.box)
         self.addr2: list[int] = []
         self.peers = self.box.peers
 
@@ -372,7 +444,7 @@ class Round:
                 todo.pop(0)
             if not todo:
                 break
-            err = wait.idle(todo)
+            err = wait.idle(todo, lambda: not ready(self._peek(todo[0])))
             if err is None and wait.watch is not None:
                 self._alive(todo[0])
             if err is not None:
@@ -447,6 +519,7 @@ class Round:
         box.head[b + PAYLEN] = size
         fence()
         box.head[b + STAGE] = k
+        box.ring()
 
     def payload_into(self, peer: int, out: np.ndarray) -> None:
         """``peer``'s payload into ``out`` (contiguous, its exact size), after
@@ -493,6 +566,7 @@ class Round:
         """Tell peers this rank has reached stage ``k`` of the collective."""
         self.box.slot_words[self.slot] = None
         self.box.head[1 + self.base + STAGE] = k
+        self.box.ring()
 
     def stage_of(self, peer: int) -> int:
         """``peer``'s stage in this collective now, without waiting (0 before
