@@ -54,7 +54,7 @@ _FRAME = struct.Struct("<qII")
 _SLICE_S = 0.02
 _SPIN_S = config_float("MESH_SPIN_US", 200.0) * 1e-6     # a receive polls this long first
 _MAX = 1 << 20
-stats = {"pairs": 0, "frames": 0}   # pairs set up, frames received (tests)
+stats = {"pairs": 0, "frames": 0, "dropped": 0}    # pairs set up, frames read, dropped (tests)
 
 
 def _enabled(ctx: Ctx, peers: list[int]) -> bool:
@@ -109,6 +109,8 @@ class _Link:
                 got = fp, payload
             elif tag < ctx.tag:         # (tags count down) a later call's
                 self.later[tag] = fp, payload
+            else:
+                stats["dropped"] += 1
         if wait is not None:
             wait.close()
         return got
