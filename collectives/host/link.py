@@ -8,8 +8,9 @@ eighth session, BENCHMARKS.md), a mesh round trip of 8 B 300 us, raw pyzmq
 2 hosts x 2 ranks the leaders' exchange held 600-900 us of a 1.3-1.5 ms call.
 So the leaders' recursive doubling of a small all_reduce runs over a TCP
 connection per pair of leaders, made once (the group's first such call)
-and kept, read by the calling thread itself (blocking in ``poll``, no
-other thread, no spin).
+and kept, read by the calling thread itself (no other thread: it polls
+the socket for up to MESH_SPIN_US, adapted to the waits seen as the mesh's
+receives are, then sleeps in ``poll``).
 
 Setting a pair up, in that first call, through the mesh (pairs a < b)::
 
@@ -75,6 +76,7 @@ class _Link:
         self.later: dict[int, tuple[bytes, bytes]] = {}
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN)
+        self.spin = _SPIN_S
 
     def send(self, ctx: Ctx, packed_fp: bytes, payload: memoryview) -> None:
         data = b"".join((_FRAME.pack(ctx.tag, len(packed_fp), payload.nbytes), packed_fp,
@@ -93,7 +95,8 @@ class _Link:
         """This call's frame from the peer: (its fingerprint, its payload)."""
         got = self.later.pop(ctx.tag, None)
         wait: _Wait | None = None
-        spin_until = time.perf_counter() + _SPIN_S
+        start = time.perf_counter()
+        spin_until = start + self.spin
         while got is None:
             frame = self._frame()
             if frame is None:
@@ -113,7 +116,19 @@ class _Link:
                 stats["dropped"] += 1
         if wait is not None:
             wait.close()
+        self._adapt(time.perf_counter() - start)
         return got
+
+    def _adapt(self, waited: float) -> None:
+        """As the mesh's receives do (mesh.progress): a wait longer than
+        MESH_SPIN_US halves the spin (a loaded machine, where a spin only
+        takes the core from the peer it waits for), a short one it missed
+        doubles it."""
+        now = self.spin
+        if waited > _SPIN_S:
+            self.spin = now / 2 if now > 5e-6 else 0.0
+        elif waited > now:
+            self.spin = min(_SPIN_S, max(2 * now, 10e-6))
 
     def _frame(self) -> tuple[int, bytes, bytes] | None:
         """A whole frame out of ``buf``, reading what the socket has; None
