@@ -253,7 +253,8 @@ def streams(world: Any) -> dict:
 def leaders_links(world: Any) -> dict:
     """The leaders' small exchange over their kept TCP link
     (collectives.host.link): right, mismatches seen there, and a frame left
-    by a call that failed before reading it dropped by the next."""
+    by a call that failed before reading it dropped by the next; then the
+    flat recursive doubling over links."""
     from collectives.host import link
     r = world.rank
     small = np.arange(5, dtype=np.float64) * (r + 1)
@@ -271,6 +272,9 @@ def leaders_links(world: Any) -> dict:
     with pytest.raises(mesh.MismatchError):
         C.all_reduce(world, small * 7, op="max" if r == 3 else "sum")
     np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
+    # the flat recursive doubling: every pair (tcp:// here) over a link
+    for _ in range(2):
+        np.testing.assert_array_equal(C.all_reduce(world, small.copy(), algorithm="rd"), want)
     return {"pairs": link.stats["pairs"]}
 
 
@@ -307,4 +311,4 @@ def test_ring_links_across_hosts_run_over_streams() -> None:
     got = mesh.spawn(streams, 4, timeout=90, env={
         "MESH_TIMEOUT": "20", "MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K"})
     assert all(g["links"] >= 2 for g in got), got
-    assert [g["pairs"] for g in got] == [1, 1, 0, 0], got
+    assert [g["pairs"] for g in got] == [1 + 2, 1 + 2, 2, 2], got    # leaders' + world's

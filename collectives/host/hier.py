@@ -53,7 +53,7 @@ import numpy as np
 from mesh import AbortKind, Comm
 
 from ..ops import ReduceOp
-from ..plan import Tuning, rd_plan, ring_chunks
+from ..plan import Tuning, rd_peers, ring_chunks
 from ..runner import Ctx, abandon, agreed, start
 from ..shm import board, local
 from ..shm.board import Round
@@ -284,9 +284,7 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
 def _leaders_rd(c: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
     """The leaders' recursive doubling of a small all_reduce, over their kept
     TCP links (collectives.host.link) where they have them."""
-    plan = rd_plan(c.g.rank, c.g.size)
-    peers = [p for p in (plan.fold_to, plan.fold_from, *plan.partners) if p is not None]
-    all_reduce_rd(link.via(c, peers, buf.nbytes), buf, op)
+    all_reduce_rd(link.via(c, rd_peers(c.g.rank, c.g.size), buf.nbytes), buf, op)
 
 
 def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:

@@ -6,9 +6,10 @@ reading turn: measured across a veth pair on the 2-core machine (issue 13,
 eighth session, BENCHMARKS.md), a mesh round trip of 8 B 300 us, raw pyzmq
 110 us, a plain TCP socket 30 us; in the hierarchical all_reduce of 8 B at
 2 hosts x 2 ranks the leaders' exchange held 600-900 us of a 1.3-1.5 ms call.
-So the leaders' recursive doubling of a small all_reduce runs over a TCP
-connection per pair of leaders, made once (the group's first such call)
-and kept, read by the calling thread itself (no other thread: it polls
+So a small all_reduce's recursive doubling (the leaders' of the
+hierarchical one, the flat one where a group's ranks cannot share memory)
+runs over a TCP connection per pair of ranks on different hosts, made once
+(the group's first such call) and kept, read by the calling thread itself (no other thread: it polls
 the socket for up to MESH_SPIN_US, adapted to the waits seen as the mesh's
 receives are, then sleeps in ``poll``).
 
@@ -58,11 +59,13 @@ _MAX = 1 << 20
 stats = {"pairs": 0, "frames": 0, "dropped": 0}    # pairs set up, frames read, dropped (tests)
 
 
-def _enabled(ctx: Ctx, peers: list[int]) -> bool:
-    """The same answer on every leader (job-wide settings, the rendezvous table)."""
+def _across(ctx: Ctx, peers: list[int]) -> list[int]:
+    """Those of ``peers`` this rank would keep a link with: reached over
+    tcp:// (another host, or MESH_FORCE_TCP). The same answer at both ends
+    of a pair (job-wide settings, the rendezvous table)."""
     if os.environ.get("MESH_COLL_LINK", "1") in ("0", "") or ctx.ch.encrypted:
-        return False
-    return all(ctx.ch.endpoint(p).startswith("tcp://") for p in peers)
+        return []
+    return [p for p in peers if ctx.ch.endpoint(p).startswith("tcp://")]
 
 
 class _Link:
@@ -280,7 +283,8 @@ def via(ctx: Ctx, peers: list[int], nbytes: int) -> Ctx:
     with _lock:
         links = _groups.get(ctx.g)
     if links is None:
-        links = _setup(ctx, peers) if _enabled(ctx, peers) else {}
+        far = _across(ctx, peers)
+        links = _setup(ctx, far) if far else {}
         with _lock:
             _groups[ctx.g] = links
     return Via(ctx, links) if links else ctx
