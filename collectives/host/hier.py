@@ -4,9 +4,11 @@ hosts over sockets between one rank per host (the leaders: local rank 0 of
 each host), then within each host again::
 
     all_reduce      small: host reduce to the leader | leaders all_reduce
-                    (recursive doubling) | host broadcast from the leader,
-                    in one board round on the host once its boards are up
-                    (the others sleep while the leaders talk);
+                    (recursive doubling, over kept TCP links:
+                    collectives.host.link) | host broadcast from the
+                    leader, in one board round on the host once its boards
+                    are up (the others sleep on a doorbell while the
+                    leaders talk);
                     large, as many ranks on every host: host reduce_scatter |
                     local rank i all-reduces chunk i with the local ranks i
                     of the other hosts (a ring per column, all at once) |
