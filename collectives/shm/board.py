@@ -27,10 +27,12 @@ A repeated tiny all_reduce (collectives.shm.tiny) posts and polls the same
 words through ``Quick``, its views made once, and reduces the peers'
 payloads where they lie in their mapped boards.
 
-A patient wait (one on work across hosts) sleeps on this rank's doorbell, a
-pipe every peer opened through /proc, with ``asleep`` set: a peer that
-reaches a stage or publishes rings it when it sees ``asleep`` (each side
-stores, fences, then loads the other's word, so no wake-up is lost).
+A patient wait (one on work across hosts) sleeps on its process's doorbell,
+a pipe (one per process, for all its groups), with ``asleep`` set: a peer
+that reaches a stage or publishes rings it when it sees ``asleep`` (each
+side stores, fences, then loads the other's word, so no wake-up is lost),
+opening it through /proc the first time (a wake-up meant for another group
+only makes a waiter look again).
 
 A peer on a socket path instead (another collective) is caught by a receive
 posted on the tag once a wait gets long; so is an abort; a dead peer fails
@@ -144,14 +146,13 @@ class _Box:
         words[0] = cookie = secrets.randbits(63)
         self.head = words[1:1 + _WORDS].data
         self.asleep = words[1 + _WORDS:2 + _WORDS].data
-        self.bell_r, bell_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.bell_r, bell_w = _bell(ctx)
         self.slot_fp = [b"", b""]        # the fingerprint each slot's body holds
         self.slot_words: list[Any] = [None, None]  # the Quick whose words a slot's head holds
         n, rank = ctx.g.size, ctx.g.rank
         where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd, bell_w])
-        for own in (fd, self.bell_r, bell_w):
-            if own >= 0:
-                ctx.ch.on_close(partial(os.close, own))
+        if fd >= 0:
+            ctx.ch.on_close(partial(os.close, fd))
         self.addrs = [w[0] for w in where]
         self.cookies = [w[1] for w in where]
         pids = cma.pids(ctx)
@@ -160,19 +161,16 @@ class _Box:
         self.rows: list[np.ndarray] = [self.mem[:_PEEK]] * n
         self.readers: list[Any] = [None] * n
         self.probes = np.zeros((n, 8), np.uint8)    # (a Reader holds only their address)
-        self.bells = [-1] * n       # peers' doorbells (write ends), where they opened
-        self.sleepers: list[tuple[Any, int]] = []  # (a peer's asleep word, its doorbell)
+        self.sleepers: list[tuple[Any, int, int]] = []  # (its asleep word, pid, doorbell fd)
         for p in self.peers:
-            bell = self.bells[p] = _open_bell(pids[p], where[p][3])
-            if bell >= 0:
-                ctx.ch.on_close(partial(os.close, bell))
             board = self.boards[p] = _attach(pids[p], where[p][2], self.cookies[p])
             row = board[:_PEEK] if board is not None else np.zeros(_PEEK, np.uint8)
             self.rows[p] = row
             self.readers[p] = cma.Reader(pids[p], self.addrs[p],
                                          row if board is None else self.probes[p])
-            if board is not None and bell >= 0:
-                self.sleepers.append((board[_ASLEEP:_ASLEEP + 8].view(np.int64).data, bell))
+            if board is not None:
+                self.sleepers.append((board[_ASLEEP:_ASLEEP + 8].view(np.int64).data, pids[p],
+                                      where[p][3]))
         self.mapped = all(self.boards[p] is not None for p in self.peers)
         self.heads = [r[8:8 + 8 * _WORDS].view(np.int64).data for r in self.rows]
         self.inline = [r.data[_HEAD:_PEEK] for r in self.rows]
@@ -185,11 +183,17 @@ class _Box:
         if not self.sleepers:
             return
         fence()
-        for word, bell in self.sleepers:
+        for word, pid, fd in self.sleepers:
             if word[0]:
+                bell = _opened.get((pid, fd))
+                if bell is None:
+                    with _lock:
+                        bell = _opened.get((pid, fd))
+                        if bell is None:
+                            bell = _opened[pid, fd] = _open_bell(pid, fd)
                 try:
                     os.write(bell, b"b")
-                except OSError:     # full (it has words enough), or the peer is gone
+                except OSError:     # full (it has words enough), the peer is gone, or -1
                     pass
 
     def doze(self, until: float) -> None:
@@ -211,6 +215,28 @@ class _Box:
             dst.reshape(-1).view(np.uint8)[...] = board[offset:offset + dst.nbytes]
         else:
             cma.peer_read(ctx, peer, self.addrs[peer] + offset, dst)
+
+
+_doorbell: list[int] = []                   # this process's: read end, write end
+_opened: dict[tuple[int, int], int] = {}    # peers' (pid, fd): opened here, or -1
+
+
+def _bell(ctx: Ctx) -> tuple[int, int]:
+    """This process's doorbell, made on its first board (closed with the mesh)."""
+    with _lock:
+        if not _doorbell:
+            _doorbell.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC))
+            ctx.ch.on_close(_close_bells)
+        return _doorbell[0], _doorbell[1]
+
+
+def _close_bells() -> None:
+    with _lock:
+        for f in [*_doorbell, *_opened.values()]:
+            if f >= 0:
+                os.close(f)
+        _doorbell.clear()
+        _opened.clear()
 
 
 def _open_bell(pid: int, fd: int) -> int:
