@@ -89,7 +89,9 @@ class _Link:
             try:
                 view = view[self.sock.send(view):]
             except (BlockingIOError, InterruptedError):
-                select.select([], [self.sock], [], _SLICE_S)
+                out = select.poll()
+                out.register(self.sock, select.POLLOUT)
+                out.poll(_SLICE_S * 1000)
                 _Wait(ctx, self).check()
             except OSError as e:
                 _Wait(ctx, self).lost(f"the link to it failed ({e.strerror or e})")

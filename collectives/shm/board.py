@@ -147,6 +147,8 @@ class _Box:
         self.head = words[1:1 + _WORDS].data
         self.asleep = words[1 + _WORDS:2 + _WORDS].data
         self.bell_r, bell_w = _bell(ctx)
+        self.bell = select.poll()    # (select.select takes no descriptor past 1023)
+        self.bell.register(self.bell_r, select.POLLIN)
         self.slot_fp = [b"", b""]        # the fingerprint each slot's body holds
         self.slot_words: list[Any] = [None, None]  # the Quick whose words a slot's head holds
         n, rank = ctx.g.size, ctx.g.rank
@@ -200,7 +202,7 @@ class _Box:
         """Sleep on the doorbell at most until ``until`` (monotonic), with
         ``asleep`` set; the caller has set it, fenced and looked once more."""
         try:
-            select.select([self.bell_r], [], [], max(0.0, until - time.monotonic()))
+            self.bell.poll(max(0.0, until - time.monotonic()) * 1000)
             while os.read(self.bell_r, 4096):
                 pass
         except (BlockingIOError, InterruptedError):
