@@ -7,7 +7,7 @@ Where a peer's board cannot be mapped, it is polled with cross-memory reads
 (collectives.shm.cma), a couple of microseconds each.
 
     head = [cookie | ack | slot 0: seq stage fplen paylen addr addr2 fphash | slot 1: ...
-            | asleep]
+            | asleep | bell]
            [inline payload, slot 0 | slot 1]          (one 576-byte read polls all this)
     slot s body = [fingerprint (msgpack) | payload (small collectives)]
 
@@ -27,12 +27,13 @@ A repeated tiny all_reduce (collectives.shm.tiny) posts and polls the same
 words through ``Quick``, its views made once, and reduces the peers'
 payloads where they lie in their mapped boards.
 
-A patient wait (one on work across hosts) sleeps on its process's doorbell,
-a pipe (one per process, for all its groups), with ``asleep`` set: a peer
-that reaches a stage or publishes rings it when it sees ``asleep`` (each
-side stores, fences, then loads the other's word, so no wake-up is lost),
-opening it through /proc the first time (a wake-up meant for another group
-only makes a waiter look again).
+A patient wait (one on work across hosts) sleeps on its board's doorbell, a
+pipe made on the board's first such wait (its write end's number in
+``bell``), with ``asleep`` set: a peer that reaches a stage or publishes
+rings it when it sees ``asleep`` (each side stores, fences, then loads the
+other's word, so no wake-up is lost), opening it through /proc the first
+time. Boards whose waits never sleep hold no pipe, and a peer opens only
+the doorbells it rings.
 
 A peer on a socket path instead (another collective) is caught by a receive
 posted on the tag once a wait gets long; so is an abort; a dead peer fails
@@ -87,6 +88,7 @@ SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _SLOT_WORDS = 7
 _WORDS = 1 + 2 * _SLOT_WORDS
 _ASLEEP = 8 + 8 * _WORDS      # byte offset of the word saying a patient wait sleeps
+_BELL = _ASLEEP + 8           # and of its doorbell's write end (descriptor + 1; 0: none yet)
 
 
 def _region() -> tuple[np.ndarray, int]:
@@ -146,13 +148,14 @@ class _Box:
         words[0] = cookie = secrets.randbits(63)
         self.head = words[1:1 + _WORDS].data
         self.asleep = words[1 + _WORDS:2 + _WORDS].data
-        self.bell_r, bell_w = _bell(ctx)
-        self.bell = select.poll()    # (select.select takes no descriptor past 1023)
-        self.bell.register(self.bell_r, select.POLLIN)
+        self.bell_w = words[2 + _WORDS:3 + _WORDS].data
+        self.bell_r = -1
+        self.bell: Any = None       # a poll of bell_r, once made (``arm``)
+        self.ch = ctx.ch
         self.slot_fp = [b"", b""]        # the fingerprint each slot's body holds
         self.slot_words: list[Any] = [None, None]  # the Quick whose words a slot's head holds
         n, rank = ctx.g.size, ctx.g.rank
-        where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd, bell_w])
+        where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd])
         if fd >= 0:
             ctx.ch.on_close(partial(os.close, fd))
         self.addrs = [w[0] for w in where]
@@ -163,7 +166,7 @@ class _Box:
         self.rows: list[np.ndarray] = [self.mem[:_PEEK]] * n
         self.readers: list[Any] = [None] * n
         self.probes = np.zeros((n, 8), np.uint8)    # (a Reader holds only their address)
-        self.sleepers: list[tuple[Any, int, int]] = []  # (its asleep word, pid, doorbell fd)
+        self.sleepers: list[tuple[Any, Any, int]] = []  # (its asleep word, bell word, pid)
         for p in self.peers:
             board = self.boards[p] = _attach(pids[p], where[p][2], self.cookies[p])
             row = board[:_PEEK] if board is not None else np.zeros(_PEEK, np.uint8)
@@ -171,8 +174,8 @@ class _Box:
             self.readers[p] = cma.Reader(pids[p], self.addrs[p],
                                          row if board is None else self.probes[p])
             if board is not None:
-                self.sleepers.append((board[_ASLEEP:_ASLEEP + 8].view(np.int64).data, pids[p],
-                                      where[p][3]))
+                theirs = board[_ASLEEP:_BELL + 8].view(np.int64).data
+                self.sleepers.append((theirs[0:1], theirs[1:2], pids[p]))
         self.mapped = all(self.boards[p] is not None for p in self.peers)
         self.heads = [r[8:8 + 8 * _WORDS].view(np.int64).data for r in self.rows]
         self.inline = [r.data[_HEAD:_PEEK] for r in self.rows]
@@ -185,18 +188,28 @@ class _Box:
         if not self.sleepers:
             return
         fence()
-        for word, pid, fd in self.sleepers:
+        for word, bell_word, pid in self.sleepers:
             if word[0]:
+                fd = bell_word[0] - 1
                 bell = _opened.get((pid, fd))
                 if bell is None:
-                    with _lock:
-                        bell = _opened.get((pid, fd))
-                        if bell is None:
-                            bell = _opened[pid, fd] = _open_bell(pid, fd)
+                    bell = _open_bell(self.ch, pid, fd)
                 try:
                     os.write(bell, b"b")
                 except OSError:     # full (it has words enough), the peer is gone, or -1
                     pass
+
+    def arm(self) -> None:
+        """Make this board's doorbell, before its first patient wait sleeps."""
+        if self.bell is not None:
+            return
+        self.bell_r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for f in (self.bell_r, w):
+            self.ch.on_close(partial(os.close, f))
+        self.bell = select.poll()    # (select.select takes no descriptor past 1023)
+        self.bell.register(self.bell_r, select.POLLIN)
+        self.bell_w[0] = w + 1
+        fence()
 
     def doze(self, until: float) -> None:
         """Sleep on the doorbell at most until ``until`` (monotonic), with
@@ -219,34 +232,31 @@ class _Box:
             cma.peer_read(ctx, peer, self.addrs[peer] + offset, dst)
 
 
-_doorbell: list[int] = []                   # this process's: read end, write end
-_opened: dict[tuple[int, int], int] = {}    # peers' (pid, fd): opened here, or -1
+_opened: dict[tuple[int, int], int] = {}    # peers' doorbells (pid, fd): opened here, or -1
 
 
-def _bell(ctx: Ctx) -> tuple[int, int]:
-    """This process's doorbell, made on its first board (closed with the mesh)."""
+def _open_bell(ch: Any, pid: int, fd: int) -> int:
+    """A peer's doorbell opened for writing through /proc, once (-1 where it
+    cannot be); closed with the mesh."""
     with _lock:
-        if not _doorbell:
-            _doorbell.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC))
-            ctx.ch.on_close(_close_bells)
-        return _doorbell[0], _doorbell[1]
+        bell = _opened.get((pid, fd))
+        if bell is None:
+            try:
+                bell = os.open(f"/proc/{pid}/fd/{fd}",
+                               os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                bell = -1
+            _opened[pid, fd] = bell
+            if bell >= 0:
+                ch.on_close(partial(_forget, pid, fd))
+        return bell
 
 
-def _close_bells() -> None:
+def _forget(pid: int, fd: int) -> None:
     with _lock:
-        for f in [*_doorbell, *_opened.values()]:
-            if f >= 0:
-                os.close(f)
-        _doorbell.clear()
-        _opened.clear()
-
-
-def _open_bell(pid: int, fd: int) -> int:
-    """A peer's doorbell opened for writing through /proc (-1 where it cannot be)."""
-    try:
-        return os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return -1
+        bell = _opened.pop((pid, fd), -1)
+    if bell >= 0:
+        os.close(bell)
 
 
 _boxes: "weakref.WeakKeyDictionary[Comm, _Box]" = weakref.WeakKeyDictionary()
@@ -329,6 +339,7 @@ class _Waiting:
         ctx = self.ctx
         if waited < _SPIN_S:
             if self.patient and self.box is not None and still is not None:
+                self.box.arm()
                 self.box.asleep[0] = 1
                 fence()
                 if still():
@@ -356,6 +367,7 @@ class _Waiting:
         self._report(waited, waiting_for)
         nap = min(0.001, max(waited / 20, 0.00002))
         if self.patient and self.box is not None and still is not None:
+            self.box.arm()
             self.box.asleep[0] = 1
             fence()
             if still():
