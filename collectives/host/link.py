@@ -102,25 +102,27 @@ class _Link:
         wait: _Wait | None = None
         start = time.perf_counter()
         spin_until = start + self.spin
-        while got is None:
-            frame = self._frame()
-            if frame is None:
-                if time.perf_counter() < spin_until:
-                    os.sched_yield()
+        try:
+            while got is None:
+                frame = self._frame()
+                if frame is None:
+                    if time.perf_counter() < spin_until:
+                        os.sched_yield()
+                        continue
+                    wait = wait or _Wait(ctx, self)
+                    wait.idle()
                     continue
-                wait = wait or _Wait(ctx, self)
-                wait.idle()
-                continue
-            tag, fp, payload = frame
-            stats["frames"] += 1
-            if tag == ctx.tag:
-                got = fp, payload
-            elif tag < ctx.tag:         # (tags count down) a later call's
-                self.later[tag] = fp, payload
-            else:
-                stats["dropped"] += 1
-        if wait is not None:
-            wait.close()
+                tag, fp, payload = frame
+                stats["frames"] += 1
+                if tag == ctx.tag:
+                    got = fp, payload
+                elif tag < ctx.tag:         # (tags count down) a later call's
+                    self.later[tag] = fp, payload
+                else:
+                    stats["dropped"] += 1
+        finally:
+            if wait is not None:
+                wait.close()
         self._adapt(time.perf_counter() - start)
         return got
 
@@ -202,6 +204,7 @@ class _Wait:
         err = caught(self.watch, 0.5)
         if err is not None:
             raise err
+        self.close()
         world = self.ctx.g.ranks[self.link.peer]
         raise LostPeerError(f"{self.ctx.where()}: rank {world}: {why}", world)
 
