@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = ["split", "ring_chunks", "segments", "segment_count", "ring_chunk",
-           "RDPlan", "rd_plan", "tree_parent", "tree_children", "chain",
+           "RDPlan", "rd_plan", "rd_peers", "tree_parent", "tree_children", "chain",
            "Tuning", "parse_size", "ALGORITHMS", "choose", "HIER", "layout"]
 
 
@@ -95,6 +95,12 @@ def rd_plan(rank: int, n: int) -> RDPlan:
         partners.append(peer_new * 2 + 1 if peer_new < r else peer_new + r)
         d <<= 1
     return RDPlan(None, fold_from, tuple(partners))
+
+
+def rd_peers(rank: int, n: int) -> list[int]:
+    """Every rank ``rank`` exchanges with in recursive doubling on ``n``."""
+    plan = rd_plan(rank, n)
+    return [p for p in (plan.fold_to, plan.fold_from, *plan.partners) if p is not None]
 
 
 def tree_parent(rank: int, n: int, root: int = 0) -> int | None:

@@ -154,11 +154,13 @@ def die_between_hosts(world: Any, outdir: str, count: int) -> None:
         json.dump(result, f)
 
 
-@pytest.mark.parametrize("count,tcp", [(8, False), (100_000, False), (400_000, True)],
-                         ids=["leaders", "columns", "columns-stream"])
+@pytest.mark.parametrize("count,tcp", [(8, False), (8, True), (100_000, False),
+                                       (400_000, True)],
+                         ids=["leaders", "leaders-link", "columns", "columns-stream"])
 def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int,
                                                     tcp: bool) -> None:
-    """Small: the leaders' phase (rank 1 leads host b); large: the columns'
+    """Small: the leaders' phase (rank 1 leads host b), over the mesh or,
+    over tcp://, their link (collectives.host.link); large: the columns'
     (rank 1 is in column 0 with rank 0); over tcp://, halfway through the
     column's streams (collectives.host.stream)."""
     env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_COLL_PIPELINE": "1"}
@@ -245,10 +247,68 @@ def streams(world: Any) -> dict:
     finally:
         stream._connect = connect
     assert tries[0] == (1 if r == 0 else 0)
-    return {"links": stream.stats["links"] - used}
+    return {"links": stream.stats["links"] - used, **leaders_links(world)}
+
+
+def leaders_links(world: Any) -> dict:
+    """The leaders' small exchange over their kept TCP link
+    (collectives.host.link): right, mismatches seen there, and a frame left
+    by a call that failed before reading it dropped by the next; then the
+    flat recursive doubling over links."""
+    from collectives.host import link
+    r = world.rank
+    small = np.arange(5, dtype=np.float64) * (r + 1)
+    want = np.arange(5, dtype=np.float64) * 10
+    for _ in range(3):
+        np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
+    frames = link.stats["frames"]
+    assert frames == (3 if r in (0, 1) else 0), link.stats     # the leaders, 0 and 1
+    # each host agrees, the hosts do not: the leaders see it on the link
+    with pytest.raises(mesh.MismatchError):
+        C.all_reduce(world, small.copy(), op="max" if HOSTS[r] == "b" else "sum")
+    np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
+    # host a disagrees within: its leader never reads host b's frame (whose
+    # sum would be wrong for the next call)
+    with pytest.raises(mesh.MismatchError):
+        C.all_reduce(world, small * 7, op="max" if r == 3 else "sum")
+    np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
+    # the flat recursive doubling: every pair (tcp:// here) over a link
+    for _ in range(2):
+        np.testing.assert_array_equal(C.all_reduce(world, small.copy(), algorithm="rd"), want)
+    return {"pairs": link.stats["pairs"]}
+
+
+def test_a_link_takes_its_own_calls_frame() -> None:
+    """Frames of a call that failed before reading them are dropped, those
+    of a later call kept for it, whatever the pieces the socket gives."""
+    from collectives.host import link
+    a, b = socket.socketpair()
+    try:
+        got = link._Link(a, 1)
+        fp = b"fp"
+
+        def frame(tag: int, value: float) -> bytes:
+            data = np.array([value]).tobytes()
+            return link._FRAME.pack(tag, len(fp), len(data)) + fp + data
+        wire = frame(-7, 7.0) + frame(-9, 9.0) + frame(-8, 8.0)
+        for i in range(len(wire)):      # one byte at a time: frames cut anywhere
+            b.send(wire[i:i + 1])
+        dropped = link.stats["dropped"]
+
+        class Call:
+            tag = -8
+        assert got.take(Call()) == (fp, np.array([8.0]).tobytes())   # type: ignore[arg-type]
+        assert link.stats["dropped"] == dropped + 1
+        Call.tag = -9
+        assert got.take(Call()) == (fp, np.array([9.0]).tobytes())   # type: ignore[arg-type]
+        assert not got.buf and not got.later
+    finally:
+        a.close()
+        b.close()
 
 
 def test_ring_links_across_hosts_run_over_streams() -> None:
     got = mesh.spawn(streams, 4, timeout=90, env={
         "MESH_TIMEOUT": "20", "MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K"})
     assert all(g["links"] >= 2 for g in got), got
+    assert [g["pairs"] for g in got] == [1 + 2, 1 + 2, 2, 2], got    # leaders' + world's

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from collectives.tools.bench import bus_factor, input_count, parse_sizes, plan_rows
 from collectives.ops import OPS, resolve
-from collectives.plan import (Tuning, chain, choose, parse_size, rd_plan, ring_chunk,
+from collectives.plan import (Tuning, chain, choose, parse_size, rd_peers, rd_plan, ring_chunk,
                               ring_chunks, segment_count, segments, split, tree_children,
                               tree_parent)
 
@@ -114,6 +114,14 @@ def test_ring_steps_chain_and_end_owned(n: int, shift: int) -> None:
 
 
 # ---- recursive doubling and trees --------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_rd_peers_are_mutual(n: int) -> None:
+    """collectives.host.link sets a pair up only where both ends name each other."""
+    for r in range(n):
+        for p in rd_peers(r, n):
+            assert r in rd_peers(p, n) and p != r, (n, r, p)
 
 @pytest.mark.parametrize("n", range(1, 17))
 def test_rd_plan_reduces_everything_everywhere(n: int) -> None:

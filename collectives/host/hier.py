@@ -4,9 +4,11 @@ hosts over sockets between one rank per host (the leaders: local rank 0 of
 each host), then within each host again::
 
     all_reduce      small: host reduce to the leader | leaders all_reduce
-                    (recursive doubling) | host broadcast from the leader,
-                    in one board round on the host once its boards are up
-                    (the others sleep while the leaders talk);
+                    (recursive doubling, over kept TCP links:
+                    collectives.host.link) | host broadcast from the
+                    leader, in one board round on the host once its boards
+                    are up (the others sleep on the leader's bell,
+                    collectives.shm.bell, while the leaders talk);
                     large, as many ranks on every host: host reduce_scatter |
                     local rank i all-reduces chunk i with the local ranks i
                     of the other hosts (a ring per column, all at once) |
@@ -53,12 +55,12 @@ import numpy as np
 from mesh import AbortKind, Comm
 
 from ..ops import ReduceOp
-from ..plan import Tuning, ring_chunks
+from ..plan import Tuning, rd_peers, ring_chunks
 from ..runner import Ctx, abandon, agreed, start
 from ..shm import board, local
 from ..shm.board import Round
 from ..shm.cma import peer_read
-from . import columns
+from . import columns, link
 from .ring import ring
 from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
 from .small import all_reduce_rd
@@ -274,11 +276,17 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
             if large:
                 ring(c, buf, op, 2 * (c.g.size - 1), c.g.size - 1)
             else:
-                all_reduce_rd(c, buf, op)
+                _leaders_rd(c, buf, op)
         phases.append((topo.leaders, "leaders all_reduce", across))
     if topo.local.size > 1:
         phases.append((topo.local, "host broadcast", _host_broadcast(buf, 0, large)))
     _run(ctx, phases)
+
+
+def _leaders_rd(c: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+    """The leaders' recursive doubling of a small all_reduce, over their kept
+    TCP links (collectives.host.link) where they have them."""
+    all_reduce_rd(link.via(c, rd_peers(c.g.rank, c.g.size), buf.nbytes), buf, op)
 
 
 def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
@@ -300,12 +308,12 @@ def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -
                         assert got is not None
                         op.combine(buf, got)
                     if topo.leaders is not None:
-                        across(lambda c: all_reduce_rd(c, buf, op))
+                        across(lambda c: _leaders_rd(c, buf, op))
                     r.publish(buf, 1)
                 else:
                     r.post(payload=buf)
-                    r.gather()
                     r.wait_stage([0], 1, patient=True)
+                    r.gather()      # (every post is there once the leader has published)
                     r.payload_into(0, buf)
         return body
     _nested(ctx, topo.local, "host reduce, leaders all_reduce, host broadcast",

@@ -18,10 +18,10 @@ from mesh import Comm, device
 from mesh.tensors import dtype_name, is_tensor
 
 from ..ops import resolve
-from ..plan import Tuning, choose, layout
+from ..plan import Tuning, choose, layout, rd_peers
 from ..runner import Body, Ctx, agreed, start
 from ..shm import board, local, tiny
-from . import hier
+from . import hier, link
 from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
                        broadcast_object_tree)
 from .ring import ring
@@ -156,7 +156,8 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
                         if algorithm is None and lay is None:
                             tiny.learn(ctx, arr, op, rop)
                     else:
-                        all_reduce_rd(ctx, buf, rop)
+                        all_reduce_rd(link.via(ctx, rd_peers(ctx.g.rank, ctx.g.size),
+                                               buf.nbytes), buf, rop)
                 elif board.available(ctx):
                     local.all_reduce_large(ctx, buf, rop)
                 else:

@@ -301,7 +301,8 @@ class _Waiting:
         has more ranks than cores and the first late peer's board is mapped,
         a sleep on its bell (``seen``: the bell's value before its head was
         looked at) until it rings: polling would take a core from a rank
-        with work. After that, post the receive (a peer on a socket path
+        with work; a patient wait (one on work across hosts) sleeps on
+        the bell from the start. After that, post the receive (a peer on a socket path
         would talk to us there, an abort or a lost peer fails it) and sleep:
         on the bell where the board is mapped, else a nap. Returns the error
         found."""
@@ -312,14 +313,14 @@ class _Waiting:
         ctx = self.ctx
         peer = waiting_for[0]
         rung = None if box is None else box.bells[peer]
-        if waited < _SPIN_S and not self.patient:
+        if waited < _SPIN_S and (not self.patient or rung is not None):
             if self.what is None:
                 self.what = ctx.where().split(": ", 1)[1]
             aborted = ctx.ch.aborted(ctx.tag, self.what)
             if aborted is not None:
                 return aborted
             if now <= ctx.deadline:
-                if self.crowded and box is not None and rung is not None:
+                if (self.crowded or self.patient) and box is not None and rung is not None:
                     self._sleep(box, peer, rung[0], seen, _SPIN_S - waited)
                 else:
                     os.sched_yield()
