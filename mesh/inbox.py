@@ -30,6 +30,10 @@ __all__ = ["Inbox", "abort_error"]
 _log = logging.getLogger("mesh.transport")
 
 
+def _nothing() -> None:
+    pass
+
+
 class Inbox:
     """Matching, aborts and lost peers for the rank ``rank`` of ``peers``
     (indexed by world rank; this rank's own entry has no socket)."""
@@ -42,6 +46,7 @@ class Inbox:
         self.aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
         self.dead: set[int] = set()
         self._control, self._nudge = control, nudge
+        self.unpark: Callable[[], None] = _nothing    # a receive stays posted (mesh.progress)
 
     # ---- posting -------------------------------------------------------------
 
@@ -92,6 +97,8 @@ class Inbox:
             req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
+        else:
+            self.unpark()
         return req
 
     def iprobe(self, group: int, src: int, tag: int) -> tuple | None:

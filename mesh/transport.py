@@ -101,7 +101,8 @@ class Transport:
         self.cancel, self.abort = self.inbox.cancel, self.inbox.abort
         self.stalled, self.status = self.live.stalled, self.live.status
         self._drive = self.progress.drive
-        self.progress.start(self.reader, self.live)
+        self.progress.start(self.reader, self.live, self._busy)
+        self.inbox.unpark = self.progress.unpark
         if self.rings is not None:     # where each same-host peer writes to us (mesh.rings)
             there = wire.encode(wire.RING, rank, direct=self.rings.announce())
             for r in same_host:
@@ -215,7 +216,15 @@ class Transport:
         self._encoded[key] = header
         return header
 
+    def _busy(self) -> bool:
+        """Whether a posted receive or a send in flight (queued, or read out
+        of our memory) waits on background reading (mesh.progress parks
+        while nothing does)."""
+        return (self.inbox.matcher.posted_some() or self.direct.sending()
+                or any(p.queue for p in self._peers))
+
     def _submit(self, peer: Peer, out: Outgoing) -> None:
+        self.progress.unpark()
         with peer.lock:
             if peer.state != ALIVE:
                 out.fail(self.inbox.gone(peer, out.desc))
