@@ -46,7 +46,7 @@ from .match import DONE, Flag
 from .peer import config_float
 from .reader import Reader
 
-__all__ = ["Progress"]
+__all__ = ["ASIDE", "Progress"]
 
 # A spin gives the CPU away (sched_yield) only after this long: on a busy
 # machine each yield can cost a time slice to another process
@@ -54,6 +54,9 @@ _BUSY = 30e-6
 # A receive spinning on one ring (``await_ring``) looks at the socket and the
 # other rings this often: a poll costs microseconds, a look at the ring a load
 _POLL = 20e-6
+# How long the progress thread stays aside after a caller gave back the
+# reading turn (it would take the turn, and the next receive wait for it)
+ASIDE = 0.002
 # The progress thread's nap while a caller holds the reading turn (or held
 # it a moment ago), and the longest it grows to while that caller keeps
 # driving and nothing waits on the background (``_run``): each wake takes
@@ -72,11 +75,11 @@ class Progress:
         self.spin = config_float("MESH_SPIN_US", 200.0) * 1e-6
         self._spin_now = self.spin     # adapted to the waits seen (_adapt_spin)
         self._router = router
-        self._rlock = threading.Lock()        # the reading turn
+        self._rlock = self.turn = threading.Lock()    # the reading turn
         self._want_lock = threading.Lock()
         self._want = 0                        # callers waiting in drive
         self._progress_reading = False        # the progress thread holds the turn
-        self._aside_until = 0.0
+        self.aside_until = 0.0
         self._parked = False                  # napping past _NAP: ``unpark`` wakes it
         self.closing = False
         self._wake_r, self._wake_w = os.pipe()
@@ -191,7 +194,7 @@ class Progress:
             return True
         finally:
             # AWAKE stays set: the next receive, or the progress thread when it
-            # takes the turn (within _aside_until), clears it before sleeping
+            # takes the turn (within aside_until), clears it before sleeping
             if held:
                 self._rlock.release()
             end = time.monotonic()
@@ -199,7 +202,7 @@ class Progress:
             with self._want_lock:
                 self._want -= 1
                 if self._want == 0:
-                    self._aside_until = end + 0.002
+                    self.aside_until = end + ASIDE
 
     def enter(self) -> int:
         """Take the reading turn for a receive's first look (``await_ring``):
@@ -222,25 +225,25 @@ class Progress:
         and the progress thread stays aside a while, as after ``drive``."""
         if entered == 1:
             self._rlock.release()
-            self._aside_until = time.monotonic() + 0.002
+            self.aside_until = time.monotonic() + ASIDE
             return
         if entered:
             self._rlock.release()
         with self._want_lock:
             self._want -= 1
             if self._want == 0:
-                self._aside_until = time.monotonic() + 0.002
+                self.aside_until = time.monotonic() + ASIDE
 
     def await_ring(self, take: Callable[..., Any], src: int, *args: Any) -> Any:
-        """Between ``enter`` and ``leave``: wait up to the adapted spin for
-        ``take(src, *args)`` (mesh.reader.take) to give the message only
-        rank ``src``'s ring can bring, taken by this thread with nothing
-        posted nor handed over; None when the spin ran out, or something
-        else came first (the socket, another peer's ring, a message for
-        the usual way): the caller then posts its receive and ``drive``s."""
-        r = take(src, *args)
-        if r is not None or not self._spin_now:
-            return r or None
+        """Between ``enter`` and ``leave``, once ``take(src, *args)``
+        (mesh.reader.take) found rank ``src``'s ring empty: wait up to the
+        adapted spin for the message only that ring can bring, taken by this
+        thread with nothing posted nor handed over; None when the spin ran
+        out, or something else came first (the socket, another peer's ring,
+        a message for the usual way): the caller then posts its receive and
+        ``drive``s."""
+        if not self._spin_now:
+            return None
         rings = self._rings
         assert rings is not None
         q, tail, heads = rings.watch(src)     # that ring has an entry once q[tail] != heads[src]
@@ -332,7 +335,7 @@ class Progress:
         nap = _NAP
         while not self.closing:
             try:
-                if not held and not self._want and time.monotonic() >= self._aside_until:
+                if not held and not self._want and time.monotonic() >= self.aside_until:
                     held = self._rlock.acquire(timeout=0.05)
                 with self._want_lock:
                     if held and self._want:

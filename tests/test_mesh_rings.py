@@ -238,7 +238,7 @@ def _waiting_reads_no_further(world: mesh.Mesh) -> None:
             mine.append(src)
         deliver(src, frame)
     t.reader._from_ring = counted                   # type: ignore[method-assign]
-    p._aside_until = float("inf")
+    p.aside_until = float("inf")
     entered = p.enter()
     world.send(0, 1, tag=20)
     q, w, heads = rs.watch(1)
@@ -249,10 +249,10 @@ def _waiting_reads_no_further(world: mesh.Mesh) -> None:
             break
         time.sleep(0.005)
     p.leave(entered)
-    p._aside_until = float("inf")
+    p.aside_until = float("inf")
     assert req.wait().tolist() == [0]
     assert mine == [1], mine                        # one read for it, nine left
-    p._aside_until = 0.0
+    p.aside_until = 0.0
     for i in range(1, 10):
         assert world.recv(1, tag=21).tolist() == [i]
 
