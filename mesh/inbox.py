@@ -51,14 +51,16 @@ class Inbox:
     # ---- posting -------------------------------------------------------------
 
     def post(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
-             probe: bool = False) -> Pending:
+             probe: bool = False, waited: bool = False) -> Pending:
         """Post a receive: matched with a waiting message at once, or queued.
         A waiting message that does not fit ``out`` fails it and stays queued.
         A Probe when ``probe``: complete, ``got`` set, once a message it
         matches waits in the unexpected queue, which keeps the message.
         A torch tensor ``out`` is received into through a numpy (or CuPy)
         view of its memory; the tensor is the request's ``target``, which
-        the transport's ``wait`` returns."""
+        the transport's ``wait`` returns. One that stays posted wakes a
+        parked progress thread (mesh.progress), unless ``waited``: its
+        caller waits for it at once, reading for itself."""
         target = None
         if out is not None and type(out) is not np.ndarray and tensors.is_tensor(out):
             target, out = out, tensors.out_view(out, f"rank {self.rank}: {describe(desc)}")
@@ -97,7 +99,7 @@ class Inbox:
             req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
-        else:
+        elif not waited:     # (a receive its caller waits for at once: read by that caller)
             self.unpark()
         return req
 
