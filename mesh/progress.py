@@ -354,8 +354,9 @@ class Progress:
                     if self._busy():
                         self._parked, nap = False, _NAP
                     else:
-                        nap = min(2 * nap, _PARK, max(next_tick - time.monotonic(), _NAP))
-                    events = dict(aside.poll(int(nap * 1000)))
+                        nap = min(2 * nap, _PARK)
+                    until_tick = next_tick - time.monotonic()     # liveness's timer: on time
+                    events = dict(aside.poll(max(0, int(min(nap, until_tick) * 1000)) + 1))
                     self._parked = False
                 if self._wake_r in events:
                     self._drain_wake()
