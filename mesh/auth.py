@@ -81,7 +81,7 @@ class Authenticator:
         poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if self._sock not in dict(poller.poll(100)):
+                if self._sock not in dict(poller.poll()):    # close() writes the pipe
                     continue
                 request = self._sock.recv_multipart()
             except zmq.ZMQError:

@@ -142,7 +142,7 @@ class Comm:
         if out is not None and not (type(out) is np.ndarray and (f := out.flags).c_contiguous
                                     and f.writeable):
             self._check_out(out, desc)
-        req = t.irecv(self.gid, wsrc, tag, out, None, desc)
+        req = t.irecv(self.gid, wsrc, tag, out, None, desc, False, True)
         value = t.wait(req, timeout)
         if status is not None:
             self._fill(status, req)
@@ -190,7 +190,8 @@ class Comm:
         (and has a fitting ``out=``, or none) takes it."""
         _check_tag(tag, self, "probe", True)
         wsrc = ANY if src == ANY else self._world_rank(src, "probe")
-        req = self._t.irecv(self.gid, wsrc, tag, None, None, ("probe", src, tag, self.name), True)
+        req = self._t.irecv(self.gid, wsrc, tag, None, None, ("probe", src, tag, self.name), True,
+                            True)
         self._t.wait(req, timeout)
         return self._fill(Status(), req)
 

@@ -109,6 +109,10 @@ class Direct:
         return wire.encode(wire.DATA, self.rank, direct=(out.keep.ctypes.data, ident),
                            **fields)  # type: ignore[arg-type]
 
+    def sending(self) -> bool:
+        """Whether a direct send waits to be read (its DONE comes by socket)."""
+        return bool(self._sent)
+
     def on_done(self, ident: int) -> None:
         """The receiver has read the buffer of send ``ident``."""
         with self._lock:

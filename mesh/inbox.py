@@ -30,6 +30,10 @@ __all__ = ["Inbox", "abort_error"]
 _log = logging.getLogger("mesh.transport")
 
 
+def _nothing() -> None:
+    pass
+
+
 class Inbox:
     """Matching, aborts and lost peers for the rank ``rank`` of ``peers``
     (indexed by world rank; this rank's own entry has no socket)."""
@@ -42,18 +46,21 @@ class Inbox:
         self.aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
         self.dead: set[int] = set()
         self._control, self._nudge = control, nudge
+        self.unpark: Callable[[], None] = _nothing    # a receive stays posted (mesh.progress)
 
     # ---- posting -------------------------------------------------------------
 
     def post(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
-             probe: bool = False) -> Pending:
+             probe: bool = False, waited: bool = False) -> Pending:
         """Post a receive: matched with a waiting message at once, or queued.
         A waiting message that does not fit ``out`` fails it and stays queued.
         A Probe when ``probe``: complete, ``got`` set, once a message it
         matches waits in the unexpected queue, which keeps the message.
         A torch tensor ``out`` is received into through a numpy (or CuPy)
         view of its memory; the tensor is the request's ``target``, which
-        the transport's ``wait`` returns."""
+        the transport's ``wait`` returns. One that stays posted wakes a
+        parked progress thread (mesh.progress), unless ``waited``: its
+        caller waits for it at once, reading for itself."""
         target = None
         if out is not None and type(out) is not np.ndarray and tensors.is_tensor(out):
             target, out = out, tensors.out_view(out, f"rank {self.rank}: {describe(desc)}")
@@ -92,6 +99,8 @@ class Inbox:
             req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
+        elif not waited:     # (a receive its caller waits for at once: read by that caller)
+            self.unpark()
         return req
 
     def iprobe(self, group: int, src: int, tag: int) -> tuple | None:

@@ -326,6 +326,10 @@ class Matcher:
     def _tables(self) -> tuple[dict[Any, deque[Pending]], ...]:
         return (self._posted, self._posted_any, self._wild, self._probes)
 
+    def posted_some(self) -> bool:
+        """Whether any receive or probe is posted."""
+        return bool(self._posted or self._posted_any or self._wild or self._probes)
+
     def posted(self) -> Iterator[Pending]:
         for q in [q for table in self._tables() for q in table.values()]:
             yield from q

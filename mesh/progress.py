@@ -20,6 +20,12 @@ microseconds, often more than the wait itself, so a short poll catches a
 reply already on its way, as MPI libraries do. The spin adapts to the waits
 seen (``_adapt_spin``), so long waits do not burn CPU.
 
+While a caller drives, the progress thread naps (``_NAP``), and naps
+longer and longer (up to ``_PARK``) while that caller keeps driving and
+nothing waits on background reading (``busy``): each wake takes the GIL
+from the caller. Posting a receive or a send that goes the socket's way
+wakes it (``unpark``); a caller that stops driving is noticed within a nap.
+
 The progress thread also runs liveness: its timer tick, which first reads
 the monitors (one per peer, so they are not polled on every wake: a wake
 costs the same in any world; a closed connection is seen within a tick).
@@ -40,7 +46,7 @@ from .match import DONE, Flag
 from .peer import config_float
 from .reader import Reader
 
-__all__ = ["Progress"]
+__all__ = ["ASIDE", "Progress"]
 
 # A spin gives the CPU away (sched_yield) only after this long: on a busy
 # machine each yield can cost a time slice to another process
@@ -48,6 +54,15 @@ _BUSY = 30e-6
 # A receive spinning on one ring (``await_ring``) looks at the socket and the
 # other rings this often: a poll costs microseconds, a look at the ring a load
 _POLL = 20e-6
+# How long the progress thread stays aside after a caller gave back the
+# reading turn (it would take the turn, and the next receive wait for it)
+ASIDE = 0.002
+# The progress thread's nap while a caller holds the reading turn (or held
+# it a moment ago), and the longest it grows to while that caller keeps
+# driving and nothing waits on the background (``_run``): each wake takes
+# the GIL from the caller, a few microseconds of its round trip
+_NAP = 0.005
+_PARK = 0.05
 
 _log = logging.getLogger("mesh.transport")
 
@@ -60,11 +75,12 @@ class Progress:
         self.spin = config_float("MESH_SPIN_US", 200.0) * 1e-6
         self._spin_now = self.spin     # adapted to the waits seen (_adapt_spin)
         self._router = router
-        self._rlock = threading.Lock()        # the reading turn
+        self._rlock = self.turn = threading.Lock()    # the reading turn
         self._want_lock = threading.Lock()
         self._want = 0                        # callers waiting in drive
         self._progress_reading = False        # the progress thread holds the turn
-        self._aside_until = 0.0
+        self.aside_until = 0.0
+        self._parked = False                  # napping past _NAP: ``unpark`` wakes it
         self.closing = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -72,9 +88,11 @@ class Progress:
         self._reader_items: list[Any] = [(router, zmq.POLLIN), (self._wake_r, zmq.POLLIN)]
         self._thread: threading.Thread | None = None
 
-    def start(self, reader: Reader, live: Liveness) -> None:
-        """Start the progress thread, reading with ``reader``, watching with ``live``."""
-        self._read_one, self._live = reader.read_one, live
+    def start(self, reader: Reader, live: Liveness, busy: Callable[[], bool]) -> None:
+        """Start the progress thread, reading with ``reader``, watching with
+        ``live``; ``busy()``: whether anything posted or in flight waits on
+        its reading (then it naps no longer than _NAP while callers drive)."""
+        self._read_one, self._live, self._busy = reader.read_one, live, busy
         self._read_rings, self._rings = reader.read_rings, reader.rings
         self._settle = reader.settle       # credit owed, granted before sleeping
         # while spinning, the rings are looked at directly, not through their pipe
@@ -176,7 +194,7 @@ class Progress:
             return True
         finally:
             # AWAKE stays set: the next receive, or the progress thread when it
-            # takes the turn (within _aside_until), clears it before sleeping
+            # takes the turn (within aside_until), clears it before sleeping
             if held:
                 self._rlock.release()
             end = time.monotonic()
@@ -184,7 +202,7 @@ class Progress:
             with self._want_lock:
                 self._want -= 1
                 if self._want == 0:
-                    self._aside_until = end + 0.002
+                    self.aside_until = end + ASIDE
 
     def enter(self) -> int:
         """Take the reading turn for a receive's first look (``await_ring``):
@@ -207,25 +225,25 @@ class Progress:
         and the progress thread stays aside a while, as after ``drive``."""
         if entered == 1:
             self._rlock.release()
-            self._aside_until = time.monotonic() + 0.002
+            self.aside_until = time.monotonic() + ASIDE
             return
         if entered:
             self._rlock.release()
         with self._want_lock:
             self._want -= 1
             if self._want == 0:
-                self._aside_until = time.monotonic() + 0.002
+                self.aside_until = time.monotonic() + ASIDE
 
     def await_ring(self, take: Callable[..., Any], src: int, *args: Any) -> Any:
-        """Between ``enter`` and ``leave``: wait up to the adapted spin for
-        ``take(src, *args)`` (mesh.reader.take) to give the message only
-        rank ``src``'s ring can bring, taken by this thread with nothing
-        posted nor handed over; None when the spin ran out, or something
-        else came first (the socket, another peer's ring, a message for
-        the usual way): the caller then posts its receive and ``drive``s."""
-        r = take(src, *args)
-        if r is not None or not self._spin_now:
-            return r or None
+        """Between ``enter`` and ``leave``, once ``take(src, *args)``
+        (mesh.reader.take) found rank ``src``'s ring empty: wait up to the
+        adapted spin for the message only that ring can bring, taken by this
+        thread with nothing posted nor handed over; None when the spin ran
+        out, or something else came first (the socket, another peer's ring,
+        a message for the usual way): the caller then posts its receive and
+        ``drive``s."""
+        if not self._spin_now:
+            return None
         rings = self._rings
         assert rings is not None
         q, tail, heads = rings.watch(src)     # that ring has an entry once q[tail] != heads[src]
@@ -285,6 +303,16 @@ class Progress:
             except OSError:
                 pass
 
+    def unpark(self) -> None:
+        """Something now waits on background reading (a receive posted, a
+        send in flight): wake the progress thread if it naps long."""
+        if self._parked:
+            self._parked = False
+            try:
+                os.write(self._wake_w, b"u")
+            except OSError:
+                pass
+
     def _drain_wake(self) -> None:
         try:
             os.read(self._wake_r, 4096)
@@ -304,9 +332,10 @@ class Progress:
             watch.register(m, zmq.POLLIN)
         held = False
         next_tick = 0.0
+        nap = _NAP
         while not self.closing:
             try:
-                if not held and not self._want and time.monotonic() >= self._aside_until:
+                if not held and not self._want and time.monotonic() >= self.aside_until:
                     held = self._rlock.acquire(timeout=0.05)
                 with self._want_lock:
                     if held and self._want:
@@ -317,9 +346,21 @@ class Progress:
                     self._rings.awake(False)
                     self._read_rings()
                     self._settle()
-                events = dict((reading if held else aside).poll(100 if held else 5))
+                if held:
+                    events = dict(reading.poll(100))
+                    nap = _NAP
+                else:   # a caller drives: park while it keeps driving (``unpark``)
+                    self._parked = True     # before asking: a post after it unparks
+                    if self._busy():
+                        self._parked, nap = False, _NAP
+                    else:
+                        nap = min(2 * nap, _PARK)
+                    until_tick = next_tick - time.monotonic()     # liveness's timer: on time
+                    events = dict(aside.poll(max(0, int(min(nap, until_tick) * 1000)) + 1))
+                    self._parked = False
                 if self._wake_r in events:
                     self._drain_wake()
+                    nap = _NAP
                 if held and self._rings is not None and self._rings.wake_r in events:
                     self._rings.woken()
                     self._read_rings(True)

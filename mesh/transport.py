@@ -32,7 +32,7 @@ from .liveness import Liveness
 from .match import DONE, Pending
 from .payload import delivered, encode_payload
 from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_float
-from .progress import Progress
+from .progress import ASIDE, Progress
 from .reader import COPY_BELOW, Reader
 
 __all__ = ["Transport", "Outgoing", "config_float", "abort_error"]
@@ -101,7 +101,8 @@ class Transport:
         self.cancel, self.abort = self.inbox.cancel, self.inbox.abort
         self.stalled, self.status = self.live.stalled, self.live.status
         self._drive = self.progress.drive
-        self.progress.start(self.reader, self.live)
+        self.progress.start(self.reader, self.live, self._busy)
+        self.inbox.unpark = self.progress.unpark
         if self.rings is not None:     # where each same-host peer writes to us (mesh.rings)
             there = wire.encode(wire.RING, rank, direct=self.rings.announce())
             for r in same_host:
@@ -193,21 +194,35 @@ class Transport:
         bring now (nothing of ``src`` and ``tag`` queued or posted before
         it), taken by this thread if it comes within the spin
         (mesh.progress.await_ring): (array, header); None when it must be posted
-        and waited for the usual way."""
+        and waited for the usual way. The uncontended turn (the usual case)
+        is taken and given back here, as ``Progress.enter`` and ``leave`` would."""
+        progress = self.progress
         if (not self._ringed[src]      # (no rings: none is)
                 or (out is not None and out.nbytes > self._ring_max)    # comes by socket
-                or (timeout is not None and timeout < self.progress.spin)):
+                or (timeout is not None and timeout < progress.spin)):
             return None
-        progress, inbox = self.progress, self.inbox
-        entered = progress.enter()
+        turn, inbox = progress.turn, self.inbox
+        if turn.acquire(False):
+            entered = 1
+            self.rings.awake(True)     # type: ignore[union-attr]
+        else:
+            entered = progress.enter()
         try:
             if (not entered or self._peers[src].state != ALIVE
                     or (inbox.aborted and (group, tag) in inbox.aborted)
                     or not inbox.matcher.quiet(group, src, tag)):    # queued or posted before
                 return None
-            return progress.await_ring(self.reader.take, src, group, tag, out)
+            take = self.reader.take
+            got = take(src, group, tag, out)
+            if got is None:
+                got = progress.await_ring(take, src, group, tag, out)
+            return got or None
         finally:
-            progress.leave(entered)
+            if entered == 1:
+                turn.release()
+                progress.aside_until = time.monotonic() + ASIDE
+            else:
+                progress.leave(entered)
 
     def _remember(self, key: tuple, header: bytes) -> bytes:
         if len(self._encoded) >= _CACHE:
@@ -215,7 +230,15 @@ class Transport:
         self._encoded[key] = header
         return header
 
+    def _busy(self) -> bool:
+        """Whether a posted receive or a send in flight (queued, or read out
+        of our memory) waits on background reading (mesh.progress parks
+        while nothing does)."""
+        return (self.inbox.matcher.posted_some() or self.direct.sending()
+                or any(p.queue for p in self._peers))
+
     def _submit(self, peer: Peer, out: Outgoing) -> None:
+        self.progress.unpark()
         with peer.lock:
             if peer.state != ALIVE:
                 out.fail(self.inbox.gone(peer, out.desc))

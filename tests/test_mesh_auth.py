@@ -133,6 +133,25 @@ def test_closing_the_service_and_the_authenticator_leaves_nothing_behind() -> No
     assert _fds() == fds
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
+def test_an_idle_authenticator_thread_sleeps() -> None:
+    """The ZAP thread wakes for a request or close() only: each wake takes
+    the interpreter lock from whatever the process runs (a ping-pong)."""
+    ctx = zmq.Context()
+    a = auth.Authenticator(ctx, "s")
+    try:
+        def switches() -> int:
+            with open(f"/proc/self/task/{a._thread.native_id}/status") as f:
+                return int(f.read().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+        time.sleep(0.05)
+        before = switches()
+        time.sleep(0.5)
+        assert switches() - before <= 1      # a poll of 100 ms woke 5 times
+    finally:
+        a.close()
+        ctx.term()
+
+
 def _curve_job(world: mesh.Mesh) -> list:
     """An encrypted job works; strangers at a worker are refused and counted."""
     secret = os.environ["MESH_SECRET"]

@@ -238,7 +238,7 @@ def _waiting_reads_no_further(world: mesh.Mesh) -> None:
             mine.append(src)
         deliver(src, frame)
     t.reader._from_ring = counted                   # type: ignore[method-assign]
-    p._aside_until = float("inf")
+    p.aside_until = float("inf")
     entered = p.enter()
     world.send(0, 1, tag=20)
     q, w, heads = rs.watch(1)
@@ -249,10 +249,10 @@ def _waiting_reads_no_further(world: mesh.Mesh) -> None:
             break
         time.sleep(0.005)
     p.leave(entered)
-    p._aside_until = float("inf")
+    p.aside_until = float("inf")
     assert req.wait().tolist() == [0]
     assert mine == [1], mine                        # one read for it, nine left
-    p._aside_until = 0.0
+    p.aside_until = 0.0
     for i in range(1, 10):
         assert world.recv(1, tag=21).tolist() == [i]
 
@@ -354,3 +354,61 @@ def _credit_owed(world: mesh.Mesh) -> bool:
 def test_credit_the_short_way_owes_is_granted_before_it_sleeps() -> None:
     got = mesh.spawn(_credit_owed, 2, timeout=60, env={"MESH_WINDOW_BYTES": str(64 << 10)})
     assert got == [True, True]
+
+
+def _parked(world: mesh.Mesh) -> list[int]:
+    """While rank 0 ping-pongs the short way with nothing posted, its
+    progress thread parks (naps up to mesh.progress._PARK: each wake would
+    take the GIL from the spinning caller); a receive posted then wakes it
+    (Progress.unpark), and completes in the background while rank 0 does
+    not call into mesh; a send that goes by socket wakes it too; then a burst of four windows, sent while
+    rank 0 sleeps, arrives whole and in order (credit still returns)."""
+    x = np.zeros(1)
+    p = world._t.progress
+    big = np.arange(4096.0)     # 32 KiB: by socket (over the rings, under the direct path)
+    if world.rank == 1:
+        for phase in range(2):
+            while True:
+                world.recv(0, out=x)
+                world.send(x, 0)
+                if x[0]:
+                    break
+            world.recv(0, tag=8)
+            if phase == 0:
+                world.send(np.arange(3.0), 0, tag=9)
+        ok = np.array_equal(world.recv(0, tag=10), big)
+        for i in range(64):
+            world.send(np.full(512, i), 0, tag=5)    # 4 KiB each, the window 64 KiB
+        return [int(ok)]
+    got: list = []
+    reqs: list = []
+    for post in (lambda: world.irecv(1, tag=9), lambda: world.isend(big, 1, tag=10)):
+        seen = unparked = 0
+        end = time.monotonic() + 20
+        while True:
+            parked = p._parked
+            seen += parked
+            x[0] = 1.0 if seen >= 3 or time.monotonic() > end else 0.0
+            if x[0]:     # post while it is parked: the post wakes it
+                req = post()
+                unparked = int(not p._parked)
+            world.send(x, 1)
+            world.recv(1, out=x)
+            if x[0]:
+                break
+        world.send(0, 1, tag=8)
+        end = time.monotonic() + 20
+        while not req.done() and time.monotonic() < end:   # the progress thread's work
+            time.sleep(0.001)
+        got += [seen >= 3, unparked, int(req.done())]
+        if not reqs:
+            reqs.append(req)
+    got.append(int(np.array_equal(reqs[0].wait(), np.arange(3.0))))
+    time.sleep(0.3)
+    got.append([int(world.recv(1, tag=5)[0]) for _ in range(64)] == list(range(64)))
+    return got
+
+
+def test_the_progress_thread_parks_while_a_caller_drives_and_a_post_wakes_it() -> None:
+    got = mesh.spawn(_parked, 2, timeout=90, env={"MESH_WINDOW_BYTES": str(64 << 10)})
+    assert got == [[True, 1, 1, True, 1, 1, 1, True], [1]], got
