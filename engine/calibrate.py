@@ -30,7 +30,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -38,26 +38,34 @@ import collectives
 from mesh import Comm
 
 from .executor import Pipeline
-from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W
+from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Schedule
 from .schedules import one_f_one_b
 from .simulate import simulate
 
-__all__ = ["calibrate", "Calibration", "helper_cpu", "crowded"]
+__all__ = ["calibrate", "dry_run", "Calibration", "helper_cpu", "crowded"]
 
 _COMPUTE = (F, B, I, W)
 
 
 class _Noop:
-    """A stage that computes nothing and hands on ``out`` both ways."""
+    """A stage that computes nothing and hands on ``out`` forward and
+    ``back`` (default ``out``) backward, its backward split or not."""
 
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: Any, back: Any = None) -> None:
         self.out = out
+        self.back = out if back is None else back
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         return self.out, None
 
     def backward(self, ctx: Any, gy: Any) -> Any:
-        return self.out
+        return self.back
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        return self.back, None
+
+    def backward_weight(self, wctx: Any) -> None:
+        return None
 
     def params(self) -> list[Any]:
         return []
@@ -86,7 +94,7 @@ class _Spin(_Noop):
 
     def backward(self, ctx: Any, gy: Any) -> Any:
         self._spin()
-        return self.out
+        return self.back
 
 
 @dataclass(frozen=True)
@@ -153,32 +161,20 @@ def _busy(events: list[list[Any]], wall: float) -> tuple[float, int]:
 def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
               tag_base: int = 0, timeout: float | None = None, spin: float = 1e-3,
               busy_steps: int = 2, busy_nbytes: int | None = None) -> Calibration:
-    """The executor's own costs on ``pp`` (1F1B over ``m`` micro-batches,
-    messages of ``nbytes``): seconds per compute action and per message,
-    the medians of ``steps`` dry steps after one to warm up; then the mesh
-    threads' CPU per message end over ``busy_steps`` steps (after one more)
-    of 1F1B over 2p micro-batches whose stages spin ``spin`` seconds of CPU
-    per action (as long as the real actions: those threads' CPU grows with
-    the time between messages, 100, 229 and 391 us per message end at 0.3, 1
-    and 3 ms here, not only with their count), with messages of
-    ``busy_nbytes`` (default ``nbytes``). Collective over ``world`` (every
-    pp group of it runs its own dry pipeline): every rank gets the same
-    figures."""
-    sched = one_f_one_b(pp.size, m)
-    act = np.zeros(max(1, nbytes // 8))
-    pipe = Pipeline(pp, _Noop(act), sched, loss_fn=lambda y, t: (0.0, y), timeout=timeout,
-                    tag_base=tag_base)
-    dummy = np.zeros((m, 1))
-    rows = []
-    for i in range(steps + 1):
-        collectives.barrier(world, timeout=timeout)
-        t0 = time.time()
-        pipe.step(dummy, dummy)
-        t1 = time.time()
-        if i:
-            rows.append((t0, t1, *_busy(pipe.events, t1 - t0)))
+    """The executor's own costs on ``pp`` (``dry_run`` of 1F1B over ``m``
+    micro-batches, messages of ``nbytes``): seconds per compute action and
+    per message; then the mesh threads' CPU per message end over
+    ``busy_steps`` steps (after one more) of 1F1B over 2p micro-batches
+    whose stages spin ``spin`` seconds of CPU per action (as long as the
+    real actions: those threads' CPU grows with the time between messages,
+    100, 229 and 391 us per message end at 0.3, 1 and 3 ms here, not only
+    with their count), with messages of ``busy_nbytes`` (default
+    ``nbytes``). Collective over ``world`` (every pp group of it runs its
+    own dry pipeline): every rank gets the same figures."""
+    action, message = dry_run(world, pp, one_f_one_b(pp.size, m), nbytes, steps, tag_base,
+                              timeout)
     busy_m = 2 * pp.size       # the same tags as the dry run's first steps, all done by now
-    out = act if busy_nbytes is None else np.zeros(max(1, busy_nbytes // 8))
+    out = np.zeros(max(1, (nbytes if busy_nbytes is None else busy_nbytes) // 8))
     busy = Pipeline(pp, _Spin(out, spin), one_f_one_b(pp.size, busy_m),
                     loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
     dummy = np.zeros((busy_m, 1))
@@ -189,13 +185,49 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
         busy.step(dummy, dummy)
     ends = _messages(busy.program) * busy_steps
     helper = (helper_cpu() - h0) / ends if ends else 0.0
-    groups: dict[tuple[int, ...], list[Any]] = {}
     helpers, hosts = [], []
-    for ranks, mine, h, host in collectives.all_gather_object(
-            world, (pp.ranks, rows, helper, (socket.gethostname(), _cores()))):
-        groups.setdefault(tuple(ranks), []).append(mine)
+    for h, host in collectives.all_gather_object(world, (helper, (socket.gethostname(),
+                                                                  _cores()))):
         helpers.append(h)
         hosts.append(tuple(host))
+    measured, full = statistics.median(helpers), crowded(hosts)
+    return Calibration(action, message, measured if full else 0.0, measured, full)
+
+
+def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple[int, int]],
+            steps: int = 5, tag_base: int = 0, timeout: float | None = None
+            ) -> tuple[float, float]:
+    """``(seconds per compute action, seconds per message)`` of the
+    executor running ``sched`` on ``pp`` with no-op stages: each rank's
+    step time outside its receives over its compute actions, and the
+    message time at which the simulated dry step lasts as long as the
+    measured one; the medians of ``steps`` dry steps after one to warm
+    up. ``nbytes``: every message's size, or per stage the bytes it sends
+    forward and backward (its output's and its input's). The per-action
+    cost carries the sends, the start and the end of a step spread over the
+    compute actions, so it depends on the schedule's mix of actions and
+    messages and on the micro-batch count: ``Job.retime`` measures it on
+    the chosen schedule itself, with its own message sizes. Collective over
+    ``world`` (every pp group of it runs its own)."""
+    sizes = ([(nbytes, nbytes)] * sched.num_stages if isinstance(nbytes, int)
+             else list(nbytes))
+    stages = [_Noop(np.zeros(max(1, f // 8)), np.zeros(max(1, b // 8)))
+              for f, b in (sizes[s] for s in sched.stages_of(pp.rank))]
+    m = sched.num_microbatches
+    pipe = Pipeline(pp, stages, sched, loss_fn=lambda y, t: (0.0, y), timeout=timeout,
+                    tag_base=tag_base)
+    dummy = np.zeros((m, 1))
+    rows = []
+    for i in range(steps + 1):
+        collectives.barrier(world, timeout=timeout)
+        t0 = time.time()
+        pipe.step(dummy, dummy)
+        t1 = time.time()
+        if i:
+            rows.append((t0, t1, *_busy(pipe.events, t1 - t0)))
+    groups: dict[tuple[int, ...], list[Any]] = {}
+    for ranks, mine in collectives.all_gather_object(world, (pp.ranks, rows)):
+        groups.setdefault(tuple(ranks), []).append(mine)
     per_action, spans = [], []
     for members in groups.values():
         for s in range(steps):
@@ -204,9 +236,7 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
             per_action.append(busy / max(1, count))
             spans.append(max(r[s][1] for r in members) - min(r[s][0] for r in members))
     action, span = statistics.median(per_action), statistics.median(spans)
-    measured, full = statistics.median(helpers), crowded(hosts)
-    return Calibration(action, _message_time(sched, action, span), measured if full else 0.0,
-                       measured, full)
+    return action, _message_time(sched, action, span)
 
 
 def _message_time(sched: Any, action: float, span: float) -> float:

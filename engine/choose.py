@@ -329,16 +329,19 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
 
 
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
-            helper: float = 0.0) -> Candidate:
+            helper: float = 0.0, send: float | None = None) -> Candidate:
     """``cand`` simulated again with the stages of ``times`` (stage index:
     its F, B, I and W, timed whole again, e.g. right before the steps) in
     place of their profiled costs, plus ``overhead`` per action and the
-    ``helper_charge``; the other costs and ``summed`` are kept."""
+    ``helper_charge``; ``send``, when given, the time of every message
+    (else the candidate's own); the other costs and ``summed`` are kept."""
     charge = helper_charge(cand.schedule, helper)
     costs = {k: list(v) for k, v in cand.costs.items()}
     for st, lc in times.items():
         for kind in ("F", "B", "I", "W"):
             costs[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
+    if send is not None:
+        costs["send"] = [send] * len(costs["send"])
     rep = cand.schedule.simulate(costs)
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs)
 

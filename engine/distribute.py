@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import replace
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -39,7 +40,7 @@ import collectives
 from mesh import Comm, Grid
 
 from . import layers as _layers
-from .calibrate import Calibration, calibrate
+from .calibrate import Calibration, calibrate, dry_run
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates, counts_for,
                      measure, measure_stages, microbatch_counts, retimed, stage_spans, table,
                      time_layer)
@@ -169,9 +170,12 @@ class Job:
                  names: list[str], is_torch: bool, chosen: Candidate | None,
                  cands: list[Candidate], sharded: bool = False,
                  calibration: Calibration | None = None, inputs: dict[int, Any] | None = None,
-                 reps: int = 3) -> None:
+                 reps: int = 3, messages: list[tuple[int, int]] | None = None,
+                 timeout: float | None = None, tag_base: int = 0) -> None:
         self.grid = grid
         self.calibration = calibration
+        self.profile_calibration = calibration     # what distribute's choice was made with
+        self._messages, self._timeout, self._tag_base = messages, timeout, tag_base
         self.profiled = chosen        # the prediction from distribute's profile
         self._inputs, self._reps = inputs or {}, reps
         self.sharded = sharded
@@ -197,20 +201,31 @@ class Job:
 
     def retime(self) -> float | None:
         """Time this rank's stages again, whole (copies, on a micro-batch of
-        the sample), every rank at once, and predict the step again from
-        those times and the calibration: ``predicted`` then reflects the
-        machine as it is now, right before the steps (``profiled`` keeps
-        the choice's own prediction). distribute does it once before
-        returning. Collective over the grid; returns the new prediction, or
-        None (nothing timed) when the costs were not measured or the stages
-        are tensor-parallel (their collectives cannot be timed apart).
-        Nothing is fitted to a step: no step runs."""
+        the sample), every rank at once, and measure the executor's own
+        costs on a dry run of the chosen schedule itself (engine.calibrate's
+        ``dry_run``: its micro-batch count, its mix of F, B, I and W, its
+        messages at their real sizes, no-op stages); then predict the step
+        again from those times, those costs and the mesh threads' charge:
+        ``predicted`` then reflects the machine as it is now, right before
+        the steps, and ``calibration`` holds the dry run's figures
+        (``profile_calibration`` and ``profiled`` keep the choice's own).
+        distribute does it once before returning. Collective over the grid;
+        returns the new prediction, or None (nothing timed) when the costs
+        were not measured or the stages are tensor-parallel (their
+        collectives cannot be timed apart). Nothing is fitted to a step: no
+        step runs."""
         if self.chosen is None or not self._inputs:
             return None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
         times = _retime(self.grid.comm, own, self._inputs, self._reps)
         cal = self.calibration or Calibration(0.0, 0.0)
-        self.chosen = retimed(self.chosen, times, cal.action, cal.helper)
+        if self._messages is not None:        # calibrated (not a given overhead)
+            action, message = dry_run(self.grid.comm, self.grid.group("pp"),
+                                      self.chosen.schedule, self._messages,
+                                      tag_base=self._tag_base, timeout=self._timeout)
+            cal = replace(cal, action=action, message=message)
+            self.calibration = cal
+        self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message)
         return self.chosen.makespan
 
     def table(self) -> str:
@@ -402,13 +417,18 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             for arr in st.params():
                 collectives.broadcast(dp, arr, root=0)
     inputs: dict[int, Any] = {}
+    messages: list[tuple[int, int]] | None = None
     if chosen is not None and not plan:       # for Job.retime: each own stage's input
         bounds = [sum(counts[:s]) for s in range(len(counts))]
-        xs = [sample[:-(-len(sample) // sched.num_microbatches)]]
+        size = -(-len(sample) // sched.num_microbatches)
+        xs = [sample[:size]]
         while len(xs) <= max(bounds[s] for s in mine):
             xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
         inputs = {s: xs[bounds[s]] for s in mine}
+        if overhead is None:          # each stage's messages: its output, its input's gradient
+            out = [profile[size][b + c - 1].act_bytes for b, c in zip(bounds, counts)]
+            messages = [(o, out[s - 1] if s else 0) for s, o in enumerate(out)]
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
-              bool(plan), cal, inputs, reps)
+              bool(plan), cal, inputs, reps, messages, timeout, tag_base)
     job.retime()
     return job

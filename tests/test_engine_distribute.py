@@ -159,6 +159,36 @@ def test_retimed_stages_replace_the_profile():
     assert slow.costs["W"][1] == pytest.approx(1.1) and slow.makespan > cand.makespan
 
 
+def test_retimed_takes_the_dry_runs_message_time():
+    """Job.retime's dry run of the chosen schedule gives every message its
+    own time; without one the candidate's is kept."""
+    rows = 16
+    prof = _profile(rows, [4], [1, 1, 1, 1])
+    (sched,) = choose.builtin(["zb-v"], 2, [4])
+    cand, = choose.candidates(prof, [1] * 4, rows, [sched], overhead=0.1, send=0.2)
+    times = {s: LayerCost(1.0, 2.0, 1.0, 1.0, 0) for s in range(4)}
+    kept = choose.retimed(cand, times, overhead=0.1)
+    assert kept.costs["send"] == [0.2] * 4
+    slow = choose.retimed(cand, times, overhead=0.1, send=0.7)
+    assert slow.costs["send"] == [0.7] * 4 and slow.makespan > kept.makespan
+
+
+def _dry_worker(world):
+    from engine.calibrate import dry_run
+    from engine.schedules import by_name
+    sizes = [(64, 8), (128, 64), (256, 128), (32, 256)]      # per stage: forward, backward
+    return [dry_run(world, world, by_name(name, 2, 2), sizes, steps=2, timeout=30)
+            for name in ("zb-v", "zb-h1", "1f1b")]
+
+
+def test_dry_run_of_any_schedule():
+    """engine.calibrate.dry_run runs the schedule being predicted (split
+    backward, two stages a rank) with each stage's own message sizes, and
+    every rank gets the same executor costs."""
+    a, b = mesh.spawn(_dry_worker, 2, timeout=60, env=PATIENT)
+    assert a == b and all(action > 0 and message >= 0 for action, message in a)
+
+
 def test_stages_measured_whole_enter_the_prediction():
     """A stage of several layers costs more than its layers timed alone
     (their weights leave the core's cache between them): stage_spans lists
@@ -270,7 +300,10 @@ def _numpy_worker(world, axes, plan, widths):
             "schedule": job.schedule.name, "table": job.table(), "last": job.pipeline.last,
             "calibrated": (cal.helper_measured > 0 and cal.helper == (cal.helper_measured
                                                                       if cal.crowded else 0.0)),
-            "retimed": plan is not None or job.predicted != job.profiled.makespan}
+            "retimed": plan is not None or job.predicted != job.profiled.makespan,
+            "dry": plan is not None or (   # retime's executor costs: a dry run of the chosen
+                cal is not job.profile_calibration and cal.helper == job.profile_calibration.helper
+                and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages)}
 
 
 def _numpy_reference(widths=WIDTHS):
@@ -299,7 +332,7 @@ def test_numpy_distribute_matches_one_process(axes, plan):
     for res in results:
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
-        assert res["calibrated"] and res["retimed"]
+        assert res["calibrated"] and res["retimed"] and res["dry"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
