@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
-from .ir import B, F, W, Schedule
+from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
-__all__ = ["LayerCost", "Candidate", "time_layer", "measure", "measure_stages", "stage_spans",
+__all__ = ["LayerCost", "Candidate", "time_layer", "time_program", "measure", "measure_stages", "stage_spans",
            "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes", "microbatch_counts",
            "builtin", "candidates", "retimed", "table", "SCHEDULES", "Span"]
 
@@ -97,6 +97,64 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
         g[...] = old
     f, b, gi, gw = (statistics.median(v[1:]) for v in times.values())
     return LayerCost(f, b, gi, gw, _nbytes(y)), y
+
+
+def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
+                 program: Sequence[Action], reps: int = 3,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[int, LayerCost]:
+    """Each stage's F, B, I and W as a step runs them: this rank's compute
+    actions of ``program`` (a lowered rank program; its messages skipped)
+    in their order, each micro-batch's F on a fresh copy of its stage's
+    input (``inputs[s]``: a micro-batch, as the step receives it), its
+    context kept until its B or I, its weight context until its W, as the
+    executor keeps them; so a split backward's W runs as late as it will
+    (the activations it reads evicted by the actions between), every
+    micro-batch in flight writes its own buffers, and a rank holding two
+    stages alternates between them. Runs: one to warm up, then at least
+    ``reps`` and 50 ms of them (at most 25); per run, the mean of each
+    stage's actions of a kind; returned, the median over the runs (kinds
+    the program does not run: 0). The stages' gradients are changed: pass
+    copies."""
+    acts = [a for a in program if a.kind in (F, B, I, W)]
+    runs: dict[tuple[int, str], list[float]] = {}
+    nbytes: dict[int, int] = {}
+    begin, n = clock(), 0
+    while n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS):
+        n += 1
+        ctxs: dict[tuple[int, Any], Any] = {}
+        gys: dict[tuple[int, Any], Any] = {}
+        took: dict[tuple[int, str], list[float]] = {}
+        for a in acts:
+            st, key = stages[a.stage], (a.stage, a.mb)
+            if a.kind == F:
+                x = inputs[a.stage] * 1        # a fresh array, as a received message is
+                t0 = clock()
+                y, ctxs[key] = st.forward(x)
+                t1 = clock()
+                gys[key] = y * 0 + 1
+                nbytes[a.stage] = _nbytes(y)
+            elif a.kind == W:
+                t0 = clock()
+                st.backward_weight(ctxs.pop(key))
+                t1 = clock()
+            else:
+                ctx, gy = ctxs.pop(key), gys.pop(key)
+                t0 = clock()
+                if a.kind == B:
+                    st.backward(ctx, gy)
+                else:
+                    _, ctxs[key] = st.backward_input(ctx, gy)
+                t1 = clock()
+            took.setdefault((a.stage, a.kind), []).append(t1 - t0)
+        if n > 1:
+            for k, v in took.items():
+                runs.setdefault(k, []).append(sum(v) / len(v))
+    out = {}
+    for s in sorted({a.stage for a in acts}):
+        got = {kind: statistics.median(runs[(s, kind)]) if (s, kind) in runs else 0.0
+               for kind in ("F", "B", "I", "W")}
+        out[s] = LayerCost(got["F"], got["B"], got["I"], got["W"], nbytes.get(s, 0))
+    return out
 
 
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,

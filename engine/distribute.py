@@ -10,8 +10,10 @@ each candidate's stages of several layers measured whole and the executor's
 own costs (engine.calibrate: with, on a host with no spare core, the mesh
 threads' CPU per message charged to the computing ranks), and runs the
 fastest that fits ``memory_limit``; the chosen stages are timed once more
-right before it returns (``Job.retime``: ``job.predicted``), so the
-prediction is of the machine as the steps will find it::
+right before it returns, in the order the schedule runs them, and the
+executor's costs measured on a dry run of that schedule (``Job.retime``:
+``job.predicted``), so the prediction is of the machine as the steps will
+find it::
 
     grid = mesh.grid(world, dp=2, pp=2)
     job = engine.distribute(model, grid, sample=x, loss_fn=F.mse_loss)
@@ -43,7 +45,7 @@ from . import layers as _layers
 from .calibrate import Calibration, calibrate, dry_run
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates, counts_for,
                      measure, measure_stages, microbatch_counts, retimed, stage_spans, table,
-                     time_layer)
+                     time_program)
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name
@@ -148,14 +150,16 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
     return merged
 
 
-def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], reps: int
-            ) -> dict[int, LayerCost]:
-    """Each rank times a copy of each of its stages on its input (every rank
-    at once, as the steps run them); the times of every stage, averaged over
+def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program: Any,
+            reps: int) -> dict[int, LayerCost]:
+    """Each rank times copies of its stages running its own program's
+    compute actions in order (engine.choose.time_program: every rank at
+    once, as the steps run them); the times of every stage, averaged over
     the ranks that hold it (dp replicas), exchanged."""
+    copies = {s: copy.deepcopy(st) for s, st in stages.items()}
     got: dict[int, list[LayerCost]] = {}
-    for (s,), lc in _exchange(world, [((s,), time_layer(copy.deepcopy(st), inputs[s], reps)[0])
-                                      for s, st in stages.items()]):
+    for (s,), lc in _exchange(world, [((s,), lc) for s, lc in
+                                      time_program(copies, inputs, program, reps).items()]):
         got.setdefault(s, []).append(lc)
     def mean(lcs: list[LayerCost], k: str) -> float:
         return sum(getattr(lc, k) for lc in lcs) / len(lcs)
@@ -200,8 +204,10 @@ class Job:
         return None if self.chosen is None else self.chosen.makespan
 
     def retime(self) -> float | None:
-        """Time this rank's stages again, whole (copies, on a micro-batch of
-        the sample), every rank at once, and measure the executor's own
+        """Time this rank's stages again, whole, as the step runs them
+        (copies, on a micro-batch of the sample, this rank's compute actions
+        in the schedule's order: engine.choose.time_program), every rank at
+        once, and measure the executor's own
         costs on a dry run of the chosen schedule itself (engine.calibrate's
         ``dry_run``: its micro-batch count, its mix of F, B, I and W, its
         messages at their real sizes, no-op stages); then predict the step
@@ -217,7 +223,8 @@ class Job:
         if self.chosen is None or not self._inputs:
             return None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
-        times = _retime(self.grid.comm, own, self._inputs, self._reps)
+        times = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
+                        self._reps)
         cal = self.calibration or Calibration(0.0, 0.0)
         if self._messages is not None:        # calibrated (not a given overhead)
             action, message = dry_run(self.grid.comm, self.grid.group("pp"),

@@ -173,6 +173,52 @@ def test_retimed_takes_the_dry_runs_message_time():
     assert slow.costs["send"] == [0.7] * 4 and slow.makespan > kept.makespan
 
 
+class _Recording:
+    """A stage that records its calls and hands on what it got."""
+
+    def __init__(self, s, log):
+        self.s, self.log = s, log
+
+    def forward(self, x):
+        self.log.append((self.s, "F"))
+        return x, ("ctx", self.s)
+
+    def backward(self, ctx, gy):
+        assert ctx == ("ctx", self.s)
+        self.log.append((self.s, "B"))
+        return gy
+
+    def backward_input(self, ctx, gy):
+        assert ctx == ("ctx", self.s)
+        self.log.append((self.s, "I"))
+        return gy, ("wctx", self.s)
+
+    def backward_weight(self, wctx):
+        assert wctx == ("wctx", self.s)
+        self.log.append((self.s, "W"))
+
+
+def test_time_program_runs_the_ranks_actions_in_order():
+    """Job.retime times the stages as the step runs them: the rank's
+    compute actions in the lowered program's order (a split backward's W
+    as late as the schedule puts it, two stages alternating), each kind's
+    time per stage; kinds the program does not run cost 0."""
+    from engine.schedules import by_name
+    from engine.verify import verify
+    sched = verify(by_name("zb-v", 2, 2))
+    program = sched.ranks[0]
+    log = []
+    stages = {s: _Recording(s, log) for s in sched.stages_of(0)}
+    ticks = iter(range(10 ** 6))
+    got = choose.time_program(stages, {s: np.ones((2, 3)) for s in stages}, program, reps=2,
+                              clock=lambda: float(next(ticks)))
+    compute = [(a.stage, a.kind) for a in program if a.kind in "FBIW"]
+    assert log == compute * (len(log) // len(compute)) and len(log) == 3 * len(compute)
+    assert set(got) == set(stages)
+    for lc in got.values():
+        assert (lc.F, lc.B, lc.I, lc.W) == (1.0, 0.0, 1.0, 1.0) and lc.act_bytes == 48
+
+
 def _dry_worker(world):
     from engine.calibrate import dry_run
     from engine.schedules import by_name
