@@ -207,10 +207,12 @@ class Job:
         """Time this rank's stages again, whole, as the step runs them
         (copies, on a micro-batch of the sample, this rank's compute actions
         in the schedule's order: engine.choose.time_program), every rank at
-        once, and measure the executor's own
-        costs on a dry run of the chosen schedule itself (engine.calibrate's
-        ``dry_run``: its micro-batch count, its mix of F, B, I and W, its
-        messages at their real sizes, no-op stages); then predict the step
+        once; then measure the executor's own costs and the mesh threads'
+        CPU per message end on a dry run of the chosen schedule itself
+        (engine.calibrate's ``dry_run``: its micro-batch count, its mix of
+        F, B, I and W, its messages at their real sizes, stages that keep
+        the core busy as long as those times, so messages come and go while
+        the ranks compute, as in the step); then predict the step
         again from those times, those costs and the mesh threads' charge:
         ``predicted`` then reflects the machine as it is now, right before
         the steps, and ``calibration`` holds the dry run's figures
@@ -227,10 +229,13 @@ class Job:
                         self._reps)
         cal = self.calibration or Calibration(0.0, 0.0)
         if self._messages is not None:        # calibrated (not a given overhead)
-            action, message = dry_run(self.grid.comm, self.grid.group("pp"),
-                                      self.chosen.schedule, self._messages,
-                                      tag_base=self._tag_base, timeout=self._timeout)
-            cal = replace(cal, action=action, message=message)
+            spin = {k: [getattr(times[s], k) for s in range(self.schedule.num_stages)]
+                    for k in ("F", "B", "I", "W")}
+            dry = dry_run(self.grid.comm, self.grid.group("pp"), self.chosen.schedule,
+                          self._messages, steps=5, tag_base=self._tag_base,
+                          timeout=self._timeout, costs=spin)
+            cal = replace(cal, action=dry.action, message=dry.message,
+                          helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper)
             self.calibration = cal
         self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message)
         return self.chosen.makespan

@@ -161,7 +161,9 @@ def test_retimed_stages_replace_the_profile():
 
 def test_retimed_takes_the_dry_runs_message_time():
     """Job.retime's dry run of the chosen schedule gives every message its
-    own time; without one the candidate's is kept."""
+    own time; without one the candidate's is kept. The dry run's message
+    time is found back against compute actions of per-stage costs."""
+    from engine.calibrate import _message_time
     rows = 16
     prof = _profile(rows, [4], [1, 1, 1, 1])
     (sched,) = choose.builtin(["zb-v"], 2, [4])
@@ -171,6 +173,8 @@ def test_retimed_takes_the_dry_runs_message_time():
     assert kept.costs["send"] == [0.2] * 4
     slow = choose.retimed(cand, times, overhead=0.1, send=0.7)
     assert slow.costs["send"] == [0.7] * 4 and slow.makespan > kept.makespan
+    base = {k: slow.costs[k] for k in "FBIW"}
+    assert _message_time(sched, base, slow.makespan) == pytest.approx(0.7)
 
 
 class _Recording:
@@ -223,16 +227,18 @@ def _dry_worker(world):
     from engine.calibrate import dry_run
     from engine.schedules import by_name
     sizes = [(64, 8), (128, 64), (256, 128), (32, 256)]      # per stage: forward, backward
-    return [dry_run(world, world, by_name(name, 2, 2), sizes, steps=2, timeout=30)
-            for name in ("zb-v", "zb-h1", "1f1b")]
+    spin = {"F": [1e-4] * 4, "I": [2e-4] * 4, "W": [1e-4] * 4}
+    return [dry_run(world, world, by_name(name, 2, 2), sizes, steps=2, timeout=30, costs=costs)
+            for name, costs in (("zb-v", None), ("zb-h1", None), ("1f1b", None), ("zb-v", spin))]
 
 
 def test_dry_run_of_any_schedule():
     """engine.calibrate.dry_run runs the schedule being predicted (split
-    backward, two stages a rank) with each stage's own message sizes, and
-    every rank gets the same executor costs."""
+    backward, two stages a rank) with each stage's own message sizes, its
+    stages computing nothing or keeping the core busy per stage and kind,
+    and every rank gets the same executor costs."""
     a, b = mesh.spawn(_dry_worker, 2, timeout=60, env=PATIENT)
-    assert a == b and all(action > 0 and message >= 0 for action, message in a)
+    assert a == b and all(d.action > 0 and d.message >= 0 and d.helper >= 0 for d in a)
 
 
 def test_stages_measured_whole_enter_the_prediction():
@@ -348,7 +354,8 @@ def _numpy_worker(world, axes, plan, widths):
                                                                       if cal.crowded else 0.0)),
             "retimed": plan is not None or job.predicted != job.profiled.makespan,
             "dry": plan is not None or (   # retime's executor costs: a dry run of the chosen
-                cal is not job.profile_calibration and cal.helper == job.profile_calibration.helper
+                cal is not job.profile_calibration and cal.crowded == job.profile_calibration.crowded
+                and cal.helper == (cal.helper_measured if cal.crowded else 0.0)
                 and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages)}
 
 
