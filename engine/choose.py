@@ -348,7 +348,9 @@ def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
 
 def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], rows: int,
                scheds: Sequence[Schedule], balance: Any = "time", scale: float = 1.0,
-               memory_limit: float | None = None, overhead: float = 0.0, send: float = 0.0,
+               memory_limit: float | None = None,
+               overhead: float | Mapping[int, float] = 0.0,
+               send: float | Mapping[int, float] = 0.0,
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
                helper: float = 0.0) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
@@ -357,7 +359,9 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     stage, that stage's time measured whole; ``scale`` multiplies every
     measured time (1/tp for tensor-parallel stages); ``overhead`` is added
     to every compute action and ``send`` is each message's time of flight
-    (see ``stage_costs``); ``helper`` the mesh threads' CPU per message end
+    (see ``stage_costs``), each one figure or one per micro-batch count
+    (``{m: seconds}``: the executor's costs depend on it, engine.calibrate);
+    ``helper`` the mesh threads' CPU per message end
     charged to the computing ranks (``helper_charge``; 0 where a core is
     spare)."""
     L = len(params)
@@ -371,9 +375,12 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         counts = counts_for(balance, sched.num_stages, times, params)
         whole = (stages or {}).get(size)
         charge = helper_charge(sched, helper) if helper else None
-        costs = stage_costs(row, counts, scale, overhead, send, whole, charge)
+        m = sched.num_microbatches
+        ov = overhead if isinstance(overhead, (int, float)) else overhead[m]
+        msg = send if isinstance(send, (int, float)) else send[m]
+        costs = stage_costs(row, counts, scale, ov, msg, whole, charge)
         rep = sched.simulate(costs)
-        summed = (sched.simulate(stage_costs(row, counts, scale, overhead, send, None,
+        summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None,
                                              charge)).makespan if whole else rep.makespan)
         act, start = [], 0
         for c in counts:

@@ -48,7 +48,7 @@ from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates,
                      time_program)
 from .executor import Pipeline
 from .ir import Schedule
-from .schedules import by_name
+from .schedules import by_name, one_f_one_b
 from .stagebuild import make_stage, param_count
 from .tensor_parallel import gather_state_dict, parallelize
 from .partition import partition
@@ -104,6 +104,11 @@ def _size(grid: Grid, axis: str) -> int:
 
 def _coord(grid: Grid, axis: str) -> int:
     return grid.coord(axis) if axis in grid.names else 0
+
+
+def _median_act(row: dict[int, LayerCost]) -> int:
+    """The median of a profile row's activation bytes."""
+    return sorted(lc.act_bytes for lc in row.values())[len(row) // 2]
 
 
 def _shared(world: Comm, n: int, timed: Callable[[list[int]], list[tuple[Any, LayerCost]]]
@@ -382,16 +387,22 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
         profile = _profile(grid, mlayers, sample, sizes, reps)
         cal = Calibration(overhead or 0.0, 0.0)
+        action: float | dict[int, float] = cal.action
+        message: float | dict[int, float] = cal.message
         if overhead is None:
             m = max(sc.num_microbatches for sc in scheds)
-            acts = sorted(lc.act_bytes for lc in profile[-(-rows // m)].values())
             mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
-            nb = sorted(lc.act_bytes for lc in mid.values())[len(mid) // 2]
             spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p) / tp
-            cal = calibrate(grid.comm, grid.group("pp"), m, acts[len(acts) // 2],
+            cal = calibrate(grid.comm, grid.group("pp"), m, _median_act(profile[-(-rows // m)]),
                             tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
-                            busy_nbytes=nb)
-        action, message = cal.action, cal.message
+                            busy_nbytes=_median_act(mid))
+            action, message = {m: cal.action}, {m: cal.message}
+            for k in sorted({sc.num_microbatches for sc in scheds} - {m}):
+                # the executor's costs at each micro-batch count tried (engine.calibrate)
+                d = dry_run(grid.comm, grid.group("pp"), one_f_one_b(p, k),
+                            _median_act(profile[-(-rows // k)]), tag_base=tag_base,
+                            timeout=timeout)
+                action[k], message[k] = d.action, d.message
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
                            action, message, helper=cal.helper)
         spans = stage_spans(cands, rows)

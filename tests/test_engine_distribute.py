@@ -120,6 +120,15 @@ def test_the_executors_costs_enter_the_prediction():
     span = sched.simulate({k: 1.0 for k in "FBIW"} | {"send": 0.3}).makespan
     assert _message_time(sched, 1.0, span) == pytest.approx(0.3)
     assert _message_time(sched, 1.0, 0.5 * span) == 0.0
+    # measured per micro-batch count: each candidate pays its own m's figures
+    two, four = choose.builtin(["1f1b"], p, [2, 4])
+    prof = _profile(rows, [2, 4], [1, 1, 1, 1])
+    by_m = {c.schedule.num_microbatches: c for c in choose.candidates(
+        prof, [1] * 4, rows, [two, four], overhead={2: 0.5, 4: 0.0}, send={2: 0.25, 4: 0.0})}
+    flat = {c.schedule.num_microbatches: c for c in choose.candidates(prof, [1] * 4, rows,
+                                                                       [two, four])}
+    assert by_m[2].costs["F"][0] == pytest.approx(flat[2].costs["F"][0] + 0.5)
+    assert by_m[2].costs["send"] == [0.25, 0.25] and by_m[4].costs == flat[4].costs
 
 
 def test_mesh_threads_cpu_charged_beside_each_message():
