@@ -11,7 +11,9 @@ timed one by one (each timed alone keeps its weights in the core's cache; a
 stage runs through all of its layers' weights, as the step does: mostly
 1.05-1.35x the sum on the 2-core machine, BENCHMARKS.md), so ``stage_spans`` lists the
 candidates' stages and ``measure_stages`` times each whole, and
-``candidates`` takes those times where it has them. ``table`` prints them::
+``candidates`` takes those times where it has them. ``time_program`` times
+a rank's stages as a step runs them (its actions in the schedule's order),
+for the chosen schedule's re-time. ``table`` prints them::
 
     schedule                 m  layers/stage   pred ms  bubble   peak MB
     zero_bubble_h1(2,8)      8  3 3              41.2    7.9%      1.5  <- chosen
@@ -28,9 +30,9 @@ from typing import Any, Callable, Mapping, Sequence
 from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
-__all__ = ["LayerCost", "Candidate", "time_layer", "time_program", "measure", "measure_stages", "stage_spans",
-           "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes", "microbatch_counts",
-           "builtin", "candidates", "retimed", "table", "SCHEDULES", "Span"]
+__all__ = ["LayerCost", "Candidate", "time_layer", "time_program", "measure", "measure_stages",
+           "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
+           "microbatch_counts", "builtin", "candidates", "retimed", "table", "SCHEDULES", "Span"]
 
 _SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
 

@@ -363,7 +363,8 @@ def _numpy_worker(world, axes, plan, widths):
                                                                       if cal.crowded else 0.0)),
             "retimed": plan is not None or job.predicted != job.profiled.makespan,
             "dry": plan is not None or (   # retime's executor costs: a dry run of the chosen
-                cal is not job.profile_calibration and cal.crowded == job.profile_calibration.crowded
+                cal is not job.profile_calibration
+                and cal.crowded == job.profile_calibration.crowded
                 and cal.helper == (cal.helper_measured if cal.crowded else 0.0)
                 and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages)}
 
