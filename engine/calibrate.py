@@ -228,7 +228,9 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     a step, the executor's dispatch, spread over the compute actions);
     ``message``: the median, over the messages whose receive was waiting
     before the send started, of the send's start to the receive's end (the
-    executor's trace clock, shared by the processes of a host), else
+    executor's trace clock, shared by the processes of a host), less
+    ``action`` (the simulator starts a send after the compute action and
+    its ``action``, which already carries the sender's share of the send), else
     (none waited) the message time at which the simulated dry step (its
     compute actions as long as they ran, plus ``action``) lasts as long as
     the measured one; ``helper``: the CPU of every thread but the main one
@@ -296,8 +298,9 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
             per_action.append(busy / max(1, count))
             spans.append(max(r[s][1] for r in members) - min(r[s][0] for r in members))
     action, span = statistics.median(per_action), statistics.median(spans)
-    if flights:       # receives that waited from before the send: their message's time
-        message = statistics.median(flights)
+    if flights:       # receives that waited from before the send: their message's time,
+        # less the per-action cost the simulator charges to the sender before the send
+        message = max(0.0, statistics.median(flights) - action)
     else:
         base = {k: [action + (statistics.median(took[(s, k)]) if (s, k) in took else 0.0)
                     for s in range(sched.num_stages)] for k in "FBIW"}
