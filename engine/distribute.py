@@ -159,12 +159,14 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
             reps: int) -> dict[int, LayerCost]:
     """Each rank times copies of its stages running its own program's
     compute actions in order (engine.choose.time_program: every rank at
-    once, as the steps run them); the times of every stage, averaged over
-    the ranks that hold it (dp replicas), exchanged."""
+    once, as the steps run them; at least 5 runs, each a step's compute,
+    so that a burst of others' load over two of them does not move the
+    median); the times of every stage, averaged over the ranks that hold it
+    (dp replicas), exchanged."""
     copies = {s: copy.deepcopy(st) for s, st in stages.items()}
     got: dict[int, list[LayerCost]] = {}
     for (s,), lc in _exchange(world, [((s,), lc) for s, lc in
-                                      time_program(copies, inputs, program, reps).items()]):
+                                      time_program(copies, inputs, program, max(reps, 5)).items()]):
         got.setdefault(s, []).append(lc)
     def mean(lcs: list[LayerCost], k: str) -> float:
         return sum(getattr(lc, k) for lc in lcs) / len(lcs)
