@@ -30,7 +30,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -38,26 +38,34 @@ import collectives
 from mesh import Comm
 
 from .executor import Pipeline
-from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W
+from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Schedule
 from .schedules import one_f_one_b
 from .simulate import simulate
 
-__all__ = ["calibrate", "Calibration", "helper_cpu", "crowded"]
+__all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowded"]
 
 _COMPUTE = (F, B, I, W)
 
 
 class _Noop:
-    """A stage that computes nothing and hands on ``out`` both ways."""
+    """A stage that computes nothing and hands on ``out`` forward and
+    ``back`` (default ``out``) backward, its backward split or not."""
 
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: Any, back: Any = None) -> None:
         self.out = out
+        self.back = out if back is None else back
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         return self.out, None
 
     def backward(self, ctx: Any, gy: Any) -> Any:
-        return self.out
+        return self.back
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        return self.back, None
+
+    def backward_weight(self, wctx: Any) -> None:
+        return None
 
     def params(self) -> list[Any]:
         return []
@@ -67,26 +75,36 @@ class _Noop:
 
 
 class _Spin(_Noop):
-    """A no-op stage that keeps its thread busy ``seconds`` of CPU per action,
-    with small matmuls (which let go of the GIL, as a real stage's do)."""
+    """A no-op stage that keeps its thread busy ``seconds`` of CPU per action
+    (one figure, or one per kind: ``{"F": ..., "B": ..., "I": ..., "W":
+    ...}``), with small matmuls (which let go of the GIL, as a real stage's
+    do)."""
 
-    def __init__(self, out: Any, seconds: float) -> None:
-        super().__init__(out)
-        self.seconds = seconds
+    def __init__(self, out: Any, seconds: float | Mapping[str, float], back: Any = None) -> None:
+        super().__init__(out, back)
+        self.seconds = ({k: float(seconds) for k in "FBIW"} if isinstance(seconds, (int, float))
+                        else dict(seconds))
         self._a = np.ones((64, 64))
 
-    def _spin(self) -> None:
-        end = time.thread_time() + self.seconds
+    def _spin(self, kind: str) -> None:
+        end = time.thread_time() + self.seconds[kind]
         while time.thread_time() < end:
             self._a @ self._a
 
     def forward(self, x: Any) -> tuple[Any, Any]:
-        self._spin()
+        self._spin("F")
         return self.out, None
 
     def backward(self, ctx: Any, gy: Any) -> Any:
-        self._spin()
-        return self.out
+        self._spin("B")
+        return self.back
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        self._spin("I")
+        return self.back, None
+
+    def backward_weight(self, wctx: Any) -> None:
+        self._spin("W")
 
 
 @dataclass(frozen=True)
@@ -145,40 +163,28 @@ def _messages(program: Any) -> int:
 
 
 def _busy(events: list[list[Any]], wall: float) -> tuple[float, int]:
-    """A rank's step time outside its receives, and its compute actions."""
-    waits = sum(e[3] - e[2] for e in events if e[1] in (RECV_F, RECV_B)) / 1e9
+    """A rank's step time outside its receives and its compute actions (the
+    executor's own), and its compute actions."""
+    waits = sum(e[3] - e[2] for e in events if e[1] in (RECV_F, RECV_B, *_COMPUTE)) / 1e9
     return wall - waits, sum(1 for e in events if e[1] in _COMPUTE)
 
 
 def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
               tag_base: int = 0, timeout: float | None = None, spin: float = 1e-3,
               busy_steps: int = 2, busy_nbytes: int | None = None) -> Calibration:
-    """The executor's own costs on ``pp`` (1F1B over ``m`` micro-batches,
-    messages of ``nbytes``): seconds per compute action and per message,
-    the medians of ``steps`` dry steps after one to warm up; then the mesh
-    threads' CPU per message end over ``busy_steps`` steps (after one more)
-    of 1F1B over 2p micro-batches whose stages spin ``spin`` seconds of CPU
-    per action (as long as the real actions: those threads' CPU grows with
-    the time between messages, 100, 229 and 391 us per message end at 0.3, 1
-    and 3 ms here, not only with their count), with messages of
-    ``busy_nbytes`` (default ``nbytes``). Collective over ``world`` (every
-    pp group of it runs its own dry pipeline): every rank gets the same
-    figures."""
-    sched = one_f_one_b(pp.size, m)
-    act = np.zeros(max(1, nbytes // 8))
-    pipe = Pipeline(pp, _Noop(act), sched, loss_fn=lambda y, t: (0.0, y), timeout=timeout,
-                    tag_base=tag_base)
-    dummy = np.zeros((m, 1))
-    rows = []
-    for i in range(steps + 1):
-        collectives.barrier(world, timeout=timeout)
-        t0 = time.time()
-        pipe.step(dummy, dummy)
-        t1 = time.time()
-        if i:
-            rows.append((t0, t1, *_busy(pipe.events, t1 - t0)))
+    """The executor's own costs on ``pp`` (``dry_run`` of 1F1B over ``m``
+    micro-batches, messages of ``nbytes``): seconds per compute action and
+    per message; then the mesh threads' CPU per message end over
+    ``busy_steps`` steps (after one more) of 1F1B over 2p micro-batches
+    whose stages spin ``spin`` seconds of CPU per action (as long as the
+    real actions: those threads' CPU grows with the time between messages,
+    100, 229 and 391 us per message end at 0.3, 1 and 3 ms here, not only
+    with their count), with messages of ``busy_nbytes`` (default
+    ``nbytes``). Collective over ``world`` (every pp group of it runs its
+    own dry pipeline): every rank gets the same figures."""
+    dry = dry_run(world, pp, one_f_one_b(pp.size, m), nbytes, steps, tag_base, timeout)
     busy_m = 2 * pp.size       # the same tags as the dry run's first steps, all done by now
-    out = act if busy_nbytes is None else np.zeros(max(1, busy_nbytes // 8))
+    out = np.zeros(max(1, (nbytes if busy_nbytes is None else busy_nbytes) // 8))
     busy = Pipeline(pp, _Spin(out, spin), one_f_one_b(pp.size, busy_m),
                     loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
     dummy = np.zeros((busy_m, 1))
@@ -189,13 +195,101 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
         busy.step(dummy, dummy)
     ends = _messages(busy.program) * busy_steps
     helper = (helper_cpu() - h0) / ends if ends else 0.0
-    groups: dict[tuple[int, ...], list[Any]] = {}
     helpers, hosts = [], []
-    for ranks, mine, h, host in collectives.all_gather_object(
-            world, (pp.ranks, rows, helper, (socket.gethostname(), _cores()))):
-        groups.setdefault(tuple(ranks), []).append(mine)
+    for h, host in collectives.all_gather_object(world, (helper, (socket.gethostname(),
+                                                                  _cores()))):
         helpers.append(h)
         hosts.append(tuple(host))
+    measured, full = statistics.median(helpers), crowded(hosts)
+    return Calibration(dry.action, dry.message, measured if full else 0.0, measured, full)
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What ``dry_run`` measured: the executor's seconds per compute action
+    (outside the stages' own time), each message's seconds, and the mesh
+    threads' CPU seconds per message end of a rank."""
+
+    action: float
+    message: float
+    helper: float
+
+
+def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple[int, int]],
+            steps: int = 5, tag_base: int = 0, timeout: float | None = None,
+            costs: Mapping[str, Sequence[float]] | None = None) -> DryRun:
+    """The executor running ``sched`` on ``pp`` with stages that compute
+    nothing, or, with ``costs`` (seconds per stage of each kind, as the
+    simulator takes them), that keep the core busy that long per action
+    (``_Spin``), so the messages come and go while the ranks compute, as in
+    a real step; the medians of ``steps`` dry steps after one to warm up.
+    ``action``: each rank's step time outside its compute actions and its
+    receives, over its compute actions (the sends, the start and the end of
+    a step, the executor's dispatch, spread over the compute actions);
+    ``message``: the median, over the messages whose receive was waiting
+    before the send started, of the send's start to the receive's end (the
+    executor's trace clock, shared by the processes of a host), less
+    ``action`` (the simulator starts a send after the compute action and
+    its ``action``, which already carries the sender's share of the send), else
+    (none waited) the message time at which the simulated dry step (its
+    compute actions as long as they ran, plus ``action``) lasts as long as
+    the measured one; ``helper``: the CPU of every thread but the main one
+    per message end (engine.calibrate's module docstring). ``nbytes``:
+    every message's size, or per stage the bytes it sends forward and
+    backward (its output's and its input's). These depend on the schedule's
+    mix of actions and messages, its micro-batch count and the actions'
+    length: ``Job.retime`` measures them on the chosen schedule itself,
+    with its own message sizes and its stages' times. Collective over
+    ``world`` (every pp group of it runs its own)."""
+    sizes = ([(nbytes, nbytes)] * sched.num_stages if isinstance(nbytes, int)
+             else list(nbytes))
+
+    def stage(s: int) -> _Noop:
+        out, back = (np.zeros(max(1, n // 8)) for n in sizes[s])
+        if costs is None:
+            return _Noop(out, back)
+        return _Spin(out, {k: float(costs[k][s]) if k in costs else 0.0 for k in "FBIW"}, back)
+
+    m = sched.num_microbatches
+    pipe = Pipeline(pp, [stage(s) for s in sched.stages_of(pp.rank)], sched,
+                    loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
+    dummy = np.zeros((m, 1))
+    rows: list[Any] = []
+    ran: list[list[tuple[Any, ...]]] = []
+    helper, ends = 0.0, 0
+    for i in range(steps + 1):
+        collectives.barrier(world, timeout=timeout)
+        h0 = helper_cpu()
+        t0 = time.time()
+        pipe.step(dummy, dummy)
+        t1 = time.time()
+        if i:
+            helper += helper_cpu() - h0
+            ends += _messages(pipe.program)
+            rows.append((t0, t1, *_busy(pipe.events, t1 - t0)))
+            ran.append([(a.stage, a.kind, (e[3] - e[2]) / 1e9)
+                        for a, e in zip(pipe.program, pipe.events) if a.kind in _COMPUTE])
+            ran[-1] += [(e[5], e[4], e[2], e[3]) for e in pipe.events if e[4]]
+    groups: dict[tuple[int, ...], list[Any]] = {}
+    took: dict[tuple[int, str], list[float]] = {}
+    helpers: list[float] = []
+    ends_of: dict[tuple[Any, ...], list[int]] = {}
+    hosts: dict[tuple[int, ...], set[str]] = {}
+    for ranks, mine, acts, h, host in collectives.all_gather_object(
+            world, (pp.ranks, rows, ran, helper / ends if ends else 0.0, socket.gethostname())):
+        groups.setdefault(tuple(ranks), []).append(mine)
+        hosts.setdefault(tuple(ranks), set()).add(host)
+        helpers.append(h)
+        for n, step in enumerate(acts):
+            for st, kind, *rest in step:
+                if len(rest) == 1:
+                    took.setdefault((int(st), str(kind)), []).append(rest[0])
+                else:          # a message end: (flow id, "s" or "f", start, end)
+                    ends_of.setdefault((tuple(ranks), n, st, kind), rest)
+    flights = [(ends_of[(g, n, fid, "f")][1] - t0) / 1e9
+               for (g, n, fid, d), (t0, _) in ends_of.items()
+               if d == "s" and (g, n, fid, "f") in ends_of and ends_of[(g, n, fid, "f")][0] <= t0
+               and len(hosts[g]) == 1]        # one host: one clock
     per_action, spans = [], []
     for members in groups.values():
         for s in range(steps):
@@ -204,18 +298,26 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
             per_action.append(busy / max(1, count))
             spans.append(max(r[s][1] for r in members) - min(r[s][0] for r in members))
     action, span = statistics.median(per_action), statistics.median(spans)
-    measured, full = statistics.median(helpers), crowded(hosts)
-    return Calibration(action, _message_time(sched, action, span), measured if full else 0.0,
-                       measured, full)
+    if flights:       # receives that waited from before the send: their message's time,
+        # less the per-action cost the simulator charges to the sender before the send
+        message = max(0.0, statistics.median(flights) - action)
+    else:
+        base = {k: [action + (statistics.median(took[(s, k)]) if (s, k) in took else 0.0)
+                    for s in range(sched.num_stages)] for k in "FBIW"}
+        message = _message_time(sched, base, span)
+    return DryRun(action, message, statistics.median(helpers))
 
 
-def _message_time(sched: Any, action: float, span: float) -> float:
+def _message_time(sched: Any, base: float | Mapping[str, Any], span: float) -> float:
     """The message time at which the simulated dry step lasts ``span``
-    (0 when the actions alone make it that long): by bisection, the
-    simulated step growing with the message time."""
+    (0 when the actions alone make it that long), every compute action
+    costing ``base`` (one figure, or the simulator's per-kind costs): by
+    bisection, the simulated step growing with the message time."""
+    costs: dict[str, Any] = ({k: base for k in "FBIW"} if isinstance(base, (int, float))
+                             else dict(base))
+
     def predicted(send: float) -> float:
-        return simulate(sched, {"F": action, "B": action, "I": action, "W": action,
-                                "send": send}).makespan
+        return simulate(sched, {**costs, "send": send}).makespan
 
     if sched.num_ranks == 1 or predicted(0.0) >= span:
         return 0.0

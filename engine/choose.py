@@ -11,7 +11,9 @@ timed one by one (each timed alone keeps its weights in the core's cache; a
 stage runs through all of its layers' weights, as the step does: mostly
 1.05-1.35x the sum on the 2-core machine, BENCHMARKS.md), so ``stage_spans`` lists the
 candidates' stages and ``measure_stages`` times each whole, and
-``candidates`` takes those times where it has them. ``table`` prints them::
+``candidates`` takes those times where it has them. ``time_program`` times
+a rank's stages as a step runs them (its actions in the schedule's order),
+for the chosen schedule's re-time. ``table`` prints them::
 
     schedule                 m  layers/stage   pred ms  bubble   peak MB
     zero_bubble_h1(2,8)      8  3 3              41.2    7.9%      1.5  <- chosen
@@ -25,12 +27,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
-from .ir import B, F, W, Schedule
+from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
-__all__ = ["LayerCost", "Candidate", "time_layer", "measure", "measure_stages", "stage_spans",
-           "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes", "microbatch_counts",
-           "builtin", "candidates", "retimed", "table", "SCHEDULES", "Span"]
+__all__ = ["LayerCost", "Candidate", "time_layer", "time_program", "measure", "measure_stages",
+           "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
+           "microbatch_counts", "builtin", "candidates", "retimed", "table", "SCHEDULES", "Span"]
 
 _SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
 
@@ -97,6 +99,64 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
         g[...] = old
     f, b, gi, gw = (statistics.median(v[1:]) for v in times.values())
     return LayerCost(f, b, gi, gw, _nbytes(y)), y
+
+
+def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
+                 program: Sequence[Action], reps: int = 3,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[int, LayerCost]:
+    """Each stage's F, B, I and W as a step runs them: this rank's compute
+    actions of ``program`` (a lowered rank program; its messages skipped)
+    in their order, each micro-batch's F on a fresh copy of its stage's
+    input (``inputs[s]``: a micro-batch, as the step receives it), its
+    context kept until its B or I, its weight context until its W, as the
+    executor keeps them; so a split backward's W runs as late as it will
+    (the activations it reads evicted by the actions between), every
+    micro-batch in flight writes its own buffers, and a rank holding two
+    stages alternates between them. Runs: one to warm up, then at least
+    ``reps`` and 50 ms of them (at most 25); per run, the mean of each
+    stage's actions of a kind; returned, the median over the runs (kinds
+    the program does not run: 0). The stages' gradients are changed: pass
+    copies."""
+    acts = [a for a in program if a.kind in (F, B, I, W)]
+    runs: dict[tuple[int, str], list[float]] = {}
+    nbytes: dict[int, int] = {}
+    begin, n = clock(), 0
+    while n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS):
+        n += 1
+        ctxs: dict[tuple[int, Any], Any] = {}
+        gys: dict[tuple[int, Any], Any] = {}
+        took: dict[tuple[int, str], list[float]] = {}
+        for a in acts:
+            st, key = stages[a.stage], (a.stage, a.mb)
+            if a.kind == F:
+                x = inputs[a.stage] * 1        # a fresh array, as a received message is
+                t0 = clock()
+                y, ctxs[key] = st.forward(x)
+                t1 = clock()
+                gys[key] = y * 0 + 1
+                nbytes[a.stage] = _nbytes(y)
+            elif a.kind == W:
+                t0 = clock()
+                st.backward_weight(ctxs.pop(key))
+                t1 = clock()
+            else:
+                ctx, gy = ctxs.pop(key), gys.pop(key)
+                t0 = clock()
+                if a.kind == B:
+                    st.backward(ctx, gy)
+                else:
+                    _, ctxs[key] = st.backward_input(ctx, gy)
+                t1 = clock()
+            took.setdefault((a.stage, a.kind), []).append(t1 - t0)
+        if n > 1:
+            for k, v in took.items():
+                runs.setdefault(k, []).append(sum(v) / len(v))
+    out = {}
+    for s in sorted({a.stage for a in acts}):
+        got = {kind: statistics.median(runs[(s, kind)]) if (s, kind) in runs else 0.0
+               for kind in ("F", "B", "I", "W")}
+        out[s] = LayerCost(got["F"], got["B"], got["I"], got["W"], nbytes.get(s, 0))
+    return out
 
 
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
@@ -290,7 +350,9 @@ def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
 
 def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], rows: int,
                scheds: Sequence[Schedule], balance: Any = "time", scale: float = 1.0,
-               memory_limit: float | None = None, overhead: float = 0.0, send: float = 0.0,
+               memory_limit: float | None = None,
+               overhead: float | Mapping[int, float] = 0.0,
+               send: float | Mapping[int, float] = 0.0,
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
                helper: float = 0.0) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
@@ -299,7 +361,9 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     stage, that stage's time measured whole; ``scale`` multiplies every
     measured time (1/tp for tensor-parallel stages); ``overhead`` is added
     to every compute action and ``send`` is each message's time of flight
-    (see ``stage_costs``); ``helper`` the mesh threads' CPU per message end
+    (see ``stage_costs``), each one figure or one per micro-batch count
+    (``{m: seconds}``: the executor's costs depend on it, engine.calibrate);
+    ``helper`` the mesh threads' CPU per message end
     charged to the computing ranks (``helper_charge``; 0 where a core is
     spare)."""
     L = len(params)
@@ -313,9 +377,12 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         counts = counts_for(balance, sched.num_stages, times, params)
         whole = (stages or {}).get(size)
         charge = helper_charge(sched, helper) if helper else None
-        costs = stage_costs(row, counts, scale, overhead, send, whole, charge)
+        m = sched.num_microbatches
+        ov = overhead if isinstance(overhead, (int, float)) else overhead[m]
+        msg = send if isinstance(send, (int, float)) else send[m]
+        costs = stage_costs(row, counts, scale, ov, msg, whole, charge)
         rep = sched.simulate(costs)
-        summed = (sched.simulate(stage_costs(row, counts, scale, overhead, send, None,
+        summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None,
                                              charge)).makespan if whole else rep.makespan)
         act, start = [], 0
         for c in counts:
@@ -329,16 +396,19 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
 
 
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
-            helper: float = 0.0) -> Candidate:
+            helper: float = 0.0, send: float | None = None) -> Candidate:
     """``cand`` simulated again with the stages of ``times`` (stage index:
     its F, B, I and W, timed whole again, e.g. right before the steps) in
     place of their profiled costs, plus ``overhead`` per action and the
-    ``helper_charge``; the other costs and ``summed`` are kept."""
+    ``helper_charge``; ``send``, when given, the time of every message
+    (else the candidate's own); the other costs and ``summed`` are kept."""
     charge = helper_charge(cand.schedule, helper)
     costs = {k: list(v) for k, v in cand.costs.items()}
     for st, lc in times.items():
         for kind in ("F", "B", "I", "W"):
             costs[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
+    if send is not None:
+        costs["send"] = [send] * len(costs["send"])
     rep = cand.schedule.simulate(costs)
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs)
 

@@ -10,8 +10,10 @@ each candidate's stages of several layers measured whole and the executor's
 own costs (engine.calibrate: with, on a host with no spare core, the mesh
 threads' CPU per message charged to the computing ranks), and runs the
 fastest that fits ``memory_limit``; the chosen stages are timed once more
-right before it returns (``Job.retime``: ``job.predicted``), so the
-prediction is of the machine as the steps will find it::
+right before it returns, in the order the schedule runs them, and the
+executor's costs measured on a dry run of that schedule (``Job.retime``:
+``job.predicted``), so the prediction is of the machine as the steps will
+find it::
 
     grid = mesh.grid(world, dp=2, pp=2)
     job = engine.distribute(model, grid, sample=x, loss_fn=F.mse_loss)
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import replace
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -39,13 +42,13 @@ import collectives
 from mesh import Comm, Grid
 
 from . import layers as _layers
-from .calibrate import Calibration, calibrate
+from .calibrate import Calibration, calibrate, dry_run
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates, counts_for,
                      measure, measure_stages, microbatch_counts, retimed, stage_spans, table,
-                     time_layer)
+                     time_program)
 from .executor import Pipeline
 from .ir import Schedule
-from .schedules import by_name
+from .schedules import by_name, one_f_one_b
 from .stagebuild import make_stage, param_count
 from .tensor_parallel import gather_state_dict, parallelize
 from .partition import partition
@@ -103,6 +106,11 @@ def _coord(grid: Grid, axis: str) -> int:
     return grid.coord(axis) if axis in grid.names else 0
 
 
+def _median_act(row: dict[int, LayerCost]) -> int:
+    """The median of a profile row's activation bytes."""
+    return sorted(lc.act_bytes for lc in row.values())[len(row) // 2]
+
+
 def _shared(world: Comm, n: int, timed: Callable[[list[int]], list[tuple[Any, LayerCost]]]
             ) -> list[tuple[list[int], LayerCost]]:
     """Items ``0..n-1`` shared out over the ranks, each timing its own
@@ -147,14 +155,18 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
     return merged
 
 
-def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], reps: int
-            ) -> dict[int, LayerCost]:
-    """Each rank times a copy of each of its stages on its input (every rank
-    at once, as the steps run them); the times of every stage, averaged over
-    the ranks that hold it (dp replicas), exchanged."""
+def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program: Any,
+            reps: int) -> dict[int, LayerCost]:
+    """Each rank times copies of its stages running its own program's
+    compute actions in order (engine.choose.time_program: every rank at
+    once, as the steps run them; at least 5 runs, each a step's compute,
+    so that a burst of others' load over two of them does not move the
+    median); the times of every stage, averaged over the ranks that hold it
+    (dp replicas), exchanged."""
+    copies = {s: copy.deepcopy(st) for s, st in stages.items()}
     got: dict[int, list[LayerCost]] = {}
-    for (s,), lc in _exchange(world, [((s,), time_layer(copy.deepcopy(st), inputs[s], reps)[0])
-                                      for s, st in stages.items()]):
+    for (s,), lc in _exchange(world, [((s,), lc) for s, lc in
+                                      time_program(copies, inputs, program, max(reps, 5)).items()]):
         got.setdefault(s, []).append(lc)
     def mean(lcs: list[LayerCost], k: str) -> float:
         return sum(getattr(lc, k) for lc in lcs) / len(lcs)
@@ -169,9 +181,12 @@ class Job:
                  names: list[str], is_torch: bool, chosen: Candidate | None,
                  cands: list[Candidate], sharded: bool = False,
                  calibration: Calibration | None = None, inputs: dict[int, Any] | None = None,
-                 reps: int = 3) -> None:
+                 reps: int = 3, messages: list[tuple[int, int]] | None = None,
+                 timeout: float | None = None, tag_base: int = 0) -> None:
         self.grid = grid
         self.calibration = calibration
+        self.profile_calibration = calibration     # what distribute's choice was made with
+        self._messages, self._timeout, self._tag_base = messages, timeout, tag_base
         self.profiled = chosen        # the prediction from distribute's profile
         self._inputs, self._reps = inputs or {}, reps
         self.sharded = sharded
@@ -196,21 +211,40 @@ class Job:
         return None if self.chosen is None else self.chosen.makespan
 
     def retime(self) -> float | None:
-        """Time this rank's stages again, whole (copies, on a micro-batch of
-        the sample), every rank at once, and predict the step again from
-        those times and the calibration: ``predicted`` then reflects the
-        machine as it is now, right before the steps (``profiled`` keeps
-        the choice's own prediction). distribute does it once before
-        returning. Collective over the grid; returns the new prediction, or
-        None (nothing timed) when the costs were not measured or the stages
-        are tensor-parallel (their collectives cannot be timed apart).
-        Nothing is fitted to a step: no step runs."""
+        """Time this rank's stages again, whole, as the step runs them
+        (copies, on a micro-batch of the sample, this rank's compute actions
+        in the schedule's order: engine.choose.time_program), every rank at
+        once; then measure the executor's own costs and the mesh threads'
+        CPU per message end on a dry run of the chosen schedule itself
+        (engine.calibrate's ``dry_run``: its micro-batch count, its mix of
+        F, B, I and W, its messages at their real sizes, stages that keep
+        the core busy as long as those times, so messages come and go while
+        the ranks compute, as in the step); then predict the step
+        again from those times, those costs and the mesh threads' charge:
+        ``predicted`` then reflects the machine as it is now, right before
+        the steps, and ``calibration`` holds the dry run's figures
+        (``profile_calibration`` and ``profiled`` keep the choice's own).
+        distribute does it once before returning. Collective over the grid;
+        returns the new prediction, or None (nothing timed) when the costs
+        were not measured or the stages are tensor-parallel (their
+        collectives cannot be timed apart). Nothing is fitted to a step: no
+        step runs."""
         if self.chosen is None or not self._inputs:
             return None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
-        times = _retime(self.grid.comm, own, self._inputs, self._reps)
+        times = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
+                        self._reps)
         cal = self.calibration or Calibration(0.0, 0.0)
-        self.chosen = retimed(self.chosen, times, cal.action, cal.helper)
+        if self._messages is not None:        # calibrated (not a given overhead)
+            spin = {k: [getattr(times[s], k) for s in range(self.schedule.num_stages)]
+                    for k in ("F", "B", "I", "W")}
+            dry = dry_run(self.grid.comm, self.grid.group("pp"), self.chosen.schedule,
+                          self._messages, steps=5, tag_base=self._tag_base,
+                          timeout=self._timeout, costs=spin)
+            cal = replace(cal, action=dry.action, message=dry.message,
+                          helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper)
+            self.calibration = cal
+        self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message)
         return self.chosen.makespan
 
     def table(self) -> str:
@@ -355,16 +389,22 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
         profile = _profile(grid, mlayers, sample, sizes, reps)
         cal = Calibration(overhead or 0.0, 0.0)
+        action: float | dict[int, float] = cal.action
+        message: float | dict[int, float] = cal.message
         if overhead is None:
             m = max(sc.num_microbatches for sc in scheds)
-            acts = sorted(lc.act_bytes for lc in profile[-(-rows // m)].values())
             mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
-            nb = sorted(lc.act_bytes for lc in mid.values())[len(mid) // 2]
             spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p) / tp
-            cal = calibrate(grid.comm, grid.group("pp"), m, acts[len(acts) // 2],
+            cal = calibrate(grid.comm, grid.group("pp"), m, _median_act(profile[-(-rows // m)]),
                             tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
-                            busy_nbytes=nb)
-        action, message = cal.action, cal.message
+                            busy_nbytes=_median_act(mid))
+            action, message = {m: cal.action}, {m: cal.message}
+            for k in sorted({sc.num_microbatches for sc in scheds} - {m}):
+                # the executor's costs at each micro-batch count tried (engine.calibrate)
+                d = dry_run(grid.comm, grid.group("pp"), one_f_one_b(p, k),
+                            _median_act(profile[-(-rows // k)]), tag_base=tag_base,
+                            timeout=timeout)
+                action[k], message[k] = d.action, d.message
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
                            action, message, helper=cal.helper)
         spans = stage_spans(cands, rows)
@@ -402,13 +442,18 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             for arr in st.params():
                 collectives.broadcast(dp, arr, root=0)
     inputs: dict[int, Any] = {}
+    messages: list[tuple[int, int]] | None = None
     if chosen is not None and not plan:       # for Job.retime: each own stage's input
         bounds = [sum(counts[:s]) for s in range(len(counts))]
-        xs = [sample[:-(-len(sample) // sched.num_microbatches)]]
+        size = -(-len(sample) // sched.num_microbatches)
+        xs = [sample[:size]]
         while len(xs) <= max(bounds[s] for s in mine):
             xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
         inputs = {s: xs[bounds[s]] for s in mine}
+        if overhead is None:          # each stage's messages: its output, its input's gradient
+            out = [profile[size][b + c - 1].act_bytes for b, c in zip(bounds, counts)]
+            messages = [(o, out[s - 1] if s else 0) for s, o in enumerate(out)]
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
-              bool(plan), cal, inputs, reps)
+              bool(plan), cal, inputs, reps, messages, timeout, tag_base)
     job.retime()
     return job

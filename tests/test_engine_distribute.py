@@ -120,6 +120,15 @@ def test_the_executors_costs_enter_the_prediction():
     span = sched.simulate({k: 1.0 for k in "FBIW"} | {"send": 0.3}).makespan
     assert _message_time(sched, 1.0, span) == pytest.approx(0.3)
     assert _message_time(sched, 1.0, 0.5 * span) == 0.0
+    # measured per micro-batch count: each candidate pays its own m's figures
+    two, four = choose.builtin(["1f1b"], p, [2, 4])
+    prof = _profile(rows, [2, 4], [1, 1, 1, 1])
+    by_m = {c.schedule.num_microbatches: c for c in choose.candidates(
+        prof, [1] * 4, rows, [two, four], overhead={2: 0.5, 4: 0.0}, send={2: 0.25, 4: 0.0})}
+    flat = {c.schedule.num_microbatches: c for c in choose.candidates(prof, [1] * 4, rows,
+                                                                       [two, four])}
+    assert by_m[2].costs["F"][0] == pytest.approx(flat[2].costs["F"][0] + 0.5)
+    assert by_m[2].costs["send"] == [0.25, 0.25] and by_m[4].costs == flat[4].costs
 
 
 def test_mesh_threads_cpu_charged_beside_each_message():
@@ -157,6 +166,88 @@ def test_retimed_stages_replace_the_profile():
     slow = choose.retimed(cand, {1: LayerCost(1.0, 2.0, 1.0, 1.0, 0)}, overhead=0.1, helper=0.2)
     assert slow.costs["F"] == [cand.costs["F"][0], pytest.approx(1.3)]
     assert slow.costs["W"][1] == pytest.approx(1.1) and slow.makespan > cand.makespan
+
+
+def test_retimed_takes_the_dry_runs_message_time():
+    """Job.retime's dry run of the chosen schedule gives every message its
+    own time; without one the candidate's is kept. The dry run's message
+    time is found back against compute actions of per-stage costs."""
+    from engine.calibrate import _message_time
+    rows = 16
+    prof = _profile(rows, [4], [1, 1, 1, 1])
+    (sched,) = choose.builtin(["zb-v"], 2, [4])
+    cand, = choose.candidates(prof, [1] * 4, rows, [sched], overhead=0.1, send=0.2)
+    times = {s: LayerCost(1.0, 2.0, 1.0, 1.0, 0) for s in range(4)}
+    kept = choose.retimed(cand, times, overhead=0.1)
+    assert kept.costs["send"] == [0.2] * 4
+    slow = choose.retimed(cand, times, overhead=0.1, send=0.7)
+    assert slow.costs["send"] == [0.7] * 4 and slow.makespan > kept.makespan
+    base = {k: slow.costs[k] for k in "FBIW"}
+    assert _message_time(sched, base, slow.makespan) == pytest.approx(0.7)
+
+
+class _Recording:
+    """A stage that records its calls and hands on what it got."""
+
+    def __init__(self, s, log):
+        self.s, self.log = s, log
+
+    def forward(self, x):
+        self.log.append((self.s, "F"))
+        return x, ("ctx", self.s)
+
+    def backward(self, ctx, gy):
+        assert ctx == ("ctx", self.s)
+        self.log.append((self.s, "B"))
+        return gy
+
+    def backward_input(self, ctx, gy):
+        assert ctx == ("ctx", self.s)
+        self.log.append((self.s, "I"))
+        return gy, ("wctx", self.s)
+
+    def backward_weight(self, wctx):
+        assert wctx == ("wctx", self.s)
+        self.log.append((self.s, "W"))
+
+
+def test_time_program_runs_the_ranks_actions_in_order():
+    """Job.retime times the stages as the step runs them: the rank's
+    compute actions in the lowered program's order (a split backward's W
+    as late as the schedule puts it, two stages alternating), each kind's
+    time per stage; kinds the program does not run cost 0."""
+    from engine.schedules import by_name
+    from engine.verify import verify
+    sched = verify(by_name("zb-v", 2, 2))
+    program = sched.ranks[0]
+    log = []
+    stages = {s: _Recording(s, log) for s in sched.stages_of(0)}
+    ticks = iter(range(10 ** 6))
+    got = choose.time_program(stages, {s: np.ones((2, 3)) for s in stages}, program, reps=2,
+                              clock=lambda: float(next(ticks)))
+    compute = [(a.stage, a.kind) for a in program if a.kind in "FBIW"]
+    assert log == compute * (len(log) // len(compute)) and len(log) == 3 * len(compute)
+    assert set(got) == set(stages)
+    for lc in got.values():
+        assert (lc.F, lc.B, lc.I, lc.W) == (1.0, 0.0, 1.0, 1.0) and lc.act_bytes == 48
+
+
+def _dry_worker(world):
+    from engine.calibrate import dry_run
+    from engine.schedules import by_name
+    sizes = [(64, 8), (128, 64), (256, 128), (32, 256)]      # per stage: forward, backward
+    spin = {"F": [1e-4] * 4, "I": [2e-4] * 4, "W": [1e-4] * 4}
+    return [dry_run(world, world, by_name(name, 2, 2), sizes, steps=2, timeout=30, costs=costs)
+            for name, costs in (("zb-v", None), ("zb-h1", None), ("1f1b", None), ("zb-v", spin))]
+
+
+def test_dry_run_of_any_schedule():
+    """engine.calibrate.dry_run runs the schedule being predicted (split
+    backward, two stages a rank) with each stage's own message sizes, its
+    stages computing nothing or keeping the core busy per stage and kind,
+    and every rank gets the same executor costs."""
+    a, b = mesh.spawn(_dry_worker, 2, timeout=60, env=PATIENT)
+    assert a == b and all(d.action > 0 and d.message >= 0 and d.helper >= 0 for d in a)
 
 
 def test_stages_measured_whole_enter_the_prediction():
@@ -270,7 +361,12 @@ def _numpy_worker(world, axes, plan, widths):
             "schedule": job.schedule.name, "table": job.table(), "last": job.pipeline.last,
             "calibrated": (cal.helper_measured > 0 and cal.helper == (cal.helper_measured
                                                                       if cal.crowded else 0.0)),
-            "retimed": plan is not None or job.predicted != job.profiled.makespan}
+            "retimed": plan is not None or job.predicted != job.profiled.makespan,
+            "dry": plan is not None or (   # retime's executor costs: a dry run of the chosen
+                cal is not job.profile_calibration
+                and cal.crowded == job.profile_calibration.crowded
+                and cal.helper == (cal.helper_measured if cal.crowded else 0.0)
+                and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages)}
 
 
 def _numpy_reference(widths=WIDTHS):
@@ -299,7 +395,7 @@ def test_numpy_distribute_matches_one_process(axes, plan):
     for res in results:
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
-        assert res["calibrated"] and res["retimed"]
+        assert res["calibrated"] and res["retimed"] and res["dry"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
