@@ -56,8 +56,8 @@ from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 from . import bell, cma
 
-__all__ = ["CAPACITY", "INLINE", "ARENA", "available", "ready", "mapped", "Round", "Quick",
-           "signature"]
+__all__ = ["CAPACITY", "INLINE", "ARENA", "available", "crowded", "ready", "mapped", "Round",
+           "Quick", "signature"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
@@ -85,6 +85,11 @@ _BELL_WAIT_S = 0.005
 """The longest sleep on a peer's bell (its ring ends it sooner): an abort,
 a lost peer and the deadline are looked at between."""
 _BUSY_S = 0.00005
+_CROWD_YIELD_S = 0.0003
+"""How long a wait in a group with more ranks than cores yields before it
+sleeps on the late peer's bell: a futex wake costs tens of microseconds, so
+a short wait (a 1 KiB all_reduce's) is quicker yielding, a long one (a
+bucket's) spends less CPU asleep (BENCHMARKS.md, eighth session)."""
 _QUICK_SPIN_S = 0.0
 _QUICK_YIELD_S = 0.0005
 _FENCE = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86")
@@ -95,6 +100,12 @@ _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else o
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _SLOT_WORDS = 7
 _WORDS = 1 + 2 * _SLOT_WORDS
+
+
+def crowded(size: int) -> bool:
+    """Whether a group of ``size`` ranks on this host has more ranks than
+    this process may use cores (its waits then give their core away)."""
+    return size > _CORES
 
 
 def _region() -> tuple[np.ndarray, int]:
@@ -279,7 +290,7 @@ class _Waiting:
         self.t0 = time.monotonic()
         self.watch: Any = None
         self.error: BaseException | None = None
-        self.crowded = ctx.g.size > _CORES
+        self.crowded = crowded(ctx.g.size)
         self.busy = 0.0 if self.crowded else _BUSY_S
         self.patient = False    # sleep at once: a long wait, others need the cores
         self.reports = 0
@@ -298,8 +309,8 @@ class _Waiting:
         """Between polls: poll on (when every rank has a core); then, for
         _SPIN_S, look for an abort of the call (a lookup, no message) and at
         the deadline, and give the core away: a yield, or where the group
-        has more ranks than cores and the first late peer's board is mapped,
-        a sleep on its bell (``seen``: the bell's value before its head was
+        has more ranks than cores (past _CROWD_YIELD_S) and the first late
+        peer's board is mapped, a sleep on its bell (``seen``: the bell's value before its head was
         looked at) until it rings: polling would take a core from a rank
         with work; a patient wait (one on work across hosts) sleeps on
         the bell from the start. After that, post the receive (a peer on a socket path
@@ -320,7 +331,8 @@ class _Waiting:
             if aborted is not None:
                 return aborted
             if now <= ctx.deadline:
-                if (self.crowded or self.patient) and box is not None and rung is not None:
+                if (self.patient or (self.crowded and waited >= _CROWD_YIELD_S)) \
+                        and box is not None and rung is not None:
                     self._sleep(box, peer, rung[0], seen, _SPIN_S - waited)
                 else:
                     os.sched_yield()

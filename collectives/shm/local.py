@@ -6,7 +6,8 @@
       broadcast, gather, reduce
     large all_reduce               post address | reduce chunk r from every peer's buffer |
                                    stage 1 | read each peer's final chunk | stage 2 | exit;
-                                   up to 8 MiB: copy into the arena | post | reduce chunk r
+                                   up to 8 MiB where ranks outnumber cores: copy into the
+                                   arena | post | reduce chunk r
                                    from every arena | stage 1 | copy each arena's final chunk
     large reduce                   post addresses | reduce chunk r | stage 1 | root reads chunks
     reduce_scatter                 post address | reduce chunk r | stage 2 | exit
@@ -100,12 +101,15 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
 
 
 def all_reduce_large(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
-    """Up to board.ARENA bytes through the arenas (``_through_arenas``),
-    larger straight out of the peers' buffers (``_read_across``): the
-    arenas' extra copy in pays where the buffers sit in the cache (DDP's
-    bucket of a small model, just filled) and costs more than reading
-    across processes where they do not (BENCHMARKS.md, branch ddp4)."""
-    if buf.nbytes <= board.ARENA:
+    """Up to board.ARENA bytes, in a group with more ranks than cores,
+    through the arenas (``_through_arenas``), else straight out of the
+    peers' buffers (``_read_across``): the arenas' extra copy in pays where
+    the buffers sit in the cache (DDP's bucket of a small model, just
+    filled) and the CPU a call takes is the others' time, and costs more
+    than reading across processes where the buffers do not, or where each
+    rank has its core (2 ranks, 4 MiB: 1.2 against 1.0 ms, BENCHMARKS.md,
+    branches ddp4 and the eighth session's quiet run)."""
+    if buf.nbytes <= board.ARENA and board.crowded(ctx.g.size):
         _through_arenas(ctx, buf, op)
     else:
         _read_across(ctx, buf, op)
