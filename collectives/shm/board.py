@@ -196,14 +196,14 @@ class _Box:
         # per peer: its bell's address and word (mapped boards only), and its
         # word saying whose bell it sleeps on
         self.bells: list[tuple[int, np.ndarray] | None] = [None] * n
-        self.sleepers: list[np.ndarray] = []
+        self.sleepers: list[Any] = []      # (memoryviews: an item read is a plain int)
         if bell.available():
             for p in self.peers:
                 board = self.boards[p]
                 if board is not None:
                     word = board[_BELL:_BELL + 4].view(np.int32)
                     self.bells[p] = (word.ctypes.data, word)
-                    self.sleepers.append(board[_ASLEEP:_ASLEEP + 4].view(np.int32))
+                    self.sleepers.append(board[_ASLEEP:_ASLEEP + 4].view(np.int32).data)
         self.own_bell = self.bell.ctypes.data
         self.seen_cookie = [r[:8].view(np.int64).data for r in self.rows]
 
