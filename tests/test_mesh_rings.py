@@ -380,6 +380,14 @@ def _parked(world: mesh.Mesh) -> list[int]:
         for i in range(64):
             world.send(np.full(512, i), 0, tag=5)    # 4 KiB each, the window 64 KiB
         return [int(ok)]
+    unparks = [0]
+    unpark = p.unpark
+
+    def counted() -> None:      # (the flag itself is the progress thread's to set
+        unparks[0] += 1         # again once a socket send is handed over: racy to read)
+        unpark()
+    p.unpark = counted                      # type: ignore[method-assign]
+    world._t.inbox.unpark = counted
     got: list = []
     reqs: list = []
     for post in (lambda: world.irecv(1, tag=9), lambda: world.isend(big, 1, tag=10)):
@@ -390,8 +398,9 @@ def _parked(world: mesh.Mesh) -> list[int]:
             seen += parked
             x[0] = 1.0 if seen >= 3 or time.monotonic() > end else 0.0
             if x[0]:     # post while it is parked: the post wakes it
+                before = unparks[0]
                 req = post()
-                unparked = int(not p._parked)
+                unparked = int(unparks[0] > before)
             world.send(x, 1)
             world.recv(1, out=x)
             if x[0]:
