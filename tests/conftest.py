@@ -66,7 +66,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             continue
         try:
             os.kill(int(name.split("-")[1]), 0)
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, OverflowError):
             continue
         except ProcessLookupError:
             try:
