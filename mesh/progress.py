@@ -46,7 +46,7 @@ from .match import DONE, Flag
 from .peer import config_float
 from .reader import Reader
 
-__all__ = ["ASIDE", "Progress"]
+__all__ = ["ASIDE", "Progress", "adapt_spin"]
 
 # A spin gives the CPU away (sched_yield) only after this long: on a busy
 # machine each yield can cost a time slice to another process
@@ -65,6 +65,20 @@ _NAP = 0.005
 _PARK = 0.05
 
 _log = logging.getLogger("mesh.transport")
+
+
+def adapt_spin(now: float, waited: float, most: float) -> float:
+    """The next spin of a waiter that spun ``now`` seconds and waited
+    ``waited``, like adaptive halt polling: a wait longer than the longest
+    spin ``most`` halves it (long waits, big messages, a loaded machine:
+    polling would only take CPU from the threads that move the data or the
+    peer waited for); a short wait that the spin missed doubles it, up to
+    ``most``."""
+    if waited > most:
+        return now / 2 if now > 5e-6 else 0.0
+    if waited > now:
+        return min(most, max(2 * now, 10e-6))
+    return now
 
 
 class Progress:
@@ -285,15 +299,7 @@ class Progress:
         return item.state == DONE if flag is None else flag.is_set()
 
     def _adapt_spin(self, waited: float) -> None:
-        """Like adaptive halt polling: a wait longer than the longest spin
-        halves the spin (long waits, big messages: polling would only take
-        CPU from the threads that move the data); a short wait that the spin
-        missed doubles it, up to MESH_SPIN_US."""
-        now = self._spin_now
-        if waited > self.spin:
-            self._spin_now = now / 2 if now > 5e-6 else 0.0
-        elif waited > now:
-            self._spin_now = min(self.spin, max(2 * now, 10e-6))
+        self._spin_now = adapt_spin(self._spin_now, waited, self.spin)
 
     def nudge(self) -> None:
         """Wake a thread blocked reading, after completing a request elsewhere."""

@@ -167,12 +167,16 @@ class _Out:
         fit: a full ring is waited on while the receiver keeps reading (a
         stream outruns its receiver), and left, once it has not for _WAIT,
         until the receiver reads again. The common case (room before the
-        ring's end) is written here; the rest is ``_put_hard``'s."""
+        ring's end) is found here; the rest is ``_put_hard``'s, which says
+        where to write (or -1: not now)."""
         size = 16 + ((n + nb + 15) & ~15)
         tail, ring, q = self.tail, self.ring, self.q
         off = tail & self.mask
         if self.full or off + size > ring or ring - (tail - q[self.hi]) < size:
-            return self._put_hard(frame, n, c, body, nb)
+            tail = self._put_hard(size)
+            if tail < 0:
+                return False
+            off = tail & self.mask
         qd, buf = self.qd, self.buf
         w = off >> 3
         qd[w] = c
@@ -184,17 +188,19 @@ class _Out:
         self._bell(tail + size)
         return True
 
-    def _put_hard(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
-        """``put`` where the ring is full, was left full, or wraps."""
+    def _put_hard(self, size: int) -> int:
+        """``put`` where the ring is full, was left full, or wraps: the tail
+        at which to write an entry of ``size`` bytes, or -1."""
         was_full = self.full       # left full before (``_wait``)
-        if self._put(frame, n, c, body, nb):
-            return True
+        tail = self._room(size)
+        if tail >= 0:
+            return tail
         if was_full:
             if self.off():
-                return False       # nothing read since: the socket
+                return -1          # nothing read since: the socket
             self.full = False      # it reads again: back to the ring, waiting for room
             self.q[self.ti + _OFF] = 0
-        return self._wait(frame, n, c, body, nb)
+        return self._wait(size)
 
     def off(self) -> bool:
         """Whether this ring was left full (``_wait``) and the receiver has
@@ -202,7 +208,7 @@ class _Out:
         q = self.q
         return self.full and q[self.hi] + q[self.hi + _HEARD] == self.left
 
-    def _wait(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
+    def _wait(self, size: int) -> int:
         """Wait for room as long as the receiver reads, this ring (HEAD) or
         this sender's socket messages that its entries wait for (HEARD):
         leaving a ring the receiver drains for the socket makes the next
@@ -222,8 +228,9 @@ class _Out:
             else:
                 time.sleep(_NAP)
             self.full = False
-            if self._put(frame, n, c, body, nb):
-                return True
+            tail = self._room(size)
+            if tail >= 0:
+                return tail
             now = clock()
             read = q[hi] + q[hi + _HEARD]
             if read != seen:
@@ -233,38 +240,29 @@ class _Out:
         self.gave_up += 1
         self.left = seen
         q[self.ti + _OFF] = 1      # the receiver need not watch this ring for now
-        return False
+        return -1
 
-    def _put(self, frame: Any, n: int, c: int, body: Any, nb: int) -> bool:
-        size = 16 + ((n + nb + 15) & ~15)
+    def _room(self, size: int) -> int:
+        """Where an entry of ``size`` bytes goes (its tail, past the padding
+        to the ring's end where it would wrap), or -1 (full: ``full`` set)."""
         tail, ring, q = self.tail, self.ring, self.q
         used = tail - q[self.hi]
         if self.full:       # left (``_wait``): ``put`` says when to come back to a
             if used:        # ring not empty yet; an empty one, at once
-                return False
+                return -1
             self.full = False
             q[self.ti + _OFF] = 0
         off = tail & self.mask
         if off + size > ring:               # pad to the end, start over at 0
             if ring - used < ring - off + size:
                 self.full = True
-                return False
+                return -1
             self.qd[(off >> 3) + 1] = _WRAP
             tail += ring - off
-            off = 0
         elif ring - used < size:
             self.full = True
-            return False
-        qd, buf = self.qd, self.buf
-        w = off >> 3
-        qd[w] = c
-        qd[w + 1] = n + nb
-        off += 16
-        buf[off:off + n] = frame
-        if nb:
-            buf[off + n:off + n + nb] = body
-        self._bell(tail + size)
-        return True
+            return -1
+        return tail
 
     def _bell(self, tail: int) -> None:
         """Publish what is written up to ``tail`` (TAIL, then BELL) and wake

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,20 @@ from mesh import rings
 from mesh.transport import SENT
 
 pytestmark = pytest.mark.skipif(not rings.enabled(), reason="no memfd here, or MESH_SHM=0")
+
+
+def _count_takes(t: Any) -> list[int]:
+    """Count, in the list returned, the receives ``t``'s reader took
+    straight from a ring (the short way)."""
+    taken = [0]
+    take = t.reader.take
+
+    def counted(*args: Any) -> Any:
+        got = take(*args)
+        taken[0] += bool(got)
+        return got
+    t.reader.take = counted
+    return taken
 
 
 def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,14 +189,7 @@ def _direct(world: mesh.Mesh) -> bool:
         for i in range(10):
             world.send(np.array([i]), 0, tag=21)
         return True
-    taken = [0]
-    take = t.reader.take
-
-    def counted(*a: object) -> object:
-        got = take(*a)
-        taken[0] += bool(got)
-        return got
-    t.reader.take = counted                         # type: ignore[method-assign]
+    taken = _count_takes(t)
     world.send(0, 1, tag=9)
     small = np.empty(1, np.int32)
     for i in range(300):
@@ -287,14 +295,7 @@ def _short_way_falls_back(world: mesh.Mesh, path: str) -> None:
         world.recv(0, tag=9)
         os.kill(os.getpid(), 9)                 # while rank 0 waits for tag 4
     t = world._t
-    taken = [0]
-    take = t.reader.take
-
-    def counted(*args: object) -> object:
-        got = take(*args)
-        taken[0] += bool(got)
-        return got
-    t.reader.take = counted                     # type: ignore[method-assign]
+    taken = _count_takes(t)
     out = np.empty(4)
     for tag in (1, 2, 3, 1):
         assert world.recv(1, tag=tag, out=out) is out and np.array_equal(out, a)

@@ -46,6 +46,7 @@ import numpy as np
 
 from mesh import Comm, LostPeerError, MeshError, MismatchError
 from mesh.peer import config_float
+from mesh.progress import adapt_spin
 
 from ..runner import Ctx, caught
 from . import stream
@@ -123,19 +124,8 @@ class _Link:
         finally:
             if wait is not None:
                 wait.close()
-        self._adapt(time.perf_counter() - start)
+        self.spin = adapt_spin(self.spin, time.perf_counter() - start, _SPIN_S)
         return got
-
-    def _adapt(self, waited: float) -> None:
-        """As the mesh's receives do (mesh.progress): a wait longer than
-        MESH_SPIN_US halves the spin (a loaded machine, where a spin only
-        takes the core from the peer it waits for), a short one it missed
-        doubles it."""
-        now = self.spin
-        if waited > _SPIN_S:
-            self.spin = now / 2 if now > 5e-6 else 0.0
-        elif waited > now:
-            self.spin = min(_SPIN_S, max(2 * now, 10e-6))
 
     def _frame(self) -> tuple[int, bytes, bytes] | None:
         """A whole frame out of ``buf``, reading what the socket has; None
