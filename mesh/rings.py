@@ -309,6 +309,7 @@ class Rings:
         self.q = self._mv.cast("Q")
         self.token = (os.getpid(), secrets.randbits(62))
         self.q[0], self.q[1] = self.token
+        self.awake_rung = self.q[_AWAKE:_RUNG + 1:_RUNG - _AWAKE]    # the two words, in place
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_w = wake_w
         self.q[_WAKE] = wake_w
@@ -321,6 +322,7 @@ class Rings:
         # the same, together, for a reader that peeks and pops inline (mesh.reader.take)
         self.where = list(zip(self._tail_w, self._head_w, self._base))
         self.ring, self.mask = lay.ring, lay.ring - 1
+        self.end = lay.ring - 16      # no entry's bytes go past this offset of its ring
         self.next = 0        # the head after the entry ``peek`` gave
         self.at = 0          # where that entry's bytes are in ``map``
         self.map, self.mv = self._map, self._mv
@@ -506,6 +508,7 @@ class Rings:
             if o is not None:
                 o.close()
                 self.out[i] = None
+        self.awake_rung.release()
         self.q.release()
         self._mv.release()
         try:

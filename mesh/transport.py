@@ -92,6 +92,7 @@ class Transport:
         self._ring_max = self.rings.max if self.rings is not None else -1
         self._ring_out = self.rings.out if self.rings is not None else [None] * size
         self._ringed = [self.rings is not None and r in same_host for r in range(size)]
+        self._awake_rung = self.rings.awake_rung if self.rings is not None else None
         self._prefixes: dict[tuple, tuple] = {}     # send_ring's headers, inline-framed
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings)
@@ -204,7 +205,9 @@ class Transport:
         turn, inbox = progress.turn, self.inbox
         if turn.acquire(False):
             entered = 1
-            self.rings.awake(True)     # type: ignore[union-attr]
+            flags = self._awake_rung          # Rings.awake(True), when it has anything to do
+            if not flags[0] or flags[1]:
+                self.rings.awake(True)     # type: ignore[union-attr]
         else:
             entered = progress.enter()
         try:
