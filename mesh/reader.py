@@ -169,7 +169,7 @@ class Reader:
         if nbytes:     # copied once, out of the map into ``out``
             at += plen
             try:
-                memoryview(out).cast("B")[:] = rings.mv[at:at + nbytes]
+                memoryview(out).cast("B")[:] = rings.mv[at:at + nbytes]  # type: ignore[arg-type]
             except TypeError:     # read-only, or not C-contiguous
                 return False
         elif not out.flags.writeable:

@@ -206,7 +206,7 @@ class Transport:
         if turn.acquire(False):
             entered = 1
             flags = self._awake_rung          # Rings.awake(True), when it has anything to do
-            if not flags[0] or flags[1]:
+            if not flags[0] or flags[1]:    # type: ignore[index]
                 self.rings.awake(True)     # type: ignore[union-attr]
         else:
             entered = progress.enter()
