@@ -99,6 +99,7 @@ class Comm:
         self.name = name
         self._channel: CollectiveChannel | None = None
         self._children: dict[tuple[int, ...], int] = {}
+        self._sent = Request(self, SENT)     # what isend returns for a send by ring
         transport.groups[gid] = (name, self.ranks)
 
     @property
@@ -129,8 +130,7 @@ class Comm:
         ``out=`` when given; ``status`` is filled in with what it matched."""
         t = self._t
         if (type(src) is int and 0 <= src < self.size and type(tag) is int and 0 <= tag < ANY_TAG
-                and (out is None or type(out) is np.ndarray and (f := out.flags).c_contiguous
-                     and f.writeable)):
+                and (out is None or type(out) is np.ndarray)):     # (read-only, strided: below)
             got = t.recv_ring(self.gid, self.ranks[src], tag, out, timeout)
             if got is not None:        # from a same-host ring, by this thread
                 if status is not None:
@@ -151,9 +151,8 @@ class Comm:
     def isend(self, obj: Any, dst: int, tag: int = 0) -> Request:
         if type(obj) is np.ndarray and type(dst) is int and 0 <= dst < self.size \
                 and type(tag) is int and 0 <= tag < ANY_TAG:
-            sent = self._t.send_ring(self.ranks[dst], self.gid, tag, obj)
-            if sent is not None:
-                return Request(self, sent)
+            if self._t.send_ring(self.ranks[dst], self.gid, tag, obj) is not None:
+                return self._sent       # done already: one Request serves them all
         _check_tag(tag, self, "isend")
         return self._isend(obj, dst, tag)
 

@@ -68,7 +68,8 @@ class Reader:
         # message): decode each distinct byte string once; bounded, starts
         # over when full.
         self._decoded: dict[bytes, wire.Header] = {}
-        # those of plain arrays, unpacked for ``take``: (header, src, group, tag, nbytes, dtype)
+        # those of plain arrays, unpacked for ``take``: (header, (src, group, tag, the
+        # length of its ring entry), nbytes, dtype)
         self._plain: dict[bytes, tuple] = {}
         self._owed = [0] * len(peers)   # credit ``take`` freed, per peer, not granted yet
         self._owe = min([_OWE] + [p.grant_step // 4 for p in peers])   # ... up to this
@@ -77,7 +78,7 @@ class Reader:
         # entry ``take`` took, its length and its header's ``_plain`` entry:
         # the next is most often the same (no valid prefix starts 0xC1 FF FF)
         self._last: list[tuple[bytes, int, tuple]] = \
-            [(b"\xc1\xff\xff", 3, (None, -1, 0, 0, 0, None))] * len(peers)
+            [(b"\xc1\xff\xff", 3, (None, None, 0, None))] * len(peers)
         self._claim, self._arrive = inbox.claim, inbox.arrive
         self._consumed, self._complete = inbox.consumed, inbox.complete
 
@@ -125,21 +126,22 @@ class Reader:
         header)`` when it is an array of ``group`` and ``tag`` that fits
         ``out`` (None: a new array) and its header was seen before, copied
         out and taken; None when the ring is empty; False when what is
-        there is for the usual way (``_from_ring``), or waits for the socket.
-        The ring's ``peek`` and ``pop``, inline (``Rings.where``); the
-        credit it frees is granted back in batches (``_owe``), and what is
-        left when the reading turn's holder goes to sleep (``settle``)."""
+        there is for the usual way (``_from_ring``), waits for the socket,
+        or does not fit ``out`` (read-only, not C-contiguous: the usual way
+        says so). The ring's ``peek`` and ``pop``, inline (``Rings.where``);
+        the credit it frees is granted back in batches (``_owe``), and what
+        is left when the reading turn's holder goes to sleep (``settle``)."""
         rings = self.rings
         assert rings is not None
-        q, heads = rings.q, rings.heads
-        head = heads[src]
+        q = rings.q
         tail_w, head_w, base = rings.where[src]
+        head = rings.heads[src]
         if head == q[tail_w]:
             return None
         off = head & rings.mask
         w = (base + off) >> 3
         n = q[w + 1]
-        if n & _WRAP or q[w] > self.heard[src] or n > rings.ring - off - 16 or not n:
+        if n & _WRAP or q[w] > self.heard[src] or off + n > rings.end or not n:
             n = rings.peek(src, self.heard[src])     # (a wrap, a wait, or malformed)
             if n <= 0:
                 return None if n == 0 else False
@@ -157,17 +159,22 @@ class Reader:
                 return False
             known = found
             self._last[src] = (m[at:at + plen], plen, known)
-        h, hsrc, hgroup, htag, nbytes, dt = known
-        if hsrc != src or hgroup != group or htag != tag or nbytes != n - plen:
+        h, fields, nbytes, dt = known     # fields: (src, group, tag, the entry's length)
+        if fields != (src, group, tag, n):
             return False
         if out is None:
             out = np.empty(h.shape or (), dt)
-        elif (out.dtype is not dt and out.dtype != dt) or out.nbytes != nbytes:
+        elif out.nbytes != nbytes or (out.dtype is not dt and out.dtype != dt):
             return False
         if nbytes:     # copied once, out of the map into ``out``
             at += plen
-            out.data.cast("B")[:] = rings.mv[at:at + nbytes]
-        heads[src] = q[head_w] = head
+            try:
+                memoryview(out).cast("B")[:] = rings.mv[at:at + nbytes]  # type: ignore[arg-type]
+            except TypeError:     # read-only, or not C-contiguous
+                return False
+        elif not out.flags.writeable:
+            return False
+        rings.heads[src] = q[head_w] = head
         owed = self._owed[src] + nbytes + MSG_COST
         if owed >= self._owe:
             self._owed[src] = 0
@@ -218,7 +225,8 @@ class Reader:
                     self._plain.clear()
                 self._decoded[head] = h
                 if h.kind == wire.DATA and not h.device and not h.direct:
-                    self._plain[head] = (h, h.src, h.group, h.tag, h.nbytes, h.dt)
+                    self._plain[head] = (h, (h.src, h.group, h.tag, 3 + len(head) + h.nbytes),
+                                         h.nbytes, h.dt)
         return h
 
     def _dispatch(self, ident: bytes, head: bytes, payload: list, more: Any) -> bool:

@@ -141,8 +141,8 @@ class _Layout:
 class _Out:
     """This rank's ring in one peer's region (the writing side)."""
 
-    __slots__ = ("ctl", "q", "buf", "qd", "tail", "ti", "hi", "ring", "mask", "src", "wake",
-                 "full", "left", "waits", "gave_up", "rung")
+    __slots__ = ("ctl", "q", "buf", "qd", "tail", "upto", "ti", "hi", "ring", "mask", "src",
+                 "wake", "full", "left", "waits", "gave_up", "rung")
 
     def __init__(self, fd: int, lay: _Layout, src: int) -> None:
         self.ctl = mmap.mmap(fd, lay.data)
@@ -153,6 +153,7 @@ class _Out:
         self.ti = (lay.ctl >> 3) + _LINE * src
         self.hi = (lay.heads >> 3) + _LINE * src
         self.tail = self.q[self.ti]
+        self.upto = self.tail      # room up to here, as of the last look at HEAD (grows)
         self.wake = -1             # the receiver's wake pipe, opened by Rings.attach
         self.full = False          # left full: the socket until the receiver reads again
         self.left = 0              # HEAD + HEARD when it was left
@@ -170,12 +171,17 @@ class _Out:
         ring's end) is found here; the rest is ``_put_hard``'s, which says
         where to write (or -1: not now)."""
         size = 16 + ((n + nb + 15) & ~15)
-        tail, ring, q = self.tail, self.ring, self.q
+        tail = self.tail
+        end = tail + size
         off = tail & self.mask
-        if self.full or off + size > ring or ring - (tail - q[self.hi]) < size:
+        q = self.q
+        if end > self.upto:     # HEAD read only then: the receiver's line, written by it
+            self.upto = q[self.hi] + self.ring
+        if self.full or off + size > self.ring or end > self.upto:
             tail = self._put_hard(size)
             if tail < 0:
                 return False
+            end = tail + size
             off = tail & self.mask
         qd, buf = self.qd, self.buf
         w = off >> 3
@@ -185,7 +191,13 @@ class _Out:
         buf[off:off + n] = frame
         if nb:
             buf[off + n:off + n + nb] = body
-        self._bell(tail + size)
+        self.tail = end       # published: TAIL, then BELL; the receiver woken if not watching
+        q[self.ti] = end
+        q[_BELL] = end << 16 | self.src
+        _fence_lock.acquire()      # fence(), without the call
+        _fence_lock.release()
+        if not (q[_AWAKE] or q[_RUNG]):
+            self._ring_bell()
         return True
 
     def _put_hard(self, size: int) -> int:
@@ -264,22 +276,14 @@ class _Out:
             return -1
         return tail
 
-    def _bell(self, tail: int) -> None:
-        """Publish what is written up to ``tail`` (TAIL, then BELL) and wake
-        the receiver if it is not watching (module docstring)."""
-        self.tail = tail
-        q = self.q
-        q[self.ti] = tail
-        q[_BELL] = tail << 16 | self.src
-        _fence_lock.acquire()      # fence(), without the call
-        _fence_lock.release()
-        if not (q[_AWAKE] or q[_RUNG]):
-            q[_RUNG] = 1
-            self.rung += 1
-            try:
-                os.write(self.wake, b"r")
-            except OSError:      # full: it is awake already; gone: so is the peer
-                pass
+    def _ring_bell(self) -> None:
+        """Wake a receiver that is not watching (``put``, module docstring)."""
+        self.q[_RUNG] = 1
+        self.rung += 1
+        try:
+            os.write(self.wake, b"r")
+        except OSError:      # full: it is awake already; gone: so is the peer
+            pass
 
     def close(self) -> None:
         if self.wake >= 0:
@@ -309,6 +313,7 @@ class Rings:
         self.q = self._mv.cast("Q")
         self.token = (os.getpid(), secrets.randbits(62))
         self.q[0], self.q[1] = self.token
+        self.awake_rung = self.q[_AWAKE:_RUNG + 1:_RUNG - _AWAKE]    # the two words, in place
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_w = wake_w
         self.q[_WAKE] = wake_w
@@ -321,6 +326,7 @@ class Rings:
         # the same, together, for a reader that peeks and pops inline (mesh.reader.take)
         self.where = list(zip(self._tail_w, self._head_w, self._base))
         self.ring, self.mask = lay.ring, lay.ring - 1
+        self.end = lay.ring - 16      # no entry's bytes go past this offset of its ring
         self.next = 0        # the head after the entry ``peek`` gave
         self.at = 0          # where that entry's bytes are in ``map``
         self.map, self.mv = self._map, self._mv
@@ -506,6 +512,7 @@ class Rings:
             if o is not None:
                 o.close()
                 self.out[i] = None
+        self.awake_rung.release()
         self.q.release()
         self._mv.release()
         try:

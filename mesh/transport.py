@@ -92,6 +92,7 @@ class Transport:
         self._ring_max = self.rings.max if self.rings is not None else -1
         self._ring_out = self.rings.out if self.rings is not None else [None] * size
         self._ringed = [self.rings is not None and r in same_host for r in range(size)]
+        self._awake_rung = self.rings.awake_rung if self.rings is not None else None
         self._prefixes: dict[tuple, tuple] = {}     # send_ring's headers, inline-framed
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings)
@@ -162,28 +163,26 @@ class Transport:
         dt = obj.dtype       # a dtype hashes slowly: known by identity, held by the entry
         key = (id(dt), obj.shape, group, tag)
         known = self._prefixes.get(key)
-        if known is not None and known[0] is dt:
-            pre = known[1]
-        else:
+        if known is None or known[0] is not dt:
             if not wire.dtype_ok(dt):
                 return None
             pre = wire.inline(wire.encode(wire.DATA, self.rank, group, tag, dtype=dt.str,
                                           shape=obj.shape, nbytes=n))
             if len(self._prefixes) >= _CACHE:
                 self._prefixes.clear()
-            self._prefixes[key] = (dt, pre)
+            known = self._prefixes[key] = (dt, pre, len(pre))
         peer = self._peers[dst]
         lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
         lock.acquire()
         try:
-            inflight = peer.inflight     # peer.admit(n), inline
+            inflight, cost = peer.inflight, n + MSG_COST     # peer.admit(n), inline
             if peer.state != ALIVE or peer.queue or not (
-                    inflight + n + MSG_COST <= peer.window or inflight < peer.grant_step):
+                    inflight + cost <= peer.window or inflight < peer.grant_step):
                 return None
-            peer.inflight = inflight + n + MSG_COST
-            if ring.put(pre, len(pre), peer.sent, obj, n):
+            peer.inflight = inflight + cost
+            if ring.put(known[1], known[2], peer.sent, obj, n):
                 return SENT
-            peer.release(n + MSG_COST)       # the usual way charges it again
+            peer.release(cost)       # the usual way charges it again
         finally:
             lock.release()
         return None
@@ -204,7 +203,9 @@ class Transport:
         turn, inbox = progress.turn, self.inbox
         if turn.acquire(False):
             entered = 1
-            self.rings.awake(True)     # type: ignore[union-attr]
+            flags = self._awake_rung          # Rings.awake(True), when it has anything to do
+            if not flags[0] or flags[1]:    # type: ignore[index]
+                self.rings.awake(True)     # type: ignore[union-attr]
         else:
             entered = progress.enter()
         try:

@@ -283,8 +283,10 @@ def _short_way_falls_back(world: mesh.Mesh, path: str) -> None:
     first; what it cannot take goes the usual way, with every
     point-to-point rule kept: an out= that does not fit raises on rank 0
     naming rank 1 and leaves the message queued, a tag asked out of order
-    leaves the earlier one for its own receive, ANY takes the next, and
-    rank 1's death during a wait is a lost peer naming it."""
+    leaves the earlier one for its own receive, ANY takes the next, an out=
+    that no message could be written into (read-only, strided) raises
+    ValueError and takes nothing, and rank 1's death during a wait is a lost
+    peer naming it."""
     a = np.arange(4.0)
     if world.rank == 1:
         for tag in (1, 2, 3, 1):
@@ -300,6 +302,12 @@ def _short_way_falls_back(world: mesh.Mesh, path: str) -> None:
     for tag in (1, 2, 3, 1):
         assert world.recv(1, tag=tag, out=out) is out and np.array_equal(out, a)
     world.send(0, 1, tag=9)
+    ro = np.empty(4)
+    ro.flags.writeable = False
+    for bad, why in ((ro, "read-only"), (np.empty(8)[::2], "not C-contiguous")):
+        with pytest.raises(ValueError, match=rf"^rank 0: recv from rank 1 \(tag 1, group world\): "
+                                             rf"out= is {why}"):
+            world.recv(1, tag=1, out=bad)
     with pytest.raises(mesh.OutMismatchError,
                        match=r"^rank 0: recv from rank 1 \(tag 1, group world\): the message "
                              r"from rank 1 \(tag 1\) does not fit out="):
