@@ -170,3 +170,36 @@ def test_fsdp2_and_a_2x2_device_mesh_on_4_ranks() -> None:
         else:
             assert o["mismatch"] == "", o
         assert o["after"] == [2.0, 2.0] and o["threads_left"] == [], (r, o)
+
+
+def compiled(world: Any) -> tuple:
+    """torch.compile (inductor, one graph) of a function calling functional
+    collectives on the default group; its values and eager's."""
+    import torch.distributed._functional_collectives as fc
+
+    import collectives.torchdist  # noqa: F401
+    dist.init_process_group("meshrun")
+    g, r = dist.group.WORLD, dist.get_rank()
+
+    def f(x: Any) -> Any:
+        y = fc.all_reduce(x * 2, "sum", g)
+        z = fc.all_gather_tensor(y + 1, 0, g)
+        return fc.reduce_scatter_tensor(z * z, "sum", 0, g) + fc.all_to_all_single(x, None, None, g)
+    x = torch.arange(4.0) + 10 * r
+    got = torch.compile(f, fullgraph=True)(x).tolist()
+    want = f(x).tolist()
+    dist.destroy_process_group()
+    return got, want
+
+
+@pytest.mark.timeout(400)
+def test_torch_compile_of_functional_collectives_2_ranks() -> None:
+    """Inductor compiles for minutes on a loaded machine (its cache helps reruns)."""
+    outs = mesh.spawn(compiled, 2, timeout=360)
+    for r, (got, want) in enumerate(outs):
+        assert got == want, (r, got, want)
+    # y = 2 (x0 + x1) = 4i + 20, z = [y + 1, y + 1]: each rank's half of 2 z^2
+    # is 2 (4i + 21)^2; all_to_all brings rank r elements 2r, 2r + 1 of each x_j
+    for r, (got, _) in enumerate(outs):
+        a2a = [2.0 * r + k + 10 * j for j in range(2) for k in range(2)]
+        assert got == [2 * (4 * i + 21) ** 2 + a2a[i] for i in range(4)], (r, got)
