@@ -26,7 +26,8 @@ def _mlp() -> Any:
 
 def _fsdp(r: int, n: int, reshard_after_forward: bool) -> float:
     """FSDP2 (each Linear, then the root) on this rank's 4 rows against one
-    process on all 4n, SGD, step 1 accumulated without gradient sync; the
+    process on all 4n, SGD, step 1 accumulated without gradient sync (and
+    buffers from the process group when not resharding after forward); the
     largest difference of the gathered weights (``full_tensor()`` and the
     full state dict) from the reference's."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -38,6 +39,8 @@ def _fsdp(r: int, n: int, reshard_after_forward: bool) -> float:
     for layer in net:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=dm, reshard_after_forward=reshard_after_forward)
+            # torch asks the group's Backend whether it allocates (no: torch.empty)
+            layer.set_allocate_memory_from_process_group_for_comm(not reshard_after_forward)
     fully_shard(net, mesh=dm, reshard_after_forward=reshard_after_forward)
     w = net[0].weight
     assert isinstance(w, DTensor) and w.to_local().shape[0] == 8 // n, w
