@@ -13,7 +13,7 @@ dist = pytest.importorskip("torch.distributed")
 
 import mesh  # noqa: E402
 
-pytestmark = pytest.mark.slow     # 4 torch processes: ~40 s on 2 loaded cores
+pytestmark = pytest.mark.slow     # ~12 s each quiet; 40-75 s on 2 loaded cores (inductor, cold)
 
 F = torch.nn.functional
 
@@ -86,7 +86,8 @@ def _mesh_2x2(r: int, dm: Any) -> dict:
     out["partial_to_shard"] = p.redistribute(dm, [Shard(0), Replicate()]).to_local().tolist()
     tp = dm["tp"]
     out["coalesced"] = [
-        [t.tolist() for t in fc.all_reduce_coalesced([torch.ones(2) * r, torch.ones(1)], "sum", tp)],
+        [t.tolist() for t in fc.all_reduce_coalesced([torch.ones(2) * r, torch.ones(1)], "sum",
+                                                     tp)],
         [t.tolist() for t in fc.all_gather_into_tensor_coalesced(
             [torch.full((1,), float(r)), torch.full((2,), -1.0 * r)], tp)],
         [t.tolist() for t in fc.reduce_scatter_tensor_coalesced(
