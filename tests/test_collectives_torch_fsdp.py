@@ -3,7 +3,12 @@ on the "meshrun" torch.distributed backend, CPU tensors: unchanged torch
 code, checked against single-process values."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +18,10 @@ dist = pytest.importorskip("torch.distributed")
 
 import mesh  # noqa: E402
 
-pytestmark = pytest.mark.slow     # ~12 s each quiet; 40-75 s on 2 loaded cores (inductor, cold)
+pytestmark = pytest.mark.slow     # 10-12 s each quiet; 30-75 s loaded (inductor cold)
 
 F = torch.nn.functional
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mlp() -> Any:
@@ -176,34 +182,74 @@ def test_fsdp2_and_a_2x2_device_mesh_on_4_ranks() -> None:
         assert o["after"] == [2.0, 2.0] and o["threads_left"] == [], (r, o)
 
 
-def compiled(world: Any) -> tuple:
-    """torch.compile (inductor, one graph) of a function calling functional
-    collectives on the default group; its values and eager's."""
+TWO_RANKS = textwrap.dedent("""
+    import json, os, sys, time, torch, torch.distributed as dist
     import torch.distributed._functional_collectives as fc
+    import collectives.torchdist
+    from torch.distributed.fsdp import fully_shard
+    rank, size = int(sys.argv[1]), int(sys.argv[2])
+    dist.init_process_group("meshrun", init_method=sys.argv[3], rank=rank, world_size=size)
+    g = dist.group.WORLD
 
-    import collectives.torchdist  # noqa: F401
-    dist.init_process_group("meshrun")
-    g, r = dist.group.WORLD, dist.get_rank()
-
-    def f(x: Any) -> Any:
+    def f(x):
         y = fc.all_reduce(x * 2, "sum", g)
         z = fc.all_gather_tensor(y + 1, 0, g)
         return fc.reduce_scatter_tensor(z * z, "sum", 0, g) + fc.all_to_all_single(x, None, None, g)
-    x = torch.arange(4.0) + 10 * r
+    x = torch.arange(4.0) + 10 * rank
     got = torch.compile(f, fullgraph=True)(x).tolist()
-    want = f(x).tolist()
-    dist.destroy_process_group()
-    return got, want
+    print("compiled " + json.dumps([got, f(x).tolist()]), flush=True)
+    # then the last rank dies in an FSDP2 step
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4))
+    for layer in net:
+        fully_shard(layer)
+    fully_shard(net)
+    net(torch.ones(2, 4)).sum().backward()
+    dist.barrier()
+    if rank == size - 1:
+        time.sleep(1)      # the others wait in the next forward's all-gather by now
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        net(torch.ones(2, 4)).sum().backward()
+        print("step returned", flush=True)
+    except Exception as e:
+        print(f"raised after {time.monotonic() - t0:.0f}s: {type(e).__name__}: {e}", flush=True)
+""")
 
 
 @pytest.mark.timeout(400)
-def test_torch_compile_of_functional_collectives_2_ranks() -> None:
-    """Inductor compiles for minutes on a loaded machine (its cache helps reruns)."""
-    outs = mesh.spawn(compiled, 2, timeout=360)
-    for r, (got, want) in enumerate(outs):
+def test_torch_compile_of_functional_collectives_then_a_rank_dies_in_fsdp2(
+        tmp_path: Path) -> None:
+    """2 ranks: torch.compile (inductor, one graph) of a function calling
+    functional collectives gives eager's values (inductor compiles for
+    minutes on a loaded machine, its cache helps reruns); then rank 1 dies
+    during an FSDP2 step and rank 0 raises LostPeerError naming it."""
+    import json
+    script = tmp_path / "two.py"
+    script.write_text(TWO_RANKS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_") and k not in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2",
+                               f"file://{tmp_path}/store"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for r in range(2)]
+    try:
+        procs[0].wait(timeout=360)
+        procs[1].wait(timeout=10)
+    finally:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+    assert procs[1].returncode == 3, outs[1]
+    for r, out in enumerate(outs):
+        line = next((x for x in out.splitlines() if x.startswith("compiled ")), out)
+        got, want = json.loads(line.split(" ", 1)[1])
         assert got == want, (r, got, want)
-    # y = 2 (x0 + x1) = 4i + 20, z = [y + 1, y + 1]: each rank's half of 2 z^2
-    # is 2 (4i + 21)^2; all_to_all brings rank r elements 2r, 2r + 1 of each x_j
-    for r, (got, _) in enumerate(outs):
+        # y = 2 (x0 + x1) = 4i + 20, z = [y + 1, y + 1]: each rank's half of 2 z^2
+        # is 2 (4i + 21)^2; all_to_all brings rank r elements 2r, 2r + 1 of each x_j
         a2a = [2.0 * r + k + 10 * j for j in range(2) for k in range(2)]
         assert got == [2 * (4 * i + 21) ** 2 + a2a[i] for i in range(4)], (r, got)
+    line = next((x for x in outs[0].splitlines() if x.startswith("raised after")), outs[0])
+    assert "LostPeerError" in line and "rank 1" in line, line
+    assert int(line.split()[2].rstrip("s:")) < 15, line
