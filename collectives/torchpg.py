@@ -207,6 +207,26 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def getBackendName(self) -> str:
         return "meshrun"
 
+    # torch takes a Python ProcessGroup as the whole group, with no per-device
+    # Backend registered; its Python callers that ask for one (FSDP2's
+    # allocation from the process group, split_group, shrink_group, the time
+    # estimator) get this group, which declares none of NCCL's extras
+    supports_splitting = False
+    supports_coalescing = False
+    supports_time_estimate = False
+    supports_shrinking = False
+
+    def _get_backend(self, device: Any) -> "ProcessGroupMeshrun":
+        kind = torch.device(device).type
+        if kind not in ("cpu", "cuda"):
+            raise RuntimeError(f"meshrun backend: no backend for device type {kind} "
+                               f"(it takes cpu and cuda tensors)")
+        return self
+
+    def supports_tensor_alloc(self, device: Any) -> bool:
+        """No memory of its own to give: the caller allocates with torch.empty."""
+        return False
+
     def _set_group_name(self, name: str) -> None:
         super()._set_group_name(name)
         self._group_name = name

@@ -1,0 +1,255 @@
+"""FSDP2 (``fully_shard``), DeviceMesh, DTensor and functional collectives
+on the "meshrun" torch.distributed backend, CPU tensors: unchanged torch
+code, checked against single-process values."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+import mesh  # noqa: E402
+
+pytestmark = pytest.mark.slow     # 10-12 s each quiet; 30-75 s loaded (inductor cold)
+
+F = torch.nn.functional
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mlp() -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8),
+                               torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _fsdp(r: int, n: int, reshard_after_forward: bool) -> float:
+    """FSDP2 (each Linear, then the root) on this rank's 4 rows against one
+    process on all 4n, SGD, step 1 accumulated without gradient sync (and
+    buffers from the process group when not resharding after forward); the
+    largest difference of the gathered weights (``full_tensor()`` and the
+    full state dict) from the reference's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    dm = init_device_mesh("cpu", (n,), mesh_dim_names=("dp",))
+    net, ref = _mlp(), _mlp()
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=dm, reshard_after_forward=reshard_after_forward)
+            # torch asks the group's Backend whether it allocates (no: torch.empty)
+            layer.set_allocate_memory_from_process_group_for_comm(not reshard_after_forward)
+    fully_shard(net, mesh=dm, reshard_after_forward=reshard_after_forward)
+    w = net[0].weight
+    assert isinstance(w, DTensor) and w.to_local().shape[0] == 8 // n, w
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (net, ref))
+    gen = torch.Generator().manual_seed(3)
+    mine = slice(4 * r, 4 * r + 4)
+    for i in range(4):
+        x, y = torch.randn(4 * n, 6, generator=gen), torch.randn(4 * n, 3, generator=gen)
+        net.set_requires_gradient_sync(i != 1)
+        F.mse_loss(net(x[mine]), y[mine]).backward()
+        F.mse_loss(ref(x), y).backward()
+        if i == 1:                     # accumulated into step 2
+            continue
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+    want = ref.state_dict()
+    assert full.keys() == want.keys(), (full.keys(), want.keys())
+    return max([(full[k] - want[k]).abs().max().item() for k in want] +
+               [(p.full_tensor() - q).abs().max().item()
+                for p, q in zip(net.parameters(), ref.parameters())])
+
+
+def _mesh_2x2(r: int, dm: Any) -> dict:
+    """Ranks laid out [[0, 1], [2, 3]]: "dp" groups are the columns, "tp" the rows."""
+    import torch.distributed._functional_collectives as fc
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    out: dict = {}
+    for d in ("dp", "tp"):
+        g = dm[d].get_group()
+        t = torch.full((2,), float(r))
+        dist.all_reduce(t, group=g)
+        out[d] = (dist.get_process_group_ranks(g), t.tolist())
+    full = torch.arange(16.0).reshape(4, 4)
+    d = distribute_tensor(full, dm, [Shard(0), Shard(1)])
+    out["local"] = d.to_local().tolist()
+    out["shard_to_replicate"] = torch.equal(
+        d.redistribute(dm, [Replicate(), Replicate()]).to_local(), full)
+    p = DTensor.from_local(torch.full((2,), r + 1.0), dm, [Partial(), Partial()])
+    out["partial_to_replicate"] = p.redistribute(dm, [Replicate(), Replicate()]).to_local().tolist()
+    p = DTensor.from_local(torch.arange(4.0) * (r + 1), dm, [Partial(), Replicate()])
+    out["partial_to_shard"] = p.redistribute(dm, [Shard(0), Replicate()]).to_local().tolist()
+    tp = dm["tp"]
+    out["coalesced"] = [
+        [t.tolist() for t in fc.all_reduce_coalesced([torch.ones(2) * r, torch.ones(1)], "sum",
+                                                     tp)],
+        [t.tolist() for t in fc.all_gather_into_tensor_coalesced(
+            [torch.full((1,), float(r)), torch.full((2,), -1.0 * r)], tp)],
+        [t.tolist() for t in fc.reduce_scatter_tensor_coalesced(
+            [torch.arange(2.0) + r, torch.arange(4.0)], "sum", [0, 0], tp)],
+        fc.all_to_all_single(torch.arange(2.0) + 10 * r, None, None, tp).tolist()]
+    return out
+
+
+def _tp_fsdp(r: int, dm: Any) -> float:
+    """2-D: tensor parallel on "tp" (column- then row-wise Linear), FSDP2 on
+    "dp", one step against one process; the largest difference in output,
+    gradients and the gathered state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    ref.load_state_dict(net.state_dict())
+    parallelize_module(net, dm["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(net, mesh=dm["dp"])
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(5))
+    mine = x[2 * (r // 2):2 * (r // 2) + 2]          # a dp group's rows
+    y = net(mine)
+    y.sum().backward()
+    ref(x).sum().backward()
+    sd = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+    diffs = [(y - ref(mine)).abs().max().item()]
+    diffs += [(sd[k] - v).abs().max().item() for k, v in ref.state_dict().items()]
+    # FSDP averages over dp: half the full batch's sum of gradients
+    diffs += [(p.grad.full_tensor() - q.grad / 2).abs().max().item()
+              for p, q in zip(net.parameters(), ref.parameters())]
+    return max(diffs)
+
+
+def fsdp_and_device_mesh(world: Any) -> dict:
+    import torch.distributed._functional_collectives as fc
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import collectives.torchdist  # noqa: F401
+    before = {t.name for t in threading.enumerate()}
+    dist.init_process_group("meshrun")
+    r, n = dist.get_rank(), dist.get_world_size()
+    dm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    out = {"fsdp": max(_fsdp(r, n, raf) for raf in (True, False)), "mesh": _mesh_2x2(r, dm),
+           "tp_fsdp": _tp_fsdp(r, dm)}
+    dp = dm["dp"]
+    try:                               # only rank 0 differs: group [0, 2] raises, [1, 3] not
+        fc.all_reduce(torch.zeros(3 if r == 0 else 4), "sum", dp).wait()
+        out["mismatch"] = ""
+    except Exception as e:
+        out["mismatch"] = f"{type(e).__name__}: {e}"
+    out["after"] = fc.all_reduce(torch.ones(2), "sum", dp).tolist()
+    dist.destroy_process_group()
+    out["threads_left"] = sorted({t.name for t in threading.enumerate()} - before)
+    return out
+
+
+def test_fsdp2_and_a_2x2_device_mesh_on_4_ranks() -> None:
+    outs = mesh.spawn(fsdp_and_device_mesh, 4, timeout=150)
+    for r, o in enumerate(outs):
+        assert o["fsdp"] < 1e-6 and o["tp_fsdp"] < 1e-6, (r, o)
+        m = o["mesh"]
+        col, row = [r % 2, r % 2 + 2], [r - r % 2, r - r % 2 + 1]
+        assert m["dp"] == (col, [float(sum(col))] * 2), (r, m)
+        assert m["tp"] == (row, [float(sum(row))] * 2), (r, m)
+        i, j = divmod(r, 2)
+        assert m["local"] == [[4.0 * a + b for b in (2 * j, 2 * j + 1)]
+                              for a in (2 * i, 2 * i + 1)], (r, m)
+        assert m["shard_to_replicate"], (r, m)
+        assert m["partial_to_replicate"] == [10.0, 10.0], (r, m)       # 1 + 2 + 3 + 4
+        s = sum(c + 1 for c in col)                                     # Partial over dp
+        assert m["partial_to_shard"] == [2.0 * i * s, (2.0 * i + 1) * s], (r, m)
+        assert m["coalesced"] == [
+            [[float(sum(row))] * 2, [2.0]],
+            [[float(row[0]), float(row[1])], [-row[0]] * 2 + [-row[1]] * 2],
+            [[2.0 * (r % 2) + sum(row)], [2.0 * (2 * (r % 2)), 2.0 * (2 * (r % 2) + 1)]],
+            [10.0 * row[0] + r % 2, 10.0 * row[1] + r % 2]], (r, m)
+        if r in (0, 2):                # every member of group [0, 2] raises, naming both calls
+            e = o["mismatch"]
+            assert e.startswith("MismatchError") and "world/[0, 2]" in e, e
+            assert "rank 0" in e and "rank 1" in e and "[3]" in e and "[4]" in e, e
+        else:
+            assert o["mismatch"] == "", o
+        assert o["after"] == [2.0, 2.0] and o["threads_left"] == [], (r, o)
+
+
+TWO_RANKS = textwrap.dedent("""
+    import json, os, sys, time, torch, torch.distributed as dist
+    import torch.distributed._functional_collectives as fc
+    import collectives.torchdist
+    from torch.distributed.fsdp import fully_shard
+    rank, size = int(sys.argv[1]), int(sys.argv[2])
+    dist.init_process_group("meshrun", init_method=sys.argv[3], rank=rank, world_size=size)
+    g = dist.group.WORLD
+
+    def f(x):
+        y = fc.all_reduce(x * 2, "sum", g)
+        z = fc.all_gather_tensor(y + 1, 0, g)
+        return fc.reduce_scatter_tensor(z * z, "sum", 0, g) + fc.all_to_all_single(x, None, None, g)
+    x = torch.arange(4.0) + 10 * rank
+    got = torch.compile(f, fullgraph=True)(x).tolist()
+    print("compiled " + json.dumps([got, f(x).tolist()]), flush=True)
+    # then the last rank dies in an FSDP2 step
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4))
+    for layer in net:
+        fully_shard(layer)
+    fully_shard(net)
+    net(torch.ones(2, 4)).sum().backward()
+    dist.barrier()
+    if rank == size - 1:
+        time.sleep(1)      # the others wait in the next forward's all-gather by now
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        net(torch.ones(2, 4)).sum().backward()
+        print("step returned", flush=True)
+    except Exception as e:
+        print(f"raised after {time.monotonic() - t0:.0f}s: {type(e).__name__}: {e}", flush=True)
+""")
+
+
+@pytest.mark.timeout(400)
+def test_torch_compile_of_functional_collectives_then_a_rank_dies_in_fsdp2(
+        tmp_path: Path) -> None:
+    """2 ranks: torch.compile (inductor, one graph) of a function calling
+    functional collectives gives eager's values (inductor compiles for
+    minutes on a loaded machine, its cache helps reruns); then rank 1 dies
+    during an FSDP2 step and rank 0 raises LostPeerError naming it."""
+    import json
+    script = tmp_path / "two.py"
+    script.write_text(TWO_RANKS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_") and k not in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2",
+                               f"file://{tmp_path}/store"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for r in range(2)]
+    try:
+        procs[0].wait(timeout=360)
+        procs[1].wait(timeout=10)
+    finally:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+    assert procs[1].returncode == 3, outs[1]
+    for r, out in enumerate(outs):
+        line = next((x for x in out.splitlines() if x.startswith("compiled ")), out)
+        got, want = json.loads(line.split(" ", 1)[1])
+        assert got == want, (r, got, want)
+        # y = 2 (x0 + x1) = 4i + 20, z = [y + 1, y + 1]: each rank's half of 2 z^2
+        # is 2 (4i + 21)^2; all_to_all brings rank r elements 2r, 2r + 1 of each x_j
+        a2a = [2.0 * r + k + 10 * j for j in range(2) for k in range(2)]
+        assert got == [2 * (4 * i + 21) ** 2 + a2a[i] for i in range(4)], (r, got)
+    line = next((x for x in outs[0].splitlines() if x.startswith("raised after")), outs[0])
+    assert "LostPeerError" in line and "rank 1" in line, line
+    assert int(line.split()[2].rstrip("s:")) < 15, line
