@@ -103,7 +103,8 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
 
 def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
                  program: Sequence[Action], reps: int = 3,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[int, LayerCost]:
+                 clock: Callable[[], float] = time.perf_counter,
+                 loss: tuple[int, Callable[[Any], Any]] | None = None) -> dict[int, LayerCost]:
     """Each stage's F, B, I and W as a step runs them: this rank's compute
     actions of ``program`` (a lowered rank program; its messages skipped)
     in their order, each micro-batch's F on a fresh copy of its stage's
@@ -115,8 +116,10 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
     stages alternates between them. Runs: one to warm up, then at least
     ``reps`` and 50 ms of them (at most 25); per run, the mean of each
     stage's actions of a kind; returned, the median over the runs (kinds
-    the program does not run: 0). The stages' gradients are changed: pass
-    copies."""
+    the program does not run: 0). ``loss``: ``(stage, fn)``, the last
+    stage and ``fn(output) -> its gradient`` (the loss and the executor's
+    scaling), timed in that stage's F as the executor runs it. The stages'
+    gradients are changed: pass copies."""
     acts = [a for a in program if a.kind in (F, B, I, W)]
     runs: dict[tuple[int, str], list[float]] = {}
     nbytes: dict[int, int] = {}
@@ -130,10 +133,12 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
             st, key = stages[a.stage], (a.stage, a.mb)
             if a.kind == F:
                 x = inputs[a.stage] * 1        # a fresh array, as a received message is
+                fn = loss[1] if loss is not None and a.stage == loss[0] else None
                 t0 = clock()
                 y, ctxs[key] = st.forward(x)
+                gy = fn(y) if fn is not None else None       # the loss, in the F's time
                 t1 = clock()
-                gys[key] = y * 0 + 1
+                gys[key] = y * 0 + 1 if gy is None else gy
                 nbytes[a.stage] = _nbytes(y)
             elif a.kind == W:
                 t0 = clock()
@@ -259,12 +264,14 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
 def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
                 overhead: float = 0.0, send: float = 0.0,
                 whole: Mapping[Span, LayerCost] | None = None,
-                helper: Sequence[float] | None = None) -> dict[str, list[float]]:
+                helper: Sequence[float] | None = None, recv: float = 0.0
+                ) -> dict[str, list[float]]:
     """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
     of stages holding ``counts`` consecutive layers: a stage's time measured
     whole when ``whole`` has its span, else the sum of its layers'; each
     compute action also pays ``overhead`` (the executor's own cost per
-    action), and each message takes ``send`` seconds to arrive. ``helper``
+    action), each message takes ``send`` seconds to arrive and each receive
+    at least ``recv`` (engine.calibrate.message_times). ``helper``
     (per stage) is added to its F, B and I: the mesh threads' CPU for the
     messages those actions send and receive (``helper_charge``)."""
     costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
@@ -277,6 +284,7 @@ def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float =
             extra = helper[s] if helper is not None and kind != "W" else 0.0
             costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead + extra)
     costs["send"] = [send] * len(counts)
+    costs["recv"] = [recv] * len(counts)
     return costs
 
 
@@ -354,7 +362,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                overhead: float | Mapping[int, float] = 0.0,
                send: float | Mapping[int, float] = 0.0,
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
-               helper: float = 0.0) -> list[Candidate]:
+               helper: float = 0.0, recv: float | Mapping[int, float] = 0.0
+               ) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -362,7 +371,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     measured time (1/tp for tensor-parallel stages); ``overhead`` is added
     to every compute action and ``send`` is each message's time of flight
     (see ``stage_costs``), each one figure or one per micro-batch count
-    (``{m: seconds}``: the executor's costs depend on it, engine.calibrate);
+    (``{m: seconds}``: the executor's costs depend on it, engine.calibrate),
+    as is ``recv``, the least a receive takes;
     ``helper`` the mesh threads' CPU per message end
     charged to the computing ranks (``helper_charge``; 0 where a core is
     spare)."""
@@ -380,10 +390,11 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         m = sched.num_microbatches
         ov = overhead if isinstance(overhead, (int, float)) else overhead[m]
         msg = send if isinstance(send, (int, float)) else send[m]
-        costs = stage_costs(row, counts, scale, ov, msg, whole, charge)
+        rc = recv if isinstance(recv, (int, float)) else recv[m]
+        costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc)
         rep = sched.simulate(costs)
         summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None,
-                                             charge)).makespan if whole else rep.makespan)
+                                             charge, rc)).makespan if whole else rep.makespan)
         act, start = [], 0
         for c in counts:
             act.append(sum(row[i].act_bytes for i in range(start, start + c)))
@@ -396,12 +407,14 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
 
 
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
-            helper: float = 0.0, send: float | None = None) -> Candidate:
+            helper: float = 0.0, send: float | None = None,
+            recv: float | None = None) -> Candidate:
     """``cand`` simulated again with the stages of ``times`` (stage index:
     its F, B, I and W, timed whole again, e.g. right before the steps) in
     place of their profiled costs, plus ``overhead`` per action and the
-    ``helper_charge``; ``send``, when given, the time of every message
-    (else the candidate's own); the other costs and ``summed`` are kept."""
+    ``helper_charge``; ``send`` and ``recv``, when given, the time of every
+    message and the least every receive takes (else the candidate's own);
+    the other costs and ``summed`` are kept."""
     charge = helper_charge(cand.schedule, helper)
     costs = {k: list(v) for k, v in cand.costs.items()}
     for st, lc in times.items():
@@ -409,6 +422,8 @@ def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0
             costs[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
     if send is not None:
         costs["send"] = [send] * len(costs["send"])
+    if recv is not None:
+        costs["recv"] = [recv] * len(costs["send"])
     rep = cand.schedule.simulate(costs)
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs)
 

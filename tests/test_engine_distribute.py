@@ -186,6 +186,38 @@ def test_retimed_takes_the_dry_runs_message_time():
     assert _message_time(sched, base, slow.makespan) == pytest.approx(0.7)
 
 
+def test_a_receive_pays_what_the_dry_run_saw_once_its_message_was_due():
+    """A message sent while its receiver computes is not all read when the
+    flight measured on waiting receivers says it is due: the receive pays
+    the rest. message_times takes the flight from receives that waited
+    before the send (less the per-action cost), and the receive's own time
+    from those that began once their message was due; the simulator's
+    receive then takes at least that long, and the re-time carries it."""
+    from engine.calibrate import message_times
+    waited = [(0.0, -1.0, 1.0), (10.0, 9.0, 11.2), (20.0, 19.5, 20.8)]   # flights 1.0 1.2 0.8
+    due = [(30.0, 31.5, 33.5), (40.0, 42.0, 42.0)]       # began after the 1.0 flight
+    early = [(50.0, 50.5, 51.0)]                          # began before it was due: not counted
+    assert message_times(waited + due + early, 0.25) == (pytest.approx(0.75), pytest.approx(1.0))
+    assert message_times(waited, 0.25) == (pytest.approx(0.75), 0.0)
+    assert message_times(due + early, 0.25) is None
+    rows = 16
+    prof = _profile(rows, [4], [1, 1, 1, 1])
+    (sched,) = choose.builtin(["1f1b"], 2, [4])
+    base, = choose.candidates(prof, [1] * 4, rows, [sched], send={4: 0.1})
+    paid, = choose.candidates(prof, [1] * 4, rows, [sched], send={4: 0.1}, recv={4: 2.0})
+    assert base.costs["recv"] == [0.0, 0.0] and paid.costs["recv"] == [2.0, 2.0]
+    assert paid.makespan > base.makespan
+    again = choose.retimed(base, {}, recv=2.0)
+    assert again.costs["recv"] == [2.0, 2.0] and again.makespan == pytest.approx(paid.makespan)
+    assert choose.retimed(paid, {}).costs["recv"] == [2.0, 2.0]
+    from engine.simulate import simulate
+    one = {"F": 1.0, "B": 1.0, "send": 0.5}     # rank 1's first receive waits for the message
+    first = [e for e in simulate(sched, one | {"recv": 0.2}).events if e.rank == 1][0]
+    assert first.end - first.start == pytest.approx(1.5)
+    later = [e for e in simulate(sched, one | {"recv": 3.0}).events if e.rank == 1][0]
+    assert later.end - later.start == pytest.approx(3.0)     # the message was there at 1.5
+
+
 class _Recording:
     """A stage that records its calls and hands on what it got."""
 
@@ -230,6 +262,15 @@ def test_time_program_runs_the_ranks_actions_in_order():
     assert set(got) == set(stages)
     for lc in got.values():
         assert (lc.F, lc.B, lc.I, lc.W) == (1.0, 0.0, 1.0, 1.0) and lc.act_bytes == 48
+    # the last stage's loss is timed in its F, as the executor runs it there
+    late = [0.0]
+
+    def loss(y):
+        late[0] += 5.0
+        return y * 2
+    got = choose.time_program(stages, {s: np.ones((2, 3)) for s in stages}, program, reps=2,
+                              clock=lambda: float(next(ticks)) + late[0], loss=(3, loss))
+    assert (got[3].F, got[3].I, got[0].F) == (6.0, 1.0, 1.0)
 
 
 def _dry_worker(world):
@@ -247,7 +288,8 @@ def test_dry_run_of_any_schedule():
     stages computing nothing or keeping the core busy per stage and kind,
     and every rank gets the same executor costs."""
     a, b = mesh.spawn(_dry_worker, 2, timeout=60, env=PATIENT)
-    assert a == b and all(d.action > 0 and d.message >= 0 and d.helper >= 0 for d in a)
+    assert a == b and all(d.action > 0 and d.message >= 0 and d.helper >= 0 and d.receive >= 0
+                          and d.span > 0 and d.simulated > 0 for d in a)
 
 
 def test_stages_measured_whole_enter_the_prediction():
@@ -366,7 +408,10 @@ def _numpy_worker(world, axes, plan, widths):
                 cal is not job.profile_calibration
                 and cal.crowded == job.profile_calibration.crowded
                 and cal.helper == (cal.helper_measured if cal.crowded else 0.0)
-                and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages)}
+                and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages
+                and job.chosen.costs["recv"] == [cal.receive] * job.schedule.num_stages),
+            # the re-time runs the loss where the last stage's F does
+            "loss": plan is not None or (job._loss() is not None) == job.pipeline.last}
 
 
 def _numpy_reference(widths=WIDTHS):
@@ -395,7 +440,7 @@ def test_numpy_distribute_matches_one_process(axes, plan):
     for res in results:
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
-        assert res["calibrated"] and res["retimed"] and res["dry"]
+        assert res["calibrated"] and res["retimed"] and res["dry"] and res["loss"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
