@@ -32,7 +32,9 @@ from .schedules import by_name
 
 __all__ = ["LayerCost", "Candidate", "time_layer", "time_program", "measure", "measure_stages",
            "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
-           "microbatch_counts", "builtin", "candidates", "retimed", "table", "SCHEDULES", "Span"]
+           "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
+           "table",
+           "SCHEDULES", "Span"]
 
 _SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
 
@@ -340,6 +342,7 @@ class Candidate:
     fits: bool
     costs: dict[str, list[float]]
     summed: float | None = None     # the makespan had every stage cost its layers' sum
+    measured: bool = False          # the executor's costs from a dry run of its own (recosted)
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -402,8 +405,14 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         peak = max(peak_bytes(sched, act))
         fits = memory_limit is None or peak <= memory_limit
         out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed))
-    out.sort(key=lambda c: (not c.fits, c.makespan, c.peak_bytes, c.schedule.num_microbatches))
-    return out
+    return best_first(out)
+
+
+def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
+    """``cands`` best first: those under the memory limit, then by predicted
+    step time, peak activation bytes and micro-batch count."""
+    return sorted(cands, key=lambda c: (not c.fits, c.makespan, c.peak_bytes,
+                                        c.schedule.num_microbatches))
 
 
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
@@ -428,6 +437,21 @@ def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs)
 
 
+def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
+             whole: Mapping[Span, LayerCost] | None = None, overhead: float = 0.0,
+             send: float = 0.0, helper: float = 0.0, recv: float = 0.0) -> Candidate:
+    """``cand`` simulated again with the executor's costs measured on a dry
+    run of its own schedule (``overhead`` per action, ``send`` per message,
+    ``recv`` per receive, ``helper`` per message end: engine.calibrate) in
+    place of those its micro-batch count's 1F1B dry run gave; its stages
+    as ``candidates`` cost them (``row``, ``whole``, ``scale``); marked
+    ``measured``."""
+    charge = helper_charge(cand.schedule, helper) if helper else None
+    costs = stage_costs(row, cand.counts, scale, overhead, send, whole, charge, recv)
+    rep = cand.schedule.simulate(costs)
+    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True)
+
+
 def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
     """``{micro-batch size: [(first, stop)...]}``: the stages of more than one
     layer that ``cands`` cut, for ``measure_stages``."""
@@ -446,6 +470,7 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
              f"{'peak MB':>8}"]
     for c in cands:
         note = "  <- chosen" if c is chosen else ("" if c.fits else "  over memory limit")
+        note = ("  (its own dry run)" if c.measured else "") + note
         counts = " ".join(str(n) for n in c.counts)
         if len(counts) > 14:
             counts = counts[:11] + "..."

@@ -43,9 +43,9 @@ from mesh import Comm, Grid
 
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, dry_run
-from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates, counts_for,
-                     measure, measure_stages, microbatch_counts, retimed, stage_spans, table,
-                     time_program)
+from .choose import (SCHEDULES, Candidate, LayerCost, Span, best_first, builtin, candidates,
+                     counts_for, measure, measure_stages, microbatch_counts, recosted, retimed,
+                     stage_costs, stage_spans, table, time_program)
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
@@ -175,6 +175,47 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
         return sum(getattr(lc, k) for lc in lcs) / len(lcs)
     return {s: LayerCost(mean(lcs, "F"), mean(lcs, "B"), mean(lcs, "I"), mean(lcs, "W"),
                          lcs[0].act_bytes) for s, lcs in got.items()}
+
+
+def _stage_messages(row: dict[int, LayerCost], counts: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Per stage of a cut, the bytes it sends forward (its output) and
+    backward (its input's gradient), from a profile row."""
+    bounds = [sum(counts[:s]) for s in range(len(counts))]
+    out = [row[b + c - 1].act_bytes for b, c in zip(bounds, counts)]
+    return [(o, out[s - 1] if s else 0) for s, o in enumerate(out)]
+
+
+def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict[int, LayerCost]],
+                     whole: dict[int, dict[Span, LayerCost]], rows: int, scale: float,
+                     crowded: bool, tag_base: int, timeout: float | None, tries: int = 4
+                     ) -> list[Candidate]:
+    """``cands`` ranked again, the leader costed with the executor's costs
+    measured on a busy dry run of its own schedule (engine.calibrate's
+    ``dry_run``: its stages' profiled times, its messages' sizes) until the
+    leader is one so costed, or ``tries`` dry runs are spent: the
+    candidates' figures come from a no-op 1F1B dry run at their micro-batch
+    count, which a zero-bubble schedule with its split backward and two
+    micro-batches pays several times over (175-400 us per action against
+    30-150, quiet), so a leader whose own run costs more drops behind the
+    next, which is then measured in turn; when the tries are spent first,
+    the best of the measured leads. Every rank gets the same dry-run
+    figures, so all rank alike."""
+    for _ in range(tries):
+        lead = cands[0]
+        if lead.measured or not lead.fits:
+            break
+        size = -(-rows // lead.schedule.num_microbatches)
+        row, w = profile[size], whole.get(size)
+        spin = stage_costs(row, lead.counts, scale, whole=w)
+        d = dry_run(grid.comm, grid.group("pp"), lead.schedule, _stage_messages(row, lead.counts),
+                    steps=3, tag_base=tag_base, timeout=timeout,
+                    costs={k: spin[k] for k in "FBIW"})
+        cands = best_first([recosted(lead, row, scale, w, d.action, d.message,
+                                     d.helper if crowded else 0.0, d.receive)] + cands[1:])
+    if cands[0].measured or not any(c.measured for c in cands):
+        return cands
+    # the tries spent: the best of those measured leads (the others' figures are a lower bound)
+    return [c for c in cands if c.measured] + [c for c in cands if not c.measured]
 
 
 class Job:
@@ -442,6 +483,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
                            action, message, helper=cal.helper, recv=receive)
         spans = stage_spans(cands, rows)
+        whole: dict[int, dict[Span, LayerCost]] = {}
         if spans:          # the cuts' stages, timed whole: what the steps will pay
             def join(first: int, stop: int) -> Any:
                 stage = make_stage([layer for _, layer in named[first:stop]], first)
@@ -451,6 +493,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                action, message, whole, cal.helper, receive)
         if not cands:
             raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
+        if auto and overhead is None and not plan:     # the leaders' own dry runs
+            cands = _measured_choice(grid, cands, profile, whole, rows, 1.0 / tp, cal.crowded,
+                                     tag_base, timeout)
         chosen = cands[0]
         if not chosen.fits:
             raise ValueError(f"no schedule keeps its activations under memory_limit="
@@ -487,8 +532,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         inputs = {s: xs[bounds[s]] for s in mine}
         target = _loss_target(wrapped, xs[-1]) if pipe.last else None
         if overhead is None:          # each stage's messages: its output, its input's gradient
-            out = [profile[size][b + c - 1].act_bytes for b, c in zip(bounds, counts)]
-            messages = [(o, out[s - 1] if s else 0) for s, o in enumerate(out)]
+            messages = _stage_messages(profile[size], tuple(counts))
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
               bool(plan), cal, inputs, reps, messages, timeout, tag_base, target)
     job.retime()

@@ -218,6 +218,55 @@ def test_a_receive_pays_what_the_dry_run_saw_once_its_message_was_due():
     assert later.end - later.start == pytest.approx(3.0)     # the message was there at 1.5
 
 
+def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
+    """distribute's choice costs the leading candidate again with the
+    executor's costs measured on a dry run of its own schedule (its stages'
+    times, its messages) until the leader is one so costed: a leader whose
+    own run costs more falls behind the next, which is then measured."""
+    import importlib
+    from engine.calibrate import DryRun
+    dist = importlib.import_module("engine.distribute")
+    rows = 16
+    prof = _profile(rows, [2, 4], [1, 1, 1, 1])
+    scheds = choose.builtin(["1f1b", "zb-h1"], 2, [2, 4])
+    cands = choose.candidates(prof, [1] * 4, rows, scheds, overhead={2: 0.01, 4: 0.01},
+                              send={2: 0.01, 4: 0.01})
+    lead, second = cands[0], cands[1]
+    ran = []
+
+    def fake_dry_run(world, pp, sched, nbytes, steps=5, tag_base=0, timeout=None, costs=None):
+        ran.append((sched.name, nbytes, costs))
+        if sched.name == lead.schedule.name:
+            return DryRun(1.0, 0.03, 0.5, receive=0.04)
+        return DryRun(0.01, 0.01, 0.5)      # as its no-op figures said
+
+    class Grid:
+        comm = None
+
+        def group(self, axis):
+            return None
+    monkeypatch.setattr(dist, "dry_run", fake_dry_run)
+    got = dist._measured_choice(Grid(), list(cands), prof, {}, rows, 1.0, False, 0, None)
+    assert [r[0] for r in ran] == [lead.schedule.name, second.schedule.name]
+    assert got[0].schedule is second.schedule and got[0].measured
+    assert got[0].makespan == pytest.approx(second.makespan)
+    slow = next(c for c in got if c.schedule is lead.schedule)
+    assert slow.measured and slow.makespan > lead.makespan
+    assert slow.costs["send"] == [0.03, 0.03] and slow.costs["recv"] == [0.04, 0.04]
+    assert slow.costs["W"][0] == pytest.approx(lead.costs["W"][0] - 0.01 + 1.0)
+    size = rows // lead.schedule.num_microbatches
+    spin = ran[0][2]        # the stages' own times, no executor's costs
+    assert spin["F"][0] == pytest.approx(prof[size][0].F + prof[size][1].F)
+    assert ran[0][1] == [(prof[size][1].act_bytes, 0), (prof[size][3].act_bytes,
+                                                         prof[size][1].act_bytes)]
+    assert sum(c.measured for c in got) == 2
+    ran.clear()
+    once = dist._measured_choice(Grid(), list(cands), prof, {}, rows, 1.0, False, 0, None,
+                                 tries=1)      # spent: the measured one leads, though slower
+    assert once[0].schedule is lead.schedule and once[0].measured and len(ran) == 1
+    assert once[1].schedule is second.schedule and not once[1].measured
+
+
 class _Recording:
     """A stage that records its calls and hands on what it got."""
 
@@ -411,7 +460,8 @@ def _numpy_worker(world, axes, plan, widths):
                 and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages
                 and job.chosen.costs["recv"] == [cal.receive] * job.schedule.num_stages),
             # the re-time runs the loss where the last stage's F does
-            "loss": plan is not None or (job._loss() is not None) == job.pipeline.last}
+            "loss": plan is not None or (job._loss() is not None) == job.pipeline.last,
+            "measured": plan is not None or job.profiled.measured}   # by its own dry run
 
 
 def _numpy_reference(widths=WIDTHS):
@@ -441,6 +491,7 @@ def test_numpy_distribute_matches_one_process(axes, plan):
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
         assert res["calibrated"] and res["retimed"] and res["dry"] and res["loss"]
+        assert res["measured"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
