@@ -8,8 +8,10 @@ the stages by ``plan`` over ``tp``, averages gradients over ``dp``, and, with
 every built-in schedule at several micro-batch counts (engine.choose), with
 each candidate's stages of several layers measured whole and the executor's
 own costs (engine.calibrate: with, on a host with no spare core, the mesh
-threads' CPU per message charged to the computing ranks), and runs the
-fastest that fits ``memory_limit``; the chosen stages are timed once more
+threads' CPU per message charged to the computing ranks; the leader costed
+again by a busy dry run of its own schedule until the leader is one so
+costed), and runs the fastest that fits ``memory_limit``; the chosen
+stages are timed once more (the last one with its loss)
 right before it returns, in the order the schedule runs them, and the
 executor's costs measured on a dry run of that schedule (``Job.retime``:
 ``job.predicted``), so the prediction is of the machine as the steps will
