@@ -106,7 +106,8 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
 def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
                  program: Sequence[Action], reps: int = 3,
                  clock: Callable[[], float] = time.perf_counter,
-                 loss: tuple[int, Callable[[Any], Any]] | None = None) -> dict[int, LayerCost]:
+                 loss: tuple[int, Callable[[Any], Any]] | None = None,
+                 each: list[dict[int, LayerCost]] | None = None) -> dict[int, LayerCost]:
     """Each stage's F, B, I and W as a step runs them: this rank's compute
     actions of ``program`` (a lowered rank program; its messages skipped)
     in their order, each micro-batch's F on a fresh copy of its stage's
@@ -120,8 +121,10 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
     stage's actions of a kind; returned, the median over the runs (kinds
     the program does not run: 0). ``loss``: ``(stage, fn)``, the last
     stage and ``fn(output) -> its gradient`` (the loss and the executor's
-    scaling), timed in that stage's F as the executor runs it. The stages'
-    gradients are changed: pass copies."""
+    scaling), timed in that stage's F as the executor runs it. ``each``,
+    when given, gets every run's own figures (a dict like the one returned)
+    appended, in the order run. The stages' gradients are changed: pass
+    copies."""
     acts = [a for a in program if a.kind in (F, B, I, W)]
     runs: dict[tuple[int, str], list[float]] = {}
     nbytes: dict[int, int] = {}
@@ -158,12 +161,17 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
         if n > 1:
             for k, v in took.items():
                 runs.setdefault(k, []).append(sum(v) / len(v))
-    out = {}
-    for s in sorted({a.stage for a in acts}):
-        got = {kind: statistics.median(runs[(s, kind)]) if (s, kind) in runs else 0.0
-               for kind in ("F", "B", "I", "W")}
-        out[s] = LayerCost(got["F"], got["B"], got["I"], got["W"], nbytes.get(s, 0))
-    return out
+            if each is not None:
+                each.append(_by_stage({k: sum(v) / len(v) for k, v in took.items()}, nbytes))
+    return _by_stage({k: statistics.median(v) for k, v in runs.items()}, nbytes)
+
+
+def _by_stage(times: Mapping[tuple[int, str], float], nbytes: Mapping[int, int]
+              ) -> dict[int, LayerCost]:
+    """``{(stage, kind): seconds}`` as a LayerCost per stage (kinds absent: 0)."""
+    return {s: LayerCost(times.get((s, "F"), 0.0), times.get((s, "B"), 0.0),
+                         times.get((s, "I"), 0.0), times.get((s, "W"), 0.0), nbytes.get(s, 0))
+            for s in sorted({s for s, _ in times})}
 
 
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
@@ -417,24 +425,45 @@ def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
 
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
             helper: float = 0.0, send: float | None = None,
-            recv: float | None = None) -> Candidate:
+            recv: float | None = None,
+            runs: Sequence[Mapping[int, LayerCost]] = ()) -> Candidate:
     """``cand`` simulated again with the stages of ``times`` (stage index:
     its F, B, I and W, timed whole again, e.g. right before the steps) in
     place of their profiled costs, plus ``overhead`` per action and the
     ``helper_charge``; ``send`` and ``recv``, when given, the time of every
     message and the least every receive takes (else the candidate's own);
-    the other costs and ``summed`` are kept."""
+    the other costs and ``summed`` are kept. With ``runs`` (the stages'
+    times of each run of the re-time, every rank's runs paired in order:
+    they ran at once), the makespan is the median over the runs of each
+    run's simulated step, not the step of the median times: a step waits
+    for the slower side at each message, so where the ranks hand work back
+    and forth often (two micro-batches, zero-bubble schedules) the median
+    step is longer than the step of median actions (quiet ZB-V(2,2): 4-5%,
+    each step simulated from its own actions; 1F1B(2,8): none)."""
     charge = helper_charge(cand.schedule, helper)
-    costs = {k: list(v) for k, v in cand.costs.items()}
-    for st, lc in times.items():
-        for kind in ("F", "B", "I", "W"):
-            costs[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
+    costs = _with_times(cand.costs, times, overhead, charge)
     if send is not None:
         costs["send"] = [send] * len(costs["send"])
     if recv is not None:
         costs["recv"] = [recv] * len(costs["send"])
     rep = cand.schedule.simulate(costs)
-    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs)
+    makespan = rep.makespan
+    if runs:
+        makespan = statistics.median([
+            cand.schedule.simulate(_with_times(costs, run, overhead, charge)).makespan
+            for run in runs])
+    return replace(cand, makespan=makespan, bubble=rep.bubble, costs=costs)
+
+
+def _with_times(costs: Mapping[str, list[float]], times: Mapping[int, LayerCost],
+                overhead: float, charge: Sequence[float]) -> dict[str, list[float]]:
+    """``costs`` with the stages of ``times`` in place (their F, B, I, W plus
+    ``overhead`` and, but for W, the stage's ``charge``)."""
+    out = {k: list(v) for k, v in costs.items()}
+    for st, lc in times.items():
+        for kind in ("F", "B", "I", "W"):
+            out[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
+    return out
 
 
 def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,

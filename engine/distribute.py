@@ -159,24 +159,33 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
 
 def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program: Any,
             reps: int, loss: tuple[int, Callable[[Any], Any]] | None = None
-            ) -> dict[int, LayerCost]:
+            ) -> tuple[dict[int, LayerCost], list[dict[int, LayerCost]]]:
     """Each rank times copies of its stages running its own program's
     compute actions in order (engine.choose.time_program: every rank at
     once, as the steps run them; at least 5 runs, each a step's compute,
     so that a burst of others' load over two of them does not move the
     median; ``loss``, the last stage's loss in its F, as the step runs it);
     the times of every stage, averaged over the ranks that hold it (dp
-    replicas), exchanged."""
+    replicas), exchanged; and the same for each run, the ranks' runs paired
+    in order (as many as the rank with the fewest ran)."""
     copies = {s: copy.deepcopy(st) for s, st in stages.items()}
-    got: dict[int, list[LayerCost]] = {}
-    for (s,), lc in _exchange(world, [((s,), lc) for s, lc in
-                                      time_program(copies, inputs, program, max(reps, 5),
-                                                   loss=loss).items()]):
-        got.setdefault(s, []).append(lc)
-    def mean(lcs: list[LayerCost], k: str) -> float:
-        return sum(getattr(lc, k) for lc in lcs) / len(lcs)
-    return {s: LayerCost(mean(lcs, "F"), mean(lcs, "B"), mean(lcs, "I"), mean(lcs, "W"),
-                         lcs[0].act_bytes) for s, lcs in got.items()}
+    each: list[dict[int, LayerCost]] = []
+    median = time_program(copies, inputs, program, max(reps, 5), loss=loss, each=each)
+    mine = [((s, -1), lc) for s, lc in median.items()]
+    mine += [((s, i), lc) for i, run in enumerate(each) for s, lc in run.items()]
+    got: dict[tuple[int, int], list[LayerCost]] = {}
+    for (s, i), lc in _exchange(world, mine):
+        got.setdefault((s, i), []).append(lc)
+
+    def mean(lcs: list[LayerCost]) -> LayerCost:
+        f, b, gi, gw = (sum(getattr(lc, k) for lc in lcs) / len(lcs) for k in "FBIW")
+        return LayerCost(f, b, gi, gw, lcs[0].act_bytes)
+    held = {s: len(lcs) for (s, i), lcs in got.items() if i == -1}     # by how many ranks
+    runs = 0
+    while held and all(len(got.get((s, runs), [])) == n for s, n in held.items()):
+        runs += 1
+    return ({s: mean(got[(s, -1)]) for s in held},
+            [{s: mean(got[(s, i)]) for s in held} for i in range(runs)])
 
 
 def _stage_messages(row: dict[int, LayerCost], counts: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -279,8 +288,8 @@ class Job:
         if self.chosen is None or not self._inputs:
             return None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
-        times = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
-                        self._reps, self._loss())
+        times, runs = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
+                              self._reps, self._loss())
         cal = self.calibration or Calibration(0.0, 0.0)
         if self._messages is not None:        # calibrated (not a given overhead)
             spin = {k: [getattr(times[s], k) for s in range(self.schedule.num_stages)]
@@ -293,7 +302,7 @@ class Job:
                           receive=dry.receive)
             self.calibration = cal
         self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message,
-                              cal.receive)
+                              cal.receive, runs)
         return self.chosen.makespan
 
     def _loss(self) -> tuple[int, Callable[[Any], Any]] | None:

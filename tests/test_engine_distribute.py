@@ -168,6 +168,25 @@ def test_retimed_stages_replace_the_profile():
     assert slow.costs["W"][1] == pytest.approx(1.1) and slow.makespan > cand.makespan
 
 
+def test_retimed_predicts_the_median_of_the_runs_steps():
+    """With the re-time's runs, the prediction is the median over the runs
+    of each run's simulated step (the ranks' runs paired, as they ran at
+    once), not the step of the median times: here two runs of three have
+    one slow stage, on a different rank each, and the median step pays it,
+    while each stage's median time is the fast one."""
+    rows = 16
+    prof = _profile(rows, [2], [1, 1])
+    (sched,) = choose.builtin(["1f1b"], 2, [2])
+    cand, = choose.candidates(prof, [1, 1], rows, [sched])
+    fast, slow = LayerCost(1.0, 1.0, 0.0, 0.0, 0), LayerCost(3.0, 3.0, 0.0, 0.0, 0)
+    runs = [{0: slow, 1: fast}, {0: fast, 1: slow}, {0: fast, 1: fast}]
+    of_medians = choose.retimed(cand, {0: fast, 1: fast})
+    paired = choose.retimed(cand, {0: fast, 1: fast}, runs=runs)
+    steps = sorted(choose.retimed(cand, r).makespan for r in runs)
+    assert paired.makespan == pytest.approx(steps[1]) and paired.makespan > of_medians.makespan
+    assert paired.costs == of_medians.costs
+
+
 def test_retimed_takes_the_dry_runs_message_time():
     """Job.retime's dry run of the chosen schedule gives every message its
     own time; without one the candidate's is kept. The dry run's message
@@ -317,9 +336,12 @@ def test_time_program_runs_the_ranks_actions_in_order():
     def loss(y):
         late[0] += 5.0
         return y * 2
+    each = []       # and every run's own figures, for the median over the runs' steps
     got = choose.time_program(stages, {s: np.ones((2, 3)) for s in stages}, program, reps=2,
-                              clock=lambda: float(next(ticks)) + late[0], loss=(3, loss))
+                              clock=lambda: float(next(ticks)) + late[0], loss=(3, loss),
+                              each=each)
     assert (got[3].F, got[3].I, got[0].F) == (6.0, 1.0, 1.0)
+    assert len(each) == 2 and all(run == got for run in each)
 
 
 def _dry_worker(world):
