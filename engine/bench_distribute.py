@@ -92,8 +92,8 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
              "profiled": job.profiled.makespan if job.profiled else None,
              "helper": job.calibration.helper_measured if job.calibration else 0.0,
              "charged": bool(job.calibration and job.calibration.crowded),
-             "executor": ((job.calibration.action, job.calibration.message)
-                          if job.calibration else (0.0, 0.0)),
+             "executor": ((job.calibration.action, job.calibration.message,
+                           job.calibration.receive) if job.calibration else (0.0, 0.0, 0.0)),
              "spans": spans[k][1:]}
             for k, (b, _, job) in enumerate(jobs)]
 
@@ -116,6 +116,7 @@ def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
                        "helper_us": row["helper"] * 1e6, "charged": row["charged"],
                        "action_us": row["executor"][0] * 1e6,
                        "message_us": row["executor"][1] * 1e6,
+                       "receive_us": row["executor"][2] * 1e6,
                        "measured_ms": statistics.median(per_step) * 1e3})
     return report
 
@@ -123,11 +124,12 @@ def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
 def balance_table(report: list[dict[str, Any]]) -> str:
     """``predicted``: stages timed again right before the passes (Job.retime);
     ``profile``: distribute's prediction; ``summed``: its layers' sums;
-    ``action/msg``: the executor's cost per compute action and per message
-    in ``predicted`` (Job.retime's dry run of the job's schedule)."""
+    ``action/msg/recv``: the executor's cost per compute action, per message
+    and the least per receive in ``predicted`` (Job.retime's dry run of the
+    job's schedule)."""
     lines = [f"{'balance':<11} {'schedule':<22} {'layers/stage':<13} {'predicted ms':>12} "
              f"{'measured ms':>12} {'meas/pred':>9} {'profile ms':>10} {'meas/prof':>9} "
-             f"{'summed ms':>9} {'meas/summed':>11} {'action/msg us':>13}"]
+             f"{'summed ms':>9} {'meas/summed':>11} {'action/msg/recv us':>18}"]
     for r in report:
         counts = " ".join(str(c) for c in r["counts"])
         lines.append(f"{r['balance']:<11} {r['schedule']:<22} {counts:<13} "
@@ -135,7 +137,8 @@ def balance_table(report: list[dict[str, Any]]) -> str:
                      f"{r['measured_ms'] / r['predicted_ms']:>9.3f} {r['profiled_ms']:>10.1f} "
                      f"{r['measured_ms'] / r['profiled_ms']:>9.3f} {r['summed_ms']:>9.1f} "
                      f"{r['measured_ms'] / r['summed_ms']:>11.3f} "
-                     f"{r.get('action_us', 0):>6.0f}/{r.get('message_us', 0):<6.0f}")
+                     f"{r.get('action_us', 0):>6.0f}/{r.get('message_us', 0):.0f}/"
+                     f"{r.get('receive_us', 0):.0f}")
     h = report[0] if report else None
     if h is not None:
         lines.append(f"mesh threads' CPU per message end {h['helper_us']:.0f} us, "

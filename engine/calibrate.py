@@ -42,7 +42,8 @@ from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Schedule
 from .schedules import one_f_one_b
 from .simulate import simulate
 
-__all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowded"]
+__all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowded",
+           "message_times"]
 
 _COMPUTE = (F, B, I, W)
 
@@ -110,15 +111,17 @@ class _Spin(_Noop):
 @dataclass(frozen=True)
 class Calibration:
     """What engine.distribute adds to the layers' costs: the executor's
-    seconds per compute action, each message's seconds of flight, and the
+    seconds per compute action, each message's seconds of flight, the
     mesh threads' CPU seconds per message end charged to the computing rank
-    (``helper_measured`` where a host is ``crowded``, else 0)."""
+    (``helper_measured`` where a host is ``crowded``, else 0), and the
+    seconds a receive takes when its message is due (``receive``)."""
 
     action: float
     message: float
     helper: float = 0.0
     helper_measured: float = 0.0
     crowded: bool = False
+    receive: float = 0.0      # a receive's own time once its message is due (message_times)
 
 
 def helper_cpu() -> float:
@@ -201,7 +204,8 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
         helpers.append(h)
         hosts.append(tuple(host))
     measured, full = statistics.median(helpers), crowded(hosts)
-    return Calibration(dry.action, dry.message, measured if full else 0.0, measured, full)
+    return Calibration(dry.action, dry.message, measured if full else 0.0, measured, full,
+                       dry.receive)
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,9 @@ class DryRun:
     action: float
     message: float
     helper: float
+    span: float = 0.0       # the median dry step, latest end less earliest start
+    receive: float = 0.0    # a receive's own time when its message is due (message_times)
+    simulated: float = 0.0  # the simulated dry step: its actions as they ran, these figures
 
 
 def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple[int, int]],
@@ -286,10 +293,9 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
                     took.setdefault((int(st), str(kind)), []).append(rest[0])
                 else:          # a message end: (flow id, "s" or "f", start, end)
                     ends_of.setdefault((tuple(ranks), n, st, kind), rest)
-    flights = [(ends_of[(g, n, fid, "f")][1] - t0) / 1e9
-               for (g, n, fid, d), (t0, _) in ends_of.items()
-               if d == "s" and (g, n, fid, "f") in ends_of and ends_of[(g, n, fid, "f")][0] <= t0
-               and len(hosts[g]) == 1]        # one host: one clock
+    pairs = [(t0 / 1e9, ends_of[(g, n, fid, "f")][0] / 1e9, ends_of[(g, n, fid, "f")][1] / 1e9)
+             for (g, n, fid, d), (t0, _) in ends_of.items()
+             if d == "s" and (g, n, fid, "f") in ends_of and len(hosts[g]) == 1]  # one clock
     per_action, spans = [], []
     for members in groups.values():
         for s in range(steps):
@@ -298,14 +304,35 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
             per_action.append(busy / max(1, count))
             spans.append(max(r[s][1] for r in members) - min(r[s][0] for r in members))
     action, span = statistics.median(per_action), statistics.median(spans)
-    if flights:       # receives that waited from before the send: their message's time,
-        # less the per-action cost the simulator charges to the sender before the send
-        message = max(0.0, statistics.median(flights) - action)
-    else:
-        base = {k: [action + (statistics.median(took[(s, k)]) if (s, k) in took else 0.0)
-                    for s in range(sched.num_stages)] for k in "FBIW"}
-        message = _message_time(sched, base, span)
-    return DryRun(action, message, statistics.median(helpers))
+    base = {k: [action + (statistics.median(took[(s, k)]) if (s, k) in took else 0.0)
+                for s in range(sched.num_stages)] for k in "FBIW"}
+    timed = message_times(pairs, action)
+    message, receive = timed if timed is not None else (_message_time(sched, base, span), 0.0)
+    fit = simulate(sched, {**base, "send": message, "recv": receive}).makespan
+    return DryRun(action, message, statistics.median(helpers), span, receive, fit)
+
+
+def message_times(pairs: Sequence[tuple[float, float, float]], action: float
+                  ) -> tuple[float, float] | None:
+    """The simulator's message and receive times from measured messages
+    (``(send start, receive start, receive end)`` each, one clock), or None
+    when no receive was waiting before its send started. ``message``: the
+    median, over those receives, of the send's start to the receive's end,
+    less ``action`` (the simulator starts a send after its compute action
+    and ``action``, which carries the send call). ``receive``: the mean
+    time spent in the receives that began once their message was due by
+    that figure (the send's start plus the median flight), which the
+    simulator would end at once: a large message sent while its receiver
+    computes is not all read by then (the receiver's mesh threads wait for
+    a core, or for the GIL), and its receive pays the rest (quiet ZB-V(2,2)
+    steps: mostly 0.01-0.5 ms, a few 2-3 ms). The mean, since a step pays
+    the sum over its receives."""
+    flights = [end - sent for sent, began, end in pairs if began <= sent]
+    if not flights:
+        return None
+    flight = statistics.median(flights)
+    late = [end - began for sent, began, end in pairs if began >= sent + flight]
+    return max(0.0, flight - action), (statistics.fmean(late) if late else 0.0)
 
 
 def _message_time(sched: Any, base: float | Mapping[str, Any], span: float) -> float:

@@ -32,7 +32,9 @@ from .schedules import by_name
 
 __all__ = ["LayerCost", "Candidate", "time_layer", "time_program", "measure", "measure_stages",
            "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
-           "microbatch_counts", "builtin", "candidates", "retimed", "table", "SCHEDULES", "Span"]
+           "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
+           "table",
+           "SCHEDULES", "Span"]
 
 _SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
 
@@ -103,7 +105,9 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
 
 def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
                  program: Sequence[Action], reps: int = 3,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[int, LayerCost]:
+                 clock: Callable[[], float] = time.perf_counter,
+                 loss: tuple[int, Callable[[Any], Any]] | None = None,
+                 each: list[dict[int, LayerCost]] | None = None) -> dict[int, LayerCost]:
     """Each stage's F, B, I and W as a step runs them: this rank's compute
     actions of ``program`` (a lowered rank program; its messages skipped)
     in their order, each micro-batch's F on a fresh copy of its stage's
@@ -115,7 +119,11 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
     stages alternates between them. Runs: one to warm up, then at least
     ``reps`` and 50 ms of them (at most 25); per run, the mean of each
     stage's actions of a kind; returned, the median over the runs (kinds
-    the program does not run: 0). The stages' gradients are changed: pass
+    the program does not run: 0). ``loss``: ``(stage, fn)``, the last
+    stage and ``fn(output) -> its gradient`` (the loss and the executor's
+    scaling), timed in that stage's F as the executor runs it. ``each``,
+    when given, gets every run's own figures (a dict like the one returned)
+    appended, in the order run. The stages' gradients are changed: pass
     copies."""
     acts = [a for a in program if a.kind in (F, B, I, W)]
     runs: dict[tuple[int, str], list[float]] = {}
@@ -130,10 +138,12 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
             st, key = stages[a.stage], (a.stage, a.mb)
             if a.kind == F:
                 x = inputs[a.stage] * 1        # a fresh array, as a received message is
+                fn = loss[1] if loss is not None and a.stage == loss[0] else None
                 t0 = clock()
                 y, ctxs[key] = st.forward(x)
+                gy = fn(y) if fn is not None else None       # the loss, in the F's time
                 t1 = clock()
-                gys[key] = y * 0 + 1
+                gys[key] = y * 0 + 1 if gy is None else gy
                 nbytes[a.stage] = _nbytes(y)
             elif a.kind == W:
                 t0 = clock()
@@ -151,12 +161,17 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
         if n > 1:
             for k, v in took.items():
                 runs.setdefault(k, []).append(sum(v) / len(v))
-    out = {}
-    for s in sorted({a.stage for a in acts}):
-        got = {kind: statistics.median(runs[(s, kind)]) if (s, kind) in runs else 0.0
-               for kind in ("F", "B", "I", "W")}
-        out[s] = LayerCost(got["F"], got["B"], got["I"], got["W"], nbytes.get(s, 0))
-    return out
+            if each is not None:
+                each.append(_by_stage({k: sum(v) / len(v) for k, v in took.items()}, nbytes))
+    return _by_stage({k: statistics.median(v) for k, v in runs.items()}, nbytes)
+
+
+def _by_stage(times: Mapping[tuple[int, str], float], nbytes: Mapping[int, int]
+              ) -> dict[int, LayerCost]:
+    """``{(stage, kind): seconds}`` as a LayerCost per stage (kinds absent: 0)."""
+    return {s: LayerCost(times.get((s, "F"), 0.0), times.get((s, "B"), 0.0),
+                         times.get((s, "I"), 0.0), times.get((s, "W"), 0.0), nbytes.get(s, 0))
+            for s in sorted({s for s, _ in times})}
 
 
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
@@ -259,12 +274,14 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
 def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
                 overhead: float = 0.0, send: float = 0.0,
                 whole: Mapping[Span, LayerCost] | None = None,
-                helper: Sequence[float] | None = None) -> dict[str, list[float]]:
+                helper: Sequence[float] | None = None, recv: float = 0.0
+                ) -> dict[str, list[float]]:
     """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
     of stages holding ``counts`` consecutive layers: a stage's time measured
     whole when ``whole`` has its span, else the sum of its layers'; each
     compute action also pays ``overhead`` (the executor's own cost per
-    action), and each message takes ``send`` seconds to arrive. ``helper``
+    action), each message takes ``send`` seconds to arrive and each receive
+    at least ``recv`` (engine.calibrate.message_times). ``helper``
     (per stage) is added to its F, B and I: the mesh threads' CPU for the
     messages those actions send and receive (``helper_charge``)."""
     costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
@@ -277,6 +294,7 @@ def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float =
             extra = helper[s] if helper is not None and kind != "W" else 0.0
             costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead + extra)
     costs["send"] = [send] * len(counts)
+    costs["recv"] = [recv] * len(counts)
     return costs
 
 
@@ -332,6 +350,7 @@ class Candidate:
     fits: bool
     costs: dict[str, list[float]]
     summed: float | None = None     # the makespan had every stage cost its layers' sum
+    measured: bool = False          # the executor's costs from a dry run of its own (recosted)
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -354,7 +373,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                overhead: float | Mapping[int, float] = 0.0,
                send: float | Mapping[int, float] = 0.0,
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
-               helper: float = 0.0) -> list[Candidate]:
+               helper: float = 0.0, recv: float | Mapping[int, float] = 0.0
+               ) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -362,7 +382,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     measured time (1/tp for tensor-parallel stages); ``overhead`` is added
     to every compute action and ``send`` is each message's time of flight
     (see ``stage_costs``), each one figure or one per micro-batch count
-    (``{m: seconds}``: the executor's costs depend on it, engine.calibrate);
+    (``{m: seconds}``: the executor's costs depend on it, engine.calibrate),
+    as is ``recv``, the least a receive takes;
     ``helper`` the mesh threads' CPU per message end
     charged to the computing ranks (``helper_charge``; 0 where a core is
     spare)."""
@@ -380,10 +401,11 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         m = sched.num_microbatches
         ov = overhead if isinstance(overhead, (int, float)) else overhead[m]
         msg = send if isinstance(send, (int, float)) else send[m]
-        costs = stage_costs(row, counts, scale, ov, msg, whole, charge)
+        rc = recv if isinstance(recv, (int, float)) else recv[m]
+        costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc)
         rep = sched.simulate(costs)
         summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None,
-                                             charge)).makespan if whole else rep.makespan)
+                                             charge, rc)).makespan if whole else rep.makespan)
         act, start = [], 0
         for c in counts:
             act.append(sum(row[i].act_bytes for i in range(start, start + c)))
@@ -391,26 +413,72 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         peak = max(peak_bytes(sched, act))
         fits = memory_limit is None or peak <= memory_limit
         out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed))
-    out.sort(key=lambda c: (not c.fits, c.makespan, c.peak_bytes, c.schedule.num_microbatches))
-    return out
+    return best_first(out)
+
+
+def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
+    """``cands`` best first: those under the memory limit, then by predicted
+    step time, peak activation bytes and micro-batch count."""
+    return sorted(cands, key=lambda c: (not c.fits, c.makespan, c.peak_bytes,
+                                        c.schedule.num_microbatches))
 
 
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
-            helper: float = 0.0, send: float | None = None) -> Candidate:
+            helper: float = 0.0, send: float | None = None,
+            recv: float | None = None,
+            runs: Sequence[Mapping[int, LayerCost]] = ()) -> Candidate:
     """``cand`` simulated again with the stages of ``times`` (stage index:
     its F, B, I and W, timed whole again, e.g. right before the steps) in
     place of their profiled costs, plus ``overhead`` per action and the
-    ``helper_charge``; ``send``, when given, the time of every message
-    (else the candidate's own); the other costs and ``summed`` are kept."""
+    ``helper_charge``; ``send`` and ``recv``, when given, the time of every
+    message and the least every receive takes (else the candidate's own);
+    the other costs and ``summed`` are kept. With ``runs`` (the stages'
+    times of each run of the re-time, every rank's runs paired in order:
+    they ran at once), the makespan is the median over the runs of each
+    run's simulated step, not the step of the median times: a step waits
+    for the slower side at each message, so where the ranks hand work back
+    and forth often (two micro-batches, zero-bubble schedules) the median
+    step is longer than the step of median actions (quiet ZB-V(2,2): 4-5%,
+    each step simulated from its own actions; 1F1B(2,8): none)."""
     charge = helper_charge(cand.schedule, helper)
-    costs = {k: list(v) for k, v in cand.costs.items()}
-    for st, lc in times.items():
-        for kind in ("F", "B", "I", "W"):
-            costs[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
+    costs = _with_times(cand.costs, times, overhead, charge)
     if send is not None:
         costs["send"] = [send] * len(costs["send"])
+    if recv is not None:
+        costs["recv"] = [recv] * len(costs["send"])
     rep = cand.schedule.simulate(costs)
-    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs)
+    makespan = rep.makespan
+    if runs:
+        makespan = statistics.median([
+            cand.schedule.simulate(_with_times(costs, run, overhead, charge)).makespan
+            for run in runs])
+    return replace(cand, makespan=makespan, bubble=rep.bubble, costs=costs)
+
+
+def _with_times(costs: Mapping[str, list[float]], times: Mapping[int, LayerCost],
+                overhead: float, charge: Sequence[float]) -> dict[str, list[float]]:
+    """``costs`` with the stages of ``times`` in place (their F, B, I, W plus
+    ``overhead`` and, but for W, the stage's ``charge``)."""
+    out = {k: list(v) for k, v in costs.items()}
+    for st, lc in times.items():
+        for kind in ("F", "B", "I", "W"):
+            out[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
+    return out
+
+
+def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
+             whole: Mapping[Span, LayerCost] | None = None, overhead: float = 0.0,
+             send: float = 0.0, helper: float = 0.0, recv: float = 0.0) -> Candidate:
+    """``cand`` simulated again with the executor's costs measured on a dry
+    run of its own schedule (``overhead`` per action, ``send`` per message,
+    ``recv`` per receive, ``helper`` per message end: engine.calibrate) in
+    place of those its micro-batch count's 1F1B dry run gave; its stages
+    as ``candidates`` cost them (``row``, ``whole``, ``scale``); marked
+    ``measured``."""
+    charge = helper_charge(cand.schedule, helper) if helper else None
+    costs = stage_costs(row, cand.counts, scale, overhead, send, whole, charge, recv)
+    rep = cand.schedule.simulate(costs)
+    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True)
 
 
 def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
@@ -431,6 +499,7 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
              f"{'peak MB':>8}"]
     for c in cands:
         note = "  <- chosen" if c is chosen else ("" if c.fits else "  over memory limit")
+        note = ("  (its own dry run)" if c.measured else "") + note
         counts = " ".join(str(n) for n in c.counts)
         if len(counts) > 14:
             counts = counts[:11] + "..."

@@ -8,8 +8,10 @@ the stages by ``plan`` over ``tp``, averages gradients over ``dp``, and, with
 every built-in schedule at several micro-batch counts (engine.choose), with
 each candidate's stages of several layers measured whole and the executor's
 own costs (engine.calibrate: with, on a host with no spare core, the mesh
-threads' CPU per message charged to the computing ranks), and runs the
-fastest that fits ``memory_limit``; the chosen stages are timed once more
+threads' CPU per message charged to the computing ranks; the leader costed
+again by a busy dry run of its own schedule until the leader is one so
+costed), and runs the fastest that fits ``memory_limit``; the chosen
+stages are timed once more (the last one with its loss)
 right before it returns, in the order the schedule runs them, and the
 executor's costs measured on a dry run of that schedule (``Job.retime``:
 ``job.predicted``), so the prediction is of the machine as the steps will
@@ -43,9 +45,9 @@ from mesh import Comm, Grid
 
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, dry_run
-from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates, counts_for,
-                     measure, measure_stages, microbatch_counts, retimed, stage_spans, table,
-                     time_program)
+from .choose import (SCHEDULES, Candidate, LayerCost, Span, best_first, builtin, candidates,
+                     counts_for, measure, measure_stages, microbatch_counts, recosted, retimed,
+                     stage_costs, stage_spans, table, time_program)
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
@@ -156,22 +158,75 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
 
 
 def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program: Any,
-            reps: int) -> dict[int, LayerCost]:
+            reps: int, loss: tuple[int, Callable[[Any], Any]] | None = None
+            ) -> tuple[dict[int, LayerCost], list[dict[int, LayerCost]]]:
     """Each rank times copies of its stages running its own program's
     compute actions in order (engine.choose.time_program: every rank at
     once, as the steps run them; at least 5 runs, each a step's compute,
     so that a burst of others' load over two of them does not move the
-    median); the times of every stage, averaged over the ranks that hold it
-    (dp replicas), exchanged."""
+    median; ``loss``, the last stage's loss in its F, as the step runs it);
+    the times of every stage, averaged over the ranks that hold it (dp
+    replicas), exchanged; and the same for each run, the ranks' runs paired
+    in order (as many as the rank with the fewest ran)."""
     copies = {s: copy.deepcopy(st) for s, st in stages.items()}
-    got: dict[int, list[LayerCost]] = {}
-    for (s,), lc in _exchange(world, [((s,), lc) for s, lc in
-                                      time_program(copies, inputs, program, max(reps, 5)).items()]):
-        got.setdefault(s, []).append(lc)
-    def mean(lcs: list[LayerCost], k: str) -> float:
-        return sum(getattr(lc, k) for lc in lcs) / len(lcs)
-    return {s: LayerCost(mean(lcs, "F"), mean(lcs, "B"), mean(lcs, "I"), mean(lcs, "W"),
-                         lcs[0].act_bytes) for s, lcs in got.items()}
+    each: list[dict[int, LayerCost]] = []
+    median = time_program(copies, inputs, program, max(reps, 5), loss=loss, each=each)
+    mine = [((s, -1), lc) for s, lc in median.items()]
+    mine += [((s, i), lc) for i, run in enumerate(each) for s, lc in run.items()]
+    got: dict[tuple[int, int], list[LayerCost]] = {}
+    for (s, i), lc in _exchange(world, mine):
+        got.setdefault((s, i), []).append(lc)
+
+    def mean(lcs: list[LayerCost]) -> LayerCost:
+        f, b, gi, gw = (sum(getattr(lc, k) for lc in lcs) / len(lcs) for k in "FBIW")
+        return LayerCost(f, b, gi, gw, lcs[0].act_bytes)
+    held = {s: len(lcs) for (s, i), lcs in got.items() if i == -1}     # by how many ranks
+    runs = 0
+    while held and all(len(got.get((s, runs), [])) == n for s, n in held.items()):
+        runs += 1
+    return ({s: mean(got[(s, -1)]) for s in held},
+            [{s: mean(got[(s, i)]) for s in held} for i in range(runs)])
+
+
+def _stage_messages(row: dict[int, LayerCost], counts: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Per stage of a cut, the bytes it sends forward (its output) and
+    backward (its input's gradient), from a profile row."""
+    bounds = [sum(counts[:s]) for s in range(len(counts))]
+    out = [row[b + c - 1].act_bytes for b, c in zip(bounds, counts)]
+    return [(o, out[s - 1] if s else 0) for s, o in enumerate(out)]
+
+
+def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict[int, LayerCost]],
+                     whole: dict[int, dict[Span, LayerCost]], rows: int, scale: float,
+                     crowded: bool, tag_base: int, timeout: float | None, tries: int = 4
+                     ) -> list[Candidate]:
+    """``cands`` ranked again, the leader costed with the executor's costs
+    measured on a busy dry run of its own schedule (engine.calibrate's
+    ``dry_run``: its stages' profiled times, its messages' sizes) until the
+    leader is one so costed, or ``tries`` dry runs are spent: the
+    candidates' figures come from a no-op 1F1B dry run at their micro-batch
+    count, which a zero-bubble schedule with its split backward and two
+    micro-batches pays several times over (175-400 us per action against
+    30-150, quiet), so a leader whose own run costs more drops behind the
+    next, which is then measured in turn; when the tries are spent first,
+    the best of the measured leads. Every rank gets the same dry-run
+    figures, so all rank alike."""
+    for _ in range(tries):
+        lead = cands[0]
+        if lead.measured or not lead.fits:
+            break
+        size = -(-rows // lead.schedule.num_microbatches)
+        row, w = profile[size], whole.get(size)
+        spin = stage_costs(row, lead.counts, scale, whole=w)
+        d = dry_run(grid.comm, grid.group("pp"), lead.schedule, _stage_messages(row, lead.counts),
+                    steps=3, tag_base=tag_base, timeout=timeout,
+                    costs={k: spin[k] for k in "FBIW"})
+        cands = best_first([recosted(lead, row, scale, w, d.action, d.message,
+                                     d.helper if crowded else 0.0, d.receive)] + cands[1:])
+    if cands[0].measured or not any(c.measured for c in cands):
+        return cands
+    # the tries spent: the best of those measured leads (the others' figures are a lower bound)
+    return [c for c in cands if c.measured] + [c for c in cands if not c.measured]
 
 
 class Job:
@@ -182,13 +237,14 @@ class Job:
                  cands: list[Candidate], sharded: bool = False,
                  calibration: Calibration | None = None, inputs: dict[int, Any] | None = None,
                  reps: int = 3, messages: list[tuple[int, int]] | None = None,
-                 timeout: float | None = None, tag_base: int = 0) -> None:
+                 timeout: float | None = None, tag_base: int = 0,
+                 target: Any = None) -> None:
         self.grid = grid
         self.calibration = calibration
         self.profile_calibration = calibration     # what distribute's choice was made with
         self._messages, self._timeout, self._tag_base = messages, timeout, tag_base
         self.profiled = chosen        # the prediction from distribute's profile
-        self._inputs, self._reps = inputs or {}, reps
+        self._inputs, self._reps, self._target = inputs or {}, reps, target
         self.sharded = sharded
         self.pipeline = pipeline
         self.stages = stages
@@ -232,8 +288,8 @@ class Job:
         if self.chosen is None or not self._inputs:
             return None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
-        times = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
-                        self._reps)
+        times, runs = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
+                              self._reps, self._loss())
         cal = self.calibration or Calibration(0.0, 0.0)
         if self._messages is not None:        # calibrated (not a given overhead)
             spin = {k: [getattr(times[s], k) for s in range(self.schedule.num_stages)]
@@ -242,10 +298,26 @@ class Job:
                           self._messages, steps=5, tag_base=self._tag_base,
                           timeout=self._timeout, costs=spin)
             cal = replace(cal, action=dry.action, message=dry.message,
-                          helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper)
+                          helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper,
+                          receive=dry.receive)
             self.calibration = cal
-        self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message)
+        self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message,
+                              cal.receive, runs)
         return self.chosen.makespan
+
+    def _loss(self) -> tuple[int, Callable[[Any], Any]] | None:
+        """The last stage and its loss as the executor runs it after the
+        stage's F (the loss function and the gradient's scaling by the
+        micro-batch's share), on ``target``; None where this rank does not
+        hold the last stage or there is no target."""
+        pipe, target = self.pipeline, self._target
+        if not pipe.last or target is None or pipe.loss_fn is None:
+            return None
+        fn, share = pipe.loss_fn, 1.0 / self.schedule.num_microbatches
+
+        def loss(y: Any) -> Any:
+            return fn(y, target)[1] * share
+        return self.schedule.num_stages - 1, loss
 
     def table(self) -> str:
         """The candidates the choice was made from."""
@@ -308,6 +380,19 @@ class Job:
                 state[k] = pp.recv(src, tag=_STATE_TAG + 1 + i, timeout=timeout)
         order = {n: i for i, n in enumerate(self.names)}
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
+
+
+def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
+    """A target to time the loss on (Job.retime): the model's output on the
+    sample micro-batch itself, a copy, when the loss takes it (a regression
+    loss, a soft-label cross entropy); else None (a loss that needs class
+    indices is left out of the prediction)."""
+    target = copy.deepcopy(y)
+    try:
+        loss_fn(y, target)
+    except Exception:
+        return None
+    return target
 
 
 def load_state(model: Any, state: dict[str, Any]) -> None:
@@ -391,6 +476,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         cal = Calibration(overhead or 0.0, 0.0)
         action: float | dict[int, float] = cal.action
         message: float | dict[int, float] = cal.message
+        receive: float | dict[int, float] = cal.receive
         if overhead is None:
             m = max(sc.num_microbatches for sc in scheds)
             mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
@@ -398,25 +484,29 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             cal = calibrate(grid.comm, grid.group("pp"), m, _median_act(profile[-(-rows // m)]),
                             tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
                             busy_nbytes=_median_act(mid))
-            action, message = {m: cal.action}, {m: cal.message}
+            action, message, receive = {m: cal.action}, {m: cal.message}, {m: cal.receive}
             for k in sorted({sc.num_microbatches for sc in scheds} - {m}):
                 # the executor's costs at each micro-batch count tried (engine.calibrate)
                 d = dry_run(grid.comm, grid.group("pp"), one_f_one_b(p, k),
                             _median_act(profile[-(-rows // k)]), tag_base=tag_base,
                             timeout=timeout)
-                action[k], message[k] = d.action, d.message
+                action[k], message[k], receive[k] = d.action, d.message, d.receive
         cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
-                           action, message, helper=cal.helper)
+                           action, message, helper=cal.helper, recv=receive)
         spans = stage_spans(cands, rows)
+        whole: dict[int, dict[Span, LayerCost]] = {}
         if spans:          # the cuts' stages, timed whole: what the steps will pay
             def join(first: int, stop: int) -> Any:
                 stage = make_stage([layer for _, layer in named[first:stop]], first)
                 return TorchStage(stage) if is_torch else stage
             whole = _profile_stages(grid, mlayers, join, sample, spans, reps)
             cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
-                               action, message, whole, cal.helper)
+                               action, message, whole, cal.helper, receive)
         if not cands:
             raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
+        if auto and overhead is None and not plan:     # the leaders' own dry runs
+            cands = _measured_choice(grid, cands, profile, whole, rows, 1.0 / tp, cal.crowded,
+                                     tag_base, timeout)
         chosen = cands[0]
         if not chosen.fits:
             raise ValueError(f"no schedule keeps its activations under memory_limit="
@@ -442,18 +532,19 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             for arr in st.params():
                 collectives.broadcast(dp, arr, root=0)
     inputs: dict[int, Any] = {}
+    target: Any = None
     messages: list[tuple[int, int]] | None = None
     if chosen is not None and not plan:       # for Job.retime: each own stage's input
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
         xs = [sample[:size]]
-        while len(xs) <= max(bounds[s] for s in mine):
+        while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
             xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
         inputs = {s: xs[bounds[s]] for s in mine}
+        target = _loss_target(wrapped, xs[-1]) if pipe.last else None
         if overhead is None:          # each stage's messages: its output, its input's gradient
-            out = [profile[size][b + c - 1].act_bytes for b, c in zip(bounds, counts)]
-            messages = [(o, out[s - 1] if s else 0) for s, o in enumerate(out)]
+            messages = _stage_messages(profile[size], tuple(counts))
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
-              bool(plan), cal, inputs, reps, messages, timeout, tag_base)
+              bool(plan), cal, inputs, reps, messages, timeout, tag_base, target)
     job.retime()
     return job

@@ -4,7 +4,8 @@ The one walk behind both the verifier (does every rank finish?) and the
 simulator (when does each action run?). It follows the executor: each rank
 runs its list in order; a compute action occupies its rank for its cost; a
 send costs the sender nothing and arrives ``costs["send"]`` later; a receive
-waits until its message has arrived. Since sends never block, each rank's
+waits until its message has arrived, and takes at least ``costs["recv"]``
+(what reading a message still partly in flight costs the receiver). Since sends never block, each rank's
 timeline depends only on its own list and the arrival times, so ranks are
 advanced in any order until all finish or none can move (a deadlock); which
 ranks get stuck does not depend on the costs. A cost is one number for
@@ -72,7 +73,7 @@ def replay(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> Replay:
                     queue = arrived.get(message_key(a))
                     if not queue:
                         break
-                    end = max(start, queue.pop(0))
+                    end = max(start + _cost(c, "recv", a.stage), queue.pop(0))
                 else:
                     end = start + _cost(c, a.kind, a.stage)
                 events.append(Event(r, pc[r], a, start, end))

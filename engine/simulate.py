@@ -19,7 +19,7 @@ __all__ = ["SimReport", "simulate", "DEFAULT_COSTS"]
 _BUSY = (F, B, I, W, AR, OPT)
 
 DEFAULT_COSTS: dict[str, float] = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0, "send": 0.0,
-                                   "AR": 0.0, "OPT": 0.0}
+                                   "recv": 0.0, "AR": 0.0, "OPT": 0.0}
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,25 @@ def test_retimed_stages_replace_the_profile():
     assert slow.costs["W"][1] == pytest.approx(1.1) and slow.makespan > cand.makespan
 
 
+def test_retimed_predicts_the_median_of_the_runs_steps():
+    """With the re-time's runs, the prediction is the median over the runs
+    of each run's simulated step (the ranks' runs paired, as they ran at
+    once), not the step of the median times: here two runs of three have
+    one slow stage, on a different rank each, and the median step pays it,
+    while each stage's median time is the fast one."""
+    rows = 16
+    prof = _profile(rows, [2], [1, 1])
+    (sched,) = choose.builtin(["1f1b"], 2, [2])
+    cand, = choose.candidates(prof, [1, 1], rows, [sched])
+    fast, slow = LayerCost(1.0, 1.0, 0.0, 0.0, 0), LayerCost(3.0, 3.0, 0.0, 0.0, 0)
+    runs = [{0: slow, 1: fast}, {0: fast, 1: slow}, {0: fast, 1: fast}]
+    of_medians = choose.retimed(cand, {0: fast, 1: fast})
+    paired = choose.retimed(cand, {0: fast, 1: fast}, runs=runs)
+    steps = sorted(choose.retimed(cand, r).makespan for r in runs)
+    assert paired.makespan == pytest.approx(steps[1]) and paired.makespan > of_medians.makespan
+    assert paired.costs == of_medians.costs
+
+
 def test_retimed_takes_the_dry_runs_message_time():
     """Job.retime's dry run of the chosen schedule gives every message its
     own time; without one the candidate's is kept. The dry run's message
@@ -184,6 +203,87 @@ def test_retimed_takes_the_dry_runs_message_time():
     assert slow.costs["send"] == [0.7] * 4 and slow.makespan > kept.makespan
     base = {k: slow.costs[k] for k in "FBIW"}
     assert _message_time(sched, base, slow.makespan) == pytest.approx(0.7)
+
+
+def test_a_receive_pays_what_the_dry_run_saw_once_its_message_was_due():
+    """A message sent while its receiver computes is not all read when the
+    flight measured on waiting receivers says it is due: the receive pays
+    the rest. message_times takes the flight from receives that waited
+    before the send (less the per-action cost), and the receive's own time
+    from those that began once their message was due; the simulator's
+    receive then takes at least that long, and the re-time carries it."""
+    from engine.calibrate import message_times
+    waited = [(0.0, -1.0, 1.0), (10.0, 9.0, 11.2), (20.0, 19.5, 20.8)]   # flights 1.0 1.2 0.8
+    due = [(30.0, 31.5, 33.5), (40.0, 42.0, 42.0)]       # began after the 1.0 flight
+    early = [(50.0, 50.5, 51.0)]                          # began before it was due: not counted
+    assert message_times(waited + due + early, 0.25) == (pytest.approx(0.75), pytest.approx(1.0))
+    assert message_times(waited, 0.25) == (pytest.approx(0.75), 0.0)
+    assert message_times(due + early, 0.25) is None
+    rows = 16
+    prof = _profile(rows, [4], [1, 1, 1, 1])
+    (sched,) = choose.builtin(["1f1b"], 2, [4])
+    base, = choose.candidates(prof, [1] * 4, rows, [sched], send={4: 0.1})
+    paid, = choose.candidates(prof, [1] * 4, rows, [sched], send={4: 0.1}, recv={4: 2.0})
+    assert base.costs["recv"] == [0.0, 0.0] and paid.costs["recv"] == [2.0, 2.0]
+    assert paid.makespan > base.makespan
+    again = choose.retimed(base, {}, recv=2.0)
+    assert again.costs["recv"] == [2.0, 2.0] and again.makespan == pytest.approx(paid.makespan)
+    assert choose.retimed(paid, {}).costs["recv"] == [2.0, 2.0]
+    from engine.simulate import simulate
+    one = {"F": 1.0, "B": 1.0, "send": 0.5}     # rank 1's first receive waits for the message
+    first = [e for e in simulate(sched, one | {"recv": 0.2}).events if e.rank == 1][0]
+    assert first.end - first.start == pytest.approx(1.5)
+    later = [e for e in simulate(sched, one | {"recv": 3.0}).events if e.rank == 1][0]
+    assert later.end - later.start == pytest.approx(3.0)     # the message was there at 1.5
+
+
+def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
+    """distribute's choice costs the leading candidate again with the
+    executor's costs measured on a dry run of its own schedule (its stages'
+    times, its messages) until the leader is one so costed: a leader whose
+    own run costs more falls behind the next, which is then measured."""
+    import importlib
+    from engine.calibrate import DryRun
+    dist = importlib.import_module("engine.distribute")
+    rows = 16
+    prof = _profile(rows, [2, 4], [1, 1, 1, 1])
+    scheds = choose.builtin(["1f1b", "zb-h1"], 2, [2, 4])
+    cands = choose.candidates(prof, [1] * 4, rows, scheds, overhead={2: 0.01, 4: 0.01},
+                              send={2: 0.01, 4: 0.01})
+    lead, second = cands[0], cands[1]
+    ran = []
+
+    def fake_dry_run(world, pp, sched, nbytes, steps=5, tag_base=0, timeout=None, costs=None):
+        ran.append((sched.name, nbytes, costs))
+        if sched.name == lead.schedule.name:
+            return DryRun(1.0, 0.03, 0.5, receive=0.04)
+        return DryRun(0.01, 0.01, 0.5)      # as its no-op figures said
+
+    class Grid:
+        comm = None
+
+        def group(self, axis):
+            return None
+    monkeypatch.setattr(dist, "dry_run", fake_dry_run)
+    got = dist._measured_choice(Grid(), list(cands), prof, {}, rows, 1.0, False, 0, None)
+    assert [r[0] for r in ran] == [lead.schedule.name, second.schedule.name]
+    assert got[0].schedule is second.schedule and got[0].measured
+    assert got[0].makespan == pytest.approx(second.makespan)
+    slow = next(c for c in got if c.schedule is lead.schedule)
+    assert slow.measured and slow.makespan > lead.makespan
+    assert slow.costs["send"] == [0.03, 0.03] and slow.costs["recv"] == [0.04, 0.04]
+    assert slow.costs["W"][0] == pytest.approx(lead.costs["W"][0] - 0.01 + 1.0)
+    size = rows // lead.schedule.num_microbatches
+    spin = ran[0][2]        # the stages' own times, no executor's costs
+    assert spin["F"][0] == pytest.approx(prof[size][0].F + prof[size][1].F)
+    assert ran[0][1] == [(prof[size][1].act_bytes, 0), (prof[size][3].act_bytes,
+                                                         prof[size][1].act_bytes)]
+    assert sum(c.measured for c in got) == 2
+    ran.clear()
+    once = dist._measured_choice(Grid(), list(cands), prof, {}, rows, 1.0, False, 0, None,
+                                 tries=1)      # spent: the measured one leads, though slower
+    assert once[0].schedule is lead.schedule and once[0].measured and len(ran) == 1
+    assert once[1].schedule is second.schedule and not once[1].measured
 
 
 class _Recording:
@@ -230,6 +330,18 @@ def test_time_program_runs_the_ranks_actions_in_order():
     assert set(got) == set(stages)
     for lc in got.values():
         assert (lc.F, lc.B, lc.I, lc.W) == (1.0, 0.0, 1.0, 1.0) and lc.act_bytes == 48
+    # the last stage's loss is timed in its F, as the executor runs it there
+    late = [0.0]
+
+    def loss(y):
+        late[0] += 5.0
+        return y * 2
+    each = []       # and every run's own figures, for the median over the runs' steps
+    got = choose.time_program(stages, {s: np.ones((2, 3)) for s in stages}, program, reps=2,
+                              clock=lambda: float(next(ticks)) + late[0], loss=(3, loss),
+                              each=each)
+    assert (got[3].F, got[3].I, got[0].F) == (6.0, 1.0, 1.0)
+    assert len(each) == 2 and all(run == got for run in each)
 
 
 def _dry_worker(world):
@@ -247,7 +359,8 @@ def test_dry_run_of_any_schedule():
     stages computing nothing or keeping the core busy per stage and kind,
     and every rank gets the same executor costs."""
     a, b = mesh.spawn(_dry_worker, 2, timeout=60, env=PATIENT)
-    assert a == b and all(d.action > 0 and d.message >= 0 and d.helper >= 0 for d in a)
+    assert a == b and all(d.action > 0 and d.message >= 0 and d.helper >= 0 and d.receive >= 0
+                          and d.span > 0 and d.simulated > 0 for d in a)
 
 
 def test_stages_measured_whole_enter_the_prediction():
@@ -366,7 +479,11 @@ def _numpy_worker(world, axes, plan, widths):
                 cal is not job.profile_calibration
                 and cal.crowded == job.profile_calibration.crowded
                 and cal.helper == (cal.helper_measured if cal.crowded else 0.0)
-                and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages)}
+                and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages
+                and job.chosen.costs["recv"] == [cal.receive] * job.schedule.num_stages),
+            # the re-time runs the loss where the last stage's F does
+            "loss": plan is not None or (job._loss() is not None) == job.pipeline.last,
+            "measured": plan is not None or job.profiled.measured}   # by its own dry run
 
 
 def _numpy_reference(widths=WIDTHS):
@@ -395,7 +512,8 @@ def test_numpy_distribute_matches_one_process(axes, plan):
     for res in results:
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
-        assert res["calibrated"] and res["retimed"] and res["dry"]
+        assert res["calibrated"] and res["retimed"] and res["dry"] and res["loss"]
+        assert res["measured"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
