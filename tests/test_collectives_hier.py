@@ -108,6 +108,15 @@ def three_hosts(world: Any) -> None:
     assert hier.stats["one_round"] == 2, hier.stats
     topo = hier.topology_of(world)
     assert topo is not None and topo.hosts == ((0, 4), (1, 5), (2, 3)), topo
+    # small over columns of three (recursive doubling with a fold), the
+    # second call the short way: the same bits on every rank
+    from collectives.host import tiny
+    a = (np.arange(3) + 0.1 * r) ** 3
+    got = [C.all_reduce(world, a.copy()) for _ in range(2)]
+    every = C.all_gather(world, got[1])
+    assert (every == every[0]).all() and (got[0] == got[1]).all(), every
+    np.testing.assert_allclose(got[1], sum((np.arange(3) + 0.1 * p) ** 3 for p in range(n)))
+    assert hier.stats["small_columns"] == 1 and tiny.stats["calls"] == 1, hier.stats
 
 
 def test_columns_of_three_hosts() -> None:
