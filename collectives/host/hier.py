@@ -3,12 +3,19 @@ same-host path (the board and cross-memory attach, collectives.shm), across
 hosts over sockets between one rank per host (the leaders: local rank 0 of
 each host), then within each host again::
 
-    all_reduce      small: host reduce to the leader | leaders all_reduce
-                    (recursive doubling, over kept TCP links:
-                    collectives.host.link) | host broadcast from the
-                    leader, in one board round on the host once its boards
-                    are up (the others sleep on the leader's bell,
-                    collectives.shm.bell, while the leaders talk);
+    all_reduce      small, as many ranks on every host, the host's boards
+                    up: host all_reduce (one board round) | local rank i
+                    all-reduces the host's sum with the local ranks i of
+                    the other hosts (recursive doubling over kept TCP
+                    links, collectives.host.link; every column at once),
+                    later blocking calls the short way
+                    (collectives.host.tiny);
+                    small otherwise: host reduce to the leader | leaders
+                    all_reduce (recursive doubling, over those links) |
+                    host broadcast from the leader, in one board round on
+                    the host once its boards are up (the others sleep on
+                    the leader's bell, collectives.shm.bell, while the
+                    leaders talk);
                     large, as many ranks on every host: host reduce_scatter |
                     local rank i all-reduces chunk i with the local ranks i
                     of the other hosts (a ring per column, all at once) |
