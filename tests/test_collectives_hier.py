@@ -124,6 +124,22 @@ def test_columns_of_three_hosts() -> None:
                                                 "MESH_COLL_WINDOW": "3", "MESH_COLL_PIPELINE": "1"})
 
 
+def leaders_form(world: Any) -> None:
+    from collectives.host import tiny
+    _fake_host(world)
+    r, n = world.rank, world.size
+    for _ in range(3):
+        got = C.all_reduce(world, np.arange(4.0) * (r + 1))
+        np.testing.assert_array_equal(got, np.arange(4.0) * sum(range(1, n + 1)))
+    assert hier.stats["small_columns"] == 0 and tiny.stats["calls"] == 0, hier.stats
+    assert hier.stats["one_round"] == 2, hier.stats
+
+
+def test_small_all_reduce_through_the_leaders() -> None:
+    """MESH_COLL_SMALL_COLUMNS=0: the leaders' form (no short way)."""
+    mesh.spawn(leaders_form, 4, timeout=60, env={"MESH_COLL_SMALL_COLUMNS": "0"})
+
+
 @pytest.mark.parametrize("n,count,seg,window", [(2, 1000, 64, 2), (3, 10_001, 400, 3),
                                                 (4, 5, 4, 8), (5, 3, 4, 1)])
 def test_final_regions_cover_the_buffer_once(n: int, count: int, seg: int, window: int) -> None:

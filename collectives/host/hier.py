@@ -175,8 +175,13 @@ def _small_round(topo: Topology, nbytes: int) -> bool:
 
 def small_columns(topo: Topology, nbytes: int) -> bool:
     """Whether a small all_reduce of ``nbytes`` runs over the columns in one
-    board round on each host (_all_reduce_small_columns)."""
-    return topo.column is not None and _small_round(topo, nbytes)
+    board round on each host (_all_reduce_small_columns), not through the
+    leaders (_all_reduce_small): MESH_COLL_SMALL_COLUMNS=0 (job-wide) keeps
+    the leaders' form, whose other ranks sleep while the leaders talk
+    (under heavy load on 2 cores its tail was shorter: BENCHMARKS.md, issue
+    13, ninth session)."""
+    return (topo.column is not None and _small_round(topo, nbytes)
+            and os.environ.get("MESH_COLL_SMALL_COLUMNS", "1") not in ("0", ""))
 
 
 def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> list[Comm]:
