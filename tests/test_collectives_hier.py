@@ -133,11 +133,18 @@ def leaders_form(world: Any) -> None:
         np.testing.assert_array_equal(got, np.arange(4.0) * sum(range(1, n + 1)))
     assert hier.stats["small_columns"] == 0 and tiny.stats["calls"] == 0, hier.stats
     assert hier.stats["one_round"] == 2, hier.stats
+    # leader 0's own argument is wrong: it fails the leaders' phase (not a
+    # column's), so the other leader raises at once and the group goes on
+    with pytest.raises((ValueError, mesh.MeshError)) as err:
+        C.all_reduce(world, np.ones(4), op="nope" if r == 0 else "sum")
+    assert not isinstance(err.value, mesh.MeshTimeoutError), err.value
+    assert C.all_reduce(world, np.ones(4))[0] == n
 
 
 def test_small_all_reduce_through_the_leaders() -> None:
     """MESH_COLL_SMALL_COLUMNS=0: the leaders' form (no short way)."""
-    mesh.spawn(leaders_form, 4, timeout=60, env={"MESH_COLL_SMALL_COLUMNS": "0"})
+    mesh.spawn(leaders_form, 4, timeout=60, env={"MESH_COLL_SMALL_COLUMNS": "0",
+                                                 "MESH_TIMEOUT": "10"})
 
 
 @pytest.mark.parametrize("n,count,seg,window", [(2, 1000, 64, 2), (3, 10_001, 400, 3),

@@ -194,7 +194,10 @@ def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> l
         assert topo.column is not None
         return both + [topo.column] + ([] if _pipelined(topo) else both)
     if reduces and not large and _small_round(topo, nbytes):
-        return both + ([topo.column] if topo.column is not None else across)
+        if small_columns(topo, nbytes):
+            assert topo.column is not None
+            return both + [topo.column]
+        return both + across
     if coll != "broadcast":
         return both + across + both
     home = topo.host == next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
