@@ -33,6 +33,7 @@ from .device.paths import simple
 from .host import paths as host
 from .host.paths import all_gather_object, barrier, broadcast_object
 from .runner import check_comm
+from .host import tiny as hier_tiny
 from .shm import tiny
 from .tensors import is_tensor
 from .tensors import run as _on_tensor
@@ -55,8 +56,9 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
     """collectives.host.paths.all_reduce, for host and device arrays and tensors
     (a tiny numpy array the short way, collectives.shm.tiny, once a first
     call has settled it)."""
-    if type(a) is np.ndarray and not async_op and algorithm is None \
-            and tiny.all_reduce(g, a, op, timeout) is not None:
+    if type(a) is np.ndarray and not async_op and algorithm is None and (
+            tiny.all_reduce(g, a, op, timeout) is not None
+            or hier_tiny.all_reduce(g, a, op, timeout) is not None):
         return a
     check_comm(g, "all_reduce")
     if type(a) is not np.ndarray and is_tensor(a):

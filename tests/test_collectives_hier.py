@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,8 @@ def every_op(world: Any) -> None:
             b = a.copy() if r == root else np.zeros(count)
             C.broadcast(world, b, root=root, algorithm="hier")
             assert np.array_equal(b, np.arange(count) * (root + 1)), (count, root)
-    assert hier.stats["one_round"] >= 6, hier.stats   # small and large, once the boards were up
+    # once the boards were up: large in one round, small over the columns
+    assert hier.stats["one_round"] >= 4 and hier.stats["small_columns"] >= 4, hier.stats
     topo = hier.topology_of(world)
     assert topo is not None and topo.hosts == ((0, 3), (1, 2)), topo
     assert (topo.leaders is not None) == (r in (0, 1))
@@ -106,11 +108,43 @@ def three_hosts(world: Any) -> None:
     assert hier.stats["one_round"] == 2, hier.stats
     topo = hier.topology_of(world)
     assert topo is not None and topo.hosts == ((0, 4), (1, 5), (2, 3)), topo
+    # small over columns of three (recursive doubling with a fold), the
+    # second call the short way: the same bits on every rank
+    from collectives.host import tiny
+    a = (np.arange(3) + 0.1 * r) ** 3
+    got = [C.all_reduce(world, a.copy()) for _ in range(2)]
+    every = C.all_gather(world, got[1])
+    assert (every == every[0]).all() and (got[0] == got[1]).all(), every
+    np.testing.assert_allclose(got[1], sum((np.arange(3) + 0.1 * p) ** 3 for p in range(n)))
+    assert hier.stats["small_columns"] == 1 and tiny.stats["calls"] == 1, hier.stats
 
 
 def test_columns_of_three_hosts() -> None:
     mesh.spawn(three_hosts, 6, timeout=90, env={"MESH_TIMEOUT": "20", "MESH_COLL_SEGMENT": "8K",
                                                 "MESH_COLL_WINDOW": "3", "MESH_COLL_PIPELINE": "1"})
+
+
+def leaders_form(world: Any) -> None:
+    from collectives.host import tiny
+    _fake_host(world)
+    r, n = world.rank, world.size
+    for _ in range(3):
+        got = C.all_reduce(world, np.arange(4.0) * (r + 1))
+        np.testing.assert_array_equal(got, np.arange(4.0) * sum(range(1, n + 1)))
+    assert hier.stats["small_columns"] == 0 and tiny.stats["calls"] == 0, hier.stats
+    assert hier.stats["one_round"] == 2, hier.stats
+    # leader 0's own argument is wrong: it fails the leaders' phase (not a
+    # column's), so the other leader raises at once and the group goes on
+    with pytest.raises((ValueError, mesh.MeshError)) as err:
+        C.all_reduce(world, np.ones(4), op="nope" if r == 0 else "sum")
+    assert not isinstance(err.value, mesh.MeshTimeoutError), err.value
+    assert C.all_reduce(world, np.ones(4))[0] == n
+
+
+def test_small_all_reduce_through_the_leaders() -> None:
+    """MESH_COLL_SMALL_COLUMNS=0: the leaders' form (no short way)."""
+    mesh.spawn(leaders_form, 4, timeout=60, env={"MESH_COLL_SMALL_COLUMNS": "0",
+                                                 "MESH_TIMEOUT": "10"})
 
 
 @pytest.mark.parametrize("n,count,seg,window", [(2, 1000, 64, 2), (3, 10_001, 400, 3),
@@ -127,12 +161,18 @@ def test_final_regions_cover_the_buffer_once(n: int, count: int, seg: int, windo
 
 def die_between_hosts(world: Any, outdir: str, count: int) -> None:
     from collectives.host import stream
+    from collectives.host import tiny
+    from collectives.shm import local, tiny as shm_tiny
     _fake_host(world)
-    C.all_reduce(world, np.ones(count), algorithm="hier")   # topology made; all alive
+    small = count <= 8
+    forced = None if small else "hier"      # (small: the short way once learnt)
+    for _ in range(2):                      # topology made, boards up; all alive
+        C.all_reduce(world, np.ones(count), algorithm=forced)
     if world.rank == VICTIM:
         def killed(*args: Any, **kw: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
-        hier.all_reduce_rd = killed     # dies as the leaders' (small) phase starts
+        # small: dies as the call starts (the others take the short way)
+        local.all_reduce_small = shm_tiny.all_reduce = killed
         if os.environ.get("MESH_FORCE_TCP"):    # or halfway through the columns' streams
             sends = [0]
             isend = stream.Links.isend
@@ -145,24 +185,28 @@ def die_between_hosts(world: Any, outdir: str, count: int) -> None:
             stream.Links.isend = isend_then_die     # type: ignore[method-assign]
         else:
             hier.ring = columns.ring = killed   # or as the columns' (large) starts
+    calls = tiny.stats["calls"]
     try:
-        C.all_reduce(world, np.ones(count), algorithm="hier")
+        C.all_reduce(world, np.ones(count), algorithm=forced)
         result = {"type": "ok"}
     except mesh.MeshError as e:
         result = {"type": type(e).__name__, "msg": str(e), "peer": getattr(e, "peer", None)}
+    assert tiny.stats["calls"] == calls + small, tiny.stats
     with open(os.path.join(outdir, f"{world.rank}.json"), "w") as f:
         json.dump(result, f)
 
 
 @pytest.mark.parametrize("count,tcp", [(8, False), (8, True), (100_000, False),
                                        (400_000, True)],
-                         ids=["leaders", "leaders-link", "columns", "columns-stream"])
+                         ids=["small", "small-link", "columns", "columns-stream"])
 def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int,
                                                     tcp: bool) -> None:
-    """Small: the leaders' phase (rank 1 leads host b), over the mesh or,
-    over tcp://, their link (collectives.host.link); large: the columns'
-    (rank 1 is in column 0 with rank 0); over tcp://, halfway through the
-    column's streams (collectives.host.stream)."""
+    """Small, the short way (collectives.host.tiny): rank 1 (host b) dies as
+    the call starts: rank 2 waits for it on host b's board, rank 0 (column 0
+    with rank 1) on the mesh or, over tcp://, their link
+    (collectives.host.link), rank 3 on rank 2's column step, which rank 2
+    abandons; large: the columns' (rank 1 is in column 0 with rank 0); over
+    tcp://, halfway through the column's streams (collectives.host.stream)."""
     env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_COLL_PIPELINE": "1"}
     if tcp:
         env.update(MESH_FORCE_TCP="1", MESH_COLL_STREAM_MIN="64K", MESH_COLL_SEGMENT="64K")
@@ -251,27 +295,36 @@ def streams(world: Any) -> dict:
 
 
 def leaders_links(world: Any) -> dict:
-    """The leaders' small exchange over their kept TCP link
-    (collectives.host.link): right, mismatches seen there, and a frame left
-    by a call that failed before reading it dropped by the next; then the
-    flat recursive doubling over links."""
-    from collectives.host import link
+    """The small exchange between hosts over the columns' kept TCP links
+    (collectives.host.link; every rank, each with its counterpart on the
+    other host): right, mismatches seen there, and a frame left by a call
+    that failed before reading it dropped by the next; then the flat
+    recursive doubling over links."""
+    from collectives.host import link, tiny
     r = world.rank
     small = np.arange(5, dtype=np.float64) * (r + 1)
     want = np.arange(5, dtype=np.float64) * 10
     for _ in range(3):
         np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
     frames = link.stats["frames"]
-    assert frames == (3 if r in (0, 1) else 0), link.stats     # the leaders, 0 and 1
-    # each host agrees, the hosts do not: the leaders see it on the link
+    assert frames == 3, link.stats      # every rank: columns (0, 1) and (3, 2)
+    # each host agrees, the hosts do not: the columns see it on their links
     with pytest.raises(mesh.MismatchError):
         C.all_reduce(world, small.copy(), op="max" if HOSTS[r] == "b" else "sum")
     np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
-    # host a disagrees within: its leader never reads host b's frame (whose
-    # sum would be wrong for the next call)
+    # host a disagrees within: its ranks never read host b's frames (whose
+    # sums would be wrong for the next call)
     with pytest.raises(mesh.MismatchError):
         C.all_reduce(world, small * 7, op="max" if r == 3 else "sum")
     np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
+    # rank 0's own argument is wrong; the others, on the short way, find the
+    # call aborted before its phases: they fail those too, so the group goes on
+    if r != 0:
+        time.sleep(0.3)
+    with pytest.raises((ValueError, mesh.MeshError)):
+        C.all_reduce(world, small.copy(), op="nope" if r == 0 else "sum")
+    np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
+    assert tiny.stats["calls"] >= 4, tiny.stats     # (collectives.host.tiny)
     # the flat recursive doubling: every pair (tcp:// here) over a link
     for _ in range(2):
         np.testing.assert_array_equal(C.all_reduce(world, small.copy(), algorithm="rd"), want)
@@ -311,4 +364,4 @@ def test_ring_links_across_hosts_run_over_streams() -> None:
     got = mesh.spawn(streams, 4, timeout=90, env={
         "MESH_TIMEOUT": "20", "MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K"})
     assert all(g["links"] >= 2 for g in got), got
-    assert [g["pairs"] for g in got] == [1 + 2, 1 + 2, 2, 2], got    # leaders' + world's
+    assert [g["pairs"] for g in got] == [1 + 2] * 4, got    # column's + world's

@@ -3,12 +3,19 @@ same-host path (the board and cross-memory attach, collectives.shm), across
 hosts over sockets between one rank per host (the leaders: local rank 0 of
 each host), then within each host again::
 
-    all_reduce      small: host reduce to the leader | leaders all_reduce
-                    (recursive doubling, over kept TCP links:
-                    collectives.host.link) | host broadcast from the
-                    leader, in one board round on the host once its boards
-                    are up (the others sleep on the leader's bell,
-                    collectives.shm.bell, while the leaders talk);
+    all_reduce      small, as many ranks on every host, the host's boards
+                    up: host all_reduce (one board round) | local rank i
+                    all-reduces the host's sum with the local ranks i of
+                    the other hosts (recursive doubling over kept TCP
+                    links, collectives.host.link; every column at once),
+                    later blocking calls the short way
+                    (collectives.host.tiny);
+                    small otherwise: host reduce to the leader | leaders
+                    all_reduce (recursive doubling, over those links) |
+                    host broadcast from the leader, in one board round on
+                    the host once its boards are up (the others sleep on
+                    the leader's bell, collectives.shm.bell, while the
+                    leaders talk);
                     large, as many ranks on every host: host reduce_scatter |
                     local rank i all-reduces chunk i with the local ranks i
                     of the other hosts (a ring per column, all at once) |
@@ -66,9 +73,12 @@ from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain
 from .small import all_reduce_rd
 
 __all__ = ["Topology", "topology", "topology_of", "refuse", "all_reduce", "all_gather", "broadcast",
+           "rd_across", "small_columns", "SMALL_HOST", "SMALL_COLUMN",
            "stats"]
 
-stats = {"one_round": 0}    # all_reduces whose host part ran in one board round (tests)
+stats = {"one_round": 0, "small_columns": 0}
+"""All_reduces whose host part ran in one board round, small ones over the
+columns (tests)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,17 @@ def _small_round(topo: Topology, nbytes: int) -> bool:
     return nbytes <= board.CAPACITY and _one_round(topo)
 
 
+def small_columns(topo: Topology, nbytes: int) -> bool:
+    """Whether a small all_reduce of ``nbytes`` runs over the columns in one
+    board round on each host (_all_reduce_small_columns), not through the
+    leaders (_all_reduce_small): MESH_COLL_SMALL_COLUMNS=0 (job-wide) keeps
+    the leaders' form, whose other ranks sleep while the leaders talk
+    (under heavy load on 2 cores its tail was shorter: BENCHMARKS.md, issue
+    13, ninth session)."""
+    return (topo.column is not None and _small_round(topo, nbytes)
+            and os.environ.get("MESH_COLL_SMALL_COLUMNS", "1") not in ("0", ""))
+
+
 def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> list[Comm]:
     """The sub-groups of ``coll``'s phases on this rank, in order (what
     all_reduce, all_gather and broadcast below run)."""
@@ -173,6 +194,9 @@ def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> l
         assert topo.column is not None
         return both + [topo.column] + ([] if _pipelined(topo) else both)
     if reduces and not large and _small_round(topo, nbytes):
+        if small_columns(topo, nbytes):
+            assert topo.column is not None
+            return both + [topo.column]
         return both + across
     if coll != "broadcast":
         return both + across + both
@@ -266,7 +290,10 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
         _all_reduce_columns(ctx, topo, buf, op)
         return
     if not large and _small_round(topo, buf.nbytes):
-        _all_reduce_small(ctx, topo, buf, op)
+        if small_columns(topo, buf.nbytes):
+            _all_reduce_small_columns(ctx, topo, buf, op)
+        else:
+            _all_reduce_small(ctx, topo, buf, op)
         return
     phases: list[Phase] = []
     if topo.local.size > 1:
@@ -276,17 +303,37 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
             if large:
                 ring(c, buf, op, 2 * (c.g.size - 1), c.g.size - 1)
             else:
-                _leaders_rd(c, buf, op)
+                rd_across(c, buf, op)
         phases.append((topo.leaders, "leaders all_reduce", across))
     if topo.local.size > 1:
         phases.append((topo.local, "host broadcast", _host_broadcast(buf, 0, large)))
     _run(ctx, phases)
 
 
-def _leaders_rd(c: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+def rd_across(c: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
     """The leaders' recursive doubling of a small all_reduce, over their kept
     TCP links (collectives.host.link) where they have them."""
     all_reduce_rd(link.via(c, rd_peers(c.g.rank, c.g.size), buf.nbytes), buf, op)
+
+
+SMALL_HOST, SMALL_COLUMN = "host all_reduce", "column all_reduce"
+"""The phases of a small all_reduce over the columns (their fingerprints'
+``phase``, their names), which collectives.host.tiny repeats."""
+
+
+def _all_reduce_small_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
+    """As many ranks on every host, the host's boards up: every rank of the
+    host reduces every post of the host (one board round, no leader, no one
+    asleep for a result), then each rank all-reduces the host's sum with its
+    counterparts on the other hosts over its column's kept links (the
+    columns at once; each combines the hosts' sums in the same order, so
+    every rank ends with the same bits). Its later blocking calls take the
+    short way (collectives.host.tiny)."""
+    stats["small_columns"] += 1
+    column = topo.column
+    assert column is not None
+    _run(ctx, [(topo.local, SMALL_HOST, lambda c: local.all_reduce_small(c, buf, op)),
+               (column, SMALL_COLUMN, lambda c: rd_across(c, buf, op))])
 
 
 def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
@@ -308,7 +355,7 @@ def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -
                         assert got is not None
                         op.combine(buf, got)
                     if topo.leaders is not None:
-                        across(lambda c: _leaders_rd(c, buf, op))
+                        across(lambda c: rd_across(c, buf, op))
                     r.publish(buf, 1)
                 else:
                     r.post(payload=buf)

@@ -6,12 +6,17 @@ reading turn: measured across a veth pair on the 2-core machine (issue 13,
 eighth session, BENCHMARKS.md), a mesh round trip of 8 B 300 us, raw pyzmq
 110 us, a plain TCP socket 30 us; in the hierarchical all_reduce of 8 B at
 2 hosts x 2 ranks the leaders' exchange held 600-900 us of a 1.3-1.5 ms call.
-So a small all_reduce's recursive doubling (the leaders' of the
-hierarchical one, the flat one where a group's ranks cannot share memory)
-runs over a TCP connection per pair of ranks on different hosts, made once
-(the group's first such call) and kept, read by the calling thread itself (no other thread: it polls
-the socket for up to MESH_SPIN_US, adapted to the waits seen as the mesh's
-receives are, then sleeps in ``poll``).
+So a small all_reduce's recursive doubling (the columns' or the leaders'
+of the hierarchical one, the flat one where a group's ranks cannot share
+memory) runs over a TCP connection per pair of ranks on different hosts,
+made once (the group's first such call) and kept, read by the calling
+thread itself (no other thread): it sleeps in ``poll`` at once, or first
+polls the socket for up to MESH_COLL_LINK_SPIN_US (0 unless set), adapted
+to the waits seen as the mesh's receives are. A wait here is mostly the
+peer's turn on a core, not the wire: on the 2-core machine at 2 hosts x 2
+ranks, load 16, the 8 B all_reduce took 1094 us (median) / 1217 (mean)
+and 286 us CPU per rank without the spin, 1238 / 1690 and 360 us with
+MESH_SPIN_US's 200 us (BENCHMARKS.md, issue 13, ninth session).
 
 Setting a pair up, in that first call, through the mesh (pairs a < b)::
 
@@ -55,7 +60,7 @@ __all__ = ["Via", "via", "stats"]
 
 _FRAME = struct.Struct("<qII")
 _SLICE_S = 0.02
-_SPIN_S = config_float("MESH_SPIN_US", 200.0) * 1e-6     # a receive polls this long first
+_SPIN_S = config_float("MESH_COLL_LINK_SPIN_US", 0.0) * 1e-6    # a receive polls this long first
 _MAX = 1 << 20
 stats = {"pairs": 0, "frames": 0, "dropped": 0}    # pairs set up, frames read, dropped (tests)
 

@@ -22,6 +22,7 @@ from ..plan import Tuning, choose, layout, rd_peers
 from ..runner import Body, Ctx, agreed, start
 from ..shm import board, local, tiny
 from . import hier, link
+from . import tiny as hier_tiny
 from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
                        broadcast_object_tree)
 from .ring import ring
@@ -150,6 +151,9 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
                 topo = _topology(ctx, "all_reduce", lay, buf.nbytes)
                 if topo is not None:
                     hier.all_reduce(ctx, topo, buf, rop, alg)
+                    if alg == "rd" and algorithm is None and lay is None \
+                            and hier.small_columns(topo, buf.nbytes):
+                        hier_tiny.learn(ctx, topo, arr, op, rop)
                 elif alg == "rd":
                     if board.available(ctx, buf.nbytes):
                         local.all_reduce_small(ctx, buf, rop)

@@ -94,12 +94,13 @@ a loop's next call finds its plan here for a third of what the
 dictionaries cost (hashing a dtype alone costs about as much)."""
 
 
-def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> None:
+def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> bool:
     """Keep what ``ctx``'s all_reduce of ``arr`` settled, for the short way:
     called by the long way after a board all_reduce_small that any later
-    blocking call with these arguments and this tuning would repeat."""
+    blocking call with these arguments and this tuning would repeat. Whether
+    it is kept (collectives.host.tiny's host step takes it)."""
     if arr.nbytes > MAX_BYTES or not board.mapped(ctx.g):
-        return
+        return False
     key = (arr.dtype, arr.shape, op)
     with _lock:
         plans = _plans.get(ctx.g)
@@ -110,6 +111,7 @@ def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> None:
             plans[key] = _Plan(ctx, arr, rop)
             global _last
             _last = _NO_LAST
+    return True
 
 
 def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | None:
