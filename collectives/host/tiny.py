@@ -21,7 +21,6 @@ read-only array, a lane with work) takes the long way.
 """
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from typing import Any
@@ -88,7 +87,6 @@ class _Plan:
 
 
 _plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Plan]]" = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
 
 
 def learn(ctx: Ctx, topo: Topology, arr: np.ndarray, op: Any, rop: ReduceOp) -> None:
@@ -101,14 +99,7 @@ def learn(ctx: Ctx, topo: Topology, arr: np.ndarray, op: Any, rop: ReduceOp) -> 
                f"{ctx.name} ({SMALL_HOST})", ctx.timeout, ctx.deadline)
     if not shm_tiny.learn(host, arr, op, rop):
         return
-    key = (arr.dtype, arr.shape, op)
-    with _lock:
-        plans = _plans.get(ctx.g)
-        if plans is None:
-            plans = _plans[ctx.g] = {}
-        plan = plans.get(key)
-        if plan is None or plan.tuning is not ctx.tuning:
-            plans[key] = _Plan(ctx, topo, op, rop)
+    shm_tiny.keep(_plans, ctx, (arr.dtype, arr.shape, op), lambda: _Plan(ctx, topo, op, rop))
 
 
 def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | None:

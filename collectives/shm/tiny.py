@@ -35,7 +35,7 @@ from ..runner import NOT_NOW, Body, Ctx, now
 from . import board
 from .local import all_reduce_small
 
-__all__ = ["MAX_BYTES", "learn", "all_reduce"]
+__all__ = ["MAX_BYTES", "learn", "keep", "all_reduce"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
@@ -101,17 +101,26 @@ def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> bool:
     it is kept (collectives.host.tiny's host step takes it)."""
     if arr.nbytes > MAX_BYTES or not board.mapped(ctx.g):
         return False
-    key = (arr.dtype, arr.shape, op)
-    with _lock:
-        plans = _plans.get(ctx.g)
-        if plans is None:
-            plans = _plans[ctx.g] = {}
-        plan = plans.get(key)
-        if plan is None or plan.tuning is not ctx.tuning:
-            plans[key] = _Plan(ctx, arr, rop)
-            global _last
-            _last = _NO_LAST
+    if keep(_plans, ctx, (arr.dtype, arr.shape, op), lambda: _Plan(ctx, arr, rop)):
+        global _last
+        _last = _NO_LAST
     return True
+
+
+def keep(plans_of: "weakref.WeakKeyDictionary[Comm, dict[tuple, Any]]", ctx: Ctx, key: tuple,
+         make: Any) -> bool:
+    """Keep ``make()`` as ``ctx``'s group's plan for ``key`` in ``plans_of``
+    unless one made under the same tuning is there (the short ways' plans:
+    here and collectives.host.tiny); whether a new one was kept."""
+    with _lock:
+        plans = plans_of.get(ctx.g)
+        if plans is None:
+            plans = plans_of[ctx.g] = {}
+        plan = plans.get(key)
+        if plan is not None and plan.tuning is ctx.tuning:
+            return False
+        plans[key] = make()
+        return True
 
 
 def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | None:
