@@ -261,13 +261,14 @@ class Progress:
         rings = self._rings
         assert rings is not None
         q, tail, heads = rings.watch(src)     # that ring has an entry once q[tail] != heads[src]
+        head = heads[src]     # (moved only by a take that succeeds, which returns)
         items = self._spin_items
         clock = time.perf_counter
         start = clock()
         end, yield_at, poll_at = start + self._spin_now, start + _BUSY, start
         while True:
             for _ in range(64):
-                if q[tail] != heads[src]:
+                if q[tail] != head:
                     r = take(src, *args)
                     if r is not None:
                         return r or None
