@@ -248,8 +248,9 @@ class Progress:
             if self._want == 0:
                 self.aside_until = time.monotonic() + ASIDE
 
-    def await_ring(self, take: Callable[..., Any], src: int, *args: Any) -> Any:
-        """Between ``enter`` and ``leave``, once ``take(src, *args)``
+    def await_ring(self, take: Callable[[int, int, int, Any], Any], src: int, group: int,
+                   tag: int, out: Any) -> Any:
+        """Between ``enter`` and ``leave``, once ``take(src, group, tag, out)``
         (mesh.reader.take) found rank ``src``'s ring empty: wait up to the
         adapted spin for the message only that ring can bring, taken by this
         thread with nothing posted nor handed over; None when the spin ran
@@ -269,7 +270,7 @@ class Progress:
         while True:
             for _ in range(64):
                 if q[tail] != head:
-                    r = take(src, *args)
+                    r = take(src, group, tag, out)    # (no *args: a call the loop inlines)
                     if r is not None:
                         return r or None
             now = clock()
