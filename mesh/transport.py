@@ -158,7 +158,7 @@ class Transport:
         if ring is None or (ring.full and ring.off()):
             return None
         n = obj.nbytes
-        if n > self._ring_max or not obj.flags.c_contiguous:
+        if n > self._ring_max:      # (not C-contiguous: ``put`` raises ValueError)
             return None
         dt = obj.dtype       # a dtype hashes slowly: known by identity, held by the entry
         key = (id(dt), obj.shape, group, tag)
@@ -180,8 +180,11 @@ class Transport:
                     inflight + cost <= peer.window or inflight < peer.grant_step):
                 return None
             peer.inflight = inflight + cost
-            if ring.put(known[1], known[2], peer.sent, obj, n):
-                return SENT
+            try:
+                if ring.put(known[1], known[2], peer.sent, obj, n):
+                    return SENT
+            except ValueError:       # not C-contiguous (numpy's buffer), nothing published
+                pass
             peer.release(cost)       # the usual way charges it again
         finally:
             lock.release()
