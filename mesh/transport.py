@@ -160,8 +160,8 @@ class Transport:
         n = obj.nbytes
         if n > self._ring_max:      # (not C-contiguous: ``put`` raises ValueError)
             return None
-        dt = obj.dtype       # a dtype hashes slowly: known by identity, held by the entry
-        key = (id(dt), obj.shape, group, tag)
+        dt = obj.dtype       # a dtype hashes slowly: not in the key, known by identity
+        key = (obj.shape, group, tag)     # (another dtype there replaces the entry)
         known = self._prefixes.get(key)
         if known is None or known[0] is not dt:
             if not wire.dtype_ok(dt):
