@@ -248,8 +248,9 @@ class Progress:
             if self._want == 0:
                 self.aside_until = time.monotonic() + ASIDE
 
-    def await_ring(self, take: Callable[..., Any], src: int, *args: Any) -> Any:
-        """Between ``enter`` and ``leave``, once ``take(src, *args)``
+    def await_ring(self, take: Callable[[int, int, int, Any], Any], src: int, group: int,
+                   tag: int, out: Any) -> Any:
+        """Between ``enter`` and ``leave``, once ``take(src, group, tag, out)``
         (mesh.reader.take) found rank ``src``'s ring empty: wait up to the
         adapted spin for the message only that ring can bring, taken by this
         thread with nothing posted nor handed over; None when the spin ran
@@ -261,14 +262,15 @@ class Progress:
         rings = self._rings
         assert rings is not None
         q, tail, heads = rings.watch(src)     # that ring has an entry once q[tail] != heads[src]
+        head = heads[src]     # (moved only by a take that succeeds, which returns)
         items = self._spin_items
         clock = time.perf_counter
         start = clock()
         end, yield_at, poll_at = start + self._spin_now, start + _BUSY, start
         while True:
             for _ in range(64):
-                if q[tail] != heads[src]:
-                    r = take(src, *args)
+                if q[tail] != head:
+                    r = take(src, group, tag, out)    # (no *args: a call the loop inlines)
                     if r is not None:
                         return r or None
             now = clock()

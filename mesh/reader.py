@@ -166,10 +166,10 @@ class Reader:
             out = np.empty(h.shape or (), dt)
         elif out.nbytes != nbytes or (out.dtype is not dt and out.dtype != dt):
             return False
-        if nbytes:     # copied once, out of the map into ``out``
+        if nbytes:     # copied once, out of the map into ``out`` (out.data: cheaper)
             at += plen
             try:
-                memoryview(out).cast("B")[:] = rings.mv[at:at + nbytes]  # type: ignore[arg-type]
+                out.data.cast("B")[:] = rings.mv[at:at + nbytes]
             except TypeError:     # read-only, or not C-contiguous
                 return False
         elif not out.flags.writeable:

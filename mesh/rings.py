@@ -169,7 +169,8 @@ class _Out:
         stream outruns its receiver), and left, once it has not for _WAIT,
         until the receiver reads again. The common case (room before the
         ring's end) is found here; the rest is ``_put_hard``'s, which says
-        where to write (or -1: not now)."""
+        where to write (or -1: not now). A ``body`` whose buffer is not
+        C-contiguous (numpy) raises ValueError before anything is published."""
         size = 16 + ((n + nb + 15) & ~15)
         tail = self.tail
         end = tail + size

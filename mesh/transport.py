@@ -157,20 +157,19 @@ class Transport:
         ring = self._ring_out[dst]
         if ring is None or (ring.full and ring.off()):
             return None
-        n = obj.nbytes
-        if n > self._ring_max or not obj.flags.c_contiguous:
-            return None
-        dt = obj.dtype       # a dtype hashes slowly: known by identity, held by the entry
-        key = (id(dt), obj.shape, group, tag)
+        dt = obj.dtype       # a dtype hashes slowly: not in the key, known by identity
+        key = (obj.shape, group, tag)     # (another dtype there replaces the entry)
         known = self._prefixes.get(key)
-        if known is None or known[0] is not dt:
-            if not wire.dtype_ok(dt):
+        if known is None or known[0] is not dt:     # (not C-contiguous: ``put`` raises ValueError)
+            n = obj.nbytes
+            if n > self._ring_max or not wire.dtype_ok(dt):
                 return None
             pre = wire.inline(wire.encode(wire.DATA, self.rank, group, tag, dtype=dt.str,
                                           shape=obj.shape, nbytes=n))
             if len(self._prefixes) >= _CACHE:
                 self._prefixes.clear()
-            known = self._prefixes[key] = (dt, pre, len(pre))
+            known = self._prefixes[key] = (dt, pre, len(pre), n)    # n: shape and dtype's
+        _, pre, plen, n = known
         peer = self._peers[dst]
         lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
         lock.acquire()
@@ -180,8 +179,11 @@ class Transport:
                     inflight + cost <= peer.window or inflight < peer.grant_step):
                 return None
             peer.inflight = inflight + cost
-            if ring.put(known[1], known[2], peer.sent, obj, n):
-                return SENT
+            try:
+                if ring.put(pre, plen, peer.sent, obj, n):
+                    return SENT
+            except ValueError:       # not C-contiguous (numpy's buffer), nothing published
+                pass
             peer.release(cost)       # the usual way charges it again
         finally:
             lock.release()

@@ -21,6 +21,9 @@ OBJECTS = [None, 0, -5, 2**40, 3.5, "text", b"\x00bytes", [1, "a", [2.5, None]],
            {"k": [1, 2], "nested": {"x": b"y"}}, True]
 
 
+SAME_SHAPE_DTYPES = [np.float64, np.int64, np.float64, np.int32, np.int32]
+
+
 def _payload(dtype: type, shape: tuple, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 100, size=shape)
@@ -41,6 +44,8 @@ def _kinds(world: mesh.Mesh) -> str:
             world.send(obj, 1, tag=1000)
         for a in (big, strided, fortran, np.float32(2.5)):
             world.send(a, 1, tag=2000)
+        for d in SAME_SHAPE_DTYPES:    # one shape and tag, the dtype changing: no stale header
+            world.send(np.arange(4, dtype=d), 1, tag=3000)
         return "sent"
     for i, (d, s) in enumerate(cases):
         got = world.recv(0, tag=i)
@@ -52,6 +57,9 @@ def _kinds(world: mesh.Mesh) -> str:
     for want in (big, strided, fortran, np.asarray(np.float32(2.5))):
         got = world.recv(0, tag=2000)
         assert got.shape == want.shape and np.array_equal(got, want)
+    for d in SAME_SHAPE_DTYPES:
+        got = world.recv(0, tag=3000)
+        assert got.dtype == d and np.array_equal(got, np.arange(4)), (d, got)
     return "ok"
 
 
