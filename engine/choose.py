@@ -33,8 +33,7 @@ from .schedules import by_name
 __all__ = ["LayerCost", "Candidate", "time_layer", "time_program", "measure", "measure_stages",
            "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
            "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
-           "table",
-           "SCHEDULES", "Span"]
+           "table", "SCHEDULES", "Span"]
 
 _SPAN, _MAX_RUNS = 0.05, 25     # time_layer's sampling of one layer: see there
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests that check no process outlives a job."""
+"""Helpers shared by the tests that check no process outlives a job, and
+those that start ranks as plain subprocesses."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,9 @@ import subprocess
 
 import pytest
 
-__all__ = ["alive", "run_in_session"]
+__all__ = ["alive", "run_in_session", "rank_env"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def alive(pid: int) -> bool:
@@ -40,3 +43,15 @@ def run_in_session(cmd: list[str], env: dict[str, str], timeout: float,
         except ProcessLookupError:
             pass
     return p.returncode, out
+
+
+def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment for a rank started by hand (torch's init methods):
+    no meshrun, torchelastic or torch.distributed variables of the test
+    run's own, the checkout first on PYTHONPATH, then ``extra``."""
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("MESH_", "TORCHELASTIC_")) and k not in (
+             "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(extra or {})
+    return e

@@ -17,8 +17,9 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 import mesh  # noqa: E402
+from proctools import rank_env  # noqa: E402
 
-pytestmark = pytest.mark.slow     # 10-12 s each quiet; 30-75 s loaded (inductor cold)
+pytestmark = pytest.mark.slow     # 11-13 s each quiet; 30-60 s loaded
 
 F = torch.nn.functional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,10 +229,8 @@ def test_torch_compile_of_functional_collectives_then_a_rank_dies_in_fsdp2(
     import json
     script = tmp_path / "two.py"
     script.write_text(TWO_RANKS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_") and k not in (
-        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["COMPILE_BACKEND"] = os.environ.get("MESH_TEST_INDUCTOR") and "inductor" or "aot_eager"
+    env = rank_env({"COMPILE_BACKEND": os.environ.get("MESH_TEST_INDUCTOR") and "inductor"
+                    or "aot_eager"})
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2",
                                f"file://{tmp_path}/store"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 import mesh  # noqa: E402
+from proctools import rank_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = dist.ReduceOp
@@ -390,15 +391,6 @@ INIT = textwrap.dedent("""
 """)
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith(("MESH_", "TORCHELASTIC_")) and k not in (
-             "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(extra or {})
-    return e
-
-
 def test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(tmp_path: Path) -> None:
     import socket
     script = tmp_path / "init.py"
@@ -410,7 +402,7 @@ def test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(tmp_path: Pa
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "3", f"file://{tmp_path}/s2",
                                *methods],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=_env(), cwd=ROOT) for r in range(3)]
+                              env=rank_env(), cwd=ROOT) for r in range(3)]
     try:
         procs[0].wait(timeout=90)
         procs[1].wait(timeout=30)
@@ -432,7 +424,7 @@ def test_the_ddp_example_runs_unchanged(launcher: str) -> None:
     cmd = ([sys.executable, "-m", "mesh.launch", "-n", "2", ex] if launcher == "meshrun" else
            [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", "2", ex])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=_env(), cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=rank_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     losses = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines()
               if "loss" in line]
