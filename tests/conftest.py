@@ -14,8 +14,10 @@ import pytest
 from backends import Cell, backend
 
 # mesh.spawn's fork server imports these once: every rank imports its test
-# module, and with it pytest and the packages
-os.environ.setdefault("MESH_SPAWN_PRELOAD", "pytest,collectives,engine")
+# module, and with it pytest and the packages; and torch (3.5 s of CPU per
+# import on the 2-core machine, so 30 s for an 8-rank torch test) where it is
+# installed (the fork server skips a module that does not import)
+os.environ.setdefault("MESH_SPAWN_PRELOAD", "pytest,collectives,engine,torch")
 
 PATHS = {
     # every byte through ZeroMQ sockets, rings cut into many small segments
