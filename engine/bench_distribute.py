@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .bench_torch import run_workers
+from collectives.tools.bench_gloo import run_workers
+
 from .choose import time_layer
 from .distribute import distribute
 from .layers import Linear, Sequential, _Activation, mse_loss

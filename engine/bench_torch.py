@@ -6,15 +6,14 @@ torch is imported only here and only in the worker processes.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import statistics
-import tempfile
 import time
 import traceback
 from typing import Any
 
-__all__ = ["available", "run", "run_workers"]
+from collectives.tools.bench_gloo import run_workers
+
+__all__ = ["available", "run"]
 
 
 def available() -> bool:
@@ -78,43 +77,6 @@ def _worker(rank: int, p: int, init_file: str, m: int, f: float, b: float, steps
         conn.send((False, traceback.format_exc()))
     finally:
         conn.close()
-
-
-def run_workers(target: Any, n: int, args: tuple, what: str, timeout: float = 300) -> list[Any]:
-    """Run ``target(rank, n, init_file, *args, conn)`` on ``n`` fresh processes
-    (a gloo group meets at ``file://init_file``); each sends ``(ok, payload)``.
-    Payloads by rank; a failure or a rank late past ``timeout`` raises, naming
-    it, and every process is ended."""
-    ctx = mp.get_context("spawn")
-    fd, init_file = tempfile.mkstemp(prefix="meshrun-bench-gloo-")
-    os.close(fd)
-    os.unlink(init_file)
-    procs, conns = [], []
-    try:
-        for r in range(n):
-            parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=target, daemon=True, args=(r, n, init_file, *args, child))
-            proc.start()
-            child.close()
-            procs.append(proc)
-            conns.append(parent)
-        results = []
-        deadline = time.monotonic() + timeout
-        for r, conn in enumerate(conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"{what} rank {r} did not finish in {timeout:g}s")
-            ok, payload = conn.recv()
-            if not ok:
-                raise RuntimeError(f"{what} rank {r} failed:\n{payload}")
-            results.append(payload)
-        return results
-    finally:
-        for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-        if os.path.exists(init_file):
-            os.unlink(init_file)
 
 
 def run(p: int, m: int, f: float, b: float, steps: int, rows: int, width: int,

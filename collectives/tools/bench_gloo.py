@@ -14,7 +14,7 @@ import traceback
 import warnings
 from typing import Any, Callable
 
-__all__ = ["available", "run_gloo"]
+__all__ = ["available", "run_gloo", "run_workers"]
 
 
 def available() -> bool:
@@ -57,7 +57,7 @@ def _op_fn(op: str, t: Any, n: int, rank: int) -> Callable[[], Any]:
     raise ValueError(f"no gloo equivalent for {op!r}")
 
 
-def _worker(rank: int, n: int, init: str, op: str, rows: list[tuple[int, int, int]],
+def _worker(rank: int, n: int, init_file: str, op: str, rows: list[tuple[int, int, int]],
             dtype: str, device: str, conn: Any) -> None:
     try:
         import torch
@@ -68,7 +68,7 @@ def _worker(rank: int, n: int, init: str, op: str, rows: list[tuple[int, int, in
         if device == "cuda":
             dev = f"cuda:{rank % torch.cuda.device_count()}"
             torch.cuda.set_device(dev)
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=n)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n)
         times: list[float | str] = []
         for count, iters, warmup in rows:
             t = torch.ones((count,), dtype=getattr(torch, dtype), device=dev)
@@ -99,30 +99,42 @@ def run_gloo(op: str, n: int, rows: list[tuple[int, int, int]], dtype: str = "fl
     """Run ``op`` on n gloo ranks for each (input count, iters, warmup) row;
     return, per rank, the seconds per call of every row (or the error text
     of a row gloo cannot do)."""
+    return run_workers(_worker, n, (op, rows, dtype, device), "gloo", timeout)
+
+
+def run_workers(target: Any, n: int, args: tuple, what: str, timeout: float = 300) -> list[Any]:
+    """Run ``target(rank, n, init_file, *args, conn)`` on ``n`` fresh processes
+    (a gloo group meets at ``file://init_file``); each sends ``(ok, payload)``.
+    Payloads by rank; a failure or a rank late past ``timeout`` raises, naming
+    it, and every process is ended. (Also engine.bench_torch's and
+    engine.bench_distribute's torch side.)"""
     ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        init = "file://" + os.path.join(tmp, "store")
-        pipes, procs = [], []
-        for rank in range(n):
+    fd, init_file = tempfile.mkstemp(prefix="meshrun-bench-gloo-")
+    os.close(fd)
+    os.unlink(init_file)
+    procs, conns = [], []
+    try:
+        for r in range(n):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=(rank, n, init, op, rows, dtype, device, child))
-            p.start()
+            proc = ctx.Process(target=target, daemon=True, args=(r, n, init_file, *args, child))
+            proc.start()
             child.close()
-            pipes.append(parent)
-            procs.append(p)
-        try:
-            results = []
-            deadline = time.monotonic() + timeout
-            for rank, conn in enumerate(pipes):
-                if not conn.poll(max(0.0, deadline - time.monotonic())):
-                    raise TimeoutError(f"gloo rank {rank} did not finish in {timeout:.0f} s")
-                ok, payload = conn.recv()
-                if not ok:
-                    raise RuntimeError(f"gloo rank {rank} failed:\n{payload}")
-                results.append(payload)
-            return results
-        finally:
-            for p in procs:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
+            procs.append(proc)
+            conns.append(parent)
+        results = []
+        deadline = time.monotonic() + timeout
+        for r, conn in enumerate(conns):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"{what} rank {r} did not finish in {timeout:g}s")
+            ok, payload = conn.recv()
+            if not ok:
+                raise RuntimeError(f"{what} rank {r} failed:\n{payload}")
+            results.append(payload)
+        return results
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        if os.path.exists(init_file):
+            os.unlink(init_file)
