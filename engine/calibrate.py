@@ -39,6 +39,7 @@ from mesh import Comm
 
 from .executor import Pipeline
 from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Schedule
+from .layers import _Activation
 from .schedules import one_f_one_b
 from .simulate import simulate
 
@@ -48,9 +49,10 @@ __all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowd
 _COMPUTE = (F, B, I, W)
 
 
-class _Noop:
+class _Noop(_Activation):
     """A stage that computes nothing and hands on ``out`` forward and
-    ``back`` (default ``out``) backward, its backward split or not."""
+    ``back`` (default ``out``) backward, its backward split or not (the
+    split and the empty parameter lists as any parameter-free layer's)."""
 
     def __init__(self, out: Any, back: Any = None) -> None:
         self.out = out
@@ -61,18 +63,6 @@ class _Noop:
 
     def backward(self, ctx: Any, gy: Any) -> Any:
         return self.back
-
-    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
-        return self.back, None
-
-    def backward_weight(self, wctx: Any) -> None:
-        return None
-
-    def params(self) -> list[Any]:
-        return []
-
-    def grads(self) -> list[Any]:
-        return []
 
 
 class _Spin(_Noop):
