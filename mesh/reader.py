@@ -69,7 +69,7 @@ class Reader:
         # over when full.
         self._decoded: dict[bytes, wire.Header] = {}
         # those of plain arrays, unpacked for ``take``: (header, (src, group, tag, the
-        # length of its ring entry), nbytes, dtype)
+        # length of its ring entry), nbytes, dtype, the credit a message frees)
         self._plain: dict[bytes, tuple] = {}
         self._owed = [0] * len(peers)   # credit ``take`` freed, per peer, not granted yet
         self._owe = min([_OWE] + [p.grant_step // 4 for p in peers])   # ... up to this
@@ -77,8 +77,7 @@ class Reader:
         # per peer, the one-frame prefix (mark, length, header) of the last
         # entry ``take`` took, its length and its header's ``_plain`` entry:
         # the next is most often the same (no valid prefix starts 0xC1 FF FF)
-        self._last: list[tuple[bytes, int, tuple]] = \
-            [(b"\xc1\xff\xff", 3, (None, None, 0, None))] * len(peers)
+        self._last: list[tuple] = [(b"\xc1\xff\xff", 3, None, None, 0, None, 0)] * len(peers)
         self._claim, self._arrive = inbox.claim, inbox.arrive
         self._consumed, self._complete = inbox.consumed, inbox.complete
 
@@ -131,8 +130,7 @@ class Reader:
         says so). The ring's ``peek`` and ``pop``, inline (``Rings.where``);
         the credit it frees is granted back in batches (``_owe``), and what
         is left when the reading turn's holder goes to sleep (``settle``)."""
-        rings = self.rings
-        assert rings is not None
+        rings: Rings = self.rings     # type: ignore[assignment]  # (not None: no assert here)
         q = rings.q
         tail_w, head_w, base = rings.where[src]
         head = rings.heads[src]
@@ -149,7 +147,7 @@ class Reader:
         else:
             at, head = base + off + 16, head + 16 + ((n + 15) & ~15)
         m = rings.map
-        prefix, plen, known = self._last[src]
+        prefix, plen, h, fields, nbytes, dt, cost = self._last[src]
         if m[at:at + plen] != prefix:     # not the header of the last one taken
             if m[at] != wire.INLINE_MARK:
                 return False
@@ -157,10 +155,9 @@ class Reader:
             found = self._plain.get(m[at + 3:at + plen]) if plen <= n else None
             if found is None:
                 return False
-            known = found
-            self._last[src] = (m[at:at + plen], plen, known)
-        h, fields, nbytes, dt = known     # fields: (src, group, tag, the entry's length)
-        if fields != (src, group, tag, n):
+            h, fields, nbytes, dt, cost = found
+            self._last[src] = (m[at:at + plen], plen, *found)
+        if fields != (src, group, tag, n):     # fields: (src, group, tag, the entry's length)
             return False
         if out is None:
             out = np.empty(h.shape or (), dt)
@@ -175,7 +172,7 @@ class Reader:
         elif not out.flags.writeable:
             return False
         rings.heads[src] = q[head_w] = head
-        owed = self._owed[src] + nbytes + MSG_COST
+        owed = self._owed[src] + cost
         if owed >= self._owe:
             self._owed[src] = 0
             self._consumed(src, owed - MSG_COST)
@@ -226,7 +223,7 @@ class Reader:
                 self._decoded[head] = h
                 if h.kind == wire.DATA and not h.device and not h.direct:
                     self._plain[head] = (h, (h.src, h.group, h.tag, 3 + len(head) + h.nbytes),
-                                         h.nbytes, h.dt)
+                                         h.nbytes, h.dt, h.nbytes + MSG_COST)
         return h
 
     def _dispatch(self, ident: bytes, head: bytes, payload: list, more: Any) -> bool:
