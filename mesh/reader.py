@@ -162,15 +162,15 @@ class Reader:
             return False
         if out is None:
             out = np.empty(h.shape or (), dt)
-        elif out.nbytes != nbytes or (out.dtype is not dt and out.dtype != dt):
+        elif out.dtype is not dt and out.dtype != dt:
             return False
         if nbytes:     # copied once, out of the map into ``out`` (out.data: cheaper)
             at += plen
             try:
                 out.data.cast("B")[:] = rings.mv[at:at + nbytes]
-            except TypeError:     # read-only, or not C-contiguous
+            except (TypeError, ValueError):     # read-only, not C-contiguous, another size
                 return False
-        elif not out.flags.writeable:
+        elif out.nbytes or not out.flags.writeable:
             return False
         rings.heads[src] = q[head_w] = head + step    # (fields: the entry's length is n)
         owed = self._owed[src] + cost
