@@ -209,6 +209,9 @@ class Transport:
             flags = self._awake_rung          # Rings.awake(True), when it has anything to do
             if not flags[0] or flags[1]:    # type: ignore[index]
                 self.rings.awake(True)     # type: ignore[union-attr]
+        elif ((out is not None and out.nbytes > self._ring_max)      # comes by socket, or
+              or (timeout is not None and timeout < progress.spin)):   # may not wait: not
+            return None                                         # worth waiting for the turn
         else:
             entered = progress.enter()
         try:
