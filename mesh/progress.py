@@ -94,6 +94,8 @@ class Progress:
         self._want = 0                        # callers waiting in drive
         self._progress_reading = False        # the progress thread holds the turn
         self.aside_until = 0.0
+        self.took = 0      # receives that gave the turn back (``Transport.recv_ring``): each
+        # keeps the progress thread aside for ASIDE from when it sees the count move
         self._parked = False                  # napping past _NAP: ``unpark`` wakes it
         self.closing = False
         self._wake_r, self._wake_w = os.pipe()
@@ -341,10 +343,16 @@ class Progress:
         held = False
         next_tick = 0.0
         nap = _NAP
+        took = self.took
         while not self.closing:
             try:
-                if not held and not self._want and time.monotonic() >= self.aside_until:
-                    held = self._rlock.acquire(timeout=0.05)
+                if not held and not self._want:
+                    now = time.monotonic()
+                    if self.took != took:     # a receive gave the turn back since the last look
+                        took = self.took
+                        self.aside_until = max(self.aside_until, now + ASIDE)
+                    if now >= self.aside_until:
+                        held = self._rlock.acquire(timeout=0.05)
                 with self._want_lock:
                     if held and self._want:
                         self._rlock.release()

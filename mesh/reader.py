@@ -69,7 +69,8 @@ class Reader:
         # over when full.
         self._decoded: dict[bytes, wire.Header] = {}
         # those of plain arrays, unpacked for ``take``: (header, (src, group, tag, the
-        # length of its ring entry), nbytes, dtype)
+        # length of its ring entry), nbytes, dtype, the credit a message frees, the
+        # bytes its entry takes in the ring)
         self._plain: dict[bytes, tuple] = {}
         self._owed = [0] * len(peers)   # credit ``take`` freed, per peer, not granted yet
         self._owe = min([_OWE] + [p.grant_step // 4 for p in peers])   # ... up to this
@@ -77,8 +78,7 @@ class Reader:
         # per peer, the one-frame prefix (mark, length, header) of the last
         # entry ``take`` took, its length and its header's ``_plain`` entry:
         # the next is most often the same (no valid prefix starts 0xC1 FF FF)
-        self._last: list[tuple[bytes, int, tuple]] = \
-            [(b"\xc1\xff\xff", 3, (None, None, 0, None))] * len(peers)
+        self._last: list[tuple] = [(b"\xc1\xff\xff", 3, None, None, 0, None, 0, 0)] * len(peers)
         self._claim, self._arrive = inbox.claim, inbox.arrive
         self._consumed, self._complete = inbox.consumed, inbox.complete
 
@@ -131,8 +131,7 @@ class Reader:
         says so). The ring's ``peek`` and ``pop``, inline (``Rings.where``);
         the credit it frees is granted back in batches (``_owe``), and what
         is left when the reading turn's holder goes to sleep (``settle``)."""
-        rings = self.rings
-        assert rings is not None
+        rings: Rings = self.rings     # type: ignore[assignment]  # (not None: no assert here)
         q = rings.q
         tail_w, head_w, base = rings.where[src]
         head = rings.heads[src]
@@ -145,11 +144,11 @@ class Reader:
             n = rings.peek(src, self.heard[src])     # (a wrap, a wait, or malformed)
             if n <= 0:
                 return None if n == 0 else False
-            at, head = rings.at, rings.next
+            at, head = rings.at, rings.next - 16 - ((n + 15) & ~15)    # (past a wrap)
         else:
-            at, head = base + off + 16, head + 16 + ((n + 15) & ~15)
+            at = base + off + 16
         m = rings.map
-        prefix, plen, known = self._last[src]
+        prefix, plen, h, fields, nbytes, dt, cost, step = self._last[src]
         if m[at:at + plen] != prefix:     # not the header of the last one taken
             if m[at] != wire.INLINE_MARK:
                 return False
@@ -157,25 +156,24 @@ class Reader:
             found = self._plain.get(m[at + 3:at + plen]) if plen <= n else None
             if found is None:
                 return False
-            known = found
-            self._last[src] = (m[at:at + plen], plen, known)
-        h, fields, nbytes, dt = known     # fields: (src, group, tag, the entry's length)
-        if fields != (src, group, tag, n):
+            h, fields, nbytes, dt, cost, step = found
+            self._last[src] = (m[at:at + plen], plen, *found)
+        if fields != (src, group, tag, n):     # fields: (src, group, tag, the entry's length)
             return False
         if out is None:
             out = np.empty(h.shape or (), dt)
-        elif out.nbytes != nbytes or (out.dtype is not dt and out.dtype != dt):
+        elif out.dtype is not dt and out.dtype != dt:
             return False
         if nbytes:     # copied once, out of the map into ``out`` (out.data: cheaper)
             at += plen
             try:
                 out.data.cast("B")[:] = rings.mv[at:at + nbytes]
-            except TypeError:     # read-only, or not C-contiguous
+            except (TypeError, ValueError):     # read-only, not C-contiguous, another size
                 return False
-        elif not out.flags.writeable:
+        elif out.nbytes or not out.flags.writeable:
             return False
-        rings.heads[src] = q[head_w] = head
-        owed = self._owed[src] + nbytes + MSG_COST
+        rings.heads[src] = q[head_w] = head + step    # (fields: the entry's length is n)
+        owed = self._owed[src] + cost
         if owed >= self._owe:
             self._owed[src] = 0
             self._consumed(src, owed - MSG_COST)
@@ -225,8 +223,9 @@ class Reader:
                     self._plain.clear()
                 self._decoded[head] = h
                 if h.kind == wire.DATA and not h.device and not h.direct:
-                    self._plain[head] = (h, (h.src, h.group, h.tag, 3 + len(head) + h.nbytes),
-                                         h.nbytes, h.dt)
+                    n = 3 + len(head) + h.nbytes      # its ring entry's length
+                    self._plain[head] = (h, (h.src, h.group, h.tag, n), h.nbytes, h.dt,
+                                         h.nbytes + MSG_COST, 16 + ((n + 15) & ~15))
         return h
 
     def _dispatch(self, ident: bytes, head: bytes, payload: list, more: Any) -> bool:

@@ -141,7 +141,7 @@ class _Layout:
 class _Out:
     """This rank's ring in one peer's region (the writing side)."""
 
-    __slots__ = ("ctl", "q", "buf", "qd", "tail", "upto", "ti", "hi", "ring", "mask", "src",
+    __slots__ = ("ctl", "q", "buf", "qd", "tail", "limit", "ti", "hi", "ring", "mask", "src",
                  "wake", "full", "left", "waits", "gave_up", "rung")
 
     def __init__(self, fd: int, lay: _Layout, src: int) -> None:
@@ -153,7 +153,10 @@ class _Out:
         self.ti = (lay.ctl >> 3) + _LINE * src
         self.hi = (lay.heads >> 3) + _LINE * src
         self.tail = self.q[self.ti]
-        self.upto = self.tail      # room up to here, as of the last look at HEAD (grows)
+        # entries may end up to here without a look at HEAD (the receiver's line,
+        # written by it): the room seen at the last look, and the end of the ring's
+        # lap; -1 while the ring is left full (``put``'s other way decides)
+        self.limit = self.tail
         self.wake = -1             # the receiver's wake pipe, opened by Rings.attach
         self.full = False          # left full: the socket until the receiver reads again
         self.left = 0              # HEAD + HEARD when it was left
@@ -174,16 +177,13 @@ class _Out:
         size = 16 + ((n + nb + 15) & ~15)
         tail = self.tail
         end = tail + size
-        off = tail & self.mask
-        q = self.q
-        if end > self.upto:     # HEAD read only then: the receiver's line, written by it
-            self.upto = q[self.hi] + self.ring
-        if self.full or off + size > self.ring or end > self.upto:
+        if end > self.limit:     # past the room seen, or the ring's end, or left full
             tail = self._put_hard(size)
             if tail < 0:
                 return False
             end = tail + size
-            off = tail & self.mask
+        off = tail & self.mask
+        q = self.q
         qd, buf = self.qd, self.buf
         w = off >> 3
         qd[w] = c
@@ -202,18 +202,29 @@ class _Out:
         return True
 
     def _put_hard(self, size: int) -> int:
-        """``put`` where the ring is full, was left full, or wraps: the tail
-        at which to write an entry of ``size`` bytes, or -1."""
+        """``put`` past ``limit``: HEAD read again, then the tail at which
+        to write an entry of ``size`` bytes (the ring full, left full, or
+        wrapping: ``_room``, ``_wait``), and the new ``limit``; or -1."""
+        tail = self.tail
+        room = self.q[self.hi] + self.ring
+        if not self.full and (tail & self.mask) + size <= self.ring and tail + size <= room:
+            self.limit = min(room, tail - (tail & self.mask) + self.ring)
+            return tail
+        self.limit = -1
         was_full = self.full       # left full before (``_wait``)
         tail = self._room(size)
-        if tail >= 0:
-            return tail
-        if was_full:
-            if self.off():
-                return -1          # nothing read since: the socket
-            self.full = False      # it reads again: back to the ring, waiting for room
-            self.q[self.ti + _OFF] = 0
-        return self._wait(size)
+        if tail < 0:
+            if was_full:
+                if self.off():
+                    return -1          # nothing read since: the socket
+                self.full = False      # it reads again: back to the ring, waiting for room
+                self.q[self.ti + _OFF] = 0
+            tail = self._wait(size)
+            if tail < 0:
+                return -1
+        # (room: HEAD as _room or _wait saw it; read again, it can only have grown)
+        self.limit = min(self.q[self.hi] + self.ring, tail - (tail & self.mask) + self.ring)
+        return tail
 
     def off(self) -> bool:
         """Whether this ring was left full (``_wait``) and the receiver has

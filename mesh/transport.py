@@ -32,7 +32,7 @@ from .liveness import Liveness
 from .match import DONE, Pending
 from .payload import delivered, encode_payload
 from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_float
-from .progress import ASIDE, Progress
+from .progress import Progress
 from .reader import COPY_BELOW, Reader
 
 __all__ = ["Transport", "Outgoing", "config_float", "abort_error"]
@@ -97,6 +97,9 @@ class Transport:
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings)
         self.stall_warn = self.live.stall_warn
+        # what recv_ring calls and reads, bound once
+        self._take, self._quiet = self.reader.take, self.inbox.matcher.quiet
+        self._aborted = self.inbox.aborted
         # what communicators call of the inbox and of liveness
         self.irecv, self.iprobe = self.inbox.post, self.inbox.iprobe
         self.cancel, self.abort = self.inbox.cancel, self.inbox.abort
@@ -168,13 +171,13 @@ class Transport:
                                           shape=obj.shape, nbytes=n))
             if len(self._prefixes) >= _CACHE:
                 self._prefixes.clear()
-            known = self._prefixes[key] = (dt, pre, len(pre), n)    # n: shape and dtype's
-        _, pre, plen, n = known
+            known = self._prefixes[key] = (dt, pre, len(pre), n, n + MSG_COST)    # n: its bytes
+        _, pre, plen, n, cost = known
         peer = self._peers[dst]
         lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
         lock.acquire()
         try:
-            inflight, cost = peer.inflight, n + MSG_COST     # peer.admit(n), inline
+            inflight = peer.inflight     # peer.admit(n), inline
             if peer.state != ALIVE or peer.queue or not (
                     inflight + cost <= peer.window or inflight < peer.grant_step):
                 return None
@@ -197,33 +200,36 @@ class Transport:
         (mesh.progress.await_ring): (array, header); None when it must be posted
         and waited for the usual way. The uncontended turn (the usual case)
         is taken and given back here, as ``Progress.enter`` and ``leave`` would."""
-        progress = self.progress
-        if (not self._ringed[src]      # (no rings: none is)
-                or (out is not None and out.nbytes > self._ring_max)    # comes by socket
-                or (timeout is not None and timeout < progress.spin)):
+        if not self._ringed[src]:     # (no rings: none is)
             return None
-        turn, inbox = progress.turn, self.inbox
+        progress = self.progress
+        turn = progress.turn
         if turn.acquire(False):
             entered = 1
             flags = self._awake_rung          # Rings.awake(True), when it has anything to do
             if not flags[0] or flags[1]:    # type: ignore[index]
                 self.rings.awake(True)     # type: ignore[union-attr]
+        elif ((out is not None and out.nbytes > self._ring_max)      # comes by socket, or
+              or (timeout is not None and timeout < progress.spin)):   # may not wait: not
+            return None                                         # worth waiting for the turn
         else:
             entered = progress.enter()
         try:
             if (not entered or self._peers[src].state != ALIVE
-                    or (inbox.aborted and (group, tag) in inbox.aborted)
-                    or not inbox.matcher.quiet(group, src, tag)):    # queued or posted before
+                    or (self._aborted and (group, tag) in self._aborted)
+                    or not self._quiet(group, src, tag)):    # queued or posted before
                 return None
-            take = self.reader.take
-            got = take(src, group, tag, out)
-            if got is None:
-                got = progress.await_ring(take, src, group, tag, out)
+            got = self._take(src, group, tag, out)
+            if got is None:       # nothing there yet: wait for it, unless it comes by socket
+                if ((out is not None and out.nbytes > self._ring_max)
+                        or (timeout is not None and timeout < progress.spin)):
+                    return None
+                got = progress.await_ring(self._take, src, group, tag, out)
             return got or None
         finally:
             if entered == 1:
                 turn.release()
-                progress.aside_until = time.monotonic() + ASIDE
+                progress.took += 1      # (the progress thread stays aside: cheaper than a clock)
             else:
                 progress.leave(entered)
 
