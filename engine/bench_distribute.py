@@ -111,7 +111,7 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
             for k, (b, _, job) in enumerate(jobs)]
 
 
-def _in_step(world: Any, job: Any, rows: list[Any], acts: list[Any]) -> dict[str, float]:
+def _in_step(world: Any, job: Any, rows: list[Any], acts: list[Any]) -> dict[str, Any]:
     """The job's steps taken apart as the simulator's figures
     (engine.calibrate.step_figures over every rank's step records) beside
     those of its prediction: the step the simulator gives from the steps'
@@ -129,7 +129,7 @@ def _in_step(world: Any, job: Any, rows: list[Any], acts: list[Any]) -> dict[str
                for k in "FBIW" for s, c in enumerate(fig.compute[k]) if c)
     return {"simulated": fig.simulated, "compute": sum(sum(v) for v in fig.compute.values())
             / pred if pred > 0 else 0.0, "action": fig.action, "message": fig.message,
-            "receive": fig.receive}
+            "receive": fig.receive, "stretch": job.stretch or []}
 
 
 def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
@@ -188,7 +188,8 @@ def balance_table(report: list[dict[str, Any]]) -> str:
                      f"{r['measured_ms'] / (st['simulated'] * 1e3):>8.3f} {st['compute']:>11.3f} "
                      f"{st['action'] * 1e6:>6.0f}/{st['message'] * 1e6:.0f}/"
                      f"{st['receive'] * 1e6:.0f} {r['after_ms']:>8.1f} "
-                     f"{r['measured_ms'] / r['after_ms']:>10.3f}")
+                     f"{r['measured_ms'] / r['after_ms']:>10.3f}  stretch "
+                     + " ".join(f"{x:.2f}" for x in st.get("stretch", [])))
     h = report[0] if report else None
     if h is not None:
         lines.append(f"mesh threads' CPU per message end {h['helper_us']:.0f} us, "

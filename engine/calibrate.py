@@ -220,6 +220,7 @@ class DryRun:
     span: float = 0.0       # the median dry step, latest end less earliest start
     receive: float = 0.0    # a receive's own time when its message is due (message_times)
     simulated: float = 0.0  # the simulated dry step: its actions as they ran, these figures
+    compute: dict[str, list[float]] | None = None   # each stage's median action per kind, wall
 
 
 def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple[int, int]],
@@ -281,7 +282,7 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     mine = [(ranks, r, acts, host) for ranks, r, acts, _, host in gathered]
     fig = step_figures(sched, mine)
     return DryRun(fig.action, fig.message, statistics.median(g[3] for g in gathered), fig.span,
-                  fig.receive, fig.simulated)
+                  fig.receive, fig.simulated, fig.compute)
 
 
 def step_record(pipe: Pipeline, t0: float, t1: float) -> tuple[tuple[Any, ...], list[Any]]:
