@@ -106,8 +106,7 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
                  program: Sequence[Action], reps: int = 3,
                  clock: Callable[[], float] = time.perf_counter,
                  loss: tuple[int, Callable[[Any], Any]] | None = None,
-                 each: list[dict[int, LayerCost]] | None = None,
-                 span: float = _SPAN) -> dict[int, LayerCost]:
+                 each: list[dict[int, LayerCost]] | None = None) -> dict[int, LayerCost]:
     """Each stage's F, B, I and W as a step runs them: this rank's compute
     actions of ``program`` (a lowered rank program; its messages skipped)
     in their order, each micro-batch's F on a fresh copy of its stage's
@@ -119,8 +118,7 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
     stages alternates between them. Runs: one to warm up, then at least
     ``reps`` and 50 ms of them (at most 25); per run, the mean of each
     stage's actions of a kind; returned, the median over the runs (kinds
-    the program does not run: 0). ``span``: the least seconds of runs
-    (default 50 ms; at most 25 runs either way). ``loss``: ``(stage, fn)``, the last
+    the program does not run: 0). ``loss``: ``(stage, fn)``, the last
     stage and ``fn(output) -> its gradient`` (the loss and the executor's
     scaling), timed in that stage's F as the executor runs it. ``each``,
     when given, gets every run's own figures (a dict like the one returned)
@@ -130,7 +128,7 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
     runs: dict[tuple[int, str], list[float]] = {}
     nbytes: dict[int, int] = {}
     begin, n = clock(), 0
-    while n <= max(1, reps) or (clock() - begin < span and n < _MAX_RUNS):
+    while n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS):
         n += 1
         ctxs: dict[tuple[int, Any], Any] = {}
         gys: dict[tuple[int, Any], Any] = {}
