@@ -193,8 +193,9 @@ def balance_table(report: list[dict[str, Any]]) -> str:
     h = report[0] if report else None
     if h is not None:
         lines.append(f"mesh threads' CPU per message end {h['helper_us']:.0f} us, "
-                     + ("charged to the computing ranks (no spare core)" if h["charged"]
-                        else "not charged (a spare core)"))
+                     + ("charged to the computing ranks in the choice (no spare core)"
+                        if h["charged"] else "not charged (a spare core)")
+                     + "; in predicted, each stage's stretch holds it")
     return "\n".join(lines)
 
 

@@ -296,13 +296,19 @@ class Job:
         """Time this rank's stages again, whole, as the step runs them
         (copies, on a micro-batch of the sample, this rank's compute actions
         in the schedule's order: engine.choose.time_program), every rank at
-        once; then measure the executor's own costs and the mesh threads'
-        CPU per message end on a dry run of the chosen schedule itself
-        (engine.calibrate's ``dry_run``: its micro-batch count, its mix of
-        F, B, I and W, its messages at their real sizes, stages that keep
-        the core busy as long as those times, so messages come and go while
-        the ranks compute, as in the step); then predict the step
-        again from those times, those costs and the mesh threads' charge:
+        once, in thread CPU (with the executor's own costs measured, else
+        in wall time); then measure the executor's own costs and the mesh
+        threads' CPU per message end on a dry run of the chosen schedule
+        itself (engine.calibrate's ``dry_run``: its micro-batch count, its
+        mix of F, B, I and W, its messages at their real sizes, stages that
+        burn those times' CPU, so messages come and go while the ranks
+        compute, as in the step), and stretch each stage's times by its
+        dry-run actions' wall over their CPU (``stretch``: the share of a
+        core its actions get as the steps run, the mesh threads' reading
+        of messages and others' load included; a stage timed back to back
+        gets a smaller share of a loaded core than steps that wait on
+        messages, BENCHMARKS.md, tenth session); then predict the step
+        again from those times and those costs:
         ``predicted`` then reflects the machine as it is now, right before
         the steps, and ``calibration`` holds the dry run's figures
         (``profile_calibration`` and ``profiled`` keep the choice's own).
