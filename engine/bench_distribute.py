@@ -20,6 +20,7 @@ on meshrun and by torch's ``parallelize_module`` (DeviceMesh on CPU, gloo).
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import time
 from typing import Any
@@ -28,7 +29,8 @@ import numpy as np
 
 from collectives.tools.bench_gloo import run_workers
 
-from .choose import time_layer
+from .calibrate import step_figures, step_record
+from .choose import helper_charge, time_layer
 from .distribute import distribute
 from .layers import Linear, Sequential, _Activation, mse_loss
 
@@ -79,17 +81,28 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
         jobs.append((balance, sched, job))
     for _, _, job in jobs:               # each job's stages timed again, right before the steps
         job.retime()
+    before = [job.predicted for _, _, job in jobs]
     spans: list[list[tuple[float, float]]] = [[] for _ in jobs]
-    for _ in range(steps + 1):               # the first pass warms up
+    records: list[tuple[list[Any], list[Any]]] = [([], []) for _ in jobs]
+    for i in range(steps + 1):               # the first pass warms up
         for k, (_, _, job) in enumerate(jobs):
             collectives.barrier(world)
             t0 = time.time()
             job.step(x, y)
-            spans[k].append((t0, time.time()))
+            t1 = time.time()
+            spans[k].append((t0, t1))
+            if i:
+                row, acts = step_record(job.pipeline, t0, t1)
+                records[k][0].append(row)
+                records[k][1].append(acts)
             for g in job.grads():
                 g[...] = 0
+    in_step = [_in_step(world, job, *records[k]) for k, (_, _, job) in enumerate(jobs)]
+    for _, _, job in jobs:               # and once more right after them
+        job.retime()
     return [{"balance": b, "schedule": job.schedule.name, "counts": job.counts,
-             "predicted": job.predicted, "summed": job.chosen.summed if job.chosen else None,
+             "predicted": before[k], "after": job.predicted, "in_step": in_step[k],
+             "summed": job.chosen.summed if job.chosen else None,
              "profiled": job.profiled.makespan if job.profiled else None,
              "helper": job.calibration.helper_measured if job.calibration else 0.0,
              "charged": bool(job.calibration and job.calibration.crowded),
@@ -97,6 +110,27 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
                            job.calibration.receive) if job.calibration else (0.0, 0.0, 0.0)),
              "spans": spans[k][1:]}
             for k, (b, _, job) in enumerate(jobs)]
+
+
+def _in_step(world: Any, job: Any, rows: list[Any], acts: list[Any]) -> dict[str, Any]:
+    """The job's steps taken apart as the simulator's figures
+    (engine.calibrate.step_figures over every rank's step records) beside
+    those of its prediction: the step the simulator gives from the steps'
+    own figures, the steps' compute over the predicted compute (the
+    prediction's per-stage costs less its per-action cost and mesh-thread
+    charge, summed over the kinds the schedule runs), and the steps'
+    per-action, message and receive times."""
+    import collectives
+    fig = step_figures(job.chosen.schedule, [
+        (ranks, r, a, host) for ranks, r, a, host in collectives.all_gather_object(
+            world, (job.grid.group("pp").ranks, rows, acts, socket.gethostname()))])
+    cal = job.calibration
+    charge = helper_charge(job.chosen.schedule, cal.helper)
+    pred = sum(job.chosen.costs[k][s] - cal.action - (charge[s] if k != "W" else 0.0)
+               for k in "FBIW" for s, c in enumerate(fig.compute[k]) if c)
+    return {"simulated": fig.simulated, "compute": sum(sum(v) for v in fig.compute.values())
+            / pred if pred > 0 else 0.0, "action": fig.action, "message": fig.message,
+            "receive": fig.receive, "stretch": job.stretch or []}
 
 
 def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
@@ -112,6 +146,7 @@ def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
                     min(r[k]["spans"][s][0] for r in results) for s in range(steps)]
         report.append({"balance": row["balance"], "schedule": row["schedule"],
                        "counts": row["counts"], "predicted_ms": row["predicted"] * 1e3,
+                       "after_ms": row["after"] * 1e3, "in_step": row["in_step"],
                        "profiled_ms": (row["profiled"] or row["predicted"]) * 1e3,
                        "summed_ms": (row["summed"] or row["predicted"]) * 1e3,
                        "helper_us": row["helper"] * 1e6, "charged": row["charged"],
@@ -140,11 +175,28 @@ def balance_table(report: list[dict[str, Any]]) -> str:
                      f"{r['measured_ms'] / r['summed_ms']:>11.3f} "
                      f"{r.get('action_us', 0):>6.0f}/{r.get('message_us', 0):.0f}/"
                      f"{r.get('receive_us', 0):.0f}")
+    lines.append("the steps taken apart (engine.calibrate.step_figures): the step simulated from "
+                 "their own figures; their compute over the predicted; action/msg/recv us in "
+                 "them; the prediction re-timed right after them")
+    lines.append(f"{'balance':<11} {'schedule':<22} {'sim ms':>8} {'meas/sim':>8} "
+                 f"{'compute s/p':>11} {'action/msg/recv us':>18} {'after ms':>8} "
+                 f"{'meas/after':>10}")
+    for r in report:
+        st = r.get("in_step")
+        if not st:
+            continue
+        lines.append(f"{r['balance']:<11} {r['schedule']:<22} {st['simulated'] * 1e3:>8.1f} "
+                     f"{r['measured_ms'] / (st['simulated'] * 1e3):>8.3f} {st['compute']:>11.3f} "
+                     f"{st['action'] * 1e6:>6.0f}/{st['message'] * 1e6:.0f}/"
+                     f"{st['receive'] * 1e6:.0f} {r['after_ms']:>8.1f} "
+                     f"{r['measured_ms'] / r['after_ms']:>10.3f}  stretch "
+                     + " ".join(f"{x:.2f}" for x in st.get("stretch", [])))
     h = report[0] if report else None
     if h is not None:
         lines.append(f"mesh threads' CPU per message end {h['helper_us']:.0f} us, "
-                     + ("charged to the computing ranks (no spare core)" if h["charged"]
-                        else "not charged (a spare core)"))
+                     + ("charged to the computing ranks in the choice (no spare core)"
+                        if h["charged"] else "not charged (a spare core)")
+                     + "; in predicted, each stage's stretch holds it")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ from .schedules import one_f_one_b
 from .simulate import simulate
 
 __all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowded",
-           "message_times"]
+           "message_times", "step_record", "step_figures", "StepFigures"]
 
 _COMPUTE = (F, B, I, W)
 
@@ -210,6 +210,7 @@ class DryRun:
     span: float = 0.0       # the median dry step, latest end less earliest start
     receive: float = 0.0    # a receive's own time when its message is due (message_times)
     simulated: float = 0.0  # the simulated dry step: its actions as they ran, these figures
+    compute: dict[str, list[float]] | None = None   # each stage's median action per kind, wall
 
 
 def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple[int, int]],
@@ -263,20 +264,58 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
         if i:
             helper += helper_cpu() - h0
             ends += _messages(pipe.program)
-            rows.append((t0, t1, *_busy(pipe.events, t1 - t0)))
-            ran.append([(a.stage, a.kind, (e[3] - e[2]) / 1e9)
-                        for a, e in zip(pipe.program, pipe.events) if a.kind in _COMPUTE])
-            ran[-1] += [(e[5], e[4], e[2], e[3]) for e in pipe.events if e[4]]
+            row, acts = step_record(pipe, t0, t1)
+            rows.append(row)
+            ran.append(acts)
+    gathered = collectives.all_gather_object(
+        world, (pp.ranks, rows, ran, helper / ends if ends else 0.0, socket.gethostname()))
+    mine = [(ranks, r, acts, host) for ranks, r, acts, _, host in gathered]
+    fig = step_figures(sched, mine)
+    return DryRun(fig.action, fig.message, statistics.median(g[3] for g in gathered), fig.span,
+                  fig.receive, fig.simulated, fig.compute)
+
+
+def step_record(pipe: Pipeline, t0: float, t1: float) -> tuple[tuple[Any, ...], list[Any]]:
+    """One step's record on this rank, for ``step_figures``: ``(t0, t1,
+    time outside compute and receives, compute actions)`` and each compute
+    action's ``(stage, kind, seconds)`` and message end's ``(flow id, "s" or
+    "f", start ns, end ns)``, from the pipeline's trace of its last step
+    (``t0``, ``t1``: the step's start and end, ``time.time()``)."""
+    row = (t0, t1, *_busy(pipe.events, t1 - t0))
+    acts: list[Any] = [(a.stage, a.kind, (e[3] - e[2]) / 1e9)
+                       for a, e in zip(pipe.program, pipe.events) if a.kind in _COMPUTE]
+    acts += [(e[5], e[4], e[2], e[3]) for e in pipe.events if e[4]]
+    return row, acts
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    """The simulator's figures as steps ran them (``step_figures``): the
+    executor's seconds per compute action, per message and per due receive,
+    each stage's median compute action of each kind (``{"F": [stage 0,
+    ...], ...}``, 0 where it ran none), the median step (latest end less
+    earliest start) and the step the simulator gives from these figures."""
+
+    action: float
+    message: float
+    receive: float
+    compute: dict[str, list[float]]
+    span: float
+    simulated: float
+
+
+def step_figures(sched: Schedule, records: Sequence[tuple[Any, Sequence[Any], Sequence[Any], str]]
+                 ) -> StepFigures:
+    """The figures of steps of ``sched`` (a dry run's or real ones), from
+    every rank's ``(pp ranks, rows, actions, host)``: its ``step_record``s,
+    step by step (dry_run's docstring says how each figure is taken)."""
     groups: dict[tuple[int, ...], list[Any]] = {}
     took: dict[tuple[int, str], list[float]] = {}
-    helpers: list[float] = []
     ends_of: dict[tuple[Any, ...], list[int]] = {}
     hosts: dict[tuple[int, ...], set[str]] = {}
-    for ranks, mine, acts, h, host in collectives.all_gather_object(
-            world, (pp.ranks, rows, ran, helper / ends if ends else 0.0, socket.gethostname())):
+    for ranks, mine, acts, host in records:
         groups.setdefault(tuple(ranks), []).append(mine)
         hosts.setdefault(tuple(ranks), set()).add(host)
-        helpers.append(h)
         for n, step in enumerate(acts):
             for st, kind, *rest in step:
                 if len(rest) == 1:
@@ -288,18 +327,20 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
              if d == "s" and (g, n, fid, "f") in ends_of and len(hosts[g]) == 1]  # one clock
     per_action, spans = [], []
     for members in groups.values():
-        for s in range(steps):
+        for s in range(min(len(r) for r in members)):
             busy = sum(r[s][2] for r in members)
             count = sum(r[s][3] for r in members)
             per_action.append(busy / max(1, count))
             spans.append(max(r[s][1] for r in members) - min(r[s][0] for r in members))
     action, span = statistics.median(per_action), statistics.median(spans)
-    base = {k: [action + (statistics.median(took[(s, k)]) if (s, k) in took else 0.0)
+    compute = {k: [statistics.median(took[(s, k)]) if (s, k) in took else 0.0
+                   for s in range(sched.num_stages)] for k in "FBIW"}
+    base = {k: [action + compute[k][s] if (s, k) in took else 0.0
                 for s in range(sched.num_stages)] for k in "FBIW"}
     timed = message_times(pairs, action)
     message, receive = timed if timed is not None else (_message_time(sched, base, span), 0.0)
     fit = simulate(sched, {**base, "send": message, "recv": receive}).makespan
-    return DryRun(action, message, statistics.median(helpers), span, receive, fit)
+    return StepFigures(action, message, receive, compute, span, fit)
 
 
 def message_times(pairs: Sequence[tuple[float, float, float]], action: float

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from dataclasses import replace
 from collections import OrderedDict
 from typing import Any, Callable
@@ -158,7 +159,8 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
 
 
 def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program: Any,
-            reps: int, loss: tuple[int, Callable[[Any], Any]] | None = None
+            reps: int, loss: tuple[int, Callable[[Any], Any]] | None = None,
+            clock: Callable[[], float] = time.perf_counter
             ) -> tuple[dict[int, LayerCost], list[dict[int, LayerCost]]]:
     """Each rank times copies of its stages running its own program's
     compute actions in order (engine.choose.time_program: every rank at
@@ -170,7 +172,8 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
     in order (as many as the rank with the fewest ran)."""
     copies = {s: copy.deepcopy(st) for s, st in stages.items()}
     each: list[dict[int, LayerCost]] = []
-    median = time_program(copies, inputs, program, max(reps, 5), loss=loss, each=each)
+    median = time_program(copies, inputs, program, max(reps, 5), clock=clock, loss=loss,
+                          each=each)
     mine = [((s, -1), lc) for s, lc in median.items()]
     mine += [((s, i), lc) for i, run in enumerate(each) for s, lc in run.items()]
     got: dict[tuple[int, int], list[LayerCost]] = {}
@@ -186,6 +189,28 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
         runs += 1
     return ({s: mean(got[(s, -1)]) for s in held},
             [{s: mean(got[(s, i)]) for s in held} for i in range(runs)])
+
+
+def _stretch(cpu: dict[str, list[float]], wall: dict[str, list[float]]) -> list[float]:
+    """Per stage, the wall its compute actions took in the busy dry run
+    (``wall``: engine.calibrate.DryRun.compute) over the CPU they burnt
+    there (``cpu``: their re-timed thread CPU, which ``_Spin`` burns), at
+    least 1: the share of a core the schedule's actions get as its steps
+    run them (the mesh threads' reading of messages, others' load; a rank
+    that waits for messages is woken ahead of a process that computes
+    without pause, so a stage timed back to back on a loaded host takes a
+    smaller share than the steps get, and one timed on a quiet host none of
+    the mesh threads')."""
+    out = []
+    for s in range(len(cpu["F"])):
+        c = sum(cpu[k][s] for k in cpu if wall.get(k) and wall[k][s] > 0)
+        w = sum(wall[k][s] for k in cpu if wall.get(k) and wall[k][s] > 0)
+        out.append(max(1.0, w / c) if c > 0 else 1.0)
+    return out
+
+
+def _stretched(lc: LayerCost, by: float) -> LayerCost:
+    return LayerCost(lc.F * by, lc.B * by, lc.I * by, lc.W * by, lc.act_bytes)
 
 
 def _stage_messages(row: dict[int, LayerCost], counts: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -244,6 +269,7 @@ class Job:
         self.profile_calibration = calibration     # what distribute's choice was made with
         self._messages, self._timeout, self._tag_base = messages, timeout, tag_base
         self.profiled = chosen        # the prediction from distribute's profile
+        self.stretch: list[float] | None = None     # per stage, retime's wall over CPU
         self._inputs, self._reps, self._target = inputs or {}, reps, target
         self.sharded = sharded
         self.pipeline = pipeline
@@ -270,13 +296,19 @@ class Job:
         """Time this rank's stages again, whole, as the step runs them
         (copies, on a micro-batch of the sample, this rank's compute actions
         in the schedule's order: engine.choose.time_program), every rank at
-        once; then measure the executor's own costs and the mesh threads'
-        CPU per message end on a dry run of the chosen schedule itself
-        (engine.calibrate's ``dry_run``: its micro-batch count, its mix of
-        F, B, I and W, its messages at their real sizes, stages that keep
-        the core busy as long as those times, so messages come and go while
-        the ranks compute, as in the step); then predict the step
-        again from those times, those costs and the mesh threads' charge:
+        once, in thread CPU (with the executor's own costs measured, else
+        in wall time); then measure the executor's own costs and the mesh
+        threads' CPU per message end on a dry run of the chosen schedule
+        itself (engine.calibrate's ``dry_run``: its micro-batch count, its
+        mix of F, B, I and W, its messages at their real sizes, stages that
+        burn those times' CPU, so messages come and go while the ranks
+        compute, as in the step), and stretch each stage's times by its
+        dry-run actions' wall over their CPU (``stretch``: the share of a
+        core its actions get as the steps run, the mesh threads' reading
+        of messages and others' load included; a stage timed back to back
+        gets a smaller share of a loaded core than steps that wait on
+        messages, BENCHMARKS.md, tenth session); then predict the step
+        again from those times and those costs:
         ``predicted`` then reflects the machine as it is now, right before
         the steps, and ``calibration`` holds the dry run's figures
         (``profile_calibration`` and ``profiled`` keep the choice's own).
@@ -288,10 +320,14 @@ class Job:
         if self.chosen is None or not self._inputs:
             return None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
+        calibrated = self._messages is not None        # (not a given overhead)
         times, runs = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
-                              self._reps, self._loss())
+                              self._reps, self._loss(),
+                              time.thread_time if calibrated else time.perf_counter)
         cal = self.calibration or Calibration(0.0, 0.0)
-        if self._messages is not None:        # calibrated (not a given overhead)
+        helper = cal.helper
+        if calibrated:
+            assert self._messages is not None
             spin = {k: [getattr(times[s], k) for s in range(self.schedule.num_stages)]
                     for k in ("F", "B", "I", "W")}
             dry = dry_run(self.grid.comm, self.grid.group("pp"), self.chosen.schedule,
@@ -301,7 +337,12 @@ class Job:
                           helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper,
                           receive=dry.receive)
             self.calibration = cal
-        self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message,
+            stretch = _stretch(spin, dry.compute or {})
+            times = {s: _stretched(lc, stretch[s]) for s, lc in times.items()}
+            runs = [{s: _stretched(lc, stretch[s]) for s, lc in run.items()} for run in runs]
+            self.stretch = stretch
+            helper = 0.0         # the stretch holds the mesh threads' share where they take one
+        self.chosen = retimed(self.chosen, times, cal.action, helper, cal.message,
                               cal.receive, runs)
         return self.chosen.makespan
 

@@ -76,6 +76,10 @@ def test_balance_bench_reports_each_balance():
     assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 and r["summed_ms"] > 0
                for r in report)
     assert "meas/pred" in balance_table(report) and "meas/summed" in balance_table(report)
+    # the steps taken apart as the simulator's figures, and a re-time after them
+    assert all(r["in_step"]["simulated"] > 0 and r["in_step"]["compute"] > 0
+               and r["after_ms"] > 0 for r in report)
+    assert "meas/sim" in balance_table(report)
 
 
 def test_stage_overrun_reports_each_kind_per_stage():

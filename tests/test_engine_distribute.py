@@ -205,6 +205,18 @@ def test_retimed_takes_the_dry_runs_message_time():
     assert _message_time(sched, base, slow.makespan) == pytest.approx(0.7)
 
 
+def test_retime_stretches_each_stage_by_its_dry_run_wall_over_cpu():
+    """Job.retime times the stages in thread CPU; the busy dry run burns that
+    CPU per action, and each stage's actions' wall there over their CPU (at
+    least 1; kinds the stage did not run left out) stretches its times."""
+    from engine.distribute import _stretch, _stretched
+    cpu = {"F": [1.0, 2.0], "B": [2.0, 2.0], "I": [0.0, 0.0], "W": [0.0, 0.0]}
+    wall = {"F": [1.5, 2.0], "B": [3.0, 1.0], "I": [0.0, 0.0], "W": [0.0, 0.0]}
+    assert _stretch(cpu, wall) == [pytest.approx(1.5), 1.0]
+    assert _stretch(cpu, {}) == [1.0, 1.0]
+    assert _stretched(LayerCost(1.0, 2.0, 0.5, 0.5, 7), 2.0) == LayerCost(2.0, 4.0, 1.0, 1.0, 7)
+
+
 def test_a_receive_pays_what_the_dry_run_saw_once_its_message_was_due():
     """A message sent while its receiver computes is not all read when the
     flight measured on waiting receivers says it is due: the receive pays
@@ -483,7 +495,11 @@ def _numpy_worker(world, axes, plan, widths):
                 and job.chosen.costs["recv"] == [cal.receive] * job.schedule.num_stages),
             # the re-time runs the loss where the last stage's F does
             "loss": plan is not None or (job._loss() is not None) == job.pipeline.last,
-            "measured": plan is not None or job.profiled.measured}   # by its own dry run
+            "measured": plan is not None or job.profiled.measured,   # by its own dry run
+            # the re-time's CPU times stretched by the busy dry run's wall over CPU, per stage
+            "stretched": plan is not None or (job.stretch is not None and len(job.stretch)
+                                              == job.schedule.num_stages
+                                              and min(job.stretch) >= 1.0)}
 
 
 def _numpy_reference(widths=WIDTHS):
@@ -513,7 +529,7 @@ def test_numpy_distribute_matches_one_process(axes, plan):
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
         assert res["calibrated"] and res["retimed"] and res["dry"] and res["loss"]
-        assert res["measured"]
+        assert res["measured"] and res["stretched"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
