@@ -380,7 +380,7 @@ INIT = textwrap.dedent("""
     dist.barrier()     # every rank is past DDP's start-up broadcast (a rank that
     loss = net(torch.ones(2, 4)).sum()   # died in it would fail that, not backward)
     if rank == size - 1:
-        time.sleep(2)  # the others wait in backward's all-reduce by now
+        time.sleep(1)  # the others wait in backward's all-reduce by now
         os._exit(3)
     t0 = time.monotonic()
     try:
