@@ -66,11 +66,13 @@ def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None 
     return out
 
 
+@pytest.mark.timeout(240)
 def test_standalone_then_the_ddp_example_runs_unchanged(tmp_path: Path) -> None:
     """Then examples/torch_ddp.py in the same ranks: torch.distributed on the
     "meshrun" backend, its own mesh (test_collectives_torchdist.py runs it
     under meshrun)."""
-    out = _torchrun(tmp_path, ["--standalone", "--nproc-per-node", "2"], then=EXAMPLE)
+    out = _torchrun(tmp_path, ["--standalone", "--nproc-per-node", "2"], then=EXAMPLE,
+                    timeout=180)     # the time of both jobs it replaces
     losses = [float(ln.rsplit(" ", 1)[1]) for ln in out.splitlines()
               if ln.startswith("step ") and "loss" in ln]
     assert len(losses) == 6 and losses[-1] < losses[0], out
