@@ -6,9 +6,9 @@ ipc://, across hosts over tcp:// to the other namespace's address (also with
 collectives agree with numpy; also over a slowed link (``tc netem`` delay,
 or a token-bucket rate limit where the kernel has no netem). The same with
 one real ``torchrun --nnodes 2`` per namespace (c10d rendezvous on the first
-one's address), for a meshrun script and for torch.distributed code on the
-"meshrun" backend, the hosts named as Debian names them (a host's own name
-is 127.0.1.1 in its /etc/hosts). Skipped with the reason where namespaces
+one's address), whose ranks run a meshrun script and then torch.distributed
+code on the "meshrun" backend, the hosts named as Debian names them (a
+host's own name is 127.0.1.1 in its /etc/hosts). Skipped with the reason where namespaces
 cannot be made; the namespaces are always deleted."""
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class Hosts:
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _torchrun(hosts: Hosts, script: Path, out: Path) -> list[dict]:
+def _torchrun(hosts: Hosts, script: Path, out: Path) -> None:
     """One torchrun per namespace, c10d rendezvous served by node 0's agent
     on its address; each host gives its name as --local-addr (torchrun's
     default, the FQDN, is this machine's one name in both namespaces)."""
@@ -154,13 +154,13 @@ def _torchrun(hosts: Hosts, script: Path, out: Path) -> list[dict]:
                  *(["--rdzv-conf", "is_host=1"] if i == 0 else []), str(script), str(out)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 200   # both scripts, one after the other
         for i, p in enumerate(procs):
             try:
                 p.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
-            what = "did not end in 150 s" if p.returncode is None else f"exited {p.returncode}"
+            what = "did not end in 200 s" if p.returncode is None else f"exited {p.returncode}"
             assert p.returncode == 0, f"torchrun on node {i} {what}:\n" + \
                 logs[i].read_text()[-6000:]
     finally:
@@ -173,7 +173,6 @@ def _torchrun(hosts: Hosts, script: Path, out: Path) -> list[dict]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
 
 
 def _node0_port(proc: subprocess.Popen[str], timeout: float = 20) -> int:
@@ -186,6 +185,10 @@ def _node0_port(proc: subprocess.Popen[str], timeout: float = 20) -> int:
         if not line and proc.poll() is not None:
             break
     raise AssertionError(f"node 0 never reported its port (exit {proc.poll()})")
+
+
+def _reports(out: Path) -> list[dict]:
+    return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
 
 
 def _run_job(hosts: Hosts, out: Path, curve: bool = False) -> list[dict]:
@@ -202,7 +205,7 @@ def _run_job(hosts: Hosts, out: Path, curve: bool = False) -> list[dict]:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
+    return _reports(out)
 
 
 @pytest.fixture
@@ -248,14 +251,17 @@ def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
-@pytest.mark.parametrize("script", [JOB, TORCH_JOB], ids=["meshrun-script", "torch-dist"])
-def test_torchrun_two_hosts(hosts: Hosts, tmp_path: Path, script: Path) -> None:
-    """The same scripts as on one host, unchanged. Node 0's own name is
-    loopback where it runs: its ranks bind tcp:// on every address and are
-    reached by that name (not 127.0.0.1) from node 1."""
+@pytest.mark.timeout(260)
+def test_torchrun_two_hosts(hosts: Hosts, tmp_path: Path) -> None:
+    """The same scripts as on one host, unchanged: the meshrun script
+    (netns_job.py), then torch.distributed code, in the ranks of one
+    torchrun job (netns_torch_job.py), each making its own mesh. Node 0's
+    own name is loopback where it runs: its ranks bind tcp:// on every
+    address and are reached by that name (not 127.0.0.1) from node 1."""
     pytest.importorskip("torch.distributed", reason="torchrun ships with torch (the test extra)")
     hosts.name_hosts()
-    reports = _torchrun(hosts, script, tmp_path)
-    assert [rep["netns"] for rep in reports] == [hosts.netns(i) for i in (0, 0, 1, 1)]
-    _check_topology(reports, [NAME[0], ADDR[1]], 12 if script == JOB else 4)
+    _torchrun(hosts, TORCH_JOB, tmp_path)
+    for out, checked in ((tmp_path, 12), (tmp_path / "torch", 4)):
+        reports = _reports(out)
+        assert [rep["netns"] for rep in reports] == [hosts.netns(i) for i in (0, 0, 1, 1)]
+        _check_topology(reports, [NAME[0], ADDR[1]], checked)

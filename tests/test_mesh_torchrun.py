@@ -1,5 +1,6 @@
 """Scripts started by the real torchrun (python -m torch.distributed.run) join
-with a plain ``mesh.init()``, whichever rendezvous torchrun itself uses."""
+with a plain ``mesh.init()``, whichever rendezvous torchrun itself uses; and
+the DDP example runs unchanged under it."""
 from __future__ import annotations
 
 import os
@@ -41,10 +42,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+EXAMPLE = os.path.join(ROOT, "examples", "torch_ddp.py")
+
+
 def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None = None,
-              timeout: float = 90) -> str:
+              timeout: float = 90, then: str | None = None) -> str:
+    """torchrun ``args`` the job SCRIPT, and after it (``then``) a script
+    run unchanged in the same ranks, as ``python then`` would (a torchrun
+    job costs a torch import in the agent and in each rank)."""
     script = tmp_path / "job.py"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT + (f"import runpy\nrunpy.run_path({then!r}, run_name='__main__')\n"
+                                if then else ""))
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_")) and k not in
          ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
@@ -58,8 +66,16 @@ def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None 
     return out
 
 
-def test_standalone(tmp_path: Path) -> None:
-    _torchrun(tmp_path, ["--standalone", "--nproc-per-node", "2"])
+@pytest.mark.timeout(240)
+def test_standalone_then_the_ddp_example_runs_unchanged(tmp_path: Path) -> None:
+    """Then examples/torch_ddp.py in the same ranks: torch.distributed on the
+    "meshrun" backend, its own mesh (test_collectives_torchdist.py runs it
+    under meshrun)."""
+    out = _torchrun(tmp_path, ["--standalone", "--nproc-per-node", "2"], then=EXAMPLE,
+                    timeout=180)     # the time of both jobs it replaces
+    losses = [float(ln.rsplit(" ", 1)[1]) for ln in out.splitlines()
+              if ln.startswith("step ") and "loss" in ln]
+    assert len(losses) == 6 and losses[-1] < losses[0], out
 
 
 def test_static_rendezvous_with_master_port(tmp_path: Path) -> None:

@@ -24,6 +24,10 @@ DTYPES = ["<f4", "<f8", "|u1", "<i8", "|b1", "<c16", ">f4", "|O", "V8", "<M8[s]"
           "<U2", "i4,i4", "(2,)f8", "float128", "", "nope", "\x00"]
 SETTINGS = settings(max_examples=int(os.environ.get("MESH_FUZZ_EXAMPLES", "300")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
+# the recursive msgpack values cost hypothesis 15-25 ms an example to draw:
+# 120 of them in the suite (hypothesis's default is 100); MESH_FUZZ_EXAMPLES
+# sets both (BENCHMARKS.md's run: 10000)
+RICH = settings(SETTINGS, max_examples=int(os.environ.get("MESH_FUZZ_EXAMPLES", "120")))
 
 scalars = st.one_of(st.none(), st.booleans(), INT64, SMALL, st.floats(allow_nan=True),
                     st.text(max_size=20), st.binary(max_size=20), st.sampled_from(DTYPES))
@@ -73,7 +77,7 @@ def test_arbitrary_bytes(frame: bytes, size: int) -> None:
     _check(frame, size)
 
 
-@SETTINGS
+@RICH
 @given(_header_maps(), st.integers(1, 8))
 def test_arbitrary_msgpack_maps(h: dict, size: int) -> None:
     try:
@@ -83,7 +87,7 @@ def test_arbitrary_msgpack_maps(h: dict, size: int) -> None:
     _check(frame, size)
 
 
-@SETTINGS
+@RICH
 @given(values, st.integers(1, 8))
 def test_arbitrary_msgpack_values(v: object, size: int) -> None:
     _check(msgpack.packb(v, use_bin_type=True), size)

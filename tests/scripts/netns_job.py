@@ -2,7 +2,7 @@
 namespace ("host"): it records where it lives and what it connected to,
 checks collectives against numpy (hierarchical across the hosts, and the flat
 ring forced), times a cross-host round trip, and writes
-OUTDIR/<rank>.json.
+OUTDIR/<rank>.json. (netns_torch_job.py runs it too, under torchrun.)
 
     netns_job.py OUTDIR
 """
@@ -20,10 +20,8 @@ from collectives.host import stream
 from collectives.host.hier import topology_of
 from mesh.env import host_id
 
-OUTDIR = sys.argv[1]
 
-
-def main() -> None:
+def main(outdir: str) -> None:
     with mesh.init(timeout=60) as world:
         n, r = world.size, world.rank
         checked = 0
@@ -61,9 +59,9 @@ def main() -> None:
         out = {"hier": None if topo is None else [list(h) for h in topo.hosts],"rank": r, "host": host_id(), "hosts": world.hosts, "endpoints": world.endpoints,
                "checked": checked, "rtt": rtt, "netns": os.readlink("/proc/self/ns/net"),
                "curve": curve_wanted(), "streams": stream.stats["links"]}
-        with open(os.path.join(OUTDIR, f"{r}.json"), "w") as f:
+        with open(os.path.join(outdir, f"{r}.json"), "w") as f:
             json.dump(out, f)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])

@@ -1,8 +1,12 @@
 """A worker for tests/test_mesh_netns.py, run by torchrun inside a network
-namespace ("host"): plain torch.distributed code on the "meshrun" backend
-(all_reduce, broadcast, all_gather, one DDP step checked against training
-on the whole batch), then it records where it lives and what the backend's
-mesh connected to, in OUTDIR/<rank>.json.
+namespace ("host"): first the meshrun script, netns_job.py, unchanged (its
+mesh.init() and its checks, its reports in OUTDIR/<rank>.json), then, in
+the same process (one torchrun job for both: a torchrun and its ranks
+cost a torch import each), plain torch.distributed code on the "meshrun"
+backend, which makes a mesh of its own (all_reduce, broadcast,
+all_gather, one DDP step checked against training on the whole batch);
+then it records where it lives and what the backend's mesh connected to,
+in OUTDIR/torch/<rank>.json.
 
     netns_torch_job.py OUTDIR
 """
@@ -16,13 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import collectives.torchdist  # noqa: F401  registers the "meshrun" backend
+import netns_job
 from mesh import world as mesh_world
 from mesh.env import host_id
 
-OUTDIR = sys.argv[1]
 
-
-def main() -> None:
+def main(outdir: str) -> None:
+    assert mesh_world.current() is None, "netns_job.py left its mesh open"
     dist.init_process_group("meshrun")
     r, n = dist.get_rank(), dist.get_world_size()
     checked = 0
@@ -54,9 +58,11 @@ def main() -> None:
     out = {"rank": r, "host": host_id(), "endpoints": m.endpoints, "checked": checked,
            "netns": os.readlink("/proc/self/ns/net"), "curve": False}
     dist.destroy_process_group()
-    with open(os.path.join(OUTDIR, f"{r}.json"), "w") as f:
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, f"{r}.json"), "w") as f:
         json.dump(out, f)
 
 
 if __name__ == "__main__":
-    main()
+    netns_job.main(sys.argv[1])
+    main(os.path.join(sys.argv[1], "torch"))
