@@ -15,9 +15,10 @@ from backends import Cell, backend
 
 # mesh.spawn's fork server imports these once: every rank imports its test
 # module, and with it pytest and the packages; and torch (3.5 s of CPU per
-# import on the 2-core machine, so 30 s for an 8-rank torch test) where it is
+# import on the 2-core machine, so 30 s for an 8-rank torch test) and
+# torch._dynamo (2.9 s more, imported by DDP and fully_shard) where torch is
 # installed (the fork server skips a module that does not import)
-os.environ.setdefault("MESH_SPAWN_PRELOAD", "pytest,collectives,engine,torch")
+os.environ.setdefault("MESH_SPAWN_PRELOAD", "pytest,collectives,engine,torch,torch._dynamo")
 
 PATHS = {
     # every byte through ZeroMQ sockets, rings cut into many small segments
