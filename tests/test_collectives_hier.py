@@ -257,9 +257,17 @@ def streams(world: Any) -> dict:
     assert all((ag[p] == p).all() for p in range(n))
     used = stream.stats["links"]
     assert used >= 3, used
+    # the streams are kept: the same calls again make no new connection
+    made, reused = stream.stats["connects"], stream.stats["reused"]
+    for alg in ("ring", "hier"):
+        assert np.array_equal(C.all_reduce(world, a.copy(), algorithm=alg), want), alg
+    assert stream.stats["connects"] == made, (made, stream.stats)
+    assert stream.stats["reused"] >= reused + 2, (reused, stream.stats)
     lis = stream.listener()
     assert lis is not None
     # a stranger on the listener (no token) is refused; the calls go on
+    # (new connections: the kept ones dropped here, so the peers see them reset)
+    _drop_kept()
     with socket.create_connection(("127.0.0.1", lis.port)) as s:
         s.sendall(b"MSTR" + bytes(44))
         assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
@@ -278,6 +286,7 @@ def streams(world: Any) -> dict:
     assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
     # rank 0 cannot reach its right neighbour's stream (a firewall): that
     # link runs over the mesh, and rank 0 does not try again
+    _drop_kept()
     tries = [0]
     connect = stream._connect
 
@@ -292,6 +301,16 @@ def streams(world: Any) -> dict:
         stream._connect = connect
     assert tries[0] == (1 if r == 0 else 0)
     return {"links": stream.stats["links"] - used, **leaders_links(world)}
+
+
+def _drop_kept() -> None:
+    """Reset this rank's kept streams (collectives.host.stream), as a failed
+    call does: the next call makes new connections."""
+    from collectives.host import stream
+    with stream._kept_lock:
+        kept, stream._kept = list(stream._kept.values()), {}
+    for conn, _ in kept:
+        stream._reset(conn)
 
 
 def leaders_links(world: Any) -> dict:

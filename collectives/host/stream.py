@@ -15,17 +15,29 @@ reduces (the sockets' calls let go of the interpreter).
 Per call and per link (A sends to B), through the mesh, fingerprinted (so a
 mismatch is seen as on any ring call)::
 
-    B -> A   [port, token]          B's listener (one per process, any address)
-    A        connects to B's host (B's tcp:// endpoint), sends a hello:
-             token, group id, tag, A's world rank
-    A -> B   [True] (or [False]: it could not connect, and will not try
-             again; the link then runs over the mesh's socket as before)
-    B        takes A's connection off its listener (by group, tag and rank;
-             a stranger without the token is closed)
+    B -> A   [port, token, kept]    B's listener (one per process, any address);
+                                    kept: the id of the connection from A that
+                                    B kept from an earlier call (0: none)
+    A        holds the same kept connection: writes the call's tag on it,
+             and the call's bytes follow (no more messages); else resets the
+             one it holds, if any, connects to B's host (B's tcp:// endpoint)
+             and sends a hello: token, group id, tag, A's world rank
+    A -> B   (a new connection only) [True] (or [False]: it could not
+             connect, and will not try again; the link then runs over the
+             mesh's socket as before)
+    B        kept one: reads the tag on it, or, when A reset it instead,
+             waits for A's message; a new one: takes A's connection off its
+             listener (by group, tag and rank; a stranger without the token
+             is closed)
 
-The connection lives for one call: every call starts clean whatever the last
-one did (a failed call leaves nothing half-read behind). The receiver closes
-with a reset once it has read everything, so neither side keeps a TIME_WAIT.
+A connection is kept for the next call on the group (by both ends, its id
+the tag of the call that made it) only when the call moved every byte of
+it and nothing failed; any failure resets it, so a call never starts on a
+stream with something half-read in it, and an end that dropped its side
+makes the other end drop its own (the ids differ, or the reset is seen).
+Kept, the next call saves a mesh message, the connection and the hello
+(MESH_COLL_STREAM_KEEP=0: a new one every call, the receiver closing with
+a reset once it has read everything, so neither side keeps a TIME_WAIT).
 While it waits on a stream a rank watches the call's tag (an abort, a lost
 peer or a mismatch seen elsewhere fails it there) and its deadline; a stream
 that ends early is a lost peer, named. Off with MESH_COLL_STREAM=0, under
@@ -62,8 +74,31 @@ _POLL_S = 0.05                          # between looks at the tag and the deadl
 _CONNECT_S = 5.0
 _HELLO_S = 2.0
 _STALE_S = 120.0                        # accepted, never claimed: closed after this
-stats = {"links": 0}                    # ring calls that ran a stream (tests, benchmarks)
+_TAG = struct.Struct("<q")               # the call's tag, first on a kept connection
+stats = {"links": 0, "connects": 0, "reused": 0}    # ring calls that ran a stream, new
+#                                         connections, kept ones reused (tests, benchmarks)
 _unreachable: set[int] = set()          # world ranks a connect failed to
+_kept: dict[tuple[int, int, str], tuple[socket.socket, int]] = {}
+"""(group id, peer's world rank, "out" / "in") -> (connection, id) kept from
+an earlier call (taken out while a call uses it)."""
+_kept_lock = threading.Lock()
+
+
+def _keeping() -> bool:
+    return os.environ.get("MESH_COLL_STREAM_KEEP", "1") not in ("0", "")
+
+
+def _take_kept(key: tuple[int, int, str]) -> tuple[socket.socket, int] | None:
+    with _kept_lock:
+        return _kept.pop(key, None)
+
+
+def _keep(key: tuple[int, int, str], conn: socket.socket, cid: int) -> None:
+    with _kept_lock:
+        old = _kept.pop(key, None)
+        _kept[key] = (conn, cid)
+    if old is not None:
+        _reset(old[0])
 
 
 def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
@@ -182,6 +217,7 @@ def _connect(ctx: Ctx, peer: int, port: int, token: bytes) -> socket.socket | No
         conn.settimeout(min(_CONNECT_S, ctx.left() or 0.1))
         conn.sendall(_HELLO.pack(_MAGIC, token, ctx.g.gid, ctx.tag, ctx.g.ranks[ctx.g.rank]))
         conn.setblocking(False)
+        stats["connects"] += 1
         return conn
     except OSError:
         return None
@@ -217,8 +253,9 @@ class Links:
     is done, watching the call."""
 
     def __init__(self, ctx: Ctx, left: int, right: int, out: socket.socket | None,
-                 inp: socket.socket | None) -> None:
+                 inp: socket.socket | None, ids: tuple[int, int] = (0, 0)) -> None:
         self.ctx, self.left, self.right, self.out, self.inp = ctx, left, right, out, inp
+        self.ids = ids      # (out's, inp's) connection id: kept after a clean call
         self.sends: deque[_Req] = deque()
         self.recvs: deque[_Req] = deque()
         self.watch: Any = ctx.watch() if inp is not None else None
@@ -367,9 +404,10 @@ class Links:
             self.watch = self.ctx.watch()
 
     def close(self) -> None:
-        """Stop the thread; then every byte was read (a reset is safe)
-        unless it failed, when the outgoing stream is reset too."""
-        broken = self.failed or bool(self.sends) or self.error is not None
+        """Stop the thread; then every byte was read, and both streams are
+        kept for the next call (or the incoming one reset: safe) unless it
+        failed, when both are reset."""
+        broken = self.failed or bool(self.sends) or bool(self.recvs) or self.error is not None
         self.stop = True
         if broken:
             for sock in (self.out, self.inp):
@@ -380,10 +418,19 @@ class Links:
                         pass
         self._wake()
         self.thread.join(_HELLO_S)
-        if self.inp is not None:
-            _reset(self.inp)
-        if self.out is not None:
-            (_reset if broken else socket.socket.close)(self.out)
+        broken = broken or self.thread.is_alive()
+        keep = not broken and _keeping()
+        g = self.ctx.g
+        for sock, peer, way, cid in ((self.out, self.right, "out", self.ids[0]),
+                                     (self.inp, self.left, "in", self.ids[1])):
+            if sock is None:
+                continue
+            if keep:
+                _keep((g.gid, g.ranks[peer], way), sock, cid)
+            elif way == "in" or broken:
+                _reset(sock)
+            else:
+                sock.close()
         if not self.thread.is_alive():
             os.close(self.wake_r)
             os.close(self.wake_w)
@@ -403,35 +450,107 @@ def open_links(ctx: Ctx, left: int, right: int, nbytes: int) -> Links | None:
     use_in, use_out = enabled(ctx, left, nbytes), enabled(ctx, right, nbytes)
     if not (use_in or use_out):
         return None
+    gid, lw, rw = ctx.g.gid, ctx.g.ranks[left], ctx.g.ranks[right]
+    kin = _take_kept((gid, lw, "in")) if use_in else None
+    kout = _take_kept((gid, rw, "out")) if use_out else None
     lis = _the_listener() if use_in else None
-    told = ctx.isend([lis.port, lis.token], left) if lis is not None else None
-    out = None
-    if use_out:
-        port, token = ctx.recv(right)
-        where = ctx.g.ranks[right]
-        if where not in _unreachable:       # once refused (a firewall), not tried again
-            out = _connect(ctx, right, int(port), bytes(token))
-            if out is None:
-                _unreachable.add(where)
-        ctx.send([out is not None], right)
-    inp = None
+    out = inp = None
+    ids = [0, 0]
     try:
+        told = ctx.isend([lis.port, lis.token, kin[1] if kin else 0], left) \
+            if lis is not None else None
+        if use_out:
+            port, token, cid = ctx.recv(right)
+            if kout is not None and cid == kout[1] and _tell(kout[0], ctx.tag):
+                out, ids[0] = kout[0], cid
+                stats["reused"] += 1
+            else:
+                if kout is not None:
+                    _reset(kout[0])
+                if rw not in _unreachable:      # once refused (a firewall), not tried again
+                    out = _connect(ctx, right, int(port), bytes(token))
+                    if out is None:
+                        _unreachable.add(rw)
+                ids[0] = ctx.tag
+                ctx.send([out is not None], right)
+            kout = None
         if lis is not None:
             assert told is not None
             told.wait()
-            (ok,) = ctx.recv(left)
-            if ok:
-                key = (ctx.g.gid, ctx.tag, ctx.g.ranks[left])
-                inp = lis.take(key, time.monotonic() + min(ctx.left(), _CONNECT_S))
-                if inp is None:
-                    raise LostPeerError(f"{ctx.where()}: rank {key[2]} said it connected its "
-                                        f"stream but none came", key[2])
-                inp.setblocking(False)
+            said = None
+            if kin is not None:
+                inp, said = _told(ctx, left, kin[0])
+                ids[1] = kin[1]
+                kin = None
+            if inp is None:
+                (ok,) = said if said is not None else ctx.recv(left)
+                ids[1] = ctx.tag
+                if ok:
+                    key = (gid, ctx.tag, lw)
+                    inp = lis.take(key, time.monotonic() + min(ctx.left(), _CONNECT_S))
+                    if inp is None:
+                        raise LostPeerError(f"{ctx.where()}: rank {lw} said it connected its "
+                                            f"stream but none came", lw)
+                    inp.setblocking(False)
     except BaseException:
-        if out is not None:
-            _reset(out)
+        for sock in (out, inp, kin[0] if kin else None, kout[0] if kout else None):
+            if sock is not None:
+                _reset(sock)
         raise
     if inp is None and out is None:
         return None
     stats["links"] += 1
-    return Links(ctx, left, right, out, inp)
+    return Links(ctx, left, right, out, inp, (ids[0], ids[1]))
+
+
+def _tell(conn: socket.socket, tag: int) -> bool:
+    """Write the call's tag on a kept connection (its receiver waits for it);
+    False if that failed (the other end reset it)."""
+    try:
+        conn.settimeout(_HELLO_S)
+        conn.sendall(_TAG.pack(tag))
+        conn.setblocking(False)
+        return True
+    except OSError:
+        return False
+
+
+def _told(ctx: Ctx, left: int, conn: socket.socket) -> tuple[socket.socket | None, Any]:
+    """(the kept connection from ``left``, None) once the call's tag came on
+    it; (None, the sender's message) when that came instead: the sender
+    reset the kept one (so it is reset here) and made a new one, or could
+    not. Aborts and the deadline raise."""
+    req = ctx.irecv(left)
+    poll = select.poll()
+    poll.register(conn, select.POLLIN)
+    got = b""
+    try:
+        while not req.done():
+            if ctx.left() <= 0:
+                raise ctx.timed_out(f" waiting for rank {ctx.g.ranks[left]} (kept stream)")
+            if not poll.poll(int(_POLL_S * 1000)):
+                continue
+            try:
+                more = conn.recv(_TAG.size - len(got))
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                more = b""
+            if not more:            # reset by the sender: its message follows
+                break
+            got += more
+            if len(got) == _TAG.size:
+                (tag,) = _TAG.unpack(got)
+                if tag != ctx.tag:
+                    raise MeshError(f"{ctx.where()}: the stream from rank "
+                                    f"{ctx.g.ranks[left]} carried call {tag}'s bytes, "
+                                    f"not this call's")
+                err = caught(req.req, 0)
+                if err is not None:
+                    raise err
+                return conn, None
+    except BaseException:
+        caught(req.req, 0)
+        raise
+    _reset(conn)
+    return None, req.wait()
