@@ -263,6 +263,14 @@ def streams(world: Any) -> dict:
         assert np.array_equal(C.all_reduce(world, a.copy(), algorithm=alg), want), alg
     assert stream.stats["connects"] == made, (made, stream.stats)
     assert stream.stats["reused"] >= reused + 2, (reused, stream.stats)
+    # rank 0 alone drops its kept streams (as a failed call does): rank 1
+    # sees the reset where it waits for the call's tag, rank 3 another id
+    # in rank 0's message; both links are made anew, the others reused
+    if r == 0:
+        _drop_kept()
+    made = stream.stats["connects"]
+    assert np.array_equal(C.all_reduce(world, a.copy(), algorithm="ring"), want)
+    assert stream.stats["connects"] - made == (r in (0, 3)), (r, made, stream.stats)
     lis = stream.listener()
     assert lis is not None
     # a stranger on the listener (no token) is refused; the calls go on
