@@ -83,11 +83,9 @@ def _fsdp_mp(r: int, n: int, reduce_dtype: Any) -> list[float]:
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     net, ref = _mlp(), _mlp()
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
-    for layer in net:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mp_policy=mp)
-    fully_shard(net, mp_policy=mp)
+    # the root alone: one all-gather and one reduce-scatter a step
+    fully_shard(net, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=reduce_dtype))
     opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (net, ref))
     gen = torch.Generator().manual_seed(4)
     grads, weights = 0.0, 0.0
