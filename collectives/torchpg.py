@@ -81,16 +81,6 @@ def _write(out: torch.Tensor, value: torch.Tensor) -> None:
     out.detach().copy_(value.reshape(out.shape))
 
 
-def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
-    """A numpy view of a CPU tensor's memory when torch gives one as it is
-    (a dtype numpy has, no grad, no lazy conjugate or negation); else None,
-    and the call takes collectives.api's tensor path."""
-    try:
-        return t.numpy()
-    except (TypeError, RuntimeError):
-        return None
-
-
 def _host(t: torch.Tensor, what: str) -> np.ndarray:
     """``t`` as a numpy array (a view of a CPU tensor's memory, bfloat16 as
     its bits), for the algorithms of this module, which run on the host."""
@@ -334,19 +324,24 @@ class ProcessGroupMeshrun(_ProcessGroup):
             # (collectives.shm.tiny); asynchronously on the group's lane
             rop = opts.reduceOp
             name = "sum" if rop == _SUM else _OPS.get(rop.op.value)
-            arr = _numpy_view(tensors[0]) if name is not None else None
-            if name is not None and arr is not None:
-                if opts.asyncOp:
-                    return self._host_async(arr, name, tensors)
-                try:
-                    if _tiny_all_reduce(self.comm, arr, name, self.timeout) is None:
-                        _host_all_reduce(self.comm, arr, name, False, None, self.timeout)
-                except MeshTimeoutError as e:
-                    _torch_words(e, self.timeout)
-                    raise
-                done = _Done()
-                done._result = tensors
-                return done
+            if name is not None:
+                try:            # the view torch gives as it is (a dtype numpy has, no
+                    arr = tensors[0].numpy()    # grad, no lazy conjugate or negation)
+                except (TypeError, RuntimeError):
+                    arr = None      # else collectives.api's tensor path
+                if arr is not None:
+                    if opts.asyncOp:
+                        return self._host_async(arr, name, tensors)
+                    comm, timeout = self.comm, self.timeout
+                    try:
+                        if _tiny_all_reduce(comm, arr, name, timeout) is None:
+                            _host_all_reduce(comm, arr, name, False, None, timeout)
+                    except MeshTimeoutError as e:
+                        _torch_words(e, timeout)
+                        raise
+                    done = _Done()
+                    done._result = tensors
+                    return done
         opts = opts or c10d.AllreduceOptions()
         if tensors and tensors[0].layout is torch.sparse_coo:
             return self._sparse_all_reduce(tensors, opts)

@@ -1,6 +1,7 @@
-"""FSDP2 (``fully_shard``), DeviceMesh, DTensor and functional collectives
-on the "meshrun" torch.distributed backend, CPU tensors: unchanged torch
-code, checked against single-process values."""
+"""FSDP2 (``fully_shard``, bfloat16 mixed precision included), DeviceMesh,
+DTensor and functional collectives on the "meshrun" torch.distributed
+backend, CPU tensors: unchanged torch code, checked against single-process
+values."""
 from __future__ import annotations
 
 import os
@@ -72,6 +73,38 @@ def _fsdp(r: int, n: int, reshard_after_forward: bool) -> float:
                 for p, q in zip(net.parameters(), ref.parameters())])
 
 
+def _fsdp_mp(r: int, n: int, reduce_dtype: Any) -> list[float]:
+    """FSDP2 with bfloat16 parameters (forward and backward in bfloat16),
+    gradients reduced in ``reduce_dtype``, two SGD steps on this rank's 2
+    rows, against one process that runs the same bfloat16 forward and
+    backward on all 2n rows and steps float32 weights: the largest
+    difference of the gradients and of the weights."""
+    import copy
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    net, ref = _mlp(), _mlp()
+    # the root alone: one all-gather and one reduce-scatter a step
+    fully_shard(net, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=reduce_dtype))
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (net, ref))
+    gen = torch.Generator().manual_seed(4)
+    grads, weights = 0.0, 0.0
+    for _ in range(2):
+        x, y = torch.randn(2 * n, 6, generator=gen), torch.randn(2 * n, 3, generator=gen)
+        F.mse_loss(net(x[2 * r:2 * r + 2]).float(), y[2 * r:2 * r + 2]).backward()
+        low = copy.deepcopy(ref).to(torch.bfloat16)
+        F.mse_loss(low(x.bfloat16()).float(), y).backward()
+        for p, q, g in zip(net.parameters(), ref.parameters(), low.parameters()):
+            q.grad = g.grad.float()
+            grads = max(grads, (p.grad.full_tensor() - q.grad).abs().max().item())
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        weights = max(weights, (p.full_tensor() - q).abs().max().item())
+    return [grads, weights]
+
+
 def _mesh_2x2(r: int, dm: Any) -> dict:
     """Ranks laid out [[0, 1], [2, 3]]: "dp" groups are the columns, "tp" the rows."""
     import torch.distributed._functional_collectives as fc
@@ -140,7 +173,9 @@ def fsdp_and_device_mesh(world: Any) -> dict:
     dist.init_process_group("meshrun")
     r, n = dist.get_rank(), dist.get_world_size()
     dm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    out = {"fsdp": max(_fsdp(r, n, raf) for raf in (True, False)), "mesh": _mesh_2x2(r, dm),
+    out = {"fsdp": max(_fsdp(r, n, raf) for raf in (True, False)),
+           "mp": [_fsdp_mp(r, n, d) for d in (torch.float32, torch.bfloat16)],
+           "mesh": _mesh_2x2(r, dm),
            "tp_fsdp": _tp_fsdp(r, dm)}
     dp = dm["dp"]
     try:                               # only rank 0 differs: group [0, 2] raises, [1, 3] not
@@ -158,6 +193,9 @@ def test_fsdp2_and_a_2x2_device_mesh_on_4_ranks() -> None:
     outs = mesh.spawn(fsdp_and_device_mesh, 4, timeout=150)
     for r, o in enumerate(outs):
         assert o["fsdp"] < 1e-6 and o["tp_fsdp"] < 1e-6, (r, o)
+        # bfloat16 compute, float32 / bfloat16 reduction: within a few bf16
+        # ulps of gradients up to ~0.33 (a wrong reduction is off by ~0.1)
+        assert all(g < 8e-3 and w < 2e-3 for g, w in o["mp"]), (r, o["mp"])
         m = o["mesh"]
         col, row = [r % 2, r % 2 + 2], [r - r % 2, r - r % 2 + 1]
         assert m["dp"] == (col, [float(sum(col))] * 2), (r, m)

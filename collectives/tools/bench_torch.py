@@ -8,7 +8,11 @@ comparison runs interleaved on the same processes and the same load:
 
     all_reduce   per size and repetition, three sides in rotating order:
                  meshrun's own ``collectives.all_reduce`` on numpy ("direct"),
-                 ``dist.all_reduce`` on meshrun, ``dist.all_reduce`` on gloo
+                 ``dist.all_reduce`` on meshrun, ``dist.all_reduce`` on gloo;
+                 ``--floor`` adds ``dist.all_reduce`` on a ProcessGroup whose
+                 ``allreduce`` makes the direct call and returns a finished
+                 Work ("floor": torch's own wrapper around the direct call,
+                 the least any Python backend can cost)
     ddp          per model (1 M and 25 M parameters) two DDP replicas, one
                  per group, and the plain model ("local": no communication),
                  stepped alternately (forward, backward, SGD step); step
@@ -47,17 +51,29 @@ def _timed(fn: Callable[[], Any], iters: int, barrier: Callable[[], Any]) -> flo
     return (time.perf_counter() - t0) / iters
 
 
-def _all_reduce_sides(world: Any, gloo: Any, count: int) -> dict[str, Callable[[], Any]]:
+def _all_reduce_sides(world: Any, gloo: Any, count: int,
+                      floor: bool = False) -> dict[str, Callable[[], Any]]:
     import torch
     import torch.distributed as dist
 
     import collectives as C
+    from collectives.torchpg import _done
 
     t = torch.zeros(count)
     a = t.numpy()
-    return {"direct": lambda: C.all_reduce(world, a),
-            "meshrun": lambda: dist.all_reduce(t),
-            "gloo": lambda: dist.all_reduce(t, group=gloo)}
+    sides = {"direct": lambda: C.all_reduce(world, a),
+             "meshrun": lambda: dist.all_reduce(t),
+             "gloo": lambda: dist.all_reduce(t, group=gloo)}
+    if floor:
+        base: Any = dist.ProcessGroup       # (its stubs overload allreduce)
+
+        class Floor(base):                  # the direct call inside torch's wrapper
+            def allreduce(self, tensors: Any, opts: Any = None) -> Any:
+                C.all_reduce(world, a)
+                return _done(tensors)
+        pg = Floor(world.rank, world.size)
+        sides["floor"] = lambda: dist.all_reduce(t, group=pg)
+    return sides
 
 
 def _finished(value: Any) -> Any:
@@ -112,7 +128,7 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
     gloo = dist.new_group(backend="gloo")
     barrier = dist.barrier
     out: dict[str, list[list[dict[str, float]]]] = {"all_reduce": [], "ddp": []}
-    plans = [("all_reduce", _all_reduce_sides(world, gloo, count), it, wu)
+    plans = [("all_reduce", _all_reduce_sides(world, gloo, count, floor), it, wu)
              for count, it, wu in rows]
     plans += [("ddp", _ddp_sides(gloo, m, batch, floor), steps, warmup) for m in models]
     for kind, sides, iters, wu in plans:
@@ -155,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--floor", action="store_true",
-                    help="also step DDP with a comm hook that does nothing")
+                    help="also step DDP with a comm hook that does nothing, and time "
+                         "dist.all_reduce on a ProcessGroup that makes the direct call")
     a = ap.parse_args(argv)
     import mesh
 
@@ -169,13 +186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f = bus_factor("all_reduce", n)
         print(f"# bench_torch: {n} ranks, float32, cpu, median of {a.reps} (slowest rank)")
         print(f"# {'size (B)':>10} | {'direct us':>10} {'meshrun us':>10} {'gloo us':>10} | "
-              f"{'busbw GB/s m/g':>15} | {'m/gloo':>6} {'m/direct':>8}")
+              f"{'busbw GB/s m/g':>15} | {'m/gloo':>6} {'m/direct':>8}"
+              + (f" | {'floor us':>9} {'f/direct':>8}" if a.floor and sizes else ""))
         for i, size in enumerate(sizes):
             t = _medians([r["all_reduce"] for r in per_rank], i)
             bw = f"{size / t['meshrun'] / 1e9 * f:6.3f}/{size / t['gloo'] / 1e9 * f:<6.3f}"
             print(f"  {size:>10} | {t['direct'] * 1e6:10.1f} {t['meshrun'] * 1e6:10.1f} "
                   f"{t['gloo'] * 1e6:10.1f} | {bw:>15} | {t['meshrun'] / t['gloo']:6.2f} "
-                  f"{t['meshrun'] / t['direct']:8.2f}", flush=True)
+                  f"{t['meshrun'] / t['direct']:8.2f}"
+                  + (f" | {t['floor'] * 1e6:9.1f} {t['floor'] / t['direct']:8.2f}"
+                     if "floor" in t else ""), flush=True)
         for j, m in enumerate(models):
             t = _medians([r["ddp"] for r in per_rank], j)
             print(f"  DDP {m:>4} step ms: meshrun {t['meshrun'] * 1e3:8.1f}  gloo "
