@@ -308,7 +308,13 @@ def streams(world: Any) -> dict:
     finally:
         stream._connect = connect
     assert tries[0] == (1 if r == 0 else 0)
-    return {"links": stream.stats["links"] - used, **leaders_links(world)}
+    out = {"links": stream.stats["links"] - used, **leaders_links(world)}
+    # the mesh's close resets the streams kept for its groups (none is left
+    # open, nor found by a later mesh's group of the same id)
+    out["kept"] = len(stream._kept)
+    world.close()
+    assert not stream._kept, stream._kept
+    return out
 
 
 def _drop_kept() -> None:
@@ -391,4 +397,5 @@ def test_ring_links_across_hosts_run_over_streams() -> None:
     got = mesh.spawn(streams, 4, timeout=90, env={
         "MESH_TIMEOUT": "20", "MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K"})
     assert all(g["links"] >= 2 for g in got), got
+    assert all(g["kept"] >= 1 for g in got), got          # (reset by the mesh's close)
     assert [g["pairs"] for g in got] == [1 + 2] * 4, got    # column's + world's

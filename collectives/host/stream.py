@@ -78,9 +78,11 @@ _TAG = struct.Struct("<q")               # the call's tag, first on a kept conne
 stats = {"links": 0, "connects": 0, "reused": 0}    # ring calls that ran a stream, new
 #                                         connections, kept ones reused (tests, benchmarks)
 _unreachable: set[int] = set()          # world ranks a connect failed to
-_kept: dict[tuple[int, int, str], tuple[socket.socket, int]] = {}
-"""(group id, peer's world rank, "out" / "in") -> (connection, id) kept from
-an earlier call (taken out while a call uses it)."""
+_kept: dict[tuple[Any, int, str], tuple[socket.socket, int]] = {}
+"""(group, peer's world rank, "out" / "in") -> (connection, id) kept from an
+earlier call (taken out while a call uses it); the group's mesh closing
+resets them (a new mesh's group, even one of the same id, keeps its own)."""
+_kept_groups: set[Any] = set()           # groups whose mesh close drops theirs
 _kept_lock = threading.Lock()
 
 
@@ -88,17 +90,31 @@ def _keeping() -> bool:
     return os.environ.get("MESH_COLL_STREAM_KEEP", "1") not in ("0", "")
 
 
-def _take_kept(key: tuple[int, int, str]) -> tuple[socket.socket, int] | None:
+def _take_kept(key: tuple[Any, int, str]) -> tuple[socket.socket, int] | None:
     with _kept_lock:
         return _kept.pop(key, None)
 
 
-def _keep(key: tuple[int, int, str], conn: socket.socket, cid: int) -> None:
+def _keep(ctx: Ctx, key: tuple[Any, int, str], conn: socket.socket, cid: int) -> None:
     with _kept_lock:
         old = _kept.pop(key, None)
         _kept[key] = (conn, cid)
+        first = key[0] not in _kept_groups
+        _kept_groups.add(key[0])
+    if first:
+        ctx.ch.on_close(lambda: _drop_kept(key[0]))
     if old is not None:
         _reset(old[0])
+
+
+def _drop_kept(group: Any) -> None:
+    """Reset the connections kept for ``group`` (its mesh is closing)."""
+    with _kept_lock:
+        mine = [k for k in _kept if k[0] is group]
+        gone = [_kept.pop(k)[0] for k in mine]
+        _kept_groups.discard(group)
+    for conn in gone:
+        _reset(conn)
 
 
 def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
@@ -426,7 +442,7 @@ class Links:
             if sock is None:
                 continue
             if keep:
-                _keep((g.gid, g.ranks[peer], way), sock, cid)
+                _keep(self.ctx, (g, g.ranks[peer], way), sock, cid)
             elif way == "in" or broken:
                 _reset(sock)
             else:
@@ -451,8 +467,8 @@ def open_links(ctx: Ctx, left: int, right: int, nbytes: int) -> Links | None:
     if not (use_in or use_out):
         return None
     gid, lw, rw = ctx.g.gid, ctx.g.ranks[left], ctx.g.ranks[right]
-    kin = _take_kept((gid, lw, "in")) if use_in else None
-    kout = _take_kept((gid, rw, "out")) if use_out else None
+    kin = _take_kept((ctx.g, lw, "in")) if use_in else None
+    kout = _take_kept((ctx.g, rw, "out")) if use_out else None
     lis = _the_listener() if use_in else None
     out = inp = None
     ids = [0, 0]
