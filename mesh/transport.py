@@ -111,6 +111,8 @@ class Transport:
             there = wire.encode(wire.RING, rank, direct=self.rings.announce())
             for r in same_host:
                 self._control(self._peers[r], there)
+        for r in same_host:     # ask each same-host peer now whether it may read us
+            self.direct.usable(r)   # (mesh.direct): no large message waits for the answer
 
     # ---- sending -------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import mesh
-from mesh import rings
+from mesh import direct, rings
 from mesh.transport import SENT
 
 pytestmark = pytest.mark.skipif(not rings.enabled(), reason="no memfd here, or MESH_SHM=0")
@@ -300,6 +300,10 @@ def _short_way_falls_back(world: mesh.Mesh, path: str) -> None:
     t = world._t
     taken = _count_takes(t)
     p = t.progress
+    deadline = time.monotonic() + 10     # rank 1's probe and its answer to ours (mesh.direct,
+    while not (t.direct._state[1] == direct.YES and t.direct.pids[1]):   # asked at start) read:
+        assert time.monotonic() < deadline, (t.direct._state, t.direct.pids)  # its entries
+        time.sleep(0.01)                 # wait for no socket message that no one would read
     with p._want_lock:      # a waiter it yields to: the progress thread keeps off the rings,
         p._want += 1        # and leaves what the short way can take to this thread
     out = np.empty(4)
