@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
-__all__ = ["alive", "run_in_session", "rank_env"]
+__all__ = ["alive", "run_in_session", "rank_env", "run_ranks"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +56,21 @@ def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
     e.update(extra or {})
     return e
+
+
+def run_ranks(script: str, args: list[list[str]], env: dict[str, str],
+              waits: list[float]) -> tuple[list[subprocess.Popen[str]], list[str]]:
+    """Start ``python script *args[r]`` for each rank r (output merged, cwd the
+    checkout), wait for rank i at most ``waits[i]`` seconds in turn (a wait
+    past it fails the test), then kill every rank: (processes, outputs)."""
+    procs = [subprocess.Popen([sys.executable, script, *a], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for a in args]
+    try:
+        for p, limit in zip(procs, waits):
+            p.wait(timeout=limit)
+    finally:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+    return procs, outs

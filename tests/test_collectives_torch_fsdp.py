@@ -5,8 +5,6 @@ values."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -18,12 +16,11 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 import mesh  # noqa: E402
-from proctools import rank_env  # noqa: E402
+from proctools import rank_env, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow     # 11-13 s each quiet; 30-60 s loaded
 
 F = torch.nn.functional
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mlp() -> Any:
@@ -269,17 +266,8 @@ def test_torch_compile_of_functional_collectives_then_a_rank_dies_in_fsdp2(
     script.write_text(TWO_RANKS)
     env = rank_env({"COMPILE_BACKEND": os.environ.get("MESH_TEST_INDUCTOR") and "inductor"
                     or "aot_eager"})
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2",
-                               f"file://{tmp_path}/store"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-             for r in range(2)]
-    try:
-        procs[0].wait(timeout=360)
-        procs[1].wait(timeout=10)
-    finally:
-        for p in procs:
-            p.kill()
-        outs = [p.communicate()[0] for p in procs]
+    procs, outs = run_ranks(str(script), [[str(r), "2", f"file://{tmp_path}/store"]
+                                          for r in range(2)], env, [360, 10])
     assert procs[1].returncode == 3, outs[1]
     for r, out in enumerate(outs):
         line = next((x for x in out.splitlines() if x.startswith("compiled ")), out)

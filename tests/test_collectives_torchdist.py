@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 import mesh  # noqa: E402
-from proctools import rank_env  # noqa: E402
+from proctools import rank_env, run_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = dist.ReduceOp
@@ -399,17 +399,8 @@ def test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(tmp_path: Pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     methods = [f"tcp://127.0.0.1:{port}", f"file://{tmp_path}/store"]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "3", f"file://{tmp_path}/s2",
-                               *methods],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=rank_env(), cwd=ROOT) for r in range(3)]
-    try:
-        procs[0].wait(timeout=90)
-        procs[1].wait(timeout=30)
-    finally:
-        for p in procs:
-            p.kill()
-        outs = [p.communicate()[0] for p in procs]
+    procs, outs = run_ranks(str(script), [[str(r), "3", f"file://{tmp_path}/s2", *methods]
+                                          for r in range(3)], rank_env(), [90, 30])
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == (3 if r == 2 else 0), out
         assert f"rank {r} tcp ok" in out and f"rank {r} file ok" in out, out
