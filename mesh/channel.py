@@ -15,7 +15,8 @@ public point-to-point API, to run operations that involve a whole group:
   reports: ``all_reduce #3 on group world: recv from rank 1``.
 * Aborts: ``abort(tag, reason, kind)`` fails a tag on every member, now and
   for operations posted on it later; each raises ``kind``'s error.
-  ``aborted(tag, what)`` is that error here, if the tag was aborted.
+  ``aborted(tag, what)`` is that error here, if the tag was aborted (or
+  a LostPeerError, if a member is known dead).
 * Where peers are: ``endpoint(rank)`` (tcp:// or ipc://), ``host(rank)``, ``encrypted``.
 * Lifetime: ``keep_alive(obj)`` and ``on_close(fn)`` keep memory that peers
   may read until they have all said goodbye.
@@ -67,11 +68,20 @@ class CollectiveChannel:
 
     def aborted(self, tag: int, what: str) -> MeshError | None:
         """The error to raise for ``what`` if ``tag`` was aborted here (by a
-        peer, before this rank got to it), else None. Cheap: no lock, no message."""
+        peer, before this rank got to it), or if a member of the group is
+        known dead (LostPeerError naming it: a call that started anyway would
+        send its first messages to members still in the group's previous
+        call, which would take them for a mismatch), else None. Cheap: no
+        lock, no message."""
         t = self._t
-        aborted = t.inbox.aborted
+        inbox = t.inbox
+        aborted = inbox.aborted
         record = aborted.get((self._comm.gid, tag)) if aborted else None
         if record is None:
+            if inbox.dead:
+                lost = inbox.dead_member(self._comm.gid)
+                if lost is not None:
+                    return inbox.gone(inbox.peers[lost], what, self._comm.gid)
             return None
         return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")
 

@@ -66,3 +66,44 @@ def test_survivors_of_a_stalled_rank_raise_fast(tmp_path: Any, cma: str, count: 
         assert first["type"] == "LostPeerError", seen
         assert "rank 2" in first["msg"], seen
         assert all(kind == "LostPeerError" and took < 3 for kind, took in seen["later"]), seen
+
+
+def diverge_after_a_death(world: Any, outdir: str) -> None:
+    """Rank 2 stops; rank 0 learns of it (its peer timeout), rank 1 does not
+    (a long one). The two then make different calls as the group's next
+    collective, as survivors of a failure whose programs went separate ways
+    do: rank 0 must not start its call (its messages would reach rank 1 as a
+    mismatch), but raise LostPeerError at once and abort the call, so that
+    rank 1 raises LostPeerError naming rank 2 too."""
+    pids = C.all_gather_object(world, os.getpid())
+    if world.rank == 1:
+        world._t.live.peer_timeout = 600.0
+    C.barrier(world)
+    if world.rank == VICTIM:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if world.rank == 0:
+        deadline = time.monotonic() + 20
+        while world._t.peer_state(VICTIM) == "alive" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    try:
+        C.all_reduce(world, np.ones(8 if world.rank == 0 else 16))
+        seen = {"type": None}
+    except mesh.MeshError as e:
+        seen = {"type": type(e).__name__, "peer": getattr(e, "peer", None), "msg": str(e)}
+    with open(os.path.join(outdir, f"{world.rank}.json"), "w") as f:
+        json.dump(seen, f)
+    if world.rank == 0:
+        time.sleep(0.5)
+        os.kill(pids[VICTIM], signal.SIGKILL)
+
+
+def test_a_survivor_does_not_start_a_call_on_a_group_with_a_dead_member(tmp_path: Any) -> None:
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(diverge_after_a_death, 3, str(tmp_path), timeout=60,
+                   env={"MESH_PEER_TIMEOUT": "1", "MESH_CMA": "0"})
+    assert err.value.rank == VICTIM
+    for rank in (0, 1):
+        with open(tmp_path / f"{rank}.json") as f:
+            seen = json.load(f)
+        assert seen["type"] == "LostPeerError", (rank, seen)
+        assert seen["peer"] == VICTIM, (rank, seen)
