@@ -326,6 +326,11 @@ class Matcher:
     def _tables(self) -> tuple[dict[Any, deque[Pending]], ...]:
         return (self._posted, self._posted_any, self._wild, self._probes)
 
+    def quiet_tables(self) -> tuple[dict, dict, dict, dict]:
+        """The tables ``quiet`` reads (never replaced): while all four are
+        empty, ``quiet`` is true for every message, and a caller may skip it."""
+        return (self._posted, self._posted_any, self._wild, self._unexpected)
+
     def posted_some(self) -> bool:
         """Whether any receive or probe is posted."""
         return bool(self._posted or self._posted_any or self._wild or self._probes)

@@ -26,7 +26,7 @@ from .inbox import Inbox
 from .liveness import Liveness
 from .payload import fill
 from .peer import DEAD, MSG_COST, Peer
-from .rings import WRAP as _WRAP, Rings
+from .rings import MARK, Rings
 
 __all__ = ["Reader", "COPY_BELOW"]
 
@@ -34,6 +34,7 @@ _log = logging.getLogger("mesh.transport")
 COPY_BELOW = 64 * 1024   # payloads smaller than this are copied, not zero-copy
 _NOBLOCK = int(zmq.NOBLOCK)
 _CACHE = 1024  # headers remembered
+_MARKED = MARK.bit_length() - 1     # a length word's header id, shifted down by this
 _OWE = 256 << 10   # ``take`` grants credit back once this much is owed to a peer (at most)
 
 
@@ -75,10 +76,11 @@ class Reader:
         self._owed = [0] * len(peers)   # credit ``take`` freed, per peer, not granted yet
         self._owe = min([_OWE] + [p.grant_step // 4 for p in peers])   # ... up to this
         self._owing = False             # whether any is
-        # per peer, the one-frame prefix (mark, length, header) of the last
-        # entry ``take`` took, its length and its header's ``_plain`` entry:
-        # the next is most often the same (no valid prefix starts 0xC1 FF FF)
-        self._last: list[tuple] = [(b"\xc1\xff\xff", 3, None, None, 0, None, 0, 0)] * len(peers)
+        # per peer, the entry ``take`` took last, known by its length word (the
+        # header's id, mesh.rings.MARK): (the word, group, tag, header, where its
+        # payload starts, nbytes, dtype, the credit it frees, the bytes it takes in
+        # the ring, the last offset it may start at); the next is most often the same
+        self._known: list[tuple] = [(-1, 0, 0, None, 0, 0, None, 0, 0, 0)] * len(peers)
         self._claim, self._arrive = inbox.claim, inbox.arrive
         self._consumed, self._complete = inbox.consumed, inbox.complete
 
@@ -128,9 +130,12 @@ class Reader:
         out and taken; None when the ring is empty; False when what is
         there is for the usual way (``_from_ring``), waits for the socket,
         or does not fit ``out`` (read-only, not C-contiguous: the usual way
-        says so). The ring's ``peek`` and ``pop``, inline (``Rings.where``);
-        the credit it frees is granted back in batches (``_owe``), and what
-        is left when the reading turn's holder goes to sleep (``settle``)."""
+        says so). The ring's ``peek`` and ``pop``, inline (``Rings.where``)
+        for an entry whose length word (the header's id: mesh.rings.MARK)
+        is that of the last one taken from ``src`` (``_known``), the rest
+        by ``_take_other``; the credit it frees is granted back in batches
+        (``_owe``), and what is left when the reading turn's holder goes
+        to sleep (``settle``)."""
         rings: Rings = self.rings     # type: ignore[assignment]  # (not None: no assert here)
         q = rings.q
         tail_w, head_w, base = rings.where[src]
@@ -139,40 +144,22 @@ class Reader:
             return None
         off = head & rings.mask
         w = (base + off) >> 3
-        n = q[w + 1]
-        if n & _WRAP or q[w] > self.heard[src] or off + n > rings.end or not n:
-            n = rings.peek(src, self.heard[src])     # (a wrap, a wait, or malformed)
-            if n <= 0:
-                return None if n == 0 else False
-            at, head = rings.at, rings.next - 16 - ((n + 15) & ~15)    # (past a wrap)
-        else:
-            at = base + off + 16
-        m = rings.map
-        prefix, plen, h, fields, nbytes, dt, cost, step = self._last[src]
-        if m[at:at + plen] != prefix:     # not the header of the last one taken
-            if m[at] != wire.INLINE_MARK:
-                return False
-            plen = 3 + (m[at + 1] | m[at + 2] << 8)
-            found = self._plain.get(m[at + 3:at + plen]) if plen <= n else None
-            if found is None:
-                return False
-            h, fields, nbytes, dt, cost, step = found
-            self._last[src] = (m[at:at + plen], plen, *found)
-        if fields != (src, group, tag, n):     # fields: (src, group, tag, the entry's length)
-            return False
+        word, g, t, h, skip, nbytes, dt, cost, step, last = self._known[src]
+        if q[w + 1] != word or t != tag or g != group or q[w] > self.heard[src] or off > last:
+            return self._take_other(src, group, tag, out)
         if out is None:
             out = np.empty(h.shape or (), dt)
         elif out.dtype is not dt and out.dtype != dt:
             return False
         if nbytes:     # copied once, out of the map into ``out`` (out.data: cheaper)
-            at += plen
+            at = base + off + skip
             try:
                 out.data.cast("B")[:] = rings.mv[at:at + nbytes]
             except (TypeError, ValueError):     # read-only, not C-contiguous, another size
                 return False
         elif out.nbytes or not out.flags.writeable:
             return False
-        rings.heads[src] = q[head_w] = head + step    # (fields: the entry's length is n)
+        rings.heads[src] = q[head_w] = head + step
         owed = self._owed[src] + cost
         if owed >= self._owe:
             self._owed[src] = 0
@@ -182,6 +169,36 @@ class Reader:
             self._owed[src] = owed
             self._owing = True
         return out, h
+
+    def _take_other(self, src: int, group: int, tag: int, out: np.ndarray | None) -> Any:
+        """``take`` for an entry it does not know by its length word: past
+        a wrap, waiting for the socket, another header (looked up by its
+        bytes: ``_plain``), or none seen before. A header with an id is
+        known from then on (``_known``); either way the entry is taken by
+        ``take``, as one it knows."""
+        rings: Rings = self.rings     # type: ignore[assignment]
+        n = rings.peek(src, self.heard[src])
+        if n <= 0:
+            return None if n == 0 else False
+        m, at = rings.map, rings.at
+        word = rings.q[(at >> 3) - 1]
+        if m[at] != wire.INLINE_MARK:
+            return False
+        plen = 3 + (m[at + 1] | m[at + 2] << 8)
+        found = self._plain.get(m[at + 3:at + plen]) if plen <= n else None
+        if found is None:
+            return False
+        h, fields, nbytes, dt, cost, step = found
+        if fields != (src, group, tag, n):     # fields: (src, group, tag, the entry's length)
+            return False
+        known = self._known[src]
+        self._known[src] = (word, group, tag, h, 16 + plen, nbytes, dt, cost, step,
+                            rings.end - n)
+        try:
+            return self.take(src, group, tag, out)
+        finally:
+            if not word >> _MARKED:      # no id: known for this entry only
+                self._known[src] = known
 
     def settle(self) -> None:
         """Grant back the credit ``take`` owes (mesh.progress, before the

@@ -24,6 +24,10 @@ memory: mesh.cma.allow_peers), and checks the token.
 
 An entry is [c, length] (two 64-bit words) and a one-frame message (wire's
 inline form), 16-byte aligned; a length with WRAP set pads to the ring's end.
+Above WRAP the length word may carry the sender's id for the entry's header
+(``MARK`` times a number it never gives another header): a receiver that
+took an entry with that word before knows the header without reading it
+(mesh.reader.take); 0 there (the usual way's sends) says nothing.
 The sender writes the entry, then TAIL, then BELL (a value never written
 before: its tail and its rank), then reads AWAKE: a receiver spinning in a
 receive sets AWAKE and sees BELL change; one that is not is woken by a byte
@@ -83,7 +87,7 @@ from typing import Any, Callable
 
 from .peer import config_float
 
-__all__ = ["Rings", "WRAP", "enabled", "fence", "open_rings"]
+__all__ = ["Rings", "LENGTH", "MARK", "MARKS", "WRAP", "enabled", "fence", "open_rings"]
 
 _log = logging.getLogger("mesh.transport")
 _PAGE = mmap.PAGESIZE
@@ -91,6 +95,9 @@ _WAKE, _BELL, _AWAKE, _RUNG = 2, 8, 16, 24    # 64-bit word indices in page 0
 _LINE = 8                      # words per cache line: one line per sender's counters
 _OFF = 1                       # in that line after TAIL: the sender takes the socket for now
 _WRAP = WRAP = 1 << 32        # (an entry's length word: padding to the ring's end)
+LENGTH = WRAP - 1             # the length itself, in the word's low bits
+MARK = 1 << 33                # the header's id, in units of MARK above them,
+MARKS = 1 << 30               # from 1 to MARKS - 1 (0: no id)
 _fence_lock = threading.Lock()
 _SPIN = 200e-6     # a sender waiting for room spins while its receiver read this recently,
 _NAP = 50e-6       # then sleeps this long between looks,
@@ -164,9 +171,11 @@ class _Out:
         self.gave_up = 0           # ... and left it for the socket (OFF)
         self.rung = 0              # doorbells written to the wake pipe
 
-    def put(self, frame: Any, n: int, c: int, body: Any = None, nb: int = 0) -> bool:
+    def put(self, frame: Any, n: int, c: int, body: Any = None, nb: int = 0,
+            mark: int = 0) -> bool:
         """Write a one-frame message of ``n`` bytes (and ``nb`` more from
-        ``body``: a header written once and an array's bytes, unjoined), and
+        ``body``: a header written once and an array's bytes, unjoined;
+        ``mark``: its header's id times MARK, or 0), and
         wake the receiver if it is not watching; False when it does not
         fit: a full ring is waited on while the receiver keeps reading (a
         stream outruns its receiver), and left, once it has not for _WAIT,
@@ -187,7 +196,7 @@ class _Out:
         qd, buf = self.qd, self.buf
         w = off >> 3
         qd[w] = c
-        qd[w + 1] = n + nb
+        qd[w + 1] = n + nb + mark
         off += 16
         buf[off:off + n] = frame
         if nb:
@@ -442,6 +451,7 @@ class Rings:
                 if length & _WRAP:
                     head += ring - off
                     continue
+                length &= LENGTH
                 if q[w] > upto:
                     break
                 if length > ring - off - 16:
@@ -482,6 +492,7 @@ class Rings:
                 return 0
             off, w = 0, base >> 3
             length = q[w + 1]
+        length &= LENGTH
         if q[w] > upto or length > ring - off - 16 or not length:
             return -1
         self.next = head + 16 + ((length + 15) & ~15)

@@ -93,12 +93,16 @@ class Transport:
         self._ring_out = self.rings.out if self.rings is not None else [None] * size
         self._ringed = [self.rings is not None and r in same_host for r in range(size)]
         self._awake_rung = self.rings.awake_rung if self.rings is not None else None
-        self._prefixes: dict[tuple, tuple] = {}     # send_ring's headers, inline-framed
+        self._prefixes: dict[tuple, tuple] = {}     # send_ring's headers, inline-framed,
+        self._marked = 0       # and how many were given an id (mesh.rings.MARK) so far
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings)
         self.stall_warn = self.live.stall_warn
         # what recv_ring calls and reads, bound once
         self._take, self._quiet = self.reader.take, self.inbox.matcher.quiet
+        # what ``quiet`` reads: while all four are empty, it is not called
+        self._posted, self._posted_any, self._wild, self._unexpected = \
+            self.inbox.matcher.quiet_tables()
         self._aborted = self.inbox.aborted
         # what communicators call of the inbox and of liveness
         self.irecv, self.iprobe = self.inbox.post, self.inbox.iprobe
@@ -173,8 +177,12 @@ class Transport:
                                           shape=obj.shape, nbytes=n))
             if len(self._prefixes) >= _CACHE:
                 self._prefixes.clear()
-            known = self._prefixes[key] = (dt, pre, len(pre), n, n + MSG_COST)    # n: its bytes
-        _, pre, plen, n, cost = known
+            mark = 0
+            if self._marked < rings.MARKS - 1:      # an id no other header had (then none)
+                self._marked += 1
+                mark = rings.MARK * self._marked
+            known = self._prefixes[key] = (dt, pre, len(pre), n, n + MSG_COST, mark)  # n: bytes
+        _, pre, plen, n, cost, mark = known
         peer = self._peers[dst]
         lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
         lock.acquire()
@@ -185,7 +193,7 @@ class Transport:
                 return None
             peer.inflight = inflight + cost
             try:
-                if ring.put(pre, plen, peer.sent, obj, n):
+                if ring.put(pre, plen, peer.sent, obj, n, mark):
                     return SENT
             except ValueError:       # not C-contiguous (numpy's buffer), nothing published
                 pass
@@ -198,34 +206,36 @@ class Transport:
                   timeout: float | None) -> tuple[np.ndarray, wire.Header] | None:
         """A blocking receive of an array that only rank ``src``'s ring can
         bring now (nothing of ``src`` and ``tag`` queued or posted before
-        it), taken by this thread if it comes within the spin
-        (mesh.progress.await_ring): (array, header); None when it must be posted
-        and waited for the usual way. The uncontended turn (the usual case)
-        is taken and given back here, as ``Progress.enter`` and ``leave`` would."""
+        it), taken by this thread if it is there or comes within the spin
+        (mesh.progress.await_ring): (array, header); None when it must be
+        posted and waited for the usual way. The uncontended turn (the usual
+        case) is taken and given back here, as ``Progress.enter`` and
+        ``leave`` would; AWAKE (mesh.rings) is set only to wait."""
         if not self._ringed[src]:     # (no rings: none is)
             return None
         progress = self.progress
         turn = progress.turn
         if turn.acquire(False):
             entered = 1
-            flags = self._awake_rung          # Rings.awake(True), when it has anything to do
-            if not flags[0] or flags[1]:    # type: ignore[index]
-                self.rings.awake(True)     # type: ignore[union-attr]
         elif ((out is not None and out.nbytes > self._ring_max)      # comes by socket, or
               or (timeout is not None and timeout < progress.spin)):   # may not wait: not
             return None                                         # worth waiting for the turn
         else:
             entered = progress.enter()
         try:
-            if (not entered or self._peers[src].state != ALIVE
+            if (not entered or self._peers[src].state     # (ALIVE is 0)
                     or (self._aborted and (group, tag) in self._aborted)
-                    or not self._quiet(group, src, tag)):    # queued or posted before
+                    or ((self._posted or self._posted_any or self._wild or self._unexpected)
+                        and not self._quiet(group, src, tag))):    # queued or posted before
                 return None
             got = self._take(src, group, tag, out)
             if got is None:       # nothing there yet: wait for it, unless it comes by socket
                 if ((out is not None and out.nbytes > self._ring_max)
                         or (timeout is not None and timeout < progress.spin)):
                     return None
+                flags = self._awake_rung        # Rings.awake(True), when it has anything to do
+                if not flags[0] or flags[1]:    # type: ignore[index]
+                    self.rings.awake(True)     # type: ignore[union-attr]
                 got = progress.await_ring(self._take, src, group, tag, out)
             return got or None
         finally:
