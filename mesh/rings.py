@@ -149,13 +149,14 @@ class _Out:
     """This rank's ring in one peer's region (the writing side)."""
 
     __slots__ = ("ctl", "q", "buf", "qd", "tail", "limit", "ti", "hi", "ring", "mask", "src",
-                 "wake", "full", "left", "waits", "gave_up", "rung")
+                 "wake", "full", "left", "waits", "gave_up", "rung", "awake_rung")
 
     def __init__(self, fd: int, lay: _Layout, src: int) -> None:
         self.ctl = mmap.mmap(fd, lay.data)
         self.buf = mmap.mmap(fd, lay.ring, offset=lay.slot(src))
         self.q = memoryview(self.ctl).cast("Q")
         self.qd = memoryview(self.buf).cast("Q")
+        self.awake_rung = self.q[_AWAKE:_RUNG + 1:_RUNG - _AWAKE]    # the receiver's two words
         self.ring, self.mask, self.src = lay.ring, lay.ring - 1, src
         self.ti = (lay.ctl >> 3) + _LINE * src
         self.hi = (lay.heads >> 3) + _LINE * src
@@ -172,11 +173,12 @@ class _Out:
         self.rung = 0              # doorbells written to the wake pipe
 
     def put(self, frame: Any, n: int, c: int, body: Any = None, nb: int = 0,
-            mark: int = 0) -> bool:
+            word: int = 0) -> bool:
         """Write a one-frame message of ``n`` bytes (and ``nb`` more from
         ``body``: a header written once and an array's bytes, unjoined;
-        ``mark``: its header's id times MARK, or 0), and
-        wake the receiver if it is not watching; False when it does not
+        ``word``: its length word with its header's id, MARK, when it has
+        one); the caller then rings (``bell``) once its lock is released,
+        a full fence. False when it does not
         fit: a full ring is waited on while the receiver keeps reading (a
         stream outruns its receiver), and left, once it has not for _WAIT,
         until the receiver reads again. The common case (room before the
@@ -196,19 +198,24 @@ class _Out:
         qd, buf = self.qd, self.buf
         w = off >> 3
         qd[w] = c
-        qd[w + 1] = n + nb + mark
+        qd[w + 1] = word or n + nb
         off += 16
         buf[off:off + n] = frame
         if nb:
             buf[off + n:off + n + nb] = body
-        self.tail = end       # published: TAIL, then BELL; the receiver woken if not watching
+        self.tail = end       # published: TAIL, then BELL (the receiver woken by ``bell``)
         q[self.ti] = end
         q[_BELL] = end << 16 | self.src
-        _fence_lock.acquire()      # fence(), without the call
-        _fence_lock.release()
-        if not (q[_AWAKE] or q[_RUNG]):
-            self._ring_bell()
         return True
+
+    def bell(self) -> None:
+        """After ``put`` and a full fence (the sender's lock released: an
+        atomic read-modify-write), wake the receiver if it is not watching
+        (AWAKE) and not rung already (RUNG): the fence orders our TAIL
+        before these loads, as the receiver's orders AWAKE before TAIL."""
+        awake_rung = self.awake_rung
+        if not (awake_rung[0] or awake_rung[1]):
+            self._ring_bell()
 
     def _put_hard(self, size: int) -> int:
         """``put`` past ``limit``: HEAD read again, then the tail at which
@@ -309,6 +316,7 @@ class _Out:
     def close(self) -> None:
         if self.wake >= 0:
             os.close(self.wake)
+        self.awake_rung.release()
         self.q.release()
         self.qd.release()
         self.ctl.close()

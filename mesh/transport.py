@@ -94,7 +94,8 @@ class Transport:
         self._ringed = [self.rings is not None and r in same_host for r in range(size)]
         self._awake_rung = self.rings.awake_rung if self.rings is not None else None
         self._prefixes: dict[tuple, tuple] = {}     # send_ring's headers, inline-framed,
-        self._marked = 0       # and how many were given an id (mesh.rings.MARK) so far
+        self._marks: dict[bytes, int] = {}     # and their ids (mesh.rings.MARK),
+        self._marked = 0                       # how many were given so far
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings)
         self.stall_warn = self.live.stall_warn
@@ -177,30 +178,36 @@ class Transport:
                                           shape=obj.shape, nbytes=n))
             if len(self._prefixes) >= _CACHE:
                 self._prefixes.clear()
-            mark = 0
-            if self._marked < rings.MARKS - 1:      # an id no other header had (then none)
+                self._marks.clear()
+            mark = self._marks.get(pre, 0)   # its header's id: one no other header had
+            if not mark and self._marked < rings.MARKS - 1:   # (once all are given: none)
                 self._marked += 1
-                mark = rings.MARK * self._marked
-            known = self._prefixes[key] = (dt, pre, len(pre), n, n + MSG_COST, mark)  # n: bytes
-        _, pre, plen, n, cost, mark = known
+                mark = self._marks[pre] = rings.MARK * self._marked
+            known = self._prefixes[key] = (dt, pre, len(pre), n, n + MSG_COST,
+                                           len(pre) + n + mark)    # n: bytes; its length word
+        _, pre, plen, n, cost, word = known
         peer = self._peers[dst]
         lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
         lock.acquire()
         try:
             inflight = peer.inflight     # peer.admit(n), inline
-            if peer.state != ALIVE or peer.queue or not (
+            if peer.state or peer.queue or not (       # (ALIVE is 0)
                     inflight + cost <= peer.window or inflight < peer.grant_step):
                 return None
             peer.inflight = inflight + cost
             try:
-                if ring.put(pre, plen, peer.sent, obj, n, mark):
-                    return SENT
+                put = ring.put(pre, plen, peer.sent, obj, n, word)
             except ValueError:       # not C-contiguous (numpy's buffer), nothing published
-                pass
-            peer.release(cost)       # the usual way charges it again
+                put = False
+            if not put:
+                peer.release(cost)       # the usual way charges it again
+                return None
         finally:
-            lock.release()
-        return None
+            lock.release()       # (a full fence: ``bell`` may read the receiver's words now)
+        awake_rung = ring.awake_rung     # ring.bell(), inline: wake it if not watching
+        if not (awake_rung[0] or awake_rung[1]):
+            ring.bell()
+        return SENT
 
     def recv_ring(self, group: int, src: int, tag: int, out: np.ndarray | None,
                   timeout: float | None) -> tuple[np.ndarray, wire.Header] | None:
@@ -260,15 +267,18 @@ class Transport:
 
     def _submit(self, peer: Peer, out: Outgoing) -> None:
         self.progress.unpark()
+        ringed = None
         with peer.lock:
             if peer.state != ALIVE:
                 out.fail(self.inbox.gone(peer, out.desc))
             elif peer.queue or not peer.admit(out.nbytes):
                 peer.queue.append(out)
             elif out.nbytes <= self._ring_max and out.tracker is None and self._ring(peer, out):
-                return
+                ringed = self._ring_out[peer.rank]
             else:
                 self._transmit(peer, out)
+        if ringed is not None:      # (the lock released: a full fence, see send_ring)
+            ringed.bell()
 
     def _ring(self, peer: Peer, out: Outgoing) -> bool:
         """Put a small message in ``peer``'s ring (mesh.rings), if it has told

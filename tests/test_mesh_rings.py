@@ -440,3 +440,102 @@ def _parked(world: mesh.Mesh) -> list[int]:
 def test_the_progress_thread_parks_while_a_caller_drives_and_a_post_wakes_it() -> None:
     got = mesh.spawn(_parked, 2, timeout=90, env={"MESH_WINDOW_BYTES": str(64 << 10)})
     assert got == [[True, 1, 1, True, 1, 1, 1, True], [1]], got
+
+
+def _words(rs: rings.Rings, src: int, n: int) -> list[int]:
+    """The length words of the ``n`` entries rank ``src`` wrote and this
+    rank has not read (waited for: the progress thread keeps off the rings)."""
+    q, tail_w, _ = rs.watch(src)
+    deadline = time.monotonic() + 30
+    while True:
+        words, head = [], rs.heads[src]
+        while head != q[tail_w]:
+            off = head & rs.mask
+            word = q[(rs._base[src] + off >> 3) + 1]
+            if word & rings.WRAP:
+                head += rs.ring - off
+                continue
+            words.append(word)
+            head += 16 + (((word & rings.LENGTH) + 15) & ~15)
+        if len(words) >= n or time.monotonic() > deadline:
+            return words
+        time.sleep(0.01)
+
+
+def _go(path: str) -> None:
+    """Wait for ``path`` to exist: a signal between the ranks that puts no
+    message on rank 1's socket, which its next entries would wait for."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, path
+        time.sleep(0.01)
+
+
+def _header_ids(world: mesh.Mesh, path: str) -> list[Any]:
+    """Rank 1's ring sends carry an id of their header in the entry's
+    length word (mesh.rings.MARK): one per header, though these three
+    entries are of one length; rank 0 takes each with its own dtype, and
+    leaves AWAKE as it was when the message is there already. Once the ids
+    are all given, entries go without, and are known by their bytes, each
+    for itself."""
+    t = world._t
+    i4, f4 = np.arange(4, dtype=np.int32), np.arange(4, dtype=np.float32)
+    u1 = np.arange(16, dtype=np.uint8)
+    if world.rank == 1:
+        _go(path + "1")
+        for x in (i4, f4):
+            world.send(x, 0, tag=2)
+        for i in range(6):
+            world.send((i4, f4 + 0.5, u1)[i % 3] + i, 0, tag=1)
+        _go(path + "2")
+        t._prefixes.clear()
+        t._marks.clear()
+        t._marked = rings.MARKS - 1      # every id given: the rest go without
+        for x in (i4, f4, i4 + 1):
+            world.send(x, 0, tag=2)
+        _go(path + "3")
+        return []
+    p, rs = t.progress, t.rings
+    assert rs is not None
+    deadline = time.monotonic() + 10     # rank 1's socket messages at start (mesh.direct) read
+    while not (t.direct._state[1] == direct.YES and t.direct.pids[1]):
+        assert time.monotonic() < deadline, (t.direct._state, t.direct.pids)
+        time.sleep(0.01)
+    with p._want_lock:      # a waiter it yields to: the progress thread keeps off the rings
+        p._want += 1
+    while not (entered := p.enter()):     # (once it has let go of them)
+        pass
+    p.leave(entered)
+    taken = _count_takes(t)
+    open(path + "1", "w").close()
+    words = _words(rs, 1, 8)
+    ids = [w // rings.MARK for w in words]
+    got: list[Any] = [len(ids), len({w & rings.LENGTH for w in words[2:]}), len(set(ids)),
+                      ids[2:5] == ids[5:8], 0 in ids]
+    for x in (i4, f4):
+        y = world.recv(1, tag=2)
+        got.append(y.dtype == x.dtype and np.array_equal(y, x))
+    for i in range(6):
+        if i == 5:
+            rs.q[rings._AWAKE] = 0
+        y = world.recv(1, tag=1)
+        x = (i4, f4 + 0.5, u1)[i % 3] + i
+        got.append(y.dtype == x.dtype and np.array_equal(y, x))
+    got.append(rs.q[rings._AWAKE])        # taken from the ring: not set
+    open(path + "2", "w").close()
+    got.append([w // rings.MARK for w in _words(rs, 1, 3)])
+    for x in (i4, f4, i4 + 1):
+        y = world.recv(1, tag=2)
+        got.append(y.dtype == x.dtype and np.array_equal(y, x))
+    got.append(taken[0])
+    with p._want_lock:
+        p._want -= 1
+    open(path + "3", "w").close()
+    return got
+
+
+def test_ring_entries_carry_their_headers_id(tmp_path: Path) -> None:
+    got = mesh.spawn(_header_ids, 2, str(tmp_path / "go"), timeout=60,
+                     env={"MESH_HEARTBEAT": "30", "MESH_PEER_TIMEOUT": "120"})   # no beats
+    assert got[0] == [8, 1, 5, True, False, True, True] + [True] * 6 + [0, [0, 0, 0]] \
+        + [True] * 3 + [6], got[0]
