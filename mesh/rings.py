@@ -72,7 +72,9 @@ control is unchanged.
 Ordering of plain loads and stores across the two processes: the x86
 order (stores are seen in order) plus a full fence (``fence``, an atomic
 read-modify-write in the lock) between a store and the load that must see
-the other side's store (TAIL then AWAKE and RUNG; AWAKE or RUNG then TAIL).
+the other side's store (TAIL then AWAKE and RUNG; AWAKE or RUNG then TAIL);
+a sender's fence is the release of its peer's lock, after ``put`` and
+before ``bell``.
 ``MESH_SHM=0`` (on either side) turns the path off, with the direct path.
 """
 from __future__ import annotations
