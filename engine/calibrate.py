@@ -298,11 +298,12 @@ class StepFigures:
     (latest end less earliest start) and the step the simulator gives from
     these figures. The mean, not the median action: an action preempted
     now and then (the mesh threads reading a message, others' load) costs
-    its step its whole length, and the actions' walls are skewed (quiet and
-    at load 3-6 here, mean over median 1.03-1.35 per stage and kind; fed
-    the medians, the simulator gave 0.78-0.94 of the measured step, the
-    zero-bubble schedules' most, fed the means 0.95-1.07: BENCHMARKS.md,
-    eleventh session)."""
+    its step its whole length, and the actions' walls are skewed (at load
+    3-7 here, mean over median action 1.11 in the median over 90 stages
+    and kinds, 0.99-1.31 in 8 of 10, up to 1.94; the bench's steps simulated
+    from their own figures, 36 rows of 9 runs: meas/sim median 1.12 with
+    the median action, 14 rows within 1.1x; median 1.00 and 31 within
+    1.1x with this: BENCHMARKS.md, eleventh session)."""
 
     action: float
     message: float
