@@ -298,7 +298,7 @@ class StepFigures:
     (latest end less earliest start) and the step the simulator gives from
     these figures. The mean, not the median action: an action preempted
     now and then (the mesh threads reading a message, others' load) costs
-    its step its whole length, and the actions' walls are skewed (at load
+    its step all of that time, and the actions' walls are skewed (at load
     3-7 here, mean over median action 1.11 in the median over 90 stages
     and kinds, 0.99-1.31 in 8 of 10, up to 1.94; the bench's steps simulated
     from their own figures, 36 rows of 9 runs: meas/sim median 1.12 with
