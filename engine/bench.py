@@ -129,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--trace", metavar="DIR", help="write each schedule's last step trace here")
     ap.add_argument("--balance", action="store_true",
                     help="engine.distribute on uneven layers: balance time/uniform/parameters")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="--balance: rounds of re-time, then the timed steps (split over them)")
     ap.add_argument("--stages", action="store_true",
                     help="the uneven model's stages timed whole over their layers' sum (CPU)")
     a = ap.parse_args(argv)
@@ -143,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.balance:
         from .bench_distribute import balance_table, run_balance
         print("engine.distribute, pp=2, numpy layers costing 4 4 6 1 1 1 1 matmuls "
-              "(parameters 4 4 0 1 1 1 1); median of interleaved passes")
-        print(balance_table(run_balance(steps=max(a.steps, 3))))
+              f"(parameters 4 4 0 1 1 1 1); {a.rounds} rounds of re-time and steps, medians")
+        print(balance_table(run_balance(steps=max(a.steps, 3), rounds=max(1, a.rounds))))
         from . import bench_torch
         if a.no_torch or not bench_torch.available():
             return 0

@@ -4,10 +4,12 @@ A numpy model with uneven layers (two wide Linear layers, a parameter-free
 layer that costs as much as several matmuls, then narrow Linear layers) is
 distributed on pp=2 three times, by ``balance="time"``, ``"uniform"`` and
 ``"parameters"``, with the same schedule; then once with ``schedule="auto"``.
-Each job's stages are timed again right before the passes (``Job.retime``)
-and its step is timed in interleaved passes (a barrier before each step;
-latest end minus earliest start; the median) beside the simulator's
-prediction from those times ("predicted"), from distribute's profile
+In each of three rounds every job in turn has its stages timed again
+(``Job.retime``) and runs a step to warm up and its timed steps (a barrier
+before each step; latest end minus earliest start); the median of its
+steps is set beside the median of its rounds' predictions ("predicted"),
+each round's steps beside that round's prediction ("by round"), and beside
+the predictions from distribute's profile
 ("profile": a stage of several layers timed whole) and, for comparison,
 had each stage cost the sum of its layers timed one by one ("summed"); the
 last line gives the mesh threads' CPU per message end (engine.calibrate)
@@ -15,7 +17,7 @@ and whether it was charged. With torch, ``run_tp`` then times
 one SGD step of a 4-Linear MLP at tp=2 sharded by engine.distribute's plan
 on meshrun and by torch's ``parallelize_module`` (DeviceMesh on CPU, gloo).
 
-    python -m engine.bench --balance [--steps 7] [--width 256] [--rows 256]
+    python -m engine.bench --balance [--steps 7] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def uneven_model(width: int) -> Sequential:
                       *[Linear(w, w, rng) for _ in range(4)])
 
 
-def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[str, Any]]:
+def _worker(world: Any, width: int, rows: int, m: int, steps: int, rounds: int
+            ) -> list[dict[str, Any]]:
     import collectives
     x = np.random.default_rng(1).standard_normal((rows, width))
     y = np.zeros((rows, width))
@@ -79,36 +82,39 @@ def _worker(world: Any, width: int, rows: int, m: int, steps: int) -> list[dict[
                          microbatches=None if sched == "auto" else m, sample=x,
                          loss_fn=mse_loss, verbose=False, timeout=120, tag_base=i << 20)
         jobs.append((balance, sched, job))
-    for _, _, job in jobs:               # each job's stages timed again, right before the steps
-        job.retime()
-    before = [job.predicted for _, _, job in jobs]
-    spans: list[list[tuple[float, float]]] = [[] for _ in jobs]
+    per = max(1, -(-steps // rounds))
+    preds: list[list[float]] = [[] for _ in jobs]
+    stretch: list[list[list[float]]] = [[] for _ in jobs]
+    spans: list[list[tuple[float, float, int]]] = [[] for _ in jobs]
     records: list[tuple[list[Any], list[Any]]] = [([], []) for _ in jobs]
-    for i in range(steps + 1):               # the first pass warms up
+    for r in range(rounds):
         for k, (_, _, job) in enumerate(jobs):
-            collectives.barrier(world)
-            t0 = time.time()
-            job.step(x, y)
-            t1 = time.time()
-            spans[k].append((t0, t1))
-            if i:
-                row, acts = step_record(job.pipeline, t0, t1)
-                records[k][0].append(row)
-                records[k][1].append(acts)
-            for g in job.grads():
-                g[...] = 0
+            job.retime()                     # its stages timed again, right before its steps
+            preds[k].append(job.predicted or 0.0)
+            stretch[k].append(job.stretch or [])
+            for i in range(per + 1):         # the first step warms up (the re-time ran copies)
+                collectives.barrier(world)
+                t0 = time.time()
+                job.step(x, y)
+                t1 = time.time()
+                if i:
+                    spans[k].append((t0, t1, r))
+                    row, acts = step_record(job.pipeline, t0, t1)
+                    records[k][0].append(row)
+                    records[k][1].append(acts)
+                for g in job.grads():
+                    g[...] = 0
     in_step = [_in_step(world, job, *records[k]) for k, (_, _, job) in enumerate(jobs)]
-    for _, _, job in jobs:               # and once more right after them
-        job.retime()
     return [{"balance": b, "schedule": job.schedule.name, "counts": job.counts,
-             "predicted": before[k], "after": job.predicted, "in_step": in_step[k],
+             "predicted": statistics.median(preds[k]), "rounds": preds[k],
+             "in_step": {**in_step[k], "stretch": stretch[k]},
              "summed": job.chosen.summed if job.chosen else None,
              "profiled": job.profiled.makespan if job.profiled else None,
              "helper": job.calibration.helper_measured if job.calibration else 0.0,
              "charged": bool(job.calibration and job.calibration.crowded),
              "executor": ((job.calibration.action, job.calibration.message,
                            job.calibration.receive) if job.calibration else (0.0, 0.0, 0.0)),
-             "spans": spans[k][1:]}
+             "spans": spans[k]}
             for k, (b, _, job) in enumerate(jobs)]
 
 
@@ -130,67 +136,83 @@ def _in_step(world: Any, job: Any, rows: list[Any], acts: list[Any]) -> dict[str
                for k in "FBIW" for s, c in enumerate(fig.compute[k]) if c)
     return {"simulated": fig.simulated, "compute": sum(sum(v) for v in fig.compute.values())
             / pred if pred > 0 else 0.0, "action": fig.action, "message": fig.message,
-            "receive": fig.receive, "stretch": job.stretch or []}
+            "receive": fig.receive}
 
 
-def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7
-                ) -> list[dict[str, Any]]:
-    """Measure each job on 2 processes; rows of predicted and measured ms."""
+def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7,
+                rounds: int = 3) -> list[dict[str, Any]]:
+    """Measure each job on 2 processes; rows of predicted and measured ms.
+    In each of ``rounds`` rounds every job in turn is re-timed
+    (``Job.retime``), then runs one step to warm up and ``ceil(steps /
+    rounds)`` timed steps; ``predicted_ms`` is the median of its rounds'
+    predictions, ``measured_ms`` the median of all its timed steps, and
+    ``rounds`` each round's median step over that round's prediction: the
+    load on a shared host moves from one second to the next (a dry run's
+    actions got 50% of a core while the steps a few seconds later got 85%,
+    BENCHMARKS.md, eleventh session), so a prediction is set beside the
+    steps that ran at its moment."""
     import mesh
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    results = mesh.spawn(_worker, 2, width, rows, m, steps, timeout=600)
+    results = mesh.spawn(_worker, 2, width, rows, m, steps, rounds, timeout=600)
     report = []
     for k, row in enumerate(results[0]):
-        per_step = [max(r[k]["spans"][s][1] for r in results) -
-                    min(r[k]["spans"][s][0] for r in results) for s in range(steps)]
+        n = len(row["spans"])
+        per_step = [(max(r[k]["spans"][s][1] for r in results) -
+                     min(r[k]["spans"][s][0] for r in results), row["spans"][s][2])
+                    for s in range(n)]
+        by_round = [statistics.median(t for t, rr in per_step if rr == i) / p
+                    for i, p in enumerate(row["rounds"])]
         report.append({"balance": row["balance"], "schedule": row["schedule"],
                        "counts": row["counts"], "predicted_ms": row["predicted"] * 1e3,
-                       "after_ms": row["after"] * 1e3, "in_step": row["in_step"],
+                       "rounds": by_round, "in_step": row["in_step"],
                        "profiled_ms": (row["profiled"] or row["predicted"]) * 1e3,
                        "summed_ms": (row["summed"] or row["predicted"]) * 1e3,
                        "helper_us": row["helper"] * 1e6, "charged": row["charged"],
                        "action_us": row["executor"][0] * 1e6,
                        "message_us": row["executor"][1] * 1e6,
                        "receive_us": row["executor"][2] * 1e6,
-                       "measured_ms": statistics.median(per_step) * 1e3})
+                       "measured_ms": statistics.median(t for t, _ in per_step) * 1e3})
     return report
 
 
 def balance_table(report: list[dict[str, Any]]) -> str:
-    """``predicted``: stages timed again right before the passes (Job.retime);
-    ``profile``: distribute's prediction; ``summed``: its layers' sums;
-    ``action/msg/recv``: the executor's cost per compute action, per message
-    and the least per receive in ``predicted`` (Job.retime's dry run of the
-    job's schedule)."""
+    """``predicted``: the median of the rounds' predictions (stages timed
+    again right before each round's steps: Job.retime); ``by round``: each
+    round's median step over its prediction; ``profile``: distribute's
+    prediction; ``summed``: its layers' sums; ``action/msg/recv``: the
+    executor's cost per compute action, per message and the least per
+    receive of the last round (Job.retime's dry run of the job's
+    schedule)."""
     lines = [f"{'balance':<11} {'schedule':<22} {'layers/stage':<13} {'predicted ms':>12} "
-             f"{'measured ms':>12} {'meas/pred':>9} {'profile ms':>10} {'meas/prof':>9} "
-             f"{'summed ms':>9} {'meas/summed':>11} {'action/msg/recv us':>18}"]
+             f"{'measured ms':>12} {'meas/pred':>9} {'by round':<17} {'profile ms':>10} "
+             f"{'meas/prof':>9} {'summed ms':>9} {'meas/summed':>11} {'action/msg/recv us':>18}"]
     for r in report:
         counts = " ".join(str(c) for c in r["counts"])
+        rounds = " ".join(f"{x:.2f}" for x in r.get("rounds", []))
         lines.append(f"{r['balance']:<11} {r['schedule']:<22} {counts:<13} "
                      f"{r['predicted_ms']:>12.1f} {r['measured_ms']:>12.1f} "
-                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f} {r['profiled_ms']:>10.1f} "
+                     f"{r['measured_ms'] / r['predicted_ms']:>9.3f} {rounds:<17} "
+                     f"{r['profiled_ms']:>10.1f} "
                      f"{r['measured_ms'] / r['profiled_ms']:>9.3f} {r['summed_ms']:>9.1f} "
                      f"{r['measured_ms'] / r['summed_ms']:>11.3f} "
                      f"{r.get('action_us', 0):>6.0f}/{r.get('message_us', 0):.0f}/"
                      f"{r.get('receive_us', 0):.0f}")
     lines.append("the steps taken apart (engine.calibrate.step_figures): the step simulated from "
-                 "their own figures; their compute over the predicted; action/msg/recv us in "
-                 "them; the prediction re-timed right after them")
+                 "their own figures; their compute over the last round's predicted; "
+                 "action/msg/recv us in them; each round's stretch per stage")
     lines.append(f"{'balance':<11} {'schedule':<22} {'sim ms':>8} {'meas/sim':>8} "
-                 f"{'compute s/p':>11} {'action/msg/recv us':>18} {'after ms':>8} "
-                 f"{'meas/after':>10}")
+                 f"{'compute s/p':>11} {'action/msg/recv us':>18}  stretch by round")
     for r in report:
         st = r.get("in_step")
         if not st:
             continue
+        stretch = " | ".join(" ".join(f"{x:.2f}" for x in each)
+                             for each in st.get("stretch", []))
         lines.append(f"{r['balance']:<11} {r['schedule']:<22} {st['simulated'] * 1e3:>8.1f} "
                      f"{r['measured_ms'] / (st['simulated'] * 1e3):>8.3f} {st['compute']:>11.3f} "
                      f"{st['action'] * 1e6:>6.0f}/{st['message'] * 1e6:.0f}/"
-                     f"{st['receive'] * 1e6:.0f} {r['after_ms']:>8.1f} "
-                     f"{r['measured_ms'] / r['after_ms']:>10.3f}  stretch "
-                     + " ".join(f"{x:.2f}" for x in st.get("stretch", [])))
+                     f"{st['receive'] * 1e6:.0f}  {stretch}")
     h = report[0] if report else None
     if h is not None:
         lines.append(f"mesh threads' CPU per message end {h['helper_us']:.0f} us, "

@@ -210,7 +210,7 @@ class DryRun:
     span: float = 0.0       # the median dry step, latest end less earliest start
     receive: float = 0.0    # a receive's own time when its message is due (message_times)
     simulated: float = 0.0  # the simulated dry step: its actions as they ran, these figures
-    compute: dict[str, list[float]] | None = None   # each stage's median action per kind, wall
+    compute: dict[str, list[float]] | None = None   # each stage's action per kind, wall (StepFigures)
 
 
 def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple[int, int]],
@@ -292,9 +292,18 @@ def step_record(pipe: Pipeline, t0: float, t1: float) -> tuple[tuple[Any, ...], 
 class StepFigures:
     """The simulator's figures as steps ran them (``step_figures``): the
     executor's seconds per compute action, per message and per due receive,
-    each stage's median compute action of each kind (``{"F": [stage 0,
-    ...], ...}``, 0 where it ran none), the median step (latest end less
-    earliest start) and the step the simulator gives from these figures."""
+    each stage's compute action of each kind (``{"F": [stage 0, ...],
+    ...}``, 0 where it ran none: per step the mean of its actions, since a
+    step pays their sum, then the median over the steps), the median step
+    (latest end less earliest start) and the step the simulator gives from
+    these figures. The mean, not the median action: an action preempted
+    now and then (the mesh threads reading a message, others' load) costs
+    its step all of that time, and the actions' walls are skewed (at load
+    3-7 here, mean over median action 1.11 in the median over 90 stages
+    and kinds, 0.99-1.31 in 8 of 10, up to 1.94; the bench's steps simulated
+    from their own figures, 36 rows of 9 runs: meas/sim median 1.12 with
+    the median action, 14 rows within 1.1x; median 1.00 and 31 within
+    1.1x with this: BENCHMARKS.md, eleventh session)."""
 
     action: float
     message: float
@@ -310,7 +319,7 @@ def step_figures(sched: Schedule, records: Sequence[tuple[Any, Sequence[Any], Se
     every rank's ``(pp ranks, rows, actions, host)``: its ``step_record``s,
     step by step (dry_run's docstring says how each figure is taken)."""
     groups: dict[tuple[int, ...], list[Any]] = {}
-    took: dict[tuple[int, str], list[float]] = {}
+    took: dict[tuple[int, str, int], list[float]] = {}
     ends_of: dict[tuple[Any, ...], list[int]] = {}
     hosts: dict[tuple[int, ...], set[str]] = {}
     for ranks, mine, acts, host in records:
@@ -319,7 +328,7 @@ def step_figures(sched: Schedule, records: Sequence[tuple[Any, Sequence[Any], Se
         for n, step in enumerate(acts):
             for st, kind, *rest in step:
                 if len(rest) == 1:
-                    took.setdefault((int(st), str(kind)), []).append(rest[0])
+                    took.setdefault((int(st), str(kind), n), []).append(rest[0])
                 else:          # a message end: (flow id, "s" or "f", start, end)
                     ends_of.setdefault((tuple(ranks), n, st, kind), rest)
     pairs = [(t0 / 1e9, ends_of[(g, n, fid, "f")][0] / 1e9, ends_of[(g, n, fid, "f")][1] / 1e9)
@@ -333,9 +342,11 @@ def step_figures(sched: Schedule, records: Sequence[tuple[Any, Sequence[Any], Se
             per_action.append(busy / max(1, count))
             spans.append(max(r[s][1] for r in members) - min(r[s][0] for r in members))
     action, span = statistics.median(per_action), statistics.median(spans)
-    compute = {k: [statistics.median(took[(s, k)]) if (s, k) in took else 0.0
-                   for s in range(sched.num_stages)] for k in "FBIW"}
-    base = {k: [action + compute[k][s] if (s, k) in took else 0.0
+    compute = {k: [0.0] * sched.num_stages for k in "FBIW"}
+    for s, k in {(s, k) for s, k, _ in took}:
+        compute[k][s] = statistics.median(statistics.fmean(v) for (t, j, _), v in took.items()
+                                          if (t, j) == (s, k))
+    base = {k: [action + compute[k][s] if compute[k][s] else 0.0
                 for s in range(sched.num_stages)] for k in "FBIW"}
     timed = message_times(pairs, action)
     message, receive = timed if timed is not None else (_message_time(sched, base, span), 0.0)

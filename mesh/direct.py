@@ -36,7 +36,7 @@ import zmq
 
 from . import cma, wire
 from .match import Flag
-from .peer import Outgoing, Peer, config_float
+from .peer import Outgoing, Peer, config_bytes
 
 __all__ = ["Direct", "Ack", "enabled"]
 
@@ -72,7 +72,7 @@ class Direct:
                  control: Callable[[Peer, bytes], None]) -> None:
         self.rank, self._peers, self._control = rank, peers, control
         self.on = enabled()
-        self.min_bytes = int(config_float("MESH_SHM_MIN", 64 << 10))
+        self.min_bytes = int(config_bytes("MESH_SHM_MIN", 64 << 10))
         if self.on:
             cma.allow_peers()
         self._state = [UNKNOWN if self.on and r != rank and ep.startswith("ipc://") else NO

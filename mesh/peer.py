@@ -19,7 +19,7 @@ import zmq
 from .match import Flag, describe
 
 __all__ = ["ALIVE", "CLOSED", "DEAD", "STATE_NAMES", "MSG_COST", "Outgoing", "Peer",
-           "config_float"]
+           "config_float", "config_bytes"]
 
 ALIVE, CLOSED, DEAD = 0, 1, 2
 STATE_NAMES = ("alive", "closed", "dead")
@@ -31,7 +31,32 @@ MSG_COST = 256
 
 def config_float(name: str, default: float) -> float:
     v = os.environ.get(name)
-    return float(v) if v else default
+    if not v:
+        return default
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"{name}={v!r}: not a number") from None
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def config_bytes(name: str, default: int) -> int:
+    """A size in bytes from the environment: 65536, 64K, 4M, 4MiB, 1G."""
+    v = os.environ.get(name)
+    if not v:
+        return default
+    s = v.strip().upper()
+    s = s[:-2] if s.endswith("IB") else s[:-1] if s.endswith("B") else s
+    unit = s[-1:] if s[-1:] in _UNITS else ""
+    try:
+        n = float(s[:len(s) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        n = -1.0
+    if not n >= 0:
+        raise ValueError(f"{name}={v!r}: not a size in bytes (examples: 65536, 64K, 4M)")
+    return int(n)
 
 
 class Outgoing:

@@ -87,7 +87,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .peer import config_float
+from .peer import config_bytes
 
 __all__ = ["Rings", "LENGTH", "MARK", "MARKS", "WRAP", "enabled", "fence", "open_rings"]
 
@@ -129,6 +129,17 @@ def open_rings(rank: int, size: int, same_host: list[int]) -> Rings | None:
     except OSError as e:
         _log.info("rank %d: no same-host rings (%s); small messages take the socket", rank, e)
         return None
+
+
+def default_ring(peers: int) -> int:
+    """The ring's default size for ``peers`` same-host senders: 16 MiB of
+    rings in all (pages are only touched by the bytes that pass), as a
+    power of two between 256 KiB and 4 MiB, so that messages up to a
+    quarter of it (1 MiB up to 5 ranks a host, 64 KiB from 64 on) are
+    copied through it, eagerly, instead of read by the direct path after
+    a socket message each way (BENCHMARKS.md, eleventh session)."""
+    share = (16 << 20) // max(1, peers)
+    return max(256 << 10, min(4 << 20, 1 << (share.bit_length() - 1)))
 
 
 def _round(n: int) -> int:
@@ -331,9 +342,9 @@ class Rings:
 
     def __init__(self, rank: int, size: int, same_host: list[int]) -> None:
         self.rank = rank
-        ring = int(config_float("MESH_RING_BYTES", 256 << 10))
+        ring = int(config_bytes("MESH_RING_BYTES", default_ring(len(same_host))))
         ring = max(_PAGE, 1 << (ring - 1).bit_length())          # a power of two
-        self.max = min(int(config_float("MESH_RING_MAX", 16 << 10)), ring // 4)
+        self.max = min(int(config_bytes("MESH_RING_MAX", ring // 4)), ring // 4)
         self.lay = _Layout(size, ring)
         self.peers = same_host            # the slots that may be written
         self.out: list[_Out | None] = [None] * size

@@ -31,7 +31,7 @@ from .inbox import Inbox, abort_error
 from .liveness import Liveness
 from .match import DONE, Pending
 from .payload import delivered, encode_payload
-from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_float
+from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_bytes, config_float
 from .progress import Progress
 from .reader import COPY_BELOW, Reader
 
@@ -56,7 +56,7 @@ class Transport:
         self.endpoints, self.curve = list(endpoints), curve   # how each peer is reached
         # each rank's host id (mesh.env.host_id) as the rendezvous table has it
         self.hosts = hosts if hosts is not None else [""] * size
-        window = int(config_float("MESH_WINDOW_BYTES", 64 << 20))
+        window = int(config_bytes("MESH_WINDOW_BYTES", 64 << 20))
         self._orphans: list[Any] = []   # buffers of sends to lost peers ZeroMQ may still hold
         self._ctx, self._router = ctx, router
         self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes

@@ -70,16 +70,17 @@ def test_3d_example_trains_saves_and_reloads(tmp_path, script, out):
 
 def test_balance_bench_reports_each_balance():
     from engine.bench_distribute import balance_table, run_balance
-    report = run_balance(width=16, rows=16, m=2, steps=1)
+    report = run_balance(width=16, rows=16, m=2, steps=1, rounds=2)
     assert [r["balance"] for r in report] == ["time", "uniform", "parameters", "time"]
     assert [r["counts"] for r in report[1:3]] == [(3, 4), (1, 6)]
     assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 and r["summed_ms"] > 0
                for r in report)
     assert "meas/pred" in balance_table(report) and "meas/summed" in balance_table(report)
-    # the steps taken apart as the simulator's figures, and a re-time after them
+    # the steps taken apart as the simulator's figures; each round re-timed before its steps
     assert all(r["in_step"]["simulated"] > 0 and r["in_step"]["compute"] > 0
-               and r["after_ms"] > 0 for r in report)
-    assert "meas/sim" in balance_table(report)
+               and len(r["rounds"]) == 2 and all(x > 0 for x in r["rounds"])
+               and len(r["in_step"]["stretch"]) == 2 for r in report)
+    assert "meas/sim" in balance_table(report) and "by round" in balance_table(report)
 
 
 def test_stage_overrun_reports_each_kind_per_stage():

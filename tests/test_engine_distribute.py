@@ -217,6 +217,29 @@ def test_retime_stretches_each_stage_by_its_dry_run_wall_over_cpu():
     assert _stretched(LayerCost(1.0, 2.0, 0.5, 0.5, 7), 2.0) == LayerCost(2.0, 4.0, 1.0, 1.0, 7)
 
 
+def test_step_figures_charge_each_step_the_mean_of_its_actions():
+    """A step pays the sum of its actions, so a stage's figure is per step
+    the mean of its actions of a kind (one preempted action of two costs
+    the step its whole length), then the median over the steps; the median
+    action would leave the preemptions out. 1F1B(2,2) by hand, no messages
+    timed: stage 0's F took 1+1, 1+5 and 1+3 in three steps, everything
+    else 1. Simulated (messages free): rank 0 runs F F at 0-2, 2-4, rank 1
+    F B F B at 2-6, rank 0 B B at 4-5 and 6-7: 7 (with the median, 6)."""
+    from engine.calibrate import step_figures
+    (sched,) = choose.builtin(["1f1b"], 2, [2])
+    f0 = [(1.0, 1.0), (1.0, 5.0), (1.0, 3.0)]
+    records = []
+    for r in range(2):
+        acts = [[(r, k, f0[n][mb] if (r, k) == (0, "F") else 1.0)
+                 for k in "FB" for mb in range(2)] for n in range(3)]
+        rows = [(0.0, 1.0, 0.0, 4)] * 3      # no time outside the actions
+        records.append(([0, 1], rows, acts, "h"))
+    fig = step_figures(sched, records)
+    assert fig.compute["F"] == [pytest.approx(2.0), 1.0]        # the median action is 1.0
+    assert fig.compute["B"] == [1.0, 1.0] and fig.compute["I"] == [0.0, 0.0]
+    assert fig.action == 0.0 and fig.message == 0.0 and fig.simulated == pytest.approx(7.0)
+
+
 def test_a_receive_pays_what_the_dry_run_saw_once_its_message_was_due():
     """A message sent while its receiver computes is not all read when the
     flight measured on waiting receivers says it is due: the receive pays

@@ -236,3 +236,19 @@ def test_ranks_started_by_another_launcher_join_through_rank_0() -> None:
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
         assert out.split() == ["sum", "6.0", "3"]
+
+
+def test_sizes_in_the_environment_take_units_and_bad_ones_name_the_variable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh.peer import config_bytes, config_float
+    for text, want in [("65536", 65536), ("64K", 65536), ("4M", 4 << 20), ("4MiB", 4 << 20),
+                       ("1g", 1 << 30), ("256kb", 256 << 10)]:
+        monkeypatch.setenv("MESH_RING_BYTES", text)
+        assert config_bytes("MESH_RING_BYTES", 0) == want, text
+    for text in ("abc", "-4K", "4Q"):
+        monkeypatch.setenv("MESH_RING_BYTES", text)
+        with pytest.raises(ValueError, match="MESH_RING_BYTES='.*': not a size in bytes"):
+            config_bytes("MESH_RING_BYTES", 0)
+    monkeypatch.setenv("MESH_PEER_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="MESH_PEER_TIMEOUT='soon': not a number"):
+        config_float("MESH_PEER_TIMEOUT", 1.0)

@@ -19,6 +19,13 @@ BIG = (256 << 10) // 8           # float64 elements: 256 KiB, above MESH_SHM_MIN
 PATHS = {"direct": {}, "sockets": {"MESH_SHM": "0"}}
 
 
+@pytest.fixture(autouse=True)
+def _small_rings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BIG must take the direct path: by default two ranks' rings carry
+    messages up to 1 MiB (mesh.rings.default_ring)."""
+    monkeypatch.setenv("MESH_RING_MAX", str(16 << 10))
+
+
 def _big(i: int, n: int = BIG) -> np.ndarray:
     return np.arange(n, dtype=np.float64) + i * 1000.0
 

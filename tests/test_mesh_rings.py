@@ -384,7 +384,7 @@ def _parked(world: mesh.Mesh) -> list[int]:
     rank 0 sleeps, arrives whole and in order (credit still returns)."""
     x = np.zeros(1)
     p = world._t.progress
-    big = np.arange(4096.0)     # 32 KiB: by socket (over the rings, under the direct path)
+    big = np.arange(4096.0)     # 32 KiB: by socket (over MESH_RING_MAX, under the direct path)
     if world.rank == 1:
         for phase in range(2):
             while True:
@@ -438,7 +438,8 @@ def _parked(world: mesh.Mesh) -> list[int]:
 
 
 def test_the_progress_thread_parks_while_a_caller_drives_and_a_post_wakes_it() -> None:
-    got = mesh.spawn(_parked, 2, timeout=90, env={"MESH_WINDOW_BYTES": str(64 << 10)})
+    got = mesh.spawn(_parked, 2, timeout=90, env={"MESH_WINDOW_BYTES": str(64 << 10),
+                                                  "MESH_RING_MAX": str(16 << 10)})
     assert got == [[True, 1, 1, True, 1, 1, 1, True], [1]], got
 
 
@@ -539,3 +540,33 @@ def test_ring_entries_carry_their_headers_id(tmp_path: Path) -> None:
                      env={"MESH_HEARTBEAT": "30", "MESH_PEER_TIMEOUT": "120"})   # no beats
     assert got[0] == [8, 1, 5, True, False, True, True] + [True] * 6 + [0, [0, 0, 0]] \
         + [True] * 3 + [6], got[0]
+
+
+def _mid_sized(world: mesh.Mesh) -> list:
+    """Two ranks' default rings carry arrays up to 1 MiB (mesh.rings.
+    default_ring), eagerly: six 512 KiB sends, made before the receiver
+    looks, are done at once (the direct path's would wait to be read);
+    then a stream of 700 KiB arrays (the 4 MiB ring wraps many times)
+    into out= and not, every byte checked."""
+    n = (512 << 10) // 8
+    if world.rank == 1:
+        reqs = [world.isend(np.arange(n, dtype=np.float64) + i, 0, tag=1) for i in range(6)]
+        done = [r.done() for r in reqs]
+        world.send(0, 0, tag=2)
+        for i in range(40):
+            world.send(np.full((700 << 10) // 4, i, np.float32), 0, tag=3)
+        return done
+    world.recv(1, tag=2)
+    ok = [np.array_equal(world.recv(1, tag=1), np.arange(n, dtype=np.float64) + i)
+          for i in range(6)]
+    out = np.empty((700 << 10) // 4, np.float32)
+    for i in range(40):
+        got = world.recv(1, tag=3, out=out) if i % 2 else world.recv(1, tag=3)
+        ok.append(bool((got == i).all()) and got.size == out.size)
+    return [world._t.rings.max, ok]
+
+
+def test_two_ranks_rings_carry_arrays_up_to_a_mebibyte() -> None:
+    got = mesh.spawn(_mid_sized, 2, timeout=90)
+    assert got[0] == [1 << 20, [True] * 46], got[0]
+    assert got[1] == [True] * 6, got[1]
