@@ -272,7 +272,9 @@ def _progress(world: mesh.Mesh) -> bool:
         world.send(np.ones(4 << 20, np.uint8), 0)
         return True
     req = world.irecv(1)
-    time.sleep(1.5)      # no mesh call: the progress thread must receive meanwhile
+    end = time.monotonic() + 30
+    while not req.done() and time.monotonic() < end:
+        time.sleep(0.01)      # no mesh call: the progress thread must receive meanwhile
     done = req.done()
     assert req.wait().sum() == 4 << 20
     return done
