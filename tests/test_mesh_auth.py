@@ -44,8 +44,18 @@ def _stranger(ctx: zmq.Context, port: int, how: str, secret: str) -> zmq.Socket:
     elif how == "curve-wrong":
         auth.make_client(s, "not-" + secret, curve=True)
     s.connect(f"tcp://127.0.0.1:{port}")
-    s.send(b"\x81\xa2op\xa4join")
+    _try_send(s, [b"\x81\xa2op\xa4join"])
     return s
+
+
+def _try_send(s: zmq.Socket, frames: list[bytes]) -> None:
+    """Send without blocking: a refused handshake drops the connection for
+    good, and a DEALER without one blocks a send forever (a stranger that
+    is descheduled between connect and send, on a loaded machine)."""
+    try:
+        s.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
 
 
 def _join_in_thread(port: int, secret: str, rank: int, size: int, curve: bool,
@@ -166,7 +176,7 @@ def _curve_job(world: mesh.Mesh) -> list:
             elif how == "curve-wrong":
                 auth.make_client(s, "not-" + secret, curve=True)
             s.connect(world.endpoints[0])
-            s.send_multipart([b"junk", b"more junk"])
+            _try_send(s, [b"junk", b"more junk"])
             socks.append(s)
         world.recv(0, tag=5)
         for s in socks:

@@ -43,7 +43,7 @@ def _cancel(world: mesh.Mesh) -> list[str]:
     req = world.irecv(1, tag=6)                         # posted, then matched
     _wait_done(req)
     assert req.cancel() is False and req.wait(timeout=5) == "matched"
-    time.sleep(0.2)
+    world.probe(1, tag=7, timeout=20)                  # waits, unexpected
     req = world.irecv(1, tag=7)                         # matched from the unexpected queue
     assert req.cancel() is False and req.wait(timeout=20) == "early"
     seen.append("matched")
