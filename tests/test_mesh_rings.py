@@ -544,19 +544,21 @@ def test_ring_entries_carry_their_headers_id(tmp_path: Path) -> None:
 
 def _mid_sized(world: mesh.Mesh) -> list:
     """Two ranks' default rings carry arrays up to 1 MiB (mesh.rings.
-    default_ring), eagerly: six 512 KiB sends, made before the receiver
-    looks, are done at once (the direct path's would wait to be read);
-    then a stream of 700 KiB arrays (the 4 MiB ring wraps many times)
-    into out= and not, every byte checked."""
+    default_ring), eagerly: six 512 KiB sends are done at once (the direct
+    path's would wait to be read); then a stream of 700 KiB arrays (the 4
+    MiB ring wraps many times) into out= and not, every byte checked.
+    Rank 1 sends once it has a message from rank 0, so it has read rank 0's
+    RING (sent on the same socket as the mesh starts) and writes to its
+    ring: before that, under load, the first sends took the direct path."""
     n = (512 << 10) // 8
     if world.rank == 1:
+        world.recv(0, tag=2)
         reqs = [world.isend(np.arange(n, dtype=np.float64) + i, 0, tag=1) for i in range(6)]
         done = [r.done() for r in reqs]
-        world.send(0, 0, tag=2)
         for i in range(40):
             world.send(np.full((700 << 10) // 4, i, np.float32), 0, tag=3)
         return done
-    world.recv(1, tag=2)
+    world.send(0, 1, tag=2)
     ok = [np.array_equal(world.recv(1, tag=1), np.arange(n, dtype=np.float64) + i)
           for i in range(6)]
     out = np.empty((700 << 10) // 4, np.float32)
