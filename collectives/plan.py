@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from mesh.peer import parse_size
+
 __all__ = ["split", "ring_chunks", "segments", "segment_count", "ring_chunk",
            "RDPlan", "rd_plan", "rd_peers", "tree_parent", "tree_children", "chain",
            "Tuning", "parse_size", "ALGORITHMS", "choose", "HIER", "layout"]
@@ -131,21 +133,6 @@ def chain(rank: int, n: int, root: int = 0) -> tuple[int | None, int | None]:
     prev = None if rel == 0 else (rank - 1) % n
     nxt = None if rel == n - 1 else (rank + 1) % n
     return prev, nxt
-
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
-          "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """'8' -> 8, '64K' -> 65536, '1M' / '1MiB' -> 1048576."""
-    s = text.strip().upper()
-    i = len(s)
-    while i and not s[i - 1].isdigit():
-        i -= 1
-    if not i or s[i:] not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 8, 64K, 1M)")
-    return int(s[:i]) * _UNITS[s[i:]]
 
 
 ALGORITHMS = {

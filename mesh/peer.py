@@ -19,7 +19,7 @@ import zmq
 from .match import Flag, describe
 
 __all__ = ["ALIVE", "CLOSED", "DEAD", "STATE_NAMES", "MSG_COST", "Outgoing", "Peer",
-           "config_float", "config_bytes"]
+           "config_float", "config_bytes", "parse_size"]
 
 ALIVE, CLOSED, DEAD = 0, 1, 2
 STATE_NAMES = ("alive", "closed", "dead")
@@ -39,24 +39,30 @@ def config_float(name: str, default: float) -> float:
         raise ValueError(f"{name}={v!r}: not a number") from None
 
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
+          "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'8' -> 8, '64K' -> 65536, '1M' / '1MiB' -> 1048576."""
+    s = text.strip().upper()
+    i = len(s)
+    while i and not s[i - 1].isdigit():
+        i -= 1
+    if not s[:i].isdigit() or s[i:] not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 8, 64K, 1M)")
+    return int(s[:i]) * _UNITS[s[i:]]
 
 
 def config_bytes(name: str, default: int) -> int:
-    """A size in bytes from the environment: 65536, 64K, 4M, 4MiB, 1G."""
+    """A size in bytes from the environment (``parse_size``: 65536, 64K, 4M, 4MiB)."""
     v = os.environ.get(name)
     if not v:
         return default
-    s = v.strip().upper()
-    s = s[:-2] if s.endswith("IB") else s[:-1] if s.endswith("B") else s
-    unit = s[-1:] if s[-1:] in _UNITS else ""
     try:
-        n = float(s[:len(s) - len(unit)]) * _UNITS[unit]
+        return parse_size(v)
     except ValueError:
-        n = -1.0
-    if not n >= 0:
-        raise ValueError(f"{name}={v!r}: not a size in bytes (examples: 65536, 64K, 4M)")
-    return int(n)
+        raise ValueError(f"{name}={v!r}: not a size in bytes (examples: 65536, 64K, 4M)") from None
 
 
 class Outgoing:
