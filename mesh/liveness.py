@@ -63,6 +63,7 @@ class Liveness:
         self.heartbeat = config_float("MESH_HEARTBEAT", heartbeat_for(len(peers),
                                                                       self.peer_timeout))
         self.stall_warn = config_float("MESH_STALL_WARN", 60.0)
+        self.leaving = False    # this rank said goodbye: no peer watches it any more
         self.stalls = 0
         self.handshake_failures = 0
         self.doing: Pending | Outgoing | None = None
@@ -137,9 +138,15 @@ class Liveness:
         if not reason:
             self._inbox.peer_gone(peer.rank, "it closed its mesh", CLOSED)
             return
+        # Not alive: it answered our own failing goodbye (or is gone), so it
+        # waits for nothing from us and may have left; an answer would only
+        # stay queued, holding up our context's term().
+        waits = peer.state == ALIVE
         self._inbox.peer_gone(peer.rank, f"it failed: {reason}", DEAD, told=True)
-        self._control(peer, wire.encode(wire.HEARTBEAT, self.rank, reason=self.status()[:2000],
-                                        peer=peer.rank), upto=DEAD)
+        if waits:
+            self._control(peer, wire.encode(wire.HEARTBEAT, self.rank,
+                                            reason=self.status()[:2000], peer=peer.rank),
+                          upto=DEAD)
 
     def on_heartbeat(self, peer: Peer, status: str, answers: int) -> None:
         peer.status, peer.status_at = status, peer.last_heard
@@ -172,7 +179,9 @@ class Liveness:
         """Declare silent or vanished peers lost; beat to the others. A peer
         that said goodbye is not watched, but is still beaten to until its
         connection goes: it waits in its close for every peer's goodbye, and
-        must not find a live peer silent meanwhile."""
+        must not find a live peer silent meanwhile. Once this rank has said
+        goodbye, no peer watches it: beats then would only be left queued for
+        peers that have gone, holding up the context's term()."""
         beat = None
         for p in self.peers:
             if p.sock is None or p.state == DEAD or (p.state == CLOSED and p.suspect_since):
@@ -185,7 +194,7 @@ class Liveness:
                 if now - p.last_heard > self.peer_timeout:
                     self._inbox.peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s", DEAD)
                     continue
-            if now - p.last_sent > self.heartbeat:
+            if now - p.last_sent > self.heartbeat and not self.leaving:
                 if beat is None:
                     beat = wire.encode(wire.HEARTBEAT, self.rank, reason=self.status()[:2000])
                 self._control(p, beat, upto=CLOSED)

@@ -41,6 +41,7 @@ _log = logging.getLogger("mesh.transport")
 _SNDMORE = int(zmq.SNDMORE)
 _CACHE = 1024  # headers remembered per transport
 _FAIL_WAIT = 1.0  # a failing rank's wait for its peers to answer its goodbye
+_LEFT_LINGER_MS = 200  # for what is queued to a peer that left or answered (see close)
 
 SENT = Outgoing(-1, None, 0, "a send by ring", None)   # what send_ring's sends wait on: done
 SENT.event.set()
@@ -440,6 +441,7 @@ class Transport:
         for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone
             if p.sock is not None and not (p.state == CLOSED and p.suspect_since):
                 self._control(p, bye, upto=CLOSED)
+        self.live.leaving = self.direct.leaving = True
         # Like MPI_Finalize: stay until every peer has said goodbye too (or is
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.
@@ -465,9 +467,14 @@ class Transport:
                 p.sock.disable_monitor()
                 if p.monitor is not None:
                     p.monitor.close(linger=0)
-                # nothing queued for a dead peer will ever be read: do not let
-                # it hold the context's term() for the linger period
-                p.sock.close(linger=0 if p.state == DEAD else None)
+                # What is queued for a peer that has left, failed, or answered
+                # our failing goodbye is at most an answer to its own failing
+                # goodbye (it waits for that, _FAIL_WAIT at most): give it a
+                # moment, not the socket's whole linger, which would hold up
+                # the context's term() when the peer has gone. Leaving cleanly,
+                # a peer that said goodbye waits for ours: that keeps the linger.
+                left = p.state == DEAD or (p.state == CLOSED and failure)
+                p.sock.close(linger=_LEFT_LINGER_MS if left else None)
         self._router.disable_monitor()
         self._router_mon.close(linger=0)
         self._router.close(linger=0)

@@ -20,7 +20,7 @@ from .supervise import Job
 __all__ = ["main", "launch", "build_parser"]
 
 _BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap.py")
-_SETTLE_S = 1.0  # how long the first failure lets the others end on their own
+_SETTLE_S = 3.0  # how long the first failure lets the others end on their own
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
             add --curve on every node to encrypt the job's traffic (CurveZMQ).
 
             Output lines are prefixed with the global rank: "[3] ...". When a rank
-            fails, the others get SIGTERM, then SIGKILL after --grace seconds, and
-            meshrun prints the first failure with its traceback and exits with its
-            exit code (128+N for signal N; 124 for --timeout). Ctrl-C stops the job;
-            a second Ctrl-C kills it at once. OMP_NUM_THREADS, when unset, becomes
-            cpus/N so that N workers do not oversubscribe the cores."""))
+            fails, the others get 3 seconds to end on their own (ranks told of the
+            failure end with errors of their own), then SIGTERM, then SIGKILL after
+            --grace seconds, and meshrun prints the first failure with its traceback
+            and exits with its exit code (128+N for signal N; 124 for --timeout).
+            Ctrl-C stops the job; a second Ctrl-C kills it at once. OMP_NUM_THREADS,
+            when unset, becomes cpus/N so that N workers do not oversubscribe the cores."""))
     p.add_argument("-n", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,
                    default=1, metavar="N", help="worker processes on this host (default 1)")
     p.add_argument("--nnodes", type=int, default=1, metavar="K",
