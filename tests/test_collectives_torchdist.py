@@ -362,7 +362,24 @@ INIT = textwrap.dedent("""
     import collectives.torchdist
     rank, size = int(sys.argv[1]), int(sys.argv[2])
     before = {t.name for t in threading.enumerate()}
+    store = None
     for method in sys.argv[4:]:
+        if method.startswith("tcp@"):
+            # tcp://: rank 0 serves torch's store on a port the OS picks (its
+            # init_process_group then finds that server, torch's stores being
+            # multi-tenant) and passes the port on in a file
+            path = method[4:]
+            if rank == 0:
+                store = dist.TCPStore("127.0.0.1", 0, size, True, multi_tenant=True,
+                                      wait_for_workers=False)
+                with open(path + ".tmp", "w") as f:
+                    f.write(str(store.port))
+                os.replace(path + ".tmp", path)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with open(path) as f:
+                method = f"tcp://127.0.0.1:{int(f.read())}"
         dist.init_process_group("meshrun", init_method=method, rank=rank, world_size=size)
         t = torch.full((2,), rank + 1.0)
         dist.all_reduce(t)
@@ -392,13 +409,10 @@ INIT = textwrap.dedent("""
 
 
 def test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(tmp_path: Path) -> None:
-    import socket
     script = tmp_path / "init.py"
     script.write_text(INIT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    methods = [f"tcp://127.0.0.1:{port}", f"file://{tmp_path}/store"]
+    # (not a port found free here: another process could take it before rank 0 binds it)
+    methods = [f"tcp@{tmp_path}/port", f"file://{tmp_path}/store"]
     procs, outs = run_ranks(str(script), [[str(r), "3", f"file://{tmp_path}/s2", *methods]
                                           for r in range(3)], rank_env(), [90, 30])
     for r, (p, out) in enumerate(zip(procs, outs)):
@@ -448,8 +462,6 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
     torch support, no conversion of its own); a synchronous call returns a
     finished Work without making a torch Future (an asynchronous one still
     completes its future)."""
-    import socket
-
     import collectives.torchdist  # noqa: F401
     from collectives import api, torchpg
     seen: list[Any] = []
@@ -475,10 +487,9 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
     real = api.all_reduce
     monkeypatch.setattr(api, "all_reduce", spy)
     monkeypatch.setattr(torchpg, "Future", Counted)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("meshrun", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+    # the store on a port the OS picks, which init_process_group's tcp:// then finds
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, multi_tenant=True)
+    dist.init_process_group("meshrun", init_method=f"tcp://127.0.0.1:{store.port}", rank=0,
                             world_size=1)
     try:
         t = torch.full((3,), 2.0)
@@ -507,6 +518,7 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
         assert seen[0] is u and u.tolist() == [1.0, 1.0]
     finally:
         dist.destroy_process_group()
+        del store
 
 
 def test_register_is_idempotent_and_autoload_never_raises(monkeypatch: Any) -> None:
