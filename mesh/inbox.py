@@ -212,8 +212,9 @@ class Inbox:
     def _mismatch(self, req: Pending, src: int, fp: Any) -> None:
         text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}: rank "
                 f"{self.rank} called {fmt_fp(req.fp)} but rank {src} called {fmt_fp(fp)}")
-        req.fail(MismatchError(f"rank {self.rank}: {text}"))
+        # the abort is on its way to the members before the waiter wakes (see abort_local)
         self.abort(req.group, req.tag, text, AbortKind.MISMATCH)
+        req.fail(MismatchError(f"rank {self.rank}: {text}"))
 
     # ---- aborts --------------------------------------------------------------
 
@@ -227,8 +228,8 @@ class Inbox:
             if lost is not None:
                 kind = AbortKind.LOST_PEER
             peer = -1 if lost is None else lost
-        if self.abort_local(group, tag, kind, reason, peer):
-            self.send_abort(group, tag, reason, kind, peer)
+        self.abort_local(group, tag, kind, reason, peer,
+                         tell=lambda: self.send_abort(group, tag, reason, kind, peer))
 
     def send_abort(self, group: int, tag: int, reason: str, kind: AbortKind, peer: int,
                    heard_from: int = -1) -> None:
@@ -240,9 +241,13 @@ class Inbox:
                 self._control(self.peers[r], header)
 
     def abort_local(self, group: int, tag: int, kind: AbortKind, reason: str,
-                    peer: int = -1) -> bool:
+                    peer: int = -1, tell: Callable[[], None] | None = None) -> bool:
         """Fail ``tag`` here (an abort of ours, or one a peer sent); False if
-        it was aborted already."""
+        it was aborted already. ``tell()`` (sending the abort to the group's
+        members) runs once it is recorded and before any waiter on the tag
+        wakes: whatever a woken waiter sends next (the group's next call, a
+        goodbye, a message) follows the abort on each connection, so no
+        member hears of it first."""
         with self.lock:
             if (group, tag) in self.aborted:
                 return False
@@ -252,6 +257,8 @@ class Inbox:
             record = self.aborted[(group, tag)] = (kind, reason, peer)
             reqs = self.matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
             dropped = self.matcher.drop_unexpected(group, tag)
+        if tell is not None:
+            tell()
         for m in dropped:
             self.consumed(m.src, m.nbytes)
         for q in reqs:

@@ -287,8 +287,11 @@ class Reader:
             # goodbye after it, on the same connection, so no member can hear
             # of that failure before it hears of the abort (a lost peer would
             # otherwise be reported where every rank should see a mismatch).
-            if self._inbox.abort_local(h.group, h.tag, h.abort, h.reason, h.peer):
-                self._inbox.send_abort(h.group, h.tag, h.reason, h.abort, h.peer, h.src)
+            # (Sent before the waiters on the tag wake: see Inbox.abort_local.)
+            inbox = self._inbox
+            inbox.abort_local(h.group, h.tag, h.abort, h.reason, h.peer,
+                              tell=lambda: inbox.send_abort(h.group, h.tag, h.reason, h.abort,
+                                                            h.peer, h.src))
         elif h.kind == wire.BYE:
             self._live.on_bye(peer, h.reason)
         elif h.kind == wire.DONE:
