@@ -3,7 +3,6 @@ bad arguments on one rank. Every rank must raise a clear error (no hang, no
 silent garbage), and the group must stay usable afterwards."""
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -42,10 +41,25 @@ CASES: dict[str, Callable[[Any], Any]] = {
 LATE = {"root", "gather root", "gather root seen late"}
 
 
+def _heard_from_all(world: Any) -> None:
+    """A message to and from every other rank (not a collective: the group's
+    calls stay as they were). A rank's abort of a call is sent before it
+    leaves the call, so it is ahead of that rank's message here on the same
+    connection: every rank holds every abort of the case once this returns,
+    however slow the machine (where a pause only gives the news time)."""
+    sent = [world.isend(None, r, tag=11) for r in range(world.size) if r != world.rank]
+    for r in range(world.size):
+        if r != world.rank:
+            world.recv(r, tag=11, timeout=60.0)
+    for req in sent:
+        req.wait()
+
+
 def run_cases(world: Any) -> dict[str, list[str]]:
     """Per case, per rank: what the call raised, then what the next calls
     raised (a rank that finished before hearing of the mismatch raises it in
-    one of the group's next calls; the pause lets the news arrive)."""
+    one of the group's next calls: once it has heard from every rank, the
+    first of them)."""
     out: dict[str, list[str]] = {}
     for name, fn in CASES.items():
         texts = []
@@ -56,7 +70,7 @@ def run_cases(world: Any) -> dict[str, list[str]]:
             except (mesh.MeshError, TypeError, ValueError) as e:
                 texts.append(f"{type(e).__name__}: {e}")
             if call is fn and name in LATE:
-                time.sleep(0.5)
+                _heard_from_all(world)
         out[name] = texts
         a = np.full(3, world.rank, np.int64)
         C.all_reduce(world, a)
