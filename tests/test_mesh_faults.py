@@ -243,50 +243,70 @@ def test_launcher_names_the_killed_rank_as_root_cause(tmp_path: Path) -> None:
 
 
 
-def _stalls(world: mesh.Mesh) -> list[str]:
+def _seen_in(reports: list[str], *needles: str) -> bool:
+    return any(all(n in m for n in needles) for m in reports)
+
+
+# the reports each rank must make (and, below, the test asserts it made)
+_R0_ALL_REDUCE = ("all_reduce #2 on group world", "rank 2 [alive",
+                  "not in a mesh call; last: barrier #1 on group world")
+_R1_ALL_REDUCE = ("rank 0 [alive", "waiting", "all_reduce #2")
+_R0_RECV = ("stalled: recv from rank 1 (tag 0, group world)",
+            "not in a mesh call; last: all_reduce #2 on group world")
+
+
+def _stalls(world: mesh.Mesh, tmp: str) -> list[str]:
     """Rank 2 comes late to an all_reduce, rank 1 late to a send: the ranks
-    kept waiting report whom they wait for and what it last did, then finish."""
+    kept waiting report whom they wait for and what it last did, then finish.
+    The late ranks come once the reports they wait for are made (each rank
+    says so in a file), not after a sleep that a slow machine can outlast."""
     seen: list[str] = []
+    wants = {0: [("all_reduce", _R0_ALL_REDUCE), ("recv", _R0_RECV)],
+             1: [("all_reduce", _R1_ALL_REDUCE)]}.get(world.rank, [])
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             seen.append(record.getMessage())
+            for name, needles in wants:
+                if _seen_in(seen[-1:], *needles):
+                    Path(tmp, f"{world.rank}.{name}").touch()
+
+    def after(*names: str) -> None:     # (at most 15 s: a report not made fails the asserts)
+        deadline = time.monotonic() + 15
+        while (not all(Path(tmp, n).exists() for n in names)
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
 
     logging.getLogger("mesh.transport").addHandler(Keep())
     collectives.barrier(world)
     if world.rank == 2:
-        time.sleep(1.5)
+        after("0.all_reduce", "1.all_reduce")
     a = np.full(1 << 16, world.rank + 1.0)
     collectives.all_reduce(world, a, algorithm="ring")
     assert np.all(a == 6.0)
     if world.rank == 1:
-        time.sleep(1.0)
+        after("0.recv")
         world.send("late", 0)
     if world.rank == 0:
         assert world.recv(1) == "late"
         with pytest.raises(mesh.MeshTimeoutError) as info:
-            world.recv(1, tag=7, timeout=0.6)
+            world.recv(1, tag=7, timeout=2.0)     # (its report comes after 0.4 s of the 2)
         seen.append(f"timeout: {info.value}")
     collectives.barrier(world)
     return seen
 
 
-def test_stall_reports_name_the_late_rank_and_what_it_last_did() -> None:
+def test_stall_reports_name_the_late_rank_and_what_it_last_did(tmp_path: Path) -> None:
     env = {"MESH_STALL_WARN": "0.4", "MESH_HEARTBEAT": "0.1", "MESH_CMA": "0"}
-    logs = mesh.spawn(_stalls, 3, timeout=60, env=env)
+    logs = mesh.spawn(_stalls, 3, str(tmp_path), timeout=60, env=env)
     text = "\n".join(f"[{r}] {m}" for r, ms in enumerate(logs) for m in ms)
     # rank 0 waits for rank 2 (its left neighbour), which is not in any call yet
-    assert any("all_reduce #2 on group world" in m and "rank 2 [alive" in m
-               and "not in a mesh call; last: barrier #1 on group world" in m
-               for m in logs[0]), text
+    assert _seen_in(logs[0], *_R0_ALL_REDUCE), text
     # rank 1 waits for rank 0, which says it is waiting in the same all_reduce
-    assert any("rank 0 [alive" in m and "waiting" in m and "all_reduce #2" in m
-               for m in logs[1]), text
+    assert _seen_in(logs[1], *_R1_ALL_REDUCE), text
     # a point-to-point receive names its source and what it is doing
-    assert any("stalled: recv from rank 1 (tag 0, group world)" in m and
-               "not in a mesh call; last: all_reduce #2 on group world" in m
-               for m in logs[0]), text
+    assert _seen_in(logs[0], *_R0_RECV), text
     timeout = [m for m in logs[0] if m.startswith("timeout: ")]
     assert timeout and "rank 1 last heard from" in timeout[0] and "it said:" in timeout[0], text
-    assert "(times out after 0.6s)" in text
+    assert "(times out after 2s)" in text
     assert not [m for m in logs[2] if "stalled: all_reduce" in m], text
