@@ -467,12 +467,13 @@ class Transport:
                 p.sock.disable_monitor()
                 if p.monitor is not None:
                     p.monitor.close(linger=0)
-                # What is queued for a peer that has left, failed, or answered
-                # our failing goodbye is at most an answer to its own failing
-                # goodbye (it waits for that, _FAIL_WAIT at most): give it a
-                # moment, not the socket's whole linger, which would hold up
-                # the context's term() when the peer has gone. Leaving cleanly,
-                # a peer that said goodbye waits for ours: that keeps the linger.
+                # A dead peer (crashed, or failed and told us) reads at most
+                # our answer to its failing goodbye, which it waits for
+                # (_FAIL_WAIT at most); one that said goodbye or answered ours
+                # while we leave on an error, at most our goodbye. Give that a
+                # moment, not the socket's whole linger, which holds up the
+                # context's term() when the peer has gone. Leaving cleanly, a
+                # peer that said goodbye waits for ours: that keeps the linger.
                 left = p.state == DEAD or (p.state == CLOSED and failure)
                 p.sock.close(linger=_LEFT_LINGER_MS if left else None)
         self._router.disable_monitor()
