@@ -25,6 +25,8 @@ from typing import Mapping
 import zmq
 from zmq.utils import z85
 
+from .peer import config_float
+
 __all__ = ["Authenticator", "make_server", "make_client", "curve_wanted", "job_keys", "USER"]
 
 USER = b"meshrun"
@@ -116,7 +118,15 @@ class Authenticator:
 
 
 def make_server(sock: zmq.Socket, secret: str = "", curve: bool = False) -> None:
-    """Require the job's credentials, checked by this context's Authenticator."""
+    """Require the job's credentials, checked by this context's Authenticator.
+    A connection whose handshake has not finished after MESH_HANDSHAKE_TIMEOUT
+    seconds (default 10) is dropped, and counted as refused: a peer's takes
+    milliseconds, while a stranger's can stall (seen: a client of the NULL
+    mechanism, now and then, for ZeroMQ's default 30 s)."""
+    limit = config_float("MESH_HANDSHAKE_TIMEOUT", 10.0)
+    if not limit > 0:
+        raise ValueError(f"MESH_HANDSHAKE_TIMEOUT={limit}: must be > 0 seconds")
+    sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(limit * 1000)))
     if curve:
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, job_keys(secret)[1])

@@ -271,3 +271,49 @@ def test_only_curve_keeps_payload_and_secret_off_the_wire(
         sniffer.stop()
     assert sniffer.saw(MARK) is not curve
     assert sniffer.saw(secret.encode()) is not curve
+
+
+def _silent_stranger(world: mesh.Mesh) -> list:
+    """Rank 1 opens a bare connection to rank 0 and never says a word of the
+    handshake: rank 0 drops it after MESH_HANDSHAKE_TIMEOUT and counts it."""
+    if world.rank == 1:
+        ep = world.endpoints[0]
+        if ep.startswith("ipc://"):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(ep[len("ipc://"):])
+        else:
+            host, port = ep[len("tcp://"):].rsplit(":", 1)
+            s = socket.create_connection((host.strip("[]"), int(port)))
+        s.settimeout(10)          # (ZeroMQ's own limit, without ours, is 30 s)
+        closed = False
+        try:
+            while s.recv(4096):    # ZeroMQ's greeting, then the end: dropped
+                pass
+            closed = True
+        except OSError:
+            pass
+        s.close()
+        world.send(closed, 0)
+        return [closed]
+    closed = world.recv(1)
+    _wait(lambda: world.refused >= 1, 20)   # (the monitor is read on the next tick)
+    return [closed, world.refused]
+
+
+def test_a_connection_that_stalls_its_handshake_is_dropped_and_counted() -> None:
+    closed, refused = mesh.spawn(_silent_stranger, 2, timeout=60,
+                                 env={"MESH_HANDSHAKE_TIMEOUT": "0.5"})[0]
+    assert closed and refused >= 1
+
+
+def test_a_handshake_timeout_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    try:
+        for bad, why in (("0", "must be > 0"), ("soon", "not a number")):
+            monkeypatch.setenv("MESH_HANDSHAKE_TIMEOUT", bad)
+            with pytest.raises(ValueError, match=f"MESH_HANDSHAKE_TIMEOUT.*{why}"):
+                auth.make_server(s)
+    finally:
+        s.close(linger=0)
+        ctx.term()
