@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import secrets
+import threading
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,15 @@ _libc: Any = None
 _PR_SET_PTRACER, _PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1)
 _token = np.zeros(2, np.int64)
 _token_pid = 0
+_token_lock = threading.Lock()
+
+
+def _fresh_lock() -> None:      # a child forked while another thread held it
+    global _token_lock
+    _token_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock)
 
 
 def _syscall() -> Any:
@@ -85,11 +95,15 @@ class Reader:
 
 
 def token() -> np.ndarray:
-    """This process's token, [pid, random 62 bits], for peers to read."""
+    """This process's token, [pid, random 62 bits], for peers to read. Made
+    once per process under a lock: a rank's progress thread (answering a
+    peer's probe) and its main thread (sending its own) may both ask first,
+    and a second draw after the first was sent made the peer's check fail."""
     global _token_pid
-    if _token_pid != os.getpid():
-        _token[:] = [os.getpid(), secrets.randbits(62)]
-        _token_pid = os.getpid()
+    with _token_lock:
+        if _token_pid != os.getpid():
+            _token[:] = [os.getpid(), secrets.randbits(62)]
+            _token_pid = os.getpid()
     return _token
 
 

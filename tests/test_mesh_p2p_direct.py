@@ -208,3 +208,38 @@ def test_a_sender_killed_before_its_message_is_read_is_a_lost_peer(tmp_path: Pat
     assert "rank 1: recv from rank 0 (tag 2, group world) failed: peer rank 0 is gone" in text
     # the failed read says so, unless the closed connection was noticed first (under load)
     assert "out of its memory failed" in text or "connection closed" in text, text
+
+
+def test_the_probe_token_is_drawn_once_when_two_threads_ask_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's progress thread (answering a peer's probe) and its main
+    thread (sending its own) may both ask for the token first: the values a
+    probe carries must be what stays in memory, or the peer's read of them
+    fails and it refuses the direct path (seen once in a fresh suite run)."""
+    import random
+    import secrets
+    import threading
+
+    from mesh import cma
+    real = secrets.randbits
+
+    def slow(k: int) -> int:     # widen the window between the check and the write
+        time.sleep(0.05)
+        return real(k)
+
+    monkeypatch.setattr(secrets, "randbits", slow)
+    monkeypatch.setattr(cma, "_token_pid", 0)
+    seen: list[list[int]] = []
+
+    def ask() -> None:
+        time.sleep(random.random() * 0.01)
+        tok = cma.token()
+        seen.append([int(tok[0]), int(tok[1])])
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    now = [int(v) for v in cma.token()]
+    assert all(s == now for s in seen), (seen, now)
