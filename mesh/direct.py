@@ -81,7 +81,6 @@ class Direct:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._sent: dict[int, Outgoing] = {}  # direct sends not yet read, by id
-        self.leaving = False    # this rank said goodbye: nobody will send to it again
 
     # ---- sender --------------------------------------------------------------
 
@@ -138,8 +137,6 @@ class Direct:
             if self._state[peer.rank] == ASKED:
                 self._state[peer.rank] = YES if x[0] == 1 else NO
             return
-        if self.leaving:     # the answer would only stay queued for a peer that may
-            return           # have left, holding up our context's term()
         pid, addr, t0, t1 = x
         ok = False
         if self.on:

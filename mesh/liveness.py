@@ -63,7 +63,7 @@ class Liveness:
         self.heartbeat = config_float("MESH_HEARTBEAT", heartbeat_for(len(peers),
                                                                       self.peer_timeout))
         self.stall_warn = config_float("MESH_STALL_WARN", 60.0)
-        self.leaving = False    # this rank said goodbye: no peer watches it any more
+        self.leaving = False    # this rank said goodbye: no peer watches it or sends to it
         self.stalls = 0
         self.handshake_failures = 0
         self.doing: Pending | Outgoing | None = None

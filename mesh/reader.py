@@ -297,7 +297,8 @@ class Reader:
         elif h.kind == wire.DONE:
             self._direct.on_done(h.direct[0])
         elif h.kind == wire.PROBE:
-            self._direct.on_probe(peer, h.direct)
+            if not self._live.leaving:    # else nobody sends to us again, and an answer
+                self._direct.on_probe(peer, h.direct)   # would wait for a peer that left
         elif h.kind == wire.RING and len(h.direct) == 4 and self.rings is not None:
             self.rings.attach(h.src, h.direct)
         return True
