@@ -162,7 +162,7 @@ class _Out:
     """This rank's ring in one peer's region (the writing side)."""
 
     __slots__ = ("ctl", "q", "buf", "qd", "tail", "limit", "ti", "hi", "ring", "mask", "src",
-                 "wake", "full", "left", "waits", "gave_up", "rung", "awake_rung")
+                 "wake", "full", "left", "waits", "gave_up", "rung", "awake_rung", "starved")
 
     def __init__(self, fd: int, lay: _Layout, src: int) -> None:
         self.ctl = mmap.mmap(fd, lay.data)
@@ -184,6 +184,8 @@ class _Out:
         self.waits = 0             # times a put found the ring full and waited for room
         self.gave_up = 0           # ... and left it for the socket (OFF)
         self.rung = 0              # doorbells written to the wake pipe
+        self.starved = -1          # ``reads()`` when a sender last gave up waiting for
+        #                            credit (mesh.transport._grants): not again until it moves
 
     def put(self, frame: Any, n: int, c: int, body: Any = None, nb: int = 0,
             word: int = 0) -> bool:
@@ -255,6 +257,11 @@ class _Out:
         self.limit = min(self.q[self.hi] + self.ring, tail - (tail & self.mask) + self.ring)
         return tail
 
+    def reads(self) -> int:
+        """HEAD + HEARD: moves while the receiver reads from this sender."""
+        q = self.q
+        return q[self.hi] + q[self.hi + _HEARD]
+
     def off(self) -> bool:
         """Whether this ring was left full (``_wait``) and the receiver has
         read nothing since."""
@@ -266,11 +273,28 @@ class _Out:
         this sender's socket messages that its entries wait for (HEARD):
         leaving a ring the receiver drains for the socket makes the next
         entries wait for socket messages, which are slower to read, so the
-        stream falls into alternating the two. Spin while it read within
-        _SPIN, then nap (a receiver descheduled on a busy machine needs the
-        CPU); one that has read nothing for _WAIT (computing, stopped,
-        gone) is left alone: OFF, the socket until it reads again (``put``)."""
+        stream falls into alternating the two (``await_reader``). One that
+        has read nothing for _WAIT (computing, stopped, gone) is left
+        alone: OFF, the socket until it reads again (``put``)."""
         self.waits += 1
+
+        def room() -> int:
+            self.full = False
+            return self._room(size) + 1      # 0 while there is none
+        tail, seen = self.await_reader(room)
+        if tail:
+            return tail - 1
+        self.gave_up += 1
+        self.left = seen
+        self.q[self.ti + _OFF] = 1      # the receiver need not watch this ring for now
+        return -1
+
+    def await_reader(self, ready: Callable[[], Any]) -> tuple[Any, int]:
+        """Call ``ready()`` until it gives a true value, for as long as the
+        receiver keeps reading from this sender (HEAD or HEARD move): spin
+        while it read within _SPIN, then nap (a receiver descheduled on a
+        busy machine needs the CPU); once it has read nothing for _WAIT,
+        stop. ``(ready()'s last value, HEAD + HEARD as last seen)``."""
         q, hi = self.q, self.hi
         seen = q[hi] + q[hi + _HEARD]
         clock = time.perf_counter
@@ -280,20 +304,15 @@ class _Out:
                 _yield()
             else:
                 time.sleep(_NAP)
-            self.full = False
-            tail = self._room(size)
-            if tail >= 0:
-                return tail
+            got = ready()
+            if got:
+                return got, seen
             now = clock()
             read = q[hi] + q[hi + _HEARD]
             if read != seen:
                 seen, moved = read, now
             elif now - moved >= _WAIT:
-                break
-        self.gave_up += 1
-        self.left = seen
-        q[self.ti + _OFF] = 1      # the receiver need not watch this ring for now
-        return -1
+                return got, seen
 
     def _room(self, size: int) -> int:
         """Where an entry of ``size`` bytes goes (its tail, past the padding

@@ -194,7 +194,9 @@ class Transport:
             inflight = peer.inflight     # peer.admit(n), inline
             if peer.state or peer.queue or not (       # (ALIVE is 0)
                     inflight + cost <= peer.window or inflight < peer.grant_step):
-                return None
+                if peer.state or not self._grants(peer, cost):
+                    return None
+                inflight = peer.inflight
             peer.inflight = inflight + cost
             try:
                 put = ring.put(pre, plen, peer.sent, obj, n, word)
@@ -209,6 +211,51 @@ class Transport:
         if not (awake_rung[0] or awake_rung[1]):
             ring.bell()
         return SENT
+
+    def _grants(self, peer: Peer, cost: int) -> bool:
+        """``send_ring`` found ``peer``'s window full, or sends queued for
+        credit before it (its lock held, and held again on return): read the
+        socket in this thread, as a blocked receive does (mesh.progress),
+        for the receiver's grants (which send what was queued), as long as
+        it keeps reading (as for room in its ring: mesh.rings); then say
+        whether ``cost`` fits now, with nothing queued before it (once it
+        gave up, a receiver that read nothing since is not waited on again:
+        the usual way at once, as for a ring left full). A sender
+        streaming into a ring holds the interpreter lock, so the progress
+        thread read those grants late (up to a switch interval, 5 ms: tens
+        of MiB at ring speed); the stream fell back to the usual way, queued
+        behind its credit, and stayed there while the queue lasted (64 KiB
+        messages, 1 MiB window: 289-385 of 400 went by socket)."""
+        ring = self._ring_out[peer.rank]
+        assert ring is not None
+        if ring.reads() == ring.starved:     # gave up before, and it has read nothing since:
+            return False                     # the usual way at once (a send must not block)
+        progress, read_one = self.progress, self.reader.read_one
+
+        def granted() -> bool:
+            entered = progress.enter()
+            try:
+                if entered:
+                    for _ in range(256):
+                        if not read_one():
+                            break
+            finally:
+                progress.leave(entered)
+            inflight = peer.inflight
+            return bool(peer.state or not peer.queue and (
+                inflight + cost <= peer.window or inflight < peer.grant_step))
+
+        peer.lock.release()
+        try:
+            if not granted():
+                got, seen = ring.await_reader(granted)
+                if not got:
+                    ring.starved = seen
+        finally:
+            peer.lock.acquire()
+        inflight = peer.inflight
+        return not (peer.state or peer.queue) and (
+            inflight + cost <= peer.window or inflight < peer.grant_step)
 
     def recv_ring(self, group: int, src: int, tag: int, out: np.ndarray | None,
                   timeout: float | None) -> tuple[np.ndarray, wire.Header] | None:
