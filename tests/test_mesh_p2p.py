@@ -342,6 +342,37 @@ def test_credit_bounds_a_flood_of_empty_messages(tmp_path) -> None:
     assert 0 < handed <= window // 256 + 1
 
 
+def _credit_by_the_waiter(world: mesh.Mesh) -> list:
+    """A send queued for credit is handed over by the thread waiting for
+    it, which reads the receiver's grant itself (as a blocked receive reads
+    its message): here rank 1's progress thread reads nothing, so a send
+    left to it would time out. Sockets only, a 1 MiB window, six sends of
+    512 KiB."""
+    n = (512 << 10) // 8
+    if world.rank == 0:
+        world.send(0, 1)
+        return [bool(np.array_equal(world.recv(1), np.full(n, float(i)))) for i in range(6)]
+    world.recv(0)
+    progress = world._t.progress
+    real = progress._read_one
+
+    def not_by_the_progress_thread() -> bool:
+        return not threading.current_thread().name.startswith("mesh-progress") and real()
+    progress._read_one = not_by_the_progress_thread
+    try:
+        for i in range(6):
+            world.send(np.full(n, float(i)), 0, timeout=10)
+    finally:
+        progress._read_one = real
+    return []
+
+
+def test_a_send_waiting_for_credit_reads_the_grant_itself() -> None:
+    got = mesh.spawn(_credit_by_the_waiter, 2, timeout=60,
+                     env={"MESH_SHM": "0", "MESH_WINDOW_BYTES": "1M"})
+    assert got == [[True] * 6, []]
+
+
 def _self_and_single(world: mesh.Mesh) -> str:
     world.send(np.arange(3), world.rank, tag=2)
     assert np.array_equal(world.recv(world.rank, tag=2), np.arange(3))
