@@ -11,9 +11,11 @@ round trip), run alternately in one process tree so that all see the same
 machine; the median of the trials is shown. The mesh runs twice per trial:
 with its same-host direct path (the default) and without (MESH_SHM=0,
 column "mesh shm=0"). For each trial, a line says how each stream of
-messages under 16 KiB went on the same-host rings (mesh.rings): how many
-of its messages the sender put on the socket, how many times it left a
-full ring, how many receives did not take the ring directly. With --curve, the mesh also runs encrypted
+messages the same-host rings carry (mesh.rings: up to MESH_RING_MAX, 1 MiB
+for two ranks) went on them: how many of its messages the sender put on
+the socket (a full ring left, or a credit window that stayed full), how
+many times it left a full ring, how many receives did not take the ring
+directly. With --curve, the mesh also runs encrypted
 (MESH_CURVE=1) in the same alternation, and the last column is what
 CurveZMQ costs: curve/mesh. With --compare mpi, mpi4py on the local MPI
 (``mpirun -np 2``) runs the same measures in the same alternation; it is
@@ -179,6 +181,7 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
             results[f"bw{size}"] = k * size / (time.perf_counter() - start)
             results[f"sock{size}"] = t._peers[peer].sent - sent     # the stream's by socket
             results[f"left{size}"] = getattr(ring, "gave_up", 0) - left   # full rings left
+            results["ringmax"] = t.rings.max if t.rings is not None else 0
         else:
             for _ in range(k):
                 world.recv(0, out=buf)
@@ -356,9 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:>24} {cells} " + " ".join(rs))
     print("# ratios: > 1 means the first named is faster (for round trips too)")
     for i, r in enumerate(runs["mesh"]):     # which way each stream went (mesh.rings)
-        print(f"# mesh trial {i + 1}, stream of small messages: " + "; ".join(
+        print(f"# mesh trial {i + 1}, streams on the rings: " + "; ".join(
             f"{_fmt(n)} {r[f'sock{n}']:.0f} by socket, {r[f'left{n}']:.0f} full rings left, "
-            f"{r[f'miss{n}']:.0f} receives off the ring" for n in sizes if n <= 16 << 10))
+            f"{r[f'miss{n}']:.0f} receives off the ring" for n in sizes
+            if n <= r.get("ringmax", 0)))
 
 
 def _fmt(n: int) -> str:

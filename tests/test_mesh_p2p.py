@@ -4,6 +4,7 @@ peers that misbehave."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -689,3 +690,17 @@ def test_a_tensor_reaches_a_rank_that_never_imported_torch() -> None:
                        env={**os.environ, "PYTHONPATH": str(repo)})
     assert r.returncode == 0, r.stderr
     assert "Tensor torch.bfloat16 [0.0, 1.0, 2.0, 3.0]" in r.stdout
+
+
+def test_the_point_to_point_benchmark_says_how_each_stream_went(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m mesh.bench`` (BENCHMARKS.md's command) runs, and says for
+    each stream the rings carry how many of its sends took the socket: the
+    count that showed streams longer than their credit window falling off
+    the ring."""
+    from mesh import bench
+    bench.main(["--trials", "1", "--sizes", "64K:64K", "--iters", "50"])
+    out = capsys.readouterr().out
+    assert "stream 64K (GB/s)" in out, out
+    assert re.search(r"mesh trial 1, streams on the rings: 64K \d+ by socket", out), out
+
