@@ -167,6 +167,7 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
         return post(*a)
     if t.rings is not None:
         t.irecv = counted
+    results["ringmax"] = t.rings.max if t.rings is not None else 0   # streams it carries
     for size in sizes:
         buf = np.ones(size, np.uint8)
         k = _iters_for(size, iters)
@@ -181,7 +182,6 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
             results[f"bw{size}"] = k * size / (time.perf_counter() - start)
             results[f"sock{size}"] = t._peers[peer].sent - sent     # the stream's by socket
             results[f"left{size}"] = getattr(ring, "gave_up", 0) - left   # full rings left
-            results["ringmax"] = t.rings.max if t.rings is not None else 0
         else:
             for _ in range(k):
                 world.recv(0, out=buf)

@@ -118,12 +118,17 @@ class Peer:
         self.status_at = 0.0
         self.sent = 0          # messages put on its socket (order with mesh.rings)
 
-    def admit(self, n: int) -> bool:
-        """Charge a message of ``n`` payload bytes to the window if it fits
-        now (a message larger than the window goes alone); caller holds ``lock``."""
+    def fits(self, cost: int) -> bool:
+        """Whether a message costing ``cost`` bytes (payload and MSG_COST)
+        fits the window now (a message larger than the window goes alone)."""
         inflight = self.inflight
-        if inflight + n + MSG_COST <= self.window or inflight < self.grant_step:
-            self.inflight = inflight + n + MSG_COST
+        return inflight + cost <= self.window or inflight < self.grant_step
+
+    def admit(self, n: int) -> bool:
+        """Charge a message of ``n`` payload bytes to the window if it
+        ``fits`` now; caller holds ``lock``."""
+        if self.fits(n + MSG_COST):
+            self.inflight += n + MSG_COST
             return True
         return False
 

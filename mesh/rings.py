@@ -265,8 +265,7 @@ class _Out:
     def off(self) -> bool:
         """Whether this ring was left full (``_wait``) and the receiver has
         read nothing since."""
-        q = self.q
-        return self.full and q[self.hi] + q[self.hi + _HEARD] == self.left
+        return self.full and self.reads() == self.left
 
     def _wait(self, size: int) -> int:
         """Wait for room as long as the receiver reads, this ring (HEAD) or
@@ -295,8 +294,8 @@ class _Out:
         while it read within _SPIN, then nap (a receiver descheduled on a
         busy machine needs the CPU); once it has read nothing for _WAIT,
         stop. ``(ready()'s last value, HEAD + HEARD as last seen)``."""
-        q, hi = self.q, self.hi
-        seen = q[hi] + q[hi + _HEARD]
+        reads = self.reads
+        seen = reads()
         clock = time.perf_counter
         now = moved = clock()
         while True:
@@ -308,7 +307,7 @@ class _Out:
             if got:
                 return got, seen
             now = clock()
-            read = q[hi] + q[hi + _HEARD]
+            read = reads()
             if read != seen:
                 seen, moved = read, now
             elif now - moved >= _WAIT:

@@ -191,7 +191,7 @@ class Transport:
         lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
         lock.acquire()
         try:
-            inflight = peer.inflight     # peer.admit(n), inline
+            inflight = peer.inflight     # peer.admit(n), inline (peer.fits)
             if peer.state or peer.queue or not (       # (ALIVE is 0)
                     inflight + cost <= peer.window or inflight < peer.grant_step):
                 if peer.state or not self._grants(peer, cost):
@@ -241,9 +241,7 @@ class Transport:
                             break
             finally:
                 progress.leave(entered)
-            inflight = peer.inflight
-            return bool(peer.state or not peer.queue and (
-                inflight + cost <= peer.window or inflight < peer.grant_step))
+            return bool(peer.state or not peer.queue and peer.fits(cost))
 
         peer.lock.release()
         try:
@@ -253,9 +251,7 @@ class Transport:
                     ring.starved = seen
         finally:
             peer.lock.acquire()
-        inflight = peer.inflight
-        return not (peer.state or peer.queue) and (
-            inflight + cost <= peer.window or inflight < peer.grant_step)
+        return not (peer.state or peer.queue) and peer.fits(cost)
 
     def recv_ring(self, group: int, src: int, tag: int, out: np.ndarray | None,
                   timeout: float | None) -> tuple[np.ndarray, wire.Header] | None:
