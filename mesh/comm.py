@@ -99,6 +99,7 @@ class Comm:
         self.name = name
         self._channel: CollectiveChannel | None = None
         self._children: dict[tuple[int, ...], int] = {}
+        self._splits = 0     # split() calls made (collective: the same count on every rank)
         self._sent = Request(self, SENT)     # what isend returns for a send by ring
         transport.groups[gid] = (name, self.ranks)
 
@@ -281,11 +282,50 @@ class Comm:
         self._children[key] = n + 1
         if self.rank not in ranks:
             return None
-        digest = hashlib.blake2b(repr((self.gid, key, n)).encode(), digest_size=8).digest()
+        return self._sub((key, n), ranks, f"{self.name}/{list(ranks)}" + (f"#{n}" if n else ""))
+
+    def split(self, color: int | None, key: int = 0,
+              timeout: float | None = None) -> "Comm | None":
+        """MPI's ``Comm_split``, a collective over this communicator: the
+        ranks that pass the same ``color`` (an int >= 0) form one new
+        communicator, ranked by ``key`` and then by their rank here; a rank
+        that passes None joins none and gets None. Every rank of this one
+        calls it, in the same order among its collectives (the colors and
+        keys travel by one all_gather, which raises as collectives do: a
+        lost peer, a timeout, a rank that called another collective)."""
+        for what, v in (("color", color), ("key", key)):
+            if not (v is None and what == "color") and not (
+                    isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                    and (what == "key" or v >= 0) and -2**62 <= v < 2**62):
+                raise ValueError(f"rank {self.rank}: split on group {self.name}: {what} must "
+                                 f"be an int{' >= 0 or None' if what == 'color' else ''}, "
+                                 f"got {v!r}")
+        import collectives     # the exchange is a collective (mesh does not import them)
+        mine = np.array([-1 if color is None else color, key], np.int64)
+        table = collectives.all_gather(self, mine, timeout=timeout)
+        n = self._splits
+        self._splits += 1
+        if color is None:
+            return None
+        ranks = [r for _, r in sorted((int(k), r) for r, (c, k) in enumerate(table) if c == color)]
+        return self._sub(("split", n, int(color)), ranks, f"{self.name}/split{n}:{color}")
+
+    def split_host(self, key: int = 0, timeout: float | None = None) -> "Comm":
+        """The ranks of this communicator that share this rank's host, as
+        MPI's ``Comm_split_type(COMM_TYPE_SHARED)``: ``split`` with the
+        host (the rendezvous table's host id) as the color; collective."""
+        hosts = [self._t.hosts[w] for w in self.ranks]
+        color = hosts.index(hosts[self.rank])      # each host by its first rank here
+        sub = self.split(color, key, timeout)
+        assert sub is not None
+        return sub
+
+    def _sub(self, ident: tuple, ranks: Sequence[int], name: str) -> "Comm":
+        """The sub-communicator of local ``ranks`` named ``ident``, which its
+        members agree on: its id hashes this one's and ``ident``."""
+        digest = hashlib.blake2b(repr((self.gid, *ident)).encode(), digest_size=8).digest()
         gid = int.from_bytes(digest, "little") >> 1 or 1
-        world = [self.ranks[r] for r in ranks]
-        name = f"{self.name}/{list(ranks)}" + (f"#{n}" if n else "")
-        return Comm(self._t, world, gid, name)
+        return Comm(self._t, [self.ranks[r] for r in ranks], gid, name)
 
 
 def _check_tag(tag: int, comm: Comm, op: str, any_tag: bool = False) -> None:

@@ -268,6 +268,53 @@ def test_groups_are_isolated_and_grid_axes() -> None:
                    [1, 0, [2, 3], [0, 2]], [1, 1, [2, 3], [1, 3]]]
 
 
+def _splits(world: mesh.Mesh) -> list:
+    import collectives as C
+    r = world.rank
+    for bad in (-1, 1.5, True, "a"):
+        with pytest.raises(ValueError, match=rf"rank {r}: split on group world: color must be "
+                                             r"an int >= 0 or None, got"):
+            world.split(bad)
+    with pytest.raises(ValueError, match=rf"rank {r}: split on group world: key must be an int"):
+        world.split(0, key=None)    # type: ignore[arg-type]
+    odd = world.split(r % 2, key=-r)             # ranked by key: the highest world rank first
+    got = [odd.ranks, odd.rank, int(C.all_reduce(odd, np.array([r]))[0])]
+    # a group's traffic stays its own: the same tag on the world and on the split
+    peer = odd.size - 1 - odd.rank
+    if peer != odd.rank:
+        world.send(("world", r), odd.ranks[peer], tag=3)
+        odd.send(("split", r), peer, tag=3)
+        got.append(odd.recv(peer, tag=3))
+        got.append(world.recv(odd.ranks[peer], tag=3))
+    alone = world.split(None if r == 0 else 7)   # rank 0 joins none
+    got.append(None if alone is None else alone.ranks)
+    again = world.split(r % 2, key=-r)           # the same colors again: another communicator
+    assert again is not None and again.gid != odd.gid and again.ranks == odd.ranks
+    world.hosts[:] = ["a", "b", "a", "a", "b"]   # (the rendezvous table's host ids)
+    host = world.split_host()
+    got.append(host.ranks)
+    got.append(odd.split(0, key=odd.size - odd.rank).ranks)    # a split of a split
+    # a rank that never joins: the others' split times out, naming it
+    if r == 4:
+        time.sleep(1.5)
+    else:
+        with pytest.raises(mesh.MeshTimeoutError, match="rank 4"):
+            world.split(0, timeout=0.5)
+    return got
+
+
+def test_split_makes_groups_by_color_key_and_host() -> None:
+    """MPI's Comm_split and Comm_split_type(COMM_TYPE_SHARED): a collective,
+    so groups come out the same on every member whatever each made before."""
+    res = mesh.spawn(_splits, 5, timeout=90)
+    evens, odds = [4, 2, 0], [3, 1]
+    assert res[0] == [evens, 2, 6, ["split", 4], ["world", 4], None, [0, 2, 3], [0, 2, 4]]
+    assert res[1] == [odds, 1, 4, ["split", 3], ["world", 3], [1, 2, 3, 4], [1, 4], [1, 3]]
+    assert res[2] == [evens, 1, 6, [1, 2, 3, 4], [0, 2, 3], [0, 2, 4]]
+    assert res[3] == [odds, 0, 4, ["split", 1], ["world", 1], [1, 2, 3, 4], [0, 2, 3], [1, 3]]
+    assert res[4] == [evens, 0, 6, ["split", 0], ["world", 0], [1, 2, 3, 4], [1, 4], [0, 2, 4]]
+
+
 def _progress(world: mesh.Mesh) -> bool:
     if world.rank == 1:
         world.send(np.ones(4 << 20, np.uint8), 0)
