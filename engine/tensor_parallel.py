@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import collectives
 
 from . import tp_layers
-from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, match,
-                      rewrite_attrs)
+from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
+                      match, rewrite_attrs, shard_rows)
 from .torch_stage import TorchStage, _torch
 
 __all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
@@ -108,6 +108,8 @@ def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
             key = f"{name}.{pname}" if name else pname
             if key in state:
                 state[key] = _gather(torch, meta.group, state[key], dim)
+                if meta.order is not None:
+                    state[key] = state[key].index_select(dim, torch.tensor(meta.order))
     if root is not None and group is not None and group.rank != root:
         return None
     return state
@@ -135,7 +137,7 @@ def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
         raise PlanError(f"style {style.style!r} fits an nn.{kind}, but {name} is a "
                         f"{type(sub).__name__}")
     if style.style == "colwise":
-        check_divisible(name, "out_features (weight rows)", sub.out_features, tp)
+        check_divisible(name, "out_features (weight rows)", sub.out_features, tp, style.parts)
     elif style.style == "rowwise":
         check_divisible(name, "in_features (weight columns)", sub.in_features, tp)
     elif style.style == "vocab":
@@ -155,11 +157,12 @@ class _Meta:
     def __init__(self, name: str, style: Style, group: Any, dims: dict[str, int]) -> None:
         self.name, self.style, self.group, self.dims = name, style, group, dims
         self.lo = 0
+        self.order: list[int] | None = None  # a fused module's rows, from the shards laid end to end
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "_Meta":
         """A copy of the module is sharded over the same group (a Comm is not copied)."""
         new = _Meta(self.name, self.style, self.group, dict(self.dims))
-        new.lo = self.lo
+        new.lo, new.order = self.lo, self.order
         return new
 
 
@@ -172,9 +175,14 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
     with torch.no_grad():
         for p, d in meta.dims.items():
             full = getattr(sub, p)
-            part = full.chunk(tp, d)[r].clone()
+            if style.parts:     # a fused module: this rank's part of each block
+                rows = torch.tensor(shard_rows(full.shape[d], style.parts, tp, r))
+                part = full.index_select(d, rows)
+            else:
+                part = full.chunk(tp, d)[r].clone()
             setattr(sub, p, torch.nn.Parameter(part, requires_grad=full.requires_grad))
     if style.style == "colwise":
+        meta.order = joined_order(sub.out_features, style.parts, tp)
         sub.out_features //= tp
     elif style.style == "rowwise":
         sub.in_features //= tp

@@ -24,8 +24,8 @@ import numpy as np
 import collectives
 
 from .layers import Embedding, Linear, Sequential
-from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, match,
-                      rewrite_attrs)
+from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
+                      match, rewrite_attrs, shard_rows)
 
 __all__ = ["Sharded", "parallelize", "full_params", "group_of", "named_layers"]
 
@@ -104,6 +104,7 @@ class Sharded:
                  bias: Any = None, name: str = "") -> None:
         self.inner, self.group, self.style, self.dims = inner, group, style, dims
         self.name = name
+        self.order: list[int] | None = None   # a fused layer's columns, from the shards end to end
         self.bias = bias
         self.grad_bias = None if bias is None else np.zeros_like(bias)
         self.enter, self.leave = edges(style)
@@ -161,8 +162,12 @@ class Sharded:
         """The unsharded parameters, or gradients (collective over the group)."""
         if isinstance(self.inner, Sequential):   # a region: its layers say
             return full_params(self.inner, grads)
-        return [p if d is None else _comm(self.group, p, "ag", d)
-                for p, d in zip(self.grads() if grads else self.params(), self.dims)]
+        whole = [p if d is None else _comm(self.group, p, "ag", d)
+                 for p, d in zip(self.grads() if grads else self.params(), self.dims)]
+        if self.order is not None:
+            whole = [p if d is None else np.take(p, self.order, axis=d)
+                     for p, d in zip(whole, self.dims)]
+        return whole
 
 
 def named_layers(model: Any, prefix: str = "") -> list[tuple[str, Any, Any, int]]:
@@ -210,7 +215,7 @@ def _validate(name: str, layer: Any, style: Style, tp: int) -> None:
         raise PlanError(f"style {style.style!r} fits an engine.layers.{kind.__name__}, but "
                         f"{name} is a {type(layer).__name__}")
     if style.style == "colwise":
-        check_divisible(name, "fan_out (weight columns)", layer.weight.shape[1], tp)
+        check_divisible(name, "fan_out (weight columns)", layer.weight.shape[1], tp, style.parts)
     elif style.style == "rowwise":
         check_divisible(name, "fan_in (weight rows)", layer.weight.shape[0], tp)
     elif style.style == "vocab":
@@ -229,6 +234,14 @@ def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
     rewrite_attrs(layer, name, style, group.size)
     if style.style == "replicate" and (style.input, style.output) == ("any", "any"):
         return layer
+    if style.style == "colwise" and style.parts:    # a fused layer: its part of each block
+        rows = shard_rows(layer.weight.shape[1], style.parts, group.size, group.rank)
+        layer.weight, layer.bias = layer.weight[:, rows].copy(), layer.bias[rows].copy()
+        layer.grad_weight, layer.grad_bias = (np.zeros_like(layer.weight),
+                                              np.zeros_like(layer.bias))
+        sharded = Sharded(layer, group, style, [1, 0], name=name)
+        sharded.order = joined_order(len(rows) * group.size, style.parts, group.size)
+        return sharded
     if style.style == "colwise":
         layer.weight, layer.bias = _part(layer.weight, group, 1), _part(layer.bias, group, 0)
         layer.grad_weight, layer.grad_bias = (np.zeros_like(layer.weight),

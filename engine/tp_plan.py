@@ -34,6 +34,15 @@ its input), put the edges on the module: ``replicate`` with input
 ``"partial"`` and rowwise modules with output ``"partial"`` inside.
 ``attrs`` rewrites attributes that depend on the shard count after sharding:
 a callable gets ``(old value, tp size)``, any other value is set as is.
+
+``parts`` (colwise only) shards a fused projection whose output is several
+blocks side by side, such as a ``[q; k; v]`` Linear (nanoGPT's ``c_attn``,
+Phi-3's ``qkv_proj``): an int k for k equal blocks, or the blocks' sizes
+(``(heads * hd, kv_heads * hd, kv_heads * hd)`` under grouped-query
+attention). Each block is split over the group on its own, so rank r's
+output is its part of every block, in order (``[q_r, k_r, v_r]``), and a
+``split`` of the output by the blocks' sizes over tp (an ``attrs`` rewrite)
+finds them; its output stays sharded (``"shard"``).
 """
 from __future__ import annotations
 
@@ -45,7 +54,7 @@ from typing import Any, Iterable, Mapping
 import collectives
 
 __all__ = ["Style", "STYLES", "PlanError", "parse", "match", "edges", "rewrite_attrs",
-           "check_divisible", "digest", "agree"]
+           "check_divisible", "shard_rows", "joined_order", "digest", "agree"]
 
 LAYOUTS = {
     "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
@@ -82,12 +91,14 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Style:
     """One plan entry: the style, its layouts ("": the style's default),
-    the sequence axis, and attribute rewrites."""
+    the sequence axis, attribute rewrites, and a fused colwise module's
+    blocks (``parts``: their count or their sizes; () for one block)."""
     style: str
     input: str = ""
     output: str = ""
     seq_dim: int = 1
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    parts: int | tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.style not in LAYOUTS:
@@ -98,6 +109,21 @@ class Style:
         if self.input not in ins or self.output not in outs:
             raise PlanError(f"style {self.style!r} takes input in {ins} and output in {outs}, "
                             f"not input={self.input!r} output={self.output!r}")
+        parts = self.parts
+        if isinstance(parts, list):
+            parts = tuple(parts)
+            object.__setattr__(self, "parts", parts)
+        if parts in ((), 1, (1,)):
+            object.__setattr__(self, "parts", ())
+            return
+        if self.style != "colwise" or self.output != "shard":
+            raise PlanError(f"parts= shards a fused colwise module whose output stays sharded, "
+                            f"not style {self.style!r} with output {self.output!r}")
+        ok = (isinstance(parts, int) and not isinstance(parts, bool) and parts > 1) or (
+            isinstance(parts, tuple) and len(parts) > 1
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in parts))
+        if not ok:
+            raise PlanError(f"parts= is a count > 1 or a tuple of block sizes > 0, not {parts!r}")
 
 
 def edges(style: Style) -> tuple[Edge | None, Edge | None]:
@@ -114,7 +140,7 @@ def parse(value: Any) -> Style:
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
         return Style(value[0], attrs=dict(value[1]))
     if isinstance(value, Mapping) and "style" in value:
-        unknown = set(value) - {"style", "input", "output", "seq_dim", "attrs"}
+        unknown = set(value) - {"style", "input", "output", "seq_dim", "attrs", "parts"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)} in {value!r}")
         return Style(**{**value, "attrs": dict(value.get("attrs", {}))})
@@ -152,9 +178,54 @@ def rewrite_attrs(obj: Any, name: str, style: Style, tp: int) -> None:
         setattr(obj, attr, how(getattr(obj, attr), tp) if callable(how) else how)
 
 
-def check_divisible(name: str, what: str, size: int, tp: int) -> None:
+def check_divisible(name: str, what: str, size: int, tp: int, parts: Any = ()) -> None:
+    """Raise unless ``size`` (and, for a fused module, each block of it) splits over tp."""
     if size % tp:
         raise PlanError(f"{name}: {what} is {size}, not divisible by the tp size {tp}")
+    blocks = _blocks(name, what, size, parts)
+    for i, n in enumerate(blocks if len(blocks) > 1 else ()):
+        if n % tp:
+            raise PlanError(f"{name}: block {i} of {what} ({n} of {tuple(blocks)}) is not "
+                            f"divisible by the tp size {tp}")
+
+
+def _blocks(name: str, what: str, size: int, parts: Any) -> list[int]:
+    """The blocks' sizes (one block of ``size`` without parts)."""
+    if not parts:
+        return [size]
+    if isinstance(parts, int):
+        if size % parts:
+            raise PlanError(f"{name}: {what} is {size}, not {parts} equal blocks (parts={parts})")
+        return [size // parts] * parts
+    if sum(parts) != size:
+        raise PlanError(f"{name}: the blocks {tuple(parts)} add up to {sum(parts)}, but {what} "
+                        f"is {size}")
+    return list(parts)
+
+
+def shard_rows(size: int, parts: Any, tp: int, rank: int) -> list[int]:
+    """The indices along the sharded axis that tp rank ``rank`` keeps: its
+    contiguous part of each block, blocks in order (without parts, rows
+    ``rank * size/tp`` on: a plain chunk)."""
+    rows: list[int] = []
+    start = 0
+    for n in _blocks("", "", size, parts):
+        k = n // tp
+        rows.extend(range(start + rank * k, start + (rank + 1) * k))
+        start += n
+    return rows
+
+
+def joined_order(size: int, parts: Any, tp: int) -> list[int] | None:
+    """Where each row of the whole comes from in the ranks' shards laid end
+    to end (rank 0's, then rank 1's...): None when that is already in order."""
+    if not parts:
+        return None
+    laid = [i for r in range(tp) for i in shard_rows(size, parts, tp, r)]
+    order = [0] * size
+    for at, row in enumerate(laid):
+        order[row] = at
+    return order
 
 
 def digest(buffers: Iterable[bytes]) -> str:

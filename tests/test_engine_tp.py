@@ -8,7 +8,7 @@ import mesh
 from engine import PlanError, Style, gather_state_dict, parallelize
 from engine.layers import Embedding, Linear, Sequential, Tanh
 from engine.tp_layers import full_params
-from engine.tp_plan import match, parse
+from engine.tp_plan import joined_order, match, parse, shard_rows
 
 # --- plans, without processes -------------------------------------------------
 
@@ -26,6 +26,27 @@ def test_plan_values_parse_to_styles():
         parse({"style": "rowwise", "input": "sequence"})
     with pytest.raises(PlanError, match="unknown plan keys"):
         parse({"style": "rowwise", "outptu": "sequence"})
+    assert parse({"style": "colwise", "parts": [4, 2, 2]}).parts == (4, 2, 2)
+    assert parse({"style": "colwise", "parts": 1}).parts == ()
+    with pytest.raises(PlanError, match="parts= shards a fused colwise module whose output "
+                                        "stays sharded, not style 'rowwise'"):
+        parse({"style": "rowwise", "parts": 3})
+    with pytest.raises(PlanError, match="not style 'colwise' with output 'replicate'"):
+        parse({"style": "colwise", "output": "replicate", "parts": 3})
+    with pytest.raises(PlanError, match=r"parts= is a count > 1 or a tuple of block sizes > 0, "
+                                        r"not \(4, 0\)"):
+        parse({"style": "colwise", "parts": (4, 0)})
+
+
+def test_fused_blocks_are_sharded_block_by_block():
+    """Rank r keeps its part of each block, blocks in order; laid end to end
+    and reordered, the ranks' shards give the whole back."""
+    assert shard_rows(12, 3, 2, 0) == [0, 1, 4, 5, 8, 9]
+    assert shard_rows(12, 3, 2, 1) == [2, 3, 6, 7, 10, 11]
+    assert shard_rows(8, (4, 2, 2), 2, 1) == [2, 3, 5, 7]
+    assert shard_rows(8, (), 2, 1) == [4, 5, 6, 7] and joined_order(8, (), 2) is None
+    laid = shard_rows(8, (4, 2, 2), 2, 0) + shard_rows(8, (4, 2, 2), 2, 1)
+    assert [laid[i] for i in joined_order(8, (4, 2, 2), 2)] == list(range(8))
 
 
 def test_plan_patterns_match_names():
@@ -105,8 +126,30 @@ def _np_worker(world):
         for a, b in zip(full_params(tp), ref.params(), strict=True):
             np.testing.assert_array_equal(a, b)
         out[name] = [type(layer).__name__ for layer in tp.layers]
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((B, T, D))
+    for parts in (3, (4, 4, 10)):      # a fused layer: [a; b; c] blocks, each split on its own
+        ref = Sequential(Linear(D, 18, np.random.default_rng(7)))
+        tp = parallelize(Sequential(Linear(D, 18, np.random.default_rng(7))), world,
+                         {"0": {"style": "colwise", "parts": parts}})
+        rows = shard_rows(18, parts, world.size, world.rank)
+        y, ctx = ref.forward(x)
+        gy = rng.standard_normal(y.shape)
+        gx = ref.backward(ctx, gy)
+        ty, tctx = tp.forward(x)
+        tgx, wctx = tp.backward_input(tctx, gy[..., rows])
+        tp.backward_weight(wctx)
+        np.testing.assert_allclose(ty, y[..., rows], rtol=1e-12)
+        np.testing.assert_allclose(tgx, gx, rtol=1e-12)
+        for a, b in zip(full_params(tp, grads=True), ref.grads(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        for a, b in zip(full_params(tp), ref.params(), strict=True):
+            np.testing.assert_array_equal(a, b)
     errors = {}
     for key, model, plan in [
+            ("block", Sequential(Linear(D, 18)), {"0": {"style": "colwise", "parts": (3, 3, 12)}}),
+            ("blocks sum", Sequential(Linear(D, 18)), {"0": {"style": "colwise", "parts": (4, 4)}}),
+            ("blocks count", Sequential(Linear(D, 18)), {"0": {"style": "colwise", "parts": 4}}),
             ("type", Sequential(Linear(D, H), Tanh()), {"1": "colwise"}),
             ("divisible", Sequential(Linear(D, 5)), {"0": "colwise"}),
             ("nothing", Sequential(Linear(D, H)), {"3": "colwise"}),
@@ -143,6 +186,12 @@ def test_numpy_styles_match_the_unsharded_layers():
     assert "0: fan_out (weight columns) is 5, not divisible by the tp size 2" in \
         errors["divisible"]
     assert "plan pattern '3' matches no submodule" in errors["nothing"]
+    assert ("0: block 0 of fan_out (weight columns) (3 of (3, 3, 12)) is not divisible by the "
+            "tp size 2") in errors["block"]
+    assert "0: the blocks (4, 4) add up to 8, but fan_out (weight columns) is 18" in \
+        errors["blocks sum"]
+    assert "0: fan_out (weight columns) is 18, not 4 equal blocks (parts=4)" in \
+        errors["blocks count"]
     assert "0 is sharded already" in errors["twice"]
     assert "0 param 0 differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
@@ -247,3 +296,40 @@ def test_torch_styles_match_the_unsharded_module():
     assert "0.embed.weight differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
     assert "0.embed is sharded already" in errors["twice"]
+
+
+def _fused_worker(world):
+    import torch
+
+    import tp_models
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, tp_models.DIM)
+    torch.manual_seed(1)
+    ref = torch.nn.Sequential()
+    ref.add_module("attn", tp_models.FusedAttention())
+    tp = parallelize(copy_of(ref), world, tp_models.FUSED)
+    assert (tp.attn.heads, tp.attn.kv_heads, tp.attn.qkv.out_features) == (2, 1, 8)
+    for m in (ref, tp):
+        (m(x) ** 2).sum().backward()
+    torch.testing.assert_close(tp(x), ref(x), rtol=1e-5, atol=1e-6)
+    grads = gather_state_dict(tp, grads=True)
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+    state = gather_state_dict(tp)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+    # this rank's q rows are its heads: [q_r; k_r; v_r]
+    want = torch.cat([ref.attn.qkv.weight[4 * world.rank:][:4],
+                      ref.attn.qkv.weight[8 + 2 * world.rank:][:2],
+                      ref.attn.qkv.weight[12 + 2 * world.rank:][:2]])
+    torch.testing.assert_close(tp.attn.qkv.weight, want, rtol=0, atol=0)
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_torch_fused_qkv_with_grouped_query_attention():
+    """A [q; k; v] Linear with fewer k and v heads, sharded by parts=: the
+    output, the gradients and the gathered state equal the unsharded module's."""
+    pytest.importorskip("torch")
+    assert mesh.spawn(_fused_worker, 2, timeout=100) == [True, True]

@@ -96,3 +96,34 @@ SEQUENCE = {
     "*.mlp.down": {"style": "rowwise", "output": "sequence"},
     "*.head": {"style": "colwise", "input": "sequence", "output": "replicate"},
 }
+
+
+class FusedAttention(nn.Module):
+    """q, k and v from one Linear whose output is the blocks [q; k; v], as
+    nanoGPT's c_attn and Phi-3's qkv_proj; grouped-query (fewer k and v
+    heads), causal. Written without distribution code: the sizes it splits
+    by are attributes, which a plan rewrites."""
+
+    def __init__(self, d: int = DIM, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
+        self.qkv = nn.Linear(d, (heads + 2 * kv_heads) * self.head_dim)
+        self.proj = nn.Linear(heads * self.head_dim, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.heads * hd, self.kv_heads * hd,
+                                     self.kv_heads * hd], dim=-1)
+        q = q.view(b, t, self.heads, hd).transpose(1, 2)
+        k, v = (z.view(b, t, self.kv_heads, hd).transpose(1, 2)
+                .repeat_interleave(self.heads // self.kv_heads, dim=1) for z in (k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.heads * hd))
+
+
+FUSED = {
+    "attn": ("replicate", {"heads": _heads, "kv_heads": _heads}),
+    "attn.qkv": {"style": "colwise", "parts": (4 * 2, 2 * 2, 2 * 2)},   # q, k, v rows
+    "attn.proj": "rowwise",
+}
