@@ -158,12 +158,62 @@ class _Meta:
         self.name, self.style, self.group, self.dims = name, style, group, dims
         self.lo = 0
         self.order: list[int] | None = None  # a fused module's rows, from the shards laid end to end
+        self.stream: _Stream | None = None   # rng="rank": the tp rank's own random stream
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "_Meta":
         """A copy of the module is sharded over the same group (a Comm is not copied)."""
         new = _Meta(self.name, self.style, self.group, dict(self.dims))
-        new.lo, new.order = self.lo, self.order
+        new.lo, new.order, new.stream = self.lo, self.order, self.stream
         return new
+
+
+class _Stream:
+    """A tp rank's own random stream (rng="rank"), shared by the modules of
+    one group on this rank: ``seed + 2718 + tp rank`` as Megatron seeds its
+    model-parallel stream, ``seed`` torch's initial seed when the module
+    was sharded. ``fork`` runs a forward on it: the default generator's
+    state is set aside and put back, so the default stream (which replicated
+    activations draw from, equal on every rank) moves as if nothing was drawn."""
+
+    def __init__(self, torch: Any, seed: int) -> None:
+        self.torch = torch
+        self.state = torch.Generator().manual_seed(seed).get_state()
+        self.cuda: dict[int, Any] = {}     # per CUDA device, made on first use
+        self.seed = seed
+
+    def run(self, fn: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        torch = self.torch
+        dev = x.device if getattr(x, "is_cuda", False) else None
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+        if dev is not None:
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            saved_cuda = torch.cuda.get_rng_state(idx)
+            if idx not in self.cuda:
+                torch.cuda.manual_seed(self.seed)     # (sets only this device's)
+                self.cuda[idx] = torch.cuda.get_rng_state(idx)
+            torch.cuda.set_rng_state(self.cuda[idx], idx)
+        try:
+            return fn(x, *args, **kwargs)
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(saved)
+            if dev is not None:
+                self.cuda[idx] = torch.cuda.get_rng_state(idx)
+                torch.cuda.set_rng_state(saved_cuda, idx)
+
+
+_streams: dict[tuple[int, int, int], _Stream] = {}
+
+
+def _stream(torch: Any, group: Any) -> _Stream:
+    """The stream of this rank in ``group`` under torch's current seed (a
+    new ``manual_seed`` starts another, as it restarts the default one)."""
+    seed = torch.initial_seed()
+    key = (group.gid, group.rank, seed)
+    if key not in _streams:
+        _streams[key] = _Stream(torch, seed + 2718 + group.rank)
+    return _streams[key]
 
 
 def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
@@ -196,7 +246,10 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
             param.register_hook(functools.partial(_summed, group))
     rewrite_attrs(sub, name, style, tp)
     sub._tp = meta
-    if style.style != "replicate" or (style.input, style.output) != ("any", "any"):
+    if style.rng == "rank":
+        meta.stream = _stream(torch, group)
+    if style.style != "replicate" or (style.input, style.output) != ("any", "any") or \
+            meta.stream is not None:
         sub.forward = types.MethodType(_forward, sub)
 
 
@@ -219,6 +272,8 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         y = torch.nn.functional.linear(x, self.weight)
     elif st.style == "vocab":
         y = _embed(torch, self, meta, x)
+    elif meta.stream is not None:       # rng="rank": on this tp rank's own stream
+        y = meta.stream.run(functools.partial(type(self).forward, self), x, *rest, **kwargs)
     else:
         y = type(self).forward(self, x, *rest, **kwargs)
     if leave:

@@ -35,6 +35,17 @@ its input), put the edges on the module: ``replicate`` with input
 ``attrs`` rewrites attributes that depend on the shard count after sharding:
 a callable gets ``(old value, tp size)``, any other value is set as is.
 
+``rng``: where a module draws its random numbers (dropout). ``"shared"``:
+torch's default stream, the same on every tp rank as long as their programs
+are (what a replicated activation needs: its dropout mask must be equal on
+every rank); ``"rank"``: a stream of this tp rank's own, seeded from
+torch's initial seed and the tp rank (Megatron's model-parallel seed,
+``seed + 2718 + rank``), swapped in around the module's forward, so the
+default stream moves as if the module drew nothing. A ``"sequence"``
+module on a part of the sequence takes ``"rank"`` by default (each rank
+holds other tokens); a dropout on sharded heads (attention probabilities)
+asks for it: ``"*.attn.drop": {"style": "replicate", "rng": "rank"}``.
+
 ``parts`` (colwise only) shards a fused projection whose output is several
 blocks side by side, such as a ``[q; k; v]`` Linear (nanoGPT's ``c_attn``,
 Phi-3's ``qkv_proj``): an int k for k equal blocks, or the blocks' sizes
@@ -99,6 +110,7 @@ class Style:
     seq_dim: int = 1
     attrs: Mapping[str, Any] = field(default_factory=dict)
     parts: int | tuple[int, ...] = ()
+    rng: str = ""
 
     def __post_init__(self) -> None:
         if self.style not in LAYOUTS:
@@ -106,6 +118,11 @@ class Style:
         ins, outs = LAYOUTS[self.style]
         object.__setattr__(self, "input", self.input or ins[0])
         object.__setattr__(self, "output", self.output or outs[0])
+        if self.rng not in ("", "rank", "shared"):
+            raise PlanError(f"rng= is 'rank' (this tp rank's own random stream) or 'shared', "
+                            f"not {self.rng!r}")
+        object.__setattr__(self, "rng", self.rng or (
+            "rank" if self.style == "sequence" else "shared"))
         if self.input not in ins or self.output not in outs:
             raise PlanError(f"style {self.style!r} takes input in {ins} and output in {outs}, "
                             f"not input={self.input!r} output={self.output!r}")
@@ -140,7 +157,7 @@ def parse(value: Any) -> Style:
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
         return Style(value[0], attrs=dict(value[1]))
     if isinstance(value, Mapping) and "style" in value:
-        unknown = set(value) - {"style", "input", "output", "seq_dim", "attrs", "parts"}
+        unknown = set(value) - {"style", "input", "output", "seq_dim", "attrs", "parts", "rng"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)} in {value!r}")
         return Style(**{**value, "attrs": dict(value.get("attrs", {}))})

@@ -333,3 +333,48 @@ def test_torch_fused_qkv_with_grouped_query_attention():
     output, the gradients and the gathered state equal the unsharded module's."""
     pytest.importorskip("torch")
     assert mesh.spawn(_fused_worker, 2, timeout=100) == [True, True]
+
+
+def _rng_worker(world):
+    import torch
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.ones(2, 8, 64)            # (batch, sequence, width): the sequence splits
+    out = {}
+    for rng in ("rank", "shared"):
+        drop = torch.nn.Sequential(torch.nn.Dropout(0.5))
+        plan = {"0": {"style": "sequence", "input": "replicate", "output": "replicate"}}
+        if rng == "shared":
+            plan["0"]["rng"] = "shared"
+        tp = parallelize(drop, world, plan)
+        before = torch.get_rng_state()
+        y = tp(x)                            # each rank drops on its half, then all-gathered
+        moved = not torch.equal(before, torch.get_rng_state())
+        out[rng] = (torch.equal(y[:, :4], y[:, 4:]), moved, (y[:, :4] == 0).float().mean().item())
+    # the default stream, equal on every rank, still gives replicated dropout equal masks
+    mask = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    out["replicated equal"] = bool(torch.equal(*collectives_all_gather(world, mask)))
+    return out
+
+
+def collectives_all_gather(world, t):
+    import collectives
+    return list(collectives.all_gather(world, t))
+
+
+@pytest.mark.timeout(120)
+def test_a_sequence_shard_draws_its_dropout_from_its_own_stream():
+    """Megatron's model-parallel random stream: a "sequence" module (rng="rank"
+    by default) masks each rank's tokens independently and leaves torch's
+    default stream where it was, so replicated activations keep equal masks;
+    with rng="shared" both halves of the sequence got the same mask."""
+    pytest.importorskip("torch")
+    for res in mesh.spawn(_rng_worker, 2, timeout=100):
+        same_halves, moved, dropped = res["rank"]
+        assert not same_halves and not moved and 0.3 < dropped < 0.7, res
+        assert res["shared"][0] and res["shared"][1], res
+        assert res["replicated equal"], res
+    with pytest.raises(PlanError, match="rng= is 'rank'"):
+        parse({"style": "sequence", "rng": "mine"})
+    assert parse("sequence").rng == "rank" and parse("colwise").rng == "shared"
+    assert parse({"style": "replicate", "rng": "rank"}).rng == "rank"
