@@ -171,7 +171,7 @@ class _Stream:
     """A tp rank's own random stream (rng="rank"), shared by the modules of
     one group on this rank: ``seed + 2718 + tp rank`` as Megatron seeds its
     model-parallel stream, ``seed`` torch's initial seed when the module
-    was sharded. ``fork`` runs a forward on it: the default generator's
+    was sharded. ``run`` calls a forward on it: the default generator's
     state is set aside and put back, so the default stream (which replicated
     activations draw from, equal on every rank) moves as if nothing was drawn."""
 
