@@ -168,52 +168,31 @@ class _Meta:
 
 
 class _Stream:
-    """A tp rank's own random stream (rng="rank"), shared by the modules of
-    one group on this rank: ``seed + 2718 + tp rank`` as Megatron seeds its
-    model-parallel stream, ``seed`` torch's initial seed when the module
-    was sharded. ``run`` calls a forward on it: the default generator's
-    state is set aside and put back, so the default stream (which replicated
-    activations draw from, equal on every rank) moves as if nothing was drawn."""
+    """This tp rank's own random numbers (rng="rank") for one forward at a
+    time: the forward runs on a generator seeded from the next number of
+    torch's default stream (drawn alike on every tp rank, whose programs
+    are the same) and the tp rank, Megatron's ``+ 2718 + rank`` offset, and
+    the default generator's state is put back after it but for that one
+    draw. So the default stream, which replicated activations draw from,
+    stays in step on every rank, each rank's masks differ, and a
+    recomputation (``torch.utils.checkpoint`` around the module restores the
+    default state first) draws the same seed and the same masks again."""
 
-    def __init__(self, torch: Any, seed: int) -> None:
-        self.torch = torch
-        self.state = torch.Generator().manual_seed(seed).get_state()
-        self.cuda: dict[int, Any] = {}     # per CUDA device, made on first use
-        self.seed = seed
+    def __init__(self, torch: Any, rank: int) -> None:
+        self.torch, self.rank = torch, rank
 
     def run(self, fn: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         torch = self.torch
-        dev = x.device if getattr(x, "is_cuda", False) else None
-        saved = torch.get_rng_state()
-        torch.set_rng_state(self.state)
-        if dev is not None:
-            idx = dev.index if dev.index is not None else torch.cuda.current_device()
-            saved_cuda = torch.cuda.get_rng_state(idx)
-            if idx not in self.cuda:
-                torch.cuda.manual_seed(self.seed)     # (sets only this device's)
-                self.cuda[idx] = torch.cuda.get_rng_state(idx)
-            torch.cuda.set_rng_state(self.cuda[idx], idx)
-        try:
+        draw = int(torch.randint(0, 2**62, (1,)).item())
+        seed = (draw + 2718 + self.rank) % 2**63
+        cuda = getattr(x, "is_cuda", False)
+        idx = (x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+            if cuda else None
+        with torch.random.fork_rng(devices=[idx] if cuda else []):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.default_generators[idx].manual_seed(seed)
             return fn(x, *args, **kwargs)
-        finally:
-            self.state = torch.get_rng_state()
-            torch.set_rng_state(saved)
-            if dev is not None:
-                self.cuda[idx] = torch.cuda.get_rng_state(idx)
-                torch.cuda.set_rng_state(saved_cuda, idx)
-
-
-_streams: dict[tuple[int, int, int], _Stream] = {}
-
-
-def _stream(torch: Any, group: Any) -> _Stream:
-    """The stream of this rank in ``group`` under torch's current seed (a
-    new ``manual_seed`` starts another, as it restarts the default one)."""
-    seed = torch.initial_seed()
-    key = (group.gid, group.rank, seed)
-    if key not in _streams:
-        _streams[key] = _Stream(torch, seed + 2718 + group.rank)
-    return _streams[key]
 
 
 def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
@@ -247,7 +226,7 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
     rewrite_attrs(sub, name, style, tp)
     sub._tp = meta
     if style.rng == "rank":
-        meta.stream = _stream(torch, group)
+        meta.stream = _Stream(torch, r)
     if style.style != "replicate" or (style.input, style.output) != ("any", "any") or \
             meta.stream is not None:
         sub.forward = types.MethodType(_forward, sub)

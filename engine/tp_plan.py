@@ -38,10 +38,11 @@ a callable gets ``(old value, tp size)``, any other value is set as is.
 ``rng``: where a module draws its random numbers (dropout). ``"shared"``:
 torch's default stream, the same on every tp rank as long as their programs
 are (what a replicated activation needs: its dropout mask must be equal on
-every rank); ``"rank"``: a stream of this tp rank's own, seeded from
-torch's initial seed and the tp rank (Megatron's model-parallel seed,
-``seed + 2718 + rank``), swapped in around the module's forward, so the
-default stream moves as if the module drew nothing. A ``"sequence"``
+every rank); ``"rank"``: numbers of this tp rank's own, from a generator
+seeded for each forward by the default stream's next number and the tp
+rank (Megatron's ``+ 2718 + rank`` offset), so the default stream moves by
+that one draw, alike on every rank, and a checkpointed recomputation gets
+the same masks again. A ``"sequence"``
 module on a part of the sequence takes ``"rank"`` by default (each rank
 holds other tokens); a dropout on sharded heads (attention probabilities)
 asks for it: ``"*.attn.drop": {"style": "replicate", "rng": "rank"}``.

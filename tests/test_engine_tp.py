@@ -347,13 +347,19 @@ def _rng_worker(world):
         if rng == "shared":
             plan["0"]["rng"] = "shared"
         tp = parallelize(drop, world, plan)
-        before = torch.get_rng_state()
         y = tp(x)                            # each rank drops on its half, then all-gathered
-        moved = not torch.equal(before, torch.get_rng_state())
-        out[rng] = (torch.equal(y[:, :4], y[:, 4:]), moved, (y[:, :4] == 0).float().mean().item())
-    # the default stream, equal on every rank, still gives replicated dropout equal masks
+        out[rng] = (torch.equal(y[:, :4], y[:, 4:]), (y[:, :4] == 0).float().mean().item())
+    # the default stream, in step on every rank, gives replicated dropout equal masks
     mask = torch.nn.functional.dropout(torch.ones(64), 0.5)
     out["replicated equal"] = bool(torch.equal(*collectives_all_gather(world, mask)))
+    # checkpointed around: the recomputation draws the same mask
+    tp = parallelize(torch.nn.Sequential(torch.nn.Dropout(0.5)), world,
+                     {"0": {"style": "replicate", "rng": "rank"}})
+    x = torch.ones(256, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(tp, x, use_reentrant=False)
+    y.sum().backward()
+    out["recomputed"] = bool(torch.equal(x.grad, (y != 0).float() * 2))
+    out["ranks differ"] = not torch.equal(*collectives_all_gather(world, y.detach()))
     return out
 
 
@@ -364,16 +370,17 @@ def collectives_all_gather(world, t):
 
 @pytest.mark.timeout(120)
 def test_a_sequence_shard_draws_its_dropout_from_its_own_stream():
-    """Megatron's model-parallel random stream: a "sequence" module (rng="rank"
-    by default) masks each rank's tokens independently and leaves torch's
-    default stream where it was, so replicated activations keep equal masks;
-    with rng="shared" both halves of the sequence got the same mask."""
+    """A tp rank's own random numbers: a "sequence" module (rng="rank" by
+    default) masks each rank's tokens independently, the default stream
+    stays in step on every rank (replicated activations keep equal masks),
+    and a checkpointed recomputation draws the same mask; with
+    rng="shared" both halves of the sequence got the same mask."""
     pytest.importorskip("torch")
     for res in mesh.spawn(_rng_worker, 2, timeout=100):
-        same_halves, moved, dropped = res["rank"]
-        assert not same_halves and not moved and 0.3 < dropped < 0.7, res
-        assert res["shared"][0] and res["shared"][1], res
-        assert res["replicated equal"], res
+        same_halves, dropped = res["rank"]
+        assert not same_halves and 0.3 < dropped < 0.7, res
+        assert res["shared"][0], res
+        assert res["replicated equal"] and res["recomputed"] and res["ranks differ"], res
     with pytest.raises(PlanError, match="rng= is 'rank'"):
         parse({"style": "sequence", "rng": "mine"})
     assert parse("sequence").rng == "rank" and parse("colwise").rng == "shared"
