@@ -203,12 +203,9 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
                                       if getattr(sub, p, None) is not None})
     with torch.no_grad():
         for p, d in meta.dims.items():
-            full = getattr(sub, p)
-            if style.parts:     # a fused module: this rank's part of each block
-                rows = torch.tensor(shard_rows(full.shape[d], style.parts, tp, r))
-                part = full.index_select(d, rows)
-            else:
-                part = full.chunk(tp, d)[r].clone()
+            full = getattr(sub, p)       # this rank's part (of each block, when fused)
+            part = full.index_select(d, torch.tensor(shard_rows(full.shape[d], style.parts,
+                                                                tp, r)))
             setattr(sub, p, torch.nn.Parameter(part, requires_grad=full.requires_grad))
     if style.style == "colwise":
         meta.order = joined_order(sub.out_features, style.parts, tp)

@@ -234,19 +234,15 @@ def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
     rewrite_attrs(layer, name, style, group.size)
     if style.style == "replicate" and (style.input, style.output) == ("any", "any"):
         return layer
-    if style.style == "colwise" and style.parts:    # a fused layer: its part of each block
-        rows = shard_rows(layer.weight.shape[1], style.parts, group.size, group.rank)
-        layer.weight, layer.bias = layer.weight[:, rows].copy(), layer.bias[rows].copy()
+    if style.style == "colwise":     # its columns (of each block, when fused)
+        width = layer.weight.shape[1]
+        rows = shard_rows(width, style.parts, group.size, group.rank)
+        layer.weight, layer.bias = layer.weight[:, rows], layer.bias[rows]
         layer.grad_weight, layer.grad_bias = (np.zeros_like(layer.weight),
                                               np.zeros_like(layer.bias))
         sharded = Sharded(layer, group, style, [1, 0], name=name)
-        sharded.order = joined_order(len(rows) * group.size, style.parts, group.size)
+        sharded.order = joined_order(width, style.parts, group.size)
         return sharded
-    if style.style == "colwise":
-        layer.weight, layer.bias = _part(layer.weight, group, 1), _part(layer.bias, group, 0)
-        layer.grad_weight, layer.grad_bias = (np.zeros_like(layer.weight),
-                                              np.zeros_like(layer.bias))
-        return Sharded(layer, group, style, [1, 0], name=name)
     if style.style == "rowwise":
         return Sharded(_NoBias(_part(layer.weight, group, 0)), group, style, [0, None],
                        bias=layer.bias.copy(), name=name)

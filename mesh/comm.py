@@ -293,10 +293,12 @@ class Comm:
         calls it, in the same order among its collectives (the colors and
         keys travel by one all_gather, which raises as collectives do: a
         lost peer, a timeout, a rank that called another collective)."""
-        for what, v in (("color", color), ("key", key)):
-            if not (v is None and what == "color") and not (
-                    isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                    and (what == "key" or v >= 0) and -2**62 <= v < 2**62):
+        def whole(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) \
+                and bool(-2**62 <= v < 2**62)
+        for what, ok, v in (("color", color is None or whole(color) and color >= 0, color),
+                            ("key", whole(key), key)):
+            if not ok:
                 raise ValueError(f"rank {self.rank}: split on group {self.name}: {what} must "
                                  f"be an int{' >= 0 or None' if what == 'color' else ''}, "
                                  f"got {v!r}")
