@@ -7,8 +7,9 @@ The passes run one way, each module importing only the ones before it::
 (schedules sits beside lower, on ir alone; choose, which picks a schedule
 by simulating it, after render; tensor parallelism, tp_plan -> tp_layers ->
 tensor_parallel, on layers alone; tied (shared parameters kept equal),
-stagebuild (a model's layers as stages) and partition (where to cut) come
-before the executor; tests/test_engine_layering.py keeps the order.)
+tp_sums (sequence-parallel gradient sums once a step), stagebuild (a
+model's layers as stages) and partition (where to cut) come before the
+executor; tests/test_engine_layering.py keeps the order.)
 """
 from . import choose, layers, schedules
 from .distribute import Job, distribute, load_state

@@ -55,6 +55,7 @@ from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Sc
 from .lower import with_grad_sync
 from .simulate import simulate
 from .tied import TiedGrads
+from .tp_sums import TpSums
 from .torch_stage import TorchStage
 from .verify import verify
 
@@ -142,6 +143,9 @@ class Pipeline:
                              f"summed after the step: schedule {schedule.name!r} cannot have "
                              "OPT actions")
         self.tied.broadcast(timeout)
+        # sequence-parallel sums of whole parameters' gradients, once a step
+        # (not with OPT actions: the optimizer would step before the sums)
+        self.tp_sums = TpSums(self.stages, enabled=not any(a.kind == OPT for a in self.program))
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.timeout = timeout
@@ -281,6 +285,7 @@ class _Step:
         pipe = self.pipe
         sched, m = pipe.schedule, pipe.schedule.num_microbatches
         pipe.tied.start()
+        pipe.tp_sums.start()
         if pipe.first:
             if inputs is None:
                 raise ValueError(f"pp rank {pipe.rank} holds stage 0: step() needs inputs")
@@ -375,12 +380,14 @@ class _Step:
 
     def finish(self) -> None:
         """Wait for every all-reduce and every send of the step, then sum
-        the gradients of tied parameters over their copies."""
+        the gradients of tied parameters over their copies, and those of
+        whole parameters fed a part of the sequence over the tp group."""
         for s in list(self.syncs):
             self._finish_sync(s)
         for req in self.sends:
             req.wait(self.pipe.timeout)
         self.pipe.tied.reduce(self.pipe.timeout)
+        self.pipe.tp_sums.settle(self.pipe.timeout)
 
     def mean_loss(self) -> float:
         return sum(w * v for w, v in zip(self.weights, self.losses))
@@ -425,6 +432,7 @@ class _Step:
             for g, o in zip(pipe.stages[s].grads(), old):
                 g += o
         self.prior.clear()
+        pipe.tp_sums.abandon(reason, kind, lost)
 
     def _abandon_tp(self, reason: str, kind: AbortKind, lost: int | None) -> None:
         """Fail the tp peers' next collective, which this rank will not make

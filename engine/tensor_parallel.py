@@ -14,12 +14,15 @@ region::
     seq-split x --all-gather--> colwise ... rowwise --reduce-scatter--> seq-split y
 
 Parameters that stay whole but see a part of the sequence (a "sequence"
-style module: norms) get their gradients summed over the group by a hook.
+style module: norms) get their gradients summed over the group by a hook,
+as each backward makes them; a Pipeline defers those sums to one bucketed
+all-reduce after the step's backward passes (engine.tp_sums).
 The same call takes an ``engine.layers`` model (engine.tp_layers). torch is
 imported only when a torch module is parallelized.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import types
 from typing import Any, Mapping
@@ -29,7 +32,7 @@ import collectives
 from . import tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
                       match, rewrite_attrs, shard_rows)
-from .torch_stage import TorchStage, _torch
+from .torch_stage import TorchStage, _torch, _view
 
 __all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
 
@@ -159,12 +162,24 @@ class _Meta:
         self.lo = 0
         self.order: list[int] | None = None  # a fused module's rows, from the shards laid end to end
         self.stream: _Stream | None = None   # rng="rank": the tp rank's own random stream
+        self.summed: list[Any] = []    # whole parameters fed a part: gradients summed over tp
+        self.defer = False             # True: a Pipeline sums them after its step (tp_sums)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "_Meta":
-        """A copy of the module is sharded over the same group (a Comm is not copied)."""
+        """A copy of the module is sharded over the same group (a Comm is not
+        copied); its copies of the summed parameters get the hook (torch's
+        deepcopy of a tensor leaves its hooks behind)."""
         new = _Meta(self.name, self.style, self.group, dict(self.dims))
         new.lo, new.order, new.stream = self.lo, self.order, self.stream
+        new.summed = [copy.deepcopy(p, memo) for p in self.summed]
+        for p in new.summed:
+            p.register_hook(functools.partial(_summed, new))
         return new
+
+    def summed_grads(self) -> list[Any]:
+        """The summed parameters' gradients (made zeros where None), as
+        arrays sharing their memory (engine.tp_sums)."""
+        return [_view(TorchStage._grad(p)) for p in self.summed]
 
 
 class _Stream:
@@ -217,9 +232,9 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
         meta.lo = r * sub.num_embeddings
     summed = (list(sub.parameters()) if style.style == "sequence" else
               [sub.bias] if style.style == "rowwise" and style.output != "replicate" else [])
-    for param in summed:       # whole, but fed a part of the sequence: sum the parts
-        if param is not None and param.requires_grad:
-            param.register_hook(functools.partial(_summed, group))
+    meta.summed = [p for p in summed if p is not None and p.requires_grad]
+    for param in meta.summed:      # whole, but fed a part of the sequence: sum the parts
+        param.register_hook(functools.partial(_summed, meta))
     rewrite_attrs(sub, name, style, tp)
     sub._tp = meta
     if style.rng == "rank":
@@ -229,8 +244,10 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
         sub.forward = types.MethodType(_forward, sub)
 
 
-def _summed(group: Any, grad: Any) -> Any:
-    return _comm(group, grad, "ar", "gradient", 0)
+def _summed(meta: _Meta, grad: Any) -> Any:
+    if meta.defer:       # a Pipeline's step: summed once after its backward passes
+        return grad
+    return _comm(meta.group, grad, "ar", f"{meta.name} gradient", 0)
 
 
 def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -112,6 +112,12 @@ class Sharded:
         self.partial = style.style == "sequence"
         self.partial_bias = style.style == "rowwise" and style.output != "replicate"
         self.add_bias = bias is not None and (style.output != "partial" or group.rank == 0)
+        self.defer = False      # True: a Pipeline sums them after its step (engine.tp_sums)
+
+    def summed_grads(self) -> list[Any]:
+        """The gradients summed over the group (engine.tp_sums)."""
+        return ((self.inner.grads() if self.partial else [])
+                + ([self.grad_bias] if self.partial_bias and self.grad_bias is not None else []))
 
     def _edge(self, x: Any, edge: Edge | None, backward: bool) -> Any:
         if edge is None:
@@ -132,7 +138,7 @@ class Sharded:
 
     def backward_weight(self, wctx: Any) -> None:
         w, gb = wctx
-        if self.partial:
+        if self.partial and not self.defer:
             grads = self.inner.grads()
             before = [g.copy() for g in grads]
             for g in grads:
@@ -145,7 +151,8 @@ class Sharded:
         if self.grad_bias is not None:
             part = (np.zeros_like(self.grad_bias) if gb is None
                     else gb.reshape(-1, gb.shape[-1]).sum(axis=0))
-            self.grad_bias += _comm(self.group, part, "ar", 0) if self.partial_bias else part
+            summed = self.partial_bias and not self.defer
+            self.grad_bias += _comm(self.group, part, "ar", 0) if summed else part
 
     def backward(self, ctx: Any, gy: Any) -> Any:
         gx, wctx = self.backward_input(ctx, gy)
@@ -250,6 +257,15 @@ def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
         part = _part(layer.weight, group, 0)
         return Sharded(_VocabShard(part, group.rank * len(part)), group, style, [0], name=name)
     return Sharded(layer, group, style, [None] * len(layer.params()), name=name)
+
+
+def sharded_layers(model: Any) -> list[Sharded]:
+    """Every Sharded layer in ``model`` (a layer or a Sequential), depth first."""
+    if isinstance(model, Sharded):
+        return [model] + sharded_layers(model.inner)
+    if isinstance(model, Sequential):
+        return [s for layer in model.layers for s in sharded_layers(layer)]
+    return []
 
 
 def group_of(model: Any) -> Any:

@@ -228,6 +228,12 @@ def _torch_worker(world):
         grads = gather_state_dict(tp, grads=True)
         for k, p in ref.named_parameters():
             torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=name + k)
+        if name == "sequence":      # a deep copy sums its whole parameters' gradients too
+            dup = copy_of(tp)
+            dup.zero_grad()
+            (dup(ids) * weights).sum().backward()
+            for k, g in gather_state_dict(dup, grads=True).items():
+                torch.testing.assert_close(g, grads[k], rtol=1e-5, atol=1e-6, msg="copy " + k)
         state = gather_state_dict(tp, root=1)
         if world.rank == 1:
             fresh = tp_models.model(2)

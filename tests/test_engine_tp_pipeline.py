@@ -7,6 +7,8 @@ The tp collectives of a stage run on the grid's tp group, the pipeline's
 sends on its pp group and the gradient average on its dp group: traffic of
 different groups never mixes, so none of them needs tags of the others.
 """
+import types
+
 import numpy as np
 import pytest
 
@@ -254,3 +256,71 @@ def test_tp_peer_of_a_failed_stage_raises_and_the_pipeline_recovers():
     for _, params in results:
         for a, b in zip([np.array(p) for p in params], _np_reference(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def _whole_np_model(plan_name):
+    """The two stages' layers as one stage, and their plans as one plan."""
+    stage = Sequential(*[layer for st in _np_model() for layer in st.layers])
+    first, second = NP_PLANS[plan_name]
+    return stage, {**first, **{str(int(k) + 6): v for k, v in second.items()}}
+
+
+def _sums_worker(world):
+    """pp=1 x tp=2, a sequence plan: the whole norms' gradient sums run once
+    a step (TpSums), against once per micro-batch (the hooks); a step keeps
+    what the gradients held; a failed step leaves the sums in line."""
+    from engine.tp_sums import TpSums
+    grid = mesh.grid(world, pp=1, tp=2)
+    tp = grid.group("tp")
+    sched = schedules.by_name("1f1b", 1, M)
+    x, y = _np_data(0)
+    out = {}
+    for defer in (True, False):
+        stage, plan = _whole_np_model("sequence")
+        parallelize(stage, tp, plan)
+        pipe = Pipeline(grid, stage, sched, loss_fn=mse_loss, timeout=60)
+        summed = sum(len(h.summed_grads()) for h in pipe.tp_sums.holders)
+        if not defer:
+            pipe.tp_sums = TpSums(pipe.stages, enabled=False)
+        seqs = [tp.collective_channel().seq]
+        for _ in range(2):              # no zeroing between: the second adds to the first
+            pipe.step(x, y)
+            seqs.append(tp.collective_channel().seq)
+        out[defer] = (summed, [b - a for a, b in zip(seqs, seqs[1:])],
+                      [g.tolist() for g in full_params(stage, grads=True)])
+    # a failed step (tp rank 1's second forward) on the deferring pipeline
+    stage, plan = _whole_np_model("sequence")
+    parallelize(stage, tp, plan)
+    if world.rank == 1:         # the stage itself, so its summed layers are seen
+        stage.forward = _FailOnce(types.SimpleNamespace(forward=stage.forward)).forward
+    pipe = Pipeline(grid, stage, sched, loss_fn=mse_loss, timeout=60)
+    error = None
+    try:
+        pipe.step(*_np_data(0))
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    deferring = [h.defer for h in pipe.tp_sums.holders]
+    for g in stage.grads():
+        g[...] = 0
+    for step in range(STEPS):
+        pipe.step(*_np_data(step))
+        sgd([stage], LR)
+    return out, error, deferring, [p.tolist() for p in full_params(stage)]
+
+
+def test_a_pipeline_sums_the_sequence_gradients_once_a_step():
+    results = mesh.spawn(_sums_worker, 2, timeout=90, env={"MESH_TIMEOUT": "20"})
+    want = _np_reference()
+    for r, (out, error, deferring, params) in enumerate(results):
+        summed, steps, grads = out[True]
+        assert summed == 3, summed     # layer 1 (a sequence Linear) and layer 5 (a rowwise bias)
+        hooks = out[False][1]
+        # per step: the hooks' all-reduce per gradient per micro-batch, or one
+        assert [h - d for h, d in zip(hooks, steps)] == [summed * M - 1] * 2, (steps, hooks)
+        for a, b in zip(grads, out[False][2], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=f"rank {r}")
+        assert deferring and not any(deferring), deferring      # switched back after a failure
+        for a, b in zip([np.array(p) for p in params], want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=f"rank {r}")
+    assert results[1][1].startswith("_Boom"), results[1][1]
+    assert results[0][1] is not None and "aborted" in results[0][1], results[0][1]

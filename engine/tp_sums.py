@@ -1,0 +1,106 @@
+"""Whole parameters fed a part of the activations, summed once a step.
+
+Under sequence parallelism a parameter that stays whole on every tp rank
+(a norm's weight and bias; a rowwise bias added to a sequence-split
+output) sees only this rank's part of the sequence, so its gradient is
+the sum of the tp ranks' gradients. ``engine.parallelize`` sums each such
+gradient as it is made (a hook: a collective per parameter per backward),
+which a plain training loop needs. A Pipeline sums them once a step
+instead (``TpSums``), as Megatron's ``finalize_model_grads`` does: while a
+step runs, the holders (a sharded torch submodule's ``_tp`` record, an
+``engine.tp_layers.Sharded`` layer) are switched to ``defer``, the
+gradients add up locally over the micro-batches, and after the step's
+backward passes one all-reduce per tp group and dtype sums them all (the
+dp all-reduces run first: a sum of averages is the average of the sums).
+A schedule with OPT actions steps its optimizer inside the step, before
+that sum: its pipeline keeps the per-backward sums.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+import collectives
+from mesh import AbortKind
+
+from .tp_layers import sharded_layers
+
+__all__ = ["TpSums", "holders"]
+
+
+def holders(stage: Any) -> list[Any]:
+    """The tp-summed gradients' holders in a stage object: each has
+    ``group``, ``defer`` and ``summed_grads()`` (arrays sharing the
+    gradients' memory)."""
+    module = getattr(stage, "module", None)
+    if module is not None and hasattr(module, "modules"):       # a TorchStage
+        return [m._tp for m in module.modules() if getattr(m, "_tp", None) is not None
+                and m._tp.summed]
+    return [layer for layer in sharded_layers(stage) if layer.summed_grads()]
+
+
+class TpSums:
+    """The deferred tp sums of one pp rank's stages (empty: nothing to do)."""
+
+    def __init__(self, stages: Mapping[int, Any], enabled: bool = True) -> None:
+        self.holders = [h for _, st in sorted(stages.items()) for h in holders(st)] \
+            if enabled else []
+        self._prior: list[Any] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.holders)
+
+    def _grads(self) -> list[tuple[Any, Any]]:
+        return [(h.group, g) for h in self.holders for g in h.summed_grads()]
+
+    def start(self) -> None:
+        """Defer the sums; set aside what the gradients held before the step
+        (summed already), so the step's sum covers this step's parts only."""
+        for h in self.holders:
+            h.defer = True
+        self._prior = []
+        for _, g in self._grads():
+            self._prior.append(g.copy() if bool(g.any()) else None)
+            g[...] = 0
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Sum the step's gradients over each tp group (one all-reduce per
+        group and dtype), then add back what they held before the step."""
+        grads = self._grads()
+        buckets: dict[tuple[int, str], list[int]] = {}
+        for i, (group, g) in enumerate(grads):
+            buckets.setdefault((id(group), str(g.dtype)), []).append(i)
+        for idx in buckets.values():
+            group, parts = grads[idx[0]][0], [grads[i][1] for i in idx]
+            xp = _xp(parts[0])
+            flat = xp.concatenate([p.reshape(-1) for p in parts])
+            collectives.all_reduce(group, flat, timeout=timeout)
+            at = 0
+            for p in parts:
+                p[...] = flat[at:at + p.size].reshape(p.shape)
+                at += p.size
+        self._restore(grads)
+
+    def abandon(self, reason: str, kind: AbortKind, lost: int | None) -> None:
+        """After a failed step: the gradients get back what they held before
+        it (the step's parts, unsummed, stay added, as a failed step's other
+        gradients do); later backward passes sum as they go until the next
+        step. The tp peers' sum is failed by the executor (_abandon_tp)."""
+        self._restore(self._grads())
+
+    def _restore(self, grads: list[tuple[Any, Any]]) -> None:
+        for (_, g), old in zip(grads, self._prior):
+            if old is not None:
+                g += old
+        self._prior = []
+        for h in self.holders:
+            h.defer = False
+
+
+def _xp(a: Any) -> Any:
+    """numpy, or the array module of a device array (CuPy)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import importlib
+    return importlib.import_module(type(a).__module__.split(".")[0])
