@@ -156,6 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"meshrun {tp['meshrun_ms']:.1f} ms; torch parallelize_module (gloo, "
               f"DeviceMesh cpu) {tp['torch_ms']:.1f} ms; meshrun/torch = "
               f"{tp['meshrun_ms'] / tp['torch_ms']:.3f}")
+        from .bench_distribute import run_tp_predicted
+        tpp = run_tp_predicted(steps=max(a.steps, 3), rounds=max(1, a.rounds))
+        tp_ratios = [m / p for m, p in zip(tpp["measured"], tpp["predicted"]) if p]
+        print(f"pp=2 x tp=2, the same MLP, schedule auto: {tpp['schedule']}; measured ms by "
+              f"round {' '.join(f'{m * 1e3:.1f}' for m in tpp['measured'])}; predicted (re-time, "
+              f"tp collectives in) {' '.join(f'{p * 1e3:.1f}' for p in tpp['predicted'])}, "
+              f"meas/pred {' '.join(f'{r:.3f}' for r in tp_ratios)}; from the profile alone "
+              f"(collectives out) {tpp['profiled'] * 1e3:.1f}, meas/pred "
+              f"{statistics.median(tpp['measured']) / tpp['profiled']:.3f}; rank 0's tp "
+              f"collectives per action {tpp['calls']}, stretch "
+              f"{' '.join(f'{x:.2f}' for x in tpp['stretch'])}")
         return 0
     names = [n for n in a.schedules.split(",") if n]
     print(f"meshrun engine: p={a.p} m={a.m} F={a.F * 1e3:g}ms B={a.B * 1e3:g}ms "

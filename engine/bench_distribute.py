@@ -36,7 +36,8 @@ from .choose import helper_charge, time_layer
 from .distribute import distribute
 from .layers import Linear, Sequential, _Activation, mse_loss
 
-__all__ = ["Burn", "uneven_model", "run_balance", "balance_table", "run_tp", "stage_overrun"]
+__all__ = ["Burn", "uneven_model", "run_balance", "balance_table", "run_tp", "run_tp_predicted",
+           "stage_overrun"]
 
 
 class Burn(_Activation):
@@ -335,3 +336,53 @@ def run_tp(n: int = 2, width: int = 256, rows: int = 64, steps: int = 7) -> dict
     ours = median(mesh.spawn(_mesh_tp_worker, n, width, rows, steps, timeout=300))
     theirs = median(run_workers(_torch_tp_worker, n, (width, rows, steps), "torch tp"))
     return {"meshrun_ms": ours, "torch_ms": theirs}
+
+
+def _tp_predicted_worker(world: Any, width: int, rows: int, steps: int, rounds: int
+                         ) -> dict[str, Any]:
+    import torch
+
+    import collectives
+    import mesh
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, pp=2, tp=2)
+    x, y = torch.randn(rows, width, generator=torch.Generator().manual_seed(1)), \
+        torch.zeros(rows, width)
+    job = distribute(_mlp(width), grid, plan=PLAN, sample=x,
+                     loss_fn=torch.nn.functional.mse_loss, verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=1e-3)
+    per = max(1, -(-steps // rounds))
+    preds, meas = [], []
+    for _ in range(rounds):
+        job.retime()                  # its stages timed again, right before its steps
+        preds.append(job.predicted or 0.0)
+        spans = []
+        for i in range(per + 1):      # the first step warms up (the re-time ran copies)
+            opt.zero_grad()
+            collectives.barrier(world)
+            t0 = time.time()
+            job.step(x, y)
+            if i:
+                spans.append((t0, time.time()))
+            opt.step()
+        every = collectives.all_gather_object(world, spans)
+        meas.append(statistics.median(max(r[k][1] for r in every) - min(r[k][0] for r in every)
+                                      for k in range(per)))
+    return {"schedule": job.schedule.name, "profiled": job.profiled.makespan if job.profiled
+            else 0.0, "predicted": preds, "measured": meas,
+            "calls": {f"{k}{s}": len(v) for (s, k), v in sorted(job.tp_calls.items())},
+            "stretch": job.stretch or []}
+
+
+def run_tp_predicted(width: int = 256, rows: int = 64, steps: int = 9, rounds: int = 3
+                     ) -> dict[str, Any]:
+    """pp=2 x tp=2 (4 ranks): the 4-Linear MLP by ``engine.distribute(plan=PLAN,
+    schedule="auto")``; per round, the prediction after ``Job.retime`` (the
+    sharded stages timed with their tp collectives) and the median measured
+    step; beside them the prediction from the unsharded profile alone (its
+    times over tp: the tp collectives left out); the tp collectives of each
+    (stage, kind) of action on rank 0, and its stretch."""
+    import mesh
+    out: dict[str, Any] = mesh.spawn(_tp_predicted_worker, 4, width, rows, steps, rounds,
+                                     timeout=600)[0]
+    return out

@@ -71,16 +71,29 @@ class _Spin(_Noop):
     ...}``), with small matmuls (which let go of the GIL, as a real stage's
     do)."""
 
-    def __init__(self, out: Any, seconds: float | Mapping[str, float], back: Any = None) -> None:
+    def __init__(self, out: Any, seconds: float | Mapping[str, float], back: Any = None,
+                 tp: tuple[Comm, Mapping[str, Sequence[int]]] | None = None) -> None:
         super().__init__(out, back)
         self.seconds = ({k: float(seconds) for k in "FBIW"} if isinstance(seconds, (int, float))
                         else dict(seconds))
         self._a = np.ones((64, 64))
+        self.tp = tp[0] if tp else None     # tensor-parallel stages' collectives, per kind
+        self.calls = {k: [np.zeros(max(1, n // 4), np.float32) for n in tp[1].get(k, ())]
+                      for k in "FBIW"} if tp else {}
 
     def _spin(self, kind: str) -> None:
-        end = time.thread_time() + self.seconds[kind]
-        while time.thread_time() < end:
-            self._a @ self._a
+        """Burn the action's CPU; with ``tp``, in even parts between
+        all-reduces of its collectives' sizes on the tp group (its peers run
+        the same program), so they wait for each other as the step's do."""
+        calls = self.calls.get(kind, [])
+        part = self.seconds[kind] / (len(calls) + 1)
+        for buf in [*calls, None]:
+            end = time.thread_time() + part
+            while time.thread_time() < end:
+                self._a @ self._a
+            if buf is not None:
+                assert self.tp is not None
+                collectives.all_reduce(self.tp, buf)
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         self._spin("F")
@@ -215,7 +228,8 @@ class DryRun:
 
 def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple[int, int]],
             steps: int = 5, tag_base: int = 0, timeout: float | None = None,
-            costs: Mapping[str, Sequence[float]] | None = None) -> DryRun:
+            costs: Mapping[str, Sequence[float]] | None = None,
+            tp: tuple[Comm, Mapping[tuple[int, str], Sequence[int]]] | None = None) -> DryRun:
     """The executor running ``sched`` on ``pp`` with stages that compute
     nothing, or, with ``costs`` (seconds per stage of each kind, as the
     simulator takes them), that keep the core busy that long per action
@@ -237,8 +251,11 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     backward (its output's and its input's). These depend on the schedule's
     mix of actions and messages, its micro-batch count and the actions'
     length: ``Job.retime`` measures them on the chosen schedule itself,
-    with its own message sizes and its stages' times. Collective over
-    ``world`` (every pp group of it runs its own)."""
+    with its own message sizes and its stages' times. ``tp``: ``(tp group,
+    {(stage, kind): bytes of each collective of such an action})``, for
+    tensor-parallel stages: each action (with ``costs``) makes collectives
+    of those sizes on the tp group between parts of its CPU (``_Spin``).
+    Collective over ``world`` (every pp group of it runs its own)."""
     sizes = ([(nbytes, nbytes)] * sched.num_stages if isinstance(nbytes, int)
              else list(nbytes))
 
@@ -246,7 +263,8 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
         out, back = (np.zeros(max(1, n // 8)) for n in sizes[s])
         if costs is None:
             return _Noop(out, back)
-        return _Spin(out, {k: float(costs[k][s]) if k in costs else 0.0 for k in "FBIW"}, back)
+        return _Spin(out, {k: float(costs[k][s]) if k in costs else 0.0 for k in "FBIW"}, back,
+                     (tp[0], {k: tp[1].get((s, k), ()) for k in "FBIW"}) if tp else None)
 
     m = sched.num_microbatches
     pipe = Pipeline(pp, [stage(s) for s in sched.stages_of(pp.rank)], sched,

@@ -106,7 +106,10 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
                  program: Sequence[Action], reps: int = 3,
                  clock: Callable[[], float] = time.perf_counter,
                  loss: tuple[int, Callable[[Any], Any]] | None = None,
-                 each: list[dict[int, LayerCost]] | None = None) -> dict[int, LayerCost]:
+                 each: list[dict[int, LayerCost]] | None = None,
+                 runs: int | None = None,
+                 calls: tuple[list[int], dict[tuple[int, str], list[int]]] | None = None
+                 ) -> dict[int, LayerCost]:
     """Each stage's F, B, I and W as a step runs them: this rank's compute
     actions of ``program`` (a lowered rank program; its messages skipped)
     in their order, each micro-batch's F on a fresh copy of its stage's
@@ -116,25 +119,32 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
     (the activations it reads evicted by the actions between), every
     micro-batch in flight writes its own buffers, and a rank holding two
     stages alternates between them. Runs: one to warm up, then at least
-    ``reps`` and 50 ms of them (at most 25); per run, the mean of each
-    stage's actions of a kind; returned, the median over the runs (kinds
-    the program does not run: 0). ``loss``: ``(stage, fn)``, the last
+    ``reps`` and 50 ms of them (at most 25; exactly ``runs`` when given:
+    tensor-parallel stages, whose collectives their peers must make as
+    often); per run, the mean of each stage's actions of a kind;
+    returned, the median over the runs (kinds the program does not run:
+    0). ``loss``: ``(stage, fn)``, the last
     stage and ``fn(output) -> its gradient`` (the loss and the executor's
     scaling), timed in that stage's F as the executor runs it. ``each``,
     when given, gets every run's own figures (a dict like the one returned)
-    appended, in the order run. The stages' gradients are changed: pass
-    copies."""
+    appended, in the order run. ``calls``: ``(log, out)``, a list that
+    grows as the stages make collectives (engine.tp_plan's
+    ``logging_calls``): ``out[(stage, kind)]`` gets the entries an action
+    of that kind added, in the warm-up run. The stages' gradients are
+    changed: pass copies."""
     acts = [a for a in program if a.kind in (F, B, I, W)]
-    runs: dict[tuple[int, str], list[float]] = {}
+    timed: dict[tuple[int, str], list[float]] = {}
     nbytes: dict[int, int] = {}
     begin, n = clock(), 0
-    while n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS):
+    while (n <= runs if runs is not None else
+           n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS)):
         n += 1
         ctxs: dict[tuple[int, Any], Any] = {}
         gys: dict[tuple[int, Any], Any] = {}
         took: dict[tuple[int, str], list[float]] = {}
         for a in acts:
             st, key = stages[a.stage], (a.stage, a.mb)
+            c0 = len(calls[0]) if calls is not None else 0
             if a.kind == F:
                 x = inputs[a.stage] * 1        # a fresh array, as a received message is
                 fn = loss[1] if loss is not None and a.stage == loss[0] else None
@@ -157,12 +167,14 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
                     _, ctxs[key] = st.backward_input(ctx, gy)
                 t1 = clock()
             took.setdefault((a.stage, a.kind), []).append(t1 - t0)
+            if calls is not None and n == 1:
+                calls[1][(a.stage, a.kind)] = calls[0][c0:]
         if n > 1:
             for k, v in took.items():
-                runs.setdefault(k, []).append(sum(v) / len(v))
+                timed.setdefault(k, []).append(sum(v) / len(v))
             if each is not None:
                 each.append(_by_stage({k: sum(v) / len(v) for k, v in took.items()}, nbytes))
-    return _by_stage({k: statistics.median(v) for k, v in runs.items()}, nbytes)
+    return _by_stage({k: statistics.median(v) for k, v in timed.items()}, nbytes)
 
 
 def _by_stage(times: Mapping[tuple[int, str], float], nbytes: Mapping[int, int]

@@ -57,6 +57,8 @@ from .tensor_parallel import gather_state_dict, parallelize
 from .partition import partition
 from .torch_stage import TorchStage, torch_loss
 from .tp_layers import full_params
+from .tp_plan import logging_calls
+from .tp_sums import holders as tp_holders
 
 __all__ = ["distribute", "Job", "load_state"]
 
@@ -160,7 +162,8 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
 
 def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program: Any,
             reps: int, loss: tuple[int, Callable[[Any], Any]] | None = None,
-            clock: Callable[[], float] = time.perf_counter
+            clock: Callable[[], float] = time.perf_counter,
+            calls: dict[tuple[int, str], list[int]] | None = None
             ) -> tuple[dict[int, LayerCost], list[dict[int, LayerCost]]]:
     """Each rank times copies of its stages running its own program's
     compute actions in order (engine.choose.time_program: every rank at
@@ -168,12 +171,23 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
     so that a burst of others' load over two of them does not move the
     median; ``loss``, the last stage's loss in its F, as the step runs it);
     the times of every stage, averaged over the ranks that hold it (dp
-    replicas), exchanged; and the same for each run, the ranks' runs paired
-    in order (as many as the rank with the fewest ran)."""
+    replicas, tp peers), exchanged; and the same for each run, the ranks'
+    runs paired in order (as many as the rank with the fewest ran).
+
+    ``calls``, for tensor-parallel stages (whose tp peers time theirs at
+    once, making the same collectives: a fixed number of runs, and the
+    whole parameters' gradient sums left to the step's end, as a Pipeline
+    leaves them): gets the bytes of each tp collective an action of each
+    (stage, kind) makes (engine.tp_plan.logging_calls)."""
     copies = {s: copy.deepcopy(st) for s, st in stages.items()}
+    for st in copies.values() if calls is not None else ():
+        for h in tp_holders(st):
+            h.defer = True
     each: list[dict[int, LayerCost]] = []
-    median = time_program(copies, inputs, program, max(reps, 5), clock=clock, loss=loss,
-                          each=each)
+    with logging_calls() as log:
+        median = time_program(copies, inputs, program, max(reps, 5), clock=clock, loss=loss,
+                              each=each, runs=None if calls is None else 2 * max(reps, 5),
+                              calls=None if calls is None else (log, calls))
     mine = [((s, -1), lc) for s, lc in median.items()]
     mine += [((s, i), lc) for i, run in enumerate(each) for s, lc in run.items()]
     got: dict[tuple[int, int], list[LayerCost]] = {}
@@ -270,6 +284,7 @@ class Job:
         self._messages, self._timeout, self._tag_base = messages, timeout, tag_base
         self.profiled = chosen        # the prediction from distribute's profile
         self.stretch: list[float] | None = None     # per stage, retime's wall over CPU
+        self.tp_calls: dict[tuple[int, str], list[int]] = {}   # retime's tp collectives' bytes
         self._inputs, self._reps, self._target = inputs or {}, reps, target
         self.sharded = sharded
         self.pipeline = pipeline
@@ -314,16 +329,26 @@ class Job:
         (``profile_calibration`` and ``profiled`` keep the choice's own).
         distribute does it once before returning. Collective over the grid;
         returns the new prediction, or None (nothing timed) when the costs
-        were not measured or the stages are tensor-parallel (their
-        collectives cannot be timed apart). Nothing is fitted to a step: no
-        step runs."""
+        were not measured. Tensor-parallel stages are timed with their
+        collectives (the tp peers time theirs at once), in CPU as the rest,
+        and the dry run's stages make collectives of the same sizes on the
+        tp group between parts of their CPU (``tp_calls``), so the stretch
+        holds the tp peers' waits for each other as the steps' contention
+        makes them (the re-time's own waits are left out: with every rank
+        timing at once, a peer kept off its core would count twice, as a
+        wait and in the stretch; BENCHMARKS.md, fifteenth session). Nothing
+        is fitted to a step: no step runs."""
         if self.chosen is None or not self._inputs:
             return None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
         calibrated = self._messages is not None        # (not a given overhead)
+        tp = self.pipeline.tp if self.sharded else None
+        calls: dict[tuple[int, str], list[int]] = {}
         times, runs = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
                               self._reps, self._loss(),
-                              time.thread_time if calibrated else time.perf_counter)
+                              time.thread_time if calibrated else time.perf_counter,
+                              calls if tp is not None else None)
+        self.tp_calls = calls
         cal = self.calibration or Calibration(0.0, 0.0)
         helper = cal.helper
         if calibrated:
@@ -332,7 +357,8 @@ class Job:
                     for k in ("F", "B", "I", "W")}
             dry = dry_run(self.grid.comm, self.grid.group("pp"), self.chosen.schedule,
                           self._messages, steps=5, tag_base=self._tag_base,
-                          timeout=self._timeout, costs=spin)
+                          timeout=self._timeout, costs=spin,
+                          tp=(tp, calls) if tp is not None else None)
             cal = replace(cal, action=dry.action, message=dry.message,
                           helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper,
                           receive=dry.receive)
@@ -561,6 +587,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     if plan:        # the whole model, so the plan's names are the model's own
         parallelize(model, grid.group("tp"), plan)
         named, _ = _model_layers(model)
+        if sample is not None:     # the sharded layers (what Job.retime's inputs pass through)
+            mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
     mine = sched.stages_of(grid.coord("pp"))
     cut = partition(model, sched.num_stages, balance=list(counts), stages=mine)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
@@ -575,10 +603,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     inputs: dict[int, Any] = {}
     target: Any = None
     messages: list[tuple[int, int]] | None = None
-    if chosen is not None and not plan:       # for Job.retime: each own stage's input
+    if chosen is not None:       # for Job.retime: each own stage's input
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
         xs = [sample[:size]]
+        # (sharded: tp peers pass it through the same layers, collectives alike)
         while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
             xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
         inputs = {s: xs[bounds[s]] for s in mine}

@@ -31,7 +31,7 @@ import collectives
 
 from . import tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
-                      match, rewrite_attrs, shard_rows)
+                      logged, match, rewrite_attrs, shard_rows)
 from .torch_stage import TorchStage, _torch, _view
 
 __all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
@@ -322,6 +322,7 @@ def _function() -> Any:
     return Comm
 
 
+@logged
 def _comm(group: Any, x: Any, op: str, where: str, dim: int) -> Any:
     """One collective of the Comm function on a tensor; a fresh tensor."""
     torch = _torch()

@@ -17,6 +17,7 @@ the unsharded model's ``params()`` has them.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 import numpy as np
@@ -25,11 +26,12 @@ import collectives
 
 from .layers import Embedding, Linear, Sequential
 from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
-                      match, rewrite_attrs, shard_rows)
+                      logged, match, rewrite_attrs, shard_rows)
 
 __all__ = ["Sharded", "parallelize", "full_params", "group_of", "named_layers"]
 
 
+@logged
 def _comm(group: Any, x: Any, op: str, dim: int, where: str = "tensor parallel") -> Any:
     """One collective on an array: ar (all-reduce), ag (all-gather along
     dim), rs (reduce-scatter along dim), split (this rank's part), id."""
@@ -113,6 +115,14 @@ class Sharded:
         self.partial_bias = style.style == "rowwise" and style.output != "replicate"
         self.add_bias = bias is not None and (style.output != "partial" or group.rank == 0)
         self.defer = False      # True: a Pipeline sums them after its step (engine.tp_sums)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Sharded":
+        """A copy is sharded over the same group (a Comm is not copied)."""
+        memo[id(self.group)] = self.group
+        new = Sharded.__new__(Sharded)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def summed_grads(self) -> list[Any]:
         """The gradients summed over the group (engine.tp_sums)."""

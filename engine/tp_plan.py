@@ -58,10 +58,13 @@ finds them; its output stays sharded (``"shard"``).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import hashlib
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import collectives
 
@@ -283,3 +286,32 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
             raise PlanError(f"tp rank {group.rank}: {what}: tp rank {r} has {sorted(extra)[0]} "
                             f"that rank {group.rank} does not")
 
+
+_T = TypeVar("_T")
+_calls = threading.local()
+
+
+def logged(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """``fn`` (a tp collective, ``fn(group, x, op, ...)``), whose bytes are
+    logged while ``logging_calls`` runs on the calling thread, when it
+    moves data (op "ar", "ag" or "rs")."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> _T:
+        log = getattr(_calls, "log", None)
+        if log is not None and args[2] in ("ar", "ag", "rs"):
+            x = args[1]
+            log.append(int(x.nbytes) if hasattr(x, "nbytes") else x.element_size() * x.numel())
+        return fn(*args, **kwargs)
+    return call
+
+
+@contextlib.contextmanager
+def logging_calls() -> Iterator[list[int]]:
+    """The bytes of each tp collective this thread makes meanwhile, in order
+    (what Job.retime's dry run has its stand-in stages exchange)."""
+    log: list[int] = []
+    _calls.log = log
+    try:
+        yield log
+    finally:
+        _calls.log = None

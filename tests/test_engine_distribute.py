@@ -511,20 +511,23 @@ def _numpy_worker(world, axes, plan, widths):
             # rings leave them parked: 0 on some ranks in 4 of 6 quiet runs, on all in 1)
             "calibrated": (cal.helper_measured >= 0 and cal.helper == (cal.helper_measured
                                                                        if cal.crowded else 0.0)),
-            "retimed": plan is not None or job.predicted != job.profiled.makespan,
-            "dry": plan is not None or (   # retime's executor costs: a dry run of the chosen
+            "retimed": job.predicted != job.profiled.makespan,    # tp stages too, since 15
+            "dry": (   # retime's executor costs: a dry run of the chosen
                 cal is not job.profile_calibration
                 and cal.crowded == job.profile_calibration.crowded
                 and cal.helper == (cal.helper_measured if cal.crowded else 0.0)
                 and job.chosen.costs["send"] == [cal.message] * job.schedule.num_stages
                 and job.chosen.costs["recv"] == [cal.receive] * job.schedule.num_stages),
             # the re-time runs the loss where the last stage's F does
-            "loss": plan is not None or (job._loss() is not None) == job.pipeline.last,
+            "loss": (job._loss() is not None) == job.pipeline.last,
             "measured": plan is not None or job.profiled.measured,   # by its own dry run
             # the re-time's CPU times stretched by the busy dry run's wall over CPU, per stage
-            "stretched": plan is not None or (job.stretch is not None and len(job.stretch)
-                                              == job.schedule.num_stages
-                                              and min(job.stretch) >= 1.0)}
+            "stretched": (job.stretch is not None and len(job.stretch) == job.schedule.num_stages
+                          and min(job.stretch) >= 1.0),
+            # the tp collectives of each action, which the dry run makes too: sharded only
+            "calls": (bool(job.tp_calls) == (plan is not None) and all(
+                n > 0 for sizes in job.tp_calls.values() for n in sizes)),
+            "tp_calls": sum(len(sizes) for sizes in job.tp_calls.values())}
 
 
 def _numpy_reference(widths=WIDTHS):
@@ -554,10 +557,11 @@ def test_numpy_distribute_matches_one_process(axes, plan):
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
         assert res["calibrated"] and res["retimed"] and res["dry"] and res["loss"]
-        assert res["measured"] and res["stretched"]
+        assert res["measured"] and res["stretched"] and res["calls"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
+    assert (sum(res["tp_calls"] for res in results) > 0) == (plan is not None)
     state = results[0]["state"]
     assert all(res["state"] is None for res in results[1:])
     got = _numpy_model(widths)
