@@ -167,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{statistics.median(tpp['measured']) / tpp['profiled']:.3f}; rank 0's tp "
               f"collectives per action {tpp['calls']}, stretch "
               f"{' '.join(f'{x:.2f}' for x in tpp['stretch'])}")
+        from .bench_distribute import run_tp_sums
+        sums = run_tp_sums(steps=max(a.steps, 3))
+        print(f"pp=2 x tp=2, four sequence-parallel MLP blocks, 1f1b(2,8): the norms' gradient "
+              f"sums once a step {sums['once'] * 1e3:.1f} ms, once per backward "
+              f"{sums['hooks'] * 1e3:.1f} ms: {sums['once'] / sums['hooks']:.3f}")
         return 0
     names = [n for n in a.schedules.split(",") if n]
     print(f"meshrun engine: p={a.p} m={a.m} F={a.F * 1e3:g}ms B={a.B * 1e3:g}ms "

@@ -37,7 +37,7 @@ from .distribute import distribute
 from .layers import Linear, Sequential, _Activation, mse_loss
 
 __all__ = ["Burn", "uneven_model", "run_balance", "balance_table", "run_tp", "run_tp_predicted",
-           "stage_overrun"]
+           "run_tp_sums", "stage_overrun"]
 
 
 class Burn(_Activation):
@@ -385,4 +385,70 @@ def run_tp_predicted(width: int = 256, rows: int = 64, steps: int = 9, rounds: i
     import mesh
     out: dict[str, Any] = mesh.spawn(_tp_predicted_worker, 4, width, rows, steps, rounds,
                                      timeout=600)[0]
+    return out
+
+
+def _seq_model(width: int, blocks: int) -> Any:
+    """Pre-norm MLP blocks (torch): x + down(tanh(up(norm(x))))."""
+    import torch
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln = nn.LayerNorm(width)
+            self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+        def forward(self, x: Any) -> Any:
+            return x + self.down(torch.tanh(self.up(self.ln(x))))
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block() for _ in range(blocks)])
+
+
+SEQ_PLAN = {"*.ln": "sequence", "*.up": {"style": "colwise", "input": "sequence"},
+            "*.down": {"style": "rowwise", "output": "sequence"}}
+
+
+def _tp_sums_worker(world: Any, width: int, m: int, steps: int) -> dict[str, float]:
+    import torch
+
+    import collectives
+    import mesh
+
+    from . import schedules
+    from .executor import Pipeline
+    from .tensor_parallel import parallelize
+    from .torch_stage import TorchStage, torch_loss
+    from .tp_sums import TpSums
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, pp=2, tp=2)
+    blocks = 4
+    model = _seq_model(width, blocks)
+    half = blocks // 2
+    module = model[grid.coord("pp") * half:(grid.coord("pp") + 1) * half]
+    parallelize(module, grid.group("tp"), SEQ_PLAN, strict=False)
+    pipe = Pipeline(grid, TorchStage(module), schedules.by_name("1f1b", 2, m),
+                    loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=120)
+    once, hooks = pipe.tp_sums, TpSums(pipe.stages, enabled=False)
+    x = torch.randn(2 * m, 8, width, generator=torch.Generator().manual_seed(1))
+    times: dict[str, list[float]] = {"once": [], "hooks": []}
+    for i in range(2 * steps + 2):        # alternated; the first of each warms up
+        key = "once" if i % 2 == 0 else "hooks"
+        pipe.tp_sums = once if key == "once" else hooks
+        collectives.barrier(world)
+        t0 = time.perf_counter()
+        pipe.step(x if pipe.first else None, x if pipe.last else None)
+        collectives.barrier(world)
+        if i >= 2:
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_tp_sums(width: int = 64, m: int = 8, steps: int = 9) -> dict[str, float]:
+    """pp=2 x tp=2 (4 ranks), four pre-norm MLP blocks sequence-parallel
+    (SEQ_PLAN), 1F1B over ``m`` micro-batches: the median step (barrier to
+    barrier) with the norms' gradient sums once a step (TpSums) and once
+    per backward (the hooks), alternated in one run."""
+    import mesh
+    out: dict[str, float] = mesh.spawn(_tp_sums_worker, 4, width, m, steps, timeout=600)[0]
     return out
