@@ -131,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="engine.distribute on uneven layers: balance time/uniform/parameters")
     ap.add_argument("--rounds", type=int, default=3,
                     help="--balance: rounds of re-time, then the timed steps (split over them)")
+    ap.add_argument("--tp-predict", metavar="SCHEDULES",
+                    help="pp=2 x tp=2: measured step over Job.retime's prediction for these "
+                         "schedules (e.g. 1f1b,interleaved,zb-h1,zb-v,gpipe), the MLP and "
+                         "train_3d's TinyGPT; --rounds rounds")
     ap.add_argument("--stages", action="store_true",
                     help="the uneven model's stages timed whole over their layers' sum (CPU)")
     a = ap.parse_args(argv)
@@ -141,6 +145,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for (first, stop), ratios in stage_overrun():
             print(f"  layers {first}..{stop - 1}: "
                   + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        return 0
+    if a.tp_predict:
+        from .bench_distribute import run_tp_predicted, train_3d_example
+        models = ["gpt", "mlp"] if train_3d_example() is not None else ["mlp"]
+        print(f"pp=2 x tp=2 (4 ranks): median step over Job.retime's prediction, "
+              f"{max(1, a.rounds)} rounds (each round's), and over the profile alone")
+        for sched in a.tp_predict.split(","):
+            for model in models:
+                r = run_tp_predicted(steps=5 * max(1, a.rounds), rounds=max(1, a.rounds),
+                                     schedule=sched, model=model)
+                by = [m / p for m, p in zip(r["measured"], r["predicted"]) if p]
+                print(f"  {model:4s} {r['schedule']:26s} meas/pred "
+                      f"{statistics.median(by):.3f} ({' '.join(f'{x:.2f}' for x in by)})  "
+                      f"over profile {statistics.median(r['measured']) / r['profiled']:.2f}",
+                      flush=True)
         return 0
     if a.balance:
         from .bench_distribute import balance_table, run_balance

@@ -37,7 +37,7 @@ from .distribute import distribute
 from .layers import Linear, Sequential, _Activation, mse_loss
 
 __all__ = ["Burn", "uneven_model", "run_balance", "balance_table", "run_tp", "run_tp_predicted",
-           "run_tp_sums", "stage_overrun"]
+           "run_tp_sums", "stage_overrun", "train_3d_example"]
 
 
 class Burn(_Activation):
@@ -338,18 +338,39 @@ def run_tp(n: int = 2, width: int = 256, rows: int = 64, steps: int = 7) -> dict
     return {"meshrun_ms": ours, "torch_ms": theirs}
 
 
-def _tp_predicted_worker(world: Any, width: int, rows: int, steps: int, rounds: int
-                         ) -> dict[str, Any]:
+def train_3d_example() -> Any:
+    """examples/train_3d.py of a source checkout, as a module (its TinyGPT,
+    PLAN, batch and loss_fn), or None where the package runs without it."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_3d.py"
+    spec = importlib.util.spec_from_file_location("train_3d", path) if path.exists() else None
+    if spec is None or spec.loader is None:
+        return None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tp_predicted_worker(world: Any, width: int, rows: int, steps: int, rounds: int,
+                         schedule: str, model: str) -> dict[str, Any]:
     import torch
 
     import collectives
     import mesh
     torch.set_num_threads(1)
     grid = mesh.grid(world, pp=2, tp=2)
-    x, y = torch.randn(rows, width, generator=torch.Generator().manual_seed(1)), \
-        torch.zeros(rows, width)
-    job = distribute(_mlp(width), grid, plan=PLAN, sample=x,
-                     loss_fn=torch.nn.functional.mse_loss, verbose=False)
+    if model == "gpt":
+        t3 = train_3d_example()
+        torch.manual_seed(0)
+        x, y = t3.batch(0, 16)
+        job = distribute(t3.TinyGPT(), grid, plan=t3.PLAN, sample=x, loss_fn=t3.loss_fn,
+                         schedule=schedule, verbose=False)
+    else:
+        x, y = torch.randn(rows, width, generator=torch.Generator().manual_seed(1)), \
+            torch.zeros(rows, width)
+        job = distribute(_mlp(width), grid, plan=PLAN, sample=x, schedule=schedule,
+                         loss_fn=torch.nn.functional.mse_loss, verbose=False)
     opt = torch.optim.SGD(job.parameters(), lr=1e-3)
     per = max(1, -(-steps // rounds))
     preds, meas = [], []
@@ -374,17 +395,19 @@ def _tp_predicted_worker(world: Any, width: int, rows: int, steps: int, rounds: 
             "stretch": job.stretch or []}
 
 
-def run_tp_predicted(width: int = 256, rows: int = 64, steps: int = 9, rounds: int = 3
-                     ) -> dict[str, Any]:
-    """pp=2 x tp=2 (4 ranks): the 4-Linear MLP by ``engine.distribute(plan=PLAN,
-    schedule="auto")``; per round, the prediction after ``Job.retime`` (the
-    sharded stages timed with their tp collectives) and the median measured
-    step; beside them the prediction from the unsharded profile alone (its
-    times over tp: the tp collectives left out); the tp collectives of each
-    (stage, kind) of action on rank 0, and its stretch."""
+def run_tp_predicted(width: int = 256, rows: int = 64, steps: int = 9, rounds: int = 3,
+                     schedule: str = "auto", model: str = "mlp") -> dict[str, Any]:
+    """pp=2 x tp=2 (4 ranks): ``engine.distribute(plan=..., schedule=...)``
+    of the 4-Linear MLP with PLAN (``model="mlp"``) or train_3d's TinyGPT
+    with its plan (``"gpt"``: a source checkout's example); per round, the
+    prediction after ``Job.retime`` (the sharded stages timed with their tp
+    collectives) and the median measured step; beside them the prediction
+    from the unsharded profile alone (its times over tp: the tp collectives
+    left out); the tp collectives of each (stage, kind) of action on rank
+    0, and its stretch."""
     import mesh
     out: dict[str, Any] = mesh.spawn(_tp_predicted_worker, 4, width, rows, steps, rounds,
-                                     timeout=600)[0]
+                                     schedule, model, timeout=600)[0]
     return out
 
 
