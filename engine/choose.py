@@ -63,7 +63,8 @@ def _nbytes(y: Any) -> int:
 
 
 def time_layer(layer: Any, x: Any, reps: int = 3,
-               clock: Callable[[], float] = time.perf_counter) -> tuple[LayerCost, Any]:
+               clock: Callable[[], float] = time.perf_counter,
+               runs: int | None = None) -> tuple[LayerCost, Any]:
     """The costs of one layer (a stage object: forward, backward,
     backward_input, backward_weight) on ``x``, and its output. Each time is
     the median of at least ``reps`` runs after one more to warm up, as the
@@ -74,13 +75,16 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
     three a coin toss; the mean of many follows the bursts of others' load
     at profiling time, which the step, seconds later, does not meet. What its gradients held before
     is put back. ``clock``: ``time.thread_time`` counts this thread's CPU
-    only (what a comparison on a loaded machine wants), not the wall."""
+    only (what a comparison on a loaded machine wants), not the wall.
+    ``runs``: exactly that many after the warm-up (a tensor-parallel layer,
+    whose collectives its peers must make as often)."""
     saved = [(g, g.copy()) for g in layer.grads()] if hasattr(layer, "grads") else []
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     y = x
-    begin, runs = clock(), 0
-    while runs <= max(1, reps) or (clock() - begin < _SPAN and runs < _MAX_RUNS):
-        runs += 1
+    begin, n = clock(), 0
+    while (n <= runs if runs is not None else
+           n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS)):
+        n += 1
         t0 = clock()
         y, ctx = layer.forward(x)
         t1 = clock()
@@ -186,11 +190,12 @@ def _by_stage(times: Mapping[tuple[int, str], float], nbytes: Mapping[int, int]
 
 
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
-            mine: Sequence[int] | None = None) -> dict[int, dict[int, LayerCost]]:
+            mine: Sequence[int] | None = None, runs: int | None = None
+            ) -> dict[int, dict[int, LayerCost]]:
     """``{size: {layer index: LayerCost}}``: ``time_layer`` of each layer
     (a stage object) on the first ``size`` rows of ``batch``, passed through
     the layers before it. Only the layers in ``mine`` are timed (all by
-    default), so ranks can share the work."""
+    default), so ranks can share the work; ``runs``: as time_layer's."""
     timed = set(range(len(layers)) if mine is None else mine)
     out: dict[int, dict[int, LayerCost]] = {}
     for size in sizes:
@@ -200,21 +205,23 @@ def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int =
             if i not in timed:
                 x = layer.forward(x)[0]
                 continue
-            row[i], x = time_layer(layer, x, reps)
+            row[i], x = time_layer(layer, x, reps, runs=runs)
         out[size] = row
     return out
 
 
 def measure_stages(layers: Sequence[Any], join: Callable[[int, int], Any], batch: Any,
                    spans: Mapping[int, Sequence[Span]], reps: int = 3,
-                   mine: Sequence[int] | None = None) -> dict[int, dict[Span, LayerCost]]:
+                   mine: Sequence[int] | None = None, runs: int | None = None
+                   ) -> dict[int, dict[Span, LayerCost]]:
     """``{size: {(first, stop): LayerCost}}``: ``time_layer`` of the stage
     ``join(first, stop)`` (one stage object of layers first..stop-1, as the
     pipeline runs it) on the first ``size`` rows of ``batch`` passed through
     ``layers`` (the layers' stage objects, as ``measure`` takes them) up to
     ``first``, for every span of ``spans[size]``. Only the spans whose
     positions in ``sorted((size, first, stop))`` are in ``mine`` (all by
-    default) are timed, so ranks can share the work."""
+    default) are timed, so ranks can share the work; ``runs``: as
+    time_layer's."""
     todo = sorted((size, first, stop) for size, ss in spans.items() for first, stop in ss)
     timed = set(range(len(todo)) if mine is None else mine)
     out: dict[int, dict[Span, LayerCost]] = {size: {} for size in spans}
@@ -225,7 +232,7 @@ def measure_stages(layers: Sequence[Any], join: Callable[[int, int], Any], batch
         xs = inputs.setdefault(size, [batch[:size]])
         while len(xs) <= first:
             xs.append(layers[len(xs) - 1].forward(xs[-1])[0])
-        out[size][(first, stop)] = time_layer(join(first, stop), xs[first], reps)[0]
+        out[size][(first, stop)] = time_layer(join(first, stop), xs[first], reps, runs=runs)[0]
     return out
 
 

@@ -15,7 +15,8 @@ stages are timed once more (the last one with its loss)
 right before it returns, in the order the schedule runs them, and the
 executor's costs measured on a dry run of that schedule (``Job.retime``:
 ``job.predicted``), so the prediction is of the machine as the steps will
-find it::
+find it. With a plan the model is sharded first and its layers are timed
+sharded, the tp peers at once, so their collectives are in every figure::
 
     grid = mesh.grid(world, dp=2, pp=2)
     job = engine.distribute(model, grid, sample=x, loss_fn=F.mse_loss)
@@ -61,6 +62,8 @@ from .tp_plan import logging_calls
 from .tp_sums import holders as tp_holders
 
 __all__ = ["distribute", "Job", "load_state"]
+
+_TP_RUNS = 10     # runs of each tensor-parallel layer's timing (its peers must run as many)
 
 _AXES = ("dp", "pp", "tp")
 _STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above the pipeline's
@@ -116,12 +119,18 @@ def _median_act(row: dict[int, LayerCost]) -> int:
     return sorted(lc.act_bytes for lc in row.values())[len(row) // 2]
 
 
-def _shared(world: Comm, n: int, timed: Callable[[list[int]], list[tuple[Any, LayerCost]]]
+def _shared(grid: Grid, n: int, timed: Callable[[list[int]], list[tuple[Any, LayerCost]]]
             ) -> list[tuple[list[int], LayerCost]]:
     """Items ``0..n-1`` shared out over the ranks, each timing its own
     (``timed(mine)``: ``(key, cost)`` pairs, a key a tuple of ints), and
-    every rank's results exchanged, so all of them decide alike."""
-    return _exchange(world, timed([j for j in range(n) if j % world.size == world.rank]))
+    every rank's results exchanged, so all of them decide alike. With a tp
+    axis, over the tp groups: a group's ranks time the same items at once
+    (sharded layers, whose collectives they make together)."""
+    index, count = 0, 1
+    for name in grid.names:             # this rank's tp group, among all of them
+        if name != "tp":
+            index, count = index * grid.size(name) + grid.coord(name), count * grid.size(name)
+    return _exchange(grid.comm, timed([j for j in range(n) if j % count == index]))
 
 
 def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]]) -> list[tuple[list[int], LayerCost]]:
@@ -132,30 +141,32 @@ def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]]) -> list[tuple[lis
             for *key, f, b, gi, gw, nb in part]
 
 
-def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int
-             ) -> dict[int, dict[int, LayerCost]]:
-    """Every layer measured at every size (``_shared`` over the layers)."""
+def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int,
+             runs: int | None = None) -> dict[int, dict[int, LayerCost]]:
+    """Every layer measured at every size (``_shared`` over the layers;
+    ``runs``: a fixed count, for tensor-parallel layers)."""
     def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
-        local = measure(mlayers, sample, sizes, reps, mine)
+        local = measure(mlayers, sample, sizes, reps, mine, runs)
         return [((size, i), lc) for size, row in local.items() for i, lc in row.items()]
 
     merged: dict[int, dict[int, LayerCost]] = {s: {} for s in sizes}
-    for (size, i), lc in _shared(grid.comm, len(mlayers), timed):
+    for (size, i), lc in _shared(grid, len(mlayers), timed):
         merged[size][i] = lc
     return merged
 
 
 def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], Any], sample: Any,
-                    spans: dict[int, list[Span]], reps: int) -> dict[int, dict[Span, LayerCost]]:
+                    spans: dict[int, list[Span]], reps: int, runs: int | None = None
+                    ) -> dict[int, dict[Span, LayerCost]]:
     """Every stage of ``spans`` measured whole (engine.choose.measure_stages;
-    ``_shared`` over the stages)."""
+    ``_shared`` over the stages; ``runs`` as ``_profile``'s)."""
     def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
-        local = measure_stages(mlayers, join, sample, spans, reps, mine)
+        local = measure_stages(mlayers, join, sample, spans, reps, mine, runs)
         return [((size, a, b), lc) for size, row in local.items() for (a, b), lc in row.items()]
 
     merged: dict[int, dict[Span, LayerCost]] = {s: {} for s in spans}
     n = sum(len(ss) for ss in spans.values())
-    for (size, a, b), lc in _shared(grid.comm, n, timed):
+    for (size, a, b), lc in _shared(grid, n, timed):
         merged[size][(a, b)] = lc
     return merged
 
@@ -510,7 +521,6 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         raise ValueError(f"{'schedule=auto' if auto else 'balance=time'} measures the layers: "
                          "pass sample= (a batch of inputs as step() will get)")
     tp = _size(grid, "tp")
-    params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
 
     if isinstance(schedule, Schedule):
         if schedule.num_ranks != p:
@@ -531,6 +541,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         scheds = builtin(SCHEDULES if auto else [schedule], p, ms, chunks)
         if not scheds:
             raise ValueError(f"no schedule {schedule!r} for pp={p} at micro-batch counts {ms}")
+    if plan:        # the whole model, so the plan's names are the model's own; then every
+        parallelize(model, grid.group("tp"), plan)    # layer is timed sharded, collectives in
+        named, _ = _model_layers(model)
+    params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
+    runs = _TP_RUNS if plan and tp > 1 else None      # tp peers time a layer together
     cands: list[Candidate] = []
     chosen: Candidate | None = None
     sched = scheds[0]
@@ -539,7 +554,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         rows = len(sample)
         sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
         mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
-        profile = _profile(grid, mlayers, sample, sizes, reps)
+        profile = _profile(grid, mlayers, sample, sizes, reps, runs)
         cal = Calibration(overhead or 0.0, 0.0)
         action: float | dict[int, float] = cal.action
         message: float | dict[int, float] = cal.message
@@ -547,7 +562,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if overhead is None:
             m = max(sc.num_microbatches for sc in scheds)
             mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
-            spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p) / tp
+            spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p)
             cal = calibrate(grid.comm, grid.group("pp"), m, _median_act(profile[-(-rows // m)]),
                             tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
                             busy_nbytes=_median_act(mid))
@@ -558,7 +573,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                             _median_act(profile[-(-rows // k)]), tag_base=tag_base,
                             timeout=timeout)
                 action[k], message[k], receive[k] = d.action, d.message, d.receive
-        cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
+        cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                            action, message, helper=cal.helper, recv=receive)
         spans = stage_spans(cands, rows)
         whole: dict[int, dict[Span, LayerCost]] = {}
@@ -566,13 +581,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             def join(first: int, stop: int) -> Any:
                 stage = make_stage([layer for _, layer in named[first:stop]], first)
                 return TorchStage(stage) if is_torch else stage
-            whole = _profile_stages(grid, mlayers, join, sample, spans, reps)
-            cands = candidates(profile, params, rows, scheds, balance, 1.0 / tp, memory_limit,
+            whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs)
+            cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                action, message, whole, cal.helper, receive)
         if not cands:
             raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
-        if auto and overhead is None and not plan:     # the leaders' own dry runs
-            cands = _measured_choice(grid, cands, profile, whole, rows, 1.0 / tp, cal.crowded,
+        if auto and overhead is None:     # the leaders' own dry runs
+            cands = _measured_choice(grid, cands, profile, whole, rows, 1.0, cal.crowded,
                                      tag_base, timeout)
         chosen = cands[0]
         if not chosen.fits:
@@ -584,11 +599,6 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
               f"{table(cands, chosen)}", flush=True)
 
-    if plan:        # the whole model, so the plan's names are the model's own
-        parallelize(model, grid.group("tp"), plan)
-        named, _ = _model_layers(model)
-        if sample is not None:     # the sharded layers (what Job.retime's inputs pass through)
-            mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
     mine = sched.stages_of(grid.coord("pp"))
     cut = partition(model, sched.num_stages, balance=list(counts), stages=mine)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn

@@ -520,7 +520,7 @@ def _numpy_worker(world, axes, plan, widths):
                 and job.chosen.costs["recv"] == [cal.receive] * job.schedule.num_stages),
             # the re-time runs the loss where the last stage's F does
             "loss": (job._loss() is not None) == job.pipeline.last,
-            "measured": plan is not None or job.profiled.measured,   # by its own dry run
+            "measured": job.profiled.measured,   # by its own dry run (tp stages too, since 15)
             # the re-time's CPU times stretched by the busy dry run's wall over CPU, per stage
             "stretched": (job.stretch is not None and len(job.stretch) == job.schedule.num_stages
                           and min(job.stretch) >= 1.0),
