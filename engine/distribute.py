@@ -247,7 +247,7 @@ def _stage_messages(row: dict[int, LayerCost], counts: tuple[int, ...]) -> list[
 
 
 def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict[int, LayerCost]],
-                     whole: dict[int, dict[Span, LayerCost]], rows: int, scale: float,
+                     whole: dict[int, dict[Span, LayerCost]], rows: int,
                      crowded: bool, tag_base: int, timeout: float | None, tries: int = 4
                      ) -> list[Candidate]:
     """``cands`` ranked again, the leader costed with the executor's costs
@@ -267,11 +267,11 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
             break
         size = -(-rows // lead.schedule.num_microbatches)
         row, w = profile[size], whole.get(size)
-        spin = stage_costs(row, lead.counts, scale, whole=w)
+        spin = stage_costs(row, lead.counts, whole=w)
         d = dry_run(grid.comm, grid.group("pp"), lead.schedule, _stage_messages(row, lead.counts),
                     steps=3, tag_base=tag_base, timeout=timeout,
                     costs={k: spin[k] for k in "FBIW"})
-        cands = best_first([recosted(lead, row, scale, w, d.action, d.message,
+        cands = best_first([recosted(lead, row, 1.0, w, d.action, d.message,
                                      d.helper if crowded else 0.0, d.receive)] + cands[1:])
     if cands[0].measured or not any(c.measured for c in cands):
         return cands
@@ -587,7 +587,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if not cands:
             raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
         if auto and overhead is None:     # the leaders' own dry runs
-            cands = _measured_choice(grid, cands, profile, whole, rows, 1.0, cal.crowded,
+            cands = _measured_choice(grid, cands, profile, whole, rows, cal.crowded,
                                      tag_base, timeout)
         chosen = cands[0]
         if not chosen.fits:

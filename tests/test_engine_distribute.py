@@ -300,7 +300,7 @@ def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
         def group(self, axis):
             return None
     monkeypatch.setattr(dist, "dry_run", fake_dry_run)
-    got = dist._measured_choice(Grid(), list(cands), prof, {}, rows, 1.0, False, 0, None)
+    got = dist._measured_choice(Grid(), list(cands), prof, {}, rows, False, 0, None)
     assert [r[0] for r in ran] == [lead.schedule.name, second.schedule.name]
     assert got[0].schedule is second.schedule and got[0].measured
     assert got[0].makespan == pytest.approx(second.makespan)
@@ -315,7 +315,7 @@ def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
                                                          prof[size][1].act_bytes)]
     assert sum(c.measured for c in got) == 2
     ran.clear()
-    once = dist._measured_choice(Grid(), list(cands), prof, {}, rows, 1.0, False, 0, None,
+    once = dist._measured_choice(Grid(), list(cands), prof, {}, rows, False, 0, None,
                                  tries=1)      # spent: the measured one leads, though slower
     assert once[0].schedule is lead.schedule and once[0].measured and len(ran) == 1
     assert once[1].schedule is second.schedule and not once[1].measured
