@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from . import tensors
 from .match import ANY, ANY_TAG, Pending, describe, got_fields
-from .payload import out_unusable
+from .payload import delivered, out_unusable
 from .transport import SENT, Outgoing, Transport
 
 if TYPE_CHECKING:
@@ -116,10 +117,12 @@ class Comm:
     def send(self, obj: Any, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         """Blocking send; returns when ``obj``'s buffer may be reused."""
         t = self._t
-        if (type(obj) is np.ndarray and type(dst) is int and 0 <= dst < self.size
-                and type(tag) is int and 0 <= tag < ANY_TAG
-                and t.send_ring(self.ranks[dst], self.gid, tag, obj) is not None):
-            return
+        if type(dst) is int and 0 <= dst < self.size and type(tag) is int and 0 <= tag < ANY_TAG:
+            if type(obj) is np.ndarray:
+                if t.send_ring(self.ranks[dst], self.gid, tag, obj) is not None:
+                    return
+            elif self._ring_tensor(obj, dst, tag):
+                return
         _check_tag(tag, self, "send")
         wdst = self._world_rank(dst, "send")
         t.wait(t.isend(wdst, self.gid, tag, obj, None, self._desc("send to", dst, wdst, tag)),
@@ -136,7 +139,8 @@ class Comm:
             if got is not None:        # from a same-host ring, by this thread
                 if status is not None:
                     self._status(status, got[1])
-                return got[0]
+                bits = got[1].device        # a torch tensor's message: a tensor (no out=)
+                return got[0] if out is not None or not bits else delivered(got[0], bits)
         _check_tag(tag, self, "recv", True)
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
         desc = self._desc("recv from", src, wsrc, tag)
@@ -150,12 +154,23 @@ class Comm:
         return value
 
     def isend(self, obj: Any, dst: int, tag: int = 0) -> Request:
-        if type(obj) is np.ndarray and type(dst) is int and 0 <= dst < self.size \
-                and type(tag) is int and 0 <= tag < ANY_TAG:
-            if self._t.send_ring(self.ranks[dst], self.gid, tag, obj) is not None:
-                return self._sent       # done already: one Request serves them all
+        if type(dst) is int and 0 <= dst < self.size and type(tag) is int and 0 <= tag < ANY_TAG:
+            if type(obj) is np.ndarray:
+                if self._t.send_ring(self.ranks[dst], self.gid, tag, obj) is not None:
+                    return self._sent       # done already: one Request serves them all
+            elif self._ring_tensor(obj, dst, tag):
+                return self._sent
         _check_tag(tag, self, "isend")
         return self._isend(obj, dst, tag)
+
+    def _ring_tensor(self, obj: Any, dst: int, tag: int) -> bool:
+        """Send a plain CPU torch tensor by ring (as a numpy array is, its
+        header flagged so the receiver gets a tensor); False: the usual way."""
+        if not tensors.is_tensor(obj):
+            return False
+        view = tensors.plain_view(obj)
+        return view is not None and self._t.send_ring(self.ranks[dst], self.gid, tag, view[0],
+                                                      view[1]) is not None
 
     def irecv(self, src: int = ANY, tag: int = 0, out: Any = None) -> Request:
         _check_tag(tag, self, "irecv", True)

@@ -239,7 +239,8 @@ class Reader:
                     self._decoded.clear()
                     self._plain.clear()
                 self._decoded[head] = h
-                if h.kind == wire.DATA and not h.device and not h.direct:
+                # (a CPU torch tensor's too: mesh.comm.recv makes the tensor)
+                if h.kind == wire.DATA and not h.device & 1 and not h.direct:
                     n = 3 + len(head) + h.nbytes      # its ring entry's length
                     self._plain[head] = (h, (h.src, h.group, h.tag, n), h.nbytes, h.dt,
                                          h.nbytes + MSG_COST, 16 + ((n + 15) & ~15))

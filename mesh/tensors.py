@@ -23,7 +23,8 @@ import numpy as np
 from . import device
 
 __all__ = ["is_tensor", "BFLOAT16", "BFLOAT16_WIDE", "TORCH", "BF16", "check", "operand",
-           "out_unusable", "out_view", "to_torch", "flags", "received", "stream_of", "dtype_name"]
+           "out_unusable", "out_view", "to_torch", "flags", "received", "stream_of", "dtype_name",
+           "plain_view"]
 
 BFLOAT16 = np.dtype(np.uint16, metadata={"name": "bfloat16"})
 """bfloat16's raw bits as numpy holds them; fingerprints read the name."""
@@ -167,6 +168,25 @@ def to_torch(a: Any, like: Any) -> Any:
     if like.dtype == torch.bfloat16 and t.dtype in (torch.uint16, torch.int16):
         return t.view(torch.bfloat16)
     return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def plain_view(t: Any) -> tuple[np.ndarray, int] | None:
+    """A plain CPU tensor's memory as a C-contiguous numpy array and its
+    header flags (a send by ring: mesh.rings), or None for anything that
+    takes the usual way (CUDA, non-contiguous, a dtype numpy
+    lacks, a lazy conjugate or negation: ``operand`` says why it fails);
+    bfloat16 as its raw bits."""
+    if not (t.is_cpu and t.is_contiguous()):
+        return None
+    d = t.detach() if t.requires_grad else t
+    try:
+        return d.numpy(), TORCH
+    except (RuntimeError, TypeError):
+        pass
+    torch = _torch()
+    if d.dtype == torch.bfloat16 and not (d.is_conj() or d.is_neg()):
+        return d.view(torch.uint16).numpy().view(BFLOAT16), TORCH | BF16
+    return None
 
 
 def flags(t: Any) -> int:

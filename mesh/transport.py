@@ -160,23 +160,27 @@ class Transport:
         self._submit(self._peers[dst], out)
         return out
 
-    def send_ring(self, dst: int, group: int, tag: int, obj: np.ndarray) -> Outgoing | None:
+    def send_ring(self, dst: int, group: int, tag: int, obj: np.ndarray,
+                  bits: int = 0) -> Outgoing | None:
         """Send a small array to a same-host peer by its ring (mesh.rings),
         header and bytes copied in and nothing else: SENT, done already;
         None when it must go the usual way (``isend``: no ring, too big,
-        not C-contiguous, no credit or room, sends queued before it)."""
+        not C-contiguous, no credit or room, sends queued before it).
+        ``bits``: the header's flags (mesh.tensors.TORCH: a torch tensor's
+        memory, so the receiver gets one)."""
         ring = self._ring_out[dst]
         if ring is None or (ring.full and ring.off()):
             return None
         dt = obj.dtype       # a dtype hashes slowly: not in the key, known by identity
-        key = (obj.shape, group, tag)     # (another dtype there replaces the entry)
+        # (another dtype there replaces the entry)
+        key = (obj.shape, group, tag) if not bits else (obj.shape, group, tag, bits)
         known = self._prefixes.get(key)
         if known is None or known[0] is not dt:     # (not C-contiguous: ``put`` raises ValueError)
             n = obj.nbytes
             if n > self._ring_max or not wire.dtype_ok(dt):
                 return None
             pre = wire.inline(wire.encode(wire.DATA, self.rank, group, tag, dtype=dt.str,
-                                          shape=obj.shape, nbytes=n))
+                                          shape=obj.shape, nbytes=n, device=bits))
             if len(self._prefixes) >= _CACHE:
                 self._prefixes.clear()
                 self._marks.clear()
