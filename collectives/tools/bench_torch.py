@@ -20,6 +20,8 @@ comparison runs interleaved on the same processes and the same load:
                  ``--floor`` adds a DDP replica whose comm hook does nothing
                  ("floor": DDP's own bucket copies and bookkeeping), the
                  step no backend can go under
+    p2p          ``--p2p SIZES``: a ``dist.send``/``dist.recv`` round trip
+                 between ranks 0 and 1 on each backend (2 ranks or more)
 
 ``-n 1`` measures the backend's per-call overhead with no peer to wait for.
 
@@ -76,6 +78,24 @@ def _all_reduce_sides(world: Any, gloo: Any, count: int,
     return sides
 
 
+def _p2p_sides(gloo: Any, count: int) -> dict[str, Callable[[], Any]]:
+    """A round trip of ``count`` float32 between ranks 0 and 1 (dist.send,
+    dist.recv; the other ranks wait at the barriers), on each backend."""
+    import torch
+    import torch.distributed as dist
+
+    t, r, me = torch.ones(count), torch.empty(count), dist.get_rank()
+
+    def round_trip(group: Any) -> None:
+        if me == 0:
+            dist.send(t, 1, group=group)
+            dist.recv(r, 1, group=group)
+        elif me == 1:
+            dist.recv(r, 0, group=group)
+            dist.send(t, 0, group=group)
+    return {"meshrun": lambda: round_trip(None), "gloo": lambda: round_trip(gloo)}
+
+
 def _finished(value: Any) -> Any:
     """A torch Future holding ``value``."""
     import torch
@@ -115,8 +135,8 @@ def _ddp_sides(gloo: Any, model: str, batch: int,
 
 
 def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], steps: int,
-            warmup: int, reps: int, batch: int,
-            floor: bool = False) -> dict[str, list[list[dict[str, float]]]]:
+            warmup: int, reps: int, batch: int, floor: bool = False,
+            p2p: Sequence[int] = ()) -> dict[str, list[list[dict[str, float]]]]:
     """Per benchmark row, per repetition, seconds per call of each side."""
     import torch
     import torch.distributed as dist
@@ -127,9 +147,11 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
     dist.init_process_group("meshrun")
     gloo = dist.new_group(backend="gloo")
     barrier = dist.barrier
-    out: dict[str, list[list[dict[str, float]]]] = {"all_reduce": [], "ddp": []}
+    out: dict[str, list[list[dict[str, float]]]] = {"all_reduce": [], "ddp": [], "p2p": []}
     plans = [("all_reduce", _all_reduce_sides(world, gloo, count, floor), it, wu)
              for count, it, wu in rows]
+    plans += [("p2p", _p2p_sides(gloo, max(1, size // 4)), 200 if size <= 65536 else 40, 5)
+              for size in p2p]
     plans += [("ddp", _ddp_sides(gloo, m, batch, floor), steps, warmup) for m in models]
     for kind, sides, iters, wu in plans:
         names = list(sides)
@@ -173,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true",
                     help="also step DDP with a comm hook that does nothing, and time "
                          "dist.all_reduce on a ProcessGroup that makes the direct call")
+    ap.add_argument("--p2p", default="", help="dist.send/dist.recv round trips between "
+                    "ranks 0 and 1 at these sizes, e.g. 8,4K,64K,1M")
     a = ap.parse_args(argv)
     import mesh
 
@@ -181,8 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in (int(x) for x in a.nprocs.split(",")):
         rows = [(c, min(it, a.max_iters), min(wu, 5))
                 for c, it, wu in plan_rows("all_reduce", sizes, 4, n)]
+        p2p = parse_sizes(a.p2p) if a.p2p else []
         per_rank = mesh.spawn(_worker, n, rows, models, a.steps, a.warmup, a.reps, a.batch,
-                              a.floor, timeout=3600)
+                              a.floor, p2p, timeout=3600)
         f = bus_factor("all_reduce", n)
         print(f"# bench_torch: {n} ranks, float32, cpu, median of {a.reps} (slowest rank)")
         print(f"# {'size (B)':>10} | {'direct us':>10} {'meshrun us':>10} {'gloo us':>10} | "
@@ -204,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{_ratio(t['meshrun'] - t['local'], t['gloo'] - t['local'])}"
                   + (f"  floor {t['floor'] * 1e3:8.1f}  floor/gloo {t['floor'] / t['gloo']:5.2f}"
                      if "floor" in t else ""), flush=True)
+        for j, size in enumerate(p2p):
+            t = _medians([r["p2p"] for r in per_rank], j)
+            print(f"  p2p {size:>10} B round trip us: meshrun {t['meshrun'] * 1e6:8.1f}  gloo "
+                  f"{t['gloo'] * 1e6:8.1f}  gloo/meshrun {t['gloo'] / t['meshrun']:5.2f}",
+                  flush=True)
     return 0
 
 
