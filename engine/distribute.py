@@ -627,4 +627,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
               bool(plan), cal, inputs, reps, messages, timeout, tag_base, target)
     job.retime()
+    if verbose and grid.comm.rank == 0 and auto and job.predicted is not None:
+        print(f"engine.distribute: {job.schedule.name} re-timed as its steps will run: "
+              f"{job.predicted * 1e3:.2f} ms a step (job.predicted)", flush=True)
     return job

@@ -6,11 +6,14 @@ The model below is plain torch with no distribution code in it.
 ``engine.distribute`` cuts it into pipeline stages, shards each block by
 PLAN, measures the layers and picks the schedule by simulating them all.
 Rank 0 prints the plan, the candidates and the chosen schedule's grid; the
-loss is printed each step; the gathered model is saved, reloaded into a
-single-process copy and checked against the distributed forward.
+loss is printed each step, then the steps' median time beside the
+prediction; the gathered model is saved, reloaded into a single-process
+copy and checked against the distributed forward.
 """
 import argparse
 import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -130,12 +133,18 @@ def main() -> None:
         if world.rank == 0:
             print(f"chosen: {job.schedule.name}\n{job.schedule.render()}", flush=True)
         opt = torch.optim.SGD(job.parameters(), lr=args.lr, momentum=0.9)
+        took = []
         for step in range(args.steps):
+            t0 = time.perf_counter()
             opt.zero_grad()
             loss = job.step(*mine(step))
             opt.step()
+            took.append(time.perf_counter() - t0)
             if loss is not None and d == 0 and grid.coord("tp") == 0:
                 print(f"step {step:3d}  loss {loss:.4f}", flush=True)
+        if world.rank == 0 and job.predicted and len(took) > 1:
+            print(f"steps took {statistics.median(took[1:]) * 1e3:.2f} ms (median; rank 0, "
+                  f"with the optimizer); predicted {job.predicted * 1e3:.2f} ms", flush=True)
 
         opt.zero_grad()
         final = job.step(*mine(args.steps))           # the distributed forward, trained
