@@ -287,6 +287,16 @@ def _torch_cases(g: Any, seed: int) -> None:
         t = tdata(r, (4, 3), dtype).t()
         C.broadcast(g, t, root=0)
         same(t, tdata(0, (4, 3), dtype).t(), f"broadcast into a transposed {dtype} tensor")
+    for dtype in (torch.float32, torch.int64):   # tiny ones: the short way once settled
+        for _ in range(3):
+            t = tdata(r, (3,), dtype)
+            assert C.all_reduce(g, t) is t       # in place, the tensor itself
+            same(t, sum(tdata(i, (3,), dtype) for i in range(n)).to(dtype), f"tiny {dtype}")
+            base = tdata(r, (6, 8), dtype)
+            want = base.clone()
+            want[1:, ::3] = sum(tdata(i, (6, 8), dtype) for i in range(n))[1:, ::3].to(dtype)
+            C.all_reduce(g, base[1:, ::3], op="sum")
+            same(base, want, f"tiny all_reduce of a strided {dtype} view")
     p = torch.nn.Parameter(tdata(r, (3,), torch.float32))
     C.broadcast(g, p, root=0)      # as DDP does at the start: in place, autograd untouched
     assert p.requires_grad and torch.equal(p.detach(), tdata(0, (3,), torch.float32))
