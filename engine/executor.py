@@ -432,7 +432,7 @@ class _Step:
             for g, o in zip(pipe.stages[s].grads(), old):
                 g += o
         self.prior.clear()
-        pipe.tp_sums.abandon(reason, kind, lost)
+        pipe.tp_sums.abandon()
 
     def _abandon_tp(self, reason: str, kind: AbortKind, lost: int | None) -> None:
         """Fail the tp peers' next collective, which this rank will not make

@@ -22,7 +22,6 @@ from typing import Any, Mapping
 import numpy as np
 
 import collectives
-from mesh import AbortKind
 
 from .tp_layers import sharded_layers
 
@@ -82,7 +81,7 @@ class TpSums:
                 at += p.size
         self._restore(grads)
 
-    def abandon(self, reason: str, kind: AbortKind, lost: int | None) -> None:
+    def abandon(self) -> None:
         """After a failed step: the gradients get back what they held before
         it (the step's parts, unsummed, stay added, as a failed step's other
         gradients do); later backward passes sum as they go until the next
