@@ -171,11 +171,11 @@ def to_torch(a: Any, like: Any) -> Any:
 
 
 def plain_view(t: Any) -> tuple[np.ndarray, int] | None:
-    """A plain CPU tensor's memory as a C-contiguous numpy array and its
-    header flags (a send by ring: mesh.rings), or None for anything that
-    takes the usual way (CUDA, non-contiguous, a dtype numpy
-    lacks, a lazy conjugate or negation: ``operand`` says why it fails);
-    bfloat16 as its raw bits."""
+    """A plain CPU tensor's memory as a C-contiguous numpy array (bfloat16
+    as its raw bits) and its header flags, for a send by ring (mesh.rings);
+    None for anything that takes the usual way (CUDA, non-contiguous, a
+    dtype numpy lacks, a lazy conjugate or negation: ``operand`` says why
+    it fails)."""
     if not (t.is_cpu and t.is_contiguous()):
         return None
     d = t.detach() if t.requires_grad else t
