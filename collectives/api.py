@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mesh import Comm
+from mesh.tensors import cpu_numpy
 
 from .device import paths as device
 from .device.paths import simple
@@ -62,7 +63,7 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
         return a
     check_comm(g, "all_reduce")
     if type(a) is not np.ndarray and is_tensor(a):
-        view = _cpu_view(a) if not async_op and algorithm is None else None
+        view = cpu_numpy(a) if not async_op and algorithm is None else None
         if view is not None and (tiny.all_reduce(g, view, op, timeout) is not None
                                  or hier_tiny.all_reduce(g, view, op, timeout) is not None):
             return a        # (a tiny CPU tensor the short way too, in its own memory)
@@ -72,17 +73,6 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
         return device.all_reduce(g, a, op, async_op, timeout)
     return _staged_all_reduce(g, a, op=op, async_op=async_op, timeout=timeout,
                               algorithm=algorithm)
-
-
-def _cpu_view(t: Any) -> np.ndarray | None:
-    """A CPU tensor's memory as numpy, where torch gives it as it is (a dtype
-    numpy has, no grad, no lazy conjugate or negation), else None."""
-    if not t.is_cpu:
-        return None
-    try:
-        return t.numpy()
-    except (TypeError, RuntimeError):
-        return None
 
 
 def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,

@@ -325,10 +325,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             rop = opts.reduceOp
             name = "sum" if rop == _SUM else _OPS.get(rop.op.value)
             if name is not None:
-                try:            # the view torch gives as it is (a dtype numpy has, no
-                    arr = tensors[0].numpy()    # grad, no lazy conjugate or negation)
-                except (TypeError, RuntimeError):
-                    arr = None      # else collectives.api's tensor path
+                arr = _tensors.cpu_numpy(tensors[0])    # None: collectives.api's tensor path
                 if arr is not None:
                     if opts.asyncOp:
                         return self._host_async(arr, name, tensors)

@@ -62,6 +62,16 @@ def _nbytes(y: Any) -> int:
     return 0
 
 
+def _another(n: int, reps: int, runs: int | None, begin: float,
+             clock: Callable[[], float]) -> bool:
+    """Whether to run once more after ``n`` runs (the first a warm-up, from
+    ``begin``): exactly ``runs`` after it when given, else at least ``reps``
+    and 50 ms of them, at most 25."""
+    if runs is not None:
+        return n <= runs
+    return n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS)
+
+
 def time_layer(layer: Any, x: Any, reps: int = 3,
                clock: Callable[[], float] = time.perf_counter,
                runs: int | None = None) -> tuple[LayerCost, Any]:
@@ -82,8 +92,7 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     y = x
     begin, n = clock(), 0
-    while (n <= runs if runs is not None else
-           n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS)):
+    while _another(n, reps, runs, begin, clock):
         n += 1
         t0 = clock()
         y, ctx = layer.forward(x)
@@ -140,8 +149,7 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
     timed: dict[tuple[int, str], list[float]] = {}
     nbytes: dict[int, int] = {}
     begin, n = clock(), 0
-    while (n <= runs if runs is not None else
-           n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS)):
+    while _another(n, reps, runs, begin, clock):
         n += 1
         ctxs: dict[tuple[int, Any], Any] = {}
         gys: dict[tuple[int, Any], Any] = {}

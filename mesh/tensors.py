@@ -24,7 +24,7 @@ from . import device
 
 __all__ = ["is_tensor", "BFLOAT16", "BFLOAT16_WIDE", "TORCH", "BF16", "check", "operand",
            "out_unusable", "out_view", "to_torch", "flags", "received", "stream_of", "dtype_name",
-           "plain_view"]
+           "plain_view", "cpu_numpy"]
 
 BFLOAT16 = np.dtype(np.uint16, metadata={"name": "bfloat16"})
 """bfloat16's raw bits as numpy holds them; fingerprints read the name."""
@@ -176,17 +176,27 @@ def plain_view(t: Any) -> tuple[np.ndarray, int] | None:
     None for anything that takes the usual way (CUDA, non-contiguous, a
     dtype numpy lacks, a lazy conjugate or negation: ``operand`` says why
     it fails)."""
-    if not (t.is_cpu and t.is_contiguous()):
+    if not t.is_contiguous():
         return None
     d = t.detach() if t.requires_grad else t
-    try:
-        return d.numpy(), TORCH
-    except (RuntimeError, TypeError):
-        pass
+    a = cpu_numpy(d)
+    if a is not None:
+        return a, TORCH
     torch = _torch()
-    if d.dtype == torch.bfloat16 and not (d.is_conj() or d.is_neg()):
+    if d.is_cpu and d.dtype == torch.bfloat16 and not (d.is_conj() or d.is_neg()):
         return d.view(torch.uint16).numpy().view(BFLOAT16), TORCH | BF16
     return None
+
+
+def cpu_numpy(t: Any) -> np.ndarray | None:
+    """A CPU tensor's memory as numpy, where torch gives it as it is (a
+    dtype numpy has, no grad, no lazy conjugate or negation); else None."""
+    if not t.is_cpu:
+        return None
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError):
+        return None
 
 
 def flags(t: Any) -> int:
