@@ -65,6 +65,7 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
         for name, style in match(plan, named, strict).items():
             _validate(torch, name, named[name], style, group.size)
             todo[name] = (named[name], style)
+        _check_ties(named, todo)
         local: dict[str, str] | str = {} if init == "broadcast" else {
             k: digest([_bytes(torch, t)]) for k, t in module.state_dict().items()}
     except PlanError as e:
@@ -74,8 +75,9 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
         with torch.no_grad():
             for t in module.state_dict().values():
                 collectives.broadcast(group, t, root=0)
+    cut: dict[int, Any] = {}       # a tied parameter is cut once, its shard shared
     for name, (sub, style) in todo.items():
-        _shard(torch, name, sub, style, group)
+        _shard(torch, name, sub, style, group, cut)
     return module
 
 
@@ -130,6 +132,43 @@ def _bytes(torch: Any, t: Any) -> bytes:
 
 
 _TYPES = {"colwise": "Linear", "rowwise": "Linear", "vocab": "Embedding"}
+_DIMS = {"colwise": {"weight": 0, "bias": 0}, "rowwise": {"weight": 1}, "vocab": {"weight": 0}}
+
+
+def _check_ties(named: dict[str, Any], todo: dict[str, tuple[Any, Style]]) -> None:
+    """A parameter held by several submodules (tied weights: nanoGPT's token
+    embedding and output head) must be cut the same way by each holder's
+    style, and every holder must be planned: it is sharded once and the
+    holders share the shard, so their gradients add up in it."""
+    holders: dict[int, list[str]] = {}
+    for mname, sub in named.items():
+        for pname, p in sub._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    cuts: dict[int, tuple[Any, str]] = {}
+    for name, (sub, style) in todo.items():
+        for pname, dim in _DIMS.get(style.style, {}).items():
+            p = getattr(sub, pname, None)
+            if p is None or len(holders.get(id(p), ())) < 2:
+                continue
+            how, key = (dim, style.parts), f"{name}.{pname}"
+            if id(p) in cuts and cuts[id(p)][0] != how:
+                raise PlanError(f"{key} is tied to {cuts[id(p)][1]} (one parameter), but the "
+                                f"plan cuts them differently (axis {dim} {style.style} vs axis "
+                                f"{cuts[id(p)][0][0]}): give the holders styles that cut it "
+                                f"alike (vocab and colwise both split its rows)")
+            cuts.setdefault(id(p), (how, key))
+    for pid, (_, key) in cuts.items():
+        cut_by = {f"{n}.{pn}" for n, (sub, style) in todo.items()
+                  for pn in _DIMS.get(style.style, {}) if getattr(sub, pn, None) is not None
+                  and id(getattr(sub, pn)) == pid}
+        for other in holders[pid]:
+            if other not in cut_by:
+                raise PlanError(f"{other} is tied to {key} (one parameter), which the plan "
+                                f"shards, but {other.rpartition('.')[0] or 'the module'} is "
+                                f"not sharded with it: plan it with a style that cuts the "
+                                f"parameter alike (colwise for an output head tied to a "
+                                f"vocab embedding)")
 
 
 def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
@@ -210,18 +249,20 @@ class _Stream:
             return fn(x, *args, **kwargs)
 
 
-def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
+def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
+           cut: dict[int, Any]) -> None:
     tp, r = group.size, group.rank
-    dims = {"colwise": {"weight": 0, "bias": 0}, "rowwise": {"weight": 1},
-            "vocab": {"weight": 0}}.get(style.style, {})
-    meta = _Meta(name, style, group, {p: d for p, d in dims.items()
+    meta = _Meta(name, style, group, {p: d for p, d in _DIMS.get(style.style, {}).items()
                                       if getattr(sub, p, None) is not None})
     with torch.no_grad():
         for p, d in meta.dims.items():
             full = getattr(sub, p)       # this rank's part (of each block, when fused)
-            part = full.index_select(d, torch.tensor(shard_rows(full.shape[d], style.parts,
-                                                                tp, r)))
-            setattr(sub, p, torch.nn.Parameter(part, requires_grad=full.requires_grad))
+            if id(full) not in cut:
+                part = full.index_select(d, torch.tensor(shard_rows(full.shape[d], style.parts,
+                                                                    tp, r)))
+                cut[id(full)] = (full, torch.nn.Parameter(part,
+                                                          requires_grad=full.requires_grad))
+            setattr(sub, p, cut[id(full)][1])
     if style.style == "colwise":
         meta.order = joined_order(sub.out_features, style.parts, tp)
         sub.out_features //= tp
@@ -240,7 +281,7 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any) -> None:
     if style.rng == "rank":
         meta.stream = _Stream(torch, r)
     if style.style != "replicate" or (style.input, style.output) != ("any", "any") or \
-            meta.stream is not None:
+            meta.stream is not None or style.width or style.attrs:
         sub.forward = types.MethodType(_forward, sub)
 
 
@@ -261,14 +302,14 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     x, rest = args[0], args[1:]
     if enter:
         x = _edge(g, x, enter, st.seq_dim, meta.name)
+    if st.width:
+        x = _shard_width(torch, x, g, meta.name)
     if st.style == "rowwise":
         y = torch.nn.functional.linear(x, self.weight)
     elif st.style == "vocab":
         y = _embed(torch, self, meta, x)
-    elif meta.stream is not None:       # rng="rank": on this tp rank's own stream
-        y = meta.stream.run(functools.partial(type(self).forward, self), x, *rest, **kwargs)
     else:
-        y = type(self).forward(self, x, *rest, **kwargs)
+        y = _module_forward(self, meta, x, *rest, **kwargs)
     if leave:
         y = _edge(g, y, leave, st.seq_dim, meta.name)
     if st.style == "rowwise" and self.bias is not None:
@@ -278,6 +319,63 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         once = self.bias if st.output != "partial" else self.bias * float(g.rank == 0)
         y = y + once
     return y
+
+
+def _module_forward(sub: Any, meta: _Meta, x: Any, *rest: Any, **kwargs: Any) -> Any:
+    """The module's own forward (rng="rank": on this tp rank's own stream).
+    A view that no longer fits after an attribute rewrite is most often a
+    width read from the input: the error says so."""
+    forward = functools.partial(type(sub).forward, sub)
+    try:
+        if meta.stream is not None:
+            return meta.stream.run(forward, x, *rest, **kwargs)
+        return forward(x, *rest, **kwargs)
+    except RuntimeError as e:
+        st = meta.style
+        if not st.attrs or st.width or "is invalid for input of size" not in str(e):
+            raise
+        raise PlanError(f"tp rank {meta.group.rank}: {meta.name}: {e} after the plan rewrote "
+                        f"{', '.join(sorted(st.attrs))}: if its code reads its width from "
+                        f"its input (B, T, C = x.size()), add \"width\": \"shard\" to its "
+                        f"plan entry") from e
+
+
+def _shard_width(torch: Any, x: Any, group: Any, name: str) -> Any:
+    """``x`` as its module's code reads it under width="shard": its last axis
+    looks ``1/tp`` as long (``size()`` and ``shape``); the data, its autograd
+    history and every operation on it are the whole tensor's."""
+    if x.ndim == 0 or x.shape[-1] % group.size:
+        raise PlanError(f"tp rank {group.rank}: {name}: width='shard' reads the input's last "
+                        f"axis as this rank's part, but the input is {tuple(x.shape)}, its "
+                        f"last axis not divisible by the tp size {group.size}")
+    narrow = x.as_subclass(_width_class())
+    narrow._tp_parts = group.size
+    return narrow
+
+
+@functools.cache
+def _width_class() -> Any:
+    torch = _torch()
+    shape = torch.Tensor.shape.__get__
+
+    class ShardWidth(torch.Tensor):  # type: ignore[name-defined,misc]
+        """A whole tensor whose last axis reads as one tp rank's part of it."""
+
+        @classmethod
+        def __torch_function__(cls, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+                if func is not torch.Tensor.size and func != shape:
+                    return out       # a plain tensor: the narrowing stays on the input
+                parts, ndim = args[0]._tp_parts, args[0].ndim
+            if isinstance(out, torch.Size):
+                return torch.Size((*out[:-1], out[-1] // parts))
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            return out // parts if dim % ndim == ndim - 1 else out
+
+    return ShardWidth
 
 
 def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:

@@ -227,6 +227,9 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
 def _validate(name: str, layer: Any, style: Style, tp: int) -> None:
     if isinstance(layer, Sharded):
         raise PlanError(f"{name} is sharded already (parallelize ran on it before)")
+    if style.width:
+        raise PlanError(f"{name}: width='shard' is for torch modules that read their input's "
+                        f"width; engine.layers take their sizes from their weights")
     kind = {"colwise": Linear, "rowwise": Linear, "vocab": Embedding}.get(style.style)
     if kind is not None and type(layer) is not kind:
         raise PlanError(f"style {style.style!r} fits an engine.layers.{kind.__name__}, but "

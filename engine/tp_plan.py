@@ -47,6 +47,14 @@ module on a part of the sequence takes ``"rank"`` by default (each rank
 holds other tokens); a dropout on sharded heads (attention probabilities)
 asks for it: ``"*.attn.drop": {"style": "replicate", "rng": "rank"}``.
 
+``width="shard"`` (replicate only, torch modules): the module's code sees
+its input's last axis as this rank's part of it (its size over tp) where
+it reads it (``x.size()``, ``x.shape``), while its computations get the
+whole input. A module that sizes its heads by its input's width
+(nanoGPT's ``B, T, C = x.size()``, then ``C // self.n_head`` and
+``.view(B, T, C)``) then works on its sharded heads unchanged, beside an
+``attrs`` rewrite of the head count.
+
 ``parts`` (colwise only) shards a fused projection whose output is several
 blocks side by side, such as a ``[q; k; v]`` Linear (nanoGPT's ``c_attn``,
 Phi-3's ``qkv_proj``): an int k for k equal blocks, or the blocks' sizes
@@ -115,6 +123,7 @@ class Style:
     attrs: Mapping[str, Any] = field(default_factory=dict)
     parts: int | tuple[int, ...] = ()
     rng: str = ""
+    width: str = ""
 
     def __post_init__(self) -> None:
         if self.style not in LAYOUTS:
@@ -127,6 +136,12 @@ class Style:
                             f"not {self.rng!r}")
         object.__setattr__(self, "rng", self.rng or (
             "rank" if self.style == "sequence" else "shared"))
+        if self.width not in ("", "shard"):
+            raise PlanError(f"width= is 'shard' (the module reads its input's last axis as "
+                            f"this rank's part) or '', not {self.width!r}")
+        if self.width and self.style != "replicate":
+            raise PlanError(f"width='shard' is for a 'replicate' module whose code reads its "
+                            f"input's width, not style {self.style!r}")
         if self.input not in ins or self.output not in outs:
             raise PlanError(f"style {self.style!r} takes input in {ins} and output in {outs}, "
                             f"not input={self.input!r} output={self.output!r}")
@@ -161,7 +176,8 @@ def parse(value: Any) -> Style:
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
         return Style(value[0], attrs=dict(value[1]))
     if isinstance(value, Mapping) and "style" in value:
-        unknown = set(value) - {"style", "input", "output", "seq_dim", "attrs", "parts", "rng"}
+        unknown = set(value) - {"style", "input", "output", "seq_dim", "attrs", "parts", "rng",
+                                  "width"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)} in {value!r}")
         return Style(**{**value, "attrs": dict(value.get("attrs", {}))})

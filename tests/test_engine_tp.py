@@ -391,3 +391,85 @@ def test_a_sequence_shard_draws_its_dropout_from_its_own_stream():
         parse({"style": "sequence", "rng": "mine"})
     assert parse("sequence").rng == "rank" and parse("colwise").rng == "shared"
     assert parse({"style": "replicate", "rng": "rank"}).rng == "rank"
+
+
+def _nanogpt_worker(world):
+    import torch
+
+    import nanogpt
+    torch.set_num_threads(1)
+    cfg = nanogpt.GPTConfig()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, cfg.vocab_size, (2, 8), generator=g),
+                torch.randint(0, cfg.vocab_size, (2, 8), generator=g))] * 3   # one, learnt
+    out = {}
+    for flash in (True, False):
+        torch.manual_seed(0)
+        ref = nanogpt.GPT(cfg, flash)
+        tp = parallelize(copy_of(ref), world, nanogpt.PLAN)
+        attn = tp.transformer.h[0].attn
+        assert (attn.n_head, attn.n_embd, attn.c_attn.out_features) == (2, 8, 24)
+        assert tp.lm_head.weight is tp.transformer.wte.weight      # still tied, one shard
+        assert tp.lm_head.weight.shape == (cfg.vocab_size // 2, cfg.n_embd)
+        losses = []
+        for m in (ref, tp):
+            opt = torch.optim.SGD(m.parameters(), lr=0.5)
+            losses.append([])
+            for x, y in batches:
+                opt.zero_grad()
+                _, loss = m(x, y)
+                loss.backward()
+                opt.step()
+                losses[-1].append(loss.item())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        state = gather_state_dict(tp)
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-6, msg=k)
+        with torch.no_grad():                    # generation: the last position's logits
+            torch.testing.assert_close(tp(batches[0][0])[0], ref(batches[0][0])[0],
+                                       rtol=1e-5, atol=1e-6)
+        out[flash] = losses[0][0] > losses[0][-1]
+    errors = {}
+    for key, plan in [
+            ("untied", {k: v for k, v in nanogpt.PLAN.items() if k != "lm_head"}),
+            ("cut apart", {**nanogpt.PLAN, "lm_head": "rowwise"}),
+            ("width", {"lm_head": {"style": "colwise", "width": "shard"}})]:
+        try:
+            parallelize(nanogpt.GPT(cfg), world, plan)
+        except PlanError as e:
+            errors[key] = str(e)
+    plan = {**nanogpt.PLAN, "transformer.h.*.attn": {
+        k: v for k, v in nanogpt.PLAN["transformer.h.*.attn"].items() if k != "width"}}
+    try:
+        parallelize(nanogpt.GPT(cfg), world, plan)(*batches[0])
+    except PlanError as e:
+        errors["no width"] = str(e)
+    odd = parallelize(torch.nn.Sequential(torch.nn.Identity()), world,
+                      {"0": {"style": "replicate", "width": "shard"}})
+    try:
+        odd(torch.ones(2, 3))
+    except PlanError as e:
+        errors["odd width"] = str(e)
+    return out, errors
+
+
+@pytest.mark.timeout(150)
+def test_nanogpt_as_written_trains_tensor_parallel():
+    """nanoGPT's GPT, its code as written (width read from the input, a fused
+    c_attn split by n_embd, tied embedding and head), sharded by a plan at
+    tp=2: the losses of three SGD steps and the gathered weights equal
+    single-process training, with SDPA and with the masked attention."""
+    pytest.importorskip("torch")
+    results = mesh.spawn(_nanogpt_worker, 2, timeout=130)
+    trained, errors = results[0]
+    assert trained == {True: True, False: True}
+    assert "transformer.wte.weight is tied to lm_head.weight" in errors["untied"] or \
+        "lm_head.weight is tied to transformer.wte.weight" in errors["untied"], errors
+    assert "not sharded with it" in errors["untied"]
+    assert "cuts them differently" in errors["cut apart"], errors
+    assert "width='shard' is for a 'replicate' module" in errors["width"], errors
+    assert "last axis not divisible by the tp size 2" in errors["odd width"], errors
+    assert "transformer.h.0.attn: shape" in errors["no width"], errors
+    assert 'add "width": "shard" to its plan entry' in errors["no width"], errors
+    with pytest.raises(PlanError, match="width= is 'shard'"):
+        parse({"style": "replicate", "width": "half"})
