@@ -13,7 +13,7 @@ executor; tests/test_engine_layering.py keeps the order.)
 """
 from . import choose, layers, schedules
 from .distribute import Job, distribute, load_state
-from .executor import Pipeline, split_microbatches, stages_for_rank
+from .executor import Pipeline, StepFailed, split_microbatches, stages_for_rank
 from .ir import Action, Schedule
 from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
 from .partition import Partition, partition
@@ -27,7 +27,7 @@ from .verify import ScheduleError, verify
 
 __all__ = [
     "schedules", "layers", "choose", "distribute", "Job", "load_state",
-    "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline",
+    "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline", "StepFailed",
     "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",

@@ -34,9 +34,12 @@ collectives in step; with a tp axis, the tp collective the failed rank will
 not make is aborted on its tp peers (they raise at once, naming it, and the
 group's collectives stay numbered alike: see ``_Step._abandon_tp``). The same Pipeline can then run the next step, as long
 as every rank calls ``step()`` as many times as the others. A failure
-spreads only along what the ranks wait for: a rank that had already sent
-and received everything may finish the step; which batches to skip or
-redo, and zeroing the partial gradients, is the caller's call.
+spreads along what the ranks wait for, and then to every rank of the
+pipeline: each step ends with the ranks agreeing on whether it succeeded
+everywhere (``_Step.agree``, a one-number all-reduce over the grid), so a
+rank whose own part had finished raises StepFailed; every rank then puts
+its gradients back to what they held before the step. Whether to redo or
+skip the batch is the caller's call.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import collectives
-from mesh import AbortKind, Comm, Grid, LostPeerError
+from mesh import AbortKind, Comm, Grid, LostPeerError, MeshError
 
 from . import trace as _trace
 from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule,
@@ -59,10 +62,15 @@ from .tp_sums import TpSums
 from .torch_stage import TorchStage
 from .verify import verify
 
-__all__ = ["Pipeline", "split_microbatches", "stages_for_rank"]
+__all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
 
 _STEP_SHIFT = 32      # step n's tags are tag_base + i + (n << 32)
 _REASON_MAX = 400     # abort reasons cross the wire in a header
+
+
+class StepFailed(MeshError):
+    """A pipeline step failed on another rank after this rank's part of it
+    finished; its gradients are rolled back, as the failed ranks' are."""
 
 
 def split_microbatches(batch: Any, m: int) -> list[Any]:
@@ -102,14 +110,17 @@ class Pipeline:
     two pipelines on one group need tag_bases that far apart, below 2**32.
 
     A failed ``step()`` cancels its receives and aborts the rest of its
-    messages on every pp rank (see the module docstring); the pipeline stays
-    usable for the next step."""
+    messages on every pp rank, raises on every rank of the pipeline and
+    rolls its gradients back (see the module docstring); the pipeline
+    stays usable for the next step."""
 
     def __init__(self, grid_or_group: Grid | Comm, stage: Any, schedule: Schedule,
                  loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
+        # every rank of the pipeline: where the step's outcome is agreed on
+        self.whole = grid_or_group.comm if isinstance(grid_or_group, Grid) else grid_or_group
         self.tp_index, self.tp = 0, None      # tp: the stage's peers, when it has any
         if isinstance(grid_or_group, Grid) and "tp" in grid_or_group.axes:
             self.tp_index = grid_or_group.coord("tp")
@@ -194,20 +205,20 @@ class Pipeline:
                                self._flow(a) if flow else 0])
             at = len(self.program)
             st.finish()
-            self.events = events
-            if not self.last:
-                return None
-            mean = st.mean_loss()
+            mean = st.mean_loss() if self.last else None
             if st.loss_sync:
-                assert self.dp is not None
+                assert self.dp is not None and mean is not None
                 st.loss_sync = False
                 buf = np.array([mean], dtype=np.float64)
                 collectives.all_reduce(self.dp, buf, op="avg")
                 mean = float(buf[0])
-            return mean
         except BaseException as e:
             st.abandon(at, e)
+            st.agree(e)
             raise
+        st.agree(None)
+        self.events = events
+        return mean
 
     def trace(self, costs: dict[str, float] | None = None) -> dict[str, Any] | None:
         """The last step's Chrome trace, merged from all ranks (collective:
@@ -274,6 +285,7 @@ class _Step:
         self.weights: list[float] = []
         self.losses = [0.0] * pipe.schedule.num_microbatches
         self.prior: dict[int, list[Any]] = {}
+        self.before: dict[int, list[Any]] = {}
         self.recvs: dict[Action, Any] = {}
         self.sends: list[Any] = []
         self.syncs: dict[int, list[Any]] = {}
@@ -284,6 +296,7 @@ class _Step:
         """Split the batch and post every receive of the step."""
         pipe = self.pipe
         sched, m = pipe.schedule, pipe.schedule.num_microbatches
+        self.before = self._snapshot()
         pipe.tied.start()
         pipe.tp_sums.start()
         if pipe.first:
@@ -356,19 +369,23 @@ class _Step:
         elif s > 0:
             self.outs[(s, k)] = gx
 
+    def _snapshot(self) -> dict[int, list[Any]]:
+        """What each gradient held before the step: a copy, or None for
+        zeros (what a failed step's gradients are put back to)."""
+        return {s: stage.held_grads() if hasattr(stage, "held_grads") else
+                [g.copy() if bool(g.any()) else None for g in stage.grads()]
+                for s, stage in self.pipe.stages.items()}
+
     def _save_prior(self) -> dict[int, list[Any]]:
         """With a dp axis, set aside what the gradients held before the step
         (when anything), so the average covers only this step's gradients."""
         pipe = self.pipe
         if pipe.dp is None or pipe.dp.size == 1:
             return {}
-        prior = {}
-        for s, stage in pipe.stages.items():
-            grads = stage.grads()
-            if any(bool(g.any()) for g in grads):
-                prior[s] = [g.copy() for g in grads]
-                for g in grads:
-                    g[...] = 0
+        prior = {s: old for s, old in self.before.items() if any(o is not None for o in old)}
+        for s in prior:
+            for g in pipe.stages[s].grads():
+                g[...] = 0
         return prior
 
     def _finish_sync(self, s: int) -> None:
@@ -376,7 +393,8 @@ class _Step:
             req.wait()
         self.syncs.pop(s, None)
         for g, old in zip(self.pipe.stages[s].grads(), self.prior.pop(s, [])):
-            g += old
+            if old is not None:
+                g += old
 
     def finish(self) -> None:
         """Wait for every all-reduce and every send of the step, then sum
@@ -428,11 +446,53 @@ class _Step:
                     work.wait(limit)
                 except Exception:
                     pass
-        for s, old in self.prior.items():
-            for g, o in zip(pipe.stages[s].grads(), old):
-                g += o
         self.prior.clear()
         pipe.tp_sums.abandon()
+        self.roll_back()
+
+    def roll_back(self) -> None:
+        """Put every gradient back to what it held before the step."""
+        for s, old in self.before.items():
+            stage = self.pipe.stages[s]
+            if hasattr(stage, "put_grads"):
+                stage.put_grads(old)
+                continue
+            for g, o in zip(stage.grads(), old):
+                if o is None:
+                    g[...] = 0
+                else:
+                    g[...] = o
+
+    def agree(self, error: BaseException | None) -> None:
+        """Every rank of the pipeline learns whether the step failed anywhere
+        (a one-number all-reduce over the grid): a rank whose part finished
+        while another's failed rolls its gradients back too, and raises
+        StepFailed naming the ranks that failed (or the all-reduce's own
+        error: a LostPeerError naming a rank that died). Called with this
+        rank's own error (already cleaned up and rolled back), it only tells
+        the rest; the caller re-raises it."""
+        pipe, whole = self.pipe, self.pipe.whole
+        if whole.size == 1:
+            return
+        failed = np.array([0 if error is None else 1], dtype=np.int32)
+        try:
+            collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
+            if not failed[0]:
+                return
+            mine = None if error is None else f"{type(error).__name__}: {error}"
+            reasons = collectives.all_gather_object(whole, mine, timeout=pipe.timeout)
+        except Exception:
+            if error is not None:
+                return                       # this rank's own error is raised
+            self.roll_back()                 # a lost peer, a timeout: raised as it is
+            raise
+        if error is not None:
+            return
+        self.roll_back()
+        where = "; ".join(f"rank {r} of {whole.name}: {why}"[:_REASON_MAX]
+                          for r, why in enumerate(reasons) if why is not None)
+        raise StepFailed(f"pipeline step {self.n} failed elsewhere after rank {whole.rank} "
+                         f"finished its part; rolled back on every rank ({where})")
 
     def _abandon_tp(self, reason: str, kind: AbortKind, lost: int | None) -> None:
         """Fail the tp peers' next collective, which this rank will not make

@@ -112,6 +112,22 @@ class TorchStage:
     def grads(self) -> list[Any]:
         return [_view(self._grad(p)) for p in self._params]
 
+    def held_grads(self) -> list[Any]:
+        """A copy of each gradient that holds anything, None for the rest
+        (a None ``.grad`` stays None): what a failed step puts back."""
+        return [None if p.grad is None or not bool(p.grad.any()) else _view(p.grad).copy()
+                for p in self._params]
+
+    def put_grads(self, held: list[Any]) -> None:
+        """Back to what ``held_grads()`` saw: its copies, and None where the
+        gradient held nothing (None or zeros)."""
+        torch = _torch()
+        for p, h in zip(self._params, held):
+            if h is None:
+                p.grad = None
+            else:
+                self._grad(p).copy_(torch.as_tensor(h, device=p.device))
+
 
 def _view(t: Any) -> Any:
     """An array sharing ``t``'s memory: numpy for CPU, CuPy for CUDA."""

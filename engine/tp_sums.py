@@ -83,8 +83,8 @@ class TpSums:
 
     def abandon(self) -> None:
         """After a failed step: the gradients get back what they held before
-        it (the step's parts, unsummed, stay added, as a failed step's other
-        gradients do); later backward passes sum as they go until the next
+        it added to the step's unsummed parts (the executor then rolls every
+        gradient back); later backward passes sum as they go until the next
         step. The tp peers' sum is failed by the executor (_abandon_tp)."""
         self._restore(self._grads())
 

@@ -1,7 +1,10 @@
-"""A failed Pipeline.step: every rank that waits on the failure raises (no
-hang), no receive of the step is left posted, and the same Pipeline then
-trains exactly like sequential training, with and without a dp axis, and
-with a tied weight."""
+"""A failed Pipeline.step: every rank raises (no hang; a rank whose part
+had finished raises StepFailed), no receive of the step is left posted,
+every gradient is back to what it held before the step, and the same
+Pipeline then trains exactly like sequential training, with and without a
+dp axis, and with a tied weight."""
+import types
+
 import numpy as np
 import pytest
 
@@ -9,6 +12,7 @@ import mesh
 from engine import Pipeline, partition, schedules
 from engine.executor import split_microbatches, stages_for_rank
 from engine.layers import mlp_stages, mse_loss, sgd
+from engine.torch_stage import TorchStage, torch_loss
 from test_engine_pipeline import (LR, SEED, STEPS, WIDTHS, _data, _reference, _tied_data,
                                   _tied_numpy, _tied_reference)
 
@@ -18,16 +22,25 @@ class _Boom(Exception):
 
 
 class _Flaky:
-    """A stage that raises in its ``fail_at``-th forward call while armed."""
+    """A stage that raises in its ``fail_at``-th forward call while armed
+    (its ``fail_at``-th backward with ``backward=True``)."""
 
-    def __init__(self, stage, fail_at):
-        self.stage, self.fail_at, self.calls = stage, fail_at, 0
+    def __init__(self, stage, fail_at, backward=False):
+        self.stage, self.fail_at, self.calls, self.on_backward = stage, fail_at, 0, backward
+
+    def _count(self, backward):
+        if backward == self.on_backward:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise _Boom("stage failed on purpose")
 
     def forward(self, x):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise _Boom("stage failed on purpose")
+        self._count(False)
         return self.stage.forward(x)
+
+    def backward(self, ctx, gy):
+        self._count(True)
+        return self.stage.backward(ctx, gy)
 
     def __getattr__(self, name):
         return getattr(self.stage, name)
@@ -52,7 +65,8 @@ def _worker(world, dp_size, name, m, fail_rank, where):
     mine = stages_for_rank(mlp_stages(WIDTHS, sched.num_stages, SEED), sched, pp.rank)
     fail = world.rank == fail_rank
     loss_state = {"calls": 0, "fail_at": 2 if fail and where == "loss" else 0}
-    stages = [_Flaky(s, 2 if fail and where == "stage" and i == 0 else 0)
+    at = {"stage": 2, "backward": m}.get(where, 0)      # backward: its last one
+    stages = [_Flaky(s, at if fail and i == 0 else 0, where == "backward")
               for i, s in enumerate(mine)]
     pipe = Pipeline(topo, stages, sched, loss_fn=_flaky_loss(loss_state), timeout=30)
 
@@ -62,14 +76,18 @@ def _worker(world, dp_size, name, m, fail_rank, where):
             x, y = split_microbatches(x, dp.size)[dp_index], split_microbatches(y, dp.size)[dp_index]
         return (x if pipe.first else None), (y if pipe.last else None)
 
+    grads = [g for stage in mine for g in stage.grads()]
+    for g in grads:
+        g[...] = 0.25                     # held before the step: what it puts back
     error = None
     try:
         pipe.step(*batch(0))
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     left = [r.desc for r in world._t.inbox.matcher.posted()]
-    for g in (g for stage in mine for g in stage.grads()):
-        g[...] = 0                        # the failed step's partial gradients
+    assert all((g == 0.25).all() for g in grads), f"rank {world.rank}: not rolled back"
+    for g in grads:
+        g[...] = 0
     losses = []
     for step in range(STEPS):
         losses.append(pipe.step(*batch(step)))
@@ -82,6 +100,7 @@ def _worker(world, dp_size, name, m, fail_rank, where):
     (1, "1f1b", 3, "stage"),          # the last stage fails: everyone waits for its gradients
     (1, "interleaved", 0, "stage"),   # the first rank fails: the rest wait for activations
     (2, "1f1b", 1, "loss"),           # dp replica 0 fails; replica 1 learns it in the all-reduce
+    (1, "1f1b", 0, "backward"),       # the last action of the step: the rest had finished
 ])
 def test_failed_step_raises_everywhere_and_the_pipeline_recovers(dp_size, name, fail_rank, where):
     world, m = 4, 4
@@ -91,6 +110,9 @@ def test_failed_step_raises_everywhere_and_the_pipeline_recovers(dp_size, name, 
         assert error is not None, f"rank {r}: the failed step did not raise"
         if r == fail_rank:
             assert error.startswith("_Boom"), error
+        elif where == "backward":
+            assert error.startswith("StepFailed") and "rolled back on every rank" in error \
+                and f"rank {fail_rank} of" in error and "_Boom" in error, error
         else:
             assert "aborted" in error and "step 0 failed on pp rank" in error, error
         assert left == [], f"rank {r}: receives left posted: {left}"
@@ -135,8 +157,7 @@ def _tied_failure_worker(world):
         pipe.step(x if pipe.first else None, y if pipe.last else None)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-    for g in mine.grads():
-        g[...] = 0
+    assert not any(g.any() for g in mine.grads()), "the failed step was not rolled back"
     for step in range(STEPS):
         x, y = _tied_data(step)
         pipe.step(x if pipe.first else None, y if pipe.last else None)
@@ -152,3 +173,52 @@ def test_failed_step_aborts_the_tied_gradient_sum():
     want = _tied_reference()
     for _, weight in results:
         np.testing.assert_allclose(weight, want, rtol=1e-10)
+
+
+def _torch_rollback_worker(world):
+    """pp=2, torch stages, 1F1B: rank 0 fails in its last backward, after
+    rank 1 finished. Rank 0's gradients held 0.25 before the step, rank 1's
+    were None: both come back so; the batch redone gives the sequential
+    gradients (added to rank 0's 0.25)."""
+    import torch
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 4) for _ in range(2)]
+    whole = torch.nn.Sequential(*[torch.nn.Sequential(lin, torch.nn.Tanh()) for lin in layers])
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    ref = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+                                for _ in range(2)])
+    ref.load_state_dict(whole.state_dict())
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    mine = whole[world.rank]
+    for p in mine.parameters():
+        p.grad = torch.full_like(p, 0.25) if world.rank == 0 else None
+    stage = TorchStage(mine)
+    if world.rank == 0:
+        stage.backward = _Flaky(types.SimpleNamespace(backward=stage.backward), 4,
+                                backward=True).backward
+    else:
+        for p in mine.parameters():
+            p.grad = None           # TorchStage made zeros; a zero_grad() would undo that
+    pipe = Pipeline(world, stage, schedules.by_name("1f1b", 2, 4),
+                    loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30)
+    error = None
+    try:
+        pipe.step(x if pipe.first else None, y if pipe.last else None)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    held = [None if p.grad is None else float(p.grad.unique().item())
+            if p.grad.unique().numel() == 1 else "other" for p in mine.parameters()]
+    stage.backward = TorchStage.backward.__get__(stage)
+    pipe.step(x if pipe.first else None, y if pipe.last else None)
+    want = [p.grad + (0.25 if world.rank == 0 else 0) for p in ref[world.rank].parameters()]
+    ok = all(torch.allclose(p.grad, w, atol=1e-6) for p, w in zip(mine.parameters(), want))
+    return error, held, ok
+
+
+def test_a_failed_torch_step_puts_the_gradients_back():
+    pytest.importorskip("torch")
+    (e0, held0, ok0), (e1, held1, ok1) = mesh.spawn(_torch_rollback_worker, 2, timeout=90)
+    assert e0.startswith("_Boom"), e0
+    assert e1.startswith("StepFailed") and "rank 0 of" in e1 and "_Boom" in e1, e1
+    assert held0 == [0.25, 0.25] and held1 == [None, None], (held0, held1)
+    assert ok0 and ok1
