@@ -8,13 +8,25 @@ early: a soft limit of 256 open files (macOS) stops a world near 45 ranks,
 1024 (most Linux logins) near 190, and libzmq's 1023 sockets per context near
 340. A rank, and the parent that starts the ranks, raise what they need at
 start, within the hard limit, as MPI launchers do.
+
+Threads: N ranks on one host each running a BLAS (numpy's OpenBLAS, torch)
+with a thread per core run N times as many threads as there are cores; a
+numpy pipeline of four ranks on two cores stepped ten times slower so. The
+launchers give each of their N local ranks cpus/N threads unless
+OMP_NUM_THREADS is set (``thread_share``), as torchrun does; mesh.spawn's
+ranks, forked from a server that has loaded numpy already, also set the
+loaded OpenBLAS's count (``limit_threads``).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
-from typing import Any
+import os
+import sys
+from typing import Any, Mapping
 
-__all__ = ["FDS_PER_PEER", "rank_fds", "open_files", "context"]
+__all__ = ["FDS_PER_PEER", "rank_fds", "open_files", "context", "thread_share",
+           "limit_threads"]
 
 _log = logging.getLogger("mesh.transport")
 FDS_PER_PEER = 6    # five measured, and one to spare
@@ -60,3 +72,39 @@ def context(size: int) -> Any:
     if ctx.get(zmq.MAX_SOCKETS) < want:
         ctx.set(zmq.MAX_SOCKETS, want)
     return ctx
+
+
+def thread_share(env: Mapping[str, str], local_ranks: int) -> str | None:
+    """OMP_NUM_THREADS for one of ``local_ranks`` ranks on this host, cpus/N
+    (at least 1); None when the environment sets it or there is one rank."""
+    if "OMP_NUM_THREADS" in env or local_ranks <= 1:
+        return None
+    return str(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+_OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                     "scipy_openblas_set_num_threads", "openblas_set_num_threads")
+
+
+def limit_threads(n: int) -> None:
+    """Use ``n`` threads in what this process loaded already: an OpenBLAS
+    (numpy's own or the system's, found in /proc/self/maps; Linux) and
+    torch. Libraries loaded later read OMP_NUM_THREADS."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    try:
+        with open("/proc/self/maps") as f:
+            names = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    except OSError:
+        return
+    paths = [p for p in names if "openblas" in os.path.basename(p).lower() and ".so" in p]
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _OPENBLAS_SETTERS:
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter(ctypes.c_int(n))
+                break

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from .auth import curve_wanted
 from .errors import WorkerError
-from .limits import open_files
+from .limits import limit_threads, open_files, thread_share
 from .rendezvous import RendezvousServer
 
 __all__ = ["spawn"]
@@ -168,6 +168,10 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
                            "MASTER_PORT": str(port), "MESH_SECRET": secret,
                            "MESH_LAUNCHER": "1"})
         os.environ.update(extra_env)
+        share = thread_share(os.environ, size)
+        if share is not None:       # cpus/N threads, as meshrun gives its ranks
+            os.environ["OMP_NUM_THREADS"] = share
+            limit_threads(int(share))
         fn, args = _load(job, rank)
         world = init()
         result = fn(world, *args)

@@ -168,3 +168,32 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path: Path, sig: str) 
         parent.kill()
         parent.wait()
 
+
+
+def _threads_of(world: mesh.Mesh) -> tuple[str | None, int | None]:
+    """OMP_NUM_THREADS here, and the thread count of numpy's OpenBLAS."""
+    import ctypes
+
+    import numpy  # noqa: F401  (loaded by mesh already)
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                     "scipy_openblas_get_num_threads", "openblas_get_num_threads"):
+            if hasattr(lib, name):
+                return os.environ.get("OMP_NUM_THREADS"), int(getattr(lib, name)())
+    return os.environ.get("OMP_NUM_THREADS"), None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps")
+def test_ranks_share_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N ranks get cpus/N threads each (numpy's OpenBLAS too, loaded by the
+    fork server before them), as meshrun's ranks do; OMP_NUM_THREADS set by
+    the caller is theirs."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    share = max(1, (os.cpu_count() or 1) // 2)
+    for omp, blas in mesh.spawn(_threads_of, 2, timeout=40):
+        assert omp == str(share) and blas in (share, None), (omp, blas)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert [omp for omp, _ in mesh.spawn(_threads_of, 2, timeout=40)] == ["3", "3"]

@@ -12,7 +12,7 @@ import textwrap
 import threading
 from typing import Any, Sequence
 
-from ..limits import open_files
+from ..limits import open_files, thread_share
 from .records import WorkerSpec, error_file, log_tracebacks, read_records
 from .report import exit_code, format_report
 from .supervise import Job
@@ -107,8 +107,9 @@ def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
                 run_dir: str, err_dir: str) -> dict[str, str]:
     rank = a.node_rank * a.nproc + local_rank
     env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env and a.nproc > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.nproc))
+    share = thread_share(env, a.nproc)
+    if share is not None:
+        env["OMP_NUM_THREADS"] = share
     env.update({
         "RANK": str(rank), "WORLD_SIZE": str(a.nnodes * a.nproc),
         "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(a.nproc),
