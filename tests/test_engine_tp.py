@@ -394,9 +394,13 @@ def test_a_sequence_shard_draws_its_dropout_from_its_own_stream():
 
 
 def _nanogpt_worker(world):
-    import torch
+    import os
+    import sys
 
-    import nanogpt
+    import torch
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "examples"))
+    import nanogpt_tp as nanogpt
     torch.set_num_threads(1)
     cfg = nanogpt.GPTConfig()
     g = torch.Generator().manual_seed(3)
