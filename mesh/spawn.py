@@ -176,11 +176,11 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         world = init()
         result = fn(world, *args)
         world.close()
-        conn.send((True, result, 0.0, False))
+        _send(conn, (True, result, 0.0, False))
     except BaseException as e:
         # a lost peer or an abort is the consequence of another rank's failure
         secondary = isinstance(e, LostPeerError) or (isinstance(e, MeshError) and "aborted" in str(e))
-        conn.send((False, traceback.format_exc(), time.time(), secondary))
+        _send(conn, (False, traceback.format_exc(), time.time(), secondary))
         if world is not None:
             world._close(e)  # report first: closing waits for the peers' answers
     finally:
@@ -241,6 +241,13 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
             server.close()
 
 
+def _send(conn: Any, message: tuple) -> None:
+    """A rank's result to the parent, by plain pickle: the whole value in the
+    message (a Connection's own pickler would share a torch tensor's memory
+    through a file descriptor, which dies with the rank)."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _collect(procs: list, conns: list, timeout: float) -> list[Any]:
     """Results by rank; on failure the root cause: a rank's own error before
     the lost-peer errors it caused elsewhere, the earliest first."""
@@ -256,11 +263,16 @@ def _collect(procs: list, conns: list, timeout: float) -> list[Any]:
         for r in sorted(pending):
             if conns[r].poll():
                 try:
-                    ok, payload, when, secondary = conns[r].recv()
+                    ok, payload, when, secondary = pickle.loads(conns[r].recv_bytes())
                 except (EOFError, OSError):
                     procs[r].join(timeout=1)
                     failures.append((False, time.time(), r, WorkerError(
                         r, "no result: the process died", procs[r].exitcode)))
+                    pending.discard(r)
+                    continue
+                except Exception as e:       # sent whole, but not loadable here
+                    failures.append((False, time.time(), r, WorkerError(
+                        r, f"its result cannot be unpickled here: {type(e).__name__}: {e}")))
                     pending.discard(r)
                     continue
                 pending.discard(r)
