@@ -122,14 +122,17 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
                              f"{sum(counts)} layers)")
     wanted = set(range(num_stages) if stages is None else stages)
     built: list[Any] = []
+    present: list[Any] = []       # what each stage holds already, built here or not
     start = 0
     for s, c in enumerate(counts):
         if s in wanted:
             built.append([build(items[i], kinds[i]) for i in range(start, start + c)])
         else:
             built.append(None)
+        present.append(built[-1] or [items[i] for i in range(start, start + c)
+                                     if kinds[i] != "spec"])
         start += c
-    ties = untie(built, counts)
+    ties = untie(built, counts, present)
     for names in tied:
         ties.update(declared_tie(built, counts, [str(x) for x in names], ties))
     out: list[Any] = [None if ls is None else make_stage(ls, s) for s, ls in enumerate(built)]

@@ -140,12 +140,16 @@ def stage_params(stage: Any) -> list[Any]:
     return list(stage.params())
 
 
-def untie(built: list[list[Any] | None], counts: Sequence[int]) -> dict[Tie, list[tuple[int, Any]]]:
-    """Find parameters shared between stages, give each later stage its own
-    copy, and return each tie's (stage, its copy)."""
+def untie(built: list[list[Any] | None], counts: Sequence[int],
+          present: list[list[Any] | None] | None = None) -> dict[Tie, list[tuple[int, Any]]]:
+    """Find parameters shared between stages, give each later stage built
+    here its own copy, and return each tie's (stage, its copy) for the
+    stages built here. ``present``: the layers to look in, by stage (by
+    default the built ones; a stage this rank does not build still shows
+    its existing modules, so every rank finds the same ties)."""
     first = list(itertools.accumulate(counts, initial=0))
     owners: dict[int, tuple[str, Any, list[int]]] = {}
-    for s, ls in enumerate(built):
+    for s, ls in enumerate(built if present is None else present):
         for j, layer in enumerate(ls or []):
             for name, p in layer_params(layer):
                 entry = owners.setdefault(id(p), (f"{first[s] + j}.{name}", p, []))
@@ -155,7 +159,8 @@ def untie(built: list[list[Any] | None], counts: Sequence[int]) -> dict[Tie, lis
     for name, p, stages in owners.values():
         if len(stages) > 1:
             ties[Tie(name, tuple(stages))] = [
-                (s, p if s == stages[0] else _copy_into(built[s] or [], p)) for s in stages]
+                (s, p if s == stages[0] else _copy_into(built[s] or [], p))
+                for s in stages if built[s] is not None]
     return ties
 
 

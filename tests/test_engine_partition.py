@@ -137,3 +137,15 @@ def test_tied_weights_on_one_rank():
     ((whole(x) - y) ** 2).mean().backward()
     for copy in (stages[0][0].weight, stages[1][2].weight):
         np.testing.assert_allclose(copy.grad.numpy(), whole[0].weight.grad.numpy(), rtol=1e-10)
+
+
+def test_every_rank_finds_a_tie_between_stages_it_does_not_all_hold():
+    """Each rank builds only its stages (stages=, as engine.distribute asks),
+    yet finds the tie with a stage another rank holds: the same Tie on both,
+    the mark on its own copy. (It went unseen: the copies trained apart.)"""
+    whole = partition(_tied_torch(), 2, [2, 3])
+    for s in (0, 1):
+        mine = partition(_tied_torch(), 2, [2, 3], stages=[s])
+        assert mine.ties == whole.ties, (s, mine.ties)
+        assert [tie for tie, _ in mine[s].tied] == list(whole.ties)
+        assert mine[1 - s] is None

@@ -322,3 +322,62 @@ def test_a_pipeline_sums_the_sequence_gradients_once_a_step():
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=f"rank {r}")
     assert results[1][1].startswith("_Boom"), results[1][1]
     assert results[0][1] is not None and "aborted" in results[0][1], results[0][1]
+
+
+def _tied_model():
+    """tp_models' transformer with its head tied to its embedding, as GPTs do."""
+    import tp_models
+    model = tp_models.model(seed=0, blocks=2)
+    model[-1].head.weight = model[0].embed.weight       # (vocab, dim) both
+    return model
+
+
+def _tied_batch(step):
+    import torch
+
+    import tp_models
+    g = torch.Generator().manual_seed(step)
+    return tuple(torch.randint(0, tp_models.VOCAB, (8, tp_models.SEQ), generator=g)
+                 for _ in range(2))
+
+
+def _tied_loss(y, t):
+    import torch
+    return torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1))
+
+
+def _tied_distribute_worker(world):
+    import torch
+
+    import engine
+    import tp_models
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, pp=2, tp=2)
+    job = engine.distribute(_tied_model(), grid, plan=tp_models.PLAIN, schedule="1f1b",
+                            microbatches=2, balance="uniform", loss_fn=_tied_loss,
+                            verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=0.5)
+    for step in range(STEPS):
+        opt.zero_grad()
+        job.step(*_tied_batch(step))
+        opt.step()
+    state = job.state_dict()
+    return None if state is None else {k: v.tolist() for k, v in state.items()}
+
+
+@pytest.mark.timeout(150)
+def test_a_tie_across_stages_and_tp_trains_like_one_process():
+    """The embedding (stage 0, vocab-sharded) and the head (stage 1,
+    colwise) share one weight: each rank holds one copy's shard, the copies
+    stay equal and train like the single tied parameter."""
+    torch = pytest.importorskip("torch")
+    ref = _tied_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for step in range(STEPS):
+        x, y = _tied_batch(step)
+        opt.zero_grad()
+        _tied_loss(ref(x), y).backward()
+        opt.step()
+    state = mesh.spawn(_tied_distribute_worker, 4, timeout=130)[0]
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
