@@ -381,3 +381,63 @@ def test_a_tie_across_stages_and_tp_trains_like_one_process():
     state = mesh.spawn(_tied_distribute_worker, 4, timeout=130)[0]
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+_FAIL = {"calls": 0, "at": -1}
+
+
+def _flaky_tied_loss(y, t):
+    _FAIL["calls"] += 1
+    if _FAIL["calls"] == _FAIL["at"]:
+        raise _Boom("loss failed on purpose")
+    return _tied_loss(y, t)
+
+
+def _accumulating_worker(world):
+    """Gradients accumulated over steps 0 and 2 (no zero_grad between), step
+    1 failing in its last micro-batch's loss on the last pp rank: its
+    partial gradients (and the tie's, and every tp shard's) are rolled back
+    on every rank, so the accumulation holds steps 0 and 2 only."""
+    import torch
+
+    import engine
+    import tp_models
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, pp=2, tp=2)
+    job = engine.distribute(_tied_model(), grid, plan=tp_models.PLAIN, schedule="zb-h1",
+                            microbatches=4, balance="uniform", loss_fn=_flaky_tied_loss,
+                            verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=0.5)
+    errors = []
+    opt.zero_grad()
+    for step in (0, 1, 2):
+        if step == 1:
+            _FAIL["at"] = _FAIL["calls"] + 4
+        try:
+            job.step(*_tied_batch(step))
+        except Exception as e:
+            errors.append(type(e).__name__)
+    opt.step()
+    opt.zero_grad()
+    job.step(*_tied_batch(3))
+    opt.step()
+    state = job.state_dict()
+    return errors, None if state is None else {k: v.tolist() for k, v in state.items()}
+
+
+@pytest.mark.timeout(150)
+def test_a_failed_step_between_accumulated_ones_leaves_no_gradient():
+    torch = pytest.importorskip("torch")
+    ref = _tied_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    (_tied_loss(ref(_tied_batch(0)[0]), _tied_batch(0)[1])
+     + _tied_loss(ref(_tied_batch(2)[0]), _tied_batch(2)[1])).backward()
+    opt.step()
+    opt.zero_grad()
+    _tied_loss(ref(_tied_batch(3)[0]), _tied_batch(3)[1]).backward()
+    opt.step()
+    results = mesh.spawn(_accumulating_worker, 4, timeout=130)
+    assert [len(errors) for errors, _ in results] == [1] * 4, results
+    state = results[0][1]
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
