@@ -434,7 +434,8 @@ class _Step:
             elif a.kind == AR:
                 skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
         pipe.tied.abandon(reason, kind, lost)
-        self._abandon_tp(reason, kind, lost)
+        self._abandon_tp(reason, kind, lost, own=not getattr(error, "from_abort", False)
+                         and not isinstance(error, LostPeerError))
         dp = pipe.dp
         for _ in range(skipped):
             assert dp is not None
@@ -480,7 +481,10 @@ class _Step:
             if not failed[0]:
                 return
             mine = None if error is None else f"{type(error).__name__}: {error}"
-            reasons = collectives.all_gather_object(whole, mine, timeout=pipe.timeout)
+            tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
+            told = collectives.all_gather_object(whole, [mine, tp_seq], timeout=pipe.timeout)
+            reasons = [why for why, _ in told]
+            self.realign_tp([seq for _, seq in told])
         except Exception:
             if error is not None:
                 return                       # this rank's own error is raised
@@ -494,19 +498,32 @@ class _Step:
         raise StepFailed(f"pipeline step {self.n} failed elsewhere after rank {whole.rank} "
                          f"finished its part; rolled back on every rank ({where})")
 
-    def _abandon_tp(self, reason: str, kind: AbortKind, lost: int | None) -> None:
+    def realign_tp(self, seqs: list[int]) -> None:
+        """After a failed step: every rank of this rank's tp group takes the
+        highest collective number any of them reached (``seqs``, by rank of
+        the pipeline's grid), so their next collectives number alike; the
+        numbers skipped were aborted (late messages on them are dropped)."""
+        tp, whole = self.pipe.tp, self.pipe.whole
+        if tp is None:
+            return
+        ch = tp.collective_channel()
+        ch.seq = max(seqs[whole.ranks.index(w)] for w in tp.ranks)
+
+    def _abandon_tp(self, reason: str, kind: AbortKind, lost: int | None,
+                    own: bool = True) -> None:
         """Fail the tp peers' next collective, which this rank will not make
         (they run the same stage and would wait in it until its timeout),
-        unless the tp group already knows: this rank's last tp collective of
-        the step was aborted (by a peer, or by this rank as it failed in it).
-        tp peers make their collectives in lockstep, so a peer is at most one
-        collective ahead, waiting in it: every rank of the group then ends
-        the step at the same sequence number (the one that failed, or the
-        one abandoned), and the next step's collectives line up."""
+        unless this rank's last tp collective of the step was aborted by a
+        peer (``own`` False: the group knows). tp peers make their
+        collectives in lockstep, so a peer is at most one collective ahead,
+        waiting in it; when this rank failed in a collective by its own
+        error, a peer may have finished that one and wait in the next, so
+        that one is failed too. The ranks may then end the step one
+        collective apart: ``agree`` lines them up (``realign_tp``)."""
         tp = self.pipe.tp
         if tp is None:
             return
         ch = tp.collective_channel()
-        if ch.seq > self.tp_seq and ch.aborted(-ch.seq, "tp collective") is not None:
+        if not own and ch.seq > self.tp_seq and ch.aborted(-ch.seq, "tp collective") is not None:
             return
         collectives.abandon(tp, reason, kind, lost)

@@ -309,8 +309,12 @@ class Inbox:
 
 def abort_error(record: tuple[AbortKind, str, int], text: str) -> MeshError:
     """The error an operation on an aborted tag raises (``record``: the
-    abort's kind, reason and lost peer), with ``text``."""
+    abort's kind, reason and lost peer), with ``text``; its ``from_abort``
+    is True (another rank's failure, not this one's own)."""
     kind, _, peer = record
     if kind == AbortKind.LOST_PEER:
-        return LostPeerError(text, peer if peer >= 0 else None)
-    return kind.error(text)
+        err: MeshError = LostPeerError(text, peer if peer >= 0 else None)
+    else:
+        err = kind.error(text)
+    err.from_abort = True       # type: ignore[attr-defined]
+    return err

@@ -441,3 +441,52 @@ def test_a_failed_step_between_accumulated_ones_leaves_no_gradient():
     state = results[0][1]
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _half_done_worker(world):
+    """pp=1 x tp=2: tp rank 1 fails in a tp collective that tp rank 0 has
+    finished (it makes the collective, then aborts it and raises, as a rank
+    whose own error came at the end of one would), so rank 0 goes on into
+    the next collective and waits there. It must raise at once, and the two
+    ranks' collectives must line up again for the steps after."""
+    from engine import tp_layers
+    grid = mesh.grid(world, pp=1, tp=2)
+    tp = grid.group("tp")
+    stage, plan = _whole_np_model("plain")
+    parallelize(stage, tp, plan)
+    if world.rank == 1:
+        real, calls = tp_layers._comm, [0]
+
+        def half_done(group, x, op, *args, **kwargs):
+            out = real(group, x, op, *args, **kwargs)
+            if op in ("ar", "ag", "rs"):
+                calls[0] += 1
+                if calls[0] == 1:
+                    ch = group.collective_channel()
+                    ch.abort(-ch.seq, "failed at the end of it, on purpose")
+                    raise _Boom("tp collective failed on purpose")
+            return out
+        tp_layers._comm = half_done
+    pipe = Pipeline(grid, stage, schedules.by_name("1f1b", 1, M), loss_fn=mse_loss,
+                    timeout=60)
+    error = None
+    try:
+        pipe.step(*_np_data(0))
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    assert not any(g.any() for g in stage.grads()), "the failed step was not rolled back"
+    for step in range(STEPS):          # the tp collectives line up again
+        pipe.step(*_np_data(step))
+        sgd([stage], LR)
+    return error, [p.tolist() for p in full_params(stage)]
+
+
+def test_a_tp_collective_done_on_one_rank_and_failed_on_its_peer():
+    # without the fix rank 0 waits out MESH_TIMEOUT in the next collective,
+    # then the ranks stay one collective apart and the next step fails
+    results = mesh.spawn(_half_done_worker, 2, timeout=60, env={"MESH_TIMEOUT": "20"})
+    assert results[1][0].startswith("_Boom"), results[1][0]
+    assert "aborted" in results[0][0] and "tp rank 1" in results[0][0], results[0][0]
+    for _, params in results:
+        for a, b in zip([np.array(p) for p in params], _np_reference(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
