@@ -235,7 +235,7 @@ class _Stream:
     def __init__(self, torch: Any, rank: int) -> None:
         self.torch, self.rank = torch, rank
 
-    def run(self, fn: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    def run(self, fn: Any, x: Any) -> Any:
         torch = self.torch
         draw = int(torch.randint(0, 2**62, (1,)).item())
         seed = (draw + 2718 + self.rank) % 2**63
@@ -246,7 +246,7 @@ class _Stream:
             torch.random.default_generator.manual_seed(seed)
             if cuda:
                 torch.cuda.default_generators[idx].manual_seed(seed)
-            return fn(x, *args, **kwargs)
+            return fn(x)
 
 
 def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
@@ -294,12 +294,21 @@ def _summed(meta: _Meta, grad: Any) -> Any:
 def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The wrapped forward of a sharded submodule: its input's collective,
     the computation on the shard, its output's collective (and a rowwise
-    bias, added once)."""
+    bias, added once). Its input is its first positional argument, or its
+    first keyword argument when it is called with keywords only
+    (``attn(hidden_states=h, mask=m)``)."""
     torch = _torch()
     meta: _Meta = self._tp
     st, g = meta.style, meta.group
     enter, leave = edges(st)
-    x, rest = args[0], args[1:]
+    if args:
+        x, rest, key = args[0], args[1:], None
+    elif kwargs:
+        key = next(iter(kwargs))
+        x, rest = kwargs.pop(key), ()
+    else:
+        raise PlanError(f"{meta.name} was called without arguments: its plan entry "
+                        f"({st.style}) needs an input")
     if enter:
         x = _edge(g, x, enter, st.seq_dim, meta.name)
     if st.width:
@@ -309,7 +318,9 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     elif st.style == "vocab":
         y = _embed(torch, self, meta, x)
     else:
-        y = _module_forward(self, meta, x, *rest, **kwargs)
+        forward = functools.partial(type(self).forward, self)
+        y = _module_forward(meta, (lambda v: forward(v, *rest, **kwargs)) if key is None else
+                            (lambda v: forward(**{key: v}, **kwargs)), x)
     if leave:
         y = _edge(g, y, leave, st.seq_dim, meta.name)
     if st.style == "rowwise" and self.bias is not None:
@@ -321,15 +332,14 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     return y
 
 
-def _module_forward(sub: Any, meta: _Meta, x: Any, *rest: Any, **kwargs: Any) -> Any:
-    """The module's own forward (rng="rank": on this tp rank's own stream).
-    A view that no longer fits after an attribute rewrite is most often a
-    width read from the input: the error says so."""
-    forward = functools.partial(type(sub).forward, sub)
+def _module_forward(meta: _Meta, forward: Any, x: Any) -> Any:
+    """The module's own forward on its input ``x`` (rng="rank": on this tp
+    rank's own stream). A view that no longer fits after an attribute
+    rewrite is most often a width read from the input: the error says so."""
     try:
         if meta.stream is not None:
-            return meta.stream.run(forward, x, *rest, **kwargs)
-        return forward(x, *rest, **kwargs)
+            return meta.stream.run(forward, x)
+        return forward(x)
     except RuntimeError as e:
         st = meta.style
         if not st.attrs or st.width or "is invalid for input of size" not in str(e):

@@ -433,6 +433,19 @@ def _nanogpt_worker(world):
             torch.testing.assert_close(tp(batches[0][0])[0], ref(batches[0][0])[0],
                                        rtol=1e-5, atol=1e-6)
         out[flash] = losses[0][0] > losses[0][-1]
+    class ByKeyword(torch.nn.Module):      # HF style: the attention called by keyword
+        def __init__(self):
+            super().__init__()
+            self.attn = nanogpt.CausalSelfAttention(cfg)
+
+        def forward(self, h):
+            return self.attn(x=h)
+    torch.manual_seed(2)
+    ref = ByKeyword()
+    tp = parallelize(copy_of(ref), world, {k.replace("transformer.h.*.", ""): v
+                                           for k, v in nanogpt.PLAN.items() if ".attn" in k})
+    h = torch.randn(2, 8, cfg.n_embd)
+    torch.testing.assert_close(tp(h), ref(h), rtol=1e-5, atol=1e-6)
     errors = {}
     for key, plan in [
             ("untied", {k: v for k, v in nanogpt.PLAN.items() if k != "lm_head"}),
