@@ -70,7 +70,11 @@ _REASON_MAX = 400     # abort reasons cross the wire in a header
 
 class StepFailed(MeshError):
     """A pipeline step failed on another rank after this rank's part of it
-    finished; its gradients are rolled back, as the failed ranks' are."""
+    finished; its gradients are rolled back, as the failed ranks' are.
+    Never the root cause (``from_abort``: mesh.spawn and meshrun report the
+    rank that failed)."""
+
+    from_abort = True
 
 
 def split_microbatches(batch: Any, m: int) -> list[Any]:

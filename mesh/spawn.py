@@ -179,7 +179,8 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         _send(conn, (True, result, 0.0, False))
     except BaseException as e:
         # a lost peer or an abort is the consequence of another rank's failure
-        secondary = isinstance(e, LostPeerError) or (isinstance(e, MeshError) and "aborted" in str(e))
+        secondary = isinstance(e, LostPeerError) or getattr(e, "from_abort", False) or (
+            isinstance(e, MeshError) and "aborted" in str(e))
         _send(conn, (False, traceback.format_exc(), time.time(), secondary))
         if world is not None:
             world._close(e)  # report first: closing waits for the peers' answers

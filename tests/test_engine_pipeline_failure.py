@@ -222,3 +222,20 @@ def test_a_failed_torch_step_puts_the_gradients_back():
     assert e1.startswith("StepFailed") and "rank 0 of" in e1 and "_Boom" in e1, e1
     assert held0 == [0.25, 0.25] and held1 == [None, None], (held0, held1)
     assert ok0 and ok1
+
+
+def _uncaught_worker(world):
+    """Rank 0 fails in its last backward, after the others finished; nobody
+    catches: the others' StepFailed must not pass for the root cause."""
+    sched = schedules.by_name("1f1b", world.size, 4)
+    (mine,) = stages_for_rank(mlp_stages(WIDTHS, sched.num_stages, SEED), sched, world.rank)
+    stage = _Flaky(mine, 4 if world.rank == 0 else 0, backward=True)
+    pipe = Pipeline(world, stage, sched, loss_fn=mse_loss, timeout=30)
+    x, y = _data(0)
+    pipe.step(x if pipe.first else None, y if pipe.last else None)
+
+
+def test_the_rank_that_failed_is_the_root_cause():
+    with pytest.raises(mesh.WorkerError) as failed:
+        mesh.spawn(_uncaught_worker, 4, timeout=60)
+    assert failed.value.rank == 0 and "_Boom" in str(failed.value), str(failed.value)

@@ -34,7 +34,7 @@ def _secondary(rec: dict[str, Any] | None) -> bool:
     if not rec:
         return False
     kind = rec.get("exc_type")
-    return kind == "LostPeerError" or (kind in errors.__all__
+    return kind == "LostPeerError" or bool(rec.get("from_abort")) or (kind in errors.__all__
                                        and " aborted: " in str(rec.get("message", "")))
 
 
