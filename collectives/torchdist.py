@@ -40,7 +40,7 @@ from mesh import env, world as _world
 from . import api as C
 from .torchpg import ProcessGroupMeshrun
 
-__all__ = ["BACKEND", "register", "autoload", "ProcessGroupMeshrun"]
+__all__ = ["BACKEND", "register", "autoload", "comm_of", "ProcessGroupMeshrun"]
 
 BACKEND = "meshrun"
 _lock = threading.Lock()
@@ -93,6 +93,31 @@ def _env_handler(url: str, timeout: timedelta = dist.default_pg_timeout,
                              f"gives this process {key} {have}")
     yield _store_over(world, timeout), world.rank, world.size
     raise RuntimeError("meshrun's env:// rendezvous cannot be repeated in one process group")
+
+
+def comm_of(group: Any = None) -> Any:
+    """The meshrun communicator under a torch.distributed group on the
+    "meshrun" backend (None: the default group; a one-dimensional
+    DeviceMesh: its group), for meshrun's own API on the same ranks:
+    ``collectives.*``, ``mesh.grid``, ``engine.parallelize`` (which calls
+    this itself when given a group or a DeviceMesh)."""
+    import torch
+    if group is None:
+        group = dist.distributed_c10d._get_default_group()
+    elif hasattr(group, "get_group") and hasattr(group, "mesh_dim_names"):   # a DeviceMesh
+        if group.ndim != 1:
+            raise ValueError(f"comm_of takes a one-dimensional DeviceMesh (one of its "
+                             f"dimensions: mesh['tp']), not one of {group.ndim}")
+        group = group.get_group()
+    backend = group._get_backend(torch.device("cpu")) \
+        if isinstance(group, dist.ProcessGroup) else group
+    if not isinstance(backend, ProcessGroupMeshrun):
+        name = dist.get_backend(group) if isinstance(group, dist.ProcessGroup) else type(
+            group).__name__
+        raise TypeError(f"comm_of: the group is on the {name!r} backend; meshrun's own "
+                        f"collectives run on a group of the 'meshrun' backend "
+                        f"(dist.init_process_group('meshrun'), dist.new_group(...))")
+    return backend.comm
 
 
 def _process_mesh() -> Any:

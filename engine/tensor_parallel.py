@@ -28,6 +28,7 @@ import types
 from typing import Any, Mapping
 
 import collectives
+from mesh import Comm
 
 from . import tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
@@ -40,7 +41,9 @@ __all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
 def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str = "check",
                 strict: bool = True) -> Any:
     """Shard ``module`` (a torch module, a TorchStage or an engine.layers
-    model) in place by ``plan`` over the tp communicator ``group``; return it.
+    model) in place by ``plan`` over the tp communicator ``group`` (or a
+    torch.distributed group or one-dimensional DeviceMesh on the "meshrun"
+    backend: collectives.torchdist.comm_of); return it.
 
     ``init="check"``: every rank must have built the same full module (a hash
     of every parameter and buffer is all-gathered; a difference raises on
@@ -50,6 +53,7 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     pipeline stages). Every error is raised on every rank before any step."""
     if init not in ("check", "broadcast"):
         raise ValueError(f"init is 'check' or 'broadcast', not {init!r}")
+    group = _as_comm(group)
     if isinstance(module, TorchStage):        # shard its module, then see the shards
         parallelize(module.module, group, plan, init=init, strict=strict)
         module._params = [p for p in module.module.parameters() if p.requires_grad]
@@ -118,6 +122,20 @@ def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
     if root is not None and group is not None and group.rank != root:
         return None
     return state
+
+
+def _as_comm(group: Any) -> Any:
+    """A meshrun communicator, or the one under a torch.distributed group
+    (or a one-dimensional DeviceMesh) on the "meshrun" backend."""
+    if isinstance(group, Comm):
+        return group
+    import sys
+    if "torch.distributed" in sys.modules:
+        from collectives.torchdist import comm_of
+        return comm_of(group)
+    raise TypeError(f"parallelize needs the tp group as a meshrun communicator (a "
+                    f"mesh.grid's group('tp')) or a torch.distributed group on the "
+                    f"'meshrun' backend, not {type(group).__name__}")
 
 
 def _is_torch(module: Any) -> bool:

@@ -490,3 +490,43 @@ def test_nanogpt_as_written_trains_tensor_parallel():
     assert 'add "width": "shard" to its plan entry' in errors["no width"], errors
     with pytest.raises(PlanError, match="width= is 'shard'"):
         parse({"style": "replicate", "width": "half"})
+
+
+def _torch_group_worker(world):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import collectives.torchdist  # noqa: F401  (registers "meshrun")
+    import tp_models
+    from collectives.torchdist import comm_of
+    torch.set_num_threads(1)
+    dist.init_process_group("meshrun")
+    out = {}
+    try:
+        x = torch.randint(0, tp_models.VOCAB, (2, tp_models.SEQ), generator=torch.Generator()
+                          .manual_seed(4))
+        ref = tp_models.model(seed=3)
+        for how, group in [("device mesh", init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))),
+                           ("new_group", dist.new_group([0, 1]))]:
+            tp = parallelize(copy_of(ref), group, tp_models.PLAIN)
+            torch.testing.assert_close(tp(x), ref(x), rtol=1e-5, atol=1e-6)
+            out[how] = True
+        out["world"] = comm_of().size
+        try:
+            comm_of(dist.new_group([0, 1], backend="gloo"))
+        except TypeError as e:
+            out["gloo"] = str(e)
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_parallelize_takes_a_torch_group_or_device_mesh():
+    """torch code on the "meshrun" backend hands engine.parallelize its own
+    DeviceMesh or process group; a gloo group is refused, naming it."""
+    pytest.importorskip("torch")
+    out = mesh.spawn(_torch_group_worker, 2, timeout=100)[0]
+    assert out["device mesh"] and out["new_group"] and out["world"] == 2, out
+    assert "the group is on the 'gloo' backend" in out["gloo"], out
