@@ -1,6 +1,7 @@
 """nanoGPT's model, its code as written, trained tensor-parallel by a plan.
 
     meshrun -n 4 examples/nanogpt_tp.py [--tp 2] [--steps 60] [--out nanogpt.pt]
+    meshrun -n 8 examples/nanogpt_tp.py --pp 2        # dp=2 x pp=2 x tp=2
 
 The model below is written the way Karpathy's nanoGPT (model.py, MIT
 licence) writes its GPT, and has no distribution code in it: its attention
@@ -12,7 +13,10 @@ PLAN over the tp axis of a dp x tp grid: Megatron's layout on nanoGPT's
 names, the attention shown its input as wide as its shard
 (``"width": "shard"``), the tie kept (one shard, both holders). The dp
 replicas average their gradients with ``collectives.all_reduce_grads``.
-It learns this file's own text, character by character; rank 0 prints the
+With ``--pp``, ``engine.distribute`` cuts the GPT's layers (its blocks, and
+two adapters holding its embeddings and its head) into pipeline stages and
+shards them by the same plan; the embedding on the first stage and the
+head on the last stay one tied weight. It learns this file's own text, character by character; rank 0 prints the
 loss, gathers the whole model, saves it, reloads it into a single-process
 GPT and checks its loss against the distributed one.
 """
@@ -149,16 +153,48 @@ def _per_rank(n, tp):
 
 # The whole plan: Megatron's layout on nanoGPT's names. The attention reads
 # its width from its input, so it sees its input as wide as its shard.
+# Patterns with "*" in front fit the GPT's names ("transformer.h.0.attn")
+# and its layers' as a pipeline sees them ("1.attn").
 PLAN = {
-    "transformer.wte": "vocab",
-    "transformer.h.*.attn": {"style": "replicate", "width": "shard",
-                             "attrs": {"n_head": _per_rank, "n_embd": _per_rank}},
-    "transformer.h.*.attn.c_attn": {"style": "colwise", "parts": 3},
-    "transformer.h.*.attn.c_proj": "rowwise",
-    "transformer.h.*.mlp.c_fc": "colwise",
-    "transformer.h.*.mlp.c_proj": "rowwise",
-    "lm_head": {"style": "colwise", "output": "replicate"},
+    "*wte": "vocab",
+    "*.attn": {"style": "replicate", "width": "shard",
+               "attrs": {"n_head": _per_rank, "n_embd": _per_rank}},
+    "*.attn.c_attn": {"style": "colwise", "parts": 3},
+    "*.attn.c_proj": "rowwise",
+    "*.mlp.c_fc": "colwise",
+    "*.mlp.c_proj": "rowwise",
+    "*lm_head": {"style": "colwise", "output": "replicate"},
 }
+
+
+# For a pipeline, the GPT's layers in order: its blocks as they are, and two
+# adapters around them holding its own modules (its forward's first and
+# last lines), so the layers train the GPT itself.
+class Embed(nn.Module):
+    def __init__(self, gpt):
+        super().__init__()
+        self.wte, self.wpe, self.drop = gpt.transformer.wte, gpt.transformer.wpe, gpt.transformer.drop
+
+    def forward(self, idx):
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+
+class Head(nn.Module):
+    def __init__(self, gpt):
+        super().__init__()
+        self.ln_f, self.lm_head = gpt.transformer.ln_f, gpt.lm_head
+
+    def forward(self, x):
+        return self.lm_head(self.ln_f(x))
+
+
+def layers(gpt):
+    return nn.Sequential(Embed(gpt), *gpt.transformer.h, Head(gpt))
+
+
+def next_char_loss(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def batch(text: torch.Tensor, step: int, rows: int, seq: int, replica: int):
@@ -177,6 +213,8 @@ def main() -> None:
     import mesh
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (engine.distribute)")
+    ap.add_argument("--schedule", default="auto", help="with --pp: a schedule's name, or auto")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rows", type=int, default=8, help="sequences per step and replica")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -186,16 +224,14 @@ def main() -> None:
     with open(__file__, encoding="utf-8") as f:
         text = torch.tensor([min(ord(c), 127) for c in f.read()])
     with mesh.init() as world:
+        if args.pp > 1:
+            return pipelined(world, args, cfg, text)
         grid = mesh.grid(world, dp=world.size // args.tp, tp=args.tp)
         dp, d = grid.group("dp"), grid.coord("dp")
         torch.manual_seed(0)                              # the same full model on every rank
         model = engine.parallelize(GPT(cfg), grid.group("tp"), PLAN)
         if world.rank == 0:
-            print(f"grid {grid.axes}; plan:")
-            for k, v in PLAN.items():               # the rewrites shown as what they do
-                shown = {f: ({a: "n // tp" for a in x} if f == "attrs" else x)
-                         for f, x in v.items()} if isinstance(v, dict) else v
-                print(f"  {k}: {shown}")
+            show(grid)
             attn = model.transformer.h[0].attn
             print(f"tp rank 0 holds {attn.n_head} of {cfg.n_head} heads, "
                   f"lm_head/wte {tuple(model.lm_head.weight.shape)} of "
@@ -224,6 +260,54 @@ def main() -> None:
             print(f"saved {args.out}; one process on the reloaded model: loss {again:.6f}, "
                   f"distributed: {final:.6f}")
             assert abs(again - final) < 1e-4 * max(1.0, abs(final)), (again, final)
+
+
+
+def show(grid) -> None:
+    print(f"grid {grid.axes}; plan:")
+    for k, v in PLAN.items():                       # the rewrites shown as what they do
+        shown = {f: ({a: "n // tp" for a in x} if f == "attrs" else x)
+                 for f, x in v.items()} if isinstance(v, dict) else v
+        print(f"  {k}: {shown}")
+
+
+def pipelined(world, args, cfg, text) -> None:
+    """dp x pp x tp by one engine.distribute call on the GPT's layers."""
+    import collectives
+    import engine
+    import mesh
+    grid = mesh.grid(world, dp=world.size // (args.pp * args.tp), pp=args.pp, tp=args.tp)
+    d = grid.coord("dp")
+    if world.rank == 0:
+        show(grid)
+    torch.manual_seed(0)
+    x0, _ = batch(text, 0, args.rows, cfg.block_size, d)
+    job = engine.distribute(layers(GPT(cfg)), grid, plan=PLAN if args.tp > 1 else None,
+                            schedule=args.schedule, sample=x0, loss_fn=next_char_loss)
+    if world.rank == 0:
+        print(f"chosen: {job.schedule.name}\n{job.schedule.render()}", flush=True)
+    opt = torch.optim.AdamW(job.parameters(), lr=args.lr)
+    for step in range(args.steps + 1):                # the last: the trained model's loss
+        x, y = batch(text, step, args.rows, cfg.block_size, d if step < args.steps else 0)
+        opt.zero_grad()
+        loss = job.step(x, y)
+        if step < args.steps:
+            opt.step()
+        if loss is not None and d == 0 and grid.coord("tp") == 0 and step < args.steps and (
+                step % 10 == 0 or step == args.steps - 1):
+            print(f"step {step:3d}  loss {loss:.4f}", flush=True)
+    final = [v for v in collectives.all_gather_object(world, loss) if v is not None][0]
+    state = job.state_dict()                          # the whole model, on rank 0
+    if world.rank == 0:
+        torch.save(state, args.out)
+        copy = GPT(cfg)
+        layers(copy).load_state_dict(torch.load(args.out))   # the GPT's own modules
+        x, y = batch(text, args.steps, args.rows, cfg.block_size, 0)
+        with torch.no_grad():
+            again = copy(x, y)[1].item()
+        print(f"saved {args.out}; one process on the reloaded model: loss {again:.6f}, "
+              f"distributed: {final:.6f}")
+        assert abs(again - final) < 1e-4 * max(1.0, abs(final)), (again, final)
 
 
 if __name__ == "__main__":

@@ -71,18 +71,25 @@ def test_3d_example_trains_saves_and_reloads(tmp_path, script, out):
 
 
 @pytest.mark.timeout(300)
-def test_nanogpt_example_trains_tensor_parallel_saves_and_reloads(tmp_path):
-    """nanoGPT's model as written, dp=2 x tp=2 under meshrun; the example
-    asserts that the reloaded model's loss equals the distributed one."""
+@pytest.mark.parametrize("extra,shows", [
+    ([], ["grid {'dp': 2, 'tp': 2}", "holds 2 of 4 heads"]),
+    (["--pp", "2", "--schedule", "1f1b"], ["grid {'dp': 1, 'pp': 2, 'tp': 2}",
+                                           "chosen: 1f1b(2,"]),
+])
+def test_nanogpt_example_trains_tensor_parallel_saves_and_reloads(tmp_path, extra, shows):
+    """nanoGPT's model as written, dp=2 x tp=2 (parallelize) and pp=2 x
+    tp=2 (distribute on its layers, the tie across the stages) under
+    meshrun; the example asserts that the reloaded model's loss equals the
+    distributed one."""
     pytest.importorskip("torch")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-m", "mesh.launch", "-n", "4",
          os.path.join(ROOT, "examples", "nanogpt_tp.py"), "--steps", "3",
-         "--out", str(tmp_path / "g.pt")],
+         "--out", str(tmp_path / "g.pt"), *extra],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "grid {'dp': 2, 'tp': 2}" in proc.stdout and "holds 2 of 4 heads" in proc.stdout
+    assert all(s in proc.stdout for s in shows), proc.stdout
     assert "step   2  loss" in proc.stdout and "one process on the reloaded model" in proc.stdout
     assert (tmp_path / "g.pt").exists()
 

@@ -442,21 +442,21 @@ def _nanogpt_worker(world):
             return self.attn(x=h)
     torch.manual_seed(2)
     ref = ByKeyword()
-    tp = parallelize(copy_of(ref), world, {k.replace("transformer.h.*.", ""): v
+    tp = parallelize(copy_of(ref), world, {k.replace("*.", ""): v
                                            for k, v in nanogpt.PLAN.items() if ".attn" in k})
     h = torch.randn(2, 8, cfg.n_embd)
     torch.testing.assert_close(tp(h), ref(h), rtol=1e-5, atol=1e-6)
     errors = {}
     for key, plan in [
-            ("untied", {k: v for k, v in nanogpt.PLAN.items() if k != "lm_head"}),
-            ("cut apart", {**nanogpt.PLAN, "lm_head": "rowwise"}),
+            ("untied", {k: v for k, v in nanogpt.PLAN.items() if k != "*lm_head"}),
+            ("cut apart", {**nanogpt.PLAN, "*lm_head": "rowwise"}),
             ("width", {"lm_head": {"style": "colwise", "width": "shard"}})]:
         try:
             parallelize(nanogpt.GPT(cfg), world, plan)
         except PlanError as e:
             errors[key] = str(e)
-    plan = {**nanogpt.PLAN, "transformer.h.*.attn": {
-        k: v for k, v in nanogpt.PLAN["transformer.h.*.attn"].items() if k != "width"}}
+    plan = {**nanogpt.PLAN, "*.attn": {
+        k: v for k, v in nanogpt.PLAN["*.attn"].items() if k != "width"}}
     try:
         parallelize(nanogpt.GPT(cfg), world, plan)(*batches[0])
     except PlanError as e:
