@@ -222,27 +222,31 @@ class _FailOnce:
         return getattr(self.stage, name)
 
 
-def _tp_failure_worker(world):
-    """pp=1 x tp=2, the whole model one stage: tp rank 1 fails in step 0
-    before the collectives of its second micro-batch, where tp rank 0 waits."""
-    grid = mesh.grid(world, pp=1, tp=2)
-    stage = Sequential(*[layer for st in _np_model() for layer in st.layers])
-    first, second = NP_PLANS["plain"]
-    parallelize(stage, grid.group("tp"), {**first, **{str(int(k) + 6): v
-                                                      for k, v in second.items()}})
-    sched = schedules.by_name("1f1b", 1, M)
-    pipe = Pipeline(grid, _FailOnce(stage) if world.rank == 1 else stage, sched,
-                    loss_fn=mse_loss, timeout=60)
+def _fail_then_train(pipe, stage):
+    """Step 0 fails somewhere; its gradients must be rolled back and the tp
+    collectives line up for the steps after. (error, the trained weights)."""
     error = None
     try:
         pipe.step(*_np_data(0))
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     assert not any(g.any() for g in stage.grads()), "the failed step was not rolled back"
-    for step in range(STEPS):          # the tp collectives still line up
+    for step in range(STEPS):
         pipe.step(*_np_data(step))
         sgd([stage], LR)
     return error, [p.tolist() for p in full_params(stage)]
+
+
+def _tp_failure_worker(world):
+    """pp=1 x tp=2, the whole model one stage: tp rank 1 fails in step 0
+    before the collectives of its second micro-batch, where tp rank 0 waits."""
+    grid = mesh.grid(world, pp=1, tp=2)
+    stage, plan = _whole_np_model("plain")
+    parallelize(stage, grid.group("tp"), plan)
+    sched = schedules.by_name("1f1b", 1, M)
+    pipe = Pipeline(grid, _FailOnce(stage) if world.rank == 1 else stage, sched,
+                    loss_fn=mse_loss, timeout=60)
+    return _fail_then_train(pipe, stage)
 
 
 def test_tp_peer_of_a_failed_stage_raises_and_the_pipeline_recovers():
@@ -346,17 +350,22 @@ def _tied_loss(y, t):
     return torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1))
 
 
-def _tied_distribute_worker(world):
+def _tied_job(world, schedule, microbatches, loss_fn):
+    """The tied model through engine.distribute on pp=2 x tp=2, and an SGD
+    optimizer over this rank's part."""
     import torch
 
     import engine
     import tp_models
     torch.set_num_threads(1)
-    grid = mesh.grid(world, pp=2, tp=2)
-    job = engine.distribute(_tied_model(), grid, plan=tp_models.PLAIN, schedule="1f1b",
-                            microbatches=2, balance="uniform", loss_fn=_tied_loss,
-                            verbose=False)
-    opt = torch.optim.SGD(job.parameters(), lr=0.5)
+    job = engine.distribute(_tied_model(), mesh.grid(world, pp=2, tp=2), plan=tp_models.PLAIN,
+                            schedule=schedule, microbatches=microbatches, balance="uniform",
+                            loss_fn=loss_fn, verbose=False)
+    return job, torch.optim.SGD(job.parameters(), lr=0.5)
+
+
+def _tied_distribute_worker(world):
+    job, opt = _tied_job(world, "1f1b", 2, _tied_loss)
     for step in range(STEPS):
         opt.zero_grad()
         job.step(*_tied_batch(step))
@@ -398,16 +407,7 @@ def _accumulating_worker(world):
     1 failing in its last micro-batch's loss on the last pp rank: its
     partial gradients (and the tie's, and every tp shard's) are rolled back
     on every rank, so the accumulation holds steps 0 and 2 only."""
-    import torch
-
-    import engine
-    import tp_models
-    torch.set_num_threads(1)
-    grid = mesh.grid(world, pp=2, tp=2)
-    job = engine.distribute(_tied_model(), grid, plan=tp_models.PLAIN, schedule="zb-h1",
-                            microbatches=4, balance="uniform", loss_fn=_flaky_tied_loss,
-                            verbose=False)
-    opt = torch.optim.SGD(job.parameters(), lr=0.5)
+    job, opt = _tied_job(world, "zb-h1", 4, _flaky_tied_loss)
     errors = []
     opt.zero_grad()
     for step in (0, 1, 2):
@@ -469,16 +469,7 @@ def _half_done_worker(world):
         tp_layers._comm = half_done
     pipe = Pipeline(grid, stage, schedules.by_name("1f1b", 1, M), loss_fn=mse_loss,
                     timeout=60)
-    error = None
-    try:
-        pipe.step(*_np_data(0))
-    except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-    assert not any(g.any() for g in stage.grads()), "the failed step was not rolled back"
-    for step in range(STEPS):          # the tp collectives line up again
-        pipe.step(*_np_data(step))
-        sgd([stage], LR)
-    return error, [p.tolist() for p in full_params(stage)]
+    return _fail_then_train(pipe, stage)
 
 
 def test_a_tp_collective_done_on_one_rank_and_failed_on_its_peer():
