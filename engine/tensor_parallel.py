@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import types
 from typing import Any, Mapping
 
@@ -239,6 +240,18 @@ class _Meta:
         return [_view(TorchStage._grad(p)) for p in self.summed]
 
 
+_shared = threading.local()    # .states: the shared stream's, while a rank's own runs
+
+
+def _generators(torch: Any, x: Any) -> list[Any]:
+    """The default generators a forward on ``x`` draws from: the CPU's, and
+    its CUDA device's."""
+    if not getattr(x, "is_cuda", False):
+        return [torch.random.default_generator]
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return [torch.random.default_generator, torch.cuda.default_generators[idx]]
+
+
 class _Stream:
     """This tp rank's own random numbers (rng="rank") for one forward at a
     time: the forward runs on a generator seeded from the next number of
@@ -248,7 +261,10 @@ class _Stream:
     draw. So the default stream, which replicated activations draw from,
     stays in step on every rank, each rank's masks differ, and a
     recomputation (``torch.utils.checkpoint`` around the module restores the
-    default state first) draws the same seed and the same masks again."""
+    default state first) draws the same seed and the same masks again.
+    Inside, a submodule planned ``rng="shared"`` (a dropout on the module's
+    replicated output) draws from the default stream as it was outside
+    (``_on_shared``), and the draws it made count there after."""
 
     def __init__(self, torch: Any, rank: int) -> None:
         self.torch, self.rank = torch, rank
@@ -257,14 +273,40 @@ class _Stream:
         torch = self.torch
         draw = int(torch.randint(0, 2**62, (1,)).item())
         seed = (draw + 2718 + self.rank) % 2**63
-        cuda = getattr(x, "is_cuda", False)
-        idx = (x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-            if cuda else None
-        with torch.random.fork_rng(devices=[idx] if cuda else []):
-            torch.random.default_generator.manual_seed(seed)
-            if cuda:
-                torch.cuda.default_generators[idx].manual_seed(seed)
+        gens = _generators(torch, x)
+        outermost = getattr(_shared, "states", None) is None
+        states = [g.get_state() for g in gens]
+        try:
+            if outermost:
+                _shared.states = states
+            for g in gens:
+                g.manual_seed(seed)
             return fn(x)
+        finally:
+            after = _shared.states if outermost else states
+            if outermost:
+                _shared.states = None
+            for g, state in zip(gens, after):
+                g.set_state(state)
+
+
+def _on_shared(torch: Any, fn: Any, x: Any) -> Any:
+    """``fn(x)`` on the shared stream (rng="shared" given in the plan): the
+    default one, or inside a module on a rank's own stream, the default
+    stream as it stood outside, moved on by what ``fn`` draws."""
+    shared = getattr(_shared, "states", None)
+    if shared is None:
+        return fn(x)
+    gens = _generators(torch, x)
+    own = [g.get_state() for g in gens]
+    for g, state in zip(gens, shared):
+        g.set_state(state)
+    try:
+        return fn(x)
+    finally:
+        _shared.states = [g.get_state() for g in gens]
+        for g, state in zip(gens, own):
+            g.set_state(state)
 
 
 def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
@@ -299,7 +341,7 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
     if style.rng == "rank":
         meta.stream = _Stream(torch, r)
     if style.style != "replicate" or (style.input, style.output) != ("any", "any") or \
-            meta.stream is not None or style.width or style.attrs:
+            meta.stream is not None or style.width or style.attrs or style.rng == "shared":
         sub.forward = types.MethodType(_forward, sub)
 
 
@@ -357,6 +399,8 @@ def _module_forward(meta: _Meta, forward: Any, x: Any) -> Any:
     try:
         if meta.stream is not None:
             return meta.stream.run(forward, x)
+        if meta.style.rng == "shared":
+            return _on_shared(_torch(), forward, x)
         return forward(x)
     except RuntimeError as e:
         st = meta.style

@@ -35,17 +35,23 @@ its input), put the edges on the module: ``replicate`` with input
 ``attrs`` rewrites attributes that depend on the shard count after sharding:
 a callable gets ``(old value, tp size)``, any other value is set as is.
 
-``rng``: where a module draws its random numbers (dropout). ``"shared"``:
-torch's default stream, the same on every tp rank as long as their programs
-are (what a replicated activation needs: its dropout mask must be equal on
-every rank); ``"rank"``: numbers of this tp rank's own, from a generator
-seeded for each forward by the default stream's next number and the tp
-rank (Megatron's ``+ 2718 + rank`` offset), so the default stream moves by
-that one draw, alike on every rank, and a checkpointed recomputation gets
-the same masks again. A ``"sequence"``
-module on a part of the sequence takes ``"rank"`` by default (each rank
-holds other tokens); a dropout on sharded heads (attention probabilities)
-asks for it: ``"*.attn.drop": {"style": "replicate", "rng": "rank"}``.
+``rng``: where a module draws its random numbers (dropout). Unset (""):
+the stream it is in, torch's default one, the same on every tp rank as long
+as their programs are (what a replicated activation needs: its dropout
+mask must be equal on every rank); ``"rank"``: numbers of this tp rank's
+own, from a generator seeded for each forward by the default stream's next
+number and the tp rank (Megatron's ``+ 2718 + rank`` offset), so the
+default stream moves by that one draw, alike on every rank, and a
+checkpointed recomputation gets the same masks again; ``"shared"``: the
+default stream even inside a module on a rank's own numbers (the dropout
+on such a module's replicated output). A ``"sequence"`` module on a part of
+the sequence takes ``"rank"`` by default (each rank holds other tokens); a
+dropout on sharded heads (attention probabilities) asks for it:
+``"*.attn.drop": {"style": "replicate", "rng": "rank"}``; an attention that
+draws its heads' dropout inside its own forward (SDPA's ``dropout_p``)
+takes ``"rank"`` whole, its output's dropout ``"shared"``:
+``"*.attn": {..., "rng": "rank"}, "*.attn.resid_dropout": {"style":
+"replicate", "rng": "shared"}``.
 
 ``width="shard"`` (replicate only, torch modules): the module's code sees
 its input's last axis as this rank's part of it (its size over tp) where
@@ -134,8 +140,7 @@ class Style:
         if self.rng not in ("", "rank", "shared"):
             raise PlanError(f"rng= is 'rank' (this tp rank's own random stream) or 'shared', "
                             f"not {self.rng!r}")
-        object.__setattr__(self, "rng", self.rng or (
-            "rank" if self.style == "sequence" else "shared"))
+        object.__setattr__(self, "rng", self.rng or ("rank" if self.style == "sequence" else ""))
         if self.width not in ("", "shard"):
             raise PlanError(f"width= is 'shard' (the module reads its input's last axis as "
                             f"this rank's part) or '', not {self.width!r}")

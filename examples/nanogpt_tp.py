@@ -157,8 +157,9 @@ def _per_rank(n, tp):
 # and its layers' as a pipeline sees them ("1.attn").
 PLAN = {
     "*wte": "vocab",
-    "*.attn": {"style": "replicate", "width": "shard",
+    "*.attn": {"style": "replicate", "width": "shard", "rng": "rank",    # its heads' dropout
                "attrs": {"n_head": _per_rank, "n_embd": _per_rank}},
+    "*.attn.resid_dropout": {"style": "replicate", "rng": "shared"},     # its output's
     "*.attn.c_attn": {"style": "colwise", "parts": 3},
     "*.attn.c_proj": "rowwise",
     "*.mlp.c_fc": "colwise",

@@ -366,6 +366,27 @@ def _rng_worker(world):
     y.sum().backward()
     out["recomputed"] = bool(torch.equal(x.grad, (y != 0).float() * 2))
     out["ranks differ"] = not torch.equal(*collectives_all_gather(world, y.detach()))
+
+    class Heads(torch.nn.Module):     # SDPA's way: the heads' dropout inside the forward
+        def __init__(self):
+            super().__init__()
+            self.resid_dropout = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            self.heads = torch.nn.functional.dropout(torch.ones(64), 0.5)
+            return self.resid_dropout(x)
+    tp = parallelize(torch.nn.Sequential(Heads()), world, {
+        "0": {"style": "replicate", "rng": "rank"},
+        "0.resid_dropout": {"style": "replicate", "rng": "shared"}})
+    before = torch.random.get_rng_state()
+    y = tp(torch.ones(256))
+    after = torch.rand(8)
+    torch.random.set_rng_state(before)      # the shared stream: the module's draw, then resid's
+    torch.randint(0, 2**62, (1,))
+    want = torch.nn.functional.dropout(torch.ones(256), 0.5)
+    out["heads own"] = not torch.equal(*collectives_all_gather(world, tp[0].heads))
+    out["output shared"] = bool(torch.equal(y, want))
+    out["stream moved on"] = bool(torch.equal(after, torch.rand(8)))
     return out
 
 
@@ -387,9 +408,10 @@ def test_a_sequence_shard_draws_its_dropout_from_its_own_stream():
         assert not same_halves and 0.3 < dropped < 0.7, res
         assert res["shared"][0], res
         assert res["replicated equal"] and res["recomputed"] and res["ranks differ"], res
+        assert res["heads own"] and res["output shared"] and res["stream moved on"], res
     with pytest.raises(PlanError, match="rng= is 'rank'"):
         parse({"style": "sequence", "rng": "mine"})
-    assert parse("sequence").rng == "rank" and parse("colwise").rng == "shared"
+    assert parse("sequence").rng == "rank" and parse("colwise").rng == ""
     assert parse({"style": "replicate", "rng": "rank"}).rng == "rank"
 
 
@@ -433,6 +455,19 @@ def _nanogpt_worker(world):
             torch.testing.assert_close(tp(batches[0][0])[0], ref(batches[0][0])[0],
                                        rtol=1e-5, atol=1e-6)
         out[flash] = losses[0][0] > losses[0][-1]
+    # dropout > 0: the heads' masks on this rank's own stream (SDPA, inside the
+    # attention), its output's on the shared one: the residual stream stays
+    # equal on both tp ranks (with the output's on the rank's stream, it forks)
+    for plan, equal in [(nanogpt.PLAN, True),
+                        ({k: v for k, v in nanogpt.PLAN.items() if "resid" not in k}, False)]:
+        torch.manual_seed(0)
+        dropping = parallelize(nanogpt.GPT(nanogpt.GPTConfig(dropout=0.3)), world, plan)
+        seen = {}
+        dropping.transformer.ln_f.register_forward_hook(
+            lambda mod, i, o: seen.setdefault("x", i[0].detach().contiguous()))
+        dropping(*batches[0])
+        assert torch.equal(*collectives_all_gather(world, seen["x"])) == equal, plan
+
     class ByKeyword(torch.nn.Module):      # HF style: the attention called by keyword
         def __init__(self):
             super().__init__()
