@@ -16,9 +16,10 @@ replicas average their gradients with ``collectives.all_reduce_grads``.
 With ``--pp``, ``engine.distribute`` cuts the GPT's layers (its blocks, and
 two adapters holding its embeddings and its head) into pipeline stages and
 shards them by the same plan; the embedding on the first stage and the
-head on the last stay one tied weight. It learns this file's own text, character by character; rank 0 prints the
-loss, gathers the whole model, saves it, reloads it into a single-process
-GPT and checks its loss against the distributed one.
+head on the last stay one tied weight. It learns this file's own text,
+character by character; rank 0 prints the loss, gathers the whole model,
+saves it, reloads it into a single-process GPT and checks its loss against
+the distributed one.
 """
 
 import math
@@ -174,7 +175,8 @@ PLAN = {
 class Embed(nn.Module):
     def __init__(self, gpt):
         super().__init__()
-        self.wte, self.wpe, self.drop = gpt.transformer.wte, gpt.transformer.wpe, gpt.transformer.drop
+        t = gpt.transformer
+        self.wte, self.wpe, self.drop = t.wte, t.wpe, t.drop
 
     def forward(self, idx):
         pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
