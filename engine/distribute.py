@@ -541,6 +541,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         scheds = builtin(SCHEDULES if auto else [schedule], p, ms, chunks)
         if not scheds:
             raise ValueError(f"no schedule {schedule!r} for pp={p} at micro-batch counts {ms}")
+    fit = [s for s in scheds if s.num_stages <= L]      # before any layer is timed
+    if not fit:
+        what = "every candidate schedule needs at least" if auto else \
+            f"schedule {scheds[0].name} needs"
+        raise ValueError(f"the model has {L} layers: {what} "
+                         f"{min(s.num_stages for s in scheds)} pipeline stages on pp={p}, "
+                         f"a layer each at least")
+    scheds = fit
     if plan:        # the whole model, so the plan's names are the model's own; then every
         parallelize(model, grid.group("tp"), plan)    # layer is timed sharded, collectives in
         named, _ = _model_layers(model)

@@ -473,7 +473,9 @@ def _argument_errors(grid, d):
                           ({"sample": None}, "sample="),
                           ({"balance": "uniform", "schedule": "interleaved", "microbatches": 2,
                             "sample": None, "model": Sequential(Linear(2, 2), Tanh())},
-                           "cannot fill"),
+                           "needs 4 pipeline stages on pp=2"),
+                          ({"schedule": "zb-v", "model": Sequential(Linear(2, 2), Tanh())},
+                           "schedule zb_v(2,"),        # named, measured: before any timing
                           ({"model": Sequential(Linear(2, 2))}, "pp=2"),
                           ({"plan": {"0": "colwise"}}, "tp axis"),
                           ({"grid": mesh.grid(grid.comm, dp=2, stage=2)}, "pp axis")]:
