@@ -164,28 +164,26 @@ def _check_ties(named: dict[str, Any], todo: dict[str, tuple[Any, Style]]) -> No
         for pname, p in sub._parameters.items():
             if p is not None:
                 holders.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
-    cuts: dict[int, tuple[Any, str]] = {}
+    cuts: dict[int, tuple[Any, set[str]]] = {}     # how each tied one is cut, and by whom
     for name, (sub, style) in todo.items():
         for pname, dim in _DIMS.get(style.style, {}).items():
             p = getattr(sub, pname, None)
             if p is None or len(holders.get(id(p), ())) < 2:
                 continue
             how, key = (dim, style.parts), f"{name}.{pname}"
-            if id(p) in cuts and cuts[id(p)][0] != how:
-                raise PlanError(f"{key} is tied to {cuts[id(p)][1]} (one parameter), but the "
-                                f"plan cuts them differently (axis {dim} {style.style} vs axis "
-                                f"{cuts[id(p)][0][0]}): give the holders styles that cut it "
-                                f"alike (vocab and colwise both split its rows)")
-            cuts.setdefault(id(p), (how, key))
-    for pid, (_, key) in cuts.items():
-        cut_by = {f"{n}.{pn}" for n, (sub, style) in todo.items()
-                  for pn in _DIMS.get(style.style, {}) if getattr(sub, pn, None) is not None
-                  and id(getattr(sub, pn)) == pid}
+            first, keys = cuts.setdefault(id(p), (how, set()))
+            if first != how:
+                raise PlanError(f"{key} is tied to {min(keys)} (one parameter), but the plan "
+                                f"cuts them differently (axis {dim} {style.style} vs axis "
+                                f"{first[0]}): give the holders styles that cut it alike "
+                                f"(vocab and colwise both split its rows)")
+            keys.add(key)
+    for pid, (_, keys) in cuts.items():
         for other in holders[pid]:
-            if other not in cut_by:
-                raise PlanError(f"{other} is tied to {key} (one parameter), which the plan "
-                                f"shards, but {other.rpartition('.')[0] or 'the module'} is "
-                                f"not sharded with it: plan it with a style that cuts the "
+            if other not in keys:
+                raise PlanError(f"{other} is tied to {min(keys)} (one parameter), which the "
+                                f"plan shards, but {other.rpartition('.')[0] or 'the module'} "
+                                f"is not sharded with it: plan it with a style that cuts the "
                                 f"parameter alike (colwise for an output head tied to a "
                                 f"vocab embedding)")
 
