@@ -38,8 +38,10 @@ spreads along what the ranks wait for, and then to every rank of the
 pipeline: each step ends with the ranks agreeing on whether it succeeded
 everywhere (``_Step.agree``, a one-number all-reduce over the grid), so a
 rank whose own part had finished raises StepFailed; every rank then puts
-its gradients back to what they held before the step. Whether to redo or
-skip the batch is the caller's call.
+its gradients back to what they held before the step, and (schedules with
+OPT actions) the weights of a stage whose optimizer already ran back to
+what they were before it, so no stage keeps an update the others did not
+make. Whether to redo or skip the batch is the caller's call.
 """
 from __future__ import annotations
 
@@ -115,7 +117,8 @@ class Pipeline:
 
     A failed ``step()`` cancels its receives and aborts the rest of its
     messages on every pp rank, raises on every rank of the pipeline and
-    rolls its gradients back (see the module docstring); the pipeline
+    rolls its gradients (and weights an OPT action changed) back (see the
+    module docstring); the pipeline
     stays usable for the next step."""
 
     def __init__(self, grid_or_group: Grid | Comm, stage: Any, schedule: Schedule,
@@ -290,6 +293,7 @@ class _Step:
         self.losses = [0.0] * pipe.schedule.num_microbatches
         self.prior: dict[int, list[Any]] = {}
         self.before: dict[int, list[Any]] = {}
+        self.stepped: dict[int, list[Any]] = {}   # weights before this step's OPT
         self.recvs: dict[Action, Any] = {}
         self.sends: list[Any] = []
         self.syncs: dict[int, list[Any]] = {}
@@ -345,7 +349,9 @@ class _Step:
         elif a.kind == OPT:
             self._finish_sync(a.stage)
             assert pipe.optimizer is not None
-            pipe.optimizer(pipe.stages[a.stage])
+            stage = pipe.stages[a.stage]
+            self.stepped[a.stage] = [p.copy() for p in stage.params()]
+            pipe.optimizer(stage)
         return ""
 
     def _forward(self, a: Action) -> None:
@@ -456,7 +462,13 @@ class _Step:
         self.roll_back()
 
     def roll_back(self) -> None:
-        """Put every gradient back to what it held before the step."""
+        """Put every gradient back to what it held before the step, and
+        the weights of each stage whose OPT action ran to what they were
+        before it (the optimizer's own state, momentum and the like, is the
+        optimizer's: it saw one more call)."""
+        for s, old in self.stepped.items():
+            for p, o in zip(self.pipe.stages[s].params(), old):
+                p[...] = o
         for s, old in self.before.items():
             stage = self.pipe.stages[s]
             if hasattr(stage, "put_grads"):

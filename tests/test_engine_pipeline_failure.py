@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mesh
-from engine import Pipeline, partition, schedules
+from engine import Pipeline, partition, schedules, with_optimizer_step
 from engine.executor import split_microbatches, stages_for_rank
 from engine.layers import mlp_stages, mse_loss, sgd
 from engine.torch_stage import TorchStage, torch_loss
@@ -239,3 +239,47 @@ def test_the_rank_that_failed_is_the_root_cause():
     with pytest.raises(mesh.WorkerError) as failed:
         mesh.spawn(_uncaught_worker, 4, timeout=60)
     assert failed.value.rank == 0 and "_Boom" in str(failed.value), str(failed.value)
+
+
+def _opt_worker(world):
+    """1F1B with an OPT action per stage (the optimizer steps inside the
+    step): rank 0 fails in its last backward, after rank 1's optimizer ran.
+    Rank 1's weights come back to what they were before the step, so the
+    two stages stay one model, and training then matches sequential."""
+    sched = with_optimizer_step(schedules.by_name("1f1b", world.size, 4))
+    (mine,) = stages_for_rank(mlp_stages(WIDTHS, sched.num_stages, SEED), sched, world.rank)
+    stage = _Flaky(mine, 4 if world.rank == 0 else 0, backward=True)
+    ran = []
+
+    def optimizer(s):
+        ran.append(1)
+        sgd([s], LR)
+    pipe = Pipeline(world, stage, sched, loss_fn=mse_loss, optimizer=optimizer, timeout=30)
+    before = [p.copy() for p in mine.params()]
+    x, y = _data(0)
+    error = None
+    try:
+        pipe.step(x if pipe.first else None, y if pipe.last else None)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    kept = all((p == b).all() for p, b in zip(mine.params(), before))
+    zero = all(not g.any() for g in mine.grads())
+    stepped = len(ran)
+    losses = []
+    for step in range(STEPS):
+        x, y = _data(step)
+        losses.append(pipe.step(x if pipe.first else None, y if pipe.last else None))
+    return error, stepped, kept, zero, [p.copy() for p in mine.params()], losses
+
+
+def test_a_failed_step_undoes_an_optimizer_that_ran():
+    results = mesh.spawn(_opt_worker, 2, timeout=90)
+    (e0, stepped0, kept0, zero0, p0, _), (e1, stepped1, kept1, zero1, p1, losses) = results
+    assert e0.startswith("_Boom"), e0
+    assert e1.startswith("StepFailed") and "rank 0 of" in e1, e1
+    assert (stepped0, stepped1) == (0, 1), "rank 1's optimizer should have run in the failed step"
+    assert kept0 and kept1 and zero0 and zero1
+    ref_params, ref_losses = _reference(STEPS)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
+    for a, b in zip(p0 + p1, ref_params, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
