@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import collectives
-from mesh import Comm
+from mesh import Comm, Grid
 
 from .executor import Pipeline
 from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Schedule
@@ -44,7 +44,7 @@ from .schedules import one_f_one_b
 from .simulate import simulate
 
 __all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowded",
-           "message_times", "step_record", "step_figures", "StepFigures"]
+           "shared_cores", "message_times", "step_record", "step_figures", "StepFigures"]
 
 _COMPUTE = (F, B, I, W)
 
@@ -72,8 +72,10 @@ class _Spin(_Noop):
     do)."""
 
     def __init__(self, out: Any, seconds: float | Mapping[str, float], back: Any = None,
-                 tp: tuple[Comm, Mapping[str, Sequence[int]]] | None = None) -> None:
+                 tp: tuple[Comm, Mapping[str, Sequence[int]]] | None = None,
+                 grads: Sequence[int] = ()) -> None:
         super().__init__(out, back)
+        self._grads = [np.zeros(max(1, n // 4), np.float32) for n in grads]
         self.seconds = ({k: float(seconds) for k in "FBIW"} if isinstance(seconds, (int, float))
                         else dict(seconds))
         self._a = np.ones((64, 64))
@@ -84,11 +86,16 @@ class _Spin(_Noop):
     def _spin(self, kind: str) -> None:
         """Burn the action's CPU; with ``tp``, in even parts between
         all-reduces of its collectives' sizes on the tp group (its peers run
-        the same program), so they wait for each other as the step's do."""
+        the same program), so they wait for each other as the step's do.
+        The all-reduces' own CPU (a wait polls a while before it sleeps)
+        counts toward the action's: the thread CPU the re-time measured
+        held the real collectives' (a spin that burnt its figure besides
+        ran 20-30% long: BENCHMARKS.md, seventeenth session)."""
         calls = self.calls.get(kind, [])
         part = self.seconds[kind] / (len(calls) + 1)
-        for buf in [*calls, None]:
-            end = time.thread_time() + part
+        start = time.thread_time()
+        for i, buf in enumerate([*calls, None]):
+            end = start + (i + 1) * part      # the collectives' own CPU counted in
             while time.thread_time() < end:
                 self._a @ self._a
             if buf is not None:
@@ -110,6 +117,11 @@ class _Spin(_Noop):
     def backward_weight(self, wctx: Any) -> None:
         self._spin("W")
 
+    def grads(self) -> list[Any]:
+        """Stand-ins of the stage's gradients (their bytes), which a dp axis
+        averages as the step's."""
+        return self._grads
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -125,6 +137,7 @@ class Calibration:
     helper_measured: float = 0.0
     crowded: bool = False
     receive: float = 0.0      # a receive's own time once its message is due (message_times)
+    cores: float | None = None   # pp ranks that compute at once at full speed (shared_cores)
 
 
 def helper_cpu() -> float:
@@ -161,6 +174,21 @@ def crowded(hosts: list[tuple[str, int]]) -> bool:
     for host, _ in hosts:
         ranks[host] = ranks.get(host, 0) + 1
     return any(ranks[host] >= cores for host, cores in hosts)
+
+
+def shared_cores(hosts: list[tuple[str, int]], pp: int) -> float | None:
+    """How many of a pipeline's ``pp`` ranks can compute at once at full
+    speed, given ``(host, cores)`` of every rank of the job, when its ranks
+    outnumber some host's cores (else None: each has one). Each simulated
+    pp rank stands for the job's ranks that run its program (dp replicas,
+    tp peers), which compute when it does: on a host with ``cores`` cores
+    and ``ranks`` ranks, ``cores * pp / ranks`` pp ranks' worth (pp=2 x
+    tp=2 on two cores: one; dp=2 x pp=2 x tp=2: a half)."""
+    ranks: dict[str, int] = {}
+    for host, _ in hosts:
+        ranks[host] = ranks.get(host, 0) + 1
+    least = min(cores * pp / ranks[host] for host, cores in hosts)
+    return least if least < pp else None
 
 
 def _messages(program: Any) -> int:
@@ -208,7 +236,7 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
         hosts.append(tuple(host))
     measured, full = statistics.median(helpers), crowded(hosts)
     return Calibration(dry.action, dry.message, measured if full else 0.0, measured, full,
-                       dry.receive)
+                       dry.receive, shared_cores(hosts, pp.size))
 
 
 @dataclass(frozen=True)
@@ -229,7 +257,9 @@ class DryRun:
 def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple[int, int]],
             steps: int = 5, tag_base: int = 0, timeout: float | None = None,
             costs: Mapping[str, Sequence[float]] | None = None,
-            tp: tuple[Comm, Mapping[tuple[int, str], Sequence[int]]] | None = None) -> DryRun:
+            tp: tuple[Comm, Mapping[tuple[int, str], Sequence[int]]] | None = None,
+            grid: Grid | None = None, grads: Mapping[int, Sequence[int]] | None = None
+            ) -> DryRun:
     """The executor running ``sched`` on ``pp`` with stages that compute
     nothing, or, with ``costs`` (seconds per stage of each kind, as the
     simulator takes them), that keep the core busy that long per action
@@ -255,6 +285,11 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     {(stage, kind): bytes of each collective of such an action})``, for
     tensor-parallel stages: each action (with ``costs``) makes collectives
     of those sizes on the tp group between parts of its CPU (``_Spin``).
+    ``grid`` (the job's, with a dp axis) and ``grads`` (per stage of this
+    rank, its gradients' bytes): the dry pipeline runs on the grid, its
+    stages' stand-in gradients averaged over dp as the step's are, so
+    ``action`` holds the step's end (the averages' waits, the loss's and
+    the outcome's all-reduces) as it holds the rest of the executor's own.
     Collective over ``world`` (every pp group of it runs its own)."""
     sizes = ([(nbytes, nbytes)] * sched.num_stages if isinstance(nbytes, int)
              else list(nbytes))
@@ -264,10 +299,12 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
         if costs is None:
             return _Noop(out, back)
         return _Spin(out, {k: float(costs[k][s]) if k in costs else 0.0 for k in "FBIW"}, back,
-                     (tp[0], {k: tp[1].get((s, k), ()) for k in "FBIW"}) if tp else None)
+                     (tp[0], {k: tp[1].get((s, k), ()) for k in "FBIW"}) if tp else None,
+                     (grads or {}).get(s, ()))
 
     m = sched.num_microbatches
-    pipe = Pipeline(pp, [stage(s) for s in sched.stages_of(pp.rank)], sched,
+    pipe = Pipeline(pp if grid is None else grid, [stage(s) for s in sched.stages_of(pp.rank)],
+                    sched,
                     loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
     dummy = np.zeros((m, 1))
     rows: list[Any] = []

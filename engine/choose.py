@@ -377,6 +377,7 @@ class Candidate:
     costs: dict[str, list[float]]
     summed: float | None = None     # the makespan had every stage cost its layers' sum
     measured: bool = False          # the executor's costs from a dry run of its own (recosted)
+    cores: float | None = None      # simulated with the ranks sharing this many cores (retimed)
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -452,7 +453,8 @@ def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
             helper: float = 0.0, send: float | None = None,
             recv: float | None = None,
-            runs: Sequence[Mapping[int, LayerCost]] = ()) -> Candidate:
+            runs: Sequence[Mapping[int, LayerCost]] = (),
+            cores: float | None = None) -> Candidate:
     """``cand`` simulated again with the stages of ``times`` (stage index:
     its F, B, I and W, timed whole again, e.g. right before the steps) in
     place of their profiled costs, plus ``overhead`` per action and the
@@ -465,30 +467,39 @@ def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0
     for the slower side at each message, so where the ranks hand work back
     and forth often (two micro-batches, zero-bubble schedules) the median
     step is longer than the step of median actions (quiet ZB-V(2,2): 4-5%,
-    each step simulated from its own actions; 1F1B(2,8): none)."""
+    each step simulated from its own actions; 1F1B(2,8): none). With
+    ``cores`` (fewer than the ranks: engine.simulate's), the ranks share
+    that many cores, and ``overhead`` is each action's unshared
+    ``"fixed"`` cost instead of a part of its own."""
     charge = helper_charge(cand.schedule, helper)
-    costs = _with_times(cand.costs, times, overhead, charge)
+    costs = _with_times(cand.costs, times, overhead, charge, cores is not None)
     if send is not None:
         costs["send"] = [send] * len(costs["send"])
     if recv is not None:
         costs["recv"] = [recv] * len(costs["send"])
-    rep = cand.schedule.simulate(costs)
+    rep = cand.schedule.simulate(costs, cores)
     makespan = rep.makespan
     if runs:
         makespan = statistics.median([
-            cand.schedule.simulate(_with_times(costs, run, overhead, charge)).makespan
+            cand.schedule.simulate(_with_times(costs, run, overhead, charge, cores is not None),
+                                   cores).makespan
             for run in runs])
-    return replace(cand, makespan=makespan, bubble=rep.bubble, costs=costs)
+    return replace(cand, makespan=makespan, bubble=rep.bubble, costs=costs, cores=cores)
 
 
 def _with_times(costs: Mapping[str, list[float]], times: Mapping[int, LayerCost],
-                overhead: float, charge: Sequence[float]) -> dict[str, list[float]]:
+                overhead: float, charge: Sequence[float], fixed: bool = False
+                ) -> dict[str, list[float]]:
     """``costs`` with the stages of ``times`` in place (their F, B, I, W plus
-    ``overhead`` and, but for W, the stage's ``charge``)."""
+    ``overhead`` and, but for W, the stage's ``charge``; with ``fixed``,
+    ``overhead`` goes to the ``"fixed"`` cost instead)."""
     out = {k: list(v) for k, v in costs.items()}
+    if fixed:
+        out["fixed"] = [overhead] * len(out["F"])
     for st, lc in times.items():
         for kind in ("F", "B", "I", "W"):
-            out[kind][st] = getattr(lc, kind) + overhead + (charge[st] if kind != "W" else 0.0)
+            out[kind][st] = (getattr(lc, kind) + (0.0 if fixed else overhead)
+                             + (charge[st] if kind != "W" else 0.0))
     return out
 
 

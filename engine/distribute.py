@@ -216,22 +216,45 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
             [{s: mean(got[(s, i)]) for s in held} for i in range(runs)])
 
 
-def _stretch(cpu: dict[str, list[float]], wall: dict[str, list[float]]) -> list[float]:
+def _stretch(cpu: dict[str, list[float]], wall: dict[str, list[float]],
+             floor: float = 1.0) -> list[float]:
     """Per stage, the wall its compute actions took in the busy dry run
     (``wall``: engine.calibrate.DryRun.compute) over the CPU they burnt
     there (``cpu``: their re-timed thread CPU, which ``_Spin`` burns), at
-    least 1: the share of a core the schedule's actions get as its steps
-    run them (the mesh threads' reading of messages, others' load; a rank
-    that waits for messages is woken ahead of a process that computes
+    least ``floor``: the share of a core the schedule's actions get as its
+    steps run them (the mesh threads' reading of messages, others' load; a
+    rank that waits for messages is woken ahead of a process that computes
     without pause, so a stage timed back to back on a loaded host takes a
     smaller share than the steps get, and one timed on a quiet host none of
-    the mesh threads')."""
+    the mesh threads'). Where the ranks outnumber the cores, ``cpu`` is
+    instead what the simulator's sharing of the cores makes of that CPU
+    (``_shared_walls``), and the stretch what the sharing leaves out
+    (``floor`` 0: it can be under 1 too)."""
     out = []
     for s in range(len(cpu["F"])):
         c = sum(cpu[k][s] for k in cpu if wall.get(k) and wall[k][s] > 0)
         w = sum(wall[k][s] for k in cpu if wall.get(k) and wall[k][s] > 0)
-        out.append(max(1.0, w / c) if c > 0 else 1.0)
+        out.append(max(floor, w / c) if c > 0 else 1.0)
     return out
+
+
+def _shared_walls(sched: Schedule, spin: dict[str, list[float]], cal: Calibration
+                  ) -> dict[str, list[float]]:
+    """Per kind and stage, the mean wall of a compute action of the dry run
+    as the simulator predicts it with the ranks sharing ``cal.cores``
+    (``spin``: each action's CPU; the executor's own time per action, its
+    messages and receives as the dry run measured them), without the
+    executor's own time: what ``_stretch`` compares the dry run's with."""
+    n = sched.num_stages
+    costs = {**spin, "send": [cal.message] * n, "recv": [cal.receive] * n,
+             "fixed": [cal.action] * n}
+    sums: dict[tuple[str, int], list[float]] = {}
+    for e in sched.simulate(costs, cal.cores).events:
+        if e.action.kind in ("F", "B", "I", "W"):
+            sums.setdefault((e.action.kind, e.action.stage), []).append(
+                e.end - e.start - cal.action)
+    return {k: [sum(v) / len(v) if (v := sums.get((k, s))) else 0.0 for s in range(n)]
+            for k in ("F", "B", "I", "W")}
 
 
 def _stretched(lc: LayerCost, by: float) -> LayerCost:
@@ -366,21 +389,28 @@ class Job:
             assert self._messages is not None
             spin = {k: [getattr(times[s], k) for s in range(self.schedule.num_stages)]
                     for k in ("F", "B", "I", "W")}
+            dp = self.pipeline.dp is not None and self.pipeline.dp.size > 1
             dry = dry_run(self.grid.comm, self.grid.group("pp"), self.chosen.schedule,
                           self._messages, steps=5, tag_base=self._tag_base,
                           timeout=self._timeout, costs=spin,
-                          tp=(tp, calls) if tp is not None else None)
+                          tp=(tp, calls) if tp is not None else None,
+                          grid=self.grid if dp else None,
+                          grads={s: [g.nbytes for g in st.grads()] for s, st in own.items()}
+                          if dp else None)
             cal = replace(cal, action=dry.action, message=dry.message,
                           helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper,
                           receive=dry.receive)
             self.calibration = cal
-            stretch = _stretch(spin, dry.compute or {})
+            shared = None if cal.cores is None else _shared_walls(self.chosen.schedule, spin,
+                                                                  cal)
+            stretch = _stretch(spin if shared is None else shared, dry.compute or {},
+                               floor=1.0 if shared is None else 0.0)
             times = {s: _stretched(lc, stretch[s]) for s, lc in times.items()}
             runs = [{s: _stretched(lc, stretch[s]) for s, lc in run.items()} for run in runs]
             self.stretch = stretch
             helper = 0.0         # the stretch holds the mesh threads' share where they take one
         self.chosen = retimed(self.chosen, times, cal.action, helper, cal.message,
-                              cal.receive, runs)
+                              cal.receive, runs, cores=cal.cores if calibrated else None)
         return self.chosen.makespan
 
     def _loss(self) -> tuple[int, Callable[[Any], Any]] | None:

@@ -222,10 +222,12 @@ class Schedule:
         from .verify import verify
         return verify(self)
 
-    def simulate(self, costs: Mapping[str, Any] | None = None) -> "SimReport":
-        """Predicted timeline, makespan, bubble and peak activations."""
+    def simulate(self, costs: Mapping[str, Any] | None = None,
+                 cores: float | None = None) -> "SimReport":
+        """Predicted timeline, makespan, bubble and peak activations
+        (``cores``: engine.simulate's)."""
         from .simulate import simulate
-        return simulate(self, costs)
+        return simulate(self, costs, cores)
 
     def render(self, costs: Mapping[str, Any] | None = None) -> str:
         """Text grid, ranks x time, bubbles shown as '.' (see engine.render)."""

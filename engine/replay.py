@@ -11,17 +11,30 @@ advanced in any order until all finish or none can move (a deadlock); which
 ranks get stuck does not depend on the costs. A cost is one number for
 every stage, or a sequence with one number per stage (a send's is its
 sending stage's).
+
+With ``cores`` (how many ranks can compute at once at full speed: fewer
+than the ranks where processes outnumber a host's cores) the ranks share
+them: while k ranks are in compute actions, each runs at ``min(1,
+cores / k)`` of its speed (processor sharing), so an action that has the
+host to itself takes its cost and one that overlaps others' takes longer;
+``costs["fixed"]`` is then a time every F, B, I and W adds after its
+work, unshared (the executor's own, measured where it ran; without
+``cores`` it is simply added to F, B, I and W), and AR and OPT are
+unshared waits too (the dp group's all-reduce, timed where it ran). The
+walk then goes in time order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
-from .ir import RECV_B, RECV_F, SEND_B, SEND_F, Action, MessageKey, Schedule, message_key
+from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, MessageKey, Schedule, message_key
 
 __all__ = ["Event", "Replay", "replay", "Cost"]
 
 Cost = Union[float, Sequence[float]]
+
+_STAGE_WORK = (F, B, I, W)      # the actions ``costs["fixed"]`` is added to
 
 
 @dataclass(frozen=True)
@@ -50,10 +63,14 @@ def _cost(costs: Mapping[str, Cost], key: str, stage: int) -> float:
     return float(value) if isinstance(value, (int, float)) else float(value[stage])
 
 
-def replay(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> Replay:
+def replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
+           cores: float | None = None) -> Replay:
     """Run every rank's list of the lowered ``sched``; an action whose kind
-    (or ``"send"``) has no cost in ``costs`` takes no time."""
+    (or ``"send"``) has no cost in ``costs`` takes no time. ``cores``: see
+    the module docstring."""
     c = costs or {}
+    if cores is not None and cores < sched.num_ranks:
+        return _shared(sched, c, cores)
     clock = [0.0] * sched.num_ranks
     pc = [0] * sched.num_ranks
     arrived: dict[MessageKey, list[float]] = {}
@@ -75,10 +92,93 @@ def replay(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> Replay:
                         break
                     end = max(start + _cost(c, "recv", a.stage), queue.pop(0))
                 else:
-                    end = start + _cost(c, a.kind, a.stage)
+                    end = start + _cost(c, a.kind, a.stage) + (
+                        _cost(c, "fixed", a.stage) if a.kind in _STAGE_WORK else 0.0)
                 events.append(Event(r, pc[r], a, start, end))
                 clock[r] = end
                 pc[r] += 1
                 moved = True
+    stuck = {r: pc[r] for r, row in enumerate(sched.ranks) if pc[r] < len(row)}
+    return Replay(sched, tuple(events), stuck)
+
+
+def _shared(sched: Schedule, c: Mapping[str, Cost], cores: float) -> Replay:
+    """``replay`` with the ranks sharing ``cores``: at every moment each rank
+    in a compute action's work advances at ``min(1, cores / busy)``; the
+    walk goes in time order, a rank's next action starting when its last
+    one ended (``start[r]``)."""
+    if cores <= 0:
+        raise ValueError(f"cores must be positive, got {cores}")
+    n = sched.num_ranks
+    pc = [0] * n
+    start = [0.0] * n                    # when rank r's current action started
+    arrived: dict[MessageKey, list[float]] = {}
+    events: list[Event] = []
+    work: dict[int, float] = {}          # rank -> work left in its compute action
+    until: dict[int, float] = {}         # rank -> when its wait (a receive, a fixed part) ends
+    now = 0.0
+
+    def finish(r: int) -> None:
+        events.append(Event(r, pc[r], sched.ranks[r][pc[r]], start[r], now))
+        pc[r] += 1
+        start[r] = now
+
+    def advance(r: int) -> None:
+        """Run rank r's actions that take no time now; stop at one that does."""
+        row = sched.ranks[r]
+        while pc[r] < len(row) and r not in work and r not in until:
+            a = row[pc[r]]
+            if a.kind in (SEND_F, SEND_B):
+                arrived.setdefault(message_key(a), []).append(now + _cost(c, "send", a.stage))
+            elif a.kind in (RECV_F, RECV_B):
+                queue = arrived.get(message_key(a))
+                if not queue:
+                    return               # the send has not happened yet
+                end = max(start[r] + _cost(c, "recv", a.stage), queue.pop(0))
+                if end > now:
+                    until[r] = end
+                    return
+            elif a.kind not in _STAGE_WORK:       # AR, OPT: waits on the dp group, unshared
+                cost = _cost(c, a.kind, a.stage)
+                if cost > 0:
+                    until[r] = now + cost
+                    return
+            else:
+                cost = _cost(c, a.kind, a.stage)
+                if cost > 0:
+                    work[r] = cost
+                    return
+                fixed = _cost(c, "fixed", a.stage) if a.kind in _STAGE_WORK else 0.0
+                if fixed > 0:
+                    until[r] = now + fixed
+                    return
+            finish(r)
+
+    while True:
+        before = None
+        while before != pc:              # a send can let a receive that waited go on
+            before = list(pc)
+            for r in range(n):
+                advance(r)
+        if not work and not until:
+            break
+        rate = min(1.0, cores / len(work)) if work else 1.0
+        step = min([w / rate for w in work.values()] + [t - now for t in until.values()])
+        now += step
+        for r in list(work):
+            left = work[r] - step * rate
+            if left > 1e-12 * max(1.0, work[r]):
+                work[r] = left
+                continue
+            del work[r]
+            a = sched.ranks[r][pc[r]]
+            fixed = _cost(c, "fixed", a.stage) if a.kind in _STAGE_WORK else 0.0
+            if fixed > 0:
+                until[r] = now + fixed
+            else:
+                finish(r)
+        for r in [r for r, t in until.items() if t <= now]:
+            del until[r]
+            finish(r)
     stuck = {r: pc[r] for r, row in enumerate(sched.ranks) if pc[r] < len(row)}
     return Replay(sched, tuple(events), stuck)

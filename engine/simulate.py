@@ -3,7 +3,9 @@
 The timing model is the replay's (engine.replay), which follows the
 executor; this module adds the costs and sums the replay up: makespan,
 bubble, busy time and peak activations per rank. A cost is one number, or
-one per stage (``{"F": [1.0, 2.5, 1.0], ...}``: what a partition measured).
+one per stage (``{"F": [1.0, 2.5, 1.0], ...}``: what a partition measured);
+``"fixed"`` is a time every F, B, I and W adds, which does not share the
+cores when ``cores`` is given (see engine.replay).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ __all__ = ["SimReport", "simulate", "DEFAULT_COSTS"]
 _BUSY = (F, B, I, W, AR, OPT)
 
 DEFAULT_COSTS: dict[str, float] = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0, "send": 0.0,
-                                   "recv": 0.0, "AR": 0.0, "OPT": 0.0}
+                                   "recv": 0.0, "AR": 0.0, "OPT": 0.0, "fixed": 0.0}
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,15 @@ def _peaks(sched: Schedule) -> tuple[int, ...]:
     return tuple(peaks)
 
 
-def simulate(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> SimReport:
+def simulate(sched: Schedule, costs: Mapping[str, Cost] | None = None,
+             cores: float | None = None) -> SimReport:
     """Predict one step of ``sched`` (lowered first if it is compute-only).
+    ``cores``: how many ranks can compute at once at full speed, where the
+    ranks share fewer cores than they are (engine.replay: processor
+    sharing); None, every rank has its own.
 
     Raises ScheduleError when the schedule is invalid or deadlocks."""
-    run = verified_replay(sched, _costs(costs, sched.num_stages))
+    run = verified_replay(sched, _costs(costs, sched.num_stages), cores)
     lowered, events = run.schedule, run.events
     makespan = max((e.end for e in events), default=0.0)
     busy = [0.0] * lowered.num_ranks

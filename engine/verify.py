@@ -172,7 +172,8 @@ def _check_deadlock(run: Replay) -> None:
                             f"that can never arrive ({waits})", sorted(run.stuck.items()))
 
 
-def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> Replay:
+def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
+                    cores: float | None = None) -> Replay:
     """Check ``sched`` as ``verify`` does and return the replay of the lowered
     schedule with ``costs``: the one walk that proves no rank deadlocks also
     times every action, so the simulator walks the table only once."""
@@ -181,7 +182,7 @@ def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None) ->
     _check_matching(s)
     _check_order(s)
     _check_coverage(s)
-    run = replay(s, costs)
+    run = replay(s, costs, cores)
     _check_deadlock(run)
     return run
 

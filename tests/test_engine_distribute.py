@@ -217,6 +217,30 @@ def test_retime_stretches_each_stage_by_its_dry_run_wall_over_cpu():
     assert _stretched(LayerCost(1.0, 2.0, 0.5, 0.5, 7), 2.0) == LayerCost(2.0, 4.0, 1.0, 1.0, 7)
 
 
+def test_shared_cores_counts_pp_ranks_worth_of_cores():
+    """A simulated pp rank stands for its dp replicas and tp peers: pp=2 x
+    tp=2 on two cores, one pp rank's worth; dp=2 x pp=2 x tp=2, a half; two
+    ranks on two cores (or a host each), None: every rank has a core."""
+    from engine.calibrate import shared_cores
+    assert shared_cores([("a", 2)] * 4, 2) == 1.0
+    assert shared_cores([("a", 2)] * 8, 2) == 0.5
+    assert shared_cores([("a", 2)] * 2, 2) is None
+    assert shared_cores([("a", 1), ("b", 1)], 2) is None
+    assert shared_cores([("a", 2)] * 4 + [("b", 8)] * 4, 4) == 2.0
+
+
+def test_retime_stretch_over_the_shared_cores_walls():
+    """Where ranks outnumber cores, the stretch is the dry run's wall over
+    what the simulator's sharing makes of the CPU, which can be under 1."""
+    from engine.calibrate import Calibration
+    from engine.distribute import _shared_walls, _stretch
+    (sched,) = choose.builtin(["gpipe"], 2, [2])
+    spin = {"F": [1.0, 1.0], "B": [2.0, 2.0], "I": [0.0, 0.0], "W": [0.0, 0.0]}
+    walls = _shared_walls(sched, spin, Calibration(0.5, 0.0, cores=1.0))
+    assert walls["F"] == [pytest.approx(1.5), pytest.approx(1.5)]    # one of two overlaps
+    assert _stretch(walls, {"F": [1.2, 1.2], "B": [2.0, 2.0]}, floor=0.0)[0] < 1.0
+
+
 def test_step_figures_charge_each_step_the_mean_of_its_actions():
     """A step pays the sum of its actions, so a stage's figure is per step
     the mean of its actions of a kind (one preempted action of two costs
@@ -523,9 +547,12 @@ def _numpy_worker(world, axes, plan, widths):
             # the re-time runs the loss where the last stage's F does
             "loss": (job._loss() is not None) == job.pipeline.last,
             "measured": job.profiled.measured,   # by its own dry run (tp stages too, since 15)
-            # the re-time's CPU times stretched by the busy dry run's wall over CPU, per stage
+            # the re-time's CPU times stretched by the busy dry run's wall over CPU, per
+            # stage (over what the simulator's sharing of the cores makes of it, where the
+            # ranks outnumber them: then under 1 too), and simulated with that sharing
             "stretched": (job.stretch is not None and len(job.stretch) == job.schedule.num_stages
-                          and min(job.stretch) >= 1.0),
+                          and min(job.stretch) >= (1.0 if cal.cores is None else 0.0) and
+                          min(job.stretch) > 0 and job.chosen.cores == cal.cores),
             # the tp collectives of each action, which the dry run makes too: sharded only
             "calls": (bool(job.tp_calls) == (plan is not None) and all(
                 n > 0 for sizes in job.tp_calls.values() for n in sizes)),

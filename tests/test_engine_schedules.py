@@ -244,7 +244,7 @@ def test_simulate_walks_the_table_once(monkeypatch):
     verify_module = importlib.import_module("engine.verify")   # engine.verify is the function
     walks = []
     real = verify_module.replay
-    monkeypatch.setattr(verify_module, "replay", lambda s, c=None: walks.append(s) or real(s, c))
+    monkeypatch.setattr(verify_module, "replay", lambda s, c=None, k=None: walks.append(s) or real(s, c, k))
     report = S.one_f_one_b(4, 8).simulate({"F": 1, "B": 2})
     assert len(walks) == 1 and report.makespan == 33
     assert report.events == real(walks[0], {"F": 1, "B": 2, "send": 0}).events
@@ -289,3 +289,36 @@ def test_public_names_reexported():
                  "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v", "schedules",
                  "partition"):
         assert name in engine.__all__ and hasattr(engine, name)
+
+
+def test_ranks_sharing_cores_slow_only_what_overlaps():
+    """With ``cores`` the ranks share them (processor sharing): GPipe(2,1),
+    F=1, B=2 by hand with one core for two ranks: nothing ever overlaps, so
+    the step is the plain one; GPipe(2,2): rank 0's second F overlaps rank
+    1's first F, each at half speed. With as many cores as ranks, every
+    schedule simulates as without; ``fixed`` adds unshared time to each
+    F/B/I/W, AR an unshared wait."""
+    costs = {"F": 1.0, "B": 2.0}
+    assert S.gpipe(2, 1).simulate(costs, cores=1).makespan == pytest.approx(6.0)
+    # rank 0: F0 0-1, F1 1-3 (shared with rank 1's F0 1-3), B... ; rank 1: F0 1-3, F1 3-4,
+    # B1 4-6, B0 6-8 (rank 0's B1 6-... shares: rank 0 B1 starts at 6 with rank 1 B0)
+    shared = S.gpipe(2, 2).simulate(costs, cores=1)
+    plain = S.gpipe(2, 2).simulate(costs)
+    assert shared.makespan > plain.makespan
+    f1 = [e for e in shared.events if e.rank == 0 and str(e.action) == "0F1"][0]
+    assert (f1.start, f1.end) == (pytest.approx(1.0), pytest.approx(3.0))
+    for name in ("1f1b", "interleaved", "zb-h2", "zb-v"):
+        sched = S.by_name(name, 2, 4, chunks=2)
+        c = {"F": [1.0, 1.5, 1.2, 0.8][:sched.num_stages], "B": 2.0, "I": 1.0, "W": 1.0,
+             "send": 0.1, "recv": 0.01}
+        assert sched.simulate(c, cores=2).makespan == pytest.approx(sched.simulate(c).makespan)
+        slow = sched.simulate(c, cores=1).makespan
+        assert sched.simulate(c).makespan < slow <= 2 * sched.simulate(c).makespan + 1e-9
+    one = S.gpipe(1, 1)
+    assert one.simulate({"F": 1.0, "B": 2.0, "fixed": 0.5}).makespan == pytest.approx(4.0)
+    synced = with_grad_sync(S.one_f_one_b(2, 2))
+    base = synced.simulate({"F": 1.0, "B": 1.0}, cores=1).makespan
+    assert synced.simulate({"F": 1.0, "B": 1.0, "AR": 3.0}, cores=1).makespan == \
+        pytest.approx(base + 3.0)       # the last AR waits its 3 at full length
+    with pytest.raises(ValueError, match="cores"):
+        S.gpipe(2, 1).simulate(costs, cores=0)
