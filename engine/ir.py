@@ -229,10 +229,11 @@ class Schedule:
         from .simulate import simulate
         return simulate(self, costs, cores)
 
-    def render(self, costs: Mapping[str, Any] | None = None) -> str:
+    def render(self, costs: Mapping[str, Any] | None = None,
+               cores: float | None = None) -> str:
         """Text grid, ranks x time, bubbles shown as '.' (see engine.render)."""
         from .render import render
-        return render(self, costs)
+        return render(self, costs, cores)
 
     def __str__(self) -> str:
         """Name, sizes and each rank's list; cheap (``render()`` draws the grid)."""

@@ -25,14 +25,16 @@ UNIT_COSTS: dict[str, float] = {"F": 1.0, "B": 1.0, "I": 1.0, "W": 1.0, "send": 
 _SHOWN = ("F", "B", "I", "W", "AR", "OPT")
 
 
-def render(sched: Schedule, costs: Mapping[str, Cost] | None = None) -> str:
-    """Grid of ``sched`` simulated with ``costs`` (unit costs by default).
+def render(sched: Schedule, costs: Mapping[str, Cost] | None = None,
+           cores: float | None = None) -> str:
+    """Grid of ``sched`` simulated with ``costs`` (unit costs by default;
+    ``cores``: engine.simulate's, the ranks sharing that many cores).
 
     The time unit is the smallest positive cost of an action shown, so with
     ``{"F": 1, "B": 2}`` a backward takes two cells."""
     merged: dict[str, Cost] = dict(UNIT_COSTS)
     merged.update(costs or {})
-    report = simulate(sched, merged)
+    report = simulate(sched, merged, cores)
     shown = [e for e in report.events if e.action.kind in _SHOWN and e.end > e.start]
     if not shown:
         return "\n".join(f"{r} |" for r in range(sched.num_ranks))

@@ -2,6 +2,7 @@
 
     python -m engine.show 1f1b 4 8                 # grid + simulated figures
     python -m engine.show interleaved 4 8 --chunks 2 --costs F=1,B=2
+    python -m engine.show 1f1b 4 8 --cores 2       # the 4 ranks sharing 2 cores
     python -m engine.show zb-h1 4 8 --json > s.json
     python -m engine.show s.json                   # a schedule saved as JSON
     python -m engine.show step.trace.json          # a trace written by Pipeline
@@ -40,13 +41,13 @@ def _show_schedule(sched: Schedule, args: argparse.Namespace) -> int:
     costs = parse_costs(args.costs)
     try:
         lowered = sched.validate()
-        report = sched.simulate(costs or None)
+        report = sched.simulate(costs or None, args.cores)
     except ScheduleError as e:
         print(e, file=sys.stderr)
         return 1
     print(f"{sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
           f"{sched.num_microbatches} micro-batches")
-    print(sched.render(costs or None))
+    print(sched.render(costs or None, args.cores))
     print(report)
     if args.lowered:
         print(format_program(lowered))
@@ -71,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("m", nargs="?", type=int, help="micro-batches")
     ap.add_argument("--chunks", type=int, default=2, help="virtual stages per rank (interleaved)")
     ap.add_argument("--costs", help="per-action costs, e.g. F=1,B=2,I=1,W=1,send=0")
+    ap.add_argument("--cores", type=float, help="the ranks share this many cores (processor "
+                    "sharing: actions that overlap slow down)")
     ap.add_argument("--json", action="store_true", help="print the schedule as JSON")
     ap.add_argument("--lowered", action="store_true", help="also print each rank's program")
     ap.add_argument("--grid", action="store_true", help="for a trace: the measured grid")

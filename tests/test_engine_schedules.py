@@ -322,3 +322,11 @@ def test_ranks_sharing_cores_slow_only_what_overlaps():
         pytest.approx(base + 3.0)       # the last AR waits its 3 at full length
     with pytest.raises(ValueError, match="cores"):
         S.gpipe(2, 1).simulate(costs, cores=0)
+
+
+def test_show_simulates_ranks_sharing_cores(capsys):
+    assert show_main(["1f1b", "2", "3", "--costs", "F=1,B=2", "--cores", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "makespan 18" in out and "0F1 ---" in out     # F1 beside rank 1's F0: twice as long
+    assert show_main(["1f1b", "2", "3", "--costs", "F=1,B=2"]) == 0
+    assert "makespan 12" in capsys.readouterr().out
