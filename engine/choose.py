@@ -400,8 +400,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                overhead: float | Mapping[int, float] = 0.0,
                send: float | Mapping[int, float] = 0.0,
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
-               helper: float = 0.0, recv: float | Mapping[int, float] = 0.0
-               ) -> list[Candidate]:
+               helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
+               cores: float | None = None) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -413,7 +413,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     as is ``recv``, the least a receive takes;
     ``helper`` the mesh threads' CPU per message end
     charged to the computing ranks (``helper_charge``; 0 where a core is
-    spare)."""
+    spare). ``cores``: the ranks share that many cores (engine.simulate's;
+    ``overhead`` then an unshared ``"fixed"`` cost, see ``retimed``)."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -429,18 +430,30 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         ov = overhead if isinstance(overhead, (int, float)) else overhead[m]
         msg = send if isinstance(send, (int, float)) else send[m]
         rc = recv if isinstance(recv, (int, float)) else recv[m]
-        costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc)
-        rep = sched.simulate(costs)
-        summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None,
-                                             charge, rc)).makespan if whole else rep.makespan)
+        each = 0.0 if cores is not None else ov       # (else the unshared "fixed" cost)
+        costs = _fixed(stage_costs(row, counts, scale, each, msg, whole, charge, rc), ov, cores)
+        rep = sched.simulate(costs, cores)
+        summed = (sched.simulate(_fixed(stage_costs(row, counts, scale, each, msg, None, charge,
+                                                    rc), ov, cores), cores).makespan
+                  if whole else rep.makespan)
         act, start = [], 0
         for c in counts:
             act.append(sum(row[i].act_bytes for i in range(start, start + c)))
             start += c
         peak = max(peak_bytes(sched, act))
         fits = memory_limit is None or peak <= memory_limit
-        out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed))
+        out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed,
+                             cores=cores))
     return best_first(out)
+
+
+def _fixed(costs: dict[str, list[float]], overhead: float, cores: float | None
+           ) -> dict[str, list[float]]:
+    """``costs`` with ``overhead`` as their unshared ``"fixed"`` cost where
+    the ranks share ``cores`` (``stage_costs`` then left it out)."""
+    if cores is not None:
+        costs["fixed"] = [overhead] * len(costs["F"])
+    return costs
 
 
 def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -513,8 +526,10 @@ def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
     as ``candidates`` cost them (``row``, ``whole``, ``scale``); marked
     ``measured``."""
     charge = helper_charge(cand.schedule, helper) if helper else None
-    costs = stage_costs(row, cand.counts, scale, overhead, send, whole, charge, recv)
-    rep = cand.schedule.simulate(costs)
+    each = 0.0 if cand.cores is not None else overhead
+    costs = _fixed(stage_costs(row, cand.counts, scale, each, send, whole, charge, recv),
+                   overhead, cand.cores)
+    rep = cand.schedule.simulate(costs, cand.cores)
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True)
 
 

@@ -612,7 +612,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                             timeout=timeout)
                 action[k], message[k], receive[k] = d.action, d.message, d.receive
         cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                           action, message, helper=cal.helper, recv=receive)
+                           action, message, helper=cal.helper, recv=receive, cores=cal.cores)
         spans = stage_spans(cands, rows)
         whole: dict[int, dict[Span, LayerCost]] = {}
         if spans:          # the cuts' stages, timed whole: what the steps will pay
@@ -621,7 +621,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 return TorchStage(stage) if is_torch else stage
             whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs)
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                               action, message, whole, cal.helper, receive)
+                               action, message, whole, cal.helper, receive, cal.cores)
         if not cands:
             raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
         if auto and overhead is None:     # the leaders' own dry runs

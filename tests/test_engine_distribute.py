@@ -131,6 +131,25 @@ def test_the_executors_costs_enter_the_prediction():
     assert by_m[2].costs["send"] == [0.25, 0.25] and by_m[4].costs == flat[4].costs
 
 
+def test_candidates_on_shared_cores():
+    """Where the ranks share cores, a candidate is simulated so (its
+    ``cores``), its per-action overhead an unshared ``fixed`` cost; with a
+    core a rank, nothing changes."""
+    rows, p = 16, 2
+    (sched,) = choose.builtin(["1f1b"], p, [4])
+    prof = _profile(rows, [4], [1, 1, 1, 1])
+    own, = choose.candidates(prof, [1] * 4, rows, [sched], overhead=0.5)
+    shared, = choose.candidates(prof, [1] * 4, rows, [sched], overhead=0.5, cores=1.0)
+    assert own.cores is None and "fixed" not in own.costs
+    assert shared.cores == 1.0 and shared.costs["fixed"] == [0.5, 0.5]
+    assert shared.costs["F"][0] == pytest.approx(own.costs["F"][0] - 0.5)
+    assert shared.makespan > own.makespan
+    again = choose.recosted(shared, prof[4], overhead=0.5)
+    assert again.makespan == pytest.approx(shared.makespan)
+    spare, = choose.candidates(prof, [1] * 4, rows, [sched], overhead=0.5, cores=2.0)
+    assert spare.makespan == pytest.approx(own.makespan)
+
+
 def test_mesh_threads_cpu_charged_beside_each_message():
     """On a host with no spare core the mesh threads' CPU per message end
     (engine.calibrate) is added to the F, B and I of each stage once per
