@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
-from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, MessageKey, Schedule, message_key
+from .ir import (B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, MessageKey, Schedule,
+                 message_key)
 
 __all__ = ["Event", "Replay", "replay", "Cost"]
 
@@ -148,7 +149,7 @@ def _shared(sched: Schedule, c: Mapping[str, Cost], cores: float) -> Replay:
                 if cost > 0:
                     work[r] = cost
                     return
-                fixed = _cost(c, "fixed", a.stage) if a.kind in _STAGE_WORK else 0.0
+                fixed = _cost(c, "fixed", a.stage)
                 if fixed > 0:
                     until[r] = now + fixed
                     return

@@ -244,7 +244,8 @@ def test_simulate_walks_the_table_once(monkeypatch):
     verify_module = importlib.import_module("engine.verify")   # engine.verify is the function
     walks = []
     real = verify_module.replay
-    monkeypatch.setattr(verify_module, "replay", lambda s, c=None, k=None: walks.append(s) or real(s, c, k))
+    monkeypatch.setattr(verify_module, "replay",
+                        lambda s, c=None, k=None: walks.append(s) or real(s, c, k))
     report = S.one_f_one_b(4, 8).simulate({"F": 1, "B": 2})
     assert len(walks) == 1 and report.makespan == 33
     assert report.events == real(walks[0], {"F": 1, "B": 2, "send": 0}).events
