@@ -34,6 +34,13 @@ def parse_costs(text: str | None) -> dict[str, float]:
     return costs
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of cores, got {text}")
+    return value
+
+
 def _show_schedule(sched: Schedule, args: argparse.Namespace) -> int:
     if args.json:
         print(sched.to_json(indent=None))
@@ -72,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("m", nargs="?", type=int, help="micro-batches")
     ap.add_argument("--chunks", type=int, default=2, help="virtual stages per rank (interleaved)")
     ap.add_argument("--costs", help="per-action costs, e.g. F=1,B=2,I=1,W=1,send=0")
-    ap.add_argument("--cores", type=float, help="the ranks share this many cores (processor "
+    ap.add_argument("--cores", type=_positive, help="the ranks share this many cores (processor "
                     "sharing: actions that overlap slow down)")
     ap.add_argument("--json", action="store_true", help="print the schedule as JSON")
     ap.add_argument("--lowered", action="store_true", help="also print each rank's program")

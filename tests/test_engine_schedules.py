@@ -331,3 +331,6 @@ def test_show_simulates_ranks_sharing_cores(capsys):
     assert "makespan 18" in out and "0F1 ---" in out     # F1 beside rank 1's F0: twice as long
     assert show_main(["1f1b", "2", "3", "--costs", "F=1,B=2"]) == 0
     assert "makespan 12" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        show_main(["1f1b", "2", "3", "--cores", "0"])
+    assert "positive number of cores" in capsys.readouterr().err
