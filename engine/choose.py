@@ -300,8 +300,8 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
 def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float = 1.0,
                 overhead: float = 0.0, send: float = 0.0,
                 whole: Mapping[Span, LayerCost] | None = None,
-                helper: Sequence[float] | None = None, recv: float = 0.0
-                ) -> dict[str, list[float]]:
+                helper: Sequence[float] | None = None, recv: float = 0.0,
+                fixed: bool = False) -> dict[str, list[float]]:
     """The simulator's per-stage costs (``{"F": [stage 0, stage 1...], ...}``)
     of stages holding ``counts`` consecutive layers: a stage's time measured
     whole when ``whole`` has its span, else the sum of its layers'; each
@@ -309,7 +309,9 @@ def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float =
     action), each message takes ``send`` seconds to arrive and each receive
     at least ``recv`` (engine.calibrate.message_times). ``helper``
     (per stage) is added to its F, B and I: the mesh threads' CPU for the
-    messages those actions send and receive (``helper_charge``)."""
+    messages those actions send and receive (``helper_charge``). With
+    ``fixed`` (ranks sharing cores), ``overhead`` is the unshared
+    ``"fixed"`` cost instead of a part of each action's."""
     costs: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     start = 0
     for s, c in enumerate(counts):
@@ -318,9 +320,12 @@ def stage_costs(row: dict[int, LayerCost], counts: Sequence[int], scale: float =
         start += c
         for kind in costs:
             extra = helper[s] if helper is not None and kind != "W" else 0.0
-            costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale + overhead + extra)
+            costs[kind].append(sum(getattr(lc, kind) for lc in layers) * scale
+                               + (0.0 if fixed else overhead) + extra)
     costs["send"] = [send] * len(counts)
     costs["recv"] = [recv] * len(counts)
+    if fixed:
+        costs["fixed"] = [overhead] * len(counts)
     return costs
 
 
@@ -430,11 +435,11 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         ov = overhead if isinstance(overhead, (int, float)) else overhead[m]
         msg = send if isinstance(send, (int, float)) else send[m]
         rc = recv if isinstance(recv, (int, float)) else recv[m]
-        each = 0.0 if cores is not None else ov       # (else the unshared "fixed" cost)
-        costs = _fixed(stage_costs(row, counts, scale, each, msg, whole, charge, rc), ov, cores)
+        shared = cores is not None
+        costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc, shared)
         rep = sched.simulate(costs, cores)
-        summed = (sched.simulate(_fixed(stage_costs(row, counts, scale, each, msg, None, charge,
-                                                    rc), ov, cores), cores).makespan
+        summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
+                                             shared), cores).makespan
                   if whole else rep.makespan)
         act, start = [], 0
         for c in counts:
@@ -445,15 +450,6 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed,
                              cores=cores))
     return best_first(out)
-
-
-def _fixed(costs: dict[str, list[float]], overhead: float, cores: float | None
-           ) -> dict[str, list[float]]:
-    """``costs`` with ``overhead`` as their unshared ``"fixed"`` cost where
-    the ranks share ``cores`` (``stage_costs`` then left it out)."""
-    if cores is not None:
-        costs["fixed"] = [overhead] * len(costs["F"])
-    return costs
 
 
 def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -526,9 +522,8 @@ def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
     as ``candidates`` cost them (``row``, ``whole``, ``scale``); marked
     ``measured``."""
     charge = helper_charge(cand.schedule, helper) if helper else None
-    each = 0.0 if cand.cores is not None else overhead
-    costs = _fixed(stage_costs(row, cand.counts, scale, each, send, whole, charge, recv),
-                   overhead, cand.cores)
+    costs = stage_costs(row, cand.counts, scale, overhead, send, whole, charge, recv,
+                        cand.cores is not None)
     rep = cand.schedule.simulate(costs, cand.cores)
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True)
 
