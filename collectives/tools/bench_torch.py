@@ -22,6 +22,14 @@ comparison runs interleaved on the same processes and the same load:
                  step no backend can go under
     p2p          ``--p2p SIZES``: a ``dist.send``/``dist.recv`` round trip
                  between ranks 0 and 1 on each backend (2 ranks or more)
+    overlap      ``--overlap``: per model, where DDP's bucket all-reduces
+                 run against its backward pass, on each backend: torch's
+                 own ``allreduce_hook`` (the default path's division and
+                 all-reduce) registered as a comm hook that stamps each
+                 bucket's issue and the completion of its future: the
+                 all-reduces' summed time, how much of it ran before the
+                 last bucket was issued (while gradients were still being
+                 computed), and the backward's tail after that issue
 
 ``-n 1`` measures the backend's per-call overhead with no peer to wait for.
 
@@ -134,9 +142,63 @@ def _ddp_sides(gloo: Any, model: str, batch: int,
     return sides
 
 
+def _overlap(gloo: Any, model: str, batch: int, steps: int, warmup: int
+             ) -> dict[str, dict[str, float]]:
+    """Per side (meshrun, gloo), medians over ``steps`` DDP steps of the
+    backward's wall, its buckets, their all-reduces' summed time (issue to
+    the future's completion), the part of that before the last bucket's
+    issue, and the last issue to the backward's return (ms)."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    width, layers = MODELS[model]
+    nets: dict[str, tuple[Any, Any, list[tuple[float, float]]]] = {}
+    for side, group in (("meshrun", None), ("gloo", gloo)):
+        torch.manual_seed(0)
+        net: Any = DDP(nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]),
+                       process_group=group)
+        log: list[tuple[float, float]] = []
+
+        def stamped(state: Any, bucket: Any, log: list[tuple[float, float]] = log) -> Any:
+            issued = time.perf_counter()
+
+            def done(fut: Any) -> Any:
+                log.append((issued, time.perf_counter()))
+                return fut.value()
+            return default_hooks.allreduce_hook(state, bucket).then(done)
+        # (DDP checks the hook's annotations: a lambda has none)
+        net.register_comm_hook(group, lambda state, bucket, f=stamped: f(state, bucket))
+        nets[side] = (net, torch.optim.SGD(net.parameters(), lr=1e-3), log)
+    x = torch.randn(batch, width)
+    rows: dict[str, list[dict[str, float]]] = {side: [] for side in nets}
+    for i in range(warmup + steps):
+        for side in (list(nets) if i % 2 else list(nets)[::-1]):     # alternated
+            net, opt, log = nets[side]
+            dist.barrier()
+            opt.zero_grad()
+            log.clear()
+            loss = net(x).square().mean()
+            t0 = time.perf_counter()
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            if i >= warmup and log:
+                last = max(a for a, _ in log)
+                rows[side].append({"backward": t1 - t0, "buckets": len(log),
+                                   "comm": sum(b - a for a, b in log),
+                                   "before": sum(max(0.0, min(b, last) - a) for a, b in log),
+                                   "tail": t1 - last})
+    return {side: {k: statistics.median(r[k] for r in rs) * (1 if k == "buckets" else 1e3)
+                   for k in (rs[0] if rs else {})} for side, rs in rows.items()}
+
+
 def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], steps: int,
             warmup: int, reps: int, batch: int, floor: bool = False,
-            p2p: Sequence[int] = ()) -> dict[str, list[list[dict[str, float]]]]:
+            p2p: Sequence[int] = (), overlap: bool = False
+            ) -> dict[str, list[Any]]:
     """Per benchmark row, per repetition, seconds per call of each side."""
     import torch
     import torch.distributed as dist
@@ -147,7 +209,7 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
     dist.init_process_group("meshrun")
     gloo = dist.new_group(backend="gloo")
     barrier = dist.barrier
-    out: dict[str, list[list[dict[str, float]]]] = {"all_reduce": [], "ddp": [], "p2p": []}
+    out: dict[str, list[Any]] = {"all_reduce": [], "ddp": [], "p2p": [], "overlap": []}
     plans = [("all_reduce", _all_reduce_sides(world, gloo, count, floor), it, wu)
              for count, it, wu in rows]
     plans += [("p2p", _p2p_sides(gloo, max(1, size // 4)), 200 if size <= 65536 else 40, 5)
@@ -163,6 +225,8 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
             order = names[rep % len(names):] + names[:rep % len(names)]
             row.append({name: _timed(sides[name], iters, barrier) for name in order})
         out[kind].append(row)
+    for m in models if overlap else ():
+        out["overlap"].append(_overlap(gloo, m, batch, max(3 * steps, 9), warmup))
     dist.barrier()
     dist.destroy_process_group()
     return out
@@ -195,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true",
                     help="also step DDP with a comm hook that does nothing, and time "
                          "dist.all_reduce on a ProcessGroup that makes the direct call")
+    ap.add_argument("--overlap", action="store_true",
+                    help="per model, where DDP's bucket all-reduces run against its backward "
+                         "pass on each backend (torch's allreduce_hook, stamped)")
     ap.add_argument("--p2p", default="", help="dist.send/dist.recv round trips between "
                     "ranks 0 and 1 at these sizes, e.g. 8,4K,64K,1M")
     a = ap.parse_args(argv)
@@ -207,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for c, it, wu in plan_rows("all_reduce", sizes, 4, n)]
         p2p = parse_sizes(a.p2p) if a.p2p else []
         per_rank = mesh.spawn(_worker, n, rows, models, a.steps, a.warmup, a.reps, a.batch,
-                              a.floor, p2p, timeout=3600)
+                              a.floor, p2p, a.overlap, timeout=3600)
         f = bus_factor("all_reduce", n)
         print(f"# bench_torch: {n} ranks, float32, cpu, median of {a.reps} (slowest rank)")
         print(f"# {'size (B)':>10} | {'direct us':>10} {'meshrun us':>10} {'gloo us':>10} | "
@@ -229,6 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{_ratio(t['meshrun'] - t['local'], t['gloo'] - t['local'])}"
                   + (f"  floor {t['floor'] * 1e3:8.1f}  floor/gloo {t['floor'] / t['gloo']:5.2f}"
                      if "floor" in t else ""), flush=True)
+        for j, m in enumerate(models if a.overlap else ()):
+            for side in ("meshrun", "gloo"):
+                o = per_rank[0]["overlap"][j][side]     # rank 0's
+                print(f"  DDP {m:>4} overlap {side:>7}: backward {o['backward']:8.1f} ms, "
+                      f"{o['buckets']:.0f} buckets' all-reduces {o['comm']:8.1f} ms, of it before "
+                      f"the last bucket's issue {o['before']:8.1f}, the last issue to the "
+                      f"backward's end {o['tail']:8.1f}", flush=True)
         for j, size in enumerate(p2p):
             t = _medians([r["p2p"] for r in per_rank], j)
             print(f"  p2p {size:>10} B round trip us: meshrun {t['meshrun'] * 1e6:8.1f}  gloo "
