@@ -89,7 +89,9 @@ _OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_thre
 def limit_threads(n: int) -> None:
     """Use ``n`` threads in what this process loaded already: an OpenBLAS
     (numpy's own or the system's, found in /proc/self/maps; Linux) and
-    torch. Libraries loaded later read OMP_NUM_THREADS."""
+    torch. Libraries loaded later read OMP_NUM_THREADS. An OpenBLAS whose
+    thread pool a fork stopped (mesh.spawn's ranks) restarts it with no more
+    than ``n`` threads (``_shrink_stopped_pool``)."""
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
     try:
@@ -106,5 +108,27 @@ def limit_threads(n: int) -> None:
         for name in _OPENBLAS_SETTERS:
             setter = getattr(lib, name, None)
             if setter is not None:
+                _shrink_stopped_pool(lib, n)
                 setter(ctypes.c_int(n))
                 break
+
+
+def _shrink_stopped_pool(lib: Any, n: int) -> None:
+    """Where ``lib``'s OpenBLAS thread pool is not running (fork stops it:
+    a rank forked by mesh.spawn from a process that loaded numpy with a
+    thread per core), have it restart with at most ``n`` threads. Setting
+    the count restarts the pool with as many as the library loaded with,
+    and each thread past the first then spins about 0.1 s of a core waiting
+    for work (OpenBLAS's thread timeout), though ``n`` is 1: every rank
+    took a core from the others for its first 0.1 s, and an 8-byte round
+    trip in that time took 2-4 ms, not 6 us (BENCHMARKS.md, eighteenth
+    session). Done through the library's ``blas_server_avail`` and
+    ``blas_num_threads``, and only where both exist and the pool is
+    stopped; otherwise the setter is left to do what it does."""
+    try:
+        running = ctypes.c_int.in_dll(lib, "blas_server_avail")
+        threads = ctypes.c_int.in_dll(lib, "blas_num_threads")
+    except ValueError:
+        return
+    if running.value == 0 and threads.value > n >= 1:
+        threads.value = n

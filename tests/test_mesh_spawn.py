@@ -199,6 +199,32 @@ def test_ranks_share_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> N
     assert [omp for omp, _ in mesh.spawn(_threads_of, 2, timeout=40)] == ["3", "3"]
 
 
+def _native_threads(world: mesh.Mesh) -> int:
+    """This rank's threads that are neither Python's nor ZeroMQ's."""
+    import threading
+    ours = {t.native_id for t in threading.enumerate()}
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            name = f.read().strip()
+        if int(tid) not in ours and not name.startswith("ZMQbg"):
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task")
+def test_ranks_restart_no_blas_threads_past_their_share(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork stops numpy's OpenBLAS thread pool, and setting a rank's share
+    restarted it with a thread per core of the fork server's: each thread
+    past the first spun a core for its first 0.1 s (an 8-byte round trip
+    took 2-4 ms then). Now a rank of a one-thread share runs no BLAS
+    thread of its own (those of a larger share may: cpus/N - 1)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    n = max(2, os.cpu_count() or 1)          # a share of one thread each
+    assert mesh.spawn(_native_threads, n, timeout=60) == [0] * n
+
+
 def _tensor_of(world: mesh.Mesh) -> object:
     import torch
     return {"t": torch.arange(3) + world.rank}
