@@ -26,7 +26,7 @@ import sys
 from typing import Any, Mapping
 
 __all__ = ["FDS_PER_PEER", "rank_fds", "open_files", "context", "thread_share",
-           "limit_threads"]
+           "env_threads", "limit_threads"]
 
 _log = logging.getLogger("mesh.transport")
 FDS_PER_PEER = 6    # five measured, and one to spare
@@ -80,6 +80,14 @@ def thread_share(env: Mapping[str, str], local_ranks: int) -> str | None:
     if "OMP_NUM_THREADS" in env or local_ranks <= 1:
         return None
     return str(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+def env_threads(env: Mapping[str, str]) -> int | None:
+    """The thread count OMP_NUM_THREADS gives (its first number: "4,2" is
+    OpenMP's nested form), or None where it is unset or not a positive
+    number."""
+    first = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
 
 
 _OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",

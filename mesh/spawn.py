@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from .auth import curve_wanted
 from .errors import WorkerError
-from .limits import limit_threads, open_files, thread_share
+from .limits import env_threads, limit_threads, open_files, thread_share
 from .rendezvous import RendezvousServer
 
 __all__ = ["spawn"]
@@ -171,7 +171,9 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         share = thread_share(os.environ, size)
         if share is not None:       # cpus/N threads, as meshrun gives its ranks
             os.environ["OMP_NUM_THREADS"] = share
-            limit_threads(int(share))
+        threads = env_threads(os.environ)
+        if threads is not None:     # numpy (and torch) loaded before this rank's environment
+            limit_threads(threads)
         fn, args = _load(job, rank)
         world = init()
         result = fn(world, *args)

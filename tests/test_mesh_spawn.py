@@ -190,13 +190,17 @@ def _threads_of(world: mesh.Mesh) -> tuple[str | None, int | None]:
 def test_ranks_share_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     """N ranks get cpus/N threads each (numpy's OpenBLAS too, loaded by the
     fork server before them), as meshrun's ranks do; OMP_NUM_THREADS set by
-    the caller is theirs."""
+    the caller (or by spawn's ``env``) is theirs, numpy's OpenBLAS's too
+    (it kept the fork server's count: a lone rank told one thread ran
+    numpy on every core)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     share = max(1, (os.cpu_count() or 1) // 2)
     for omp, blas in mesh.spawn(_threads_of, 2, timeout=40):
         assert omp == str(share) and blas in (share, None), (omp, blas)
+    assert mesh.spawn(_threads_of, 1, timeout=40, env={"OMP_NUM_THREADS": "1"})[0][1] in (1, None)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert [omp for omp, _ in mesh.spawn(_threads_of, 2, timeout=40)] == ["3", "3"]
+    for omp, blas in mesh.spawn(_threads_of, 2, timeout=40):
+        assert omp == "3" and blas in (3, None), (omp, blas)
 
 
 def _native_threads(world: mesh.Mesh) -> int:
