@@ -24,13 +24,15 @@ of the job is crowded, else 0 (a spare core takes it).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import socket
 import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -44,9 +46,29 @@ from .schedules import one_f_one_b
 from .simulate import simulate
 
 __all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowded",
-           "shared_cores", "message_times", "step_record", "step_figures", "StepFigures"]
+           "shared_cores", "message_times", "step_record", "step_figures", "StepFigures",
+           "collected"]
 
 _COMPUTE = (F, B, I, W)
+
+
+@contextlib.contextmanager
+def collected() -> Iterator[None]:
+    """Python's garbage collector run once, then held off while a
+    measurement runs, as timeit does; on again after if it was on. A full
+    collection that fell inside one (a process that has just built and
+    profiled a torch model holds a large heap: 135-267 ms a rank at eight
+    ranks on two cores, every rank of a dp replica in the same dry step)
+    made a dry step three to four times as long and Job.retime's
+    prediction up to twice the steps (BENCHMARKS.md, eighteenth session)."""
+    on = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if on:
+            gc.enable()
 
 
 class _Noop(_Activation):

@@ -46,7 +46,7 @@ import collectives
 from mesh import Comm, Grid
 
 from . import layers as _layers
-from .calibrate import Calibration, calibrate, dry_run
+from .calibrate import Calibration, calibrate, collected, dry_run
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, best_first, builtin, candidates,
                      counts_for, measure, measure_stages, microbatch_counts, recosted, retimed,
                      stage_costs, stage_spans, table, time_program)
@@ -370,10 +370,17 @@ class Job:
         holds the tp peers' waits for each other as the steps' contention
         makes them (the re-time's own waits are left out: with every rank
         timing at once, a peer kept off its core would count twice, as a
-        wait and in the stretch; BENCHMARKS.md, fifteenth session). Nothing
-        is fitted to a step: no step runs."""
+        wait and in the stretch; BENCHMARKS.md, fifteenth session). Python's
+        garbage collector runs first and is held off meanwhile
+        (engine.calibrate.collected), as through distribute's profile and
+        choice. Nothing is fitted to a step: no step runs."""
         if self.chosen is None or not self._inputs:
             return None
+        with collected():       # no collection of a large heap inside the figures
+            return self._timed_again()
+
+    def _timed_again(self) -> float:
+        assert self.chosen is not None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
         calibrated = self._messages is not None        # (not a given overhead)
         tp = self.pipeline.tp if self.sharded else None
@@ -589,49 +596,51 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     sched = scheds[0]
     cal: Calibration | None = None
     if sample is not None:         # measured: the cut by time, the choice, the prediction
-        rows = len(sample)
-        sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
-        mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
-        profile = _profile(grid, mlayers, sample, sizes, reps, runs)
-        cal = Calibration(overhead or 0.0, 0.0)
-        action: float | dict[int, float] = cal.action
-        message: float | dict[int, float] = cal.message
-        receive: float | dict[int, float] = cal.receive
-        if overhead is None:
-            m = max(sc.num_microbatches for sc in scheds)
-            mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
-            spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p)
-            cal = calibrate(grid.comm, grid.group("pp"), m, _median_act(profile[-(-rows // m)]),
-                            tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
-                            busy_nbytes=_median_act(mid))
-            action, message, receive = {m: cal.action}, {m: cal.message}, {m: cal.receive}
-            for k in sorted({sc.num_microbatches for sc in scheds} - {m}):
-                # the executor's costs at each micro-batch count tried (engine.calibrate)
-                d = dry_run(grid.comm, grid.group("pp"), one_f_one_b(p, k),
-                            _median_act(profile[-(-rows // k)]), tag_base=tag_base,
-                            timeout=timeout)
-                action[k], message[k], receive[k] = d.action, d.message, d.receive
-        cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                           action, message, helper=cal.helper, recv=receive, cores=cal.cores)
-        spans = stage_spans(cands, rows)
-        whole: dict[int, dict[Span, LayerCost]] = {}
-        if spans:          # the cuts' stages, timed whole: what the steps will pay
-            def join(first: int, stop: int) -> Any:
-                stage = make_stage([layer for _, layer in named[first:stop]], first)
-                return TorchStage(stage) if is_torch else stage
-            whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs)
+        with collected():          # no collection of a large heap inside the figures
+            rows = len(sample)
+            sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
+            mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
+            profile = _profile(grid, mlayers, sample, sizes, reps, runs)
+            cal = Calibration(overhead or 0.0, 0.0)
+            action: float | dict[int, float] = cal.action
+            message: float | dict[int, float] = cal.message
+            receive: float | dict[int, float] = cal.receive
+            if overhead is None:
+                m = max(sc.num_microbatches for sc in scheds)
+                mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
+                spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p)
+                cal = calibrate(grid.comm, grid.group("pp"), m,
+                                _median_act(profile[-(-rows // m)]),
+                                tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
+                                busy_nbytes=_median_act(mid))
+                action, message, receive = {m: cal.action}, {m: cal.message}, {m: cal.receive}
+                for k in sorted({sc.num_microbatches for sc in scheds} - {m}):
+                    # the executor's costs at each micro-batch count tried (engine.calibrate)
+                    d = dry_run(grid.comm, grid.group("pp"), one_f_one_b(p, k),
+                                _median_act(profile[-(-rows // k)]), tag_base=tag_base,
+                                timeout=timeout)
+                    action[k], message[k], receive[k] = d.action, d.message, d.receive
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                               action, message, whole, cal.helper, receive, cal.cores)
-        if not cands:
-            raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
-        if auto and overhead is None:     # the leaders' own dry runs
-            cands = _measured_choice(grid, cands, profile, whole, rows, cal.crowded,
-                                     tag_base, timeout)
-        chosen = cands[0]
-        if not chosen.fits:
-            raise ValueError(f"no schedule keeps its activations under memory_limit="
-                             f"{memory_limit:g} bytes:\n{table(cands)}")
-        sched = chosen.schedule
+                               action, message, helper=cal.helper, recv=receive, cores=cal.cores)
+            spans = stage_spans(cands, rows)
+            whole: dict[int, dict[Span, LayerCost]] = {}
+            if spans:          # the cuts' stages, timed whole: what the steps will pay
+                def join(first: int, stop: int) -> Any:
+                    stage = make_stage([layer for _, layer in named[first:stop]], first)
+                    return TorchStage(stage) if is_torch else stage
+                whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs)
+                cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
+                                   action, message, whole, cal.helper, receive, cal.cores)
+            if not cands:
+                raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
+            if auto and overhead is None:     # the leaders' own dry runs
+                cands = _measured_choice(grid, cands, profile, whole, rows, cal.crowded,
+                                         tag_base, timeout)
+            chosen = cands[0]
+            if not chosen.fits:
+                raise ValueError(f"no schedule keeps its activations under memory_limit="
+                                 f"{memory_limit:g} bytes:\n{table(cands)}")
+            sched = chosen.schedule
     counts = chosen.counts if chosen else counts_for(balance, sched.num_stages, None, params)
     if verbose and grid.comm.rank == 0 and auto:
         print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"

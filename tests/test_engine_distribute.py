@@ -389,6 +389,31 @@ class _Recording:
         self.log.append((self.s, "W"))
 
 
+def test_measurements_hold_the_collector_off_and_put_it_back():
+    """engine.calibrate.collected: one collection, then none until the
+    measurement is over (a full collection of a large heap inside a dry run
+    made its steps 3-4x as long), and the collector as it was after,
+    an error inside included."""
+    import gc
+
+    from engine.calibrate import collected
+    assert gc.isenabled()
+    with collected():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        with collected():
+            raise ValueError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collected():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_time_program_runs_the_ranks_actions_in_order():
     """Job.retime times the stages as the step runs them: the rank's
     compute actions in the lowered program's order (a split backward's W
@@ -565,6 +590,7 @@ def _numpy_worker(world, axes, plan, widths):
                 and job.chosen.costs["recv"] == [cal.receive] * job.schedule.num_stages),
             # the re-time runs the loss where the last stage's F does
             "loss": (job._loss() is not None) == job.pipeline.last,
+            "gc": __import__("gc").isenabled(),     # held off only while measuring
             "measured": job.profiled.measured,   # by its own dry run (tp stages too, since 15)
             # the re-time's CPU times stretched by the busy dry run's wall over CPU, per
             # stage (over what the simulator's sharing of the cores makes of it, where the
@@ -605,7 +631,7 @@ def test_numpy_distribute_matches_one_process(axes, plan):
         assert all(e is True for e in res["errors"]), res["errors"]
         assert res["schedule"] == results[0]["schedule"] and "<- chosen" in res["table"]
         assert res["calibrated"] and res["retimed"] and res["dry"] and res["loss"]
-        assert res["measured"] and res["stretched"] and res["calls"]
+        assert res["measured"] and res["stretched"] and res["calls"] and res["gc"]
         if res["last"]:
             np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
     assert sum(res["last"] for res in results) == n // 2
