@@ -71,6 +71,17 @@ def collected() -> Iterator[None]:
             gc.enable()
 
 
+def _buffer(nbytes: int, tensors: bool = False) -> Any:
+    """A stand-in message or gradient of about ``nbytes``: float64 zeros,
+    or float32 torch zeros where the job's stages are torch modules (its
+    steps send tensors, which the executor and the mesh handle otherwise
+    than arrays: BENCHMARKS.md, eighteenth session)."""
+    if tensors:
+        import torch
+        return torch.zeros(max(1, nbytes // 4))
+    return np.zeros(max(1, nbytes // 8))
+
+
 class _Noop(_Activation):
     """A stage that computes nothing and hands on ``out`` forward and
     ``back`` (default ``out``) backward, its backward split or not (the
@@ -95,9 +106,10 @@ class _Spin(_Noop):
 
     def __init__(self, out: Any, seconds: float | Mapping[str, float], back: Any = None,
                  tp: tuple[Comm, Mapping[str, Sequence[int]]] | None = None,
-                 grads: Sequence[int] = ()) -> None:
+                 grads: Sequence[int] = (), tensors: bool = False) -> None:
         super().__init__(out, back)
-        self._grads = [np.zeros(max(1, n // 4), np.float32) for n in grads]
+        self._grads = [_buffer(n, True) if tensors else np.zeros(max(1, n // 4), np.float32)
+                       for n in grads]
         self.seconds = ({k: float(seconds) for k in "FBIW"} if isinstance(seconds, (int, float))
                         else dict(seconds))
         self._a = np.ones((64, 64))
@@ -227,7 +239,8 @@ def _busy(events: list[list[Any]], wall: float) -> tuple[float, int]:
 
 def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
               tag_base: int = 0, timeout: float | None = None, spin: float = 1e-3,
-              busy_steps: int = 2, busy_nbytes: int | None = None) -> Calibration:
+              busy_steps: int = 2, busy_nbytes: int | None = None,
+              tensors: bool = False) -> Calibration:
     """The executor's own costs on ``pp`` (``dry_run`` of 1F1B over ``m``
     micro-batches, messages of ``nbytes``): seconds per compute action and
     per message; then the mesh threads' CPU per message end over
@@ -236,11 +249,13 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
     real actions: those threads' CPU grows with the time between messages,
     100, 229 and 391 us per message end at 0.3, 1 and 3 ms here, not only
     with their count), with messages of ``busy_nbytes`` (default
-    ``nbytes``). Collective over ``world`` (every pp group of it runs its
+    ``nbytes``); ``tensors``: the messages torch tensors, as a torch job's
+    (``dry_run``). Collective over ``world`` (every pp group of it runs its
     own dry pipeline): every rank gets the same figures."""
-    dry = dry_run(world, pp, one_f_one_b(pp.size, m), nbytes, steps, tag_base, timeout)
+    dry = dry_run(world, pp, one_f_one_b(pp.size, m), nbytes, steps, tag_base, timeout,
+                  tensors=tensors)
     busy_m = 2 * pp.size       # the same tags as the dry run's first steps, all done by now
-    out = np.zeros(max(1, (nbytes if busy_nbytes is None else busy_nbytes) // 8))
+    out = _buffer(nbytes if busy_nbytes is None else busy_nbytes, tensors)
     busy = Pipeline(pp, _Spin(out, spin), one_f_one_b(pp.size, busy_m),
                     loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
     dummy = np.zeros((busy_m, 1))
@@ -280,8 +295,8 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
             steps: int = 5, tag_base: int = 0, timeout: float | None = None,
             costs: Mapping[str, Sequence[float]] | None = None,
             tp: tuple[Comm, Mapping[tuple[int, str], Sequence[int]]] | None = None,
-            grid: Grid | None = None, grads: Mapping[int, Sequence[int]] | None = None
-            ) -> DryRun:
+            grid: Grid | None = None, grads: Mapping[int, Sequence[int]] | None = None,
+            tensors: bool = False) -> DryRun:
     """The executor running ``sched`` on ``pp`` with stages that compute
     nothing, or, with ``costs`` (seconds per stage of each kind, as the
     simulator takes them), that keep the core busy that long per action
@@ -312,17 +327,21 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     stages' stand-in gradients averaged over dp as the step's are, so
     ``action`` holds the step's end (the averages' waits, the loss's and
     the outcome's all-reduces) as it holds the rest of the executor's own.
-    Collective over ``world`` (every pp group of it runs its own)."""
+    ``tensors``: messages and stand-in gradients are torch tensors, as a
+    torch job's are (the executor's own time grows with them: a torch
+    step's CPU outside its actions was 1.3-1.6 ms at pp=2 x tp=2 where the
+    arrays' dry run's was 0.8-0.9). Collective over ``world`` (every pp
+    group of it runs its own)."""
     sizes = ([(nbytes, nbytes)] * sched.num_stages if isinstance(nbytes, int)
              else list(nbytes))
 
     def stage(s: int) -> _Noop:
-        out, back = (np.zeros(max(1, n // 8)) for n in sizes[s])
+        out, back = (_buffer(n, tensors) for n in sizes[s])
         if costs is None:
             return _Noop(out, back)
         return _Spin(out, {k: float(costs[k][s]) if k in costs else 0.0 for k in "FBIW"}, back,
                      (tp[0], {k: tp[1].get((s, k), ()) for k in "FBIW"}) if tp else None,
-                     (grads or {}).get(s, ()))
+                     (grads or {}).get(s, ()), tensors)
 
     m = sched.num_microbatches
     pipe = Pipeline(pp if grid is None else grid, [stage(s) for s in sched.stages_of(pp.rank)],

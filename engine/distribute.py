@@ -271,8 +271,8 @@ def _stage_messages(row: dict[int, LayerCost], counts: tuple[int, ...]) -> list[
 
 def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict[int, LayerCost]],
                      whole: dict[int, dict[Span, LayerCost]], rows: int,
-                     crowded: bool, tag_base: int, timeout: float | None, tries: int = 4
-                     ) -> list[Candidate]:
+                     crowded: bool, tag_base: int, timeout: float | None, tries: int = 4,
+                     tensors: bool = False) -> list[Candidate]:
     """``cands`` ranked again, the leader costed with the executor's costs
     measured on a busy dry run of its own schedule (engine.calibrate's
     ``dry_run``: its stages' profiled times, its messages' sizes) until the
@@ -283,7 +283,8 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
     30-150, quiet), so a leader whose own run costs more drops behind the
     next, which is then measured in turn; when the tries are spent first,
     the best of the measured leads. Every rank gets the same dry-run
-    figures, so all rank alike."""
+    figures, so all rank alike. ``tensors``: a torch job's (its dry runs'
+    messages torch tensors)."""
     for _ in range(tries):
         lead = cands[0]
         if lead.measured or not lead.fits:
@@ -293,7 +294,7 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
         spin = stage_costs(row, lead.counts, whole=w)
         d = dry_run(grid.comm, grid.group("pp"), lead.schedule, _stage_messages(row, lead.counts),
                     steps=3, tag_base=tag_base, timeout=timeout,
-                    costs={k: spin[k] for k in "FBIW"})
+                    costs={k: spin[k] for k in "FBIW"}, tensors=tensors)
         cands = best_first([recosted(lead, row, 1.0, w, d.action, d.message,
                                      d.helper if crowded else 0.0, d.receive)] + cands[1:])
     if cands[0].measured or not any(c.measured for c in cands):
@@ -403,7 +404,7 @@ class Job:
                           tp=(tp, calls) if tp is not None else None,
                           grid=self.grid if dp else None,
                           grads={s: [g.nbytes for g in st.grads()] for s, st in own.items()}
-                          if dp else None)
+                          if dp else None, tensors=self.is_torch)
             cal = replace(cal, action=dry.action, message=dry.message,
                           helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper,
                           receive=dry.receive)
@@ -612,13 +613,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 cal = calibrate(grid.comm, grid.group("pp"), m,
                                 _median_act(profile[-(-rows // m)]),
                                 tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
-                                busy_nbytes=_median_act(mid))
+                                busy_nbytes=_median_act(mid), tensors=is_torch)
                 action, message, receive = {m: cal.action}, {m: cal.message}, {m: cal.receive}
                 for k in sorted({sc.num_microbatches for sc in scheds} - {m}):
                     # the executor's costs at each micro-batch count tried (engine.calibrate)
                     d = dry_run(grid.comm, grid.group("pp"), one_f_one_b(p, k),
                                 _median_act(profile[-(-rows // k)]), tag_base=tag_base,
-                                timeout=timeout)
+                                timeout=timeout, tensors=is_torch)
                     action[k], message[k], receive[k] = d.action, d.message, d.receive
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                action, message, helper=cal.helper, recv=receive, cores=cal.cores)
@@ -635,7 +636,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
             if auto and overhead is None:     # the leaders' own dry runs
                 cands = _measured_choice(grid, cands, profile, whole, rows, cal.crowded,
-                                         tag_base, timeout)
+                                         tag_base, timeout, tensors=is_torch)
             chosen = cands[0]
             if not chosen.fits:
                 raise ValueError(f"no schedule keeps its activations under memory_limit="

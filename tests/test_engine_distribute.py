@@ -331,7 +331,8 @@ def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
     lead, second = cands[0], cands[1]
     ran = []
 
-    def fake_dry_run(world, pp, sched, nbytes, steps=5, tag_base=0, timeout=None, costs=None):
+    def fake_dry_run(world, pp, sched, nbytes, steps=5, tag_base=0, timeout=None, costs=None,
+                     tensors=False):
         ran.append((sched.name, nbytes, costs))
         if sched.name == lead.schedule.name:
             return DryRun(1.0, 0.03, 0.5, receive=0.04)
@@ -452,15 +453,20 @@ def _dry_worker(world):
     from engine.schedules import by_name
     sizes = [(64, 8), (128, 64), (256, 128), (32, 256)]      # per stage: forward, backward
     spin = {"F": [1e-4] * 4, "I": [2e-4] * 4, "W": [1e-4] * 4}
-    return [dry_run(world, world, by_name(name, 2, 2), sizes, steps=2, timeout=30, costs=costs)
-            for name, costs in (("zb-v", None), ("zb-h1", None), ("1f1b", None), ("zb-v", spin))]
+    return [dry_run(world, world, by_name(name, 2, 2), sizes, steps=2, timeout=30, costs=costs,
+                    tensors=tensors)
+            for name, costs, tensors in (("zb-v", None, False), ("zb-h1", None, False),
+                                         ("1f1b", None, False), ("zb-v", spin, False),
+                                         ("zb-v", spin, True))]
 
 
 def test_dry_run_of_any_schedule():
     """engine.calibrate.dry_run runs the schedule being predicted (split
     backward, two stages a rank) with each stage's own message sizes, its
     stages computing nothing or keeping the core busy per stage and kind,
-    and every rank gets the same executor costs."""
+    and every rank gets the same executor costs; its messages torch
+    tensors, as a torch job's are, too."""
+    pytest.importorskip("torch")
     a, b = mesh.spawn(_dry_worker, 2, timeout=60, env=PATIENT)
     assert a == b and all(d.action > 0 and d.message >= 0 and d.helper >= 0 and d.receive >= 0
                           and d.span > 0 and d.simulated > 0 for d in a)
