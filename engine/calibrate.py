@@ -174,23 +174,38 @@ class Calibration:
     cores: float | None = None   # pp ranks that compute at once at full speed (shared_cores)
 
 
-def helper_cpu() -> float:
-    """CPU seconds so far of this process's threads other than the calling
-    one (Linux: /proc/self/task/*/schedstat; 0 elsewhere)."""
-    me, total = threading.get_native_id(), 0
+def _helpers() -> dict[int, int]:
+    """CPU nanoseconds so far of each of this process's threads other than
+    the calling one (Linux: /proc/self/task/*/schedstat; none elsewhere)."""
+    me, out = threading.get_native_id(), dict[int, int]()
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return 0.0
+        return out
     for t in tasks:
         if int(t) == me:
             continue
         try:
             with open(f"/proc/self/task/{t}/schedstat") as f:
-                total += int(f.read().split()[0])
+                out[int(t)] = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             continue
-    return total / 1e9
+    return out
+
+
+def helper_cpu() -> float:
+    """CPU seconds so far of this process's threads other than the calling
+    one (Linux: /proc/self/task/*/schedstat; 0 elsewhere)."""
+    return sum(_helpers().values()) / 1e9
+
+
+def _helper_since(before: dict[int, int]) -> float:
+    """CPU seconds the threads other than the calling one have taken since
+    ``before`` (``_helpers()`` then), each thread's own: a thread that ended
+    meanwhile takes its CPU out of a total (a dp group's lane going idle:
+    the difference of two totals came out negative, and with it a stage's
+    cost)."""
+    return sum(max(0, ns - before.get(t, 0)) for t, ns in _helpers().items()) / 1e9
 
 
 def _cores() -> int:
@@ -261,11 +276,11 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
     dummy = np.zeros((busy_m, 1))
     collectives.barrier(world, timeout=timeout)
     busy.step(dummy, dummy)
-    h0 = helper_cpu()
+    h0 = _helpers()
     for _ in range(busy_steps):
         busy.step(dummy, dummy)
     ends = _messages(busy.program) * busy_steps
-    helper = (helper_cpu() - h0) / ends if ends else 0.0
+    helper = _helper_since(h0) / ends if ends else 0.0
     helpers, hosts = [], []
     for h, host in collectives.all_gather_object(world, (helper, (socket.gethostname(),
                                                                   _cores()))):
@@ -353,12 +368,12 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     helper, ends = 0.0, 0
     for i in range(steps + 1):
         collectives.barrier(world, timeout=timeout)
-        h0 = helper_cpu()
+        h0 = _helpers()
         t0 = time.time()
         pipe.step(dummy, dummy)
         t1 = time.time()
         if i:
-            helper += helper_cpu() - h0
+            helper += _helper_since(h0)
             ends += _messages(pipe.program)
             row, acts = step_record(pipe, t0, t1)
             rows.append(row)
