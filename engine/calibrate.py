@@ -85,11 +85,19 @@ def _buffer(nbytes: int, tensors: bool = False) -> Any:
 class _Noop(_Activation):
     """A stage that computes nothing and hands on ``out`` forward and
     ``back`` (default ``out``) backward, its backward split or not (the
-    split and the empty parameter lists as any parameter-free layer's)."""
+    split as any parameter-free layer's), with stand-in gradients of
+    ``grads`` bytes each (float32; torch tensors with ``tensors``), which
+    a dp axis averages as the step's."""
 
-    def __init__(self, out: Any, back: Any = None) -> None:
+    def __init__(self, out: Any, back: Any = None, grads: Sequence[int] = (),
+                 tensors: bool = False) -> None:
         self.out = out
         self.back = out if back is None else back
+        self._grads = [_buffer(n, True) if tensors else np.zeros(max(1, n // 4), np.float32)
+                       for n in grads]
+
+    def grads(self) -> list[Any]:
+        return self._grads
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         return self.out, None
@@ -107,9 +115,7 @@ class _Spin(_Noop):
     def __init__(self, out: Any, seconds: float | Mapping[str, float], back: Any = None,
                  tp: tuple[Comm, Mapping[str, Sequence[int]]] | None = None,
                  grads: Sequence[int] = (), tensors: bool = False) -> None:
-        super().__init__(out, back)
-        self._grads = [_buffer(n, True) if tensors else np.zeros(max(1, n // 4), np.float32)
-                       for n in grads]
+        super().__init__(out, back, grads, tensors)
         self.seconds = ({k: float(seconds) for k in "FBIW"} if isinstance(seconds, (int, float))
                         else dict(seconds))
         self._a = np.ones((64, 64))
@@ -150,11 +156,6 @@ class _Spin(_Noop):
 
     def backward_weight(self, wctx: Any) -> None:
         self._spin("W")
-
-    def grads(self) -> list[Any]:
-        """Stand-ins of the stage's gradients (their bytes), which a dp axis
-        averages as the step's."""
-        return self._grads
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,8 @@ def _busy(events: list[list[Any]], wall: float) -> tuple[float, int]:
 def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
               tag_base: int = 0, timeout: float | None = None, spin: float = 1e-3,
               busy_steps: int = 2, busy_nbytes: int | None = None,
-              tensors: bool = False) -> Calibration:
+              tensors: bool = False, grid: Grid | None = None,
+              grads: Mapping[int, Sequence[int]] | None = None) -> Calibration:
     """The executor's own costs on ``pp`` (``dry_run`` of 1F1B over ``m``
     micro-batches, messages of ``nbytes``): seconds per compute action and
     per message; then the mesh threads' CPU per message end over
@@ -264,11 +266,12 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
     real actions: those threads' CPU grows with the time between messages,
     100, 229 and 391 us per message end at 0.3, 1 and 3 ms here, not only
     with their count), with messages of ``busy_nbytes`` (default
-    ``nbytes``); ``tensors``: the messages torch tensors, as a torch job's
-    (``dry_run``). Collective over ``world`` (every pp group of it runs its
-    own dry pipeline): every rank gets the same figures."""
+    ``nbytes``); ``tensors``, ``grid`` and ``grads``: as ``dry_run``'s
+    (the first dry run's: with a dp axis, the step's end in ``action``).
+    Collective over ``world`` (every pp group of it runs its own dry
+    pipeline): every rank gets the same figures."""
     dry = dry_run(world, pp, one_f_one_b(pp.size, m), nbytes, steps, tag_base, timeout,
-                  tensors=tensors)
+                  tensors=tensors, grid=grid, grads=grads)
     busy_m = 2 * pp.size       # the same tags as the dry run's first steps, all done by now
     out = _buffer(nbytes if busy_nbytes is None else busy_nbytes, tensors)
     busy = Pipeline(pp, _Spin(out, spin), one_f_one_b(pp.size, busy_m),
@@ -353,7 +356,7 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     def stage(s: int) -> _Noop:
         out, back = (_buffer(n, tensors) for n in sizes[s])
         if costs is None:
-            return _Noop(out, back)
+            return _Noop(out, back, (grads or {}).get(s, ()), tensors)
         return _Spin(out, {k: float(costs[k][s]) if k in costs else 0.0 for k in "FBIW"}, back,
                      (tp[0], {k: tp[1].get((s, k), ()) for k in "FBIW"}) if tp else None,
                      (grads or {}).get(s, ()), tensors)

@@ -53,7 +53,7 @@ from .choose import (SCHEDULES, Candidate, LayerCost, Span, best_first, builtin,
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
-from .stagebuild import make_stage, param_count
+from .stagebuild import is_module, make_stage, param_count
 from .tensor_parallel import gather_state_dict, parallelize
 from .partition import partition
 from .torch_stage import TorchStage, torch_loss
@@ -261,6 +261,25 @@ def _stretched(lc: LayerCost, by: float) -> LayerCost:
     return LayerCost(lc.F * by, lc.B * by, lc.I * by, lc.W * by, lc.act_bytes)
 
 
+def _grad_bytes(layer: Any) -> list[int]:
+    """The bytes of each gradient of a layer's parameters (its shards',
+    where tensor-parallel), in the order its stage lists them."""
+    if is_module(layer):
+        return [p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad]
+    params = getattr(layer, "params", None)
+    return [int(a.nbytes) for a in params()] if callable(params) else []
+
+
+def _stage_grads(grads: list[list[int]], counts: tuple[int, ...], stages: Any
+                 ) -> dict[int, list[int]]:
+    """Per stage in ``stages`` of a cut (``counts`` layers a stage), the
+    bytes of each of its layers' gradients (``grads``, per layer), for a
+    dry run's stand-ins: with a dp axis the step's end averages them."""
+    bounds = [sum(counts[:s]) for s in range(len(counts))]
+    return {s: [n for layer in grads[bounds[s]:bounds[s] + counts[s]] for n in layer]
+            for s in stages}
+
+
 def _stage_messages(row: dict[int, LayerCost], counts: tuple[int, ...]) -> list[tuple[int, int]]:
     """Per stage of a cut, the bytes it sends forward (its output) and
     backward (its input's gradient), from a profile row."""
@@ -272,7 +291,8 @@ def _stage_messages(row: dict[int, LayerCost], counts: tuple[int, ...]) -> list[
 def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict[int, LayerCost]],
                      whole: dict[int, dict[Span, LayerCost]], rows: int,
                      crowded: bool, tag_base: int, timeout: float | None, tries: int = 4,
-                     tensors: bool = False) -> list[Candidate]:
+                     tensors: bool = False,
+                     grads: list[list[int]] | None = None) -> list[Candidate]:
     """``cands`` ranked again, the leader costed with the executor's costs
     measured on a busy dry run of its own schedule (engine.calibrate's
     ``dry_run``: its stages' profiled times, its messages' sizes) until the
@@ -284,7 +304,9 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
     next, which is then measured in turn; when the tries are spent first,
     the best of the measured leads. Every rank gets the same dry-run
     figures, so all rank alike. ``tensors``: a torch job's (its dry runs'
-    messages torch tensors)."""
+    messages torch tensors); ``grads``, with a dp axis: each layer's
+    gradients' bytes, which the leader's dry run averages over dp as its
+    steps will (the step's end in its figures)."""
     for _ in range(tries):
         lead = cands[0]
         if lead.measured or not lead.fits:
@@ -292,9 +314,12 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
         size = -(-rows // lead.schedule.num_microbatches)
         row, w = profile[size], whole.get(size)
         spin = stage_costs(row, lead.counts, whole=w)
+        stand_ins = None if grads is None else _stage_grads(
+            grads, lead.counts, lead.schedule.stages_of(grid.coord("pp")))
         d = dry_run(grid.comm, grid.group("pp"), lead.schedule, _stage_messages(row, lead.counts),
                     steps=3, tag_base=tag_base, timeout=timeout,
-                    costs={k: spin[k] for k in "FBIW"}, tensors=tensors)
+                    costs={k: spin[k] for k in "FBIW"}, tensors=tensors,
+                    grid=None if grads is None else grid, grads=stand_ins)
         cands = best_first([recosted(lead, row, 1.0, w, d.action, d.message,
                                      d.helper if crowded else 0.0, d.receive)] + cands[1:])
     if cands[0].measured or not any(c.measured for c in cands):
@@ -591,6 +616,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         parallelize(model, grid.group("tp"), plan)    # layer is timed sharded, collectives in
         named, _ = _model_layers(model)
     params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
+    # with a dp axis, the dry runs average stand-ins of the gradients as the steps
+    # will: the step's end (those averages, the loss's and the outcome's
+    # all-reduces) is then in the candidates' figures, not only in the re-time's
+    grads = [_grad_bytes(layer) for _, layer in named] if _size(grid, "dp") > 1 else None
     runs = _TP_RUNS if plan and tp > 1 else None      # tp peers time a layer together
     cands: list[Candidate] = []
     chosen: Candidate | None = None
@@ -610,16 +639,20 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 m = max(sc.num_microbatches for sc in scheds)
                 mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
                 spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p)
+                even = (_stage_grads(grads, counts_for("uniform", p, None, params),
+                                     [grid.coord("pp")]) if grads is not None else None)
+                on = grid if grads is not None else None
                 cal = calibrate(grid.comm, grid.group("pp"), m,
                                 _median_act(profile[-(-rows // m)]),
                                 tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
-                                busy_nbytes=_median_act(mid), tensors=is_torch)
+                                busy_nbytes=_median_act(mid), tensors=is_torch,
+                                grid=on, grads=even)
                 action, message, receive = {m: cal.action}, {m: cal.message}, {m: cal.receive}
                 for k in sorted({sc.num_microbatches for sc in scheds} - {m}):
                     # the executor's costs at each micro-batch count tried (engine.calibrate)
                     d = dry_run(grid.comm, grid.group("pp"), one_f_one_b(p, k),
                                 _median_act(profile[-(-rows // k)]), tag_base=tag_base,
-                                timeout=timeout, tensors=is_torch)
+                                timeout=timeout, tensors=is_torch, grid=on, grads=even)
                     action[k], message[k], receive[k] = d.action, d.message, d.receive
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                action, message, helper=cal.helper, recv=receive, cores=cal.cores)
@@ -636,7 +669,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
             if auto and overhead is None:     # the leaders' own dry runs
                 cands = _measured_choice(grid, cands, profile, whole, rows, cal.crowded,
-                                         tag_base, timeout, tensors=is_torch)
+                                         tag_base, timeout, tensors=is_torch, grads=grads)
             chosen = cands[0]
             if not chosen.fits:
                 raise ValueError(f"no schedule keeps its activations under memory_limit="

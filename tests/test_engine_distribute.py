@@ -332,7 +332,7 @@ def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
     ran = []
 
     def fake_dry_run(world, pp, sched, nbytes, steps=5, tag_base=0, timeout=None, costs=None,
-                     tensors=False):
+                     tensors=False, grid=None, grads=None):
         ran.append((sched.name, nbytes, costs))
         if sched.name == lead.schedule.name:
             return DryRun(1.0, 0.03, 0.5, receive=0.04)
@@ -388,6 +388,19 @@ class _Recording:
     def backward_weight(self, wctx):
         assert wctx == ("wctx", self.s)
         self.log.append((self.s, "W"))
+
+
+def test_the_dry_runs_stand_in_gradients_follow_the_cut():
+    """With a dp axis the candidates' dry runs average stand-ins of each
+    stage's gradients, as the steps will (the step's end in their figures):
+    a stage holds its layers' gradients, by bytes, in order."""
+    from engine.distribute import _grad_bytes, _stage_grads
+    grads = [[4, 8], [16], [], [32, 64]]
+    assert _stage_grads(grads, (1, 2, 1), [0, 1, 2]) == {0: [4, 8], 1: [16], 2: [32, 64]}
+    assert _stage_grads(grads, (2, 2), [1]) == {1: [32, 64]}
+    layer = Linear(3, 2, np.random.default_rng(0))
+    assert _grad_bytes(layer) == [int(a.nbytes) for a in layer.params()]
+    assert _grad_bytes(Tanh()) == []
 
 
 def test_measurements_hold_the_collector_off_and_put_it_back():
