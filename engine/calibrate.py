@@ -47,7 +47,7 @@ from .simulate import simulate
 
 __all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowded",
            "shared_cores", "message_times", "step_record", "step_figures", "StepFigures",
-           "collected"]
+           "collected", "hosts"]
 
 _COMPUTE = (F, B, I, W)
 
@@ -214,6 +214,13 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def hosts(world: Comm) -> list[tuple[str, int]]:
+    """``(host name, cores this process may use)`` of every rank of
+    ``world`` (collective), as ``crowded`` and ``shared_cores`` take them."""
+    return [(str(h), int(c)) for h, c in collectives.all_gather_object(
+        world, (socket.gethostname(), _cores()))]
 
 
 def crowded(hosts: list[tuple[str, int]]) -> bool:

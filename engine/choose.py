@@ -198,12 +198,14 @@ def _by_stage(times: Mapping[tuple[int, str], float], nbytes: Mapping[int, int]
 
 
 def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int = 3,
-            mine: Sequence[int] | None = None, runs: int | None = None
+            mine: Sequence[int] | None = None, runs: int | None = None,
+            clock: Callable[[], float] = time.perf_counter
             ) -> dict[int, dict[int, LayerCost]]:
     """``{size: {layer index: LayerCost}}``: ``time_layer`` of each layer
     (a stage object) on the first ``size`` rows of ``batch``, passed through
     the layers before it. Only the layers in ``mine`` are timed (all by
-    default), so ranks can share the work; ``runs``: as time_layer's."""
+    default), so ranks can share the work; ``runs`` and ``clock``: as
+    time_layer's."""
     timed = set(range(len(layers)) if mine is None else mine)
     out: dict[int, dict[int, LayerCost]] = {}
     for size in sizes:
@@ -213,14 +215,15 @@ def measure(layers: Sequence[Any], batch: Any, sizes: Sequence[int], reps: int =
             if i not in timed:
                 x = layer.forward(x)[0]
                 continue
-            row[i], x = time_layer(layer, x, reps, runs=runs)
+            row[i], x = time_layer(layer, x, reps, clock, runs)
         out[size] = row
     return out
 
 
 def measure_stages(layers: Sequence[Any], join: Callable[[int, int], Any], batch: Any,
                    spans: Mapping[int, Sequence[Span]], reps: int = 3,
-                   mine: Sequence[int] | None = None, runs: int | None = None
+                   mine: Sequence[int] | None = None, runs: int | None = None,
+                   clock: Callable[[], float] = time.perf_counter
                    ) -> dict[int, dict[Span, LayerCost]]:
     """``{size: {(first, stop): LayerCost}}``: ``time_layer`` of the stage
     ``join(first, stop)`` (one stage object of layers first..stop-1, as the
@@ -228,8 +231,8 @@ def measure_stages(layers: Sequence[Any], join: Callable[[int, int], Any], batch
     ``layers`` (the layers' stage objects, as ``measure`` takes them) up to
     ``first``, for every span of ``spans[size]``. Only the spans whose
     positions in ``sorted((size, first, stop))`` are in ``mine`` (all by
-    default) are timed, so ranks can share the work; ``runs``: as
-    time_layer's."""
+    default) are timed, so ranks can share the work; ``runs`` and
+    ``clock``: as time_layer's."""
     todo = sorted((size, first, stop) for size, ss in spans.items() for first, stop in ss)
     timed = set(range(len(todo)) if mine is None else mine)
     out: dict[int, dict[Span, LayerCost]] = {size: {} for size in spans}
@@ -240,7 +243,8 @@ def measure_stages(layers: Sequence[Any], join: Callable[[int, int], Any], batch
         xs = inputs.setdefault(size, [batch[:size]])
         while len(xs) <= first:
             xs.append(layers[len(xs) - 1].forward(xs[-1])[0])
-        out[size][(first, stop)] = time_layer(join(first, stop), xs[first], reps, runs=runs)[0]
+        out[size][(first, stop)] = time_layer(join(first, stop), xs[first], reps, clock,
+                                              runs)[0]
     return out
 
 

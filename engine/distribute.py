@@ -46,7 +46,7 @@ import collectives
 from mesh import Comm, Grid
 
 from . import layers as _layers
-from .calibrate import Calibration, calibrate, collected, dry_run
+from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, best_first, builtin, candidates,
                      counts_for, measure, measure_stages, microbatch_counts, recosted, retimed,
                      stage_costs, stage_spans, table, time_program)
@@ -142,11 +142,13 @@ def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]]) -> list[tuple[lis
 
 
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int,
-             runs: int | None = None) -> dict[int, dict[int, LayerCost]]:
+             runs: int | None = None, clock: Callable[[], float] = time.perf_counter
+             ) -> dict[int, dict[int, LayerCost]]:
     """Every layer measured at every size (``_shared`` over the layers;
-    ``runs``: a fixed count, for tensor-parallel layers)."""
+    ``runs``: a fixed count, for tensor-parallel layers; ``clock``: wall
+    time, or the thread's CPU where the ranks share cores)."""
     def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
-        local = measure(mlayers, sample, sizes, reps, mine, runs)
+        local = measure(mlayers, sample, sizes, reps, mine, runs, clock)
         return [((size, i), lc) for size, row in local.items() for i, lc in row.items()]
 
     merged: dict[int, dict[int, LayerCost]] = {s: {} for s in sizes}
@@ -156,12 +158,13 @@ def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps
 
 
 def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], Any], sample: Any,
-                    spans: dict[int, list[Span]], reps: int, runs: int | None = None
+                    spans: dict[int, list[Span]], reps: int, runs: int | None = None,
+                    clock: Callable[[], float] = time.perf_counter
                     ) -> dict[int, dict[Span, LayerCost]]:
     """Every stage of ``spans`` measured whole (engine.choose.measure_stages;
-    ``_shared`` over the stages; ``runs`` as ``_profile``'s)."""
+    ``_shared`` over the stages; ``runs`` and ``clock`` as ``_profile``'s)."""
     def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
-        local = measure_stages(mlayers, join, sample, spans, reps, mine, runs)
+        local = measure_stages(mlayers, join, sample, spans, reps, mine, runs, clock)
         return [((size, a, b), lc) for size, row in local.items() for (a, b), lc in row.items()]
 
     merged: dict[int, dict[Span, LayerCost]] = {s: {} for s in spans}
@@ -630,7 +633,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             rows = len(sample)
             sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
             mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
-            profile = _profile(grid, mlayers, sample, sizes, reps, runs)
+            # where the ranks outnumber a host's cores the simulator shares them, so
+            # each layer is timed in its thread's CPU: its wall, every rank timing at
+            # once, held that sharing already (the table ran long twice over)
+            clock = time.thread_time if shared_cores(hosts(grid.comm), p) else time.perf_counter
+            profile = _profile(grid, mlayers, sample, sizes, reps, runs, clock)
             cal = Calibration(overhead or 0.0, 0.0)
             action: float | dict[int, float] = cal.action
             message: float | dict[int, float] = cal.message
@@ -662,7 +669,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 def join(first: int, stop: int) -> Any:
                     stage = make_stage([layer for _, layer in named[first:stop]], first)
                     return TorchStage(stage) if is_torch else stage
-                whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs)
+                whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                    action, message, whole, cal.helper, receive, cal.cores)
             if not cands:

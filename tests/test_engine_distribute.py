@@ -403,6 +403,25 @@ def test_the_dry_runs_stand_in_gradients_follow_the_cut():
     assert _grad_bytes(Tanh()) == []
 
 
+def test_the_profile_takes_the_clock_it_is_given():
+    """Where the ranks share cores distribute profiles in the thread's CPU
+    (its wall held the sharing the simulator applies again): measure and
+    measure_stages time with the clock they are given."""
+    ticks = []
+
+    def clock():
+        ticks.append(1)
+        return float(len(ticks))
+    rng = np.random.default_rng(0)
+    layers = [Linear(3, 3, rng), Tanh(), Linear(3, 2, rng)]
+    got = choose.measure(layers, np.ones((4, 3)), [2], reps=1, runs=1, clock=clock)
+    assert ticks and all(lc.F > 0 and lc.B > 0 for lc in got[2].values())
+    n = len(ticks)
+    whole = choose.measure_stages(layers, lambda a, b: Sequential(*layers[a:b]), np.ones((4, 3)),
+                                  {2: [(0, 2)]}, reps=1, runs=1, clock=clock)
+    assert len(ticks) > n and whole[2][(0, 2)].F > 0
+
+
 def test_measurements_hold_the_collector_off_and_put_it_back():
     """engine.calibrate.collected: one collection, then none until the
     measurement is over (a full collection of a large heap inside a dry run
