@@ -45,7 +45,7 @@ from .layers import _Activation
 from .schedules import one_f_one_b
 from .simulate import simulate
 
-__all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "helper_cpu", "crowded",
+__all__ = ["calibrate", "dry_run", "DryRun", "Calibration", "crowded",
            "shared_cores", "message_times", "step_record", "step_figures", "StepFigures",
            "collected", "hosts"]
 
@@ -71,15 +71,15 @@ def collected() -> Iterator[None]:
             gc.enable()
 
 
-def _buffer(nbytes: int, tensors: bool = False) -> Any:
-    """A stand-in message or gradient of about ``nbytes``: float64 zeros,
-    or float32 torch zeros where the job's stages are torch modules (its
-    steps send tensors, which the executor and the mesh handle otherwise
-    than arrays: BENCHMARKS.md, eighteenth session)."""
+def _buffer(nbytes: int, tensors: bool = False, dtype: Any = np.float64) -> Any:
+    """A stand-in message or gradient of about ``nbytes``: zeros of
+    ``dtype``, or float32 torch zeros where the job's stages are torch
+    modules (its steps send tensors, which the executor and the mesh handle
+    otherwise than arrays: BENCHMARKS.md, eighteenth session)."""
     if tensors:
         import torch
         return torch.zeros(max(1, nbytes // 4))
-    return np.zeros(max(1, nbytes // 8))
+    return np.zeros(max(1, nbytes // np.dtype(dtype).itemsize), dtype)
 
 
 class _Noop(_Activation):
@@ -93,8 +93,7 @@ class _Noop(_Activation):
                  tensors: bool = False) -> None:
         self.out = out
         self.back = out if back is None else back
-        self._grads = [_buffer(n, True) if tensors else np.zeros(max(1, n // 4), np.float32)
-                       for n in grads]
+        self._grads = [_buffer(n, tensors, np.float32) for n in grads]
 
     def grads(self) -> list[Any]:
         return self._grads
@@ -194,12 +193,6 @@ def _helpers() -> dict[int, int]:
     return out
 
 
-def helper_cpu() -> float:
-    """CPU seconds so far of this process's threads other than the calling
-    one (Linux: /proc/self/task/*/schedstat; 0 elsewhere)."""
-    return sum(_helpers().values()) / 1e9
-
-
 def _helper_since(before: dict[int, int]) -> float:
     """CPU seconds the threads other than the calling one have taken since
     ``before`` (``_helpers()`` then), each thread's own: a thread that ended
@@ -216,11 +209,15 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _here() -> tuple[str, int]:
+    """This rank's host name and the cores this process may use."""
+    return socket.gethostname(), _cores()
+
+
 def hosts(world: Comm) -> list[tuple[str, int]]:
-    """``(host name, cores this process may use)`` of every rank of
-    ``world`` (collective), as ``crowded`` and ``shared_cores`` take them."""
-    return [(str(h), int(c)) for h, c in collectives.all_gather_object(
-        world, (socket.gethostname(), _cores()))]
+    """``_here()`` of every rank of ``world`` (collective), as ``crowded``
+    and ``shared_cores`` take them."""
+    return [(str(h), int(c)) for h, c in collectives.all_gather_object(world, _here())]
 
 
 def crowded(hosts: list[tuple[str, int]]) -> bool:
@@ -292,8 +289,7 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
     ends = _messages(busy.program) * busy_steps
     helper = _helper_since(h0) / ends if ends else 0.0
     helpers, hosts = [], []
-    for h, host in collectives.all_gather_object(world, (helper, (socket.gethostname(),
-                                                                  _cores()))):
+    for h, host in collectives.all_gather_object(world, (helper, _here())):
         helpers.append(h)
         hosts.append(tuple(host))
     measured, full = statistics.median(helpers), crowded(hosts)
