@@ -7,7 +7,8 @@ The passes run one way, each module importing only the ones before it::
 (schedules sits beside lower, on ir alone; choose, which picks a schedule
 by simulating it, after render; tensor parallelism, tp_plan -> tp_layers ->
 tensor_parallel, on layers alone; tied (shared parameters kept equal),
-tp_sums (sequence-parallel gradient sums once a step), stagebuild (a
+tp_sums (sequence-parallel gradient sums once a step), traced (a
+plain module's forward cut into layers by torch.fx), stagebuild (a
 model's layers as stages) and partition (where to cut) come before the
 executor; tests/test_engine_layering.py keeps the order.)
 """
@@ -23,6 +24,7 @@ from .schedules import (gpipe, interleaved_1f1b, one_f_one_b, zb_v, zero_bubble_
 from .simulate import SimReport, simulate
 from .tensor_parallel import gather_state_dict, parallelize
 from .tp_plan import PlanError, Style
+from .traced import sequential
 from .verify import ScheduleError, verify
 
 __all__ = [
@@ -32,4 +34,5 @@ __all__ = [
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
     "parallelize", "gather_state_dict", "Style", "PlanError", "partition", "Partition",
+    "sequential",
 ]

@@ -1,7 +1,10 @@
 """``engine.distribute``: cut, shard and pipeline a model in one call.
 
 The model stays a plain model: a torch ``nn.Sequential`` (or a list of
-modules) or an ``engine.layers`` model, built the same way on every rank.
+modules), any other torch ``nn.Module`` whose forward torch.fx can trace
+(cut into layers by ``engine.sequential``; without ``loss_fn`` the
+forward's own loss of its second argument is the pipeline's), or an
+``engine.layers`` model, built the same way on every rank.
 distribute cuts it into pipeline stages over the grid's ``pp`` axis, shards
 the stages by ``plan`` over ``tp``, averages gradients over ``dp``, and, with
 ``schedule="auto"``, measures every layer on the sample batch, simulates
@@ -56,6 +59,7 @@ from .schedules import by_name, one_f_one_b
 from .stagebuild import is_module, make_stage, param_count
 from .tensor_parallel import gather_state_dict, parallelize
 from .partition import partition
+from .traced import few, sequential, traceable
 from .torch_stage import TorchStage, torch_loss
 from .tp_layers import full_params
 from .tp_plan import logging_calls
@@ -75,15 +79,15 @@ def _is_torch(obj: Any) -> bool:
 
 
 def _model_layers(model: Any) -> tuple[list[tuple[str, Any]], bool]:
-    """The model's layers in order, each with its name in the model, and
+    """The model's layers in order, each with its name in the model ("" for
+    the pieces of a traced model, whose keys are the model's own), and
     whether they are torch modules."""
     if _is_torch(model):
-        import torch
-        if isinstance(model, (torch.nn.Sequential, torch.nn.ModuleList)):
-            return list(model.named_children()), True
-        raise TypeError(f"engine.distribute cuts a model into consecutive layers: pass an "
-                        f"nn.Sequential (a subclass is fine) or a list of modules, not a "
-                        f"{type(model).__name__}")
+        if traceable(model):
+            raise TypeError(f"trace a {type(model).__name__} with engine.sequential first")
+        if getattr(model, "traced_from", None):
+            return [("", m) for m in model], True
+        return list(model.named_children()), True
     if isinstance(model, _layers.Sequential):
         return [(str(i), layer) for i, layer in enumerate(model.layers)], False
     if isinstance(model, (list, tuple)):
@@ -340,8 +344,9 @@ class Job:
                  calibration: Calibration | None = None, inputs: dict[int, Any] | None = None,
                  reps: int = 3, messages: list[tuple[int, int]] | None = None,
                  timeout: float | None = None, tag_base: int = 0,
-                 target: Any = None) -> None:
+                 target: Any = None, keys: list[str] | None = None) -> None:
         self.grid = grid
+        self._keys = keys          # a traced model's state_dict() keys, in its order
         self.calibration = calibration
         self.profile_calibration = calibration     # what distribute's choice was made with
         self._messages, self._timeout, self._tag_base = messages, timeout, tag_base
@@ -495,7 +500,8 @@ class Job:
                 assert state is not None        # root=None: on every tp rank
                 for k, v in state.items():
                     j, _, rest = k.partition(".")
-                    out[f"{mine[int(j)]}.{rest}"] = v.detach().contiguous()
+                    name = mine[int(j)]
+                    out[f"{name}.{rest}" if name else rest] = v.detach().contiguous()
             else:
                 for name, layer in zip(mine, st.layers):
                     for j, p in enumerate(full_params(layer)):
@@ -522,6 +528,9 @@ class Job:
             keys = pp.recv(src, tag=_STATE_TAG, timeout=timeout)
             for i, k in enumerate(keys):
                 state[k] = pp.recv(src, tag=_STATE_TAG + 1 + i, timeout=timeout)
+        if self._keys is not None:            # a traced model: its own keys, in its order
+            at = {k: i for i, k in enumerate(self._keys)}
+            return dict(sorted(state.items(), key=lambda kv: at.get(kv[0], len(at))))
         order = {n: i for i, n in enumerate(self.names)}
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
 
@@ -572,6 +581,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     dry pipeline (engine.calibrate) when the layers are measured.
     ``tag_base``: as Pipeline's, for several jobs on one grid.
     Collective: every rank of the grid calls it with the same arguments."""
+    source = model
+    if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
+        model = sequential(source, target=loss_fn is None)
+        loss_fn = loss_fn or model.loss
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
     if loss_fn is None:
@@ -581,7 +594,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     p = grid.size("pp")
     L = len(named)
     if p > L:
-        raise ValueError(f"the model has {L} layers: it cannot fill pp={p} pipeline stages")
+        raise ValueError(f"the model has {L} layers{few(getattr(model, 'traced_from', None), L)}"
+                         f": it cannot fill pp={p} pipeline stages")
     auto = isinstance(schedule, str) and schedule == "auto"
     if (auto or balance == "time") and sample is None:
         raise ValueError(f"{'schedule=auto' if auto else 'balance=time'} measures the layers: "
@@ -616,7 +630,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                          f"a layer each at least")
     scheds = fit
     if plan:        # the whole model, so the plan's names are the model's own; then every
-        parallelize(model, grid.group("tp"), plan)    # layer is timed sharded, collectives in
+        parallelize(source, grid.group("tp"), plan)   # layer is timed sharded, collectives in
+        if source is not model:       # traced again: the pieces hold the sharded modules
+            model = sequential(source, target=model.loss is not None)
         named, _ = _model_layers(model)
     params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
     # with a dp axis, the dry runs average stand-ins of the gradients as the steps
@@ -688,7 +704,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
               f"{table(cands, chosen)}", flush=True)
 
     mine = sched.stages_of(grid.coord("pp"))
-    cut = partition(model, sched.num_stages, balance=list(counts), stages=mine)
+    cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
+                    stages=mine)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
     pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                     tag_base=tag_base)
@@ -713,7 +730,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if overhead is None:          # each stage's messages: its output, its input's gradient
             messages = _stage_messages(profile[size], tuple(counts))
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
-              bool(plan), cal, inputs, reps, messages, timeout, tag_base, target)
+              bool(plan), cal, inputs, reps, messages, timeout, tag_base, target,
+              list(source.state_dict()) if source is not model else None)
     job.retime()
     if verbose and grid.comm.rank == 0 and auto and job.predicted is not None:
         print(f"engine.distribute: {job.schedule.name} re-timed as its steps will run: "

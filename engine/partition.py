@@ -5,7 +5,8 @@
     stages = engine.partition(model, 4, balance="time", sample=x[:8], schedule=sched)
     pipe = engine.Pipeline(grid, engine.stages_for_rank(stages, sched, pp_rank), sched, ...)
 
-``model`` is a torch ``nn.Sequential`` (or ``nn.ModuleList``), an
+``model`` is a torch ``nn.Sequential`` (or ``nn.ModuleList``), another
+torch module (its forward traced into layers: ``engine.sequential``), an
 ``engine.layers.Sequential``, or a list whose items are layers: torch
 modules, engine.layers layers, plain functions of one tensor (made torch
 modules), or specs, constructors of a layer (a class, a zero-argument
@@ -57,6 +58,7 @@ from .stagebuild import (as_module, build, declared_tie, is_module, kind_of, lay
                          make_stage, param_count, stage_params, untie)
 from .tied import Tie
 from .torch_stage import TorchStage
+from .traced import few, traceable
 from .verify import verify
 
 __all__ = ["partition", "Partition", "cut_points"]
@@ -92,8 +94,9 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     items = layers_of(model)
     n = len(items)
     if num_stages < 1 or num_stages > n:
-        raise ValueError(f"cannot cut {n} layers into {num_stages} stages: each stage needs "
-                         "at least one layer")
+        source = type(model).__name__ if traceable(model) else None
+        raise ValueError(f"cannot cut {n} layers{few(source, n)} into {num_stages} stages: "
+                         "each stage needs at least one layer")
     kinds = [kind_of(i, x) for i, x in enumerate(items)]
     layer_costs = None
     if balance == "uniform":

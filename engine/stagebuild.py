@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from . import layers as L
 from .tied import Tie
+from .traced import sequential, traceable
 
 __all__ = ["torch_module", "is_module", "layers_of", "kind_of", "build", "param_count",
            "as_module", "make_stage", "layer_params", "stage_params", "untie", "declared_tie"]
@@ -36,12 +37,10 @@ def is_module(x: Any) -> bool:
 
 
 def layers_of(model: Any) -> list[Any]:
-    torch = torch_module()
     if is_module(model):
-        if isinstance(model, (torch.nn.Sequential, torch.nn.ModuleList)):
-            return list(model)
-        raise TypeError(f"cannot cut a {type(model).__name__}: pass an nn.Sequential or a list "
-                        "of its layers in the order they run")
+        if traceable(model):                # a plain module: its traced forward's pieces
+            return list(sequential(model))
+        return list(model)
     if isinstance(model, L.Sequential):
         return list(model.layers)
     if isinstance(model, (list, tuple)):

@@ -13,10 +13,12 @@ PLAN over the tp axis of a dp x tp grid: Megatron's layout on nanoGPT's
 names, the attention shown its input as wide as its shard
 (``"width": "shard"``), the tie kept (one shard, both holders). The dp
 replicas average their gradients with ``collectives.all_reduce_grads``.
-With ``--pp``, ``engine.distribute`` cuts the GPT's layers (its blocks, and
-two adapters holding its embeddings and its head) into pipeline stages and
-shards them by the same plan; the embedding on the first stage and the
-head on the last stay one tied weight. It learns this file's own text,
+With ``--pp``, ``engine.distribute`` takes the GPT as it is: torch.fx
+traces its forward into layers (the embeddings' sum, each block, the final
+norm, the head; ``engine.sequential``), the part of it that reads the
+targets becomes the pipeline's loss, and the layers are cut into pipeline
+stages and sharded by the same plan; the embedding on the first stage and
+the head on the last stay one tied weight. It learns this file's own text,
 character by character; rank 0 prints the loss, gathers the whole model,
 saves it, reloads it into a single-process GPT and checks its loss against
 the distributed one.
@@ -154,8 +156,7 @@ def _per_rank(n, tp):
 
 # The whole plan: Megatron's layout on nanoGPT's names. The attention reads
 # its width from its input, so it sees its input as wide as its shard.
-# Patterns with "*" in front fit the GPT's names ("transformer.h.0.attn")
-# and its layers' as a pipeline sees them ("1.attn").
+# The names are the GPT's own ("transformer.h.0.attn"), pipelined or not.
 PLAN = {
     "*wte": "vocab",
     "*.attn": {"style": "replicate", "width": "shard", "rng": "rank",    # its heads' dropout
@@ -167,37 +168,6 @@ PLAN = {
     "*.mlp.c_proj": "rowwise",
     "*lm_head": {"style": "colwise", "output": "replicate"},
 }
-
-
-# For a pipeline, the GPT's layers in order: its blocks as they are, and two
-# adapters around them holding its own modules (its forward's first and
-# last lines), so the layers train the GPT itself.
-class Embed(nn.Module):
-    def __init__(self, gpt):
-        super().__init__()
-        t = gpt.transformer
-        self.wte, self.wpe, self.drop = t.wte, t.wpe, t.drop
-
-    def forward(self, idx):
-        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(pos))
-
-
-class Head(nn.Module):
-    def __init__(self, gpt):
-        super().__init__()
-        self.ln_f, self.lm_head = gpt.transformer.ln_f, gpt.lm_head
-
-    def forward(self, x):
-        return self.lm_head(self.ln_f(x))
-
-
-def layers(gpt):
-    return nn.Sequential(Embed(gpt), *gpt.transformer.h, Head(gpt))
-
-
-def next_char_loss(logits, targets):
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def batch(text: torch.Tensor, step: int, rows: int, seq: int, replica: int):
@@ -275,7 +245,9 @@ def show(grid) -> None:
 
 
 def pipelined(world, args, cfg, text) -> None:
-    """dp x pp x tp by one engine.distribute call on the GPT's layers."""
+    """dp x pp x tp by one engine.distribute call on the GPT itself: its
+    forward is traced into layers (engine.sequential), and the loss it
+    computes from its targets is the pipeline's."""
     import collectives
     import engine
     import mesh
@@ -285,8 +257,8 @@ def pipelined(world, args, cfg, text) -> None:
         show(grid)
     torch.manual_seed(0)
     x0, _ = batch(text, 0, args.rows, cfg.block_size, d)
-    job = engine.distribute(layers(GPT(cfg)), grid, plan=PLAN if args.tp > 1 else None,
-                            schedule=args.schedule, sample=x0, loss_fn=next_char_loss)
+    job = engine.distribute(GPT(cfg), grid, plan=PLAN if args.tp > 1 else None,
+                            schedule=args.schedule, sample=x0)
     if world.rank == 0:
         print(f"chosen: {job.schedule.name}\n{job.schedule.render()}", flush=True)
     opt = torch.optim.AdamW(job.parameters(), lr=args.lr)
@@ -304,7 +276,7 @@ def pipelined(world, args, cfg, text) -> None:
     if world.rank == 0:
         torch.save(state, args.out)
         copy = GPT(cfg)
-        layers(copy).load_state_dict(torch.load(args.out))   # the GPT's own modules
+        copy.load_state_dict(torch.load(args.out))     # the GPT's own keys
         x, y = batch(text, args.steps, args.rows, cfg.block_size, 0)
         with torch.no_grad():
             again = copy(x, y)[1].item()

@@ -78,7 +78,7 @@ def test_3d_example_trains_saves_and_reloads(tmp_path, script, out):
 ])
 def test_nanogpt_example_trains_tensor_parallel_saves_and_reloads(tmp_path, extra, shows):
     """nanoGPT's model as written, dp=2 x tp=2 (parallelize) and pp=2 x
-    tp=2 (distribute on its layers, the tie across the stages) under
+    tp=2 (distribute on the GPT itself, traced; the tie across the stages) under
     meshrun; the example asserts that the reloaded model's loss equals the
     distributed one."""
     pytest.importorskip("torch")

@@ -724,6 +724,21 @@ def _torch_worker(world, axes, plan, widths):
             "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
 
 
+def trained_alike(results: list[dict], losses: list[float], want: dict) -> dict:
+    """The workers' losses (on the last stage) and gathered state (rank 0's,
+    keyed as ``want``, the one-process model's state_dict) are one process's,
+    to 1e-10; returns that state."""
+    for res in results:
+        if res["last"]:
+            np.testing.assert_allclose(res["losses"], losses, rtol=1e-10)
+    state = results[0]["state"]
+    assert all(res["state"] is None for res in results[1:])
+    assert list(state) == list(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(state[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
+    return state
+
+
 @pytest.mark.timeout(300)    # four processes importing torch on a loaded machine
 @pytest.mark.parametrize("axes,plan", [
     ({"dp": 2, "pp": 2}, None),
@@ -743,17 +758,9 @@ def test_torch_distribute_matches_one_process(axes, plan):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    for res in results:
-        if res["last"]:
-            np.testing.assert_allclose(res["losses"], losses, rtol=1e-10)
-    state = results[0]["state"]
-    assert all(res["state"] is None for res in results[1:])
-    want = model.state_dict()
-    assert list(state) == list(want)
+    state = trained_alike(results, losses, model.state_dict())
     copy = _torch_model(widths)
     copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    for k, v in want.items():
-        np.testing.assert_allclose(state[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
     x = torch.from_numpy(_data(9, widths)[0])
     torch.testing.assert_close(copy(x), model(x), rtol=1e-12, atol=1e-12)
 
@@ -767,7 +774,9 @@ def test_torch_model_must_be_a_sequence_of_layers():
             self.a = torch.nn.Linear(2, 2)
 
         def forward(self, x):
-            return self.a(x)
+            return self.a(x) if x.sum() > 0 else x          # control flow on a value
 
-    with pytest.raises(TypeError, match="nn.Sequential"):
+    with pytest.raises(TypeError, match="torch.fx cannot trace Net.forward.*nn.Sequential"):
         engine.distribute(Net(), None, loss_fn=torch.nn.functional.mse_loss)
+    with pytest.raises(TypeError, match=r"Linear.forward takes no target.*loss_fn="):
+        engine.distribute(torch.nn.Linear(2, 2), None)

@@ -12,7 +12,7 @@ ENGINE = pathlib.Path(engine.__file__).parent
 # modules beside that chain placed after what they use.
 ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "choose",
          "trace", "layers", "tp_plan", "tp_layers", "torch_stage", "tensor_parallel", "tied",
-         "tp_sums", "stagebuild", "partition", "executor", "calibrate", "distribute", "show",
+         "tp_sums", "traced", "stagebuild", "partition", "executor", "calibrate", "distribute", "show",
          "bench_torch", "bench_distribute", "bench"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its

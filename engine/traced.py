@@ -1,0 +1,288 @@
+"""A torch model's forward as consecutive layers, found by tracing it.
+
+::
+
+    layers = engine.sequential(gpt, target=True)     # an nn.Sequential of the GPT's own modules
+    layers.loss(layers(x), y)                         # == gpt(x, y)[1]
+
+``engine.partition`` and ``engine.distribute`` cut an ``nn.Sequential``;
+a model written as a plain ``nn.Module`` (nanoGPT's ``GPT``: embeddings,
+a loop over ``nn.ModuleList`` blocks, a head, the loss) is first made one
+here, without changing its code. torch.fx traces its ``forward`` once,
+symbolically; a submodule is called as a whole (its code is not traced)
+when it is a member of an ``nn.ModuleList`` or ``nn.Sequential`` (a
+block), or holds no ``nn.ModuleList``, ``nn.Sequential`` or
+``nn.ModuleDict``; the others (the model, an encoder holding its blocks,
+an ``nn.Sequential``) are traced, down to their blocks. The graph is cut
+after every tensor that is the only value the rest of the forward reads
+(between two blocks, after the embeddings' sum, after a residual's add,
+after the final norm); a piece with no parameters joins the one before it.
+Each piece is an ``fx.GraphModule`` that holds the model's own submodules
+and parameters under their names in the model
+(``transformer.h.0.attn.c_attn.weight``), so a tensor-parallel plan, a tied
+weight and a gathered ``state_dict`` speak the model's names.
+
+With ``target=True`` the forward's parameter named ``targets``,
+``target``, ``labels``, ``label`` or ``y`` (else its second; a string
+names another) is traced as the target too, and the part of the graph
+that reads it is the loss:
+``forward(idx, targets)`` returning ``(logits, loss)`` (or the loss alone,
+or a dict with it) gives layers ending at what the loss reads of the model
+(nanoGPT's flattened logits) and ``.loss(output, target)``. The loss part
+must call no submodule (a model whose "target" feeds its layers, a mask,
+has no loss to find: pass ``loss_fn=``). Other parameters keep their
+defaults (nanoGPT's ``if targets is None`` takes the training branch only
+when ``target=True``).
+
+A forward torch.fx cannot trace (control flow on a tensor's value) raises
+a ``TypeError`` that says so and names the way around it: an
+``nn.Sequential`` or a list of the layers. Where no single tensor is all
+that the rest of the forward reads (a value computed from the input's
+length and passed to every block), there is no cut: the pieces are fewer.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+__all__ = ["sequential", "traceable", "few"]
+
+
+def traceable(model: Any) -> bool:
+    """Whether ``model`` is a torch module that ``sequential`` would trace:
+    neither an ``nn.ModuleList`` nor an ``nn.Sequential`` (cut as they are,
+    their members in order), except a subclass of ``nn.Sequential`` with a
+    forward of its own, which may not call them in order."""
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(model, torch.nn.Module):
+        return False
+    if isinstance(model, torch.nn.Sequential):
+        return type(model).forward is not torch.nn.Sequential.forward
+    return not isinstance(model, torch.nn.ModuleList)
+
+
+def _holds_layers(m: Any) -> bool:
+    from torch import nn
+    return isinstance(m, nn.Sequential) or any(
+        isinstance(c, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) for c in m.children())
+
+
+def _leaves(out: Any) -> list[Any]:
+    """The fx Nodes of a forward's returned structure, in order."""
+    import torch.fx as fx
+    if isinstance(out, fx.Node):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [n for o in out for n in _leaves(o)]
+    if isinstance(out, dict):
+        return [n for o in out.values() for n in _leaves(o)]
+    return []
+
+
+def _inputs(n: Any) -> list[Any]:
+    return list(n.all_input_nodes)
+
+
+def _ancestors(roots: list[Any]) -> set[Any]:
+    seen: set[Any] = set()
+    todo = list(roots)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(_inputs(n))
+    return seen
+
+
+def _has_params(model: Any, nodes: list[Any]) -> bool:
+    import torch
+    for n in nodes:
+        if n.op == "call_module" and any(True for _ in model.get_submodule(n.target).parameters()):
+            return True
+        if n.op == "get_attr":
+            obj: Any = model
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.nn.Parameter):
+                return True
+    return False
+
+
+def _piece(model: Any, nodes: list[Any], first: Any, last: Any, name: str,
+           extra: tuple[Any, ...] = ()) -> Any:
+    """A GraphModule of ``nodes`` (in order) from ``first`` (and ``extra``,
+    more placeholders) to ``last``; get_attr nodes are copied where read."""
+    import torch.fx as fx
+    g = fx.Graph()
+    env: dict[Any, Any] = {}
+    for ph in (first, *extra):
+        env[ph] = g.placeholder(ph.name if ph.op == "placeholder" else "x")
+
+    def value(m: Any) -> Any:
+        if m not in env:
+            if m.op != "get_attr":
+                raise AssertionError(f"{m} is read across a cut")
+            env[m] = g.node_copy(m)
+        return env[m]
+
+    for n in nodes:
+        for m in _inputs(n):
+            value(m)
+        env[n] = g.node_copy(n, value)
+    g.output(value(last))
+    return fx.GraphModule(model, g, class_name=name)
+
+
+_TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names
+
+
+def sequential(model: Any, target: bool | str = False) -> Any:
+    """``model``'s forward as an ``nn.Sequential`` of pieces of its traced
+    graph (module docstring); with ``target`` its ``.loss(output, target)``
+    is the forward's own loss, else ``.loss`` is None. ``target=True``
+    traces as the target the parameter named targets, target, labels,
+    label or y, else the second; a string names it."""
+    import torch.fx as fx
+    from torch import nn
+    what = f"{type(model).__name__}.forward"
+    way = ("pass an nn.Sequential, or a list of the model's layers in the order they run "
+           "(a layer may be a module or a function of one tensor)")
+    params = [q for q in inspect.signature(model.forward).parameters.values()
+              if q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+    if not params:
+        raise TypeError(f"{what} takes no input to trace: {way}")
+    traced = params[:1]
+    if target:
+        named = [q for q in params[1:] if q.name == target or
+                 (target is True and q.name in _TARGETS)]
+        if not named and target is True and len(params) > 1:
+            named = params[1:2]
+        if not named:
+            raise TypeError(f"{what} takes no target "
+                            f"{repr(target) + ' ' if isinstance(target, str) else ''}to trace "
+                            f"(pass loss_fn=)")
+        traced.append(named[0])
+    concrete = {}
+    for q in params:
+        if q in traced:
+            continue
+        if q.default is q.empty:
+            raise TypeError(f"{what}: its parameter {q.name!r} has no default; only the "
+                            f"input{' and the target' if target else ''} can be traced: {way}")
+        concrete[q.name] = q.default
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: Any, qualname: str) -> bool:
+            parent = qualname.rpartition(".")[0]     # ("": the model itself)
+            if isinstance(model.get_submodule(parent), (nn.ModuleList, nn.Sequential)):
+                return True         # a member of a list of layers: a block, called whole
+            return not _holds_layers(m)
+
+    try:
+        graph = Tracer().trace(model, concrete_args=concrete or None)
+    except Exception as e:
+        raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}); {way}") from e
+    nodes = list(graph.nodes)
+    phs = [n for n in nodes if n.op == "placeholder"]
+    by_name = {n.target: n for n in phs}
+    inp = by_name.get(traced[0].name, phs[0])
+    out = _leaves(next(n for n in nodes if n.op == "output").args[0])
+    loss = None
+    if target:
+        tgt = by_name.get(traced[1].name, phs[1] if len(phs) > 1 else None)
+        reads: set[Any] = set()
+        for n in nodes:                 # what depends on the target
+            if n is tgt or any(m in reads for m in _inputs(n)):
+                reads.add(n)
+        found = [n for n in out if n in reads]
+        if len(found) != 1:
+            raise TypeError(f"{what}({traced[0].name}, {traced[1].name}) returns "
+                            f"{len(found)} values computed from {traced[1].name!r}, not one "
+                            "loss: pass loss_fn=")
+        needed = _ancestors(found)
+        part = [n for n in nodes if n in needed and n in reads and n is not tgt]
+        if any(n.op == "call_module" for n in part):
+            raise TypeError(f"{what}: what it computes from {traced[1].name!r} calls the "
+                            "model's modules, so it is no loss of the output alone: "
+                            "pass loss_fn=")
+        fed = {m for n in part for m in _inputs(n) if m not in reads and m.op != "get_attr"}
+        if len(fed) != 1 or inp in fed:
+            raise TypeError(f"{what}: its loss reads {len(fed)} values of the model "
+                            f"besides {traced[1].name!r}, not one output: pass loss_fn=")
+        (end,) = fed
+        loss = _piece(model, part, end, found[0], f"{type(model).__name__}Loss", (tgt,))
+    else:
+        if len(out) != 1:
+            raise TypeError(f"{what} returns {len(out)} tensors; a pipeline's last stage "
+                            f"returns one: {way}")
+        end = out[0]
+    needed = _ancestors([end])
+    body = [n for n in nodes if n in needed and n.op not in ("placeholder", "get_attr")]
+    if any(n.op == "placeholder" and n is not inp for n in needed):
+        raise TypeError(f"{what}: its layers read an input besides {traced[0].name!r}: {way}")
+    pos = {n: i for i, n in enumerate(body)}
+    tensors = _tensor_valued(nodes)
+    cuts = []       # after body[i]: the rest reads only its output, a tensor
+    for i, n in enumerate(body[:-1]):
+        live = {m for m in [inp, *body[:i + 1]] if any(pos.get(u, -1) > i for u in m.users)}
+        if live == {n} and n in tensors:
+            cuts.append(i + 1)
+    merged: list[tuple[int, int]] = []
+    for a, b in zip([0, *cuts], [*cuts, len(body)]):
+        # a piece with no parameters joins the one before it (a first one, the next)
+        if merged and not (_has_params(model, _with_attrs(body[a:b]))
+                           and _has_params(model, _with_attrs(body[slice(*merged[-1])]))):
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    pieces = []
+    for a, b in merged:
+        start = inp if a == 0 else body[a - 1]
+        mods = [n.target for n in body[a:b] if n.op == "call_module"]
+        label = mods[0] if len(mods) == 1 else f"{mods[0]}..{mods[-1]}" if mods else "fn"
+        pieces.append(_piece(model, body[a:b], start, body[b - 1],
+                             f"{type(model).__name__}[{label}]"))
+    seq = nn.Sequential(*pieces)
+    object.__setattr__(seq, "loss", loss)       # not a submodule: the layers are the pieces
+    object.__setattr__(seq, "traced_from", type(model).__name__)
+    return seq
+
+
+def few(source: str | None, n: int) -> str:
+    """What to add to "the model has n layers" when they come from tracing
+    ``source``'s forward (a class name; None: they did not)."""
+    return (f" ({source}.forward traced into {n} by engine.sequential: a cut falls only "
+            "where one tensor is all that the rest of the forward reads)" if source else "")
+
+
+_NOT_TENSORS = {"size", "dim", "numel", "item", "tolist", "stride", "element_size",
+                "is_contiguous", "is_floating_point", "data_ptr", "__len__"}
+
+
+def _tensor_valued(nodes: list[Any]) -> set[Any]:
+    """The nodes whose value is surely a tensor, found without running the
+    graph: the input, a submodule's output, a parameter, and an operation on
+    a tensor other than those that read its size, shape, dtype or device
+    (an int computed from a size is not one; a tensor made from sizes alone,
+    ``torch.arange(t)``, is left out too: no cut after it, which is safe)."""
+    import builtins
+    import operator
+    out: set[Any] = set()
+    for n in nodes:
+        if n.op in ("placeholder", "call_module", "get_attr"):
+            out.add(n)
+        elif n.op in ("call_function", "call_method"):
+            if n.target in _NOT_TENSORS or n.target in (builtins.getattr, builtins.len):
+                continue
+            args = _inputs(n)
+            if n.target is operator.getitem:      # a tensor's item, not a size's
+                args = args[:1]
+            if any(m in out for m in args):
+                out.add(n)
+    return out
+
+
+def _with_attrs(nodes: list[Any]) -> list[Any]:
+    """``nodes`` and the get_attr nodes they read."""
+    return nodes + [m for n in nodes for m in _inputs(n) if m.op == "get_attr"]

@@ -1,0 +1,240 @@
+"""engine.sequential: a plain nn.Module's forward traced into layers, and
+engine.distribute / engine.partition on such a model (nanoGPT's GPT as
+written: a ModuleDict, a loop over a ModuleList, a tied head, its own loss)."""
+import os
+import sys
+
+import pytest
+from test_engine_distribute import trained_alike
+
+import engine
+import mesh
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+import nanogpt_tp as nanogpt  # noqa: E402
+
+CFG = nanogpt.GPTConfig(block_size=8, vocab_size=16, n_layer=3, n_head=2, n_embd=8)
+STEPS, LR, ROWS = 3, 0.1, 4
+PATIENT = {"MESH_HEARTBEAT_TIMEOUT": "60"}
+
+
+def _gpt():
+    torch.manual_seed(0)
+    return nanogpt.GPT(CFG).double()
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, CFG.vocab_size, (ROWS, CFG.block_size + 1), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def test_gpt_traced_into_its_own_modules_and_loss():
+    gpt = _gpt()
+    seq = engine.sequential(gpt, target=True)
+    assert seq.traced_from == "GPT"
+    # the embeddings' sum (the dropout joins it), each block, the final norm, the head
+    assert [sorted({n.rsplit(".", 1)[0] for n, _ in m.named_parameters()}) for m in seq] == [
+        ["transformer.wpe", "transformer.wte"], ["transformer.h.0.attn.c_attn",
+         "transformer.h.0.attn.c_proj", "transformer.h.0.ln_1", "transformer.h.0.ln_2",
+         "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"],
+        *[[f"transformer.h.{i}.{m}" for m in ("attn.c_attn", "attn.c_proj", "ln_1", "ln_2",
+                                               "mlp.c_fc", "mlp.c_proj")] for i in (1, 2)],
+        ["transformer.ln_f"], ["lm_head"]]
+    # the model's own parameters, the tie kept (the head's weight is the embedding's)
+    assert seq[0].transformer.wte.weight is gpt.lm_head.weight is seq[-1].lm_head.weight
+    x, y = _batch(0)
+    torch.testing.assert_close(seq.loss(seq(x), y), gpt(x, y)[1], rtol=0, atol=0)
+    # without the target: forward(idx) as written (its last position's logits)
+    plain = engine.sequential(gpt)
+    assert plain.loss is None
+    torch.testing.assert_close(plain(x), gpt(x)[0], rtol=0, atol=0)
+
+
+def test_partition_cuts_a_plain_module_by_its_traced_forward():
+    gpt = _gpt()
+    parts = engine.partition(gpt, 2, balance="parameters")
+    assert sum(parts.counts) == 6 and all(isinstance(p, nn.Sequential) for p in parts)
+    # the tie across the stages: the head's copy is the later stage's own
+    assert [t.stages for t in parts.ties] == [(0, 1)]
+    x = _batch(1)[0]
+    torch.testing.assert_close(parts[1](parts[0](x)), gpt(x)[0], rtol=0, atol=0)
+
+
+class _SeqBlock(nn.Module):          # a block holding an nn.Sequential: still one layer
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+        self.mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return x + self.mlp(self.ln(x))
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_SeqBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class _Nested(nn.Module):            # the blocks one module down, in an encoder
+    def __init__(self):
+        super().__init__()
+        self.inp, self.enc, self.out = nn.Linear(2, 4), _Encoder(), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.enc(self.inp(x))))
+
+
+def test_blocks_are_found_inside_an_encoder_and_called_whole():
+    model = _Nested()
+    seq = engine.sequential(model)
+    assert [[n for n, _ in m.named_children()] for m in seq] == [
+        ["inp"], ["enc"], ["enc"], ["enc"], ["out"]]          # enc.blocks.0, .1, .2
+    assert [sorted(dict(m.named_modules()))[-1] for m in seq[1:4]] == [
+        "enc.blocks.0.mlp.2", "enc.blocks.1.mlp.2", "enc.blocks.2.mlp.2"]
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cannot cut 5 layers \(_Nested.forward traced into 5 "
+                                         r"by engine.sequential: a cut falls only where one "
+                                         r"tensor is all.*into 6 stages"):
+        engine.partition(model, 6)
+
+
+class _Residual(nn.Sequential):       # a Sequential whose forward is not its members in order
+    def __init__(self):
+        super().__init__(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Linear(3, 1))
+
+    def forward(self, x):
+        h = x + self[2](self[1](self[0](x)))
+        return self[3](h)
+
+
+def test_a_sequential_with_a_forward_of_its_own_is_traced_not_listed():
+    model = _Residual()
+    parts = engine.partition(model, 2)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(parts[1](parts[0](x)), model(x), rtol=0, atol=0)
+    assert parts.counts == (1, 1)                # no cut inside the residual branch
+    assert [sum(p.numel() for p in st.parameters()) for st in parts] == [24, 4]
+
+
+class _Gated(nn.Module):            # a mask beside the input: its blocks read it
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, x, mask=None):
+        for m in self.layers:
+            x = m(x) * mask
+        return x
+
+
+class _TwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        h = self.a(x)
+        return F.mse_loss(h, y), F.l1_loss(self.b(h), y)
+
+
+class _Wide(nn.Module):              # a block's output and its input read after it
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        h = self.a(x)
+        return F.mse_loss(self.b(h) + h, y) + F.mse_loss(h, y)
+
+
+class _Labelled(nn.Module):          # Hugging Face's order: a mask before the labels
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 3)])
+
+    def forward(self, x, mask=None, labels=None):
+        for m in self.layers:
+            x = m(x) if mask is None else m(x) * mask
+        out = {"logits": x}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(x, labels)
+        return out
+
+
+def test_the_target_is_found_by_its_name_and_a_dict_output_is_read():
+    model = _Labelled()
+    seq = engine.sequential(model, target=True)          # labels, not the mask
+    x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
+    torch.testing.assert_close(seq.loss(seq(x), y), model(x, labels=y)["loss"], rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"calls the model's modules"):
+        engine.sequential(model, target="mask")
+    with pytest.raises(TypeError, match=r"takes no target 'label' to trace"):
+        engine.sequential(model, target="label")
+
+
+def test_what_cannot_be_traced_or_has_no_loss_is_named():
+    with pytest.raises(TypeError, match=r"_Gated.forward: what it computes from 'mask' calls "
+                                        r"the model's modules.*loss_fn="):
+        engine.sequential(_Gated(), target=True)
+    with pytest.raises(TypeError, match=r"_TwoOut.forward\(x, y\) returns 2 values computed "
+                                        r"from 'y', not one loss"):
+        engine.sequential(_TwoOut(), target=True)
+    with pytest.raises(TypeError, match=r"_Wide.forward: its loss reads 2 values of the model"):
+        engine.sequential(_Wide(), target=True)
+    with pytest.raises(TypeError, match=r"parameter 'y' has no default"):
+        engine.sequential(_Wide())
+    # traced without its target, the mask keeps its default: the layers run unmasked
+    seq = engine.sequential(_Gated())
+    assert len(seq) == 2
+
+
+def _gpt_worker(world, axes):
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, **axes)
+    d, dp = grid.coord("dp") if "dp" in axes else 0, axes.get("dp", 1)
+    job = engine.distribute(_gpt(), grid, schedule="1f1b", microbatches=2,
+                            balance="parameters", timeout=60)     # no loss_fn: the GPT's own
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        x, y = (t[d * ROWS // dp:(d + 1) * ROWS // dp] for t in _batch(step))
+        opt.zero_grad()
+        losses.append(job.step(x, y))
+        opt.step()
+    state = job.state_dict()
+    return {"losses": losses, "last": job.pipeline.last, "counts": job.counts,
+            "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("axes", [{"pp": 2}, {"dp": 2, "pp": 2}], ids=["pp2", "dp2xpp2"])
+def test_gpt_distributed_as_written_trains_like_one_process(axes):
+    """No layers list, no adapters, no loss_fn: the GPT's forward traced, its
+    own loss the pipeline's; the tied embedding and head on two stages."""
+    n = 2 * axes.get("dp", 1)
+    results = mesh.spawn(_gpt_worker, n, axes, timeout=280, env=PATIENT)
+    gpt = _gpt()
+    opt = torch.optim.SGD(gpt.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        _, loss = gpt(*_batch(step))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    state = trained_alike(results, losses, gpt.state_dict())   # its keys, the tied pair both
+    copy = nanogpt.GPT(CFG).double()
+    copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    x, y = _batch(9)
+    torch.testing.assert_close(copy(x, y)[1], gpt(x, y)[1])
