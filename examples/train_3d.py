@@ -3,7 +3,8 @@
     meshrun -n 8 examples/train_3d.py [--steps 20] [--out model.pt]
 
 The model below is plain torch with no distribution code in it.
-``engine.distribute`` cuts it into pipeline stages, shards each block by
+``engine.distribute`` traces its forward into layers (the embedding, each
+block, the head), cuts them into pipeline stages, shards each block by
 PLAN, measures the layers and picks the schedule by simulating them all.
 Rank 0 prints the plan, the candidates and the chosen schedule's grid; the
 loss is printed each step, then the steps' median time beside the
@@ -84,11 +85,19 @@ class Head(nn.Module):
         return self.out(self.ln(x))
 
 
-class TinyGPT(nn.Sequential):
+class TinyGPT(nn.Module):
     def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, blocks: int = 4,
                  seq: int = 16) -> None:
-        super().__init__(Embed(vocab, dim, seq), *[Block(dim, heads) for _ in range(blocks)],
-                         Head(dim, vocab))
+        super().__init__()
+        self.embed = Embed(vocab, dim, seq)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(blocks)])
+        self.head = Head(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
