@@ -20,6 +20,11 @@ this module wraps torch's env:// handler: there, the store is a TCPStore
 rank 0 starts on port 0 and announces over the process's mesh (made with
 mesh.init() if the script has none). Elsewhere env:// is torch's own.
 
+torch's ``dist.monitored_barrier`` refuses every backend not named
+"gloo" before it calls one; registering puts ``monitored_barrier`` (this
+module's) in its place, which calls meshrun's groups and hands every other
+backend to torch's own.
+
 The ``torch.backends`` entry point (``autoload``) registers the backend
 when torch is imported; it never raises.
 """
@@ -40,12 +45,14 @@ from mesh import env, world as _world
 from . import api as C
 from .torchpg import ProcessGroupMeshrun
 
-__all__ = ["BACKEND", "register", "autoload", "comm_of", "ProcessGroupMeshrun"]
+__all__ = ["BACKEND", "register", "autoload", "comm_of", "ProcessGroupMeshrun",
+           "monitored_barrier"]
 
 BACKEND = "meshrun"
 _lock = threading.Lock()
 _registered = False
 _torch_env: Any = None
+_torch_monitored: Any = None   # torch's dist.monitored_barrier, which refuses all but gloo
 _owned: Any = None          # the mesh this module made (closed with the default group)
 _default: Any = None        # the default group's mesh
 
@@ -53,7 +60,7 @@ _default: Any = None        # the default group's mesh
 def register() -> None:
     """Register the "meshrun" backend with torch.distributed (and wrap
     env:// for meshrun's jobs); calling it again does nothing."""
-    global _registered, _torch_env
+    global _registered, _torch_env, _torch_monitored
     with _lock:
         if _registered:
             return
@@ -63,6 +70,11 @@ def register() -> None:
         if getattr(handlers.get("env"), "__module__", None) != __name__:
             _torch_env = handlers.get("env")
             handlers["env"] = _env_handler
+        c10d = importlib.import_module("torch.distributed.distributed_c10d")
+        if getattr(c10d.monitored_barrier, "__module__", None) != __name__:
+            _torch_monitored = c10d.monitored_barrier
+            for where in (c10d, dist):           # torch's, and torch.distributed's re-export
+                setattr(where, "monitored_barrier", monitored_barrier)
         _registered = True
 
 
@@ -75,6 +87,26 @@ def autoload() -> None:
     except Exception as e:  # noqa: BLE001 - import torch must survive anything here
         warnings.warn(f"meshrun: could not register the torch.distributed backend: {e}",
                       stacklevel=2)
+
+
+def monitored_barrier(group: Any = None, timeout: Any = None,
+                      wait_all_ranks: bool = False) -> None:
+    """``dist.monitored_barrier`` once this module is imported: torch's own
+    for every backend but "meshrun", whose groups it calls as torch's calls
+    gloo's (torch's raises ValueError for any backend not named "gloo", a
+    check of the name alone). Rank 0 raises naming the ranks that did not
+    come within ``timeout``, the others saying rank 0 did not release them
+    (gloo's words; ProcessGroupMeshrun.monitored_barrier)."""
+    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    if c10d._rank_not_in_group(group) or dist.get_backend(group) != BACKEND:
+        return _torch_monitored(group, timeout, wait_all_ranks)
+    if timeout is None:
+        timeout = c10d._get_default_timeout(BACKEND)
+    elif not isinstance(timeout, timedelta):
+        timeout = timedelta(seconds=float(timeout))
+    c10d._check_valid_timeout(timeout)
+    pg = c10d._get_default_group() if group is None else group
+    return pg.monitored_barrier(timeout, wait_all_ranks=wait_all_ranks)
 
 
 # -- env:// under meshrun ---------------------------------------------------------

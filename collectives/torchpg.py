@@ -38,6 +38,7 @@ from mesh import tensors as _tensors
 
 from . import api as C
 from .host.paths import all_reduce as _host_all_reduce
+from .host.paths import monitored_barrier as _monitored_barrier
 from .shm.tiny import all_reduce as _tiny_all_reduce
 from .runner import Ctx, release, start
 from .torchsparse import sparse_all_reduce
@@ -523,15 +524,15 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def monitored_barrier(self, timeout: timedelta | None = None,
                           wait_all_ranks: bool = False) -> None:
-        """A barrier that raises, naming the rank, when one died or did not
-        come within ``timeout`` (every meshrun barrier does). torch's own
-        ``dist.monitored_barrier`` refuses every backend but gloo."""
+        """gloo's monitored barrier (collectives.host.paths.monitored_barrier):
+        rank 0 names the ranks that did not come within ``timeout``."""
         secs = self.timeout if timeout is None else timeout.total_seconds()
         try:
-            C.barrier(self.comm, timeout=secs)
+            _monitored_barrier(self.comm, secs, wait_all_ranks)
         except MeshTimeoutError as e:   # gloo's words, which torch's suite matches
-            e.args = (f"Rank {self.comm.rank} timed out in monitoredBarrier after "
-                      f"{secs * 1000:g} ms: {e.args[0] if e.args else ''}",) + e.args[1:]
+            if "monitoredBarrier" not in str(e):
+                e.args = (f"Rank {self.comm.rank} timed out in monitoredBarrier after "
+                          f"{secs * 1000:g} ms: {e.args[0] if e.args else ''}",) + e.args[1:]
             raise
 
     def _what(self, op: str) -> str:

@@ -356,6 +356,74 @@ def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_rais
     assert "Rank 0 timed out in monitoredBarrier" in out[0]["timed_out"], out[0]
 
 
+def monitored(world: Any) -> dict[str, str]:
+    """dist.monitored_barrier as torch's suite calls it (gloo's words)."""
+    _init()
+    r = dist.get_rank()
+    sec = timedelta(seconds=1)
+    dist.monitored_barrier(timeout=timedelta(seconds=30))
+    dist.monitored_barrier(timeout=timedelta(seconds=30), wait_all_ranks=True)
+    one, two = dist.new_group([0, 1, 2]), dist.new_group([0, 1, 2])
+    sub = dist.new_group([0, 1])
+    out: dict[str, str] = {}
+    for key, group, absent, every in (("one", one, {1}, False), ("two", two, {1, 2}, True)):
+        if r in absent:
+            continue
+        try:
+            dist.monitored_barrier(group, timeout=sec, wait_all_ranks=every)
+            out[key] = "passed"
+        except RuntimeError as e:
+            out[key] = f"{type(e).__name__}: {e}"
+    dist.monitored_barrier(sub, timedelta(seconds=30))       # rank 2: not a member, returns
+    t = torch.ones(1)
+    dist.all_reduce(t)                                        # the world's calls go on
+    out["after"] = str(t.item())
+    dist.destroy_process_group()
+    return out
+
+
+def test_monitored_barrier_names_who_did_not_come_in_gloos_words() -> None:
+    """torch's own dist.monitored_barrier refuses every backend but "gloo" by
+    its name; importing the backend lets it reach meshrun's."""
+    out = mesh.spawn(monitored, 3, timeout=90)
+    assert all(o["after"] == "3.0" for o in out), out
+    assert out[0]["one"].startswith("MeshTimeoutError: Rank 1 failed to pass monitoredBarrier "
+                                    "in 1000 ms"), out[0]
+    assert out[2]["one"].startswith("MeshTimeoutError: Rank 2 successfully reached "
+                                    "monitoredBarrier, but received errors while waiting for "
+                                    "send/recv from rank 0: "), out[2]
+    assert "rank 0" in out[2]["one"] and "Rank 1 failed" in out[2]["one"], out[2]
+    assert out[0]["two"].startswith("MeshTimeoutError: Ranks 1, 2 failed to pass "
+                                    "monitoredBarrier in 1000 ms"), out[0]
+    assert "one" not in out[1] and "two" not in out[1] and "two" not in out[2]
+
+
+def monitored_dead(world: Any, out: str) -> None:
+    _init()
+    r = dist.get_rank()
+    dist.barrier()
+    if r == 2:
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=60))
+        said = "passed"
+    except RuntimeError as e:
+        said = f"{type(e).__name__}: {e}"
+    with open(f"{out}.{r}", "w") as f:
+        f.write(f"{time.monotonic() - t0:.1f} {said}")
+
+
+def test_monitored_barrier_names_a_dead_rank_at_once(tmp_path: Path) -> None:
+    with pytest.raises(mesh.WorkerError, match="rank 2 failed"):
+        mesh.spawn(monitored_dead, 3, str(tmp_path / "said"), timeout=90)
+    said = [(tmp_path / f"said.{r}").read_text().split(" ", 1) for r in (0, 1)]
+    assert all(float(t) < 15 for t, _ in said), said          # not the 60 s timeout
+    assert said[0][1].startswith("LostPeerError: Rank 2 failed to pass monitoredBarrier: "), said
+    assert said[1][1].startswith("LostPeerError: Rank 1 successfully reached monitoredBarrier"
+                                 ), said
+
+
 INIT = textwrap.dedent("""
     import os, sys, threading, time
     import torch, torch.distributed as dist
