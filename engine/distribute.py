@@ -706,6 +706,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     mine = sched.stages_of(grid.coord("pp"))
     cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
                     stages=mine)
+    if verbose and grid.comm.rank == 0 and auto:
+        print(f"engine.distribute: {sched.name} cuts the model into {cut}", flush=True)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
     pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                     tag_base=tag_base)

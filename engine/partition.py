@@ -69,21 +69,61 @@ _EXHAUSTIVE = 400    # simulate every cut when there are at most this many
 
 class Partition(list):
     """The stages (None where not built), and how they were cut: ``counts``
-    (layers per stage) and, for ``balance="time"``, ``layer_costs`` (seconds
-    per layer for F, I, W); ``stage_costs()`` sums them per stage, in the
-    form ``engine.simulate`` takes."""
+    (layers per stage), ``labels`` (a name per layer) and ``params`` (its
+    parameter count, None for a spec not counted) and, for
+    ``balance="time"``, ``layer_costs`` (seconds per layer for F, I, W);
+    ``stage_costs()`` sums them per stage, in the form ``engine.simulate``
+    takes. ``print(parts)`` shows the cut: each stage's layers, parameters
+    and measured costs, and the ties."""
 
     def __init__(self, stages: Sequence[Any], counts: Sequence[int],
-                 layer_costs: dict[str, list[float]] | None, ties: Sequence[Tie]) -> None:
+                 layer_costs: dict[str, list[float]] | None, ties: Sequence[Tie],
+                 labels: Sequence[str] = (), params: Sequence[int | None] = ()) -> None:
         super().__init__(stages)
         self.counts = tuple(counts)
         self.layer_costs = layer_costs
         self.ties = tuple(ties)
+        self.labels = tuple(labels)
+        self.params = tuple(params)
 
     def stage_costs(self) -> dict[str, list[float]] | None:
         if self.layer_costs is None:
             return None
         return _stage_costs(self.layer_costs, self.counts)
+
+    def __str__(self) -> str:
+        n = sum(self.counts)
+        lines = [f"{len(self.counts)} stages of {n} layers"]
+        costs = self.stage_costs()
+        first = 0
+        for s, c in enumerate(self.counts):
+            span = range(first, first + c)
+            first += c
+            sizes = [self.params[i] for i in span] if self.params else []
+            count = ("" if not sizes or None in sizes
+                     else f"  {sum(int(x) for x in sizes if x is not None):,} parameters")
+            timed = ("" if costs is None else "  F/I/W " + "/".join(
+                f"{costs[k][s] * 1e3:.2f}" for k in _KINDS) + " ms")
+            names = ", ".join(self.labels[i] for i in span) if self.labels else ""
+            lines.append(f"  stage {s}: layer{'s' if c > 1 else ''} {span[0]}"
+                         f"{f'-{span[-1]}' if c > 1 else ''}{count}{timed}"
+                         f"{'  ' + names if names else ''}")
+        for tie in self.ties:
+            lines.append(f"  tied: {tie.name} on stages "
+                         f"{', '.join(map(str, tie.stages))} (kept equal)")
+        return "\n".join(lines)
+
+
+def _label(x: Any, kind: str) -> str:
+    """A layer's name for ``print(partition)``: what a traced piece calls
+    (``transformer.h.0``), else its class's (or a function's) name."""
+    if kind == "spec":
+        cls = x[0] if isinstance(x, tuple) else getattr(x, "func", x)
+        return f"{getattr(cls, '__name__', type(cls).__name__)}()"
+    name = type(x).__name__
+    if "[" in name and name.endswith("]"):         # engine.sequential's pieces
+        return name[name.index("[") + 1:-1]
+    return getattr(x, "__name__", name) if kind == "fn" else name
 
 
 def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "uniform",
@@ -99,11 +139,14 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
                          "each stage needs at least one layer")
     kinds = [kind_of(i, x) for i, x in enumerate(items)]
     layer_costs = None
+    sizes: list[int | None] = [None if k == "spec" else param_count(x, k)
+                               for x, k in zip(items, kinds)]
     if balance == "uniform":
         counts = [(s + 1) * n // num_stages - s * n // num_stages for s in range(num_stages)]
     elif balance == "parameters":
-        sizes = [param_count(x, k) for x, k in zip(items, kinds)]
-        counts = cut_points([(p, 1) for p in sizes], num_stages)
+        counted = [param_count(x, k) for x, k in zip(items, kinds)]    # specs too
+        counts = cut_points([(p, 1) for p in counted], num_stages)
+        sizes = list(counted)
     elif balance == "time":
         if sample is None:
             raise ValueError(f"balance='time' measures each of the {n} layers on a sample "
@@ -143,7 +186,8 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
         for s, p in members:
             index = next(i for i, q in enumerate(stage_params(out[s])) if q is p)
             out[s].tied = getattr(out[s], "tied", ()) + ((tie, index),)
-    return Partition(out, counts, layer_costs, list(ties))
+    return Partition(out, counts, layer_costs, list(ties),
+                     [_label(x, k) for x, k in zip(items, kinds)], sizes)
 
 
 def cut_points(costs: Sequence[Any], num_stages: int) -> list[int]:

@@ -32,6 +32,9 @@ def test_counts_by_layers_parameters_and_list():
     assert partition(model, 4).counts == (1, 2, 1, 2)
     # parameters 40, 0, 576, 0, 4160, 130: the big layer alone
     assert partition(model, 3, "parameters").counts == (4, 1, 1)
+    assert str(partition(model, 3, "parameters")).splitlines() == [
+        "3 stages of 6 layers", "  stage 0: layers 0-3  616 parameters  Linear, Tanh, Linear, Tanh",
+        "  stage 1: layer 4  4,160 parameters  Linear", "  stage 2: layer 5  130 parameters  Linear"]
     stages = partition(model, 2, [5, 1])
     assert [len(s) for s in stages] == [5, 1] and stages[1][0] is model[5]
     assert cut_points([1, 1, 1, 1, 5, 1], 3) == [4, 1, 1]

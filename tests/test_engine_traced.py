@@ -62,6 +62,15 @@ def test_partition_cuts_a_plain_module_by_its_traced_forward():
     assert [t.stages for t in parts.ties] == [(0, 1)]
     x = _batch(1)[0]
     torch.testing.assert_close(parts[1](parts[0](x)), gpt(x)[0], rtol=0, atol=0)
+    # the cut as data: each stage's layers by the model's names, their parameters, the tie
+    shown = str(parts).splitlines()
+    assert shown[0] == "2 stages of 6 layers" and shown[-1] == (
+        "  tied: 0.transformer.wte.weight on stages 0, 1 (kept equal)")
+    assert shown[1:3] == [
+        "  stage 0: layers 0-1  976 parameters  transformer.wte..transformer.drop, "
+        "transformer.h.0",
+        "  stage 1: layers 2-5  1,704 parameters  transformer.h.1, transformer.h.2, "
+        "transformer.ln_f, lm_head"]
 
 
 class _SeqBlock(nn.Module):          # a block holding an nn.Sequential: still one layer
