@@ -390,6 +390,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
+        if any(len({o.shape for o in outs}) > 1 for outs in output_tensors):
+            return self._allgather_v(output_tensors, input_tensors, opts)
 
         def finish(values: list[Any]) -> None:
             for outs, value in zip(output_tensors, values):
@@ -398,6 +400,29 @@ class ProcessGroupMeshrun(_ProcessGroup):
         return self._run([lambda a, x=x: C.all_gather(self.comm, x, async_op=a,
                                                        timeout=self.timeout)
                           for x in input_tensors], finish, output_tensors, opts.asyncOp)
+
+    def _allgather_v(self, output_tensors: list[list[torch.Tensor]],
+                     input_tensors: list[torch.Tensor], opts: Any) -> dist.Work:
+        """all_gather where the ranks' tensors differ in size (output j takes
+        rank j's, whatever its size; gloo refuses these): every rank sends
+        its input to each, as an uneven all_to_all; a size that is not what
+        the receiver's output holds raises on every rank, naming both."""
+        launches, finishes = [], []
+        for outs, x in zip(output_tensors, input_tensors):
+            flat = x.detach().reshape(-1)
+            arr = _host(flat.repeat(self._n), self._what("all_gather"))
+            ins, sizes = [flat.numel()] * self._n, [o.numel() for o in outs]
+            launches.append(lambda a, arr=arr, ins=ins, sizes=sizes: _all_to_all_v(
+                self.comm, arr, ins, sizes, a, self.timeout,
+                "its output tensor for that rank vs the rank's input"))
+            finishes.append((outs, sizes))
+
+        def finish(values: list[Any]) -> None:
+            for (outs, sizes), value in zip(finishes, values):
+                got = _tensors.to_torch(value, outs[0]).split(sizes)
+                for o, piece in zip(outs, got):
+                    _write(o, piece)
+        return self._run(launches, finish, output_tensors, opts.asyncOp)
 
     def allgather_coalesced(self, output_lists: list[list[torch.Tensor]],
                             input_list: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -424,8 +449,36 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def reduce_scatter(self, output_tensors: list[torch.Tensor],
                        input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
         opts = opts or c10d.ReduceScatterOptions()
+        if any(len({x.shape for x in ins}) > 1 for ins in input_tensors):
+            return self._reduce_scatter_v(output_tensors, input_tensors, opts)
         return self._reduce_scatter(output_tensors, [torch.stack([x.detach() for x in ins])
                                                      for ins in input_tensors], opts, True)
+
+    def _reduce_scatter_v(self, output_tensors: list[torch.Tensor],
+                          input_tensors: list[list[torch.Tensor]], opts: Any) -> dist.Work:
+        """reduce_scatter where rank j's part differs in size from the others'
+        (as gloo allows): input j goes to rank j by an uneven all_to_all,
+        and each rank reduces the parts it receives, in rank order. A part
+        whose size is not the receiver's output size raises on every rank."""
+        name, factor = _op(opts.reduceOp)
+        launches, finishes = [], []
+        for out, ins in zip(output_tensors, input_tensors):
+            flat = torch.cat([x.detach().reshape(-1) for x in ins])
+            if factor is not None:
+                flat = flat * _factor(factor)
+            arr = _host(flat, self._what("reduce_scatter"))
+            sizes = [x.numel() for x in ins]
+            launches.append(lambda a, arr=arr, sizes=sizes, out=out: _all_to_all_v(
+                self.comm, arr, sizes, [out.numel()] * self._n, a, self.timeout,
+                "its output vs that rank's input for it",
+                lambda: _check_op(name, out, self._what("reduce_scatter"))))
+            finishes.append(out)
+
+        def finish(values: list[Any]) -> None:
+            for out, value in zip(finishes, values):
+                _write(out, _reduce_rows(_tensors.to_torch(value, out).reshape(self._n, -1),
+                                         name))
+        return self._run(launches, finish, output_tensors, opts.asyncOp)
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor,
                              opts: Any = None) -> dist.Work:
@@ -619,18 +672,57 @@ class _P2PWork(_Work):
         done.finish(self._tensors, None)
 
 
+def _check_op(name: str, like: torch.Tensor, what: str) -> None:
+    """The error meshrun's own collectives give for an op the dtype cannot take."""
+    if name == "avg" and not (like.is_floating_point() or like.is_complex()):
+        raise TypeError(f"{what}: op 'avg' needs a floating or complex dtype, got {like.dtype}")
+    if name in ("band", "bor", "bxor") and (like.is_floating_point() or like.is_complex()):
+        raise TypeError(f"{what}: op {name!r} needs an integer or bool dtype, got {like.dtype}")
+
+
+def _reduce_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
+    """Row 0 op row 1 op ... (the ranks' parts, in rank order); 16-bit
+    floats summed in float32 and rounded once."""
+    if name in ("sum", "avg"):
+        low = rows.dtype in (torch.bfloat16, torch.float16)
+        total = (rows.float() if low else rows).sum(0)
+        if name == "avg":
+            total = total / rows.shape[0]
+        return total.to(rows.dtype)
+    if name == "prod":
+        return rows.prod(0)
+    if name in ("min", "max"):
+        return rows.amin(0) if name == "min" else rows.amax(0)
+    fn = {"band": torch.bitwise_and, "bor": torch.bitwise_or, "bxor": torch.bitwise_xor}[name]
+    out = rows[0].clone()
+    for row in rows[1:]:
+        out = fn(out, row)
+    return out
+
+
 def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[int],
-                  async_op: bool, timeout: float | None) -> Any:
+                  async_op: bool, timeout: float | None,
+                  sizes: str = "output_split_sizes vs input_split_sizes",
+                  check: Callable[[], None] | None = None) -> Any:
     """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
     ``a`` go to rank i; the result holds rank j's block at out_splits'
     offset j. A block whose row count is not what the receiver expects
-    raises MismatchError on every member, naming both ranks."""
+    raises MismatchError on every member, naming both ranks (``sizes``
+    says which arguments disagree); ``check()``, run under the call's tag,
+    may raise for the caller's other arguments, failing it on every rank."""
     n = g.size
     if len(in_splits) != n or len(out_splits) != n or sum(in_splits) != a.shape[0]:
         raise ValueError(f"all_to_all_single on group {g.name}: split sizes {in_splits} / "
                          f"{out_splits} do not fit {n} ranks and {a.shape[0]} input rows")
 
     def prepare(_: Any) -> tuple[dict, Callable[[Ctx], np.ndarray]]:
+        if check is not None:
+            check()
+        me = g.rank
+        if in_splits[me] != out_splits[me]:
+            raise mesh.MismatchError(
+                f"rank {me} expects {out_splits[me]} rows from rank {me} (itself), which "
+                f"sends {in_splits[me]} ({sizes})")
         arr = np.ascontiguousarray(a)
         rest = arr.shape[1:]
         ioff = np.concatenate([[0], np.cumsum(in_splits)]).astype(int)
@@ -647,7 +739,7 @@ def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[
                 if got.shape[0] != out_splits[j]:
                     raise mesh.MismatchError(
                         f"{ctx.where()}: rank {me} expects {out_splits[j]} rows from rank {j}, "
-                        f"which sent {got.shape[0]} (output_split_sizes vs input_split_sizes)")
+                        f"which sent {got.shape[0]} ({sizes})")
                 out[ooff[j]:ooff[j + 1]] = got
             for s in sends:
                 s.wait()

@@ -154,6 +154,41 @@ def _gathers(r: int, n: int) -> None:
     w.wait()
     _eq(out, torch.cat([torch.full((r + 1,), 100.0 * j + r) for j in range(n)]),
         "all_to_all_single uneven")
+    # unequal sizes in one call: rank j's part has j + 1 elements (gloo takes
+    # them in reduce_scatter, not in all_gather; meshrun in both)
+    outs = [torch.zeros(j + 1) for j in range(n)]
+    dist.all_gather(outs, torch.full((r + 1,), float(r)))
+    for j, o in enumerate(outs):
+        _eq(o, [float(j)] * (j + 1), "all_gather uneven")
+    for op, want in [(R.SUM, sum(range(1, n + 1))), (R.MAX, n), (R.AVG, (n + 1) / 2)]:
+        out = torch.zeros(r + 1)
+        w = dist.reduce_scatter(out, [torch.full((j + 1,), r + 1.0) for j in range(n)], op=op,
+                                async_op=op == R.MAX)
+        if op == R.MAX:
+            w.wait()
+        _eq(out, [float(want)] * (r + 1), f"reduce_scatter uneven {op}")
+    out = torch.zeros(r + 1, dtype=torch.bfloat16)
+    dist.reduce_scatter(out, [torch.full((j + 1,), 1.0 + 2 ** -7, dtype=torch.bfloat16)
+                              for j in range(n)])          # summed in float32, rounded once
+    _eq(out, torch.full((r + 1,), n * (1 + 2 ** -7)).bfloat16(), "reduce_scatter uneven bf16")
+    try:            # an op the dtype cannot take: every rank raises, none waits
+        dist.reduce_scatter(torch.zeros(r + 1, dtype=torch.int64),
+                            [torch.ones(j + 1, dtype=torch.int64) for j in range(n)], op=R.AVG)
+        raise AssertionError(f"rank {r}: avg of int64 went unseen")
+    except (TypeError, mesh.MeshError) as e:
+        assert "op 'avg' needs a floating or complex dtype" in str(e), e
+    # rank 1's output one element too long: every rank raises, naming it (a rank
+    # whose own parts came right, at its next call, as for every meshrun collective)
+    said = []
+    for call in (lambda: dist.reduce_scatter(torch.zeros(r + 1 + (r == 1)),
+                                             [torch.ones(j + 1) for j in range(n)]),
+                 dist.barrier):
+        try:
+            call()
+        except mesh.MismatchError as e:
+            said.append(str(e))
+    assert any("rank 1 expects 3 rows from rank 1 (itself), which sends 2" in e
+               for e in said), said
     got: list[Any] = [None] * n
     dist.all_gather_object(got, {"rank": r})
     assert got == [{"rank": j} for j in range(n)], got

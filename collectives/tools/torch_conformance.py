@@ -43,8 +43,8 @@ import traceback
 import unittest
 from typing import Any, Iterable
 
-__all__ = ["FEATURES", "UNGATE", "AS_GLOO", "suite_class", "test_names", "run_suite", "reason", "table", "counts",
-           "main"]
+__all__ = ["FEATURES", "UNGATE", "AS_GLOO", "suite_class", "test_names", "run_suite", "reason",
+           "table", "counts", "main"]
 
 FEATURES = ("plugin", "ddp", "subgroup", "gpu", "cuda")
 """DistTestCases.backend_feature entries "meshrun" is added to."""
