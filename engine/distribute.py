@@ -538,14 +538,25 @@ class Job:
 def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
     """A target to time the loss on (Job.retime): the model's output on the
     sample micro-batch itself, a copy, when the loss takes it (a regression
-    loss, a soft-label cross entropy); else None (a loss that needs class
-    indices is left out of the prediction)."""
-    target = copy.deepcopy(y)
-    try:
-        loss_fn(y, target)
-    except Exception:
-        return None
-    return target
+    loss, a soft-label cross entropy); else, for a torch output, class
+    indices of its leading axes (a cross entropy over the last axis: a
+    language model's); else None (the loss is left out of the prediction)."""
+    tries = [lambda: copy.deepcopy(y)]
+    if _is_torch_tensor(y) and y.dim() >= 2:
+        tries.append(lambda: y.new_zeros(y.shape[:-1], dtype=sys.modules["torch"].long))
+    for make in tries:
+        target = make()
+        try:
+            loss_fn(y, target)
+        except Exception:
+            continue
+        return target
+    return None
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def load_state(model: Any, state: dict[str, Any]) -> None:

@@ -247,3 +247,17 @@ def test_gpt_distributed_as_written_trains_like_one_process(axes):
     copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     x, y = _batch(9)
     torch.testing.assert_close(copy(x, y)[1], gpt(x, y)[1])
+
+
+def test_the_prediction_times_a_cross_entropy_on_class_indices():
+    """Job.retime times the last stage's loss on a stand-in target: a copy of
+    the output where the loss takes one, else class indices of its leading
+    axes (a language model's loss, the GPT's own as traced)."""
+    from engine.distribute import _loss_target
+    from engine.torch_stage import torch_loss
+    seq = engine.sequential(_gpt(), target=True)
+    out = seq(_batch(0)[0]).detach()                      # (rows * positions, vocab)
+    got = _loss_target(torch_loss(seq.loss), out)
+    assert got.dtype == torch.long and got.shape == out.shape[:1]
+    y = torch.randn(4, 3)
+    assert torch.equal(_loss_target(torch_loss(F.mse_loss), y), y)
