@@ -508,6 +508,40 @@ class Job:
                         out[f"{name}.{j}"] = p
         return out
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load the whole model's state (keyed as ``state_dict()`` gives it,
+        the model's own keys) into this rank's stages: each takes its own
+        entries. Not on a tensor-parallel job (its shards are cut from the
+        model given to distribute: load the state into that)."""
+        if self.sharded:
+            raise ValueError("load_state_dict on a tensor-parallel job: load the state into "
+                             "the model before engine.distribute, which shards it")
+        rank = self.grid.comm.rank
+        for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
+            mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
+
+            def full(key: str) -> str:
+                if not self.is_torch:
+                    return key
+                j, _, rest = key.partition(".")
+                return f"{mine[int(j)]}.{rest}" if mine[int(j)] else rest
+            if self.is_torch:
+                keys = list(st.module.state_dict())
+            else:
+                keys = [f"{name}.{j}" for name, layer in zip(mine, st.layers)
+                        for j in range(len(layer.params()))]
+            missing = [full(k) for k in keys if full(k) not in state]
+            if missing:
+                raise KeyError(f"rank {rank}: load_state_dict: stage {s} needs "
+                               f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}, "
+                               f"not in the state given")
+            if self.is_torch:
+                st.module.load_state_dict({k: state[full(k)] for k in keys})
+            else:
+                for name, layer in zip(mine, st.layers):
+                    for j, p in enumerate(layer.params()):
+                        p[...] = state[f"{name}.{j}"]
+
     def state_dict(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The whole model's state on world rank 0 (None elsewhere), keyed
         as the model's own ``state_dict()`` (torch) or ``"layer.index"``
@@ -533,6 +567,61 @@ class Job:
             return dict(sorted(state.items(), key=lambda kv: at.get(kv[0], len(at))))
         order = {n: i for i, n in enumerate(self.names)}
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
+
+
+def _on_meta(model: Any) -> bool:
+    """Whether a torch model (or list of modules) has its parameters on the
+    meta device."""
+    mods = model if isinstance(model, (list, tuple)) else [model]
+    return any(p.is_meta for m in mods if _is_torch(m) for p in m.parameters())
+
+
+def _materialize(stage: Any, init: Callable[[Any], Any] | None) -> list[str]:
+    """A stage of meta modules made real on the CPU, zeros (``to_empty``
+    leaves whatever the memory held), then filled: ``init(stage)``, or
+    every submodule's ``reset_parameters()``; returns the names of those
+    with tensors and no ``reset_parameters`` (left zeros)."""
+    import torch
+    stage.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*stage.parameters(), *stage.buffers()]:
+            t.zero_()
+    if init is not None:
+        init(stage)
+        return []
+    bare = []
+    for name, m in stage.named_modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        elif any(True for _ in [*m.parameters(recurse=False), *m.buffers(recurse=False)]):
+            bare.append(name)
+    return bare
+
+
+class _Temp:
+    """A layer of a meta model, as a stage to time: a real copy of it
+    (``_materialize``d, timing needs no trained weights) made when first
+    used and dropped when another layer makes its own, so timing holds one
+    layer's memory at a time."""
+
+    def __init__(self, layer: Any, init: Callable[[Any], Any] | None,
+                 current: list[Any]) -> None:
+        self._layer, self._init, self._current = layer, init, current   # current: [the one]
+        self._stage: Any = None
+
+    def _real(self) -> Any:
+        if self._stage is None:
+            if self._current[0] is not None:
+                self._current[0]._stage = None
+            real = copy.deepcopy(self._layer)
+            _materialize(real, self._init)
+            self._stage = TorchStage(real)
+            self._current[0] = self
+        return self._stage
+
+    def __getattr__(self, name: str) -> Any:     # forward, backward..., grads
+        return getattr(self._real(), name)
 
 
 def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
@@ -577,7 +666,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                loss_fn: Callable[[Any, Any], Any] | None = None,
                memory_limit: float | None = None, *, chunks: int = 2,
                timeout: float | None = None, reps: int = 3, verbose: bool = True,
-               overhead: float | None = None, tag_base: int = 0) -> Job:
+               overhead: float | None = None, tag_base: int = 0,
+               init: Callable[[Any], Any] | None = None) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
     over tp, and build the pipeline (gradients averaged over dp).
 
@@ -591,7 +681,17 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     message time, in the prediction; None (the default) measures both on a
     dry pipeline (engine.calibrate) when the layers are measured.
     ``tag_base``: as Pipeline's, for several jobs on one grid.
+    A torch model built on the meta device (``with torch.device("meta"):``)
+    holds no memory: each rank makes only its own stages real, on the CPU,
+    as zeros that ``init(stage)`` fills (default: every submodule's
+    ``reset_parameters()``), or load a trained state with
+    ``job.load_state_dict``; its layers (and candidate stages) are timed
+    on real copies, one at a time; it takes no ``plan``.
     Collective: every rank of the grid calls it with the same arguments."""
+    on_meta = _on_meta(model)
+    if on_meta and plan:
+        raise ValueError("a model on the meta device holds no weights to shard: build it on "
+                         "the CPU for a tensor-parallel plan")
     source = model
     if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
         model = sequential(source, target=loss_fn is None)
@@ -659,7 +759,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         with collected():          # no collection of a large heap inside the figures
             rows = len(sample)
             sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
-            mlayers = [TorchStage(layer) if is_torch else layer for _, layer in named]
+            # (a meta model's layers are timed on real copies, one layer at a time)
+            current: list[Any] = [None]
+            mlayers = [(_Temp(layer, init, current) if on_meta else TorchStage(layer))
+                       if is_torch else layer for _, layer in named]
             # where the ranks outnumber a host's cores the simulator shares them, so
             # each layer is timed in its thread's CPU: its wall, every rank timing at
             # once, held that sharing already (the table ran long twice over)
@@ -695,6 +798,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             if spans:          # the cuts' stages, timed whole: what the steps will pay
                 def join(first: int, stop: int) -> Any:
                     stage = make_stage([layer for _, layer in named[first:stop]], first)
+                    if on_meta:             # a real copy, for as long as it is timed
+                        stage = copy.deepcopy(stage)
+                        _materialize(stage, init)
                     return TorchStage(stage) if is_torch else stage
                 whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
@@ -717,6 +823,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     mine = sched.stages_of(grid.coord("pp"))
     cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
                     stages=mine)
+    if on_meta:                  # this rank's stages only: the others stay without memory
+        bare = [f"stage {s}: {name}" for s in mine for name in _materialize(cut[s], init)]
+        if bare:
+            import warnings
+            warnings.warn(f"engine.distribute: made from the meta device, "
+                          f"{', '.join(bare[:4])}{' ...' if len(bare) > 4 else ''} have no "
+                          f"reset_parameters(): their tensors are zeros until init= or "
+                          f"job.load_state_dict() fills them", stacklevel=2)
     if verbose and grid.comm.rank == 0 and auto:
         print(f"engine.distribute: {sched.name} cuts the model into {cut}", flush=True)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn

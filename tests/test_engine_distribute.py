@@ -780,3 +780,29 @@ def test_torch_model_must_be_a_sequence_of_layers():
         engine.distribute(Net(), None, loss_fn=torch.nn.functional.mse_loss)
     with pytest.raises(TypeError, match=r"Linear.forward takes no target.*loss_fn="):
         engine.distribute(torch.nn.Linear(2, 2), None)
+
+
+def _load_worker(world):
+    grid = mesh.grid(world, pp=2)
+    job = engine.distribute(_numpy_model(), grid, schedule="1f1b", microbatches=2,
+                            balance="uniform", loss_fn=mse_loss, verbose=False, timeout=60)
+    other = Sequential(*mlp_stages(WIDTHS, 1, SEED + 1)[0].layers)   # other weights
+    state = {f"{i}.{j}": p for i, layer in enumerate(other.layers)
+             for j, p in enumerate(layer.params())}
+    job.load_state_dict(state)
+    try:
+        job.load_state_dict({k: v for k, v in state.items() if k != "8.1"})
+        missing = ""
+    except KeyError as e:
+        missing = str(e)
+    got = job.state_dict()
+    return {"same": None if got is None else all(np.array_equal(got[k], v)
+                                                 for k, v in state.items()),
+            "missing": missing}
+
+
+def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages():
+    out = mesh.spawn(_load_worker, 2, timeout=120)
+    assert out[0]["same"] is True and out[1]["same"] is None
+    assert out[0]["missing"] == "" and "rank 1: load_state_dict: stage 1 needs 8.1" in \
+        out[1]["missing"], out

@@ -261,3 +261,50 @@ def test_the_prediction_times_a_cross_entropy_on_class_indices():
     assert got.dtype == torch.long and got.shape == out.shape[:1]
     y = torch.randn(4, 3)
     assert torch.equal(_loss_target(torch_loss(F.mse_loss), y), y)
+
+
+def _meta_worker(world):
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, pp=2)
+    with torch.device("meta"):                 # no rank holds the whole model's memory
+        gpt = nanogpt.GPT(CFG).double()
+    job = engine.distribute(gpt, grid, sample=_batch(0)[0], microbatches=2, timeout=60,
+                            verbose=False)      # auto: the layers timed on real copies
+    held = [p for p in gpt.parameters() if not p.is_meta]
+    assert 0 < len(held) < len(list(gpt.parameters())), "a stage only, made real"
+    assert all(not p.is_meta for p in job.parameters())
+    job.load_state_dict(_gpt().state_dict())   # the trained model's weights, its own keys
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        losses.append(job.step(*_batch(step)))
+        opt.step()
+    state = job.state_dict()
+    return {"losses": losses, "last": job.pipeline.last,
+            "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+
+
+@pytest.mark.timeout(300)
+def test_a_model_on_the_meta_device_is_made_real_stage_by_stage():
+    """Each rank materializes only its own stages (the schedule chosen by
+    timing real copies of the layers, one at a time); the state loaded
+    after makes it train as one process from the same weights."""
+    results = mesh.spawn(_meta_worker, 2, timeout=280, env=PATIENT)
+    gpt = _gpt()
+    opt = torch.optim.SGD(gpt.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        _, loss = gpt(*_batch(step))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    trained_alike(results, losses, gpt.state_dict())
+
+
+def test_a_model_on_the_meta_device_takes_no_tensor_parallel_plan():
+    with torch.device("meta"):
+        gpt = nanogpt.GPT(CFG)
+    with pytest.raises(ValueError, match="meta device holds no weights to shard"):
+        engine.distribute(gpt, None, plan={"*.mlp.c_fc": "colwise"})
