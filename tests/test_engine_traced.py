@@ -208,6 +208,20 @@ def test_what_cannot_be_traced_or_has_no_loss_is_named():
     assert len(seq) == 2
 
 
+def _trained_here():
+    """The GPT trained in this process on the whole batches: it, and its losses."""
+    gpt = _gpt()
+    opt = torch.optim.SGD(gpt.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        _, loss = gpt(*_batch(step))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return gpt, losses
+
+
 def _gpt_worker(world, axes):
     torch.set_num_threads(1)
     grid = mesh.grid(world, **axes)
@@ -233,15 +247,7 @@ def test_gpt_distributed_as_written_trains_like_one_process(axes):
     own loss the pipeline's; the tied embedding and head on two stages."""
     n = 2 * axes.get("dp", 1)
     results = mesh.spawn(_gpt_worker, n, axes, timeout=280, env=PATIENT)
-    gpt = _gpt()
-    opt = torch.optim.SGD(gpt.parameters(), lr=LR)
-    losses = []
-    for step in range(STEPS):
-        opt.zero_grad()
-        _, loss = gpt(*_batch(step))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    gpt, losses = _trained_here()
     state = trained_alike(results, losses, gpt.state_dict())   # its keys, the tied pair both
     copy = nanogpt.GPT(CFG).double()
     copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -291,15 +297,7 @@ def test_a_model_on_the_meta_device_is_made_real_stage_by_stage():
     timing real copies of the layers, one at a time); the state loaded
     after makes it train as one process from the same weights."""
     results = mesh.spawn(_meta_worker, 2, timeout=280, env=PATIENT)
-    gpt = _gpt()
-    opt = torch.optim.SGD(gpt.parameters(), lr=LR)
-    losses = []
-    for step in range(STEPS):
-        opt.zero_grad()
-        _, loss = gpt(*_batch(step))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    gpt, losses = _trained_here()
     trained_alike(results, losses, gpt.state_dict())
 
 
