@@ -57,7 +57,7 @@ from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
 from .stagebuild import is_module, make_stage, param_count
-from .tensor_parallel import gather_state_dict, parallelize
+from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize
 from .partition import partition
 from .traced import few, sequential, traceable
 from .torch_stage import TorchStage, torch_loss
@@ -510,12 +510,11 @@ class Job:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load the whole model's state (keyed as ``state_dict()`` gives it,
-        the model's own keys) into this rank's stages: each takes its own
-        entries. Not on a tensor-parallel job (its shards are cut from the
-        model given to distribute: load the state into that)."""
-        if self.sharded:
-            raise ValueError("load_state_dict on a tensor-parallel job: load the state into "
-                             "the model before engine.distribute, which shards it")
+        the model's own keys, unsharded) into this rank's stages: each takes
+        its own entries, and with tp its own shards of them (no message)."""
+        if self.sharded and not self.is_torch:
+            raise ValueError("load_state_dict on a tensor-parallel numpy job: load the state "
+                             "into the model before engine.distribute, which shards it")
         rank = self.grid.comm.rank
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
@@ -536,7 +535,11 @@ class Job:
                                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}, "
                                f"not in the state given")
             if self.is_torch:
-                st.module.load_state_dict({k: state[full(k)] for k in keys})
+                whole = {k: state[full(k)] for k in keys}
+                if self.sharded:
+                    load_full_state_dict(st.module, whole)
+                else:
+                    st.module.load_state_dict(whole)
             else:
                 for name, layer in zip(mine, st.layers):
                     for j, p in enumerate(layer.params()):
@@ -685,7 +688,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     holds no memory: each rank makes only its own stages real, on the CPU,
     as zeros that ``init(stage)`` fills (default: every submodule's
     ``reset_parameters()``), or load a trained state with
-    ``job.load_state_dict``; its layers (and candidate stages) are timed
+    ``job.load_state_dict`` (on any job; with tp each rank cuts its own
+    shards); its layers (and candidate stages) are timed
     on real copies, one at a time; it takes no ``plan``.
     Collective: every rank of the grid calls it with the same arguments."""
     on_meta = _on_meta(model)

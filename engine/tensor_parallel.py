@@ -36,7 +36,7 @@ from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, ed
                       logged, match, rewrite_attrs, shard_rows)
 from .torch_stage import TorchStage, _torch, _view
 
-__all__ = ["parallelize", "gather_state_dict", "PlanError", "Style"]
+__all__ = ["parallelize", "gather_state_dict", "load_full_state_dict", "PlanError", "Style"]
 
 
 def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str = "check",
@@ -123,6 +123,27 @@ def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
     if root is not None and group is not None and group.rank != root:
         return None
     return state
+
+
+def load_full_state_dict(module: Any, state: Mapping[str, Any]) -> None:
+    """Load a whole, unsharded state (keyed as ``gather_state_dict`` gives
+    it) into a torch module ``parallelize`` sharded: each rank takes its
+    own shard of each sharded tensor, cut as parallelize cut it (no message
+    sent)."""
+    torch = _torch()
+    mine = dict(state)
+    for name, sub in module.named_modules():
+        meta = getattr(sub, "_tp", None)
+        if meta is None:
+            continue
+        for pname, dim in meta.dims.items():
+            key = f"{name}.{pname}" if name else pname
+            if key in mine:
+                full = mine[key]
+                rows = shard_rows(full.shape[dim], meta.style.parts, meta.group.size,
+                                  meta.group.rank)
+                mine[key] = full.index_select(dim, torch.tensor(rows))
+    module.load_state_dict(mine)
 
 
 def _as_comm(group: Any) -> Any:

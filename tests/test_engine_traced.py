@@ -306,3 +306,28 @@ def test_a_model_on_the_meta_device_takes_no_tensor_parallel_plan():
         gpt = nanogpt.GPT(CFG)
     with pytest.raises(ValueError, match="meta device holds no weights to shard"):
         engine.distribute(gpt, None, plan={"*.mlp.c_fc": "colwise"})
+
+
+def _load_tp_worker(world):
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, pp=2, tp=2)
+    job = engine.distribute(_gpt(), grid, plan=nanogpt.PLAN, schedule="1f1b", microbatches=2,
+                            balance="uniform", timeout=60, verbose=False)
+    torch.manual_seed(7)
+    other = nanogpt.GPT(CFG).double()            # other weights, whole
+    job.load_state_dict(other.state_dict())       # each rank its stages' shards
+    x, y = _batch(3)
+    loss = job.step(x, y)
+    state = job.state_dict()
+    return {"loss": loss, "want": float(other(x, y)[1]),
+            "same": None if state is None else all(
+                torch.equal(state[k], v) for k, v in other.state_dict().items())}
+
+
+@pytest.mark.timeout(300)
+def test_load_state_dict_cuts_each_tensor_parallel_ranks_shards():
+    out = mesh.spawn(_load_tp_worker, 4, timeout=280, env=PATIENT)
+    assert out[0]["same"] is True and all(o["same"] is None for o in out[1:])
+    for o in out:
+        if o["loss"] is not None:
+            assert abs(o["loss"] - o["want"]) < 1e-10 * abs(o["want"]), o
