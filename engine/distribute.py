@@ -685,17 +685,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     dry pipeline (engine.calibrate) when the layers are measured.
     ``tag_base``: as Pipeline's, for several jobs on one grid.
     A torch model built on the meta device (``with torch.device("meta"):``)
-    holds no memory: each rank makes only its own stages real, on the CPU,
-    as zeros that ``init(stage)`` fills (default: every submodule's
-    ``reset_parameters()``), or load a trained state with
-    ``job.load_state_dict`` (on any job; with tp each rank cuts its own
-    shards); its layers (and candidate stages) are timed
-    on real copies, one at a time; it takes no ``plan``.
+    holds no memory: each rank makes only its own stages (with a plan, its
+    own shards of them) real, on the CPU, as zeros that ``init(stage)``
+    fills (default: every submodule's ``reset_parameters()``), or load a
+    trained state with ``job.load_state_dict`` (on any job; with tp each
+    rank cuts its own shards); its layers (and candidate stages) are timed
+    on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
     on_meta = _on_meta(model)
-    if on_meta and plan:
-        raise ValueError("a model on the meta device holds no weights to shard: build it on "
-                         "the CPU for a tensor-parallel plan")
     source = model
     if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
         model = sequential(source, target=loss_fn is None)

@@ -49,9 +49,12 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     ``init="check"``: every rank must have built the same full module (a hash
     of every parameter and buffer is all-gathered; a difference raises on
     every rank, naming the tensor and the ranks); ``init="broadcast"``: group
-    rank 0's values are taken. ``strict``: a pattern that matches nothing
-    raises (pass False when applying one model's plan to each of its
-    pipeline stages). Every error is raised on every rank before any step."""
+    rank 0's values are taken; a module on the meta device (no values) is
+    neither checked nor broadcast: its shards are cut as shapes, to be made
+    real and filled later (engine.distribute). ``strict``: a pattern that
+    matches nothing raises (pass False when applying one model's plan to
+    each of its pipeline stages). Every error is raised on every rank
+    before any step."""
     if init not in ("check", "broadcast"):
         raise ValueError(f"init is 'check' or 'broadcast', not {init!r}")
     group = _as_comm(group)
@@ -65,18 +68,21 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     if torch is None:
         return tp_layers.parallelize(module, group, plan, init=init, strict=strict)
     todo: dict[str, tuple[Any, Style]] = {}
+    # a module on the meta device holds no values to compare or send: its
+    # shards are cut as shapes, made real later (engine.distribute)
+    hollow = any(t.is_meta for t in module.state_dict().values())
     try:
         named = dict(module.named_modules())
         for name, style in match(plan, named, strict).items():
             _validate(torch, name, named[name], style, group.size)
             todo[name] = (named[name], style)
         _check_ties(named, todo)
-        local: dict[str, str] | str = {} if init == "broadcast" else {
+        local: dict[str, str] | str = {} if init == "broadcast" or hollow else {
             k: digest([_bytes(torch, t)]) for k, t in module.state_dict().items()}
     except PlanError as e:
         local = str(e)
     agree(group, local, "parallelize")
-    if init == "broadcast":
+    if init == "broadcast" and not hollow:
         with torch.no_grad():
             for t in module.state_dict().values():
                 collectives.broadcast(group, t, root=0)
@@ -338,7 +344,7 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
             full = getattr(sub, p)       # this rank's part (of each block, when fused)
             if id(full) not in cut:
                 part = full.index_select(d, torch.tensor(shard_rows(full.shape[d], style.parts,
-                                                                    tp, r)))
+                                                                    tp, r), device=full.device))
                 cut[id(full)] = (full, torch.nn.Parameter(part,
                                                           requires_grad=full.requires_grad))
             setattr(sub, p, cut[id(full)][1])

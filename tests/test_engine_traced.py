@@ -269,12 +269,13 @@ def test_the_prediction_times_a_cross_entropy_on_class_indices():
     assert torch.equal(_loss_target(torch_loss(F.mse_loss), y), y)
 
 
-def _meta_worker(world):
+def _meta_worker(world, axes):
     torch.set_num_threads(1)
-    grid = mesh.grid(world, pp=2)
+    grid = mesh.grid(world, **axes)
     with torch.device("meta"):                 # no rank holds the whole model's memory
         gpt = nanogpt.GPT(CFG).double()
-    job = engine.distribute(gpt, grid, sample=_batch(0)[0], microbatches=2, timeout=60,
+    job = engine.distribute(gpt, grid, plan=nanogpt.PLAN if "tp" in axes else None,
+                            sample=_batch(0)[0], microbatches=2, timeout=60,
                             verbose=False)      # auto: the layers timed on real copies
     held = [p for p in gpt.parameters() if not p.is_meta]
     assert 0 < len(held) < len(list(gpt.parameters())), "a stage only, made real"
@@ -292,20 +293,15 @@ def _meta_worker(world):
 
 
 @pytest.mark.timeout(300)
-def test_a_model_on_the_meta_device_is_made_real_stage_by_stage():
-    """Each rank materializes only its own stages (the schedule chosen by
-    timing real copies of the layers, one at a time); the state loaded
-    after makes it train as one process from the same weights."""
-    results = mesh.spawn(_meta_worker, 2, timeout=280, env=PATIENT)
+@pytest.mark.parametrize("axes", [{"pp": 2}, {"pp": 2, "tp": 2}], ids=["pp2", "pp2xtp2"])
+def test_a_model_on_the_meta_device_is_made_real_stage_by_stage(axes):
+    """Each rank materializes only its own stages, with tp only its shards
+    (the schedule chosen by timing real copies of the layers, one at a
+    time); the state loaded after makes it train as one process from the
+    same weights."""
+    results = mesh.spawn(_meta_worker, 2 * axes.get("tp", 1), axes, timeout=280, env=PATIENT)
     gpt, losses = _trained_here()
     trained_alike(results, losses, gpt.state_dict())
-
-
-def test_a_model_on_the_meta_device_takes_no_tensor_parallel_plan():
-    with torch.device("meta"):
-        gpt = nanogpt.GPT(CFG)
-    with pytest.raises(ValueError, match="meta device holds no weights to shard"):
-        engine.distribute(gpt, None, plan={"*.mlp.c_fc": "colwise"})
 
 
 def _load_tp_worker(world):
