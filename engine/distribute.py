@@ -61,7 +61,7 @@ from .tensor_parallel import gather_state_dict, load_full_state_dict, paralleliz
 from .partition import partition
 from .traced import few, sequential, traceable
 from .torch_stage import TorchStage, torch_loss
-from .tp_layers import full_params
+from .tp_layers import full_params, load_full_params
 from .tp_plan import logging_calls
 from .tp_sums import holders as tp_holders
 
@@ -512,9 +512,6 @@ class Job:
         """Load the whole model's state (keyed as ``state_dict()`` gives it,
         the model's own keys, unsharded) into this rank's stages: each takes
         its own entries, and with tp its own shards of them (no message)."""
-        if self.sharded and not self.is_torch:
-            raise ValueError("load_state_dict on a tensor-parallel numpy job: load the state "
-                             "into the model before engine.distribute, which shards it")
         rank = self.grid.comm.rank
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
@@ -542,8 +539,8 @@ class Job:
                     st.module.load_state_dict(whole)
             else:
                 for name, layer in zip(mine, st.layers):
-                    for j, p in enumerate(layer.params()):
-                        p[...] = state[f"{name}.{j}"]
+                    load_full_params(layer, [state[f"{name}.{j}"]
+                                             for j in range(len(layer.params()))])
 
     def state_dict(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The whole model's state on world rank 0 (None elsewhere), keyed

@@ -28,7 +28,8 @@ from .layers import Embedding, Linear, Sequential
 from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
                       logged, match, rewrite_attrs, shard_rows)
 
-__all__ = ["Sharded", "parallelize", "full_params", "group_of", "named_layers"]
+__all__ = ["Sharded", "parallelize", "full_params", "load_full_params", "group_of",
+           "named_layers"]
 
 
 @logged
@@ -290,6 +291,28 @@ def group_of(model: Any) -> Any:
         if group is not None:
             return group
     return None
+
+
+def load_full_params(model: Any, whole: list[Any]) -> None:
+    """Copy the unsharded parameters ``whole`` (in the unsharded model's
+    ``params()`` order, as ``full_params`` gives them) into ``model``: each
+    sharded layer takes its own shard of its, cut as parallelize cut it (no
+    message)."""
+    if isinstance(model, Sharded) and isinstance(model.inner, Sequential):
+        return load_full_params(model.inner, whole)      # a region: its layers say
+    if isinstance(model, Sequential):
+        at = 0
+        for layer in model.layers:
+            n = len(layer.params())
+            load_full_params(layer, whole[at:at + n])
+            at += n
+        return
+    dims = model.dims if isinstance(model, Sharded) else [None] * len(model.params())
+    for p, w, d in zip(model.params(), whole, dims, strict=True):
+        if d is not None:
+            w = np.take(w, shard_rows(w.shape[d], model.style.parts, model.group.size,
+                                      model.group.rank), axis=d)
+        p[...] = w
 
 
 def full_params(model: Any, grads: bool = False) -> list[Any]:

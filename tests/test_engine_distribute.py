@@ -782,27 +782,33 @@ def test_torch_model_must_be_a_sequence_of_layers():
         engine.distribute(torch.nn.Linear(2, 2), None)
 
 
-def _load_worker(world):
-    grid = mesh.grid(world, pp=2)
-    job = engine.distribute(_numpy_model(), grid, schedule="1f1b", microbatches=2,
-                            balance="uniform", loss_fn=mse_loss, verbose=False, timeout=60)
-    other = Sequential(*mlp_stages(WIDTHS, 1, SEED + 1)[0].layers)   # other weights
+def _load_worker(world, tp):
+    grid = mesh.grid(world, pp=2, tp=tp) if tp > 1 else mesh.grid(world, pp=2)
+    widths = TP_WIDTHS if tp > 1 else WIDTHS
+    job = engine.distribute(_numpy_model(widths), grid, plan=TP_PLAN if tp > 1 else None,
+                            schedule="1f1b", microbatches=2, balance="uniform",
+                            loss_fn=mse_loss, verbose=False, timeout=60)
+    other = Sequential(*mlp_stages(widths, 1, SEED + 1)[0].layers)   # other weights, whole
     state = {f"{i}.{j}": p for i, layer in enumerate(other.layers)
              for j, p in enumerate(layer.params())}
-    job.load_state_dict(state)
+    job.load_state_dict(state)               # with tp, each rank its shards
+    last = f"{len(other.layers) - 1}.1"
     try:
-        job.load_state_dict({k: v for k, v in state.items() if k != "8.1"})
+        job.load_state_dict({k: v for k, v in state.items() if k != last})
         missing = ""
     except KeyError as e:
         missing = str(e)
     got = job.state_dict()
     return {"same": None if got is None else all(np.array_equal(got[k], v)
                                                  for k, v in state.items()),
-            "missing": missing}
+            "missing": missing, "last": job.pipeline.last, "rank": world.rank}
 
 
-def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages():
-    out = mesh.spawn(_load_worker, 2, timeout=120)
-    assert out[0]["same"] is True and out[1]["same"] is None
-    assert out[0]["missing"] == "" and "rank 1: load_state_dict: stage 1 needs 8.1" in \
-        out[1]["missing"], out
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "pp2xtp2"])
+def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
+    out = mesh.spawn(_load_worker, 2 * tp, tp, timeout=120)
+    assert out[0]["same"] is True and all(o["same"] is None for o in out[1:])
+    for o in out:
+        assert (o["missing"] == "") != o["last"], o
+        assert not o["last"] or f"rank {o['rank']}: load_state_dict: stage 1 needs" in \
+            o["missing"], o
