@@ -239,7 +239,8 @@ def sequential(model: Any, target: bool | str = False) -> Any:
     pieces = []
     for a, b in merged:
         start = inp if a == 0 else body[a - 1]
-        mods = [n.target for n in body[a:b] if n.op == "call_module"]
+        mods = [n.target for n in body[a:b] if n.op == "call_module"] or list(dict.fromkeys(
+            m.target for m in _with_attrs(body[a:b]) if m.op == "get_attr"))  # (its weights)
         label = mods[0] if len(mods) == 1 else f"{mods[0]}..{mods[-1]}" if mods else "fn"
         pieces.append(_piece(model, body[a:b], start, body[b - 1],
                              f"{type(model).__name__}[{label}]"))

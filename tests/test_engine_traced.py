@@ -118,6 +118,48 @@ def test_blocks_are_found_inside_an_encoder_and_called_whole():
         engine.partition(model, 6)
 
 
+class _ViT(nn.Module):               # parameters of the model's own, torch's encoder blocks
+    def __init__(self, d=16, depth=2):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 5, d))
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0,
+                                                                batch_first=True)
+                                     for _ in range(depth)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x[:, 0])
+
+
+class _ResNet(nn.Module):            # nested Sequentials, blocks with a residual inside
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.layer1 = nn.Sequential(_SeqBlock(), _SeqBlock())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.layer1(self.stem(x).permute(0, 2, 3, 1))
+        return self.fc(x.mean((1, 2)))
+
+
+def test_a_vit_and_a_resnet_as_written():
+    for model, x, labels in [
+            (_ViT().eval(), torch.randn(2, 3, 8, 8),
+             ["patch", "cls", "pos", "blocks.0", "blocks.1", "head"]),
+            (_ResNet(), torch.randn(2, 3, 4, 4),
+             ["stem.0..stem.1", "layer1.0", "layer1.1", "fc"])]:
+        parts = engine.partition(model, 2)
+        assert list(parts.labels) == labels
+        torch.testing.assert_close(parts[1](parts[0](x)), model(x), rtol=0, atol=0)
+
+
 class _Residual(nn.Sequential):       # a Sequential whose forward is not its members in order
     def __init__(self):
         super().__init__(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Linear(3, 1))
