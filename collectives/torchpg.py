@@ -39,6 +39,7 @@ from mesh import tensors as _tensors
 from . import api as C
 from .host.paths import all_reduce as _host_all_reduce
 from .host.paths import monitored_barrier as _monitored_barrier
+from .ops import resolve
 from .shm.tiny import all_reduce as _tiny_all_reduce
 from .runner import Ctx, release, start
 from .torchsparse import sparse_all_reduce
@@ -458,26 +459,33 @@ class ProcessGroupMeshrun(_ProcessGroup):
                           input_tensors: list[list[torch.Tensor]], opts: Any) -> dist.Work:
         """reduce_scatter where rank j's part differs in size from the others'
         (as gloo allows): input j goes to rank j by an uneven all_to_all,
-        and each rank reduces the parts it receives, in rank order. A part
-        whose size is not the receiver's output size raises on every rank."""
+        and each rank combines the parts it receives in rank order with the
+        collectives' own ops (bfloat16 widened to float32 and rounded once,
+        as collectives.tensors does). A part whose size is not the
+        receiver's output size, or an op its dtype cannot take, raises on
+        every rank."""
         name, factor = _op(opts.reduceOp)
+        what = self._what("reduce_scatter")
         launches, finishes = [], []
         for out, ins in zip(output_tensors, input_tensors):
             flat = torch.cat([x.detach().reshape(-1) for x in ins])
             if factor is not None:
                 flat = flat * _factor(factor)
-            arr = _host(flat, self._what("reduce_scatter"))
+            arr = _tensors.operand(flat if flat.is_cpu else flat.cpu(), what, True)[0]
             sizes = [x.numel() for x in ins]
-            launches.append(lambda a, arr=arr, sizes=sizes, out=out: _all_to_all_v(
-                self.comm, arr, sizes, [out.numel()] * self._n, a, self.timeout,
-                "its output vs that rank's input for it",
-                lambda: _check_op(name, out, self._what("reduce_scatter"))))
+            launches.append(lambda a, arr=arr, sizes=sizes, k=out.numel(): _all_to_all_v(
+                self.comm, arr, sizes, [k] * self._n, a, self.timeout,
+                "its output vs that rank's input for it", lambda: resolve(name, arr.dtype)))
             finishes.append(out)
 
         def finish(values: list[Any]) -> None:
             for out, value in zip(finishes, values):
-                _write(out, _reduce_rows(_tensors.to_torch(value, out).reshape(self._n, -1),
-                                         name))
+                rows = value.reshape(self._n, -1)
+                op, buf = resolve(name, rows.dtype), rows[0].copy()
+                for row in rows[1:]:
+                    op.combine(buf, row, src_first=False)     # buf op row: rank order
+                op.finish(buf, self._n)
+                _write(out, _tensors.to_torch(buf, out))
         return self._run(launches, finish, output_tensors, opts.asyncOp)
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor,
@@ -672,38 +680,10 @@ class _P2PWork(_Work):
         done.finish(self._tensors, None)
 
 
-def _check_op(name: str, like: torch.Tensor, what: str) -> None:
-    """The error meshrun's own collectives give for an op the dtype cannot take."""
-    if name == "avg" and not (like.is_floating_point() or like.is_complex()):
-        raise TypeError(f"{what}: op 'avg' needs a floating or complex dtype, got {like.dtype}")
-    if name in ("band", "bor", "bxor") and (like.is_floating_point() or like.is_complex()):
-        raise TypeError(f"{what}: op {name!r} needs an integer or bool dtype, got {like.dtype}")
-
-
-def _reduce_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
-    """Row 0 op row 1 op ... (the ranks' parts, in rank order); 16-bit
-    floats summed in float32 and rounded once."""
-    if name in ("sum", "avg"):
-        low = rows.dtype in (torch.bfloat16, torch.float16)
-        total = (rows.float() if low else rows).sum(0)
-        if name == "avg":
-            total = total / rows.shape[0]
-        return total.to(rows.dtype)
-    if name == "prod":
-        return rows.prod(0)
-    if name in ("min", "max"):
-        return rows.amin(0) if name == "min" else rows.amax(0)
-    fn = {"band": torch.bitwise_and, "bor": torch.bitwise_or, "bxor": torch.bitwise_xor}[name]
-    out = rows[0].clone()
-    for row in rows[1:]:
-        out = fn(out, row)
-    return out
-
-
 def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[int],
                   async_op: bool, timeout: float | None,
                   sizes: str = "output_split_sizes vs input_split_sizes",
-                  check: Callable[[], None] | None = None) -> Any:
+                  check: Callable[[], Any] | None = None) -> Any:
     """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
     ``a`` go to rank i; the result holds rank j's block at out_splits'
     offset j. A block whose row count is not what the receiver expects
