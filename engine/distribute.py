@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import collectives
 from mesh import Comm, Grid
+from mesh.tensors import is_tensor
 
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
@@ -499,9 +500,7 @@ class Job:
                 state = gather_state_dict(st.module) if self.sharded else st.module.state_dict()
                 assert state is not None        # root=None: on every tp rank
                 for k, v in state.items():
-                    j, _, rest = k.partition(".")
-                    name = mine[int(j)]
-                    out[f"{name}.{rest}" if name else rest] = v.detach().contiguous()
+                    out[_model_key(mine, k)] = v.detach().contiguous()
             else:
                 for name, layer in zip(mine, st.layers):
                     for j, p in enumerate(full_params(layer)):
@@ -512,35 +511,26 @@ class Job:
         """Load the whole model's state (keyed as ``state_dict()`` gives it,
         the model's own keys, unsharded) into this rank's stages: each takes
         its own entries, and with tp its own shards of them (no message)."""
-        rank = self.grid.comm.rank
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
-
-            def full(key: str) -> str:
-                if not self.is_torch:
-                    return key
-                j, _, rest = key.partition(".")
-                return f"{mine[int(j)]}.{rest}" if mine[int(j)] else rest
-            if self.is_torch:
-                keys = list(st.module.state_dict())
+            if self.is_torch:       # the stage's own keys, and the model's for each
+                keys = {k: _model_key(mine, k) for k in st.module.state_dict()}
             else:
-                keys = [f"{name}.{j}" for name, layer in zip(mine, st.layers)
-                        for j in range(len(layer.params()))]
-            missing = [full(k) for k in keys if full(k) not in state]
+                keys = {f"{name}.{j}": f"{name}.{j}" for name, layer in zip(mine, st.layers)
+                        for j in range(len(layer.params()))}
+            missing = [m for m in keys.values() if m not in state]
             if missing:
-                raise KeyError(f"rank {rank}: load_state_dict: stage {s} needs "
+                raise KeyError(f"rank {self.grid.comm.rank}: load_state_dict: stage {s} needs "
                                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}, "
                                f"not in the state given")
-            if self.is_torch:
-                whole = {k: state[full(k)] for k in keys}
-                if self.sharded:
-                    load_full_state_dict(st.module, whole)
-                else:
-                    st.module.load_state_dict(whole)
-            else:
+            if not self.is_torch:
                 for name, layer in zip(mine, st.layers):
                     load_full_params(layer, [state[f"{name}.{j}"]
                                              for j in range(len(layer.params()))])
+            elif self.sharded:
+                load_full_state_dict(st.module, {k: state[m] for k, m in keys.items()})
+            else:
+                st.module.load_state_dict({k: state[m] for k, m in keys.items()})
 
     def state_dict(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The whole model's state on world rank 0 (None elsewhere), keyed
@@ -569,6 +559,14 @@ class Job:
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
 
 
+def _model_key(names: list[str], key: str) -> str:
+    """A stage module's state key ("j.rest": its layer j) as the model's own:
+    that layer's name in the model before it ("" for a traced piece, whose
+    keys are the model's already)."""
+    j, _, rest = key.partition(".")
+    return f"{names[int(j)]}.{rest}" if names[int(j)] else rest
+
+
 def _on_meta(model: Any) -> bool:
     """Whether a torch model (or list of modules) has its parameters on the
     meta device."""
@@ -594,7 +592,7 @@ def _materialize(stage: Any, init: Callable[[Any], Any] | None) -> list[str]:
         reset = getattr(m, "reset_parameters", None)
         if callable(reset):
             reset()
-        elif any(True for _ in [*m.parameters(recurse=False), *m.buffers(recurse=False)]):
+        elif [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
             bare.append(name)
     return bare
 
@@ -631,7 +629,7 @@ def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
     indices of its leading axes (a cross entropy over the last axis: a
     language model's); else None (the loss is left out of the prediction)."""
     tries = [lambda: copy.deepcopy(y)]
-    if _is_torch_tensor(y) and y.dim() >= 2:
+    if is_tensor(y) and y.dim() >= 2:
         tries.append(lambda: y.new_zeros(y.shape[:-1], dtype=sys.modules["torch"].long))
     for make in tries:
         target = make()
@@ -641,11 +639,6 @@ def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
             continue
         return target
     return None
-
-
-def _is_torch_tensor(x: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def load_state(model: Any, state: dict[str, Any]) -> None:
