@@ -144,7 +144,8 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     if balance == "uniform":
         counts = [(s + 1) * n // num_stages - s * n // num_stages for s in range(num_stages)]
     elif balance == "parameters":
-        counted = [param_count(x, k) for x, k in zip(items, kinds)]    # specs too
+        counted = [param_count(x, k) if c is None else c             # specs counted too
+                   for c, x, k in zip(sizes, items, kinds)]
         counts = cut_points([(p, 1) for p in counted], num_stages)
         sizes = list(counted)
     elif balance == "time":

@@ -145,11 +145,15 @@ def load_full_state_dict(module: Any, state: Mapping[str, Any]) -> None:
         for pname, dim in meta.dims.items():
             key = f"{name}.{pname}" if name else pname
             if key in mine:
-                full = mine[key]
-                rows = shard_rows(full.shape[dim], meta.style.parts, meta.group.size,
-                                  meta.group.rank)
-                mine[key] = full.index_select(dim, torch.tensor(rows))
+                mine[key] = _cut(torch, mine[key], dim, meta.style, meta.group)
     module.load_state_dict(mine)
+
+
+def _cut(torch: Any, full: Any, dim: int, style: Style, group: Any) -> Any:
+    """This rank's shard of ``full`` along ``dim``: its part of each block
+    (``style.parts``), as parallelize keeps and load_full_state_dict loads."""
+    rows = shard_rows(full.shape[dim], style.parts, group.size, group.rank)
+    return full.index_select(dim, torch.tensor(rows, device=full.device))
 
 
 def _as_comm(group: Any) -> Any:
@@ -343,9 +347,7 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
         for p, d in meta.dims.items():
             full = getattr(sub, p)       # this rank's part (of each block, when fused)
             if id(full) not in cut:
-                part = full.index_select(d, torch.tensor(shard_rows(full.shape[d], style.parts,
-                                                                    tp, r), device=full.device))
-                cut[id(full)] = (full, torch.nn.Parameter(part,
+                cut[id(full)] = (full, torch.nn.Parameter(_cut(torch, full, d, style, group),
                                                           requires_grad=full.requires_grad))
             setattr(sub, p, cut[id(full)][1])
     if style.style == "colwise":
