@@ -585,16 +585,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def monitored_barrier(self, timeout: timedelta | None = None,
                           wait_all_ranks: bool = False) -> None:
-        """gloo's monitored barrier (collectives.host.paths.monitored_barrier):
-        rank 0 names the ranks that did not come within ``timeout``."""
-        secs = self.timeout if timeout is None else timeout.total_seconds()
-        try:
-            _monitored_barrier(self.comm, secs, wait_all_ranks)
-        except MeshTimeoutError as e:   # gloo's words, which torch's suite matches
-            if "monitoredBarrier" not in str(e):
-                e.args = (f"Rank {self.comm.rank} timed out in monitoredBarrier after "
-                          f"{secs * 1000:g} ms: {e.args[0] if e.args else ''}",) + e.args[1:]
-            raise
+        """gloo's monitored barrier, in gloo's words
+        (collectives.host.paths.monitored_barrier): rank 0 names the ranks
+        that did not come within ``timeout``."""
+        _monitored_barrier(self.comm, self.timeout if timeout is None
+                           else timeout.total_seconds(), wait_all_ranks)
 
     def _what(self, op: str) -> str:
         return f"rank {self.comm.rank}: {op} on group {self.comm.name}"

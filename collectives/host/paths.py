@@ -413,6 +413,9 @@ def monitored_barrier(g: Comm, timeout: float | None = None,
             raise _like(e, f"Rank {g.rank} successfully reached monitoredBarrier, but "
                            f"received errors while waiting for send/recv from rank 0: "
                            f"{e}") from e
+        if isinstance(e, MeshTimeoutError) and "monitoredBarrier" not in str(e):
+            raise _like(e, f"Rank {g.rank} timed out in monitoredBarrier after "
+                           f"{secs * 1e3:g} ms: {e}") from e     # (queued behind others)
         raise
 
 
