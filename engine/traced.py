@@ -96,16 +96,16 @@ def _ancestors(roots: list[Any]) -> set[Any]:
 
 
 def _has_params(model: Any, nodes: list[Any]) -> bool:
-    import torch
     for n in nodes:
-        if n.op == "call_module" and any(True for _ in model.get_submodule(n.target).parameters()):
+        if n.op == "call_module" and next(model.get_submodule(n.target).parameters(),
+                                          None) is not None:
             return True
         if n.op == "get_attr":
-            obj: Any = model
-            for part in n.target.split("."):
-                obj = getattr(obj, part)
-            if isinstance(obj, torch.nn.Parameter):
+            try:
+                model.get_parameter(n.target)       # (a buffer or constant raises)
                 return True
+            except AttributeError:
+                pass
     return False
 
 
@@ -223,10 +223,18 @@ def sequential(model: Any, target: bool | str = False) -> Any:
         raise TypeError(f"{what}: its layers read an input besides {traced[0].name!r}: {way}")
     pos = {n: i for i, n in enumerate(body)}
     tensors = _tensor_valued(nodes)
-    cuts = []       # after body[i]: the rest reads only its output, a tensor
+    # a value is live from where it is made (the input: before body[0]) to
+    # its last reader in the body; after body[i] exactly one value live, its
+    # own output, a tensor: a cut (one pass over the values)
+    last = {m: max((pos[u] for u in m.users if u in pos), default=-1) for m in [inp, *body]}
+    dies = [0] * len(body)          # values whose last reader is body[i]
+    for at in last.values():
+        if at >= 0:
+            dies[at] += 1
+    live, cuts = int(last[inp] >= 0), []
     for i, n in enumerate(body[:-1]):
-        live = {m for m in [inp, *body[:i + 1]] if any(pos.get(u, -1) > i for u in m.users)}
-        if live == {n} and n in tensors:
+        live += int(last[n] > i) - dies[i]
+        if live == 1 and last[n] > i and n in tensors:
             cuts.append(i + 1)
     merged: list[tuple[int, int]] = []
     for a, b in zip([0, *cuts], [*cuts, len(body)]):
