@@ -55,11 +55,25 @@ class LayerCost:
 
 
 def _nbytes(y: Any) -> int:
+    if isinstance(y, tuple):        # a boundary carrying several tensors
+        return sum(_nbytes(v) for v in y)
     if hasattr(y, "nbytes"):
         return int(y.nbytes)
     if hasattr(y, "element_size"):
         return int(y.element_size() * y.numel())
     return 0
+
+
+def _each(fn: Callable[[Any], Any], v: Any) -> Any:
+    """``fn(v)``, or a tuple of it on each part of a tuple (None kept)."""
+    if isinstance(v, tuple):
+        return tuple(None if p is None else fn(p) for p in v)
+    return fn(v)
+
+
+def _ones(y: Any) -> Any:
+    """A gradient of ones for output ``y`` (a tuple: one per part)."""
+    return _each(lambda v: v * 0 + 1, y)
 
 
 def _another(n: int, reps: int, runs: int | None, begin: float,
@@ -97,7 +111,7 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
         t0 = clock()
         y, ctx = layer.forward(x)
         t1 = clock()
-        gy = y * 0 + 1
+        gy = _ones(y)
         t2 = clock()
         layer.backward(ctx, gy)
         t3 = clock()
@@ -158,13 +172,13 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
             st, key = stages[a.stage], (a.stage, a.mb)
             c0 = len(calls[0]) if calls is not None else 0
             if a.kind == F:
-                x = inputs[a.stage] * 1        # a fresh array, as a received message is
+                x = _each(lambda v: v * 1, inputs[a.stage])   # fresh, as a message is
                 fn = loss[1] if loss is not None and a.stage == loss[0] else None
                 t0 = clock()
                 y, ctxs[key] = st.forward(x)
                 gy = fn(y) if fn is not None else None       # the loss, in the F's time
                 t1 = clock()
-                gys[key] = y * 0 + 1 if gy is None else gy
+                gys[key] = _ones(y) if gy is None else gy
                 nbytes[a.stage] = _nbytes(y)
             elif a.kind == W:
                 t0 = clock()

@@ -10,6 +10,9 @@ schedule once; ``step(inputs, targets)`` then runs one training step:
   every send is asynchronous: a RECV action only waits, a SEND only starts;
 * an activation or gradient message is the array itself, which the mesh
   sends with its dtype and shape, so shapes may change from step to step;
+  a stage may return a tuple of tensors (a block's input and a mask, a
+  U-Net's skips): a small header then its parts go on the one tag, each as
+  an array would (a part that is None, a mask's gradient, is not sent);
 * loss and scaling, explicitly: ``loss_fn(y, target)`` returns the mean
   loss of micro-batch k and its gradient; the executor multiplies that
   gradient by ``n_k / N`` (rows of k over rows of the local batch) before
@@ -68,6 +71,7 @@ __all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
 
 _STEP_SHIFT = 32      # step n's tags are tag_base + i + (n << 32)
 _REASON_MAX = 400     # abort reasons cross the wire in a header
+_PARTS = "meshrun.parts"  # a tuple's header: its length; its parts follow on the same tag
 
 
 class StepFailed(MeshError):
@@ -333,12 +337,20 @@ class _Step:
         elif a.kind == W:
             pipe.stages[a.stage].backward_weight(self.wctxs.pop(_key(a)))
         elif a.kind in (SEND_F, SEND_B):
-            dst = sched.rank_of(message_key(a)[2])
-            self.sends.append(pipe.pp.isend(self.outs.pop(_key(a)), dst,
-                                            tag=pipe._tag(a, self.n)))
+            dst, tag = sched.rank_of(message_key(a)[2]), pipe._tag(a, self.n)
+            value = self.outs.pop(_key(a))
+            if isinstance(value, tuple):    # several tensors: a header, then each part
+                self.sends.append(pipe.pp.isend(
+                    {_PARTS: len(value), "none": [i for i, v in enumerate(value) if v is None]},
+                    dst, tag=tag))
+                value = [v for v in value if v is not None]
+            for v in value if isinstance(value, list) else [value]:
+                self.sends.append(pipe.pp.isend(v, dst, tag=tag))
             return "s"
         elif a.kind in (RECV_F, RECV_B):
             value = self.recvs.pop(a).wait(pipe.timeout)
+            if isinstance(value, dict) and _PARTS in value:
+                value = self._parts(a, value)
             (self.xs if a.kind == RECV_F else self.gys)[_key(a)] = value
             return "f"
         elif a.kind == AR:
@@ -353,6 +365,23 @@ class _Step:
             self.stepped[a.stage] = [p.copy() for p in stage.params()]
             pipe.optimizer(stage)
         return ""
+
+    def _parts(self, a: Action, header: dict[str, Any]) -> tuple[Any, ...]:
+        """The tuple a header announced: its parts follow it on the same
+        tag (in order: one source, one tag), None where the sender had none."""
+        pipe = self.pipe
+        src, tag = pipe.schedule.rank_of(message_key(a)[1]), pipe._tag(a, self.n)
+        none = set(header["none"])
+        reqs = {i: pipe.pp.irecv(src, tag=tag) for i in range(header[_PARTS]) if i not in none}
+        parts: list[Any] = [None] * header[_PARTS]
+        try:
+            for i, req in reqs.items():
+                parts[i] = req.wait(pipe.timeout)
+        except BaseException:
+            for req in reqs.values():
+                req.cancel()
+            raise
+        return tuple(parts)
 
     def _forward(self, a: Action) -> None:
         pipe, (s, k) = self.pipe, _key(a)

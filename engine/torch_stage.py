@@ -5,6 +5,11 @@ never depends on it.
 Activations and their gradients cross the stage boundary as torch tensors
 (point-to-point sends them as views of their memory, and the receiving
 stage gets tensors); numpy arrays are taken too (the first stage's inputs).
+A boundary may carry several tensors as a tuple (a block's input and the
+attention mask every block reads, a U-Net's skips): a module returning a
+tuple hands it to the next stage, whose module gets it as its one
+argument; each part gets its own gradient back, None for one that has
+none (an integer mask).
 Inputs go to the module's device (CPU or CUDA). A floating input is cast to
 the module's dtype inside the graph, so a float32 module takes float64
 activations and hands back gradients in the input's dtype. ``grads()``
@@ -66,7 +71,11 @@ class TorchStage:
 
     def _input(self, x: Any) -> tuple[Any, Any]:
         """The leaf tensor whose .grad is the input gradient, and what the
-        module gets: the leaf cast to the module's dtype (inside the graph)."""
+        module gets: the leaf cast to the module's dtype (inside the graph).
+        A tuple (a boundary carrying several tensors): tuples of both."""
+        if isinstance(x, tuple):
+            pairs = [self._input(v) for v in x]
+            return tuple(t for t, _ in pairs), tuple(f for _, f in pairs)
         torch = _torch()
         t = _tensor(torch, x, self.device)
         if not t.is_floating_point():
@@ -77,30 +86,35 @@ class TorchStage:
     def forward(self, x: Any) -> tuple[Any, Any]:
         t, fed = self._input(x)
         out = self.module(fed)
+        if isinstance(out, tuple):
+            return tuple(o.detach() for o in out), (t, out)
         return out.detach(), (t, out)
 
     def backward(self, ctx: Any, gy: Any) -> Any:
-        torch = _torch()
         t, out = ctx
-        out.backward(_tensor(torch, gy, out.device))
-        return t.grad
+        outs, gys = _flowing(out, gy)
+        if outs:
+            _torch().autograd.backward(outs, gys)
+        return _grads_of(t, lambda leaf: leaf.grad)
 
     def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
         """Gradient of the input only; the graph is kept for backward_weight."""
         torch = _torch()
         t, out = ctx
-        g = _tensor(torch, gy, out.device)
-        if not t.requires_grad:
-            return None, (out, g)
-        (gx,) = torch.autograd.grad(out, [t], g, retain_graph=True)
-        return gx, (out, g)
+        outs, gys = _flowing(out, gy)
+        leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if v.requires_grad]
+        if not leaves or not outs:
+            return _grads_of(t, lambda leaf: None), (outs, gys)
+        got = dict(zip(leaves, torch.autograd.grad(outs, leaves, gys, retain_graph=True,
+                                                   allow_unused=True)))
+        return _grads_of(t, got.get), (outs, gys)
 
     def backward_weight(self, wctx: Any) -> None:
         torch = _torch()
-        out, g = wctx
-        if not self._params or not out.requires_grad:
+        outs, gys = wctx
+        if not self._params or not outs:
             return
-        grads = torch.autograd.grad(out, self._params, g, allow_unused=True)
+        grads = torch.autograd.grad(outs, self._params, gys, allow_unused=True)
         with torch.no_grad():
             for p, gp in zip(self._params, grads):
                 if gp is not None:
@@ -127,6 +141,27 @@ class TorchStage:
                 p.grad = None
             else:
                 self._grad(p).copy_(torch.as_tensor(h, device=p.device))
+
+
+def _flowing(out: Any, gy: Any) -> tuple[list[Any], list[Any]]:
+    """The outputs a gradient flows back through, and their gradients (as
+    tensors on their devices): of a tuple output (a boundary carrying
+    several tensors), those that require grad and got a gradient (a mask's
+    part gets None)."""
+    torch = _torch()
+    pairs = zip(out, gy) if isinstance(out, tuple) else [(out, gy)]
+    picked = [(o, _tensor(torch, g, o.device)) for o, g in pairs
+              if g is not None and o.requires_grad]
+    return [o for o, _ in picked], [g for _, g in picked]
+
+
+def _grads_of(t: Any, grad: Any) -> Any:
+    """The input gradient(s): ``grad(leaf)`` of the input leaf, or a tuple
+    of them for a tuple input (None for a part with no gradient, an
+    integer one)."""
+    if isinstance(t, tuple):
+        return tuple(grad(v) if v.requires_grad else None for v in t)
+    return grad(t) if t.requires_grad else None
 
 
 def _view(t: Any) -> Any:

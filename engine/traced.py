@@ -16,7 +16,12 @@ block), or holds no ``nn.ModuleList``, ``nn.Sequential`` or
 an ``nn.Sequential``) are traced, down to their blocks. The graph is cut
 after every tensor that is the only value the rest of the forward reads
 (between two blocks, after the embeddings' sum, after a residual's add,
-after the final norm); a piece with no parameters joins the one before it.
+after the final norm), and between two steps of a loop over an
+``nn.ModuleList`` where the values the rest reads are all tensors: they
+cross that cut together, as a tuple (an attention mask every block reads
+beside the activation, a U-Net's skips; the pipeline sends each part, and
+each gets its gradient back, None for a mask). A piece with no parameters
+joins the one before it.
 Each piece is an ``fx.GraphModule`` that holds the model's own submodules
 and parameters under their names in the model
 (``transformer.h.0.attn.c_attn.weight``), so a tensor-parallel plan, a tied
@@ -36,8 +41,8 @@ when ``target=True``).
 
 A forward torch.fx cannot trace (control flow on a tensor's value) raises
 a ``TypeError`` that says so and names the way around it: an
-``nn.Sequential`` or a list of the layers. Where no single tensor is all
-that the rest of the forward reads (a value computed from the input's
+``nn.Sequential`` or a list of the layers. Where the rest of the forward
+reads a value that may not be a tensor (an int computed from the input's
 length and passed to every block), there is no cut: the pieces are fewer.
 """
 from __future__ import annotations
@@ -109,15 +114,25 @@ def _has_params(model: Any, nodes: list[Any]) -> bool:
     return False
 
 
-def _piece(model: Any, nodes: list[Any], first: Any, last: Any, name: str,
+def _piece(model: Any, nodes: list[Any], ins: list[Any], outs: list[Any], name: str,
            extra: tuple[Any, ...] = ()) -> Any:
-    """A GraphModule of ``nodes`` (in order) from ``first`` (and ``extra``,
-    more placeholders) to ``last``; get_attr nodes are copied where read."""
+    """A GraphModule of ``nodes`` (in order) from ``ins`` (one argument: a
+    value, or a tuple of several; then ``extra``, more placeholders) to
+    ``outs`` (returned alone, or as a tuple of several); get_attr nodes are
+    copied where read."""
+    import operator
+
     import torch.fx as fx
     g = fx.Graph()
     env: dict[Any, Any] = {}
-    for ph in (first, *extra):
-        env[ph] = g.placeholder(ph.name if ph.op == "placeholder" else "x")
+    if len(ins) == 1:
+        env[ins[0]] = g.placeholder(ins[0].name if ins[0].op == "placeholder" else "x")
+    else:
+        packed = g.placeholder("xs")
+        for i, m in enumerate(ins):
+            env[m] = g.call_function(operator.getitem, (packed, i))
+    for ph in extra:
+        env[ph] = g.placeholder(ph.name)
 
     def value(m: Any) -> Any:
         if m not in env:
@@ -130,7 +145,7 @@ def _piece(model: Any, nodes: list[Any], first: Any, last: Any, name: str,
         for m in _inputs(n):
             value(m)
         env[n] = g.node_copy(n, value)
-    g.output(value(last))
+    g.output(value(outs[0]) if len(outs) == 1 else tuple(value(m) for m in outs))
     return fx.GraphModule(model, g, class_name=name)
 
 
@@ -211,7 +226,7 @@ def sequential(model: Any, target: bool | str = False) -> Any:
             raise TypeError(f"{what}: its loss reads {len(fed)} values of the model "
                             f"besides {traced[1].name!r}, not one output: pass loss_fn=")
         (end,) = fed
-        loss = _piece(model, part, end, found[0], f"{type(model).__name__}Loss", (tgt,))
+        loss = _piece(model, part, [end], [found[0]], f"{type(model).__name__}Loss", (tgt,))
     else:
         if len(out) != 1:
             raise TypeError(f"{what} returns {len(out)} tensors; a pipeline's last stage "
@@ -223,19 +238,28 @@ def sequential(model: Any, target: bool | str = False) -> Any:
         raise TypeError(f"{what}: its layers read an input besides {traced[0].name!r}: {way}")
     pos = {n: i for i, n in enumerate(body)}
     tensors = _tensor_valued(nodes)
+    blocks = _loop_steps(model, body)
     # a value is live from where it is made (the input: before body[0]) to
-    # its last reader in the body; after body[i] exactly one value live, its
-    # own output, a tensor: a cut (one pass over the values)
+    # its last reader in the body. A cut after body[i]: its own output is
+    # live, a tensor, and either the only value live or (between two steps
+    # of a loop over a ModuleList) the live values are all tensors: they
+    # cross the cut as a tuple (the input and a mask every block reads, a
+    # U-Net's skips). One pass.
     last = {m: max((pos[u] for u in m.users if u in pos), default=-1) for m in [inp, *body]}
-    dies = [0] * len(body)          # values whose last reader is body[i]
-    for at in last.values():
-        if at >= 0:
-            dies[at] += 1
-    live, cuts = int(last[inp] >= 0), []
+    dies: dict[int, list[Any]] = {}     # values whose last reader is body[i]
+    for m, at in last.items():
+        dies.setdefault(at, []).append(m)
+    live = {inp} if last[inp] >= 0 else set()
+    order = {n: i for i, n in enumerate(nodes)}
+    crossing: dict[int, list[Any]] = {0: [inp]}     # cut -> the values crossing it
     for i, n in enumerate(body[:-1]):
-        live += int(last[n] > i) - dies[i]
-        if live == 1 and last[n] > i and n in tensors:
-            cuts.append(i + 1)
+        if last[n] > i:
+            live.add(n)
+        live.difference_update(dies.get(i, ()))
+        if n in live and n in tensors and (len(live) == 1 or (
+                n in blocks and live <= tensors)):
+            crossing[i + 1] = sorted(live, key=order.__getitem__)
+    cuts = sorted(crossing)[1:]
     merged: list[tuple[int, int]] = []
     for a, b in zip([0, *cuts], [*cuts, len(body)]):
         # a piece with no parameters joins the one before it (a first one, the next)
@@ -246,11 +270,10 @@ def sequential(model: Any, target: bool | str = False) -> Any:
             merged.append((a, b))
     pieces = []
     for a, b in merged:
-        start = inp if a == 0 else body[a - 1]
         mods = [n.target for n in body[a:b] if n.op == "call_module"] or list(dict.fromkeys(
             m.target for m in _with_attrs(body[a:b]) if m.op == "get_attr"))  # (its weights)
         label = mods[0] if len(mods) == 1 else f"{mods[0]}..{mods[-1]}" if mods else "fn"
-        pieces.append(_piece(model, body[a:b], start, body[b - 1],
+        pieces.append(_piece(model, body[a:b], crossing[a], crossing.get(b, [body[-1]]),
                              f"{type(model).__name__}[{label}]"))
     seq = nn.Sequential(*pieces)
     object.__setattr__(seq, "loss", loss)       # not a submodule: the layers are the pieces
@@ -258,11 +281,33 @@ def sequential(model: Any, target: bool | str = False) -> Any:
     return seq
 
 
+def _loop_steps(model: Any, body: list[Any]) -> set[Any]:
+    """The calls of ``body`` that end a step of a loop over an
+    ``nn.ModuleList``: a call of its member i whose next module call is
+    member i + 1, or of its last member (where the values still live may
+    cross a cut together). Not a member of an ``nn.Sequential`` called by
+    a forward of the model's own (a residual around a few of them: a cut
+    there would carry the branch and the residual both)."""
+    from torch import nn
+    calls = [n for n in body if n.op == "call_module"]
+    steps = set()
+    for n, after in zip(calls, [*calls[1:], None]):
+        parent, _, name = n.target.rpartition(".")
+        members = model.get_submodule(parent)
+        if not isinstance(members, nn.ModuleList) or not name.isdigit():
+            continue
+        i = int(name)
+        if i == len(members) - 1 or (after is not None and after.target == f"{parent}.{i + 1}"):
+            steps.add(n)
+    return steps
+
+
 def few(source: str | None, n: int) -> str:
     """What to add to "the model has n layers" when they come from tracing
     ``source``'s forward (a class name; None: they did not)."""
     return (f" ({source}.forward traced into {n} by engine.sequential: a cut falls only "
-            "where one tensor is all that the rest of the forward reads)" if source else "")
+            "where one tensor is all that the rest of the forward reads, or between two "
+            "steps of a loop over a ModuleList where it reads tensors only)" if source else "")
 
 
 _NOT_TENSORS = {"size", "dim", "numel", "item", "tolist", "stride", "element_size",
@@ -271,14 +316,23 @@ _NOT_TENSORS = {"size", "dim", "numel", "item", "tolist", "stride", "element_siz
 
 def _tensor_valued(nodes: list[Any]) -> set[Any]:
     """The nodes whose value is surely a tensor, found without running the
-    graph: the input, a submodule's output, a parameter, and an operation on
-    a tensor other than those that read its size, shape, dtype or device
-    (an int computed from a size is not one; a tensor made from sizes alone,
+    graph: the input, a submodule's output (a tuple's items where it is
+    taken apart by indexing), a parameter, and an operation on a tensor
+    other than those that read its size, shape, dtype or device (an int
+    computed from a size is not one; a tensor made from sizes alone,
     ``torch.arange(t)``, is left out too: no cut after it, which is safe)."""
     import builtins
     import operator
     out: set[Any] = set()
+    tuples: set[Any] = set()    # modules returning a tuple, taken apart
     for n in nodes:
+        if n.op == "call_module" and n.users and all(
+                u.target is operator.getitem for u in n.users):
+            tuples.add(n)
+            continue
+        if n.target is operator.getitem and n.args[0] in tuples:
+            out.add(n)
+            continue
         if n.op in ("placeholder", "call_module", "get_attr"):
             out.add(n)
         elif n.op in ("call_function", "call_method"):

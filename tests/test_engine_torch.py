@@ -185,3 +185,93 @@ def test_dp2_pp2_torch_stages_with_default_zero_grad_match_one_process():
             assert len(flat) == len(want)
             for a, b in zip(flat, want):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{name} dp {d}")
+
+
+class _Gate(torch.nn.Module):
+    """(x, mask) -> (mask, tanh(fc(x)) * mask): a tuple in and out, an
+    integer part with no gradient."""
+
+    def __init__(self, w, last=False):
+        super().__init__()
+        self.fc, self.last = torch.nn.Linear(w, w).double(), last
+        self.fail = 0
+
+    def forward(self, xs):
+        x, mask = xs if isinstance(xs, tuple) else (xs, (xs[:, :1] > 0).long())
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("a stage's own error")
+        y = torch.tanh(self.fc(x)) * mask
+        return y if self.last else (y, mask)
+
+
+def test_a_stage_taking_and_returning_a_tuple():
+    """Each part gets its gradient (None for the integer one); the split
+    backward gives what the whole one does."""
+    torch.manual_seed(0)
+    stage = TorchStage(_Gate(3))
+    x, mask = torch.randn(4, 3, dtype=torch.float64), torch.tensor([[1], [0], [1], [1]])
+    (y, m), ctx = stage.forward((x, mask))
+    assert torch.equal(m, mask) and not y.requires_grad
+    gx, gm = stage.backward(ctx, (torch.ones_like(y), None))
+    assert gm is None and gx.shape == x.shape and not gx[1].any()
+    whole = [g.copy() for g in stage.grads()]
+    for g in stage.grads():
+        g[...] = 0
+    (gx2, gm2), wctx = stage.backward_input(stage.forward((x, mask))[1], (np.ones((4, 3)), None))
+    stage.backward_weight(wctx)
+    assert gm2 is None
+    torch.testing.assert_close(gx2, gx)
+    for a, b in zip(stage.grads(), whole, strict=True):
+        np.testing.assert_allclose(a, b)
+
+
+def _tuple_pipeline(world):
+    """pp=2 of _Gate stages: (activation, mask) tuples cross the ranks; a
+    step failing on the second rank (its stage raises) is rolled back on
+    both, and the next steps train as one process would."""
+    import mesh
+    from engine.executor import stages_for_rank
+    grid = mesh.grid(world, pp=2)
+    torch.manual_seed(1)
+    stages = [_Gate(3), _Gate(3), _Gate(3), _Gate(3, last=True)]
+    sched = schedules.by_name("interleaved", 2, 2, chunks=2)
+    mine = stages_for_rank(stages, sched, grid.group("pp").rank)
+    pipe = Pipeline(grid, mine, sched, loss_fn=torch_loss(torch.nn.functional.mse_loss),
+                    timeout=30)
+    if pipe.rank == 1:
+        mine[0].fail = 1
+    x, y = _gate_data()
+    try:
+        pipe.step(x, y)
+        failed = None
+    except (RuntimeError, mesh.MeshError) as e:     # the peer: its messages aborted
+        failed = type(e).__name__
+    losses = [pipe.step(x, y) for _ in range(2)]
+    return {"failed": failed, "losses": losses if pipe.last else None,
+            "grads": {s: [g.copy() for g in st.grads()] for s, st in pipe.stages.items()}}
+
+
+def _gate_data():
+    rng = np.random.default_rng(9)
+    return rng.standard_normal((6, 3)), rng.standard_normal((6, 3))
+
+
+@pytest.mark.timeout(200)
+def test_tuples_between_ranks_and_a_failed_step_rolled_back():
+    import mesh
+    out = mesh.spawn(_tuple_pipeline, 2, timeout=180)
+    assert out[1]["failed"] == "RuntimeError" and out[0]["failed"] in ("MeshError", "StepFailed")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(_Gate(3), _Gate(3), _Gate(3), _Gate(3, last=True))
+    x, y = (torch.from_numpy(a) for a in _gate_data())
+    losses = []
+    for _ in range(2):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+    np.testing.assert_allclose(out[1]["losses"], losses, rtol=1e-12)
+    got = {**out[0]["grads"], **out[1]["grads"]}
+    for s, layer in enumerate(model):
+        for a, p in zip(got[s], layer.parameters(), strict=True):
+            np.testing.assert_allclose(a, p.grad.numpy(), rtol=1e-10)

@@ -369,3 +369,122 @@ def test_load_state_dict_cuts_each_tensor_parallel_ranks_shards():
     for o in out:
         if o["loss"] is not None:
             assert abs(o["loss"] - o["want"]) < 1e-10 * abs(o["want"]), o
+
+
+class _MaskedBlock(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.fc = nn.Linear(w, w)
+
+    def forward(self, x, mask):
+        return x + torch.tanh(self.fc(x)) * mask.unsqueeze(-1)
+
+
+class _Masked(nn.Module):            # a mask made from the input, read by every block
+    def __init__(self, w=6, vocab=7, blocks=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, w)
+        self.blocks = nn.ModuleList(_MaskedBlock(w) for _ in range(blocks))
+        self.head = nn.Linear(w, vocab)
+
+    def forward(self, idx, targets):
+        mask = idx != 0
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = self.head(x)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class _UNet(nn.Module):              # skips: each down's output read by an up, in reverse
+    def __init__(self, w=6, depth=3):
+        super().__init__()
+        self.downs = nn.ModuleList(nn.Linear(w, w) for _ in range(depth))
+        self.ups = nn.ModuleList(nn.Linear(2 * w, w) for _ in range(depth))
+
+    def forward(self, x, y):
+        skips = []
+        for down in self.downs:
+            x = torch.tanh(down(x))
+            skips.append(x)
+        for up in self.ups:
+            x = torch.tanh(up(torch.cat([x, skips.pop()], -1)))
+        return F.mse_loss(x, y)
+
+
+def _skip_data(kind, step):
+    g = torch.Generator().manual_seed(step)
+    if kind == "masked":
+        return (torch.randint(0, 7, (ROWS, 5), generator=g),
+                torch.randint(0, 7, (ROWS, 5), generator=g))
+    return (torch.randn(ROWS, 6, generator=g, dtype=torch.float64),
+            torch.randn(ROWS, 6, generator=g, dtype=torch.float64))
+
+
+def _skip_model(kind):
+    torch.manual_seed(0)
+    return (_Masked() if kind == "masked" else _UNet()).double()
+
+
+def test_a_mask_and_skips_cross_the_cuts_beside_the_activation():
+    """After a block's call the live tensors cross a cut together, as a
+    tuple: the mask every block reads, the skips a U-Net's ups read."""
+    model = _skip_model("masked")
+    seq = engine.sequential(model, target=True)
+    assert [p.__class__.__name__ for p in seq] == [
+        "_Masked[emb..blocks.0]", "_Masked[blocks.1]", "_Masked[blocks.2]",
+        "_Masked[blocks.3]", "_Masked[head]"]
+    x, y = _skip_data("masked", 0)
+    mask, h = seq[0](x)                          # (the mask, then the activation: graph order)
+    assert mask.dtype == torch.bool and h.shape == (ROWS, 5, 6)
+    torch.testing.assert_close(seq.loss(seq(x), y), model(x, y)[1], rtol=0, atol=0)
+    unet = _skip_model("unet")
+    seq = engine.sequential(unet, target=True)
+    assert len(seq) == 6
+    x, y = _skip_data("unet", 0)
+    torch.testing.assert_close(seq.loss(seq(x), y), unet(x, y), rtol=0, atol=0)
+    out = x
+    widths = []
+    for piece in seq[:-1]:
+        out = piece(out)
+        widths.append(len(out) if isinstance(out, tuple) else 1)
+    assert widths == [1, 2, 3, 3, 1]             # the skips still to be read
+
+
+def _skip_worker(world):
+    torch.set_num_threads(1)
+    out = {}
+    for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v")):
+        job = engine.distribute(_skip_model(kind), mesh.grid(world, pp=2), schedule=schedule,
+                                microbatches=2, balance="parameters", timeout=60,
+                                verbose=False)
+        opt = torch.optim.SGD(job.parameters(), lr=LR)
+        losses = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            losses.append(job.step(*_skip_data(kind, step)))
+            opt.step()
+        state = job.state_dict()
+        out[kind] = {"losses": losses, "last": job.pipeline.last,
+                     "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_a_mask_and_skips_distributed_train_like_one_process():
+    """Tuples between the stages, both ways: the mask (no gradient back) at
+    1f1b, the U-Net's skips (gradients back to every down) at zb-v, whose
+    split backward and V placement carry them too."""
+    results = mesh.spawn(_skip_worker, 2, timeout=280, env=PATIENT)
+    for kind in ("masked", "unet"):
+        model = _skip_model(kind)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        losses = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss = model(*_skip_data(kind, step))
+            loss = loss[1] if isinstance(loss, tuple) else loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        trained_alike([r[kind] for r in results], losses, model.state_dict())
