@@ -57,7 +57,7 @@ from .choose import (SCHEDULES, Candidate, LayerCost, Span, best_first, builtin,
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
-from .stagebuild import is_module, make_stage, param_count
+from .stagebuild import inputs_of, is_module, make_stage, param_count
 from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize
 from .partition import partition
 from .traced import few, sequential, traceable
@@ -597,6 +597,25 @@ def _materialize(stage: Any, init: Callable[[Any], Any] | None) -> list[str]:
     return bare
 
 
+class _Rows:
+    """A batch of several inputs (a tuple: ``(input_ids, attention_mask)``)
+    as one: its length is its rows, a slice of it the tuple of its parts'
+    slices (what the first stage takes)."""
+
+    def __init__(self, parts: tuple[Any, ...]) -> None:
+        rows = {len(p) for p in parts}
+        if len(rows) != 1:
+            raise ValueError(f"the parts of the sample have {sorted(rows)} rows: "
+                             "a batch of several inputs has as many rows in each")
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def __getitem__(self, rows: slice) -> tuple[Any, ...]:
+        return tuple(p[rows] for p in self.parts)
+
+
 class _Temp:
     """A layer of a meta model, as a stage to time: a real copy of it
     (``_materialize``d, timing needs no trained weights) made when first
@@ -668,7 +687,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     micro-batch counts ``microbatches`` or p, 2p, 4p...; print the
     candidates on rank 0 when ``verbose``), a name ("1f1b"...) or a Schedule.
     ``balance``: "time" (measured on ``sample``, this replica's batch),
-    "uniform", "parameters" or layer counts per stage. ``memory_limit``:
+    "uniform", "parameters" or layer counts per stage. A plain module
+    whose forward takes several inputs (``forward(input_ids,
+    attention_mask, labels)``) is given its sample as a tuple of them,
+    and each step's inputs the same way: ``step((ids, mask), labels)``. ``memory_limit``:
     bytes of activations a rank may hold (estimated from layer outputs).
     ``overhead``: the executor's own seconds per compute action, and no
     message time, in the prediction; None (the default) measures both on a
@@ -684,8 +706,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     Collective: every rank of the grid calls it with the same arguments."""
     on_meta = _on_meta(model)
     source = model
+    n_inputs = inputs_of(sample)
     if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
-        model = sequential(source, target=loss_fn is None)
+        model = sequential(source, target=loss_fn is None, inputs=n_inputs)
         loss_fn = loss_fn or model.loss
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
@@ -702,6 +725,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     if (auto or balance == "time") and sample is None:
         raise ValueError(f"{'schedule=auto' if auto else 'balance=time'} measures the layers: "
                          "pass sample= (a batch of inputs as step() will get)")
+    if isinstance(sample, tuple):     # several inputs: sliced together, by rows
+        sample = _Rows(sample)
     tp = _size(grid, "tp")
 
     if isinstance(schedule, Schedule):
@@ -734,7 +759,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     if plan:        # the whole model, so the plan's names are the model's own; then every
         parallelize(source, grid.group("tp"), plan)   # layer is timed sharded, collectives in
         if source is not model:       # traced again: the pieces hold the sharded modules
-            model = sequential(source, target=model.loss is not None)
+            model = sequential(source, target=model.loss is not None, inputs=n_inputs)
         named, _ = _model_layers(model)
     params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
     # with a dp axis, the dry runs average stand-ins of the gradients as the steps

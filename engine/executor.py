@@ -84,7 +84,14 @@ class StepFailed(MeshError):
 
 
 def split_microbatches(batch: Any, m: int) -> list[Any]:
-    """``m`` slices of ``batch`` along axis 0, sizes differing by at most one."""
+    """``m`` slices of ``batch`` along axis 0, sizes differing by at most
+    one; of a tuple (a model of several inputs), tuples of its parts' slices."""
+    if isinstance(batch, tuple):
+        rows = {len(part) for part in batch}
+        if len(rows) != 1:
+            raise ValueError(f"the parts of a tuple batch have {sorted(rows)} rows: "
+                             "each part is cut into the same micro-batches")
+        return list(zip(*(split_microbatches(part, m) for part in batch)))
     n = len(batch)
     if n < m:
         raise ValueError(f"a batch of {n} rows cannot be cut into {m} micro-batches")

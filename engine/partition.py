@@ -54,8 +54,8 @@ from .ir import Schedule
 from .replay import replay
 from .schedules import one_f_one_b
 from .simulate import _costs
-from .stagebuild import (as_module, build, declared_tie, is_module, kind_of, layers_of,
-                         make_stage, param_count, stage_params, untie)
+from .stagebuild import (as_module, build, declared_tie, inputs_of, is_module, kind_of,
+                         layers_of, make_stage, param_count, stage_params, untie)
 from .tied import Tie
 from .torch_stage import TorchStage
 from .traced import few, traceable
@@ -131,7 +131,7 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
               stages: Sequence[int] | None = None, group: Any = None,
               tied: Sequence[Sequence[str]] = (), reps: int = 3) -> Partition:
     """Cut ``model`` into ``num_stages`` stages (see the module docstring)."""
-    items = layers_of(model)
+    items = layers_of(model, inputs_of(sample))
     n = len(items)
     if num_stages < 1 or num_stages > n:
         source = type(model).__name__ if traceable(model) else None

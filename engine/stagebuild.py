@@ -23,7 +23,7 @@ from . import layers as L
 from .tied import Tie
 from .traced import sequential, traceable
 
-__all__ = ["torch_module", "is_module", "layers_of", "kind_of", "build", "param_count",
+__all__ = ["torch_module", "is_module", "inputs_of", "layers_of", "kind_of", "build", "param_count",
            "as_module", "make_stage", "layer_params", "stage_params", "untie", "declared_tie"]
 
 
@@ -36,10 +36,16 @@ def is_module(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.nn.Module)
 
 
-def layers_of(model: Any) -> list[Any]:
+def inputs_of(sample: Any) -> int:
+    """How many inputs a model's forward takes, as its sample tells: a
+    tuple's length (``(input_ids, attention_mask)``), else one."""
+    return len(sample) if isinstance(sample, tuple) else 1
+
+
+def layers_of(model: Any, inputs: int = 1) -> list[Any]:
     if is_module(model):
         if traceable(model):                # a plain module: its traced forward's pieces
-            return list(sequential(model))
+            return list(sequential(model, inputs=inputs))
         return list(model)
     if isinstance(model, L.Sequential):
         return list(model.layers)

@@ -152,12 +152,16 @@ def _piece(model: Any, nodes: list[Any], ins: list[Any], outs: list[Any], name: 
 _TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names
 
 
-def sequential(model: Any, target: bool | str = False) -> Any:
+def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     """``model``'s forward as an ``nn.Sequential`` of pieces of its traced
     graph (module docstring); with ``target`` its ``.loss(output, target)``
     is the forward's own loss, else ``.loss`` is None. ``target=True``
     traces as the target the parameter named targets, target, labels,
-    label or y, else the second; a string names it."""
+    label or y, else the one after the inputs; a string names it.
+    ``inputs``: how many of the forward's first parameters (the target
+    aside) are inputs: with more than one (``forward(input_ids,
+    attention_mask, labels)``) the first piece takes them as one tuple,
+    as a pipeline's first stage gets ``step((ids, mask), labels)``."""
     import torch.fx as fx
     from torch import nn
     what = f"{type(model).__name__}.forward"
@@ -165,26 +169,33 @@ def sequential(model: Any, target: bool | str = False) -> Any:
            "(a layer may be a module or a function of one tensor)")
     params = [q for q in inspect.signature(model.forward).parameters.values()
               if q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
-    if not params:
-        raise TypeError(f"{what} takes no input to trace: {way}")
-    traced = params[:1]
+    if len(params) < inputs:
+        raise TypeError(f"{what} takes {len(params)} input(s) to trace, not {inputs}: {way}")
+    tgt_param = None
     if target:
         named = [q for q in params[1:] if q.name == target or
                  (target is True and q.name in _TARGETS)]
-        if not named and target is True and len(params) > 1:
-            named = params[1:2]
+        if not named and target is True and len(params) > inputs:
+            named = params[inputs:inputs + 1]
         if not named:
             raise TypeError(f"{what} takes no target "
                             f"{repr(target) + ' ' if isinstance(target, str) else ''}to trace "
                             f"(pass loss_fn=)")
-        traced.append(named[0])
+        tgt_param = named[0]
+    traced = [q for q in params if q is not tgt_param][:inputs]
+    if len(traced) < inputs:
+        raise TypeError(f"{what} takes {len(traced)} input(s) besides its target "
+                        f"{getattr(tgt_param, 'name', '')!r}, not {inputs}")
     concrete = {}
     for q in params:
-        if q in traced:
+        if q in traced or q is tgt_param:
             continue
         if q.default is q.empty:
             raise TypeError(f"{what}: its parameter {q.name!r} has no default; only the "
-                            f"input{' and the target' if target else ''} can be traced: {way}")
+                            f"input{'s' if inputs > 1 else ''}"
+                            f"{' and the target' if target else ''} can be traced (several "
+                            f"inputs: a sample= tuple of them, step((x, {q.name}), ...)): "
+                            f"{way}")
         concrete[q.name] = q.default
 
     class Tracer(fx.Tracer):
@@ -201,30 +212,31 @@ def sequential(model: Any, target: bool | str = False) -> Any:
     nodes = list(graph.nodes)
     phs = [n for n in nodes if n.op == "placeholder"]
     by_name = {n.target: n for n in phs}
-    inp = by_name.get(traced[0].name, phs[0])
+    ins = [by_name[q.name] for q in traced]
     out = _leaves(next(n for n in nodes if n.op == "output").args[0])
     loss = None
     if target:
-        tgt = by_name.get(traced[1].name, phs[1] if len(phs) > 1 else None)
+        assert tgt_param is not None
+        tgt = by_name[tgt_param.name]
         reads: set[Any] = set()
         for n in nodes:                 # what depends on the target
             if n is tgt or any(m in reads for m in _inputs(n)):
                 reads.add(n)
         found = [n for n in out if n in reads]
         if len(found) != 1:
-            raise TypeError(f"{what}({traced[0].name}, {traced[1].name}) returns "
-                            f"{len(found)} values computed from {traced[1].name!r}, not one "
-                            "loss: pass loss_fn=")
+            raise TypeError(f"{what}({', '.join(q.name for q in [*traced, tgt_param])}) "
+                            f"returns {len(found)} values computed from {tgt_param.name!r}, "
+                            "not one loss: pass loss_fn=")
         needed = _ancestors(found)
         part = [n for n in nodes if n in needed and n in reads and n is not tgt]
         if any(n.op == "call_module" for n in part):
-            raise TypeError(f"{what}: what it computes from {traced[1].name!r} calls the "
+            raise TypeError(f"{what}: what it computes from {tgt_param.name!r} calls the "
                             "model's modules, so it is no loss of the output alone: "
                             "pass loss_fn=")
         fed = {m for n in part for m in _inputs(n) if m not in reads and m.op != "get_attr"}
-        if len(fed) != 1 or inp in fed:
+        if len(fed) != 1 or any(m in fed for m in ins):
             raise TypeError(f"{what}: its loss reads {len(fed)} values of the model "
-                            f"besides {traced[1].name!r}, not one output: pass loss_fn=")
+                            f"besides {tgt_param.name!r}, not one output: pass loss_fn=")
         (end,) = fed
         loss = _piece(model, part, [end], [found[0]], f"{type(model).__name__}Loss", (tgt,))
     else:
@@ -234,8 +246,9 @@ def sequential(model: Any, target: bool | str = False) -> Any:
         end = out[0]
     needed = _ancestors([end])
     body = [n for n in nodes if n in needed and n.op not in ("placeholder", "get_attr")]
-    if any(n.op == "placeholder" and n is not inp for n in needed):
-        raise TypeError(f"{what}: its layers read an input besides {traced[0].name!r}: {way}")
+    if any(n.op == "placeholder" and n not in ins for n in needed):
+        raise TypeError(f"{what}: its layers read an input besides "
+                        f"{', '.join(repr(q.name) for q in traced)}: {way}")
     pos = {n: i for i, n in enumerate(body)}
     tensors = _tensor_valued(nodes)
     blocks = _loop_steps(model, body)
@@ -245,13 +258,13 @@ def sequential(model: Any, target: bool | str = False) -> Any:
     # of a loop over a ModuleList) the live values are all tensors: they
     # cross the cut as a tuple (the input and a mask every block reads, a
     # U-Net's skips). One pass.
-    last = {m: max((pos[u] for u in m.users if u in pos), default=-1) for m in [inp, *body]}
+    last = {m: max((pos[u] for u in m.users if u in pos), default=-1) for m in [*ins, *body]}
     dies: dict[int, list[Any]] = {}     # values whose last reader is body[i]
     for m, at in last.items():
         dies.setdefault(at, []).append(m)
-    live = {inp} if last[inp] >= 0 else set()
+    live = {m for m in ins if last[m] >= 0}
     order = {n: i for i, n in enumerate(nodes)}
-    crossing: dict[int, list[Any]] = {0: [inp]}     # cut -> the values crossing it
+    crossing: dict[int, list[Any]] = {0: ins}     # cut -> the values crossing it
     for i, n in enumerate(body[:-1]):
         if last[n] > i:
             live.add(n)

@@ -412,8 +412,39 @@ class _UNet(nn.Module):              # skips: each down's output read by an up, 
         return F.mse_loss(x, y)
 
 
+class _HFBlock(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.dense = nn.Linear(w, w)
+
+    def forward(self, hidden, bias):
+        return hidden + torch.tanh(self.dense(hidden)) + bias
+
+
+class _HF(nn.Module):                # Hugging Face's signature: the mask an input, a dict out
+    def __init__(self, w=6, vocab=7, blocks=3):
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab, w)
+        self.layer = nn.ModuleList(_HFBlock(w) for _ in range(blocks))
+        self.classifier = nn.Linear(w, vocab)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        hidden = self.embeddings(input_ids)
+        bias = (1.0 - attention_mask[:, :, None].to(hidden.dtype)) * -0.5
+        for block in self.layer:
+            hidden = block(hidden, bias)
+        out = {"logits": self.classifier(hidden)}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(out["logits"].flatten(0, 1), labels.flatten())
+        return out
+
+
 def _skip_data(kind, step):
     g = torch.Generator().manual_seed(step)
+    if kind == "hf":
+        return ((torch.randint(0, 7, (ROWS, 5), generator=g),
+                 torch.randint(0, 2, (ROWS, 5), generator=g)),
+                torch.randint(0, 7, (ROWS, 5), generator=g))
     if kind == "masked":
         return (torch.randint(0, 7, (ROWS, 5), generator=g),
                 torch.randint(0, 7, (ROWS, 5), generator=g))
@@ -423,7 +454,7 @@ def _skip_data(kind, step):
 
 def _skip_model(kind):
     torch.manual_seed(0)
-    return (_Masked() if kind == "masked" else _UNet()).double()
+    return {"masked": _Masked, "unet": _UNet, "hf": _HF}[kind]().double()
 
 
 def test_a_mask_and_skips_cross_the_cuts_beside_the_activation():
@@ -451,13 +482,33 @@ def test_a_mask_and_skips_cross_the_cuts_beside_the_activation():
     assert widths == [1, 2, 3, 3, 1]             # the skips still to be read
 
 
+def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
+    """forward(input_ids, attention_mask, labels): inputs=2 traces the mask
+    too (partition: a sample tuple says so), the first piece takes both."""
+    model = _skip_model("hf")
+    (ids, mask), labels = _skip_data("hf", 0)
+    seq = engine.sequential(model, target=True, inputs=2)
+    assert len(seq) == 4 and list(seq[0].graph.nodes)[0].name == "xs"
+    torch.testing.assert_close(seq.loss(seq((ids, mask)), labels),
+                               model(ids, mask, labels)["loss"], rtol=0, atol=0)
+    parts = engine.partition(model, 2, balance="time", sample=(ids, mask))
+    torch.testing.assert_close(parts[1](parts[0]((ids, mask))), model(ids, mask)["logits"],
+                               rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"takes 2 input\(s\) besides its target 'labels', "
+                                        r"not 3"):
+        engine.sequential(model, target=True, inputs=3)
+    with pytest.raises(ValueError, match=r"the parts of a tuple batch have \[3, 4\] rows"):
+        engine.split_microbatches((ids, mask[:3]), 2)
+
+
 def _skip_worker(world):
     torch.set_num_threads(1)
     out = {}
-    for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v")):
+    for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v"), ("hf", "auto")):
         job = engine.distribute(_skip_model(kind), mesh.grid(world, pp=2), schedule=schedule,
-                                microbatches=2, balance="parameters", timeout=60,
-                                verbose=False)
+                                microbatches=2, timeout=60, verbose=False,
+                                **({"sample": _skip_data(kind, 0)[0]} if kind == "hf" else
+                                   {"balance": "parameters"}))
         opt = torch.optim.SGD(job.parameters(), lr=LR)
         losses = []
         for step in range(STEPS):
@@ -474,15 +525,17 @@ def _skip_worker(world):
 def test_a_mask_and_skips_distributed_train_like_one_process():
     """Tuples between the stages, both ways: the mask (no gradient back) at
     1f1b, the U-Net's skips (gradients back to every down) at zb-v, whose
-    split backward and V placement carry them too."""
+    split backward and V placement carry them too; a forward of two inputs
+    (Hugging Face's ids and mask) chosen, timed and re-timed by "auto"."""
     results = mesh.spawn(_skip_worker, 2, timeout=280, env=PATIENT)
-    for kind in ("masked", "unet"):
+    for kind in ("masked", "unet", "hf"):
         model = _skip_model(kind)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         losses = []
         for step in range(STEPS):
             opt.zero_grad()
-            loss = model(*_skip_data(kind, step))
+            x, y = _skip_data(kind, step)
+            loss = model(*x, labels=y)["loss"] if kind == "hf" else model(x, y)
             loss = loss[1] if isinstance(loss, tuple) else loss
             loss.backward()
             opt.step()
