@@ -67,7 +67,9 @@ def _nbytes(y: Any) -> int:
 def _each(fn: Callable[[Any], Any], v: Any) -> Any:
     """``fn(v)``, or a tuple of it on each part of a tuple (None kept)."""
     if isinstance(v, tuple):
-        return tuple(None if p is None else fn(p) for p in v)
+        out = tuple(None if p is None else fn(p) for p in v)
+        fixed = getattr(v, "fixed", None)      # (engine.torch_stage.Parts: kept)
+        return out if fixed is None else type(v)(out, fixed)  # type: ignore[call-arg]
     return fn(v)
 
 

@@ -64,7 +64,7 @@ from .lower import with_grad_sync
 from .simulate import simulate
 from .tied import TiedGrads
 from .tp_sums import TpSums
-from .torch_stage import TorchStage
+from .torch_stage import Parts, TorchStage
 from .verify import verify
 
 __all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
@@ -348,8 +348,8 @@ class _Step:
             value = self.outs.pop(_key(a))
             if isinstance(value, tuple):    # several tensors: a header, then each part
                 self.sends.append(pipe.pp.isend(
-                    {_PARTS: len(value), "none": [i for i, v in enumerate(value) if v is None]},
-                    dst, tag=tag))
+                    {_PARTS: len(value), "none": [i for i, v in enumerate(value) if v is None],
+                     "fixed": list(getattr(value, "fixed", ()))}, dst, tag=tag))
                 value = [v for v in value if v is not None]
             for v in value if isinstance(value, list) else [value]:
                 self.sends.append(pipe.pp.isend(v, dst, tag=tag))
@@ -388,7 +388,7 @@ class _Step:
             for req in reqs.values():
                 req.cancel()
             raise
-        return tuple(parts)
+        return Parts(parts, header.get("fixed", ()))
 
     def _forward(self, a: Action) -> None:
         pipe, (s, k) = self.pipe, _key(a)

@@ -9,7 +9,8 @@ A boundary may carry several tensors as a tuple (a block's input and the
 attention mask every block reads, a U-Net's skips): a module returning a
 tuple hands it to the next stage, whose module gets it as its one
 argument; each part gets its own gradient back, None for one that has
-none (an integer mask).
+none (an integer mask, or a float one computed from the input alone:
+``Parts.fixed``, which the next stage takes as a constant).
 Inputs go to the module's device (CPU or CUDA). A floating input is cast to
 the module's dtype inside the graph, so a float32 module takes float64
 activations and hands back gradients in the input's dtype. ``grads()``
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TorchStage", "torch_loss"]
+__all__ = ["TorchStage", "Parts", "torch_loss"]
 
 
 def _torch() -> Any:
@@ -74,20 +75,26 @@ class TorchStage:
         module gets: the leaf cast to the module's dtype (inside the graph).
         A tuple (a boundary carrying several tensors): tuples of both."""
         if isinstance(x, tuple):
-            pairs = [self._input(v) for v in x]
+            fixed = getattr(x, "fixed", ())
+            pairs = [self._part(v, i in fixed) for i, v in enumerate(x)]
             return tuple(t for t, _ in pairs), tuple(f for _, f in pairs)
+        return self._part(x)
+
+    def _part(self, x: Any, fixed: bool = False) -> tuple[Any, Any]:
         torch = _torch()
         t = _tensor(torch, x, self.device)
         if not t.is_floating_point():
             return t, t
-        t = t.detach().clone().requires_grad_(True)
+        if not fixed:           # (a part no gradient goes back to: no leaf to fill)
+            t = t.detach().clone().requires_grad_(True)
         return t, (t if self.dtype is None else t.to(self.dtype))
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         t, fed = self._input(x)
         out = self.module(fed)
         if isinstance(out, tuple):
-            return tuple(o.detach() for o in out), (t, out)
+            return Parts((o.detach() for o in out),
+                         [i for i, o in enumerate(out) if not o.requires_grad]), (t, out)
         return out.detach(), (t, out)
 
     def backward(self, ctx: Any, gy: Any) -> Any:
@@ -141,6 +148,20 @@ class TorchStage:
                 p.grad = None
             else:
                 self._grad(p).copy_(torch.as_tensor(h, device=p.device))
+
+
+class Parts(tuple):
+    """The tensors a stage hands the next one (a tuple), and ``fixed``: the
+    indices of those no gradient goes back to (computed from nothing that
+    needs one: a mask made from the input), which the next stage takes as
+    constants and sends no gradient of."""
+
+    fixed: tuple[int, ...]
+
+    def __new__(cls, parts: Any, fixed: Any = ()) -> "Parts":
+        self = super().__new__(cls, parts)
+        self.fixed = tuple(fixed)
+        return self
 
 
 def _flowing(out: Any, gy: Any) -> tuple[list[Any], list[Any]]:

@@ -211,8 +211,9 @@ def test_a_stage_taking_and_returning_a_tuple():
     torch.manual_seed(0)
     stage = TorchStage(_Gate(3))
     x, mask = torch.randn(4, 3, dtype=torch.float64), torch.tensor([[1], [0], [1], [1]])
-    (y, m), ctx = stage.forward((x, mask))
-    assert torch.equal(m, mask) and not y.requires_grad
+    out, ctx = stage.forward((x, mask))
+    (y, m), fixed = out, out.fixed               # the mask: no gradient wanted back
+    assert torch.equal(m, mask) and not y.requires_grad and fixed == (1,)
     gx, gm = stage.backward(ctx, (torch.ones_like(y), None))
     assert gm is None and gx.shape == x.shape and not gx[1].any()
     whole = [g.copy() for g in stage.grads()]
@@ -224,6 +225,15 @@ def test_a_stage_taking_and_returning_a_tuple():
     torch.testing.assert_close(gx2, gx)
     for a, b in zip(stage.grads(), whole, strict=True):
         np.testing.assert_allclose(a, b)
+    # a float part the sender marked fixed (made from its input alone): a
+    # constant here, no gradient computed or sent back for it
+    from engine.torch_stage import Parts
+    scale = torch.full((4, 1), 0.5, dtype=torch.float64)
+    _, ctx = stage.forward(Parts((x, scale), fixed=[1]))
+    gx3, gs = stage.backward(ctx, (torch.ones_like(y), None))
+    assert gs is None
+    _, ctx = stage.forward((x, scale))
+    assert stage.backward(ctx, (torch.ones_like(y), None))[1].shape == (4, 1)
 
 
 def _tuple_pipeline(world):
