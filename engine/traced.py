@@ -208,7 +208,12 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     try:
         graph = Tracer().trace(model, concrete_args=concrete or None)
     except Exception as e:
-        raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}); {way}") from e
+        kept = ", ".join(map(repr, concrete))
+        fixed = (f"; {kept} kept {'its' if len(concrete) == 1 else 'their'} default(s): "
+                 "to trace a forward of several inputs, pass sample= a tuple of them "
+                 "(engine.sequential: inputs=)" if concrete else "")
+        raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}){fixed}; "
+                        f"{way}") from e
     nodes = list(graph.nodes)
     phs = [n for n in nodes if n.op == "placeholder"]
     by_name = {n.target: n for n in phs}

@@ -415,10 +415,10 @@ class _UNet(nn.Module):              # skips: each down's output read by an up, 
 class _HFBlock(nn.Module):
     def __init__(self, w):
         super().__init__()
-        self.dense = nn.Linear(w, w)
+        self.up, self.down = nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
 
     def forward(self, hidden, bias):
-        return hidden + torch.tanh(self.dense(hidden)) + bias
+        return hidden + self.down(torch.tanh(self.up(hidden))) + bias
 
 
 class _HF(nn.Module):                # Hugging Face's signature: the mask an input, a dict out
@@ -497,6 +497,9 @@ def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
     with pytest.raises(TypeError, match=r"takes 2 input\(s\) besides its target 'labels', "
                                         r"not 3"):
         engine.sequential(model, target=True, inputs=3)
+    with pytest.raises(TypeError, match=r"'attention_mask', 'labels' kept their default\(s\): "
+                                        r"to trace a forward of several inputs, pass sample="):
+        engine.sequential(model)
     with pytest.raises(ValueError, match=r"the parts of a tuple batch have \[3, 4\] rows"):
         engine.split_microbatches((ids, mask[:3]), 2)
 
@@ -541,3 +544,38 @@ def test_a_mask_and_skips_distributed_train_like_one_process():
             opt.step()
             losses.append(loss.item())
         trained_alike([r[kind] for r in results], losses, model.state_dict())
+
+
+def _hf_tp_worker(world):
+    torch.set_num_threads(1)
+    job = engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2, tp=2),
+                            plan={"layer.*.up": "colwise", "layer.*.down": "rowwise"},
+                            schedule="zb-h1", microbatches=2, balance="parameters",
+                            sample=_skip_data("hf", 0)[0], timeout=60, verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        losses.append(job.step(*_skip_data("hf", step)))
+        opt.step()
+    state = job.state_dict()
+    return {"losses": losses, "last": job.pipeline.last,
+            "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+
+
+@pytest.mark.timeout(300)
+def test_a_forward_of_two_inputs_sharded_by_a_plan_trains_like_one_process():
+    """pp=2 x tp=2: (the mask's bias, the activation) cross the cut to
+    tensor-parallel stages; the bias, made from the input, as a constant."""
+    results = mesh.spawn(_hf_tp_worker, 4, timeout=280, env=PATIENT)
+    model = _skip_model("hf")
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        (ids, mask), labels = _skip_data("hf", step)
+        loss = model(ids, mask, labels)["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    trained_alike(results, losses, model.state_dict())
