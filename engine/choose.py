@@ -362,18 +362,31 @@ def helper_charge(sched: Schedule, helper: float) -> list[float]:
             for s in range(n)]
 
 
-def peak_bytes(sched: Schedule, act: Sequence[int]) -> tuple[int, ...]:
+def peak_bytes(sched: Schedule, act: Sequence[int],
+               kept: Sequence[int] | None = None) -> tuple[int, ...]:
     """Per rank, the most activation bytes held at once: a stage's ``act[s]``
-    from its F to its B (or W, when the backward is split)."""
+    from its F to its B (or W, when the backward is split). With ``kept``
+    (recompute: a stage keeps only its input, ``kept[s]``, from its F to
+    its backward, which makes ``act[s]`` again): ``kept[s]`` from F to B
+    (or W), and ``act[s]`` during B, or from I to W (the graph the W reads)."""
+    held = act if kept is None else kept
     peaks = []
     for row in sched.ranks:
         live = peak = 0
         for a in row:
+            s = a.stage
             if a.kind == F:
-                live += act[a.stage]
+                live += held[s]
                 peak = max(peak, live)
-            elif a.kind in (B, W):
-                live -= act[a.stage]
+            elif a.kind == B:
+                if kept is not None:
+                    peak = max(peak, live + act[s])
+                live -= held[s]
+            elif a.kind == I and kept is not None:
+                live += act[s]
+                peak = max(peak, live)
+            elif a.kind == W:
+                live -= held[s] + (act[s] if kept is not None else 0)
         peaks.append(peak)
     return tuple(peaks)
 
@@ -426,7 +439,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                send: float | Mapping[int, float] = 0.0,
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
                helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
-               cores: float | None = None) -> list[Candidate]:
+               cores: float | None = None, recompute: bool = False) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -439,7 +452,11 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     ``helper`` the mesh threads' CPU per message end
     charged to the computing ranks (``helper_charge``; 0 where a core is
     spare). ``cores``: the ranks share that many cores (engine.simulate's;
-    ``overhead`` then an unshared ``"fixed"`` cost, see ``retimed``)."""
+    ``overhead`` then an unshared ``"fixed"`` cost, see ``retimed``).
+    ``recompute``: the stages recompute their forward in the backward
+    (the profile's backward times, measured so, include it): the peak
+    memory counts each stage's input kept, and its activations made again
+    (``peak_bytes``'s ``kept``)."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -461,11 +478,12 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
                                              shared), cores).makespan
                   if whole else rep.makespan)
-        act, start = [], 0
+        act, kept, start = [], [], 0
         for c in counts:
             act.append(sum(row[i].act_bytes for i in range(start, start + c)))
+            kept.append(row[start - 1].act_bytes if start else 0)   # (the batch: not counted)
             start += c
-        peak = max(peak_bytes(sched, act))
+        peak = max(peak_bytes(sched, act, kept if recompute else None))
         fits = memory_limit is None or peak <= memory_limit
         out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed,
                              cores=cores))

@@ -623,8 +623,9 @@ class _Temp:
     layer's memory at a time."""
 
     def __init__(self, layer: Any, init: Callable[[Any], Any] | None,
-                 current: list[Any]) -> None:
+                 current: list[Any], recompute: bool = False) -> None:
         self._layer, self._init, self._current = layer, init, current   # current: [the one]
+        self._recompute = recompute
         self._stage: Any = None
 
     def _real(self) -> Any:
@@ -633,7 +634,7 @@ class _Temp:
                 self._current[0]._stage = None
             real = copy.deepcopy(self._layer)
             _materialize(real, self._init)
-            self._stage = TorchStage(real)
+            self._stage = TorchStage(real, self._recompute)
             self._current[0] = self
         return self._stage
 
@@ -679,7 +680,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                memory_limit: float | None = None, *, chunks: int = 2,
                timeout: float | None = None, reps: int = 3, verbose: bool = True,
                overhead: float | None = None, tag_base: int = 0,
-               init: Callable[[Any], Any] | None = None) -> Job:
+               init: Callable[[Any], Any] | None = None, recompute: bool = False) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
     over tp, and build the pipeline (gradients averaged over dp).
 
@@ -696,6 +697,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     message time, in the prediction; None (the default) measures both on a
     dry pipeline (engine.calibrate) when the layers are measured.
     ``tag_base``: as Pipeline's, for several jobs on one grid.
+    ``recompute``: activation checkpointing (Pipeline's ``recompute``):
+    each stage keeps only its input between a micro-batch's forward and
+    backward and runs its forward again there; the layers are timed so
+    and the candidates' peak memory counts it (a ``memory_limit`` that no
+    schedule met may be met so). Torch models only.
     A torch model built on the meta device (``with torch.device("meta"):``)
     holds no memory: each rank makes only its own stages (with a plan, its
     own shards of them) real, on the CPU, as zeros that ``init(stage)``
@@ -712,6 +718,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         loss_fn = loss_fn or model.loss
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
+    if recompute and not is_torch:
+        raise ValueError("recompute=True needs a torch model: engine.layers stages keep "
+                         "their activations")
     if loss_fn is None:
         raise ValueError("engine.distribute needs loss_fn= (output, target) -> loss")
     if plan and "tp" not in grid.names:
@@ -777,7 +786,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
             # (a meta model's layers are timed on real copies, one layer at a time)
             current: list[Any] = [None]
-            mlayers = [(_Temp(layer, init, current) if on_meta else TorchStage(layer))
+            mlayers = [(_Temp(layer, init, current, recompute) if on_meta
+                        else TorchStage(layer, recompute))
                        if is_torch else layer for _, layer in named]
             # where the ranks outnumber a host's cores the simulator shares them, so
             # each layer is timed in its thread's CPU: its wall, every rank timing at
@@ -808,7 +818,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                 timeout=timeout, tensors=is_torch, grid=on, grads=even)
                     action[k], message[k], receive[k] = d.action, d.message, d.receive
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                               action, message, helper=cal.helper, recv=receive, cores=cal.cores)
+                               action, message, helper=cal.helper, recv=receive, cores=cal.cores,
+                               recompute=recompute)
             spans = stage_spans(cands, rows)
             whole: dict[int, dict[Span, LayerCost]] = {}
             if spans:          # the cuts' stages, timed whole: what the steps will pay
@@ -817,10 +828,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                     if on_meta:             # a real copy, for as long as it is timed
                         stage = copy.deepcopy(stage)
                         _materialize(stage, init)
-                    return TorchStage(stage) if is_torch else stage
+                    return TorchStage(stage, recompute) if is_torch else stage
                 whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                                   action, message, whole, cal.helper, receive, cal.cores)
+                                   action, message, whole, cal.helper, receive, cal.cores,
+                                   recompute)
             if not cands:
                 raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
             if auto and overhead is None:     # the leaders' own dry runs
@@ -833,7 +845,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sched = chosen.schedule
     counts = chosen.counts if chosen else counts_for(balance, sched.num_stages, None, params)
     if verbose and grid.comm.rank == 0 and auto:
-        print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
+        print(f"engine.distribute: {dict(grid.axes)}, {L} layers"
+              f"{' (recompute: a stage keeps its input only)' if recompute else ''}; "
+              "candidates:\n"
               f"{table(cands, chosen)}", flush=True)
 
     mine = sched.stages_of(grid.coord("pp"))
@@ -851,7 +865,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         print(f"engine.distribute: {sched.name} cuts the model into {cut}", flush=True)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
     pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
-                    tag_base=tag_base)
+                    tag_base=tag_base, recompute=recompute)
     stages = [pipe.stages[s] for s in mine]
     if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
         dp = grid.group("dp")

@@ -122,7 +122,11 @@ class Pipeline:
     kept equal (see engine.tied). See the module docstring for what ``step``
     computes. ``optimizer(stage)``, when given, runs at each
     OPT action of the schedule. ``timeout`` bounds every wait (None: the
-    mesh's default). Step n's messages use tags ``tag_base + i + (n << 32)``
+    mesh's default). ``recompute``: each torch stage keeps only its input
+    from a forward to its backward, and runs the forward again there (the
+    same random draws: dropout's masks), as activation checkpointing does:
+    a stage's activations are held for one micro-batch at a time, for
+    the cost of a second forward. Step n's messages use tags ``tag_base + i + (n << 32)``
     for ``i <= 2 * micro-batches * stages`` (the last one is the trace's):
     two pipelines on one group need tag_bases that far apart, below 2**32.
 
@@ -135,7 +139,8 @@ class Pipeline:
     def __init__(self, grid_or_group: Grid | Comm, stage: Any, schedule: Schedule,
                  loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,
                  optimizer: Callable[[Any], None] | None = None,
-                 timeout: float | None = None, tag_base: int = 0) -> None:
+                 timeout: float | None = None, tag_base: int = 0,
+                 recompute: bool = False) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
         # every rank of the pipeline: where the step's outcome is agreed on
         self.whole = grid_or_group.comm if isinstance(grid_or_group, Grid) else grid_or_group
@@ -154,7 +159,8 @@ class Pipeline:
         self.rank = self.pp.rank
         self.program: tuple[Action, ...] = lowered.ranks[self.rank]
         mine = lowered.stages_of(self.rank)
-        stages = [_as_stage(s) for s in (stage if isinstance(stage, (list, tuple)) else [stage])]
+        stages = [_as_stage(s, recompute)
+                  for s in (stage if isinstance(stage, (list, tuple)) else [stage])]
         if len(stages) != len(mine):
             raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
                              f"{schedule.name!r} but was given {len(stages)} stage object(s)")
@@ -264,13 +270,16 @@ class Pipeline:
         return _trace.write(path, data) if data is not None else None
 
 
-def _as_stage(obj: Any) -> Any:
+def _as_stage(obj: Any, recompute: bool = False) -> Any:
     """``obj``, or a TorchStage of it when it is a torch module (keeping the
     partition's marks of tied parameters)."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(obj, torch.nn.Module):
+        if recompute and not getattr(obj, "recompute", False):
+            raise TypeError(f"recompute=True: a {type(obj).__name__} stage does not recompute "
+                            "(torch modules do, as TorchStage(module, recompute=True))")
         return obj
-    stage: Any = TorchStage(obj)
+    stage: Any = TorchStage(obj, recompute)
     stage.tied = getattr(obj, "tied", ())
     return stage
 

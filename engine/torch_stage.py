@@ -49,9 +49,11 @@ def _tensor(torch: Any, x: Any, device: Any = None) -> Any:
 class TorchStage:
     """A stage running ``module`` (on CPU or one GPU) on torch tensors."""
 
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: Any, recompute: bool = False) -> None:
         torch = _torch()
         self.module = module
+        self.recompute = recompute
+        self._fixed: tuple[int, ...] | None = None   # a tuple output's parts needing no grad
         self._params = [p for p in module.parameters() if p.requires_grad]
         # Floating inputs are cast to the dtype of the module's first floating
         # parameter or buffer (a module without any takes them as they come).
@@ -90,15 +92,54 @@ class TorchStage:
         return t, (t if self.dtype is None else t.to(self.dtype))
 
     def forward(self, x: Any) -> tuple[Any, Any]:
+        if self.recompute:
+            return self._forward_kept(x)
         t, fed = self._input(x)
         out = self.module(fed)
-        if isinstance(out, tuple):
-            return Parts((o.detach() for o in out),
-                         [i for i, o in enumerate(out) if not o.requires_grad]), (t, out)
-        return out.detach(), (t, out)
+        return self._handed(out, True), (t, out)
+
+    def _handed(self, out: Any, graph: bool) -> Any:
+        """What the next stage gets: ``out`` detached (a tuple as Parts);
+        ``graph``: ``out`` was computed with autograd recording, so its
+        parts that need no gradient are known (else those learned from
+        the last such forward, or the non-floating ones)."""
+        if not isinstance(out, tuple):
+            return out.detach()
+        if graph:
+            self._fixed = tuple(i for i, o in enumerate(out) if not o.requires_grad)
+        fixed = self._fixed if self._fixed is not None else [
+            i for i, o in enumerate(out) if not o.is_floating_point()]
+        return Parts((o.detach() for o in out), fixed)
+
+    def _forward_kept(self, x: Any) -> tuple[Any, Any]:
+        """Recompute: the forward without a graph, keeping only its input
+        and the random number generators' state; the backward runs it again
+        (``_replay``) with the same random draws (dropout's masks)."""
+        torch = _torch()
+        cuda = self.device is not None and self.device.type == "cuda"
+        state = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+        with torch.no_grad():
+            _, fed = self._input(x)
+            out = self.module(fed)
+        return self._handed(out, False), _Kept(x, state)
+
+    def _replay(self, ctx: Any) -> tuple[Any, Any]:
+        """A context of ``forward``: kept as it is, or run again (recompute)."""
+        if not isinstance(ctx, _Kept):
+            return ctx
+        torch = _torch()
+        cuda = ctx.state[1] is not None
+        with torch.random.fork_rng(devices=[self.device] if cuda else [], enabled=True):
+            torch.set_rng_state(ctx.state[0])
+            if cuda:
+                torch.cuda.set_rng_state(ctx.state[1], self.device)
+            t, fed = self._input(ctx.x)
+            out = self.module(fed)
+        self._handed(out, True)          # (learns which parts need no gradient)
+        return t, out
 
     def backward(self, ctx: Any, gy: Any) -> Any:
-        t, out = ctx
+        t, out = self._replay(ctx)
         outs, gys = _flowing(out, gy)
         if outs:
             _torch().autograd.backward(outs, gys)
@@ -107,7 +148,7 @@ class TorchStage:
     def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
         """Gradient of the input only; the graph is kept for backward_weight."""
         torch = _torch()
-        t, out = ctx
+        t, out = self._replay(ctx)
         outs, gys = _flowing(out, gy)
         leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if v.requires_grad]
         if not leaves or not outs:
@@ -148,6 +189,16 @@ class TorchStage:
                 p.grad = None
             else:
                 self._grad(p).copy_(torch.as_tensor(h, device=p.device))
+
+
+class _Kept:
+    """A recomputing stage's forward context: its input and the state of
+    the random number generators (CPU, and its GPU's) before it ran."""
+
+    __slots__ = ("x", "state")
+
+    def __init__(self, x: Any, state: tuple[Any, Any]) -> None:
+        self.x, self.state = x, state
 
 
 class Parts(tuple):

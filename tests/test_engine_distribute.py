@@ -94,6 +94,26 @@ def test_candidates_best_first_under_the_memory_limit():
     assert "<- chosen" in text and "over memory limit" in text and "pred ms" in text
 
 
+def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
+    """peak_bytes with ``kept``: 1F1B(2,4) holds two micro-batches on rank 0,
+    one on rank 1; recomputing, each holds their inputs, and one stage's
+    activations during a backward (a split one's from I to W)."""
+    sched = choose.builtin(["1f1b"], 2, [4])[0]
+    assert choose.peak_bytes(sched, [100, 100]) == (200, 100)
+    assert choose.peak_bytes(sched, [100, 100], kept=[0, 5]) == (100, 105)
+    zb = choose.builtin(["zb-h1"], 2, [4])[0]
+    plain, again = choose.peak_bytes(zb, [100, 100]), choose.peak_bytes(zb, [100, 100], [0, 5])
+    assert again[1] >= 105 and again[0] <= plain[0]
+    rows, ms = 32, [4]
+    layers = [1] * 8
+    cands = {c.schedule.name: c for c in choose.candidates(
+        _profile(rows, ms, layers), [1] * 8, rows, choose.builtin(["1f1b"], 2, ms),
+        recompute=True)}
+    # rank 0 keeps stage 0's input only (the batch, not counted): one stage's
+    # activations (4 layers x 800 B) during a backward; rank 1 its input too
+    assert cands["1f1b(2,4)"].peak_bytes == 4 * 800 + 800
+
+
 def test_uneven_layers_balanced_by_time_beat_uniform():
     layers, rows, p = [1, 1, 1, 1, 1, 1, 6, 6], 16, 2
     ms = [4]

@@ -285,3 +285,58 @@ def test_tuples_between_ranks_and_a_failed_step_rolled_back():
     for s, layer in enumerate(model):
         for a, p in zip(got[s], layer.parameters(), strict=True):
             np.testing.assert_allclose(a, p.grad.numpy(), rtol=1e-10)
+
+
+def _dropout_model():
+    torch.manual_seed(4)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 8), torch.nn.Dropout(0.3), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 2)).double()
+
+
+def test_a_recomputing_stage_draws_the_same_dropout_masks():
+    """recompute: the forward runs without a graph and again in the
+    backward (split or whole) with the generator's state it first had; the
+    outputs, gradients and the generator's later draws are a plain stage's."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+    got = {}
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        stage = TorchStage(_dropout_model(), recompute=recompute)
+        y, ctx = stage.forward(x)
+        y2, ctx2 = stage.forward(x)
+        gx = stage.backward(ctx, torch.ones_like(y))
+        gx2, wctx = stage.backward_input(ctx2, 2 * torch.ones_like(y2))
+        stage.backward_weight(wctx)
+        got[recompute] = [y, y2, gx, gx2, *map(torch.from_numpy, stage.grads()), torch.rand(3)]
+    for a, b in zip(got[False], got[True], strict=True):
+        assert torch.equal(a, b)
+
+
+def _recompute_pipeline(world):
+    import mesh
+    from engine.executor import stages_for_rank
+    grid = mesh.grid(world, pp=2)
+    sched = schedules.by_name("1f1b", 2, 4)
+    out = {}
+    for recompute in (False, True):
+        layers = list(_dropout_model())
+        stages = [torch.nn.Sequential(*layers[:3]), torch.nn.Sequential(*layers[3:])]
+        pipe = Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
+                        loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30,
+                        recompute=recompute)
+        torch.manual_seed(5 + pipe.rank)
+        rng = np.random.default_rng(3)
+        x, y = rng.standard_normal((8, 4)), rng.standard_normal((8, 2))
+        losses = [pipe.step(x, y) for _ in range(2)]
+        out[recompute] = (losses, [g.copy() for st in pipe.stages.values() for g in st.grads()])
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_a_recomputing_pipeline_steps_as_a_plain_one():
+    import mesh
+    for rank in mesh.spawn(_recompute_pipeline, 2, timeout=180):
+        assert rank[False][0] == rank[True][0]
+        for a, b in zip(rank[False][1], rank[True][1], strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -264,12 +264,13 @@ def _trained_here():
     return gpt, losses
 
 
-def _gpt_worker(world, axes):
+def _gpt_worker(world, axes, recompute=False):
     torch.set_num_threads(1)
     grid = mesh.grid(world, **axes)
     d, dp = grid.coord("dp") if "dp" in axes else 0, axes.get("dp", 1)
     job = engine.distribute(_gpt(), grid, schedule="1f1b", microbatches=2,
-                            balance="parameters", timeout=60)     # no loss_fn: the GPT's own
+                            balance="parameters", timeout=60,     # no loss_fn: the GPT's own
+                            recompute=recompute)
     opt = torch.optim.SGD(job.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
@@ -283,12 +284,15 @@ def _gpt_worker(world, axes):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("axes", [{"pp": 2}, {"dp": 2, "pp": 2}], ids=["pp2", "dp2xpp2"])
-def test_gpt_distributed_as_written_trains_like_one_process(axes):
+@pytest.mark.parametrize("axes,recompute", [({"pp": 2}, False), ({"dp": 2, "pp": 2}, False),
+                                            ({"pp": 2}, True)],
+                         ids=["pp2", "dp2xpp2", "pp2-recompute"])
+def test_gpt_distributed_as_written_trains_like_one_process(axes, recompute):
     """No layers list, no adapters, no loss_fn: the GPT's forward traced, its
-    own loss the pipeline's; the tied embedding and head on two stages."""
+    own loss the pipeline's; the tied embedding and head on two stages.
+    With recompute, each stage's forward runs again in its backward."""
     n = 2 * axes.get("dp", 1)
-    results = mesh.spawn(_gpt_worker, n, axes, timeout=280, env=PATIENT)
+    results = mesh.spawn(_gpt_worker, n, axes, recompute, timeout=280, env=PATIENT)
     gpt, losses = _trained_here()
     state = trained_alike(results, losses, gpt.state_dict())   # its keys, the tied pair both
     copy = nanogpt.GPT(CFG).double()
