@@ -54,6 +54,23 @@ class LayerCost:
     act_bytes: int
 
 
+def recomputed(lc: LayerCost) -> LayerCost:
+    """A layer's (or a stage's) costs when it recomputes: its forward runs
+    again in its backward (B, or I when split; the first forward, without
+    a graph, costed as one with)."""
+    return replace(lc, B=lc.B + lc.F, I=lc.I + lc.F)
+
+
+def as_run(row: Mapping[int, LayerCost], whole: Mapping[Span, LayerCost] | None,
+           recompute: bool) -> tuple[dict[int, LayerCost], dict[Span, LayerCost] | None]:
+    """A profile's row (and its stages timed whole), as the stages run:
+    ``recomputed`` where they recompute."""
+    if not recompute:
+        return dict(row), None if whole is None else dict(whole)
+    return ({i: recomputed(lc) for i, lc in row.items()},
+            None if whole is None else {k: recomputed(lc) for k, lc in whole.items()})
+
+
 def _nbytes(y: Any) -> int:
     if isinstance(y, tuple):        # a boundary carrying several tensors
         return sum(_nbytes(v) for v in y)
@@ -415,6 +432,7 @@ class Candidate:
     costs: dict[str, list[float]]
     summed: float | None = None     # the makespan had every stage cost its layers' sum
     measured: bool = False          # the executor's costs from a dry run of its own (recosted)
+    recompute: bool = False         # its stages recompute their forward in the backward
     cores: float | None = None      # simulated with the ranks sharing this many cores (retimed)
 
 
@@ -439,7 +457,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                send: float | Mapping[int, float] = 0.0,
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
                helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
-               cores: float | None = None, recompute: bool = False) -> list[Candidate]:
+               cores: float | None = None, recompute: bool | str = False) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -454,39 +472,40 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     spare). ``cores``: the ranks share that many cores (engine.simulate's;
     ``overhead`` then an unshared ``"fixed"`` cost, see ``retimed``).
     ``recompute``: the stages recompute their forward in the backward
-    (the profile's backward times, measured so, include it): the peak
-    memory counts each stage's input kept, and its activations made again
-    (``peak_bytes``'s ``kept``)."""
+    (``as_run``: the profile measured stages that keep their activations),
+    and the peak memory counts each stage's input kept and its
+    activations made again (``peak_bytes``'s ``kept``); ``"auto"``: every
+    schedule both ways."""
     L = len(params)
     out = []
     for sched in scheds:
         if sched.num_stages > L:
             continue
         size = -(-rows // sched.num_microbatches)
-        row = profile[size]
-        times = [row[i].F + row[i].B for i in range(L)]
-        counts = counts_for(balance, sched.num_stages, times, params)
-        whole = (stages or {}).get(size)
-        charge = helper_charge(sched, helper) if helper else None
         m = sched.num_microbatches
         ov = overhead if isinstance(overhead, (int, float)) else overhead[m]
         msg = send if isinstance(send, (int, float)) else send[m]
         rc = recv if isinstance(recv, (int, float)) else recv[m]
         shared = cores is not None
-        costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc, shared)
-        rep = sched.simulate(costs, cores)
-        summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
-                                             shared), cores).makespan
-                  if whole else rep.makespan)
-        act, kept, start = [], [], 0
-        for c in counts:
-            act.append(sum(row[i].act_bytes for i in range(start, start + c)))
-            kept.append(row[start - 1].act_bytes if start else 0)   # (the batch: not counted)
-            start += c
-        peak = max(peak_bytes(sched, act, kept if recompute else None))
-        fits = memory_limit is None or peak <= memory_limit
-        out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs, summed,
-                             cores=cores))
+        charge = helper_charge(sched, helper) if helper else None
+        for again in ((False, True) if recompute == "auto" else (bool(recompute),)):
+            row, whole = as_run(profile[size], (stages or {}).get(size), again)
+            times = [row[i].F + row[i].B for i in range(L)]
+            counts = counts_for(balance, sched.num_stages, times, params)
+            costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc, shared)
+            rep = sched.simulate(costs, cores)
+            summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
+                                                 shared), cores).makespan
+                      if whole else rep.makespan)
+            act, kept, start = [], [], 0
+            for c in counts:
+                act.append(sum(row[i].act_bytes for i in range(start, start + c)))
+                kept.append(row[start - 1].act_bytes if start else 0)  # (the batch: not counted)
+                start += c
+            peak = max(peak_bytes(sched, act, kept if again else None))
+            fits = memory_limit is None or peak <= memory_limit
+            out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
+                                 summed, cores=cores, recompute=again))
     return best_first(out)
 
 
@@ -560,7 +579,8 @@ def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
     as ``candidates`` cost them (``row``, ``whole``, ``scale``); marked
     ``measured``."""
     charge = helper_charge(cand.schedule, helper) if helper else None
-    costs = stage_costs(row, cand.counts, scale, overhead, send, whole, charge, recv,
+    run_row, run_whole = as_run(row, whole, cand.recompute)
+    costs = stage_costs(run_row, cand.counts, scale, overhead, send, run_whole, charge, recv,
                         cand.cores is not None)
     rep = cand.schedule.simulate(costs, cand.cores)
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True)
@@ -580,8 +600,9 @@ def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
 
 def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
     """The candidates as a text table, the chosen one marked."""
+    again = any(c.recompute for c in cands)     # a column saying which recompute
     lines = [f"{'schedule':<28} {'m':>3}  {'layers/stage':<14} {'pred ms':>9} {'bubble':>7} "
-             f"{'peak MB':>8}"]
+             f"{'peak MB':>8}" + ("  activations" if again else "")]
     for c in cands:
         note = "  <- chosen" if c is chosen else ("" if c.fits else "  over memory limit")
         note = ("  (its own dry run)" if c.measured else "") + note
@@ -590,5 +611,6 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
             counts = counts[:11] + "..."
         lines.append(f"{c.schedule.name:<28} {c.schedule.num_microbatches:>3}  {counts:<14} "
                      f"{c.makespan * 1e3:>9.2f} {c.bubble:>7.1%} {c.peak_bytes / 2**20:>8.2f}"
-                     f"{note}")
+                     + (f"  {'recomputed' if c.recompute else 'kept':<11}" if again else "")
+                     + note)
     return "\n".join(lines)

@@ -51,7 +51,8 @@ from mesh.tensors import is_tensor
 
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
-from .choose import (SCHEDULES, Candidate, LayerCost, Span, best_first, builtin, candidates,
+from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
+                     candidates,
                      counts_for, measure, measure_stages, microbatch_counts, recosted, retimed,
                      stage_costs, stage_spans, table, time_program)
 from .executor import Pipeline
@@ -321,7 +322,8 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
             break
         size = -(-rows // lead.schedule.num_microbatches)
         row, w = profile[size], whole.get(size)
-        spin = stage_costs(row, lead.counts, whole=w)
+        run_row, run_whole = as_run(row, w, lead.recompute)
+        spin = stage_costs(run_row, lead.counts, whole=run_whole)
         stand_ins = None if grads is None else _stage_grads(
             grads, lead.counts, lead.schedule.stages_of(grid.coord("pp")))
         d = dry_run(grid.comm, grid.group("pp"), lead.schedule, _stage_messages(row, lead.counts),
@@ -623,9 +625,8 @@ class _Temp:
     layer's memory at a time."""
 
     def __init__(self, layer: Any, init: Callable[[Any], Any] | None,
-                 current: list[Any], recompute: bool = False) -> None:
+                 current: list[Any]) -> None:
         self._layer, self._init, self._current = layer, init, current   # current: [the one]
-        self._recompute = recompute
         self._stage: Any = None
 
     def _real(self) -> Any:
@@ -634,7 +635,7 @@ class _Temp:
                 self._current[0]._stage = None
             real = copy.deepcopy(self._layer)
             _materialize(real, self._init)
-            self._stage = TorchStage(real, self._recompute)
+            self._stage = TorchStage(real)
             self._current[0] = self
         return self._stage
 
@@ -680,7 +681,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                memory_limit: float | None = None, *, chunks: int = 2,
                timeout: float | None = None, reps: int = 3, verbose: bool = True,
                overhead: float | None = None, tag_base: int = 0,
-               init: Callable[[Any], Any] | None = None, recompute: bool = False) -> Job:
+               init: Callable[[Any], Any] | None = None,
+               recompute: bool | str = False) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
     over tp, and build the pipeline (gradients averaged over dp).
 
@@ -699,9 +701,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     ``tag_base``: as Pipeline's, for several jobs on one grid.
     ``recompute``: activation checkpointing (Pipeline's ``recompute``):
     each stage keeps only its input between a micro-batch's forward and
-    backward and runs its forward again there; the layers are timed so
-    and the candidates' peak memory counts it (a ``memory_limit`` that no
-    schedule met may be met so). Torch models only.
+    backward and runs its forward again there; the candidates cost it (a
+    second forward in each backward) and count its peak memory, so a
+    ``memory_limit`` that no schedule met may be met so. ``"auto"``: each
+    schedule is simulated both ways, and recompute runs only where the
+    fastest candidate under ``memory_limit`` needs it. Torch models only.
     A torch model built on the meta device (``with torch.device("meta"):``)
     holds no memory: each rank makes only its own stages (with a plan, its
     own shards of them) real, on the CPU, as zeros that ``init(stage)``
@@ -718,9 +722,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         loss_fn = loss_fn or model.loss
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
+    if recompute not in (False, True, "auto"):
+        raise ValueError(f"recompute={recompute!r}: True, False or 'auto'")
     if recompute and not is_torch:
-        raise ValueError("recompute=True needs a torch model: engine.layers stages keep "
-                         "their activations")
+        raise ValueError(f"recompute={recompute!r} needs a torch model: engine.layers stages "
+                         "keep their activations")
     if loss_fn is None:
         raise ValueError("engine.distribute needs loss_fn= (output, target) -> loss")
     if plan and "tp" not in grid.names:
@@ -731,8 +737,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         raise ValueError(f"the model has {L} layers{few(getattr(model, 'traced_from', None), L)}"
                          f": it cannot fill pp={p} pipeline stages")
     auto = isinstance(schedule, str) and schedule == "auto"
-    if (auto or balance == "time") and sample is None:
-        raise ValueError(f"{'schedule=auto' if auto else 'balance=time'} measures the layers: "
+    if (auto or balance == "time" or recompute == "auto") and sample is None:
+        what = ("schedule=auto" if auto else "balance=time" if balance == "time"
+                else "recompute=auto")
+        raise ValueError(f"{what} measures the layers: "
                          "pass sample= (a batch of inputs as step() will get)")
     if isinstance(sample, tuple):     # several inputs: sliced together, by rows
         sample = _Rows(sample)
@@ -786,8 +794,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
             # (a meta model's layers are timed on real copies, one layer at a time)
             current: list[Any] = [None]
-            mlayers = [(_Temp(layer, init, current, recompute) if on_meta
-                        else TorchStage(layer, recompute))
+            mlayers = [(_Temp(layer, init, current) if on_meta else TorchStage(layer))
                        if is_torch else layer for _, layer in named]
             # where the ranks outnumber a host's cores the simulator shares them, so
             # each layer is timed in its thread's CPU: its wall, every rank timing at
@@ -828,7 +835,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                     if on_meta:             # a real copy, for as long as it is timed
                         stage = copy.deepcopy(stage)
                         _materialize(stage, init)
-                    return TorchStage(stage, recompute) if is_torch else stage
+                    return TorchStage(stage) if is_torch else stage
                 whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                    action, message, whole, cal.helper, receive, cal.cores,
@@ -845,9 +852,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sched = chosen.schedule
     counts = chosen.counts if chosen else counts_for(balance, sched.num_stages, None, params)
     if verbose and grid.comm.rank == 0 and auto:
-        print(f"engine.distribute: {dict(grid.axes)}, {L} layers"
-              f"{' (recompute: a stage keeps its input only)' if recompute else ''}; "
-              "candidates:\n"
+        print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
               f"{table(cands, chosen)}", flush=True)
 
     mine = sched.stages_of(grid.coord("pp"))
@@ -861,11 +866,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                           f"{', '.join(bare[:4])}{' ...' if len(bare) > 4 else ''} have no "
                           f"reset_parameters(): their tensors are zeros until init= or "
                           f"job.load_state_dict() fills them", stacklevel=2)
+    again = chosen.recompute if chosen is not None else bool(recompute)
     if verbose and grid.comm.rank == 0 and auto:
-        print(f"engine.distribute: {sched.name} cuts the model into {cut}", flush=True)
+        print(f"engine.distribute: {sched.name} cuts the model into {cut}"
+              + ("\n  (each stage recomputes its forward in its backward)" if again else ""),
+              flush=True)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
     pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
-                    tag_base=tag_base, recompute=recompute)
+                    tag_base=tag_base, recompute=again)
     stages = [pipe.stages[s] for s in mine]
     if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
         dp = grid.group("dp")

@@ -112,6 +112,22 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     # rank 0 keeps stage 0's input only (the batch, not counted): one stage's
     # activations (4 layers x 800 B) during a backward; rank 1 its input too
     assert cands["1f1b(2,4)"].peak_bytes == 4 * 800 + 800
+    # "auto": every schedule both ways; recompute (a second forward in each
+    # backward: slower) is chosen only where keeping the activations does
+    # not fit the memory limit
+    scheds = choose.builtin(["gpipe", "1f1b"], 2, ms)
+    both = choose.candidates(_profile(rows, ms, layers), [1] * 8, rows, scheds,
+                             recompute="auto")
+    assert len(both) == 4 and not both[0].recompute
+    kept = {c.schedule.name: c for c in both if not c.recompute}
+    again = {c.schedule.name: c for c in both if c.recompute}
+    assert again["1f1b(2,4)"].costs["B"][0] == pytest.approx(
+        kept["1f1b(2,4)"].costs["B"][0] + kept["1f1b(2,4)"].costs["F"][0])
+    limit = again["1f1b(2,4)"].peak_bytes
+    capped = choose.candidates(_profile(rows, ms, layers), [1] * 8, rows, scheds,
+                               memory_limit=limit, recompute="auto")
+    assert capped[0].recompute and capped[0].fits
+    assert "recomputed" in choose.table(capped, capped[0])
 
 
 def test_uneven_layers_balanced_by_time_beat_uniform():

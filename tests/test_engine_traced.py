@@ -514,8 +514,8 @@ def _skip_worker(world):
     for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v"), ("hf", "auto")):
         job = engine.distribute(_skip_model(kind), mesh.grid(world, pp=2), schedule=schedule,
                                 microbatches=2, timeout=60, verbose=False,
-                                **({"sample": _skip_data(kind, 0)[0]} if kind == "hf" else
-                                   {"balance": "parameters"}))
+                                **({"sample": _skip_data(kind, 0)[0], "recompute": True}
+                                   if kind == "hf" else {"balance": "parameters"}))
         opt = torch.optim.SGD(job.parameters(), lr=LR)
         losses = []
         for step in range(STEPS):
@@ -533,7 +533,8 @@ def test_a_mask_and_skips_distributed_train_like_one_process():
     """Tuples between the stages, both ways: the mask (no gradient back) at
     1f1b, the U-Net's skips (gradients back to every down) at zb-v, whose
     split backward and V placement carry them too; a forward of two inputs
-    (Hugging Face's ids and mask) chosen, timed and re-timed by "auto"."""
+    (Hugging Face's ids and mask) chosen, timed and re-timed by "auto",
+    its stages recomputing."""
     results = mesh.spawn(_skip_worker, 2, timeout=280, env=PATIENT)
     for kind in ("masked", "unet", "hf"):
         model = _skip_model(kind)
