@@ -114,3 +114,14 @@ def test_stage_overrun_reports_each_kind_per_stage():
     (span, ratios), = stage_overrun(width=16, rows=4, rounds=1, spans=((0, 2),))
     assert span == (0, 2) and sorted(ratios) == ["B", "F", "I", "W"]
     assert all(v > 0 for v in ratios.values())
+
+
+@pytest.mark.timeout(120)
+def test_bench_memory_runs(capsys):
+    pytest.importorskip("torch")
+    from engine import bench_memory
+    bench_memory.main(["--rows", "64", "--width", "8", "--depth", "1", "--steps", "1",
+                       "--microbatches", "2", "--schedules", "1f1b", "--limit", "1",
+                       "--only", "recompute,tuples"])
+    out = capsys.readouterr().out
+    assert "1f1b(2,2)              recompute" in out and "tuples: 1F1B(2,4)" in out

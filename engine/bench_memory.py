@@ -1,0 +1,162 @@
+"""Activation memory against step time: ``python -m engine.bench_memory``.
+
+Three measurements, each in one process tree (``mesh.spawn``, two ranks,
+pp=2, one thread each), on a torch MLP of ``--depth`` x (Linear, GELU)
+pairs per stage, ``--width`` wide, ``--rows`` rows cut into micro-batches:
+
+* ``recompute``: per schedule (``--schedules``), the stages keeping their
+  activations against recomputing them (``engine.distribute(...,
+  recompute=True)``): the median step, the re-timed prediction
+  (``job.predicted``), the candidates' predicted peak activation bytes and
+  each rank's peak RSS (``ru_maxrss``, the profile's included);
+* ``limit``: under ``--limit`` MB of activations a rank, the schedule
+  ``schedule="auto"`` picks keeping them only (``recompute=False``) against
+  ``recompute="auto"``, and their steps;
+* ``tuples``: a cut carrying (mask, activation) against one carrying the
+  activation alone (the blocks make the mask themselves): the same
+  arithmetic, one message more per cut and micro-batch.
+
+torch is imported only in the worker processes.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from typing import Any
+
+import mesh
+
+__all__ = ["main"]
+
+
+def _mlp(width: int, depth: int) -> Any:
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(2 * depth)
+                           for m in (nn.Linear(width, width), nn.GELU())])
+
+
+def _steps(world: Any, job: Any, x: Any, y: Any, n: int) -> float:
+    """The median of ``n`` steps after one, each after a barrier (ms)."""
+    import collectives
+    job.step(x, y)
+    took = []
+    for _ in range(n):
+        collectives.barrier(world)
+        t0 = time.perf_counter()
+        job.step(x, y)
+        took.append(time.perf_counter() - t0)
+    return statistics.median(took) * 1e3
+
+
+def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: Any,
+                   limit: float | None) -> dict[str, Any]:
+    import torch
+    from torch import nn
+
+    import engine
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(a.rows, a.width, generator=g), torch.randn(a.rows, a.width, generator=g)
+    job = engine.distribute(_mlp(a.width, a.depth), mesh.grid(world, pp=2), schedule=schedule,
+                            microbatches=a.microbatches if schedule != "auto" else None,
+                            sample=x, loss_fn=nn.functional.mse_loss, recompute=recompute,
+                            memory_limit=limit, verbose=False)
+    ms = _steps(world, job, x, y, a.steps)
+    assert job.chosen is not None
+    return {"ms": ms, "pred": (job.predicted or 0.0) * 1e3, "name": job.schedule.name,
+            "peak": job.chosen.peak_bytes / 2**20, "recompute": job.chosen.recompute,
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _tuple_worker(world: Any, a: argparse.Namespace) -> dict[str, float]:
+    import torch
+    from torch import nn
+
+    import engine
+    torch.set_num_threads(1)
+
+    class Block(nn.Module):
+        def __init__(self, own: bool) -> None:
+            super().__init__()
+            self.fc, self.own = nn.Linear(a.width, a.width), own
+
+        def forward(self, x: Any, mask: Any = None) -> Any:
+            if self.own:
+                mask = torch.ones(x.shape[:-1], dtype=torch.bool)
+            return x + torch.tanh(self.fc(x)) * mask.unsqueeze(-1)
+
+    class Model(nn.Module):
+        def __init__(self, own: bool) -> None:
+            super().__init__()
+            self.emb, self.own = nn.Embedding(50, a.width), own
+            self.blocks = nn.ModuleList(Block(own) for _ in range(2 * a.depth))
+            self.head = nn.Linear(a.width, 50)
+
+        def forward(self, idx: Any) -> Any:
+            x = self.emb(idx)
+            mask = None if self.own else idx >= 0
+            for block in self.blocks:
+                x = block(x) if self.own else block(x, mask)
+            return self.head(x).flatten(0, 1)
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50, (a.rows // 16, 16), generator=g)
+    y = torch.randint(0, 50, (a.rows,), generator=g)
+
+    def loss(out: Any, t: Any) -> Any:
+        return nn.functional.cross_entropy(out, t.flatten())
+
+    jobs = {}
+    for own in (True, False):
+        torch.manual_seed(0)
+        jobs[own] = engine.distribute(Model(own), mesh.grid(world, pp=2), schedule="1f1b",
+                                      microbatches=4, balance="uniform", loss_fn=loss,
+                                      verbose=False)
+    took: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(a.steps):       # alternated: each pair under the same load
+        for own in (True, False):
+            took[own].append(_steps(world, jobs[own], idx, y, 1))
+    return {"one": statistics.median(took[True]), "tuple": statistics.median(took[False])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m engine.bench_memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=12, help="(Linear, GELU) pairs per stage")
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--schedules", default="gpipe,1f1b")
+    ap.add_argument("--limit", type=float, default=5.0, help="MB of activations a rank")
+    ap.add_argument("--only", default="recompute,limit,tuples")
+    a = ap.parse_args(argv)
+    only = a.only.split(",")
+    if "recompute" in only:
+        print("recompute: pp=2, keeping the activations against recomputing them")
+        for schedule in a.schedules.split(","):
+            for recompute in (False, True):
+                r = mesh.spawn(_memory_worker, 2, a, schedule, recompute, None, timeout=900)
+                print(f"  {r[0]['name']:<22} {'recompute' if recompute else 'keep':<9}  "
+                      f"step {r[0]['ms']:7.1f} ms (predicted {r[0]['pred']:7.1f})  "
+                      f"peak activations {r[0]['peak']:6.2f} MB a rank (predicted)  "
+                      f"peak RSS {r[0]['rss']:.0f} / {r[1]['rss']:.0f} MB", flush=True)
+    if "limit" in only:
+        print(f"limit: schedule='auto' under {a.limit:g} MB of activations a rank")
+        for how in (False, "auto"):
+            r = mesh.spawn(_memory_worker, 2, a, "auto", how, a.limit * 2**20, timeout=900)[0]
+            print(f"  recompute={how!r:<7} chose {r['name']:<24} "
+                  f"({'recomputing' if r['recompute'] else 'keeping'}) "
+                  f"step {r['ms']:7.1f} ms (predicted {r['pred']:7.1f})", flush=True)
+    if "tuples" in only:
+        r = mesh.spawn(_tuple_worker, 2, a, timeout=900)[0]
+        print(f"tuples: 1F1B(2,4), {2 * a.depth} blocks: one tensor a cut {r['one']:.2f} ms, "
+              f"(mask, activation) {r['tuple']:.2f} ms: {r['tuple'] / r['one']:.3f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
