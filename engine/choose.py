@@ -475,7 +475,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     (``as_run``: the profile measured stages that keep their activations),
     and the peak memory counts each stage's input kept and its
     activations made again (``peak_bytes``'s ``kept``); ``"auto"``: every
-    schedule both ways."""
+    schedule both ways where there is a ``memory_limit`` (without one,
+    recomputing is only slower: keeping)."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -488,7 +489,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         rc = recv if isinstance(recv, (int, float)) else recv[m]
         shared = cores is not None
         charge = helper_charge(sched, helper) if helper else None
-        for again in ((False, True) if recompute == "auto" else (bool(recompute),)):
+        both = recompute == "auto" and memory_limit is not None  # (no limit: never faster)
+        for again in ((False, True) if both else (recompute is True,)):
             row, whole = as_run(profile[size], (stages or {}).get(size), again)
             times = [row[i].F + row[i].B for i in range(L)]
             counts = counts_for(balance, sched.num_stages, times, params)

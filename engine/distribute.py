@@ -705,7 +705,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     second forward in each backward) and count its peak memory, so a
     ``memory_limit`` that no schedule met may be met so. ``"auto"``: each
     schedule is simulated both ways, and recompute runs only where the
-    fastest candidate under ``memory_limit`` needs it. Torch models only.
+    fastest candidate under ``memory_limit`` needs it (no limit: never).
+    Torch models only.
     A torch model built on the meta device (``with torch.device("meta"):``)
     holds no memory: each rank makes only its own stages (with a plan, its
     own shards of them) real, on the CPU, as zeros that ``init(stage)``

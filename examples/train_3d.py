@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16, help="sequences per step, all replicas")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--out", default="train_3d.pt")
+    ap.add_argument("--memory-limit", type=float, default=None,
+                    help="MB of activations a rank may hold (the choice recomputes "
+                         "activations where that lets a faster schedule fit)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with mesh.init() as world:
@@ -138,7 +141,8 @@ def main() -> None:
                 for k, v in PLAN.items()))
         torch.manual_seed(0)
         job = engine.distribute(TinyGPT(), grid, plan=PLAN if tp > 1 else None,
-                                sample=mine(0)[0], loss_fn=loss_fn)
+                                sample=mine(0)[0], loss_fn=loss_fn, recompute="auto",
+                                memory_limit=args.memory_limit and args.memory_limit * 2**20)
         if world.rank == 0:
             print(f"chosen: {job.schedule.name}\n{job.schedule.render()}", flush=True)
         opt = torch.optim.SGD(job.parameters(), lr=args.lr, momentum=0.9)

@@ -116,8 +116,10 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     # backward: slower) is chosen only where keeping the activations does
     # not fit the memory limit
     scheds = choose.builtin(["gpipe", "1f1b"], 2, ms)
+    assert not any(c.recompute for c in choose.candidates(    # no limit: nothing to gain
+        _profile(rows, ms, layers), [1] * 8, rows, scheds, recompute="auto"))
     both = choose.candidates(_profile(rows, ms, layers), [1] * 8, rows, scheds,
-                             recompute="auto")
+                             recompute="auto", memory_limit=1e9)
     assert len(both) == 4 and not both[0].recompute
     kept = {c.schedule.name: c for c in both if not c.recompute}
     again = {c.schedule.name: c for c in both if c.recompute}

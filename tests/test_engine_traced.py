@@ -556,7 +556,8 @@ def _hf_tp_worker(world):
     job = engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2, tp=2),
                             plan={"layer.*.up": "colwise", "layer.*.down": "rowwise"},
                             schedule="zb-h1", microbatches=2, balance="parameters",
-                            sample=_skip_data("hf", 0)[0], timeout=60, verbose=False)
+                            sample=_skip_data("hf", 0)[0], timeout=60, verbose=False,
+                            recompute=True)      # tp collectives in the forward run again
     opt = torch.optim.SGD(job.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
@@ -571,7 +572,8 @@ def _hf_tp_worker(world):
 @pytest.mark.timeout(300)
 def test_a_forward_of_two_inputs_sharded_by_a_plan_trains_like_one_process():
     """pp=2 x tp=2: (the mask's bias, the activation) cross the cut to
-    tensor-parallel stages; the bias, made from the input, as a constant."""
+    tensor-parallel stages; the bias, made from the input, as a constant;
+    the stages recompute (their forward's collectives again in each I)."""
     results = mesh.spawn(_hf_tp_worker, 4, timeout=280, env=PATIENT)
     model = _skip_model("hf")
     opt = torch.optim.SGD(model.parameters(), lr=LR)
