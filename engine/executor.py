@@ -126,9 +126,10 @@ class Pipeline:
     from a forward to its backward, and runs the forward again there (the
     same random draws: dropout's masks), as activation checkpointing does:
     a stage's activations are held for one micro-batch at a time, for
-    the cost of a second forward. Step n's messages use tags ``tag_base + i + (n << 32)``
-    for ``i <= 2 * micro-batches * stages`` (the last one is the trace's):
-    two pipelines on one group need tag_bases that far apart, below 2**32.
+    the cost of a second forward. Step n's messages use tags
+    ``tag_base + i + (n << 32)`` for ``i <= 2 * micro-batches * stages``
+    (the last one is the trace's): two pipelines on one group need
+    tag_bases that far apart, below 2**32.
 
     A failed ``step()`` cancels its receives and aborts the rest of its
     messages on every pp rank, raises on every rank of the pipeline and

@@ -153,9 +153,9 @@ class TorchStage:
         leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if v.requires_grad]
         if not leaves or not outs:
             return _grads_of(t, lambda leaf: None), (outs, gys)
-        got = dict(zip(leaves, torch.autograd.grad(outs, leaves, gys, retain_graph=True,
-                                                   allow_unused=True)))
-        return _grads_of(t, got.get), (outs, gys)
+        grads = torch.autograd.grad(outs, leaves, gys, retain_graph=True, allow_unused=True)
+        got = {id(v): g for v, g in zip(leaves, grads)}
+        return _grads_of(t, lambda leaf: got.get(id(leaf))), (outs, gys)
 
     def backward_weight(self, wctx: Any) -> None:
         torch = _torch()

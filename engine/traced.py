@@ -217,12 +217,12 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     nodes = list(graph.nodes)
     phs = [n for n in nodes if n.op == "placeholder"]
     by_name = {n.target: n for n in phs}
-    ins = [by_name[q.name] for q in traced]
+    ins = [by_name.get(q.name, phs[i]) for i, q in enumerate(traced)]
     out = _leaves(next(n for n in nodes if n.op == "output").args[0])
     loss = None
     if target:
         assert tgt_param is not None
-        tgt = by_name[tgt_param.name]
+        tgt = by_name.get(tgt_param.name, phs[min(len(phs) - 1, params.index(tgt_param))])
         reads: set[Any] = set()
         for n in nodes:                 # what depends on the target
             if n is tgt or any(m in reads for m in _inputs(n)):
