@@ -19,7 +19,7 @@ after every tensor that is the only value the rest of the forward reads
 after the final norm), and between two steps of a loop over an
 ``nn.ModuleList`` where the values the rest reads are all tensors: they
 cross that cut together, as a tuple (an attention mask every block reads
-beside the activation, a U-Net's skips; the pipeline sends each part, and
+beside the activation, a block's tuple taken apart, a U-Net's skips; the pipeline sends each part, and
 each gets its gradient back, None for a mask). A piece with no parameters
 joins the one before it.
 Each piece is an ``fx.GraphModule`` that holds the model's own submodules
@@ -305,9 +305,15 @@ def _loop_steps(model: Any, body: list[Any]) -> set[Any]:
     member i + 1, or of its last member (where the values still live may
     cross a cut together). Not a member of an ``nn.Sequential`` called by
     a forward of the model's own (a residual around a few of them: a cut
-    there would carry the branch and the residual both)."""
+    there would carry the branch and the residual both). A block returning
+    a tuple that the loop takes apart (Hugging Face's ``layer_outputs =
+    layer(hidden, mask); hidden = layer_outputs[0]``): its last item taken
+    ends the step."""
+    import operator
+
     from torch import nn
     calls = [n for n in body if n.op == "call_module"]
+    pos = {n: i for i, n in enumerate(body)}
     steps = set()
     for n, after in zip(calls, [*calls[1:], None]):
         parent, _, name = n.target.rpartition(".")
@@ -316,7 +322,11 @@ def _loop_steps(model: Any, body: list[Any]) -> set[Any]:
             continue
         i = int(name)
         if i == len(members) - 1 or (after is not None and after.target == f"{parent}.{i + 1}"):
-            steps.add(n)
+            items = [u for u in n.users if u in pos]
+            if items and all(u.target is operator.getitem for u in items):
+                steps.add(max(items, key=pos.__getitem__))
+            else:
+                steps.add(n)
     return steps
 
 

@@ -443,6 +443,40 @@ class _HF(nn.Module):                # Hugging Face's signature: the mask an inp
         return out
 
 
+class _TupleLayer(nn.Module):     # Hugging Face's layers return a tuple the loop takes apart
+    def __init__(self, w):
+        super().__init__()
+        self.dense = nn.Linear(w, w)
+
+    def forward(self, hidden, bias, output_attentions=False):
+        out = hidden + torch.tanh(self.dense(hidden)) + bias
+        return (out, None) if output_attentions else (out,)
+
+
+class _TupleEncoder(nn.Module):
+    def __init__(self, w, blocks):
+        super().__init__()
+        self.layer = nn.ModuleList(_TupleLayer(w) for _ in range(blocks))
+
+    def forward(self, hidden, bias):
+        for layer in self.layer:
+            layer_outputs = layer(hidden, bias)
+            hidden = layer_outputs[0]
+        return hidden
+
+
+class _HFTuples(_HF):
+    def __init__(self, w=6, vocab=7, blocks=3):
+        super().__init__(w, vocab, blocks)
+        self.layer = _TupleEncoder(w, blocks)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        hidden = self.embeddings(input_ids)
+        bias = (1.0 - attention_mask[:, :, None].to(hidden.dtype)) * -0.5
+        logits = self.classifier(self.layer(hidden, bias))
+        return {"logits": logits, "loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
 def _skip_data(kind, step):
     g = torch.Generator().manual_seed(step)
     if kind == "hf":
@@ -498,6 +532,14 @@ def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
     parts = engine.partition(model, 2, balance="time", sample=(ids, mask))
     torch.testing.assert_close(parts[1](parts[0]((ids, mask))), model(ids, mask)["logits"],
                                rtol=0, atol=0)
+    torch.manual_seed(0)
+    tuples = _HFTuples().double()      # each layer's output a tuple, item 0 taken: cut there too
+    seq = engine.sequential(tuples, target=True, inputs=2)
+    assert [p.__class__.__name__ for p in seq] == [
+        "_HFTuples[embeddings..layer.layer.0]", "_HFTuples[layer.layer.1]",
+        "_HFTuples[layer.layer.2]", "_HFTuples[classifier]"]
+    torch.testing.assert_close(seq.loss(seq((ids, mask)), labels),
+                               tuples(ids, mask, labels)["loss"], rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"takes 2 input\(s\) besides its target 'labels', "
                                         r"not 3"):
         engine.sequential(model, target=True, inputs=3)
