@@ -52,9 +52,8 @@ from mesh.tensors import is_tensor
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
-                     candidates,
-                     counts_for, measure, measure_stages, microbatch_counts, recosted, retimed,
-                     stage_costs, stage_spans, table, time_program)
+                     candidates, counts_for, measure, measure_stages, microbatch_counts,
+                     recosted, retimed, stage_costs, stage_spans, table, time_program)
 from .executor import Pipeline
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
@@ -693,8 +692,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     "uniform", "parameters" or layer counts per stage. A plain module
     whose forward takes several inputs (``forward(input_ids,
     attention_mask, labels)``) is given its sample as a tuple of them,
-    and each step's inputs the same way: ``step((ids, mask), labels)``. ``memory_limit``:
-    bytes of activations a rank may hold (estimated from layer outputs).
+    and each step's inputs the same way: ``step((ids, mask), labels)``.
+    ``memory_limit``: bytes of activations a rank may hold (estimated from
+    layer outputs).
     ``overhead``: the executor's own seconds per compute action, and no
     message time, in the prediction; None (the default) measures both on a
     dry pipeline (engine.calibrate) when the layers are measured.

@@ -19,9 +19,10 @@ after every tensor that is the only value the rest of the forward reads
 after the final norm), and between two steps of a loop over an
 ``nn.ModuleList`` where the values the rest reads are all tensors: they
 cross that cut together, as a tuple (an attention mask every block reads
-beside the activation, a block's tuple taken apart, a U-Net's skips; the pipeline sends each part, and
-each gets its gradient back, None for a mask). A piece with no parameters
-joins the one before it.
+beside the activation, a U-Net's skips; a block returning a tuple the loop
+takes apart is cut after its items are taken; the pipeline sends each
+part, and each gets its gradient back, None for a mask). A piece with no
+parameters joins the one before it.
 Each piece is an ``fx.GraphModule`` that holds the model's own submodules
 and parameters under their names in the model
 (``transformer.h.0.attn.c_attn.weight``), so a tensor-parallel plan, a tied
