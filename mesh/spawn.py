@@ -191,9 +191,11 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
-          env: dict[str, str] | None = None) -> list[Any]:
+          env: dict[str, str] | None = None, settle: float = 1.0) -> list[Any]:
     """Run ``fn(world, *args)`` on ``nprocs`` local processes; return its
-    results ordered by rank (they travel back pickled).
+    results ordered by rank (they travel back pickled). When a rank fails,
+    the others get ``settle`` seconds to end (their own errors, what they
+    write) before all are stopped and the root cause is raised.
 
     A top-level function of an importable module runs in fresh interpreters.
     Anything else (``python -c``, stdin, a notebook, a lambda, a closure) runs
@@ -233,7 +235,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                 c.send(server.port if server is not None else 0)
             except OSError:
                 pass  # that child died already; _collect reports it
-        return _collect(procs, conns, timeout)
+        return _collect(procs, conns, timeout, settle)
     finally:
         for p in procs:
             if p.is_alive():
@@ -251,7 +253,7 @@ def _send(conn: Any, message: tuple) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _collect(procs: list, conns: list, timeout: float) -> list[Any]:
+def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0) -> list[Any]:
     """Results by rank; on failure the root cause: a rank's own error before
     the lost-peer errors it caused elsewhere, the earliest first."""
     results: list[Any] = [None] * len(procs)
@@ -290,7 +292,7 @@ def _collect(procs: list, conns: list, timeout: float) -> list[Any]:
                                  WorkerError(r, f"no result: the process {why}", code)))
                 pending.discard(r)
         if failures and settle is None:
-            settle = time.monotonic() + 1.0
+            settle = time.monotonic() + wait
         time.sleep(0.002)
     if failures:
         raise min(failures, key=lambda f: (f[0], f[1], f[2]))[3]
