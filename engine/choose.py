@@ -61,12 +61,12 @@ def recomputed(lc: LayerCost) -> LayerCost:
     return replace(lc, B=lc.B + lc.F, I=lc.I + lc.F)
 
 
-def as_run(row: Mapping[int, LayerCost], whole: Mapping[Span, LayerCost] | None,
-           recompute: bool) -> tuple[dict[int, LayerCost], dict[Span, LayerCost] | None]:
+def as_run(row: dict[int, LayerCost], whole: Mapping[Span, LayerCost] | None,
+           recompute: bool) -> tuple[dict[int, LayerCost], Mapping[Span, LayerCost] | None]:
     """A profile's row (and its stages timed whole), as the stages run:
     ``recomputed`` where they recompute."""
     if not recompute:
-        return dict(row), None if whole is None else dict(whole)
+        return row, whole
     return ({i: recomputed(lc) for i, lc in row.items()},
             None if whole is None else {k: recomputed(lc) for k, lc in whole.items()})
 

@@ -54,7 +54,7 @@ from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
                      candidates, counts_for, measure, measure_stages, microbatch_counts,
                      recosted, retimed, stage_costs, stage_spans, table, time_program)
-from .executor import Pipeline
+from .executor import Pipeline, rows_of
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
 from .stagebuild import inputs_of, is_module, make_stage, param_count
@@ -604,14 +604,11 @@ class _Rows:
     slices (what the first stage takes)."""
 
     def __init__(self, parts: tuple[Any, ...]) -> None:
-        rows = {len(p) for p in parts}
-        if len(rows) != 1:
-            raise ValueError(f"the parts of the sample have {sorted(rows)} rows: "
-                             "a batch of several inputs has as many rows in each")
+        self.rows = rows_of(parts)
         self.parts = parts
 
     def __len__(self) -> int:
-        return len(self.parts[0])
+        return self.rows
 
     def __getitem__(self, rows: slice) -> tuple[Any, ...]:
         return tuple(p[rows] for p in self.parts)
@@ -715,6 +712,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     rank cuts its own shards); its layers (and candidate stages) are timed
     on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
+    if recompute not in (False, True, "auto"):
+        raise ValueError(f"recompute={recompute!r}: True, False or 'auto'")
     on_meta = _on_meta(model)
     source = model
     n_inputs = inputs_of(sample)
@@ -723,8 +722,6 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         loss_fn = loss_fn or model.loss
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
-    if recompute not in (False, True, "auto"):
-        raise ValueError(f"recompute={recompute!r}: True, False or 'auto'")
     if recompute and not is_torch:
         raise ValueError(f"recompute={recompute!r} needs a torch model: engine.layers stages "
                          "keep their activations")

@@ -83,14 +83,23 @@ class StepFailed(MeshError):
     from_abort = True
 
 
+def rows_of(batch: Any) -> int:
+    """The rows of a batch; of a tuple (a model of several inputs), those
+    every part has (else ValueError)."""
+    if not isinstance(batch, tuple):
+        return len(batch)
+    rows = {len(part) for part in batch}
+    if len(rows) != 1:
+        raise ValueError(f"the parts of a tuple batch have {sorted(rows)} rows: "
+                         "each part is cut into the same micro-batches")
+    return rows.pop()
+
+
 def split_microbatches(batch: Any, m: int) -> list[Any]:
     """``m`` slices of ``batch`` along axis 0, sizes differing by at most
     one; of a tuple (a model of several inputs), tuples of its parts' slices."""
     if isinstance(batch, tuple):
-        rows = {len(part) for part in batch}
-        if len(rows) != 1:
-            raise ValueError(f"the parts of a tuple batch have {sorted(rows)} rows: "
-                             "each part is cut into the same micro-batches")
+        rows_of(batch)
         return list(zip(*(split_microbatches(part, m) for part in batch)))
     n = len(batch)
     if n < m:
@@ -331,7 +340,11 @@ class _Step:
         if pipe.first:
             if inputs is None:
                 raise ValueError(f"pp rank {pipe.rank} holds stage 0: step() needs inputs")
-            self.xs.update({(0, k): x for k, x in enumerate(split_microbatches(inputs, m))})
+            try:
+                xs = split_microbatches(inputs, m)
+            except ValueError as e:
+                raise ValueError(f"pp rank {pipe.rank}: step()'s inputs: {e}") from None
+            self.xs.update({(0, k): x for k, x in enumerate(xs)})
         if pipe.last:
             if targets is None:
                 raise ValueError(f"pp rank {pipe.rank} holds the last stage: step() needs targets")
@@ -356,12 +369,13 @@ class _Step:
         elif a.kind in (SEND_F, SEND_B):
             dst, tag = sched.rank_of(message_key(a)[2]), pipe._tag(a, self.n)
             value = self.outs.pop(_key(a))
+            parts = [value]
             if isinstance(value, tuple):    # several tensors: a header, then each part
                 self.sends.append(pipe.pp.isend(
                     {_PARTS: len(value), "none": [i for i, v in enumerate(value) if v is None],
                      "fixed": list(getattr(value, "fixed", ()))}, dst, tag=tag))
-                value = [v for v in value if v is not None]
-            for v in value if isinstance(value, list) else [value]:
+                parts = [v for v in value if v is not None]
+            for v in parts:
                 self.sends.append(pipe.pp.isend(v, dst, tag=tag))
             return "s"
         elif a.kind in (RECV_F, RECV_B):

@@ -96,17 +96,22 @@ class TorchStage:
             return self._forward_kept(x)
         t, fed = self._input(x)
         out = self.module(fed)
-        return self._handed(out, True), (t, out)
+        self._learn(out)
+        return self._handed(out), (t, out)
 
-    def _handed(self, out: Any, graph: bool) -> Any:
-        """What the next stage gets: ``out`` detached (a tuple as Parts);
-        ``graph``: ``out`` was computed with autograd recording, so its
-        parts that need no gradient are known (else those learned from
-        the last such forward, or the non-floating ones)."""
+    def _learn(self, out: Any) -> None:
+        """Note which parts of a tuple ``out``, computed with autograd
+        recording, need no gradient (what a recomputing forward, without a
+        graph, cannot tell)."""
+        if isinstance(out, tuple):
+            self._fixed = tuple(i for i, o in enumerate(out) if not o.requires_grad)
+
+    def _handed(self, out: Any) -> Any:
+        """What the next stage gets: ``out`` detached (a tuple as Parts, its
+        parts that need no gradient as last learned, else the non-floating
+        ones)."""
         if not isinstance(out, tuple):
             return out.detach()
-        if graph:
-            self._fixed = tuple(i for i, o in enumerate(out) if not o.requires_grad)
         fixed = self._fixed if self._fixed is not None else [
             i for i, o in enumerate(out) if not o.is_floating_point()]
         return Parts((o.detach() for o in out), fixed)
@@ -121,7 +126,7 @@ class TorchStage:
         with torch.no_grad():
             _, fed = self._input(x)
             out = self.module(fed)
-        return self._handed(out, False), _Kept(x, state)
+        return self._handed(out), _Kept(x, state)
 
     def _replay(self, ctx: Any) -> tuple[Any, Any]:
         """A context of ``forward``: kept as it is, or run again (recompute)."""
@@ -135,7 +140,7 @@ class TorchStage:
                 torch.cuda.set_rng_state(ctx.state[1], self.device)
             t, fed = self._input(ctx.x)
             out = self.module(fed)
-        self._handed(out, True)          # (learns which parts need no gradient)
+        self._learn(out)
         return t, out
 
     def backward(self, ctx: Any, gy: Any) -> Any:

@@ -257,7 +257,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                         f"{', '.join(repr(q.name) for q in traced)}: {way}")
     pos = {n: i for i, n in enumerate(body)}
     tensors = _tensor_valued(nodes)
-    blocks = _loop_steps(model, body)
+    blocks = _loop_steps(model, body, pos)
     # a value is live from where it is made (the input: before body[0]) to
     # its last reader in the body. A cut after body[i]: its own output is
     # live, a tensor, and either the only value live or (between two steps
@@ -300,7 +300,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     return seq
 
 
-def _loop_steps(model: Any, body: list[Any]) -> set[Any]:
+def _loop_steps(model: Any, body: list[Any], pos: dict[Any, int]) -> set[Any]:
     """The calls of ``body`` that end a step of a loop over an
     ``nn.ModuleList``: a call of its member i whose next module call is
     member i + 1, or of its last member (where the values still live may
@@ -314,7 +314,6 @@ def _loop_steps(model: Any, body: list[Any]) -> set[Any]:
 
     from torch import nn
     calls = [n for n in body if n.op == "call_module"]
-    pos = {n: i for i, n in enumerate(body)}
     steps = set()
     for n, after in zip(calls, [*calls[1:], None]):
         parent, _, name = n.target.rpartition(".")

@@ -552,6 +552,8 @@ def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
 
 def _skip_worker(world):
     torch.set_num_threads(1)
+    with pytest.raises(ValueError, match=r"recompute='yes': True, False or 'auto'"):
+        engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2), recompute="yes")
     out = {}
     for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v"), ("hf", "auto")):
         job = engine.distribute(_skip_model(kind), mesh.grid(world, pp=2), schedule=schedule,
