@@ -1,6 +1,6 @@
 """Activation memory against step time: ``python -m engine.bench_memory``.
 
-Three measurements, each in one process tree (``mesh.spawn``, two ranks,
+Four measurements, each in one process tree (``mesh.spawn``, two ranks,
 pp=2, one thread each), on a torch MLP of ``--depth`` x (Linear, GELU)
 pairs per stage, ``--width`` wide, ``--rows`` rows cut into micro-batches:
 
@@ -12,6 +12,9 @@ pairs per stage, ``--width`` wide, ``--rows`` rows cut into micro-batches:
 * ``limit``: under ``--limit`` MB of activations a rank, the schedule
   ``schedule="auto"`` picks keeping them only (``recompute=False``) against
   ``recompute="auto"``, and their steps;
+* ``stages``: per schedule, ``engine.Pipeline`` (stages cut uniformly)
+  keeping, recomputing in stage 0 only (``recompute={0}``) and in both:
+  the median step and each rank's peak RSS;
 * ``tuples``: a cut carrying (mask, activation) against one carrying the
   activation alone (the blocks make the mask themselves): the same
   arithmetic, one message more per cut and micro-batch.
@@ -69,6 +72,26 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
     assert job.chosen is not None
     return {"ms": ms, "pred": (job.predicted or 0.0) * 1e3, "name": job.schedule.name,
             "peak": job.chosen.peak_bytes / 2**20, "recompute": job.chosen.recompute,
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _stages_worker(world: Any, a: argparse.Namespace, schedule: str,
+                   recompute: Any) -> dict[str, float]:
+    import torch
+    from torch import nn
+
+    import engine
+    from engine.executor import stages_for_rank
+    from engine.torch_stage import torch_loss
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(a.rows, a.width, generator=g), torch.randn(a.rows, a.width, generator=g)
+    grid = mesh.grid(world, pp=2)
+    sched = engine.schedules.by_name(schedule, 2, a.microbatches)
+    stages = engine.partition(_mlp(a.width, a.depth), 2)
+    pipe = engine.Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
+                           loss_fn=torch_loss(nn.functional.mse_loss), recompute=recompute)
+    return {"ms": _steps(world, pipe, x, y, a.steps),
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -133,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--schedules", default="gpipe,1f1b")
     ap.add_argument("--limit", type=float, default=5.0, help="MB of activations a rank")
-    ap.add_argument("--only", default="recompute,limit,tuples")
+    ap.add_argument("--only", default="recompute,limit,stages,tuples")
     a = ap.parse_args(argv)
     only = a.only.split(",")
     if "recompute" in only:
@@ -152,6 +175,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  recompute={how!r:<7} chose {r['name']:<24} "
                   f"({'recomputing' if r['recompute'] else 'keeping'}) "
                   f"step {r['ms']:7.1f} ms (predicted {r['pred']:7.1f})", flush=True)
+    if "stages" in only:
+        print("stages: engine.Pipeline keeping, recomputing in stage 0 only, in both")
+        for schedule in a.schedules.split(","):
+            for name, how in (("keep", False), ("{0}", {0}), ("both", True)):
+                r = mesh.spawn(_stages_worker, 2, a, schedule, how, timeout=900)
+                print(f"  {schedule}(2,{a.microbatches}) recompute={name:<5} "
+                      f"step {r[0]['ms']:7.1f} ms  peak RSS {r[0]['rss']:.0f} / "
+                      f"{r[1]['rss']:.0f} MB", flush=True)
     if "tuples" in only:
         r = mesh.spawn(_tuple_worker, 2, a, timeout=900)[0]
         print(f"tuples: 1F1B(2,4), {2 * a.depth} blocks: one tensor a cut {r['one']:.2f} ms, "

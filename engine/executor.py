@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -135,7 +135,9 @@ class Pipeline:
     from a forward to its backward, and runs the forward again there (the
     same random draws: dropout's masks), as activation checkpointing does:
     a stage's activations are held for one micro-batch at a time, for
-    the cost of a second forward. Step n's messages use tags
+    the cost of a second forward; a collection of stage indices
+    (``recompute={0, 1}``): only those stages do (the first stages of
+    1F1B hold the most micro-batches at once). Step n's messages use tags
     ``tag_base + i + (n << 32)`` for ``i <= 2 * micro-batches * stages``
     (the last one is the trace's): two pipelines on one group need
     tag_bases that far apart, below 2**32.
@@ -150,7 +152,7 @@ class Pipeline:
                  loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0,
-                 recompute: bool = False) -> None:
+                 recompute: bool | Collection[int] = False) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
         # every rank of the pipeline: where the step's outcome is agreed on
         self.whole = grid_or_group.comm if isinstance(grid_or_group, Grid) else grid_or_group
@@ -169,9 +171,10 @@ class Pipeline:
         self.rank = self.pp.rank
         self.program: tuple[Action, ...] = lowered.ranks[self.rank]
         mine = lowered.stages_of(self.rank)
-        stages = [_as_stage(s, recompute)
-                  for s in (stage if isinstance(stage, (list, tuple)) else [stage])]
-        if len(stages) != len(mine):
+        again = _recomputing(recompute, lowered.num_stages)
+        given = stage if isinstance(stage, (list, tuple)) else [stage]
+        stages = [_as_stage(obj, s in again) for s, obj in zip(mine, given)]
+        if len(given) != len(mine):
             raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
                              f"{schedule.name!r} but was given {len(stages)} stage object(s)")
         self.stages = dict(zip(mine, stages))
@@ -278,6 +281,27 @@ class Pipeline:
         """``trace()`` written to ``path`` on world rank 0; returns the path there."""
         data = self.trace(costs)
         return _trace.write(path, data) if data is not None else None
+
+
+def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozenset[int]:
+    """The stages that recompute, out of ``Pipeline``'s ``recompute``: all
+    of them, none, or the stage indices given (each checked)."""
+    if isinstance(recompute, bool):
+        return frozenset(range(num_stages)) if recompute else frozenset()
+    try:
+        if isinstance(recompute, (str, bytes)):
+            raise TypeError
+        chosen = frozenset(recompute)
+    except TypeError:
+        raise TypeError(f"recompute= takes True, False or a collection of stage indices, "
+                        f"not {type(recompute).__name__}") from None
+    wrong = sorted((s for s in chosen
+                    if isinstance(s, bool) or not isinstance(s, int)
+                    or not 0 <= s < num_stages), key=repr)
+    if wrong:
+        raise ValueError(f"recompute={sorted(chosen, key=repr)!r}: {wrong!r} are not stage "
+                         f"indices of a {num_stages}-stage schedule (0..{num_stages - 1})")
+    return chosen
 
 
 def _as_stage(obj: Any, recompute: bool = False) -> Any:

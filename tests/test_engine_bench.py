@@ -122,6 +122,7 @@ def test_bench_memory_runs(capsys):
     from engine import bench_memory
     bench_memory.main(["--rows", "64", "--width", "8", "--depth", "1", "--steps", "1",
                        "--microbatches", "2", "--schedules", "1f1b", "--limit", "1",
-                       "--only", "recompute,tuples"])
+                       "--only", "recompute,stages,tuples"])
     out = capsys.readouterr().out
     assert "1f1b(2,2)              recompute" in out and "tuples: 1F1B(2,4)" in out
+    assert "1f1b(2,2) recompute={0}" in out

@@ -319,7 +319,7 @@ def _recompute_pipeline(world):
     grid = mesh.grid(world, pp=2)
     sched = schedules.by_name("1f1b", 2, 4)
     out = {}
-    for recompute in (False, True):
+    for recompute in (False, True, frozenset({0})):
         layers = list(_dropout_model())
         stages = [torch.nn.Sequential(*layers[:3]), torch.nn.Sequential(*layers[3:])]
         pipe = Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
@@ -329,14 +329,31 @@ def _recompute_pipeline(world):
         rng = np.random.default_rng(3)
         x, y = rng.standard_normal((8, 4)), rng.standard_normal((8, 2))
         losses = [pipe.step(x, y) for _ in range(2)]
-        out[recompute] = (losses, [g.copy() for st in pipe.stages.values() for g in st.grads()])
+        out[recompute] = (losses, [g.copy() for st in pipe.stages.values() for g in st.grads()],
+                          [st.recompute for st in pipe.stages.values()])
     return out
 
 
 @pytest.mark.timeout(200)
 def test_a_recomputing_pipeline_steps_as_a_plain_one():
     import mesh
-    for rank in mesh.spawn(_recompute_pipeline, 2, timeout=180):
-        assert rank[False][0] == rank[True][0]
-        for a, b in zip(rank[False][1], rank[True][1], strict=True):
-            np.testing.assert_array_equal(a, b)
+    for pp_rank, rank in enumerate(mesh.spawn(_recompute_pipeline, 2, timeout=180)):
+        # recompute={0}: only the first stage does
+        assert [rank[k][2] for k in (False, True, frozenset({0}))] == [
+            [False], [True], [pp_rank == 0]]
+        for k in (True, frozenset({0})):
+            assert rank[False][0] == rank[k][0]
+            for a, b in zip(rank[False][1], rank[k][1], strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("recompute, error, words", [
+    ({0, 2}, ValueError, "[2] are not stage indices of a 2-stage schedule (0..1)"),
+    ("auto", TypeError, "True, False or a collection of stage indices, not str"),
+    (1, TypeError, "not int"),
+])
+def test_recompute_names_stages_that_are_not_there(recompute, error, words):
+    from engine.executor import _recomputing
+    with pytest.raises(error) as e:
+        _recomputing(recompute, 2)
+    assert words in str(e.value)
