@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     if "stages" in only:
         print("stages: engine.Pipeline keeping, recomputing in stage 0 only, in both")
         for schedule in a.schedules.split(","):
-            for name, how in (("keep", False), ("{0}", {0}), ("both", True)):
+            ways: tuple[tuple[str, Any], ...] = (("keep", False), ("{0}", {0}), ("both", True))
+            for name, how in ways:
                 r = mesh.spawn(_stages_worker, 2, a, schedule, how, timeout=900)
                 print(f"  {schedule}(2,{a.microbatches}) recompute={name:<5} "
                       f"step {r[0]['ms']:7.1f} ms  peak RSS {r[0]['rss']:.0f} / "
