@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import mesh
+from engine.choose import recomputing
 
 __all__ = ["main"]
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         for how in (False, "auto"):
             r = mesh.spawn(_memory_worker, 2, a, "auto", how, a.limit * 2**20, timeout=900)[0]
             print(f"  recompute={how!r:<7} chose {r['name']:<24} "
-                  f"({'recomputing' if r['recompute'] else 'keeping'}) "
+                  f"({recomputing(r['recompute'])}) "
                   f"step {r['ms']:7.1f} ms (predicted {r['pred']:7.1f})", flush=True)
     if "stages" in only:
         print("stages: engine.Pipeline keeping, recomputing in stage 0 only, in both")

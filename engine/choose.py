@@ -62,13 +62,22 @@ def recomputed(lc: LayerCost) -> LayerCost:
 
 
 def as_run(row: dict[int, LayerCost], whole: Mapping[Span, LayerCost] | None,
-           recompute: bool) -> tuple[dict[int, LayerCost], Mapping[Span, LayerCost] | None]:
+           recompute: bool | frozenset[int], counts: Sequence[int] = ()
+           ) -> tuple[dict[int, LayerCost], Mapping[Span, LayerCost] | None]:
     """A profile's row (and its stages timed whole), as the stages run:
-    ``recomputed`` where they recompute."""
+    ``recomputed`` where they recompute (every stage, or the stages of a
+    set, cut by ``counts``)."""
     if not recompute:
         return row, whole
-    return ({i: recomputed(lc) for i, lc in row.items()},
-            None if whole is None else {k: recomputed(lc) for k, lc in whole.items()})
+    if recompute is True:
+        return ({i: recomputed(lc) for i, lc in row.items()},
+                None if whole is None else {k: recomputed(lc) for k, lc in whole.items()})
+    bounds = [sum(counts[:s]) for s in range(len(counts) + 1)]
+    spans = {(bounds[s], bounds[s + 1]) for s in recompute}
+    layers = {i for a, b in spans for i in range(a, b)}
+    return ({i: recomputed(lc) if i in layers else lc for i, lc in row.items()},
+            None if whole is None else {k: recomputed(lc) if k in spans else lc
+                                        for k, lc in whole.items()})
 
 
 def _nbytes(y: Any) -> int:
@@ -380,13 +389,16 @@ def helper_charge(sched: Schedule, helper: float) -> list[float]:
 
 
 def peak_bytes(sched: Schedule, act: Sequence[int],
-               kept: Sequence[int] | None = None) -> tuple[int, ...]:
+               kept: Sequence[int | None] | None = None) -> tuple[int, ...]:
     """Per rank, the most activation bytes held at once: a stage's ``act[s]``
     from its F to its B (or W, when the backward is split). With ``kept``
     (recompute: a stage keeps only its input, ``kept[s]``, from its F to
     its backward, which makes ``act[s]`` again): ``kept[s]`` from F to B
-    (or W), and ``act[s]`` during B, or from I to W (the graph the W reads)."""
-    held = act if kept is None else kept
+    (or W), and ``act[s]`` during B, or from I to W (the graph the W reads);
+    a stage whose ``kept[s]`` is None keeps its activations."""
+    again = [kept is not None and kept[s] is not None for s in range(len(act))]
+    held = [k if k is not None else a
+            for a, k in zip(act, kept if kept is not None else [None] * len(act))]
     peaks = []
     for row in sched.ranks:
         live = peak = 0
@@ -396,14 +408,14 @@ def peak_bytes(sched: Schedule, act: Sequence[int],
                 live += held[s]
                 peak = max(peak, live)
             elif a.kind == B:
-                if kept is not None:
+                if again[s]:
                     peak = max(peak, live + act[s])
                 live -= held[s]
-            elif a.kind == I and kept is not None:
+            elif a.kind == I and again[s]:
                 live += act[s]
                 peak = max(peak, live)
             elif a.kind == W:
-                live -= held[s] + (act[s] if kept is not None else 0)
+                live -= held[s] + (act[s] if again[s] else 0)
         peaks.append(peak)
     return tuple(peaks)
 
@@ -432,7 +444,8 @@ class Candidate:
     costs: dict[str, list[float]]
     summed: float | None = None     # the makespan had every stage cost its layers' sum
     measured: bool = False          # the executor's costs from a dry run of its own (recosted)
-    recompute: bool = False         # its stages recompute their forward in the backward
+    # its stages recompute their forward in the backward (all, or the stages of a set)
+    recompute: bool | frozenset[int] = False
     cores: float | None = None      # simulated with the ranks sharing this many cores (retimed)
 
 
@@ -476,7 +489,10 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     and the peak memory counts each stage's input kept and its
     activations made again (``peak_bytes``'s ``kept``); ``"auto"``: every
     schedule both ways where there is a ``memory_limit`` (without one,
-    recomputing is only slower: keeping)."""
+    recomputing is only slower: keeping), and a third way where keeping
+    puts some ranks but not all over the limit: only those ranks' stages
+    recompute (``Candidate.recompute`` the set of them; the layers cut as
+    when kept)."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -490,10 +506,16 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         shared = cores is not None
         charge = helper_charge(sched, helper) if helper else None
         both = recompute == "auto" and memory_limit is not None  # (no limit: never faster)
-        for again in ((False, True) if both else (recompute is True,)):
-            row, whole = as_run(profile[size], (stages or {}).get(size), again)
+        ways: list[bool | frozenset[int]] = [False, True] if both else [recompute is True]
+        for again in ways:
+            if isinstance(again, frozenset):     # some stages: cut as they were kept
+                row, whole = profile[size], (stages or {}).get(size)
+            else:
+                row, whole = as_run(profile[size], (stages or {}).get(size), again)
             times = [row[i].F + row[i].B for i in range(L)]
             counts = counts_for(balance, sched.num_stages, times, params)
+            row, whole = as_run(row, whole, again, counts) if isinstance(again, frozenset) \
+                else (row, whole)
             costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc, shared)
             rep = sched.simulate(costs, cores)
             summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
@@ -504,10 +526,18 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                 act.append(sum(row[i].act_bytes for i in range(start, start + c)))
                 kept.append(row[start - 1].act_bytes if start else 0)  # (the batch: not counted)
                 start += c
-            peak = max(peak_bytes(sched, act, kept if again else None))
+            held: list[int | None] = [k if again is True or s in again else None
+                                      for s, k in enumerate(kept)] if again else []
+            peaks = peak_bytes(sched, act, held if again else None)
+            peak = max(peaks)
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
                                  summed, cores=cores, recompute=again))
+            if both and again is False and not fits:    # only the ranks over the limit
+                over = frozenset(s for r, pk in enumerate(peaks) if pk > (memory_limit or 0)
+                                 for s in sched.stages_of(r))
+                if over and len(over) < sched.num_stages:
+                    ways.insert(1, over)
     return best_first(out)
 
 
@@ -581,7 +611,7 @@ def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
     as ``candidates`` cost them (``row``, ``whole``, ``scale``); marked
     ``measured``."""
     charge = helper_charge(cand.schedule, helper) if helper else None
-    run_row, run_whole = as_run(row, whole, cand.recompute)
+    run_row, run_whole = as_run(row, whole, cand.recompute, cand.counts)
     costs = stage_costs(run_row, cand.counts, scale, overhead, send, run_whole, charge, recv,
                         cand.cores is not None)
     rep = cand.schedule.simulate(costs, cand.cores)
@@ -600,6 +630,14 @@ def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
     return {size: sorted(ss) for size, ss in spans.items() if ss}
 
 
+def recomputing(recompute: bool | frozenset[int]) -> str:
+    """How a candidate's stages hold their activations, in words."""
+    if isinstance(recompute, frozenset):
+        return "recomputed in stage" + ("s " if len(recompute) > 1 else " ") + ",".join(
+            map(str, sorted(recompute)))
+    return "recomputed" if recompute else "kept"
+
+
 def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
     """The candidates as a text table, the chosen one marked."""
     again = any(c.recompute for c in cands)     # a column saying which recompute
@@ -613,6 +651,6 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
             counts = counts[:11] + "..."
         lines.append(f"{c.schedule.name:<28} {c.schedule.num_microbatches:>3}  {counts:<14} "
                      f"{c.makespan * 1e3:>9.2f} {c.bubble:>7.1%} {c.peak_bytes / 2**20:>8.2f}"
-                     + (f"  {'recomputed' if c.recompute else 'kept':<11}" if again else "")
+                     + (f"  {recomputing(c.recompute):<11}" if again else "")
                      + note)
     return "\n".join(lines)

@@ -53,7 +53,8 @@ from . import layers as _layers
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
                      candidates, counts_for, measure, measure_stages, microbatch_counts,
-                     recosted, retimed, stage_costs, stage_spans, table, time_program)
+                     recomputing, recosted, retimed, stage_costs, stage_spans, table,
+                     time_program)
 from .executor import Pipeline, rows_of
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
@@ -321,7 +322,7 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
             break
         size = -(-rows // lead.schedule.num_microbatches)
         row, w = profile[size], whole.get(size)
-        run_row, run_whole = as_run(row, w, lead.recompute)
+        run_row, run_whole = as_run(row, w, lead.recompute, lead.counts)
         spin = stage_costs(run_row, lead.counts, whole=run_whole)
         stand_ins = None if grads is None else _stage_grads(
             grads, lead.counts, lead.schedule.stages_of(grid.coord("pp")))
@@ -701,8 +702,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     backward and runs its forward again there; the candidates cost it (a
     second forward in each backward) and count its peak memory, so a
     ``memory_limit`` that no schedule met may be met so. ``"auto"``: each
-    schedule is simulated both ways, and recompute runs only where the
-    fastest candidate under ``memory_limit`` needs it (no limit: never).
+    schedule is simulated both ways (and, where keeping puts some of its
+    ranks over ``memory_limit``, recomputing in those ranks' stages only),
+    and recompute runs only where the fastest candidate under
+    ``memory_limit`` needs it (no limit: never).
     Torch models only.
     A torch model built on the meta device (``with torch.device("meta"):``)
     holds no memory: each rank makes only its own stages (with a plan, its
@@ -867,8 +870,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     again = chosen.recompute if chosen is not None else bool(recompute)
     if verbose and grid.comm.rank == 0 and auto:
         print(f"engine.distribute: {sched.name} cuts the model into {cut}"
-              + ("\n  (each stage recomputes its forward in its backward)" if again else ""),
-              flush=True)
+              + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}: "
+                 "its forward again in its backward)" if again else ""), flush=True)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
     pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                     tag_base=tag_base, recompute=again)

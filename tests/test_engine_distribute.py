@@ -130,6 +130,20 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
                                memory_limit=limit, recompute="auto")
     assert capped[0].recompute and capped[0].fits
     assert "recomputed" in choose.table(capped, capped[0])
+    # only the ranks over the limit recompute: 1F1B's rank 0 holds two
+    # micro-batches, rank 1 one; recomputing in stage 0 alone fits (3200 B
+    # on each rank: less than recomputing in both) for one forward less
+    first = {c.schedule.name: c for c in capped if isinstance(c.recompute, frozenset)}
+    assert list(first) == ["1f1b(2,4)"]       # gpipe: both ranks over, no partial way
+    part = first["1f1b(2,4)"]
+    assert part is capped[0] and part.recompute == frozenset({0}) and part.fits
+    assert choose.peak_bytes(part.schedule, [3200, 3200], [0, None]) == (3200, 3200)
+    assert part.peak_bytes == 3200 < again["1f1b(2,4)"].peak_bytes
+    assert part.costs["B"] == [again["1f1b(2,4)"].costs["B"][0], kept["1f1b(2,4)"].costs["B"][1]]
+    assert part.makespan < again["1f1b(2,4)"].makespan
+    assert "recomputed in stage 0" in choose.table(capped, capped[0])
+    assert choose.as_run({0: choose.LayerCost(1, 2, 1, 1, 8), 1: choose.LayerCost(1, 2, 1, 1, 8)},
+                         None, frozenset({1}), (1, 1))[0][1].B == 3
 
 
 def test_uneven_layers_balanced_by_time_beat_uniform():
