@@ -396,9 +396,9 @@ def peak_bytes(sched: Schedule, act: Sequence[int],
     its backward, which makes ``act[s]`` again): ``kept[s]`` from F to B
     (or W), and ``act[s]`` during B, or from I to W (the graph the W reads);
     a stage whose ``kept[s]`` is None keeps its activations."""
-    again = [kept is not None and kept[s] is not None for s in range(len(act))]
-    held = [k if k is not None else a
-            for a, k in zip(act, kept if kept is not None else [None] * len(act))]
+    each = list(kept) if kept is not None else [None] * len(act)
+    again = [k is not None for k in each]
+    held = [a if k is None else k for a, k in zip(act, each)]
     peaks = []
     for row in sched.ranks:
         live = peak = 0
@@ -508,14 +508,12 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
         both = recompute == "auto" and memory_limit is not None  # (no limit: never faster)
         ways: list[bool | frozenset[int]] = [False, True] if both else [recompute is True]
         for again in ways:
-            if isinstance(again, frozenset):     # some stages: cut as they were kept
-                row, whole = profile[size], (stages or {}).get(size)
-            else:
-                row, whole = as_run(profile[size], (stages or {}).get(size), again)
+            # a set of stages is cut as when kept, then costed as it runs
+            row, whole = as_run(profile[size], (stages or {}).get(size), again is True)
             times = [row[i].F + row[i].B for i in range(L)]
             counts = counts_for(balance, sched.num_stages, times, params)
-            row, whole = as_run(row, whole, again, counts) if isinstance(again, frozenset) \
-                else (row, whole)
+            if isinstance(again, frozenset):
+                row, whole = as_run(row, whole, again, counts)
             costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc, shared)
             rep = sched.simulate(costs, cores)
             summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
@@ -526,9 +524,9 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                 act.append(sum(row[i].act_bytes for i in range(start, start + c)))
                 kept.append(row[start - 1].act_bytes if start else 0)  # (the batch: not counted)
                 start += c
-            held: list[int | None] = [k if again is True or s in again else None
-                                      for s, k in enumerate(kept)] if again else []
-            peaks = peak_bytes(sched, act, held if again else None)
+            held = None if not again else [k if again is True or s in again else None
+                                           for s, k in enumerate(kept)]
+            peaks = peak_bytes(sched, act, held)
             peak = max(peaks)
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,

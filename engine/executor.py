@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -288,13 +288,10 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
     of them, none, or the stage indices given (each checked)."""
     if isinstance(recompute, bool):
         return frozenset(range(num_stages)) if recompute else frozenset()
-    try:
-        if isinstance(recompute, (str, bytes)):
-            raise TypeError
-        chosen = frozenset(recompute)
-    except TypeError:
+    if isinstance(recompute, (str, bytes)) or not isinstance(recompute, Iterable):
         raise TypeError(f"recompute= takes True, False or a collection of stage indices, "
-                        f"not {type(recompute).__name__}") from None
+                        f"not {type(recompute).__name__}")
+    chosen = frozenset(recompute)
     wrong = sorted((s for s in chosen
                     if isinstance(s, bool) or not isinstance(s, int)
                     or not 0 <= s < num_stages), key=repr)
