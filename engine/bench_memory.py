@@ -2,7 +2,10 @@
 
 Four measurements, each in one process tree (``mesh.spawn``, two ranks,
 pp=2, one thread each), on a torch MLP of ``--depth`` x (Linear, GELU)
-pairs per stage, ``--width`` wide, ``--rows`` rows cut into micro-batches:
+pairs per stage, ``--width`` wide, ``--rows`` rows cut into micro-batches
+(``--model blocks``: ``--depth`` transformer encoder layers per stage
+instead, four heads, over ``--rows`` sequences of ``--seq`` positions;
+``recompute``, ``limit`` and ``stages``):
 
 * ``recompute``: per schedule (``--schedules``), the stages keeping their
   activations against recomputing them (``engine.distribute(...,
@@ -43,6 +46,24 @@ def _mlp(width: int, depth: int) -> Any:
                            for m in (nn.Linear(width, width), nn.GELU())])
 
 
+def _blocks(width: int, depth: int) -> Any:
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0,
+                                                      batch_first=True, norm_first=True)
+                           for _ in range(2 * depth)])
+
+
+def _model(a: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The model ``--model`` names, and an input batch and a target."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    shape = (a.rows, a.width) if a.model == "mlp" else (a.rows, a.seq, a.width)
+    x, y = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    return (_mlp if a.model == "mlp" else _blocks)(a.width, a.depth), x, y
+
+
 def _steps(world: Any, job: Any, x: Any, y: Any, n: int) -> float:
     """The median of ``n`` steps after one, each after a barrier (ms)."""
     import collectives
@@ -63,9 +84,8 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
 
     import engine
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(a.rows, a.width, generator=g), torch.randn(a.rows, a.width, generator=g)
-    job = engine.distribute(_mlp(a.width, a.depth), mesh.grid(world, pp=2), schedule=schedule,
+    model, x, y = _model(a)
+    job = engine.distribute(model, mesh.grid(world, pp=2), schedule=schedule,
                             microbatches=a.microbatches if schedule != "auto" else None,
                             sample=x, loss_fn=nn.functional.mse_loss, recompute=recompute,
                             memory_limit=limit, verbose=False)
@@ -85,11 +105,10 @@ def _stages_worker(world: Any, a: argparse.Namespace, schedule: str,
     from engine.executor import stages_for_rank
     from engine.torch_stage import torch_loss
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(a.rows, a.width, generator=g), torch.randn(a.rows, a.width, generator=g)
+    model, x, y = _model(a)
     grid = mesh.grid(world, pp=2)
     sched = engine.schedules.by_name(schedule, 2, a.microbatches)
-    stages = engine.partition(_mlp(a.width, a.depth), 2)
+    stages = engine.partition(model, 2)
     pipe = engine.Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
                            loss_fn=torch_loss(nn.functional.mse_loss), recompute=recompute)
     return {"ms": _steps(world, pipe, x, y, a.steps),
@@ -152,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=12, help="(Linear, GELU) pairs per stage")
+    ap.add_argument("--depth", type=int, default=12,
+                    help="(Linear, GELU) pairs per stage (--model blocks: layers)")
+    ap.add_argument("--model", choices=("mlp", "blocks"), default="mlp")
+    ap.add_argument("--seq", type=int, default=64, help="--model blocks: positions")
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--schedules", default="gpipe,1f1b")

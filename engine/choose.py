@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
@@ -44,14 +45,25 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Seconds one layer takes per micro-batch of some size, and the bytes
-    of its output (what the stage keeps for the backward pass, roughly)."""
+    """Seconds one layer takes per micro-batch of some size, the bytes of
+    its output (what it hands on: the messages between stages, the input a
+    recomputing stage keeps) and ``saved_bytes``, what it holds from its
+    forward to its backward (``saved``: autograd's saved tensors, measured
+    on torch layers; None where not measured, the output's bytes standing
+    in: ``held``)."""
 
     F: float
     B: float
     I: float
     W: float
     act_bytes: int
+    saved_bytes: int | None = None
+
+    @property
+    def held(self) -> int:
+        """The bytes this layer holds for its backward: ``saved_bytes``,
+        else its output's."""
+        return self.act_bytes if self.saved_bytes is None else self.saved_bytes
 
 
 def recomputed(lc: LayerCost) -> LayerCost:
@@ -154,7 +166,45 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
     for g, old in saved:
         g[...] = old
     f, b, gi, gw = (statistics.median(v[1:]) for v in times.values())
-    return LayerCost(f, b, gi, gw, _nbytes(y)), y
+    return LayerCost(f, b, gi, gw, _nbytes(y), held_bytes(layer, x)), y
+
+
+def held_bytes(layer: Any, x: Any) -> int | None:
+    """The bytes a torch stage object (engine.TorchStage) holds from its
+    forward on ``x`` to its backward: the distinct storages autograd saves
+    for the backward (one more forward, under
+    ``torch.autograd.graph.saved_tensors_hooks``), but for its parameters
+    and buffers and its input (the layer before holds that: its output),
+    plus its output (held for the backward; the next layer's, or sent). A
+    transformer block of width C over T positions holds about 16 times its
+    output (the attention's scores, the MLP's 4C hidden, the norms'
+    inputs), where its output's bytes stood in until now. None for any
+    other stage (numpy layers: the output's bytes stand in)."""
+    module = getattr(layer, "module", None)
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(module, torch.nn.Module):
+        return None
+
+    def ptr(t: Any) -> int:
+        return int(t.untyped_storage().data_ptr())
+
+    seen: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        seen[ptr(t)] = int(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, ctx = layer.forward(x)
+    leaf = ctx[0] if isinstance(ctx, tuple) and ctx else ()
+    own = {ptr(t) for t in (*module.parameters(), *module.buffers())}
+    own |= {ptr(t) for t in (leaf if isinstance(leaf, tuple) else (leaf,))
+            if isinstance(t, torch.Tensor)}
+    out = [t for t in (y if isinstance(y, tuple) else (y,)) if isinstance(t, torch.Tensor)]
+    own |= {ptr(t) for t in out}
+    held = sum(n for p, n in seen.items() if p not in own) + _nbytes(y)
+    del ctx, y
+    return held
 
 
 def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
@@ -521,7 +571,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                       if whole else rep.makespan)
             act, kept, start = [], [], 0
             for c in counts:
-                act.append(sum(row[i].act_bytes for i in range(start, start + c)))
+                act.append(sum(row[i].held for i in range(start, start + c)))
                 kept.append(row[start - 1].act_bytes if start else 0)  # (the batch: not counted)
                 start += c
             held = None if not again else [k if again is True or s in again else None

@@ -141,10 +141,11 @@ def _shared(grid: Grid, n: int, timed: Callable[[list[int]], list[tuple[Any, Lay
 
 def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]]) -> list[tuple[list[int], LayerCost]]:
     """Every rank's ``(key, cost)`` pairs (a key a tuple of ints), to every rank."""
-    rows = [[*key, lc.F, lc.B, lc.I, lc.W, lc.act_bytes] for key, lc in pairs]
-    return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb)))
+    rows = [[*key, lc.F, lc.B, lc.I, lc.W, lc.act_bytes,
+             -1 if lc.saved_bytes is None else lc.saved_bytes] for key, lc in pairs]
+    return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb), None if sb < 0 else int(sb)))
             for part in collectives.all_gather_object(world, rows)
-            for *key, f, b, gi, gw, nb in part]
+            for *key, f, b, gi, gw, nb, sb in part]
 
 
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int,
@@ -216,7 +217,7 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
 
     def mean(lcs: list[LayerCost]) -> LayerCost:
         f, b, gi, gw = (sum(getattr(lc, k) for lc in lcs) / len(lcs) for k in "FBIW")
-        return LayerCost(f, b, gi, gw, lcs[0].act_bytes)
+        return LayerCost(f, b, gi, gw, lcs[0].act_bytes, lcs[0].saved_bytes)
     held = {s: len(lcs) for (s, i), lcs in got.items() if i == -1}     # by how many ranks
     runs = 0
     while held and all(len(got.get((s, runs), [])) == n for s, n in held.items()):
@@ -267,7 +268,7 @@ def _shared_walls(sched: Schedule, spin: dict[str, list[float]], cal: Calibratio
 
 
 def _stretched(lc: LayerCost, by: float) -> LayerCost:
-    return LayerCost(lc.F * by, lc.B * by, lc.I * by, lc.W * by, lc.act_bytes)
+    return replace(lc, F=lc.F * by, B=lc.B * by, I=lc.I * by, W=lc.W * by)
 
 
 def _grad_bytes(layer: Any) -> list[int]:
@@ -691,8 +692,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     whose forward takes several inputs (``forward(input_ids,
     attention_mask, labels)``) is given its sample as a tuple of them,
     and each step's inputs the same way: ``step((ids, mask), labels)``.
-    ``memory_limit``: bytes of activations a rank may hold (estimated from
-    layer outputs).
+    ``memory_limit``: bytes of activations a rank may hold (for torch
+    layers what autograd saves for their backward, measured on the sample
+    by the profile: engine.choose.held_bytes; for numpy layers their
+    outputs' bytes).
     ``overhead``: the executor's own seconds per compute action, and no
     message time, in the prediction; None (the default) measures both on a
     dry pipeline (engine.calibrate) when the layers are measured.

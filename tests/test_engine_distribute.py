@@ -6,6 +6,8 @@ state on rank 0 and checks the argument errors; the parent compares with
 single-process training on the whole batch. Nothing here is timed: which
 schedule wins may differ from run to run, the weights may not.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -144,6 +146,44 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     assert "recomputed in stage 0" in choose.table(capped, capped[0])
     assert choose.as_run({0: choose.LayerCost(1, 2, 1, 1, 8), 1: choose.LayerCost(1, 2, 1, 1, 8)},
                          None, frozenset({1}), (1, 1))[0][1].B == 3
+
+
+def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
+    """A layer's ``saved_bytes`` (what it holds for its backward) is what
+    the peak counts; its output's bytes stay the messages' and the input a
+    recomputing stage keeps."""
+    rows, ms = 8, [4]
+    (sched,) = choose.builtin(["gpipe"], 2, ms)
+    prof = _profile(rows, ms, [1, 1, 1, 1])
+    plain, = choose.candidates(prof, [1] * 4, rows, [sched])
+    held = {size: {i: replace(lc, saved_bytes=16 * lc.act_bytes) for i, lc in row.items()}
+            for size, row in prof.items()}
+    big, = choose.candidates(held, [1] * 4, rows, [sched])
+    assert plain.peak_bytes == 4 * 2 * 200 and big.peak_bytes == 16 * plain.peak_bytes
+    again, = choose.candidates(held, [1] * 4, rows, [sched], recompute=True)
+    # recomputing: each micro-batch's input (an output: 200 B) kept, and one
+    # micro-batch's activations made again in its backward
+    assert again.peak_bytes == 4 * 200 + 2 * 16 * 200
+    assert choose.LayerCost(0, 0, 0, 0, 8).held == 8
+    assert choose.LayerCost(0, 0, 0, 0, 8, 0).held == 0
+
+
+def test_time_layer_measures_what_a_torch_layer_holds():
+    torch = pytest.importorskip("torch")
+    from engine.torch_stage import TorchStage
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 32)
+    block = torch.nn.TransformerEncoderLayer(32, 4, 128, dropout=0.0, batch_first=True)
+    lc, y = choose.time_layer(TorchStage(block), x, reps=1, runs=1)
+    assert lc.act_bytes == y.nbytes == x.nbytes
+    assert lc.saved_bytes is not None and lc.saved_bytes > 8 * lc.act_bytes
+    # a Linear holds its input (the layer before's output) and its weight,
+    # neither of them its own: what it holds is its output, as a GELU's
+    for layer in (torch.nn.Linear(32, 32), torch.nn.GELU()):
+        lc, _ = choose.time_layer(TorchStage(layer), x, reps=1, runs=1)
+        assert lc.saved_bytes == lc.act_bytes == x.nbytes
+    lc, _ = choose.time_layer(Tanh(), np.ones((4, 8)), reps=1, runs=1)
+    assert lc.saved_bytes is None and lc.held == lc.act_bytes
 
 
 def test_uneven_layers_balanced_by_time_beat_uniform():
