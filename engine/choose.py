@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
@@ -48,9 +50,9 @@ class LayerCost:
     """Seconds one layer takes per micro-batch of some size, the bytes of
     its output (what it hands on: the messages between stages, the input a
     recomputing stage keeps) and ``saved_bytes``, what it holds from its
-    forward to its backward (``saved``: autograd's saved tensors, measured
-    on torch layers; None where not measured, the output's bytes standing
-    in: ``held``)."""
+    forward to its backward (``held_bytes``: autograd's saved tensors of a
+    torch layer, a numpy layer's context; None where not measured, the
+    output's bytes standing in: ``held``)."""
 
     F: float
     B: float
@@ -170,21 +172,43 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
 
 
 def held_bytes(layer: Any, x: Any) -> int | None:
-    """The bytes a torch stage object (engine.TorchStage) holds from its
-    forward on ``x`` to its backward: the distinct storages autograd saves
-    for the backward (one more forward, under
-    ``torch.autograd.graph.saved_tensors_hooks``), but for its parameters
-    and buffers and its input (the layer before holds that: its output),
-    plus its output (held for the backward; the next layer's, or sent). A
-    transformer block of width C over T positions holds about 16 times its
-    output (the attention's scores, the MLP's 4C hidden, the norms'
-    inputs), where its output's bytes stood in until now. None for any
-    other stage (numpy layers: the output's bytes stand in)."""
+    """The bytes a stage object holds from its forward on ``x`` to its
+    backward, but for its parameters and its input (the layer before holds
+    that: its output), plus its output (held for the backward: the next
+    layer's, or sent). A torch stage (engine.TorchStage): the distinct
+    storages autograd saves for the backward (one more forward, under
+    ``torch.autograd.graph.saved_tensors_hooks``); a transformer block of
+    width C over T positions holds about 16 times its output (the
+    attention's scores, the MLP's 4C hidden, the norms' inputs), where its
+    output's bytes stood in until the twenty-second session. A numpy stage
+    (engine.layers): the distinct arrays of the context its forward
+    returns. None for a stage that is neither (its output's bytes stand
+    in)."""
     module = getattr(layer, "module", None)
     torch = sys.modules.get("torch")
-    if torch is None or not isinstance(module, torch.nn.Module):
+    if torch is not None and isinstance(module, torch.nn.Module):
+        return _saved_by_autograd(torch, layer, module, x)
+    if not isinstance(x, np.ndarray):
         return None
+    y, ctx = layer.forward(x)
+    if not isinstance(y, np.ndarray):
+        return None
+    own = [x, *(p for p in getattr(layer, "params", list)() if isinstance(p, np.ndarray))]
+    seen: dict[tuple[int, int], int] = {}
+    todo = [ctx, y]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, (tuple, list)):
+            todo.extend(v)
+        elif isinstance(v, dict):
+            todo.extend(v.values())
+        elif isinstance(v, np.ndarray) and not any(np.may_share_memory(v, o) for o in own):
+            seen[(v.__array_interface__["data"][0], v.nbytes)] = v.nbytes
+    return sum(seen.values())
 
+
+def _saved_by_autograd(torch: Any, layer: Any, module: Any, x: Any) -> int:
+    """``held_bytes`` of a torch stage."""
     def ptr(t: Any) -> int:
         return int(t.untyped_storage().data_ptr())
 
@@ -200,8 +224,7 @@ def held_bytes(layer: Any, x: Any) -> int | None:
     own = {ptr(t) for t in (*module.parameters(), *module.buffers())}
     own |= {ptr(t) for t in (leaf if isinstance(leaf, tuple) else (leaf,))
             if isinstance(t, torch.Tensor)}
-    out = [t for t in (y if isinstance(y, tuple) else (y,)) if isinstance(t, torch.Tensor)]
-    own |= {ptr(t) for t in out}
+    own |= {ptr(t) for t in (y if isinstance(y, tuple) else (y,)) if isinstance(t, torch.Tensor)}
     held = sum(n for p, n in seen.items() if p not in own) + _nbytes(y)
     del ctx, y
     return held

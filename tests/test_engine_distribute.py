@@ -182,8 +182,15 @@ def test_time_layer_measures_what_a_torch_layer_holds():
     for layer in (torch.nn.Linear(32, 32), torch.nn.GELU()):
         lc, _ = choose.time_layer(TorchStage(layer), x, reps=1, runs=1)
         assert lc.saved_bytes == lc.act_bytes == x.nbytes
-    lc, _ = choose.time_layer(Tanh(), np.ones((4, 8)), reps=1, runs=1)
-    assert lc.saved_bytes is None and lc.held == lc.act_bytes
+    # numpy layers: the arrays of the context their forward returns, less
+    # the input: a Tanh keeps its output; a block its inner outputs too
+    x = np.ones((4, 8))
+    lc, _ = choose.time_layer(Tanh(), x, reps=1, runs=1)
+    assert lc.saved_bytes == lc.held == lc.act_bytes == x.nbytes
+    block = Sequential(Linear(8, 32), Tanh(), Linear(32, 8))
+    lc, _ = choose.time_layer(block, x, reps=1, runs=1)
+    assert lc.act_bytes == x.nbytes and lc.saved_bytes == x.nbytes + 4 * x.nbytes
+    assert choose.held_bytes(object(), [1.0]) is None
 
 
 def test_uneven_layers_balanced_by_time_beat_uniform():
