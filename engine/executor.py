@@ -43,11 +43,13 @@ everywhere (``_Step.agree``, a one-number all-reduce over the grid), so a
 rank whose own part had finished raises StepFailed; every rank then puts
 its gradients back to what they held before the step, and (schedules with
 OPT actions) the weights of a stage whose optimizer already ran back to
-what they were before it, so no stage keeps an update the others did not
-make. Whether to redo or skip the batch is the caller's call.
+what they were before it, and the optimizer's state where it has
+``state_dict()``/``load_state_dict()``, so no stage keeps an update the
+others did not make. Whether to redo or skip the batch is the caller's call.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from typing import Any, Callable, Collection, Iterable, Sequence
@@ -130,7 +132,9 @@ class Pipeline:
     marked by ``engine.partition`` as holding copies of a tied parameter are
     kept equal (see engine.tied). See the module docstring for what ``step``
     computes. ``optimizer(stage)``, when given, runs at each
-    OPT action of the schedule. ``timeout`` bounds every wait (None: the
+    OPT action of the schedule; one with ``state_dict()`` and
+    ``load_state_dict()`` (a callable object around a torch optimizer) has
+    its state put back when a step fails after it ran. ``timeout`` bounds every wait (None: the
     mesh's default). ``recompute``: each torch stage keeps only its input
     from a forward to its backward, and runs the forward again there (the
     same random draws: dropout's masks), as activation checkpointing does:
@@ -144,7 +148,8 @@ class Pipeline:
 
     A failed ``step()`` cancels its receives and aborts the rest of its
     messages on every pp rank, raises on every rank of the pipeline and
-    rolls its gradients (and weights an OPT action changed) back (see the
+    rolls its gradients (and weights an OPT action changed, and such an
+    optimizer's state) back (see the
     module docstring); the pipeline
     stays usable for the next step."""
 
@@ -173,7 +178,7 @@ class Pipeline:
         mine = lowered.stages_of(self.rank)
         again = _recomputing(recompute, lowered.num_stages)
         given = stage if isinstance(stage, (list, tuple)) else [stage]
-        stages = [_as_stage(obj, s in again) for s, obj in zip(mine, given)]
+        stages = [_as_stage(obj, s in again, s, recompute) for s, obj in zip(mine, given)]
         if len(given) != len(mine):
             raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
                              f"{schedule.name!r} but was given {len(stages)} stage object(s)")
@@ -301,14 +306,17 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
     return chosen
 
 
-def _as_stage(obj: Any, recompute: bool = False) -> Any:
-    """``obj``, or a TorchStage of it when it is a torch module (keeping the
-    partition's marks of tied parameters)."""
+def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = True) -> Any:
+    """``obj`` (stage ``index``), or a TorchStage of it when it is a torch
+    module (keeping the partition's marks of tied parameters); ``given``:
+    Pipeline's ``recompute``, for the error."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(obj, torch.nn.Module):
         if recompute and not getattr(obj, "recompute", False):
-            raise TypeError(f"recompute=True: a {type(obj).__name__} stage does not recompute "
-                            "(torch modules do, as TorchStage(module, recompute=True))")
+            asked = given if isinstance(given, bool) else sorted(given, key=repr)
+            raise TypeError(f"recompute={asked!r}: stage {index}, a {type(obj).__name__}, "
+                            "does not recompute (torch modules do, as "
+                            "TorchStage(module, recompute=True))")
         return obj
     stage: Any = TorchStage(obj, recompute)
     stage.tied = getattr(obj, "tied", ())
@@ -345,6 +353,7 @@ class _Step:
         self.prior: dict[int, list[Any]] = {}
         self.before: dict[int, list[Any]] = {}
         self.stepped: dict[int, list[Any]] = {}   # weights before this step's OPT
+        self.opt_state: Any = None                # the optimizer's, before its first
         self.recvs: dict[Action, Any] = {}
         self.sends: list[Any] = []
         self.syncs: dict[int, list[Any]] = {}
@@ -415,6 +424,8 @@ class _Step:
             assert pipe.optimizer is not None
             stage = pipe.stages[a.stage]
             self.stepped[a.stage] = [p.copy() for p in stage.params()]
+            if not self.stepped.keys() - {a.stage} and hasattr(pipe.optimizer, "state_dict"):
+                self.opt_state = copy.deepcopy(pipe.optimizer.state_dict())
             pipe.optimizer(stage)
         return ""
 
@@ -545,11 +556,15 @@ class _Step:
     def roll_back(self) -> None:
         """Put every gradient back to what it held before the step, and
         the weights of each stage whose OPT action ran to what they were
-        before it (the optimizer's own state, momentum and the like, is the
-        optimizer's: it saw one more call)."""
+        before it, and an optimizer with ``state_dict()`` and
+        ``load_state_dict()`` (momentum, Adam's moments, a step count) to
+        its state before the step's first OPT action (a deep copy taken
+        there); another optimizer's own state saw one more call."""
         for s, old in self.stepped.items():
             for p, o in zip(self.pipe.stages[s].params(), old):
                 p[...] = o
+        if self.opt_state is not None:
+            self.pipe.optimizer.load_state_dict(self.opt_state)     # type: ignore[union-attr]
         for s, old in self.before.items():
             stage = self.pipe.stages[s]
             if hasattr(stage, "put_grads"):

@@ -251,9 +251,21 @@ def _opt_worker(world):
     stage = _Flaky(mine, 4 if world.rank == 0 else 0, backward=True)
     ran = []
 
-    def optimizer(s):
-        ran.append(1)
-        sgd([s], LR)
+    class Optimizer:
+        """SGD with a state of its own (its step count), put back too."""
+        calls = 0
+
+        def __call__(self, s):
+            ran.append(1)
+            self.calls += 1
+            sgd([s], LR)
+
+        def state_dict(self):
+            return {"calls": [self.calls]}
+
+        def load_state_dict(self, state):
+            self.calls = state["calls"][0]
+    optimizer = Optimizer()
     pipe = Pipeline(world, stage, sched, loss_fn=mse_loss, optimizer=optimizer, timeout=30)
     before = [p.copy() for p in mine.params()]
     x, y = _data(0)
@@ -264,11 +276,12 @@ def _opt_worker(world):
         error = f"{type(e).__name__}: {e}"
     kept = all((p == b).all() for p, b in zip(mine.params(), before))
     zero = all(not g.any() for g in mine.grads())
-    stepped = len(ran)
+    stepped = (len(ran), optimizer.calls)
     losses = []
     for step in range(STEPS):
         x, y = _data(step)
         losses.append(pipe.step(x if pipe.first else None, y if pipe.last else None))
+    assert optimizer.calls == STEPS
     return error, stepped, kept, zero, [p.copy() for p in mine.params()], losses
 
 
@@ -277,7 +290,8 @@ def test_a_failed_step_undoes_an_optimizer_that_ran():
     (e0, stepped0, kept0, zero0, p0, _), (e1, stepped1, kept1, zero1, p1, losses) = results
     assert e0.startswith("_Boom"), e0
     assert e1.startswith("StepFailed") and "rank 0 of" in e1, e1
-    assert (stepped0, stepped1) == (0, 1), "rank 1's optimizer should have run in the failed step"
+    # rank 1's optimizer ran in the failed step, and its state came back
+    assert (stepped0, stepped1) == ((0, 0), (1, 0)), (stepped0, stepped1)
     assert kept0 and kept1 and zero0 and zero1
     ref_params, ref_losses = _reference(STEPS)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)

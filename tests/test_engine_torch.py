@@ -357,3 +357,13 @@ def test_recompute_names_stages_that_are_not_there(recompute, error, words):
     with pytest.raises(error) as e:
         _recomputing(recompute, 2)
     assert words in str(e.value)
+
+
+def test_a_numpy_stage_asked_to_recompute_is_named():
+    from engine.executor import _as_stage
+    from engine.layers import Linear, Sequential
+    with pytest.raises(TypeError, match=r"recompute=\[0\]: stage 0, a Sequential, does not"):
+        _as_stage(Sequential(Linear(2, 2)), True, 0, {0})
+    with pytest.raises(TypeError, match=r"recompute=True: stage 1, a Linear"):
+        _as_stage(Linear(2, 2), True, 1)
+    assert isinstance(_as_stage(Linear(2, 2), False, 1, {0}), Linear)
