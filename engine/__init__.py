@@ -23,6 +23,7 @@ from .schedules import (gpipe, interleaved_1f1b, one_f_one_b, zb_v, zero_bubble_
                         zero_bubble_h2)
 from .simulate import SimReport, simulate
 from .tensor_parallel import gather_state_dict, parallelize
+from .torch_stage import checkpoint_modules
 from .tp_plan import PlanError, Style
 from .traced import sequential
 from .verify import ScheduleError, verify
@@ -34,5 +35,5 @@ __all__ = [
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
     "parallelize", "gather_state_dict", "Style", "PlanError", "partition", "Partition",
-    "sequential",
+    "sequential", "checkpoint_modules",
 ]

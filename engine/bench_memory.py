@@ -9,7 +9,8 @@ instead, four heads, over ``--rows`` sequences of ``--seq`` positions;
 
 * ``recompute``: per schedule (``--schedules``), the stages keeping their
   activations against recomputing them (``engine.distribute(...,
-  recompute=True)``): the median step, the re-timed prediction
+  recompute=True)``; with ``--selective``, also recomputing only the
+  submodules it names): the median step, the re-timed prediction
   (``job.predicted``), the candidates' predicted peak activation bytes and
   each rank's peak RSS (``ru_maxrss``, the profile's included);
 * ``limit``: under ``--limit`` MB of activations a rank, the schedule
@@ -180,14 +181,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schedules", default="gpipe,1f1b")
     ap.add_argument("--limit", type=float, default=5.0, help="MB of activations a rank")
     ap.add_argument("--only", default="recompute,limit,stages,tuples")
+    ap.add_argument("--selective", default="",
+                    help="recompute: also recompute the submodules these comma-separated "
+                         "name patterns match (e.g. '*.self_attn' with --model blocks)")
     a = ap.parse_args(argv)
     only = a.only.split(",")
     if "recompute" in only:
         print("recompute: pp=2, keeping the activations against recomputing them")
         for schedule in a.schedules.split(","):
-            for recompute in (False, True):
+            tried: list[Any] = [False, True] + ([a.selective.split(",")] if a.selective else [])
+            for recompute in tried:
                 r = mesh.spawn(_memory_worker, 2, a, schedule, recompute, None, timeout=900)
-                print(f"  {r[0]['name']:<22} {'recompute' if recompute else 'keep':<9}  "
+                way = ("recompute" if recompute is True else "keep" if not recompute
+                       else ",".join(recompute))
+                print(f"  {r[0]['name']:<22} {way:<9}  "
                       f"step {r[0]['ms']:7.1f} ms (predicted {r[0]['pred']:7.1f})  "
                       f"peak activations {r[0]['peak']:6.2f} MB a rank (predicted)  "
                       f"peak RSS {r[0]['rss']:.0f} / {r[1]['rss']:.0f} MB", flush=True)

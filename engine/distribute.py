@@ -39,11 +39,12 @@ the global batch: the same as one process training on all of it.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import sys
 import time
 from dataclasses import replace
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import collectives
 from mesh import Comm, Grid
@@ -61,8 +62,8 @@ from .schedules import by_name, one_f_one_b
 from .stagebuild import inputs_of, is_module, make_stage, param_count
 from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize
 from .partition import partition
-from .traced import few, sequential, traceable
-from .torch_stage import TorchStage, torch_loss
+from .traced import called_whole, few, sequential, traceable
+from .torch_stage import TorchStage, checkpoint_modules, patterns_of, torch_loss
 from .tp_layers import full_params, load_full_params
 from .tp_plan import logging_calls
 from .tp_sums import holders as tp_holders
@@ -98,6 +99,22 @@ def _model_layers(model: Any) -> tuple[list[tuple[str, Any]], bool]:
         return [(str(i), m) for i, m in enumerate(items)], is_torch
     raise TypeError(f"engine.distribute takes an nn.Sequential, an engine.layers.Sequential "
                     f"or a list of layers, not a {type(model).__name__}")
+
+
+def _checkpoint_model(model: Any, patterns: Sequence[str], traced: bool) -> None:
+    """Selective recompute of ``model``'s submodules named by ``patterns``
+    (checkpoint_modules); with ``traced``, each must be called as a module
+    when the traced pieces run (called_whole), else it would not recompute:
+    refused, before anything is wrapped."""
+    if traced:
+        hits = [n for n, _ in model.named_modules()
+                if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        through = [n for n in hits if not called_whole(model, n)]
+        if through:
+            raise ValueError(f"recompute={list(patterns)!r}: {through!r} hold the model's list "
+                             "of layers, which its trace runs through (it is cut there): name "
+                             "the layers or modules inside them")
+    checkpoint_modules(model, patterns, type(model).__name__)
 
 
 def _as_grid(grid: Grid | Comm) -> Grid:
@@ -680,7 +697,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                timeout: float | None = None, reps: int = 3, verbose: bool = True,
                overhead: float | None = None, tag_base: int = 0,
                init: Callable[[Any], Any] | None = None,
-               recompute: bool | str = False) -> Job:
+               recompute: bool | str | Sequence[str] = False) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
     over tp, and build the pipeline (gradients averaged over dp).
 
@@ -708,8 +725,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     schedule is simulated both ways (and, where keeping puts some of its
     ranks over ``memory_limit``, recomputing in those ranks' stages only),
     and recompute runs only where the fastest candidate under
-    ``memory_limit`` needs it (no limit: never).
-    Torch models only.
+    ``memory_limit`` needs it (no limit: never). A str other than
+    ``"auto"``, or a list of them: selective recompute, the submodules
+    whose names match (fnmatch patterns over the model's own names, as a
+    plan's: ``"blocks.*.attn"``) recompute and the rest keep
+    (engine.torch_stage.checkpoint_modules, applied before the layers are
+    timed, so the profile's times and held bytes are the recomputing
+    ones). Torch models only.
     A torch model built on the meta device (``with torch.device("meta"):``)
     holds no memory: each rank makes only its own stages (with a plan, its
     own shards of them) real, on the CPU, as zeros that ``init(stage)``
@@ -718,8 +740,12 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     rank cuts its own shards); its layers (and candidate stages) are timed
     on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
-    if recompute not in (False, True, "auto"):
-        raise ValueError(f"recompute={recompute!r}: True, False or 'auto'")
+    patterns = () if recompute == "auto" else patterns_of(recompute)
+    if not patterns and recompute not in (False, True, "auto"):
+        raise ValueError(f"recompute={recompute!r}: True, False, 'auto' or submodule name "
+                         "patterns (a str or a list of them)")
+    # the stages' recompute (Pipeline's, costed by candidates): none when selective
+    way: bool | str = recompute if isinstance(recompute, (bool, str)) and not patterns else False
     on_meta = _on_meta(model)
     source = model
     n_inputs = inputs_of(sample)
@@ -782,6 +808,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if source is not model:       # traced again: the pieces hold the sharded modules
             model = sequential(source, target=model.loss is not None, inputs=n_inputs)
         named, _ = _model_layers(model)
+    if patterns:    # selective recompute, before any layer is timed: the profile sees it
+        _checkpoint_model(source, patterns, traced=source is not model)
     params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
     # with a dp axis, the dry runs average stand-ins of the gradients as the steps
     # will: the step's end (those averages, the loss's and the outcome's
@@ -830,7 +858,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                     action[k], message[k], receive[k] = d.action, d.message, d.receive
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                action, message, helper=cal.helper, recv=receive, cores=cal.cores,
-                               recompute=recompute)
+                               recompute=way)
             spans = stage_spans(cands, rows)
             whole: dict[int, dict[Span, LayerCost]] = {}
             if spans:          # the cuts' stages, timed whole: what the steps will pay
@@ -843,7 +871,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                    action, message, whole, cal.helper, receive, cal.cores,
-                                   recompute)
+                                   way)
             if not cands:
                 raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
             if auto and overhead is None:     # the leaders' own dry runs
@@ -870,11 +898,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                           f"{', '.join(bare[:4])}{' ...' if len(bare) > 4 else ''} have no "
                           f"reset_parameters(): their tensors are zeros until init= or "
                           f"job.load_state_dict() fills them", stacklevel=2)
-    again = chosen.recompute if chosen is not None else bool(recompute)
+    again = chosen.recompute if chosen is not None else bool(way)
     if verbose and grid.comm.rank == 0 and auto:
         print(f"engine.distribute: {sched.name} cuts the model into {cut}"
               + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}: "
-                 "its forward again in its backward)" if again else ""), flush=True)
+                 "its forward again in its backward)" if again else "")
+              + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
+                 if patterns else ""), flush=True)
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
     pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                     tag_base=tag_base, recompute=again)

@@ -50,6 +50,7 @@ others did not make. Whether to redo or skip the batch is the caller's call.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import sys
 import time
 from typing import Any, Callable, Collection, Iterable, Sequence
@@ -66,7 +67,7 @@ from .lower import with_grad_sync
 from .simulate import simulate
 from .tied import TiedGrads
 from .tp_sums import TpSums
-from .torch_stage import Parts, TorchStage
+from .torch_stage import Parts, TorchStage, checkpoint_modules, patterns_of
 from .verify import verify
 
 __all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
@@ -141,7 +142,11 @@ class Pipeline:
     a stage's activations are held for one micro-batch at a time, for
     the cost of a second forward; a collection of stage indices
     (``recompute={0, 1}``): only those stages do (the first stages of
-    1F1B hold the most micro-batches at once). Step n's messages use tags
+    1F1B hold the most micro-batches at once); a str or a list of str
+    (``recompute="*.attn"``): selective recompute, only the submodules of
+    each torch stage whose names match (engine.torch_stage.
+    checkpoint_modules; a pattern no stage of the pipeline holds raises on
+    every rank). Step n's messages use tags
     ``tag_base + i + (n << 32)`` for ``i <= 2 * micro-batches * stages``
     (the last one is the trace's): two pipelines on one group need
     tag_bases that far apart, below 2**32.
@@ -157,7 +162,8 @@ class Pipeline:
                  loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0,
-                 recompute: bool | Collection[int] = False) -> None:
+                 recompute: bool | Collection[int] | str | Collection[str] = False
+                 ) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
         # every rank of the pipeline: where the step's outcome is agreed on
         self.whole = grid_or_group.comm if isinstance(grid_or_group, Grid) else grid_or_group
@@ -176,13 +182,21 @@ class Pipeline:
         self.rank = self.pp.rank
         self.program: tuple[Action, ...] = lowered.ranks[self.rank]
         mine = lowered.stages_of(self.rank)
-        again = _recomputing(recompute, lowered.num_stages)
+        patterns = patterns_of(recompute)
+        if recompute == "auto":
+            raise TypeError("recompute='auto' is engine.distribute's (it chooses); a Pipeline "
+                            "takes True, False, stage indices or submodule name patterns")
+        again = frozenset() if patterns else _recomputing(recompute,  # type: ignore[arg-type]
+                                                          lowered.num_stages)
         given = stage if isinstance(stage, (list, tuple)) else [stage]
         stages = [_as_stage(obj, s in again, s, recompute) for s, obj in zip(mine, given)]
         if len(given) != len(mine):
             raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
                              f"{schedule.name!r} but was given {len(stages)} stage object(s)")
         self.stages = dict(zip(mine, stages))
+        # selective recompute: the submodules named, in every stage that holds them
+        self.checkpointed = (_checkpointed(self.pp, self.stages, patterns, timeout)
+                             if patterns else {})
         self.first = 0 in self.stages
         self.last = lowered.num_stages - 1 in self.stages
         if self.last and loss_fn is None:
@@ -294,8 +308,8 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
     if isinstance(recompute, bool):
         return frozenset(range(num_stages)) if recompute else frozenset()
     if isinstance(recompute, (str, bytes)) or not isinstance(recompute, Iterable):
-        raise TypeError(f"recompute= takes True, False or a collection of stage indices, "
-                        f"not {type(recompute).__name__}")
+        raise TypeError(f"recompute= takes True, False, a collection of stage indices or "
+                        f"submodule name patterns, not {type(recompute).__name__}")
     chosen = frozenset(recompute)
     wrong = sorted((s for s in chosen
                     if isinstance(s, bool) or not isinstance(s, int)
@@ -304,6 +318,28 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
         raise ValueError(f"recompute={sorted(chosen, key=repr)!r}: {wrong!r} are not stage "
                          f"indices of a {num_stages}-stage schedule (0..{num_stages - 1})")
     return chosen
+
+
+def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],
+                  timeout: float | None) -> dict[int, list[str]]:
+    """``checkpoint_modules`` of ``patterns`` on each of this rank's torch
+    stages: ``{stage: names wrapped}``; a pattern no stage of the pipeline
+    holds (the pp ranks' hits gathered) raises on every rank, naming it."""
+    for s, stage in stages.items():
+        if not isinstance(stage, TorchStage):
+            raise TypeError(f"recompute={list(patterns)!r} (submodules by name): stage {s}, "
+                            f"a {type(stage).__name__}, is not a torch module")
+    done = {s: checkpoint_modules(stage.module, patterns, f"stage {s}", missing=True)
+            for s, stage in stages.items()}
+    mine = [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for v in done.values()
+                                       for n in v)]
+    held = collectives.all_gather_object(pp, mine, timeout=timeout)
+    nowhere = [p for p in patterns if not any(p in h for h in held)]
+    if nowhere:
+        raise ValueError(f"recompute={list(patterns)!r}: {nowhere!r} match no submodule of "
+                         f"any stage of the pipeline (names as in each stage's module: "
+                         f"pp rank {pp.rank}'s stages {sorted(stages)})")
+    return done
 
 
 def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = True) -> Any:

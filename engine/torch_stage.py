@@ -25,11 +25,13 @@ executor does every step: an older list may view tensors torch replaced.
 """
 from __future__ import annotations
 
-from typing import Any
+import fnmatch
+import functools
+from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["TorchStage", "Parts", "torch_loss"]
+__all__ = ["TorchStage", "Parts", "torch_loss", "checkpoint_modules"]
 
 
 def _torch() -> Any:
@@ -46,13 +48,68 @@ def _tensor(torch: Any, x: Any, device: Any = None) -> Any:
     return t if device is None else t.to(device)
 
 
+def patterns_of(recompute: Any) -> tuple[str, ...]:
+    """The submodule name patterns in a ``recompute=`` value (a str, or a
+    collection of str: selective recompute), else ()."""
+    if isinstance(recompute, str):
+        return (recompute,)
+    if isinstance(recompute, (list, tuple, set, frozenset)) and recompute and all(
+            isinstance(v, str) for v in recompute):
+        return tuple(sorted(recompute)) if isinstance(recompute, (set, frozenset)) \
+            else tuple(recompute)
+    return ()
+
+
+def checkpoint_modules(module: Any, patterns: str | Iterable[str],
+                       where: str = "", missing: bool = False) -> list[str]:
+    """Selective recompute (activation checkpointing inside a stage, as
+    Megatron's ``--recompute-granularity selective`` or torch's
+    ``apply_activation_checkpointing``): each submodule of ``module`` whose
+    name matches one of ``patterns`` (fnmatch, ``*`` crossing dots, as a
+    tensor-parallel plan's) runs its forward under
+    ``torch.utils.checkpoint`` (non-reentrant, the random generators'
+    state kept: dropout draws the same masks): it saves only its inputs
+    for the backward and runs again there. Names and parameters stay as
+    they were (its ``forward`` is wrapped on the instance, nothing is
+    replaced), so state dicts and plans still apply. Returns the names
+    wrapped; a pattern that matches nothing raises ValueError naming it
+    and ``where`` (the stage), unless ``missing`` (a pipeline's stage
+    need not hold every pattern's modules: engine.Pipeline checks the
+    stages together)."""
+    torch = _torch()
+    from torch.utils.checkpoint import checkpoint
+    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    names = [n for n, _ in module.named_modules() if n]
+    done: list[str] = []
+    for pat in pats:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits and not missing:
+            near = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"recompute={pat!r} matches no submodule of "
+                             f"{where or type(module).__name__} (its submodules: {near})")
+        for n in hits:
+            sub = module.get_submodule(n)
+            if isinstance(sub, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                raise ValueError(f"recompute={pat!r} matches {n!r}, a "
+                                 f"{type(sub).__name__}, which has no forward of its own")
+            if n not in done and not getattr(sub, "_meshrun_checkpointed", False):
+                sub.forward = functools.partial(checkpoint, sub.forward, use_reentrant=False)
+                sub._meshrun_checkpointed = True
+            done.append(n)
+    return sorted(set(done))
+
+
 class TorchStage:
     """A stage running ``module`` (on CPU or one GPU) on torch tensors."""
 
-    def __init__(self, module: Any, recompute: bool = False) -> None:
+    def __init__(self, module: Any, recompute: bool | str | Iterable[str] = False) -> None:
         torch = _torch()
         self.module = module
-        self.recompute = recompute
+        pats = patterns_of(recompute)
+        if pats:        # selective: some submodules recompute, the stage keeps the rest
+            self.checkpointed = checkpoint_modules(module, pats)
+            recompute = False
+        self.recompute = bool(recompute)
         self._fixed: tuple[int, ...] | None = None   # a tuple output's parts needing no grad
         self._params = [p for p in module.parameters() if p.requires_grad]
         # Floating inputs are cast to the dtype of the module's first floating

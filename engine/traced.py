@@ -74,6 +74,21 @@ def _holds_layers(m: Any) -> bool:
         isinstance(c, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) for c in m.children())
 
 
+def called_whole(model: Any, name: str) -> bool:
+    """Whether submodule ``name`` of ``model`` is called as a module when
+    its traced pieces run (it, or a module holding it, is a leaf of the
+    trace: a member of a list of layers, or a module holding none), not
+    run through by the trace (a module holding the list of layers)."""
+    from torch import nn
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        parent = model.get_submodule(".".join(parts[:i - 1]))
+        m = model.get_submodule(".".join(parts[:i]))
+        if isinstance(parent, (nn.ModuleList, nn.Sequential)) or not _holds_layers(m):
+            return True
+    return False
+
+
 def _leaves(out: Any) -> list[Any]:
     """The fx Nodes of a forward's returned structure, in order."""
     import torch.fx as fx

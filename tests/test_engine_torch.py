@@ -300,7 +300,8 @@ def test_a_recomputing_stage_draws_the_same_dropout_masks():
     outputs, gradients and the generator's later draws are a plain stage's."""
     x = torch.randn(5, 4, dtype=torch.float64)
     got = {}
-    for recompute in (False, True):
+    # ("*": selective recompute of every submodule; ("1", "4"): the dropouts)
+    for recompute in (False, True, "*", ("1", "4")):
         torch.manual_seed(1)
         stage = TorchStage(_dropout_model(), recompute=recompute)
         y, ctx = stage.forward(x)
@@ -309,8 +310,13 @@ def test_a_recomputing_stage_draws_the_same_dropout_masks():
         gx2, wctx = stage.backward_input(ctx2, 2 * torch.ones_like(y2))
         stage.backward_weight(wctx)
         got[recompute] = [y, y2, gx, gx2, *map(torch.from_numpy, stage.grads()), torch.rand(3)]
-    for a, b in zip(got[False], got[True], strict=True):
-        assert torch.equal(a, b)
+    for k in (True, "*", ("1", "4")):
+        for a, b in zip(got[False], got[k], strict=True):
+            assert torch.equal(a, b)
+    assert TorchStage(_dropout_model(), recompute=("1", "4")).checkpointed == ["1", "4"]
+    with pytest.raises(ValueError, match=r"recompute='9' matches no submodule of Sequential "
+                                         r"\(its submodules: 0, 1, 2"):
+        TorchStage(_dropout_model(), recompute="9")
 
 
 def _recompute_pipeline(world):
@@ -319,18 +325,22 @@ def _recompute_pipeline(world):
     grid = mesh.grid(world, pp=2)
     sched = schedules.by_name("1f1b", 2, 4)
     out = {}
-    for recompute in (False, True, frozenset({0})):
+    for recompute in (False, True, frozenset({0}), ("1", "2"), "3", "9"):
         layers = list(_dropout_model())
         stages = [torch.nn.Sequential(*layers[:3]), torch.nn.Sequential(*layers[3:])]
-        pipe = Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
-                        loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30,
-                        recompute=recompute)
+        try:
+            pipe = Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
+                            loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30,
+                            recompute=recompute)
+        except ValueError as e:        # "9": no stage holds it
+            out[recompute] = str(e)
+            continue
         torch.manual_seed(5 + pipe.rank)
         rng = np.random.default_rng(3)
         x, y = rng.standard_normal((8, 4)), rng.standard_normal((8, 2))
         losses = [pipe.step(x, y) for _ in range(2)]
         out[recompute] = (losses, [g.copy() for st in pipe.stages.values() for g in st.grads()],
-                          [st.recompute for st in pipe.stages.values()])
+                          [st.recompute for st in pipe.stages.values()], pipe.checkpointed)
     return out
 
 
@@ -341,7 +351,11 @@ def test_a_recomputing_pipeline_steps_as_a_plain_one():
         # recompute={0}: only the first stage does
         assert [rank[k][2] for k in (False, True, frozenset({0}))] == [
             [False], [True], [pp_rank == 0]]
-        for k in (True, frozenset({0})):
+        # selective: the submodules named, in the stages that hold them
+        assert rank[("1", "2")][3] == {pp_rank: ["1", "2"]}
+        assert rank["3"][3] == {pp_rank: ["3"] if pp_rank == 1 else []}
+        assert "recompute=['9']: ['9'] match no submodule of any stage" in rank["9"]
+        for k in (True, frozenset({0}), ("1", "2"), "3"):
             assert rank[False][0] == rank[k][0]
             for a, b in zip(rank[False][1], rank[k][1], strict=True):
                 np.testing.assert_array_equal(a, b)
@@ -349,7 +363,7 @@ def test_a_recomputing_pipeline_steps_as_a_plain_one():
 
 @pytest.mark.parametrize("recompute, error, words", [
     ({0, 2}, ValueError, "[2] are not stage indices of a 2-stage schedule (0..1)"),
-    ("auto", TypeError, "True, False or a collection of stage indices, not str"),
+    ("auto", TypeError, "True, False, a collection of stage indices or submodule name patterns, not str"),
     (1, TypeError, "not int"),
 ])
 def test_recompute_names_stages_that_are_not_there(recompute, error, words):

@@ -285,12 +285,14 @@ def _gpt_worker(world, axes, recompute=False):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("axes,recompute", [({"pp": 2}, False), ({"dp": 2, "pp": 2}, False),
-                                            ({"pp": 2}, True)],
-                         ids=["pp2", "dp2xpp2", "pp2-recompute"])
+                                            ({"pp": 2}, True),
+                                            ({"pp": 2}, ["transformer.h.*.attn", "*.mlp.c_fc"])],
+                         ids=["pp2", "dp2xpp2", "pp2-recompute", "pp2-selective"])
 def test_gpt_distributed_as_written_trains_like_one_process(axes, recompute):
     """No layers list, no adapters, no loss_fn: the GPT's forward traced, its
     own loss the pipeline's; the tied embedding and head on two stages.
-    With recompute, each stage's forward runs again in its backward."""
+    With recompute, each stage's forward runs again in its backward; with
+    names, the attentions and the MLPs' first layers only."""
     n = 2 * axes.get("dp", 1)
     results = mesh.spawn(_gpt_worker, n, axes, recompute, timeout=280, env=PATIENT)
     gpt, losses = _trained_here()
@@ -299,6 +301,23 @@ def test_gpt_distributed_as_written_trains_like_one_process(axes, recompute):
     copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     x, y = _batch(9)
     torch.testing.assert_close(copy(x, y)[1], gpt(x, y)[1])
+
+
+def test_selective_recompute_names_modules_the_steps_call():
+    """distribute(recompute=names): a module the trace runs through (it holds
+    the list of blocks) would never recompute, so it is refused, as a name
+    that matches nothing; before anything is wrapped."""
+    from engine.distribute import _checkpoint_model
+    gpt = _gpt()
+    with pytest.raises(ValueError, match=r"\['transformer'\] hold the model's list of layers"):
+        _checkpoint_model(gpt, ["transformer", "*.attn"], traced=True)
+    assert not getattr(gpt.transformer.h[0].attn, "_meshrun_checkpointed", False)
+    with pytest.raises(ValueError, match="recompute='blocks' matches no submodule of GPT"):
+        _checkpoint_model(gpt, ["blocks"], traced=True)
+    _checkpoint_model(gpt, ["transformer.h.*"], traced=True)      # the blocks, called whole
+    assert all(b._meshrun_checkpointed for b in gpt.transformer.h)
+    x, y = _batch(0)
+    torch.testing.assert_close(gpt(x, y)[1], _gpt()(x, y)[1], rtol=0, atol=0)
 
 
 def test_the_prediction_times_a_cross_entropy_on_class_indices():
@@ -552,8 +571,8 @@ def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
 
 def _skip_worker(world):
     torch.set_num_threads(1)
-    with pytest.raises(ValueError, match=r"recompute='yes': True, False or 'auto'"):
-        engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2), recompute="yes")
+    with pytest.raises(ValueError, match=r"recompute=3: True, False, 'auto' or submodule name"):
+        engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2), recompute=3)
     out = {}
     for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v"), ("hf", "auto")):
         job = engine.distribute(_skip_model(kind), mesh.grid(world, pp=2), schedule=schedule,
