@@ -19,6 +19,11 @@ instead, four heads, over ``--rows`` sequences of ``--seq`` positions;
 * ``stages``: per schedule, ``engine.Pipeline`` (stages cut uniformly)
   keeping, recomputing in stage 0 only (``recompute={0}``) and in both:
   the median step and each rank's peak RSS;
+* ``held`` (not in the default ``--only``): in one process, the first
+  half of the model, ``--microbatches`` forwards kept at once (GPipe's
+  first rank), then their backwards: the live heap (glibc's
+  ``mallinfo2``) after the forwards against the bytes the profile
+  predicts the layers hold (``engine.choose.held_bytes``);
 * ``tuples``: a cut carrying (mask, activation) against one carrying the
   activation alone (the blocks make the mask themselves): the same
   arithmetic, one message more per cut and micro-batch.
@@ -113,6 +118,66 @@ def _stages_worker(world: Any, a: argparse.Namespace, schedule: str,
     pipe = engine.Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
                            loss_fn=torch_loss(nn.functional.mse_loss), recompute=recompute)
     return {"ms": _steps(world, pipe, x, y, a.steps),
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _live_bytes() -> int | None:
+    """The bytes glibc's malloc holds for the process's live blocks
+    (``mallinfo2``: in use in the arenas plus mmapped), None elsewhere."""
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Info
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def _held_runner(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
+    return _held_worker(a, recompute)
+
+
+def _held_worker(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
+    """One process, the stage of the first rank: ``--microbatches``
+    forwards of ``_model``'s first half kept at once (GPipe's first rank),
+    then their backwards; the live heap after the forwards against what
+    the profile predicts (``held_bytes`` of each layer, summed)."""
+    import torch
+
+    from engine.choose import time_layer
+    from engine.torch_stage import TorchStage, checkpoint_modules
+    torch.set_num_threads(1)
+    model, x, _ = _model(a)
+    half = torch.nn.Sequential(*list(model)[:len(model) // 2])
+    if recompute and recompute is not True:         # selective: names in the whole model's
+        checkpoint_modules(half, recompute)
+    size = -(-a.rows // a.microbatches)
+    xs = list(torch.split(x, size))
+    layers = [TorchStage(m) for m in half]
+    predicted, h = 0, xs[0]
+    for layer in layers:
+        lc, h = time_layer(layer, h, reps=1, runs=1)
+        predicted += lc.held
+    stage = TorchStage(half, recompute is True)
+    held = None
+    for _ in range(2):      # the second pass: the allocator warm
+        before = _live_bytes()
+        ctxs = [stage.forward(xb) for xb in xs]
+        after = _live_bytes()
+        held = None if before is None or after is None else after - before
+        for out, ctx in reversed(ctxs):
+            stage.backward(ctx, torch.ones_like(out))
+        del ctxs
+    # recomputing, a stage keeps its inputs only (each micro-batch's
+    # activations are made again in its backward, after this figure)
+    predicted = len(xs) * (xs[0].nbytes if recompute is True else predicted)
+    return {"held": held, "predicted": predicted,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -214,6 +279,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {schedule}(2,{a.microbatches}) recompute={name:<5} "
                       f"step {r[0]['ms']:7.1f} ms  peak RSS {r[0]['rss']:.0f} / "
                       f"{r[1]['rss']:.0f} MB", flush=True)
+    if "held" in only:
+        print(f"held: the first half of the model, {a.microbatches} micro-batches' forwards "
+              "kept at once in one process: the live heap after them, and predicted")
+        for way in [False, True] + ([a.selective.split(",")] if a.selective else []):
+            r = mesh.spawn(_held_runner, 1, a, way, timeout=900)[0]
+            name = ("recompute" if way is True else "keep" if not way else ",".join(way))
+            live = "n/a" if r["held"] is None else f"{r['held'] / 2**20:7.2f} MB"
+            print(f"  {name:<14} live heap {live}  predicted {r['predicted'] / 2**20:7.2f} MB"
+                  f"  peak RSS {r['rss']:.0f} MB", flush=True)
     if "tuples" in only:
         r = mesh.spawn(_tuple_worker, 2, a, timeout=900)[0]
         print(f"tuples: 1F1B(2,4), {2 * a.depth} blocks: one tensor a cut {r['one']:.2f} ms, "

@@ -126,3 +126,14 @@ def test_bench_memory_runs(capsys):
     out = capsys.readouterr().out
     assert "1f1b(2,2)              recompute" in out and "tuples: 1F1B(2,4)" in out
     assert "1f1b(2,2) recompute={0}" in out
+
+
+def test_bench_memory_held_runs_on_transformer_blocks(capsys):
+    pytest.importorskip("torch")
+    from engine import bench_memory
+    bench_memory.main(["--model", "blocks", "--rows", "8", "--seq", "4", "--width", "16",
+                       "--depth", "1", "--microbatches", "2", "--only", "held",
+                       "--selective", "*.self_attn"])
+    out = capsys.readouterr().out
+    assert "  keep " in out and "  recompute " in out and "  *.self_attn " in out
+    assert out.count("predicted") >= 4
