@@ -614,13 +614,13 @@ def test_a_mask_and_skips_distributed_train_like_one_process():
         trained_alike([r[kind] for r in results], losses, model.state_dict())
 
 
-def _hf_tp_worker(world):
+def _hf_tp_worker(world, recompute):
     torch.set_num_threads(1)
     job = engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2, tp=2),
                             plan={"layer.*.up": "colwise", "layer.*.down": "rowwise"},
                             schedule="zb-h1", microbatches=2, balance="parameters",
                             sample=_skip_data("hf", 0)[0], timeout=60, verbose=False,
-                            recompute=True)      # tp collectives in the forward run again
+                            recompute=recompute)  # tp collectives in the forward run again
     opt = torch.optim.SGD(job.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
@@ -633,11 +633,13 @@ def _hf_tp_worker(world):
 
 
 @pytest.mark.timeout(300)
-def test_a_forward_of_two_inputs_sharded_by_a_plan_trains_like_one_process():
+@pytest.mark.parametrize("recompute", [True, "layer.*"], ids=["stages", "blocks"])
+def test_a_forward_of_two_inputs_sharded_by_a_plan_trains_like_one_process(recompute):
     """pp=2 x tp=2: (the mask's bias, the activation) cross the cut to
     tensor-parallel stages; the bias, made from the input, as a constant;
-    the stages recompute (their forward's collectives again in each I)."""
-    results = mesh.spawn(_hf_tp_worker, 4, timeout=280, env=PATIENT)
+    the stages recompute, or their blocks (selective: the sharded blocks'
+    forward collectives again in each I and W)."""
+    results = mesh.spawn(_hf_tp_worker, 4, recompute, timeout=280, env=PATIENT)
     model = _skip_model("hf")
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
