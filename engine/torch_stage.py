@@ -100,13 +100,17 @@ def checkpoint_modules(module: Any, patterns: str | Iterable[str],
 
 
 class TorchStage:
-    """A stage running ``module`` (on CPU or one GPU) on torch tensors."""
+    """A stage running ``module`` (on CPU or one GPU) on torch tensors.
+    ``recompute=True``: the whole forward runs again in the backward (only
+    the input kept); a str or a list of str: the submodules whose names
+    match do (``checkpoint_modules``), the rest keeps its activations."""
 
     def __init__(self, module: Any, recompute: bool | str | Iterable[str] = False) -> None:
         torch = _torch()
         self.module = module
         pats = patterns_of(recompute)
-        if pats:        # selective: some submodules recompute, the stage keeps the rest
+        self.checkpointed: list[str] = []     # selective: the submodules that recompute
+        if pats:        # (the stage keeps the rest)
             self.checkpointed = checkpoint_modules(module, pats)
             recompute = False
         self.recompute = bool(recompute)
