@@ -174,9 +174,10 @@ def _held_worker(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
         for out, ctx in reversed(ctxs):
             stage.backward(ctx, torch.ones_like(out))
         del ctxs
-    # recomputing, a stage keeps its inputs only (each micro-batch's
-    # activations are made again in its backward, after this figure)
-    predicted = len(xs) * (xs[0].nbytes if recompute is True else predicted)
+    # each micro-batch's input copied (the stage's leaf) beside its layers'
+    # bytes; recomputing, the inputs only (each micro-batch's activations
+    # are made again in its backward, after this figure)
+    predicted = len(xs) * (xs[0].nbytes + (0 if recompute is True else predicted))
     return {"held": held, "predicted": predicted,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -543,7 +543,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                send: float | Mapping[int, float] = 0.0,
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
                helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
-               cores: float | None = None, recompute: bool | str = False) -> list[Candidate]:
+               cores: float | None = None, recompute: bool | str = False,
+               inputs: Mapping[int, int] | None = None) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -565,7 +566,11 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     recomputing is only slower: keeping), and a third way where keeping
     puts some ranks but not all over the limit: only those ranks' stages
     recompute (``Candidate.recompute`` the set of them; the layers cut as
-    when kept)."""
+    when kept). Every stage holds each micro-batch's input beside its
+    layers' (a torch stage copies it; a numpy layer keeps the message it
+    got): the output of the layer before, and for the first stage
+    ``inputs[size]``, the bytes of a micro-batch of the batch where the
+    stage copies it (torch; None: not counted)."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -594,8 +599,9 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                       if whole else rep.makespan)
             act, kept, start = [], [], 0
             for c in counts:
-                act.append(sum(row[i].held for i in range(start, start + c)))
-                kept.append(row[start - 1].act_bytes if start else 0)  # (the batch: not counted)
+                given = row[start - 1].act_bytes if start else (inputs or {}).get(size, 0)
+                act.append(given + sum(row[i].held for i in range(start, start + c)))
+                kept.append(given)
                 start += c
             held = None if not again else [k if again is True or s in again else None
                                            for s, k in enumerate(kept)]

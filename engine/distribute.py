@@ -117,6 +117,15 @@ def _checkpoint_model(model: Any, patterns: Sequence[str], traced: bool) -> None
     checkpoint_modules(model, patterns, type(model).__name__)
 
 
+def _copied(batch: Any) -> int:
+    """The bytes of ``batch``'s floating parts: what a TorchStage copies
+    of its input (integer ids it takes as they are)."""
+    parts = batch if isinstance(batch, tuple) else (batch,)
+    return sum(int(p.nbytes) for p in parts
+               if (p.is_floating_point() if is_tensor(p) else
+                   getattr(getattr(p, "dtype", None), "kind", "") == "f"))
+
+
 def _as_grid(grid: Grid | Comm) -> Grid:
     if not isinstance(grid, Grid):
         import mesh
@@ -856,9 +865,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                 _median_act(profile[-(-rows // k)]), tag_base=tag_base,
                                 timeout=timeout, tensors=is_torch, grid=on, grads=even)
                     action[k], message[k], receive[k] = d.action, d.message, d.receive
+            # (a torch stage copies its floating input: the first stage's, a micro-batch's)
+            ins = {size: _copied(sample[:size]) for size in sizes} if is_torch else None
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                action, message, helper=cal.helper, recv=receive, cores=cal.cores,
-                               recompute=way)
+                               recompute=way, inputs=ins)
             spans = stage_spans(cands, rows)
             whole: dict[int, dict[Span, LayerCost]] = {}
             if spans:          # the cuts' stages, timed whole: what the steps will pay
@@ -871,7 +882,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                    action, message, whole, cal.helper, receive, cal.cores,
-                                   way)
+                                   way, ins)
             if not cands:
                 raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
             if auto and overhead is None:     # the leaders' own dry runs

@@ -111,9 +111,10 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     cands = {c.schedule.name: c for c in choose.candidates(
         _profile(rows, ms, layers), [1] * 8, rows, choose.builtin(["1f1b"], 2, ms),
         recompute=True)}
-    # rank 0 keeps stage 0's input only (the batch, not counted): one stage's
-    # activations (4 layers x 800 B) during a backward; rank 1 its input too
-    assert cands["1f1b(2,4)"].peak_bytes == 4 * 800 + 800
+    # rank 0 keeps stage 0's input only (the batch: not given, not counted):
+    # one stage's activations (4 layers x 800 B) during a backward; rank 1 its
+    # input too, kept and copied again by the backward's forward
+    assert cands["1f1b(2,4)"].peak_bytes == 4 * 800 + 800 + 800
     # "auto": every schedule both ways; recompute (a second forward in each
     # backward: slower) is chosen only where keeping the activations does
     # not fit the memory limit
@@ -134,13 +135,14 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     assert "recomputed" in choose.table(capped, capped[0])
     # only the ranks over the limit recompute: 1F1B's rank 0 holds two
     # micro-batches, rank 1 one; recomputing in stage 0 alone fits (3200 B
-    # on each rank: less than recomputing in both) for one forward less
+    # on rank 0, rank 1's 3200 and its input 800: less than recomputing in
+    # both) for one forward less
     first = {c.schedule.name: c for c in capped if isinstance(c.recompute, frozenset)}
     assert list(first) == ["1f1b(2,4)"]       # gpipe: both ranks over, no partial way
     part = first["1f1b(2,4)"]
     assert part is capped[0] and part.recompute == frozenset({0}) and part.fits
-    assert choose.peak_bytes(part.schedule, [3200, 3200], [0, None]) == (3200, 3200)
-    assert part.peak_bytes == 3200 < again["1f1b(2,4)"].peak_bytes
+    assert choose.peak_bytes(part.schedule, [3200, 4000], [0, None]) == (3200, 4000)
+    assert part.peak_bytes == 4000 < again["1f1b(2,4)"].peak_bytes
     assert part.costs["B"] == [again["1f1b(2,4)"].costs["B"][0], kept["1f1b(2,4)"].costs["B"][1]]
     assert part.makespan < again["1f1b(2,4)"].makespan
     assert "recomputed in stage 0" in choose.table(capped, capped[0])
@@ -159,11 +161,16 @@ def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     held = {size: {i: replace(lc, saved_bytes=16 * lc.act_bytes) for i, lc in row.items()}
             for size, row in prof.items()}
     big, = choose.candidates(held, [1] * 4, rows, [sched])
-    assert plain.peak_bytes == 4 * 2 * 200 and big.peak_bytes == 16 * plain.peak_bytes
+    # GPipe's last rank: four micro-batches of its two layers and its input
+    assert plain.peak_bytes == 4 * (2 * 200 + 200)
+    assert big.peak_bytes == 4 * (2 * 16 * 200 + 200)
     again, = choose.candidates(held, [1] * 4, rows, [sched], recompute=True)
     # recomputing: each micro-batch's input (an output: 200 B) kept, and one
-    # micro-batch's activations made again in its backward
-    assert again.peak_bytes == 4 * 200 + 2 * 16 * 200
+    # micro-batch's activations made again in its backward, its input copied
+    assert again.peak_bytes == 4 * 200 + 200 + 2 * 16 * 200
+    # the first stage's input counts where given (a torch stage copies it)
+    fed, = choose.candidates(held, [1] * 4, rows, [sched], inputs={2: 1000})
+    assert fed.peak_bytes == 4 * (2 * 16 * 200 + 1000)
     assert choose.LayerCost(0, 0, 0, 0, 8).held == 8
     assert choose.LayerCost(0, 0, 0, 0, 8, 0).held == 0
 
