@@ -123,7 +123,11 @@ def main() -> None:
     ap.add_argument("--memory-limit", type=float, default=None,
                     help="MB of activations a rank may hold (the choice recomputes "
                          "activations where that lets a faster schedule fit)")
+    ap.add_argument("--recompute", default="auto",
+                    help="'auto' (the choice decides), or submodule name patterns, comma "
+                         "separated, to recompute in their backward (e.g. 'blocks.*.attn')")
     args = ap.parse_args()
+    recompute = args.recompute if args.recompute == "auto" else args.recompute.split(",")
     torch.set_num_threads(1)
     with mesh.init() as world:
         tp = 2 if world.size % 2 == 0 else 1
@@ -141,7 +145,7 @@ def main() -> None:
                 for k, v in PLAN.items()))
         torch.manual_seed(0)
         job = engine.distribute(TinyGPT(), grid, plan=PLAN if tp > 1 else None,
-                                sample=mine(0)[0], loss_fn=loss_fn, recompute="auto",
+                                sample=mine(0)[0], loss_fn=loss_fn, recompute=recompute,
                                 memory_limit=args.memory_limit and args.memory_limit * 2**20)
         if world.rank == 0:
             print(f"chosen: {job.schedule.name}\n{job.schedule.render()}", flush=True)
