@@ -1,7 +1,7 @@
 """Activation memory against step time: ``python -m engine.bench_memory``.
 
-Four measurements, each in one process tree (``mesh.spawn``, two ranks,
-pp=2, one thread each), on a torch MLP of ``--depth`` x (Linear, GELU)
+Measurements, each in one process tree (``mesh.spawn``, two ranks,
+pp=2 (``--pp``), one thread each), on a torch MLP of ``--depth`` x (Linear, GELU)
 pairs per stage, ``--width`` wide, ``--rows`` rows cut into micro-batches
 (``--model blocks``: ``--depth`` transformer encoder layers per stage
 instead, four heads, over ``--rows`` sequences of ``--seq`` positions;
@@ -44,21 +44,21 @@ from engine.choose import recomputing
 __all__ = ["main"]
 
 
-def _mlp(width: int, depth: int) -> Any:
+def _mlp(width: int, pairs: int) -> Any:
     import torch
     from torch import nn
     torch.manual_seed(0)
-    return nn.Sequential(*[m for _ in range(2 * depth)
+    return nn.Sequential(*[m for _ in range(pairs)
                            for m in (nn.Linear(width, width), nn.GELU())])
 
 
-def _blocks(width: int, depth: int) -> Any:
+def _blocks(width: int, layers: int) -> Any:
     import torch
     from torch import nn
     torch.manual_seed(0)
     return nn.Sequential(*[nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0,
                                                       batch_first=True, norm_first=True)
-                           for _ in range(2 * depth)])
+                           for _ in range(layers)])
 
 
 def _model(a: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -67,7 +67,7 @@ def _model(a: argparse.Namespace) -> tuple[Any, Any, Any]:
     g = torch.Generator().manual_seed(0)
     shape = (a.rows, a.width) if a.model == "mlp" else (a.rows, a.seq, a.width)
     x, y = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
-    return (_mlp if a.model == "mlp" else _blocks)(a.width, a.depth), x, y
+    return (_mlp if a.model == "mlp" else _blocks)(a.width, a.pp * a.depth), x, y
 
 
 def _steps(world: Any, job: Any, x: Any, y: Any, n: int) -> float:
@@ -91,7 +91,7 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
     import engine
     torch.set_num_threads(1)
     model, x, y = _model(a)
-    job = engine.distribute(model, mesh.grid(world, pp=2), schedule=schedule,
+    job = engine.distribute(model, mesh.grid(world, pp=a.pp), schedule=schedule,
                             microbatches=a.microbatches if schedule != "auto" else None,
                             sample=x, loss_fn=nn.functional.mse_loss, recompute=recompute,
                             memory_limit=limit, verbose=False)
@@ -112,9 +112,9 @@ def _stages_worker(world: Any, a: argparse.Namespace, schedule: str,
     from engine.torch_stage import torch_loss
     torch.set_num_threads(1)
     model, x, y = _model(a)
-    grid = mesh.grid(world, pp=2)
-    sched = engine.schedules.by_name(schedule, 2, a.microbatches)
-    stages = engine.partition(model, 2)
+    grid = mesh.grid(world, pp=a.pp)
+    sched = engine.schedules.by_name(schedule, a.pp, a.microbatches)
+    stages = engine.partition(model, a.pp)
     pipe = engine.Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
                            loss_fn=torch_loss(nn.functional.mse_loss), recompute=recompute)
     return {"ms": _steps(world, pipe, x, y, a.steps),
@@ -154,7 +154,7 @@ def _held_worker(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
     from engine.torch_stage import TorchStage, checkpoint_modules
     torch.set_num_threads(1)
     model, x, _ = _model(a)
-    half = torch.nn.Sequential(*list(model)[:len(model) // 2])
+    half = torch.nn.Sequential(*list(model)[:len(model) // a.pp])     # the first stage
     if recompute and recompute is not True:         # selective: names in the whole model's
         checkpoint_modules(half, recompute)
     size = -(-a.rows // a.microbatches)
@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depth", type=int, default=12,
                     help="(Linear, GELU) pairs per stage (--model blocks: layers)")
     ap.add_argument("--model", choices=("mlp", "blocks"), default="mlp")
+    ap.add_argument("--pp", type=int, default=2,
+                    help="pipeline ranks (recompute, limit, stages; the model has --depth "
+                         "pairs or layers per rank)")
     ap.add_argument("--seq", type=int, default=64, help="--model blocks: positions")
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
@@ -253,11 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     only = a.only.split(",")
     if "recompute" in only:
-        print("recompute: pp=2, keeping the activations against recomputing them")
+        print(f"recompute: pp={a.pp}, keeping the activations against recomputing them")
         for schedule in a.schedules.split(","):
             tried: list[Any] = [False, True] + ([a.selective.split(",")] if a.selective else [])
             for recompute in tried:
-                r = mesh.spawn(_memory_worker, 2, a, schedule, recompute, None, timeout=900)
+                r = mesh.spawn(_memory_worker, a.pp, a, schedule, recompute, None, timeout=900)
                 way = ("recompute" if recompute is True else "keep" if not recompute
                        else ",".join(recompute))
                 print(f"  {r[0]['name']:<22} {way:<9}  "
@@ -267,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     if "limit" in only:
         print(f"limit: schedule='auto' under {a.limit:g} MB of activations a rank")
         for how in (False, "auto"):
-            r = mesh.spawn(_memory_worker, 2, a, "auto", how, a.limit * 2**20, timeout=900)[0]
+            r = mesh.spawn(_memory_worker, a.pp, a, "auto", how, a.limit * 2**20,
+                           timeout=900)[0]
             print(f"  recompute={how!r:<7} chose {r['name']:<24} "
                   f"({recomputing(r['recompute'])}) "
                   f"step {r['ms']:7.1f} ms (predicted {r['pred']:7.1f})", flush=True)
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         for schedule in a.schedules.split(","):
             ways: tuple[tuple[str, Any], ...] = (("keep", False), ("{0}", {0}), ("both", True))
             for name, how in ways:
-                r = mesh.spawn(_stages_worker, 2, a, schedule, how, timeout=900)
+                r = mesh.spawn(_stages_worker, a.pp, a, schedule, how, timeout=900)
                 print(f"  {schedule}(2,{a.microbatches}) recompute={name:<5} "
                       f"step {r[0]['ms']:7.1f} ms  peak RSS {r[0]['rss']:.0f} / "
                       f"{r[1]['rss']:.0f} MB", flush=True)
