@@ -890,8 +890,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                          tag_base, timeout, tensors=is_torch, grads=grads)
             chosen = cands[0]
             if not chosen.fits:
+                hint = ("; recompute='auto', or submodule names to recompute "
+                        "(recompute='blocks.*.attn'), may fit"
+                        if is_torch and way != "auto" and not patterns else "")
                 raise ValueError(f"no schedule keeps its activations under memory_limit="
-                                 f"{memory_limit:g} bytes:\n{table(cands)}")
+                                 f"{memory_limit:g} bytes{hint}:\n{table(cands)}")
             sched = chosen.schedule
     counts = chosen.counts if chosen else counts_for(balance, sched.num_stages, None, params)
     if verbose and grid.comm.rank == 0 and auto:

@@ -815,6 +815,12 @@ def _torch_worker(world, axes, plan, widths):
     def part(a):
         return torch.from_numpy(a[d * len(a) // dp:(d + 1) * len(a) // dp])
 
+    if not plan:      # a limit nothing meets: the table, and what might meet it
+        with pytest.raises(ValueError, match=r"under memory_limit=1 bytes; recompute='auto', "
+                                             r"or submodule names to recompute"):
+            engine.distribute(_torch_model(widths), grid, sample=part(_data(0, widths)[0]),
+                              loss_fn=torch.nn.functional.mse_loss, microbatches=2, reps=1,
+                              timeout=60, verbose=False, memory_limit=1)
     job = engine.distribute(model, grid, plan=plan, sample=part(_data(0, widths)[0]),
                             loss_fn=torch.nn.functional.mse_loss, microbatches=2, reps=1,
                             timeout=60)
