@@ -325,16 +325,20 @@ def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],
     """``checkpoint_modules`` of ``patterns`` on each of this rank's torch
     stages: ``{stage: names wrapped}``; a pattern no stage of the pipeline
     holds (the pp ranks' hits gathered) raises on every rank, naming it."""
-    for s, stage in stages.items():
-        if not isinstance(stage, TorchStage):
-            raise TypeError(f"recompute={list(patterns)!r} (submodules by name): stage {s}, "
-                            f"a {type(stage).__name__}, is not a torch module")
-    done = {s: checkpoint_modules(stage.module, patterns, f"stage {s}", missing=True)
-            for s, stage in stages.items()}
+    wrong = [f"stage {s}, a {type(stage).__name__}, is not a torch module"
+             for s, stage in stages.items() if not isinstance(stage, TorchStage)]
+    done = {} if wrong else {
+        s: checkpoint_modules(stage.module, patterns, f"stage {s}", missing=True)
+        for s, stage in stages.items()}
     mine = [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for v in done.values()
                                        for n in v)]
-    held = collectives.all_gather_object(pp, mine, timeout=timeout)
-    nowhere = [p for p in patterns if not any(p in h for h in held)]
+    # every rank learns every rank's hits and refusals, so all raise alike
+    held = collectives.all_gather_object(pp, [mine, wrong], timeout=timeout)
+    refused = [f"pp rank {r}: {w}" for r, (_, ws) in enumerate(held) for w in ws]
+    if refused:
+        raise TypeError(f"recompute={list(patterns)!r} (submodules by name): "
+                        + "; ".join(refused))
+    nowhere = [p for p in patterns if not any(p in h for h, _ in held)]
     if nowhere:
         raise ValueError(f"recompute={list(patterns)!r}: {nowhere!r} match no submodule of "
                          f"any stage of the pipeline (names as in each stage's module: "

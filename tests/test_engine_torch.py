@@ -381,3 +381,25 @@ def test_a_numpy_stage_asked_to_recompute_is_named():
     with pytest.raises(TypeError, match=r"recompute=True: stage 1, a Linear"):
         _as_stage(Linear(2, 2), True, 1)
     assert isinstance(_as_stage(Linear(2, 2), False, 1, {0}), Linear)
+
+
+def _mixed_recompute(world):
+    import mesh
+    from engine.layers import Linear, Sequential
+    grid = mesh.grid(world, pp=2)
+    stage = Sequential(Linear(4, 4)) if world.rank == 0 else torch.nn.Sequential(
+        torch.nn.Linear(4, 4))
+    try:
+        Pipeline(grid, stage, schedules.by_name("1f1b", 2, 2),
+                 loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30, recompute="0")
+    except TypeError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_names_to_recompute_on_a_numpy_stage_are_refused_on_every_rank():
+    import mesh
+    for said in mesh.spawn(_mixed_recompute, 2, timeout=90):
+        assert said == ("recompute=['0'] (submodules by name): pp rank 0: stage 0, a "
+                        "Sequential, is not a torch module"), said
