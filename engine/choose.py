@@ -566,7 +566,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     recomputing is only slower: keeping), and a third way where keeping
     puts some ranks but not all over the limit: only those ranks' stages
     recompute (``Candidate.recompute`` the set of them; the layers cut as
-    when kept). Every stage holds each micro-batch's input beside its
+    when kept), and where that is more than one stage of a rank, the
+    fewest stages that do (``fewest``) as a fourth. Every stage holds each micro-batch's input beside its
     layers' (a torch stage copies it; a numpy layer keeps the message it
     got): the output of the layer before, and for the first stage
     ``inputs[size]``, the bytes of a micro-batch of the batch where the
@@ -611,11 +612,37 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
                                  summed, cores=cores, recompute=again))
             if both and again is False and not fits:    # only the ranks over the limit
-                over = frozenset(s for r, pk in enumerate(peaks) if pk > (memory_limit or 0)
+                assert memory_limit is not None
+                over = frozenset(s for r, pk in enumerate(peaks) if pk > memory_limit
                                  for s in sched.stages_of(r))
                 if over and len(over) < sched.num_stages:
                     ways.insert(1, over)
+                    few = fewest(sched, act, kept, memory_limit)
+                    if few is not None and few < over:      # (a rank of several stages)
+                        ways.insert(1, few)
     return best_first(out)
+
+
+def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],
+           limit: float) -> frozenset[int] | None:
+    """A small set of stages whose recompute brings every rank of ``sched``
+    under ``limit`` (``peak_bytes``' ``act`` and ``kept``), chosen greedily:
+    while a rank is over, the stage of an over rank whose recompute lowers
+    the highest peak most; None when recomputing every such stage does not
+    do. Where a rank holds several stages (interleaved, ZB-V) one of them
+    may do where ``candidates``' partial way recomputes them all."""
+    chosen: set[int] = set()
+    while True:
+        def peaks_with(extra: set[int]) -> tuple[int, ...]:
+            return peak_bytes(sched, act, [k if s in extra else None for s, k in enumerate(kept)])
+        peaks = peaks_with(chosen)
+        over = [r for r, pk in enumerate(peaks) if pk > limit]
+        if not over:
+            return frozenset(chosen)
+        options = sorted(s for r in over for s in sched.stages_of(r) if s not in chosen)
+        if not options:
+            return None
+        chosen.add(min(options, key=lambda s: (max(peaks_with(chosen | {s})), s)))
 
 
 def best_first(cands: Sequence[Candidate]) -> list[Candidate]:

@@ -150,6 +150,27 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
                          None, frozenset({1}), (1, 1))[0][1].B == 3
 
 
+def test_the_partial_way_tries_the_fewest_stages_of_a_rank_of_several():
+    """Interleaved 1F1B(2,4,2): rank 0 holds stages 0 and 2 and is over the
+    limit; recomputing stage 0 alone brings it under, for a forward less
+    than recomputing both of its stages."""
+    rows, ms = 32, [4]
+    scheds = choose.builtin(["interleaved"], 2, ms)
+    cands = choose.candidates(_profile(rows, ms, [1] * 8), [1] * 8, rows, scheds,
+                              memory_limit=7200, recompute="auto")
+    part = {c.recompute: c for c in cands if isinstance(c.recompute, frozenset)}
+    assert set(part) == {frozenset({0}), frozenset({0, 2})}
+    one, both = part[frozenset({0})], part[frozenset({0, 2})]
+    assert one.fits and both.fits and one.makespan < both.makespan
+    assert "recomputed in stage 0" in choose.table(cands, one)
+    sched = scheds[0]
+    # (each stage two layers of 800 B and its input, the first's not counted)
+    act, kept = [1600, 2400, 2400, 2400], [0, 800, 800, 800]
+    assert choose.fewest(sched, act, kept, 7200) == frozenset({0})
+    assert choose.fewest(sched, act, kept, 10**9) == frozenset()
+    assert choose.fewest(sched, act, kept, 100) is None
+
+
 def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     """A layer's ``saved_bytes`` (what it holds for its backward) is what
     the peak counts; its output's bytes stay the messages' and the input a
