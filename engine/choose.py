@@ -567,9 +567,9 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     puts some ranks but not all over the limit: only those ranks' stages
     recompute (``Candidate.recompute`` the set of them; the layers cut as
     when kept), and where that is more than one stage of a rank, the
-    fewest stages that do (``fewest``) as a fourth. Every stage holds each micro-batch's input beside its
-    layers' (a torch stage copies it; a numpy layer keeps the message it
-    got): the output of the layer before, and for the first stage
+    fewest stages that do (``fewest``) as a fourth. Every stage holds each
+    micro-batch's input beside its layers' (a torch stage copies it; a
+    numpy layer keeps the message it got): the output of the layer before, and for the first stage
     ``inputs[size]``, the bytes of a micro-batch of the batch where the
     stage copies it (torch; None: not counted)."""
     L = len(params)
@@ -634,7 +634,8 @@ def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],
     chosen: set[int] = set()
     while True:
         def peaks_with(extra: set[int]) -> tuple[int, ...]:
-            return peak_bytes(sched, act, [k if s in extra else None for s, k in enumerate(kept)])
+            held = [k if s in extra else None for s, k in enumerate(kept)]
+            return peak_bytes(sched, act, held)
         peaks = peaks_with(chosen)
         over = [r for r, pk in enumerate(peaks) if pk > limit]
         if not over:

@@ -363,7 +363,8 @@ def test_a_recomputing_pipeline_steps_as_a_plain_one():
 
 @pytest.mark.parametrize("recompute, error, words", [
     ({0, 2}, ValueError, "[2] are not stage indices of a 2-stage schedule (0..1)"),
-    ("auto", TypeError, "True, False, a collection of stage indices or submodule name patterns, not str"),
+    ("auto", TypeError,
+     "True, False, a collection of stage indices or submodule name patterns, not str"),
     (1, TypeError, "not int"),
 ])
 def test_recompute_names_stages_that_are_not_there(recompute, error, words):
