@@ -139,11 +139,16 @@ def _live_bytes() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
-def _held_runner(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
-    return _held_worker(a, recompute)
+def _ways(a: argparse.Namespace) -> list[Any]:
+    """Keeping, recomputing each stage, and the names of ``--selective``."""
+    return [False, True] + ([a.selective.split(",")] if a.selective else [])
 
 
-def _held_worker(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
+def _way(recompute: Any) -> str:
+    return "recompute" if recompute is True else "keep" if not recompute else ",".join(recompute)
+
+
+def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
     """One process, the stage of the first rank: ``--microbatches``
     forwards of ``_model``'s first half kept at once (GPipe's first rank),
     then their backwards; the live heap after the forwards against what
@@ -258,12 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     if "recompute" in only:
         print(f"recompute: pp={a.pp}, keeping the activations against recomputing them")
         for schedule in a.schedules.split(","):
-            tried: list[Any] = [False, True] + ([a.selective.split(",")] if a.selective else [])
-            for recompute in tried:
+            for recompute in _ways(a):
                 r = mesh.spawn(_memory_worker, a.pp, a, schedule, recompute, None, timeout=900)
-                way = ("recompute" if recompute is True else "keep" if not recompute
-                       else ",".join(recompute))
-                print(f"  {r[0]['name']:<22} {way:<9}  "
+                print(f"  {r[0]['name']:<22} {_way(recompute):<9}  "
                       f"step {r[0]['ms']:7.1f} ms (predicted {r[0]['pred']:7.1f})  "
                       f"peak activations {r[0]['peak']:6.2f} MB a rank (predicted)  "
                       f"peak RSS {r[0]['rss']:.0f} / {r[1]['rss']:.0f} MB", flush=True)
@@ -281,17 +283,16 @@ def main(argv: list[str] | None = None) -> None:
             ways: tuple[tuple[str, Any], ...] = (("keep", False), ("{0}", {0}), ("both", True))
             for name, how in ways:
                 r = mesh.spawn(_stages_worker, a.pp, a, schedule, how, timeout=900)
-                print(f"  {schedule}(2,{a.microbatches}) recompute={name:<5} "
+                print(f"  {schedule}({a.pp},{a.microbatches}) recompute={name:<5} "
                       f"step {r[0]['ms']:7.1f} ms  peak RSS {r[0]['rss']:.0f} / "
                       f"{r[1]['rss']:.0f} MB", flush=True)
     if "held" in only:
         print(f"held: the first half of the model, {a.microbatches} micro-batches' forwards "
               "kept at once in one process: the live heap after them, and predicted")
-        for way in [False, True] + ([a.selective.split(",")] if a.selective else []):
-            r = mesh.spawn(_held_runner, 1, a, way, timeout=900)[0]
-            name = ("recompute" if way is True else "keep" if not way else ",".join(way))
+        for way in _ways(a):
+            r = mesh.spawn(_held_worker, 1, a, way, timeout=900)[0]
             live = "n/a" if r["held"] is None else f"{r['held'] / 2**20:7.2f} MB"
-            print(f"  {name:<14} live heap {live}  predicted {r['predicted'] / 2**20:7.2f} MB"
+            print(f"  {_way(way):<14} live heap {live}  predicted {r['predicted'] / 2**20:7.2f} MB"
                   f"  peak RSS {r['rss']:.0f} MB", flush=True)
     if "tuples" in only:
         r = mesh.spawn(_tuple_worker, 2, a, timeout=900)[0]

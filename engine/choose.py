@@ -569,9 +569,9 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     when kept), and where that is more than one stage of a rank, the
     fewest stages that do (``fewest``) as a fourth. Every stage holds each
     micro-batch's input beside its layers' (a torch stage copies it; a
-    numpy layer keeps the message it got): the output of the layer before, and for the first stage
-    ``inputs[size]``, the bytes of a micro-batch of the batch where the
-    stage copies it (torch; None: not counted)."""
+    numpy layer keeps the message it got): the output of the layer before,
+    and for the first stage ``inputs[size]``, the bytes of a micro-batch of
+    the batch where the stage copies it (torch; None: not counted)."""
     L = len(params)
     out = []
     for sched in scheds:

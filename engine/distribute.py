@@ -39,7 +39,6 @@ the global batch: the same as one process training on all of it.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import sys
 import time
 from dataclasses import replace
@@ -65,7 +64,7 @@ from .partition import partition
 from .traced import called_whole, few, sequential, traceable
 from .torch_stage import TorchStage, checkpoint_modules, patterns_of, torch_loss
 from .tp_layers import full_params, load_full_params
-from .tp_plan import logging_calls
+from .tp_plan import logging_calls, named_by
 from .tp_sums import holders as tp_holders
 
 __all__ = ["distribute", "Job", "load_state"]
@@ -107,8 +106,8 @@ def _checkpoint_model(model: Any, patterns: Sequence[str], traced: bool) -> None
     when the traced pieces run (called_whole), else it would not recompute:
     refused, before anything is wrapped."""
     if traced:
-        hits = [n for n, _ in model.named_modules()
-                if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        names = [n for n, _ in model.named_modules()]
+        hits = [n for p in patterns for n in named_by(names, p)]
         through = [n for n in hits if not called_whole(model, n)]
         if through:
             raise ValueError(f"recompute={list(patterns)!r}: {through!r} hold the model's list "

@@ -50,7 +50,6 @@ others did not make. Whether to redo or skip the batch is the caller's call.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import sys
 import time
 from typing import Any, Callable, Collection, Iterable, Sequence
@@ -68,6 +67,7 @@ from .simulate import simulate
 from .tied import TiedGrads
 from .tp_sums import TpSums
 from .torch_stage import Parts, TorchStage, checkpoint_modules, patterns_of
+from .tp_plan import named_by
 from .verify import verify
 
 __all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
@@ -330,8 +330,7 @@ def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],
     done = {} if wrong else {
         s: checkpoint_modules(stage.module, patterns, f"stage {s}", missing=True)
         for s, stage in stages.items()}
-    mine = [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for v in done.values()
-                                       for n in v)]
+    mine = [p for p in patterns if any(named_by(v, p) for v in done.values())]
     # every rank learns every rank's hits and refusals, so all raise alike
     held = collectives.all_gather_object(pp, [mine, wrong], timeout=timeout)
     refused = [f"pp rank {r}: {w}" for r, (_, ws) in enumerate(held) for w in ws]

@@ -25,11 +25,12 @@ executor does every step: an older list may view tensors torch replaced.
 """
 from __future__ import annotations
 
-import fnmatch
 import functools
 from typing import Any, Iterable
 
 import numpy as np
+
+from .tp_plan import named_by
 
 __all__ = ["TorchStage", "Parts", "torch_loss", "checkpoint_modules"]
 
@@ -82,7 +83,7 @@ def checkpoint_modules(module: Any, patterns: str | Iterable[str],
     names = [n for n, _ in module.named_modules() if n]
     done: list[str] = []
     for pat in pats:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        hits = named_by(names, pat)
         if not hits and not missing:
             near = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise ValueError(f"recompute={pat!r} matches no submodule of "

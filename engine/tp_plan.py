@@ -82,7 +82,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import collectives
 
-__all__ = ["Style", "STYLES", "PlanError", "parse", "match", "edges", "rewrite_attrs",
+__all__ = ["Style", "STYLES", "PlanError", "parse", "match", "named_by", "edges", "rewrite_attrs",
            "check_divisible", "shard_rows", "joined_order", "digest", "agree"]
 
 LAYOUTS = {
@@ -190,6 +190,13 @@ def parse(value: Any) -> Style:
                     f"Style, not {value!r}")
 
 
+def named_by(names: Iterable[str], pattern: str) -> list[str]:
+    """The submodule names ``pattern`` matches (fnmatch, ``*`` crossing
+    dots), in ``names`` order; never the root's empty name. A plan's
+    patterns and the names to recompute (engine.checkpoint_modules) alike."""
+    return [n for n in names if n and fnmatch.fnmatchcase(n, pattern)]
+
+
 def match(plan: Mapping[str, Any], names: Iterable[str], strict: bool = True
           ) -> dict[str, Style]:
     """The style of each named submodule the plan covers, in ``names`` order.
@@ -199,7 +206,7 @@ def match(plan: Mapping[str, Any], names: Iterable[str], strict: bool = True
     names = list(names)
     found: dict[str, str] = {}
     for pattern in styles:
-        hits = [n for n in names if n and fnmatch.fnmatchcase(n, pattern)]
+        hits = named_by(names, pattern)
         if not hits and strict:
             shown = ", ".join(n for n in names[:12] if n) + (" ..." if len(names) > 13 else "")
             raise PlanError(f"plan pattern {pattern!r} matches no submodule (names: {shown})")
