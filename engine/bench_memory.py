@@ -5,7 +5,10 @@ pp=2 (``--pp``), one thread each), on a torch MLP of ``--depth`` x (Linear, GELU
 pairs per stage, ``--width`` wide, ``--rows`` rows cut into micro-batches
 (``--model blocks``: ``--depth`` transformer encoder layers per stage
 instead, four heads, over ``--rows`` sequences of ``--seq`` positions;
-``recompute``, ``limit`` and ``stages``):
+``--model numpy``: an engine.layers MLP of (Linear, Tanh) pairs in
+float32, without torch, whose stages recompute as
+``engine.layers.Recompute``; ``recompute``, ``limit``, ``stages`` and
+``held``):
 
 * ``recompute``: per schedule (``--schedules``), the stages keeping their
   activations against recomputing them (``engine.distribute(...,
@@ -28,7 +31,7 @@ instead, four heads, over ``--rows`` sequences of ``--seq`` positions;
   activation alone (the blocks make the mask themselves): the same
   arithmetic, one message more per cut and micro-batch.
 
-torch is imported only in the worker processes.
+torch is imported only in the worker processes (never with ``--model numpy``).
 """
 from __future__ import annotations
 
@@ -61,8 +64,40 @@ def _blocks(width: int, layers: int) -> Any:
                            for _ in range(layers)])
 
 
+def _numpy_mlp(a: argparse.Namespace) -> tuple[Any, Any, Any]:
+    import numpy as np
+
+    from engine.layers import Linear, Sequential, Tanh
+    rng = np.random.default_rng(0)
+    pairs = a.pp * a.depth
+    model = Sequential(*[m for _ in range(pairs)
+                         for m in (Linear(a.width, a.width, rng, np.float32), Tanh())])
+    x, y = (rng.standard_normal((a.rows, a.width), dtype=np.float32) for _ in range(2))
+    return model, x, y
+
+
+def _loss(a: argparse.Namespace, wrapped: bool = False) -> Any:
+    """The mean squared error: engine.layers' or torch's (``wrapped``: as
+    a Pipeline's loss_fn, engine.torch_stage.torch_loss)."""
+    if a.model == "numpy":
+        from engine.layers import mse_loss
+        return mse_loss
+    from torch import nn
+
+    from engine.torch_stage import torch_loss
+    return torch_loss(nn.functional.mse_loss) if wrapped else nn.functional.mse_loss
+
+
+def _threads(a: argparse.Namespace) -> None:
+    if a.model != "numpy":
+        import torch
+        torch.set_num_threads(1)
+
+
 def _model(a: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The model ``--model`` names, and an input batch and a target."""
+    if a.model == "numpy":
+        return _numpy_mlp(a)
     import torch
     g = torch.Generator().manual_seed(0)
     shape = (a.rows, a.width) if a.model == "mlp" else (a.rows, a.seq, a.width)
@@ -85,15 +120,12 @@ def _steps(world: Any, job: Any, x: Any, y: Any, n: int) -> float:
 
 def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: Any,
                    limit: float | None) -> dict[str, Any]:
-    import torch
-    from torch import nn
-
     import engine
-    torch.set_num_threads(1)
+    _threads(a)
     model, x, y = _model(a)
     job = engine.distribute(model, mesh.grid(world, pp=a.pp), schedule=schedule,
                             microbatches=a.microbatches if schedule != "auto" else None,
-                            sample=x, loss_fn=nn.functional.mse_loss, recompute=recompute,
+                            sample=x, loss_fn=_loss(a), recompute=recompute,
                             memory_limit=limit, verbose=False)
     ms = _steps(world, job, x, y, a.steps)
     assert job.chosen is not None
@@ -104,19 +136,15 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
 
 def _stages_worker(world: Any, a: argparse.Namespace, schedule: str,
                    recompute: Any) -> dict[str, float]:
-    import torch
-    from torch import nn
-
     import engine
     from engine.executor import stages_for_rank
-    from engine.torch_stage import torch_loss
-    torch.set_num_threads(1)
+    _threads(a)
     model, x, y = _model(a)
     grid = mesh.grid(world, pp=a.pp)
     sched = engine.schedules.by_name(schedule, a.pp, a.microbatches)
     stages = engine.partition(model, a.pp)
     pipe = engine.Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
-                           loss_fn=torch_loss(nn.functional.mse_loss), recompute=recompute)
+                           loss_fn=_loss(a, wrapped=True), recompute=recompute)
     return {"ms": _steps(world, pipe, x, y, a.steps),
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -153,6 +181,8 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
     forwards of ``_model``'s first half kept at once (GPipe's first rank),
     then their backwards; the live heap after the forwards against what
     the profile predicts (``held_bytes`` of each layer, summed)."""
+    if a.model == "numpy":
+        return _held_numpy(a, recompute)
     import torch
 
     from engine.choose import time_layer
@@ -170,21 +200,54 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
         lc, h = time_layer(layer, h, reps=1, runs=1)
         predicted += lc.held
     stage = TorchStage(half, recompute is True)
-    held = None
-    for _ in range(2):      # the second pass: the allocator warm
-        before = _live_bytes()
-        ctxs = [stage.forward(xb) for xb in xs]
-        after = _live_bytes()
-        held = None if before is None or after is None else after - before
-        for out, ctx in reversed(ctxs):
-            stage.backward(ctx, torch.ones_like(out))
-        del ctxs
+    held = _kept_at_once(stage, xs, torch.ones_like)
     # each micro-batch's input copied (the stage's leaf) beside its layers'
     # bytes; recomputing, the inputs only (each micro-batch's activations
     # are made again in its backward, after this figure)
     predicted = len(xs) * (xs[0].nbytes + (0 if recompute is True else predicted))
     return {"held": held, "predicted": predicted,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _held_numpy(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
+    """``_held_worker`` for ``--model numpy``: engine.layers keep the
+    arrays of their forward's context (the message they got, no copy);
+    recomputing (engine.layers.Recompute), the input only."""
+    import numpy as np
+
+    from engine.choose import time_layer
+    from engine.layers import Recompute, Sequential
+    model, x, _ = _model(a)
+    half = Sequential(*model.layers[:len(model.layers) // a.pp])
+    size = -(-a.rows // a.microbatches)
+    xs = [x[i:i + size] for i in range(0, len(x), size)]
+    predicted, h = 0, xs[0]
+    for layer in half.layers:
+        lc, h = time_layer(layer, h, reps=1, runs=1)
+        predicted += lc.held
+    held = _kept_at_once(Recompute(half) if recompute is True else half, xs, np.ones_like)
+    # the inputs are views of the batch (nothing new); what the list keeps
+    # beside the contexts is each forward's output, in the layers' bytes
+    # when kept, on its own when recomputing
+    predicted = len(xs) * (h.nbytes if recompute is True else predicted)
+    return {"held": held, "predicted": predicted,
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _kept_at_once(stage: Any, xs: list[Any], ones: Any) -> int | None:
+    """The live heap's growth over ``stage``'s forwards of every ``xs``
+    kept at once (their outputs and contexts), the second of two passes
+    (the allocator warm); each pass ends with the backwards."""
+    held = None
+    for _ in range(2):
+        before = _live_bytes()
+        ctxs = [stage.forward(xb) for xb in xs]
+        after = _live_bytes()
+        held = None if before is None or after is None else after - before
+        for out, ctx in reversed(ctxs):
+            stage.backward(ctx, ones(out))
+        del ctxs
+    return held
 
 
 def _tuple_worker(world: Any, a: argparse.Namespace) -> dict[str, float]:
@@ -244,8 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=12,
-                    help="(Linear, GELU) pairs per stage (--model blocks: layers)")
-    ap.add_argument("--model", choices=("mlp", "blocks"), default="mlp")
+                    help="(Linear, GELU) pairs per stage (--model blocks: layers; "
+                         "numpy: (Linear, Tanh) pairs)")
+    ap.add_argument("--model", choices=("mlp", "blocks", "numpy"), default="mlp")
     ap.add_argument("--pp", type=int, default=2,
                     help="pipeline ranks (recompute, limit, stages; the model has --depth "
                          "pairs or layers per rank)")
@@ -260,6 +324,10 @@ def main(argv: list[str] | None = None) -> None:
                          "name patterns match (e.g. '*.self_attn' with --model blocks)")
     a = ap.parse_args(argv)
     only = a.only.split(",")
+    if a.model == "numpy":      # (whole stages recompute; the blocks' tuples are torch's)
+        if a.selective:
+            ap.error("--selective names torch submodules: not with --model numpy")
+        only = [o for o in only if o != "tuples"]
     if "recompute" in only:
         print(f"recompute: pp={a.pp}, keeping the activations against recomputing them")
         for schedule in a.schedules.split(","):

@@ -719,8 +719,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     and each step's inputs the same way: ``step((ids, mask), labels)``.
     ``memory_limit``: bytes of activations a rank may hold (for torch
     layers what autograd saves for their backward, measured on the sample
-    by the profile: engine.choose.held_bytes; for numpy layers their
-    outputs' bytes).
+    by the profile: engine.choose.held_bytes; for numpy layers the arrays
+    their forward's context holds).
     ``overhead``: the executor's own seconds per compute action, and no
     message time, in the prediction; None (the default) measures both on a
     dry pipeline (engine.calibrate) when the layers are measured.
@@ -739,7 +739,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     plan's: ``"blocks.*.attn"``) recompute and the rest keep
     (engine.torch_stage.checkpoint_modules, applied before the layers are
     timed, so the profile's times and held bytes are the recomputing
-    ones). Torch models only.
+    ones): torch models only. An engine.layers model recomputes whole
+    stages (engine.layers.Recompute).
     A torch model built on the meta device (``with torch.device("meta"):``)
     holds no memory: each rank makes only its own stages (with a plan, its
     own shards of them) real, on the CPU, as zeros that ``init(stage)``
@@ -762,9 +763,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         loss_fn = loss_fn or model.loss
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
-    if recompute and not is_torch:
-        raise ValueError(f"recompute={recompute!r} needs a torch model: engine.layers stages "
-                         "keep their activations")
+    if patterns and not is_torch:
+        raise ValueError(f"recompute={recompute!r} (submodules by name) needs a torch model: "
+                         "an engine.layers model recomputes whole stages (recompute=True "
+                         "or 'auto')")
     if loss_fn is None:
         raise ValueError("engine.distribute needs loss_fn= (output, target) -> loss")
     if plan and "tp" not in grid.names:
@@ -889,9 +891,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                          tag_base, timeout, tensors=is_torch, grads=grads)
             chosen = cands[0]
             if not chosen.fits:
-                hint = ("; recompute='auto', or submodule names to recompute "
-                        "(recompute='blocks.*.attn'), may fit"
-                        if is_torch and way != "auto" and not patterns else "")
+                hint = ("" if way == "auto" or patterns else
+                        "; recompute='auto', or submodule names to recompute "
+                        "(recompute='blocks.*.attn'), may fit" if is_torch else
+                        "; recompute='auto' may fit")
                 raise ValueError(f"no schedule keeps its activations under memory_limit="
                                  f"{memory_limit:g} bytes{hint}:\n{table(cands)}")
             sched = chosen.schedule

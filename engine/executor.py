@@ -62,6 +62,7 @@ from mesh import AbortKind, Comm, Grid, LostPeerError, MeshError
 from . import trace as _trace
 from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule,
                  message_key)
+from .layers import Recompute, deterministic
 from .lower import with_grad_sync
 from .simulate import simulate
 from .tied import TiedGrads
@@ -136,9 +137,11 @@ class Pipeline:
     OPT action of the schedule; one with ``state_dict()`` and
     ``load_state_dict()`` (a callable object around a torch optimizer) has
     its state put back when a step fails after it ran. ``timeout`` bounds every wait (None: the
-    mesh's default). ``recompute``: each torch stage keeps only its input
-    from a forward to its backward, and runs the forward again there (the
-    same random draws: dropout's masks), as activation checkpointing does:
+    mesh's default). ``recompute``: each stage keeps only its input
+    from a forward to its backward, and runs the forward again there (a
+    torch stage with the same random draws: dropout's masks; a stage of
+    engine.layers' own layers as ``engine.layers.Recompute``, which a stage
+    of your own may be wrapped in), as activation checkpointing does:
     a stage's activations are held for one micro-batch at a time, for
     the cost of a second forward; a collection of stage indices
     (``recompute={0, 1}``): only those stages do (the first stages of
@@ -351,12 +354,15 @@ def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = Tr
     Pipeline's ``recompute``, for the error."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(obj, torch.nn.Module):
-        if recompute and not getattr(obj, "recompute", False):
-            asked = given if isinstance(given, bool) else sorted(given, key=repr)
-            raise TypeError(f"recompute={asked!r}: stage {index}, a {type(obj).__name__}, "
-                            "does not recompute (torch modules do, as "
-                            "TorchStage(module, recompute=True))")
-        return obj
+        if not recompute or getattr(obj, "recompute", False):
+            return obj
+        if deterministic(obj):          # engine.layers' own: recomputes exactly
+            return Recompute(obj)
+        asked = given if isinstance(given, bool) else sorted(given, key=repr)
+        raise TypeError(f"recompute={asked!r}: stage {index}, a {type(obj).__name__}, is not "
+                        "made of engine.layers' own layers, so its forward may not give the "
+                        "same result twice: wrap it as engine.layers.Recompute(stage) where it "
+                        "does (torch modules recompute with their random draws kept)")
     stage: Any = TorchStage(obj, recompute)
     stage.tied = getattr(obj, "tied", ())
     return stage

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Linear", "Embedding", "Tanh", "ReLU", "Sequential", "mse_loss", "mlp_stages",
-           "sgd"]
+__all__ = ["Linear", "Embedding", "Tanh", "ReLU", "Sequential", "Recompute", "mse_loss",
+           "mlp_stages", "sgd"]
 
 
 class Linear:
@@ -168,6 +168,75 @@ class Sequential:
 
     def grads(self) -> list[Any]:
         return [g for layer in self.layers for g in layer.grads()]
+
+
+class Recompute:
+    """A stage that keeps only its input from its forward to its backward
+    and runs its forward again there (activation checkpointing, as a torch
+    stage's ``recompute=True``): the memory of its activations traded for
+    one more forward. Gradients are those of ``inner`` kept, bit for bit,
+    when ``inner``'s forward is deterministic, which is why a Pipeline's
+    ``recompute=`` wraps only stages made of engine.layers' own layers
+    (``deterministic``) and a stage of your own is wrapped by you::
+
+        stage = Recompute(MyStage(...))     # its forward draws no random numbers
+
+    Everything else (``params``, ``layers``, ``tied``...) is ``inner``'s."""
+
+    recompute = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner: Any = vars(inner)["inner"] if isinstance(inner, Recompute) else inner
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        y, _ = self.inner.forward(x)
+        return y, _Input(x)
+
+    def _again(self, ctx: Any) -> Any:
+        return self.inner.forward(ctx.x)[1]
+
+    def backward(self, ctx: Any, gy: Any) -> Any:
+        return self.inner.backward(self._again(ctx), gy)
+
+    def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
+        return self.inner.backward_input(self._again(ctx), gy)
+
+    def backward_weight(self, wctx: Any) -> None:
+        self.inner.backward_weight(wctx)
+
+    def params(self) -> list[Any]:
+        return self.inner.params()
+
+    def grads(self) -> list[Any]:
+        return self.inner.grads()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":         # (not set yet: copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return f"Recompute({self.inner!r})"
+
+
+class _Input:
+    """A recomputing stage's forward context: only its input."""
+
+    __slots__ = ("x",)
+
+    def __init__(self, x: Any) -> None:
+        self.x = x
+
+
+def deterministic(stage: Any) -> bool:
+    """Whether ``stage`` is made of engine.layers' (and engine.tp_layers')
+    own layers only, whose forward draws no random numbers, so that it
+    recomputes exactly (``Recompute``)."""
+    if type(stage).__module__ not in ("engine.layers", "engine.tp_layers"):
+        return False
+    inner = vars(stage).get("inner")
+    parts = list(vars(stage).get("layers", ())) + ([inner] if inner is not None else [])
+    return all(deterministic(p) for p in parts)
 
 
 def mse_loss(y: Any, target: Any) -> tuple[float, Any]:

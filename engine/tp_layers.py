@@ -24,7 +24,7 @@ import numpy as np
 
 import collectives
 
-from .layers import Embedding, Linear, Sequential
+from .layers import Embedding, Linear, Recompute, Sequential
 from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
                       logged, match, rewrite_attrs, shard_rows)
 
@@ -277,6 +277,8 @@ def sharded_layers(model: Any) -> list[Sharded]:
     """Every Sharded layer in ``model`` (a layer or a Sequential), depth first."""
     if isinstance(model, Sharded):
         return [model] + sharded_layers(model.inner)
+    if isinstance(model, Recompute):
+        return sharded_layers(model.inner)
     if isinstance(model, Sequential):
         return [s for layer in model.layers for s in sharded_layers(layer)]
     return []
@@ -284,6 +286,7 @@ def sharded_layers(model: Any) -> list[Sharded]:
 
 def group_of(model: Any) -> Any:
     """The tp group of the first sharded layer in ``model`` (None: none is)."""
+    model = model.inner if isinstance(model, Recompute) else model
     if isinstance(model, Sharded):
         return model.group
     for layer in model.layers if isinstance(model, Sequential) else []:
@@ -298,6 +301,7 @@ def load_full_params(model: Any, whole: list[Any]) -> None:
     ``params()`` order, as ``full_params`` gives them) into ``model``: each
     sharded layer takes its own shard of its, cut as parallelize cut it (no
     message)."""
+    model = model.inner if isinstance(model, Recompute) else model
     if isinstance(model, Sharded) and isinstance(model.inner, Sequential):
         return load_full_params(model.inner, whole)      # a region: its layers say
     if isinstance(model, Sequential):
@@ -318,6 +322,7 @@ def load_full_params(model: Any, whole: list[Any]) -> None:
 def full_params(model: Any, grads: bool = False) -> list[Any]:
     """``model.params()`` (``grads()`` with ``grads=True``) with every sharded
     layer's gathered whole (collective over each tp group)."""
+    model = model.inner if isinstance(model, Recompute) else model
     if isinstance(model, Sharded):
         return model.full_params(grads)
     if isinstance(model, Sequential):

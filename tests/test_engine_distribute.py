@@ -809,6 +809,56 @@ def test_numpy_distribute_matches_one_process(axes, plan):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
+def _numpy_recompute_worker(world, widths):
+    """pp=2 x tp=2: what a rank may hold set between what GPipe's stages
+    hold kept and recomputing, so only recomputing fits."""
+    from engine.layers import Recompute
+    grid = mesh.grid(world, pp=2, tp=2)
+    sample = _data(0, widths)[0]
+    args = dict(grid=grid, plan=TP_PLAN, schedule="gpipe", microbatches=4, balance="uniform",
+                sample=sample, loss_fn=mse_loss, timeout=30, reps=1, verbose=False)
+    errors = []
+    for kwargs, match in [({"recompute": "0"}, "(submodules by name) needs a torch model"),
+                          ({"memory_limit": 1}, "memory_limit=1 bytes; recompute='auto' may fit")]:
+        try:
+            engine.distribute(_numpy_model(widths), **args, **kwargs)
+            errors.append(f"no error for {kwargs}")
+        except ValueError as e:
+            errors.append(match in str(e) or str(e))
+    both = engine.distribute(_numpy_model(widths), **args, recompute="auto", memory_limit=1e12)
+    peaks = {c.recompute: c.peak_bytes for c in both.candidates}
+    limit = (peaks[False] + peaks[True]) / 2
+    job = engine.distribute(_numpy_model(widths), **args, recompute="auto", memory_limit=limit)
+    losses = []
+    for step in range(STEPS):
+        losses.append(job.step(*_data(step, widths)))
+        sgd(job.stages, LR)
+    return {"errors": errors, "peaks": peaks, "limit": limit, "losses": losses,
+            "chosen": job.chosen.recompute, "fits": job.chosen.fits,
+            "wrapped": [isinstance(st, Recompute) for st in job.stages],
+            "state": job.state_dict(), "last": job.pipeline.last, "pp": grid.coord("pp")}
+
+
+@pytest.mark.timeout(240)
+def test_numpy_distribute_recomputes_under_a_memory_limit():
+    widths = [4, 32, 32, 32, 4]     # activations four times the input: recomputing pays
+    results = mesh.spawn(_numpy_recompute_worker, 4, widths, timeout=200, env=PATIENT)
+    ref, ref_losses = _numpy_reference(widths)
+    for res in results:
+        assert all(e is True for e in res["errors"]), res["errors"]
+        assert res["peaks"][True] < res["peaks"][False], res["peaks"]
+        # (every stage, or the stage of the rank over the limit only)
+        again = res["chosen"]
+        assert again and res["fits"] and again == results[0]["chosen"]
+        assert res["wrapped"] == [again is True or res["pp"] in again]
+        if res["last"]:
+            np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-10)
+    got = _numpy_model(widths)
+    engine.load_state(got, results[0]["state"])
+    for a, b in zip(got.params(), ref.params(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
 # ---- distribute on a torch nn.Sequential: dp=2 x pp=2, torch's own SGD
 
 

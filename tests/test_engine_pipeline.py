@@ -42,11 +42,11 @@ def _reference(steps: int) -> tuple[list[np.ndarray], list[float]]:
     return model.params(), losses
 
 
-def _train(topo, pp, dp, dp_index, name, m):
+def _train(topo, pp, dp, dp_index, name, m, recompute=False):
     sched = schedules.by_name(name, pp.size, m, chunks=2)
     stages = mlp_stages(WIDTHS, sched.num_stages, SEED)
     mine = stages_for_rank(stages, sched, pp.rank)
-    pipe = Pipeline(topo, mine, sched, loss_fn=mse_loss, timeout=30)
+    pipe = Pipeline(topo, mine, sched, loss_fn=mse_loss, timeout=30, recompute=recompute)
     losses = []
     for step in range(STEPS):
         x, y = _data(step)
@@ -74,6 +74,10 @@ def _worker(world, dp_size, m):
     out = {name: _train(topo, pp, dp, dp_index, name, m) for name in NAMES}
     if pp.size == 2:
         out["tied"] = _tied_worker(topo, pp, dp, dp_index)
+        # recompute (engine.layers.Recompute): every stage, or stage 0 only
+        out["recompute"] = {(name, str(way)): _train(topo, pp, dp, dp_index, name, m, way)[:2]
+                            for name in ("1f1b", "interleaved", "zb-h1", "zb-v")
+                            for way in (True, {0})}
     return out
 
 
@@ -120,13 +124,29 @@ def test_schedules_match_sequential_training(pp_size, m):
     _check(results, pp_size, 1, m)
     if pp_size == 2:
         _check_tied([r["tied"] for r in results])
+        _check_recompute(results)
 
 
 def test_dp2_pp2_matches_sequential_training():
     results = mesh.spawn(_worker, 4, 2, 4, timeout=90)
     _check(results, 2, 2, 4)
+    _check_recompute(results)
     for d in range(2):
         _check_tied([r["tied"] for r in results[2 * d:2 * d + 2]])
+
+
+def _check_recompute(results):
+    """Stages that recompute their forward in the backward train bit for
+    bit as stages that keep their activations (I/W split included)."""
+    for r in results:
+        assert len(r["recompute"]) == 8
+        for (name, way), (params, losses) in r["recompute"].items():
+            kept_params, kept_losses, _ = r[name]
+            assert losses == kept_losses, (name, way)
+            assert params.keys() == kept_params.keys()
+            for s in params:
+                for a, b in zip(params[s], kept_params[s]):
+                    np.testing.assert_array_equal(a, b, err_msg=f"{name}, {way}: stage {s}")
 
 
 # -- a weight tied between stages (partition unties it, the Pipeline keeps it) --

@@ -374,14 +374,48 @@ def test_recompute_names_stages_that_are_not_there(recompute, error, words):
     assert words in str(e.value)
 
 
-def test_a_numpy_stage_asked_to_recompute_is_named():
+def test_a_numpy_stage_asked_to_recompute_is_wrapped_or_named():
+    """engine.layers' own stages recompute (engine.layers.Recompute); a
+    stage of another class is named, with the way to vouch for it."""
     from engine.executor import _as_stage
-    from engine.layers import Linear, Sequential
-    with pytest.raises(TypeError, match=r"recompute=\[0\]: stage 0, a Sequential, does not"):
-        _as_stage(Sequential(Linear(2, 2)), True, 0, {0})
-    with pytest.raises(TypeError, match=r"recompute=True: stage 1, a Linear"):
-        _as_stage(Linear(2, 2), True, 1)
+    from engine.layers import Linear, Recompute, Sequential, Tanh
+    wrapped = _as_stage(Sequential(Linear(2, 2), Tanh()), True, 0, {0})
+    assert isinstance(wrapped, Recompute) and len(wrapped.layers) == 2
     assert isinstance(_as_stage(Linear(2, 2), False, 1, {0}), Linear)
+    assert _as_stage(wrapped, True, 0) is wrapped
+
+    class Mine(Linear):
+        pass
+
+    with pytest.raises(TypeError, match=r"recompute=\[0\]: stage 0, a Sequential, is not made "
+                                        r"of engine.layers' own layers.*engine.layers.Recompute"):
+        _as_stage(Sequential(Linear(2, 2), Mine(2, 2)), True, 0, {0})
+    with pytest.raises(TypeError, match=r"recompute=True: stage 1, a Mine"):
+        _as_stage(Mine(2, 2), True, 1)
+    mine = Recompute(Mine(2, 2))
+    assert _as_stage(mine, True, 1) is mine and Recompute(mine).inner is mine.inner
+
+
+def test_a_recomputing_numpy_stage_gives_the_gradients_of_keeping():
+    import numpy as np
+    from engine.layers import Linear, Recompute, Sequential, Tanh
+    rng = np.random.default_rng(3)
+    x, gy = rng.standard_normal((5, 4)), rng.standard_normal((5, 3))
+    got = []
+    for again in (False, True):
+        stage = Sequential(Linear(4, 6, np.random.default_rng(1)), Tanh(),
+                           Linear(6, 3, np.random.default_rng(2)))
+        stage = Recompute(stage) if again else stage
+        y, ctx = stage.forward(x)
+        if again:       # only the input is kept
+            assert type(ctx).__name__ == "_Input" and ctx.x is x
+        gx = stage.backward(ctx, gy)
+        y2, ctx2 = stage.forward(x)
+        gx2, wctx = stage.backward_input(ctx2, gy)
+        stage.backward_weight(wctx)
+        got.append([y, gx, y2, gx2, *stage.grads()])
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
 
 
 def _mixed_recompute(world):
