@@ -26,7 +26,8 @@ float32, without torch, whose stages recompute as
   half of the model, ``--microbatches`` forwards kept at once (GPipe's
   first rank), then their backwards: the live heap (glibc's
   ``mallinfo2``) after the forwards against the bytes the profile
-  predicts the layers hold (``engine.choose.held_bytes``);
+  predicts the stage holds (``engine.choose.held_by`` of each layer,
+  added up by ``stage_held``);
 * ``tuples``: a cut carrying (mask, activation) against one carrying the
   activation alone (the blocks make the mask themselves): the same
   arithmetic, one message more per cut and micro-batch.
@@ -180,12 +181,12 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
     """One process, the stage of the first rank: ``--microbatches``
     forwards of ``_model``'s first half kept at once (GPipe's first rank),
     then their backwards; the live heap after the forwards against what
-    the profile predicts (``held_bytes`` of each layer, summed)."""
+    the profile predicts (``held_by`` of each layer, ``stage_held``)."""
     if a.model == "numpy":
         return _held_numpy(a, recompute)
     import torch
 
-    from engine.choose import time_layer
+    from engine.choose import stage_held, time_layer
     from engine.torch_stage import TorchStage, checkpoint_modules
     torch.set_num_threads(1)
     model, x, _ = _model(a)
@@ -194,17 +195,16 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
         checkpoint_modules(half, recompute)
     size = -(-a.rows // a.microbatches)
     xs = list(torch.split(x, size))
-    layers = [TorchStage(m) for m in half]
-    predicted, h = 0, xs[0]
-    for layer in layers:
-        lc, h = time_layer(layer, h, reps=1, runs=1)
-        predicted += lc.held
+    row, h = {}, xs[0]
+    for i, m in enumerate(half):
+        row[i], h = time_layer(TorchStage(m), h, reps=1, runs=1)
     stage = TorchStage(half, recompute is True)
     held = _kept_at_once(stage, xs, torch.ones_like)
     # each micro-batch's input copied (the stage's leaf) beside its layers'
     # bytes; recomputing, the inputs only (each micro-batch's activations
     # are made again in its backward, after this figure)
-    predicted = len(xs) * (xs[0].nbytes + (0 if recompute is True else predicted))
+    predicted = len(xs) * (xs[0].nbytes if recompute is True
+                           else stage_held(row, 0, len(row), xs[0].nbytes))
     return {"held": held, "predicted": predicted,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -215,21 +215,22 @@ def _held_numpy(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
     recomputing (engine.layers.Recompute), the input only."""
     import numpy as np
 
-    from engine.choose import time_layer
+    from engine.choose import KEEPS_OUTPUT, stage_held, time_layer
     from engine.layers import Recompute, Sequential
     model, x, _ = _model(a)
     half = Sequential(*model.layers[:len(model.layers) // a.pp])
     size = -(-a.rows // a.microbatches)
     xs = [x[i:i + size] for i in range(0, len(x), size)]
-    predicted, h = 0, xs[0]
-    for layer in half.layers:
-        lc, h = time_layer(layer, h, reps=1, runs=1)
-        predicted += lc.held
+    row, h = {}, xs[0]
+    for i, layer in enumerate(half.layers):
+        row[i], h = time_layer(layer, h, reps=1, runs=1)
     held = _kept_at_once(Recompute(half) if recompute is True else half, xs, np.ones_like)
-    # the inputs are views of the batch (nothing new); what the list keeps
-    # beside the contexts is each forward's output, in the layers' bytes
-    # when kept, on its own when recomputing
-    predicted = len(xs) * (h.nbytes if recompute is True else predicted)
+    # the inputs are views of the batch (nothing new: given 0); the list
+    # keeps each forward's output beside the contexts (in them, when the
+    # last layer keeps its output)
+    out = 0 if recompute is not True and row[len(row) - 1].keeps & KEEPS_OUTPUT else h.nbytes
+    predicted = len(xs) * (out + (0 if recompute is True
+                                  else stage_held(row, 0, len(row), 0, copies=False)))
     return {"held": held, "predicted": predicted,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -33,7 +33,8 @@ import numpy as np
 from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
-__all__ = ["LayerCost", "Candidate", "time_layer", "time_program", "measure", "measure_stages",
+__all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "held_by", "Candidate",
+           "time_layer", "time_program", "measure", "measure_stages",
            "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
            "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
            "table", "SCHEDULES", "Span"]
@@ -45,14 +46,20 @@ Span = tuple[int, int]          # a stage's layers: first, stop (first..stop-1)
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
 
 
+KEEPS_INPUT, KEEPS_OUTPUT = 1, 2       # LayerCost.keeps: what a layer keeps of its own
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """Seconds one layer takes per micro-batch of some size, the bytes of
     its output (what it hands on: the messages between stages, the input a
-    recomputing stage keeps) and ``saved_bytes``, what it holds from its
-    forward to its backward (``held_bytes``: autograd's saved tensors of a
-    torch layer, a numpy layer's context; None where not measured, the
-    output's bytes standing in: ``held``)."""
+    recomputing stage keeps) and what it holds from its forward to its
+    backward (``held_by``: autograd's saved tensors of a torch layer, a
+    numpy layer's context): ``saved_bytes`` beyond its input and its
+    output (parameters aside), and ``keeps``, whether it holds its input
+    (``KEEPS_INPUT``: a Linear, a GELU) and its output (``KEEPS_OUTPUT``:
+    a tanh, a ReLU) too. None where not measured: its output stands in
+    (``stage_held`` adds the layers up)."""
 
     F: float
     B: float
@@ -60,12 +67,26 @@ class LayerCost:
     W: float
     act_bytes: int
     saved_bytes: int | None = None
+    keeps: int = KEEPS_OUTPUT
 
-    @property
-    def held(self) -> int:
-        """The bytes this layer holds for its backward: ``saved_bytes``,
-        else its output's."""
-        return self.act_bytes if self.saved_bytes is None else self.saved_bytes
+
+def stage_held(row: Mapping[int, LayerCost], first: int, stop: int, given: int,
+               copies: bool = True) -> int:
+    """The bytes a stage of layers ``first..stop-1`` holds for each
+    micro-batch from its forward to its backward, its input of ``given``
+    bytes included: each layer's ``saved_bytes``, and each output that a
+    layer keeps, its own or the next one's input, counted once. A torch
+    stage (``copies``) copies its input and keeps its output (its
+    context); an engine.layers stage keeps what its layers keep, its
+    input (the message) where the first layer keeps it."""
+    held = given if copies or row[first].keeps & KEEPS_INPUT else 0
+    for i in range(first, stop):
+        lc = row[i]
+        held += lc.saved_bytes or 0
+        if (lc.keeps & KEEPS_OUTPUT or (i + 1 < stop and row[i + 1].keeps & KEEPS_INPUT)
+                or (copies and i == stop - 1)):
+            held += lc.act_bytes
+    return held
 
 
 def recomputed(lc: LayerCost) -> LayerCost:
@@ -168,22 +189,24 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
     for g, old in saved:
         g[...] = old
     f, b, gi, gw = (statistics.median(v[1:]) for v in times.values())
-    return LayerCost(f, b, gi, gw, _nbytes(y), held_bytes(layer, x)), y
+    held = held_by(layer, x)
+    return LayerCost(f, b, gi, gw, _nbytes(y), *(held or (None, KEEPS_OUTPUT))), y
 
 
-def held_bytes(layer: Any, x: Any) -> int | None:
-    """The bytes a stage object holds from its forward on ``x`` to its
-    backward, but for its parameters and its input (the layer before holds
-    that: its output), plus its output (held for the backward: the next
-    layer's, or sent). A torch stage (engine.TorchStage): the distinct
-    storages autograd saves for the backward (one more forward, under
+def held_by(layer: Any, x: Any) -> tuple[int, int] | None:
+    """What a stage object holds from its forward on ``x`` to its backward
+    (``LayerCost.saved_bytes`` and ``keeps``): the bytes beyond its input,
+    its output and its parameters, and whether it holds its input and its
+    output. A torch stage (engine.TorchStage): the distinct storages
+    autograd saves for the backward (one more forward, under
     ``torch.autograd.graph.saved_tensors_hooks``); a transformer block of
     width C over T positions holds about 16 times its output (the
     attention's scores, the MLP's 4C hidden, the norms' inputs), where its
     output's bytes stood in until the twenty-second session. A numpy stage
     (engine.layers): the distinct arrays of the context its forward
-    returns. None for a stage that is neither (its output's bytes stand
-    in)."""
+    returns (a Linear keeps its input, a Tanh its output: what a tanh MLP
+    holds is half the outputs that the twenty-second session counted).
+    None for a stage that is neither (its output's bytes stand in)."""
     module = getattr(layer, "module", None)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(module, torch.nn.Module):
@@ -193,24 +216,35 @@ def held_bytes(layer: Any, x: Any) -> int | None:
     y, ctx = layer.forward(x)
     if not isinstance(y, np.ndarray):
         return None
-    own = [x, *(p for p in getattr(layer, "params", list)() if isinstance(p, np.ndarray))]
+    own = [p for p in getattr(layer, "params", list)() if isinstance(p, np.ndarray)]
     seen: dict[tuple[int, int], int] = {}
-    todo = [ctx, y]
+    keeps = 0
+    todo = [ctx]
     while todo:
         v = todo.pop()
         if isinstance(v, (tuple, list)):
             todo.extend(v)
         elif isinstance(v, dict):
             todo.extend(v.values())
-        elif isinstance(v, np.ndarray) and not any(np.may_share_memory(v, o) for o in own):
+        elif not isinstance(v, np.ndarray) or any(np.may_share_memory(v, o) for o in own):
+            continue
+        elif np.may_share_memory(v, x):
+            keeps |= KEEPS_INPUT
+        elif np.may_share_memory(v, y):
+            keeps |= KEEPS_OUTPUT
+        else:
             seen[(v.__array_interface__["data"][0], v.nbytes)] = v.nbytes
-    return sum(seen.values())
+    return sum(seen.values()), keeps
 
 
-def _saved_by_autograd(torch: Any, layer: Any, module: Any, x: Any) -> int:
-    """``held_bytes`` of a torch stage."""
+def _saved_by_autograd(torch: Any, layer: Any, module: Any, x: Any) -> tuple[int, int]:
+    """``held_by`` of a torch stage."""
     def ptr(t: Any) -> int:
         return int(t.untyped_storage().data_ptr())
+
+    def ptrs(v: Any) -> set[int]:
+        return {ptr(t) for t in (v if isinstance(v, tuple) else (v,))
+                if isinstance(t, torch.Tensor)}
 
     seen: dict[int, int] = {}
 
@@ -221,13 +255,13 @@ def _saved_by_autograd(torch: Any, layer: Any, module: Any, x: Any) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y, ctx = layer.forward(x)
     leaf = ctx[0] if isinstance(ctx, tuple) and ctx else ()
-    own = {ptr(t) for t in (*module.parameters(), *module.buffers())}
-    own |= {ptr(t) for t in (leaf if isinstance(leaf, tuple) else (leaf,))
-            if isinstance(t, torch.Tensor)}
-    own |= {ptr(t) for t in (y if isinstance(y, tuple) else (y,)) if isinstance(t, torch.Tensor)}
-    held = sum(n for p, n in seen.items() if p not in own) + _nbytes(y)
+    ins, outs = ptrs(leaf), ptrs(y)
+    own = {ptr(t) for t in (*module.parameters(), *module.buffers())} | ins | outs
+    keeps = ((KEEPS_INPUT if ins & seen.keys() else 0)
+             | (KEEPS_OUTPUT if outs & seen.keys() else 0))
+    beyond = sum(n for p, n in seen.items() if p not in own)
     del ctx, y
-    return held
+    return beyond, keeps
 
 
 def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
@@ -544,7 +578,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
                helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
                cores: float | None = None, recompute: bool | str = False,
-               inputs: Mapping[int, int] | None = None) -> list[Candidate]:
+               inputs: Mapping[int, int] | None = None, copies: bool = True
+               ) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -567,11 +602,12 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     puts some ranks but not all over the limit: only those ranks' stages
     recompute (``Candidate.recompute`` the set of them; the layers cut as
     when kept), and where that is more than one stage of a rank, the
-    fewest stages that do (``fewest``) as a fourth. Every stage holds each
-    micro-batch's input beside its layers' (a torch stage copies it; a
-    numpy layer keeps the message it got): the output of the layer before,
-    and for the first stage ``inputs[size]``, the bytes of a micro-batch of
-    the batch where the stage copies it (torch; None: not counted)."""
+    fewest stages that do (``fewest``) as a fourth. A stage holds for each
+    micro-batch what its layers hold (``stage_held``) and its input (the
+    output of the layer before; for the first stage ``inputs[size]``, the
+    bytes of a micro-batch of the batch where the stage copies it, None:
+    not counted): copied (``copies``, torch stages), or the message it got
+    where its first layer keeps it (engine.layers)."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -601,7 +637,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             act, kept, start = [], [], 0
             for c in counts:
                 given = row[start - 1].act_bytes if start else (inputs or {}).get(size, 0)
-                act.append(given + sum(row[i].held for i in range(start, start + c)))
+                act.append(stage_held(row, start, start + c, given, copies))
                 kept.append(given)
                 start += c
             held = None if not again else [k if again is True or s in again else None

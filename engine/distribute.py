@@ -167,10 +167,11 @@ def _shared(grid: Grid, n: int, timed: Callable[[list[int]], list[tuple[Any, Lay
 def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]]) -> list[tuple[list[int], LayerCost]]:
     """Every rank's ``(key, cost)`` pairs (a key a tuple of ints), to every rank."""
     rows = [[*key, lc.F, lc.B, lc.I, lc.W, lc.act_bytes,
-             -1 if lc.saved_bytes is None else lc.saved_bytes] for key, lc in pairs]
-    return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb), None if sb < 0 else int(sb)))
+             -1 if lc.saved_bytes is None else lc.saved_bytes, lc.keeps] for key, lc in pairs]
+    return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb), None if sb < 0 else int(sb),
+                                              int(keeps)))
             for part in collectives.all_gather_object(world, rows)
-            for *key, f, b, gi, gw, nb, sb in part]
+            for *key, f, b, gi, gw, nb, sb, keeps in part]
 
 
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int,
@@ -242,7 +243,7 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
 
     def mean(lcs: list[LayerCost]) -> LayerCost:
         f, b, gi, gw = (sum(getattr(lc, k) for lc in lcs) / len(lcs) for k in "FBIW")
-        return LayerCost(f, b, gi, gw, lcs[0].act_bytes, lcs[0].saved_bytes)
+        return LayerCost(f, b, gi, gw, lcs[0].act_bytes, lcs[0].saved_bytes, lcs[0].keeps)
     held = {s: len(lcs) for (s, i), lcs in got.items() if i == -1}     # by how many ranks
     runs = 0
     while held and all(len(got.get((s, runs), [])) == n for s, n in held.items()):
@@ -719,8 +720,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     and each step's inputs the same way: ``step((ids, mask), labels)``.
     ``memory_limit``: bytes of activations a rank may hold (for torch
     layers what autograd saves for their backward, measured on the sample
-    by the profile: engine.choose.held_bytes; for numpy layers the arrays
-    their forward's context holds).
+    by the profile; for numpy layers the arrays their forward's context
+    holds: engine.choose.held_by, stage_held).
     ``overhead``: the executor's own seconds per compute action, and no
     message time, in the prediction; None (the default) measures both on a
     dry pipeline (engine.calibrate) when the layers are measured.
@@ -870,7 +871,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             ins = {size: _copied(sample[:size]) for size in sizes} if is_torch else None
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                action, message, helper=cal.helper, recv=receive, cores=cal.cores,
-                               recompute=way, inputs=ins)
+                               recompute=way, inputs=ins, copies=is_torch)
             spans = stage_spans(cands, rows)
             whole: dict[int, dict[Span, LayerCost]] = {}
             if spans:          # the cuts' stages, timed whole: what the steps will pay
@@ -883,7 +884,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                    action, message, whole, cal.helper, receive, cal.cores,
-                                   way, ins)
+                                   way, ins, is_torch)
             if not cands:
                 raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
             if auto and overhead is None:     # the leaders' own dry runs

@@ -179,7 +179,8 @@ def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     (sched,) = choose.builtin(["gpipe"], 2, ms)
     prof = _profile(rows, ms, [1, 1, 1, 1])
     plain, = choose.candidates(prof, [1] * 4, rows, [sched])
-    held = {size: {i: replace(lc, saved_bytes=16 * lc.act_bytes) for i, lc in row.items()}
+    # (beyond their output, which each keeps: 16 outputs' bytes in all)
+    held = {size: {i: replace(lc, saved_bytes=15 * lc.act_bytes) for i, lc in row.items()}
             for size, row in prof.items()}
     big, = choose.candidates(held, [1] * 4, rows, [sched])
     # GPipe's last rank: four micro-batches of its two layers and its input
@@ -192,8 +193,28 @@ def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     # the first stage's input counts where given (a torch stage copies it)
     fed, = choose.candidates(held, [1] * 4, rows, [sched], inputs={2: 1000})
     assert fed.peak_bytes == 4 * (2 * 16 * 200 + 1000)
-    assert choose.LayerCost(0, 0, 0, 0, 8).held == 8
-    assert choose.LayerCost(0, 0, 0, 0, 8, 0).held == 0
+
+
+def test_a_stage_holds_each_output_once_where_a_layer_keeps_it():
+    """An output counts where its layer keeps it (a tanh's) or the next
+    layer keeps it as its input (a Linear's, a GELU's), once; a torch stage
+    copies its input and keeps its output, a numpy stage keeps the message
+    where its first layer does."""
+    IN, OUT = choose.KEEPS_INPUT, choose.KEEPS_OUTPUT
+
+    def lc(keeps, saved=0):
+        return choose.LayerCost(0, 0, 0, 0, 8, saved, keeps)
+
+    unmeasured = {0: choose.LayerCost(0, 0, 0, 0, 8), 1: choose.LayerCost(0, 0, 0, 0, 8)}
+    assert choose.stage_held(unmeasured, 0, 2, 5) == 5 + 8 + 8     # each output stands in
+    assert choose.stage_held(unmeasured, 0, 2, 5, copies=False) == 8 + 8
+    tanh_mlp = {0: lc(IN), 1: lc(OUT), 2: lc(IN), 3: lc(OUT, 3)}    # Linear, Tanh, ...
+    assert choose.stage_held(tanh_mlp, 0, 4, 5, copies=False) == 5 + 8 + 8 + 3
+    assert choose.stage_held(tanh_mlp, 0, 4, 5) == 5 + 8 + 8 + 3
+    assert choose.stage_held(tanh_mlp, 1, 3, 5, copies=False) == 8 + 0   # (no input kept)
+    gelu_mlp = {0: lc(IN), 1: lc(IN), 2: lc(IN), 3: lc(IN)}          # Linear, GELU, ...
+    assert choose.stage_held(gelu_mlp, 0, 4, 5) == 5 + 3 * 8 + 8     # its last output: its own
+    assert choose.stage_held(gelu_mlp, 0, 4, 5, copies=False) == 5 + 3 * 8
 
 
 def test_time_layer_measures_what_a_torch_layer_holds():
@@ -206,19 +227,25 @@ def test_time_layer_measures_what_a_torch_layer_holds():
     assert lc.act_bytes == y.nbytes == x.nbytes
     assert lc.saved_bytes is not None and lc.saved_bytes > 8 * lc.act_bytes
     # a Linear holds its input (the layer before's output) and its weight,
-    # neither of them its own: what it holds is its output, as a GELU's
-    for layer in (torch.nn.Linear(32, 32), torch.nn.GELU()):
+    # as a GELU its input; a tanh and a ReLU hold their output
+    for layer, keeps in ((torch.nn.Linear(32, 32), choose.KEEPS_INPUT),
+                         (torch.nn.GELU(), choose.KEEPS_INPUT),
+                         (torch.nn.Tanh(), choose.KEEPS_OUTPUT),
+                         (torch.nn.ReLU(), choose.KEEPS_OUTPUT)):
         lc, _ = choose.time_layer(TorchStage(layer), x, reps=1, runs=1)
-        assert lc.saved_bytes == lc.act_bytes == x.nbytes
-    # numpy layers: the arrays of the context their forward returns, less
-    # the input: a Tanh keeps its output; a block its inner outputs too
+        assert (lc.saved_bytes, lc.keeps, lc.act_bytes) == (0, keeps, x.nbytes), layer
+    # numpy layers: the arrays of the context their forward returns: a Tanh
+    # keeps its output; a block its first Linear's input and inner outputs
     x = np.ones((4, 8))
     lc, _ = choose.time_layer(Tanh(), x, reps=1, runs=1)
-    assert lc.saved_bytes == lc.held == lc.act_bytes == x.nbytes
+    assert (lc.saved_bytes, lc.keeps) == (0, choose.KEEPS_OUTPUT)
+    lc, _ = choose.time_layer(Linear(8, 8), x, reps=1, runs=1)
+    assert (lc.saved_bytes, lc.keeps) == (0, choose.KEEPS_INPUT)
     block = Sequential(Linear(8, 32), Tanh(), Linear(32, 8))
     lc, _ = choose.time_layer(block, x, reps=1, runs=1)
-    assert lc.act_bytes == x.nbytes and lc.saved_bytes == x.nbytes + 4 * x.nbytes
-    assert choose.held_bytes(object(), [1.0]) is None
+    assert lc.act_bytes == x.nbytes and lc.saved_bytes == 4 * x.nbytes
+    assert lc.keeps == choose.KEEPS_INPUT
+    assert choose.held_by(object(), [1.0]) is None
 
 
 def test_uneven_layers_balanced_by_time_beat_uniform():
