@@ -1,6 +1,7 @@
 """train_3d.py without torch: an engine.layers MLP on dp=2 x pp=2 x tp=2.
 
     meshrun -n 8 examples/train_3d_numpy.py [--steps 20] [--out model.npz]
+        [--memory-limit MB] [--recompute auto|yes|no]
 
 The model is a plain engine.layers.Sequential; ``engine.distribute`` cuts,
 shards (the same plan styles as torch) and schedules it. Rank 0 prints the
@@ -43,7 +44,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64, help="rows per step, all replicas")
     ap.add_argument("--lr", type=float, default=0.3)
     ap.add_argument("--out", default="train_3d.npz")
+    ap.add_argument("--memory-limit", type=float, default=None,
+                    help="MB of activations a rank may hold (the choice recomputes "
+                         "activations, engine.layers.Recompute, where that lets a faster "
+                         "schedule fit)")
+    ap.add_argument("--recompute", choices=("auto", "yes", "no"), default="auto",
+                    help="'auto': the choice decides; 'yes': every stage recomputes")
     args = ap.parse_args()
+    recompute = {"auto": "auto", "yes": True, "no": False}[args.recompute]
     with mesh.init() as world:
         tp = 2 if world.size % 2 == 0 else 1
         pp = 2 if world.size % (2 * tp) == 0 else 1
@@ -57,7 +65,8 @@ def main() -> None:
         if world.rank == 0:
             print(f"grid {grid.axes}; plan: {PLAN}")
         job = engine.distribute(model(), grid, plan=PLAN if tp > 1 else None,
-                                sample=mine(0)[0], loss_fn=mse_loss)
+                                sample=mine(0)[0], loss_fn=mse_loss, recompute=recompute,
+                                memory_limit=args.memory_limit and args.memory_limit * 2**20)
         if world.rank == 0:
             print(f"chosen: {job.schedule.name}\n{job.schedule.render()}", flush=True)
         for step in range(args.steps):
