@@ -496,16 +496,21 @@ def helper_charge(sched: Schedule, helper: float) -> list[float]:
 
 
 def peak_bytes(sched: Schedule, act: Sequence[int],
-               kept: Sequence[int | None] | None = None) -> tuple[int, ...]:
+               kept: Sequence[int | None] | None = None,
+               shared: Sequence[int] = ()) -> tuple[int, ...]:
     """Per rank, the most activation bytes held at once: a stage's ``act[s]``
     from its F to its B (or W, when the backward is split). With ``kept``
     (recompute: a stage keeps only its input, ``kept[s]``, from its F to
     its backward, which makes ``act[s]`` again): ``kept[s]`` from F to B
-    (or W), and ``act[s]`` during B, or from I to W (the graph the W reads);
-    a stage whose ``kept[s]`` is None keeps its activations."""
+    (or W), and ``act[s]`` during B, or from I to W (the graph the W reads),
+    but for ``shared[s]`` of it, the input kept that ``act[s]`` counts too
+    (an engine.layers stage's first layer keeps the very array; a torch
+    stage copies it: 0); a stage whose ``kept[s]`` is None keeps its
+    activations."""
     each = list(kept) if kept is not None else [None] * len(act)
     again = [k is not None for k in each]
     held = [a if k is None else k for a, k in zip(act, each)]
+    act = [a - (shared[s] if s < len(shared) else 0) for s, a in enumerate(act)]
     peaks = []
     for row in sched.ranks:
         live = peak = 0
@@ -634,15 +639,16 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
                                                  shared), cores).makespan
                       if whole else rep.makespan)
-            act, kept, start = [], [], 0
+            act, kept, overlap, start = [], [], [], 0
             for c in counts:
                 given = row[start - 1].act_bytes if start else (inputs or {}).get(size, 0)
                 act.append(stage_held(row, start, start + c, given, copies))
                 kept.append(given)
+                overlap.append(0 if copies or not row[start].keeps & KEEPS_INPUT else given)
                 start += c
             held = None if not again else [k if again is True or s in again else None
                                            for s, k in enumerate(kept)]
-            peaks = peak_bytes(sched, act, held)
+            peaks = peak_bytes(sched, act, held, overlap)
             peak = max(peaks)
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
@@ -653,16 +659,17 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                                  for s in sched.stages_of(r))
                 if over and len(over) < sched.num_stages:
                     ways.insert(1, over)
-                    few = fewest(sched, act, kept, memory_limit)
+                    few = fewest(sched, act, kept, memory_limit, overlap)
                     if few is not None and few < over:      # (a rank of several stages)
                         ways.insert(1, few)
     return best_first(out)
 
 
 def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],
-           limit: float) -> frozenset[int] | None:
+           limit: float, shared: Sequence[int] = ()) -> frozenset[int] | None:
     """A small set of stages whose recompute brings every rank of ``sched``
-    under ``limit`` (``peak_bytes``' ``act`` and ``kept``), chosen greedily:
+    under ``limit`` (``peak_bytes``' ``act``, ``kept`` and ``shared``),
+    chosen greedily:
     while a rank is over, the stage of an over rank whose recompute lowers
     the highest peak most; None when recomputing every such stage does not
     do. Where a rank holds several stages (interleaved, ZB-V) one of them
@@ -671,7 +678,7 @@ def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],
     while True:
         def peaks_with(extra: set[int]) -> tuple[int, ...]:
             held = [k if s in extra else None for s, k in enumerate(kept)]
-            return peak_bytes(sched, act, held)
+            return peak_bytes(sched, act, held, shared)
         peaks = peaks_with(chosen)
         over = [r for r, pk in enumerate(peaks) if pk > limit]
         if not over:

@@ -103,6 +103,9 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     sched = choose.builtin(["1f1b"], 2, [4])[0]
     assert choose.peak_bytes(sched, [100, 100]) == (200, 100)
     assert choose.peak_bytes(sched, [100, 100], kept=[0, 5]) == (100, 105)
+    # (an engine.layers stage whose first layer keeps the input it recomputes
+    # from: the kept array is among the activations, counted once)
+    assert choose.peak_bytes(sched, [100, 100], [10, 5], shared=[10, 5]) == (110, 100)
     zb = choose.builtin(["zb-h1"], 2, [4])[0]
     plain, again = choose.peak_bytes(zb, [100, 100]), choose.peak_bytes(zb, [100, 100], [0, 5])
     assert again[1] >= 105 and again[0] <= plain[0]
@@ -193,6 +196,14 @@ def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     # the first stage's input counts where given (a torch stage copies it)
     fed, = choose.candidates(held, [1] * 4, rows, [sched], inputs={2: 1000})
     assert fed.peak_bytes == 4 * (2 * 16 * 200 + 1000)
+    # engine.layers stages (copies=False): a Linear keeps its input, the
+    # message itself, which recomputing keeps and does not make again
+    linear = {size: {i: replace(lc, saved_bytes=0, keeps=choose.KEEPS_INPUT)
+                     for i, lc in row.items()} for size, row in prof.items()}
+    kept, = choose.candidates(linear, [1] * 4, rows, [sched], copies=False)
+    assert kept.peak_bytes == 4 * (200 + 200)    # its input, its first layer's output
+    again, = choose.candidates(linear, [1] * 4, rows, [sched], recompute=True, copies=False)
+    assert again.peak_bytes == 4 * 200 + 200
 
 
 def test_a_stage_holds_each_output_once_where_a_layer_keeps_it():
