@@ -124,10 +124,15 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
     import engine
     _threads(a)
     model, x, y = _model(a)
-    job = engine.distribute(model, mesh.grid(world, pp=a.pp), schedule=schedule,
-                            microbatches=a.microbatches if schedule != "auto" else None,
-                            sample=x, loss_fn=_loss(a), recompute=recompute,
-                            memory_limit=limit, verbose=False)
+    try:
+        job = engine.distribute(model, mesh.grid(world, pp=a.pp), schedule=schedule,
+                                microbatches=a.microbatches if schedule != "auto" else None,
+                                sample=x, loss_fn=_loss(a), recompute=recompute,
+                                memory_limit=limit, verbose=False)
+    except ValueError as e:         # (every rank alike) nothing fits the limit this way
+        if limit is None or "memory_limit" not in str(e):
+            raise
+        return {"error": str(e).split(":\n")[0]}
     ms = _steps(world, job, x, y, a.steps)
     assert job.chosen is not None
     return {"ms": ms, "pred": (job.predicted or 0.0) * 1e3, "name": job.schedule.name,
@@ -343,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         for how in (False, "auto"):
             r = mesh.spawn(_memory_worker, a.pp, a, "auto", how, a.limit * 2**20,
                            timeout=900)[0]
+            if "error" in r:
+                print(f"  recompute={how!r:<7} {r['error']}", flush=True)
+                continue
             print(f"  recompute={how!r:<7} chose {r['name']:<24} "
                   f"({recomputing(r['recompute'])}) "
                   f"step {r['ms']:7.1f} ms (predicted {r['pred']:7.1f})", flush=True)

@@ -186,6 +186,7 @@ def _tied_worker(topo, pp, dp, dp_index):
     specs = [functools.partial(lambda i: _tied_numpy()[i], i) for i in range(7)]
     for name, sched, counts in [("1f1b", schedules.one_f_one_b(2, 4), [3, 4]),
                                 ("zb-v", schedules.zb_v(2, 4), [2, 2, 1, 2]),
+                                ("zb-v recomputed", schedules.zb_v(2, 4), [2, 2, 1, 2]),
                                 ("specs", schedules.one_f_one_b(2, 4), [3, 4])]:
         if name == "specs":    # each rank builds its stage; the tie is named
             parts = partition(specs, 2, counts, stages=sched.stages_of(pp.rank),
@@ -198,7 +199,8 @@ def _tied_worker(topo, pp, dp, dp_index):
             for tie, index in getattr(stage, "tied", ()):
                 if s != tie.stages[0]:    # the Pipeline makes the copies equal again
                     stage.params()[index][...] += 1.0
-        pipe = Pipeline(topo, mine, sched, loss_fn=L.mse_loss, timeout=30)
+        pipe = Pipeline(topo, mine, sched, loss_fn=L.mse_loss, timeout=30,
+                        recompute=name.endswith("recomputed"))   # (the tie marks pass through)
         for step in range(STEPS):
             x, y = _tied_data(step)
             if dp is not None:
@@ -215,7 +217,8 @@ def _check_tied(results):
     one array; across ranks (1F1B) and on one rank (ZB-V: stages 0 and 3)."""
     assert results[0]["time"] == results[1]["time"]
     want = _tied_reference()
-    for name, first, last in [("1f1b", 0, 1), ("zb-v", 0, 3), ("specs", 0, 1)]:
+    for name, first, last in [("1f1b", 0, 1), ("zb-v", 0, 3), ("zb-v recomputed", 0, 3),
+                              ("specs", 0, 1)]:
         got = {}
         for r in results:
             got.update(r[name])
