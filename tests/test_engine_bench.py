@@ -137,3 +137,16 @@ def test_bench_memory_held_runs_on_transformer_blocks(capsys):
     out = capsys.readouterr().out
     assert "  keep " in out and "  recompute " in out and "  *.self_attn " in out
     assert out.count("predicted") >= 4
+
+
+def test_bench_memory_runs_on_numpy_stages(capsys):
+    """--model numpy: engine.layers stages recompute (engine.layers.Recompute);
+    under a limit nothing keeping fits, the keep-only way says so."""
+    from engine import bench_memory
+    bench_memory.main(["--model", "numpy", "--rows", "64", "--width", "8", "--depth", "2",
+                       "--steps", "1", "--microbatches", "2", "--schedules", "gpipe",
+                       "--limit", "0.0001", "--only", "recompute,limit,stages,held"])
+    out = capsys.readouterr().out
+    assert "gpipe(2,2)             recompute" in out and "gpipe(2,2) recompute={0}" in out
+    assert "recompute=False   no schedule keeps its activations" in out
+    assert "  keep " in out and "  recompute " in out
