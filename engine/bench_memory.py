@@ -40,7 +40,7 @@ import argparse
 import resource
 import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import mesh
 from engine.choose import recomputing
@@ -173,12 +173,16 @@ def _live_bytes() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
-def _ways(a: argparse.Namespace) -> list[Any]:
-    """Keeping, recomputing each stage, and the names of ``--selective``."""
-    return [False, True] + ([a.selective.split(",")] if a.selective else [])
+def _ways(a: argparse.Namespace, layered: bool = False) -> list[Any]:
+    """Keeping, recomputing each stage (``layered``: and layer by layer,
+    torch), and the names of ``--selective``."""
+    return ([False, True] + (["layered"] if layered and a.model != "numpy" else [])
+            + ([a.selective.split(",")] if a.selective else []))
 
 
 def _way(recompute: Any) -> str:
+    if isinstance(recompute, str):
+        return "by layer"
     return "recompute" if recompute is True else "keep" if not recompute else ",".join(recompute)
 
 
@@ -191,26 +195,30 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
         return _held_numpy(a, recompute)
     import torch
 
-    from engine.choose import stage_held, time_layer
+    from engine.choose import layer_by_layer, stage_held, time_layer
     from engine.torch_stage import TorchStage, checkpoint_modules
     torch.set_num_threads(1)
     model, x, _ = _model(a)
     half = torch.nn.Sequential(*list(model)[:len(model) // a.pp])     # the first stage
-    if recompute and recompute is not True:         # selective: names in the whole model's
+    layered = recompute == "layered"
+    if recompute and recompute is not True and not layered:     # selective: the model's names
         checkpoint_modules(half, recompute)
     size = -(-a.rows // a.microbatches)
     xs = list(torch.split(x, size))
     row, h = {}, xs[0]
     for i, m in enumerate(half):
         row[i], h = time_layer(TorchStage(m), h, reps=1, runs=1)
-    stage = TorchStage(half, recompute is True)
-    held = _kept_at_once(stage, xs, torch.ones_like)
+    stage = TorchStage(half, recompute is True or layered, layered=layered)
+    held, peak = _kept_at_once(stage, xs, torch.ones_like, list(half.modules()))
     # each micro-batch's input copied (the stage's leaf) beside its layers'
     # bytes; recomputing, the inputs only (each micro-batch's activations
-    # are made again in its backward, after this figure)
-    predicted = len(xs) * (xs[0].nbytes if recompute is True
-                           else stage_held(row, 0, len(row), xs[0].nbytes))
-    return {"held": held, "predicted": predicted,
+    # are made again in its backward, after this figure: the peak's extra)
+    n, given = len(row), xs[0].nbytes
+    hold, extra = (layer_by_layer(row, 0, n, given) if layered else
+                   (given, stage_held(row, 0, n, given)) if recompute is True else
+                   (stage_held(row, 0, n, given), 0))
+    return {"held": held, "predicted": len(xs) * hold, "peak": peak,
+            "peak_predicted": len(xs) * hold + extra,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -229,7 +237,7 @@ def _held_numpy(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
     row, h = {}, xs[0]
     for i, layer in enumerate(half.layers):
         row[i], h = time_layer(layer, h, reps=1, runs=1)
-    held = _kept_at_once(Recompute(half) if recompute is True else half, xs, np.ones_like)
+    held, _ = _kept_at_once(Recompute(half) if recompute is True else half, xs, np.ones_like)
     # the inputs are views of the batch (nothing new: given 0); the list
     # keeps each forward's output beside the contexts (in them, when the
     # last layer keeps its output)
@@ -240,20 +248,42 @@ def _held_numpy(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _kept_at_once(stage: Any, xs: list[Any], ones: Any) -> int | None:
+def _kept_at_once(stage: Any, xs: list[Any], ones: Any, probe: Sequence[Any] = ()
+                  ) -> tuple[int | None, int | None]:
     """The live heap's growth over ``stage``'s forwards of every ``xs``
-    kept at once (their outputs and contexts), the second of two passes
-    (the allocator warm); each pass ends with the backwards."""
-    held = None
-    for _ in range(2):
-        before = _live_bytes()
-        ctxs = [stage.forward(xb) for xb in xs]
-        after = _live_bytes()
-        held = None if before is None or after is None else after - before
-        for out, ctx in reversed(ctxs):
-            stage.backward(ctx, ones(out))
-        del ctxs
-    return held
+    kept at once (their outputs and contexts), and its most, through the
+    backwards that follow, last first (sampled after each forward of the
+    torch modules ``probe``, which a recomputing backward runs, and after
+    each backward): the second of two passes (the allocator warm)."""
+    held = peak = None
+    samples: list[int] = []
+    sampling = [False]
+
+    def sample(*_: Any) -> None:
+        live = _live_bytes()
+        if sampling[0] and live is not None:
+            samples.append(live)
+
+    hooks = [m.register_forward_hook(sample) for m in probe]
+    try:
+        for _ in range(2):
+            samples.clear()
+            before = _live_bytes()
+            ctxs = [stage.forward(xb) for xb in xs]
+            after = _live_bytes()
+            held = None if before is None or after is None else after - before
+            sampling[0] = True
+            for out, ctx in reversed(ctxs):
+                stage.backward(ctx, ones(out))
+                sample()
+            sampling[0] = False
+            del ctxs
+            if held is not None and before is not None:
+                peak = max([held] + [v - before for v in samples])
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return held, peak
 
 
 def _tuple_worker(world: Any, a: argparse.Namespace) -> dict[str, float]:
@@ -366,11 +396,14 @@ def main(argv: list[str] | None = None) -> None:
     if "held" in only:
         print(f"held: the first half of the model, {a.microbatches} micro-batches' forwards "
               "kept at once in one process: the live heap after them, and predicted")
-        for way in _ways(a):
+        for way in _ways(a, layered=True):
             r = mesh.spawn(_held_worker, 1, a, way, timeout=900)[0]
             live = "n/a" if r["held"] is None else f"{r['held'] / 2**20:7.2f} MB"
+            most = ("" if r.get("peak") is None else
+                    f"  through the backwards {r['peak'] / 2**20:7.2f} MB (predicted "
+                    f"{r['peak_predicted'] / 2**20:7.2f})")
             print(f"  {_way(way):<14} live heap {live}  predicted {r['predicted'] / 2**20:7.2f} MB"
-                  f"  peak RSS {r['rss']:.0f} MB", flush=True)
+                  f"{most}  peak RSS {r['rss']:.0f} MB", flush=True)
     if "tuples" in only:
         r = mesh.spawn(_tuple_worker, 2, a, timeout=900)[0]
         print(f"tuples: 1F1B(2,4), {2 * a.depth} blocks: one tensor a cut {r['one']:.2f} ms, "

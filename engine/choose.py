@@ -33,7 +33,8 @@ import numpy as np
 from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
-__all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "held_by", "Candidate",
+__all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "layer_by_layer",
+           "held_by", "Candidate",
            "time_layer", "time_program", "measure", "measure_stages",
            "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
            "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
@@ -87,6 +88,21 @@ def stage_held(row: Mapping[int, LayerCost], first: int, stop: int, given: int,
                 or (copies and i == stop - 1)):
             held += lc.act_bytes
     return held
+
+
+def layer_by_layer(row: Mapping[int, LayerCost], first: int, stop: int, given: int,
+                   split: bool = False) -> tuple[int, int]:
+    """A torch stage of layers ``first..stop-1`` that recomputes layer by
+    layer (``TorchStage(..., layered=True)``; Candidate's ``layered``):
+    what it holds for each micro-batch from its forward to its backward
+    (its input as it came, each later layer's input), and what its
+    backward makes again on top: one layer's activations and output at a
+    time (the first's with a copy of the input, its leaf), or, a split
+    backward (``split``: I then W), every layer's, from I to W."""
+    hold = given + sum(row[i].act_bytes for i in range(first, stop - 1))
+    each = [(row[i].saved_bytes or 0) + row[i].act_bytes + (given if i == first else 0)
+            for i in range(first, stop)]
+    return hold, (sum(each) if split else max(each))
 
 
 def recomputed(lc: LayerCost) -> LayerCost:
@@ -495,6 +511,11 @@ def helper_charge(sched: Schedule, helper: float) -> list[float]:
             for s in range(n)]
 
 
+def _starts(counts: Sequence[int]) -> list[int]:
+    """Each stage's first layer, out of the layer counts per stage."""
+    return [sum(counts[:s]) for s in range(len(counts))]
+
+
 def peak_bytes(sched: Schedule, act: Sequence[int],
                kept: Sequence[int | None] | None = None,
                shared: Sequence[int] = ()) -> tuple[int, ...]:
@@ -559,6 +580,9 @@ class Candidate:
     # its stages recompute their forward in the backward (all, or the stages of a set)
     recompute: bool | frozenset[int] = False
     cores: float | None = None      # simulated with the ranks sharing this many cores (retimed)
+    # the recomputing stages go layer by layer (each keeps its layers' inputs
+    # and makes one layer's activations again at a time), not whole
+    layered: bool = False
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -583,8 +607,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
                helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
                cores: float | None = None, recompute: bool | str = False,
-               inputs: Mapping[int, int] | None = None, copies: bool = True
-               ) -> list[Candidate]:
+               inputs: Mapping[int, int] | None = None, copies: bool = True,
+               layers: bool = False) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -612,7 +636,12 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     output of the layer before; for the first stage ``inputs[size]``, the
     bytes of a micro-batch of the batch where the stage copies it, None:
     not counted): copied (``copies``, torch stages), or the message it got
-    where its first layer keeps it (engine.layers)."""
+    where its first layer keeps it (engine.layers). ``layers``: a way that
+    recomputes is also costed with its stages recomputing layer by layer
+    (``layer_by_layer``: torch stages), and taken so where that lowers its
+    peak (the same time: each layer's forward once more;
+    ``Candidate.layered``): blocks that hold many times their input gain,
+    (Linear, GELU) pairs, which keep their inputs anyway, do not."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -649,10 +678,19 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             held = None if not again else [k if again is True or s in again else None
                                            for s, k in enumerate(kept)]
             peaks = peak_bytes(sched, act, held, overlap)
+            layered = False
+            if again and layers and held is not None:
+                split = any(a.kind == I for r in sched.ranks for a in r)
+                by = [layer_by_layer(row, b, b + c, k, split) if h is not None else (0, a)
+                      for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
+                twin = peak_bytes(sched, [x for _, x in by],
+                                  [h if h is None else k for (k, _), h in zip(by, held)])
+                if max(twin) < max(peaks):
+                    peaks, layered = twin, True
             peak = max(peaks)
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
-                                 summed, cores=cores, recompute=again))
+                                 summed, cores=cores, recompute=again, layered=layered))
             if both and again is False and not fits:    # only the ranks over the limit
                 assert memory_limit is not None
                 over = frozenset(s for r, pk in enumerate(peaks) if pk > memory_limit
@@ -778,12 +816,13 @@ def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
     return {size: sorted(ss) for size, ss in spans.items() if ss}
 
 
-def recomputing(recompute: bool | frozenset[int]) -> str:
+def recomputing(recompute: bool | frozenset[int], layered: bool = False) -> str:
     """How a candidate's stages hold their activations, in words."""
+    how = " by layer" if layered else ""
     if isinstance(recompute, frozenset):
-        return "recomputed in stage" + ("s " if len(recompute) > 1 else " ") + ",".join(
+        return f"recomputed{how} in stage" + ("s " if len(recompute) > 1 else " ") + ",".join(
             map(str, sorted(recompute)))
-    return "recomputed" if recompute else "kept"
+    return f"recomputed{how}" if recompute else "kept"
 
 
 def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
@@ -799,6 +838,6 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
             counts = counts[:11] + "..."
         lines.append(f"{c.schedule.name:<28} {c.schedule.num_microbatches:>3}  {counts:<14} "
                      f"{c.makespan * 1e3:>9.2f} {c.bubble:>7.1%} {c.peak_bytes / 2**20:>8.2f}"
-                     + (f"  {recomputing(c.recompute):<11}" if again else "")
+                     + (f"  {recomputing(c.recompute, c.layered):<11}" if again else "")
                      + note)
     return "\n".join(lines)

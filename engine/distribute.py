@@ -588,6 +588,13 @@ class Job:
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
 
 
+def _layered(stage: Any) -> TorchStage:
+    """A torch stage recomputing layer by layer, its tie marks kept."""
+    out = TorchStage(stage, recompute=True, layered=True)
+    out.tied = getattr(stage, "tied", ())        # type: ignore[attr-defined]
+    return out
+
+
 def _model_key(names: list[str], key: str) -> str:
     """A stage module's state key ("j.rest": its layer j) as the model's own:
     that layer's name in the model before it ("" for a traced piece, whose
@@ -871,7 +878,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             ins = {size: _copied(sample[:size]) for size in sizes} if is_torch else None
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                action, message, helper=cal.helper, recv=receive, cores=cal.cores,
-                               recompute=way, inputs=ins, copies=is_torch)
+                               recompute=way, inputs=ins, copies=is_torch, layers=is_torch)
             spans = stage_spans(cands, rows)
             whole: dict[int, dict[Span, LayerCost]] = {}
             if spans:          # the cuts' stages, timed whole: what the steps will pay
@@ -884,7 +891,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                    action, message, whole, cal.helper, receive, cal.cores,
-                                   way, ins, is_torch)
+                                   way, ins, is_torch, is_torch)
             if not cands:
                 raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
             if auto and overhead is None:     # the leaders' own dry runs
@@ -916,14 +923,21 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                           f"reset_parameters(): their tensors are zeros until init= or "
                           f"job.load_state_dict() fills them", stacklevel=2)
     again = chosen.recompute if chosen is not None else bool(way)
+    layered = chosen is not None and chosen.layered
     if verbose and grid.comm.rank == 0 and auto:
         print(f"engine.distribute: {sched.name} cuts the model into {cut}"
-              + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}: "
+              + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}"
+                 f"{', layer by layer' if layered else ''}: "
                  "its forward again in its backward)" if again else "")
               + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
                  if patterns else ""), flush=True)
+    given = [cut[s] for s in mine]
+    if layered:     # a recomputing stage goes layer by layer (Pipeline takes the stage as is)
+        given = [_layered(cut[s]) if again is True or s in again else cut[s]  # type: ignore
+                 for s in mine]
+        again = False
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
-    pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
+    pipe = Pipeline(grid, given, sched, loss_fn=wrapped, timeout=timeout,
                     tag_base=tag_base, recompute=again)
     stages = [pipe.stages[s] for s in mine]
     if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights

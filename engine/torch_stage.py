@@ -104,9 +104,19 @@ class TorchStage:
     """A stage running ``module`` (on CPU or one GPU) on torch tensors.
     ``recompute=True``: the whole forward runs again in the backward (only
     the input kept); a str or a list of str: the submodules whose names
-    match do (``checkpoint_modules``), the rest keeps its activations."""
+    match do (``checkpoint_modules``), the rest keeps its activations.
+    ``layered`` (with ``recompute=True``, ``module`` an ``nn.Sequential``,
+    as engine.distribute's stages are): layer by layer instead, each layer
+    keeping its input and running again on its own just before its
+    backward (the random draws kept per layer), so the backward holds one
+    layer's activations at a time, not the stage's; without
+    ``torch.utils.checkpoint``'s hooks, which cost more than the recompute
+    itself on small layers (BENCHMARKS.md, twenty-third session). The
+    gradients are those of keeping, to rounding where one parameter serves
+    two layers of the stage."""
 
-    def __init__(self, module: Any, recompute: bool | str | Iterable[str] = False) -> None:
+    def __init__(self, module: Any, recompute: bool | str | Iterable[str] = False,
+                 layered: bool = False) -> None:
         torch = _torch()
         self.module = module
         pats = patterns_of(recompute)
@@ -115,6 +125,11 @@ class TorchStage:
             self.checkpointed = checkpoint_modules(module, pats)
             recompute = False
         self.recompute = bool(recompute)
+        if layered and not (self.recompute and isinstance(module, torch.nn.Sequential)):
+            raise TypeError(f"TorchStage(layered=True) recomputes an nn.Sequential's layers "
+                            f"one by one: it needs recompute=True and an nn.Sequential, not "
+                            f"recompute={recompute!r} and a {type(module).__name__}")
+        self.layered = bool(layered)
         self._fixed: tuple[int, ...] | None = None   # a tuple output's parts needing no grad
         self._params = [p for p in module.parameters() if p.requires_grad]
         # Floating inputs are cast to the dtype of the module's first floating
@@ -154,6 +169,8 @@ class TorchStage:
         return t, (t if self.dtype is None else t.to(self.dtype))
 
     def forward(self, x: Any) -> tuple[Any, Any]:
+        if self.layered:
+            return self._forward_layers(x)
         if self.recompute:
             return self._forward_kept(x)
         t, fed = self._input(x)
@@ -190,6 +207,75 @@ class TorchStage:
             out = self.module(fed)
         return self._handed(out), _Kept(x, state)
 
+    def _state(self) -> tuple[Any, Any]:
+        """The random number generators' state: the CPU's, and the stage's GPU's."""
+        torch = _torch()
+        cuda = self.device is not None and self.device.type == "cuda"
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+
+    def _set_state(self, state: tuple[Any, Any]) -> None:
+        torch = _torch()
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def _forward_layers(self, x: Any) -> tuple[Any, Any]:
+        """Layered recompute: the layers run without a graph, each one's
+        input and the generators' state before it kept (the first's input
+        as the message came: ``_input`` makes its leaf again)."""
+        torch = _torch()
+        ins, states = [x], []
+        with torch.no_grad():
+            _, h = self._input(x)
+            for j, layer in enumerate(self.module):
+                if j:
+                    ins.append(h)
+                states.append(self._state())
+                h = layer(h)
+        return self._handed(h), _Layers(ins, states)
+
+    def _backward_layers(self, ctx: "_Layers", gy: Any, split: bool) -> tuple[Any, Any]:
+        """Each layer again, last first, from its input kept and its random
+        draws, then its backward: the input gradient, and (``split``: the
+        weights' gradients left for backward_weight) every layer's outputs
+        and output gradients."""
+        torch = _torch()
+        layers = list(self.module)
+        outs_all: list[Any] = []
+        gys_all: list[Any] = []
+        g = gy
+        before = self._state()      # put back after (fork_rng's cost, once a backward)
+        try:
+            for j in reversed(range(len(layers))):
+                g = self._layer_back(layers[j], j, ctx, g, split, outs_all, gys_all)
+        finally:
+            self._set_state(before)
+        return g, (outs_all, gys_all)
+
+    def _layer_back(self, layer: Any, j: int, ctx: "_Layers", g: Any, split: bool,
+                    outs_all: list[Any], gys_all: list[Any]) -> Any:
+        """Layer ``j`` of a layered recompute again, then its backward from
+        the gradient ``g`` of its output; its input's gradient."""
+        torch = _torch()
+        self._set_state(ctx.states[j])
+        t, fed = self._input(ctx.ins[0]) if j == 0 else _leaves(ctx.ins[j])
+        out = layer(fed)
+        if j == len(self.module) - 1:
+            self._learn(out)
+        outs, gys = _flowing(out, g)
+        if not split:
+            if outs:
+                torch.autograd.backward(outs, gys)
+            return _grads_of(t, lambda leaf: leaf.grad)
+        leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if v.requires_grad]
+        got: dict[int, Any] = {}
+        if leaves and outs:
+            grads = torch.autograd.grad(outs, leaves, gys, retain_graph=True, allow_unused=True)
+            got = {id(v): gv for v, gv in zip(leaves, grads)}
+        outs_all += outs
+        gys_all += gys
+        return _grads_of(t, lambda leaf: got.get(id(leaf)))
+
     def _replay(self, ctx: Any) -> tuple[Any, Any]:
         """A context of ``forward``: kept as it is, or run again (recompute)."""
         if not isinstance(ctx, _Kept):
@@ -206,6 +292,8 @@ class TorchStage:
         return t, out
 
     def backward(self, ctx: Any, gy: Any) -> Any:
+        if isinstance(ctx, _Layers):
+            return self._backward_layers(ctx, gy, split=False)[0]
         t, out = self._replay(ctx)
         outs, gys = _flowing(out, gy)
         if outs:
@@ -215,6 +303,8 @@ class TorchStage:
     def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
         """Gradient of the input only; the graph is kept for backward_weight."""
         torch = _torch()
+        if isinstance(ctx, _Layers):
+            return self._backward_layers(ctx, gy, split=True)
         t, out = self._replay(ctx)
         outs, gys = _flowing(out, gy)
         leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if v.requires_grad]
@@ -266,6 +356,29 @@ class _Kept:
 
     def __init__(self, x: Any, state: tuple[Any, Any]) -> None:
         self.x, self.state = x, state
+
+
+class _Layers:
+    """A layered recompute's forward context: each layer's input (the
+    first's the message as it came) and the generators' state before it."""
+
+    __slots__ = ("ins", "states")
+
+    def __init__(self, ins: list[Any], states: list[tuple[Any, Any]]) -> None:
+        self.ins, self.states = ins, states
+
+
+def _leaves(h: Any) -> tuple[Any, Any]:
+    """A layer's kept input (computed without a graph) as the leaf its
+    gradient collects in, twice (``TorchStage._input``'s pair): its
+    floating tensors detached and made to require grad, no copy."""
+    if isinstance(h, tuple):
+        fixed = getattr(h, "fixed", ())
+        t = tuple(v.detach().requires_grad_(True) if v.is_floating_point() and i not in fixed
+                  else v for i, v in enumerate(h))
+        return t, t
+    t = h.detach().requires_grad_(True) if h.is_floating_point() else h
+    return t, t
 
 
 class Parts(tuple):

@@ -136,6 +136,7 @@ def test_bench_memory_held_runs_on_transformer_blocks(capsys):
                        "--selective", "*.self_attn"])
     out = capsys.readouterr().out
     assert "  keep " in out and "  recompute " in out and "  *.self_attn " in out
+    assert "  by layer " in out and "through the backwards" in out
     assert out.count("predicted") >= 4
 
 

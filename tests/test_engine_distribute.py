@@ -206,6 +206,34 @@ def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     assert again.peak_bytes == 4 * 200 + 200
 
 
+def test_blocks_recompute_layer_by_layer_where_that_holds_less():
+    """A torch stage may checkpoint each layer on its own (``layers=``):
+    each layer's input kept, one layer's activations made again at a time
+    (a split backward: all of them from I to W). Blocks holding 16 times
+    their output gain; layers that keep their inputs anyway do not."""
+    rows, ms = 8, [4]
+    prof = _profile(rows, ms, [1] * 8)
+    blocks = {size: {i: replace(lc, saved_bytes=15 * lc.act_bytes, keeps=0)
+                     for i, lc in row.items()} for size, row in prof.items()}
+    (gpipe,) = choose.builtin(["gpipe"], 2, ms)
+    whole, = choose.candidates(blocks, [1] * 8, rows, [gpipe], recompute=True)
+    each, = choose.candidates(blocks, [1] * 8, rows, [gpipe], recompute=True, layers=True)
+    assert not whole.layered and each.layered and each.makespan == whole.makespan
+    # GPipe's rank 1: 4 micro-batches of its input and each later layer's
+    # (4 x 200 B), then its first layer's 15 x 200, output and input's copy
+    assert each.peak_bytes == 4 * 4 * 200 + 17 * 200 < whole.peak_bytes
+    assert choose.layer_by_layer(blocks[2], 0, 4, 0) == (600, 3200)
+    assert choose.layer_by_layer(blocks[2], 0, 4, 0, split=True) == (600, 4 * 3200)
+    mlp = {size: {i: replace(lc, saved_bytes=0, keeps=choose.KEEPS_INPUT)
+                  for i, lc in row.items()} for size, row in prof.items()}
+    plain, = choose.candidates(mlp, [1] * 8, rows, [gpipe], recompute=True, layers=True)
+    assert not plain.layered
+    capped = choose.candidates(blocks, [1] * 8, rows, [gpipe], recompute="auto",
+                               memory_limit=each.peak_bytes, layers=True)
+    assert capped[0].layered and capped[0].fits
+    assert "recomputed by layer" in choose.table(capped, capped[0])
+
+
 def test_a_stage_holds_each_output_once_where_a_layer_keeps_it():
     """An output counts where its layer keeps it (a tanh's) or the next
     layer keeps it as its input (a Linear's, a GELU's), once; a torch stage

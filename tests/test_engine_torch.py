@@ -300,23 +300,31 @@ def test_a_recomputing_stage_draws_the_same_dropout_masks():
     outputs, gradients and the generator's later draws are a plain stage's."""
     x = torch.randn(5, 4, dtype=torch.float64)
     got = {}
-    # ("*": selective recompute of every submodule; ("1", "4"): the dropouts)
-    for recompute in (False, True, "*", ("1", "4")):
+    # ("*": selective recompute of every submodule; ("1", "4"): the dropouts;
+    # "layered": layer by layer, each layer's draws its own)
+    for recompute in (False, True, "*", ("1", "4"), "layered"):
         torch.manual_seed(1)
-        stage = TorchStage(_dropout_model(), recompute=recompute)
+        stage = (TorchStage(_dropout_model(), True, layered=True) if recompute == "layered"
+                 else TorchStage(_dropout_model(), recompute=recompute))
         y, ctx = stage.forward(x)
         y2, ctx2 = stage.forward(x)
         gx = stage.backward(ctx, torch.ones_like(y))
         gx2, wctx = stage.backward_input(ctx2, 2 * torch.ones_like(y2))
         stage.backward_weight(wctx)
         got[recompute] = [y, y2, gx, gx2, *map(torch.from_numpy, stage.grads()), torch.rand(3)]
-    for k in (True, "*", ("1", "4")):
+    for k in (True, "*", ("1", "4"), "layered"):
         for a, b in zip(got[False], got[k], strict=True):
-            assert torch.equal(a, b)
+            assert torch.equal(a, b), k
     assert TorchStage(_dropout_model(), recompute=("1", "4")).checkpointed == ["1", "4"]
     with pytest.raises(ValueError, match=r"recompute='9' matches no submodule of Sequential "
                                          r"\(its submodules: 0, 1, 2"):
         TorchStage(_dropout_model(), recompute="9")
+    with pytest.raises(TypeError, match=r"layered=True\) recomputes an nn.Sequential's layers "
+                                        r"one by one: it needs recompute=True and an "
+                                        r"nn.Sequential, not recompute=False and a Sequential"):
+        TorchStage(_dropout_model(), layered=True)
+    with pytest.raises(TypeError, match=r"recompute=True and a Linear"):
+        TorchStage(torch.nn.Linear(2, 2), True, layered=True)
 
 
 def _recompute_pipeline(world):
@@ -325,13 +333,15 @@ def _recompute_pipeline(world):
     grid = mesh.grid(world, pp=2)
     sched = schedules.by_name("1f1b", 2, 4)
     out = {}
-    for recompute in (False, True, frozenset({0}), ("1", "2"), "3", "9"):
+    for recompute in (False, True, frozenset({0}), ("1", "2"), "3", "9", "layered"):
         layers = list(_dropout_model())
         stages = [torch.nn.Sequential(*layers[:3]), torch.nn.Sequential(*layers[3:])]
+        if recompute == "layered":      # a stage object given as it is
+            stages = [TorchStage(st, True, layered=True) for st in stages]
         try:
             pipe = Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
                             loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30,
-                            recompute=recompute)
+                            recompute=False if recompute == "layered" else recompute)
         except ValueError as e:        # "9": no stage holds it
             out[recompute] = str(e)
             continue
@@ -355,7 +365,8 @@ def test_a_recomputing_pipeline_steps_as_a_plain_one():
         assert rank[("1", "2")][3] == {pp_rank: ["1", "2"]}
         assert rank["3"][3] == {pp_rank: ["3"] if pp_rank == 1 else []}
         assert "recompute=['9']: ['9'] match no submodule of any stage" in rank["9"]
-        for k in (True, frozenset({0}), ("1", "2"), "3"):
+        assert rank["layered"][2] == [True]
+        for k in (True, frozenset({0}), ("1", "2"), "3", "layered"):
             assert rank[False][0] == rank[k][0]
             for a, b in zip(rank[False][1], rank[k][1], strict=True):
                 np.testing.assert_array_equal(a, b)
@@ -438,3 +449,54 @@ def test_names_to_recompute_on_a_numpy_stage_are_refused_on_every_rank():
     for said in mesh.spawn(_mixed_recompute, 2, timeout=90):
         assert said == ("recompute=['0'] (submodules by name): pp rank 0: stage 0, a "
                         "Sequential, is not a torch module"), said
+
+
+def _layered_job(world):
+    """pp=2, two transformer blocks a stage: under a limit that only
+    recomputing fits, each block recomputed on its own holds the least."""
+    import engine
+    import mesh
+    torch.set_num_threads(1)
+
+    def blocks():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.TransformerEncoderLayer(
+            16, 2, 32, dropout=0.0, batch_first=True) for _ in range(4)])
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, 16, generator=g), torch.randn(8, 6, 16, generator=g)
+    args = dict(grid=mesh.grid(world, pp=2), schedule="1f1b", microbatches=2,
+                balance="uniform", sample=x, loss_fn=torch.nn.functional.mse_loss,
+                timeout=60, reps=1, verbose=False)
+    probe = engine.distribute(blocks(), **args, recompute="auto", memory_limit=1e12)
+    peaks = {(c.recompute, c.layered): c.peak_bytes for c in probe.candidates}
+    job = engine.distribute(blocks(), **args, recompute="auto",
+                            memory_limit=peaks[(True, True)])
+    kept = engine.distribute(blocks(), **args, tag_base=1 << 20)
+    out = {"peaks": peaks, "layered": job.chosen.layered, "again": job.chosen.recompute,
+           "stages": [(type(st).__name__, getattr(st, "layered", None)) for st in job.stages]}
+    for name, j in (("job", job), ("kept", kept)):
+        opt = torch.optim.SGD(j.parameters(), lr=0.1)
+        losses = []
+        for _ in range(2):
+            opt.zero_grad()
+            losses.append(j.step(x, y))
+            opt.step()
+        out[name] = (losses, [p.detach().clone() for p in j.parameters()])
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_distribute_recomputes_transformer_blocks_layer_by_layer():
+    import mesh
+    for pp_rank, r in enumerate(mesh.spawn(_layered_job, 2, timeout=180)):
+        # each stage recomputing its two blocks one by one holds less than
+        # recomputing both at once would (that way is not kept beside it)
+        assert (True, True) in r["peaks"] and (True, False) not in r["peaks"]
+        assert r["peaks"][(True, True)] < r["peaks"][(False, False)]
+        assert r["layered"] and r["again"]
+        again = r["again"] is True or pp_rank in r["again"]
+        assert r["stages"] == [("TorchStage", again)]
+        assert r["job"][0] == r["kept"][0]
+        for a, b in zip(r["job"][1], r["kept"][1], strict=True):
+            assert torch.equal(a, b)
