@@ -333,7 +333,8 @@ def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],
     done = {} if wrong else {
         s: checkpoint_modules(stage.module, patterns, f"stage {s}", missing=True)
         for s, stage in stages.items()}
-    mine = [p for p in patterns if any(named_by(v, p) for v in done.values())]
+    names = [[n for n, _ in stages[s].module.named_modules() if n] for s in done]
+    mine = [p for p in patterns if any(named_by(v, p) for v in names)]
     # every rank learns every rank's hits and refusals, so all raise alike
     held = collectives.all_gather_object(pp, [mine, wrong], timeout=timeout)
     refused = [f"pp rank {r}: {w}" for r, (_, ws) in enumerate(held) for w in ws]

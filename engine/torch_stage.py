@@ -72,7 +72,9 @@ def checkpoint_modules(module: Any, patterns: str | Iterable[str],
     state kept: dropout draws the same masks): it saves only its inputs
     for the backward and runs again there. Names and parameters stay as
     they were (its ``forward`` is wrapped on the instance, nothing is
-    replaced), so state dicts and plans still apply. Returns the names
+    replaced), so state dicts and plans still apply. A module inside
+    another that matches is left alone (``"blocks.*"``: each block, not
+    also its submodules, which would run a third time). Returns the names
     wrapped; a pattern that matches nothing raises ValueError naming it
     and ``where`` (the stage), unless ``missing`` (a pipeline's stage
     need not hold every pattern's modules: engine.Pipeline checks the
@@ -81,7 +83,7 @@ def checkpoint_modules(module: Any, patterns: str | Iterable[str],
     from torch.utils.checkpoint import checkpoint
     pats = [patterns] if isinstance(patterns, str) else list(patterns)
     names = [n for n, _ in module.named_modules() if n]
-    done: list[str] = []
+    hit: set[str] = set()
     for pat in pats:
         hits = named_by(names, pat)
         if not hits and not missing:
@@ -93,11 +95,18 @@ def checkpoint_modules(module: Any, patterns: str | Iterable[str],
             if isinstance(sub, (torch.nn.ModuleList, torch.nn.ModuleDict)):
                 raise ValueError(f"recompute={pat!r} matches {n!r}, a "
                                  f"{type(sub).__name__}, which has no forward of its own")
-            if n not in done and not getattr(sub, "_meshrun_checkpointed", False):
-                sub.forward = functools.partial(checkpoint, sub.forward, use_reentrant=False)
-                sub._meshrun_checkpointed = True
-            done.append(n)
-    return sorted(set(done))
+        hit.update(hits)
+    # the outermost only ("blocks.*" matches each block's submodules too): a
+    # module inside one that recomputes would run a third time, for nothing
+    wrapped = {n for n in names if getattr(module.get_submodule(n), "_meshrun_checkpointed",
+                                           False)}
+    done = sorted(n for n in hit if not any(n.startswith(o + ".") for o in hit | wrapped))
+    for n in done:
+        sub = module.get_submodule(n)
+        if not getattr(sub, "_meshrun_checkpointed", False):
+            sub.forward = functools.partial(checkpoint, sub.forward, use_reentrant=False)
+            sub._meshrun_checkpointed = True
+    return done
 
 
 class TorchStage:

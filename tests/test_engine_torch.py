@@ -500,3 +500,19 @@ def test_distribute_recomputes_transformer_blocks_layer_by_layer():
         assert r["job"][0] == r["kept"][0]
         for a, b in zip(r["job"][1], r["kept"][1], strict=True):
             assert torch.equal(a, b)
+
+
+def test_a_module_inside_one_that_recomputes_is_left_alone():
+    """"blocks.*" (fnmatch's * crossing dots) matches each block and its
+    submodules: only the blocks recompute; a pattern all of whose modules
+    sit inside others that recompute still counts as found."""
+    from engine import checkpoint_modules
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()),
+                                torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()))
+    assert checkpoint_modules(model, ["*", "*.0"]) == ["0", "1"]
+    assert not hasattr(model[0][0], "_meshrun_checkpointed")
+    assert checkpoint_modules(model, "0.1") == []      # inside one wrapped already
+    x = torch.randn(3, 2, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None
