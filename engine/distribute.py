@@ -588,13 +588,6 @@ class Job:
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
 
 
-def _layered(stage: Any) -> TorchStage:
-    """A torch stage recomputing layer by layer, its tie marks kept."""
-    out = TorchStage(stage, recompute=True, layered=True)
-    out.tied = getattr(stage, "tied", ())        # type: ignore[attr-defined]
-    return out
-
-
 def _model_key(names: list[str], key: str) -> str:
     """A stage module's state key ("j.rest": its layer j) as the model's own:
     that layer's name in the model before it ("" for a traced piece, whose
@@ -931,14 +924,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                  "its forward again in its backward)" if again else "")
               + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
                  if patterns else ""), flush=True)
-    given = [cut[s] for s in mine]
-    if layered:     # a recomputing stage goes layer by layer (Pipeline takes the stage as is)
-        given = [_layered(cut[s]) if again is True or s in again else cut[s]  # type: ignore
-                 for s in mine]
-        again = False
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
-    pipe = Pipeline(grid, given, sched, loss_fn=wrapped, timeout=timeout,
-                    tag_base=tag_base, recompute=again)
+    pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
+                    tag_base=tag_base, recompute=again, layered=layered)
     stages = [pipe.stages[s] for s in mine]
     if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
         dp = grid.group("dp")

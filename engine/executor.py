@@ -149,7 +149,10 @@ class Pipeline:
     (``recompute="*.attn"``): selective recompute, only the submodules of
     each torch stage whose names match (engine.torch_stage.
     checkpoint_modules; a pattern no stage of the pipeline holds raises on
-    every rank). Step n's messages use tags
+    every rank). ``layered``: the torch stages that recompute and are
+    ``nn.Sequential``s (as engine.partition's are) go layer by layer
+    (TorchStage's ``layered``: each layer keeps its input and runs again
+    just before its own backward); other stages recompute whole. Step n's messages use tags
     ``tag_base + i + (n << 32)`` for ``i <= 2 * micro-batches * stages``
     (the last one is the trace's): two pipelines on one group need
     tag_bases that far apart, below 2**32.
@@ -165,8 +168,8 @@ class Pipeline:
                  loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None, *,
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0,
-                 recompute: bool | Collection[int] | str | Collection[str] = False
-                 ) -> None:
+                 recompute: bool | Collection[int] | str | Collection[str] = False,
+                 layered: bool = False) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
         # every rank of the pipeline: where the step's outcome is agreed on
         self.whole = grid_or_group.comm if isinstance(grid_or_group, Grid) else grid_or_group
@@ -192,7 +195,8 @@ class Pipeline:
         again = frozenset() if patterns else _recomputing(recompute,  # type: ignore[arg-type]
                                                           lowered.num_stages)
         given = stage if isinstance(stage, (list, tuple)) else [stage]
-        stages = [_as_stage(obj, s in again, s, recompute) for s, obj in zip(mine, given)]
+        stages = [_as_stage(obj, s in again, s, recompute, layered)
+                  for s, obj in zip(mine, given)]
         if len(given) != len(mine):
             raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
                              f"{schedule.name!r} but was given {len(stages)} stage object(s)")
@@ -349,10 +353,12 @@ def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],
     return done
 
 
-def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = True) -> Any:
+def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = True,
+              layered: bool = False) -> Any:
     """``obj`` (stage ``index``), or a TorchStage of it when it is a torch
-    module (keeping the partition's marks of tied parameters); ``given``:
-    Pipeline's ``recompute``, for the error."""
+    module (keeping the partition's marks of tied parameters; ``layered``:
+    an ``nn.Sequential`` recomputing layer by layer); ``given``: Pipeline's
+    ``recompute``, for the error."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(obj, torch.nn.Module):
         if not recompute or getattr(obj, "recompute", False):
@@ -364,7 +370,8 @@ def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = Tr
                         "made of engine.layers' own layers, so its forward may not give the "
                         "same result twice: wrap it as engine.layers.Recompute(stage) where it "
                         "does (torch modules recompute with their random draws kept)")
-    stage: Any = TorchStage(obj, recompute)
+    by_layer = layered and recompute and isinstance(obj, torch.nn.Sequential)
+    stage: Any = TorchStage(obj, recompute, layered=by_layer)
     stage.tied = getattr(obj, "tied", ())
     return stage
 

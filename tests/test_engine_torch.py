@@ -336,12 +336,11 @@ def _recompute_pipeline(world):
     for recompute in (False, True, frozenset({0}), ("1", "2"), "3", "9", "layered"):
         layers = list(_dropout_model())
         stages = [torch.nn.Sequential(*layers[:3]), torch.nn.Sequential(*layers[3:])]
-        if recompute == "layered":      # a stage object given as it is
-            stages = [TorchStage(st, True, layered=True) for st in stages]
         try:
             pipe = Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
                             loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30,
-                            recompute=False if recompute == "layered" else recompute)
+                            recompute=True if recompute == "layered" else recompute,
+                            layered=recompute == "layered")
         except ValueError as e:        # "9": no stage holds it
             out[recompute] = str(e)
             continue
@@ -350,7 +349,8 @@ def _recompute_pipeline(world):
         x, y = rng.standard_normal((8, 4)), rng.standard_normal((8, 2))
         losses = [pipe.step(x, y) for _ in range(2)]
         out[recompute] = (losses, [g.copy() for st in pipe.stages.values() for g in st.grads()],
-                          [st.recompute for st in pipe.stages.values()], pipe.checkpointed)
+                          [st.recompute for st in pipe.stages.values()], pipe.checkpointed,
+                          [st.layered for st in pipe.stages.values()])
     return out
 
 
@@ -365,7 +365,7 @@ def test_a_recomputing_pipeline_steps_as_a_plain_one():
         assert rank[("1", "2")][3] == {pp_rank: ["1", "2"]}
         assert rank["3"][3] == {pp_rank: ["3"] if pp_rank == 1 else []}
         assert "recompute=['9']: ['9'] match no submodule of any stage" in rank["9"]
-        assert rank["layered"][2] == [True]
+        assert rank["layered"][2] == [True] and rank["layered"][4] == [True]
         for k in (True, frozenset({0}), ("1", "2"), "3", "layered"):
             assert rank[False][0] == rank[k][0]
             for a, b in zip(rank[False][1], rank[k][1], strict=True):
