@@ -37,6 +37,7 @@ torch is imported only in the worker processes (never with ``--model numpy``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import time
@@ -252,9 +253,10 @@ def _kept_at_once(stage: Any, xs: list[Any], ones: Any, probe: Sequence[Any] = (
                   ) -> tuple[int | None, int | None]:
     """The live heap's growth over ``stage``'s forwards of every ``xs``
     kept at once (their outputs and contexts), and its most, through the
-    backwards that follow, last first (sampled after each forward of the
-    torch modules ``probe``, which a recomputing backward runs, and after
-    each backward): the second of two passes (the allocator warm)."""
+    backwards that follow, last first (sampled, with torch modules
+    ``probe``, after each of their forwards, which a recomputing backward
+    runs, and as the backward reads each saved tensor; and after each
+    backward): the second of two passes (the allocator warm)."""
     held = peak = None
     samples: list[int] = []
     sampling = [False]
@@ -264,18 +266,31 @@ def _kept_at_once(stage: Any, xs: list[Any], ones: Any, probe: Sequence[Any] = (
         if sampling[0] and live is not None:
             samples.append(live)
 
+    def read(t: Any) -> Any:
+        sample()
+        return t
+
+    def reads() -> Any:
+        """Each saved tensor the backward reads, a sample (nothing else changes)."""
+        if not probe:
+            return contextlib.nullcontext()
+        import torch
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, read)
+
     hooks = [m.register_forward_hook(sample) for m in probe]
     try:
         for _ in range(2):
             samples.clear()
             before = _live_bytes()
-            ctxs = [stage.forward(xb) for xb in xs]
+            with reads():
+                ctxs = [stage.forward(xb) for xb in xs]
             after = _live_bytes()
             held = None if before is None or after is None else after - before
             sampling[0] = True
-            for out, ctx in reversed(ctxs):
-                stage.backward(ctx, ones(out))
-                sample()
+            with reads():       # (the recomputing forwards' saved tensors too)
+                for out, ctx in reversed(ctxs):
+                    stage.backward(ctx, ones(out))
+                    sample()
             sampling[0] = False
             del ctxs
             if held is not None and before is not None:
