@@ -210,7 +210,9 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
     for i, m in enumerate(half):
         row[i], h = time_layer(TorchStage(m), h, reps=1, runs=1)
     stage = TorchStage(half, recompute is True or layered, layered=layered)
-    held, peak = _kept_at_once(stage, xs, torch.ones_like, list(half.modules()))
+    selective = bool(recompute) and recompute is not True and not layered
+    held, peak = _kept_at_once(stage, xs, torch.ones_like, list(half.modules()),
+                               unpacked=not selective)
     # each micro-batch's input copied (the stage's leaf) beside its layers'
     # bytes; recomputing, the inputs only (each micro-batch's activations
     # are made again in its backward, after this figure: the peak's extra)
@@ -249,14 +251,16 @@ def _held_numpy(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _kept_at_once(stage: Any, xs: list[Any], ones: Any, probe: Sequence[Any] = ()
-                  ) -> tuple[int | None, int | None]:
+def _kept_at_once(stage: Any, xs: list[Any], ones: Any, probe: Sequence[Any] = (),
+                  unpacked: bool = True) -> tuple[int | None, int | None]:
     """The live heap's growth over ``stage``'s forwards of every ``xs``
     kept at once (their outputs and contexts), and its most, through the
     backwards that follow, last first (sampled, with torch modules
     ``probe``, after each of their forwards, which a recomputing backward
     runs, and as the backward reads each saved tensor; and after each
-    backward): the second of two passes (the allocator warm)."""
+    backward; not with ``unpacked`` False: torch.utils.checkpoint's
+    recompute refuses hooks around it): the second of two passes (the
+    allocator warm)."""
     held = peak = None
     samples: list[int] = []
     sampling = [False]
@@ -272,7 +276,7 @@ def _kept_at_once(stage: Any, xs: list[Any], ones: Any, probe: Sequence[Any] = (
 
     def reads() -> Any:
         """Each saved tensor the backward reads, a sample (nothing else changes)."""
-        if not probe:
+        if not probe or not unpacked:
             return contextlib.nullcontext()
         import torch
         return torch.autograd.graph.saved_tensors_hooks(lambda t: t, read)
