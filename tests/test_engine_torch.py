@@ -451,9 +451,10 @@ def test_names_to_recompute_on_a_numpy_stage_are_refused_on_every_rank():
                         "Sequential, is not a torch module"), said
 
 
-def _layered_job(world):
-    """pp=2, two transformer blocks a stage: under a limit that only
-    recomputing fits, each block recomputed on its own holds the least."""
+def _layered_job(world, tp):
+    """pp=2 (x tp=2: the blocks' MLPs sharded), two transformer blocks a
+    stage: under a limit that only recomputing fits, each block recomputed
+    on its own holds the least."""
     import engine
     import mesh
     torch.set_num_threads(1)
@@ -465,7 +466,8 @@ def _layered_job(world):
 
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 6, 16, generator=g), torch.randn(8, 6, 16, generator=g)
-    args = dict(grid=mesh.grid(world, pp=2), schedule="1f1b", microbatches=2,
+    plan = {"*.linear1": "colwise", "*.linear2": "rowwise"} if tp > 1 else None
+    args = dict(grid=mesh.grid(world, pp=2, tp=tp), plan=plan, schedule="1f1b", microbatches=2,
                 balance="uniform", sample=x, loss_fn=torch.nn.functional.mse_loss,
                 timeout=60, reps=1, verbose=False)
     probe = engine.distribute(blocks(), **args, recompute="auto", memory_limit=1e12)
@@ -486,10 +488,12 @@ def _layered_job(world):
     return out
 
 
-@pytest.mark.timeout(200)
-def test_distribute_recomputes_transformer_blocks_layer_by_layer():
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "pp2xtp2"])
+def test_distribute_recomputes_transformer_blocks_layer_by_layer(tp):
     import mesh
-    for pp_rank, r in enumerate(mesh.spawn(_layered_job, 2, timeout=180)):
+    for rank, r in enumerate(mesh.spawn(_layered_job, 2 * tp, tp, timeout=280)):
+        pp_rank = rank // tp
         # each stage recomputing its two blocks one by one holds less than
         # recomputing both at once would (that way is not kept beside it)
         assert (True, True) in r["peaks"] and (True, False) not in r["peaks"]
