@@ -10,6 +10,8 @@ gathered model is saved, reloaded into a one-process copy and checked.
 """
 import argparse
 import os
+import statistics
+import time
 
 import numpy as np
 
@@ -19,7 +21,7 @@ import mesh
 from engine.layers import Linear, Sequential, Tanh, mse_loss, sgd
 
 PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}  # one all-reduce a pair
-WIDTHS = [16, 64, 32, 64, 4]
+WIDTHS = [16, 256, 256, 256, 4]
 
 
 def model() -> Sequential:
@@ -69,11 +71,17 @@ def main() -> None:
                                 memory_limit=args.memory_limit and args.memory_limit * 2**20)
         if world.rank == 0:
             print(f"chosen: {job.schedule.name}\n{job.schedule.render()}", flush=True)
+        took = []
         for step in range(args.steps):
+            t0 = time.perf_counter()
             loss = job.step(*mine(step))
             sgd(job.stages, args.lr)
+            took.append(time.perf_counter() - t0)
             if loss is not None and d == 0 and grid.coord("tp") == 0:
                 print(f"step {step:3d}  loss {loss:.6f}", flush=True)
+        if world.rank == 0 and job.predicted and len(took) > 1:
+            print(f"steps took {statistics.median(took[1:]) * 1e3:.2f} ms (median; rank 0, "
+                  f"with the optimizer); predicted {job.predicted * 1e3:.2f} ms", flush=True)
 
         final = job.step(*mine(args.steps))
         for g in job.grads():
