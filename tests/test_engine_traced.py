@@ -651,3 +651,40 @@ def test_a_forward_of_two_inputs_sharded_by_a_plan_trains_like_one_process(recom
         opt.step()
         losses.append(loss.item())
     trained_alike(results, losses, model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["masked", "unet", "hf"])
+@pytest.mark.parametrize("pieces", [2, None], ids=["first-two", "all"])
+def test_a_stage_of_pieces_recomputes_layer_by_layer_as_it_keeps(kind, pieces):
+    """TorchStage(layered=True) over a traced model's pieces, tuples between
+    them (a mask that needs no gradient, skips that do, a forward of two
+    inputs; the first two pieces hand on a tuple): the output, the input
+    gradient and every weight gradient, whole backward and split (I then
+    W), those of keeping."""
+    from engine.torch_stage import TorchStage
+    x, _ = _skip_data(kind, 0)
+    got = []
+    for layered in (False, True):
+        seq = engine.sequential(_skip_model(kind), target=True, inputs=2 if kind == "hf" else 1)
+        stage = TorchStage(torch.nn.Sequential(*list(seq)[:pieces]), layered, layered=layered)
+        out = []
+        for split in (False, True):
+            for p in stage.module.parameters():
+                p.grad = None
+            y, ctx = stage.forward(x)
+            gy = tuple(None if i in y.fixed else torch.ones_like(v) for i, v in enumerate(y)) \
+                if isinstance(y, tuple) else torch.ones_like(y)
+            if split:
+                gx, wctx = stage.backward_input(ctx, gy)
+                stage.backward_weight(wctx)
+            else:
+                gx = stage.backward(ctx, gy)
+            out.append((y, gx, [p.grad.clone() for p in stage.module.parameters()
+                                if p.grad is not None]))
+        got.append(out)
+
+    def same(a, b):
+        if isinstance(a, (tuple, list)):
+            return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+        return (a is None and b is None) or torch.equal(a, b)
+    assert same(got[0], got[1])
