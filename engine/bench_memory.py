@@ -12,7 +12,8 @@ float32, without torch, whose stages recompute as
 
 * ``recompute``: per schedule (``--schedules``), the stages keeping their
   activations against recomputing them (``engine.distribute(...,
-  recompute=True)``; with ``--selective``, also recomputing only the
+  recompute=True)``, whole or layer by layer, whichever holds less; with
+  ``--selective``, also recomputing only the
   submodules it names): the median step, the re-timed prediction
   (``job.predicted``), the candidates' predicted peak activation bytes and
   each rank's peak RSS (``ru_maxrss``, the profile's included);
@@ -138,6 +139,7 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
     assert job.chosen is not None
     return {"ms": ms, "pred": (job.predicted or 0.0) * 1e3, "name": job.schedule.name,
             "peak": job.chosen.peak_bytes / 2**20, "recompute": job.chosen.recompute,
+            "layered": job.chosen.layered,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -388,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         for schedule in a.schedules.split(","):
             for recompute in _ways(a):
                 r = mesh.spawn(_memory_worker, a.pp, a, schedule, recompute, None, timeout=900)
-                print(f"  {r[0]['name']:<22} {_way(recompute):<9}  "
+                way = _way(recompute) + (" by layer" if r[0]["layered"] else "")
+                print(f"  {r[0]['name']:<22} {way:<9}  "
                       f"step {r[0]['ms']:7.1f} ms (predicted {r[0]['pred']:7.1f})  "
                       f"peak activations {r[0]['peak']:6.2f} MB a rank (predicted)  "
                       f"peak RSS {r[0]['rss']:.0f} / {r[1]['rss']:.0f} MB", flush=True)
@@ -401,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  recompute={how!r:<7} {r['error']}", flush=True)
                 continue
             print(f"  recompute={how!r:<7} chose {r['name']:<24} "
-                  f"({recomputing(r['recompute'])}) "
+                  f"({recomputing(r['recompute'], r['layered'])}) "
                   f"step {r['ms']:7.1f} ms (predicted {r['pred']:7.1f})", flush=True)
     if "stages" in only:
         print("stages: engine.Pipeline keeping, recomputing in stage 0 only, in both")
