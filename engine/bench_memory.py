@@ -222,8 +222,9 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
     hold, extra = (layer_by_layer(row, 0, n, given) if layered else
                    (given, stage_held(row, 0, n, given)) if recompute is True else
                    (stage_held(row, 0, n, given), 0))
+    grads = 2 * max(lc.act_bytes for lc in row.values())   # (choose.peak_bytes' flowing)
     return {"held": held, "predicted": len(xs) * hold, "peak": peak,
-            "peak_predicted": len(xs) * hold + extra,
+            "peak_predicted": len(xs) * hold + extra + grads,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -518,7 +518,7 @@ def _starts(counts: Sequence[int]) -> list[int]:
 
 def peak_bytes(sched: Schedule, act: Sequence[int],
                kept: Sequence[int | None] | None = None,
-               shared: Sequence[int] = ()) -> tuple[int, ...]:
+               shared: Sequence[int] = (), flowing: Sequence[int] = ()) -> tuple[int, ...]:
     """Per rank, the most activation bytes held at once: a stage's ``act[s]``
     from its F to its B (or W, when the backward is split). With ``kept``
     (recompute: a stage keeps only its input, ``kept[s]``, from its F to
@@ -527,11 +527,14 @@ def peak_bytes(sched: Schedule, act: Sequence[int],
     but for ``shared[s]`` of it, the input kept that ``act[s]`` counts too
     (an engine.layers stage's first layer keeps the very array; a torch
     stage copies it: 0); a stage whose ``kept[s]`` is None keeps its
-    activations."""
+    activations. ``flowing[s]``: the gradients a backward of stage ``s``
+    (B, or I) holds on top while it runs (``candidates``: the gradient of
+    a layer's output and of its input, of its widest layer)."""
     each = list(kept) if kept is not None else [None] * len(act)
     again = [k is not None for k in each]
     held = [a if k is None else k for a, k in zip(act, each)]
     act = [a - (shared[s] if s < len(shared) else 0) for s, a in enumerate(act)]
+    grads = [flowing[s] if s < len(flowing) else 0 for s in range(len(act))]
     peaks = []
     for row in sched.ranks:
         live = peak = 0
@@ -541,12 +544,11 @@ def peak_bytes(sched: Schedule, act: Sequence[int],
                 live += held[s]
                 peak = max(peak, live)
             elif a.kind == B:
-                if again[s]:
-                    peak = max(peak, live + act[s])
+                peak = max(peak, live + (act[s] if again[s] else 0) + grads[s])
                 live -= held[s]
-            elif a.kind == I and again[s]:
-                live += act[s]
-                peak = max(peak, live)
+            elif a.kind == I:
+                live += act[s] if again[s] else 0
+                peak = max(peak, live + grads[s])
             elif a.kind == W:
                 live -= held[s] + (act[s] if again[s] else 0)
         peaks.append(peak)
@@ -668,23 +670,25 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
                                                  shared), cores).makespan
                       if whole else rep.makespan)
-            act, kept, overlap, start = [], [], [], 0
+            act, kept, overlap, grads, start = [], [], [], [], 0
             for c in counts:
                 given = row[start - 1].act_bytes if start else (inputs or {}).get(size, 0)
                 act.append(stage_held(row, start, start + c, given, copies))
                 kept.append(given)
                 overlap.append(0 if copies or not row[start].keeps & KEEPS_INPUT else given)
+                grads.append(2 * max(row[i].act_bytes for i in range(start, start + c)))
                 start += c
             held = None if not again else [k if again is True or s in again else None
                                            for s, k in enumerate(kept)]
-            peaks = peak_bytes(sched, act, held, overlap)
+            peaks = peak_bytes(sched, act, held, overlap, grads)
             layered = False
             if again and layers and held is not None:
                 split = any(a.kind == I for r in sched.ranks for a in r)
                 by = [layer_by_layer(row, b, b + c, k, split) if h is not None else (0, a)
                       for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
                 twin = peak_bytes(sched, [x for _, x in by],
-                                  [h if h is None else k for (k, _), h in zip(by, held)])
+                                  [h if h is None else k for (k, _), h in zip(by, held)],
+                                  flowing=grads)
                 if max(twin) < max(peaks):
                     peaks, layered = twin, True
             peak = max(peaks)
@@ -697,16 +701,18 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                                  for s in sched.stages_of(r))
                 if over and len(over) < sched.num_stages:
                     ways.insert(1, over)
-                    few = fewest(sched, act, kept, memory_limit, overlap)
+                    few = fewest(sched, act, kept, memory_limit, overlap, grads)
                     if few is not None and few < over:      # (a rank of several stages)
                         ways.insert(1, few)
     return best_first(out)
 
 
 def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],
-           limit: float, shared: Sequence[int] = ()) -> frozenset[int] | None:
+           limit: float, shared: Sequence[int] = (),
+           flowing: Sequence[int] = ()) -> frozenset[int] | None:
     """A small set of stages whose recompute brings every rank of ``sched``
-    under ``limit`` (``peak_bytes``' ``act``, ``kept`` and ``shared``),
+    under ``limit`` (``peak_bytes``' ``act``, ``kept``, ``shared`` and
+    ``flowing``),
     chosen greedily:
     while a rank is over, the stage of an over rank whose recompute lowers
     the highest peak most; None when recomputing every such stage does not
@@ -716,7 +722,7 @@ def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],
     while True:
         def peaks_with(extra: set[int]) -> tuple[int, ...]:
             held = [k if s in extra else None for s, k in enumerate(kept)]
-            return peak_bytes(sched, act, held, shared)
+            return peak_bytes(sched, act, held, shared, flowing)
         peaks = peaks_with(chosen)
         over = [r for r, pk in enumerate(peaks) if pk > limit]
         if not over:

@@ -106,6 +106,9 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     # (an engine.layers stage whose first layer keeps the input it recomputes
     # from: the kept array is among the activations, counted once)
     assert choose.peak_bytes(sched, [100, 100], [10, 5], shared=[10, 5]) == (110, 100)
+    # the gradients a backward holds while it runs, on top
+    assert choose.peak_bytes(sched, [100, 100], flowing=[30, 7]) == (230, 107)
+    assert choose.peak_bytes(sched, [100, 100], [0, 5], flowing=[30, 7]) == (130, 112)
     zb = choose.builtin(["zb-h1"], 2, [4])[0]
     plain, again = choose.peak_bytes(zb, [100, 100]), choose.peak_bytes(zb, [100, 100], [0, 5])
     assert again[1] >= 105 and again[0] <= plain[0]
@@ -116,8 +119,9 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
         recompute=True)}
     # rank 0 keeps stage 0's input only (the batch: not given, not counted):
     # one stage's activations (4 layers x 800 B) during a backward; rank 1 its
-    # input too, kept and copied again by the backward's forward
-    assert cands["1f1b(2,4)"].peak_bytes == 4 * 800 + 800 + 800
+    # input too, kept and copied again by the backward's forward; and the
+    # gradients flowing (a layer's output's and input's, 2 x 800)
+    assert cands["1f1b(2,4)"].peak_bytes == 4 * 800 + 800 + 800 + 2 * 800
     # "auto": every schedule both ways; recompute (a second forward in each
     # backward: slower) is chosen only where keeping the activations does
     # not fit the memory limit
@@ -138,14 +142,14 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     assert "recomputed" in choose.table(capped, capped[0])
     # only the ranks over the limit recompute: 1F1B's rank 0 holds two
     # micro-batches, rank 1 one; recomputing in stage 0 alone fits (3200 B
-    # on rank 0, rank 1's 3200 and its input 800: less than recomputing in
-    # both) for one forward less
+    # on rank 0, rank 1's 3200 and its input 800, with 1600 flowing in a
+    # backward: less than recomputing in both) for one forward less
     first = {c.schedule.name: c for c in capped if isinstance(c.recompute, frozenset)}
     assert list(first) == ["1f1b(2,4)"]       # gpipe: both ranks over, no partial way
     part = first["1f1b(2,4)"]
     assert part is capped[0] and part.recompute == frozenset({0}) and part.fits
     assert choose.peak_bytes(part.schedule, [3200, 4000], [0, None]) == (3200, 4000)
-    assert part.peak_bytes == 4000 < again["1f1b(2,4)"].peak_bytes
+    assert part.peak_bytes == 4000 + 1600 < again["1f1b(2,4)"].peak_bytes
     assert part.costs["B"] == [again["1f1b(2,4)"].costs["B"][0], kept["1f1b(2,4)"].costs["B"][1]]
     assert part.makespan < again["1f1b(2,4)"].makespan
     assert "recomputed in stage 0" in choose.table(capped, capped[0])
@@ -160,7 +164,7 @@ def test_the_partial_way_tries_the_fewest_stages_of_a_rank_of_several():
     rows, ms = 32, [4]
     scheds = choose.builtin(["interleaved"], 2, ms)
     cands = choose.candidates(_profile(rows, ms, [1] * 8), [1] * 8, rows, scheds,
-                              memory_limit=7200, recompute="auto")
+                              memory_limit=8800, recompute="auto")
     part = {c.recompute: c for c in cands if isinstance(c.recompute, frozenset)}
     assert set(part) == {frozenset({0}), frozenset({0, 2})}
     one, both = part[frozenset({0})], part[frozenset({0, 2})]
@@ -170,6 +174,10 @@ def test_the_partial_way_tries_the_fewest_stages_of_a_rank_of_several():
     # (each stage two layers of 800 B and its input, the first's not counted)
     act, kept = [1600, 2400, 2400, 2400], [0, 800, 800, 800]
     assert choose.fewest(sched, act, kept, 7200) == frozenset({0})
+    # (with the gradients a backward holds: rank 0 11200 keeping, 8000
+    # recomputing stage 0; rank 1 8800)
+    assert choose.fewest(sched, act, kept, 8800, flowing=[1600] * 4) == frozenset({0})
+    assert choose.fewest(sched, act, kept, 7200, flowing=[1600] * 4) == frozenset({0, 1, 2})
     assert choose.fewest(sched, act, kept, 10**9) == frozenset()
     assert choose.fewest(sched, act, kept, 100) is None
 
@@ -186,24 +194,26 @@ def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     held = {size: {i: replace(lc, saved_bytes=15 * lc.act_bytes) for i, lc in row.items()}
             for size, row in prof.items()}
     big, = choose.candidates(held, [1] * 4, rows, [sched])
-    # GPipe's last rank: four micro-batches of its two layers and its input
-    assert plain.peak_bytes == 4 * (2 * 200 + 200)
-    assert big.peak_bytes == 4 * (2 * 16 * 200 + 200)
+    # GPipe's last rank: four micro-batches of its two layers and its input,
+    # and in a backward the gradients of a layer's output and input (2 x 200)
+    flowing = 2 * 200
+    assert plain.peak_bytes == 4 * (2 * 200 + 200) + flowing
+    assert big.peak_bytes == 4 * (2 * 16 * 200 + 200) + flowing
     again, = choose.candidates(held, [1] * 4, rows, [sched], recompute=True)
     # recomputing: each micro-batch's input (an output: 200 B) kept, and one
     # micro-batch's activations made again in its backward, its input copied
-    assert again.peak_bytes == 4 * 200 + 200 + 2 * 16 * 200
+    assert again.peak_bytes == 4 * 200 + 200 + 2 * 16 * 200 + flowing
     # the first stage's input counts where given (a torch stage copies it)
     fed, = choose.candidates(held, [1] * 4, rows, [sched], inputs={2: 1000})
-    assert fed.peak_bytes == 4 * (2 * 16 * 200 + 1000)
+    assert fed.peak_bytes == 4 * (2 * 16 * 200 + 1000) + flowing
     # engine.layers stages (copies=False): a Linear keeps its input, the
     # message itself, which recomputing keeps and does not make again
     linear = {size: {i: replace(lc, saved_bytes=0, keeps=choose.KEEPS_INPUT)
                      for i, lc in row.items()} for size, row in prof.items()}
     kept, = choose.candidates(linear, [1] * 4, rows, [sched], copies=False)
-    assert kept.peak_bytes == 4 * (200 + 200)    # its input, its first layer's output
+    assert kept.peak_bytes == 4 * (200 + 200) + flowing    # its input, its first layer's output
     again, = choose.candidates(linear, [1] * 4, rows, [sched], recompute=True, copies=False)
-    assert again.peak_bytes == 4 * 200 + 200
+    assert again.peak_bytes == 4 * 200 + 200 + flowing
 
 
 def test_blocks_recompute_layer_by_layer_where_that_holds_less():
@@ -220,8 +230,9 @@ def test_blocks_recompute_layer_by_layer_where_that_holds_less():
     each, = choose.candidates(blocks, [1] * 8, rows, [gpipe], recompute=True, layers=True)
     assert not whole.layered and each.layered and each.makespan == whole.makespan
     # GPipe's rank 1: 4 micro-batches of its input and each later layer's
-    # (4 x 200 B), then its first layer's 15 x 200, output and input's copy
-    assert each.peak_bytes == 4 * 4 * 200 + 17 * 200 < whole.peak_bytes
+    # (4 x 200 B), then its first layer's 15 x 200, output and input's copy,
+    # and the gradients flowing (2 x 200)
+    assert each.peak_bytes == 4 * 4 * 200 + 17 * 200 + 2 * 200 < whole.peak_bytes
     assert choose.layer_by_layer(blocks[2], 0, 4, 0) == (600, 3200)
     assert choose.layer_by_layer(blocks[2], 0, 4, 0, split=True) == (600, 4 * 3200)
     mlp = {size: {i: replace(lc, saved_bytes=0, keeps=choose.KEEPS_INPUT)
