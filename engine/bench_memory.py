@@ -15,8 +15,10 @@ float32, without torch, whose stages recompute as
   recompute=True)``, whole or layer by layer, whichever holds less; with
   ``--selective``, also recomputing only the
   submodules it names): the median step, the re-timed prediction
-  (``job.predicted``), the candidates' predicted peak activation bytes and
-  each rank's peak RSS (``ru_maxrss``, the profile's included);
+  (``job.predicted``), the candidates' predicted peak activation bytes,
+  each rank's live heap's most over a step (glibc's ``mallinfo2``,
+  sampled as ``held`` samples it; torch) and each rank's peak RSS
+  (``ru_maxrss``, the profile's included);
 * ``limit``: under ``--limit`` MB of activations a rank, the schedule
   ``schedule="auto"`` picks keeping them only (``recompute=False``) against
   ``recompute="auto"``, and their steps;
@@ -137,10 +139,49 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
         return {"error": str(e).split(":\n")[0]}
     ms = _steps(world, job, x, y, a.steps)
     assert job.chosen is not None
+    selective = bool(recompute) and recompute not in (True, "auto")
     return {"ms": ms, "pred": (job.predicted or 0.0) * 1e3, "name": job.schedule.name,
             "peak": job.chosen.peak_bytes / 2**20, "recompute": job.chosen.recompute,
-            "layered": job.chosen.layered,
+            "layered": job.chosen.layered, "live": _live_in_step(world, job, x, y, selective),
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _live_in_step(world: Any, job: Any, x: Any, y: Any, selective: bool) -> float | None:
+    """The live heap's most over a step of ``job`` (torch stages), over
+    what it held before the step: sampled after each module's forward
+    (a recomputing backward's too) and, but with checkpointed submodules,
+    as the backward reads each saved tensor; the second of two steps, in
+    MB. None without torch stages or glibc."""
+    import collectives
+    mods = [m for st in job.stages for m in getattr(getattr(st, "module", None), "modules",
+                                                    list)()]
+    if not mods or _live_bytes() is None:
+        return None
+    import torch
+    samples: list[int] = []
+
+    def sample(*_: Any) -> None:
+        samples.append(_live_bytes() or 0)
+
+    def read(t: Any) -> Any:
+        sample()
+        return t
+
+    hooks = [m.register_forward_hook(sample) for m in mods]
+    most = 0
+    try:
+        for _ in range(2):
+            collectives.barrier(world)
+            samples.clear()
+            before = _live_bytes() or 0
+            with (contextlib.nullcontext() if selective else
+                  torch.autograd.graph.saved_tensors_hooks(lambda t: t, read)):
+                job.step(x, y)
+            most = max(samples, default=before) - before
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return most / 2**20
 
 
 def _stages_worker(world: Any, a: argparse.Namespace, schedule: str,
@@ -392,9 +433,11 @@ def main(argv: list[str] | None = None) -> None:
             for recompute in _ways(a):
                 r = mesh.spawn(_memory_worker, a.pp, a, schedule, recompute, None, timeout=900)
                 way = _way(recompute) + (" by layer" if r[0]["layered"] else "")
+                live = ("" if r[0]["live"] is None else "  live heap's most in a step "
+                        + " / ".join(f"{v['live']:.2f}" for v in r) + " MB")
                 print(f"  {r[0]['name']:<22} {way:<9}  "
                       f"step {r[0]['ms']:7.1f} ms (predicted {r[0]['pred']:7.1f})  "
-                      f"peak activations {r[0]['peak']:6.2f} MB a rank (predicted)  "
+                      f"peak activations {r[0]['peak']:6.2f} MB a rank (predicted){live}  "
                       f"peak RSS {r[0]['rss']:.0f} / {r[1]['rss']:.0f} MB", flush=True)
     if "limit" in only:
         print(f"limit: schedule='auto' under {a.limit:g} MB of activations a rank")
