@@ -171,6 +171,8 @@ def _live_in_step(world: Any, job: Any, x: Any, y: Any, selective: bool) -> floa
     most = 0
     try:
         for _ in range(2):
+            for g in job.grads():       # zeroed, as a training loop's zero_grad() does
+                g[...] = 0              # (a step copies the gradients that hold anything)
             collectives.barrier(world)
             samples.clear()
             before = _live_bytes() or 0

@@ -678,14 +678,21 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                 overlap.append(0 if copies or not row[start].keeps & KEEPS_INPUT else given)
                 grads.append(2 * max(row[i].act_bytes for i in range(start, start + c)))
                 start += c
+            # the last stage holds each micro-batch's loss gradient from its F (where
+            # the loss runs) to its B, recomputing or not (not made again)
+            loss = row[L - 1].act_bytes
+            act[-1] += loss
+            hold = kept[:-1] + [kept[-1] + loss]
+            overlap[-1] += loss
             held = None if not again else [k if again is True or s in again else None
-                                           for s, k in enumerate(kept)]
+                                           for s, k in enumerate(hold)]
             peaks = peak_bytes(sched, act, held, overlap, grads)
             layered = False
             if again and layers and held is not None:
                 split = any(a.kind == I for r in sched.ranks for a in r)
                 by = [layer_by_layer(row, b, b + c, k, split) if h is not None else (0, a)
                       for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
+                by[-1] = (by[-1][0] + (loss if held[-1] is not None else 0), by[-1][1])
                 twin = peak_bytes(sched, [x for _, x in by],
                                   [h if h is None else k for (k, _), h in zip(by, held)],
                                   flowing=grads)
@@ -701,7 +708,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                                  for s in sched.stages_of(r))
                 if over and len(over) < sched.num_stages:
                     ways.insert(1, over)
-                    few = fewest(sched, act, kept, memory_limit, overlap, grads)
+                    few = fewest(sched, act, hold, memory_limit, overlap, grads)
                     if few is not None and few < over:      # (a rank of several stages)
                         ways.insert(1, few)
     return best_first(out)

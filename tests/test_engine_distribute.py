@@ -120,8 +120,9 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     # rank 0 keeps stage 0's input only (the batch: not given, not counted):
     # one stage's activations (4 layers x 800 B) during a backward; rank 1 its
     # input too, kept and copied again by the backward's forward; and the
-    # gradients flowing (a layer's output's and input's, 2 x 800)
-    assert cands["1f1b(2,4)"].peak_bytes == 4 * 800 + 800 + 800 + 2 * 800
+    # gradients flowing (a layer's output's and input's, 2 x 800); the last
+    # stage holds its loss's gradient (800) from its F to its B too
+    assert cands["1f1b(2,4)"].peak_bytes == 4 * 800 + 800 + 800 + 2 * 800 + 800
     # "auto": every schedule both ways; recompute (a second forward in each
     # backward: slower) is chosen only where keeping the activations does
     # not fit the memory limit
@@ -142,14 +143,15 @@ def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
     assert "recomputed" in choose.table(capped, capped[0])
     # only the ranks over the limit recompute: 1F1B's rank 0 holds two
     # micro-batches, rank 1 one; recomputing in stage 0 alone fits (3200 B
-    # on rank 0, rank 1's 3200 and its input 800, with 1600 flowing in a
-    # backward: less than recomputing in both) for one forward less
+    # on rank 0, rank 1's 3200, its input 800 and its loss's gradient 800,
+    # with 1600 flowing in a backward: less than recomputing in both) for
+    # one forward less
     first = {c.schedule.name: c for c in capped if isinstance(c.recompute, frozenset)}
     assert list(first) == ["1f1b(2,4)"]       # gpipe: both ranks over, no partial way
     part = first["1f1b(2,4)"]
     assert part is capped[0] and part.recompute == frozenset({0}) and part.fits
     assert choose.peak_bytes(part.schedule, [3200, 4000], [0, None]) == (3200, 4000)
-    assert part.peak_bytes == 4000 + 1600 < again["1f1b(2,4)"].peak_bytes
+    assert part.peak_bytes == 4000 + 800 + 1600 < again["1f1b(2,4)"].peak_bytes
     assert part.costs["B"] == [again["1f1b(2,4)"].costs["B"][0], kept["1f1b(2,4)"].costs["B"][1]]
     assert part.makespan < again["1f1b(2,4)"].makespan
     assert "recomputed in stage 0" in choose.table(capped, capped[0])
@@ -164,7 +166,7 @@ def test_the_partial_way_tries_the_fewest_stages_of_a_rank_of_several():
     rows, ms = 32, [4]
     scheds = choose.builtin(["interleaved"], 2, ms)
     cands = choose.candidates(_profile(rows, ms, [1] * 8), [1] * 8, rows, scheds,
-                              memory_limit=8800, recompute="auto")
+                              memory_limit=9600, recompute="auto")
     part = {c.recompute: c for c in cands if isinstance(c.recompute, frozenset)}
     assert set(part) == {frozenset({0}), frozenset({0, 2})}
     one, both = part[frozenset({0})], part[frozenset({0, 2})]
@@ -174,10 +176,11 @@ def test_the_partial_way_tries_the_fewest_stages_of_a_rank_of_several():
     # (each stage two layers of 800 B and its input, the first's not counted)
     act, kept = [1600, 2400, 2400, 2400], [0, 800, 800, 800]
     assert choose.fewest(sched, act, kept, 7200) == frozenset({0})
-    # (with the gradients a backward holds: rank 0 11200 keeping, 8000
-    # recomputing stage 0; rank 1 8800)
-    assert choose.fewest(sched, act, kept, 8800, flowing=[1600] * 4) == frozenset({0})
-    assert choose.fewest(sched, act, kept, 7200, flowing=[1600] * 4) == frozenset({0, 1, 2})
+    # (with the gradients a backward holds and the last stage's loss
+    # gradient, 800: rank 0 11200 keeping, 8000 recomputing stage 0; rank 1 9600)
+    act, kept, loss = [1600, 2400, 2400, 3200], [0, 800, 800, 1600], [0, 0, 0, 800]
+    assert choose.fewest(sched, act, kept, 9600, loss, [1600] * 4) == frozenset({0})
+    assert choose.fewest(sched, act, kept, 7200, loss, [1600] * 4) == frozenset({0, 1, 2})
     assert choose.fewest(sched, act, kept, 10**9) == frozenset()
     assert choose.fewest(sched, act, kept, 100) is None
 
@@ -194,15 +197,16 @@ def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     held = {size: {i: replace(lc, saved_bytes=15 * lc.act_bytes) for i, lc in row.items()}
             for size, row in prof.items()}
     big, = choose.candidates(held, [1] * 4, rows, [sched])
-    # GPipe's last rank: four micro-batches of its two layers and its input,
-    # and in a backward the gradients of a layer's output and input (2 x 200)
+    # GPipe's last rank: four micro-batches of its two layers, its input and
+    # its loss's gradient, and in a backward the gradients of a layer's
+    # output and input (2 x 200)
     flowing = 2 * 200
-    assert plain.peak_bytes == 4 * (2 * 200 + 200) + flowing
-    assert big.peak_bytes == 4 * (2 * 16 * 200 + 200) + flowing
+    assert plain.peak_bytes == 4 * (2 * 200 + 200 + 200) + flowing
+    assert big.peak_bytes == 4 * (2 * 16 * 200 + 200 + 200) + flowing
     again, = choose.candidates(held, [1] * 4, rows, [sched], recompute=True)
     # recomputing: each micro-batch's input (an output: 200 B) kept, and one
     # micro-batch's activations made again in its backward, its input copied
-    assert again.peak_bytes == 4 * 200 + 200 + 2 * 16 * 200 + flowing
+    assert again.peak_bytes == 4 * (200 + 200) + 200 + 2 * 16 * 200 + flowing
     # the first stage's input counts where given (a torch stage copies it)
     fed, = choose.candidates(held, [1] * 4, rows, [sched], inputs={2: 1000})
     assert fed.peak_bytes == 4 * (2 * 16 * 200 + 1000) + flowing
@@ -211,9 +215,10 @@ def test_the_peak_counts_what_the_layers_hold_not_their_outputs():
     linear = {size: {i: replace(lc, saved_bytes=0, keeps=choose.KEEPS_INPUT)
                      for i, lc in row.items()} for size, row in prof.items()}
     kept, = choose.candidates(linear, [1] * 4, rows, [sched], copies=False)
-    assert kept.peak_bytes == 4 * (200 + 200) + flowing    # its input, its first layer's output
+    # its input, its first layer's output, its loss's gradient
+    assert kept.peak_bytes == 4 * (200 + 200 + 200) + flowing
     again, = choose.candidates(linear, [1] * 4, rows, [sched], recompute=True, copies=False)
-    assert again.peak_bytes == 4 * 200 + 200 + flowing
+    assert again.peak_bytes == 4 * (200 + 200) + 200 + flowing
 
 
 def test_blocks_recompute_layer_by_layer_where_that_holds_less():
@@ -229,10 +234,10 @@ def test_blocks_recompute_layer_by_layer_where_that_holds_less():
     whole, = choose.candidates(blocks, [1] * 8, rows, [gpipe], recompute=True)
     each, = choose.candidates(blocks, [1] * 8, rows, [gpipe], recompute=True, layers=True)
     assert not whole.layered and each.layered and each.makespan == whole.makespan
-    # GPipe's rank 1: 4 micro-batches of its input and each later layer's
-    # (4 x 200 B), then its first layer's 15 x 200, output and input's copy,
-    # and the gradients flowing (2 x 200)
-    assert each.peak_bytes == 4 * 4 * 200 + 17 * 200 + 2 * 200 < whole.peak_bytes
+    # GPipe's rank 1: 4 micro-batches of its input, each later layer's and
+    # its loss's gradient (5 x 200 B), then its first layer's 15 x 200,
+    # output and input's copy, and the gradients flowing (2 x 200)
+    assert each.peak_bytes == 4 * 5 * 200 + 17 * 200 + 2 * 200 < whole.peak_bytes
     assert choose.layer_by_layer(blocks[2], 0, 4, 0) == (600, 3200)
     assert choose.layer_by_layer(blocks[2], 0, 4, 0, split=True) == (600, 4 * 3200)
     mlp = {size: {i: replace(lc, saved_bytes=0, keeps=choose.KEEPS_INPUT)
