@@ -638,7 +638,10 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     output of the layer before; for the first stage ``inputs[size]``, the
     bytes of a micro-batch of the batch where the stage copies it, None:
     not counted): copied (``copies``, torch stages), or the message it got
-    where its first layer keeps it (engine.layers). ``layers``: a way that
+    where its first layer keeps it (engine.layers); the last stage also
+    its loss's gradient, from its F to its B; and a backward, while it
+    runs, the gradients flowing (``peak_bytes``' ``flowing``: twice the
+    stage's widest output). ``layers``: a way that
     recomputes is also costed with its stages recomputing layer by layer
     (``layer_by_layer``: torch stages), and taken so where that lowers its
     peak (the same time: each layer's forward once more;
