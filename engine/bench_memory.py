@@ -147,27 +147,32 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
 
 
 def _live_in_step(world: Any, job: Any, x: Any, y: Any, selective: bool) -> float | None:
-    """The live heap's most over a step of ``job`` (torch stages), over
-    what it held before the step: sampled after each module's forward
-    (a recomputing backward's too) and, but with checkpointed submodules,
-    as the backward reads each saved tensor; the second of two steps, in
-    MB. None without torch stages or glibc."""
+    """The live heap's most over a step of ``job``, over what it held
+    before the step: sampled after each torch module's forward (a
+    recomputing backward's too) and, but with checkpointed submodules, as
+    the backward reads each saved tensor; for engine.layers stages after
+    each call of each layer's forward and backward (``_sampling``); the
+    second of two steps, in MB. None without glibc."""
     import collectives
-    mods = [m for st in job.stages for m in getattr(getattr(st, "module", None), "modules",
-                                                    list)()]
-    if not mods or _live_bytes() is None:
+    if _live_bytes() is None:
         return None
-    import torch
     samples: list[int] = []
 
     def sample(*_: Any) -> None:
         samples.append(_live_bytes() or 0)
 
-    def read(t: Any) -> Any:
-        sample()
-        return t
-
+    mods = [m for st in job.stages for m in getattr(getattr(st, "module", None), "modules",
+                                                    list)()]
     hooks = [m.register_forward_hook(sample) for m in mods]
+    undo = [] if mods else _sampling(job.stages, sample)
+    reads: Any = contextlib.nullcontext()
+    if mods and not selective:
+        import torch
+
+        def read(t: Any) -> Any:
+            sample()
+            return t
+        reads = torch.autograd.graph.saved_tensors_hooks(lambda t: t, read)
     most = 0
     try:
         for _ in range(2):
@@ -176,14 +181,46 @@ def _live_in_step(world: Any, job: Any, x: Any, y: Any, selective: bool) -> floa
             collectives.barrier(world)
             samples.clear()
             before = _live_bytes() or 0
-            with (contextlib.nullcontext() if selective else
-                  torch.autograd.graph.saved_tensors_hooks(lambda t: t, read)):
+            with reads:
                 job.step(x, y)
             most = max(samples, default=before) - before
     finally:
         for hk in hooks:
             hk.remove()
+        for fn in undo:
+            fn()
     return most / 2**20
+
+
+def _sampling(stages: Sequence[Any], sample: Any) -> list[Any]:
+    """Each engine.layers layer of ``stages`` (through Recompute and
+    Sequential) made to call ``sample`` after its forward and backward
+    calls, on the instance; returns what puts them back."""
+    from engine.layers import Recompute, Sequential
+    undo: list[Any] = []
+
+    def wrap(layer: Any) -> None:
+        if isinstance(layer, Recompute):
+            return wrap(layer.inner)
+        if isinstance(layer, Sequential):
+            for inner in layer.layers:
+                wrap(inner)
+            return
+        for name in ("forward", "backward", "backward_input", "backward_weight"):
+            fn = getattr(layer, name, None)
+            if fn is None:
+                continue
+
+            def sampled(*args: Any, _fn: Any = fn) -> Any:
+                out = _fn(*args)
+                sample()
+                return out
+            setattr(layer, name, sampled)
+            undo.append(lambda layer=layer, name=name: delattr(layer, name))
+
+    for st in stages:
+        wrap(st)
+    return undo
 
 
 def _stages_worker(world: Any, a: argparse.Namespace, schedule: str,
