@@ -148,47 +148,32 @@ def _memory_worker(world: Any, a: argparse.Namespace, schedule: str, recompute: 
 
 def _live_in_step(world: Any, job: Any, x: Any, y: Any, selective: bool) -> float | None:
     """The live heap's most over a step of ``job``, over what it held
-    before the step: sampled after each torch module's forward (a
-    recomputing backward's too) and, but with checkpointed submodules, as
-    the backward reads each saved tensor; for engine.layers stages after
-    each call of each layer's forward and backward (``_sampling``); the
-    second of two steps, in MB. None without glibc."""
+    before the step: sampled as ``_Sampler`` samples torch stages' modules
+    (``selective``: checkpointed submodules, no saved-tensor hooks), and
+    for engine.layers stages after each call of each layer's forward and
+    backward (``_sampling``); the second of two steps, in MB. None without
+    glibc."""
     import collectives
     if _live_bytes() is None:
         return None
-    samples: list[int] = []
-
-    def sample(*_: Any) -> None:
-        samples.append(_live_bytes() or 0)
-
     mods = [m for st in job.stages for m in getattr(getattr(st, "module", None), "modules",
                                                     list)()]
-    hooks = [m.register_forward_hook(sample) for m in mods]
-    undo = [] if mods else _sampling(job.stages, sample)
-    reads: Any = contextlib.nullcontext()
-    if mods and not selective:
-        import torch
-
-        def read(t: Any) -> Any:
-            sample()
-            return t
-        reads = torch.autograd.graph.saved_tensors_hooks(lambda t: t, read)
     most = 0
-    try:
-        for _ in range(2):
-            for g in job.grads():       # zeroed, as a training loop's zero_grad() does
-                g[...] = 0              # (a step copies the gradients that hold anything)
-            collectives.barrier(world)
-            samples.clear()
-            before = _live_bytes() or 0
-            with reads:
-                job.step(x, y)
-            most = max(samples, default=before) - before
-    finally:
-        for hk in hooks:
-            hk.remove()
-        for fn in undo:
-            fn()
+    with _Sampler(mods, unpacked=not selective) as live:
+        undo = [] if mods else _sampling(job.stages, live.sample)
+        try:
+            for _ in range(2):
+                for g in job.grads():   # zeroed, as a training loop's zero_grad() does
+                    g[...] = 0          # (a step copies the gradients that hold anything)
+                collectives.barrier(world)
+                live.samples.clear()
+                before = _live_bytes() or 0
+                with live.reads():
+                    job.step(x, y)
+                most = max(live.samples, default=before) - before
+        finally:
+            for fn in undo:
+                fn()
     return most / 2**20
 
 
@@ -334,57 +319,69 @@ def _held_numpy(a: argparse.Namespace, recompute: Any) -> dict[str, Any]:
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+class _Sampler:
+    """The live heap sampled as work runs, while ``on``: after each forward
+    of the torch modules ``probe`` (a recomputing backward's too), inside
+    ``reads()`` as the backward reads each saved tensor (an identity
+    ``saved_tensors_hooks`` pair: nothing else changes; not with
+    ``unpacked`` False: torch.utils.checkpoint's recompute refuses hooks
+    around it), and at each ``sample()``. A context manager: the hooks go
+    at its end."""
+
+    def __init__(self, probe: Sequence[Any] = (), unpacked: bool = True) -> None:
+        self.samples: list[int] = []
+        self.on = True
+        self._probe, self._unpacked = probe, unpacked
+        self._hooks = [m.register_forward_hook(self.sample) for m in probe]
+
+    def sample(self, *_: Any) -> None:
+        live = _live_bytes()
+        if self.on and live is not None:
+            self.samples.append(live)
+
+    def _read(self, t: Any) -> Any:
+        self.sample()
+        return t
+
+    def reads(self) -> Any:
+        if not self._probe or not self._unpacked:
+            return contextlib.nullcontext()
+        import torch
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, self._read)
+
+    def __enter__(self) -> "_Sampler":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for hk in self._hooks:
+            hk.remove()
+
+
 def _kept_at_once(stage: Any, xs: list[Any], ones: Any, probe: Sequence[Any] = (),
                   unpacked: bool = True) -> tuple[int | None, int | None]:
     """The live heap's growth over ``stage``'s forwards of every ``xs``
-    kept at once (their outputs and contexts), and its most, through the
-    backwards that follow, last first (sampled, with torch modules
-    ``probe``, after each of their forwards, which a recomputing backward
-    runs, and as the backward reads each saved tensor; and after each
-    backward; not with ``unpacked`` False: torch.utils.checkpoint's
-    recompute refuses hooks around it): the second of two passes (the
+    kept at once (their outputs and contexts), and its most through the
+    backwards that follow, last first (``_Sampler`` of ``probe`` and
+    ``unpacked``, and after each backward): the second of two passes (the
     allocator warm)."""
     held = peak = None
-    samples: list[int] = []
-    sampling = [False]
-
-    def sample(*_: Any) -> None:
-        live = _live_bytes()
-        if sampling[0] and live is not None:
-            samples.append(live)
-
-    def read(t: Any) -> Any:
-        sample()
-        return t
-
-    def reads() -> Any:
-        """Each saved tensor the backward reads, a sample (nothing else changes)."""
-        if not probe or not unpacked:
-            return contextlib.nullcontext()
-        import torch
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, read)
-
-    hooks = [m.register_forward_hook(sample) for m in probe]
-    try:
+    with _Sampler(probe, unpacked) as live:
         for _ in range(2):
-            samples.clear()
+            live.samples.clear()
+            live.on = False
             before = _live_bytes()
-            with reads():
+            with live.reads():
                 ctxs = [stage.forward(xb) for xb in xs]
             after = _live_bytes()
             held = None if before is None or after is None else after - before
-            sampling[0] = True
-            with reads():       # (the recomputing forwards' saved tensors too)
+            live.on = True
+            with live.reads():       # (the recomputing forwards' saved tensors too)
                 for out, ctx in reversed(ctxs):
                     stage.backward(ctx, ones(out))
-                    sample()
-            sampling[0] = False
+                    live.sample()
             del ctxs
             if held is not None and before is not None:
-                peak = max([held] + [v - before for v in samples])
-    finally:
-        for hk in hooks:
-            hk.remove()
+                peak = max([held] + [v - before for v in live.samples])
     return held, peak
 
 

@@ -693,11 +693,13 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             layered = False
             if again and layers and held is not None:
                 split = any(a.kind == I for r in sched.ranks for a in r)
+                # (each stage's input as given; what it keeps besides, the loss's
+                # gradient, as in ``hold``)
                 by = [layer_by_layer(row, b, b + c, k, split) if h is not None else (0, a)
                       for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
-                by[-1] = (by[-1][0] + (loss if held[-1] is not None else 0), by[-1][1])
                 twin = peak_bytes(sched, [x for _, x in by],
-                                  [h if h is None else k for (k, _), h in zip(by, held)],
+                                  [h if h is None else k + h - g
+                                   for (k, _), h, g in zip(by, held, kept)],
                                   flowing=grads)
                 if max(twin) < max(peaks):
                     peaks, layered = twin, True

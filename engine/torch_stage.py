@@ -209,8 +209,7 @@ class TorchStage:
         and the random number generators' state; the backward runs it again
         (``_replay``) with the same random draws (dropout's masks)."""
         torch = _torch()
-        cuda = self.device is not None and self.device.type == "cuda"
-        state = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+        state = self._state()
         with torch.no_grad():
             _, fed = self._input(x)
             out = self.module(fed)
@@ -289,14 +288,13 @@ class TorchStage:
         """A context of ``forward``: kept as it is, or run again (recompute)."""
         if not isinstance(ctx, _Kept):
             return ctx
-        torch = _torch()
-        cuda = ctx.state[1] is not None
-        with torch.random.fork_rng(devices=[self.device] if cuda else [], enabled=True):
-            torch.set_rng_state(ctx.state[0])
-            if cuda:
-                torch.cuda.set_rng_state(ctx.state[1], self.device)
+        before = self._state()          # put back after: later draws as if kept
+        try:
+            self._set_state(ctx.state)
             t, fed = self._input(ctx.x)
             out = self.module(fed)
+        finally:
+            self._set_state(before)
         self._learn(out)
         return t, out
 

@@ -278,15 +278,20 @@ def sharded_layers(model: Any) -> list[Sharded]:
     if isinstance(model, Sharded):
         return [model] + sharded_layers(model.inner)
     if isinstance(model, Recompute):
-        return sharded_layers(model.inner)
+        return sharded_layers(_bare(model))
     if isinstance(model, Sequential):
         return [s for layer in model.layers for s in sharded_layers(layer)]
     return []
 
 
+def _bare(model: Any) -> Any:
+    """``model`` without an engine.layers.Recompute around it."""
+    return model.inner if isinstance(model, Recompute) else model
+
+
 def group_of(model: Any) -> Any:
     """The tp group of the first sharded layer in ``model`` (None: none is)."""
-    model = model.inner if isinstance(model, Recompute) else model
+    model = _bare(model)
     if isinstance(model, Sharded):
         return model.group
     for layer in model.layers if isinstance(model, Sequential) else []:
@@ -301,7 +306,7 @@ def load_full_params(model: Any, whole: list[Any]) -> None:
     ``params()`` order, as ``full_params`` gives them) into ``model``: each
     sharded layer takes its own shard of its, cut as parallelize cut it (no
     message)."""
-    model = model.inner if isinstance(model, Recompute) else model
+    model = _bare(model)
     if isinstance(model, Sharded) and isinstance(model.inner, Sequential):
         return load_full_params(model.inner, whole)      # a region: its layers say
     if isinstance(model, Sequential):
@@ -322,7 +327,7 @@ def load_full_params(model: Any, whole: list[Any]) -> None:
 def full_params(model: Any, grads: bool = False) -> list[Any]:
     """``model.params()`` (``grads()`` with ``grads=True``) with every sharded
     layer's gathered whole (collective over each tp group)."""
-    model = model.inner if isinstance(model, Recompute) else model
+    model = _bare(model)
     if isinstance(model, Sharded):
         return model.full_params(grads)
     if isinstance(model, Sequential):
