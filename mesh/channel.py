@@ -16,7 +16,8 @@ public point-to-point API, to run operations that involve a whole group:
 * Aborts: ``abort(tag, reason, kind)`` fails a tag on every member, now and
   for operations posted on it later; each raises ``kind``'s error.
   ``aborted(tag, what)`` is that error here, if the tag was aborted (or
-  a LostPeerError, if a member is known dead).
+  a LostPeerError, if a member is known dead); ``left(rank, what)``, the
+  LostPeerError of a wait on a member that has closed its mesh or died.
 * Where peers are: ``endpoint(rank)`` (tcp:// or ipc://), ``host(rank)``, ``encrypted``.
 * Lifetime: ``keep_alive(obj)`` and ``on_close(fn)`` keep memory that peers
   may read until they have all said goodbye.
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable
 
 from .comm import Comm, Request
 from .errors import AbortKind, MeshError
+from .peer import ALIVE
 from .transport import Transport, abort_error
 
 __all__ = ["CollectiveChannel", "AbortKind"]
@@ -84,6 +86,15 @@ class CollectiveChannel:
                     return inbox.gone(inbox.peers[lost], what, self._comm.gid)
             return None
         return abort_error(record, f"rank {t.rank}: {what} aborted: {record[1]}")
+
+    def left(self, rank: int, what: str) -> MeshError | None:
+        """LostPeerError for ``what`` if group rank ``rank`` has left the mesh
+        (closed it, or died), else None: for waits made outside the
+        transport (polling a peer's memory), which a goodbye does not reach.
+        Cheap: no lock, no message."""
+        inbox = self._t.inbox
+        peer = inbox.peers[self._comm.ranks[rank]]
+        return None if peer.state == ALIVE else inbox.gone(peer, what, self._comm.gid)
 
     def endpoint(self, rank: int) -> str:
         """How this rank reaches group rank ``rank``: ``tcp://host:port``

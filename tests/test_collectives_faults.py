@@ -107,3 +107,29 @@ def test_a_survivor_does_not_start_a_call_on_a_group_with_a_dead_member(tmp_path
             seen = json.load(f)
         assert seen["type"] == "LostPeerError", (rank, seen)
         assert seen["peer"] == VICTIM, (rank, seen)
+
+
+def leave_midway(world: Any, count: int) -> Any:
+    """Rank 2 closes its mesh, cleanly, while the others wait for it in an
+    all_reduce: they must hear its goodbye there (the same-host board's
+    wait polls memory, not the sockets), not wait out its close."""
+    C.barrier(world)
+    if world.rank == VICTIM:
+        world.close()
+        return None
+    t0 = time.monotonic()
+    try:
+        C.all_reduce(world, np.ones(count, np.float32))
+        return ["no error", time.monotonic() - t0]
+    except mesh.MeshError as e:
+        return [type(e).__name__, time.monotonic() - t0, str(e)]
+
+
+@pytest.mark.parametrize("cma", ["1", "0"])
+@pytest.mark.parametrize("count", [2, 1 << 20])
+def test_a_rank_that_closes_fails_its_waiting_peers_at_once(cma: str, count: int) -> None:
+    results = mesh.spawn(leave_midway, 3, count, timeout=60, env={"MESH_CMA": cma})
+    assert results[VICTIM] is None
+    for got in results[:VICTIM]:
+        assert got[0] == "LostPeerError" and got[1] < 10, got     # not its 30 s close
+        assert "peer rank 2 is gone (it closed its mesh)" in got[2], got

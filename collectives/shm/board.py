@@ -452,6 +452,16 @@ class Round:
             if err:
                 raise cma.failed_read(self.ctx, peer, err, "the board")
 
+    def _left(self, peers: list[int]) -> MeshError | None:
+        """LostPeerError if one of ``peers`` has closed its mesh (a goodbye
+        reaches the transport's waits, not this poll of memory) or died."""
+        ch, what = self.ctx.ch, self.wait.what or self.wait.where().split(": ", 1)[1]
+        for p in peers:
+            err = ch.left(p, what)
+            if err is not None:
+                return err
+        return None
+
     def _until(self, peers: list[int], ready: Callable[[Any], bool]) -> None:
         """Poll peers' heads until ``ready`` holds for all (one at a time:
         all must get there). If the tag is aborted meanwhile, or the mesh
@@ -480,6 +490,7 @@ class Round:
             err = wait.idle(todo, box, seen)
             if err is None and wait.watch is not None:
                 self._alive(todo[0])
+                err = self._left(todo)
             if err is not None:
                 todo = [p for p in todo if not ready(self._peek(p))]
                 if todo:
