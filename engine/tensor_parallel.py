@@ -32,8 +32,8 @@ import collectives
 from mesh import Comm
 
 from . import tp_layers
-from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
-                      logged, match, rewrite_attrs, shard_rows)
+from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
+                      joined_order, logged, match, rewrite_attrs, shard_rows)
 from .torch_stage import TorchStage, _torch, _view
 
 __all__ = ["parallelize", "gather_state_dict", "load_full_state_dict", "PlanError", "Style"]
@@ -78,7 +78,7 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
             todo[name] = (named[name], style)
         _check_ties(named, todo)
         local: dict[str, str] | str = {} if init == "broadcast" or hollow else {
-            k: digest([_bytes(torch, t)]) for k, t in module.state_dict().items()}
+            k: digest([tensor_bytes(torch, t)]) for k, t in module.state_dict().items()}
     except PlanError as e:
         local = str(e)
     agree(group, local, "parallelize")
@@ -176,7 +176,8 @@ def _is_torch(module: Any) -> bool:
     return torch is not None and isinstance(module, torch.nn.Module)
 
 
-def _bytes(torch: Any, t: Any) -> bytes:
+def tensor_bytes(torch: Any, t: Any) -> bytes:
+    """A tensor's raw bytes, its dtype and shape after them (for digests)."""
     flat = t.detach().cpu().contiguous().reshape(-1)
     return bytes(flat.view(torch.uint8).numpy()) + str((t.dtype, tuple(t.shape))).encode()
 
@@ -234,10 +235,7 @@ def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
         check_divisible(name, "num_embeddings (weight rows)", sub.num_embeddings, tp)
         if sub.max_norm is not None:
             raise PlanError(f"{name}: a vocab-sharded Embedding cannot renormalize (max_norm)")
-    for attr in style.attrs:
-        if not hasattr(sub, attr):
-            raise PlanError(f"plan rewrites {name}.{attr}, but {name} "
-                            f"({type(sub).__name__}) has no attribute {attr!r}")
+    check_attrs(sub, name, style, tp)
 
 
 class _Meta:

@@ -25,8 +25,8 @@ import numpy as np
 import collectives
 
 from .layers import Embedding, Linear, Recompute, Sequential
-from .tp_plan import (Edge, PlanError, Style, agree, check_divisible, digest, edges, joined_order,
-                      logged, match, rewrite_attrs, shard_rows)
+from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
+                      joined_order, logged, match, rewrite_attrs, shard_rows)
 
 __all__ = ["Sharded", "parallelize", "full_params", "load_full_params", "group_of",
            "named_layers"]
@@ -241,10 +241,7 @@ def _validate(name: str, layer: Any, style: Style, tp: int) -> None:
         check_divisible(name, "fan_in (weight rows)", layer.weight.shape[0], tp)
     elif style.style == "vocab":
         check_divisible(name, "num (weight rows)", layer.weight.shape[0], tp)
-    for attr in style.attrs:
-        if not hasattr(layer, attr):
-            raise PlanError(f"plan rewrites {name}.{attr}, but {name} "
-                            f"({type(layer).__name__}) has no attribute {attr!r}")
+    check_attrs(layer, name, style, tp)
 
 
 def _part(a: Any, group: Any, axis: int) -> Any:

@@ -83,7 +83,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 import collectives
 
 __all__ = ["Style", "STYLES", "PlanError", "parse", "match", "named_by", "edges", "rewrite_attrs",
-           "check_divisible", "shard_rows", "joined_order", "digest", "agree"]
+           "check_attrs", "check_divisible", "shard_rows", "joined_order", "digest", "agree"]
 
 LAYOUTS = {
     "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
@@ -218,12 +218,30 @@ def match(plan: Mapping[str, Any], names: Iterable[str], strict: bool = True
     return {n: styles[found[n]] for n in names if n in found}
 
 
-def rewrite_attrs(obj: Any, name: str, style: Style, tp: int) -> None:
-    """Apply ``style.attrs`` to ``obj`` (the submodule called ``name``)."""
+def check_attrs(obj: Any, name: str, style: Style, tp: int) -> None:
+    """Raise unless ``obj`` (the submodule called ``name``) has each
+    attribute ``style.attrs`` rewrites, and a count the rewrite divides by
+    tp (``lambda n, tp: n // tp``: a head count) splits over it: 3 heads
+    over 2 ranks would give each rank one, a third of the attention gone
+    without an error."""
     for attr, how in style.attrs.items():
         if not hasattr(obj, attr):
             raise PlanError(f"plan rewrites {name}.{attr}, but {name} "
                             f"({type(obj).__name__}) has no attribute {attr!r}")
+        old = getattr(obj, attr)
+        if not callable(how) or type(old) is not int or old % tp == 0:
+            continue
+        new = how(old, tp)
+        if type(new) is int and new == old // tp:
+            raise PlanError(f"plan rewrites {name}.{attr} = {old} to {new} for tp={tp}: "
+                            f"{old} is not divisible by {tp} (the {tp} ranks would hold "
+                            f"{new * tp} of {old})")
+
+
+def rewrite_attrs(obj: Any, name: str, style: Style, tp: int) -> None:
+    """Apply ``style.attrs`` to ``obj`` (the submodule called ``name``;
+    check_attrs checked them)."""
+    for attr, how in style.attrs.items():
         setattr(obj, attr, how(getattr(obj, attr), tp) if callable(how) else how)
 
 

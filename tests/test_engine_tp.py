@@ -259,6 +259,8 @@ def _torch_worker(world):
             ("divisible", lambda: torch.nn.Sequential(torch.nn.Linear(4, 5)), {"0": "colwise"}),
             ("nothing", lambda: tp_models.model(1), {"*.mlp.gate": "colwise"}),
             ("attr", lambda: tp_models.model(1), {"*.mlp": ("replicate", {"heads": 1})}),
+            ("odd", lambda: torch.nn.Sequential(torch.nn.Linear(4, 3)),     # 3 "heads"
+             {"0": ("replicate", {"out_features": lambda n, tp: n // tp})}),
             ("differs", lambda: tp_models.model(world.rank), tp_models.PLAIN)]:
         try:
             parallelize(make(), world, plan)
@@ -299,6 +301,8 @@ def test_torch_styles_match_the_unsharded_module():
     assert "plan pattern '*.mlp.gate' matches no submodule" in errors["nothing"]
     assert "plan rewrites 1.mlp.heads, but 1.mlp (MLP) has no attribute 'heads'" in \
         errors["attr"]
+    assert ("plan rewrites 0.out_features = 3 to 1 for tp=2: 3 is not divisible by 2 (the 2 "
+            "ranks would hold 2 of 3)") in errors["odd"]
     assert "0.embed.weight differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
     assert "0.embed is sharded already" in errors["twice"]
