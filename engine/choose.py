@@ -21,12 +21,14 @@ for the chosen schedule's re-time. ``table`` prints them::
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -34,7 +36,7 @@ from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
 __all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "layer_by_layer",
-           "held_by", "Candidate",
+           "held_by", "Candidate", "kept_random",
            "time_layer", "time_program", "measure", "measure_stages",
            "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
            "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
@@ -163,6 +165,31 @@ def _another(n: int, reps: int, runs: int | None, begin: float,
     if runs is not None:
         return n <= runs
     return n <= max(1, reps) or (clock() - begin < _SPAN and n < _MAX_RUNS)
+
+
+@contextlib.contextmanager
+def kept_random() -> Iterator[None]:
+    """Put the global random streams back as they were when the block
+    began: torch's (the CPU's, and each CUDA device's where CUDA is up),
+    numpy's and Python's. Timing runs a layer's forward a number of times
+    that depends on the clock, each dropout drawing from torch's stream,
+    so without this a seeded run would not repeat itself after
+    ``engine.distribute`` or ``engine.partition`` measured it."""
+    torch: Any = sys.modules.get("torch")
+    py, npy = random.getstate(), np.random.get_state()
+    cpu = gpus = None
+    if torch is not None:
+        cpu = torch.get_rng_state()
+        gpus = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        if cpu is not None:
+            torch.set_rng_state(cpu)
+        if gpus is not None:
+            torch.cuda.set_rng_state_all(gpus)
 
 
 def time_layer(layer: Any, x: Any, reps: int = 3,

@@ -46,25 +46,28 @@ from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import collectives
+import numpy as np
+
 from mesh import Comm, Grid
 from mesh.tensors import is_tensor
 
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
-                     candidates, counts_for, measure, measure_stages, microbatch_counts,
+                     candidates, counts_for, kept_random, measure, measure_stages,
+                     microbatch_counts,
                      recomputing, recosted, retimed, stage_costs, stage_spans, table,
                      time_program)
 from .executor import Pipeline, rows_of
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
 from .stagebuild import inputs_of, is_module, make_stage, param_count
-from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize
+from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize, tensor_bytes
 from .partition import partition
 from .traced import called_whole, few, sequential, traceable
 from .torch_stage import TorchStage, checkpoint_modules, patterns_of, torch_loss
 from .tp_layers import full_params, load_full_params
-from .tp_plan import logging_calls, named_by
+from .tp_plan import digest, logging_calls, named_by
 from .tp_sums import holders as tp_holders
 
 __all__ = ["distribute", "Job", "load_state"]
@@ -98,6 +101,74 @@ def _model_layers(model: Any) -> tuple[list[tuple[str, Any]], bool]:
         return [(str(i), m) for i, m in enumerate(items)], is_torch
     raise TypeError(f"engine.distribute takes an nn.Sequential, an engine.layers.Sequential "
                     f"or a list of layers, not a {type(model).__name__}")
+
+
+def _fingerprint(layer: Any, is_torch: bool) -> tuple[str, str | None]:
+    """A layer's make (its type, its tensors' names, shapes and dtypes) and
+    a hash of its values (None on the meta device, which holds none)."""
+    if is_torch:
+        torch = sys.modules["torch"]
+        state = layer.state_dict()
+        make = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+                         for k, v in state.items())
+        if any(v.is_meta for v in state.values()):
+            return f"{type(layer).__name__}({make})", None
+        return f"{type(layer).__name__}({make})", digest(tensor_bytes(torch, v)
+                                                          for v in state.values())
+    params = getattr(layer, "params", None)
+    arrays = [np.ascontiguousarray(a) for a in params()] if callable(params) else []
+    make = ", ".join(f"{a.shape} {a.dtype}" for a in arrays)
+    return f"{type(layer).__name__}({make})", digest(a.tobytes() for a in arrays)
+
+
+def _cut(text: str, most: int = 300) -> str:
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
+def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool) -> None:
+    """Raise on every rank, before anything is measured or cut, unless every
+    rank built the same model: as many layers, each of the same make; and,
+    within each dp replica (whose pp and tp ranks cut their stages and
+    shards from their own copies), the same values. Replicas over dp may
+    differ: they start from replica 0's weights."""
+    mine = (_coord(grid, "dp"), [_fingerprint(layer, is_torch) for _, layer in named])
+    everyone = collectives.all_gather_object(grid.comm, mine)
+    who = f"rank {grid.comm.rank}: engine.distribute: the model differs across ranks"
+    fix = "build the same model on every rank"
+
+    def by(key: Callable[[int], Any], ranks: Sequence[int]) -> list[tuple[Any, list[int]]]:
+        groups: dict[Any, list[int]] = {}
+        for r in ranks:
+            groups.setdefault(key(r), []).append(r)
+        return list(groups.items())
+
+    def label(i: int) -> str:
+        name, layer = named[i]
+        if name:
+            return f"layer {i} ({name!r})"
+        keys = list(layer.state_dict()) if is_torch else []    # a traced piece: the model's
+        return f"layer {i}" + (f" (with {keys[0]!r})" if keys else "")
+    world = range(len(everyone))
+    sizes = by(lambda r: len(everyone[r][1]), world)
+    if len(sizes) > 1:
+        raise ValueError(f"{who}: " + ", ".join(f"ranks {rs} built {n} layers"
+                                                for n, rs in sizes) + f"; {fix}")
+    for i in range(len(named)):
+        makes = by(lambda r: everyone[r][1][i][0], world)
+        if len(makes) > 1:
+            raise ValueError(f"{who}: {label(i)} is " + "; ".join(
+                f"{_cut(m)} on ranks {rs}" for m, rs in makes) + f"; {fix}")
+    for dp, replica in by(lambda r: everyone[r][0], world):
+        for i in range(len(named)):
+            values = by(lambda r: everyone[r][1][i][1], replica)
+            if len(values) > 1 and all(v is not None for v, _ in values):
+                where = f" of dp replica {dp}" if _size(grid, "dp") > 1 else ""
+                raise ValueError(
+                    f"{who}: {label(i)} holds different values on ranks "
+                    + " and ".join(str(rs) for _, rs in values) + f"{where}, whose pipeline "
+                    "stages (and tensor-parallel shards) are cut from each rank's own copy: "
+                    f"{fix}, seeded alike (torch.manual_seed(0) before building it), "
+                    "or load the same weights into each")
 
 
 def _checkpoint_model(model: Any, patterns: Sequence[str], traced: bool) -> None:
@@ -440,7 +511,9 @@ class Job:
         choice. Nothing is fitted to a step: no step runs."""
         if self.chosen is None or not self._inputs:
             return None
-        with collected():       # no collection of a large heap inside the figures
+        # no collection of a large heap inside the figures; the random streams
+        # as they were (its stages' copies draw dropout masks as often as timed)
+        with collected(), kept_random():
             return self._timed_again()
 
     def _timed_again(self) -> float:
@@ -764,6 +837,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         loss_fn = loss_fn or model.loss
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
+    _same_model(grid, named, is_torch)
     if patterns and not is_torch:
         raise ValueError(f"recompute={recompute!r} (submodules by name) needs a torch model: "
                          "an engine.layers model recomputes whole stages (recompute=True "
@@ -832,7 +906,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     sched = scheds[0]
     cal: Calibration | None = None
     if sample is not None:         # measured: the cut by time, the choice, the prediction
-        with collected():          # no collection of a large heap inside the figures
+        # no collection of a large heap inside the figures; the random streams put
+        # back after (the layers' dropouts draw as often as they are timed)
+        with collected(), kept_random():
             rows = len(sample)
             sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
             # (a meta model's layers are timed on real copies, one layer at a time)
@@ -940,11 +1016,12 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
         xs = [sample[:size]]
-        # (sharded: tp peers pass it through the same layers, collectives alike)
-        while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
-            xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
-        inputs = {s: xs[bounds[s]] for s in mine}
-        target = _loss_target(wrapped, xs[-1]) if pipe.last else None
+        with kept_random():
+            # (sharded: tp peers pass it through the same layers, collectives alike)
+            while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
+                xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
+            inputs = {s: xs[bounds[s]] for s in mine}
+            target = _loss_target(wrapped, xs[-1]) if pipe.last else None
         if overhead is None:          # each stage's messages: its output, its input's gradient
             messages = _stage_messages(profile[size], tuple(counts))
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,

@@ -49,7 +49,7 @@ import itertools
 import math
 from typing import Any, Sequence
 
-from .choose import time_layer
+from .choose import kept_random, time_layer
 from .ir import Schedule
 from .replay import replay
 from .schedules import one_f_one_b
@@ -283,13 +283,14 @@ def _measured(items: list[Any], kinds: list[str], sample: Any, reps: int,
     if group is None or group.rank == 0:
         costs = {k: [] for k in _KINDS}
         x = sample
-        for item, kind in zip(items, kinds):
-            layer = build(item, kind)
-            if is_module(layer) or not callable(getattr(layer, "backward", None)):
-                layer = TorchStage(as_module(layer))
-            lc, x = time_layer(layer, x, reps)
-            for k in _KINDS:
-                costs[k].append(getattr(lc, k))
+        with kept_random():     # rank 0's streams as the others': timing draws none
+            for item, kind in zip(items, kinds):
+                layer = build(item, kind)
+                if is_module(layer) or not callable(getattr(layer, "backward", None)):
+                    layer = TorchStage(as_module(layer))
+                lc, x = time_layer(layer, x, reps)
+                for k in _KINDS:
+                    costs[k].append(getattr(lc, k))
     if group is not None:
         import collectives
         costs = collectives.broadcast_object(group, costs, root=0)

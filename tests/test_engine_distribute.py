@@ -1077,3 +1077,78 @@ def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
         assert (o["missing"] == "") != o["last"], o
         assert not o["last"] or f"rank {o['rank']}: load_state_dict: stage 1 needs" in \
             o["missing"], o
+
+
+def _differing_worker(world):
+    """dp=2 x pp=2, each case a model some ranks build otherwise: every rank
+    raises the same error before anything is measured; replicas over dp
+    that differ from each other (each equal within) are no error."""
+    grid = mesh.grid(world, dp=2, pp=2)
+    me, d = world.rank, grid.coord("dp")
+    sample = _half(_data(0)[0], d)
+    cases = {
+        "depth": Sequential(*mlp_stages(WIDTHS + ([3] if me == 3 else []), 1, SEED)[0].layers),
+        "width": Sequential(*mlp_stages(WIDTHS if me != 2 else [5, 8, 6, 9, 4, 3], 1,
+                                        SEED)[0].layers),
+        "values": Sequential(*mlp_stages(WIDTHS, 1, SEED + (me == 1))[0].layers),
+    }
+    got = {}
+    for case, model in cases.items():
+        try:
+            engine.distribute(model, grid, loss_fn=mse_loss, sample=sample, schedule="1f1b",
+                              microbatches=2, timeout=30, reps=1, verbose=False)
+            got[case] = "no error"
+        except ValueError as e:
+            got[case] = str(e)
+    # each replica equal within, the two apart: replica 0's weights everywhere
+    model = Sequential(*mlp_stages(WIDTHS, 1, SEED + d)[0].layers)
+    job = engine.distribute(model, grid, loss_fn=mse_loss, schedule="1f1b", microbatches=2,
+                            balance="uniform", timeout=30, verbose=False)
+    want = mlp_stages(WIDTHS, 1, SEED)[0].layers
+    first = job.first[job.schedule.stages_of(grid.coord("pp"))[0]]
+    got["replicas"] = all(np.array_equal(a, b) for a, b in zip(
+        job.parameters(), [p for layer in want[first:first + sum(
+            job.counts[s] for s in job.schedule.stages_of(grid.coord("pp")))]
+                           for p in layer.params()], strict=True))
+    return got
+
+
+def test_a_model_that_differs_across_ranks_is_refused_on_every_rank():
+    results = mesh.spawn(_differing_worker, 4, timeout=120, env=PATIENT)
+    for rank, got in enumerate(results):
+        head = f"rank {rank}: engine.distribute: the model differs across ranks: "
+        assert got["depth"] == (head + "ranks [0, 1, 2] built 9 layers, ranks [3] built 11 "
+                                "layers; build the same model on every rank"), got["depth"]
+        assert got["width"].startswith(head + "layer 4 ('4') is Linear((6, 7) float64, (7,) "
+                                       "float64) on ranks [0, 1, 3]; Linear((6, 9) float64, "
+                                       "(9,) float64) on ranks [2]"), got["width"]
+        assert got["values"].startswith(head + "layer 0 ('0') holds different values on ranks "
+                                        "[0] and [1] of dp replica 0"), got["values"]
+        assert got["replicas"] is True
+
+
+def _seeded_worker(world):
+    """A model with dropout, measured and re-timed (its forwards drawing as
+    often as the clock says): the random streams come back as they were."""
+    import random
+
+    import torch
+    torch.set_num_threads(1)
+    torch.manual_seed(SEED)
+    model = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(8, 8),
+                                                                   torch.nn.Dropout(0.5))])
+    sample = torch.randn(16, 8)
+    np.random.seed(SEED)
+    random.seed(SEED)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    job = engine.distribute(model, mesh.grid(world, pp=2), sample=sample,
+                            loss_fn=torch.nn.functional.mse_loss, timeout=30, reps=1,
+                            verbose=False)
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    return (bool(torch.equal(before[0], after[0])) and np.array_equal(before[1], after[1])
+            and before[2] == after[2] and job.predicted is not None)
+
+
+def test_measuring_leaves_the_random_streams_as_they_were():
+    pytest.importorskip("torch")
+    assert mesh.spawn(_seeded_worker, 2, timeout=120, env=PATIENT) == [True, True]
