@@ -155,12 +155,21 @@ class _FutureWork(_Work):
         self._base: Future = Future()
         self._fut = self._base.then(_unwrap)
         self._error: BaseException | None = None
+        self._finished = threading.Event()
 
     def finish(self, result: Any, error: BaseException | None) -> None:
         self._error = error
         self._base.set_result(result if error is None else _Failed(error))
+        self._finished.set()
 
     def wait(self, timeout: timedelta | None = None) -> bool:
+        """Until the operation is done (it carries the process group's
+        timeout), or ``timeout``: then MeshTimeoutError, the operation
+        going on (a later wait may still see it through), as gloo's."""
+        secs = timeout.total_seconds() if timeout else 0.0
+        if secs > 0 and not self._finished.wait(secs):
+            raise MeshTimeoutError(f"Work.wait: the operation did not complete within "
+                                   f"{secs:g}s (the timeout given; it goes on)")
         self._base.wait()
         if self._error is not None:
             raise self._error
@@ -597,7 +606,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
     # -- point-to-point -----------------------------------------------------------
 
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> dist.Work:
-        return _P2PWork(self.comm.isend(tensors[0], dstRank, tag), None, tensors)
+        return _P2PWork(self.comm.isend(tensors[0], dstRank, tag), None, tensors, self.timeout)
 
     def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> dist.Work:
         return self._recv(tensors[0], srcRank, tag)
@@ -610,23 +619,29 @@ class ProcessGroupMeshrun(_ProcessGroup):
         else a fresh tensor, copied into ``t``."""
         direct = not _tensors.out_unusable(t)
         req = self.comm.irecv(src, tag, out=t if direct else None)
-        return _P2PWork(req, None if direct else (lambda v: _write(t, v)), [t])
+        return _P2PWork(req, None if direct else (lambda v: _write(t, v)), [t], self.timeout)
 
 
 class _P2PWork(_Work):
     """A torch Work over a mesh request; ``finish(value)`` copies a received
-    value where the tensor could not take it directly."""
+    value where the tensor could not take it directly. ``wait()`` without a
+    timeout waits the process group's (``limit``), as gloo's does."""
 
     def __init__(self, req: Any, finish: Callable[[Any], None] | None,
-                 tensors: list[torch.Tensor]) -> None:
+                 tensors: list[torch.Tensor], limit: float) -> None:
         super().__init__()
-        self._req, self._finish, self._tensors = req, finish, tensors
+        self._req, self._finish, self._tensors, self._limit = req, finish, tensors, limit
         self._lock = threading.Lock()
         self._done: _FutureWork | None = None
 
     def wait(self, timeout: timedelta | None = None) -> bool:
-        secs = timeout.total_seconds() if timeout else None
-        value = self._req.wait(secs if secs and secs > 0 else None)
+        secs = timeout.total_seconds() if timeout else 0.0
+        try:
+            value = self._req.wait(secs if secs > 0 else self._limit)
+        except MeshTimeoutError as e:
+            if secs <= 0:
+                _torch_words(e, self._limit)
+            raise
         with self._lock:
             fn, self._finish = self._finish, None
         if fn is not None:

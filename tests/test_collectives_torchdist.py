@@ -361,6 +361,22 @@ def ddp_and_mismatch(world: Any) -> dict:
             dist.barrier(group=g)
         except Exception as e:
             timed_out = str(e)
+        try:                           # a receive waits the group's timeout, as gloo's
+            dist.recv(torch.empty(1), src=1, group=g)
+        except Exception as e:
+            timed_out += f"\n{type(e).__name__}: {e}"
+    late = torch.ones(1)               # Work.wait(timeout) times out, the call goes on
+    if r == 0:
+        w = dist.all_reduce(late, async_op=True)
+        try:
+            w.wait(timeout=timedelta(seconds=0.1))
+        except Exception as e:
+            timed_out += f"\n{type(e).__name__}: {e}"
+        dist.send(torch.ones(1), dst=1)
+        w.wait()
+    else:
+        dist.recv(torch.empty(1), src=0)
+        dist.all_reduce(late)
     g2 = dist.new_group([0, 1])
     if r == 0:                         # torch's test_monitored_barrier_gloo_rank_0_timeout
         try:
@@ -372,7 +388,7 @@ def ddp_and_mismatch(world: Any) -> dict:
     threads = {th.name for th in threading.enumerate()}
     dist.destroy_process_group()
     return {"diff": diff, "errors": errors, "after": t.tolist(), "threads": sorted(threads),
-            "timed_out": timed_out}
+            "timed_out": timed_out, "late": late.tolist()}
 
 
 def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_raise() -> None:
@@ -389,6 +405,11 @@ def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_rais
     assert re.search(" (Timed out|closed|timeout) ", out[0]["timed_out"]), out[0]
     assert "barrier" in out[0]["timed_out"] and "rank 1" in out[0]["timed_out"], out[0]
     assert "Rank 0 timed out in monitoredBarrier" in out[0]["timed_out"], out[0]
+    assert re.search(r"MeshTimeoutError: rank 0: recv from rank 1 .* timed out after 1s.*"
+                     r"\(process group timeout of 1s\)", out[0]["timed_out"]), out[0]
+    assert ("MeshTimeoutError: Work.wait: the operation did not complete within 0.1s"
+            in out[0]["timed_out"]), out[0]
+    assert out[0]["late"] == out[1]["late"] == [2.0]
 
 
 def monitored(world: Any) -> dict[str, str]:
