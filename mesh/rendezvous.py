@@ -31,6 +31,9 @@ _MAX_REQUEST = 64 * 1024
 
 class RendezvousServer:
     """Collects one registration per rank and hands every rank the table.
+    Once the table is out, a rank's process may join again (its mesh
+    closed, ``mesh.init()`` or ``init_process_group`` once more): that
+    starts a new round, which only the processes of the last table join.
 
     ``refused`` counts connections that failed the handshake (no secret, a
     wrong one, another mechanism); ``rejected`` counts requests refused after
@@ -66,6 +69,7 @@ class RendezvousServer:
         self.complete = threading.Event()
         self._peers: dict[int, dict[str, Any]] = {}
         self._idents: dict[int, bytes] = {}
+        self._last: dict[int, dict[str, Any]] | None = None   # the last table, by rank
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()      # close() wakes the poll at once
         self._thread = threading.Thread(target=self._run, name="mesh-rendezvous", daemon=True)
@@ -83,6 +87,11 @@ class RendezvousServer:
         except zmq.ZMQError:
             pass
 
+    def _was(self, rank: int, who: tuple[Any, str]) -> bool:
+        """Whether ``who`` (pid, host) is the process the last table has at ``rank``."""
+        last = None if self._last is None else self._last[rank]
+        return last is not None and (last["pid"], last["host"]) == who
+
     def _register(self, ident: bytes, req: Any) -> None:
         if not (isinstance(req, dict) and req.get("op") == "join"
                 and type(req.get("rank")) is int and type(req.get("size")) is int
@@ -97,8 +106,17 @@ class RendezvousServer:
                                 f"rank {rank} of world {size} cannot join a job of world size "
                                 f"{self.world_size}"})
             return
+        who = (req.get("pid"), str(req.get("host", "")))
+        if len(self._peers) == self.world_size and self._was(rank, who):
+            self._peers, self._idents = {}, {}     # the table is out: a new round
         prev = self._peers.get(rank)
-        if prev is not None and self._idents[rank] != ident:
+        if prev is not None:             # joined this round already, from another socket?
+            duplicate = self._idents[rank] != ident
+        else:                            # a new round's ranks are the last table's processes
+            prev = None if self._last is None else self._last[rank]
+            duplicate = prev is not None and not self._was(rank, who)
+        if duplicate:
+            assert prev is not None
             self.rejected += 1
             self._reply(ident, {"op": "error", "msg":
                                 f"rank {rank} already joined (pid {prev.get('pid')} on "
@@ -111,6 +129,7 @@ class RendezvousServer:
             table = {"op": "table", "peers": [self._peers[r] for r in range(self.world_size)]}
             for r in range(self.world_size):
                 self._reply(self._idents[r], table)
+            self._last = dict(self._peers)
             self.complete.set()
 
     def _on_monitor(self) -> None:

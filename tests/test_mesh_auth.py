@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -100,6 +101,24 @@ def test_rendezvous_refuses_strangers_and_duplicates(curve: bool) -> None:
         first.join(10)
         assert [p["rank"] for p in results[0]] == [0, 1] and results[0] == results[1]
         assert srv.rejected == 2
+        # the table is out: the same processes may join again (their meshes closed,
+        # mesh.init() once more), for a new table; another process may not
+        again: dict[int, Any] = {}
+        first = _join_in_thread(srv.port, secret, 1, 2, curve, again)
+        assert _wait(lambda: srv.missing() == [0])
+        other = ctx.socket(zmq.DEALER)
+        other.setsockopt(zmq.LINGER, 0)
+        auth.make_client(other, secret, curve)
+        other.connect(f"tcp://127.0.0.1:{srv.port}")
+        other.send(msgpack.packb({"op": "join", "rank": 0, "size": 2, "host": "h0",
+                                  "endpoints": EPS, "pid": os.getpid() + 1}))
+        assert other.poll(5000)
+        assert "rank 0 already joined" in msgpack.unpackb(other.recv())["msg"]
+        other.close()
+        _join_in_thread(srv.port, secret, 0, 2, curve, again).join(10)
+        first.join(10)
+        assert again[0] == again[1] and [p["rank"] for p in again[0]] == [0, 1]
+        assert srv.rejected == 3
         for s in socks:
             s.close()
     finally:

@@ -253,6 +253,23 @@ def test_workers_join_one_mesh_and_exchange_messages() -> None:
         "[2] rank 2 got {'hello': 2}"]
 
 
+def test_a_rank_may_close_its_mesh_and_init_again(tmp_path: Path) -> None:
+    """mesh.init() after the first mesh closed (torch's init_process_group
+    after destroy_process_group): the launcher's rendezvous takes each
+    rank's process again, for a new table."""
+    script = tmp_path / "again.py"
+    script.write_text("import numpy as np, mesh, collectives as C\n"
+                      "for i in range(3):\n"
+                      "    with mesh.init() as w:\n"
+                      "        a = np.ones(1) * (i + 1)\n"
+                      "        C.all_reduce(w, a)\n"
+                      "        print(i, a[0], flush=True)\n")
+    r = meshrun("-n", "2", str(script))
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == sorted(f"[{k}] {i} {2.0 * (i + 1)}"
+                                                   for i in range(3) for k in (0, 1))
+
+
 def test_two_launchers_form_one_mesh() -> None:
     common = ("--nnodes", "2", "-n", "2", "--master-addr", "127.0.0.1")
     node0 = start(*common, "--node-rank", "0", "--master-port", "0", str(MESH_SCRIPT),
