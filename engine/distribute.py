@@ -39,15 +39,16 @@ the global batch: the same as one process training on all of it.
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 import time
 from dataclasses import replace
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
-import collectives
 import numpy as np
 
+import collectives
 from mesh import Comm, Grid
 from mesh.tensors import is_tensor
 
@@ -119,6 +120,20 @@ def _fingerprint(layer: Any, is_torch: bool) -> tuple[str, str | None]:
     arrays = [np.ascontiguousarray(a) for a in params()] if callable(params) else []
     make = ", ".join(f"{a.shape} {a.dtype}" for a in arrays)
     return f"{type(layer).__name__}({make})", digest(a.tobytes() for a in arrays)
+
+
+def _takes_two(loss_fn: Callable[..., Any]) -> None:
+    """Raise unless ``loss_fn`` can be called as ``loss_fn(output, target)``
+    (where Python can tell: a builtin may not say)."""
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError as e:
+        raise ValueError(f"loss_fn={getattr(loss_fn, '__name__', loss_fn)!r} is called as "
+                         f"loss_fn(output, target), but it takes {sig}: {e}") from None
 
 
 def _cut(text: str, most: int = 300) -> str:
@@ -835,6 +850,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
         model = sequential(source, target=loss_fn is None, inputs=n_inputs)
         loss_fn = loss_fn or model.loss
+    if loss_fn is not None:
+        _takes_two(loss_fn)
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
     _same_model(grid, named, is_torch)

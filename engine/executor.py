@@ -14,7 +14,11 @@ schedule once; ``step(inputs, targets)`` then runs one training step:
   U-Net's skips): a small header then its parts go on the one tag, each as
   an array would (a part that is None, a mask's gradient, is not sent);
 * loss and scaling, explicitly: ``loss_fn(y, target)`` returns the mean
-  loss of micro-batch k and its gradient; the executor multiplies that
+  loss of micro-batch k and its gradient (on torch stages it may instead
+  return the loss as a scalar tensor, an ordinary torch loss such as
+  ``F.mse_loss`` or ``nn.MSELoss()``: it is then wrapped,
+  engine.torch_stage.torch_loss, and its gradient taken by autograd);
+  the executor multiplies that
   gradient by ``n_k / N`` (rows of k over rows of the local batch) before
   the backward pass, so the stage gradients add up to the gradient of the
   mean loss over the local batch. With a dp axis each stage's gradients are
@@ -67,7 +71,8 @@ from .lower import with_grad_sync
 from .simulate import simulate
 from .tied import TiedGrads
 from .tp_sums import TpSums
-from .torch_stage import Parts, TorchStage, checkpoint_modules, patterns_of
+from .torch_stage import (Parts, TorchStage, as_pipeline_loss, checkpoint_modules, patterns_of,
+                          plain_torch_loss, torch_loss)
 from .tp_plan import named_by
 from .verify import verify
 
@@ -220,7 +225,9 @@ class Pipeline:
         # sequence-parallel sums of whole parameters' gradients, once a step
         # (not with OPT actions: the optimizer would step before the sums)
         self.tp_sums = TpSums(self.stages, enabled=not any(a.kind == OPT for a in self.program))
-        self.loss_fn = loss_fn
+        # torch's own losses (F.mse_loss, nn.MSELoss()) return the loss only: wrapped
+        self.loss_fn = torch_loss(loss_fn) if loss_fn is not None and plain_torch_loss(
+            loss_fn) else loss_fn
         self.optimizer = optimizer
         self.timeout = timeout
         self.tag_base = tag_base
@@ -431,7 +438,10 @@ class _Step:
         if pipe.last:
             if targets is None:
                 raise ValueError(f"pp rank {pipe.rank} holds the last stage: step() needs targets")
-            self.targets = split_microbatches(targets, m)
+            try:
+                self.targets = split_microbatches(targets, m)
+            except ValueError as e:
+                raise ValueError(f"pp rank {pipe.rank}: step()'s targets: {e}") from None
             total = sum(len(t) for t in self.targets)
             self.weights = [len(t) / total for t in self.targets]
         self.prior = self._save_prior()
@@ -504,7 +514,11 @@ class _Step:
         y, self.ctxs[(s, k)] = pipe.stages[s].forward(self.xs.pop((s, k)))
         if s == pipe.schedule.num_stages - 1:
             assert pipe.loss_fn is not None
-            loss, gy = pipe.loss_fn(y, self.targets[k])
+            out = pipe.loss_fn(y, self.targets[k])
+            if not isinstance(out, tuple):      # a torch loss: wrapped, or a clear error
+                pipe.loss_fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}")
+                out = pipe.loss_fn(y, self.targets[k])
+            loss, gy = out
             self.losses[k] = float(loss)
             self.gys[(s, k)] = gy * self.weights[k]
         elif pipe.schedule.rank_of(s + 1) == pipe.rank:

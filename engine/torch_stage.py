@@ -26,13 +26,15 @@ executor does every step: an older list may view tensors torch replaced.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Iterable
 
 import numpy as np
 
 from .tp_plan import named_by
 
-__all__ = ["TorchStage", "Parts", "torch_loss", "checkpoint_modules"]
+__all__ = ["TorchStage", "Parts", "torch_loss", "as_pipeline_loss", "plain_torch_loss",
+           "checkpoint_modules"]
 
 
 def _torch() -> Any:
@@ -440,7 +442,61 @@ def torch_loss(fn: Any) -> Any:
     def loss_fn(y: Any, target: Any) -> tuple[float, Any]:
         ty = _tensor(torch, y).detach().requires_grad_(True)
         loss = fn(ty, _tensor(torch, target, ty.device))
+        if isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad:
+            raise TypeError("loss_fn(output, target) returned a scalar tensor without a "
+                            "gradient: compute it from the output (no .detach(), no "
+                            "torch.no_grad())")
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+            raise TypeError(f"loss_fn(output, target) returned {_described(loss)}: a torch "
+                            "model's loss_fn returns the loss as a scalar tensor of the "
+                            "output, the mean over the micro-batch (F.mse_loss, "
+                            "F.cross_entropy)" + _hint(loss))
         loss.backward()
         return float(loss.detach()), ty.grad
 
     return loss_fn
+
+
+def _described(v: Any) -> str:
+    shape = getattr(v, "shape", None)
+    if shape is not None:
+        return f"a {type(v).__name__} of shape {tuple(shape)}"
+    return f"a {type(v).__name__}" + (f" of {len(v)}" if isinstance(v, tuple) else "")
+
+
+def _hint(v: Any) -> str:
+    if isinstance(v, tuple):
+        return ("; a (loss, gradient) pair is an engine.layers model's loss "
+                "(engine.layers.mse_loss)")
+    if getattr(v, "shape", ()) != ():
+        return "; reduce it (reduction='mean')"
+    if not hasattr(v, "shape"):
+        return "; return the tensor, not a number (no .item())"
+    return ""
+
+
+def plain_torch_loss(fn: Any) -> bool:
+    """Whether ``fn`` is one of torch's own losses, which return the loss
+    alone (``torch.nn.functional``'s, or a module such as ``nn.MSELoss()``)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    return isinstance(fn, torch.nn.Module) or (
+        getattr(fn, "__module__", None) or "").startswith("torch.nn.functional")
+
+
+def as_pipeline_loss(fn: Any, first: Any, where: str) -> Any:
+    """A Pipeline's ``loss_fn`` from what ``fn(y, target)`` returned on its
+    first call (``first``): ``fn`` itself where that is a ``(loss,
+    gradient)`` pair; ``torch_loss(fn)`` where it is a torch scalar (an
+    ordinary torch loss, F.mse_loss); else TypeError, saying what it must
+    return (``where``: the rank, for the error)."""
+    if isinstance(first, tuple) and len(first) == 2:
+        return fn
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(first, torch.Tensor) and first.dim() == 0:
+        return torch_loss(fn)
+    raise TypeError(f"{where}: loss_fn(output, target) returned {_described(first)}: a "
+                    "Pipeline's loss_fn returns (loss, gradient of the output) "
+                    "(engine.layers.mse_loss), or, on torch stages, the loss as a scalar "
+                    "tensor (F.mse_loss: the mean over the micro-batch)")

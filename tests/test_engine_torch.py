@@ -1,7 +1,10 @@
 """The torch adapter gives the same numbers as the numpy reference layers."""
+import re
+
 import numpy as np
 import pytest
 
+import engine
 from engine import Pipeline, schedules
 from engine.layers import mlp_stages, mse_loss
 
@@ -45,6 +48,39 @@ def test_torch_stages_match_numpy_stages(sched):
         want = [g.T if g.ndim == 2 else g for g in s_ref.grads()]
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_a_pipeline_takes_an_ordinary_torch_loss_and_says_what_a_loss_returns():
+    sched = schedules.one_f_one_b(1, 3)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((7, 4)), rng.standard_normal((7, 2))
+    mse = torch.nn.functional.mse_loss
+    got = {}
+    for name, fn in [("wrapped", torch_loss(mse)), ("plain", mse)]:
+        stages = [TorchStage(_torch_copy(s)) for s in mlp_stages([4, 5, 2], 1, seed=2)]
+        got[name] = (Pipeline(_Solo(), stages, sched, loss_fn=fn).step(x, y), stages[0].grads())
+    assert got["plain"][0] == got["wrapped"][0]
+    for a, b in zip(got["plain"][1], got["wrapped"][1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for fn, words in [(lambda o, t: float(mse(o, t)), "returned a float: a Pipeline's loss_fn "
+                       "returns (loss, gradient of the output)"),
+                      (lambda o, t: (o - t) ** 2, "returned a Tensor of shape (2, 2)")]:
+        stages = [TorchStage(_torch_copy(s)) for s in mlp_stages([4, 5, 2], 1, seed=2)]
+        with pytest.raises(TypeError, match=re.escape(f"pp rank 0: loss_fn(output, target) "
+                                                      f"{words}")):
+            Pipeline(_Solo(), stages, sched, loss_fn=fn).step(torch.from_numpy(x),
+                                                               torch.from_numpy(y))
+    for fn, words in [(lambda o, t: (mse(o, t), 0), "a tuple of 2: a torch model's loss_fn "
+                       "returns the loss as a scalar tensor"),
+                      (lambda o, t: (o - t) ** 2, "(reduction='mean')"),
+                      (lambda o, t: mse(o, t).item(), "not a number (no .item())"),
+                      (lambda o, t: mse(o.detach(), t), "a scalar tensor without a gradient")]:
+        with pytest.raises(TypeError, match=re.escape(words)):
+            torch_loss(fn)(torch.zeros(3, 2), torch.ones(3, 2))
+    with pytest.raises(ValueError, match=re.escape("is called as loss_fn(output, target), "
+                                                   "but it takes (logits)")):
+        engine.distribute(_torch_copy(mlp_stages([4, 5, 2], 1, seed=2)[0]), None,
+                          loss_fn=lambda logits: logits.sum())
 
 
 def test_grads_are_views_of_torch_gradients():
