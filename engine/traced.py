@@ -49,6 +49,8 @@ length and passed to every block), there is no cut: the pieces are fewer.
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from typing import Any
 
 __all__ = ["sequential", "traceable", "few"]
@@ -168,6 +170,46 @@ def _piece(model: Any, nodes: list[Any], ins: list[Any], outs: list[Any], name: 
 _TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names
 
 
+def _asserting() -> str | None:
+    """Where the model's code tests a traced value in an ``assert`` (the
+    frame outside torch.fx that asks for the truth of a proxy, at a jump
+    whose fall-through raises AssertionError: nanoGPT's ``assert t <=
+    block_size``), as ``file:line``; None for any other test (an ``if``,
+    which the trace cannot follow)."""
+    import dis
+    fx_dir = os.path.dirname(sys.modules["torch.fx"].__file__ or "")
+    frame: Any = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(fx_dir)
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    at = frame.f_lasti * (2 if sys.version_info < (3, 11) else 1)   # (3.10: instructions)
+    insts = list(dis.get_instructions(frame.f_code))
+    for i, inst in enumerate(insts[:-1]):
+        if inst.offset == at:
+            nxt = insts[i + 1]
+            if nxt.opname == "LOAD_ASSERTION_ERROR" or (
+                    nxt.opname == "LOAD_GLOBAL" and nxt.argval == "AssertionError"):
+                return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+            return None
+    return None
+
+
+def _line_of(e: BaseException) -> str:
+    """Where the model's own code raised ``e`` while torch.fx traced it (the
+    last frame outside torch and this module): ``", at model.py:40: assert
+    t <= block_size"``, or "" when there is none."""
+    import traceback
+    torch_dir = os.path.dirname(sys.modules["torch"].__file__ or "")
+    own = [f for f in traceback.extract_tb(e.__traceback__)
+           if not f.filename.startswith(torch_dir) and f.filename != __file__]
+    if not own:
+        return ""
+    f = own[-1]
+    return f", at {os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
+
+
 def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     """``model``'s forward as an ``nn.Sequential`` of pieces of its traced
     graph (module docstring); with ``target`` its ``.loss(output, target)``
@@ -179,7 +221,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     attention_mask, labels)``) the first piece takes them as one tuple,
     as a pipeline's first stage gets ``step((ids, mask), labels)``."""
     import torch.fx as fx
-    from torch import nn
+    from torch import _assert as torch_assert, nn
     what = f"{type(model).__name__}.forward"
     way = ("pass an nn.Sequential, or a list of the model's layers in the order they run "
            "(a layer may be a module or a function of one tensor)")
@@ -221,6 +263,13 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                 return True         # a member of a list of layers: a block, called whole
             return not _holds_layers(m)
 
+        def to_bool(self, obj: Any) -> bool:
+            where = _asserting()    # an assert on a traced value: checked as the step runs
+            if where is None:
+                return bool(super().to_bool(obj))
+            self.create_proxy("call_function", torch_assert, (obj, f"assert at {where}"), {})
+            return True
+
     try:
         graph = Tracer().trace(model, concrete_args=concrete or None)
     except Exception as e:
@@ -228,8 +277,8 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         fixed = (f"; {kept} kept {'its' if len(concrete) == 1 else 'their'} default(s): "
                  "to trace a forward of several inputs, pass sample= a tuple of them "
                  "(engine.sequential: inputs=)" if concrete else "")
-        raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}){fixed}; "
-                        f"{way}") from e
+        raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}"
+                        f"{_line_of(e)}){fixed}; {way}") from e
     nodes = list(graph.nodes)
     phs = [n for n in nodes if n.op == "placeholder"]
     by_name = {n.target: n for n in phs}
@@ -266,6 +315,13 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                             f"returns one: {way}")
         end = out[0]
     needed = _ancestors([end])
+    # the asserts on what the layers read (nanoGPT's on the input's length): kept, where
+    # their values are made, though nothing reads what they return
+    checks = [n for n in nodes if n.op == "call_function" and n.target is torch_assert]
+    for n in checks:
+        up = _ancestors([n])
+        if all(u in ins for u in up if u.op == "placeholder"):
+            needed |= up
     body = [n for n in nodes if n in needed and n.op not in ("placeholder", "get_attr")]
     if any(n.op == "placeholder" and n not in ins for n in needed):
         raise TypeError(f"{what}: its layers read an input besides "

@@ -137,6 +137,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         b, t = idx.size()
+        assert t <= self.config.block_size, (f"Cannot forward sequence of length {t}, block "
+                                             f"size is only {self.config.block_size}")
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:

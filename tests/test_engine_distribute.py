@@ -1041,7 +1041,9 @@ def test_torch_model_must_be_a_sequence_of_layers():
         def forward(self, x):
             return self.a(x) if x.sum() > 0 else x          # control flow on a value
 
-    with pytest.raises(TypeError, match="torch.fx cannot trace Net.forward.*nn.Sequential"):
+    with pytest.raises(TypeError, match=r"torch.fx cannot trace Net.forward .*, at "
+                       r"test_engine_distribute.py:\d+: return self.a\(x\) if x.sum\(\) > 0 "
+                       r"else x.*nn.Sequential"):
         engine.distribute(Net(), None, loss_fn=torch.nn.functional.mse_loss)
     with pytest.raises(TypeError, match=r"Linear.forward takes no target.*loss_fn="):
         engine.distribute(torch.nn.Linear(2, 2), None)

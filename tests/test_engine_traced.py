@@ -48,6 +48,9 @@ def test_gpt_traced_into_its_own_modules_and_loss():
     assert seq[0].transformer.wte.weight is gpt.lm_head.weight is seq[-1].lm_head.weight
     x, y = _batch(0)
     torch.testing.assert_close(seq.loss(seq(x), y), gpt(x, y)[1], rtol=0, atol=0)
+    # its assert on the input's length is traced as a check the pieces make
+    with pytest.raises(AssertionError, match=r"assert at nanogpt_tp.py:\d+"):
+        seq(torch.zeros(1, CFG.block_size + 1, dtype=torch.long))
     # without the target: forward(idx) as written (its last position's logits)
     plain = engine.sequential(gpt)
     assert plain.loss is None
