@@ -134,6 +134,9 @@ def comm_of(group: Any = None) -> Any:
     ``collectives.*``, ``mesh.grid``, ``engine.parallelize`` (which calls
     this itself when given a group or a DeviceMesh)."""
     import torch
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"comm_of: rank {dist.get_rank()} is not a member of the group "
+                         "(dist.new_group returned it the non-member placeholder)")
     if group is None:
         group = dist.distributed_c10d._get_default_group()
     elif hasattr(group, "get_group") and hasattr(group, "mesh_dim_names"):   # a DeviceMesh
@@ -188,7 +191,9 @@ def _create(opts: Any, _pg_options: Any) -> ProcessGroupMeshrun:
         _default = m
         return ProcessGroupMeshrun(m, timeout, _closer(m))
     if _default is None or _default._closed:
-        raise RuntimeError("meshrun backend: new_group before init_process_group('meshrun')")
+        raise RuntimeError("meshrun backend: a 'meshrun' group is a group of the default "
+                           "one's mesh: init_process_group('meshrun') first (a default group "
+                           "on another backend has none)")
     comm = _default.group(ranks)
     if comm is None or comm.rank != opts.group_rank:
         raise RuntimeError(f"meshrun backend: group {ranks} does not map onto the mesh (rank "

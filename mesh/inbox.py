@@ -210,8 +210,9 @@ class Inbox:
                                 f"for the next receive")
 
     def _mismatch(self, req: Pending, src: int, fp: Any) -> None:
-        text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}: rank "
-                f"{self.rank} called {fmt_fp(req.fp)} but rank {src} called {fmt_fp(fp)}")
+        at = f" at call #{-req.tag}" if req.tag < 0 else ""
+        text = (f"collective mismatch on group {self.groups.get(req.group, ('?',))[0]}{at}: "
+                f"rank {self.rank} called {fmt_fp(req.fp)} but rank {src} called {fmt_fp(fp)}")
         # the abort is on its way to the members before the waiter wakes (see abort_local)
         self.abort(req.group, req.tag, text, AbortKind.MISMATCH)
         req.fail(MismatchError(f"rank {self.rank}: {text}"))

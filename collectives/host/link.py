@@ -265,8 +265,9 @@ class Via(Ctx):
         rank, mine, other = self.g.rank, _fmt(self.packed), _fmt(fp)
         if mine == other:
             other += f" with a {size}-byte payload, {want} expected"
-        raise MismatchError(f"rank {rank}: collective mismatch on group {self.g.name}: "
-                            f"rank {rank} called {mine} but rank {peer} called {other}")
+        raise MismatchError(f"rank {rank}: collective mismatch on group {self.g.name} at call "
+                            f"#{-self.tag}: rank {rank} called {mine} but rank {peer} called "
+                            f"{other}")
 
 
 _groups: "weakref.WeakKeyDictionary[Comm, dict[int, _Link]]" = weakref.WeakKeyDictionary()

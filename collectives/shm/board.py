@@ -628,7 +628,7 @@ class Round:
                       if h[b + FPHASH] == self.hash else
                       f" (fingerprint hash {h[b + FPHASH]:x}, ours {self.hash:x})")
         raise MismatchError(f"rank {rank}: collective mismatch on group "
-                            f"{self.ctx.g.name}: rank {rank} called "
+                            f"{self.ctx.g.name} at call #{-self.ctx.tag}: rank {rank} called "
                             f"{mine} but rank {peer} called {other}")
 
     def stage(self, k: int) -> None:
