@@ -254,6 +254,13 @@ def _groups(r: int, n: int) -> None:
         t = torch.full((1,), float(r))
         dist.broadcast(t, src=evens[-1], group=g)
         _eq(t, [float(evens[-1])], "broadcast on new_group (global src)")
+    else:
+        from collectives.torchdist import comm_of
+        try:
+            comm_of(g)
+            raise AssertionError("comm_of a group this rank is not in gave a communicator")
+        except ValueError as e:
+            assert f"rank {r} is not a member of the group" in str(e), e
     sub, subs = dist.new_subgroups(group_size=1 if n % 2 else 2)
     t = torch.ones(1)
     dist.all_reduce(t, group=sub)
