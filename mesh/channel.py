@@ -16,7 +16,8 @@ public point-to-point API, to run operations that involve a whole group:
 * Aborts: ``abort(tag, reason, kind)`` fails a tag on every member, now and
   for operations posted on it later; each raises ``kind``'s error.
   ``aborted(tag, what)`` is that error here, if the tag was aborted (or
-  a LostPeerError, if a member is known dead); ``left(rank, what)``, the
+  a LostPeerError, if a member is known dead or this rank's mesh is
+  closed); ``left(rank, what)``, the
   LostPeerError of a wait on a member that has closed its mesh or died.
 * Where peers are: ``endpoint(rank)`` (tcp:// or ipc://), ``host(rank)``, ``encrypted``.
 * Lifetime: ``keep_alive(obj)`` and ``on_close(fn)`` keep memory that peers
@@ -80,6 +81,10 @@ class CollectiveChannel:
         aborted = inbox.aborted
         record = aborted.get((self._comm.gid, tag)) if aborted else None
         if record is None:
+            if inbox.closed:    # this rank's own mesh: its peers are gone to it
+                return inbox.gone(inbox.peers[self._comm.ranks[(self._comm.rank + 1)
+                                                               % self._comm.size]],
+                                  what, self._comm.gid)
             if inbox.dead:
                 lost = inbox.dead_member(self._comm.gid)
                 if lost is not None:

@@ -45,6 +45,7 @@ class Inbox:
         self.matcher = Matcher()
         self.aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
         self.dead: set[int] = set()
+        self.closed = False     # this rank has said goodbye (its close): nothing new works
         self._control, self._nudge = control, nudge
         self.unpark: Callable[[], None] = _nothing    # a receive stays posted (mesh.progress)
 
@@ -273,6 +274,10 @@ class Inbox:
         """The error of an operation (of ``group``) that involves a lost
         peer; in a sub-group the peer is named by its world rank, as such."""
         who = f"world rank {peer.rank}" if group else f"rank {peer.rank}"
+        if self.closed:         # not the peer's doing: this rank's mesh is closed
+            return LostPeerError(f"rank {self.rank}: {desc} failed: this rank's mesh is "
+                                 f"closed (world.close(), or destroy_process_group() of the "
+                                 f"group it made), so every peer is gone to it", peer.rank)
         return LostPeerError(f"rank {self.rank}: {desc} failed: peer {who} is gone "
                              f"({peer.why})", peer.rank)
 

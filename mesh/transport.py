@@ -482,6 +482,7 @@ class Transport:
             if p.sock is not None and not (p.state == CLOSED and p.suspect_since):
                 self._control(p, bye, upto=CLOSED)
         self.live.leaving = True
+        self.inbox.closed = True
         # Like MPI_Finalize: stay until every peer has said goodbye too (or is
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.

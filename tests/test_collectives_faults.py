@@ -133,3 +133,23 @@ def test_a_rank_that_closes_fails_its_waiting_peers_at_once(cma: str, count: int
     for got in results[:VICTIM]:
         assert got[0] == "LostPeerError" and got[1] < 10, got     # not its 30 s close
         assert "peer rank 2 is gone (it closed its mesh)" in got[2], got
+
+
+def use_after_close(world: Any) -> list[str]:
+    """Every rank closes its mesh, then calls on it: each says its own mesh
+    is closed, not that a peer went."""
+    C.barrier(world)
+    world.close()
+    said = []
+    for call in (lambda: C.all_reduce(world, np.ones(4)), lambda: world.recv((world.rank + 1) % 2)):
+        try:
+            call()
+            said.append("no error")
+        except mesh.LostPeerError as e:
+            said.append(str(e))
+    return said
+
+
+def test_a_call_on_a_closed_mesh_says_so() -> None:
+    for said in mesh.spawn(use_after_close, 2, timeout=60):
+        assert all("this rank's mesh is closed" in s for s in said), said
