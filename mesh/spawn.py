@@ -190,6 +190,31 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         conn.close()
 
 
+def _unguarded() -> bool:
+    """Whether spawn's caller is the main script's own top level, outside
+    any ``if __name__ == "__main__":`` (read from the script's source)."""
+    import ast
+    frame = sys._getframe(2)
+    if frame.f_code.co_name != "<module>" or frame.f_globals.get("__name__") != "__main__":
+        return False
+    try:
+        with open(frame.f_code.co_filename, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return False        # (no file to read: python -c, stdin; those fork anyway)
+
+    def guard(node: ast.stmt) -> bool:
+        test = node.test if isinstance(node, ast.If) else None
+        return (isinstance(test, ast.Compare) and len(test.comparators) == 1 and any(
+            isinstance(side, ast.Name) and side.id == "__name__"
+            for side in (test.left, test.comparators[0])) and any(
+            isinstance(side, ast.Constant) and side.value == "__main__"
+            for side in (test.left, test.comparators[0])))
+    line = frame.f_lineno
+    return not any(guard(node) and node.lineno <= line <= (node.end_lineno or node.lineno)
+                   for node in tree.body)
+
+
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
           env: dict[str, str] | None = None, settle: float = 1.0) -> list[Any]:
     """Run ``fn(world, *args)`` on ``nprocs`` local processes; return its
@@ -198,11 +223,21 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     write) before all are stopped and the root cause is raised.
 
     A top-level function of an importable module runs in fresh interpreters.
-    Anything else (``python -c``, stdin, a notebook, a lambda, a closure) runs
-    in forks of this process on Linux, and raises ValueError elsewhere."""
+    Anything else (``python -c``, stdin, a notebook, a lambda, a closure, a
+    call at the main script's top level without ``if __name__ ==
+    "__main__":``) runs in forks of this process on Linux, and raises
+    ValueError elsewhere."""
     if nprocs < 1:
         raise ValueError(f"spawn needs nprocs >= 1, got {nprocs}")
     payload = _by_name(fn, args)
+    if payload is not None and _unguarded():
+        # a fresh interpreter would import the script as __mp_main__ and run this
+        # call again at its top level: fork, where that is safe, else say so
+        if not _can_fork():
+            raise ValueError("mesh.spawn called at the top level of the main script: its "
+                             "ranks would import the script and call it again; put the call "
+                             "under `if __name__ == \"__main__\":`")
+        payload = None
     if payload is None and not _can_fork():
         raise ValueError(
             f"mesh.spawn: {getattr(fn, '__qualname__', fn)!r} (or an argument) cannot be "

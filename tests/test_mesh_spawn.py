@@ -125,6 +125,23 @@ def test_function_under_the_main_guard_is_named_in_the_error(tmp_path: Path) -> 
     assert "not under `if __name__ == '__main__':`" in r.stdout, r.stdout + r.stderr
 
 
+def test_a_call_at_the_scripts_top_level_runs_in_forks(tmp_path: Path) -> None:
+    """The README's first snippet pasted into a script as it is, no main
+    guard: fresh interpreters would import the script and call spawn again
+    (multiprocessing's bootstrapping error, then "the process died")."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""\
+        import mesh
+        def fn(world, n):
+            return world.rank * n
+        print(mesh.spawn(fn, 2, 10, timeout=40))
+        """))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=75)
+    assert r.stdout == "[0, 10]\n", r.stdout + r.stderr
+
+
 _ORPHAN = textwrap.dedent("""\
     import os, sys, time
     import mesh
