@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,23 @@ def test_a_rank_may_close_its_mesh_and_init_again(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert sorted(r.stdout.splitlines()) == sorted(f"[{k}] {i} {2.0 * (i + 1)}"
                                                    for i in range(3) for k in (0, 1))
+
+
+def test_a_rank_that_finishes_early_is_named_as_the_cause(tmp_path: Path) -> None:
+    """Rank 2 returns while the others wait for it in a collective: they
+    fail with LostPeerError at once, and the report names rank 2's exit,
+    not the first survivor, as what went wrong."""
+    script = tmp_path / "early.py"
+    script.write_text("import numpy as np, mesh, collectives as C\n"
+                      "with mesh.init() as w:\n"
+                      "    C.barrier(w)\n"
+                      "    if w.rank != 2:\n"
+                      "        C.all_reduce(w, np.ones(4))\n")
+    r = meshrun("-n", "3", str(script), timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"Root cause: rank 2 finished \(exit code 0\) while rank [01] still "
+                     r"waited for it", r.stderr), r.stderr
+    assert "(failed, a consequence); LostPeerError" in r.stderr, r.stderr
 
 
 def test_two_launchers_form_one_mesh() -> None:

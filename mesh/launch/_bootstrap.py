@@ -81,8 +81,8 @@ def brief_traceback(exc: BaseException, tb: TracebackType | None) -> str:
 
 def write_error_record(path: str, exc: BaseException, tb_text: str,
                        brief: str | None = None) -> None:
-    """Write {rank, exc_type, from_abort, message, traceback, brief, time,
-    pid, host} atomically: the launcher never reads half a record, even if
+    """Write {rank, exc_type, from_abort, peer, message, traceback, brief,
+    time, pid, host} atomically: the launcher never reads half a record, even if
     this process is killed. ``brief`` is the traceback to show (``tb_text``
     by default); ``from_abort``: the error tells of another rank's failure
     (mesh.inbox.abort_error, engine.StepFailed)."""
@@ -90,6 +90,7 @@ def write_error_record(path: str, exc: BaseException, tb_text: str,
         "rank": int(os.environ.get("RANK", "-1")),
         "exc_type": type(exc).__qualname__,
         "from_abort": bool(getattr(exc, "from_abort", False)),
+        "peer": getattr(exc, "peer", None),     # a LostPeerError's lost rank
         "message": str(exc),
         "traceback": tb_text,
         "brief": tb_text if brief is None else brief,

@@ -45,6 +45,18 @@ def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> Work
                default=None)
 
 
+def _left_early(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> WorkerExit | None:
+    """The rank whose clean exit the root cause's error tells of (a lost
+    peer that closed its mesh and finished), if any: the job's real cause."""
+    if not root_rec or not _secondary(root_rec):
+        return None
+    peer = root_rec.get("peer")
+    if not isinstance(peer, int) or "(it closed its mesh)" not in str(root_rec.get("message")):
+        return None
+    return next((e for e in outcome.exits if e.rank == peer and e.returncode == 0
+                 and not e.after_stop), None)
+
+
 def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
     """msg with its last part elided when the root cause's message ends the
     same way (the same mismatch seen from another rank)."""
@@ -65,8 +77,12 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     elif outcome.reason == "signal":
         lines.append(f"meshrun: stopped by {signal_name(outcome.signum or 0)}")
     root_rec = records.get(root.rank) if root is not None else None
+    left = _left_early(outcome, root_rec)
     if root is not None:
-        lines.append(f"Root cause: rank {root.rank} failed first")
+        lines.append(f"Root cause: rank {root.rank} failed first" if left is None else
+                     f"Root cause: rank {left.rank} finished ({left.describe()}) while rank "
+                     f"{root.rank} still waited for it (the ranks did not make the same "
+                     f"calls); rank {root.rank} failed first:")
         if root_rec:
             lines.append(f"  error      : {root_rec.get('exc_type')}: {root_rec.get('message')}")
         lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
@@ -84,7 +100,8 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
         lines.append("Other ranks:")
     for e in others:
         if not e.after_stop:
-            how = "failed on its own" if e.failed else "finished"
+            how = ("failed, a consequence" if _secondary(records.get(e.rank)) else
+                   "failed on its own") if e.failed else "finished"
         else:
             how = "stopped by meshrun" if e.returncode != 0 else "finished while stopping"
         rec = records.get(e.rank)
