@@ -21,11 +21,12 @@ schedule once; ``step(inputs, targets)`` then runs one training step:
   the executor multiplies that
   gradient by ``n_k / N`` (rows of k over rows of the local batch) before
   the backward pass, so the stage gradients add up to the gradient of the
-  mean loss over the local batch. With a dp axis each stage's gradients are
+  mean loss over the local batch (with a dp axis, of the global batch: the
+  last stage's ranks sum the replicas' rows first, so replicas of unequal
+  sizes weigh by their rows). With a dp axis each stage's gradients are
   then averaged over the dp group (``collectives.all_reduce(op="avg")``,
   started as soon as the stage's last backward is done), which makes them
-  the gradient of the mean over the global batch when replicas get equally
-  large batches. Whatever ``grads()`` held before the step is kept and
+  the gradient of the mean over the global batch. Whatever ``grads()`` held before the step is kept and
   the step's gradient added to it.
 
 A step that fails (a stage, the loss function, a receive, a lost peer...)
@@ -418,6 +419,7 @@ class _Step:
         self.sends: list[Any] = []
         self.syncs: dict[int, list[Any]] = {}
         self.loss_sync = pipe.last and pipe.dp is not None and pipe.dp.size > 1
+        self.rows_pending = self.loss_sync     # the sum of the replicas' rows, not yet made
         self.tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
 
     def start(self, inputs: Any, targets: Any) -> None:
@@ -443,7 +445,17 @@ class _Step:
             except ValueError as e:
                 raise ValueError(f"pp rank {pipe.rank}: step()'s targets: {e}") from None
             total = sum(len(t) for t in self.targets)
-            self.weights = [len(t) / total for t in self.targets]
+            share = 1.0     # this replica's rows over the mean replica's (dp replicas may differ)
+            if self.rows_pending:
+                assert pipe.dp is not None
+                self.rows_pending = False
+                rows = np.array([total], dtype=np.float64)
+                collectives.all_reduce(pipe.dp, rows, op="sum")
+                share = total * pipe.dp.size / float(rows[0])
+            # each micro-batch's loss gradient weighed by its share of the global batch
+            # (times dp, which the average over dp divides out): every stage's gradients,
+            # linear in it, are then the global mean loss's
+            self.weights = [len(t) / total * share for t in self.targets]
         self.prior = self._save_prior()
         for a in pipe.program:
             if a.kind in (RECV_F, RECV_B):
@@ -596,7 +608,7 @@ class _Step:
                   f"{type(error).__name__}: {error}")[:_REASON_MAX]
         kind = AbortKind.of(error)  # peers raise the same kind: a lost peer stays one
         lost = error.peer if isinstance(error, LostPeerError) else None
-        skipped = 1 if self.loss_sync else 0
+        skipped = (1 if self.loss_sync else 0) + (1 if self.rows_pending else 0)
         for a in pipe.program[at:]:
             if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B):
                 pipe.pp.collective_channel().abort(pipe._tag(a, self.n), reason, kind, lost)

@@ -3,7 +3,8 @@
 One spawn per topology runs all the schedules for a few SGD steps on a
 tanh MLP (float64) and returns each rank's weights and losses; the parent
 compares them with full-batch training of the same model on the same data.
-Batches are cut into micro-batches of unequal size on purpose. The
+Batches are cut into micro-batches (and dp replicas) of unequal size on
+purpose. The
 two-rank spawn also trains a model with a weight tied between stages.
 """
 import functools
@@ -23,9 +24,10 @@ NAMES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"]
 
 
 def _data(step: int) -> tuple[np.ndarray, np.ndarray]:
-    """A different batch size every step: shapes are never negotiated."""
+    """A different batch size every step, odd: shapes are never negotiated,
+    and two dp replicas get unequal halves (weighed by their rows)."""
     rng = np.random.default_rng(1000 + step)
-    rows = ROWS + 2 * step
+    rows = ROWS + 1 + 2 * step
     return rng.standard_normal((rows, WIDTHS[0])), rng.standard_normal((rows, WIDTHS[-1]))
 
 
