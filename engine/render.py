@@ -31,22 +31,41 @@ def render(sched: Schedule, costs: Mapping[str, Cost] | None = None,
     ``cores``: engine.simulate's, the ranks sharing that many cores).
 
     The time unit is the smallest positive cost of an action shown, so with
-    ``{"F": 1, "B": 2}`` a backward takes two cells."""
+    ``{"F": 1, "B": 2}`` a backward takes two cells; or a half, a third...
+    of it (down to an eighth) where that puts every action's start and end
+    on a cell's edge (``{"send": 0.5}``: an F of two cells). Past that an
+    action starts at its nearest cell, after the one before it on its rank:
+    every action is shown, in order, though some cells then stretch."""
     merged: dict[str, Cost] = dict(UNIT_COSTS)
     merged.update(costs or {})
     report = simulate(sched, merged, cores)
     shown = [e for e in report.events if e.action.kind in _SHOWN and e.end > e.start]
     if not shown:
         return "\n".join(f"{r} |" for r in range(sched.num_ranks))
-    unit = min(e.end - e.start for e in shown)
+    unit = _unit(shown)
     width = max(len(str(e.action)) for e in shown)
-    ncols = max(math.ceil(e.end / unit - 1e-9) for e in shown)
-    grid = [[".".center(width)] * ncols for _ in range(sched.num_ranks)]
-    for e in shown:
-        col = round(e.start / unit)
-        span = max(1, round((e.end - e.start) / unit))
+    placed = []
+    free = [0] * sched.num_ranks       # each rank's first cell after its last action
+    for e in sorted(shown, key=lambda e: (e.rank, e.start)):
+        col = max(math.floor(e.start / unit + 0.5), free[e.rank])
+        span = max(1, math.floor((e.end - e.start) / unit + 0.5))
+        free[e.rank] = col + span
+        placed.append((e, col, span))
+    grid = [[".".center(width)] * max(free) for _ in range(sched.num_ranks)]
+    for e, col, span in placed:
         grid[e.rank][col] = str(e.action).center(width)
-        for c in range(col + 1, min(col + span, ncols)):
+        for c in range(col + 1, col + span):
             grid[e.rank][c] = "-" * width
     pad = len(str(sched.num_ranks - 1))
     return "\n".join(f"{r:>{pad}} | {' '.join(row)}".rstrip() for r, row in enumerate(grid))
+
+
+def _unit(shown: list) -> float:
+    """The cell's time: the shortest action's, or the first of its half,
+    third... eighth on whose multiples every start and end falls."""
+    shortest = min(e.end - e.start for e in shown)
+    for k in range(1, 9):
+        unit = shortest / k
+        if all(abs(t / unit - round(t / unit)) < 1e-6 for e in shown for t in (e.start, e.end)):
+            return unit
+    return shortest

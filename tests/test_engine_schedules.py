@@ -262,6 +262,15 @@ def test_render_shows_long_actions_and_bubbles():
     grid = S.one_f_one_b(2, 2).render({"F": 1, "B": 2})
     assert grid == ("0 | 0F0 0F1  .   .  0B0 ---  .  0B1 ---\n"
                     "1 |  .  1F0 1B0 --- 1F1 1B1 ---  .   .")
+    # starts off the shortest action's multiples (a message's flight of half an F):
+    # a cell of half an F, every action shown where the simulator has it
+    assert S.gpipe(2, 3).render({"send": 0.5}).splitlines()[1] == (
+        "1 |  .   .   .  1F0 --- 1F1 --- 1F2 --- 1B0 --- 1B1 --- 1B2 ---  .   .   .")
+    for costs in ({"F": 1, "B": 1.5}, {"F": 1, "B": 2, "send": 0.3}, {"F": 0.7, "B": 1.1}):
+        grid = S.one_f_one_b(2, 3).render(costs)
+        for r in (0, 1):
+            row = grid.splitlines()[r]
+            assert [f"{r}{k}{i}" in row for k in "FB" for i in range(3)] == [True] * 6, grid
     assert str(S.gpipe(2, 1)) == ("gpipe(2,1): 2 ranks, 2 stages, 1 micro-batches\n"
                                   "  rank 0 | 0F0 0B0\n"
                                   "  rank 1 | 1F0 1B0")
