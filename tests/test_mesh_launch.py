@@ -271,6 +271,16 @@ def test_a_rank_may_close_its_mesh_and_init_again(tmp_path: Path) -> None:
                                                    for i in range(3) for k in (0, 1))
 
 
+def test_the_scripts_own_options_are_its_own(tmp_path: Path) -> None:
+    """Options after the script go to it, even ones that look like a prefix
+    of several of meshrun's (--m: --master-addr, --master-port, --module)."""
+    script = tmp_path / "argv.py"
+    script.write_text("import sys\nprint(sys.argv[1:])\n")
+    r = meshrun("-n", "1", str(script), "--m", "4", "--n", "1", "--timeout", "5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[0] ['--m', '4', '--n', '1', '--timeout', '5']\n", r.stdout + r.stderr
+
+
 def test_a_rank_that_finishes_early_is_named_as_the_cause(tmp_path: Path) -> None:
     """Rank 2 returns while the others wait for it in a collective: they
     fail with LostPeerError at once, and the report names rank 2's exit,

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, with torchrun's spellings accepted as aliases."""
     p = argparse.ArgumentParser(
         prog="meshrun",
+        allow_abbrev=False,     # a script's own --m is the script's, not --master-addr's prefix
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Launch a meshrun job: N worker processes on this host, each told its place
