@@ -9,6 +9,9 @@ cores when ``cores`` is given (see engine.replay).
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -72,15 +75,21 @@ def _costs(costs: Mapping[str, Cost] | None, num_stages: int) -> dict[str, Cost]
         if unknown:
             raise ValueError(f"unknown cost keys {sorted(unknown)}; known: {sorted(merged)}")
         for k, v in costs.items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, numbers.Real) and not isinstance(v, bool):
                 merged[k] = float(v)
                 continue
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+                raise ValueError(f"cost {k}={v!r}: a number of seconds (or time units), or "
+                                 f"one for each of the {num_stages} stages")
             if len(v) != num_stages:
                 raise ValueError(f"cost {k} has {len(v)} per-stage values for "
                                  f"{num_stages} stages")
             merged[k] = tuple(float(x) for x in v)
     for k, v in merged.items():
-        if min(v if isinstance(v, Sequence) else [v]) < 0:
+        values = v if isinstance(v, Sequence) else [v]
+        if not all(math.isfinite(x) for x in values):
+            raise ValueError(f"cost {k}={v} is not a finite number")
+        if min(values) < 0:
             raise ValueError(f"cost {k}={v} is negative")
     return merged
 

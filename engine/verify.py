@@ -102,10 +102,17 @@ def _dependency(s: Schedule, r: int, a: Action, done: set[Action]) -> str | None
     return None
 
 
-def _check_order(s: Schedule) -> None:
+def _check_computes(s: Schedule) -> None:
+    """No rank computes an action twice, or both B and I of one micro-batch."""
+    _check_order(s, computes=True)
+
+
+def _check_order(s: Schedule, computes: bool = False) -> None:
     for r, row in enumerate(s.ranks):
         done: set[Action] = set()
         for i, a in enumerate(row):
+            if computes and a.kind not in (F, B, I, W):
+                continue
             if a in done:
                 what = "micro-batch" if a.mb is not None else "action"
                 raise ScheduleError(s, f"rank {r} runs {a} twice (duplicated {what})",
@@ -114,6 +121,9 @@ def _check_order(s: Schedule) -> None:
                     a.kind == I and Action(a.stage, B, a.mb) in done:
                 raise ScheduleError(s, f"rank {r} runs both B and I for stage {a.stage} "
                                     f"micro-batch {a.mb}", [(r, i)])
+            if computes:
+                done.add(a)
+                continue
             why = _dependency(s, r, a, done)
             if why:
                 raise ScheduleError(s, why, [(r, i)])
@@ -179,9 +189,13 @@ def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
     times every action, so the simulator walks the table only once."""
     s = lower(sched)
     _check_placement(s)
+    # what a rank computes (twice, both B and I, never) before whether its messages pair
+    # up: lowering derives the messages from the compute, so a duplicated or missing
+    # action would show first as a send or receive without its peer, on another rank
+    _check_computes(s)
+    _check_coverage(s)
     _check_matching(s)
     _check_order(s)
-    _check_coverage(s)
     run = replay(s, costs, cores)
     _check_deadlock(run)
     return run

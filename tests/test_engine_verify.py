@@ -142,3 +142,25 @@ def test_shuffled_programs_are_rejected_cleanly_or_valid(name, p, k, data):
         assert e.reason and "^" in e.grid or "<-" in e.grid
     else:
         assert sched.simulate().makespan > 0
+
+
+def test_what_a_rank_computes_is_checked_before_its_messages():
+    """Lowering derives the messages from the compute: a duplicated or
+    missing action, or both B and I, is named as such on two ranks too, not
+    as a send or receive without its peer on another rank."""
+    for rows, words in [
+            ([["0F0", "0F0", "0B0"], ["1F0", "1B0"]], "rank 0 runs 0F0 twice"),
+            ([["0F0", "0F1", "0B0", "0B1"], ["1F0", "1F1", "1B0"]],
+             "micro-batch 1 is missing from stage 1: rank 1 never runs 1B1"),
+            ([["0F0", "0B0", "0I0", "0W0"], ["1F0", "1B0"]],
+             "rank 0 runs both B and I for stage 0 micro-batch 0")]:
+        m = 1 + max(int(a[-1]) for row in rows for a in row)
+        _reject(Schedule.build(rows, m, [0, 1]), words)
+
+
+def test_costs_must_be_finite_numbers():
+    sched = S.one_f_one_b(2, 2)
+    for costs, words in [({"F": "1"}, "a number of seconds"), ({"F": float("nan")}, "finite"),
+                         ({"B": [1.0, float("inf")]}, "finite"), ({"F": -1}, "negative")]:
+        with pytest.raises(ValueError, match=words):
+            sched.simulate(costs)
