@@ -393,7 +393,19 @@ class Transport:
         deadline = time.monotonic() + limit
         if isinstance(item, Pending):
             if item.state != DONE and not self._drive(item, deadline, limit):
-                if self.inbox.withdraw(item) or not item.event.wait(max(1.0, limit)):
+                if self.inbox.withdraw(item):
+                    text = (f"rank {self.rank}: {item.desc} timed out after {limit:g}s"
+                            f"{self.live.peer_note(item)}")
+                    if item.fp is not None:     # a collective's: it looks again, or gives up
+                        raise MeshTimeoutError(text)
+                    # a user's receive, withdrawn: a message arriving later goes to the next
+                    # receive, and this request stays failed (a second wait raises, done())
+                    item.error = MeshTimeoutError(
+                        f"{text}; the receive was withdrawn (a message that comes later "
+                        f"goes to the next receive that matches)")
+                    item.event.set()
+                    raise item.error
+                if not item.event.wait(max(1.0, limit)):
                     raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
                                            f"{limit:g}s{self.live.peer_note(item)}")
             if item.error is not None:

@@ -77,3 +77,29 @@ def _catch(req: mesh.Request, errors: list[BaseException]) -> None:
 
 def test_cancel_withdraws_only_unmatched_receives() -> None:
     assert mesh.spawn(_cancel, 2, timeout=90)[0] == ["not lost", "matched", "send", "waiter"]
+
+
+def _timed_out(world: mesh.Mesh) -> list[str]:
+    """A receive's wait that times out withdraws it: a second wait raises
+    the same (never None), and the message goes to the next receive."""
+    if world.rank == 0:
+        world.recv(1, tag=0)
+        world.send(np.arange(3), 1, tag=4)
+        return []
+    req = world.irecv(0, tag=4)
+    said = []
+    for _ in range(2):
+        try:
+            req.wait(timeout=0.2)
+            said.append("returned")
+        except mesh.MeshTimeoutError as e:
+            said.append("withdrawn" if "the receive was withdrawn" in str(e) else str(e))
+    said.append(f"done {req.done()}")
+    world.send(None, 0, tag=0)
+    said.append(str(world.recv(0, tag=4, timeout=20).tolist()))
+    return said
+
+
+def test_a_timed_out_receive_stays_withdrawn() -> None:
+    assert mesh.spawn(_timed_out, 2, timeout=60)[1] == ["withdrawn", "withdrawn", "done True",
+                                                        "[0, 1, 2]"]
