@@ -89,6 +89,24 @@ def every_op(world: Any) -> None:
     assert C.all_reduce(world, np.ones(20_000))[0] == n
 
 
+def first_call_mismatch(world: Any, small: bool) -> list[float]:
+    """A group's first two-level call mismatches, before its hosts' boards
+    are up everywhere (some ranks set theirs up, some fail first): the next
+    calls take one layout on every rank (each forgot its boards) and work."""
+    _fake_host(world)
+    n, r = world.size, world.rank
+    g = world.group(list(range(n)))
+    count = 4 if small else 20_000
+    with pytest.raises(mesh.MismatchError):
+        C.all_reduce(g, np.ones(count), op="max" if r == 0 else "sum")
+    return [float(C.all_reduce(g, np.ones(count), timeout=30)[0]) for _ in range(3)]
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_a_groups_first_call_mismatching_leaves_it_usable(small: bool) -> None:
+    assert mesh.spawn(first_call_mismatch, 4, small, timeout=90) == [[4.0] * 3] * 4
+
+
 def test_every_hierarchical_op_matches_numpy() -> None:
     """Pipelined columns (MESH_COLL_PIPELINE=1) with small segments and
     window: many blocks."""
@@ -370,6 +388,10 @@ def leaders_links(world: Any) -> dict:
     with pytest.raises((ValueError, mesh.MeshError)):
         C.all_reduce(world, small.copy(), op="nope" if r == 0 else "sum")
     np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
+    # (a failed call leaves every rank without its boards and short-way plans: the
+    # next call takes the long way, one layout everywhere, and the calls after the short)
+    for _ in range(3):
+        np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
     assert tiny.stats["calls"] >= 4, tiny.stats     # (collectives.host.tiny)
     # the flat recursive doubling: every pair (tcp:// here) over a link
     for _ in range(2):
@@ -411,4 +433,6 @@ def test_ring_links_across_hosts_run_over_streams() -> None:
         "MESH_TIMEOUT": "20", "MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K"})
     assert all(g["links"] >= 2 for g in got), got
     assert all(g["kept"] >= 1 for g in got), got          # (reset by the mesh's close)
-    assert [g["pairs"] for g in got] == [1 + 2] * 4, got    # column's + world's
+    # column's + world's, and on the leaders (ranks 0, 1) the leaders' group's: the long
+    # way a failed call's next call takes (every rank forgot its boards) goes through them
+    assert [g["pairs"] for g in got] == [1 + 2 + 1] * 2 + [1 + 2] * 2, got

@@ -64,7 +64,7 @@ from mesh import AbortKind, Comm
 from ..ops import ReduceOp
 from ..plan import Tuning, rd_peers, ring_chunks
 from ..runner import Ctx, abandon, agreed, start
-from ..shm import board, local
+from ..shm import board, local, tiny as shm_tiny
 from ..shm.board import Round
 from ..shm.cma import peer_read
 from . import columns, link
@@ -72,7 +72,7 @@ from .ring import ring
 from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
 from .small import all_reduce_rd
 
-__all__ = ["Topology", "topology", "topology_of", "refuse", "all_reduce", "all_gather", "broadcast",
+__all__ = ["Topology", "topology", "topology_of", "refuse", "forget", "all_reduce", "all_gather", "broadcast",
            "rd_across", "small_columns", "SMALL_HOST", "SMALL_COLUMN",
            "stats"]
 
@@ -204,6 +204,26 @@ def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> l
     return (both if home else []) + across + ([] if home else both)
 
 
+_forgetting: list[Callable[[Comm], None]] = []    # what else keeps a group's layout state
+
+
+def forget(g: Comm) -> None:
+    """After a failed two-level call on ``g``: whether its hosts' boards are
+    up (and the short way's plans, collectives.host.tiny) chooses the next
+    call's layout, and a call that failed may have left them up on some
+    ranks only; every rank raises, and forgets them, so the next call takes
+    one layout everywhere (three phases, setting the boards up again)."""
+    topo = topology_of(g)
+    if topo is None:
+        return
+    for sub in (topo.local, topo.leaders, topo.column):
+        if sub is not None:
+            board.forget(sub)
+            shm_tiny.forget(sub)
+    for fn in _forgetting:
+        fn(g)
+
+
 def refuse(g: Comm, coll: str, root: Any, large: bool, nbytes: int, e: BaseException) -> None:
     """A call that would have run in two levels failed on this rank before
     it started (its own arguments): fail the phases its peers wait in."""
@@ -216,6 +236,7 @@ def refuse(g: Comm, coll: str, root: Any, large: bool, nbytes: int, e: BaseExcep
               f"{type(e).__name__}: {e}")
     for sub in _groups(topo, coll, int(root), large, nbytes):
         abandon(sub, reason, AbortKind.of(e), getattr(e, "peer", None))
+    forget(g)       # (after: which phases the peers wait in depends on the boards)
 
 
 Phase = tuple[Comm, str, Callable[[Ctx], Any]]
@@ -235,6 +256,7 @@ def _run(ctx: Ctx, phases: list[Phase]) -> None:
             reason = f"{ctx.where()}: {what} failed: {e}"
             for later, _, _ in phases[i + 1:]:
                 abandon(later, reason, AbortKind.of(e), getattr(e, "peer", None))
+            forget(ctx.g)
             raise
 
 

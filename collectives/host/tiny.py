@@ -33,7 +33,7 @@ from ..ops import ReduceOp
 from ..plan import Tuning
 from ..runner import NOT_NOW, Body, Ctx, abandon, now, start
 from ..shm import local as shm_local, tiny as shm_tiny
-from .hier import SMALL_COLUMN, SMALL_HOST, Topology, rd_across, refuse
+from .hier import SMALL_COLUMN, SMALL_HOST, Topology, _forgetting, forget, rd_across, refuse
 
 __all__ = ["learn", "all_reduce", "stats"]
 
@@ -87,6 +87,11 @@ class _Plan:
 
 
 _plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Plan]]" = weakref.WeakKeyDictionary()
+def _drop_plans(g: Comm) -> None:
+    _plans.pop(g, None)
+
+
+_forgetting.append(_drop_plans)      # (hier.forget: after a failed call)
 
 
 def learn(ctx: Ctx, topo: Topology, arr: np.ndarray, op: Any, rop: ReduceOp) -> None:
@@ -122,5 +127,7 @@ def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | No
     except BaseException as e:
         if not plan.stepped:    # the tag was aborted before the phases: fail them too
             refuse(g, "all_reduce", 0, False, a.nbytes, e)
+        else:                   # (refuse forgets them too)
+            forget(g)
         raise
     return a

@@ -56,7 +56,8 @@ from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 from . import bell, cma
 
-__all__ = ["CAPACITY", "INLINE", "ARENA", "available", "crowded", "ready", "mapped", "Round",
+__all__ = ["CAPACITY", "INLINE", "ARENA", "available", "crowded", "ready", "forget", "mapped",
+           "Round",
            "Quick", "signature"]
 
 CAPACITY = 64 << 10
@@ -257,6 +258,14 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
         with _lock:
             _boxes[ctx.g] = box
     return True
+
+
+def forget(g: Comm) -> None:
+    """Take ``g``'s boards out of use here (their memory stays kept alive
+    for peers until the mesh closes): its next collective sets them up
+    again, with the peers, as on its first."""
+    with _lock:
+        _boxes.pop(g, None)
 
 
 def ready(g: Comm) -> bool:

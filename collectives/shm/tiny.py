@@ -35,7 +35,7 @@ from ..runner import NOT_NOW, Body, Ctx, now
 from . import board
 from .local import all_reduce_small
 
-__all__ = ["MAX_BYTES", "learn", "keep", "all_reduce"]
+__all__ = ["MAX_BYTES", "forget", "learn", "keep", "all_reduce"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
@@ -92,6 +92,15 @@ _last = _NO_LAST
 """(group's weak reference, dtype, shape, op, plan) of the last short call:
 a loop's next call finds its plan here for a third of what the
 dictionaries cost (hashing a dtype alone costs about as much)."""
+
+
+def forget(g: Comm) -> None:
+    """Drop ``g``'s short-way plans (their views are of boards that
+    board.forget took out of use): its next calls take the long way."""
+    global _last
+    with _lock:
+        _plans.pop(g, None)
+        _last = _NO_LAST
 
 
 def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> bool:
