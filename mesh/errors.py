@@ -51,10 +51,12 @@ class RendezvousError(MeshError):
 class WorkerError(MeshError):
     """A worker process failed; carries its rank and its own traceback."""
 
-    def __init__(self, rank: int, tb: str, exitcode: int | None = None) -> None:
-        head = f"rank {rank} failed"
-        if exitcode is not None:
-            head += f" (exit code {exitcode})"
+    def __init__(self, rank: int, tb: str, exitcode: int | None = None,
+                 head: str | None = None) -> None:
+        if head is None:
+            head = f"rank {rank} failed"
+            if exitcode is not None:
+                head += f" (exit code {exitcode})"
         super().__init__(f"{head}:\n{tb}")
         self.rank = rank
         self.traceback = tb

@@ -298,8 +298,9 @@ def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0) -> lis
     settle = None
     while pending and (settle is None or time.monotonic() < settle):
         if time.monotonic() > deadline:
-            raise WorkerError(min(pending), f"timed out after {timeout:g}s; ranks still running: "
-                                            f"{sorted(pending)}")
+            raise WorkerError(min(pending), f"ranks still running: {sorted(pending)} (stopped)",
+                              head=f"mesh.spawn timed out after {timeout:g}s (rank "
+                                   f"{min(pending)}: the first of those still running)")
         for r in sorted(pending):
             if conns[r].poll():
                 try:

@@ -258,3 +258,18 @@ def test_ranks_return_torch_tensors() -> None:
     got = mesh.spawn(_tensor_of, 2, timeout=40)
     assert [r["t"].tolist() for r in got] == [[0, 1, 2], [1, 2, 3]]
     assert all(isinstance(r["t"], torch.Tensor) for r in got)
+
+
+def _one_sleeps(world: mesh.Mesh) -> int:
+    import time
+    if world.rank == 1:
+        time.sleep(60)
+    return world.rank
+
+
+def test_a_timeout_says_it_is_spawns_own() -> None:
+    """Not 'rank 0 failed': no rank did; the call ran out of time."""
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(_one_sleeps, 2, timeout=3)
+    assert str(err.value).startswith("mesh.spawn timed out after 3s (rank "), str(err.value)
+    assert "ranks still running: [" in str(err.value)
