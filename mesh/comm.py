@@ -278,7 +278,8 @@ class Comm:
         if type(r) is int and 0 <= r < self.size:
             return self.ranks[r]
         if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
-            raise ValueError(f"rank {self.rank}: {op} to/from rank {r!r}: group {self.name} "
+            way = "from" if op in ("recv", "probe", "iprobe") else "to"
+            raise ValueError(f"rank {self.rank}: {op} {way} rank {r!r}: group {self.name} "
                              f"has ranks 0..{self.size - 1}")
         return self.ranks[int(r)]
 

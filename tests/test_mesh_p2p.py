@@ -112,8 +112,10 @@ def _out_and_errors(world: mesh.Mesh) -> str:
     assert time.monotonic() - t0 < 5
     with pytest.raises(ValueError, match="tag must be an integer >= 0"):
         world.send(1, 1, tag=-3)
-    with pytest.raises(ValueError, match="group world has ranks 0..1"):
+    with pytest.raises(ValueError, match="rank 0: send to rank 5: group world has ranks 0..1"):
         world.send(1, 5)
+    with pytest.raises(ValueError, match="rank 0: recv from rank -5: group world has ranks"):
+        world.recv(-5)
     with pytest.raises(TypeError, match=r"rank 0: send to rank 1 \(tag 0, group world\): object is "
                                         "neither an array nor msgpack-able"):
         world.send(object(), 1)
