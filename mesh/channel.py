@@ -101,6 +101,20 @@ class CollectiveChannel:
         peer = inbox.peers[self._comm.ranks[rank]]
         return None if peer.state == ALIVE else inbox.gone(peer, what, self._comm.gid)
 
+    def follow(self, tag: int, sub: Comm, sub_tag: int) -> None:
+        """Until ``unfollow(tag)``: an abort of this group's ``tag`` here (a
+        peer's, or a mismatch seen here) aborts ``sub_tag`` of group ``sub``
+        here too, its waits raising the same error: a phase of a call, run
+        as a collective of a sub-group (collectives.host.hier)."""
+        inbox = self._t.inbox
+        with inbox.lock:
+            inbox.follows.setdefault((self._comm.gid, tag), []).append((sub.gid, sub_tag))
+
+    def unfollow(self, tag: int) -> None:
+        inbox = self._t.inbox
+        with inbox.lock:
+            inbox.follows.pop((self._comm.gid, tag), None)
+
     def endpoint(self, rank: int) -> str:
         """How this rank reaches group rank ``rank``: ``tcp://host:port``
         (another host, or MESH_FORCE_TCP) or ``ipc://...`` (this host)."""

@@ -46,6 +46,8 @@ class Inbox:
         self.aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
         self.dead: set[int] = set()
         self.closed = False     # this rank has said goodbye (its close): nothing new works
+        # (group, tag) -> the (group, tag)s aborted here with it (CollectiveChannel.follow)
+        self.follows: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self._control, self._nudge = control, nudge
         self.unpark: Callable[[], None] = _nothing    # a receive stays posted (mesh.progress)
 
@@ -259,12 +261,15 @@ class Inbox:
             record = self.aborted[(group, tag)] = (kind, reason, peer)
             reqs = self.matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
             dropped = self.matcher.drop_unexpected(group, tag)
+            followers = list(self.follows.get((group, tag), ())) if self.follows else []
         if tell is not None:
             tell()
         for m in dropped:
             self.consumed(m.src, m.nbytes)
         for q in reqs:
             q.fail(abort_error(record, f"rank {self.rank}: {q.desc} aborted: {reason}"))
+        for sub, sub_tag in followers:      # a phase of the call, here only
+            self.abort_local(sub, sub_tag, kind, reason, peer)
         self._nudge()
         return True
 

@@ -102,6 +102,27 @@ def first_call_mismatch(world: Any, small: bool) -> list[float]:
     return [float(C.all_reduce(g, np.ones(count), timeout=30)[0]) for _ in range(3)]
 
 
+def flat_against_two_levels(world: Any) -> str:
+    """One rank makes a flat collective (a small broadcast) where the others
+    make a two-level one (an all_reduce): nobody receives on the other's
+    tags, but the two-level ranks watch their call's own tag, where the
+    flat one sends: every rank raises MismatchError, none waits it out."""
+    _fake_host(world)
+    g = world.group(list(range(world.size)))
+    try:
+        if world.rank == 0:
+            C.broadcast(g, np.ones(4), timeout=30)
+        else:
+            C.all_reduce(g, np.ones(4), timeout=30)
+    except mesh.MeshError as e:
+        return type(e).__name__
+    return "no error"
+
+
+def test_a_flat_call_against_a_two_level_one_is_a_mismatch_everywhere() -> None:
+    assert mesh.spawn(flat_against_two_levels, 4, timeout=90) == ["MismatchError"] * 4
+
+
 @pytest.mark.parametrize("small", [True, False])
 def test_a_groups_first_call_mismatching_leaves_it_usable(small: bool) -> None:
     assert mesh.spawn(first_call_mismatch, 4, small, timeout=90) == [[4.0] * 3] * 4

@@ -63,7 +63,7 @@ from mesh import AbortKind, Comm
 
 from ..ops import ReduceOp
 from ..plan import Tuning, rd_peers, ring_chunks
-from ..runner import Ctx, abandon, agreed, start
+from ..runner import Ctx, abandon, agreed, start, watching
 from ..shm import board, local, tiny as shm_tiny
 from ..shm.board import Round
 from ..shm.cma import peer_read
@@ -244,20 +244,42 @@ Phase = tuple[Comm, str, Callable[[Ctx], Any]]
 
 def _run(ctx: Ctx, phases: list[Phase]) -> None:
     """Run the phases in order, each a collective on its sub-group; on a
-    failure, abandon the ones not made yet and raise."""
+    failure, abandon the ones not made yet and raise. A receive watches the
+    call's own tag meanwhile (runner.watching: a rank that made a flat
+    collective instead sends there)."""
+    with watching(ctx):
+        try:
+            _phases(ctx, phases)
+        finally:
+            ctx.ch.unfollow(ctx.tag)
+
+
+def _phases(ctx: Ctx, phases: list[Phase]) -> None:
     for i, (sub, what, body) in enumerate(phases):
         fp = dict(ctx.fp, phase=what)
 
         def prepare(t: Tuning, fp: dict = fp, body: Callable[[Ctx], Any] = body) -> tuple:
             return fp, body
+        made = False
         try:
+            _follow(ctx, sub)
+            made = True
             start(sub, f"{ctx.name} ({what})", prepare, False, ctx.left())
         except BaseException as e:
             reason = f"{ctx.where()}: {what} failed: {e}"
-            for later, _, _ in phases[i + 1:]:
+            for later, _, _ in phases[i + (1 if made else 0):]:
                 abandon(later, reason, AbortKind.of(e), getattr(e, "peer", None))
             forget(ctx.g)
             raise
+
+
+def _follow(ctx: Ctx, sub: Comm) -> None:
+    """Before a phase on ``sub``: an abort of the call's own tag (a rank that
+    made a flat collective there instead) aborts the phase here too, so its
+    waits raise it; raise it now if it came already."""
+    ctx.ch.follow(ctx.tag, sub, -(sub.collective_channel().seq + 1))
+    if ctx.ch.aborted(ctx.tag, "") is not None:      # (the text made only when it is)
+        raise ctx.ch.aborted(ctx.tag, ctx.where().split(": ", 1)[1])  # type: ignore[misc]
 
 
 Body = Callable[[Ctx], Any]
@@ -274,6 +296,7 @@ def _nested(ctx: Ctx, sub: Comm, what: str, inner: Comm | None, inner_what: str,
 
     def across(body: Body) -> None:
         assert inner is not None
+        _follow(ctx, inner)
         made[0] = True
         fp = dict(ctx.fp, phase=inner_what)
         start(inner, f"{ctx.name} ({inner_what})", lambda t: (fp, body), False, ctx.left())
