@@ -26,8 +26,8 @@ schedule once; ``step(inputs, targets)`` then runs one training step:
   sizes weigh by their rows). With a dp axis each stage's gradients are
   then averaged over the dp group (``collectives.all_reduce(op="avg")``,
   started as soon as the stage's last backward is done), which makes them
-  the gradient of the mean over the global batch. Whatever ``grads()`` held before the step is kept and
-  the step's gradient added to it.
+  the gradient of the mean over the global batch. Whatever ``grads()`` held
+  before the step is kept and the step's gradient added to it.
 
 A step that fails (a stage, the loss function, a receive, a lost peer...)
 raises on this rank after cleaning up: its receives still posted are

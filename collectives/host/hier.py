@@ -72,9 +72,8 @@ from .ring import ring
 from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
 from .small import all_reduce_rd
 
-__all__ = ["Topology", "topology", "topology_of", "refuse", "forget", "all_reduce", "all_gather", "broadcast",
-           "rd_across", "small_columns", "SMALL_HOST", "SMALL_COLUMN",
-           "stats"]
+__all__ = ["Topology", "topology", "topology_of", "refuse", "forget", "all_reduce", "all_gather",
+           "broadcast", "rd_across", "small_columns", "SMALL_HOST", "SMALL_COLUMN", "stats"]
 
 stats = {"one_round": 0, "small_columns": 0}
 """All_reduces whose host part ran in one board round, small ones over the
