@@ -162,12 +162,18 @@ def _as_comm(group: Any) -> Any:
     if isinstance(group, Comm):
         return group
     import sys
-    if "torch.distributed" in sys.modules:
+    dist = sys.modules.get("torch.distributed")
+    torchy = dist is not None and (
+        group is None or isinstance(group, dist.ProcessGroup)
+        or hasattr(group, "mesh_dim_names")               # a DeviceMesh
+        or group is dist.GroupMember.NON_GROUP_MEMBER)    # (comm_of says what it is)
+    if torchy:
         from collectives.torchdist import comm_of
         return comm_of(group)
+    grid = " (a mesh.Grid: pass its group('tp'))" if hasattr(group, "axes") else ""
     raise TypeError(f"parallelize needs the tp group as a meshrun communicator (a "
                     f"mesh.grid's group('tp')) or a torch.distributed group on the "
-                    f"'meshrun' backend, not {type(group).__name__}")
+                    f"'meshrun' backend, not a {type(group).__name__}{grid}")
 
 
 def _is_torch(module: Any) -> bool:
@@ -227,6 +233,14 @@ def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
     if kind and not isinstance(sub, getattr(torch.nn, kind)):
         raise PlanError(f"style {style.style!r} fits an nn.{kind}, but {name} is a "
                         f"{type(sub).__name__}")
+    base: Any = getattr(torch.nn, kind) if kind else None
+    if style.style in ("rowwise", "vocab") and type(sub).forward is not base.forward:
+        # these run the base class's computation on the shards (a partial product,
+        # masked ids) and sum it: a forward of the subclass's own would be skipped
+        raise PlanError(f"style {style.style!r} computes nn.{kind}'s forward on the shards, "
+                        f"but {name} is a {type(sub).__name__} with a forward of its own "
+                        f"(it would not run): leave it whole ('replicate')"
+                        + (", or plan it colwise" if style.style == "rowwise" else ""))
     if style.style == "colwise":
         check_divisible(name, "out_features (weight rows)", sub.out_features, tp, style.parts)
     elif style.style == "rowwise":

@@ -209,7 +209,10 @@ def match(plan: Mapping[str, Any], names: Iterable[str], strict: bool = True
         hits = named_by(names, pattern)
         if not hits and strict:
             shown = ", ".join(n for n in names[:12] if n) + (" ..." if len(names) > 13 else "")
-            raise PlanError(f"plan pattern {pattern!r} matches no submodule (names: {shown})")
+            root = ("; a plan names submodules, never the module given itself: wrap it "
+                    "(nn.Sequential(module)) and plan '0'" if pattern == "" else "")
+            raise PlanError(f"plan pattern {pattern!r} matches no submodule (names: "
+                            f"{shown}){root}")
         for n in hits:
             if n in found:
                 raise PlanError(f"submodule {n!r} is matched by plan patterns {found[n]!r} "

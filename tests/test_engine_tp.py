@@ -261,6 +261,7 @@ def _torch_worker(world):
             ("attr", lambda: tp_models.model(1), {"*.mlp": ("replicate", {"heads": 1})}),
             ("odd", lambda: torch.nn.Sequential(torch.nn.Linear(4, 3)),     # 3 "heads"
              {"0": ("replicate", {"out_features": lambda n, tp: n // tp})}),
+            ("own", lambda: torch.nn.Sequential(_ScaledLinear(4, 4)), {"0": "rowwise"}),
             ("differs", lambda: tp_models.model(world.rank), tp_models.PLAIN)]:
         try:
             parallelize(make(), world, plan)
@@ -284,6 +285,19 @@ def _torch_worker(world):
     return out, errors
 
 
+def _scaled_linear():
+    import torch
+
+    class _ScaledLinear(torch.nn.Linear):       # a subclass with a forward of its own
+        def forward(self, x):
+            return super().forward(x) * 2.0
+    return _ScaledLinear
+
+
+def _ScaledLinear(*args):
+    return _scaled_linear()(*args)
+
+
 def copy_of(module):
     import copy
     return copy.deepcopy(module)
@@ -303,6 +317,8 @@ def test_torch_styles_match_the_unsharded_module():
         errors["attr"]
     assert ("plan rewrites 0.out_features = 3 to 1 for tp=2: 3 is not divisible by 2 (the 2 "
             "ranks would hold 2 of 3)") in errors["odd"]
+    assert ("style 'rowwise' computes nn.Linear's forward on the shards, but 0 is a "
+            "_ScaledLinear with a forward of its own (it would not run)") in errors["own"]
     assert "0.embed.weight differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
     assert "0.embed is sharded already" in errors["twice"]
