@@ -25,7 +25,7 @@ from typing import Mapping
 import zmq
 from zmq.utils import z85
 
-from .peer import config_float
+from .peer import config_flag, config_float
 
 __all__ = ["Authenticator", "make_server", "make_client", "curve_wanted", "job_keys", "USER"]
 
@@ -37,7 +37,7 @@ _log = logging.getLogger("mesh.auth")
 def curve_wanted(env: Mapping[str, str] | None = None) -> bool:
     """Whether the job runs CurveZMQ (MESH_CURVE=1)."""
     env = os.environ if env is None else env
-    return env.get("MESH_CURVE", "") not in ("", "0")
+    return config_flag("MESH_CURVE", False, env)
 
 
 def job_keys(secret: str) -> tuple[bytes, bytes]:

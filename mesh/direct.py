@@ -36,7 +36,7 @@ import zmq
 
 from . import cma, wire
 from .match import Flag
-from .peer import Outgoing, Peer, config_bytes
+from .peer import Outgoing, Peer, config_bytes, config_flag
 
 __all__ = ["Direct", "Ack", "enabled"]
 
@@ -44,7 +44,7 @@ UNKNOWN, ASKED, YES, NO = range(4)
 
 
 def enabled() -> bool:
-    return sys.platform == "linux" and os.environ.get("MESH_SHM", "1") != "0"
+    return sys.platform == "linux" and config_flag("MESH_SHM", True)
 
 
 class Ack(zmq.MessageTracker):

@@ -16,6 +16,8 @@ naming its error, and answer, so that it need not wait for their goodbyes.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import struct
 import time
 from typing import Callable, Iterable
@@ -59,10 +61,16 @@ class Liveness:
                  groups: dict[int, tuple[str, list[int]]], inbox: Inbox,
                  control: Callable[..., None], router_mon: zmq.Socket) -> None:
         self.rank, self.timeout, self.peers, self.groups = rank, timeout, peers, groups
-        self.peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0)
+        self.peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0, above=0)
         self.heartbeat = config_float("MESH_HEARTBEAT", heartbeat_for(len(peers),
-                                                                      self.peer_timeout))
-        self.stall_warn = config_float("MESH_STALL_WARN", 60.0)
+                                                                      self.peer_timeout),
+                                      above=0)
+        if self.heartbeat >= self.peer_timeout and os.environ.get("MESH_HEARTBEAT"):
+            raise ValueError(f"MESH_HEARTBEAT={self.heartbeat:g} is not under "
+                             f"MESH_PEER_TIMEOUT={self.peer_timeout:g}: every peer would "
+                             f"look silent between two heartbeats")
+        # (0: never; a report every 0 s would flood the log)
+        self.stall_warn = config_float("MESH_STALL_WARN", 60.0, least=0) or math.inf
         self.leaving = False    # this rank said goodbye: no peer watches it or sends to it
         self.stalls = 0
         self.handshake_failures = 0

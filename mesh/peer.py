@@ -19,7 +19,7 @@ import zmq
 from .match import Flag, describe
 
 __all__ = ["ALIVE", "CLOSED", "DEAD", "STATE_NAMES", "MSG_COST", "Outgoing", "Peer",
-           "config_float", "config_bytes", "parse_size"]
+           "config_float", "config_flag", "config_bytes", "parse_size"]
 
 ALIVE, CLOSED, DEAD = 0, 1, 2
 STATE_NAMES = ("alive", "closed", "dead")
@@ -29,14 +29,40 @@ STATE_NAMES = ("alive", "closed", "dead")
 MSG_COST = 256
 
 
-def config_float(name: str, default: float) -> float:
+def config_float(name: str, default: float, least: float | None = None,
+                 above: float | None = None) -> float:
+    """The number in environment variable ``name`` (``default`` when unset or
+    empty); ValueError naming it when it is not a number, or is under
+    ``least``, or not above ``above``."""
     v = os.environ.get(name)
     if not v:
         return default
     try:
-        return float(v)
+        x = float(v)
     except ValueError:
         raise ValueError(f"{name}={v!r}: not a number") from None
+    if x != x or (least is not None and x < least) or (above is not None and x <= above):
+        bound = f">= {least:g}" if least is not None else f"> {above:g}"
+        raise ValueError(f"{name}={v!r}: must be a number {bound}")
+    return x
+
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def config_flag(name: str, default: bool, env: Any = None) -> bool:
+    """The switch in environment variable ``name``: 1/0, true/false, yes/no,
+    on/off (any case); ``default`` when unset or empty; ValueError naming
+    it for anything else (a typo must not turn a switch the wrong way)."""
+    v = (os.environ if env is None else env).get(name, "")
+    low = v.strip().lower()
+    if not low:
+        return default
+    if low in _ON:
+        return True
+    if low in _OFF:
+        return False
+    raise ValueError(f"{name}={v!r}: a switch, 1 or 0 (true/false, yes/no, on/off)")
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,

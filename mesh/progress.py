@@ -86,7 +86,7 @@ class Progress:
 
     def __init__(self, router: zmq.Socket, rank: int) -> None:
         self.rank = rank
-        self.spin = config_float("MESH_SPIN_US", 200.0) * 1e-6
+        self.spin = config_float("MESH_SPIN_US", 200.0, least=0) * 1e-6
         self._spin_now = self.spin     # adapted to the waits seen (_adapt_spin)
         self._router = router
         self._rlock = self.turn = threading.Lock()    # the reading turn

@@ -498,7 +498,7 @@ class Transport:
         # Like MPI_Finalize: stay until every peer has said goodbye too (or is
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.
-        wait = config_float("MESH_CLOSE_WAIT", 30.0)
+        wait = config_float("MESH_CLOSE_WAIT", 30.0, least=0)
         deadline = time.monotonic() + (min(wait, _FAIL_WAIT) if failure else wait)
         while (any(p.state == ALIVE for p in self._peers if p.sock is not None)
                and time.monotonic() < deadline):

@@ -18,7 +18,8 @@ from . import auth, env, limits, rdvfile, torchelastic
 from .comm import Comm
 from .errors import RendezvousError
 from .rendezvous import RendezvousServer, join
-from .transport import Transport, config_float
+from .peer import config_flag, config_float
+from .transport import Transport
 
 __all__ = ["Mesh", "init", "current"]
 
@@ -157,6 +158,21 @@ def current() -> Mesh | None:
     return mine[0] if len(mine) == 1 else None
 
 
+_SWITCHES = ("MESH_SHM", "MESH_CMA", "MESH_CURVE", "MESH_FORCE_TCP", "MESH_COLL_PIPELINE",
+             "MESH_COLL_SMALL_COLUMNS", "MESH_COLL_LINK", "MESH_COLL_STREAM",
+             "MESH_COLL_STREAM_KEEP")
+
+
+def check_config() -> None:
+    """Raise, naming the variable, for a setting that would fail or turn the
+    wrong way only later (at a first collective across hosts, at close):
+    every switch, and the waits read at close."""
+    for name in _SWITCHES:
+        config_flag(name, False)
+    config_float("MESH_CLOSE_WAIT", 30.0, least=0)
+    config_float("MESH_SPIN_US", 200.0, least=0)
+
+
 def init(timeout: float | None = None, rendezvous_timeout: float | None = None, *,
          spec: env.JobSpec | None = None, store: Any = None) -> Mesh:
     """Join the job described by the environment (meshrun, torchrun, SLURM,
@@ -168,9 +184,11 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     rendezvous service listens there, under ``spec.agent_store``, as under
     torchrun (collectives.torchdist joins this way for tcp:// and file://)."""
     spec = spec if spec is not None else env.from_env()
-    op_timeout = timeout if timeout is not None else config_float("MESH_TIMEOUT", 300.0)
+    check_config()
+    op_timeout = timeout if timeout is not None else config_float("MESH_TIMEOUT", 300.0,
+                                                                  above=0)
     rdv_timeout = rendezvous_timeout if rendezvous_timeout is not None else \
-        config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0)
+        config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0, above=0)
     curve = auth.curve_wanted()
     limits.open_files(limits.rank_fds(spec.size), f"rank {spec.rank} of a world of {spec.size}")
     ctx = limits.context(spec.size)
@@ -213,7 +231,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
         ctx.term()
         raise
     hosts = [p["host"] for p in table]
-    same_host_ipc = os.environ.get("MESH_FORCE_TCP", "") in ("", "0")
+    same_host_ipc = not config_flag("MESH_FORCE_TCP", False)
     endpoints = [p["endpoints"]["ipc"] if same_host_ipc and p["host"] == host
                  else p["endpoints"]["tcp"] for p in table]
     transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout,

@@ -252,3 +252,26 @@ def test_sizes_in_the_environment_take_units_and_bad_ones_name_the_variable(
     monkeypatch.setenv("MESH_PEER_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="MESH_PEER_TIMEOUT='soon': not a number"):
         config_float("MESH_PEER_TIMEOUT", 1.0)
+
+
+def test_switches_and_waits_are_read_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A switch takes 1/0, true/false, yes/no, on/off; anything else, a
+    non-positive timeout or a negative wait raises naming the variable (at
+    mesh.init, before the job runs), never turning a switch the wrong way."""
+    from mesh.peer import config_flag, config_float
+    from mesh.world import check_config
+    for value, want in [("1", True), ("true", True), ("ON", True), ("yes", True),
+                        ("0", False), ("false", False), ("Off", False), ("no", False),
+                        ("", False)]:
+        monkeypatch.setenv("MESH_CURVE", value)
+        assert config_flag("MESH_CURVE", False) is want, value
+    monkeypatch.setenv("MESH_CURVE", "abc")
+    with pytest.raises(ValueError, match=r"MESH_CURVE='abc': a switch, 1 or 0"):
+        check_config()
+    monkeypatch.delenv("MESH_CURVE")
+    monkeypatch.setenv("MESH_CLOSE_WAIT", "-1")
+    with pytest.raises(ValueError, match=r"MESH_CLOSE_WAIT='-1': must be a number >= 0"):
+        check_config()
+    monkeypatch.setenv("MESH_TIMEOUT", "0")
+    with pytest.raises(ValueError, match=r"MESH_TIMEOUT='0': must be a number > 0"):
+        config_float("MESH_TIMEOUT", 300.0, above=0)

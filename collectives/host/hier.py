@@ -51,7 +51,6 @@ before it is made.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mesh import AbortKind, Comm
+from mesh.peer import config_flag
 
 from ..ops import ReduceOp
 from ..plan import Tuning, rd_peers, ring_chunks
@@ -164,7 +164,7 @@ def _pipelined(topo: Topology) -> bool:
     levels (collectives.host.columns): MESH_COLL_PIPELINE=1 (job-wide), off
     by default: on the loaded 2-core machine it was no quicker than the
     three phases (BENCHMARKS.md, issue 13, seventh session)."""
-    return os.environ.get("MESH_COLL_PIPELINE", "0") not in ("0", "") and _one_round(topo)
+    return config_flag("MESH_COLL_PIPELINE", False) and _one_round(topo)
 
 
 def _small_round(topo: Topology, nbytes: int) -> bool:
@@ -180,7 +180,7 @@ def small_columns(topo: Topology, nbytes: int) -> bool:
     (under heavy load on 2 cores its tail was shorter: BENCHMARKS.md, issue
     13, ninth session)."""
     return (topo.column is not None and _small_round(topo, nbytes)
-            and os.environ.get("MESH_COLL_SMALL_COLUMNS", "1") not in ("0", ""))
+            and config_flag("MESH_COLL_SMALL_COLUMNS", True))
 
 
 def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> list[Comm]:

@@ -50,7 +50,7 @@ import msgpack
 import numpy as np
 
 from mesh import Comm, LostPeerError, MeshError, MismatchError
-from mesh.peer import config_float
+from mesh.peer import config_flag, config_float
 from mesh.progress import adapt_spin
 
 from ..runner import Ctx, caught
@@ -69,7 +69,7 @@ def _across(ctx: Ctx, peers: list[int]) -> list[int]:
     """Those of ``peers`` this rank would keep a link with: reached over
     tcp:// (another host, or MESH_FORCE_TCP). The same answer at both ends
     of a pair (job-wide settings, the rendezvous table)."""
-    if os.environ.get("MESH_COLL_LINK", "1") in ("0", "") or ctx.ch.encrypted:
+    if not config_flag("MESH_COLL_LINK", True) or ctx.ch.encrypted:
         return []
     return [p for p in peers if ctx.ch.endpoint(p).startswith("tcp://")]
 

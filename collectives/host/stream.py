@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from mesh import LostPeerError, MeshError
+from mesh.peer import config_flag
 
 from ..plan import parse_size
 from ..runner import Ctx, caught
@@ -87,7 +88,7 @@ _kept_lock = threading.Lock()
 
 
 def _keeping() -> bool:
-    return os.environ.get("MESH_COLL_STREAM_KEEP", "1") not in ("0", "")
+    return config_flag("MESH_COLL_STREAM_KEEP", True)
 
 
 def _take_kept(key: tuple[Any, int, str]) -> tuple[socket.socket, int] | None:
@@ -122,7 +123,7 @@ def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
     stream: another host (a tcp:// endpoint), no CurveZMQ, big enough. The
     same answer on both ends of a link (job-wide settings, the same sizes)."""
     env = os.environ
-    if env.get("MESH_COLL_STREAM", "1") in ("0", "") or nbytes < parse_size(
+    if not config_flag("MESH_COLL_STREAM", True, env) or nbytes < parse_size(
             env.get("MESH_COLL_STREAM_MIN", "8M")):
         return False
     return ctx.ch.endpoint(peer).startswith("tcp://") and not ctx.ch.encrypted

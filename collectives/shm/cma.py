@@ -23,6 +23,7 @@ import numpy as np
 
 from mesh import Comm, LostPeerError, MeshError
 from mesh.cma import Reader, allow_peers, read, token
+from mesh.peer import config_flag
 
 from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
@@ -70,7 +71,7 @@ def _probe(ctx: Ctx) -> list[int] | None:
     host = ctx.ch.host
     if any(host(p) != host(ctx.g.rank) for p in range(ctx.g.size)):
         return None
-    willing = sys.platform == "linux" and os.environ.get("MESH_CMA", "1") != "0"
+    willing = sys.platform == "linux" and config_flag("MESH_CMA", True)
     if willing:
         allow_peers()
     tok = token()
