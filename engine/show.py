@@ -74,7 +74,8 @@ def _show_file(path: str, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.show", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", help="schedule name (gpipe, 1f1b, interleaved, zb-h1) or a JSON file")
+    ap.add_argument("what", help="schedule name (gpipe, 1f1b, interleaved, zb-h1, zb-h2, "
+                                 "zb-v) or a JSON file")
     ap.add_argument("p", nargs="?", type=int, help="pipeline ranks")
     ap.add_argument("m", nargs="?", type=int, help="micro-batches")
     ap.add_argument("--chunks", type=int, default=2, help="virtual stages per rank (interleaved)")

@@ -291,11 +291,22 @@ def _mpi(sizes: list[int], iters: int) -> dict[str, float]:
     raise RuntimeError(f"mpirun failed ({run.returncode}): {run.stderr[-2000:]}")
 
 
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1")
+    return n
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mesh.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1K:64M", help="bandwidth sizes, LO:HI, x4 steps")
-    ap.add_argument("--iters", type=int, default=2000, help="round trips per trial")
-    ap.add_argument("--trials", type=int, default=3, help="alternating trials (median shown)")
+    ap.add_argument("--iters", type=positive, default=2000, help="round trips per trial")
+    ap.add_argument("--trials", type=positive, default=3, help="alternating trials (median shown)")
     ap.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
     ap.add_argument("--curve", action="store_true",
                     help="also run the mesh encrypted (CurveZMQ) and report its cost")

@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mesh.bench import positive
+
 from ..plan import parse_size
 
 __all__ = ["COLLECTIVES", "PATHS", "bus_factor", "parse_sizes", "input_count", "plan_rows",
@@ -250,6 +252,8 @@ def _print_table(args: argparse.Namespace, sizes: list[int], rows: list[tuple[in
                 break
 
 
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,9 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sizes", default="8:64M", help="lo:hi (doubling), or a,b,c; K M G suffixes")
     ap.add_argument("--factor", type=int, default=2, help="step between sizes of a range")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--iters", type=int, default=None, help="timed calls per size")
+    ap.add_argument("--iters", type=positive, default=None, help="timed calls per size")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per size")
-    ap.add_argument("--trials", type=int, default=1,
+    ap.add_argument("--trials", type=positive, default=1,
                     help="alternate the sides this many times, keep each row's best")
     ap.add_argument("--compare", choices=("gloo",), default=None)
     ap.add_argument("--only", choices=("meshrun", "gloo"), default=None,

@@ -87,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.nproc < 1:
         p.error("-n must be at least 1")
-    if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
+    if a.nnodes < 1:
+        p.error("--nnodes must be at least 1")
+    if not 0 <= a.node_rank < a.nnodes:
         p.error(f"--node-rank must be in 0..{a.nnodes - 1}")
+    if a.master_port is not None and not 0 <= a.master_port <= 65535:
+        p.error(f"--master-port {a.master_port}: a TCP port is 0..65535 (0: any free one)")
     if a.module and a.no_python:
         p.error("-m and --no-python exclude each other")
     if a.nnodes > 1 and a.master_port is None:
