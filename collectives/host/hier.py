@@ -66,6 +66,7 @@ from ..plan import Tuning, rd_peers, ring_chunks
 from ..runner import Ctx, abandon, agreed, start, watching
 from ..shm import board, local, tiny as shm_tiny
 from ..shm.board import Round
+from ..shm import cma
 from ..shm.cma import peer_read
 from . import columns, link
 from .ring import ring
@@ -219,6 +220,7 @@ def forget(g: Comm) -> None:
         if sub is not None:
             board.forget(sub)
             shm_tiny.forget(sub)
+            cma.forget(sub)
     for fn in _forgetting:
         fn(g)
 

@@ -28,7 +28,7 @@ from mesh.peer import config_flag
 from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 
-__all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "pids"]
+__all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "pids", "forget"]
 
 _LEFT_WAIT_S = 2.0
 _groups: "weakref.WeakKeyDictionary[Comm, list[int] | None]" = weakref.WeakKeyDictionary()
@@ -92,6 +92,13 @@ def _probe(ctx: Ctx) -> list[int] | None:
             ok = ok and [int(t) for t in got] == p["token"]
     agreed = all(all_gather_object_direct(ctx, ok))
     return [p["pid"] for p in everyone] if agreed else None
+
+
+def forget(g: Comm) -> None:
+    """Probe ``g`` again on its next ask (collectives.host.hier.forget: a
+    failed call may have left it probed on some ranks only)."""
+    with _lock:
+        _groups.pop(g, None)
 
 
 def usable(ctx: Ctx) -> bool:
