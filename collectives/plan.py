@@ -141,6 +141,8 @@ ALGORITHMS = {
     "reduce": ("tree", "chain"),
 }
 """Per collective: (algorithm for small buffers, algorithm for large ones)."""
+_ALGS = {a for pair in ALGORITHMS.values() for a in pair} | {"hier"}    # ("ring": flat too)
+_FORCEABLE = set(ALGORITHMS) | {"all_gather", "reduce_scatter", "*"}
 
 
 @dataclass(frozen=True)
@@ -173,12 +175,23 @@ class Tuning:
                 cached = _tuning_cache[key] = cls.from_env(os.environ.copy())
             return cached
         forced = []
-        for item in filter(None, env.get("MESH_COLL_ALGO", "").replace(" ", "").split(",")):
+        algo = env.get("MESH_COLL_ALGO", "")
+        for item in filter(None, algo.replace(" ", "").split(",")):
             coll, _, alg = item.rpartition("=")
+            if (coll or "*") not in _FORCEABLE or alg not in _ALGS:
+                raise ValueError(f"MESH_COLL_ALGO={algo!r}: {item!r} is not an algorithm "
+                                 f"({', '.join(sorted(_ALGS))}), alone or after a collective "
+                                 f"and '=' ({', '.join(sorted(_FORCEABLE - {'*'}))})")
             forced.append((coll or "*", alg))
-        return cls(parse_size(env.get("MESH_COLL_SEGMENT", "1M")),
-                   int(env.get("MESH_COLL_WINDOW", "8")),
-                   parse_size(env.get("MESH_COLL_SMALL", "64K")), tuple(forced))
+
+        def read(name: str, default: str, parse: Any) -> Any:
+            try:
+                return parse(env.get(name) or default)
+            except ValueError as e:
+                raise ValueError(f"{name}={env.get(name)!r}: {e}") from None
+        return cls(read("MESH_COLL_SEGMENT", "1M", parse_size),
+                   read("MESH_COLL_WINDOW", "8", int),
+                   read("MESH_COLL_SMALL", "64K", parse_size), tuple(forced))
 
 
 _ENV_KEYS = ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO")

@@ -192,6 +192,12 @@ def test_choose_by_size_call_and_env() -> None:
     assert choose("reduce", 8, Tuning.from_env({"MESH_COLL_ALGO": "chain"})) == "chain"
     with pytest.raises(ValueError, match="all_reduce has no algorithm 'tree'"):
         choose("all_reduce", 8, t, forced="tree")
+    # a typo is named, not ignored; so is a tuning value that is not a number
+    for algo in ("rnig", "allreduce=ring", "all_reduce=bogus"):
+        with pytest.raises(ValueError, match=rf"MESH_COLL_ALGO='{algo}': .* is not an algorithm"):
+            Tuning.from_env({"MESH_COLL_ALGO": algo})
+    with pytest.raises(ValueError, match=r"MESH_COLL_WINDOW='abc': invalid literal"):
+        Tuning.from_env({"MESH_COLL_WINDOW": "abc"})
 
 
 
