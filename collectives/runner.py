@@ -28,7 +28,7 @@ from mesh import ANY, AbortKind, Comm, MeshTimeoutError
 from .plan import Tuning
 
 __all__ = ["Ctx", "Work", "Body", "start", "now", "NOT_NOW", "abandon", "agreed", "check_comm",
-           "caught", "where", "release", "watching"]
+           "caught", "where", "release"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -59,40 +59,6 @@ def caught(req: Any, timeout: float) -> BaseException | None:
     except BaseException as e:
         return e
     return None
-
-
-_outer = threading.local()      # .watches: the receives of the two-level calls running here
-
-
-class watching:
-    """While a two-level call runs its phases (each a collective of its own
-    on a sub-group, collectives.host.hier), a receive posted on the call's
-    own tag, where its members send nothing: a rank that made another,
-    flat, collective there (a small broadcast where the others all-reduce)
-    sends on it, and the fingerprint fails this receive (MismatchError,
-    the tag aborted on every member). Each rank's phase then running is
-    aborted with it (CollectiveChannel.follow), so its waits raise instead
-    of waiting out the deadline."""
-
-    def __init__(self, ctx: Ctx) -> None:
-        self.ctx = ctx
-        self.req: Any = None
-
-    def __enter__(self) -> "watching":
-        stack = getattr(_outer, "watches", None)
-        if stack is None:
-            stack = _outer.watches = []
-        if not any(c is self.ctx for c, _ in stack):     # (once a call: phases nest)
-            self.req = self.ctx.watch()
-            stack.append((self.ctx, self.req))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.req is None:
-            return
-        _outer.watches.pop()
-        if not self.req.done():
-            caught(self.req, 0)      # withdrawn
 
 
 def where(g: Comm, name: str, tag: int) -> str:

@@ -82,9 +82,7 @@ class CollectiveChannel:
         record = aborted.get((self._comm.gid, tag)) if aborted else None
         if record is None:
             if inbox.closed:    # this rank's own mesh: its peers are gone to it
-                return inbox.gone(inbox.peers[self._comm.ranks[(self._comm.rank + 1)
-                                                               % self._comm.size]],
-                                  what, self._comm.gid)
+                return inbox.closed_error(what)
             if inbox.dead:
                 lost = inbox.dead_member(self._comm.gid)
                 if lost is not None:

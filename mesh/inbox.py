@@ -278,13 +278,17 @@ class Inbox:
     def gone(self, peer: Peer, desc: str, group: int = 0) -> LostPeerError:
         """The error of an operation (of ``group``) that involves a lost
         peer; in a sub-group the peer is named by its world rank, as such."""
+        if self.closed:         # not the peer's doing
+            return self.closed_error(desc, peer.rank)
         who = f"world rank {peer.rank}" if group else f"rank {peer.rank}"
-        if self.closed:         # not the peer's doing: this rank's mesh is closed
-            return LostPeerError(f"rank {self.rank}: {desc} failed: this rank's mesh is "
-                                 f"closed (world.close(), or destroy_process_group() of the "
-                                 f"group it made), so every peer is gone to it", peer.rank)
         return LostPeerError(f"rank {self.rank}: {desc} failed: peer {who} is gone "
                              f"({peer.why})", peer.rank)
+
+    def closed_error(self, desc: str, peer: int | None = None) -> LostPeerError:
+        """The error of an operation made after this rank closed its mesh."""
+        return LostPeerError(f"rank {self.rank}: {desc} failed: this rank's mesh is closed "
+                             f"(world.close(), or destroy_process_group() of the group it "
+                             f"made), so every peer is gone to it", peer)
 
     def dead_member(self, group: int) -> int | None:
         """The lowest rank of ``group`` known dead, if any."""

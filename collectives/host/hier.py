@@ -63,10 +63,9 @@ from mesh.peer import config_flag
 
 from ..ops import ReduceOp
 from ..plan import Tuning, rd_peers, ring_chunks
-from ..runner import Ctx, abandon, agreed, start, watching
-from ..shm import board, local, tiny as shm_tiny
+from ..runner import Ctx, abandon, agreed, caught, start
+from ..shm import board, cma, local, tiny as shm_tiny
 from ..shm.board import Round
-from ..shm import cma
 from ..shm.cma import peer_read
 from . import columns, link
 from .ring import ring
@@ -204,9 +203,6 @@ def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> l
     return (both if home else []) + across + ([] if home else both)
 
 
-_forgetting: list[Callable[[Comm], None]] = []    # what else keeps a group's layout state
-
-
 def forget(g: Comm) -> None:
     """After a failed two-level call on ``g``: whether its hosts' boards are
     up (and the short way's plans, collectives.host.tiny) chooses the next
@@ -221,8 +217,8 @@ def forget(g: Comm) -> None:
             board.forget(sub)
             shm_tiny.forget(sub)
             cma.forget(sub)
-    for fn in _forgetting:
-        fn(g)
+    from .tiny import forget_plans      # (tiny imports this module)
+    forget_plans(g)
 
 
 def refuse(g: Comm, coll: str, root: Any, large: bool, nbytes: int, e: BaseException) -> None:
@@ -245,14 +241,20 @@ Phase = tuple[Comm, str, Callable[[Ctx], Any]]
 
 def _run(ctx: Ctx, phases: list[Phase]) -> None:
     """Run the phases in order, each a collective on its sub-group; on a
-    failure, abandon the ones not made yet and raise. A receive watches the
-    call's own tag meanwhile (runner.watching: a rank that made a flat
-    collective instead sends there)."""
-    with watching(ctx):
-        try:
-            _phases(ctx, phases)
-        finally:
-            ctx.ch.unfollow(ctx.tag)
+    failure, abandon the ones not made yet and raise. Meanwhile a receive
+    watches the call's own tag, where its members send nothing: a rank that
+    made a flat collective instead (a small broadcast where the others
+    all-reduce) sends there, its fingerprint fails the receive and aborts
+    the tag on every member, and each rank's phase then running is aborted
+    with it (_follow), so its waits raise instead of waiting out the
+    deadline."""
+    watch = ctx.watch()
+    try:
+        _phases(ctx, phases)
+    finally:
+        ctx.ch.unfollow(ctx.tag)
+        if not watch.done():
+            caught(watch, 0)        # withdrawn
 
 
 def _phases(ctx: Ctx, phases: list[Phase]) -> None:

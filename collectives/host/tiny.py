@@ -33,9 +33,9 @@ from ..ops import ReduceOp
 from ..plan import Tuning
 from ..runner import NOT_NOW, Body, Ctx, abandon, now, start
 from ..shm import local as shm_local, tiny as shm_tiny
-from .hier import SMALL_COLUMN, SMALL_HOST, Topology, _forgetting, forget, rd_across, refuse
+from .hier import SMALL_COLUMN, SMALL_HOST, Topology, forget, rd_across, refuse
 
-__all__ = ["learn", "all_reduce", "stats"]
+__all__ = ["learn", "all_reduce", "forget_plans", "stats"]
 
 stats = {"calls": 0}    # calls that took the short way (tests)
 
@@ -87,11 +87,11 @@ class _Plan:
 
 
 _plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Plan]]" = weakref.WeakKeyDictionary()
-def _drop_plans(g: Comm) -> None:
+
+
+def forget_plans(g: Comm) -> None:
+    """Drop ``g``'s short-way plans (hier.forget, after a failed call)."""
     _plans.pop(g, None)
-
-
-_forgetting.append(_drop_plans)      # (hier.forget: after a failed call)
 
 
 def learn(ctx: Ctx, topo: Topology, arr: np.ndarray, op: Any, rop: ReduceOp) -> None:

@@ -57,8 +57,7 @@ from ..runner import Ctx, caught
 from . import bell, cma
 
 __all__ = ["CAPACITY", "INLINE", "ARENA", "available", "crowded", "ready", "forget", "mapped",
-           "Round",
-           "Quick", "signature"]
+           "Round", "Quick", "signature"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
