@@ -33,6 +33,24 @@ __all__ = ["Liveness", "heartbeat_for", "monitor_event"]
 
 _log = logging.getLogger("mesh.transport")
 _BEATS_PER_S = 64
+_BLIND = 1.0        # a tick this late (they come every 0.25 s at most): this rank was starved
+_LOOK = 1.0         # a silent same-host peer's CPU time is compared over windows this long
+
+
+def _threads(pid: int) -> tuple[str, int]:
+    """The states of process ``pid``'s threads (one letter each, as in
+    /proc) and its CPU time in clock ticks (all its threads'); OSError
+    once it is gone."""
+    states, cpu = "", 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        states += fields[0].decode()
+        cpu += int(fields[11]) + int(fields[12])
+    return states, cpu
 
 
 def monitor_event(frames: list[bytes]) -> int:
@@ -59,7 +77,8 @@ class Liveness:
 
     def __init__(self, rank: int, timeout: float, peers: list[Peer],
                  groups: dict[int, tuple[str, list[int]]], inbox: Inbox,
-                 control: Callable[..., None], router_mon: zmq.Socket) -> None:
+                 control: Callable[..., None], router_mon: zmq.Socket,
+                 local: dict[int, int] | None = None) -> None:
         self.rank, self.timeout, self.peers, self.groups = rank, timeout, peers, groups
         self.peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0, above=0)
         self.heartbeat = config_float("MESH_HEARTBEAT", heartbeat_for(len(peers),
@@ -72,6 +91,13 @@ class Liveness:
         # (0: never; a report every 0 s would flood the log)
         self.stall_warn = config_float("MESH_STALL_WARN", 60.0, least=0) or math.inf
         self.leaving = False    # this rank said goodbye: no peer watches it or sends to it
+        # Silence is no proof on an oversubscribed machine: a same-host peer
+        # (rank -> pid) whose process still runs is only slow, and a rank whose own
+        # watch was starved has heard nothing meanwhile (``tick``).
+        self.local = dict(local or {})
+        self._cpu: dict[int, tuple[float, int]] = {}    # rank -> (since, its CPU time then)
+        self._ticked = 0.0
+        self._awake_since = 0.0
         self.stalls = 0
         self.handshake_failures = 0
         self.doing: Pending | Outgoing | None = None
@@ -183,6 +209,27 @@ class Liveness:
                 self._inbox.peer_gone(peer.rank, "it refused our credentials: a different job "
                                       "secret?", DEAD)
 
+    def _runs(self, rank: int, now: float) -> bool:
+        """Whether silent peer ``rank``'s process, on this host, still runs:
+        a thread of it is runnable (waiting for a core), or it took CPU time
+        over the last ``_LOOK`` seconds. Not when it is gone, a zombie, or
+        stopped (SIGSTOP, a debugger), nor when it sleeps and takes nothing
+        (a deadlock): those are lost. On another host silence decides."""
+        pid = self.local.get(rank)
+        if not pid:
+            return False
+        try:
+            states, cpu = _threads(pid)
+        except (OSError, ValueError, IndexError):
+            return False
+        if not states or all(s in "ZXTt" for s in states):
+            return False
+        since, then = self._cpu.setdefault(rank, (now, cpu))
+        if "R" in states or now - since < _LOOK:
+            return True
+        self._cpu[rank] = (now, cpu)
+        return cpu > then
+
     def tick(self, now: float) -> None:
         """Declare silent or vanished peers lost; beat to the others. A peer
         that said goodbye is not watched, but is still beaten to until its
@@ -191,6 +238,9 @@ class Liveness:
         goodbye, no peer watches it: beats then would only be left queued for
         peers that have gone, holding up the context's term()."""
         beat = None
+        if self._ticked and now - self._ticked > _BLIND:
+            self._awake_since = now     # blind till now: what it missed may still be unread
+        self._ticked = now
         for p in self.peers:
             if p.sock is None or p.state == DEAD or (p.state == CLOSED and p.suspect_since):
                 continue
@@ -199,7 +249,9 @@ class Liveness:
                     self._inbox.peer_gone(p.rank, "its connection closed: the process exited "
                                           "or crashed", DEAD)
                     continue
-                if now - p.last_heard > self.peer_timeout:
+                if now - max(p.last_heard, self._awake_since) <= self.peer_timeout:
+                    self._cpu.pop(p.rank, None)
+                elif not self._runs(p.rank, now):
                     self._inbox.peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s", DEAD)
                     continue
             if now - p.last_sent > self.heartbeat and not self.leaving:

@@ -52,7 +52,7 @@ class Transport:
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
                  endpoints: list[str], secret: str, timeout: float, curve: bool = False,
-                 hosts: list[str] | None = None) -> None:
+                 hosts: list[str] | None = None, pids: list[int] | None = None) -> None:
         self.rank, self.size, self.timeout = rank, size, timeout
         self.endpoints, self.curve = list(endpoints), curve   # how each peer is reached
         # each rank's host id (mesh.env.host_id) as the rendezvous table has it
@@ -85,8 +85,12 @@ class Transport:
         self._encoded: dict[tuple, bytes] = {}
         self.progress = Progress(router, rank)
         self.inbox = Inbox(rank, self._peers, self.groups, self._control, self.progress.nudge)
+        # same-host peers' pids (ipc://: one filesystem, one machine): their silence is
+        # weighed against what their process does (mesh.liveness.Liveness.tick)
+        local = {r: pid for r, (pid, ep) in enumerate(zip(pids or [0] * size, endpoints))
+                 if pid and r != rank and ep.startswith("ipc://")}
         self.live = Liveness(rank, timeout, self._peers, self.groups, self.inbox, self._control,
-                             self._router_mon)
+                             self._router_mon, local)
         self.direct = Direct(rank, self._peers, endpoints, self._control)
         same_host = [r for r, ep in enumerate(endpoints) if r != rank and ep.startswith("ipc://")]
         self.rings = rings.open_rings(rank, size, same_host)

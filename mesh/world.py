@@ -235,5 +235,5 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     endpoints = [p["endpoints"]["ipc"] if same_host_ipc and p["host"] == host
                  else p["endpoints"]["tcp"] for p in table]
     transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout,
-                          curve, hosts)
+                          curve, hosts, [p.get("pid") or 0 for p in table])
     return Mesh(transport, ctx, authenticator, spec, hosts, endpoints, server, ipc_path)

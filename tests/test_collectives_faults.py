@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -153,3 +154,30 @@ def use_after_close(world: Any) -> list[str]:
 def test_a_call_on_a_closed_mesh_says_so() -> None:
     for said in mesh.spawn(use_after_close, 2, timeout=60):
         assert all("this rank's mesh is closed" in s for s in said), said
+
+
+def hog_the_interpreter(world: Any, hog: int, seconds: float) -> list:
+    """Rank ``hog`` keeps its interpreter for ``seconds``, past the peer
+    timeout: its threads cannot run, so it sends no heartbeat and reads none
+    (an oversubscribed core, or a long call that holds the GIL, does that)."""
+    C.barrier(world)
+    if world.rank == hog:
+        sys.setswitchinterval(60.0)      # the other threads wait for this one's turn
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        sys.setswitchinterval(0.005)
+    x = np.full(4, world.rank + 1.0)
+    C.all_reduce(world, x)
+    C.barrier(world)
+    return x.tolist()
+
+
+@pytest.mark.parametrize("hog", [0, 2])
+def test_a_silent_peer_whose_process_still_runs_is_not_lost(hog: int) -> None:
+    """Silence alone is no proof on one host: a peer whose process runs (or
+    waits for a core) is slow, not lost; and a rank whose own watch was held
+    up does not count the time it could not listen (the queued heartbeats)."""
+    out = mesh.spawn(hog_the_interpreter, 3, hog, 3.5, timeout=60,
+                     env={"MESH_PEER_TIMEOUT": "1"})
+    assert out == [[6.0] * 4] * 3
