@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mesh.cliargs import nonnegative_float, positive
+
 from .executor import Pipeline, stages_for_rank
 from .schedules import by_name
 from .trace import measured
@@ -116,20 +118,20 @@ def _table(report: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-p", type=int, default=4, help="pipeline ranks (processes)")
-    ap.add_argument("-m", type=int, default=16, help="micro-batches per step")
-    ap.add_argument("--F", type=float, default=0.010, help="forward seconds per stage")
-    ap.add_argument("--B", type=float, default=0.020, help="backward seconds (I = W = B/2)")
-    ap.add_argument("--chunks", type=int, default=2, help="virtual stages per rank (interleaved)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
-    ap.add_argument("--rows", type=int, default=64, help="rows per batch")
-    ap.add_argument("--width", type=int, default=256, help="float32 columns per activation")
+    ap.add_argument("-p", type=positive, default=4, help="pipeline ranks (processes)")
+    ap.add_argument("-m", type=positive, default=16, help="micro-batches per step")
+    ap.add_argument("--F", type=nonnegative_float, default=0.010, help="forward seconds per stage")
+    ap.add_argument("--B", type=nonnegative_float, default=0.020, help="backward seconds (I = W = B/2)")
+    ap.add_argument("--chunks", type=positive, default=2, help="virtual stages per rank (interleaved)")
+    ap.add_argument("--steps", type=positive, default=3, help="timed steps (after one warm-up)")
+    ap.add_argument("--rows", type=positive, default=64, help="rows per batch")
+    ap.add_argument("--width", type=positive, default=256, help="float32 columns per activation")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb-h1")
     ap.add_argument("--no-torch", action="store_true", help="skip torch.distributed.pipelining")
     ap.add_argument("--trace", metavar="DIR", help="write each schedule's last step trace here")
     ap.add_argument("--balance", action="store_true",
                     help="engine.distribute on uneven layers: balance time/uniform/parameters")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=positive, default=3,
                     help="--balance: rounds of re-time, then the timed steps (split over them)")
     ap.add_argument("--tp-predict", metavar="SCHEDULES",
                     help="pp=2 x tp=2: measured step over Job.retime's prediction for these "
@@ -138,6 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stages", action="store_true",
                     help="the uneven model's stages timed whole over their layers' sum (CPU)")
     a = ap.parse_args(argv)
+    names = [n.strip() for n in a.schedules.split(",") if n.strip()]
+    checks = [(n, a.p, a.m) for n in names]
+    if a.tp_predict:
+        checks = [(n.strip(), 2, 8) for n in a.tp_predict.split(",")]
+    for name, p, m in checks:
+        try:
+            by_name(name, p, m, a.chunks)
+        except ValueError as e:
+            ap.error(str(e))
+    if a.rows < a.m:
+        ap.error(f"--rows {a.rows} gives fewer rows than the {a.m} micro-batches (-m)")
+    if a.trace:
+        os.makedirs(a.trace, exist_ok=True)
     if a.stages:
         from .bench_distribute import stage_overrun
         print("uneven model's stages (layers first..stop-1), 32 rows: timed whole / sum of "
@@ -151,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = ["gpt", "mlp"] if train_3d_example() is not None else ["mlp"]
         print(f"pp=2 x tp=2 (4 ranks): median step over Job.retime's prediction, "
               f"{max(1, a.rounds)} rounds (each round's), and over the profile alone")
-        for sched in a.tp_predict.split(","):
+        for sched in (n.strip() for n in a.tp_predict.split(",")):
             for model in models:
                 r = run_tp_predicted(steps=5 * max(1, a.rounds), rounds=max(1, a.rounds),
                                      schedule=sched, model=model)
@@ -192,7 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"sums once a step {sums['once'] * 1e3:.1f} ms, once per backward "
               f"{sums['hooks'] * 1e3:.1f} ms: {sums['once'] / sums['hooks']:.3f}")
         return 0
-    names = [n for n in a.schedules.split(",") if n]
     print(f"meshrun engine: p={a.p} m={a.m} F={a.F * 1e3:g}ms B={a.B * 1e3:g}ms "
           f"(I=W={a.B * 500:g}ms), activations {a.rows // a.m}x{a.width} float32 per micro-batch")
     report = run_meshrun(names, a.p, a.m, a.F, a.B, a.chunks, a.steps, a.rows, a.width)

@@ -47,7 +47,9 @@ import time
 from typing import Any, Sequence
 
 import mesh
+from mesh.cliargs import names_in, positive, positive_float
 from engine.choose import recomputing
+from engine.schedules import by_name
 
 __all__ = ["main"]
 
@@ -436,29 +438,41 @@ def _tuple_worker(world: Any, a: argparse.Namespace) -> dict[str, float]:
     return {"one": statistics.median(took[True]), "tuple": statistics.median(took[False])}
 
 
+def _rss(ranks: list[dict[str, Any]]) -> str:
+    return " / ".join(f"{r['rss']:.0f}" for r in ranks)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m engine.bench_memory", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=2048)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=12,
+    ap.add_argument("--rows", type=positive, default=2048)
+    ap.add_argument("--width", type=positive, default=256)
+    ap.add_argument("--depth", type=positive, default=12,
                     help="(Linear, GELU) pairs per stage (--model blocks: layers; "
                          "numpy: (Linear, Tanh) pairs)")
     ap.add_argument("--model", choices=("mlp", "blocks", "numpy"), default="mlp")
-    ap.add_argument("--pp", type=int, default=2,
+    ap.add_argument("--pp", type=positive, default=2,
                     help="pipeline ranks (recompute, limit, stages; the model has --depth "
                          "pairs or layers per rank)")
-    ap.add_argument("--seq", type=int, default=64, help="--model blocks: positions")
-    ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--seq", type=positive, default=64, help="--model blocks: positions")
+    ap.add_argument("--microbatches", type=positive, default=8)
+    ap.add_argument("--steps", type=positive, default=5)
     ap.add_argument("--schedules", default="gpipe,1f1b")
-    ap.add_argument("--limit", type=float, default=5.0, help="MB of activations a rank")
-    ap.add_argument("--only", default="recompute,limit,stages,tuples")
+    ap.add_argument("--limit", type=positive_float, default=5.0, help="MB of activations a rank")
+    ap.add_argument("--only", default="recompute,limit,stages,tuples",
+                    type=names_in(("recompute", "limit", "stages", "held", "tuples")))
     ap.add_argument("--selective", default="",
                     help="recompute: also recompute the submodules these comma-separated "
                          "name patterns match (e.g. '*.self_attn' with --model blocks)")
     a = ap.parse_args(argv)
-    only = a.only.split(",")
+    for schedule in a.schedules.split(","):
+        try:
+            by_name(schedule, a.pp, a.microbatches)
+        except ValueError as e:
+            ap.error(str(e))
+    if a.rows < a.microbatches:
+        ap.error(f"--rows {a.rows} gives fewer rows than the {a.microbatches} micro-batches")
+    only = a.only
     if a.model == "numpy":      # (whole stages recompute; the blocks' tuples are torch's)
         if a.selective:
             ap.error("--selective names torch submodules: not with --model numpy")
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {r[0]['name']:<22} {way:<9}  "
                       f"step {r[0]['ms']:7.1f} ms (predicted {r[0]['pred']:7.1f})  "
                       f"peak activations {r[0]['peak']:6.2f} MB a rank (predicted){live}  "
-                      f"peak RSS {r[0]['rss']:.0f} / {r[1]['rss']:.0f} MB", flush=True)
+                      f"peak RSS {_rss(r)} MB", flush=True)
     if "limit" in only:
         print(f"limit: schedule='auto' under {a.limit:g} MB of activations a rank")
         for how in (False, "auto"):
@@ -493,8 +507,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, how in ways:
                 r = mesh.spawn(_stages_worker, a.pp, a, schedule, how, timeout=900)
                 print(f"  {schedule}({a.pp},{a.microbatches}) recompute={name:<5} "
-                      f"step {r[0]['ms']:7.1f} ms  peak RSS {r[0]['rss']:.0f} / "
-                      f"{r[1]['rss']:.0f} MB", flush=True)
+                      f"step {r[0]['ms']:7.1f} ms  peak RSS {_rss(r)} MB", flush=True)
     if "held" in only:
         print(f"held: the first half of the model, {a.microbatches} micro-batches' forwards "
               "kept at once in one process: the live heap after them, and predicted")

@@ -17,8 +17,11 @@ import json
 import sys
 from typing import Sequence
 
+from mesh.cliargs import checked, positive, positive_float
+
 from .ir import Schedule, format_program
 from .schedules import by_name
+from .simulate import _costs
 from .verify import ScheduleError
 
 __all__ = ["main", "parse_costs"]
@@ -29,23 +32,21 @@ def parse_costs(text: str | None) -> dict[str, float]:
     costs: dict[str, float] = {}
     for part in (text or "").split(","):
         if part.strip():
-            key, _, value = part.partition("=")
-            costs[key.strip()] = float(value)
+            key, eq, value = part.partition("=")
+            try:
+                costs[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"{part.strip()!r}: costs are KEY=NUMBER, e.g. F=1,B=2"
+                                 ) from None
+    _costs(costs, 1)     # known keys, finite, not negative
     return costs
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of cores, got {text}")
-    return value
 
 
 def _show_schedule(sched: Schedule, args: argparse.Namespace) -> int:
     if args.json:
         print(sched.to_json(indent=None))
         return 0
-    costs = parse_costs(args.costs)
+    costs = args.costs
     try:
         lowered = sched.validate()
         report = sched.simulate(costs or None, args.cores)
@@ -62,10 +63,25 @@ def _show_schedule(sched: Schedule, args: argparse.Namespace) -> int:
 
 
 def _show_file(path: str, args: argparse.Namespace) -> int:
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"engine.show: {path!r} is neither a schedule name (gpipe, 1f1b, "
+                         f"interleaved, zb-h1, zb-h2, zb-v) nor a file it can read "
+                         f"({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"engine.show: {path} is not JSON ({e})") from None
     if isinstance(data, dict) and "ranks" in data:
-        return _show_schedule(Schedule.from_dict(data), args)
+        try:
+            sched = Schedule.from_dict(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"engine.show: {path} is not a schedule that "
+                             f"Schedule.to_json writes: {e!r}") from None
+        return _show_schedule(sched, args)
+    if not (isinstance(data, dict) and isinstance(data.get("traceEvents"), list)):
+        raise SystemExit(f"engine.show: {path} is neither a schedule (Schedule.to_json, "
+                         "`engine.show NAME P M --json`) nor a trace (with traceEvents)")
     from .trace import render_trace, summarize_trace
     print(render_trace(data) if args.grid else summarize_trace(data))
     return 0
@@ -76,11 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", help="schedule name (gpipe, 1f1b, interleaved, zb-h1, zb-h2, "
                                  "zb-v) or a JSON file")
-    ap.add_argument("p", nargs="?", type=int, help="pipeline ranks")
-    ap.add_argument("m", nargs="?", type=int, help="micro-batches")
-    ap.add_argument("--chunks", type=int, default=2, help="virtual stages per rank (interleaved)")
-    ap.add_argument("--costs", help="per-action costs, e.g. F=1,B=2,I=1,W=1,send=0")
-    ap.add_argument("--cores", type=_positive, help="the ranks share this many cores (processor "
+    ap.add_argument("p", nargs="?", type=positive, help="pipeline ranks")
+    ap.add_argument("m", nargs="?", type=positive, help="micro-batches")
+    ap.add_argument("--chunks", type=positive, default=2,
+                    help="virtual stages per rank (interleaved)")
+    ap.add_argument("--costs", type=checked(parse_costs), default={},
+                    help="per-action costs, e.g. F=1,B=2,I=1,W=1,send=0")
+    ap.add_argument("--cores", type=positive_float, help="the ranks share this many cores (processor "
                     "sharing: actions that overlap slow down)")
     ap.add_argument("--json", action="store_true", help="print the schedule as JSON")
     ap.add_argument("--lowered", action="store_true", help="also print each rank's program")

@@ -39,21 +39,22 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .cliargs import checked, positive, positive_list
+from .peer import parse_size
 from .spawn import spawn
 
-__all__ = ["main", "parse_size"]
-
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().rstrip("B")
-    num = text.rstrip("KMG")
-    return int(float(num) * units[text[len(num):]])
+__all__ = ["main"]
 
 
 def _sizes(spec: str) -> list[int]:
+    """'1K:64M' -> 1 KiB, 4 KiB, ... 64 MiB (x4 steps); '1M' alone is one size;
+    'a,b,c' lists sizes."""
+    if "," in spec:
+        return [parse_size(s) for s in spec.split(",") if s.strip()]
     lo, _, hi = spec.partition(":")
     a, b = parse_size(lo), parse_size(hi or lo)
+    if a < 1 or b < a:
+        raise ValueError("LO:HI with 1 <= LO <= HI, e.g. 1K:64M")
     out = []
     while a <= b:
         out.append(a)
@@ -292,19 +293,10 @@ def _mpi(sizes: list[int], iters: int) -> dict[str, float]:
 
 
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1")
-    return n
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mesh.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="1K:64M", help="bandwidth sizes, LO:HI, x4 steps")
+    ap.add_argument("--sizes", default="1K:64M", type=checked(_sizes),
+                    help="bandwidth sizes, LO:HI, x4 steps")
     ap.add_argument("--iters", type=positive, default=2000, help="round trips per trial")
     ap.add_argument("--trials", type=positive, default=3, help="alternating trials (median shown)")
     ap.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
@@ -316,16 +308,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", action="store_true",
                     help="time joining and the first collectives, and measure each rank's "
                          "footprint, at growing world sizes (see --ranks)")
-    ap.add_argument("--ranks", default="8,16,32,64", help="world sizes for --scale")
+    ap.add_argument("--ranks", default="8,16,32,64", type=positive_list, help="world sizes for --scale")
     args = ap.parse_args(argv)
     if args.mpi_worker:
-        _mpi_worker([int(x) for x in args.sizes.split(",")], args.iters)
+        _mpi_worker(args.sizes, args.iters)
         return
     if args.scale:
         from . import bench_scale
-        bench_scale.main([int(n) for n in args.ranks.split(",")], trials=args.trials)
+        bench_scale.main(args.ranks, trials=args.trials)
         return
-    sizes = _sizes(args.sizes)
+    sizes = args.sizes
     mpi_why = _mpi_missing() if "mpi" in args.compare else "not asked"
     runs: dict[str, list[dict[str, float]]] = {"raw pyzmq": [], "mesh shm=0": [], "mesh": []}
     if args.curve:

@@ -342,4 +342,4 @@ def test_show_simulates_ranks_sharing_cores(capsys):
     assert "makespan 12" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         show_main(["1f1b", "2", "3", "--cores", "0"])
-    assert "positive number of cores" in capsys.readouterr().err
+    assert "argument --cores: '0': a number above 0" in capsys.readouterr().err

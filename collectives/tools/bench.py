@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mesh.bench import positive
+from mesh.cliargs import checked, nonnegative, positive, positive_list
 
 from ..plan import parse_size
 
@@ -67,12 +67,17 @@ def parse_sizes(text: str, factor: int = 2) -> list[int]:
     """'8:64M' -> [8, 16, ..., 64 MiB]; 'a:b' steps by ``factor``; '1M' alone
     is one size; 'a,b,c' lists sizes."""
     if "," in text:
-        return [parse_size(s) for s in text.split(",")]
+        sizes = [parse_size(s) for s in text.split(",") if s.strip()]
+        if min(sizes, default=0) < 1:
+            raise ValueError(f"bad size list {text!r}: sizes of at least 1 byte")
+        return sizes
     lo, _, hi = text.partition(":")
     a = parse_size(lo)
     b = parse_size(hi) if hi else a
-    if a < 1 or b < a or factor < 2:
-        raise ValueError(f"bad size range {text!r}")
+    if factor < 2:
+        raise ValueError(f"a size range steps by a factor of at least 2, not {factor}")
+    if a < 1 or b < a:
+        raise ValueError(f"bad size range {text!r}: LO:HI with 1 <= LO <= HI, e.g. 8:64M")
     out = []
     while a <= b:
         out.append(a)
@@ -258,12 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--op", default="all_reduce", choices=COLLECTIVES)
-    ap.add_argument("-n", "--nprocs", type=int, default=2)
+    ap.add_argument("-n", "--nprocs", type=positive, default=2)
     ap.add_argument("--sizes", default="8:64M", help="lo:hi (doubling), or a,b,c; K M G suffixes")
-    ap.add_argument("--factor", type=int, default=2, help="step between sizes of a range")
+    ap.add_argument("--factor", type=positive, default=2, help="step between sizes of a range")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--iters", type=positive, default=None, help="timed calls per size")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per size")
+    ap.add_argument("--warmup", type=nonnegative, default=None, help="untimed calls per size")
     ap.add_argument("--trials", type=positive, default=1,
                     help="alternate the sides this many times, keep each row's best")
     ap.add_argument("--compare", choices=("gloo",), default=None)
@@ -277,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also print meshrun's peak memory beyond the input, worst rank "
                          "(exact for the first size only: run one size)")
     args = ap.parse_args(argv)
+    try:
+        itemsize = np.dtype(args.dtype).itemsize
+        sizes = [0] if args.op == "barrier" else parse_sizes(args.sizes, args.factor)
+    except (TypeError, ValueError) as e:
+        ap.error(str(e))
 
     if args.device == "cuda":
         try:
@@ -284,8 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("# --device cuda needs CuPy: pip install 'meshrun[gpu]'", file=sys.stderr)
             return 2
-    sizes = [0] if args.op == "barrier" else parse_sizes(args.sizes, args.factor)
-    rows = plan_rows(args.op, sizes, np.dtype(args.dtype).itemsize, args.nprocs, args.iters,
+    rows = plan_rows(args.op, sizes, itemsize, args.nprocs, args.iters,
                      args.warmup)
     where = args.device + (f" ({args.path} path)" if args.device == "cuda" else "")
     print(f"# collectives.bench: {args.op}, {args.nprocs} ranks, {args.dtype}, {where}, "

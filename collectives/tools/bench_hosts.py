@@ -38,6 +38,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mesh.cliargs import positive, positive_float, positive_list
+
 from .bench import bus_factor, parse_sizes
 
 __all__ = ["main"]
@@ -276,11 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench_hosts",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="8,512,32K,256K,1M,4M,16M,64M")
-    ap.add_argument("--factor", type=int, default=4, help="step between sizes of a range a:b")
+    ap.add_argument("--factor", type=positive, default=4, help="step between sizes of a range a:b")
     ap.add_argument("--slow-sizes", default="8,32K,1M,16M", help="sizes over the slowed link")
-    ap.add_argument("--passes", type=int, default=5)
-    ap.add_argument("--budget", type=float, default=0.25, help="seconds per timed row")
-    ap.add_argument("--per-host", default="1,2", help="ranks per host to run")
+    ap.add_argument("--passes", type=positive, default=5)
+    ap.add_argument("--budget", type=positive_float, default=0.25, help="seconds per timed row")
+    ap.add_argument("--per-host", default=[1, 2], type=positive_list, help="ranks per host to run")
     ap.add_argument("--slow", default="1gbit", help="tbf rate of the slowed link; 0: skip")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--logs", default=None, help="keep the jobs' logs in this folder")
@@ -293,18 +295,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_hosts makes network namespaces: run it as root", file=sys.stderr)
         return 2
+    try:
+        links = [("link", None, parse_sizes(args.sizes, args.factor))]
+        if args.slow != "0":
+            links.append((f"link slowed by tbf {args.slow}", args.slow,
+                          parse_sizes(args.slow_sizes, args.factor)))
+    except ValueError as e:
+        ap.error(str(e))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    links = [("link", None, parse_sizes(args.sizes, args.factor))]
-    if args.slow != "0":
-        links.append((f"link slowed by tbf {args.slow}", args.slow,
-                      parse_sizes(args.slow_sizes, args.factor)))
     with Hosts() as hosts, tempfile.TemporaryDirectory() as tmp:
         if args.logs:
             os.makedirs(args.logs, exist_ok=True)
             tmp = args.logs
         for title, rate, sizes in links:
             hosts.shape(rate) if rate else None
-            for per in (int(x) for x in args.per_host.split(",")):
+            for per in args.per_host:
                 res = _run_mesh(hosts, per, Path(tmp) / f"mesh{per}.json", args, sizes)
                 if not args.no_gloo:
                     res.update(_run_gloo(hosts, per, Path(tmp) / f"gloo{per}.json", args, sizes))

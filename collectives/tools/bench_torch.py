@@ -45,6 +45,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from mesh.cliargs import checked, names_in, nonnegative, positive, positive_list
+
 from .bench import bus_factor, parse_sizes, plan_rows
 
 __all__ = ["MODELS", "main"]
@@ -244,35 +246,39 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:5.2f}" if b > 0 else "  n/a"
 
 
+@checked
+def _sizes(text: str) -> list[int]:
+    """Sizes as ``parse_sizes`` reads them; "" is none."""
+    return parse_sizes(text) if text.strip() else []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench_torch",
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--nprocs", default="2,4", help="rank counts, e.g. 2,4")
-    ap.add_argument("--sizes", default="8,1K,64K,1M,16M,64M")
-    ap.add_argument("--max-iters", type=int, default=50, help="timed calls per size, at most")
-    ap.add_argument("--models", default="1M,25M")
-    ap.add_argument("--steps", type=int, default=3, help="timed DDP steps per repetition")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed DDP steps")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("-n", "--nprocs", default=[2, 4], type=positive_list, help="rank counts, e.g. 2,4")
+    ap.add_argument("--sizes", default="8,1K,64K,1M,16M,64M", type=_sizes)
+    ap.add_argument("--max-iters", type=positive, default=50, help="timed calls per size, at most")
+    ap.add_argument("--models", default=["1M", "25M"], type=names_in(MODELS, empty=True))
+    ap.add_argument("--steps", type=positive, default=3, help="timed DDP steps per repetition")
+    ap.add_argument("--warmup", type=nonnegative, default=2, help="untimed DDP steps")
+    ap.add_argument("--batch", type=positive, default=32)
+    ap.add_argument("--reps", type=positive, default=5)
     ap.add_argument("--floor", action="store_true",
                     help="also step DDP with a comm hook that does nothing, and time "
                          "dist.all_reduce on a ProcessGroup that makes the direct call")
     ap.add_argument("--overlap", action="store_true",
                     help="per model, where DDP's bucket all-reduces run against its backward "
                          "pass on each backend (torch's allreduce_hook, stamped)")
-    ap.add_argument("--p2p", default="", help="dist.send/dist.recv round trips between "
-                    "ranks 0 and 1 at these sizes, e.g. 8,4K,64K,1M")
+    ap.add_argument("--p2p", default=[], type=_sizes, help="dist.send/dist.recv round trips "
+                    "between ranks 0 and 1 at these sizes, e.g. 8,4K,64K,1M")
     a = ap.parse_args(argv)
     import mesh
 
-    sizes = parse_sizes(a.sizes) if a.sizes else []
-    models = [m for m in a.models.split(",") if m]
-    for n in (int(x) for x in a.nprocs.split(",")):
+    sizes, models, p2p = a.sizes, a.models, a.p2p
+    for n in a.nprocs:
         rows = [(c, min(it, a.max_iters), min(wu, 5))
                 for c, it, wu in plan_rows("all_reduce", sizes, 4, n)]
-        p2p = parse_sizes(a.p2p) if a.p2p else []
         per_rank = mesh.spawn(_worker, n, rows, models, a.steps, a.warmup, a.reps, a.batch,
                               a.floor, p2p, a.overlap, timeout=3600)
         f = bus_factor("all_reduce", n)

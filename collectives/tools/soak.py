@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from mesh.bench import parse_size
+from mesh.cliargs import checked, positive
+from mesh.peer import parse_size
 from mesh import spawn
 
 __all__ = ["main", "soak_worker"]
@@ -209,11 +210,11 @@ def soak_worker(world: Any, ops: int, max_bytes: int, seed: int, trace: bool = F
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.soak",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("-n", type=int, default=4, help="ranks (default 4)")
-    ap.add_argument("--ops", type=int, default=4000, help="operations (default 4000)")
-    ap.add_argument("--max-bytes", default="4M", help="largest message (default 4M)")
+    ap.add_argument("-n", type=positive, default=4, help="ranks (default 4)")
+    ap.add_argument("--ops", type=positive, default=4000, help="operations (default 4000)")
+    ap.add_argument("--max-bytes", default="4M", type=checked(parse_size), help="largest message (default 4M)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--rss-slack", default="32M",
+    ap.add_argument("--rss-slack", default="32M", type=checked(parse_size),
                     help="how much higher a rank's RSS may peak in the second half of the run "
                          "than in the first (default 32M): a leak grows, churn does not")
     ap.add_argument("--json", metavar="PATH", help="also write the per-rank results here")
@@ -221,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="report where Python allocations grew from warm-up to end")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    res = spawn(soak_worker, args.n, args.ops, parse_size(args.max_bytes), args.seed,
+    res = spawn(soak_worker, args.n, args.ops, args.max_bytes, args.seed,
                 args.trace_malloc, timeout=24 * 3600)
     wall = time.perf_counter() - t0
-    slack = parse_size(args.rss_slack)
+    slack = args.rss_slack
     print(f"# meshrun soak: {args.n} ranks, {args.ops} operations (seed {args.seed}, up to "
           f"{args.max_bytes}), {wall:.0f} s, {os.cpu_count()} cores")
     print(f"{'rank':>4} {'ops':>6} {'mismatch':>8} {'GB in':>7} {'RSS warm MiB':>12} "

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mesh.cliargs import checked, names_in, positive
+
 from .bench import _make, input_count, parse_sizes
 
 __all__ = ["PATH_ENV", "OPS", "SIZES", "plan", "probe", "probe_reference", "measure", "main"]
@@ -150,14 +152,13 @@ def measure(path: str, n: int, ops: Sequence[str] = OPS, sizes: Sequence[int] = 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--nprocs", type=int, default=2)
+    ap.add_argument("-n", "--nprocs", type=positive, default=2)
     ap.add_argument("--path", choices=tuple(PATH_ENV), default="board")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--ops", default=",".join(OPS))
-    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="a,b,c or lo:hi")
+    ap.add_argument("--rounds", type=positive, default=3)
+    ap.add_argument("--ops", default=",".join(OPS), type=names_in(OPS))
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), type=checked(parse_sizes), help="a,b,c or lo:hi")
     args = ap.parse_args(argv)
-    sizes = parse_sizes(args.sizes)
-    for row in measure(args.path, args.nprocs, args.ops.split(","), sizes, args.rounds):
+    for row in measure(args.path, args.nprocs, args.ops, args.sizes, args.rounds):
         print(json.dumps(row), flush=True)
     return 0
 

@@ -43,6 +43,8 @@ import traceback
 import unittest
 from typing import Any, Iterable
 
+from mesh.cliargs import checked, names_in, positive, positive_float, positive_list
+
 __all__ = ["FEATURES", "UNGATE", "AS_GLOO", "suite_class", "test_names", "run_suite", "reason",
            "table", "counts", "main"]
 
@@ -319,13 +321,22 @@ def counts(recs: dict[str, dict[str, Any]]) -> dict[str, int]:
     return c
 
 
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise ValueError(f"not a regular expression: {e}") from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--world-sizes", default="2,3")
-    ap.add_argument("--backends", default="gloo,meshrun")
-    ap.add_argument("--filter", default=None, help="regular expression on test names")
-    ap.add_argument("--limit", type=int, default=None, help="the first N matching tests")
-    ap.add_argument("--timeout", type=float, default=120, help="seconds per test")
+    ap.add_argument("--world-sizes", default=[2, 3], type=positive_list)
+    ap.add_argument("--backends", default=["gloo", "meshrun"],
+                    type=names_in(("gloo", "meshrun")))
+    ap.add_argument("--filter", default=None, type=checked(_regex), help="regular expression on test names")
+    ap.add_argument("--limit", type=positive, default=None, help="the first N matching tests")
+    ap.add_argument("--timeout", type=positive_float, default=120, help="seconds per test")
     ap.add_argument("--json", default=None, help="write all records here")
     ap.add_argument("--verbose", action="store_true", help="show the suite's output")
     ap.add_argument("--list", action="store_true", help="print the selected names and stop")
@@ -340,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     everything: dict[str, Any] = {}
     status = 0
-    for ws in (int(w) for w in a.world_sizes.split(",")):
+    for ws in a.world_sizes:
         results = {}
-        for backend in a.backends.split(","):
+        for backend in a.backends:
             t0 = time.monotonic()
             results[backend] = run_suite(backend, ws, names, a.timeout, quiet=not a.verbose,
                                          ungate=a.ungate, start=a.start_method)

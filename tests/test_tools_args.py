@@ -1,0 +1,60 @@
+"""The command-line tools refuse nonsense options with a usage line that
+names the option and what it takes, before they start any process: no
+traceback from deep inside a run, no half-run benchmark."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+CASES = [
+    ("mesh.bench", ["--sizes", "abc"], "not a size: 'abc'"),
+    ("mesh.bench", ["--sizes", "8K:1K"], "LO:HI with 1 <= LO <= HI"),
+    ("mesh.bench", ["--ranks", "0,8"], "argument --ranks: '0': a whole number of at least 1"),
+    ("collectives.tools.bench", ["-n", "0"], "argument -n/--nprocs: '0'"),
+    ("collectives.tools.bench", ["--dtype", "bogus"], "data type 'bogus' not understood"),
+    ("collectives.tools.bench", ["--factor", "1"], "a factor of at least 2"),
+    ("collectives.tools.bench", ["--sizes", "1,0"], "sizes of at least 1 byte"),
+    ("collectives.tools.bench_torch", ["--models", "1M,bogus"], "'bogus' is not one"),
+    ("collectives.tools.bench_torch", ["-n", "two"], "argument -n/--nprocs: 'two'"),
+    ("collectives.tools.bench_torch", ["--steps", "0"], "argument --steps: '0'"),
+    ("engine.bench", ["--steps", "0"], "argument --steps: '0': a whole number of at least 1"),
+    ("engine.bench", ["--F", "-1"], "argument --F: '-1': a number of at least 0"),
+    ("engine.bench", ["--schedules", "1f1b,bogus"], "unknown schedule 'bogus'"),
+    ("engine.bench", ["--rows", "4", "-m", "8"], "fewer rows than the 8 micro-batches"),
+    ("engine.bench_memory", ["--only", "bogus"], "'bogus' is not one"),
+    ("engine.bench_memory", ["--schedules", "x"], "unknown schedule 'x'"),
+    ("engine.show", ["1f1b", "4", "8", "--costs", "F=abc"], "costs are KEY=NUMBER"),
+    ("engine.show", ["1f1b", "4", "8", "--costs", "X=1"], "unknown cost keys ['X']"),
+    ("engine.show", ["1f1b", "4", "8", "--costs", "F=-1"], "is negative"),
+    ("engine.show", ["1f1b", "0", "8"], "argument p: '0'"),
+    ("engine.show", ["1f1b", "2", "2", "--cores", "0"], "argument --cores: '0': a number above 0"),
+]
+
+
+@pytest.mark.parametrize("module,argv,said", CASES)
+def test_a_nonsense_option_is_a_usage_error(module: str, argv: list[str], said: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("text,said", [
+    (None, "nor a file it can read (No such file or directory)"),
+    ("{", "is not JSON"),
+    ("[1, 2]", "neither a schedule (Schedule.to_json"),
+])
+def test_engine_show_names_a_file_it_cannot_show(tmp_path: Path, text: str | None,
+                                                 said: str) -> None:
+    from engine.show import main
+    path = tmp_path / "s.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        main([str(path)])
+    assert said in str(stop.value.code), stop.value.code
