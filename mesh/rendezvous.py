@@ -70,6 +70,7 @@ class RendezvousServer:
         self._peers: dict[int, dict[str, Any]] = {}
         self._idents: dict[int, bytes] = {}
         self._last: dict[int, dict[str, Any]] | None = None   # the last table, by rank
+        self._refusals: list[str] = []      # the last joins refused, as the waiting hear
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()      # close() wakes the poll at once
         self._thread = threading.Thread(target=self._run, name="mesh-rendezvous", daemon=True)
@@ -102,9 +103,12 @@ class RendezvousServer:
         rank, size = req["rank"], req["size"]
         if size != self.world_size or not 0 <= rank < size:
             self.rejected += 1
-            self._reply(ident, {"op": "error", "msg":
-                                f"rank {rank} of world {size} cannot join a job of world size "
-                                f"{self.world_size}"})
+            msg = (f"rank {rank} of world {size} (pid {req.get('pid')} on "
+                   f"{req.get('host')}) cannot join a job of world size {self.world_size}"
+                   + (": the launchers disagree on the world size (-n, --nnodes)"
+                      if size != self.world_size else ""))
+            self._reply(ident, {"op": "error", "msg": msg})
+            self._refusals = (self._refusals + [msg])[-3:]   # told to the ranks that wait
             return
         who = (req.get("pid"), str(req.get("host", "")))
         if len(self._peers) == self.world_size and self._was(rank, who):
@@ -171,7 +175,8 @@ class RendezvousServer:
                 last_status = now
                 missing = self.missing()
                 for ident in self._idents.values():
-                    self._reply(ident, {"op": "waiting", "missing": missing})
+                    self._reply(ident, {"op": "waiting", "missing": missing,
+                                        "refused": self._refusals})
         self._close_sockets()
 
     def _close_sockets(self) -> None:
@@ -212,6 +217,7 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     sock.setsockopt(zmq.LINGER, 0)
     deadline = time.monotonic() + timeout
     missing: list[int] | None = None
+    refused: list[str] = []     # joins the service refused while this rank waited
     try:
         auth.make_client(sock, secret, curve)
         sock.connect(where)
@@ -223,6 +229,8 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                 who = (f"ranks {missing} never arrived" if missing is not None
                        else "the service never answered (not running, wrong address, "
                             "or a different job secret or MESH_CURVE setting)")
+                if refused:
+                    who += "; it refused meanwhile: " + "; ".join(refused)
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} timed out after "
                                       f"{timeout:.0f}s: {who}")
             if not sock.poll(int(min(left, 1.0) * 1000) + 1):
@@ -237,6 +245,12 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                 return list(msg["peers"])
             if msg.get("op") == "waiting":
                 missing = list(msg.get("missing", []))
+                for said in msg.get("refused", []):
+                    if said not in refused:
+                        refused.append(said)
+                        if rank == 0:     # (once a job, not once a rank)
+                            _log.warning("rank 0: the rendezvous refused a join while the "
+                                         "job waits for ranks %s: %s", missing, said)
             elif msg.get("op") == "error":
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} refused: {msg.get('msg')}")
     finally:

@@ -95,3 +95,39 @@ def test_a_reader_that_stops_reading_cannot_stall_teardown(tmp_path) -> None:
         os.close(r)
     assert code == 124
     assert time.monotonic() - start < 20
+
+
+
+def test_a_node_with_another_world_size_fails_at_once_and_the_job_waits_on() -> None:
+    """Node 1 launched with -n 3 against node 0's -n 2 (its ranks are of a
+    world of 6, node 0's of 4) fails at once naming the disagreement; node 0
+    says so as it waits, and goes on when node 1 is launched right."""
+    procs = [_start(*_node(0, 0), MESH_SECRET="same-job")]
+    try:
+        port = _port(procs[0])
+        wrong = _start("--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                       "--master-port", port, "-n", "3", str(MESH_SCRIPT),
+                       MESH_SECRET="same-job")
+        procs.append(wrong)
+        _, err1 = wrong.communicate(timeout=40)
+        assert wrong.returncode == 1, err1
+        assert "of world 6" in err1 and "cannot join a job of world size 4" in err1, err1
+        assert "the launchers disagree on the world size (-n, --nnodes)" in err1, err1
+        assert procs[0].stderr is not None
+        said = ""
+        while "the rendezvous refused a join" not in said:
+            said = procs[0].stderr.readline()
+            assert said, "node 0 ended without saying it"
+        assert "of world 6" in said and "ranks [2, 3]" in said, said
+        assert procs[0].poll() is None, "node 0 died of node 1's mistake"
+        right = _start(*_node(1, port), MESH_SECRET="same-job")
+        procs.append(right)
+        _, err2 = right.communicate(timeout=40)
+        out0, err0 = procs[0].communicate(timeout=40)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert procs[0].returncode == 0 and right.returncode == 0, err0 + err2
+    assert "[0] rank 0 heard from [1, 2, 3]" in out0
