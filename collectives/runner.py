@@ -377,6 +377,24 @@ def _limit(g: Comm, name: str, timeout: Any) -> float:
     return limit
 
 
+def _name_the_call(e: BaseException, g: Comm, name: str) -> None:
+    """Put the rank, the call and the group in front of a local check's
+    message (a ValueError or TypeError of the caller's arguments)."""
+    if type(e) not in (ValueError, TypeError) or not e.args or not isinstance(e.args[0], str):
+        return
+    said: str = e.args[0]
+    if said.startswith("rank "):
+        return
+    head = f"rank {g.rank}: {name} on group {g.name}"
+    if said.startswith(name + ": "):
+        said = head + said[len(name):]
+    elif said.startswith(name + " "):
+        said = head + said[len(name):]
+    else:
+        said = f"{head}: {said}"
+    e.args = (said, *e.args[1:])
+
+
 def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
           async_op: bool, timeout: float | None = None,
           skipped: Callable[[BaseException], None] | None = None) -> Any:
@@ -404,6 +422,7 @@ def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
         tuning = Tuning.from_env()
         fp, body = prepare(tuning)
     except BaseException as e:
+        _name_the_call(e, g, name)
         _abort(g, tag, name, e)
         if skipped is not None:
             skipped(e)
@@ -415,8 +434,9 @@ def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
         try:
             aborted = ch.aborted(tag, ctx.where().split(": ", 1)[1])
             if aborted is None and time.monotonic() > deadline:
-                aborted = ctx.timed_out(" before it started (queued behind the group's "
-                                        "earlier collectives)")
+                aborted = ctx.timed_out(" before it started (" + (
+                    "timeout=0" if limit == 0 else
+                    "queued behind the group's earlier collectives") + ")")
             if aborted is not None:     # a peer gave up on it before this rank got here
                 if skipped is not None:
                     skipped(aborted)

@@ -57,9 +57,12 @@ def run(fn: Callable[..., Any], name: str, g: Any, t: Any, **kw: Any) -> Any:
 
     def finish(result: Any) -> Any:
         if name in _IN_PLACE:
-            if not shares and (name != "reduce" or g.rank == root):
-                with tensors.stream_of(t):
-                    t.copy_(tensors.to_torch(arr, t))
+            if name == "reduce" and g.rank != root:
+                return t
+            if shares:
+                return tensors.written(t)
+            with tensors.stream_of(t), torch.no_grad():     # (copy_ counts as a write)
+                t.copy_(tensors.to_torch(arr, t))
             return t
         if result is None:
             return None

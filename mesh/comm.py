@@ -6,6 +6,7 @@ confused with the world's or another group's."""
 from __future__ import annotations
 
 import hashlib
+import numbers
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class Request:
         if self._item is SENT:       # a send by ring: done when it returned (Transport.send_ring)
             return None
         if not self._finished:
+            if timeout is not None:
+                timeout = _check_timeout(timeout, self._c, "wait")
             self._result = self._c._t.wait(self._item, timeout)
             self._finished = True
         if status is not None and isinstance(self._item, Pending):
@@ -117,13 +120,15 @@ class Comm:
     def send(self, obj: Any, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         """Blocking send; returns when ``obj``'s buffer may be reused."""
         t = self._t
+        if timeout is not None:
+            timeout = _check_timeout(timeout, self, "send")
         if type(dst) is int and 0 <= dst < self.size and type(tag) is int and 0 <= tag < ANY_TAG:
             if type(obj) is np.ndarray:
                 if t.send_ring(self.ranks[dst], self.gid, tag, obj) is not None:
                     return
             elif self._ring_tensor(obj, dst, tag):
                 return
-        _check_tag(tag, self, "send")
+        tag = _check_tag(tag, self, "send")
         wdst = self._world_rank(dst, "send")
         t.wait(t.isend(wdst, self.gid, tag, obj, None, self._desc("send to", dst, wdst, tag)),
                timeout)
@@ -133,6 +138,8 @@ class Comm:
         """Blocking receive from ``src`` (or ANY) of ``tag`` (or ANY_TAG), into
         ``out=`` when given; ``status`` is filled in with what it matched."""
         t = self._t
+        if timeout is not None:
+            timeout = _check_timeout(timeout, self, "recv")
         if (type(src) is int and 0 <= src < self.size and type(tag) is int and 0 <= tag < ANY_TAG
                 and (out is None or type(out) is np.ndarray)):     # (read-only, strided: below)
             got = t.recv_ring(self.gid, self.ranks[src], tag, out, timeout)
@@ -141,7 +148,7 @@ class Comm:
                     self._status(status, got[1])
                 bits = got[1].device        # a torch tensor's message: a tensor (no out=)
                 return got[0] if out is not None or not bits else delivered(got[0], bits)
-        _check_tag(tag, self, "recv", True)
+        tag = _check_tag(tag, self, "recv", True)
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
         desc = self._desc("recv from", src, wsrc, tag)
         if out is not None and not (type(out) is np.ndarray and (f := out.flags).c_contiguous
@@ -160,7 +167,7 @@ class Comm:
                     return self._sent       # done already: one Request serves them all
             elif self._ring_tensor(obj, dst, tag):
                 return self._sent
-        _check_tag(tag, self, "isend")
+        tag = _check_tag(tag, self, "isend")
         return self._isend(obj, dst, tag)
 
     def _ring_tensor(self, obj: Any, dst: int, tag: int) -> bool:
@@ -173,7 +180,7 @@ class Comm:
                                                       view[1]) is not None
 
     def irecv(self, src: int = ANY, tag: int = 0, out: Any = None) -> Request:
-        _check_tag(tag, self, "irecv", True)
+        tag = _check_tag(tag, self, "irecv", True)
         return Request(self, self._post_recv(src, tag, out, "recv from"))
 
     def sendrecv(self, obj: Any, dst: int, src: int = ANY, sendtag: int = 0,
@@ -183,8 +190,10 @@ class Comm:
         receive is posted before the send, so ranks exchanging with each
         other never deadlock. ``timeout`` bounds the whole call; if the send
         fails, the receive is withdrawn (unless a message matched it)."""
-        _check_tag(sendtag, self, "sendrecv")
-        _check_tag(recvtag, self, "sendrecv", True)
+        sendtag = _check_tag(sendtag, self, "sendrecv")
+        recvtag = _check_tag(recvtag, self, "sendrecv", True)
+        if timeout is not None:
+            timeout = _check_timeout(timeout, self, "sendrecv")
         t = self._t
         deadline = time.monotonic() + (t.timeout if timeout is None else timeout)
         req = self._post_recv(src, recvtag, out, "sendrecv from")
@@ -203,7 +212,9 @@ class Comm:
         """Block until a message from ``src`` with ``tag`` is waiting, and say
         what it is, without receiving it: the next receive that matches it
         (and has a fitting ``out=``, or none) takes it."""
-        _check_tag(tag, self, "probe", True)
+        tag = _check_tag(tag, self, "probe", True)
+        if timeout is not None:
+            timeout = _check_timeout(timeout, self, "probe")
         wsrc = ANY if src == ANY else self._world_rank(src, "probe")
         req = self._t.irecv(self.gid, wsrc, tag, None, None, ("probe", src, tag, self.name), True,
                             True)
@@ -212,7 +223,7 @@ class Comm:
 
     def iprobe(self, src: int = ANY, tag: int = ANY_TAG) -> Status | None:
         """probe without blocking: the waiting message's Status, or None."""
-        _check_tag(tag, self, "iprobe", True)
+        tag = _check_tag(tag, self, "iprobe", True)
         wsrc = ANY if src == ANY else self._world_rank(src, "iprobe")
         got = self._t.iprobe(self.gid, wsrc, tag)
         return None if got is None else self._status(Status(), got)
@@ -277,8 +288,12 @@ class Comm:
     def _world_rank(self, r: int, op: str) -> int:
         if type(r) is int and 0 <= r < self.size:
             return self.ranks[r]
-        if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
-            way = "from" if op in ("recv", "probe", "iprobe") else "to"
+        way = "from" if op in ("recv", "probe", "iprobe") else "to"
+        if not isinstance(r, (int, np.integer)) or isinstance(r, (bool, np.bool_)):
+            raise ValueError(f"rank {self.rank}: {op} {way} rank {r!r}: a rank is an int "
+                             f"(group {self.name} has ranks 0..{self.size - 1}), not "
+                             f"{type(r).__name__}")
+        if not 0 <= r < self.size:
             raise ValueError(f"rank {self.rank}: {op} {way} rank {r!r}: group {self.name} "
                              f"has ranks 0..{self.size - 1}")
         return self.ranks[int(r)]
@@ -346,13 +361,30 @@ class Comm:
         return Comm(self._t, [self.ranks[r] for r in ranks], gid, name)
 
 
-def _check_tag(tag: int, comm: Comm, op: str, any_tag: bool = False) -> None:
+def _check_tag(tag: int, comm: Comm, op: str, any_tag: bool = False) -> int:
     """A user tag is 0..2**63-1 (int64 on the wire; negative ones are the
-    collectives'); receives and probes may also ask for ANY_TAG."""
+    collectives'); receives and probes may also ask for ANY_TAG. Returns it
+    as a Python int (a numpy integer's value); True and False are no tags."""
     if type(tag) is int and 0 <= tag < ANY_TAG:
-        return
-    if isinstance(tag, (int, np.integer)) and (0 <= tag < ANY_TAG or (any_tag and tag == ANY_TAG)):
-        return
+        return tag
+    if isinstance(tag, (int, np.integer)) and not isinstance(tag, (bool, np.bool_)) and (
+            0 <= tag < ANY_TAG or (any_tag and tag == ANY_TAG)):
+        return int(tag)
     extra = " or mesh.ANY_TAG" if any_tag else ""
     raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: tag must be an integer >= 0 "
                      f"(and < 2**63){extra}, got {tag!r}")
+
+
+def _check_timeout(timeout: Any, comm: Comm, op: str) -> float:
+    """A blocking call's ``timeout=``: seconds >= 0 (math.inf: no limit but
+    the mesh's own), as a float; anything else is the caller's error."""
+    if type(timeout) is float and timeout >= 0 or type(timeout) is int and timeout >= 0:
+        return min(float(timeout), _FOREVER)
+    if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool) \
+            and float(timeout) >= 0:
+        return min(float(timeout), _FOREVER)
+    raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: timeout must be a number "
+                     f"of seconds >= 0 or None, got {timeout!r}")
+
+
+_FOREVER = 10.0 * 365 * 86400    # what an infinite timeout waits (the clocks' arithmetic)

@@ -150,6 +150,16 @@ def out_unusable(t: Any) -> str:
     return ""
 
 
+def written(t: Any) -> Any:
+    """Tell autograd that ``t`` was written in place through a view of its
+    memory (a collective, a receive's out=), as torch's own in-place ops
+    do: a backward that saved ``t`` then raises instead of computing with
+    the new values. Returns ``t``."""
+    torch = _torch()
+    torch.autograd.graph.increment_version(t)
+    return t
+
+
 def to_torch(a: Any, like: Any) -> Any:
     """The array ``a`` (numpy, or CuPy) as a tensor of ``like``'s dtype on
     ``like``'s device: shared memory where the dtype matches, bfloat16 from

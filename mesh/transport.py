@@ -24,12 +24,12 @@ import msgpack
 import numpy as np
 import zmq
 
-from . import auth, device, rings, wire
+from . import auth, device, rings, tensors, wire
 from .direct import Ack, Direct
 from .errors import BadMessageError, LostPeerError, MeshTimeoutError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
-from .match import DONE, Pending
+from .match import DONE, Pending, Probe
 from .payload import delivered, encode_payload
 from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_bytes, config_float
 from .progress import Progress
@@ -404,7 +404,7 @@ class Transport:
                         raise MeshTimeoutError(text)
                     # a user's receive, withdrawn: a message arriving later goes to the next
                     # receive, and this request stays failed (a second wait raises, done())
-                    item.error = MeshTimeoutError(
+                    item.error = MeshTimeoutError(text if isinstance(item, Probe) else
                         f"{text}; the receive was withdrawn (a message that comes later "
                         f"goes to the next receive that matches)")
                     item.event.set()
@@ -419,7 +419,8 @@ class Transport:
                 return delivered(_host_array(item), item.device) if item.device else item.value
             if type(out) is not np.ndarray and device.is_device(out):
                 out = device.to_device(_host_array(item), out)
-            return out if item.target is None else item.target   # a tensor out=: the tensor
+            # a tensor out=: the tensor, written (its autograd version counts it)
+            return out if item.target is None else tensors.written(item.target)
         if not item.event.is_set() and not self._await_credit(item, limit):
             raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
                                    f"waiting for credit from rank {item.dst} (it is not "

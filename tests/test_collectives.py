@@ -431,3 +431,38 @@ def bitwise_battery(world: Any, seed: int) -> list[str]:
 def test_all_reduce_is_bitwise_identical_on_every_rank(n: int, env: dict) -> None:
     got = mesh.spawn(bitwise_battery, n, 99 + n, timeout=100, env=env)
     assert got == [[]] * n, got[0]
+
+
+def _written_in_place(world: Any) -> list:
+    import torch
+    seen: list = []
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    y = x * 2
+    z = (y * y).sum()         # saves y for its backward
+    C.all_reduce(world, y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+    b = (torch.ones(3, dtype=torch.bfloat16, requires_grad=True) * 1)
+    z = (b * b).sum()
+    C.all_reduce(world, b)    # (bfloat16: reduced in float32, copied back)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+    p = torch.nn.Parameter(torch.full((2,), float(world.rank)))
+    C.broadcast(world, p, root=0)     # a leaf that needs grad: as torch.distributed allows
+    seen.append(p.tolist())
+    out = torch.zeros(2, requires_grad=True) * 1
+    before = out._version
+    if world.rank == 0:
+        world.send(torch.ones(2), 1)
+    else:
+        world.recv(0, out=out)
+        seen.append(out._version > before)
+    return seen
+
+
+def test_torch_tensors_written_in_place_tell_autograd() -> None:
+    """A collective or a receive that writes a tensor through a view of its
+    memory counts as an in-place write, as torch's own ops do: a backward
+    that saved the tensor raises instead of using the new values."""
+    pytest.importorskip("torch")
+    assert mesh.spawn(_written_in_place, 2, timeout=60) == [[[0.0, 0.0]], [[0.0, 0.0], True]]

@@ -122,7 +122,8 @@ def test_a_root_mismatch_never_hangs_and_every_rank_hears_of_it(outcomes: list,
 
 def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> None:
     texts = _texts(outcomes, "bad op on one rank")
-    assert texts[1].startswith("TypeError: op 'avg' needs a floating"), texts[1]
+    assert texts[1].startswith("TypeError: rank 1: all_reduce on group world: op 'avg' needs "
+                               "a floating"), texts[1]
     for rank in (0, 2):
         assert texts[rank].startswith("MeshError"), texts[rank]
         assert "rank 1" in texts[rank] and "all_reduce" in texts[rank]

@@ -95,6 +95,7 @@ def _out_and_errors(world: mesh.Mesh) -> str:
         world.send(np.arange(6.0), 0, tag=1)
         world.send({"not": "an array"}, 0, tag=2)
         world.recv(0, tag=3)
+        assert world.recv(0, tag=np.int64(5)).tolist() == [0, 1]
         return "ok"
     out = np.zeros((2, 3))
     got = world.recv(1, out=out)
@@ -122,6 +123,19 @@ def _out_and_errors(world: mesh.Mesh) -> str:
     with pytest.raises(TypeError, match=r"rank 0: send to rank 1 \(tag 4, group world\): dtype "
                                         "object cannot be sent"):
         world.isend(np.array(["a"], dtype=object), 1, tag=4)
+    for bad in (True, np.bool_(False)):      # an int to Python, no tag to the wire
+        with pytest.raises(ValueError, match=r"rank 0: send on group world: tag must be an"):
+            world.send(1, 1, tag=bad)
+    with pytest.raises(ValueError, match=r"rank 0: send to rank 1\.0: a rank is an int"):
+        world.send(1, 1.0)
+    for bad_limit in (float("nan"), "1", -1, True):
+        with pytest.raises(ValueError, match="rank 0: recv on group world: timeout must be a "
+                                             "number of seconds >= 0 or None"):
+            world.recv(1, tag=9, timeout=bad_limit)
+    with pytest.raises(mesh.MeshTimeoutError) as probed:
+        world.probe(1, tag=9, timeout=0.1)
+    assert "withdrawn" not in str(probed.value)      # a probe posts no receive
+    world.send(np.arange(2), 1, tag=np.int64(5))      # a numpy integer is a tag
     world.send(0, 1, tag=3)
     return "ok"
 

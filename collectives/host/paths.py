@@ -46,7 +46,11 @@ def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
         if writable:
             raise TypeError(f"{name} works in place: it needs a numpy array, "
                             f"got {type(a).__name__}")
-        a = np.asarray(a)
+        given, a = a, np.asarray(a)
+        if a.dtype.kind not in "biufc" or a.dtype.fields is not None:
+            raise TypeError(f"{name}: takes a numeric or bool array, got "
+                            f"{kind.removeprefix('builtins.')} "
+                            f"{given!r:.60}")
     if a.dtype.kind not in "biufc" or a.dtype.fields is not None:
         raise TypeError(f"{name}: dtype {a.dtype} cannot be sent; numeric and bool arrays only")
     if writable and not a.flags.writeable:
