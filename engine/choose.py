@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import random
 import statistics
 import sys
@@ -468,6 +469,25 @@ def cut(weights: Sequence[float], n: int) -> tuple[int, ...]:
     return tuple(reversed(counts))
 
 
+def whole_counts(balance: Any) -> list[int]:
+    """``balance`` as given as layer counts (a list or tuple of whole
+    numbers, one per stage), else TypeError naming what was passed and what
+    is taken."""
+    taken = ("'uniform', 'parameters', 'time' or a list of whole layer counts, "
+             "one per stage")
+    if hasattr(balance, "tolist") and not isinstance(balance, (str, bytes)):
+        balance = balance.tolist()          # a numpy array of counts
+    if isinstance(balance, (str, bytes)) or not isinstance(balance, (list, tuple)):
+        raise TypeError(f"balance={balance!r} ({type(balance).__name__}): balance takes "
+                        f"{taken}")
+    wrong = [c for c in balance if isinstance(c, bool) or not isinstance(c, numbers.Integral)]
+    if wrong:
+        raise TypeError(f"balance={list(balance)!r}: {', '.join(map(repr, wrong))} "
+                        f"{'is not a whole number' if len(wrong) == 1 else 'are not whole numbers'}"
+                        f" of layers; balance takes {taken}")
+    return [int(c) for c in balance]
+
+
 def counts_for(balance: Any, n: int, times: Sequence[float] | None,
                params: Sequence[int]) -> tuple[int, ...]:
     """Layers per stage for ``balance``: "uniform" (layer count),
@@ -475,8 +495,8 @@ def counts_for(balance: Any, n: int, times: Sequence[float] | None,
     L = len(params)
     if n > L:
         raise ValueError(f"the model has {L} layers: it cannot fill {n} pipeline stages")
-    if isinstance(balance, (list, tuple)):
-        counts = tuple(int(c) for c in balance)
+    if not isinstance(balance, str):
+        counts = tuple(whole_counts(balance))
         if len(counts) != n or sum(counts) != L or min(counts) < 1:
             raise ValueError(f"balance={list(counts)} must give {n} positive layer counts "
                              f"adding up to the model's {L} layers")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
 import sys
 import time
 from dataclasses import replace
@@ -838,6 +839,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     rank cuts its own shards); its layers (and candidate stages) are timed
     on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
+    if microbatches is not None and (isinstance(microbatches, bool) or not isinstance(
+            microbatches, numbers.Integral) or microbatches < 1):
+        raise ValueError(f"microbatches={microbatches!r}: a whole number of at least 1 "
+                         "(or None: schedule='auto' tries p, 2p, 4p...)")
+    microbatches = None if microbatches is None else int(microbatches)
     patterns = () if recompute == "auto" else patterns_of(recompute)
     if not patterns and recompute not in (False, True, "auto"):
         raise ValueError(f"recompute={recompute!r}: True, False, 'auto' or submodule name "
@@ -885,10 +891,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         scheds = [schedule]
     else:
         rows = len(sample) if sample is not None else 0
-        if microbatches:
+        if microbatches is not None:
             ms = [microbatches]
         else:
             ms = microbatch_counts(p, rows) if rows else [2 * p]
+        if not ms:          # fewer rows than pipeline ranks: not even one micro-batch a rank
+            raise ValueError(f"{p} micro-batches (one a pipeline rank, the fewest tried at "
+                             f"pp={p}) need a batch of at least {p} rows; the sample has {rows}")
         if rows and ms[0] > rows:
             raise ValueError(f"{ms[0]} micro-batches need a batch of at least {ms[0]} rows; "
                              f"the sample has {rows}")

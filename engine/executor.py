@@ -201,11 +201,11 @@ class Pipeline:
         again = frozenset() if patterns else _recomputing(recompute,  # type: ignore[arg-type]
                                                           lowered.num_stages)
         given = stage if isinstance(stage, (list, tuple)) else [stage]
+        if len(given) != len(mine):     # what the caller passed, counted before any pairing
+            raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
+                             f"{schedule.name!r} but was given {len(given)} stage object(s)")
         stages = [_as_stage(obj, s in again, s, recompute, layered)
                   for s, obj in zip(mine, given)]
-        if len(given) != len(mine):
-            raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
-                             f"{schedule.name!r} but was given {len(stages)} stage object(s)")
         self.stages = dict(zip(mine, stages))
         # selective recompute: the submodules named, in every stage that holds them
         self.checkpointed = (_checkpointed(self.pp, self.stages, patterns, timeout)
@@ -229,6 +229,7 @@ class Pipeline:
         # torch's own losses (F.mse_loss, nn.MSELoss()) return the loss only: wrapped
         self.loss_fn = torch_loss(loss_fn) if loss_fn is not None and plain_torch_loss(
             loss_fn) else loss_fn
+        self.loss_checked = False      # what it returns: seen on its first call
         self.optimizer = optimizer
         self.timeout = timeout
         self.tag_base = tag_base
@@ -527,9 +528,12 @@ class _Step:
         if s == pipe.schedule.num_stages - 1:
             assert pipe.loss_fn is not None
             out = pipe.loss_fn(y, self.targets[k])
-            if not isinstance(out, tuple):      # a torch loss: wrapped, or a clear error
-                pipe.loss_fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}")
-                out = pipe.loss_fn(y, self.targets[k])
+            if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
+                fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
+                if fn is not pipe.loss_fn:
+                    pipe.loss_fn = fn
+                    out = fn(y, self.targets[k])
+                pipe.loss_checked = True
             loss, gy = out
             self.losses[k] = float(loss)
             self.gys[(s, k)] = gy * self.weights[k]

@@ -33,7 +33,7 @@ wraps it in a TorchStage) or an ``engine.layers.Sequential``. ``balance``:
   pass ``group=`` (every rank of it calls partition): its first rank
   measures (specs built one at a time) and broadcasts the costs, and every
   rank cuts alike;
-* a list of layer counts, one per stage.
+* a list of whole layer counts, one per stage (anything else raises, naming it).
 
 A parameter shared by layers of two stages (same object: an embedding and
 an output head) is untied into one copy per later stage and marked on the
@@ -49,7 +49,7 @@ import itertools
 import math
 from typing import Any, Sequence
 
-from .choose import kept_random, time_layer
+from .choose import kept_random, time_layer, whole_counts
 from .ir import Schedule
 from .replay import replay
 from .schedules import one_f_one_b
@@ -162,7 +162,7 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
         raise ValueError(f"unknown balance {balance!r}: use 'uniform', 'parameters', 'time' "
                          "or a list of layer counts")
     else:
-        counts = [int(c) for c in balance]
+        counts = whole_counts(balance)
         if len(counts) != num_stages or sum(counts) != n or min(counts) < 1:
             raise ValueError(f"balance {counts} must give {num_stages} stages of at least one "
                              f"layer each, {n} layers in all (it gives {len(counts)} stages, "

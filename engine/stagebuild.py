@@ -60,11 +60,11 @@ def kind_of(i: int, x: Any) -> str:
     of its input) or 'spec' (a constructor of one of those)."""
     if is_module(x):
         return "module"
+    if isinstance(x, type):     # a class (engine.layers.Tanh, nn.Tanh): built like any spec
+        return "spec"
     if callable(getattr(x, "forward", None)) and callable(getattr(x, "backward", None)):
         return "layer"
     if isinstance(x, tuple) and len(x) == 3 and callable(x[0]):
-        return "spec"
-    if isinstance(x, type):
         return "spec"
     if callable(x):
         try:

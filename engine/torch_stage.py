@@ -458,10 +458,12 @@ def torch_loss(fn: Any) -> Any:
 
 
 def _described(v: Any) -> str:
+    name = type(v).__name__
+    a = "an" if name[:1].lower() in "aeiou" else "a"
     shape = getattr(v, "shape", None)
     if shape is not None:
-        return f"a {type(v).__name__} of shape {tuple(shape)}"
-    return f"a {type(v).__name__}" + (f" of {len(v)}" if isinstance(v, tuple) else "")
+        return f"{a} {name} of shape {tuple(shape)}"
+    return f"{a} {name}" + (f" of {len(v)}" if isinstance(v, tuple) else "")
 
 
 def _hint(v: Any) -> str:
@@ -485,15 +487,35 @@ def plain_torch_loss(fn: Any) -> bool:
         getattr(fn, "__module__", None) or "").startswith("torch.nn.functional")
 
 
-def as_pipeline_loss(fn: Any, first: Any, where: str) -> Any:
+def as_pipeline_loss(fn: Any, first: Any, where: str, output: Any = None) -> Any:
     """A Pipeline's ``loss_fn`` from what ``fn(y, target)`` returned on its
     first call (``first``): ``fn`` itself where that is a ``(loss,
-    gradient)`` pair; ``torch_loss(fn)`` where it is a torch scalar (an
-    ordinary torch loss, F.mse_loss); else TypeError, saying what it must
-    return (``where``: the rank, for the error)."""
-    if isinstance(first, tuple) and len(first) == 2:
-        return fn
+    gradient)`` pair (the loss a number, the gradient of the output
+    ``output`` where that is a torch tensor: its shape); ``torch_loss(fn)``
+    where it is a torch scalar (an ordinary torch loss, F.mse_loss); else
+    TypeError, saying what it must return (``where``: the rank, for the
+    error). A tuple whose first part is a tensor is a torch loss returned
+    with something else (``(loss, logits)``), not a pair: refused too."""
     torch = sys.modules.get("torch")
+    if isinstance(first, tuple) and len(first) == 2:
+        loss, grad = first
+        if torch is not None and isinstance(loss, torch.Tensor):
+            raise TypeError(f"{where}: loss_fn(output, target) returned a tuple of 2, "
+                            f"({_described(loss)}, {_described(grad)}): on torch stages a "
+                            "Pipeline's loss_fn returns the loss alone, as a scalar tensor "
+                            "of the output (F.mse_loss: the mean over the micro-batch), not "
+                            "with logits or anything else; a (loss, gradient) pair is an "
+                            "engine.layers model's loss (engine.layers.mse_loss: the loss a "
+                            "number, then the gradient of the output)")
+        if torch is not None and isinstance(output, torch.Tensor) and (
+                tuple(getattr(grad, "shape", (None,))) != tuple(output.shape)):
+            raise TypeError(f"{where}: loss_fn(output, target) returned a (loss, gradient) "
+                            f"pair whose gradient is {_described(grad)}, not of the "
+                            f"output's shape {tuple(output.shape)}: the gradient of the "
+                            "loss with respect to the output (or, on torch stages, return "
+                            "the loss alone as a scalar tensor, F.mse_loss, and autograd "
+                            "takes it)")
+        return fn
     if torch is not None and isinstance(first, torch.Tensor) and first.dim() == 0:
         return torch_loss(fn)
     raise TypeError(f"{where}: loss_fn(output, target) returned {_described(first)}: a "

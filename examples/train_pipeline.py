@@ -27,7 +27,8 @@ def teacher_batch(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.n
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved or zb-h1")
+    ap.add_argument("--schedule", default="1f1b",
+                    help="gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v")
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=64, help="rows per replica per step")

@@ -1,0 +1,206 @@
+"""What a new user gets wrong is refused by name, on every rank, never a
+raw error from deep inside nor silently wrong numbers: a torch loss
+returned with its logits, too few sample rows or a bad micro-batch count
+for engine.distribute, an engine.layers class as a partition spec, a
+Pipeline given the wrong number of stage objects, a balance that is no
+list of whole layer counts."""
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import engine
+import mesh
+from engine.layers import Linear, Sequential, Tanh, mlp_stages, mse_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Solo:
+    rank, size = 0, 1
+
+
+# ---- a torch Pipeline's loss_fn returning more than the loss
+
+
+def _losses():
+    import torch.nn.functional as F
+    return {
+        "logits": lambda y, t: (F.mse_loss(y, t), y.detach()),     # HF-style (loss, logits)
+        "one": lambda y, t: (F.mse_loss(y, t), 1),
+        # an engine-style pair written by hand: the loss a number, the output's gradient
+        "pair": lambda y, t: (float(F.mse_loss(y, t)), 2 * (y - t).detach() / y.numel()),
+        "plain": F.mse_loss,
+    }
+
+
+def _torch_loss_worker(world, names, catch=True):
+    import torch
+    from torch import nn
+    out = {}
+    for i, name in enumerate(names):
+        torch.manual_seed(0)
+        x, y = torch.randn(4, 4), torch.randn(4, 2)
+        sched = engine.schedules.one_f_one_b(2, 2)
+        grid = mesh.grid(world, pp=2)
+        parts = engine.partition(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), 2)
+        pipe = engine.Pipeline(grid, engine.stages_for_rank(parts, sched, grid.coord("pp")),
+                               sched, loss_fn=_losses()[name], timeout=30, tag_base=i << 20)
+        try:
+            loss = pipe.step(x, y)
+            grads = [np.array(g) for st in pipe.stages.values() for g in st.grads()]
+            out[name] = (loss, grads)
+        except Exception as e:
+            if not catch:
+                raise
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_a_torch_pipeline_refuses_a_loss_returned_with_something_else_on_every_rank():
+    pytest.importorskip("torch")
+    names = ["logits", "one", "pair", "plain"]
+    first, last = mesh.spawn(_torch_loss_worker, 2, names, timeout=120)
+    for name in ("logits", "one"):
+        assert last[name].startswith("TypeError: pp rank 1: loss_fn(output, target) returned "
+                                     "a tuple of 2, (a Tensor of shape (), "), last[name]
+        assert "returns the loss alone, as a scalar tensor" in last[name], last[name]
+        assert "a (loss, gradient) pair is an engine.layers model's loss" in last[name]
+        # the first stage's rank fails too (the mesh's abort), naming the cause
+        assert isinstance(first[name], str), first[name]
+        assert "pp rank 1" in first[name] and "TypeError" in first[name], first[name]
+    # a hand-written pair (the loss a number) and a plain torch loss: the same step
+    for got in (first, last):
+        assert not isinstance(got["pair"], str) and not isinstance(got["plain"], str), got
+        for a, b in zip(got["pair"][1], got["plain"][1], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert last["pair"][0] == pytest.approx(last["plain"][0], rel=1e-6)
+
+
+def _uncaught_worker(world):
+    """As a script run by meshrun: nobody catches the error."""
+    return _torch_loss_worker(world, ["logits"], catch=False)
+
+
+def test_an_uncaught_loss_error_is_the_one_a_spawn_raises():
+    pytest.importorskip("torch")
+    with pytest.raises(mesh.WorkerError) as failed:
+        mesh.spawn(_uncaught_worker, 2, timeout=120)
+    assert failed.value.rank == 1, str(failed.value)
+    assert ("TypeError: pp rank 1: loss_fn(output, target) returned a tuple of 2"
+            in str(failed.value)), str(failed.value)
+
+
+def test_a_torch_pipeline_refuses_a_pair_whose_gradient_is_not_the_outputs():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    sched = engine.schedules.one_f_one_b(1, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for fn, words in [(lambda o, t: (F.mse_loss(o, t).item(), 1), "gradient is an int"),
+                      (lambda o, t: (0.0, (o - t)[:, 0].detach()),
+                       "gradient is a Tensor of shape (2,)")]:
+        pipe = engine.Pipeline(_Solo(), torch.nn.Linear(3, 2), sched, loss_fn=fn)
+        with pytest.raises(TypeError, match=re.escape(
+                f"pp rank 0: loss_fn(output, target) returned a (loss, gradient) pair whose "
+                f"{words}, not of the output's shape (2, 2)")):
+            pipe.step(x, y)
+
+
+# ---- engine.distribute: sample rows, micro-batch counts
+
+
+def _distribute_worker(world):
+    grid = mesh.grid(world, pp=2)
+    model = Sequential(*mlp_stages([5, 8, 6, 7, 3], 1, seed=0)[0].layers)     # 7 layers
+    x = np.random.default_rng(0).standard_normal((16, 5))
+    got = {}
+    for name, kwargs in [("one row", {"sample": x[:1]}),
+                         ("32 of 16", {"sample": x, "microbatches": 32})]:
+        try:
+            engine.distribute(model, grid, loss_fn=mse_loss, schedule="auto", reps=1,
+                              verbose=False, timeout=30, **kwargs)
+            got[name] = "no error"
+        except Exception as e:
+            got[name] = f"{type(e).__name__}: {e}"
+    return got
+
+
+def test_distribute_refuses_a_sample_with_fewer_rows_than_pipeline_ranks():
+    for got in mesh.spawn(_distribute_worker, 2, timeout=120):
+        assert got["one row"] == ("ValueError: 2 micro-batches (one a pipeline rank, the "
+                                  "fewest tried at pp=2) need a batch of at least 2 rows; "
+                                  "the sample has 1"), got
+        assert got["32 of 16"] == ("ValueError: 32 micro-batches need a batch of at least 32 "
+                                   "rows; the sample has 16"), got
+
+
+@pytest.mark.parametrize("m", [0, -2, 2.5, True, "4"])
+def test_distribute_refuses_a_microbatch_count_that_is_no_whole_number_above_0(m):
+    model = Sequential(*mlp_stages([5, 8, 3], 1, seed=0)[0].layers)
+    with pytest.raises(ValueError, match=re.escape(f"microbatches={m!r}: a whole number of "
+                                                   "at least 1")):
+        engine.distribute(model, None, loss_fn=mse_loss, microbatches=m,
+                          sample=np.zeros((8, 5)), verbose=False)
+
+
+# ---- engine.partition: classes as specs, balance
+
+
+def test_partition_builds_an_engine_layers_class_as_a_constructor():
+    specs = [functools.partial(Linear, 6, 8), Tanh, functools.partial(Linear, 8, 3)]
+    parts = engine.partition(specs, 2)
+    assert parts.counts == (1, 2)
+    assert all(isinstance(s, Sequential) for s in parts)
+    assert isinstance(parts[1].layers[0], Tanh)
+    assert engine.partition(specs, 2, stages=[0])[1] is None       # built only where asked
+    sched = engine.schedules.one_f_one_b(1, 2)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 6)), rng.standard_normal((4, 3))
+    loss = engine.Pipeline(_Solo(), list(parts), engine.schedules.interleaved_1f1b(1, 2, 2),
+                           loss_fn=mse_loss).step(x, y)
+    whole = Sequential(Linear(6, 8), Tanh(), Linear(8, 3))
+    assert loss == pytest.approx(engine.Pipeline(_Solo(), whole, sched,
+                                                 loss_fn=mse_loss).step(x, y), rel=1e-12)
+
+
+def test_partition_refuses_a_balance_that_is_no_list_of_whole_counts():
+    layers = [Linear(4, 4), Tanh(), Linear(4, 4), Tanh()]
+    taken = ("balance takes 'uniform', 'parameters', 'time' or a list of whole layer counts, "
+             "one per stage")
+    with pytest.raises(TypeError, match=re.escape(f"balance=8 (int): {taken}")):
+        engine.partition(layers, 2, balance=8)
+    with pytest.raises(TypeError, match=re.escape(
+            f"balance=[2.5, 2.5]: 2.5, 2.5 are not whole numbers of layers; {taken}")):
+        engine.partition(layers, 2, balance=[2.5, 2.5])
+    with pytest.raises(TypeError, match=re.escape(
+            f"balance=[3, 1.0]: 1.0 is not a whole number of layers; {taken}")):
+        engine.partition(layers, 2, balance=[3, 1.0])
+    assert engine.partition(layers, 2, balance=(3, np.int64(1))).counts == (3, 1)
+    with pytest.raises(ValueError, match=r"balance \[3, 2\] must give 2 stages"):
+        engine.partition(layers, 2, balance=[3, 2])
+
+
+# ---- Pipeline: stage objects counted as given
+
+
+def test_pipeline_counts_the_stage_objects_it_was_given():
+    stage = Sequential(Linear(2, 2))
+    with pytest.raises(ValueError, match=re.escape(
+            "pp rank 0 holds stages [0] of '1f1b(1,2)' but was given 2 stage object(s)")):
+        engine.Pipeline(_Solo(), [stage, stage], engine.schedules.one_f_one_b(1, 2),
+                        loss_fn=mse_loss)
+
+
+# ---- examples/train_pipeline.py --help
+
+
+def test_train_pipeline_help_names_every_schedule_it_runs():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_pipeline.py"),
+                          "--help"], capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}).stdout
+    for name in ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"):
+        assert name in out, out
