@@ -97,8 +97,14 @@ class Authenticator:
                 self.refused += 1
                 addr = request[3].decode(errors="replace") if len(request) > 3 else "?"
                 if self.refused & (self.refused - 1) == 0:   # 1, 2, 4, 8...: strangers retry
-                    _log.warning("refused a connection from %s without the job secret "
-                                 "(%d refused so far)", addr or "a local peer", self.refused)
+                    mech = request[5] if len(request) > 5 else b""
+                    why = ("without the job's CurveZMQ key (another secret, or MESH_CURVE "
+                           "off there)" if self.curve else
+                           "without the job secret" if mech == b"PLAIN" else
+                           f"that offers {mech.decode(errors='replace') or 'no'} credentials, "
+                           f"not the job secret (MESH_CURVE on there?)")
+                    _log.warning("refused a connection from %s %s (%d refused so far)",
+                                 addr or "a local peer", why, self.refused)
                 reply = [b"1.0", request_id, b"400", b"bad credentials", b"", b""]
             try:
                 self._sock.send_multipart(reply)

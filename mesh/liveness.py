@@ -198,9 +198,12 @@ class Liveness:
             if peer is None:
                 self.handshake_failures += 1
                 n = self.handshake_failures
-                if n & (n - 1) == 0:    # 1, 2, 4, 8...: a stranger retries every 100 ms
-                    _log.warning("rank %d: refused a connection that failed the handshake (no "
-                                 "or wrong job secret; %d so far)", self.rank, n)
+                # 1, 2, 4, 8...: a stranger retries every 100 ms; the ZAP handler (mesh.auth)
+                # logs those refused for their credentials, with their address
+                if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and n & (n - 1) == 0:
+                    _log.warning("rank %d: refused a connection that failed the handshake "
+                                 "(not ZeroMQ, another mechanism, or too slow; %d so far)",
+                                 self.rank, n)
             elif event == zmq.EVENT_DISCONNECTED and peer.state != DEAD:
                 peer.suspect_since = peer.suspect_since or time.monotonic()
             elif event == zmq.EVENT_CONNECTED:

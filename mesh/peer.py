@@ -42,8 +42,9 @@ def config_float(name: str, default: float, least: float | None = None,
     except ValueError:
         raise ValueError(f"{name}={v!r}: not a number") from None
     if x != x or (least is not None and x < least) or (above is not None and x <= above):
-        bound = f">= {least:g}" if least is not None else f"> {above:g}"
-        raise ValueError(f"{name}={v!r}: must be a number {bound}")
+        bound = (f" >= {least:g}" if least is not None else
+                 f" > {above:g}" if above is not None else "")
+        raise ValueError(f"{name}={v!r}: must be a number{bound}")
     return x
 
 

@@ -8,6 +8,11 @@ parent of ``mesh.spawn``, or in rank 0 under another launcher (torchrun, srun).
     worker r --join{rank, endpoints}--> service
     worker r <--waiting{missing}------- service   (every second until complete)
     worker r <--table{peers}----------- service   (once all ranks joined)
+    launcher --ended{rank, size, how}-> service   (a rank ended before it joined)
+
+A rank that ends before the job is complete will never join: a launcher
+that sees one go (``tell_ended``) tells the service, which fails the ranks
+that wait at once, naming it, instead of at their rendezvous timeout.
 """
 from __future__ import annotations
 
@@ -21,11 +26,13 @@ import msgpack
 import zmq
 
 from . import auth
-from .errors import RendezvousError
+from .errors import LostPeerError, RendezvousError
+from .liveness import monitor_event
 
 __all__ = ["RendezvousServer", "join"]
 
 _log = logging.getLogger("mesh.rendezvous")
+_NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
 _MAX_REQUEST = 64 * 1024
 
 
@@ -71,6 +78,7 @@ class RendezvousServer:
         self._idents: dict[int, bytes] = {}
         self._last: dict[int, dict[str, Any]] | None = None   # the last table, by rank
         self._refusals: list[str] = []      # the last joins refused, as the waiting hear
+        self._gone: dict[int, str] = {}     # ranks that ended before the job was complete
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()      # close() wakes the poll at once
         self._thread = threading.Thread(target=self._run, name="mesh-rendezvous", daemon=True)
@@ -93,7 +101,28 @@ class RendezvousServer:
         last = None if self._last is None else self._last[rank]
         return last is not None and (last["pid"], last["host"]) == who
 
+    def _ended(self, req: dict[str, Any]) -> None:
+        """A launcher says rank ``rank`` ended before it joined: nobody will
+        fill its place, so the ranks waiting now fail, naming it."""
+        rank = req.get("rank")
+        if (type(rank) is not int or req.get("size") != self.world_size   # (another job's)
+                or self.complete.is_set() or rank in self._gone):
+            return
+        self._gone[rank] = (f"peer rank {rank} is gone: it ended "
+                            f"({str(req.get('how', ''))[:200]}) before the mesh was complete")
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        """Fail every rank that waits, naming the first rank that ended."""
+        rank, msg = next(iter(self._gone.items()))
+        for ident in self._idents.values():
+            self._reply(ident, {"op": "error", "msg": msg, "peer": rank})
+        self._peers, self._idents = {}, {}
+
     def _register(self, ident: bytes, req: Any) -> None:
+        if isinstance(req, dict) and req.get("op") == "ended":
+            self._ended(req)
+            return
         if not (isinstance(req, dict) and req.get("op") == "join"
                 and type(req.get("rank")) is int and type(req.get("size")) is int
                 and _endpoints_ok(req.get("endpoints"))):
@@ -129,6 +158,9 @@ class RendezvousServer:
         self._peers[rank] = {"rank": rank, "host": str(req.get("host", "")),
                              "endpoints": req["endpoints"], "pid": req.get("pid")}
         self._idents[rank] = ident
+        if self._gone:              # one of the ranks ended already: none will come
+            self._fail_waiting()
+            return
         if len(self._peers) == self.world_size:
             table = {"op": "table", "peers": [self._peers[r] for r in range(self.world_size)]}
             for r in range(self.world_size):
@@ -139,13 +171,14 @@ class RendezvousServer:
     def _on_monitor(self) -> None:
         while True:
             try:
-                self._mon.recv_multipart(zmq.NOBLOCK)   # any event is a refusal
+                event = monitor_event(self._mon.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            self.refused += 1
-            if self.refused & (self.refused - 1) == 0:   # 1, 2, 4, 8...: strangers retry
-                _log.warning("rendezvous: refused a connection that failed the handshake (no "
-                             "or wrong job secret; %d so far)", self.refused)
+            self.refused += 1       # any event is a refusal; the ZAP handler logs the secret's
+            if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.refused & (self.refused - 1) == 0:
+                _log.warning("rendezvous: refused a connection that failed the handshake "
+                             "(not ZeroMQ, another mechanism, or too slow; %d so far)",
+                             self.refused)
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -218,6 +251,9 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     deadline = time.monotonic() + timeout
     missing: list[int] | None = None
     refused: list[str] = []     # joins the service refused while this rank waited
+    t0 = time.monotonic()
+    note_at = t0 + _NOTE_FIRST     # rank 0 says whom the job still waits for, now and then
+    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
     try:
         auth.make_client(sock, secret, curve)
         sock.connect(where)
@@ -234,6 +270,10 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} timed out after "
                                       f"{timeout:.0f}s: {who}")
             if not sock.poll(int(min(left, 1.0) * 1000) + 1):
+                if mon.poll(0):     # the service answered the handshake: not our secret
+                    raise RendezvousError(
+                        f"rank {rank}: rendezvous at {where} refused our credentials: a "
+                        f"different job secret (MESH_SECRET) or MESH_CURVE setting there")
                 continue
             try:
                 msg = msgpack.unpackb(sock.recv(), raw=False)
@@ -245,13 +285,62 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                 return list(msg["peers"])
             if msg.get("op") == "waiting":
                 missing = list(msg.get("missing", []))
+                now = time.monotonic()
+                if rank == 0 and now >= note_at and missing:
+                    note_at = now + _NOTE_EVERY
+                    _log.warning("rank 0: rendezvous at %s: still waiting for ranks %s "
+                                 "(%.0fs of %.0fs)", where, missing, now - t0, timeout)
                 for said in msg.get("refused", []):
                     if said not in refused:
                         refused.append(said)
                         if rank == 0:     # (once a job, not once a rank)
                             _log.warning("rank 0: the rendezvous refused a join while the "
                                          "job waits for ranks %s: %s", missing, said)
+            elif msg.get("op") == "error" and type(msg.get("peer")) is int:
+                raise LostPeerError(f"rank {rank}: rendezvous at {where}: {msg.get('msg')}",
+                                    msg["peer"])
             elif msg.get("op") == "error":
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} refused: {msg.get('msg')}")
     finally:
+        sock.disable_monitor()
+        mon.close(linger=0)
         sock.close(linger=0)
+
+
+def joined_path(run_dir: str, rank: int) -> str:
+    """The file a rank started by meshrun leaves in its node's run folder
+    once it has joined (mesh.world): the launcher tells the service of a
+    rank that ends without it (``Teller``)."""
+    return os.path.join(run_dir, f"joined-{rank}")
+
+
+class Teller:
+    """A launcher's messages to the service: ``ended(rank, how)`` for each of
+    its ranks that ended before it joined. Sends, never waits: the service
+    may be gone already (the job over)."""
+
+    def __init__(self, addr: str, port: int, secret: str, size: int,
+                 curve: bool = False) -> None:
+        self._where, self._size = f"tcp://{addr}:{port}", size
+        self._secret, self._curve = secret, curve
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+
+    def ended(self, rank: int, how: str) -> None:
+        if self._sock is None:
+            self._ctx = zmq.Context()
+            self._sock = self._ctx.socket(zmq.DEALER)
+            auth.make_client(self._sock, self._secret, self._curve)
+            self._sock.connect(self._where)
+        try:
+            self._sock.send(msgpack.packb({"op": "ended", "rank": rank, "size": self._size,
+                                          "how": how}),
+                            zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def close(self) -> None:
+        if self._sock is not None and self._ctx is not None:
+            self._sock.close(linger=500)    # what it sent: a moment to go out
+            self._ctx.term()
+            self._sock = self._ctx = None

@@ -3,6 +3,7 @@ connects to every peer and returns the world communicator."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import secrets
@@ -17,7 +18,7 @@ import zmq
 from . import auth, env, limits, rdvfile, torchelastic
 from .comm import Comm
 from .errors import RendezvousError
-from .rendezvous import RendezvousServer, join
+from .rendezvous import RendezvousServer, join, joined_path
 from .peer import config_flag, config_float
 from .transport import Transport
 
@@ -223,6 +224,10 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
             finally:
                 if server is not None:
                     rdvfile.withdraw(spec)
+        if os.environ.get("MESH_LAUNCHER") == "1" and os.environ.get("MESH_RUNTIME_DIR"):
+            with contextlib.suppress(OSError), \
+                    open(joined_path(os.environ["MESH_RUNTIME_DIR"], spec.rank), "w"):
+                pass    # the launcher's sign that this rank joined (mesh.rendezvous.Teller)
     except BaseException:
         router.close(linger=0)
         if server is not None:

@@ -252,6 +252,9 @@ def test_sizes_in_the_environment_take_units_and_bad_ones_name_the_variable(
     monkeypatch.setenv("MESH_PEER_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="MESH_PEER_TIMEOUT='soon': not a number"):
         config_float("MESH_PEER_TIMEOUT", 1.0)
+    monkeypatch.setenv("MESH_PEER_TIMEOUT", "nan")     # (no bound given: still named)
+    with pytest.raises(ValueError, match="MESH_PEER_TIMEOUT='nan': must be a number$"):
+        config_float("MESH_PEER_TIMEOUT", 1.0)
 
 
 def test_switches_and_waits_are_read_as_written(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -236,6 +236,13 @@ def test_two_nodes_share_one_rendezvous(tmp_path: Path) -> None:
     (("--nnodes", "2", str(WORKER)), "--master-port is required"),
     (("--nnodes", "2", "--master-port", "1234", str(WORKER)), "MESH_SECRET"),
     (("--nnodes", "2", "--node-rank", "2", "--master-port", "1", str(WORKER)), "--node-rank"),
+    (("--grace", "nan", str(WORKER)), "argument --grace: 'nan': a number of at least 0"),
+    (("--timeout", "nan", str(WORKER)), "argument --timeout: 'nan': a number above 0"),
+    (("--master-addr", "tcp://10.0.0.1", str(WORKER)), "give the host alone (e.g. 10.0.0.1)"),
+    (("--master-addr", "10.0.0.1:29500", str(WORKER)), "give the port with --master-port"),
+    (("--master-addr", "no-such-host.invalid", str(WORKER)), "cannot resolve it"),
+    (("--no-python", "no-such-program-here"), "no such program (not a file, nor on PATH)"),
+    (("--log-dir", str(WORKER), str(WORKER)), "not a directory"),
 ])
 def test_usage_errors(args: tuple[str, ...], message: str) -> None:
     r = meshrun(*args)

@@ -38,8 +38,8 @@ def _port(node0: subprocess.Popen[str]) -> str:
 
 def test_a_node_of_another_job_is_refused_and_the_job_goes_on() -> None:
     """Job B waits for its second node; a node of job A (another secret)
-    pointed at B's rendezvous is refused and fails on its own, within its
-    rendezvous timeout; then B's real second node joins and B succeeds."""
+    pointed at B's rendezvous is refused and fails on its own, at once; then
+    B's real second node joins and B succeeds."""
     procs = [_start(*_node(0, 0), MESH_SECRET="secret-of-job-b")]
     try:
         port = _port(procs[0])
@@ -48,7 +48,7 @@ def test_a_node_of_another_job_is_refused_and_the_job_goes_on() -> None:
         procs.append(stray)
         _, err = stray.communicate(timeout=30)
         assert stray.returncode == 1, err
-        assert "never answered" in err and "different job secret" in err, err
+        assert "refused our credentials: a different job secret" in err, err
         assert procs[0].poll() is None, "job B died of a stranger's attempt"
         node1 = _start(*_node(1, port), MESH_SECRET="secret-of-job-b")
         procs.append(node1)
@@ -131,3 +131,47 @@ def test_a_node_with_another_world_size_fails_at_once_and_the_job_waits_on() -> 
                 p.communicate()
     assert procs[0].returncode == 0 and right.returncode == 0, err0 + err2
     assert "[0] rank 0 heard from [1, 2, 3]" in out0
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_rank_that_ends_before_it_joins_fails_the_waiting_ranks_at_once(code: int) -> None:
+    """Rank 3 ends before mesh.init (cleanly or not): the launcher tells the
+    rendezvous, and ranks 0-2 fail at once naming it, instead of waiting for
+    their rendezvous timeout (300 s); the report's headline names rank 3."""
+    t0 = time.monotonic()
+    job = _start("-n", "4", str(MESH_SCRIPT), MESH_TEST_EXIT_BEFORE_INIT=f"3:{code}")
+    try:
+        _, err = job.communicate(timeout=40)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode == (code or 1), err
+    assert "peer rank 3 is gone: it ended (exit code " in err, err
+    assert "before the mesh was complete" in err, err
+    head = "Root cause: rank 3 " + ("finished (exit code 0) while rank" if code == 0
+                                    else "failed first")
+    assert head in err, err
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_node_whose_rank_ends_before_it_joins_fails_the_other_node_at_once() -> None:
+    """Node 1's rank 2 fails before it joins (a script error on that host):
+    node 1's launcher tells node 0's rendezvous, whose waiting ranks fail at
+    once naming rank 2, instead of waiting for their rendezvous timeout."""
+    t0 = time.monotonic()
+    procs = [_start(*_node(0, 0), MESH_SECRET="job")]
+    try:
+        port = _port(procs[0])
+        procs.append(_start(*_node(1, port), MESH_SECRET="job",
+                            MESH_TEST_EXIT_BEFORE_INIT="2:5"))
+        errs = [p.communicate(timeout=40)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert procs[1].returncode == 5, errs[1]
+    assert procs[0].returncode == 1, errs[0]
+    assert "peer rank 2 is gone: it ended (exit code 5) before the mesh was complete" in errs[0]
+    assert time.monotonic() - t0 < 30

@@ -6,14 +6,18 @@ import argparse
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import textwrap
 import threading
 from typing import Any, Sequence
 
+from ..cliargs import nonnegative_float, positive_float
 from ..limits import open_files, thread_share
-from .records import WorkerSpec, error_file, log_tracebacks, read_records
+from ..auth import curve_wanted
+from ..rendezvous import Teller, joined_path
+from .records import WorkerExit, WorkerSpec, error_file, log_tracebacks, read_records
 from .report import exit_code, format_report
 from .supervise import Job
 
@@ -67,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", metavar="DIR",
                    help="also write rank<R>.stdout.log, rank<R>.stderr.log and, on failure, "
                         "rank<R>.error.json here")
-    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--grace", type=nonnegative_float, default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="stop the whole job after this many seconds (exit code 124)")
     p.add_argument("--curve", action="store_true",
                    help="encrypt and authenticate all traffic with CurveZMQ, keys derived from "
@@ -104,8 +108,26 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 "MESH_SECRET=$(python -c 'import secrets; print(secrets.token_hex(16))')")
     if not (a.module or a.no_python or os.path.isfile(a.target)):
         p.error(f"{a.target}: no such file")
-    if a.grace < 0 or (a.timeout is not None and a.timeout <= 0):
-        p.error("--grace must be >= 0 and --timeout > 0")
+    if a.no_python and not shutil.which(a.target):
+        p.error(f"{a.target}: no such program (not a file, nor on PATH)")
+    if a.log_dir and os.path.exists(a.log_dir) and not os.path.isdir(a.log_dir):
+        p.error(f"--log-dir {a.log_dir}: not a directory")
+    _check_addr(p, a.master_addr)
+
+
+def _check_addr(p: argparse.ArgumentParser, addr: str) -> None:
+    """--master-addr is a host name or an IP address: not a URL, no port."""
+    if "://" in addr:
+        p.error(f"--master-addr {addr}: give the host alone (e.g. {addr.split('://', 1)[1]}), "
+                f"not a URL")
+    host, colon, port = addr.rpartition(":")
+    if colon and port.isdigit() and host.count(":") == 0:
+        p.error(f"--master-addr {addr}: give the port with --master-port {port}, the host "
+                f"alone with --master-addr {host}")
+    try:
+        socket.getaddrinfo(addr.strip("[]"), None)
+    except (socket.gaierror, UnicodeError) as e:
+        p.error(f"--master-addr {addr}: cannot resolve it ({e})")
 
 
 def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
@@ -137,7 +159,6 @@ def _worker_argv(a: argparse.Namespace) -> list[str]:
 def _serve_rendezvous(a: argparse.Namespace, secret: str) -> Any:
     """Start the rendezvous service (node 0 only); it binds the given port or
     port 0 and the bound port is what workers are told, never a guess."""
-    from ..auth import curve_wanted
     from ..rendezvous import RendezvousServer
     host = "*" if a.nnodes > 1 else a.master_addr
     srv = RendezvousServer(a.nnodes * a.nproc, secret, host=host, port=a.master_port or 0,
@@ -177,8 +198,17 @@ def launch(a: argparse.Namespace) -> int:
             except FileNotFoundError:
                 pass
             specs.append(WorkerSpec(int(env["RANK"]), local, _worker_argv(a), env))
-        outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir,
-                      settle=_SETTLE_S).run(specs, timeout=a.timeout)
+        teller = Teller(a.master_addr, int(port or 0), secret, a.nnodes * a.nproc,
+                        a.curve or curve_wanted())
+
+        def ended(e: WorkerExit) -> None:    # before it joined: the waiting ranks hear it
+            if not e.after_stop and not os.path.exists(joined_path(run_dir, e.rank)):
+                teller.ended(e.rank, e.describe())
+        try:
+            outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir,
+                          settle=_SETTLE_S, on_exit=ended).run(specs, timeout=a.timeout)
+        finally:
+            teller.close()
         records = read_records(err_dir, (e.rank for e in outcome.exits))
         if a.log_dir:
             log_tracebacks(a.log_dir, records)

@@ -51,7 +51,9 @@ def _left_early(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> WorkerE
     if not root_rec or not _secondary(root_rec):
         return None
     peer = root_rec.get("peer")
-    if not isinstance(peer, int) or "(it closed its mesh)" not in str(root_rec.get("message")):
+    said = str(root_rec.get("message"))
+    if not isinstance(peer, int) or not ("(it closed its mesh)" in said
+                                         or "before the mesh was complete" in said):
         return None
     return next((e for e in outcome.exits if e.rank == peer and e.returncode == 0
                  and not e.after_stop), None)
@@ -81,8 +83,11 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     if root is not None:
         lines.append(f"Root cause: rank {root.rank} failed first" if left is None else
                      f"Root cause: rank {left.rank} finished ({left.describe()}) while rank "
-                     f"{root.rank} still waited for it (the ranks did not make the same "
-                     f"calls); rank {root.rank} failed first:")
+                     f"{root.rank} still waited for it ("
+                     + ("it never joined the mesh" if "before the mesh was complete"
+                        in str(root_rec and root_rec.get("message")) else
+                        "the ranks did not make the same calls")
+                     + f"); rank {root.rank} failed first:")
         if root_rec:
             lines.append(f"  error      : {root_rec.get('exc_type')}: {root_rec.get('message')}")
         lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "

@@ -50,9 +50,11 @@ class Job:
     def __init__(self, grace: float = 5.0, log_dir: str | None = None,
                  scratch: str | None = None, stdout: BinaryIO | None = None,
                  stderr: BinaryIO | None = None,
-                 settle: float = 0.0) -> None:
+                 settle: float = 0.0,
+                 on_exit: Callable[[WorkerExit], None] | None = None) -> None:
         self.grace = grace
         self.settle = settle
+        self.on_exit = on_exit      # told of each worker's end, as it is reaped
         self.log_dir = log_dir
         self.scratch = scratch
         self._out = Sink(stdout or sys.stdout.buffer)
@@ -66,6 +68,8 @@ class Job:
         """Start every worker, each in a new session (its own process group)."""
         self._watchdog = Watchdog(self.scratch)
         for spec in specs:
+            if self._signals:       # stopped while starting (a big -n takes a while)
+                break
             popen = subprocess.Popen(list(spec.argv), env=dict(spec.env),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
@@ -193,6 +197,8 @@ class Job:
             if self._watchdog is not None:
                 self._watchdog.remove(p.pid)
             p.exit = WorkerExit(p.spec.rank, p.spec.local_rank, p.pid, rc, time.time(), stopping)
+            if self.on_exit is not None:
+                self.on_exit(p.exit)
 
     def _kill_all(self, signum: int) -> None:
         for p in self._live():

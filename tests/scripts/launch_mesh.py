@@ -2,8 +2,15 @@
 tests/test_mesh_launchers.py under the real mpirun and srun): join through
 mesh.init(), have rank 0 greet every rank and collect the replies, check an
 all_reduce against its known sum, then leave. Each line is one write, so
-that launchers that relay unbuffered output (mpirun) never split it."""
+that launchers that relay unbuffered output (mpirun) never split it.
+MESH_TEST_EXIT_BEFORE_INIT="R:CODE,...": rank R exits with CODE first."""
+import os
 import sys
+
+_EXITS = dict(e.split(":") for e in os.environ.get("MESH_TEST_EXIT_BEFORE_INIT", "").split(",")
+              if e)
+if os.environ.get("RANK") in _EXITS:
+    sys.exit(int(_EXITS[os.environ["RANK"]]))
 
 import numpy as np
 
