@@ -5,6 +5,7 @@ rendezvous timeout, naming the ranks that never arrived."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -175,3 +176,28 @@ def test_a_node_whose_rank_ends_before_it_joins_fails_the_other_node_at_once() -
     assert procs[0].returncode == 1, errs[0]
     assert "peer rank 2 is gone: it ended (exit code 5) before the mesh was complete" in errs[0]
     assert time.monotonic() - t0 < 30
+
+
+def test_a_node_that_dies_is_named_as_the_root_cause_on_the_other() -> None:
+    """Node 1's meshrun is SIGKILLed mid-run (its watchdog takes its ranks):
+    node 0's ranks lose theirs within seconds, and node 0's report leads
+    with the lost rank of node 1, not with its own rank that saw it first."""
+    procs = [_start(*_node(0, 0), MESH_SECRET="job", MESH_TEST_MORE_STEPS="600")]
+    try:
+        port = _port(procs[0])
+        procs.append(_start(*_node(1, port), MESH_SECRET="job", MESH_TEST_MORE_STEPS="600"))
+        assert procs[0].stdout is not None
+        assert "got {'hello'" in procs[0].stdout.readline()    # the job runs
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        procs[1].kill()
+        _, err = procs[0].communicate(timeout=40)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1, err
+    assert re.search(r"Root cause: rank [23] \(node 1\) was lost, a rank of another node", err), err
+    assert took < 20, took

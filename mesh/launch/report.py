@@ -59,6 +59,15 @@ def _left_early(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> WorkerE
                  and not e.after_stop), None)
 
 
+def _lost_elsewhere(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> int | None:
+    """The lost peer the root cause's error names when it is no rank of this
+    node (a node that died, or was cut off): the job's real cause."""
+    peer = root_rec.get("peer") if root_rec and _secondary(root_rec) else None
+    if not isinstance(peer, int) or any(e.rank == peer for e in outcome.exits):
+        return None
+    return peer
+
+
 def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
     """msg with its last part elided when the root cause's message ends the
     same way (the same mismatch seen from another rank)."""
@@ -80,7 +89,12 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
         lines.append(f"meshrun: stopped by {signal_name(outcome.signum or 0)}")
     root_rec = records.get(root.rank) if root is not None else None
     left = _left_early(outcome, root_rec)
-    if root is not None:
+    elsewhere = _lost_elsewhere(outcome, root_rec)
+    if root is not None and elsewhere is not None:
+        lines.append(f"Root cause: rank {elsewhere} (node {elsewhere // nproc}) was lost, a "
+                     f"rank of another node (its meshrun reports why); rank {root.rank} here "
+                     f"saw it first:")
+    elif root is not None:
         lines.append(f"Root cause: rank {root.rank} failed first" if left is None else
                      f"Root cause: rank {left.rank} finished ({left.describe()}) while rank "
                      f"{root.rank} still waited for it ("

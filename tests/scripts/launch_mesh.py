@@ -3,9 +3,11 @@ tests/test_mesh_launchers.py under the real mpirun and srun): join through
 mesh.init(), have rank 0 greet every rank and collect the replies, check an
 all_reduce against its known sum, then leave. Each line is one write, so
 that launchers that relay unbuffered output (mpirun) never split it.
-MESH_TEST_EXIT_BEFORE_INIT="R:CODE,...": rank R exits with CODE first."""
+MESH_TEST_EXIT_BEFORE_INIT="R:CODE,...": rank R exits with CODE first;
+MESH_TEST_MORE_STEPS=N: N more all_reduces, 50 ms apart, to die in."""
 import os
 import sys
+import time
 
 _EXITS = dict(e.split(":") for e in os.environ.get("MESH_TEST_EXIT_BEFORE_INIT", "").split(",")
               if e)
@@ -29,3 +31,6 @@ with mesh.init(timeout=20) as world:
         sys.stdout.write(f"rank {world.rank} got {msg}\n")
     total = collectives.all_reduce(world, np.full(3, world.rank + 1.0))
     assert (total == world.size * (world.size + 1) / 2).all(), f"rank {world.rank}: {total}"
+    for _ in range(int(os.environ.get("MESH_TEST_MORE_STEPS", "0"))):
+        collectives.all_reduce(world, np.ones(4))
+        time.sleep(0.05)
