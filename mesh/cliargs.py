@@ -22,36 +22,22 @@ def _number(text: str, kind: type) -> Any:
     return value if kind is int or math.isfinite(value) else None
 
 
-def positive(text: str) -> int:
-    """A whole number of at least 1."""
-    n = _number(text, int)
-    if n is None or n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1")
-    return int(n)
+def _bounded(kind: type, ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argument type: ``text`` as a ``kind`` (int, or a finite float) for
+    which ``ok`` holds, else a usage error saying ``what`` it takes."""
+    def typed(text: str) -> Any:
+        x = _number(text, kind)
+        if x is None or not ok(x):
+            raise argparse.ArgumentTypeError(f"{text!r}: {what}")
+        return kind(x)
+    typed.__name__ = what
+    return typed
 
 
-def nonnegative(text: str) -> int:
-    """A whole number of at least 0."""
-    n = _number(text, int)
-    if n is None or n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 0")
-    return int(n)
-
-
-def positive_float(text: str) -> float:
-    """A finite number above 0."""
-    x = _number(text, float)
-    if x is None or not x > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a number above 0")
-    return float(x)
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number of at least 0."""
-    x = _number(text, float)
-    if x is None or x < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a number of at least 0")
-    return float(x)
+positive = _bounded(int, lambda n: n >= 1, "a whole number of at least 1")
+nonnegative = _bounded(int, lambda n: n >= 0, "a whole number of at least 0")
+positive_float = _bounded(float, lambda x: x > 0, "a number above 0")
+nonnegative_float = _bounded(float, lambda x: x >= 0, "a number of at least 0")
 
 
 def checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -30,6 +30,14 @@ def _node(rank: int, port: int | str, *extra: str) -> tuple[str, ...]:
             "--master-port", str(port), "-n", "2", *extra, str(MESH_SCRIPT))
 
 
+def _end(procs: list[subprocess.Popen[str]]) -> None:
+    """Whatever a test left running, killed and reaped."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
 def _port(node0: subprocess.Popen[str]) -> str:
     assert node0.stderr is not None
     line = node0.stderr.readline()
@@ -56,10 +64,7 @@ def test_a_node_of_another_job_is_refused_and_the_job_goes_on() -> None:
         out1, err1 = node1.communicate(timeout=30)
         out0, err0 = procs[0].communicate(timeout=30)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+        _end(procs)
     assert procs[0].returncode == 0 and node1.returncode == 0, err0 + err1
     assert "[0] rank 0 heard from [1, 2, 3]" in out0
 
@@ -71,9 +76,7 @@ def test_a_missing_node_ends_the_job_within_the_rendezvous_timeout() -> None:
         _port(node0)
         _, err = node0.communicate(timeout=30)
     finally:
-        if node0.poll() is None:
-            node0.kill()
-            node0.communicate()
+        _end([node0])
     assert node0.returncode == 1, err
     assert "ranks [2, 3] never arrived" in err and "Root cause: rank" in err, err
     assert time.monotonic() - t0 < 20
@@ -126,10 +129,7 @@ def test_a_node_with_another_world_size_fails_at_once_and_the_job_waits_on() -> 
         _, err2 = right.communicate(timeout=40)
         out0, err0 = procs[0].communicate(timeout=40)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+        _end(procs)
     assert procs[0].returncode == 0 and right.returncode == 0, err0 + err2
     assert "[0] rank 0 heard from [1, 2, 3]" in out0
 
@@ -144,9 +144,7 @@ def test_a_rank_that_ends_before_it_joins_fails_the_waiting_ranks_at_once(code: 
     try:
         _, err = job.communicate(timeout=40)
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.communicate()
+        _end([job])
     assert job.returncode == (code or 1), err
     assert "peer rank 3 is gone: it ended (exit code " in err, err
     assert "before the mesh was complete" in err, err
@@ -168,10 +166,7 @@ def test_a_node_whose_rank_ends_before_it_joins_fails_the_other_node_at_once() -
                             MESH_TEST_EXIT_BEFORE_INIT="2:5"))
         errs = [p.communicate(timeout=40)[1] for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+        _end(procs)
     assert procs[1].returncode == 5, errs[1]
     assert procs[0].returncode == 1, errs[0]
     assert "peer rank 2 is gone: it ended (exit code 5) before the mesh was complete" in errs[0]
@@ -194,10 +189,7 @@ def test_a_node_that_dies_is_named_as_the_root_cause_on_the_other() -> None:
         _, err = procs[0].communicate(timeout=40)
         took = time.monotonic() - t0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        _end(procs)
     assert procs[0].returncode == 1, err
     assert re.search(r"Root cause: rank [23] \(node 1\) was lost, a rank of another node", err), err
     assert took < 20, took
