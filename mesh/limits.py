@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Any, Mapping
 
-__all__ = ["FDS_PER_PEER", "rank_fds", "open_files", "context", "thread_share",
+__all__ = ["FDS_PER_PEER", "rank_fds", "hard_open_files", "open_files", "context", "thread_share",
            "env_threads", "limit_threads"]
 
 _log = logging.getLogger("mesh.transport")
@@ -38,6 +38,16 @@ _BASE_SOCKETS = 64
 def rank_fds(size: int) -> int:
     """Open files one rank of a world of ``size`` needs."""
     return FDS_PER_PEER * size + _BASE_FDS
+
+
+def hard_open_files() -> int | None:
+    """The hard limit on open files (None: none, or not POSIX)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else int(hard)
 
 
 def open_files(need: int, who: str) -> int:

@@ -425,3 +425,16 @@ def test_a_rank_that_finishes_late_is_not_reported_lost() -> None:
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "lost peer" not in out and "silent" not in out, out
+
+
+def test_a_world_the_open_files_limit_cannot_hold_is_a_usage_error() -> None:
+    """-n past what the hard limit on open files allows each rank (five a
+    peer) is refused before any worker starts, not warned about while
+    thousands start."""
+    from mesh.limits import hard_open_files
+    hard = hard_open_files()
+    if hard is None:
+        pytest.skip("no hard limit on open files here")
+    r = meshrun("-n", str(hard // 4 + 1), str(WORKER))
+    assert r.returncode == 2, r.stderr
+    assert "open files a rank" in r.stderr and f"the hard limit is {hard}" in r.stderr
