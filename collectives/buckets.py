@@ -37,6 +37,8 @@ on that stream.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import weakref
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -45,7 +47,7 @@ from mesh import Comm, device, tensors
 
 from .ops import resolve
 from .runner import check_comm
-from .api import all_reduce   # host arrays, or device ones, each on its path
+from .api import all_gather, all_gather_object, all_reduce   # host arrays or device ones
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "bucket_plan", "GradReducer", "all_reduce_grads"]
 
@@ -88,6 +90,10 @@ def _torch_held(a: Any) -> bool:
     return type(a).__module__.split(".")[0] == "torch"
 
 
+# group -> the gradient layouts (digests) its ranks were found to agree on
+_agreed: "weakref.WeakKeyDictionary[Comm, set[bytes]]" = weakref.WeakKeyDictionary()
+
+
 class _Bucket:
     __slots__ = ("members", "buf", "offsets", "pending", "work")
 
@@ -117,13 +123,20 @@ class GradReducer:
         check_comm(g, "GradReducer")
         self.g = g
         self.timeout = timeout
+        self._me = f"rank {g.rank}: GradReducer on group {g.name}"
         items = list(grads)
         kinds = [_is_param(x) for x in items]
         self.params: list[Any] | None = items if items and all(kinds) else None
         if any(kinds) and self.params is None:
-            raise TypeError(f"gradient {kinds.index(False)} is not a parameter and gradient "
-                            f"{kinds.index(True)} is: a GradReducer takes all parameters "
-                            f"(it follows their .grad) or all gradient arrays")
+            i = kinds.index(False)
+            frozen = getattr(items[i], "requires_grad", None) is False and hasattr(
+                items[i], "grad")
+            raise TypeError(f"{self._me}: " + (
+                f"parameter {i} does not require grad (a frozen one): pass the trained "
+                f"ones, [p for p in model.parameters() if p.requires_grad]" if frozen else
+                f"gradient {i} is not a parameter and gradient {kinds.index(True)} is: a "
+                f"GradReducer takes all parameters (it follows their .grad) or all "
+                f"gradient arrays"))
         self._held: list[Any] = [None] * len(items)
         self.grads = [self._current(i) for i in range(len(items))] if self.params else items
         if self.params is None and self._refuse_torch:
@@ -147,7 +160,7 @@ class GradReducer:
                                  f"GradReducer's gradients share one device")
             dev = self._device = where.pop()
             wide = [tensors.BFLOAT16_WIDE if v.dtype == self._bf16 else
-                    tensors.check(v, f"GradReducer: gradient {i}")
+                    tensors.check(v, f"{self._me}: gradient {i}")
                     for i, v in enumerate(self._views)]
             sizes = [v.numel() for v in self._views]
             nbytes = [v.numel() * v.element_size() for v in self._views]
@@ -179,6 +192,10 @@ class GradReducer:
         with self._on_gpu():
             self.buckets = [_Bucket(m, sizes, empty) for m in plan]
         self._where = {i: b for b in self.buckets for i in b.members}
+        # every rank must reduce the same gradients in the same order: checked once
+        self._layout = hashlib.blake2b(repr(self._specs).encode(), digest_size=16).digest()
+        self._versions = [0] * len(items)   # torch: each .grad's version as its bucket took it
+        self._left: list[tuple[int, int]] | None = None    # what the last wait() left
 
     @property
     def _bf16(self) -> Any:
@@ -253,23 +270,71 @@ class GradReducer:
             if b.work is None:
                 self._launch(b)
 
+    def _agree(self) -> None:
+        """Once per group and layout: the ranks pass gradients of the same
+        shapes and dtypes in the same order (one small all_gather; the
+        buckets' fingerprints alone miss a reordering of equal sizes),
+        else a ValueError on every rank naming the first that differs."""
+        agreed = _agreed.setdefault(self.g, set())
+        if self._layout in agreed:
+            return
+        mine = np.frombuffer(self._layout, np.uint64)
+        table = all_gather(self.g, mine, timeout=self.timeout).reshape(self.g.size, -1)
+        if (table == table[0]).all():
+            agreed.add(self._layout)
+            return
+        specs = all_gather_object(self.g, [(s, str(d).removeprefix("torch."))
+                                           for s, d in self._specs], timeout=self.timeout)
+        other = next(r for r in range(self.g.size) if specs[r] != specs[0])
+        a, b = specs[0], specs[other]
+        i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+        said = (lambda s, k: f"{s[k][1]}{tuple(s[k][0])}" if k < len(s) else "none")
+        raise ValueError(f"{self._me}: the ranks' gradients differ: gradient {i} is "
+                         f"{said(a, i)} on rank 0 and {said(b, i)} on rank {other} "
+                         f"({len(a)} and {len(b)} gradients): every rank passes the same "
+                         f"parameters in the same order (model.parameters() of one model)")
+
     def _launch(self, b: _Bucket) -> None:
+        if b is self.buckets[0]:       # a step's first launch
+            self._agree()
+            if self.params is not None:
+                self._since_last_wait()
         if self.params is not None:
             for i in b.members:
                 self._replace(i, self._current(i))
+                if self.torch:
+                    self._versions[i] = self._held[i]._version
         with self._on_gpu():
             for i, off in zip(b.members, b.offsets):
                 b.buf[off:off + self._sizes[i]] = self._views[i].reshape(-1)
             b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True, timeout=self.timeout)
 
+    def _since_last_wait(self) -> None:
+        """A step's first launch: some gradient must have changed since the
+        last wait() left them (else a second wait() would reduce the
+        averages again: op="sum" would multiply them)."""
+        left, self._left = self._left, None
+        if left is None or not self.torch:
+            return
+        now = [(id(p.grad), p.grad._version) if p.grad is not None else (0, -1)
+               for p in self.params or ()]
+        if now == left:
+            raise RuntimeError(f"{self._me}: no gradient changed since the last wait(): a "
+                               f"second wait() without a backward in between would reduce "
+                               f"the averages again")
+
     def wait(self) -> None:
         """Launch what is left (in bucket order), wait for every bucket,
         copy the results into the gradients; ready for the next step.
         Raises, after all that, when a parameter's ``.grad`` was replaced
-        after its bucket took it: the new tensor holds no average."""
+        or written (another backward accumulated into it) after its bucket
+        took it: it holds no average."""
         for b in self.buckets:
             if b.work is None:
                 self._launch(b)
+        written = [] if not (self.params is not None and self.torch) else [
+            i for i, p in enumerate(self.params)
+            if p.grad is self._held[i] and p.grad._version != self._versions[i]]
         with self._on_gpu():
             for b in self.buckets:
                 b.work.wait()
@@ -281,14 +346,20 @@ class GradReducer:
         if self.params is None:
             return
         stale = [i for i, p in enumerate(self.params) if p.grad is not self._held[i]]
+        if self.torch:
+            self._left = [(id(p.grad), p.grad._version) if p.grad is not None else (0, -1)
+                          for p in self.params]
         for i in range(len(self.params)):    # keep no tensor torch may drop before the next step
             self.grads[i] = self._views[i] = self._held[i] = None
-        if stale:
-            i = stale[0]
-            raise RuntimeError(f"rank {self.g.rank}: gradient {i} was replaced after its "
-                               f"bucket took it: parameter {i}'s .grad changed between its "
-                               f"bucket's launch and wait() (zero_grad() or another backward "
-                               f"in between?), so it holds no average (replaced: {stale[:8]})")
+        if stale or written:
+            i = (stale or written)[0]
+            how = "replaced" if stale else "written"
+            raise RuntimeError(f"{self._me}: gradient {i} was {how} after its bucket took "
+                               f"it: parameter {i}'s .grad changed between its bucket's "
+                               f"launch and wait() (zero_grad() or another backward in "
+                               f"between? accumulate with ready() held back until the last "
+                               f"micro-batch, as DDP's no_sync), so it holds no average "
+                               f"({how}: {(stale or written)[:8]})")
 
 
 def _torch() -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -120,6 +121,9 @@ def torch_cases(world: Any) -> list[np.ndarray]:
         C.GradReducer(world, [p.grad.numpy() for p in params])
     with pytest.raises(TypeError, match="gradient 1 is a torch tensor"):
         C.GradReducer(world, [np.zeros(3), params[1].grad])
+    with pytest.raises(RuntimeError, match="no gradient changed since the last wait()"):
+        red.wait()          # (a second wait() in one step: refused, nothing launched)
+    mse(model(x), y).backward()
     for i in reversed(range(len(params))):      # every bucket launched, then .grad replaced
         red.ready(i)
     opt.zero_grad()
@@ -174,3 +178,51 @@ def test_grad_reducer_follows_torch_zero_grad() -> None:
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12,
                                        err_msg=f"rank {rank} parameter {i}")
+
+
+def _reducer_misuse(world: Any) -> list[str]:
+    import torch
+    seen = []
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 4)
+    ps = list(m.parameters())
+    red = C.GradReducer(world, ps[::-1] if world.rank == 1 else ps)    # another order
+    m(torch.ones(1, 4)).sum().backward()
+    with pytest.raises(ValueError, match=r"the ranks' gradients differ: gradient 0 is "
+                                         r"float32\(4, 4\) on rank 0 and float32\(4,\) on rank 1"):
+        red.wait()
+    seen.append("order")
+    red = C.GradReducer(world, ps)
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: red.ready(i))
+             for i, p in enumerate(ps)]
+    m.zero_grad()
+    m(torch.ones(1, 4)).sum().backward()
+    m(torch.ones(1, 4)).sum().backward()    # accumulates after the hooks launched the bucket
+    with pytest.raises(RuntimeError, match=r"gradient 0 was written after its bucket took it"):
+        red.wait()
+    seen.append("accumulated")
+    for h in hooks:
+        h.remove()
+    frozen = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    frozen[0].requires_grad_(False)
+    with pytest.raises(TypeError, match=rf"rank {world.rank}: GradReducer on group world: "
+                                        r"parameter 0 does not require grad"):
+        C.GradReducer(world, list(frozen.parameters()))
+    t = torch.full((4,), float(world.rank + 1), dtype=torch.bfloat16)
+    w = C.all_reduce(world, t, op="sum", async_op=True)
+    while not w.done():
+        time.sleep(0.001)
+    seen.append(f"done {t[0].item()}")     # the result is in once done() says so
+    w.wait()
+    return seen
+
+
+def test_grad_reducer_refuses_what_would_train_the_replicas_apart() -> None:
+    """Ranks that list the parameters in another order, a backward that
+    accumulates into gradients whose bucket has gone, a frozen parameter:
+    each raises naming rank and gradient, where the replicas silently went
+    apart (or the message misled); and an async bfloat16 collective's
+    result is in the tensor once done() says so."""
+    pytest.importorskip("torch")
+    assert mesh.spawn(_reducer_misuse, 2, timeout=100) == [
+        ["order", "accumulated", "done 3.0"]] * 2

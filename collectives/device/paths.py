@@ -54,7 +54,18 @@ class DeviceWork:
         self._value: Any = None
 
     def done(self) -> bool:
-        return bool(self._work.done())
+        """Whether the result is in place (copied back: a caller that polls
+        done() and then reads its tensor sees the result, as with torch's
+        is_completed())."""
+        if self._done:
+            return True
+        if not self._work.done():
+            return False
+        try:
+            self.wait()
+        except BaseException:       # (a failed collective: wait() raises it again)
+            pass
+        return True
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
         """``fn(self)`` once the host collective has finished (see Work's);
