@@ -184,14 +184,17 @@ class Tuning:
                                  f"and '=' ({', '.join(sorted(_FORCEABLE - {'*'}))})")
             forced.append((coll or "*", alg))
 
-        def read(name: str, default: str, parse: Any) -> Any:
+        def read(name: str, default: str, parse: Any, least: int) -> Any:
             try:
-                return parse(env.get(name) or default)
+                value = parse(env.get(name) or default)
             except ValueError as e:
                 raise ValueError(f"{name}={env.get(name)!r}: {e}") from None
-        return cls(read("MESH_COLL_SEGMENT", "1M", parse_size),
-                   read("MESH_COLL_WINDOW", "8", int),
-                   read("MESH_COLL_SMALL", "64K", parse_size), tuple(forced))
+            if value < least:
+                raise ValueError(f"{name}={env.get(name)!r}: must be at least {least}")
+            return value
+        return cls(read("MESH_COLL_SEGMENT", "1M", parse_size, 1),
+                   read("MESH_COLL_WINDOW", "8", int, 1),
+                   read("MESH_COLL_SMALL", "64K", parse_size, 0), tuple(forced))
 
 
 _ENV_KEYS = ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO")

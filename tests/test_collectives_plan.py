@@ -198,6 +198,10 @@ def test_choose_by_size_call_and_env() -> None:
             Tuning.from_env({"MESH_COLL_ALGO": algo})
     with pytest.raises(ValueError, match=r"MESH_COLL_WINDOW='abc': invalid literal"):
         Tuning.from_env({"MESH_COLL_WINDOW": "abc"})
+    with pytest.raises(ValueError, match=r"MESH_COLL_WINDOW='-1': must be at least 1"):
+        Tuning.from_env({"MESH_COLL_WINDOW": "-1"})
+    with pytest.raises(ValueError, match=r"MESH_COLL_SEGMENT='0': must be at least 1"):
+        Tuning.from_env({"MESH_COLL_SEGMENT": "0"})
 
 
 
