@@ -121,8 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("-p", type=positive, default=4, help="pipeline ranks (processes)")
     ap.add_argument("-m", type=positive, default=16, help="micro-batches per step")
     ap.add_argument("--F", type=nonnegative_float, default=0.010, help="forward seconds per stage")
-    ap.add_argument("--B", type=nonnegative_float, default=0.020, help="backward seconds (I = W = B/2)")
-    ap.add_argument("--chunks", type=positive, default=2, help="virtual stages per rank (interleaved)")
+    ap.add_argument("--B", type=nonnegative_float, default=0.020,
+                    help="backward seconds (I = W = B/2)")
+    ap.add_argument("--chunks", type=positive, default=2,
+                    help="virtual stages per rank (interleaved)")
     ap.add_argument("--steps", type=positive, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--rows", type=positive, default=64, help="rows per batch")
     ap.add_argument("--width", type=positive, default=256, help="float32 columns per activation")

@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="virtual stages per rank (interleaved)")
     ap.add_argument("--costs", type=checked(parse_costs), default={},
                     help="per-action costs, e.g. F=1,B=2,I=1,W=1,send=0")
-    ap.add_argument("--cores", type=positive_float, help="the ranks share this many cores (processor "
+    ap.add_argument("--cores", type=positive_float,
+                    help="the ranks share this many cores (processor "
                     "sharing: actions that overlap slow down)")
     ap.add_argument("--json", action="store_true", help="print the schedule as JSON")
     ap.add_argument("--lowered", action="store_true", help="also print each rank's program")

@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", action="store_true",
                     help="time joining and the first collectives, and measure each rank's "
                          "footprint, at growing world sizes (see --ranks)")
-    ap.add_argument("--ranks", default="8,16,32,64", type=positive_list, help="world sizes for --scale")
+    ap.add_argument("--ranks", default="8,16,32,64", type=positive_list,
+                    help="world sizes for --scale")
     args = ap.parse_args(argv)
     if args.mpi_worker:
         _mpi_worker(args.sizes, args.iters)

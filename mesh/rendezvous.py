@@ -300,7 +300,8 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                 raise LostPeerError(f"rank {rank}: rendezvous at {where}: {msg.get('msg')}",
                                     msg["peer"])
             elif msg.get("op") == "error":
-                raise RendezvousError(f"rank {rank}: rendezvous at {where} refused: {msg.get('msg')}")
+                raise RendezvousError(f"rank {rank}: rendezvous at {where} refused: "
+                                      f"{msg.get('msg')}")
     finally:
         sock.disable_monitor()
         mon.close(linger=0)

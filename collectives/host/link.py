@@ -60,7 +60,8 @@ __all__ = ["Via", "via", "stats"]
 
 _FRAME = struct.Struct("<qII")
 _SLICE_S = 0.02
-_SPIN_S = config_float("MESH_COLL_LINK_SPIN_US", 0.0, least=0) * 1e-6    # a receive polls this long first
+# a receive polls this long first
+_SPIN_S = config_float("MESH_COLL_LINK_SPIN_US", 0.0, least=0) * 1e-6
 _MAX = 1 << 20
 stats = {"pairs": 0, "frames": 0, "dropped": 0}    # pairs set up, frames read, dropped (tests)
 

@@ -256,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench_torch",
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--nprocs", default=[2, 4], type=positive_list, help="rank counts, e.g. 2,4")
+    ap.add_argument("-n", "--nprocs", default=[2, 4], type=positive_list,
+                    help="rank counts, e.g. 2,4")
     ap.add_argument("--sizes", default="8,1K,64K,1M,16M,64M", type=_sizes)
     ap.add_argument("--max-iters", type=positive, default=50, help="timed calls per size, at most")
     ap.add_argument("--models", default=["1M", "25M"], type=names_in(MODELS, empty=True))

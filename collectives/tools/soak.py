@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=positive, default=4, help="ranks (default 4)")
     ap.add_argument("--ops", type=positive, default=4000, help="operations (default 4000)")
-    ap.add_argument("--max-bytes", default="4M", type=checked(parse_size), help="largest message (default 4M)")
+    ap.add_argument("--max-bytes", default="4M", type=checked(parse_size),
+                    help="largest message (default 4M)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--rss-slack", default="32M", type=checked(parse_size),
                     help="how much higher a rank's RSS may peak in the second half of the run "

@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--path", choices=tuple(PATH_ENV), default="board")
     ap.add_argument("--rounds", type=positive, default=3)
     ap.add_argument("--ops", default=",".join(OPS), type=names_in(OPS))
-    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), type=checked(parse_sizes), help="a,b,c or lo:hi")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), type=checked(parse_sizes),
+                    help="a,b,c or lo:hi")
     args = ap.parse_args(argv)
     for row in measure(args.path, args.nprocs, args.ops, args.sizes, args.rounds):
         print(json.dumps(row), flush=True)

@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-sizes", default=[2, 3], type=positive_list)
     ap.add_argument("--backends", default=["gloo", "meshrun"],
                     type=names_in(("gloo", "meshrun")))
-    ap.add_argument("--filter", default=None, type=checked(_regex), help="regular expression on test names")
+    ap.add_argument("--filter", default=None, type=checked(_regex),
+                    help="regular expression on test names")
     ap.add_argument("--limit", type=positive, default=None, help="the first N matching tests")
     ap.add_argument("--timeout", type=positive_float, default=120, help="seconds per test")
     ap.add_argument("--json", default=None, help="write all records here")
