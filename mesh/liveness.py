@@ -202,8 +202,8 @@ class Liveness:
                 # logs those refused for their credentials, with their address
                 if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and n & (n - 1) == 0:
                     _log.warning("rank %d: refused a connection that failed the handshake "
-                                 "(not ZeroMQ, another mechanism, or too slow; %d so far)",
-                                 self.rank, n)
+                                 "(not ZeroMQ, another mechanism, too slow, or a peer that "
+                                 "exited while connecting; %d so far)", self.rank, n)
             elif event == zmq.EVENT_DISCONNECTED and peer.state != DEAD:
                 peer.suspect_since = peer.suspect_since or time.monotonic()
             elif event == zmq.EVENT_CONNECTED:

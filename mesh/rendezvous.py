@@ -175,10 +175,11 @@ class RendezvousServer:
             except zmq.Again:
                 return
             self.refused += 1       # any event is a refusal; the ZAP handler logs the secret's
-            if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.refused & (self.refused - 1) == 0:
+            n = self.refused
+            if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and n & (n - 1) == 0:
                 _log.warning("rendezvous: refused a connection that failed the handshake "
-                             "(not ZeroMQ, another mechanism, or too slow; %d so far)",
-                             self.refused)
+                             "(not ZeroMQ, another mechanism, too slow, or a peer that exited "
+                             "while connecting; %d so far)", n)
 
     def _run(self) -> None:
         poller = zmq.Poller()

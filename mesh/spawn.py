@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import ctypes
 import io
+import math
 import multiprocessing as mp
+import numbers
 import os
 import pickle
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import types
@@ -41,6 +45,7 @@ from .rendezvous import RendezvousServer
 __all__ = ["spawn"]
 
 _PORT_WAIT_S = 120.0  # a child waits this long for the parent's rendezvous port
+_CLOSE_S = 10.0       # ranks that returned get this long to close their meshes and exit
 
 
 class _MainProbe(pickle.Pickler):
@@ -155,6 +160,10 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
     from .errors import LostPeerError, MeshError
     from .world import init
     _die_with_parent(parent)
+    try:
+        os.setpgid(0, 0)     # a group of its own: what it starts is stopped with it
+    except OSError:
+        pass
     if environ != os.environ:   # a fork server's child: the caller's environment of now
         os.environ.clear()
         os.environ.update(environ)
@@ -177,8 +186,15 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         fn, args = _load(job, rank)
         world = init()
         result = fn(world, *args)
+        try:
+            done = pickle.dumps((True, result, 0.0, False), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            raise TypeError(f"rank {rank}: mesh.spawn: the value fn returned cannot be pickled "
+                            f"to travel back ({type(result).__name__}: {e}); return plain "
+                            f"data: numbers, strings, lists, dicts, numpy arrays, tensors"
+                            ) from None
+        conn.send_bytes(done)   # returned: the parent knows, while this rank closes
         world.close()
-        _send(conn, (True, result, 0.0, False))
     except BaseException as e:
         # a lost peer or an abort is the consequence of another rank's failure
         secondary = isinstance(e, LostPeerError) or getattr(e, "from_abort", False) or (
@@ -227,8 +243,20 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     call at the main script's top level without ``if __name__ ==
     "__main__":``) runs in forks of this process on Linux, and raises
     ValueError elsewhere."""
+    if isinstance(nprocs, bool) or not isinstance(nprocs, numbers.Integral):
+        raise TypeError(f"mesh.spawn: nprocs is a whole number of ranks, got {nprocs!r}")
     if nprocs < 1:
         raise ValueError(f"spawn needs nprocs >= 1, got {nprocs}")
+    nprocs = int(nprocs)
+    if timeout is None:
+        timeout = 60
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) \
+            or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"mesh.spawn: timeout is a number of seconds above 0, got {timeout!r}")
+    bad = [k for k, v in (env or {}).items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"mesh.spawn: env values are strings, as in os.environ: env[{bad[0]!r}] "
+                        f"is {(env or {})[bad[0]]!r}")
     payload = _by_name(fn, args)
     if payload is not None and _unguarded():
         # a fresh interpreter would import the script as __mp_main__ and run this
@@ -252,12 +280,19 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     secret = secrets.token_hex(16)
     curve = curve_wanted({**os.environ, **(env or {})})
     server = None
-    procs, conns = [], []
+    procs: list[Any] = []
+    conns: list[Any] = []
+    # the ranks' sockets live here, removed with it whatever becomes of them
+    run_dir = tempfile.mkdtemp(prefix="meshspawn-")
+    extra = {**(env or {}), "MESH_RUNTIME_DIR": run_dir}
+    ok = False
     try:
         for r in range(nprocs):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_child, name=f"mesh-rank-{r}", daemon=True,
-                            args=(job, r, nprocs, secret, env or {}, child,
+            # (not daemonic: a rank may start processes of its own, DataLoader workers,
+            # a Pool; it dies with this process anyway, and is stopped below)
+            p = ctx.Process(target=_child, name=f"mesh-rank-{r}", daemon=False,
+                            args=(job, r, nprocs, secret, extra, child,
                                   None if served else os.getpid(), dict(os.environ)))
             p.start()
             child.close()
@@ -270,15 +305,32 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                 c.send(server.port if server is not None else 0)
             except OSError:
                 pass  # that child died already; _collect reports it
-        return _collect(procs, conns, timeout, settle)
+        results = _collect(procs, conns, timeout, settle)
+        ok = True
+        return results
     finally:
+        if ok:      # every rank returned: let them close their meshes and exit
+            end = time.monotonic() + _CLOSE_S
+            for p in procs:
+                p.join(timeout=max(0.0, end - time.monotonic()))
         for p in procs:
             if p.is_alive():
                 p.kill()
+            if p.pid is not None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)    # what the rank started, with it
+                except (ProcessLookupError, PermissionError):
+                    pass
         for p in procs:
             p.join(timeout=5)
+        for c in conns:         # now, not when the error that holds these frames goes
+            c.close()
+        for p in procs:
+            if p.exitcode is not None:
+                p.close()
         if server is not None:
             server.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _send(conn: Any, message: tuple) -> None:
@@ -286,6 +338,17 @@ def _send(conn: Any, message: tuple) -> None:
     message (a Connection's own pickler would share a torch tensor's memory
     through a file descriptor, which dies with the rank)."""
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _ended(code: int | None) -> str:
+    """How a rank's process ended without a result, in words."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited (code {code}) without returning from fn"
 
 
 def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0) -> list[Any]:
@@ -308,7 +371,8 @@ def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0) -> lis
                 except (EOFError, OSError):
                     procs[r].join(timeout=1)
                     failures.append((False, time.time(), r, WorkerError(
-                        r, "no result: the process died", procs[r].exitcode)))
+                        r, f"no result: the process {_ended(procs[r].exitcode)}",
+                        procs[r].exitcode)))
                     pending.discard(r)
                     continue
                 except Exception as e:       # sent whole, but not loadable here
@@ -323,9 +387,8 @@ def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0) -> lis
                     failures.append((secondary, when, r, WorkerError(r, payload)))
             elif not procs[r].is_alive() and not conns[r].poll():
                 code = procs[r].exitcode
-                why = f"killed by signal {-code}" if code is not None and code < 0 else "exited"
-                failures.append((False, time.time(), r,
-                                 WorkerError(r, f"no result: the process {why}", code)))
+                failures.append((False, time.time(), r, WorkerError(
+                    r, f"no result: the process {_ended(code)}", code)))
                 pending.discard(r)
         if failures and settle is None:
             settle = time.monotonic() + wait

@@ -6,9 +6,11 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -271,5 +273,70 @@ def test_a_timeout_says_it_is_spawns_own() -> None:
     """Not 'rank 0 failed': no rank did; the call ran out of time."""
     with pytest.raises(mesh.WorkerError) as err:
         mesh.spawn(_one_sleeps, 2, timeout=3)
-    assert str(err.value).startswith("mesh.spawn timed out after 3s (rank "), str(err.value)
-    assert "ranks still running: [" in str(err.value)
+    assert str(err.value).startswith("mesh.spawn timed out after 3s (rank 1: "), str(err.value)
+    assert "ranks still running: [1]" in str(err.value)     # (rank 0 returned; it closes)
+    assert err.value.rank == 1
+
+
+def _starts_processes(world: mesh.Mesh, out: str) -> int:
+    import multiprocessing
+    import subprocess
+    with multiprocessing.get_context("fork").Pool(2) as pool:    # a rank may have children
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+    child = subprocess.Popen(["sleep", "300"])
+    with open(os.path.join(out, f"{world.rank}.pid"), "w") as f:
+        f.write(str(child.pid))
+    if world.rank == 1:
+        time.sleep(60)
+    return world.rank
+
+
+def test_a_spawn_leaves_no_process_socket_or_descriptor_behind(tmp_path: Path) -> None:
+    """A rank may start processes of its own (a Pool, DataLoader workers);
+    on a timeout they are stopped with it, and neither the ranks' sockets
+    nor the call's pipes outlive the call (kept by the error's frames)."""
+    before = len(os.listdir("/proc/self/fd"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp)
+    try:
+        import tempfile
+        tempfile.tempdir = None
+        with pytest.raises(mesh.WorkerError) as err:
+            mesh.spawn(_starts_processes, 2, str(tmp_path), timeout=8)
+    finally:
+        if old is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = old
+        tempfile.tempdir = None
+    assert "mesh.spawn timed out after 8s (rank 1: " in str(err.value)
+    kept = err.value     # (the error, with its frames, still held)
+    pids = [int((tmp_path / f"{r}.pid").read_text()) for r in range(2)]
+    deadline = time.monotonic() + 10
+    while any(proc_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids if proc_alive(p)], "a rank's own child outlived it"
+    assert os.listdir(tmp) == [], "the ranks' sockets outlived the call"
+    assert len(os.listdir("/proc/self/fd")) <= before + 2, kept
+
+
+def test_spawn_names_a_bad_argument_before_it_starts_a_rank() -> None:
+    for call, said in [
+            (lambda: mesh.spawn(_one_sleeps, "2"), "nprocs is a whole number of ranks"),
+            (lambda: mesh.spawn(_one_sleeps, 2, timeout=-1), "timeout is a number of seconds"),
+            (lambda: mesh.spawn(_one_sleeps, 2, env={"FOO": 1}), "env['FOO'] is 1")]:
+        with pytest.raises((TypeError, ValueError), match=re.escape(said)):
+            call()
+
+
+def _returns_a_lock(world: mesh.Mesh) -> object:
+    import threading
+    return threading.Lock()
+
+
+def test_a_result_that_cannot_travel_back_is_named() -> None:
+    with pytest.raises(mesh.WorkerError, match=r"rank 0: mesh.spawn: the value fn returned "
+                                               r"cannot be pickled to travel back \(lock"):
+        mesh.spawn(_returns_a_lock, 1, timeout=30)
