@@ -316,12 +316,13 @@ class GradReducer:
         left, self._left = self._left, None
         if left is None or not self.torch:
             return
-        now = [(id(p.grad), p.grad._version) if p.grad is not None else (0, -1)
-               for p in self.params or ()]
-        if now == left:
-            raise RuntimeError(f"{self._me}: no gradient changed since the last wait(): a "
-                               f"second wait() without a backward in between would reduce "
-                               f"the averages again")
+        for p, (was, version) in zip(self.params or (), left):   # (the first change ends it)
+            g = p.grad
+            if (0 if g is None else id(g)) != was or (g is not None and g._version != version):
+                return
+        raise RuntimeError(f"{self._me}: no gradient changed since the last wait(): a "
+                           f"second wait() without a backward in between would reduce the "
+                           f"averages again")
 
     def wait(self) -> None:
         """Launch what is left (in bucket order), wait for every bucket,
