@@ -195,6 +195,7 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
                             ) from None
         conn.send_bytes(done)   # returned: the parent knows, while this rank closes
         world.close()
+        conn.send_bytes(b"")    # closed: the parent need not wait for the interpreter's exit
     except BaseException as e:
         # a lost peer or an abort is the consequence of another rank's failure
         secondary = isinstance(e, LostPeerError) or getattr(e, "from_abort", False) or (
@@ -309,10 +310,13 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
         ok = True
         return results
     finally:
-        if ok:      # every rank returned: let them close their meshes and exit
+        if ok:      # every rank returned: let them close their meshes
             end = time.monotonic() + _CLOSE_S
-            for p in procs:
-                p.join(timeout=max(0.0, end - time.monotonic()))
+            for p, c in zip(procs, conns):
+                try:
+                    c.poll(max(0.0, end - time.monotonic()))    # its "closed", or its end
+                except OSError:
+                    pass
         for p in procs:
             if p.is_alive():
                 p.kill()
