@@ -11,7 +11,7 @@ parent of ``mesh.spawn``, or in rank 0 under another launcher (torchrun, srun).
     launcher --ended{rank, size, how}-> service   (a rank ended before it joined)
 
 A rank that ends before the job is complete will never join: a launcher
-that sees one go (``tell_ended``) tells the service, which fails the ranks
+that sees one go (``Teller.ended``) tells the service, which fails the ranks
 that wait at once, naming it, instead of at their rendezvous timeout.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from . import auth
 from .errors import LostPeerError, RendezvousError
 from .liveness import monitor_event
 
-__all__ = ["RendezvousServer", "join"]
+__all__ = ["RendezvousServer", "join", "joined_path", "Teller"]
 
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
