@@ -229,3 +229,26 @@ def test_a_peer_killed_between_short_calls_is_named(tmp_path: Path) -> None:
         took, text = Path(tmp_path, str(rank)).read_text().split(" ", 1)
         assert text.startswith("LostPeerError") and "2" in text, f"rank {rank}: {text}"
         assert float(took) < 15, f"rank {rank} took {took}s: {text}"
+
+
+def _many_groups(world: Any) -> tuple[int, int]:
+    import gc
+    import os
+    C.all_reduce(world, np.ones(1))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(40):
+        g = world.group([0, 1])
+        a = np.full(1000, float(g.rank + 1))
+        C.all_reduce(g, a, timeout=30)
+        assert a[0] == 3.0
+        del g
+    gc.collect()
+    return before, len(os.listdir("/proc/self/fd"))
+
+
+def test_short_lived_groups_hold_no_file_descriptor() -> None:
+    """A group's same-host board holds no descriptor once set up (Python's
+    mmap kept a duplicate of each mapping: three a group, never freed while
+    the mesh lived, so a process making groups by the hundred ran out)."""
+    for before, after in mesh.spawn(_many_groups, 2, timeout=120):
+        assert after <= before + 2, (before, after)

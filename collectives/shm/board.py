@@ -36,6 +36,7 @@ each slow poll with one); a freed board fails the cookie check.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import os
@@ -108,9 +109,43 @@ def crowded(size: int) -> bool:
     return size > _CORES
 
 
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+_C: Any = None
+
+
+def _map(fd: int, writable: bool) -> np.ndarray:
+    """The board file ``fd`` mapped shared, as numpy bytes, holding no file
+    descriptor (Python's mmap keeps a duplicate of each: three a group on
+    two ranks, never freed while the mesh lives, ran a process that made
+    groups by the hundred out of descriptors). Unmapped once nothing views
+    it (the finalizer of the ctypes array every view's base leads to)."""
+    global _C
+    if _C is None:
+        _C = _libc()
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    addr = _C.mmap(None, _SIZE, prot, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        raise OSError(ctypes.get_errno(), "mmap of a board failed")
+    raw = (ctypes.c_uint8 * _SIZE).from_address(addr)
+    weakref.finalize(raw, _C.munmap, addr, _SIZE)
+    view = np.frombuffer(memoryview(raw).cast("B"), np.uint8)
+    if not writable:
+        view.flags.writeable = False
+    return view
+
+
 def _region() -> tuple[np.ndarray, int]:
     """This rank's board: a memfd mapping peers can map too (and its
-    descriptor), or private memory (-1) where memfd is missing."""
+    descriptor, to close once they have), or private memory (-1) where
+    memfd is missing."""
     if hasattr(os, "memfd_create"):
         try:
             fd = os.memfd_create("meshrun-board", os.MFD_CLOEXEC)
@@ -119,7 +154,7 @@ def _region() -> tuple[np.ndarray, int]:
         if fd >= 0:
             try:
                 os.ftruncate(fd, _SIZE)
-                return np.frombuffer(mmap.mmap(fd, _SIZE), np.uint8), fd
+                return _map(fd, True), fd
             except (OSError, ValueError):
                 os.close(fd)
     return np.zeros(_SIZE, np.uint8), -1
@@ -144,7 +179,7 @@ def _attach(pid: int, fd: int, cookie: int) -> np.ndarray | None:
     except OSError:
         return None
     try:
-        view = np.frombuffer(mmap.mmap(f, _SIZE, prot=mmap.PROT_READ), np.uint8)
+        view = _map(f, False)
     except (OSError, ValueError):
         return None
     finally:
@@ -168,8 +203,6 @@ class _Box:
         self.slot_words: list[Any] = [None, None]  # the Quick whose words a slot's head holds
         n, rank = ctx.g.size, ctx.g.rank
         where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd])
-        if fd >= 0:
-            ctx.ch.on_close(lambda: os.close(fd))
         self.addrs = [a for a, _, _ in where]
         self.cookies = [c for _, c, _ in where]
         pids = cma.pids(ctx)
@@ -185,6 +218,11 @@ class _Box:
             self.readers[p] = cma.Reader(pids[p], self.addrs[p],
                                          row if board is None else self.probes[p])
         self.mapped = all(self.boards[p] is not None for p in self.peers)
+        # every peer has mapped this board (or will read it by cross-memory reads):
+        # its descriptor is no longer needed, and a group holds none
+        all_gather_object_direct(ctx, self.mapped)
+        if fd >= 0:
+            os.close(fd)
         self.heads = [r[8:8 + 8 * _WORDS].view(np.int64).data for r in self.rows]
         self.inline = [r.data[_HEAD:_PEEK] for r in self.rows]
         self.mv = self.mem.data
