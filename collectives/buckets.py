@@ -123,7 +123,7 @@ class GradReducer:
         check_comm(g, "GradReducer")
         self.g = g
         self.timeout = timeout
-        self._me = f"rank {g.rank}: GradReducer on group {g.name}"
+        self._me = f"rank {g.ranks[g.rank]}: GradReducer on group {g.name}"
         items = list(grads)
         kinds = [_is_param(x) for x in items]
         self.params: list[Any] | None = items if items and all(kinds) else None

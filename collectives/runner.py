@@ -385,7 +385,7 @@ def _name_the_call(e: BaseException, g: Comm, name: str) -> None:
     said: str = e.args[0]
     if said.startswith("rank "):
         return
-    head = f"rank {g.rank}: {name} on group {g.name}"
+    head = f"rank {g.ranks[g.rank]}: {name} on group {g.name}"    # (the world rank)
     if said.startswith(name + ": "):
         said = head + said[len(name):]
     elif said.startswith(name + " "):

@@ -128,3 +128,34 @@ def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> N
         assert texts[rank].startswith("MeshError"), texts[rank]
         assert "rank 1" in texts[rank] and "all_reduce" in texts[rank]
         assert "op 'avg' needs a floating" in texts[rank]
+
+
+def _sub_group_mismatch(world: Any) -> list[str]:
+    g = world.group([1, 2])
+    if g is None:
+        return []
+    C.all_reduce(g, np.ones(8), timeout=10)     # (the boards are set up: the next call's way)
+    seen = []
+    try:
+        C.all_reduce(g, np.ones(7 if world.rank == 1 else 8), timeout=10)
+    except mesh.MismatchError as e:
+        seen.append(str(e))
+    with pytest.raises(ValueError) as bad:
+        C.broadcast(g, np.ones(2), root=3)
+    seen.append(str(bad.value))
+    return seen
+
+
+def test_a_sub_groups_errors_start_with_the_world_rank() -> None:
+    """On the board (a group's calls after its first) as through the inbox,
+    and in the argument checks: 'rank <world rank>: ...', the group's own
+    numbers beside the world's."""
+    out = mesh.spawn(_sub_group_mismatch, 3, timeout=60)
+    assert out[0] == []
+    for r in (1, 2):
+        mismatch, bad_root = out[r]
+        other = 3 - r
+        assert mismatch.startswith(f"rank {r}: collective mismatch on group world/[1, 2]"), \
+            mismatch
+        assert f"but rank {other} called" in mismatch and "of the group)" in mismatch
+        assert bad_root.startswith(f"rank {r}: broadcast on group world/[1, 2]: root 3"), bad_root

@@ -262,13 +262,11 @@ class Via(Ctx):
         return out
 
     def _mismatch(self, peer: int, fp: bytes, size: int, want: int) -> None:
-        from ..shm.board import _fmt
-        rank, mine, other = self.g.rank, _fmt(self.packed), _fmt(fp)
+        from ..shm.board import _fmt, mismatch_text
+        mine, other = _fmt(self.packed), _fmt(fp)
         if mine == other:
             other += f" with a {size}-byte payload, {want} expected"
-        raise MismatchError(f"rank {rank}: collective mismatch on group {self.g.name} at call "
-                            f"#{-self.tag}: rank {rank} called {mine} but rank {peer} called "
-                            f"{other}")
+        raise MismatchError(mismatch_text(self.g, self.tag, peer, mine, other))
 
 
 _groups: "weakref.WeakKeyDictionary[Comm, dict[int, _Link]]" = weakref.WeakKeyDictionary()

@@ -440,6 +440,16 @@ def _ranks(ctx: Ctx, peers: list[int]) -> str:
     return ", ".join(names)
 
 
+def mismatch_text(g: Comm, tag: int, peer: int, mine: str, other: str) -> str:
+    """A mismatch found on a board or a link, worded as the inbox words
+    those it finds: world ranks (group ranks beside them in a sub-group)."""
+    me, them = g.ranks[g.rank], g.ranks[peer]
+    local = "" if (me, them) == (g.rank, peer) else \
+        f" (ranks {g.rank} and {peer} of the group)"
+    return (f"rank {me}: collective mismatch on group {g.name} at call #{-tag}: rank {me} "
+            f"called {mine} but rank {them} called {other}{local}")
+
+
 def _fmt(fp: bytes) -> str:
     try:
         d = msgpack.unpackb(fp, raw=False)
@@ -668,14 +678,12 @@ class Round:
             self.box.read_body(self.ctx, peer, _PEEK + self.slot * _BODY, theirs)
         except MeshError:
             pass
-        rank, mine, other = self.ctx.g.rank, _fmt(self.fp), _fmt(theirs.tobytes())
+        mine, other = _fmt(self.fp), _fmt(theirs.tobytes())
         if mine == other:
             other += (f" with a {h[b + PAYLEN]}-byte payload, {want} expected"
                       if h[b + FPHASH] == self.hash else
                       f" (fingerprint hash {h[b + FPHASH]:x}, ours {self.hash:x})")
-        raise MismatchError(f"rank {rank}: collective mismatch on group "
-                            f"{self.ctx.g.name} at call #{-self.ctx.tag}: rank {rank} called "
-                            f"{mine} but rank {peer} called {other}")
+        raise MismatchError(mismatch_text(self.ctx.g, self.ctx.tag, peer, mine, other))
 
     def stage(self, k: int) -> None:
         """Tell peers this rank has reached stage ``k`` of the collective."""
