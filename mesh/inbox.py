@@ -295,6 +295,16 @@ class Inbox:
         dead = [r for r in self.groups.get(group, ("", []))[1] if r in self.dead]
         return min(dead) if dead else None
 
+    def fail_posted(self) -> None:
+        """This rank's mesh closes: every receive and probe still posted
+        (another thread's, from any source) fails now, saying so, before
+        the sockets and rings it would read go."""
+        with self.lock:
+            reqs = self.matcher.remove_posted(lambda q: True)
+        for q in reqs:
+            q.fail(self.closed_error(q.desc))
+        self._nudge()
+
     def peer_gone(self, rank: int, why: str, state: int, told: bool = False) -> None:
         """Fail what involves ``rank``: receives from it and, when it died,
         receives from any rank and every collective's (negative tag) in its

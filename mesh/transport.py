@@ -396,7 +396,15 @@ class Transport:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         if isinstance(item, Pending):
-            if item.state != DONE and not self._drive(item, deadline, limit):
+            try:
+                driven = item.state == DONE or self._drive(item, deadline, limit)
+            except (zmq.ZMQError, ValueError, OSError):
+                if not self.inbox.closed:
+                    raise
+                driven = True   # another thread closed the mesh under this wait
+                if item.error is None:
+                    item.error = self.inbox.closed_error(item.desc)
+            if not driven:
                 if self.inbox.withdraw(item):
                     text = (f"rank {self.rank}: {item.desc} timed out after {limit:g}s"
                             f"{self.live.peer_note(item)}")
@@ -508,6 +516,7 @@ class Transport:
         while (any(p.state == ALIVE for p in self._peers if p.sock is not None)
                and time.monotonic() < deadline):
             time.sleep(0.002)
+        self.inbox.fail_posted()    # other threads' waits end now, not in torn-down sockets
         self.progress.closing = True
         for fn in reversed(self.on_close):
             try:

@@ -7,6 +7,7 @@ import os
 import re
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -770,3 +771,36 @@ def test_the_point_to_point_benchmark_says_how_each_stream_went(
     assert "stream 64K (GB/s)" in out, out
     assert re.search(r"mesh trial 1, streams on the rings: 64K \d+ by socket", out), out
 
+
+
+def _closed_under_a_wait(world: mesh.Mesh) -> list[str]:
+    import threading
+    seen: list[str] = []
+
+    def wait(call: Any) -> None:
+        try:
+            call()
+        except Exception as e:      # (what a raw ZeroMQ or memoryview error would be too)
+            seen.append(f"{type(e).__name__}: {e}")
+    calls = [lambda: world.recv(mesh.ANY, 5, timeout=30),
+             lambda: world.probe(mesh.ANY, 6, timeout=30),
+             lambda: world.irecv(mesh.ANY, 7).wait(30)]
+    threads = [threading.Thread(target=wait, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    world.close()
+    for t in threads:
+        t.join(40)
+    return seen
+
+
+def test_waits_in_other_threads_end_with_a_mesh_error_when_the_mesh_closes() -> None:
+    """Receives and probes from any source that other threads wait in end,
+    as the mesh closes, with the closed-mesh error naming rank and call,
+    not with ZeroMQ's or a released memoryview's."""
+    for rank, seen in enumerate(mesh.spawn(_closed_under_a_wait, 2, timeout=90)):
+        assert len(seen) == 3, seen
+        for text in seen:
+            assert text.startswith(f"LostPeerError: rank {rank}: ") and \
+                "this rank's mesh is closed" in text, seen
