@@ -10,6 +10,7 @@ import secrets
 import socket
 import sys
 import tempfile
+import time
 import weakref
 from typing import Any
 
@@ -76,6 +77,25 @@ class Mesh(Comm):
             os.unlink(self._ipc_path)
         except OSError:
             pass
+        if not _open:
+            _stop_zmq_gc()
+
+
+def _stop_zmq_gc(wait: float = 0.2) -> None:
+    """Stop pyzmq's zero-copy garbage thread (and its context) that the
+    mesh's large sends started, once nothing it tracks is left: the last
+    mesh of the process is closed and its context terminated, so no message
+    of ours is in flight; a zero-copy message of another context still held
+    keeps it running. A later zero-copy send starts it again."""
+    gc_mod = sys.modules.get("zmq.utils.garbage")
+    zgc = getattr(gc_mod, "gc", None)
+    if zgc is None or not zgc.is_alive():
+        return
+    end = time.monotonic() + wait
+    while zgc.refs and time.monotonic() < end:      # (releases arrive on its thread)
+        time.sleep(0.005)
+    if not zgc.refs:
+        zgc.stop()
 
     def __enter__(self) -> "Mesh":
         return self

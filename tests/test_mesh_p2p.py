@@ -804,3 +804,23 @@ def test_waits_in_other_threads_end_with_a_mesh_error_when_the_mesh_closes() -> 
         for text in seen:
             assert text.startswith(f"LostPeerError: rank {rank}: ") and \
                 "this rank's mesh is closed" in text, seen
+
+
+def _large_sends_then_close(world: mesh.Mesh) -> list[str]:
+    import threading
+    x = np.ones(20000, np.int64)        # 160 KB: sent without a copy (pyzmq's gc thread)
+    for _ in range(3):
+        if world.rank == 0:
+            world.send(x, 1)
+        else:
+            world.recv(0)
+    world.close()
+    time.sleep(0.3)
+    return sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+
+
+def test_no_thread_outlives_the_mesh() -> None:
+    """pyzmq's zero-copy garbage thread, which large sends start, goes
+    with the process's last mesh (destroy_process_group promises no
+    thread left)."""
+    assert mesh.spawn(_large_sends_then_close, 2, timeout=60) == [[], []]
