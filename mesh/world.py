@@ -80,6 +80,12 @@ class Mesh(Comm):
         if not _open:
             _stop_zmq_gc()
 
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._close(exc)
+
 
 def _stop_zmq_gc(wait: float = 0.2) -> None:
     """Stop pyzmq's zero-copy garbage thread (and its context) that the
@@ -96,12 +102,6 @@ def _stop_zmq_gc(wait: float = 0.2) -> None:
         time.sleep(0.005)
     if not zgc.refs:
         zgc.stop()
-
-    def __enter__(self) -> "Mesh":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self._close(exc)
 
 
 def _failure(exc: BaseException | None) -> str:

@@ -514,8 +514,8 @@ class Round:
         ch, what = self.ctx.ch, self.wait.what or self.wait.where().split(": ", 1)[1]
         for p in peers:
             err = ch.left(p, what)
-            if err is not None:
-                return err
+            if err is not None:     # one that aborted this call and then left: its abort says why
+                return ch.aborted(self.ctx.tag, what) or err
         return None
 
     def _until(self, peers: list[int], ready: Callable[[Any], bool]) -> None:
