@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 import mesh
 from mesh import env, world as _world
+from mesh.peer import config_float
 
 from . import api as C
 from .torchpg import ProcessGroupMeshrun
@@ -117,7 +118,7 @@ def _env_handler(url: str, timeout: timedelta = dist.default_pg_timeout,
     if os.environ.get("MESH_LAUNCHER") != "1":
         yield from _torch_env(url, timeout=timeout, **kwargs)
         return
-    world = _process_mesh()
+    world = _process_mesh(timeout)
     query = dict(p.split("=", 1) for p in url.partition("?")[2].split("&") if "=" in p)
     for key, have in (("rank", world.rank), ("world_size", world.size)):
         if key in query and int(query[key]) != have:
@@ -155,13 +156,22 @@ def comm_of(group: Any = None) -> Any:
     return backend.comm
 
 
-def _process_mesh() -> Any:
+def _process_mesh(timeout: timedelta | None = None) -> Any:
     """The process's open mesh, or a new one (mesh.init(), owned here)."""
     global _owned
     m = _world.current()
     if m is None:
-        m = _owned = mesh.init()
+        m = _owned = mesh.init(rendezvous_timeout=_assembly(timeout))
     return m
+
+
+def _assembly(timeout: Any) -> float:
+    """How long a new mesh waits for every rank: init_process_group's
+    timeout where it is shorter than MESH_RENDEZVOUS_TIMEOUT (as gloo's
+    store waits honour it)."""
+    limit = config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0, above=0)
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else None
+    return min(limit, seconds) if seconds and seconds > 0 else limit
 
 
 def _store_over(world: Any, timeout: timedelta) -> Any:
@@ -187,7 +197,7 @@ def _create(opts: Any, _pg_options: Any) -> ProcessGroupMeshrun:
     if not ranks:
         m = _world.current()
         if m is None or (m.rank, m.size) != (opts.group_rank, opts.group_size):
-            m = _mesh_over_store(opts.store, opts.group_rank, opts.group_size)
+            m = _mesh_over_store(opts.store, opts.group_rank, opts.group_size, opts.timeout)
         _default = m
         return ProcessGroupMeshrun(m, timeout, _closer(m))
     if _default is None or _default._closed:
@@ -213,18 +223,20 @@ def _closer(m: Any) -> Any:
     return close
 
 
-def _mesh_over_store(store: Any, rank: int, size: int) -> Any:
-    """A new mesh whose rendezvous address rank 0 publishes in torch's store."""
-    gen = (int(store.add("meshrun/joined", 1)) - 1) // size
+def _mesh_over_store(store: Any, rank: int, size: int, timeout: Any = None) -> Any:
+    """A new mesh whose rendezvous address rank 0 publishes in torch's store
+    (one key per world size and generation: a job that init()s again with
+    fewer ranks counts its joins apart from the first world's)."""
+    gen = (int(store.add(f"meshrun/joined/{size}", 1)) - 1) // size
     host = _store_host(store)
     e = os.environ
     local = e.get("LOCAL_RANK", "0") if e.get("WORLD_SIZE") == str(size) else "0"
     local_size = e.get("LOCAL_WORLD_SIZE", "1") if e.get("WORLD_SIZE") == str(size) else "1"
     spec = env.JobSpec(rank, size, int(local), int(local_size), host, 0,
                        e.get("MESH_SECRET") or f"insecure:torch:{host}", serve_rendezvous=True,
-                       agent_store=f"meshrun/rendezvous/{gen}")
+                       agent_store=f"meshrun/rendezvous/{size}/{gen}")
     global _owned
-    m = _owned = mesh.init(spec=spec, store=store)
+    m = _owned = mesh.init(spec=spec, store=store, rendezvous_timeout=_assembly(timeout))
     return m
 
 

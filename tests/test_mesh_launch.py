@@ -438,3 +438,20 @@ def test_a_world_the_open_files_limit_cannot_hold_is_a_usage_error() -> None:
     r = meshrun("-n", str(hard // 4 + 1), str(WORKER))
     assert r.returncode == 2, r.stderr
     assert "open files a rank" in r.stderr and f"the hard limit is {hard}" in r.stderr
+
+
+def test_a_lost_peer_that_ddp_rethrew_is_a_consequence_not_the_root_cause() -> None:
+    """torch's DDP reducer rethrows a LostPeerError as RuntimeError('... got
+    the following error ... LostPeerError: ...'): the SIGKILLed rank, not the
+    survivor whose error says so, is the root cause (meshrun exits 137)."""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import exit_code, format_report
+    exits = [WorkerExit(3, 3, 103, 1, 10.0, False), WorkerExit(1, 1, 101, -9, 10.2, False)]
+    records = {3: {"exc_type": "RuntimeError", "time": 10.0, "message":
+                   "Got the following error when running the callback: LostPeerError: rank "
+                   "3: all_reduce #101 on group world failed: peer rank 1 is gone"}}
+    outcome = JobOutcome("failed", exits)
+    report = format_report(outcome, records, 4)
+    assert "Root cause: rank 1 failed first" in report, report
+    assert "(failed, a consequence); RuntimeError" in report, report
+    assert exit_code(outcome, records) == 137

@@ -33,9 +33,11 @@ def _secondary(rec: dict[str, Any] | None) -> bool:
     tells them: its rank may well exit before the one that failed first."""
     if not rec:
         return False
-    kind = rec.get("exc_type")
-    return kind == "LostPeerError" or bool(rec.get("from_abort")) or (kind in errors.__all__
-                                       and " aborted: " in str(rec.get("message", "")))
+    kind, said = rec.get("exc_type"), str(rec.get("message", ""))
+    return kind == "LostPeerError" or bool(rec.get("from_abort")) or (
+        kind in errors.__all__ and " aborted: " in said) or (
+        # torch's DDP reducer rethrows a lost peer as RuntimeError("... LostPeerError: ...")
+        kind == "RuntimeError" and "LostPeerError: " in said)
 
 
 def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> WorkerExit | None:
