@@ -38,6 +38,16 @@ def _end(procs: list[subprocess.Popen[str]]) -> None:
         p.communicate()
 
 
+def _second_node_joins(procs: list[subprocess.Popen[str]], port: str, secret: str) -> None:
+    """Node 1 launched right joins the job node 0 waits in, and both succeed."""
+    node1 = _start(*_node(1, port), MESH_SECRET=secret)
+    procs.append(node1)
+    _, err1 = node1.communicate(timeout=40)
+    out0, err0 = procs[0].communicate(timeout=40)
+    assert procs[0].returncode == 0 and node1.returncode == 0, err0 + err1
+    assert "[0] rank 0 heard from [1, 2, 3]" in out0
+
+
 def _port(node0: subprocess.Popen[str]) -> str:
     assert node0.stderr is not None
     line = node0.stderr.readline()
@@ -59,14 +69,9 @@ def test_a_node_of_another_job_is_refused_and_the_job_goes_on() -> None:
         assert stray.returncode == 1, err
         assert "refused our credentials: a different job secret" in err, err
         assert procs[0].poll() is None, "job B died of a stranger's attempt"
-        node1 = _start(*_node(1, port), MESH_SECRET="secret-of-job-b")
-        procs.append(node1)
-        out1, err1 = node1.communicate(timeout=30)
-        out0, err0 = procs[0].communicate(timeout=30)
+        _second_node_joins(procs, port, "secret-of-job-b")
     finally:
         _end(procs)
-    assert procs[0].returncode == 0 and node1.returncode == 0, err0 + err1
-    assert "[0] rank 0 heard from [1, 2, 3]" in out0
 
 
 def test_a_missing_node_ends_the_job_within_the_rendezvous_timeout() -> None:
@@ -124,14 +129,9 @@ def test_a_node_with_another_world_size_fails_at_once_and_the_job_waits_on() -> 
             assert said, "node 0 ended without saying it"
         assert "of world 6" in said and "ranks [2, 3]" in said, said
         assert procs[0].poll() is None, "node 0 died of node 1's mistake"
-        right = _start(*_node(1, port), MESH_SECRET="same-job")
-        procs.append(right)
-        _, err2 = right.communicate(timeout=40)
-        out0, err0 = procs[0].communicate(timeout=40)
+        _second_node_joins(procs, port, "same-job")
     finally:
         _end(procs)
-    assert procs[0].returncode == 0 and right.returncode == 0, err0 + err2
-    assert "[0] rank 0 heard from [1, 2, 3]" in out0
 
 
 @pytest.mark.parametrize("code", [0, 3])
