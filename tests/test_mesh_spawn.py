@@ -165,7 +165,8 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path: Path, sig: str) 
     import time
     script = tmp_path / "orphans.py"
     script.write_text(_ORPHAN)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # (TMPDIR: the folder of the ranks' sockets, which a killed caller leaves, stays in tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
     parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pid")], env=env,
                               cwd=tmp_path)
     try:
