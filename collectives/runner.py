@@ -42,9 +42,12 @@ def check_comm(g: Comm | None, name: str) -> None:
     """A clear error for a communicator that is None: ``world.group(ranks)``
     returns None on the ranks that are not in ``ranks``."""
     if g is None:
-        raise TypeError(f"{name}: the communicator is None; world.group(ranks) returns None "
-                        f"on ranks that are not members of the group, and only members may "
-                        f"call its collectives")
+        from mesh import world as _world        # (the process's mesh names the rank)
+        m = _world.current()
+        who = f"rank {m.rank}: " if m is not None else ""
+        raise TypeError(f"{who}{name}: the communicator is None; world.group(ranks) returns "
+                        f"None on ranks that are not members of the group, and only members "
+                        f"may call its collectives")
 
 
 def caught(req: Any, timeout: float) -> BaseException | None:

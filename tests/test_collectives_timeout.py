@@ -176,8 +176,9 @@ def none_communicator(world: Any) -> list[str]:
 
 def test_a_none_communicator_is_a_clear_error() -> None:
     _, texts = mesh.spawn(none_communicator, 2, timeout=60)
-    assert [t.split(":")[0] for t in texts] == ["all_reduce", "barrier", "all_gather",
-                                                "GradReducer"]
+    assert [t.split(": ")[1] for t in texts] == ["all_reduce", "barrier", "all_gather",
+                                                 "GradReducer"]
+    assert all(t.startswith("rank 1: ") for t in texts), texts     # (the process's mesh)
     assert all("communicator is None" in t and "not members of the group" in t
                for t in texts), texts
 
