@@ -347,11 +347,8 @@ def _send(conn: Any, message: tuple) -> None:
 def _ended(code: int | None) -> str:
     """How a rank's process ended without a result, in words."""
     if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name}"
+        from .launch.records import signal_name
+        return f"was killed by {signal_name(-code)}"
     return f"exited (code {code}) without returning from fn"
 
 

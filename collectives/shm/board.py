@@ -37,6 +37,7 @@ each slow poll with one); a freed board fails the cookie check.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import mmap
 import os
@@ -109,6 +110,7 @@ def crowded(size: int) -> bool:
     return size > _CORES
 
 
+@functools.cache
 def _libc() -> Any:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
@@ -118,24 +120,19 @@ def _libc() -> Any:
     return libc
 
 
-_C: Any = None
-
-
 def _map(fd: int, writable: bool) -> np.ndarray:
     """The board file ``fd`` mapped shared, as numpy bytes, holding no file
     descriptor (Python's mmap keeps a duplicate of each: three a group on
     two ranks, never freed while the mesh lives, ran a process that made
     groups by the hundred out of descriptors). Unmapped once nothing views
     it (the finalizer of the ctypes array every view's base leads to)."""
-    global _C
-    if _C is None:
-        _C = _libc()
+    libc = _libc()
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    addr = _C.mmap(None, _SIZE, prot, mmap.MAP_SHARED, fd, 0)
+    addr = libc.mmap(None, _SIZE, prot, mmap.MAP_SHARED, fd, 0)
     if addr is None or addr == ctypes.c_void_p(-1).value:
         raise OSError(ctypes.get_errno(), "mmap of a board failed")
     raw = (ctypes.c_uint8 * _SIZE).from_address(addr)
-    weakref.finalize(raw, _C.munmap, addr, _SIZE)
+    weakref.finalize(raw, libc.munmap, addr, _SIZE)
     view = np.frombuffer(memoryview(raw).cast("B"), np.uint8)
     if not writable:
         view.flags.writeable = False
