@@ -389,12 +389,8 @@ def _name_the_call(e: BaseException, g: Comm, name: str) -> None:
     if said.startswith("rank "):
         return
     head = f"rank {g.ranks[g.rank]}: {name} on group {g.name}"    # (the world rank)
-    if said.startswith(name + ": "):
-        said = head + said[len(name):]
-    elif said.startswith(name + " "):
-        said = head + said[len(name):]
-    else:
-        said = f"{head}: {said}"
+    said = head + said[len(name):] if said.startswith((name + ": ", name + " ")) else \
+        f"{head}: {said}"
     e.args = (said, *e.args[1:])
 
 
