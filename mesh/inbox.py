@@ -89,7 +89,8 @@ class Inbox:
                     self.dead_member(group) if self.dead and (src == ANY or tag < 0) else None
                 if lost is not None:
                     self.matcher.cancel(req)
-                    gone = self.gone(self.peers[lost], req.desc, group)
+                    gone = self.gone(self.peers[lost], req.desc, group,
+                                     self._unmatched(req) if lost == src else "")
         if msg is not None:
             if misfit:
                 req.fail(self._misfit(req, msg.src, msg.tag, msg.value, misfit))
@@ -273,16 +274,47 @@ class Inbox:
         self._nudge()
         return True
 
+    def unmatched_note(self, req: Pending) -> str:
+        """What waits here unmatched from the peer ``req`` waits for (from any
+        rank: ``ANY``): the tags and groups of its messages, which a sender
+        and a receiver that disagree on a tag or a group show. '' if none."""
+        with self.lock:
+            return self._unmatched(req)
+
+    def _unmatched(self, req: Pending) -> str:
+        """unmatched_note, the lock held."""
+        found = self.matcher.unmatched(req.src)
+        if not found:
+            return ""
+        parts = []
+        stranger = False
+        for g, t, msg, n in found:
+            what = f"collective call #{-t}" if t < 0 else f"tag {t}"
+            if g != req.group:
+                known = self.groups.get(g)
+                stranger |= known is None
+                what += f" on group {known[0]}" if known else " on a group this rank has not made"
+            who = "" if req.src != ANY else (f"world rank {msg.src}, " if req.group
+                                             else f"rank {msg.src}, ")
+            many = f"{n} messages, the first " if n > 1 else ""
+            parts.append(f"{what} ({who}{many}{msg.nbytes} bytes)")
+        whose = "any rank" if req.src == ANY else \
+            f"world rank {req.src}" if req.group else f"rank {req.src}"
+        hint = (" (its members make a group with the same ranks in the same order)"
+                if stranger else "")
+        return f"; unmatched here from {whose}: {'; '.join(parts)}{hint}"
+
     # ---- lost peers ----------------------------------------------------------
 
-    def gone(self, peer: Peer, desc: str, group: int = 0) -> LostPeerError:
+    def gone(self, peer: Peer, desc: str, group: int = 0, note: str = "") -> LostPeerError:
         """The error of an operation (of ``group``) that involves a lost
-        peer; in a sub-group the peer is named by its world rank, as such."""
+        peer; in a sub-group the peer is named by its world rank, as such.
+        ``note``: what waits unmatched from it (see unmatched_note)."""
         if self.closed:         # not the peer's doing
             return self.closed_error(desc, peer.rank)
         who = f"world rank {peer.rank}" if group else f"rank {peer.rank}"
         return LostPeerError(f"rank {self.rank}: {desc} failed: peer {who} is gone "
-                             f"({peer.why})", peer.rank)
+                             f"({peer.why}){note}", peer.rank)
 
     def closed_error(self, desc: str, peer: int | None = None) -> LostPeerError:
         """The error of an operation made after this rank closed its mesh."""
@@ -321,10 +353,11 @@ class Inbox:
             reqs = self.matcher.remove_posted(
                 lambda q: q.src == rank or (state == DEAD and (q.src == ANY or q.tag < 0)
                                             and q.group in members))
+            notes = [self._unmatched(q) if q.src == rank else "" for q in reqs]
         if state == DEAD and not told:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
-        for q in reqs:
-            q.fail(self.gone(peer, q.desc, q.group))
+        for q, note in zip(reqs, notes):
+            q.fail(self.gone(peer, q.desc, q.group, note))
         self._nudge()
         with peer.lock:
             while peer.queue:

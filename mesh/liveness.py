@@ -212,26 +212,31 @@ class Liveness:
                 self._inbox.peer_gone(peer.rank, "it refused our credentials: a different job "
                                       "secret?", DEAD)
 
-    def _runs(self, rank: int, now: float) -> bool:
-        """Whether silent peer ``rank``'s process, on this host, still runs:
-        a thread of it is runnable (waiting for a core), or it took CPU time
-        over the last ``_LOOK`` seconds. Not when it is gone, a zombie, or
-        stopped (SIGSTOP, a debugger), nor when it sleeps and takes nothing
-        (a deadlock): those are lost. On another host silence decides."""
+    def _stopped(self, rank: int, now: float) -> str | None:
+        """None while silent peer ``rank``'s process, on this host, still
+        runs: a thread of it is runnable (waiting for a core), or it took CPU
+        time over the last ``_LOOK`` seconds. Else what its process is, for
+        the error ('' on another host, where silence decides): gone, a
+        zombie, stopped (SIGSTOP, a debugger), or asleep taking nothing (a
+        deadlock); those are lost."""
         pid = self.local.get(rank)
         if not pid:
-            return False
+            return ""
         try:
             states, cpu = _threads(pid)
         except (OSError, ValueError, IndexError):
-            return False
-        if not states or all(s in "ZXTt" for s in states):
-            return False
+            return f"; its process {pid} is gone"
+        if not states or all(s in "ZX" for s in states):
+            return f"; its process {pid} has exited (a zombie)"
+        if all(s in "ZXTt" for s in states):
+            return (f"; its process {pid} is stopped: SIGSTOP, Ctrl-Z or a debugger; "
+                    f"lost to this job even if resumed")
         since, then = self._cpu.setdefault(rank, (now, cpu))
         if "R" in states or now - since < _LOOK:
-            return True
+            return None
         self._cpu[rank] = (now, cpu)
-        return cpu > then
+        return None if cpu > then else (f"; its process {pid} runs but takes no CPU "
+                                        f"(blocked: a deadlock, or waiting on something else)")
 
     def tick(self, now: float) -> None:
         """Declare silent or vanished peers lost; beat to the others. A peer
@@ -254,8 +259,9 @@ class Liveness:
                     continue
                 if now - max(p.last_heard, self._awake_since) <= self.peer_timeout:
                     self._cpu.pop(p.rank, None)
-                elif not self._runs(p.rank, now):
-                    self._inbox.peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s", DEAD)
+                elif (state := self._stopped(p.rank, now)) is not None:
+                    self._inbox.peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s{state}",
+                                          DEAD)
                     continue
             if now - p.last_sent > self.heartbeat and not self.leaving:
                 if beat is None:

@@ -353,6 +353,16 @@ class Matcher:
                     del table[key]
         return taken
 
+    def unmatched(self, src: int, limit: int = 4) -> list[tuple[int, int, Arrived, int]]:
+        """``(group, tag, oldest message, count)`` of the messages that wait
+        from world rank ``src`` (from any rank: ``ANY``), oldest first, at
+        most ``limit`` of them: what a timeout's error names (a tag or a
+        group the sender and the receiver do not agree on)."""
+        found = [(g, t, q[0], len(q)) for (g, t), by_src in self._unexpected.items()
+                 for s, q in by_src.items() if q and (src == ANY or s == src)]
+        found.sort(key=lambda f: f[2].order)
+        return found[:limit]
+
     def drop_unexpected(self, group: int, tag: int) -> list[Arrived]:
         by_src = self._unexpected.pop((group, tag), {})
         return [m for q in by_src.values() for m in q]

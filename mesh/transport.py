@@ -407,7 +407,7 @@ class Transport:
             if not driven:
                 if self.inbox.withdraw(item):
                     text = (f"rank {self.rank}: {item.desc} timed out after {limit:g}s"
-                            f"{self.live.peer_note(item)}")
+                            f"{self.live.peer_note(item)}{self.inbox.unmatched_note(item)}")
                     if item.fp is not None:     # a collective's: it looks again, or gives up
                         raise MeshTimeoutError(text)
                     # a user's receive, withdrawn: a message arriving later goes to the next

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -66,6 +67,8 @@ def test_survivors_of_a_stalled_rank_raise_fast(tmp_path: Any, cma: str, count: 
         assert first["after"] < 10, seen
         assert first["type"] == "LostPeerError", seen
         assert "rank 2" in first["msg"], seen
+        assert re.search(r"rank 2 is gone \(silent for .*its process \d+ is stopped: SIGSTOP",
+                         first["msg"]), seen
         assert all(kind == "LostPeerError" and took < 3 for kind, took in seen["later"]), seen
 
 

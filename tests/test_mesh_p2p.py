@@ -285,6 +285,35 @@ def test_groups_are_isolated_and_grid_axes() -> None:
                    [1, 0, [2, 3], [0, 2]], [1, 1, [2, 3], [1, 3]]]
 
 
+def _disagreeing(world: mesh.Mesh) -> str:
+    """Ranks that disagree on a tag, or on a group's order: the receive's
+    timeout names what waits unmatched from its peer, and the collective's
+    says the message came on a group this rank has not made."""
+    import collectives as C
+    g = world.group([0, 1] if world.rank == 0 else [1, 0])
+    if world.rank == 0:
+        world.send(np.ones(2), 1, tag=6)
+        with pytest.raises(mesh.MeshTimeoutError, match=r"all_reduce #1 on group world/\[0, 1\]"
+                           r".*unmatched here from world rank 1: collective call #1 on a group "
+                           r"this rank has not made .*same ranks in the same order\)"):
+            C.all_reduce(g, np.ones(2), timeout=2)
+    else:
+        with pytest.raises(mesh.MeshTimeoutError, match=r"rank 1: recv from rank 0 \(tag 5, "
+                           r"group world\) timed out after .*unmatched here from rank 0: "
+                           r"tag 6 \(16 bytes\); collective call #1 on a group this rank has not "
+                           r"made \(\d+ bytes\) \(its members .*; the receive was withdrawn"):
+            world.recv(0, tag=5, timeout=0.5)
+        assert world.recv(0, tag=6).tolist() == [1, 1]
+        with pytest.raises(mesh.MeshError):         # rank 0's call times out first
+            C.all_reduce(g, np.ones(2), timeout=6)
+    C.barrier(world)
+    return "ok"
+
+
+def test_a_timeout_names_what_waits_unmatched_from_the_peer() -> None:
+    assert mesh.spawn(_disagreeing, 2, timeout=60) == ["ok", "ok"]
+
+
 def _splits(world: mesh.Mesh) -> list:
     import collectives as C
     r = world.rank
