@@ -96,11 +96,16 @@ class Ctx:
     def timed_out(self, waiting: str) -> MeshTimeoutError:
         return MeshTimeoutError(f"{self.where()} timed out after {self.timeout:g}s{waiting}")
 
-    def isend(self, obj: Any, dst: int) -> "Req":
-        return Req(self, self.ch.isend(obj, dst, self.tag, self.fp, self.name))
+    def isend(self, obj: Any, dst: int, fp: dict | None = None) -> "Req":
+        """Send ``obj`` to ``dst`` on the call's tag; ``fp``: the call's
+        fingerprint as this message carries it, when it differs by peer
+        (the receiver's irecv passes what it expects of this one)."""
+        return Req(self, self.ch.isend(obj, dst, self.tag, self.fp if fp is None else fp,
+                                       self.name))
 
-    def irecv(self, src: int, out: Any = None) -> "Req":
-        return Req(self, self.ch.irecv(src, self.tag, self.fp, self.name, out))
+    def irecv(self, src: int, out: Any = None, fp: dict | None = None) -> "Req":
+        return Req(self, self.ch.irecv(src, self.tag, self.fp if fp is None else fp,
+                                       self.name, out))
 
     def watch(self) -> Any:
         """A receive from any rank on the call's tag, posted only to catch

@@ -696,10 +696,13 @@ def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[
                   check: Callable[[], Any] | None = None) -> Any:
     """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
     ``a`` go to rank i; the result holds rank j's block at out_splits'
-    offset j. A block whose row count is not what the receiver expects
-    raises MismatchError on every member, naming both ranks (``sizes``
-    says which arguments disagree); ``check()``, run under the call's tag,
-    may raise for the caller's other arguments, failing it on every rank."""
+    offset j. Each block carries, in its fingerprint, the rows it holds
+    and the rows its sender expects back, so that both ranks of a pair
+    that disagree on either raise MismatchError naming both (``sizes``
+    says which arguments disagree); the other members' blocks are right,
+    and they may return them before the abort reaches them. ``check()``,
+    run under the call's tag, may raise for the caller's other arguments,
+    failing it on every rank."""
     n = g.size
     if len(in_splits) != n or len(out_splits) != n or sum(in_splits) != a.shape[0]:
         raise ValueError(f"all_to_all_single on group {g.name}: split sizes {in_splits} / "
@@ -718,11 +721,21 @@ def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[
         ioff = np.concatenate([[0], np.cumsum(in_splits)]).astype(int)
         ooff = np.concatenate([[0], np.cumsum(out_splits)]).astype(int)
 
+        def pair(src: int, dst: int, there: int, back: int) -> dict:
+            """The fingerprint of a block from ``src`` to ``dst`` of ``there``
+            rows, whose sender expects ``back`` rows from ``dst``."""
+            if src > dst:       # the lower rank first: both ranks write it alike
+                src, dst, there, back = dst, src, back, there
+            return {**ctx_fp, "rows": f"{src}->{dst} {there}, {dst}->{src} {back}"}
+
         def body(ctx: Ctx) -> np.ndarray:
             me = ctx.g.rank
             out = np.empty((int(ooff[-1]),) + rest, arr.dtype)
-            recvs = [(j, ctx.irecv(j)) for j in range(n) if j != me]
-            sends = [ctx.isend(arr[ioff[i]:ioff[i + 1]], i) for i in range(n) if i != me]
+            recvs = [(j, ctx.irecv(j, fp=pair(j, me, out_splits[j], in_splits[j])))
+                     for j in range(n) if j != me]
+            sends = [ctx.isend(arr[ioff[i]:ioff[i + 1]], i,
+                               fp=pair(me, i, in_splits[i], out_splits[i]))
+                     for i in range(n) if i != me]
             out[ooff[me]:ooff[me + 1]] = arr[ioff[me]:ioff[me + 1]]
             for j, r in recvs:
                 got = r.wait()
@@ -734,5 +747,6 @@ def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[
             for s in sends:
                 s.wait()
             return out
-        return {"coll": "all_to_all_v", "dtype": str(arr.dtype), "shape": list(rest)}, body
+        ctx_fp = {"coll": "all_to_all_v", "dtype": str(arr.dtype), "shape": list(rest)}
+        return ctx_fp, body
     return start(g, "all_to_all_v", prepare, async_op, timeout)

@@ -189,6 +189,26 @@ def _gathers(r: int, n: int) -> None:
             said.append(str(e))
     assert any("rank 1 expects 3 rows from rank 1 (itself), which sends 2" in e
                for e in said), said
+    # uneven all_to_all_single whose splits disagree between ranks 0 and 1 (rank 0
+    # sends rank 1 two rows, rank 1 expects one): both raise, naming the pair's rows
+    ins = [1] * n
+    outs_ = [1] * n
+    if r == 0:
+        ins = [1, 2] + [1] * (n - 2)
+    try:
+        dist.all_to_all_single(torch.zeros(sum(outs_)), torch.ones(sum(ins)), outs_, ins)
+        seen = "ok"
+    except mesh.MismatchError as e:
+        seen = str(e)
+    if r < 2:
+        assert "rank 0 called all_to_all_v(" in seen and "rows=0->1 2, 1->0 1" in seen \
+            and "rows=0->1 1, 1->0 1" in seen, seen
+    else:
+        assert seen == "ok" or "rows=0->1" in seen, seen     # its blocks were right
+    try:
+        dist.barrier()
+    except mesh.MismatchError:
+        pass
     got: list[Any] = [None] * n
     dist.all_gather_object(got, {"rank": r})
     assert got == [{"rank": j} for j in range(n)], got
