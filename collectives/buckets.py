@@ -95,16 +95,22 @@ _agreed: "weakref.WeakKeyDictionary[Comm, set[bytes]]" = weakref.WeakKeyDictiona
 
 
 class _Bucket:
-    __slots__ = ("members", "buf", "offsets", "pending", "work")
+    """Gradients ``members``, fused at ``offsets`` of ``buf``; with
+    ``flags``, one element more for each, past them (from ``flags``):
+    1 where the member had a gradient at launch, 0 where it had none."""
 
-    def __init__(self, members: list[int], sizes: Sequence[int], empty: Any) -> None:
+    __slots__ = ("members", "buf", "offsets", "pending", "work", "flags")
+
+    def __init__(self, members: list[int], sizes: Sequence[int], empty: Any,
+                 flags: bool = False) -> None:
         self.members = members
         self.offsets = []
         off = 0
         for i in members:
             self.offsets.append(off)
             off += sizes[i]
-        self.buf = empty(off, members[0])
+        self.flags = off if flags else -1
+        self.buf = empty(off + (len(members) if flags else 0), members[0])
         self.pending = set(members)
         self.work: Any = None
 
@@ -138,7 +144,9 @@ class GradReducer:
                 f"GradReducer takes all parameters (it follows their .grad) or all "
                 f"gradient arrays"))
         self._held: list[Any] = [None] * len(items)
-        self.grads = [self._current(i) for i in range(len(items))] if self.params else items
+        self._made: list[bool] = [False] * len(items)    # .grad was None: zeros made here
+        # (parameters: their own tensors stand in for the gradients they will have)
+        self.grads = [p.detach() for p in items] if self.params else items
         if self.params is None and self._refuse_torch:
             for i, a in enumerate(self.grads):
                 if _torch_held(a):
@@ -189,8 +197,12 @@ class GradReducer:
         self.op = op
         self._sizes = sizes
         plan = bucket_plan(nbytes, wide, bucket_bytes)
+        # Parameters' buckets of floating gradients, summed or averaged, carry
+        # whether each had a gradient: one no rank had stays None, as in DDP.
+        flags = self.params is not None and op in ("avg", "sum")
         with self._on_gpu():
-            self.buckets = [_Bucket(m, sizes, empty) for m in plan]
+            self.buckets = [_Bucket(m, sizes, empty, flags and _floating(wide[m[0]]))
+                            for m in plan]
         self._where = {i: b for b in self.buckets for i in b.members}
         # every rank must reduce the same gradients in the same order: checked once
         self._layout = hashlib.blake2b(repr(self._specs).encode(), digest_size=16).digest()
@@ -229,9 +241,11 @@ class GradReducer:
                 f"instead: GradReducer(g, [p for p in model.parameters() if p.requires_grad])")
 
     def _current(self, i: int) -> Any:
-        """Parameter i's current gradient tensor; zeros when None."""
+        """Parameter i's current gradient tensor; zeros when None (noted:
+        wait() sets it back to None when no rank had one)."""
         assert self.params is not None
         p = self.params[i]
+        self._made[i] = p.grad is None
         if p.grad is None:
             p.grad = p.detach().new_zeros(p.shape)
         t = self._held[i] = p.grad
@@ -307,6 +321,8 @@ class GradReducer:
         with self._on_gpu():
             for i, off in zip(b.members, b.offsets):
                 b.buf[off:off + self._sizes[i]] = self._views[i].reshape(-1)
+            for k, i in enumerate(b.members if b.flags >= 0 else ()):
+                b.buf[b.flags + k] = 0 if self._made[i] else 1
             b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True, timeout=self.timeout)
 
     def _since_last_wait(self) -> None:
@@ -336,6 +352,7 @@ class GradReducer:
         written = [] if not (self.params is not None and self.torch) else [
             i for i, p in enumerate(self.params)
             if p.grad is self._held[i] and p.grad._version != self._versions[i]]
+        unused = []
         with self._on_gpu():
             for b in self.buckets:
                 b.work.wait()
@@ -344,9 +361,16 @@ class GradReducer:
                 for i, off in zip(b.members, b.offsets):
                     v = self._views[i]
                     v[...] = b.buf[off:off + self._sizes[i]].reshape(v.shape)
+                if b.flags >= 0 and any(self._made[i] for i in b.members):
+                    had = b.buf[b.flags:b.flags + len(b.members)].tolist()
+                    unused += [i for k, i in enumerate(b.members)
+                               if self._made[i] and had[k] == 0]
         if self.params is None:
             return
         stale = [i for i, p in enumerate(self.params) if p.grad is not self._held[i]]
+        for i in unused:     # no rank had a gradient: None again, as DDP leaves it
+            if self.params[i].grad is self._held[i]:
+                self.params[i].grad = None
         if self.torch:
             self._left = [(id(p.grad), p.grad._version) if p.grad is not None else (0, -1)
                           for p in self.params]
@@ -361,6 +385,12 @@ class GradReducer:
                                f"between? accumulate with ready() held back until the last "
                                f"micro-batch, as DDP's no_sync), so it holds no average "
                                f"({how}: {(stale or written)[:8]})")
+
+
+def _floating(dt: Any) -> bool:
+    """A numpy or torch floating dtype (a bucket that can carry its flags)."""
+    return bool(getattr(dt, "is_floating_point", False)) or (
+        isinstance(dt, np.dtype) and dt.kind == "f")
 
 
 def _torch() -> Any:

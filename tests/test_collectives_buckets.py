@@ -217,6 +217,41 @@ def _reducer_misuse(world: Any) -> list[str]:
     return seen
 
 
+def _unused_params(world: Any) -> list[str]:
+    """A parameter no rank uses keeps .grad None after wait() (an optimizer
+    with weight decay leaves it alone, as under DDP); one that only rank 0
+    uses gets the average, zeros counted for rank 1."""
+    import torch
+    torch.manual_seed(0)
+    m = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "partial": torch.nn.Linear(3, 2),
+                             "unused": torch.nn.Linear(3, 2)})
+    ps = list(m.parameters())
+    opt = torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5)
+    before = m["unused"].weight.detach().clone()
+    red = C.GradReducer(world, ps, bucket_bytes=40)     # a few buckets
+    assert all(p.grad is None for p in ps)      # (making the reducer makes no gradient)
+    seen = []
+    for step in range(2):
+        opt.zero_grad()
+        x = torch.full((1, 3), float(world.rank + 1))
+        out = m["used"](x).sum() + (m["partial"](x).sum() if world.rank == 0 else 0)
+        out.backward()
+        red.wait()
+        assert m["unused"].weight.grad is None and m["unused"].bias.grad is None
+        assert torch.equal(m["partial"].weight.grad, torch.full((2, 3), 0.5)), \
+            m["partial"].weight.grad
+        assert torch.equal(m["used"].weight.grad, torch.full((2, 3), 1.5))
+        opt.step()
+        seen.append(f"step {step}")
+    assert torch.equal(m["unused"].weight.detach(), before)
+    return seen
+
+
+def test_grad_reducer_leaves_a_parameter_no_rank_used_without_a_gradient() -> None:
+    pytest.importorskip("torch")
+    assert mesh.spawn(_unused_params, 2, timeout=100) == [["step 0", "step 1"]] * 2
+
+
 def test_grad_reducer_refuses_what_would_train_the_replicas_apart() -> None:
     """Ranks that list the parameters in another order, a backward that
     accumulates into gradients whose bucket has gone, a frozen parameter:
