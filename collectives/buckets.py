@@ -321,8 +321,9 @@ class GradReducer:
         with self._on_gpu():
             for i, off in zip(b.members, b.offsets):
                 b.buf[off:off + self._sizes[i]] = self._views[i].reshape(-1)
-            for k, i in enumerate(b.members if b.flags >= 0 else ()):
-                b.buf[b.flags + k] = 0 if self._made[i] else 1
+            if b.flags >= 0:        # (parameters: torch tensors)
+                b.buf[b.flags:].copy_(_torch().tensor([0 if self._made[i] else 1
+                                                       for i in b.members]))
             b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True, timeout=self.timeout)
 
     def _since_last_wait(self) -> None:
