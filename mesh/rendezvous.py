@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any
@@ -29,7 +31,7 @@ from . import auth
 from .errors import LostPeerError, RendezvousError
 from .liveness import monitor_event
 
-__all__ = ["RendezvousServer", "join", "joined_path", "Teller"]
+__all__ = ["RendezvousServer", "join", "joined_path", "run_folder", "Teller"]
 
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
@@ -307,6 +309,30 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
         sock.disable_monitor()
         mon.close(linger=0)
         sock.close(linger=0)
+
+
+def run_folder(kind: str) -> str:
+    """A new folder for the sockets and markers of the ranks a launcher
+    (``kind``: meshrun, meshspawn) starts on this host, named after the
+    launcher's pid; first, the folders of its kind that launchers killed
+    before they could remove them left (their pid gone) are removed."""
+    base = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(f"{kind}-")]
+    except OSError:
+        names = []
+    for name in names:
+        pid = name.split("-")[1]
+        path = os.path.join(base, name)
+        try:
+            if not pid.isdigit() or os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:      # (another user's process: alive; or the folder went)
+            pass
+    return tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-")
 
 
 def joined_path(run_dir: str, rank: int) -> str:

@@ -31,7 +31,6 @@ import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import traceback
 import types
@@ -40,7 +39,7 @@ from typing import Any, Callable
 from .auth import curve_wanted
 from .errors import WorkerError
 from .limits import env_threads, limit_threads, open_files, thread_share
-from .rendezvous import RendezvousServer
+from .rendezvous import RendezvousServer, run_folder
 
 __all__ = ["spawn"]
 
@@ -284,7 +283,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     procs: list[Any] = []
     conns: list[Any] = []
     # the ranks' sockets live here, removed with it whatever becomes of them
-    run_dir = tempfile.mkdtemp(prefix="meshspawn-")
+    run_dir = run_folder("meshspawn")
     extra = {**(env or {}), "MESH_RUNTIME_DIR": run_dir}
     ok = False
     try:

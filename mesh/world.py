@@ -74,7 +74,8 @@ class Mesh(Comm):
         self._auth.close()
         self._ctx.term()
         try:
-            os.unlink(self._ipc_path)
+            if not self._ipc_path.startswith("@"):      # (an abstract one has no file)
+                os.unlink(self._ipc_path)
         except OSError:
             pass
         if not _open:
@@ -194,6 +195,22 @@ def check_config() -> None:
     config_float("MESH_SPIN_US", 200.0, least=0)
 
 
+def _ipc_path(name: str) -> str:
+    """Where this rank's ipc:// socket ``name`` goes: the launcher's folder
+    (MESH_RUNTIME_DIR) or the temporary one; where that path is longer than
+    a Unix socket's address may be (107 bytes on Linux), the temporary
+    folder, then /tmp, then Linux's abstract namespace (``@name``: no file;
+    the job's secret guards it as it does every endpoint)."""
+    limit = getattr(zmq, "IPC_PATH_MAX_LEN", 0) or 107
+    for folder in (os.environ.get("MESH_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+        if folder and len(os.fsencode(path := os.path.join(folder, name))) <= limit:
+            return path
+    if sys.platform.startswith("linux"):
+        return "@" + name
+    raise RuntimeError(f"no folder for this rank's socket {name} has a path short enough for "
+                       f"a Unix socket ({limit} bytes): set TMPDIR to a shorter one")
+
+
 def init(timeout: float | None = None, rendezvous_timeout: float | None = None, *,
          spec: env.JobSpec | None = None, store: Any = None) -> Mesh:
     """Join the job described by the environment (meshrun, torchrun, SLURM,
@@ -218,8 +235,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     router.setsockopt(zmq.RCVHWM, 0)
     router.setsockopt(zmq.LINGER, 0)
     auth.make_server(router, spec.secret, curve)
-    ipc_dir = os.environ.get("MESH_RUNTIME_DIR") or tempfile.gettempdir()
-    ipc_path = os.path.join(ipc_dir, f"mr-{os.getpid()}-{secrets.token_hex(4)}.sock")
+    ipc_path = _ipc_path(f"mr-{os.getpid()}-{secrets.token_hex(4)}.sock")
     server = None
     try:
         router.bind(f"ipc://{ipc_path}")

@@ -184,10 +184,42 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path: Path, sig: str) 
             alive = [p for p in pids if proc_alive(p)]
             time.sleep(0.05)
         assert not alive, f"ranks {alive} outlived the process that spawned them ({sig})"
+        # the next launch removes the folder a killed caller left, and no living one's
+        live = tmp_path / f"meshspawn-{os.getpid()}-x"
+        live.mkdir()
+        subprocess.run([sys.executable, "-c", "import shutil; from mesh.rendezvous import "
+                        "run_folder; shutil.rmtree(run_folder('meshspawn'))"],
+                       env=env, check=True, timeout=60)
+        assert [p.name for p in tmp_path.glob("meshspawn-*")] == [live.name]
     finally:
         parent.kill()
         parent.wait()
 
+
+
+def test_a_folder_too_long_for_a_unix_socket_is_not_used(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets go where their path fits (107 bytes): the launcher's folder,
+    the temporary one, /tmp, else Linux's abstract namespace."""
+    import tempfile
+
+    from mesh.world import _ipc_path
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    monkeypatch.setenv("MESH_RUNTIME_DIR", str(deep))
+    assert _ipc_path("mr-1-ab.sock") == "/tmp/mr-1-ab.sock"
+    if sys.platform.startswith("linux"):
+        monkeypatch.setattr(os.path, "join", lambda *parts: "/" + "x" * 200)
+        assert _ipc_path("mr-1-ab.sock") == "@mr-1-ab.sock"
+        monkeypatch.undo()
+    script = tmp_path / "sum.py"      # (meshrun's folder, and the ranks' TMPDIR, in ``deep``)
+    script.write_text("import mesh, collectives, numpy as np\nw = mesh.init()\n"
+                      "print('sum', collectives.all_reduce(w, np.array([w.rank]))[0])\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(deep))
+    r = subprocess.run([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)], env=env,
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0 and r.stdout.count("sum 1") == 2, r.stdout + r.stderr
 
 
 def _threads_of(world: mesh.Mesh) -> tuple[str | None, int | None]:

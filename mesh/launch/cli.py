@@ -8,7 +8,6 @@ import secrets
 import shutil
 import socket
 import sys
-import tempfile
 import textwrap
 import threading
 from typing import Any, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Sequence
 from ..cliargs import nonnegative_float, positive_float
 from ..limits import FDS_PER_PEER, hard_open_files, open_files, rank_fds, thread_share
 from ..auth import curve_wanted
-from ..rendezvous import Teller, joined_path
+from ..rendezvous import Teller, joined_path, run_folder
 from .records import WorkerExit, WorkerSpec, error_file, log_tracebacks, read_records
 from .report import exit_code, format_report
 from .supervise import Job
@@ -184,7 +183,7 @@ def launch(a: argparse.Namespace) -> int:
     open_files(5 * a.nproc + 256, f"meshrun -n {a.nproc}")  # pipes, logs, connections
     if a.log_dir:
         os.makedirs(a.log_dir, exist_ok=True)
-    run_dir = tempfile.mkdtemp(prefix="meshrun-")
+    run_dir = run_folder("meshrun")
     err_dir = a.log_dir or run_dir
     srv = None
     try:
