@@ -131,14 +131,16 @@ def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
 
 
 def scatter(g: Comm, a: Any = None, root: int = 0, async_op: bool = False,
-            timeout: float | None = None) -> Any:
+            timeout: float | None = None, dtype: Any = None) -> Any:
     """collectives.host.paths.scatter, for host and device arrays and tensors.
     A tensor passed on a rank that is not the root (where ``a`` is ignored)
-    makes its row come back as a tensor of that dtype and device."""
+    makes its row come back as a tensor of that dtype and device; the
+    root's rows must have that dtype (``dtype=``: a numpy dtype, to check
+    it for a row that comes back as a numpy array)."""
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(scatter, "scatter", g, a, root=root, async_op=async_op,
                           timeout=timeout)
-    return _staged_scatter(g, a, root=root, async_op=async_op, timeout=timeout)
+    return _staged_scatter(g, a, root=root, async_op=async_op, timeout=timeout, dtype=dtype)
 
 
 def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:

@@ -39,7 +39,7 @@ def run(fn: Callable[..., Any], name: str, g: Any, t: Any, **kw: Any) -> Any:
     wide = name in _REDUCING and t.dtype == torch.bfloat16
     try:
         if name == "scatter" and g.rank != root:   # t only says what the row should be
-            tensors.check(t, f"rank {g.ranks[g.rank]}: {name} on group {g.name}")
+            kw["dtype"] = tensors.check(t, f"rank {g.ranks[g.rank]}: {name} on group {g.name}")
             arr, shares = None, True
         else:
             arr, shares = tensors.operand(t, f"rank {g.ranks[g.rank]}: {name} on group "

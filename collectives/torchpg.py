@@ -307,8 +307,30 @@ class ProcessGroupMeshrun(_ProcessGroup):
             w.add_done_callback(on_done)
         return work
 
+    def _refuse(self, op: str, problem: str, async_op: bool) -> dist.Work:
+        """Fail the call ``op`` on every member, saying ``problem`` (this
+        rank's arguments cannot hold its result): the others, in the call,
+        raise naming this rank, where a check of our own would leave them
+        waiting (gloo's) or torch would fail only here, after the transfer."""
+        err = ValueError(f"{self._what(op)}: {problem}")
+
+        def refuse(_: Any) -> Any:
+            raise err
+        return self._run([lambda a: start(self.comm, op, refuse, a, self.timeout)], None, [],
+                         async_op)
+
+    @staticmethod
+    def _premul_problem(factor: Any, tensors: Sequence[torch.Tensor]) -> str:
+        """Why PREMUL_SUM (a factor) cannot scale ``tensors`` ('' when it can)."""
+        bad = next((t for t in tensors if not (t.is_floating_point() or t.is_complex())), None)
+        if factor is None or bad is None:
+            return ""
+        return f"ReduceOp.PREMUL_SUM scales by a float: it needs floating tensors, not {bad.dtype}"
+
     def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool) -> dist.Work:
         name, factor = _op(rop)
+        if problem := self._premul_problem(factor, tensors):
+            return self._refuse("all_reduce", problem, async_op)
         if factor is not None:
             for t in tensors:
                 t.detach().mul_(_factor(factor))
@@ -390,6 +412,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
         opts = opts or c10d.ReduceOptions()
         name, factor = _op(opts.reduceOp)
         root = opts.rootRank
+        if problem := self._premul_problem(factor, tensors):
+            return self._refuse("reduce", problem, opts.asyncOp)
         if factor is not None:
             for t in tensors:
                 t.detach().mul_(_factor(factor))
@@ -400,7 +424,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
-        if any(len({o.shape for o in outs}) > 1 for outs in output_tensors):
+        if any(len({o.shape for o in outs}) > 1 or outs[0].numel() != x.numel()
+               for outs, x in zip(output_tensors, input_tensors) if outs):
             return self._allgather_v(output_tensors, input_tensors, opts)
 
         def finish(values: list[Any]) -> None:
@@ -448,6 +473,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         inputs: list[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
+        for o, x in zip(outputs, inputs):
+            if o.numel() != x.numel() * self._n:
+                return self._refuse("all_gather_into_tensor", f"its output holds {o.numel()} "
+                                    f"elements, where {self._n} ranks' inputs of {x.numel()} "
+                                    f"make {x.numel() * self._n}", opts.asyncOp)
 
         def finish(values: list[Any]) -> None:
             for o, value in zip(outputs, values):
@@ -505,6 +535,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         inputs: list[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
         opts = opts or c10d.ReduceScatterOptions()
+        for o, x in zip(outputs, inputs):
+            if x.numel() != o.numel() * self._n:
+                return self._refuse("reduce_scatter_tensor", f"its input holds {x.numel()} "
+                                    f"elements, where {self._n} ranks' outputs of {o.numel()} "
+                                    f"take {o.numel() * self._n}", opts.asyncOp)
         return self._reduce_scatter(outputs, [x.detach().reshape(self._n, -1) for x in inputs],
                                     opts, False)
 
@@ -513,6 +548,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
         """``inputs`` shaped (group size, ...); ``own``: they are copies made
         here, which a PREMUL_SUM factor may scale in place."""
         name, factor = _op(opts.reduceOp)
+        if problem := self._premul_problem(factor, inputs):
+            return self._refuse("reduce_scatter", problem, opts.asyncOp)
         if factor is not None:
             f = _factor(factor)
             inputs = [x.mul_(f) if own else x * f for x in inputs]
@@ -565,6 +602,12 @@ class ProcessGroupMeshrun(_ProcessGroup):
                input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.GatherOptions()
         root = opts.rootRank
+        x = input_tensors[0]
+        if self.comm.rank == root and (len(output_tensors[0]) != self._n or any(
+                o.numel() != x.numel() for o in output_tensors[0])):
+            return self._refuse("gather", f"the root's {len(output_tensors[0])} output tensors "
+                                f"of {[o.numel() for o in output_tensors[0]]} elements cannot "
+                                f"take {self._n} ranks' inputs of {x.numel()}", opts.asyncOp)
 
         def finish(values: list[Any]) -> None:
             if values[0] is not None:
@@ -581,6 +624,12 @@ class ProcessGroupMeshrun(_ProcessGroup):
         opts = opts or c10d.ScatterOptions()
         root = opts.rootRank
         out = output_tensors[0]
+        if self.comm.rank == root and (len(input_tensors[0]) != self._n or any(
+                x.shape != input_tensors[0][0].shape for x in input_tensors[0])
+                or input_tensors[0][0].numel() != out.numel()):
+            return self._refuse("scatter", f"the root's {len(input_tensors[0])} inputs of "
+                                f"{[x.numel() for x in input_tensors[0]]} elements are not "
+                                f"{self._n} of its output's {out.numel()}", opts.asyncOp)
         src = (torch.stack([x.detach() for x in input_tensors[0]])
                if self.comm.rank == root else out)
         return self._run([lambda a: C.scatter(self.comm, src, root=root, async_op=a,
@@ -747,6 +796,7 @@ def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[
             for s in sends:
                 s.wait()
             return out
-        ctx_fp = {"coll": "all_to_all_v", "dtype": str(arr.dtype), "shape": list(rest)}
+        ctx_fp = {"coll": "all_to_all_v", "dtype": _tensors.dtype_name(arr.dtype),
+                  "row": list(rest) or None}     # (a row's shape past the first dimension)
         return ctx_fp, body
     return start(g, "all_to_all_v", prepare, async_op, timeout)

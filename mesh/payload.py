@@ -34,6 +34,9 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
                             f"numeric and bool arrays only")
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
+        if arr.dtype.metadata is not None and tensors.dtype_name(arr.dtype) == "bfloat16" \
+                and arr.dtype.itemsize == 2:       # bfloat16's bits from a numpy view of them:
+            bits |= tensors.BF16                   # the receiver's array says bfloat16 too
         kw = {"dtype": arr.dtype.str, "shape": arr.shape, "device": int(on_device) | bits}
         return wire.DATA, kw, wire.array_frames(arr), arr
     try:
@@ -76,7 +79,9 @@ def out_unusable(out: Any) -> str:
 def out_problem(out: Any, value: Any) -> str:
     """Why a received ``value`` cannot go into ``out=`` ("" when it can)."""
     if type(out) is np.ndarray and type(value) is np.ndarray and out.dtype == value.dtype \
-            and out.size == value.size and (f := out.flags).c_contiguous and f.writeable:
+            and out.size == value.size and (f := out.flags).c_contiguous and f.writeable \
+            and (out.dtype.char != "H"     # uint16: bfloat16's bits on one side only?
+                 or (out.dtype.metadata is None) is (value.dtype.metadata is None)):
         return ""
     if not isinstance(value, np.ndarray):
         return f"the message is a {type(value).__name__}, not an array"
@@ -94,8 +99,10 @@ def out_fits(out: Any, dtype: np.dtype, shape: tuple[int, ...]) -> str:
         usable = contiguous and writable
     else:
         return f"out= is a {type(out).__name__}, not a numpy or device array"
-    if odt != dtype or math.prod(oshape) != math.prod(shape):
-        name = tensors.dtype_name      # bfloat16's raw bits are named bfloat16
+    name = tensors.dtype_name      # bfloat16's raw bits are named bfloat16, not uint16
+    if odt != dtype or math.prod(oshape) != math.prod(shape) or (
+            isinstance(out, np.ndarray) and odt.char == "H"     # (a device view: bits)
+            and name(odt) != name(dtype)):
         return f"the message is {name(dtype)}{list(shape)}, out= is {name(odt)}{list(oshape)}"
     return "" if usable else "out= is not a writable C-contiguous array"
 
@@ -105,7 +112,7 @@ def delivered(value: np.ndarray, bits: int) -> Any:
     device when it came from one, a torch tensor when it was one."""
     if bits & tensors.TORCH:
         return tensors.received(value, bool(bits & 1), bits)
-    return device.to_device(value)
+    return device.to_device(value) if bits & 1 else value   # (bfloat16's bits: as they are)
 
 
 def fill(dest: np.ndarray, parts: list) -> None:

@@ -43,7 +43,9 @@ def _fits(out: Any, req: Any, h: wire.Header) -> bool:
     receive's ``out=`` (a writable C-contiguous numpy array of its dtype and
     size, posted for the same fingerprint)."""
     return (type(out) is np.ndarray and out.dtype == h.dt and out.nbytes == h.nbytes
-            and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable)
+            and req.fp == h.fp and (f := out.flags).c_contiguous and f.writeable
+            and (out.dtype.char != "H"      # uint16: bfloat16's bits on one side only?
+                 or (out.dtype.metadata is None) is (h.dt.metadata is None)))
 
 
 class Reader:

@@ -209,6 +209,45 @@ def _gathers(r: int, n: int) -> None:
         dist.barrier()
     except mesh.MismatchError:
         pass
+    # a row scattered as float32 into an int32 tensor, or a bfloat16 one's bits taken
+    # for uint16 (an uneven all_gather): MismatchError, not values cast or bits misread
+    for call in ("scatter", "all_gather"):
+        try:
+            if call == "scatter":
+                dist.scatter(torch.zeros(2, dtype=torch.int32 if r == 1 else torch.float32),
+                             [torch.ones(2)] * n if r == 0 else None, src=0)
+            else:
+                dt = torch.uint16 if r == 1 else torch.bfloat16
+                dist.all_gather([torch.zeros(j + 1, dtype=dt) for j in range(n)],
+                                torch.ones(r + 1, dtype=dt))
+            seen = "ok"
+        except mesh.MismatchError as e:
+            seen = str(e)
+        if call == "scatter" and r == 1:
+            assert "rank 1 wants its row as int32 (its tensor's dtype) but root 0 scatters " \
+                   "float32" in seen, seen
+        if call == "all_gather" and r in (0, 1):
+            assert "dtype=uint16" in seen and "dtype=bfloat16" in seen, seen
+        try:
+            dist.barrier()
+        except mesh.MismatchError:
+            pass
+    # rank 1's output one element too long, or an int tensor PREMUL_SUM'd: every rank
+    # raises, naming rank 1 and the sizes, before anything moves (not torch's reshape error)
+    for call, what in (
+            (lambda: dist.all_gather_into_tensor(torch.zeros(2 * n + (r == 1)), torch.ones(2)),
+             f"all_gather_into_tensor on group world: its output holds {2 * n + 1} elements"),
+            (lambda: dist.reduce_scatter_tensor(torch.zeros(2), torch.ones(2 * n + (r == 1))),
+             f"reduce_scatter_tensor on group world: its input holds {2 * n + 1} elements"),
+            (lambda: dist.all_reduce(torch.ones(2, dtype=torch.int32 if r == 1 else torch.float),
+                                     op=dist._make_nccl_premul_sum(2.0)),
+             "PREMUL_SUM scales by a float: it needs floating tensors, not torch.int32")):
+        try:
+            call()
+            seen = "ok"
+        except (ValueError, mesh.MeshError) as e:
+            seen = str(e)
+        assert "rank 1" in seen and what in seen, seen
     got: list[Any] = [None] * n
     dist.all_gather_object(got, {"rank": r})
     assert got == [{"rank": j} for j in range(n)], got

@@ -310,6 +310,30 @@ def _disagreeing(world: mesh.Mesh) -> str:
     return "ok"
 
 
+def _bfloat16_bits(world: mesh.Mesh) -> str:
+    """A uint16 message is no bfloat16 one (the same bits to numpy): out=
+    of the other kind refuses it, as any other dtype, naming both."""
+    import torch
+    if world.rank == 0:
+        world.send(torch.tensor([16320, 16384], dtype=torch.uint16), 1)
+        world.send(torch.tensor([1.5, 2.0], dtype=torch.bfloat16), 1, tag=1)
+        return "sent"
+    with pytest.raises(mesh.OutMismatchError, match=r"the message is uint16\[2\], out= is "
+                                                    r"bfloat16\[2\]"):
+        world.recv(0, out=torch.zeros(2, dtype=torch.bfloat16))
+    with pytest.raises(mesh.OutMismatchError, match=r"the message is bfloat16\[2\], out= is "
+                                                    r"uint16\[2\]"):
+        world.recv(0, tag=1, out=torch.zeros(2, dtype=torch.uint16))
+    got = world.recv(0, tag=1, out=torch.zeros(2, dtype=torch.bfloat16))
+    assert got.tolist() == [1.5, 2.0] and world.recv(0).tolist() == [16320, 16384]
+    return "ok"
+
+
+def test_bfloat16_and_uint16_messages_are_told_apart() -> None:
+    pytest.importorskip("torch")
+    assert mesh.spawn(_bfloat16_bits, 2, timeout=60) == ["sent", "ok"]
+
+
 def test_a_timeout_names_what_waits_unmatched_from_the_peer() -> None:
     assert mesh.spawn(_disagreeing, 2, timeout=60) == ["ok", "ok"]
 

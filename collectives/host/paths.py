@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mesh import Comm, MeshError, MeshTimeoutError, device
+from mesh import Comm, MeshError, MeshTimeoutError, MismatchError, device
 from mesh.tensors import dtype_name, is_tensor
 
 from ..ops import resolve
@@ -302,9 +302,12 @@ def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
 
 
 def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
-            timeout: float | None = None) -> Any:
+            timeout: float | None = None, dtype: Any = None) -> Any:
     """Row i of the root's ``a`` (shape (g.size, ...)) to rank i; returns this
-    rank's row. ``a`` is ignored (may be None) on the other ranks."""
+    rank's row. ``a`` is ignored (may be None) on the other ranks; there
+    ``dtype`` (a tensor's, given to get the row back as one like it) is
+    the dtype the row must have: another raises MismatchError naming both
+    (on every rank where the same-host board carries the call)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         r = _root(g, root)
         src = None
@@ -313,20 +316,32 @@ def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
             if src.ndim == 0 or src.shape[0] != g.size:
                 raise ValueError(f"scatter needs the root's array shaped (group size "
                                  f"{g.size}, ...), got shape {src.shape}")
+        want = None if dtype is None or g.rank == r else np.dtype(dtype)
 
         def sockets(ctx: Ctx) -> np.ndarray:
             if src is None:
-                return ctx.recv(r)
+                row = ctx.recv(r)
+                _row_as_wanted(ctx, want, row.dtype, r)
+                return row
             out = np.empty(src.shape[1:], src.dtype)
             scatter_direct(ctx, src, out, r)
             return out
 
         def body(ctx: Ctx) -> np.ndarray:
             if board.available(ctx):
-                return local.scatter(ctx, src, r)
+                return local.scatter(ctx, src, r, lambda dt: _row_as_wanted(ctx, want, dt, r))
             return agreed(sockets)(ctx)
         return _fp("scatter", root=r), body
     return start(g, "scatter", prepare, async_op, timeout)
+
+
+def _row_as_wanted(ctx: Ctx, want: np.dtype | None, got: np.dtype, root: int) -> None:
+    """A scatter's row of dtype ``got`` is what this rank wants (``want``:
+    None, anything), or MismatchError, inside the call (which aborts it)."""
+    if want is not None and (want != got or dtype_name(want) != dtype_name(got)):
+        raise MismatchError(f"{ctx.where()}: rank {ctx.g.rank} wants its row as "
+                            f"{dtype_name(want)} (its tensor's dtype) but root {root} scatters "
+                            f"{dtype_name(got)}")
 
 
 def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:

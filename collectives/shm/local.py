@@ -22,10 +22,13 @@ owner alone), so all ranks get the same bits.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import msgpack
 import numpy as np
 
 from mesh.rings import fence
+from mesh.tensors import BFLOAT16, dtype_name
 
 from .. import scratch
 from ..ops import ReduceOp
@@ -270,21 +273,28 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
         r.stage(2)
 
 
-def scatter(ctx: Ctx, src: np.ndarray | None, root: int) -> np.ndarray:
+def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
+            check: Callable[[np.dtype], None] | None = None) -> np.ndarray:
     """Rank p reads row p of the root's ``src`` (shaped (n, ...)); the root
-    posts the rows' dtype and shape with the buffer's address."""
+    posts the rows' dtype (bfloat16's named) and shape with the buffer's
+    address. ``check(dtype)`` may refuse the rows before a byte is read;
+    the root waits for every reader, so its raise fails the root's call too."""
     rank = ctx.g.rank
     with Round(ctx) as r:
         if src is not None:
-            meta = msgpack.packb([src.dtype.str, list(src.shape[1:])])
+            bf16 = dtype_name(src.dtype) == "bfloat16"
+            meta = msgpack.packb([src.dtype.str, list(src.shape[1:]), bf16])
             r.post(payload=np.frombuffer(meta, np.uint8), addr=src.ctypes.data)
             r.gather()
             r.wait_stage(r.peers, 2)
             return src[rank, ...].copy()   # a 0-d array for 1-d src, not a numpy scalar
         r.post()
         addrs = r.gather()
-        dtype, shape = msgpack.unpackb(r.payload_of(root).tobytes())
-        out = np.empty(shape, dtype)
+        dtype, shape, bf16 = msgpack.unpackb(r.payload_of(root).tobytes())
+        dt = BFLOAT16 if bf16 else np.dtype(dtype)
+        if check is not None:
+            check(dt)
+        out = np.empty(shape, dt)
         if out.size:
             peer_read(ctx, root, addrs[root] + rank * out.nbytes, out.reshape(-1))
         r.stage(2)
