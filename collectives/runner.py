@@ -314,7 +314,22 @@ def _state(g: Comm) -> _Group:
         st = _groups.get(g)
         if st is None:
             st = _groups[g] = _Group()
+            # A watch's request holds its group: the entry would keep its key (and
+            # the whole mesh) alive for ever. It goes when the mesh closes.
+            ref = weakref.ref(g)
+            g._t.on_close.append(lambda: _forget(ref))
         return st
+
+
+def _forget(ref: "weakref.ref[Comm]") -> None:
+    g = ref()
+    if g is None:
+        return
+    with _groups_lock:
+        st = _groups.pop(g, None)
+    if st is not None:
+        with st.lock:
+            st.watches.clear()
 
 
 def release(g: Comm, timeout: float = 5.0) -> None:

@@ -135,12 +135,18 @@ def _raw(sizes: list[int], iters: int, transport: str) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_raw_peer, args=(eps, r, sizes, iters, q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    res = q.get(timeout=600)
-    for p in procs:
-        p.join(timeout=30)
-    return res
+    try:
+        for p in procs:
+            p.start()
+        res = q.get(timeout=600)
+        for p in procs:
+            p.join(timeout=30)
+        return res
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- mesh ----------------------------------------------------------------------

@@ -27,7 +27,7 @@ import os
 import re
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 __all__ = ["JobSpec", "from_env", "host_id", "is_loopback"]
@@ -41,7 +41,7 @@ class JobSpec:
     local_size: int
     master_addr: str
     master_port: int
-    secret: str
+    secret: str = field(repr=False)     # (a JobSpec printed or logged keeps it to itself)
     serve_rendezvous: bool  # True when no launcher of ours runs the service: rank 0 does
     agent_store: str | None = None  # torchrun's store key for the rendezvous address
     rendezvous_file: str | None = None  # where rank 0 publishes it under mpirun on one host

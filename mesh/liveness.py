@@ -60,6 +60,19 @@ def monitor_event(frames: list[bytes]) -> int:
     return int(struct.unpack_from("=H", frames[0])[0])
 
 
+# The ROUTER's events that count its strangers: accepted, then through
+# the handshake, failing it, or closed in it.
+COUNTED = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def monitor_value(frames: list[bytes]) -> int:
+    """The value of a ZeroMQ monitor message (a native uint32 after the
+    event number): for a connection's events, its file descriptor."""
+    return int(struct.unpack_from("=I", frames[0], 2)[0])
+
+
 def heartbeat_for(size: int, peer_timeout: float) -> float:
     """The default heartbeat interval of a world of ``size``: 0.5 s, longer
     in large worlds, so that a rank beats to at most about 64 peers a second
@@ -100,6 +113,7 @@ class Liveness:
         self._awake_since = 0.0
         self.stalls = 0
         self.handshake_failures = 0
+        self._shaking: set[int] = set()    # fds of connections accepted, not through handshake
         self.doing: Pending | Outgoing | None = None
         self.doing_since = 0.0
         self.last: Pending | Outgoing | None = None
@@ -192,9 +206,22 @@ class Liveness:
         peer = self.monitors[mon]
         while True:
             try:
-                event = monitor_event(mon.recv_multipart(zmq.NOBLOCK))
+                frames = mon.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            event = monitor_event(frames)
+            if peer is None:
+                # (a connection that never spoke ZeroMQ raises no failure: it is
+                # counted when it closes still in its handshake)
+                fd = monitor_value(frames)
+                if event == zmq.EVENT_ACCEPTED:
+                    self._shaking.add(fd)
+                    continue
+                if event == zmq.EVENT_DISCONNECTED and fd not in self._shaking:
+                    continue
+                self._shaking.discard(fd)
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    continue
             if peer is None:
                 self.handshake_failures += 1
                 n = self.handshake_failures

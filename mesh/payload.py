@@ -44,7 +44,11 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
     except Exception as e:
         raise TypeError(f"rank {rank}: {describe(desc)}: {type(obj).__name__} is neither an "
                         f"array nor msgpack-able ({e})") from None
-    return wire.OBJ, {}, [packed], None
+    if len(packed) <= wire.FRAME_BYTES:
+        return wire.OBJ, {}, [packed], None
+    mv = memoryview(packed)     # in frames of FRAME_BYTES, as arrays: none longer (a
+    return wire.OBJ, {}, [mv[i:i + wire.FRAME_BYTES]      # worker refuses a longer one)
+                          for i in range(0, len(packed), wire.FRAME_BYTES)], packed
 
 
 def as_array(obj: Any) -> np.ndarray | None:

@@ -311,11 +311,12 @@ class Reader:
         if h.kind == wire.DATA:
             self._read_array(h, payload)
             return True
-        if len(payload) != 1 or len(payload[0]) != h.nbytes:
+        packed = payload[0] if len(payload) == 1 else b"".join(payload)
+        if not payload or len(packed) != h.nbytes:
             return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
                              f"{len(payload)} frames, header says {h.nbytes}")
         try:
-            value = msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
+            value = msgpack.unpackb(packed, raw=False, strict_map_key=False)
         except Exception as e:
             return self._bad(f"object payload is not msgpack ({type(e).__name__})")
         self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)

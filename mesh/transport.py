@@ -28,7 +28,7 @@ from . import auth, device, rings, tensors, wire
 from .direct import Ack, Direct
 from .errors import BadMessageError, LostPeerError, MeshTimeoutError
 from .inbox import Inbox, abort_error
-from .liveness import Liveness
+from .liveness import COUNTED, Liveness
 from .match import DONE, Pending, Probe
 from .payload import delivered, encode_payload
 from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_bytes, config_float
@@ -77,9 +77,7 @@ class Transport:
                                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             s.connect(ep)
             self._peers.append(Peer(r, s, mon, window))
-        self._router_mon = router.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._router_mon = router.get_monitor_socket(COUNTED)
         # Headers repeat (same peer, tag, dtype and shape, message after
         # message): encode each once; bounded, starts over when full.
         self._encoded: dict[tuple, bytes] = {}
@@ -144,7 +142,7 @@ class Transport:
         nbytes = sum(len(p) for p in payload)
         if dst == self.rank:
             value = np.array(keep, copy=True) if kind == wire.DATA else \
-                msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
+                msgpack.unpackb(b"".join(payload), raw=False, strict_map_key=False)
             self.inbox.arrive(self.rank, group, tag, value, nbytes, fp,
                               header_kw.get("device", False))
             self.progress.nudge()

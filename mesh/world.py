@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, env, limits, rdvfile, torchelastic
+from . import auth, env, limits, rdvfile, torchelastic, wire
 from .comm import Comm
 from .errors import RendezvousError
 from .rendezvous import RendezvousServer, join, joined_path
@@ -197,15 +197,19 @@ def check_config() -> None:
 
 def _ipc_path(name: str) -> str:
     """Where this rank's ipc:// socket ``name`` goes: the launcher's folder
-    (MESH_RUNTIME_DIR) or the temporary one; where that path is longer than
-    a Unix socket's address may be (107 bytes on Linux), the temporary
-    folder, then /tmp, then Linux's abstract namespace (``@name``: no file;
-    the job's secret guards it as it does every endpoint)."""
+    (MESH_RUNTIME_DIR: meshrun's and mesh.spawn's, which they remove), else,
+    on Linux, the abstract namespace (``@name``: no file, gone with the
+    process however it ends, where a file in /tmp stayed behind every rank
+    that torchrun, mpirun or srun stopped with SIGTERM; the job's secret
+    guards it as it does every endpoint), else the temporary folder or
+    /tmp, where the path fits a Unix socket's address (107 bytes)."""
     limit = getattr(zmq, "IPC_PATH_MAX_LEN", 0) or 107
-    for folder in (os.environ.get("MESH_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+    linux = sys.platform.startswith("linux")
+    for folder in (os.environ.get("MESH_RUNTIME_DIR"), None if linux else tempfile.gettempdir(),
+                   None if linux else "/tmp"):
         if folder and len(os.fsencode(path := os.path.join(folder, name))) <= limit:
             return path
-    if sys.platform.startswith("linux"):
+    if linux:
         return "@" + name
     raise RuntimeError(f"no folder for this rank's socket {name} has a path short enough for "
                        f"a Unix socket ({limit} bytes): set TMPDIR to a shorter one")
@@ -234,6 +238,9 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.RCVHWM, 0)
     router.setsockopt(zmq.LINGER, 0)
+    # No frame of ours is longer (payloads go in frames of FRAME_BYTES): a stranger
+    # claiming a longer one, in its handshake too, is dropped before it is buffered.
+    router.setsockopt(zmq.MAXMSGSIZE, wire.FRAME_BYTES + wire.MAX_HEADER)
     auth.make_server(router, spec.secret, curve)
     ipc_path = _ipc_path(f"mr-{os.getpid()}-{secrets.token_hex(4)}.sock")
     server = None

@@ -184,3 +184,31 @@ def test_a_silent_peer_whose_process_still_runs_is_not_lost(hog: int) -> None:
     out = mesh.spawn(hog_the_interpreter, 3, hog, 3.5, timeout=60,
                      env={"MESH_PEER_TIMEOUT": "1"})
     assert out == [[6.0] * 4] * 3
+
+
+_CLOSED_MESHES = """\
+import gc, sys
+import numpy as np
+import collectives as C, mesh
+for i in range(3):
+    with mesh.init() as world:
+        C.broadcast_object(world, {"a": 1})     # (a call with a root: it keeps a watch)
+        world.split(0)
+        C.all_reduce(world, np.ones(4))
+    del world
+gc.collect()
+print("alive", sum(type(o) is mesh.Mesh for o in gc.get_objects()))
+"""
+
+
+def test_a_closed_mesh_is_not_kept_alive_by_its_collectives(tmp_path: Any) -> None:
+    """The collectives' state of a group (its lane, the watches of calls
+    with a root) goes when its mesh closes: each closed mesh, its transport
+    and its threads' objects were kept for good."""
+    import subprocess
+    script = tmp_path / "closed.py"
+    script.write_text(_CLOSED_MESHES)
+    r = subprocess.run([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(os.path.dirname(C.__path__[0]))))
+    assert r.returncode == 0 and r.stdout.count("alive 0") == 2, r.stdout + r.stderr

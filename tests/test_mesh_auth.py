@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import struct
+import sys
 import threading
 import time
 from typing import Any
@@ -293,17 +295,84 @@ def test_only_curve_keeps_payload_and_secret_off_the_wire(
     assert sniffer.saw(secret.encode()) is not curve
 
 
+def _connect(ep: str) -> socket.socket:
+    """A bare socket connected to a worker's endpoint (an abstract ipc one too)."""
+    if ep.startswith("ipc://"):
+        s = socket.socket(socket.AF_UNIX)
+        path = ep[len("ipc://"):]
+        s.connect("\0" + path[1:] if path.startswith("@") else path)
+        return s
+    host, port = ep[len("tcp://"):].rsplit(":", 1)
+    return socket.create_connection((host.strip("[]"), int(port)))
+
+
+def _not_zeromq(world: mesh.Mesh) -> list:
+    """Rank 1 sends rank 0 what is not ZeroMQ at all (an HTTP request, bytes
+    that never start a greeting) and hangs up: ZeroMQ reports no failed
+    handshake for those, yet each is counted as refused."""
+    if world.rank == 1:
+        for junk in (b"GET / HTTP/1.0\r\n\r\n", b"\x00" * 64):
+            s = _connect(world.endpoints[0])
+            s.sendall(junk)
+            s.close()
+        world.send("sent", 0)
+        return []
+    world.recv(1)
+    _wait(lambda: world.refused >= 2, 20)
+    return [world.refused]
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _huge_claim(world: mesh.Mesh) -> list:
+    """Rank 1, a stranger to rank 0 for this, sends ZeroMQ's greeting and then
+    a frame claiming 1 GiB, and streams it: rank 0 drops the connection at
+    the claim, buffering nothing (libzmq would allocate and fill it while
+    the handshake's 10 s ran); meanwhile an object of 3 MiB, sent in
+    frames of 1 MiB as arrays are, still arrives whole."""
+    if world.rank == 1:
+        world.send({"big": b"x" * (3 << 20)}, 0)
+        s = _connect(world.endpoints[0])
+        s.sendall(b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + b"PLAIN".ljust(20, b"\0")
+                  + b"\0" * 32)
+        s.recv(64)
+        sent = 0
+        try:
+            s.sendall(b"\x06" + struct.pack(">Q", 1 << 30))
+            while sent < 256 << 20:
+                s.sendall(b"\0" * (1 << 20))
+                sent += 1 << 20
+        except OSError:
+            pass
+        s.close()
+        world.send(sent, 0)
+        return []
+    before = _rss_kb()
+    got = world.recv(1)
+    sent = world.recv(1)
+    return [len(got["big"]), sent, _rss_kb() - before]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_a_stranger_claiming_a_huge_frame_is_dropped_before_it_is_buffered() -> None:
+    big, sent, grew_kb = mesh.spawn(_huge_claim, 2, timeout=90,
+                                    env={"MESH_FORCE_TCP": "1"})[0]
+    assert big == 3 << 20 and sent < 256 << 20 and grew_kb < 64 << 10, (sent, grew_kb)
+
+
+@pytest.mark.parametrize("tcp", ["0", "1"])
+def test_a_connection_that_is_not_zeromq_is_counted_as_refused(tcp: str) -> None:
+    assert mesh.spawn(_not_zeromq, 2, timeout=60, env={"MESH_FORCE_TCP": tcp})[0][0] >= 2
+
+
 def _silent_stranger(world: mesh.Mesh) -> list:
     """Rank 1 opens a bare connection to rank 0 and never says a word of the
     handshake: rank 0 drops it after MESH_HANDSHAKE_TIMEOUT and counts it."""
     if world.rank == 1:
-        ep = world.endpoints[0]
-        if ep.startswith("ipc://"):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(ep[len("ipc://"):])
-        else:
-            host, port = ep[len("tcp://"):].rsplit(":", 1)
-            s = socket.create_connection((host.strip("[]"), int(port)))
+        s = _connect(world.endpoints[0])
         s.settimeout(10)          # (ZeroMQ's own limit, without ours, is 30 s)
         closed = False
         try:
