@@ -27,6 +27,7 @@ public point-to-point API, to run operations that involve a whole group:
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable
 
 from .comm import Comm, Request
@@ -143,6 +144,16 @@ class CollectiveChannel:
     def stall_warn(self) -> float:
         """Seconds a wait may last before it logs a stall report (0: never)."""
         return self._t.stall_warn
+
+    def waiting(self, what: str | None, since: float = 0.0) -> None:
+        """A wait outside the transport (``what``, since ``since`` on the
+        monotonic clock) tells the peers' stall reports, through this
+        rank's heartbeats, what it waits in; None: it is over."""
+        live = self._t.live
+        if what is not None:
+            live.doing, live.doing_since = what, since
+        elif type(live.doing) is str:
+            live.doing, live.last, live.last_end = None, live.doing, time.monotonic()
 
     def stalled(self, what: str, peers: Iterable[int], waited: float,
                 limit: float | None = None) -> None:

@@ -114,9 +114,9 @@ class Liveness:
         self.stalls = 0
         self.handshake_failures = 0
         self._shaking: set[int] = set()    # fds of connections accepted, not through handshake
-        self.doing: Pending | Outgoing | None = None
+        self.doing: Pending | Outgoing | str | None = None
         self.doing_since = 0.0
-        self.last: Pending | Outgoing | None = None
+        self.last: Pending | Outgoing | str | None = None
         self.last_end = 0.0
         self._inbox, self._control = inbox, control
         # monitor socket -> its peer (None: the ROUTER's, for strangers)
@@ -124,8 +124,10 @@ class Liveness:
             p.monitor: p for p in peers if p.monitor is not None}
         self.monitors[router_mon] = None
 
-    def _what(self, item: Pending | Outgoing) -> str:
-        return item.desc    # a collective's message names it (mesh.match.describe)
+    def _what(self, item: Pending | Outgoing | str) -> str:
+        # a collective's message names it (mesh.match.describe); a wait outside
+        # the transport (collectives.shm.board) says itself what it is
+        return item if type(item) is str else item.desc     # type: ignore[union-attr]
 
     def status(self) -> str:
         """What this rank is doing, as its heartbeats tell its peers."""

@@ -212,3 +212,25 @@ def test_a_closed_mesh_is_not_kept_alive_by_its_collectives(tmp_path: Any) -> No
                        capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(os.path.dirname(C.__path__[0]))))
     assert r.returncode == 0 and r.stdout.count("alive 0") == 2, r.stdout + r.stderr
+
+
+def _status_in_a_board_wait(world: Any) -> str:
+    """Rank 0 waits for rank 1 in an all_reduce on the same-host board: its
+    heartbeats tell rank 1 so (stall reports said "not in a mesh call")."""
+    C.all_reduce(world, np.ones(4))     # (the group's first call sets the board up)
+    if world.rank == 0:
+        C.all_reduce(world, np.ones(4))
+        return ""
+    deadline = time.monotonic() + 20
+    heard = ""
+    while time.monotonic() < deadline and "all_reduce" not in heard:
+        time.sleep(0.1)
+        heard = world._t.live.peers[0].status
+    C.all_reduce(world, np.ones(4))
+    return heard
+
+
+def test_a_wait_on_the_board_is_what_the_peers_hear() -> None:
+    heard = mesh.spawn(_status_in_a_board_wait, 2, timeout=60, env={"MESH_HEARTBEAT": "0.1"})[1]
+    assert re.match(r"waiting [\d.]+s in all_reduce #2 on group world: waiting for rank 1 "
+                    r"\(same-host board\)", heard), heard

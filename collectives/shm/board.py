@@ -338,6 +338,7 @@ class _Waiting:
         self.patient = False    # sleep at once: a long wait, others need the cores
         self.reports = 0
         self.what: str | None = None
+        self.told = False       # this rank's status says it waits here (Channel.waiting)
 
     def where(self) -> str:
         return self.ctx.where()
@@ -389,6 +390,10 @@ class _Waiting:
             return MeshError(f"{self.where()}: a peer sent a message where none was expected")
         if time.monotonic() > ctx.deadline:
             raise ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} (same-host board)")
+        if not self.told:       # a long wait: the peers' stall reports say where we are
+            self.told = True
+            ctx.ch.waiting(f"{self.where().split(': ', 1)[1]}: waiting for "
+                           f"{_ranks(ctx, waiting_for)} (same-host board)", self.t0)
         self._report(waited, waiting_for)
         if box is None or rung is None:
             time.sleep(min(0.001, max(waited / 20, 0.00002)))
@@ -529,6 +534,17 @@ class Round:
             return
         wait = self.wait
         wait.t0, wait.reports = time.monotonic(), 0
+        try:
+            self._until_all(todo, ready, heads, bells)
+        finally:
+            if wait.told:
+                wait.told = False
+                self.ctx.ch.waiting(None)
+
+    def _until_all(self, todo: list[int], ready: Callable[[Any], bool], heads: Any,
+                   bells: Any) -> None:
+        """_until's loop, once some peer is not there yet."""
+        wait, box = self.wait, self.box
         seen = 0
         while todo:
             while todo:
