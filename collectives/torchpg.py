@@ -441,7 +441,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
         """all_gather where the ranks' tensors differ in size (output j takes
         rank j's, whatever its size; gloo refuses these): every rank sends
         its input to each, as an uneven all_to_all; a size that is not what
-        the receiver's output holds raises on every rank, naming both."""
+        the receiver's output holds raises on both ranks of that pair,
+        naming both (see _all_to_all_v)."""
         launches, finishes = [], []
         for outs, x in zip(output_tensors, input_tensors):
             flat = x.detach().reshape(-1)
