@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mesh.tensors import is_tensor
+
 from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
@@ -209,7 +211,8 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
     only (what a comparison on a loaded machine wants), not the wall.
     ``runs``: exactly that many after the warm-up (a tensor-parallel layer,
     whose collectives its peers must make as often)."""
-    saved = [(g, g.copy()) for g in layer.grads()] if hasattr(layer, "grads") else []
+    saved = ([(g, g.clone() if is_tensor(g) else g.copy()) for g in layer.grads()]
+             if hasattr(layer, "grads") else [])      # (a bfloat16 stage's: tensors)
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     y = x
     begin, n = clock(), 0

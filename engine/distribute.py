@@ -27,7 +27,9 @@ sharded, the tp peers at once, so their collectives are in every figure::
     for x, y in batches:             # this dp replica's batch
         opt.zero_grad()
         loss = job.step(x, y)        # the mean loss on last-stage ranks, else None
+        job.clip_grad_norm_(1.0)     # (optional) the whole model's norm, engine.clip
         opt.step()
+    val = job.eval_step(x, y)        # forwards only, modules in eval mode for the call
     state = job.state_dict()         # the whole model on rank 0 (collective)
 
 A torch ``loss_fn(output, target)`` is an ordinary torch loss (the mean over
@@ -185,6 +187,32 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool) -> Non
                     "stages (and tensor-parallel shards) are cut from each rank's own copy: "
                     f"{fix}, seeded alike (torch.manual_seed(0) before building it), "
                     "or load the same weights into each")
+
+
+def _agreed_sample(grid: Grid, sample: Any) -> Any:
+    """``sample`` cut to the fewest rows any rank's has. dp replicas may be
+    given samples of unequal rows (their own batches: ``step()`` weighs
+    unequal replicas by their rows), but every rank must profile the same
+    micro-batch sizes, each timing some of the layers for all of them, and
+    choose alike; the times of the smallest replica's micro-batches stand
+    for all. A sample given on some ranks only raises on every rank,
+    naming them."""
+    mine = None if sample is None else rows_of(sample)
+    told = collectives.all_gather_object(grid.comm, mine)
+    given = [r for r, rows in enumerate(told) if rows is not None]
+    if not given:
+        return sample
+    if len(given) < len(told):
+        missing = [r for r, rows in enumerate(told) if rows is None]
+        raise ValueError(f"rank {grid.comm.rank}: engine.distribute: ranks {given} were given "
+                         f"sample= and ranks {missing} were not: give every rank its "
+                         "replica's sample (a batch of inputs as step() will get)")
+    fewest = min(rows for rows in told if rows is not None)
+    if mine == fewest:
+        return sample
+    if isinstance(sample, tuple):
+        return tuple(part[:fewest] for part in sample)
+    return sample[:fewest]
 
 
 def _checkpoint_model(model: Any, patterns: Sequence[str], traced: bool) -> None:
@@ -597,6 +625,28 @@ class Job:
         pipe = self.pipeline
         return pipe.step(inputs if pipe.first else None, targets if pipe.last else None)
 
+    def eval_step(self, inputs: Any = None, targets: Any = None, *,
+                  outputs: bool = False) -> Any:
+        """Evaluate this dp replica's batch: the schedule's forwards only,
+        no gradient touched, torch modules in eval mode for the call
+        (``Pipeline.eval_step``). The mean loss over the global batch where
+        the last stage runs (one process's ``loss_fn(model(x), y)``), None
+        elsewhere; with ``outputs``, ``(loss, the last stage's outputs)``.
+        Ranks that need neither may pass them; every rank calls it."""
+        pipe = self.pipeline
+        return pipe.eval_step(inputs if pipe.first else None, targets if pipe.last else None,
+                              outputs=outputs)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> float:
+        """Clip every rank's gradients to a total norm of ``max_norm`` and
+        return the total norm before clipping, the same on every rank: the
+        one-process model's (torch's ``clip_grad_norm_`` on it), over all
+        stages and tp shards, each tied and each replicated parameter
+        counted once (``Pipeline.clip_grad_norm_``). Collective: between
+        ``step()`` and ``opt.step()`` on every rank."""
+        return self.pipeline.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite)
+
     def parameters(self) -> list[Any]:
         """This rank's parameters (its stages, its shards), for an optimizer."""
         if self.is_torch:
@@ -802,7 +852,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     ``schedule``: "auto" (simulate ``engine.choose.SCHEDULES`` at the
     micro-batch counts ``microbatches`` or p, 2p, 4p...; print the
     candidates on rank 0 when ``verbose``), a name ("1f1b"...) or a Schedule.
-    ``balance``: "time" (measured on ``sample``, this replica's batch),
+    ``balance``: "time" (measured on ``sample``, this replica's batch;
+    replicas' samples of unequal rows are all cut to the fewest, so every
+    rank profiles and chooses alike),
     "uniform", "parameters" or layer counts per stage. A plain module
     whose forward takes several inputs (``forward(input_ids,
     attention_mask, labels)``) is given its sample as a tuple of them,
@@ -861,6 +913,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
     _same_model(grid, named, is_torch)
+    sample = _agreed_sample(grid, sample)
     if patterns and not is_torch:
         raise ValueError(f"recompute={recompute!r} (submodules by name) needs a torch model: "
                          "an engine.layers model recomputes whole stages (recompute=True "

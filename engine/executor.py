@@ -27,7 +27,11 @@ schedule once; ``step(inputs, targets)`` then runs one training step:
   then averaged over the dp group (``collectives.all_reduce(op="avg")``,
   started as soon as the stage's last backward is done), which makes them
   the gradient of the mean over the global batch. Whatever ``grads()`` held
-  before the step is kept and the step's gradient added to it.
+  before the step is kept and the step's gradient added to it: it is set
+  aside at the step's start and added back once at its end, after the dp
+  average and the sums of tied copies and of sequence-parallel gradients,
+  which so cover the step's own gradients only (accumulating over steps
+  is then torch's ``.grad +=`` for every parameter, at every layout).
 
 A step that fails (a stage, the loss function, a receive, a lost peer...)
 raises on this rank after cleaning up: its receives still posted are
@@ -54,6 +58,7 @@ others did not make. Whether to redo or skip the batch is the caller's call.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -65,6 +70,7 @@ import collectives
 from mesh import AbortKind, Comm, Grid, LostPeerError, MeshError
 
 from . import trace as _trace
+from .clip import clip_grad_norm
 from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule,
                  message_key)
 from .layers import Recompute, deterministic
@@ -72,8 +78,8 @@ from .lower import with_grad_sync
 from .simulate import simulate
 from .tied import TiedGrads
 from .tp_sums import TpSums
-from .torch_stage import (Parts, TorchStage, as_pipeline_loss, checkpoint_modules, patterns_of,
-                          plain_torch_loss, torch_loss)
+from .torch_stage import (Parts, TorchStage, as_pipeline_loss, checkpoint_modules, copied,
+                          patterns_of, plain_torch_loss, torch_loss)
 from .tp_plan import named_by
 from .verify import verify
 
@@ -193,6 +199,8 @@ class Pipeline:
         self.schedule = lowered
         self.rank = self.pp.rank
         self.program: tuple[Action, ...] = lowered.ranks[self.rank]
+        # eval_step's: the forwards and their messages, in the schedule's order
+        self.forward_program = tuple(a for a in self.program if a.kind in (F, SEND_F, RECV_F))
         mine = lowered.stages_of(self.rank)
         patterns = patterns_of(recompute)
         if recompute == "auto":
@@ -277,13 +285,7 @@ class Pipeline:
                                self._flow(a) if flow else 0])
             at = len(self.program)
             st.finish()
-            mean = st.mean_loss() if self.last else None
-            if st.loss_sync:
-                assert self.dp is not None and mean is not None
-                st.loss_sync = False
-                buf = np.array([mean], dtype=np.float64)
-                collectives.all_reduce(self.dp, buf, op="avg")
-                mean = float(buf[0])
+            mean = self._mean_loss(st)
         except BaseException as e:
             st.abandon(at, e)
             st.agree(e)
@@ -291,6 +293,83 @@ class Pipeline:
         st.agree(None)
         self.events = events
         return mean
+
+    def eval_step(self, inputs: Any = None, targets: Any = None, *,
+                  outputs: bool = False) -> Any:
+        """Evaluate: the schedule's forwards only, in its order (its
+        backwards, gradient averages and sums left out), no gradient
+        touched and no autograd graph kept (torch's ``no_grad``). Every
+        torch stage's modules are in eval mode for the call (dropout off,
+        as ``model.eval()`` in one process) and get back their own modes
+        after. Returns the mean loss over the global batch on last-stage
+        ranks (the micro-batches and dp replicas weighed by their rows, as
+        ``step()``'s: one process's ``loss_fn(model(x), y)``), None
+        elsewhere (and where ``targets`` is None: no loss, inference, every
+        replica alike); with ``outputs``, ``(loss, out)``: the last stage's
+        outputs for this replica's batch, its micro-batches' joined in
+        order (a tensor or an array; None elsewhere). It uses a
+        step's tags (every rank calls it as often, as ``step()``); a
+        failure raises on every rank as a step's does, with nothing to
+        roll back."""
+        st = _Step(self, self._steps, forward_only=True)
+        self._steps += 1
+        at = 0
+        modes = [(m, m.training) for stage in self.stages.values()
+                 if isinstance(stage, TorchStage) for m in stage.module.modules()]
+        try:
+            for m, _ in modes:
+                m.training = False
+            st.start(inputs, targets)
+            for at, a in enumerate(st.program):
+                st.run(a)
+            at = len(st.program)
+            st.finish()
+            mean = self._mean_loss(st)
+        except BaseException as e:
+            st.abandon(at, e)
+            st.agree(e)
+            raise
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        st.agree(None)
+        if not outputs:
+            return mean
+        return mean, (_joined([st.outs_last[k] for k in range(len(st.outs_last))])
+                      if self.last else None)
+
+    def _mean_loss(self, st: "_Step") -> float | None:
+        """The step's mean loss on last-stage ranks (averaged over dp,
+        where the replicas' rows weighed it), else None."""
+        if not self.last or not st.weights:
+            return None
+        mean = st.mean_loss()
+        if st.loss_sync:
+            assert self.dp is not None
+            st.loss_sync = False
+            buf = np.array([mean], dtype=np.float64)
+            collectives.all_reduce(self.dp, buf, op="avg")
+            mean = float(buf[0])
+        return mean
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> float:
+        """Clip the gradients to a total norm of ``max_norm``, as torch's
+        ``clip_grad_norm_`` on the one-process model (Megatron's
+        ``clip_grad_norm``), and return the total norm before clipping (a
+        float, the same on every rank): over every stage and tp shard, each
+        tied and each tp-replicated parameter counted once, dp replicas
+        not multiplying it (their gradients are averaged already; see
+        engine.clip). Every gradient on every rank is scaled by the same
+        factor, so tied copies and replicas stay equal. Call it after
+        ``step()`` and before the optimizer; collective: every rank of the
+        pipeline calls it. A schedule with OPT actions steps its optimizer
+        inside the step, too early for it: refused."""
+        if any(a.kind == OPT for a in self.program):
+            raise ValueError(f"pp rank {self.rank}: clip_grad_norm_ runs after step(), but "
+                             f"schedule {self.schedule.name!r} has OPT actions (its optimizer "
+                             "steps inside the step, before any clipping)")
+        return clip_grad_norm(self, max_norm, norm_type, error_if_nonfinite)
 
     def trace(self, costs: dict[str, float] | None = None) -> dict[str, Any] | None:
         """The last step's Chrome trace, merged from all ranks (collective:
@@ -385,6 +464,25 @@ def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = Tr
     return stage
 
 
+def _forward_only(stage: Any, x: Any) -> Any:
+    """A stage's output for ``x`` with nothing kept for a backward: a
+    TorchStage's without autograd's graph, another's forward's output."""
+    if isinstance(stage, TorchStage):
+        return stage.forward_only(x)
+    return stage.forward(x)[0]
+
+
+def _joined(parts: list[Any]) -> Any:
+    """The micro-batches' outputs joined along axis 0 (tensors or arrays);
+    a list of them where they are tuples (several tensors)."""
+    if not parts or isinstance(parts[0], tuple):
+        return parts
+    torch = sys.modules.get("torch")
+    if torch is not None and all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
 def stages_for_rank(all_stages: Sequence[Any], schedule: Schedule, pp_rank: int) -> list[Any]:
     """This rank's stage objects, in stage order, out of the whole model's."""
     return [all_stages[s] for s in schedule.stages_of(pp_rank)]
@@ -402,8 +500,11 @@ class _Step:
     """The state of one step on one rank: what each action leaves for a later
     one, keyed by (stage, micro-batch), and the requests still in flight."""
 
-    def __init__(self, pipe: Pipeline, n: int) -> None:
+    def __init__(self, pipe: Pipeline, n: int, forward_only: bool = False) -> None:
         self.pipe, self.n = pipe, n
+        self.forward_only = forward_only     # eval_step's: no backward, no gradient touched
+        self.program = pipe.forward_program if forward_only else pipe.program
+        self.outs_last: dict[int, Any] = {}  # eval_step's: the last stage's outputs
         self.xs: dict[_Key, Any] = {}
         self.gys: dict[_Key, Any] = {}
         self.outs: dict[_Key, Any] = {}
@@ -427,24 +528,28 @@ class _Step:
         """Split the batch and post every receive of the step."""
         pipe = self.pipe
         sched, m = pipe.schedule, pipe.schedule.num_microbatches
-        self.before = self._snapshot()
-        pipe.tied.start()
-        pipe.tp_sums.start()
+        call = "eval_step()" if self.forward_only else "step()"
+        if not self.forward_only:
+            self.before = self._snapshot()
+            pipe.tied.start()
+            pipe.tp_sums.start()
         if pipe.first:
             if inputs is None:
-                raise ValueError(f"pp rank {pipe.rank} holds stage 0: step() needs inputs")
+                raise ValueError(f"pp rank {pipe.rank} holds stage 0: {call} needs inputs")
             try:
                 xs = split_microbatches(inputs, m)
             except ValueError as e:
-                raise ValueError(f"pp rank {pipe.rank}: step()'s inputs: {e}") from None
+                raise ValueError(f"pp rank {pipe.rank}: {call}'s inputs: {e}") from None
             self.xs.update({(0, k): x for k, x in enumerate(xs)})
-        if pipe.last:
+        if pipe.last and targets is None and self.forward_only:
+            self.loss_sync = self.rows_pending = False      # outputs only: no loss
+        elif pipe.last:
             if targets is None:
-                raise ValueError(f"pp rank {pipe.rank} holds the last stage: step() needs targets")
+                raise ValueError(f"pp rank {pipe.rank} holds the last stage: {call} needs targets")
             try:
                 self.targets = split_microbatches(targets, m)
             except ValueError as e:
-                raise ValueError(f"pp rank {pipe.rank}: step()'s targets: {e}") from None
+                raise ValueError(f"pp rank {pipe.rank}: {call}'s targets: {e}") from None
             total = sum(len(t) for t in self.targets)
             share = 1.0     # this replica's rows over the mean replica's (dp replicas may differ)
             if self.rows_pending:
@@ -457,8 +562,9 @@ class _Step:
             # (times dp, which the average over dp divides out): every stage's gradients,
             # linear in it, are then the global mean loss's
             self.weights = [len(t) / total * share for t in self.targets]
-        self.prior = self._save_prior()
-        for a in pipe.program:
+        if not self.forward_only:
+            self.prior = self._save_prior()
+        for a in self.program:
             if a.kind in (RECV_F, RECV_B):
                 self.recvs[a] = pipe.pp.irecv(sched.rank_of(message_key(a)[1]),
                                               tag=pipe._tag(a, self.n))
@@ -497,9 +603,10 @@ class _Step:
                 works.append(collectives.all_reduce(pipe.dp, g, op="avg", async_op=True))
         elif a.kind == OPT:
             self._finish_sync(a.stage)
+            self._add_prior(a.stage)
             assert pipe.optimizer is not None
             stage = pipe.stages[a.stage]
-            self.stepped[a.stage] = [p.copy() for p in stage.params()]
+            self.stepped[a.stage] = [copied(p) for p in stage.params()]
             if not self.stepped.keys() - {a.stage} and hasattr(pipe.optimizer, "state_dict"):
                 self.opt_state = copy.deepcopy(pipe.optimizer.state_dict())
             pipe.optimizer(stage)
@@ -524,23 +631,48 @@ class _Step:
 
     def _forward(self, a: Action) -> None:
         pipe, (s, k) = self.pipe, _key(a)
-        y, self.ctxs[(s, k)] = pipe.stages[s].forward(self.xs.pop((s, k)))
-        if s == pipe.schedule.num_stages - 1:
-            assert pipe.loss_fn is not None
-            out = pipe.loss_fn(y, self.targets[k])
-            if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
-                fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
-                if fn is not pipe.loss_fn:
-                    pipe.loss_fn = fn
-                    out = fn(y, self.targets[k])
-                pipe.loss_checked = True
-            loss, gy = out
+        if self.forward_only:
+            y = _forward_only(pipe.stages[s], self.xs.pop((s, k)))
+        else:
+            y, self.ctxs[(s, k)] = pipe.stages[s].forward(self.xs.pop((s, k)))
+        if s == pipe.schedule.num_stages - 1 and self.forward_only:
+            self.outs_last[k] = y
+            if self.targets:
+                self.losses[k] = self._value(y, self.targets[k])
+        elif s == pipe.schedule.num_stages - 1:
+            loss, gy = self._loss(y, self.targets[k])
             self.losses[k] = float(loss)
             self.gys[(s, k)] = gy * self.weights[k]
         elif pipe.schedule.rank_of(s + 1) == pipe.rank:
             self.xs[(s + 1, k)] = y
         else:
             self.outs[(s, k)] = y
+
+    def _loss(self, y: Any, target: Any) -> tuple[Any, Any]:
+        """``loss_fn(y, target)``: (loss, gradient of ``y``); on its first
+        call, a torch loss is wrapped or a wrong return refused."""
+        pipe = self.pipe
+        assert pipe.loss_fn is not None
+        out = pipe.loss_fn(y, target)
+        if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
+            fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
+            if fn is not pipe.loss_fn:
+                pipe.loss_fn = fn
+                out = fn(y, target)
+            pipe.loss_checked = True
+        return out
+
+    def _value(self, y: Any, target: Any) -> float:
+        """The loss alone (eval_step): a torch loss computed without its
+        gradient where the loss is one (``torch_loss``'s ``value``), else
+        the pair's loss (autograd on, for its gradient's sake)."""
+        value = getattr(self.pipe.loss_fn, "value", None)
+        if value is not None:
+            return float(value(y, target))
+        torch = sys.modules.get("torch")
+        with torch.enable_grad() if torch is not None else contextlib.nullcontext():
+            loss, _ = self._loss(y, target)
+        return float(loss)
 
     def _backward(self, a: Action) -> None:
         pipe, (s, k) = self.pipe, _key(a)
@@ -558,18 +690,21 @@ class _Step:
         """What each gradient held before the step: a copy, or None for
         zeros (what a failed step's gradients are put back to)."""
         return {s: stage.held_grads() if hasattr(stage, "held_grads") else
-                [g.copy() if bool(g.any()) else None for g in stage.grads()]
+                [copied(g) if bool(g.any()) else None for g in stage.grads()]
                 for s, stage in self.pipe.stages.items()}
 
     def _save_prior(self) -> dict[int, list[Any]]:
-        """With a dp axis, set aside what the gradients held before the step
-        (when anything), so the average covers only this step's gradients."""
-        pipe = self.pipe
-        if pipe.dp is None or pipe.dp.size == 1:
-            return {}
+        """Set aside what the gradients held before the step (when anything:
+        accumulation, or no ``zero_grad()``) and zero them, so everything
+        the step does to them (the average over dp, the sum of a tied
+        parameter's copies, the sequence-parallel sum over tp) covers this
+        step's gradients only; ``_add_prior`` adds it back once, after.
+        (Each of those, done over gradients that held the old ones, would
+        count them again: a tied copy's twice, a sequence-parallel norm's
+        tp + 1 times.)"""
         prior = {s: old for s, old in self.before.items() if any(o is not None for o in old)}
         for s in prior:
-            for g in pipe.stages[s].grads():
+            for g in self.pipe.stages[s].grads():
                 g[...] = 0
         return prior
 
@@ -577,6 +712,10 @@ class _Step:
         for req in self.syncs.get(s, []):    # kept until all are done: see abandon()
             req.wait()
         self.syncs.pop(s, None)
+
+    def _add_prior(self, s: int) -> None:
+        """Stage ``s``'s gradients: what they held before the step plus the
+        step's, as torch's ``.grad +=`` makes them."""
         for g, old in zip(self.pipe.stages[s].grads(), self.prior.pop(s, [])):
             if old is not None:
                 g += old
@@ -584,13 +723,18 @@ class _Step:
     def finish(self) -> None:
         """Wait for every all-reduce and every send of the step, then sum
         the gradients of tied parameters over their copies, and those of
-        whole parameters fed a part of the sequence over the tp group."""
+        whole parameters fed a part of the sequence over the tp group; then
+        add back what the gradients held before the step."""
         for s in list(self.syncs):
             self._finish_sync(s)
         for req in self.sends:
             req.wait(self.pipe.timeout)
+        if self.forward_only:
+            return
         self.pipe.tied.reduce(self.pipe.timeout)
         self.pipe.tp_sums.settle(self.pipe.timeout)
+        for s in list(self.prior):
+            self._add_prior(s)
 
     def mean_loss(self) -> float:
         return sum(w * v for w, v in zip(self.weights, self.losses))
@@ -613,12 +757,13 @@ class _Step:
         kind = AbortKind.of(error)  # peers raise the same kind: a lost peer stays one
         lost = error.peer if isinstance(error, LostPeerError) else None
         skipped = (1 if self.loss_sync else 0) + (1 if self.rows_pending else 0)
-        for a in pipe.program[at:]:
+        for a in self.program[at:]:
             if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B):
                 pipe.pp.collective_channel().abort(pipe._tag(a, self.n), reason, kind, lost)
             elif a.kind == AR:
                 skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
-        pipe.tied.abandon(reason, kind, lost)
+        if not self.forward_only:       # (eval_step makes no tied sums)
+            pipe.tied.abandon(reason, kind, lost)
         self._abandon_tp(reason, kind, lost, own=not getattr(error, "from_abort", False)
                          and not isinstance(error, LostPeerError))
         dp = pipe.dp
@@ -633,7 +778,8 @@ class _Step:
                 except Exception:
                     pass
         self.prior.clear()
-        pipe.tp_sums.abandon()
+        if not self.forward_only:
+            pipe.tp_sums.abandon()
         self.roll_back()
 
     def roll_back(self) -> None:

@@ -12,7 +12,11 @@ the owners are on different pp ranks), and after each step's backward
 passes it sums the copies' gradients over the owners, so every copy holds
 the gradient of the one shared parameter and an optimizer keeps them equal.
 The sum runs after the dp all-reduces (a sum of averages is the average of
-the sums), so a schedule with OPT actions cannot have ties.
+the sums), so a schedule with OPT actions cannot have ties. It sums this
+step's gradients only: what the copies held before the step (each the same
+sum, from the last one) is set aside by the executor and added back once,
+after it, so accumulating over steps (no ``zero_grad()`` between them) adds
+the shared parameter's gradient once a step, as torch does.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import collectives
 from mesh import AbortKind, Comm
 
 from .ir import Schedule
+from .torch_stage import widened
 
 __all__ = ["Tie", "TiedGrads"]
 
@@ -79,21 +84,20 @@ class TiedGrads:
                     p[...] = source
 
     def start(self) -> None:
-        """Zero the gradient of every copy but the source's: the step's sum
-        is the source's gradient so far plus every copy's from this step."""
+        """A step begins. The executor has set aside what every gradient
+        held before it (``_Step.prior``, added back after ``reduce``), so
+        the copies hold this step's gradients only and their sum counts the
+        shared parameter's old gradient once, whatever the dp layout (the
+        copies, equal after the last step, each held it)."""
         self._done = 0
-        for tie, members, _, _ in self.ties:
-            for s, i in members:
-                if s != tie.stages[0]:
-                    self.stages[s].grads()[i][...] = 0
 
     def reduce(self, timeout: float | None = None) -> None:
         """Sum each tie's gradients over its copies, into every copy."""
         for _, members, group, _ in self.ties:
             grads = [self.stages[s].grads()[i] for s, i in members]
-            total = grads[0].copy()
+            total = widened(grads[0])         # (bfloat16: summed in float32, rounded once)
             for g in grads[1:]:
-                total += g
+                total += widened(g)
             self._done += 1
             if group is not None:
                 collectives.all_reduce(group, total, op="sum", timeout=timeout)

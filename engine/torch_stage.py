@@ -15,7 +15,9 @@ Inputs go to the module's device (CPU or CUDA). A floating input is cast to
 the module's dtype inside the graph, so a float32 module takes float64
 activations and hands back gradients in the input's dtype. ``grads()``
 returns views of the parameters' current ``.grad`` tensors (numpy for CPU,
-CuPy for CUDA; zeros put in place of the None that torch's default
+CuPy for CUDA, the tensor itself for bfloat16, which neither has; a
+bfloat16 stage's activations cross as tensors, its gradients are averaged
+and summed in float32 and rounded once; zeros put in place of the None that torch's default
 ``optimizer.zero_grad()`` leaves), so the executor's in-place all-reduce
 updates torch's gradients; call it again after ``zero_grad()``, as the
 executor does every step: an older list may view tensors torch replaced.
@@ -31,10 +33,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from mesh.tensors import is_tensor
+
 from .tp_plan import named_by
 
 __all__ = ["TorchStage", "Parts", "torch_loss", "as_pipeline_loss", "plain_torch_loss",
-           "checkpoint_modules"]
+           "checkpoint_modules", "copied", "widened"]
 
 
 def _torch() -> Any:
@@ -188,6 +192,17 @@ class TorchStage:
         out = self.module(fed)
         self._learn(out)
         return self._handed(out), (t, out)
+
+    def forward_only(self, x: Any) -> Any:
+        """The output alone, computed without autograd's graph (an
+        evaluation: nothing is kept for a backward, and a recomputing or
+        layered stage runs whole, once). What it learned of a tuple
+        output's parts needing no gradient stays as its training forwards
+        learned it."""
+        torch = _torch()
+        with torch.no_grad():
+            _, fed = self._input(x)
+            return self._handed(self.module(fed))
 
     def _learn(self, out: Any) -> None:
         """Note which parts of a tuple ``out``, computed with autograd
@@ -343,7 +358,7 @@ class TorchStage:
     def held_grads(self) -> list[Any]:
         """A copy of each gradient that holds anything, None for the rest
         (a None ``.grad`` stays None): what a failed step puts back."""
-        return [None if p.grad is None or not bool(p.grad.any()) else _view(p.grad).copy()
+        return [None if p.grad is None or not bool(p.grad.any()) else copied(_view(p.grad))
                 for p in self._params]
 
     def put_grads(self, held: list[Any]) -> None:
@@ -426,11 +441,29 @@ def _grads_of(t: Any, grad: Any) -> Any:
 
 
 def _view(t: Any) -> Any:
-    """An array sharing ``t``'s memory: numpy for CPU, CuPy for CUDA."""
+    """An array sharing ``t``'s memory: numpy for CPU, CuPy for CUDA; a
+    bfloat16 tensor itself, which neither has (the executor's in-place
+    arithmetic and meshrun's collectives take tensors as they take arrays:
+    ``copied``, ``widened``)."""
+    if t.dtype == _torch().bfloat16:
+        return t
     if t.is_cuda:
         from mesh import device
         return device.as_cupy(t)
     return t.numpy()
+
+
+def copied(a: Any) -> Any:
+    """A copy of an array, or of a tensor (a bfloat16 stage's gradient)."""
+    return a.clone() if is_tensor(a) else a.copy()
+
+
+def widened(a: Any) -> Any:
+    """A copy of ``a`` to sum into: float32 for a bfloat16 tensor (summed
+    wide, rounded once when written back), else of its own dtype."""
+    if is_tensor(a) and a.dtype == sys.modules["torch"].bfloat16:
+        return a.float()
+    return copied(a)
 
 
 def torch_loss(fn: Any) -> Any:
@@ -454,6 +487,13 @@ def torch_loss(fn: Any) -> Any:
         loss.backward()
         return float(loss.detach()), ty.grad
 
+    def value(y: Any, target: Any) -> float:
+        """The loss alone, without its gradient (an evaluation)."""
+        with torch.no_grad():
+            ty = _tensor(torch, y)
+            return float(fn(ty, _tensor(torch, target, ty.device)))
+
+    loss_fn.value = value       # type: ignore[attr-defined]
     return loss_fn
 
 

@@ -12,6 +12,9 @@ step runs, the holders (a sharded torch submodule's ``_tp`` record, an
 gradients add up locally over the micro-batches, and after the step's
 backward passes one all-reduce per tp group and dtype sums them all (the
 dp all-reduces run first: a sum of averages is the average of the sums).
+The sum is of this step's gradients only: the executor sets aside what
+they held before the step and adds it back once, after the sum, so
+accumulating over steps adds each step's sum once, as torch does.
 A schedule with OPT actions steps its optimizer inside the step, before
 that sum: its pipeline keeps the per-backward sums.
 """
@@ -22,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 import collectives
+from mesh.tensors import is_tensor
 
 from .tp_layers import sharded_layers
 
@@ -45,7 +49,6 @@ class TpSums:
     def __init__(self, stages: Mapping[int, Any], enabled: bool = True) -> None:
         self.holders = [h for _, st in sorted(stages.items()) for h in holders(st)] \
             if enabled else []
-        self._prior: list[Any] = []
 
     def __bool__(self) -> bool:
         return bool(self.holders)
@@ -54,18 +57,15 @@ class TpSums:
         return [(h.group, g) for h in self.holders for g in h.summed_grads()]
 
     def start(self) -> None:
-        """Defer the sums; set aside what the gradients held before the step
-        (summed already), so the step's sum covers this step's parts only."""
+        """Defer the sums. What the gradients held before the step (summed
+        already) the executor sets aside and adds back after ``settle``
+        (``_Step.prior``), so the step's sum covers this step's parts only."""
         for h in self.holders:
             h.defer = True
-        self._prior = []
-        for _, g in self._grads():
-            self._prior.append(g.copy() if bool(g.any()) else None)
-            g[...] = 0
 
     def settle(self, timeout: float | None = None) -> None:
         """Sum the step's gradients over each tp group (one all-reduce per
-        group and dtype), then add back what they held before the step."""
+        group and dtype; bfloat16 summed in float32, rounded once)."""
         grads = self._grads()
         buckets: dict[tuple[int, str], list[int]] = {}
         for i, (group, g) in enumerate(grads):
@@ -77,28 +77,27 @@ class TpSums:
             collectives.all_reduce(group, flat, timeout=timeout)
             at = 0
             for p in parts:
-                p[...] = flat[at:at + p.size].reshape(p.shape)
-                at += p.size
-        self._restore(grads)
+                n = _count(p)
+                p[...] = flat[at:at + n].reshape(p.shape)
+                at += n
+        self.abandon()
 
     def abandon(self) -> None:
-        """After a failed step: the gradients get back what they held before
-        it added to the step's unsummed parts (the executor then rolls every
-        gradient back); later backward passes sum as they go until the next
-        step. The tp peers' sum is failed by the executor (_abandon_tp)."""
-        self._restore(self._grads())
-
-    def _restore(self, grads: list[tuple[Any, Any]]) -> None:
-        for (_, g), old in zip(grads, self._prior):
-            if old is not None:
-                g += old
-        self._prior = []
+        """After the step, failed or not: later backward passes sum as they
+        go until the next step. (A failed step's gradients are rolled back
+        by the executor; the tp peers' sum is failed by it, _abandon_tp.)"""
         for h in self.holders:
             h.defer = False
 
 
+def _count(a: Any) -> int:
+    """The elements of an array or a tensor (whose ``size`` is a method)."""
+    return int(a.numel()) if is_tensor(a) else int(a.size)
+
+
 def _xp(a: Any) -> Any:
-    """numpy, or the array module of a device array (CuPy)."""
+    """numpy, or the array module of a device array (CuPy), or torch for a
+    tensor (a bfloat16 gradient, which numpy cannot view)."""
     if isinstance(a, np.ndarray):
         return np
     import importlib

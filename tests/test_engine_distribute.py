@@ -1154,3 +1154,46 @@ def _seeded_worker(world):
 def test_measuring_leaves_the_random_streams_as_they_were():
     pytest.importorskip("torch")
     assert mesh.spawn(_seeded_worker, 2, timeout=120, env=PATIENT) == [True, True]
+
+
+def _unequal_worker(world):
+    """dp replicas given samples and batches of unequal rows (10 and 6):
+    every rank profiles the fewest, chooses alike, and the step weighs the
+    replicas by their rows. A sample given on some ranks only is refused on
+    every rank."""
+    grid = mesh.grid(world, dp=2, pp=2)
+    d = grid.coord("dp")
+    x, y = (a[:10] if d == 0 else a[10:16] for a in _data(0))
+    errors = []
+    try:
+        engine.distribute(_numpy_model(), grid, schedule="1f1b", microbatches=2,
+                          balance="uniform", sample=x if d == 0 else None, loss_fn=mse_loss,
+                          verbose=False, overhead=0.0, timeout=30)
+    except ValueError as e:
+        errors.append(str(e))
+    job = engine.distribute(_numpy_model(), grid, schedule="1f1b", microbatches=4,
+                            balance="time", sample=x, loss_fn=mse_loss, verbose=False,
+                            overhead=0.0, reps=1, timeout=30)
+    job.step(x, y)
+    return {"errors": errors, "counts": job.counts, "schedule": job.schedule.name,
+            "grads": [g.copy() for g in job.grads()],
+            "layers": [job.first[s] for s in job.schedule.stages_of(grid.coord("pp"))]}
+
+
+def test_replicas_samples_of_unequal_rows_profile_alike():
+    results = mesh.spawn(_unequal_worker, 4, timeout=120, env=PATIENT)
+    for r, res in enumerate(results):
+        assert len(res["errors"]) == 1 and "ranks [0, 1] were given sample=" in \
+            res["errors"][0] and "ranks [2, 3] were not" in res["errors"][0], (r, res["errors"])
+    assert len({(res["counts"], res["schedule"]) for res in results}) == 1, results
+    model = _numpy_model()
+    x, y = (a[:16] for a in _data(0))
+    out, ctx = model.forward(x)
+    model.backward(ctx, mse_loss(out, y)[1])
+    counts = results[0]["counts"]
+    for r, res in enumerate(results):
+        (first,) = res["layers"]
+        want = [g for layer in model.layers[first:first + counts[r % 2]] for g in layer.grads()]
+        assert len(res["grads"]) == len(want)
+        for a, b in zip(res["grads"], want):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=f"rank {r}")

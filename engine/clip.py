@@ -1,0 +1,119 @@
+"""Global gradient-norm clipping over a pipeline's stages, tp shards and dp
+replicas, as Megatron's ``clip_grad_norm`` (``Pipeline.clip_grad_norm_``).
+
+The norm is the one-process model's: each parameter counted once. A rank
+adds up the p-th powers of the gradients it alone stands for (float64):
+
+* every tensor-parallel shard (sharded parameters: a colwise, rowwise or
+  vocab weight) on every tp rank, whose parts make the whole; a parameter
+  whole on every tp rank (a norm's, a rowwise bias, anything unplanned)
+  only on tp rank 0;
+* a tied parameter's first copy only (``Tie.stages[0]``): the others hold
+  the same sum after the step;
+* on dp replica 0 only: the replicas' gradients are averaged already, so
+  equal.
+
+One all-reduce of one float64 over the whole grid (a sum; the largest for
+the infinity norm) makes the total, the same on every rank, and every
+gradient on every rank is scaled by ``max_norm / (total + 1e-6)`` when that
+is under 1 (torch's ``clip_grad_norm_``), copies of tied and replicated
+parameters alike, so they stay equal.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+import collectives
+from mesh.tensors import is_tensor
+
+from .layers import Recompute, Sequential
+from .tp_layers import Sharded
+
+__all__ = ["clip_grad_norm", "sharded_flags"]
+
+
+def sharded_flags(stage: Any) -> list[bool]:
+    """For each of ``stage.grads()``, whether its parameter is a tensor-
+    parallel shard (a part of it on each tp rank) rather than whole."""
+    module = getattr(stage, "module", None)
+    if module is not None and hasattr(module, "named_modules"):       # a TorchStage
+        cut = {id(getattr(sub, name)) for _, sub in module.named_modules()
+               if getattr(sub, "_tp", None) is not None for name in sub._tp.dims}
+        return [id(p) in cut for p in module.parameters() if p.requires_grad]
+    return _layer_flags(stage)
+
+
+def _layer_flags(layer: Any) -> list[bool]:
+    """``sharded_flags`` of an engine.layers layer or Sequential, in the
+    order of its ``grads()`` (engine.tp_layers.load_full_params' walk)."""
+    if isinstance(layer, Recompute):
+        return _layer_flags(layer.inner)
+    if isinstance(layer, Sharded) and isinstance(layer.inner, Sequential):
+        return _layer_flags(layer.inner)        # a region: its layers say
+    if isinstance(layer, Sequential):
+        return [f for sub in layer.layers for f in _layer_flags(sub)]
+    if isinstance(layer, Sharded):
+        return [d is not None for d in layer.dims]
+    grads = getattr(layer, "grads", None)
+    return [False] * len(grads()) if callable(grads) else []
+
+
+def _power_sum(g: Any, p: float) -> float:
+    """sum |g|^p in float64 (the largest |g| for p = inf) of an array or a
+    tensor."""
+    if is_tensor(g):
+        v = g.detach().reshape(-1).double()
+        if v.numel() == 0:
+            return 0.0
+        if math.isinf(p):
+            return float(v.abs().max())
+        return float(v.dot(v)) if p == 2 else float(v.abs().pow(p).sum())
+    if g.size == 0:
+        return 0.0
+    xp = np if isinstance(g, np.ndarray) else _module(g)
+    v = g.reshape(-1).astype(np.float64)
+    if math.isinf(p):
+        return float(xp.abs(v).max())
+    return float(xp.dot(v, v)) if p == 2 else float((xp.abs(v) ** p).sum())
+
+
+def _module(a: Any) -> Any:
+    import importlib
+    return importlib.import_module(type(a).__module__.split(".")[0])
+
+
+def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
+                   error_if_nonfinite: bool = False) -> float:
+    """Clip ``pipe``'s gradients (an engine.Pipeline, after its step) to a
+    total norm of ``max_norm``; return the total norm before clipping, the
+    same on every rank. Collective: every rank of the pipeline calls it."""
+    p = float(norm_type)
+    where = f"rank {pipe.whole.rank} (pp rank {pipe.rank})"
+    if not (p > 0 or math.isinf(p)) or math.isnan(p):
+        raise ValueError(f"{where}: clip_grad_norm_(norm_type={norm_type!r}): a norm of "
+                         "order above 0, or inf")
+    skip = {(s, i) for tie, members, _, _ in pipe.tied.ties for s, i in members
+            if s != tie.stages[0]}
+    whole_too = pipe.tp is None or pipe.tp_index == 0
+    mine = [] if pipe.dp_index else [
+        g for s, stage in sorted(pipe.stages.items())
+        for i, (g, cut) in enumerate(zip(stage.grads(), sharded_flags(stage)))
+        if (s, i) not in skip and (cut or whole_too)]
+    parts = [_power_sum(g, p) for g in mine]
+    total = np.array([(max(parts) if parts else 0.0) if math.isinf(p) else sum(parts)],
+                     dtype=np.float64)
+    collectives.all_reduce(pipe.whole, total, op="max" if math.isinf(p) else "sum",
+                           timeout=pipe.timeout)
+    norm = float(total[0]) if math.isinf(p) else float(total[0]) ** (1.0 / p)
+    if error_if_nonfinite and not math.isfinite(norm):
+        raise RuntimeError(f"{where}: the total norm of order {norm_type} of the gradients "
+                           f"is {norm}: clip_grad_norm_(error_if_nonfinite=True)")
+    coef = float(max_norm) / (norm + 1e-6)
+    if coef < 1.0:
+        for stage in pipe.stages.values():
+            for g in stage.grads():
+                g *= coef
+    return norm

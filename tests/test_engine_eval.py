@@ -1,0 +1,102 @@
+"""``job.eval_step``: the schedule's forwards only, the loss of one
+process's ``model.eval()`` on the global batch, no gradient touched, the
+modules back in their own modes after; ``outputs=True`` also hands back the
+last stage's outputs. Training goes on after it (its tags are a step's).
+
+One spawn of four ranks: dp=2 x pp=2 under ZB-V (two stages a rank, the
+embedding and the head tied, a dropout that eval mode turns off), and
+pp=2 x tp=2 (sequence parallel).
+"""
+import numpy as np
+import pytest
+
+import mesh
+
+ROWS = 8
+
+
+def _data(step):
+    import tp_models
+    rng = np.random.default_rng(900 + step)
+    return (rng.integers(0, tp_models.VOCAB, (ROWS, tp_models.SEQ)),
+            rng.integers(0, tp_models.VOCAB, (ROWS, tp_models.SEQ)))
+
+
+def _ce(y, t):
+    import torch
+    return torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1))
+
+
+def _model(dropout):
+    import torch
+
+    import tp_models
+    model = tp_models.model(11)
+    model[-1].head.weight = model[0].embed.weight
+    if dropout:         # five layers: ZB-V's four stages
+        model = torch.nn.Sequential(model[0], torch.nn.Dropout(0.5), *model[1:])
+    return model
+
+
+def _reference(dropout):
+    """One process: the loss and outputs of step 0's batch in eval mode."""
+    import torch
+    model = _model(dropout).eval()
+    x, y = (torch.from_numpy(a) for a in _data(0))
+    with torch.no_grad():
+        out = model(x)
+        return float(_ce(out, y)), out.numpy()
+
+
+def _worker(world):
+    import torch
+
+    import engine
+    import tp_models
+    torch.set_num_threads(1)
+    res = {}
+    for name, axes, plan, sched in [("dp2 x pp2", {"dp": 2, "pp": 2}, None, "zb-v"),
+                                    ("pp2 x tp2", {"pp": 2, "tp": 2}, tp_models.SEQUENCE,
+                                     "1f1b")]:
+        grid = mesh.grid(world, **axes)
+        d, dp = (grid.coord("dp"), 2) if "dp" in axes else (0, 1)
+        job = engine.distribute(_model(plan is None), grid, plan=plan, schedule=sched,
+                                microbatches=2, balance="uniform", loss_fn=_ce, verbose=False,
+                                overhead=0.0, timeout=60)
+        x, y = (a[d::dp] for a in _data(1))
+        job.step(x, y)                                  # gradients to keep
+        held = [p.grad.clone() for p in job.parameters()]
+        x, y = (a[d::dp] for a in _data(0))
+        loss = job.eval_step(x, y)
+        again, out = job.eval_step(x, y, outputs=True)
+        nothing, out2 = job.eval_step(x, None, outputs=True)     # inference: no targets
+        kept = all(torch.equal(p.grad, h) for p, h in zip(job.parameters(), held))
+        modes = all(m.training for st in job.stages for m in st.module.modules())
+        after = job.step(x, y)                          # a training step still lines up
+        res[name] = {"loss": loss, "again": again, "nothing": nothing, "kept": kept,
+                     "modes": modes, "after": after, "last": job.pipeline.last,
+                     "out": None if out is None else out.numpy(),
+                     "same": out is None or torch.equal(out, out2)}
+    return res
+
+
+@pytest.mark.timeout(200)
+def test_eval_step_is_one_process_forward_in_eval_mode():
+    pytest.importorskip("torch")
+    results = mesh.spawn(_worker, 4, timeout=180)
+    for name, dropout in [("dp2 x pp2", True), ("pp2 x tp2", False)]:
+        want, want_out = _reference(dropout)
+        dp = 2 if name.startswith("dp2") else 1
+        for r, res in enumerate(results):
+            got = res[name]
+            assert got["kept"] and got["modes"] and got["same"], (name, r, got)
+            assert got["nothing"] is None, (name, r)
+            if not got["last"]:
+                assert got["loss"] is None and got["out"] is None, (name, r)
+                continue
+            assert got["loss"] == pytest.approx(want, rel=1e-5), (name, r)
+            assert got["again"] == got["loss"], (name, r)
+            assert got["after"] is not None and np.isfinite(got["after"]), (name, r)
+            d = r // 2 if dp == 2 else 0           # world rank = dp * 2 + pp (+ tp)
+            np.testing.assert_allclose(got["out"], want_out[d::dp], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name} rank {r}")
