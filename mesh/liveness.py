@@ -67,12 +67,6 @@ COUNTED = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCON
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
-def monitor_value(frames: list[bytes]) -> int:
-    """The value of a ZeroMQ monitor message (a native uint32 after the
-    event number): for a connection's events, its file descriptor."""
-    return int(struct.unpack_from("=I", frames[0], 2)[0])
-
-
 def heartbeat_for(size: int, peer_timeout: float) -> float:
     """The default heartbeat interval of a world of ``size``: 0.5 s, longer
     in large worlds, so that a rank beats to at most about 64 peers a second
@@ -113,7 +107,7 @@ class Liveness:
         self._awake_since = 0.0
         self.stalls = 0
         self.handshake_failures = 0
-        self._shaking: set[int] = set()    # fds of connections accepted, not through handshake
+        self._shaking = 0     # connections accepted whose handshake has not ended (as far as seen)
         self.doing: Pending | Outgoing | str | None = None
         self.doing_since = 0.0
         self.last: Pending | Outgoing | str | None = None
@@ -213,17 +207,23 @@ class Liveness:
                 return
             event = monitor_event(frames)
             if peer is None:
-                # (a connection that never spoke ZeroMQ raises no failure: it is
-                # counted when it closes still in its handshake)
-                fd = monitor_value(frames)
+                # A connection that never spoke ZeroMQ raises no failure: it is
+                # counted when it closes with a handshake unresolved. (Handshake
+                # events name no connection, only accepted and disconnected ones
+                # do, so this counts handshakes begun and not ended: one ending
+                # as a peer's established connection closes counts a stranger
+                # one early, never twice.)
                 if event == zmq.EVENT_ACCEPTED:
-                    self._shaking.add(fd)
+                    self._shaking += 1
                     continue
-                if event == zmq.EVENT_DISCONNECTED and fd not in self._shaking:
-                    continue
-                self._shaking.discard(fd)
-                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    continue
+                if event == zmq.EVENT_DISCONNECTED:
+                    if not self._shaking:
+                        continue
+                    self._shaking -= 1
+                else:
+                    self._shaking = max(0, self._shaking - 1)
+                    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                        continue
             if peer is None:
                 self.handshake_failures += 1
                 n = self.handshake_failures
