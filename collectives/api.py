@@ -52,11 +52,50 @@ _staged_scatter = simple(host.scatter, in_place=False)
 _staged_all_to_all = simple(host.all_to_all, in_place=False)
 
 
+_HALF = np.dtype(np.float16)
+
+
+def _half_avg(a: Any, op: str) -> bool:
+    """An average of float16 (a numpy array or a torch tensor): taken in
+    float32, so that no partial sum overflows (n ranks' 30000 made inf)
+    and the mean is rounded once (as bfloat16's, collectives.tensors)."""
+    if op != "avg":
+        return False
+    if type(a) is np.ndarray:
+        return a.dtype == _HALF and a.dtype.metadata is None
+    return is_tensor(a) and str(a.dtype) == "torch.float16"
+
+
+def _widened(call: Any, a: Any, in_place: bool, async_op: bool) -> Any:
+    """``call(wide)`` on a float32 copy of the float16 ``a``; its result
+    rounded back to float16 once: into ``a`` when ``in_place``, else as a
+    new array or tensor like ``a``."""
+    numpy = type(a) is np.ndarray
+    wide = a.astype(np.float32) if numpy else a.detach().float()
+    res = call(wide)
+
+    def finish(result: Any) -> Any:
+        if not in_place:
+            return None if result is None else (
+                result.astype(np.float16) if numpy else result.half())
+        if numpy:
+            a[...] = wide
+        else:
+            import torch
+            with torch.no_grad():     # (copy_ counts as a write for autograd)
+                a.copy_(wide)
+        return a
+    return device.DeviceWork(res, finish) if async_op else finish(res)
+
+
 def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_reduce, for host and device arrays and tensors
     (a tiny numpy array the short way, collectives.shm.tiny, once a first
-    call has settled it)."""
+    call has settled it; float16 averaged in float32)."""
+    if op == "avg" and _half_avg(a, op):
+        return _widened(lambda w: all_reduce(g, w, op, async_op, algorithm, timeout), a,
+                        True, async_op)
     if type(a) is np.ndarray and not async_op and algorithm is None and (
             tiny.all_reduce(g, a, op, timeout) is not None
             or hier_tiny.all_reduce(g, a, op, timeout) is not None):
@@ -77,7 +116,11 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 
 def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                    timeout: float | None = None) -> Any:
-    """collectives.host.paths.reduce_scatter, for host and device arrays and tensors."""
+    """collectives.host.paths.reduce_scatter, for host and device arrays and tensors
+    (float16 averaged in float32)."""
+    if _half_avg(a, op):
+        return _widened(lambda w: reduce_scatter(g, w, op, async_op, timeout), a, False,
+                        async_op)
     check_comm(g, "reduce_scatter")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(reduce_scatter, "reduce_scatter", g, a, op=op, async_op=async_op,
@@ -113,7 +156,11 @@ def broadcast(g: Comm, a: Any, root: int = 0, async_op: bool = False,
 
 def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = False,
            algorithm: str | None = None, timeout: float | None = None) -> Any:
-    """collectives.host.paths.reduce, for host and device arrays and tensors."""
+    """collectives.host.paths.reduce, for host and device arrays and tensors
+    (float16 averaged in float32)."""
+    if _half_avg(a, op) and isinstance(getattr(g, "rank", None), int):
+        return _widened(lambda w: reduce(g, w, root, op, async_op, algorithm, timeout), a,
+                        g.rank == root, async_op)
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(reduce, "reduce", g, a, root=root, op=op, async_op=async_op,
                           algorithm=algorithm, timeout=timeout)

@@ -261,3 +261,34 @@ def test_grad_reducer_refuses_what_would_train_the_replicas_apart() -> None:
     pytest.importorskip("torch")
     assert mesh.spawn(_reducer_misuse, 2, timeout=100) == [
         ["order", "accumulated", "done 3.0"]] * 2
+
+
+def _half_averages(world: Any) -> list[float]:
+    """float16 averaged in float32: n ranks' 30000 is 30000 (the float16 sum
+    overflowed to inf), and a mean is rounded once (2048, 1, 1, 1: 513)."""
+    import torch
+    n, r = world.size, world.rank
+    seen = []
+    for rows in (4, 1 << 16):       # the short way and the ring
+        a = np.full(rows, 30000.0, np.float16)
+        C.all_reduce(world, a, op="avg")
+        t = torch.full((rows,), 30000.0, dtype=torch.float16)
+        C.all_reduce(world, t, op="avg", async_op=True).wait()
+        seen += [float(a[-1]), float(t[-1])]
+    t = torch.tensor([2048.0 if r == 0 else 1.0], dtype=torch.float16)
+    C.all_reduce(world, t, op="avg")
+    seen.append(float(t[0]))
+    parts = C.reduce_scatter(world, np.full(2 * n, 30000.0, np.float16), op="avg")
+    seen.append(float(parts[0]) if parts.dtype == np.float16 else -1.0)
+    m = torch.nn.Linear(2, 1, bias=False).half()
+    red = C.GradReducer(world, list(m.parameters()))
+    (m(torch.full((1, 2), 100.0, dtype=torch.float16)) * 300.0).sum().backward()
+    red.wait()
+    seen.append(float(m.weight.grad[0, 0]))
+    return seen
+
+
+def test_float16_is_averaged_in_float32() -> None:
+    pytest.importorskip("torch")
+    for seen in mesh.spawn(_half_averages, 4, timeout=100):
+        assert seen == [30000.0] * 4 + [513.0, 30000.0, 30000.0], seen
