@@ -23,7 +23,7 @@
 """
 from . import api
 from .api import (all_gather, all_gather_object, all_reduce, all_to_all, barrier, broadcast,
-                  broadcast_object, gather, reduce, reduce_scatter, scatter)
+                  broadcast_object, broadcast_state, gather, reduce, reduce_scatter, scatter)
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
 from .plan import Tuning
@@ -31,5 +31,5 @@ from .runner import Work, abandon
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object",
-           "GradReducer", "all_reduce_grads", "bucket_plan", "DEFAULT_BUCKET_BYTES",
-           "Work", "Tuning", "OPS", "abandon"]
+           "broadcast_state", "GradReducer", "all_reduce_grads", "bucket_plan",
+           "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "abandon"]

@@ -40,7 +40,8 @@ from .tensors import is_tensor
 from .tensors import run as _on_tensor
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
-           "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object"]
+           "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object",
+           "broadcast_state"]
 
 _staged_all_reduce = simple(host.all_reduce, in_place=True)
 _staged_all_gather = simple(host.all_gather, in_place=False)
@@ -195,3 +196,70 @@ def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(all_to_all, "all_to_all", g, a, async_op=async_op, timeout=timeout)
     return _staged_all_to_all(g, a, async_op=async_op, timeout=timeout)
+
+
+_ARRAY = "__meshrun_array__"     # a leaf's place in broadcast_state's skeleton
+
+
+def broadcast_state(g: Comm, state: Any = None, root: int = 0,
+                    timeout: float | None = None) -> Any:
+    """The root's ``state`` on every rank: a nested structure of dicts,
+    lists and tuples (tuples come back as lists) whose leaves are numpy
+    arrays, torch tensors and msgpack-able values (numbers, strings, None)
+    -- a ``model.state_dict()``, an ``optimizer.state_dict()``, Horovod's
+    ``broadcast_parameters`` / ``broadcast_optimizer_state``::
+
+        model.load_state_dict(C.broadcast_state(world, model.state_dict()))
+        opt.load_state_dict(C.broadcast_state(world, opt.state_dict()))
+
+    (an optimizer whose state other ranks have not made yet, as Adam's
+    before its first step, takes the root's). Collective; ``state`` is
+    ignored (may be None) elsewhere. The structure goes as one object,
+    then each array by ``broadcast``; the other ranks get new arrays and
+    tensors (a tensor on the CPU: ``load_state_dict`` moves it), the root
+    its own ``state``."""
+    check_comm(g, "broadcast_state")
+    leaves: list[Any] = []
+
+    def skeleton(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: skeleton(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [skeleton(v) for v in x]
+        if isinstance(x, np.ndarray) or is_tensor(x):
+            leaves.append(x)
+            torch_dtype = str(x.dtype).removeprefix("torch.") if is_tensor(x) else None
+            return {_ARRAY: len(leaves) - 1, "dtype": torch_dtype or x.dtype.str,
+                    "shape": list(x.shape), "torch": torch_dtype is not None}
+        if isinstance(x, np.generic):
+            return x.item()
+        return x
+    mine = g.rank == root
+    shape = broadcast_object(g, skeleton(state) if mine else None, root=root, timeout=timeout)
+    made: list[Any] = []
+
+    def build(x: Any) -> Any:
+        if isinstance(x, dict):
+            if _ARRAY in x:
+                if x["torch"]:
+                    import torch
+                    a: Any = torch.empty(x["shape"], dtype=getattr(torch, x["dtype"]))
+                else:
+                    a = np.empty(x["shape"], np.dtype(x["dtype"]))
+                made.append(a)
+                return a
+            return {k: build(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [build(v) for v in x]
+        return x
+    out = state if mine else build(shape)
+    for k in range(len(leaves) if mine else len(made)):
+        if mine:
+            a = leaves[k]
+            a = a.detach() if is_tensor(a) else a
+            if not (a.is_contiguous() if is_tensor(a) else a.flags.c_contiguous):
+                a = a.contiguous() if is_tensor(a) else np.ascontiguousarray(a)
+        else:
+            a = made[k]
+        broadcast(g, a, root=root, timeout=timeout)
+    return out

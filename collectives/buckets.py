@@ -384,7 +384,10 @@ class GradReducer:
                                f"it: parameter {i}'s .grad changed between its bucket's "
                                f"launch and wait() (zero_grad() or another backward in "
                                f"between? accumulate with ready() held back until the last "
-                               f"micro-batch, as DDP's no_sync), so it holds no average "
+                               f"micro-batch, as DDP's no_sync; a hook that calls ready() "
+                               f"must be register_post_accumulate_grad_hook's, not "
+                               f"register_hook's, which runs before the gradient is "
+                               f"accumulated), so it holds no average "
                                f"({how}: {(stale or written)[:8]})")
 
 

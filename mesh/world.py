@@ -46,7 +46,14 @@ class Mesh(Comm):
 
     @property
     def local_rank(self) -> int:
+        """This rank's index among the ranks its launcher started on its host."""
         return self.spec.local_rank
+
+    @property
+    def local_size(self) -> int:
+        """How many ranks its launcher started on this rank's host (as the
+        launcher says: LOCAL_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_SIZE...)."""
+        return self.spec.local_size
 
     @property
     def refused(self) -> int:

@@ -292,3 +292,36 @@ def test_float16_is_averaged_in_float32() -> None:
     pytest.importorskip("torch")
     for seen in mesh.spawn(_half_averages, 4, timeout=100):
         assert seen == [30000.0] * 4 + [513.0, 30000.0, 30000.0], seen
+
+
+def _state_sync(world: Any) -> list[Any]:
+    """Horovod's broadcast_parameters and broadcast_optimizer_state: rank 0
+    has trained a step (Adam's state made), the others have not; after
+    broadcast_state every rank holds rank 0's model and optimizer, and the
+    next step keeps them equal."""
+    import torch
+    torch.manual_seed(world.rank)          # every rank starts elsewhere
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.Adam(m.parameters(), lr=0.1)
+    x = torch.ones(2, 3)
+    if world.rank == 0:
+        m(x).sum().backward()
+        opt.step()
+    m.load_state_dict(C.broadcast_state(world, m.state_dict()))
+    opt.load_state_dict(C.broadcast_state(world, opt.state_dict()))
+    mixed = {"a": np.arange(6.0).reshape(2, 3).T, "b": (1, "two", None), "c": np.float32(2.5),
+             "d": torch.ones(2, dtype=torch.bfloat16) * (world.rank + 1)}
+    got = C.broadcast_state(world, mixed if world.rank == 0 else None)
+    opt.zero_grad()
+    m(x).sum().backward()
+    opt.step()
+    return [[p.detach().tolist() for p in m.parameters()], got["a"].tolist(), got["b"],
+            got["c"], got["d"].tolist(), str(got["d"].dtype)]
+
+
+def test_broadcast_state_gives_every_rank_the_roots_model_and_optimizer() -> None:
+    pytest.importorskip("torch")
+    res = mesh.spawn(_state_sync, 3, timeout=100)
+    assert res[1][0] == res[0][0] and res[2] == res[1], res     # (the root's own tuple stays)
+    assert res[1][1:] == [[[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]], [1, "two", None], 2.5,
+                          [1.0, 1.0], "torch.bfloat16"], res[1][1:]

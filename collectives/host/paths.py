@@ -44,8 +44,9 @@ def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
             raise TypeError(f"{name}: a {kind} is neither a numpy array, a torch tensor nor "
                             f"a CUDA array; np.from_dlpack(a) gives a numpy array of it")
         if writable:
-            raise TypeError(f"{name} works in place: it needs a numpy array, "
-                            f"got {type(a).__name__}")
+            raise TypeError(f"{name} works in place: it needs an array it can write (a "
+                            f"numpy array, a torch tensor or a device array), got "
+                            f"{type(a).__name__}")
         given, a = a, np.asarray(a)
         if a.dtype.kind not in "biufc" or a.dtype.fields is not None:
             raise TypeError(f"{name}: takes a numeric or bool array, got "
