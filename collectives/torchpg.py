@@ -322,8 +322,10 @@ class ProcessGroupMeshrun(_ProcessGroup):
     @staticmethod
     def _premul_problem(factor: Any, tensors: Sequence[torch.Tensor]) -> str:
         """Why PREMUL_SUM (a factor) cannot scale ``tensors`` ('' when it can)."""
+        if factor is None:
+            return ""
         bad = next((t for t in tensors if not (t.is_floating_point() or t.is_complex())), None)
-        if factor is None or bad is None:
+        if bad is None:
             return ""
         return f"ReduceOp.PREMUL_SUM scales by a float: it needs floating tensors, not {bad.dtype}"
 
@@ -359,7 +361,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
             name = "sum" if rop == _SUM else _OPS.get(rop.op.value)
             if name is not None:
                 arr = _tensors.cpu_numpy(tensors[0])    # None: collectives.api's tensor path
-                if arr is not None:
+                if arr is not None and (name != "avg" or arr.dtype != np.float16):
+                    # (float16 averaged: collectives.api's, in float32)
                     if opts.asyncOp:
                         return self._host_async(arr, name, tensors)
                     comm, timeout = self.comm, self.timeout

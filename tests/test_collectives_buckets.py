@@ -280,6 +280,17 @@ def _half_averages(world: Any) -> list[float]:
     seen.append(float(t[0]))
     parts = C.reduce_scatter(world, np.full(2 * n, 30000.0, np.float16), op="avg")
     seen.append(float(parts[0]) if parts.dtype == np.float16 else -1.0)
+    import torch.distributed as dist
+
+    import collectives.torchdist  # noqa: F401  (registers "meshrun")
+    dist.init_process_group("meshrun")
+    for async_op in (False, True):      # (the backend's own short way for CPU tensors)
+        t = torch.full((4,), 30000.0, dtype=torch.float16)
+        w = dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=async_op)
+        if w is not None:
+            w.wait()
+        seen.append(float(t[0]))
+    dist.destroy_process_group()
     m = torch.nn.Linear(2, 1, bias=False).half()
     red = C.GradReducer(world, list(m.parameters()))
     (m(torch.full((1, 2), 100.0, dtype=torch.float16)) * 300.0).sum().backward()
@@ -291,7 +302,7 @@ def _half_averages(world: Any) -> list[float]:
 def test_float16_is_averaged_in_float32() -> None:
     pytest.importorskip("torch")
     for seen in mesh.spawn(_half_averages, 4, timeout=100):
-        assert seen == [30000.0] * 4 + [513.0, 30000.0, 30000.0], seen
+        assert seen == [30000.0] * 4 + [513.0, 30000.0] + [30000.0] * 3, seen
 
 
 def _state_sync(world: Any) -> list[Any]:
