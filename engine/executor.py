@@ -274,16 +274,28 @@ class Pipeline:
         On failure, clean up (see the class docstring) and raise."""
         st = _Step(self, self._steps)
         self._steps += 1
+        events: list[list[Any]] = []
+        mean = self._drive(st, inputs, targets, events)
+        self.events = events
+        return mean
+
+    def _drive(self, st: "_Step", inputs: Any, targets: Any,
+               events: list[list[Any]] | None = None) -> float | None:
+        """Run step ``st``'s program (``events``: each action's, timed, for
+        the trace); its mean loss on last-stage ranks. On failure: clean
+        up, agree with the others that it failed, raise."""
         at = 0
         try:
             st.start(inputs, targets)
-            events: list[list[Any]] = []
-            for at, a in enumerate(self.program):
+            for at, a in enumerate(st.program):
+                if events is None:
+                    st.run(a)
+                    continue
                 t0 = time.time_ns()
                 flow = st.run(a)
                 events.append([str(a), a.kind, t0, time.time_ns(), flow,
                                self._flow(a) if flow else 0])
-            at = len(self.program)
+            at = len(st.program)
             st.finish()
             mean = self._mean_loss(st)
         except BaseException as e:
@@ -291,7 +303,6 @@ class Pipeline:
             st.agree(e)
             raise
         st.agree(None)
-        self.events = events
         return mean
 
     def eval_step(self, inputs: Any = None, targets: Any = None, *,
@@ -313,26 +324,15 @@ class Pipeline:
         roll back."""
         st = _Step(self, self._steps, forward_only=True)
         self._steps += 1
-        at = 0
         modes = [(m, m.training) for stage in self.stages.values()
                  if isinstance(stage, TorchStage) for m in stage.module.modules()]
         try:
             for m, _ in modes:
                 m.training = False
-            st.start(inputs, targets)
-            for at, a in enumerate(st.program):
-                st.run(a)
-            at = len(st.program)
-            st.finish()
-            mean = self._mean_loss(st)
-        except BaseException as e:
-            st.abandon(at, e)
-            st.agree(e)
-            raise
+            mean = self._drive(st, inputs, targets)
         finally:
             for m, mode in modes:
                 m.training = mode
-        st.agree(None)
         if not outputs:
             return mean
         return mean, (_joined([st.outs_last[k] for k in range(len(st.outs_last))])

@@ -6,6 +6,19 @@ from torch import nn
 VOCAB, DIM, HIDDEN, HEADS, SEQ = 8, 8, 12, 2, 4
 
 
+def tokens(seed: int, rows: int) -> tuple:
+    """A batch for the model: (inputs, targets), ``rows`` sequences of
+    random tokens each (numpy int64), the same for a seed on every rank."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, VOCAB, (rows, SEQ)), rng.integers(0, VOCAB, (rows, SEQ)))
+
+
+def cross_entropy(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The model's loss: the mean over every position of the batch."""
+    return nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1))
+
+
 class Attention(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
