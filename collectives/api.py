@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh import Comm
+from mesh import Comm, tensors, wire
 from mesh.tensors import cpu_numpy
 
 from .device import paths as device
@@ -179,16 +179,19 @@ def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
 
 
 def scatter(g: Comm, a: Any = None, root: int = 0, async_op: bool = False,
-            timeout: float | None = None, dtype: Any = None) -> Any:
+            timeout: float | None = None, dtype: Any = None,
+            shape: tuple[int, ...] | None = None) -> Any:
     """collectives.host.paths.scatter, for host and device arrays and tensors.
     A tensor passed on a rank that is not the root (where ``a`` is ignored)
     makes its row come back as a tensor of that dtype and device; the
     root's rows must have that dtype (``dtype=``: a numpy dtype, to check
-    it for a row that comes back as a numpy array)."""
+    it for a row that comes back as a numpy array) and, given ``shape``,
+    that shape."""
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(scatter, "scatter", g, a, root=root, async_op=async_op,
-                          timeout=timeout)
-    return _staged_scatter(g, a, root=root, async_op=async_op, timeout=timeout, dtype=dtype)
+                          timeout=timeout, shape=shape)
+    return _staged_scatter(g, a, root=root, async_op=async_op, timeout=timeout, dtype=dtype,
+                           shape=shape)
 
 
 def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
@@ -220,22 +223,42 @@ def broadcast_state(g: Comm, state: Any = None, root: int = 0,
     its own ``state``."""
     check_comm(g, "broadcast_state")
     leaves: list[Any] = []
+    me = f"rank {g.ranks[g.rank]}: broadcast_state on group {g.name}"
 
-    def skeleton(x: Any) -> Any:
+    def skeleton(x: Any, at: str) -> Any:
         if isinstance(x, dict):
-            return {k: skeleton(v) for k, v in x.items()}
+            for k in x:
+                if not isinstance(k, (str, int, float, bool)) and k is not None or k == _ARRAY:
+                    ours = " (not this one: meshrun marks arrays with it)" if k == _ARRAY else ""
+                    raise TypeError(f"{at} has the key {k!r}: keys are strings and numbers{ours}")
+            return {k: skeleton(v, f"{at}[{k!r}]") for k, v in x.items()}
         if isinstance(x, (list, tuple)):
-            return [skeleton(v) for v in x]
+            return [skeleton(v, f"{at}[{i}]") for i, v in enumerate(x)]
         if isinstance(x, np.ndarray) or is_tensor(x):
+            if is_tensor(x):
+                tensors.check(x, f"{at}")       # (a sparse or meta tensor, float8: named)
+            elif not wire.dtype_ok(x.dtype):
+                raise TypeError(f"{at} is an array of {x.dtype}: numeric and bool only")
             leaves.append(x)
             torch_dtype = str(x.dtype).removeprefix("torch.") if is_tensor(x) else None
             return {_ARRAY: len(leaves) - 1, "dtype": torch_dtype or x.dtype.str,
                     "shape": list(x.shape), "torch": torch_dtype is not None}
         if isinstance(x, np.generic):
             return x.item()
-        return x
+        if x is None or isinstance(x, (str, bytes, int, float, bool)):
+            return x
+        raise TypeError(f"{at} is a {type(x).__name__}: the leaves are arrays, tensors, "
+                        f"numbers, strings and None")
     mine = g.rank == root
-    shape = broadcast_object(g, skeleton(state) if mine else None, root=root, timeout=timeout)
+    sent: Any = None
+    if mine:
+        try:
+            sent = skeleton(state, "state")
+        except TypeError as e:      # every rank raises it, none waits for the arrays
+            sent = {_ARRAY: -1, "error": str(e)}
+    shape = broadcast_object(g, sent, root=root, timeout=timeout)
+    if isinstance(shape, dict) and shape.get(_ARRAY) == -1:
+        raise TypeError(f"{me}: the root's (rank {root}'s) {shape['error']}")
     made: list[Any] = []
 
     def build(x: Any) -> Any:

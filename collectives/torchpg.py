@@ -427,8 +427,13 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
+        for outs in output_tensors:
+            if len(outs) != self._n:
+                return self._refuse("all_gather", f"its output list holds {len(outs)} "
+                                    f"tensors, one for each of {self._n} ranks needed",
+                                    opts.asyncOp)
         if any(len({o.shape for o in outs}) > 1 or outs[0].numel() != x.numel()
-               for outs, x in zip(output_tensors, input_tensors) if outs):
+               for outs, x in zip(output_tensors, input_tensors)):
             return self._allgather_v(output_tensors, input_tensors, opts)
 
         def finish(values: list[Any]) -> None:
@@ -453,7 +458,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
             ins, sizes = [flat.numel()] * self._n, [o.numel() for o in outs]
             launches.append(lambda a, arr=arr, ins=ins, sizes=sizes: _all_to_all_v(
                 self.comm, arr, ins, sizes, a, self.timeout,
-                "its output tensor for that rank vs the rank's input"))
+                "its output tensors for those ranks vs the ranks' inputs",
+                name="all_gather"))
             finishes.append((outs, sizes))
 
         def finish(values: list[Any]) -> None:
@@ -493,7 +499,13 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def reduce_scatter(self, output_tensors: list[torch.Tensor],
                        input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
         opts = opts or c10d.ReduceScatterOptions()
-        if any(len({x.shape for x in ins}) > 1 for ins in input_tensors):
+        for ins in input_tensors:
+            if len(ins) != self._n:
+                return self._refuse("reduce_scatter", f"its input list holds {len(ins)} "
+                                    f"tensors, one for each of {self._n} ranks needed",
+                                    opts.asyncOp)
+        if any(len({x.shape for x in ins}) > 1 or o.numel() != ins[0].numel()
+               for o, ins in zip(output_tensors, input_tensors)):
             return self._reduce_scatter_v(output_tensors, input_tensors, opts)
         return self._reduce_scatter(output_tensors, [torch.stack([x.detach() for x in ins])
                                                      for ins in input_tensors], opts, True)
@@ -518,7 +530,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
             sizes = [x.numel() for x in ins]
             launches.append(lambda a, arr=arr, sizes=sizes, k=out.numel(): _all_to_all_v(
                 self.comm, arr, sizes, [k] * self._n, a, self.timeout,
-                "its output vs that rank's input for it", lambda: resolve(name, arr.dtype)))
+                "its output vs that rank's input for it", lambda: resolve(name, arr.dtype),
+                name="reduce_scatter"))
             finishes.append(out)
 
         def finish(values: list[Any]) -> None:
@@ -584,6 +597,10 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllToAllOptions()
+        if len(output_tensors) != self._n or len(input_tensors) != self._n:
+            return self._refuse("all_to_all", f"its lists hold {len(output_tensors)} output "
+                                f"and {len(input_tensors)} input tensors, one for each of "
+                                f"{self._n} ranks needed", opts.asyncOp)
         flat = torch.cat([x.detach().reshape(-1) for x in input_tensors])
         ins = [x.numel() for x in input_tensors]
         outs = [o.numel() for o in output_tensors]
@@ -593,7 +610,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
             pieces = _tensors.to_torch(values[0], output_tensors[0]).split(outs)
             for o, piece in zip(output_tensors, pieces):
                 _write(o, piece)
-        return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)],
+        return self._run([lambda a: _all_to_all_v(
+            self.comm, arr, ins, outs, a, self.timeout,
+            "its output tensors vs the ranks' input tensors for it", name="all_to_all")],
                          finish, output_tensors, opts.asyncOp)
 
     all_gather_single = _allgather_base
@@ -637,7 +656,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         src = (torch.stack([x.detach() for x in input_tensors[0]])
                if self.comm.rank == root else out)
         return self._run([lambda a: C.scatter(self.comm, src, root=root, async_op=a,
-                                              timeout=self.timeout)],
+                                              timeout=self.timeout, shape=tuple(out.shape))],
                          lambda v: _write(out, v[0]), output_tensors, opts.asyncOp)
 
     def barrier(self, opts: Any = None) -> dist.Work:
@@ -746,7 +765,8 @@ class _P2PWork(_Work):
 def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[int],
                   async_op: bool, timeout: float | None,
                   sizes: str = "output_split_sizes vs input_split_sizes",
-                  check: Callable[[], Any] | None = None) -> Any:
+                  check: Callable[[], Any] | None = None,
+                  name: str = "all_to_all_single") -> Any:
     """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
     ``a`` go to rank i; the result holds rank j's block at out_splits'
     offset j. Each block carries, in its fingerprint, the rows it holds
@@ -755,20 +775,22 @@ def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[
     says which arguments disagree); the other members' blocks are right,
     and they may return them before the abort reaches them. ``check()``,
     run under the call's tag, may raise for the caller's other arguments,
-    failing it on every rank."""
+    failing it on every rank. ``name``: the torch call (in errors and
+    fingerprints: an uneven all_gather meeting an even one names both)."""
     n = g.size
-    if len(in_splits) != n or len(out_splits) != n or sum(in_splits) != a.shape[0]:
-        raise ValueError(f"all_to_all_single on group {g.name}: split sizes {in_splits} / "
-                         f"{out_splits} do not fit {n} ranks and {a.shape[0]} input rows")
 
     def prepare(_: Any) -> tuple[dict, Callable[[Ctx], np.ndarray]]:
+        if len(in_splits) != n or len(out_splits) != n or sum(in_splits) != a.shape[0]:
+            raise ValueError(f"split sizes {in_splits} / {out_splits} ({sizes}) do not fit "
+                             f"{n} ranks and {a.shape[0]} input rows")
         if check is not None:
             check()
         me = g.rank
         if in_splits[me] != out_splits[me]:
             raise mesh.MismatchError(
-                f"rank {me} expects {out_splits[me]} rows from rank {me} (itself), which "
-                f"sends {in_splits[me]} ({sizes})")
+                f"rank {g.ranks[me]}: {name} on group {g.name}: rank {me} expects "
+                f"{out_splits[me]} rows from rank {me} (itself), which sends {in_splits[me]} "
+                f"({sizes})")
         arr = np.ascontiguousarray(a)
         rest = arr.shape[1:]
         ioff = np.concatenate([[0], np.cumsum(in_splits)]).astype(int)
@@ -800,7 +822,7 @@ def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[
             for s in sends:
                 s.wait()
             return out
-        ctx_fp = {"coll": "all_to_all_v", "dtype": _tensors.dtype_name(arr.dtype),
+        ctx_fp = {"coll": name, "dtype": _tensors.dtype_name(arr.dtype),
                   "row": list(rest) or None}     # (a row's shape past the first dimension)
         return ctx_fp, body
-    return start(g, "all_to_all_v", prepare, async_op, timeout)
+    return start(g, name, prepare, async_op, timeout)

@@ -527,7 +527,7 @@ class _Step:
     def start(self, inputs: Any, targets: Any) -> None:
         """Split the batch and post every receive of the step."""
         pipe = self.pipe
-        sched, m = pipe.schedule, pipe.schedule.num_microbatches
+        m = pipe.schedule.num_microbatches
         call = "eval_step()" if self.forward_only else "step()"
         if not self.forward_only:
             self.before = self._snapshot()
@@ -541,13 +541,13 @@ class _Step:
             except ValueError as e:
                 raise ValueError(f"pp rank {pipe.rank}: {call}'s inputs: {e}") from None
             self.xs.update({(0, k): x for k, x in enumerate(xs)})
-        if pipe.last and targets is None and self.forward_only:
-            self.loss_sync = self.rows_pending = False      # outputs only: no loss
+        if pipe.last and targets is None and self.forward_only and not self.rows_pending:
+            self.loss_sync = False      # outputs only: no loss
         elif pipe.last:
-            if targets is None:
+            if targets is None and not self.forward_only:
                 raise ValueError(f"pp rank {pipe.rank} holds the last stage: {call} needs targets")
             try:
-                self.targets = split_microbatches(targets, m)
+                self.targets = [] if targets is None else split_microbatches(targets, m)
             except ValueError as e:
                 raise ValueError(f"pp rank {pipe.rank}: {call}'s targets: {e}") from None
             total = sum(len(t) for t in self.targets)
@@ -555,8 +555,17 @@ class _Step:
             if self.rows_pending:
                 assert pipe.dp is not None
                 self.rows_pending = False
-                rows = np.array([total], dtype=np.float64)
+                # (with them, how many replicas have targets: eval_step's may be None, on all)
+                rows = np.array([total, targets is not None], dtype=np.float64)
                 collectives.all_reduce(pipe.dp, rows, op="sum")
+                having = int(rows[1])
+                if having not in (0, pipe.dp.size):
+                    raise ValueError(f"pp rank {pipe.rank}: {call}: {having} of {pipe.dp.size} "
+                                     f"dp replicas gave targets, the others None: all do, or "
+                                     f"none (outputs only)")
+                if not having:
+                    self.loss_sync = False
+                    return self._post_receives()
                 share = total * pipe.dp.size / float(rows[0])
             # each micro-batch's loss gradient weighed by its share of the global batch
             # (times dp, which the average over dp divides out): every stage's gradients,
@@ -564,9 +573,14 @@ class _Step:
             self.weights = [len(t) / total * share for t in self.targets]
         if not self.forward_only:
             self.prior = self._save_prior()
+        self._post_receives()
+
+    def _post_receives(self) -> None:
+        """Post every receive of the step's program."""
+        pipe = self.pipe
         for a in self.program:
             if a.kind in (RECV_F, RECV_B):
-                self.recvs[a] = pipe.pp.irecv(sched.rank_of(message_key(a)[1]),
+                self.recvs[a] = pipe.pp.irecv(pipe.schedule.rank_of(message_key(a)[1]),
                                               tag=pipe._tag(a, self.n))
 
     def run(self, a: Action) -> str:

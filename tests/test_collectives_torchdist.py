@@ -201,7 +201,7 @@ def _gathers(r: int, n: int) -> None:
     except mesh.MismatchError as e:
         seen = str(e)
     if r < 2:
-        assert "rank 0 called all_to_all_v(" in seen and "rows=0->1 2, 1->0 1" in seen \
+        assert "rank 0 called all_to_all_single(" in seen and "rows=0->1 2, 1->0 1" in seen \
             and "rows=0->1 1, 1->0 1" in seen, seen
     else:
         assert seen == "ok" or "rows=0->1" in seen, seen     # its blocks were right
@@ -248,6 +248,35 @@ def _gathers(r: int, n: int) -> None:
         except (ValueError, mesh.MeshError) as e:
             seen = str(e)
         assert "rank 1" in seen and what in seen, seen
+    # lists of the wrong length, or an output of the wrong size, on rank 1 only: every
+    # rank raises naming rank 1 (a list one short dropped a rank's part silently)
+    one = int(r == 1)
+    for call, what in (
+            (lambda: dist.all_gather([torch.zeros(2) for _ in range(n - one)], torch.ones(2)),
+             f"all_gather on group world: its output list holds {n - 1} tensors"),
+            (lambda: dist.all_to_all([torch.zeros(2) for _ in range(n - one)],
+                                     [torch.ones(2)] * n),
+             f"all_to_all on group world: its lists hold {n - 1} output"),
+            (lambda: dist.reduce_scatter(torch.zeros(2 + one), [torch.ones(2)] * n),
+             "rank 1 expects 3 rows from rank 1 (itself), which sends 2")):
+        try:
+            call()
+            seen = "ok"
+        except (ValueError, mesh.MeshError) as e:
+            seen = str(e)
+        assert what in seen, seen
+    try:        # a scatter row of another shape than rank 1's output: rank 1 raises
+        out = torch.zeros(2 + one)
+        dist.scatter(out, [torch.ones(2)] * n if r == 0 else None, src=0)
+        seen = "ok"
+    except mesh.MeshError as e:
+        seen = str(e)
+    assert r != 1 or "rank 1 wants its row shaped [3] but root 0 scatters rows shaped [2]" \
+        in seen, seen
+    try:
+        dist.barrier()
+    except mesh.MeshError:
+        pass
     got: list[Any] = [None] * n
     dist.all_gather_object(got, {"rank": r})
     assert got == [{"rank": j} for j in range(n)], got

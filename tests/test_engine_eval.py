@@ -70,9 +70,15 @@ def _worker(world):
         nothing, out2 = job.eval_step(x, None, outputs=True)     # inference: no targets
         kept = all(torch.equal(p.grad, h) for p, h in zip(job.parameters(), held))
         modes = all(m.training for st in job.stages for m in st.module.modules())
+        mixed = ""
+        if dp == 2:             # targets on one replica only: every rank raises at once
+            try:
+                job.eval_step(x, y if d == 0 else None)
+            except (ValueError, mesh.MeshError) as e:
+                mixed = str(e)
         after = job.step(x, y)                          # a training step still lines up
         res[name] = {"loss": loss, "again": again, "nothing": nothing, "kept": kept,
-                     "modes": modes, "after": after, "last": job.pipeline.last,
+                     "modes": modes, "after": after, "last": job.pipeline.last, "mixed": mixed,
                      "out": None if out is None else out.numpy(),
                      "same": out is None or torch.equal(out, out2)}
     return res
@@ -88,6 +94,7 @@ def test_eval_step_is_one_process_forward_in_eval_mode():
         for r, res in enumerate(results):
             got = res[name]
             assert got["kept"] and got["modes"] and got["same"], (name, r, got)
+            assert dp == 1 or "1 of 2 dp replicas gave targets" in got["mixed"], (name, r, got)
             assert got["nothing"] is None, (name, r)
             if not got["last"]:
                 assert got["loss"] is None and got["out"] is None, (name, r)

@@ -303,12 +303,14 @@ def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
 
 
 def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
-            timeout: float | None = None, dtype: Any = None) -> Any:
+            timeout: float | None = None, dtype: Any = None,
+            shape: tuple[int, ...] | None = None) -> Any:
     """Row i of the root's ``a`` (shape (g.size, ...)) to rank i; returns this
     rank's row. ``a`` is ignored (may be None) on the other ranks; there
-    ``dtype`` (a tensor's, given to get the row back as one like it) is
-    the dtype the row must have: another raises MismatchError naming both
-    (on every rank where the same-host board carries the call)."""
+    ``dtype`` (a tensor's, given to get the row back as one like it) and
+    ``shape`` are what the row must have: another raises MismatchError
+    naming both (on every rank where the same-host board carries the
+    call)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         r = _root(g, root)
         src = None
@@ -318,11 +320,12 @@ def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
                 raise ValueError(f"scatter needs the root's array shaped (group size "
                                  f"{g.size}, ...), got shape {src.shape}")
         want = None if dtype is None or g.rank == r else np.dtype(dtype)
+        form = None if shape is None or g.rank == r else tuple(shape)
 
         def sockets(ctx: Ctx) -> np.ndarray:
             if src is None:
                 row = ctx.recv(r)
-                _row_as_wanted(ctx, want, row.dtype, r)
+                _row_as_wanted(ctx, want, form, row.dtype, row.shape, r)
                 return row
             out = np.empty(src.shape[1:], src.dtype)
             scatter_direct(ctx, src, out, r)
@@ -330,19 +333,25 @@ def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
 
         def body(ctx: Ctx) -> np.ndarray:
             if board.available(ctx):
-                return local.scatter(ctx, src, r, lambda dt: _row_as_wanted(ctx, want, dt, r))
+                return local.scatter(ctx, src, r, lambda dt, sh: _row_as_wanted(
+                    ctx, want, form, dt, sh, r))
             return agreed(sockets)(ctx)
         return _fp("scatter", root=r), body
     return start(g, "scatter", prepare, async_op, timeout)
 
 
-def _row_as_wanted(ctx: Ctx, want: np.dtype | None, got: np.dtype, root: int) -> None:
-    """A scatter's row of dtype ``got`` is what this rank wants (``want``:
-    None, anything), or MismatchError, inside the call (which aborts it)."""
+def _row_as_wanted(ctx: Ctx, want: np.dtype | None, form: tuple[int, ...] | None,
+                   got: np.dtype, shape: tuple[int, ...], root: int) -> None:
+    """A scatter's row of dtype ``got`` and ``shape`` is what this rank
+    wants (``want``, ``form``: None, anything), or MismatchError, inside
+    the call (which aborts it)."""
     if want is not None and (want != got or dtype_name(want) != dtype_name(got)):
         raise MismatchError(f"{ctx.where()}: rank {ctx.g.rank} wants its row as "
                             f"{dtype_name(want)} (its tensor's dtype) but root {root} scatters "
                             f"{dtype_name(got)}")
+    if form is not None and tuple(form) != tuple(shape):
+        raise MismatchError(f"{ctx.where()}: rank {ctx.g.rank} wants its row shaped "
+                            f"{list(form)} but root {root} scatters rows shaped {list(shape)}")
 
 
 def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:

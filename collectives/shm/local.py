@@ -274,10 +274,10 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
 
 
 def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
-            check: Callable[[np.dtype], None] | None = None) -> np.ndarray:
+            check: Callable[[np.dtype, tuple[int, ...]], None] | None = None) -> np.ndarray:
     """Rank p reads row p of the root's ``src`` (shaped (n, ...)); the root
     posts the rows' dtype (bfloat16's named) and shape with the buffer's
-    address. ``check(dtype)`` may refuse the rows before a byte is read;
+    address. ``check(dtype, shape)`` may refuse the rows before a byte is read;
     the root waits for every reader, so its raise fails the root's call too."""
     rank = ctx.g.rank
     with Round(ctx) as r:
@@ -293,7 +293,7 @@ def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
         dtype, shape, bf16 = msgpack.unpackb(r.payload_of(root).tobytes())
         dt = BFLOAT16 if bf16 else np.dtype(dtype)
         if check is not None:
-            check(dt)
+            check(dt, tuple(shape))
         out = np.empty(shape, dt)
         if out.size:
             peer_read(ctx, root, addrs[root] + rank * out.nbytes, out.reshape(-1))
