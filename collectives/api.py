@@ -67,15 +67,18 @@ def _half_avg(a: Any, op: str) -> bool:
     return is_tensor(a) and str(a.dtype) == "torch.float16"
 
 
-def _widened(call: Any, a: Any, in_place: bool, async_op: bool) -> Any:
+def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = False) -> Any:
     """``call(wide)`` on a float32 copy of the float16 ``a``; its result
     rounded back to float16 once: into ``a`` when ``in_place``, else as a
-    new array or tensor like ``a``."""
+    new array or tensor like ``a`` (``same``: ``a`` itself, untouched, as
+    reduce returns it off the root)."""
     numpy = type(a) is np.ndarray
     wide = a.astype(np.float32) if numpy else a.detach().float()
     res = call(wide)
 
     def finish(result: Any) -> Any:
+        if same:
+            return a
         if not in_place:
             return None if result is None else (
                 result.astype(np.float16) if numpy else result.half())
@@ -161,7 +164,7 @@ def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = Fal
     (float16 averaged in float32)."""
     if _half_avg(a, op) and isinstance(getattr(g, "rank", None), int):
         return _widened(lambda w: reduce(g, w, root, op, async_op, algorithm, timeout), a,
-                        g.rank == root, async_op)
+                        g.rank == root, async_op, same=g.rank != root)
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(reduce, "reduce", g, a, root=root, op=op, async_op=async_op,
                           algorithm=algorithm, timeout=timeout)

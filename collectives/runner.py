@@ -315,19 +315,25 @@ def _state(g: Comm) -> _Group:
         if st is None:
             st = _groups[g] = _Group()
             # A watch's request holds its group: the entry would keep its key (and
-            # the whole mesh) alive for ever. It goes when the mesh closes.
-            ref = weakref.ref(g)
-            g._t.on_close.append(lambda: _forget(ref))
+            # the whole mesh) alive for ever. The mesh's entries go when it closes
+            # (one hook a mesh, not one a group: groups come and go).
+            t = g._t
+            if t not in _hooked:
+                _hooked.add(t)
+                ref = weakref.ref(t)
+                t.on_close.append(lambda: _forget(ref))
         return st
 
 
-def _forget(ref: "weakref.ref[Comm]") -> None:
-    g = ref()
-    if g is None:
-        return
+_hooked: "weakref.WeakSet[Any]" = weakref.WeakSet()     # the transports whose close forgets
+
+
+def _forget(ref: "weakref.ref[Any]") -> None:
+    """A mesh closes: the state of its groups goes."""
+    t = ref()
     with _groups_lock:
-        st = _groups.pop(g, None)
-    if st is not None:
+        gone = [_groups.pop(g) for g in [g for g in _groups.keys() if g._t is t]]
+    for st in gone:
         with st.lock:
             st.watches.clear()
 

@@ -41,6 +41,11 @@ def run(fn: Callable[..., Any], name: str, g: Any, t: Any, **kw: Any) -> Any:
         if name == "scatter" and g.rank != root:   # t only says what the row should be
             kw["dtype"] = tensors.check(t, f"rank {g.ranks[g.rank]}: {name} on group {g.name}")
             arr, shares = None, True
+        elif name == "scatter" and t.is_cuda and t.dtype == torch.bfloat16:
+            # the root's rows staged here, as the host copy's would be, keeping bfloat16's
+            # name (a CuPy view is plain uint16: the others would see another dtype)
+            arr, shares = tensors.operand(t.cpu(), f"rank {g.ranks[g.rank]}: {name} on group "
+                                                   f"{g.name}")
         else:
             arr, shares = tensors.operand(t, f"rank {g.ranks[g.rank]}: {name} on group "
                                              f"{g.name}", wide)

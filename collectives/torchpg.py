@@ -259,21 +259,31 @@ class ProcessGroupMeshrun(_ProcessGroup):
         """Start each launch (a meshrun collective, given async_op); once all
         have finished, ``finish(values)`` writes the outputs and torch's
         future gets ``result``."""
+        # Every launch is made even after one fails, so that every rank spends as
+        # many of the group's calls (one per tensor) and the next call lines up.
         if not async_op:
-            try:
-                values = [launch(False) for launch in launches]
-            except MeshTimeoutError as e:
-                _torch_words(e, self.timeout)
-                raise
+            values, error = [], None
+            for launch in launches:
+                try:
+                    values.append(launch(False))
+                except BaseException as e:
+                    error = error or e
+            if error is not None:
+                _torch_words(error, self.timeout)
+                raise error
             if finish is not None:
                 finish(values)
             return _done(result)
         work = _FutureWork()
-        try:
-            works = [launch(True) for launch in launches]
-        except BaseException as e:      # torch reads an async call's errors from its Work
-            _torch_words(e, self.timeout)
-            work.finish(None, e)
+        works, error = [], None
+        for launch in launches:
+            try:
+                works.append(launch(True))
+            except BaseException as e:
+                error = error or e
+        if error is not None:       # torch reads an async call's errors from its Work
+            _torch_words(error, self.timeout)
+            work.finish(None, error)
             return work
 
         def complete(_: Any = None) -> None:
@@ -307,17 +317,20 @@ class ProcessGroupMeshrun(_ProcessGroup):
             w.add_done_callback(on_done)
         return work
 
-    def _refuse(self, op: str, problem: str, async_op: bool) -> dist.Work:
+    def _refuse(self, op: str, problem: str, async_op: bool, calls: int = 1) -> dist.Work:
         """Fail the call ``op`` on every member, saying ``problem`` (this
         rank's arguments cannot hold its result): the others, in the call,
         raise naming this rank, where a check of our own would leave them
-        waiting (gloo's) or torch would fail only here, after the transfer."""
+        waiting (gloo's) or torch would fail only here, after the transfer.
+        ``calls``: how many collectives the others start for it (one per
+        tensor of a coalesced call), each failed, so that every rank spends
+        as many and the group's next call lines up."""
         err = ValueError(f"{self._what(op)}: {problem}")
 
         def refuse(_: Any) -> Any:
             raise err
-        return self._run([lambda a: start(self.comm, op, refuse, a, self.timeout)], None, [],
-                         async_op)
+        return self._run([lambda a: start(self.comm, op, refuse, a, self.timeout)] * calls,
+                         None, [], async_op)
 
     @staticmethod
     def _premul_problem(factor: Any, tensors: Sequence[torch.Tensor]) -> str:
@@ -332,7 +345,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool) -> dist.Work:
         name, factor = _op(rop)
         if problem := self._premul_problem(factor, tensors):
-            return self._refuse("all_reduce", problem, async_op)
+            return self._refuse("all_reduce", problem, async_op, len(tensors))
         if factor is not None:
             for t in tensors:
                 t.detach().mul_(_factor(factor))
@@ -416,7 +429,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         name, factor = _op(opts.reduceOp)
         root = opts.rootRank
         if problem := self._premul_problem(factor, tensors):
-            return self._refuse("reduce", problem, opts.asyncOp)
+            return self._refuse("reduce", problem, opts.asyncOp, len(tensors))
         if factor is not None:
             for t in tensors:
                 t.detach().mul_(_factor(factor))
@@ -431,7 +444,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             if len(outs) != self._n:
                 return self._refuse("all_gather", f"its output list holds {len(outs)} "
                                     f"tensors, one for each of {self._n} ranks needed",
-                                    opts.asyncOp)
+                                    opts.asyncOp, len(input_tensors))
         if any(len({o.shape for o in outs}) > 1 or outs[0].numel() != x.numel()
                for outs, x in zip(output_tensors, input_tensors)):
             return self._allgather_v(output_tensors, input_tensors, opts)
@@ -487,7 +500,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             if o.numel() != x.numel() * self._n:
                 return self._refuse("all_gather_into_tensor", f"its output holds {o.numel()} "
                                     f"elements, where {self._n} ranks' inputs of {x.numel()} "
-                                    f"make {x.numel() * self._n}", opts.asyncOp)
+                                    f"make {x.numel() * self._n}", opts.asyncOp, len(inputs))
 
         def finish(values: list[Any]) -> None:
             for o, value in zip(outputs, values):
@@ -503,7 +516,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             if len(ins) != self._n:
                 return self._refuse("reduce_scatter", f"its input list holds {len(ins)} "
                                     f"tensors, one for each of {self._n} ranks needed",
-                                    opts.asyncOp)
+                                    opts.asyncOp, len(input_tensors))
         if any(len({x.shape for x in ins}) > 1 or o.numel() != ins[0].numel()
                for o, ins in zip(output_tensors, input_tensors)):
             return self._reduce_scatter_v(output_tensors, input_tensors, opts)
@@ -556,7 +569,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             if x.numel() != o.numel() * self._n:
                 return self._refuse("reduce_scatter_tensor", f"its input holds {x.numel()} "
                                     f"elements, where {self._n} ranks' outputs of {o.numel()} "
-                                    f"take {o.numel() * self._n}", opts.asyncOp)
+                                    f"take {o.numel() * self._n}", opts.asyncOp, len(inputs))
         return self._reduce_scatter(outputs, [x.detach().reshape(self._n, -1) for x in inputs],
                                     opts, False)
 
@@ -566,7 +579,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         here, which a PREMUL_SUM factor may scale in place."""
         name, factor = _op(opts.reduceOp)
         if problem := self._premul_problem(factor, inputs):
-            return self._refuse("reduce_scatter", problem, opts.asyncOp)
+            return self._refuse("reduce_scatter", problem, opts.asyncOp, len(inputs))
         if factor is not None:
             f = _factor(factor)
             inputs = [x.mul_(f) if own else x * f for x in inputs]

@@ -197,8 +197,14 @@ def _agreed_sample(grid: Grid, sample: Any) -> Any:
     choose alike; the times of the smallest replica's micro-batches stand
     for all. A sample given on some ranks only raises on every rank,
     naming them."""
-    mine = None if sample is None else rows_of(sample)
+    try:
+        mine: Any = None if sample is None else rows_of(sample)
+    except ValueError as e:         # (told to every rank: none waits in the gather)
+        mine = f"rank {grid.comm.rank}'s sample: {e}"
     told = collectives.all_gather_object(grid.comm, mine)
+    bad = next((t for t in told if isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"rank {grid.comm.rank}: engine.distribute: {bad}")
     given = [r for r, rows in enumerate(told) if rows is not None]
     if not given:
         return sample
@@ -207,7 +213,7 @@ def _agreed_sample(grid: Grid, sample: Any) -> Any:
         raise ValueError(f"rank {grid.comm.rank}: engine.distribute: ranks {given} were given "
                          f"sample= and ranks {missing} were not: give every rank its "
                          "replica's sample (a batch of inputs as step() will get)")
-    fewest = min(rows for rows in told if rows is not None)
+    fewest = min(int(rows) for rows in told if rows is not None)
     if mine == fewest:
         return sample
     if isinstance(sample, tuple):

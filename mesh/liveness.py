@@ -212,18 +212,15 @@ class Liveness:
                 # events name no connection, only accepted and disconnected ones
                 # do, so this counts handshakes begun and not ended: one ending
                 # as a peer's established connection closes counts a stranger
-                # one early, never twice.)
+                # one early, never twice: an event finding none open counts none.)
                 if event == zmq.EVENT_ACCEPTED:
                     self._shaking += 1
                     continue
-                if event == zmq.EVENT_DISCONNECTED:
-                    if not self._shaking:
-                        continue
-                    self._shaking -= 1
-                else:
-                    self._shaking = max(0, self._shaking - 1)
-                    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                        continue
+                if not self._shaking:       # (resolved already: counted, or a peer's)
+                    continue
+                self._shaking -= 1
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    continue
             if peer is None:
                 self.handshake_failures += 1
                 n = self.handshake_failures

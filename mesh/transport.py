@@ -125,7 +125,8 @@ class Transport:
     # ---- sending -------------------------------------------------------------
 
     def isend(self, dst: int, group: int, tag: int, obj: Any, fp: Any, desc: Any) -> Outgoing:
-        if type(obj) is np.ndarray and fp is None and dst != self.rank:
+        if type(obj) is np.ndarray and fp is None and dst != self.rank \
+                and obj.dtype.metadata is None:     # (bfloat16's bits: flagged, below)
             n = obj.nbytes
             if n < COPY_BELOW and obj.flags.c_contiguous:   # the common small case, lean
                 key = (obj.dtype, obj.shape, group, tag)
@@ -181,8 +182,10 @@ class Transport:
             n = obj.nbytes
             if n > self._ring_max or not wire.dtype_ok(dt):
                 return None
+            flags = bits | (tensors.BF16 if dt.metadata is not None    # numpy's bfloat16
+                            and tensors.dtype_name(dt) == "bfloat16" else 0)
             pre = wire.inline(wire.encode(wire.DATA, self.rank, group, tag, dtype=dt.str,
-                                          shape=obj.shape, nbytes=n, device=bits))
+                                          shape=obj.shape, nbytes=n, device=flags))
             if len(self._prefixes) >= _CACHE:
                 self._prefixes.clear()
                 self._marks.clear()

@@ -278,6 +278,8 @@ def _half_averages(world: Any) -> list[float]:
     t = torch.tensor([2048.0 if r == 0 else 1.0], dtype=torch.float16)
     C.all_reduce(world, t, op="avg")
     seen.append(float(t[0]))
+    x = np.full(4, 30000.0, np.float16)
+    assert C.reduce(world, x, root=0, op="avg") is x and x[0] == 30000.0     # (every rank)
     parts = C.reduce_scatter(world, np.full(2 * n, 30000.0, np.float16), op="avg")
     seen.append(float(parts[0]) if parts.dtype == np.float16 else -1.0)
     import torch.distributed as dist

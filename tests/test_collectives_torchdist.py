@@ -265,6 +265,17 @@ def _gathers(r: int, n: int) -> None:
         except (ValueError, mesh.MeshError) as e:
             seen = str(e)
         assert what in seen, seen
+    # a coalesced call (one collective a tensor) refused on rank 1: every rank spends as
+    # many calls, and the next one lines up (it matched the others' second all_gather)
+    pg = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    try:
+        pg.allgather_into_tensor_coalesced([torch.zeros(2 * n + one), torch.zeros(2 * n)],
+                                           [torch.ones(2), torch.ones(2)]).wait()
+    except (ValueError, mesh.MeshError) as e:
+        assert "rank 1: all_gather_into_tensor" in str(e), e
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    assert x.item() == n, x
     try:        # a scatter row of another shape than rank 1's output: rank 1 raises
         out = torch.zeros(2 + one)
         dist.scatter(out, [torch.ones(2)] * n if r == 0 else None, src=0)

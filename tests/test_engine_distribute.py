@@ -1171,6 +1171,12 @@ def _unequal_worker(world):
                           verbose=False, overhead=0.0, timeout=30)
     except ValueError as e:
         errors.append(str(e))
+    try:        # a tuple sample whose parts disagree, on one rank: every rank raises at once
+        engine.distribute(_numpy_model(), grid, schedule="1f1b", microbatches=2,
+                          balance="uniform", sample=(x, x[:3]) if world.rank == 3 else x,
+                          loss_fn=mse_loss, verbose=False, overhead=0.0, timeout=30)
+    except ValueError as e:
+        errors.append(str(e))
     job = engine.distribute(_numpy_model(), grid, schedule="1f1b", microbatches=4,
                             balance="time", sample=x, loss_fn=mse_loss, verbose=False,
                             overhead=0.0, reps=1, timeout=30)
@@ -1183,8 +1189,10 @@ def _unequal_worker(world):
 def test_replicas_samples_of_unequal_rows_profile_alike():
     results = mesh.spawn(_unequal_worker, 4, timeout=120, env=PATIENT)
     for r, res in enumerate(results):
-        assert len(res["errors"]) == 1 and "ranks [0, 1] were given sample=" in \
+        assert len(res["errors"]) == 2 and "ranks [0, 1] were given sample=" in \
             res["errors"][0] and "ranks [2, 3] were not" in res["errors"][0], (r, res["errors"])
+        assert "rank 3's sample: the parts of a tuple batch have [3, 6] rows" in \
+            res["errors"][1], (r, res["errors"])
     assert len({(res["counts"], res["schedule"]) for res in results}) == 1, results
     model = _numpy_model()
     x, y = (a[:16] for a in _data(0))

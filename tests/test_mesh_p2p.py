@@ -314,10 +314,17 @@ def _bfloat16_bits(world: mesh.Mesh) -> str:
     """A uint16 message is no bfloat16 one (the same bits to numpy): out=
     of the other kind refuses it, as any other dtype, naming both."""
     import torch
+    from mesh.tensors import BFLOAT16, dtype_name
     if world.rank == 0:
         world.send(torch.tensor([16320, 16384], dtype=torch.uint16), 1)
         world.send(torch.tensor([1.5, 2.0], dtype=torch.bfloat16), 1, tag=1)
+        for n in (8, 20000, 1 << 20):   # numpy's bfloat16 bits: the ring, a socket, the direct way
+            world.send(np.arange(n, dtype=np.uint16).view(BFLOAT16), 1, tag=2)
+            world.send(np.arange(n, dtype=np.uint16).view(BFLOAT16), 1, tag=3)
         return "sent"
+    for n in (8, 20000, 1 << 20):
+        got = world.recv(0, tag=2, out=np.empty(n, BFLOAT16))
+        assert dtype_name(world.recv(0, tag=3).dtype) == "bfloat16" and got[-1] == (n - 1) % 65536
     with pytest.raises(mesh.OutMismatchError, match=r"the message is uint16\[2\], out= is "
                                                     r"bfloat16\[2\]"):
         world.recv(0, out=torch.zeros(2, dtype=torch.bfloat16))
