@@ -24,6 +24,11 @@ import threading
 import time
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:     # (not POSIX: no lock; the pid alone decides)
+    fcntl = None  # type: ignore[assignment]
+
 import msgpack
 import zmq
 
@@ -31,7 +36,7 @@ from . import auth
 from .errors import LostPeerError, RendezvousError
 from .liveness import monitor_event
 
-__all__ = ["RendezvousServer", "join", "joined_path", "run_folder", "Teller"]
+__all__ = ["RendezvousServer", "join", "joined_path", "run_folder", "remove_run_folder", "Teller"]
 
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
@@ -311,11 +316,18 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
         sock.close(linger=0)
 
 
+_LOCK = ".lock"
+_held_here: dict[str, int] = {}     # run folders this process made -> its lock's fd
+
+
 def run_folder(kind: str) -> str:
     """A new folder for the sockets and markers of the ranks a launcher
     (``kind``: meshrun, meshspawn) starts on this host, named after the
-    launcher's pid; first, the folders of its kind that launchers killed
-    before they could remove them left (their pid gone) are removed."""
+    launcher's pid and locked (flock) while it lives; first, the folders
+    of its kind that launchers killed before they could remove them left
+    are removed: their pid gone and their lock free (a launcher in another
+    PID namespace sharing /tmp holds its lock, though its pid is not seen
+    here). ``remove_run_folder`` removes it."""
     base = tempfile.gettempdir()
     try:
         names = [n for n in os.listdir(base) if n.startswith(f"{kind}-")]
@@ -325,14 +337,47 @@ def run_folder(kind: str) -> str:
         pid = name.split("-")[1]
         path = os.path.join(base, name)
         try:
-            if not pid.isdigit() or os.stat(path).st_uid != os.getuid():
+            if not pid.isdigit() or os.stat(path).st_uid != os.getuid() or _locked(path):
                 continue
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
         except OSError:      # (another user's process: alive; or the folder went)
             pass
-    return tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-")
+    path = tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-")
+    if fcntl is not None:
+        fd = os.open(os.path.join(path, _LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _held_here[path] = fd
+    return path
+
+
+def _locked(path: str) -> bool:
+    """Whether a live launcher holds the lock of run folder ``path`` (one
+    without a lock file, an older launcher's: no)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(os.path.join(path, _LOCK), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_run_folder(path: str) -> None:
+    """Remove a folder ``run_folder`` made, and let go of its lock."""
+    shutil.rmtree(path, ignore_errors=True)
+    fd = _held_here.pop(path, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def joined_path(run_dir: str, rank: int) -> str:

@@ -28,7 +28,6 @@ import numbers
 import os
 import pickle
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -39,7 +38,7 @@ from typing import Any, Callable
 from .auth import curve_wanted
 from .errors import WorkerError
 from .limits import env_threads, limit_threads, open_files, thread_share
-from .rendezvous import RendezvousServer, run_folder
+from .rendezvous import RendezvousServer, remove_run_folder, run_folder
 
 __all__ = ["spawn"]
 
@@ -333,7 +332,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                 p.close()
         if server is not None:
             server.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_run_folder(run_dir)
 
 
 def _send(conn: Any, message: tuple) -> None:

@@ -187,10 +187,16 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path: Path, sig: str) 
         # the next launch removes the folder a killed caller left, and no living one's
         live = tmp_path / f"meshspawn-{os.getpid()}-x"
         live.mkdir()
-        subprocess.run([sys.executable, "-c", "import shutil; from mesh.rendezvous import "
-                        "run_folder; shutil.rmtree(run_folder('meshspawn'))"],
+        locked = tmp_path / "meshspawn-999999999-y"   # a pid not seen here, its lock held: kept
+        locked.mkdir()
+        import fcntl
+        held = os.open(locked / ".lock", os.O_CREAT | os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        subprocess.run([sys.executable, "-c", "from mesh.rendezvous import run_folder, "
+                        "remove_run_folder; remove_run_folder(run_folder('meshspawn'))"],
                        env=env, check=True, timeout=60)
-        assert [p.name for p in tmp_path.glob("meshspawn-*")] == [live.name]
+        os.close(held)
+        assert sorted(p.name for p in tmp_path.glob("meshspawn-*")) == [live.name, locked.name]
     finally:
         parent.kill()
         parent.wait()

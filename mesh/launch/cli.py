@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from ..cliargs import nonnegative_float, positive_float
 from ..limits import FDS_PER_PEER, hard_open_files, open_files, rank_fds, thread_share
 from ..auth import curve_wanted
-from ..rendezvous import Teller, joined_path, run_folder
+from ..rendezvous import Teller, joined_path, remove_run_folder, run_folder
 from .records import WorkerExit, WorkerSpec, error_file, log_tracebacks, read_records
 from .report import exit_code, format_report
 from .supervise import Job
@@ -224,7 +224,7 @@ def launch(a: argparse.Namespace) -> int:
     finally:
         if srv is not None:
             _close_bounded(srv)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_run_folder(run_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
