@@ -259,15 +259,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
         """Start each launch (a meshrun collective, given async_op); once all
         have finished, ``finish(values)`` writes the outputs and torch's
         future gets ``result``."""
-        # Every launch is made even after one fails, so that every rank spends as
-        # many of the group's calls (one per tensor) and the next call lines up.
+        values, error = _launch_all(launches, async_op)
         if not async_op:
-            values, error = [], None
-            for launch in launches:
-                try:
-                    values.append(launch(False))
-                except BaseException as e:
-                    error = error or e
             if error is not None:
                 _torch_words(error, self.timeout)
                 raise error
@@ -275,12 +268,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 finish(values)
             return _done(result)
         work = _FutureWork()
-        works, error = [], None
-        for launch in launches:
-            try:
-                works.append(launch(True))
-            except BaseException as e:
-                error = error or e
+        works = values
         if error is not None:       # torch reads an async call's errors from its Work
             _torch_words(error, self.timeout)
             work.finish(None, error)
@@ -773,6 +761,21 @@ class _P2PWork(_Work):
             done.finish(None, e)
             return
         done.finish(self._tensors, None)
+
+
+def _launch_all(launches: Sequence[Callable[..., Any]],
+                async_op: bool) -> tuple[list[Any], BaseException | None]:
+    """Each launch's value (a result, or an async call's Work) and the first
+    error: every launch is made even after one fails, so that every rank
+    spends as many of the group's calls (one per tensor) and the group's
+    next call lines up."""
+    values, error = [], None
+    for launch in launches:
+        try:
+            values.append(launch(async_op))
+        except BaseException as e:
+            error = error or e
+    return values, error
 
 
 def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[int],
