@@ -62,8 +62,8 @@ def _half_avg(a: Any, op: str) -> bool:
     and the mean is rounded once (as bfloat16's, collectives.tensors)."""
     if op != "avg":
         return False
-    if type(a) is np.ndarray:
-        return a.dtype == _HALF and a.dtype.metadata is None
+    if type(a) is np.ndarray:       # (a read-only one: refused as it is, by the call)
+        return a.dtype == _HALF and a.dtype.metadata is None and a.flags.writeable
     return is_tensor(a) and str(a.dtype) == "torch.float16"
 
 
