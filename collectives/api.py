@@ -250,8 +250,8 @@ def broadcast_state(g: Comm, state: Any = None, root: int = 0,
             return x.item()
         if x is None or isinstance(x, (str, bytes, int, float, bool)):
             return x
-        raise TypeError(f"{at} is a {type(x).__name__}: the leaves are arrays, tensors, "
-                        f"numbers, strings and None")
+        raise TypeError(f"{at} is of type {type(x).__name__}: the leaves are arrays, "
+                        f"tensors, numbers, strings and None")
     mine = g.rank == root
     sent: Any = None
     if mine:

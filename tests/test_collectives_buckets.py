@@ -326,7 +326,7 @@ def _state_sync(world: Any) -> list[Any]:
              "d": torch.ones(2, dtype=torch.bfloat16) * (world.rank + 1)}
     got = C.broadcast_state(world, mixed if world.rank == 0 else None)
     with pytest.raises(TypeError, match=rf"rank {world.rank}: broadcast_state on group world: "
-                                        r"the root's \(rank 0's\) state\['x'\]\[1\] is a set"):
+                                        r"the root's \(rank 0's\) state\['x'\]\[1\] is of type set"):
         C.broadcast_state(world, {"x": [1, {2}]} if world.rank == 0 else None)
     opt.zero_grad()
     m(x).sum().backward()

@@ -347,8 +347,8 @@ def _row_as_wanted(ctx: Ctx, want: np.dtype | None, form: tuple[int, ...] | None
     the call (which aborts it)."""
     if want is not None and (want != got or dtype_name(want) != dtype_name(got)):
         raise MismatchError(f"{ctx.where()}: rank {ctx.g.rank} wants its row as "
-                            f"{dtype_name(want)} (its tensor's dtype) but root {root} scatters "
-                            f"{dtype_name(got)}")
+                            f"{dtype_name(want)} (its tensor's dtype, or dtype=) but root {root} "
+                            f"scatters {dtype_name(got)}")
     if form is not None and tuple(form) != tuple(shape):
         raise MismatchError(f"{ctx.where()}: rank {ctx.g.rank} wants its row shaped "
                             f"{list(form)} but root {root} scatters rows shaped {list(shape)}")
