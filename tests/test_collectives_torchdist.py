@@ -31,6 +31,15 @@ def _init() -> None:
     dist.init_process_group("meshrun")
 
 
+def _said(call: Any) -> str:
+    """What ``call()`` raised (a ValueError or a MeshError), or "ok"."""
+    try:
+        call()
+    except (ValueError, mesh.MeshError) as e:
+        return str(e)
+    return "ok"
+
+
 def _eq(got: Any, want: Any, what: str) -> None:
     want = torch.as_tensor(want, dtype=got.dtype)
     assert torch.equal(got, want), f"rank {dist.get_rank()}: {what}: got {got}, want {want}"
@@ -234,6 +243,7 @@ def _gathers(r: int, n: int) -> None:
             pass
     # rank 1's output one element too long, or an int tensor PREMUL_SUM'd: every rank
     # raises, naming rank 1 and the sizes, before anything moves (not torch's reshape error)
+    one = int(r == 1)
     for call, what in (
             (lambda: dist.all_gather_into_tensor(torch.zeros(2 * n + (r == 1)), torch.ones(2)),
              f"all_gather_into_tensor on group world: its output holds {2 * n + 1} elements"),
@@ -241,17 +251,9 @@ def _gathers(r: int, n: int) -> None:
              f"reduce_scatter_tensor on group world: its input holds {2 * n + 1} elements"),
             (lambda: dist.all_reduce(torch.ones(2, dtype=torch.int32 if r == 1 else torch.float),
                                      op=dist._make_nccl_premul_sum(2.0)),
-             "PREMUL_SUM scales by a float: it needs floating tensors, not torch.int32")):
-        try:
-            call()
-            seen = "ok"
-        except (ValueError, mesh.MeshError) as e:
-            seen = str(e)
-        assert "rank 1" in seen and what in seen, seen
-    # lists of the wrong length, or an output of the wrong size, on rank 1 only: every
-    # rank raises naming rank 1 (a list one short dropped a rank's part silently)
-    one = int(r == 1)
-    for call, what in (
+             "PREMUL_SUM scales by a float: it needs floating tensors, not torch.int32"),
+            # lists of the wrong length, or an output of the wrong size, on rank 1 only
+            # (a list one short dropped a rank's part silently)
             (lambda: dist.all_gather([torch.zeros(2) for _ in range(n - one)], torch.ones(2)),
              f"all_gather on group world: its output list holds {n - 1} tensors"),
             (lambda: dist.all_to_all([torch.zeros(2) for _ in range(n - one)],
@@ -259,12 +261,8 @@ def _gathers(r: int, n: int) -> None:
              f"all_to_all on group world: its lists hold {n - 1} output"),
             (lambda: dist.reduce_scatter(torch.zeros(2 + one), [torch.ones(2)] * n),
              "rank 1 expects 3 rows from rank 1 (itself), which sends 2")):
-        try:
-            call()
-            seen = "ok"
-        except (ValueError, mesh.MeshError) as e:
-            seen = str(e)
-        assert what in seen, seen
+        seen = _said(call)
+        assert "rank 1" in seen and what in seen, seen
     # a coalesced call (one collective a tensor) refused on rank 1: every rank spends as
     # many calls, and the next one lines up (it matched the others' second all_gather)
     pg = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
