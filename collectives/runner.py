@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
-from mesh import ANY, AbortKind, Comm, MeshTimeoutError
+from mesh import AbortKind, Comm, MeshTimeoutError
 
 from .plan import Tuning
 
@@ -110,7 +110,7 @@ class Ctx:
     def watch(self) -> Any:
         """A receive from any rank on the call's tag, posted only to catch
         an abort (no member sends one there)."""
-        return self.ch.irecv(ANY, self.tag, self.fp, self.name)
+        return self.ch.watch(self.tag, self.fp, self.name)
 
     def send(self, obj: Any, dst: int) -> None:
         self.isend(obj, dst).wait()
@@ -289,20 +289,13 @@ class _Group:
                     except BaseException as e:
                         found = found or e
                 elif self.calls - call > 2 and now - t > _WATCH_S:
-                    _withdraw(req)
+                    req.withdraw()
                 else:
                     keep.append((call, t, req))
             while len(keep) > _WATCH_MAX:
-                _withdraw(keep.popleft()[2])
+                keep.popleft()[2].withdraw()
             self.watches = keep
         return found
-
-
-def _withdraw(req: Any) -> None:
-    try:
-        req.wait(timeout=0)
-    except BaseException:
-        pass
 
 
 _groups: "weakref.WeakKeyDictionary[Comm, _Group]" = weakref.WeakKeyDictionary()
@@ -310,13 +303,20 @@ _groups_lock = threading.Lock()
 
 
 def _state(g: Comm) -> _Group:
+    while _orphans:     # groups dropped since the last call: their watches go
+        for _, _, req in _orphans.popleft().watches:
+            req.withdraw()
     with _groups_lock:
         st = _groups.get(g)
         if st is None:
             st = _groups[g] = _Group()
-            # A watch's request holds its group: the entry would keep its key (and
-            # the whole mesh) alive for ever. The mesh's entries go when it closes
-            # (one hook a mesh, not one a group: groups come and go).
+            # A dropped group's entry goes with it; its watches' receives are
+            # withdrawn by the next call (not here: a finalizer may run in a
+            # thread that holds the inbox's lock).
+            weakref.finalize(g, _orphans.append, st)
+            # A watch holds its mesh's transport, and the world's entry lives as
+            # long as the world: the mesh's entries go when it closes (one hook
+            # a mesh, not one a group: groups come and go).
             t = g._t
             if t not in _hooked:
                 _hooked.add(t)
@@ -326,6 +326,7 @@ def _state(g: Comm) -> _Group:
 
 
 _hooked: "weakref.WeakSet[Any]" = weakref.WeakSet()     # the transports whose close forgets
+_orphans: "deque[_Group]" = deque()     # the state of groups gone since the last call
 
 
 def _forget(ref: "weakref.ref[Any]") -> None:

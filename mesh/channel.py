@@ -30,12 +30,35 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
-from .comm import Comm, Request
+from .comm import ANY, Comm, Request
 from .errors import AbortKind, MeshError
+from .match import Pending
 from .peer import ALIVE
 from .transport import Transport, abort_error
 
-__all__ = ["CollectiveChannel", "AbortKind"]
+__all__ = ["CollectiveChannel", "AbortKind", "Watch"]
+
+
+class Watch:
+    """A receive posted on a collective's tag only to catch an abort (no
+    member sends one there): ``done()``, ``wait(timeout)`` as a Request's,
+    and ``withdraw()``. It holds the transport, not the communicator, so
+    the watches a group's state keeps do not keep the group alive."""
+
+    __slots__ = ("_t", "_item")
+
+    def __init__(self, transport: Transport, item: Pending) -> None:
+        self._t, self._item = transport, item
+
+    def done(self) -> bool:
+        return self._item.event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        return self._t.wait(self._item, timeout)
+
+    def withdraw(self) -> None:
+        """Take it out of the posted receives (nothing if it has completed)."""
+        self._t.inbox.withdraw(self._item)
 
 
 class CollectiveChannel:
@@ -62,6 +85,12 @@ class CollectiveChannel:
     def irecv(self, src: int, tag: int, fp: Any, what: str, out: Any = None) -> Request:
         """``src`` may be mesh.ANY (a receive posted only to catch an abort)."""
         return self._comm._irecv(src, tag, out, fp, what)
+
+    def watch(self, tag: int, fp: Any, what: str) -> Watch:
+        """A receive from any member on ``tag``, posted only to catch an abort."""
+        c = self._comm
+        return Watch(self._t, self._t.irecv(c.gid, ANY, tag, None, fp,
+                                            c._desc("recv from", ANY, ANY, tag, what)))
 
     def abort(self, tag: int, reason: str, kind: AbortKind = AbortKind.OTHER,
               peer: int | None = None) -> None:

@@ -252,3 +252,31 @@ def test_short_lived_groups_hold_no_file_descriptor() -> None:
     the mesh lived, so a process making groups by the hundred ran out)."""
     for before, after in mesh.spawn(_many_groups, 2, timeout=120):
         assert after <= before + 2, (before, after)
+
+
+def _dropped_rooted_groups(world: Any) -> tuple[int, int]:
+    import gc
+    import weakref
+    C.all_reduce(world, np.ones(1))
+    refs = []
+    for i in range(20):
+        g = world.group([0, 1])
+        a = np.full(10, float(g.rank + i))
+        C.broadcast(g, a, root=i % 2)      # a call with a root leaves a watch on its tag
+        C.reduce(g, a, root=0)
+        refs.append(weakref.ref(g))
+        del g
+    gc.collect()
+    C.all_reduce(world, np.ones(1))        # the next call withdraws the dropped groups' watches
+    inbox = world._t.inbox
+    others = sum(1 for p in inbox.matcher.posted() if p.group != 0)
+    return sum(r() is not None for r in refs), others
+
+
+def test_dropped_groups_are_freed_with_their_watches() -> None:
+    """A group whose collectives had a root (their watches kept posted
+    receives that held it) stayed alive, its state and receives with it,
+    until the mesh closed: a process making groups by the thousand grew."""
+    env = {"MESH_CMA": "0"}     # the socket paths: same-host ones post no watch
+    for alive, posted in mesh.spawn(_dropped_rooted_groups, 2, timeout=120, env=env):
+        assert (alive, posted) == (0, 0)
