@@ -273,6 +273,35 @@ def _dropped_rooted_groups(world: Any) -> tuple[int, int]:
     return sum(r() is not None for r in refs), others
 
 
+def _mapped_groups(world: Any) -> tuple[int, int]:
+    import gc
+
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    C.all_reduce(world, np.ones(1))
+    before = maps()
+    for i in range(100):
+        g = world.group(list(range(world.size)))
+        a = np.full(8, float(g.rank + i))
+        C.all_reduce(g, a)          # sets the group's boards up
+        C.broadcast(g, a, root=i % world.size)
+        del g
+    gc.collect()
+    C.all_reduce(world, np.ones(1))
+    return before, maps()
+
+
+def test_dropped_groups_unmap_their_boards() -> None:
+    """Every dropped group's same-host board (this rank's, and its mapping
+    of each peer's) stayed mapped until the mesh closed: a process making
+    groups by the thousand ran out of mappings (MemoryError at 16,000
+    four-rank groups). Peers read a board through mappings of their own,
+    so it goes with the group."""
+    for before, after in mesh.spawn(_mapped_groups, 3, timeout=120):
+        assert after <= before + 20, (before, after)
+
+
 def test_dropped_groups_are_freed_with_their_watches() -> None:
     """A group whose collectives had a root (their watches kept posted
     receives that held it) stayed alive, its state and receives with it,

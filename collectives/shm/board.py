@@ -37,6 +37,7 @@ each slow poll with one); a freed board fails the cookie check.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import mmap
@@ -216,8 +217,10 @@ class _Box:
                                          row if board is None else self.probes[p])
         self.mapped = all(self.boards[p] is not None for p in self.peers)
         # every peer has mapped this board (or will read it by cross-memory reads):
-        # its descriptor is no longer needed, and a group holds none
-        all_gather_object_direct(ctx, self.mapped)
+        # its descriptor is no longer needed, and a group holds none. Where every
+        # member maps every board, a peer reads this one through its own mapping,
+        # which keeps the memory: it goes when this rank drops the group.
+        self.shared = all(all_gather_object_direct(ctx, self.mapped))
         if fd >= 0:
             os.close(fd)
         self.heads = [r[8:8 + 8 * _WORDS].view(np.int64).data for r in self.rows]
@@ -288,16 +291,17 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
         box = _boxes.get(ctx.g)
     if box is None:
         box = _Box(ctx)
-        ctx.ch.keep_alive(box)  # peers may read it after this rank drops the group
+        if not box.shared:      # a peer may read it across processes after this
+            ctx.ch.keep_alive(box)  # rank drops the group: it stays until the mesh closes
         with _lock:
             _boxes[ctx.g] = box
     return True
 
 
 def forget(g: Comm) -> None:
-    """Take ``g``'s boards out of use here (their memory stays kept alive
-    for peers until the mesh closes): its next collective sets them up
-    again, with the peers, as on its first."""
+    """Take ``g``'s boards out of use here (their memory stays for peers:
+    in their mappings, or kept alive until the mesh closes): its next
+    collective sets them up again, with the peers, as on its first."""
     with _lock:
         _boxes.pop(g, None)
 
@@ -503,11 +507,13 @@ class Round:
 
     def _alive(self, peer: int) -> None:
         """A mapped board outlives its process: read it across processes to
-        learn that the peer is gone (ESRCH)."""
+        learn that the peer is gone (ESRCH). Another failure (EFAULT) only
+        says that the peer has let its own mapping go (it dropped the group
+        after its part): this rank's mapping still holds the board."""
         box = self.box
         if box.boards[peer] is not None:
             err = box.readers[peer]()
-            if err:
+            if err == errno.ESRCH:
                 raise cma.failed_read(self.ctx, peer, err, "the board")
 
     def _left(self, peers: list[int]) -> MeshError | None:
