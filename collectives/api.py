@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh import Comm, tensors, wire
+from mesh import Comm, MismatchError, tensors, wire
 from mesh.tensors import cpu_numpy
 
 from .device import paths as device
@@ -207,6 +207,39 @@ def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
 _ARRAY = "__meshrun_array__"     # a leaf's place in broadcast_state's skeleton
 
 
+def _unlike(mine: Any, root: Any, at: str) -> str:
+    """Where a rank's state skeleton (broadcast_state) is not one the root's
+    can replace: a key the root's lacks (the root may have more: an
+    optimizer's state made by a step only the root has taken), a container
+    of another kind, a list of another length, an array of another shape
+    (dtypes may differ: the root's wins); "" where it is."""
+    def kind(x: Any) -> str:
+        if isinstance(x, dict):
+            return "an array" if _ARRAY in x else "a dict"
+        return "a list" if isinstance(x, list) else "a value"
+    km, kr = kind(mine), kind(root)
+    if km != kr:
+        return "" if mine is None else f"{at} is {km}, the root's {kr}"
+    if km == "a dict":
+        for k, v in mine.items():
+            if k not in root:
+                return f"{at} has the key {k!r}, the root's has not (its keys: " \
+                       f"{', '.join(map(repr, list(root)[:8]))}{', ...' if len(root) > 8 else ''})"
+            why = _unlike(v, root[k], f"{at}[{k!r}]")
+            if why:
+                return why
+    elif km == "a list":
+        if len(mine) != len(root):
+            return f"{at} has {len(mine)} items, the root's {len(root)}"
+        for i, (v, w) in enumerate(zip(mine, root)):
+            why = _unlike(v, w, f"{at}[{i}]")
+            if why:
+                return why
+    elif km == "an array" and list(mine["shape"]) != list(root["shape"]):
+        return f"{at} has shape {tuple(mine['shape'])}, the root's {tuple(root['shape'])}"
+    return ""
+
+
 def broadcast_state(g: Comm, state: Any = None, root: int = 0,
                     timeout: float | None = None) -> Any:
     """The root's ``state`` on every rank: a nested structure of dicts,
@@ -219,11 +252,15 @@ def broadcast_state(g: Comm, state: Any = None, root: int = 0,
         opt.load_state_dict(C.broadcast_state(world, opt.state_dict()))
 
     (an optimizer whose state other ranks have not made yet, as Adam's
-    before its first step, takes the root's). Collective; ``state`` is
-    ignored (may be None) elsewhere. The structure goes as one object,
-    then each array by ``broadcast``; the other ranks get new arrays and
-    tensors (a tensor on the CPU: ``load_state_dict`` moves it), the root
-    its own ``state``."""
+    before its first step, takes the root's). Collective; elsewhere
+    ``state`` may be None, or this rank's own state, which is checked
+    against the root's (a key the root's lacks, a list of another length,
+    an array of another shape: every rank raises MismatchError naming the
+    ranks and where, before any array moves: states passed in another
+    order on one rank). The structures go as one object each, then each
+    array by ``broadcast``; the other ranks get new arrays and tensors (a
+    tensor on the CPU: ``load_state_dict`` moves it), the root its own
+    ``state``."""
     check_comm(g, "broadcast_state")
     leaves: list[Any] = []
     me = f"rank {g.ranks[g.rank]}: broadcast_state on group {g.name}"
@@ -252,6 +289,10 @@ def broadcast_state(g: Comm, state: Any = None, root: int = 0,
             return x
         raise TypeError(f"{at} is of type {type(x).__name__}: the leaves are arrays, "
                         f"tensors, numbers, strings and None")
+    try:
+        root = host._root(g, root)
+    except ValueError as e:
+        raise ValueError(f"{me}: {e}") from None
     mine = g.rank == root
     sent: Any = None
     if mine:
@@ -259,9 +300,27 @@ def broadcast_state(g: Comm, state: Any = None, root: int = 0,
             sent = skeleton(state, "state")
         except TypeError as e:      # every rank raises it, none waits for the arrays
             sent = {_ARRAY: -1, "error": str(e)}
-    shape = broadcast_object(g, sent, root=root, timeout=timeout)
+    elif state is not None:
+        try:
+            sent = skeleton(state, "state")
+        except TypeError:           # (not sent: the root's is the one that counts)
+            sent = None
+        leaves.clear()
+    # every rank's structure to every rank: each judges them all alike
+    every = all_gather_object(g, [root, sent], timeout=timeout)
+    roots = [r for r, _ in every]
+    if roots != [root] * g.size:
+        raise MismatchError(f"{me}: the ranks gave other roots: " + ", ".join(
+            f"rank {g.ranks[r]} root={w}" for r, w in enumerate(roots)))
+    shape = every[root][1]
     if isinstance(shape, dict) and shape.get(_ARRAY) == -1:
         raise TypeError(f"{me}: the root's (rank {root}'s) {shape['error']}")
+    differ = [f"rank {g.ranks[r]}'s {why}" for r, (_, theirs) in enumerate(every)
+              if r != root and theirs is not None
+              for why in [_unlike(theirs, shape, "state")] if why]
+    if differ:
+        raise MismatchError(f"{me}: the state passed differs from the root's (rank "
+                            f"{g.ranks[root]}'s): " + "; ".join(differ))
     made: list[Any] = []
 
     def build(x: Any) -> Any:

@@ -335,6 +335,45 @@ def _state_sync(world: Any) -> list[Any]:
             got["c"], got["d"].tolist(), str(got["d"].dtype)]
 
 
+def _states_swapped(world: Any) -> list[str]:
+    """Rank 1 restores its scheduler and optimizer in the other order: each
+    call checks the states passed against the root's."""
+    import torch
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    first, second = (opt, sched) if world.rank != 1 else (sched, opt)
+    said = []
+    for obj in (first, second):
+        try:
+            C.broadcast_state(world, obj.state_dict())
+            said.append("ok")
+        except mesh.MismatchError as e:
+            said.append(str(e))
+    wrong = {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}
+    try:
+        C.broadcast_state(world, wrong if world.rank == 2 else m.state_dict())
+        said.append("ok")
+    except mesh.MismatchError as e:
+        said.append(str(e))
+    got = C.broadcast_state(world, m.state_dict() if world.rank == 0 else {})  # {}: fine
+    said.append(str(sorted(got)))
+    return said
+
+
+def test_broadcast_state_refuses_a_state_unlike_the_roots_on_every_rank() -> None:
+    pytest.importorskip("torch")
+    for rank, said in enumerate(mesh.spawn(_states_swapped, 3, timeout=100)):
+        assert said[0].startswith(f"rank {rank}: broadcast_state on group world: the state "
+                                  f"passed differs from the root's (rank 0's): rank 1's "
+                                  f"state has the key 'step_size', the root's has not "
+                                  f"(its keys: 'state', 'param_groups')"), said[0]
+        assert "rank 1's state has the key 'state'" in said[1], said[1]
+        assert said[2].endswith("rank 2's state['weight'] has shape (3, 3), the root's "
+                                "(2, 3)"), said[2]
+        assert said[3] == "['bias', 'weight']", said
+
+
 def test_broadcast_state_gives_every_rank_the_roots_model_and_optimizer() -> None:
     pytest.importorskip("torch")
     res = mesh.spawn(_state_sync, 3, timeout=100)
