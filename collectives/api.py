@@ -51,6 +51,7 @@ _staged_reduce = simple(host.reduce, in_place=True)
 _staged_gather = simple(host.gather, in_place=False)
 _staged_scatter = simple(host.scatter, in_place=False)
 _staged_all_to_all = simple(host.all_to_all, in_place=False)
+_staged_all_to_all_v = simple(host.all_to_all_v, in_place=False)
 
 
 _HALF = np.dtype(np.float16)
@@ -202,6 +203,55 @@ def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(all_to_all, "all_to_all", g, a, async_op=async_op, timeout=timeout)
     return _staged_all_to_all(g, a, async_op=async_op, timeout=timeout)
+
+
+def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
+                 async_op: bool = False, timeout: float | None = None) -> Any:
+    """all_to_all with blocks of unequal sizes (MPI's Alltoallv, torch's
+    ``all_to_all_single`` with split sizes; a mixture of experts'
+    dispatch): the first ``send_counts[0]`` rows of ``a`` go to rank 0,
+    the next ``send_counts[1]`` to rank 1, and so on; returns the rows
+    received, in rank order (``recv_counts[j]`` from rank j), as an array
+    (or tensor) like ``a``. ``recv_counts=None``: the counts are exchanged
+    first (one more all_to_all, blocking even with ``async_op``). Both
+    ranks of a pair that disagree on a count raise MismatchError naming
+    both counts; host and device arrays and tensors."""
+    check_comm(g, "all_to_all_v")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(all_to_all_v, "all_to_all_v", g, a, send_counts=send_counts,
+                          recv_counts=recv_counts, async_op=async_op, timeout=timeout)
+    n, me = g.size, f"rank {g.ranks[g.rank]}: all_to_all_v on group {g.name}"
+    sends, bad = _counts(send_counts, "send_counts", n, me)
+    if recv_counts is None:     # (-1s: this rank's counts are wrong, its peers learn it)
+        column = np.array(sends if bad is None else [-1] * n, np.int64).reshape(n, 1)
+        recvs = [int(k) for k in host.all_to_all(g, column, timeout=timeout).reshape(-1)]
+        wrong = [g.ranks[j] for j, k in enumerate(recvs) if k < 0]
+        if wrong and bad is None:
+            bad = f"{me}: the send_counts of rank(s) {wrong} are not valid (see their error)"
+    else:
+        recvs, bad_recv = _counts(recv_counts, "recv_counts", n, me)
+        bad = bad or bad_recv
+
+    def check() -> None:        # (under the call's tag: every rank fails the call)
+        if bad is not None:
+            raise ValueError(bad)
+    return _staged_all_to_all_v(g, a, sends, recvs, async_op=async_op, timeout=timeout,
+                                check=check)
+
+
+def _counts(counts: Any, what: str, n: int, me: str) -> tuple[list[int], str | None]:
+    """``counts`` (a sequence, numpy array or tensor of ``n`` integers) as
+    ints, or n zeros and what is wrong with them."""
+    if is_tensor(counts) or isinstance(counts, np.ndarray):
+        counts = counts.tolist()
+    try:
+        got = list(counts)
+    except TypeError:
+        return [0] * n, f"{me}: {what} must be a sequence of {n} row counts, got {counts!r:.80}"
+    if len(got) != n or any(not isinstance(k, (int, np.integer)) or isinstance(k, bool)
+                            or k < 0 for k in got):
+        return [0] * n, f"{me}: {what} must be {n} integers >= 0 (one a rank), got {got!r:.200}"
+    return [int(k) for k in got], None
 
 
 _ARRAY = "__meshrun_array__"     # a leaf's place in broadcast_state's skeleton

@@ -38,10 +38,11 @@ from mesh import tensors as _tensors
 
 from . import api as C
 from .host.paths import all_reduce as _host_all_reduce
+from .host.paths import all_to_all_v as _all_to_all_v
 from .host.paths import monitored_barrier as _monitored_barrier
 from .ops import resolve
 from .shm.tiny import all_reduce as _tiny_all_reduce
-from .runner import Ctx, release, start
+from .runner import release, start
 from .torchsparse import sparse_all_reduce
 
 __all__ = ["ProcessGroupMeshrun"]
@@ -591,7 +592,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
         ins = list(input_split_sizes) or [input.shape[0] // n] * n
         outs = list(output_split_sizes) or [output.shape[0] // n] * n
         arr = _host(input, self._what("all_to_all_single"))
-        return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout)],
+        return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout,
+                                                  "output_split_sizes vs input_split_sizes",
+                                                  name="all_to_all_single")],
                          lambda v: _write(output, _tensors.to_torch(v[0], output)), [output],
                          opts.asyncOp)
 
@@ -778,67 +781,3 @@ def _launch_all(launches: Sequence[Callable[..., Any]],
     return values, error
 
 
-def _all_to_all_v(g: Any, a: np.ndarray, in_splits: list[int], out_splits: list[int],
-                  async_op: bool, timeout: float | None,
-                  sizes: str = "output_split_sizes vs input_split_sizes",
-                  check: Callable[[], Any] | None = None,
-                  name: str = "all_to_all_single") -> Any:
-    """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
-    ``a`` go to rank i; the result holds rank j's block at out_splits'
-    offset j. Each block carries, in its fingerprint, the rows it holds
-    and the rows its sender expects back, so that both ranks of a pair
-    that disagree on either raise MismatchError naming both (``sizes``
-    says which arguments disagree); the other members' blocks are right,
-    and they may return them before the abort reaches them. ``check()``,
-    run under the call's tag, may raise for the caller's other arguments,
-    failing it on every rank. ``name``: the torch call (in errors and
-    fingerprints: an uneven all_gather meeting an even one names both)."""
-    n = g.size
-
-    def prepare(_: Any) -> tuple[dict, Callable[[Ctx], np.ndarray]]:
-        if len(in_splits) != n or len(out_splits) != n or sum(in_splits) != a.shape[0]:
-            raise ValueError(f"split sizes {in_splits} / {out_splits} ({sizes}) do not fit "
-                             f"{n} ranks and {a.shape[0]} input rows")
-        if check is not None:
-            check()
-        me = g.rank
-        if in_splits[me] != out_splits[me]:
-            raise mesh.MismatchError(
-                f"rank {g.ranks[me]}: {name} on group {g.name}: rank {me} expects "
-                f"{out_splits[me]} rows from rank {me} (itself), which sends {in_splits[me]} "
-                f"({sizes})")
-        arr = np.ascontiguousarray(a)
-        rest = arr.shape[1:]
-        ioff = np.concatenate([[0], np.cumsum(in_splits)]).astype(int)
-        ooff = np.concatenate([[0], np.cumsum(out_splits)]).astype(int)
-
-        def pair(src: int, dst: int, there: int, back: int) -> dict:
-            """The fingerprint of a block from ``src`` to ``dst`` of ``there``
-            rows, whose sender expects ``back`` rows from ``dst``."""
-            if src > dst:       # the lower rank first: both ranks write it alike
-                src, dst, there, back = dst, src, back, there
-            return {**ctx_fp, "rows": f"{src}->{dst} {there}, {dst}->{src} {back}"}
-
-        def body(ctx: Ctx) -> np.ndarray:
-            me = ctx.g.rank
-            out = np.empty((int(ooff[-1]),) + rest, arr.dtype)
-            recvs = [(j, ctx.irecv(j, fp=pair(j, me, out_splits[j], in_splits[j])))
-                     for j in range(n) if j != me]
-            sends = [ctx.isend(arr[ioff[i]:ioff[i + 1]], i,
-                               fp=pair(me, i, in_splits[i], out_splits[i]))
-                     for i in range(n) if i != me]
-            out[ooff[me]:ooff[me + 1]] = arr[ioff[me]:ioff[me + 1]]
-            for j, r in recvs:
-                got = r.wait()
-                if got.shape[0] != out_splits[j]:
-                    raise mesh.MismatchError(
-                        f"{ctx.where()}: rank {me} expects {out_splits[j]} rows from rank {j}, "
-                        f"which sent {got.shape[0]} ({sizes})")
-                out[ooff[j]:ooff[j + 1]] = got
-            for s in sends:
-                s.wait()
-            return out
-        ctx_fp = {"coll": name, "dtype": _tensors.dtype_name(arr.dtype),
-                  "row": list(rest) or None}     # (a row's shape past the first dimension)
-        return ctx_fp, body
-    return start(g, name, prepare, async_op, timeout)

@@ -466,3 +466,46 @@ def test_torch_tensors_written_in_place_tell_autograd() -> None:
     that saved the tensor raises instead of using the new values."""
     pytest.importorskip("torch")
     assert mesh.spawn(_written_in_place, 2, timeout=60) == [[[0.0, 0.0]], [[0.0, 0.0], True]]
+
+
+def _uneven_exchange(world: Any) -> list[str]:
+    import torch
+    r, n = world.rank, world.size
+    sends = [(r + j) % 3 for j in range(n)]          # rank r sends (r + j) % 3 rows to rank j
+    recvs = [(j + r) % 3 for j in range(n)]
+    a = np.concatenate([np.full((k, 2), 10 * r + j, np.float64) for j, k in enumerate(sends)])
+    want = np.concatenate([np.full((k, 2), 10 * j + r, np.float64) for j, k in enumerate(recvs)])
+    got = C.all_to_all_v(world, a, sends)          # the counts exchanged first
+    assert got.shape == want.shape and (got == want).all(), (got, want)
+    t = torch.tensor(a, dtype=torch.bfloat16)      # counts as a tensor, async
+    back = C.all_to_all_v(world, t, torch.tensor(sends), recvs, async_op=True).wait()
+    assert back.dtype == torch.bfloat16 and torch.equal(back.float(), torch.tensor(want).float())
+    none = C.all_to_all_v(world, np.zeros((0, 3), np.int32), [0] * n, [0] * n)
+    assert none.shape == (0, 3) and none.dtype == np.int32
+    said = []
+    for bad in ([1, -1, 0], "xx"):
+        with pytest.raises(ValueError) as e:
+            C.all_to_all_v(world, a, bad if r == 1 else sends, timeout=20)
+        said.append(str(e.value))
+    with pytest.raises(TypeError) as t_err:
+        C.all_to_all(world, [torch.ones(2)] * n)
+    said.append(str(t_err.value))
+    C.barrier(world)
+    return said
+
+
+def test_all_to_all_v_exchanges_uneven_blocks_and_refuses_bad_counts_everywhere() -> None:
+    for rank, said in enumerate(mesh.spawn(_uneven_exchange, 3, timeout=120)):
+        me = f"rank {rank}: all_to_all_v on group world: "
+        if rank == 1:
+            assert said[0] == me + "send_counts must be 3 integers >= 0 (one a rank), got " \
+                                   "[1, -1, 0]", said
+            assert said[1].startswith(me + "send_counts must be 3 integers"), said
+        else:
+            assert said[:2] == [me + "the send_counts of rank(s) [1] are not valid (see their "
+                                     "error)"] * 2, said
+        assert said[2] == (f"rank {rank}: all_to_all on group world takes one array (or "
+                           f"tensor), got a list of 3: stack them into one (np.stack, "
+                           f"torch.stack; all_to_all sends its rows in rank order), or for "
+                           f"blocks of unequal sizes use collectives.all_to_all_v(g, rows, "
+                           f"send_counts)"), said

@@ -31,7 +31,7 @@ from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chai
 from .small import all_reduce_rd, barrier_dissemination
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
-           "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object"]
+           "scatter", "all_to_all", "all_to_all_v", "barrier", "broadcast_object", "all_gather_object"]
 
 
 def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
@@ -43,6 +43,13 @@ def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
         if hasattr(a, "__dlpack_device__"):
             raise TypeError(f"{name}: a {kind} is neither a numpy array, a torch tensor nor "
                             f"a CUDA array; np.from_dlpack(a) gives a numpy array of it")
+        if isinstance(a, (list, tuple)) and any(isinstance(x, np.ndarray) or is_tensor(x)
+                                                or device.is_device(x) for x in a):
+            raise TypeError(
+                f"{name} takes one array (or tensor), got a {type(a).__name__} of "
+                f"{len(a)}: stack them into one (np.stack, torch.stack; all_to_all sends "
+                f"its rows in rank order), or for blocks of unequal sizes use "
+                f"collectives.all_to_all_v(g, rows, send_counts)")
         if writable:
             raise TypeError(f"{name} works in place: it needs an array it can write (a "
                             f"numpy array, a torch tensor or a device array), got "
@@ -372,6 +379,79 @@ def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
             return out
         return _fp("all_to_all", arr), body
     return start(g, "all_to_all", prepare, async_op, timeout)
+
+
+def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
+                 async_op: bool = False, timeout: float | None = None,
+                 sizes: str = "recv_counts vs send_counts",
+                 check: Callable[[], Any] | None = None, name: str = "all_to_all_v") -> Any:
+    """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
+    ``a`` go to rank i; the result holds rank j's block at out_splits'
+    offset j. Each block carries, in its fingerprint, the rows it holds
+    and the rows its sender expects back, so that both ranks of a pair
+    that disagree on either raise MismatchError naming both (``sizes``
+    says which arguments disagree); the other members' blocks are right,
+    and they may return them before the abort reaches them. ``check()``,
+    run first under the call's tag, may raise for the caller's other
+    arguments, failing it on every rank. ``name``: the caller's call (the torch
+    backend's: in errors and fingerprints, an uneven all_gather meeting an
+    even one names both)."""
+    n = g.size
+
+    def prepare(_: Any) -> tuple[dict, Callable[[Ctx], np.ndarray]]:
+        if check is not None:
+            check()
+        arr = np.asarray(_array(name, a), order="C")
+        if arr.ndim == 0:
+            raise ValueError(f"{name}: needs an array of rows, got a 0-d array")
+        for what, splits in (("send", in_splits), ("recv", out_splits)):
+            if any(not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0
+                   for k in splits):
+                raise ValueError(f"{name}: {what} counts must be integers >= 0, got "
+                                 f"{list(splits)!r:.200}")
+        if len(in_splits) != n or len(out_splits) != n or sum(in_splits) != arr.shape[0]:
+            raise ValueError(f"split sizes {list(in_splits)} / {list(out_splits)} ({sizes}) "
+                             f"do not fit {n} ranks and {arr.shape[0]} input rows")
+        me = g.rank
+        if in_splits[me] != out_splits[me]:
+            raise MismatchError(
+                f"rank {g.ranks[me]}: {name} on group {g.name}: rank {me} expects "
+                f"{out_splits[me]} rows from rank {me} (itself), which sends {in_splits[me]} "
+                f"({sizes})")
+        rest = arr.shape[1:]
+        ioff = np.concatenate([[0], np.cumsum(in_splits)]).astype(int)
+        ooff = np.concatenate([[0], np.cumsum(out_splits)]).astype(int)
+
+        def pair(src: int, dst: int, there: int, back: int) -> dict:
+            """The fingerprint of a block from ``src`` to ``dst`` of ``there``
+            rows, whose sender expects ``back`` rows from ``dst``."""
+            if src > dst:       # the lower rank first: both ranks write it alike
+                src, dst, there, back = dst, src, back, there
+            return {**ctx_fp, "rows": f"{src}->{dst} {there}, {dst}->{src} {back}"}
+
+        def body(ctx: Ctx) -> np.ndarray:
+            me = ctx.g.rank
+            out = np.empty((int(ooff[-1]),) + rest, arr.dtype)
+            recvs = [(j, ctx.irecv(j, fp=pair(j, me, out_splits[j], in_splits[j])))
+                     for j in range(n) if j != me]
+            sends = [ctx.isend(arr[ioff[i]:ioff[i + 1]], i,
+                               fp=pair(me, i, in_splits[i], out_splits[i]))
+                     for i in range(n) if i != me]
+            out[ooff[me]:ooff[me + 1]] = arr[ioff[me]:ioff[me + 1]]
+            for j, r in recvs:
+                got = r.wait()
+                if got.shape[0] != out_splits[j]:
+                    raise MismatchError(
+                        f"{ctx.where()}: rank {me} expects {out_splits[j]} rows from rank {j}, "
+                        f"which sent {got.shape[0]} ({sizes})")
+                out[ooff[j]:ooff[j + 1]] = got
+            for s in sends:
+                s.wait()
+            return out
+        ctx_fp = {"coll": name, "dtype": dtype_name(arr.dtype),
+                  "row": list(rest) or None}     # (a row's shape past the first dimension)
+        return ctx_fp, body
+    return start(g, name, prepare, async_op, timeout)
 
 
 def barrier(g: Comm, async_op: bool = False, timeout: float | None = None) -> Any:
