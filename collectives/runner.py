@@ -225,9 +225,12 @@ class _Group:
         with self.lock:
             self.queue.append((fn, work))
             self.stop = False
-            if self.busy:
+            if self.busy and (self.running or self.thread is not threading.current_thread()):
                 self.wake.notify()
                 return
+            # A call made by a done-callback this lane runs (a torch future's
+            # ``then``) would wait behind that callback for ever: the lane goes
+            # on in a new thread, and this one ends when the callback returns.
             self.busy = True
             self.thread = threading.Thread(target=self._drain, name="collectives-lane",
                                            daemon=True)
@@ -248,8 +251,11 @@ class _Group:
             thread.join(timeout)
 
     def _drain(self) -> None:
+        me = threading.current_thread()
         while True:
             with self.lock:
+                if self.thread is not me:       # handed on (submit)
+                    return
                 if not self.queue and not self.stop:
                     self.wake.wait(_LINGER_S)
                 if not self.queue:

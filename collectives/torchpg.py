@@ -193,6 +193,13 @@ class _FutureWork(_Work):
         return self._base.value()
 
 
+def _nested(outputs: list[list[torch.Tensor]]) -> Any:
+    """What torch's future of a call with lists of outputs (all_gather,
+    gather) holds, as gloo's does: the one list of a call with one input,
+    else the list of lists."""
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
 class ProcessGroupMeshrun(_ProcessGroup):
     """torch.distributed's ProcessGroup on ``comm`` (a meshrun world or
     group whose ranks are the torch group's). ``on_shutdown`` runs when
@@ -224,6 +231,20 @@ class ProcessGroupMeshrun(_ProcessGroup):
             raise RuntimeError(f"meshrun backend: no backend for device type {kind} "
                                f"(it takes cpu and cuda tensors)")
         return self
+
+    @property
+    def _device_types(self) -> list[torch.device]:
+        """The devices whose tensors the group takes, as a registered backend
+        would tell torch (dcp.async_save looks for cpu; object collectives
+        pick cpu)."""
+        return [torch.device("cpu"), torch.device("cuda")]
+
+    def _get_sequence_number_for_group(self) -> int:
+        """How many collectives the group has started (its collective tags)."""
+        return int(self.comm.collective_channel().seq)
+
+    def _set_sequence_number_for_group(self) -> None:
+        """(Every member numbers its collectives from 0 as it makes them.)"""
 
     def supports_tensor_alloc(self, device: Any) -> bool:
         """No memory of its own to give: the caller allocates with torch.empty."""
@@ -444,7 +465,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
                     _write(o, value[j])
         return self._run([lambda a, x=x: C.all_gather(self.comm, x, async_op=a,
                                                        timeout=self.timeout)
-                          for x in input_tensors], finish, output_tensors, opts.asyncOp)
+                          for x in input_tensors], finish, _nested(output_tensors),
+                         opts.asyncOp)
 
     def _allgather_v(self, output_tensors: list[list[torch.Tensor]],
                      input_tensors: list[torch.Tensor], opts: Any) -> dist.Work:
@@ -469,7 +491,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 got = _tensors.to_torch(value, outs[0]).split(sizes)
                 for o, piece in zip(outs, got):
                     _write(o, piece)
-        return self._run(launches, finish, output_tensors, opts.asyncOp)
+        return self._run(launches, finish, _nested(output_tensors), opts.asyncOp)
 
     def allgather_coalesced(self, output_lists: list[list[torch.Tensor]],
                             input_list: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -642,7 +664,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                     _write(o, values[0][j])
         return self._run([lambda a: C.gather(self.comm, input_tensors[0], root=root,
                                              async_op=a, timeout=self.timeout)],
-                         finish, output_tensors, opts.asyncOp)
+                         finish, _nested(output_tensors), opts.asyncOp)
 
     def scatter(self, output_tensors: list[torch.Tensor],
                 input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:

@@ -450,7 +450,8 @@ def _view(t: Any) -> Any:
     if t.is_cuda:
         from mesh import device
         return device.as_cupy(t)
-    return t.numpy()
+    from mesh.tensors import numpy_view
+    return numpy_view(t)
 
 
 def copied(a: Any) -> Any:

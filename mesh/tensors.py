@@ -1,7 +1,7 @@
 """torch tensors at meshrun's API: what they are on the wire and back.
 
-A CPU tensor is used through a numpy view of its memory
-(``t.detach().numpy()``, no copy); a CUDA tensor through a CuPy view
+A CPU tensor is used through a numpy view of its memory (``numpy_view``,
+no copy); a CUDA tensor through a CuPy view
 (mesh.device). Every dtype torch and numpy share travels as itself;
 bfloat16, which numpy lacks, travels as its raw 16 bits (uint16), named
 "bfloat16" in fingerprints (the dtype's metadata) and flagged in message
@@ -24,7 +24,7 @@ from . import device
 
 __all__ = ["is_tensor", "BFLOAT16", "BFLOAT16_WIDE", "TORCH", "BF16", "check", "operand",
            "out_unusable", "out_view", "to_torch", "flags", "received", "stream_of", "dtype_name",
-           "plain_view", "cpu_numpy"]
+           "plain_view", "cpu_numpy", "numpy_view"]
 
 BFLOAT16 = np.dtype(np.uint16, metadata={"name": "bfloat16"})
 """bfloat16's raw bits as numpy holds them; fingerprints read the name."""
@@ -95,6 +95,38 @@ def check(t: Any, what: str) -> np.dtype:
     return dt
 
 
+class _Holder:
+    """What a numpy view of a tensor's memory keeps alive: the tensor."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, tensor: Any, interface: dict) -> None:
+        self.tensor, self.__array_interface__ = tensor, interface
+
+
+_NUMPY_DTYPES: dict[Any, np.dtype] = {}
+
+
+def numpy_view(t: Any) -> np.ndarray:
+    """``t.numpy()`` (a CPU tensor of a dtype numpy has, with no grad and no
+    lazy conjugate or negation, else RuntimeError or TypeError as torch
+    raises), without what it does besides: torch marks the storage of a
+    tensor it hands numpy as not resizable, for ever, so a buffer that had
+    been through a collective could not be resized again (DDP's bucket in
+    batched PowerSGD, a user's buffer). The view holds ``t`` instead."""
+    dt = _NUMPY_DTYPES.get(t.dtype)
+    if dt is None:      # (a dtype numpy lacks raises TypeError, as t.numpy() would)
+        dt = _NUMPY_DTYPES[t.dtype] = _torch().empty(0, dtype=t.dtype).numpy().dtype
+    if t.requires_grad or not t.is_cpu or dt.kind == "c" and (t.is_conj() or t.is_neg()):
+        return np.asarray(t.numpy())        # (raises what it raises)
+    ptr = t.data_ptr()
+    if not ptr:         # (no elements)
+        return np.empty(tuple(t.shape), dt)
+    return np.asarray(_Holder(t, {
+        "version": 3, "typestr": dt.str, "shape": tuple(t.shape), "data": (ptr, False),
+        "strides": None if t.is_contiguous() else tuple(k * dt.itemsize for k in t.stride())}))
+
+
 def operand(t: Any, what: str, wide: bool = False) -> tuple[Any, bool]:
     """``t`` as the array the host or device paths take, and whether it
     shares ``t``'s memory (else it is a copy, to be copied back into ``t``
@@ -105,7 +137,7 @@ def operand(t: Any, what: str, wide: bool = False) -> tuple[Any, bool]:
     d = t.detach() if t.requires_grad else t
     if dt is not BFLOAT16 and d.is_cpu:
         try:
-            return d.numpy(), True
+            return numpy_view(d), True
         except RuntimeError:     # a conjugate or negative view: resolved below
             pass
     bf16 = d.dtype == torch.bfloat16
@@ -118,9 +150,9 @@ def operand(t: Any, what: str, wide: bool = False) -> tuple[Any, bool]:
         v = device.cupy().from_dlpack(d.view(torch.int16) if bf16 and not wide else d)
         return (v.view(np.uint16) if bf16 and not wide else v), shares
     if bf16:
-        return d.numpy().view(BFLOAT16_WIDE) if wide else d.view(torch.uint16).numpy().view(
-            BFLOAT16), shares
-    return d.numpy(), shares
+        return d.numpy().view(BFLOAT16_WIDE) if wide else numpy_view(
+            d.view(torch.uint16)).view(BFLOAT16), shares
+    return numpy_view(d), shares
 
 
 def out_view(t: Any, what: str) -> Any:
@@ -194,7 +226,7 @@ def plain_view(t: Any) -> tuple[np.ndarray, int] | None:
         return a, TORCH
     torch = _torch()
     if d.is_cpu and d.dtype == torch.bfloat16 and not (d.is_conj() or d.is_neg()):
-        return d.view(torch.uint16).numpy().view(BFLOAT16), TORCH | BF16
+        return numpy_view(d.view(torch.uint16)).view(BFLOAT16), TORCH | BF16
     return None
 
 
@@ -204,7 +236,7 @@ def cpu_numpy(t: Any) -> np.ndarray | None:
     if not t.is_cpu:
         return None
     try:
-        return t.numpy()
+        return numpy_view(t)
     except (RuntimeError, TypeError):
         return None
 

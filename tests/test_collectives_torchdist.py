@@ -365,6 +365,35 @@ def _groups(r: int, n: int) -> None:
     assert len(subs) == n // dist.get_world_size(sub)
 
 
+def _futures_and_buffers(r: int, n: int) -> None:
+    """What torch's own comm hooks lean on: a ``then`` callback that makes
+    another async collective and waits for it (PowerSGD: it hung, queued
+    behind the callback on the group's one lane), futures holding what
+    gloo's hold, buffers that stay resizable (batched PowerSGD resizes
+    DDP's bucket), the group's device types (dcp.async_save)."""
+    t, t2 = torch.ones(4), torch.full((4,), float(r + 1))
+
+    def then(_: Any) -> Any:
+        return dist.all_reduce(t2, async_op=True).get_future().wait()[0]
+    got = dist.all_reduce(t, async_op=True).get_future().then(then).wait()
+    _eq(got, [n * (n + 1) / 2] * 4, "an async all_reduce waited for in a then callback")
+    outs = [torch.zeros(2) for _ in range(n)]
+    value = dist.all_gather(outs, torch.full((2,), float(r)), async_op=True).get_future().wait()
+    assert len(value) == n and all(torch.is_tensor(v) for v in value), value
+    _eq(value[n - 1], [float(n - 1)] * 2, "all_gather's future")
+    for name, call in [("all_reduce", lambda b: dist.all_reduce(b)),
+                       ("broadcast", lambda b: dist.broadcast(b, 0)),
+                       ("all_gather_into_tensor",
+                        lambda b: dist.all_gather_into_tensor(torch.empty(4 * n), b))]:
+        b = torch.ones(4)
+        call(b)
+        assert b.untyped_storage().resizable(), f"{name} left its tensor not resizable"
+        b.resize_(8)
+    pg = dist.distributed_c10d._get_default_group()
+    assert torch.device("cpu") in pg._device_types, pg._device_types
+    assert pg._get_sequence_number_for_group() > 0
+
+
 def _battery(world: Any) -> None:
     """Every torch collective and point-to-point call on the backend."""
     r, n = dist.get_rank(), dist.get_world_size()
@@ -374,6 +403,7 @@ def _battery(world: Any) -> None:
     _gathers(r, n)
     _p2p(r, n)
     _groups(r, n)
+    _futures_and_buffers(r, n)
 
 
 def battery(world: Any) -> str:
