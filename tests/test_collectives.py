@@ -157,6 +157,8 @@ def _gather_scatter_cases(C: Any, g: Any, seed: int) -> None:
         [{"rank": i, "t": [i, "x"]} for i in range(n)]
     assert C.broadcast_object(g, {"w": [1.5, None, "s"]} if r == n - 1 else None,
                               root=n - 1) == {"w": [1.5, None, "s"]}
+    got = C.all_gather_object(g, {"step": np.int64(r), "loss": np.float32(0.5)})   # numpy
+    assert got == [{"step": i, "loss": 0.5} for i in range(n)] and type(got[r]["step"]) is int
 
 
 def _async_cases(C: Any, g: Any, seed: int) -> None:

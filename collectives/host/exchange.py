@@ -31,12 +31,20 @@ def all_to_all_direct(ctx: Ctx, src: np.ndarray, out: np.ndarray) -> None:
         req.wait()
 
 
+def _scalar(x: Any) -> Any:
+    """A numpy scalar (a step counter, a loss) as the Python number it holds."""
+    if isinstance(x, np.generic) and x.dtype.kind in "biuf":
+        return x.item()
+    raise TypeError(f"can not serialize {type(x).__name__!r} object")
+
+
 def as_received(obj: Any) -> Any:
-    """``obj`` as a peer will see it after msgpack (tuples become lists), so
-    that every rank returns the same value; TypeError if it is not msgpack-able."""
+    """``obj`` as a peer will see it after msgpack (tuples become lists,
+    numpy scalars Python numbers), so that every rank returns the same
+    value; TypeError if it is not msgpack-able."""
     try:
-        return msgpack.unpackb(msgpack.packb(obj, use_bin_type=True), raw=False,
-                               strict_map_key=False)
+        return msgpack.unpackb(msgpack.packb(obj, use_bin_type=True, default=_scalar),
+                               raw=False, strict_map_key=False)
     except Exception as e:
         raise TypeError(f"{type(obj).__name__} is not msgpack-able ({e}); object "
                         f"collectives take msgpack values (no pickle)") from None
