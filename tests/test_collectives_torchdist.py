@@ -463,6 +463,30 @@ def _train(net: Any, steps: list, r: int, device: str = "cpu") -> float:
                for a, b in zip(net.module.parameters(), ref.parameters()))
 
 
+def _powersgd_against_gloo(steps: list, r: int) -> float:
+    """torch's PowerSGD comm hook (its callbacks make collectives and wait
+    for them: it hung) on meshrun's group and on a gloo group over the same
+    ranks, from the same start: the largest difference of their weights."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    nets = []
+    for group in (None, dist.new_group(backend="gloo")):
+        torch.manual_seed(1)
+        net = DDP(torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Linear(16, 2)),
+                  process_group=group)
+        net.register_comm_hook(psgd.PowerSGDState(process_group=group, start_powerSGD_iter=2,
+                                                  min_compression_rate=0.5), psgd.powerSGD_hook)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for x, y in steps:
+            mine = slice(r * 4, (r + 1) * 4)
+            torch.nn.functional.mse_loss(net(x[mine]), y[mine]).backward()
+            opt.step()
+            opt.zero_grad()
+        nets.append(net)
+    return max((a - b).abs().max().item()
+               for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+
+
 def ddp_and_mismatch(world: Any) -> dict:
     """DDP (no_sync, find_unused_parameters, small buckets) against
     single-process training on the full batch; then a shape mismatch and
@@ -479,6 +503,7 @@ def ddp_and_mismatch(world: Any) -> dict:
                {"static_graph": True}):
         diffs.append(_train(DDP(_Net(), **kw), steps, r))
     diff = max(diffs)
+    powersgd = _powersgd_against_gloo(steps, r)
     errors = []
     for async_op in (False, True):
         t = torch.zeros(3 if r == 0 else 4)
@@ -521,7 +546,8 @@ def ddp_and_mismatch(world: Any) -> dict:
     dist.all_reduce(t)                 # the group's next collective works
     threads = {th.name for th in threading.enumerate()}
     dist.destroy_process_group()
-    return {"diff": diff, "errors": errors, "after": t.tolist(), "threads": sorted(threads),
+    return {"diff": diff, "powersgd": powersgd, "errors": errors, "after": t.tolist(),
+            "threads": sorted(threads),
             "timed_out": timed_out, "late": late.tolist()}
 
 
@@ -529,6 +555,7 @@ def test_2_ranks_every_call_then_ddp_trains_like_one_process_and_mismatches_rais
     out = mesh.spawn(ddp_and_mismatch, 2, timeout=90)
     for r, o in enumerate(out):
         assert o["diff"] < 1e-6, (r, o)
+        assert o["powersgd"] < 1e-6, (r, o)
         assert len(o["errors"]) == 2, (r, o)
         for e in o["errors"]:
             assert "mismatch" in e and "rank 0" in e and "rank 1" in e, e
