@@ -310,7 +310,11 @@ _groups_lock = threading.Lock()
 
 def _state(g: Comm) -> _Group:
     while _orphans:     # groups dropped since the last call: their watches go
-        for _, _, req in _orphans.popleft().watches:
+        try:
+            gone = _orphans.popleft()
+        except IndexError:      # (another thread took the last)
+            break
+        for _, _, req in gone.watches:
             req.withdraw()
     with _groups_lock:
         st = _groups.get(g)
