@@ -309,21 +309,14 @@ _groups_lock = threading.Lock()
 
 
 def _state(g: Comm) -> _Group:
-    while _orphans:     # groups dropped since the last call: their watches go
-        try:
-            gone = _orphans.popleft()
-        except IndexError:      # (another thread took the last)
-            break
-        for _, _, req in gone.watches:
-            req.withdraw()
+    ch = g.collective_channel()
+    ch.sweep()      # groups dropped since: their watches withdrawn, their lanes ended
     with _groups_lock:
         st = _groups.get(g)
         if st is None:
             st = _groups[g] = _Group()
-            # A dropped group's entry goes with it; its watches' receives are
-            # withdrawn by the next call (not here: a finalizer may run in a
-            # thread that holds the inbox's lock).
-            weakref.finalize(g, _orphans.append, st)
+            # (a dropped group's entry goes with it: its watches hold the transport)
+            ch.on_drop(lambda: st.release(0))
             # A watch holds its mesh's transport, and the world's entry lives as
             # long as the world: the mesh's entries go when it closes (one hook
             # a mesh, not one a group: groups come and go).
@@ -336,7 +329,6 @@ def _state(g: Comm) -> _Group:
 
 
 _hooked: "weakref.WeakSet[Any]" = weakref.WeakSet()     # the transports whose close forgets
-_orphans: "deque[_Group]" = deque()     # the state of groups gone since the last call
 
 
 def _forget(ref: "weakref.ref[Any]") -> None:

@@ -164,6 +164,18 @@ class CollectiveChannel:
         collectives) after this rank has dropped the group."""
         self._t.keep_alive.append(obj)
 
+    def on_drop(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once, when this rank drops the communicator (it is
+        garbage; run by the next group made or collective started) or the
+        mesh closes, whichever comes first; ``fn`` must not hold the
+        communicator. For what the group owns here alone (its sockets)."""
+        self._t.drop_hooks.setdefault(self._comm.gid, []).append(fn)
+
+    def sweep(self) -> None:
+        """Forget the groups dropped here since (Transport.sweep)."""
+        if self._t.dropped:
+            self._t.sweep()
+
     def on_close(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` when the mesh closes, after every peer has said
         goodbye (so none still reads what it releases), latest first."""

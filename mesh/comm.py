@@ -9,6 +9,7 @@ import hashlib
 import numbers
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -106,6 +107,9 @@ class Comm:
         self._splits = 0     # split() calls made (collective: the same count on every rank)
         self._sent = Request(self, SENT)     # what isend returns for a send by ring
         transport.groups[gid] = (name, self.ranks)
+        if gid:     # dropped, it is forgotten (Transport.sweep); the world lives as the mesh
+            transport.sweep()
+            weakref.finalize(self, transport.dropped.append, gid)
 
     @property
     def timeout(self) -> float:

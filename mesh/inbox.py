@@ -26,6 +26,12 @@ from .payload import fmt_fp, out_problem
 from .peer import ALIVE, DEAD, Peer
 
 __all__ = ["Inbox", "abort_error"]
+_KEEP_ABORTED = 4096
+"""Aborted collectives whose records (what a late arrival at the call
+raises, and the mark that drops its late messages) are kept."""
+_KEEP_FORGOTTEN = 4096
+"""Dropped groups whose late messages are dropped (older ones' would wait
+unmatched)."""
 
 _log = logging.getLogger("mesh.transport")
 
@@ -48,6 +54,7 @@ class Inbox:
         self.closed = False     # this rank has said goodbye (its close): nothing new works
         # (group, tag) -> the (group, tag)s aborted here with it (CollectiveChannel.follow)
         self.follows: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self.forgotten: dict[int, None] = {}   # the latest groups dropped (forget)
         self._control, self._nudge = control, nudge
         self.unpark: Callable[[], None] = _nothing    # a receive stays posted (mesh.progress)
 
@@ -150,7 +157,7 @@ class Inbox:
         to the unexpected queue, waking the probes it matches."""
         while True:
             with self.lock:
-                if (group, tag) in self.aborted:
+                if (group, tag) in self.aborted or self.forgotten and group in self.forgotten:
                     req = None
                 else:
                     req = self.matcher.take_posted(group, src, tag)
@@ -254,12 +261,14 @@ class Inbox:
         goodbye, a message) follows the abort on each connection, so no
         member hears of it first."""
         with self.lock:
-            if (group, tag) in self.aborted:
-                return False
+            if (group, tag) in self.aborted or self.forgotten and group in self.forgotten:
+                return False    # (a peer's abort of a group dropped here: nothing waits)
             if kind == AbortKind.LOST_PEER and peer < 0 and self.dead:
                 lost = self.dead_member(group)
                 peer = -1 if lost is None else lost
             record = self.aborted[(group, tag)] = (kind, reason, peer)
+            if len(self.aborted) > _KEEP_ABORTED:    # the oldest: long over everywhere
+                del self.aborted[next(iter(self.aborted))]
             reqs = self.matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
             dropped = self.matcher.drop_unexpected(group, tag)
             followers = list(self.follows.get((group, tag), ())) if self.follows else []
@@ -273,6 +282,24 @@ class Inbox:
             self.abort_local(sub, sub_tag, kind, reason, peer)
         self._nudge()
         return True
+
+    def forget(self, group: int) -> None:
+        """Group ``group`` was dropped here (its id is never made again): its
+        aborts, the receives posted on it (a collective's watches: no waiter
+        is left) and its messages waiting unmatched go, and a message for it
+        that comes later is dropped."""
+        with self.lock:
+            self.forgotten[group] = None
+            if len(self.forgotten) > _KEEP_FORGOTTEN:
+                del self.forgotten[next(iter(self.forgotten))]
+            for key in [k for k in self.aborted if k[0] == group]:
+                del self.aborted[key]
+            for key in [k for k in self.follows if k[0] == group]:
+                del self.follows[key]
+            self.matcher.remove_posted(lambda q: q.group == group)
+            dropped = self.matcher.drop_group(group)
+        for m in dropped:
+            self.consumed(m.src, m.nbytes)
 
     def unmatched_note(self, req: Pending) -> str:
         """What waits here unmatched from the peer ``req`` waits for (from any
@@ -349,7 +376,7 @@ class Inbox:
             peer.state, peer.why = state, why
             if state == DEAD:
                 self.dead.add(rank)
-            members = {g for g, (_, ranks) in self.groups.items() if rank in ranks}
+            members = {g for g, (_, ranks) in list(self.groups.items()) if rank in ranks}
             reqs = self.matcher.remove_posted(
                 lambda q: q.src == rank or (state == DEAD and (q.src == ANY or q.tag < 0)
                                             and q.group in members))

@@ -26,7 +26,7 @@ import zmq
 
 from . import wire
 from .inbox import Inbox
-from .match import ANY, Pending
+from .match import ANY, Pending, describe
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float
 
 __all__ = ["Liveness", "heartbeat_for", "monitor_event"]
@@ -110,7 +110,7 @@ class Liveness:
         self._shaking = 0     # connections accepted whose handshake has not ended (as far as seen)
         self.doing: Pending | Outgoing | str | None = None
         self.doing_since = 0.0
-        self.last: Pending | Outgoing | str | None = None
+        self.last: str | tuple | None = None     # (an item's description)
         self.last_end = 0.0
         self._inbox, self._control = inbox, control
         # monitor socket -> its peer (None: the ROUTER's, for strangers)
@@ -118,10 +118,12 @@ class Liveness:
             p.monitor: p for p in peers if p.monitor is not None}
         self.monitors[router_mon] = None
 
-    def _what(self, item: Pending | Outgoing | str) -> str:
+    def _what(self, item: Pending | Outgoing | str | tuple) -> str:
         # a collective's message names it (mesh.match.describe); a wait outside
         # the transport (collectives.shm.board) says itself what it is
-        return item if type(item) is str else item.desc     # type: ignore[union-attr]
+        if type(item) is str or type(item) is tuple:
+            return describe(item)
+        return item.desc     # type: ignore[union-attr]
 
     def status(self) -> str:
         """What this rank is doing, as its heartbeats tell its peers."""

@@ -367,6 +367,11 @@ class Matcher:
         by_src = self._unexpected.pop((group, tag), {})
         return [m for q in by_src.values() for m in q]
 
+    def drop_group(self, group: int) -> list[Arrived]:
+        """Every message of ``group`` waiting unmatched, taken out."""
+        return [m for key in [k for k in self._unexpected if k[0] == group]
+                for m in self.drop_unexpected(*key)]
+
 
 _NONE: tuple[Pending, ...] = ()
 

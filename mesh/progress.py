@@ -214,7 +214,8 @@ class Progress:
             if held:
                 self._rlock.release()
             end = time.monotonic()
-            live.doing, live.last, live.last_end = None, item, end
+            # (its description only: the item would hold its data, or its error's frames)
+            live.doing, live.last, live.last_end = None, item._desc, end
             with self._want_lock:
                 self._want -= 1
                 if self._want == 0:

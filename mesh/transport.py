@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any, Callable
 
 import msgpack
@@ -63,6 +64,10 @@ class Transport:
         self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes
         self.on_close: list[Callable[[], None]] = []  # called then, before the release
         self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
+        # groups dropped (garbage) here, forgotten by the next sweep(); per group id,
+        # what to call then or when the mesh closes, whichever first (their sockets)
+        self.dropped: deque[int] = deque()
+        self.drop_hooks: dict[int, list[Callable[[], None]]] = {}
         self._peers: list[Peer] = []
         for r, ep in enumerate(endpoints):
             if r == rank:
@@ -393,6 +398,25 @@ class Transport:
 
     # ---- waiting -------------------------------------------------------------
 
+    def sweep(self) -> None:
+        """Forget the groups dropped since the last sweep: their name, what
+        the inbox keeps of them (aborts, receives posted only to catch one,
+        messages that came late) and their drop hooks, run now. Called where
+        no lock of the transport is held (a group made, a collective's start),
+        not by the finalizer that queued them, which may run anywhere."""
+        while self.dropped:
+            try:
+                gid = self.dropped.popleft()
+            except IndexError:      # (another thread took the last)
+                return
+            self.groups.pop(gid, None)
+            self.inbox.forget(gid)
+            for fn in self.drop_hooks.pop(gid, ()):
+                try:
+                    fn()
+                except Exception:
+                    _log.exception("rank %d: a dropped group's hook failed", self.rank)
+
     def wait(self, item: Pending | Outgoing, timeout: float | None) -> Any:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -519,7 +543,9 @@ class Transport:
             time.sleep(0.002)
         self.inbox.fail_posted()    # other threads' waits end now, not in torn-down sockets
         self.progress.closing = True
-        for fn in reversed(self.on_close):
+        hooks = [fn for fns in self.drop_hooks.values() for fn in fns]
+        self.drop_hooks.clear()
+        for fn in reversed(self.on_close + hooks):
             try:
                 fn()
             except Exception:

@@ -371,6 +371,41 @@ def streams(world: Any) -> dict:
     return out
 
 
+def _dropped_groups(world: Any) -> list[int]:
+    """Groups across the fake hosts made and dropped in a loop, each with a
+    small all_reduce (the group's links) and a large ring one (its kept
+    streams): what they held goes with them, not at the mesh's close."""
+    import gc
+
+    from collectives.host import stream
+    _fake_host(world)
+    n, r = world.size, world.rank
+    big = np.ones(100_001, np.float32)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+    C.all_reduce(world, np.ones(4))
+    seen = []
+    for i in range(12):
+        g = world.group(list(range(n)))
+        assert C.all_reduce(g, np.ones(4))[0] == n
+        assert C.all_reduce(g, big.copy(), algorithm="ring")[0] == n
+        del g
+        gc.collect()
+        if i in (3, 11):
+            C.barrier(world)        # (the next call forgets the dropped groups)
+            seen += [fds(), len(world._t.groups), len(stream._kept)]
+    return seen
+
+
+def test_dropped_groups_across_hosts_close_their_links_and_streams() -> None:
+    """Each group's links and kept streams were closed only when the mesh
+    closed: a job making groups in its loop ran out of descriptors."""
+    env = {"MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K", "MESH_TIMEOUT": "30"}
+    for r, seen in enumerate(mesh.spawn(_dropped_groups, 4, timeout=100, env=env)):
+        assert seen[3] <= seen[0] + 2 and seen[4] == seen[1] and seen[5] <= seen[2], (r, seen)
+
+
 def _drop_kept() -> None:
     """Reset this rank's kept streams (collectives.host.stream), as a failed
     call does: the next call makes new connections."""

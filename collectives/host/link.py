@@ -315,7 +315,7 @@ def _setup(ctx: Ctx, peers: list[int]) -> dict[int, _Link]:
                                 f"but none came", key[2])
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         links[p] = _Link(conn, p)
-    for link in links.values():
-        ctx.ch.on_close(link.sock.close)
+    for link in links.values():     # (after the peer's goodbye, or with the group)
+        ctx.ch.on_drop(link.sock.close)
     stats["pairs"] += len(links)
     return links

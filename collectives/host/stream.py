@@ -81,10 +81,16 @@ stats = {"links": 0, "connects": 0, "reused": 0}    # ring calls that ran a stre
 _unreachable: set[int] = set()          # world ranks a connect failed to
 _kept: dict[tuple[Any, int, str], tuple[socket.socket, int]] = {}
 """(group, peer's world rank, "out" / "in") -> (connection, id) kept from an
-earlier call (taken out while a call uses it); the group's mesh closing
-resets them (a new mesh's group, even one of the same id, keeps its own)."""
-_kept_groups: set[Any] = set()           # groups whose mesh close drops theirs
+earlier call (taken out while a call uses it); the group dropped or its mesh
+closing resets them. A group is (its mesh's transport's id, its id): a new
+mesh's group, even one of the same id, keeps its own, and the table holds
+no group alive."""
+_kept_groups: set[Any] = set()           # groups whose drop (or mesh close) drops theirs
 _kept_lock = threading.Lock()
+
+
+def _group_key(g: Any) -> tuple[int, int]:
+    return id(g._t), g.gid
 
 
 def _keeping() -> bool:
@@ -103,15 +109,15 @@ def _keep(ctx: Ctx, key: tuple[Any, int, str], conn: socket.socket, cid: int) ->
         first = key[0] not in _kept_groups
         _kept_groups.add(key[0])
     if first:
-        ctx.ch.on_close(lambda: _drop_kept(key[0]))
+        ctx.ch.on_drop(lambda: _drop_kept(key[0]))
     if old is not None:
         _reset(old[0])
 
 
 def _drop_kept(group: Any) -> None:
-    """Reset the connections kept for ``group`` (its mesh is closing)."""
+    """Reset the connections kept for ``group`` (dropped, or its mesh closing)."""
     with _kept_lock:
-        mine = [k for k in _kept if k[0] is group]
+        mine = [k for k in _kept if k[0] == group]
         gone = [_kept.pop(k)[0] for k in mine]
         _kept_groups.discard(group)
     for conn in gone:
@@ -443,7 +449,7 @@ class Links:
             if sock is None:
                 continue
             if keep:
-                _keep(self.ctx, (g, g.ranks[peer], way), sock, cid)
+                _keep(self.ctx, (_group_key(g), g.ranks[peer], way), sock, cid)
             elif way == "in" or broken:
                 _reset(sock)
             else:
@@ -468,8 +474,8 @@ def open_links(ctx: Ctx, left: int, right: int, nbytes: int) -> Links | None:
     if not (use_in or use_out):
         return None
     gid, lw, rw = ctx.g.gid, ctx.g.ranks[left], ctx.g.ranks[right]
-    kin = _take_kept((ctx.g, lw, "in")) if use_in else None
-    kout = _take_kept((ctx.g, rw, "out")) if use_out else None
+    kin = _take_kept((_group_key(ctx.g), lw, "in")) if use_in else None
+    kout = _take_kept((_group_key(ctx.g), rw, "out")) if use_out else None
     lis = _the_listener() if use_in else None
     out = inp = None
     ids = [0, 0]
