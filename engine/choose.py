@@ -40,7 +40,7 @@ from .schedules import by_name
 
 __all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "layer_by_layer",
            "held_by", "Candidate", "kept_random",
-           "time_layer", "time_program", "measure", "measure_stages",
+           "time_layer", "kept_buffers", "time_program", "measure", "measure_stages",
            "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
            "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
            "table", "SCHEDULES", "Span"]
@@ -195,6 +195,28 @@ def kept_random() -> Iterator[None]:
             torch.cuda.set_rng_state_all(gpus)
 
 
+@contextlib.contextmanager
+def kept_buffers(*modules: Any) -> Iterator[None]:
+    """Put the buffers of the torch ``modules`` (None and others skipped)
+    back as they were when the block began: timing runs forwards in
+    training mode, each updating a BatchNorm's running statistics and its
+    count, so without this a model came out of ``engine.distribute`` with
+    them moved before its first step."""
+    torch: Any = sys.modules.get("torch")
+    saved: list[tuple[Any, Any]] = []
+    if torch is not None:
+        for m in modules:
+            if isinstance(m, torch.nn.Module):
+                saved += [(b, b.clone()) for b in m.buffers() if not b.is_meta]
+    try:
+        yield
+    finally:
+        if saved:
+            with torch.no_grad():
+                for b, old in saved:
+                    b.copy_(old)
+
+
 def time_layer(layer: Any, x: Any, reps: int = 3,
                clock: Callable[[], float] = time.perf_counter,
                runs: int | None = None) -> tuple[LayerCost, Any]:
@@ -210,7 +232,14 @@ def time_layer(layer: Any, x: Any, reps: int = 3,
     is put back. ``clock``: ``time.thread_time`` counts this thread's CPU
     only (what a comparison on a loaded machine wants), not the wall.
     ``runs``: exactly that many after the warm-up (a tensor-parallel layer,
-    whose collectives its peers must make as often)."""
+    whose collectives its peers must make as often). Its buffers (a
+    BatchNorm's statistics) are put back too."""
+    with kept_buffers(getattr(layer, "module", None)):
+        return _time_layer(layer, x, reps, clock, runs)
+
+
+def _time_layer(layer: Any, x: Any, reps: int, clock: Callable[[], float],
+                runs: int | None) -> tuple[LayerCost, Any]:
     saved = ([(g, g.clone() if is_tensor(g) else g.copy()) for g in layer.grads()]
              if hasattr(layer, "grads") else [])      # (a bfloat16 stage's: tensors)
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
@@ -340,7 +369,18 @@ def time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
     grows as the stages make collectives (engine.tp_plan's
     ``logging_calls``): ``out[(stage, kind)]`` gets the entries an action
     of that kind added, in the warm-up run. The stages' gradients are
-    changed: pass copies."""
+    changed: pass copies. Their buffers (a BatchNorm's statistics) are
+    put back."""
+    with kept_buffers(*[getattr(st, "module", None) for st in stages.values()]):
+        return _time_program(stages, inputs, program, reps, clock, loss, each, runs, calls)
+
+
+def _time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
+                  program: Sequence[Action], reps: int, clock: Callable[[], float],
+                  loss: tuple[int, Callable[[Any], Any]] | None,
+                  each: list[dict[int, LayerCost]] | None, runs: int | None,
+                  calls: tuple[list[int], dict[tuple[int, str], list[int]]] | None
+                  ) -> dict[int, LayerCost]:
     acts = [a for a in program if a.kind in (F, B, I, W)]
     timed: dict[tuple[int, str], list[float]] = {}
     nbytes: dict[int, int] = {}

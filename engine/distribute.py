@@ -58,8 +58,8 @@ from mesh.tensors import is_tensor
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
-                     candidates, counts_for, kept_random, measure, measure_stages,
-                     microbatch_counts,
+                     candidates, counts_for, kept_buffers, kept_random, measure,
+                     measure_stages, microbatch_counts,
                      recomputing, recosted, retimed, stage_costs, stage_spans, table,
                      time_program)
 from .executor import Pipeline, rows_of
@@ -561,9 +561,11 @@ class Job:
         choice. Nothing is fitted to a step: no step runs."""
         if self.chosen is None or not self._inputs:
             return None
-        # no collection of a large heap inside the figures; the random streams
-        # as they were (its stages' copies draw dropout masks as often as timed)
-        with collected(), kept_random():
+        # no collection of a large heap inside the figures; the random streams and
+        # buffers as they were (its stages' copies draw dropout masks and count
+        # their BatchNorms as often as timed)
+        with collected(), kept_random(), kept_buffers(*[getattr(st, "module", None)
+                                                        for st in self.stages]):
             return self._timed_again()
 
     def _timed_again(self) -> float:
@@ -991,9 +993,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     sched = scheds[0]
     cal: Calibration | None = None
     if sample is not None:         # measured: the cut by time, the choice, the prediction
-        # no collection of a large heap inside the figures; the random streams put
-        # back after (the layers' dropouts draw as often as they are timed)
-        with collected(), kept_random():
+        # no collection of a large heap inside the figures; the random streams and
+        # the layers' buffers put back after (the layers' dropouts draw, and their
+        # BatchNorms count, as often as they are timed)
+        with collected(), kept_random(), kept_buffers(*[layer for _, layer in named]):
             rows = len(sample)
             sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
             # (a meta model's layers are timed on real copies, one layer at a time)
@@ -1101,7 +1104,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
         xs = [sample[:size]]
-        with kept_random():
+        with kept_random(), kept_buffers(*[getattr(m, "module", None) for m in mlayers]):
             # (sharded: tp peers pass it through the same layers, collectives alike)
             while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
                 xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])

@@ -1156,6 +1156,44 @@ def test_measuring_leaves_the_random_streams_as_they_were():
     assert mesh.spawn(_seeded_worker, 2, timeout=120, env=PATIENT) == [True, True]
 
 
+def _batchnorm_worker(world):
+    """A model with BatchNorms, measured (its forwards run in training mode
+    as often as the clock says) and stepped once on one micro-batch: its
+    running statistics and counts are one process's after one step."""
+    import torch
+    torch.set_num_threads(1)
+
+    def build():
+        torch.manual_seed(SEED)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.Linear(8, 2))
+    gen = torch.Generator().manual_seed(SEED)
+    x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 2, generator=gen)
+    job = engine.distribute(build(), mesh.grid(world, pp=2), schedule="gpipe", microbatches=1,
+                            sample=x, loss_fn=torch.nn.functional.mse_loss, timeout=30,
+                            reps=1, verbose=False)
+    first = job.state_dict()            # (collective: the whole model on rank 0)
+    first = {k: v.clone() for k, v in first.items()} if first is not None else None
+    job.step(x, y)
+    after = job.state_dict()
+    ref = build()
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    if world.rank != 0:
+        return True
+    before = {k: v.tolist() for k, v in first.items() if "running" in k or "num" in k}
+    fresh = {k: v.tolist() for k, v in build().state_dict().items() if k in before}
+    return before == fresh and all(torch.allclose(after[k].float(), v.float(), atol=1e-6)
+                                   for k, v in ref.state_dict().items())
+
+
+def test_measuring_leaves_batchnorm_statistics_as_they_were():
+    """The profile's forwards updated every BatchNorm's statistics and
+    count: 50-100 batches counted before the first step."""
+    pytest.importorskip("torch")
+    assert mesh.spawn(_batchnorm_worker, 2, timeout=120, env=PATIENT) == [True, True]
+
+
 def _unequal_worker(world):
     """dp replicas given samples and batches of unequal rows (10 and 6):
     every rank profiles the fewest, chooses alike, and the step weighs the
