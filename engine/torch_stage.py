@@ -115,6 +115,13 @@ def checkpoint_modules(module: Any, patterns: str | Iterable[str],
     return done
 
 
+def _runs_compiled(module: Any) -> bool:
+    """Whether ``module`` holds torch.compile'd code: a compiled submodule
+    (``torch.compile(block)``) or one compiled in place (``block.compile()``)."""
+    return any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+               for m in module.modules())
+
+
 class TorchStage:
     """A stage running ``module`` (on CPU or one GPU) on torch tensors.
     ``recompute=True``: the whole forward runs again in the backward (only
@@ -147,6 +154,7 @@ class TorchStage:
         self.layered = bool(layered)
         self._fixed: tuple[int, ...] | None = None   # a tuple output's parts needing no grad
         self._params = [p for p in module.parameters() if p.requires_grad]
+        self.compiled = _runs_compiled(module)
         # Floating inputs are cast to the dtype of the module's first floating
         # parameter or buffer (a module without any takes them as they come).
         floats = [t.dtype for t in (*module.parameters(), *module.buffers())
@@ -325,8 +333,15 @@ class TorchStage:
         return _grads_of(t, lambda leaf: leaf.grad)
 
     def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:
-        """Gradient of the input only; the graph is kept for backward_weight."""
+        """Gradient of the input only; the graph is kept for backward_weight.
+        A stage running torch.compile'd code takes its whole backward here
+        (the weights' gradients too; backward_weight then has nothing to
+        do): a compiled backward is one graph, and a second pass through it
+        (``retain_graph=True``) read buffers the first had reused (wrong
+        weight gradients) or refused its donated buffers."""
         torch = _torch()
+        if self.compiled:
+            return self.backward(ctx, gy), ((), ())
         if isinstance(ctx, _Layers):
             return self._backward_layers(ctx, gy, split=True)
         t, out = self._replay(ctx)

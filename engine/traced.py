@@ -222,6 +222,12 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     as a pipeline's first stage gets ``step((ids, mask), labels)``."""
     import torch.fx as fx
     from torch import _assert as torch_assert, nn
+    if hasattr(model, "_orig_mod"):
+        raise TypeError(
+            f"torch.compile(model) gives an {type(model).__name__}, a compiled whole that "
+            f"cannot be cut into stages: pass the model itself "
+            f"({type(model._orig_mod).__name__}, its ._orig_mod) and compile its blocks "
+            f"in their places instead (model.blocks[i] = torch.compile(model.blocks[i]))")
     what = f"{type(model).__name__}.forward"
     way = ("pass an nn.Sequential, or a list of the model's layers in the order they run "
            "(a layer may be a module or a function of one tensor)")

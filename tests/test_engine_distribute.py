@@ -1194,6 +1194,60 @@ def test_measuring_leaves_batchnorm_statistics_as_they_were():
     assert mesh.spawn(_batchnorm_worker, 2, timeout=120, env=PATIENT) == [True, True]
 
 
+def _compiled_worker(world):
+    """Blocks compiled in their places (torch.compile(block), aot_eager: no
+    C++ to build) in a zero-bubble pipeline of 1-row micro-batches: the
+    split backward's second pass through a compiled graph read reused
+    buffers (wrong weight gradients) or was refused (donated buffers)."""
+    import torch
+    torch.set_num_threads(1)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.n = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), \
+                torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            return x + self.b(torch.nn.functional.gelu(self.a(self.n(x))))
+
+    def build(compiled):
+        torch.manual_seed(SEED)
+        blocks = [Block() for _ in range(4)]
+        if compiled:
+            blocks = [torch.compile(b, backend="aot_eager") for b in blocks]
+        return torch.nn.Sequential(*blocks, torch.nn.Linear(8, 2))
+    gen = torch.Generator().manual_seed(SEED)
+    x, y = torch.randn(8, 8, generator=gen), torch.randn(8, 2, generator=gen)
+    with pytest.raises(TypeError, match=r"torch.compile\(model\) gives an OptimizedModule"):
+        engine.distribute(torch.compile(build(False), backend="aot_eager"),
+                          mesh.grid(world, pp=2), sample=x, verbose=False)
+    job = engine.distribute(build(True), mesh.grid(world, pp=2), schedule="zb-h1",
+                            microbatches=8, balance="uniform", sample=x, reps=1,
+                            loss_fn=torch.nn.functional.mse_loss, timeout=60, verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        job.step(x, y)
+        opt.step()
+    got = job.state_dict()
+    if world.rank != 0:
+        return 0.0
+    ref = build(False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(3):
+        ref_opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        ref_opt.step()
+    mine = {k.replace("_orig_mod.", ""): v for k, v in got.items()}
+    return max((mine[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+
+
+def test_compiled_blocks_in_a_zero_bubble_pipeline_train_as_one_process():
+    pytest.importorskip("torch")
+    assert max(mesh.spawn(_compiled_worker, 2, timeout=200, env=PATIENT)) < 1e-6
+
+
 def _unequal_worker(world):
     """dp replicas given samples and batches of unequal rows (10 and 6):
     every rank profiles the fewest, chooses alike, and the step weighs the
