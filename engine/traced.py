@@ -317,8 +317,10 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         loss = _piece(model, part, [end], [found[0]], f"{type(model).__name__}Loss", (tgt,))
     else:
         if len(out) != 1:
-            raise TypeError(f"{what} returns {len(out)} tensors; a pipeline's last stage "
-                            f"returns one: {way}")
+            raise TypeError(f"{what} returns {len(out)} tensors (a tuple, a list or a "
+                            f"dict); a pipeline's last stage returns one: make the forward "
+                            f"return the output the loss reads (the loss given as "
+                            f"loss_fn=), or {way}")
         end = out[0]
     needed = _ancestors([end])
     # the asserts on what the layers read (nanoGPT's on the input's length): kept, where

@@ -691,3 +691,18 @@ def test_a_stage_of_pieces_recomputes_layer_by_layer_as_it_keeps(kind, pieces):
             return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
         return (a is None and b is None) or torch.equal(a, b)
     assert same(got[0], got[1])
+
+
+def test_a_forward_returning_several_outputs_is_told_to_return_the_one_the_loss_reads():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return {"pred": self.b(h), "hidden": h}
+    with pytest.raises(TypeError, match=r"Two.forward returns 2 tensors \(a tuple, a list or "
+                                        r"a dict\); .* make the forward return the output the "
+                                        r"loss reads \(the loss given as loss_fn=\)"):
+        engine.traced.sequential(Two())
