@@ -31,7 +31,8 @@ from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chai
 from .small import all_reduce_rd, barrier_dissemination
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
-           "scatter", "all_to_all", "all_to_all_v", "barrier", "broadcast_object", "all_gather_object"]
+           "scatter", "all_to_all", "all_to_all_v", "barrier", "broadcast_object",
+           "all_gather_object"]
 
 
 def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
