@@ -543,7 +543,7 @@ class Transport:
             time.sleep(0.002)
         self.inbox.fail_posted()    # other threads' waits end now, not in torn-down sockets
         self.progress.closing = True
-        hooks = [fn for fns in self.drop_hooks.values() for fn in fns]
+        hooks = [fn for fns in list(self.drop_hooks.values()) for fn in fns]
         self.drop_hooks.clear()
         for fn in reversed(self.on_close + hooks):
             try:

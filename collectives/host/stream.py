@@ -115,13 +115,19 @@ def _keep(ctx: Ctx, key: tuple[Any, int, str], conn: socket.socket, cid: int) ->
 
 
 def _drop_kept(group: Any) -> None:
-    """Reset the connections kept for ``group`` (dropped, or its mesh closing)."""
+    """Close the connections kept for ``group`` (dropped, or its mesh
+    closing): an incoming one by a reset (all it carried was read), an
+    outgoing one gracefully, as a call that keeps none does (the peer may
+    still be reading the last segment sent: a reset would drop it)."""
     with _kept_lock:
         mine = [k for k in _kept if k[0] == group]
-        gone = [_kept.pop(k)[0] for k in mine]
+        gone = [(k[2], _kept.pop(k)[0]) for k in mine]
         _kept_groups.discard(group)
-    for conn in gone:
-        _reset(conn)
+    for way, conn in gone:
+        if way == "in":
+            _reset(conn)
+        else:
+            conn.close()
 
 
 def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
