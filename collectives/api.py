@@ -262,14 +262,17 @@ def _unlike(mine: Any, root: Any, at: str) -> str:
     can replace: a key the root's lacks (the root may have more: an
     optimizer's state made by a step only the root has taken), a container
     of another kind, a list of another length, an array of another shape
-    (dtypes may differ: the root's wins); "" where it is."""
+    (dtypes may differ, a number may stand where the root has an array:
+    the root's wins); "" where it is."""
     def kind(x: Any) -> str:
         if isinstance(x, dict):
             return "an array" if _ARRAY in x else "a dict"
         return "a list" if isinstance(x, list) else "a value"
     km, kr = kind(mine), kind(root)
-    if km != kr:
-        return "" if mine is None else f"{at} is {km}, the root's {kr}"
+    if km != kr and mine is not None and {km, kr} != {"a value", "an array"}:
+        return f"{at} is {km}, the root's {kr}"     # (a number where the root has a
+    if km != kr:                                    # tensor: an older optimizer's step)
+        return ""
     if km == "a dict":
         for k, v in mine.items():
             if k not in root:
@@ -339,13 +342,16 @@ def broadcast_state(g: Comm, state: Any = None, root: int = 0,
             return x
         raise TypeError(f"{at} is of type {type(x).__name__}: the leaves are arrays, "
                         f"tensors, numbers, strings and None")
+    bad = ""        # (told to the others by the exchange: every rank fails the call)
     try:
         root = host._root(g, root)
     except ValueError as e:
-        raise ValueError(f"{me}: {e}") from None
+        bad, root = f"{me}: {e}", -1
     mine = g.rank == root
     sent: Any = None
-    if mine:
+    if bad:
+        pass
+    elif mine:
         try:
             sent = skeleton(state, "state")
         except TypeError as e:      # every rank raises it, none waits for the arrays
@@ -359,6 +365,11 @@ def broadcast_state(g: Comm, state: Any = None, root: int = 0,
     # every rank's structure to every rank: each judges them all alike
     every = all_gather_object(g, [root, sent], timeout=timeout)
     roots = [r for r, _ in every]
+    if bad:
+        raise ValueError(bad)
+    if -1 in roots:
+        raise ValueError(f"{me}: rank(s) {[g.ranks[r] for r, w in enumerate(roots) if w < 0]} "
+                         f"gave a root that is not a rank of the group")
     if roots != [root] * g.size:
         raise MismatchError(f"{me}: the ranks gave other roots: " + ", ".join(
             f"rank {g.ranks[r]} root={w}" for r, w in enumerate(roots)))

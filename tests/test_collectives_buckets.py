@@ -358,6 +358,9 @@ def _states_swapped(world: Any) -> list[str]:
         said.append(str(e))
     got = C.broadcast_state(world, m.state_dict() if world.rank == 0 else {})  # {}: fine
     said.append(str(sorted(got)))
+    with pytest.raises(ValueError, match="root"):      # a bad root on one rank: every rank
+        C.broadcast_state(world, m.state_dict(), root=7 if world.rank == 2 else 0)
+    C.barrier(world)                    # (and the calls stay numbered alike)
     return said
 
 
