@@ -220,6 +220,9 @@ class _Group:
         self.thread: threading.Thread | None = None
         self.watches: deque[tuple[int, float, Any]] = deque()
         self.calls = 0
+        # lane threads that handed the lane on and still run a done-callback: a
+        # blocking call they make queues (run inline it could meet the new lane's)
+        self.former: set[threading.Thread] = set()
 
     def submit(self, fn: Callable[[], Any], work: Work) -> None:
         with self.lock:
@@ -231,6 +234,8 @@ class _Group:
             # A call made by a done-callback this lane runs (a torch future's
             # ``then``) would wait behind that callback for ever: the lane goes
             # on in a new thread, and this one ends when the callback returns.
+            if self.busy:
+                self.former.add(threading.current_thread())
             self.busy = True
             self.thread = threading.Thread(target=self._drain, name="collectives-lane",
                                            daemon=True)
@@ -239,7 +244,7 @@ class _Group:
     def idle(self) -> bool:
         """No collective queued or running on the lane (a blocking call may run inline)."""
         with self.lock:
-            return not self.queue and not self.running
+            return not self.queue and not self.running and not self.former
 
     def release(self, timeout: float = 5.0) -> None:
         """Let the lane thread exit as soon as its queue is empty, and wait for it."""
@@ -255,6 +260,7 @@ class _Group:
         while True:
             with self.lock:
                 if self.thread is not me:       # handed on (submit)
+                    self.former.discard(me)
                     return
                 if not self.queue and not self.stop:
                     self.wake.wait(_LINGER_S)
@@ -497,7 +503,7 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any],
     the group's lane has work or watches (the call then takes ``start``,
     which orders it behind them and reports what they caught)."""
     st = _groups.get(g)     # (made by the first call, which took ``start``)
-    if st is None or st.watches or st.running or st.queue:
+    if st is None or st.watches or st.running or st.queue or st.former:
         return NOT_NOW
     t0 = time.monotonic()
     ch = g.collective_channel()

@@ -373,10 +373,15 @@ def _futures_and_buffers(r: int, n: int) -> None:
     DDP's bucket), the group's device types (dcp.async_save)."""
     t, t2 = torch.ones(4), torch.full((4,), float(r + 1))
 
+    t3 = torch.ones(2)
+
     def then(_: Any) -> Any:
-        return dist.all_reduce(t2, async_op=True).get_future().wait()[0]
+        got = dist.all_reduce(t2, async_op=True).get_future().wait()[0]
+        dist.all_reduce(t3)     # blocking, after the lane was handed on: queued to it
+        return got
     got = dist.all_reduce(t, async_op=True).get_future().then(then).wait()
     _eq(got, [n * (n + 1) / 2] * 4, "an async all_reduce waited for in a then callback")
+    _eq(t3, [float(n)] * 2, "a blocking all_reduce in a then callback")
     outs = [torch.zeros(2) for _ in range(n)]
     value = dist.all_gather(outs, torch.full((2,), float(r)), async_op=True).get_future().wait()
     assert len(value) == n and all(torch.is_tensor(v) for v in value), value
