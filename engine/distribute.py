@@ -1104,7 +1104,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
         xs = [sample[:size]]
-        with kept_random(), kept_buffers(*[getattr(m, "module", None) for m in mlayers]):
+        with kept_random(), kept_buffers(*[None if isinstance(m, _Temp) else  # (copies)
+                                           getattr(m, "module", None) for m in mlayers]):
             # (sharded: tp peers pass it through the same layers, collectives alike)
             while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
                 xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
