@@ -246,6 +246,13 @@ class _Group:
         with self.lock:
             return not self.queue and not self.running and not self.former
 
+    def forget(self) -> None:
+        """The group is dropped or its mesh closed: no watch is kept (the
+        inbox has withdrawn or failed their receives), the lane ends."""
+        with self.lock:
+            self.watches.clear()
+        self.release(0)
+
     def release(self, timeout: float = 5.0) -> None:
         """Let the lane thread exit as soon as its queue is empty, and wait for it."""
         with self.lock:
@@ -321,30 +328,11 @@ def _state(g: Comm) -> _Group:
         st = _groups.get(g)
         if st is None:
             st = _groups[g] = _Group()
-            # (a dropped group's entry goes with it: its watches hold the transport)
-            ch.on_drop(lambda: st.release(0))
-            # A watch holds its mesh's transport, and the world's entry lives as
-            # long as the world: the mesh's entries go when it closes (one hook
-            # a mesh, not one a group: groups come and go).
-            t = g._t
-            if t not in _hooked:
-                _hooked.add(t)
-                ref = weakref.ref(t)
-                t.on_close.append(lambda: _forget(ref))
+            # (a dropped group's entry goes with it.) Its watches hold the mesh's
+            # transport: when the group is dropped, or the mesh closes first (the
+            # world lives as long as the mesh object), they go and the lane ends.
+            ch.on_drop(st.forget)
         return st
-
-
-_hooked: "weakref.WeakSet[Any]" = weakref.WeakSet()     # the transports whose close forgets
-
-
-def _forget(ref: "weakref.ref[Any]") -> None:
-    """A mesh closes: the state of its groups goes."""
-    t = ref()
-    with _groups_lock:
-        gone = [_groups.pop(g) for g in [g for g in _groups.keys() if g._t is t]]
-    for st in gone:
-        with st.lock:
-            st.watches.clear()
 
 
 def release(g: Comm, timeout: float = 5.0) -> None:
