@@ -52,10 +52,14 @@ def _torch_dlpack(world: mesh.Mesh) -> str:
         return "skip"
     if world.rank == 0:
         world.send(torch.arange(6, device="cuda", dtype=torch.float32), 1)
+        world.send(torch.arange(12.0, device="cuda")[::2], 1, tag=1)   # a strided view
         return "sent"
-    got = world.recv(0)
-    import cupy
-    assert cupy.array_equal(got, cupy.arange(6, dtype=cupy.float32))
+    got = world.recv(0)     # a torch tensor arrives as a torch tensor, on the GPU
+    assert isinstance(got, torch.Tensor) and got.is_cuda, type(got)
+    assert torch.equal(got, torch.arange(6, device="cuda", dtype=torch.float32))
+    out = torch.zeros(6, device="cuda")
+    assert world.recv(0, tag=1, out=out) is out
+    assert out.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
     return "ok"
 
 
