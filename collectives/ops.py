@@ -5,8 +5,12 @@ An op is resolved once per collective (``resolve(name, dtype)``) into a
 arrays through the same ufunc names (the array module is looked up from the
 array, so CuPy is never imported here).
 
-    sum prod min max avg      every numeric dtype (avg: floating and complex)
+    sum prod min max avg      every numeric dtype (avg of bool refused)
     band bor bxor             integers and bool
+
+avg of integers is the sum divided by n, truncated toward zero, as NCCL's
+(torch code written for NCCL, Lightning's ``sync_dist`` among it, averages
+int64 counts with ReduceOp.AVG).
 
 Booleans follow logic: sum and max are "or", prod and min are "and".
 """
@@ -17,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mesh import device
 from mesh.tensors import dtype_name
 
 __all__ = ["OPS", "ReduceOp", "resolve", "array_module"]
@@ -36,6 +41,8 @@ def array_module(a: Any) -> Any:
     if mod == "cupy":
         import cupy
         return cupy
+    if device.is_device(a):     # (the stand-in mesh.device.use put in CuPy's place)
+        return device.cupy()
     return np
 
 
@@ -67,7 +74,25 @@ class ReduceOp:
 
     def finish(self, buf: Any, n: int) -> None:
         if self.name == "avg" and n > 1 and buf.size:
-            buf /= n
+            if self.dtype.kind in "iu":
+                _divide_toward_zero(buf, n)
+            else:
+                buf /= n
+
+
+def _divide_toward_zero(buf: Any, n: int) -> None:
+    """``buf`` (integers) divided by ``n`` in place, the quotient truncated
+    toward zero (C's and NCCL's, not numpy's floor), exact at any magnitude."""
+    xp = array_module(buf)
+    if buf.dtype.kind == "u":
+        xp.floor_divide(buf, n, out=buf)
+        return
+    # (ufuncs only, on numpy and CuPy alike) a negative floor with a
+    # remainder is one below the truncated quotient
+    rem = xp.minimum(xp.remainder(buf, n), 1)                   # 1: a remainder
+    xp.floor_divide(buf, n, out=buf)
+    below = xp.minimum(xp.maximum(xp.multiply(buf, -1), 0), 1)  # 1: negative
+    xp.add(buf, xp.multiply(rem, below), out=buf)     # (a 0-d buf: numpy scalars between)
 
 
 def _problem(name: str, dt: np.dtype) -> str | None:
@@ -76,9 +101,8 @@ def _problem(name: str, dt: np.dtype) -> str | None:
         return f"dtype {dtype_name(dt)} is not numeric"
     if name in ("band", "bor", "bxor") and kind not in "biu":
         return f"op {name!r} needs an integer or bool dtype, got {dtype_name(dt)}"
-    if name == "avg" and kind in "biu":
-        return (f"op 'avg' needs a floating or complex dtype, got {dtype_name(dt)} "
-                f"(use 'sum' and divide, or cast first)")
+    if name == "avg" and kind == "b":
+        return "op 'avg' is undefined for bool (use 'max' for any, 'min' for all)"
     if name in ("min", "max") and kind == "c":
         return f"op {name!r} is undefined for complex dtype {dt}"
     return None

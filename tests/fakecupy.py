@@ -502,6 +502,8 @@ maximum = _ufunc(np.maximum)
 bitwise_and = _ufunc(np.bitwise_and)
 bitwise_or = _ufunc(np.bitwise_or)
 bitwise_xor = _ufunc(np.bitwise_xor)
+floor_divide = _ufunc(np.floor_divide)
+remainder = _ufunc(np.remainder)
 
 
 def install() -> Any:

@@ -34,8 +34,8 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "gather root seen late": lambda g: C.gather(g, np.ones(2), root=0 if g.rank == 0 else 3),
     "reduce_scatter vs all_gather": lambda g: (
         C.all_gather(g, np.ones(4)) if g.rank == 2 else C.reduce_scatter(g, np.ones(4))),
-    "bad op on one rank": lambda g: C.all_reduce(g, np.ones(3, np.int32),
-                                                 op=_odd(g.rank, "sum", "avg")),
+    "bad op on one rank": lambda g: C.all_reduce(g, np.ones(3, np.float32),
+                                                 op=_odd(g.rank, "sum", "band")),
 }
 
 
@@ -122,12 +122,12 @@ def test_a_root_mismatch_never_hangs_and_every_rank_hears_of_it(outcomes: list,
 
 def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> None:
     texts = _texts(outcomes, "bad op on one rank")
-    assert texts[1].startswith("TypeError: rank 1: all_reduce on group world: op 'avg' needs "
-                               "a floating"), texts[1]
+    assert texts[1].startswith("TypeError: rank 1: all_reduce on group world: op 'band' needs "
+                               "an integer"), texts[1]
     for rank in (0, 2):
         assert texts[rank].startswith("MeshError"), texts[rank]
         assert "rank 1" in texts[rank] and "all_reduce" in texts[rank]
-        assert "op 'avg' needs a floating" in texts[rank]
+        assert "op 'band' needs an integer" in texts[rank]
 
 
 def _sub_group_mismatch(world: Any) -> list[str]:

@@ -23,7 +23,7 @@ def _allowed(op: str, dt: np.dtype) -> bool:
     if op in ("band", "bor", "bxor"):
         return dt.kind in "biu"
     if op == "avg":
-        return dt.kind in "fc"
+        return dt.kind != "b"
     if op in ("min", "max"):
         return dt.kind != "c"
     return True
@@ -52,6 +52,20 @@ def test_op_table_matches_numpy(op: str, dtype: str) -> None:
     rop.finish(acc, 3)
     assert acc.dtype == dt
     np.testing.assert_array_equal(acc, np.asarray(ref).astype(dt))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int32", "int64", "uint8", "uint64"])
+def test_avg_of_integers_is_truncated_toward_zero_at_any_magnitude(dtype: str) -> None:
+    """As NCCL's (and C's) division, not numpy's floor: -7 / 4 is -1."""
+    info = np.iinfo(dtype)
+    vals = [7, 6, 0, 1, int(info.max), int(info.max) - 3] + (
+        [-7, -6, -1, int(info.min), int(info.min) + 3] if info.min < 0 else [])
+    a = np.array(vals, dtype)
+    resolve("avg", a.dtype).finish(a, 4)
+    want = [abs(v) // 4 * (1 if v >= 0 else -1) for v in vals]
+    assert a.tolist() == want, (a.tolist(), want)
+    with pytest.raises(TypeError, match="bool"):
+        resolve("avg", np.bool_)
 
 
 def test_bool_ops_are_logical() -> None:

@@ -180,12 +180,23 @@ def _gathers(r: int, n: int) -> None:
     dist.reduce_scatter(out, [torch.full((j + 1,), 1.0 + 2 ** -7, dtype=torch.bfloat16)
                               for j in range(n)])          # summed in float32, rounded once
     _eq(out, torch.full((r + 1,), n * (1 + 2 ** -7)).bfloat16(), "reduce_scatter uneven bf16")
+    out = torch.zeros(r + 1, dtype=torch.int64)     # avg of integers: truncated, as NCCL's
+    dist.reduce_scatter(out, [torch.full((j + 1,), -1 - r, dtype=torch.int64)
+                              for j in range(n)], op=R.AVG)
+    _eq(out, [-((n + 1) // 2)] * (r + 1), "reduce_scatter uneven int64 avg")
+    for async_op in (False, True):      # (Lightning's sync_dist averages 0-d int64 counts)
+        for shape in ((), (3,)):
+            t = torch.full(shape, -1 - r, dtype=torch.int64)
+            w = dist.all_reduce(t, op=R.AVG, async_op=async_op)
+            if async_op:
+                w.wait()
+            _eq(t, torch.full(shape, -((n + 1) // 2)), f"all_reduce int64 avg {shape}")
     try:            # an op the dtype cannot take: every rank raises, none waits
-        dist.reduce_scatter(torch.zeros(r + 1, dtype=torch.int64),
-                            [torch.ones(j + 1, dtype=torch.int64) for j in range(n)], op=R.AVG)
-        raise AssertionError(f"rank {r}: avg of int64 went unseen")
+        dist.reduce_scatter(torch.zeros(r + 1), [torch.ones(j + 1) for j in range(n)],
+                            op=R.BAND)
+        raise AssertionError(f"rank {r}: band of float32 went unseen")
     except (TypeError, mesh.MeshError) as e:
-        assert "op 'avg' needs a floating or complex dtype" in str(e), e
+        assert "op 'band' needs an integer or bool dtype" in str(e), e
     # rank 1's output one element too long: every rank raises, naming it (a rank
     # whose own parts came right, at its next call, as for every meshrun collective)
     said = []

@@ -75,7 +75,7 @@ class _Plan:
             f(a, v, out=a)
         quick.done(seq)
         if self.avg:
-            a /= self.n
+            self.rop.finish(a, self.n)
         return None
 
     def rest(self, buf: np.ndarray, posted: bool) -> Body:
