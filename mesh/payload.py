@@ -27,7 +27,10 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
         bits = tensors.flags(obj)
         obj, _ = tensors.operand(obj, f"rank {rank}: {describe(desc)}")
     on_device = device.is_device(obj)
-    arr = device.to_host(obj) if on_device else as_array(obj)
+    try:
+        arr = device.to_host(obj) if on_device else as_array(obj)
+    except TypeError as e:
+        raise TypeError(f"rank {rank}: {describe(desc)}: {e}") from None
     if arr is not None:
         if not wire.dtype_ok(arr.dtype):
             raise TypeError(f"rank {rank}: {describe(desc)}: dtype {arr.dtype} cannot be sent; "
@@ -51,9 +54,18 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
                           for i in range(0, len(packed), wire.FRAME_BYTES)], packed
 
 
+MASKED = ("a masked array's mask would not travel (its masked values would be used as "
+          "they are): pass a.filled(value), or send the data and np.ma.getmaskarray(a)")
+"""What point-to-point and the collectives say of a numpy masked array."""
+
+
 def as_array(obj: Any) -> np.ndarray | None:
-    if isinstance(obj, np.ndarray):
+    if type(obj) is np.ndarray:
         return obj
+    if isinstance(obj, np.ma.MaskedArray):
+        raise TypeError(MASKED)
+    if isinstance(obj, np.ndarray):     # (np.matrix and other subclasses: their memory)
+        return obj.view(np.ndarray)
     if isinstance(obj, np.generic):
         return np.asarray(obj)
     if hasattr(obj, "__dlpack__"):

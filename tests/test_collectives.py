@@ -511,3 +511,32 @@ def test_all_to_all_v_exchanges_uneven_blocks_and_refuses_bad_counts_everywhere(
                            f"torch.stack; all_to_all sends its rows in rank order), or for "
                            f"blocks of unequal sizes use collectives.all_to_all_v(g, rows, "
                            f"send_counts)"), said
+
+
+def _numpy_subclasses(world: mesh.Mesh) -> list[str]:
+    """A masked array is refused by point-to-point and every collective (its
+    mask would not travel); np.matrix travels as its memory."""
+    r = world.rank
+    said = []
+    masked = np.ma.array([1.0, 2.0], mask=[0, 1])
+    for call in (lambda: world.send(masked, 1 - r), lambda: C.all_reduce(world, masked),
+                 lambda: C.all_gather(world, masked), lambda: C.broadcast(world, masked),
+                 lambda: C.scatter(world, np.ma.array(np.ones((2, 2)), mask=True))):
+        with pytest.raises((TypeError, mesh.MeshError)) as e:      # (scatter off the root:
+            call()                                                  # the root's error)
+        said.append(str(e.value))
+    m = np.matrix([[1.0, 2.0]]) * (r + 1)
+    world.send(m, 1 - r)
+    got = world.recv(1 - r)
+    assert type(got) is np.ndarray and got.tolist() == [[1.0 * (2 - r), 2.0 * (2 - r)]], got
+    assert C.all_reduce(world, m) is m and m.tolist() == [[3.0, 6.0]]
+    return said
+
+
+def test_masked_arrays_are_refused_saying_why_and_matrices_travel() -> None:
+    for rank, said in enumerate(mesh.spawn(_numpy_subclasses, 2, timeout=60)):
+        assert len(said) == 5, said
+        for text in said:
+            assert text.startswith(f"rank {rank}: ") and "a masked array's mask would not " \
+                "travel" in text and "a.filled(value)" in text, text
+        assert "send to rank" in said[0] and "all_reduce" in said[1], said

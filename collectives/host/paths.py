@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mesh import Comm, MeshError, MeshTimeoutError, MismatchError, device
+from mesh.payload import MASKED
 from mesh.tensors import dtype_name, is_tensor
 
 from ..ops import resolve
@@ -36,6 +37,8 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
 
 
 def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: {MASKED}")
     if not isinstance(a, np.ndarray):
         kind = f"{type(a).__module__}.{type(a).__name__}"
         if is_tensor(a) or device.is_device(a):     # collectives.host.paths called directly
