@@ -28,7 +28,7 @@ from mesh import AbortKind, Comm, MeshTimeoutError
 from .plan import Tuning
 
 __all__ = ["Ctx", "Work", "Body", "start", "now", "NOT_NOW", "abandon", "agreed", "check_comm",
-           "caught", "where", "release"]
+           "caught", "where", "release", "blocking"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -172,6 +172,8 @@ class Work:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> Any:
+        if not self._event.is_set():
+            blocking()
         if not self._event.wait(timeout) and not self._event.is_set():
             e = MeshTimeoutError(f"{self.desc} timed out after {timeout:g}s (in Work.wait); "
                                  f"aborted on every member")
@@ -200,8 +202,22 @@ _callbacks_lock = threading.Lock()
 def _call(fn: Callable[[Work], None], work: Work) -> None:
     try:
         fn(work)
-    except Exception:
+    except BaseException:       # (a SystemExit too: the lane must go on)
         _log.exception("a done-callback of %s failed", work.desc)
+
+
+_lane = threading.local()
+"""``.group``: the _Group whose done-callbacks this lane thread is running."""
+
+
+def blocking() -> None:
+    """Called before waiting for a collective (Work.wait, torch's Work): in
+    a done-callback the lane runs, the lane goes on in a new thread first,
+    so that a call queued on it (before the callback, or by another thread
+    meanwhile) does not wait behind the callback that waits for it."""
+    st = getattr(_lane, "group", None)
+    if st is not None:
+        st.hand_on()
 
 
 class _Group:
@@ -234,12 +250,25 @@ class _Group:
             # A call made by a done-callback this lane runs (a torch future's
             # ``then``) would wait behind that callback for ever: the lane goes
             # on in a new thread, and this one ends when the callback returns.
-            if self.busy:
-                self.former.add(threading.current_thread())
-            self.busy = True
-            self.thread = threading.Thread(target=self._drain, name="collectives-lane",
-                                           daemon=True)
-            self.thread.start()
+            self._start()
+
+    def hand_on(self) -> None:
+        """The lane thread, in a done-callback, is about to wait (blocking):
+        the lane goes on in a new thread; this one ends when the callback
+        returns."""
+        with self.lock:
+            if self.thread is threading.current_thread():
+                self._start()
+
+    def _start(self) -> None:
+        """A new lane thread (the lock held); the one it replaces, running a
+        done-callback, joins ``former`` until that returns."""
+        if self.busy and self.thread is not None:
+            self.former.add(self.thread)
+        self.busy = True
+        self.thread = threading.Thread(target=self._drain, name="collectives-lane",
+                                       daemon=True)
+        self.thread.start()
 
     def idle(self) -> bool:
         """No collective queued or running on the lane (a blocking call may run inline)."""
@@ -283,7 +312,11 @@ class _Group:
                 value, error = None, e
             with self.lock:
                 self.running = False
-            work._finish(value, error)
+            _lane.group = self
+            try:
+                work._finish(value, error)
+            finally:
+                _lane.group = None
             del fn, work, value, error      # a lingering lane keeps no call's arrays alive
 
     def watch(self, ctx: Ctx) -> None:
@@ -447,7 +480,11 @@ def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
         _name_the_call(e, g, name)
         _abort(g, tag, name, e)
         if skipped is not None:
-            skipped(e)
+            if st.idle():
+                skipped(e)
+            else:   # after the calls queued before this one: they take the sub-groups' tags first
+                later, err = skipped, e
+                st.submit(lambda: later(err), Work(f"{name}: failing its sub-groups' phases"))
         raise
     deadline = t0 + limit
     ctx = Ctx(g, tag, fp, tuning, name, limit, deadline)

@@ -42,7 +42,7 @@ from .host.paths import all_to_all_v as _all_to_all_v
 from .host.paths import monitored_barrier as _monitored_barrier
 from .ops import resolve
 from .shm.tiny import all_reduce as _tiny_all_reduce
-from .runner import release, start
+from .runner import blocking, release, start
 from .torchsparse import sparse_all_reduce
 
 __all__ = ["ProcessGroupMeshrun"]
@@ -168,6 +168,8 @@ class _FutureWork(_Work):
         timeout), or ``timeout``: then MeshTimeoutError, the operation
         going on (a later wait may still see it through), as gloo's."""
         secs = timeout.total_seconds() if timeout else 0.0
+        if not self._finished.is_set():
+            blocking()      # (in a done-callback of the lane: the lane goes on first)
         if secs > 0 and not self._finished.wait(secs):
             raise MeshTimeoutError(f"Work.wait: the operation did not complete within "
                                    f"{secs:g}s (the timeout given; it goes on)")

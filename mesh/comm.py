@@ -109,6 +109,7 @@ class Comm:
         transport.groups[gid] = (name, self.ranks)
         if gid:     # dropped, it is forgotten (Transport.sweep); the world lives as the mesh
             transport.sweep()
+            transport.comms.setdefault(gid, weakref.WeakSet()).add(self)
             weakref.finalize(self, transport.dropped.append, gid)
 
     @property

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable
 
@@ -68,6 +69,9 @@ class Transport:
         # what to call then or when the mesh closes, whichever first (their sockets)
         self.dropped: deque[int] = deque()
         self.drop_hooks: dict[int, list[Callable[[], None]]] = {}
+        # per group id, the communicators alive with it (two made with one id:
+        # the group is forgotten when the last goes)
+        self.comms: dict[int, weakref.WeakSet[Any]] = {}
         self._peers: list[Peer] = []
         for r, ep in enumerate(endpoints):
             if r == rank:
@@ -409,6 +413,9 @@ class Transport:
                 gid = self.dropped.popleft()
             except IndexError:      # (another thread took the last)
                 return
+            if self.comms.get(gid):     # another communicator with this id lives on
+                continue
+            self.comms.pop(gid, None)
             self.groups.pop(gid, None)
             self.inbox.forget(gid)
             for fn in self.drop_hooks.pop(gid, ()):

@@ -494,3 +494,28 @@ def test_ring_links_across_hosts_run_over_streams() -> None:
     # column's + world's, and on the leaders (ranks 0, 1) the leaders' group's: the long
     # way a failed call's next call takes (every rank forgot its boards) goes through them
     assert [g["pairs"] for g in got] == [1 + 2 + 1] * 2 + [1 + 2] * 2, got
+
+
+def _valid_then_bad(world: Any) -> list[str]:
+    """An async two-level call, then a call that fails on its own arguments
+    on every rank: the failing call's sub-group phases are failed after the
+    queued call's, which completes."""
+    _fake_host(world, "aabb")
+    out = []
+    for i in range(6):
+        g = world.group(list(range(world.size)))
+        w = C.all_reduce(g, np.ones(200_001, np.float32), async_op=True, timeout=30)
+        with pytest.raises(ValueError):
+            C.all_reduce(g, np.ones(3), op="bogus", timeout=30)
+        try:
+            out.append(str(w.wait()[0]))
+        except mesh.MeshError as e:
+            out.append(f"{type(e).__name__}: {e}"[:300])
+    return out
+
+
+def test_a_failing_call_does_not_abort_the_async_call_queued_before_it() -> None:
+    """The failing call failed the sub-groups' next phases at once, in the
+    caller's thread: the phases of the async call still queued before it."""
+    for got in mesh.spawn(_valid_then_bad, 4, timeout=120):
+        assert got == ["4.0"] * 6, got

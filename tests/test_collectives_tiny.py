@@ -347,3 +347,60 @@ def test_dropped_groups_are_freed_with_their_watches() -> None:
     env = {"MESH_CMA": "0"}     # the socket paths: same-host ones post no watch
     for alive, posted in mesh.spawn(_dropped_rooted_groups, 2, timeout=120, env=env):
         assert (alive, posted) == (0, 0)
+
+
+def _twins(world: Any) -> list[float]:
+    """Two communicators made with one group id (collectives.host.hier makes
+    its sub-groups so); one dropped, the other goes on working."""
+    import gc
+
+    from collectives.host import hier
+    g = world.group(list(range(world.size)))
+    members = tuple(range(world.size))
+    a, b = hier._sub(g, members, "twin"), hier._sub(g, members, "twin")
+    assert a.gid == b.gid and a is not b
+    C.all_reduce(a, np.ones(2))
+    del b
+    gc.collect()
+    world.group([0, 1])         # a group made: the dropped ones are swept
+    return C.all_reduce(a, np.full(3, 1.0 + world.rank), timeout=20).tolist()
+
+
+def test_a_group_id_is_forgotten_when_its_last_communicator_goes() -> None:
+    """The group's id was forgotten when either of two communicators made
+    with it was dropped: the other's messages were then thrown away as
+    late ones, and its collectives timed out blaming peers that had sent."""
+    for env in ({}, {"MESH_CMA": "0", "MESH_SHM": "0"}):     # (boards; every byte by socket)
+        assert mesh.spawn(_twins, 2, timeout=60, env=env) == [[3.0] * 3] * 2, env
+
+
+def _callback_waits(world: Any) -> list[Any]:
+    """A done-callback of one async call waits for a call queued after it
+    (before the callback ran, or by another thread while it runs)."""
+    import threading
+    out: list[Any] = []
+    for later_by_thread in (False, True):
+        done = threading.Event()
+        a, b = np.ones(4), np.ones(4)
+        w1 = C.all_reduce(world, a, async_op=True)
+        box: list[Any] = []
+        if not later_by_thread:
+            box.append(C.all_reduce(world, b, async_op=True))
+
+        def cb(_: Any, box: list = box, done: threading.Event = done) -> None:
+            if not box:         # another thread makes the call while this callback runs
+                th = threading.Thread(target=lambda: box.append(
+                    C.all_reduce(world, b, async_op=True)))
+                th.start()
+                th.join()
+            out.append(box[0].wait(20).tolist())
+            done.set()
+        w1.add_done_callback(cb)
+        assert done.wait(30)
+    return out
+
+
+def test_a_done_callback_may_wait_for_a_call_queued_behind_it() -> None:
+    """It waited for ever (the queued call behind the callback on the lane)
+    or until its timeout; the lane now goes on in a new thread first."""
+    assert mesh.spawn(_callback_waits, 2, timeout=90) == [[[2.0] * 4] * 2] * 2

@@ -96,6 +96,7 @@ class Topology:
 
 _topos: "weakref.WeakKeyDictionary[Comm, Topology | None]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_making = threading.Lock()     # held while a group's sub-groups are made (topology)
 
 
 def _sub(g: Comm, members: tuple[int, ...], name: str) -> Comm:
@@ -119,6 +120,17 @@ def topology(g: Comm) -> Topology | None:
     with _lock:
         if g in _topos:
             return _topos[g]
+    with _making:       # (one thread makes the sub-groups; another that asks meanwhile waits)
+        with _lock:
+            if g in _topos:
+                return _topos[g]
+        topo = _layout(g)
+        with _lock:
+            _topos[g] = topo
+        return topo
+
+
+def _layout(g: Comm) -> Topology | None:
     topo = None
     if g.size > 2:
         ch = g.collective_channel()
@@ -135,8 +147,6 @@ def topology(g: Comm) -> Topology | None:
                 i = hosts[mine].index(g.rank)
                 column = _sub(g, tuple(h[i] for h in hosts), f"column{i}")
             topo = Topology(hosts, mine, local_g, leaders, column)
-    with _lock:
-        _topos[g] = topo
     return topo
 
 

@@ -114,6 +114,9 @@ def usable(ctx: Ctx) -> bool:
 
 
 def pids(ctx: Ctx) -> list[int]:
-    pids = _groups[ctx.g]
-    assert pids is not None
+    with _lock:
+        pids = _groups.get(ctx.g)
+    if pids is None:    # (forgotten meanwhile: hier.forget runs in the lane's order)
+        raise MeshError(f"{ctx.where()}: the group's cross-memory attach was forgotten "
+                        f"during the call")
     return pids
