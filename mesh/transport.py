@@ -28,7 +28,7 @@ import zmq
 
 from . import auth, device, rings, tensors, wire
 from .direct import Ack, Direct
-from .errors import BadMessageError, LostPeerError, MeshTimeoutError
+from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError
 from .inbox import Inbox, abort_error
 from .liveness import COUNTED, Liveness
 from .match import DONE, Pending, Probe
@@ -424,6 +424,17 @@ class Transport:
                 except Exception:
                     _log.exception("rank %d: a dropped group's hook failed", self.rank)
 
+    def _interrupted(self, item: Pending) -> None:
+        """A user's receive whose wait raised (KeyboardInterrupt, a signal
+        handler's exception): withdrawn, as a timeout withdraws it, so that
+        the message it would have taken goes to the next receive instead of
+        into a request nobody waits for."""
+        if item.fp is None and self.inbox.withdraw(item):
+            item.error = MeshError(f"rank {self.rank}: {item.desc} was interrupted; the "
+                                   f"receive was withdrawn (a message that comes later goes "
+                                   f"to the next receive that matches)")
+            item.event.set()
+
     def wait(self, item: Pending | Outgoing, timeout: float | None) -> Any:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -432,10 +443,14 @@ class Transport:
                 driven = item.state == DONE or self._drive(item, deadline, limit)
             except (zmq.ZMQError, ValueError, OSError):
                 if not self.inbox.closed:
+                    self._interrupted(item)
                     raise
                 driven = True   # another thread closed the mesh under this wait
                 if item.error is None:
                     item.error = self.inbox.closed_error(item.desc)
+            except BaseException:   # (KeyboardInterrupt, a signal handler's exception)
+                self._interrupted(item)
+                raise
             if not driven:
                 if self.inbox.withdraw(item):
                     text = (f"rank {self.rank}: {item.desc} timed out after {limit:g}s"

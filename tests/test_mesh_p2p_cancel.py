@@ -103,3 +103,39 @@ def _timed_out(world: mesh.Mesh) -> list[str]:
 def test_a_timed_out_receive_stays_withdrawn() -> None:
     assert mesh.spawn(_timed_out, 2, timeout=60)[1] == ["withdrawn", "withdrawn", "done True",
                                                         "[0, 1, 2]"]
+
+
+def _interrupted_receive(world: mesh.Mesh) -> object:
+    """A receive interrupted by an exception from a signal handler (as
+    KeyboardInterrupt is) is withdrawn: the messages go to the next ones."""
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(*_: object) -> None:
+        raise Alarm()
+    if world.rank == 0:
+        world.recv(1, tag=9, timeout=20)
+        world.send(np.arange(3.0), 1, tag=1)
+        world.send(np.arange(3.0) * 2, 1, tag=1)
+        return "sent"
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    with pytest.raises(Alarm):
+        world.recv(0, tag=1, out=np.zeros(3), timeout=20)
+    req = world.irecv(0, tag=1)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    with pytest.raises(Alarm):
+        req.wait(timeout=20)
+    with pytest.raises(mesh.MeshError, match="was interrupted; the receive was withdrawn"):
+        req.wait()
+    world.send("ready", 0, tag=9)
+    return [world.recv(0, tag=1, timeout=20).tolist() for _ in range(2)]
+
+
+def test_an_interrupted_receive_is_withdrawn_and_loses_no_message() -> None:
+    """It stayed posted: the next message went into it (its caller gone),
+    and the next receive got the one after."""
+    assert mesh.spawn(_interrupted_receive, 2, timeout=60) == \
+        ["sent", [[0.0, 1.0, 2.0], [0.0, 2.0, 4.0]]]
