@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
-from mesh import AbortKind, Comm, MeshTimeoutError
+from mesh import AbortKind, Comm, MeshError, MeshTimeoutError
 
 from .plan import Tuning
 
@@ -208,6 +208,8 @@ def _call(fn: Callable[[Work], None], work: Work) -> None:
 
 _lane = threading.local()
 """``.group``: the _Group whose done-callbacks this lane thread is running."""
+_lanes: set[int] = set()
+"""The idents of the lane threads alive (their calls are not a user's)."""
 
 
 def blocking() -> None:
@@ -239,6 +241,26 @@ class _Group:
         # lane threads that handed the lane on and still run a done-callback: a
         # blocking call they make queues (run inline it could meet the new lane's)
         self.former: set[threading.Thread] = set()
+        # the thread (not a lane's) in a call on this group, and how deep: a
+        # second thread's call would take the group's tags in an order the
+        # other ranks need not share (their data crossed, or a hang)
+        self.user: int | None = None     # (a thread's ident)
+
+    def enter(self, me: int) -> int | None:
+        """Thread ``me`` (not a lane's: bodies and done-callbacks are not
+        counted) starts a call: None, or the other thread already in a call
+        on this group. No lock: two threads that come at once may both go
+        on (a later call catches them), and ``user`` is cleared only by the
+        thread it names, so it never names one that has left."""
+        user = self.user
+        if user is not None and user != me:
+            return user
+        self.user = me
+        return None
+
+    def leave(self, me: int) -> None:
+        if self.user == me:
+            self.user = None
 
     def submit(self, fn: Callable[[], Any], work: Work) -> None:
         with self.lock:
@@ -293,6 +315,13 @@ class _Group:
 
     def _drain(self) -> None:
         me = threading.current_thread()
+        _lanes.add(threading.get_ident())
+        try:
+            self._serve(me)
+        finally:
+            _lanes.discard(threading.get_ident())
+
+    def _serve(self, me: threading.Thread) -> None:
         while True:
             with self.lock:
                 if self.thread is not me:       # handed on (submit)
@@ -466,9 +495,35 @@ def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
     check_comm(g, name)
     t0 = time.monotonic()
     ch = g.collective_channel()
-    tag = ch.next_tag()
     st = _state(g)
+    me = threading.get_ident()
+    if me in _lanes:
+        return _start(g, name, prepare, async_op, timeout, skipped, t0, ch, st, None)
+    other = st.enter(me)
     try:
+        return _start(g, name, prepare, async_op, timeout, skipped, t0, ch, st, other)
+    finally:
+        st.leave(me)
+
+
+def _two_threads(g: Comm, name: str, other: int) -> MeshError:
+    them = next((t.name for t in threading.enumerate() if t.ident == other), str(other))
+    return MeshError(
+        f"rank {g.ranks[g.rank]}: {name} on group {g.name} called from thread "
+        f"{threading.current_thread().name!r} while thread {them!r} is in a collective "
+        f"on this group: one group's collectives must come from one thread at a time, in "
+        f"the same order on every rank (give each thread a group of its own: world.group "
+        f"or world.split)")
+
+
+def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
+           async_op: bool, timeout: float | None,
+           skipped: Callable[[BaseException], None] | None, t0: float, ch: Any, st: _Group,
+           other: int | None) -> Any:
+    tag = ch.next_tag()
+    try:
+        if other is not None:
+            raise _two_threads(g, name, other)
         limit = _limit(g, name, timeout)
         late = st.check()
         if late is not None:
@@ -528,8 +583,12 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any],
     the group's lane has work or watches (the call then takes ``start``,
     which orders it behind them and reports what they caught)."""
     st = _groups.get(g)     # (made by the first call, which took ``start``)
-    if st is None or st.watches or st.running or st.queue or st.former:
-        return NOT_NOW
+    if st is None or st.watches or st.running or st.queue or st.former or st.user is not None:
+        return NOT_NOW      # (another thread in a call: start says so)
+    me = threading.get_ident()
+    mine = me not in _lanes
+    if mine:
+        st.user = me    # (as _Group.enter, without its check: done just above)
     t0 = time.monotonic()
     ch = g.collective_channel()
     tag = ch.next_tag()
@@ -545,3 +604,6 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any],
     except BaseException as e:
         _abort(g, tag, name, e)
         raise
+    finally:
+        if mine and st.user == me:
+            st.user = None

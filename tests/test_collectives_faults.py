@@ -234,3 +234,41 @@ def test_a_wait_on_the_board_is_what_the_peers_hear() -> None:
     heard = mesh.spawn(_status_in_a_board_wait, 2, timeout=60, env={"MESH_HEARTBEAT": "0.1"})[1]
     assert re.match(r"waiting [\d.]+s in all_reduce #2 on group world: waiting for rank 1 "
                     r"\(same-host board\)", heard), heard
+
+
+def _two_threads_one_group(world: Any) -> list[str]:
+    """Two threads calling collectives on one group at once: the ranks may
+    pair one thread's call with the other's (their data crossed, or a
+    hang); the call made while another thread is in one raises, naming
+    both threads. Two threads on two groups are fine."""
+    import threading
+    said: list[str] = []
+
+    def loop(g: Any, base: float) -> None:
+        a = np.zeros(3)
+        try:
+            for i in range(300):
+                a[:] = g.rank + base + i
+                C.all_reduce(g, a, timeout=20)
+        except mesh.MeshError as e:
+            said.append(str(e))
+    own = world.split(0)
+    ts = [threading.Thread(target=loop, args=(g, b), name=f"loop{b}")
+          for g, b in ((world, 0), (own, 1000))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert said == [], said
+    ts = [threading.Thread(target=loop, args=(world, b), name=f"loop{b}") for b in (0, 1000)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return said
+
+
+def test_two_threads_in_one_groups_collectives_raise_naming_both() -> None:
+    for said in mesh.spawn(_two_threads_one_group, 2, timeout=90):
+        assert any("one group's collectives must come from one thread at a time" in s
+                   and "'loop0'" in s and "'loop1000'" in s for s in said), said
