@@ -76,6 +76,9 @@ class CollectiveChannel:
     def next_tag(self) -> int:
         """The group's next collective's tag; take it in the calling thread,
         in call order, so every member numbers its calls alike."""
+        if self._t.forked:
+            from .transport import forked_error
+            raise forked_error(self._t.rank, self._t.pid)
         self.seq += 1
         return -self.seq
 

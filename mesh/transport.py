@@ -17,6 +17,7 @@ holds the send path, the waits and the shutdown.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections import deque
@@ -47,6 +48,24 @@ _LEFT_LINGER_MS = 200  # for what is queued to a peer that left or answered (see
 
 SENT = Outgoing(-1, None, 0, "a send by ring", None)   # what send_ring's sends wait on: done
 SENT.event.set()
+
+
+def forked_error(rank: int, pid: int) -> MeshError:
+    return MeshError(f"rank {rank}: this mesh belongs to process {pid}; a child forked from "
+                     f"it (process {os.getpid()}) cannot use it (its sockets, rings and "
+                     f"boards are the parent's): communicate from the parent, or start the "
+                     f"child's own job")
+
+
+_live: "weakref.WeakSet[Transport]" = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for t in list(_live):
+        t._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class Transport:
@@ -120,6 +139,9 @@ class Transport:
         # what communicators call of the inbox and of liveness
         self.irecv, self.iprobe = self.inbox.post, self.inbox.iprobe
         self.cancel, self.abort = self.inbox.cancel, self.inbox.abort
+        self.pid = os.getpid()
+        self.forked = False     # (set in a forked child: the sockets are the parent's)
+        _live.add(self)
         self.stalled, self.status = self.live.stalled, self.live.status
         self._drive = self.progress.drive
         self.progress.start(self.reader, self.live, self._busy)
@@ -423,6 +445,19 @@ class Transport:
                     fn()
                 except Exception:
                     _log.exception("rank %d: a dropped group's hook failed", self.rank)
+
+    def _forked(self) -> None:
+        """In a child forked from this process: its sockets, rings and boards
+        are the parent's (a send from here would write into the parent's
+        rings, and the peers would read garbage): every way in raises."""
+        self.forked = True
+        error = forked_error(self.rank, self.pid)
+
+        def refuse(*args: Any, **kw: Any) -> Any:
+            raise error
+        for name in ("isend", "send_ring", "recv_ring", "irecv", "iprobe", "wait", "sweep",
+                     "cancel", "abort"):
+            setattr(self, name, refuse)
 
     def _interrupted(self, item: Pending) -> None:
         """A user's receive whose wait raised (KeyboardInterrupt, a signal

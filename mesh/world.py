@@ -75,6 +75,8 @@ class Mesh(Comm):
             return
         self._closed = True
         _open.discard(self)
+        if self._pid != os.getpid():    # a forked child's copy: the sockets are the parent's
+            return
         self._t.close(failure=_failure(error))
         if self._server is not None:
             self._server.close()

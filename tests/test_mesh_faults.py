@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -311,3 +312,49 @@ def test_stall_reports_name_the_late_rank_and_what_it_last_did(tmp_path: Path) -
     assert timeout and "rank 1 last heard from" in timeout[0] and "it said:" in timeout[0], text
     assert "(times out after 2s)" in text
     assert not [m for m in logs[2] if "stalled: all_reduce" in m], text
+
+
+def _forks(world: mesh.Mesh) -> list[Any]:
+    """A child forked from a rank: its use of the parent's mesh raises (a
+    send wrote into the parent's rings, and the peers read garbage); its
+    `with` block's exit leaves at once (it waited for goodbyes 30 s); the
+    parent's mesh goes on."""
+    import collectives as C
+    out: list[Any] = []
+    for what in ("send", "collective", "exit in with"):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            said = "no error"
+            try:
+                if what == "send":
+                    world.send(np.zeros(3), 1 - world.rank, tag=7, timeout=3)
+                elif what == "collective":
+                    C.all_reduce(world, np.ones(2), timeout=3)
+                else:
+                    t0 = time.monotonic()
+                    with world:
+                        pass
+                    said = f"left in {time.monotonic() - t0:.1f}s"
+            except mesh.MeshError as e:
+                said = str(e)
+            os.write(w, said.encode()[:500])
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            out.append(f.read().decode())
+        os.waitpid(pid, 0)
+    out.append(collectives.all_reduce(world, np.ones(4), timeout=20).tolist())
+    world.send(np.full(3, 1.0 + world.rank), 1 - world.rank)
+    out.append(world.recv(1 - world.rank, timeout=20).tolist())
+    return out
+
+
+def test_a_forked_child_cannot_use_its_parents_mesh_and_leaves_at_once() -> None:
+    for rank, out in enumerate(mesh.spawn(_forks, 2, timeout=60)):
+        for said in out[:2]:
+            assert said.startswith(f"rank {rank}: this mesh belongs to process ") and \
+                "a child forked from it" in said, out
+        assert out[2] in ("left in 0.0s", "left in 0.1s"), out
+        assert out[3:] == [[2.0] * 4, [2.0 - rank] * 3], out

@@ -455,3 +455,24 @@ def test_a_lost_peer_that_ddp_rethrew_is_a_consequence_not_the_root_cause() -> N
     assert "Root cause: rank 1 failed first" in report, report
     assert "(failed, a consequence); RuntimeError" in report, report
     assert exit_code(outcome, records) == 137
+
+
+def test_a_forked_childs_uncaught_error_is_printed_whole_and_is_not_the_ranks(
+        tmp_path: Path) -> None:
+    """The child's error was written as its rank's error record (the rank's
+    own, if it failed later, would have been the child's) and printed as
+    one line promising a report that never came (the job succeeded)."""
+    script = tmp_path / "forker.py"
+    script.write_text(
+        "import os\nimport mesh\nwith mesh.init() as world:\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        raise RuntimeError('the child failed')\n"
+        "    os.waitpid(pid, 0)\n"
+        "    print('parent done', flush=True)\n")
+    out = meshrun("-n", "2", str(script))
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert text.count("Traceback (most recent call last)") == 2, text
+    assert "RuntimeError: the child failed" in text and "reports it at the end" not in text
+    assert text.count("parent done") == 2, text

@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: _bootstrap.py script.py args... | -m module args... | --exec prog args...")
     parent = os.environ.get("MESH_LAUNCHER_PID")
     arm_parent_death_signal(int(parent) if parent else None)
+    me = os.getpid()
     try:
         _run(argv)
     except SystemExit as exc:
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         _set_last(exc)
         tb = _user_frames(exc.__traceback__)
         text = "".join(traceback.format_exception(type(exc), exc, tb))
-        path = os.environ.get("MESH_ERROR_FILE")
+        # (a child the program forked that raised: the rank's record is not
+        # its to write, and meshrun reports no child: its traceback, here)
+        path = os.environ.get("MESH_ERROR_FILE") if os.getpid() == me else None
         recorded = False
         if path:
             try:
