@@ -457,6 +457,27 @@ def test_a_lost_peer_that_ddp_rethrew_is_a_consequence_not_the_root_cause() -> N
     assert exit_code(outcome, records) == 137
 
 
+@pytest.mark.parametrize("record", [
+    {"exc_type": "RuntimeError", "message": "Got the following error when running the "
+     "callback: LostPeerError: rank 0: all_reduce #12 on group world failed: peer rank 1 is "
+     "gone (it closed its mesh)"},
+    {"exc_type": "LostPeerError", "peer": 1, "message": "rank 0: all_reduce #11 on group "
+     "world: cannot read the board of rank 1 (no such process): it is gone"},
+    {"exc_type": "LostPeerError", "peer": 1, "message": "rank 0: recv from rank 1 (tag 0, "
+     "group world) failed: peer rank 1 is gone (its process 9 is gone)"}])
+def test_a_rank_that_finished_while_others_waited_is_named_whatever_said_so(
+        record: dict) -> None:
+    """It was named only when the survivor's error said '(it closed its
+    mesh)' and carried the peer: a rank leaving by os._exit(0), or DDP's
+    RuntimeError around the lost peer, made the survivor the root cause."""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import format_report
+    exits = [WorkerExit(1, 1, 101, 0, 9.0, False), WorkerExit(0, 0, 100, 1, 10.0, False)]
+    report = format_report(JobOutcome("failed", exits), {0: dict(record, time=10.0)}, 2)
+    assert "Root cause: rank 1 finished (exit code 0) while rank 0 still waited for it" \
+        in report, report
+
+
 def test_a_forked_childs_uncaught_error_is_printed_whole_and_is_not_the_ranks(
         tmp_path: Path) -> None:
     """The child's error was written as its rank's error record (the rank's

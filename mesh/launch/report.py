@@ -2,6 +2,8 @@
 wrote, which rank failed first and why, and the exit code meshrun ends with."""
 from __future__ import annotations
 
+import re
+
 import time
 from typing import Any
 
@@ -53,12 +55,18 @@ def _left_early(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> WorkerE
     if not root_rec or not _secondary(root_rec):
         return None
     peer = root_rec.get("peer")
-    said = str(root_rec.get("message"))
-    if not isinstance(peer, int) or not ("(it closed its mesh)" in said
-                                         or "before the mesh was complete" in said):
-        return None
+    if not isinstance(peer, int):       # (torch's DDP rethrows it as a RuntimeError's text)
+        found = next((m for m in map(lambda p: p.search(str(root_rec.get("message"))), _GONE)
+                      if m), None)
+        peer = int(found.group(1)) if found else None
     return next((e for e in outcome.exits if e.rank == peer and e.returncode == 0
                  and not e.after_stop), None)
+
+
+_GONE = [re.compile(p) for p in (r"peer (?:world )?rank (\d+) is gone",
+                                 r"\(world rank (\d+)\) \(no such process\)",
+                                 r"of rank (\d+) \(no such process\)")]
+"""Where a lost peer's world rank stands in an error's text."""
 
 
 def _lost_elsewhere(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> int | None:
