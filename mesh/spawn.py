@@ -315,6 +315,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                     c.poll(max(0.0, end - time.monotonic()))    # its "closed", or its end
                 except OSError:
                     pass
+        else:       # the ranks that ended their call end their process (what they started:
+            end = time.monotonic() + settle     # a DataLoader's workers and semaphores)
+            for p in procs:
+                if p.is_alive():
+                    p.join(max(0.0, end - time.monotonic()))
         for p in procs:
             if p.is_alive():
                 p.kill()
