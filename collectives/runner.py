@@ -241,9 +241,9 @@ class _Group:
         # lane threads that handed the lane on and still run a done-callback: a
         # blocking call they make queues (run inline it could meet the new lane's)
         self.former: set[threading.Thread] = set()
-        # the thread (not a lane's) in a call on this group, and how deep: a
-        # second thread's call would take the group's tags in an order the
-        # other ranks need not share (their data crossed, or a hang)
+        # the thread (not a lane's) in a call on this group: a second thread's
+        # call would take the group's tags in an order the other ranks need
+        # not share (their data crossed, or a hang)
         self.user: int | None = None     # (a thread's ident)
 
     def enter(self, me: int) -> int | None:
