@@ -84,6 +84,11 @@ def _divide_toward_zero(buf: Any, n: int) -> None:
     """``buf`` (integers) divided by ``n`` in place, the quotient truncated
     toward zero (C's and NCCL's, not numpy's floor), exact at any magnitude."""
     xp = array_module(buf)
+    if n > int(np.iinfo(buf.dtype).max):    # (more ranks than the dtype counts: |q| < 2)
+        wide = buf.astype(np.int64 if buf.dtype.kind == "i" else np.uint64)
+        _divide_toward_zero(wide, n)
+        buf[...] = wide
+        return
     if buf.dtype.kind == "u":
         xp.floor_divide(buf, n, out=buf)
         return

@@ -66,6 +66,9 @@ def test_avg_of_integers_is_truncated_toward_zero_at_any_magnitude(dtype: str) -
     assert a.tolist() == want, (a.tolist(), want)
     with pytest.raises(TypeError, match="bool"):
         resolve("avg", np.bool_)
+    few = np.array([-128, 127, -3], np.int8)       # more ranks than int8 counts
+    resolve("avg", few.dtype).finish(few, 128)
+    assert few.tolist() == [-1, 0, 0]
 
 
 def test_bool_ops_are_logical() -> None:
