@@ -166,6 +166,7 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         os.environ.clear()
         os.environ.update(environ)
     world = None
+    me = os.getpid()
     try:
         if not conn.poll(_PORT_WAIT_S):
             return  # the parent is gone
@@ -184,6 +185,8 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         fn, args = _load(job, rank)
         world = init()
         result = fn(world, *args)
+        if os.getpid() != me:       # a child fn forked, leaving fn: not the rank's result
+            os._exit(0)
         try:
             done = pickle.dumps((True, result, 0.0, False), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:
@@ -195,6 +198,11 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         world.close()
         conn.send_bytes(b"")    # closed: the parent need not wait for the interpreter's exit
     except BaseException as e:
+        if os.getpid() != me:       # a child fn forked: its error is not the rank's
+            code = e.code if isinstance(e, SystemExit) else 1
+            if not isinstance(e, SystemExit):
+                traceback.print_exc()
+            os._exit(code if isinstance(code, int) else 1)
         # a lost peer or an abort is the consequence of another rank's failure
         secondary = isinstance(e, LostPeerError) or getattr(e, "from_abort", False) or (
             isinstance(e, MeshError) and "aborted" in str(e))

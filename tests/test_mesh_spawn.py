@@ -405,3 +405,24 @@ def test_after_a_failure_the_ranks_end_their_process_before_they_are_killed(
     with pytest.raises(mesh.WorkerError, match="rank 1 fails"):
         mesh.spawn(_cleans_up_slowly, 2, str(tmp_path), timeout=60)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+
+
+def _forks_a_helper(world: mesh.Mesh, how: str) -> str:
+    import collectives as C
+    pid = os.fork()
+    if pid == 0:        # the helper: a copy of this rank's stack, leaving fn
+        if how == "raise":
+            raise ValueError("the helper's own error")
+        if how == "exit":
+            sys.exit(0)
+        return "the helper's value"
+    os.waitpid(pid, 0)
+    C.barrier(world, timeout=20)
+    return f"rank{world.rank}"
+
+
+@pytest.mark.parametrize("how", ["raise", "exit", "return"])
+def test_a_child_forked_in_fn_does_not_speak_for_its_rank(how: str) -> None:
+    """The child sent on the rank's result pipe: its error failed the spawn,
+    or its value replaced the rank's."""
+    assert mesh.spawn(_forks_a_helper, 2, how, timeout=60) == ["rank0", "rank1"]
