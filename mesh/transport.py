@@ -451,10 +451,9 @@ class Transport:
         are the parent's (a send from here would write into the parent's
         rings, and the peers would read garbage): every way in raises."""
         self.forked = True
-        error = forked_error(self.rank, self.pid)
 
         def refuse(*args: Any, **kw: Any) -> Any:
-            raise error
+            raise forked_error(self.rank, self.pid)     # (a new one each time: its own frames)
         for name in ("isend", "send_ring", "recv_ring", "irecv", "iprobe", "wait", "sweep",
                      "cancel", "abort"):
             setattr(self, name, refuse)

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +340,12 @@ def _forks(world: mesh.Mesh) -> list[Any]:
                     said = f"left in {time.monotonic() - t0:.1f}s"
             except mesh.MeshError as e:
                 said = str(e)
+                try:        # (each refusal its own error: no traceback grown call by call)
+                    world.send(np.zeros(3), 1 - world.rank, tag=7, timeout=3)
+                except mesh.MeshError as again:
+                    if again is e or len(traceback.extract_tb(again.__traceback__)) > \
+                            len(traceback.extract_tb(e.__traceback__)) + 2:
+                        said = "the same error raised again"
             os.write(w, said.encode()[:500])
             os._exit(0)
         os.close(w)
