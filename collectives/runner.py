@@ -272,7 +272,7 @@ class _Group:
             # A call made by a done-callback this lane runs (a torch future's
             # ``then``) would wait behind that callback for ever: the lane goes
             # on in a new thread, and this one ends when the callback returns.
-            self._start()
+            self._new_lane()
 
     def hand_on(self) -> None:
         """The lane thread, in a done-callback, is about to wait (blocking):
@@ -280,9 +280,9 @@ class _Group:
         returns."""
         with self.lock:
             if self.thread is threading.current_thread():
-                self._start()
+                self._new_lane()
 
-    def _start(self) -> None:
+    def _new_lane(self) -> None:
         """A new lane thread (the lock held); the one it replaces, running a
         done-callback, joins ``former`` until that returns."""
         if self.busy and self.thread is not None:
@@ -605,5 +605,5 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any],
         _abort(g, tag, name, e)
         raise
     finally:
-        if mine and st.user == me:
+        if mine and st.user == me:      # (_Group.leave, inline: the short path's cost)
             st.user = None
