@@ -28,6 +28,15 @@ SMALL_SEGMENTS = {"MESH_COLL_SEGMENT": "8K", "MESH_COLL_WINDOW": "2"}
 def _check_all(world: mesh.Mesh, devices: int) -> dict[str, Any]:
     cp = fakecupy.install()
     cp.cuda.Device(world.rank % devices).use()
+    from collectives.device import paths
+    taken: set[str] = set()
+    staged = paths._staged
+
+    def spy(ctx: Any) -> tuple[bool, bool]:       # which staged way each call took
+        whole, same = staged(ctx)
+        taken.add("board" if same else "whole" if whole else "ring")
+        return whole, same
+    paths._staged = spy
     n, r = world.size, world.rank
     for dt in (np.float32, np.float64, np.int64):
         for size in (7, 20_000, 100_003):        # simple path, then the device paths
@@ -80,7 +89,7 @@ def _check_all(world: mesh.Mesh, devices: int) -> dict[str, Any]:
     from collectives.device import cuda_ipc
     st = cuda_ipc.state(world)
     out = {"ipc": st is not None, "opens": st.opens if st else 0,
-           "gen": st.gen if st else 0, "pinned": cp.stats["pinned"]}
+           "gen": st.gen if st else 0, "pinned": cp.stats["pinned"], "staged": sorted(taken)}
     # The same sizes again: no new handle opened, no new pinned buffer.
     x = cp.arange(100_003, dtype=np.float32) + r
     C.all_reduce(world, x)
@@ -91,20 +100,24 @@ def _check_all(world: mesh.Mesh, devices: int) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("n,env,ipc", [
-    (2, {"MESH_CUDA_IPC": "0"}, False),                 # staged ring (overlapped)
-    (3, {"MESH_CUDA_IPC": "1"}, True),                  # IPC, one GPU shared, board sync
-    (2, {"MESH_CUDA_IPC": "1", "MESH_CMA": "0", "FAKECUPY_DEVICES": "2"}, True),
+@pytest.mark.parametrize("n,env,ipc,staged", [
+    (2, {"MESH_CUDA_IPC": "0"}, False, "board"),        # staged whole, the host's board
+    (2, {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": "1"}, False, "ring"),  # overlapped ring
+    (3, {"MESH_CUDA_IPC": "1"}, True, ""),              # IPC, one GPU shared, board sync
+    (2, {"MESH_CUDA_IPC": "1", "MESH_CMA": "0", "FAKECUPY_DEVICES": "2"}, True, ""),
     # IPC on two GPUs (peer copies), synchronized by messages
-    (2, {}, True),                                      # auto: IPC where it works
-    (2, {"FAKECUPY_NO_IPC": "1"}, False),               # auto, handles cannot be opened
-    (2, {"FAKECUPY_NO_IPC": "1", "MESH_CUDA_OVERLAP": "0"}, False),   # whole-array ring
+    (2, {}, True, ""),                                  # auto: IPC where it works
+    (2, {"FAKECUPY_NO_IPC": "1"}, False, "board"),      # auto, handles cannot be opened
+    (2, {"FAKECUPY_NO_IPC": "1", "MESH_CMA": "0"}, False, "ring"),    # no board: the ring
+    (2, {"FAKECUPY_NO_IPC": "1", "MESH_CUDA_OVERLAP": "0", "MESH_CMA": "0"}, False, "whole"),
 ])
-def test_device_collectives_on_fake_cupy(n: int, env: dict[str, str], ipc: bool) -> None:
+def test_device_collectives_on_fake_cupy(n: int, env: dict[str, str], ipc: bool,
+                                         staged: str) -> None:
     devices = int(env.get("FAKECUPY_DEVICES", "1"))
     res = mesh.spawn(_check_all, n, devices, timeout=120, env={**SMALL_SEGMENTS, **env})
     for out in res:
         assert out["ipc"] == ipc
+        assert out["staged"] == ([staged] if staged else []), out
         if out["ipc"]:
             # one open per peer per generation (the buffer grew once: 2 generations at most)
             assert out["opens"] == (n - 1) * out["gen"] and out["gen"] <= 2
@@ -126,18 +139,48 @@ def _ring_windows(world: mesh.Mesh) -> str:
             os.environ.update(MESH_COLL_WINDOW=str(window), MESH_COLL_SEGMENT=seg,
                               MESH_COLL_SMALL="0")
             assert Tuning.from_env().window == window
-            for size in (1, n - 1, 37, 300):
+            for size in (0, 1, n - 1, 37, 300):
                 x = cp.arange(size, dtype=np.float64) * (r + 1)
                 C.all_reduce(world, x)
                 assert np.array_equal(cp.asnumpy(x), np.arange(size) * sum(range(1, n + 1)))
                 g = C.all_gather(world, cp.asarray(np.arange(size) + 100 * r))
                 assert np.array_equal(cp.asnumpy(g), np.arange(size) + 100 * np.arange(n)[:, None])
+                full = np.arange(n * size, dtype=np.float32).reshape(n, size)
+                rs = C.reduce_scatter(world, cp.asarray(full * (r + 1)))
+                assert np.array_equal(cp.asnumpy(rs), full[r:r + 1] * sum(range(1, n + 1)))
     return "ok"
 
 
-def test_staged_ring_bookkeeping_at_every_window() -> None:
-    env = {"MESH_CUDA_IPC": "0"}
+@pytest.mark.parametrize("overlap", ["1", "auto"])     # the ring; whole through the board
+def test_staged_ring_bookkeeping_at_every_window(overlap: str) -> None:
+    env = {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": overlap}
     assert mesh.spawn(_ring_windows, 3, timeout=120, env=env) == ["ok"] * 3
+
+
+def _modes_apart(world: mesh.Mesh) -> str:
+    import os
+    cp = fakecupy.install()
+    os.environ["MESH_CUDA_OVERLAP"] = "1" if world.rank == 0 else "auto"
+    try:
+        C.all_reduce(world, cp.asarray(np.ones(50_000)))
+    except mesh.MismatchError as e:
+        return "mismatch" if "overlap" in str(e) else str(e)
+    return "no error"
+
+
+def test_staging_modes_set_apart_raise_mismatch_on_every_rank() -> None:
+    """MESH_CUDA_OVERLAP=1 on one rank and auto on the other would take the
+    overlapped ring on one and the board on the other: refused, named."""
+    got = mesh.spawn(_modes_apart, 2, timeout=60, env={"MESH_CUDA_IPC": "0"})
+    assert got == ["mismatch"] * 2
+
+
+def test_an_unknown_staging_mode_is_refused() -> None:
+    from collectives.device import paths
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MESH_CUDA_OVERLAP", "sometimes")
+        with pytest.raises(ValueError, match="MESH_CUDA_OVERLAP='sometimes'"):
+            paths.overlap_mode()
 
 
 def _mixed(world: mesh.Mesh) -> str:
@@ -187,6 +230,7 @@ def test_bench_paths_map_to_the_environment() -> None:
     assert path_env("auto") == {}
     assert path_env("ipc") == {"MESH_CUDA_IPC": "1"}
     assert path_env("staged") == {"MESH_CUDA_IPC": "0"}
+    assert path_env("ring") == {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": "1"}
     assert path_env("simple") == {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": "0"}
     with pytest.raises(ValueError):
         path_env("nccl")

@@ -76,13 +76,13 @@ python3 tools/gpu_probe.py profile staged 65536 4; python3 tools/gpu_probe.py pr
         grep -E "^  +[0-9]" "$OUT/bench-4-simple.log" | cut -c1-140 | sed "s/^/4 simple /" \
             >> "$summary"
         MESH_COLL_SEGMENT=8M step bench-4-seg8M 60 python3 -m collectives.tools.bench \
-            --device cuda --path staged -n 4 --sizes 16M,256M
-        grep -E "^  +[0-9]" "$OUT/bench-4-seg8M.log" | cut -c1-140 | sed "s/^/4 staged 8M /" \
+            --device cuda --path ring -n 4 --sizes 16M,256M
+        grep -E "^  +[0-9]" "$OUT/bench-4-seg8M.log" | cut -c1-140 | sed "s/^/4 ring 8M /" \
             >> "$summary"
         ;;
     bench)
         sizes=8,1K,64K,1M,16M,64M,256M
-        for path in ipc staged; do
+        for path in ipc staged ring; do
             step "bench-4-$path" 80 python3 -m collectives.tools.bench --device cuda \
                 --path "$path" -n 4 --sizes "$sizes" --compare gloo
             grep -E "^#  +size|^  +[0-9]" "$OUT/bench-4-$path.log" | cut -c1-140 \

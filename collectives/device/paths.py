@@ -4,13 +4,24 @@ path a call takes (collectives.api asks ``large`` and calls the path).
     same host, CUDA IPC usable      all_reduce, reduce_scatter, all_gather,
       (device/cuda_ipc.py)            broadcast: device-to-device copies
                                       out of the peers' registered buffers
-    otherwise, overlapped staging   all_reduce, reduce_scatter, all_gather:
-      (device/ring.py)                the ring, segments through pinned
+    same host, no CUDA IPC          all_reduce, reduce_scatter, all_gather,
+      (whole staging)                 broadcast: one copy down into pinned
+                                      memory, the host collective's same-host
+                                      paths (board, cross-memory attach), one
+                                      copy back (what gloo does on CUDA
+                                      tensors, with a faster host part)
+    across hosts, overlapped        all_reduce, reduce_scatter, all_gather:
+      staging (device/ring.py)        the ring, segments through pinned
                                       slots, reductions on the GPU
     simple staging (``simple``)     small arrays (under MESH_COLL_SMALL),
-                                      the other collectives, MESH_CUDA_OVERLAP=0:
-                                      one copy down, the host collective,
-                                      one copy back
+                                      the other collectives: one copy down,
+                                      the host collective, one copy back
+
+MESH_CUDA_OVERLAP picks between the staged ways where IPC is not used:
+"auto" (the default) as above; "1" the overlapped ring on one host too;
+"0" whole staging everywhere (the host ring across hosts), and with
+MESH_CUDA_IPC=0 every call staged as ``simple``. Every rank of a group must
+set it alike (it is in the call's fingerprint).
 
 Stream semantics (device/gpu.py): a call waits for the work queued on the
 caller's current stream before it; its result is complete on the device
@@ -34,8 +45,9 @@ from ..host.paths import _fp, _root, _rows
 from ..host.ring import ring as host_ring
 from ..host.rooted import broadcast_tree
 from ..ops import resolve
-from ..plan import Tuning
+from ..plan import Tuning, ring_chunks
 from ..runner import Ctx, agreed, start
+from ..shm import board, local
 from . import cuda_ipc, gpu
 from .ring import ring as overlapped
 
@@ -107,11 +119,18 @@ def large(g: Comm, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
     staged whole (``simple``) or, for a host array, runs on the host."""
     if isinstance(a, np.ndarray) or a is None or not device.is_device(a) or g.size == 1:
         return False
-    if os.environ.get("MESH_CUDA_OVERLAP", "1") == "0" and cuda_ipc.mode() == "0":
+    if overlap_mode() == "0" and cuda_ipc.mode() == "0":
         return False
     if algorithm is not None and algorithm == small_alg:
         return False
-    return device.nbytes_of(a) * nbytes_factor >= Tuning.from_env().small
+    nbytes = device.nbytes_of(a) * nbytes_factor
+    return nbytes > 0 and nbytes >= Tuning.from_env().small     # (empty: staged, as small)
+
+
+def _fp_device(coll: str, arr: Any, **kw: Any) -> dict:
+    """A device call's fingerprint: its staging mode too, so that ranks set
+    apart raise MismatchError rather than take different paths."""
+    return _fp(coll, arr, alg="device", overlap=overlap_mode(), **kw)
 
 
 def _ipc(ctx: Ctx, call: gpu.Call, nbytes: int) -> bool:
@@ -119,16 +138,41 @@ def _ipc(ctx: Ctx, call: gpu.Call, nbytes: int) -> bool:
     return cuda_ipc.usable(ctx, call, nbytes)
 
 
-def _overlap_off() -> bool:
-    return os.environ.get("MESH_CUDA_OVERLAP", "1") == "0"
+def overlap_mode() -> str:
+    """MESH_CUDA_OVERLAP: "auto" (default), "1" or "0" (see the module's text)."""
+    mode = os.environ.get("MESH_CUDA_OVERLAP", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MESH_CUDA_OVERLAP={mode!r}: expected auto, 1 (the overlapped "
+                         f"ring) or 0 (whole-array staging)")
+    return mode
+
+
+def _staged(ctx: Ctx) -> tuple[bool, bool]:
+    """Where CUDA IPC is not used: (whole, same) -- whether the array is
+    staged whole (down once, the host collective, up once) rather than
+    segment by segment through the overlapped ring, and whether that host
+    collective runs over the same-host board and cross-memory attach (else
+    the host ring). The same answer on every rank: the mode is in the
+    call's fingerprint, and the board's probe is the group's."""
+    mode = overlap_mode()
+    if mode == "1":
+        return False, False
+    same = board.available(ctx)
+    return mode == "0" or same, same
 
 
 def _whole(ctx: Ctx, lanes: gpu.Lanes, flat: Any, steps: int, reduce_steps: int,
            op: Any, shift: int = 0) -> None:
-    """The ring without overlap (MESH_CUDA_OVERLAP=0 where IPC is unusable):
-    ``flat`` down whole into pinned memory, the host ring, back up whole."""
-    lanes.down.wait_event(lanes.event(lanes.up))
+    """The ring without overlap (whole staging across hosts): ``flat`` down
+    whole into pinned memory, the host ring, back up whole."""
+    _after_up(lanes)
     _via_host(lanes, flat, lambda buf: host_ring(ctx, buf, op, steps, reduce_steps, shift))
+
+
+def _after_up(lanes: gpu.Lanes) -> None:
+    """The down stream waits for what the up stream has queued (a copy
+    ``Call.flat`` made of a strided array) before copying ``flat`` down."""
+    lanes.down.wait_event(lanes.event(lanes.up))
 
 
 def _via_host(lanes: gpu.Lanes, flat: Any, host_op: Callable[[Any], Any],
@@ -153,11 +197,11 @@ def _via_host(lanes: gpu.Lanes, flat: Any, host_op: Callable[[Any], Any],
 
 
 def all_reduce(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
-    """all_reduce of a large device array: CUDA IPC or the overlapped ring."""
+    """all_reduce of a large device array: CUDA IPC, else staged (the module's text)."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         rop = resolve(op, call.dtype)
-        return _fp("all_reduce", call.arr, op=op, alg="device"), lambda ctx: body(ctx, call, rop)
+        return _fp_device("all_reduce", call.arr, op=op), lambda ctx: body(ctx, call, rop)
 
     def body(ctx: Ctx, call: gpu.Call, rop: Any) -> Any:
         cp = call.cp
@@ -168,8 +212,13 @@ def all_reduce(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) 
                 cuda_ipc.all_reduce(ctx, lanes, call, flat, rop)
             else:
                 n = ctx.g.size
-                ring = _whole if _overlap_off() else overlapped
-                ring(ctx, lanes, flat, 2 * (n - 1), n - 1, rop)
+                whole, same = _staged(ctx)
+                if same:
+                    _after_up(lanes)
+                    _via_host(lanes, flat, lambda buf: local.all_reduce_large(ctx, buf, rop))
+                else:
+                    ring = _whole if whole else overlapped
+                    ring(ctx, lanes, flat, 2 * (n - 1), n - 1, rop)
             with lanes.up:
                 rop.finish(flat, ctx.g.size)
             call.write_back(lanes, flat)
@@ -179,12 +228,12 @@ def all_reduce(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) 
 
 
 def reduce_scatter(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
-    """reduce_scatter of a large device array: CUDA IPC or the overlapped ring."""
+    """reduce_scatter of a large device array: CUDA IPC, else staged (the module's text)."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         _rows("reduce_scatter", call.arr, g.size)
         rop = resolve(op, call.dtype)
-        return (_fp("reduce_scatter", call.arr, op=op, alg="device"),
+        return (_fp_device("reduce_scatter", call.arr, op=op),
                 lambda ctx: body(ctx, call, rop))
 
     def body(ctx: Ctx, call: gpu.Call, rop: Any) -> Any:
@@ -199,13 +248,20 @@ def reduce_scatter(g: Comm, a: Any, op: str, async_op: bool, timeout: float | No
             if _ipc(ctx, call, flat.nbytes):
                 cuda_ipc.reduce_scatter(ctx, lanes, call, flat, mine.reshape(-1), rop)
             else:
-                with lanes.up:
-                    work = flat.copy()
-                ring = _whole if _overlap_off() else overlapped
-                ring(ctx, lanes, work, n - 1, n - 1, rop, shift=-1)
-                size = mine.size
-                lanes.copy(int(mine.data.ptr), int(work.data.ptr) + rank * size * work.itemsize,
-                           size * work.itemsize, lanes.up)
+                whole, same = _staged(ctx)
+                if same:
+                    _after_up(lanes)
+                    _via_host(lanes, flat, lambda buf: _scatter_on_host(ctx, lanes, buf, mine,
+                                                                        rop), up=False)
+                else:
+                    with lanes.up:
+                        work = flat.copy()
+                    ring = _whole if whole else overlapped
+                    ring(ctx, lanes, work, n - 1, n - 1, rop, shift=-1)
+                    size = mine.size
+                    lanes.copy(int(mine.data.ptr),
+                               int(work.data.ptr) + rank * size * work.itemsize,
+                               size * work.itemsize, lanes.up)
             with lanes.up:
                 rop.finish(mine, n)
             lanes.sync()
@@ -213,11 +269,41 @@ def reduce_scatter(g: Comm, a: Any, op: str, async_op: bool, timeout: float | No
     return start(g, "reduce_scatter", prepare, async_op, timeout)
 
 
+def _scatter_on_host(ctx: Ctx, lanes: gpu.Lanes, buf: np.ndarray, mine: Any,
+                     rop: Any) -> None:
+    """reduce_scatter's host part on one host: this rank's chunk of the
+    pinned ``buf`` reduced in place over the board (no peer reads that
+    chunk of this rank's buffer: each reads its own), then queued up into
+    ``mine``."""
+    lo, hi = ring_chunks(buf.size, ctx.g.size)[ctx.g.rank]
+    local.reduce_scatter(ctx, buf, buf[lo:hi], rop)
+    lanes.copy(int(mine.data.ptr), int(buf.ctypes.data) + lo * buf.itemsize,
+               (hi - lo) * buf.itemsize, lanes.up)
+
+
+def _gather_on_host(ctx: Ctx, lanes: gpu.Lanes, flat: Any, out: Any) -> None:
+    """all_gather on one host without IPC: ``flat`` down into its row of a
+    pooled pinned buffer, the rows gathered over the board, all of them up
+    into ``out`` (flat) at once."""
+    n, rank, nbytes = ctx.g.size, ctx.g.rank, int(flat.nbytes)
+    _after_up(lanes)
+    host = device.POOL.take(n * nbytes)
+    try:
+        rows = host[:n * nbytes].view(flat.dtype).reshape(n, int(flat.size))
+        lanes.copy(int(rows[rank].ctypes.data), int(flat.data.ptr), nbytes, lanes.down)
+        lanes.sync()
+        local.all_gather(ctx, rows[rank], rows)
+        lanes.copy(int(out.data.ptr), int(rows.ctypes.data), n * nbytes, lanes.up)
+        lanes.sync()
+    finally:
+        device.POOL.give(host)
+
+
 def all_gather(g: Comm, a: Any, async_op: bool, timeout: float | None) -> Any:
-    """all_gather of a large device array: CUDA IPC or the overlapped ring."""
+    """all_gather of a large device array: CUDA IPC, else staged (the module's text)."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
-        return _fp("all_gather", call.arr, alg="device"), lambda ctx: body(ctx, call)
+        return _fp_device("all_gather", call.arr), lambda ctx: body(ctx, call)
 
     def body(ctx: Ctx, call: gpu.Call) -> Any:
         cp, n, rank = call.cp, ctx.g.size, ctx.g.rank
@@ -231,10 +317,14 @@ def all_gather(g: Comm, a: Any, async_op: bool, timeout: float | None) -> Any:
             if _ipc(ctx, call, flat.nbytes):
                 cuda_ipc.all_gather(ctx, lanes, call, flat, rows)
             else:
-                lanes.copy(int(rows[rank].data.ptr), int(flat.data.ptr), int(flat.nbytes),
-                           lanes.up)
-                ring = _whole if _overlap_off() else overlapped
-                ring(ctx, lanes, out.reshape(-1), n - 1, 0, None)
+                whole, same = _staged(ctx)
+                if same:
+                    _gather_on_host(ctx, lanes, flat, out.reshape(-1))
+                else:
+                    lanes.copy(int(rows[rank].data.ptr), int(flat.data.ptr),
+                               int(flat.nbytes), lanes.up)
+                    ring = _whole if whole else overlapped
+                    ring(ctx, lanes, out.reshape(-1), n - 1, 0, None)
             lanes.sync()
         return out
     return start(g, "all_gather", prepare, async_op, timeout)
@@ -246,7 +336,7 @@ def broadcast(g: Comm, a: Any, root: int, async_op: bool, timeout: float | None)
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         r = _root(g, root)
-        return _fp("broadcast", call.arr, root=r, alg="device"), lambda ctx: body(ctx, call, r)
+        return _fp_device("broadcast", call.arr, root=r), lambda ctx: body(ctx, call, r)
 
     def body(ctx: Ctx, call: gpu.Call, r: int) -> Any:
         with call.cp.cuda.Device(call.dev):
@@ -267,5 +357,9 @@ def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any
     """Broadcast without IPC inside a device collective: the root's array
     goes down whole and along the binomial tree; the others copy it up."""
     here = ctx.g.rank == root
+    if overlap_mode() != "1" and board.available(ctx):      # one host: the board
+        _via_host(lanes, flat, lambda buf: local.broadcast(ctx, buf, root),
+                  down=here, up=not here)
+        return
     _via_host(lanes, flat, lambda buf: agreed(lambda c: broadcast_tree(c, buf, root))(ctx),
               down=here, up=not here)

@@ -12,9 +12,11 @@ the same invocation and each row ends with gloo's time over ours.
 
 With ``--device cuda`` the arrays are CuPy arrays (torch CUDA tensors on the
 gloo side) and ``--path`` picks the device path: ``auto`` (CUDA IPC when the
-ranks can use it, else the overlapped staged ring), ``ipc`` (MESH_CUDA_IPC=1:
-fail if IPC cannot be used), ``staged`` (MESH_CUDA_IPC=0) or ``simple``
-(whole-array staging, MESH_CUDA_OVERLAP=0 as well).
+ranks can use it, else staged), ``ipc`` (MESH_CUDA_IPC=1: fail if IPC cannot
+be used), ``staged`` (MESH_CUDA_IPC=0: whole staging through the board on one
+host, the overlapped ring across hosts), ``ring`` (the overlapped ring
+forced, MESH_CUDA_OVERLAP=1 as well) or ``simple`` (every call staged whole
+as small arrays are, MESH_CUDA_OVERLAP=0 as well).
 
 As in nccl-tests, "size" is the whole buffer: the all_gather output, the
 reduce_scatter input, the array scattered from the root.
@@ -41,6 +43,7 @@ COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatte
 
 
 PATHS = {"auto": {}, "ipc": {"MESH_CUDA_IPC": "1"}, "staged": {"MESH_CUDA_IPC": "0"},
+         "ring": {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": "1"},
          "simple": {"MESH_CUDA_IPC": "0", "MESH_CUDA_OVERLAP": "0"}}
 """--path: the environment the workers get, per device path."""
 
@@ -277,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="write busbw vs size to this PNG")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--path", choices=tuple(PATHS), default="auto",
-                    help="device path with --device cuda (auto, ipc, staged, simple)")
+                    help="device path with --device cuda (auto, ipc, staged, ring, simple)")
     ap.add_argument("--memory", action="store_true",
                     help="also print meshrun's peak memory beyond the input, worst rank "
                          "(exact for the first size only: run one size)")
