@@ -201,7 +201,16 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
             warmup: int, reps: int, batch: int, floor: bool = False,
             p2p: Sequence[int] = (), overlap: bool = False
             ) -> dict[str, list[Any]]:
-    """Per benchmark row, per repetition, seconds per call of each side."""
+    """Per benchmark row, per repetition, seconds per call of each side.
+
+    The gloo group outlives every DDP model on it (they live and die in
+    ``_measure``), and this frame drops it last: torch frees a group its
+    Python object holds with the GIL released, but a DDP Reducer holding
+    the last reference frees it holding the GIL, and gloo's destructor then
+    waits for a worker thread that may need the GIL to free the tensors of
+    a work it has just finished (a deadlock, seen once in ~200 runs)."""
+    import gc
+
     import torch
     import torch.distributed as dist
 
@@ -210,6 +219,19 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
     torch.set_num_threads(1)
     dist.init_process_group("meshrun")
     gloo = dist.new_group(backend="gloo")
+    out = _measure(world, gloo, rows, models, steps, warmup, reps, batch, floor, p2p, overlap)
+    gc.collect()            # DDP models in a reference cycle go now, while gloo lives
+    dist.barrier()
+    dist.destroy_process_group()
+    del gloo                # the last reference: freed with the GIL released
+    return out
+
+
+def _measure(world: Any, gloo: Any, rows: list[tuple[int, int, int]], models: list[str],
+             steps: int, warmup: int, reps: int, batch: int, floor: bool,
+             p2p: Sequence[int], overlap: bool) -> dict[str, list[Any]]:
+    import torch.distributed as dist
+
     barrier = dist.barrier
     out: dict[str, list[Any]] = {"all_reduce": [], "ddp": [], "p2p": [], "overlap": []}
     plans = [("all_reduce", _all_reduce_sides(world, gloo, count, floor), it, wu)
@@ -229,8 +251,6 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
         out[kind].append(row)
     for m in models if overlap else ():
         out["overlap"].append(_overlap(gloo, m, batch, max(3 * steps, 9), warmup))
-    dist.barrier()
-    dist.destroy_process_group()
     return out
 
 
