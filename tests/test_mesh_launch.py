@@ -497,3 +497,25 @@ def test_a_forked_childs_uncaught_error_is_printed_whole_and_is_not_the_ranks(
     assert text.count("Traceback (most recent call last)") == 2, text
     assert "RuntimeError: the child failed" in text and "reports it at the end" not in text
     assert text.count("parent done") == 2, text
+
+
+def test_a_stopped_rank_its_peers_gave_up_is_the_root_cause_not_the_first_survivor() -> None:
+    """A rank stopped (SIGSTOP, a debugger) or silent until its peers declared
+    it lost never ends by itself: meshrun kills it after the others fail, so
+    it was never a candidate and the table blamed the first survivor's
+    LostPeerError ("Root cause: rank 5 failed first")."""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import format_report
+    msg = ("rank 5: all_reduce #666 on group world aborted: rank 9 of group world: all_reduce "
+           "#666 on group world failed: peer rank 3 is gone (silent for 10.1s; its process 14 "
+           "is stopped: SIGSTOP, Ctrl-Z or a debugger; lost to this job even if resumed)")
+    exits = [WorkerExit(5, 5, 105, 1, 10.0, False), WorkerExit(0, 0, 100, 1, 10.1, False),
+             WorkerExit(3, 3, 103, -9, 19.0, True)]
+    records = {5: {"exc_type": "LostPeerError", "from_abort": True, "peer": 3,
+                   "message": msg, "time": 10.0},
+               0: {"exc_type": "LostPeerError", "peer": 3, "message": msg, "time": 10.1}}
+    report = format_report(JobOutcome("failed", exits), records, 8)
+    head = report.splitlines()[1]
+    assert head.startswith("Root cause: rank 3 was lost"), report
+    assert "rank 5 saw it first" in head, report
+    assert "  error      : LostPeerError: " + msg in report, report

@@ -78,6 +78,17 @@ def _lost_elsewhere(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> int
     return peer
 
 
+def _lost_stopped(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> WorkerExit | None:
+    """The lost peer the root cause's error names when it is a rank of this
+    node that never ended by itself (stopped, or silent until its peers gave
+    it up) and that meshrun then stopped: the job's real cause."""
+    peer = root_rec.get("peer") if root_rec and _secondary(root_rec) else None
+    if not isinstance(peer, int):
+        return None
+    return next((e for e in outcome.exits if e.rank == peer and e.after_stop
+                 and e.returncode != 0), None)
+
+
 def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
     """msg with its last part elided when the root cause's message ends the
     same way (the same mismatch seen from another rank)."""
@@ -100,9 +111,14 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     root_rec = records.get(root.rank) if root is not None else None
     left = _left_early(outcome, root_rec)
     elsewhere = _lost_elsewhere(outcome, root_rec)
+    stopped = _lost_stopped(outcome, root_rec)
     if root is not None and elsewhere is not None:
         lines.append(f"Root cause: rank {elsewhere} (node {elsewhere // nproc}) was lost, a "
                      f"rank of another node (its meshrun reports why); rank {root.rank} here "
+                     f"saw it first:")
+    elif root is not None and stopped is not None:
+        lines.append(f"Root cause: rank {stopped.rank} was lost (the error below says how) "
+                     f"and then stopped by meshrun ({stopped.describe()}); rank {root.rank} "
                      f"saw it first:")
     elif root is not None:
         lines.append(f"Root cause: rank {root.rank} failed first" if left is None else
@@ -112,6 +128,7 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
                         in str(root_rec and root_rec.get("message")) else
                         "the ranks did not make the same calls")
                      + f"); rank {root.rank} failed first:")
+    if root is not None:
         if root_rec:
             lines.append(f"  error      : {root_rec.get('exc_type')}: {root_rec.get('message')}")
         lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
