@@ -140,6 +140,13 @@ def _in_step(world: Any, job: Any, rows: list[Any], acts: list[Any]) -> dict[str
             "receive": fig.receive}
 
 
+def _one_thread() -> dict[str, str]:
+    """The ranks' environment: single-threaded BLAS unless the caller set
+    otherwise (given to mesh.spawn: the caller's own environment is left as
+    it was, for what it runs next)."""
+    return {k: os.environ.get(k, "1") for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
 def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7,
                 rounds: int = 3) -> list[dict[str, Any]]:
     """Measure each job on 2 processes; rows of predicted and measured ms.
@@ -153,9 +160,8 @@ def run_balance(width: int = 256, rows: int = 256, m: int = 8, steps: int = 7,
     BENCHMARKS.md, eleventh session), so a prediction is set beside the
     steps that ran at its moment."""
     import mesh
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    results = mesh.spawn(_worker, 2, width, rows, m, steps, rounds, timeout=600)
+    results = mesh.spawn(_worker, 2, width, rows, m, steps, rounds, timeout=600,
+                         env=_one_thread())
     report = []
     for k, row in enumerate(results[0]):
         n = len(row["spans"])
@@ -253,9 +259,8 @@ def stage_overrun(width: int = 256, rows: int = 32, rounds: int = 9,
     one child process with single-threaded BLAS (else the BLAS threads'
     CPU would be missed)."""
     import mesh
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    rows_out = mesh.spawn(_overrun_worker, 1, width, rows, rounds, spans, timeout=600)[0]
+    rows_out = mesh.spawn(_overrun_worker, 1, width, rows, rounds, spans, timeout=600,
+                          env=_one_thread())[0]
     return [((int(a), int(b)), ratios) for (a, b), ratios in rows_out]
 
 

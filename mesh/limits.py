@@ -104,13 +104,24 @@ _OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_thre
                      "scipy_openblas_set_num_threads", "openblas_set_num_threads")
 
 
-def limit_threads(n: int) -> None:
+def blas_default(env: Mapping[str, str]) -> int:
+    """The thread count OpenBLAS starts with in ``env``: its own variables
+    (OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS), then OMP_NUM_THREADS, else a
+    thread per core."""
+    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        first = env.get(name, "").split(",")[0].strip()
+        if first.isdigit() and int(first) > 0:
+            return int(first)
+    return os.cpu_count() or 1
+
+
+def limit_threads(n: int, torch: bool = True) -> None:
     """Use ``n`` threads in what this process loaded already: an OpenBLAS
-    (numpy's own or the system's, found in /proc/self/maps; Linux) and
-    torch. Libraries loaded later read OMP_NUM_THREADS. An OpenBLAS whose
-    thread pool a fork stopped (mesh.spawn's ranks) restarts it with no more
-    than ``n`` threads (``_shrink_stopped_pool``)."""
-    if "torch" in sys.modules:
+    (numpy's own or the system's, found in /proc/self/maps; Linux) and,
+    with ``torch``, torch. Libraries loaded later read OMP_NUM_THREADS. An
+    OpenBLAS whose thread pool a fork stopped (mesh.spawn's ranks) restarts
+    it with no more than ``n`` threads (``_shrink_stopped_pool``)."""
+    if torch and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
     try:
         with open("/proc/self/maps") as f:
@@ -142,7 +153,9 @@ def _shrink_stopped_pool(lib: Any, n: int) -> None:
     trip in that time took 2-4 ms, not 6 us (BENCHMARKS.md, eighteenth
     session). Done through the library's ``blas_server_avail`` and
     ``blas_num_threads``, and only where both exist and the pool is
-    stopped; otherwise the setter is left to do what it does."""
+    stopped; otherwise the setter is left to do what it does. (numpy 2.5's
+    OpenBLAS keeps both symbols to itself: mesh.spawn's fork server starts
+    its OpenBLAS with one thread instead, so that there is no pool to stop.)"""
     try:
         running = ctypes.c_int.in_dll(lib, "blas_server_avail")
         threads = ctypes.c_int.in_dll(lib, "blas_num_threads")

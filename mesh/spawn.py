@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from .auth import curve_wanted
 from .errors import WorkerError
-from .limits import env_threads, limit_threads, open_files, thread_share
+from .limits import blas_default, env_threads, limit_threads, open_files, thread_share
 from .rendezvous import RendezvousServer, remove_run_folder, run_folder
 
 __all__ = ["spawn"]
@@ -101,7 +101,28 @@ def _fresh_context() -> Any:
     ctx = mp.get_context("forkserver")
     extra = [m for m in os.environ.get("MESH_SPAWN_PRELOAD", "").split(",") if m.strip()]
     ctx.set_forkserver_preload(["mesh.spawn", *(m.strip() for m in extra)])
+    _start_server_with_one_blas_thread()
     return ctx
+
+
+def _start_server_with_one_blas_thread() -> None:
+    """Start the fork server (unless it runs) with OPENBLAS_NUM_THREADS=1, so
+    that the OpenBLAS it preloads with numpy has no thread pool for a fork
+    to stop: a rank's share then grows it (``_child``), where a stopped pool
+    would restart with a thread per core, each spinning a core for its
+    first 0.1 s (mesh.limits._shrink_stopped_pool, which numpy 2.5's
+    OpenBLAS no longer lets reach in). A rank gets the caller's environment
+    back before it runs anything of the caller's."""
+    from multiprocessing import forkserver
+    saved = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = saved
 
 
 def _load(job: bytes | tuple, rank: int) -> tuple[Callable[..., Any], tuple]:
@@ -182,6 +203,8 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         threads = env_threads(os.environ)
         if threads is not None:     # numpy (and torch) loaded before this rank's environment
             limit_threads(threads)
+        elif parent is None:        # the fork server's OpenBLAS has one thread: the default
+            limit_threads(blas_default(os.environ), torch=False)
         fn, args = _load(job, rank)
         world = init()
         result = fn(world, *args)

@@ -259,6 +259,13 @@ def test_ranks_share_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> N
     for omp, blas in mesh.spawn(_threads_of, 2, timeout=40):
         assert omp == str(share) and blas in (share, None), (omp, blas)
     assert mesh.spawn(_threads_of, 1, timeout=40, env={"OMP_NUM_THREADS": "1"})[0][1] in (1, None)
+    # a lone rank told nothing has OpenBLAS's default, a thread per core (the
+    # fork server's OpenBLAS starts with one, so that no pool is left to stop)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("GOTO_NUM_THREADS", raising=False)
+    assert mesh.spawn(_threads_of, 1, timeout=40)[0][1] in (os.cpu_count(), None)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")      # ...or the caller's OpenBLAS count
+    assert mesh.spawn(_threads_of, 1, timeout=40)[0][1] in (1, None)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     for omp, blas in mesh.spawn(_threads_of, 2, timeout=40):
         assert omp == "3" and blas in (3, None), (omp, blas)
