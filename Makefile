@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
+CORE := $(VENV)/.installed
 
 .PHONY: demo test bench clean
 
@@ -12,9 +13,15 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(CORE)
+
+# the demo needs the core only (pyzmq, msgpack, numpy): no torch
+$(CORE): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/meshrun -n 4 examples/train_pipeline.py
 
 test: $(STAMP)
