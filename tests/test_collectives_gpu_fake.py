@@ -72,6 +72,11 @@ def _check_all(world: mesh.Mesh, devices: int) -> dict[str, Any]:
     b = cp.asarray(np.full(40_000, r, np.int16))
     assert C.broadcast(world, b, root=n - 1) is b
     assert np.array_equal(cp.asnumpy(b), np.full(40_000, n - 1))
+    wide = cp.asarray(np.arange(2 * big, dtype=np.float64).reshape(big, 2) + r)
+    column = wide[:, 1]                     # strided: the call copies it first (up stream)
+    C.broadcast(world, column, root=0)
+    assert np.array_equal(cp.asnumpy(column), np.arange(big) * 2 + 1.0)
+    assert np.array_equal(cp.asnumpy(wide)[:, 0], np.arange(big) * 2.0 + r)
 
     red = cp.asarray(np.ones(30_000))
     C.reduce(world, red, root=0)

@@ -93,9 +93,11 @@ class Lanes:
             self.cp.cuda.runtime.memcpyAsync(dst, src, nbytes, device.MEMCPY_DEFAULT, stream.ptr)
 
     def sync(self) -> None:
-        """Wait until everything queued on both streams is done."""
-        self.wait(self.event(self.up))
+        """Wait until everything queued on both streams is done. (The down
+        stream first: on tests/fakecupy.py's lazy streams, a copy down that
+        did not wait for the up stream's work then reads stale data.)"""
         self.wait(self.event(self.down))
+        self.wait(self.event(self.up))
 
 
 _streams: "weakref.WeakKeyDictionary[Comm, dict[int, tuple[Any, Any]]]" = \

@@ -357,6 +357,7 @@ def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any
     """Broadcast without IPC inside a device collective: the root's array
     goes down whole and along the binomial tree; the others copy it up."""
     here = ctx.g.rank == root
+    _after_up(lanes)            # (a strided array's copy, made on the up stream)
     if overlap_mode() != "1" and board.available(ctx):      # one host: the board
         _via_host(lanes, flat, lambda buf: local.broadcast(ctx, buf, root),
                   down=here, up=not here)
