@@ -37,6 +37,7 @@ import warnings
 from datetime import timedelta
 from typing import Any, Iterator
 
+import torch
 import torch.distributed as dist
 
 import mesh
@@ -175,23 +176,53 @@ def _assembly(timeout: Any) -> float:
 
 
 def _store_over(world: Any, timeout: timedelta) -> Any:
-    """A TCPStore rank 0 starts on port 0; the others learn the port over the mesh."""
+    """A TCPStore rank 0 starts on port 0; the others learn the port over the
+    mesh. Every rank has connected before any returns (a mesh barrier, which
+    names a rank lost meanwhile): a rank 0 that then failed in
+    init_process_group (and dropped its store) left the others retrying
+    their connection for the whole timeout, 30 minutes by default."""
     host = world.spec.master_addr
     if world.rank == 0:
         store = dist.TCPStore(host, 0, world.size, True, timeout, wait_for_workers=False)
         C.broadcast_object(world, store.port)
-        return store
-    port = C.broadcast_object(world, None)
-    return dist.TCPStore(host, int(port), world.size, False, timeout)
+    else:
+        port = C.broadcast_object(world, None)
+        store = dist.TCPStore(host, int(port), world.size, False, timeout)
+    C.barrier(world)
+    return store
 
 
 # -- the backend's creator --------------------------------------------------------
+
+
+TORCH_MIN = (2, 8)
+"""The oldest torch the backend runs on: before 2.8 torch's collective options
+have no ``asyncOp`` on every call, and before 2.7 a Python Work handed to
+torch's C++ (DDP's first broadcast) loses its Python side, so C++ waits on
+it for ever (a helper session's runs of 2.1.2 and 2.7.1, 2026-12-04)."""
+
+
+def _check_torch(version: str) -> None:
+    """Refuse a torch older than TORCH_MIN by name, at init_process_group
+    (importing this module, and the entry point at ``import torch``, still
+    work there: they must never make ``import torch`` fail)."""
+    parts = version.split("+")[0].split(".")
+    try:
+        have = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        return                  # (a version string of its own: let it try)
+    if have < TORCH_MIN:
+        raise RuntimeError(f"meshrun backend: needs torch >= {TORCH_MIN[0]}.{TORCH_MIN[1]} "
+                           f"(this is torch {version}): older torch's collective options "
+                           f"lack asyncOp, and before 2.7 a Python Work handed to its C++ "
+                           f"is lost (DDP would hang)")
 
 
 def _create(opts: Any, _pg_options: Any) -> ProcessGroupMeshrun:
     """torch's call for each new group: the default one (no global ranks
     given) finds or makes the mesh; the others are groups of it."""
     global _default
+    _check_torch(str(torch.__version__))
     ranks = list(opts.global_ranks_in_group)
     timeout = opts.timeout.total_seconds()
     if not ranks:

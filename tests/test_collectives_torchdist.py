@@ -832,3 +832,39 @@ def test_register_is_idempotent_and_autoload_never_raises(monkeypatch: Any) -> N
     monkeypatch.setattr(td, "register", lambda: 1 / 0)
     with pytest.warns(UserWarning, match="could not register"):
         td.autoload()
+
+
+def rank0_refused(world: Any) -> str:
+    import collectives.torchdist  # noqa: F401
+    if world.rank == 0:
+        torch.__version__ = "2.7.1"            # (this rank's torch only)
+    try:
+        dist.init_process_group("meshrun")
+    except RuntimeError as e:
+        return "refused" if "needs torch >= 2.8" in str(e) else str(e)
+    try:
+        dist.barrier()
+    except mesh.MeshError as e:
+        return "lost rank 0" if "rank 0" in str(e) else str(e)
+    return "no error"
+
+
+def test_a_rank_failing_in_init_after_the_rendezvous_leaves_none_waiting() -> None:
+    """Rank 0 raised in init_process_group after starting the store and
+    dropped it; rank 1, still connecting, retried for the whole timeout (30
+    minutes). Now every rank connects before any goes on, and rank 1's
+    first collective names rank 0."""
+    assert mesh.spawn(rank0_refused, 2, timeout=60) == ["refused", "lost rank 0"]
+
+
+def test_a_torch_older_than_the_backend_needs_is_refused_by_name() -> None:
+    """torch before 2.8 lacks asyncOp on its collective options, and before
+    2.7 loses a Python Work handed to its C++ (DDP hung): init_process_group
+    says so rather than failing inside the first collective, or hanging."""
+    import collectives.torchdist as td
+    for old in ("2.7.1", "2.1.2+cu121"):
+        with pytest.raises(RuntimeError, match=re.escape(f"needs torch >= 2.8 (this is torch "
+                                                         f"{old})")):
+            td._check_torch(old)
+    for ok in ("2.8.0", "2.13.0+cpu", "2.14.1", "3.0.0a0+git1234", "nightly"):
+        td._check_torch(ok)
