@@ -32,8 +32,8 @@ def _check_all(world: mesh.Mesh, devices: int) -> dict[str, Any]:
     taken: set[str] = set()
     staged = paths._staged
 
-    def spy(ctx: Any) -> tuple[bool, bool]:       # which staged way each call took
-        whole, same = staged(ctx)
+    def spy(ctx: Any, mode: str) -> tuple[bool, bool]:     # which staged way each call took
+        whole, same = staged(ctx, mode)
         taken.add("board" if same else "whole" if whole else "ring")
         return whole, same
     paths._staged = spy
@@ -278,7 +278,9 @@ def test_grad_reducer_on_device_gradients() -> None:
 
 def test_staging_returns_its_pinned_buffer_when_the_host_step_fails() -> None:
     """A collective that fails half-way (a lost peer, an abort) must not
-    keep the pooled pinned buffer it staged through."""
+    keep the pooled pinned buffer it staged through; but one whose wait for
+    a copy ran out of time must not give it back (the late copy would write
+    into a later call's data)."""
     from collectives.device import paths as staged
     from mesh import device
 
@@ -301,9 +303,17 @@ def test_staging_returns_its_pinned_buffer_when_the_host_step_fails() -> None:
         assert np.array_equal(buf, np.arange(1000, dtype=np.float32))
         raise RuntimeError("peer lost")
 
+    class Late(Lanes):
+        def sync(self) -> None:
+            raise mesh.MeshTimeoutError("GPU work did not complete within 0s")
+
     try:
         with pytest.raises(RuntimeError, match="peer lost"):
             staged._via_host(lanes, flat, boom)
         assert sum(len(v) for v in device.POOL._free.values()) == 1
+        device.POOL.clear()
+        with pytest.raises(mesh.MeshTimeoutError):
+            staged._via_host(Late(), flat, boom)
+        assert sum(len(v) for v in device.POOL._free.values()) == 0
     finally:
         device.use(None)                       # later tests in this process see no stand-in

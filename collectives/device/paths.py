@@ -114,9 +114,10 @@ def simple(fn: Callable[..., Any], in_place: bool) -> Callable[..., Any]:
 
 def large(g: Comm, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
           small_alg: str = "") -> bool:
-    """Whether a call takes the overlapped or IPC path: a large device array
-    (the same answer on every rank, whose shapes agree); otherwise it is
-    staged whole (``simple``) or, for a host array, runs on the host."""
+    """Whether a call takes the device paths (IPC, or staged in the body: see
+    the module's text): a large device array (the same answer on every
+    rank, whose shapes agree); otherwise it is staged whole as a small one
+    (``simple``) or, for a host array, runs on the host."""
     if isinstance(a, np.ndarray) or a is None or not device.is_device(a) or g.size == 1:
         return False
     if overlap_mode() == "0" and cuda_ipc.mode() == "0":
@@ -127,10 +128,11 @@ def large(g: Comm, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
     return nbytes > 0 and nbytes >= Tuning.from_env().small     # (empty: staged, as small)
 
 
-def _fp_device(coll: str, arr: Any, **kw: Any) -> dict:
-    """A device call's fingerprint: its staging mode too, so that ranks set
-    apart raise MismatchError rather than take different paths."""
-    return _fp(coll, arr, alg="device", overlap=overlap_mode(), **kw)
+def _fp_device(coll: str, arr: Any, mode: str, **kw: Any) -> dict:
+    """A device call's fingerprint: its staging mode too (``mode``, read once
+    at the call, which its body then follows), so that ranks set apart raise
+    MismatchError rather than take different paths."""
+    return _fp(coll, arr, alg="device", overlap=mode, **kw)
 
 
 def _ipc(ctx: Ctx, call: gpu.Call, nbytes: int) -> bool:
@@ -147,14 +149,13 @@ def overlap_mode() -> str:
     return mode
 
 
-def _staged(ctx: Ctx) -> tuple[bool, bool]:
+def _staged(ctx: Ctx, mode: str) -> tuple[bool, bool]:
     """Where CUDA IPC is not used: (whole, same) -- whether the array is
     staged whole (down once, the host collective, up once) rather than
     segment by segment through the overlapped ring, and whether that host
     collective runs over the same-host board and cross-memory attach (else
     the host ring). The same answer on every rank: the mode is in the
     call's fingerprint, and the board's probe is the group's."""
-    mode = overlap_mode()
     if mode == "1":
         return False, False
     same = board.available(ctx)
@@ -175,35 +176,62 @@ def _after_up(lanes: gpu.Lanes) -> None:
     lanes.down.wait_event(lanes.event(lanes.up))
 
 
+class _Staging:
+    """A pooled pinned buffer of ``nbytes`` and the copies queued on it.
+    ``close()`` gives it back to the pool, unless a copy may still be in
+    flight (a ``sync`` that raised: the caller's stream still busy at the
+    deadline): then it is dropped, for a later call must not reuse memory a
+    late copy still writes (freeing pinned memory waits for the device)."""
+
+    def __init__(self, lanes: gpu.Lanes, nbytes: int) -> None:
+        self.lanes = lanes
+        self.host = device.POOL.take(nbytes)
+        self.busy = False
+
+    def copy(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
+        self.busy = True
+        self.lanes.copy(dst, src, nbytes, stream)
+
+    def sync(self) -> None:
+        self.lanes.sync()
+        self.busy = False
+
+    def close(self) -> None:
+        if not self.busy:
+            device.POOL.give(self.host)
+
+
 def _via_host(lanes: gpu.Lanes, flat: Any, host_op: Callable[[Any], Any],
               down: bool = True, up: bool = True) -> None:
     """Stage ``flat`` whole through a pooled pinned buffer: copy it down
     (when ``down``), run ``host_op(buf)``, copy the buffer back up (when
-    ``up``). The buffer goes back to the pool even when host_op raises (no
-    copy is in flight then: the copy down has been waited for)."""
+    ``up``). The buffer goes back to the pool when host_op raises too (no
+    copy is in flight then: the copy down has been waited for), not when a
+    wait for a copy does (``_Staging``)."""
     nbytes = int(flat.nbytes)
-    host = device.POOL.take(nbytes)
+    st = _Staging(lanes, nbytes)
     try:
-        buf = host[:nbytes].view(flat.dtype)
+        buf = st.host[:nbytes].view(flat.dtype)
         if down:
-            lanes.copy(int(buf.ctypes.data), int(flat.data.ptr), nbytes, lanes.down)
-            lanes.sync()
+            st.copy(int(buf.ctypes.data), int(flat.data.ptr), nbytes, lanes.down)
+            st.sync()
         host_op(buf)
         if up:
-            lanes.copy(int(flat.data.ptr), int(buf.ctypes.data), nbytes, lanes.up)
-        lanes.sync()
+            st.copy(int(flat.data.ptr), int(buf.ctypes.data), nbytes, lanes.up)
+        st.sync()
     finally:
-        device.POOL.give(host)
+        st.close()
 
 
 def all_reduce(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) -> Any:
     """all_reduce of a large device array: CUDA IPC, else staged (the module's text)."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
-        rop = resolve(op, call.dtype)
-        return _fp_device("all_reduce", call.arr, op=op), lambda ctx: body(ctx, call, rop)
+        rop, mode = resolve(op, call.dtype), overlap_mode()
+        return (_fp_device("all_reduce", call.arr, mode, op=op),
+                lambda ctx: body(ctx, call, rop, mode))
 
-    def body(ctx: Ctx, call: gpu.Call, rop: Any) -> Any:
+    def body(ctx: Ctx, call: gpu.Call, rop: Any, mode: str) -> Any:
         cp = call.cp
         with cp.cuda.Device(call.dev):
             lanes = gpu.lanes(ctx, call)
@@ -212,7 +240,7 @@ def all_reduce(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) 
                 cuda_ipc.all_reduce(ctx, lanes, call, flat, rop)
             else:
                 n = ctx.g.size
-                whole, same = _staged(ctx)
+                whole, same = _staged(ctx, mode)
                 if same:
                     _after_up(lanes)
                     _via_host(lanes, flat, lambda buf: local.all_reduce_large(ctx, buf, rop))
@@ -232,11 +260,11 @@ def reduce_scatter(g: Comm, a: Any, op: str, async_op: bool, timeout: float | No
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
         _rows("reduce_scatter", call.arr, g.size)
-        rop = resolve(op, call.dtype)
-        return (_fp_device("reduce_scatter", call.arr, op=op),
-                lambda ctx: body(ctx, call, rop))
+        rop, mode = resolve(op, call.dtype), overlap_mode()
+        return (_fp_device("reduce_scatter", call.arr, mode, op=op),
+                lambda ctx: body(ctx, call, rop, mode))
 
-    def body(ctx: Ctx, call: gpu.Call, rop: Any) -> Any:
+    def body(ctx: Ctx, call: gpu.Call, rop: Any, mode: str) -> Any:
         cp, n, rank = call.cp, ctx.g.size, ctx.g.rank
         shape = tuple(call.arr.shape)
         m = shape[0] // n
@@ -248,7 +276,7 @@ def reduce_scatter(g: Comm, a: Any, op: str, async_op: bool, timeout: float | No
             if _ipc(ctx, call, flat.nbytes):
                 cuda_ipc.reduce_scatter(ctx, lanes, call, flat, mine.reshape(-1), rop)
             else:
-                whole, same = _staged(ctx)
+                whole, same = _staged(ctx, mode)
                 if same:
                     _after_up(lanes)
                     _via_host(lanes, flat, lambda buf: _scatter_on_host(ctx, lanes, buf, mine,
@@ -287,25 +315,25 @@ def _gather_on_host(ctx: Ctx, lanes: gpu.Lanes, flat: Any, out: Any) -> None:
     into ``out`` (flat) at once."""
     n, rank, nbytes = ctx.g.size, ctx.g.rank, int(flat.nbytes)
     _after_up(lanes)
-    host = device.POOL.take(n * nbytes)
+    st = _Staging(lanes, n * nbytes)
     try:
-        rows = host[:n * nbytes].view(flat.dtype).reshape(n, int(flat.size))
-        lanes.copy(int(rows[rank].ctypes.data), int(flat.data.ptr), nbytes, lanes.down)
-        lanes.sync()
+        rows = st.host[:n * nbytes].view(flat.dtype).reshape(n, int(flat.size))
+        st.copy(int(rows[rank].ctypes.data), int(flat.data.ptr), nbytes, lanes.down)
+        st.sync()
         local.all_gather(ctx, rows[rank], rows)
-        lanes.copy(int(out.data.ptr), int(rows.ctypes.data), n * nbytes, lanes.up)
-        lanes.sync()
+        st.copy(int(out.data.ptr), int(rows.ctypes.data), n * nbytes, lanes.up)
+        st.sync()
     finally:
-        device.POOL.give(host)
+        st.close()
 
 
 def all_gather(g: Comm, a: Any, async_op: bool, timeout: float | None) -> Any:
     """all_gather of a large device array: CUDA IPC, else staged (the module's text)."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
-        call = gpu.Call(a)
-        return _fp_device("all_gather", call.arr), lambda ctx: body(ctx, call)
+        call, mode = gpu.Call(a), overlap_mode()
+        return _fp_device("all_gather", call.arr, mode), lambda ctx: body(ctx, call, mode)
 
-    def body(ctx: Ctx, call: gpu.Call) -> Any:
+    def body(ctx: Ctx, call: gpu.Call, mode: str) -> Any:
         cp, n, rank = call.cp, ctx.g.size, ctx.g.rank
         shape = tuple(call.arr.shape)
         with cp.cuda.Device(call.dev):
@@ -317,7 +345,7 @@ def all_gather(g: Comm, a: Any, async_op: bool, timeout: float | None) -> Any:
             if _ipc(ctx, call, flat.nbytes):
                 cuda_ipc.all_gather(ctx, lanes, call, flat, rows)
             else:
-                whole, same = _staged(ctx)
+                whole, same = _staged(ctx, mode)
                 if same:
                     _gather_on_host(ctx, lanes, flat, out.reshape(-1))
                 else:
@@ -331,21 +359,22 @@ def all_gather(g: Comm, a: Any, async_op: bool, timeout: float | None) -> Any:
 
 
 def broadcast(g: Comm, a: Any, root: int, async_op: bool, timeout: float | None) -> Any:
-    """broadcast of a large device array: CUDA IPC, else staged whole down the
-    binomial tree."""
+    """broadcast of a large device array: CUDA IPC, else staged whole (over
+    the board on one host, down the binomial tree elsewhere)."""
     def prepare(t: Tuning) -> tuple[dict, Any]:
         call = gpu.Call(a)
-        r = _root(g, root)
-        return _fp_device("broadcast", call.arr, root=r), lambda ctx: body(ctx, call, r)
+        r, mode = _root(g, root), overlap_mode()
+        return (_fp_device("broadcast", call.arr, mode, root=r),
+                lambda ctx: body(ctx, call, r, mode))
 
-    def body(ctx: Ctx, call: gpu.Call, r: int) -> Any:
+    def body(ctx: Ctx, call: gpu.Call, r: int, mode: str) -> Any:
         with call.cp.cuda.Device(call.dev):
             lanes = gpu.lanes(ctx, call)
             flat = call.flat(lanes)
             if _ipc(ctx, call, flat.nbytes):
                 cuda_ipc.broadcast(ctx, lanes, call, flat, r)
             else:
-                _simple_broadcast_body(ctx, lanes, call, flat, r)
+                _simple_broadcast_body(ctx, lanes, call, flat, r, mode)
             call.write_back(lanes, flat)
             lanes.sync()
         return a
@@ -353,12 +382,13 @@ def broadcast(g: Comm, a: Any, root: int, async_op: bool, timeout: float | None)
 
 
 def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any,
-                           root: int) -> None:
+                           root: int, mode: str) -> None:
     """Broadcast without IPC inside a device collective: the root's array
-    goes down whole and along the binomial tree; the others copy it up."""
+    goes down whole, over the board on one host (unless ``mode`` is "1")
+    or along the binomial tree; the others copy it up."""
     here = ctx.g.rank == root
     _after_up(lanes)            # (a strided array's copy, made on the up stream)
-    if overlap_mode() != "1" and board.available(ctx):      # one host: the board
+    if mode != "1" and board.available(ctx):      # one host: the board
         _via_host(lanes, flat, lambda buf: local.broadcast(ctx, buf, root),
                   down=here, up=not here)
         return
