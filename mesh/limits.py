@@ -107,12 +107,44 @@ _OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_thre
 def blas_default(env: Mapping[str, str]) -> int:
     """The thread count OpenBLAS starts with in ``env``: its own variables
     (OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS), then OMP_NUM_THREADS, else a
-    thread per core."""
+    thread per core; never more than the cores this process may run on
+    (OpenBLAS caps what the variables ask at those: taskset, cpusets)."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count()) or 1
     for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
         first = env.get(name, "").split(",")[0].strip()
         if first.isdigit() and int(first) > 0:
-            return int(first)
-    return os.cpu_count() or 1
+            return min(int(first), cores)
+    return cores
+
+
+def _openblas_libs() -> list[Any]:
+    """The OpenBLAS libraries this process has loaded (Linux: /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            names = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    except OSError:
+        return []
+    libs = []
+    for path in names:
+        if "openblas" in os.path.basename(path).lower() and ".so" in path:
+            try:
+                libs.append(ctypes.CDLL(path))
+            except OSError:
+                continue
+    return libs
+
+
+def pool_unreachable() -> bool:
+    """Whether an OpenBLAS loaded here keeps its thread pool's state to itself
+    (numpy 2.5's: no ``blas_server_avail``), so that ``_shrink_stopped_pool``
+    cannot keep a forked child's stopped pool from restarting a thread per
+    core."""
+    for lib in _openblas_libs():
+        if any(hasattr(lib, name) for name in _OPENBLAS_SETTERS) \
+                and not hasattr(lib, "blas_server_avail"):
+            return True
+    return False
 
 
 def limit_threads(n: int, torch: bool = True) -> None:
@@ -123,17 +155,7 @@ def limit_threads(n: int, torch: bool = True) -> None:
     it with no more than ``n`` threads (``_shrink_stopped_pool``)."""
     if torch and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
-    try:
-        with open("/proc/self/maps") as f:
-            names = {line.split()[-1] for line in f if len(line.split()) >= 6}
-    except OSError:
-        return
-    paths = [p for p in names if "openblas" in os.path.basename(p).lower() and ".so" in p]
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    for lib in _openblas_libs():
         for name in _OPENBLAS_SETTERS:
             setter = getattr(lib, name, None)
             if setter is not None:

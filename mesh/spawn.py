@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 from .auth import curve_wanted
 from .errors import WorkerError
-from .limits import blas_default, env_threads, limit_threads, open_files, thread_share
+from .limits import (blas_default, env_threads, limit_threads, open_files,
+                     pool_unreachable, thread_share)
 from .rendezvous import RendezvousServer, remove_run_folder, run_folder
 
 __all__ = ["spawn"]
@@ -100,25 +101,42 @@ def _fresh_context() -> Any:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     extra = [m for m in os.environ.get("MESH_SPAWN_PRELOAD", "").split(",") if m.strip()]
-    ctx.set_forkserver_preload(["mesh.spawn", *(m.strip() for m in extra)])
-    _start_server_with_one_blas_thread()
+    ctx.set_forkserver_preload(["mesh.spawn", *(m.strip() for m in extra), "mesh._served"])
+    if pool_unreachable() and not _server_running():
+        _start_server_with_one_blas_thread()
     return ctx
 
 
+def _server_running() -> bool:
+    from multiprocessing import forkserver
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return False
+
+
 def _start_server_with_one_blas_thread() -> None:
-    """Start the fork server (unless it runs) with OPENBLAS_NUM_THREADS=1, so
-    that the OpenBLAS it preloads with numpy has no thread pool for a fork
-    to stop: a rank's share then grows it (``_child``), where a stopped pool
-    would restart with a thread per core, each spinning a core for its
-    first 0.1 s (mesh.limits._shrink_stopped_pool, which numpy 2.5's
-    OpenBLAS no longer lets reach in). A rank gets the caller's environment
-    back before it runs anything of the caller's."""
+    """Where numpy's OpenBLAS keeps its pool to itself (numpy 2.5: see
+    mesh.limits.pool_unreachable), start the fork server with
+    OPENBLAS_NUM_THREADS=1, so that the OpenBLAS it preloads with numpy has
+    no thread pool for a fork to stop: a rank's share then grows it
+    (``_child``), where a stopped pool would restart a thread per core,
+    each spinning a core for its first 0.1 s. The server puts the caller's
+    value back once its modules are loaded (mesh._served), and a rank gets
+    the caller's environment back before it runs anything of the caller's;
+    other processes the caller's own fork server starts run numpy's BLAS on
+    one thread unless they set a count."""
     from multiprocessing import forkserver
     saved = os.environ.get("OPENBLAS_NUM_THREADS")
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    os.environ["MESH_SERVER_OPENBLAS"] = "unset" if saved is None else "=" + saved
     try:
         forkserver.ensure_running()
     finally:
+        del os.environ["MESH_SERVER_OPENBLAS"]
         if saved is None:
             del os.environ["OPENBLAS_NUM_THREADS"]
         else:

@@ -263,7 +263,7 @@ def test_ranks_share_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> N
     # fork server's OpenBLAS starts with one, so that no pool is left to stop)
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     monkeypatch.delenv("GOTO_NUM_THREADS", raising=False)
-    assert mesh.spawn(_threads_of, 1, timeout=40)[0][1] in (os.cpu_count(), None)
+    assert mesh.spawn(_threads_of, 1, timeout=40)[0][1] in (len(os.sched_getaffinity(0)), None)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")      # ...or the caller's OpenBLAS count
     assert mesh.spawn(_threads_of, 1, timeout=40)[0][1] in (1, None)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -295,6 +295,40 @@ def test_ranks_restart_no_blas_threads_past_their_share(
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     n = max(2, os.cpu_count() or 1)          # a share of one thread each
     assert mesh.spawn(_native_threads, n, timeout=60) == [0] * n
+
+
+ONE_BLAS_SERVER = """
+import multiprocessing as mp, os, sys
+sys.path.insert(0, sys.argv[1])
+import mesh, mesh.spawn
+from test_mesh_spawn import _native_threads, _threads_of
+sys.modules["mesh.spawn"].pool_unreachable = lambda: True    # as under numpy 2.5's OpenBLAS
+print("share", mesh.spawn(_native_threads, 2, timeout=60))
+print("lone", mesh.spawn(_threads_of, 1, timeout=60)[0][1])
+with mp.get_context("forkserver").Pool(1) as pool:
+    print("theirs", pool.apply(os.getenv, ("OPENBLAS_NUM_THREADS",)))
+print("caller", os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task")
+def test_a_fork_server_started_with_one_blas_thread_gives_back_the_callers_setting() -> None:
+    """Where numpy's OpenBLAS hides its pool (numpy 2.5), the fork server
+    starts with OPENBLAS_NUM_THREADS=1: ranks of a one-thread share run no
+    BLAS thread, a lone rank gets OpenBLAS's default, and neither the caller
+    nor the caller's own fork-server processes see the variable."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", ONE_BLAS_SERVER, str(REPO / "tests")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    cores = len(os.sched_getaffinity(0))
+    said = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    if cores <= 2:
+        assert said["share"] == "[0, 0]", said
+    assert said["lone"] in (str(cores), "None"), said
+    assert said["theirs"] == "None" and said["caller"] == "None", said
 
 
 def _tensor_of(world: mesh.Mesh) -> object:
