@@ -63,7 +63,12 @@ def _op(rop: Any) -> tuple[str, Any]:
     if name is not None:
         return name, None
     if kind == _R.PREMUL_SUM:
-        return "sum", rop.factor
+        factor = getattr(rop, "factor", None)
+        if factor is None:      # (torch 2.8-2.12: the factor stays in C++)
+            raise ValueError(f"meshrun backend: PREMUL_SUM needs torch >= 2.13 (torch "
+                             f"{torch.__version__}'s ReduceOp does not show its factor to "
+                             f"Python): scale the tensor and use SUM")
+        return "sum", factor
     raise ValueError(f"meshrun backend: reduce op {kind} is not supported")
 
 
