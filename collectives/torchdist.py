@@ -180,15 +180,19 @@ def _store_over(world: Any, timeout: timedelta) -> Any:
     mesh. Every rank has connected before any returns (a mesh barrier, which
     names a rank lost meanwhile): a rank 0 that then failed in
     init_process_group (and dropped its store) left the others retrying
-    their connection for the whole timeout, 30 minutes by default."""
+    their connection for the whole timeout, 30 minutes by default. Both
+    wait as long as init_process_group's timeout says, not the mesh's
+    default (a rank may come to init minutes after the others)."""
     host = world.spec.master_addr
+    given = timeout.total_seconds() if isinstance(timeout, timedelta) else 0.0
+    secs = given if given > 0 else None     # (init_process_group's, 30 min by default)
     if world.rank == 0:
         store = dist.TCPStore(host, 0, world.size, True, timeout, wait_for_workers=False)
-        C.broadcast_object(world, store.port)
+        C.broadcast_object(world, store.port, timeout=secs)
     else:
-        port = C.broadcast_object(world, None)
+        port = C.broadcast_object(world, None, timeout=secs)
         store = dist.TCPStore(host, int(port), world.size, False, timeout)
-    C.barrier(world)
+    C.barrier(world, timeout=secs)
     return store
 
 

@@ -871,6 +871,23 @@ def test_premul_sum_on_a_torch_that_hides_its_factor_says_what_it_needs() -> Non
         _op(SimpleNamespace(op=R.RedOpType.PREMUL_SUM))       # torch 2.8-2.12's ReduceOp
 
 
+def late_to_init(world: Any) -> str:
+    import collectives.torchdist  # noqa: F401
+    if world.rank == 1:
+        time.sleep(4)                          # past MESH_TIMEOUT, within init's timeout
+    dist.init_process_group("meshrun", timeout=timedelta(seconds=60))
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return str(int(t.item()))
+
+
+def test_a_rank_late_to_init_waits_by_inits_timeout_not_the_meshs() -> None:
+    """The rendezvous's own collectives wait as long as init_process_group's
+    timeout says (a rank may load data for minutes first), not MESH_TIMEOUT."""
+    assert mesh.spawn(late_to_init, 2, timeout=60, env={"MESH_TIMEOUT": "2"}) == ["2", "2"]
+
+
 def test_a_torch_older_than_the_backend_needs_is_refused_by_name() -> None:
     """torch before 2.8 lacks asyncOp on its collective options, and before
     2.7 loses a Python Work handed to its C++ (DDP hung): init_process_group
