@@ -517,5 +517,5 @@ def test_a_stopped_rank_its_peers_gave_up_is_the_root_cause_not_the_first_surviv
     report = format_report(JobOutcome("failed", exits), records, 8)
     head = report.splitlines()[1]
     assert head.startswith("Root cause: rank 3 was lost"), report
-    assert "rank 5 saw it first" in head, report
+    assert "rank 5 reported it first" in head, report
     assert "  error      : LostPeerError: " + msg in report, report

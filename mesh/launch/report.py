@@ -115,11 +115,11 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     if root is not None and elsewhere is not None:
         lines.append(f"Root cause: rank {elsewhere} (node {elsewhere // nproc}) was lost, a "
                      f"rank of another node (its meshrun reports why); rank {root.rank} here "
-                     f"saw it first:")
+                     f"reported it first:")
     elif root is not None and stopped is not None:
         lines.append(f"Root cause: rank {stopped.rank} was lost (the error below says how) "
                      f"and then stopped by meshrun ({stopped.describe()}); rank {root.rank} "
-                     f"saw it first:")
+                     f"reported it first:")
     elif root is not None:
         lines.append(f"Root cause: rank {root.rank} failed first" if left is None else
                      f"Root cause: rank {left.rank} finished ({left.describe()}) while rank "
