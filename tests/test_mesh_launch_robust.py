@@ -193,3 +193,32 @@ def test_a_node_that_dies_is_named_as_the_root_cause_on_the_other() -> None:
     assert procs[0].returncode == 1, err
     assert re.search(r"Root cause: rank [23] \(node 1\) was lost, a rank of another node", err), err
     assert took < 20, took
+
+
+STOPS = """
+import os, signal, numpy as np, mesh, collectives as C
+w = mesh.init()
+a = np.ones(64)
+for i in range(100000):
+    if w.rank == 1 and i == 20:
+        os.kill(os.getpid(), signal.SIGSTOP)      # as Ctrl-Z, or a debugger
+    C.all_reduce(w, a)
+"""
+
+
+def test_a_stopped_rank_is_continued_to_end_by_sigterm_and_named_as_the_root_cause(
+        tmp_path: Path) -> None:
+    """Rank 1 stops itself: its peers give it up after MESH_PEER_TIMEOUT;
+    meshrun's SIGTERM reaches it because a SIGCONT follows (a stopped
+    process acts on no signal but SIGKILL), and the report's first line
+    names rank 1, not the survivor that reported the loss first."""
+    script = tmp_path / "stops.py"
+    script.write_text(STOPS)
+    job = _start("-n", "3", str(script), MESH_PEER_TIMEOUT="2")
+    try:
+        _, err = job.communicate(timeout=50)
+    finally:
+        _end([job])
+    assert job.returncode == 1, err
+    assert "Root cause: rank 1 was lost" in err, err
+    assert re.search(r"rank 1 +killed by SIGTERM \(stopped by meshrun\)", err), err

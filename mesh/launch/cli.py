@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
             Output lines are prefixed with the global rank: "[3] ...". When a rank
             fails, the others get 3 seconds to end on their own (ranks told of the
-            failure end with errors of their own), then SIGTERM, then SIGKILL after
-            --grace seconds, and meshrun prints the first failure with its traceback
+            failure end with errors of their own), then SIGTERM (and SIGCONT, so
+            that a stopped rank acts on it), then SIGKILL after --grace seconds,
+            and meshrun prints the first failure with its traceback
             and exits with its exit code (128+N for signal N; 124 for --timeout).
             Ctrl-C stops the job; a second Ctrl-C kills it at once. OMP_NUM_THREADS,
             when unset, becomes cpus/N so that N workers do not oversubscribe the cores."""))

@@ -203,6 +203,8 @@ class Job:
     def _kill_all(self, signum: int) -> None:
         for p in self._live():
             _killpg(p.pid, signum)
+            if signum == signal.SIGTERM:    # a stopped rank (SIGSTOP, Ctrl-Z) acts on it only
+                _killpg(p.pid, signal.SIGCONT)  # once continued (as systemd does), not at SIGKILL
 
     def _drain(self, deadline: float) -> None:
         """Relay what the workers wrote before they ended, for a bounded time:
