@@ -149,31 +149,25 @@ def overlap_mode() -> str:
     return mode
 
 
-def _staged(ctx: Ctx, mode: str) -> tuple[bool, bool]:
-    """Where CUDA IPC is not used: (whole, same) -- whether the array is
-    staged whole (down once, the host collective, up once) rather than
-    segment by segment through the overlapped ring, and whether that host
-    collective runs over the same-host board and cross-memory attach (else
-    the host ring). The same answer on every rank: the mode is in the
-    call's fingerprint, and the board's probe is the group's."""
+def _staged(ctx: Ctx, mode: str) -> str:
+    """Where CUDA IPC is not used, the way the array is staged: "board"
+    (whole: down once, the host collective over the same-host board and
+    cross-memory attach, up once), "whole" (likewise through the host ring)
+    or "ring" (segment by segment, the overlapped ring). The same answer on
+    every rank: the mode is in the call's fingerprint, and the board's
+    probe is the group's."""
     if mode == "1":
-        return False, False
-    same = board.available(ctx)
-    return mode == "0" or same, same
+        return "ring"
+    if board.available(ctx):
+        return "board"
+    return "whole" if mode == "0" else "ring"
 
 
 def _whole(ctx: Ctx, lanes: gpu.Lanes, flat: Any, steps: int, reduce_steps: int,
            op: Any, shift: int = 0) -> None:
     """The ring without overlap (whole staging across hosts): ``flat`` down
     whole into pinned memory, the host ring, back up whole."""
-    _after_up(lanes)
     _via_host(lanes, flat, lambda buf: host_ring(ctx, buf, op, steps, reduce_steps, shift))
-
-
-def _after_up(lanes: gpu.Lanes) -> None:
-    """The down stream waits for what the up stream has queued (a copy
-    ``Call.flat`` made of a strided array) before copying ``flat`` down."""
-    lanes.down.wait_event(lanes.event(lanes.up))
 
 
 class _Staging:
@@ -181,9 +175,12 @@ class _Staging:
     ``close()`` gives it back to the pool, unless a copy may still be in
     flight (a ``sync`` that raised: the caller's stream still busy at the
     deadline): then it is dropped, for a later call must not reuse memory a
-    late copy still writes (freeing pinned memory waits for the device)."""
+    late copy still writes (freeing pinned memory waits for the device).
+    Copies down wait for what the up stream has queued before (the copy
+    ``Call.flat`` makes of a strided array)."""
 
     def __init__(self, lanes: gpu.Lanes, nbytes: int) -> None:
+        lanes.down.wait_event(lanes.event(lanes.up))
         self.lanes = lanes
         self.host = device.POOL.take(nbytes)
         self.busy = False
@@ -240,12 +237,11 @@ def all_reduce(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) 
                 cuda_ipc.all_reduce(ctx, lanes, call, flat, rop)
             else:
                 n = ctx.g.size
-                whole, same = _staged(ctx, mode)
-                if same:
-                    _after_up(lanes)
+                way = _staged(ctx, mode)
+                if way == "board":
                     _via_host(lanes, flat, lambda buf: local.all_reduce_large(ctx, buf, rop))
                 else:
-                    ring = _whole if whole else overlapped
+                    ring = _whole if way == "whole" else overlapped
                     ring(ctx, lanes, flat, 2 * (n - 1), n - 1, rop)
             with lanes.up:
                 rop.finish(flat, ctx.g.size)
@@ -276,15 +272,14 @@ def reduce_scatter(g: Comm, a: Any, op: str, async_op: bool, timeout: float | No
             if _ipc(ctx, call, flat.nbytes):
                 cuda_ipc.reduce_scatter(ctx, lanes, call, flat, mine.reshape(-1), rop)
             else:
-                whole, same = _staged(ctx, mode)
-                if same:
-                    _after_up(lanes)
+                way = _staged(ctx, mode)
+                if way == "board":
                     _via_host(lanes, flat, lambda buf: _scatter_on_host(ctx, lanes, buf, mine,
                                                                         rop), up=False)
                 else:
                     with lanes.up:
                         work = flat.copy()
-                    ring = _whole if whole else overlapped
+                    ring = _whole if way == "whole" else overlapped
                     ring(ctx, lanes, work, n - 1, n - 1, rop, shift=-1)
                     size = mine.size
                     lanes.copy(int(mine.data.ptr),
@@ -314,7 +309,6 @@ def _gather_on_host(ctx: Ctx, lanes: gpu.Lanes, flat: Any, out: Any) -> None:
     pooled pinned buffer, the rows gathered over the board, all of them up
     into ``out`` (flat) at once."""
     n, rank, nbytes = ctx.g.size, ctx.g.rank, int(flat.nbytes)
-    _after_up(lanes)
     st = _Staging(lanes, n * nbytes)
     try:
         rows = st.host[:n * nbytes].view(flat.dtype).reshape(n, int(flat.size))
@@ -345,13 +339,13 @@ def all_gather(g: Comm, a: Any, async_op: bool, timeout: float | None) -> Any:
             if _ipc(ctx, call, flat.nbytes):
                 cuda_ipc.all_gather(ctx, lanes, call, flat, rows)
             else:
-                whole, same = _staged(ctx, mode)
-                if same:
+                way = _staged(ctx, mode)
+                if way == "board":
                     _gather_on_host(ctx, lanes, flat, out.reshape(-1))
                 else:
                     lanes.copy(int(rows[rank].data.ptr), int(flat.data.ptr),
                                int(flat.nbytes), lanes.up)
-                    ring = _whole if whole else overlapped
+                    ring = _whole if way == "whole" else overlapped
                     ring(ctx, lanes, out.reshape(-1), n - 1, 0, None)
             lanes.sync()
         return out
@@ -387,7 +381,6 @@ def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any
     goes down whole, over the board on one host (unless ``mode`` is "1")
     or along the binomial tree; the others copy it up."""
     here = ctx.g.rank == root
-    _after_up(lanes)            # (a strided array's copy, made on the up stream)
     if mode != "1" and board.available(ctx):      # one host: the board
         _via_host(lanes, flat, lambda buf: local.broadcast(ctx, buf, root),
                   down=here, up=not here)
