@@ -96,7 +96,13 @@ def env_threads(env: Mapping[str, str]) -> int | None:
     """The thread count OMP_NUM_THREADS gives (its first number: "4,2" is
     OpenMP's nested form), or None where it is unset or not a positive
     number."""
-    first = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return _count(env, "OMP_NUM_THREADS")
+
+
+def _count(env: Mapping[str, str], name: str) -> int | None:
+    """The first number of the thread-count variable ``name`` ("4,2": 4), or
+    None where it is unset or not a positive number."""
+    first = env.get(name, "").split(",")[0].strip()
     return int(first) if first.isdigit() and int(first) > 0 else None
 
 
@@ -112,9 +118,9 @@ def blas_default(env: Mapping[str, str]) -> int:
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count()) or 1
     for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
-        first = env.get(name, "").split(",")[0].strip()
-        if first.isdigit() and int(first) > 0:
-            return min(int(first), cores)
+        asked = _count(env, name)
+        if asked is not None:
+            return min(asked, cores)
     return cores
 
 
