@@ -214,6 +214,33 @@ def test_a_closed_mesh_is_not_kept_alive_by_its_collectives(tmp_path: Any) -> No
     assert r.returncode == 0 and r.stdout.count("alive 0") == 2, r.stdout + r.stderr
 
 
+_UNWAITED_AT_EXIT = """\
+import time
+import numpy as np
+import collectives as C, mesh
+world = mesh.init()
+C.all_reduce(world, np.ones(4))         # (the group's boards set up)
+if world.rank == 0:
+    time.sleep(1.0)                     # rank 1 leaves while its call waits on the board
+w = C.all_reduce(world, np.ones(1 << 16, np.float32), async_op=True)    # never waited for
+print("leaving", world.rank, flush=True)
+"""
+
+
+def test_a_rank_that_exits_with_a_collective_in_flight_does_not_crash(tmp_path: Any) -> None:
+    """An async collective never waited for, still on its lane as the
+    program ends: the interpreter's exit ran weakref's finalizers, which
+    unmapped the group's same-host boards under the lane (SIGSEGV, exit
+    code 139), before the mesh's own exit hook had closed it."""
+    import subprocess
+    script = tmp_path / "unwaited.py"
+    script.write_text(_UNWAITED_AT_EXIT)
+    r = subprocess.run([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(os.path.dirname(C.__path__[0]))))
+    assert r.returncode == 0 and r.stdout.count("leaving") == 2, r.stdout + r.stderr
+
+
 def _status_in_a_board_wait(world: Any) -> str:
     """Rank 0 waits for rank 1 in an all_reduce on the same-host board: its
     heartbeats tell rank 1 so (stall reports said "not in a mesh call")."""

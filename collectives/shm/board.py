@@ -126,14 +126,18 @@ def _map(fd: int, writable: bool) -> np.ndarray:
     descriptor (Python's mmap keeps a duplicate of each: three a group on
     two ranks, never freed while the mesh lives, ran a process that made
     groups by the hundred out of descriptors). Unmapped once nothing views
-    it (the finalizer of the ctypes array every view's base leads to)."""
+    it (the finalizer of the ctypes array every view's base leads to), never
+    at interpreter exit: weakref's exit hook runs every finalizer left
+    before the mesh's own (mesh.world._close_at_exit), and a collective still
+    running on a lane (an async call never waited for) would touch the
+    unmapped board and crash the process (SIGSEGV); the exit unmaps it."""
     libc = _libc()
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     addr = libc.mmap(None, _SIZE, prot, mmap.MAP_SHARED, fd, 0)
     if addr is None or addr == ctypes.c_void_p(-1).value:
         raise OSError(ctypes.get_errno(), "mmap of a board failed")
     raw = (ctypes.c_uint8 * _SIZE).from_address(addr)
-    weakref.finalize(raw, libc.munmap, addr, _SIZE)
+    weakref.finalize(raw, libc.munmap, addr, _SIZE).atexit = False
     view = np.frombuffer(memoryview(raw).cast("B"), np.uint8)
     if not writable:
         view.flags.writeable = False
