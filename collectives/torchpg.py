@@ -37,7 +37,9 @@ from mesh import MeshTimeoutError
 from mesh import tensors as _tensors
 
 from . import api as C
+from .host.paths import all_gather as _host_all_gather
 from .host.paths import all_reduce as _host_all_reduce
+from .host.paths import all_to_all as _host_all_to_all
 from .host.paths import all_to_all_v as _all_to_all_v
 from .host.paths import monitored_barrier as _monitored_barrier
 from .ops import resolve
@@ -87,6 +89,20 @@ def _factor(factor: Any) -> float:
 def _write(out: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a collective's result (a tensor of the caller's dtype) into ``out``."""
     out.detach().copy_(value.reshape(out.shape))
+
+
+def _views(x: torch.Tensor, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """The input ``x`` and the output ``out`` of a CPU collective as numpy
+    views of their memory, where the host collective can write its result
+    straight into ``out`` (dense, contiguous, ``x``'s dtype, apart from
+    ``x``): no temporary of the output's size (all_gather_into_tensor's is
+    the group's size times the input) and no copy; None: the general way."""
+    if out.layout != torch.strided or not out.is_contiguous() or out.dtype != x.dtype:
+        return None
+    xa, oa = _tensors.cpu_numpy(x), _tensors.cpu_numpy(out)
+    if xa is None or oa is None or not oa.flags.writeable or np.may_share_memory(xa, oa):
+        return None
+    return xa, oa
 
 
 def _host(t: torch.Tensor, what: str) -> np.ndarray:
@@ -520,12 +536,17 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                     f"elements, where {self._n} ranks' inputs of {x.numel()} "
                                     f"make {x.numel() * self._n}", opts.asyncOp, len(inputs))
 
+        views = [_views(x, o) for o, x in zip(outputs, inputs)]
+
         def finish(values: list[Any]) -> None:
-            for o, value in zip(outputs, values):
-                _write(o, value)
-        return self._run([lambda a, x=x: C.all_gather(self.comm, x, async_op=a,
-                                                       timeout=self.timeout)
-                          for x in inputs], finish, outputs, opts.asyncOp)
+            for o, value, v in zip(outputs, values, views):
+                if v is None:
+                    _write(o, value)
+        return self._run([lambda a, x=x, v=v: C.all_gather(self.comm, x, async_op=a,
+                                                            timeout=self.timeout)
+                          if v is None else _host_all_gather(self.comm, v[0], async_op=a,
+                                                             timeout=self.timeout, out=v[1])
+                          for x, v in zip(inputs, views)], finish, outputs, opts.asyncOp)
 
     def reduce_scatter(self, output_tensors: list[torch.Tensor],
                        input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
@@ -615,6 +636,10 @@ class ProcessGroupMeshrun(_ProcessGroup):
         opts = opts or c10d.AllToAllOptions()
         n = self._n
         if not output_split_sizes and not input_split_sizes:
+            if (v := _views(input, output)) is not None and output.shape == input.shape:
+                return self._run([lambda a: _host_all_to_all(self.comm, v[0], async_op=a,
+                                                              timeout=self.timeout, out=v[1])],
+                                 None, [output], opts.asyncOp)
             return self._run([lambda a: C.all_to_all(self.comm, input, async_op=a,
                                                      timeout=self.timeout)],
                              lambda v: _write(output, v[0]), [output], opts.asyncOp)

@@ -439,6 +439,51 @@ def test_every_torch_collective_and_p2p_gives_the_expected_values_3_ranks() -> N
     assert mesh.spawn(battery, 3, timeout=90) == ["ok"] * 3
 
 
+def _peak_extra(call: Any) -> float:
+    """MiB this process's peak RSS grew by during ``call()`` (its operands
+    allocated and touched before: the growth is what the call made)."""
+    import resource
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def outputs_in_place(world: Any, mib: int) -> dict[str, Any]:
+    """all_gather_into_tensor and all_to_all_single of CPU tensors write
+    straight into the caller's output: no temporary of the output's size
+    (the group's size times the input for all_gather_into_tensor)."""
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    k = (mib << 20) // 4
+    x = torch.full((k,), float(r + 1))
+    out = torch.zeros(n * k)
+    dist.all_gather_into_tensor(out[:n * 4], x[:4])     # (the first call's set-up)
+    extra = {"all_gather_into_tensor": _peak_extra(lambda: dist.all_gather_into_tensor(out, x))}
+    ok = all(bool((out[j * k:(j + 1) * k] == j + 1).all()) for j in range(n))
+    x2 = torch.arange(float(k)) + r * k
+    got = torch.zeros(k)
+    extra["all_to_all_single"] = _peak_extra(lambda: dist.all_to_all_single(got, x2))
+    m = k // n
+    ok = ok and all(torch.equal(got[j * m:(j + 1) * m], torch.arange(float(m)) + j * k + r * m)
+                    for j in range(n))
+    got.zero_()
+    dist.all_to_all_single(got, x2, async_op=True).wait()
+    ok = ok and torch.equal(got[r * m:(r + 1) * m], x2[r * m:(r + 1) * m])
+    out.zero_()
+    dist.all_gather_into_tensor(out, x, async_op=True).wait()
+    ok = ok and bool((out[-k:] == n).all())
+    dist.destroy_process_group()
+    return {"extra": extra, "ok": ok}
+
+
+def test_all_gather_into_tensor_and_all_to_all_single_need_no_output_sized_temporary() -> None:
+    got = mesh.spawn(outputs_in_place, 2, 32, timeout=90)
+    for o in got:
+        assert o["ok"], got
+        # 32 MiB inputs: a temporary output is 64 MiB (all_gather) and 32 MiB (all_to_all)
+        assert max(o["extra"].values()) < 12, f"peak MiB beyond the operands, per rank: {got}"
+
+
 def _model() -> Any:
     torch.manual_seed(0)
     return torch.nn.ModuleDict({"body": torch.nn.Sequential(torch.nn.Linear(5, 8),

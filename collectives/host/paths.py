@@ -70,6 +70,20 @@ def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
     return a
 
 
+def _into(out: np.ndarray | None, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``out`` (a result's memory given by the caller: the torch backend's
+    output tensor, so that no second result of its size is made) as the
+    result's shape, or None where it cannot be written straight: not a
+    C-contiguous writable array of ``arr``'s dtype and size, or one that
+    overlaps ``arr`` (the call then makes its own and the caller copies)."""
+    if (out is None or type(out) is not np.ndarray or out.dtype != arr.dtype
+            or dtype_name(out.dtype) != dtype_name(arr.dtype)
+            or out.size != int(np.prod(shape)) or not out.flags.c_contiguous
+            or not out.flags.writeable or np.may_share_memory(out, arr)):
+        return None
+    return out.reshape(shape)
+
+
 def _fp(coll: str, a: np.ndarray | None = None, **kw: Any) -> dict:
     fp: dict[str, Any] = {"coll": coll}
     if a is not None:
@@ -238,15 +252,18 @@ def reduce(g: Comm, a: np.ndarray, root: int = 0, op: str = "sum", async_op: boo
     return start(g, "reduce", prepare, async_op, timeout)
 
 
-def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
-    """Every rank's ``a`` stacked in rank order: shape (g.size, *a.shape)."""
+def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None,
+               out: np.ndarray | None = None) -> Any:
+    """Every rank's ``a`` stacked in rank order: shape (g.size, *a.shape);
+    into ``out`` when given (see _into: the torch backend's output)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_gather", a)
         lay = layout("all_gather", t)
+        dest = _into(out, arr, (g.size,) + arr.shape)
 
         def body(ctx: Ctx) -> np.ndarray:
             n = ctx.g.size
-            out = np.empty((n,) + arr.shape, arr.dtype)
+            out = np.empty((n,) + arr.shape, arr.dtype) if dest is None else dest
             topo = _topology(ctx, "all_gather", lay, out.nbytes)
             if topo is not None:
                 hier.all_gather(ctx, topo, arr, out, out.nbytes >= t.small)
@@ -365,16 +382,18 @@ def _row_as_wanted(ctx: Ctx, want: np.dtype | None, form: tuple[int, ...] | None
                             f"{list(form)} but root {root} scatters rows shaped {list(shape)}")
 
 
-def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
+def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None,
+               out: np.ndarray | None = None) -> Any:
     """Split ``a`` (a.shape[0] divisible by g.size) into g.size blocks of rows;
     block i goes to rank i. Returns the blocks received, in rank order,
-    concatenated: the same shape as ``a``."""
+    concatenated: the same shape as ``a``; into ``out`` when given (_into)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = np.asarray(_array("all_to_all", a), order="C")
         _rows("all_to_all", arr, g.size)
+        dest = _into(out, arr, arr.shape)
 
         def body(ctx: Ctx) -> np.ndarray:
-            out = np.empty_like(arr)
+            out = np.empty_like(arr) if dest is None else dest
             blocks = (ctx.g.size, -1)
             if board.available(ctx):
                 local.all_to_all(ctx, arr.reshape(blocks), out.reshape(blocks))
