@@ -224,7 +224,8 @@ def killed(world: Any, out: str) -> None:
 def test_a_peer_killed_between_short_calls_is_named(tmp_path: Path) -> None:
     env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_HEARTBEAT": "0.1"}
     with pytest.raises(mesh.WorkerError) as err:
-        mesh.spawn(killed, N, str(tmp_path), timeout=60, env=env)
+        # settle: the survivors write after rank 2's death, slowly when loaded
+        mesh.spawn(killed, N, str(tmp_path), timeout=60, env=env, settle=20)
     assert err.value.rank == 2
     for rank in (0, 1):
         took, text = Path(tmp_path, str(rank)).read_text().split(" ", 1)
