@@ -750,11 +750,14 @@ def _on_meta(model: Any) -> bool:
     return any(p.is_meta for m in mods if _is_torch(m) for p in m.parameters())
 
 
-def _materialize(stage: Any, init: Callable[[Any], Any] | None) -> list[str]:
+def _materialize(stage: Any, init: Callable[[Any], Any] | None
+                 ) -> tuple[list[str], list[str]]:
     """A stage of meta modules made real on the CPU, zeros (``to_empty``
     leaves whatever the memory held), then filled: ``init(stage)``, or
     every submodule's ``reset_parameters()``; returns the names of those
-    with tensors and no ``reset_parameters`` (left zeros)."""
+    with tensors and no ``reset_parameters`` (left zeros), and of their
+    buffers out of the state dict (``persistent=False``: a causal mask,
+    position ids), which no ``load_state_dict`` fills."""
     import torch
     stage.to_empty(device="cpu")
     with torch.no_grad():
@@ -762,15 +765,17 @@ def _materialize(stage: Any, init: Callable[[Any], Any] | None) -> list[str]:
             t.zero_()
     if init is not None:
         init(stage)
-        return []
-    bare = []
+        return [], []
+    bare, unsaved = [], []
     for name, m in stage.named_modules():
         reset = getattr(m, "reset_parameters", None)
         if callable(reset):
             reset()
         elif [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
             bare.append(name)
-    return bare
+            unsaved += [f"{name}.{b}".lstrip(".") for b in sorted(m._non_persistent_buffers_set)
+                        if m._buffers.get(b) is not None]
+    return bare, unsaved
 
 
 class _Rows:
@@ -1072,13 +1077,18 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
                     stages=mine)
     if on_meta:                  # this rank's stages only: the others stay without memory
-        bare = [f"stage {s}: {name}" for s in mine for name in _materialize(cut[s], init)]
+        made = {s: _materialize(cut[s], init) for s in mine}
+        bare = [f"stage {s}: {name}" for s in mine for name in made[s][0]]
+        unsaved = [f"stage {s}: {name}" for s in mine for name in made[s][1]]
         if bare:
             import warnings
             warnings.warn(f"engine.distribute: made from the meta device, "
                           f"{', '.join(bare[:4])}{' ...' if len(bare) > 4 else ''} have no "
                           f"reset_parameters(): their tensors are zeros until init= or "
-                          f"job.load_state_dict() fills them", stacklevel=2)
+                          f"job.load_state_dict() fills them"
+                          + (f"; but {', '.join(unsaved[:4])}{' ...' if len(unsaved) > 4 else ''}"
+                             " (buffers with persistent=False) are in no state dict: only init= "
+                             "fills them" if unsaved else ""), stacklevel=2)
     again = chosen.recompute if chosen is not None else bool(way)
     layered = chosen is not None and chosen.layered
     if verbose and grid.comm.rank == 0 and auto:

@@ -164,7 +164,12 @@ def _piece(model: Any, nodes: list[Any], ins: list[Any], outs: list[Any], name: 
             value(m)
         env[n] = g.node_copy(n, value)
     g.output(value(outs[0]) if len(outs) == 1 else tuple(value(m) for m in outs))
-    return fx.GraphModule(model, g, class_name=name)
+    gm = fx.GraphModule(model, g, class_name=name)
+    for n in g.nodes:       # a buffer read here stays out of the state dict if it was
+        path, _, attr = n.target.rpartition(".") if n.op == "get_attr" else ("", "", "")
+        if attr in getattr(model.get_submodule(path), "_non_persistent_buffers_set", ()):
+            gm.get_submodule(path)._non_persistent_buffers_set.add(attr)
+    return gm
 
 
 _TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names
@@ -263,6 +268,8 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         concrete[q.name] = q.default
 
     class Tracer(fx.Tracer):
+        proxy_buffer_attributes = True      # a buffer sliced by a traced size (position ids)
+
         def is_leaf_module(self, m: Any, qualname: str) -> bool:
             parent = qualname.rpartition(".")[0]     # ("": the model itself)
             if isinstance(model.get_submodule(parent), (nn.ModuleList, nn.Sequential)):

@@ -706,3 +706,76 @@ def test_a_forward_returning_several_outputs_is_told_to_return_the_one_the_loss_
                                         r"a dict\); .* make the forward return the output the "
                                         r"loss reads \(the loss given as loss_fn=\)"):
         engine.traced.sequential(Two())
+
+
+class _PositionIds(nn.Module):
+    """Hugging Face's positions (BERT, ViT...): a buffer of ids sliced by the
+    input's length, persistent or not."""
+    def __init__(self, persistent):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(10, 4), nn.Embedding(6, 4)
+        self.register_buffer("position_ids", torch.arange(6).expand(1, -1),
+                             persistent=persistent)
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(self.position_ids[:, :ids.shape[1]])
+        for block in self.blocks:
+            h = torch.tanh(block(h))
+        return self.head(h)
+
+
+def _position_worker(world, persistent):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    job = engine.distribute(_PositionIds(persistent), mesh.grid(world, pp=2), schedule="1f1b",
+                            microbatches=2, balance="parameters", overhead=1e-4,
+                            sample=torch.zeros(4, 5, dtype=torch.long),
+                            loss_fn=lambda y, t: F.mse_loss(y, t), timeout=60, verbose=False)
+    return job.state_dict()
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_buffer_sliced_by_the_inputs_length_is_traced_and_kept_as_it_was(persistent):
+    """torch.fx left the buffer a plain tensor, which a traced length cannot
+    slice; now it is read where it is, and stays out of the pieces' state
+    dicts (and the job's) when it is out of the model's."""
+    torch.manual_seed(0)
+    model = _PositionIds(persistent)
+    seq = engine.sequential(model)
+    x = torch.randint(0, 10, (2, 5))
+    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    assert [k for k in seq.state_dict() if "position" in k] == (
+        ["0.position_ids"] if persistent else [])
+    state = mesh.spawn(_position_worker, 2, persistent, timeout=180, env=PATIENT)[0]
+    assert list(state) == list(model.state_dict())
+    copy = _PositionIds(persistent)
+    copy.load_state_dict(state)                     # strict: the model's own keys
+    torch.testing.assert_close(copy(x), model(x), rtol=0, atol=0)
+
+
+def _meta_buffer_worker(world):
+    import warnings
+    torch.set_num_threads(1)
+    with torch.device("meta"):
+        model = _PositionIds(persistent=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.distribute(model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=2,
+                          balance="parameters", overhead=1e-4, loss_fn=F.mse_loss,
+                          sample=torch.zeros(4, 5, dtype=torch.long), timeout=60,
+                          verbose=False)
+    return [str(w.message) for w in caught if "meta device" in str(w.message)]
+
+
+@pytest.mark.timeout(200)
+def test_a_meta_models_buffers_out_of_the_state_dict_are_named_as_load_cannot_fill_them():
+    """A buffer with persistent=False (a causal mask, position ids) is zeros
+    on a stage made from the meta device, and job.load_state_dict() cannot
+    fill it (no state dict holds it): the warning said it would."""
+    first, second = mesh.spawn(_meta_buffer_worker, 2, timeout=180, env=PATIENT)
+    assert len(first) == 1 and "stage 0: 0.position_ids (buffers with persistent=False) " \
+        "are in no state dict: only init= fills them" in first[0], first
+    assert "persistent=False" not in "".join(second), second    # (no such buffer there)
