@@ -75,6 +75,11 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
         named = dict(module.named_modules())
         for name, style in match(plan, named, strict).items():
             _validate(torch, name, named[name], style, group.size)
+            if isinstance(named[name.rpartition(".")[0]], torch.nn.MultiheadAttention):
+                raise PlanError(f"{name}: nn.MultiheadAttention reads its {name.rpartition('.')[2]}"
+                                "'s weight itself (F.multi_head_attention_forward), never "
+                                "calling it: plan the attention whole, or write it with "
+                                "nn.Linear projections to shard")
             todo[name] = (named[name], style)
         _check_ties(named, todo)
         local: dict[str, str] | str = {} if init == "broadcast" or hollow else {
@@ -89,6 +94,13 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     cut: dict[int, Any] = {}       # a tied parameter is cut once, its shard shared
     for name, (sub, style) in todo.items():
         _shard(torch, name, sub, style, group, cut)
+    for sub in module.modules():    # torch's fused inference path would read the shards
+        if not any(hasattr(m, "_tp") for m in sub.modules()):   # as whole weights, and
+            continue                        # the collectives take no nested tensor
+        if isinstance(sub, torch.nn.TransformerEncoderLayer):
+            sub.activation_relu_or_gelu = 0     # (what turns that path off, and only that)
+        elif isinstance(sub, torch.nn.TransformerEncoder):
+            sub.use_nested_tensor = False
     return module
 
 

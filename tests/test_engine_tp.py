@@ -585,3 +585,52 @@ def test_parallelize_takes_a_torch_group_or_device_mesh():
     out = mesh.spawn(_torch_group_worker, 2, timeout=100)[0]
     assert out["device mesh"] and out["new_group"] and out["world"] == 2, out
     assert "the group is on the 'gloo' backend" in out["gloo"], out
+
+
+def _encoder_layer_worker(world):
+    import torch
+    nn = torch.nn
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True))
+    ref = ref.double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    tp = parallelize(copy_of(ref), world, {"*.linear1": "colwise", "*.linear2": "rowwise"})
+    out = {}
+    for mode in ("train", "eval"):
+        for m in (ref, tp):
+            m.train(mode == "train")
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                out[mode, grad] = float((tp(x) - ref(x)).abs().max())
+    # an encoder's inference path with a padding mask: nested tensors through the layers
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0,
+                                                           batch_first=True), 2).double().eval()
+    tp = parallelize(copy_of(ref), world, {"layers.*.linear1": "colwise",
+                                           "layers.*.linear2": "rowwise"})
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():
+        out["padded"] = float((tp(x, src_key_padding_mask=pad)
+                               - ref(x, src_key_padding_mask=pad))[~pad].abs().max())
+    try:        # MultiheadAttention never calls its out_proj: a plan there does nothing
+        parallelize(copy_of(ref), world, {"*.self_attn.out_proj": "rowwise"})
+    except PlanError as e:
+        out["out_proj"] = str(e)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_torch_encoder_layer_sharded_runs_its_shards_in_eval_too():
+    """nn.TransformerEncoderLayer's fused inference path (eval mode, no
+    gradient: an eval_step) read the sharded linear1 and linear2 as whole
+    weights, the partial sums never added: a wrong output, silently (an
+    encoder's nested tensors for a padding mask: a crash). It runs the
+    layer's own code now, on padded tensors, whose Linear calls are the plan's; a
+    MultiheadAttention's out_proj, which its attention never calls, is refused."""
+    pytest.importorskip("torch")
+    for out in mesh.spawn(_encoder_layer_worker, 2, timeout=100):
+        for k in [("train", True), ("train", False), ("eval", True), ("eval", False),
+                  "padded"]:
+            assert out[k] < 1e-12, (k, out)
+        assert "never calling it" in out["out_proj"], out
