@@ -225,6 +225,7 @@ class Pipeline:
         if any(a.kind == OPT for a in self.program) and optimizer is None:
             raise ValueError(f"schedule {schedule.name!r} has OPT actions: pass optimizer=")
         self._check_protocol()
+        _same_cut(self.pp, given, mine, timeout)
         self.tied = TiedGrads(self.pp, lowered, self.stages)
         if self.tied and any(a.kind == OPT for a in self.program):
             raise ValueError(f"pp rank {self.rank} holds tied parameters, whose gradients are "
@@ -413,6 +414,29 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
         raise ValueError(f"recompute={sorted(chosen, key=repr)!r}: {wrong!r} are not stage "
                          f"indices of a {num_stages}-stage schedule (0..{num_stages - 1})")
     return chosen
+
+
+def _same_cut(pp: Comm, given: Sequence[Any], mine: Sequence[int],
+              timeout: float | None) -> None:
+    """Stages made by engine.partition carry its cut (layers per stage):
+    the pp ranks' cuts gathered, a difference (a rank cutting by other
+    counts, or by its own timings: balance="time" without ``group=``),
+    which would skip or repeat layers without a word, raises on every
+    rank, naming each rank's cut."""
+    cuts = {tuple(c) for c in (getattr(o, "partition_cut", None) for o in given) if c}
+    if len(cuts) > 1:
+        raise ValueError(f"pp rank {pp.rank}'s stages {list(mine)} come from different "
+                         f"engine.partition cuts: {sorted(cuts)}")
+    if pp.size == 1:
+        return
+    every = collectives.all_gather_object(pp, next(iter(cuts), None), timeout=timeout)
+    if len({tuple(c) for c in every if c is not None}) > 1:
+        raise ValueError("the pp ranks' stages come from different engine.partition cuts "
+                         "(layers per stage): " + ", ".join(
+                             f"pp rank {r}: {list(c)}" for r, c in enumerate(every)
+                             if c is not None)
+                         + "; every rank must cut alike (the same balance=; for "
+                           "balance='time', pass group= so that one timing decides)")
 
 
 def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],

@@ -183,6 +183,9 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     for names in tied:
         ties.update(declared_tie(built, counts, [str(x) for x in names], ties))
     out: list[Any] = [None if ls is None else make_stage(ls, s) for s, ls in enumerate(built)]
+    for stage in out:
+        if stage is not None:       # the Pipeline checks that every pp rank cut alike
+            stage.partition_cut = tuple(counts)
     for tie, members in ties.items():
         for s, p in members:
             index = next(i for i, q in enumerate(stage_params(out[s])) if q is p)

@@ -161,3 +161,28 @@ def test_every_rank_finds_a_tie_between_stages_it_does_not_all_hold():
         assert mine.ties == whole.ties, (s, mine.ties)
         assert [tie for tie, _ in mine[s].tied] == list(whole.ties)
         assert mine[1 - s] is None
+
+
+def _cut_apart(world, counts):
+    """Each rank cuts by its own counts (a balance= that differs, or
+    balance='time' timed on each rank alone) and builds its stage."""
+    import mesh
+    stages = partition(_mlp(), 2, counts[world.rank], stages=[world.rank])
+    loss_fn = lambda out, t: (float(((out - t) ** 2).mean()), 2 * (out - t) / out.numel())
+    try:
+        Pipeline(world, stages[world.rank], schedules.gpipe(2, 2), loss_fn=loss_fn)
+        return "built"
+    except (ValueError, mesh.MeshError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_ranks_that_cut_apart_are_refused_before_any_step():
+    """Stages of different cuts skipped or repeated layers, silently (the
+    loss simply wrong); every rank now raises, naming each rank's cut."""
+    import mesh
+    said = mesh.spawn(_cut_apart, 2, [[2, 4], [3, 3]], timeout=60)
+    for text in said:
+        assert text.startswith("ValueError: the pp ranks' stages come from different "
+                               "engine.partition cuts"), said
+        assert "pp rank 0: [2, 4], pp rank 1: [3, 3]" in text, said
+    assert mesh.spawn(_cut_apart, 2, [[3, 3], [3, 3]], timeout=60) == ["built"] * 2
