@@ -60,6 +60,8 @@ class Request:
         filled in with what the receive matched."""
         if self._item is SENT:       # a send by ring: done when it returned (Transport.send_ring)
             return None
+        if status is not None and isinstance(self._item, Pending):
+            _check_status(status, self._c, "wait")
         if not self._finished:
             if timeout is not None:
                 timeout = _check_timeout(timeout, self._c, "wait")
@@ -145,6 +147,8 @@ class Comm:
         t = self._t
         if timeout is not None:
             timeout = _check_timeout(timeout, self, "recv")
+        if status is not None:
+            _check_status(status, self, "recv")
         if (type(src) is int and 0 <= src < self.size and type(tag) is int and 0 <= tag < ANY_TAG
                 and (out is None or type(out) is np.ndarray)):     # (read-only, strided: below)
             got = t.recv_ring(self.gid, self.ranks[src], tag, out, timeout)
@@ -199,6 +203,8 @@ class Comm:
         recvtag = _check_tag(recvtag, self, "sendrecv", True)
         if timeout is not None:
             timeout = _check_timeout(timeout, self, "sendrecv")
+        if status is not None:
+            _check_status(status, self, "sendrecv")
         t = self._t
         deadline = time.monotonic() + (t.timeout if timeout is None else timeout)
         req = self._post_recv(src, recvtag, out, "sendrecv from")
@@ -270,7 +276,7 @@ class Comm:
         read-only, not C-contiguous) raises ValueError before anything is posted."""
         why = out_unusable(out)
         if why:
-            raise ValueError(f"rank {self.rank}: {describe(desc)}: {why}")
+            raise ValueError(f"rank {self._t.rank}: {describe(desc)}: {why}")
 
     def _fill(self, status: Status, item: Pending) -> Status:
         return self._status(status, item.got) if item.got is not None else status
@@ -295,12 +301,14 @@ class Comm:
             return self.ranks[r]
         way = "from" if op in ("recv", "probe", "iprobe") else "to"
         if not isinstance(r, (int, np.integer)) or isinstance(r, (bool, np.bool_)):
-            raise ValueError(f"rank {self.rank}: {op} {way} rank {r!r}: a rank is an int "
+            raise ValueError(f"rank {self._t.rank}: {op} {way} rank {r!r}: a rank is an int "
                              f"(group {self.name} has ranks 0..{self.size - 1}), not "
                              f"{type(r).__name__}")
         if not 0 <= r < self.size:
-            raise ValueError(f"rank {self.rank}: {op} {way} rank {r!r}: group {self.name} "
-                             f"has ranks 0..{self.size - 1}")
+            hint = (f" (a group numbers its own ranks: world rank {r} is its rank "
+                    f"{self.ranks.index(int(r))})" if self.gid and r in self.ranks else "")
+            raise ValueError(f"rank {self._t.rank}: {op} {way} rank {r!r}: group {self.name} "
+                             f"has ranks 0..{self.size - 1}{hint}")
         return self.ranks[int(r)]
 
     # -- groups ------------------------------------------------------------------
@@ -309,10 +317,17 @@ class Comm:
         """A sub-communicator of ``ranks`` (local to this one). Members get it,
         other ranks get None. Members must create groups of the same ranks in
         the same order, so the group's id agrees without any message."""
-        ranks = [int(r) for r in ranks]
+        try:
+            given: list[Any] = list(ranks)
+        except TypeError:
+            given = [ranks]
+        if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in given):
+            raise TypeError(f"rank {self._t.rank}: group({ranks!r}) of group {self.name}: ranks "
+                            f"is a list of ints in 0..{self.size - 1}")   # (int() takes 1.7, "1")
+        ranks = [int(r) for r in given]
         if len(set(ranks)) != len(ranks) or not all(0 <= r < self.size for r in ranks):
-            raise ValueError(f"rank {self.rank}: group({ranks}) of group {self.name}: ranks must "
-                             f"be distinct and in 0..{self.size - 1}")
+            raise ValueError(f"rank {self._t.rank}: group({ranks}) of group {self.name}: ranks "
+                             f"must be distinct and in 0..{self.size - 1}")
         key = tuple(ranks)
         n = self._children.get(key, 0)
         self._children[key] = n + 1
@@ -332,17 +347,25 @@ class Comm:
         def whole(v: Any) -> bool:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool) \
                 and bool(-2**62 <= v < 2**62)
+        bad = None
         for what, ok, v in (("color", color is None or whole(color) and color >= 0, color),
                             ("key", whole(key), key)):
-            if not ok:
-                raise ValueError(f"rank {self.rank}: split on group {self.name}: {what} must "
+            if not ok and bad is None:
+                bad = ValueError(f"rank {self._t.rank}: split on group {self.name}: {what} must "
                                  f"be an int{' >= 0 or None' if what == 'color' else ''}, "
                                  f"got {v!r}")
         import collectives     # the exchange is a collective (mesh does not import them)
-        mine = np.array([-1 if color is None else color, key], np.int64)
+        # (a rank's bad color goes as -2, so that every rank raises, none waits for it)
+        mine = np.array([-2, 0] if bad else [-1 if color is None else color, key], np.int64)
         table = collectives.all_gather(self, mine, timeout=timeout)
         n = self._splits
         self._splits += 1
+        if bad is not None:
+            raise bad
+        wrong = [r for r, (c, _) in enumerate(table) if c == -2]
+        if wrong:
+            raise ValueError(f"rank {self._t.rank}: split on group {self.name}: the color or key "
+                             f"of rank(s) {wrong} is not valid (see their error)")
         if color is None:
             return None
         ranks = [r for _, r in sorted((int(k), r) for r, (c, k) in enumerate(table) if c == color)]
@@ -376,8 +399,8 @@ def _check_tag(tag: int, comm: Comm, op: str, any_tag: bool = False) -> int:
             0 <= tag < ANY_TAG or (any_tag and tag == ANY_TAG)):
         return int(tag)
     extra = " or mesh.ANY_TAG" if any_tag else ""
-    raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: tag must be an integer >= 0 "
-                     f"(and < 2**63){extra}, got {tag!r}")
+    raise ValueError(f"rank {comm._t.rank}: {op} on group {comm.name}: tag must be an integer "
+                     f">= 0 (and < 2**63){extra}, got {tag!r}")
 
 
 def _check_timeout(timeout: Any, comm: Comm, op: str) -> float:
@@ -388,8 +411,16 @@ def _check_timeout(timeout: Any, comm: Comm, op: str) -> float:
     if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool) \
             and float(timeout) >= 0:
         return min(float(timeout), _FOREVER)
-    raise ValueError(f"rank {comm.rank}: {op} on group {comm.name}: timeout must be a number "
-                     f"of seconds >= 0 or None, got {timeout!r}")
+    raise ValueError(f"rank {comm._t.rank}: {op} on group {comm.name}: timeout must be a "
+                     f"number of seconds >= 0 or None, got {timeout!r}")
+
+
+def _check_status(status: Any, comm: Comm, op: str) -> None:
+    """A ``status=`` that could not be filled in raises before anything is
+    received (after, the message would be lost with the error)."""
+    if not isinstance(status, Status):
+        raise TypeError(f"rank {comm._t.rank}: {op} on group {comm.name}: status= takes a "
+                        f"mesh.Status (or None), got {type(status).__name__}")
 
 
 _FOREVER = 10.0 * 365 * 86400    # what an infinite timeout waits (the clocks' arithmetic)

@@ -291,6 +291,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     call at the main script's top level without ``if __name__ ==
     "__main__":``) runs in forks of this process on Linux, and raises
     ValueError elsewhere."""
+    if not callable(fn):
+        raise TypeError(f"mesh.spawn: fn is the function each rank runs as fn(world, *args), "
+                        f"got {type(fn).__name__} {fn!r:.60}")
     if isinstance(nprocs, bool) or not isinstance(nprocs, numbers.Integral):
         raise TypeError(f"mesh.spawn: nprocs is a whole number of ranks, got {nprocs!r}")
     if nprocs < 1:

@@ -285,6 +285,84 @@ def test_groups_are_isolated_and_grid_axes() -> None:
                    [1, 0, [2, 3], [0, 2]], [1, 1, [2, 3], [1, 3]]]
 
 
+def _group_args(world: mesh.Mesh) -> list:
+    said = []
+    for ranks in ([0.7, 1.2], ["0", "1"], None, [True]):
+        with pytest.raises(TypeError) as e:
+            world.group(ranks)
+        said.append(str(e.value))
+    return said + [world.group(np.arange(2)).ranks]
+
+
+def test_group_refuses_ranks_that_are_no_ints_naming_the_rank() -> None:
+    """A float is not truncated into a rank (0.7 made rank 0), nor a string
+    read as one; None is no list: each says so, naming the rank and call."""
+    for r, said in enumerate(mesh.spawn(_group_args, 2, timeout=60)):
+        assert said[0] == f"rank {r}: group([0.7, 1.2]) of group world: ranks is a list of " \
+                          f"ints in 0..1", said
+        assert said[1].startswith(f"rank {r}: group(['0', '1']) of group world"), said
+        assert said[2].startswith(f"rank {r}: group(None) of group world"), said
+        assert said[3].startswith(f"rank {r}: group([True]) of group world"), said
+        assert said[4] == [0, 1], said
+
+
+def _sub_group_arguments(world: mesh.Mesh) -> list:
+    g = world.group([2, 1])
+    if g is None:
+        return []
+    said = []
+    for call in (lambda: g.send(1, dst=2), lambda: g.recv(src=1, tag=-1),
+                 lambda: g.recv(src=0, timeout=-1)):
+        with pytest.raises(ValueError) as e:
+            call()
+        said.append(str(e.value))
+    return said
+
+
+def test_a_sub_groups_argument_errors_start_with_the_world_rank() -> None:
+    """They started with the rank in the group (world rank 2 said "rank 0"),
+    where every other error starts with the world rank; a world rank given
+    for a group's own says which rank it is there."""
+    said = mesh.spawn(_sub_group_arguments, 3, timeout=60)
+    assert said[0] == []
+    for r in (1, 2):
+        assert said[r][0] == f"rank {r}: send to rank 2: group world/[2, 1] has ranks 0..1 (a " \
+                             f"group numbers its own ranks: world rank 2 is its rank 0)", said
+        assert said[r][1].startswith(f"rank {r}: recv on group world/[2, 1]: tag must"), said
+        assert said[r][2].startswith(f"rank {r}: recv on group world/[2, 1]: timeout must"), said
+
+
+def _bad_status(world: mesh.Mesh) -> list:
+    if world.rank == 0:
+        world.send(np.arange(4.0), 1)                      # by ring
+        world.send(np.arange(300_000.0), 1, tag=1)         # too big for a ring
+        world.send("x", 1, tag=2)
+        world.recv(1, tag=3)
+        return []
+    said = []
+    req = world.irecv(0, tag=2)
+    for call in (lambda: world.recv(0, status={}), lambda: world.recv(0, tag=1, status=[]),
+                 lambda: req.wait(status="st")):
+        with pytest.raises(TypeError) as e:
+            call()
+        said.append(str(e.value))
+    got = [world.recv(0, timeout=10).sum(), world.recv(0, tag=1, timeout=10).size,
+           req.wait(timeout=10)]
+    world.send(None, 0, tag=3)
+    return said + got
+
+
+def test_a_status_that_is_no_status_raises_before_the_message_is_taken() -> None:
+    """status={} (or an mpi4py Status) failed with a bare AttributeError
+    once the receive had taken the message, which was lost with it."""
+    said = mesh.spawn(_bad_status, 2, timeout=60)[1]
+    assert said[0] == "rank 1: recv on group world: status= takes a mesh.Status (or None), " \
+                      "got dict", said
+    assert said[1].endswith("got list") and said[2].startswith("rank 1: wait on group world: "
+                                                               "status= takes"), said
+    assert said[3:] == [6.0, 300_000, "x"], said
+
+
 def _disagreeing(world: mesh.Mesh) -> str:
     """Ranks that disagree on a tag, or on a group's order: the receive's
     timeout names what waits unmatched from its peer, and the collective's
@@ -381,6 +459,30 @@ def _splits(world: mesh.Mesh) -> list:
             world.split(0, timeout=0.5)
         world.send("timed out", 4, tag=9)
     return got
+
+
+def _one_bad_split(world: mesh.Mesh) -> list:
+    import collectives as C
+    said = []
+    for bad in (-1, "a"):
+        with pytest.raises(ValueError) as e:
+            world.split(bad if world.rank == 1 else 0, timeout=30)
+        said.append(str(e.value))
+    C.barrier(world, timeout=30)          # the group's collectives are still in step
+    return said + [world.split(0).ranks]
+
+
+def test_a_split_one_rank_gives_a_bad_color_raises_on_every_rank() -> None:
+    """The bad color was refused before the all_gather, where the other
+    ranks waited: for the rank's next collective (a MismatchError against a
+    barrier) or their timeout."""
+    said = mesh.spawn(_one_bad_split, 3, timeout=60)
+    assert said[1][:2] == ["rank 1: split on group world: color must be an int >= 0 or None, "
+                           "got " + v for v in ("-1", "'a'")], said
+    for r in (0, 2):
+        assert said[r][:2] == [f"rank {r}: split on group world: the color or key of rank(s) "
+                               f"[1] is not valid (see their error)"] * 2, said
+    assert [s[2] for s in said] == [[0, 1, 2]] * 3, said
 
 
 def test_split_makes_groups_by_color_key_and_host() -> None:

@@ -409,7 +409,8 @@ def test_spawn_names_a_bad_argument_before_it_starts_a_rank() -> None:
     for call, said in [
             (lambda: mesh.spawn(_one_sleeps, "2"), "nprocs is a whole number of ranks"),
             (lambda: mesh.spawn(_one_sleeps, 2, timeout=-1), "timeout is a number of seconds"),
-            (lambda: mesh.spawn(_one_sleeps, 2, env={"FOO": 1}), "env['FOO'] is 1")]:
+            (lambda: mesh.spawn(_one_sleeps, 2, env={"FOO": 1}), "env['FOO'] is 1"),
+            (lambda: mesh.spawn("_one_sleeps", 2), "fn is the function each rank runs")]:
         with pytest.raises((TypeError, ValueError), match=re.escape(said)):
             call()
 
