@@ -123,13 +123,14 @@ class GradReducer:
     bucket's all_reduce (default: the group's)."""
 
     _refuse_torch = True      # all_reduce_grads' one-shot reducer takes them
+    _called = "GradReducer"   # what errors name
 
     def __init__(self, g: Comm, grads: Iterable[Any], bucket_bytes: int =
                  DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
-        check_comm(g, "GradReducer")
+        check_comm(g, self._called)
         self.g = g
         self.timeout = timeout
-        self._me = f"rank {g.ranks[g.rank]}: GradReducer on group {g.name}"
+        self._me = f"rank {g.ranks[g.rank]}: {self._called} on group {g.name}"
         items = list(grads)
         kinds = [_is_param(x) for x in items]
         self.params: list[Any] | None = items if items and all(kinds) else None
@@ -164,7 +165,7 @@ class GradReducer:
         if self.torch:
             where = {v.device for v in self._views}
             if len(where) != 1:
-                raise ValueError(f"gradients live on {sorted(map(str, where))}: a "
+                raise ValueError(f"{self._me}: gradients live on {sorted(map(str, where))}: a "
                                  f"GradReducer's gradients share one device")
             dev = self._device = where.pop()
             wide = [tensors.BFLOAT16_WIDE if v.dtype == self._bf16 else
@@ -183,8 +184,8 @@ class GradReducer:
                 xp = device.cupy()
                 ids = {v.device.id for v in self._views}
                 if len(ids) != 1:
-                    raise ValueError(f"gradients live on GPUs {sorted(ids)}: a GradReducer's "
-                                     f"gradients share one GPU")
+                    raise ValueError(f"{self._me}: gradients live on GPUs {sorted(ids)}: a "
+                                     f"GradReducer's gradients share one GPU")
                 self._gpu = ids.pop()
             wide = [v.dtype for v in self._views]
             sizes = [v.size for v in self._views]
@@ -192,11 +193,14 @@ class GradReducer:
 
             def empty(n: int, first: int) -> Any:
                 return xp.empty(n, self._views[first].dtype)
-        for dt in wide:
-            resolve(op, dt)
+        try:
+            for dt in wide:
+                resolve(op, dt)
+            plan = bucket_plan(nbytes, wide, bucket_bytes)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{self._me}: {e}") from None
         self.op = op
         self._sizes = sizes
-        plan = bucket_plan(nbytes, wide, bucket_bytes)
         # Parameters' buckets of floating gradients, summed or averaged, carry
         # whether each had a gradient: one no rank had stays None, as in DDP.
         flags = self.params is not None and op in ("avg", "sum")
@@ -217,26 +221,27 @@ class GradReducer:
         """Gradient ``i`` is of the reducer's kind: torch, device or host."""
         if self.torch:
             if not tensors.is_tensor(a):
-                raise TypeError(f"gradient {i} is a {type(a).__name__} and gradient 0 a torch "
-                                f"tensor: a GradReducer takes all torch, all host (numpy) or "
-                                f"all device gradients")
+                raise TypeError(f"{self._me}: gradient {i} is a {type(a).__name__} and "
+                                f"gradient 0 a torch tensor: a GradReducer takes all torch, "
+                                f"all host (numpy) or all device gradients")
             return
         if tensors.is_tensor(a) or device.is_device(a) != self.on_device:
-            raise TypeError(f"gradient {i} is a {'host' if self.on_device else 'device'} "
-                            f"array and gradient 0 is not: a GradReducer takes all torch, "
-                            f"all host (numpy) or all device gradients")
+            raise TypeError(f"{self._me}: gradient {i} is a "
+                            f"{'host' if self.on_device else 'device'} array and gradient 0 "
+                            f"is not: a GradReducer takes all torch, all host (numpy) or all "
+                            f"device gradients")
         if not self.on_device and (not isinstance(a, np.ndarray) or not a.flags.writeable):
-            raise TypeError(f"gradient {i} is not a writable numpy array")
+            raise TypeError(f"{self._me}: gradient {i} is not a writable numpy array (got "
+                            f"{type(a).__name__})")
 
     def _view(self, a: Any) -> Any:
         if self.torch:
             return a.detach()
         return device.as_cupy(a) if self.on_device else a
 
-    @staticmethod
-    def _torch_message(i: int) -> str:
-        return (f"gradient {i} is a torch tensor or a numpy view of one: torch replaces "
-                f"gradient tensors (optimizer.zero_grad() sets .grad to None), and a "
+    def _torch_message(self, i: int) -> str:
+        return (f"{self._me}: gradient {i} is a torch tensor or a numpy view of one: torch "
+                f"replaces gradient tensors (optimizer.zero_grad() sets .grad to None), and a "
                 f"GradReducer would go on reducing the old one; pass the parameters "
                 f"instead: GradReducer(g, [p for p in model.parameters() if p.requires_grad])")
 
@@ -256,7 +261,7 @@ class GradReducer:
         (shape, dtype), new = self._specs[i], self._view(grad)
         if tuple(new.shape) != shape or new.dtype != dtype or \
                 (self.torch and new.device != self._device):
-            raise ValueError(f"gradient {i} was {dtype}{shape}, now {new.dtype}"
+            raise ValueError(f"{self._me}: gradient {i} was {dtype}{shape}, now {new.dtype}"
                              f"{tuple(new.shape)}")
         self.grads[i], self._views[i] = grad, new
 
@@ -270,10 +275,13 @@ class GradReducer:
         launch in plan order (the same on every rank, as collectives must),
         each once all its gradients are ready. A reducer of parameters reads
         their ``.grad`` itself: no ``grad`` then."""
+        if type(i) is not int and not isinstance(i, np.integer) or i not in self._where:
+            raise ValueError(f"{self._me}: ready({i!r}): the gradients are numbered 0.."
+                             f"{len(self.grads) - 1}, as given")
         if grad is not None:
             if self.params is not None:
-                raise TypeError(f"gradient {i}: this GradReducer follows its parameters' "
-                                f".grad; ready() takes no gradient")
+                raise TypeError(f"{self._me}: gradient {i}: this GradReducer follows its "
+                                f"parameters' .grad; ready() takes no gradient")
             if self._refuse_torch and _torch_held(grad):
                 raise TypeError(self._torch_message(i))
             self._replace(i, grad)
@@ -405,6 +413,7 @@ def _torch() -> Any:
 class _Once(GradReducer):
     """all_reduce_grads' reducer: used at once, so torch gradients are current."""
     _refuse_torch = False
+    _called = "all_reduce_grads"
 
 
 def all_reduce_grads(g: Comm, grads: Iterable[Any], bucket_bytes: int =

@@ -41,13 +41,25 @@ _WATCH_MAX = 64
 def check_comm(g: Comm | None, name: str) -> None:
     """A clear error for a communicator that is None: ``world.group(ranks)``
     returns None on the ranks that are not in ``ranks``."""
+    if isinstance(g, Comm):
+        return
+    from mesh import world as _world        # (the process's mesh names the rank)
+    m = _world.current()
+    who = f"rank {m.rank}: " if m is not None else ""
     if g is None:
-        from mesh import world as _world        # (the process's mesh names the rank)
-        m = _world.current()
-        who = f"rank {m.rank}: " if m is not None else ""
         raise TypeError(f"{who}{name}: the communicator is None; world.group(ranks) returns "
                         f"None on ranks that are not members of the group, and only members "
                         f"may call its collectives")
+    kind = type(g).__name__
+    if hasattr(g, "axes") and hasattr(g, "group"):
+        hint = "a mesh.Grid: pass the group of one of its axes, grid.group('dp')"
+    elif "ProcessGroup" in kind or "ProcessGroup" in [c.__name__ for c in type(g).__mro__]:
+        hint = ("a torch.distributed group: collectives.torchdist.comm_of(group) is its "
+                "meshrun communicator (on the 'meshrun' backend)")
+    else:
+        hint = f"{'an' if kind[:1] in 'aeiouAEIOU' else 'a'} {kind}"
+    raise TypeError(f"{who}{name}: the communicator is {hint}; collectives take a meshrun "
+                    f"communicator (mesh.init()'s world, world.group(ranks), grid.group(axis))")
 
 
 def caught(req: Any, timeout: float) -> BaseException | None:

@@ -178,6 +178,7 @@ class _FutureWork(_Work):
         self._fut = self._base.then(_unwrap)
         self._error: BaseException | None = None
         self._finished = threading.Event()
+        self.what = "Work.wait"     # the call, for a timeout ("rank 0: all_reduce #3 on ...")
 
     def finish(self, result: Any, error: BaseException | None) -> None:
         self._error = error
@@ -192,8 +193,8 @@ class _FutureWork(_Work):
         if not self._finished.is_set():
             blocking()      # (in a done-callback of the lane: the lane goes on first)
         if secs > 0 and not self._finished.wait(secs):
-            raise MeshTimeoutError(f"Work.wait: the operation did not complete within "
-                                   f"{secs:g}s (the timeout given; it goes on)")
+            raise MeshTimeoutError(f"{self.what}: Work.wait: the operation did not complete "
+                                   f"within {secs:g}s (the timeout given; it goes on)")
         self._base.wait()
         if self._error is not None:
             raise self._error
@@ -314,6 +315,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             return _done(result)
         work = _FutureWork()
         works = values
+        work.what = _what(works, work.what)
         if error is not None:       # torch reads an async call's errors from its Work
             _torch_words(error, self.timeout)
             work.finish(None, error)
@@ -818,6 +820,16 @@ class _P2PWork(_Work):
             done.finish(None, e)
             return
         done.finish(self._tensors, None)
+
+
+def _what(works: Sequence[Any], default: str) -> str:
+    """The first meshrun Work's description (a DeviceWork's: its inner one's)."""
+    for w in works:
+        while w is not None and not isinstance(getattr(w, "desc", None), str):
+            w = getattr(w, "_work", None)
+        if w is not None:
+            return str(w.desc)
+    return default
 
 
 def _launch_all(launches: Sequence[Callable[..., Any]],

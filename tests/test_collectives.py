@@ -514,6 +514,55 @@ def test_all_to_all_v_exchanges_uneven_blocks_and_refuses_bad_counts_everywhere(
                            f"send_counts)"), said
 
 
+def _lists_of_arrays(world: mesh.Mesh) -> list[str]:
+    said = []
+    rows = [np.zeros((1, 2)) for _ in range(world.size)]
+    for call in (lambda: C.all_to_all_v(world, rows, [1] * world.size, timeout=20),
+                 lambda: C.all_reduce(world, rows, timeout=20),
+                 lambda: C.all_gather(world, rows, timeout=20)):
+        with pytest.raises(TypeError) as e:
+            call()
+        said.append(str(e.value))
+    return said
+
+
+def test_a_list_of_arrays_is_refused_with_advice_for_the_collective_called() -> None:
+    """all_to_all_v given a list of blocks says to concatenate them (not to
+    call all_to_all_v); all_reduce given a list of gradients says to call it
+    once per array (or all_reduce_grads), not to use all_to_all_v."""
+    for rank, said in enumerate(mesh.spawn(_lists_of_arrays, 2, timeout=60)):
+        me = f"rank {rank}: "
+        assert said[0] == (me + "all_to_all_v on group world takes one array (or tensor), got "
+                           "a list of 2: concatenate the blocks for the ranks into one, in "
+                           "rank order (np.concatenate, torch.cat), with send_counts their "
+                           "numbers of rows"), said
+        assert said[1].startswith(me + "all_reduce on group world takes one array (or tensor), "
+                                  "got a list of 2: call it once per array"), said
+        assert said[2].startswith(me + "all_gather on group world takes one array (or tensor), "
+                                  "got a list of 2: call it once per array"), said
+        assert not any("all_to_all" in s for s in said[1:]), said
+
+
+def _not_communicators(world: mesh.Mesh) -> list[str]:
+    said = []
+    for call in (lambda: C.all_reduce(mesh.grid(world, dp=world.size), np.ones(2)),
+                 lambda: C.barrier(0)):
+        with pytest.raises(TypeError) as e:
+            call()
+        said.append(str(e.value))
+    return said
+
+
+def test_a_grid_or_other_object_for_a_communicator_is_named() -> None:
+    """A mesh.Grid (or a torch group) where a communicator goes raised a
+    bare AttributeError ('Grid' object has no attribute 'ranks')."""
+    for r, said in enumerate(mesh.spawn(_not_communicators, 2, timeout=60)):
+        assert said[0].startswith(f"rank {r}: all_reduce: the communicator is a mesh.Grid: "
+                                  f"pass the group of one of its axes, grid.group('dp')"), said
+        assert said[1].startswith(f"rank {r}: barrier: the communicator is an int; "
+                                  f"collectives take a meshrun communicator"), said
+
+
 def _numpy_subclasses(world: mesh.Mesh) -> list[str]:
     """A masked array is refused by point-to-point and every collective (its
     mask would not travel); np.matrix travels as its memory."""

@@ -263,6 +263,35 @@ def test_grad_reducer_refuses_what_would_train_the_replicas_apart() -> None:
         ["order", "accumulated", "done 3.0"]] * 2
 
 
+def _reducer_arguments(world: Any) -> list[str]:
+    said = []
+    red = C.GradReducer(world, [np.ones(3), np.ones(5)])
+    for call in (lambda: red.ready(2), lambda: red.ready(-1),
+                 lambda: C.GradReducer(world, [np.ones(3)], op="mean"),
+                 lambda: C.GradReducer(world, [np.ones(3)], bucket_bytes=0),
+                 lambda: C.all_reduce_grads(world, [np.ones(3), [1.0]])):
+        with pytest.raises((TypeError, ValueError)) as e:
+            call()
+        said.append(str(e.value))
+    red.ready(0)
+    red.ready(1)
+    red.wait()
+    return said
+
+
+def test_grad_reducer_arguments_are_refused_naming_rank_and_call() -> None:
+    """ready() of a gradient it does not hold raised a bare KeyError (ready(-1)
+    too); a bad op, bucket size or gradient said nothing of rank or call."""
+    for r, said in enumerate(mesh.spawn(_reducer_arguments, 2, timeout=60)):
+        me = f"rank {r}: GradReducer on group world: "
+        assert said[:2] == [me + f"ready({i}): the gradients are numbered 0..1, as given"
+                            for i in (2, -1)], said
+        assert said[2].startswith(me + "unknown reduction op 'mean'"), said
+        assert said[3] == me + "bucket_bytes must be positive, got 0", said
+        assert said[4] == f"rank {r}: all_reduce_grads on group world: gradient 1 is not a " \
+                          f"writable numpy array (got list)", said
+
+
 def _half_averages(world: Any) -> list[float]:
     """float16 averaged in float32: n ranks' 30000 is 30000 (the float16 sum
     overflowed to inf), and a mean is rounded once (2048, 1, 1, 1: 513)."""

@@ -36,6 +36,20 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
            "all_gather_object"]
 
 
+_ONE_ARRAY = {      # what to do with a list of arrays, by collective ("": the others)
+    "": "call it once per array, or stack them into one (np.stack, torch.stack)",
+    "all_reduce": "call it once per array, or stack them into one (np.stack, torch.stack; "
+                  "collectives.all_reduce_grads(g, grads) reduces a list of gradients)",
+    "scatter": "stack the rows for the ranks into one, shaped (group size, ...) (np.stack, "
+               "torch.stack)",
+    "all_to_all": "stack them into one (np.stack, torch.stack; all_to_all sends its rows in "
+                  "rank order), or for blocks of unequal sizes use "
+                  "collectives.all_to_all_v(g, rows, send_counts)",
+    "all_to_all_v": "concatenate the blocks for the ranks into one, in rank order "
+                    "(np.concatenate, torch.cat), with send_counts their numbers of rows",
+}
+
+
 def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name}: {MASKED}")
@@ -49,11 +63,8 @@ def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
                             f"a CUDA array; np.from_dlpack(a) gives a numpy array of it")
         if isinstance(a, (list, tuple)) and any(isinstance(x, np.ndarray) or is_tensor(x)
                                                 or device.is_device(x) for x in a):
-            raise TypeError(
-                f"{name} takes one array (or tensor), got a {type(a).__name__} of "
-                f"{len(a)}: stack them into one (np.stack, torch.stack; all_to_all sends "
-                f"its rows in rank order), or for blocks of unequal sizes use "
-                f"collectives.all_to_all_v(g, rows, send_counts)")
+            raise TypeError(f"{name} takes one array (or tensor), got a {type(a).__name__} "
+                            f"of {len(a)}: {_ONE_ARRAY.get(name, _ONE_ARRAY[''])}")
         if writable:
             raise TypeError(f"{name} works in place: it needs an array it can write (a "
                             f"numpy array, a torch tensor or a device array), got "
