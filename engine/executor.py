@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import sys
 import time
 from typing import Any, Callable, Collection, Iterable, Sequence
@@ -248,6 +249,29 @@ class Pipeline:
                              f"0 <= tag_base <= 2**{_STEP_SHIFT} - 1 - {self._span}")
         self._steps = 0
         self.events: list[list[Any]] = []
+        # what the first step checks every rank of the pipeline was given alike
+        said = hashlib.blake2b(schedule.to_json().encode(), digest_size=8).hexdigest()
+        self._given: list[Any] | None = [schedule.name, said, tag_base]
+
+    def _check_given(self, n: int) -> None:
+        """Before the first step: every pp rank runs the same schedule and
+        tag_base (one small all_gather on the pp group; all raise alike),
+        where ranks given others would wait for each other's messages until
+        the timeout, or pair micro-batches of other sizes."""
+        given, self._given = self._given, None
+        if given is None or self.pp.size == 1:
+            return
+        told = collectives.all_gather_object(self.pp, given, timeout=self.timeout)
+        if all(t == told[0] for t in told):
+            return
+        kinds: dict[tuple, list[int]] = {}
+        for r, t in enumerate(told):
+            kinds.setdefault(tuple(t), []).append(r)
+        said = "; ".join(f"pp ranks {rs}: schedule {name!r} ({digest}), tag_base {base}"
+                         for (name, digest, base), rs in kinds.items())
+        raise ValueError(f"rank {self.pp.ranks[self.rank]}: pipeline step {n} on group "
+                         f"{self.pp.name}: its pp ranks were given different schedules or "
+                         f"tag_bases ({said}): every rank passes the same ones")
 
     def _check_protocol(self) -> None:
         need = {F: "forward", B: "backward", I: "backward_input", W: "backward_weight",
@@ -285,6 +309,8 @@ class Pipeline:
         """Run step ``st``'s program (``events``: each action's, timed, for
         the trace); its mean loss on last-stage ranks. On failure: clean
         up, agree with the others that it failed, raise."""
+        if self._given is not None:
+            self._check_given(st.n)
         at = 0
         try:
             st.start(inputs, targets)

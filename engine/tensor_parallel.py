@@ -33,7 +33,7 @@ from mesh import Comm
 
 from . import tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      joined_order, logged, match, rewrite_attrs, shard_rows)
+                      joined_order, logged, match, planned, rewrite_attrs, shard_rows)
 from .torch_stage import TorchStage, _torch, _view
 
 __all__ = ["parallelize", "gather_state_dict", "load_full_state_dict", "PlanError", "Style"]
@@ -86,7 +86,7 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
             k: digest([tensor_bytes(torch, t)]) for k, t in module.state_dict().items()}
     except PlanError as e:
         local = str(e)
-    agree(group, local, "parallelize")
+    agree(group, planned(local, {name: st for name, (_, st) in todo.items()}), "parallelize")
     if init == "broadcast" and not hollow:
         with torch.no_grad():
             for t in module.state_dict().values():
@@ -175,6 +175,13 @@ def _as_comm(group: Any) -> Any:
         return group
     import sys
     dist = sys.modules.get("torch.distributed")
+    if group is None and (dist is None or not dist.is_initialized()):
+        from mesh.world import current
+        m = current()
+        me = "" if m is None else f"rank {m.rank}: "
+        raise TypeError(f"{me}parallelize: the tp group is None (what world.group(ranks) gives "
+                        f"the ranks outside it) and torch.distributed has no default group to "
+                        f"take instead: pass the tp communicator (a mesh.grid's group('tp'))")
     torchy = dist is not None and (
         group is None or isinstance(group, dist.ProcessGroup)
         or hasattr(group, "mesh_dim_names")               # a DeviceMesh

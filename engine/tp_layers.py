@@ -26,7 +26,7 @@ import collectives
 
 from .layers import Embedding, Linear, Recompute, Sequential
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      joined_order, logged, match, rewrite_attrs, shard_rows)
+                      joined_order, logged, match, planned, rewrite_attrs, shard_rows)
 
 __all__ = ["Sharded", "parallelize", "full_params", "load_full_params", "group_of",
            "named_layers"]
@@ -215,7 +215,7 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
             for k, p in enumerate(layer.params())}
     except PlanError as e:
         local = str(e)
-    agree(group, local, "parallelize")
+    agree(group, planned(local, todo), "parallelize")
     if init == "broadcast":
         for p in (model.params() if hasattr(model, "params") else []):
             collectives.broadcast(group, p, root=0)

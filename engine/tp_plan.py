@@ -202,6 +202,9 @@ def match(plan: Mapping[str, Any], names: Iterable[str], strict: bool = True
     """The style of each named submodule the plan covers, in ``names`` order.
     A pattern matching nothing (when ``strict``) or a name matched by two
     patterns raises PlanError."""
+    if not isinstance(plan, Mapping):
+        raise PlanError(f"the plan maps submodule names (patterns) to styles, as a dict "
+                        f"({{'mlp.up': 'colwise'}}), not a {type(plan).__name__}")
     styles = {pattern: parse(value) for pattern, value in plan.items()}
     names = list(names)
     found: dict[str, str] = {}
@@ -306,6 +309,23 @@ def digest(buffers: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
+_PLAN = "\0plan "     # agree's keys of the plan's entries, beside the state's names
+
+
+def planned(local: dict[str, str] | str, todo: Mapping[str, Style]) -> dict[str, str] | str:
+    """``local`` (agree's) with the style of each submodule the plan
+    covers, so that tp ranks given other plans raise before any shard is cut."""
+    if isinstance(local, str):
+        return local
+
+    def said(st: Style) -> str:
+        more = [f"{k} {v!r}" for k, v, plain in (
+            ("seq_dim", st.seq_dim, 1), ("parts", st.parts, ()), ("rng", st.rng, ""),
+            ("width", st.width, ""), ("attrs", sorted(st.attrs), [])) if v != plain]
+        return f"{st.style} ({', '.join([f'input {st.input}', f'output {st.output}', *more])})"
+    return {**local, **{_PLAN + name: said(st) for name, st in todo.items()}}
+
+
 def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
     """All-gather this rank's ``{name: digest}`` (or its error message) over
     ``group``; raise on every rank if any rank failed (its own error where it
@@ -324,6 +344,12 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
         seen: dict[str, list[int]] = {}
         for r, d in enumerate(everyone):
             seen.setdefault(d.get(name, "missing"), []).append(r)
+        if len(seen) > 1 and name.startswith(_PLAN):
+            kinds = "; ".join(f"{'not planned' if v == 'missing' else v} on tp ranks {rs}"
+                              for v, rs in seen.items())
+            raise PlanError(f"tp rank {group.rank}: {what}: the plan differs across the tp "
+                            f"group {group.name}: {name[len(_PLAN):]} is {kinds}; every rank "
+                            f"passes the same plan")
         if len(seen) > 1:
             ranks = " vs ".join(str(rs) for rs in seen.values())
             raise PlanError(f"tp rank {group.rank}: {what}: {name} differs across the tp group "
@@ -331,6 +357,11 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
                             f"every rank (same seed) or pass init='broadcast'")
     for r, d in enumerate(everyone):
         extra = set(d) - set(local)  # type: ignore[arg-type]
+        if extra and min(extra).startswith(_PLAN):
+            raise PlanError(f"tp rank {group.rank}: {what}: the plan differs across the tp "
+                            f"group {group.name}: {min(extra)[len(_PLAN):]} is "
+                            f"{d[min(extra)]} on tp rank {r}, not planned on tp rank "
+                            f"{group.rank}; every rank passes the same plan")
         if extra:
             raise PlanError(f"tp rank {group.rank}: {what}: tp rank {r} has {sorted(extra)[0]} "
                             f"that rank {group.rank} does not")

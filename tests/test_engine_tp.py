@@ -59,6 +59,36 @@ def test_plan_patterns_match_names():
     with pytest.raises(PlanError, match="'blocks.0.up' is matched by plan patterns"):
         match({"blocks.*": "replicate", "*.up": "colwise"}, names)
 
+    with pytest.raises(PlanError, match="the plan maps submodule names .* not a list"):
+        match(["head"], names)
+
+
+def _other_plans(world):
+    said = []
+    for plan in ({"0": "colwise", "2": "rowwise"} if world.rank == 0 else {"0": "colwise"},
+                 {"0": "colwise", "2": "rowwise" if world.rank else "replicate"}):
+        model = Sequential(Linear(4, 6), Tanh(), Linear(6, 2))
+        with pytest.raises(PlanError) as e:
+            parallelize(model, world, plan)
+        said.append(str(e.value))
+    return said
+
+
+def test_tp_ranks_given_other_plans_raise_before_any_shard_is_cut():
+    """A plan that left a module whole on one tp rank and sharded it on the
+    other passed, each rank cutting its own way (wrong sums or a hang later)."""
+    said = mesh.spawn(_other_plans, 2, timeout=60)
+    head = "tp rank {}: parallelize: the plan differs across the tp group world: 2 is "
+    assert said[0][0] == head.format(0) + "rowwise (input shard, output replicate) on tp " \
+                                          "ranks [0]; not planned on tp ranks [1]; every rank " \
+                                          "passes the same plan", said
+    assert said[1][0] == head.format(1) + "rowwise (input shard, output replicate) on tp " \
+                                          "rank 0, not planned on tp rank 1; every rank passes " \
+                                          "the same plan", said
+    for r in (0, 1):
+        assert said[r][1].startswith(head.format(r) + "replicate (") and "rowwise (" in \
+            said[r][1], said
+
 
 # --- numpy: engine.layers -----------------------------------------------------
 
