@@ -226,7 +226,11 @@ class Pipeline:
         if any(a.kind == OPT for a in self.program) and optimizer is None:
             raise ValueError(f"schedule {schedule.name!r} has OPT actions: pass optimizer=")
         self._check_protocol()
-        _same_cut(self.pp, given, mine, timeout)
+        self._span = 2 * lowered.num_microbatches * lowered.num_stages
+        if not 0 <= tag_base <= (1 << _STEP_SHIFT) - 1 - self._span:
+            raise ValueError(f"tag_base {tag_base} out of range: this pipeline's tags need "
+                             f"0 <= tag_base <= 2**{_STEP_SHIFT} - 1 - {self._span}")
+        _given_alike(self.pp, schedule, tag_base, given, mine, timeout)
         self.tied = TiedGrads(self.pp, lowered, self.stages)
         if self.tied and any(a.kind == OPT for a in self.program):
             raise ValueError(f"pp rank {self.rank} holds tied parameters, whose gradients are "
@@ -243,35 +247,8 @@ class Pipeline:
         self.optimizer = optimizer
         self.timeout = timeout
         self.tag_base = tag_base
-        self._span = 2 * lowered.num_microbatches * lowered.num_stages
-        if not 0 <= tag_base <= (1 << _STEP_SHIFT) - 1 - self._span:
-            raise ValueError(f"tag_base {tag_base} out of range: this pipeline's tags need "
-                             f"0 <= tag_base <= 2**{_STEP_SHIFT} - 1 - {self._span}")
         self._steps = 0
         self.events: list[list[Any]] = []
-        # what the first step checks every rank of the pipeline was given alike
-        said = hashlib.blake2b(schedule.to_json().encode(), digest_size=8).hexdigest()
-        self._given: list[Any] | None = [schedule.name, said, tag_base]
-
-    def _check_given(self, n: int) -> None:
-        """Before the first step: every pp rank runs the same schedule and
-        tag_base (one small all_gather on the pp group; all raise alike),
-        where ranks given others would wait for each other's messages until
-        the timeout, or pair micro-batches of other sizes."""
-        given, self._given = self._given, None
-        if given is None or self.pp.size == 1:
-            return
-        told = collectives.all_gather_object(self.pp, given, timeout=self.timeout)
-        if all(t == told[0] for t in told):
-            return
-        kinds: dict[tuple, list[int]] = {}
-        for r, t in enumerate(told):
-            kinds.setdefault(tuple(t), []).append(r)
-        said = "; ".join(f"pp ranks {rs}: schedule {name!r} ({digest}), tag_base {base}"
-                         for (name, digest, base), rs in kinds.items())
-        raise ValueError(f"rank {self.pp.ranks[self.rank]}: pipeline step {n} on group "
-                         f"{self.pp.name}: its pp ranks were given different schedules or "
-                         f"tag_bases ({said}): every rank passes the same ones")
 
     def _check_protocol(self) -> None:
         need = {F: "forward", B: "backward", I: "backward_input", W: "backward_weight",
@@ -309,8 +286,6 @@ class Pipeline:
         """Run step ``st``'s program (``events``: each action's, timed, for
         the trace); its mean loss on last-stage ranks. On failure: clean
         up, agree with the others that it failed, raise."""
-        if self._given is not None:
-            self._check_given(st.n)
         at = 0
         try:
             st.start(inputs, targets)
@@ -442,24 +417,40 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
     return chosen
 
 
-def _same_cut(pp: Comm, given: Sequence[Any], mine: Sequence[int],
-              timeout: float | None) -> None:
-    """Stages made by engine.partition carry its cut (layers per stage):
-    the pp ranks' cuts gathered, a difference (a rank cutting by other
-    counts, or by its own timings: balance="time" without ``group=``),
-    which would skip or repeat layers without a word, raises on every
-    rank, naming each rank's cut."""
+def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[Any],
+                 mine: Sequence[int], timeout: float | None) -> None:
+    """Every pp rank was given the same schedule and tag_base, and stages
+    of the same engine.partition cut (its stages carry it: layers per
+    stage), checked in one small all_gather on the pp group before anything
+    else is sent, all ranks raising alike. Ranks given other schedules
+    waited for each other's messages until the timeout, or paired
+    micro-batches of other sizes; stages of other cuts (another balance=,
+    or balance="time" timed on each rank alone) skipped or repeated
+    layers without a word."""
+    ranks = getattr(pp, "ranks", range(pp.size))       # (a stand-in group of one rank)
+    me = f"rank {ranks[pp.rank]}: Pipeline on group {getattr(pp, 'name', '?')}"
     cuts = {tuple(c) for c in (getattr(o, "partition_cut", None) for o in given) if c}
     if len(cuts) > 1:
-        raise ValueError(f"pp rank {pp.rank}'s stages {list(mine)} come from different "
+        raise ValueError(f"{me}: pp rank {pp.rank}'s stages {list(mine)} come from different "
                          f"engine.partition cuts: {sorted(cuts)}")
     if pp.size == 1:
         return
-    every = collectives.all_gather_object(pp, next(iter(cuts), None), timeout=timeout)
-    if len({tuple(c) for c in every if c is not None}) > 1:
-        raise ValueError("the pp ranks' stages come from different engine.partition cuts "
-                         "(layers per stage): " + ", ".join(
-                             f"pp rank {r}: {list(c)}" for r, c in enumerate(every)
+    said = hashlib.blake2b(schedule.to_json().encode(), digest_size=8).hexdigest()
+    cut = next(iter(cuts), None)
+    told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut],
+                                         timeout=timeout)
+    kinds: dict[tuple, list[int]] = {}
+    for r, (name, digest, base, _) in enumerate(told):
+        kinds.setdefault((name, digest, base), []).append(r)
+    if len(kinds) > 1:
+        raise ValueError(f"{me}: its pp ranks were given different schedules or tag_bases ("
+                         + "; ".join(f"pp ranks {rs}: schedule {name!r} ({digest}), tag_base "
+                                     f"{base}" for (name, digest, base), rs in kinds.items())
+                         + "): every rank passes the same ones")
+    if len({tuple(c) for *_, c in told if c is not None}) > 1:
+        raise ValueError(f"{me}: the pp ranks' stages come from different engine.partition "
+                         "cuts (layers per stage): " + ", ".join(
+                             f"pp rank {r}: {list(c)}" for r, (*_, c) in enumerate(told)
                              if c is not None)
                          + "; every rank must cut alike (the same balance=; for "
                            "balance='time', pass group= so that one timing decides)")
