@@ -274,6 +274,8 @@ def _torch_cases(g: Any, seed: int) -> None:
         rows = torch.stack(xs)
         same(C.scatter(g, rows if r == root else torch.empty(0, dtype=bf), root=root), xs[r],
              f"bfloat16 scatter root {root}")
+        same(C.scatter(g, rows[:, 0, 0] if r == root else torch.empty(0, dtype=bf), root=root),
+             xs[r][0, 0], f"bfloat16 scatter of 0-d rows root {root}")
     same(C.all_gather(g, xs[r]), torch.stack(xs), "bfloat16 all_gather")
     ys = [tdata(i, (2 * n, 3)) for i in range(n)]
     same(C.reduce_scatter(g, ys[r]), sum(y.float() for y in ys)[2 * r:2 * r + 2].to(bf),

@@ -127,7 +127,9 @@ def scatter_direct(ctx: Ctx, src: np.ndarray | None, out: np.ndarray, root: int)
         return
     assert src is not None
     order = [(rank + k) % n for k in range(1, n)]
-    reqs = [ctx.isend(src[i], i) for i in order]
+    # (src[i, ...]: a 0-d row stays an array; src[i] would be a numpy scalar,
+    # whose dtype drops the metadata naming bfloat16)
+    reqs = [ctx.isend(src[i, ...], i) for i in order]
     out[...] = src[rank]
     for req in reqs:
         req.wait()
