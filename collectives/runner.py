@@ -379,6 +379,11 @@ class _Group:
                 if req.done():
                     try:
                         req.wait()
+                    except MeshTimeoutError:
+                        # (a peer timed out in a call this rank finished, its result
+                        # whole: the others raised it there; raised here it would
+                        # fail whichever later call it arrived before, everywhere)
+                        pass
                     except BaseException as e:
                         found = found or e
                 elif self.calls - call > 2 and now - t > _WATCH_S:
