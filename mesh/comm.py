@@ -320,7 +320,7 @@ class Comm:
         try:
             given: list[Any] = list(ranks)
         except TypeError:
-            given = [ranks]
+            given = [None]          # (one rank alone is not a list of them: refused below)
         if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in given):
             raise TypeError(f"rank {self._t.rank}: group({ranks!r}) of group {self.name}: ranks "
                             f"is a list of ints in 0..{self.size - 1}")   # (int() takes 1.7, "1")

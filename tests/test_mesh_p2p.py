@@ -287,7 +287,7 @@ def test_groups_are_isolated_and_grid_axes() -> None:
 
 def _group_args(world: mesh.Mesh) -> list:
     said = []
-    for ranks in ([0.7, 1.2], ["0", "1"], None, [True]):
+    for ranks in ([0.7, 1.2], ["0", "1"], None, [True], 1):
         with pytest.raises(TypeError) as e:
             world.group(ranks)
         said.append(str(e.value))
@@ -303,7 +303,8 @@ def test_group_refuses_ranks_that_are_no_ints_naming_the_rank() -> None:
         assert said[1].startswith(f"rank {r}: group(['0', '1']) of group world"), said
         assert said[2].startswith(f"rank {r}: group(None) of group world"), said
         assert said[3].startswith(f"rank {r}: group([True]) of group world"), said
-        assert said[4] == [0, 1], said
+        assert said[4].startswith(f"rank {r}: group(1) of group world"), said
+        assert said[5] == [0, 1], said
 
 
 def _sub_group_arguments(world: mesh.Mesh) -> list:
