@@ -691,7 +691,7 @@ def monitored_dead(world: Any, out: str) -> None:
     try:
         dist.monitored_barrier(timeout=timedelta(seconds=60))
         said = "passed"
-    except RuntimeError as e:
+    except Exception as e:          # (any: the test's assertions show what it was)
         said = f"{type(e).__name__}: {e}"
     with open(f"{out}.{r}", "w") as f:
         f.write(f"{time.monotonic() - t0:.1f} {said}")
