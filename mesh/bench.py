@@ -43,7 +43,7 @@ from .cliargs import checked, positive, positive_list
 from .peer import parse_size
 from .spawn import spawn
 
-__all__ = ["main"]
+__all__ = ["main", "mpi_missing", "mpirun"]
 
 
 def _sizes(spec: str) -> list[int]:
@@ -224,8 +224,9 @@ def _mesh(sizes: list[int], iters: int, transport: str, curve: bool = False,
 
 # ---- mpi4py on the local MPI -------------------------------------------------------
 
-def _mpi_missing() -> str:
-    """Why MPI cannot be compared here ("" when it can)."""
+def mpi_missing() -> str:
+    """Why MPI cannot be compared here ("" when it can). (Also
+    collectives.tools.bench_memory's.)"""
     try:
         import mpi4py  # noqa: F401  # pyflakes: ignore
         del mpi4py
@@ -286,16 +287,23 @@ def _mpi_worker(sizes: list[int], iters: int) -> None:
         print("MESHBENCH " + json.dumps(results), flush=True)
 
 
-def _mpi(sizes: list[int], iters: int) -> dict[str, float]:
+def mpirun(nprocs: int, module: str, args: list[str], timeout: float = 600) -> Any:
+    """Run ``python -m module args`` on ``nprocs`` ranks of the local MPI
+    (as root too, oversubscribed); return the JSON its line starting with
+    "MESHBENCH " carries. (Also collectives.tools.bench_memory's.)"""
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1"}
-    cmd = ["mpirun", "-np", "2", sys.executable, "-m", "mesh.bench", "--mpi-worker",
-           "--sizes", ",".join(map(str, sizes)), "--iters", str(iters)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = ["mpirun", "-np", str(nprocs), sys.executable, "-m", module, *args]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     for line in run.stdout.splitlines():
         if line.startswith("MESHBENCH "):
             return json.loads(line[len("MESHBENCH "):])
     raise RuntimeError(f"mpirun failed ({run.returncode}): {run.stderr[-2000:]}")
+
+
+def _mpi(sizes: list[int], iters: int) -> dict[str, float]:
+    return mpirun(2, "mesh.bench", ["--mpi-worker", "--sizes", ",".join(map(str, sizes)),
+                                    "--iters", str(iters)])
 
 
 
@@ -325,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_scale.main(args.ranks, trials=args.trials)
         return
     sizes = args.sizes
-    mpi_why = _mpi_missing() if "mpi" in args.compare else "not asked"
+    mpi_why = mpi_missing() if "mpi" in args.compare else "not asked"
     runs: dict[str, list[dict[str, float]]] = {"raw pyzmq": [], "mesh shm=0": [], "mesh": []}
     if args.curve:
         runs["curve"] = []
