@@ -544,6 +544,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
             for o, value, v in zip(outputs, values, views):
                 if v is None:
                     _write(o, value)
+                else:           # (written through numpy: autograd is told, as copy_ tells it)
+                    _tensors.written(o)
         return self._run([lambda a, x=x, v=v: C.all_gather(self.comm, x, async_op=a,
                                                             timeout=self.timeout)
                           if v is None else _host_all_gather(self.comm, v[0], async_op=a,
@@ -641,7 +643,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             if (v := _views(input, output)) is not None and output.shape == input.shape:
                 return self._run([lambda a: _host_all_to_all(self.comm, v[0], async_op=a,
                                                               timeout=self.timeout, out=v[1])],
-                                 None, [output], opts.asyncOp)
+                                 lambda _: _tensors.written(output), [output], opts.asyncOp)
             return self._run([lambda a: C.all_to_all(self.comm, input, async_op=a,
                                                      timeout=self.timeout)],
                              lambda v: _write(output, v[0]), [output], opts.asyncOp)

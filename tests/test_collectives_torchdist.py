@@ -484,6 +484,38 @@ def test_all_gather_into_tensor_and_all_to_all_single_need_no_output_sized_tempo
         assert max(o["extra"].values()) < 12, f"peak MiB beyond the operands, per rank: {got}"
 
 
+def written_outputs_tell_autograd(world: Any) -> list[str]:
+    """An output written straight through its memory (all_gather_into_tensor,
+    all_to_all_single) is an in-place write to autograd, as gloo's and copy_
+    are: a backward that saved the output raises, rather than computing with
+    the values the collective wrote over."""
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    said = []
+    for name, x, async_op in [("all_gather_into_tensor", torch.full((2,), r + 1.0), False),
+                              ("all_gather_into_tensor", torch.full((2,), r + 1.0), True),
+                              ("all_to_all_single", torch.full((2 * n,), r + 1.0), False),
+                              ("all_to_all_single", torch.full((2 * n,), r + 1.0), True)]:
+        w = torch.ones(2 * n, requires_grad=True)
+        out = torch.zeros(2 * n)
+        y = (out * w).sum()                 # saves out, for w's gradient
+        call = getattr(dist, name)
+        work = call(out, x, async_op=async_op)
+        if async_op:
+            work.wait()
+        try:
+            y.backward()
+            said.append(f"{name} async_op={async_op}: backward used the overwritten output")
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e), e
+    dist.destroy_process_group()
+    return said
+
+
+def test_outputs_written_in_place_are_seen_by_autograd() -> None:
+    assert mesh.spawn(written_outputs_tell_autograd, 2, timeout=60) == [[], []]
+
+
 def _model() -> Any:
     torch.manual_seed(0)
     return torch.nn.ModuleDict({"body": torch.nn.Sequential(torch.nn.Linear(5, 8),
