@@ -430,15 +430,20 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     ranks = getattr(pp, "ranks", range(pp.size))       # (a stand-in group of one rank)
     me = f"rank {ranks[pp.rank]}: Pipeline on group {getattr(pp, 'name', '?')}"
     cuts = {tuple(c) for c in (getattr(o, "partition_cut", None) for o in given) if c}
-    if len(cuts) > 1:
-        raise ValueError(f"{me}: pp rank {pp.rank}'s stages {list(mine)} come from different "
-                         f"engine.partition cuts: {sorted(cuts)}")
+    apart = (f"pp rank {pp.rank}'s stages {list(mine)} come from different engine.partition "
+             f"cuts: {sorted(cuts)}" if len(cuts) > 1 else None)
     if pp.size == 1:
+        if apart:
+            raise ValueError(f"{me}: {apart}")
         return
     said = hashlib.blake2b(schedule.to_json().encode(), digest_size=8).hexdigest()
-    cut = next(iter(cuts), None)
-    told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut],
-                                         timeout=timeout)
+    cut = None if apart else next(iter(cuts), None)
+    told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut, apart],
+                                         timeout=timeout)     # (apart: raised by every rank)
+    faults = [t[4] for t in told if t[4]]
+    if faults:
+        raise ValueError(f"{me}: {apart or faults[0]}")
+    told = [t[:4] for t in told]
     kinds: dict[tuple, list[int]] = {}
     for r, (name, digest, base, _) in enumerate(told):
         kinds.setdefault((name, digest, base), []).append(r)

@@ -187,3 +187,32 @@ def test_ranks_that_cut_apart_are_refused_before_any_step():
                                                          "engine.partition cuts") in text, said
         assert "pp rank 0: [2, 4], pp rank 1: [3, 3]" in text, said
     assert mesh.spawn(_cut_apart, 2, [[3, 3], [3, 3]], timeout=60) == ["built"] * 2
+
+
+def _one_rank_cut_apart(world):
+    """pp rank 0's two stages (interleaved) come from two different cuts."""
+    import collectives
+    import mesh
+    sched = schedules.interleaved_1f1b(2, 4, 2)
+    mine = sched.stages_of(world.rank)
+    a = partition(_mlp(), 4, [1, 1, 2, 2])
+    b = partition(_mlp(), 4, [2, 1, 1, 2]) if world.rank == 0 else a
+    loss_fn = lambda out, t: (float(((out - t) ** 2).mean()), 2 * (out - t) / out.numel())
+    try:
+        Pipeline(world, [a[mine[0]], b[mine[1]]], sched, loss_fn=loss_fn, timeout=30)
+        said = "built"
+    except (ValueError, mesh.MeshError) as e:
+        said = f"{type(e).__name__}: {e}"
+    collectives.barrier(world, timeout=30)      # (every rank stays, as a caller that goes on)
+    return said
+
+
+def test_a_rank_whose_own_stages_cut_apart_fails_every_rank():
+    """It raised alone, before the Pipeline's gather, where the other ranks
+    waited for it (their timeout; a LostPeerError once it exited)."""
+    import mesh
+    said = mesh.spawn(_one_rank_cut_apart, 2, timeout=60)
+    for r, text in enumerate(said):
+        assert text == (f"ValueError: rank {r}: Pipeline on group world: pp rank 0's stages "
+                        f"[0, 2] come from different engine.partition cuts: [(1, 1, 2, 2), "
+                        f"(2, 1, 1, 2)]"), said
