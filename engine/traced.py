@@ -283,8 +283,17 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
             self.create_proxy("call_function", torch_assert, (obj, f"assert at {where}"), {})
             return True
 
+    class Baked(Tracer):
+        proxy_buffer_attributes = False     # a buffer's value read (a flag): its value now
+
     try:
-        graph = Tracer().trace(model, concrete_args=concrete or None)
+        try:
+            graph = Tracer().trace(model, concrete_args=concrete or None)
+        except Exception as first:
+            try:
+                graph = Baked().trace(model, concrete_args=concrete or None)
+            except Exception:
+                raise first from None
     except Exception as e:
         kept = ", ".join(map(repr, concrete))
         fixed = (f"; {kept} kept {'its' if len(concrete) == 1 else 'their'} default(s): "

@@ -779,3 +779,29 @@ def test_a_meta_models_buffers_out_of_the_state_dict_are_named_as_load_cannot_fi
     assert len(first) == 1 and "stage 0: 0.position_ids (buffers with persistent=False) " \
         "are in no state dict: only init= fills them" in first[0], first
     assert "persistent=False" not in "".join(second), second    # (no such buffer there)
+
+
+class _Flagged(nn.Module):
+    """A buffer read for its value (a flag), not computed with."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.register_buffer("scale", torch.tensor(2.0))
+        self.register_buffer("deep", torch.tensor(3))
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.deep.item() > 2:
+            x = x * self.scale
+        return self.b(x)
+
+
+def test_a_buffer_read_as_a_flag_still_traces():
+    """Buffers traced as graph values (for position ids sliced by the input's
+    length) made a forward that branches on one untraceable; it traces as
+    before, the flag's value taken when traced."""
+    torch.manual_seed(0)
+    model = _Flagged()
+    x = torch.randn(2, 4)
+    assert torch.allclose(engine.sequential(model)(x), model(x))
