@@ -362,7 +362,7 @@ class Comm:
         self._splits += 1
         if bad is not None:
             raise bad
-        wrong = [r for r, (c, _) in enumerate(table) if c == -2]
+        wrong = [self.ranks[r] for r, (c, _) in enumerate(table) if c == -2]   # (world ranks)
         if wrong:
             raise ValueError(f"rank {self._t.rank}: split on group {self.name}: the color or key "
                              f"of rank(s) {wrong} is not valid (see their error)")

@@ -486,6 +486,25 @@ def test_a_split_one_rank_gives_a_bad_color_raises_on_every_rank() -> None:
     assert [s[2] for s in said] == [[0, 1, 2]] * 3, said
 
 
+def _bad_split_in_a_sub_group(world: mesh.Mesh) -> str:
+    g = world.group([1, 2])
+    if g is None:
+        return ""
+    with pytest.raises(ValueError) as e:
+        g.split(-1 if world.rank == 2 else 0, timeout=30)
+    return str(e.value)
+
+
+def test_a_bad_split_in_a_sub_group_names_the_world_rank() -> None:
+    """As every error there, the message starts with the world rank and
+    names the rank at fault by its world rank (it said group rank 1, which
+    is world rank 2: rank 1 read that it was itself at fault)."""
+    said = mesh.spawn(_bad_split_in_a_sub_group, 3, timeout=60)
+    assert said[1] == "rank 1: split on group world/[1, 2]: the color or key of rank(s) [2] " \
+                      "is not valid (see their error)", said
+    assert said[2].startswith("rank 2: split on group world/[1, 2]: color must be"), said
+
+
 def test_split_makes_groups_by_color_key_and_host() -> None:
     """MPI's Comm_split and Comm_split_type(COMM_TYPE_SHARED): a collective,
     so groups come out the same on every member whatever each made before."""
