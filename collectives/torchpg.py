@@ -37,11 +37,15 @@ from mesh import MeshTimeoutError
 from mesh import tensors as _tensors
 
 from . import api as C
+from .host.paths import _apart, _into
 from .host.paths import all_gather as _host_all_gather
 from .host.paths import all_reduce as _host_all_reduce
 from .host.paths import all_to_all as _host_all_to_all
 from .host.paths import all_to_all_v as _all_to_all_v
+from .host.paths import gather as _host_gather
 from .host.paths import monitored_barrier as _monitored_barrier
+from .host.paths import reduce_scatter as _host_reduce_scatter
+from .host.paths import scatter as _host_scatter
 from .ops import resolve
 from .shm.tiny import all_reduce as _tiny_all_reduce
 from .runner import blocking, release, start
@@ -91,18 +95,28 @@ def _write(out: torch.Tensor, value: torch.Tensor) -> None:
     out.detach().copy_(value.reshape(out.shape))
 
 
-def _views(x: torch.Tensor, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-    """The input ``x`` and the output ``out`` of a CPU collective as numpy
-    views of their memory, where the host collective can write its result
-    straight into ``out`` (dense, contiguous, ``x``'s dtype, apart from
-    ``x``): no temporary of the output's size (all_gather_into_tensor's is
-    the group's size times the input) and no copy; None: the general way."""
-    if out.layout != torch.strided or not out.is_contiguous() or out.dtype != x.dtype:
+def _np(t: torch.Tensor) -> np.ndarray | None:
+    """A dense CPU tensor's memory as numpy (mesh.tensors.cpu_numpy), else None."""
+    return _tensors.cpu_numpy(t) if t.layout == torch.strided else None
+
+
+def _views(x: torch.Tensor | None, out: Any, shape: tuple[int, ...],
+           mine: int | None = None) -> tuple[np.ndarray | None, Any] | None:
+    """The input ``x`` (None: none) and the output ``out`` (a tensor, or a
+    list of tensors, one per row) of a CPU collective as numpy views of
+    their memory, ``out``'s shaped as the host collective's result
+    ``shape`` (host.paths._into), where it can write its result straight
+    into ``out`` (dense, contiguous, ``x``'s dtype, apart from ``x`` or, given
+    ``mine``, ``x`` its row ``mine`` exactly): no temporary of the output's
+    size (all_gather_into_tensor's is the group's size times the input)
+    and no copy; None: the general way."""
+    outs = out if isinstance(out, list) else [out]
+    xa = None if x is None else _np(x)
+    oa = [a for o in outs if (a := _np(o)) is not None]
+    if x is not None and xa is None or len(oa) < len(outs):
         return None
-    xa, oa = _tensors.cpu_numpy(x), _tensors.cpu_numpy(out)
-    if xa is None or oa is None or not oa.flags.writeable or np.may_share_memory(xa, oa):
-        return None
-    return xa, oa
+    dest = _into(oa if isinstance(out, list) else oa[0], xa, shape, oa[0].dtype, mine)
+    return None if dest is None else (xa, dest)
 
 
 def _host(t: torch.Tensor, what: str) -> np.ndarray:
@@ -484,14 +498,22 @@ class ProcessGroupMeshrun(_ProcessGroup):
                for outs, x in zip(output_tensors, input_tensors)):
             return self._allgather_v(output_tensors, input_tensors, opts)
 
+        views = [_views(x, outs, (self._n,) + tuple(x.shape), self.comm.rank)
+                 for outs, x in zip(output_tensors, input_tensors)]
+
         def finish(values: list[Any]) -> None:
-            for outs, value in zip(output_tensors, values):
+            for outs, value, v in zip(output_tensors, values, views):
                 for j, o in enumerate(outs):
-                    _write(o, value[j])
-        return self._run([lambda a, x=x: C.all_gather(self.comm, x, async_op=a,
-                                                       timeout=self.timeout)
-                          for x in input_tensors], finish, _nested(output_tensors),
-                         opts.asyncOp)
+                    if v is None:
+                        _write(o, value[j])
+                    else:       # (written through numpy: autograd is told)
+                        _tensors.written(o)
+        return self._run([lambda a, x=x, v=v: C.all_gather(self.comm, x, async_op=a,
+                                                            timeout=self.timeout)
+                          if v is None else _host_all_gather(self.comm, v[0], async_op=a,
+                                                             timeout=self.timeout, out=v[1])
+                          for x, v in zip(input_tensors, views)], finish,
+                         _nested(output_tensors), opts.asyncOp)
 
     def _allgather_v(self, output_tensors: list[list[torch.Tensor]],
                      input_tensors: list[torch.Tensor], opts: Any) -> dist.Work:
@@ -538,7 +560,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                     f"elements, where {self._n} ranks' inputs of {x.numel()} "
                                     f"make {x.numel() * self._n}", opts.asyncOp, len(inputs))
 
-        views = [_views(x, o) for o, x in zip(outputs, inputs)]
+        views = [_views(x, o, (self._n,) + tuple(x.shape), self.comm.rank)
+                 for o, x in zip(outputs, inputs)]
 
         def finish(values: list[Any]) -> None:
             for o, value, v in zip(outputs, values, views):
@@ -627,12 +650,21 @@ class ProcessGroupMeshrun(_ProcessGroup):
             f = _factor(factor)
             inputs = [x.mul_(f) if own else x * f for x in inputs]
 
+        views = [None if name == "avg" and x.dtype == torch.float16    # (in float32: api's)
+                 else _views(x, o, (x.shape[0] // self._n,) + tuple(x.shape[1:]))
+                 for o, x in zip(outputs, inputs)]
+
         def finish(values: list[Any]) -> None:
-            for o, value in zip(outputs, values):
-                _write(o, value)
-        return self._run([lambda a, x=x: C.reduce_scatter(self.comm, x, op=name, async_op=a,
-                                                           timeout=self.timeout)
-                          for x in inputs], finish, outputs, opts.asyncOp)
+            for o, value, v in zip(outputs, values, views):
+                if v is None:
+                    _write(o, value)
+                else:
+                    _tensors.written(o)
+        return self._run([lambda a, x=x, v=v: C.reduce_scatter(
+            self.comm, x, op=name, async_op=a, timeout=self.timeout) if v is None
+                          else _host_reduce_scatter(self.comm, v[0], op=name, async_op=a,
+                                                    timeout=self.timeout, out=v[1])
+                          for x, v in zip(inputs, views)], finish, outputs, opts.asyncOp)
 
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
                       output_split_sizes: list[int], input_split_sizes: list[int],
@@ -640,7 +672,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
         opts = opts or c10d.AllToAllOptions()
         n = self._n
         if not output_split_sizes and not input_split_sizes:
-            if (v := _views(input, output)) is not None and output.shape == input.shape:
+            if output.shape == input.shape and (
+                    v := _views(input, output, tuple(input.shape))) is not None:
                 return self._run([lambda a: _host_all_to_all(self.comm, v[0], async_op=a,
                                                               timeout=self.timeout, out=v[1])],
                                  lambda _: _tensors.written(output), [output], opts.asyncOp)
@@ -667,15 +700,21 @@ class ProcessGroupMeshrun(_ProcessGroup):
         ins = [x.numel() for x in input_tensors]
         outs = [o.numel() for o in output_tensors]
         arr = _host(flat, self._what("all_to_all"))
+        dest = _apart([None if (o := _np(t)) is None else _into(o, arr, (t.numel(),))
+                       for t in output_tensors], self._n)
 
         def finish(values: list[Any]) -> None:
+            if dest is not None:
+                for o in output_tensors:
+                    _tensors.written(o)
+                return
             pieces = _tensors.to_torch(values[0], output_tensors[0]).split(outs)
             for o, piece in zip(output_tensors, pieces):
                 _write(o, piece)
         return self._run([lambda a: _all_to_all_v(
             self.comm, arr, ins, outs, a, self.timeout,
-            "its output tensors vs the ranks' input tensors for it", name="all_to_all")],
-                         finish, output_tensors, opts.asyncOp)
+            "its output tensors vs the ranks' input tensors for it", name="all_to_all",
+            out=dest)], finish, output_tensors, opts.asyncOp)
 
     all_gather_single = _allgather_base
     all_gather_single_coalesced = allgather_into_tensor_coalesced
@@ -694,12 +733,19 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                 f"of {[o.numel() for o in output_tensors[0]]} elements cannot "
                                 f"take {self._n} ranks' inputs of {x.numel()}", opts.asyncOp)
 
+        v = _views(x, output_tensors[0], (self._n,) + tuple(x.shape), root) \
+            if self.comm.rank == root else None
+
         def finish(values: list[Any]) -> None:
-            if values[0] is not None:
+            if v is not None:
+                for o in output_tensors[0]:
+                    _tensors.written(o)
+            elif values[0] is not None:
                 for j, o in enumerate(output_tensors[0]):
                     _write(o, values[0][j])
-        return self._run([lambda a: C.gather(self.comm, input_tensors[0], root=root,
-                                             async_op=a, timeout=self.timeout)],
+        return self._run([lambda a: C.gather(self.comm, x, root=root, async_op=a,
+                                             timeout=self.timeout) if v is None
+                          else _host_gather(self.comm, v[0], root, a, self.timeout, out=v[1])],
                          finish, _nested(output_tensors), opts.asyncOp)
 
     def scatter(self, output_tensors: list[torch.Tensor],
@@ -715,8 +761,13 @@ class ProcessGroupMeshrun(_ProcessGroup):
             return self._refuse("scatter", f"the root's {len(input_tensors[0])} inputs of "
                                 f"{[x.numel() for x in input_tensors[0]]} elements are not "
                                 f"{self._n} of its output's {out.numel()}", opts.asyncOp)
-        src = (torch.stack([x.detach() for x in input_tensors[0]])
-               if self.comm.rank == root else out)
+        mine = self.comm.rank == root
+        src = torch.stack([x.detach() for x in input_tensors[0]]) if mine else out
+        v = _views(src if mine else None, out, tuple(src.shape[1:] if mine else out.shape))
+        if v is not None:
+            return self._run([lambda a: _host_scatter(
+                self.comm, v[0], root, a, self.timeout, v[1].dtype, tuple(out.shape), v[1])],
+                             lambda _: _tensors.written(out), output_tensors, opts.asyncOp)
         return self._run([lambda a: C.scatter(self.comm, src, root=root, async_op=a,
                                               timeout=self.timeout, shape=tuple(out.shape))],
                          lambda v: _write(out, v[0]), output_tensors, opts.asyncOp)

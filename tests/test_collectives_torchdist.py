@@ -3,6 +3,7 @@ own calls, checked against the values they must give; DDP against
 single-process training; mismatches; every way torch initializes."""
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -439,13 +440,22 @@ def test_every_torch_collective_and_p2p_gives_the_expected_values_3_ranks() -> N
     assert mesh.spawn(battery, 3, timeout=90) == ["ok"] * 3
 
 
+def _vm(key: str) -> float:
+    """This process's /proc/self/status ``key`` (VmRSS, VmHWM) in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
 def _peak_extra(call: Any) -> float:
     """MiB this process's peak RSS grew by during ``call()`` (its operands
-    allocated and touched before: the growth is what the call made)."""
-    import resource
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    allocated and touched before: the growth is what the call made); the
+    high-water mark reset first, so that calls measured one after another
+    each count only their own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _vm("VmRSS")
     call()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return _vm("VmHWM") - base
 
 
 def outputs_in_place(world: Any, mib: int) -> dict[str, Any]:
@@ -492,17 +502,30 @@ def written_outputs_tell_autograd(world: Any) -> list[str]:
     _init()
     r, n = dist.get_rank(), dist.get_world_size()
     said = []
-    for name, x, async_op in [("all_gather_into_tensor", torch.full((2,), r + 1.0), False),
-                              ("all_gather_into_tensor", torch.full((2,), r + 1.0), True),
-                              ("all_to_all_single", torch.full((2 * n,), r + 1.0), False),
-                              ("all_to_all_single", torch.full((2 * n,), r + 1.0), True)]:
+    x2, xn = torch.full((2,), r + 1.0), torch.full((2 * n,), r + 1.0)
+    rows = [torch.full((2,), j + 1.0) for j in range(n)]
+    calls = {   # each writes into out (a list: its first), as the direct paths do
+        "all_gather_into_tensor": lambda out, a: dist.all_gather_into_tensor(out, x2, async_op=a),
+        "all_to_all_single": lambda out, a: dist.all_to_all_single(out, xn, async_op=a),
+        "reduce_scatter_tensor": lambda out, a: dist.reduce_scatter_tensor(out[:2], xn,
+                                                                           async_op=a),
+        "all_gather": lambda out, a: dist.all_gather(list(out.split(2)), x2, async_op=a),
+        "gather": lambda out, a: dist.gather(x2, list(out.split(2)) if r == 0 else None,
+                                             dst=0, async_op=a),
+        "scatter": lambda out, a: dist.scatter(out[:2], rows if r == 0 else None, src=0,
+                                               async_op=a),
+        "all_to_all": lambda out, a: dist.all_to_all(list(out.split(2)), list(xn.split(2)),
+                                                     async_op=a),
+    }
+    for (name, call), async_op in itertools.product(calls.items(), (False, True)):
         w = torch.ones(2 * n, requires_grad=True)
         out = torch.zeros(2 * n)
         y = (out * w).sum()                 # saves out, for w's gradient
-        call = getattr(dist, name)
-        work = call(out, x, async_op=async_op)
+        work = call(out, async_op)
         if async_op:
             work.wait()
+        if name == "gather" and r:
+            continue                            # (only the root's output is written)
         try:
             y.backward()
             said.append(f"{name} async_op={async_op}: backward used the overwritten output")
@@ -514,6 +537,77 @@ def written_outputs_tell_autograd(world: Any) -> list[str]:
 
 def test_outputs_written_in_place_are_seen_by_autograd() -> None:
     assert mesh.spawn(written_outputs_tell_autograd, 2, timeout=60) == [[], []]
+
+
+def lists_in_place(world: Any, mib: int) -> dict[str, Any]:
+    """all_gather's and gather's output lists, reduce_scatter_tensor's,
+    reduce_scatter's and scatter's output and all_to_all's output list, of
+    CPU tensors, take the results straight: no temporary of the outputs'
+    size; so do the all_gathers in place (the input this rank's row of the
+    output, as FSDP passes it). Each call's values are checked, made
+    synchronously and with async_op=True; the peak memory each call adds
+    (its operands allocated and touched before) in MiB, per op."""
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    k = (mib << 20) // 4
+    x = torch.full((k,), float(r + 1))
+    outs = [torch.zeros(k) for _ in range(n)]
+    one = torch.zeros(k)
+    rows = [torch.full((k,), float(j + 1)) for j in range(n)]
+    blocks = [torch.full((k,), float(10 * r + j)) for j in range(n)]
+    whole = torch.full((n * k,), float(r + 1))
+    flat = torch.zeros(n * k)
+    own = flat[r * k:(r + 1) * k]
+    gathered = lambda: all(bool((o == j + 1).all()) for j, o in enumerate(outs))  # noqa: E731
+    calls = {   # op: (call(async_op), the values it must give)
+        "all_gather": (lambda a: dist.all_gather(outs, x, async_op=a), gathered),
+        "all_gather in place": (lambda a: dist.all_gather(outs, outs[r].fill_(r + 1),
+                                                          async_op=a), gathered),
+        "all_gather_into_tensor in place": (
+            lambda a: dist.all_gather_into_tensor(flat, own.fill_(r + 1), async_op=a),
+            lambda: all(bool((flat[j * k:(j + 1) * k] == j + 1).all()) for j in range(n))),
+        "gather": (lambda a: dist.gather(x, outs if r == 0 else None, dst=0, async_op=a),
+                   lambda: r or all(bool((o == j + 1).all()) for j, o in enumerate(outs))),
+        "scatter": (lambda a: dist.scatter(one, rows if r == 0 else None, src=0, async_op=a),
+                    lambda: bool((one == r + 1).all())),
+        "reduce_scatter_tensor": (
+            lambda a: dist.reduce_scatter_tensor(one, whole, async_op=a),
+            lambda: bool((one == n * (n + 1) // 2).all())),
+        "reduce_scatter": (lambda a: dist.reduce_scatter(one, rows, async_op=a),
+                           lambda: bool((one == (r + 1) * n).all())),
+        "all_to_all": (lambda a: dist.all_to_all(outs, blocks, async_op=a),
+                       lambda: all(bool((o == 10 * j + r).all()) for j, o in enumerate(outs))),
+    }
+    extra, ok = {}, {}
+    for op, (call, check) in calls.items():
+        for t in outs + [one, flat]:
+            t.zero_()
+        extra[op] = _peak_extra(lambda: call(False))
+        ok[op] = check()
+        for t in outs + [one, flat]:
+            t.zero_()
+        call(True).wait()
+        ok[op + " async"] = check()
+    dist.destroy_process_group()
+    return {"extra": extra, "ok": ok}
+
+
+def test_list_collectives_and_reduce_scatter_need_no_output_sized_temporary() -> None:
+    mib = 32
+    got = mesh.spawn(lists_in_place, 2, mib, timeout=120)
+    for r, o in enumerate(got):
+        assert all(o["ok"].values()), got
+        e = o["extra"]
+        # before: all_gather's (in place too) and the root's gather's 64 MiB, scatter's
+        # 32 MiB row, the 32 MiB output of reduce_scatter_tensor, reduce_scatter, all_to_all
+        for op in ("all_gather", "all_gather in place", "all_gather_into_tensor in place",
+                   "gather", "reduce_scatter_tensor"):
+            assert e[op] < 12, f"{op}: peak MiB beyond the operands, per rank: {got}"
+        # what stays: the root's stack of scatter's and reduce_scatter's inputs, all_to_all's
+        # joined input and the blocks it receives
+        assert e["scatter"] < (2 * mib if r == 0 else 0) + 12, got
+        assert e["reduce_scatter"] < 2 * mib + 12, got
+        assert e["all_to_all"] < 3 * mib + 12, got
 
 
 def _model() -> Any:

@@ -81,18 +81,41 @@ def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
     return a
 
 
-def _into(out: np.ndarray | None, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+def _into(out: Any, arr: np.ndarray | None, shape: tuple[int, ...],
+          dtype: Any = None, mine: int | None = None) -> Any:
     """``out`` (a result's memory given by the caller: the torch backend's
     output tensor, so that no second result of its size is made) as the
-    result's shape, or None where it cannot be written straight: not a
-    C-contiguous writable array of ``arr``'s dtype and size, or one that
-    overlaps ``arr`` (the call then makes its own and the caller copies)."""
-    if (out is None or type(out) is not np.ndarray or out.dtype != arr.dtype
-            or dtype_name(out.dtype) != dtype_name(arr.dtype)
+    result's ``shape``, or None where it cannot be written straight: not a
+    C-contiguous writable array of ``arr``'s dtype (``dtype`` where there is
+    no ``arr``) and size, or one that overlaps ``arr`` (the call then makes
+    its own and the caller copies). A list (of shape[0] such arrays apart
+    from each other, one per row) is returned as the list of its rows, each
+    shaped shape[1:]. ``arr`` may be row ``mine`` of ``out`` exactly (a
+    gather's own row, in place as FSDP passes it: the paths write there
+    only the values it holds)."""
+    if isinstance(out, list):
+        return _apart([_into(o, arr, shape[1:], dtype, 0 if j == mine else None)
+                       for j, o in enumerate(out)], shape[0])
+    want = np.dtype(dtype) if arr is None else arr.dtype
+    if (out is None or type(out) is not np.ndarray or out.dtype != want
+            or dtype_name(out.dtype) != dtype_name(want)
             or out.size != int(np.prod(shape)) or not out.flags.c_contiguous
-            or not out.flags.writeable or np.may_share_memory(out, arr)):
+            or not out.flags.writeable):
+        return None
+    if arr is not None and np.may_share_memory(out, arr) and (
+            mine is None or not arr.flags.c_contiguous
+            or arr.ctypes.data != out.ctypes.data + mine * arr.nbytes):
         return None
     return out.reshape(shape)
+
+
+def _apart(rows: list[Any], n: int) -> list[Any] | None:
+    """``rows`` (_into's of a list), or None where they are not ``n``, one
+    is None or two overlap."""
+    if len(rows) != n or any(o is None for o in rows):
+        return None
+    spans = sorted((o.ctypes.data, o.nbytes) for o in rows)
+    return None if any(a + k > b for (a, k), (b, _) in zip(spans, spans[1:])) else rows
 
 
 def _fp(coll: str, a: np.ndarray | None = None, **kw: Any) -> dict:
@@ -266,55 +289,62 @@ def reduce(g: Comm, a: np.ndarray, root: int = 0, op: str = "sum", async_op: boo
 def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None,
                out: np.ndarray | None = None) -> Any:
     """Every rank's ``a`` stacked in rank order: shape (g.size, *a.shape);
-    into ``out`` when given (see _into: the torch backend's output)."""
+    into ``out`` when given (see _into: the torch backend's output, or its
+    list of g.size tensors, which the same-host board fills row by row)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("all_gather", a)
         lay = layout("all_gather", t)
-        dest = _into(out, arr, (g.size,) + arr.shape)
+        dest = _into(out, arr, (g.size,) + arr.shape, mine=g.rank)
 
-        def body(ctx: Ctx) -> np.ndarray:
+        def body(ctx: Ctx) -> Any:
             n = ctx.g.size
-            out = np.empty((n,) + arr.shape, arr.dtype) if dest is None else dest
-            topo = _topology(ctx, "all_gather", lay, out.nbytes)
+            topo = _topology(ctx, "all_gather", lay, n * arr.nbytes)
+            if topo is None and board.available(ctx):
+                out = np.empty((n,) + arr.shape, arr.dtype) if dest is None else dest
+                local.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
+                return out
+            out = dest if type(dest) is np.ndarray else np.empty((n,) + arr.shape, arr.dtype)
             if topo is not None:
                 hier.all_gather(ctx, topo, arr, out, out.nbytes >= t.small)
-            elif board.available(ctx):
-                local.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
             else:
                 out[ctx.g.rank] = arr
                 ring(ctx, out.reshape(-1), None, n - 1, 0)
-            return out
+            for row, o in zip(out, dest if isinstance(dest, list) else []):
+                o[...] = row    # (rows of the caller's: these paths write one array)
+            return out if dest is None else dest
         return _fp("all_gather", arr, hier=lay), body
     return start(g, "all_gather", prepare, async_op, timeout,
                  _skipped(g, "all_gather", a, 0, None))
 
 
 def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
-                   timeout: float | None = None) -> Any:
+                   timeout: float | None = None, out: np.ndarray | None = None) -> Any:
     """Reduce ``a`` (a.shape[0] divisible by g.size) over the group and return
-    this rank's share: rows [rank*m, (rank+1)*m) of the result, m = shape[0]/size."""
+    this rank's share: rows [rank*m, (rank+1)*m) of the result, m = shape[0]/size;
+    into ``out`` when given (_into)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = _array("reduce_scatter", a)
         _rows("reduce_scatter", arr, g.size)
         rop = resolve(op, arr.dtype)
         lay = layout("reduce_scatter", t)
+        dest = _into(out, arr, (arr.shape[0] // g.size,) + arr.shape[1:])
 
         def body(ctx: Ctx) -> np.ndarray:
             n, m, rank = ctx.g.size, arr.shape[0] // ctx.g.size, ctx.g.rank
+            mine = np.empty((m,) + arr.shape[1:], arr.dtype) if dest is None else dest
             topo = _topology(ctx, "reduce_scatter", lay, arr.nbytes)
             if topo is not None:
                 work = np.array(arr, order="C")
                 hier.all_reduce(ctx, topo, work.reshape(-1), rop,
                                 choose("all_reduce", work.nbytes, t, "hier"))
-                mine = work[rank * m:(rank + 1) * m].copy()
+                mine[...] = work[rank * m:(rank + 1) * m]
             elif board.available(ctx):
-                mine = np.empty((m,) + arr.shape[1:], arr.dtype)
                 local.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
                                      mine.reshape(-1), rop)
             else:
                 work = np.array(arr, order="C")
                 ring(ctx, work.reshape(-1), rop, n - 1, n - 1, shift=-1)
-                mine = work[rank * m:(rank + 1) * m].copy()
+                mine[...] = work[rank * m:(rank + 1) * m]
             rop.finish(mine, n)
             return mine
         return _fp("reduce_scatter", arr, op=op, hier=lay), body
@@ -323,15 +353,18 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 
 
 def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
-           timeout: float | None = None) -> Any:
+           timeout: float | None = None, out: Any = None) -> Any:
     """Every rank's ``a`` stacked on the root (shape (g.size, *a.shape));
-    None on the other ranks."""
+    None on the other ranks; on the root into ``out`` when given (_into:
+    an array, or a list of g.size rows)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = np.asarray(_array("gather", a), order="C")   # ascontiguousarray makes 0-d 1-d
         r = _root(g, root)
+        dest = _into(out, arr, (g.size,) + arr.shape, mine=r)
 
-        def body(ctx: Ctx) -> np.ndarray | None:
-            out = np.empty((ctx.g.size,) + arr.shape, arr.dtype) if ctx.g.rank == r else None
+        def body(ctx: Ctx) -> Any:
+            out = None if ctx.g.rank != r else np.empty(
+                (ctx.g.size,) + arr.shape, arr.dtype) if dest is None else dest
             if board.available(ctx):
                 local.gather(ctx, arr.reshape(-1), out, r)
             else:
@@ -343,21 +376,25 @@ def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
 
 def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
             timeout: float | None = None, dtype: Any = None,
-            shape: tuple[int, ...] | None = None) -> Any:
+            shape: tuple[int, ...] | None = None, out: np.ndarray | None = None) -> Any:
     """Row i of the root's ``a`` (shape (g.size, ...)) to rank i; returns this
     rank's row. ``a`` is ignored (may be None) on the other ranks; there
     ``dtype`` (a tensor's, given to get the row back as one like it) and
     ``shape`` are what the row must have: another raises MismatchError
     naming both (on every rank where the same-host board carries the
-    call)."""
+    call). ``out``: where the row goes (_into; given with ``dtype`` and
+    ``shape`` off the root)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         r = _root(g, root)
-        src = None
+        src = dest = None
         if g.rank == r:
             src = np.asarray(_array("scatter", a), order="C")
             if src.ndim == 0 or src.shape[0] != g.size:
                 raise ValueError(f"scatter needs the root's array shaped (group size "
                                  f"{g.size}, ...), got shape {src.shape}")
+            dest = _into(out, src, src.shape[1:])
+        elif dtype is not None and shape is not None:
+            dest = _into(out, None, tuple(shape), dtype)
         want = None if dtype is None or g.rank == r else np.dtype(dtype)
         form = None if shape is None or g.rank == r else tuple(shape)
 
@@ -365,15 +402,18 @@ def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
             if src is None:
                 row = ctx.recv(r)
                 _row_as_wanted(ctx, want, form, row.dtype, row.shape, r)
-                return row
-            out = np.empty(src.shape[1:], src.dtype)
-            scatter_direct(ctx, src, out, r)
-            return out
+                if dest is None:
+                    return row
+                dest[...] = row
+                return dest
+            row = np.empty(src.shape[1:], src.dtype) if dest is None else dest
+            scatter_direct(ctx, src, row, r)
+            return row
 
         def body(ctx: Ctx) -> np.ndarray:
             if board.available(ctx):
                 return local.scatter(ctx, src, r, lambda dt, sh: _row_as_wanted(
-                    ctx, want, form, dt, sh, r))
+                    ctx, want, form, dt, sh, r), dest)
             return agreed(sockets)(ctx)
         return _fp("scatter", root=r), body
     return start(g, "scatter", prepare, async_op, timeout)
@@ -418,7 +458,8 @@ def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
 def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
                  async_op: bool = False, timeout: float | None = None,
                  sizes: str = "recv_counts vs send_counts",
-                 check: Callable[[], Any] | None = None, name: str = "all_to_all_v") -> Any:
+                 check: Callable[[], Any] | None = None, name: str = "all_to_all_v",
+                 out: list[np.ndarray] | None = None) -> Any:
     """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
     ``a`` go to rank i; the result holds rank j's block at out_splits'
     offset j. Each block carries, in its fingerprint, the rows it holds
@@ -429,10 +470,11 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
     run first under the call's tag, may raise for the caller's other
     arguments, failing it on every rank. ``name``: the caller's call (the torch
     backend's: in errors and fingerprints, an uneven all_gather meeting an
-    even one names both)."""
+    even one names both). ``out``: a list of g.size arrays that take the
+    blocks received, as _into takes them (the torch backend's tensors)."""
     n = g.size
 
-    def prepare(_: Any) -> tuple[dict, Callable[[Ctx], np.ndarray]]:
+    def prepare(_: Any) -> tuple[dict, Callable[[Ctx], Any]]:
         if check is not None:
             check()
         arr = np.asarray(_array(name, a), order="C")
@@ -455,6 +497,8 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
         rest = arr.shape[1:]
         ioff = np.concatenate([[0], np.cumsum(in_splits)]).astype(int)
         ooff = np.concatenate([[0], np.cumsum(out_splits)]).astype(int)
+        dest = None if out is None else _apart([_into(o, arr, (k,) + rest)
+                                                for o, k in zip(out, out_splits)], n)
 
         def pair(src: int, dst: int, there: int, back: int) -> dict:
             """The fingerprint of a block from ``src`` to ``dst`` of ``there``
@@ -463,22 +507,23 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
                 src, dst, there, back = dst, src, back, there
             return {**ctx_fp, "rows": f"{src}->{dst} {there}, {dst}->{src} {back}"}
 
-        def body(ctx: Ctx) -> np.ndarray:
+        def body(ctx: Ctx) -> Any:
             me = ctx.g.rank
-            out = np.empty((int(ooff[-1]),) + rest, arr.dtype)
+            out: Any = np.empty((int(ooff[-1]),) + rest, arr.dtype) if dest is None else dest
+            blocks = dest or [out[ooff[j]:ooff[j + 1]] for j in range(n)]
             recvs = [(j, ctx.irecv(j, fp=pair(j, me, out_splits[j], in_splits[j])))
                      for j in range(n) if j != me]
             sends = [ctx.isend(arr[ioff[i]:ioff[i + 1]], i,
                                fp=pair(me, i, in_splits[i], out_splits[i]))
                      for i in range(n) if i != me]
-            out[ooff[me]:ooff[me + 1]] = arr[ioff[me]:ioff[me + 1]]
+            blocks[me][...] = arr[ioff[me]:ioff[me + 1]]
             for j, r in recvs:
                 got = r.wait()
                 if got.shape[0] != out_splits[j]:
                     raise MismatchError(
                         f"{ctx.where()}: rank {me} expects {out_splits[j]} rows from rank {j}, "
                         f"which sent {got.shape[0]} ({sizes})")
-                out[ooff[j]:ooff[j + 1]] = got
+                blocks[j][...] = got
             for s in sends:
                 s.wait()
             return out

@@ -106,15 +106,18 @@ def reduce_chain(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
             req.wait()
 
 
-def gather_direct(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) -> None:
-    """Every rank sends its ``buf`` to the root, straight into row i of ``out``."""
+def gather_direct(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray] | None,
+                  root: int) -> None:
+    """Every rank sends its ``buf`` to the root, straight into row i of
+    ``out`` (or a list of rows shaped as ``buf``)."""
     n, rank = ctx.g.size, ctx.g.rank
     if rank != root:
         ctx.send(buf, root)
         return
     assert out is not None
-    reqs = [ctx.irecv(i, out[i, ...]) for i in range(n) if i != rank]   # 0-d rows too
-    out[rank] = buf.reshape(out.shape[1:])
+    rows = out if isinstance(out, list) else [out[i, ...] for i in range(n)]  # 0-d rows too
+    reqs = [ctx.irecv(i, rows[i]) for i in range(n) if i != rank]
+    rows[rank][...] = buf.reshape(rows[rank].shape)
     for req in reqs:
         req.wait()
 

@@ -22,7 +22,7 @@ owner alone), so all ranks get the same bits.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -200,14 +200,19 @@ def reduce_scatter(ctx: Ctx, buf: np.ndarray, out: np.ndarray, op: ReduceOp) -> 
         r.wait_stage(r.peers, 2)
 
 
-def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray) -> None:
-    """Row p of ``out`` (rows of buf.size) = rank p's flat ``buf``."""
-    rows = out.reshape(ctx.g.size, -1)
-    rows[ctx.g.rank] = buf
+def _flat_rows(out: np.ndarray | list[np.ndarray], n: int) -> list[Any]:
+    """``out``'s n rows (an array's, or a list of contiguous arrays), flat."""
+    return [o.reshape(-1) for o in out] if isinstance(out, list) else list(out.reshape(n, -1))
+
+
+def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray]) -> None:
+    """Row p of ``out`` (rows of buf.size; or a list of them) = rank p's flat ``buf``."""
+    rows = _flat_rows(out, ctx.g.size)
+    rows[ctx.g.rank][...] = buf
     with Round(ctx) as r:
         if _small(ctx, buf):
             r.post(payload=buf)
-            r.gather(list(rows))
+            r.gather(rows)
             return
         r.post(addr=buf.ctypes.data)
         addrs = r.gather()
@@ -274,11 +279,14 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
 
 
 def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
-            check: Callable[[np.dtype, tuple[int, ...]], None] | None = None) -> np.ndarray:
-    """Rank p reads row p of the root's ``src`` (shaped (n, ...)); the root
-    posts the rows' dtype (bfloat16's named) and shape with the buffer's
-    address. ``check(dtype, shape)`` may refuse the rows before a byte is read;
-    the root waits for every reader, so its raise fails the root's call too."""
+            check: Callable[[np.dtype, tuple[int, ...]], None] | None = None,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """Rank p reads row p of the root's ``src`` (shaped (n, ...)) into
+    ``out`` (given: the row's dtype and shape, which ``check`` ensures) or a
+    new array; the root posts the rows' dtype (bfloat16's named) and shape
+    with the buffer's address. ``check(dtype, shape)`` may refuse the rows
+    before a byte is read; the root waits for every reader, so its raise
+    fails the root's call too."""
     rank = ctx.g.rank
     with Round(ctx) as r:
         if src is not None:
@@ -287,25 +295,30 @@ def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
             r.post(payload=np.frombuffer(meta, np.uint8), addr=src.ctypes.data)
             r.gather()
             r.wait_stage(r.peers, 2)
-            return src[rank, ...].copy()   # a 0-d array for 1-d src, not a numpy scalar
+            if out is None:
+                return src[rank, ...].copy()   # a 0-d array for 1-d src, not a numpy scalar
+            out[...] = src[rank]
+            return out
         r.post()
         addrs = r.gather()
         dtype, shape, bf16 = msgpack.unpackb(r.payload_of(root).tobytes())
         dt = BFLOAT16 if bf16 else np.dtype(dtype)
         if check is not None:
             check(dt, tuple(shape))
-        out = np.empty(shape, dt)
+        if out is None:
+            out = np.empty(shape, dt)
         if out.size:
             peer_read(ctx, root, addrs[root] + rank * out.nbytes, out.reshape(-1))
         r.stage(2)
         return out
 
 
-def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) -> None:
-    """The root collects every rank's flat ``buf`` into row p of ``out``:
-    as payloads when small, else straight from the ranks' buffers."""
+def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray] | None,
+           root: int) -> None:
+    """The root collects every rank's flat ``buf`` into row p of ``out`` (or
+    a list of rows): as payloads when small, else straight from the ranks' buffers."""
     is_root = ctx.g.rank == root
-    rows = None if out is None else out.reshape(ctx.g.size, -1)
+    rows = None if out is None else _flat_rows(out, ctx.g.size)
     with Round(ctx) as r:
         if _small(ctx, buf):
             r.post(payload=None if is_root else buf)
@@ -323,7 +336,7 @@ def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | None, root: int) -> None
                     peer_read(ctx, p, addrs[p], rows[p])
             r.stage(2)
     if rows is not None:
-        rows[root] = buf
+        rows[root][...] = buf
 
 
 def all_to_all(ctx: Ctx, src: np.ndarray, out: np.ndarray) -> None:
