@@ -39,12 +39,35 @@ def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
 
 
+def _reap_stale() -> None:
+    """Delete the namespaces of test processes that died without their
+    exit (a pytest killed by a timeout): each name carries its maker's pid."""
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 4 or parts[0] != "mesh" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue                    # (its maker lives: another run's)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        _ip("netns", "del", name)
+        shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+
+
 class Hosts:
-    """Two namespaces with a veth pair between them; deleted on exit."""
+    """Two namespaces with a veth pair between them; deleted on exit (and,
+    where a run died before its exit, by the next run)."""
 
     def __init__(self) -> None:
         tok = secrets.token_hex(3)
-        self.ns = [f"mesh-{tok}-0", f"mesh-{tok}-1"]
+        self.ns = [f"mesh-{os.getpid()}-{tok}-0", f"mesh-{os.getpid()}-{tok}-1"]
         self.dev = [f"mr{tok}a", f"mr{tok}b"]
 
     def __enter__(self) -> "Hosts":
@@ -52,6 +75,7 @@ class Hosts:
             pytest.skip("no `ip` command (iproute2) to make network namespaces")
         if os.geteuid() != 0:
             pytest.skip("network namespaces need root")
+        _reap_stale()
         made = _ip("netns", "add", self.ns[0])
         if made.returncode != 0:
             pytest.skip(f"cannot make a network namespace: {made.stderr.strip()}")
