@@ -53,7 +53,7 @@ def check_comm(g: Comm | None, name: str) -> None:
     kind = type(g).__name__
     if hasattr(g, "axes") and hasattr(g, "group"):
         hint = "a mesh.Grid: pass the group of one of its axes, grid.group('dp')"
-    elif "ProcessGroup" in kind or "ProcessGroup" in [c.__name__ for c in type(g).__mro__]:
+    elif any("ProcessGroup" in c.__name__ for c in type(g).__mro__):
         hint = ("a torch.distributed group: collectives.torchdist.comm_of(group) is its "
                 "meshrun communicator (on the 'meshrun' backend)")
     else:

@@ -19,6 +19,7 @@ import pytest
 
 import collectives as C
 import mesh
+from proctools import rank_env, run_in_session
 
 VICTIM = 2
 
@@ -201,17 +202,20 @@ print("alive", sum(type(o) is mesh.Mesh for o in gc.get_objects()))
 """
 
 
+def _meshrun_2(tmp_path: Any, program: str) -> tuple[int, str]:
+    """``program`` run by meshrun on 2 ranks: (exit code, output)."""
+    script = tmp_path / "program.py"
+    script.write_text(program)
+    return run_in_session([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
+                          rank_env(), 120)
+
+
 def test_a_closed_mesh_is_not_kept_alive_by_its_collectives(tmp_path: Any) -> None:
     """The collectives' state of a group (its lane, the watches of calls
     with a root) goes when its mesh closes: each closed mesh, its transport
     and its threads' objects were kept for good."""
-    import subprocess
-    script = tmp_path / "closed.py"
-    script.write_text(_CLOSED_MESHES)
-    r = subprocess.run([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
-                       capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(os.path.dirname(C.__path__[0]))))
-    assert r.returncode == 0 and r.stdout.count("alive 0") == 2, r.stdout + r.stderr
+    code, out = _meshrun_2(tmp_path, _CLOSED_MESHES)
+    assert code == 0 and out.count("alive 0") == 2, out
 
 
 _UNWAITED_AT_EXIT = """\
@@ -232,13 +236,8 @@ def test_a_rank_that_exits_with_a_collective_in_flight_does_not_crash(tmp_path: 
     program ends: the interpreter's exit ran weakref's finalizers, which
     unmapped the group's same-host boards under the lane (SIGSEGV, exit
     code 139), before the mesh's own exit hook had closed it."""
-    import subprocess
-    script = tmp_path / "unwaited.py"
-    script.write_text(_UNWAITED_AT_EXIT)
-    r = subprocess.run([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
-                       capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(os.path.dirname(C.__path__[0]))))
-    assert r.returncode == 0 and r.stdout.count("leaving") == 2, r.stdout + r.stderr
+    code, out = _meshrun_2(tmp_path, _UNWAITED_AT_EXIT)
+    assert code == 0 and out.count("leaving") == 2, out
 
 
 def _status_in_a_board_wait(world: Any) -> str:

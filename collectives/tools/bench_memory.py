@@ -338,18 +338,13 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-@checked
-def _sizes(text: str) -> list[int]:
-    return parse_sizes(text)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench_memory",
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--nprocs", default=[2, 4], type=positive_list,
                     help="rank counts, e.g. 2,4 (at least 2)")
-    ap.add_argument("--sizes", default=[64 << 20, 256 << 20], type=_sizes,
+    ap.add_argument("--sizes", default=[64 << 20, 256 << 20], type=checked(parse_sizes),
                     help="each rank's input, e.g. 64M,256M")
     ap.add_argument("--ops", default=list(OPS), type=names_in(OPS))
     ap.add_argument("--frameworks", default=list(FRAMEWORKS), type=names_in(FRAMEWORKS),
