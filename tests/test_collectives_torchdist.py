@@ -1072,3 +1072,26 @@ def test_a_torch_older_than_the_backend_needs_is_refused_by_name() -> None:
             td._check_torch(old)
     for ok in ("2.8.0", "2.13.0+cpu", "2.14.1", "3.0.0a0+git1234", "nightly"):
         td._check_torch(ok)
+
+
+def torch_group_for_meshrun(world: Any) -> str:
+    import numpy as np
+
+    import collectives as C
+    _init()
+    try:
+        C.all_reduce(dist.new_group([0, 1]), np.ones(2))
+        return "no error"
+    except TypeError as e:
+        return str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_torch_group_given_to_meshruns_collectives_says_what_to_pass() -> None:
+    """A torch group where meshrun's own API wants its communicator: the
+    error names it and the call that gives the communicator (it was a
+    bare AttributeError)."""
+    for r, said in enumerate(mesh.spawn(torch_group_for_meshrun, 2, timeout=60)):
+        assert said.startswith(f"rank {r}: all_reduce: the communicator is a torch.distributed "
+                               "group: collectives.torchdist.comm_of(group)"), said
