@@ -94,12 +94,14 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     cut: dict[int, Any] = {}       # a tied parameter is cut once, its shard shared
     for name, (sub, style) in todo.items():
         _shard(torch, name, sub, style, group, cut)
+    nn = torch.nn
     for sub in module.modules():    # torch's fused inference path would read the shards
-        if not any(hasattr(m, "_tp") for m in sub.modules()):   # as whole weights, and
-            continue                        # the collectives take no nested tensor
-        if isinstance(sub, torch.nn.TransformerEncoderLayer):
+        if not isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) or not any(
+                hasattr(m, "_tp") for m in sub.modules()):  # as whole weights, and the
+            continue                                        # collectives take no nested tensor
+        if isinstance(sub, nn.TransformerEncoderLayer):
             sub.activation_relu_or_gelu = 0     # (what turns that path off, and only that)
-        elif isinstance(sub, torch.nn.TransformerEncoder):
+        else:
             sub.use_nested_tensor = False
     return module
 
