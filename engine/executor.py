@@ -529,6 +529,22 @@ def _joined(parts: list[Any]) -> Any:
     return np.concatenate([np.asarray(p) for p in parts])
 
 
+def _in_action(e: MeshError, where: str) -> MeshError:
+    """``e`` again (its class, its peer, its traceback), its message saying
+    ``where`` after the rank that raised it: a receive's own message names
+    only its tag."""
+    msg = str(e)
+    head, sep, rest = msg.partition(": ")
+    if not (sep and head.startswith("rank ")):
+        head, rest = "", msg
+    text = f"{head}: {where}: {rest}" if head else f"{where}: {rest}"
+    try:
+        new = type(e)(text, e.peer) if isinstance(e, LostPeerError) else type(e)(text)
+    except Exception:                        # a class with its own arguments: as it was
+        return e
+    return new.with_traceback(e.__traceback__)
+
+
 def stages_for_rank(all_stages: Sequence[Any], schedule: Schedule, pp_rank: int) -> list[Any]:
     """This rank's stage objects, in stage order, out of the whole model's."""
     return [all_stages[s] for s in schedule.stages_of(pp_rank)]
@@ -651,9 +667,12 @@ class _Step:
                 self.sends.append(pipe.pp.isend(v, dst, tag=tag))
             return "s"
         elif a.kind in (RECV_F, RECV_B):
-            value = self.recvs.pop(a).wait(pipe.timeout)
-            if isinstance(value, dict) and _PARTS in value:
-                value = self._parts(a, value)
+            try:
+                value = self.recvs.pop(a).wait(pipe.timeout)
+                if isinstance(value, dict) and _PARTS in value:
+                    value = self._parts(a, value)
+            except MeshError as e:
+                raise _in_action(e, self._receiving(a)) from None
             (self.xs if a.kind == RECV_F else self.gys)[_key(a)] = value
             return "f"
         elif a.kind == AR:
@@ -671,6 +690,14 @@ class _Step:
                 self.opt_state = copy.deepcopy(pipe.optimizer.state_dict())
             pipe.optimizer(stage)
         return ""
+
+    def _receiving(self, a: Action) -> str:
+        """What receive ``a`` waits for, in the user's terms (for errors)."""
+        sched = self.pipe.schedule
+        _, src, dst, mb = message_key(a)
+        what = "activation" if a.kind == RECV_F else "gradient"
+        return (f"pipeline step {self.n} ({sched.name}), {a}: stage {dst} waits for stage "
+                f"{src}'s {what} of micro-batch {mb} from pp rank {sched.rank_of(src)}")
 
     def _parts(self, a: Action, header: dict[str, Any]) -> tuple[Any, ...]:
         """The tuple a header announced: its parts follow it on the same

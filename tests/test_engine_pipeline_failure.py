@@ -297,3 +297,26 @@ def test_a_failed_step_undoes_an_optimizer_that_ran():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
     for a, b in zip(p0 + p1, ref_params, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def _extra_step_worker(world):
+    sched = schedules.one_f_one_b(2, 2)
+    mine = stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
+    pipe = Pipeline(world, mine, sched, loss_fn=mse_loss, timeout=3)
+    x, y = np.ones((4, 3)), np.ones((4, 2))
+    for _ in range(3 if world.rank == 0 else 2):   # rank 0 runs one step more
+        try:
+            pipe.step(x if pipe.first else None, y if pipe.last else None)
+        except mesh.MeshError as e:
+            return type(e).__name__, str(e)
+    return None
+
+
+def test_a_step_left_waiting_names_the_step_and_the_stage_not_only_a_tag():
+    """A rank that runs a step its peer never runs fails (its peer leaves:
+    a lost peer) naming the step, the action and the stage it waited for,
+    not only an internal tag; the error keeps its class."""
+    kind, text = mesh.spawn(_extra_step_worker, 2, timeout=60)[0]
+    assert kind in ("LostPeerError", "MeshTimeoutError"), text
+    assert text.startswith("rank 0: pipeline step 2 (1f1b"), text
+    assert "0RECV_B0: stage 0 waits for stage 1's gradient of micro-batch 0 from pp rank 1" in text
