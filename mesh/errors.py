@@ -49,10 +49,12 @@ class RendezvousError(MeshError):
 
 
 class WorkerError(MeshError):
-    """A worker process failed; carries its rank and its own traceback."""
+    """A worker process failed; carries its rank and its own traceback
+    (``traceback``: without the last frames inside meshrun, below the
+    user's last call; ``full_traceback``: all of it)."""
 
     def __init__(self, rank: int, tb: str, exitcode: int | None = None,
-                 head: str | None = None) -> None:
+                 head: str | None = None, full: str | None = None) -> None:
         if head is None:
             head = f"rank {rank} failed"
             if exitcode is not None:
@@ -60,6 +62,7 @@ class WorkerError(MeshError):
         super().__init__(f"{head}:\n{tb}")
         self.rank = rank
         self.traceback = tb
+        self.full_traceback = tb if full is None else full
         self.exitcode = exitcode
 
 

@@ -247,11 +247,26 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         # a lost peer or an abort is the consequence of another rank's failure
         secondary = isinstance(e, LostPeerError) or getattr(e, "from_abort", False) or (
             isinstance(e, MeshError) and "aborted" in str(e))
-        _send(conn, (False, traceback.format_exc(), time.time(), secondary))
+        _send(conn, (False, _told(e), time.time(), secondary))
         if world is not None:
             world._close(e)  # report first: closing waits for the peers' answers
     finally:
         conn.close()
+
+
+def _told(e: BaseException) -> tuple[str, str]:
+    """A failed rank's traceback for its WorkerError, brief and whole, from
+    the user's function down (not this module's frame that called it)."""
+    from .launch._bootstrap import brief_traceback
+    tb = e.__traceback__
+    if tb is not None and tb.tb_frame.f_globals is globals():
+        tb = tb.tb_next
+    full = "".join(traceback.format_exception(type(e), e, tb))
+    try:
+        brief = brief_traceback(e, tb, "WorkerError.full_traceback has them")
+    except Exception:                        # never lose the error over its telling
+        brief = full
+    return brief, full
 
 
 def _unguarded() -> bool:
@@ -440,7 +455,8 @@ def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0) -> lis
                 if ok:
                     results[r] = payload
                 else:
-                    failures.append((secondary, when, r, WorkerError(r, payload)))
+                    brief, full = payload
+                    failures.append((secondary, when, r, WorkerError(r, brief, full=full)))
             elif not procs[r].is_alive() and not conns[r].poll():
                 code = procs[r].exitcode
                 failures.append((False, time.time(), r, WorkerError(

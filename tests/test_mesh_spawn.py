@@ -468,3 +468,26 @@ def test_a_child_forked_in_fn_does_not_speak_for_its_rank(how: str) -> None:
     """The child sent on the rank's result pipe: its error failed the spawn,
     or its value replaced the rank's."""
     assert mesh.spawn(_forks_a_helper, 2, how, timeout=60) == ["rank0", "rank1"]
+
+
+def _mismatched(world: mesh.Mesh) -> None:
+    import numpy as np
+    import collectives as C
+    C.all_reduce(world, np.ones(4 if world.rank else 5))
+
+
+def test_a_failed_ranks_traceback_ends_at_the_users_call() -> None:
+    """A WorkerError shows the failed rank's traceback from the user's
+    function to its last call, with meshrun's own frames below it counted,
+    not printed (as the launcher's report does); spawn's own frame is left
+    out; full_traceback keeps them all."""
+    with pytest.raises(mesh.WorkerError) as info:
+        mesh.spawn(_mismatched, 2, timeout=60)
+    brief, full = info.value.traceback, info.value.full_traceback
+    assert "in _mismatched" in brief and "C.all_reduce(world" in brief, brief
+    assert re.search(r"\.\.\. \d+ frames inside mesh/collectives/engine left out "
+                     r"\(WorkerError.full_traceback has them\)", brief), brief
+    assert "MismatchError: rank " in brief.splitlines()[-1], brief
+    assert "collectives/runner.py" not in brief and "collectives/runner.py" in full
+    assert "mesh/spawn.py" not in full, full
+    assert str(info.value) == f"rank {info.value.rank} failed:\n{brief}"

@@ -60,10 +60,12 @@ def _user_frames(tb: TracebackType | None) -> TracebackType | None:
     return tb
 
 
-def brief_traceback(exc: BaseException, tb: TracebackType | None) -> str:
+def brief_traceback(exc: BaseException, tb: TracebackType | None,
+                    whole: str = "meshrun --log-dir keeps the whole traceback") -> str:
     """The traceback without its last frames inside meshrun's own packages
     (mesh, collectives, engine), below the user's last call; a line says how
-    many are left out. Whole when no user frame would remain."""
+    many are left out (and, ``whole``, where the whole one is). Whole when
+    no user frame would remain."""
     te = traceback.TracebackException(type(exc), exc, tb)
     frames = list(te.stack)
     keep = len(frames)
@@ -75,7 +77,7 @@ def brief_traceback(exc: BaseException, tb: TracebackType | None) -> str:
     te.stack = traceback.StackSummary.from_list(frames[:keep])
     text, tail = "".join(te.format()), "".join(te.format_exception_only())
     note = (f"  ... {len(frames) - keep} frames inside mesh/collectives/engine left out "
-            f"(meshrun --log-dir keeps the whole traceback)\n")
+            f"({whole})\n")
     return text[:len(text) - len(tail)] + note + tail
 
 
