@@ -354,12 +354,13 @@ class Inbox:
         dead = [r for r in self.groups.get(group, ("", []))[1] if r in self.dead]
         return min(dead) if dead else None
 
-    def fail_posted(self) -> None:
+    def fail_posted(self, p2p_only: bool = False) -> None:
         """This rank's mesh closes: every receive and probe still posted
         (another thread's, from any source) fails now, saying so, before
-        the sockets and rings it would read go."""
+        the sockets and rings it would read go. ``p2p_only``: the user's
+        own (tags >= 0), not a collective's still under way."""
         with self.lock:
-            reqs = self.matcher.remove_posted(lambda q: True)
+            reqs = self.matcher.remove_posted(lambda q: not p2p_only or q.tag >= 0)
         for q in reqs:
             q.fail(self.closed_error(q.desc))
         self._nudge()

@@ -589,6 +589,11 @@ class Transport:
                 self._control(p, bye, upto=CLOSED)
         self.live.leaving = True
         self.inbox.closed = True
+        # A receive another thread still waits in can never be answered to
+        # it now: it fails at once, not when the peers' goodbyes are in. A
+        # collective still under way (an async one never waited for) may
+        # yet finish while they come, for its peers' sake.
+        self.inbox.fail_posted(p2p_only=True)
         # Like MPI_Finalize: stay until every peer has said goodbye too (or is
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.

@@ -7,6 +7,7 @@ import os
 import re
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -986,6 +987,41 @@ def test_waits_in_other_threads_end_with_a_mesh_error_when_the_mesh_closes() -> 
         for text in seen:
             assert text.startswith(f"LostPeerError: rank {rank}: ") and \
                 "this rank's mesh is closed" in text, seen
+
+
+def _closes_before_its_peer(world: mesh.Mesh, marker: str) -> bool:
+    """Rank 0 closes while a thread of its own waits in a receive from rank
+    1; rank 1 closes only once that wait has failed (``marker`` written),
+    or after 30 s: whether it saw the wait fail first."""
+    import threading
+    if world.rank == 0:
+        def wait() -> None:
+            try:
+                world.recv(1, 5, timeout=60)
+            except mesh.LostPeerError as e:
+                if "this rank's mesh is closed" in str(e):
+                    Path(marker).write_text("failed")
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.3)
+        world.close()
+        t.join(60)
+        return True
+    deadline = time.monotonic() + 30
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen = os.path.exists(marker)
+    world.close()
+    return seen
+
+
+def test_a_wait_in_another_thread_ends_when_close_starts_not_when_the_peers_leave(
+        tmp_path: Path) -> None:
+    """close() waits for the peers' goodbyes (MESH_CLOSE_WAIT); a receive
+    another thread of the closing rank waits in fails when close starts,
+    not after that wait (it held the thread up to 30 s)."""
+    assert mesh.spawn(_closes_before_its_peer, 2, str(tmp_path / "failed"),
+                      timeout=90) == [True, True]
 
 
 def _large_sends_then_close(world: mesh.Mesh) -> list[str]:
