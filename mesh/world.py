@@ -137,29 +137,47 @@ def _close_at_exit() -> None:
             _log.exception("rank %d: closing the mesh at exit failed", m.rank)
 
 
-def _tcp_host(master_addr: str, across_hosts: bool = False) -> str:
+def _tcp_host(master_addr: str, across_hosts: bool = False, deadline: float = 0.0,
+              rank: int = 0) -> str:
     """The address to bind tcp:// on: the one this host reaches MASTER_ADDR
     from (MESH_IFADDR overrides). In a job across hosts, "*" on MASTER_ADDR's
     own host when its name resolves to loopback there (Debian maps the host
-    name to 127.0.1.1): the other hosts reach it by that name."""
+    name to 127.0.1.1): the other hosts reach it by that name. Across hosts,
+    while MASTER_ADDR has no route (a link down, not up yet), it waits for
+    one until ``deadline`` (time.monotonic()), then raises naming it: a
+    loopback address published would have every peer on another host
+    connect to itself, and the job fail later with peers found silent."""
     forced = os.environ.get("MESH_IFADDR")
     if forced:
         return forced
     if env.is_loopback(master_addr):
         return "127.0.0.1"
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((master_addr, 9))
-            host = str(s.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
+    warned = False
+    while True:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((master_addr, 9))
+                host = str(s.getsockname()[0])
+            break
+        except OSError as e:
+            if not across_hosts:    # (its peers all take ipc://)
+                return "127.0.0.1"
+            why = f"rank {rank}: cannot reach MASTER_ADDR {master_addr} from this host ({e})"
+            if time.monotonic() >= deadline:
+                raise RendezvousError(f"{why} until the rendezvous timed out: no address for "
+                                      f"the peers on other hosts to reach this rank at (set "
+                                      f"MESH_IFADDR to bind one)") from None
+            if not warned:
+                warned = True
+                _log.warning("%s; waiting for a route until the rendezvous timeout", why)
+            time.sleep(0.2)
     return "*" if across_hosts and env.is_loopback(host) else host
 
 
-def _tcp_endpoint(router: zmq.Socket, spec: env.JobSpec) -> str:
+def _tcp_endpoint(router: zmq.Socket, spec: env.JobSpec, deadline: float = 0.0) -> str:
     """Bind tcp:// and say where peers connect. Bound on "*" by _tcp_host,
     this is MASTER_ADDR's host, which the other hosts know by MASTER_ADDR."""
-    host = _tcp_host(spec.master_addr, spec.size > spec.local_size)
+    host = _tcp_host(spec.master_addr, spec.size > spec.local_size, deadline, spec.rank)
     router.bind(f"tcp://{host}:0")
     bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
     if host != "*" or os.environ.get("MESH_IFADDR"):
@@ -255,7 +273,9 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     server = None
     try:
         router.bind(f"ipc://{ipc_path}")
-        tcp_ep = _tcp_endpoint(router, spec)
+        started = time.monotonic()
+        tcp_ep = _tcp_endpoint(router, spec, started + rdv_timeout)
+        rdv_timeout = max(rdv_timeout - (time.monotonic() - started), 1.0)  # (a wait for a route)
         host = env.host_id()
         eps = {"ipc": f"ipc://{ipc_path}", "tcp": tcp_ep}
         if spec.size == 1:

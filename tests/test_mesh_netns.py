@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -146,9 +147,14 @@ class Hosts:
             except OSError as e:
                 pytest.skip(f"cannot give the namespaces their own /etc/hosts: {e}")
 
+    def link(self, i: int, state: str) -> None:
+        """Set host i's end of the link "up" or "down"."""
+        done = _ip("-n", self.ns[i], "link", "set", self.dev[i], state)
+        assert done.returncode == 0, done.stderr
+
     def launch(self, i: int, port: int, out: Path, secret: str,
-               curve: bool) -> subprocess.Popen[str]:
-        env = dict(os.environ, PYTHONPATH=str(REPO), MESH_SECRET=secret)
+               curve: bool, **extra: str) -> subprocess.Popen[str]:
+        env = dict(os.environ, PYTHONPATH=str(REPO), MESH_SECRET=secret, **extra)
         env.pop("MESH_CURVE", None)
         return subprocess.Popen(
             ["ip", "netns", "exec", self.ns[i], sys.executable, "-m", "mesh.launch",
@@ -289,3 +295,54 @@ def test_torchrun_two_hosts(hosts: Hosts, tmp_path: Path) -> None:
         reports = _reports(out)
         assert [rep["netns"] for rep in reports] == [hosts.netns(i) for i in (0, 0, 1, 1)]
         _check_topology(reports, [NAME[0], ADDR[1]], checked)
+
+
+def _stop(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def test_a_host_whose_link_comes_up_late_joins(hosts: Hosts, tmp_path: Path) -> None:
+    """Node 1's link is down as its ranks start (no route to MASTER_ADDR),
+    up again moments later: its ranks wait for the route, then bind the
+    address they reach MASTER_ADDR from (not loopback, where node 0's
+    ranks would connect to their own host and find node 1 silent)."""
+    secret = secrets.token_hex(16)
+    procs = [hosts.launch(0, 0, tmp_path, secret, False)]
+    try:
+        port = _node0_port(procs[0])
+        hosts.link(1, "down")
+        procs.append(hosts.launch(1, port, tmp_path, secret, False))
+        deadline = time.monotonic() + 5     # (its ranks say they wait for the route)
+        while (left := deadline - time.monotonic()) > 0 and procs[1].poll() is None:
+            if select.select([procs[1].stderr], [], [], left)[0] and \
+                    "cannot reach MASTER_ADDR" in procs[1].stderr.readline():
+                break
+        hosts.link(1, "up")
+        for p in procs:
+            _, err = p.communicate(timeout=70)
+            assert p.returncode == 0, err
+    finally:
+        _stop(procs)
+    _check_topology(_reports(tmp_path))
+
+
+def test_a_host_that_cannot_reach_master_addr_says_so(hosts: Hosts, tmp_path: Path) -> None:
+    """Node 1's link stays down: its ranks fail within the rendezvous
+    timeout naming MASTER_ADDR and why, not a silent service."""
+    secret = secrets.token_hex(16)
+    procs = [hosts.launch(0, 0, tmp_path, secret, False, MESH_RENDEZVOUS_TIMEOUT="5")]
+    try:
+        port = _node0_port(procs[0])
+        hosts.link(1, "down")
+        t = time.monotonic()
+        procs.append(hosts.launch(1, port, tmp_path, secret, False,
+                                  MESH_RENDEZVOUS_TIMEOUT="5"))
+        _, err = procs[1].communicate(timeout=40)
+        assert procs[1].returncode != 0 and time.monotonic() - t < 30, err
+        assert f"rank 2: cannot reach MASTER_ADDR {ADDR[0]} from this host" in err, err
+        assert "Network is unreachable" in err, err
+    finally:
+        _stop(procs)
