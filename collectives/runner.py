@@ -498,14 +498,14 @@ def _name_the_call(e: BaseException, g: Comm, name: str) -> None:
 
 def start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
           async_op: bool, timeout: float | None = None,
-          skipped: Callable[[BaseException], None] | None = None) -> Any:
+          skipped: Callable[[BaseException, int], None] | None = None) -> Any:
     """Run the group's next collective. ``prepare(tuning)`` checks the
     arguments and returns (fingerprint, body); ``body(ctx)`` moves the data.
     Both run under the collective's tag, so a rank that fails, even on its
     own arguments, aborts the collective on every member instead of leaving
     them waiting. ``timeout`` (default: the group's) bounds the whole call,
-    from now. ``skipped(error)`` is called when the call fails on this rank
-    before its body runs (its own arguments, a peer's abort or the deadline
+    from now. ``skipped(error, tag)`` is called when the call (its ``tag``)
+    fails on this rank before its body runs (its own arguments, a peer's abort or the deadline
     came first): a body that would have run collectives on sub-groups
     (collectives.host.hier) fails them there too. Returns body's value, or
     a Work with ``async_op``."""
@@ -535,7 +535,7 @@ def _two_threads(g: Comm, name: str, other: int) -> MeshError:
 
 def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
            async_op: bool, timeout: float | None,
-           skipped: Callable[[BaseException], None] | None, t0: float, ch: Any, st: _Group,
+           skipped: Callable[[BaseException, int], None] | None, t0: float, ch: Any, st: _Group,
            other: int | None) -> Any:
     tag = ch.next_tag()
     try:
@@ -553,10 +553,10 @@ def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
         _abort(g, tag, name, e)
         if skipped is not None:
             if st.idle():
-                skipped(e)
+                skipped(e, tag)
             else:   # after the calls queued before this one: they take the sub-groups' tags first
                 later, err = skipped, e
-                st.submit(lambda: later(err), Work(f"{name}: failing its sub-groups' phases"))
+                st.submit(lambda: later(err, tag), Work(f"{name}: failing its sub-groups' phases"))
         raise
     deadline = t0 + limit
     ctx = Ctx(g, tag, fp, tuning, name, limit, deadline)
@@ -570,7 +570,7 @@ def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
                     "queued behind the group's earlier collectives") + ")")
             if aborted is not None:     # a peer gave up on it before this rank got here
                 if skipped is not None:
-                    skipped(aborted)
+                    skipped(aborted, tag)
                 raise aborted
             return body(ctx)
         except BaseException as e:

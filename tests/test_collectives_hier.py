@@ -142,7 +142,7 @@ def three_hosts(world: Any) -> None:
     both more than one, so the segments the host reads back come from both."""
     _fake_host(world, "abccab")
     n, r = world.size, world.rank
-    for count in (7, 100_003, 100_003):     # three phases first, then one round
+    for count in (7, 100_003, 100_003):     # over the columns (boards set up), then one round
         a = np.arange(count, dtype=np.float32) % 64 * (r + 1)
         want = np.arange(count, dtype=np.float32) % 64 * sum(range(1, n + 1))
         assert np.array_equal(C.all_reduce(world, a), want), count
@@ -157,7 +157,7 @@ def three_hosts(world: Any) -> None:
     every = C.all_gather(world, got[1])
     assert (every == every[0]).all() and (got[0] == got[1]).all(), every
     np.testing.assert_allclose(got[1], sum((np.arange(3) + 0.1 * p) ** 3 for p in range(n)))
-    assert hier.stats["small_columns"] == 1 and tiny.stats["calls"] == 1, hier.stats
+    assert hier.stats["small_columns"] == 2 and tiny.stats["calls"] == 1, hier.stats
 
 
 def test_columns_of_three_hosts() -> None:
@@ -446,8 +446,8 @@ def leaders_links(world: Any) -> dict:
     with pytest.raises((ValueError, mesh.MeshError)):
         C.all_reduce(world, small.copy(), op="nope" if r == 0 else "sum")
     np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
-    # (a failed call leaves every rank without its boards and short-way plans: the
-    # next call takes the long way, one layout everywhere, and the calls after the short)
+    # (a failed call leaves every rank's boards and short-way plans as they were: the
+    # next calls take the short way, whatever way each rank's failed call took)
     for _ in range(3):
         np.testing.assert_array_equal(C.all_reduce(world, small.copy()), want)
     assert tiny.stats["calls"] >= 4, tiny.stats     # (collectives.host.tiny)
@@ -491,9 +491,9 @@ def test_ring_links_across_hosts_run_over_streams() -> None:
         "MESH_TIMEOUT": "20", "MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K"})
     assert all(g["links"] >= 2 for g in got), got
     assert all(g["kept"] >= 1 for g in got), got          # (reset by the mesh's close)
-    # column's + world's, and on the leaders (ranks 0, 1) the leaders' group's: the long
-    # way a failed call's next call takes (every rank forgot its boards) goes through them
-    assert [g["pairs"] for g in got] == [1 + 2 + 1] * 2 + [1 + 2] * 2, got
+    # column's + world's (a small all_reduce goes over the columns, boards up or not,
+    # before and after a failed call: never through the leaders)
+    assert [g["pairs"] for g in got] == [1 + 2] * 4, got
 
 
 def _valid_then_bad(world: Any) -> list[str]:
@@ -519,3 +519,79 @@ def test_a_failing_call_does_not_abort_the_async_call_queued_before_it() -> None
     caller's thread: the phases of the async call still queued before it."""
     for got in mesh.spawn(_valid_then_bad, 4, timeout=120):
         assert got == ["4.0"] * 6, got
+
+
+def _every_op_after(g: Any) -> list[bool]:
+    """The group's next well-formed calls, each kind, small and large: right
+    on every rank (no call waits out its timeout: 10 s each)."""
+    n, r = g.size, g.rank
+    got = []
+    for count in (4, 20_000):
+        a = np.arange(count, dtype=np.float64) * (r + 1)
+        want = np.arange(count, dtype=np.float64) * sum(range(1, n + 1))
+        got.append(bool((C.all_reduce(g, a.copy(), timeout=10) == want).all()))
+        b = a.copy() if r == 2 else np.zeros(count)
+        got.append(bool((C.broadcast(g, b, root=2, timeout=10) == np.arange(count) * 3).all()))
+        ag = C.all_gather(g, a, timeout=10)
+        got.append(bool((ag == np.arange(count) * (np.arange(n)[:, None] + 1)).all()))
+        rows = np.tile(a, (n, 1)) + np.arange(n)[:, None]
+        got.append(bool((C.reduce_scatter(g, rows, timeout=10)[0] == want + n * r).all()))
+    return got
+
+
+def flat_against_warm_two_levels(world: Any) -> tuple[str, list[bool]]:
+    """As flat_against_two_levels, on a group whose boards and short way are
+    up: every rank raises MismatchError, and the group's next calls work
+    (the ranks' phases numbered from the group's calls, not counted per
+    sub-group: rank 0 made none in the failed call, the others some)."""
+    _fake_host(world)
+    n, r = world.size, world.rank
+    g = world.group(list(range(n)))
+    for _ in range(3):
+        assert C.all_reduce(g, np.ones(4))[0] == n
+        assert C.all_reduce(g, np.ones(20_000))[0] == n
+    try:
+        if r == 0:
+            C.broadcast(g, np.ones(4), timeout=10)
+        else:
+            C.all_reduce(g, np.full(4, 100.0), timeout=10)
+        said = "no error"
+    except mesh.MeshError as e:
+        said = type(e).__name__
+    return said, _every_op_after(g)
+
+
+def failed_on_some_ranks(world: Any, warm: bool) -> tuple[str, list[bool]]:
+    """A broadcast from rank 3 (host a) fails on some ranks only: rank 3 is
+    done after its host's phase, rank 1 (host b's leader) comes too late and
+    rank 0 times out between the hosts; the group's next calls work on every
+    rank (``warm``: its boards were up before; else that broadcast is its
+    first two-level call and sets host a's boards up, host b's never)."""
+    _fake_host(world)
+    n, r = world.size, world.rank
+    g = world.group(list(range(n)))
+    if warm:
+        for _ in range(3):
+            assert C.all_reduce(g, np.ones(4))[0] == n
+            assert C.all_reduce(g, np.ones(20_000))[0] == n
+    if r == 1:
+        time.sleep(2.5)
+    try:
+        C.broadcast(g, np.full(100_000, float(r)), root=3, timeout=1.0)
+        said = "no error"
+    except mesh.MeshError as e:
+        said = type(e).__name__
+    C.barrier(world, timeout=30)
+    return said, _every_op_after(g)
+
+
+def test_a_flat_call_against_a_warm_two_level_one_leaves_the_group_usable() -> None:
+    got = mesh.spawn(flat_against_warm_two_levels, 4, timeout=90, env={"MESH_TIMEOUT": "20"})
+    assert got == [("MismatchError", [True] * 8)] * 4, got
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_two_level_call_failing_on_some_ranks_leaves_the_group_usable(warm: bool) -> None:
+    got = mesh.spawn(failed_on_some_ranks, 4, warm, timeout=90, env={"MESH_TIMEOUT": "20"})
+    assert [said for said, _ in got] == ["MeshTimeoutError"] * 3 + ["no error"], got
+    assert [after for _, after in got] == [[True] * 8] * 4, got

@@ -3,8 +3,9 @@ same-host path (the board and cross-memory attach, collectives.shm), across
 hosts over sockets between one rank per host (the leaders: local rank 0 of
 each host), then within each host again::
 
-    all_reduce      small, as many ranks on every host, the host's boards
-                    up: host all_reduce (one board round) | local rank i
+    all_reduce      small, as many ranks on every host: host all_reduce
+                    (one board round; the first call sets the boards up,
+                    or messages where there are none) | local rank i
                     all-reduces the host's sum with the local ranks i of
                     the other hosts (recursive doubling over kept TCP
                     links, collectives.host.link; every column at once),
@@ -38,10 +39,15 @@ rank; MESH_HOST_ID overrides it), which every rank holds: the per-host and
 leaders' groups are made on the group's first collective that asks, the
 same on every rank, with ids derived from the group's (no message).
 
-Each phase is a collective of its own on its sub-group (its own tag, the
-top call's fingerprint plus the phase's name, so a mismatch anywhere is
-seen on some rank of every sub-group), bounded by what is left of the call's
-deadline. A rank whose phase fails abandons the phases it has not made yet
+Each phase is a collective of its own on its sub-group (its own tag,
+numbered from the top call's, the same on every rank whatever earlier
+calls did (numbered); the top call's fingerprint plus the phase's name, so
+a mismatch anywhere is seen on some rank of every sub-group), bounded by
+what is left of the call's deadline. Whether a host's boards are up does
+not change the phases' groups and names across hosts (the one-round forms
+run the same phase across hosts as the three phases), so a failed call
+that leaves them up on some hosts only changes nothing for the next. A
+rank whose phase fails abandons the phases it has not made yet
 (runner.abandon), so the ranks waiting in them raise the same error kind
 (a lost peer naming the same world rank) instead of waiting, and every
 sub-group's calls stay numbered alike. A phase nested in another (the
@@ -72,8 +78,9 @@ from .ring import ring
 from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain, reduce_tree
 from .small import all_reduce_rd
 
-__all__ = ["Topology", "topology", "topology_of", "refuse", "forget", "all_reduce", "all_gather",
-           "broadcast", "rd_across", "small_columns", "SMALL_HOST", "SMALL_COLUMN", "stats"]
+__all__ = ["Topology", "topology", "topology_of", "refuse", "numbered", "settled", "unsettle",
+           "all_reduce", "all_gather", "broadcast", "rd_across", "small_columns", "SMALL_HOST",
+           "SMALL_COLUMN", "FIRST", "ACROSS", "LAST", "stats"]
 
 stats = {"one_round": 0, "small_columns": 0}
 """All_reduces whose host part ran in one board round, small ones over the
@@ -183,57 +190,86 @@ def _small_round(topo: Topology, nbytes: int) -> bool:
 
 
 def small_columns(topo: Topology, nbytes: int) -> bool:
-    """Whether a small all_reduce of ``nbytes`` runs over the columns in one
-    board round on each host (_all_reduce_small_columns), not through the
-    leaders (_all_reduce_small): MESH_COLL_SMALL_COLUMNS=0 (job-wide) keeps
-    the leaders' form, whose other ranks sleep while the leaders talk
-    (under heavy load on 2 cores its tail was shorter: BENCHMARKS.md, issue
-    13, ninth session)."""
-    return (topo.column is not None and _small_round(topo, nbytes)
+    """Whether a small all_reduce of ``nbytes`` runs over the columns
+    (_all_reduce_small_columns), not through the leaders: as many ranks on
+    every host, whether or not the hosts' boards are up (so the hosts agree
+    even where a failed call left them up on some hosts only: the host's
+    part takes its boards or messages, each host alike within).
+    MESH_COLL_SMALL_COLUMNS=0 (job-wide) keeps the leaders' form, whose
+    other ranks sleep while the leaders talk (under heavy load on 2 cores
+    its tail was shorter: BENCHMARKS.md, issue 13, ninth session)."""
+    return (topo.column is not None and nbytes <= board.CAPACITY
             and config_flag("MESH_COLL_SMALL_COLUMNS", True))
 
 
-def _groups(topo: Topology, coll: str, root: int, large: bool, nbytes: int) -> list[Comm]:
-    """The sub-groups of ``coll``'s phases on this rank, in order (what
-    all_reduce, all_gather and broadcast below run)."""
-    both = [topo.local] if topo.local.size > 1 else []
-    across = [topo.leaders] if topo.leaders is not None else []
+def _groups(topo: Topology, coll: str, root: int, large: bool,
+            nbytes: int) -> list[tuple[Comm, int]]:
+    """The sub-groups of ``coll``'s phases on this rank, in order, each with
+    its place (what all_reduce, all_gather and broadcast below run)."""
+    both = [(topo.local, FIRST)] if topo.local.size > 1 else []
+    last = [(topo.local, LAST)] if topo.local.size > 1 else []
+    across = [(topo.leaders, ACROSS)] if topo.leaders is not None else []
     reduces = coll in ("all_reduce", "reduce_scatter")
     if _columns(topo, coll, large):
         assert topo.column is not None
-        return both + [topo.column] + ([] if _pipelined(topo) else both)
+        return both + [(topo.column, ACROSS)] + ([] if _pipelined(topo) else last)
+    if reduces and not large and small_columns(topo, nbytes):
+        assert topo.column is not None
+        return both + [(topo.column, ACROSS)]
     if reduces and not large and _small_round(topo, nbytes):
-        if small_columns(topo, nbytes):
-            assert topo.column is not None
-            return both + [topo.column]
         return both + across
     if coll != "broadcast":
-        return both + across + both
+        return both + across + last
     home = topo.host == next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
-    return (both if home else []) + across + ([] if home else both)
+    return (both if home else []) + across + ([] if home else last)
 
 
-def forget(g: Comm) -> None:
-    """After a failed two-level call on ``g``: whether its hosts' boards are
-    up (and the short way's plans, collectives.host.tiny) chooses the next
-    call's layout, and a call that failed may have left them up on some
-    ranks only; every rank raises, and forgets them, so the next call takes
-    one layout everywhere (three phases, setting the boards up again)."""
-    topo = topology_of(g)
-    if topo is None:
-        return
-    for sub in (topo.local, topo.leaders, topo.column):
-        if sub is not None:
-            board.forget(sub)
-            shm_tiny.forget(sub)
-            cma.forget(sub)
-    from .tiny import forget_plans      # (tiny imports this module)
-    forget_plans(g)
+FIRST, ACROSS, LAST = range(3)
+"""A phase's place in its call: the first on the host, the one across hosts,
+the last on the host (``numbered``)."""
 
 
-def refuse(g: Comm, coll: str, root: Any, large: bool, nbytes: int, e: BaseException) -> None:
-    """A call that would have run in two levels failed on this rank before
-    it started (its own arguments): fail the phases its peers wait in."""
+def numbered(sub: Comm, tag: int, place: int) -> Comm:
+    """``sub``, its next collective (a phase of the call of group tag ``tag``,
+    or its abandon) numbered from that call's: 3 x the call's number + the
+    phase's ``place``. Every rank numbers the group's calls alike, whatever
+    happened (a flat call where others made a two-level one, a call that
+    failed on some ranks only, a phase some rank never made), so every
+    rank's phase of a call meets its peers' on the same tag, never one of
+    another call; a counter of the sub-group's own would not. (The numbers
+    only grow: the board's rounds, the links' frames count on it.)"""
+    sub.collective_channel().seq = -3 * tag + place - 1
+    return sub
+
+
+def settled(sub: Comm) -> bool:
+    """Whether ``sub``'s same-host state (the memory probe, the boards) was
+    set up by an earlier call (no message: the phases' bodies set it up on
+    their first ask, every member alike)."""
+    return board.ready(sub) or cma.probed(sub) is False
+
+
+def unsettle(sub: Comm, was: bool, e: BaseException) -> None:
+    """After this rank's phase on ``sub`` failed with ``e`` (``was``: whether
+    ``sub`` was settled when it began): a phase that was setting the state
+    up may have been cut short (an abort from another host comes at any
+    moment) after some members had it and before others did; every member
+    whose phase failed forgets it, so the next call sets it up again on
+    every member (a member whose phase did not fail saw every peer's
+    post: they had it all). So does one that finds a peer setting it up
+    again (board.Stray). Otherwise the state stays: the layout of the next
+    call does not depend on what any call did (numbered, small_columns)."""
+    if not was or isinstance(e, board.Stray):
+        board.forget(sub)
+        shm_tiny.forget(sub)
+        cma.forget(sub)
+
+
+def refuse(g: Comm, tag: int, coll: str, root: Any, large: bool, nbytes: int,
+           e: BaseException) -> None:
+    """A call (group tag ``tag``) that would have run in two levels failed on
+    this rank before it started (its own arguments): fail the phases its
+    peers wait in."""
     topo = topology(g)
     if topo is None:
         return
@@ -241,12 +277,12 @@ def refuse(g: Comm, coll: str, root: Any, large: bool, nbytes: int, e: BaseExcep
         root = 0
     reason = (f"rank {g.ranks[g.rank]}: {coll} on group {g.name} failed: "
               f"{type(e).__name__}: {e}")
-    for sub in _groups(topo, coll, int(root), large, nbytes):
-        abandon(sub, reason, AbortKind.of(e), getattr(e, "peer", None))
-    forget(g)       # (after: which phases the peers wait in depends on the boards)
+    for sub, place in _groups(topo, coll, int(root), large, nbytes):
+        abandon(numbered(sub, tag, place), reason, AbortKind.of(e), getattr(e, "peer", None))
 
 
-Phase = tuple[Comm, str, Callable[[Ctx], Any]]
+Phase = tuple[Comm, int, str, Callable[[Ctx], Any]]
+"""A phase: its sub-group, its place (FIRST, ACROSS, LAST), name, body."""
 
 
 def _run(ctx: Ctx, phases: list[Phase]) -> None:
@@ -268,29 +304,33 @@ def _run(ctx: Ctx, phases: list[Phase]) -> None:
 
 
 def _phases(ctx: Ctx, phases: list[Phase]) -> None:
-    for i, (sub, what, body) in enumerate(phases):
+    for i, (sub, place, what, body) in enumerate(phases):
         fp = dict(ctx.fp, phase=what)
 
         def prepare(t: Tuning, fp: dict = fp, body: Callable[[Ctx], Any] = body) -> tuple:
             return fp, body
         made = False
+        was = settled(sub)
         try:
-            _follow(ctx, sub)
+            _follow(ctx, sub, place)
             made = True
             start(sub, f"{ctx.name} ({what})", prepare, False, ctx.left())
         except BaseException as e:
             reason = f"{ctx.where()}: {what} failed: {e}"
-            for later, _, _ in phases[i + (1 if made else 0):]:
-                abandon(later, reason, AbortKind.of(e), getattr(e, "peer", None))
-            forget(ctx.g)
+            for later, at, _, _ in phases[i + (1 if made else 0):]:
+                abandon(numbered(later, ctx.tag, at), reason, AbortKind.of(e),
+                        getattr(e, "peer", None))
+            if made:
+                unsettle(sub, was, e)
             raise
 
 
-def _follow(ctx: Ctx, sub: Comm) -> None:
-    """Before a phase on ``sub``: an abort of the call's own tag (a rank that
-    made a flat collective there instead) aborts the phase here too, so its
-    waits raise it; raise it now if it came already."""
-    ctx.ch.follow(ctx.tag, sub, -(sub.collective_channel().seq + 1))
+def _follow(ctx: Ctx, sub: Comm, place: int) -> None:
+    """Before a phase on ``sub`` at ``place`` (numbered so): an abort of the
+    call's own tag (a rank that made a flat collective there instead) aborts
+    the phase here too, so its waits raise it; raise it now if it came
+    already."""
+    ctx.ch.follow(ctx.tag, sub, -(numbered(sub, ctx.tag, place).collective_channel().seq + 1))
     if ctx.ch.aborted(ctx.tag, "") is not None:      # (the text made only when it is)
         raise ctx.ch.aborted(ctx.tag, ctx.where().split(": ", 1)[1])  # type: ignore[misc]
 
@@ -300,8 +340,9 @@ Body = Callable[[Ctx], Any]
 
 def _nested(ctx: Ctx, sub: Comm, what: str, inner: Comm | None, inner_what: str,
             body_of: Callable[[Callable[[Body], None]], Body]) -> None:
-    """One phase on ``sub`` whose body (``body_of(across)``) runs the phase
-    on ``inner`` inside it by calling ``across(its body)`` (a rank without
+    """One phase on ``sub`` (the first on the host) whose body
+    (``body_of(across)``) runs the phase across hosts on ``inner`` inside it
+    by calling ``across(its body)`` (a rank without
     ``inner`` does not); if the outer one fails before that, ``inner`` is
     abandoned, so its peers raise too."""
     made = [False]
@@ -309,16 +350,16 @@ def _nested(ctx: Ctx, sub: Comm, what: str, inner: Comm | None, inner_what: str,
 
     def across(body: Body) -> None:
         assert inner is not None
-        _follow(ctx, inner)
+        _follow(ctx, inner, ACROSS)
         made[0] = True
         fp = dict(ctx.fp, phase=inner_what)
         start(inner, f"{ctx.name} ({inner_what})", lambda t: (fp, body), False, ctx.left())
     try:
-        _run(ctx, [(sub, what, body_of(across))])
+        _run(ctx, [(sub, FIRST, what, body_of(across))])
     except BaseException as e:
         if inner is not None and not made[0]:
-            abandon(inner, f"{ctx.where()}: {what} failed: {e}", AbortKind.of(e),
-                    getattr(e, "peer", None))
+            abandon(numbered(inner, ctx.tag, ACROSS), f"{ctx.where()}: {what} failed: {e}",
+                    AbortKind.of(e), getattr(e, "peer", None))
         raise
 
 
@@ -347,24 +388,24 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
     if _columns(topo, "all_reduce", large):
         _all_reduce_columns(ctx, topo, buf, op)
         return
+    if not large and small_columns(topo, buf.nbytes):
+        _all_reduce_small_columns(ctx, topo, buf, op)
+        return
     if not large and _small_round(topo, buf.nbytes):
-        if small_columns(topo, buf.nbytes):
-            _all_reduce_small_columns(ctx, topo, buf, op)
-        else:
-            _all_reduce_small(ctx, topo, buf, op)
+        _all_reduce_small(ctx, topo, buf, op)
         return
     phases: list[Phase] = []
     if topo.local.size > 1:
-        phases.append((topo.local, "host reduce", _host_reduce(buf, op, large)))
+        phases.append((topo.local, FIRST, "host reduce", _host_reduce(buf, op, large)))
     if topo.leaders is not None:
         def across(c: Ctx) -> None:
             if large:
                 ring(c, buf, op, 2 * (c.g.size - 1), c.g.size - 1)
             else:
                 rd_across(c, buf, op)
-        phases.append((topo.leaders, "leaders all_reduce", across))
+        phases.append((topo.leaders, ACROSS, "leaders all_reduce", across))
     if topo.local.size > 1:
-        phases.append((topo.local, "host broadcast", _host_broadcast(buf, 0, large)))
+        phases.append((topo.local, LAST, "host broadcast", _host_broadcast(buf, 0, large)))
     _run(ctx, phases)
 
 
@@ -380,18 +421,25 @@ SMALL_HOST, SMALL_COLUMN = "host all_reduce", "column all_reduce"
 
 
 def _all_reduce_small_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
-    """As many ranks on every host, the host's boards up: every rank of the
-    host reduces every post of the host (one board round, no leader, no one
-    asleep for a result), then each rank all-reduces the host's sum with its
-    counterparts on the other hosts over its column's kept links (the
-    columns at once; each combines the hosts' sums in the same order, so
-    every rank ends with the same bits). Its later blocking calls take the
-    short way (collectives.host.tiny)."""
+    """As many ranks on every host: every rank of the host reduces every
+    post of the host (one board round, no leader, no one asleep for a
+    result; where the host's boards are not up, the first call sets them
+    up; where they cannot be, recursive doubling over messages), then each
+    rank all-reduces the host's sum with its counterparts on the other hosts
+    over its column's kept links (the columns at once; each combines the
+    hosts' sums in the same order, so every rank ends with the same bits).
+    Its later blocking calls take the short way (collectives.host.tiny)."""
     stats["small_columns"] += 1
     column = topo.column
     assert column is not None
-    _run(ctx, [(topo.local, SMALL_HOST, lambda c: local.all_reduce_small(c, buf, op)),
-               (column, SMALL_COLUMN, lambda c: rd_across(c, buf, op))])
+
+    def host(c: Ctx) -> None:
+        if board.available(c, buf.nbytes):
+            local.all_reduce_small(c, buf, op)
+        else:
+            all_reduce_rd(c, buf, op)
+    _run(ctx, [(topo.local, FIRST, SMALL_HOST, host),
+               (column, ACROSS, SMALL_COLUMN, lambda c: rd_across(c, buf, op))])
 
 
 def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
@@ -469,10 +517,10 @@ def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp)
             r.wait_stage(r.peers, 2)
     phases: list[Phase] = []
     if k > 1:
-        phases.append((topo.local, "host reduce_scatter", scatter))
-    phases.append((column, "column all_reduce", across))
+        phases.append((topo.local, FIRST, "host reduce_scatter", scatter))
+    phases.append((column, ACROSS, "column all_reduce", across))
     if k > 1:
-        phases.append((topo.local, "host all_gather", gather))
+        phases.append((topo.local, LAST, "host all_gather", gather))
     _run(ctx, phases)
 
 
@@ -491,7 +539,7 @@ def all_gather(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray, large
                 local.gather(c, flat, dst, 0)
             else:
                 agreed(lambda c2: gather_direct(c2, flat, dst, 0))(c)
-        phases.append((topo.local, "host gather", gather))
+        phases.append((topo.local, FIRST, "host gather", gather))
     else:
         blocks[topo.host, 0] = flat
     if topo.leaders is not None:
@@ -499,9 +547,10 @@ def all_gather(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray, large
             ring(c, blocks.reshape(-1), None, c.g.size - 1, 0)
             for h, ranks in enumerate(topo.hosts):
                 rows[list(ranks)] = blocks[h, :len(ranks)]
-        phases.append((topo.leaders, "leaders all_gather", across))
+        phases.append((topo.leaders, ACROSS, "leaders all_gather", across))
     if topo.local.size > 1:
-        phases.append((topo.local, "host broadcast", _host_broadcast(rows.reshape(-1), 0, large)))
+        phases.append((topo.local, LAST, "host broadcast",
+                       _host_broadcast(rows.reshape(-1), 0, large)))
     _run(ctx, phases)
 
 
@@ -510,12 +559,12 @@ def broadcast(ctx: Ctx, topo: Topology, buf: np.ndarray, root: int, large: bool)
     home = next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
     phases: list[Phase] = []
     if topo.host == home and topo.local.size > 1:
-        phases.append((topo.local, "host broadcast",
+        phases.append((topo.local, FIRST, "host broadcast",
                        _host_broadcast(buf, topo.hosts[home].index(root), large)))
     if topo.leaders is not None:
         def across(c: Ctx) -> None:
             agreed(lambda c2: (broadcast_chain if large else broadcast_tree)(c2, buf, home))(c)
-        phases.append((topo.leaders, "leaders broadcast", across))
+        phases.append((topo.leaders, ACROSS, "leaders broadcast", across))
     if topo.host != home and topo.local.size > 1:
-        phases.append((topo.local, "host broadcast", _host_broadcast(buf, 0, large)))
+        phases.append((topo.local, LAST, "host broadcast", _host_broadcast(buf, 0, large)))
     _run(ctx, phases)

@@ -141,12 +141,12 @@ def _rows(name: str, a: np.ndarray, n: int) -> None:
 
 
 def _skipped(g: Comm, coll: str, a: Any, root: Any,
-             algorithm: str | None) -> Callable[[BaseException], None]:
+             algorithm: str | None) -> Callable[[BaseException, int], None]:
     """For runner.start: when this rank's call fails before its body runs
     and the call runs in two levels, the phases its peers run fail too
     (hier.refuse), so they raise instead of waiting and every sub-group's
     calls stay numbered alike."""
-    def fail(e: BaseException) -> None:
+    def fail(e: BaseException, tag: int) -> None:
         t = Tuning.from_env()
         try:
             lay = layout(coll, t, algorithm)
@@ -159,7 +159,7 @@ def _skipped(g: Comm, coll: str, a: Any, root: Any,
                                algorithm if coll == "all_reduce" else "hier") == "ring"
             except ValueError:
                 large = nbytes >= t.small
-            hier.refuse(g, coll, root, large, nbytes, e)
+            hier.refuse(g, tag, coll, root, large, nbytes, e)
     return fail
 
 

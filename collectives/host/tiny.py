@@ -33,9 +33,10 @@ from ..ops import ReduceOp
 from ..plan import Tuning
 from ..runner import NOT_NOW, Body, Ctx, abandon, now, start
 from ..shm import local as shm_local, tiny as shm_tiny
-from .hier import SMALL_COLUMN, SMALL_HOST, Topology, forget, rd_across, refuse
+from .hier import (ACROSS, FIRST, SMALL_COLUMN, SMALL_HOST, Topology, numbered, rd_across, refuse,
+                   unsettle)
 
-__all__ = ["learn", "all_reduce", "forget_plans", "stats"]
+__all__ = ["learn", "all_reduce", "stats"]
 
 stats = {"calls": 0}    # calls that took the short way (tests)
 
@@ -66,20 +67,20 @@ class _Plan:
         flat = a.reshape(-1)
         try:
             left = max(0.0, deadline - time.monotonic())
-            if shm_tiny.all_reduce(self.local, a, self.op, left) is None:
+            if shm_tiny.all_reduce(numbered(self.local, tag, FIRST), a, self.op, left) is None:
                 rop = self.rop
-                start(self.local, self.lname,
+                start(numbered(self.local, tag, FIRST), self.lname,
                       lambda t: (self.lfp, lambda c: shm_local.all_reduce_small(c, flat, rop)),
                       False, left)
         except BaseException as e:
-            abandon(self.column, f"rank {self.local.ranks[self.local.rank]}: {self.lname} "
-                    f"failed: {e}", AbortKind.of(e), getattr(e, "peer", None))
+            abandon(numbered(self.column, tag, ACROSS), f"rank {self.local.ranks[self.local.rank]}"
+                    f": {self.lname} failed: {e}", AbortKind.of(e), getattr(e, "peer", None))
+            unsettle(self.local, True, e)       # (a plan is made once the boards are up)
             raise
         left = max(0.0, deadline - time.monotonic())
-        if now(self.column, self.cname, self.cfp, self.tuning, self._across, flat,
-               left) is NOT_NOW:
-            start(self.column, self.cname, lambda t: (self.cfp, self._across(0, flat)), False,
-                  left)
+        column = numbered(self.column, tag, ACROSS)
+        if now(column, self.cname, self.cfp, self.tuning, self._across, flat, left) is NOT_NOW:
+            start(column, self.cname, lambda t: (self.cfp, self._across(0, flat)), False, left)
 
     def _across(self, tag: int, flat: np.ndarray) -> Body:
         rop = self.rop
@@ -87,11 +88,6 @@ class _Plan:
 
 
 _plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Plan]]" = weakref.WeakKeyDictionary()
-
-
-def forget_plans(g: Comm) -> None:
-    """Drop ``g``'s short-way plans (hier.forget, after a failed call)."""
-    _plans.pop(g, None)
 
 
 def learn(ctx: Ctx, topo: Topology, arr: np.ndarray, op: Any, rop: ReduceOp) -> None:
@@ -126,8 +122,6 @@ def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | No
             return None
     except BaseException as e:
         if not plan.stepped:    # the tag was aborted before the phases: fail them too
-            refuse(g, "all_reduce", 0, False, a.nbytes, e)
-        else:                   # (refuse forgets them too)
-            forget(g)
+            refuse(g, -g.collective_channel().seq, "all_reduce", 0, False, a.nbytes, e)
         raise
     return a

@@ -60,7 +60,7 @@ from ..runner import Ctx, caught
 from . import bell, cma
 
 __all__ = ["CAPACITY", "INLINE", "ARENA", "available", "crowded", "ready", "forget", "mapped",
-           "Round", "Quick", "signature"]
+           "Round", "Quick", "signature", "Stray"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
@@ -331,6 +331,12 @@ def signature(fp: dict) -> tuple[bytes, int]:
     return packed, int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") >> 1
 
 
+class Stray(MeshError):
+    """A peer sent a message on the call's tag where it should have posted
+    on its board: it is not on the boards (it is setting them up, after a
+    call that failed here while it set them up: collectives.host.hier)."""
+
+
 class _Waiting:
     """Waits on peers: since when the current one runs (each wait spins
     before it sleeps), the time limit, and the receive posted on the tag
@@ -395,7 +401,7 @@ class _Waiting:
                 watch.wait()
             except MeshError as e:
                 return e
-            return MeshError(f"{self.where()}: a peer sent a message where none was expected")
+            return Stray(f"{self.where()}: a peer sent a message where none was expected")
         if time.monotonic() > ctx.deadline:
             raise ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} (same-host board)")
         if not self.told:       # a long wait: the peers' stall reports say where we are

@@ -28,7 +28,7 @@ from mesh.peer import config_flag
 from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 
-__all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "pids", "forget"]
+__all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "probed", "pids", "forget"]
 
 _LEFT_WAIT_S = 2.0
 _groups: "weakref.WeakKeyDictionary[Comm, list[int] | None]" = weakref.WeakKeyDictionary()
@@ -95,10 +95,16 @@ def _probe(ctx: Ctx) -> list[int] | None:
 
 
 def forget(g: Comm) -> None:
-    """Probe ``g`` again on its next ask (collectives.host.hier.forget: a
+    """Probe ``g`` again on its next ask (collectives.host.hier.unsettle: a
     failed call may have left it probed on some ranks only)."""
     with _lock:
         _groups.pop(g, None)
+
+
+def probed(g: Comm) -> bool | None:
+    """What ``usable`` found for ``g``, or None before its probe (no message)."""
+    with _lock:
+        return _groups[g] is not None if g in _groups else None
 
 
 def usable(ctx: Ctx) -> bool:
@@ -116,7 +122,7 @@ def usable(ctx: Ctx) -> bool:
 def pids(ctx: Ctx) -> list[int]:
     with _lock:
         pids = _groups.get(ctx.g)
-    if pids is None:    # (forgotten meanwhile: hier.forget runs in the lane's order)
+    if pids is None:    # (forgotten meanwhile: hier.unsettle runs in the lane's order)
         raise MeshError(f"{ctx.where()}: the group's cross-memory attach was forgotten "
                         f"during the call")
     return pids
