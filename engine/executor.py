@@ -203,34 +203,17 @@ class Pipeline:
         # eval_step's: the forwards and their messages, in the schedule's order
         self.forward_program = tuple(a for a in self.program if a.kind in (F, SEND_F, RECV_F))
         mine = lowered.stages_of(self.rank)
-        patterns = patterns_of(recompute)
-        if recompute == "auto":
-            raise TypeError("recompute='auto' is engine.distribute's (it chooses); a Pipeline "
-                            "takes True, False, stage indices or submodule name patterns")
-        again = frozenset() if patterns else _recomputing(recompute,  # type: ignore[arg-type]
-                                                          lowered.num_stages)
         given = stage if isinstance(stage, (list, tuple)) else [stage]
-        if len(given) != len(mine):     # what the caller passed, counted before any pairing
-            raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
-                             f"{schedule.name!r} but was given {len(given)} stage object(s)")
-        stages = [_as_stage(obj, s in again, s, recompute, layered)
-                  for s, obj in zip(mine, given)]
-        self.stages = dict(zip(mine, stages))
+        patterns = patterns_of(recompute)
+        try:        # this rank's own arguments: every rank raises (_given_alike)
+            self._take(given, mine, recompute, patterns, loss_fn, optimizer, tag_base, layered)
+            fault = None
+        except (TypeError, ValueError) as e:
+            fault = e
+        _given_alike(self.pp, schedule, tag_base, given, mine, timeout, fault)
         # selective recompute: the submodules named, in every stage that holds them
         self.checkpointed = (_checkpointed(self.pp, self.stages, patterns, timeout)
                              if patterns else {})
-        self.first = 0 in self.stages
-        self.last = lowered.num_stages - 1 in self.stages
-        if self.last and loss_fn is None:
-            raise ValueError(f"pp rank {self.rank} holds the last stage: it needs a loss_fn")
-        if any(a.kind == OPT for a in self.program) and optimizer is None:
-            raise ValueError(f"schedule {schedule.name!r} has OPT actions: pass optimizer=")
-        self._check_protocol()
-        self._span = 2 * lowered.num_microbatches * lowered.num_stages
-        if not 0 <= tag_base <= (1 << _STEP_SHIFT) - 1 - self._span:
-            raise ValueError(f"tag_base {tag_base} out of range: this pipeline's tags need "
-                             f"0 <= tag_base <= 2**{_STEP_SHIFT} - 1 - {self._span}")
-        _given_alike(self.pp, schedule, tag_base, given, mine, timeout)
         self.tied = TiedGrads(self.pp, lowered, self.stages)
         if self.tied and any(a.kind == OPT for a in self.program):
             raise ValueError(f"pp rank {self.rank} holds tied parameters, whose gradients are "
@@ -249,6 +232,36 @@ class Pipeline:
         self.tag_base = tag_base
         self._steps = 0
         self.events: list[list[Any]] = []
+
+    def _take(self, given: Sequence[Any], mine: Sequence[int], recompute: Any,
+              patterns: Sequence[str], loss_fn: Any, optimizer: Any, tag_base: int,
+              layered: bool) -> None:
+        """Check this rank's own arguments and wrap its stages (raises
+        TypeError or ValueError, which __init__ has every rank raise)."""
+        lowered, schedule = self.schedule, self.schedule
+        if recompute == "auto":
+            raise TypeError("recompute='auto' is engine.distribute's (it chooses); a Pipeline "
+                            "takes True, False, stage indices or submodule name patterns")
+        again = frozenset() if patterns else _recomputing(recompute,  # type: ignore[arg-type]
+                                                          lowered.num_stages)
+        if len(given) != len(mine):     # what the caller passed, counted before any pairing
+            raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
+                             f"{schedule.name!r} but was given {len(given)} stage object(s)")
+        stages = [_as_stage(obj, s in again, s, recompute, layered)
+                  for s, obj in zip(mine, given)]
+        self.stages = dict(zip(mine, stages))
+        self.first = 0 in self.stages
+        self.last = lowered.num_stages - 1 in self.stages
+        if self.last and loss_fn is None:
+            raise ValueError(f"pp rank {self.rank} holds the last stage: it needs a loss_fn")
+        if any(a.kind == OPT for a in self.program) and optimizer is None:
+            raise ValueError(f"schedule {schedule.name!r} has OPT actions: pass optimizer=")
+        self._check_protocol()
+        self._span = 2 * lowered.num_microbatches * lowered.num_stages
+        if not 0 <= tag_base <= (1 << _STEP_SHIFT) - 1 - self._span:
+            raise ValueError(f"pp rank {self.rank}'s tag_base {tag_base} is out of range: this "
+                             f"pipeline's tags need 0 <= tag_base <= 2**{_STEP_SHIFT} - 1 - "
+                             f"{self._span}")
 
     def _check_protocol(self) -> None:
         need = {F: "forward", B: "backward", I: "backward_input", W: "backward_weight",
@@ -418,7 +431,8 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
 
 
 def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[Any],
-                 mine: Sequence[int], timeout: float | None) -> None:
+                 mine: Sequence[int], timeout: float | None,
+                 fault: BaseException | None = None) -> None:
     """Every pp rank was given the same schedule and tag_base, and stages
     of the same engine.partition cut (its stages carry it: layers per
     stage), checked in one small all_gather on the pp group before anything
@@ -426,13 +440,18 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     waited for each other's messages until the timeout, or paired
     micro-batches of other sizes; stages of other cuts (another balance=,
     or balance="time" timed on each rank alone) skipped or repeated
-    layers without a word."""
+    layers without a word. ``fault``: what is wrong with this rank's own
+    arguments (a tag_base out of range, a missing loss_fn...): raised here,
+    and by every other rank as a ValueError naming it (alone, they waited
+    for this rank in their next collective)."""
     ranks = getattr(pp, "ranks", range(pp.size))       # (a stand-in group of one rank)
     me = f"rank {ranks[pp.rank]}: Pipeline on group {getattr(pp, 'name', '?')}"
     cuts = {tuple(c) for c in (getattr(o, "partition_cut", None) for o in given) if c}
     apart = (f"pp rank {pp.rank}'s stages {list(mine)} come from different engine.partition "
-             f"cuts: {sorted(cuts)}" if len(cuts) > 1 else None)
+             f"cuts: {sorted(cuts)}" if len(cuts) > 1 else None if fault is None else str(fault))
     if pp.size == 1:
+        if fault is not None:
+            raise type(fault)(f"{me}: {fault}") from None
         if apart:
             raise ValueError(f"{me}: {apart}")
         return
@@ -441,6 +460,8 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut, apart],
                                          timeout=timeout)     # (apart: raised by every rank)
     faults = [t[4] for t in told if t[4]]
+    if fault is not None:
+        raise type(fault)(f"{me}: {fault}") from None
     if faults:
         raise ValueError(f"{me}: {apart or faults[0]}")
     told = [t[:4] for t in told]

@@ -222,12 +222,30 @@ def test_pipeline_ranks_given_other_schedules_all_raise_at_once(names):
         assert f"pp ranks [1]: schedule '{names[1]}(2,4)' (" in text, said
 
 
-# ---- examples/train_pipeline.py --help
+def _one_rank_wrong(world, what):
+    import collectives
+    sched = engine.schedules.by_name("1f1b", world.size, 2)
+    mine = engine.stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
+    kw = {"tag_base": (1 << 40) if world.rank == 0 else 0} if what == "tag_base" else \
+        {"loss_fn": None if world.rank == 1 else mse_loss}
+    try:
+        engine.Pipeline(world, mine, sched, **{"loss_fn": mse_loss, **kw}, timeout=30)
+        said = "no error"
+    except (ValueError, mesh.MeshError) as e:
+        said = f"{type(e).__name__}: {e}"
+    collectives.barrier(world, timeout=30)      # (every rank stays, as a caller that goes on)
+    return said
 
 
-def test_train_pipeline_help_names_every_schedule_it_runs():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_pipeline.py"),
-                          "--help"], capture_output=True, text=True, timeout=60, check=True,
-                         env={**os.environ, "PYTHONPATH": ROOT}).stdout
-    for name in ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"):
-        assert name in out, out
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what, says", [
+    ("tag_base", f"pp rank 0's tag_base {1 << 40} is out of range: this pipeline's tags need "
+                 f"0 <= tag_base <= 2**32 - 1 - 8"),
+    ("loss_fn", "pp rank 1 holds the last stage: it needs a loss_fn")])
+def test_a_pipeline_argument_wrong_on_one_rank_fails_every_rank(what, says):
+    """It raised alone, before the Pipeline's gather: the other ranks waited
+    there for it (their timeout), or met its next call (a MismatchError
+    naming barrier and all_gather_object, not what was wrong)."""
+    said = mesh.spawn(_one_rank_wrong, 2, what, timeout=50)
+    for r, text in enumerate(said):
+        assert text == f"ValueError: rank {r}: Pipeline on group world: {says}", said
