@@ -321,9 +321,18 @@ def planned(local: dict[str, str] | str, todo: Mapping[str, Style]) -> dict[str,
     def said(st: Style) -> str:
         more = [f"{k} {v!r}" for k, v, plain in (
             ("seq_dim", st.seq_dim, 1), ("parts", st.parts, ()), ("rng", st.rng, ""),
-            ("width", st.width, ""), ("attrs", sorted(st.attrs), [])) if v != plain]
+            ("width", st.width, ""), ("attrs", sorted(map(_rewrite, st.attrs.items())), []))
+            if v != plain]
         return f"{st.style} ({', '.join([f'input {st.input}', f'output {st.output}', *more])})"
     return {**local, **{_PLAN + name: said(st) for name, st in todo.items()}}
+
+
+def _rewrite(item: tuple[str, Any]) -> str:
+    """An ``attrs`` rewrite as ranks can compare it: a plain value as it
+    is set; a callable by the attribute's name only (its repr holds an
+    address)."""
+    attr, how = item
+    return f"{attr}={how!r}" if isinstance(how, (int, float, str, bool, type(None))) else attr
 
 
 def agree(group: Any, local: dict[str, str] | str, what: str) -> None:

@@ -66,8 +66,10 @@ def test_plan_patterns_match_names():
 def _other_plans(world):
     said = []
     for plan in ({"0": "colwise", "2": "rowwise"} if world.rank == 0 else {"0": "colwise"},
-                 {"0": "colwise", "2": "rowwise" if world.rank else "replicate"}):
+                 {"0": "colwise", "2": "rowwise" if world.rank else "replicate"},
+                 {"0": ("colwise", {"heads": 3 + world.rank})}):
         model = Sequential(Linear(4, 6), Tanh(), Linear(6, 2))
+        model.layers[0].heads = 6
         with pytest.raises(PlanError) as e:
             parallelize(model, world, plan)
         said.append(str(e.value))
@@ -88,6 +90,8 @@ def test_tp_ranks_given_other_plans_raise_before_any_shard_is_cut():
     for r in (0, 1):
         assert said[r][1].startswith(head.format(r) + "replicate (") and "rowwise (" in \
             said[r][1], said
+        assert said[r][2].startswith(head.format(r).replace("2 is", "0 is") + "colwise (") \
+            and "attrs ['heads=3']" in said[r][2] and "attrs ['heads=4']" in said[r][2], said     # (a rewrite's value, not its name)
 
 
 # --- numpy: engine.layers -----------------------------------------------------
