@@ -51,7 +51,19 @@ MAX_HEADER = 16 * 1024
 INLINE_MAX = 8 * 1024
 INLINE_MARK = 0xC1
 _MARK = bytes([INLINE_MARK])
-_MAX_DIMS = 32
+
+
+def _max_dims() -> int:
+    """The most dimensions an array of this numpy may have: 64 from numpy 2,
+    32 before (an array header may name no more: the receiver builds it)."""
+    try:
+        np.empty((1,) * 64)
+    except ValueError:
+        return 32
+    return 64
+
+
+_MAX_DIMS = _max_dims()
 _NUMERIC_KINDS = "biufc"
 
 
