@@ -21,7 +21,7 @@ import zmq
 
 from . import cma, wire
 from .direct import Direct
-from .errors import BadMessageError
+from .errors import BadMessageError, MeshError
 from .inbox import Inbox
 from .liveness import Liveness
 from .payload import fill
@@ -339,7 +339,9 @@ class Reader:
                 req.got = h
                 req.complete(out)
                 return
-        dest = np.empty(h.shape or (), h.dt)
+        dest = self._fresh(h, req)
+        if dest is None:
+            return
         fill(dest, parts)
         if req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp, h.device):
             self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
@@ -357,7 +359,10 @@ class Reader:
         dest = req.out if req is not None and _fits(req.out, req, h) else None
         into_out = dest is not None
         if dest is None:
-            dest = np.empty(h.shape or (), h.dt)
+            dest = self._fresh(h, req)
+            if dest is None:    # (dropped: the sender's buffer is free)
+                self._direct.read_done(peer, h.direct[1])
+                return
         err = cma.read_errno(pid, h.direct[0], dest) if h.nbytes else 0
         if err:
             self._inbox.peer_gone(h.src, f"reading its message (tag {h.tag}, {h.nbytes} bytes) "
@@ -374,6 +379,23 @@ class Reader:
         elif req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp,
                                                h.device):
             self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
+
+    def _fresh(self, h: wire.Header, req: Any) -> np.ndarray | None:
+        """A new array for the array message ``h``; None where there is no
+        memory for it: the message is dropped (its credit granted back) and
+        the receive that took it (``req``) fails saying so, naming the
+        sender; else, the receive it was for waits on, the log says why."""
+        try:
+            return np.empty(h.shape or (), h.dt)
+        except MemoryError as e:
+            why = (f"no memory for the message of {h.nbytes} bytes from world rank {h.src} "
+                   f"(tag {h.tag}), dropped: {e}")
+            self._consumed(h.src, h.nbytes)
+        if req is not None:
+            req.fail(MeshError(f"rank {self.rank}: {req.desc} failed: {why}"))
+        else:
+            _log.error("rank %d: %s", self.rank, why)
+        return None
 
     def _bad(self, why: str, more: Any = 0) -> bool:
         """Drop a message (the rest of its frames too) and count it. Logged

@@ -243,3 +243,44 @@ def test_the_probe_token_is_drawn_once_when_two_threads_ask_first(
         t.join()
     now = [int(v) for v in cma.token()]
     assert all(s == now for s in seen), (seen, now)
+
+
+class _NoRoomForBig:
+    """numpy for mesh.reader on a rank that has no memory for a large array."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape: object, dtype: object = float) -> np.ndarray:
+        if np.prod(shape) * np.dtype(dtype).itemsize >= BIG * 8:     # type: ignore[arg-type]
+            raise MemoryError("Unable to allocate (a test's)")
+        return np.empty(shape, dtype)    # type: ignore[call-overload]
+
+
+def _no_memory(world: mesh.Mesh, path: str) -> str:
+    """A receive whose message no array can be made for fails naming the
+    sender and the size, and frees the sender's send; later ones go on."""
+    if world.rank == 0:
+        if path == "direct":
+            _answered(world, 1)
+        world.recv(1, timeout=20)                     # rank 1 has no memory now
+        for i in range(2):
+            world.send(_big(i), 1, timeout=20)
+        return "sent"
+    mesh.reader.np = _NoRoomForBig()                   # type: ignore[assignment]
+    try:
+        req = world.irecv(0)
+        world.send(0, 0)
+        with pytest.raises(mesh.MeshError, match=rf"rank 1: recv from rank 0 \(tag 0, group "
+                           rf"world\) failed: no memory for the message of {BIG * 8} bytes "
+                           rf"from world rank 0 \(tag 0\), dropped: Unable to allocate"):
+            req.wait(timeout=20)
+    finally:
+        mesh.reader.np = np
+    return "ok" if np.array_equal(world.recv(0, timeout=20), _big(1)) else "wrong"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_message_with_no_memory_to_receive_it_fails_its_receive(path: str) -> None:
+    assert mesh.spawn(_no_memory, 2, path, timeout=60, env=PATHS[path]) == ["sent", "ok"]
