@@ -362,7 +362,8 @@ class Rings:
         self.rank = rank
         ring = int(config_bytes("MESH_RING_BYTES", default_ring(len(same_host))))
         ring = max(_PAGE, 1 << (ring - 1).bit_length())          # a power of two
-        self.max = min(int(config_bytes("MESH_RING_MAX", ring // 4)), ring // 4)
+        self.max = min(int(config_bytes("MESH_RING_MAX", ring // 4)), ring // 4,
+                       LENGTH)      # (an entry's length word holds no more)
         self.lay = _Layout(size, ring)
         self.peers = same_host            # the slots that may be written
         self.out: list[_Out | None] = [None] * size

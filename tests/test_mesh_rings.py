@@ -63,6 +63,19 @@ def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> 
         receiver.close()
 
 
+def test_a_ring_takes_no_message_its_length_word_cannot_hold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry's length is a 32-bit field (WRAP above it): a ring of 16 GiB
+    or more (a quarter of it, 4 GiB, the largest message by default) must
+    not take a message of 4 GiB, whose length would read as padding."""
+    monkeypatch.setenv("MESH_RING_BYTES", "32G")      # (sparse: no page is touched)
+    r = rings.Rings(0, 2, [1])
+    try:
+        assert r.max <= rings.LENGTH
+    finally:
+        r.close()
+
+
 def test_a_full_ring_is_waited_on_while_its_receiver_reads(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A sender that finds the ring full waits as long as the receiver
