@@ -13,8 +13,11 @@ adds up the p-th powers of the gradients it alone stands for (float64):
 * on dp replica 0 only: the replicas' gradients are averaged already, so
   equal.
 
-One all-reduce of one float64 over the whole grid (a sum; the largest for
-the infinity norm) makes the total, the same on every rank, and every
+One all-gather of four float64 over the whole grid (each rank's sum, its
+norm_type, its max_norm and whether they were valid: every rank sums them
+in rank order, or takes the largest for the infinity norm, and raises
+where any rank was given others) makes the total, the same on every
+rank, and every
 gradient on every rank is scaled by ``max_norm / (total + 1e-6)`` when that
 is under 1 (torch's ``clip_grad_norm_``), copies of tied and replicated
 parameters alike, so they stay equal.
@@ -90,28 +93,48 @@ def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
     """Clip ``pipe``'s gradients (an engine.Pipeline, after its step) to a
     total norm of ``max_norm``; return the total norm before clipping, the
     same on every rank. Collective: every rank of the pipeline calls it."""
-    p = float(norm_type)
     where = f"rank {pipe.whole.rank} (pp rank {pipe.rank})"
-    if not (p > 0 or math.isinf(p)) or math.isnan(p):
-        raise ValueError(f"{where}: clip_grad_norm_(norm_type={norm_type!r}): a norm of "
-                         "order above 0, or inf")
+    fault: BaseException | None = None
+    try:        # this rank's own arguments: told to every rank in the gather below
+        p, most = float(norm_type), float(max_norm)
+        if not (p > 0 or math.isinf(p)) or math.isnan(p):
+            raise ValueError(f"{where}: clip_grad_norm_(norm_type={norm_type!r}): a norm of "
+                             "order above 0, or inf")
+    except (TypeError, ValueError) as e:
+        fault, p, most = e, 2.0, 0.0
     skip = {(s, i) for tie, members, _, _ in pipe.tied.ties for s, i in members
             if s != tie.stages[0]}
     whole_too = pipe.tp is None or pipe.tp_index == 0
-    mine = [] if pipe.dp_index else [
+    mine = [] if pipe.dp_index or fault is not None else [
         g for s, stage in sorted(pipe.stages.items())
         for i, (g, cut) in enumerate(zip(stage.grads(), sharded_flags(stage)))
         if (s, i) not in skip and (cut or whole_too)]
     parts = [_power_sum(g, p) for g in mine]
-    total = np.array([(max(parts) if parts else 0.0) if math.isinf(p) else sum(parts)],
-                     dtype=np.float64)
-    collectives.all_reduce(pipe.whole, total, op="max" if math.isinf(p) else "sum",
-                           timeout=pipe.timeout)
+    # each rank's part, norm_type and max_norm: every rank sums (or takes the
+    # largest) alike, in rank order, and sees a rank given others (alone, it
+    # clipped by another norm, or waited for the rest until its timeout)
+    told = collectives.all_gather(pipe.whole, np.array(
+        [(max(parts) if parts else 0.0) if math.isinf(p) else sum(parts), p, most,
+         fault is not None], dtype=np.float64), timeout=pipe.timeout)
+    if fault is not None:
+        raise fault
+    failed = [r for r in range(len(told)) if told[r, 3]]
+    if failed:
+        raise ValueError(f"{where}: clip_grad_norm_ failed on rank(s) {failed} of group "
+                         f"{pipe.whole.name}: their norm_type or max_norm is not valid (see "
+                         "their error)")
+    given = {(float(t[1]), float(t[2])) for t in told}
+    if len(given) > 1:
+        said = "; ".join(f"ranks {[r for r in range(len(told)) if (told[r, 1], told[r, 2]) == g]}"
+                         f": norm_type {g[0]:g}, max_norm {g[1]:g}" for g in sorted(given))
+        raise ValueError(f"{where}: clip_grad_norm_ was given other arguments on other ranks "
+                         f"({said}): every rank passes the same norm_type and max_norm")
+    total = np.array([told[:, 0].max() if math.isinf(p) else told[:, 0].sum()])
     norm = float(total[0]) if math.isinf(p) else float(total[0]) ** (1.0 / p)
     if error_if_nonfinite and not math.isfinite(norm):
         raise RuntimeError(f"{where}: the total norm of order {norm_type} of the gradients "
                            f"is {norm}: clip_grad_norm_(error_if_nonfinite=True)")
-    coef = float(max_norm) / (norm + 1e-6)
+    coef = most / (norm + 1e-6)
     if coef < 1.0:
         for stage in pipe.stages.values():
             for g in stage.grads():

@@ -61,7 +61,7 @@ from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, 
                      candidates, counts_for, kept_buffers, kept_random, measure,
                      measure_stages, microbatch_counts,
                      recomputing, recosted, retimed, stage_costs, stage_spans, table,
-                     time_program)
+                     time_program, whole_counts)
 from .executor import Pipeline, rows_of
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
@@ -143,14 +143,26 @@ def _cut(text: str, most: int = 300) -> str:
     return text if len(text) <= most else text[:most - 3] + "..."
 
 
-def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool) -> None:
+def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
+                fault: BaseException | None = None, timeout: float | None = None) -> None:
     """Raise on every rank, before anything is measured or cut, unless every
     rank built the same model: as many layers, each of the same make; and,
     within each dp replica (whose pp and tp ranks cut their stages and
     shards from their own copies), the same values. Replicas over dp may
-    differ: they start from replica 0's weights."""
-    mine = (_coord(grid, "dp"), [_fingerprint(layer, is_torch) for _, layer in named])
-    everyone = collectives.all_gather_object(grid.comm, mine)
+    differ: they start from replica 0's weights. ``fault``: what is wrong
+    with this rank's own arguments (a missing loss_fn, an unknown
+    schedule...): raised here, and by every other rank naming it (alone,
+    the others waited for this rank in their next collective)."""
+    said = None if fault is None else [type(fault).__name__, str(fault)]
+    mine = (_coord(grid, "dp"), [_fingerprint(layer, is_torch) for _, layer in named], said)
+    everyone = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
+    if fault is not None:
+        raise type(fault)(f"rank {grid.comm.rank}: engine.distribute: {fault}") from fault
+    failed = [(r, t[2]) for r, t in enumerate(everyone) if t[2] is not None]
+    if failed:
+        r, (kind, text) = failed[0]
+        raise (TypeError if kind == "TypeError" else ValueError)(
+            f"rank {grid.comm.rank}: engine.distribute failed on rank {r}: {text}")
     who = f"rank {grid.comm.rank}: engine.distribute: the model differs across ranks"
     fix = "build the same model on every rank"
 
@@ -189,7 +201,7 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool) -> Non
                     "or load the same weights into each")
 
 
-def _agreed_sample(grid: Grid, sample: Any) -> Any:
+def _agreed_sample(grid: Grid, sample: Any, timeout: float | None = None) -> Any:
     """``sample`` cut to the fewest rows any rank's has. dp replicas may be
     given samples of unequal rows (their own batches: ``step()`` weighs
     unequal replicas by their rows), but every rank must profile the same
@@ -201,7 +213,7 @@ def _agreed_sample(grid: Grid, sample: Any) -> Any:
         mine: Any = None if sample is None else rows_of(sample)
     except ValueError as e:         # (told to every rank: none waits in the gather)
         mine = f"rank {grid.comm.rank}'s sample: {e}"
-    told = collectives.all_gather_object(grid.comm, mine)
+    told = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
     bad = next((t for t in told if isinstance(t, str)), None)
     if bad is not None:
         raise ValueError(f"rank {grid.comm.rank}: engine.distribute: {bad}")
@@ -221,19 +233,44 @@ def _agreed_sample(grid: Grid, sample: Any) -> Any:
     return sample[:fewest]
 
 
-def _checkpoint_model(model: Any, patterns: Sequence[str], traced: bool) -> None:
-    """Selective recompute of ``model``'s submodules named by ``patterns``
-    (checkpoint_modules); with ``traced``, each must be called as a module
-    when the traced pieces run (called_whole), else it would not recompute:
-    refused, before anything is wrapped."""
+def _valid_balance(balance: Any, layers: int) -> None:
+    """Raise unless ``balance`` is a way to cut ``layers`` layers (the
+    count of stages is the schedule's, checked when the cut is made)."""
+    if isinstance(balance, str):
+        if balance not in ("time", "uniform", "parameters"):
+            raise ValueError(f"unknown balance {balance!r}: use 'time', 'uniform', "
+                             "'parameters' or a list of layer counts")
+        return
+    counts = whole_counts(balance)
+    if sum(counts) != layers or min(counts, default=0) < 1:
+        raise ValueError(f"balance={counts} must give positive layer counts adding up to the "
+                         f"model's {layers} layers")
+
+
+def _recompute_names(model: Any, patterns: Sequence[str], traced: bool) -> None:
+    """Raise unless each of ``patterns`` names a submodule of ``model``
+    (selective recompute; _checkpoint_model's checks, before any collective)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for pat in patterns:
+        if not named_by(names, pat):
+            near = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"recompute={pat!r} matches no submodule of "
+                             f"{type(model).__name__} (its submodules: {near})")
     if traced:
-        names = [n for n, _ in model.named_modules()]
         hits = [n for p in patterns for n in named_by(names, p)]
         through = [n for n in hits if not called_whole(model, n)]
         if through:
             raise ValueError(f"recompute={list(patterns)!r}: {through!r} hold the model's list "
                              "of layers, which its trace runs through (it is cut there): name "
                              "the layers or modules inside them")
+
+
+def _checkpoint_model(model: Any, patterns: Sequence[str], traced: bool) -> None:
+    """Selective recompute of ``model``'s submodules named by ``patterns``
+    (checkpoint_modules); with ``traced``, each must be called as a module
+    when the traced pieces run (called_whole), else it would not recompute:
+    refused, before anything is wrapped (_recompute_names)."""
+    _recompute_names(model, patterns, traced)
     checkpoint_modules(model, patterns, type(model).__name__)
 
 
@@ -904,82 +941,101 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     rank cuts its own shards); its layers (and candidate stages) are timed
     on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
-    if microbatches is not None and (isinstance(microbatches, bool) or not isinstance(
-            microbatches, numbers.Integral) or microbatches < 1):
-        raise ValueError(f"microbatches={microbatches!r}: a whole number of at least 1 "
-                         "(or None: schedule='auto' tries p, 2p, 4p...)")
-    microbatches = None if microbatches is None else int(microbatches)
-    patterns = () if recompute == "auto" else patterns_of(recompute)
-    if not patterns and recompute not in (False, True, "auto"):
-        raise ValueError(f"recompute={recompute!r}: True, False, 'auto' or submodule name "
-                         "patterns (a str or a list of them)")
+    fault: BaseException | None = None
+    try:        # this rank's own arguments: raised by every rank (_same_model)
+        if microbatches is not None and (isinstance(microbatches, bool) or not isinstance(
+                microbatches, numbers.Integral) or microbatches < 1):
+            raise ValueError(f"microbatches={microbatches!r}: a whole number of at least 1 "
+                             "(or None: schedule='auto' tries p, 2p, 4p...)")
+        microbatches = None if microbatches is None else int(microbatches)
+        patterns = () if recompute == "auto" else patterns_of(recompute)
+        if not patterns and recompute not in (False, True, "auto"):
+            raise ValueError(f"recompute={recompute!r}: True, False, 'auto' or submodule name "
+                             "patterns (a str or a list of them)")
+        on_meta = _on_meta(model)
+        source = model
+        n_inputs = inputs_of(sample)
+        if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
+            model = sequential(source, target=loss_fn is None, inputs=n_inputs)
+            loss_fn = loss_fn or model.loss
+        if loss_fn is not None:
+            _takes_two(loss_fn)
+        named, is_torch = _model_layers(model)
+    except (TypeError, ValueError) as e:
+        if not isinstance(grid, (Grid, Comm)):
+            raise                   # (no grid to tell)
+        fault, patterns, named, is_torch = e, (), [], False
     # the stages' recompute (Pipeline's, costed by candidates): none when selective
     way: bool | str = recompute if isinstance(recompute, (bool, str)) and not patterns else False
-    on_meta = _on_meta(model)
-    source = model
-    n_inputs = inputs_of(sample)
-    if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
-        model = sequential(source, target=loss_fn is None, inputs=n_inputs)
-        loss_fn = loss_fn or model.loss
-    if loss_fn is not None:
-        _takes_two(loss_fn)
-    named, is_torch = _model_layers(model)
     grid = _as_grid(grid)
-    _same_model(grid, named, is_torch)
-    sample = _agreed_sample(grid, sample)
-    if patterns and not is_torch:
-        raise ValueError(f"recompute={recompute!r} (submodules by name) needs a torch model: "
-                         "an engine.layers model recomputes whole stages (recompute=True "
-                         "or 'auto')")
-    if loss_fn is None:
-        raise ValueError("engine.distribute needs loss_fn= (output, target) -> loss")
-    if plan and "tp" not in grid.names:
-        raise ValueError(f"a tensor-parallel plan needs a grid with a tp axis, got {grid.axes}")
-    p = grid.size("pp")
-    L = len(named)
-    if p > L:
-        raise ValueError(f"the model has {L} layers{few(getattr(model, 'traced_from', None), L)}"
-                         f": it cannot fill pp={p} pipeline stages")
-    auto = isinstance(schedule, str) and schedule == "auto"
-    if (auto or balance == "time" or recompute == "auto") and sample is None:
-        what = ("schedule=auto" if auto else "balance=time" if balance == "time"
-                else "recompute=auto")
-        raise ValueError(f"{what} measures the layers: "
-                         "pass sample= (a batch of inputs as step() will get)")
-    if isinstance(sample, tuple):     # several inputs: sliced together, by rows
-        sample = _Rows(sample)
-    tp = _size(grid, "tp")
+    sample = _agreed_sample(grid, sample, timeout)
+    try:        # (checked alike on every rank, the sample agreed; told in _same_model)
+        if fault is not None:
+            raise fault             # (no more to check)
+        if patterns and not is_torch:
+            raise ValueError(f"recompute={recompute!r} (submodules by name) needs a torch "
+                             "model: an engine.layers model recomputes whole stages "
+                             "(recompute=True or 'auto')")
+        if loss_fn is None:
+            raise ValueError("no loss_fn= given: pass loss_fn(output, target) -> loss")
+        if plan and "tp" not in grid.names:
+            raise ValueError(f"a tensor-parallel plan needs a grid with a tp axis, got "
+                             f"{grid.axes}")
+        p = grid.size("pp")
+        L = len(named)
+        if p > L:
+            raise ValueError(f"the model has {L} layers"
+                             f"{few(getattr(model, 'traced_from', None), L)}: it cannot fill "
+                             f"pp={p} pipeline stages")
+        auto = isinstance(schedule, str) and schedule == "auto"
+        if (auto or balance == "time" or recompute == "auto") and sample is None:
+            what = ("schedule=auto" if auto else "balance=time" if balance == "time"
+                    else "recompute=auto")
+            raise ValueError(f"{what} measures the layers: "
+                             "pass sample= (a batch of inputs as step() will get)")
+        if isinstance(sample, tuple):     # several inputs: sliced together, by rows
+            sample = _Rows(sample)
+        tp = _size(grid, "tp")
 
-    if isinstance(schedule, Schedule):
-        if schedule.num_ranks != p:
-            raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, "
-                             f"the grid's pp axis {p}")
-        scheds = [schedule]
-    else:
-        rows = len(sample) if sample is not None else 0
-        if microbatches is not None:
-            ms = [microbatches]
+        if isinstance(schedule, Schedule):
+            if schedule.num_ranks != p:
+                raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, "
+                                 f"the grid's pp axis {p}")
+            scheds = [schedule]
         else:
-            ms = microbatch_counts(p, rows) if rows else [2 * p]
-        if not ms:          # fewer rows than pipeline ranks: not even one micro-batch a rank
-            raise ValueError(f"{p} micro-batches (one a pipeline rank, the fewest tried at "
-                             f"pp={p}) need a batch of at least {p} rows; the sample has {rows}")
-        if rows and ms[0] > rows:
-            raise ValueError(f"{ms[0]} micro-batches need a batch of at least {ms[0]} rows; "
-                             f"the sample has {rows}")
-        if not auto:
-            by_name(schedule, p, ms[0], chunks)       # an unknown name raises here
-        scheds = builtin(SCHEDULES if auto else [schedule], p, ms, chunks)
-        if not scheds:
-            raise ValueError(f"no schedule {schedule!r} for pp={p} at micro-batch counts {ms}")
-    fit = [s for s in scheds if s.num_stages <= L]      # before any layer is timed
-    if not fit:
-        what = "every candidate schedule needs at least" if auto else \
-            f"schedule {scheds[0].name} needs"
-        raise ValueError(f"the model has {L} layers: {what} "
-                         f"{min(s.num_stages for s in scheds)} pipeline stages on pp={p}, "
-                         f"a layer each at least")
-    scheds = fit
+            rows = len(sample) if sample is not None else 0
+            if microbatches is not None:
+                ms = [microbatches]
+            else:
+                ms = microbatch_counts(p, rows) if rows else [2 * p]
+            if not ms:      # fewer rows than pipeline ranks: not even one micro-batch a rank
+                raise ValueError(f"{p} micro-batches (one a pipeline rank, the fewest tried at "
+                                 f"pp={p}) need a batch of at least {p} rows; the sample has "
+                                 f"{rows}")
+            if rows and ms[0] > rows:
+                raise ValueError(f"{ms[0]} micro-batches need a batch of at least {ms[0]} "
+                                 f"rows; the sample has {rows}")
+            if not auto:
+                by_name(schedule, p, ms[0], chunks)       # an unknown name raises here
+            scheds = builtin(SCHEDULES if auto else [schedule], p, ms, chunks)
+            if not scheds:
+                raise ValueError(f"no schedule {schedule!r} for pp={p} at micro-batch counts "
+                                 f"{ms}")
+        fit = [s for s in scheds if s.num_stages <= L]      # before any layer is timed
+        if not fit:
+            what = "every candidate schedule needs at least" if auto else \
+                f"schedule {scheds[0].name} needs"
+            raise ValueError(f"the model has {L} layers: {what} "
+                             f"{min(s.num_stages for s in scheds)} pipeline stages on pp={p}, "
+                             f"a layer each at least")
+        scheds = fit
+        _valid_balance(balance, L)
+        if patterns:
+            _recompute_names(source, patterns, traced=source is not model)
+    except (TypeError, ValueError) as e:
+        fault = e
+    _same_model(grid, named, is_torch, fault, timeout)
+    assert loss_fn is not None
     if plan:        # the whole model, so the plan's names are the model's own; then every
         parallelize(source, grid.group("tp"), plan)   # layer is timed sharded, collectives in
         if source is not model:       # traced again: the pieces hold the sharded modules

@@ -130,12 +130,12 @@ def _distribute_worker(world):
 
 
 def test_distribute_refuses_a_sample_with_fewer_rows_than_pipeline_ranks():
-    for got in mesh.spawn(_distribute_worker, 2, timeout=120):
-        assert got["one row"] == ("ValueError: 2 micro-batches (one a pipeline rank, the "
-                                  "fewest tried at pp=2) need a batch of at least 2 rows; "
-                                  "the sample has 1"), got
-        assert got["32 of 16"] == ("ValueError: 32 micro-batches need a batch of at least 32 "
-                                   "rows; the sample has 16"), got
+    for r, got in enumerate(mesh.spawn(_distribute_worker, 2, timeout=120)):
+        assert got["one row"] == (f"ValueError: rank {r}: engine.distribute: 2 micro-batches "
+                                  "(one a pipeline rank, the fewest tried at pp=2) need a batch "
+                                  "of at least 2 rows; the sample has 1"), got
+        assert got["32 of 16"] == (f"ValueError: rank {r}: engine.distribute: 32 micro-batches "
+                                   "need a batch of at least 32 rows; the sample has 16"), got
 
 
 @pytest.mark.parametrize("m", [0, -2, 2.5, True, "4"])
@@ -145,6 +145,73 @@ def test_distribute_refuses_a_microbatch_count_that_is_no_whole_number_above_0(m
                                                    "at least 1")):
         engine.distribute(model, None, loss_fn=mse_loss, microbatches=m,
                           sample=np.zeros((8, 5)), verbose=False)
+
+
+def _distribute_one_rank_wrong(world, what):
+    import collectives
+    model = Sequential(*mlp_stages([5, 8, 3], 1, seed=0)[0].layers)
+    kw = {"schedule": "1f1b", "microbatches": 2, "balance": "uniform", "loss_fn": mse_loss}
+    if world.rank == 1:
+        kw[what] = {"microbatches": 0, "loss_fn": None, "schedule": "nosuch",
+                    "balance": "nonsense", "plan": {"0": "colwise"}}[what]
+    try:
+        engine.distribute(model, mesh.grid(world, pp=2), **kw, verbose=False, overhead=0.0,
+                          timeout=20)
+        said = "no error"
+    except (ValueError, mesh.MeshError) as e:
+        said = f"{type(e).__name__}: {e}"
+    collectives.barrier(world, timeout=20)      # (every rank stays, as a caller that goes on)
+    return said
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what, says", [
+    ("microbatches", "microbatches=0: a whole number of at least 1"),
+    ("loss_fn", "no loss_fn= given: pass loss_fn(output, target) -> loss"),
+    ("schedule", "unknown schedule 'nosuch': use gpipe, 1f1b,"),
+    ("balance", "unknown balance 'nonsense': use 'time', 'uniform', 'parameters'"),
+    ("plan", "a tensor-parallel plan needs a grid with a tp axis, got {'pp': 2}")])
+def test_a_distribute_argument_wrong_on_one_rank_fails_every_rank(what, says):
+    """They raised on that rank alone: the others waited for it in their next
+    collective (until the timeout), or met its next call (a MismatchError
+    naming barrier and all_gather_object, not what was wrong)."""
+    said = mesh.spawn(_distribute_one_rank_wrong, 2, what, timeout=50)
+    assert said[1].startswith(f"ValueError: rank 1: engine.distribute: {says}"), said
+    assert said[0].startswith(f"ValueError: rank 0: engine.distribute failed on rank 1: "
+                              f"{says}"), said
+
+
+def _clip_one_rank_wrong(world, norm_type):
+    import collectives
+    sched = engine.schedules.by_name("1f1b", world.size, 2)
+    mine = engine.stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
+    pipe = engine.Pipeline(world, mine, sched, loss_fn=mse_loss, timeout=20)
+    rng = np.random.default_rng(0)
+    pipe.step(rng.standard_normal((4, 3)), rng.standard_normal((4, 2)))
+    try:
+        said = pipe.clip_grad_norm_(1e-3, norm_type=norm_type if world.rank == 1 else 2.0)
+    except (ValueError, mesh.MeshError) as e:
+        said = f"{type(e).__name__}: {e}"
+    collectives.barrier(world, timeout=20)      # (every rank stays, as a caller that goes on)
+    return said
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("norm_type, says", [
+    (-1, ["ValueError: rank 0 (pp rank 0): clip_grad_norm_ failed on rank(s) [1] of group "
+          "world: their norm_type or max_norm is not valid (see their error)",
+          "ValueError: rank 1 (pp rank 1): clip_grad_norm_(norm_type=-1): a norm of order "
+          "above 0, or inf"]),
+    (3.0, [f"ValueError: rank {r} (pp rank {r}): clip_grad_norm_ was given other arguments "
+           "on other ranks (ranks [0]: norm_type 2, max_norm 0.001; ranks [1]: norm_type 3, "
+           "max_norm 0.001): every rank passes the same norm_type and max_norm"
+           for r in range(2)])])
+def test_clip_grad_norm_given_another_norm_type_on_one_rank_fails_every_rank(norm_type, says):
+    """A norm_type refused on one rank raised there alone (the others waited
+    in the all-reduce, or met its next call as a MismatchError); another
+    order of norm on one rank returned another norm there and clipped each
+    rank by its own, silently (the copies of tied parameters drifting)."""
+    assert mesh.spawn(_clip_one_rank_wrong, 2, norm_type, timeout=50) == says
 
 
 # ---- engine.partition: classes as specs, balance
