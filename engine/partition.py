@@ -49,6 +49,8 @@ import itertools
 import math
 from typing import Any, Sequence
 
+from mesh import Comm
+
 from .choose import kept_random, time_layer, whole_counts
 from .ir import Schedule
 from .replay import replay
@@ -149,7 +151,7 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
         counts = cut_points([(p, 1) for p in counted], num_stages)
         sizes = list(counted)
     elif balance == "time":
-        if sample is None:
+        if sample is None and group is None:    # (with a group, its first rank's: _measured)
             raise ValueError(f"balance='time' measures each of the {n} layers on a sample "
                              "micro-batch: pass sample=")
         sched = schedule or one_f_one_b(num_stages, 2 * num_stages)
@@ -281,21 +283,40 @@ def _measured(items: list[Any], kinds: list[str], sample: Any, reps: int,
               group: Any) -> dict[str, list[float]]:
     """Seconds per layer for F, I and W on ``sample`` (engine.choose's
     ``time_layer``), measured on the group's first rank and broadcast (with
-    a group)."""
+    a group; where it cannot measure, no sample or a layer that fails,
+    every rank raises: alone, it left the others waiting in the broadcast)."""
     costs: dict[str, list[float]] | None = None
+    error: BaseException | None = None
     if group is None or group.rank == 0:
-        costs = {k: [] for k in _KINDS}
-        x = sample
-        with kept_random():     # rank 0's streams as the others': timing draws none
-            for item, kind in zip(items, kinds):
-                layer = build(item, kind)
-                if is_module(layer) or not callable(getattr(layer, "backward", None)):
-                    layer = TorchStage(as_module(layer))
-                lc, x = time_layer(layer, x, reps)
-                for k in _KINDS:
-                    costs[k].append(getattr(lc, k))
+        try:
+            if sample is None:
+                raise ValueError(f"balance='time' measures each of the {len(items)} layers on "
+                                 "a sample micro-batch: pass sample= (with group=, on its "
+                                 "first rank, which measures)")
+            costs = {k: [] for k in _KINDS}
+            x = sample
+            with kept_random():     # rank 0's streams as the others': timing draws none
+                for item, kind in zip(items, kinds):
+                    layer = build(item, kind)
+                    if is_module(layer) or not callable(getattr(layer, "backward", None)):
+                        layer = TorchStage(as_module(layer))
+                    lc, x = time_layer(layer, x, reps)
+                    for k in _KINDS:
+                        costs[k].append(getattr(lc, k))
+        except Exception as e:
+            if group is None:
+                raise
+            error, costs = e, None
     if group is not None:
         import collectives
-        costs = collectives.broadcast_object(group, costs, root=0)
+        told = collectives.broadcast_object(
+            group, costs if error is None else f"{type(error).__name__}: {error}", root=0)
+        if error is not None:
+            raise error
+        if isinstance(told, str):
+            where = (f"rank {group.ranks[group.rank]}: " if isinstance(group, Comm) else "")
+            raise ValueError(f"{where}engine.partition(balance='time') failed on the first "
+                             f"rank of its group, which times the layers: {told}")
+        costs = told
     assert costs is not None
     return {k: [float(v) for v in costs[k]] for k in _KINDS}

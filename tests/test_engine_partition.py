@@ -216,3 +216,31 @@ def test_a_rank_whose_own_stages_cut_apart_fails_every_rank():
         assert text == (f"ValueError: rank {r}: Pipeline on group world: pp rank 0's stages "
                         f"[0, 2] come from different engine.partition cuts: [(1, 1, 2, 2), "
                         f"(2, 1, 1, 2)]"), said
+
+
+def _time_cut_without_a_sample(world, who):
+    import collectives
+    import mesh
+    x = torch.randn(8, 4)
+    try:
+        cut = partition(_mlp(), 2, "time", sample=None if world.rank == who else x,
+                        group=world)
+        said = f"cut {[len(s) for s in cut]}"
+    except (ValueError, mesh.MeshError) as e:
+        said = f"{type(e).__name__}: {e}"
+    collectives.barrier(world, timeout=30)      # (every rank stays, as a caller that goes on)
+    return said
+
+
+def test_a_time_cut_whose_timing_rank_has_no_sample_fails_every_rank():
+    """With group=, the first rank times the layers: without a sample it
+    raised alone, the others waiting in its broadcast (their timeout; a
+    LostPeerError once it exited). Another rank needs none."""
+    import mesh
+    said = mesh.spawn(_time_cut_without_a_sample, 2, 0, timeout=60)
+    assert said[0].startswith("ValueError: balance='time' measures each of the "), said
+    assert said[1].startswith("ValueError: rank 1: engine.partition(balance='time') failed on "
+                              "the first rank of its group, which times the layers: "
+                              "ValueError: balance='time' measures each"), said
+    said = mesh.spawn(_time_cut_without_a_sample, 2, 1, timeout=60)
+    assert said[0] == said[1] and said[0].startswith("cut "), said
