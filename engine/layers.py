@@ -241,7 +241,11 @@ def deterministic(stage: Any) -> bool:
 
 def mse_loss(y: Any, target: Any) -> tuple[float, Any]:
     """Mean squared error over every element of the micro-batch, and its
-    gradient ``2 (y - target) / y.size``."""
+    gradient ``2 (y - target) / y.size``. Shapes must match: numpy would
+    broadcast a target of (n, 1) over an output of (n, 2) without a word."""
+    if tuple(getattr(target, "shape", ())) != tuple(y.shape):
+        raise ValueError(f"mse_loss: a target of shape {tuple(getattr(target, 'shape', ()))} "
+                         f"for an output of shape {tuple(y.shape)}: they must match")
     diff = y - target
     return float((diff * diff).sum()) / diff.size, diff * (2.0 / diff.size)
 

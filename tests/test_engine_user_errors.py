@@ -316,3 +316,13 @@ def test_a_pipeline_argument_wrong_on_one_rank_fails_every_rank(what, says):
     said = mesh.spawn(_one_rank_wrong, 2, what, timeout=50)
     for r, text in enumerate(said):
         assert text == f"ValueError: rank {r}: Pipeline on group world: {says}", said
+
+
+def test_mse_loss_refuses_a_target_it_would_broadcast():
+    """A target of (n, 1) for an output of (n, 2) was broadcast over it: a
+    loss and gradients of the wrong problem, without a word."""
+    y = np.ones((4, 2))
+    with pytest.raises(ValueError, match=r"mse_loss: a target of shape \(4, 1\) for an output "
+                                         r"of shape \(4, 2\): they must match"):
+        mse_loss(y, np.ones((4, 1)))
+    assert mse_loss(y, np.zeros((4, 2)))[0] == 1.0
