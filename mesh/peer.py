@@ -94,9 +94,14 @@ def config_bytes(name: str, default: int) -> int:
 
 class Outgoing:
     """A send in progress: queued (no credit yet), handed to ZeroMQ, then done
-    once ZeroMQ has released the caller's buffer."""
+    once ZeroMQ has released the caller's buffer. A large message to another
+    host goes in pieces (mesh.wire.CHUNK): ``pieces``, those not handed over
+    yet, (payload bytes, frames) each, and ``held``, the trackers of those
+    that were; under way once its header went (``frames`` None), it stays
+    first in its peer's queue until its last piece is handed over."""
 
-    __slots__ = ("dst", "frames", "nbytes", "_desc", "event", "tracker", "error", "keep")
+    __slots__ = ("dst", "frames", "nbytes", "_desc", "event", "tracker", "error", "keep",
+                 "pieces", "held")
 
     def __init__(self, dst: int, frames: list | None, nbytes: int, desc: Any, keep: Any) -> None:
         self.frames: list | None
@@ -104,6 +109,12 @@ class Outgoing:
         self.event = Flag()
         self.tracker: zmq.MessageTracker | None = None
         self.error: BaseException | None = None
+        self.pieces: deque[tuple[int, list]] | None = None
+        self.held: list = []
+
+    def under_way(self) -> bool:
+        """Whether this is a message in pieces whose header went already."""
+        return self.pieces is not None and self.frames is None
 
     @property
     def desc(self) -> str:
@@ -114,7 +125,7 @@ class Outgoing:
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self.frames = None
+        self.frames = self.pieces = None
         self.event.set()
 
 
@@ -124,7 +135,7 @@ class Peer:
 
     __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
                  "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at",
-                 "window", "grant_step", "_grant_lock", "sent")
+                 "window", "grant_step", "_grant_lock", "sent", "unanswered")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None,
                  window: int = 64 << 20) -> None:
@@ -144,6 +155,7 @@ class Peer:
         self.status = ""
         self.status_at = 0.0
         self.sent = 0          # messages put on its socket (order with mesh.rings)
+        self.unanswered = 0    # bytes of pieces (mesh.wire.CHUNK) it has not answered yet
 
     def fits(self, cost: int) -> bool:
         """Whether a message costing ``cost`` bytes (payload and MSG_COST)

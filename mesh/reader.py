@@ -4,9 +4,11 @@ Frame by frame: the header says how big the payload is, so small payloads
 come as bytes and large ones as zero-copy frames; an array is copied once,
 straight into the caller's ``out=`` when a posted receive has one that fits.
 Data goes to the inbox, credit to the send path, heartbeats and goodbyes to
-liveness, aborts to the inbox. A malformed message is dropped whole (every
-frame of it) and counted in ``bad_messages``. Whoever holds the reading
-turn calls ``read_one`` (see mesh.progress).
+liveness, aborts to the inbox. A message that comes in pieces (mesh.wire.CHUNK,
+across hosts) is kept, its pieces' frames as they are, and answered piece by
+piece; once whole it goes on as if it had come in one. A malformed message
+is dropped whole (every frame of it) and counted in ``bad_messages``.
+Whoever holds the reading turn calls ``read_one`` (see mesh.progress).
 """
 from __future__ import annotations
 
@@ -53,11 +55,16 @@ class Reader:
 
     def __init__(self, router: zmq.Socket, rank: int, peers: list[Peer], inbox: Inbox,
                  live: Liveness, on_credit: Callable[[Peer, int], None],
-                 direct: Direct, rings: Rings | None = None) -> None:
+                 direct: Direct, rings: Rings | None = None,
+                 on_answer: Callable[[Peer, int], None] | None = None,
+                 control: Callable[[Peer, bytes], None] | None = None) -> None:
         self.rank, self.size = rank, len(peers)
         self.bad_messages = 0
         self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
-        self._on_credit, self._direct = on_credit, direct
+        self._on_credit, self._direct, self._on_answer = on_credit, direct, on_answer
+        self._control = control     # what answers a piece (mesh.wire.GOT)
+        # per peer, its message in pieces under way: [header, the frames so far, bytes]
+        self._pieces: list[list | None] = [None] * len(peers)
         self._idents = [str(r).encode() for r in range(len(peers))]
         self._rank_of = {ident: r for r, ident in enumerate(self._idents)}
         # mesh.rings: messages read off each peer's socket, to order its ring by
@@ -273,7 +280,16 @@ class Reader:
                 frame = router.recv(0, copy=False)
                 more = frame.more
                 payload.append(frame.bytes if copy else frame.buffer)
-        if h.kind == wire.DATA and h.direct:
+        if h.kind == wire.CHUNK:
+            self._piece(h, peer, payload)
+        elif h.more:
+            if payload:
+                return self._bad("a message whose payload follows in pieces, with payload "
+                                 "frames")
+            if self._pieces[h.src] is not None:
+                self._drop_pieces(h.src, "a message began before the last one's pieces ended")
+            self._pieces[h.src] = [h, [], 0]
+        elif h.kind == wire.DATA and h.direct:
             if payload:
                 return self._bad("a direct-path message with payload frames")
             self._read_direct(h, peer)
@@ -283,6 +299,8 @@ class Reader:
             return self._bad(f"control message kind {h.kind} with a payload")
         elif h.kind == wire.CREDIT:
             self._on_credit(peer, h.credit)
+        elif h.kind == wire.GOT and self._on_answer is not None:
+            self._on_answer(peer, h.credit)
         elif h.kind == wire.HEARTBEAT:
             self._live.on_heartbeat(peer, h.reason, h.peer)
         elif h.kind == wire.ABORT:
@@ -305,6 +323,38 @@ class Reader:
         elif h.kind == wire.RING and len(h.direct) == 4 and self.rings is not None:
             self.rings.attach(h.src, h.direct)
         return True
+
+    def _piece(self, h: wire.Header, peer: Peer, payload: list) -> None:
+        """A piece of rank ``h.src``'s message under way: kept and answered
+        (the sender hands over more); the message delivered once whole."""
+        src = h.src
+        part = self._pieces[src]
+        got = len(payload[0]) if len(payload) == 1 else sum(map(len, payload))
+        if part is None:
+            self._bad(f"a piece of {got} bytes from rank {src}, of no message")
+            return
+        first, frames, have = part
+        have += got
+        if got != h.nbytes or have > first.nbytes:
+            self._drop_pieces(src, f"a piece of {got} bytes (its header says {h.nbytes}) "
+                                   f"past {part[2]} of {first.nbytes} bytes")
+            return
+        frames += payload
+        part[2] = have
+        if self._control is not None:
+            self._control(peer, wire.encode(wire.GOT, self.rank, credit=got))
+        if have == first.nbytes:
+            self._pieces[src] = None
+            self._deliver(first, frames)
+
+    def _drop_pieces(self, src: int, why: str) -> None:
+        """Drop rank ``src``'s message under way, as a bad message (its credit
+        granted back)."""
+        first = self._pieces[src]
+        self._pieces[src] = None
+        if first is not None:
+            self._consumed(src, first[0].nbytes)
+        self._bad(f"from rank {src}: {why}")
 
     def _deliver(self, h: wire.Header, payload: list) -> bool:
         """An array or an object message, its payload in ``payload``."""

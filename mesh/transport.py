@@ -45,6 +45,10 @@ _SNDMORE = int(zmq.SNDMORE)
 _CACHE = 1024  # headers remembered per transport
 _FAIL_WAIT = 1.0  # a failing rank's wait for its peers to answer its goodbye
 _LEFT_LINGER_MS = 200  # for what is queued to a peer that left or answered (see close)
+# A message in pieces (mesh.wire.CHUNK, across hosts) has at most this many bytes
+# of them handed to ZeroMQ and not yet answered by the receiver: what its sender's
+# heartbeats and other control messages may wait behind
+_AHEAD = 4 * wire.CHUNK_BYTES
 
 SENT = Outgoing(-1, None, 0, "a send by ring", None)   # what send_ring's sends wait on: done
 SENT.event.set()
@@ -92,6 +96,8 @@ class Transport:
         # the group is forgotten when the last goes)
         self.comms: dict[int, weakref.WeakSet[Any]] = {}
         self._peers: list[Peer] = []
+        # peers on other hosts: a large message goes to them in pieces (mesh.wire.CHUNK)
+        self._pieced = [ep.startswith("tcp://") for ep in endpoints]
         for r, ep in enumerate(endpoints):
             if r == rank:
                 self._peers.append(Peer(r, None, None, window))
@@ -128,7 +134,7 @@ class Transport:
         self._marks: dict[bytes, int] = {}     # and their ids (mesh.rings.MARK),
         self._marked = 0                       # how many were given so far
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
-                             self.direct, self.rings)
+                             self.direct, self.rings, self._on_answer, self._control)
         self.stall_warn = self.live.stall_warn
         # what recv_ring calls and reads, bound once
         self._take, self._quiet = self.reader.take, self.inbox.matcher.quiet
@@ -189,8 +195,16 @@ class Transport:
             if out.error is not None:
                 self.direct.forget(out)
             return out
-        header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, **header_kw)
-        out = Outgoing(dst, wire.frames(header, payload, nbytes), nbytes, desc, keep)
+        pieced = nbytes > wire.CHUNK_BYTES and self._pieced[dst]   # (to another host)
+        header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, more=pieced,
+                             **header_kw)
+        if pieced:      # its header, then its payload in pieces (mesh.wire.CHUNK)
+            out = Outgoing(dst, [header], nbytes, desc, keep)
+            k = wire.CHUNK_BYTES // wire.FRAME_BYTES     # (payload frames: FRAME_BYTES each)
+            out.pieces = deque((sum(map(len, payload[i:i + k])), payload[i:i + k])
+                               for i in range(0, len(payload), k))
+        else:
+            out = Outgoing(dst, wire.frames(header, payload, nbytes), nbytes, desc, keep)
         self._submit(self._peers[dst], out)
         return out
 
@@ -380,8 +394,21 @@ class Transport:
         return True
 
     def _transmit(self, peer: Peer, out: Outgoing) -> None:
-        """Hand frames to ZeroMQ; caller holds ``peer.lock``, ``out`` is admitted."""
+        """Hand frames to ZeroMQ; caller holds ``peer.lock``, ``out`` is admitted.
+        A message in pieces: its header, then what ``_stream`` lets go now;
+        until the rest goes, it waits first in the queue."""
         frames, out.frames = out.frames or [], None
+        if out.pieces is not None:
+            try:
+                peer.sock.send(frames[0], 0)
+            except zmq.ZMQError as e:
+                out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
+                return
+            peer.sent += 1
+            peer.last_sent = time.monotonic()
+            if not self._stream(peer, out):
+                peer.queue.appendleft(out)
+            return
         try:
             if out.nbytes < COPY_BELOW or out.tracker is not None:  # small, or direct
                 send = peer.sock.send
@@ -416,11 +443,67 @@ class Transport:
                 except zmq.ZMQError:
                     pass
 
+    def _stream(self, peer: Peer, out: Outgoing) -> bool:
+        """Hand ZeroMQ the next pieces of message ``out`` (mesh.wire.CHUNK)
+        while the receiver has answered all but _AHEAD bytes of them; True
+        once the last is handed over (or the send failed), with ``out``
+        done then as ``_transmit`` leaves a send. Caller holds ``peer.lock``."""
+        pieces = out.pieces
+        sock = peer.sock
+        while pieces and peer.unanswered < _AHEAD:
+            n, frames = pieces.popleft()
+            try:
+                sock.send(wire.encode(wire.CHUNK, self.rank, nbytes=n), _SNDMORE)
+                last = len(frames) - 1
+                for i, f in enumerate(frames):
+                    out.held.append(sock.send(f, _SNDMORE if i < last else 0, copy=False,
+                                              track=True))
+            except zmq.ZMQError as e:
+                out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
+                return True
+            peer.unanswered += n
+            peer.sent += 1
+            peer.last_sent = time.monotonic()
+        if pieces:
+            return False
+        out.pieces = None
+        out.tracker = zmq.MessageTracker(*[t for t in out.held if t is not None])
+        out.held = []
+        out.event.set()
+        return True
+
+    def _drain(self, peer: Peer) -> None:
+        """Hand ZeroMQ what waits in ``peer``'s queue, as far as its credit
+        (and the answers to a message in pieces under way) allow; caller
+        holds ``peer.lock``."""
+        queue = peer.queue
+        while queue and peer.state == ALIVE:
+            out = queue[0]
+            if out.under_way():
+                if not self._stream(peer, out):
+                    return
+                queue.popleft()
+            elif peer.admit(out.nbytes):
+                self._transmit(peer, queue.popleft())
+            else:
+                return
+
+    @staticmethod
+    def _going(peer: Peer) -> bool:
+        """Whether a message in pieces to ``peer`` is under way."""
+        with peer.lock:
+            return bool(peer.queue) and peer.queue[0].under_way()
+
     def _on_credit(self, peer: Peer, credit: int) -> None:
         with peer.lock:
             peer.release(credit)
-            while peer.queue and peer.state == ALIVE and peer.admit(peer.queue[0].nbytes):
-                self._transmit(peer, peer.queue.popleft())
+            self._drain(peer)
+
+    def _on_answer(self, peer: Peer, nbytes: int) -> None:
+        """``peer`` has ``nbytes`` more of a message in pieces (mesh.wire.GOT)."""
+        with peer.lock:
+            peer.unanswered = max(0, peer.unanswered - nbytes)
+            self._drain(peer)
 
     # ---- waiting -------------------------------------------------------------
 
@@ -511,6 +594,14 @@ class Transport:
             # a tensor out=: the tensor, written (its autograd version counts it)
             return out if item.target is None else tensors.written(item.target)
         if not item.event.is_set() and not self._await_credit(item, limit):
+            with self._peers[item.dst].lock:    # (a message in pieces, going: how far)
+                pieces = item.pieces
+                left = sum(n for n, _ in pieces) if item.under_way() and pieces else -1
+            if left >= 0:
+                raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
+                                       f"{limit:g}s with {item.nbytes - left} of its "
+                                       f"{item.nbytes} bytes handed over (the rest still "
+                                       f"goes){self.live.peer_note(item)}")
             raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
                                    f"waiting for credit from rank {item.dst} (it is not "
                                    f"receiving){self.live.peer_note(item)}")
@@ -578,10 +669,15 @@ class Transport:
         and the goodbye carries the error: whatever the peers wait for from
         this rank fails at once. Their answers, not their goodbyes, are
         waited for (_FAIL_WAIT at most): they may be blocked on this rank."""
+        wait = config_float("MESH_CLOSE_WAIT", 30.0, least=0)
         if not failure:
-            deadline = time.monotonic() + linger
+            # a message in pieces under way is let finish (as one handed to ZeroMQ whole
+            # would be): a goodbye between its pieces would fail its receive
+            deadline, most = time.monotonic() + linger, time.monotonic() + max(linger, wait)
             for p in self._peers:
-                while p.queue and p.state == ALIVE and time.monotonic() < deadline:
+                while p.queue and p.state == ALIVE and (
+                        time.monotonic() < deadline
+                        or (self._going(p) and time.monotonic() < most)):
                     time.sleep(0.005)
         bye = wire.encode(wire.BYE, self.rank, reason=failure[:2000])
         for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone
@@ -597,7 +693,6 @@ class Transport:
         # Like MPI_Finalize: stay until every peer has said goodbye too (or is
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.
-        wait = config_float("MESH_CLOSE_WAIT", 30.0, least=0)
         deadline = time.monotonic() + (min(wait, _FAIL_WAIT) if failure else wait)
         while (any(p.state == ALIVE for p in self._peers if p.sock is not None)
                and time.monotonic() < deadline):

@@ -25,7 +25,19 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  the bytes from the sender's memory and answers DONE [id]);
                  on PROBE [pid, address, token 0, token 1] (may you read me?)
                  or [1 or 0] (the answer); on RING [pid, fd, token 0, token 1]
-                 (where the sender's ring in our region is: mesh.rings)
+                 (where the sender's ring in our region is: mesh.rings),
+                 m on DATA and OBJ: 1 when the payload follows in CHUNK
+                 messages instead of this message's frames
+
+    Across hosts (tcp://) a message of more than CHUNK_BYTES goes as its
+    header (m set, no payload), then CHUNK messages ``[header, frames...]``
+    (n: their payload bytes) of CHUNK_BYTES each, the last one shorter;
+    nothing else of that sender's data comes between them. The receiver
+    answers each with GOT (c: its bytes), and the sender keeps at most
+    mesh.transport's _AHEAD bytes of pieces unanswered: its heartbeats and
+    other control messages go between the pieces, and each piece that
+    arrives is word from the sender (a message taking longer than
+    MESH_PEER_TIMEOUT to cross does not make its sender look silent).
 """
 from __future__ import annotations
 
@@ -39,14 +51,15 @@ from .errors import AbortKind, BadMessageError
 from .tensors import BFLOAT16
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "PROBE", "DONE", "RING",
-           "FRAME_BYTES",
+           "CHUNK", "GOT", "FRAME_BYTES", "CHUNK_BYTES",
            "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
            "split_inline", "array_frames", "dtype_ok"]
 
-DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING = 0, 1, 2, 3, 4, 5, 6, 7, 8
-_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING)
+DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT = range(11)
+_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT)
 _MAX_DIRECT = 4
 FRAME_BYTES = 1 << 20
+CHUNK_BYTES = 4 * FRAME_BYTES   # a message across hosts goes in pieces of this (frames)
 MAX_HEADER = 16 * 1024
 INLINE_MAX = 8 * 1024
 INLINE_MARK = 0xC1
@@ -85,6 +98,7 @@ class Header(NamedTuple):
     dt: Any = None          # np.dtype of ``dtype``, resolved once
     abort: AbortKind = AbortKind.OTHER
     direct: tuple[int, ...] = ()  # the x field
+    more: bool = False      # the m field: the payload follows in CHUNK messages
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -111,7 +125,8 @@ def _dtype(name: str) -> np.dtype:
 def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | None = None,
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
            credit: int = 0, reason: str = "", device: int = 0, peer: int = -1,
-           abort: AbortKind = AbortKind.OTHER, direct: tuple[int, ...] = ()) -> bytes:
+           abort: AbortKind = AbortKind.OTHER, direct: tuple[int, ...] = (),
+           more: bool = False) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if direct:
         h["x"] = list(direct)
@@ -127,7 +142,11 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         h["n"] = nbytes
         if fp is not None:
             h["f"] = fp
-    elif kind == CREDIT:
+        if more:
+            h["m"] = 1
+    elif kind == CHUNK:
+        h["n"] = nbytes
+    elif kind in (CREDIT, GOT):
         h["c"] = credit
     elif kind == ABORT:
         h["r"] = reason
@@ -176,8 +195,10 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         if len(direct) != (1 if kind == DONE else 4) and (kind != PROBE or len(direct) != 1):
             raise BadMessageError(f"message kind {kind} with direct-path field {direct!r}")
         return Header(kind, src, direct=direct)
-    if kind == CREDIT:
+    if kind in (CREDIT, GOT):
         return Header(kind, src, credit=_int(h, "c", 0))
+    if kind == CHUNK:
+        return Header(kind, src, nbytes=_int(h, "n", 0))
     if kind in (HEARTBEAT, BYE):
         return Header(kind, src, reason=_str(h, "r"),
                       peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
@@ -188,8 +209,9 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
                       abort=AbortKind(_int(h, "e", 0, max(AbortKind))) if "e" in h
                       else AbortKind.OTHER)
     nbytes = _int(h, "n", 0)
+    more = bool(_int(h, "m", 0, 1)) if "m" in h else False
     if kind == OBJ:
-        return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"))
+        return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"), more=more)
     dtype, shape = h.get("d"), h.get("sh")
     if not isinstance(dtype, str) or not isinstance(shape, list) or len(shape) > _MAX_DIMS:
         raise BadMessageError(f"array header has dtype {dtype!r} and shape {shape!r}")
@@ -206,10 +228,10 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     if math.prod(shape) * dt.itemsize != nbytes:
         raise BadMessageError(f"payload of {nbytes} bytes does not fit dtype {dtype} "
                               f"and shape {tuple(shape)}")
-    if direct and len(direct) != 2:
+    if direct and (len(direct) != 2 or more):
         raise BadMessageError(f"array header with direct-path field {list(direct)!r}")
     return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"),
-                  device=origin, dt=dt, direct=direct)
+                  device=origin, dt=dt, direct=direct, more=more)
 
 
 def _direct(h: dict) -> tuple[int, ...]:

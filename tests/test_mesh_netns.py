@@ -30,6 +30,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "scripts" / "netns_job.py"
 TORCH_JOB = REPO / "tests" / "scripts" / "netns_torch_job.py"
+P2P_JOB = REPO / "tests" / "scripts" / "netns_p2p_job.py"
 ADDR = ["10.77.0.1", "10.77.0.2"]
 NAME = ["node0", "node1"]
 
@@ -124,6 +125,15 @@ class Hosts:
                 return name
         pytest.skip(f"cannot shape the link with tc: {'; '.join(errors)}")
 
+    def limit(self, rate: str) -> None:
+        """Cap the link both ways at ``rate`` (a token bucket, ``tc`` tbf)."""
+        for i in (0, 1):
+            done = subprocess.run(["tc", "-n", self.ns[i], "qdisc", "replace", "dev",
+                                   self.dev[i], "root", "tbf", "rate", rate, "burst", "64kb",
+                                   "latency", "200ms"], capture_output=True, text=True, timeout=10)
+            if done.returncode != 0:
+                pytest.skip(f"cannot shape the link with tc: {done.stderr.strip()}")
+
     def __exit__(self, *exc: object) -> None:
         for ns in self.ns:      # what a failed job left there (torchrun's workers
             for pid in _ip("netns", "pids", ns).stdout.split():   # have their own sessions)
@@ -153,14 +163,16 @@ class Hosts:
         assert done.returncode == 0, done.stderr
 
     def launch(self, i: int, port: int, out: Path, secret: str,
-               curve: bool, **extra: str) -> subprocess.Popen[str]:
+               curve: bool, job: list[str] | None = None,
+               **extra: str) -> subprocess.Popen[str]:
         env = dict(os.environ, PYTHONPATH=str(REPO), MESH_SECRET=secret, **extra)
         env.pop("MESH_CURVE", None)
         return subprocess.Popen(
             ["ip", "netns", "exec", self.ns[i], sys.executable, "-m", "mesh.launch",
              *(["--curve"] if curve else []),
              "--nnodes", "2", "--node-rank", str(i), "--master-addr", ADDR[0],
-             "--master-port", str(port), "-n", "2", "--timeout", "60", str(JOB), str(out)],
+             "--master-port", str(port), "-n", "2", "--timeout", "60",
+             *(job or [str(JOB)]), str(out)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -221,12 +233,13 @@ def _reports(out: Path) -> list[dict]:
     return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
 
 
-def _run_job(hosts: Hosts, out: Path, curve: bool = False) -> list[dict]:
+def _run_job(hosts: Hosts, out: Path, curve: bool = False, job: list[str] | None = None,
+             **extra: str) -> list[dict]:
     secret = secrets.token_hex(16)
-    procs = [hosts.launch(0, 0, out, secret, curve)]
+    procs = [hosts.launch(0, 0, out, secret, curve, job, **extra)]
     try:
         port = _node0_port(procs[0])
-        procs.append(hosts.launch(1, port, out, secret, curve))
+        procs.append(hosts.launch(1, port, out, secret, curve, job, **extra))
         for p in procs:
             _, err = p.communicate(timeout=70)
             assert p.returncode == 0, err
@@ -278,6 +291,20 @@ def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -
     _check_topology(reports)
     if how == "netem":
         assert reports[0]["rtt"] >= 0.02, f"netem delay not in effect: rtt {reports[0]['rtt']}"
+
+
+def test_a_message_slower_than_the_peer_timeout_arrives(hosts: Hosts, tmp_path: Path) -> None:
+    """One point-to-point array across the hosts that takes twice
+    MESH_PEER_TIMEOUT to cross a 20 Mbit/s link, each way at once (rank 0
+    to rank 2 into a fresh array, rank 2 to rank 0 into out=): it arrives
+    whole, and its sender is not declared lost meanwhile, though its
+    heartbeats cannot overtake the message (it travels in pieces, each
+    heard; the heartbeats go between them)."""
+    hosts.limit("20mbit")
+    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(16 << 20)],
+                       MESH_PEER_TIMEOUT="3")
+    assert reports[0]["endpoints"][2].startswith("tcp://"), reports[0]
+    assert min(reports[r]["big"] for r in (0, 2)) > 6, reports    # (longer than the timeout)
 
 
 @pytest.mark.slow

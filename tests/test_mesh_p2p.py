@@ -1065,3 +1065,37 @@ def test_no_thread_outlives_the_mesh() -> None:
     with the process's last mesh (destroy_process_group promises no
     thread left)."""
     assert mesh.spawn(_large_sends_then_close, 2, timeout=60) == [[], []]
+
+
+def _pieces(world: mesh.Mesh) -> str:
+    n = (wire.CHUNK_BYTES * 3) // 8 + 5       # pieces, the last one short (an odd tail)
+    big = np.arange(n, dtype=np.float64)
+    blob = bytes(range(256)) * ((wire.CHUNK_BYTES + 12345) // 256)    # an object in pieces
+    if world.rank in (0, 2):
+        assert world._t._pieced[1], world._t.endpoints
+        first = world.isend(big + world.rank, 1, tag=1)
+        world.send(np.float64(world.rank), 1, tag=1)    # after the big one, on its tag
+        world.send(blob, 1, tag=2)
+        first.wait()
+        return "sent"
+    if world.rank != 1:
+        return "idle"
+    out = np.empty_like(big)
+    a = world.recv(0, tag=1, out=out)
+    assert a is out and np.array_equal(a, big), a[:4]
+    assert world.recv(0, tag=1) == 0.0
+    st = mesh.Status()
+    b = world.recv(mesh.ANY, tag=1, status=st)
+    assert st.source == 2 and np.array_equal(b, big + 2), (st.source, b[:4])
+    assert world.recv(2, tag=1) == 2.0
+    assert world.recv(0, tag=2) == blob and world.recv(2, tag=2) == blob
+    assert world._t.reader.bad_messages == 0
+    return "ok"
+
+
+def test_a_large_message_to_another_host_goes_in_pieces_intact() -> None:
+    """Across hosts (tcp://, forced here) a message of more than
+    mesh.wire.CHUNK_BYTES goes in pieces: arrays (into out= and fresh) and
+    objects arrive whole, in order per source and tag, ANY source too."""
+    got = mesh.spawn(_pieces, 3, timeout=90, env={"MESH_FORCE_TCP": "1"})
+    assert got == ["sent", "ok", "sent"]

@@ -1,0 +1,62 @@
+"""A worker for tests/test_mesh_netns.py: point-to-point across the hosts.
+World rank 0 sends one large array to world rank 2 (the other host) and
+rank 2 sends one to rank 0, each checked; the peers must stay alive however
+long one message takes to cross (the test slows the link and shortens
+MESH_PEER_TIMEOUT); then a small exchange and a barrier. With BENCH set,
+also the bandwidth of 64 MiB sends from rank 0 to rank 2 (ping-pong of a
+64 MiB array and an 8-byte answer). Writes OUTDIR/<rank>.json.
+
+    netns_p2p_job.py NBYTES OUTDIR
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import collectives
+import mesh
+
+
+def main(outdir: str, nbytes: int) -> None:
+    report: dict = {}
+    with mesh.init(timeout=120) as world:
+        r = world.rank
+        report["endpoints"] = world._t.endpoints
+        collectives.barrier(world)
+        t = time.monotonic()
+        if r in (0, 2):
+            peer = 2 - r
+            a = np.arange(nbytes // 4, dtype=np.float32) + r
+            req = world.isend(a, peer, tag=5)
+            out = np.empty_like(a) if r == 2 else None      # into out=, and a fresh array
+            b = world.recv(peer, tag=5, out=out)
+            req.wait()
+            assert np.array_equal(b, np.arange(nbytes // 4, dtype=np.float32) + peer), b[:4]
+            assert out is None or b is out
+            report["big"] = time.monotonic() - t
+            world.send({"small": r}, peer, tag=6)
+            assert world.recv(peer, tag=6) == {"small": peer}
+        if os.environ.get("BENCH") and r in (0, 2):
+            a = np.ones(64 << 18, np.float32)
+            ans = np.zeros(1)
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                if r == 0:
+                    world.send(a, 2, tag=7)
+                    world.recv(2, tag=8, out=ans)
+                else:
+                    world.recv(0, tag=7, out=a)
+                    world.send(ans, 0, tag=8)
+                times.append(time.perf_counter() - t)
+            report["bench_gbs"] = (64 << 20) / min(times[1:]) / 1e9
+        collectives.barrier(world)
+        report["rank"] = r
+    with open(os.path.join(outdir, f"{r}.json"), "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[2], int(sys.argv[1]))
