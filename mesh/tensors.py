@@ -49,9 +49,10 @@ def _torch() -> Any:
 
 
 def is_tensor(x: Any) -> bool:
-    """True for a torch tensor (never imports torch)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+    """True for a torch tensor (never imports torch; while another thread
+    imports it, its module has no Tensor yet, and nothing is one)."""
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor is not None and isinstance(x, tensor)
 
 
 def dtype_name(dt: np.dtype) -> str:

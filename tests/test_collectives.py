@@ -592,3 +592,27 @@ def test_masked_arrays_are_refused_saying_why_and_matrices_travel() -> None:
             assert text.startswith(f"rank {rank}: ") and "a masked array's mask would not " \
                 "travel" in text and "a.filled(value)" in text, text
         assert "send to rank" in said[0] and "all_reduce" in said[1], said
+
+
+def _while_torch_imports(world: Any) -> list[float]:
+    """Another thread of the process is importing torch (its module is in
+    sys.modules, not yet holding Tensor) while numpy collectives run, async
+    ones in the group's lane: they take no notice of it."""
+    import sys
+    import types
+    had = sys.modules.get("torch")
+    sys.modules["torch"] = types.ModuleType("torch")      # (as torch/__init__ starts)
+    try:
+        w = C.all_reduce(world, np.ones(3), async_op=True, timeout=20)
+        got = [float(w.wait()[0]), float(C.broadcast(world, np.ones(3), timeout=20)[0])]
+    finally:
+        if had is None:
+            del sys.modules["torch"]
+        else:
+            sys.modules["torch"] = had
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_collectives_while_another_thread_imports_torch() -> None:
+    assert mesh.spawn(_while_torch_imports, 2, timeout=40) == [[2.0, 1.0]] * 2
