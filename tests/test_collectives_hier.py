@@ -125,6 +125,31 @@ def test_a_flat_call_against_a_two_level_one_is_a_mismatch_everywhere() -> None:
     assert mesh.spawn(flat_against_two_levels, 4, timeout=90) == ["MismatchError"] * 4
 
 
+def disjoint_two_levels(world: Any) -> tuple[str, float]:
+    """Rank 2 (host b's leader in "aabb") broadcasts from rank 0 (host a)
+    where the others all-reduce, both large: no phase of one meets a phase
+    of the other (rank 2 goes straight to the leaders' group, rank 0 waits
+    on column 0, rank 3 on host b's first phase), yet every rank raises
+    MismatchError at once, not a timeout, and the group goes on."""
+    _fake_host(world, "aabb")
+    g = world.group(list(range(world.size)))
+    a = np.ones(100_000)
+    try:
+        if world.rank == 2:
+            C.broadcast(g, a, root=0, timeout=10.0)
+        else:
+            C.all_reduce(g, a, timeout=10.0)
+        said = "no error"
+    except mesh.MeshError as e:
+        said = type(e).__name__     # (a timeout before: MeshTimeoutError)
+    return said, float(C.all_reduce(g, np.ones(100_000), timeout=20.0)[0])
+
+
+def test_two_level_calls_whose_phases_never_meet_are_a_mismatch() -> None:
+    got = mesh.spawn(disjoint_two_levels, 4, timeout=90)
+    assert got == [("MismatchError", 4.0)] * 4, got
+
+
 @pytest.mark.parametrize("small", [True, False])
 def test_a_groups_first_call_mismatching_leaves_it_usable(small: bool) -> None:
     assert mesh.spawn(first_call_mismatch, 4, small, timeout=90) == [[4.0] * 3] * 4

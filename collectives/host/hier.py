@@ -285,18 +285,30 @@ Phase = tuple[Comm, int, str, Callable[[Ctx], Any]]
 """A phase: its sub-group, its place (FIRST, ACROSS, LAST), name, body."""
 
 
-def _run(ctx: Ctx, phases: list[Phase]) -> None:
+def _run(ctx: Ctx, phases: list[Phase], greet: bool = True) -> None:
     """Run the phases in order, each a collective on its sub-group; on a
     failure, abandon the ones not made yet and raise. Meanwhile a receive
-    watches the call's own tag, where its members send nothing: a rank that
-    made a flat collective instead (a small broadcast where the others
-    all-reduce) sends there, its fingerprint fails the receive and aborts
-    the tag on every member, and each rank's phase then running is aborted
-    with it (_follow), so its waits raise instead of waiting out the
-    deadline."""
+    watches the call's own tag, where its members send nothing but one
+    greeting: a rank that made a flat collective instead (a small broadcast
+    where the others all-reduce) sends there, its fingerprint fails the
+    receive and aborts the tag on every member, and each rank's phase then
+    running is aborted with it (_follow), so its waits raise instead of
+    waiting out the deadline. ``greet``: each rank also sends its
+    fingerprint to its right neighbour there and takes its left one's
+    before it returns, so two two-level calls whose phases never meet (a
+    broadcast from another host where the others all-reduce: each waits in
+    a phase the other never makes) are a mismatch too, not a timeout. (The
+    small all_reduce over the columns does not greet: collectives.host.tiny
+    takes the same tags without a Ctx.)"""
+    n, me = ctx.g.size, ctx.g.rank
+    hello = ctx.irecv((me - 1) % n) if greet else None     # (before the watch: it takes it)
+    sent = ctx.isend(None, (me + 1) % n) if greet else None
     watch = ctx.watch()
     try:
         _phases(ctx, phases)
+        if hello is not None and sent is not None:
+            hello.wait()
+            sent.wait()
     finally:
         ctx.ch.unfollow(ctx.tag)
         if not watch.done():
@@ -439,7 +451,7 @@ def _all_reduce_small_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: Red
         else:
             all_reduce_rd(c, buf, op)
     _run(ctx, [(topo.local, FIRST, SMALL_HOST, host),
-               (column, ACROSS, SMALL_COLUMN, lambda c: rd_across(c, buf, op))])
+               (column, ACROSS, SMALL_COLUMN, lambda c: rd_across(c, buf, op))], greet=False)
 
 
 def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
