@@ -123,10 +123,12 @@ def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
         raise ValueError(f"{where}: clip_grad_norm_ failed on rank(s) {failed} of group "
                          f"{pipe.whole.name}: their norm_type or max_norm is not valid (see "
                          "their error)")
-    given = {(float(t[1]), float(t[2])) for t in told}
+    # (by repr: a nan given on every rank is the same argument, though nan != nan)
+    alike = [(repr(float(t[1])), repr(float(t[2]))) for t in told]
+    given = {g: [r for r, a in enumerate(alike) if a == g] for g in alike}
     if len(given) > 1:
-        said = "; ".join(f"ranks {[r for r in range(len(told)) if (told[r, 1], told[r, 2]) == g]}"
-                         f": norm_type {g[0]:g}, max_norm {g[1]:g}" for g in sorted(given))
+        said = "; ".join(f"ranks {rs}: norm_type {float(g[0]):g}, max_norm {float(g[1]):g}"
+                         for g, rs in given.items())
         raise ValueError(f"{where}: clip_grad_norm_ was given other arguments on other ranks "
                          f"({said}): every rank passes the same norm_type and max_norm")
     total = np.array([told[:, 0].max() if math.isinf(p) else told[:, 0].sum()])

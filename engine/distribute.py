@@ -62,7 +62,7 @@ from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, 
                      measure_stages, microbatch_counts,
                      recomputing, recosted, retimed, stage_costs, stage_spans, table,
                      time_program, whole_counts)
-from .executor import Pipeline, rows_of
+from .executor import Pipeline, _retold, rows_of
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
 from .stagebuild import inputs_of, is_module, make_stage, param_count
@@ -157,7 +157,7 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
     mine = (_coord(grid, "dp"), [_fingerprint(layer, is_torch) for _, layer in named], said)
     everyone = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
     if fault is not None:
-        raise type(fault)(f"rank {grid.comm.rank}: engine.distribute: {fault}") from fault
+        raise _retold(fault, f"rank {grid.comm.rank}: engine.distribute: {fault}") from fault
     failed = [(r, t[2]) for r, t in enumerate(everyone) if t[2] is not None]
     if failed:
         r, (kind, text) = failed[0]
@@ -211,7 +211,7 @@ def _agreed_sample(grid: Grid, sample: Any, timeout: float | None = None) -> Any
     naming them."""
     try:
         mine: Any = None if sample is None else rows_of(sample)
-    except ValueError as e:         # (told to every rank: none waits in the gather)
+    except (TypeError, ValueError) as e:    # (told to every rank: none waits in the gather)
         mine = f"rank {grid.comm.rank}'s sample: {e}"
     told = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
     bad = next((t for t in told if isinstance(t, str)), None)

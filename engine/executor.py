@@ -451,7 +451,7 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
              f"cuts: {sorted(cuts)}" if len(cuts) > 1 else None if fault is None else str(fault))
     if pp.size == 1:
         if fault is not None:
-            raise type(fault)(f"{me}: {fault}") from None
+            raise _retold(fault, f"{me}: {fault}")
         if apart:
             raise ValueError(f"{me}: {apart}")
         return
@@ -461,7 +461,7 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
                                          timeout=timeout)     # (apart: raised by every rank)
     faults = [t[4] for t in told if t[4]]
     if fault is not None:
-        raise type(fault)(f"{me}: {fault}") from None
+        raise _retold(fault, f"{me}: {fault}")
     if faults:
         raise ValueError(f"{me}: {apart or faults[0]}")
     told = [t[:4] for t in told]
@@ -550,6 +550,18 @@ def _joined(parts: list[Any]) -> Any:
     return np.concatenate([np.asarray(p) for p in parts])
 
 
+def _retold(fault: BaseException, text: str) -> BaseException:
+    """``fault`` again with message ``text``, its traceback kept: of its own
+    class where that takes a message alone, else a TypeError or ValueError
+    (as ``fault`` is one) caused by it."""
+    try:
+        new = type(fault)(text)
+    except Exception:                        # a class with its own arguments
+        new = (TypeError if isinstance(fault, TypeError) else ValueError)(text)
+        new.__cause__ = fault
+    return new.with_traceback(fault.__traceback__)
+
+
 def _in_action(e: MeshError, where: str) -> MeshError:
     """``e`` again (its class, its peer, its traceback), its message saying
     ``where`` after the rank that raised it: a receive's own message names
@@ -563,6 +575,7 @@ def _in_action(e: MeshError, where: str) -> MeshError:
         new = type(e)(text, e.peer) if isinstance(e, LostPeerError) else type(e)(text)
     except Exception:                        # a class with its own arguments: as it was
         return e
+    new.__dict__.update(e.__dict__)          # (from_abort: another rank's failure)
     return new.with_traceback(e.__traceback__)
 
 

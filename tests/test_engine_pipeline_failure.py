@@ -320,3 +320,24 @@ def test_a_step_left_waiting_names_the_step_and_the_stage_not_only_a_tag():
     assert kind in ("LostPeerError", "MeshTimeoutError"), text
     assert text.startswith("rank 0: pipeline step 2 (1f1b"), text
     assert "0RECV_B0: stage 0 waits for stage 1's gradient of micro-batch 0 from pp rank 1" in text
+
+
+def _aborted_receive_worker(world):
+    sched = schedules.one_f_one_b(2, 2)
+    mine = stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
+    pipe = Pipeline(world, mine, sched, loss_fn=_flaky_loss({"calls": 0, "fail_at": 1})
+                    if world.rank == 1 else mse_loss, timeout=30)
+    x, y = np.ones((4, 3)), np.ones((4, 2))
+    try:
+        pipe.step(x if pipe.first else None, y if pipe.last else None)
+    except Exception as e:
+        return type(e).__name__, getattr(e, "from_abort", False), str(e)
+    return None
+
+
+def test_a_receive_aborted_by_the_rank_that_failed_still_says_it_is_not_the_cause():
+    """Its error, told again naming the step and the stage it waited for,
+    lost from_abort (another rank's failure, not this one's own)."""
+    (kind, secondary, text), (own, _, _) = mesh.spawn(_aborted_receive_worker, 2, timeout=60)
+    assert own == "_Boom" and kind == "MeshError" and secondary, (kind, secondary, text)
+    assert text.startswith("rank 0: pipeline step 0 (1f1b"), text

@@ -326,3 +326,108 @@ def test_mse_loss_refuses_a_target_it_would_broadcast():
                                          r"of shape \(4, 2\): they must match"):
         mse_loss(y, np.ones((4, 1)))
     assert mse_loss(y, np.zeros((4, 2)))[0] == 1.0
+
+
+class _ShapeError(ValueError):
+    """A user's error whose constructor takes other arguments than a message."""
+
+    def __init__(self, want, got):
+        super().__init__(f"wanted {want} features, got {got}")
+
+
+class _Proxy:
+    """A stage wrapper that fails when asked for its forward."""
+
+    def __init__(self, stage):
+        self.stage = stage
+
+    def __getattr__(self, name):
+        if name == "forward":
+            raise _ShapeError(4, 5)
+        return getattr(self.stage, name)
+
+
+def _own_error_class_on_one_rank(world):
+    import collectives
+    sched = engine.schedules.by_name("1f1b", world.size, 2)
+    mine = engine.stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
+    if world.rank == 1:
+        mine = [_Proxy(s) for s in mine]
+    try:
+        engine.Pipeline(world, mine, sched, loss_fn=mse_loss, timeout=30)
+        said = "no error"
+    except Exception as e:
+        import traceback
+        frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
+        said = f"{type(e).__name__}: {e}", "__getattr__" in frames
+    collectives.barrier(world, timeout=30)      # (every rank stays, as a caller that goes on)
+    return said
+
+
+@pytest.mark.timeout(60)
+def test_a_pipeline_error_of_a_class_taking_other_arguments_keeps_its_message_and_traceback():
+    """Told again with the rank, it was re-made as type(e)(message): a
+    TypeError about its class's __init__ on the rank that failed, its own
+    error and traceback lost."""
+    said = mesh.spawn(_own_error_class_on_one_rank, 2, timeout=50)
+    for r, (text, _) in enumerate(said):
+        assert text == (f"ValueError: rank {r}: Pipeline on group world: wanted 4 features, "
+                        "got 5"), said
+    assert said[1][1], said      # its traceback goes down to where it was raised
+
+
+def _distribute_sample_of_no_rows(world):
+    import collectives
+    model = Sequential(*mlp_stages([5, 8, 3], 1, seed=0)[0].layers)
+    sample = np.zeros((8, 5)) if world.rank == 0 else 5.0
+    try:
+        engine.distribute(model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=2,
+                          balance="uniform", loss_fn=mse_loss, sample=sample, verbose=False,
+                          overhead=0.0, timeout=20)
+        said = "no error"
+    except (TypeError, ValueError, mesh.MeshError) as e:
+        said = f"{type(e).__name__}: {e}"
+    collectives.barrier(world, timeout=20)      # (every rank stays, as a caller that goes on)
+    return said
+
+
+@pytest.mark.timeout(60)
+def test_a_distribute_sample_without_rows_on_one_rank_fails_every_rank():
+    """len() of it raised a bare TypeError on that rank alone, before the
+    sample's gather: the others waited there until their timeout."""
+    said = mesh.spawn(_distribute_sample_of_no_rows, 2, timeout=50)
+    for r, text in enumerate(said):
+        assert text == (f"ValueError: rank {r}: engine.distribute: rank 1's sample: object of "
+                        "type 'float' has no len()"), said
+
+
+def _clip_nan(world):
+    sched = engine.schedules.by_name("1f1b", world.size, 2)
+    mine = engine.stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
+    pipe = engine.Pipeline(world, mine, sched, loss_fn=mse_loss, timeout=20)
+    rng = np.random.default_rng(0)
+    pipe.step(rng.standard_normal((4, 3)), rng.standard_normal((4, 2)))
+    before = [g.copy() for st in pipe.stages.values() for g in st.grads()]
+    norm = pipe.clip_grad_norm_(float("nan"))
+    after = [g for st in pipe.stages.values() for g in st.grads()]
+    return norm, all((a == b).all() for a, b in zip(before, after))
+
+
+@pytest.mark.timeout(60)
+def test_clip_grad_norm_given_the_same_nan_max_norm_everywhere_is_no_mismatch():
+    """nan != nan: every rank raised that the ranks were given other
+    arguments ("ranks []: ... max_norm nan; ranks []: ... max_norm nan");
+    as before, nothing is clipped and the norm is returned."""
+    said = mesh.spawn(_clip_nan, 2, timeout=50)
+    assert said[0] == said[1] and said[0][1] and np.isfinite(said[0][0]), said
+
+
+# ---- examples/train_pipeline.py --help
+
+
+def test_train_pipeline_help_names_every_schedule_it_runs():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_pipeline.py"),
+                          "--help"], capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}).stdout
+    for name in ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"):
+        assert name in out, out
