@@ -27,6 +27,20 @@ class _Solo:
 # ---- a torch Pipeline's loss_fn returning more than the loss
 
 
+def _said_then_barrier(world, call, timeout=30):
+    """What ``call()`` raised on this rank ("no error", or the float it
+    returned), after which every rank stays for a barrier, as a caller that
+    catches the error and goes on."""
+    import collectives
+    try:
+        said = call()
+        said = said if isinstance(said, float) else "no error"
+    except (TypeError, ValueError, mesh.MeshError) as e:
+        said = f"{type(e).__name__}: {e}"
+    collectives.barrier(world, timeout=timeout)
+    return said
+
+
 def _losses():
     import torch.nn.functional as F
     return {
@@ -148,20 +162,14 @@ def test_distribute_refuses_a_microbatch_count_that_is_no_whole_number_above_0(m
 
 
 def _distribute_one_rank_wrong(world, what):
-    import collectives
     model = Sequential(*mlp_stages([5, 8, 3], 1, seed=0)[0].layers)
     kw = {"schedule": "1f1b", "microbatches": 2, "balance": "uniform", "loss_fn": mse_loss}
     if world.rank == 1:
         kw[what] = {"microbatches": 0, "loss_fn": None, "schedule": "nosuch",
                     "balance": "nonsense", "plan": {"0": "colwise"}}[what]
-    try:
-        engine.distribute(model, mesh.grid(world, pp=2), **kw, verbose=False, overhead=0.0,
-                          timeout=20)
-        said = "no error"
-    except (ValueError, mesh.MeshError) as e:
-        said = f"{type(e).__name__}: {e}"
-    collectives.barrier(world, timeout=20)      # (every rank stays, as a caller that goes on)
-    return said
+    return _said_then_barrier(world, lambda: engine.distribute(
+        model, mesh.grid(world, pp=2), **kw, verbose=False, overhead=0.0, timeout=20),
+        timeout=20)
 
 
 @pytest.mark.timeout(60)
@@ -182,18 +190,13 @@ def test_a_distribute_argument_wrong_on_one_rank_fails_every_rank(what, says):
 
 
 def _clip_one_rank_wrong(world, norm_type):
-    import collectives
     sched = engine.schedules.by_name("1f1b", world.size, 2)
     mine = engine.stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
     pipe = engine.Pipeline(world, mine, sched, loss_fn=mse_loss, timeout=20)
     rng = np.random.default_rng(0)
     pipe.step(rng.standard_normal((4, 3)), rng.standard_normal((4, 2)))
-    try:
-        said = pipe.clip_grad_norm_(1e-3, norm_type=norm_type if world.rank == 1 else 2.0)
-    except (ValueError, mesh.MeshError) as e:
-        said = f"{type(e).__name__}: {e}"
-    collectives.barrier(world, timeout=20)      # (every rank stays, as a caller that goes on)
-    return said
+    return _said_then_barrier(world, lambda: pipe.clip_grad_norm_(
+        1e-3, norm_type=norm_type if world.rank == 1 else 2.0), timeout=20)
 
 
 @pytest.mark.timeout(60)
@@ -290,18 +293,12 @@ def test_pipeline_ranks_given_other_schedules_all_raise_at_once(names):
 
 
 def _one_rank_wrong(world, what):
-    import collectives
     sched = engine.schedules.by_name("1f1b", world.size, 2)
     mine = engine.stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
     kw = {"tag_base": (1 << 40) if world.rank == 0 else 0} if what == "tag_base" else \
         {"loss_fn": None if world.rank == 1 else mse_loss}
-    try:
-        engine.Pipeline(world, mine, sched, **{"loss_fn": mse_loss, **kw}, timeout=30)
-        said = "no error"
-    except (ValueError, mesh.MeshError) as e:
-        said = f"{type(e).__name__}: {e}"
-    collectives.barrier(world, timeout=30)      # (every rank stays, as a caller that goes on)
-    return said
+    return _said_then_barrier(world, lambda: engine.Pipeline(
+        world, mine, sched, **{"loss_fn": mse_loss, **kw}, timeout=30))
 
 
 @pytest.mark.timeout(60)
@@ -377,18 +374,12 @@ def test_a_pipeline_error_of_a_class_taking_other_arguments_keeps_its_message_an
 
 
 def _distribute_sample_of_no_rows(world):
-    import collectives
     model = Sequential(*mlp_stages([5, 8, 3], 1, seed=0)[0].layers)
     sample = np.zeros((8, 5)) if world.rank == 0 else 5.0
-    try:
-        engine.distribute(model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=2,
-                          balance="uniform", loss_fn=mse_loss, sample=sample, verbose=False,
-                          overhead=0.0, timeout=20)
-        said = "no error"
-    except (TypeError, ValueError, mesh.MeshError) as e:
-        said = f"{type(e).__name__}: {e}"
-    collectives.barrier(world, timeout=20)      # (every rank stays, as a caller that goes on)
-    return said
+    return _said_then_barrier(world, lambda: engine.distribute(
+        model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=2, balance="uniform",
+        loss_fn=mse_loss, sample=sample, verbose=False, overhead=0.0, timeout=20),
+        timeout=20)
 
 
 @pytest.mark.timeout(60)
