@@ -27,7 +27,7 @@ from .errors import BadMessageError, MeshError
 from .inbox import Inbox
 from .liveness import Liveness
 from .payload import fill
-from .peer import DEAD, MSG_COST, Peer
+from .peer import ALIVE, DEAD, MSG_COST, Peer
 from .rings import MARK, Rings
 
 __all__ = ["Reader", "COPY_BELOW"]
@@ -57,7 +57,7 @@ class Reader:
                  live: Liveness, on_credit: Callable[[Peer, int], None],
                  direct: Direct, rings: Rings | None = None,
                  on_answer: Callable[[Peer, int], None] | None = None,
-                 control: Callable[[Peer, bytes], None] | None = None) -> None:
+                 control: Callable[..., None] | None = None) -> None:
         self.rank, self.size = rank, len(peers)
         self.bad_messages = 0
         self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
@@ -342,7 +342,7 @@ class Reader:
         frames += payload
         part[2] = have
         if self._control is not None:
-            self._control(peer, wire.encode(wire.GOT, self.rank, credit=got))
+            self._control(peer, wire.encode(wire.GOT, self.rank, credit=got), ALIVE, False)
         if have == first.nbytes:
             self._pieces[src] = None
             self._deliver(first, frames)

@@ -434,15 +434,18 @@ class Transport:
         peer.last_sent = time.monotonic()
         out.event.set()
 
-    def _control(self, peer: Peer, header: bytes, upto: int = ALIVE) -> None:
+    def _control(self, peer: Peer, header: bytes, upto: int = ALIVE, beat: bool = True) -> None:
         """Send a control message to ``peer`` if its state is ``upto`` or better
-        (ALIVE < CLOSED < DEAD): one that left may never read it again."""
+        (ALIVE < CLOSED < DEAD): one that left may never read it again. With
+        ``beat`` false (the answer to a piece) it does not stand in for a
+        heartbeat: those carry what this rank is doing (Liveness.status)."""
         with peer.lock:
             if peer.state <= upto:
                 try:
                     peer.sock.send(header, zmq.NOBLOCK)
                     peer.sent += 1
-                    peer.last_sent = time.monotonic()
+                    if beat:
+                        peer.last_sent = time.monotonic()
                 except zmq.ZMQError:
                     pass
 
@@ -465,8 +468,7 @@ class Transport:
                 out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
                 return True
             peer.unanswered += n
-            peer.sent += 1
-            peer.last_sent = time.monotonic()
+            peer.sent += 1   # not last_sent: heartbeats (with status) go between the pieces
         if pieces:
             return False
         out.pieces = None
@@ -646,9 +648,12 @@ class Transport:
                 self._orphans.append(item.keep)
                 raise self.inbox.gone(peer, item.desc)
             if left <= 0.1:
+                crossing = peer.unanswered      # (a message in pieces: not answered yet)
+                why = (f"with {crossing} bytes on their way to rank {item.dst} (handed over, "
+                       f"not arrived yet: they still go)" if crossing
+                       else f"while rank {item.dst} was not reading")
                 raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
-                                       f"while rank {item.dst} was not reading"
-                                       f"{self.live.peer_note(item)}")
+                                       f"{why}{self.live.peer_note(item)}")
 
     def _await_credit(self, item: Outgoing, limit: float) -> bool:
         """Wait for a queued send to be handed to ZeroMQ, reading the socket

@@ -307,6 +307,20 @@ def test_a_message_slower_than_the_peer_timeout_arrives(hosts: Hosts, tmp_path: 
     assert min(reports[r]["big"] for r in (0, 2)) > 6, reports    # (longer than the timeout)
 
 
+def test_a_send_timing_out_midway_names_what_the_receiver_does(hosts: Hosts,
+                                                              tmp_path: Path) -> None:
+    """A send in pieces over a slow link that times out says what its
+    receiver last said it was doing (waiting in its receive): the receiver's
+    heartbeats go between its answers to the pieces, not replaced by them;
+    and that the message is still crossing (not that rank 2 is not reading)."""
+    hosts.limit("200mbit")      # (a piece answered every 0.17 s; 100 MiB in 4 s)
+    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(100 << 20)], PROBE="1")
+    error = reports[0]["error"]
+    assert "timed out" in error and "it said: waiting" in error, error
+    assert "in recv from rank 0 (tag 4" in error, error
+    assert "on their way to rank 2" in error or "bytes handed over" in error, error
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(260)
 def test_torchrun_two_hosts(hosts: Hosts, tmp_path: Path) -> None:

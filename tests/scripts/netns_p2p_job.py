@@ -4,7 +4,10 @@ rank 2 sends one to rank 0, each checked; the peers must stay alive however
 long one message takes to cross (the test slows the link and shortens
 MESH_PEER_TIMEOUT); then a small exchange and a barrier. With BENCH set,
 also the bandwidth of 64 MiB sends from rank 0 to rank 2 (ping-pong of a
-64 MiB array and an 8-byte answer). Writes OUTDIR/<rank>.json.
+64 MiB array and an 8-byte answer). With PROBE set, instead: rank 0 sends
+the array to rank 2 with timeout=2 while rank 2 waits in its receive; the
+send times out (the link is slow), its error is reported, and the rest of
+the message still arrives whole. Writes OUTDIR/<rank>.json.
 
     netns_p2p_job.py NBYTES OUTDIR
 """
@@ -26,7 +29,16 @@ def main(outdir: str, nbytes: int) -> None:
         report["endpoints"] = world._t.endpoints
         collectives.barrier(world)
         t = time.monotonic()
-        if r in (0, 2):
+        if os.environ.get("PROBE") and r in (0, 2):
+            a = np.arange(nbytes // 4, dtype=np.float32)
+            if r == 0:
+                try:
+                    world.send(a, 2, tag=4, timeout=2)
+                except mesh.MeshError as e:
+                    report["error"] = str(e)
+            else:
+                assert np.array_equal(world.recv(0, tag=4), a)
+        elif r in (0, 2):
             peer = 2 - r
             a = np.arange(nbytes // 4, dtype=np.float32) + r
             req = world.isend(a, peer, tag=5)
