@@ -51,7 +51,7 @@ _LEFT_LINGER_MS = 200  # for what is queued to a peer that left or answered (see
 # word from the sender anyway). 16 MiB stalled 64 MiB streams over loopback tcp
 # under load (0.8 against 2.2 GB/s), the sender waiting on answers the receiver's
 # CPU was slow to send
-_AHEAD = 16 * wire.CHUNK_BYTES
+_AHEAD = 64 << 20
 
 SENT = Outgoing(-1, None, 0, "a send by ring", None)   # what send_ring's sends wait on: done
 SENT.event.set()

@@ -295,13 +295,13 @@ def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -
 
 def test_a_message_slower_than_the_peer_timeout_arrives(hosts: Hosts, tmp_path: Path) -> None:
     """One point-to-point array across the hosts that takes twice
-    MESH_PEER_TIMEOUT to cross a 20 Mbit/s link, each way at once (rank 0
+    MESH_PEER_TIMEOUT to cross a 40 Mbit/s link, each way at once (rank 0
     to rank 2 into a fresh array, rank 2 to rank 0 into out=): it arrives
     whole, and its sender is not declared lost meanwhile, though its
     heartbeats cannot overtake the message (it travels in pieces, each
     heard; the heartbeats go between them)."""
-    hosts.limit("20mbit")
-    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(16 << 20)],
+    hosts.limit("40mbit")       # (an 8 MiB piece in 1.7 s; the message in 6.7 s)
+    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(32 << 20)],
                        MESH_PEER_TIMEOUT="3")
     assert reports[0]["endpoints"][2].startswith("tcp://"), reports[0]
     assert min(reports[r]["big"] for r in (0, 2)) > 6, reports    # (longer than the timeout)
