@@ -628,32 +628,39 @@ class Transport:
         assert tracker is not None
         start = time.monotonic()
         warn_at = start + self.stall_warn
-        while True:
-            now = time.monotonic()
-            left = deadline - now
-            if now >= warn_at:
-                self.live.stalled_on(item, now - start, limit)
-                warn_at = now + self.stall_warn
-            if isinstance(tracker, Ack):    # read by the peer: its answer, read here
-                step = max(0.0, min(left, 0.1))
-                if self._drive(item, now + step, step, tracker.flag):
-                    return
-            else:
-                try:
-                    tracker.wait(max(0.0, min(left, 0.1)))
-                    return
-                except zmq.NotDone:
-                    pass
-            if peer.state != ALIVE:
-                self._orphans.append(item.keep)
-                raise self.inbox.gone(peer, item.desc)
-            if left <= 0.1:
-                crossing = peer.unanswered      # (a message in pieces: not answered yet)
-                why = (f"with {crossing} bytes on their way to rank {item.dst} (handed over, "
-                       f"not arrived yet: they still go)" if crossing
-                       else f"while rank {item.dst} was not reading")
-                raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
-                                       f"{why}{self.live.peer_note(item)}")
+        live = self.live
+        try:
+            while True:
+                now = time.monotonic()
+                left = deadline - now
+                if now >= warn_at:
+                    live.stalled_on(item, now - start, limit)
+                    warn_at = now + self.stall_warn
+                if isinstance(tracker, Ack):    # read by the peer: its answer, read here
+                    step = max(0.0, min(left, 0.1))
+                    if self._drive(item, now + step, step, tracker.flag):
+                        return
+                else:
+                    live.doing, live.doing_since = item, start    # (what heartbeats say)
+                    try:
+                        tracker.wait(max(0.0, min(left, 0.1)))
+                        return
+                    except zmq.NotDone:
+                        pass
+                if peer.state != ALIVE:
+                    self._orphans.append(item.keep)
+                    raise self.inbox.gone(peer, item.desc)
+                if left <= 0.1:
+                    crossing = peer.unanswered      # (a message in pieces: not answered yet)
+                    why = (f"with {crossing} bytes on their way to rank {item.dst} (handed "
+                           f"over, not arrived yet: they still go)" if crossing
+                           else f"while ZeroMQ still held its buffer (rank {item.dst} not "
+                           f"reading it, or the link slow)")
+                    raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
+                                           f"{limit:g}s {why}{live.peer_note(item)}")
+        finally:
+            if live.doing is item:
+                live.doing, live.last, live.last_end = None, item._desc, time.monotonic()
 
     def _await_credit(self, item: Outgoing, limit: float) -> bool:
         """Wait for a queued send to be handed to ZeroMQ, reading the socket

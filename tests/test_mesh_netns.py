@@ -321,6 +321,17 @@ def test_a_send_timing_out_midway_names_what_the_receiver_does(hosts: Hosts,
     assert "on their way to rank 2" in error or "bytes handed over" in error, error
 
 
+def test_a_rank_blocked_in_a_slow_send_says_so(hosts: Hosts, tmp_path: Path) -> None:
+    """Rank 0 waits in a send of 8 MiB (one message, not in pieces) that
+    takes 3.4 s to cross a 20 Mbit/s link to rank 2; rank 1, on rank 0's
+    host, times out waiting for rank 0 and says what rank 0 is doing."""
+    hosts.limit("20mbit")
+    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(8 << 20)], PROBE="2")
+    error = reports[1]["error"]
+    assert "timed out" in error and "it said: waiting" in error, error
+    assert "in send to rank 2 (tag 4" in error, error
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(260)
 def test_torchrun_two_hosts(hosts: Hosts, tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ also the bandwidth of 64 MiB sends from rank 0 to rank 2 (ping-pong of a
 64 MiB array and an 8-byte answer). With PROBE set, instead: rank 0 sends
 the array to rank 2 with timeout=2 while rank 2 waits in its receive; the
 send times out (the link is slow), its error is reported, and the rest of
-the message still arrives whole. Writes OUTDIR/<rank>.json.
+the message still arrives whole. With PROBE=2: rank 0 sends the array (not
+in pieces: NBYTES at most 8 MiB) to rank 2 while rank 1 (rank 0's own host)
+waits for a message from rank 0 that never comes; rank 1's timeout is
+reported. Writes OUTDIR/<rank>.json.
 
     netns_p2p_job.py NBYTES OUTDIR
 """
@@ -29,7 +32,18 @@ def main(outdir: str, nbytes: int) -> None:
         report["endpoints"] = world._t.endpoints
         collectives.barrier(world)
         t = time.monotonic()
-        if os.environ.get("PROBE") and r in (0, 2):
+        if os.environ.get("PROBE") == "2":
+            a = np.arange(nbytes // 4, dtype=np.float32)
+            if r == 0:
+                world.send(a, 2, tag=4)
+            elif r == 1:
+                try:
+                    world.recv(0, tag=4, timeout=2)
+                except mesh.MeshError as e:
+                    report["error"] = str(e)
+            elif r == 2:
+                assert np.array_equal(world.recv(0, tag=4), a)
+        elif os.environ.get("PROBE") and r in (0, 2):
             a = np.arange(nbytes // 4, dtype=np.float32)
             if r == 0:
                 try:
