@@ -398,3 +398,18 @@ def test_a_host_that_cannot_reach_master_addr_says_so(hosts: Hosts, tmp_path: Pa
         assert "Network is unreachable" in err, err
     finally:
         _stop(procs)
+
+
+@pytest.mark.parametrize("p2p", [False, True], ids=["all_reduce", "p2p"])
+def test_the_two_host_benchmark_runs(hosts: Hosts, p2p: bool) -> None:
+    """``python -m collectives.tools.bench_hosts`` (its own namespaces), at
+    two small sizes, one pass, meshrun only: it prints its table."""
+    done = subprocess.run([sys.executable, "-m", "collectives.tools.bench_hosts", "--sizes",
+                           "8,64K", "--per-host", "1", "--passes", "1", "--slow", "0",
+                           "--budget", "0.02", "--no-gloo", *(["--p2p"] if p2p else [])],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| 8 ", "| 64K "))]
+    assert len(rows) == 2, done.stdout
+    assert ("ping-pong" in done.stdout) is p2p, done.stdout

@@ -1,7 +1,7 @@
 """all_reduce across two "hosts" on one machine: meshrun against torchrun with gloo.
 
     sudo python -m collectives.tools.bench_hosts [--sizes 8:64M] [--passes 5]
-                                                 [--per-host 1,2] [--slow 1gbit]
+                                                 [--per-host 1,2] [--slow 1gbit] [--p2p]
 
 Makes two network namespaces joined by a veth pair (10.77.0.1 and
 10.77.0.2; root needed), and for each ranks-per-host count runs one
@@ -15,7 +15,10 @@ host) in
 interleaved passes; each figure is the median over passes of the slowest
 rank's mean time per call. Prints per size: time and busbw of each, and
 gloo's time over meshrun's (auto). The namespaces are deleted on the way
-out, Ctrl-C included.
+out, Ctrl-C included. With ``--p2p``, point-to-point instead: ping-pong
+between rank 0 and the first rank of the other host (the array there, 8
+bytes back; meshrun's ``send``/``recv`` against gloo's), the figure the
+median round trip and the array's bytes over it.
 
 Internally the same module is the worker (``--worker mesh|gloo OUT``).
 """
@@ -62,7 +65,19 @@ def _timed(call: Callable[[], Any], slowest: Callable[[float], float], budget: f
     return slowest((time.perf_counter() - t) / iters)
 
 
-def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float) -> None:
+def _pingpong(rank: int, peer: int, size: int, send: Callable, recv: Callable) -> Callable:
+    """One round trip of ``size`` bytes from rank 0 to ``peer`` and 8 back
+    (a no-op on the other ranks)."""
+    a, ans = np.zeros(max(2, size // 4), np.float32), np.zeros(2, np.float32)
+    if rank == 0:
+        return lambda: (send(a, peer), recv(ans, peer))
+    if rank == peer:
+        return lambda: (recv(a, 0), send(ans, 0))
+    return lambda: None
+
+
+def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
+            p2p: bool = False) -> None:
     results: dict[str, list[list[float]]] = {}
     if kind == "mesh":
         import collectives as C
@@ -73,7 +88,15 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float) -
             return float(C.all_reduce(world, np.array([x]), op="max")[0])
         algos = {"flat": lambda size: "rd" if size < (64 << 10) else "ring", "auto": lambda s: None}
         rank = world.rank
-        for p in range(passes):
+        if p2p:
+            peer = world.size // 2
+            for p in range(passes):
+                results.setdefault("p2p", []).append([_timed(_pingpong(
+                    rank, peer, size, lambda a, r: world.send(a, r, tag=1),
+                    lambda a, r: world.recv(r, tag=1, out=a)), slowest, budget)
+                    for size in sizes])
+            algos = {}
+        for p in range(passes if algos else 0):
             for name, alg in algos.items():
                 row = []
                 for size in sizes:
@@ -92,7 +115,14 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float) -
             t = torch.tensor([x], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             return float(t[0])
-        for p in range(passes):
+        if p2p:
+            peer = dist.get_world_size() // 2
+            for p in range(passes):
+                results.setdefault("gloo", []).append([_timed(_pingpong(
+                    rank, peer, size, lambda a, r: dist.send(torch.from_numpy(a), r),
+                    lambda a, r: dist.recv(torch.from_numpy(a), r)), slowest, budget)
+                    for size in sizes])
+        for p in range(0 if p2p else passes):
             row = []
             for size in sizes:
                 t = torch.zeros(max(2, size // 4), dtype=torch.float32)
@@ -187,7 +217,7 @@ def _wait(procs: list[subprocess.Popen], what: str, logs: list[Path],
 def _worker_args(kind: str, out: Path, args: argparse.Namespace, sizes: list[int]) -> list[str]:
     return ["-m", "collectives.tools.bench_hosts", "--worker", kind, str(out),
             "--sizes", ",".join(map(str, sizes)), "--passes", str(args.passes),
-            "--budget", str(args.budget)]
+            "--budget", str(args.budget), *(["--p2p"] if args.p2p else [])]
 
 
 def _run_mesh(hosts: Hosts, per: int, out: Path, args: argparse.Namespace,
@@ -274,6 +304,19 @@ def _table(title: str, n: int, sizes: list[int], res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _p2p_table(title: str, sizes: list[int], res: dict) -> str:
+    lines = [f"## {title}, ping-pong rank 0 to the other host", "",
+             "| size | meshrun round trip | meshrun GB/s | gloo round trip | gloo GB/s "
+             "| gloo/meshrun time |", "|" + "---|" * 6]
+    sides = {k: _median(v) for k, v in res.items()}
+    for i, size in enumerate(sizes):
+        m = sides["p2p"][i]
+        g = sides.get("gloo", [float("nan")] * len(sizes))[i]
+        lines.append(f"| {_fmt(size)} | {m * 1e6:.0f} us | {size / m / 1e9:.3f} | "
+                     f"{g * 1e6:.0f} us | {size / g / 1e9:.3f} | {g / m:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench_hosts",
                                  description=__doc__.split("\n\n")[0])
@@ -286,11 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--slow", default="1gbit", help="tbf rate of the slowed link; 0: skip")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--logs", default=None, help="keep the jobs' logs in this folder")
+    ap.add_argument("--p2p", action="store_true",
+                    help="point-to-point ping-pong across the hosts instead of all_reduce")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args.worker[0], args.worker[1], parse_sizes(args.sizes), args.passes,
-                args.budget)
+                args.budget, args.p2p)
         return 0
     if os.geteuid() != 0:
         print("bench_hosts makes network namespaces: run it as root", file=sys.stderr)
@@ -313,8 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res = _run_mesh(hosts, per, Path(tmp) / f"mesh{per}.json", args, sizes)
                 if not args.no_gloo:
                     res.update(_run_gloo(hosts, per, Path(tmp) / f"gloo{per}.json", args, sizes))
-                print(_table(f"2 hosts x {per} rank{'s' if per > 1 else ''}, {title}",
-                             2 * per, sizes, res), flush=True)
+                name = f"2 hosts x {per} rank{'s' if per > 1 else ''}, {title}"
+                print(_p2p_table(name, sizes, res) if args.p2p else
+                      _table(name, 2 * per, sizes, res), flush=True)
     return 0
 
 
