@@ -111,6 +111,7 @@ class Progress:
         self._read_one, self._live, self._busy = reader.read_one, live, busy
         self._read_rings, self._rings = reader.read_rings, reader.rings
         self._settle = reader.settle       # credit owed, granted before sleeping
+        self._forget_lost = reader.forget_lost
         # while spinning, the rings are looked at directly, not through their pipe
         self._spin_items = list(self._reader_items)
         if self._rings is not None:     # its wake pipe: polled by the reading turn only
@@ -390,6 +391,8 @@ class Progress:
                     for m, _ in watch.poll(0):
                         live.on_monitor(m)
                     live.tick(now)
+                    if held:
+                        self._forget_lost()
                     next_tick = now + min(live.heartbeat, 0.25)
             except zmq.ZMQError as e:
                 if self.closing or e.errno == zmq.ETERM:

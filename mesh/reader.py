@@ -63,8 +63,8 @@ class Reader:
         self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
         self._on_credit, self._direct, self._on_answer = on_credit, direct, on_answer
         self._control = control     # what answers a piece (mesh.wire.GOT)
-        # per peer, its message in pieces under way: [header, the frames so far, bytes]
-        self._pieces: list[list | None] = [None] * len(peers)
+        # by peer, its message in pieces under way: [header, the frames so far, bytes]
+        self._pieces: dict[int, list] = {}
         self._idents = [str(r).encode() for r in range(len(peers))]
         self._rank_of = {ident: r for r, ident in enumerate(self._idents)}
         # mesh.rings: messages read off each peer's socket, to order its ring by
@@ -209,6 +209,13 @@ class Reader:
             if not word >> _MARKED:      # no id: known for this entry only
                 self._known[src] = known
 
+    def forget_lost(self) -> None:
+        """Drop what came of a message in pieces whose sender is gone (the
+        progress thread, holding the reading turn, every tick)."""
+        if self._pieces:
+            for src in [r for r in self._pieces if self._peers[r].state != ALIVE]:
+                del self._pieces[src]
+
     def settle(self) -> None:
         """Grant back the credit ``take`` owes (mesh.progress, before the
         reading turn's holder sleeps): a sender must not wait on it."""
@@ -286,7 +293,7 @@ class Reader:
             if payload:
                 return self._bad("a message whose payload follows in pieces, with payload "
                                  "frames")
-            if self._pieces[h.src] is not None:
+            if h.src in self._pieces:
                 self._drop_pieces(h.src, "a message began before the last one's pieces ended")
             self._pieces[h.src] = [h, [], 0]
         elif h.kind == wire.DATA and h.direct:
@@ -328,7 +335,7 @@ class Reader:
         """A piece of rank ``h.src``'s message under way: kept and answered
         (the sender hands over more); the message delivered once whole."""
         src = h.src
-        part = self._pieces[src]
+        part = self._pieces.get(src)
         got = len(payload[0]) if len(payload) == 1 else sum(map(len, payload))
         if part is None:
             self._bad(f"a piece of {got} bytes from rank {src}, of no message")
@@ -344,14 +351,13 @@ class Reader:
         if self._control is not None:
             self._control(peer, wire.encode(wire.GOT, self.rank, credit=got), ALIVE, False)
         if have == first.nbytes:
-            self._pieces[src] = None
+            del self._pieces[src]
             self._deliver(first, frames)
 
     def _drop_pieces(self, src: int, why: str) -> None:
         """Drop rank ``src``'s message under way, as a bad message (its credit
         granted back)."""
-        first = self._pieces[src]
-        self._pieces[src] = None
+        first = self._pieces.pop(src, None)
         if first is not None:
             self._consumed(src, first[0].nbytes)
         self._bad(f"from rank {src}: {why}")

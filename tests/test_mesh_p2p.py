@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -1099,3 +1100,34 @@ def test_a_large_message_to_another_host_goes_in_pieces_intact() -> None:
     objects arrive whole, in order per source and tag, ANY source too."""
     got = mesh.spawn(_pieces, 3, timeout=90, env={"MESH_FORCE_TCP": "1"})
     assert got == ["sent", "ok", "sent"]
+
+
+def _dies_mid_message(world: mesh.Mesh, flag: str, result: str) -> None:
+    if world.rank == 1:
+        world.isend(np.ones(32 << 20), 0, tag=1)    # 256 MiB: 64 MiB ahead, then answers
+        Path(result).write_text(str(os.getpid()))
+        _wait_for(flag)
+        os.kill(os.getpid(), signal.SIGSTOP)      # lost (stopped), until rank 0 kills it
+    pieces = world._t.reader._pieces
+    deadline = time.monotonic() + 30
+    while 1 not in pieces and time.monotonic() < deadline:
+        time.sleep(0.01)
+    had = 1 in pieces
+    open(flag, "w").close()
+    while world._t.peer_state(1) == "alive" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while pieces and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = int(Path(result).read_text())
+    Path(result).write_text(f"{had} {world._t.peer_state(1)} {sorted(pieces)}")
+    os.kill(victim, signal.SIGKILL)
+
+
+def test_a_sender_lost_mid_message_leaves_no_pieces_behind(tmp_path: Path) -> None:
+    """A sender lost (stopped) with its message in pieces part-way across:
+    once it is lost, the receiver lets go of the pieces it had, not at close."""
+    result = tmp_path / "result"
+    with pytest.raises(mesh.WorkerError):
+        mesh.spawn(_dies_mid_message, 2, str(tmp_path / "flag"), str(result), timeout=60,
+                   env={"MESH_FORCE_TCP": "1", "MESH_PEER_TIMEOUT": "2"})
+    assert result.read_text() == "True dead []"

@@ -55,7 +55,8 @@ def _check(frame: bytes, size: int) -> None:
     except BadMessageError:
         return
     assert isinstance(h, wire.Header)
-    assert h.kind in (wire.DATA, wire.OBJ, wire.CREDIT, wire.HEARTBEAT, wire.ABORT, wire.BYE)
+    assert h.kind in (wire.DATA, wire.OBJ, wire.CREDIT, wire.HEARTBEAT, wire.ABORT, wire.BYE,
+                      wire.PROBE, wire.DONE, wire.RING, wire.CHUNK, wire.GOT)
     assert type(h.src) is int and 0 <= h.src < size
     assert type(h.group) is int and h.group >= 0 and type(h.tag) is int
     assert type(h.nbytes) is int and h.nbytes >= 0
