@@ -138,7 +138,7 @@ class Comm:
         tag = _check_tag(tag, self, "send")
         wdst = self._world_rank(dst, "send")
         t.wait(t.isend(wdst, self.gid, tag, obj, None, self._desc("send to", dst, wdst, tag)),
-               timeout)
+               timeout, True)
 
     def recv(self, src: int = ANY, tag: int = 0, out: Any = None, timeout: float | None = None,
              status: Status | None = None) -> Any:
@@ -210,7 +210,7 @@ class Comm:
         req = self._post_recv(src, recvtag, out, "sendrecv from")
         try:
             t.wait(t.isend(self._world_rank(dst, "sendrecv"), self.gid, sendtag, obj, None,
-                           ("sendrecv to", dst, sendtag, self.name)), timeout)
+                           ("sendrecv to", dst, sendtag, self.name)), timeout, True)
         except BaseException:
             t.cancel(req)
             raise

@@ -217,7 +217,11 @@ class _Out:
         off += 16
         buf[off:off + n] = frame
         if nb:
-            buf[off + n:off + n + nb] = body
+            try:
+                buf[off + n:off + n + nb] = body
+            except ValueError:      # (not C-contiguous) nothing published; ``limit`` may be
+                self.limit = -1     # past a wrap ``tail`` has not made: looked at again
+                raise
         self.tail = end       # published: TAIL, then BELL (the receiver woken by ``bell``)
         q[self.ti] = end
         q[_BELL] = end << 16 | self.src

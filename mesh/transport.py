@@ -493,12 +493,6 @@ class Transport:
             else:
                 return
 
-    @staticmethod
-    def _going(peer: Peer) -> bool:
-        """Whether a message in pieces to ``peer`` is under way."""
-        with peer.lock:
-            return bool(peer.queue) and peer.queue[0].under_way()
-
     def _on_credit(self, peer: Peer, credit: int) -> None:
         with peer.lock:
             peer.release(credit)
@@ -557,7 +551,11 @@ class Transport:
                                    f"to the next receive that matches)")
             item.event.set()
 
-    def wait(self, item: Pending | Outgoing, timeout: float | None) -> Any:
+    def wait(self, item: Pending | Outgoing, timeout: float | None,
+             withdraw: bool = False) -> Any:
+        """``item``'s value (None for a send) once done. ``withdraw``: a
+        send still queued for credit when ``timeout`` runs out is taken off
+        the queue (a blocking send: its caller has the buffer back)."""
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         if isinstance(item, Pending):
@@ -607,15 +605,34 @@ class Transport:
                                        f"{limit:g}s with {item.nbytes - left} of its "
                                        f"{item.nbytes} bytes handed over (the rest still "
                                        f"goes){self.live.peer_note(item)}")
-            raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after {limit:g}s "
-                                   f"waiting for credit from rank {item.dst} (it is not "
-                                   f"receiving){self.live.peer_note(item)}")
+            text = (f"rank {self.rank}: {item.desc} timed out after {limit:g}s waiting for "
+                    f"credit from rank {item.dst} (it is not receiving)")
+            if withdraw and self._unqueue(item):
+                error = MeshTimeoutError(f"{text}; the send was withdrawn: nothing of it "
+                                         f"went{self.live.peer_note(item)}")
+                item.fail(error)
+                raise error
+            raise MeshTimeoutError(f"{text}; it stays queued and goes once rank {item.dst} "
+                                   f"grants credit (its buffer is in use until a wait returns)"
+                                   f"{self.live.peer_note(item)}")
         if item.error is not None:
             raise item.error
         if item.tracker is not None:
             self._await_release(item, deadline, limit)
             item.keep = None
         return None
+
+    def _unqueue(self, out: Outgoing) -> bool:
+        """Take ``out``, a send queued for credit with nothing of it handed
+        to ZeroMQ, off its peer's queue (what waits behind it may go now);
+        False when it is not there (handed over, or under way)."""
+        peer = self._peers[out.dst]
+        with peer.lock:
+            if out.event.is_set() or out.under_way() or out not in peer.queue:
+                return False
+            peer.queue.remove(out)
+            self._drain(peer)
+        return True
 
     def _await_release(self, item: Outgoing, deadline: float, limit: float) -> None:
         """Wait until ZeroMQ has let go of a zero-copy send's frames. Frames
@@ -686,14 +703,23 @@ class Transport:
         waited for (_FAIL_WAIT at most): they may be blocked on this rank."""
         wait = config_float("MESH_CLOSE_WAIT", 30.0, least=0)
         if not failure:
-            # a message in pieces under way is let finish (as one handed to ZeroMQ whole
-            # would be): a goodbye between its pieces would fail its receive
-            deadline, most = time.monotonic() + linger, time.monotonic() + max(linger, wait)
+            # sends queued for credit go first, as long as the goodbyes are waited for (a
+            # peer that computes before it receives grants late); a goodbye between a
+            # message's pieces would fail its receive
+            most = time.monotonic() + max(linger, wait)
             for p in self._peers:
-                while p.queue and p.state == ALIVE and (
-                        time.monotonic() < deadline
-                        or (self._going(p) and time.monotonic() < most)):
+                while p.queue and p.state == ALIVE and time.monotonic() < most:
                     time.sleep(0.005)
+        for p in self._peers:       # what is still queued would go after the goodbye: fails
+            with p.lock:
+                unsent = list(p.queue)
+                p.queue.clear()
+            for out in unsent:
+                out.fail(MeshError(f"rank {self.rank}: {out.desc} was not sent: this rank "
+                                   f"closed its mesh before rank {out.dst} granted it credit"))
+            if unsent and not failure:
+                _log.warning("rank %d: closing with %d send(s) to rank %d not sent (it did not "
+                             "receive within MESH_CLOSE_WAIT)", self.rank, len(unsent), p.rank)
         bye = wire.encode(wire.BYE, self.rank, reason=failure[:2000])
         for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone
             if p.sock is not None and not (p.state == CLOSED and p.suspect_since):

@@ -617,6 +617,35 @@ def test_credit_bounds_a_flood_of_empty_messages(tmp_path) -> None:
     assert 0 < handed <= window // 256 + 1
 
 
+def _send_timed_out_for_credit(world: mesh.Mesh, flag: str) -> Any:
+    """A blocking send that times out waiting for credit is withdrawn: its
+    caller has its buffer back and may write it (or send again). It stayed
+    queued and went once credit came, the caller's new contents in it."""
+    n = (1 << 20) // 8
+    if world.rank == 0:
+        world.send(np.zeros(2 * n), 1)           # alone, past the 1 MiB window
+        a = np.ones(n)
+        with pytest.raises(mesh.MeshTimeoutError) as e:
+            world.send(a, 1, timeout=0.3)
+        a.fill(-1.0)
+        req = world.isend(np.full(4, 2.0), 1)    # waits for credit, and goes
+        with pytest.raises(mesh.MeshTimeoutError, match="stays queued"):
+            req.wait(timeout=0.1)
+        open(flag, "w").close()                  # (a message would wait for credit too)
+        req.wait(timeout=30)
+        return str(e.value)
+    _wait_for(flag)
+    first = world.recv(0, timeout=30)
+    return [first.size, world.recv(0, timeout=30).tolist()]
+
+
+def test_a_blocking_send_that_times_out_for_credit_is_withdrawn(tmp_path) -> None:
+    got = mesh.spawn(_send_timed_out_for_credit, 2, str(tmp_path / "flag"), timeout=60,
+                     env={"MESH_WINDOW_BYTES": str(1 << 20)})
+    assert got[1] == [(2 << 20) // 8, [2.0] * 4], str(got[1])[:200]    # not -1.0s
+    assert "waiting for credit from rank 1" in got[0] and "withdrawn" in got[0], got[0]
+
+
 def _credit_by_the_waiter(world: mesh.Mesh) -> list:
     """A send queued for credit is handed over by the thread waiting for
     it, which reads the receiver's grant itself (as a blocked receive reads
@@ -1066,6 +1095,26 @@ def test_no_thread_outlives_the_mesh() -> None:
     with the process's last mesh (destroy_process_group promises no
     thread left)."""
     assert mesh.spawn(_large_sends_then_close, 2, timeout=60) == [[], []]
+
+
+def _isends_then_close(world: mesh.Mesh) -> list:
+    """Rank 0 posts sends past its 1 MiB window and closes; rank 1 computes
+    for 5.5 s before it receives. The sends queued for credit were given 5 s,
+    then dropped, though close() waits for rank 1's goodbye anyway: the
+    credit that came later sent them after the goodbye, and rank 1's
+    receives failed ("it closed its mesh")."""
+    n = (1 << 20) // 8
+    if world.rank == 0:
+        reqs = [world.isend(np.full(n, float(i)), 1) for i in range(3)]
+        world.close()
+        return [r.done() for r in reqs]
+    time.sleep(5.5)
+    return [bool((world.recv(0, timeout=30) == i).all()) for i in range(3)]
+
+
+def test_close_sends_what_isend_queued_to_a_late_receiver() -> None:
+    got = mesh.spawn(_isends_then_close, 2, timeout=60, env={"MESH_WINDOW_BYTES": str(1 << 20)})
+    assert got == [[True] * 3, [True] * 3], got
 
 
 def _pieces(world: mesh.Mesh) -> str:

@@ -63,6 +63,35 @@ def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> 
         receiver.close()
 
 
+def test_a_body_refused_where_the_ring_wraps_leaves_it_usable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``put`` of an array that is not C-contiguous raises ValueError and
+    publishes nothing, also where its entry had to wrap to the ring's start:
+    the next entry (the same array, copied, as Transport.send_ring's caller
+    sends it) wraps too. It was written past the ring's end instead, an
+    IndexError there and at every later put: a same-host peer that sent
+    strided views could no longer send to that rank."""
+    monkeypatch.setenv("MESH_RING_BYTES", "4096")
+    receiver, sender = rings.Rings(0, 2, [1]), rings.Rings(1, 2, [0])
+    try:
+        assert sender.attach(0, receiver.announce())
+        out = sender.out[0]
+        assert out is not None
+        got: list[bytes] = []
+        for i in range(30):                   # 432 bytes an entry: wraps every 9
+            view = (np.arange(200, dtype=np.int32) + i)[::2]       # 400 bytes, strided
+            assert not view.flags.c_contiguous
+            with pytest.raises(ValueError):
+                out.put(b"h", 1, 0, view, view.nbytes)
+            assert out.put(b"h", 1, 0, view.copy(), view.nbytes)
+            receiver.drain_all([0, 0], lambda s, mv: got.append(bytes(mv)))
+        assert got == [b"h" + (np.arange(0, 200, 2, dtype=np.int32) + i).tobytes()
+                       for i in range(30)]
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_a_ring_takes_no_message_its_length_word_cannot_hold(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An entry's length is a 32-bit field (WRAP above it): a ring of 16 GiB
@@ -585,6 +614,31 @@ def test_two_ranks_rings_carry_arrays_up_to_a_mebibyte() -> None:
     got = mesh.spawn(_mid_sized, 2, timeout=90)
     assert got[0] == [1 << 20, [True] * 46], got[0]
     assert got[1] == [True] * 6, got[1]
+
+
+def _strided_views(world: mesh.Mesh) -> list:
+    """Rank 0 sends strided views of 40 KB, each read before the next is
+    sent, so its ring (256 KiB here) wraps with nothing in it: the view,
+    refused by the ring where it wraps, went the usual way, copied, and
+    was written past the ring's end (IndexError, and at every later send)."""
+    a = np.arange(20_000, dtype=np.int32)
+    if world.rank == 0:
+        world.recv(1)          # (rank 1's RING is read: the sends below take the ring)
+        for i in range(20):
+            world.send((a + i)[::2], 1, tag=1)
+            world.recv(1, tag=2)
+        return [world._t._ring_out[1] is not None]
+    world.send(None, 0)
+    got = []
+    for i in range(20):
+        got.append(np.array_equal(world.recv(0, tag=1), (a + i)[::2]))
+        world.send(None, 0, tag=2)
+    return got
+
+
+def test_strided_views_sent_where_a_ring_wraps_arrive() -> None:
+    got = mesh.spawn(_strided_views, 2, timeout=60, env={"MESH_RING_BYTES": "262144"})
+    assert got == [[True], [True] * 20], got
 
 
 def _stream_past_the_window(world: mesh.Mesh) -> int:
