@@ -4,7 +4,7 @@
     world.send(array, dst=1); x = world.recv(src=0)
     results = mesh.spawn(fn, 4)       # fn(world) on four local processes
 """
-from .comm import ANY, ANY_SOURCE, ANY_TAG, Comm, Request, Status
+from .comm import ANY, ANY_SOURCE, ANY_TAG, Comm, Request, Status, waitall, waitany
 from .errors import (AbortKind, AuthError, BadMessageError, LostPeerError, MeshError,
                      MeshTimeoutError, MismatchError, OutMismatchError, RendezvousError,
                      WorkerError)
@@ -12,7 +12,8 @@ from .grid import Grid, grid
 from .spawn import spawn
 from .world import Mesh, init
 
-__all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "Status", "ANY",
+__all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "Status", "waitall",
+           "waitany", "ANY",
            "ANY_SOURCE", "ANY_TAG", "MeshError", "MeshTimeoutError", "LostPeerError",
            "MismatchError", "OutMismatchError", "BadMessageError", "AuthError", "RendezvousError",
            "WorkerError", "AbortKind"]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from . import tensors
+from .errors import MeshTimeoutError
 from .match import ANY, ANY_TAG, Pending, describe, got_fields
 from .payload import delivered, out_unusable
 from .transport import SENT, Outgoing, Transport
@@ -83,6 +84,14 @@ class Request:
         item = self._item
         return item.done() if isinstance(item, Outgoing) else item.event.is_set()
 
+    def test(self, status: Status | None = None) -> tuple[bool, Any]:
+        """mpi4py's ``Request.test``: ``(True, result)`` once done (as
+        ``wait()`` returns it, or raises its error), else ``(False, None)``
+        at once."""
+        if not self.done():
+            return False, None
+        return True, self.wait(status=status)
+
     def cancel(self) -> bool:
         """Withdraw a posted receive that no message has matched yet, like
         ``MPI_Cancel``: True, and then ``done()`` is True and ``wait()``
@@ -92,6 +101,40 @@ class Request:
         already be on the wire and cannot be cancelled."""
         item = self._item
         return not isinstance(item, Outgoing) and self._c._t.cancel(item)
+
+
+def waitall(requests: Sequence[Request], timeout: float | None = None) -> list[Any]:
+    """Wait for every request; their results in order (None for sends).
+    ``timeout`` bounds the whole wait; the first request that fails raises
+    (the others stay waitable)."""
+    reqs = list(requests)
+    if timeout is None or not reqs:
+        return [r.wait() for r in reqs]
+    deadline = time.monotonic() + _check_timeout(timeout, reqs[0]._c, "waitall")
+    return [r.wait(timeout=max(0.0, deadline - time.monotonic())) for r in reqs]
+
+
+def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[int, Any]:
+    """Wait until one of ``requests`` is done: ``(its index, its result)``
+    (the lowest index among those done). Requests complete in the
+    background (the progress thread), so this looks at them in turn;
+    MeshTimeoutError after ``timeout`` seconds (default: the mesh's)."""
+    reqs = list(requests)
+    if not reqs:
+        raise ValueError("waitany: no requests")
+    c = reqs[0]._c
+    limit = c._t.timeout if timeout is None else _check_timeout(timeout, c, "waitany")
+    deadline = time.monotonic() + limit
+    nap = 1e-5
+    while True:
+        for i, r in enumerate(reqs):
+            if r.done():
+                return i, r.wait()
+        if time.monotonic() >= deadline:
+            raise MeshTimeoutError(f"rank {c._t.rank}: waitany on {len(reqs)} requests timed "
+                                   f"out after {limit:g}s")
+        time.sleep(nap)
+        nap = min(nap * 2, 2e-3)
 
 
 class Comm:

@@ -1180,3 +1180,40 @@ def test_a_sender_lost_mid_message_leaves_no_pieces_behind(tmp_path: Path) -> No
         mesh.spawn(_dies_mid_message, 2, str(tmp_path / "flag"), str(result), timeout=60,
                    env={"MESH_FORCE_TCP": "1", "MESH_PEER_TIMEOUT": "2"})
     assert result.read_text() == "True dead []"
+
+
+def _wait_some(world: mesh.Mesh) -> list:
+    if world.rank == 1:
+        world.recv(0, tag=9)
+        world.send("two", 0, tag=2)
+        time.sleep(0.2)
+        world.send("one", 0, tag=1)
+        sent = mesh.waitall([world.isend(np.arange(3), 0, tag=4), world.isend("x", 0, tag=5)])
+        world.recv(0, tag=10)
+        return sent
+    reqs = [world.irecv(1, tag=1), world.irecv(1, tag=2)]
+    early = reqs[0].test()
+    world.send("go", 1, tag=9)
+    first = mesh.waitany(reqs, timeout=30)
+    rest = mesh.waitall(reqs, timeout=30)
+    late = reqs[0].test()
+    never = world.irecv(1, tag=3)
+    try:
+        mesh.waitany([never], timeout=0.1)
+        timed_out = ""
+    except mesh.MeshTimeoutError as e:
+        timed_out = str(e)
+    assert never.cancel()
+    got = mesh.waitall([world.irecv(1, tag=4), world.irecv(1, tag=5)])
+    world.send("done", 1, tag=10)
+    return [early, first, rest, late, "timed out" in timed_out, got[0].tolist(), got[1]]
+
+
+def test_test_waitany_and_waitall_as_mpi4py_has_them() -> None:
+    """Request.test() answers at once; waitany returns the first request
+    done (index and result); waitall the results in order, bounded by one
+    timeout; waitany times out with MeshTimeoutError."""
+    res = mesh.spawn(_wait_some, 2, timeout=60)
+    assert res[0] == [(False, None), (1, "two"), ["one", "two"], (True, "one"), True,
+                      [0, 1, 2], "x"]
+    assert res[1] == [None, None]
