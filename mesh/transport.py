@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from . import auth, device, rings, tensors, wire
+from . import alloc, auth, device, rings, tensors, wire
 from .direct import Ack, Direct
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError
 from .inbox import Inbox, abort_error
@@ -107,6 +107,8 @@ class Transport:
         self._peers: list[Peer] = []
         # peers on other hosts: a large message goes to them in pieces (mesh.wire.CHUNK)
         self._pieced = [ep.startswith("tcp://") for ep in endpoints]
+        if any(self._pieced):
+            alloc.tune()    # ZeroMQ's receive buffers: no page faults per message
         for r, ep in enumerate(endpoints):
             if r == rank:
                 self._peers.append(Peer(r, None, None, window))

@@ -1217,3 +1217,23 @@ def test_test_waitany_and_waitall_as_mpi4py_has_them() -> None:
     assert res[0] == [(False, None), (1, "two"), ["one", "two"], (True, "one"), True,
                       [0, 1, 2], "x"]
     assert res[1] == [None, None]
+
+
+def _alloc_tuned(world: mesh.Mesh) -> bool:
+    from mesh import alloc
+    return alloc.tuned
+
+
+@pytest.mark.parametrize("env,want", [({"MESH_FORCE_TCP": "1"}, True), ({}, False),
+                                      ({"MESH_FORCE_TCP": "1", "MESH_MALLOC_TUNE": "0"}, False),
+                                      ({"MESH_FORCE_TCP": "1", "MALLOC_TRIM_THRESHOLD_": "1"},
+                                       False)],
+                         ids=["tcp", "same-host", "off", "user-set"])
+def test_malloc_thresholds_set_for_peers_on_other_hosts(env: dict, want: bool) -> None:
+    """mesh.alloc: a rank with a tcp:// peer keeps ZeroMQ's receive buffers
+    off fresh pages (glibc's thresholds), unless told not to or the user
+    set glibc's own; a mesh of one host leaves malloc alone."""
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc thresholds: Linux only")
+    assert mesh.spawn(_alloc_tuned, 2, timeout=60, env=env) == [want, want]
