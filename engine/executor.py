@@ -449,6 +449,10 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     cuts = {tuple(c) for c in (getattr(o, "partition_cut", None) for o in given) if c}
     apart = (f"pp rank {pp.rank}'s stages {list(mine)} come from different engine.partition "
              f"cuts: {sorted(cuts)}" if len(cuts) > 1 else None if fault is None else str(fault))
+    if not apart and cuts and len(next(iter(cuts))) != schedule.num_stages:
+        apart = (f"schedule {schedule.name!r} runs {schedule.num_stages} stages, but pp rank "
+                 f"{pp.rank}'s come from an engine.partition cut into "
+                 f"{len(next(iter(cuts)))}: cut the model into schedule.num_stages")
     if pp.size == 1:
         if fault is not None:
             raise _retold(fault, f"{me}: {fault}")
@@ -580,7 +584,12 @@ def _in_action(e: MeshError, where: str) -> MeshError:
 
 
 def stages_for_rank(all_stages: Sequence[Any], schedule: Schedule, pp_rank: int) -> list[Any]:
-    """This rank's stage objects, in stage order, out of the whole model's."""
+    """This rank's stage objects, in stage order, out of the whole model's
+    (as many as the schedule's stages: another count raises, naming both)."""
+    if len(all_stages) != schedule.num_stages:
+        raise ValueError(f"schedule {schedule.name!r} runs {schedule.num_stages} stages, but "
+                         f"the model was cut into {len(all_stages)}: cut it into "
+                         f"schedule.num_stages (engine.partition(model, sched.num_stages))")
     return [all_stages[s] for s in schedule.stages_of(pp_rank)]
 
 

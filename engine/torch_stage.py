@@ -27,6 +27,7 @@ executor does every step: an older list may view tensors torch replaced.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from typing import Any, Iterable
@@ -65,6 +66,33 @@ def patterns_of(recompute: Any) -> tuple[str, ...]:
         return tuple(sorted(recompute)) if isinstance(recompute, (set, frozenset)) \
             else tuple(recompute)
     return ()
+
+
+class _stats_kept:
+    """A forward run again (a recompute) leaves the running statistics of
+    ``module``'s norms (BatchNorm's running mean and variance, its count of
+    batches) as the first forward left them: one micro-batch is counted
+    once, as when the stage keeps its activations. The norms update
+    copies, which the recompute's graph may keep (BatchNorm saves them for
+    its backward: no in-place change to them after), and get their own
+    buffers back. Entered again each time (a graph whose backward runs
+    twice recomputes twice)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module, self.kept = module, []
+
+    def __enter__(self) -> None:
+        self.kept = [(m, m._buffers.copy()) for m in self.module.modules()
+                     if m.training and getattr(m, "track_running_stats", False)]
+        for m, bufs in self.kept:
+            for k, b in bufs.items():
+                if b is not None:
+                    m._buffers[k] = b.clone()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, bufs in self.kept:
+            m._buffers.update(bufs)
+        self.kept = []
 
 
 def checkpoint_modules(module: Any, patterns: str | Iterable[str],
@@ -110,9 +138,17 @@ def checkpoint_modules(module: Any, patterns: str | Iterable[str],
     for n in done:
         sub = module.get_submodule(n)
         if not getattr(sub, "_meshrun_checkpointed", False):
-            sub.forward = functools.partial(checkpoint, sub.forward, use_reentrant=False)
+            sub.forward = functools.partial(
+                checkpoint, sub.forward, use_reentrant=False,
+                context_fn=functools.partial(_contexts, sub))
             sub._meshrun_checkpointed = True
     return done
+
+
+def _contexts(module: Any) -> tuple[Any, Any]:
+    """torch.utils.checkpoint's ``context_fn``: nothing around the forward,
+    the norms' running statistics kept around its recompute."""
+    return contextlib.nullcontext(), _stats_kept(module)
 
 
 def _runs_compiled(module: Any) -> bool:
@@ -292,7 +328,8 @@ class TorchStage:
         torch = _torch()
         self._set_state(ctx.states[j])
         t, fed = self._input(ctx.ins[0]) if j == 0 else _leaves(ctx.ins[j])
-        out = layer(fed)
+        with _stats_kept(layer):
+            out = layer(fed)
         if j == len(self.module) - 1:
             self._learn(out)
         outs, gys = _flowing(out, g)
@@ -317,7 +354,8 @@ class TorchStage:
         try:
             self._set_state(ctx.state)
             t, fed = self._input(ctx.x)
-            out = self.module(fed)
+            with _stats_kept(self.module):
+                out = self.module(fed)
         finally:
             self._set_state(before)
         self._learn(out)

@@ -363,6 +363,36 @@ def test_a_recomputing_stage_draws_the_same_dropout_masks():
         TorchStage(torch.nn.Linear(2, 2), True, layered=True)
 
 
+def _batchnorm_model():
+    torch.manual_seed(4)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 2)).double()
+
+
+def test_a_recomputing_stage_counts_each_micro_batch_once_in_batchnorms_statistics():
+    """A forward run again in the backward (whole, split, selective or layer
+    by layer) left BatchNorm's running mean, variance and batch count
+    updated twice (a model whose eval() then differed from one process's);
+    they are now a plain stage's, and so are the gradients."""
+    xs = [torch.randn(5, 4, dtype=torch.float64) for _ in range(2)]
+    got = {}
+    for recompute in (False, True, "*", ("1", "4"), "layered"):
+        stage = (TorchStage(_batchnorm_model(), True, layered=True) if recompute == "layered"
+                 else TorchStage(_batchnorm_model(), recompute=recompute))
+        y, ctx = stage.forward(xs[0])
+        y2, ctx2 = stage.forward(xs[1])
+        gx = stage.backward(ctx, torch.ones_like(y))
+        gx2, wctx = stage.backward_input(ctx2, 2 * torch.ones_like(y2))
+        stage.backward_weight(wctx)
+        got[recompute] = [y, y2, gx, gx2, *map(torch.from_numpy, stage.grads()),
+                          *stage.module.state_dict().values()]
+    for k in (True, "*", ("1", "4"), "layered"):
+        for a, b in zip(got[False], got[k], strict=True):
+            assert torch.equal(a, b), k
+    assert stage.module[4].num_batches_tracked == 2      # two forwards, each counted once
+
+
 def _recompute_pipeline(world):
     import mesh
     from engine.executor import stages_for_rank

@@ -265,6 +265,39 @@ def test_pipeline_counts_the_stage_objects_it_was_given():
                         loss_fn=mse_loss)
 
 
+def test_stages_for_rank_refuses_a_cut_of_another_stage_count():
+    """A model cut into other than the schedule's stage count raised a bare
+    IndexError (fewer) or silently left the last stages out (more: the
+    loss taken on a middle stage's output)."""
+    model = Sequential(Linear(3, 4), Tanh(), Linear(4, 4), Tanh(), Linear(4, 2))
+    for stages, sched in ((2, engine.schedules.zb_v(2, 4)),
+                          (3, engine.schedules.one_f_one_b(2, 4))):
+        parts = engine.partition(model, stages)
+        with pytest.raises(ValueError, match=re.escape(
+                f"schedule {sched.name!r} runs {sched.num_stages} stages, but the model was "
+                f"cut into {stages}: cut it into schedule.num_stages")):
+            engine.stages_for_rank(parts, sched, 0)
+
+
+def _cut_by_hand(world):
+    model = Sequential(Linear(3, 4), Tanh(), Linear(4, 4), Tanh(), Linear(4, 2))
+    parts = engine.partition(model, 3)
+    return _said_then_barrier(world, lambda: engine.Pipeline(
+        world, [parts[world.rank]], engine.schedules.one_f_one_b(2, 2), loss_fn=mse_loss,
+        timeout=30))
+
+
+@pytest.mark.timeout(60)
+def test_a_pipeline_refuses_stages_of_a_cut_into_another_count_on_every_rank():
+    """Stages picked by hand from a 3-stage cut for a 2-stage schedule ran,
+    the last stage never run and the loss taken on stage 1's output."""
+    said = mesh.spawn(_cut_by_hand, 2, timeout=50)
+    for r, text in enumerate(said):
+        assert text.startswith(f"ValueError: rank {r}: Pipeline on group world: schedule "
+                               f"'1f1b(2,2)' runs 2 stages, but pp rank {r}'s come from an "
+                               f"engine.partition cut into 3"), said
+
+
 # ---- Pipeline: every pp rank given the same schedule
 
 
