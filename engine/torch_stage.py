@@ -79,7 +79,8 @@ class _stats_kept:
     twice recomputes twice)."""
 
     def __init__(self, module: Any) -> None:
-        self.module, self.kept = module, []
+        self.module = module
+        self.kept: list[tuple[Any, dict]] = []
 
     def __enter__(self) -> None:
         self.kept = [(m, m._buffers.copy()) for m in self.module.modules()
