@@ -37,8 +37,25 @@ import warnings
 from datetime import timedelta
 from typing import Any, Iterator
 
-import torch
-import torch.distributed as dist
+
+def autoload() -> None:
+    """The ``torch.backends`` entry point: register, and never make
+    ``import torch`` fail. Defined before ``import torch`` below: where this
+    module is imported before torch, that line imports torch, whose entry
+    point finds this module half loaded; it then does nothing here, and the
+    module registers when its import ends (``register()`` at the bottom)."""
+    if "register" not in globals():
+        return
+    try:
+        if dist.is_available():
+            register()
+    except Exception as e:  # noqa: BLE001 - import torch must survive anything here
+        warnings.warn(f"meshrun: could not register the torch.distributed backend: {e}",
+                      stacklevel=2)
+
+
+import torch  # noqa: E402 - after autoload, which torch's import may call (see there)
+import torch.distributed as dist  # noqa: E402
 
 import mesh
 from mesh import env, world as _world
@@ -78,17 +95,6 @@ def register() -> None:
             for where in (c10d, dist):           # torch's, and torch.distributed's re-export
                 setattr(where, "monitored_barrier", monitored_barrier)
         _registered = True
-
-
-def autoload() -> None:
-    """The ``torch.backends`` entry point: register, and never make
-    ``import torch`` fail."""
-    try:
-        if dist.is_available():
-            register()
-    except Exception as e:  # noqa: BLE001 - import torch must survive anything here
-        warnings.warn(f"meshrun: could not register the torch.distributed backend: {e}",
-                      stacklevel=2)
 
 
 def monitored_barrier(group: Any = None, timeout: Any = None,

@@ -6,6 +6,7 @@ msgpack-able (no pickle on the wire)."""
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import msgpack
@@ -14,8 +15,8 @@ import numpy as np
 from . import device, tensors, wire
 from .match import describe
 
-__all__ = ["encode_payload", "as_array", "out_unusable", "out_problem", "out_fits", "fill",
-           "fmt_fp", "delivered"]
+__all__ = ["encode_payload", "as_array", "is_masked", "out_unusable", "out_problem", "out_fits",
+           "fill", "fmt_fp", "delivered"]
 
 
 def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any]:
@@ -59,10 +60,18 @@ MASKED = ("a masked array's mask would not travel (its masked values would be us
 """What point-to-point and the collectives say of a numpy masked array."""
 
 
+def is_masked(obj: Any) -> bool:
+    """Whether ``obj`` is a numpy masked array, without importing numpy.ma
+    (numpy 2 loads it lazily, 5-15 ms on a first object send or collective):
+    while numpy.ma is not imported no masked array can exist."""
+    ma = sys.modules.get("numpy.ma")
+    return ma is not None and isinstance(obj, ma.MaskedArray)
+
+
 def as_array(obj: Any) -> np.ndarray | None:
     if type(obj) is np.ndarray:
         return obj
-    if isinstance(obj, np.ma.MaskedArray):
+    if is_masked(obj):
         raise TypeError(MASKED)
     if isinstance(obj, np.ndarray):     # (np.matrix and other subclasses: their memory)
         return obj.view(np.ndarray)

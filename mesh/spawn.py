@@ -30,6 +30,7 @@ import pickle
 import secrets
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import types
@@ -96,8 +97,10 @@ def _fresh_context() -> Any:
     multiprocessing's fork server (started once per caller, single-threaded,
     with mesh and the modules in MESH_SPAWN_PRELOAD already imported), so a
     rank starts in milliseconds instead of importing numpy and ZeroMQ anew;
-    elsewhere a fresh interpreter."""
-    if not (_can_fork() and "forkserver" in mp.get_all_start_methods()):
+    elsewhere a fresh interpreter, as where the fork server's socket would
+    not fit its address (a long TMPDIR: ``_server_fits``)."""
+    if not (_can_fork() and "forkserver" in mp.get_all_start_methods()) \
+            or not (_server_running() or _server_fits()):
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     extra = [m for m in os.environ.get("MESH_SPAWN_PRELOAD", "").split(",") if m.strip()]
@@ -105,6 +108,19 @@ def _fresh_context() -> Any:
     if pool_unreachable() and not _server_running():
         _start_server_with_one_blas_thread()
     return ctx
+
+
+def _server_fits() -> bool:
+    """Whether the fork server's Unix socket path fits an AF_UNIX address
+    (107 bytes): multiprocessing binds it at <tmp>/pymp-XXXXXXXX/listener-XXXXXXXX
+    (<tmp>: TMPDIR's folder), and fails with "AF_UNIX path too long" when a
+    TMPDIR is longer than about 75 bytes."""
+    from multiprocessing import process
+    config = getattr(process.current_process(), "_config", {})
+    folder = config.get("tempdir")          # multiprocessing's folder, once made
+    if folder is None:
+        folder = os.path.join(tempfile.gettempdir(), "pymp-XXXXXXXX")
+    return len(os.fsencode(os.path.join(folder, "listener-XXXXXXXX"))) <= 107
 
 
 def _server_running() -> bool:
@@ -295,11 +311,12 @@ def _unguarded() -> bool:
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
-          env: dict[str, str] | None = None, settle: float = 1.0) -> list[Any]:
+          env: dict[str, str] | None = None, settle: float | None = 1.0) -> list[Any]:
     """Run ``fn(world, *args)`` on ``nprocs`` local processes; return its
     results ordered by rank (they travel back pickled). When a rank fails,
     the others get ``settle`` seconds to end (their own errors, what they
-    write) before all are stopped and the root cause is raised.
+    write) before all are stopped and the root cause is raised (None: the
+    default, 1 s).
 
     A top-level function of an importable module runs in fresh interpreters.
     Anything else (``python -c``, stdin, a notebook, a lambda, a closure, a
@@ -319,6 +336,12 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) \
             or not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"mesh.spawn: timeout is a number of seconds above 0, got {timeout!r}")
+    if settle is None:
+        settle = 1.0
+    if isinstance(settle, bool) or not isinstance(settle, numbers.Real) \
+            or not math.isfinite(settle) or settle < 0:     # checked before any rank starts
+        raise ValueError(f"mesh.spawn: settle is a number of seconds, 0 or more (None: 1), "
+                         f"got {settle!r}")
     bad = [k for k, v in (env or {}).items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
         raise TypeError(f"mesh.spawn: env values are strings, as in os.environ: env[{bad[0]!r}] "

@@ -594,6 +594,27 @@ def test_masked_arrays_are_refused_saying_why_and_matrices_travel() -> None:
         assert "send to rank" in said[0] and "all_reduce" in said[1], said
 
 
+@pytest.mark.timeout(60)
+def test_checking_for_masked_arrays_does_not_import_numpy_ma() -> None:
+    """numpy 2 imports numpy.ma on first use (5-15 ms): a first object send or
+    collective that checked for a masked array paid it; none can exist while
+    numpy.ma is not imported."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np, mesh, collectives as C\n"
+            "with mesh.init() as w:\n"
+            "    w.send({'a': 1}, 0); assert w.recv(0) == {'a': 1}\n"
+            "    C.all_reduce(w, np.ones(4)); C.broadcast(w, np.ones(4))\n"
+            "print('numpy.ma' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=50, env=env, cwd=root)
+    assert out.returncode == 0 and out.stdout.split() == ["False"], out.stdout + out.stderr
+
+
 def _while_torch_imports(world: Any) -> list[float]:
     """Another thread of the process is importing torch (its module is in
     sys.modules, not yet holding Tensor) while numpy collectives run, async

@@ -1012,6 +1012,23 @@ def test_register_is_idempotent_and_autoload_never_raises(monkeypatch: Any) -> N
         td.autoload()
 
 
+@pytest.mark.timeout(90)
+def test_importing_the_backend_before_torch_registers_it() -> None:
+    """``import collectives.torchdist`` as a script's first line: its own
+    ``import torch`` runs torch's ``torch.backends`` entry point, which finds
+    this module half loaded (it raised: no attribute 'autoload')."""
+    from importlib.metadata import entry_points
+    if not any(e.value == "collectives.torchdist:autoload"
+               for e in entry_points(group="torch.backends")):
+        pytest.skip("meshrun's torch.backends entry point is not installed")
+    code = ("import collectives.torchdist as td; import torch.distributed as dist\n"
+            "assert td._registered and 'meshrun' in dist.Backend.backend_list\n"
+            "print('registered')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=80, env=rank_env(), cwd=ROOT)
+    assert out.returncode == 0 and "registered" in out.stdout, out.stdout + out.stderr
+
+
 def rank0_refused(world: Any) -> str:
     import collectives.torchdist  # noqa: F401
     if world.rank == 0:

@@ -415,6 +415,35 @@ def test_spawn_names_a_bad_argument_before_it_starts_a_rank() -> None:
             call()
 
 
+def _fails(world: mesh.Mesh) -> None:
+    raise ValueError(f"rank {world.rank} fails")
+
+
+def test_settle_none_is_the_default_and_a_bad_one_is_refused_before_a_rank_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(mesh.WorkerError, match="rank 0 fails|rank 1 fails"):
+        mesh.spawn(_fails, 2, timeout=40, settle=None)      # (it raised a TypeError)
+    monkeypatch.setattr(spawn_mod, "_by_name", lambda fn, args: 1 / 0)   # (no rank starts)
+    for settle in (-1, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match=re.escape(
+                f"mesh.spawn: settle is a number of seconds, 0 or more (None: 1), "
+                f"got {settle!r}")):
+            mesh.spawn(_top_level, 2, timeout=40, settle=settle)
+
+
+def test_a_temporary_folder_too_long_for_the_fork_servers_socket(tmp_path: Path) -> None:
+    """multiprocessing's fork server binds its Unix socket under TMPDIR: past
+    about 75 bytes the path does not fit (107), and spawn raised "AF_UNIX
+    path too long"; the ranks start as fresh interpreters there instead."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    code = "import mesh, operator; print(mesh.spawn(operator.attrgetter('rank'), 2, timeout=40))"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(deep))
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=75)
+    assert r.returncode == 0 and r.stdout.split() == ["[0,", "1]"], r.stdout + r.stderr
+
+
 def _returns_a_lock(world: mesh.Mesh) -> object:
     import threading
     return threading.Lock()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mesh import Comm, MeshError, MeshTimeoutError, MismatchError, device
-from mesh.payload import MASKED
+from mesh.payload import MASKED, is_masked
 from mesh.tensors import dtype_name, is_tensor
 
 from ..ops import resolve
@@ -51,7 +51,7 @@ _ONE_ARRAY = {      # what to do with a list of arrays, by collective ("": the o
 
 
 def _array(name: str, a: Any, writable: bool = False) -> np.ndarray:
-    if isinstance(a, np.ma.MaskedArray):
+    if is_masked(a):
         raise TypeError(f"{name}: {MASKED}")
     if not isinstance(a, np.ndarray):
         kind = f"{type(a).__module__}.{type(a).__name__}"
