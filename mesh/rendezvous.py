@@ -163,7 +163,8 @@ class RendezvousServer:
                                 f"{prev.get('host')}); duplicate from pid {req.get('pid')}"})
             return
         self._peers[rank] = {"rank": rank, "host": str(req.get("host", "")),
-                             "endpoints": req["endpoints"], "pid": req.get("pid")}
+                             "endpoints": req["endpoints"], "pid": req.get("pid"),
+                             "window": req.get("window")}
         self._idents[rank] = ident
         if self._gone:              # one of the ranks ended already: none will come
             self._fail_waiting()
@@ -251,8 +252,10 @@ def _endpoints_ok(eps: Any) -> bool:
 
 def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: int,
          host: str, endpoints: dict[str, str], timeout: float,
-         curve: bool = False) -> list[dict[str, Any]]:
-    """Register with the service and return the table of all peers, by rank."""
+         curve: bool = False, window: int | None = None) -> list[dict[str, Any]]:
+    """Register with the service and return the table of all peers, by rank
+    (with ``window``, this rank's MESH_WINDOW_BYTES, for the peers to agree
+    on each pair's credit window: mesh.transport)."""
     where = f"tcp://{addr}:{port}"
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -266,7 +269,8 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
         auth.make_client(sock, secret, curve)
         sock.connect(where)
         sock.send(msgpack.packb({"op": "join", "rank": rank, "size": size, "host": host,
-                                 "endpoints": endpoints, "pid": os.getpid()}))
+                                 "endpoints": endpoints, "pid": os.getpid(),
+                                 "window": window}))
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -10,7 +10,7 @@ left is the Python of sending and delivering, BENCHMARKS.md).
 Each rank owns one region, an anonymous memory file (memfd: nothing in
 /dev/shm, gone with the last process that maps it, SIGKILL included):
 
-    page 0     token (pid, random), WAKE, BELL, AWAKE, RUNG
+    page 0     token (pid, random), WAKE, RING (its rings' size), BELL, AWAKE, RUNG
     CTL        per sender s: TAIL[s] (bytes it has written), OFF[s] (given up,
                full: the socket until the receiver reads again)
     HEADS      per sender s: HEAD[s] (bytes the receiver has read), HEARD[s]
@@ -20,7 +20,10 @@ Each rank owns one region, an anonymous memory file (memfd: nothing in
 It tells each same-host peer where it is (RING x=[pid, fd, token]) over the
 socket once, at start; the peer maps page 0 to the end of HEADS and its own
 ring, by /proc/pid/fd/fd (allowed where the process may read the other's
-memory: mesh.cma.allow_peers), and checks the token.
+memory: mesh.cma.allow_peers), and checks the token and RING: a region
+whose rings are not the size of its own (MESH_RING_BYTES set otherwise on
+that rank) has another layout, so it writes to that peer by socket instead
+(its entries would land in another sender's ring), and says so.
 
 An entry is [c, length] (two 64-bit words) and a one-frame message (wire's
 inline form), 16-byte aligned; a length with WRAP set pads to the ring's end.
@@ -93,7 +96,7 @@ __all__ = ["Rings", "LENGTH", "MARK", "MARKS", "WRAP", "enabled", "fence", "open
 
 _log = logging.getLogger("mesh.transport")
 _PAGE = mmap.PAGESIZE
-_WAKE, _BELL, _AWAKE, _RUNG = 2, 8, 16, 24    # 64-bit word indices in page 0
+_WAKE, _RING, _BELL, _AWAKE, _RUNG = 2, 3, 8, 16, 24    # 64-bit word indices in page 0
 _LINE = 8                      # words per cache line: one line per sender's counters
 _OFF = 1                       # in that line after TAIL: the sender takes the socket for now
 _WRAP = WRAP = 1 << 32        # (an entry's length word: padding to the ring's end)
@@ -378,6 +381,7 @@ class Rings:
         self.q = self._mv.cast("Q")
         self.token = (os.getpid(), secrets.randbits(62))
         self.q[0], self.q[1] = self.token
+        self.q[_RING] = ring          # what a sender checks its own layout against (attach)
         self.awake_rung = self.q[_AWAKE:_RUNG + 1:_RUNG - _AWAKE]    # the two words, in place
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_w = wake_w
@@ -400,7 +404,10 @@ class Rings:
 
     def attach(self, src: int, x: tuple[int, ...]) -> bool:
         """Map our ring in rank ``src``'s region, from its RING x=[pid, fd,
-        token]; False (and the socket stays the way) when that fails."""
+        token]; False (and the socket stays the way) when that fails, or when
+        its rings are not the size of ours (unequal MESH_RING_BYTES: its
+        layout is not ours, so our entries would land in another sender's
+        ring there; it refuses ours alike)."""
         pid, fd, t0, t1 = x
         try:
             f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
@@ -408,15 +415,25 @@ class Rings:
             _log.debug("rank %d: rank %d's ring cannot be opened: %s", self.rank, src, e)
             return False
         try:
+            head = os.pread(f, 8 * (_RING + 1), 0)
+            if len(head) < 8 * (_RING + 1):
+                raise ValueError(f"a region of {len(head)} bytes")
+            token0, token1, _, theirs = memoryview(head).cast("Q")
+            if (token0, token1) != (t0, t1):
+                return False
+            if theirs != self.lay.ring:
+                _log.warning("rank %d: rank %d's same-host rings are MESH_RING_BYTES=%d there, "
+                             "%d here (set unequally; rounded up to a power of two): messages "
+                             "from rank %d to rank %d take the socket (set the same value on "
+                             "every rank of a host)", self.rank, src, theirs, self.lay.ring,
+                             self.rank, src)
+                return False
             out = _Out(f, self.lay, self.rank)
         except (OSError, ValueError) as e:
             _log.debug("rank %d: rank %d's ring cannot be mapped: %s", self.rank, src, e)
             return False
         finally:
             os.close(f)
-        if (out.q[0], out.q[1]) != (t0, t1):
-            out.close()
-            return False
         try:
             out.wake = os.open(f"/proc/{pid}/fd/{out.q[_WAKE]}",
                                os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)

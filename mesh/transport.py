@@ -86,12 +86,18 @@ class Transport:
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
                  endpoints: list[str], secret: str, timeout: float, curve: bool = False,
-                 hosts: list[str] | None = None, pids: list[int] | None = None) -> None:
+                 hosts: list[str] | None = None, pids: list[int] | None = None,
+                 windows: list[int | None] | None = None) -> None:
         self.rank, self.size, self.timeout = rank, size, timeout
         self.endpoints, self.curve = list(endpoints), curve   # how each peer is reached
         # each rank's host id (mesh.env.host_id) as the rendezvous table has it
         self.hosts = hosts if hosts is not None else [""] * size
         window = int(config_bytes("MESH_WINDOW_BYTES", 64 << 20))
+        # Each pair of ranks uses the smaller of their two MESH_WINDOW_BYTES
+        # (``windows``: each rank's, from the rendezvous table): a receiver
+        # grants credit back in steps of a quarter of its window, and a
+        # sender whose own window is under that step would wait for ever.
+        pair = [window if w is None else min(window, w) for w in (windows or [None] * size)]
         self._orphans: list[Any] = []   # buffers of sends to lost peers ZeroMQ may still hold
         self._ctx, self._router = ctx, router
         self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes
@@ -111,7 +117,7 @@ class Transport:
             alloc.tune()    # ZeroMQ's receive buffers: no page faults per message
         for r, ep in enumerate(endpoints):
             if r == rank:
-                self._peers.append(Peer(r, None, None, window))
+                self._peers.append(Peer(r, None, None, pair[r]))
                 continue
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.IDENTITY, str(rank).encode())
@@ -121,7 +127,7 @@ class Transport:
             mon = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
                                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             s.connect(ep)
-            self._peers.append(Peer(r, s, mon, window))
+            self._peers.append(Peer(r, s, mon, pair[r]))
         self._router_mon = router.get_monitor_socket(COUNTED)
         # Headers repeat (same peer, tag, dtype and shape, message after
         # message): encode each once; bounded, starts over when full.

@@ -20,7 +20,7 @@ from . import auth, env, limits, rdvfile, torchelastic, wire
 from .comm import Comm
 from .errors import RendezvousError
 from .rendezvous import RendezvousServer, join, joined_path
-from .peer import config_flag, config_float
+from .peer import config_bytes, config_flag, config_float
 from .transport import Transport
 
 __all__ = ["Mesh", "init", "current"]
@@ -178,7 +178,15 @@ def _tcp_endpoint(router: zmq.Socket, spec: env.JobSpec, deadline: float = 0.0) 
     """Bind tcp:// and say where peers connect. Bound on "*" by _tcp_host,
     this is MASTER_ADDR's host, which the other hosts know by MASTER_ADDR."""
     host = _tcp_host(spec.master_addr, spec.size > spec.local_size, deadline, spec.rank)
-    router.bind(f"tcp://{host}:0")
+    try:
+        router.bind(f"tcp://{host}:0")
+    except zmq.ZMQError as e:
+        forced = os.environ.get("MESH_IFADDR")
+        if not forced:
+            raise
+        raise RendezvousError(f"rank {spec.rank}: cannot bind tcp:// on MESH_IFADDR={forced!r} "
+                              f"({zmq.strerror(e.errno or 0)}): set it to an address or interface "
+                              f"of this host, or unset it") from None
     bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
     if host != "*" or os.environ.get("MESH_IFADDR"):
         return bound
@@ -209,15 +217,17 @@ def current() -> Mesh | None:
 
 _SWITCHES = ("MESH_SHM", "MESH_CMA", "MESH_CURVE", "MESH_FORCE_TCP", "MESH_COLL_PIPELINE",
              "MESH_COLL_SMALL_COLUMNS", "MESH_COLL_LINK", "MESH_COLL_STREAM",
-             "MESH_COLL_STREAM_KEEP")
+             "MESH_COLL_STREAM_KEEP", "MESH_MALLOC_TUNE")
 
 
 def check_config() -> None:
     """Raise, naming the variable, for a setting that would fail or turn the
-    wrong way only later (at a first collective across hosts, at close):
-    every switch, and the waits read at close."""
+    wrong way only later (at a first collective across hosts, at close) or
+    only where a rank has peers on other hosts (MESH_MALLOC_TUNE): every
+    switch, MESH_COLL_STREAM_MIN, and the waits read at close."""
     for name in _SWITCHES:
         config_flag(name, False)
+    config_bytes("MESH_COLL_STREAM_MIN", 0)
     config_float("MESH_CLOSE_WAIT", 30.0, least=0)
     config_float("MESH_SPIN_US", 200.0, least=0)
 
@@ -258,6 +268,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
                                                                   above=0)
     rdv_timeout = rendezvous_timeout if rendezvous_timeout is not None else \
         config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0, above=0)
+    window = int(config_bytes("MESH_WINDOW_BYTES", 64 << 20))    # told to the peers (join)
     curve = auth.curve_wanted()
     limits.open_files(limits.rank_fds(spec.size), f"rank {spec.rank} of a world of {spec.size}")
     ctx = limits.context(spec.size)
@@ -292,7 +303,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
                 rdv_addr, rdv_port = rdvfile.rendezvous_address(spec, own_port, rdv_timeout)
             try:
                 table = join(ctx, rdv_addr, rdv_port, spec.secret, spec.rank,
-                             spec.size, host, eps, rdv_timeout, curve)
+                             spec.size, host, eps, rdv_timeout, curve, window)
             finally:
                 if server is not None:
                     rdvfile.withdraw(spec)
@@ -311,6 +322,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     same_host_ipc = not config_flag("MESH_FORCE_TCP", False)
     endpoints = [p["endpoints"]["ipc"] if same_host_ipc and p["host"] == host
                  else p["endpoints"]["tcp"] for p in table]
+    windows = [p.get("window") if type(p.get("window")) is int else None for p in table]
     transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout,
-                          curve, hosts, [p.get("pid") or 0 for p in table])
+                          curve, hosts, [p.get("pid") or 0 for p in table], windows)
     return Mesh(transport, ctx, authenticator, spec, hosts, endpoints, server, ipc_path)

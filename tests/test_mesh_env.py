@@ -278,3 +278,117 @@ def test_switches_and_waits_are_read_as_written(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MESH_TIMEOUT", "0")
     with pytest.raises(ValueError, match=r"MESH_TIMEOUT='0': must be a number > 0"):
         config_float("MESH_TIMEOUT", 300.0, above=0)
+
+
+def test_switches_and_sizes_read_only_across_hosts_are_checked_at_init(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MESH_MALLOC_TUNE (read once a rank has peers on other hosts) and
+    MESH_COLL_STREAM_MIN (at the first collective across hosts) raise at
+    mesh.init naming the variable, as the other switches do; they passed
+    on one host and failed, or went unread, only across hosts."""
+    from mesh.world import check_config
+    monkeypatch.setenv("MESH_MALLOC_TUNE", "maybe")
+    with pytest.raises(ValueError, match=r"MESH_MALLOC_TUNE='maybe': a switch, 1 or 0"):
+        check_config()
+    monkeypatch.delenv("MESH_MALLOC_TUNE")
+    monkeypatch.setenv("MESH_COLL_STREAM_MIN", "lots")
+    with pytest.raises(ValueError, match=r"MESH_COLL_STREAM_MIN='lots': not a size in bytes"):
+        check_config()
+    monkeypatch.setenv("MESH_COLL_STREAM_MIN", "64K")
+    check_config()
+
+
+@pytest.mark.timeout(30)
+def test_an_ifaddr_that_cannot_be_bound_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MESH_IFADDR that is no address of this host: mesh.init raises naming
+    the variable and its value (it was ZeroMQ's bare 'Cannot assign
+    requested address')."""
+    monkeypatch.setenv("MESH_IFADDR", "192.0.2.1")       # TEST-NET-1: on no host
+    with pytest.raises(RendezvousError, match=r"rank 0: cannot bind tcp:// on "
+                                              r"MESH_IFADDR='192\.0\.2\.1' \("):
+        mesh.init(spec=env.from_env({}), rendezvous_timeout=5)
+
+
+def _ranks_each_with(envs: list[dict[str, str]], code: str,
+                     timeout: float = 60) -> list[tuple[int, str, str]]:
+    """Run ``code`` as len(envs) ranks on this host, started as srun or
+    mpirun would (rank 0 serves the rendezvous), rank r with ``envs[r]``
+    added: (exit code, stdout, stderr) of each."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    n, procs = len(envs), []
+    for r, extra in enumerate(envs):
+        e = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        e.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MESH_SECRET="s3cret",
+                 PYTHONPATH=ROOT, **extra)
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+EVERY_PAIR = textwrap.dedent("""
+    import numpy as np, mesh
+    with mesh.init(timeout=10) as world:
+        r, n = world.rank, world.size
+        for k in range(50):
+            for d in range(n):
+                if d != r:
+                    world.send(np.arange(k % 7 + 1) + 1000 * r + k, d, tag=k)
+        bad = 0
+        for k in range(50):
+            for s in range(n):
+                if s != r:
+                    got = world.recv(s, tag=k)
+                    bad += not np.array_equal(got, np.arange(k % 7 + 1) + 1000 * s + k)
+        print("bad", bad, flush=True)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_unequal_ring_sizes_on_one_host_keep_every_message_whole() -> None:
+    """Rank 0 started with other same-host rings (MESH_RING_BYTES) than
+    ranks 1 and 2: rank 0 read rank 2's entries as rank 1's and dropped bad
+    messages until its receive found rank 1 gone. Now the pairs that
+    disagree take the socket, and both ends say so naming the values."""
+    got = _ranks_each_with([{"MESH_RING_BYTES": "8192"}, {"MESH_RING_BYTES": "4096"},
+                            {"MESH_RING_BYTES": "4096"}], EVERY_PAIR)
+    for rc, out, err in got:
+        assert rc == 0 and out.split() == ["bad", "0"], err
+    assert "rank 0: rank 2's same-host rings are MESH_RING_BYTES=4096 there, 8192 here" \
+        in got[0][2], got[0][2]
+    assert "rank 1: rank 0's same-host rings are MESH_RING_BYTES=8192 there, 4096 here" \
+        in got[1][2], got[1][2]
+    assert "rank 2" not in got[1][2]        # ranks 1 and 2 agree: their rings stay
+
+
+STREAM_TO_0 = textwrap.dedent("""
+    import numpy as np, mesh
+    with mesh.init(timeout=10) as world:
+        if world.rank == 1:
+            for k in range(40):                   # 10 MiB in all, 256 KiB a message
+                world.send(np.full(32768, k, dtype=np.float64), 0, tag=k)
+            world.recv(0, tag=99)
+        else:
+            print("got", all(world.recv(1, tag=k)[0] == k for k in range(40)), flush=True)
+            world.send(1, 1, tag=99)
+""")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("windows", [("64M", "1M"), ("1M", "64M")])
+def test_unequal_credit_windows_do_not_stall_a_stream(windows: tuple[str, str]) -> None:
+    """A receiver grants credit back in steps of a quarter of its window
+    (64 MiB: 16 MiB); a sender with a window of 1 MiB waited for a grant
+    that never came (its send timed out 'waiting for credit'). Each pair
+    now uses the smaller of the two MESH_WINDOW_BYTES."""
+    got = _ranks_each_with([{"MESH_WINDOW_BYTES": w} for w in windows], STREAM_TO_0)
+    for rc, out, err in got:
+        assert rc == 0, err
+    assert got[0][1].split() == ["got", "True"]

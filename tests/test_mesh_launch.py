@@ -344,6 +344,18 @@ def test_no_python_runs_a_program_under_the_same_supervision() -> None:
     assert "no traceback: exited with code 1" in r.stderr
 
 
+def test_the_readme_names_every_option_of_the_launcher() -> None:
+    """The README shows each of meshrun's options under one of its
+    spellings (``--no-python`` was in none of its lines)."""
+    from mesh.launch.cli import build_parser
+    readme = (REPO / "README.md").read_text()
+    missing = [a.option_strings for a in build_parser()._actions
+               if a.option_strings and a.dest != "help"
+               and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", readme)
+                           for o in a.option_strings)]
+    assert not missing, missing
+
+
 def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
     proc = start("-n", "2", "--grace", "60", str(WORKER), str(tmp_path),
                  "*:ignoreterm", "*:barrier", "*:sleep")

@@ -63,6 +63,35 @@ def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> 
         receiver.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_ring_of_another_size_is_refused_naming_the_variable(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Ranks of one host started with unequal MESH_RING_BYTES lay out their
+    regions otherwise: rank 1's ring (4 KiB) mapped with its own layout in
+    rank 0's (8 KiB rings) lay inside the ring of rank 0's own slot, and
+    rank 2's in rank 1's, so rank 0 read rank 2's entries as rank 1's. The
+    region says its size (RING): each side refuses the other's, keeps the
+    socket, and says why."""
+    monkeypatch.setenv("MESH_RING_BYTES", "8192")
+    big = rings.Rings(0, 3, [1, 2])
+    monkeypatch.setenv("MESH_RING_BYTES", "4096")
+    small = rings.Rings(1, 3, [0, 2])
+    try:
+        with caplog.at_level("WARNING", logger="mesh.transport"):
+            assert not small.attach(0, big.announce())
+            assert not big.attach(1, small.announce())
+        assert small.out[0] is None and big.out[1] is None
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 2, said
+        assert "rank 1: rank 0's same-host rings are MESH_RING_BYTES=8192 there, 4096 here" \
+            in said[0] and "from rank 1 to rank 0 take the socket" in said[0], said
+        assert "rank 0: rank 1's same-host rings are MESH_RING_BYTES=4096 there, 8192 here" \
+            in said[1], said
+    finally:
+        small.close()
+        big.close()
+
+
 def test_a_body_refused_where_the_ring_wraps_leaves_it_usable(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``put`` of an array that is not C-contiguous raises ValueError and

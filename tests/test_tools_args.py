@@ -4,6 +4,9 @@ traceback from deep inside a run, no half-run benchmark."""
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,21 @@ CASES = [
     ("engine.show", ["1f1b", "4", "8", "--costs", "F=-1"], "is negative"),
     ("engine.show", ["1f1b", "0", "8"], "argument p: '0'"),
     ("engine.show", ["1f1b", "2", "2", "--cores", "0"], "argument --cores: '0': a number above 0"),
+    ("collectives.model.__main__", ["--predict", "--ranks", "abc"],
+     "argument --ranks: 'abc': a whole number of at least 1"),
+    ("collectives.model.__main__", ["--predict", "--hosts", "0"], "argument --hosts: '0'"),
+    ("collectives.model.__main__", ["--predict", "--ranks", "8", "--hosts", "3"],
+     "--ranks 8 is not a multiple of --hosts 3"),
+    ("collectives.model.__main__", ["--predict", "--ranks", "2,4"], "takes one total, not 2"),
+    ("collectives.model.__main__", ["--predict", "--link", "fast"],
+     "argument --link: 'fast': a link speed above 0"),
+    ("collectives.model.__main__", ["--predict", "--wire-us", "-1"],
+     "argument --wire-us: '-1': a number of at least 0"),
+    ("collectives.model.__main__", ["--predict", "--factor", "1"], "a factor of at least 2"),
+    ("collectives.model.__main__", ["--predict", "--sizes", "zz"], "not a size: 'zz'"),
+    ("collectives.model.__main__", ["--check", "--trials", "0"], "argument --trials: '0'"),
+    ("collectives.model.__main__", ["--check", "--from", "/no/such/rows"],
+     "argument --from: /no/such/rows: no such file"),
 ]
 
 
@@ -62,3 +80,36 @@ def test_engine_show_names_a_file_it_cannot_show(tmp_path: Path, text: str | Non
     with pytest.raises(SystemExit) as stop:
         main([str(path)])
     assert said in str(stop.value.code), stop.value.code
+
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=60)
+
+
+@pytest.mark.timeout(60)
+def test_the_model_cli_says_usage_not_a_traceback() -> None:
+    """``python -m collectives.model --predict --ranks abc`` (and --hosts 0,
+    --link fast ...) ended in a ValueError's or ZeroDivisionError's traceback."""
+    r = _run("collectives.model", "--predict", "--ranks", "abc")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("usage: python -m collectives.model"), r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_tool_help_names_the_module_and_says_whole_sentences() -> None:
+    """soak's description was its docstring's first line, cut mid-sentence
+    ("... messages on"); torch_conformance's usage line named
+    torch_conformance.py, which cannot be run as a script."""
+    soak = _run("collectives.tools.soak", "--help")
+    assert soak.returncode == 0, soak.stderr
+    assert ("point-to-point messages on N ranks, every result checked, memory sampled as it "
+            "goes.") in " ".join(soak.stdout.split()), soak.stdout
+    conf = _run("collectives.tools.torch_conformance", "--help")
+    assert conf.returncode == 0, conf.stderr
+    assert conf.stdout.startswith("usage: python -m collectives.tools.torch_conformance "), \
+        conf.stdout

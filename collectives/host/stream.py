@@ -61,9 +61,8 @@ from typing import Any
 import numpy as np
 
 from mesh import LostPeerError, MeshError
-from mesh.peer import config_flag
+from mesh.peer import config_bytes, config_flag
 
-from ..plan import parse_size
 from ..runner import Ctx, caught
 
 __all__ = ["Links", "open_links", "enabled", "stats", "listener"]
@@ -135,8 +134,8 @@ def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
     stream: another host (a tcp:// endpoint), no CurveZMQ, big enough. The
     same answer on both ends of a link (job-wide settings, the same sizes)."""
     env = os.environ
-    if not config_flag("MESH_COLL_STREAM", True, env) or nbytes < parse_size(
-            env.get("MESH_COLL_STREAM_MIN", "8M")):
+    if not config_flag("MESH_COLL_STREAM", True, env) or nbytes < config_bytes(
+            "MESH_COLL_STREAM_MIN", 8 << 20):
         return False
     return ctx.ch.endpoint(peer).startswith("tcp://") and not ctx.ch.encrypted
 

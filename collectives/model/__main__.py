@@ -31,6 +31,8 @@ import statistics
 import sys
 from typing import Sequence
 
+from mesh.cliargs import checked, nonnegative_float, positive, positive_list
+
 from ..tools.bench import parse_sizes
 from .costs import PATHS, algorithm, fit_params, rel_errors, row_share
 from .scale import ALGORITHMS, Cluster, at_scale, best, parse_link
@@ -114,8 +116,34 @@ def _read(path: str) -> list[dict]:
     return list(whole["rows"]) if isinstance(whole, dict) and "rows" in whole else [whole]
 
 
-def _ranks(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+def _link(text: str) -> float:
+    """--link: parse_link's bits per second, a finite number above 0."""
+    try:
+        bps = parse_link(text)
+    except ValueError:
+        bps = 0.0
+    if not 0 < bps < float("inf"):
+        raise ValueError(f"{text!r}: a link speed above 0 (10gbit, 100gbit, or bits/s)")
+    return bps
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What one option alone cannot say: a usage error (exit 2), not a
+    traceback from the middle of a run."""
+    try:
+        parse_sizes(args.sizes, args.factor)
+    except ValueError as e:
+        ap.error(f"argument --sizes/--factor: {e}")
+    for opt, path in (("--from", args.source), ("--params", args.params)):
+        if path is not None and not os.path.isfile(path):
+            ap.error(f"argument {opt}: {path}: no such file")
+    if args.predict:
+        if args.ranks is not None and len(args.ranks) != 1:
+            ap.error(f"argument --ranks: --predict takes one total, not {len(args.ranks)}")
+        ranks = args.ranks[0] if args.ranks else 1024
+        hosts = args.hosts or (128 if args.tables else 1)
+        if ranks % hosts:
+            ap.error(f"--ranks {ranks} is not a multiple of --hosts {hosts}")
 
 
 def split(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
@@ -145,7 +173,7 @@ def _note(args: argparse.Namespace) -> str:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     rows = _read(args.source) if args.source else _measure(
-        _ranks(args.ranks) if args.ranks else FIT_RANKS, FIT_SIZES, args.rounds, args.trials,
+        args.ranks or FIT_RANKS, FIT_SIZES, args.rounds, args.trials,
         args.save)
     _fit_and_save(rows, args, _note(args))
     return 0
@@ -153,7 +181,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_fit_check(args: argparse.Namespace) -> int:
     rows = _read(args.source) if args.source else _measure(
-        _ranks(args.ranks) if args.ranks else (2, 4, 8),
+        args.ranks or (2, 4, 8),
         INTERLEAVED, args.rounds, args.trials, args.save)
     fit_rows, held = split(rows)
     if not fit_rows or not held:
@@ -193,7 +221,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"# parameters from {where}" + (" (shipped: no fit made on this machine)"
                                           if where == shipped_path() else ""))
     rows = _read(args.source) if args.source else _measure(
-        _ranks(args.ranks) if args.ranks else FIT_RANKS, CHECK_SIZES, args.rounds, args.trials,
+        args.ranks or FIT_RANKS, CHECK_SIZES, args.rounds, args.trials,
         args.save)
     _report(fit, rows, args.markdown)
     return 0
@@ -324,10 +352,8 @@ def _into(path: str, text: str) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     fit, where = load(args.params)
-    ranks = int(args.ranks or 1024)
-    hosts = int(args.hosts or (128 if args.tables else 1))
-    if ranks % hosts:
-        raise SystemExit(f"--ranks {ranks} is not a multiple of --hosts {hosts}")
+    ranks = args.ranks[0] if args.ranks else 1024      # (main checked these)
+    hosts = args.hosts or (128 if args.tables else 1)
     sizes = parse_sizes(args.sizes, args.factor)
     if args.tables:
         name = os.path.relpath(where) if not os.path.isabs(args.params or "") else str(where)
@@ -339,7 +365,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(text, end="")
         return 0
-    c = Cluster(hosts, ranks // hosts, parse_link(args.link), args.wire_us * 1e-6)
+    c = Cluster(hosts, ranks // hosts, args.link, args.wire_us * 1e-6)
     print(f"# {args.op}, {ranks} ranks on {hosts} hosts of {c.per_host}, "
           f"{c.link_bps / 1e9:g} Gb/s links, {args.wire_us:g} us wire latency; "
           f"unit costs from {where}")
@@ -360,12 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="fit sizes and held-out sizes measured interleaved in one run "
                            "(ranks 2,4,8): fit, save, report the held-out rows")
     mode.add_argument("--predict", action="store_true", help="extrapolate to a cluster")
-    ap.add_argument("--ranks", default=None,
+    ap.add_argument("--ranks", default=None, type=positive_list,
                     help="--fit/--check: world sizes (2,3,4,8,16,32), --fit-check (2,4,8); "
                          "--predict: total ranks (1024)")
-    ap.add_argument("--hosts", default=None, help="--predict: hosts (ranks split evenly)")
-    ap.add_argument("--link", default="10gbit", help="--predict: 10gbit, 100gbit, or bits/s")
-    ap.add_argument("--wire-us", type=float, default=10.0,
+    ap.add_argument("--hosts", default=None, type=positive,
+                    help="--predict: hosts (ranks split evenly)")
+    ap.add_argument("--link", default="10gbit", type=checked(_link),
+                    help="--predict: 10gbit, 100gbit, or bits/s")
+    ap.add_argument("--wire-us", type=nonnegative_float, default=10.0,
                     help="--predict: one-way latency between hosts, us")
     ap.add_argument("--op", default="all_reduce", choices=tuple(ALGORITHMS))
     ap.add_argument("--tables", action="store_true",
@@ -375,10 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="--predict --tables: write them into this file, between its "
                          "generated-tables marks (docs/scale.md)")
     ap.add_argument("--sizes", default="8:1G", help="--predict: lo:hi or a,b,c")
-    ap.add_argument("--factor", type=int, default=8, help="--predict: step of a size range")
-    ap.add_argument("--rounds", type=int, default=5,
+    ap.add_argument("--factor", type=positive, default=8,
+                    help="--predict: step of a size range")
+    ap.add_argument("--rounds", type=positive, default=5,
                     help="interleaved rounds in each job (median)")
-    ap.add_argument("--trials", type=int, default=3,
+    ap.add_argument("--trials", type=positive, default=3,
                     help="--fit/--check/--fit-check: jobs per world size and path, one after another "
                          "(each row the median of its trials)")
     ap.add_argument("--from", dest="source", default=None,
@@ -396,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "load average)")
     ap.add_argument("--params", default=None, help="--check/--predict: the fit to use")
     args = ap.parse_args(argv)
+    _check_args(ap, args)
     if args.fit:
         return cmd_fit(args)
     if args.check:

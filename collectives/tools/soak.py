@@ -208,8 +208,9 @@ def soak_worker(world: Any, ops: int, max_bytes: int, seed: int, trace: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the docstring's first paragraph, whole: its first line stops mid-sentence
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.soak",
-                                 description=__doc__.split("\n")[0])
+                                 description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("-n", type=positive, default=4, help="ranks (default 4)")
     ap.add_argument("--ops", type=positive, default=4000, help="operations (default 4000)")
     ap.add_argument("--max-bytes", default="4M", type=checked(parse_size),

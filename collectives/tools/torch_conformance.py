@@ -330,7 +330,8 @@ def _regex(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m collectives.tools.torch_conformance",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--world-sizes", default=[2, 3], type=positive_list)
     ap.add_argument("--backends", default=["gloo", "meshrun"],
                     type=names_in(("gloo", "meshrun")))
