@@ -54,17 +54,16 @@ _staged_all_to_all = simple(host.all_to_all, in_place=False)
 _staged_all_to_all_v = simple(host.all_to_all_v, in_place=False)
 
 
-_HALF = np.dtype(np.float16)
-
-
 def _half_avg(a: Any, op: str) -> bool:
-    """An average of float16 (a numpy array or a torch tensor): taken in
-    float32, so that no partial sum overflows (n ranks' 30000 made inf)
-    and the mean is rounded once (as bfloat16's, collectives.tensors)."""
+    """An average of float16 (a numpy array, of either byte order, or a
+    torch tensor): taken in float32, so that no partial sum overflows (n
+    ranks' 30000 made inf) and the mean is rounded once (as bfloat16's,
+    collectives.tensors)."""
     if op != "avg":
         return False
     if type(a) is np.ndarray:       # (a read-only one: refused as it is, by the call)
-        return a.dtype == _HALF and a.dtype.metadata is None and a.flags.writeable
+        dt = a.dtype
+        return dt.kind == "f" and dt.itemsize == 2 and dt.metadata is None and a.flags.writeable
     return is_tensor(a) and str(a.dtype) == "torch.float16"
 
 
@@ -82,7 +81,7 @@ def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = Fal
             return a
         if not in_place:
             return None if result is None else (
-                result.astype(np.float16) if numpy else result.half())
+                result.astype(a.dtype) if numpy else result.half())   # (its byte order)
         if numpy:
             a[...] = wide
         else:

@@ -250,6 +250,11 @@ class Comm:
             _check_status(status, self, "sendrecv")
         t = self._t
         deadline = time.monotonic() + (t.timeout if timeout is None else timeout)
+        if out is not None and _overlap(obj, out):
+            # MPI's Sendrecv_replace: the send reads obj after the receive is posted (a
+            # ring copy, the peer's direct read, zero-copy socket frames), and the message
+            # coming into out= meanwhile would be sent back in part; send a copy instead
+            obj = obj.detach().clone() if tensors.is_tensor(obj) else obj.copy()
         req = self._post_recv(src, recvtag, out, "sendrecv from")
         try:
             t.wait(t.isend(self._world_rank(dst, "sendrecv"), self.gid, sendtag, obj, None,
@@ -430,6 +435,33 @@ class Comm:
         digest = hashlib.blake2b(repr((self.gid, *ident)).encode(), digest_size=8).digest()
         gid = int.from_bytes(digest, "little") >> 1 or 1
         return Comm(self._t, [self.ranks[r] for r in ranks], gid, name)
+
+
+def _span(x: Any) -> tuple[int, int] | None:
+    """The bytes [start, end) of host memory that ``x`` (a numpy array, a
+    dense CPU tensor, views and lazy conjugates included) lies within; None
+    for anything else (a device array goes as a copy made at once) or no
+    elements."""
+    try:
+        if isinstance(x, np.ndarray):
+            at, shape, strides, size = x.ctypes.data, x.shape, x.strides, x.itemsize
+        elif tensors.is_tensor(x) and x.is_cpu:
+            size = x.element_size()
+            at, shape, strides = x.data_ptr(), x.shape, tuple(k * size for k in x.stride())
+        else:
+            return None
+    except (RuntimeError, NotImplementedError):      # (a sparse tensor has no strides)
+        return None
+    if 0 in shape:
+        return None
+    return (at + sum((n - 1) * k for n, k in zip(shape, strides) if k < 0),
+            at + sum((n - 1) * k for n, k in zip(shape, strides) if k > 0) + size)
+
+
+def _overlap(obj: Any, out: Any) -> bool:
+    """Whether a send of ``obj`` may read memory that a receive into ``out`` writes."""
+    a, b = _span(obj), _span(out)
+    return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
 
 
 def _check_tag(tag: int, comm: Comm, op: str, any_tag: bool = False) -> int:

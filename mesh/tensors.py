@@ -118,7 +118,9 @@ def numpy_view(t: Any) -> np.ndarray:
     dt = _NUMPY_DTYPES.get(t.dtype)
     if dt is None:      # (a dtype numpy lacks raises TypeError, as t.numpy() would)
         dt = _NUMPY_DTYPES[t.dtype] = _torch().empty(0, dtype=t.dtype).numpy().dtype
-    if t.requires_grad or not t.is_cpu or dt.kind == "c" and (t.is_conj() or t.is_neg()):
+    # (the negative bit is not the complex dtypes' alone: c.conj().imag is a real tensor
+    # that has it, and its memory holds the values' negations)
+    if t.requires_grad or not t.is_cpu or t.is_neg() or dt.kind == "c" and t.is_conj():
         return np.asarray(t.numpy())        # (raises what it raises)
     ptr = t.data_ptr()
     if not ptr:         # (no elements)

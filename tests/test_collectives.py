@@ -472,6 +472,38 @@ def test_torch_tensors_written_in_place_tell_autograd() -> None:
     assert mesh.spawn(_written_in_place, 2, timeout=60) == [[[0.0, 0.0]], [[0.0, 0.0], True]]
 
 
+def _negative_views(world: Any) -> list:
+    """Real tensors with torch's negative bit (``c.conj().imag``) were
+    reduced, gathered and broadcast as their memory, without the minus; in
+    place, the result goes back through the view."""
+    import torch
+    r, n = world.rank, world.size
+
+    def neg(*values: float) -> Any:
+        t = torch.tensor([complex(0, -v) for v in values]).conj().imag
+        assert t.is_neg() and t.tolist() == list(values)
+        return t
+    seen = []
+    for alg in (None, "ring"):
+        t = neg(r + 1.0, -2.0)
+        C.all_reduce(world, t, op="prod", algorithm=alg)
+        seen.append(t.tolist())
+    for _ in range(2):                          # (the second: a tiny all_reduce's short way)
+        t = neg(r + 1.0, -2.0)
+        seen.append(C.all_reduce(world, t, op="max").tolist())
+    seen.append(C.all_gather(world, neg(-r - 1.0)).tolist())
+    b = neg(-r - 1.0)
+    seen.append(C.broadcast(world, b, root=n - 1).tolist())
+    seen.append(C.reduce_scatter(world, neg(*[-1.0] * n), op="min").tolist())
+    return seen
+
+
+def test_tensors_with_the_negative_bit_take_part_as_their_values() -> None:
+    pytest.importorskip("torch")
+    want = [[6.0, -8.0]] * 2 + [[3.0, -2.0]] * 2 + [[[-1.0], [-2.0], [-3.0]], [-3.0], [-1.0]]
+    assert mesh.spawn(_negative_views, 3, timeout=60) == [want] * 3
+
+
 def _uneven_exchange(world: Any) -> list[str]:
     import torch
     r, n = world.rank, world.size
@@ -582,6 +614,13 @@ def _numpy_subclasses(world: mesh.Mesh) -> list[str]:
     got = world.recv(1 - r)
     assert type(got) is np.ndarray and got.tolist() == [[1.0 * (2 - r), 2.0 * (2 - r)]], got
     assert C.all_reduce(world, m) is m and m.tolist() == [[3.0, 6.0]]
+    for alg in ("rd", "ring", None):    # a large one too: a matrix stays 2-d when reshaped,
+        big = np.matrix(np.full((2, 150_000), r + 1.0))         # so the paths cut its rows
+        assert C.all_reduce(world, big, algorithm=alg) is big and (big == 3.0).all(), alg
+    big = np.matrix(np.full((2, 150_000), r + 1.0))
+    assert C.reduce(world, big, root=1) is big and (big == (3.0 if r == 1 else 1.0)).all()
+    big = np.matrix(np.full((2, 150_000), r + 1.0))
+    assert C.broadcast(world, big, root=1) is big and (big == 2.0).all()
     return said
 
 

@@ -336,6 +336,28 @@ def test_float16_is_averaged_in_float32() -> None:
         assert seen == [30000.0] * 4 + [513.0, 30000.0] + [30000.0] * 3, seen
 
 
+def _big_endian_half_averages(world: Any) -> list[Any]:
+    """float16 stored big-endian ('>f2', as a file may hold it) is float16
+    too: averaged in float32, not summed to inf in float16 as it was, and
+    given back in its own byte order."""
+    n = world.size
+    seen = []
+    for rows in (4, 1 << 16):       # the short way and the ring
+        a = np.full(rows, 30000.0, ">f2")
+        C.all_reduce(world, a, op="avg")
+        seen.append((a.dtype.str, float(a[-1])))
+    x = np.full(4, 30000.0, ">f2")
+    C.reduce(world, x, root=n - 1, op="avg")
+    seen.append((x.dtype.str, float(x[0])))
+    parts = C.reduce_scatter(world, np.full(2 * n, 30000.0, ">f2"), op="avg")
+    seen.append((parts.dtype.str, float(parts[0])))
+    return seen
+
+
+def test_big_endian_float16_is_averaged_in_float32_too() -> None:
+    assert mesh.spawn(_big_endian_half_averages, 3, timeout=60) == [[(">f2", 30000.0)] * 4] * 3
+
+
 def _state_sync(world: Any) -> list[Any]:
     """Horovod's broadcast_parameters and broadcast_optimizer_state: rank 0
     has trained a step (Adam's state made), the others have not; after

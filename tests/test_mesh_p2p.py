@@ -218,6 +218,43 @@ def test_out_that_does_not_fit_leaves_the_message_queued() -> None:
     assert mesh.spawn(_out_misfits, 2, timeout=90) == ["ok", "ok"]
 
 
+def _sendrecv_in_place(world: mesh.Mesh) -> list[str]:
+    """sendrecv(a, ..., out=a), MPI's Sendrecv_replace: the peer's array
+    must come in, not a mix of it and this rank's own (the message came into
+    out= while the send still read the same memory: the ring, the direct
+    read and the socket's zero-copy frames alike)."""
+    import torch
+    peer, bad = 1 - world.rank, []
+    for n in (1000, 100_000, 300_000, 2_000_000):
+        for it in range(3):
+            a = np.arange(n, dtype=np.float64) + 1e7 * world.rank
+            got = world.sendrecv(a, peer, peer, sendtag=it, recvtag=it, out=a, timeout=30)
+            if got is not a or not np.array_equal(a, np.arange(n) + 1e7 * peer):
+                bad.append(f"numpy n={n} #{it}: {int((a != np.arange(n) + 1e7 * peer).sum())} "
+                           f"wrong")
+        both = np.arange(2 * n, dtype=np.float32) + 1e7 * world.rank    # out= overlaps half
+        world.sendrecv(both[:n], peer, peer, sendtag=5, recvtag=5, out=both[n // 2:n // 2 + n],
+                       timeout=30)
+        if not np.array_equal(both[n // 2:n // 2 + n], np.arange(n) + np.float32(1e7 * peer)):
+            bad.append(f"numpy n={n}: overlapping halves wrong")
+        t = torch.arange(n, dtype=torch.bfloat16) + world.rank    # (bfloat16: numpy lacks it)
+        want = torch.arange(n, dtype=torch.bfloat16) + peer
+        if world.sendrecv(t, peer, peer, sendtag=6, recvtag=6, out=t, timeout=30) is not t \
+                or not torch.equal(t, want):
+            bad.append(f"torch bfloat16 n={n}: wrong")
+        c = torch.full((n,), complex(world.rank, 1), dtype=torch.complex64)
+        world.sendrecv(c.conj(), peer, peer, sendtag=7, recvtag=7, out=c, timeout=30)
+        if not torch.equal(c, torch.full((n,), complex(peer, -1), dtype=torch.complex64)):
+            bad.append(f"torch conjugate n={n}: wrong")
+    return bad
+
+
+@pytest.mark.parametrize("env", [{}, {"MESH_SHM": "0"}], ids=["same-host", "sockets"])
+def test_sendrecv_into_its_own_send_buffer_replaces_it(env: dict) -> None:
+    pytest.importorskip("torch")
+    assert mesh.spawn(_sendrecv_in_place, 2, timeout=90, env=env) == [[], []]
+
+
 def _device_out_misfits(world: mesh.Mesh) -> str:
     import fakecupy
     cp = fakecupy.install()
@@ -901,6 +938,26 @@ def _tensors(world: mesh.Mesh) -> str:
     assert torch.equal(b2.view(torch.int16), bf.view(torch.int16))
     assert dtype_name(status.dtype) == "bfloat16" and status.shape == (4,)
     return "ok"
+
+
+def _negative_views(world: mesh.Mesh) -> list:
+    """A real tensor with torch's negative bit (``c.conj().imag``, as public
+    as it gets) went as its memory, without the minus: -2 arrived as 2."""
+    import torch
+    c = torch.tensor([1 + 2j, 3 - 4j, 5j])
+    if world.rank == 0:
+        for k, t in enumerate((c.conj().imag, c.conj().imag[::2], c.conj()[:2].imag)):
+            assert t.is_neg()
+            world.send(t, 1, tag=k)
+        world.isend(c.conj().imag, 1, tag=3).wait()
+        return []
+    return [world.recv(0, tag=k).tolist() for k in range(4)]
+
+
+def test_a_tensor_with_the_negative_bit_arrives_as_its_values() -> None:
+    pytest.importorskip("torch")
+    assert mesh.spawn(_negative_views, 2, timeout=60)[1] == [[-2.0, 4.0, -5.0], [-2.0, -5.0],
+                                                             [-2.0, 4.0], [-2.0, 4.0, -5.0]]
 
 
 def test_dtype_names_keep_bfloat16_apart_from_its_bits() -> None:

@@ -185,12 +185,15 @@ def _topology(ctx: Ctx, coll: str, lay: bool | None, nbytes: int) -> hier.Topolo
 
 def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
     """Run ``body`` on a flat contiguous view of ``a`` (a contiguous copy
-    written back when ``a`` is not C-contiguous); return ``a``."""
+    written back when ``a`` is not C-contiguous); return ``a``. A numpy
+    subclass goes as a plain view of its memory: an np.matrix stays 2-d
+    when reshaped, and the paths that cut it in chunks cut its rows."""
     def run(ctx: Ctx) -> np.ndarray:
-        work = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+        plain = a if type(a) is np.ndarray else a.view(np.ndarray)
+        work = plain if plain.flags.c_contiguous else np.ascontiguousarray(plain)
         body(ctx, work.reshape(-1))
-        if work is not a:
-            a[...] = work
+        if work is not plain:
+            plain[...] = work
         return a
     return run
 
