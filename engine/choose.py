@@ -245,25 +245,27 @@ def _time_layer(layer: Any, x: Any, reps: int, clock: Callable[[], float],
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
     y = x
     begin, n = clock(), 0
-    while _another(n, reps, runs, begin, clock):
-        n += 1
-        t0 = clock()
-        y, ctx = layer.forward(x)
-        t1 = clock()
-        gy = _ones(y)
-        t2 = clock()
-        layer.backward(ctx, gy)
-        t3 = clock()
-        _, ctx = layer.forward(x)
-        t4 = clock()
-        _, wctx = layer.backward_input(ctx, gy)
-        t5 = clock()
-        layer.backward_weight(wctx)
-        t6 = clock()
-        for k, v in zip(times, (t1 - t0, t3 - t2, t5 - t4, t6 - t5)):
-            times[k].append(v)
-    for g, old in saved:
-        g[...] = old
+    try:        # (put back also where the layer fails: distribute skips that size and goes on)
+        while _another(n, reps, runs, begin, clock):
+            n += 1
+            t0 = clock()
+            y, ctx = layer.forward(x)
+            t1 = clock()
+            gy = _ones(y)
+            t2 = clock()
+            layer.backward(ctx, gy)
+            t3 = clock()
+            _, ctx = layer.forward(x)
+            t4 = clock()
+            _, wctx = layer.backward_input(ctx, gy)
+            t5 = clock()
+            layer.backward_weight(wctx)
+            t6 = clock()
+            for k, v in zip(times, (t1 - t0, t3 - t2, t5 - t4, t6 - t5)):
+                times[k].append(v)
+    finally:
+        for g, old in saved:
+            g[...] = old
     f, b, gi, gw = (statistics.median(v[1:]) for v in times.values())
     held = held_by(layer, x)
     return LayerCost(f, b, gi, gw, _nbytes(y), *(held or (None, KEEPS_OUTPUT))), y
@@ -933,8 +935,11 @@ def recomputing(recompute: bool | frozenset[int], layered: bool = False) -> str:
     return f"recomputed{how}" if recompute else "kept"
 
 
-def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
-    """The candidates as a text table, the chosen one marked."""
+def table(cands: Sequence[Candidate], chosen: Candidate | None = None,
+          skipped: Sequence[tuple[Schedule, str]] = ()) -> str:
+    """The candidates as a text table, the chosen one marked; then those
+    ``skipped`` (a schedule that cannot run, and why: its layers failed on
+    its micro-batches, a BatchNorm given one row)."""
     again = any(c.recompute for c in cands)     # a column saying which recompute
     lines = [f"{'schedule':<28} {'m':>3}  {'layers/stage':<14} {'pred ms':>9} {'bubble':>7} "
              f"{'peak MB':>8}" + ("  activations" if again else "")]
@@ -948,4 +953,8 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None) -> str:
                      f"{c.makespan * 1e3:>9.2f} {c.bubble:>7.1%} {c.peak_bytes / 2**20:>8.2f}"
                      + (f"  {recomputing(c.recompute, c.layered):<11}" if again else "")
                      + note)
+    for sched, why in skipped:
+        why = why if len(why) <= 120 else why[:117] + "..."
+        lines.append(f"{sched.name:<28} {sched.num_microbatches:>3}  {'-':<14} {'-':>9} "
+                     f"{'-':>7} {'-':>8}  cannot run: {why}")
     return "\n".join(lines)

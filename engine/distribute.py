@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import collectives
-from mesh import Comm, Grid
+from mesh import Comm, Grid, MeshError
 from mesh.tensors import is_tensor
 
 from . import layers as _layers
@@ -96,7 +96,9 @@ def _model_layers(model: Any) -> tuple[list[tuple[str, Any]], bool]:
             raise TypeError(f"trace a {type(model).__name__} with engine.sequential first")
         if getattr(model, "traced_from", None):
             return [("", m) for m in model], True
-        return list(model.named_children()), True
+        # (not named_children(), which names a module held twice once: a layer
+        # called in two places, ALBERT's shared block, was left out of the pipeline)
+        return [(n, m) for n, m in model._modules.items() if m is not None], True
     if isinstance(model, _layers.Sequential):
         return [(str(i), layer) for i, layer in enumerate(model.layers)], False
     if isinstance(model, (list, tuple)):
@@ -334,18 +336,38 @@ def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]]) -> list[tuple[lis
 
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int,
              runs: int | None = None, clock: Callable[[], float] = time.perf_counter
-             ) -> dict[int, dict[int, LayerCost]]:
+             ) -> tuple[dict[int, dict[int, LayerCost]], dict[int, str]]:
     """Every layer measured at every size (``_shared`` over the layers;
     ``runs``: a fixed count, for tensor-parallel layers; ``clock``: wall
-    time, or the thread's CPU where the ranks share cores)."""
-    def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
-        local = measure(mlayers, sample, sizes, reps, mine, runs, clock)
-        return [((size, i), lc) for size, row in local.items() for i, lc in row.items()]
+    time, or the thread's CPU where the ranks share cores); and the sizes
+    where a layer failed on some rank, each with its error (a BatchNorm
+    refuses a 1-row micro-batch in training), told to every rank: those
+    sizes' candidates are left out, not the whole call failed."""
+    failed: dict[int, str] = {}
 
-    merged: dict[int, dict[int, LayerCost]] = {s: {} for s in sizes}
-    for (size, i), lc in _shared(grid, len(mlayers), timed):
-        merged[size][i] = lc
-    return merged
+    def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
+        pairs: list[tuple[Any, LayerCost]] = []
+        for size in sizes:
+            try:
+                local = measure(mlayers, sample, [size], reps, mine, runs, clock)
+            except MeshError:
+                raise
+            except Exception as e:
+                failed[size] = f"{type(e).__name__}: {e}"
+                continue
+            pairs += [((size, i), lc) for i, lc in local[size].items()]
+        return pairs
+
+    got = _shared(grid, len(mlayers), timed)
+    broken: dict[int, str] = {}
+    for r, theirs in enumerate(collectives.all_gather_object(grid.comm, failed)):
+        for size, why in sorted(theirs.items()):
+            broken.setdefault(size, f"rank {r}: {why}")
+    merged: dict[int, dict[int, LayerCost]] = {s: {} for s in sizes if s not in broken}
+    for (size, i), lc in got:
+        if size in merged:
+            merged[size][i] = lc
+    return merged, broken
 
 
 def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], Any], sample: Any,
@@ -532,9 +554,12 @@ class Job:
                  calibration: Calibration | None = None, inputs: dict[int, Any] | None = None,
                  reps: int = 3, messages: list[tuple[int, int]] | None = None,
                  timeout: float | None = None, tag_base: int = 0,
-                 target: Any = None, keys: list[str] | None = None) -> None:
+                 target: Any = None, keys: list[str] | None = None,
+                 aliases: dict[str, str] | None = None,
+                 skipped: Sequence[tuple[Schedule, str]] = ()) -> None:
         self.grid = grid
         self._keys = keys          # a traced model's state_dict() keys, in its order
+        self._aliases = aliases or {}     # a shared tensor's other keys: its first key
         self.calibration = calibration
         self.profile_calibration = calibration     # what distribute's choice was made with
         self._messages, self._timeout, self._tag_base = messages, timeout, tag_base
@@ -551,6 +576,7 @@ class Job:
         self.is_torch = is_torch
         self.chosen = chosen
         self.candidates = cands
+        self.skipped = list(skipped)    # candidates that cannot run (their layers failed), why
         self.schedule: Schedule = pipeline.schedule
 
     @property
@@ -661,8 +687,8 @@ class Job:
         return self.schedule.num_stages - 1, loss
 
     def table(self) -> str:
-        """The candidates the choice was made from."""
-        return table(self.candidates, self.profiled)
+        """The candidates the choice was made from (and those that cannot run)."""
+        return table(self.candidates, self.profiled, self.skipped)
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
         """One step on this dp replica's batch; the mean loss where the last
@@ -747,8 +773,11 @@ class Job:
 
     def state_dict(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The whole model's state on world rank 0 (None elsewhere), keyed
-        as the model's own ``state_dict()`` (torch) or ``"layer.index"``
-        (numpy: see ``load_state``). Every rank must call it."""
+        as the model's own ``state_dict()`` (torch: a module or parameter
+        the model holds under several names is under each, as torch lists
+        it, though a traced model's pieces name it once) or
+        ``"layer.index"`` (numpy: see ``load_state``). Every rank must
+        call it."""
         if _coord(self.grid, "dp"):
             return None
         local = self._local_state()
@@ -765,11 +794,32 @@ class Job:
             keys = pp.recv(src, tag=_STATE_TAG, timeout=timeout)
             for i, k in enumerate(keys):
                 state[k] = pp.recv(src, tag=_STATE_TAG + 1 + i, timeout=timeout)
+        for k, first in self._aliases.items():    # a shared module's other names, as torch's
+            if k not in state and first in state:
+                state[k] = state[first]
         if self._keys is not None:            # a traced model: its own keys, in its order
             at = {k: i for i, k in enumerate(self._keys)}
             return dict(sorted(state.items(), key=lambda kv: at.get(kv[0], len(at))))
         order = {n: i for i, n in enumerate(self.names)}
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
+
+
+def _aliases(model: Any) -> dict[str, str]:
+    """A torch model's state keys whose tensor an earlier key holds too (a
+    module or parameter held under two names), each with that first key:
+    what ``Job.state_dict`` fills in where the stages name it once."""
+    items = model if isinstance(model, (list, tuple)) else [model]
+    prefix = isinstance(model, (list, tuple))
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for i, m in enumerate(items):
+        if not _is_torch(m):
+            continue
+        for k, v in m.state_dict(keep_vars=True).items():
+            key = f"{i}.{k}" if prefix else k
+            if first.setdefault(id(v), key) != key:
+                out[key] = first[id(v)]
+    return out
 
 
 def _model_key(names: list[str], key: str) -> str:
@@ -1036,6 +1086,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         fault = e
     _same_model(grid, named, is_torch, fault, timeout)
     assert loss_fn is not None
+    aliases = _aliases(source) if is_torch else {}    # (before a plan shards the model)
     if plan:        # the whole model, so the plan's names are the model's own; then every
         parallelize(source, grid.group("tp"), plan)   # layer is timed sharded, collectives in
         if source is not model:       # traced again: the pieces hold the sharded modules
@@ -1050,6 +1101,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     grads = [_grad_bytes(layer) for _, layer in named] if _size(grid, "dp") > 1 else None
     runs = _TP_RUNS if plan and tp > 1 else None      # tp peers time a layer together
     cands: list[Candidate] = []
+    skipped: list[tuple[Schedule, str]] = []    # candidates whose layers failed, and why
     chosen: Candidate | None = None
     sched = scheds[0]
     cal: Calibration | None = None
@@ -1068,7 +1120,19 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             # each layer is timed in its thread's CPU: its wall, every rank timing at
             # once, held that sharing already (the table ran long twice over)
             clock = time.thread_time if shared_cores(hosts(grid.comm), p) else time.perf_counter
-            profile = _profile(grid, mlayers, sample, sizes, reps, runs, clock)
+            profile, broken = _profile(grid, mlayers, sample, sizes, reps, runs, clock)
+            if broken:      # (alike on every rank) those micro-batch sizes' candidates cannot run
+                skipped = [(sc, f"micro-batches of {size} row{'s' if size > 1 else ''}: "
+                                f"{broken[size]}") for sc in scheds
+                           for size in [-(-rows // sc.num_microbatches)] if size in broken]
+                scheds = [sc for sc in scheds if -(-rows // sc.num_microbatches) not in broken]
+                sizes = [size for size in sizes if size not in broken]
+                if not scheds:
+                    raise ValueError(
+                        f"rank {grid.comm.rank}: engine.distribute: no candidate schedule can "
+                        f"run, its layers fail on micro-batches of every size tried: " + "; ".join(
+                            f"{size} row{'s' if size > 1 else ''}: {_cut(why)}"
+                            for size, why in sorted(broken.items())))
             cal = Calibration(overhead or 0.0, 0.0)
             action: float | dict[int, float] = cal.action
             message: float | dict[int, float] = cal.message
@@ -1122,12 +1186,12 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                         "(recompute='blocks.*.attn'), may fit" if is_torch else
                         "; recompute='auto' may fit")
                 raise ValueError(f"no schedule keeps its activations under memory_limit="
-                                 f"{memory_limit:g} bytes{hint}:\n{table(cands)}")
+                                 f"{memory_limit:g} bytes{hint}:\n{table(cands, None, skipped)}")
             sched = chosen.schedule
     counts = chosen.counts if chosen else counts_for(balance, sched.num_stages, None, params)
     if verbose and grid.comm.rank == 0 and auto:
         print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
-              f"{table(cands, chosen)}", flush=True)
+              f"{table(cands, chosen, skipped)}", flush=True)
 
     mine = sched.stages_of(grid.coord("pp"))
     cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
@@ -1181,7 +1245,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             messages = _stage_messages(profile[size], tuple(counts))
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
               bool(plan), cal, inputs, reps, messages, timeout, tag_base, target,
-              list(source.state_dict()) if source is not model else None)
+              list(source.state_dict()) if source is not model else None, aliases, skipped)
     job.retime()
     if verbose and grid.comm.rank == 0 and auto and job.predicted is not None:
         print(f"engine.distribute: {job.schedule.name} re-timed as its steps will run: "

@@ -48,7 +48,7 @@ group's collectives stay numbered alike: see ``_Step._abandon_tp``). The same Pi
 as every rank calls ``step()`` as many times as the others. A failure
 spreads along what the ranks wait for, and then to every rank of the
 pipeline: each step ends with the ranks agreeing on whether it succeeded
-everywhere (``_Step.agree``, a one-number all-reduce over the grid), so a
+everywhere (``_Step.agree``, a small all-reduce over the grid), so a
 rank whose own part had finished raises StepFailed; every rank then puts
 its gradients back to what they held before the step, and (schedules with
 OPT actions) the weights of a stage whose optimizer already ran back to
@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import numbers
 import sys
 import time
 from typing import Any, Callable, Collection, Iterable, Sequence
@@ -110,6 +111,25 @@ def rows_of(batch: Any) -> int:
         raise ValueError(f"the parts of a tuple batch have {sorted(rows)} rows: "
                          "each part is cut into the same micro-batches")
     return rows.pop()
+
+
+_PAIRED = ("each of the {m} micro-batches of the targets holds those of the inputs' "
+           "micro-batch: as many rows, or c times as many (per-token targets, flattened)")
+
+
+def _paired(inputs: int, targets: int, m: int) -> bool:
+    """Whether ``targets`` rows cut into ``m`` micro-batches pair with
+    ``inputs`` rows so cut: as many, or c times as many in every
+    micro-batch (a language model's targets flattened over its tokens
+    beside inputs of (batch, tokens)). Fewer rows, or a multiple whose
+    cuts fall elsewhere, pair micro-batch k's outputs with other rows'
+    targets, silently where the loss broadcasts."""
+    if targets == inputs:
+        return True
+    if inputs <= 0 or targets % inputs:
+        return False
+    c = targets // inputs
+    return all(k * targets // m == c * (k * inputs // m) for k in range(m + 1))
 
 
 def split_microbatches(batch: Any, m: int) -> list[Any]:
@@ -585,12 +605,18 @@ def _in_action(e: MeshError, where: str) -> MeshError:
 
 def stages_for_rank(all_stages: Sequence[Any], schedule: Schedule, pp_rank: int) -> list[Any]:
     """This rank's stage objects, in stage order, out of the whole model's
-    (as many as the schedule's stages: another count raises, naming both)."""
+    (as many as the schedule's stages: another count raises, naming both;
+    a rank the schedule lacks raises, naming its ranks)."""
+    if isinstance(pp_rank, bool) or not isinstance(pp_rank, numbers.Integral) or not (
+            0 <= pp_rank < schedule.num_ranks):
+        raise ValueError(f"pp rank {pp_rank!r} is not a rank of schedule {schedule.name!r}, "
+                         f"whose ranks are 0..{schedule.num_ranks - 1}: pass this rank's "
+                         f"coordinate on the pp axis (grid.coord('pp'))")
     if len(all_stages) != schedule.num_stages:
         raise ValueError(f"schedule {schedule.name!r} runs {schedule.num_stages} stages, but "
                          f"the model was cut into {len(all_stages)}: cut it into "
                          f"schedule.num_stages (engine.partition(model, sched.num_stages))")
-    return [all_stages[s] for s in schedule.stages_of(pp_rank)]
+    return [all_stages[s] for s in schedule.stages_of(int(pp_rank))]
 
 
 _Key = tuple[int, int]
@@ -628,6 +654,9 @@ class _Step:
         self.loss_sync = pipe.last and pipe.dp is not None and pipe.dp.size > 1
         self.rows_pending = self.loss_sync     # the sum of the replicas' rows, not yet made
         self.tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
+        # this replica's rows of inputs (stage 0's ranks) and of targets (the last
+        # stage's), -1 where this rank was given none: compared at the step's end
+        self.in_rows = self.target_rows = -1
 
     def start(self, inputs: Any, targets: Any) -> None:
         """Split the batch and post every receive of the step."""
@@ -646,11 +675,22 @@ class _Step:
             except ValueError as e:
                 raise ValueError(f"pp rank {pipe.rank}: {call}'s inputs: {e}") from None
             self.xs.update({(0, k): x for k, x in enumerate(xs)})
+            self.in_rows = rows_of(inputs)
         if pipe.last and targets is None and self.forward_only and not self.rows_pending:
             self.loss_sync = False      # outputs only: no loss
         elif pipe.last:
             if targets is None and not self.forward_only:
                 raise ValueError(f"pp rank {pipe.rank} holds the last stage: {call} needs targets")
+            if targets is not None:
+                try:
+                    self.target_rows = rows_of(targets)
+                except ValueError as e:
+                    raise ValueError(f"pp rank {pipe.rank}: {call}'s targets: {e}") from None
+            if pipe.first and targets is not None and not _paired(self.in_rows,
+                                                                  self.target_rows, m):
+                # (across ranks, agree() compares them: the step fails on every rank)
+                raise ValueError(f"pp rank {pipe.rank}: {call}: its inputs have {self.in_rows} "
+                                 f"rows but its targets {self.target_rows}: {_PAIRED.format(m=m)}")
             try:
                 self.targets = [] if targets is None else split_microbatches(targets, m)
             except ValueError as e:
@@ -937,30 +977,59 @@ class _Step:
 
     def agree(self, error: BaseException | None) -> None:
         """Every rank of the pipeline learns whether the step failed anywhere
-        (a one-number all-reduce over the grid): a rank whose part finished
+        (a small all-reduce over the grid): a rank whose part finished
         while another's failed rolls its gradients back too, and raises
         StepFailed naming the ranks that failed (or the all-reduce's own
         error: a LostPeerError naming a rank that died). Called with this
         rank's own error (already cleaned up and rolled back), it only tells
-        the rest; the caller re-raises it."""
+        the rest; the caller re-raises it. Targets whose rows do not pair
+        with the inputs' (``_paired``; known on other ranks) fail the step
+        on every rank, rolled back, with a ValueError naming both counts."""
         pipe, whole = self.pipe, self.pipe.whole
         if whole.size == 1:
             return
-        failed = np.array([0 if error is None else 1], dtype=np.int32)
+        # with it, each dp replica's rows of inputs and of targets (+1; 0: not
+        # known here), which only ranks of the first and the last stage know:
+        # targets of other rows than the inputs pair rows wrongly (the loss of
+        # micro-batch k taken against another one's targets) without a word
+        replicas = pipe.dp.size if pipe.dp is not None else 1
+        failed = np.zeros(1 + 2 * replicas, dtype=np.int64)
+        failed[0] = 0 if error is None else 1
+        failed[1 + 2 * pipe.dp_index:3 + 2 * pipe.dp_index] = (self.in_rows + 1,
+                                                               self.target_rows + 1)
+        wrong: list[tuple[int, int, int]] = []
         try:
             collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
-            if not failed[0]:
+            rows = failed[1:].reshape(replicas, 2) - 1
+            m = pipe.schedule.num_microbatches
+            wrong = [(d, int(a), int(b)) for d, (a, b) in enumerate(rows)
+                     if a >= 0 and b >= 0 and not _paired(int(a), int(b), m)]
+            if not failed[0] and not wrong:
                 return
-            mine = None if error is None else f"{type(error).__name__}: {error}"
-            tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
-            told = collectives.all_gather_object(whole, [mine, tp_seq], timeout=pipe.timeout)
-            reasons = [why for why, _ in told]
-            self.realign_tp([seq for _, seq in told])
+            if not failed[0]:
+                reasons: list[str | None] = []
+            else:
+                mine = None if error is None else f"{type(error).__name__}: {error}"
+                tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
+                told = collectives.all_gather_object(whole, [mine, tp_seq],
+                                                     timeout=pipe.timeout)
+                reasons = [why for why, _ in told]
+                self.realign_tp([seq for _, seq in told])
         except Exception:
             if error is not None:
                 return                       # this rank's own error is raised
             self.roll_back()                 # a lost peer, a timeout: raised as it is
             raise
+        if wrong:
+            if error is None:
+                self.roll_back()
+            sched = pipe.schedule
+            raise ValueError(
+                f"rank {whole.rank} of {whole.name}: pipeline step {self.n} ({sched.name}): "
+                + "; ".join(f"{f'dp replica {d}: ' if replicas > 1 else ''}the inputs (pp rank "
+                            f"{sched.rank_of(0)}) have {a} rows but the targets (pp rank "
+                            f"{sched.rank_of(sched.num_stages - 1)}) {b}" for d, a, b in wrong)
+                + f": {_PAIRED.format(m=m)}; rolled back on every rank") from error
         if error is not None:
             return
         self.roll_back()

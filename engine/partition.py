@@ -38,6 +38,10 @@ wraps it in a TorchStage) or an ``engine.layers.Sequential``. ``balance``:
 A parameter shared by layers of two stages (same object: an embedding and
 an output head) is untied into one copy per later stage and marked on the
 stages (``stage.tied``); the Pipeline keeps the copies equal (engine.tied).
+So is a module that layers of two stages share (ALBERT's one block called
+by every layer: the same module several times in an ``nn.Sequential``):
+each later stage gets a copy of it, whose parameters are tied to the first
+stage's (an engine.layers layer in two stages is refused, naming both).
 Specs build separate objects, so ties between spec layers cannot be seen:
 name them, ``tied=[("0.weight", "9.weight")]`` (layer index and parameter
 name; for engine.layers, the parameter's position in ``params()``), and
@@ -57,7 +61,7 @@ from .replay import replay
 from .schedules import one_f_one_b
 from .simulate import _costs
 from .stagebuild import (as_module, build, declared_tie, inputs_of, is_module, kind_of,
-                         layers_of, make_stage, param_count, stage_params, untie)
+                         layers_of, make_stage, param_count, stage_params, unshare, untie)
 from .tied import Tie
 from .torch_stage import TorchStage
 from .traced import few, traceable
@@ -181,6 +185,7 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
         present.append(built[-1] or [items[i] for i in range(start, start + c)
                                      if kinds[i] != "spec"])
         start += c
+    unshare(present, counts)
     ties = untie(built, counts, present)
     for names in tied:
         ties.update(declared_tie(built, counts, [str(x) for x in names], ties))

@@ -5,14 +5,18 @@ plain function of its input (made a parameter-free torch module), or a
 spec: a constructor of one (a class, a zero-argument callable, a
 ``functools.partial``, a ``(cls, args, kwargs)`` tuple), built only when
 its stage is. A stage is an ``nn.Sequential`` of the model's own modules
-or an ``engine.layers.Sequential``. A parameter that layers of two stages
-share is untied here into one copy per later stage (``untie``), or named
-by the user when specs built the layers apart (``declared_tie``).
+or an ``engine.layers.Sequential``. A module that layers of two stages
+share (ALBERT's one block called by every layer) is given to each later
+stage as a copy of its own (``unshare``); a parameter that layers of two
+stages share is then untied here into one copy per later stage
+(``untie``), or named by the user when specs built the layers apart
+(``declared_tie``).
 
 torch is never imported here: a model that has torch modules imported it.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -24,7 +28,8 @@ from .tied import Tie
 from .traced import sequential, traceable
 
 __all__ = ["torch_module", "is_module", "inputs_of", "layers_of", "kind_of", "build", "param_count",
-           "as_module", "make_stage", "layer_params", "stage_params", "untie", "declared_tie"]
+           "as_module", "make_stage", "layer_params", "stage_params", "unshare", "untie",
+           "declared_tie"]
 
 
 def torch_module() -> Any:
@@ -143,6 +148,86 @@ def stage_params(stage: Any) -> list[Any]:
     if is_module(stage):
         return [p for p in stage.parameters() if p.requires_grad]
     return list(stage.params())
+
+
+def unshare(present: list[list[Any]], counts: Sequence[int]) -> None:
+    """Give each stage after the first its own copy of every torch module
+    that an earlier stage's layers hold too (a layer, or a submodule of
+    one: ALBERT's block under every layer), in place in ``present`` (and
+    in the modules holding it); within a stage the sharing stays. A copy
+    holds the same parameters and buffers at first, so ``untie`` finds
+    the parameters shared and ties them (kept equal); without it, untying
+    the later stage's parameters replaced them in the one module every
+    stage held, and the first stage lost its own (StopIteration). An
+    engine.layers layer held by two stages is refused, naming both places:
+    its gradients live in the object, which cannot be split."""
+    first = list(itertools.accumulate(counts, initial=0))
+    seen: dict[int, int] = {}           # a module's id -> the first stage holding it
+    where: dict[int, int] = {}          # an engine.layers layer's id -> its model index
+    for s, ls in enumerate(present):
+        copies: dict[int, Any] = {}     # this stage's copies, by the original's id
+        for j, layer in enumerate(ls):
+            if is_module(layer):
+                ls[j] = _own(layer, s, seen, copies)
+            elif callable(getattr(layer, "backward", None)):
+                at = where.setdefault(id(layer), first[s] + j)
+                if at < first[s]:
+                    raise ValueError(
+                        f"layers {at} and {first[s] + j} are the same "
+                        f"{type(layer).__name__} object, cut into different stages: an "
+                        "engine.layers layer cannot be shared by two stages; build one per "
+                        "place and name their ties, one per parameter (tied=[('"
+                        f"{at}.0', '{first[s] + j}.0'), ...]), or cut both into one stage")
+
+
+def _own(m: Any, s: int, seen: dict[int, int], copies: dict[int, Any]) -> Any:
+    """``m`` for stage ``s``: itself, its submodules made stage s's own, or
+    (held by an earlier stage) a copy of it (``_copied``)."""
+    if seen.setdefault(id(m), s) != s:
+        return _copied(m, copies)
+    for name, child in m._modules.items():
+        if child is not None:
+            mine = _own(child, s, seen, copies)
+            if mine is not child:
+                m._modules[name] = mine
+    return m
+
+
+def _copied(m: Any, copies: dict[int, Any]) -> Any:
+    """A shallow copy of module ``m`` and its submodules (one per module,
+    as often as it is met): its own tables (parameters, buffers, hooks,
+    submodules), holding the same parameter and buffer objects, and a
+    forward wrapped on the instance (selective recompute's) wrapped around
+    the copy's own. A module compiled in place, whose compiled code runs
+    the original, is refused, naming it."""
+    if id(m) not in copies:
+        if getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod"):
+            raise ValueError(f"a torch.compile'd {type(m).__name__} is held by layers of "
+                             "several stages, whose copies would all run the one compiled "
+                             "module: compile it after the cut (each stage its own), or "
+                             "build one per place")
+        c = copy.copy(m)
+        copies[id(m)] = c
+        for k, v in vars(m).items():
+            c.__dict__[k] = copy.copy(v) if isinstance(v, (dict, set)) else _rebound(v, m, c)
+        c._modules = {name: None if child is None else _copied(child, copies)
+                      for name, child in m._modules.items()}
+    return copies[id(m)]
+
+
+def _rebound(v: Any, old: Any, new: Any) -> Any:
+    """``v`` with ``old`` made ``new`` where it is the object, a method's
+    self or a ``functools.partial``'s argument (selective recompute's
+    ``forward``: a partial of the module's own forward and of itself)."""
+    if v is old:
+        return new
+    if inspect.ismethod(v) and v.__self__ is old:
+        return v.__func__.__get__(new)
+    if isinstance(v, functools.partial):
+        return functools.partial(_rebound(v.func, old, new),
+                                 *[_rebound(a, old, new) for a in v.args],
+                                 **{k: _rebound(a, old, new) for k, a in v.keywords.items()})
+    return v
 
 
 def untie(built: list[list[Any] | None], counts: Sequence[int],

@@ -1297,3 +1297,127 @@ def test_replicas_samples_of_unequal_rows_profile_alike():
         assert len(res["grads"]) == len(want)
         for a, b in zip(res["grads"], want):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=f"rank {r}")
+
+
+def _shared_models():
+    import torch
+    from torch import nn
+
+    class Albert(nn.Module):
+        """One block called by every layer (ALBERT's), traced by engine.sequential."""
+
+        def __init__(self):
+            super().__init__()
+            block = nn.Linear(4, 4)
+            self.inp, self.layers, self.head = nn.Linear(4, 4), nn.ModuleList([block] * 3), \
+                nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.inp(x)
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return self.head(x)
+
+    def seq():
+        block = nn.Linear(4, 4)
+        return nn.Sequential(nn.Linear(4, 4), block, nn.Tanh(), block, nn.Tanh(), nn.Linear(4, 2))
+    return {"sequential": (seq, False), "traced": (Albert, False),
+            "recomputed": (seq, ["1"])}     # (the block wrapped before the cut: its copy's own)
+
+
+def _shared_worker(world):
+    """A module held in several places, trained at pp=2 and gathered: each
+    model's state_dict() keys, values of one process's training."""
+    import torch
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(SEED)
+    x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+    out = {}
+    for i, (kind, (make, recompute)) in enumerate(_shared_models().items()):
+        torch.manual_seed(SEED)
+        job = engine.distribute(make(), mesh.grid(world, pp=2), schedule="1f1b", microbatches=2,
+                                balance="uniform", loss_fn=torch.nn.functional.mse_loss,
+                                timeout=30, verbose=False, tag_base=i << 20,
+                                recompute=recompute)
+        opt = torch.optim.SGD(job.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            job.step(x, y)
+            opt.step()
+        got = job.state_dict()
+        if world.rank:
+            continue
+        torch.manual_seed(SEED)
+        ref = make()
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        for _ in range(2):
+            ref_opt.zero_grad()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            ref_opt.step()
+        fresh = make()
+        try:
+            fresh.load_state_dict(got, strict=True)
+        except RuntimeError as e:
+            out[kind] = str(e)
+            continue
+        out[kind] = max((fresh.state_dict()[k] - v).abs().max().item()
+                        for k, v in ref.state_dict().items())
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_shared_module_trains_and_saves_under_every_name_the_model_gives_it():
+    """distribute named an nn.Sequential's layers by named_children(), which
+    names a module held twice once: the layer's second call was left out of
+    the pipeline (another model trained) and of state_dict(); a traced
+    model's pieces name a shared block once, so the gathered state_dict
+    missed its other names. Both now load strictly into the model class,
+    with one process's values."""
+    pytest.importorskip("torch")
+    got = mesh.spawn(_shared_worker, 2, timeout=100, env=PATIENT)[0]
+    assert set(got) == {"sequential", "traced", "recomputed"}, got
+    for kind, err in got.items():
+        assert isinstance(err, float) and err < 1e-6, (kind, err)
+
+
+def _one_row_worker(world):
+    """A model with a BatchNorm, 8 rows at pp=2: schedule='auto' tries 8
+    micro-batches of one row, which BatchNorm refuses in training."""
+    import torch
+    torch.set_num_threads(1)
+
+    def build():
+        torch.manual_seed(SEED)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    gen = torch.Generator().manual_seed(SEED)
+    x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+    job = engine.distribute(build(), mesh.grid(world, pp=2), sample=x, overhead=0.0, reps=1,
+                            loss_fn=torch.nn.functional.mse_loss, timeout=30, verbose=False)
+    loss = job.step(x, y)
+    try:
+        engine.distribute(build(), mesh.grid(world, pp=2), schedule="1f1b", microbatches=8,
+                          sample=x, overhead=0.0, reps=1, loss_fn=torch.nn.functional.mse_loss,
+                          timeout=30, verbose=False, tag_base=1 << 20)
+        error = "no error"
+    except ValueError as e:
+        error = str(e)
+    return {"m": job.schedule.num_microbatches, "table": job.table(), "error": error,
+            "loss": loss, "last": job.pipeline.last}
+
+
+@pytest.mark.timeout(120)
+def test_auto_skips_the_candidates_whose_layers_fail_and_says_why():
+    pytest.importorskip("torch")
+    said = "ValueError: Expected more than 1 value per channel when training"
+    for r, got in enumerate(mesh.spawn(_one_row_worker, 2, timeout=100, env=PATIENT)):
+        assert got["m"] in (2, 4), got
+        assert (got["loss"] is not None) == got["last"], got
+        skipped = [line for line in got["table"].splitlines() if "cannot run" in line]
+        assert len(skipped) >= 2 and all(line.split()[1] == "8" for line in skipped), got
+        assert all("cannot run: micro-batches of 1 row: rank " in line and said in line
+                   for line in skipped), got["table"]
+        assert got["error"].startswith(f"rank {r}: engine.distribute: no candidate schedule can "
+                                       f"run, its layers fail on micro-batches of every size "
+                                       f"tried: 1 row: rank "), got["error"]
+        assert said in got["error"], got["error"]

@@ -244,3 +244,73 @@ def test_a_time_cut_whose_timing_rank_has_no_sample_fails_every_rank():
                               "ValueError: balance='time' measures each"), said
     said = mesh.spawn(_time_cut_without_a_sample, 2, 1, timeout=60)
     assert said[0] == said[1] and said[0].startswith("cut "), said
+
+
+class _Wrap(nn.Module):
+    """A layer around a block it shares with other layers (ALBERT's)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.out = block, nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.block(x)))
+
+
+def _shared_module(kind):
+    torch.manual_seed(3)
+    block = nn.Linear(4, 4)
+    if kind == "sequential":        # the same module in three places of the Sequential
+        layers = [nn.Linear(4, 4), block, nn.Tanh(), block, nn.Tanh(), block, nn.Linear(4, 2)]
+    else:                           # the same block inside three layers
+        layers = [_Wrap(block), _Wrap(block), _Wrap(block), nn.Linear(4, 2)]
+    return nn.Sequential(*layers).double()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["sequential", "submodule"])
+def test_a_module_called_in_several_stages_trains_as_one_tied_module(kind):
+    """A module held by layers of several stages (the same object: ALBERT's
+    one block) raised StopIteration: untying the later stage's parameters
+    replaced them in the one module every stage held. Each later stage now
+    gets a copy, tied to the first's: the gradients are the whole model's."""
+    model, whole = _shared_module(kind), _shared_module(kind)
+    parts = partition(model, 3)
+    assert len(parts.ties) == 2 and all(t.stages == (0, 1, 2) for t in parts.ties), parts.ties
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    loss_fn = lambda out, t: (float(((out - t) ** 2).mean()), 2 * (out - t) / out.numel())
+    loss = Pipeline(_Solo(), list(parts), schedules.interleaved_1f1b(1, 3, 3),
+                    loss_fn=loss_fn).step(x, y)
+    ref = ((whole(x) - y) ** 2).mean()
+    ref.backward()
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-12)
+    first = 0
+    for stage, count in zip(parts, parts.counts):
+        for j, layer in enumerate(stage):
+            want = dict(whole[first + j].named_parameters())
+            for name, p in layer.named_parameters():    # each copy: the shared one's gradient
+                np.testing.assert_allclose(p.grad.numpy(), want[name].grad.numpy(),
+                                           rtol=1e-10, atol=1e-14, err_msg=f"{first + j}.{name}")
+        first += count
+
+
+def test_an_engine_layers_layer_in_two_stages_is_refused_by_name():
+    shared = L.Linear(3, 3)
+    model = L.Sequential(L.Linear(3, 3), shared, L.Tanh(), shared, L.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"layers 1 and 3 are the same Linear object, cut into "
+                                         r"different stages.*tied=\[\('1\.0', '3\.0'\), \.\.\.\]"):
+        partition(model, 2, [2, 3])
+    assert partition(model, 2, [4, 1]).counts == (4, 1)      # one stage holds both: no copy
+
+
+def test_a_compiled_module_in_two_stages_is_refused_by_name():
+    """Its copy would run the original's compiled code (the first stage's
+    parameters): refused, naming it, before anything runs."""
+    block = torch.compile(nn.Linear(4, 4), backend="eager")
+    with pytest.raises(ValueError, match=r"a torch.compile'd OptimizedModule is held by layers "
+                                         r"of several stages"):
+        partition(nn.Sequential(block, nn.Tanh(), block), 2, [1, 2])
+    inplace = nn.Linear(4, 4)
+    inplace.compile(backend="eager")
+    with pytest.raises(ValueError, match=r"a torch.compile'd Linear is held"):
+        partition(nn.Sequential(inplace, nn.Tanh(), inplace), 2, [1, 2])

@@ -393,6 +393,19 @@ def test_a_recomputing_stage_counts_each_micro_batch_once_in_batchnorms_statisti
     assert stage.module[4].num_batches_tracked == 2      # two forwards, each counted once
 
 
+def test_the_readme_says_a_recompute_counts_batchnorm_once():
+    """The known limits still said a recomputing stage's second forward
+    updated BatchNorm's statistics again (as torch.utils.checkpoint's),
+    after the test above made it count each micro-batch once."""
+    import os
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    with open(readme, encoding="utf-8") as f:
+        limits = " ".join(f.read().split("## Known limits", 1)[1].split())
+    assert "again by a recomputing stage's second forward" not in limits
+    assert "a recomputing stage's second forward leaves them as its first did" in limits
+
+
 def _recompute_pipeline(world):
     import mesh
     from engine.executor import stages_for_rank

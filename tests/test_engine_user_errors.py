@@ -279,6 +279,72 @@ def test_stages_for_rank_refuses_a_cut_of_another_stage_count():
             engine.stages_for_rank(parts, sched, 0)
 
 
+def test_stages_for_rank_refuses_a_rank_the_schedule_lacks():
+    """A rank past the schedule's (the world's rank given for the pp
+    coordinate) raised a bare KeyError."""
+    sched = engine.schedules.one_f_one_b(2, 4)
+    parts = mlp_stages([3, 4, 2], sched.num_stages, 0)
+    for rank in (2, -1):
+        with pytest.raises(ValueError, match=re.escape(
+                f"pp rank {rank} is not a rank of schedule '1f1b(2,4)', whose ranks are 0..1: "
+                f"pass this rank's coordinate on the pp axis (grid.coord('pp'))")):
+            engine.stages_for_rank(parts, sched, rank)
+    assert engine.stages_for_rank(parts, sched, np.int64(1)) == [parts[1]]
+
+
+# ---- Pipeline.step: targets of as many rows as the inputs
+
+
+def _pairing_loss(y, t):
+    """A hand-written loss that broadcasts, as many do: a target of fewer
+    rows is paired with the output without a word."""
+    d = y - t
+    return float((d * d).mean()), 2 * (y - t.mean(axis=0)) / y.size
+
+
+def _rows_apart(world, rows):
+    """A step given targets of ``rows`` (8 inputs), then one given 8."""
+    import collectives
+    sched = engine.schedules.one_f_one_b(world.size, 4)
+    mine = engine.stages_for_rank(mlp_stages([3, 4, 1], world.size, 0), sched, world.rank)
+    pipe = engine.Pipeline(world, mine, sched, loss_fn=_pairing_loss, timeout=30)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 3)), rng.standard_normal((8, 1))
+    try:
+        pipe.step(x, y[:rows])
+        said = "no error"
+    except ValueError as e:
+        said = str(e)
+    grads = [float(np.abs(g).sum()) for st in pipe.stages.values() for g in st.grads()]
+    loss = pipe.step(x, y)          # the pipeline goes on
+    if world.size > 1:
+        collectives.barrier(world, timeout=30)
+    return said, grads, loss
+
+
+@pytest.mark.timeout(60)
+def test_a_step_refuses_targets_of_other_rows_than_its_inputs():
+    """Targets of fewer rows than the inputs were cut into micro-batches of
+    their own and paired with the inputs' by index: a loss (and gradients)
+    of mispaired rows, without a word where the loss broadcasts."""
+    said, grads, _ = _rows_apart(_Solo(), 4)
+    pairing = ("each of the 4 micro-batches of the targets holds those of the inputs' "
+               "micro-batch: as many rows, or c times as many (per-token targets, flattened)")
+    assert said == f"pp rank 0: step(): its inputs have 8 rows but its targets 4: {pairing}", said
+    assert not any(grads)
+    for rows in (4, 7):             # across ranks: found at the step's end, rolled back
+        got = mesh.spawn(_rows_apart, 2, rows, timeout=50)
+        for r, (text, grads, loss) in enumerate(got):
+            assert text == (f"rank {r} of world: pipeline step 0 (1f1b(2,4)): the inputs (pp "
+                            f"rank 0) have 8 rows but the targets (pp rank 1) {rows}: "
+                            f"{pairing}; rolled back on every rank"), text
+            assert not any(grads), grads
+        assert got[1][2] == pytest.approx(_rows_apart(_Solo(), 8)[2], rel=1e-12)
+    # per-token targets flattened (c rows an input's, cut alike) pair: no error
+    assert engine.executor._paired(4, 64, 4) and engine.executor._paired(8, 16, 4)
+    assert not engine.executor._paired(5, 80, 2)        # (cut at 40 rows, not 2 * 16)
+
+
 def _cut_by_hand(world):
     model = Sequential(Linear(3, 4), Tanh(), Linear(4, 4), Tanh(), Linear(4, 2))
     parts = engine.partition(model, 3)
