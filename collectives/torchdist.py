@@ -18,7 +18,9 @@ Under meshrun (and inside mesh.spawn) MASTER_PORT is meshrun's own
 rendezvous, where torch's env:// would start its TCPStore; so importing
 this module wraps torch's env:// handler: there, the store is a TCPStore
 rank 0 starts on port 0 and announces over the process's mesh (made with
-mesh.init() if the script has none). Elsewhere env:// is torch's own.
+mesh.init() if the script has none). Elsewhere env:// is torch's own, but
+for any backend a client of rank 0's store (env://, tcp://) whose
+connection closes while it connects connects again (_c10d_store).
 
 torch's ``dist.monitored_barrier`` refuses every backend not named
 "gloo" before it calls one; registering puts ``monitored_barrier`` (this
@@ -33,6 +35,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import time
 import warnings
 from datetime import timedelta
 from typing import Any, Iterator
@@ -71,6 +74,7 @@ BACKEND = "meshrun"
 _lock = threading.Lock()
 _registered = False
 _torch_env: Any = None
+_torch_store: Any = None       # torch's rendezvous._create_c10d_store (env://, tcp://)
 _torch_monitored: Any = None   # torch's dist.monitored_barrier, which refuses all but gloo
 _owned: Any = None          # the mesh this module made (closed with the default group)
 _default: Any = None        # the default group's mesh
@@ -79,16 +83,21 @@ _default: Any = None        # the default group's mesh
 def register() -> None:
     """Register the "meshrun" backend with torch.distributed (and wrap
     env:// for meshrun's jobs); calling it again does nothing."""
-    global _registered, _torch_env, _torch_monitored
+    global _registered, _torch_env, _torch_monitored, _torch_store
     with _lock:
         if _registered:
             return
         dist.Backend.register_backend(BACKEND, _create, extended_api=True,
                                       devices=["cpu", "cuda"])
-        handlers = importlib.import_module("torch.distributed.rendezvous")._rendezvous_handlers
+        rdv = importlib.import_module("torch.distributed.rendezvous")
+        handlers = rdv._rendezvous_handlers
         if getattr(handlers.get("env"), "__module__", None) != __name__:
             _torch_env = handlers.get("env")
             handlers["env"] = _env_handler
+        made = getattr(rdv, "_create_c10d_store", None)    # (env:// and tcp:// make stores here)
+        if made is not None and getattr(made, "__module__", None) != __name__:
+            _torch_store = made
+            setattr(rdv, "_create_c10d_store", _c10d_store)
         c10d = importlib.import_module("torch.distributed.distributed_c10d")
         if getattr(c10d.monitored_barrier, "__module__", None) != __name__:
             _torch_monitored = c10d.monitored_barrier
@@ -100,13 +109,14 @@ def register() -> None:
 def monitored_barrier(group: Any = None, timeout: Any = None,
                       wait_all_ranks: bool = False) -> None:
     """``dist.monitored_barrier`` once this module is imported: torch's own
-    for every backend but "meshrun", whose groups it calls as torch's calls
-    gloo's (torch's raises ValueError for any backend not named "gloo", a
-    check of the name alone). Rank 0 raises naming the ranks that did not
-    come within ``timeout``, the others saying rank 0 did not release them
-    (gloo's words; ProcessGroupMeshrun.monitored_barrier)."""
+    for every group but those whose CPU backend is meshrun's (backend
+    "meshrun", "cpu:meshrun", "cpu:meshrun,cuda:nccl"), which it calls as
+    torch's calls gloo's (torch's raises ValueError for any backend not
+    named "gloo", a check of the name alone). Rank 0 raises naming the
+    ranks that did not come within ``timeout``, the others saying rank 0
+    did not release them (gloo's words; ProcessGroupMeshrun.monitored_barrier)."""
     c10d = importlib.import_module("torch.distributed.distributed_c10d")
-    if c10d._rank_not_in_group(group) or dist.get_backend(group) != BACKEND:
+    if c10d._rank_not_in_group(group) or not _on_meshrun(group):
         return _torch_monitored(group, timeout, wait_all_ranks)
     if timeout is None:
         timeout = c10d._get_default_timeout(BACKEND)
@@ -114,7 +124,19 @@ def monitored_barrier(group: Any = None, timeout: Any = None,
         timeout = timedelta(seconds=float(timeout))
     c10d._check_valid_timeout(timeout)
     pg = c10d._get_default_group() if group is None else group
-    return pg.monitored_barrier(timeout, wait_all_ranks=wait_all_ranks)
+    return pg._get_backend(torch.device("cpu")).monitored_barrier(
+        timeout, wait_all_ranks=wait_all_ranks)
+
+
+def _on_meshrun(group: Any) -> bool:
+    """Whether ``group`` (None: the default one) takes CPU tensors on meshrun:
+    backend "meshrun", and "cpu:meshrun" or "cpu:meshrun,cuda:nccl", which
+    torch names by the whole string."""
+    try:
+        pg = dist.distributed_c10d._get_default_group() if group is None else group
+        return isinstance(pg._get_backend(torch.device("cpu")), ProcessGroupMeshrun)
+    except (RuntimeError, ValueError):      # no default group; no CPU backend in it
+        return False
 
 
 # -- env:// under meshrun ---------------------------------------------------------
@@ -133,6 +155,25 @@ def _env_handler(url: str, timeout: timedelta = dist.default_pg_timeout,
                              f"gives this process {key} {have}")
     yield _store_over(world, timeout), world.rank, world.size
     raise RuntimeError("meshrun's env:// rendezvous cannot be repeated in one process group")
+
+
+def _c10d_store(hostname: str, port: int, rank: int, world_size: int,
+                timeout: timedelta, *args: Any, **kwargs: Any) -> Any:
+    """torch's store for env:// and tcp://, a client of rank 0's connecting
+    again where its connection closed while it connected: a rank that
+    init()s again at once after destroy_process_group may reach the store
+    rank 0 served for the group just destroyed as rank 0 drops it (rank 0
+    then serves a new one there; _mesh_over_store's case, a moment
+    earlier). A client that cannot connect at all fails as before (torch
+    retries a refused connection until ``timeout`` itself)."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            return _torch_store(hostname, port, rank, world_size, timeout, *args, **kwargs)
+        except dist.DistNetworkError:
+            if rank == 0 or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)        # (not a hot loop where it fails at once)
 
 
 def comm_of(group: Any = None) -> Any:
@@ -240,7 +281,7 @@ def _create(opts: Any, _pg_options: Any) -> ProcessGroupMeshrun:
         if m is None or (m.rank, m.size) != (opts.group_rank, opts.group_size):
             m = _mesh_over_store(opts.store, opts.group_rank, opts.group_size, opts.timeout)
         _default = m
-        return ProcessGroupMeshrun(m, timeout, _closer(m))
+        return ProcessGroupMeshrun(m, timeout, _closer(m), shared=m is not _owned)
     if _default is None or _default._closed:
         raise RuntimeError("meshrun backend: a 'meshrun' group is a group of the default "
                            "one's mesh: init_process_group('meshrun') first (a default group "
@@ -267,8 +308,55 @@ def _closer(m: Any) -> Any:
 def _mesh_over_store(store: Any, rank: int, size: int, timeout: Any = None) -> Any:
     """A new mesh whose rendezvous address rank 0 publishes in torch's store
     (one key per world size and generation: a job that init()s again with
-    fewer ranks counts its joins apart from the first world's)."""
-    gen = (int(store.add(f"meshrun/joined/{size}", 1)) - 1) // size
+    fewer ranks counts its joins apart from the first world's).
+
+    destroy_process_group is no collective: a rank that init()s again at
+    once (env://, tcp://) may reach the store rank 0 served for the group
+    just destroyed, which rank 0 has not dropped yet, and count its join
+    there (generation 1: that store's group made generation 0). Rank 0 then
+    drops it (this rank's wait fails: the connection is closed) and serves
+    a new one at the same address: this rank connects again (_reconnect)
+    and joins there. (A store that outlives the group, torchrun's or one the
+    caller keeps, stays: rank 0 joins the next generation in it. A store
+    lost in generation 0 is rank 0's own, gone: that fails at once.)"""
+    global _owned
+    deadline = time.monotonic() + _assembly(timeout)
+    while True:
+        gen = None
+        try:
+            gen = (int(store.add(f"meshrun/joined/{size}", 1)) - 1) // size
+            m = _owned = _mesh_of_generation(store, gen, rank, size,
+                                             deadline - time.monotonic())
+            return m
+        except (dist.DistNetworkError, mesh.RendezvousError) as e:
+            lost = e.__cause__ if isinstance(e, mesh.RendezvousError) else e
+            if rank == 0 or gen == 0 or not isinstance(lost, dist.DistNetworkError) \
+                    or time.monotonic() >= deadline:
+                raise
+            store = _reconnect(store, rank, size, deadline)
+
+
+def _reconnect(store: Any, rank: int, size: int, deadline: float) -> Any:
+    """``store`` (torch's prefixes kept) on a new connection to the address
+    it reached, where rank 0's new TCPStore waits, in torch's rendezvous
+    handler, for ``size`` workers to connect: a client made with the world
+    size counts this rank there (a clone does not)."""
+    raw = store
+    while isinstance(raw, dist.PrefixStore):
+        raw = raw.underlying_store
+    limit = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+    try:
+        dist.TCPStore(raw.host, raw.port, size, False, limit)
+        return store.clone()
+    except RuntimeError as e:
+        raise mesh.RendezvousError(
+            f"rank {rank}: init_process_group: torch.distributed's store at {raw.host}:"
+            f"{raw.port} (rank 0's of the group destroyed before) closed, and rank 0 served no "
+            f"new one there within {limit.total_seconds():.0f}s: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def _mesh_of_generation(store: Any, gen: int, rank: int, size: int, limit: float) -> Any:
     host = _store_host(store)
     e = os.environ
     local = e.get("LOCAL_RANK", "0") if e.get("WORLD_SIZE") == str(size) else "0"
@@ -276,9 +364,7 @@ def _mesh_over_store(store: Any, rank: int, size: int, timeout: Any = None) -> A
     spec = env.JobSpec(rank, size, int(local), int(local_size), host, 0,
                        e.get("MESH_SECRET") or f"insecure:torch:{host}", serve_rendezvous=True,
                        agent_store=f"meshrun/rendezvous/{size}/{gen}")
-    global _owned
-    m = _owned = mesh.init(spec=spec, store=store, rendezvous_timeout=_assembly(timeout))
-    return m
+    return mesh.init(spec=spec, store=store, rendezvous_timeout=max(limit, 1.0))
 
 
 def _store_host(store: Any) -> str:

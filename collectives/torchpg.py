@@ -22,6 +22,7 @@ progress thread moves the data); ``get_future()`` on one waits in a thread.
 from __future__ import annotations
 
 import threading
+import warnings
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
@@ -244,11 +245,14 @@ class ProcessGroupMeshrun(_ProcessGroup):
     torch destroys the group (closing a mesh made for it)."""
 
     def __init__(self, comm: Any, timeout: float,
-                 on_shutdown: Callable[[], None] | None = None) -> None:
+                 on_shutdown: Callable[[], None] | None = None, shared: bool = False) -> None:
         super().__init__(comm.rank, comm.size)
         self.comm = comm
         self.timeout = timeout
         self._on_shutdown = on_shutdown
+        # the caller's own mesh (mesh.spawn's, meshrun's world), which its
+        # point-to-point shares: what is queued there is not dropped at shutdown
+        self._shared = shared
         self._group_name = ""
 
     def getBackendName(self) -> str:
@@ -306,10 +310,45 @@ class ProcessGroupMeshrun(_ProcessGroup):
         return f"<ProcessGroupMeshrun {self.comm.name} rank {self.comm.rank}/{self.comm.size}>"
 
     def shutdown(self) -> None:
+        self._drop_unreceived()
         release(self.comm)       # the lane thread exits now, not when its linger runs out
         fn, self._on_shutdown = self._on_shutdown, None
         if fn is not None:
             fn()
+
+    def _drop_unreceived(self) -> None:
+        """Name in a warning the messages sent to this rank on the group that
+        it never received (an isend with no irecv to match it, which
+        batch_isend_irecv lets through; gloo drops them unsaid), and take
+        them out: else, on a mesh that outlives the group, a later receive
+        of the same peer and tag would take them. Not on the caller's own
+        mesh (``shared``: the default group over mesh.spawn's or meshrun's
+        world), whose messages may be the caller's own point-to-point: they
+        stay queued there, and the warning says so. Only what has come by
+        now: a message still on its way when the group goes is missed."""
+        left: list[str] = []
+        # a probe given a moment reads the same-host rings (mesh.rings) too; iprobe
+        # sees only what a reader has taken out of them
+        try:
+            while len(left) < (1 if self._shared else 1000):
+                st = self.comm.probe(mesh.ANY, mesh.ANY_TAG, timeout=0.005)
+                if not self._shared:
+                    self.comm.recv(st.source, st.tag)
+                left.append(f"from rank {st.source} tag {st.tag} ({st.nbytes} bytes)")
+        except mesh.MeshError:      # none (a timeout), or a peer gone, the mesh closed
+            pass
+        if not left:
+            return
+        if self._shared:
+            said = (f"has a message sent to this rank and not received, {left[0]} (maybe "
+                    f"more): the mesh outlives the group, so it stays queued there for a "
+                    f"later receive of that peer and tag (a send with no matching recv?)")
+        else:
+            more = f"; and {len(left) - 4} more" if len(left) > 4 else ""
+            said = (f"dropped {len(left)} message(s) sent to this rank and never received (a "
+                    f"send with no matching recv): {'; '.join(left[:4])}{more}")
+        warnings.warn(f"rank {self.comm.rank}: destroy_process_group: group {self.comm.name} "
+                      f"{said}", RuntimeWarning, stacklevel=2)
 
     # -- how a call runs ----------------------------------------------------------
 

@@ -835,6 +835,88 @@ def test_monitored_barrier_names_a_dead_rank_at_once(tmp_path: Path) -> None:
                                  ), said
 
 
+
+def monitored_by_device(world: Any, backend: str) -> list[str]:
+    """monitored_barrier on groups whose backend names meshrun for cpu only."""
+    import collectives.torchdist  # noqa: F401
+    dist.init_process_group(backend)
+    sub = dist.new_group([0, 1], backend=backend)
+    said = []
+    for group in (None, sub):
+        dist.monitored_barrier(group, timeout=timedelta(seconds=30), wait_all_ranks=True)
+        said.append(dist.get_backend(group))
+    if dist.get_rank() == 0:       # rank 1 never comes: named in gloo's words
+        try:
+            dist.monitored_barrier(sub, timeout=timedelta(seconds=1))
+        except RuntimeError as e:
+            said.append(f"{type(e).__name__}: {e}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return said
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend", ["cpu:meshrun", "cpu:meshrun,cuda:nccl"])
+def test_monitored_barrier_on_a_backend_named_by_device(backend: str) -> None:
+    """The wrapper looks at the group's CPU backend, not the backend's name
+    (torch's own refused these: "only implemented for GLOO backend")."""
+    out = mesh.spawn(monitored_by_device, 2, backend, timeout=60)
+    assert out[0][:2] == out[1][:2] == [backend, backend], out
+    assert out[0][2].startswith("MeshTimeoutError: Rank 1 failed to pass monitoredBarrier in "
+                                "1000 ms"), out[0]
+
+
+def unreceived(world: Any) -> list[str]:
+    """An isend with no irecv to match it in batch_isend_irecv: on a group of
+    its own (dropped at destroy, named), then on the default group over
+    mesh.spawn's mesh, the caller's own (kept there for the caller, named)."""
+    import warnings
+    _init()
+    said = []
+    for rnd in range(2):
+        if rnd:
+            dist.init_process_group("meshrun")
+        g = dist.new_group([0, 1]) if not rnd else None
+        if dist.get_rank() == 0:
+            ops = [dist.P2POp(dist.isend, torch.full((4,), 1.0), 1, tag=0, group=g),
+                   dist.P2POp(dist.isend, torch.full((4,), 99.0 + rnd), 1, tag=7, group=g)]
+        else:
+            ops = [dist.P2POp(dist.irecv, torch.zeros(4), 0, tag=0, group=g)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        if dist.get_rank() == 0:
+            dist.send(torch.full((4,), 5.0), 1, tag=8, group=g)
+        else:
+            got = torch.zeros(4)
+            dist.recv(got, 0, tag=8, group=g)
+            said.append(str(got.tolist()))
+        dist.barrier()      # (the message has come by now)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dist.destroy_process_group()
+        said += [str(w.message) for w in caught]
+    if world.rank == 1:     # the one left on the caller's mesh is the caller's
+        said.append(str(world.recv(0, 7).tolist()))
+    return said
+
+
+@pytest.mark.timeout(60)
+def test_a_message_never_received_is_named_and_dropped_at_destroy() -> None:
+    """gloo drops it unsaid; on a mesh that outlives the group, the next
+    group's recv of that peer and tag took it. A group's own are dropped;
+    on the caller's own mesh they are the caller's, kept and named."""
+    out = mesh.spawn(unreceived, 2, timeout=45)
+    assert out[0] == [], out
+    assert out[1][:2] == ["[5.0, 5.0, 5.0, 5.0]",
+                          "rank 1: destroy_process_group: group world/[0, 1] dropped 1 "
+                          "message(s) sent to this rank and never received (a send with no "
+                          "matching recv): from rank 0 tag 7 (16 bytes)"], out
+    assert out[1][2] == "[5.0, 5.0, 5.0, 5.0]", out
+    assert out[1][3].startswith("rank 1: destroy_process_group: group world has a message sent "
+                                "to this rank and not received, from rank 0 tag 7 (16 bytes) "
+                                "(maybe more): the mesh outlives the group"), out
+    assert out[1][4:] == ["[100.0, 100.0, 100.0, 100.0]"], out
+
 INIT = textwrap.dedent("""
     import os, sys, threading, time
     import torch, torch.distributed as dist
@@ -900,6 +982,93 @@ def test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(tmp_path: Pa
         if r < 2:
             line = next(x for x in out.splitlines() if x.startswith(f"rank {r} raised after"))
             assert int(line.split()[4].rstrip("s:")) < 15 and "rank 2" in line, line
+
+
+AGAIN = textwrap.dedent("""
+    import os, sys, time
+    from datetime import timedelta
+    import torch, torch.distributed as dist
+    import collectives.torchdist
+    rank, port = int(sys.argv[1]), sys.argv[2]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    for method in ("env://", f"tcp://127.0.0.1:{port}"):
+        for i in range(3):
+            dist.init_process_group("meshrun", init_method=method, rank=rank, world_size=2,
+                                    timeout=timedelta(seconds=30))
+            t = torch.full((2,), rank + 1.0)
+            dist.all_reduce(t)
+            assert t.tolist() == [3.0, 3.0], t
+            # rank 0 drops its store half a second after destroy_process_group, as a
+            # rank 0 slower than rank 1 there would: rank 1 joins on it meanwhile
+            store = dist.distributed_c10d._get_default_store() if rank == 0 and i < 2 else None
+            dist.destroy_process_group()
+            if store is not None:
+                time.sleep(0.5)
+                del store
+        print(f"rank {rank} {method.split(':')[0]} ok", flush=True)
+""")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(120)
+def test_init_again_at_once_after_destroy_over_env_and_tcp(tmp_path: Path) -> None:
+    """destroy_process_group is no collective: rank 1 inits again while rank
+    0 still holds (and serves) the store of the group just destroyed, and
+    counts its join there; rank 0 then drops it. Without a second chance
+    every such round failed: rank 1 "did not publish the rendezvous address
+    under key 'meshrun/rendezvous/2/1'" (the old store's next generation,
+    its connection closed), rank 0 "Timed out ... waiting for clients"."""
+    script = tmp_path / "again.py"
+    script.write_text(AGAIN)
+    port = str(_free_port())
+    procs, outs = run_ranks(str(script), [[str(r), port] for r in range(2)], rank_env(),
+                            [90, 30])
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out
+        assert f"rank {r} env ok" in out and f"rank {r} tcp ok" in out, out
+
+
+@pytest.mark.timeout(60)
+def test_a_store_client_whose_connection_closes_while_it_connects_connects_again(
+        monkeypatch: Any) -> None:
+    """env:// and tcp:// make their store in rendezvous._create_c10d_store: a
+    rank that inits again at once after destroy_process_group may connect to
+    rank 0's old store just as rank 0 drops it (torch raised DistNetworkError
+    from init_process_group)."""
+    import importlib
+    import collectives.torchdist  # noqa: F401
+    rdv = importlib.import_module("torch.distributed.rendezvous")
+    real = rdv.TCPStore
+    made: list[bool] = []       # is_master of each TCPStore made
+    fail: list[bool] = []       # the next server's (True) or client's (False) connection closes
+
+    def closing(*args: Any, **kwargs: Any) -> Any:
+        made.append(bool(kwargs.get("is_master")))
+        if fail and fail[0] == made[-1]:
+            fail.pop()
+            raise dist.DistNetworkError("Failed to recv, got 0 bytes. Connection was likely "
+                                        "closed. Did the remote server shutdown or crash?")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rdv, "TCPStore", closing)
+    port, sec = _free_port(), timedelta(seconds=10)
+    fail.append(False)      # rank 1's first connection closes under it
+    servers: list[Any] = []      # rank 0's waits for rank 1 to connect: a thread
+    server = threading.Thread(target=lambda: servers.append(rdv._create_c10d_store(
+        "127.0.0.1", port, 0, 2, sec)))
+    server.start()
+    client = rdv._create_c10d_store("127.0.0.1", port, 1, 2, sec)
+    server.join(20)
+    client.set("k", "v")
+    assert servers and servers[0].get("k") == b"v" and sorted(made) == [False, False, True]
+    fail.append(True)
+    with pytest.raises(dist.DistNetworkError):   # a server's error (its port taken) stays
+        rdv._create_c10d_store("127.0.0.1", port, 0, 2, timedelta(seconds=10))
 
 
 def test_the_ddp_example_runs_unchanged_under_meshrun() -> None:
