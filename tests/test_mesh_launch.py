@@ -145,6 +145,17 @@ def test_module_mode(tmp_path: Path) -> None:
     assert_all_gone(tmp_path, 2)
 
 
+def test_rank_0_reads_the_launchers_stdin(tmp_path: Path) -> None:
+    """`meshrun ... < data` gives rank 0 the data (as mpirun does), the
+    others an empty stdin; every rank read /dev/null until then."""
+    script = tmp_path / "echo.py"
+    script.write_text("import os, sys\nprint(os.environ['RANK'], repr(sys.stdin.read()))\n")
+    r = subprocess.run(_cmd("-n", "2", str(script)), cwd=REPO, env=_env(), input="a b\nc\n",
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == ["[0] 0 'a b\\nc\\n'", "[1] 1 ''"]
+
+
 def test_log_dir_keeps_raw_output_and_error_records(tmp_path: Path) -> None:
     piddir, logs = tmp_path / "pids", tmp_path / "logs"
     piddir.mkdir()
@@ -248,6 +259,22 @@ def test_usage_errors(args: tuple[str, ...], message: str) -> None:
     r = meshrun(*args)
     assert r.returncode == 2
     assert message in r.stderr
+
+
+def test_no_python_says_why_a_file_that_is_there_cannot_run(tmp_path: Path) -> None:
+    """A script without its x bit, or one in the current directory named
+    without ./, was 'no such program (not a file, nor on PATH)'."""
+    (tmp_path / "job.sh").write_text("#!/bin/sh\necho hi\n")
+    for args, message in ((("./job.sh",), "./job.sh: not executable (chmod +x ./job.sh)"),
+                          (("job.sh",), "job.sh: not executable (chmod +x job.sh)")):
+        r = subprocess.run(_cmd("--no-python", *args), cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    (tmp_path / "job.sh").chmod(0o755)
+    r = subprocess.run(_cmd("--no-python", "job.sh"), cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2, r.stderr
+    assert "job.sh: not on PATH; give ./job.sh to run the file here" in r.stderr
 
 
 MESH_SCRIPT = SCRIPTS / "launch_mesh.py"
@@ -467,6 +494,17 @@ def test_a_lost_peer_that_ddp_rethrew_is_a_consequence_not_the_root_cause() -> N
     assert "Root cause: rank 1 failed first" in report, report
     assert "(failed, a consequence); RuntimeError" in report, report
     assert exit_code(outcome, records) == 137
+
+
+def test_a_job_stopped_with_no_failed_rank_lists_ranks_not_other_ranks() -> None:
+    """Ctrl-C or --timeout with no rank failed: no first rank is shown, so
+    the list is not of 'Other ranks:' (of none)."""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import format_report
+    exits = [WorkerExit(r, r, 100 + r, -15, 10.0, True) for r in (0, 1)]
+    report = format_report(JobOutcome("signal", exits, signum=2), {}, 2)
+    assert "meshrun: stopped by SIGINT\nRanks:\n  rank 0    killed by SIGTERM" in report, report
+    assert "Other ranks" not in report, report
 
 
 @pytest.mark.parametrize("record", [

@@ -107,6 +107,48 @@ def test_a_reader_that_stops_reading_cannot_stall_teardown(tmp_path) -> None:
 
 
 
+def test_a_slow_reader_gets_all_the_output(tmp_path) -> None:
+    """The ranks end long before the reader of meshrun's stdout reads (a
+    pager, a busy tee): meshrun writes on while it takes the output, and
+    until then lost all but a pipe's worth a second after the last exit."""
+    script = tmp_path / "spew.py"
+    script.write_text("import sys\nsys.stdout.write(('x' * 99 + '\\n') * 20000)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        time.sleep(3)       # the ranks are done; nothing is read yet
+        out, err = proc.communicate(timeout=30)
+    finally:
+        _end([proc])
+    assert proc.returncode == 0, err
+    assert out.count(b"\n") == 40000, (out.count(b"\n"), err[-2000:])
+
+
+def test_a_stuck_reader_of_both_streams_cannot_hold_meshrun_after_a_failure(tmp_path) -> None:
+    """stdout and stderr go to one pipe nobody reads, and a rank fails:
+    meshrun gives up on the reader and ends with the rank's code, where
+    writing its report used to block it for ever."""
+    script = tmp_path / "spew_fail.py"
+    script.write_text("import os, sys\nsys.stdout.write(('x' * 99 + '\\n') * 20000)\n"
+                      "sys.stdout.flush()\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
+    r, w = os.pipe()   # never read from r
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
+                                stdout=w, stderr=w, cwd=REPO,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+        os.close(w)
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            _end([proc])
+    finally:
+        os.close(r)
+    assert code == 3
+    assert time.monotonic() - start < 20
+
+
 def test_a_node_with_another_world_size_fails_at_once_and_the_job_waits_on() -> None:
     """Node 1 launched with -n 3 against node 0's -n 2 (its ranks are of a
     world of 6, node 0's of 4) fails at once naming the disagreement; node 0

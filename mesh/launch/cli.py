@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
             that a stopped rank acts on it), then SIGKILL after --grace seconds,
             and meshrun prints the first failure with its traceback
             and exits with its exit code (128+N for signal N; 124 for --timeout).
-            Ctrl-C stops the job; a second Ctrl-C kills it at once. OMP_NUM_THREADS,
+            Ctrl-C stops the job; a second Ctrl-C kills it at once. Rank 0 reads
+            meshrun's standard input, the others /dev/null. OMP_NUM_THREADS,
             when unset, becomes cpus/N so that N workers do not oversubscribe the cores."""))
     p.add_argument("-n", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,
                    default=1, metavar="N", help="worker processes on this host (default 1)")
@@ -109,7 +110,7 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if not (a.module or a.no_python or os.path.isfile(a.target)):
         p.error(f"{a.target}: no such file")
     if a.no_python and not shutil.which(a.target):
-        p.error(f"{a.target}: no such program (not a file, nor on PATH)")
+        p.error(_no_program(a.target))
     if a.log_dir and os.path.exists(a.log_dir) and not os.path.isdir(a.log_dir):
         p.error(f"--log-dir {a.log_dir}: not a directory")
     _check_addr(p, a.master_addr)
@@ -118,6 +119,17 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"a world of {world} ranks needs about {rank_fds(world)} open files a rank "
                 f"(about {FDS_PER_PEER - 1} a peer), but the hard limit is {hard} "
                 f"(ulimit -Hn): raise it, or run fewer ranks")
+
+
+def _no_program(target: str) -> str:
+    """Why --no-python cannot run target: a file that is there but not
+    executable, or there but named without a directory (looked for on PATH
+    only, as a shell would), is not 'no such program'."""
+    if os.path.isfile(target) and not os.access(target, os.X_OK):
+        return f"{target}: not executable (chmod +x {target})"
+    if os.path.isfile(target) and os.sep not in target:
+        return f"{target}: not on PATH; give ./{target} to run the file here"
+    return f"{target}: no such program (not a file, nor on PATH)"
 
 
 def _check_addr(p: argparse.ArgumentParser, addr: str) -> None:
@@ -202,26 +214,30 @@ def launch(a: argparse.Namespace) -> int:
                 os.unlink(env["MESH_ERROR_FILE"])
             except FileNotFoundError:
                 pass
-            specs.append(WorkerSpec(int(env["RANK"]), local, _worker_argv(a), env))
+            rank = int(env["RANK"])     # rank 0 reads meshrun's stdin, as under mpirun
+            specs.append(WorkerSpec(rank, local, _worker_argv(a), env, stdin=rank == 0))
         teller = Teller(a.master_addr, int(port or 0), secret, a.nnodes * a.nproc,
                         a.curve or curve_wanted())
 
         def ended(e: WorkerExit) -> None:    # before it joined: the waiting ranks hear it
             if not e.after_stop and not os.path.exists(joined_path(run_dir, e.rank)):
                 teller.ended(e.rank, e.describe())
+        job = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir, settle=_SETTLE_S,
+                  on_exit=ended)
+        report = ""     # written after the relayed output, through the same writer
         try:
-            outcome = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir,
-                          settle=_SETTLE_S, on_exit=ended).run(specs, timeout=a.timeout)
+            try:
+                outcome = job.run(specs, timeout=a.timeout)
+            finally:
+                teller.close()
+            records = read_records(err_dir, (e.rank for e in outcome.exits))
+            if a.log_dir:
+                log_tracebacks(a.log_dir, records)
+            if outcome.reason != "ok":
+                report = format_report(outcome, records, a.nproc, a.timeout)
+            return exit_code(outcome, records)
         finally:
-            teller.close()
-        records = read_records(err_dir, (e.rank for e in outcome.exits))
-        if a.log_dir:
-            log_tracebacks(a.log_dir, records)
-        if outcome.reason != "ok":
-            sys.stdout.flush()
-            sys.stderr.write(format_report(outcome, records, a.nproc, a.timeout))
-            sys.stderr.flush()
-        return exit_code(outcome, records)
+            job.close(report)
     finally:
         if srv is not None:
             _close_bounded(srv)

@@ -23,11 +23,13 @@ def signal_name(signum: int) -> str:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """One process to start: its global and local rank, argv and environment."""
+    """One process to start: its global and local rank, argv and environment;
+    stdin: it reads meshrun's standard input (others read /dev/null)."""
     rank: int
     local_rank: int
     argv: Sequence[str]
     env: Mapping[str, str]
+    stdin: bool = False
 
 
 @dataclass(frozen=True)

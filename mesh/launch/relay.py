@@ -4,6 +4,7 @@ stall."""
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from typing import BinaryIO
@@ -12,6 +13,7 @@ __all__ = ["Sink", "Stream"]
 
 _SINK_MAX = 64 << 20  # relayed output waiting for a slow reader
 _MAX_LINE = 1 << 16  # a longer run without a newline is relayed as a line anyway
+_PIECE = 1 << 16  # written at a time: each piece the reader takes shows it still reads
 
 
 class Sink:
@@ -19,21 +21,33 @@ class Sink:
     its own, so a reader that stops reading (a full pipe) can never stall the
     supervision loop: failures, Ctrl-C and --timeout are handled regardless.
     At most ``_SINK_MAX`` bytes wait; beyond that output is dropped and the
-    loss is reported."""
+    loss is reported. It writes to the stream's file descriptor in pieces,
+    not through the interpreter's buffered stream: a piece taken tells that
+    the reader still reads (``finish`` waits for as long as it does), and a
+    writer blocked on a reader that never reads again holds no lock that
+    meshrun's own last writes or its exit would wait on."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
+        try:
+            out.flush()
+            self._fd: int | None = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None         # (no descriptor: an in-memory stream)
         self._chunks: list[bytes] = []
         self._queued = 0
         self._dropped = 0
+        self._pending = 0           # taken from the queue, not yet written
+        self._wrote_at = time.monotonic()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="meshrun-output", daemon=True)
         self._thread.start()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, always: bool = False) -> None:
+        """Queue data; ``always``: even past the cap (meshrun's own report)."""
         with self._cond:
-            if self._queued + len(data) > _SINK_MAX:
+            if self._queued + len(data) > _SINK_MAX and not always:
                 self._dropped += len(data)
                 return
             self._chunks.append(data)
@@ -51,24 +65,52 @@ class Sink:
                 if not self._chunks:
                     return
                 chunks, self._chunks = self._chunks, []
-                self._queued = 0
                 dropped, self._dropped = self._dropped, 0
-            try:
                 if dropped:
                     chunks.append(f"[meshrun] {dropped} bytes of output dropped: nobody was "
                                   f"reading them\n".encode())
-                self._out.write(b"".join(chunks))
-                self._out.flush()
+                data = b"".join(chunks)
+                self._queued, self._pending = 0, len(data)
+            try:
+                self._put(memoryview(data))
             except (OSError, ValueError):
-                pass
+                pass                # the reader is gone (EPIPE): nothing can be written
+            self._pending = 0
 
-    def finish(self, deadline: float) -> None:
-        """Write out what is queued, waiting until ``deadline`` at most."""
+    def _put(self, view: memoryview) -> None:
+        """Write view in pieces, noting the time each one was taken."""
+        while view:
+            piece = view[:_PIECE]
+            if self._fd is None:
+                self._out.write(piece)
+                self._out.flush()
+                n = len(piece)
+            else:
+                try:
+                    n = os.write(self._fd, piece)
+                except BlockingIOError:     # (a descriptor someone made non-blocking)
+                    select.select([], [self._fd], [], 0.1)
+                    continue
+            view = view[n:]
+            self._pending -= n
+            self._wrote_at = time.monotonic()
+
+    def finish(self, stall: float, since: float | None = None) -> int:
+        """Write out what is queued for as long as the reader keeps taking
+        it, and give up once it took nothing for ``stall`` seconds (counted
+        from ``since`` at the earliest, else from now): a reader that never
+        reads again (a stopped pager, a stuck pipe) cannot hold meshrun for
+        ever, and a slow one loses nothing. Returns the bytes given up."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-
+        start = time.monotonic() if since is None else since
+        while self._thread.is_alive():
+            self._thread.join(0.05)
+            if (self._thread.is_alive()
+                    and time.monotonic() - max(start, self._wrote_at) >= stall):
+                return self._queued + self._pending + self._dropped
+        return 0
 
 
 class Stream:

@@ -143,7 +143,7 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
             lines.append(f"  traceback  : {_no_traceback(root)}")
     others = [e for e in sorted(outcome.exits, key=lambda e: e.rank) if e is not root]
     if others:
-        lines.append("Other ranks:")
+        lines.append("Other ranks:" if root is not None else "Ranks:")  # (no first one)
     for e in others:
         if not e.after_stop:
             how = ("failed, a consequence" if _secondary(records.get(e.rank)) else

@@ -27,6 +27,7 @@ __all__ = ["Job"]
 _POLL_S = 0.1  # fallback exit check when no SIGCHLD wakes the loop
 _REAP_S = 5.0  # how long SIGKILLed processes get to disappear
 _DRAIN_S = 1.0  # how long to keep reading output after the last exit
+_STALL_S = 5.0  # how long a reader may take none of the output left at the end
 
 
 class _Proc:
@@ -45,7 +46,8 @@ class Job:
     if the launcher dies (else removing it is the caller's business).
     ``settle``: how long the first failure lets the others end on their own
     before they are stopped: ranks told of a failure end with errors of
-    their own, and the one that failed first may not be the first to end."""
+    their own, and the one that failed first may not be the first to end.
+    The relayed output still queued is written by ``close``, after run()."""
 
     def __init__(self, grace: float = 5.0, log_dir: str | None = None,
                  scratch: str | None = None, stdout: BinaryIO | None = None,
@@ -71,8 +73,9 @@ class Job:
             if self._signals:       # stopped while starting (a big -n takes a while)
                 break
             popen = subprocess.Popen(list(spec.argv), env=dict(spec.env),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+                                     stdin=None if spec.stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True)
             self._watchdog.add(popen.pid)
             self._procs.append(_Proc(spec, popen))
             for name, pipe, sink in (("stdout", popen.stdout, self._out),
@@ -105,14 +108,26 @@ class Job:
                 except subprocess.TimeoutExpired:
                     pass
             self._drain(time.monotonic() + _DRAIN_S)
-            for sink in (self._out, self._err):
-                sink.finish(time.monotonic() + _DRAIN_S)
             restore()
             self._sel.unregister(rfd)
             os.close(rfd)
             os.close(wfd)
             if self._watchdog is not None:
                 self._watchdog.close()
+
+    def close(self, tail: str = "") -> None:
+        """Write the relayed output still queued, then ``tail`` (meshrun's
+        report) on stderr, after it: for as long as the readers take it,
+        giving up on one that took nothing for ``_STALL_S`` seconds, which
+        is then told on stderr how much it lost."""
+        t0 = time.monotonic()
+        self._err.write(tail.encode("utf-8", "replace"), always=True)
+        lost = self._out.finish(_STALL_S, since=t0)
+        if lost:
+            self._err.write(f"meshrun: {lost} bytes of the ranks' standard output were not "
+                            f"written: its reader took none for {_STALL_S:g} s\n".encode(),
+                            always=True)
+        self._err.finish(_STALL_S, since=t0)
 
     def _install_signals(self, wfd: int) -> Callable[[], None]:
         """Turn SIGINT/SIGTERM/SIGHUP into stop requests and let SIGCHLD wake
