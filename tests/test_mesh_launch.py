@@ -156,6 +156,29 @@ def test_rank_0_reads_the_launchers_stdin(tmp_path: Path) -> None:
     assert sorted(r.stdout.splitlines()) == ["[0] 0 'a b\\nc\\n'", "[1] 1 ''"]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_a_folder_or_zip_with_a_main_runs_as_under_python(tmp_path: Path, kind: str) -> None:
+    """`python app` runs app/__main__.py (or a zip's) with app on sys.path;
+    meshrun refused a folder as "no such file"."""
+    import zipfile
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "helper.py").write_text("WHO = 'helper'\n")
+    (app / "__main__.py").write_text(
+        "import os, sys, helper\nprint(os.environ['RANK'], helper.WHO, sys.argv[1:])\n")
+    target = app
+    if kind == "zip":
+        target = tmp_path / "app.pyz"
+        with zipfile.ZipFile(target, "w") as z:
+            for f in app.iterdir():
+                z.write(f, f.name)
+    r = subprocess.run(_cmd("-n", "2", str(target), "x"), cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == ["[0] 0 helper ['x']", "[1] 1 helper ['x']"]
+
+
 def test_log_dir_keeps_raw_output_and_error_records(tmp_path: Path) -> None:
     piddir, logs = tmp_path / "pids", tmp_path / "logs"
     piddir.mkdir()

@@ -118,6 +118,11 @@ def _set_path0(entry: str) -> None:
         sys.path.insert(0, entry)
 
 
+def _zipped(path: str) -> bool:
+    import zipfile         # (only here: the bootstrap imports little before the user's code)
+    return zipfile.is_zipfile(path)
+
+
 def _run(argv: list[str]) -> None:
     if argv[0] == "--exec":
         os.execvp(argv[1], argv[1:])
@@ -126,7 +131,10 @@ def _run(argv: list[str]) -> None:
         sys.argv = argv[1:]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
-        _set_path0(os.path.dirname(os.path.abspath(argv[0])))
+        # a folder or a zip file with a __main__.py is sys.path[0] itself, as under python
+        whole = os.path.isdir(argv[0]) or not argv[0].endswith(".py") and _zipped(argv[0])
+        _set_path0(os.path.abspath(argv[0]) if whole else
+                   os.path.dirname(os.path.abspath(argv[0])))
         sys.argv = list(argv)
         runpy.run_path(argv[0], run_name="__main__")
 

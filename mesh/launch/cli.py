@@ -107,8 +107,9 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.nnodes > 1 and not os.environ.get("MESH_SECRET"):
         p.error("a multi-host job needs the same secret on every host: export "
                 "MESH_SECRET=$(python -c 'import secrets; print(secrets.token_hex(16))')")
-    if not (a.module or a.no_python or os.path.isfile(a.target)):
-        p.error(f"{a.target}: no such file")
+    if not (a.module or a.no_python or os.path.isfile(a.target)
+            or os.path.isfile(os.path.join(a.target, "__main__.py"))):
+        p.error(f"{a.target}: no such file (nor a folder with a __main__.py)")
     if a.no_python and not shutil.which(a.target):
         p.error(_no_program(a.target))
     if a.log_dir and os.path.exists(a.log_dir) and not os.path.isdir(a.log_dir):
