@@ -179,6 +179,64 @@ def test_a_folder_or_zip_with_a_main_runs_as_under_python(tmp_path: Path, kind: 
     assert sorted(r.stdout.splitlines()) == ["[0] 0 helper ['x']", "[1] 1 helper ['x']"]
 
 
+@pytest.mark.timeout(60)
+def test_a_prompt_without_its_line_end_is_shown_before_the_answer(tmp_path: Path) -> None:
+    """input("name> ") on rank 0 (pdb's "(Pdb) " alike): the prompt is
+    shown while the rank waits for its answer, not only once a line ends."""
+    import select
+    script = tmp_path / "ask.py"
+    script.write_text("import os\nif os.environ['RANK'] == '0':\n"
+                      "    print('hello', input('name> '))\n")
+    p = subprocess.Popen(_cmd("-n", "2", str(script)), cwd=REPO, env=_env(),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        seen, deadline = b"", time.monotonic() + 30
+        while b"[0] name> " not in seen and time.monotonic() < deadline:
+            if select.select([p.stdout], [], [], 0.5)[0]:
+                got = os.read(p.stdout.fileno(), 4096)
+                if not got:
+                    break
+                seen += got
+        assert b"[0] name> " in seen, seen    # (before: nothing until the answer came)
+        p.stdin.write(b"bob\n")
+        p.stdin.close()
+        rest = p.stdout.read()
+        err = p.stderr.read() if p.stderr is not None else b""
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0, err
+    assert (seen + rest).decode() == "[0] name> hello bob\n", seen + rest
+
+
+def test_a_line_left_open_is_ended_by_another_ranks_output_and_goes_on_prefixed() -> None:
+    import io
+    from mesh.launch import relay
+    out = io.BytesIO()
+    sink = relay.Sink(out)
+    pipes = [os.pipe() for _ in range(2)]
+    for r, _ in pipes:
+        os.set_blocking(r, False)
+    s0, s1 = (relay.Stream(r, f"[{i}] ".encode(), sink, None) for i, (r, _) in enumerate(pipes))
+    os.write(pipes[0][1], b"ask> ")
+    s0.pump()
+    s0.hold(time.monotonic() + 1)        # the prompt, as far as it goes
+    os.write(pipes[0][1], b"more")
+    s0.pump()
+    s0.hold(time.monotonic() + 1)        # on the same line
+    os.write(pipes[1][1], b"other\n")
+    s1.pump()                            # ends rank 0's line first
+    os.write(pipes[0][1], b" end\nnext\n")
+    s0.pump()                            # rank 0's rest: a line of its own, prefixed
+    for (_, w), st in zip(pipes, (s0, s1)):
+        os.close(w)
+        st.close()
+    sink.finish(5)
+    assert out.getvalue() == b"[0] ask> more\n[1] other\n[0]  end\n[0] next\n", out.getvalue()
+
+
 def test_log_dir_keeps_raw_output_and_error_records(tmp_path: Path) -> None:
     piddir, logs = tmp_path / "pids", tmp_path / "logs"
     piddir.mkdir()

@@ -13,6 +13,7 @@ __all__ = ["Sink", "Stream"]
 
 _SINK_MAX = 64 << 20  # relayed output waiting for a slow reader
 _MAX_LINE = 1 << 16  # a longer run without a newline is relayed as a line anyway
+_HOLD_S = 0.2  # a line left unended this long (a prompt) is written as far as it goes
 _PIECE = 1 << 16  # written at a time: each piece the reader takes shows it still reads
 
 
@@ -41,11 +42,20 @@ class Sink:
         self._wrote_at = time.monotonic()
         self._cond = threading.Condition()
         self._closed = False
+        self._open_by: Stream | None = None    # whose line was written without its end
         self._thread = threading.Thread(target=self._run, name="meshrun-output", daemon=True)
         self._thread.start()
 
-    def write(self, data: bytes, always: bool = False) -> None:
-        """Queue data; ``always``: even past the cap (meshrun's own report)."""
+    def write(self, data: bytes, always: bool = False, by: "Stream | None" = None,
+              open_end: bool = False) -> None:
+        """Queue data; ``always``: even past the cap (meshrun's own report).
+        ``by``: the Stream it comes from; ``open_end``: it ends in a line
+        left open (a prompt: Stream.hold). Another stream's output first
+        ends that line, and the open one's rest starts a new one, prefixed."""
+        if self._open_by is not None and self._open_by is not by:
+            self._open_by.open = False
+            data = b"\n" + data
+        self._open_by = by if open_end else None
         with self._cond:
             if self._queued + len(data) > _SINK_MAX and not always:
                 self._dropped += len(data)
@@ -114,11 +124,16 @@ class Sink:
 
 
 class Stream:
-    """Relays one pipe line by line with a rank prefix, and keeps a raw copy."""
+    """Relays one pipe line by line with a rank prefix, and keeps a raw copy.
+    A line left unended for ``_HOLD_S`` (a prompt: ``input("x> ")``, pdb's
+    ``(Pdb) ``) is written as far as it goes (``hold``), and its end follows
+    on the same line unless another rank's output came between."""
 
     def __init__(self, fd: int, prefix: bytes, sink: "Sink", log: BinaryIO | None) -> None:
         self.fd, self.prefix, self.sink, self.log = fd, prefix, sink, log
         self._buf = b""
+        self._since = 0.0       # when _buf began to wait for its line's end
+        self.open = False       # the sink's last bytes of ours are a line without its end
 
     def pump(self) -> bool:
         """Read what is there; False at end of stream."""
@@ -137,19 +152,30 @@ class Stream:
             lines.append(self._buf)
             self._buf = b""
         if lines:
-            self._emit(b"".join(self.prefix + ln + b"\n" for ln in lines))
+            first = b"" if self.open else self.prefix
+            self._emit(first + b"\n".join(lines[:1] + [self.prefix + ln for ln in lines[1:]])
+                       + b"\n")
+        if self._buf and not self._since:
+            self._since = time.monotonic()
         return bool(data)
 
-    def _emit(self, data: bytes) -> None:
+    def hold(self, now: float) -> None:
+        """Write a line that has waited ``_HOLD_S`` for its end as far as it goes."""
+        if self._buf and now - self._since >= _HOLD_S:
+            data, self._buf = (b"" if self.open else self.prefix) + self._buf, b""
+            self._emit(data, open_end=True)
+
+    def _emit(self, data: bytes, open_end: bool = False) -> None:
         try:
-            self.sink.write(data)
+            self.sink.write(data, by=self, open_end=open_end)
             self.sink.flush()
         except (OSError, ValueError):
             pass
+        self.open, self._since = open_end, 0.0
 
     def close(self) -> None:
-        if self._buf:
-            self._emit(self.prefix + self._buf + b"\n")
+        if self._buf or self.open:
+            self._emit((b"" if self.open else self.prefix) + self._buf + b"\n")
             self._buf = b""
         os.close(self.fd)
         if self.log is not None:

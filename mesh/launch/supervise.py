@@ -201,6 +201,10 @@ class Job:
             elif not key.data.pump():
                 self._sel.unregister(key.fd)
                 key.data.close()
+        now = time.monotonic()
+        for key in self._sel.get_map().values():
+            if key.data is not None:
+                key.data.hold(now)     # a prompt waiting for its line's end
 
     def _reap(self, stopping: bool) -> None:
         """Record workers that ended, after killing what is left of their group."""
