@@ -71,6 +71,11 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     # a module on the meta device holds no values to compare or send: its
     # shards are cut as shapes, made real later (engine.distribute)
     hollow = any(t.is_meta for t in module.state_dict().values())
+    # shards an earlier call cut (another part of the model planned apart) differ
+    # across the ranks by design: neither compared nor broadcast again
+    cut_before = _shard_ids(module)
+    whole = {k: v for k, v in module.state_dict(keep_vars=True).items()
+             if id(v) not in cut_before}
     try:
         named = dict(module.named_modules())
         for name, style in match(plan, named, strict).items():
@@ -82,15 +87,16 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
                                 "nn.Linear projections to shard")
             todo[name] = (named[name], style)
         _check_ties(named, todo)
+        _check_rewrites(torch, todo, cut_before, group.size)
         local: dict[str, str] | str = {} if init == "broadcast" or hollow else {
-            k: digest([tensor_bytes(torch, t)]) for k, t in module.state_dict().items()}
+            k: digest([tensor_bytes(torch, t)]) for k, t in whole.items()}
     except PlanError as e:
         local = str(e)
     agree(group, planned(local, {name: st for name, (_, st) in todo.items()}), "parallelize")
     if init == "broadcast" and not hollow:
         with torch.no_grad():
-            for t in module.state_dict().values():
-                collectives.broadcast(group, t, root=0)
+            for t in whole.values():
+                collectives.broadcast(group, t.detach(), root=0)
     cut: dict[int, Any] = {}       # a tied parameter is cut once, its shard shared
     for name, (sub, style) in todo.items():
         _shard(torch, name, sub, style, group, cut)
@@ -245,6 +251,44 @@ def _check_ties(named: dict[str, Any], todo: dict[str, tuple[Any, Style]]) -> No
                                 f"is not sharded with it: plan it with a style that cuts the "
                                 f"parameter alike (colwise for an output head tied to a "
                                 f"vocab embedding)")
+
+
+def _shard_ids(module: Any) -> set[int]:
+    """The ids of the parameters of ``module`` that parallelize has cut to
+    this rank's shard already."""
+    return {id(getattr(sub, p)) for sub in module.modules()
+            if getattr(sub, "_tp", None) is not None for p in sub._tp.dims}
+
+
+def _check_rewrites(torch: Any, todo: dict[str, tuple[Any, Style]], cut_before: set[int],
+                    tp: int) -> None:
+    """A count the plan divides by tp (a callable ``attrs`` rewrite: a head
+    count) on a module whose parameters all stay whole would run its whole
+    weights with a part of its heads: a wrong result on every rank, and no
+    error (nn.MultiheadAttention, whose in_proj no plan can shard; an
+    attention whose q, k, v and output projections the plan forgot). A
+    module with no parameters (an attention core fed sharded q, k, v) may."""
+    cut = set(cut_before)
+    for sub, style in todo.values():
+        cut.update(id(getattr(sub, p)) for p in _DIMS.get(style.style, {})
+                   if getattr(sub, p, None) is not None)
+    for name, (sub, style) in todo.items():
+        counts = sorted(a for a, how in style.attrs.items() if callable(how))
+        held = list(sub.named_parameters())
+        if not counts or not held or any(id(p) in cut for _, p in held):
+            continue
+        params = [n for n, _ in held]
+        what = ", ".join(f"{name}.{a}" for a in counts)
+        if isinstance(sub, torch.nn.MultiheadAttention):
+            raise PlanError(f"plan rewrites {what} for tp={tp}, but nn.MultiheadAttention "
+                            f"keeps its projections whole (in_proj_weight is a parameter of "
+                            f"its own, which no plan shards): it would attend with fewer "
+                            f"heads on whole weights, a wrong result; plan {name} whole "
+                            f"without attrs, or write it with nn.Linear projections to shard")
+        raise PlanError(f"plan rewrites {what} for tp={tp}, but shards none of {name}'s "
+                        f"parameters ({', '.join(params[:3])}{' ...' if len(params) > 3 else ''}"
+                        f"): its whole weights would run with a part of the count, a wrong "
+                        f"result; plan its projections too (colwise in, rowwise out)")
 
 
 def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
@@ -511,14 +555,28 @@ def _width_class() -> Any:
 
 
 def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
-    """This rank's rows of the embedding; ids outside them give zeros."""
+    """This rank's rows of the embedding; ids outside them give zeros.
+    An id outside every rank's rows raises, as nn.Embedding does (each rank
+    would give it zeros: a silent zero vector)."""
+    total = sub.num_embeddings * meta.group.size
+    bad = (ids < 0) | (ids >= total)
+    if bool(bad.any()):
+        raise IndexError(f"tp rank {meta.group.rank}: {meta.name}: token id "
+                         f"{int(ids[bad].reshape(-1)[0])} is out of range for the embedding's "
+                         f"{total} rows (vocab-sharded over tp={meta.group.size})")
     local = ids - meta.lo
     outside = (local < 0) | (local >= sub.num_embeddings)
     local = local.masked_fill(outside, 0)
     pad = sub.padding_idx
     pad = pad - meta.lo if pad is not None and 0 <= pad - meta.lo < sub.num_embeddings else None
-    y = torch.nn.functional.embedding(local, sub.weight, pad, None, 2.0,
-                                      sub.scale_grad_by_freq, sub.sparse)
+    y = torch.nn.functional.embedding(local, sub.weight, pad, None, 2.0, False, sub.sparse)
+    if sub.scale_grad_by_freq and y.requires_grad:
+        # torch divides a row's gradient by how often its id occurs in the batch;
+        # here every id of the other ranks reads local row 0, and would count as
+        # its: each position's gradient is divided by its own id's count instead
+        _, where, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        scale = (1.0 / counts.to(torch.float64))[where].to(y.dtype).unsqueeze(-1)
+        y.register_hook(lambda g: g * scale)
     return y.masked_fill(outside.unsqueeze(-1), 0.0)
 
 

@@ -79,12 +79,19 @@ class _NoBias:
 
 
 class _VocabShard(Embedding):
-    """Rows ``lo:lo+len(weight)`` of an embedding; other ids give zeros."""
+    """Rows ``lo:lo+len(weight)`` of an embedding of ``total`` rows; other
+    ids give zeros, and an id outside every rank's rows raises (each rank
+    would give it zeros: a silent zero vector where the whole table raises)."""
 
-    def __init__(self, weight: Any, lo: int) -> None:
+    def __init__(self, weight: Any, lo: int, total: int, where: str) -> None:
         self.weight, self.grad_weight, self.lo = weight, np.zeros_like(weight), lo
+        self.total, self.where = total, where
 
     def forward(self, ids: Any) -> tuple[Any, Any]:
+        bad = (ids < 0) | (ids >= self.total)
+        if bad.any():
+            raise IndexError(f"{self.where}: token id {int(ids[bad].reshape(-1)[0])} is out of "
+                             f"range for the embedding's {self.total} rows (vocab-sharded)")
         local = ids - self.lo
         outside = (local < 0) | (local >= len(self.weight))
         local = np.where(outside, 0, local)
@@ -204,6 +211,10 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
     """engine.parallelize for an engine.layers model (see there)."""
     layers = {name: (layer, parent, i) for name, layer, parent, i in named_layers(model)}
     todo = {}
+    # shards an earlier call cut (another part of the model planned apart) differ
+    # across the ranks by design: neither compared nor broadcast again
+    cut = {id(p) for s in sharded_layers(model) if not isinstance(s.inner, Sequential)
+           for p, d in zip(s.params(), s.dims) if d is not None}
     try:
         for name, style in match(plan, layers, strict).items():
             _validate(name, layers[name][0], style, group.size)
@@ -212,13 +223,14 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
             f"{name} param {k}": digest([np.ascontiguousarray(p).tobytes(),
                                          str((p.dtype, p.shape)).encode()])
             for name, (layer, _, _) in layers.items() if not isinstance(layer, Sequential)
-            for k, p in enumerate(layer.params())}
+            for k, p in enumerate(layer.params()) if id(p) not in cut}
     except PlanError as e:
         local = str(e)
     agree(group, planned(local, todo), "parallelize")
     if init == "broadcast":
         for p in (model.params() if hasattr(model, "params") else []):
-            collectives.broadcast(group, p, root=0)
+            if id(p) not in cut:
+                collectives.broadcast(group, p, root=0)
     for name, style in todo.items():
         layer, parent, i = layers[name]
         parent.layers[i] = _shard(layer, name, style, group)
@@ -266,7 +278,9 @@ def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
                        bias=layer.bias.copy(), name=name)
     if style.style == "vocab":
         part = _part(layer.weight, group, 0)
-        return Sharded(_VocabShard(part, group.rank * len(part)), group, style, [0], name=name)
+        shard = _VocabShard(part, group.rank * len(part), len(layer.weight),
+                            f"tp rank {group.rank}: {name}")
+        return Sharded(shard, group, style, [0], name=name)
     return Sharded(layer, group, style, [None] * len(layer.params()), name=name)
 
 

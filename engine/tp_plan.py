@@ -359,6 +359,11 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
             raise PlanError(f"tp rank {group.rank}: {what}: the plan differs across the tp "
                             f"group {group.name}: {name[len(_PLAN):]} is {kinds}; every rank "
                             f"passes the same plan")
+        if "missing" in seen:       # a model built otherwise there (another layer count)
+            have = sorted(r for v, rs in seen.items() if v != "missing" for r in rs)
+            raise PlanError(f"tp rank {group.rank}: {what}: {name} is in the module on tp "
+                            f"ranks {have} but not on tp ranks {seen['missing']} of group "
+                            f"{group.name}; build the module identically on every rank")
         if len(seen) > 1:
             ranks = " vs ".join(str(rs) for rs in seen.values())
             raise PlanError(f"tp rank {group.rank}: {what}: {name} differs across the tp group "

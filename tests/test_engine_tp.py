@@ -670,3 +670,145 @@ def test_a_torch_encoder_layer_sharded_runs_its_shards_in_eval_too():
                   "padded"]:
             assert out[k] < 1e-12, (k, out)
         assert "never calling it" in out["out_proj"], out
+
+
+def _twice_worker(world):
+    """A model sharded by two parallelize calls, each planning its own part
+    (as torch's parallelize_module may be called), check and broadcast."""
+    import torch
+    nn = torch.nn
+    torch.set_num_threads(1)
+    x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for init in ("check", "broadcast"):
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8), nn.Linear(8, 4))
+        tp = parallelize(copy_of(ref), world, {"0": "colwise"})
+        parallelize(tp, world, {"2": "rowwise", "3": {"style": "colwise", "output": "replicate"}},
+                    init=init)
+        out[init] = float((tp(x) - ref(x)).abs().max())
+        out[init, "state"] = all(torch.equal(v, ref.state_dict()[k])
+                                 for k, v in gather_state_dict(tp).items())
+    np_x = np.random.default_rng(0).standard_normal((2, 4, D))
+    for init in ("check", "broadcast"):
+        ref = Sequential(Linear(D, H, np.random.default_rng(1)), Tanh(),
+                         Linear(H, D, np.random.default_rng(2)))
+        tp = Sequential(Linear(D, H, np.random.default_rng(1)), Tanh(),
+                        Linear(H, D, np.random.default_rng(2)))
+        parallelize(tp, world, {"0": "colwise"})
+        parallelize(tp, world, {"2": "rowwise"}, init=init)
+        out["numpy", init] = float(np.abs(tp.forward(np_x)[0] - ref.forward(np_x)[0]).max())
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_model_sharded_by_two_parallelize_calls():
+    """A second call on a model an earlier call sharded in part compared the
+    earlier shards across the ranks (they differ by design) and raised
+    'differs across the tp group: build the module identically'; with
+    init='broadcast' it overwrote every rank's shards with rank 0's, a
+    silently wrong model. The shards are left out of both now."""
+    pytest.importorskip("torch")
+    for out in mesh.spawn(_twice_worker, 2, timeout=100):
+        for init in ("check", "broadcast"):
+            assert out[init] < 1e-6 and out[init, "state"], out
+            assert out["numpy", init] < 1e-12, out
+
+
+def _vocab_worker(world):
+    import torch
+    nn = torch.nn
+    torch.set_num_threads(1)
+    ids = torch.tensor([[0, 1, 2, 6], [7, 0, 4, 0]])      # 0 (rank 0's) three times
+    out = {}
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Embedding(8, 4, scale_grad_by_freq=True, padding_idx=5),
+                        nn.Linear(4, 4))
+    tp = parallelize(copy_of(ref), world, {"0": "vocab"})
+    for m in (ref, tp):
+        (m(ids) ** 2).sum().backward()
+    grads = gather_state_dict(tp, grads=True)
+    out["freq"] = float((grads["0.weight"] - ref[0].weight.grad).abs().max())
+    errors = {}
+    for key, bad in [("torch", torch.tensor([[1, 9]])), ("torch negative", torch.tensor([-1]))]:
+        try:
+            tp(bad)
+        except IndexError as e:
+            errors[key] = str(e)
+    layers = parallelize(Sequential(Embedding(V, D)), world, {"0": "vocab"})
+    try:
+        layers.forward(np.array([[1, V]]))
+    except IndexError as e:
+        errors["numpy"] = str(e)
+    return out, errors
+
+
+@pytest.mark.timeout(120)
+def test_a_vocab_embedding_counts_and_checks_the_ids_of_every_rank():
+    """scale_grad_by_freq: every id of the other ranks read local row 0 and
+    counted as its, so that row's gradient was divided by too much; an id
+    past the vocabulary (or negative) gave a zero vector on every rank where
+    nn.Embedding raises IndexError."""
+    pytest.importorskip("torch")
+    for r, (out, errors) in enumerate(mesh.spawn(_vocab_worker, 2, timeout=100)):
+        assert out["freq"] < 1e-6, out
+        assert errors["torch"] == (f"tp rank {r}: 0: token id 9 is out of range for the "
+                                   f"embedding's 8 rows (vocab-sharded over tp=2)"), errors
+        assert "token id -1 is out of range" in errors["torch negative"], errors
+        assert errors["numpy"] == (f"tp rank {r}: 0: token id {V} is out of range for the "
+                                   f"embedding's {V} rows (vocab-sharded)"), errors
+
+
+def _rewrite_worker(world):
+    import torch
+
+    import tp_models
+    nn = torch.nn
+    torch.set_num_threads(1)
+    errors = {}
+    for key, make, plan in [
+            ("mha", lambda: nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)),
+             {"0": ("replicate", {"num_heads": tp_models._heads})}),
+            ("forgot", lambda: tp_models.model(1), {"*.attn": ("replicate",
+                                                               {"num_heads": tp_models._heads})}),
+            ("missing layer", lambda: nn.Sequential(*(nn.Linear(4, 4) for _ in
+                                                       range(1 + world.rank))),
+             {"0": "colwise"})]:
+        try:
+            parallelize(make(), world, plan)
+        except PlanError as e:
+            errors[key] = str(e)
+
+    class Core(nn.Module):      # no weights: fed sharded q, k, v, its head count may go
+        def __init__(self):
+            super().__init__()
+            self.heads = 2
+
+        def forward(self, q):
+            return q.view(*q.shape[:-1], self.heads, -1).sum(-1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Core())
+    parallelize(model, world, {"0": "colwise", "1": ("replicate",
+                                                     {"heads": tp_models._heads})})
+    return errors, model[1].heads
+
+
+@pytest.mark.timeout(120)
+def test_a_head_count_rewrite_on_whole_weights_is_refused():
+    """A plan dividing nn.MultiheadAttention's num_heads (its in_proj no
+    plan shards), or a hand-written attention's whose projections it forgot
+    to plan, ran the whole weights with half the heads: a wrong output on
+    every rank, no error. Also: a model with a layer more on one rank named
+    that layer 'differs' there, as if its values did."""
+    pytest.importorskip("torch")
+    for r, (errors, heads) in enumerate(mesh.spawn(_rewrite_worker, 2, timeout=100)):
+        assert "plan rewrites 0.num_heads for tp=2, but nn.MultiheadAttention keeps its " \
+               "projections whole" in errors["mha"], errors
+        assert "plan rewrites 1.attn.num_heads for tp=2, but shards none of 1.attn's " \
+               "parameters (q.weight, q.bias, k.weight ...)" in errors["forgot"], errors
+        assert heads == 1
+        if r == 1:
+            assert "1.weight is in the module on tp ranks [1] but not on tp ranks [0]" in \
+                errors["missing layer"], errors
+        else:
+            assert "tp rank 1 has 1.bias that rank 0 does not" in errors["missing layer"], errors
