@@ -17,6 +17,7 @@ from .distribute import Job, distribute, load_state
 from .executor import Pipeline, StepFailed, split_microbatches, stages_for_rank
 from .ir import Action, Schedule
 from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
+from .clip import clip_grad_norm_
 from .partition import Partition, partition
 from .render import render
 from .schedules import (gpipe, interleaved_1f1b, one_f_one_b, zb_v, zero_bubble_h1,
@@ -35,5 +36,5 @@ __all__ = [
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
     "parallelize", "gather_state_dict", "Style", "PlanError", "partition", "Partition",
-    "sequential", "checkpoint_modules",
+    "sequential", "checkpoint_modules", "clip_grad_norm_",
 ]

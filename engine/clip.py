@@ -35,7 +35,7 @@ from mesh.tensors import is_tensor
 from .layers import Recompute, Sequential
 from .tp_layers import Sharded
 
-__all__ = ["clip_grad_norm", "sharded_flags"]
+__all__ = ["clip_grad_norm", "clip_grad_norm_", "sharded_flags"]
 
 
 def sharded_flags(stage: Any) -> list[bool]:
@@ -43,10 +43,15 @@ def sharded_flags(stage: Any) -> list[bool]:
     parallel shard (a part of it on each tp rank) rather than whole."""
     module = getattr(stage, "module", None)
     if module is not None and hasattr(module, "named_modules"):       # a TorchStage
-        cut = {id(getattr(sub, name)) for _, sub in module.named_modules()
-               if getattr(sub, "_tp", None) is not None for name in sub._tp.dims}
-        return [id(p) in cut for p in module.parameters() if p.requires_grad]
+        return _module_flags(module)
     return _layer_flags(stage)
+
+
+def _module_flags(module: Any) -> list[bool]:
+    """``sharded_flags`` of a torch module's parameters that take gradients."""
+    cut = {id(getattr(sub, name)) for _, sub in module.named_modules()
+           if getattr(sub, "_tp", None) is not None for name in sub._tp.dims}
+    return [id(p) in cut for p in module.parameters() if p.requires_grad]
 
 
 def _layer_flags(layer: Any) -> list[bool]:
@@ -142,3 +147,65 @@ def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
             for g in stage.grads():
                 g *= coef
     return norm
+
+
+def clip_grad_norm_(model: Any, max_norm: float, group: Any, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> float:
+    """torch's ``clip_grad_norm_`` for a model that ``engine.parallelize``
+    sharded over ``group`` (a training loop of one's own, no Pipeline):
+    Megatron's ``clip_grad_norm`` over a tp group. torch's own, called on
+    each rank's module, takes the norm of that rank's shards and whole
+    parameters alone, which differs across the ranks (so replicated weights
+    drift apart once it clips). Here the norm is the one-process model's:
+    each shard counted on its rank, each whole parameter (a norm's, a
+    rowwise bias, anything unplanned: equal on every tp rank) once; one
+    small all-gather over ``group``; every gradient scaled by the same
+    ``max_norm / (norm + 1e-6)`` when that is under 1. Returns the norm
+    (a float, the same on every rank). ``model``: a torch module or an
+    engine.layers model. Collective over ``group``; with data parallelism
+    too, call it once gradients are averaged over dp (the norm is then the
+    same on every replica). Ranks given other ``max_norm`` or
+    ``norm_type`` all raise ValueError naming them."""
+    where = f"tp rank {group.rank}: clip_grad_norm_ on group {group.name}"
+    fault: BaseException | None = None
+    try:
+        p, most = float(norm_type), float(max_norm)
+        if not (p > 0 or math.isinf(p)) or math.isnan(p):
+            raise ValueError("a norm of order above 0, or inf")
+    except (TypeError, ValueError) as e:
+        fault = ValueError(f"{where}: norm_type={norm_type!r}, max_norm={max_norm!r}: {e}")
+        p, most = 2.0, 0.0
+    if hasattr(model, "named_modules") and hasattr(model, "parameters"):      # torch
+        grads = [q.grad for q in model.parameters() if q.requires_grad]
+        flags = _module_flags(model)
+    else:
+        grads, flags = list(model.grads()), _layer_flags(model)
+    mine = [] if fault is not None else [
+        g for g, cut in zip(grads, flags) if g is not None and (cut or group.rank == 0)]
+    parts = [_power_sum(g, p) for g in mine]
+    told = collectives.all_gather(group, np.array(
+        [(max(parts) if parts else 0.0) if math.isinf(p) else sum(parts), p, most,
+         fault is not None], dtype=np.float64))
+    if fault is not None:
+        raise fault
+    failed = [r for r in range(len(told)) if told[r, 3]]
+    if failed:
+        raise ValueError(f"{where}: failed on tp rank(s) {failed}: their norm_type or "
+                         "max_norm is not valid (see their error)")
+    alike = [(repr(float(t[1])), repr(float(t[2]))) for t in told]
+    given = {a: [r for r, b in enumerate(alike) if b == a] for a in alike}
+    if len(given) > 1:
+        said = "; ".join(f"tp ranks {rs}: norm_type {float(a[0]):g}, max_norm {float(a[1]):g}"
+                         for a, rs in given.items())
+        raise ValueError(f"{where}: other arguments on other ranks ({said}): every rank "
+                         "passes the same norm_type and max_norm")
+    total = float(told[:, 0].max()) if math.isinf(p) else float(told[:, 0].sum()) ** (1.0 / p)
+    if error_if_nonfinite and not math.isfinite(total):
+        raise RuntimeError(f"{where}: the total norm of order {norm_type} of the gradients "
+                           f"is {total}: clip_grad_norm_(error_if_nonfinite=True)")
+    coef = most / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            if g is not None:
+                g *= coef
+    return total

@@ -812,3 +812,66 @@ def test_a_head_count_rewrite_on_whole_weights_is_refused():
                 errors["missing layer"], errors
         else:
             assert "tp rank 1 has 1.bias that rank 0 does not" in errors["missing layer"], errors
+
+
+def _clip_worker(world):
+    import copy
+
+    import torch
+
+    import engine
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8),
+                                torch.nn.LayerNorm(8))
+    whole = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    whole(x).pow(2).sum().backward()
+    want = torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.5)
+    parallelize(model, world, {"0": "colwise", "2": "rowwise"})
+    model(x).pow(2).sum().backward()
+    own = torch.nn.utils.clip_grad_norm_(copy.deepcopy(model).parameters(), 0.5)  # torch's own
+    got = engine.clip_grad_norm_(model, 0.5, world)
+    # the clipped shards are the clipped whole model's parts
+    lo, hi = world.rank * 8, world.rank * 8 + 8
+    same = [torch.allclose(model[0].weight.grad, whole[0].weight.grad[lo:hi], atol=1e-6),
+            torch.allclose(model[2].weight.grad, whole[2].weight.grad[:, lo:hi], atol=1e-6),
+            torch.allclose(model[2].bias.grad, whole[2].bias.grad, atol=1e-6),
+            torch.allclose(model[3].weight.grad, whole[3].weight.grad, atol=1e-6)]
+    errors = []
+    for args in ((0.5 + world.rank, world), (0.5, world, "two")):
+        try:
+            engine.clip_grad_norm_(model, *args)
+        except ValueError as e:
+            errors.append(str(e))
+    # numpy: an engine.layers model, colwise then rowwise
+    def build():
+        rng = np.random.default_rng(1)
+        return Sequential(Linear(6, 8, rng), Tanh(), Linear(8, 4, rng))
+    one, layers = build(), parallelize(build(), world, {"0": "colwise", "2": "rowwise"})
+    xn = np.random.default_rng(0).standard_normal((3, 6))
+    y, ctx = one.forward(xn)
+    one.backward(ctx, np.ones_like(y))
+    y, ctx = layers.forward(xn)
+    _, wctx = layers.backward_input(ctx, np.ones_like(y))
+    layers.backward_weight(wctx)
+    norm_one = float(np.sqrt(sum(float((g ** 2).sum()) for g in one.grads())))
+    return float(want), float(own), float(got), same, errors, norm_one, \
+        engine.clip_grad_norm_(layers, 1e9, world)
+
+
+@pytest.mark.timeout(120)
+def test_clip_grad_norm_of_a_sharded_model_is_the_whole_models():
+    """torch's clip_grad_norm_ on a rank's shards takes another norm on each
+    rank (replicated weights then drift apart); engine.clip_grad_norm_
+    takes the one-process model's over the tp group, and clips alike."""
+    out = mesh.spawn(_clip_worker, 2, timeout=100)
+    for want, own, got, same, errors, norm_one, norm_np in out:
+        assert got == pytest.approx(want, rel=1e-6)
+        assert own != pytest.approx(want, rel=1e-3)        # (torch's own, per rank)
+        assert same == [True] * 4, same
+        assert "other arguments on other ranks (tp ranks [0]: norm_type 2, max_norm 0.5; " \
+               "tp ranks [1]: norm_type 2, max_norm 1.5)" in errors[0], errors
+        assert errors[1].endswith("clip_grad_norm_ on group world: norm_type='two', "
+                                  "max_norm=0.5: could not convert string to float: 'two'"), \
+            errors
+        assert norm_np == pytest.approx(norm_one, rel=1e-9)
