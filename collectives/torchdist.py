@@ -25,7 +25,9 @@ connection closes while it connects connects again (_c10d_store).
 torch's ``dist.monitored_barrier`` refuses every backend not named
 "gloo" before it calls one; registering puts ``monitored_barrier`` (this
 module's) in its place, which calls meshrun's groups and hands every other
-backend to torch's own.
+backend to torch's own. It also wraps torch's ``_object_to_tensor``, so
+that an object one rank cannot pickle fails an object collective on a
+meshrun group on every member (_object_to_tensor below).
 
 The ``torch.backends`` entry point (``autoload``) registers the backend
 when torch is imported; it never raises.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import time
 import warnings
@@ -76,6 +79,7 @@ _registered = False
 _torch_env: Any = None
 _torch_store: Any = None       # torch's rendezvous._create_c10d_store (env://, tcp://)
 _torch_monitored: Any = None   # torch's dist.monitored_barrier, which refuses all but gloo
+_torch_pickle: Any = None      # torch's c10d._object_to_tensor (the object collectives')
 _owned: Any = None          # the mesh this module made (closed with the default group)
 _default: Any = None        # the default group's mesh
 
@@ -83,7 +87,7 @@ _default: Any = None        # the default group's mesh
 def register() -> None:
     """Register the "meshrun" backend with torch.distributed (and wrap
     env:// for meshrun's jobs); calling it again does nothing."""
-    global _registered, _torch_env, _torch_monitored, _torch_store
+    global _registered, _torch_env, _torch_monitored, _torch_store, _torch_pickle
     with _lock:
         if _registered:
             return
@@ -99,6 +103,10 @@ def register() -> None:
             _torch_store = made
             setattr(rdv, "_create_c10d_store", _c10d_store)
         c10d = importlib.import_module("torch.distributed.distributed_c10d")
+        pickles = getattr(c10d, "_object_to_tensor", None)
+        if pickles is not None and getattr(pickles, "__module__", None) != __name__:
+            _torch_pickle = pickles
+            setattr(c10d, "_object_to_tensor", _object_to_tensor)
         if getattr(c10d.monitored_barrier, "__module__", None) != __name__:
             _torch_monitored = c10d.monitored_barrier
             for where in (c10d, dist):           # torch's, and torch.distributed's re-export
@@ -137,6 +145,55 @@ def _on_meshrun(group: Any) -> bool:
         return isinstance(pg._get_backend(torch.device("cpu")), ProcessGroupMeshrun)
     except (RuntimeError, ValueError):      # no default group; no CPU backend in it
         return False
+
+
+# -- an object collective's object that does not pickle -----------------------------
+
+
+_OBJECT_CALLS = ("all_gather_object", "gather_object", "broadcast_object_list",
+                 "scatter_object_list")
+"""torch's object collectives: each pickles on this rank, then makes one
+collective on the group (the sizes' all_gather or broadcast) first."""
+
+
+def _object_to_tensor(obj: Any, device: Any, group: Any, *args: Any, **kwargs: Any) -> Any:
+    """torch's ``_object_to_tensor`` (c10d's, which its object collectives
+    call to pickle this rank's object before any call reaches the group).
+    Where pickling fails in one of _OBJECT_CALLS on a meshrun group, this
+    rank first fails the collective the other members are in, naming
+    itself and the error, then raises the error as before: else they
+    waited there (gloo's too), and the group's calls went out of step, this
+    rank's next call meeting their first."""
+    try:
+        return _torch_pickle(obj, device, group, *args, **kwargs)
+    except Exception as e:
+        call, pg = _object_call(), None
+        if call is not None:
+            try:
+                pg = (dist.distributed_c10d._get_default_group() if group is None
+                      else group)._get_backend(torch.device(device))
+            except (RuntimeError, ValueError, TypeError):
+                pass
+        if call is not None and isinstance(pg, ProcessGroupMeshrun):
+            pg.refuse_unpicklable(call, e)
+        raise
+
+
+def _object_call() -> str | None:
+    """The object collective of torch's that called _object_to_tensor (its
+    frame, or a comprehension's in it), else None (send_object_list's: no
+    collective to fail)."""
+    f: Any = sys._getframe(2)
+    for _ in range(3):
+        if f is None:
+            break
+        if f.f_globals.get("__name__") == "torch.distributed.distributed_c10d" \
+                and f.f_code.co_name in _OBJECT_CALLS:
+            return f.f_code.co_name
+        if not f.f_code.co_name.startswith("<"):     # (<listcomp>, <genexpr>: look past)
+            break
+        f = f.f_back
+    return None
 
 
 # -- env:// under meshrun ---------------------------------------------------------

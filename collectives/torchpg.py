@@ -232,6 +232,13 @@ class _FutureWork(_Work):
         return self._base.value()
 
 
+def _dtypes(out: torch.Tensor, x: torch.Tensor) -> str:
+    """The refusal of an output whose dtype is not its input's (gloo's and
+    NCCL's too): written through a cast, 1.5 came back as 1 in int64."""
+    return (f"its output is {out.dtype} but its input {x.dtype}: the collective writes "
+            f"the inputs as they are, in one dtype")
+
+
 def _nested(outputs: list[list[torch.Tensor]]) -> Any:
     """What torch's future of a call with lists of outputs (all_gather,
     gather) holds, as gloo's does: the one list of a call with one input,
@@ -420,6 +427,15 @@ class ProcessGroupMeshrun(_ProcessGroup):
         return self._run([lambda a: start(self.comm, op, refuse, a, self.timeout)] * calls,
                          None, [], async_op)
 
+    def refuse_unpicklable(self, call: str, error: BaseException) -> None:
+        """``call`` (one of torch's object collectives) could not pickle this
+        rank's object (collectives.torchdist._object_to_tensor): fail the
+        group's collective the others make first for it (one), naming this
+        rank and the error, so that they raise there and the group's next
+        call lines up; the caller raises ``error`` itself."""
+        self._refuse(call, f"its object cannot be pickled: {type(error).__name__}: {error}",
+                     True)
+
     @staticmethod
     def _premul_problem(factor: Any, tensors: Sequence[torch.Tensor]) -> str:
         """Why PREMUL_SUM (a factor) cannot scale ``tensors`` ('' when it can)."""
@@ -594,6 +610,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
         for o, x in zip(outputs, inputs):
+            if o.dtype != x.dtype:
+                return self._refuse("all_gather_into_tensor", _dtypes(o, x), opts.asyncOp,
+                                    len(inputs))
             if o.numel() != x.numel() * self._n:
                 return self._refuse("all_gather_into_tensor", f"its output holds {o.numel()} "
                                     f"elements, where {self._n} ranks' inputs of {x.numel()} "
@@ -671,6 +690,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         opts: Any = None) -> dist.Work:
         opts = opts or c10d.ReduceScatterOptions()
         for o, x in zip(outputs, inputs):
+            if o.dtype != x.dtype:
+                return self._refuse("reduce_scatter_tensor", _dtypes(o, x), opts.asyncOp,
+                                    len(inputs))
             if x.numel() != o.numel() * self._n:
                 return self._refuse("reduce_scatter_tensor", f"its input holds {x.numel()} "
                                     f"elements, where {self._n} ranks' outputs of {o.numel()} "
@@ -710,6 +732,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
                       opts: Any = None) -> dist.Work:
         opts = opts or c10d.AllToAllOptions()
         n = self._n
+        if problem := self._a2a_output_problem(output, input, output_split_sizes,
+                                               input_split_sizes):
+            return self._refuse("all_to_all_single", problem, opts.asyncOp)
         if not output_split_sizes and not input_split_sizes:
             if output.shape == input.shape and (
                     v := _views(input, output, tuple(input.shape))) is not None:
@@ -727,6 +752,32 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                                   name="all_to_all_single")],
                          lambda v: _write(output, _tensors.to_torch(v[0], output)), [output],
                          opts.asyncOp)
+
+    def _a2a_output_problem(self, output: torch.Tensor, input: torch.Tensor,
+                            output_split_sizes: list[int], input_split_sizes: list[int]) -> str:
+        """Why all_to_all_single's ``output`` cannot hold what this rank
+        receives ('' when it can): checked before anything moves, as
+        gloo's checkSplitSizes does, else the other ranks' calls succeed and
+        this one fails after the transfer in torch's reshape, naming no rank.
+        (The input and the splits' count and values: _all_to_all_v's own.)"""
+        if input.dim() == 0:
+            return ""       # (the collective's own error says it needs rows)
+        if not output_split_sizes and not input_split_sizes:
+            if output.numel() == input.numel():
+                return ""
+            return (f"its output holds {output.numel()} elements, where an even "
+                    f"all_to_all_single returns as many as its input holds, {input.numel()}")
+        if output_split_sizes:
+            outs, how = list(output_split_sizes), f"output_split_sizes {list(output_split_sizes)}"
+        else:
+            outs = [output.shape[0] // self._n if output.dim() else 0] * self._n
+            how = f"its output's dim 0 split evenly, {outs}"
+        row = int(np.prod(input.shape[1:]))      # (elements of a row: 1 for a 1-d input)
+        if len(outs) != self._n or any(not isinstance(k, int) or k < 0 for k in outs) \
+                or sum(outs) * row == output.numel():
+            return ""       # (bad splits: _all_to_all_v names them)
+        return (f"its output holds {output.numel()} elements, where the {sum(outs)} rows of "
+                f"{row} it receives ({how}) take {sum(outs) * row}")
 
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
@@ -883,6 +934,18 @@ class _P2PWork(_Work):
         except Exception:
             return False
         return True
+
+    def exception(self) -> BaseException | None:
+        """The transfer's error once it is done (a receive that timed out, a
+        peer lost), as the collectives' Work gives it; None while it goes on
+        or when it succeeded (torch's own said None even after a failure)."""
+        if not self._req.done():
+            return None
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 - the error is the answer
+            return e
+        return None
 
     def source_rank(self) -> int:
         status = self._req.status      # the sender's rank in the receive's group

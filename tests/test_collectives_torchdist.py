@@ -350,6 +350,12 @@ def _p2p(r: int, n: int) -> None:
         assert seen == set(range(1, n)), seen
     else:
         dist.send(torch.tensor([float(r)]), dst=0, tag=9)
+    if r == 0:      # a receive that timed out is done and failed, exception() its error
+        w = dist.irecv(torch.zeros(1), src=1, tag=99)
+        with pytest.raises(mesh.MeshTimeoutError):
+            w.wait(timeout=timedelta(seconds=0.05))
+        assert w.is_completed() and not w.is_success()
+        assert isinstance(w.exception(), mesh.MeshTimeoutError), w.exception()
     strided = torch.zeros(2, 3).t()
     if r == 0:
         dist.send(torch.arange(6.0).reshape(3, 2), dst=n - 1)
@@ -438,6 +444,80 @@ def battery(world: Any) -> str:
 def test_every_torch_collective_and_p2p_gives_the_expected_values_3_ranks() -> None:
     """(2 ranks: in the DDP test's spawn, to start torch fewer times.)"""
     assert mesh.spawn(battery, 3, timeout=90) == ["ok"] * 3
+
+
+def refused_on_rank_1(world: Any) -> list[list[str]]:
+    """Calls that cannot go on rank 1 alone: what each rank raised, and
+    whether the group's next call lined up after it (an all_reduce)."""
+    import threading
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    one, lock = int(r == 1), threading.Lock()
+    sub = dist.new_group([1, 2])
+
+    def said(call: Any) -> str:
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - rank 1's own TypeError included
+            return f"{type(e).__name__}: {e}"
+        return "ok"
+    calls = [
+        # rank 1's all_to_all_single output too long: it failed there alone, after the
+        # transfer, in torch's reshape ("shape '[6]' is invalid for input of size 3")
+        lambda: dist.all_to_all_single(torch.zeros(n + n * one), torch.ones(n)),
+        lambda: dist.all_to_all_single(torch.zeros(n + one), torch.ones(n), [1] * n, [1] * n,
+                                       async_op=True).wait(),
+        lambda: dist.all_to_all_single(torch.zeros(n + one), torch.ones(n), None, [1] * n),
+        # an output of another dtype than the input on rank 1: cast there (gloo and
+        # NCCL refuse it), 1.5 written as 1 into an int64 output
+        lambda: dist.all_gather_into_tensor(
+            torch.zeros(2 * n, dtype=torch.int64 if r == 1 else torch.float), torch.ones(2)),
+        lambda: dist.reduce_scatter_tensor(
+            torch.zeros(2, dtype=torch.float64 if r == 1 else torch.float), torch.ones(2 * n)),
+        # an object rank 1 cannot pickle: it raised before the group's first call, the
+        # others waited in theirs, and its next call met their first (out of step)
+        lambda: dist.all_gather_object([None] * n, lock if r == 1 else r),
+        lambda: dist.broadcast_object_list([lock] if r == 1 else [None], src=1),
+        lambda: r != 0 and dist.gather_object(lock if r == 1 else r, [None] * 2 if r == 2
+                                              else None, group_dst=1, group=sub)]
+    out = []
+    for call in calls:
+        got = [said(call)]
+        t = torch.ones(1)
+        got.append(said(lambda: dist.all_reduce(t)) + f" {t.item():g}")
+        out.append(got)
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_a_call_that_cannot_go_on_one_rank_raises_on_every_rank_naming_it() -> None:
+    outs = mesh.spawn(refused_on_rank_1, 3, timeout=45)
+    wants = ["all_to_all_single on group world: its output holds 6 elements, where an even "
+             "all_to_all_single returns as many as its input holds, 3",
+             "all_to_all_single on group world: its output holds 4 elements, where the 3 rows "
+             "of 1 it receives (output_split_sizes [1, 1, 1]) take 3",
+             "all_to_all_single on group world: its output holds 4 elements, where the 3 rows "
+             "of 1 it receives (its output's dim 0 split evenly, [1, 1, 1]) take 3",
+             "all_gather_into_tensor on group world: its output is torch.int64 but its input "
+             "torch.float32",
+             "reduce_scatter_tensor on group world: its output is torch.float64 but its input "
+             "torch.float32",
+             "all_gather_object on group world: its object cannot be pickled: TypeError: "
+             "cannot pickle '_thread.lock' object",
+             "broadcast_object_list on group world: its object cannot be pickled",
+             # (on a group, rank 1 is its rank 0: the abort says "(world rank 1)")
+             "gather_object on group world/[1, 2]: its object cannot be pickled"]
+    for r, out in enumerate(outs):
+        for (first, after), want in zip(out, wants):
+            assert after == "ok 3", (r, want, after)     # the group's next call lined up
+            if r == 1 and "pickle" in want:              # the error as torch raises it
+                assert first == "TypeError: cannot pickle '_thread.lock' object", first
+            elif "world/[1, 2]" in want:
+                assert r == 0 and first == "ok" or f"rank 0: {want}" in first \
+                    and "(world rank 1)" in first, (r, first)
+            else:
+                assert f"rank 1: {want}" in first, (r, first)
 
 
 def _vm(key: str) -> float:
