@@ -115,32 +115,8 @@ def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
         for i, (g, cut) in enumerate(zip(stage.grads(), sharded_flags(stage)))
         if (s, i) not in skip and (cut or whole_too)]
     parts = [_power_sum(g, p) for g in mine]
-    # each rank's part, norm_type and max_norm: every rank sums (or takes the
-    # largest) alike, in rank order, and sees a rank given others (alone, it
-    # clipped by another norm, or waited for the rest until its timeout)
-    told = collectives.all_gather(pipe.whole, np.array(
-        [(max(parts) if parts else 0.0) if math.isinf(p) else sum(parts), p, most,
-         fault is not None], dtype=np.float64), timeout=pipe.timeout)
-    if fault is not None:
-        raise fault
-    failed = [r for r in range(len(told)) if told[r, 3]]
-    if failed:
-        raise ValueError(f"{where}: clip_grad_norm_ failed on rank(s) {failed} of group "
-                         f"{pipe.whole.name}: their norm_type or max_norm is not valid (see "
-                         "their error)")
-    # (by repr: a nan given on every rank is the same argument, though nan != nan)
-    alike = [(repr(float(t[1])), repr(float(t[2]))) for t in told]
-    given = {g: [r for r, a in enumerate(alike) if a == g] for g in alike}
-    if len(given) > 1:
-        said = "; ".join(f"ranks {rs}: norm_type {float(g[0]):g}, max_norm {float(g[1]):g}"
-                         for g, rs in given.items())
-        raise ValueError(f"{where}: clip_grad_norm_ was given other arguments on other ranks "
-                         f"({said}): every rank passes the same norm_type and max_norm")
-    total = np.array([told[:, 0].max() if math.isinf(p) else told[:, 0].sum()])
-    norm = float(total[0]) if math.isinf(p) else float(total[0]) ** (1.0 / p)
-    if error_if_nonfinite and not math.isfinite(norm):
-        raise RuntimeError(f"{where}: the total norm of order {norm_type} of the gradients "
-                           f"is {norm}: clip_grad_norm_(error_if_nonfinite=True)")
+    norm = _agreed_norm(pipe.whole, parts, p, most, fault, where, "rank", pipe.timeout,
+                        norm_type, error_if_nonfinite)
     coef = most / (norm + 1e-6)
     if coef < 1.0:
         for stage in pipe.stages.values():
@@ -183,29 +159,46 @@ def clip_grad_norm_(model: Any, max_norm: float, group: Any, norm_type: float = 
     mine = [] if fault is not None else [
         g for g, cut in zip(grads, flags) if g is not None and (cut or group.rank == 0)]
     parts = [_power_sum(g, p) for g in mine]
-    told = collectives.all_gather(group, np.array(
-        [(max(parts) if parts else 0.0) if math.isinf(p) else sum(parts), p, most,
-         fault is not None], dtype=np.float64))
-    if fault is not None:
-        raise fault
-    failed = [r for r in range(len(told)) if told[r, 3]]
-    if failed:
-        raise ValueError(f"{where}: failed on tp rank(s) {failed}: their norm_type or "
-                         "max_norm is not valid (see their error)")
-    alike = [(repr(float(t[1])), repr(float(t[2]))) for t in told]
-    given = {a: [r for r, b in enumerate(alike) if b == a] for a in alike}
-    if len(given) > 1:
-        said = "; ".join(f"tp ranks {rs}: norm_type {float(a[0]):g}, max_norm {float(a[1]):g}"
-                         for a, rs in given.items())
-        raise ValueError(f"{where}: other arguments on other ranks ({said}): every rank "
-                         "passes the same norm_type and max_norm")
-    total = float(told[:, 0].max()) if math.isinf(p) else float(told[:, 0].sum()) ** (1.0 / p)
-    if error_if_nonfinite and not math.isfinite(total):
-        raise RuntimeError(f"{where}: the total norm of order {norm_type} of the gradients "
-                           f"is {total}: clip_grad_norm_(error_if_nonfinite=True)")
+    total = _agreed_norm(group, parts, p, most, fault, f"tp rank {group.rank}", "tp rank",
+                         None, norm_type, error_if_nonfinite)
     coef = most / (total + 1e-6)
     if coef < 1.0:
         for g in grads:
             if g is not None:
                 g *= coef
+    return total
+
+
+def _agreed_norm(group: Any, parts: list[float], p: float, most: float,
+                 fault: BaseException | None, where: str, word: str, timeout: float | None,
+                 norm_type: Any, error_if_nonfinite: bool) -> float:
+    """The total norm of order ``p`` over ``group`` from each rank's
+    ``parts`` (p-th powers, or largest entries for p = inf): one all-gather
+    of each rank's part, norm_type and max_norm, summed (or the largest
+    taken) alike in rank order, so that every rank sees a rank given other
+    arguments (alone, it clipped by another norm, or waited for the rest
+    until its timeout), or one whose own were not valid (``fault``, raised
+    here on that rank). ``word``: what the group's ranks are called."""
+    told = collectives.all_gather(group, np.array(
+        [(max(parts) if parts else 0.0) if math.isinf(p) else sum(parts), p, most,
+         fault is not None], dtype=np.float64), timeout=timeout)
+    if fault is not None:
+        raise fault
+    failed = [r for r in range(len(told)) if told[r, 3]]
+    if failed:
+        raise ValueError(f"{where}: clip_grad_norm_ failed on {word}(s) {failed} of group "
+                         f"{group.name}: their norm_type or max_norm is not valid (see "
+                         "their error)")
+    # (by repr: a nan given on every rank is the same argument, though nan != nan)
+    alike = [(repr(float(t[1])), repr(float(t[2]))) for t in told]
+    given = {g: [r for r, a in enumerate(alike) if a == g] for g in alike}
+    if len(given) > 1:
+        said = "; ".join(f"{word}s {rs}: norm_type {float(g[0]):g}, max_norm {float(g[1]):g}"
+                         for g, rs in given.items())
+        raise ValueError(f"{where}: clip_grad_norm_ was given other arguments on other {word}s "
+                         f"({said}): every rank passes the same norm_type and max_norm")
+    total = float(told[:, 0].max()) if math.isinf(p) else float(told[:, 0].sum()) ** (1.0 / p)
+    if error_if_nonfinite and not math.isfinite(total):
+        raise RuntimeError(f"{where}: the total norm of order {norm_type} of the gradients "
+                           f"is {total}: clip_grad_norm_(error_if_nonfinite=True)")
     return total

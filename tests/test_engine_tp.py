@@ -869,7 +869,7 @@ def test_clip_grad_norm_of_a_sharded_model_is_the_whole_models():
         assert got == pytest.approx(want, rel=1e-6)
         assert own != pytest.approx(want, rel=1e-3)        # (torch's own, per rank)
         assert same == [True] * 4, same
-        assert "other arguments on other ranks (tp ranks [0]: norm_type 2, max_norm 0.5; " \
+        assert "other arguments on other tp ranks (tp ranks [0]: norm_type 2, max_norm 0.5; " \
                "tp ranks [1]: norm_type 2, max_norm 1.5)" in errors[0], errors
         assert errors[1].endswith("clip_grad_norm_ on group world: norm_type='two', "
                                   "max_norm=0.5: could not convert string to float: 'two'"), \
