@@ -15,10 +15,12 @@ Two mechanisms, chosen per job (every process of a job must agree):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
+import re
 import threading
 from typing import Mapping
 
@@ -95,7 +97,7 @@ class Authenticator:
                 reply = [b"1.0", request_id, b"200", b"OK", USER, b""]
             else:
                 self.refused += 1
-                addr = request[3].decode(errors="replace") if len(request) > 3 else "?"
+                addr = request[3].decode(errors="replace") if len(request) > 3 else ""
                 if self.refused & (self.refused - 1) == 0:   # 1, 2, 4, 8...: strangers retry
                     mech = request[5] if len(request) > 5 else b""
                     why = ("without the job's CurveZMQ key (another secret, or MESH_CURVE "
@@ -104,7 +106,7 @@ class Authenticator:
                            f"that offers {mech.decode(errors='replace') or 'no'} credentials, "
                            f"not the job secret (MESH_CURVE on there?)")
                     _log.warning("refused a connection from %s %s (%d refused so far)",
-                                 addr or "a local peer", why, self.refused)
+                                 _where(addr), why, self.refused)
                 reply = [b"1.0", request_id, b"400", b"bad credentials", b"", b""]
             try:
                 self._sock.send_multipart(reply)
@@ -123,6 +125,16 @@ class Authenticator:
             os.close(self._wake_w)
 
 
+def _where(address: str) -> str:
+    """Where a ZAP request's connection comes from: its IP address over
+    tcp://; over ipc:// libzmq gives "localhost:UID:GID:PID", the
+    connecting process's credentials, said here as such."""
+    m = re.fullmatch(r"localhost:(\d+):\d+:(\d+)", address)
+    if m:
+        return f"process {m[2]} (user id {m[1]}) on this host"
+    return address or "a local peer"
+
+
 def make_server(sock: zmq.Socket, secret: str = "", curve: bool = False) -> None:
     """Require the job's credentials, checked by this context's Authenticator.
     A connection whose handshake has not finished after MESH_HANDSHAKE_TIMEOUT
@@ -133,6 +145,13 @@ def make_server(sock: zmq.Socket, secret: str = "", curve: bool = False) -> None
     if not limit > 0:
         raise ValueError(f"MESH_HANDSHAKE_TIMEOUT={limit}: must be > 0 seconds")
     sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(limit * 1000)))
+    # Over ipc:// only this user's processes may connect (the ranks of a job on one
+    # host run as one user): another user's is closed as it is accepted. A rank's
+    # socket in the abstract namespace (mesh.world._ipc_path) has no file permissions
+    # to keep it out, and its connections held open used up a rank's open files
+    # (ulimit -n, often 1024): libzmq aborts a process whose ipc:// accept fails so.
+    with contextlib.suppress(AttributeError, zmq.ZMQError):    # (not POSIX, or no filter)
+        sock.setsockopt(zmq.IPC_FILTER_UID, os.geteuid())
     if curve:
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, job_keys(secret)[1])

@@ -79,6 +79,7 @@ class RendezvousServer:
             raise RendezvousError(f"rendezvous: cannot bind tcp://{bind_host}:{port}: {e}") from e
         self.port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.rejected = 0
+        self._ignored = 0       # (malformed requests, of those rejected: the log's count)
         self.refused = 0
         self.complete = threading.Event()
         self._peers: dict[int, dict[str, Any]] = {}
@@ -98,8 +99,11 @@ class RendezvousServer:
         return [r for r in range(self.world_size) if r not in self._peers]
 
     def _reply(self, ident: bytes, msg: dict[str, Any]) -> None:
+        """Send ``msg`` to ``ident``, never waiting: an answer that finds its
+        queue full (a client that does not read: 1000 answers) is dropped,
+        where a blocking send stalled the service for every rank."""
         try:
-            self._sock.send_multipart([ident, msgpack.packb(msg)])
+            self._sock.send_multipart([ident, msgpack.packb(msg)], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -132,17 +136,18 @@ class RendezvousServer:
             return
         if not (isinstance(req, dict) and req.get("op") == "join"
                 and type(req.get("rank")) is int and type(req.get("size")) is int
+                and type(req.get("pid", 0)) is int     # (they go to every rank: mesh.world)
+                and (req.get("window") is None or type(req["window"]) is int)
                 and _endpoints_ok(req.get("endpoints"))):
-            self.rejected += 1
-            _log.warning("rendezvous: ignored a malformed request (%d so far)", self.rejected)
+            self._ignore("a malformed request")
             return
         rank, size = req["rank"], req["size"]
         if size != self.world_size or not 0 <= rank < size:
-            self.rejected += 1
             msg = (f"rank {rank} of world {size} (pid {req.get('pid')} on "
-                   f"{req.get('host')}) cannot join a job of world size {self.world_size}"
+                   f"{_said(req.get('host'))}) cannot join a job of world size {self.world_size}"
                    + (": the launchers disagree on the world size (-n, --nnodes)"
                       if size != self.world_size else ""))
+            self.rejected += 1
             self._reply(ident, {"op": "error", "msg": msg})
             self._refusals = (self._refusals + [msg])[-3:]   # told to the ranks that wait
             return
@@ -160,7 +165,8 @@ class RendezvousServer:
             self.rejected += 1
             self._reply(ident, {"op": "error", "msg":
                                 f"rank {rank} already joined (pid {prev.get('pid')} on "
-                                f"{prev.get('host')}); duplicate from pid {req.get('pid')}"})
+                                f"{_said(prev.get('host'))}); duplicate from pid "
+                                f"{req.get('pid')}"})
             return
         self._peers[rank] = {"rank": rank, "host": str(req.get("host", "")),
                              "endpoints": req["endpoints"], "pid": req.get("pid"),
@@ -175,6 +181,15 @@ class RendezvousServer:
                 self._reply(self._idents[r], table)
             self._last = dict(self._peers)
             self.complete.set()
+
+    def _ignore(self, what: str) -> None:
+        """Count a request ignored; logged at the 1st, 2nd, 4th, 8th...: a
+        client holding the secret may send any number."""
+        self.rejected += 1
+        self._ignored += 1
+        n = self._ignored
+        if n & (n - 1) == 0:
+            _log.warning("rendezvous: ignored %s (%d so far)", what, n)
 
     def _on_monitor(self) -> None:
         while True:
@@ -211,7 +226,11 @@ class RendezvousServer:
                     req = msgpack.unpackb(frames[1], raw=False) if len(frames) == 2 else None
                 except Exception:
                     req = None
-                self._register(frames[0], req)
+                try:
+                    self._register(frames[0], req)
+                except Exception as e:     # a request no check foresaw: not the service's end
+                    self._ignore(f"a request it could not handle ({type(e).__name__}: "
+                                 f"{str(e)[:200]})")
             now = time.monotonic()
             if now - last_status > 1.0 and not self.complete.is_set():
                 last_status = now
@@ -241,6 +260,14 @@ class RendezvousServer:
             self._auth.close()
         if self._own_ctx:
             self._ctx.term()
+
+
+def _said(value: Any) -> str:
+    """What a request said (a host), quoted in a refusal: at most 200
+    characters (a request may take 64 KiB, and a refusal goes to every rank
+    that waits too)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _endpoints_ok(eps: Any) -> bool:

@@ -9,9 +9,11 @@ import os
 import secrets
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -128,6 +130,106 @@ def test_rendezvous_refuses_strangers_and_duplicates(curve: bool) -> None:
         srv.close()
 
 
+def _insider(ctx: zmq.Context, port: int, secret: str) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    auth.make_client(s, secret)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def _refused_at_once(ctx: zmq.Context, port: int, secret: str) -> str:
+    """The answer to a join of a wrong world size, from a fresh connection."""
+    s = _insider(ctx, port, secret)
+    try:
+        s.send(msgpack.packb({"op": "join", "rank": 0, "size": 9, "host": "h", "pid": 1,
+                              "endpoints": EPS}))
+        return msgpack.unpackb(s.recv(), raw=False)["msg"] if s.poll(3000) else ""
+    finally:
+        s.close()
+
+
+def test_a_client_that_never_reads_its_answers_does_not_stall_the_rendezvous() -> None:
+    """A holder of the secret sends refused joins and never reads the
+    answers: past ZeroMQ's queue for it (1000 messages) the service's
+    thread blocked in its send for good, and answered nobody again. The
+    answers it cannot take are dropped, and what a refusal quotes of the
+    request is short (a 60 KB host name was sent back whole, to every
+    rank that waits too)."""
+    srv = RendezvousServer(2, "s").start()
+    ctx = zmq.Context()
+    try:
+        deaf = _insider(ctx, srv.port, "s")
+        deaf.setsockopt(zmq.RCVHWM, 1)
+        deaf.setsockopt(zmq.RCVBUF, 1024)
+        deaf.setsockopt(zmq.SNDTIMEO, 5000)    # (a stalled service stops reading too)
+        bad = msgpack.packb({"op": "join", "rank": 0, "size": 3, "host": "h" * 8000, "pid": 1,
+                             "endpoints": EPS})
+        for _ in range(5000):
+            deaf.send(bad)
+        assert _wait(lambda: srv.rejected == 5000, 20), srv.rejected
+        assert "cannot join a job of world size 2" in _refused_at_once(ctx, srv.port, "s")
+        s = _insider(ctx, srv.port, "s")
+        s.send(msgpack.packb({"op": "join", "rank": 0, "size": 3, "host": "h" * 60_000,
+                              "pid": 1, "endpoints": EPS}))
+        assert s.poll(3000)
+        assert len(msgpack.unpackb(s.recv(), raw=False)["msg"]) < 400
+        s.close()
+        deaf.close()
+    finally:
+        ctx.destroy(linger=0)
+        srv.close()
+
+
+def test_a_request_the_checks_did_not_foresee_does_not_end_the_rendezvous() -> None:
+    """A join whose host is nested 1000 deep (within the 64 KiB a request
+    may take) raised RecursionError as the service quoted or stored it,
+    which ended the service's thread: nobody could join again. Such a
+    request is counted as rejected, and a pid or window that is not an
+    integer (they go to every rank in the table) makes a join malformed."""
+    srv = RendezvousServer(2, "s").start()
+    ctx = zmq.Context()
+    try:
+        def deep(rank: int) -> bytes:     # (msgpack.packb itself refuses 512 deep)
+            return b"\x85" + b"".join(map(msgpack.packb, [
+                "op", "join", "rank", rank, "size", 2, "endpoints", EPS,
+                "host"])) + b"\x91" * 1000 + b"\xc0"
+        join = {"op": "join", "rank": 1, "size": 2, "host": "h", "endpoints": EPS}
+        for req in (deep(5), deep(1), msgpack.packb({**join, "pid": "1"}),
+                    msgpack.packb({**join, "pid": 1, "window": [1]})):
+            s = _insider(ctx, srv.port, "s")
+            before = srv.rejected
+            s.send(req)
+            assert _wait(lambda: srv.rejected == before + 1), req[:80]
+            s.close()
+        assert srv.missing() == [0, 1]
+        assert "cannot join a job of world size 2" in _refused_at_once(ctx, srv.port, "s")
+    finally:
+        ctx.destroy(linger=0)
+        srv.close()
+
+
+def test_malformed_requests_do_not_flood_the_rendezvous_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every malformed request (from a holder of the secret) was logged:
+    a line each, as fast as it could send. Now the 1st, 2nd, 4th..., as
+    the workers log the bad messages they drop; all are counted."""
+    srv = RendezvousServer(2, "s").start()
+    ctx = zmq.Context()
+    try:
+        s = _insider(ctx, srv.port, "s")
+        with caplog.at_level("WARNING", logger="mesh.rendezvous"):
+            for _ in range(300):
+                s.send(b"\xc1 not msgpack")
+            assert _wait(lambda: srv.rejected == 300), srv.rejected
+        said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
+        assert len(said) == 9 and said[-1].endswith("(256 so far)"), said[:3]
+        s.close()
+    finally:
+        ctx.destroy(linger=0)
+        srv.close()
+
+
 def test_a_wrong_secret_fails_the_rendezvous_with_a_clear_error() -> None:
     srv = RendezvousServer(2, "right").start()
     ctx = zmq.Context()
@@ -141,6 +243,36 @@ def test_a_wrong_secret_fails_the_rendezvous_with_a_clear_error() -> None:
     finally:
         ctx.term()
         srv.close()
+
+
+@pytest.mark.parametrize("ipc", [False, True], ids=["tcp", "ipc"])
+def test_a_refused_stranger_is_named(ipc: bool, tmp_path: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The log names where a connection refused for its credentials came
+    from: its address over tcp://, and over ipc:// its process and user
+    (libzmq says "localhost:UID:GID:PID", which the log quoted as such)."""
+    ctx = zmq.Context()
+    a = auth.Authenticator(ctx, "s")
+    r = ctx.socket(zmq.ROUTER)
+    r.setsockopt(zmq.LINGER, 0)
+    auth.make_server(r, "s")
+    r.bind(f"ipc://{tmp_path}/r.sock" if ipc else "tcp://127.0.0.1:0")
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    auth.make_client(s, "wrong")
+    try:
+        with caplog.at_level("WARNING", logger="mesh.auth"):
+            s.connect(r.getsockopt_string(zmq.LAST_ENDPOINT))
+            assert _wait(lambda: a.refused >= 1)
+        said = [rec.getMessage() for rec in caplog.records if rec.name == "mesh.auth"]
+        where = (f"from process {os.getpid()} (user id {os.geteuid()}) on this host" if ipc
+                 else "from 127.0.0.1 ")
+        assert any(where in m and "without the job secret" in m for m in said), said
+    finally:
+        s.close()
+        r.close()
+        a.close()
+        ctx.term()
 
 
 def _fds() -> int:
@@ -414,3 +546,66 @@ def test_a_handshake_timeout_must_be_positive(monkeypatch: pytest.MonkeyPatch) -
     finally:
         s.close(linger=0)
         ctx.term()
+
+
+# A rank's ROUTER in a process of its own, its open files held low: libzmq
+# aborts a process whose ipc:// accept fails for want of a descriptor
+_IPC_SERVER = """
+import resource, sys, zmq
+from mesh import auth
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+ctx = zmq.Context()
+a = auth.Authenticator(ctx, "s")
+r = ctx.socket(zmq.ROUTER)
+r.setsockopt(zmq.LINGER, 0)
+auth.make_server(r, "s")
+r.bind(sys.argv[1])
+print("bound", flush=True)
+sys.stdin.readline()
+print("alive", flush=True)
+r.close()
+a.close()
+ctx.term()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                    reason="an abstract ipc:// socket, and root to act as another user")
+def test_another_users_process_cannot_hold_a_ranks_ipc_socket() -> None:
+    """Under torchrun, srun and mpirun a rank's ipc:// socket is abstract
+    (mesh.world._ipc_path): no file permissions, so any user's process may
+    connect. One that held enough connections open used up the rank's open
+    files (ulimit -n; 64 here), and libzmq aborted the rank (SIGABRT: 'Too many open files
+    (src/ipc_listener.cpp)'). A process of another user is now closed as it
+    is accepted, before the handshake: it never even hears the greeting."""
+    name = f"@mr-test-{os.getpid()}-{secrets.token_hex(4)}.sock"
+    srv = subprocess.Popen([sys.executable, "-c", _IPC_SERVER, f"ipc://{name}"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    try:
+        assert srv.stdout is not None and srv.stdout.readline() == "bound\n"
+        pid = os.fork()
+        if pid == 0:        # nobody: exits 0 when every connection was closed unheard
+            heard = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                held = []
+                for _ in range(200):
+                    held.append(socket.socket(socket.AF_UNIX))
+                    held[-1].connect("\0" + name[1:])
+                for s in held:
+                    s.settimeout(2)
+                    if s.recv(10):
+                        break
+                else:
+                    heard = 0
+            finally:
+                os._exit(heard)
+        assert os.waitpid(pid, 0)[1] == 0, "another user's process got a ZeroMQ greeting"
+        out, _ = srv.communicate("\n", timeout=10)
+        assert srv.returncode == 0 and out == "alive\n", (srv.returncode, out)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
