@@ -927,13 +927,7 @@ class _P2PWork(_Work):
         return bool(self._req.done())
 
     def is_success(self) -> bool:
-        if not self._req.done():
-            return False
-        try:
-            self.wait()
-        except Exception:
-            return False
-        return True
+        return bool(self._req.done()) and self.exception() is None
 
     def exception(self) -> BaseException | None:
         """The transfer's error once it is done (a receive that timed out, a
