@@ -235,7 +235,7 @@ def launch(a: argparse.Namespace) -> int:
             if a.log_dir:
                 log_tracebacks(a.log_dir, records)
             if outcome.reason != "ok":
-                report = format_report(outcome, records, a.nproc, a.timeout)
+                report = format_report(outcome, records, a.nproc, a.timeout, a.no_python)
             return exit_code(outcome, records)
         finally:
             job.close(report)

@@ -20,11 +20,13 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
 
 
-def _no_traceback(e: WorkerExit) -> str:
+def _no_traceback(e: WorkerExit, program: bool = False) -> str:
     if e.returncode is None:
         return "no traceback: the process could not be reaped"
     if e.returncode < 0:
         return f"no traceback: killed by {signal_name(-e.returncode)}"
+    if program:         # (--no-python: a program of the user's, whose own output says why)
+        return f"no traceback: the program exited with code {e.returncode}"
     return (f"no traceback: exited with code {e.returncode} without an uncaught Python "
             f"exception (sys.exit, os._exit, or a crash in native code)")
 
@@ -99,9 +101,10 @@ def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
 
 
 def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc: int,
-                  timeout: float | None = None) -> str:
+                  timeout: float | None = None, program: bool = False) -> str:
     """The root-cause table: why the job stopped, the first failing rank's
-    error, exit and traceback, then one line for every other rank."""
+    error, exit and traceback, then one line for every other rank (program:
+    the ranks run a program of the user's, --no-python, not Python)."""
     root = _root_cause(outcome, records)
     lines = [_RULE]
     if outcome.reason == "timeout":
@@ -140,7 +143,7 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
             lines.append("  traceback  :")
             lines += ["    " + ln for ln in str(tb).rstrip().splitlines()]
         else:
-            lines.append(f"  traceback  : {_no_traceback(root)}")
+            lines.append(f"  traceback  : {_no_traceback(root, program)}")
     others = [e for e in sorted(outcome.exits, key=lambda e: e.rank) if e is not root]
     if others:
         lines.append("Other ranks:" if root is not None else "Ranks:")  # (no first one)
