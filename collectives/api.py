@@ -54,16 +54,20 @@ _staged_all_to_all = simple(host.all_to_all, in_place=False)
 _staged_all_to_all_v = simple(host.all_to_all_v, in_place=False)
 
 
-def _half_avg(a: Any, op: str) -> bool:
+def _half_avg(a: Any, op: str, written: bool = True) -> bool:
     """An average of float16 (a numpy array, of either byte order, or a
     torch tensor): taken in float32, so that no partial sum overflows (n
     ranks' 30000 made inf) and the mean is rounded once (as bfloat16's,
-    collectives.tensors)."""
+    collectives.tensors). ``written``: the call writes ``a`` (not a
+    reduce off the root, whose array may be read-only: widened all the
+    same, or its fingerprint would say float16 where the root's says
+    float32)."""
     if op != "avg":
         return False
-    if type(a) is np.ndarray:       # (a read-only one: refused as it is, by the call)
+    if type(a) is np.ndarray:       # (a read-only one written: refused as it is, by the call)
         dt = a.dtype
-        return dt.kind == "f" and dt.itemsize == 2 and dt.metadata is None and a.flags.writeable
+        return dt.kind == "f" and dt.itemsize == 2 and dt.metadata is None and (
+            a.flags.writeable or not written)
     return is_tensor(a) and str(a.dtype) == "torch.float16"
 
 
@@ -162,7 +166,8 @@ def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = Fal
            algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce, for host and device arrays and tensors
     (float16 averaged in float32)."""
-    if _half_avg(a, op) and isinstance(getattr(g, "rank", None), int):
+    check_comm(g, "reduce")
+    if _half_avg(a, op, g.rank == root):
         return _widened(lambda w: reduce(g, w, root, op, async_op, algorithm, timeout), a,
                         g.rank == root, async_op, same=g.rank != root)
     if type(a) is not np.ndarray and is_tensor(a):
@@ -175,6 +180,7 @@ def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = Fal
 def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
            timeout: float | None = None) -> Any:
     """collectives.host.paths.gather, for host and device arrays and tensors."""
+    check_comm(g, "gather")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(gather, "gather", g, a, root=root, async_op=async_op,
                           timeout=timeout)
@@ -190,6 +196,7 @@ def scatter(g: Comm, a: Any = None, root: int = 0, async_op: bool = False,
     root's rows must have that dtype (``dtype=``: a numpy dtype, to check
     it for a row that comes back as a numpy array) and, given ``shape``,
     that shape."""
+    check_comm(g, "scatter")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(scatter, "scatter", g, a, root=root, async_op=async_op,
                           timeout=timeout, shape=shape)
@@ -199,6 +206,7 @@ def scatter(g: Comm, a: Any = None, root: int = 0, async_op: bool = False,
 
 def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_to_all, for host and device arrays and tensors."""
+    check_comm(g, "all_to_all")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(all_to_all, "all_to_all", g, a, async_op=async_op, timeout=timeout)
     return _staged_all_to_all(g, a, async_op=async_op, timeout=timeout)

@@ -219,6 +219,12 @@ class GradReducer:
 
     def _check(self, i: int, a: Any) -> None:
         """Gradient ``i`` is of the reducer's kind: torch, device or host."""
+        if a is None:       # (not a kind of its own: [p.grad for p in params], one unused)
+            raise TypeError(f"{self._me}: gradient {i} is None (a parameter without a "
+                            f".grad: unused in this step's forward?); pass the parameters "
+                            f"themselves, [p for p in model.parameters() if "
+                            f"p.requires_grad]: a missing .grad is then reduced as zeros, "
+                            f"and stays None where no rank has one")
         if self.torch:
             if not tensors.is_tensor(a):
                 raise TypeError(f"{self._me}: gradient {i} is a {type(a).__name__} and "

@@ -597,6 +597,64 @@ def test_a_grid_or_other_object_for_a_communicator_is_named() -> None:
                                   f"collectives take a meshrun communicator"), said
 
 
+def _tensor_without_communicator(world: mesh.Mesh) -> list[str]:
+    import torch
+    said = []
+    for call in (C.reduce, C.gather, C.scatter, C.all_to_all):
+        for g in (None, 3):
+            with pytest.raises(TypeError) as e:
+                call(g, torch.ones(2))
+            said.append(str(e.value))
+    return said
+
+
+@pytest.mark.timeout(60)
+def test_a_tensor_given_something_else_for_a_communicator_is_named() -> None:
+    """reduce, gather, scatter and all_to_all of a torch tensor read the
+    communicator's ranks before checking it: None (a non-member's group) or
+    any other object raised a bare AttributeError ('NoneType' object has
+    no attribute 'ranks')."""
+    for r, said in enumerate(mesh.spawn(_tensor_without_communicator, 2, timeout=60)):
+        assert len(said) == 8, said
+        for call, text in zip(("reduce", "gather", "scatter", "all_to_all"), said[::2]):
+            assert text.startswith(f"rank {r}: {call}: the communicator is None; "), text
+        for call, text in zip(("reduce", "gather", "scatter", "all_to_all"), said[1::2]):
+            assert text.startswith(f"rank {r}: {call}: the communicator is an int; "), text
+
+
+def _read_only_off_the_root(world: mesh.Mesh) -> list:
+    r, n = world.rank, world.size
+    got = []
+    for alg in (None, "tree", "chain"):
+        for size in (3, 30_000):    # the board's payloads, and its large path
+            base = np.arange(8.0 * size).reshape(4, 2 * size) + r
+            before = base.copy()
+            base.flags.writeable = r == 0
+            view = base[:, ::2]     # not C-contiguous
+            C.reduce(world, view, root=0, algorithm=alg)
+            if r == 0:
+                before[:, ::2] = before[:, ::2] * n + sum(range(n))
+            got.append(bool((base == before).all()))
+    for dt in (np.float16, np.dtype(np.float16).newbyteorder()):
+        a = np.full(4, 30000.0, dt)
+        a.flags.writeable = r == 0
+        assert C.reduce(world, a, root=0, op="avg") is a
+        got.append(a.tolist())
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_reduce_takes_a_read_only_array_off_the_root() -> None:
+    """Only the root's array of a reduce is written, so the others' may be
+    read-only. One that was not C-contiguous failed after the call had
+    finished ('assignment destination is read-only', naming neither rank
+    nor call: its contiguous copy was written back); a read-only float16
+    one averaged was not widened where the root's was, and every rank
+    raised MismatchError (float16 against float32)."""
+    got = mesh.spawn(_read_only_off_the_root, 3, timeout=60)
+    assert got == [[True] * 6 + [[30000.0] * 4] * 2] * 3, got
+
+
 def _numpy_subclasses(world: mesh.Mesh) -> list[str]:
     """A masked array is refused by point-to-point and every collective (its
     mask would not travel); np.matrix travels as its memory."""

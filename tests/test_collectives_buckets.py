@@ -292,6 +292,33 @@ def test_grad_reducer_arguments_are_refused_naming_rank_and_call() -> None:
                           f"writable numpy array (got list)", said
 
 
+def _unused_gradient(world: Any) -> list[str]:
+    import torch
+    said = []
+    ps = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    ps[0].grad = torch.ones(3)      # ps[1] unused: its .grad is None
+    with pytest.raises(TypeError) as e:
+        C.all_reduce_grads(world, [p.grad for p in ps])
+    said.append(str(e.value))
+    C.all_reduce_grads(world, ps)   # as advised
+    said.append(f"{ps[0].grad.tolist()} {ps[1].grad}")
+    return said
+
+
+@pytest.mark.timeout(60)
+def test_a_gradient_that_is_none_is_named_with_what_to_pass() -> None:
+    """all_reduce_grads(g, [p.grad for p in params]) with a parameter unused
+    this step (.grad None) said 'gradient 1 is a NoneType and gradient 0 a
+    torch tensor: a GradReducer takes all torch, all host (numpy) or all
+    device gradients', as if the kinds were mixed."""
+    pytest.importorskip("torch")
+    for r, said in enumerate(mesh.spawn(_unused_gradient, 2, timeout=60)):
+        assert said[0].startswith(f"rank {r}: all_reduce_grads on group world: gradient 1 is "
+                                  f"None (a parameter without a .grad"), said
+        assert "pass the parameters themselves" in said[0] and "NoneType" not in said[0], said
+        assert said[1] == "[1.0, 1.0, 1.0] None", said
+
+
 def _half_averages(world: Any) -> list[float]:
     """float16 averaged in float32: n ranks' 30000 is 30000 (the float16 sum
     overflowed to inf), and a mean is rounded once (2048, 1, 1, 1: 513)."""

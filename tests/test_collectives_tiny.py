@@ -405,3 +405,39 @@ def test_a_done_callback_may_wait_for_a_call_queued_behind_it() -> None:
     """It waited for ever (the queued call behind the callback on the lane)
     or until its timeout; the lane now goes on in a new thread first."""
     assert mesh.spawn(_callback_waits, 2, timeout=90) == [[[2.0] * 4] * 2] * 2
+
+
+def _bfloat16_beside_float32(world: Any, hosts: str) -> list:
+    """Short calls of float32 (3,) settle its plan; then bfloat16 on rank 0
+    only (widened to float32 whose dtype carries bfloat16's name), then on
+    every rank."""
+    import torch
+    if hosts:
+        world.hosts[:] = ["fake-" + h for h in hosts]
+    said = []
+    for _ in range(3):
+        t = torch.ones(3)
+        C.all_reduce(world, t)
+        said.append(t.tolist())
+    t = torch.ones(3, dtype=torch.bfloat16 if world.rank == 0 else torch.float32)
+    said.append(_caught(lambda: C.all_reduce(world, t)))
+    for _ in range(3):      # bfloat16 everywhere: its own plan, and the right sums
+        t = torch.full((3,), 1.5, dtype=torch.bfloat16)
+        C.all_reduce(world, t)
+        said.append(t.tolist())
+    return said
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hosts", ["", "abab"], ids=["one-host", "two-hosts"])
+def test_a_bfloat16_call_is_not_taken_for_a_float32_one(hosts: str) -> None:
+    """numpy's dtype equality ignores metadata, so a bfloat16 all_reduce
+    (float32 named bfloat16) found the plan a float32 call of its shape had
+    settled and went the short way under the float32 fingerprint: a rank
+    calling bfloat16 where the others call float32 got no MismatchError."""
+    n = len(hosts) or N
+    for rank, said in enumerate(mesh.spawn(_bfloat16_beside_float32, n, hosts, timeout=60)):
+        assert said[:3] == [[float(n)] * 3] * 3, said
+        assert said[3].startswith("MismatchError") and "dtype=bfloat16" in said[3] \
+            and "dtype=float32" in said[3], f"rank {rank}: {said[3]}"
+        assert said[4:] == [[1.5 * n] * 3] * 3, said

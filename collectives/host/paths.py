@@ -183,16 +183,19 @@ def _topology(ctx: Ctx, coll: str, lay: bool | None, nbytes: int) -> hier.Topolo
     return hier.topology(ctx.g)
 
 
-def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None]) -> Body:
+def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None],
+              written: bool = True) -> Body:
     """Run ``body`` on a flat contiguous view of ``a`` (a contiguous copy
-    written back when ``a`` is not C-contiguous); return ``a``. A numpy
-    subclass goes as a plain view of its memory: an np.matrix stays 2-d
-    when reshaped, and the paths that cut it in chunks cut its rows."""
+    written back when ``a`` is not C-contiguous and ``written``: not off a
+    reduce's root, whose array is only read and may be read-only); return
+    ``a``. A numpy subclass goes as a plain view of its memory: an
+    np.matrix stays 2-d when reshaped, and the paths that cut it in chunks
+    cut its rows."""
     def run(ctx: Ctx) -> np.ndarray:
         plain = a if type(a) is np.ndarray else a.view(np.ndarray)
         work = plain if plain.flags.c_contiguous else np.ascontiguousarray(plain)
         body(ctx, work.reshape(-1))
-        if work is not plain:
+        if work is not plain and written:
             plain[...] = work
         return a
     return run
@@ -285,7 +288,7 @@ def reduce(g: Comm, a: np.ndarray, root: int = 0, op: str = "sum", async_op: boo
                     agreed(lambda c: fn(c, buf, rop, r))(ctx)
             if ctx.g.rank == r:
                 rop.finish(buf, ctx.g.size)
-        return _fp("reduce", arr, op=op, root=r, alg=alg), _in_place(arr, body)
+        return _fp("reduce", arr, op=op, root=r, alg=alg), _in_place(arr, body, g.rank == r)
     return start(g, "reduce", prepare, async_op, timeout)
 
 

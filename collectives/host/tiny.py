@@ -100,14 +100,15 @@ def learn(ctx: Ctx, topo: Topology, arr: np.ndarray, op: Any, rop: ReduceOp) -> 
                f"{ctx.name} ({SMALL_HOST})", ctx.timeout, ctx.deadline)
     if not shm_tiny.learn(host, arr, op, rop):
         return
-    shm_tiny.keep(_plans, ctx, (arr.dtype, arr.shape, op), lambda: _Plan(ctx, topo, op, rop))
+    shm_tiny.keep(_plans, ctx, shm_tiny.plan_key(arr.dtype, arr.shape, op),
+                  lambda: _Plan(ctx, topo, op, rop))
 
 
 def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | None:
     """``a`` all-reduced the short way, or None (nothing done, no tag taken)
     where the call must take the long way."""
     try:
-        plan = _plans[g][(a.dtype, a.shape, op)]
+        plan = _plans[g][shm_tiny.plan_key(a.dtype, a.shape, op)]
     except (KeyError, TypeError):
         return None
     flags = a.flags

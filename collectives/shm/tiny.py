@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mesh import Comm
+from mesh.tensors import dtype_name
 
 from ..ops import ReduceOp
 from ..plan import Tuning
@@ -35,7 +36,7 @@ from ..runner import NOT_NOW, Body, Ctx, now
 from . import board
 from .local import all_reduce_small
 
-__all__ = ["MAX_BYTES", "forget", "learn", "keep", "all_reduce"]
+__all__ = ["MAX_BYTES", "forget", "learn", "keep", "plan_key", "all_reduce"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
@@ -94,6 +95,16 @@ a loop's next call finds its plan here for a third of what the
 dictionaries cost (hashing a dtype alone costs about as much)."""
 
 
+def plan_key(dtype: np.dtype, shape: tuple[int, ...], op: Any) -> tuple:
+    """A plan's key: (dtype, shape, op), and the dtype's name where it has
+    metadata (bfloat16 widened to float32, collectives.tensors), which numpy's
+    dtype equality ignores: a bfloat16 call must not take a float32 call's
+    plan, whose fingerprint would hide a mismatch between the two."""
+    if dtype.metadata is None:
+        return (dtype, shape, op)
+    return (dtype, shape, op, dtype_name(dtype))
+
+
 def forget(g: Comm) -> None:
     """Drop ``g``'s short-way plans (their views are of boards that
     board.forget took out of use): its next calls take the long way."""
@@ -110,7 +121,7 @@ def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> bool:
     it is kept (collectives.host.tiny's host step takes it)."""
     if arr.nbytes > MAX_BYTES or not board.mapped(ctx.g):
         return False
-    if keep(_plans, ctx, (arr.dtype, arr.shape, op), lambda: _Plan(ctx, arr, rop)):
+    if keep(_plans, ctx, plan_key(arr.dtype, arr.shape, op), lambda: _Plan(ctx, arr, rop)):
         global _last
         _last = _NO_LAST
     return True
@@ -139,7 +150,7 @@ def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | No
     ref, dtype, shape, last_op, plan = _last
     if ref() is not g or dtype is not a.dtype or last_op is not op or shape != a.shape:
         try:
-            plan = _plans[g][(a.dtype, a.shape, op)]
+            plan = _plans[g][plan_key(a.dtype, a.shape, op)]
         except (KeyError, TypeError):
             return None
         _last = (weakref.ref(g), a.dtype, a.shape, op, plan)
