@@ -556,9 +556,11 @@ class Job:
                  timeout: float | None = None, tag_base: int = 0,
                  target: Any = None, keys: list[str] | None = None,
                  aliases: dict[str, str] | None = None,
-                 skipped: Sequence[tuple[Schedule, str]] = ()) -> None:
+                 skipped: Sequence[tuple[Schedule, str]] = (),
+                 rest: dict[str, Any] | None = None) -> None:
         self.grid = grid
         self._keys = keys          # a traced model's state_dict() keys, in its order
+        self._rest = rest or {}    # its tensors no stage holds, by key (_rest), on every rank
         self._aliases = aliases or {}     # a shared tensor's other keys: its first key
         self.calibration = calibration
         self.profile_calibration = calibration     # what distribute's choice was made with
@@ -762,6 +764,14 @@ class Job:
                 raise KeyError(f"rank {self.grid.comm.rank}: load_state_dict: stage {s} needs "
                                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}, "
                                f"not in the state given")
+            if self._rest and s == self.schedule.stages_of(self.pipeline.rank)[0]:
+                missing = [k for k in self._rest if k not in state]
+                if missing:
+                    raise KeyError(
+                        f"rank {self.grid.comm.rank}: load_state_dict: the model's "
+                        f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (in "
+                        f"no stage: its loss's, or never read by its forward) not in the "
+                        f"state given")
             if not self.is_torch:
                 for name, layer in zip(mine, st.layers):
                     load_full_params(layer, [state[f"{name}.{j}"]
@@ -770,6 +780,11 @@ class Job:
                 load_full_state_dict(st.module, {k: state[m] for k, m in keys.items()})
             else:
                 st.module.load_state_dict({k: state[m] for k, m in keys.items()})
+        if self._rest:      # (every rank: the last stage's loss may read them)
+            import torch
+            with torch.no_grad():
+                for k, v in self._rest.items():
+                    v.copy_(state[k])
 
     def state_dict(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The whole model's state on world rank 0 (None elsewhere), keyed
@@ -794,6 +809,8 @@ class Job:
             keys = pp.recv(src, tag=_STATE_TAG, timeout=timeout)
             for i, k in enumerate(keys):
                 state[k] = pp.recv(src, tag=_STATE_TAG + 1 + i, timeout=timeout)
+        for k, v in self._rest.items():     # what no stage holds: this rank's own copy
+            state.setdefault(k, v.detach().clone())
         for k, first in self._aliases.items():    # a shared module's other names, as torch's
             if k not in state and first in state:
                 state[k] = state[first]
@@ -820,6 +837,66 @@ def _aliases(model: Any) -> dict[str, str]:
             if first.setdefault(id(v), key) != key:
                 out[key] = first[id(v)]
     return out
+
+
+def _rest(source: Any, pieces: Any, loss: Any, aliases: dict[str, str]
+          ) -> OrderedDict[str, Any]:
+    """A traced model's state entries that none of its pieces holds (a
+    module its forward never calls, a pooler; a buffer only its loss reads,
+    a criterion's class weights), each the tensor itself (the loss's own,
+    where it holds it): no stage returns them, yet a single-process copy's
+    ``load_state_dict`` needs every key, so ``Job.state_dict`` adds them as
+    built (no gradient reaches them) and ``Job.load_state_dict`` loads them."""
+    held = {k for piece in pieces for k in piece.state_dict()}    # (the model's own names)
+    own = loss.state_dict(keep_vars=True) if _is_torch(loss) else {}
+    return OrderedDict((k, own.get(k, v)) for k, v in source.state_dict(keep_vars=True).items()
+                       if k not in held and k not in aliases)
+
+
+def _real_rest(source: Any, loss: Any, rest: dict[str, Any]) -> OrderedDict[str, Any]:
+    """``rest`` (``_rest``) of a model on the meta device made real on the
+    CPU, in the model and its loss alike: zeros, then each module holding
+    only such tensors reset (``reset_parameters()``); a warning names those
+    left zeros until ``job.load_state_dict`` fills them (a criterion's class
+    weights: the loss reads zeros until then)."""
+    import warnings
+
+    import torch
+    real: OrderedDict[str, Any] = OrderedDict()
+    for k, v in rest.items():
+        if v.is_meta:
+            new = torch.zeros(v.shape, dtype=v.dtype)
+            if isinstance(v, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=v.requires_grad)
+            path, _, attr = k.rpartition(".")
+            for holder in (source, loss) if _is_torch(loss) else (source,):
+                try:
+                    m = holder.get_submodule(path)
+                except AttributeError:
+                    continue
+                for table in (m._parameters, m._buffers):
+                    if table.get(attr) is v:
+                        table[attr] = new
+            v = new
+        real[k] = v
+    bare = []
+    for name, m in source.named_modules():
+        mine = [f"{name}.{n}".lstrip(".") for n, _ in
+                [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
+        mine = [k for k in mine if k in real]
+        if not mine or not rest[mine[0]].is_meta:
+            continue
+        if callable(getattr(m, "reset_parameters", None)) and len(mine) == len(
+                m._parameters) + len(m._buffers) - len(m._non_persistent_buffers_set):
+            m.reset_parameters()
+        else:
+            bare += mine
+    if bare:
+        warnings.warn(f"engine.distribute: made from the meta device, "
+                      f"{', '.join(bare[:4])}{' ...' if len(bare) > 4 else ''} (in no stage: "
+                      f"the loss's, or never read by the forward) are zeros until "
+                      f"job.load_state_dict() fills them", stacklevel=3)
+    return real
 
 
 def _model_key(names: list[str], key: str) -> str:
@@ -1004,17 +1081,19 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                              "patterns (a str or a list of them)")
         on_meta = _on_meta(model)
         source = model
+        own_loss: Any = None        # the traced model's own loss, where it is the pipeline's
         n_inputs = inputs_of(sample)
         if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
             model = sequential(source, target=loss_fn is None, inputs=n_inputs)
-            loss_fn = loss_fn or model.loss
+            own_loss = model.loss
+            loss_fn = loss_fn or own_loss
         if loss_fn is not None:
             _takes_two(loss_fn)
         named, is_torch = _model_layers(model)
     except (TypeError, ValueError) as e:
         if not isinstance(grid, (Grid, Comm)):
             raise                   # (no grid to tell)
-        fault, patterns, named, is_torch = e, (), [], False
+        fault, patterns, named, is_torch, own_loss = e, (), [], False, None
     # the stages' recompute (Pipeline's, costed by candidates): none when selective
     way: bool | str = recompute if isinstance(recompute, (bool, str)) and not patterns else False
     grid = _as_grid(grid)
@@ -1243,9 +1322,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             target = _loss_target(wrapped, xs[-1]) if pipe.last else None
         if overhead is None:          # each stage's messages: its output, its input's gradient
             messages = _stage_messages(profile[size], tuple(counts))
+    rest = _rest(source, model, own_loss, aliases) if source is not model else OrderedDict()
+    if on_meta and rest:
+        rest = _real_rest(source, own_loss, rest)
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
               bool(plan), cal, inputs, reps, messages, timeout, tag_base, target,
-              list(source.state_dict()) if source is not model else None, aliases, skipped)
+              list(source.state_dict()) if source is not model else None, aliases, skipped,
+              rest)
     job.retime()
     if verbose and grid.comm.rank == 0 and auto and job.predicted is not None:
         print(f"engine.distribute: {job.schedule.name} re-timed as its steps will run: "

@@ -35,8 +35,10 @@ that reads it is the loss:
 ``forward(idx, targets)`` returning ``(logits, loss)`` (or the loss alone,
 or a dict with it) gives layers ending at what the loss reads of the model
 (nanoGPT's flattened logits) and ``.loss(output, target)``. The loss part
-must call no submodule (a model whose "target" feeds its layers, a mask,
-has no loss to find: pass ``loss_fn=``). Other parameters keep their
+must call no submodule with parameters (a model whose "target" feeds
+its layers, a mask, has no loss to find: pass ``loss_fn=``); a criterion
+module (the model's own, or one the forward makes) is part of it. What the
+forward computes under ``torch.no_grad()`` is read detached, as it runs. Other parameters keep their
 defaults (nanoGPT's ``if targets is None`` takes the training branch only
 when ``target=True``).
 
@@ -225,6 +227,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     aside) are inputs: with more than one (``forward(input_ids,
     attention_mask, labels)``) the first piece takes them as one tuple,
     as a pipeline's first stage gets ``step((ids, mask), labels)``."""
+    import torch
     import torch.fx as fx
     from torch import _assert as torch_assert, nn
     if hasattr(model, "_orig_mod"):
@@ -276,6 +279,20 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                 return True         # a member of a list of layers: a block, called whole
             return not _holds_layers(m)
 
+        def call_module(self, m: Any, forward: Any, args: Any, kwargs: Any) -> Any:
+            try:
+                self.path_of_module(m)
+            except NameError:   # made in the forward (Hugging Face's loss_fct =
+                return forward(*args, **kwargs)     # CrossEntropyLoss()): its code traced
+            return super().call_module(m, forward, args, kwargs)
+
+        def create_node(self, kind: str, target: Any, args: Any, kwargs: Any,
+                        name: str | None = None, type_expr: Any = None) -> Any:
+            node = super().create_node(kind, target, args, kwargs, name, type_expr)
+            if kind.startswith("call_") and not torch.is_grad_enabled():
+                node.meta[_NO_GRAD] = True      # made inside the forward's torch.no_grad()
+            return node
+
         def to_bool(self, obj: Any) -> bool:
             where = _asserting()    # an assert on a traced value: checked as the step runs
             if where is None:
@@ -287,13 +304,14 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         proxy_buffer_attributes = False     # a buffer's value read (a flag): its value now
 
     try:
-        try:
-            graph = Tracer().trace(model, concrete_args=concrete or None)
-        except Exception as first:
+        with torch.enable_grad():       # (what the forward's own no_grad() is told from)
             try:
-                graph = Baked().trace(model, concrete_args=concrete or None)
-            except Exception:
-                raise first from None
+                graph = Tracer().trace(model, concrete_args=concrete or None)
+            except Exception as first:
+                try:
+                    graph = Baked().trace(model, concrete_args=concrete or None)
+                except Exception:
+                    raise first from None
     except Exception as e:
         kept = ", ".join(map(repr, concrete))
         fixed = (f"; {kept} kept {'its' if len(concrete) == 1 else 'their'} default(s): "
@@ -301,6 +319,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                  "(engine.sequential: inputs=)" if concrete else "")
         raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}"
                         f"{_line_of(e)}){fixed}; {way}") from e
+    _detach_no_grad(graph)
     nodes = list(graph.nodes)
     phs = [n for n in nodes if n.op == "placeholder"]
     by_name = {n.target: n for n in phs}
@@ -321,10 +340,14 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                             "not one loss: pass loss_fn=")
         needed = _ancestors(found)
         part = [n for n in nodes if n in needed and n in reads and n is not tgt]
-        if any(n.op == "call_module" for n in part):
+        # a criterion of the model's own (self.criterion = nn.CrossEntropyLoss()) is part
+        # of the loss; a module with parameters is a layer, which a target must not feed
+        layers = [n.target for n in part if n.op == "call_module"
+                  and _has_params(model, [n])]
+        if layers:
             raise TypeError(f"{what}: what it computes from {tgt_param.name!r} calls the "
-                            "model's modules, so it is no loss of the output alone: "
-                            "pass loss_fn=")
+                            f"model's modules with parameters ({', '.join(layers)}), so it "
+                            "is no loss of the output alone: pass loss_fn=")
         fed = {m for n in part for m in _inputs(n) if m not in reads and m.op != "get_attr"}
         if len(fed) != 1 or any(m in fed for m in ins):
             raise TypeError(f"{what}: its loss reads {len(fed)} values of the model "
@@ -393,6 +416,35 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     object.__setattr__(seq, "loss", loss)       # not a submodule: the layers are the pieces
     object.__setattr__(seq, "traced_from", type(model).__name__)
     return seq
+
+
+_NO_GRAD = "meshrun_no_grad"
+
+
+def _detached(value: Any) -> Any:
+    """A value made under the forward's ``torch.no_grad()``, as its code
+    saw it: a tensor without its autograd history (other values as they
+    are)."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def _detach_no_grad(graph: Any) -> None:
+    """torch.fx records no grad mode: what a forward computes inside ``with
+    torch.no_grad():`` (a norm used as a scale, a teacher's output) ran with
+    gradients in the pieces, so the pipeline trained what one process does
+    not. Each such value read where gradients are on is read detached."""
+    for n in list(graph.nodes):
+        users = [u for u in n.users if not u.meta.get(_NO_GRAD)]
+        if n.meta.get(_NO_GRAD) and users:
+            with graph.inserting_after(n):
+                d = graph.call_function(_detached, (n,))
+            for u in users:
+                u.replace_input_with(n, d)
 
 
 def _loop_steps(model: Any, body: list[Any], pos: dict[Any, int]) -> set[Any]:

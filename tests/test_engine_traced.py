@@ -805,3 +805,124 @@ def test_a_buffer_read_as_a_flag_still_traces():
     model = _Flagged()
     x = torch.randn(2, 4)
     assert torch.allclose(engine.sequential(model)(x), model(x))
+
+
+class _Criterion(nn.Module):
+    """A loss module of the model's own (class weights, a buffer in its
+    state dict), or one made in the forward as Hugging Face's models do
+    (``loss_fct = CrossEntropyLoss()``), and modules the forward never
+    calls (a pooler, a counter)."""
+
+    def __init__(self, made_in_forward=False):
+        super().__init__()
+        self.made_in_forward = made_in_forward
+        self.inp = nn.Linear(5, 6)
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+        self.out = nn.Linear(6, 3)
+        self.criterion = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+        self.pooler = nn.Linear(6, 6)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x, labels=None):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        logits = self.out(h)
+        loss_fct = nn.CrossEntropyLoss() if self.made_in_forward else self.criterion
+        return {"logits": logits, "loss": loss_fct(logits, labels)}
+
+
+def _criterion_data(step):
+    g = torch.Generator().manual_seed(step)
+    return (torch.randn(ROWS, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (ROWS,), generator=g))
+
+
+def test_a_loss_module_is_part_of_the_loss():
+    """A criterion submodule without parameters was refused as a layer the
+    target feeds, and one made in the forward could not be traced at all
+    (NameError: module is not installed as a submodule)."""
+    x, y = _criterion_data(0)
+    for made in (False, True):
+        torch.manual_seed(0)
+        model = _Criterion(made).double()
+        seq = engine.sequential(model, target=True)
+        assert len(seq) == 5           # inp, each block, out
+        torch.testing.assert_close(seq.loss(seq(x), y), model(x, y)["loss"], rtol=0, atol=0)
+
+
+def test_what_the_forward_computes_under_no_grad_gets_no_gradient():
+    """torch.fx keeps no grad mode: a scale computed under torch.no_grad()
+    in the forward was differentiated through in the pieces."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, x):
+            h = self.a(x)
+            with torch.no_grad():
+                scale = h.norm(dim=-1, keepdim=True) + 1
+            for block in self.blocks:
+                h = torch.tanh(block(h / scale))
+            return self.b(h)
+    torch.manual_seed(0)
+    model, x = Scaled().double(), torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():       # (tracing under no_grad: only the forward's own counts)
+        seq = engine.sequential(model)
+    grads = []
+    for run in (model, seq):
+        model.zero_grad()
+        run(x).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _criterion_worker(world):
+    torch.set_num_threads(1)
+    out = {}
+    for meta in (False, True):
+        torch.manual_seed(0)
+        with torch.device("meta" if meta else "cpu"):
+            model = _Criterion().double()
+        job = engine.distribute(model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=1,
+                                balance="parameters", timeout=60, verbose=False)
+        torch.manual_seed(3)
+        other = _Criterion().double()         # other weights, class weights included
+        other.criterion.weight.copy_(torch.tensor([0.5, 1.0, 3.0]))
+        job.load_state_dict(other.state_dict())
+        opt = torch.optim.SGD(job.parameters(), lr=LR)
+        losses = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            losses.append(job.step(*_criterion_data(step)))
+            opt.step()
+        state = job.state_dict()
+        out[meta] = {"losses": losses, "last": job.pipeline.last,
+                     "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_the_state_of_what_no_stage_holds_is_saved_and_loaded():
+    """The loss's class weights and the modules the forward never calls
+    were in no stage: job.state_dict() lacked them (a fresh model's
+    load_state_dict refused it) and job.load_state_dict() left the loss's
+    weights as built; from the meta device the loss read meta tensors."""
+    results = mesh.spawn(_criterion_worker, 2, timeout=280, env=PATIENT)
+    torch.manual_seed(3)
+    model = _Criterion().double()
+    model.criterion.weight.copy_(torch.tensor([0.5, 1.0, 3.0]))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss = model(*_criterion_data(step))["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for meta in (False, True):
+        state = trained_alike([r[meta] for r in results], losses, model.state_dict())
+        _Criterion().double().load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
