@@ -534,12 +534,20 @@ class ProcessGroupMeshrun(_ProcessGroup):
         root = opts.rootRank
         if problem := self._premul_problem(factor, tensors):
             return self._refuse("reduce", problem, opts.asyncOp, len(tensors))
+        ins = tensors
         if factor is not None:
-            for t in tensors:
-                t.detach().mul_(_factor(factor))
+            # the root's tensor takes the result, so it may be scaled in place; the others'
+            # are inputs only, left as they were (as by every other op, and by NCCL's
+            # PREMUL_SUM): a copy of theirs is scaled
+            f = _factor(factor)
+            if self.comm.rank == root:
+                for t in tensors:
+                    t.detach().mul_(f)
+            else:
+                ins = [t.detach() * f for t in tensors]
         return self._run([lambda a, t=t: C.reduce(self.comm, t, root=root, op=name, async_op=a,
                                                    timeout=self.timeout)
-                          for t in tensors], None, tensors, opts.asyncOp)
+                          for t in ins], None, tensors, opts.asyncOp)
 
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:

@@ -1310,6 +1310,31 @@ def test_premul_sum_on_a_torch_that_hides_its_factor_says_what_it_needs() -> Non
         _op(SimpleNamespace(op=R.RedOpType.PREMUL_SUM))       # torch 2.8-2.12's ReduceOp
 
 
+
+def premul_reduce(world: Any) -> list[float]:
+    """dist.reduce with PREMUL_SUM: the root's tensor, then every rank's own."""
+    _init()
+    r = dist.get_rank()
+    t = torch.full((2,), r + 1.0)
+    dist.reduce(t, dst=1, op=dist._make_nccl_premul_sum(0.5))
+    w = torch.full((3,), r + 1.0)
+    dist.reduce(w, dst=0, op=dist._make_nccl_premul_sum(torch.tensor([2.0])),
+                async_op=True).wait()
+    dist.destroy_process_group()
+    return t.tolist() + w.tolist()
+
+
+@pytest.mark.skipif(not PREMUL, reason="torch < 2.13 keeps PREMUL_SUM's factor in C++")
+@pytest.mark.timeout(60)
+def test_premul_sum_reduce_leaves_the_other_ranks_tensors_as_they_were() -> None:
+    """The factor scaled every rank's tensor in place, so a rank other than
+    the root had its input halved, where every other op (and NCCL's
+    PREMUL_SUM) leaves it as it was."""
+    got = mesh.spawn(premul_reduce, 3, timeout=45)
+    assert got[0] == [1.0, 1.0, 12.0, 12.0, 12.0], got       # root of the second
+    assert got[1] == [3.0, 3.0, 2.0, 2.0, 2.0], got          # root of the first
+    assert got[2] == [3.0, 3.0, 3.0, 3.0, 3.0], got
+
 def late_to_init(world: Any) -> str:
     import collectives.torchdist  # noqa: F401
     if world.rank == 1:
