@@ -38,7 +38,8 @@ or a dict with it) gives layers ending at what the loss reads of the model
 must call no submodule with parameters (a model whose "target" feeds
 its layers, a mask, has no loss to find: pass ``loss_fn=``); a criterion
 module (the model's own, or one the forward makes) is part of it. What the
-forward computes under ``torch.no_grad()`` is read detached, as it runs. Other parameters keep their
+forward computes under ``torch.no_grad()`` is read detached, as it runs;
+what it changes in place is changed in the pieces too (_kept_changes). Other parameters keep their
 defaults (nanoGPT's ``if targets is None`` takes the training branch only
 when ``target=True``).
 
@@ -369,6 +370,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         up = _ancestors([n])
         if all(u in ins for u in up if u.op == "placeholder"):
             needed |= up
+    needed |= _kept_changes(model, nodes, needed, reads if target else set())
     body = [n for n in nodes if n in needed and n.op not in ("placeholder", "get_attr")]
     if any(n.op == "placeholder" and n not in ins for n in needed):
         raise TypeError(f"{what}: its layers read an input besides "
@@ -376,6 +378,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     pos = {n: i for i, n in enumerate(body)}
     tensors = _tensor_valued(nodes)
     blocks = _loop_steps(model, body, pos)
+    held, changed = _changed_spans(model, body, pos)   # no cut between a tensor and its change
     # a value is live from where it is made (the input: before body[0]) to
     # its last reader in the body. A cut after body[i]: its own output is
     # live, a tensor, and either the only value live or (between two steps
@@ -393,7 +396,8 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         if last[n] > i:
             live.add(n)
         live.difference_update(dies.get(i, ()))
-        if n in live and n in tensors and (len(live) == 1 or (
+        n = changed.get(n, n) if n not in live else n   # (h.mul_(2): a cut after it carries h)
+        if n in live and n in tensors and i + 1 not in held and (len(live) == 1 or (
                 n in blocks and live <= tensors)):
             crossing[i + 1] = sorted(live, key=order.__getitem__)
     cuts = sorted(crossing)[1:]
@@ -483,6 +487,91 @@ def few(source: str | None, n: int) -> str:
     return (f" ({source}.forward traced into {n} by engine.sequential: a cut falls only "
             "where one tensor is all that the rest of the forward reads, or between two "
             "steps of a loop over a ModuleList where it reads tensors only)" if source else "")
+
+
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "squeeze",
+          "unsqueeze", "expand", "expand_as", "narrow", "select", "flatten", "unflatten",
+          "t", "mT", "T", "split", "chunk", "unbind", "as_strided", "diagonal", "movedim",
+          "swapaxes", "swapdims", "contiguous", "detach", "getitem", "unfold", "real", "imag"}
+"""Calls whose result may share its first argument's memory: a change made
+in place through it is a change of that argument."""
+
+
+def _changes(model: Any, n: Any) -> Any:
+    """The value ``n`` changes in place (its first argument: ``h.mul_(2)``,
+    ``F.relu(h, inplace=True)``, a module made with ``inplace=True``), or
+    None."""
+    if n.op == "call_method":
+        name = n.target
+    elif n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        if n.kwargs.get("inplace") is True:
+            name = "_inplace_"
+    elif n.op == "call_module":
+        name = "_inplace_" if getattr(model.get_submodule(n.target), "inplace", False) is True \
+            else ""
+    else:
+        return None
+    if not (name.endswith("_") and not name.endswith("__") and name != "_") or not n.args:
+        return None
+    first = n.args[0]
+    return first if hasattr(first, "all_input_nodes") else None
+
+
+def _kept_changes(model: Any, nodes: list[Any], needed: set[Any], loss: set[Any]) -> set[Any]:
+    """The in-place changes (``h.mul_(2)``, ``h.masked_fill_(m, 0)``, a
+    buffer's ``self.steps.add_(1)``) of what the output is computed from,
+    with what they read. torch.fx records the call but not that later
+    reads of ``h`` see the change (they read ``h``'s node): kept by what
+    the output reads alone, the pieces dropped it and computed another
+    model than the one given, without a word. A change of a value made
+    from what the output needs, or of a buffer, is kept, in its place
+    (the loss's own, ``loss``, are the loss's)."""
+    kept: set[Any] = set()
+    again = True
+    while again:
+        again = False
+        for n in nodes:
+            if n in needed or n in kept or n in loss:
+                continue
+            t = _changes(model, n)
+            if t is not None and (t.op == "get_attr" or _ancestors([t]) & (needed | kept)):
+                kept |= _ancestors([n])
+                again = True
+    return kept
+
+
+def _viewed(t: Any) -> list[Any]:
+    """``t`` and the values it is a view of (``h[:, 1:]``: it, then ``h``)."""
+    chain = [t]
+    while True:
+        name = (t.target if t.op == "call_method" else
+                getattr(t.target, "__name__", "") if t.op == "call_function" else "")
+        if name not in _VIEWS or not t.args or not hasattr(t.args[0], "all_input_nodes"):
+            return chain
+        t = t.args[0]
+        chain.append(t)
+
+
+def _changed_spans(model: Any, body: list[Any], pos: dict[Any, int]
+                   ) -> tuple[set[int], dict[Any, Any]]:
+    """The cuts (before ``body[c]``) that fall between a value and an
+    in-place change of it (or of a view of it, ``h[:, 1:].mul_(3)``): the
+    next piece would change the tensor it was given, which autograd
+    refuses (a leaf that requires grad), or the earlier piece's output.
+    And each change's value (the one viewed): a cut just after the change
+    may carry it, as it may after the call that made it."""
+    held: set[int] = set()
+    bases = {}
+    for k, n in enumerate(body):
+        t = _changes(model, n)
+        if t is None or t.op == "get_attr":     # (a buffer: in the piece that reads it)
+            continue
+        chain = _viewed(t)
+        for m in chain:
+            held.update(range(pos.get(m, -1) + 1, k + 1))   # (an input: from the start)
+        bases[n] = chain[-1]
+    return held, bases
 
 
 _NOT_TENSORS = {"size", "dim", "numel", "item", "tolist", "stride", "element_size",

@@ -4,6 +4,7 @@ written: a ModuleDict, a loop over a ModuleList, a tied head, its own loss)."""
 import os
 import sys
 
+import numpy as np
 import pytest
 from test_engine_distribute import trained_alike
 
@@ -878,6 +879,81 @@ def test_what_the_forward_computes_under_no_grad_gets_no_gradient():
         grads.append([p.grad.clone() for p in model.parameters()])
     for want, got in zip(*grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.act = nn.ReLU(inplace=True)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        h = self.a(x)
+        h.masked_fill_(h > 0.5, 0.5)        # a change of an activation
+        g = self.b(h)
+        g[:, 1:].mul_(3)                    # through a view of it
+        self.act(g)                         # an in-place module, its result unread
+        self.calls.add_(1)                  # a buffer's
+        return self.c(g)
+
+
+def test_a_change_made_in_place_in_the_forward_is_kept():
+    """torch.fx records ``h.mul_(2)`` but later reads of h read h's node:
+    the pieces, kept by what the output reads, dropped the change (and a
+    buffer's ``add_``) and computed another model without a word."""
+    torch.manual_seed(0)
+    model, x = _InPlace().double(), torch.randn(5, 4, dtype=torch.float64)
+    seq = engine.sequential(model)
+    assert len(seq) == 3        # cut after each change, never between a value and its change
+    outs, grads = [], []
+    for run in (model, seq):
+        model.zero_grad()
+        y = run(x)
+        y.pow(2).sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert float(model.calls) == 2              # once by each forward
+
+
+def _in_place_worker(world):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = _InPlace().double()
+    job = engine.distribute(model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=1,
+                            balance="parameters", loss_fn=F.mse_loss, timeout=60,
+                            verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    for step in range(STEPS):
+        opt.zero_grad()
+        job.step(*_in_place_data(step))
+        opt.step()
+    state = job.state_dict()
+    return None if state is None else {k: v.numpy() for k, v in state.items()}
+
+
+def _in_place_data(step):
+    g = torch.Generator().manual_seed(step)
+    return (torch.randn(6, 4, generator=g, dtype=torch.float64),
+            torch.randn(6, 2, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.timeout(300)
+def test_a_pipeline_of_a_forward_with_in_place_changes_trains_as_one_process():
+    results = mesh.spawn(_in_place_worker, 2, timeout=280, env=PATIENT)
+    torch.manual_seed(0)
+    model = _InPlace().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = _in_place_data(step)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(results[0][k], v.numpy(), rtol=1e-12, atol=1e-12, err_msg=k)
 
 
 def _criterion_worker(world):
