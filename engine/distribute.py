@@ -874,9 +874,9 @@ def _real_rest(source: Any, loss: Any, rest: dict[str, Any]) -> OrderedDict[str,
                     m = holder.get_submodule(path)
                 except AttributeError:
                     continue
-                for table in (m._parameters, m._buffers):
-                    if table.get(attr) is v:
-                        table[attr] = new
+                for held in (m._parameters, m._buffers):
+                    if held.get(attr) is v:
+                        held[attr] = new
             v = new
         real[k] = v
     bare = []

@@ -22,6 +22,20 @@ STEPS, LR, ROWS = 3, 0.1, 4
 PATIENT = {"MESH_HEARTBEAT_TIMEOUT": "60"}
 
 
+def _trained(job, data):
+    """STEPS steps of ``job`` on ``data(step)``: its losses, whether this
+    rank holds the last stage, and the gathered state (rank 0's)."""
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        losses.append(job.step(*data(step)))
+        opt.step()
+    state = job.state_dict()
+    return {"losses": losses, "last": job.pipeline.last,
+            "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+
+
 def _gpt():
     torch.manual_seed(0)
     return nanogpt.GPT(CFG).double()
@@ -350,15 +364,7 @@ def _meta_worker(world, axes):
     assert 0 < len(held) < len(list(gpt.parameters())), "a stage only, made real"
     assert all(not p.is_meta for p in job.parameters())
     job.load_state_dict(_gpt().state_dict())   # the trained model's weights, its own keys
-    opt = torch.optim.SGD(job.parameters(), lr=LR)
-    losses = []
-    for step in range(STEPS):
-        opt.zero_grad()
-        losses.append(job.step(*_batch(step)))
-        opt.step()
-    state = job.state_dict()
-    return {"losses": losses, "last": job.pipeline.last,
-            "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+    return _trained(job, _batch)
 
 
 @pytest.mark.timeout(300)
@@ -583,15 +589,7 @@ def _skip_worker(world):
                                 microbatches=2, timeout=60, verbose=False,
                                 **({"sample": _skip_data(kind, 0)[0], "recompute": True}
                                    if kind == "hf" else {"balance": "parameters"}))
-        opt = torch.optim.SGD(job.parameters(), lr=LR)
-        losses = []
-        for step in range(STEPS):
-            opt.zero_grad()
-            losses.append(job.step(*_skip_data(kind, step)))
-            opt.step()
-        state = job.state_dict()
-        out[kind] = {"losses": losses, "last": job.pipeline.last,
-                     "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+        out[kind] = _trained(job, lambda step, kind=kind: _skip_data(kind, step))
     return out
 
 
@@ -625,15 +623,7 @@ def _hf_tp_worker(world, recompute):
                             schedule="zb-h1", microbatches=2, balance="parameters",
                             sample=_skip_data("hf", 0)[0], timeout=60, verbose=False,
                             recompute=recompute)  # tp collectives in the forward run again
-    opt = torch.optim.SGD(job.parameters(), lr=LR)
-    losses = []
-    for step in range(STEPS):
-        opt.zero_grad()
-        losses.append(job.step(*_skip_data("hf", step)))
-        opt.step()
-    state = job.state_dict()
-    return {"losses": losses, "last": job.pipeline.last,
-            "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+    return _trained(job, lambda step: _skip_data("hf", step))
 
 
 @pytest.mark.timeout(300)
@@ -926,13 +916,7 @@ def _in_place_worker(world):
     job = engine.distribute(model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=1,
                             balance="parameters", loss_fn=F.mse_loss, timeout=60,
                             verbose=False)
-    opt = torch.optim.SGD(job.parameters(), lr=LR)
-    for step in range(STEPS):
-        opt.zero_grad()
-        job.step(*_in_place_data(step))
-        opt.step()
-    state = job.state_dict()
-    return None if state is None else {k: v.numpy() for k, v in state.items()}
+    return _trained(job, _in_place_data)["state"]
 
 
 def _in_place_data(step):
@@ -969,15 +953,7 @@ def _criterion_worker(world):
         other = _Criterion().double()         # other weights, class weights included
         other.criterion.weight.copy_(torch.tensor([0.5, 1.0, 3.0]))
         job.load_state_dict(other.state_dict())
-        opt = torch.optim.SGD(job.parameters(), lr=LR)
-        losses = []
-        for step in range(STEPS):
-            opt.zero_grad()
-            losses.append(job.step(*_criterion_data(step)))
-            opt.step()
-        state = job.state_dict()
-        out[meta] = {"losses": losses, "last": job.pipeline.last,
-                     "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+        out[meta] = _trained(job, _criterion_data)
     return out
 
 
