@@ -53,6 +53,11 @@ _staged_scatter = simple(host.scatter, in_place=False)
 _staged_all_to_all = simple(host.all_to_all, in_place=False)
 _staged_all_to_all_v = simple(host.all_to_all_v, in_place=False)
 
+_HALF_WIDE = np.dtype(np.float32, metadata={"name": "float16"})
+"""float16 widened for an average: float32 whose fingerprint says float16
+(as bfloat16's, mesh.tensors.BFLOAT16_WIDE), so that a rank averaging
+float32 beside it is told of the mismatch, not averaged with it."""
+
 
 def _half_avg(a: Any, op: str, written: bool = True) -> bool:
     """An average of float16 (a numpy array, of either byte order, or a
@@ -77,15 +82,20 @@ def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = Fal
     new array or tensor like ``a`` (``same``: ``a`` itself, untouched, as
     reduce returns it off the root)."""
     numpy = type(a) is np.ndarray
-    wide = a.astype(np.float32) if numpy else a.detach().float()
-    res = call(wide)
+    wide = a.astype(_HALF_WIDE) if numpy else a.detach().float()
+    cpu = not numpy and wide.device.type == "cpu"
+    res = call(wide.numpy().view(_HALF_WIDE) if cpu else wide)   # (a CPU tensor: its memory)
 
     def finish(result: Any) -> Any:
         if same:
             return a
         if not in_place:
-            return None if result is None else (
-                result.astype(a.dtype) if numpy else result.half())   # (its byte order)
+            if result is None:
+                return None
+            if cpu:
+                import torch
+                return torch.from_numpy(result.astype(np.float16))
+            return result.astype(a.dtype) if numpy else result.half()    # (its byte order)
         if numpy:
             a[...] = wide
         else:

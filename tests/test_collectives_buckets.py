@@ -385,6 +385,27 @@ def test_big_endian_float16_is_averaged_in_float32_too() -> None:
     assert mesh.spawn(_big_endian_half_averages, 3, timeout=60) == [[(">f2", 30000.0)] * 4] * 3
 
 
+def _half_beside_single(world: Any) -> list[str]:
+    """float16 averaged beside float32 on another rank: the float16 one is
+    widened to float32 for the sum, and the two went through as alike."""
+    import torch
+    said = []
+    for make in (np.full, lambda n, v, dt: torch.full((n,), v, dtype=getattr(torch, dt))):
+        a = make(4, 1.0, "float16" if world.rank == 0 else "float32")
+        try:
+            C.all_reduce(world, a, op="avg", timeout=30)
+        except mesh.MismatchError as e:
+            said.append(str(e))
+    return said
+
+
+def test_float16_averaged_beside_float32_is_a_mismatch() -> None:
+    pytest.importorskip("torch")
+    for r, said in enumerate(mesh.spawn(_half_beside_single, 2, timeout=60)):
+        assert len(said) == 2, (r, said)
+        assert all("float16" in m and "float32" in m for m in said), said
+
+
 def _state_sync(world: Any) -> list[Any]:
     """Horovod's broadcast_parameters and broadcast_optimizer_state: rank 0
     has trained a step (Adam's state made), the others have not; after
