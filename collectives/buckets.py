@@ -360,7 +360,32 @@ class GradReducer:
         copy the results into the gradients; ready for the next step.
         Raises, after all that, when a parameter's ``.grad`` was replaced
         or written (another backward accumulated into it) after its bucket
-        took it: it holds no average."""
+        took it: it holds no average. A wait that fails (a timeout, a lost
+        peer) leaves the reducer ready for the next step, as the group is
+        (``_abandon``)."""
+        try:
+            self._wait()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """After a failed wait: each bucket's call waited out (its error
+        dropped: the first is raised) and forgotten, so that the next step
+        launches every bucket anew (it re-raised the old error for good)."""
+        for b in self.buckets:
+            if b.work is not None:
+                try:
+                    b.work.wait()
+                except Exception:
+                    pass
+            b.work = None
+            b.pending = set(b.members)
+        if self.params is not None:
+            for i in range(len(self.params)):
+                self.grads[i] = self._views[i] = self._held[i] = None
+
+    def _wait(self) -> None:
         for b in self.buckets:
             if b.work is None:
                 self._launch(b)

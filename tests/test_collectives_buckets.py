@@ -406,6 +406,33 @@ def test_float16_averaged_beside_float32_is_a_mismatch() -> None:
         assert all("float16" in m and "float32" in m for m in said), said
 
 
+def _after_a_timeout(world: Any) -> list[Any]:
+    """A wait() that timed out (rank 1 came 2 s late to a 1 s deadline)
+    left its buckets' failed calls in place: every later wait() raised that
+    error again, though the README promises the group's next collective
+    works."""
+    grads = [np.zeros(3), np.zeros(5)]
+    red = C.GradReducer(world, grads, bucket_bytes=32, op="sum", timeout=1)
+    seen = []
+    for step in range(3):           # (the first agrees on the layout, in time)
+        for g in grads:
+            g[...] = world.rank + 1 + step
+        if step == 1 and world.rank == 1:
+            time.sleep(2)
+        try:
+            red.wait()
+            seen.append([float(g[0]) for g in grads])
+        except mesh.MeshTimeoutError:
+            seen.append("timeout")
+        C.barrier(world, timeout=30)
+    return seen
+
+
+def test_a_reducer_whose_wait_timed_out_reduces_the_next_step() -> None:
+    for seen in mesh.spawn(_after_a_timeout, 2, timeout=60):
+        assert seen == [[3.0, 3.0], "timeout", [7.0, 7.0]], seen
+
+
 def _state_sync(world: Any) -> list[Any]:
     """Horovod's broadcast_parameters and broadcast_optimizer_state: rank 0
     has trained a step (Adam's state made), the others have not; after
