@@ -228,6 +228,8 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     aside) are inputs: with more than one (``forward(input_ids,
     attention_mask, labels)``) the first piece takes them as one tuple,
     as a pipeline's first stage gets ``step((ids, mask), labels)``."""
+    import operator
+
     import torch
     import torch.fx as fx
     from torch import _assert as torch_assert, nn
@@ -271,8 +273,20 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                             f"{way}")
         concrete[q.name] = q.default
 
+    class Proxy(fx.Proxy):
+        """fx's Proxy, with augmented assignment recorded as the in-place
+        call it is (fx's has no ``__iadd__``: ``h *= 2`` became ``h = h * 2``,
+        and another name for the tensor, ``r = h`` before it, read the old
+        values in the pieces where it read the new ones in the model)."""
+    for aug in _AUGMENTED:
+        setattr(Proxy, f"__{aug}__", lambda self, other, f=getattr(operator, aug):
+                self.tracer.create_proxy("call_function", f, (self, other), {}))
+
     class Tracer(fx.Tracer):
         proxy_buffer_attributes = True      # a buffer sliced by a traced size (position ids)
+
+        def proxy(self, node: Any) -> Any:
+            return Proxy(node, self)
 
         def is_leaf_module(self, m: Any, qualname: str) -> bool:
             parent = qualname.rpartition(".")[0]     # ("": the model itself)
@@ -497,6 +511,11 @@ _VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "s
 in place through it is a change of that argument."""
 
 
+_AUGMENTED = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+              "ixor", "ilshift", "irshift", "imatmul")
+"""The operator module's in-place functions: ``h += x`` traced (Proxy)."""
+
+
 def _changes(model: Any, n: Any) -> Any:
     """The value ``n`` changes in place (its first argument: ``h.mul_(2)``,
     ``F.relu(h, inplace=True)``, a module made with ``inplace=True``), or
@@ -505,7 +524,9 @@ def _changes(model: Any, n: Any) -> Any:
         name = n.target
     elif n.op == "call_function":
         name = getattr(n.target, "__name__", "")
-        if n.kwargs.get("inplace") is True:
+        if n.kwargs.get("inplace") is True or (
+                name in _AUGMENTED and getattr(n.target, "__module__", "") in ("_operator",
+                                                                              "operator")):
             name = "_inplace_"
     elif n.op == "call_module":
         name = "_inplace_" if getattr(model.get_submodule(n.target), "inplace", False) is True \

@@ -881,7 +881,9 @@ class _InPlace(nn.Module):
     def forward(self, x):
         h = self.a(x)
         h.masked_fill_(h > 0.5, 0.5)        # a change of an activation
-        g = self.b(h)
+        r = h
+        h *= 1.5                            # r too (fx made it h = h * 1.5)
+        g = self.b(h + r)
         g[:, 1:].mul_(3)                    # through a view of it
         self.act(g)                         # an in-place module, its result unread
         self.calls.add_(1)                  # a buffer's
@@ -891,7 +893,9 @@ class _InPlace(nn.Module):
 def test_a_change_made_in_place_in_the_forward_is_kept():
     """torch.fx records ``h.mul_(2)`` but later reads of h read h's node:
     the pieces, kept by what the output reads, dropped the change (and a
-    buffer's ``add_``) and computed another model without a word."""
+    buffer's ``add_``) and computed another model without a word; and it
+    traced ``h *= 1.5`` as ``h = h * 1.5``, leaving another name of h as
+    it was."""
     torch.manual_seed(0)
     model, x = _InPlace().double(), torch.randn(5, 4, dtype=torch.float64)
     seq = engine.sequential(model)
