@@ -306,6 +306,8 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
             node = super().create_node(kind, target, args, kwargs, name, type_expr)
             if kind.startswith("call_") and not torch.is_grad_enabled():
                 node.meta[_NO_GRAD] = True      # made inside the forward's torch.no_grad()
+            if kind.startswith("call_") and _autocast(torch) and not outer_autocast:
+                autocast.append(node)           # made inside the forward's torch.autocast()
             return node
 
         def to_bool(self, obj: Any) -> bool:
@@ -318,6 +320,8 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     class Baked(Tracer):
         proxy_buffer_attributes = False     # a buffer's value read (a flag): its value now
 
+    outer_autocast = _autocast(torch)
+    autocast: list[Any] = []            # nodes made under the forward's own autocast
     try:
         with torch.enable_grad():       # (what the forward's own no_grad() is told from)
             try:
@@ -335,6 +339,13 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}"
                         f"{_line_of(e)}){fixed}; {way}") from e
     _detach_no_grad(graph)
+    if autocast:
+        import warnings
+        warnings.warn(f"engine.sequential: {what} computes part of its output under "
+                      f"torch.autocast, which torch.fx does not record: the pieces compute "
+                      f"it in the dtypes they are given (float32 where the model ran "
+                      f"bfloat16 or float16); cast in the model's code (.to(dtype)) to keep "
+                      f"them", stacklevel=2)
     nodes = list(graph.nodes)
     phs = [n for n in nodes if n.op == "placeholder"]
     by_name = {n.target: n for n in phs}
@@ -437,6 +448,11 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
 
 
 _NO_GRAD = "meshrun_no_grad"
+
+
+def _autocast(torch: Any) -> bool:
+    """Whether torch.autocast is on, for the CPU or CUDA."""
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
 
 def _detached(value: Any) -> Any:

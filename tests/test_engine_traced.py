@@ -871,6 +871,30 @@ def test_what_the_forward_computes_under_no_grad_gets_no_gradient():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_autocast_in_the_forward_is_named():
+    """torch.fx records no autocast: the pieces ran in float32 what the
+    model ran in bfloat16, without a word."""
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.a(x)
+            return self.b(h.float())
+    with pytest.warns(UserWarning, match=r"Cast.forward computes part of its output under "
+                                         r"torch.autocast, which torch.fx does not record"):
+        engine.sequential(Cast())
+    class Plain(Cast):
+        def forward(self, x):
+            return self.b(self.a(x))
+    import warnings
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error")          # (the caller's own autocast: nothing said)
+        assert len(engine.sequential(Plain())) == 2
+
+
 class _InPlace(nn.Module):
     def __init__(self):
         super().__init__()
