@@ -324,13 +324,24 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     autocast: list[Any] = []            # nodes made under the forward's own autocast
     try:
         with torch.enable_grad():       # (what the forward's own no_grad() is told from)
+            way_in: type = Tracer
             try:
                 graph = Tracer().trace(model, concrete_args=concrete or None)
             except Exception as first:
                 try:
+                    way_in = Baked
                     graph = Baked().trace(model, concrete_args=concrete or None)
                 except Exception:
                     raise first from None
+            modes = [(m, m.training) for m in model.modules()]
+            try:        # in the other mode: what reads self.training (F.dropout's training=)
+                model.train(not model.training)
+                other = way_in().trace(model, concrete_args=concrete or None)
+            except Exception:
+                other = None
+            finally:
+                for m, was in modes:
+                    m.training = was
     except Exception as e:
         kept = ", ".join(map(repr, concrete))
         fixed = (f"; {kept} kept {'its' if len(concrete) == 1 else 'their'} default(s): "
@@ -338,6 +349,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                  "(engine.sequential: inputs=)" if concrete else "")
         raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}"
                         f"{_line_of(e)}){fixed}; {way}") from e
+    _read_mode(graph, other, model.training, what)      # (before nodes are added)
     _detach_no_grad(graph)
     if autocast:
         import warnings
@@ -448,6 +460,36 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
 
 
 _NO_GRAD = "meshrun_no_grad"
+
+
+def _read_mode(graph: Any, other: Any, mode: bool, what: str) -> None:
+    """fx bakes what the forward reads of ``self.training`` into the graph
+    (``F.dropout(h, 0.1, self.training)``: ``training=True``), so that the
+    pieces dropped out in ``eval_step`` too. ``other``, the forward traced
+    in the other mode, tells which arguments are the mode: each becomes a
+    read of the piece's own ``training``, which ``.eval()`` sets. A forward
+    that branches on the mode keeps the traced mode's branch, and is told."""
+    import warnings
+    if other is None:
+        return
+    nodes, others = list(graph.nodes), list(other.nodes)
+    if len(nodes) != len(others) or any(a.op != b.op or a.target != b.target
+                                        for a, b in zip(nodes, others)):
+        warnings.warn(f"engine.sequential: {what} branches on self.training: its pieces run "
+                      f"the {'training' if mode else 'eval'} mode's branch in either mode "
+                      f"(eval_step included)", stacklevel=3)
+        return
+    for a, b in zip(nodes, others):
+        args = [i for i, (x, y) in enumerate(zip(a.args, b.args))
+                if x is mode and isinstance(y, bool) and y is not mode]
+        kwargs = [k for k, x in a.kwargs.items() if x is mode and b.kwargs.get(k) is not mode
+                  and isinstance(b.kwargs.get(k), bool)]
+        if not args and not kwargs:
+            continue
+        with graph.inserting_before(a):
+            flag = graph.get_attr("training")
+        a.args = tuple(flag if i in args else x for i, x in enumerate(a.args))
+        a.kwargs = {k: flag if k in kwargs else x for k, x in a.kwargs.items()}
 
 
 def _autocast(torch: Any) -> bool:

@@ -871,6 +871,36 @@ def test_what_the_forward_computes_under_no_grad_gets_no_gradient():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_what_the_forward_reads_of_self_training_follows_the_pieces_mode():
+    """fx baked ``F.dropout(h, 0.5, self.training)`` as ``training=True``:
+    the pieces dropped out in eval mode (eval_step) too."""
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(F.dropout(self.a(x), 0.5, self.training))
+    model, x = Drop(), torch.randn(8, 4)
+    seq = engine.sequential(model)
+    model.eval(), seq.eval()
+    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    seq.train()
+    torch.manual_seed(0)
+    dropped = seq(x)
+    model.train()
+    torch.manual_seed(0)
+    torch.testing.assert_close(dropped, model(x), rtol=0, atol=0)
+
+    class Branch(Drop):
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h * 2 if self.training else h)
+    with pytest.warns(UserWarning, match=r"Branch.forward branches on self.training: its "
+                                         r"pieces run the training mode's branch"):
+        engine.sequential(Branch())
+
+
 def test_autocast_in_the_forward_is_named():
     """torch.fx records no autocast: the pieces ran in float32 what the
     model ran in bfloat16, without a word."""
