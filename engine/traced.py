@@ -582,9 +582,9 @@ def _changes(model: Any, n: Any) -> Any:
         name = n.target
     elif n.op == "call_function":
         name = getattr(n.target, "__name__", "")
-        if n.kwargs.get("inplace") is True or (
-                name in _AUGMENTED and getattr(n.target, "__module__", "") in ("_operator",
-                                                                              "operator")):
+        if getattr(n.target, "__module__", "") in ("_operator", "operator"):
+            name = "_inplace_" if name in _AUGMENTED else ""    # (and_, or_: a & b is none)
+        if n.kwargs.get("inplace") is True:
             name = "_inplace_"
     elif n.op == "call_module":
         name = "_inplace_" if getattr(model.get_submodule(n.target), "inplace", False) is True \
