@@ -201,7 +201,7 @@ def _object_call() -> str | None:
 
 def _env_handler(url: str, timeout: timedelta = dist.default_pg_timeout,
                  **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
-    if os.environ.get("MESH_LAUNCHER") != "1":
+    if not env.by_mesh():
         yield from _torch_env(url, timeout=timeout, **kwargs)
         return
     world = _process_mesh(timeout)

@@ -144,7 +144,7 @@ def make_server(sock: zmq.Socket, secret: str = "", curve: bool = False) -> None
     limit = config_float("MESH_HANDSHAKE_TIMEOUT", 10.0)
     if not limit > 0:
         raise ValueError(f"MESH_HANDSHAKE_TIMEOUT={limit}: must be > 0 seconds")
-    sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(limit * 1000)))
+    sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, min(int(limit * 1000), 2**31 - 1)))  # (C int)
     # Over ipc:// only this user's processes may connect (the ranks of a job on one
     # host run as one user): another user's is closed as it is accepted. A rank's
     # socket in the abstract namespace (mesh.world._ipc_path) has no file permissions

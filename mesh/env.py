@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["JobSpec", "from_env", "host_id", "is_loopback"]
+__all__ = ["JobSpec", "from_env", "host_id", "is_loopback", "launcher_seal", "by_mesh"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,54 @@ _PMI = ("PMI_RANK", "PMI_SIZE", None, None)
 _NAMES = {"torch": _TORCH, "ompi": _OMPI, "slurm": _SLURM, "pmi": _PMI}
 
 
+# The variables a launcher sets, in groups, sealed by meshrun and mesh.spawn for their
+# ranks (MESH_LAUNCHER_SEAL, a digest of each group): a launcher started inside one of
+# their ranks (torchrun, mpirun, srun) changes some of them while its processes inherit
+# MESH_LAUNCHER=1, which then no longer describes them (``_unsealed``).
+_SEALED = (_TORCH, ("MASTER_ADDR", "MASTER_PORT"),
+           ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"),
+           (*_OMPI, "OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE", "SLURM_PROCID", "SLURM_NTASKS",
+            "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_JOB_ID", *_PMI[:2]))
+
+
+def launcher_seal(env: Mapping[str, str]) -> str:
+    """What meshrun and mesh.spawn put in MESH_LAUNCHER_SEAL beside
+    MESH_LAUNCHER=1: a digest of each group of launcher variables, as they
+    start the rank with them."""
+    return ".".join(hashlib.sha256("\0".join(f"{n}={env.get(n, '')}" for n in names)
+                                   .encode()).hexdigest()[:8] for names in _SEALED)
+
+
+def _unsealed(env: Mapping[str, str]) -> Mapping[str, str]:
+    """``env`` without the marks of a meshrun (or mesh.spawn) that started an
+    ancestor of this process, not the process itself: torchrun, mpirun or srun
+    run inside one of its ranks changed variables it sealed. Under torchrun
+    the names are torchrun's own; under mpirun or srun RANK, WORLD_SIZE,
+    LOCAL_* and MASTER_* as meshrun set them are its leftovers (they made
+    every rank of an mpirun in a meshrun rank the outer rank, a world of one
+    in `meshrun -n 1`), and go too."""
+    sealed = env.get("MESH_LAUNCHER_SEAL", "").split(".")
+    if env.get("MESH_LAUNCHER", "") != "1" or len(sealed) != len(_SEALED):
+        return env          # (no seal: a job described by hand is taken as it says)
+    now = launcher_seal(env).split(".")
+    if now == sealed:
+        return env
+    out = {k: v for k, v in env.items() if k != "MESH_LAUNCHER"}
+    if now[2] == sealed[2] and now[3] != sealed[3]:     # mpirun, srun: not torchrun
+        for i in (0, 1):
+            if now[i] == sealed[i]:
+                for name in _SEALED[i]:
+                    out.pop(name, None)
+    return out
+
+
+def by_mesh(env: Mapping[str, str] | None = None) -> bool:
+    """Whether meshrun or mesh.spawn started this process (and runs the
+    rendezvous), not a launcher started inside one of their ranks."""
+    env = os.environ if env is None else env
+    return _unsealed(env).get("MESH_LAUNCHER", "") == "1"
+
+
 def _set(env: Mapping[str, str], name: str | None) -> bool:
     return name is not None and env.get(name, "") != ""
 
@@ -93,6 +141,9 @@ def _read(env: Mapping[str, str]) -> dict[str, tuple[int, int]]:
         r, n = _int(env, rank), _int(env, size)
         if n < 1 or not 0 <= r < n:
             raise ValueError(f"{rank}={r} is outside the world of {size}={n}")
+        if local_size is not None and _set(env, local_size) \
+                and not 1 <= _int(env, local_size) <= n:    # (0: the job taken for multi-host)
+            raise ValueError(f"{local_size}={env[local_size]} is outside 1..{size}={n}")
         if local is not None and local_size is not None and _set(env, local) \
                 and _set(env, local_size):
             lr, ln = _int(env, local), _int(env, local_size)
@@ -161,7 +212,7 @@ def from_env(env: Mapping[str, str] | None = None) -> JobSpec:
     MESH_SECRET is set by meshrun and mesh.spawn; under another launcher the
     job may set it itself, else the secret is derived from the job's address
     (all ranks agree on it, but it does not keep strangers out)."""
-    env = os.environ if env is None else env
+    env = _unsealed(os.environ if env is None else env)
     found = _read(env)
     if not found:
         _refuse_batch_script(env)
@@ -175,6 +226,7 @@ def from_env(env: Mapping[str, str] | None = None) -> JobSpec:
     if kind == "slurm":
         local_size = _slurm_tasks_here(env) or local_size
     source = _names(env, *_NAMES.get(kind, ()))
+    _check_master(env, size, source)
     ours = env.get("MESH_LAUNCHER", "") == "1"
     addr = env.get("MASTER_ADDR") or "127.0.0.1"
     port = env.get("MASTER_PORT") or ""
@@ -200,6 +252,23 @@ def from_env(env: Mapping[str, str] | None = None) -> JobSpec:
                    env.get("MESH_SECRET") or secret, serve_rendezvous=not ours,
                    agent_store=None if ours or kind != "torch" else _agent_store_key(env),
                    rendezvous_file=rdv_file, source=source)
+
+
+def _check_master(env: Mapping[str, str], size: int, source: str) -> None:
+    """MASTER_ADDR is a host (not a URL, no port) and MASTER_PORT a TCP port
+    (0, any free one, only in a world of one: the others could not know it).
+    Else the ranks waited for a route to the "host" until the rendezvous
+    timeout, or met at another port (ZeroMQ took 70000 as 4464), or failed
+    with int()'s bare message."""
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "").strip()
+    read = source or "no launcher's variables"
+    if port and not (port.isdigit() and (0 < int(port) < 65536 or int(port) == size - 1 == 0)):
+        raise ValueError(f"MASTER_PORT={env['MASTER_PORT']!r} is not a TCP port, 1..65535 "
+                         f"({read})")
+    host, colon, tail = addr.rpartition(":")
+    if size > 1 and ("://" in addr or colon and tail.isdigit() and ":" not in host):
+        raise ValueError(f"MASTER_ADDR={addr!r} is not a host name or address ({read}): give "
+                         "the host alone, its port in MASTER_PORT")
 
 
 def _slurm_tasks_here(env: Mapping[str, str]) -> int | None:

@@ -29,11 +29,18 @@ STATE_NAMES = ("alive", "closed", "dead")
 MSG_COST = 256
 
 
+# The most a variable read by config_float may say: seconds (31 years) or microseconds.
+# Past it a deadline (time.monotonic() + it) lost the time it started at (a stall report
+# at once, "waited 18039s"), and inf or 1e300 made an OverflowError deep inside
+# (torch's timedelta under torchrun, ZeroMQ's handshake interval) at mesh.init.
+CONFIG_MOST = 1e9
+
+
 def config_float(name: str, default: float, least: float | None = None,
                  above: float | None = None) -> float:
     """The number in environment variable ``name`` (``default`` when unset or
     empty); ValueError naming it when it is not a number, or is under
-    ``least``, or not above ``above``."""
+    ``least``, or not above ``above``, or over CONFIG_MOST (inf included)."""
     v = os.environ.get(name)
     if not v:
         return default
@@ -45,6 +52,9 @@ def config_float(name: str, default: float, least: float | None = None,
         bound = (f" >= {least:g}" if least is not None else
                  f" > {above:g}" if above is not None else "")
         raise ValueError(f"{name}={v!r}: must be a number{bound}")
+    if x > CONFIG_MOST:
+        raise ValueError(f"{name}={v!r}: must be at most {CONFIG_MOST:g} (for a wait: 31 "
+                         f"years; give that for one that never ends)")
     return x
 
 

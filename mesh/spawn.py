@@ -37,6 +37,7 @@ import types
 from typing import Any, Callable
 
 from .auth import curve_wanted
+from .env import launcher_seal
 from .errors import WorkerError
 from .limits import (blas_default, env_threads, limit_threads, open_files,
                      pool_unreachable, thread_share)
@@ -231,6 +232,7 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
                            "MASTER_PORT": str(port), "MESH_SECRET": secret,
                            "MESH_LAUNCHER": "1"})
         os.environ.update(extra_env)
+        os.environ["MESH_LAUNCHER_SEAL"] = launcher_seal(os.environ)
         share = thread_share(os.environ, size)
         if share is not None:       # cpus/N threads, as meshrun gives its ranks
             os.environ["OMP_NUM_THREADS"] = share

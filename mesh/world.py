@@ -307,7 +307,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
             finally:
                 if server is not None:
                     rdvfile.withdraw(spec)
-        if os.environ.get("MESH_LAUNCHER") == "1" and os.environ.get("MESH_RUNTIME_DIR"):
+        if env.by_mesh() and os.environ.get("MESH_RUNTIME_DIR"):
             with contextlib.suppress(OSError), \
                     open(joined_path(os.environ["MESH_RUNTIME_DIR"], spec.rank), "w"):
                 pass    # the launcher's sign that this rank joined (mesh.rendezvous.Teller)

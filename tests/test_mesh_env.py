@@ -147,6 +147,20 @@ def test_mpirun_across_hosts_asks_for_master_addr_and_port() -> None:
      "SLURM_PROCID=0 SLURM_NTASKS=4 without SLURM_STEP_ID: this is the batch script"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT is not set (RANK=0 WORLD_SIZE=2)"),
     ({**SRUN, "MESH_SECRET": "s" * 256}, "MESH_SECRET is 256 bytes long: at most 255"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0", "MASTER_PORT": "1"},
+     "LOCAL_WORLD_SIZE=0 is outside 1..WORLD_SIZE=2"),
+    ({**OMPI, "OMPI_COMM_WORLD_LOCAL_SIZE": "8"},
+     "OMPI_COMM_WORLD_LOCAL_SIZE=8 is outside 1..OMPI_COMM_WORLD_SIZE=4"),
+    # a port that is none: int()'s bare message, or met at another (70000 bound as 4464)
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500x"},
+     "MASTER_PORT='29500x' is not a TCP port, 1..65535 (RANK=0 WORLD_SIZE=2)"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "MASTER_PORT='70000' is not"),
+    ({**SRUN, "MASTER_PORT": "-1"}, "MASTER_PORT='-1' is not a TCP port, 1..65535 (SLURM_"),
+    ({**OMPI, "MASTER_PORT": "0"}, "MASTER_PORT='0' is not a TCP port"),  # (no one finds it)
+    # a URL or host:port waited for a route to it until the rendezvous timeout
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node1:29500", "MASTER_PORT": "29500"},
+     "MASTER_ADDR='node1:29500' is not a host name or address (RANK=1 WORLD_SIZE=2)"),
+    ({**SRUN, "MASTER_ADDR": "tcp://node1"}, "MASTER_ADDR='tcp://node1' is not a host name"),
 ])
 def test_incomplete_or_contradictory_launchers_fail_naming_the_variables(
         bad: dict[str, str], says: str) -> None:
@@ -168,8 +182,57 @@ def test_the_innermost_launcher_describes_the_process() -> None:
     assert env.from_env({**batch, "SLURM_NTASKS": "1"}).size == 1   # a one-task batch script
 
 
+def _meshrun_rank(rank: int, size: int, outer: dict[str, str]) -> dict[str, str]:
+    """The environment meshrun gives rank ``rank`` of ``size``, started
+    with ``outer`` (another launcher's variables) in its own."""
+    from mesh.launch.cli import _worker_env, build_parser
+    a = build_parser().parse_args(["-n", str(size), "x.py"])
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(outer)
+    try:
+        return _worker_env(a, rank, 4455, "s" * 32, "/tmp/run", "/tmp/run")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_a_launcher_started_inside_a_meshrun_rank_describes_its_processes() -> None:
+    """mpirun, srun or torchrun started by a meshrun rank: their processes
+    inherit meshrun's MESH_LAUNCHER=1 and RANK/WORLD_SIZE/MASTER_*. Every
+    rank of an mpirun in `meshrun -n 1` was rank 0 of a world of one; a
+    torchrun's ranks waited for a rendezvous at its agent's store until the
+    timeout. meshrun seals the variables it set (MESH_LAUNCHER_SEAL), and
+    what changed them since is the innermost launcher."""
+    rank0 = _meshrun_rank(0, 1, {})
+    assert env.from_env(rank0).size == 1 and env.by_mesh(rank0)
+    inner = {**rank0, **OMPI, "PMIX_SERVER_TMPDIR": "/tmp"}   # mpirun -n 4 in that rank
+    spec = env.from_env(inner)
+    assert (spec.rank, spec.size, spec.rendezvous_file is not None) == (1, 4, True)
+    assert not env.by_mesh(inner)
+    given = env.from_env({**inner, "MASTER_ADDR": "h0", "MASTER_PORT": "29500"})  # -x MASTER_*
+    assert (given.rank, given.size, given.master_addr, given.master_port) == (1, 4, "h0", 29500)
+    srun = env.from_env({**_meshrun_rank(1, 2, {}), **SRUN})
+    assert (srun.rank, srun.size, srun.master_addr) == (2, 4, "gpu07")
+    torchrun = {**rank0, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
+                "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "r",
+                "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    spec = env.from_env(torchrun)
+    assert (spec.rank, spec.size, spec.agent_store) == (1, 2, "meshrun/rendezvous/r/0")
+    # meshrun started by mpirun, srun or torchrun: its numbers, as before
+    for outer in (OMPI, SRUN, {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r",
+                               "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_PORT": "1"}):
+        rank = _meshrun_rank(2, 3, outer)
+        spec = env.from_env(rank)
+        assert (spec.rank, spec.size, spec.agent_store, spec.rendezvous_file) == \
+            (2, 3, None, None) and not spec.serve_rendezvous and env.by_mesh(rank), outer
+
+
 def test_no_job_is_a_world_of_one_and_bad_jobs_are_named() -> None:
     assert env.from_env({}).size == 1
+    assert env.from_env({"MASTER_ADDR": "h:1", "MASTER_PORT": "0"}).size == 1  # (not used)
+    assert env.from_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "fd00::2",
+                         "MASTER_PORT": " 29500"}).master_port == 29500
     with pytest.raises(ValueError, match="MASTER_PORT is not set"):
         env.from_env({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="RANK=4 is outside the world of WORLD_SIZE=2"):
@@ -278,6 +341,23 @@ def test_switches_and_waits_are_read_as_written(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MESH_TIMEOUT", "0")
     with pytest.raises(ValueError, match=r"MESH_TIMEOUT='0': must be a number > 0"):
         config_float("MESH_TIMEOUT", 300.0, above=0)
+    # inf, or a number past what a deadline keeps (time.monotonic() + 1e300 lost its
+    # start: a stall report at once), raised OverflowError deep inside (torch's
+    # timedelta under torchrun, ZeroMQ's handshake interval): now named at mesh.init
+    for name, value in [("MESH_TIMEOUT", "1e300"), ("MESH_RENDEZVOUS_TIMEOUT", "inf"),
+                        ("MESH_CLOSE_WAIT", "2e9")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=rf"{name}='{value}': must be at most 1e\+09"):
+            config_float(name, 1.0, above=0)
+        monkeypatch.setenv(name, "1e9")     # (31 years: a wait that never ends)
+        assert config_float(name, 1.0, above=0) == 1e9
+    monkeypatch.setenv("MESH_HANDSHAKE_TIMEOUT", "1e9")
+    from mesh.auth import make_server
+    ctx = zmq.Context()
+    try:
+        make_server(ctx.socket(zmq.ROUTER), "s")      # (ZeroMQ takes an int of milliseconds)
+    finally:
+        ctx.destroy(linger=0)
 
 
 def test_switches_and_sizes_read_only_across_hosts_are_checked_at_init(

@@ -396,6 +396,19 @@ def test_the_scripts_own_options_are_its_own(tmp_path: Path) -> None:
     assert r.stdout == "[0] ['--m', '4', '--n', '1', '--timeout', '5']\n", r.stdout + r.stderr
 
 
+def test_a_double_dash_after_the_script_is_the_scripts(tmp_path: Path) -> None:
+    """`meshrun train.py -- --x` ran train.py with ['--x']: argparse took the
+    "--" for meshrun's; python and mpirun give the script ['--', '--x']. One
+    before the script is meshrun's own (its end of options)."""
+    script = tmp_path / "my dir" / "arg v.py"
+    script.parent.mkdir()
+    script.write_text("import sys\nprint(sys.argv[1:])\n")
+    r = meshrun("-n", "1", str(script), "--", "--x", "--grace", "1")
+    assert r.stdout == "[0] ['--', '--x', '--grace', '1']\n", r.stdout + r.stderr
+    r = meshrun("--grace", "1", "--", str(script), "--", "a b")
+    assert r.stdout == "[0] ['--', 'a b']\n", r.stdout + r.stderr
+
+
 def test_a_rank_that_finishes_early_is_named_as_the_cause(tmp_path: Path) -> None:
     """Rank 2 returns while the others wait for it in a collective: they
     fail with LostPeerError at once, and the report names rank 2's exit,

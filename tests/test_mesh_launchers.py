@@ -77,6 +77,34 @@ def test_mpirun_on_one_host_with_nothing_set() -> None:
     assert other.returncode == 0 and _rank_lines(other_out) == _expected(2), other_out
 
 
+@pytest.mark.skipif(shutil.which("mpirun") is None,
+                    reason="Open MPI's mpirun is not installed (apt-get install openmpi-bin)")
+@pytest.mark.timeout(90)
+def test_mpirun_and_torchrun_inside_a_meshrun_rank(tmp_path: Path) -> None:
+    """A meshrun rank that starts a job of its own: the inner launcher's
+    processes inherit meshrun's marks (MESH_LAUNCHER=1, RANK, MASTER_PORT).
+    mpirun's ranks were each rank 0 of a world of one (meshrun -n 1), and
+    torchrun's waited for a rendezvous at the agent's store until the timeout."""
+    inner = tmp_path / "inner.py"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    mpirun = ["mpirun", "--oversubscribe", "--bind-to", "none", "-n", "3", sys.executable,
+              str(SCRIPT)]
+    inner.write_text(f"import subprocess, sys\nsys.exit(subprocess.run({mpirun!r}).returncode)\n")
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    out = _run([sys.executable, "-m", "mesh.launch", "-n", "1", str(inner)],
+               _clean_env(**root))
+    assert sorted(ln[4:] for ln in out.splitlines() if ln.startswith("[0] rank ")) == \
+        _expected(3), out
+    if not torchrun.exists():
+        return
+    tr = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(SCRIPT)]
+    inner.write_text(f"import subprocess, sys\nsys.exit(subprocess.run({tr!r}).returncode)\n")
+    out = _run([sys.executable, "-m", "mesh.launch", "-n", "1", str(inner)],
+               _clean_env())
+    assert sorted(ln[4:] for ln in out.splitlines() if ln.startswith("[0] rank ")) == \
+        _expected(2), out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

@@ -13,6 +13,7 @@ import threading
 from typing import Any, Sequence
 
 from ..cliargs import nonnegative_float, positive_float
+from ..env import launcher_seal
 from ..limits import FDS_PER_PEER, hard_open_files, open_files, rank_fds, thread_share
 from ..auth import curve_wanted
 from ..rendezvous import Teller, joined_path, remove_run_folder, run_folder
@@ -166,6 +167,7 @@ def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
     })
     if a.curve:
         env["MESH_CURVE"] = "1"
+    env["MESH_LAUNCHER_SEAL"] = launcher_seal(env)   # (what a launcher inside a rank changes)
     return env
 
 
@@ -245,10 +247,28 @@ def launch(a: argparse.Namespace) -> int:
         remove_run_folder(run_dir)
 
 
+def _split_target(p: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """meshrun's options with the target, and the target's own arguments as
+    given: argparse dropped a "--" right after the target (`meshrun train.py
+    -- --x` ran train.py with ['--x'], where python and mpirun give ['--', '--x'])."""
+    valued = {s for a in p._actions if a.option_strings and a.nargs != 0
+              for s in a.option_strings}
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return argv[:i + 2], argv[i + 2:]
+        if not argv[i].startswith("-") or argv[i] == "-":
+            return argv[:i + 1], argv[i + 1:]
+        i += 2 if argv[i] in valued else 1     # (its value is the next word)
+    return argv, []
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (``meshrun``, ``python -m mesh.launch``)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    head, rest = _split_target(parser, list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(head)
+    args.args = rest
     _check(parser, args)
     try:
         code = launch(args)
