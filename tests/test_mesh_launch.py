@@ -409,6 +409,26 @@ def test_a_double_dash_after_the_script_is_the_scripts(tmp_path: Path) -> None:
     assert r.stdout == "[0] ['--', 'a b']\n", r.stdout + r.stderr
 
 
+def test_a_script_that_sets_master_port_meets_there(tmp_path: Path) -> None:
+    """torch's tutorials set MASTER_ADDR and MASTER_PORT in the script:
+    under meshrun its ranks waited for each other until the job's timeout."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "tutorial.py"
+    script.write_text("import os\n"
+                      "os.environ['MASTER_ADDR'] = 'localhost'\n"
+                      f"os.environ['MASTER_PORT'] = '{port}'\n"
+                      "import mesh\n"
+                      "with mesh.init() as world:\n"
+                      "    print(world.rank, world.size, world.recv(1 - world.rank)\n"
+                      "          if world.rank else world.send('hi', 1))\n")
+    r = meshrun("-n", "2", "--timeout", "60", str(script))
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == ["[0] 0 2 None", "[1] 1 2 hi"], r.stdout
+
+
 def test_a_rank_that_finishes_early_is_named_as_the_cause(tmp_path: Path) -> None:
     """Rank 2 returns while the others wait for it in a collective: they
     fail with LostPeerError at once, and the report names rank 2's exit,
