@@ -49,25 +49,34 @@ class Request:
     """An operation in flight: ``wait()`` returns its result (None for sends);
     ``cancel()`` withdraws a receive no message has matched yet."""
 
-    __slots__ = ("_c", "_item", "_result", "_finished")
+    __slots__ = ("_c", "_item", "_result", "_finished", "_spent")
 
     def __init__(self, comm: "Comm", item: Pending | Outgoing) -> None:
         self._c, self._item = comm, item
         self._finished = False
+        self._spent = False      # a wait or test has returned its result or raised its error
         self._result: Any = None
 
     def wait(self, timeout: float | None = None, status: Status | None = None) -> Any:
         """The received value (None for a send); ``status``, when given, is
         filled in with what the receive matched."""
         if self._item is SENT:       # a send by ring: done when it returned (Transport.send_ring)
+            self._spent = True
             return None
         if status is not None and isinstance(self._item, Pending):
             _check_status(status, self._c, "wait")
         if not self._finished:
             if timeout is not None:
                 timeout = _check_timeout(timeout, self._c, "wait")
-            self._result = self._c._t.wait(self._item, timeout)
+            try:
+                self._result = self._c._t.wait(self._item, timeout)
+            except BaseException:
+                # its error is its result once it is done (a timeout that withdrew the
+                # receive, a cancel, a lost peer); a send still queued is not done
+                self._spent = self._spent or self.done()
+                raise
             self._finished = True
+        self._spent = True
         if status is not None and isinstance(self._item, Pending):
             self._c._fill(status, self._item)
         return self._result
@@ -116,23 +125,34 @@ def waitall(requests: Sequence[Request], timeout: float | None = None) -> list[A
 
 def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[int, Any]:
     """Wait until one of ``requests`` is done: ``(its index, its result)``
-    (the lowest index among those done). Requests complete in the
-    background (the progress thread), so this looks at them in turn;
-    MeshTimeoutError after ``timeout`` seconds (default: the mesh's)."""
+    (the lowest index among those done). As in mpi4py, where a completed
+    request becomes MPI.REQUEST_NULL, a request whose result (or error) a
+    wait, test or waitany has given already is skipped, so that calling
+    it again on the same list gives the next one, never the same message
+    twice; ValueError when every request is spent so. Requests complete in
+    the background (the progress thread), so this looks at them in turn;
+    MeshTimeoutError after ``timeout`` seconds (default: the mesh's),
+    naming what it waited for."""
     reqs = list(requests)
     if not reqs:
         raise ValueError("waitany: no requests")
     c = reqs[0]._c
     limit = c._t.timeout if timeout is None else _check_timeout(timeout, c, "waitany")
+    live = [(i, r) for i, r in enumerate(reqs) if not r._spent]
+    if not live:
+        raise ValueError(f"rank {c._t.rank}: waitany: each of the {len(reqs)} requests was "
+                         f"waited for already (its result given by wait, test or waitany)")
     deadline = time.monotonic() + limit
     nap = 1e-5
     while True:
-        for i, r in enumerate(reqs):
+        for i, r in live:
             if r.done():
                 return i, r.wait()
         if time.monotonic() >= deadline:
-            raise MeshTimeoutError(f"rank {c._t.rank}: waitany on {len(reqs)} requests timed "
-                                   f"out after {limit:g}s")
+            what = [r._item.desc for _, r in live[:4]]
+            more = f" and {len(live) - 4} more" if len(live) > 4 else ""
+            raise MeshTimeoutError(f"rank {c._t.rank}: waitany on {len(live)} requests timed "
+                                   f"out after {limit:g}s, none done: {'; '.join(what)}{more}")
         time.sleep(nap)
         nap = min(nap * 2, 2e-3)
 
@@ -150,7 +170,6 @@ class Comm:
         self._channel: CollectiveChannel | None = None
         self._children: dict[tuple[int, ...], int] = {}
         self._splits = 0     # split() calls made (collective: the same count on every rank)
-        self._sent = Request(self, SENT)     # what isend returns for a send by ring
         transport.groups[gid] = (name, self.ranks)
         if gid:     # dropped, it is forgotten (Transport.sweep); the world lives as the mesh
             transport.sweep()
@@ -216,9 +235,9 @@ class Comm:
         if type(dst) is int and 0 <= dst < self.size and type(tag) is int and 0 <= tag < ANY_TAG:
             if type(obj) is np.ndarray:
                 if self._t.send_ring(self.ranks[dst], self.gid, tag, obj) is not None:
-                    return self._sent       # done already: one Request serves them all
+                    return Request(self, SENT)      # done already (its own: waitany spends it)
             elif self._ring_tensor(obj, dst, tag):
-                return self._sent
+                return Request(self, SENT)
         tag = _check_tag(tag, self, "isend")
         return self._isend(obj, dst, tag)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from .comm import Comm
 
 __all__ = ["Grid", "grid"]
@@ -72,7 +74,17 @@ class Grid:
         return self.axes[axis]
 
     def rank_of(self, **coords: Any) -> int:
-        """The rank (in the grid's communicator) at the given coordinates."""
+        """The rank (in the grid's communicator) at the given coordinates,
+        this rank's own for the axes not given. An axis the grid lacks, or
+        a coordinate outside its axis, raises: row-major arithmetic would
+        turn it into another rank's (dp=2, pp=2: pp=2 at dp=0 is dp=1's
+        rank 2), and the message would go there."""
+        for name, v in coords.items():
+            self._check(name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) \
+                    or not 0 <= v < self.axes[name]:
+                raise ValueError(f"rank {self.comm._t.rank}: {self!r}.rank_of({name}={v!r}): "
+                                 f"axis {name!r} has coordinates 0..{self.axes[name] - 1}")
         rank = 0
         for name in self.names:
             rank = rank * self.axes[name] + int(coords.get(name, self._coords[name]))
@@ -80,7 +92,7 @@ class Grid:
 
     def _check(self, axis: str) -> None:
         if axis not in self.axes:
-            raise KeyError(f"grid has axes {self.names}, not {axis!r}")
+            raise KeyError(f"rank {self.comm._t.rank}: grid has axes {self.names}, not {axis!r}")
 
     def __repr__(self) -> str:
         return f"<Grid {self.axes} at {self._coords}>"

@@ -23,7 +23,7 @@ from . import tensors, wire
 from .errors import AbortKind, LostPeerError, MeshError, MismatchError, OutMismatchError
 from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe, describe
 from .payload import fmt_fp, out_problem
-from .peer import ALIVE, DEAD, Peer
+from .peer import ALIVE, DEAD, MSG_COST, Peer
 
 __all__ = ["Inbox", "abort_error"]
 _KEEP_ABORTED = 4096
@@ -51,6 +51,15 @@ class Inbox:
         self.matcher = Matcher()
         self.aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
         self.dead: set[int] = set()
+        self.left: set[int] = set()     # peers that closed their mesh (said goodbye cleanly)
+        # Per peer, the credit (bytes and MSG_COST each) of its messages that wait
+        # unmatched and were not granted back yet. A sender whose window they fill
+        # queues every later message behind them, the one a receive waits for too:
+        # once they make a grant step and such a receive or probe is posted, their
+        # credit goes back at once (``_release``), so that waiting for one message
+        # while others of that peer wait unreceived (MPI allows any order) cannot
+        # deadlock; the window then bounds what waits only while nothing is awaited.
+        self.held = [0] * len(peers)
         self.closed = False     # this rank has said goodbye (its close): nothing new works
         # (group, tag) -> the (group, tag)s aborted here with it (CollectiveChannel.follow)
         self.follows: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -78,6 +87,7 @@ class Inbox:
             Pending(group, src, tag, out, fp, desc, target)
         msg = gone = None
         misfit = ""
+        release: list[tuple[int, int]] = []
         with self.lock:
             aborted = self.aborted.get((group, tag)) if self.aborted else None
             if aborted:
@@ -91,6 +101,8 @@ class Inbox:
                 else:
                     self.matcher.take(group, msg)
                     req.state = MATCHED
+            if msg is not None and not (probe or misfit or msg.granted) and msg.src != self.rank:
+                self.held[msg.src] -= msg.nbytes + MSG_COST    # (taken: consumed below)
             if msg is None and not aborted:
                 lost = src if src != ANY and self.peers[src].state != ALIVE else \
                     self.dead_member(group) if self.dead and (src == ANY or tag < 0) else None
@@ -98,6 +110,14 @@ class Inbox:
                     self.matcher.cancel(req)
                     gone = self.gone(self.peers[lost], req.desc, group,
                                      self._unmatched(req) if lost == src else "")
+                elif src == ANY and self.left and tag >= 0 and self.deserted(group):
+                    self.matcher.cancel(req)
+                    gone = self.deserted_error(req)
+                elif src != ANY:
+                    if self.held[src]:
+                        release = [(src, self._release(src))]
+                elif any(self.held):
+                    release = [(r, self._release(r)) for r, n in enumerate(self.held) if n]
         if msg is not None:
             if misfit:
                 req.fail(self._misfit(req, msg.src, msg.tag, msg.value, misfit))
@@ -105,13 +125,16 @@ class Inbox:
                 req.got = msg.got
                 req.complete(None)
             else:
-                self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device)
+                self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device,
+                             msg.granted)
         elif aborted:
             req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
         elif not waited:     # (a receive its caller waits for at once: read by that caller)
             self.unpark()
+        for r, n in release:
+            self._grant(r, n)
         return req
 
     def iprobe(self, group: int, src: int, tag: int) -> tuple | None:
@@ -164,12 +187,17 @@ class Inbox:
                     if req is None:
                         probes = self.matcher.add_unexpected(
                             group, tag, Arrived(src, tag, value, nbytes, fp, on_device))
+                        release = 0
+                        if src != self.rank:
+                            self.held[src] += nbytes + MSG_COST
+                            release = self._release(src)
                         break
             if req is None:
                 self.consumed(src, nbytes)
                 return
             if self.complete(req, src, tag, value, nbytes, fp, on_device):
                 return
+        self._grant(src, release)
         for p in probes:
             p.complete(None)
 
@@ -188,9 +216,11 @@ class Inbox:
         return True
 
     def _finish(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
-                on_device: int) -> None:
-        """complete once the value is known to fit ``req.out``."""
-        self.consumed(src, nbytes)
+                on_device: int, granted: bool = False) -> None:
+        """complete once the value is known to fit ``req.out`` (``granted``:
+        its credit went back already, see ``held``)."""
+        if not granted:
+            self.consumed(src, nbytes)
         if fp != req.fp:
             return self._mismatch(req, src, fp)
         req.device = on_device
@@ -212,6 +242,30 @@ class Inbox:
         grant = peer.consumed(nbytes)
         if grant:
             self._control(peer, wire.encode(wire.CREDIT, self.rank, credit=grant))
+        elif self.held[src] and self.held[src] + peer.to_grant >= peer.grant_step:
+            with self.lock:
+                release = self._release(src)
+            self._grant(src, release)
+
+    def _release(self, src: int) -> int:
+        """With the lock held: the credit of ``src``'s messages that wait
+        unmatched, taken out of ``held`` to be granted back now (``_grant``)
+        if, with what is owed to it, it makes a grant step (its window may
+        be full) and a receive or probe that ``src`` could answer is posted;
+        else 0 (see ``held``)."""
+        held = self.held[src]
+        peer = self.peers[src]
+        if not held or held + peer.to_grant < peer.grant_step or not self.matcher.waits_for(src):
+            return 0
+        self.matcher.mark_granted(src)
+        self.held[src] = 0
+        return held
+
+    def _grant(self, src: int, held: int) -> None:
+        """Grant ``src`` back ``held`` bytes (``_release``) and what it is owed."""
+        if held:
+            peer = self.peers[src]
+            self._control(peer, wire.encode(wire.CREDIT, self.rank, credit=peer.flush(held)))
 
     def _misfit(self, req: Pending, src: int, tag: int, value: Any, problem: str) -> MeshError:
         ranks = self.groups.get(req.group, ("", []))[1]
@@ -270,7 +324,7 @@ class Inbox:
             if len(self.aborted) > _KEEP_ABORTED:    # the oldest: long over everywhere
                 del self.aborted[next(iter(self.aborted))]
             reqs = self.matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
-            dropped = self.matcher.drop_unexpected(group, tag)
+            dropped = self._ungranted(self.matcher.drop_unexpected(group, tag))
             followers = list(self.follows.get((group, tag), ())) if self.follows else []
         if tell is not None:
             tell()
@@ -297,9 +351,17 @@ class Inbox:
             for key in [k for k in self.follows if k[0] == group]:
                 del self.follows[key]
             self.matcher.remove_posted(lambda q: q.group == group)
-            dropped = self.matcher.drop_group(group)
+            dropped = self._ungranted(self.matcher.drop_group(group))
         for m in dropped:
             self.consumed(m.src, m.nbytes)
+
+    def _ungranted(self, dropped: list[Arrived]) -> list[Arrived]:
+        """Of messages taken out unmatched (the lock held), those whose credit
+        is still to grant, taken out of ``held``."""
+        for m in dropped:
+            if not m.granted and m.src != self.rank:
+                self.held[m.src] -= m.nbytes + MSG_COST
+        return [m for m in dropped if not m.granted]
 
     def unmatched_note(self, req: Pending) -> str:
         """What waits here unmatched from the peer ``req`` waits for (from any
@@ -349,6 +411,26 @@ class Inbox:
                              f"(world.close(), or destroy_process_group() of the group it "
                              f"made), so every peer is gone to it", peer)
 
+    def deserted(self, group: int) -> bool:
+        """Whether every member of ``group`` but this rank has left (closed
+        its mesh, or died), and there is one at least: a receive from any
+        rank of it can only time out (the lock held)."""
+        ranks = self.groups.get(group, ("", []))[1]
+        return len(ranks) > 1 and all(r == self.rank or self.peers[r].state != ALIVE
+                                      for r in ranks)
+
+    def deserted_error(self, req: Pending) -> LostPeerError:
+        """The error of ``req``, a receive or probe from any rank of a
+        group whose other members have all left (``deserted``; the lock held)."""
+        if self.closed:
+            return self.closed_error(req.desc)
+        ranks = self.groups.get(req.group, ("", []))[1]
+        word = "world rank" if req.group else "rank"
+        who = [f"{word} {r} ({self.peers[r].why})" for r in ranks if r != self.rank]
+        return LostPeerError(f"rank {self.rank}: {req.desc} failed: every rank that could send "
+                             f"it is gone: {', '.join(who)}{self._unmatched(req)}",
+                             next(r for r in ranks if r != self.rank))
+
     def dead_member(self, group: int) -> int | None:
         """The lowest rank of ``group`` known dead, if any."""
         dead = [r for r in self.groups.get(group, ("", []))[1] if r in self.dead]
@@ -377,15 +459,23 @@ class Inbox:
             peer.state, peer.why = state, why
             if state == DEAD:
                 self.dead.add(rank)
+            else:
+                self.left.add(rank)
             members = {g for g, (_, ranks) in list(self.groups.items()) if rank in ranks}
+            # after a clean goodbye, a user's receive from any rank fails too once no
+            # other member of its group is left to send it anything
+            deserted = {g for g in members if self.deserted(g)} if state != DEAD else set()
             reqs = self.matcher.remove_posted(
                 lambda q: q.src == rank or (state == DEAD and (q.src == ANY or q.tag < 0)
-                                            and q.group in members))
-            notes = [self._unmatched(q) if q.src == rank else "" for q in reqs]
+                                            and q.group in members)
+                or (q.src == ANY and q.tag >= 0 and q.group in deserted))
+            errors = [self.gone(peer, q.desc, q.group, self._unmatched(q)) if q.src == rank
+                      else self.deserted_error(q) if state != DEAD
+                      else self.gone(peer, q.desc, q.group) for q in reqs]
         if state == DEAD and not told:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
-        for q, note in zip(reqs, notes):
-            q.fail(self.gone(peer, q.desc, q.group, note))
+        for q, error in zip(reqs, errors):
+            q.fail(error)
         self._nudge()
         with peer.lock:
             while peer.queue:

@@ -173,7 +173,11 @@ class Liveness:
             return ""
         p = self.peers[peer]
         said = f"; it said: {p.status}" if p.status else ""
-        return f" (rank {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago{said})"
+        # (``peer`` is a world rank: in a sub-group, whose description gives the peer's
+        # world rank, so named, not taken for the group's rank of that number)
+        d = item._desc
+        who = "world rank" if type(d) is tuple and len(d) > 4 and d[4] is not None else "rank"
+        return f" ({who} {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago{said})"
 
     def on_bye(self, peer: Peer, reason: str) -> None:
         """A peer leaves. After a clean close (no reason) it is closed, and

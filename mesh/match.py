@@ -146,13 +146,14 @@ class Probe(Pending):
 class Arrived:
     """A message that arrived before its receive was posted."""
 
-    __slots__ = ("src", "tag", "value", "nbytes", "fp", "order", "device")
+    __slots__ = ("src", "tag", "value", "nbytes", "fp", "order", "device", "granted")
 
     def __init__(self, src: int, tag: int, value: Any, nbytes: int, fp: Any,
                  device: int = 0) -> None:
         self.src, self.tag, self.value, self.nbytes, self.fp = src, tag, value, nbytes, fp
         self.order = 0
         self.device = device
+        self.granted = False     # its credit went back before a receive took it (Inbox.held)
 
     @property
     def got(self) -> tuple:
@@ -269,6 +270,20 @@ class Matcher:
         heads = [q[0] for (g, t), by_src in self._unexpected.items() if g == group and t >= 0
                  for s, q in by_src.items() if src == ANY or s == src]
         return min(heads, key=_order) if heads else None
+
+    def waits_for(self, src: int) -> bool:
+        """Whether a receive or probe is posted that a message from world
+        rank ``src`` could answer (one naming it, or any rank)."""
+        if self._posted_any or any(k[1] == src for k in self._posted):
+            return True
+        return any(r.src == ANY or r.src == src for table in (self._wild, self._probes)
+                   for q in table.values() for r in q)
+
+    def mark_granted(self, src: int) -> None:
+        """Mark every message from ``src`` waiting unmatched as granted."""
+        for by_src in self._unexpected.values():
+            for m in by_src.get(src, ()):
+                m.granted = True
 
     def take(self, group: int, msg: Arrived) -> None:
         """Remove ``msg``, the head of its (source, tag) queue (see waiting)."""

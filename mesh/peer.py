@@ -185,6 +185,13 @@ class Peer:
         """The peer granted ``credit`` bytes back; caller holds ``lock``."""
         self.inflight = max(0, self.inflight - credit)
 
+    def flush(self, extra: int) -> int:
+        """Everything owed to this peer, ``extra`` bytes more: the credit
+        to grant back now, whatever the step (Inbox.held)."""
+        with self._grant_lock:
+            grant, self.to_grant = self.to_grant + extra, 0
+        return grant
+
     def consumed(self, n: int) -> int:
         """A message of ``n`` payload bytes from this peer left our buffers:
         the credit to grant back now (0 until a step's worth has gathered)."""

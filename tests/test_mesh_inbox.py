@@ -119,3 +119,52 @@ def test_an_abort_heard_from_a_peer_is_passed_on_once_to_the_others() -> None:
     assert [(r, h.kind, h.tag, h.abort) for r, h in sent] == [
         (2, wire.ABORT, -4, AbortKind.MISMATCH), (3, wire.ABORT, -4, AbortKind.MISMATCH)]
     assert not box.abort_local(0, -4, AbortKind.MISMATCH, "odd shape", -1)
+
+
+def test_a_receive_from_any_rank_fails_once_every_other_member_has_closed() -> None:
+    """A clean goodbye fails only what names its rank, but a receive or
+    probe from any rank of a group whose other members have all closed can
+    never be answered: it fails then (and at once when posted later), naming
+    them, instead of waiting out its timeout (MESH_TIMEOUT: 300 s)."""
+    box, _ = _inbox()
+    pair = box.post(7, ANY, 5, None, None, ("recv from", ANY, 5, "world/[0, 2]"))
+    world = box.post(0, ANY, 5, None, None, ("recv from", ANY, 5, "world"))
+    box.peer_gone(2, "it closed its mesh", CLOSED)
+    assert isinstance(pair.error, LostPeerError) and pair.error.peer == 2
+    assert str(pair.error) == ("rank 0: recv from any rank (tag 5, group world/[0, 2]) failed: "
+                               "every rank that could send it is gone: world rank 2 (it closed "
+                               "its mesh)")
+    assert world.state == POSTED                               # ranks 1 and 3 may still send
+    box.arrive(1, 0, 6, "early", 5, None)
+    box.peer_gone(1, "it closed its mesh", CLOSED)
+    box.peer_gone(3, "it closed its mesh", CLOSED)
+    assert isinstance(world.error, LostPeerError) and str(world.error).endswith(
+        "gone: rank 1 (it closed its mesh), rank 2 (it closed its mesh), rank 3 (it closed its "
+        "mesh); unmatched here from any rank: tag 6 (rank 1, 5 bytes)")
+    assert box.post(0, ANY, 6, None, None, "recv from any").value == "early"   # still taken
+    probe = box.post(7, ANY, 1 << 63, None, None, "probe any", probe=True)
+    assert isinstance(probe.error, LostPeerError) and box.dead == set()
+    assert box.post(0, ANY, -2, None, None, "a collective's").state == POSTED
+
+
+def test_messages_waiting_unreceived_give_their_credit_back_once_a_receive_waits() -> None:
+    """A sender's window full of messages nobody received yet held back its
+    next one, the message a receive waited for too (MPI lets a receiver take
+    them in any order): a deadlock until the timeout. Once a receive or probe
+    that the peer could answer waits, the credit of what waits goes back at
+    once (never twice); with none posted, the window still holds them."""
+    box, sent = _inbox(window=4096)                            # grant step: 1024 bytes
+    for tag in (1, 2, 3):
+        box.arrive(1, 0, tag, np.zeros(500, np.uint8), 500, None)
+    assert sent == [] and box.held[1] == 3 * (500 + MSG_COST)
+    other = box.post(0, 2, 9, None, None, "recv from 2")     # rank 1 cannot answer it
+    assert sent == [] and other.state == POSTED
+    waiting = box.post(0, 1, 9, None, None, "recv from 1")
+    assert [(r, h.kind, h.credit) for r, h in sent] == [(1, wire.CREDIT, 3 * (500 + MSG_COST))]
+    for tag in (3, 2, 1):
+        assert box.post(0, 1, tag, None, None, "recv").state == DONE
+    assert len(sent) == 1 and box.held[1] == 0 and box.peers[1].to_grant == 0
+    box.arrive(1, 0, 4, np.zeros(900, np.uint8), 900, None)  # while one waits: at once
+    assert sent[1][1].credit == 900 + MSG_COST and waiting.state == POSTED
+    box.arrive(1, 0, 9, "it", 2, None)
+    assert waiting.value == "it" and len(sent) == 2
