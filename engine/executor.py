@@ -217,6 +217,10 @@ class Pipeline:
         lowered = verify(schedule)
         if self.dp is not None and self.dp.size > 1:
             lowered = with_grad_sync(lowered)
+        elif any(a.kind == AR for row in lowered.ranks for a in row):
+            # a schedule that names its all-reduces (one a dp pipeline ran, its
+            # .schedule) on one replica: an average over one is the gradient as it is
+            lowered = lowered.replace([a for a in row if a.kind != AR] for row in lowered.ranks)
         self.schedule = lowered
         self.rank = self.pp.rank
         self.program: tuple[Action, ...] = lowered.ranks[self.rank]
@@ -695,7 +699,8 @@ class _Step:
                 self.targets = [] if targets is None else split_microbatches(targets, m)
             except ValueError as e:
                 raise ValueError(f"pp rank {pipe.rank}: {call}'s targets: {e}") from None
-            total = sum(len(t) for t in self.targets)
+            # rows, not len(): a tuple of targets (labels and a mask) has its parts' rows
+            total = sum(rows_of(t) for t in self.targets)
             share = 1.0     # this replica's rows over the mean replica's (dp replicas may differ)
             if self.rows_pending:
                 assert pipe.dp is not None
@@ -715,7 +720,7 @@ class _Step:
             # each micro-batch's loss gradient weighed by its share of the global batch
             # (times dp, which the average over dp divides out): every stage's gradients,
             # linear in it, are then the global mean loss's
-            self.weights = [len(t) / total * share for t in self.targets]
+            self.weights = [rows_of(t) / total * share for t in self.targets]
         if not self.forward_only:
             self.prior = self._save_prior()
         self._post_receives()
@@ -984,7 +989,11 @@ class _Step:
         rank's own error (already cleaned up and rolled back), it only tells
         the rest; the caller re-raises it. Targets whose rows do not pair
         with the inputs' (``_paired``; known on other ranks) fail the step
-        on every rank, rolled back, with a ValueError naming both counts."""
+        on every rank, rolled back, with a ValueError naming both counts; so
+        does a step that some ranks ran as ``eval_step()`` and others as
+        ``step()`` (their messages pair up: the training ranks' gradients
+        took the evaluating ranks' forwards, whose stages learned nothing),
+        naming which ranks called which."""
         pipe, whole = self.pipe, self.pipe.whole
         if whole.size == 1:
             return
@@ -993,33 +1002,47 @@ class _Step:
         # targets of other rows than the inputs pair rows wrongly (the loss of
         # micro-batch k taken against another one's targets) without a word
         replicas = pipe.dp.size if pipe.dp is not None else 1
-        failed = np.zeros(1 + 2 * replicas, dtype=np.int64)
+        # and last, whether some rank evaluates (eval_step) and some trains (step)
+        failed = np.zeros(3 + 2 * replicas, dtype=np.int64)
         failed[0] = 0 if error is None else 1
         failed[1 + 2 * pipe.dp_index:3 + 2 * pipe.dp_index] = (self.in_rows + 1,
                                                                self.target_rows + 1)
+        failed[-2:] = (1, 0) if self.forward_only else (0, 1)
         wrong: list[tuple[int, int, int]] = []
+        evals: list[int] = []
         try:
             collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
-            rows = failed[1:].reshape(replicas, 2) - 1
+            rows = failed[1:-2].reshape(replicas, 2) - 1
             m = pipe.schedule.num_microbatches
             wrong = [(d, int(a), int(b)) for d, (a, b) in enumerate(rows)
                      if a >= 0 and b >= 0 and not _paired(int(a), int(b), m)]
-            if not failed[0] and not wrong:
+            mixed = bool(failed[-2] and failed[-1])
+            if not failed[0] and not wrong and not mixed:
                 return
-            if not failed[0]:
+            if not failed[0] and not mixed:
                 reasons: list[str | None] = []
             else:
                 mine = None if error is None else f"{type(error).__name__}: {error}"
                 tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
-                told = collectives.all_gather_object(whole, [mine, tp_seq],
-                                                     timeout=pipe.timeout)
-                reasons = [why for why, _ in told]
-                self.realign_tp([seq for _, seq in told])
+                told = collectives.all_gather_object(
+                    whole, [mine, tp_seq, self.forward_only], timeout=pipe.timeout)
+                reasons = [why for why, _, _ in told]
+                evals = [r for r, (*_, only) in enumerate(told) if only] if mixed else []
+                self.realign_tp([seq for _, seq, _ in told])
         except Exception:
             if error is not None:
                 return                       # this rank's own error is raised
             self.roll_back()                 # a lost peer, a timeout: raised as it is
             raise
+        if evals:
+            if error is None:
+                self.roll_back()
+            steps = [r for r in range(whole.size) if r not in evals]
+            raise ValueError(
+                f"rank {whole.rank} of {whole.name}: pipeline step {self.n} "
+                f"({pipe.schedule.name}): ranks {evals} of {whole.name} called eval_step() "
+                f"where ranks {steps} called step(): every rank calls the same, as often "
+                "(an evaluation takes a step's tags); rolled back on every rank") from error
         if wrong:
             if error is None:
                 self.roll_back()

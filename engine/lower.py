@@ -13,6 +13,7 @@ the start of the step and waits for it there)::
 adds to that stage's gradients, so the all-reduce of a late stage overlaps
 the backward passes of the earlier stages on the same rank.
 ``with_optimizer_step`` appends ``sOPT`` for every stage of every rank.
+Both leave a stage that has its own as it is.
 """
 from __future__ import annotations
 
@@ -53,13 +54,15 @@ def lower(sched: Schedule) -> Schedule:
 
 
 def with_grad_sync(sched: Schedule) -> Schedule:
-    """Add ``sAR`` after the last B or W of each stage (idempotent)."""
+    """Add ``sAR`` after the last B or W of each stage that has none
+    (idempotent). Per stage, not per rank: a rank whose list names the AR
+    of one of its stages only would leave the others' gradients unaveraged,
+    the dp replicas drifting apart without a word."""
     out = []
     for row in sched.ranks:
-        if any(a.kind == AR for a in row):
-            out.append(list(row))
-            continue
-        last_grad = {a.stage: i for i, a in enumerate(row) if a.kind in (B, W)}
+        synced = {a.stage for a in row if a.kind == AR}
+        last_grad = {a.stage: i for i, a in enumerate(row)
+                     if a.kind in (B, W) and a.stage not in synced}
         after: dict[int, list[Action]] = {}
         for stage, i in last_grad.items():
             while i + 1 < len(row) and row[i + 1].kind == SEND_B:
@@ -74,11 +77,11 @@ def with_grad_sync(sched: Schedule) -> Schedule:
 
 
 def with_optimizer_step(sched: Schedule) -> Schedule:
-    """Append ``sOPT`` for each stage of each rank (idempotent)."""
+    """Append ``sOPT`` for each stage of each rank that has none
+    (idempotent; per stage, as ``with_grad_sync``)."""
     out = []
     for r, row in enumerate(sched.ranks):
-        if any(a.kind == OPT for a in row):
-            out.append(list(row))
-        else:
-            out.append(list(row) + [Action(s, OPT) for s in sched.stages_of(r)])
+        stepped = {a.stage for a in row if a.kind == OPT}
+        out.append(list(row) + [Action(s, OPT) for s in sched.stages_of(r)
+                                if s not in stepped])
     return sched.replace(out)

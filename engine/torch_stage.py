@@ -56,6 +56,14 @@ def _tensor(torch: Any, x: Any, device: Any = None) -> Any:
     return t if device is None else t.to(device)
 
 
+def _target(torch: Any, target: Any, device: Any) -> Any:
+    """A loss's target as tensors on ``device``: a tuple of targets (labels
+    and a loss mask) part by part, each as it is, not one array of them."""
+    if isinstance(target, tuple):
+        return tuple(_target(torch, t, device) for t in target)
+    return _tensor(torch, target, device)
+
+
 def patterns_of(recompute: Any) -> tuple[str, ...]:
     """The submodule name patterns in a ``recompute=`` value (a str, or a
     collection of str: selective recompute), else ()."""
@@ -221,6 +229,8 @@ class TorchStage:
 
     def _part(self, x: Any, fixed: bool = False) -> tuple[Any, Any]:
         torch = _torch()
+        if x is None:           # a tuple's part that is None ((h, None)): handed on as it is
+            return None, None
         t = _tensor(torch, x, self.device)
         if not t.is_floating_point():
             return t, t
@@ -254,7 +264,7 @@ class TorchStage:
         recording, need no gradient (what a recomputing forward, without a
         graph, cannot tell)."""
         if isinstance(out, tuple):
-            self._fixed = tuple(i for i, o in enumerate(out) if not o.requires_grad)
+            self._fixed = tuple(i for i, o in enumerate(out) if not _needs_grad(o))
 
     def _handed(self, out: Any) -> Any:
         """What the next stage gets: ``out`` detached (a tuple as Parts, its
@@ -263,8 +273,8 @@ class TorchStage:
         if not isinstance(out, tuple):
             return out.detach()
         fixed = self._fixed if self._fixed is not None else [
-            i for i, o in enumerate(out) if not o.is_floating_point()]
-        return Parts((o.detach() for o in out), fixed)
+            i for i, o in enumerate(out) if o is None or not o.is_floating_point()]
+        return Parts((None if o is None else o.detach() for o in out), fixed)
 
     def _forward_kept(self, x: Any) -> tuple[Any, Any]:
         """Recompute: the forward without a graph, keeping only its input
@@ -338,7 +348,7 @@ class TorchStage:
             if outs:
                 torch.autograd.backward(outs, gys)
             return _grads_of(t, lambda leaf: leaf.grad)
-        leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if v.requires_grad]
+        leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if _needs_grad(v)]
         got: dict[int, Any] = {}
         if leaves and outs:
             grads = torch.autograd.grad(outs, leaves, gys, retain_graph=True, allow_unused=True)
@@ -385,7 +395,7 @@ class TorchStage:
             return self._backward_layers(ctx, gy, split=True)
         t, out = self._replay(ctx)
         outs, gys = _flowing(out, gy)
-        leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if v.requires_grad]
+        leaves = [v for v in (t if isinstance(t, tuple) else (t,)) if _needs_grad(v)]
         if not leaves or not outs:
             return _grads_of(t, lambda leaf: None), (outs, gys)
         grads = torch.autograd.grad(outs, leaves, gys, retain_graph=True, allow_unused=True)
@@ -452,7 +462,8 @@ def _leaves(h: Any) -> tuple[Any, Any]:
     floating tensors detached and made to require grad, no copy."""
     if isinstance(h, tuple):
         fixed = getattr(h, "fixed", ())
-        t = tuple(v.detach().requires_grad_(True) if v.is_floating_point() and i not in fixed
+        t = tuple(v.detach().requires_grad_(True)
+                  if v is not None and v.is_floating_point() and i not in fixed
                   else v for i, v in enumerate(h))
         return t, t
     t = h.detach().requires_grad_(True) if h.is_floating_point() else h
@@ -481,7 +492,7 @@ def _flowing(out: Any, gy: Any) -> tuple[list[Any], list[Any]]:
     torch = _torch()
     pairs = zip(out, gy) if isinstance(out, tuple) else [(out, gy)]
     picked = [(o, _tensor(torch, g, o.device)) for o, g in pairs
-              if g is not None and o.requires_grad]
+              if g is not None and _needs_grad(o)]
     return [o for o, _ in picked], [g for _, g in picked]
 
 
@@ -490,8 +501,14 @@ def _grads_of(t: Any, grad: Any) -> Any:
     of them for a tuple input (None for a part with no gradient, an
     integer one)."""
     if isinstance(t, tuple):
-        return tuple(grad(v) if v.requires_grad else None for v in t)
+        return tuple(grad(v) if _needs_grad(v) else None for v in t)
     return grad(t) if t.requires_grad else None
+
+
+def _needs_grad(v: Any) -> bool:
+    """Whether a tuple's part takes a gradient: not an integer one, nor one
+    computed from nothing that needs one, nor a part that is None."""
+    return v is not None and v.requires_grad
 
 
 def _view(t: Any) -> Any:
@@ -524,12 +541,12 @@ def widened(a: Any) -> Any:
 def torch_loss(fn: Any) -> Any:
     """Wrap a torch loss (``fn(y, target) -> scalar tensor``, mean over the
     micro-batch) as a pipeline ``loss_fn`` on tensors (or numpy arrays);
-    the target goes to the output's device."""
+    the target (each part of a tuple of them) goes to the output's device."""
     torch = _torch()
 
     def loss_fn(y: Any, target: Any) -> tuple[float, Any]:
         ty = _tensor(torch, y).detach().requires_grad_(True)
-        loss = fn(ty, _tensor(torch, target, ty.device))
+        loss = fn(ty, _target(torch, target, ty.device))
         if isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad:
             raise TypeError("loss_fn(output, target) returned a scalar tensor without a "
                             "gradient: compute it from the output (no .detach(), no "
@@ -546,7 +563,7 @@ def torch_loss(fn: Any) -> Any:
         """The loss alone, without its gradient (an evaluation)."""
         with torch.no_grad():
             ty = _tensor(torch, y)
-            return float(fn(ty, _tensor(torch, target, ty.device)))
+            return float(fn(ty, _target(torch, target, ty.device)))
 
     loss_fn.value = value       # type: ignore[attr-defined]
     return loss_fn

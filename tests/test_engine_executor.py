@@ -10,6 +10,7 @@ from engine import Pipeline, Schedule, schedules
 from engine import trace as tr
 from engine.executor import split_microbatches
 from engine.layers import Linear, ReLU, Sequential, Tanh, mlp_stages, mse_loss, sgd
+from engine.lower import with_grad_sync
 from engine.show import main as show_main
 
 
@@ -44,6 +45,52 @@ def test_local_stages_match_full_batch_gradients(sched):
     assert loss == pytest.approx(ref_loss, rel=1e-12)
     got = [g for s in stages for g in s.grads()]
     for a, b in zip(got, ref_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def _masked_mse(out, target):
+    """A pair loss of a tuple of targets: values and a weight per row."""
+    y, w = target
+    d = out - y
+    return float((d ** 2 * w).mean()), 2 * d * w / d.size
+
+
+def test_tuple_targets_weigh_each_micro_batch_by_its_rows():
+    """Targets given as a tuple (values and a mask) weigh micro-batches of
+    2 and 3 rows by their rows, as one process's mean: they were weighed by
+    their parts' count (len of the tuple), alike, the loss and every
+    gradient off without a word."""
+    widths = [4, 6, 3]
+    rng = np.random.default_rng(2)
+    x, y, w = rng.standard_normal((5, 4)), rng.standard_normal((5, 3)), rng.random((5, 1))
+    model = Sequential(*mlp_stages(widths, 1, seed=5)[0].layers)
+    out, ctx = model.forward(x)
+    ref_loss, gy = _masked_mse(out, (y, w))
+    model.backward(ctx, gy)
+    for sched in (schedules.interleaved_1f1b(1, 2, 2), schedules.zb_v(1, 2)):
+        stages = mlp_stages(widths, 2, seed=5)
+        pipe = Pipeline(_Solo(), stages, sched, loss_fn=_masked_mse)
+        assert pipe.step(x, (y, w)) == pytest.approx(ref_loss, rel=1e-12)
+        got = [g for s in stages for g in s.grads()]
+        for a, b in zip(got, model.grads(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=sched.name)
+        assert pipe.eval_step(x, (y, w)) == pytest.approx(ref_loss, rel=1e-12)
+
+
+def test_a_schedule_naming_its_all_reduces_runs_without_a_dp_axis():
+    """A schedule with AR actions (a dp pipeline's ``.schedule``, or
+    ``with_grad_sync``'s) on a group of one replica: an average over one
+    is the gradient as it is. It failed on a bare AssertionError."""
+    widths = [4, 6, 5, 3]
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((7, 4)), rng.standard_normal((7, 3))
+    sched = with_grad_sync(schedules.zero_bubble_h1(1, 3))
+    assert "0AR" in [str(a) for a in sched.ranks[0]]
+    stages = mlp_stages(widths, 1, seed=5)
+    pipe = Pipeline(_Solo(), stages, sched, loss_fn=mse_loss)
+    ref_loss, ref_grads = _reference_grads(widths, 5, x, y)
+    assert pipe.step(x, y) == pytest.approx(ref_loss, rel=1e-12)
+    for a, b in zip(stages[0].grads(), ref_grads, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 

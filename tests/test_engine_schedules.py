@@ -183,6 +183,25 @@ def test_grad_sync_after_last_gradient_and_its_send():
     full.validate()
 
 
+def test_grad_sync_and_optimizer_step_add_what_each_stage_lacks():
+    """A rank whose list names the AR (or OPT) of one of its stages gets
+    the others' too: rank 0 of interleaved 1F1B holds stages 0 and 2, and
+    one AR kept stage 2 from its average over dp (the replicas drifting
+    apart), one OPT from its update."""
+    sched = lower(S.interleaved_1f1b(2, 2, 2))
+    r0 = list(sched.ranks[0])
+    last = max(i for i, a in enumerate(r0) if str(a) in ("0B0", "0B1"))
+    r0.insert(last + 1, Action(0, "AR"))
+    half = sched.replace([r0, sched.ranks[1]])
+    synced = with_grad_sync(half)
+    assert [str(a) for a in synced.ranks[0]].count("0AR") == 1
+    assert synced == with_grad_sync(sched)
+    stepped = with_optimizer_step(half.replace([r0 + [Action(2, "OPT")], half.ranks[1]]))
+    assert [str(a) for a in stepped.ranks[0][-2:]] == ["2OPT", "0OPT"]
+    assert [str(a) for a in stepped.ranks[1][-2:]] == ["1OPT", "3OPT"]
+    with_grad_sync(stepped).validate()
+
+
 def test_simulated_makespans_match_the_closed_forms():
     F, B = 1.0, 2.0
     for p, m in [(2, 4), (4, 8), (4, 16), (3, 5)]:

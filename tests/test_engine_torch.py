@@ -599,3 +599,69 @@ def test_a_module_inside_one_that_recomputes_is_left_alone():
     x = torch.randn(3, 2, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None
+
+
+class _NoneBeside(torch.nn.Module):
+    """A block returning ``(h, None)`` (a Hugging Face layer's output
+    without its attention weights), and taking that tuple as its input."""
+
+    def __init__(self, width, last=False):
+        super().__init__()
+        self.lin, self.last = torch.nn.Linear(width, width).double(), last
+
+    def forward(self, x):
+        if isinstance(x, tuple):
+            h, none = x
+            assert none is None
+            x = h
+        h = torch.tanh(self.lin(x))
+        return h if self.last else (h, None)
+
+
+@pytest.mark.parametrize("sched", [schedules.interleaved_1f1b(1, 2, 2), schedules.zb_v(1, 2)],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("way", [False, True, "layered"])
+def test_a_boundary_may_carry_a_none_beside_its_tensors(sched, way):
+    """A part that is None goes on as None, keeping, recomputing (whole,
+    layer by layer) or splitting the backward: one process's loss and
+    gradients. It failed on an AttributeError in the forward."""
+    rng = np.random.default_rng(4)
+    x, y = (torch.from_numpy(rng.standard_normal((5, 3))) for _ in range(2))
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(_NoneBeside(3), _NoneBeside(3, last=True))
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    torch.manual_seed(2)
+    stages = [torch.nn.Sequential(_NoneBeside(3)), torch.nn.Sequential(_NoneBeside(3, True))]
+    pipe = Pipeline(_Solo(), stages, sched, loss_fn=torch.nn.functional.mse_loss,
+                    recompute=bool(way), layered=way == "layered")
+    assert pipe.step(x, y) == pytest.approx(loss.item(), rel=1e-12)
+    assert pipe.eval_step(x, y) == pytest.approx(loss.item(), rel=1e-12)
+    got = [p.grad for s in stages for p in s.parameters()]
+    for a, b in zip(got, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_a_torch_loss_takes_a_tuple_of_targets_weighed_by_rows():
+    """A torch loss of a tuple of targets (values and a mask per row): each
+    part goes to the loss as a tensor (it failed in numpy, making one array
+    of the tuple), and micro-batches of 2 and 3 rows weigh by their rows."""
+    def masked(out, target):
+        y, mask = target
+        return ((out - y) ** 2 * mask).mean()
+
+    rng = np.random.default_rng(5)
+    x, y = (torch.from_numpy(rng.standard_normal((5, 3))) for _ in range(2))
+    mask = torch.from_numpy(rng.random((5, 1)))
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(_NoneBeside(3, True), _NoneBeside(3, True))
+    loss = masked(model(x), (y, mask))
+    loss.backward()
+    torch.manual_seed(3)
+    stages = [_NoneBeside(3, True), _NoneBeside(3, True)]
+    pipe = Pipeline(_Solo(), stages, schedules.zb_v(1, 2), loss_fn=masked)
+    assert pipe.step(x, (y, mask)) == pytest.approx(loss.item(), rel=1e-12)
+    assert pipe.eval_step(x, (y, mask)) == pytest.approx(loss.item(), rel=1e-12)
+    got = [p.grad for s in stages for p in s.parameters()]
+    for a, b in zip(got, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)

@@ -521,3 +521,44 @@ def test_train_pipeline_help_names_every_schedule_it_runs():
                          env={**os.environ, "PYTHONPATH": ROOT}).stdout
     for name in ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"):
         assert name in out, out
+
+
+# ---- Pipeline: ranks mixing eval_step() and step()
+
+
+def _eval_beside_step(world, evaluating):
+    """Rank ``evaluating`` calls eval_step() where the other calls step(),
+    then both step() alike."""
+    import collectives
+    sched = engine.schedules.one_f_one_b(2, 2)
+    mine = engine.stages_for_rank(mlp_stages([3, 4, 1], 2, 0), sched, world.rank)
+    pipe = engine.Pipeline(world, mine, sched, loss_fn=mse_loss, timeout=30)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 1))
+    call = pipe.eval_step if world.rank == evaluating else pipe.step
+    try:
+        call(x, y)
+        said = "no error"
+    except ValueError as e:
+        said = str(e)
+    grads = [float(np.abs(g).sum()) for g in mine[0].grads()]
+    loss = pipe.step(x, y)          # the pipeline goes on
+    collectives.barrier(world, timeout=30)
+    return said, grads, loss
+
+
+@pytest.mark.timeout(60)
+def test_ranks_mixing_eval_step_and_step_all_raise():
+    """The first stage's rank evaluating while the last stage's trains:
+    the messages pair up, so the step ended without a word, the last
+    stage's gradients taken and the first's left out (the stages drifting
+    apart). Every rank now raises, naming who called which, the step is
+    rolled back, and the next step runs."""
+    got = mesh.spawn(_eval_beside_step, 2, 0, timeout=50)
+    for r, (said, grads, loss) in enumerate(got):
+        assert said == (f"rank {r} of world: pipeline step 0 (1f1b(2,2)): ranks [0] of world "
+                        "called eval_step() where ranks [1] called step(): every rank calls "
+                        "the same, as often (an evaluation takes a step's tags); rolled back "
+                        "on every rank"), said
+        assert not any(grads)
+        assert (loss is not None) == (r == 1)
