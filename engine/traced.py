@@ -574,26 +574,26 @@ _AUGMENTED = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "
 """The operator module's in-place functions: ``h += x`` traced (Proxy)."""
 
 
+def _call_name(n: Any) -> str:
+    """The name a call node calls (a method's, a function's), else ""."""
+    return (n.target if n.op == "call_method" else
+            getattr(n.target, "__name__", "") if n.op == "call_function" else "")
+
+
 def _changes(model: Any, n: Any) -> Any:
     """The value ``n`` changes in place (its first argument: ``h.mul_(2)``,
     ``F.relu(h, inplace=True)``, a module made with ``inplace=True``), or
     None."""
-    if n.op == "call_method":
-        name = n.target
-    elif n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
-        if getattr(n.target, "__module__", "") in ("_operator", "operator"):
-            name = "_inplace_" if name in _AUGMENTED else ""    # (and_, or_: a & b is none)
-        if n.kwargs.get("inplace") is True:
-            name = "_inplace_"
-    elif n.op == "call_module":
-        name = "_inplace_" if getattr(model.get_submodule(n.target), "inplace", False) is True \
-            else ""
+    name = _call_name(n)
+    if n.op == "call_module":
+        changing = getattr(model.get_submodule(n.target), "inplace", False) is True
+    elif n.op == "call_function" and getattr(n.target, "__module__", "") in ("_operator",
+                                                                              "operator"):
+        changing = name in _AUGMENTED       # (and_, or_: a & b changes nothing)
     else:
-        return None
-    if not (name.endswith("_") and not name.endswith("__") and name != "_") or not n.args:
-        return None
-    first = n.args[0]
+        changing = n.op.startswith("call_") and (n.kwargs.get("inplace") is True or (
+            name.endswith("_") and not name.endswith("__") and name != "_"))
+    first = n.args[0] if changing and n.args else None
     return first if hasattr(first, "all_input_nodes") else None
 
 
@@ -624,9 +624,7 @@ def _viewed(t: Any) -> list[Any]:
     """``t`` and the values it is a view of (``h[:, 1:]``: it, then ``h``)."""
     chain = [t]
     while True:
-        name = (t.target if t.op == "call_method" else
-                getattr(t.target, "__name__", "") if t.op == "call_function" else "")
-        if name not in _VIEWS or not t.args or not hasattr(t.args[0], "all_input_nodes"):
+        if _call_name(t) not in _VIEWS or not t.args or not hasattr(t.args[0], "all_input_nodes"):
             return chain
         t = t.args[0]
         chain.append(t)
