@@ -25,7 +25,8 @@ class Grid:
     def __init__(self, comm: Comm, axes: dict[str, int]) -> None:
         if not axes:
             raise ValueError("grid needs at least one axis, e.g. grid(world, dp=2, pp=2)")
-        bad = {k: v for k, v in axes.items() if not isinstance(v, int) or v < 1}
+        bad = {k: v for k, v in axes.items()
+               if not isinstance(v, int) or isinstance(v, bool) or v < 1}   # (True is 1)
         if bad:
             raise ValueError(f"grid axes must be positive integers, got {bad}")
         if math.prod(axes.values()) != comm.size:

@@ -1378,6 +1378,9 @@ def test_grid_rank_of_refuses_coordinates_outside_the_grid() -> None:
                                 f".rank_of({name}={v!r}): axis {name!r} has coordinates 0..1")
     with pytest.raises(KeyError, match=r"rank 1: grid has axes \['dp', 'pp'\], not 'tp'"):
         grid.rank_of(tp=0)
+    for axes in ({"dp": True, "pp": 4}, {"dp": 2.0, "pp": 2}, {"dp": 0, "pp": 4}):
+        with pytest.raises(ValueError, match="grid axes must be positive integers"):
+            mesh.Grid(comm, axes)       # type: ignore[arg-type]  (True was taken for 1)
 
 
 def _out_of_order(world: mesh.Mesh) -> list:
