@@ -7,13 +7,18 @@ tests check the generator against that drawing exactly.
 """
 from __future__ import annotations
 
+import numbers
+
 from .ir import B, F, I, W, Action, Schedule
 
 __all__ = ["gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2",
            "zb_v", "by_name"]
 
 
-def _check(p: int, m: int) -> None:
+def _check(p: int, m: int, **more: int) -> None:
+    for name, v in {"p": p, "m": m, **more}.items():
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a whole number, got {v!r}")  # (True made 1f1b(True,4))
     if p < 1:
         raise ValueError(f"need at least one pipeline rank, got p={p}")
     if m < 1:
@@ -74,7 +79,7 @@ def interleaved_1f1b(p: int, m: int, chunks: int) -> Schedule:
         0 | 0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1  .  2B2  .  2B3 0B2 0B3
         1 |  .  1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3  .
     """
-    _check(p, m)
+    _check(p, m, chunks=chunks)
     if chunks < 1:
         raise ValueError(f"need at least one chunk per rank, got chunks={chunks}")
     if m % p:

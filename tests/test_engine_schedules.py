@@ -95,6 +95,11 @@ def test_generator_argument_errors():
         S.interleaved_1f1b(2, 4, 0)
     with pytest.raises(ValueError):
         S.by_name("nonesuch", 2, 2)
+    for args in ((True, 4), (2.5, 4), (2, "4")):     # (True made "1f1b(True,4)" of one rank)
+        with pytest.raises(TypeError, match="must be a whole number"):
+            S.one_f_one_b(*args)
+    with pytest.raises(TypeError, match="chunks must be a whole number, got 2.0"):
+        S.interleaved_1f1b(2, 4, 2.0)
     assert S.by_name("ZB-H1", 2, 4) == S.zero_bubble_h1(2, 4)
     assert S.by_name("interleaved", 2, 4, 3) == S.interleaved_1f1b(2, 4, 3)
     assert S.by_name("zb-h2", 2, 4) == S.zero_bubble_h2(2, 4)
