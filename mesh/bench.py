@@ -4,7 +4,8 @@
                          [--compare mpi]
     python -m mesh.bench --scale [--ranks 8,16,32,64] [--trials 3]
 
-Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it),
+Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it;
+again with the receive waited for by waitany, mesh and MPI only),
 one-way stream bandwidth (raw: PUSH/PULL with copy=False; mesh: isend/recv
 with out=) and, from 1 MiB up, ping-pong bandwidth (2 x bytes / time of a
 round trip), run alternately in one process tree so that all see the same
@@ -40,6 +41,7 @@ import numpy as np
 import zmq
 
 from .cliargs import checked, positive, positive_list
+from .comm import waitany
 from .peer import parse_size
 from .spawn import spawn
 
@@ -166,6 +168,16 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
                 world.recv(peer, out=small)
                 world.send(small, peer)
         results["rtt"] = (time.perf_counter() - start) / n
+    for n in (200, iters):     # the same, rank 0 receiving through waitany
+        start = time.perf_counter()
+        for _ in range(n):
+            if world.rank == 0:
+                world.send(small, peer)
+                waitany([world.irecv(peer, out=small)])
+            else:
+                world.recv(peer, out=small)
+                world.send(small, peer)
+        results["rttany"] = (time.perf_counter() - start) / n
     missed = [0]       # receives a same-host ring did not answer directly (mesh.rings):
     post = t.irecv     # counted where they go the usual way, off the short way's path
 
@@ -255,6 +267,17 @@ def _mpi_worker(sizes: list[int], iters: int) -> None:
                 comm.Recv(small, peer)
                 comm.Send(small, peer)
         results["rtt"] = (time.perf_counter() - t) / n
+    for n in (200, iters):
+        comm.Barrier()
+        t = time.perf_counter()
+        for _ in range(n):
+            if rank == 0:
+                comm.Send(small, peer)
+                MPI.Request.Waitany([comm.Irecv(small, peer)])
+            else:
+                comm.Recv(small, peer)
+                comm.Send(small, peer)
+        results["rttany"] = (time.perf_counter() - t) / n
     for size in sizes:
         buf = np.ones(size, np.uint8)
         k = _iters_for(size, iters)
@@ -359,11 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         ratios.append(("mesh/mpi", "mesh", "mpi4py"))
     print(f"{'measure':>24} " + " ".join(f"{n:>11}" for n in names) + " "
           + " ".join(f"{r:>10}" for r, _, _ in ratios))
-    keys = [("rtt", "round trip 8 B (us)")]
+    keys = [("rtt", "round trip 8 B (us)"), ("rttany", "  through waitany (us)")]
     keys += [(f"bw{n}", f"stream {_fmt(n)} (GB/s)") for n in sizes]
     keys += [(f"pp{n}", f"ping-pong {_fmt(n)} (GB/s)") for n in sizes if n >= PINGPONG_FROM]
     for key, label in keys:
-        scale = 1e6 if key == "rtt" else 1e-9
+        scale = 1e6 if key.startswith("rtt") else 1e-9
         med = {n: statistics.median(x[key] for x in runs[n]) * scale
                for n in names if all(key in x for x in runs[n])}
         cells = " ".join(f"{med[n]:11.3f}" if n in med else f"{'-':>11}" for n in names)
@@ -371,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         for _, a, b in ratios:
             if a in med and b in med:
                 # a ratio above 1 is better for the first named, both for times and rates
-                rs.append(f"{(med[b] / med[a] if key == 'rtt' else med[a] / med[b]):10.2f}")
+                r = med[b] / med[a] if key.startswith("rtt") else med[a] / med[b]
+                rs.append(f"{r:10.2f}")
             else:
                 rs.append(f"{'-':>10}")
         print(f"{label:>24} {cells} " + " ".join(rs))

@@ -37,7 +37,7 @@ import os
 import threading
 import time
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import zmq
 
@@ -65,6 +65,14 @@ _NAP = 0.005
 _PARK = 0.05
 
 _log = logging.getLogger("mesh.transport")
+
+
+class Settles(Protocol):
+    """What ``Progress.drive`` may wait on besides a Flag."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
 
 
 def adapt_spin(now: float, waited: float, most: float) -> float:
@@ -132,10 +140,12 @@ class Progress:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def drive(self, item: Any, deadline: float, limit: float, flag: Flag | None = None) -> bool:
-        """Wait for ``item`` (a Pending; or an Outgoing, until ``flag`` is
-        set) by reading the ROUTER in this thread (see the module docstring);
-        stall reports every MESH_STALL_WARN. False on timeout."""
+    def drive(self, item: Any, deadline: float, limit: float,
+              flag: Flag | Settles | None = None) -> bool:
+        """Wait for ``item`` (a Pending; or until ``flag`` is set: an
+        Outgoing's, or mesh.comm.waitany's, set once any of its requests
+        is) by reading the ROUTER in this thread (see the module
+        docstring); stall reports every MESH_STALL_WARN. False on timeout."""
         with self._want_lock:
             self._want += 1
             if self._progress_reading:
@@ -301,7 +311,7 @@ class Progress:
         return n
 
     @staticmethod
-    def _done(item: Any, flag: Flag | None) -> bool:
+    def _done(item: Any, flag: Flag | Settles | None) -> bool:
         return item.state == DONE if flag is None else flag.is_set()
 
     def _adapt_spin(self, waited: float) -> None:
