@@ -5,7 +5,8 @@
     python -m mesh.bench --scale [--ranks 8,16,32,64] [--trials 3]
 
 Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it;
-again with the receive waited for by waitany, mesh and MPI only),
+again with the receive waited for by waitany, and answered once a loop
+polling iprobe sees it, mesh and MPI only),
 one-way stream bandwidth (raw: PUSH/PULL with copy=False; mesh: isend/recv
 with out=) and, from 1 MiB up, ping-pong bandwidth (2 x bytes / time of a
 round trip), run alternately in one process tree so that all see the same
@@ -178,6 +179,18 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
                 world.recv(peer, out=small)
                 world.send(small, peer)
         results["rttany"] = (time.perf_counter() - start) / n
+    for n in (200, iters):     # rank 1 answering once a loop polling iprobe sees each
+        start = time.perf_counter()
+        for _ in range(n):
+            if world.rank == 0:
+                world.send(small, peer)
+                world.recv(peer, out=small)
+            else:
+                while world.iprobe(peer) is None:
+                    pass
+                world.recv(peer, out=small)
+                world.send(small, peer)
+        results["rttprobe"] = (time.perf_counter() - start) / n
     missed = [0]       # receives a same-host ring did not answer directly (mesh.rings):
     post = t.irecv     # counted where they go the usual way, off the short way's path
 
@@ -278,6 +291,19 @@ def _mpi_worker(sizes: list[int], iters: int) -> None:
                 comm.Recv(small, peer)
                 comm.Send(small, peer)
         results["rttany"] = (time.perf_counter() - t) / n
+    for n in (200, iters):
+        comm.Barrier()
+        t = time.perf_counter()
+        for _ in range(n):
+            if rank == 0:
+                comm.Send(small, peer)
+                comm.Recv(small, peer)
+            else:
+                while not comm.Iprobe(source=peer):
+                    pass
+                comm.Recv(small, peer)
+                comm.Send(small, peer)
+        results["rttprobe"] = (time.perf_counter() - t) / n
     for size in sizes:
         buf = np.ones(size, np.uint8)
         k = _iters_for(size, iters)
@@ -382,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
         ratios.append(("mesh/mpi", "mesh", "mpi4py"))
     print(f"{'measure':>24} " + " ".join(f"{n:>11}" for n in names) + " "
           + " ".join(f"{r:>10}" for r, _, _ in ratios))
-    keys = [("rtt", "round trip 8 B (us)"), ("rttany", "  through waitany (us)")]
+    keys = [("rtt", "round trip 8 B (us)"), ("rttany", "  through waitany (us)"),
+            ("rttprobe", "  iprobe loop (us)")]
     keys += [(f"bw{n}", f"stream {_fmt(n)} (GB/s)") for n in sizes]
     keys += [(f"pp{n}", f"ping-pong {_fmt(n)} (GB/s)") for n in sizes if n >= PINGPONG_FROM]
     for key, label in keys:
@@ -394,8 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         for _, a, b in ratios:
             if a in med and b in med:
                 # a ratio above 1 is better for the first named, both for times and rates
-                r = med[b] / med[a] if key.startswith("rtt") else med[a] / med[b]
-                rs.append(f"{r:10.2f}")
+                ratio = med[b] / med[a] if key.startswith("rtt") else med[a] / med[b]
+                rs.append(f"{ratio:10.2f}")
             else:
                 rs.append(f"{'-':>10}")
         print(f"{label:>24} {cells} " + " ".join(rs))

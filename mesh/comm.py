@@ -96,9 +96,12 @@ class Request:
     def test(self, status: Status | None = None) -> tuple[bool, Any]:
         """mpi4py's ``Request.test``: ``(True, result)`` once done (as
         ``wait()`` returns it, or raises its error), else ``(False, None)``
-        at once."""
+        without waiting for it (what has come is read first, as MPI_Test
+        does: a loop polling test() is answered in microseconds)."""
         if not self.done():
-            return False, None
+            self._c._t.poke()       # (what has come is read here, as MPI_Test does)
+            if not self.done():
+                return False, None
         return True, self.wait(status=status)
 
     def cancel(self) -> bool:
@@ -350,10 +353,14 @@ class Comm:
         return self._fill(Status(), req)
 
     def iprobe(self, src: int = ANY, tag: int = ANY_TAG) -> Status | None:
-        """probe without blocking: the waiting message's Status, or None."""
+        """probe without blocking: the waiting message's Status, or None
+        (what has come is read first, as MPI_Iprobe does)."""
         tag = _check_tag(tag, self, "iprobe", True)
         wsrc = ANY if src == ANY else self._world_rank(src, "iprobe")
         got = self._t.iprobe(self.gid, wsrc, tag)
+        if got is None:
+            self._t.poke()      # (what has come is read here, as MPI_Iprobe does)
+            got = self._t.iprobe(self.gid, wsrc, tag)
         return None if got is None else self._status(Status(), got)
 
     # -- internal: the collectives' side (mesh.channel) -----------------------------

@@ -232,12 +232,18 @@ class Progress:
                 if self._want == 0:
                     self.aside_until = end + ASIDE
 
+    def reading_here(self) -> bool:
+        """Whether the calling thread is the progress thread."""
+        return self._thread is threading.current_thread()
+
     def enter(self) -> int:
         """Take the reading turn for a receive's first look (``await_ring``):
         at once when free (1), else the way ``drive`` does (2); 0 when
         another waiter keeps it (then ``drive``). ``leave`` with the answer."""
+        rings = self._rings     # (none: Transport.poke on a mesh without same-host peers)
         if self._rlock.acquire(False):
-            self._rings.awake(True)     # type: ignore[union-attr]
+            if rings is not None:
+                rings.awake(True)
             return 1
         with self._want_lock:
             self._want += 1
@@ -245,7 +251,8 @@ class Progress:
                 os.write(self._wake_w, b"w")
         if not self._rlock.acquire(timeout=0.002):
             return 0
-        self._rings.awake(True)     # type: ignore[union-attr]
+        if rings is not None:
+            rings.awake(True)
         return 2
 
     def leave(self, entered: int) -> None:

@@ -367,6 +367,33 @@ class Transport:
             else:
                 progress.leave(entered)
 
+    def poke(self) -> None:
+        """A look at what has come, for a caller that polls instead of
+        waiting (iprobe, Request.test), as MPI's progress engine takes one
+        in MPI_Iprobe and MPI_Test: the rings and the socket are read in
+        this thread, without waiting for anything, if it gets the reading
+        turn (as a receive's first look does: ``Progress.enter``). Left to
+        the progress thread, which a polling loop keeps off the interpreter
+        between switch intervals, a round trip answered by an iprobe loop
+        took 16 ms (a blocking receive's: 5 us)."""
+        progress = self.progress
+        if progress.reading_here():
+            return      # (a callback run by the thread that reads: it would wait on itself)
+        entered = progress.enter()
+        try:
+            if entered:
+                reader = self.reader
+                reader.read_rings()
+                read_one = reader.read_one
+                for _ in range(256):
+                    if not read_one():
+                        break
+                reader.settle()
+        except (zmq.ZMQError, OSError, ValueError):
+            pass        # (the mesh closed under it: the caller's request says how it ended)
+        finally:
+            progress.leave(entered)
+
     def _remember(self, key: tuple, header: bytes) -> bytes:
         if len(self._encoded) >= _CACHE:
             self._encoded.clear()

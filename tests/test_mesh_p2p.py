@@ -1338,6 +1338,46 @@ def test_waitany_called_again_gives_the_next_request_never_the_same_twice() -> N
                         "from rank 0 (tag 3, group world)"
 
 
+def _polled_beside_a_blocked_receive(world: mesh.Mesh) -> list:
+    """Rank 1 polls (test, iprobe) while a thread of its own waits in a
+    blocking receive: both read the socket in turns, and every message is
+    taken once."""
+    import threading
+    if world.rank == 0:
+        world.recv(1, tag=9)
+        for i in range(50):
+            world.send(np.full(3, i), 1, tag=2)
+            world.send(i, 1, tag=3)
+        world.send("last", 1, tag=1)
+        return []
+    got: list = []
+    blocked = threading.Thread(target=lambda: got.append(world.recv(0, tag=1, timeout=30)))
+    blocked.start()
+    world.send("go", 0, tag=9)
+    polled, probed = [], 0
+    for _ in range(50):
+        req = world.irecv(0, tag=2)
+        while not (done := req.test())[0]:
+            pass
+        polled.append(int(done[1][0]))
+        while world.iprobe(0, tag=3) is None:
+            pass
+        probed += world.recv(0, tag=3, timeout=30) == len(polled) - 1
+    blocked.join(30)
+    return [polled == list(range(50)), probed, got]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("env", [{}, {"MESH_SHM": "0"}], ids=["same-host", "socket"])
+def test_polling_test_and_iprobe_read_beside_a_blocked_receive(env: dict) -> None:
+    """Request.test and iprobe read what has come in the caller's thread
+    (as MPI_Test and MPI_Iprobe drive MPI's progress) when the reading turn
+    is free, and ask for it as a receive does when it is not: beside a
+    thread blocked in a receive, nothing is lost or taken twice."""
+    assert mesh.spawn(_polled_beside_a_blocked_receive, 2, timeout=60, env=env)[1] == \
+        [True, 50, ["last"]]
+
+
 def _any_after_goodbyes(world: mesh.Mesh) -> str:
     if world.rank != 1:
         return ""
