@@ -932,10 +932,10 @@ class _P2PWork(_Work):
         return True
 
     def is_completed(self) -> bool:
-        return bool(self._req.done())
+        return bool(self._req.get_status())     # (reads what has come: a polling loop)
 
     def is_success(self) -> bool:
-        return bool(self._req.done()) and self.exception() is None
+        return bool(self._req.get_status()) and self.exception() is None
 
     def exception(self) -> BaseException | None:
         """The transfer's error once it is done (a receive that timed out, a

@@ -104,6 +104,21 @@ class Request:
                 return False, None
         return True, self.wait(status=status)
 
+    def get_status(self, status: Status | None = None) -> bool:
+        """mpi4py's ``Request.Get_status`` (MPI_Request_get_status): whether
+        it is done, what has come read first as ``test()`` reads it, without
+        taking its result (a later wait, test or waitany gives it);
+        ``status``, when given and done, is filled in."""
+        if status is not None and isinstance(self._item, Pending):
+            _check_status(status, self._c, "get_status")
+        if not self.done():
+            self._c._t.poke()
+            if not self.done():
+                return False
+        if status is not None and isinstance(self._item, Pending):
+            self._c._fill(status, self._item)
+        return True
+
     def cancel(self) -> bool:
         """Withdraw a posted receive that no message has matched yet, like
         ``MPI_Cancel``: True, and then ``done()`` is True and ``wait()``

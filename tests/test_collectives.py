@@ -734,3 +734,15 @@ def _while_torch_imports(world: Any) -> list[float]:
 @pytest.mark.timeout(60)
 def test_collectives_while_another_thread_imports_torch() -> None:
     assert mesh.spawn(_while_torch_imports, 2, timeout=40) == [[2.0, 1.0]] * 2
+
+
+@pytest.mark.timeout(120)
+def test_the_benchmark_polls_async_calls(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--poll``: each all_reduce made with async_op=True and waited for by
+    a loop polling Work.done() (which lets the lane that runs it have the
+    interpreter: such a loop took 27 ms a call)."""
+    from collectives.tools import bench
+    assert bench.main(["--op", "all_reduce", "--sizes", "8", "--iters", "5", "--warmup", "1",
+                       "--poll", "--only", "meshrun"]) == 0
+    out = capsys.readouterr().out
+    assert "each call polled" in out and out.rstrip().splitlines()[-1].split()[0] == "8"

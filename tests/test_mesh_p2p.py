@@ -1349,6 +1349,8 @@ def _polled_beside_a_blocked_receive(world: mesh.Mesh) -> list:
             world.send(np.full(3, i), 1, tag=2)
             world.send(i, 1, tag=3)
         world.send("last", 1, tag=1)
+        world.recv(1, tag=8)
+        world.send("late", 1, tag=4)
         return []
     got: list = []
     blocked = threading.Thread(target=lambda: got.append(world.recv(0, tag=1, timeout=30)))
@@ -1364,18 +1366,26 @@ def _polled_beside_a_blocked_receive(world: mesh.Mesh) -> list:
             pass
         probed += world.recv(0, tag=3, timeout=30) == len(polled) - 1
     blocked.join(30)
-    return [polled == list(range(50)), probed, got]
+    late = world.irecv(0, tag=4)
+    before = late.get_status()
+    world.send("more", 0, tag=8)
+    st = mesh.Status()
+    while not late.get_status(st):      # done: its result is left for waitany
+        pass
+    return [polled == list(range(50)), probed, got, before, st.tag,
+            mesh.waitany([late], timeout=10)]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("env", [{}, {"MESH_SHM": "0"}], ids=["same-host", "socket"])
 def test_polling_test_and_iprobe_read_beside_a_blocked_receive(env: dict) -> None:
-    """Request.test and iprobe read what has come in the caller's thread
-    (as MPI_Test and MPI_Iprobe drive MPI's progress) when the reading turn
-    is free, and ask for it as a receive does when it is not: beside a
-    thread blocked in a receive, nothing is lost or taken twice."""
+    """Request.test, get_status and iprobe read what has come in the
+    caller's thread (as MPI_Test and MPI_Iprobe drive MPI's progress) when
+    the reading turn is free, and ask for it as a receive does when it is
+    not: beside a thread blocked in a receive, nothing is lost or taken
+    twice; get_status leaves the result for a wait."""
     assert mesh.spawn(_polled_beside_a_blocked_receive, 2, timeout=60, env=env)[1] == \
-        [True, 50, ["last"]]
+        [True, 50, ["last"], False, 4, (0, "late")]
 
 
 def _any_after_goodbyes(world: mesh.Mesh) -> str:

@@ -19,6 +19,7 @@ CASES = [
     ("collectives.tools.bench", ["--dtype", "bogus"], "data type 'bogus' not understood"),
     ("collectives.tools.bench", ["--factor", "1"], "a factor of at least 2"),
     ("collectives.tools.bench", ["--sizes", "1,0"], "sizes of at least 1 byte"),
+    ("collectives.tools.bench", ["--op", "broadcast", "--poll"], "--poll: all_reduce only"),
     ("collectives.tools.bench_torch", ["--models", "1M,bogus"], "'bogus' is not one"),
     ("collectives.tools.bench_torch", ["-n", "two"], "argument -n/--nprocs: 'two'"),
     ("collectives.tools.bench_torch", ["--steps", "0"], "argument --steps: '0'"),

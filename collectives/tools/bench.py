@@ -18,6 +18,10 @@ host, the overlapped ring across hosts), ``ring`` (the overlapped ring
 forced, MESH_CUDA_OVERLAP=1 as well) or ``simple`` (every call staged whole
 as small arrays are, MESH_CUDA_OVERLAP=0 as well).
 
+With ``--poll`` (all_reduce) each call is made with ``async_op=True`` and
+waited for by a loop polling its Work (``done()``; gloo's side
+``is_completed()``), as code that overlaps its own Python work does.
+
 As in nccl-tests, "size" is the whole buffer: the all_gather output, the
 reduce_scatter input, the array scattered from the root.
 """
@@ -121,8 +125,17 @@ def _make(xp: Any, op: str, count: int, dtype: str, n: int, rank: int) -> Any:
     return a
 
 
+def polled(work: Any, done: str = "done") -> Any:
+    """Wait for ``work`` by polling it (``--poll``): ``done()`` (torch's
+    ``is_completed()``) in a loop, then its result."""
+    look = getattr(work, done)
+    while not look():
+        pass
+    return work.wait()
+
+
 def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: str,
-                 device: str) -> list[tuple[float, float]]:
+                 device: str, poll: bool = False) -> list[tuple[float, float]]:
     """(seconds per call, MiB of peak memory beyond the input) per row; the
     memory figure is exact for the first row and a lower bound after it."""
     import resource
@@ -138,7 +151,8 @@ def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: s
     times = []
     for count, iters, warmup in rows:
         a = _make(xp, op, count, dtype, world.size, world.rank)
-        call = (lambda: fn(world)) if op == "barrier" else (lambda: fn(world, a))
+        call = (lambda: fn(world)) if op == "barrier" else \
+            (lambda: polled(fn(world, a, async_op=True))) if poll else (lambda: fn(world, a))
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for _ in range(warmup):
             call()
@@ -214,12 +228,12 @@ def _measure(args: argparse.Namespace, rows: list[tuple[int, int, int]]
         if args.only != "gloo":
             import mesh
             per_rank = mesh.spawn(_mesh_worker, n, args.op, rows, args.dtype, args.device,
-                                  timeout=3600, env=path_env(args.path))
+                                  args.poll, timeout=3600, env=path_env(args.path))
             ts = [_slowest([[t for t, _ in r] for r in per_rank], i) for i in range(len(rows))]
             sides["meshrun"] = _best(sides.get("meshrun", ts), ts)
             memory = [max(r[i][1] for r in per_rank) for i in range(len(rows))]
         if want_gloo:
-            per_rank = run_gloo(args.op, n, rows, args.dtype, args.device)
+            per_rank = run_gloo(args.op, n, rows, args.dtype, args.device, poll=args.poll)
             ts = [_slowest(per_rank, i) for i in range(len(rows))]
             sides["gloo"] = _best(sides.get("gloo", ts), ts)
     return sides, memory
@@ -284,7 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--memory", action="store_true",
                     help="also print meshrun's peak memory beyond the input, worst rank "
                          "(exact for the first size only: run one size)")
+    ap.add_argument("--poll", action="store_true",
+                    help="all_reduce with async_op=True, waited for by polling its Work")
     args = ap.parse_args(argv)
+    if args.poll and args.op != "all_reduce":
+        ap.error("--poll: all_reduce only")
     try:
         itemsize = np.dtype(args.dtype).itemsize
         sizes = [0] if args.op == "barrier" else parse_sizes(args.sizes, args.factor)
@@ -300,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = plan_rows(args.op, sizes, itemsize, args.nprocs, args.iters,
                      args.warmup)
     where = args.device + (f" ({args.path} path)" if args.device == "cuda" else "")
+    where += ", each call polled" if args.poll else ""
     print(f"# collectives.bench: {args.op}, {args.nprocs} ranks, {args.dtype}, {where}, "
           f"best of {args.trials}, pid {os.getpid()}")
     sides, memory = _measure(args, rows)

@@ -26,10 +26,13 @@ def available() -> bool:
     return bool(dist.is_available() and dist.is_gloo_available())
 
 
-def _op_fn(op: str, t: Any, n: int, rank: int) -> Callable[[], Any]:
+def _op_fn(op: str, t: Any, n: int, rank: int, poll: bool = False) -> Callable[[], Any]:
     import torch
     import torch.distributed as dist
 
+    if op == "all_reduce" and poll:
+        from .bench import polled
+        return lambda: polled(dist.all_reduce(t, async_op=True), "is_completed")
     if op == "all_reduce":
         return lambda: dist.all_reduce(t)
     if op == "broadcast":
@@ -58,7 +61,7 @@ def _op_fn(op: str, t: Any, n: int, rank: int) -> Callable[[], Any]:
 
 
 def _worker(rank: int, n: int, init_file: str, op: str, rows: list[tuple[int, int, int]],
-            dtype: str, device: str, conn: Any) -> None:
+            dtype: str, device: str, poll: bool, conn: Any) -> None:
     try:
         import torch
         import torch.distributed as dist
@@ -73,7 +76,7 @@ def _worker(rank: int, n: int, init_file: str, op: str, rows: list[tuple[int, in
         for count, iters, warmup in rows:
             t = torch.ones((count,), dtype=getattr(torch, dtype), device=dev)
             try:
-                fn = _op_fn(op, t, n, rank)
+                fn = _op_fn(op, t, n, rank, poll)
                 for _ in range(warmup):
                     fn()
                 if device == "cuda":
@@ -95,11 +98,13 @@ def _worker(rank: int, n: int, init_file: str, op: str, rows: list[tuple[int, in
 
 
 def run_gloo(op: str, n: int, rows: list[tuple[int, int, int]], dtype: str = "float32",
-             device: str = "cpu", timeout: float = 900.0) -> list[list[float | str]]:
+             device: str = "cpu", timeout: float = 900.0,
+             poll: bool = False) -> list[list[float | str]]:
     """Run ``op`` on n gloo ranks for each (input count, iters, warmup) row;
     return, per rank, the seconds per call of every row (or the error text
-    of a row gloo cannot do)."""
-    return run_workers(_worker, n, (op, rows, dtype, device), "gloo", timeout)
+    of a row gloo cannot do). ``poll``: all_reduce waited for by polling
+    its Work's is_completed()."""
+    return run_workers(_worker, n, (op, rows, dtype, device, poll), "gloo", timeout)
 
 
 def run_workers(target: Any, n: int, args: tuple, what: str, timeout: float = 300) -> list[Any]:
