@@ -236,16 +236,21 @@ class Progress:
         """Whether the calling thread is the progress thread."""
         return self._thread is threading.current_thread()
 
-    def enter(self) -> int:
+    def enter(self, behind_callers: bool = True) -> int:
         """Take the reading turn for a receive's first look (``await_ring``):
         at once when free (1), else the way ``drive`` does (2); 0 when
-        another waiter keeps it (then ``drive``). ``leave`` with the answer."""
+        another waiter keeps it (then ``drive``). ``leave`` with the answer.
+        ``behind_callers`` false (a poll: Transport.poke): -1 at once when
+        a caller, not the progress thread, holds the turn (it reads for
+        every thread, and keeps the turn until its own wait ends)."""
         rings = self._rings     # (none: Transport.poke on a mesh without same-host peers)
         if self._rlock.acquire(False):
             if rings is not None:
                 rings.awake(True)
             return 1
         with self._want_lock:
+            if not (behind_callers or self._progress_reading):
+                return -1
             self._want += 1
             if self._progress_reading:
                 os.write(self._wake_w, b"w")
@@ -261,6 +266,8 @@ class Progress:
         if entered == 1:
             self._rlock.release()
             self.aside_until = time.monotonic() + ASIDE
+            return
+        if entered < 0:
             return
         if entered:
             self._rlock.release()

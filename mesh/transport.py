@@ -379,9 +379,12 @@ class Transport:
         progress = self.progress
         if progress.reading_here():
             return      # (a callback run by the thread that reads: it would wait on itself)
-        entered = progress.enter()
+        entered = progress.enter(behind_callers=False)
+        if entered < 0:     # another caller reads for all: let it have the interpreter
+            time.sleep(0)
+            return
         try:
-            if entered:
+            if entered > 0:
                 reader = self.reader
                 reader.read_rings()
                 read_one = reader.read_one
