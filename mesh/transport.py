@@ -581,7 +581,7 @@ class Transport:
         def refuse(*args: Any, **kw: Any) -> Any:
             raise forked_error(self.rank, self.pid)     # (a new one each time: its own frames)
         for name in ("isend", "send_ring", "recv_ring", "irecv", "iprobe", "wait", "sweep",
-                     "cancel", "abort"):
+                     "cancel", "abort", "poke", "_drive"):
             setattr(self, name, refuse)
 
     def _interrupted(self, item: Pending) -> None:
