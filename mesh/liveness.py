@@ -71,8 +71,26 @@ def heartbeat_for(size: int, peer_timeout: float) -> float:
     """The default heartbeat interval of a world of ``size``: 0.5 s, longer
     in large worlds, so that a rank beats to at most about 64 peers a second
     (each beat costs the sender and the receiver some Python), but at least
-    four times per peer timeout."""
-    return max(0.5, min((size - 1) / _BEATS_PER_S, peer_timeout / 4))
+    four times per peer timeout; and twice at least where that timeout is
+    short (under 1 s: a MESH_PEER_TIMEOUT of 0.3 with beats every 0.5 s had
+    live, idle peers on other hosts declared lost)."""
+    return min(max(0.5, min((size - 1) / _BEATS_PER_S, peer_timeout / 4)), peer_timeout / 2)
+
+
+def config(size: int) -> tuple[float, float, float]:
+    """MESH_PEER_TIMEOUT, MESH_HEARTBEAT (by default ``heartbeat_for`` a
+    world of ``size``) and MESH_STALL_WARN (0: never, math.inf); ValueError
+    naming the variable for a bad one. Also called by mesh.world.check_config
+    before the rendezvous: read only here, after it, a bad value failed one
+    rank while its peers went on into the job."""
+    peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0, above=0)
+    heartbeat = config_float("MESH_HEARTBEAT", heartbeat_for(size, peer_timeout), above=0)
+    if heartbeat >= peer_timeout and os.environ.get("MESH_HEARTBEAT"):
+        raise ValueError(f"MESH_HEARTBEAT={heartbeat:g} is not under "
+                         f"MESH_PEER_TIMEOUT={peer_timeout:g}: every peer would "
+                         f"look silent between two heartbeats")
+    # (0: never; a report every 0 s would flood the log)
+    return peer_timeout, heartbeat, config_float("MESH_STALL_WARN", 60.0, least=0) or math.inf
 
 
 class Liveness:
@@ -87,16 +105,7 @@ class Liveness:
                  control: Callable[..., None], router_mon: zmq.Socket,
                  local: dict[int, int] | None = None) -> None:
         self.rank, self.timeout, self.peers, self.groups = rank, timeout, peers, groups
-        self.peer_timeout = config_float("MESH_PEER_TIMEOUT", 10.0, above=0)
-        self.heartbeat = config_float("MESH_HEARTBEAT", heartbeat_for(len(peers),
-                                                                      self.peer_timeout),
-                                      above=0)
-        if self.heartbeat >= self.peer_timeout and os.environ.get("MESH_HEARTBEAT"):
-            raise ValueError(f"MESH_HEARTBEAT={self.heartbeat:g} is not under "
-                             f"MESH_PEER_TIMEOUT={self.peer_timeout:g}: every peer would "
-                             f"look silent between two heartbeats")
-        # (0: never; a report every 0 s would flood the log)
-        self.stall_warn = config_float("MESH_STALL_WARN", 60.0, least=0) or math.inf
+        self.peer_timeout, self.heartbeat, self.stall_warn = config(len(peers))
         self.leaving = False    # this rank said goodbye: no peer watches it or sends to it
         # Silence is no proof on an oversubscribed machine: a same-host peer
         # (rank -> pid) whose process still runs is only slow, and a rank whose own

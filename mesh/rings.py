@@ -145,6 +145,22 @@ def default_ring(peers: int) -> int:
     return max(256 << 10, min(4 << 20, 1 << (share.bit_length() - 1)))
 
 
+def config(peers: int) -> tuple[int, int]:
+    """The ring's bytes (MESH_RING_BYTES, by default ``default_ring``) and
+    the largest entry (MESH_RING_MAX); ValueError naming the variable for a
+    bad one. Also called by mesh.world.check_config before the rendezvous:
+    read only here, after it, a bad value failed one rank while its peers
+    went on into the job."""
+    ring = int(config_bytes("MESH_RING_BYTES", default_ring(peers)))
+    if ring <= 0:     # (it made a one-page ring: no way to turn the rings off)
+        raise ValueError(f"MESH_RING_BYTES={os.environ['MESH_RING_BYTES']!r}: must be at "
+                         f"least 1 (MESH_SHM=0 turns the rings off)")
+    ring = max(_PAGE, 1 << (ring - 1).bit_length())          # a power of two
+    most = min(int(config_bytes("MESH_RING_MAX", ring // 4)), ring // 4,
+               LENGTH)      # (an entry's length word holds no more)
+    return ring, most
+
+
 def _round(n: int) -> int:
     return -(-n // _PAGE) * _PAGE
 
@@ -367,10 +383,7 @@ class Rings:
 
     def __init__(self, rank: int, size: int, same_host: list[int]) -> None:
         self.rank = rank
-        ring = int(config_bytes("MESH_RING_BYTES", default_ring(len(same_host))))
-        ring = max(_PAGE, 1 << (ring - 1).bit_length())          # a power of two
-        self.max = min(int(config_bytes("MESH_RING_MAX", ring // 4)), ring // 4,
-                       LENGTH)      # (an entry's length word holds no more)
+        ring, self.max = config(len(same_host))
         self.lay = _Layout(size, ring)
         self.peers = same_host            # the slots that may be written
         self.out: list[_Out | None] = [None] * size

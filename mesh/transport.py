@@ -615,6 +615,13 @@ class Transport:
             except BaseException:   # (KeyboardInterrupt, a signal handler's exception)
                 self._interrupted(item)
                 raise
+            if not driven and item.fp is None:
+                # a user's receive or probe that ran out before it read anything
+                # (timeout=0): one look at what has come first, as MPI_Iprobe and
+                # MPI_Test take; the progress thread stays aside while callers drive,
+                # so a loop polling recv(timeout=0) never saw a message sent to it
+                self.poke()
+                driven = item.state == DONE
             if not driven:
                 if self.inbox.withdraw(item):
                     text = (f"rank {self.rank}: {item.desc} timed out after {limit:g}s"

@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, env, limits, rdvfile, torchelastic, wire
+from . import auth, env, limits, liveness, rdvfile, rings, torchelastic, wire
 from .comm import Comm
 from .errors import RendezvousError
 from .rendezvous import RendezvousServer, join, joined_path
@@ -224,10 +224,14 @@ def check_config() -> None:
     """Raise, naming the variable, for a setting that would fail or turn the
     wrong way only later (at a first collective across hosts, at close) or
     only where a rank has peers on other hosts (MESH_MALLOC_TUNE): every
-    switch, MESH_COLL_STREAM_MIN, and the waits read at close."""
+    switch, MESH_COLL_STREAM_MIN, the waits read at close, and what the
+    transport reads after the rendezvous (liveness, the same-host paths)."""
     for name in _SWITCHES:
         config_flag(name, False)
     config_bytes("MESH_COLL_STREAM_MIN", 0)
+    config_bytes("MESH_SHM_MIN", 0)
+    liveness.config(2)
+    rings.config(1)
     config_float("MESH_CLOSE_WAIT", 30.0, least=0)
     config_float("MESH_SPIN_US", 200.0, least=0)
 

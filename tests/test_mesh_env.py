@@ -378,6 +378,58 @@ def test_switches_and_sizes_read_only_across_hosts_are_checked_at_init(
     check_config()
 
 
+def test_what_the_transport_reads_after_the_rendezvous_is_checked_at_init(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MESH_PEER_TIMEOUT, MESH_HEARTBEAT, MESH_STALL_WARN, MESH_RING_BYTES,
+    MESH_RING_MAX and MESH_SHM_MIN were read only as the transport was built,
+    after the rendezvous: a rank with a bad one failed there while its peers,
+    joined, went on into the job. Now check_config (before the rendezvous)
+    names them; MESH_RING_BYTES=0 made a one-page ring, as if it turned the
+    rings off."""
+    from mesh.world import check_config
+    for name, value, why in [
+            ("MESH_PEER_TIMEOUT", "abc", "not a number"),
+            ("MESH_PEER_TIMEOUT", "0", "must be a number > 0"),
+            ("MESH_HEARTBEAT", "-1", "must be a number > 0"),
+            ("MESH_HEARTBEAT", "10", "is not under MESH_PEER_TIMEOUT=10:"),
+            ("MESH_STALL_WARN", "-1", "must be a number >= 0"),
+            ("MESH_STALL_WARN", "soon", "not a number"),
+            ("MESH_RING_BYTES", "abc", "not a size in bytes"),
+            ("MESH_RING_BYTES", "0", "must be at least 1 .MESH_SHM=0 turns the rings off"),
+            ("MESH_RING_MAX", "-5", "not a size in bytes"),
+            ("MESH_SHM_MIN", "1.5M", "not a size in bytes")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=rf"^{name}='?{value}'?:? {why}"):
+            check_config()
+        monkeypatch.delenv(name)
+    for name, value in [("MESH_STALL_WARN", "0"), ("MESH_RING_MAX", "0"), ("MESH_SHM_MIN", "0"),
+                        ("MESH_HEARTBEAT", "2"), ("MESH_RING_BYTES", "1")]:
+        monkeypatch.setenv(name, value)     # (stall reports off, no ring entries, ...)
+    check_config()
+
+
+def _idle_then_exchange(world: mesh.Mesh) -> int:
+    import time
+    if world.rank == 0:
+        time.sleep(1.5)     # idle: only heartbeats say it is alive
+    world.send(world.rank, 1 - world.rank)
+    return world.recv(1 - world.rank)
+
+
+@pytest.mark.timeout(60)
+def test_a_short_peer_timeout_gets_heartbeats_under_it() -> None:
+    """MESH_PEER_TIMEOUT under 0.5 s with the default heartbeat (0.5 s at
+    least) had a live peer that idled longer than it, across hosts (tcp://),
+    declared lost ("silent for 0.5s"): the default now beats at least twice
+    per peer timeout."""
+    from mesh.liveness import heartbeat_for
+    assert heartbeat_for(2, 0.3) == 0.15 and heartbeat_for(1024, 1.0) == 0.5
+    assert [heartbeat_for(n, 10.0) for n in (2, 65, 1024)] == [0.5, 1.0, 2.5]    # as they were
+    got = mesh.spawn(_idle_then_exchange, 2, timeout=40,
+                     env={"MESH_FORCE_TCP": "1", "MESH_PEER_TIMEOUT": "0.3"})
+    assert got == [1, 0]
+
+
 @pytest.mark.timeout(30)
 def test_an_ifaddr_that_cannot_be_bound_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     """MESH_IFADDR that is no address of this host: mesh.init raises naming

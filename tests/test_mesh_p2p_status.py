@@ -177,6 +177,48 @@ def test_probe_and_iprobe_see_a_message_without_taking_it() -> None:
     assert mesh.spawn(_probe, 2, timeout=60) == ["ok", "ok"]
 
 
+def _poll_zero(world: mesh.Mesh) -> list[str]:
+    """Poll recv, probe and wait with timeout=0 (1 ms apart) for a message
+    sent 0.1 s later: each answers within a second."""
+    seen = []
+    for i, op in enumerate(("recv", "probe", "wait")):
+        for n in (8, 3_000_000):        # by ring (socket), read from the sender's memory (frames)
+            tag = 10 * i + (n > 8)
+            if world.rank == 1:
+                time.sleep(0.1)
+                world.send(np.zeros(n // 8), 0, tag=tag)
+                world.recv(0, tag=99)
+                continue
+            t0, saw = time.monotonic(), True
+            while time.monotonic() - t0 < 5:
+                try:
+                    if op == "recv":
+                        world.recv(1, tag=tag, timeout=0)
+                    elif op == "probe":
+                        world.probe(1, tag=tag, timeout=0)
+                        world.recv(1, tag=tag)
+                    else:
+                        world.irecv(1, tag=tag).wait(timeout=0)
+                    break
+                except mesh.MeshTimeoutError:
+                    time.sleep(0.001)   # (under the 2 ms the progress thread stays aside)
+            else:       # (5 s of polling: never seen)
+                saw = False
+                world.recv(1, tag=tag, timeout=20)
+            seen.append(f"{op} {n}: " + ("ok" if saw else "missed"))
+            world.send(None, 1, tag=99)
+    return seen
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shm", ["1", "0"])
+def test_a_loop_polling_with_timeout_0_sees_the_message(shm: str) -> None:
+    # a wait of timeout 0 returned before it read anything, and the progress
+    # thread stays aside while callers drive: such a loop never saw the message
+    got = mesh.spawn(_poll_zero, 2, timeout=90, env={"MESH_SHM": shm})[0]
+    assert got == [f"{op} {n}: ok" for op in ("recv", "probe", "wait") for n in (8, 3_000_000)]
+
+
 def _sendrecv(world: mesh.Mesh) -> str:
     n, r = world.size, world.rank
     big = np.full(3 << 20, r, np.float32)            # 12 MiB: sends wait for the peer to read
