@@ -62,6 +62,7 @@ from .schedules import one_f_one_b
 from .simulate import _costs
 from .stagebuild import (as_module, build, declared_tie, inputs_of, is_module, kind_of,
                          layers_of, make_stage, param_count, stage_params, unshare, untie)
+from .tensor_parallel import own_records
 from .tied import Tie
 from .torch_stage import TorchStage
 from .traced import few, traceable
@@ -190,6 +191,9 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     for names in tied:
         ties.update(declared_tie(built, counts, [str(x) for x in names], ties))
     out: list[Any] = [None if ls is None else make_stage(ls, s) for s, ls in enumerate(built)]
+    for stage in out:       # a shared module's copy: its tp sums over its own parameters
+        if stage is not None and is_module(stage):
+            own_records(stage)
     for stage in out:
         if stage is not None:       # the Pipeline checks that every pp rank cut alike
             stage.partition_cut = tuple(counts)

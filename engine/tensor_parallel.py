@@ -98,8 +98,9 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
             for t in whole.values():
                 collectives.broadcast(group, t.detach(), root=0)
     cut: dict[int, Any] = {}       # a tied parameter is cut once, its shard shared
+    styles = {id(sub): style for sub, style in todo.values()}
     for name, (sub, style) in todo.items():
-        _shard(torch, name, sub, style, group, cut)
+        _shard(torch, name, sub, style, group, cut, styles)
     nn = torch.nn
     for sub in module.modules():    # torch's fused inference path would read the shards
         if not isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) or not any(
@@ -327,6 +328,7 @@ class _Meta:
         self.order: list[int] | None = None  # a fused module's rows, from the shards laid end to end
         self.stream: _Stream | None = None   # rng="rank": the tp rank's own random stream
         self.summed: list[Any] = []    # whole parameters fed a part: gradients summed over tp
+        self.summed_names: list[str] = []   # their names in the module (own_records)
         self.defer = False             # True: a Pipeline sums them after its step (tp_sums)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "_Meta":
@@ -336,6 +338,7 @@ class _Meta:
         new = _Meta(self.name, self.style, self.group, dict(self.dims))
         new.lo, new.order, new.stream = self.lo, self.order, self.stream
         new.summed = [copy.deepcopy(p, memo) for p in self.summed]
+        new.summed_names = list(self.summed_names)
         for p in new.summed:
             p.register_hook(functools.partial(_summed, new))
         return new
@@ -415,8 +418,26 @@ def _on_shared(torch: Any, fn: Any, x: Any) -> Any:
             g.set_state(state)
 
 
+def _sequence_params(sub: Any, styles: dict[int, Style]) -> list[tuple[str, Any]]:
+    """The parameters of a "sequence" module ``sub`` whose gradients it sums
+    over tp: its own and its submodules', but not those under a planned
+    submodule (in this call, ``styles``, or an earlier one) of a style of
+    its own, which shards them, sums them itself or gathers the whole
+    sequence for them (a ``replicate`` one with input ``any`` sees the part
+    ``sub`` sees: its parameters are summed here). They were summed here
+    too: a nested "sequence" module's twice, a colwise one's shards over
+    the ranks."""
+    theirs: set[int] = set()
+    for m in sub.modules():
+        meta = getattr(m, "_tp", None)
+        st = styles.get(id(m)) or (meta.style if meta is not None else None)
+        if m is not sub and st is not None and (st.style, st.input) != ("replicate", "any"):
+            theirs.update(id(p) for p in m.parameters())
+    return [(n, p) for n, p in sub.named_parameters() if id(p) not in theirs]
+
+
 def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
-           cut: dict[int, Any]) -> None:
+           cut: dict[int, Any], styles: dict[int, Style]) -> None:
     tp, r = group.size, group.rank
     meta = _Meta(name, style, group, {p: d for p, d in _DIMS.get(style.style, {}).items()
                                       if getattr(sub, p, None) is not None})
@@ -435,9 +456,17 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
     elif style.style == "vocab":
         sub.num_embeddings //= tp
         meta.lo = r * sub.num_embeddings
-    summed = (list(sub.parameters()) if style.style == "sequence" else
-              [sub.bias] if style.style == "rowwise" and style.output != "replicate" else [])
-    meta.summed = [p for p in summed if p is not None and p.requires_grad]
+        if sub.padding_idx is not None:
+            # the shard's too, as num_embeddings: the padding row's index here, or None
+            # (what reset_parameters() zeroes: the whole table's index zeroed a token's
+            # row in the other shards, or was past their rows)
+            pad = sub.padding_idx - meta.lo
+            sub.padding_idx = pad if 0 <= pad < sub.num_embeddings else None
+    summed = (_sequence_params(sub, styles) if style.style == "sequence" else
+              [("bias", sub.bias)] if style.style == "rowwise" and style.output != "replicate"
+              else [])
+    summed = [(n, p) for n, p in summed if p is not None and p.requires_grad]
+    meta.summed_names, meta.summed = [n for n, _ in summed], [p for _, p in summed]
     for param in meta.summed:      # whole, but fed a part of the sequence: sum the parts
         param.register_hook(functools.partial(_summed, meta))
     rewrite_attrs(sub, name, style, tp)
@@ -447,6 +476,31 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
     if style.style != "replicate" or (style.input, style.output) != ("any", "any") or \
             meta.stream is not None or style.width or style.attrs or style.rng == "shared":
         sub.forward = types.MethodType(_forward, sub)
+
+
+def own_records(module: Any) -> None:
+    """Give each sharded submodule of ``module`` whose summed parameters
+    (a "sequence" module's, a rowwise bias before a split output) are no
+    longer those its record lists a record of its own, listing its own and
+    hooking them. engine.partition makes such modules: a module that layers
+    of two stages share (ALBERT's one block) is copied for the later stage
+    (a shallow copy, its ``_tp`` record the original's) and its parameters
+    untied into new ones. Left so, the copy's gradients were never summed
+    over tp (the hooks and a Pipeline's TpSums saw the original's
+    parameters only): each tp rank kept its own part of the sequence's
+    gradient, a wrong result with nothing said."""
+    for sub in module.modules():
+        meta = getattr(sub, "_tp", None)
+        if meta is None or not meta.summed:
+            continue
+        mine = [sub.get_parameter(n) for n in meta.summed_names]
+        if len(mine) == len(meta.summed) and all(p is q for p, q in zip(mine, meta.summed)):
+            continue
+        new = copy.copy(meta)       # the same group, style, shards' layout, random stream
+        new.summed, new.defer = mine, False
+        for param in mine:
+            param.register_hook(functools.partial(_summed, new))
+        sub._tp = new
 
 
 def _summed(meta: _Meta, grad: Any) -> Any:
@@ -567,9 +621,8 @@ def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
     local = ids - meta.lo
     outside = (local < 0) | (local >= sub.num_embeddings)
     local = local.masked_fill(outside, 0)
-    pad = sub.padding_idx
-    pad = pad - meta.lo if pad is not None and 0 <= pad - meta.lo < sub.num_embeddings else None
-    y = torch.nn.functional.embedding(local, sub.weight, pad, None, 2.0, False, sub.sparse)
+    y = torch.nn.functional.embedding(local, sub.weight, sub.padding_idx, None, 2.0, False,
+                                      sub.sparse)       # (padding_idx: this shard's row)
     if sub.scale_grad_by_freq and y.requires_grad:
         # torch divides a row's gradient by how often its id occurs in the batch;
         # here every id of the other ranks reads local row 0, and would count as

@@ -134,7 +134,7 @@ class Sharded:
 
     def summed_grads(self) -> list[Any]:
         """The gradients summed over the group (engine.tp_sums)."""
-        return ((self.inner.grads() if self.partial else [])
+        return ((_unplanned_grads(self.inner) if self.partial else [])
                 + ([self.grad_bias] if self.partial_bias and self.grad_bias is not None else []))
 
     def _edge(self, x: Any, edge: Edge | None, backward: bool) -> Any:
@@ -157,7 +157,7 @@ class Sharded:
     def backward_weight(self, wctx: Any) -> None:
         w, gb = wctx
         if self.partial and not self.defer:
-            grads = self.inner.grads()
+            grads = _unplanned_grads(self.inner)
             before = [g.copy() for g in grads]
             for g in grads:
                 g[...] = 0
@@ -193,6 +193,21 @@ class Sharded:
             whole = [p if d is None else np.take(p, self.order, axis=d)
                      for p, d in zip(whole, self.dims)]
         return whole
+
+
+def _unplanned_grads(layer: Any) -> list[Any]:
+    """The gradients of a "sequence" region's layers that it sums over the
+    group: all but a planned (Sharded) layer's inside it, which its own
+    style shards, sums or gathers the sequence for (summed by the region
+    too, they were a nested "sequence" layer's twice, a colwise one's
+    shards over the ranks)."""
+    if isinstance(layer, Sharded):
+        return []
+    if isinstance(layer, Recompute):
+        return _unplanned_grads(layer.inner)
+    if isinstance(layer, Sequential):
+        return [g for sub in layer.layers for g in _unplanned_grads(sub)]
+    return list(layer.grads()) if callable(getattr(layer, "grads", None)) else []
 
 
 def named_layers(model: Any, prefix: str = "") -> list[tuple[str, Any, Any, int]]:

@@ -759,6 +759,36 @@ def test_a_vocab_embedding_counts_and_checks_the_ids_of_every_rank():
                                    f"embedding's {V} rows (vocab-sharded)"), errors
 
 
+def _meta_padding_worker(world):
+    import torch
+    nn = torch.nn
+    out = {}
+    for pad in (0, 5):      # rank 0's row 0; rank 1's row 1 (ids 4-7 there)
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Embedding(8, 4, padding_idx=pad), nn.Linear(4, 4))
+        parallelize(model, world, {"0": "vocab"})
+        model.to_empty(device="cpu")        # made real as engine.distribute makes a stage
+        try:
+            model[0].reset_parameters()
+        except IndexError as e:
+            out[pad] = f"IndexError: {e}"
+            continue
+        whole = gather_state_dict(model)["0.weight"]
+        out[pad] = ([i for i in range(8) if bool((whole[i] == 0).all())], model[0].padding_idx)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_vocab_shard_made_real_zeroes_its_own_padding_row():
+    """A meta model's vocab-sharded nn.Embedding, made real by its
+    reset_parameters(), zeroed the row at the whole table's padding_idx in
+    every shard: padding_idx=0 left rank 1's first token (id 4) at zeros, as
+    if it were padding; padding_idx=5 raised IndexError on both ranks."""
+    pytest.importorskip("torch")
+    for r, out in enumerate(mesh.spawn(_meta_padding_worker, 2, timeout=100)):
+        assert out == {0: ([0], 0 if r == 0 else None), 5: ([5], None if r == 0 else 1)}, out
+
+
 def _rewrite_worker(world):
     import torch
 
@@ -875,3 +905,65 @@ def test_clip_grad_norm_of_a_sharded_model_is_the_whole_models():
                                   "max_norm=0.5: could not convert string to float: 'two'"), \
             errors
         assert norm_np == pytest.approx(norm_one, rel=1e-9)
+
+
+# the layers 3.0 (a norm, or a Linear) inside layer 3, both planned: between
+# a rowwise layer with a sequence output and a colwise one with a sequence input
+NESTED = {
+    "sequence": {"0": "colwise", "2": {"style": "rowwise", "output": "sequence"},
+                 "3": "sequence", "3.0": "sequence",
+                 "4": {"style": "colwise", "input": "sequence", "output": "replicate"}},
+    "colwise": {"0": "colwise", "2": {"style": "rowwise", "output": "sequence"},
+                "3": "sequence", "3.0": {"style": "colwise", "input": "sequence"},
+                "4": "rowwise"},
+}
+
+
+def _nested_worker(world):
+    import torch
+    from torch import nn
+
+    import engine
+    torch.set_num_threads(1)
+    x = np.random.default_rng(2).standard_normal((2, 4, 8))
+    out = {}
+    for inner, norm in (("sequence", lambda: nn.LayerNorm(8)),
+                        ("colwise", lambda: nn.Linear(8, 8))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 8),
+                              nn.Sequential(norm(), nn.Tanh()), nn.Linear(8, 4))
+        for how in ("parallelize", "partition"):
+            ref, tp = copy_of(model), parallelize(copy_of(model), world, NESTED[inner])
+            if how == "partition":          # (a stage of its own: the cut checks its records)
+                tp = engine.partition(tp, 1)[0]
+            for m in (ref, tp):
+                (m(torch.from_numpy(x).float()) ** 2).sum().backward()
+            grads = gather_state_dict(tp, grads=True)
+            out["torch", inner, how] = [k for k, p in ref.named_parameters()
+                                        if not torch.allclose(grads[k], p.grad, atol=1e-5)]
+
+        def build():
+            rng = np.random.default_rng(1)
+            return Sequential(Linear(8, 6, rng), Tanh(), Linear(6, 8, rng),
+                              Sequential(Linear(8, 8, rng), Tanh()), Linear(8, 4, rng))
+        ref, tp = build(), parallelize(build(), world, NESTED[inner])
+        for m in (ref, tp):
+            y, ctx = m.forward(x)
+            m.backward(ctx, 2 * y)
+        out["numpy", inner] = [i for i, (a, b) in enumerate(zip(full_params(tp, grads=True),
+                                                               ref.grads(), strict=True))
+                               if not np.allclose(a, b, rtol=1e-10, atol=1e-13)]
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_planned_module_inside_a_sequence_one_keeps_its_gradients():
+    """A "sequence" module summed every parameter under it over tp, those of
+    a planned submodule too: a nested "sequence" norm's gradients were
+    summed twice, a colwise Linear's shards over the ranks (numpy; torch's
+    listed the Linear's whole weight from before its cut, unused, which a
+    pipeline's cut, renewing the records of copied modules, made its
+    shards: summed over the ranks there too)."""
+    pytest.importorskip("torch")
+    for out in mesh.spawn(_nested_worker, 2, timeout=100):
+        assert out == {key: [] for key in out} and len(out) == 6, out

@@ -392,6 +392,60 @@ def test_a_tie_across_stages_and_tp_trains_like_one_process():
         torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _shared_block_model():
+    """tp_models' transformer whose one block is called twice (ALBERT's
+    sharing): a cut between the calls gives the later stage a copy of it."""
+    import torch
+
+    import tp_models
+    torch.manual_seed(0)
+    block = tp_models.Block()
+    return torch.nn.Sequential(tp_models.Embed(), block, block, tp_models.Head())
+
+
+def _shared_block_worker(world):
+    import torch
+
+    import engine
+    import tp_models
+    torch.set_num_threads(1)
+    out = {}
+    for schedule in ("1f1b", "zb-v"):     # zb-v: rank 1 holds the block and its copy
+        job = engine.distribute(_shared_block_model(), mesh.grid(world, pp=2, tp=2),
+                                plan=tp_models.SEQUENCE, schedule=schedule, microbatches=4,
+                                balance="uniform", loss_fn=_tied_loss, verbose=False)
+        opt = torch.optim.SGD(job.parameters(), lr=0.5)
+        for step in range(STEPS):
+            opt.zero_grad()
+            job.step(*_tied_batch(step))
+            opt.step()
+        state = job.state_dict()
+        out[schedule] = None if state is None else {k: v.tolist() for k, v in state.items()}
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_a_block_shared_by_two_stages_sums_its_sequence_gradients():
+    """The stage holding the shared block's copy summed its norms' (and its
+    rowwise biases') gradients over tp on the original's parameters, not
+    the copy's: each tp rank kept its part of the sequence's gradient, and
+    the weights drifted from one process's with no error."""
+    torch = pytest.importorskip("torch")
+    ref = _shared_block_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for step in range(STEPS):
+        x, y = _tied_batch(step)
+        opt.zero_grad()
+        _tied_loss(ref(x), y).backward()
+        opt.step()
+    out = mesh.spawn(_shared_block_worker, 4, timeout=130)[0]
+    for schedule, state in out.items():
+        assert set(state) == set(ref.state_dict()), schedule
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5,
+                                       msg=f"{schedule} {k}")
+
+
 _FAIL = {"calls": 0, "at": -1}
 
 
