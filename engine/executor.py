@@ -64,6 +64,7 @@ import hashlib
 import numbers
 import sys
 import time
+import weakref
 from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
@@ -81,7 +82,7 @@ from .simulate import simulate
 from .tied import TiedGrads
 from .tp_sums import TpSums
 from .torch_stage import (Parts, TorchStage, as_pipeline_loss, checkpoint_modules, copied,
-                          patterns_of, plain_torch_loss, torch_loss)
+                          patterns_of, plain_torch_loss, torch_loss, torch_targets)
 from .tp_plan import named_by
 from .verify import verify
 
@@ -90,6 +91,22 @@ __all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
 _STEP_SHIFT = 32      # step n's tags are tag_base + i + (n << 32)
 _REASON_MAX = 400     # abort reasons cross the wire in a header
 _PARTS = "meshrun.parts"  # a tuple's header: its length; its parts follow on the same tag
+# steps made so far on each group (by transport, then group id) by every Pipeline: a new
+# Pipeline numbers its steps on from there, so its tags are never those of an earlier
+# Pipeline's failed step, whose aborted tags the transport keeps (it failed at once)
+_GROUP_STEPS: "weakref.WeakKeyDictionary[Any, dict[int, int]]" = weakref.WeakKeyDictionary()
+
+
+def _steps_on(pp: Any, upto: int | None = None) -> int:
+    """How many step numbers Pipelines have taken on group ``pp`` (0 for a
+    stand-in group without a transport); with ``upto``, note that many first."""
+    t, gid = getattr(pp, "_t", None), getattr(pp, "gid", None)
+    if t is None or gid is None:
+        return upto or 0
+    used = _GROUP_STEPS.setdefault(t, {})
+    if upto is not None:
+        used[gid] = max(used.get(gid, 0), upto)
+    return used.get(gid, 0)
 
 
 class StepFailed(MeshError):
@@ -186,7 +203,8 @@ class Pipeline:
     ``nn.Sequential``s (as engine.partition's are) go layer by layer
     (TorchStage's ``layered``: each layer keeps its input and runs again
     just before its own backward); other stages recompute whole. Step n's messages use tags
-    ``tag_base + i + (n << 32)`` for ``i <= 2 * micro-batches * stages``
+    ``tag_base + i + (n << 32)`` for ``i <= 2 * micro-batches * stages`` (n
+    counting on from the steps earlier Pipelines made on the group)
     (the last one is the trace's): two pipelines on one group need
     tag_bases that far apart, below 2**32.
 
@@ -255,6 +273,10 @@ class Pipeline:
         self.timeout = timeout
         self.tag_base = tag_base
         self._steps = 0
+        # the first step's number in the tags: after every step an earlier
+        # Pipeline made on the group (every pp rank made as many: step() and
+        # the Pipelines are made alike on each)
+        self._step0 = _steps_on(self.pp)
         self.events: list[list[Any]] = []
 
     def _take(self, given: Sequence[Any], mine: Sequence[int], recompute: Any,
@@ -300,7 +322,7 @@ class Pipeline:
         """The tag of ``a``'s message in step ``step``: unique to the step,
         so a message of a failed step can never be taken by a later one."""
         kind, _, dst, k = message_key(a)
-        return (self.tag_base + (step << _STEP_SHIFT)
+        return (self.tag_base + ((self._step0 + step) << _STEP_SHIFT)
                 + ((k * self.schedule.num_stages + dst) * 2 + (kind == B)))
 
     def _flow(self, a: Action) -> int:
@@ -313,6 +335,7 @@ class Pipeline:
         On failure, clean up (see the class docstring) and raise."""
         st = _Step(self, self._steps)
         self._steps += 1
+        _steps_on(self.pp, self._step0 + self._steps)
         events: list[list[Any]] = []
         mean = self._drive(st, inputs, targets, events)
         self.events = events
@@ -363,6 +386,7 @@ class Pipeline:
         roll back."""
         st = _Step(self, self._steps, forward_only=True)
         self._steps += 1
+        _steps_on(self.pp, self._step0 + self._steps)
         modes = [(m, m.training) for stage in self.stages.values()
                  if isinstance(stage, TorchStage) for m in stage.module.modules()]
         try:
@@ -421,6 +445,7 @@ class Pipeline:
         if self.tp_index:
             return None
         rows = {"dp": self.dp_index, "pp": self.rank, "events": self.events}
+        # (the pipeline's own count: its dp replicas, on pp groups of their own, agree on it)
         tag = self.tag_base + self._span + (self._steps << _STEP_SHIFT)
         gathered = _trace.gather(self.pp, self.dp, rows, tag)
         if gathered is None:
@@ -650,7 +675,8 @@ class _Step:
         self.losses = [0.0] * pipe.schedule.num_microbatches
         self.prior: dict[int, list[Any]] = {}
         self.before: dict[int, list[Any]] = {}
-        self.stepped: dict[int, list[Any]] = {}   # weights before this step's OPT
+        self.stepped: dict[int, list[Any]] = {}   # weights before this step's first OPT
+        self.opted: set[int] = set()              # the stages whose OPT ran
         self.opt_state: Any = None                # the optimizer's, before its first
         self.recvs: dict[Action, Any] = {}
         self.sends: list[Any] = []
@@ -772,12 +798,33 @@ class _Step:
             self._finish_sync(a.stage)
             self._add_prior(a.stage)
             assert pipe.optimizer is not None
-            stage = pipe.stages[a.stage]
-            self.stepped[a.stage] = [copied(p) for p in stage.params()]
-            if not self.stepped.keys() - {a.stage} and hasattr(pipe.optimizer, "state_dict"):
-                self.opt_state = copy.deepcopy(pipe.optimizer.state_dict())
-            pipe.optimizer(stage)
+            if not self.opted:      # the step's first OPT: every stage's weights before it
+                self.stepped = {s: [copied(p) for p in st.params()]
+                                for s, st in pipe.stages.items()}
+                if hasattr(pipe.optimizer, "state_dict"):
+                    self.opt_state = copy.deepcopy(pipe.optimizer.state_dict())
+            self.opted.add(a.stage)
+            pipe.optimizer(pipe.stages[a.stage])
+            self._stepped_alone(a)
         return ""
+
+    def _stepped_alone(self, a: Action) -> None:
+        """Raise where ``optimizer(stage)`` at OPT action ``a`` changed the
+        weights of another stage of this rank whose own OPT comes later (one
+        torch optimizer over all the rank's parameters, ``opt.step()`` at
+        each call): a rank holding several stages (interleaved, ZB-V) would
+        step them once per stage a step, silently."""
+        pipe = self.pipe
+        later = {b.stage for b in pipe.program if b.kind == OPT} - self.opted
+        for s in sorted(later):
+            if any(not bool(((p == o) | (o != o)).all())          # (a NaN is no change)
+                   for p, o in zip(pipe.stages[s].params(), self.stepped[s])):
+                raise ValueError(
+                    f"pp rank {pipe.rank}: pipeline step {self.n} ({pipe.schedule.name}), "
+                    f"{a}: optimizer(stage {a.stage}) changed the weights of stage {s} too, "
+                    f"whose own OPT action comes later in the step, so they would be stepped "
+                    f"once per stage of this rank: an optimizer= steps the parameters of the "
+                    f"stage it is given only (a torch optimizer per stage)")
 
     def _receiving(self, a: Action) -> str:
         """What receive ``a`` waits for, in the user's terms (for errors)."""
@@ -825,9 +872,16 @@ class _Step:
 
     def _loss(self, y: Any, target: Any) -> tuple[Any, Any]:
         """``loss_fn(y, target)``: (loss, gradient of ``y``); on its first
-        call, a torch loss is wrapped or a wrong return refused."""
+        call, a torch loss is wrapped or a wrong return refused. A tensor
+        output's loss gets its targets as tensors on the output's device
+        (each part of a tuple), on its first call too: a torch loss of the
+        user's own (``F.cross_entropy(logits, y)``) given numpy targets
+        failed there, in torch, before it could be wrapped."""
         pipe = self.pipe
         assert pipe.loss_fn is not None
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(y, torch.Tensor):
+            target = torch_targets(target, y.device)
         out = pipe.loss_fn(y, target)
         if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
             fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
@@ -959,8 +1013,8 @@ class _Step:
 
     def roll_back(self) -> None:
         """Put every gradient back to what it held before the step, and
-        the weights of each stage whose OPT action ran to what they were
-        before it, and an optimizer with ``state_dict()`` and
+        the weights of this rank's stages, once an OPT action ran, to what
+        they were before the step's first (copied there), and an optimizer with ``state_dict()`` and
         ``load_state_dict()`` (momentum, Adam's moments, a step count) to
         its state before the step's first OPT action (a deep copy taken
         there); another optimizer's own state saw one more call."""

@@ -39,7 +39,7 @@ from mesh.tensors import is_tensor
 from .tp_plan import named_by
 
 __all__ = ["TorchStage", "Parts", "torch_loss", "as_pipeline_loss", "plain_torch_loss",
-           "checkpoint_modules", "copied", "widened"]
+           "checkpoint_modules", "copied", "widened", "torch_targets"]
 
 
 def _torch() -> Any:
@@ -62,6 +62,12 @@ def _target(torch: Any, target: Any, device: Any) -> Any:
     if isinstance(target, tuple):
         return tuple(_target(torch, t, device) for t in target)
     return _tensor(torch, target, device)
+
+
+def torch_targets(target: Any, device: Any) -> Any:
+    """A loss's target (numpy arrays or tensors; a tuple of them, part by
+    part) as tensors on ``device``: what a torch loss is given."""
+    return _target(_torch(), target, device)
 
 
 def patterns_of(recompute: Any) -> tuple[str, ...]:

@@ -121,6 +121,39 @@ def test_optimizer_runs_at_opt_actions():
         Pipeline(_Solo(), stage, sched, loss_fn=mse_loss)
 
 
+@pytest.mark.timeout(30)
+def test_an_optimizer_stepping_every_stage_at_each_opt_action_is_refused():
+    """OPT actions call ``optimizer(stage)`` once per stage: on a rank
+    holding two (ZB-V, interleaved) an optimizer over all the rank's
+    weights (README's StepAt once was: ``opt.step()`` at each call) stepped
+    them twice a step, silently. Now refused, the weights rolled back; one
+    that steps the stage it is given trains as one process."""
+    from engine import with_optimizer_step
+    sched = with_optimizer_step(schedules.zb_v(1, 2))      # stages 0 and 1 on the one rank
+    widths = [3, 4, 5, 2]
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    stages = mlp_stages(widths, 2, seed=4)
+    before = [p.copy() for st in stages for p in st.params()]
+    pipe = Pipeline(_Solo(), stages, sched, loss_fn=mse_loss,
+                    optimizer=lambda stage: sgd(stages, 0.1))
+    with pytest.raises(ValueError, match=r"pp rank 0: pipeline step 0 \(zb_v\(1,2\)\), 0OPT: "
+                       r"optimizer\(stage 0\) changed the weights of stage 1 too"):
+        pipe.step(x, y)
+    for a, b in zip((p for st in stages for p in st.params()), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not any(g.any() for st in stages for g in st.grads())
+    stages = mlp_stages(widths, 2, seed=4)
+    Pipeline(_Solo(), stages, sched, loss_fn=mse_loss,
+             optimizer=lambda stage: sgd([stage], 0.1)).step(x, y)
+    model = Sequential(*mlp_stages(widths, 1, seed=4)[0].layers)
+    out, ctx = model.forward(x)
+    model.backward(ctx, mse_loss(out, y)[1])
+    sgd([model], 0.1)
+    for a, b in zip((p for st in stages for p in st.params()), model.params(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
 def test_construction_errors():
     one = schedules.one_f_one_b(1, 2)
     stage = Sequential(Linear(2, 2))

@@ -1,4 +1,5 @@
 """The torch adapter gives the same numbers as the numpy reference layers."""
+import copy
 import re
 
 import numpy as np
@@ -81,6 +82,29 @@ def test_a_pipeline_takes_an_ordinary_torch_loss_and_says_what_a_loss_returns():
                                                    "but it takes (logits)")):
         engine.distribute(_torch_copy(mlp_stages([4, 5, 2], 1, seed=2)[0]), None,
                           loss_fn=lambda logits: logits.sum())
+
+
+def test_a_torch_loss_of_ones_own_takes_numpy_targets():
+    """README: a torch stage's loss may be "a function of your own"; given
+    numpy targets its first call got them as they came (torch_loss turns
+    them into tensors only once it is wrapped), and F.cross_entropy failed
+    there: "argument 'target' ... must be Tensor, not numpy.ndarray"."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((7, 4)), rng.integers(0, 3, 7)
+    stage = TorchStage(copy.deepcopy(model))
+    pipe = Pipeline(_Solo(), stage, schedules.one_f_one_b(1, 3),
+                    loss_fn=lambda logits, t: F.cross_entropy(logits, t))
+    loss = pipe.step(x, y)
+    want = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+    want.backward()
+    want = float(want.detach())
+    assert loss == pytest.approx(want, rel=1e-12)
+    for p, q in zip(stage.module.parameters(), model.parameters(), strict=True):
+        np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-10)
+    assert pipe.eval_step(x, y) == pytest.approx(want, rel=1e-12)
 
 
 def test_grads_are_views_of_torch_gradients():
