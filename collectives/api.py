@@ -64,12 +64,14 @@ def _half_avg(a: Any, op: str, written: bool = True) -> bool:
     torch tensor): taken in float32, so that no partial sum overflows (n
     ranks' 30000 made inf) and the mean is rounded once (as bfloat16's,
     collectives.tensors). ``written``: the call writes ``a`` (not a
-    reduce off the root, whose array may be read-only: widened all the
-    same, or its fingerprint would say float16 where the root's says
-    float32)."""
+    reduce off the root nor a reduce_scatter, whose array may be
+    read-only: widened all the same, or its fingerprint would say float16
+    where the others' say float16 too, and their float32 bytes would be
+    read as float16). A numpy subclass (np.memmap) is widened as a plain
+    array is, for the same reason."""
     if op != "avg":
         return False
-    if type(a) is np.ndarray:       # (a read-only one written: refused as it is, by the call)
+    if isinstance(a, np.ndarray):   # (a read-only one written: refused as it is, by the call)
         dt = a.dtype
         return dt.kind == "f" and dt.itemsize == 2 and dt.metadata is None and (
             a.flags.writeable or not written)
@@ -81,7 +83,7 @@ def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = Fal
     rounded back to float16 once: into ``a`` when ``in_place``, else as a
     new array or tensor like ``a`` (``same``: ``a`` itself, untouched, as
     reduce returns it off the root)."""
-    numpy = type(a) is np.ndarray
+    numpy = isinstance(a, np.ndarray)
     wide = a.astype(_HALF_WIDE) if numpy else a.detach().float()
     cpu = not numpy and wide.device.type == "cpu"
     res = call(wide.numpy().view(_HALF_WIDE) if cpu else wide)   # (a CPU tensor: its memory)
@@ -135,8 +137,8 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                    timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce_scatter, for host and device arrays and tensors
-    (float16 averaged in float32)."""
-    if _half_avg(a, op):
+    (float16 averaged in float32; ``a`` is only read)."""
+    if _half_avg(a, op, written=False):
         return _widened(lambda w: reduce_scatter(g, w, op, async_op, timeout), a, False,
                         async_op)
     check_comm(g, "reduce_scatter")

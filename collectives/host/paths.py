@@ -247,9 +247,10 @@ def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
     """Copy the root's ``a`` into ``a`` on every rank; returns ``a``.
     ``algorithm``: "tree" (binomial) or "chain" (pipelined); default by size;
     "hier" (or across hosts with more than one rank on some host): in two
-    levels (collectives.host.hier)."""
+    levels (collectives.host.hier). The root's ``a`` is only read, so it may
+    be read-only (as MPI_Bcast's): no path writes the root's buffer."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
-        arr = _array("broadcast", a, writable=True)
+        arr = _array("broadcast", a, writable=g.rank != root)
         r = _root(g, root)
         alg = choose("broadcast", arr.nbytes, t, algorithm)
         lay = layout("broadcast", t, algorithm)
@@ -264,7 +265,8 @@ def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
                 local.broadcast(ctx, buf, r)
             else:
                 agreed(lambda c: fn(c, buf, r))(ctx)
-        return _fp("broadcast", arr, root=r, alg=alg, hier=lay), _in_place(arr, body)
+        return _fp("broadcast", arr, root=r, alg=alg, hier=lay), _in_place(arr, body,
+                                                                         g.rank != r)
     return start(g, "broadcast", prepare, async_op, timeout,
                  _skipped(g, "broadcast", a, root, algorithm))
 

@@ -31,7 +31,7 @@ from mesh.rings import fence
 from mesh.tensors import BFLOAT16, dtype_name
 
 from .. import scratch
-from ..ops import ReduceOp
+from ..ops import ReduceOp, apply
 from ..plan import ring_chunks, segments
 from ..runner import Ctx
 from . import board
@@ -148,7 +148,7 @@ def _through_arenas(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
         for p in r.peers:
             theirs = r.arena_of(p, dt, lo, hi, part)
             if first is not None:       # out = own (op) the first peer's, as combine orders
-                ufunc(first, theirs, out=out)
+                apply(ufunc, first, theirs, out)
                 first = None
             else:
                 op.combine(out, theirs)

@@ -1,0 +1,138 @@
+"""Semantics of the numpy collectives where MPI's are the reference
+(mpi4py on Open MPI): a broadcast's root may pass a read-only array (only
+read, as MPI_Bcast's), and a reduction's overflow gives inf on every rank
+whatever a rank's numpy error settings (np.seterr, warnings filters), on
+every path: the short way, the board, the ring, sockets, two levels."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+import collectives as C
+import mesh
+
+pytestmark = pytest.mark.timeout(120)
+
+SOCKETS = {"MESH_CMA": "0", "MESH_SHM": "0", "MESH_TIMEOUT": "20"}
+
+
+def _read_only_root(world: Any, hosts: str, algs: tuple) -> list[str]:
+    if hosts:
+        world.hosts[:] = ["fake-" + h for h in hosts]
+    n, r = world.size, world.rank
+    wrong = []
+    for k in (5, 40_000):       # (small: a payload on the board; large: read across)
+        for root in range(n):
+            for alg in algs:
+                for view in (lambda x: x, lambda x: x[::-1]):
+                    a = view(np.arange(k, dtype=np.float32) + 1000 * r)
+                    if r == root:
+                        a.flags.writeable = False
+                    got = C.broadcast(world, a, root=root, algorithm=alg)
+                    want = view(np.arange(k, dtype=np.float32) + 1000 * root)
+                    if got is not a or not np.array_equal(a, want):
+                        wrong.append(f"k={k} root={root} alg={alg}")
+    return wrong
+
+
+@pytest.mark.parametrize("env,hosts,algs", [
+    ({"MESH_TIMEOUT": "20"}, "", (None,)),
+    (SOCKETS, "", ("tree", "chain")),
+    (SOCKETS, "aab", ("hier",)),
+], ids=["board", "sockets", "hier"])
+def test_broadcast_root_may_be_read_only(env: dict, hosts: str, algs: tuple) -> None:
+    for wrong in mesh.spawn(_read_only_root, 3, hosts, algs, timeout=90, env=env):
+        assert wrong == []
+
+
+def _read_only_state(world: Any) -> bool:
+    """broadcast_state of a state whose arrays the root cannot write (a
+    checkpoint loaded with np.load(mmap_mode="r"), a frozen buffer)."""
+    w = np.arange(6.0).reshape(2, 3)
+    w.flags.writeable = False
+    got = C.broadcast_state(world, {"w": w, "b": [w[:, ::2]]} if world.rank == 1 else None,
+                            root=1)
+    return np.array_equal(got["w"], w) and np.array_equal(got["b"][0], w[:, ::2])
+
+
+def test_broadcast_state_of_read_only_arrays() -> None:
+    assert mesh.spawn(_read_only_state, 3, timeout=60, env={"MESH_TIMEOUT": "20"}) == [True] * 3
+
+
+def _quiet_overflow(world: Any, hosts: str) -> list[str]:
+    """Rank 1 raises on floating-point errors (np.seterr), rank 2 turns
+    RuntimeWarning into errors; element 0 overflows, and only the rank
+    that reduces it (which depends on the path) would see it."""
+    if hosts:
+        world.hosts[:] = ["fake-" + h for h in hosts]
+    n, r = world.size, world.rank
+    if r == 1:
+        np.seterr(all="raise")
+    if r == 2:
+        warnings.simplefilter("error", RuntimeWarning)
+    wrong = []
+    for k in (4, 300_000):
+        for alg in (None, "rd", "ring"):
+            for rep in range(2):        # (the second small call takes the short way)
+                a = np.ones(k, np.float32)
+                a[0] = 3e38
+                try:
+                    C.all_reduce(world, a, algorithm=alg)
+                    if not (np.isinf(a[0]) and (a[1:] == n).all()):
+                        wrong.append(f"all_reduce k={k} alg={alg}: {a[:3]}")
+                except (FloatingPointError, RuntimeWarning, mesh.MeshError) as e:
+                    wrong.append(f"all_reduce k={k} alg={alg} #{rep}: {type(e).__name__}")
+        b = np.full(3 * k, 3e38, np.float32)
+        for name, call in (("reduce_scatter", lambda: C.reduce_scatter(world, b)),
+                           ("reduce", lambda: C.reduce(world, b.copy(), root=0)),
+                           ("avg", lambda: C.all_reduce(     # (its division underflows)
+                               world, np.full(k, 1.1754944e-38 if r == 0 else 0, np.float32),
+                               op="avg"))):
+            try:
+                call()
+            except (FloatingPointError, RuntimeWarning, mesh.MeshError) as e:
+                wrong.append(f"{name} k={k}: {type(e).__name__}")
+    return wrong
+
+
+@pytest.mark.parametrize("env,hosts", [
+    ({"MESH_TIMEOUT": "20"}, ""), (SOCKETS, ""), ({"MESH_TIMEOUT": "20"}, "aab")],
+    ids=["board", "sockets", "hier"])
+def test_overflow_is_inf_on_every_rank_whatever_its_error_settings(env: dict,
+                                                                   hosts: str) -> None:
+    for wrong in mesh.spawn(_quiet_overflow, 3, hosts, timeout=90, env=env):
+        assert wrong == []
+
+
+def _half_average(world: Any, where: str, k: int) -> list[str]:
+    """float16 averaged (in float32, README) where a rank's array is read-only
+    (reduce_scatter only reads it) or an np.memmap: each rank widened or
+    not by its own array's flags and type, under the same fingerprint, so
+    one rank's float32 bytes were read as float16 by the others."""
+    n, r = world.size, world.rank
+    wrong = []
+    for who in ([1], list(range(n))):
+        a = np.full(n * k, 30000 + r, np.float16)
+        if r in who:
+            a.flags.writeable = False
+        got = C.reduce_scatter(world, a, op="avg")
+        if got.dtype != np.float16 or not (got == 30001).all():
+            wrong.append(f"reduce_scatter, read-only on {who}: {got[:3]}")
+    b = np.full(k, 30000 + r, np.float16)
+    if r == 1:
+        m = np.memmap(f"{where}/m{r}", np.float16, "w+", shape=(k,))
+        m[...], b = b, m
+    C.all_reduce(world, b, op="avg")
+    if not (np.asarray(b) == 30001).all():
+        wrong.append(f"all_reduce, an np.memmap on rank 1: {b[:3]}")
+    return wrong
+
+
+@pytest.mark.parametrize("k", [4, 40_000])
+def test_float16_average_whatever_the_array(tmp_path: Any, k: int) -> None:
+    for wrong in mesh.spawn(_half_average, 3, str(tmp_path), k, timeout=60,
+                            env={"MESH_TIMEOUT": "20"}):
+        assert wrong == []
