@@ -128,8 +128,13 @@ class Progress:
                                         daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the progress thread and close the wake pipe."""
+    def stop(self) -> bool:
+        """Stop the progress thread, take the reading turn from the callers
+        still reading (their waits failed: Inbox.fail_posted; a second at
+        most) and close the wake pipe. True: the turn is held, for the
+        caller to give back once it has closed the sockets those callers
+        polled (libzmq aborted the process when a socket was closed under
+        another thread's poll)."""
         self.closing = True
         if self._thread is not None:
             try:
@@ -137,8 +142,10 @@ class Progress:
             except OSError:
                 pass
             self._thread.join(timeout=5)
+        held = self._rlock.acquire(timeout=1.0)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        return held
 
     def drive(self, item: Any, deadline: float, limit: float,
               flag: Flag | Settles | None = None) -> bool:

@@ -801,7 +801,7 @@ class Transport:
         self.on_close.clear()
         self.keep_alive.clear()
         self.direct.close()
-        self.progress.stop()
+        turn = self.progress.stop()     # (held until the sockets are closed)
         if self.rings is not None:
             self.rings.close()
         for p in self._peers:
@@ -821,6 +821,8 @@ class Transport:
         self._router.disable_monitor()
         self._router_mon.close(linger=0)
         self._router.close(linger=0)
+        if turn:
+            self.progress.turn.release()
 
 
 def _host_array(item: Pending) -> np.ndarray:
