@@ -211,7 +211,14 @@ class _FutureWork(_Work):
         if secs > 0 and not self._finished.wait(secs):
             raise MeshTimeoutError(f"{self.what}: Work.wait: the operation did not complete "
                                    f"within {secs:g}s (the timeout given; it goes on)")
-        self._base.wait()
+        try:
+            # the future handed out (the base's ``then``), not the base alone: the base's
+            # wait returns before its callbacks run, and ``work.wait();
+            # work.get_future().value()`` raised torch's INTERNAL ASSERT (it is done
+            # before callbacks of its own run, which may wait for this Work)
+            self._fut.wait()
+        except Exception:  # noqa: BLE001 - the collective's own error raises below
+            pass
         if self._error is not None:
             raise self._error
         return True
@@ -220,13 +227,13 @@ class _FutureWork(_Work):
         return self._fut
 
     def is_completed(self) -> bool:
-        if self._base.done():
+        if self._fut.done():
             return True
         time.sleep(0)   # the lane that runs it may have the interpreter (runner.Work.done)
-        return bool(self._base.done())
+        return bool(self._fut.done())
 
     def is_success(self) -> bool:
-        return self._base.done() and self._error is None
+        return bool(self._fut.done()) and self._error is None
 
     def exception(self) -> BaseException | None:
         return self._error
@@ -615,11 +622,17 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor,
                         opts: Any = None) -> dist.Work:
-        return self.allgather_into_tensor_coalesced([output], [input], opts)
+        """all_gather_into_tensor; its future holds what gloo's holds: the
+        output's rows, one view per rank (``output.chunk``), where they have
+        the input's shape (gloo takes no other output), else [output]."""
+        rows = list(output.chunk(self._n)) if output.dim() and output.shape[0] else []
+        rows = rows if len(rows) == self._n and all(
+            p.shape == input.shape for p in rows) else [output]
+        return self.allgather_into_tensor_coalesced([output], [input], opts, rows)
 
     def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor],
                                         inputs: list[torch.Tensor],
-                                        opts: Any = None) -> dist.Work:
+                                        opts: Any = None, result: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
         for o, x in zip(outputs, inputs):
             if o.dtype != x.dtype:
@@ -643,7 +656,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                                             timeout=self.timeout)
                           if v is None else _host_all_gather(self.comm, v[0], async_op=a,
                                                              timeout=self.timeout, out=v[1])
-                          for x, v in zip(inputs, views)], finish, outputs, opts.asyncOp)
+                          for x, v in zip(inputs, views)], finish,
+                         outputs if result is None else result, opts.asyncOp)
 
     def reduce_scatter(self, output_tensors: list[torch.Tensor],
                        input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
@@ -966,13 +980,19 @@ class _P2PWork(_Work):
         return self._tensors
 
     def get_future(self) -> Future:
-        """A future completed once the transfer is done (a thread waits for it)."""
+        """A future completed once the transfer is done (a thread waits for it;
+        none where it is done already: the future is then complete on return,
+        as a finished collective's is, for ``work.wait(); get_future().value()``)."""
         with self._lock:
-            if self._done is None:
-                self._done = _FutureWork()
-                threading.Thread(target=self._complete, args=(self._done,),
-                                 name="meshrun-p2p-future", daemon=True).start()
-            return self._done.get_future()
+            done, made = self._done, self._done is None
+            if done is None:
+                done = self._done = _FutureWork()
+        if made and self._req.done():
+            self._complete(done)
+        elif made:
+            threading.Thread(target=self._complete, args=(done,),
+                             name="meshrun-p2p-future", daemon=True).start()
+        return done.get_future()
 
     def _complete(self, done: _FutureWork) -> None:
         try:

@@ -1386,3 +1386,74 @@ def test_a_torch_group_given_to_meshruns_collectives_says_what_to_pass() -> None
     for r, said in enumerate(mesh.spawn(torch_group_for_meshrun, 2, timeout=60)):
         assert said.startswith(f"rank {r}: all_reduce: the communicator is a torch.distributed "
                                "group: collectives.torchdist.comm_of(group)"), said
+
+
+@pytest.mark.timeout(30)
+def test_a_works_future_is_complete_once_wait_returns(monkeypatch: Any) -> None:
+    """``work.wait(); work.get_future().value()`` (gloo's future is complete
+    then): wait() returned once the plain future was set, before its
+    ``then`` (the future torch hands out) had run, and ``value()`` raised
+    torch's "completed() INTERNAL ASSERT FAILED" (a slow ``then`` here
+    makes the race certain; in real runs a few calls in a hundred)."""
+    from collectives import torchpg
+    unwrap = torchpg._unwrap
+
+    def slow(fut: Any) -> Any:
+        time.sleep(0.3)
+        return unwrap(fut)
+    monkeypatch.setattr(torchpg, "_unwrap", slow)
+    work = torchpg._FutureWork()
+    threading.Thread(target=work.finish, args=([torch.ones(2)], None)).start()
+    assert work.wait() and work.is_completed()
+    assert torch.equal(work.get_future().value()[0], torch.ones(2))
+    # a callback of the future's own that waits for its Work returns (the future is
+    # done before its callbacks run)
+    seen: list[Any] = []
+    work = torchpg._FutureWork()
+    work.get_future().then(lambda _: seen.append(work.wait()))
+    done = threading.Thread(target=work.finish, args=([torch.ones(2)], None), daemon=True)
+    done.start()
+    done.join(10)
+    assert seen == [True]
+
+
+def p2p_future_after_wait(world: Any) -> str:
+    _init()
+    r = dist.get_rank()
+    w = dist.isend(torch.full((2,), 7.0), 1) if r == 0 else dist.irecv(torch.zeros(2), 0)
+    w.wait()
+    got = w.get_future().value()
+    dist.destroy_process_group()
+    return str(got[0].tolist())
+
+
+@pytest.mark.timeout(60)
+def test_a_point_to_point_works_future_is_complete_once_wait_returns() -> None:
+    """An isend's or irecv's ``get_future()`` after ``wait()``: its future
+    was completed by a thread started then, so ``value()`` at once raised
+    torch's "completed() INTERNAL ASSERT FAILED"."""
+    assert mesh.spawn(p2p_future_after_wait, 2, timeout=45) == ["[7.0, 7.0]"] * 2
+
+
+def gathered_future(world: Any) -> list[Any]:
+    _init()
+    r = dist.get_rank()
+    out = torch.zeros(4, 3)
+    w = dist.all_gather_into_tensor(out, torch.full((2, 3), r + 1.0), async_op=True)
+    w.wait()
+    rows = w.get_future().value()
+    flat = torch.zeros(4)
+    w = dist.all_gather_into_tensor(flat.view(2, 2), torch.full((1, 2), r + 1.0), async_op=True)
+    w.wait()
+    dist.destroy_process_group()
+    return [[tuple(t.shape) for t in rows], rows[1].data_ptr() == out[2].data_ptr(),
+            [tuple(t.shape) for t in w.get_future().value()]]
+
+
+@pytest.mark.timeout(60)
+def test_all_gather_into_tensors_future_holds_its_rows_as_gloos() -> None:
+    """``dist.all_gather_into_tensor(..., async_op=True).get_future().value()``
+    is gloo's: the output's rows, one view of each rank's part (it was
+    ``[output]``, where gloo's is ``output.chunk(world_size)``)."""
+    want = [[(2, 3), (2, 3)], True, [(1, 2), (1, 2)]]
+    assert mesh.spawn(gathered_future, 2, timeout=45) == [want] * 2
