@@ -159,38 +159,28 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
     results: dict[str, float] = {}
     peer = 1 - world.rank
     t = world._t
-    for n in (200, iters):
-        start = time.perf_counter()
-        for _ in range(n):
-            if world.rank == 0:
-                world.send(small, peer)
-                world.recv(peer, out=small)
-            else:
-                world.recv(peer, out=small)
-                world.send(small, peer)
-        results["rtt"] = (time.perf_counter() - start) / n
-    for n in (200, iters):     # the same, rank 0 receiving through waitany
-        start = time.perf_counter()
-        for _ in range(n):
-            if world.rank == 0:
-                world.send(small, peer)
-                waitany([world.irecv(peer, out=small)])
-            else:
-                world.recv(peer, out=small)
-                world.send(small, peer)
-        results["rttany"] = (time.perf_counter() - start) / n
-    for n in (200, iters):     # rank 1 answering once a loop polling iprobe sees each
-        start = time.perf_counter()
-        for _ in range(n):
-            if world.rank == 0:
-                world.send(small, peer)
-                world.recv(peer, out=small)
-            else:
-                while world.iprobe(peer) is None:
-                    pass
-                world.recv(peer, out=small)
-                world.send(small, peer)
-        results["rttprobe"] = (time.perf_counter() - start) / n
+    def plain() -> None:
+        world.recv(peer, out=small)
+
+    def probed() -> None:       # rank 1 answers once a loop polling iprobe sees each
+        while world.iprobe(peer) is None:
+            pass
+        world.recv(peer, out=small)
+    for key, first, second in (("rtt", plain, plain),       # (rank 0 receives by waitany:)
+                               ("rttany", lambda: waitany([world.irecv(peer, out=small)]),
+                                plain),
+                               ("rttprobe", plain, probed)):
+        receive = first if world.rank == 0 else second
+        for n in (200, iters):
+            start = time.perf_counter()
+            for _ in range(n):
+                if world.rank == 0:
+                    world.send(small, peer)
+                    receive()
+                else:
+                    receive()
+                    world.send(small, peer)
+            results[key] = (time.perf_counter() - start) / n
     missed = [0]       # receives a same-host ring did not answer directly (mesh.rings):
     post = t.irecv     # counted where they go the usual way, off the short way's path
 

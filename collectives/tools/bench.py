@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mesh.cliargs import checked, nonnegative, positive, positive_list
+from mesh.cliargs import nonnegative, positive
 
 from ..plan import parse_size
 
