@@ -259,41 +259,29 @@ def _mpi_worker(sizes: list[int], iters: int) -> None:
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
     small = np.zeros(1)
     results: dict[str, float] = {}
-    for n in (200, iters):
-        comm.Barrier()
-        t = time.perf_counter()
-        for _ in range(n):
-            if rank == 0:
-                comm.Send(small, peer)
-                comm.Recv(small, peer)
-            else:
-                comm.Recv(small, peer)
-                comm.Send(small, peer)
-        results["rtt"] = (time.perf_counter() - t) / n
-    for n in (200, iters):
-        comm.Barrier()
-        t = time.perf_counter()
-        for _ in range(n):
-            if rank == 0:
-                comm.Send(small, peer)
-                MPI.Request.Waitany([comm.Irecv(small, peer)])
-            else:
-                comm.Recv(small, peer)
-                comm.Send(small, peer)
-        results["rttany"] = (time.perf_counter() - t) / n
-    for n in (200, iters):
-        comm.Barrier()
-        t = time.perf_counter()
-        for _ in range(n):
-            if rank == 0:
-                comm.Send(small, peer)
-                comm.Recv(small, peer)
-            else:
-                while not comm.Iprobe(source=peer):
-                    pass
-                comm.Recv(small, peer)
-                comm.Send(small, peer)
-        results["rttprobe"] = (time.perf_counter() - t) / n
+    def plain() -> None:
+        comm.Recv(small, peer)
+
+    def probed() -> None:
+        while not comm.Iprobe(source=peer):
+            pass
+        comm.Recv(small, peer)
+    for key, first, second in (("rtt", plain, plain),
+                               ("rttany", lambda: MPI.Request.Waitany([comm.Irecv(small, peer)]),
+                                plain),
+                               ("rttprobe", plain, probed)):
+        receive = first if rank == 0 else second
+        for n in (200, iters):
+            comm.Barrier()
+            t = time.perf_counter()
+            for _ in range(n):
+                if rank == 0:
+                    comm.Send(small, peer)
+                    receive()
+                else:
+                    receive()
+                    comm.Send(small, peer)
+            results[key] = (time.perf_counter() - t) / n
     for size in sizes:
         buf = np.ones(size, np.uint8)
         k = _iters_for(size, iters)

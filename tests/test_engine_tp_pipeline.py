@@ -374,19 +374,25 @@ def _tied_distribute_worker(world):
     return None if state is None else {k: v.tolist() for k, v in state.items()}
 
 
-@pytest.mark.timeout(150)
-def test_a_tie_across_stages_and_tp_trains_like_one_process():
-    """The embedding (stage 0, vocab-sharded) and the head (stage 1,
-    colwise) share one weight: each rank holds one copy's shard, the copies
-    stay equal and train like the single tied parameter."""
-    torch = pytest.importorskip("torch")
-    ref = _tied_model()
+def _trained_alone(ref):
+    """``ref`` trained STEPS steps in this process on the whole batches."""
+    import torch
     opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     for step in range(STEPS):
         x, y = _tied_batch(step)
         opt.zero_grad()
         _tied_loss(ref(x), y).backward()
         opt.step()
+    return ref
+
+
+@pytest.mark.timeout(150)
+def test_a_tie_across_stages_and_tp_trains_like_one_process():
+    """The embedding (stage 0, vocab-sharded) and the head (stage 1,
+    colwise) share one weight: each rank holds one copy's shard, the copies
+    stay equal and train like the single tied parameter."""
+    torch = pytest.importorskip("torch")
+    ref = _trained_alone(_tied_model())
     state = mesh.spawn(_tied_distribute_worker, 4, timeout=130)[0]
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
@@ -431,13 +437,7 @@ def test_a_block_shared_by_two_stages_sums_its_sequence_gradients():
     the copy's: each tp rank kept its part of the sequence's gradient, and
     the weights drifted from one process's with no error."""
     torch = pytest.importorskip("torch")
-    ref = _shared_block_model()
-    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-    for step in range(STEPS):
-        x, y = _tied_batch(step)
-        opt.zero_grad()
-        _tied_loss(ref(x), y).backward()
-        opt.step()
+    ref = _trained_alone(_shared_block_model())
     out = mesh.spawn(_shared_block_worker, 4, timeout=130)[0]
     for schedule, state in out.items():
         assert set(state) == set(ref.state_dict()), schedule
