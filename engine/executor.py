@@ -83,7 +83,7 @@ from .tied import TiedGrads
 from .tp_sums import TpSums
 from .torch_stage import (Parts, TorchStage, as_pipeline_loss, checkpoint_modules, copied,
                           patterns_of, plain_torch_loss, torch_loss, torch_targets)
-from .tp_plan import named_by
+from .tp_plan import PlanError, forget_exits, named_by, split_by
 from .verify import verify
 
 __all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
@@ -853,15 +853,21 @@ class _Step:
 
     def _forward(self, a: Action) -> None:
         pipe, (s, k) = self.pipe, _key(a)
+        last = s == pipe.schedule.num_stages - 1
+        if last:
+            forget_exits()
         if self.forward_only:
             y = _forward_only(pipe.stages[s], self.xs.pop((s, k)))
         else:
             y, self.ctxs[(s, k)] = pipe.stages[s].forward(self.xs.pop((s, k)))
-        if s == pipe.schedule.num_stages - 1 and self.forward_only:
+        split = split_by() if last else None
+        if split is not None:
+            self._split_output(a, *split)
+        if last and self.forward_only:
             self.outs_last[k] = y
             if self.targets:
                 self.losses[k] = self._value(y, self.targets[k])
-        elif s == pipe.schedule.num_stages - 1:
+        elif last:
             loss, gy = self._loss(y, self.targets[k])
             self.losses[k] = float(loss)
             self.gys[(s, k)] = gy * self.weights[k]
@@ -869,6 +875,24 @@ class _Step:
             self.xs[(s + 1, k)] = y
         else:
             self.outs[(s, k)] = y
+
+    def _split_output(self, a: Action, name: str, style: str) -> None:
+        """Refuse a last stage whose output a tensor-parallel plan left split
+        along the sequence: the loss would take each tp rank's part of the
+        sequence against the whole target (a shape error, or, a loss pooling
+        over the sequence, another loss on each rank and replicated weights
+        drifting apart with nothing said). The step fails on every rank."""
+        pipe = self.pipe
+        where = f" (tp rank {pipe.tp.rank})" if pipe.tp is not None else ""
+        # (a "replicate" module's output is whole only when its input was gathered)
+        whole = ("" if style == "replicate" else
+                 f"give {name!r} output 'replicate' in the plan, or ")
+        raise PlanError(f"pp rank {pipe.rank}{where}: the last stage's output is split along "
+                        f"the sequence over the tp group by {name!r} (output 'sequence' in the "
+                        f"plan; pipeline step {self.n} ({pipe.schedule.name}), {a}), so the "
+                        f"loss would see this tp rank's part of the sequence: {whole}plan a "
+                        f"colwise module after it with input 'sequence' and output "
+                        f"'replicate' (the head)")
 
     def _loss(self, y: Any, target: Any) -> tuple[Any, Any]:
         """``loss_fn(y, target)``: (loss, gradient of ``y``); on its first

@@ -33,7 +33,7 @@ from mesh import Comm
 
 from . import tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      joined_order, logged, match, planned, rewrite_attrs, shard_rows)
+                      joined_order, left, logged, match, planned, rewrite_attrs, shard_rows)
 from .torch_stage import TorchStage, _torch, _view
 
 __all__ = ["parallelize", "gather_state_dict", "load_full_state_dict", "PlanError", "Style"]
@@ -547,6 +547,7 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         # hook (a collective) runs on all of them at the same point
         once = self.bias if st.output != "partial" else self.bias * float(g.rank == 0)
         y = y + once
+    left(meta.name, st, g.size)
     return y
 
 

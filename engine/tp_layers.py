@@ -26,7 +26,7 @@ import collectives
 
 from .layers import Embedding, Linear, Recompute, Sequential
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      joined_order, logged, match, planned, rewrite_attrs, shard_rows)
+                      joined_order, left, logged, match, planned, rewrite_attrs, shard_rows)
 
 __all__ = ["Sharded", "parallelize", "full_params", "load_full_params", "group_of",
            "named_layers"]
@@ -147,6 +147,7 @@ class Sharded:
     def forward(self, x: Any) -> tuple[Any, Any]:
         y, ctx = self.inner.forward(self._edge(x, self.enter, False))
         y = self._edge(y, self.leave, False)
+        left(self.name, self.style, self.group.size)
         return (y + self.bias if self.add_bias else y), ctx
 
     def backward_input(self, ctx: Any, gy: Any) -> tuple[Any, Any]:

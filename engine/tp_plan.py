@@ -381,6 +381,39 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
                             f"that rank {group.rank} does not")
 
 
+_exits = threading.local()   # .last: (module, layout, tp size) the latest sharded forward left
+
+
+def left(name: str, style: Style, tp: int) -> None:
+    """Note that the sharded module ``name`` just left its output in
+    ``style``'s output layout (output "any": as it came, unless its input
+    was gathered): the module that returns last decides the layout of
+    what a forward returns (an enclosing module returns after the ones
+    inside it; unplanned code keeps the layout it was given)."""
+    out = style.output
+    if out == "any":
+        if style.input != "sequence":
+            return
+        out = "replicate"
+    _exits.last = (name, out, tp, style.style)
+
+
+def forget_exits() -> None:
+    """Forget the layouts noted so far on this thread (before a forward
+    whose output ``split_by`` is then asked about)."""
+    _exits.last = None
+
+
+def split_by() -> tuple[str, str] | None:
+    """The sharded module (its name and style) that left the output of
+    this thread's latest forward split along the sequence over more than
+    one rank, if any."""
+    last = getattr(_exits, "last", None)
+    if last is None or last[1] != "sequence" or last[2] < 2:
+        return None
+    return last[0], last[3]
+
+
 _T = TypeVar("_T")
 _calls = threading.local()
 

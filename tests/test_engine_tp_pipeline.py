@@ -535,3 +535,62 @@ def test_a_tp_collective_done_on_one_rank_and_failed_on_its_peer():
     for _, params in results:
         for a, b in zip([np.array(p) for p in params], _np_reference(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def _pooled_loss(y, t):
+    """A sequence classifier's loss: the logits averaged over the tokens."""
+    import torch
+    return torch.nn.functional.cross_entropy(y.mean(1), t[:, 0])
+
+
+def _split_output_worker(world):
+    """pp=2 x tp=2, plans that leave the last stage's output split along the
+    sequence: the torch model through engine.distribute (its last planned
+    module the "sequence" norm ln_f, the head unplanned) and the numpy
+    stages through a Pipeline (the second stage's last planned layer a
+    rowwise Linear with output "sequence"). What each rank raised."""
+    import torch
+
+    import engine
+    import tp_models
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, pp=2, tp=2)
+    plan = {k: v for k, v in tp_models.SEQUENCE.items() if k != "*.head"}
+    out = []
+    job = engine.distribute(tp_models.model(0), grid, plan=plan, schedule="1f1b",
+                            microbatches=2, balance="uniform", loss_fn=_pooled_loss,
+                            verbose=False)
+    try:
+        job.step(*_tied_batch(0))
+        out.append(None)
+    except Exception as e:
+        out.append(f"{type(e).__name__}: {e}")
+    sched = schedules.by_name("1f1b", 2, 2)
+    stage = _np_model()[grid.coord("pp")]
+    parallelize(stage, grid.group("tp"), [
+        NP_PLANS["sequence"][0],
+        {"0": "sequence", "1": {"style": "colwise", "input": "sequence"},
+         "3": {"style": "rowwise", "output": "sequence"}}][grid.coord("pp")])
+    pipe = Pipeline(grid, stage, sched, loss_fn=mse_loss, timeout=60)
+    try:
+        pipe.step(*_np_data(0))
+        out.append(None)
+    except Exception as e:
+        out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_a_last_stage_output_split_along_the_sequence_is_refused():
+    """The loss took each tp rank's part of the sequence against the whole
+    target: a pooled loss trained another model than one process's with no
+    error, a per-token one raised a shape mismatch naming nothing."""
+    pytest.importorskip("torch")
+    results = mesh.spawn(_split_output_worker, 4, timeout=80)
+    for r, (torch_error, np_error) in enumerate(results):
+        for error, name in ((torch_error, "3.ln_f"), (np_error, "3")):
+            assert error is not None, (r, name)
+            assert f"split along the sequence over the tp group by {name!r} " in error, error
+    for r in (2, 3):     # the last stage's ranks raise it themselves
+        assert results[r][0].startswith("PlanError: pp rank 1 (tp rank"), results[r][0]
+        assert "give '3.ln_f' output 'replicate'" in results[r][0], results[r][0]
