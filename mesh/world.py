@@ -230,6 +230,9 @@ def check_config() -> None:
         config_flag(name, False)
     config_bytes("MESH_COLL_STREAM_MIN", 0)
     config_bytes("MESH_SHM_MIN", 0)
+    if config_bytes("MESH_WINDOW_BYTES", 1) < 1:    # (0: one message at a time, every peer)
+        raise ValueError(f"MESH_WINDOW_BYTES={os.environ['MESH_WINDOW_BYTES']!r}: must be at "
+                         f"least 1 (each message waited for the one before it to be received)")
     liveness.config(2)
     rings.config(1)
     config_float("MESH_CLOSE_WAIT", 30.0, least=0)

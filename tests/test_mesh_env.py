@@ -385,7 +385,7 @@ def test_what_the_transport_reads_after_the_rendezvous_is_checked_at_init(
     after the rendezvous: a rank with a bad one failed there while its peers,
     joined, went on into the job. Now check_config (before the rendezvous)
     names them; MESH_RING_BYTES=0 made a one-page ring, as if it turned the
-    rings off."""
+    rings off, and MESH_WINDOW_BYTES=0 sent one message at a time."""
     from mesh.world import check_config
     for name, value, why in [
             ("MESH_PEER_TIMEOUT", "abc", "not a number"),
@@ -397,7 +397,8 @@ def test_what_the_transport_reads_after_the_rendezvous_is_checked_at_init(
             ("MESH_RING_BYTES", "abc", "not a size in bytes"),
             ("MESH_RING_BYTES", "0", "must be at least 1 .MESH_SHM=0 turns the rings off"),
             ("MESH_RING_MAX", "-5", "not a size in bytes"),
-            ("MESH_SHM_MIN", "1.5M", "not a size in bytes")]:
+            ("MESH_SHM_MIN", "1.5M", "not a size in bytes"),
+            ("MESH_WINDOW_BYTES", "0", "must be at least 1 .each message waited")]:
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=rf"^{name}='?{value}'?:? {why}"):
             check_config()
