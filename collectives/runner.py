@@ -186,10 +186,7 @@ class Work:
         collective, between switch intervals (an 8-byte all_reduce polled so
         took 27 ms, waited for 0.17): each look that finds it running lets
         the other threads have the interpreter first."""
-        if self._event.is_set():
-            return True
-        time.sleep(0)
-        return self._event.is_set()
+        return looked_again(self._event.is_set)
 
     def wait(self, timeout: float | None = None) -> Any:
         if not self._event.is_set():
@@ -217,6 +214,16 @@ class Work:
 
 
 _callbacks_lock = threading.Lock()
+
+
+def looked_again(finished: Callable[[], bool]) -> bool:
+    """``finished()``, asked again once the other threads have had the
+    interpreter where it says no (``Work.done``, torch's ``is_completed``):
+    a loop polling a collective keeps its lane from running otherwise."""
+    if finished():
+        return True
+    time.sleep(0)
+    return finished()
 
 
 def _call(fn: Callable[[Work], None], work: Work) -> None:

@@ -22,7 +22,6 @@ progress thread moves the data); ``get_future()`` on one waits in a thread.
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 from datetime import timedelta
 from typing import Any, Callable, Sequence
@@ -50,7 +49,7 @@ from .host.paths import reduce_scatter as _host_reduce_scatter
 from .host.paths import scatter as _host_scatter
 from .ops import resolve
 from .shm.tiny import all_reduce as _tiny_all_reduce
-from .runner import blocking, release, start
+from .runner import blocking, looked_again, release, start
 from .torchsparse import sparse_all_reduce
 
 __all__ = ["ProcessGroupMeshrun"]
@@ -227,10 +226,7 @@ class _FutureWork(_Work):
         return self._fut
 
     def is_completed(self) -> bool:
-        if self._fut.done():
-            return True
-        time.sleep(0)   # the lane that runs it may have the interpreter (runner.Work.done)
-        return bool(self._fut.done())
+        return looked_again(self._fut.done)     # (its lane may need the interpreter)
 
     def is_success(self) -> bool:
         return bool(self._fut.done()) and self._error is None

@@ -152,6 +152,29 @@ def _raw(sizes: list[int], iters: int, transport: str) -> dict[str, float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _round_trips(rank: int, iters: int, send: Any, ways: Any,
+                 before: Any = None) -> dict[str, float]:
+    """Seconds per 8-byte round trip between ranks 0 and 1 (mesh and MPI
+    alike), for each (key, rank 0's receive, rank 1's receive) of ``ways``:
+    200 trips, then ``iters`` timed (``before`` each run: MPI's barrier)."""
+    out = {}
+    for key, first, second in ways:
+        receive = first if rank == 0 else second
+        for n in (200, iters):
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            for _ in range(n):
+                if rank == 0:
+                    send()
+                    receive()
+                else:
+                    receive()
+                    send()
+            out[key] = (time.perf_counter() - start) / n
+    return out
+
+
 # ---- mesh ----------------------------------------------------------------------
 
 def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
@@ -168,19 +191,11 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
             pass
         world.recv(peer, out=small)
 
+    def send() -> None:
+        world.send(small, peer)
+
     def trips(*ways: tuple[str, Any, Any]) -> None:
-        for key, first, second in ways:
-            receive = first if world.rank == 0 else second
-            for n in (200, iters):
-                start = time.perf_counter()
-                for _ in range(n):
-                    if world.rank == 0:
-                        world.send(small, peer)
-                        receive()
-                    else:
-                        receive()
-                        world.send(small, peer)
-                results[key] = (time.perf_counter() - start) / n
+        results.update(_round_trips(world.rank, iters, send, ways))
     trips(("rtt", plain, plain))
     missed = [0]       # receives a same-host ring did not answer directly (mesh.rings):
     post = t.irecv     # counted where they go the usual way, off the short way's path
@@ -264,6 +279,7 @@ def _mpi_worker(sizes: list[int], iters: int) -> None:
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
     small = np.zeros(1)
     results: dict[str, float] = {}
+
     def plain() -> None:
         comm.Recv(small, peer)
 
@@ -271,22 +287,11 @@ def _mpi_worker(sizes: list[int], iters: int) -> None:
         while not comm.Iprobe(source=peer):
             pass
         comm.Recv(small, peer)
-    for key, first, second in (("rtt", plain, plain),
-                               ("rttany", lambda: MPI.Request.Waitany([comm.Irecv(small, peer)]),
-                                plain),
-                               ("rttprobe", plain, probed)):
-        receive = first if rank == 0 else second
-        for n in (200, iters):
-            comm.Barrier()
-            t = time.perf_counter()
-            for _ in range(n):
-                if rank == 0:
-                    comm.Send(small, peer)
-                    receive()
-                else:
-                    receive()
-                    comm.Send(small, peer)
-            results[key] = (time.perf_counter() - t) / n
+    results.update(_round_trips(
+        rank, iters, lambda: comm.Send(small, peer),
+        (("rtt", plain, plain),
+         ("rttany", lambda: MPI.Request.Waitany([comm.Irecv(small, peer)]), plain),
+         ("rttprobe", plain, probed)), comm.Barrier))
     for size in sizes:
         buf = np.ones(size, np.uint8)
         k = _iters_for(size, iters)

@@ -98,10 +98,8 @@ class Request:
         ``wait()`` returns it, or raises its error), else ``(False, None)``
         without waiting for it (what has come is read first, as MPI_Test
         does: a loop polling test() is answered in microseconds)."""
-        if not self.done():
-            self._c._t.poke()       # (what has come is read here, as MPI_Test does)
-            if not self.done():
-                return False, None
+        if not self.get_status():
+            return False, None
         return True, self.wait(status=status)
 
     def get_status(self, status: Status | None = None) -> bool:
@@ -112,7 +110,7 @@ class Request:
         if status is not None and isinstance(self._item, Pending):
             _check_status(status, self._c, "get_status")
         if not self.done():
-            self._c._t.poke()
+            self._c._t.poke()       # (what has come is read here, as MPI_Test does)
             if not self.done():
                 return False
         if status is not None and isinstance(self._item, Pending):
