@@ -184,7 +184,8 @@ class Pipeline:
     marked by ``engine.partition`` as holding copies of a tied parameter are
     kept equal (see engine.tied). See the module docstring for what ``step``
     computes. ``optimizer(stage)``, when given, runs at each
-    OPT action of the schedule; one with ``state_dict()`` and
+    OPT action of the schedule (``engine.with_optimizer_step`` appends them;
+    one given with a schedule that has none is refused); one with ``state_dict()`` and
     ``load_state_dict()`` (a callable object around a torch optimizer) has
     its state put back when a step fails after it ran. ``timeout`` bounds every wait (None: the
     mesh's default). ``recompute``: each stage keeps only its input
@@ -302,6 +303,13 @@ class Pipeline:
             raise ValueError(f"pp rank {self.rank} holds the last stage: it needs a loss_fn")
         if any(a.kind == OPT for a in self.program) and optimizer is None:
             raise ValueError(f"schedule {schedule.name!r} has OPT actions: pass optimizer=")
+        # optimizer(stage) runs at OPT actions only: with none anywhere it never ran (the
+        # weights never changed, without a word)
+        if optimizer is not None and not any(a.kind == OPT for r in lowered.ranks for a in r):
+            raise ValueError(f"pp rank {self.rank}: Pipeline(optimizer=...): schedule "
+                             f"{schedule.name!r} has no OPT actions, so the optimizer would "
+                             f"never run: add them with engine.with_optimizer_step(schedule), "
+                             f"or leave optimizer= out and step it after step()")
         self._check_protocol()
         self._span = 2 * lowered.num_microbatches * lowered.num_stages
         if not 0 <= tag_base <= (1 << _STEP_SHIFT) - 1 - self._span:

@@ -1,6 +1,6 @@
 """Ping-pong between two workers: the smallest meshrun program.
 
-    meshrun -n 2 examples/ping_pong.py [--rounds 1000] [--bytes 1048576]
+    meshrun -n 2 examples/ping_pong.py [--rounds 1000] [--bytes 8]   (the defaults)
 
 Rank 0 sends an array, rank 1 sends it back; rank 0 reports round-trip time
 and bandwidth. Any even number of ranks works: pairs (0,1), (2,3), ...

@@ -122,6 +122,24 @@ def test_optimizer_runs_at_opt_actions():
 
 
 @pytest.mark.timeout(30)
+def test_an_optimizer_for_a_schedule_without_opt_actions_is_refused():
+    """``optimizer(stage)`` runs at OPT actions only: given with a schedule
+    that has none (README's StepAt with a built-in schedule), it never ran
+    and the weights never changed, without a word. Now refused, naming
+    engine.with_optimizer_step."""
+    seen = []
+    stage = Sequential(Linear(2, 2), ReLU())
+    with pytest.raises(ValueError, match=r"pp rank 0: .*'1f1b\(1,2\)' has no OPT actions.*"
+                       r"with_optimizer_step"):
+        Pipeline(_Solo(), stage, schedules.one_f_one_b(1, 2), loss_fn=mse_loss,
+                 optimizer=seen.append)
+    from engine import with_optimizer_step
+    Pipeline(_Solo(), stage, with_optimizer_step(schedules.one_f_one_b(1, 2)),
+             loss_fn=mse_loss, optimizer=seen.append).step(np.ones((2, 2)), np.ones((2, 2)))
+    assert seen == [stage]
+
+
+@pytest.mark.timeout(30)
 def test_an_optimizer_stepping_every_stage_at_each_opt_action_is_refused():
     """OPT actions call ``optimizer(stage)`` once per stage: on a rank
     holding two (ZB-V, interleaved) an optimizer over all the rank's
