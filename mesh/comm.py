@@ -91,7 +91,12 @@ class Request:
 
     def done(self) -> bool:
         item = self._item
-        return item.done() if isinstance(item, Outgoing) else item.event.is_set()
+        if isinstance(item, Outgoing):
+            # a send handed to a peer that died is done too, its wait raising
+            # LostPeerError: a direct send's answer never comes, nor does ZeroMQ let go
+            # of frames for a stopped peer (a loop polling test() never ended)
+            return item.done() or self._c._t.lost_to(item)
+        return item.event.is_set()
 
     def test(self, status: Status | None = None) -> tuple[bool, Any]:
         """mpi4py's ``Request.test``: ``(True, result)`` once done (as
@@ -183,11 +188,18 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
     deadline = time.monotonic() + limit
     anyone = _AnyDone([r for _, r in live])
     nap = 1e-5
+    looked = False
     while True:
         for i, r in live:
             if r.done():
                 return i, r.wait()
         now = time.monotonic()
+        if now >= deadline and not looked:
+            # one look at what has come before timing out, as recv(timeout=0) takes: a
+            # loop polling waitany(timeout=0) saw a message a switch interval late (15 ms)
+            looked = True
+            c._t.poke()
+            continue
         if now >= deadline:
             what = [r._item.desc for _, r in live[:4]]
             more = f" and {len(live) - 4} more" if len(live) > 4 else ""
@@ -195,8 +207,10 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
                                    f"out after {limit:g}s, none done: {'; '.join(what)}{more}")
         try:
             c._t._drive(live[0][1]._item, deadline, deadline - now, anyone)
-        except Exception:       # (the mesh closed under it: each request fails on its own)
-            time.sleep(nap)
+        except Exception:
+            if not c._t.inbox.closed:   # (a forked child's refusal: it waited out its timeout)
+                raise
+            time.sleep(nap)     # (the mesh closed under it: each request fails on its own)
             nap = min(nap * 2, 2e-3)
 
 

@@ -138,9 +138,19 @@ class Inbox:
         return req
 
     def iprobe(self, group: int, src: int, tag: int) -> tuple | None:
-        """``got`` of the message a receive posted now would take, if any."""
+        """``got`` of the message a receive posted now would take, if any.
+        None: the credit of what waits unmatched from ``src`` (from any
+        rank: ``ANY``) goes back as for a posted probe (``held``): a loop
+        polling iprobe waits as a probe does, and never saw a message
+        queued behind a window full of others."""
+        release: list[tuple[int, int]] = []
         with self.lock:
             msg = self.matcher.waiting(group, src, tag)
+            if msg is None and any(self.held):
+                release = [(r, self._release(r, True)) for r in
+                           ((src,) if src != ANY else range(len(self.held))) if self.held[r]]
+        for r, n in release:
+            self._grant(r, n)
         return None if msg is None else msg.got
 
     def cancel(self, req: Pending) -> bool:
@@ -148,11 +158,11 @@ class Inbox:
         error is in place before the request reads as complete, so a thread
         already waiting on it raises instead of returning None."""
         with self.lock:
-            if req.state != POSTED:
-                return False
-            req.error = MeshError(f"rank {self.rank}: {req.desc} was cancelled")
-            if not self.matcher.cancel(req):
-                req.error = None
+            # (the error goes in only once it is withdrawn: one taken out to fail
+            # elsewhere, a lost peer's or a close's, reads POSTED until it fails, and
+            # putting back None over that error made its wait return None)
+            if req.state != POSTED or not self.matcher.cancel(
+                    req, MeshError(f"rank {self.rank}: {req.desc} was cancelled")):
                 return False
         req.event.set()
         self._nudge()
@@ -247,15 +257,16 @@ class Inbox:
                 release = self._release(src)
             self._grant(src, release)
 
-    def _release(self, src: int) -> int:
+    def _release(self, src: int, asked: bool = False) -> int:
         """With the lock held: the credit of ``src``'s messages that wait
         unmatched, taken out of ``held`` to be granted back now (``_grant``)
         if, with what is owed to it, it makes a grant step (its window may
-        be full) and a receive or probe that ``src`` could answer is posted;
-        else 0 (see ``held``)."""
+        be full) and a receive or probe that ``src`` could answer is posted
+        (or ``asked``: an iprobe that found nothing); else 0 (see ``held``)."""
         held = self.held[src]
         peer = self.peers[src]
-        if not held or held + peer.to_grant < peer.grant_step or not self.matcher.waits_for(src):
+        if not held or held + peer.to_grant < peer.grant_step or not (
+                asked or self.matcher.waits_for(src)):
             return 0
         self.matcher.mark_granted(src)
         self.held[src] = 0

@@ -314,8 +314,10 @@ class Matcher:
         posted.append(req)
         return None
 
-    def cancel(self, req: Pending) -> bool:
-        """Withdraw a receive still waiting for its message; False once matched."""
+    def cancel(self, req: Pending, error: BaseException | None = None) -> bool:
+        """Withdraw a receive still waiting for its message; False once matched
+        (or taken out otherwise). ``error``: its error, in place before it
+        reads as DONE."""
         if req.state != POSTED:
             return False
         table, key = self._queue_of(req)
@@ -324,6 +326,8 @@ class Matcher:
             q.remove(req)
             if not q:
                 del table[key]    # one empty queue per withdrawn tag would add up
+            if error is not None:
+                req.error = error
             req.state = DONE
             return True
         return False

@@ -377,8 +377,10 @@ class Transport:
         between switch intervals, a round trip answered by an iprobe loop
         took 16 ms (a blocking receive's: 5 us)."""
         progress = self.progress
-        if progress.reading_here():
-            return      # (a callback run by the thread that reads: it would wait on itself)
+        if progress.reading_here() or progress.closing:
+            # (a callback run by the thread that reads: it would wait on itself; a closed
+            # mesh's rings and sockets are gone: iprobe raised a released memoryview's error)
+            return
         entered = progress.enter(behind_callers=False)
         if entered < 0:     # another caller reads for all: let it have the interpreter
             time.sleep(0)
@@ -396,6 +398,14 @@ class Transport:
             pass        # (the mesh closed under it: the caller's request says how it ended)
         finally:
             progress.leave(entered)
+
+    def lost_to(self, out: Outgoing) -> bool:
+        """Whether ``out``, handed over and not done, went to a peer that
+        died (or was found silent): its ``wait`` raises LostPeerError
+        (``_await_release``), where what it waits for may never come
+        (Request.done). A peer that closed cleanly read what it was sent."""
+        return out.event.is_set() and out.error is None and out.dst >= 0 \
+            and self._peers[out.dst].state == DEAD
 
     def _remember(self, key: tuple, header: bytes) -> bytes:
         if len(self._encoded) >= _CACHE:

@@ -323,7 +323,7 @@ def _forks(world: mesh.Mesh) -> list[Any]:
     import collectives as C
     out: list[Any] = []
     posted = world.irecv(1 - world.rank, tag=99)
-    for what in ("send", "collective", "test", "exit in with"):
+    for what in ("send", "collective", "test", "waitany", "exit in with"):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -336,6 +336,8 @@ def _forks(world: mesh.Mesh) -> list[Any]:
                     C.all_reduce(world, np.ones(2), timeout=3)
                 elif what == "test":    # (a poll reads the socket: the parent's)
                     posted.test()
+                elif what == "waitany":     # (it took the refusal for a closing mesh's
+                    mesh.waitany([posted], timeout=5)   # and waited out its timeout)
                 else:
                     t0 = time.monotonic()
                     with world:
@@ -364,8 +366,57 @@ def _forks(world: mesh.Mesh) -> list[Any]:
 
 def test_a_forked_child_cannot_use_its_parents_mesh_and_leaves_at_once() -> None:
     for rank, out in enumerate(mesh.spawn(_forks, 2, timeout=60)):
-        for said in out[:3]:
+        for said in out[:4]:
             assert said.startswith(f"rank {rank}: this mesh belongs to process ") and \
                 "a child forked from it" in said, out
-        assert out[3] in ("left in 0.0s", "left in 0.1s"), out
-        assert out[4:] == [[2.0] * 4, [2.0 - rank] * 3], out
+        assert out[4] in ("left in 0.0s", "left in 0.1s"), out
+        assert out[5:] == [[2.0] * 4, [2.0 - rank] * 3], out
+
+
+def _sends_to_a_stopped_peer(world: mesh.Mesh, out: str) -> None:
+    """Rank 1 stops (SIGSTOP) before rank 0 sends it two large arrays, which
+    it never reads: a direct send's answer never comes, nor does ZeroMQ let
+    go of frames for it; once it is found lost, a loop polling test() and a
+    waitany end with LostPeerError naming it (they waited for ever, and
+    waitany for its timeout)."""
+    if world.rank == 1:
+        world.send(os.getpid(), 0, tag=1)
+        world.recv(0, tag=2)        # (all of ours went: nothing waits for us to run)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(60)
+        return
+    pid = world.recv(1, tag=1)
+    world.send(None, 1, tag=2)
+    time.sleep(0.3)
+    polled = world.isend(np.ones(4 << 20, np.uint8), 1, tag=3)
+    waited = world.isend(np.ones(4 << 20, np.uint8), 1, tag=4)
+    said = []
+    start = time.monotonic()
+    try:
+        while not polled.test()[0]:
+            if time.monotonic() - start > 20:
+                said.append("test() was still False after 20 s")
+                break
+    except mesh.MeshError as e:
+        said.append(f"{type(e).__name__}: {e}")
+    try:
+        mesh.waitany([waited], timeout=20)
+        said.append("waitany returned")
+    except mesh.MeshError as e:
+        said.append(f"{type(e).__name__}: {e}")
+    said.append(f"{time.monotonic() - start:.1f}")
+    os.kill(pid, signal.SIGKILL)
+    Path(out, "said").write_text(json.dumps(said))
+
+
+@pytest.mark.parametrize("env", [{}, {"MESH_SHM": "0"}], ids=["direct", "socket"])
+def test_a_polled_send_to_a_lost_peer_ends(tmp_path: Path, env: dict) -> None:
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(_sends_to_a_stopped_peer, 2, str(tmp_path), timeout=50, settle=40,
+                   env={"MESH_PEER_TIMEOUT": "2", **env})
+    assert err.value.rank == 1
+    polled, waited, took = json.loads(Path(tmp_path, "said").read_text())
+    for said, tag in ((polled, 3), (waited, 4)):
+        assert said.startswith(f"LostPeerError: rank 0: send to rank 1 (tag {tag}, group "
+                               f"world) failed: peer rank 1 is gone (silent for "), said
+    assert float(took) < 15, took

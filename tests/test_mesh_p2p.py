@@ -1388,6 +1388,66 @@ def test_polling_test_and_iprobe_read_beside_a_blocked_receive(env: dict) -> Non
         [True, 50, ["last"], False, 4, (0, "late")]
 
 
+def _iprobe_after_close(world: mesh.Mesh) -> list:
+    """iprobe on a closed mesh: what came before the close is still seen,
+    and a look for more reads nothing (it read the closed rings: a
+    ValueError about a released memoryview, naming no rank)."""
+    if world.rank == 0:
+        world.send("early", 1, tag=4)
+        world.close()
+        return []
+    world.probe(0, tag=4, timeout=20)
+    world.close()
+    st = world.iprobe(0, tag=4)
+    return [st is not None and st.tag, world.iprobe(0, tag=5), world.iprobe(mesh.ANY, 6)]
+
+
+@pytest.mark.timeout(60)
+def test_iprobe_after_close_reads_nothing_more() -> None:
+    assert mesh.spawn(_iprobe_after_close, 2, timeout=60)[1] == [4, None, None]
+
+
+def _waitany_zero_loop(world: mesh.Mesh) -> list:
+    """A loop polling waitany(timeout=0) while the progress thread cannot
+    run (a switch interval of 1 s: a busy caller keeps the interpreter)."""
+    import sys
+    if world.rank == 0:
+        for i in range(3):
+            world.recv(1, tag=9, timeout=30)
+            world.send(np.full(2, i), 1, tag=2)
+        return []
+    took = []
+    for i in range(3):
+        req = world.irecv(0, tag=2)
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(1.0)
+        start = time.monotonic()
+        try:
+            world.send(None, 0, tag=9)
+            while True:
+                try:
+                    got = mesh.waitany([req], timeout=0)
+                    break
+                except mesh.MeshTimeoutError:
+                    if time.monotonic() - start > 10:
+                        raise
+        finally:
+            sys.setswitchinterval(before)
+        took.append(time.monotonic() - start)
+        assert got[0] == 0 and got[1].tolist() == [i, i]
+    return took
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("env", [{}, {"MESH_SHM": "0"}], ids=["same-host", "socket"])
+def test_waitany_with_timeout_0_reads_what_has_come(env: dict) -> None:
+    """waitany(timeout=0) looks at what has come before it times out, as
+    recv(timeout=0) does: a loop polling it saw a message only once the
+    progress thread had the interpreter (a switch interval later)."""
+    took = mesh.spawn(_waitany_zero_loop, 2, timeout=60, env=env)[1]
+    assert max(took) < 0.5, took
+
+
 def _any_after_goodbyes(world: mesh.Mesh) -> str:
     if world.rank != 1:
         return ""
@@ -1451,6 +1511,30 @@ def test_isends_received_in_another_order_than_sent_do_not_deadlock_on_credit(en
     messages waiting unreceived goes back once a receive waits."""
     env = {"MESH_WINDOW_BYTES": "1M", **env}
     assert mesh.spawn(_out_of_order, 2, timeout=60, env=env) == [[], [2.0, 0.0, 1.0]]
+
+
+def _iprobe_out_of_order(world: mesh.Mesh, src: int) -> list:
+    n = (768 << 10) // 8         # two of them overflow the 1 MiB window
+    if world.rank == 0:
+        reqs = [world.isend(np.full(n, float(t)), 1, tag=t) for t in (0, 1, 2)]
+        mesh.waitall(reqs, timeout=20)
+        return []
+    start = time.monotonic()
+    while (st := world.iprobe(src, tag=2)) is None:      # mpi4py's loop
+        assert time.monotonic() - start < 10, "iprobe never saw tag 2"
+    return [st.tag] + [float(world.recv(0, tag=t, timeout=10)[0]) for t in (2, 0, 1)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("src", [0, mesh.ANY], ids=["named", "any"])
+@pytest.mark.parametrize("env", [{}, {"MESH_SHM": "0"}], ids=["same-host", "socket"])
+def test_an_iprobe_loop_sees_a_message_queued_behind_the_window(env: dict, src: int) -> None:
+    """As above, waiting by iprobe: the credit of the messages waiting
+    unreceived went back only to a posted receive or probe, and iprobe
+    posts none: the loop never saw the message queued behind them."""
+    env = {"MESH_WINDOW_BYTES": "1M", **env}
+    assert mesh.spawn(_iprobe_out_of_order, 2, src, timeout=60, env=env) == \
+        [[], [2, 2.0, 0.0, 1.0]]
 
 
 def _sub_group_timeout(world: mesh.Mesh) -> str:
