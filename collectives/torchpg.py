@@ -246,6 +246,44 @@ def _dtypes(out: torch.Tensor, x: torch.Tensor) -> str:
             f"the inputs as they are, in one dtype")
 
 
+_AllreduceOptions = c10d.AllreduceOptions
+
+
+def _short(make: Callable[[], Any], timeout: Any, **fields: Any) -> Any:
+    """The options of a call in one of ProcessGroup's short forms
+    (``pg.allreduce(t)``, ``pg.allreduce([t], op)``, ``pg.broadcast(t, root)``,
+    ``pg.reduce(t, root, op)``, ``pg.allgather(outs, t)``, ``pg.gather(outs, t,
+    root)``, ``pg.scatter(out, ins, root)``, ``pg.reduce_scatter(out, ins, op)``,
+    ``pg.alltoall(outs, ins, timeout)``): torch's C++ ProcessGroup takes them as
+    overloads, but they reach a Python subclass's method as they are (DDP's
+    join hook calls ``process_group.allreduce(tensor)``). Taken as the options
+    themselves, a bare tensor was iterated as a list of its rows: a
+    ``pg.allgather(outs, t)`` of n-element tensors at n ranks came back
+    transposed, others raised."""
+    opts = make()
+    for k, v in fields.items():
+        setattr(opts, k, v)
+    if timeout is not None:
+        opts.timeout = timeout
+    return opts
+
+
+def _timeout_only(opts: Any, make: Callable[[], Any]) -> Any:
+    """``opts``, or the options of a short form that passes only a timeout."""
+    return _short(make, opts) if isinstance(opts, timedelta) else opts
+
+
+def _joinable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a coalesced call's tensors (two or more) can be joined into
+    one: dense, of one dtype and device. Such a call is then one collective,
+    as gloo's (which joins them too): one collective a tensor let a rank
+    with one tensor more than the others match its last with their next
+    call of that signature, which took it in and returned; now the sizes
+    differ in the one call, and every rank raises MismatchError."""
+    return len(tensors) > 1 and tensors[0].layout is torch.strided and len(
+        {(t.dtype, t.device, t.layout) for t in tensors}) == 1
+
+
 def _nested(outputs: list[list[torch.Tensor]]) -> Any:
     """What torch's future of a call with lists of outputs (all_gather,
     gather) holds, as gloo's does: the one list of a call with one input,
@@ -473,7 +511,12 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     # -- collectives --------------------------------------------------------------
 
-    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None,
+                  timeout: Any = None) -> dist.Work:
+        if type(tensors) is not list or opts is not None and type(opts) is not _AllreduceOptions:
+            # a short form (_short): pg.allreduce(tensor[, op]), pg.allreduce(tensors, op)
+            tensors = [tensors] if isinstance(tensors, torch.Tensor) else tensors
+            opts = _short(c10d.AllreduceOptions, timeout, reduceOp=_SUM if opts is None else opts)
         if opts is not None and len(tensors) == 1:
             # dist.all_reduce's call and DDP's bucket, with the least work: a
             # CPU tensor of a dtype numpy has goes to the host collective as
@@ -525,17 +568,41 @@ class ProcessGroupMeshrun(_ProcessGroup):
                          finish, tensors, opts.asyncOp)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        """One all_reduce of the tensors joined where they can be (_joinable:
+        dist.all_reduce_coalesced's are of one dtype, torch checks), each
+        taking its part back."""
         opts = opts or c10d.AllreduceCoalescedOptions()
-        return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
+        if not _joinable(tensors):
+            return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
+        name, factor = _op(opts.reduceOp)
+        if problem := self._premul_problem(factor, tensors):
+            return self._refuse("all_reduce", problem, opts.asyncOp)
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        if factor is not None:
+            flat.mul_(_factor(factor))
 
-    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        def finish(_: list[Any]) -> None:
+            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                _write(t, part)
+        return self._run([lambda a: C.all_reduce(self.comm, flat, op=name, async_op=a,
+                                                 timeout=self.timeout)],
+                         finish, tensors, opts.asyncOp)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None,
+                  timeout: Any = None) -> dist.Work:
+        if isinstance(tensors, torch.Tensor):       # pg.broadcast(tensor, root): _short
+            tensors, opts = [tensors], _short(c10d.BroadcastOptions, timeout, rootRank=opts)
         opts = opts or c10d.BroadcastOptions()
         root = opts.rootRank
         return self._run([lambda a, t=t: C.broadcast(self.comm, t, root=root, async_op=a,
                                                       timeout=self.timeout)
                           for t in tensors], None, tensors, opts.asyncOp)
 
-    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None, op: Any = _SUM,
+               timeout: Any = None) -> dist.Work:
+        if isinstance(tensors, torch.Tensor):       # pg.reduce(tensor, root, op): _short
+            tensors, opts = [tensors], _short(c10d.ReduceOptions, timeout, rootRank=opts,
+                                              reduceOp=op)
         opts = opts or c10d.ReduceOptions()
         name, factor = _op(opts.reduceOp)
         root = opts.rootRank
@@ -558,7 +625,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts or c10d.AllgatherOptions()
+        if isinstance(input_tensors, torch.Tensor):     # pg.allgather(outputs, input): _short
+            output_tensors, input_tensors = [output_tensors], [input_tensors]
+        opts = _timeout_only(opts, c10d.AllgatherOptions) or c10d.AllgatherOptions()
         for outs in output_tensors:
             if len(outs) != self._n:
                 return self._refuse("all_gather", f"its output list holds {len(outs)} "
@@ -630,14 +699,27 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         inputs: list[torch.Tensor],
                                         opts: Any = None, result: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
+        joined = _joinable(inputs)      # (one collective, else one a tensor: its refusal too)
         for o, x in zip(outputs, inputs):
             if o.dtype != x.dtype:
                 return self._refuse("all_gather_into_tensor", _dtypes(o, x), opts.asyncOp,
-                                    len(inputs))
+                                    1 if joined else len(inputs))
             if o.numel() != x.numel() * self._n:
                 return self._refuse("all_gather_into_tensor", f"its output holds {o.numel()} "
                                     f"elements, where {self._n} ranks' inputs of {x.numel()} "
-                                    f"make {x.numel() * self._n}", opts.asyncOp, len(inputs))
+                                    f"make {x.numel() * self._n}", opts.asyncOp,
+                                    1 if joined else len(inputs))
+        if joined:      # one all_gather of the inputs joined; each output takes its columns
+            sizes = [x.numel() for x in inputs]
+            flat = torch.cat([x.detach().reshape(-1) for x in inputs])
+
+            def apart(values: list[Any]) -> None:
+                rows = values[0].reshape(self._n, -1)
+                for o, part in zip(outputs, rows.split(sizes, dim=1)):
+                    _write(o, part)
+            return self._run([lambda a: C.all_gather(self.comm, flat, async_op=a,
+                                                     timeout=self.timeout)],
+                             apart, outputs if result is None else result, opts.asyncOp)
 
         views = [_views(x, o, (self._n,) + tuple(x.shape), self.comm.rank)
                  for o, x in zip(outputs, inputs)]
@@ -656,7 +738,12 @@ class ProcessGroupMeshrun(_ProcessGroup):
                          outputs if result is None else result, opts.asyncOp)
 
     def reduce_scatter(self, output_tensors: list[torch.Tensor],
-                       input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
+                       input_tensors: list[list[torch.Tensor]], opts: Any = None,
+                       timeout: Any = None) -> dist.Work:
+        if isinstance(output_tensors, torch.Tensor):    # pg.reduce_scatter(out, ins, op): _short
+            output_tensors, input_tensors = [output_tensors], [input_tensors]
+            opts = _short(c10d.ReduceScatterOptions, timeout,
+                          reduceOp=_SUM if opts is None else opts)
         opts = opts or c10d.ReduceScatterOptions()
         for ins in input_tensors:
             if len(ins) != self._n:
@@ -714,18 +801,25 @@ class ProcessGroupMeshrun(_ProcessGroup):
         for o, x in zip(outputs, inputs):
             if o.dtype != x.dtype:
                 return self._refuse("reduce_scatter_tensor", _dtypes(o, x), opts.asyncOp,
-                                    len(inputs))
+                                    1 if _joinable(inputs) else len(inputs))
             if x.numel() != o.numel() * self._n:
                 return self._refuse("reduce_scatter_tensor", f"its input holds {x.numel()} "
                                     f"elements, where {self._n} ranks' outputs of {o.numel()} "
-                                    f"take {o.numel() * self._n}", opts.asyncOp, len(inputs))
+                                    f"take {o.numel() * self._n}", opts.asyncOp,
+                                    1 if _joinable(inputs) else len(inputs))
+        if _joinable(inputs):   # one reduce_scatter of the inputs joined (rank j's columns)
+            joined = torch.cat([x.detach().reshape(self._n, -1) for x in inputs], dim=1)
+            return self._reduce_scatter([joined.new_empty(joined.shape[1])], [joined], opts,
+                                        True, outputs)
         return self._reduce_scatter(outputs, [x.detach().reshape(self._n, -1) for x in inputs],
                                     opts, False)
 
     def _reduce_scatter(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
-                        opts: Any, own: bool) -> dist.Work:
+                        opts: Any, own: bool,
+                        parts: list[torch.Tensor] | None = None) -> dist.Work:
         """``inputs`` shaped (group size, ...); ``own``: they are copies made
-        here, which a PREMUL_SUM factor may scale in place."""
+        here, which a PREMUL_SUM factor may scale in place. ``parts``: the
+        caller's outputs, which the one output (a temporary) is split into."""
         name, factor = _op(opts.reduceOp)
         if problem := self._premul_problem(factor, inputs):
             return self._refuse("reduce_scatter", problem, opts.asyncOp, len(inputs))
@@ -743,16 +837,20 @@ class ProcessGroupMeshrun(_ProcessGroup):
                     _write(o, value)
                 else:
                     _tensors.written(o)
+            if parts is not None:
+                for o, part in zip(parts, outputs[0].split([p.numel() for p in parts])):
+                    _write(o, part)
         return self._run([lambda a, x=x, v=v: C.reduce_scatter(
             self.comm, x, op=name, async_op=a, timeout=self.timeout) if v is None
                           else _host_reduce_scatter(self.comm, v[0], op=name, async_op=a,
                                                     timeout=self.timeout, out=v[1])
-                          for x, v in zip(inputs, views)], finish, outputs, opts.asyncOp)
+                          for x, v in zip(inputs, views)], finish,
+                         outputs if parts is None else parts, opts.asyncOp)
 
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
                       output_split_sizes: list[int], input_split_sizes: list[int],
                       opts: Any = None) -> dist.Work:
-        opts = opts or c10d.AllToAllOptions()
+        opts = _timeout_only(opts, c10d.AllToAllOptions) or c10d.AllToAllOptions()
         n = self._n
         if problem := self._a2a_output_problem(output, input, output_split_sizes,
                                                input_split_sizes):
@@ -803,7 +901,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
-        opts = opts or c10d.AllToAllOptions()
+        opts = _timeout_only(opts, c10d.AllToAllOptions) or c10d.AllToAllOptions()
         if len(output_tensors) != self._n or len(input_tensors) != self._n:
             return self._refuse("all_to_all", f"its lists hold {len(output_tensors)} output "
                                 f"and {len(input_tensors)} input tensors, one for each of "
@@ -835,7 +933,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
     all_to_all_single = alltoall_base
 
     def gather(self, output_tensors: list[list[torch.Tensor]],
-               input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+               input_tensors: list[torch.Tensor], opts: Any = None,
+               timeout: Any = None) -> dist.Work:
+        if isinstance(input_tensors, torch.Tensor):     # pg.gather(outputs, input, root): _short
+            output_tensors, input_tensors = [output_tensors], [input_tensors]
+            opts = _short(c10d.GatherOptions, timeout, rootRank=opts)
         opts = opts or c10d.GatherOptions()
         root = opts.rootRank
         x = input_tensors[0]
@@ -861,9 +963,13 @@ class ProcessGroupMeshrun(_ProcessGroup):
                          finish, _nested(output_tensors), opts.asyncOp)
 
     def scatter(self, output_tensors: list[torch.Tensor],
-                input_tensors: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
+                input_tensors: list[list[torch.Tensor]], opts: Any = None,
+                timeout: Any = None) -> dist.Work:
         """The root scatters its stacked inputs; elsewhere the output tensor
         passed says the dtype and device the row comes back as."""
+        if isinstance(output_tensors, torch.Tensor):    # pg.scatter(out, inputs, root): _short
+            output_tensors, input_tensors = [output_tensors], [input_tensors]
+            opts = _short(c10d.ScatterOptions, timeout, rootRank=opts)
         opts = opts or c10d.ScatterOptions()
         root = opts.rootRank
         out = output_tensors[0]

@@ -1457,3 +1457,131 @@ def test_all_gather_into_tensors_future_holds_its_rows_as_gloos() -> None:
     ``[output]``, where gloo's is ``output.chunk(world_size)``)."""
     want = [[(2, 3), (2, 3)], True, [(1, 2), (1, 2)]]
     assert mesh.spawn(gathered_future, 2, timeout=45) == [want] * 2
+
+
+def short_forms(world: Any) -> list[Any]:
+    """ProcessGroup's short forms, called on the group itself (DDP's join
+    hook calls ``process_group.allreduce(tensor)``), then DDP with
+    find_unused_parameters=True under ``join()`` with uneven inputs."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    pg = dist.distributed_c10d._get_default_group()
+    got: list[Any] = []
+    outs = [torch.zeros(n) for _ in range(n)]
+    pg.allgather(outs, torch.arange(float(n)) + 10 * r).wait()  # (came back transposed)
+    got.append([o.tolist() for o in outs])
+    t = torch.tensor([r + 1.0, 5.0 - r])
+    pg.allreduce(t).wait()
+    pg.allreduce(t, R.MAX).wait()
+    pg.allreduce([t], R.MIN).wait()
+    got.append(t.tolist())
+    t = torch.tensor([float(r), -1.0])
+    pg.broadcast(t, 1).wait()
+    got.append(t.tolist())
+    t = torch.tensor([r + 2.0, 1.0])
+    pg.reduce(t, 0, R.PRODUCT).wait()
+    got.append(t.tolist() if r == 0 else None)
+    outs = [torch.zeros(2) for _ in range(n)] if r == 1 else []
+    pg.gather(outs, torch.tensor([float(r), 1.0]), 1).wait()
+    got.append([o.tolist() for o in outs])
+    out = torch.zeros(2)
+    pg.scatter(out, [torch.full((2,), j + 0.5) for j in range(n)] if r == 0 else [], 0).wait()
+    got.append(out.tolist())
+    out = torch.zeros(2)
+    pg.reduce_scatter(out, [torch.full((2,), float(j + r)) for j in range(n)], R.SUM).wait()
+    got.append(out.tolist())
+    outs = [torch.zeros(1) for _ in range(n)]
+    pg.alltoall(outs, [torch.tensor([10.0 * r + j]) for j in range(n)],
+                timedelta(seconds=30)).wait()
+    got.append([o.item() for o in outs])
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)),
+                find_unused_parameters=True)
+    with model.join():          # rank 0 joins first: its hook all-reduces the used-map
+        for i in range(1 + r):
+            model(torch.full((1, 3), i + 1.0)).sum().backward()
+    got.append(sorted(p.grad.shape for p in model.parameters()) != [])
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_process_groups_short_forms_as_gloos_and_ddp_join_with_unused_parameters() -> None:
+    """``pg.allgather(outs, t)``, ``pg.allreduce(t[, op])``, ``pg.broadcast(t,
+    root)`` and the other short forms torch's C++ ProcessGroup takes as
+    overloads reached the Python group as they were: a bare tensor taken as
+    the list of tensors (iterated by rows), the root or op as the options.
+    ``pg.allgather`` of n-element tensors at n ranks came back transposed
+    ([[0, 10], [1, 11]]); the others raised on every rank, and so did DDP's
+    join with find_unused_parameters=True (RuntimeError "Boolean value of
+    Tensor with more than one value is ambiguous" on the rank that joined,
+    MismatchError on the others). Values are gloo's."""
+    want = [[[0.0, 1.0], [10.0, 11.0]], [3.0, 9.0], [1.0, -1.0], [6.0, 1.0],
+            [[0.0, 1.0], [1.0, 1.0]], None, [1.0, 1.0], None, True]
+    got = mesh.spawn(short_forms, 2, timeout=45)
+    for r, g in enumerate(got):
+        w = list(want)
+        w[3] = want[3] if r == 0 else None
+        w[4] = want[4] if r == 1 else []
+        w[5] = [r + 0.5] * 2
+        w[6] = [2.0 * r + 1] * 2
+        w[7] = [float(r), 10.0 + r]
+        assert g == w, (r, g, w)
+
+
+def coalesced_counts(world: Any) -> list[Any]:
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    pg = dist.distributed_c10d._get_default_group()
+    ts = [torch.full((2,), r + 1.0), torch.arange(6.0).reshape(2, 3).t() + r]
+    dist.all_reduce_coalesced(ts)
+    got: list[Any] = [[t.tolist() for t in ts]]
+    outs = [torch.zeros(2 * n), torch.zeros(2 * n, 3)]
+    pg.allgather_into_tensor_coalesced(outs, [torch.tensor([r, 0.5]),
+                                              torch.arange(6.0).reshape(2, 3) + 10 * r]).wait()
+    got.append([o.tolist() for o in outs])
+    outs = [torch.zeros(2), torch.zeros(1, 3)]
+    pg.reduce_scatter_tensor_coalesced(outs, [torch.arange(2.0 * n) + r,
+                                              torch.arange(3.0 * n).reshape(n, 3)]).wait()
+    got.append([o.tolist() for o in outs])
+    five = [torch.full((2,), 5.0)] if r == 1 else []      # one tensor more on rank 1
+    ts = [torch.ones(2), torch.ones(2)] + five
+    got.append(_said(lambda: dist.all_reduce_coalesced(ts)))
+    c = torch.ones(2)
+    dist.all_reduce(c)          # (rank 0's took rank 1's third tensor: [6, 6])
+    got.append(c.tolist())
+    got.append(_said(lambda: pg.allgather_into_tensor_coalesced(
+        [torch.zeros(2 * n)] * (2 + len(five)), [torch.ones(2)] * 2 + five).wait()))
+    c = torch.zeros(2 * n)
+    dist.all_gather_into_tensor(c, torch.ones(2))    # (rank 0's: [1, 1, 5, 5])
+    got.append(c.tolist())
+    got.append(_said(lambda: pg.reduce_scatter_tensor_coalesced(
+        [torch.zeros(2)] * (2 + len(five)), [torch.ones(2 * n)] * 2 + [5 * torch.ones(2 * n)]
+        * len(five)).wait()))
+    c = torch.zeros(2)
+    dist.reduce_scatter_tensor(c, torch.ones(2 * n))
+    got.append(c.tolist())
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_coalesced_call_with_one_tensor_more_on_a_rank_raises_on_every_rank() -> None:
+    """``dist.all_reduce_coalesced``, ``all_gather_into_tensor_coalesced`` and
+    ``reduce_scatter_tensor_coalesced`` (functional collectives' and
+    ``_coalescing_manager``'s) made one collective a tensor: a rank with one
+    tensor more than the others matched its last with their next call of
+    that signature, which took it in and returned ([6, 6] from an
+    all_reduce of ones at 2 ranks), and that rank's own next call waited
+    for theirs. Tensors of one dtype are one call now, as on gloo: every
+    rank raises MismatchError naming both sizes, and the next call lines up."""
+    got = mesh.spawn(coalesced_counts, 2, timeout=45)
+    for r, g in enumerate(got):
+        assert g[0] == [[3.0, 3.0], [[1.0, 7.0], [3.0, 9.0], [5.0, 11.0]]], g
+        assert g[1] == [[0.0, 0.5, 1.0, 0.5], [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0],
+                                               [10.0, 11.0, 12.0], [13.0, 14.0, 15.0]]], g
+        assert g[2] == [[4.0 * r + 1, 4.0 * r + 3], [[6.0 * r, 6.0 * r + 2, 6.0 * r + 4]]], g
+        for said, size in ((g[3], "shape=[4]"), (g[5], "shape=[4]"), (g[7], "shape=[2, 4]")):
+            assert "MismatchError" not in said and f"rank {r}:" in said and size in said, said
+        assert g[4] == [2.0, 2.0] and g[6] == [1.0] * 4 and g[8] == [2.0, 2.0], g
