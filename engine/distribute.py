@@ -69,9 +69,9 @@ from .stagebuild import inputs_of, is_module, make_stage, param_count
 from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize, tensor_bytes
 from .partition import partition
 from .traced import called_whole, few, sequential, traceable
-from .torch_stage import TorchStage, checkpoint_modules, patterns_of, torch_loss
+from .torch_stage import TorchStage, _view, checkpoint_modules, patterns_of, torch_loss
 from .tp_layers import full_params, load_full_params
-from .tp_plan import digest, logging_calls, named_by
+from .tp_plan import PlanError, digest, logging_calls, named_by
 from .tp_sums import holders as tp_holders
 
 __all__ = ["distribute", "Job", "load_state"]
@@ -821,6 +821,64 @@ class Job:
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
 
 
+def _replica_state(stage: Any) -> list[Any]:
+    """What a dp replica takes from replica 0 when the job is built, as
+    DDP's start does: a torch stage's parameters, frozen ones too, and its
+    buffers (a BatchNorm's statistics, a random projection made in
+    ``__init__``), as arrays sharing their memory; an engine.layers stage's
+    ``params()``. Until the thirty-sixth session only the trainable
+    parameters went: ranks seeded apart (for their data) kept frozen
+    weights and buffers of their own, and trained another model than one
+    process's, with nothing said."""
+    module = getattr(stage, "module", None)
+    if module is None or not hasattr(module, "buffers"):
+        return list(stage.params())
+    seen: set[int] = set()
+    out = []
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(_view(t.detach()))
+    return out
+
+
+# what a shard tells as the whole tensor would (``x.to(self.wte.weight.dtype)``)
+_LIKE_WHOLE = ("dtype", "device", "is_cuda", "requires_grad")
+
+
+def _shards_read(grid: Grid, source: Any, pieces: list[Any]) -> None:
+    """Refuse a traced forward that reads a parameter the plan sharded
+    itself, not through its module (a head tied as ``F.linear(x,
+    self.tok.weight)`` beside a ``vocab`` embedding): the piece would
+    compute with this rank's shard as if it were the whole tensor (a part of
+    the logits on each tp rank, taken for the whole: another loss on each,
+    or an index error in the loss). Reading only its dtype or device is
+    no such read. Every rank traced the same forward and raises alike,
+    before any step."""
+    for piece in pieces:
+        for n in piece.graph.nodes:
+            if n.op != "get_attr":
+                continue
+            path, _, attr = n.target.rpartition(".")
+            try:
+                owner = source.get_submodule(path)
+            except AttributeError:
+                continue
+            meta = getattr(owner, "_tp", None)
+            if meta is None or attr not in meta.dims or all(
+                    u.op == "call_function" and u.target is getattr and len(u.args) > 1
+                    and u.args[1] in _LIKE_WHOLE for u in n.users):
+                continue
+            shard = tuple(getattr(owner, attr).shape)
+            raise PlanError(
+                f"rank {grid.comm.rank}: engine.distribute: {type(source).__name__}.forward "
+                f"reads {n.target} itself (not by calling {path}), but the plan shards {path} "
+                f"({meta.style.style}): each tp rank would compute with its {shard} shard of "
+                f"it as if it were the whole tensor, a wrong result; make the reader a module "
+                f"the plan shards alike (an nn.Linear head tied to it, planned colwise), or "
+                f"leave {path} unplanned")
+
+
 def _aliases(model: Any) -> dict[str, str]:
     """A torch model's state keys whose tensor an earlier key holds too (a
     module or parameter held under two names), each with that first key:
@@ -1170,6 +1228,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         parallelize(source, grid.group("tp"), plan)   # layer is timed sharded, collectives in
         if source is not model:       # traced again: the pieces hold the sharded modules
             model = sequential(source, target=model.loss is not None, inputs=n_inputs)
+            _shards_read(grid, source, [*model, *([model.loss] if model.loss else [])])
         named, _ = _model_layers(model)
     if patterns:    # selective recompute, before any layer is timed: the profile sees it
         _checkpoint_model(source, patterns, traced=source is not model)
@@ -1304,7 +1363,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
         dp = grid.group("dp")
         for st in stages:
-            for arr in st.params():
+            for arr in _replica_state(st):
                 collectives.broadcast(dp, arr, root=0)
     inputs: dict[int, Any] = {}
     target: Any = None

@@ -88,6 +88,7 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
             todo[name] = (named[name], style)
         _check_ties(named, todo)
         _check_rewrites(torch, todo, cut_before, group.size)
+        _check_heads(named, todo, group.size)
         local: dict[str, str] | str = {} if init == "broadcast" or hollow else {
             k: digest([tensor_bytes(torch, t)]) for k, t in whole.items()}
     except PlanError as e:
@@ -290,6 +291,54 @@ def _check_rewrites(torch: Any, todo: dict[str, tuple[Any, Style]], cut_before: 
                         f"parameters ({', '.join(params[:3])}{' ...' if len(params) > 3 else ''}"
                         f"): its whole weights would run with a part of the count, a wrong "
                         f"result; plan its projections too (colwise in, rowwise out)")
+
+
+# the counts an attention cuts its projections' outputs into (q's heads, k's and v's)
+HEAD_COUNTS = ("num_heads", "n_head", "n_heads", "nhead", "heads", "num_attention_heads",
+               "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
+# the width of one head, where a module keeps it
+HEAD_SIZES = ("head_dim", "head_size", "attention_head_size", "d_head", "dim_head", "d_k")
+
+
+def _check_heads(named: dict[str, Any], todo: dict[str, tuple[Any, Style]], tp: int) -> None:
+    """A module whose own projections the plan shards colwise (their outputs
+    split: each rank holds a part of the heads) must have its head counts
+    (``num_heads``, ``n_head``...) rewritten by the plan too. Left whole, a
+    forward that takes the head size from the tensor (``q.view(b, t,
+    self.num_heads, -1)``) cut this rank's part into that many heads of
+    1/tp the width: another attention on every rank, no error. Where the
+    module keeps its head size too (``head_dim``), a count that already
+    fits this rank's projections (divided by hand before parallelize, as
+    torchtitan does) passes, as does one that fits none of them."""
+    if tp == 1:
+        return
+    for name, sub in named.items():
+        cut = {child: m.out_features for child, (m, st) in todo.items()
+               if st.style == "colwise" and st.output == "shard"
+               and child.rpartition(".")[0] == name and child != name}
+        if not cut:
+            continue
+        own = todo.get(name)
+        meta = getattr(sub, "_tp", None)
+        rewritten = set(own[1].attrs if own else ()) | set(meta.style.attrs if meta else ())
+        size = next((vars(sub)[a] for a in HEAD_SIZES if type(vars(sub).get(a)) is int), None)
+        for attr in HEAD_COUNTS:
+            count = vars(sub).get(attr)
+            if type(count) is not int or attr in rewritten:
+                continue
+            if size is not None and (count * size in {w // tp for w in cut.values()}
+                                     or count * size not in cut.values()):
+                continue        # this rank's count already, or no projection's
+            names = list(cut)
+            entry = (f"\"{name}\": (\"replicate\", {{\"{attr}\": lambda n, tp: n // tp}})"
+                     if name else f"wrap the module in nn.Sequential and rewrite \"0\"'s {attr}")
+            raise PlanError(
+                f"{', '.join(names[:3])} {'is' if len(names) == 1 else 'are'} sharded colwise "
+                f"(output split: each of the {tp} ranks holds a part of the heads), but the plan "
+                f"leaves {name or 'the module'}.{attr} = {count}: its code would cut this "
+                f"rank's part into {count} heads of 1/{tp} the width (a view(..., "
+                f"self.{attr}, -1)), another attention with no error; rewrite it in the same "
+                f"plan: {entry} (a count that is no head count: set it to itself there)")
 
 
 def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:

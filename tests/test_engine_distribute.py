@@ -1194,6 +1194,72 @@ def test_measuring_leaves_batchnorm_statistics_as_they_were():
     assert mesh.spawn(_batchnorm_worker, 2, timeout=120, env=PATIENT) == [True, True]
 
 
+def _seeded_apart_model():
+    import torch
+    nn = torch.nn
+
+    class RandomFeatures(nn.Module):    # a fixed random projection: a buffer
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("proj", torch.randn(4, 8))
+
+        def forward(self, x):
+            return torch.cos(x @ self.proj)
+    frozen = nn.Linear(8, 8)
+    frozen.requires_grad_(False)
+    return nn.Sequential(RandomFeatures(), frozen, nn.Tanh(), nn.Linear(8, 2))
+
+
+def _seeded_apart_data():
+    import torch
+    gen = torch.Generator().manual_seed(SEED)
+    return torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+
+
+def _seeded_apart_worker(world):
+    import torch
+    torch.set_num_threads(1)
+    torch.manual_seed(world.rank)         # each rank its own seed (for its data), then the model
+    grid = mesh.grid(world, dp=2, pp=1)
+    job = engine.distribute(_seeded_apart_model(), grid, schedule="1f1b", microbatches=1,
+                            balance="uniform", loss_fn=torch.nn.functional.mse_loss,
+                            timeout=30, verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    x, y = (a[4 * grid.coord("dp"):4 * grid.coord("dp") + 4] for a in _seeded_apart_data())
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        losses.append(job.step(x, y))
+        opt.step()
+    return losses, job.state_dict()
+
+
+@pytest.mark.timeout(120)
+def test_replicas_start_from_replica_0s_frozen_weights_and_buffers_too():
+    """Ranks seeded apart before building the model: distribute gave each
+    dp replica replica 0's trainable weights only, so a frozen Linear and a
+    random buffer stayed each replica's own (losses 0.909 and 0.875 where
+    one process has 1.038 and 0.999, with nothing said)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)                  # replica 0's model, in one process
+    model = _seeded_apart_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = _seeded_apart_data()
+    want = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        want.append(loss.item())
+    out = mesh.spawn(_seeded_apart_worker, 2, timeout=120, env=PATIENT)
+    for losses, _ in out:
+        assert np.allclose(losses, want, rtol=1e-6), (losses, want)
+    state = out[0][1]
+    for k, v in model.state_dict().items():
+        assert torch.allclose(state[k], v, atol=1e-6), k
+
+
 def _compiled_worker(world):
     """Blocks compiled in their places (torch.compile(block), aot_eager: no
     C++ to build) in a zero-bubble pipeline of 1-row micro-batches: the

@@ -844,6 +844,46 @@ def test_a_head_count_rewrite_on_whole_weights_is_refused():
             assert "tp rank 1 has 1.bias that rank 0 does not" in errors["missing layer"], errors
 
 
+def _heads_left_worker(world):
+    import torch
+
+    import tp_models
+    torch.set_num_threads(1)
+    out = {}
+    left = {"*.attn.[qkv]": "colwise", "*.attn.o": "rowwise"}
+    for key, plan in [("left", left),
+                      ("gathered", {"*.attn.[qkv]": {"style": "colwise", "output": "replicate"}}),
+                      ("rewritten", tp_models.PLAIN), ("sized", left), ("by hand", left)]:
+        model = tp_models.model(1)
+        for block in model[1:-1]:
+            if key in ("sized", "by hand"):   # it keeps its head size (torchtitan's way)
+                block.attn.head_dim = tp_models.DIM // tp_models.HEADS
+            if key == "by hand":              # and its count is divided before parallelize
+                block.attn.num_heads //= world.size
+        try:
+            parallelize(model, world, plan, strict=False)
+            out[key] = model[1].attn.num_heads
+        except PlanError as e:
+            out[key] = str(e)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_head_count_left_whole_beside_sharded_projections_is_refused():
+    """q, k and v sharded colwise, the attention's num_heads left as it
+    was: its view(b, t, num_heads, -1) cut each rank's half of the heads
+    into as many heads of half the width, an output 0.23 off one process's
+    with no error. A plan that gathers q, k and v whole, or rewrites the
+    count, goes on; so does a count divided by hand where the module keeps
+    its head size (head_dim) to tell it by."""
+    pytest.importorskip("torch")
+    for out in mesh.spawn(_heads_left_worker, 2, timeout=100):
+        for key in ("left", "sized"):
+            assert "1.attn.q, 1.attn.k, 1.attn.v are sharded colwise" in out[key], out
+            assert "leaves 1.attn.num_heads = 2" in out[key], out
+        assert out["gathered"] == 2 and out["rewritten"] == 1 and out["by hand"] == 1, out
+
+
 def _clip_worker(world):
     import copy
 

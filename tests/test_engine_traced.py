@@ -404,6 +404,61 @@ def test_load_state_dict_cuts_each_tensor_parallel_ranks_shards():
             assert abs(o["loss"] - o["want"]) < 1e-10 * abs(o["want"]), o
 
 
+class _ReadsWeight(nn.Module):       # a head tied by reading the embedding's weight itself
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(8, 4), nn.Linear(4, 4)
+
+    def forward(self, ids, targets):
+        logits = F.linear(torch.tanh(self.mix(self.embed(ids))), self.embed.weight)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class _ReadsDtype(_ReadsWeight):      # its dtype only: what the shard tells as the whole
+    def forward(self, ids, targets):
+        h = self.embed(ids).to(self.embed.weight.dtype)
+        return F.cross_entropy(self.mix(torch.tanh(h)).flatten(0, 1), targets.flatten())
+
+
+def _reads_worker(world):
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    ids, targets = torch.randint(0, 8, (4, 3), generator=g), torch.randint(0, 4, (4, 3),
+                                                                           generator=g)
+    out = {}
+    for key, plan in [("vocab", {"embed": "vocab"}),
+                      ("whole", {"mix": {"style": "colwise", "output": "replicate"}}),
+                      ("dtype", {"embed": "vocab"})]:
+        torch.manual_seed(0)
+        model = (_ReadsDtype if key == "dtype" else _ReadsWeight)().double()
+        try:
+            job = engine.distribute(model, mesh.grid(world, pp=1, tp=2), plan=plan,
+                                    schedule="1f1b", microbatches=2, balance="uniform",
+                                    timeout=60, verbose=False)
+            out[key] = job.step(ids, targets)
+        except ValueError as e:
+            out[key] = str(e)
+    for key, kind in (("want", _ReadsWeight), ("want dtype", _ReadsDtype)):
+        torch.manual_seed(0)
+        out[key] = float(kind().double()(ids, targets))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_forward_reading_a_sharded_weight_itself_is_refused():
+    """A head tied as F.linear(h, self.embed.weight) beside a vocab-sharded
+    embedding computed each tp rank's logits with its half of the table as
+    if it were the whole: targets in the first half gave losses of 1.49
+    and 2.03 on the two tp ranks where one process has 2.41, with no
+    error. A plan leaving the embedding whole goes on, as does a forward
+    reading only the sharded weight's dtype."""
+    for out in mesh.spawn(_reads_worker, 2, timeout=100):
+        assert "_ReadsWeight.forward reads embed.weight itself (not by calling embed), but " \
+               "the plan shards embed (vocab)" in out["vocab"], out
+        assert abs(out["whole"] - out["want"]) < 1e-12, out
+        assert abs(out["dtype"] - out["want dtype"]) < 1e-12, out
+
+
 class _MaskedBlock(nn.Module):
     def __init__(self, w):
         super().__init__()
