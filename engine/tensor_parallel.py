@@ -494,9 +494,17 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
         for p, d in meta.dims.items():
             full = getattr(sub, p)       # this rank's part (of each block, when fused)
             if id(full) not in cut:
-                cut[id(full)] = (full, torch.nn.Parameter(_cut(torch, full, d, style, group),
-                                                          requires_grad=full.requires_grad))
-            setattr(sub, p, cut[id(full)][1])
+                # cut in place, the parameter kept: an optimizer made on the model before
+                # it was sharded steps the shards (a new Parameter left such an optimizer
+                # holding the whole ones, which no gradient reached: it stepped nothing,
+                # silently); one whose state has the whole shapes fails loudly instead
+                cut[id(full)] = full
+                shard = _cut(torch, full, d, style, group)
+                if isinstance(full, torch.nn.Parameter):
+                    full.data, full.grad = shard, None
+                else:
+                    cut[id(full)] = torch.nn.Parameter(shard, requires_grad=full.requires_grad)
+            setattr(sub, p, cut[id(full)])
     if style.style == "colwise":
         meta.order = joined_order(sub.out_features, style.parts, tp)
         sub.out_features //= tp

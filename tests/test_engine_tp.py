@@ -1007,3 +1007,35 @@ def test_a_planned_module_inside_a_sequence_one_keeps_its_gradients():
     pytest.importorskip("torch")
     for out in mesh.spawn(_nested_worker, 2, timeout=100):
         assert out == {key: [] for key in out} and len(out) == 6, out
+
+
+def _early_optimizer_worker(world):
+    import copy
+
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    whole = copy.deepcopy(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, whole)]
+    ids = [id(p) for p in model.parameters()]
+    parallelize(model, world, {"0": "colwise", "2": "rowwise"})     # after its optimizer
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        for m, opt in zip((model, whole), opts):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+    lo, hi = world.rank * 8, world.rank * 8 + 8
+    return ([id(p) for p in model.parameters()] == ids,
+            torch.allclose(model[0].weight, whole[0].weight[lo:hi], atol=1e-6),
+            torch.allclose(model[2].weight, whole[2].weight[:, lo:hi], atol=1e-6),
+            torch.allclose(model[2].bias, whole[2].bias, atol=1e-6))
+
+
+@pytest.mark.timeout(120)
+def test_an_optimizer_made_before_parallelize_steps_the_shards():
+    """parallelize put new Parameters in the model: an optimizer made on it
+    before (as torch users make one after building the model) held the
+    whole ones, which no gradient reached, and stepped nothing, silently.
+    The parameters are now cut in place, the same objects."""
+    assert mesh.spawn(_early_optimizer_worker, 2, timeout=100) == [(True,) * 4] * 2
