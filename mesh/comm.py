@@ -61,6 +61,8 @@ class Request:
         """The received value (None for a send); ``status``, when given, is
         filled in with what the receive matched."""
         if self._item is SENT:       # a send by ring: done when it returned (Transport.send_ring)
+            if timeout is not None:
+                _check_timeout(timeout, self._c, "wait")    # (a bad one raises, as elsewhere)
             self._spent = True
             return None
         if status is not None and isinstance(self._item, Pending):

@@ -99,6 +99,7 @@ def _out_and_errors(world: mesh.Mesh) -> str:
         world.send({"not": "an array"}, 0, tag=2)
         world.recv(0, tag=3)
         assert world.recv(0, tag=np.int64(5)).tolist() == [0, 1]
+        assert world.recv(0, tag=6).tolist() == [2, 3]
         return "ok"
     out = np.zeros((2, 3))
     got = world.recv(1, out=out)
@@ -139,6 +140,10 @@ def _out_and_errors(world: mesh.Mesh) -> str:
         world.probe(1, tag=9, timeout=0.1)
     assert "withdrawn" not in str(probed.value)      # a probe posts no receive
     world.send(np.arange(2), 1, tag=np.int64(5))      # a numpy integer is a tag
+    sent = world.isend(np.arange(2, 4), 1, tag=6)     # by ring: done already, but a bad
+    with pytest.raises(ValueError, match="rank 0: wait on group world: timeout must be"):
+        sent.wait(timeout=-1)                         # timeout raises as on any other wait
+    sent.wait()
     world.send(0, 1, tag=3)
     return "ok"
 
