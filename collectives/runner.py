@@ -469,7 +469,7 @@ def _abort(g: Comm, tag: int, name: str, e: BaseException) -> None:
     if text.startswith(here):    # it names this collective: drop "rank N: ", the abort says it
         text = text[here.index(": ") + 2:]
     else:
-        text = f"{name} #{-tag} failed: {type(e).__name__}: {text}"
+        text = f"{name} #{-tag} failed: {type(e).__name__}" + (f": {text}" if text else "")
     g.collective_channel().abort(tag, text, AbortKind.of(e), getattr(e, "peer", None))
 
 

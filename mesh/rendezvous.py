@@ -8,11 +8,12 @@ parent of ``mesh.spawn``, or in rank 0 under another launcher (torchrun, srun).
     worker r --join{rank, endpoints}--> service
     worker r <--waiting{missing}------- service   (every second until complete)
     worker r <--table{peers}----------- service   (once all ranks joined)
-    launcher --ended{rank, size, how}-> service   (a rank ended before it joined)
+    launcher --ended{rank, size, how}-> service   (a rank ended)
 
-A rank that ends before the job is complete will never join: a launcher
-that sees one go (``Teller.ended``) tells the service, which fails the ranks
-that wait at once, naming it, instead of at their rendezvous timeout.
+A rank that ends will never join again: a launcher that sees one go
+(``Teller.ended``) tells the service, which fails the ranks that wait for it
+(in the first round, or in a new one once its mesh closed) at once, naming
+it, instead of at their rendezvous timeout.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from . import auth
 from .errors import LostPeerError, RendezvousError
 from .liveness import monitor_event
 
-__all__ = ["RendezvousServer", "join", "joined_path", "run_folder", "remove_run_folder", "Teller"]
+__all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Teller"]
 
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
@@ -113,15 +114,19 @@ class RendezvousServer:
         return last is not None and (last["pid"], last["host"]) == who
 
     def _ended(self, req: dict[str, Any]) -> None:
-        """A launcher says rank ``rank`` ended before it joined: nobody will
-        fill its place, so the ranks waiting now fail, naming it."""
+        """A launcher says rank ``rank`` ended: before it joined, or after a
+        table (a new round joins only the last table's processes). Nobody
+        will fill its place, so the ranks waiting now fail, naming it, and
+        so does every later join (a ``mesh.init()`` after a close, which
+        waited in silence for its rendezvous timeout)."""
         rank = req.get("rank")
         if (type(rank) is not int or req.get("size") != self.world_size   # (another job's)
-                or self.complete.is_set() or rank in self._gone):
+                or rank in self._gone):
             return
         self._gone[rank] = (f"peer rank {rank} is gone: it ended "
                             f"({str(req.get('how', ''))[:200]}) before the mesh was complete")
-        self._fail_waiting()
+        if len(self._peers) < self.world_size:     # (a round open; else the table is out)
+            self._fail_waiting()
 
     def _fail_waiting(self) -> None:
         """Fail every rank that waits, naming the first rank that ended."""
@@ -232,7 +237,8 @@ class RendezvousServer:
                     self._ignore(f"a request it could not handle ({type(e).__name__}: "
                                  f"{str(e)[:200]})")
             now = time.monotonic()
-            if now - last_status > 1.0 and not self.complete.is_set():
+            if now - last_status > 1.0 and len(self._peers) < self.world_size:
+                # (a round open: the first, or a new one once the table is out)
                 last_status = now
                 missing = self.missing()
                 for ident in self._idents.values():
@@ -411,17 +417,11 @@ def remove_run_folder(path: str) -> None:
         os.close(fd)
 
 
-def joined_path(run_dir: str, rank: int) -> str:
-    """The file a rank started by meshrun leaves in its node's run folder
-    once it has joined (mesh.world): the launcher tells the service of a
-    rank that ends without it (``Teller``)."""
-    return os.path.join(run_dir, f"joined-{rank}")
-
-
 class Teller:
     """A launcher's messages to the service: ``ended(rank, how)`` for each of
-    its ranks that ended before it joined. Sends, never waits: the service
-    may be gone already (the job over)."""
+    its ranks that ended by itself (before it joined, or after: a rank's
+    ``mesh.init()`` after a close waits for every rank again). Sends, never
+    waits: the service may be gone already (the job over)."""
 
     def __init__(self, addr: str, port: int, secret: str, size: int,
                  curve: bool = False) -> None:

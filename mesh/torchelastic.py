@@ -46,6 +46,7 @@ def rendezvous_address(spec: JobSpec, port: int | None, timeout: float,
         except RuntimeError as e:
             raise RendezvousError(f"{where} could not be reached within {timeout:.0f}s: "
                                   f"{_first_line(e)}{_loopback_note(spec)}") from e
+        key = _round_key(store, key, spec.size, where)
     if port is not None:
         try:
             store.set(key, f"{spec.master_addr}:{port}")
@@ -62,6 +63,23 @@ def rendezvous_address(spec: JobSpec, port: int | None, timeout: float,
                               f"mesh.init()?): {_first_line(e)}") from e
     host, _, p = value.rpartition(":")
     return host, int(p)
+
+
+def _round_key(store: Any, key: str, size: int, where: str) -> str:
+    """The key of this round of the rendezvous. A rank's ``mesh.init()``
+    after its mesh closed is a new round, whose address rank 0 publishes
+    anew (its service closed with its mesh): under one key, a rank that came
+    back before rank 0 read the last round's address and waited there until
+    its rendezvous timeout. Each rank counts itself in; every ``size``
+    arrivals make a round (a round takes every rank, so none counts into the
+    next before all have counted into this one). The first round's key is
+    the job's own."""
+    try:
+        arrived = int(store.add(f"{key}/arrived", 1)) - 1
+    except RuntimeError as e:
+        raise RendezvousError(f"{where}: could not count this rank in under key "
+                              f"{key + '/arrived'!r}: {_first_line(e)}") from e
+    return key if arrived < size else f"{key}/round{arrived // size}"
 
 
 def _loopback_note(spec: JobSpec) -> str:

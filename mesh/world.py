@@ -3,7 +3,6 @@ connects to every peer and returns the world communicator."""
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import secrets
@@ -19,7 +18,7 @@ import zmq
 from . import auth, env, limits, liveness, rdvfile, rings, torchelastic, wire
 from .comm import Comm
 from .errors import RendezvousError
-from .rendezvous import RendezvousServer, join, joined_path
+from .rendezvous import RendezvousServer, join
 from .peer import config_bytes, config_flag, config_float
 from .transport import Transport
 
@@ -118,7 +117,8 @@ def _failure(exc: BaseException | None) -> str:
     """What a goodbye says of the error a rank leaves with ('' for none)."""
     if exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0)):
         return ""
-    return f"{type(exc).__name__}: {exc}"
+    said = str(exc)     # (a KeyboardInterrupt says nothing: "KeyboardInterrupt", not "...: ")
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
 @atexit.register
@@ -314,10 +314,6 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
             finally:
                 if server is not None:
                     rdvfile.withdraw(spec)
-        if env.by_mesh() and os.environ.get("MESH_RUNTIME_DIR"):
-            with contextlib.suppress(OSError), \
-                    open(joined_path(os.environ["MESH_RUNTIME_DIR"], spec.rank), "w"):
-                pass    # the launcher's sign that this rank joined (mesh.rendezvous.Teller)
     except BaseException:
         router.close(linger=0)
         if server is not None:

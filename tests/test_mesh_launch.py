@@ -386,6 +386,77 @@ def test_a_rank_may_close_its_mesh_and_init_again(tmp_path: Path) -> None:
                                                    for i in range(3) for k in (0, 1))
 
 
+_AGAIN = ("import os, sys, time, numpy as np, mesh, collectives as C\n"
+          "with mesh.init() as w:\n"
+          "    C.all_reduce(w, np.ones(1))\n"
+          "if w.rank == 1:\n"
+          "    time.sleep(float(sys.argv[1]))\n"
+          "    sys.exit(0)            # done: rank 0 goes on to a second phase alone\n"
+          "with mesh.init() as w:\n"
+          "    C.all_reduce(w, np.ones(1))\n")
+
+
+def test_a_second_init_waiting_for_a_rank_that_ended_fails_at_once(tmp_path: Path) -> None:
+    """Rank 1 closes its mesh and ends; rank 0 calls mesh.init() again. The
+    launcher tells the rendezvous of every rank that ends, not only of those
+    that never joined, so rank 0 fails at once naming rank 1, as in the
+    first round: it waited in silence for its rendezvous timeout, then said
+    the service never answered, and the report named no cause."""
+    script = tmp_path / "second.py"
+    script.write_text(_AGAIN)
+    t0 = time.monotonic()
+    r = meshrun("-n", "2", str(script), "0", MESH_RENDEZVOUS_TIMEOUT="15")
+    assert r.returncode == 1, r.stderr
+    assert "peer rank 1 is gone: it ended (exit code 0) before the mesh was complete" in r.stderr
+    assert "Root cause: rank 1 finished (exit code 0) while rank 0 still waited" in r.stderr
+    assert time.monotonic() - t0 < 12, r.stderr
+
+
+def test_a_second_init_says_whom_it_waits_for(tmp_path: Path) -> None:
+    """A new round of the rendezvous that times out names the ranks that
+    never arrived, as the first round does (it said the service never
+    answered: not running, a wrong address or secret)."""
+    script = tmp_path / "second.py"
+    script.write_text(_AGAIN)
+    r = meshrun("-n", "2", str(script), "10", MESH_RENDEZVOUS_TIMEOUT="2")
+    assert r.returncode == 1, r.stderr
+    assert "timed out after 2s: ranks [1] never arrived" in r.stderr, r.stderr
+    assert "never answered" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("where", ["recv", "all_reduce"])
+def test_an_error_that_says_nothing_is_named_without_a_dangling_colon(
+        tmp_path: Path, where: str) -> None:
+    """Rank 1 leaves on a KeyboardInterrupt (its str() is empty) while rank 0
+    waits for it, before a receive or inside an all_reduce (a signal handler
+    raises it there): rank 0's error (the goodbye's or the collective's
+    abort) and the report say "KeyboardInterrupt", where they said
+    "KeyboardInterrupt: "."""
+    script = tmp_path / "kbi.py"
+    script.write_text("import signal, sys, time, numpy as np, mesh, collectives as C\n"
+                      "def interrupt(*_):\n"
+                      "    raise KeyboardInterrupt\n"
+                      "signal.signal(signal.SIGALRM, interrupt)\n"
+                      "with mesh.init() as w:\n"
+                      "    C.all_reduce(w, np.ones(1))\n"
+                      "    if sys.argv[1] == 'recv':\n"
+                      "        if w.rank == 1:\n"
+                      "            raise KeyboardInterrupt\n"
+                      "        w.recv(src=1)\n"
+                      "    if w.rank == 1:\n"
+                      "        signal.setitimer(signal.ITIMER_REAL, 0.5)  # (inside the call)\n"
+                      "    else:\n"
+                      "        time.sleep(2)\n"
+                      "    C.all_reduce(w, np.ones(1))\n")
+    r = meshrun("-n", "2", str(script), where)
+    assert r.returncode == 130, r.stderr
+    said = ("peer rank 1 is gone (it failed: KeyboardInterrupt)" if where == "recv" else
+            "all_reduce #2 failed: KeyboardInterrupt")
+    assert said in r.stderr, r.stderr
+    assert "  error      : KeyboardInterrupt\n" in r.stderr, r.stderr
+    assert "KeyboardInterrupt: " not in r.stderr, r.stderr
+
+
 def test_the_scripts_own_options_are_its_own(tmp_path: Path) -> None:
     """Options after the script go to it, even ones that look like a prefix
     of several of meshrun's (--m: --master-addr, --master-port, --module)."""

@@ -7,7 +7,10 @@ import os
 import socket
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from proctools import run_in_session
@@ -111,6 +114,26 @@ def test_rank_0_publishes_and_a_restart_never_reads_the_old_address() -> None:
     msg = str(e.value)
     assert f"rank 1: torchrun's agent store at 127.0.0.1:{agent.port}" in msg
     assert "'meshrun/rendezvous/job/1'" in msg and "MASTER_PORT" not in msg
+
+
+@pytest.mark.timeout(30)
+def test_a_new_round_never_reads_the_last_rounds_address() -> None:
+    """mesh.init() after a close under torchrun: rank 1 comes back first and
+    waits for the address rank 0 publishes for this round, where it read the
+    last round's (a service closed with rank 0's mesh) and waited there
+    until its rendezvous timeout."""
+    agent = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    assert torchelastic.rendezvous_address(_spec(0, agent.port), 4321, 5) == ("127.0.0.1", 4321)
+    assert torchelastic.rendezvous_address(_spec(1, agent.port), None, 5) == ("127.0.0.1", 4321)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(
+        torchelastic.rendezvous_address(_spec(1, agent.port), None, 10)))
+    waiter.start()              # round 2: rank 1 first
+    time.sleep(0.5)
+    assert got == [], "rank 1 took the last round's address"
+    assert torchelastic.rendezvous_address(_spec(0, agent.port), 5555, 5) == ("127.0.0.1", 5555)
+    waiter.join(10)
+    assert got == [("127.0.0.1", 5555)]
 
 
 @pytest.mark.parametrize("local_size", ["2", "4"], ids=["across-hosts", "one-host"])

@@ -16,7 +16,7 @@ from ..cliargs import nonnegative_float, positive_float
 from ..env import launcher_seal
 from ..limits import FDS_PER_PEER, hard_open_files, open_files, rank_fds, thread_share
 from ..auth import curve_wanted
-from ..rendezvous import Teller, joined_path, remove_run_folder, run_folder
+from ..rendezvous import Teller, remove_run_folder, run_folder
 from .records import WorkerExit, WorkerSpec, error_file, log_tracebacks, read_records
 from .report import exit_code, format_report
 from .supervise import Job
@@ -222,8 +222,8 @@ def launch(a: argparse.Namespace) -> int:
         teller = Teller(a.master_addr, int(port or 0), secret, a.nnodes * a.nproc,
                         a.curve or curve_wanted())
 
-        def ended(e: WorkerExit) -> None:    # before it joined: the waiting ranks hear it
-            if not e.after_stop and not os.path.exists(joined_path(run_dir, e.rank)):
+        def ended(e: WorkerExit) -> None:    # the ranks waiting for it to join hear it
+            if not e.after_stop:    # (after a table too: a mesh.init() after a close waits)
                 teller.ended(e.rank, e.describe())
         job = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir, settle=_SETTLE_S,
                   on_exit=ended)

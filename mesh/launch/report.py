@@ -91,6 +91,11 @@ def _lost_stopped(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> Worke
                  and e.returncode != 0), None)
 
 
+def _error(rec: dict[str, Any], msg: str) -> str:
+    """'ValueError: boom'; 'KeyboardInterrupt' for an error that says nothing."""
+    return f"{rec.get('exc_type')}: {msg}" if msg else str(rec.get("exc_type"))
+
+
 def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
     """msg with its last part elided when the root cause's message ends the
     same way (the same mismatch seen from another rank)."""
@@ -133,7 +138,7 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
                      + f"); rank {root.rank} failed first:")
     if root is not None:
         if root_rec:
-            lines.append(f"  error      : {root_rec.get('exc_type')}: {root_rec.get('message')}")
+            lines.append(f"  error      : {_error(root_rec, str(root_rec.get('message')))}")
         lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
                   f"{root.local_rank}, pid {root.pid})",
                   f"  exit       : {root.describe()}",
@@ -159,7 +164,7 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
             msg = str(rec.get("message")).split("\n", 1)[0]
             if root is not None and root_rec:
                 msg = _as_root(msg, str(root_rec.get("message")), root.rank)
-            err = f"; {rec.get('exc_type')}: {msg}"
+            err = f"; {_error(rec, msg)}"
         lines.append(f"  rank {e.rank:<4} {e.describe()} ({how}){err}")
     lines.append(_RULE)
     return "\n".join(lines) + "\n"
