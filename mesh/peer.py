@@ -111,7 +111,7 @@ class Outgoing:
     first in its peer's queue until its last piece is handed over."""
 
     __slots__ = ("dst", "frames", "nbytes", "_desc", "event", "tracker", "error", "keep",
-                 "pieces", "held")
+                 "pieces", "held", "streamed")
 
     def __init__(self, dst: int, frames: list | None, nbytes: int, desc: Any, keep: Any) -> None:
         self.frames: list | None
@@ -121,6 +121,7 @@ class Outgoing:
         self.error: BaseException | None = None
         self.pieces: deque[tuple[int, list]] | None = None
         self.held: list = []
+        self.streamed: memoryview | None = None     # its bytes, to write on a stream
 
     def under_way(self) -> bool:
         """Whether this is a message in pieces whose header went already."""

@@ -120,6 +120,11 @@ class Progress:
         self._read_rings, self._rings = reader.read_rings, reader.rings
         self._settle = reader.settle       # credit owed, granted before sleeping
         self._forget_lost = reader.forget_lost
+        # mesh.streams: reads done, to deliver; their pipe, polled by the reading turn
+        # only (one the progress thread emptied while aside woke no reader)
+        self._finished, self._streams_r = reader.finished, reader.streams_fd
+        if self._streams_r >= 0:
+            self._reader_items.append((self._streams_r, zmq.POLLIN))
         # while spinning, the rings are looked at directly, not through their pipe
         self._spin_items = list(self._reader_items)
         if self._rings is not None:     # its wake pipe: polled by the reading turn only
@@ -326,6 +331,8 @@ class Progress:
         for fd, _ in ready:
             if fd == self._wake_r:
                 self._drain_wake()
+            elif fd == self._streams_r:
+                self._drain_wake(fd)
             elif self._rings is not None and fd == self._rings.wake_r:
                 self._rings.woken()
                 n += self._read_rings(True, until)
@@ -356,9 +363,9 @@ class Progress:
             except OSError:
                 pass
 
-    def _drain_wake(self) -> None:
+    def _drain_wake(self, fd: int = -1) -> None:
         try:
-            os.read(self._wake_r, 4096)
+            os.read(self._wake_r if fd < 0 else fd, 4096)
         except (BlockingIOError, OSError):
             pass
 
@@ -369,6 +376,8 @@ class Progress:
         reading.register(self._router, zmq.POLLIN)
         if self._rings is not None:
             reading.register(self._rings.wake_r, zmq.POLLIN)
+        if self._streams_r >= 0:
+            reading.register(self._streams_r, zmq.POLLIN)
         for poller in (reading, aside):
             poller.register(self._wake_r, zmq.POLLIN)
         for m in live.monitors:     # one per peer: read on the timer, not on every wake
@@ -413,7 +422,9 @@ class Progress:
                 if held and self._rings is not None and self._rings.wake_r in events:
                     self._rings.woken()
                     self._read_rings(True)
-                if held and self._router in events:
+                if held and self._streams_r in events:
+                    self._drain_wake(self._streams_r)
+                if held and (self._router in events or self._finished):
                     for _ in range(1024):
                         if self._want or not self._read_one():
                             break

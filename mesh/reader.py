@@ -6,7 +6,10 @@ straight into the caller's ``out=`` when a posted receive has one that fits.
 Data goes to the inbox, credit to the send path, heartbeats and goodbyes to
 liveness, aborts to the inbox. A message that comes in pieces (mesh.wire.CHUNK,
 across hosts) is kept, its pieces' frames as they are, and answered piece by
-piece; once whole it goes on as if it had come in one. A malformed message
+piece; once whole it goes on as if it had come in one. An array whose bytes
+come on the sender's stream (mesh.streams) is read by that stream's thread;
+what comes from that sender meanwhile (but its credit, answers and
+heartbeats) is held, and dispatched once the bytes are in. A malformed message
 is dropped whole (every frame of it) and counted in ``bad_messages``.
 Whoever holds the reading turn calls ``read_one`` (see mesh.progress).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from typing import Any, Callable
 
 import msgpack
@@ -29,6 +33,7 @@ from .liveness import Liveness
 from .payload import fill
 from .peer import ALIVE, DEAD, MSG_COST, Peer
 from .rings import MARK, Rings
+from .streams import Job, Streams
 
 __all__ = ["Reader", "COPY_BELOW"]
 
@@ -57,7 +62,8 @@ class Reader:
                  live: Liveness, on_credit: Callable[[Peer, int], None],
                  direct: Direct, rings: Rings | None = None,
                  on_answer: Callable[[Peer, int], None] | None = None,
-                 control: Callable[..., None] | None = None) -> None:
+                 control: Callable[..., None] | None = None,
+                 streams: Streams | None = None) -> None:
         self.rank, self.size = rank, len(peers)
         self.bad_messages = 0
         self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
@@ -65,6 +71,12 @@ class Reader:
         self._control = control     # what answers a piece (mesh.wire.GOT)
         # by peer, its message in pieces under way: [header, the frames so far, bytes]
         self._pieces: dict[int, list] = {}
+        # mesh.streams: by peer whose message's bytes its stream thread reads now,
+        # what came from it since (header, payload), held; the reads done
+        self._streams = streams
+        self._streaming: dict[int, list] = {}
+        self.finished: deque[Job] = streams.finished if streams is not None else deque()
+        self.streams_fd = streams.wake_r if streams is not None else -1
         self._idents = [str(r).encode() for r in range(len(peers))]
         self._rank_of = {ident: r for r, ident in enumerate(self._idents)}
         # mesh.rings: messages read off each peer's socket, to order its ring by
@@ -96,6 +108,8 @@ class Reader:
     def read_one(self) -> bool:
         """Read and dispatch one message from the ROUTER; False when none is
         waiting."""
+        if self.finished:
+            self.finish_streams()
         router = self._router
         try:
             ident = router.recv(_NOBLOCK)
@@ -215,6 +229,8 @@ class Reader:
         if self._pieces:
             for src in [r for r in self._pieces if self._peers[r].state != ALIVE]:
                 del self._pieces[src]
+        if self._streams is not None:   # (their threads: a read under way fails, delivered)
+            self._streams.forget_lost()
 
     def settle(self) -> None:
         """Grant back the credit ``take`` owes (mesh.progress, before the
@@ -287,8 +303,21 @@ class Reader:
                 frame = router.recv(0, copy=False)
                 more = frame.more
                 payload.append(frame.bytes if copy else frame.buffer)
+        return self._handle(h, peer, payload)
+
+    def _handle(self, h: wire.Header, peer: Peer, payload: list) -> bool:
+        """A message whose frames are all read: handed on by its kind."""
+        held = self._streaming.get(h.src)
+        if held is not None and h.kind not in (wire.CREDIT, wire.GOT, wire.HEARTBEAT):
+            held.append((h, payload))     # after the message its stream brings
+            return True
         if h.kind == wire.CHUNK:
             self._piece(h, peer, payload)
+        elif h.more == wire.STREAMED:
+            if payload:
+                return self._bad("a message whose payload follows on a stream, with payload "
+                                 "frames")
+            self._read_stream(h, peer)
         elif h.more:
             if payload:
                 return self._bad("a message whose payload follows in pieces, with payload "
@@ -329,7 +358,66 @@ class Reader:
                 self._direct.on_probe(peer, h.direct)   # would wait for a peer that left
         elif h.kind == wire.RING and len(h.direct) == 4 and self.rings is not None:
             self.rings.attach(h.src, h.direct)
+        elif h.kind == wire.STREAM and self._streams is not None:
+            why = self._streams.on_message(peer, h)
+            if why:
+                return self._bad(why)
         return True
+
+    def _read_stream(self, h: wire.Header, peer: Peer) -> None:
+        """An array whose bytes follow on rank ``h.src``'s stream
+        (mesh.streams): the receive it goes to is claimed now (as on the
+        direct path), and its stream's thread reads the bytes into its
+        ``out=`` when that fits, else into a fresh array; ``finish_streams``
+        delivers it. Until then what comes from that rank is held."""
+        req = self._claim(h.group, h.src, h.tag)
+        dest = req.out if req is not None and _fits(req.out, req, h) else None
+        into = dest is not None
+        if dest is None:
+            dest = self._fresh(h, req)      # (None: read and dropped; the receive failed)
+            if dest is None:
+                req = None
+        job = Job(h, req, dest, into)
+        if self._streams is None or not self._streams.read(job):
+            job.error = "it sent an array by a stream that was never opened to this rank"
+            self.finished.append(job)
+        self._streaming[h.src] = []
+
+    def finish_streams(self) -> None:
+        """Deliver the arrays the streams' threads have read, then what came
+        from their senders meanwhile, in order; a stream that failed loses
+        its sender (what came after it is dropped: it is gone)."""
+        finished = self.finished
+        while finished:
+            job = finished.popleft()
+            h, req, dest = job.h, job.req, job.dest
+            src = h.src
+            held = self._streaming.pop(src, [])
+            peer = self._peers[src]
+            if job.error:
+                if not self._inbox.closed:
+                    self._inbox.peer_gone(src, f"reading its message (tag {h.tag}, {h.nbytes} "
+                                               f"bytes) from its stream failed: {job.error}",
+                                          DEAD)
+                if req is not None:
+                    req.fail(self._inbox.gone(peer, req.desc, req.group))
+                continue
+            if self._streams is not None:
+                self._streams.got += 1
+            if dest is None:
+                pass                            # dropped (no memory): said so then
+            elif job.into:
+                self._consumed(src, h.nbytes)
+                req.got = h
+                req.complete(dest)
+            elif req is None or not self._complete(req, src, h.tag, dest, h.nbytes, h.fp,
+                                                   h.device):
+                self._arrive(src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
+            for i, (h2, payload) in enumerate(held):
+                self._handle(h2, peer, payload)
+                if src in self._streaming:     # another array by stream: the rest after it
+                    self._streaming[src].extend(held[i + 1:])
+                    break
 
     def _piece(self, h: wire.Header, peer: Peer, payload: list) -> None:
         """A piece of rank ``h.src``'s message under way: kept and answered

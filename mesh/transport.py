@@ -37,6 +37,7 @@ from .payload import delivered, encode_payload
 from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_bytes, config_float
 from .progress import Progress
 from .reader import COPY_BELOW, Reader
+from .streams import Streams
 
 __all__ = ["Transport", "Outgoing", "config_float", "abort_error"]
 
@@ -141,6 +142,9 @@ class Transport:
         self.live = Liveness(rank, timeout, self._peers, self.groups, self.inbox, self._control,
                              self._router_mon, local)
         self.direct = Direct(rank, self._peers, endpoints, self._control)
+        # large arrays to peers on other hosts: a plain TCP stream (mesh.streams)
+        self.streams = Streams(rank, self._peers, endpoints, curve, self._control,
+                               LostPeerError)
         same_host = [r for r, ep in enumerate(endpoints) if r != rank and ep.startswith("ipc://")]
         self.rings = rings.open_rings(rank, size, same_host)
         self._ring_max = self.rings.max if self.rings is not None else -1
@@ -151,7 +155,8 @@ class Transport:
         self._marks: dict[bytes, int] = {}     # and their ids (mesh.rings.MARK),
         self._marked = 0                       # how many were given so far
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
-                             self.direct, self.rings, self._on_answer, self._control)
+                             self.direct, self.rings, self._on_answer, self._control,
+                             self.streams)
         self.stall_warn = self.live.stall_warn
         # what recv_ring calls and reads, bound once
         self._take, self._quiet = self.reader.take, self.inbox.matcher.quiet
@@ -175,6 +180,7 @@ class Transport:
                 self._control(self._peers[r], there)
         for r in same_host:     # ask each same-host peer now whether it may read us
             self.direct.usable(r)   # (mesh.direct): no large message waits for the answer
+        self.streams.announce()     # where the peers on other hosts connect their streams
 
     # ---- sending -------------------------------------------------------------
 
@@ -211,6 +217,13 @@ class Transport:
             self._submit(self._peers[dst], out)
             if out.error is not None:
                 self.direct.forget(out)
+            return out
+        if kind == wire.DATA and self._pieced[dst] and self.streams.usable(dst, nbytes):
+            out = Outgoing(dst, [wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp,
+                                             more=wire.STREAMED, **header_kw)],
+                           nbytes, desc, keep)      # its bytes by stream (mesh.streams)
+            out.streamed = memoryview(keep.reshape(-1).view(np.uint8))
+            self._submit(self._peers[dst], out)
             return out
         pieced = nbytes > wire.CHUNK_BYTES and self._pieced[dst]   # (to another host)
         header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, more=pieced,
@@ -455,6 +468,21 @@ class Transport:
         A message in pieces: its header, then what ``_stream`` lets go now;
         until the rest goes, it waits first in the queue."""
         frames, out.frames = out.frames or [], None
+        if out.streamed is not None:    # its header; its bytes by its peer's stream thread
+            out.tracker = Ack()         # (done once they are written)
+            try:
+                peer.sock.send(frames[0], 0)
+            except zmq.ZMQError as e:
+                out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
+                return
+            peer.sent += 1
+            peer.last_sent = time.monotonic()
+            if not self.streams.push(peer.rank, out):   # (it broke just now: reset, so the
+                out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: its stream to "
+                                       f"rank {peer.rank} broke", peer.rank))   # peer fails it)
+                return
+            out.event.set()
+            return
         if out.pieces is not None:
             try:
                 peer.sock.send(frames[0], 0)
@@ -645,7 +673,13 @@ class Transport:
                         f"goes to the next receive that matches)")
                     item.event.set()
                     raise item.error
-                if not item.event.wait(max(1.0, limit)):
+                done = item.event.wait(max(1.0, limit))
+                # matched by an array whose bytes its sender's stream still brings
+                # (mesh.streams): they come whole, or the sender is lost; never a
+                # timeout while they are still written into its out=
+                while not done and self.streams.reading(item):
+                    done = item.event.wait(0.1)
+                if not done:
                     raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
                                            f"{limit:g}s{self.live.peer_note(item)}")
             if item.error is not None:
@@ -681,6 +715,8 @@ class Transport:
         if item.tracker is not None:
             self._await_release(item, deadline, limit)
             item.keep = None
+            if item.error is not None:      # (a stream that broke: mesh.streams)
+                raise item.error
         return None
 
     def _unqueue(self, out: Outgoing) -> bool:
@@ -729,7 +765,8 @@ class Transport:
                     self._orphans.append(item.keep)
                     raise self.inbox.gone(peer, item.desc)
                 if left <= 0.1:
-                    crossing = peer.unanswered      # (a message in pieces: not answered yet)
+                    # (a message in pieces: not answered yet; by stream: not written yet)
+                    crossing = peer.unanswered + self.streams.pending(item.dst)
                     why = (f"with {crossing} bytes on their way to rank {item.dst} (handed "
                            f"over, not arrived yet: they still go)" if crossing
                            else f"while ZeroMQ still held its buffer (rank {item.dst} not "
@@ -769,7 +806,8 @@ class Transport:
             # message's pieces would fail its receive
             most = time.monotonic() + max(linger, wait)
             for p in self._peers:
-                while p.queue and p.state == ALIVE and time.monotonic() < most:
+                while ((p.queue or self.streams.pending(p.rank)) and p.state == ALIVE
+                       and time.monotonic() < most):
                     time.sleep(0.005)
         for p in self._peers:       # what is still queued would go after the goodbye: fails
             with p.lock:
@@ -811,7 +849,10 @@ class Transport:
         self.on_close.clear()
         self.keep_alive.clear()
         self.direct.close()
+        self.streams.close()
         turn = self.progress.stop()     # (held until the sockets are closed)
+        self.reader.finish_streams()    # (receives by stream that were under way: fail)
+        self.streams.release()
         if self.rings is not None:
             self.rings.close()
         for p in self._peers:

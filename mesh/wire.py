@@ -27,7 +27,11 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  or [1 or 0] (the answer); on RING [pid, fd, token 0, token 1]
                  (where the sender's ring in our region is: mesh.rings),
                  m on DATA and OBJ: 1 when the payload follows in CHUNK
-                 messages instead of this message's frames
+                 messages instead of this message's frames; on DATA, 2 when
+                 it follows on the sender's stream (mesh.streams);
+                 on STREAM x [port, nonce] and r the token (where to connect
+                 a stream to the sender), or x [1] (the sender's stream to
+                 the receiver is open)
 
     Across hosts (tcp://) a message of more than CHUNK_BYTES goes as its
     header (m set, no payload), then CHUNK messages ``[header, frames...]``
@@ -51,12 +55,13 @@ from .errors import AbortKind, BadMessageError
 from .tensors import BFLOAT16
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "PROBE", "DONE", "RING",
-           "CHUNK", "GOT", "FRAME_BYTES", "CHUNK_BYTES",
+           "CHUNK", "GOT", "STREAM", "STREAMED", "FRAME_BYTES", "CHUNK_BYTES",
            "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
            "split_inline", "array_frames", "dtype_ok"]
 
-DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT = range(11)
-_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT)
+DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM = range(12)
+_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM)
+STREAMED = 2    # the m field of an array whose payload follows on a stream (mesh.streams)
 _MAX_DIRECT = 4
 FRAME_BYTES = 1 << 20
 # a message across hosts goes in pieces of this (frames); 4 MiB pieces made 64 MiB
@@ -100,7 +105,8 @@ class Header(NamedTuple):
     dt: Any = None          # np.dtype of ``dtype``, resolved once
     abort: AbortKind = AbortKind.OTHER
     direct: tuple[int, ...] = ()  # the x field
-    more: bool = False      # the m field: the payload follows in CHUNK messages
+    more: int = 0           # the m field: 1, the payload follows in CHUNK messages;
+    #                         STREAMED, on the sender's stream
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -128,7 +134,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
            credit: int = 0, reason: str = "", device: int = 0, peer: int = -1,
            abort: AbortKind = AbortKind.OTHER, direct: tuple[int, ...] = (),
-           more: bool = False) -> bytes:
+           more: int = 0) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if direct:
         h["x"] = list(direct)
@@ -145,7 +151,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         if fp is not None:
             h["f"] = fp
         if more:
-            h["m"] = 1
+            h["m"] = int(more)
     elif kind == CHUNK:
         h["n"] = nbytes
     elif kind in (CREDIT, GOT):
@@ -155,7 +161,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
         h["e"] = int(abort)
         if peer >= 0:
             h["p"] = peer
-    elif kind in (HEARTBEAT, BYE):
+    elif kind in (HEARTBEAT, BYE, STREAM):
         if reason:
             h["r"] = reason
         if peer >= 0:
@@ -197,6 +203,10 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         if len(direct) != (1 if kind == DONE else 4) and (kind != PROBE or len(direct) != 1):
             raise BadMessageError(f"message kind {kind} with direct-path field {direct!r}")
         return Header(kind, src, direct=direct)
+    if kind == STREAM:
+        if len(direct) not in (1, 2):
+            raise BadMessageError(f"a stream message with field x {direct!r}")
+        return Header(kind, src, reason=_str(h, "r"), direct=direct)
     if kind in (CREDIT, GOT):
         return Header(kind, src, credit=_int(h, "c", 0))
     if kind == CHUNK:
@@ -211,8 +221,10 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
                       abort=AbortKind(_int(h, "e", 0, max(AbortKind))) if "e" in h
                       else AbortKind.OTHER)
     nbytes = _int(h, "n", 0)
-    more = bool(_int(h, "m", 0, 1)) if "m" in h else False
+    more = _int(h, "m", 0, STREAMED) if "m" in h else 0
     if kind == OBJ:
+        if more == STREAMED:
+            raise BadMessageError("an object message whose payload follows on a stream")
         return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"), more=more)
     dtype, shape = h.get("d"), h.get("sh")
     if not isinstance(dtype, str) or not isinstance(shape, list) or len(shape) > _MAX_DIMS:

@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, env, limits, liveness, rdvfile, rings, torchelastic, wire
+from . import auth, env, limits, liveness, rdvfile, rings, streams, torchelastic, wire
 from .comm import Comm
 from .errors import RendezvousError
 from .rendezvous import RendezvousServer, join
@@ -230,6 +230,7 @@ def check_config() -> None:
         config_flag(name, False)
     config_bytes("MESH_COLL_STREAM_MIN", 0)
     config_bytes("MESH_SHM_MIN", 0)
+    streams.min_bytes(False)
     if config_bytes("MESH_WINDOW_BYTES", 1) < 1:    # (0: one message at a time, every peer)
         raise ValueError(f"MESH_WINDOW_BYTES={os.environ['MESH_WINDOW_BYTES']!r}: must be at "
                          f"least 1 (each message waited for the one before it to be received)")

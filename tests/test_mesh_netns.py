@@ -293,18 +293,37 @@ def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -
         assert reports[0]["rtt"] >= 0.02, f"netem delay not in effect: rtt {reports[0]['rtt']}"
 
 
-def test_a_message_slower_than_the_peer_timeout_arrives(hosts: Hosts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", ["pieces", "stream"])
+def test_a_message_slower_than_the_peer_timeout_arrives(hosts: Hosts, tmp_path: Path,
+                                                        stream: str) -> None:
     """One point-to-point array across the hosts that takes twice
     MESH_PEER_TIMEOUT to cross a 40 Mbit/s link, each way at once (rank 0
     to rank 2 into a fresh array, rank 2 to rank 0 into out=): it arrives
     whole, and its sender is not declared lost meanwhile, though its
     heartbeats cannot overtake the message (it travels in pieces, each
-    heard; the heartbeats go between them)."""
+    heard; the heartbeats go between them). By stream (mesh.streams) the
+    heartbeats go beside it, and each read of the stream is word too."""
     hosts.limit("40mbit")       # (an 8 MiB piece in 1.7 s; the message in 6.7 s)
     reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(32 << 20)],
-                       MESH_PEER_TIMEOUT="3")
+                       MESH_PEER_TIMEOUT="3",
+                       MESH_P2P_STREAM_MIN="4M" if stream == "stream" else "0")
     assert reports[0]["endpoints"][2].startswith("tcp://"), reports[0]
     assert min(reports[r]["big"] for r in (0, 2)) > 6, reports    # (longer than the timeout)
+    assert reports[0]["streams"] == ([1, 1] if stream == "stream" else [0, 0]), reports
+
+
+@pytest.mark.parametrize("stream", ["on", "off"])
+def test_large_arrays_across_hosts_go_by_stream(hosts: Hosts, tmp_path: Path,
+                                                stream: str) -> None:
+    """A 16 MiB array each way between the hosts at once (into out= and a
+    fresh array), then small messages after them: the arrays go by the
+    senders' plain TCP streams (mesh.streams); with MESH_P2P_STREAM_MIN=0
+    through ZeroMQ, as before."""
+    extra = {} if stream == "on" else {"MESH_P2P_STREAM_MIN": "0"}
+    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(16 << 20)], **extra)
+    assert reports[0]["endpoints"][2].startswith("tcp://"), reports[0]
+    want = [1, 1] if stream == "on" else [0, 0]
+    assert [reports[r]["streams"] for r in (0, 2)] == [want, want], reports
 
 
 def test_a_send_timing_out_midway_names_what_the_receiver_does(hosts: Hosts,

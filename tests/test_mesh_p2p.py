@@ -1210,8 +1210,10 @@ def _pieces(world: mesh.Mesh) -> str:
 def test_a_large_message_to_another_host_goes_in_pieces_intact() -> None:
     """Across hosts (tcp://, forced here) a message of more than
     mesh.wire.CHUNK_BYTES goes in pieces: arrays (into out= and fresh) and
-    objects arrive whole, in order per source and tag, ANY source too."""
-    got = mesh.spawn(_pieces, 3, timeout=90, env={"MESH_FORCE_TCP": "1"})
+    objects arrive whole, in order per source and tag, ANY source too.
+    (Arrays take a stream instead, where one is open: mesh.streams, off here.)"""
+    got = mesh.spawn(_pieces, 3, timeout=90, env={"MESH_FORCE_TCP": "1",
+                                                  "MESH_P2P_STREAM_MIN": "0"})
     assert got == ["sent", "ok", "sent"]
 
 
@@ -1242,7 +1244,8 @@ def test_a_sender_lost_mid_message_leaves_no_pieces_behind(tmp_path: Path) -> No
     result = tmp_path / "result"
     with pytest.raises(mesh.WorkerError):
         mesh.spawn(_dies_mid_message, 2, str(tmp_path / "flag"), str(result), timeout=60,
-                   env={"MESH_FORCE_TCP": "1", "MESH_PEER_TIMEOUT": "2"})
+                   env={"MESH_FORCE_TCP": "1", "MESH_PEER_TIMEOUT": "2",
+                        "MESH_P2P_STREAM_MIN": "0"})
     assert result.read_text() == "True dead []"
 
 

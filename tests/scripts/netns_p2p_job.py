@@ -10,7 +10,9 @@ send times out (the link is slow), its error is reported, and the rest of
 the message still arrives whole. With PROBE=2: rank 0 sends the array (not
 in pieces: NBYTES at most 8 MiB) to rank 2 while rank 1 (rank 0's own host)
 waits for a message from rank 0 that never comes; rank 1's timeout is
-reported. Writes OUTDIR/<rank>.json.
+reported. Ranks 0 and 2 wait for their streams to each other (mesh.streams)
+to open first, and report how many arrays went and came by them. Writes
+OUTDIR/<rank>.json.
 
     netns_p2p_job.py NBYTES OUTDIR
 """
@@ -30,6 +32,11 @@ def main(outdir: str, nbytes: int) -> None:
     with mesh.init(timeout=120) as world:
         r = world.rank
         report["endpoints"] = world._t.endpoints
+        streams = world._t.streams
+        if streams.on and r in (0, 2):     # (a large array sent before goes through ZeroMQ)
+            deadline = time.monotonic() + 10
+            while not streams.usable(2 - r, 1 << 40) and time.monotonic() < deadline:
+                time.sleep(0.01)
         collectives.barrier(world)
         t = time.monotonic()
         if os.environ.get("PROBE") == "2":
@@ -80,6 +87,7 @@ def main(outdir: str, nbytes: int) -> None:
             report["bench_gbs"] = (64 << 20) / min(times[1:]) / 1e9
         collectives.barrier(world)
         report["rank"] = r
+        report["streams"] = [streams.sent, streams.got]
     with open(os.path.join(outdir, f"{r}.json"), "w") as f:
         json.dump(report, f)
 

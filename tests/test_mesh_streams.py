@@ -1,0 +1,263 @@
+"""Large point-to-point arrays to peers on other hosts over plain TCP streams
+(mesh.streams): across hosts (tcp://, forced here on one machine) an array
+of MESH_P2P_STREAM_MIN bytes or more goes by its sender's stream, its header
+through ZeroMQ in order. Intact, in order per source and tag with ANY
+source; two ranks sending each other large arrays at once; a sender killed
+mid-stream named as lost; strangers on the listener refused; the path off."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mesh
+from mesh import streams as mstreams
+
+pytestmark = pytest.mark.timeout(60)
+TCP = {"MESH_FORCE_TCP": "1"}
+N = (16 << 20) // 8 + 5        # float64: a little over 16 MiB (an odd tail)
+
+
+def _ready(world: mesh.Mesh, *peers: int) -> None:
+    """Until this rank's streams to ``peers`` are open (the first large
+    array to a peer opens its stream, and goes through ZeroMQ itself, as do
+    those sent until it is open; asking whether one may go opens it too)."""
+    deadline = time.monotonic() + 20
+    while not all(world._t.streams.usable(p, 1 << 40) for p in peers):
+        assert time.monotonic() < deadline, "streams never opened"
+        time.sleep(0.01)
+
+
+def _in_order(world: mesh.Mesh) -> list:
+    big = np.arange(N, dtype=np.float64)
+    if world.rank in (0, 2):
+        _ready(world, 1)
+        world.recv(1, tag=9)         # rank 1's streams from both are open too
+        first = world.isend(big + world.rank, 1, tag=1)
+        world.send(np.float64(world.rank), 1, tag=1)    # after the big one, on its tag
+        world.send({"after": world.rank}, 1, tag=2)
+        first.wait()
+        return [world._t.streams.sent]
+    deadline = time.monotonic() + 20
+    while len(world._t.streams._in) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    world.send("go", 0, tag=9)
+    world.send("go", 2, tag=9)
+    out = np.empty_like(big)
+    a = world.recv(0, tag=1, out=out)                       # into out=
+    assert a is out and np.array_equal(a, big), a[:4]
+    st = mesh.Status()
+    assert world.recv(mesh.ANY, tag=1, status=st) == 0.0 and st.source == 0
+    b = world.recv(mesh.ANY, tag=1, status=st)              # a fresh array, ANY source
+    assert st.source == 2 and np.array_equal(b, big + 2), (st.source, b[:4])
+    assert world.recv(mesh.ANY, tag=1) == 2.0               # the small one after it
+    assert world.recv(0, tag=2) == {"after": 0} and world.recv(2, tag=2) == {"after": 2}
+    assert world._t.reader.bad_messages == 0
+    return [world._t.streams.got]
+
+
+def test_a_large_array_across_hosts_comes_by_stream_intact_and_in_order() -> None:
+    """Arrays into out= and fresh arrive whole; a small message sent after a
+    large one on the same tag comes after it, ANY source included."""
+    got = mesh.spawn(_in_order, 3, timeout=50, env=TCP)
+    assert got == [[1], [2], [1]], got
+
+
+def _both_ways(world: mesh.Mesh, nbytes: int) -> list:
+    peer = 1 - world.rank
+    _ready(world, peer)
+    world.recv(peer, tag=9) if world.rank else world.send("ready", peer, tag=9)
+    mine = np.full(nbytes // 4, world.rank + 1, dtype=np.float32)
+    t = time.monotonic()
+    world.send(mine, peer, tag=1, timeout=20)   # both block in a send at once
+    got = world.recv(peer, tag=1, timeout=20)
+    assert np.all(got == peer + 1) and got.size == mine.size
+    return [world._t.streams.sent, world._t.streams.got, time.monotonic() - t < 15]
+
+
+def test_two_ranks_sending_each_other_64_mib_at_once_do_not_wait_on_each_other() -> None:
+    got = mesh.spawn(_both_ways, 2, 64 << 20, timeout=50, env=TCP)
+    assert got == [[1, 1, True], [1, 1, True]], got
+
+
+def _killed_mid_stream(world: mesh.Mesh, result: str) -> None:
+    if world.rank == 1:
+        def half_then_die(sock: socket.socket, mv: memoryview) -> None:
+            sock.sendall(mv[:len(mv) // 2])
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        mstreams._send_payload = half_then_die
+        _ready(world, 0)
+        world.send(np.ones(N), 0, tag=1)
+        time.sleep(30)
+        return
+    out = np.zeros(N)
+    t = time.monotonic()
+    try:
+        world.recv(1, tag=1, out=out, timeout=30)
+        what = "received"
+    except mesh.LostPeerError as e:
+        what = f"{type(e).__name__} {e.peer} {time.monotonic() - t < 10} {e}"
+    Path(result).write_text(what)
+
+
+def test_a_sender_killed_mid_stream_is_named_lost(tmp_path: Path) -> None:
+    """Half of a 16 MiB array written, the sender dies: the receive raises
+    LostPeerError naming it within seconds (the stream ended), not at its
+    timeout."""
+    result = tmp_path / "result"
+    with pytest.raises(mesh.WorkerError):
+        mesh.spawn(_killed_mid_stream, 2, str(result), timeout=50, env=TCP)
+    text = result.read_text()
+    assert text.startswith("LostPeerError 1 True"), text
+    assert "peer rank 1 is gone" in text, text
+
+
+def _stopped_mid_stream(world: mesh.Mesh, result: str) -> None:
+    if world.rank == 1:
+        def half_then_stop(sock: socket.socket, mv: memoryview) -> None:
+            sock.sendall(mv[:len(mv) // 2])
+            os.kill(os.getpid(), signal.SIGSTOP)    # silent (until rank 0 kills it)
+        mstreams._send_payload = half_then_stop
+        Path(result).write_text(str(os.getpid()))
+        _ready(world, 0)
+        world.send(np.ones(N), 0, tag=1)
+        return
+    t = time.monotonic()
+    try:
+        world.recv(1, tag=1, out=np.zeros(N), timeout=30)
+        what = "received"
+    except mesh.LostPeerError as e:
+        what = f"{type(e).__name__} {e.peer} {time.monotonic() - t < 12} {e}"
+    victim = int(Path(result).read_text())
+    Path(result).write_text(what)
+    os.kill(victim, signal.SIGKILL)
+
+
+def test_a_sender_stopped_mid_stream_is_named_lost(tmp_path: Path) -> None:
+    """Half of the array written, the sender stops (SIGSTOP: its stream stays
+    open, nothing more comes, nor its heartbeats): the receive raises
+    LostPeerError naming it once it has been silent for MESH_PEER_TIMEOUT,
+    not at the receive's timeout, and never hangs."""
+    result = tmp_path / "result"
+    with pytest.raises(mesh.WorkerError):
+        mesh.spawn(_stopped_mid_stream, 2, str(result), timeout=50,
+                   env={**TCP, "MESH_PEER_TIMEOUT": "2"})
+    text = result.read_text()
+    assert text.startswith("LostPeerError 1 True"), text
+    assert "peer rank 1 is gone" in text, text
+
+
+def _dribble(sock: socket.socket, mv: memoryview) -> None:
+    step = len(mv) // 8 + 1
+    for i in range(0, len(mv), step):
+        sock.sendall(mv[i:i + step])
+        time.sleep(0.25)        # the array in 2 s
+
+
+def _matched_mid_stream(world: mesh.Mesh) -> list:
+    big = np.arange(N, dtype=np.float64)
+    if world.rank == 1:
+        mstreams._send_payload = _dribble
+        _ready(world, 0)
+        for tag in (1, 2):
+            world.recv(0, tag=9)
+            world.send(big + tag, 0, tag=tag)
+        world.send("after", 0, tag=3)
+        return []
+    def matched(tag: int, out: np.ndarray | None = None) -> mesh.Request:
+        req = world.irecv(1, tag=tag, out=out)
+        world.send("go", 1, tag=9)
+        deadline = time.monotonic() + 20
+        while not world._t.streams.reading(req._item):      # its header came: matched
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return req
+
+    out = np.zeros(N)
+    req = matched(1, out)
+    cancelled = req.cancel()
+    whole = req.wait(timeout=20) is out and np.array_equal(out, big + 1)
+    req = matched(2)
+    t = time.monotonic()
+    second = req.wait(timeout=0.2)      # runs out while its bytes still come (2 s)
+    late = time.monotonic() - t > 1.05
+    return [cancelled, whole, np.array_equal(second, big + 2), late, world.recv(1, tag=3)]
+
+
+def test_a_receive_matched_mid_stream_gets_the_whole_array() -> None:
+    """A receive is matched when the array's header comes (as on the
+    same-host direct path): a cancel then fails, and a wait whose timeout
+    runs out while the bytes still come waits for them: it returns the
+    whole array, never a part, nor a timeout with its out= still written."""
+    got = mesh.spawn(_matched_mid_stream, 2, timeout=50, env=TCP)
+    assert got[0] == [False, True, True, True, "after"], got
+
+
+def _strangers(world: mesh.Mesh) -> list:
+    from collectives.host import stream
+    big = np.arange(N, dtype=np.float64)
+    if world.rank == 0:
+        _ready(world, 1)
+        world.recv(1, tag=9)
+        world.send(big, 1, tag=1)
+        return [world._t.streams.sent]
+    deadline = time.monotonic() + 20
+    while 0 not in world._t.streams._in:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    lis, nonce = stream.listener(), world._t.streams.nonce
+    before = lis.strangers
+    peers = []
+    for hello in (stream._HELLO.pack(stream._MAGIC, b"x" * 16, -1, nonce, 0),   # wrong token
+                  b"GET / HTTP/1.0\r\n\r\n" + b"\0" * 40):                     # garbage
+        s = socket.create_connection(("127.0.0.1", lis.port))
+        s.sendall(hello)
+        peers.append(s)
+    # (what the listener accepts is read when a stream is next taken: look now)
+    assert lis.take((-1, nonce, 0), time.monotonic() + 1.0) is None
+    refused = lis.strangers - before
+    for s in peers:
+        s.close()
+    world.send("go", 0, tag=9)
+    assert np.array_equal(world.recv(0, tag=1), big)        # the real stream still works
+    return [refused, world._t.streams.got]
+
+
+def test_strangers_on_the_stream_listener_are_refused() -> None:
+    """A hello with a wrong token (naming a real sender) and garbage are
+    closed by the listener; the sender's stream carries on."""
+    got = mesh.spawn(_strangers, 2, timeout=50, env=TCP)
+    assert got == [[1], [2, 1]], got
+
+
+def _plain(world: mesh.Mesh) -> list:
+    big = np.arange(N, dtype=np.float64)
+    if world.rank == 0:
+        world.send(big + 1, 1, tag=1)
+    else:
+        assert np.array_equal(world.recv(0, tag=1), big + 1)
+    return [world._t.streams.on, world._t.streams.sent + world._t.streams.got]
+
+
+@pytest.mark.parametrize("env", [{"MESH_P2P_STREAM_MIN": "0"}, {"MESH_P2P_STREAM_MIN": "off"},
+                                 {"MESH_P2P_STREAM_MIN": "64M"}], ids=["0", "off", "above"])
+def test_the_stream_path_off_or_above_the_size_goes_through_zeromq(env: dict) -> None:
+    got = mesh.spawn(_plain, 2, timeout=50, env={**TCP, **env})
+    on = env["MESH_P2P_STREAM_MIN"] == "64M"
+    assert got == [[on, 0], [on, 0]], got
+
+
+def test_the_stream_path_is_off_under_curve_and_its_size_checked(monkeypatch) -> None:
+    assert mstreams.min_bytes(True) == 0
+    monkeypatch.setenv("MESH_P2P_STREAM_MIN", "8M")
+    assert mstreams.min_bytes(False) == 8 << 20
+    monkeypatch.setenv("MESH_P2P_STREAM_MIN", "lots")
+    with pytest.raises(ValueError, match="MESH_P2P_STREAM_MIN"):
+        mstreams.min_bytes(False)
