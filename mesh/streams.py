@@ -18,7 +18,7 @@ _LOW), costs what gloo does or less: 20-36 ms per 64 MiB round trip, gloo
                                                        each tcp:// peer
     at its first large array to b (which, and those sent until the stream is
     open, take ZeroMQ), a thread connects to b's listener
-    (collectives.host.stream's: one per process, a stranger without the
+    (mesh.listener, the ring's too: one per process, a stranger without the
     token or with a garbage hello is closed), hello (token, -1, b's nonce,
     a's world rank), then
     STREAM x=[1]                        ----->         takes the connection
@@ -65,6 +65,7 @@ import numpy as np
 
 from . import wire
 from .direct import Ack
+from .listener import HELLO, MAGIC, the_listener
 from .peer import ALIVE, Outgoing, Peer, parse_size
 
 __all__ = ["Streams", "Job", "min_bytes"]
@@ -356,8 +357,7 @@ class Streams:
         self.nonce = secrets.randbits(62)      # which mesh of this process a hello is for
         self.wake_r = self._wake_w = -1
         if self.on:
-            from collectives.host.stream import _the_listener
-            self._lis = _the_listener()
+            self._lis = the_listener()
             self.wake_r, self._wake_w = os.pipe()
             os.set_blocking(self.wake_r, False)
             os.set_blocking(self._wake_w, False)
@@ -371,8 +371,7 @@ class Streams:
                 pass
 
     def hello(self, token: bytes, nonce: int) -> bytes:
-        from collectives.host.stream import _HELLO, _MAGIC
-        return _HELLO.pack(_MAGIC, token, _GID, nonce, self.rank)
+        return HELLO.pack(MAGIC, token, _GID, nonce, self.rank)
 
     def announce(self) -> None:
         """Tell each peer on another host where to connect (as the mesh starts)."""

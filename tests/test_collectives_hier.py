@@ -519,20 +519,20 @@ def test_strangers_on_the_stream_listener_do_not_hold_up_a_peers_connection() ->
     behind it past the call's deadline, and the call failed: 'rank 0 said
     it connected its stream but none came'. Hellos are now read side by
     side; one not whole within 2 s of its accept is refused."""
-    from collectives.host import stream
-    lis = stream._Listener()
+    from mesh import listener
+    lis = listener.Listener()
     strangers = [socket.create_connection(("127.0.0.1", lis.port)) for _ in range(3)]
     try:
         strangers[0].sendall(b"M")              # a slow hello; the others say nothing
         time.sleep(0.05)
         peer = socket.create_connection(("127.0.0.1", lis.port))
-        peer.sendall(stream._HELLO.pack(stream._MAGIC, lis.token, 5, -3, 1))
+        peer.sendall(listener.HELLO.pack(listener.MAGIC, lis.token, 5, -3, 1))
         t0 = time.monotonic()
         conn = lis.take((5, -3, 1), t0 + 1.0)
         assert conn is not None and time.monotonic() - t0 < 0.5, time.monotonic() - t0
         conn.close()
         peer.close()
-        assert lis.take((5, -4, 1), time.monotonic() + stream._HELLO_S + 0.5) is None
+        assert lis.take((5, -4, 1), time.monotonic() + listener._HELLO_S + 0.5) is None
         assert lis.strangers == 3 and not lis.shaking, (lis.strangers, lis.shaking)
         for s in strangers:        # closed: no greeting of ours, the end
             s.settimeout(1)

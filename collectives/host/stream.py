@@ -49,7 +49,6 @@ with one against 3 without).
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import socket
 import struct
@@ -61,20 +60,18 @@ from typing import Any
 import numpy as np
 
 from mesh import LostPeerError, MeshError
+from mesh.listener import HELLO as _HELLO, MAGIC as _MAGIC
+from mesh.listener import listener, reset as _reset, the_listener as _the_listener
 from mesh.peer import config_bytes, config_flag
 
 from ..runner import Ctx, caught
 
 __all__ = ["Links", "open_links", "enabled", "stats", "listener"]
 
-_HELLO = struct.Struct("<4s16sqqq")     # magic, token, group id, tag, world rank
-_MAGIC = b"MSTR"
 _CHUNK = 4 << 20                        # most bytes handed to one send / recv_into
 _POLL_S = 0.05                          # between looks at the tag and the deadline
 _CONNECT_S = 5.0
 _HELLO_S = 2.0
-_SHAKING_MAX = 64                       # accepted connections whose hellos are read at once
-_STALE_S = 120.0                        # accepted, never claimed: closed after this
 _TAG = struct.Struct("<q")               # the call's tag, first on a kept connection
 stats = {"links": 0, "connects": 0, "reused": 0}    # ring calls that ran a stream, new
 #                                         connections, kept ones reused (tests, benchmarks)
@@ -139,133 +136,6 @@ def enabled(ctx: Ctx, peer: int, nbytes: int) -> bool:
             "MESH_COLL_STREAM_MIN", 8 << 20):
         return False
     return ctx.ch.endpoint(peer).startswith("tcp://") and not ctx.ch.encrypted
-
-
-class _Listener:
-    """This process's listening socket; connections accepted and their hellos
-    read by whichever caller is waiting for one, kept by (group, tag, rank)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(128)
-        self.sock.setblocking(False)
-        self.port = self.sock.getsockname()[1]
-        self.token = secrets.token_bytes(16)
-        self.lock = threading.Lock()
-        self.ready: dict[tuple[int, int, int], tuple[socket.socket, float]] = {}
-        # accepted, their hellos not whole yet: what came of each, and when accepted
-        self.shaking: dict[socket.socket, tuple[bytes, float]] = {}
-        self.strangers = 0
-
-    def take(self, key: tuple[int, int, int], until: float) -> socket.socket | None:
-        """The connection whose hello named ``key``, waiting up to ``until``
-        (monotonic) for it; None if it has not come by then."""
-        while True:
-            with self.lock:
-                got = self.ready.pop(key, None)
-                if got is not None:
-                    return got[0]
-                self._look()
-                got = self.ready.pop(key, None)
-                if got is not None:
-                    return got[0]
-            if time.monotonic() >= until:
-                return None
-
-    def _look(self) -> None:
-        """Accept the connections waiting and read what came of their hellos,
-        waiting _POLL_S at most, and on no one connection: read in turn, a
-        stranger that said nothing, or its hello a byte a second, held the
-        peer's connection queued behind it past the call's deadline. A hello
-        not whole _HELLO_S after its accept is a stranger's."""
-        poll = select.poll()
-        poll.register(self.sock, select.POLLIN)
-        for conn in self.shaking:
-            poll.register(conn, select.POLLIN)
-        heard = {fd for fd, _ in poll.poll(int(_POLL_S * 1000))}
-        now = time.monotonic()
-        if self.sock.fileno() in heard:
-            for _ in range(_SHAKING_MAX):
-                try:
-                    conn, _ = self.sock.accept()
-                except OSError:     # (none left; or out of descriptors: the next look)
-                    break
-                conn.setblocking(False)
-                self.shaking[conn] = (b"", now)
-                if len(self.shaking) > _SHAKING_MAX:     # the oldest: a stranger's, surely
-                    self._refuse(next(iter(self.shaking)))
-        for conn, (got, since) in list(self.shaking.items()):
-            if conn.fileno() in heard:
-                try:
-                    more = conn.recv(_HELLO.size - len(got))
-                except (BlockingIOError, InterruptedError):
-                    more = None
-                except OSError:
-                    more = b""
-                if more == b"":         # closed before its hello was whole
-                    self._refuse(conn)
-                    continue
-                got += more or b""
-                self.shaking[conn] = (got, since)
-            if len(got) == _HELLO.size:
-                del self.shaking[conn]
-                self._hello(conn, got)
-            elif now - since > _HELLO_S:
-                self._refuse(conn)
-        if not heard:
-            self._prune()
-
-    def _hello(self, conn: socket.socket, hello: bytes) -> None:
-        magic, token, gid, tag, src = _HELLO.unpack(hello)
-        if magic != _MAGIC or not secrets.compare_digest(token, self.token):
-            self._refuse(conn)
-            return
-        conn.settimeout(_HELLO_S)
-        old = self.ready.pop((gid, tag, src), None)
-        if old is not None:
-            _reset(old[0])
-        self.ready[(gid, tag, src)] = (conn, time.monotonic())
-
-    def _refuse(self, conn: socket.socket) -> None:
-        self.shaking.pop(conn, None)
-        self.strangers += 1
-        conn.close()
-
-    def _prune(self) -> None:
-        now = time.monotonic()
-        for key, (conn, t) in list(self.ready.items()):
-            if now - t > _STALE_S:
-                del self.ready[key]
-                _reset(conn)
-
-
-_listener: _Listener | None = None
-_listener_lock = threading.Lock()
-
-
-def listener() -> _Listener | None:
-    """This process's listener, once a stream was asked for (its
-    ``strangers``: connections refused for a wrong hello)."""
-    return _listener
-
-
-def _the_listener() -> _Listener:
-    global _listener
-    with _listener_lock:
-        if _listener is None:
-            _listener = _Listener()
-        return _listener
-
-
-def _reset(conn: socket.socket) -> None:
-    """Close without TIME_WAIT (a reset): only once nothing more is owed."""
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    conn.close()
 
 
 def _connect(ctx: Ctx, peer: int, port: int, token: bytes) -> socket.socket | None:
