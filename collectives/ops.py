@@ -88,10 +88,19 @@ class ReduceOp:
         rounds differently as a*b and b*a), so two ranks that must agree
         combine the same two operands in the same order."""
         ufunc = getattr(array_module(dst), self.ufunc_name)
-        if src_first:
-            apply(ufunc, src, dst, dst)
+        x, y = (src, dst) if src_first else (dst, src)
+        if dst.size == 1 and isinstance(dst, np.ndarray):
+            # numpy runs a one-element ufunc whose output is its first operand
+            # as a reduction into it, another way (a sum of two NaNs gives the
+            # second's, a complex product is rounded otherwise): the two ranks
+            # of a recursive-doubling exchange, each writing into the operand
+            # it holds, returned other bits. Into a buffer of its own it gives
+            # what it gives for more elements, in place or not.
+            out = np.empty_like(dst)
+            apply(ufunc, x, y, out)
+            dst[...] = out
         else:
-            apply(ufunc, dst, src, dst)
+            apply(ufunc, x, y, dst)
 
     def finish(self, buf: Any, n: int) -> None:
         if self.name == "avg" and n > 1 and buf.size:

@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
-from mesh import AbortKind, Comm, MeshError, MeshTimeoutError
+from mesh import ANY, AbortKind, Comm, MeshError, MeshTimeoutError
 
 from .plan import Tuning
 
@@ -119,10 +119,10 @@ class Ctx:
         return Req(self, self.ch.irecv(src, self.tag, self.fp if fp is None else fp,
                                        self.name, out))
 
-    def watch(self) -> Any:
-        """A receive from any rank on the call's tag, posted only to catch
-        an abort (no member sends one there)."""
-        return self.ch.watch(self.tag, self.fp, self.name)
+    def watch(self, src: int = ANY) -> Any:
+        """A receive from any rank (or rank ``src``) on the call's tag,
+        posted only to catch an abort (no member sends one there)."""
+        return self.ch.watch(self.tag, self.fp, self.name, src)
 
     def send(self, obj: Any, dst: int) -> None:
         self.isend(obj, dst).wait()

@@ -89,11 +89,13 @@ class CollectiveChannel:
         """``src`` may be mesh.ANY (a receive posted only to catch an abort)."""
         return self._comm._irecv(src, tag, out, fp, what)
 
-    def watch(self, tag: int, fp: Any, what: str) -> Watch:
-        """A receive from any member on ``tag``, posted only to catch an abort."""
+    def watch(self, tag: int, fp: Any, what: str, src: int = ANY) -> Watch:
+        """A receive from any member (or member ``src``, which sends nothing
+        there) on ``tag``, posted only to catch an abort."""
         c = self._comm
-        return Watch(self._t, self._t.irecv(c.gid, ANY, tag, None, fp,
-                                            c._desc("recv from", ANY, ANY, tag, what)))
+        wsrc = ANY if src == ANY else c.ranks[src]
+        return Watch(self._t, self._t.irecv(c.gid, wsrc, tag, None, fp,
+                                            c._desc("recv from", src, wsrc, tag, what)))
 
     def abort(self, tag: int, reason: str, kind: AbortKind = AbortKind.OTHER,
               peer: int | None = None) -> None:

@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -21,6 +23,8 @@ import mesh
 from collectives import plan
 from collectives.host import columns, hier
 from collectives.host.ring import final_regions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.timeout(120)
 HOSTS = "abba"
@@ -652,3 +656,40 @@ def test_a_two_level_call_failing_on_some_ranks_leaves_the_group_usable(warm: bo
     got = mesh.spawn(failed_on_some_ranks, 4, warm, timeout=90, env={"MESH_TIMEOUT": "20"})
     assert [said for said, _ in got] == ["MeshTimeoutError"] * 3 + ["no error"], got
     assert [after for _, after in got] == [[True] * 8] * 4, got
+
+
+_LATE_LINK = """
+import os, sys, time
+rank = int(os.environ["RANK"])
+os.environ["MESH_HOST_ID"] = "host-" + "abab"[rank]   # ranks 0, 2 on one host, 1, 3 on another
+import numpy as np
+import mesh
+import collectives as C
+with mesh.init() as world:
+    for i in range(3):
+        if rank == 1:
+            time.sleep(0.2)     # rank 0 waits on its link to rank 1 past a poll slice
+        a = np.full(1, rank + 10.0 * i)
+        C.all_reduce(world, a, algorithm="rd")
+        print(f"rank {rank} call {i}: {a[0]}", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_link_wait_leaves_the_same_host_partners_message(tmp_path: Any) -> None:
+    """Recursive doubling across hosts (MESH_HOST_ID: ranks 0, 2 on host a,
+    1, 3 on b): step 1 over the kept links (0-1, 2-3), step 2 over the mesh
+    (0-2, 1-3). Rank 0, waiting on its link to a late rank 1, posted a
+    watch for any rank on the call's tag, and rank 2's step-2 message
+    (sent on that tag) fell into it: the call failed ("a peer sent a
+    message where none was expected") or rank 0 waited for the message
+    until the call timed out."""
+    script = tmp_path / "late_link.py"
+    script.write_text(_LATE_LINK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), MESH_TIMEOUT="10")
+    got = subprocess.run([sys.executable, "-m", "mesh.launch", "-n", "4", str(script)],
+                         capture_output=True, text=True, timeout=80, env=env, cwd=ROOT)
+    want = [f"rank {r} call {i}: {4 * 10.0 * i + 6.0}" for r in range(4) for i in range(3)]
+    out = got.stdout + got.stderr
+    assert got.returncode == 0 and all(w in out for w in want), out[-3000:]

@@ -136,3 +136,36 @@ def test_float16_average_whatever_the_array(tmp_path: Any, k: int) -> None:
     for wrong in mesh.spawn(_half_average, 3, str(tmp_path), k, timeout=60,
                             env={"MESH_TIMEOUT": "20"}):
         assert wrong == []
+
+
+def _one_element_bits(world: Any) -> list:
+    """One-element all_reduces whose bits depend on the operands' order:
+    NaNs of other payloads summed (the first operand's is kept), complex
+    products; each call's bits on this rank."""
+    r = world.rank
+    rng = np.random.default_rng(3)
+    seen = []
+    for shape in [(), (1,)]:
+        for alg in ("rd", None):
+            nan = np.array([0x7FF8000000000000 + r + 1], np.uint64).view(np.float64)
+            C.all_reduce(world, nan.reshape(shape), algorithm=alg)
+            seen.append(nan.view(np.uint64).tolist())
+            for _ in range(8):
+                x = rng.standard_normal((world.size, 2))
+                a = np.array([x[r, 0] + 1j * x[r, 1]], np.complex64).reshape(shape)
+                C.all_reduce(world, a, op="prod", algorithm=alg)
+                seen.append(a.reshape(-1).view(np.uint64).tolist())
+    return seen
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_one_element_results_are_the_same_bits_on_every_rank(n: int) -> None:
+    """numpy computes a one-element ufunc whose output is its first operand
+    another way (a sum of two NaNs gave the second's): the partners of a
+    recursive-doubling exchange, one writing into each operand, returned
+    other bits of the same all_reduce (README: bitwise identical on every
+    rank)."""
+    seen = mesh.spawn(_one_element_bits, n, timeout=60, env=SOCKETS)
+    for rank, bits in enumerate(seen[1:], 1):
+        assert bits == seen[0], f"rank {rank}: calls " \
+            f"{[i for i, (a, b) in enumerate(zip(bits, seen[0])) if a != b]} differ from rank 0's"

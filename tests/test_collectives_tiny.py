@@ -441,3 +441,38 @@ def test_a_bfloat16_call_is_not_taken_for_a_float32_one(hosts: str) -> None:
         assert said[3].startswith("MismatchError") and "dtype=bfloat16" in said[3] \
             and "dtype=float32" in said[3], f"rank {rank}: {said[3]}"
         assert said[4:] == [[1.5 * n] * 3] * 3, said
+
+
+def _late_complex_products(world: Any, hosts: str) -> list:
+    """Tiny complex products, the last rank late for each (the others wait
+    past the short way's spin and go on with a Round): each call's bits
+    on every rank (as integers)."""
+    if hosts:
+        world.hosts[:] = ["fake-" + h for h in hosts]
+    rng = np.random.default_rng(3)
+    seen = []
+    for shape in [(), (1,)]:
+        for _ in range(12):
+            x = rng.standard_normal((world.size, 2))
+            a = np.array(x[world.rank, 0] + 1j * x[world.rank, 1], np.complex64).reshape(shape)
+            if world.rank == world.size - 1:
+                time.sleep(0.005)
+            C.all_reduce(world, a, op="prod")
+            seen.append(a.reshape(-1).view(np.uint64).tolist())
+    return seen
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hosts", ["", "abab"], ids=["one-host", "two-hosts"])
+def test_a_late_rank_gets_the_bits_of_the_ranks_that_waited(hosts: str) -> None:
+    """numpy computes a one-element ufunc whose output is its first operand
+    another way (a complex product rounded otherwise): the short way's later
+    combines, and a Round's, wrote into their first operand, the short
+    way's first one into the caller's array, so a rank that waited past the
+    spin (a Round) and one that came late (the short way) returned other
+    bits of the same all_reduce, a third of the calls (two hosts: the
+    columns then kept them apart)."""
+    seen = mesh.spawn(_late_complex_products, len(hosts) or 2, hosts, timeout=60)
+    for rank, bits in enumerate(seen[1:], 1):
+        assert bits == seen[0], f"rank {rank} differs from rank 0 in calls " \
+            f"{[i for i, (a, b) in enumerate(zip(bits, seen[0])) if a != b]}"

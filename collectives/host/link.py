@@ -175,7 +175,11 @@ class _Wait:
             return
         self.check()
         if self.watch is None:
-            self.watch = self.ctx.watch()
+            # the link's peer only: the call's other peers may send on its tag
+            # over the mesh (recursive doubling's same-host partners), and a
+            # watch from any rank took their message (a MeshError here, or a
+            # partner that waited for it until the call timed out)
+            self.watch = self.ctx.watch(self.link.peer)
 
     def check(self) -> None:
         ctx = self.ctx
@@ -196,7 +200,7 @@ class _Wait:
         """The connection broke: the mesh's own error when it has one (the
         peer's death, an abort), else a lost peer named here."""
         if self.watch is None:
-            self.watch = self.ctx.watch()
+            self.watch = self.ctx.watch(self.link.peer)
         err = caught(self.watch, 0.5)
         if err is not None:
             raise err

@@ -48,7 +48,8 @@ class _Plan:
     the sum is divided), the board's Quick, and the peers' receive buffers
     for a call that goes on with a Round."""
 
-    __slots__ = ("tuning", "fp", "sig", "rop", "outs", "n", "quick", "ufunc", "later", "avg")
+    __slots__ = ("tuning", "fp", "sig", "rop", "outs", "n", "quick", "ufunc", "later", "avg",
+                 "one")
 
     def __init__(self, ctx: Ctx, arr: np.ndarray, rop: ReduceOp) -> None:
         self.tuning, self.fp, self.rop = ctx.tuning, ctx.fp, rop
@@ -60,6 +61,11 @@ class _Plan:
         self.ufunc = getattr(np, rop.ufunc_name)
         self.later = [tuple(views[2:]) for views in self.quick.views]
         self.avg = rop.name == "avg" and n > 1 and arr.size > 0    # (what rop.finish divides)
+        # one element: each later combine through a buffer of its own, as
+        # ReduceOp.combine's (numpy computes a one-element ufunc whose output
+        # is its first operand another way: other bits than the ranks that
+        # went on with a Round)
+        self.one = np.empty_like(arr) if arr.size == 1 else None
 
     def step(self, tag: int, a: np.ndarray) -> Body | None:
         """runner.now's step: the call on the board's Quick; None once done,
@@ -75,11 +81,17 @@ class _Plan:
             f(views[0], views[1], out=a)    # in rank order, as _reduce_payloads combines
         except FP_RAISED:
             pass
+        one = self.one
         for v in self.later[slot]:
             try:
-                f(a, v, out=a)
+                if one is None:
+                    f(a, v, out=a)
+                else:
+                    f(a, v, out=one)
             except FP_RAISED:
                 pass
+            if one is not None:
+                a[...] = one
         quick.done(seq)
         if self.avg:
             self.rop.finish(a, self.n)
