@@ -67,6 +67,7 @@ import numpy as np
 from . import wire
 from .direct import Ack
 from .listener import HELLO, MAGIC, the_listener
+from .listener import reset as _reset
 from .peer import ALIVE, Outgoing, Peer, parse_size
 
 __all__ = ["Streams", "Job", "min_bytes"]
@@ -103,14 +104,6 @@ def _send_payload(sock: socket.socket, mv: memoryview) -> None:
     """Write one message's bytes (a function of its own: tests stop a
     sender midway by replacing it)."""
     sock.sendall(mv)
-
-
-def _reset(conn: socket.socket) -> None:
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    conn.close()
 
 
 def _acked(out: Outgoing) -> None:
