@@ -307,10 +307,11 @@ class Reader:
 
     def _handle(self, h: wire.Header, peer: Peer, payload: list) -> bool:
         """A message whose frames are all read: handed on by its kind."""
-        held = self._streaming.get(h.src)
-        if held is not None and h.kind not in (wire.CREDIT, wire.GOT, wire.HEARTBEAT):
-            held.append((h, payload))     # after the message its stream brings
-            return True
+        if self._streaming and h.kind not in (wire.CREDIT, wire.GOT, wire.HEARTBEAT):
+            held = self._streaming.get(h.src)
+            if held is not None:
+                held.append((h, payload))     # after the message its stream brings
+                return True
         if h.kind == wire.CHUNK:
             self._piece(h, peer, payload)
         elif h.more == wire.STREAMED:

@@ -468,8 +468,10 @@ class Transport:
         A message in pieces: its header, then what ``_stream`` lets go now;
         until the rest goes, it waits first in the queue."""
         frames, out.frames = out.frames or [], None
-        if out.streamed is not None:    # its header; its bytes by its peer's stream thread
-            out.tracker = Ack()         # (done once they are written)
+        streamed = out.streamed is not None
+        if streamed or out.pieces is not None:  # its header alone; its bytes after it
+            if streamed:                # (by its peer's stream thread: done once written)
+                out.tracker = Ack()
             try:
                 peer.sock.send(frames[0], 0)
             except zmq.ZMQError as e:
@@ -477,22 +479,14 @@ class Transport:
                 return
             peer.sent += 1
             peer.last_sent = time.monotonic()
-            if not self.streams.push(peer.rank, out):   # (it broke just now: reset, so the
+            if not streamed:            # in pieces, as ``_stream`` lets them go
+                if not self._stream(peer, out):
+                    peer.queue.appendleft(out)
+            elif self.streams.push(peer.rank, out):
+                out.event.set()
+            else:                       # (it broke just now: reset, so the peer fails it)
                 out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: its stream to "
-                                       f"rank {peer.rank} broke", peer.rank))   # peer fails it)
-                return
-            out.event.set()
-            return
-        if out.pieces is not None:
-            try:
-                peer.sock.send(frames[0], 0)
-            except zmq.ZMQError as e:
-                out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
-                return
-            peer.sent += 1
-            peer.last_sent = time.monotonic()
-            if not self._stream(peer, out):
-                peer.queue.appendleft(out)
+                                       f"rank {peer.rank} broke", peer.rank))
             return
         try:
             if out.nbytes < _COPY_SEND_BELOW or out.tracker is not None:  # small, or direct
