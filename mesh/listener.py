@@ -9,6 +9,7 @@ in time is closed and counted (``strangers``).
 """
 from __future__ import annotations
 
+import os
 import secrets
 import select
 import socket
@@ -151,3 +152,21 @@ def the_listener() -> Listener:
         if _listener is None:
             _listener = Listener()
         return _listener
+
+
+def _forget_in_child() -> None:
+    """In a child forked from this process the listener is the parent's
+    (its listening socket and token): the child makes its own at its first
+    use. Shared (the ranks of a job that mesh.spawn forked all shared it), a
+    connection meant for one process was accepted by whichever looked first,
+    never claimed there, and the stream it was for failed, its sender lost.
+    The child's copies of the parent's descriptors are closed, not shut
+    down: the parent's stay open."""
+    global _listener, _listener_lock
+    old, _listener, _listener_lock = _listener, None, threading.Lock()
+    if old is not None:
+        for conn in [old.sock, *old.shaking, *(c for c, _ in old.ready.values())]:
+            conn.close()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -28,7 +28,7 @@ import zmq
 from . import cma, wire
 from .direct import Direct
 from .errors import BadMessageError, MeshError
-from .inbox import Inbox
+from .inbox import Inbox, abort_error
 from .liveness import Liveness
 from .payload import fill
 from .peer import ALIVE, DEAD, MSG_COST, Peer
@@ -387,7 +387,8 @@ class Reader:
     def finish_streams(self) -> None:
         """Deliver the arrays the streams' threads have read, then what came
         from their senders meanwhile, in order; a stream that failed loses
-        its sender (what came after it is dropped: it is gone)."""
+        its sender (what came after it is dropped, but for its aborts and a
+        failing goodbye: it is gone)."""
         finished = self.finished
         while finished:
             job = finished.popleft()
@@ -397,11 +398,20 @@ class Reader:
             peer = self._peers[src]
             if job.error:
                 if not self._inbox.closed:
+                    # what its sender said after the array first: a failing goodbye names
+                    # its error (the stream its close cut only says it ended) and is
+                    # answered; an abort it passed on is heard before its loss (_handle)
+                    for h2, payload in held:
+                        if h2.kind == wire.ABORT or (h2.kind == wire.BYE and h2.reason):
+                            self._handle(h2, peer, payload)
                     self._inbox.peer_gone(src, f"reading its message (tag {h.tag}, {h.nbytes} "
                                                f"bytes) from its stream failed: {job.error}",
                                           DEAD)
-                if req is not None:
-                    req.fail(self._inbox.gone(peer, req.desc, req.group))
+                if req is not None:     # (its call aborted by one of those: the abort's error)
+                    record = self._inbox.aborted.get((req.group, req.tag))
+                    req.fail(self._inbox.gone(peer, req.desc, req.group) if record is None
+                             else abort_error(record, f"rank {self.rank}: {req.desc} aborted: "
+                                                      f"{record[1]}"))
                 continue
             if self._streams is not None:
                 self._streams.got += 1

@@ -3,7 +3,8 @@
 of MESH_P2P_STREAM_MIN bytes or more goes by its sender's stream, its header
 through ZeroMQ in order. Intact, in order per source and tag with ANY
 source; two ranks sending each other large arrays at once; a sender killed
-mid-stream named as lost; strangers on the listener refused; the path off."""
+mid-stream named as lost, one failing named with its error; strangers on the
+listener refused; a forked job's own listeners; the path off."""
 from __future__ import annotations
 
 import os
@@ -161,6 +162,58 @@ def _dribble(sock: socket.socket, mv: memoryview) -> None:
         time.sleep(0.25)        # the array in 2 s
 
 
+def _fails_mid_stream(world: mesh.Mesh, result: str, how: str) -> None:
+    import collectives as C
+    if world.rank == 1:
+        def crawl(sock: socket.socket, mv: memoryview) -> None:
+            step = len(mv) // 32 + 1
+            for i in range(0, len(mv), step):
+                sock.sendall(mv[i:i + step])
+                time.sleep(0.25)        # the array in 8 s: its close cuts it
+        mstreams._send_payload = crawl
+        _ready(world, 0)
+        world.recv(0, tag=9)
+        if how == "own":        # its own message on the stream as it sees the mismatch,
+            time.sleep(0.5)     # rank 0's receive for it posted (claimed by its header)
+            C.all_reduce(world, np.ones(N, np.int64), algorithm="rd", timeout=20)
+        world.isend(np.ones(N), 0, tag=1)
+        if how == "mismatch":   # its abort and its goodbye come after the array
+            C.all_reduce(world, np.ones(9), timeout=20)
+        time.sleep(0.3)
+        raise ValueError("boom in rank 1")
+    world.send("go", 1, tag=9)
+    try:
+        if how == "own":
+            C.all_reduce(world, np.ones(N), algorithm="rd", timeout=20)
+        elif how == "mismatch":
+            C.all_reduce(world, np.ones(8), timeout=20)
+        else:
+            world.recv(1, tag=1, timeout=30)
+        what = "received"
+    except mesh.MeshError as e:
+        what = f"{type(e).__name__} {e}"
+    Path(result).write_text(what)
+
+
+@pytest.mark.parametrize("how, error, says", [
+    ("raise", "LostPeerError", "peer rank 1 is gone (it failed: ValueError: boom in rank 1)"),
+    ("mismatch", "MismatchError", "rank 1 called all_reduce(dtype=float64, shape=[9]"),
+    ("own", "MismatchError", "rank 1 called all_reduce(dtype=int64")],
+    ids=["raise", "mismatch", "own"])
+def test_a_sender_failing_mid_stream_is_named_with_its_error(tmp_path: Path, how: str,
+                                                             error: str, says: str) -> None:
+    """The sender fails while its array's bytes still flow: its failing
+    goodbye (and an abort it sent), held behind the array, are read once its
+    close cuts the stream, so the receive names its error, and a collective
+    its mismatch, the one whose own message it was included (all said only
+    "the process exited or crashed")."""
+    result = tmp_path / "result"
+    with pytest.raises(mesh.WorkerError):
+        mesh.spawn(_fails_mid_stream, 2, str(result), how, timeout=50, env=TCP)
+    text = result.read_text()
+    assert text.startswith(error) and says in text, text
+
+
 def _matched_mid_stream(world: mesh.Mesh) -> list:
     big = np.arange(N, dtype=np.float64)
     if world.rank == 1:
@@ -261,3 +314,29 @@ def test_the_stream_path_is_off_under_curve_and_its_size_checked(monkeypatch) ->
     monkeypatch.setenv("MESH_P2P_STREAM_MIN", "lots")
     with pytest.raises(ValueError, match="MESH_P2P_STREAM_MIN"):
         mstreams.min_bytes(False)
+
+
+def _forked_job(world: mesh.Mesh) -> list:
+    """A process whose stream listener is open forks a job (mesh.spawn of a
+    nested function forks) whose ranks all open streams to each other."""
+    from mesh import listener
+    parent = listener.the_listener().port
+
+    def pairs(w: mesh.Mesh) -> list:
+        peers = [p for p in range(w.size) if p != w.rank]
+        _ready(w, *peers)
+        small = (4 << 20) // 8
+        sends = [w.isend(np.full(small, w.rank, dtype=np.float64), p, tag=1) for p in peers]
+        ok = all(np.all(w.recv(p, tag=1, timeout=20) == p) for p in peers)
+        for s in sends:
+            s.wait(timeout=20)
+        return [ok, listener.the_listener().port != parent, w._t.streams.got]
+    return mesh.spawn(pairs, 3, timeout=40, env=TCP)
+
+
+def test_a_job_forked_by_a_process_with_a_listener_has_its_own_per_rank() -> None:
+    """Each forked rank makes its own listener: sharing the parent's socket,
+    one rank accepted a stream meant for another, which then lost the
+    sender ("a stream that was never opened to this rank")."""
+    got = mesh.spawn(_forked_job, 1, timeout=55, env=TCP)
+    assert got == [[[True, True, 2]] * 3], got
