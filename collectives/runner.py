@@ -23,12 +23,12 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
-from mesh import ANY, AbortKind, Comm, MeshError, MeshTimeoutError
+from mesh import ANY, AbortKind, Comm, LostPeerError, MeshError, MeshTimeoutError
 
 from .plan import Tuning
 
 __all__ = ["Ctx", "Work", "Body", "start", "now", "NOT_NOW", "abandon", "agreed", "check_comm",
-           "caught", "where", "release", "blocking"]
+           "caught", "where", "release", "blocking", "abort_kind"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -399,6 +399,13 @@ class _Group:
                         # whole: the others raised it there; raised here it would
                         # fail whichever later call it arrived before, everywhere)
                         pass
+                    except LostPeerError as e:
+                        # a peer lost here since (not a peer's abort of that call): the
+                        # call that starts now names it (Channel.aborted), where this
+                        # said "an earlier collective failed on a peer" of one that
+                        # had not, and its error lost the peer
+                        if getattr(e, "from_abort", False):
+                            found = found or e
                     except BaseException as e:
                         found = found or e
                 elif self.calls - call > 2 and now - t > _WATCH_S:
@@ -461,6 +468,18 @@ def agreed(body: Body) -> Body:
     return run
 
 
+def abort_kind(g: Comm, e: BaseException) -> tuple[AbortKind, int | None]:
+    """The kind of abort ``e`` makes (the error class its peers raise) and
+    the lost peer it names (a world rank). A KeyboardInterrupt or SystemExit
+    (Ctrl-C, a signal handler's exit) is this rank leaving the call, and
+    mostly the job: its peers raise LostPeerError naming it, as they do
+    once its process is gone, not a plain MeshError (the interrupted rank
+    itself raises the interrupt as it is)."""
+    if not isinstance(e, Exception):
+        return AbortKind.LOST_PEER, g.ranks[g.rank]
+    return AbortKind.of(e), getattr(e, "peer", None)
+
+
 def _abort(g: Comm, tag: int, name: str, e: BaseException) -> None:
     """Fail the tag on every member; peers raise the same error class where
     the mesh carries it (mismatch, lost peer, timeout), else MeshError with
@@ -470,7 +489,7 @@ def _abort(g: Comm, tag: int, name: str, e: BaseException) -> None:
         text = text[here.index(": ") + 2:]
     else:
         text = f"{name} #{-tag} failed: {type(e).__name__}" + (f": {text}" if text else "")
-    g.collective_channel().abort(tag, text, AbortKind.of(e), getattr(e, "peer", None))
+    g.collective_channel().abort(tag, text, *abort_kind(g, e))
 
 
 def abandon(g: Comm, reason: str, kind: AbortKind = AbortKind.OTHER,

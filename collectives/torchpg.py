@@ -481,6 +481,44 @@ class ProcessGroupMeshrun(_ProcessGroup):
         self._refuse(call, f"its object cannot be pickled: {type(error).__name__}: {error}",
                      True)
 
+    def _unjoined(self, op: str, tensors: Sequence[torch.Tensor],
+                  async_op: bool) -> dist.Work | None:
+        """A coalesced call whose tensors cannot be joined (_joinable: mixed
+        dtypes) is one collective a tensor, so its ranks must agree on the
+        tensors first: a rank with one tensor more matched its last with the
+        others' next call, which took it in (an all_reduce of ones gave [6,
+        6]), and a rank whose tensors were one dtype (one collective) met
+        the others' first of two. One small collective where every member
+        sends its tensors' dtypes and shapes to every other, in the calling
+        thread (a rank whose call disagrees must not start the per-tensor
+        ones): every rank whose call is not every member's raises
+        MismatchError naming both (or meets a joined call, which differs
+        too), and each spent one call. None when they agree; else the
+        failed Work of an async call (a blocking one raises)."""
+        if len(tensors) < 2 or _joinable(tensors):
+            return None
+        sig = ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+                        for t in tensors)
+
+        def prepare(_: Any) -> tuple[dict, Callable[[Any], None]]:
+            def body(ctx: Any) -> None:
+                me, n = ctx.g.rank, ctx.g.size
+                recvs = [ctx.irecv(j) for j in range(n) if j != me]
+                sends = [ctx.isend(None, j) for j in range(n) if j != me]
+                for req in recvs + sends:
+                    req.wait()
+            return {"coll": f"{op}_coalesced", "tensors": f"[{sig}]"}, body
+        try:
+            start(self.comm, f"{op}_coalesced", prepare, False, self.timeout)
+        except Exception as e:
+            _torch_words(e, self.timeout)
+            if not async_op:
+                raise
+            work = _FutureWork()
+            work.finish(None, e)
+            return work
+        return None
+
     @staticmethod
     def _premul_problem(factor: Any, tensors: Sequence[torch.Tensor]) -> str:
         """Why PREMUL_SUM (a factor) cannot scale ``tensors`` ('' when it can)."""
@@ -573,7 +611,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
         taking its part back."""
         opts = opts or c10d.AllreduceCoalescedOptions()
         if not _joinable(tensors):
-            return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
+            return self._unjoined("all_reduce", tensors, opts.asyncOp) or self._all_reduce(
+                tensors, opts.reduceOp, opts.asyncOp)
         name, factor = _op(opts.reduceOp)
         if problem := self._premul_problem(factor, tensors):
             return self._refuse("all_reduce", problem, opts.asyncOp)
@@ -700,6 +739,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         opts: Any = None, result: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
         joined = _joinable(inputs)      # (one collective, else one a tensor: its refusal too)
+        if failed := self._unjoined("all_gather_into_tensor", inputs, opts.asyncOp):
+            return failed
         for o, x in zip(outputs, inputs):
             if o.dtype != x.dtype:
                 return self._refuse("all_gather_into_tensor", _dtypes(o, x), opts.asyncOp,
@@ -798,6 +839,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         inputs: list[torch.Tensor],
                                         opts: Any = None) -> dist.Work:
         opts = opts or c10d.ReduceScatterOptions()
+        if failed := self._unjoined("reduce_scatter_tensor", inputs, opts.asyncOp):
+            return failed
         for o, x in zip(outputs, inputs):
             if o.dtype != x.dtype:
                 return self._refuse("reduce_scatter_tensor", _dtypes(o, x), opts.asyncOp,

@@ -1585,3 +1585,98 @@ def test_a_coalesced_call_with_one_tensor_more_on_a_rank_raises_on_every_rank() 
         for said, size in ((g[3], "shape=[4]"), (g[5], "shape=[4]"), (g[7], "shape=[2, 4]")):
             assert "MismatchError" not in said and f"rank {r}:" in said and size in said, said
         assert g[4] == [2.0, 2.0] and g[6] == [1.0] * 4 and g[8] == [2.0, 2.0], g
+
+
+def coalesced_mixed_dtypes(world: Any) -> list[Any]:
+    import torch.distributed._functional_collectives as fc
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    pg = dist.distributed_c10d._get_default_group()
+    i64 = torch.int64
+    ts = [torch.ones(2), torch.full((3,), r + 1, dtype=i64)]        # agreed: their sums
+    pg.allreduce_coalesced(ts).wait()
+    got: list[Any] = [[t.tolist() for t in ts]]
+    more = [torch.full((2,), 5, dtype=i64)] if r == n - 1 else []   # one tensor more there
+    calls = [
+        lambda: pg.allreduce_coalesced([torch.ones(2), torch.ones(2, dtype=i64)] + more),
+        lambda: pg.allreduce_coalesced([torch.ones(2), torch.ones(2)] if r == 0 else
+                                       [torch.ones(2), torch.ones(2, dtype=i64)]),
+        lambda: pg.allgather_into_tensor_coalesced(
+            [torch.zeros(2 * n, dtype=x.dtype) for x in [torch.ones(2)] + more * 2],
+            [torch.ones(2)] + more * 2),
+        lambda: pg.reduce_scatter_tensor_coalesced(
+            [torch.zeros(2), torch.zeros(2, dtype=i64)][:1 + len(more)],
+            [torch.ones(2 * n), torch.ones(2 * n, dtype=i64)][:1 + len(more)]),
+        lambda: fc.all_reduce_coalesced([torch.ones(2), torch.ones(2, dtype=i64)] + more,
+                                        "sum", dist.group.WORLD)[0].tolist(),
+    ]
+    for call in calls:
+        got.append(_said(lambda: getattr(w := call(), "wait", lambda: w)()))
+        c = torch.ones(2, dtype=i64)
+        dist.all_reduce(c)          # (the group's next call lines up: n everywhere)
+        got.append(c.tolist())
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_coalesced_call_of_mixed_dtypes_unlike_across_ranks_raises_on_every_rank() -> None:
+    """A coalesced call whose tensors are of several dtypes is one collective a
+    tensor: a rank with one tensor more (``pg.allreduce_coalesced``,
+    ``_coalescing_manager``'s, functional collectives') took the others' next
+    call in (an all_reduce of ones gave [6, 6] at 2 ranks, that rank's next
+    call waiting until rank 0 left), and a rank whose tensors were one dtype
+    (one joined call) raised where the others went on out of step. Now the
+    members agree on the tensors first: every rank raises MismatchError
+    naming both calls, and the group's next call lines up."""
+    n = 3
+    got = mesh.spawn(coalesced_mixed_dtypes, n, timeout=45)
+    for r, g in enumerate(got):
+        assert g[0] == [[3.0, 3.0], [6, 6, 6]], g
+        for said in g[1:-1:2]:
+            assert said.startswith(f"rank {r}:") and "collective mismatch" in said, (r, said)
+            assert "_coalesced(tensors=[" in said, (r, said)
+        assert g[2::2] == [[n, n]] * 5, g
+
+
+def interrupted_in_a_collective(world: Any) -> list[Any]:
+    import signal
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    if r == 1:      # Ctrl-C (SIGINT) 0.5 s into its all_reduce: rank 2 is not there yet
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    elif r == 2:
+        time.sleep(1.5)
+    t0, got = time.monotonic(), []
+    try:
+        dist.all_reduce(torch.ones(2))
+        got.append("ok")
+    except KeyboardInterrupt:
+        got.append("interrupted")       # (and goes on, as in a notebook)
+    except mesh.MeshError as e:
+        got.append([type(e).__name__, getattr(e, "peer", None), str(e)])
+    got.append(time.monotonic() - t0 < 10)
+    c = torch.ones(2)
+    dist.all_reduce(c)          # the group's next call lines up
+    got.append(c.tolist())
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_interrupted_in_a_collective_is_a_lost_peer_to_the_others() -> None:
+    """A rank interrupted inside a collective (KeyboardInterrupt from Ctrl-C's
+    SIGINT, mostly on its way out) aborted the call with a plain MeshError
+    ("... all_reduce #3 failed: KeyboardInterrupt"), and a rank that came to
+    the call after it raised "an earlier collective failed on a peer after it
+    had finished here: ... broadcast_object #1 ..." (init's, which had not
+    failed) with no peer. Both now raise LostPeerError naming rank 1 and the
+    interrupt, as when its process is gone; a rank that goes on after the
+    interrupt finds the group's next call lined up."""
+    got = mesh.spawn(interrupted_in_a_collective, 3, timeout=45)
+    assert got[1] == ["interrupted", True, [3.0, 3.0]], got[1]
+    for r in (0, 2):
+        (kind, peer, said), quick, nxt = got[r]
+        assert (kind, peer, quick, nxt) == ("LostPeerError", 1, True, [3.0, 3.0]), got[r]
+        assert said.startswith(f"rank {r}: all_reduce #") and "rank 1 " in said, said
+        assert "KeyboardInterrupt" in said and "earlier collective" not in said, said

@@ -457,6 +457,40 @@ def test_an_error_that_says_nothing_is_named_without_a_dangling_colon(
     assert "KeyboardInterrupt: " not in r.stderr, r.stderr
 
 
+def test_a_rank_interrupted_in_a_collective_is_a_lost_peer_to_the_others(
+        tmp_path: Path) -> None:
+    """Rank 1 leaves on Ctrl-C's KeyboardInterrupt inside an all_reduce that
+    rank 0 waits in and rank 2 has not reached: rank 0 raised a plain
+    MeshError, and rank 2, at the call once rank 1 was gone, "an earlier
+    collective failed on a peer after it had finished here: ...
+    broadcast_object #1 ..." (the watch of a call that had not failed; its
+    LostPeerError without the peer). Both raise LostPeerError naming rank 1
+    and the interrupt now."""
+    script = tmp_path / "kbi3.py"
+    script.write_text("import signal, time, numpy as np, mesh, collectives as C\n"
+                      "def interrupt(*_):\n"
+                      "    raise KeyboardInterrupt\n"
+                      "signal.signal(signal.SIGALRM, interrupt)\n"
+                      "with mesh.init() as w:\n"
+                      "    C.broadcast_object(w, 'hi')    # (leaves a watch)\n"
+                      "    if w.rank == 1:\n"
+                      "        signal.setitimer(signal.ITIMER_REAL, 0.5)  # (inside the call)\n"
+                      "    elif w.rank == 2:\n"
+                      "        time.sleep(2)\n"
+                      "    try:\n"
+                      "        C.all_reduce(w, np.ones(1))\n"
+                      "    except mesh.MeshError as e:\n"
+                      "        who = getattr(e, 'peer', None)\n"
+                      "        print('SAID', type(e).__name__, who, e, flush=True)\n")
+    r = meshrun("-n", "3", str(script))
+    said = [ln.split(" ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith(("[0] SAID",
+                                                                                  "[2] SAID"))]
+    assert len(said) == 2, (r.stdout, r.stderr)
+    for line in said:
+        assert line.startswith("SAID LostPeerError 1 rank "), line
+        assert "rank 1 of group world: all_reduce #2 failed: KeyboardInterrupt" in line, line
+
+
 def test_the_scripts_own_options_are_its_own(tmp_path: Path) -> None:
     """Options after the script go to it, even ones that look like a prefix
     of several of meshrun's (--m: --master-addr, --master-port, --module)."""

@@ -64,12 +64,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mesh import AbortKind, Comm
+from mesh import Comm
 from mesh.peer import config_flag
 
 from ..ops import ReduceOp
 from ..plan import Tuning, rd_peers, ring_chunks
-from ..runner import Ctx, abandon, agreed, caught, start
+from ..runner import Ctx, abandon, abort_kind, agreed, caught, start
 from ..shm import board, cma, local, tiny as shm_tiny
 from ..shm.board import Round
 from ..shm.cma import peer_read
@@ -278,7 +278,7 @@ def refuse(g: Comm, tag: int, coll: str, root: Any, large: bool, nbytes: int,
     reason = (f"rank {g.ranks[g.rank]}: {coll} on group {g.name} failed: "
               f"{type(e).__name__}: {e}")
     for sub, place in _groups(topo, coll, int(root), large, nbytes):
-        abandon(numbered(sub, tag, place), reason, AbortKind.of(e), getattr(e, "peer", None))
+        abandon(numbered(sub, tag, place), reason, *abort_kind(g, e))
 
 
 Phase = tuple[Comm, int, str, Callable[[Ctx], Any]]
@@ -330,8 +330,7 @@ def _phases(ctx: Ctx, phases: list[Phase]) -> None:
         except BaseException as e:
             reason = f"{ctx.where()}: {what} failed: {e}"
             for later, at, _, _ in phases[i + (1 if made else 0):]:
-                abandon(numbered(later, ctx.tag, at), reason, AbortKind.of(e),
-                        getattr(e, "peer", None))
+                abandon(numbered(later, ctx.tag, at), reason, *abort_kind(ctx.g, e))
             if made:
                 unsettle(sub, was, e)
             raise
@@ -371,7 +370,7 @@ def _nested(ctx: Ctx, sub: Comm, what: str, inner: Comm | None, inner_what: str,
     except BaseException as e:
         if inner is not None and not made[0]:
             abandon(numbered(inner, ctx.tag, ACROSS), f"{ctx.where()}: {what} failed: {e}",
-                    AbortKind.of(e), getattr(e, "peer", None))
+                    *abort_kind(ctx.g, e))
         raise
 
 

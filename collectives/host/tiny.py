@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from mesh import AbortKind, Comm
+from mesh import Comm
 
 from ..ops import ReduceOp
 from ..plan import Tuning
-from ..runner import NOT_NOW, Body, Ctx, abandon, now, start
+from ..runner import NOT_NOW, Body, Ctx, abandon, abort_kind, now, start
 from ..shm import local as shm_local, tiny as shm_tiny
 from .hier import (ACROSS, FIRST, SMALL_COLUMN, SMALL_HOST, Topology, numbered, rd_across, refuse,
                    unsettle)
@@ -74,7 +74,7 @@ class _Plan:
                       False, left)
         except BaseException as e:
             abandon(numbered(self.column, tag, ACROSS), f"rank {self.local.ranks[self.local.rank]}"
-                    f": {self.lname} failed: {e}", AbortKind.of(e), getattr(e, "peer", None))
+                    f": {self.lname} failed: {e}", *abort_kind(self.local, e))
             unsettle(self.local, True, e)       # (a plan is made once the boards are up)
             raise
         left = max(0.0, deadline - time.monotonic())
