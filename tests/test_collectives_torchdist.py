@@ -1642,7 +1642,7 @@ def test_a_coalesced_call_of_mixed_dtypes_unlike_across_ranks_raises_on_every_ra
 def interrupted_in_a_collective(world: Any) -> list[Any]:
     import signal
     _init()
-    r, n = dist.get_rank(), dist.get_world_size()
+    r = dist.get_rank()
     if r == 1:      # Ctrl-C (SIGINT) 0.5 s into its all_reduce: rank 2 is not there yet
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
     elif r == 2:
