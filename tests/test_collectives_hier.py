@@ -159,11 +159,15 @@ def test_a_groups_first_call_mismatching_leaves_it_usable(small: bool) -> None:
     assert mesh.spawn(first_call_mismatch, 4, small, timeout=90) == [[4.0] * 3] * 4
 
 
-def test_every_hierarchical_op_matches_numpy() -> None:
-    """Pipelined columns (MESH_COLL_PIPELINE=1) with small segments and
-    window: many blocks."""
+@pytest.mark.parametrize("pipeline", ["1", "0"], ids=["pipelined", "one-round"])
+def test_every_hierarchical_op_matches_numpy(pipeline: str) -> None:
+    """Columns in one board round (once the boards are up), pipelined
+    (MESH_COLL_PIPELINE=1) or the levels one after the other, with small
+    segments and window: many blocks, and the tail of a chunk shorter than
+    a segment."""
     mesh.spawn(every_op, 4, timeout=90, env={"MESH_TIMEOUT": "20", "MESH_COLL_SEGMENT": "64K",
-                                             "MESH_COLL_WINDOW": "2", "MESH_COLL_PIPELINE": "1"})
+                                             "MESH_COLL_WINDOW": "2",
+                                             "MESH_COLL_PIPELINE": pipeline})
 
 
 def three_hosts(world: Any) -> None:
@@ -276,18 +280,21 @@ def _then_die(world: Any, count: int, small: bool, forced: Any) -> None:
         assert tiny.stats["calls"] == calls + small, tiny.stats
 
 
-@pytest.mark.parametrize("count,tcp", [(8, False), (8, True), (100_000, False),
-                                       (400_000, True)],
-                         ids=["small", "small-link", "columns", "columns-stream"])
+@pytest.mark.parametrize("count,tcp,pipeline", [(8, False, "1"), (8, True, "1"),
+                                                (100_000, False, "1"), (400_000, True, "1"),
+                                                (100_000, False, "0"), (400_000, True, "0")],
+                         ids=["small", "small-link", "columns", "columns-stream",
+                              "columns-one-round", "columns-one-round-stream"])
 def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int,
-                                                    tcp: bool) -> None:
+                                                    tcp: bool, pipeline: str) -> None:
     """Small, the short way (collectives.host.tiny): rank 1 (host b) dies as
     the call starts: rank 2 waits for it on host b's board, rank 0 (column 0
     with rank 1) on the mesh or, over tcp://, their link
     (collectives.host.link), rank 3 on rank 2's column step, which rank 2
     abandons; large: the columns' (rank 1 is in column 0 with rank 0); over
-    tcp://, halfway through the column's streams (collectives.host.stream)."""
-    env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_COLL_PIPELINE": "1"}
+    tcp://, halfway through the column's streams (collectives.host.stream);
+    the columns' round pipelined or not."""
+    env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_COLL_PIPELINE": pipeline}
     if tcp:
         env.update(MESH_FORCE_TCP="1", MESH_COLL_STREAM_MIN="64K", MESH_COLL_SEGMENT="64K")
     with pytest.raises(mesh.WorkerError) as err:

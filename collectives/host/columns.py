@@ -1,25 +1,40 @@
-"""The large hierarchical all_reduce with as many ranks on every host,
-its three levels pipelined segment by segment. Local rank i owns chunk i
-of the buffer: it reduces the chunk over its host, all-reduces it with the
-local ranks i of the other hosts (the column's ring, collectives.host.ring)
-and its host reads it back, so a segment crosses hosts while the next one
-is reduced within the host and the one before is read back::
+"""The large hierarchical all_reduce with as many ranks on every host, its
+three levels in one board round on the host (once the host's boards are
+up). Local rank i owns chunk i of the buffer: it reduces the chunk over its
+host, all-reduces it with the local ranks i of the other hosts (the
+column's ring, collectives.host.ring) and its host reads it back.
+
+By default the levels run one after the other inside the round::
 
     one board round on the host for the whole call (post the buffer's address)
+      chunk i += each local peer's chunk i             (out of its buffer)
+      column ring over chunk i
+      stage = all of chunk i final; read each local peer's chunk once it
+              says so                                  (sleeping on its stage)
+      stage DONE, wait for every peer's DONE           (no one reads us any more)
+
+One round, one preparation and one fingerprint check on the host instead of
+the three phases' two (collectives.host.hier), and fewer waits on the
+board: less of the call's fixed cost (BENCHMARKS.md, thirty-seventh
+session). With MESH_COLL_PIPELINE=1 the levels are pipelined segment by
+segment instead, so a segment crosses hosts while the next one is reduced
+within the host and the one before is read back::
+
       column ring over chunk i, with its hooks:
         first(seg)   seg += each local peer's seg      (out of its buffer)
         final(seg)   stage = segments final so far; read what the local
                      peers have made final by now      (no wait)
       read the local peers' remaining final segments   (sleeping on their stage)
-      stage DONE, wait for every peer's DONE           (no one reads us any more)
 
 The local peers know which segment a stage number means: the column ring's
-``final_regions`` of their chunk. Peer p's chunk of this rank's buffer is
-read by p in its ``first`` and written here only after p's ``final`` of the
-same segment, so it never changes under its reader. The column's ring
-(and its messages) is the one the three phases run one after the other
-(collectives.host.hier), so hosts that pipeline and hosts that do not
-(no boards) interoperate. Taken with MESH_COLL_PIPELINE=1 only (hier._pipelined).
+``final_regions`` of their chunk (one after the other, the stage jumps to
+their count at once). Peer p's chunk of this rank's buffer is read by p in
+its ``first`` and written here only after p's stage says it is final, so
+it never changes under its reader; this rank's column writes only chunk i,
+which its local peers read only once its stage says so. So the two forms
+interoperate on one host, and the column's ring (and its messages) is the
+one the three phases run one after the other (collectives.host.hier), so
+hosts that take one round and hosts that do not (no boards) interoperate.
 """
 from __future__ import annotations
 
@@ -42,10 +57,12 @@ _DONE = 1 << 40
 
 
 def host_body(buf: np.ndarray, op: ReduceOp, i: int, k: int, hosts: int, host: int,
-              column: Callable[[Callable[[Ctx], None]], None]) -> Callable[[Ctx], None]:
-    """The host group's body of the pipelined all_reduce of the flat ``buf``
-    for local rank ``i`` of ``k`` on host ``host`` of ``hosts``;
-    ``column(body)`` runs ``body`` as the column's collective."""
+              column: Callable[[Callable[[Ctx], None]], None],
+              pipelined: bool = False) -> Callable[[Ctx], None]:
+    """The host group's body of the all_reduce of the flat ``buf`` for local
+    rank ``i`` of ``k`` on host ``host`` of ``hosts``, its levels one after
+    the other or ``pipelined``; ``column(body)`` runs ``body`` as the
+    column's collective."""
     bounds = ring_chunks(buf.size, k)
     lo, hi = bounds[i]
     mine, item = buf[lo:hi], buf.itemsize
@@ -92,9 +109,21 @@ def host_body(buf: np.ndarray, op: ReduceOp, i: int, k: int, hosts: int, host: i
                 r.stage(count)
                 pull(False)
 
-            column(lambda cc: ring(cc, mine, op, 2 * (hosts - 1), hosts - 1,
-                                   hooks=(first, final)))
-            pull(True)
+            if pipelined:
+                column(lambda cc: ring(cc, mine, op, 2 * (hosts - 1), hosts - 1,
+                                       hooks=(first, final)))
+                pull(True)
+            else:
+                step = max(1, t.segment // item)    # (tmp's size)
+                for a in range(0, hi - lo, step):
+                    first(a, min(a + step, hi - lo))
+                column(lambda cc: ring(cc, mine, op, 2 * (hosts - 1), hosts - 1))
+                r.stage(len(finals[i]))
+                for p in peers:
+                    r.wait_stage([p], len(finals[p]), patient=True)
+                    a, b = bounds[p]
+                    if b > a:
+                        peer_read(lc, p, addrs[p] + a * item, buf[a:b])
             r.stage(_DONE)
             r.wait_stage(peers, _DONE)
         scratch.give(bufs)

@@ -20,8 +20,10 @@ each host), then within each host again::
                     large, as many ranks on every host: host reduce_scatter |
                     local rank i all-reduces chunk i with the local ranks i
                     of the other hosts (a ring per column, all at once) |
-                    host all_gather (pipelined segment by segment with
-                    MESH_COLL_PIPELINE=1, collectives.host.columns);
+                    host all_gather; once the host's boards are up, the
+                    three in one board round with the column nested
+                    (collectives.host.columns; pipelined segment by
+                    segment with MESH_COLL_PIPELINE=1);
                     large otherwise: as small, a ring among the leaders
     reduce_scatter  the all_reduce above on a copy, then this rank's rows
     all_gather      host gather to the leader | leaders all_gather of the
@@ -176,12 +178,14 @@ def _one_round(topo: Topology) -> bool:
     return topo.local.size > 1 and board.ready(topo.local)
 
 
-def _pipelined(topo: Topology) -> bool:
-    """Whether a large all_reduce over the columns pipelines its three
-    levels (collectives.host.columns): MESH_COLL_PIPELINE=1 (job-wide), off
-    by default: on the loaded 2-core machine it was no quicker than the
-    three phases (BENCHMARKS.md, issue 13, seventh session)."""
-    return config_flag("MESH_COLL_PIPELINE", False) and _one_round(topo)
+def _pipelined() -> bool:
+    """Whether a large all_reduce over the columns, in one board round,
+    pipelines its three levels (collectives.host.columns):
+    MESH_COLL_PIPELINE=1 (job-wide), off by default: on the 2-core machine
+    that hosts both "hosts" it was no quicker than the levels one after the
+    other, and slower under load (BENCHMARKS.md, issue 13, seventh and
+    thirty-seventh sessions)."""
+    return config_flag("MESH_COLL_PIPELINE", False)
 
 
 def _small_round(topo: Topology, nbytes: int) -> bool:
@@ -212,7 +216,7 @@ def _groups(topo: Topology, coll: str, root: int, large: bool,
     reduces = coll in ("all_reduce", "reduce_scatter")
     if _columns(topo, coll, large):
         assert topo.column is not None
-        return both + [(topo.column, ACROSS)] + ([] if _pipelined(topo) else last)
+        return both + [(topo.column, ACROSS)] + ([] if _one_round(topo) else last)
     if reduces and not large and small_columns(topo, nbytes):
         assert topo.column is not None
         return both + [(topo.column, ACROSS)]
@@ -488,20 +492,20 @@ def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp)
     """As many ranks on every host: local rank i reduces chunk i over its
     host, all-reduces it with the local ranks i of the other hosts (every
     column at once, so every rank's link to the others carries a share), and
-    the host gathers the chunks back: pipelined segment by segment in one
-    board round once the host's boards are up (collectives.host.columns),
-    else in three phases."""
+    the host gathers the chunks back: in one board round once the host's
+    boards are up (collectives.host.columns; pipelined segment by segment
+    with MESH_COLL_PIPELINE=1), else in three phases."""
     k, i = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank)
     bounds = ring_chunks(buf.size, k)
     lo, hi = bounds[i]
     item = buf.itemsize
     column = topo.column
     assert column is not None
-    if _pipelined(topo):
+    if _one_round(topo):
         _nested(ctx, topo.local, "host reduce_scatter, column all_reduce, host all_gather",
                 column, "column all_reduce",
                 lambda across: columns.host_body(buf, op, i, k, len(topo.hosts), topo.host,
-                                                 across))
+                                                 across, _pipelined()))
         return
 
     def scatter(c: Ctx) -> None:
