@@ -362,6 +362,9 @@ def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps
     broken: dict[int, str] = {}
     for r, theirs in enumerate(collectives.all_gather_object(grid.comm, failed)):
         for size, why in sorted(theirs.items()):
+            if why.startswith("PlanError: "):     # the plan's, at every size: said whole
+                raise PlanError(f"rank {grid.comm.rank}: engine.distribute: measuring the "
+                                f"layers on the sample, rank {r}: {why[len('PlanError: '):]}")
             broken.setdefault(size, f"rank {r}: {why}")
     merged: dict[int, dict[int, LayerCost]] = {s: {} for s in sizes if s not in broken}
     for (size, i), lc in got:

@@ -277,7 +277,10 @@ def _check_rewrites(torch: Any, todo: dict[str, tuple[Any, Style]], cut_before: 
     for name, (sub, style) in todo.items():
         counts = sorted(a for a, how in style.attrs.items() if callable(how))
         held = list(sub.named_parameters())
-        if not counts or not held or any(id(p) in cut for _, p in held):
+        if not counts or not held:
+            continue
+        if any(id(p) in cut for _, p in held):
+            _check_whole_inside(todo, name, sub, counts)
             continue
         params = [n for n, _ in held]
         what = ", ".join(f"{name}.{a}" for a in counts)
@@ -339,6 +342,36 @@ def _check_heads(named: dict[str, Any], todo: dict[str, tuple[Any, Style]], tp: 
                 f"rank's part into {count} heads of 1/{tp} the width (a view(..., "
                 f"self.{attr}, -1)), another attention with no error; rewrite it in the same "
                 f"plan: {entry} (a count that is no head count: set it to itself there)")
+
+
+def _check_whole_inside(todo: dict[str, tuple[Any, Style]], name: str, sub: Any,
+                        counts: list[str]) -> None:
+    """Refuse an unplanned submodule with trainable parameters inside
+    ``sub``, whose head count (``counts``) the plan divides by tp: run on
+    this rank's heads (Qwen3's per-head ``q_norm``, ``k_norm``), its whole
+    parameters got the gradient of those heads only, another on each tp
+    rank, and the ranks' copies drifted apart with nothing said. Whether it
+    sees the rank's part or whole activations is the plan's to say:
+    ``replicate`` with input ``shard`` sums its gradients over tp, plain
+    ``replicate`` keeps them."""
+    styles = {id(m): st for m, st in todo.values()}
+    theirs: set[int] = set()         # under a planned submodule: its style decides
+    for m in sub.modules():
+        if m is not sub and (id(m) in styles or getattr(m, "_tp", None) is not None):
+            theirs.update(id(p) for p in m.parameters())
+    for rel, m in sub.named_modules():
+        own = [n for n, p in m.named_parameters(recurse=False)
+               if p.requires_grad and id(p) not in theirs]
+        if not rel or not own:
+            continue
+        raise PlanError(
+            f"{name}.{rel} ({type(m).__name__}) holds whole parameters ({', '.join(own)}) "
+            f"inside {name}, whose {', '.join(counts)} the plan divides by tp, and the plan "
+            f"does not say what it sees: on this rank's part of the heads (a per-head q/k "
+            f"norm) its gradient would be those heads' only, another on each tp rank, a "
+            f"wrong result; plan it: '{name}.{rel}': {{'style': 'replicate', 'input': "
+            f"'shard'}} (its gradients summed over tp), or 'replicate' where it sees whole "
+            f"activations")
 
 
 def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
@@ -519,7 +552,8 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
             # row in the other shards, or was past their rows)
             pad = sub.padding_idx - meta.lo
             sub.padding_idx = pad if 0 <= pad < sub.num_embeddings else None
-    summed = (_sequence_params(sub, styles) if style.style == "sequence" else
+    seen_part = style.style == "sequence" or (style.style, style.input) == ("replicate", "shard")
+    summed = (_sequence_params(sub, styles) if seen_part else
               [("bias", sub.bias)] if style.style == "rowwise" and style.output != "replicate"
               else [])
     summed = [(n, p) for n, p in summed if p is not None and p.requires_grad]
@@ -598,6 +632,9 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
                             (lambda v: forward(**{key: v}, **kwargs)), x)
     if leave:
         y = _edge(g, y, leave, st.seq_dim, meta.name)
+    if st.style == "colwise" and st.output == "shard" and not st.parts and g.size > 1 \
+            and isinstance(y, torch.Tensor) and not torch.compiler.is_compiling():
+        y = _watch_blocks(y, meta)
     if st.style == "rowwise" and self.bias is not None:
         # a partial output takes the bias on tp rank 0 only (times 1, times 0
         # elsewhere): every rank has the same graph, so the bias's gradient
@@ -664,6 +701,162 @@ def _width_class() -> Any:
             return out // parts if dim % ndim == ndim - 1 else out
 
     return ShardWidth
+
+
+def _watch_blocks(y: Any, meta: _Meta) -> Any:
+    """A colwise output cut in one piece (no ``parts``), which raises where
+    the code that called the module cuts its last axis apart (``split``,
+    ``chunk``, ``unbind``, ``narrow``, ``glu``, a slice ``y[..., :n]``): that
+    is a fused projection (nanoGPT's ``c_attn`` split into q, k and v, a
+    SwiGLU's ``w12`` chunked into gate and up), whose contiguous shard holds
+    all of q and half of k on one rank, the rest on the other; each rank
+    then attended (or gated) with the wrong blocks, and no error was raised.
+    A view into heads (``view(B, T, heads, hd)``) is no cut and passes; the
+    watch covers this output itself, not what is made from it. So does a
+    function that mixes the values along that axis (a softmax or a sum over
+    it, ``q @ k.transpose(-1, -2)`` on a single head): on the shard, it
+    gave each rank a result of its own part of the features. A function of
+    each value alone (an activation) passes the watch on to its result; a
+    dropout there (T5's between ``wi`` and ``wo``) draws from this tp rank's
+    own stream (rng="rank"), as Megatron's does in a tp region."""
+    narrow = y.as_subclass(_blocks_class())
+    narrow._tp_meta = meta
+    return narrow
+
+
+_CUTS = {"split": 2, "split_with_sizes": 2, "unsafe_split": 2, "chunk": 2, "unsafe_chunk": 2,
+         "tensor_split": 2, "unbind": 1, "narrow": 1, "glu": 1}   # name: where its dim is
+
+
+def _cut_last(func: Any, args: Any, kwargs: Any, out: Any) -> list[int] | None:
+    """The sizes of the pieces ``func`` cut the last axis of ``args[0]``
+    into, or None where it cut no other axis or none."""
+    name, x = getattr(func, "__name__", ""), args[0]
+    last = x.dim() - 1
+    if name == "__getitem__":
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if any(i is None for i in index) or (
+                not any(i is ... for i in index) and len(index) < x.dim()):
+            return None
+        at = index[-1]
+        if at is ... or (isinstance(at, slice) and at == slice(None)):
+            return None
+        kept = out.shape[-1] if isinstance(at, slice) and out.dim() == x.dim() else 1
+        return [kept, x.shape[-1] - kept]
+    if name not in _CUTS:
+        return None
+    dim = kwargs.get("dim", args[_CUTS[name]] if len(args) > _CUTS[name] else
+                     (-1 if name == "glu" else 0))
+    if not isinstance(dim, int) or dim % x.dim() != last:
+        return None
+    if name == "glu":
+        return [x.shape[-1] // 2] * 2
+    if name == "narrow":
+        return None if out.shape[-1] == x.shape[-1] else [out.shape[-1],
+                                                           x.shape[-1] - out.shape[-1]]
+    sizes = [1] * len(out) if name == "unbind" else [o.shape[-1] for o in out]
+    return sizes if len(sizes) > 1 else None
+
+
+# functions over an axis that mix its values (name: where its dim is, and
+# its default: None, all of them or none, is not looked at)
+_MIXES = {"softmax": (1, None), "log_softmax": (1, None), "logsumexp": (1, None),
+          "sum": (1, None), "mean": (1, None), "amax": (1, None), "amin": (1, None),
+          "max": (1, None), "min": (1, None), "argmax": (1, None), "argmin": (1, None),
+          "topk": (2, -1), "sort": (1, -1), "argsort": (1, -1), "cumsum": (1, None),
+          "std": (1, None), "var": (1, None), "norm": (2, None), "normalize": (2, 1)}
+_CONTRACTS = ("matmul", "__matmul__", "mm", "bmm", "scaled_dot_product_attention")
+
+
+def _mixed_last(func: Any, args: Any, kwargs: Any) -> bool:
+    """Whether ``func`` mixes the values along the last axis of ``args[0]``
+    (a softmax or a sum over it, a product contracting it): on a colwise
+    shard, this rank's part of them only."""
+    name, x = getattr(func, "__name__", ""), args[0]
+    if name in _CONTRACTS:
+        return True
+    if name not in _MIXES or x.dim() == 0:
+        return False
+    at, default = _MIXES[name]
+    dim = kwargs.get("dim", args[at] if len(args) > at else default)
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return any(isinstance(d, int) and d % x.dim() == x.dim() - 1 for d in dims)
+
+
+# functions of each value alone, whose result is the same rank's part of the
+# features (watched further: an activation, then a dropout or a cut)
+_ELEMENTWISE = frozenset((
+    "gelu", "relu", "relu_", "silu", "tanh", "sigmoid", "mish", "softplus", "leaky_relu",
+    "elu", "selu", "hardswish", "hardsigmoid", "hardtanh", "relu6", "exp", "neg", "__neg__",
+    "abs", "square", "pow", "__pow__", "sqrt", "rsqrt", "mul", "__mul__", "__rmul__", "add",
+    "__add__", "__radd__", "sub", "__sub__", "__rsub__", "div", "__truediv__",
+    "__rtruediv__", "dropout", "alpha_dropout", "contiguous", "clone", "float", "to",
+    "type_as"))
+
+
+def _drops(args: Any, kwargs: Any) -> bool:
+    """Whether a dropout call (F.dropout's keywords, or torch.dropout's
+    positions) drops anything, outside a module on a tp rank's own stream."""
+    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+    train = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+    return bool(train) and p > 0 and getattr(_shared, "states", None) is None
+
+
+@functools.cache
+def _blocks_class() -> Any:
+    torch = _torch()
+
+    class ColwiseOutput(torch.Tensor):  # type: ignore[name-defined,misc]
+        """A colwise module's output, a contiguous part of its features,
+        whose last axis may not be cut into blocks nor mixed, and whose
+        dropout draws this rank's own masks (_watch_blocks)."""
+
+        @classmethod
+        def __torch_function__(cls, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            watched = bool(args) and type(args[0]) is cls
+            name = getattr(func, "__name__", "")
+            with torch._C.DisableTorchFunctionSubclass():
+                if watched and name in ("dropout", "alpha_dropout") and _drops(args, kwargs):
+                    # this rank's features: masks of its own (Megatron's tp region
+                    # dropout); on the default stream every rank drew the same mask
+                    # for its part, feature j dropped with feature j + n/tp
+                    stream = _Stream(torch, args[0]._tp_meta.group.rank)
+                    out = stream.run(lambda v: func(v, *args[1:], **kwargs), args[0])
+                else:
+                    out = func(*args, **kwargs)  # a plain tensor: the watch stays here
+                if not watched:
+                    return out
+                if name in _ELEMENTWISE and isinstance(out, torch.Tensor) and out.dim() \
+                        and out.shape[-1] == args[0].shape[-1]:
+                    return _watch_blocks(out, args[0]._tp_meta)   # still this rank's part
+                sizes = _cut_last(func, args, kwargs, out)
+                mixed = sizes is None and _mixed_last(func, args, kwargs)
+                meta, full = args[0]._tp_meta, args[0].shape[-1]
+            tp, fname = meta.group.size, getattr(func, "__name__", func)
+            if mixed:
+                raise PlanError(
+                    f"tp rank {meta.group.rank}: {meta.name}: the code calling it takes "
+                    f"{fname}() over its output's last axis, of which this rank holds {full} "
+                    f"of {full * tp} features (colwise): a result of this rank's part only, "
+                    f"another on each rank, with no error; give {meta.name} output "
+                    f"'replicate' ({{'style': 'colwise', 'output': 'replicate'}}: its output "
+                    f"whole), or cut that axis into heads first (a view)")
+            if sizes is None:
+                return out
+            guess = len(sizes) if len(set(sizes)) == 1 else tuple(n * tp for n in sizes)
+            raise PlanError(
+                f"tp rank {meta.group.rank}: {meta.name}: the code calling it cuts its output's "
+                f"last axis into {len(sizes)} pieces ({fname}: "
+                f"{sizes} of this rank's {full} features), but its plan entry (colwise) shards "
+                f"that axis in one piece over tp={tp}: a fused projection ([q; k; v], a "
+                f"SwiGLU's gate and up) would mix its blocks across the ranks, a wrong "
+                f"result; plan it {{'style': 'colwise', 'parts': {guess!r}}} (the count of "
+                f"equal blocks, or their sizes in its {full * tp} output features) and "
+                f"rewrite the sizes its caller cuts by for tp (attrs)")
+
+    return ColwiseOutput
 
 
 def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:

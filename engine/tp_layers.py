@@ -119,7 +119,8 @@ class Sharded:
         self.grad_bias = None if bias is None else np.zeros_like(bias)
         self.enter, self.leave = edges(style)
         # whole parameters fed a part of the sequence: their gradients are summed
-        self.partial = style.style == "sequence"
+        self.partial = style.style == "sequence" or (style.style, style.input) == (
+            "replicate", "shard")          # (whole, fed this rank's part of the features)
         self.partial_bias = style.style == "rowwise" and style.output != "replicate"
         self.add_bias = bias is not None and (style.output != "partial" or group.rank == 0)
         self.defer = False      # True: a Pipeline sums them after its step (engine.tp_sums)

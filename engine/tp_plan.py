@@ -21,7 +21,7 @@ enclosing module reduces):
     rowwise   Linear    columns (in) split   shard                       replicate|sequence|partial
     vocab     Embedding rows (vocab) split   replicate (ids)             replicate|sequence
     sequence  any       whole, grads summed  sequence|replicate          sequence|replicate
-    replicate any       whole                any|sequence                any|sequence
+    replicate any       whole                any|sequence|shard          any|sequence
 
 The first layout listed is the default. Megatron's sequence parallelism is a
 "sequence" region (norms, dropouts) between a rowwise (or vocab) module whose
@@ -32,6 +32,12 @@ its input), put the edges on the module: ``replicate`` with input
 ``"sequence"`` all-gathers on entry (reduce-scatters the gradient) and output
 ``"sequence"`` reduce-scatters on exit, around colwise modules with input
 ``"partial"`` and rowwise modules with output ``"partial"`` inside.
+A module whose parameters stay whole but which runs on this rank's part of
+the features or heads (Qwen3's per-head ``q_norm`` inside an attention whose
+heads are sharded) takes ``replicate`` with input ``"shard"``: its gradients,
+each rank's heads' part, are summed over the group (as a ``sequence``
+module's are); parallelize refuses such a submodule left unplanned inside a
+module whose head count it divides.
 ``attrs`` rewrites attributes that depend on the shard count after sharding:
 a callable gets ``(old value, tp size)``, any other value is set as is.
 
@@ -90,7 +96,7 @@ LAYOUTS = {
     "rowwise": (("shard",), ("replicate", "sequence", "partial")),
     "vocab": (("replicate",), ("replicate", "sequence")),
     "sequence": (("sequence", "replicate"), ("sequence", "replicate")),
-    "replicate": (("any", "sequence"), ("any", "sequence")),
+    "replicate": (("any", "sequence", "shard"), ("any", "sequence")),
 }
 STYLES = tuple(LAYOUTS)
 

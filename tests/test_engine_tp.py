@@ -1039,3 +1039,223 @@ def test_an_optimizer_made_before_parallelize_steps_the_shards():
     whole ones, which no gradient reached, and stepped nothing, silently.
     The parameters are now cut in place, the same objects."""
     assert mesh.spawn(_early_optimizer_worker, 2, timeout=100) == [(True,) * 4] * 2
+
+
+def _fused_models():
+    import torch
+    from torch import nn
+
+    class Attn(nn.Module):          # nanoGPT's: c_attn's output split into q, k, v
+        def __init__(self, d=8, h=2):
+            super().__init__()
+            self.n_head, self.n_embd = h, d
+            self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+        def forward(self, x):
+            B, T, C = x.size()
+            q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+            q, k, v = (z.view(B, T, self.n_head, -1).transpose(1, 2) for z in (q, k, v))
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    class SwiGLU(nn.Module):        # gate and up from one Linear, chunked
+        def __init__(self, d=8, h=12):
+            super().__init__()
+            self.w12, self.w3 = nn.Linear(d, 2 * h), nn.Linear(h, d)
+
+        def forward(self, x):
+            a, b = self.w12(x).chunk(2, dim=-1)
+            return self.w3(nn.functional.silu(a) * b)
+
+    class Sliced(SwiGLU):           # the same, cut by a slice
+        def forward(self, x):
+            ab = self.w12(x)
+            h = ab.shape[-1] // 2
+            return self.w3(nn.functional.silu(ab[..., :h]) * ab[..., h:])
+    torch.manual_seed(0)
+    return Attn(), SwiGLU(), Sliced()
+
+
+def _one_piece_worker(world):
+    import torch
+
+    import tp_models
+    torch.set_num_threads(1)
+    attn, glu, sliced = _fused_models()
+    half = {"n_head": tp_models._heads, "n_embd": tp_models._heads}
+    x = torch.randn(2, 4, 8)
+    errors, same = {}, {}
+    for what, mod, plan, parts in (
+            ("attn", attn, {"0": ("replicate", half), "0.c_attn": "colwise",
+                            "0.c_proj": "rowwise"}, 3),
+            ("glu", glu, {"0.w12": "colwise", "0.w3": "rowwise"}, 2),
+            ("sliced", sliced, {"0.w12": "colwise", "0.w3": "rowwise"}, 2)):
+        ref = torch.nn.Sequential(mod)
+        with pytest.raises(PlanError) as e:
+            parallelize(copy_of(ref), world, plan)(x)
+        errors[what] = str(e.value)
+        fused = "0.c_attn" if what == "attn" else "0.w12"
+        tp = parallelize(copy_of(ref), world,
+                         {**plan, fused: {"style": "colwise", "parts": parts}})
+        (tp(x) ** 2).sum().backward()
+        (ref(x) ** 2).sum().backward()
+        grads = gather_state_dict(tp, grads=True)
+        same[what] = bool(torch.allclose(tp(x), ref(x), atol=1e-6)) and all(
+            torch.allclose(grads[k], p.grad, atol=1e-5) for k, p in ref.named_parameters())
+
+    class OneHead(torch.nn.Module):     # q and k planned colwise with no heads to cut
+        def __init__(self, d=8):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+
+        def forward(self, x):
+            return torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+
+    class Router(torch.nn.Module):      # a softmax over a colwise output's features
+        def __init__(self, d=8):
+            super().__init__()
+            self.gate = torch.nn.Linear(d, 4)
+
+        def forward(self, x):
+            return x * self.gate(x).softmax(-1).amax(-1, keepdim=True)
+    for what, mod in (("one head", OneHead()), ("router", Router())):
+        with pytest.raises(PlanError) as e:
+            parallelize(torch.nn.Sequential(mod), world, {"0.[qkg]*": "colwise"})(x)
+        errors[what] = str(e.value)
+    return errors, same
+
+
+@pytest.mark.timeout(120)
+def test_a_fused_projection_sharded_in_one_piece_is_refused():
+    """A fused projection (nanoGPT's c_attn split into q, k and v, a
+    SwiGLU's w12 chunked into gate and up) planned colwise without parts=:
+    each rank's contiguous shard held other blocks than its split took it
+    for, and the attention (the MLP) computed another function with nothing
+    said. Its caller's cut now raises on every rank, naming the module and
+    the entry to write; with parts= the result is one process's. So does
+    a function mixing a colwise output's features (a single head's scores
+    q @ k^T, a router's softmax), which took this rank's part only."""
+    pytest.importorskip("torch")
+    for r, (errors, same) in enumerate(mesh.spawn(_one_piece_worker, 2, timeout=100)):
+        assert same == {"attn": True, "glu": True, "sliced": True}, same
+        assert f"tp rank {r}: 0.c_attn: the code calling it cuts its output's last axis " \
+               "into 3 pieces (split: [4, 4, 4] of this rank's 12 features)" in errors["attn"]
+        assert "plan it {'style': 'colwise', 'parts': 3}" in errors["attn"]
+        assert "0.w12: the code calling it cuts its output's last axis into 2 pieces " \
+               "(chunk: [6, 6]" in errors["glu"]
+        assert "plan it {'style': 'colwise', 'parts': 2}" in errors["glu"]
+        assert "(__getitem__: [6, 6]" in errors["sliced"], errors["sliced"]
+        assert f"tp rank {r}: 0.q: the code calling it takes matmul() over its output's last " \
+               "axis, of which this rank holds 4 of 8 features (colwise)" in errors["one head"]
+        assert "0.gate: the code calling it takes softmax() over its output's last axis" in \
+            errors["router"]
+        assert "give 0.gate output 'replicate'" in errors["router"]
+
+
+def _qk_norm_worker(world):
+    import torch
+    from torch import nn
+
+    import tp_models
+    torch.set_num_threads(1)
+
+    class Attn(nn.Module):          # Qwen3's: a norm over each head's q and k
+        def __init__(self, d=8, h=4):
+            super().__init__()
+            self.heads, self.hd = h, d // h
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+            self.q_norm, self.k_norm = nn.LayerNorm(self.hd), nn.LayerNorm(self.hd)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (z.view(b, t, self.heads, self.hd).transpose(1, 2)
+                       for z in (self.q(x), self.k(x), self.v(x)))
+            y = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+            return self.o(y.transpose(1, 2).reshape(b, t, -1))
+    torch.manual_seed(0)
+    ref = nn.Sequential(Attn())
+    with torch.no_grad():
+        for m in (ref[0].q_norm, ref[0].k_norm):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    plan = {"0": ("replicate", {"heads": tp_models._heads}), "0.[qkv]": "colwise",
+            "0.o": "rowwise"}
+    with pytest.raises(PlanError) as e:
+        parallelize(copy_of(ref), world, plan)
+    tp = parallelize(copy_of(ref), world,
+                     {**plan, "0.?_norm": {"style": "replicate", "input": "shard"}})
+    x = torch.randn(2, 4, 8)
+    for m in (ref, tp):
+        (m(x) ** 2).sum().backward()
+    grads = gather_state_dict(tp, grads=True)
+    return str(e.value), [k for k, p in ref.named_parameters()
+                          if not torch.allclose(grads[k], p.grad, atol=1e-5)]
+
+
+@pytest.mark.timeout(120)
+def test_a_whole_norm_on_sharded_heads_sums_its_gradients():
+    """A per-head q/k norm (Qwen3's q_norm) inside an attention whose heads
+    tp shards got the gradient of this rank's heads only: another on each
+    rank, none the model's, and the ranks' copies drifted apart with nothing
+    said. Left unplanned it is refused, naming it and the entry to write;
+    planned replicate with input "shard" its gradients are summed over tp."""
+    pytest.importorskip("torch")
+    for r, (error, wrong) in enumerate(mesh.spawn(_qk_norm_worker, 2, timeout=100)):
+        assert wrong == [], wrong
+        assert "0.q_norm (LayerNorm) holds whole parameters (weight, bias) inside 0, whose " \
+               "heads the plan divides by tp" in error
+        assert "'0.q_norm': {'style': 'replicate', 'input': 'shard'}" in error
+
+
+def _hidden_dropout_worker(world):
+    import torch
+    from torch import nn
+
+    import collectives
+    torch.set_num_threads(1)
+
+    class DenseReluDense(nn.Module):      # T5's: a dropout between wi and wo
+        def __init__(self):
+            super().__init__()
+            self.wi, self.wo = nn.Linear(8, 64, bias=False), nn.Linear(64, 8, bias=False)
+            self.dropout = nn.Dropout(0.5)
+
+        def forward(self, x):
+            self.h = self.dropout(torch.relu(self.wi(x)))
+            return self.wo(self.h)
+    torch.manual_seed(0)
+    ref = nn.Sequential(DenseReluDense())
+    with torch.no_grad():
+        ref[0].wi.weight.uniform_(0.1, 1.0)       # every hidden feature > 0 before its dropout
+    tp = parallelize(copy_of(ref), world, {"0.wi": "colwise", "0.wo": "rowwise"})
+    x = torch.rand(2, 3, 8)
+
+    def gathered(t):
+        return list(collectives.all_gather(world, t.detach().contiguous()))
+    out = {}
+    tp(x)
+    out["own masks"] = not torch.equal(*gathered((tp[0].h != 0).float()))
+    out["stream in step"] = torch.equal(*gathered(torch.rand(4)))
+    xr = x.clone().requires_grad_()      # recomputed under checkpoint: the same masks
+    y = torch.utils.checkpoint.checkpoint(tp, xr, use_reentrant=False)
+    kept = tp[0].h != 0
+    y.sum().backward()
+    out["recomputed alike"] = torch.equal(tp[0].h != 0, kept)
+    tp.eval()
+    ref.eval()
+    out["eval equal"] = torch.allclose(tp(x), ref(x), atol=1e-6)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_dropout_on_a_colwise_output_draws_each_ranks_own_masks():
+    """A dropout between a colwise and a rowwise Linear (T5's DenseReluDense),
+    the plan saying nothing of it, drew from the default stream, the same on
+    every tp rank: each rank's part of the hidden features got the same
+    mask, feature j dropped with feature j + 32, with nothing said. It now
+    draws this rank's own (Megatron's tp-region dropout), the default
+    stream kept in step and a recomputation drawing the same masks."""
+    pytest.importorskip("torch")
+    for out in mesh.spawn(_hidden_dropout_worker, 2, timeout=100):
+        assert out == {"own masks": True, "stream in step": True, "recomputed alike": True,
+                       "eval equal": True}, out

@@ -594,3 +594,89 @@ def test_a_last_stage_output_split_along_the_sequence_is_refused():
     for r in (2, 3):     # the last stage's ranks raise it themselves
         assert results[r][0].startswith("PlanError: pp rank 1 (tp rank"), results[r][0]
         assert "give '3.ln_f' output 'replicate'" in results[r][0], results[r][0]
+
+
+def _qk_norm_worker(world):
+    """tp_models' transformer with a per-head q norm, 2 steps through
+    engine.distribute at tp=2 (its norms' gradients summed once a step)."""
+    import torch
+
+    import engine
+    import tp_models
+    torch.set_num_threads(1)
+    job = engine.distribute(tp_models.qk_norm_model(), mesh.grid(world, pp=1, tp=2),
+                            plan=tp_models.QK_NORM, schedule="1f1b", microbatches=2,
+                            balance="uniform", loss_fn=tp_models.cross_entropy,
+                            verbose=False, timeout=60)
+    opt = torch.optim.SGD(job.parameters(), lr=0.5)
+    for step in range(2):
+        opt.zero_grad()
+        job.step(*tp_models.tokens(step, 4))
+        opt.step()
+    state = job.state_dict()
+    return None if state is None else {k: v.tolist() for k, v in state.items()}
+
+
+@pytest.mark.timeout(120)
+def test_a_per_head_norm_on_sharded_heads_trains_like_one_process():
+    """A whole norm run on each tp rank's heads (Qwen3's q_norm), planned
+    replicate with input "shard": its gradients are summed over tp, and
+    the model trains to one process's weights (left whole, each rank's
+    copy took its own heads' gradient: another model, no error)."""
+    torch = pytest.importorskip("torch")
+    import tp_models
+    ref = tp_models.qk_norm_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for step in range(2):
+        x, y = (torch.from_numpy(a) for a in tp_models.tokens(step, 4))
+        opt.zero_grad()
+        tp_models.cross_entropy(ref(x), y).backward()
+        opt.step()
+    state = mesh.spawn(_qk_norm_worker, 2, timeout=100, env=PATIENT)[0]
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _fused_distribute_worker(world):
+    """A SwiGLU's w12 planned colwise without parts=, through
+    engine.distribute with a sample: what each rank raised."""
+    import torch
+    from torch import nn
+
+    import engine
+
+    class SwiGLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w12, self.w3 = nn.Linear(8, 24), nn.Linear(12, 8)
+
+        def forward(self, x):
+            a, b = self.w12(x).chunk(2, dim=-1)
+            return self.w3(nn.functional.silu(a) * b)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(8, 8)
+    try:
+        engine.distribute(nn.Sequential(nn.Linear(8, 8), SwiGLU(), nn.Linear(8, 2)),
+                          mesh.grid(world, pp=1, tp=2), plan={"1.w12": "colwise",
+                                                              "1.w3": "rowwise"},
+                          schedule="1f1b", microbatches=2, sample=x, reps=1,
+                          loss_fn=nn.functional.mse_loss, verbose=False, timeout=60)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_distribute_says_a_plan_error_of_its_measuring_whole():
+    """A plan error raised as distribute measured the layers on the sample
+    (a fused projection sharded in one piece) was taken for a micro-batch
+    size the layers cannot run: every size failed, and the error came back
+    cut to 300 characters inside 'no candidate schedule can run', the
+    entry to write cut off."""
+    pytest.importorskip("torch")
+    for r, error in enumerate(mesh.spawn(_fused_distribute_worker, 2, timeout=100,
+                                         env=PATIENT)):
+        assert error.startswith(f"PlanError: rank {r}: engine.distribute: measuring the "
+                                "layers on the sample, rank 0: tp rank 0: 1.w12: "), error
+        assert "plan it {'style': 'colwise', 'parts': 2}" in error, error

@@ -140,3 +140,33 @@ FUSED = {
     "attn.qkv": {"style": "colwise", "parts": (4 * 2, 2 * 2, 2 * 2)},   # q, k, v rows
     "attn.proj": "rowwise",
 }
+
+
+class QKNormAttention(Attention):
+    """Attention with a norm over each head's queries (Qwen3's q_norm): a
+    whole module that runs on this rank's heads once tp shards them."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__(d, heads)
+        self.q_norm = nn.LayerNorm(d // heads)
+        with torch.no_grad():
+            self.q_norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, self.num_heads, -1).transpose(1, 2)
+                   for z in (self.q(x), self.k(x), self.v(x)))
+        a = torch.softmax(self.q_norm(q) @ k.transpose(-1, -2), dim=-1)
+        return self.o((a @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def qk_norm_model(seed: int = 0) -> nn.Sequential:
+    """model(), its blocks' attentions with a per-head q norm."""
+    m = model(seed)
+    for block in list(m)[1:-1]:
+        block.attn = QKNormAttention(DIM, HEADS)
+    return m
+
+
+# the per-head norm's gradients summed over tp: it sees this rank's heads
+QK_NORM = {**PLAIN, "*.attn.q_norm": {"style": "replicate", "input": "shard"}}
