@@ -186,6 +186,47 @@ def test_large_calls_through_arenas_and_bells() -> None:
     assert any(r["long sleeps"] for r in res), res
 
 
+def pieces(world: Any) -> list[str]:
+    """The large same-host reductions (all_reduce across processes, reduce,
+    reduce_scatter: collectives.shm.local._reduce_chunk) with local.PIECE
+    cut to a few KiB that divides no chunk, and at its default: the same
+    bytes either way, on every rank, and numpy's sum. Returns what differed."""
+    from collectives.shm import local
+    board.ARENA = 64 << 10          # (all_reduce across processes, not through the arenas)
+    rng = np.random.default_rng([7, world.rank])
+    n, bad = world.size, []
+    for count, dtype in [(300_001, "float32"), (70_001, "float64"), (90_000, "complex64")]:
+        x = (1 + 0.1 * rng.standard_normal(count)).astype(dtype)
+        xs = C.all_gather(world, x)
+        want = sum(xs[1:], xs[0].copy())
+        got = {}
+        for piece in (local.PIECE, 4100):
+            default, local.PIECE = local.PIECE, piece
+            try:
+                a = x.copy()
+                C.all_reduce(world, a, algorithm="ring")
+                m = count // n * n
+                share = C.reduce_scatter(world, x[:m].copy())
+                root = x.copy()
+                C.reduce(world, root, root=1)
+            finally:
+                local.PIECE = default
+            got[piece] = [a.tobytes(), share.tobytes(), root.tobytes() if world.rank == 1 else b""]
+            everyone = C.all_gather(world, np.frombuffer(a.tobytes(), np.uint8))
+            if any(e.tobytes() != everyone[0].tobytes() for e in everyone):
+                bad.append(f"{dtype} piece {piece}: the ranks' all_reduce differ")
+            if not np.allclose(a, want, rtol=1e-5):
+                bad.append(f"{dtype} piece {piece}: all_reduce is not the sum")
+        if len(set(map(tuple, got.values()))) != 1:
+            bad.append(f"{dtype}: another piece size gave other bytes")
+    return bad
+
+
+def test_large_reductions_give_the_same_bytes_whatever_their_pieces() -> None:
+    for rank, bad in enumerate(mesh.spawn(pieces, N, timeout=90)):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
 def unmapped(world: Any) -> dict:
     board._attach = lambda *args: None      # as where /proc/pid/fd cannot be opened
     board._CORES = 1                        # (the arenas: only where ranks outnumber cores)

@@ -82,13 +82,25 @@ def barrier(ctx: Ctx) -> None:
         r.gather()
 
 
+PIECE = 256 << 10
+"""The most bytes ``_reduce_chunk`` reads from a peer at a time: the staging
+piece and the output piece it is added into stay in a core's L2 cache (2
+MiB here) between the read and the add, while DDP's backward on the same
+cores streams its weights through it. A 25 MB all_reduce at 4 ranks on 2
+cores spent 9-22% less CPU in its reduction than with the tuning's 1 MiB
+segment, and more again below 128 KiB, where the system calls add up
+(BENCHMARKS.md, thirty-seventh session)."""
+
+
 def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
                   dst: np.ndarray, op: ReduceOp) -> None:
-    """dst = src[lo:hi] (op) every peer's [lo:hi], segment by segment through
-    one warm scratch buffer, peers in ring order from rank + 1. ``dst`` may
-    be ``src[lo:hi]`` itself."""
+    """dst = src[lo:hi] (op) every peer's [lo:hi], piece by piece (at most
+    the tuning's segment and PIECE) through one warm scratch buffer, peers
+    in ring order from rank + 1; the pieces only cut the loop, every item
+    is reduced in the same order whatever their size. ``dst`` may be
+    ``src[lo:hi]`` itself."""
     n, rank, item = ctx.g.size, ctx.g.rank, src.itemsize
-    per = max(1, ctx.tuning.segment // item)
+    per = max(1, min(ctx.tuning.segment, PIECE) // item)
     bufs = scratch.take(src.dtype, per, 1)
     in_place = np.may_share_memory(dst, src)
     for a, b in segments(lo, hi, max(1, -(-(hi - lo) // per))):
