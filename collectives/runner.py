@@ -615,7 +615,20 @@ def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
         return run()
     work = Work(ctx.where(), lambda e: _abort(g, tag, name, e))
     st.submit(run, work)
-    return work if async_op else work.wait(max(0.0, deadline - time.monotonic()))
+    if async_op:
+        return work
+    try:
+        return work.wait(max(0.0, deadline - time.monotonic()))
+    except BaseException as e:
+        if not isinstance(e, Exception) and not work._event.is_set():
+            # A blocking call queued behind the lane, its wait interrupted (Ctrl-C's
+            # KeyboardInterrupt, a signal handler's SystemExit): aborted, as one run
+            # here is, so the lane skips it (or its waits there fail) and the peers
+            # raise LostPeerError naming this rank. Left queued, it ran after the
+            # caller had the interrupt: the peers' results took this rank's tensors,
+            # written into them after the call had raised
+            _abort(g, tag, name, e)
+        raise
 
 
 NOT_NOW = object()

@@ -494,8 +494,12 @@ class ProcessGroupMeshrun(_ProcessGroup):
         ones): every rank whose call is not every member's raises
         MismatchError naming both (or meets a joined call, which differs
         too), and each spent one call. None when they agree; else the
-        failed Work of an async call (a blocking one raises)."""
-        if len(tensors) < 2 or _joinable(tensors):
+        failed Work of an async call (a blocking one raises). A call of no
+        tensors takes it too (a no-op where every member's has none): it
+        started nothing, so that rank returned at once and its next call met
+        the others' coalesced one (an all_reduce took their tensor in: [2, 2]
+        from ones at 2 ranks), or they waited to their timeout."""
+        if len(tensors) == 1 or _joinable(tensors):
             return None
         sig = ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
                         for t in tensors)

@@ -460,6 +460,19 @@ class Streams:
                     s.close()
                     self._threads.append(s.thread)
 
+    def close_in_child(self) -> None:
+        """In a child forked from this process: close its copies of the
+        streams' sockets, never shut them down (the parent's stay open, in
+        use). Kept, a copy held the connection up once the parent died: a
+        peer reading a message from it saw no end to the stream and waited
+        for the parent's silence to lose it (the peer timeout: 10 s, against
+        0.2). No lock: a thread of the parent may have held one at the fork."""
+        for s in list(self._out.values()):
+            if s.sock is not None:
+                s.sock.close()
+        for r in list(self._readers):      # (closed ones too: one may still read)
+            r.conn.close()
+
     def release(self) -> None:
         """Close the pipe (once nobody polls it: the progress thread stopped)."""
         if self._wake_w >= 0 and not any(t.is_alive() for t in self._threads):

@@ -615,6 +615,7 @@ class Transport:
         for name in ("isend", "send_ring", "recv_ring", "irecv", "iprobe", "wait", "sweep",
                      "cancel", "abort", "poke", "_drive"):
             setattr(self, name, refuse)
+        self.streams.close_in_child()
 
     def _interrupted(self, item: Pending) -> None:
         """A user's receive whose wait raised (KeyboardInterrupt, a signal

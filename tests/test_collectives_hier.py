@@ -564,6 +564,36 @@ def test_ring_links_across_hosts_run_over_streams() -> None:
     assert [g["pairs"] for g in got] == [1 + 2] * 4, got
 
 
+def _kept_across_a_fork(world: Any) -> list[Any]:
+    from collectives.host import stream
+    _fake_host(world, "ab")
+    a = np.ones(300_001, dtype=np.float32)
+    assert (C.all_reduce(world, a.copy(), algorithm="ring") == 2).all()
+    kept = [conn for conn, _ in stream._kept.values()]
+    child = os.fork()
+    if child == 0:      # the child's copies closed; the parent's (the same objects) open
+        os._exit(0 if kept and not stream._kept and all(c.fileno() == -1 for c in kept)
+                 else 1)
+    _, status = os.waitpid(child, 0)
+    made, reused = stream.stats["connects"], stream.stats["reused"]
+    ok = bool((C.all_reduce(world, a.copy(), algorithm="ring") == 2).all())
+    return [len(kept), os.waitstatus_to_exitcode(status), ok, stream.stats["connects"] - made,
+            stream.stats["reused"] - reused]
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_closes_its_copies_of_the_kept_ring_streams() -> None:
+    """A forked child (a DataLoader worker, multiprocessing's) kept copies of
+    the ring's streams kept between calls: once the parent died, the copy
+    held the connection up, and the peer, waiting on it for the next call's
+    tag, saw no end to it and waited for the parent's silence (the peer
+    timeout). The child closes its copies at the fork, never shutting them
+    down: the parent's next call reuses both."""
+    got = mesh.spawn(_kept_across_a_fork, 2, timeout=50, env={
+        "MESH_TIMEOUT": "20", "MESH_FORCE_TCP": "1", "MESH_COLL_STREAM_MIN": "64K"})
+    assert got == [[2, 0, True, 0, 1]] * 2, got
+
+
 def _valid_then_bad(world: Any) -> list[str]:
     """An async two-level call, then a call that fails on its own arguments
     on every rank: the failing call's sub-group phases are failed after the

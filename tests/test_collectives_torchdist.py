@@ -1680,3 +1680,101 @@ def test_a_rank_interrupted_in_a_collective_is_a_lost_peer_to_the_others() -> No
         assert (kind, peer, quick, nxt) == ("LostPeerError", 1, True, [3.0, 3.0]), got[r]
         assert said.startswith(f"rank {r}: all_reduce #") and "rank 1 " in said, said
         assert "KeyboardInterrupt" in said and "earlier collective" not in said, said
+
+
+def coalesced_of_no_tensors(world: Any) -> list[Any]:
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    pg = dist.distributed_c10d._get_default_group()
+    dist.all_reduce_coalesced([])           # none anywhere: a no-op
+    got: list[Any] = []
+    ins = [] if r == 0 else [torch.ones(2)]          # none on rank 0, one tensor elsewhere
+    calls = [
+        lambda: dist.all_reduce_coalesced(ins),
+        lambda: dist.all_reduce_coalesced([] if r == 0 else [torch.ones(2), torch.ones(2)]),
+        lambda: pg.allgather_into_tensor_coalesced([torch.zeros(2 * n) for _ in ins],
+                                                   ins).wait(),
+        lambda: pg.reduce_scatter_tensor_coalesced(
+            [torch.zeros(2) for _ in ins], [torch.ones(2 * n) for _ in ins]).wait(),
+        lambda: pg.allreduce_coalesced(list(ins), _coalesced_options(True)).wait(),
+    ]
+    for call in calls:
+        t = time.monotonic()
+        got.append(_said(call))
+        got.append(time.monotonic() - t < 10)
+        c = torch.ones(2)
+        dist.all_reduce(c)          # (rank 0's took the others' tensor in: [2, 2])
+        got.append(c.tolist())
+    dist.destroy_process_group()
+    return got
+
+
+def _coalesced_options(async_op: bool) -> Any:
+    opts = dist.AllreduceCoalescedOptions()
+    opts.asyncOp = async_op
+    return opts
+
+
+@pytest.mark.timeout(60)
+def test_a_coalesced_call_of_no_tensors_on_one_rank_raises_on_every_rank() -> None:
+    """A rank whose coalesced call has no tensors (``all_reduce_coalesced([])``,
+    ``all_gather_into_tensor_coalesced`` or ``reduce_scatter_tensor_coalesced``
+    of empty lists) started nothing and returned: its next call met the
+    others' coalesced call (an all_reduce took their tensor in, silently) or
+    they waited to their timeout. Every rank raises MismatchError naming the
+    empty call now, and the group's next call lines up; a call of none on
+    every rank is a no-op."""
+    got = mesh.spawn(coalesced_of_no_tensors, 2, timeout=45)
+    for r, g in enumerate(got):
+        for said in g[0::3]:
+            assert said.startswith(f"rank {r}:") and "collective mismatch" in said, (r, said)
+            assert "_coalesced(tensors=[])" in said, (r, said)
+        assert g[1::3] == [True] * 5 and g[2::3] == [[2.0, 2.0]] * 5, g
+
+
+def interrupted_behind_the_lane(world: Any) -> list[Any]:
+    import signal
+    _init()
+    r = dist.get_rank()
+    dist.barrier()
+    got: list[Any] = []
+    if r == 1:
+        first = dist.all_reduce(torch.ones(2), async_op=True)     # on the lane: rank 0 is late
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            dist.all_reduce(torch.ones(3))      # blocking, queued behind it; Ctrl-C at 1 s
+            got.append("ok")
+        except KeyboardInterrupt:
+            got.append("interrupted")           # (and goes on, as in a notebook)
+        first.wait()
+    else:
+        time.sleep(3)
+        a, b = torch.ones(2), torch.ones(3)
+        dist.all_reduce(a)
+        got.append(a.tolist())
+        try:
+            dist.all_reduce(b)                  # (took rank 1's interrupted call: [2, 2, 2])
+            got.append(b.tolist())
+        except mesh.MeshError as e:
+            got.append([type(e).__name__, getattr(e, "peer", None), str(e)])
+    c = torch.ones(2)
+    dist.all_reduce(c)          # the group's next call lines up
+    got.append(c.tolist())
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_blocking_call_interrupted_behind_the_lane_is_a_lost_peer_to_the_others() -> None:
+    """A blocking collective made while an async one still runs waits behind
+    it on the group's lane; Ctrl-C in that wait raised KeyboardInterrupt,
+    but the call stayed queued and ran later: rank 0's all_reduce took rank
+    1's tensor in after rank 1 had been told it was interrupted. It is
+    aborted now, as a call interrupted in the calling thread is: rank 0
+    raises LostPeerError naming rank 1 and the interrupt."""
+    got = mesh.spawn(interrupted_behind_the_lane, 2, timeout=45)
+    assert got[1] == ["interrupted", [2.0, 2.0]], got[1]
+    first, (kind, peer, said), nxt = got[0]
+    assert first == [2.0, 2.0] and nxt == [2.0, 2.0], got[0]
+    assert (kind, peer) == ("LostPeerError", 1), got[0]
+    assert "rank 1 of group world: all_reduce #" in said and "KeyboardInterrupt" in said, said

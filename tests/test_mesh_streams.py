@@ -120,6 +120,63 @@ def test_a_sender_killed_mid_stream_is_named_lost(tmp_path: Path) -> None:
     assert "peer rank 1 is gone" in text, text
 
 
+def _killed_mid_stream_with_a_child(world: mesh.Mesh, result: str) -> None:
+    if world.rank == 1:
+        _ready(world, 0)
+        world.recv(0, tag=5)        # rank 0's stream from this rank is open too
+        child = os.fork()           # long-lived (a DataLoader worker's, multiprocessing's)
+        if child == 0:
+            time.sleep(20)
+            os._exit(0)
+        Path(result + ".child").write_text(str(child))
+        world.send(np.ones(N), 0, tag=1)     # the parent's stream still works
+
+        def half_then_die(sock: socket.socket, mv: memoryview) -> None:
+            sock.sendall(mv[:len(mv) // 2])
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        mstreams._send_payload = half_then_die
+        world.send(np.ones(N), 0, tag=1)
+        time.sleep(30)
+        return
+    deadline = time.monotonic() + 20
+    while 1 not in world._t.streams._in:
+        assert time.monotonic() < deadline, "no stream from rank 1"
+        time.sleep(0.01)
+    world.send("go", 1, tag=5)
+    first = world.recv(1, tag=1, timeout=30)
+    t = time.monotonic()
+    try:
+        world.recv(1, tag=1, out=np.zeros(N), timeout=30)
+        what = "received"
+    except mesh.LostPeerError as e:
+        what = f"{type(e).__name__} {e.peer} {time.monotonic() - t:.1f} {e}"
+    Path(result).write_text(f"{world._t.streams.got} {bool(np.all(first == 1))} {what}")
+
+
+def test_a_sender_killed_mid_stream_with_a_forked_child_is_named_lost(tmp_path: Path) -> None:
+    """A rank forks a long-lived child, then dies mid-stream: the child's copy
+    of the stream's socket held the connection up, so the receiver saw no
+    end to it and waited for the sender's silence to lose it (the peer
+    timeout: 20 s here). The child's copies are closed at the fork (the
+    parent's stream goes on): the receive raises within seconds."""
+    result = tmp_path / "result"
+    try:
+        with pytest.raises(mesh.WorkerError):
+            mesh.spawn(_killed_mid_stream_with_a_child, 2, str(result), timeout=50, settle=30,
+                       env={**TCP, "MESH_PEER_TIMEOUT": "20"})
+    finally:
+        child = tmp_path / "result.child"
+        if child.exists():
+            try:
+                os.kill(int(child.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    got, whole, kind, peer, secs, said = result.read_text().split(" ", 5)
+    assert (got, whole, kind, peer) == ("1", "True", "LostPeerError", "1"), result.read_text()
+    assert float(secs) < 10 and "stream ended mid-message" in said, result.read_text()
+
+
 def _stopped_mid_stream(world: mesh.Mesh, result: str) -> None:
     if world.rank == 1:
         def half_then_stop(sock: socket.socket, mv: memoryview) -> None:

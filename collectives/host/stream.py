@@ -54,6 +54,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -84,6 +85,28 @@ mesh's group, even one of the same id, keeps its own, and the table holds
 no group alive."""
 _kept_groups: set[Any] = set()           # groups whose drop (or mesh close) drops theirs
 _kept_lock = threading.Lock()
+_links: "weakref.WeakSet[Links]" = weakref.WeakSet()    # the calls' links under way
+
+
+def _close_in_child() -> None:
+    """In a child forked from this process: close its copies of the kept
+    connections and of those of calls under way, never shut them down (the
+    parent's stay open, in use). Kept, a copy held the connection up once
+    the parent died: its peer, waiting on it for the next call's tag or a
+    segment, saw no end and waited for the parent's silence to lose it (the
+    peer timeout). The lock is a new one: a thread of the parent may have
+    held it at the fork."""
+    global _kept_lock
+    _kept_lock = threading.Lock()
+    socks = [conn for conn, _ in _kept.values()]
+    socks += [s for links in list(_links) for s in (links.out, links.inp) if s is not None]
+    _kept.clear()
+    _kept_groups.clear()
+    for sock in socks:
+        sock.close()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _group_key(g: Any) -> tuple[int, int]:
@@ -197,6 +220,7 @@ class Links:
         self.thread = threading.Thread(target=self._loop, daemon=True,
                                        name=f"mesh-stream-{ctx.where()}")
         self.thread.start()
+        _links.add(self)
 
     def isend(self, arr: np.ndarray) -> _Req:
         return self._post(self.sends, _Req(self, arr))
