@@ -573,12 +573,16 @@ def _layered_job(world, tp):
     args = dict(grid=mesh.grid(world, pp=2, tp=tp), plan=plan, schedule="1f1b", microbatches=2,
                 balance="uniform", sample=x, loss_fn=torch.nn.functional.mse_loss,
                 timeout=60, reps=1, verbose=False)
-    probe = engine.distribute(blocks(), **args, recompute="auto", memory_limit=1e12)
-    peaks = {(c.recompute, c.layered): c.peak_bytes for c in probe.candidates}
+    # under a limit every candidate meets, the fastest keeps its activations: that
+    # job is the one to train beside (one distribute less than a job of its own)
+    kept = engine.distribute(blocks(), **args, recompute="auto", memory_limit=1e12,
+                             tag_base=1 << 20)
+    peaks = {(c.recompute, c.layered): c.peak_bytes for c in kept.candidates}
     job = engine.distribute(blocks(), **args, recompute="auto",
                             memory_limit=peaks[(True, True)])
-    kept = engine.distribute(blocks(), **args, tag_base=1 << 20)
     out = {"peaks": peaks, "layered": job.chosen.layered, "again": job.chosen.recompute,
+           "kept_as": (kept.chosen.recompute, kept.chosen.layered,
+                       [(st.recompute, st.layered) for st in kept.stages]),
            "stages": [(type(st).__name__, getattr(st, "layered", None)) for st in job.stages]}
     for name, j in (("job", job), ("kept", kept)):
         opt = torch.optim.SGD(j.parameters(), lr=0.1)
@@ -604,6 +608,7 @@ def test_distribute_recomputes_transformer_blocks_layer_by_layer(tp):
         assert r["layered"] and r["again"]
         again = r["again"] is True or pp_rank in r["again"]
         assert r["stages"] == [("TorchStage", again)]
+        assert r["kept_as"] == (False, False, [(False, False)])    # nothing recomputed
         assert r["job"][0] == r["kept"][0]
         for a, b in zip(r["job"][1], r["kept"][1], strict=True):
             assert torch.equal(a, b)

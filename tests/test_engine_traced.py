@@ -358,7 +358,7 @@ def _meta_worker(world, axes):
     with torch.device("meta"):                 # no rank holds the whole model's memory
         gpt = nanogpt.GPT(CFG).double()
     job = engine.distribute(gpt, grid, plan=nanogpt.PLAN if "tp" in axes else None,
-                            sample=_batch(0)[0], microbatches=2, timeout=60,
+                            sample=_batch(0)[0], microbatches=2, timeout=60, reps=1,
                             verbose=False)      # auto: the layers timed on real copies
     held = [p for p in gpt.parameters() if not p.is_meta]
     assert 0 < len(held) < len(list(gpt.parameters())), "a stage only, made real"
@@ -677,6 +677,7 @@ def _hf_tp_worker(world, recompute):
                             plan={"layer.*.up": "colwise", "layer.*.down": "rowwise"},
                             schedule="zb-h1", microbatches=2, balance="parameters",
                             sample=_skip_data("hf", 0)[0], timeout=60, verbose=False,
+                            reps=1,     # (the sample is for the trace: timed once is enough)
                             recompute=recompute)  # tp collectives in the forward run again
     return _trained(job, lambda step: _skip_data("hf", step))
 

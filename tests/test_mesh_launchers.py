@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Iterator
@@ -89,19 +90,27 @@ def test_mpirun_and_torchrun_inside_a_meshrun_rank(tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     mpirun = ["mpirun", "--oversubscribe", "--bind-to", "none", "-n", "3", sys.executable,
               str(SCRIPT)]
-    inner.write_text(f"import subprocess, sys\nsys.exit(subprocess.run({mpirun!r}).returncode)\n")
+    tr = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(SCRIPT)]
+    # one meshrun rank starts both, one after the other (a meshrun job less); torchrun
+    # without the variables that let mpirun run as root, as it ran in a job of its own
+    inner.write_text(textwrap.dedent(f"""\
+        import os, subprocess, sys
+        if subprocess.run({mpirun!r}).returncode:
+            sys.exit("mpirun failed")
+        print("--- torchrun", flush=True)
+        if {torchrun.exists()!r}:
+            env = {{k: v for k, v in os.environ.items() if not k.startswith("OMPI_ALLOW")}}
+            sys.exit(subprocess.run({tr!r}, env=env).returncode)
+        """))
     root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     out = _run([sys.executable, "-m", "mesh.launch", "-n", "1", str(inner)],
                _clean_env(**root))
-    assert sorted(ln[4:] for ln in out.splitlines() if ln.startswith("[0] rank ")) == \
+    mpi_out, _, tr_out = out.partition("[0] --- torchrun\n")
+    assert sorted(ln[4:] for ln in mpi_out.splitlines() if ln.startswith("[0] rank ")) == \
         _expected(3), out
     if not torchrun.exists():
         return
-    tr = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(SCRIPT)]
-    inner.write_text(f"import subprocess, sys\nsys.exit(subprocess.run({tr!r}).returncode)\n")
-    out = _run([sys.executable, "-m", "mesh.launch", "-n", "1", str(inner)],
-               _clean_env())
-    assert sorted(ln[4:] for ln in out.splitlines() if ln.startswith("[0] rank ")) == \
+    assert sorted(ln[4:] for ln in tr_out.splitlines() if ln.startswith("[0] rank ")) == \
         _expected(2), out
 
 

@@ -297,18 +297,20 @@ def test_collectives_stay_right_over_a_slow_link(hosts: Hosts, tmp_path: Path) -
 def test_a_message_slower_than_the_peer_timeout_arrives(hosts: Hosts, tmp_path: Path,
                                                         stream: str) -> None:
     """One point-to-point array across the hosts that takes twice
-    MESH_PEER_TIMEOUT to cross a 40 Mbit/s link, each way at once (rank 0
+    MESH_PEER_TIMEOUT to cross a 96 Mbit/s link, each way at once (rank 0
     to rank 2 into a fresh array, rank 2 to rank 0 into out=): it arrives
     whole, and its sender is not declared lost meanwhile, though its
     heartbeats cannot overtake the message (it travels in pieces, each
     heard; the heartbeats go between them). By stream (mesh.streams) the
     heartbeats go beside it, and each read of the stream is word too."""
-    hosts.limit("40mbit")       # (an 8 MiB piece in 1.7 s; the message in 6.7 s)
-    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(32 << 20)],
-                       MESH_PEER_TIMEOUT="3",
+    # (an 8 MiB piece in 0.7 s: 1.3 s of the timeout left for a stall, as 1.7 s
+    # pieces under a timeout of 3 s left; the message in 4.2 s, twice the timeout)
+    hosts.limit("96mbit")
+    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(48 << 20)],
+                       MESH_PEER_TIMEOUT="2",
                        MESH_P2P_STREAM_MIN="4M" if stream == "stream" else "0")
     assert reports[0]["endpoints"][2].startswith("tcp://"), reports[0]
-    assert min(reports[r]["big"] for r in (0, 2)) > 6, reports    # (longer than the timeout)
+    assert min(reports[r]["big"] for r in (0, 2)) > 4, reports    # (longer than the timeout)
     assert reports[0]["streams"] == ([1, 1] if stream == "stream" else [0, 0]), reports
 
 

@@ -54,8 +54,19 @@ _CODE = textwrap.dedent("""\
     """)
 
 
+def _script_env(**extra: str) -> dict[str, str]:
+    """The environment of a script that calls mesh.spawn itself, as a user
+    runs one: without conftest's MESH_SPAWN_PRELOAD, which is for this
+    process's fork server (the script's own would import torch and
+    torch._dynamo before its first rank, for ranks that never use them: 10 s
+    on the loaded 2-core machine, each script)."""
+    env = {k: v for k, v in os.environ.items() if k != "MESH_SPAWN_PRELOAD"}
+    env.update(PYTHONPATH=str(REPO), **extra)
+    return env
+
+
 def _python(*args: str, stdin: str | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = _script_env()
     r = subprocess.run([sys.executable, *args], input=stdin, cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=75)
     assert r.returncode == 0, r.stderr
@@ -121,7 +132,7 @@ def test_function_under_the_main_guard_is_named_in_the_error(tmp_path: Path) -> 
             except mesh.WorkerError as e:
                 print(str(e).splitlines()[-1])
         """))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = _script_env()
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=75)
     assert "not under `if __name__ == '__main__':`" in r.stdout, r.stdout + r.stderr
@@ -138,7 +149,7 @@ def test_a_call_at_the_scripts_top_level_runs_in_forks(tmp_path: Path) -> None:
             return world.rank * n
         print(mesh.spawn(fn, 2, 10, timeout=40))
         """))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = _script_env()
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=75)
     assert r.stdout == "[0, 10]\n", r.stdout + r.stderr
@@ -166,7 +177,7 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path: Path, sig: str) 
     script = tmp_path / "orphans.py"
     script.write_text(_ORPHAN)
     # (TMPDIR: the folder of the ranks' sockets, which a killed caller leaves, stays in tmp_path)
-    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+    env = _script_env(TMPDIR=str(tmp_path))
     parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pid")], env=env,
                               cwd=tmp_path)
     try:
@@ -317,9 +328,8 @@ def test_a_fork_server_started_with_one_blas_thread_gives_back_the_callers_setti
     starts with OPENBLAS_NUM_THREADS=1: ranks of a one-thread share run no
     BLAS thread, a lone rank gets OpenBLAS's default, and neither the caller
     nor the caller's own fork-server processes see the variable."""
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in _script_env().items()
            if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")}
-    env["PYTHONPATH"] = str(REPO)
     out = subprocess.run([sys.executable, "-c", ONE_BLAS_SERVER, str(REPO / "tests")],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
