@@ -172,6 +172,7 @@ class Calibration:
     crowded: bool = False
     receive: float = 0.0      # a receive's own time once its message is due (message_times)
     cores: float | None = None   # pp ranks that compute at once at full speed (shared_cores)
+    load: float = 0.0            # others' processes on those cores, pp ranks' worth (fitted_load)
 
 
 def _helpers() -> dict[int, int]:

@@ -674,6 +674,7 @@ class Candidate:
     # its stages recompute their forward in the backward (all, or the stages of a set)
     recompute: bool | frozenset[int] = False
     cores: float | None = None      # simulated with the ranks sharing this many cores (retimed)
+    load: float = 0.0               # and with others' processes wanting them, ranks' worth
     # the recomputing stages go layer by layer (each keeps its layers' inputs
     # and makes one layer's activations again at a time), not whole
     layered: bool = False
@@ -848,7 +849,7 @@ def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0
             helper: float = 0.0, send: float | None = None,
             recv: float | None = None,
             runs: Sequence[Mapping[int, LayerCost]] = (),
-            cores: float | None = None) -> Candidate:
+            cores: float | None = None, load: float = 0.0) -> Candidate:
     """``cand`` simulated again with the stages of ``times`` (stage index:
     its F, B, I and W, timed whole again, e.g. right before the steps) in
     place of their profiled costs, plus ``overhead`` per action and the
@@ -864,21 +865,23 @@ def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0
     each step simulated from its own actions; 1F1B(2,8): none). With
     ``cores`` (fewer than the ranks: engine.simulate's), the ranks share
     that many cores, and ``overhead`` is each action's unshared
-    ``"fixed"`` cost instead of a part of its own."""
+    ``"fixed"`` cost instead of a part of its own; ``load``, others'
+    processes sharing them too (engine.simulate's)."""
     charge = helper_charge(cand.schedule, helper)
     costs = _with_times(cand.costs, times, overhead, charge, cores is not None)
     if send is not None:
         costs["send"] = [send] * len(costs["send"])
     if recv is not None:
         costs["recv"] = [recv] * len(costs["send"])
-    rep = cand.schedule.simulate(costs, cores)
+    rep = cand.schedule.simulate(costs, cores, load)
     makespan = rep.makespan
     if runs:
         makespan = statistics.median([
             cand.schedule.simulate(_with_times(costs, run, overhead, charge, cores is not None),
-                                   cores).makespan
+                                   cores, load).makespan
             for run in runs])
-    return replace(cand, makespan=makespan, bubble=rep.bubble, costs=costs, cores=cores)
+    return replace(cand, makespan=makespan, bubble=rep.bubble, costs=costs, cores=cores,
+                   load=load)
 
 
 def _with_times(costs: Mapping[str, list[float]], times: Mapping[int, LayerCost],
@@ -910,7 +913,7 @@ def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
     run_row, run_whole = as_run(row, whole, cand.recompute, cand.counts)
     costs = stage_costs(run_row, cand.counts, scale, overhead, send, run_whole, charge, recv,
                         cand.cores is not None)
-    rep = cand.schedule.simulate(costs, cand.cores)
+    rep = cand.schedule.simulate(costs, cand.cores, cand.load)
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True)
 
 

@@ -460,7 +460,8 @@ def _stretch(cpu: dict[str, list[float]], wall: dict[str, list[float]],
 def _shared_walls(sched: Schedule, spin: dict[str, list[float]], cal: Calibration
                   ) -> dict[str, list[float]]:
     """Per kind and stage, the mean wall of a compute action of the dry run
-    as the simulator predicts it with the ranks sharing ``cal.cores``
+    as the simulator predicts it with the ranks sharing ``cal.cores`` (and
+    others' processes, ``cal.load``)
     (``spin``: each action's CPU; the executor's own time per action, its
     messages and receives as the dry run measured them), without the
     executor's own time: what ``_stretch`` compares the dry run's with."""
@@ -468,12 +469,48 @@ def _shared_walls(sched: Schedule, spin: dict[str, list[float]], cal: Calibratio
     costs = {**spin, "send": [cal.message] * n, "recv": [cal.receive] * n,
              "fixed": [cal.action] * n}
     sums: dict[tuple[str, int], list[float]] = {}
-    for e in sched.simulate(costs, cal.cores).events:
+    for e in sched.simulate(costs, cal.cores, cal.load).events:
         if e.action.kind in ("F", "B", "I", "W"):
             sums.setdefault((e.action.kind, e.action.stage), []).append(
                 e.end - e.start - cal.action)
     return {k: [sum(v) / len(v) if (v := sums.get((k, s))) else 0.0 for s in range(n)]
             for k in ("F", "B", "I", "W")}
+
+
+# The dry run's compute walls over the simulator's, past which the rest is
+# taken for others' processes on the cores (fitted_load)
+_LOADED = 1.1
+
+
+def fitted_load(sched: Schedule, spin: dict[str, list[float]], cal: Calibration,
+                cores: float, wall: dict[str, list[float]]) -> float:
+    """Others' processes on the host's cores, in pp ranks' worth
+    (engine.simulate's ``load``), that make the simulator's compute walls
+    of the dry run of ``sched`` (its actions' CPU ``spin``, the ranks
+    sharing ``cores`` pp ranks' worth, ``cal``'s executor costs) as long,
+    summed over the stages and kinds it ran, as the dry run's (``wall``:
+    DryRun.compute): what the share of the cores the dry run got says of
+    the others, with the steps' own pattern of waits (a rank that waited
+    for a message is woken ahead of processes that compute without
+    pause). 0 where the dry run is within 10% of the simulator without
+    any: a quiet machine predicts as before."""
+    pairs = [(k, s) for k in ("F", "B", "I", "W") for s in range(sched.num_stages)
+             if wall.get(k) and wall[k][s] > 0 and spin[k][s] > 0]
+    measured = sum(wall[k][s] for k, s in pairs)
+
+    def simulated(load: float) -> float:
+        walls = _shared_walls(sched, spin, replace(cal, cores=cores, load=load))
+        return sum(walls[k][s] for k, s in pairs)
+
+    if not pairs or measured <= _LOADED * simulated(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while simulated(hi) < measured and hi < 1024:
+        lo, hi = hi, 2 * hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if simulated(mid) < measured else (lo, mid)
+    return hi
 
 
 def _stretched(lc: LayerCost, by: float) -> LayerCost:
@@ -613,7 +650,11 @@ class Job:
         again from those times and those costs:
         ``predicted`` then reflects the machine as it is now, right before
         the steps, and ``calibration`` holds the dry run's figures
-        (``profile_calibration`` and ``profiled`` keep the choice's own).
+        (``profile_calibration`` and ``profiled`` keep the choice's own),
+        and, where the ranks share the cores and the dry run ran more than
+        10% longer than the simulator makes it, others' processes on them
+        (``calibration.load``: ``fitted_load``), which the simulator then
+        shares the cores with too.
         distribute does it once before returning. Collective over the grid;
         returns the new prediction, or None (nothing timed) when the costs
         were not measured. Tensor-parallel stages are timed with their
@@ -664,6 +705,12 @@ class Job:
             cal = replace(cal, action=dry.action, message=dry.message,
                           helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper,
                           receive=dry.receive)
+            # where the ranks share the cores: others' processes on them too, as many
+            # as make the simulated dry run as long as the measured one (none where it
+            # is within 10%: as before)
+            if cal.cores is not None:
+                cal = replace(cal, load=fitted_load(self.chosen.schedule, spin, cal,
+                                                    cal.cores, dry.compute or {}))
             self.calibration = cal
             shared = None if cal.cores is None else _shared_walls(self.chosen.schedule, spin,
                                                                   cal)
@@ -674,7 +721,8 @@ class Job:
             self.stretch = stretch
             helper = 0.0         # the stretch holds the mesh threads' share where they take one
         self.chosen = retimed(self.chosen, times, cal.action, helper, cal.message,
-                              cal.receive, runs, cores=cal.cores if calibrated else None)
+                              cal.receive, runs, cores=cal.cores if calibrated else None,
+                              load=cal.load if calibrated else 0.0)
         return self.chosen.makespan
 
     def _loss(self) -> tuple[int, Callable[[Any], Any]] | None:

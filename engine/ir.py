@@ -223,17 +223,17 @@ class Schedule:
         return verify(self)
 
     def simulate(self, costs: Mapping[str, Any] | None = None,
-                 cores: float | None = None) -> "SimReport":
+                 cores: float | None = None, load: float = 0.0) -> "SimReport":
         """Predicted timeline, makespan, bubble and peak activations
-        (``cores``: engine.simulate's)."""
+        (``cores`` and ``load``: engine.simulate's)."""
         from .simulate import simulate
-        return simulate(self, costs, cores)
+        return simulate(self, costs, cores, load)
 
     def render(self, costs: Mapping[str, Any] | None = None,
-               cores: float | None = None) -> str:
+               cores: float | None = None, load: float = 0.0) -> str:
         """Text grid, ranks x time, bubbles shown as '.' (see engine.render)."""
         from .render import render
-        return render(self, costs, cores)
+        return render(self, costs, cores, load)
 
     def __str__(self) -> str:
         """Name, sizes and each rank's list; cheap (``render()`` draws the grid)."""

@@ -26,9 +26,10 @@ _SHOWN = ("F", "B", "I", "W", "AR", "OPT")
 
 
 def render(sched: Schedule, costs: Mapping[str, Cost] | None = None,
-           cores: float | None = None) -> str:
+           cores: float | None = None, load: float = 0.0) -> str:
     """Grid of ``sched`` simulated with ``costs`` (unit costs by default;
-    ``cores``: engine.simulate's, the ranks sharing that many cores).
+    ``cores`` and ``load``: engine.simulate's, the ranks sharing that many
+    cores with that many others' processes).
 
     The time unit is the smallest positive cost of an action shown, so with
     ``{"F": 1, "B": 2}`` a backward takes two cells; or a half, a third...
@@ -38,7 +39,7 @@ def render(sched: Schedule, costs: Mapping[str, Cost] | None = None,
     every action is shown, in order, though some cells then stretch."""
     merged: dict[str, Cost] = dict(UNIT_COSTS)
     merged.update(costs or {})
-    report = simulate(sched, merged, cores)
+    report = simulate(sched, merged, cores, load)
     shown = [e for e in report.events if e.action.kind in _SHOWN and e.end > e.start]
     if not shown:
         return "\n".join(f"{r} |" for r in range(sched.num_ranks))

@@ -21,10 +21,16 @@ host to itself takes its cost and one that overlaps others' takes longer;
 work, unshared (the executor's own, measured where it ran; without
 ``cores`` it is simply added to F, B, I and W), and AR and OPT are
 unshared waits too (the dp group's all-reduce, timed where it ran). The
-walk then goes in time order.
+walk then goes in time order. ``load``: other processes on the host that
+want the cores too, in ranks' worth (others' jobs, fitted to a dry run
+before the step: engine.distribute.fitted_load), so ``k`` computing ranks each get
+``min(1, cores / (k + load))``: a rank computing alone on a host that
+others load gets less than the whole of it, and little more than one that
+overlaps (with load 0 the sharing above, unchanged).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
@@ -65,13 +71,15 @@ def _cost(costs: Mapping[str, Cost], key: str, stage: int) -> float:
 
 
 def replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
-           cores: float | None = None) -> Replay:
+           cores: float | None = None, load: float = 0.0) -> Replay:
     """Run every rank's list of the lowered ``sched``; an action whose kind
-    (or ``"send"``) has no cost in ``costs`` takes no time. ``cores``: see
-    the module docstring."""
+    (or ``"send"``) has no cost in ``costs`` takes no time. ``cores`` and
+    ``load``: see the module docstring."""
     c = costs or {}
-    if cores is not None and cores < sched.num_ranks:
-        return _shared(sched, c, cores)
+    if not (math.isfinite(load) and load >= 0):
+        raise ValueError(f"load must be a finite number >= 0, got {load}")
+    if cores is not None and cores < sched.num_ranks + load:
+        return _shared(sched, c, cores, load)
     clock = [0.0] * sched.num_ranks
     pc = [0] * sched.num_ranks
     arrived: dict[MessageKey, list[float]] = {}
@@ -103,11 +111,12 @@ def replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
     return Replay(sched, tuple(events), stuck)
 
 
-def _shared(sched: Schedule, c: Mapping[str, Cost], cores: float) -> Replay:
-    """``replay`` with the ranks sharing ``cores``: at every moment each rank
-    in a compute action's work advances at ``min(1, cores / busy)``; the
-    walk goes in time order, a rank's next action starting when its last
-    one ended (``start[r]``)."""
+def _shared(sched: Schedule, c: Mapping[str, Cost], cores: float, load: float = 0.0
+            ) -> Replay:
+    """``replay`` with the ranks sharing ``cores`` (and ``load`` others): at
+    every moment each rank in a compute action's work advances at ``min(1,
+    cores / (busy + load))``; the walk goes in time order, a rank's next
+    action starting when its last one ended (``start[r]``)."""
     if cores <= 0:
         raise ValueError(f"cores must be positive, got {cores}")
     n = sched.num_ranks
@@ -163,7 +172,7 @@ def _shared(sched: Schedule, c: Mapping[str, Cost], cores: float) -> Replay:
                 advance(r)
         if not work and not until:
             break
-        rate = min(1.0, cores / len(work)) if work else 1.0
+        rate = min(1.0, cores / (len(work) + load)) if work else 1.0
         step = min([w / rate for w in work.values()] + [t - now for t in until.values()])
         now += step
         for r in list(work):

@@ -3,6 +3,7 @@
     python -m engine.show 1f1b 4 8                 # grid + simulated figures
     python -m engine.show interleaved 4 8 --chunks 2 --costs F=1,B=2
     python -m engine.show 1f1b 4 8 --cores 2       # the 4 ranks sharing 2 cores
+    python -m engine.show 1f1b 2 4 --cores 2 --load 2   # ... with 2 others' processes
     python -m engine.show zb-h1 4 8 --json > s.json
     python -m engine.show s.json                   # a schedule saved as JSON
     python -m engine.show step.trace.json          # a trace written by Pipeline
@@ -17,7 +18,7 @@ import json
 import sys
 from typing import Sequence
 
-from mesh.cliargs import checked, positive, positive_float
+from mesh.cliargs import checked, nonnegative_float, positive, positive_float
 
 from .ir import Schedule, format_program
 from .schedules import by_name
@@ -49,13 +50,17 @@ def _show_schedule(sched: Schedule, args: argparse.Namespace) -> int:
     costs = args.costs
     try:
         lowered = sched.validate()
-        report = sched.simulate(costs or None, args.cores)
+        if args.load and args.cores is None:
+            print("--load needs --cores: the cores the ranks and the others share",
+                  file=sys.stderr)
+            return 2
+        report = sched.simulate(costs or None, args.cores, args.load)
     except ScheduleError as e:
         print(e, file=sys.stderr)
         return 1
     print(f"{sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
           f"{sched.num_microbatches} micro-batches")
-    print(sched.render(costs or None, args.cores))
+    print(sched.render(costs or None, args.cores, args.load))
     print(report)
     if args.lowered:
         print(format_program(lowered))
@@ -101,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cores", type=positive_float,
                     help="the ranks share this many cores (processor "
                     "sharing: actions that overlap slow down)")
+    ap.add_argument("--load", type=nonnegative_float, default=0.0,
+                    help="with --cores: others' processes that want those cores "
+                    "too, in ranks' worth (every action slows down)")
     ap.add_argument("--json", action="store_true", help="print the schedule as JSON")
     ap.add_argument("--lowered", action="store_true", help="also print each rank's program")
     ap.add_argument("--grid", action="store_true", help="for a trace: the measured grid")

@@ -109,14 +109,15 @@ def _peaks(sched: Schedule) -> tuple[int, ...]:
 
 
 def simulate(sched: Schedule, costs: Mapping[str, Cost] | None = None,
-             cores: float | None = None) -> SimReport:
+             cores: float | None = None, load: float = 0.0) -> SimReport:
     """Predict one step of ``sched`` (lowered first if it is compute-only).
     ``cores``: how many ranks can compute at once at full speed, where the
     ranks share fewer cores than they are (engine.replay: processor
-    sharing); None, every rank has its own.
+    sharing); None, every rank has its own. ``load``: other processes
+    that share those cores, in ranks' worth (engine.replay).
 
     Raises ScheduleError when the schedule is invalid or deadlocks."""
-    run = verified_replay(sched, _costs(costs, sched.num_stages), cores)
+    run = verified_replay(sched, _costs(costs, sched.num_stages), cores, load)
     lowered, events = run.schedule, run.events
     makespan = max((e.end for e in events), default=0.0)
     busy = [0.0] * lowered.num_ranks

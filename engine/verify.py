@@ -183,7 +183,7 @@ def _check_deadlock(run: Replay) -> None:
 
 
 def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
-                    cores: float | None = None) -> Replay:
+                    cores: float | None = None, load: float = 0.0) -> Replay:
     """Check ``sched`` as ``verify`` does and return the replay of the lowered
     schedule with ``costs``: the one walk that proves no rank deadlocks also
     times every action, so the simulator walks the table only once."""
@@ -196,7 +196,7 @@ def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
     _check_coverage(s)
     _check_matching(s)
     _check_order(s)
-    run = replay(s, costs, cores)
+    run = replay(s, costs, cores, load)
     _check_deadlock(run)
     return run
 

@@ -457,6 +457,33 @@ def test_shared_cores_counts_pp_ranks_worth_of_cores():
     assert shared_cores([("a", 2)] * 4 + [("b", 8)] * 4, 4) == 2.0
 
 
+def test_fitted_load_makes_the_simulated_dry_run_as_long_as_the_measured():
+    """Job.retime's load: others' processes on the cores, as many as make
+    the simulator's compute walls of the dry run as long as the dry run's.
+    Walls simulated with a known load give it back; walls within 10% of
+    the simulator without load give none (a quiet machine predicts as
+    before)."""
+    from engine.calibrate import Calibration
+    from engine.distribute import _shared_walls, fitted_load
+    cal = Calibration(1e-4, 5e-5, receive=1e-5)
+    for name, cores in (("1f1b", 2.0), ("1f1b", 1.0), ("zb-v", 2.0), ("interleaved", 0.5)):
+        sched = engine.schedules.by_name(name, 2, 4, chunks=2)
+        n = sched.num_stages
+        spin = {"F": [1e-3 * (1 + s / 4) for s in range(n)], "B": [2e-3] * n,
+                "I": [1e-3 if name == "zb-v" else 0.0] * n,
+                "W": [1e-3 if name == "zb-v" else 0.0] * n}
+        if name == "zb-v":
+            spin["B"] = [0.0] * n
+        for load in (0.75, 3.0, 10.0):
+            wall = _shared_walls(sched, spin, replace(cal, cores=cores, load=load))
+            assert fitted_load(sched, spin, cal, cores, wall) == pytest.approx(load, rel=1e-3)
+        quiet = _shared_walls(sched, spin, replace(cal, cores=cores, load=0.0))
+        for by in (1.0, 1.05, 0.8):
+            wall = {k: [x * by for x in v] for k, v in quiet.items()}
+            assert fitted_load(sched, spin, cal, cores, wall) == 0.0
+        assert fitted_load(sched, spin, cal, cores, {}) == 0.0     # nothing measured
+
+
 def test_retime_stretch_over_the_shared_cores_walls():
     """Where ranks outnumber cores, the stretch is the dry run's wall over
     what the simulator's sharing makes of the CPU, which can be under 1."""

@@ -269,7 +269,7 @@ def test_simulate_walks_the_table_once(monkeypatch):
     walks = []
     real = verify_module.replay
     monkeypatch.setattr(verify_module, "replay",
-                        lambda s, c=None, k=None: walks.append(s) or real(s, c, k))
+                        lambda s, c=None, k=None, n=0.0: walks.append(s) or real(s, c, k, n))
     report = S.one_f_one_b(4, 8).simulate({"F": 1, "B": 2})
     assert len(walks) == 1 and report.makespan == 33
     assert report.events == real(walks[0], {"F": 1, "B": 2, "send": 0}).events
@@ -358,6 +358,49 @@ def test_ranks_sharing_cores_slow_only_what_overlaps():
         S.gpipe(2, 1).simulate(costs, cores=0)
 
 
+def test_others_load_shares_the_cores_too():
+    """``load``: others' processes on the cores, in ranks' worth. With as
+    many cores as ranks and no load every schedule simulates as without
+    ``cores`` (an uncontended machine predicts as before); with load each of
+    k computing ranks gets ``cores / (k + load)``, so a rank computing alone
+    is slowed as well, and less than twice as much as one that overlaps."""
+    costs = {"F": 1.0, "B": 2.0}
+    for name in ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"):
+        sched = S.by_name(name, 2, 4, chunks=2)
+        c = {"F": [1.0, 1.5, 1.2, 0.8][:sched.num_stages], "B": 2.0, "I": 1.0, "W": 1.0,
+             "send": 0.1, "recv": 0.01, "fixed": 0.05}
+        plain = sched.simulate(c)
+        for cores in (2, 2.0, 3.5):
+            for load in (0, 0.0):
+                got = sched.simulate(c, cores=cores, load=load)
+                assert got.makespan == plain.makespan and got.events == plain.events
+        # load 0 is the sharing as it was; more load, longer steps
+        assert sched.simulate(c, cores=1, load=0).makespan == pytest.approx(
+            sched.simulate(c, cores=1).makespan)
+        steps = [sched.simulate(c, cores=2, load=x).makespan for x in (0.5, 1.0, 4.0)]
+        assert plain.makespan < steps[0] < steps[1] < steps[2]
+    # GPipe(2,1) never overlaps: one core and one other process's worth, every action
+    # at half speed (F=1, B=2: 2 x 6)
+    assert S.gpipe(2, 1).simulate(costs, cores=1, load=1).makespan == pytest.approx(12.0)
+    # two cores, two ranks, two others: alone 2/3 speed, overlapped 1/2
+    shared = S.gpipe(2, 2).simulate(costs, cores=2, load=2)
+    f0 = [e for e in shared.events if e.rank == 0 and str(e.action) == "0F0"][0]
+    f1 = [e for e in shared.events if e.rank == 0 and str(e.action) == "0F1"][0]
+    assert f0.end - f0.start == pytest.approx(1.5)      # alone: 2 / (1 + 2)
+    assert f1.end - f1.start == pytest.approx(2.0)      # beside rank 1's F0: 2 / (2 + 2)
+    # unshared parts stay unshared under load: fixed and AR add their own length
+    synced = with_grad_sync(S.one_f_one_b(2, 2))
+    base = synced.simulate({"F": 1.0, "B": 1.0}, cores=1, load=3).makespan
+    assert synced.simulate({"F": 1.0, "B": 1.0, "AR": 3.0}, cores=1, load=3).makespan == \
+        pytest.approx(base + 3.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="load"):
+            S.gpipe(2, 1).simulate(costs, cores=1, load=bad)
+    # without cores every rank has a core of its own: load is not used
+    assert S.gpipe(2, 2).simulate(costs, load=5).makespan == pytest.approx(
+        S.gpipe(2, 2).simulate(costs).makespan)
+
+
 def test_show_simulates_ranks_sharing_cores(capsys):
     assert show_main(["1f1b", "2", "3", "--costs", "F=1,B=2", "--cores", "1"]) == 0
     out = capsys.readouterr().out
@@ -367,3 +410,10 @@ def test_show_simulates_ranks_sharing_cores(capsys):
     with pytest.raises(SystemExit):
         show_main(["1f1b", "2", "3", "--cores", "0"])
     assert "argument --cores: '0': a number above 0" in capsys.readouterr().err
+    # two ranks on two cores beside one other process's worth: one computing alone at full
+    # speed (two processes, two cores), both at 2/3: longer than the plain 12, under 1.5 x 12
+    assert show_main(["1f1b", "2", "3", "--costs", "F=1,B=2", "--cores", "2", "--load", "1"]) == 0
+    span = float(capsys.readouterr().out.split("makespan ")[1].split()[0])
+    assert 12 < span < 18
+    assert show_main(["1f1b", "2", "3", "--load", "1"]) == 2
+    assert "--load needs --cores" in capsys.readouterr().err
