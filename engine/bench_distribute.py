@@ -135,9 +135,15 @@ def _in_step(world: Any, job: Any, rows: list[Any], acts: list[Any]) -> dict[str
     charge = helper_charge(job.chosen.schedule, cal.helper)
     pred = sum(job.chosen.costs[k][s] - cal.action - (charge[s] if k != "W" else 0.0)
                for k in "FBIW" for s, c in enumerate(fig.compute[k]) if c)
+    # (None where the prediction's compute less its per-action cost and charge
+    # is not positive: layers of a few microseconds on a loaded host, no ratio)
     return {"simulated": fig.simulated, "compute": sum(sum(v) for v in fig.compute.values())
-            / pred if pred > 0 else 0.0, "action": fig.action, "message": fig.message,
+            / pred if pred > 0 else None, "action": fig.action, "message": fig.message,
             "receive": fig.receive}
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _one_thread() -> dict[str, str]:
@@ -217,7 +223,8 @@ def balance_table(report: list[dict[str, Any]]) -> str:
         stretch = " | ".join(" ".join(f"{x:.2f}" for x in each)
                              for each in st.get("stretch", []))
         lines.append(f"{r['balance']:<11} {r['schedule']:<22} {st['simulated'] * 1e3:>8.1f} "
-                     f"{r['measured_ms'] / (st['simulated'] * 1e3):>8.3f} {st['compute']:>11.3f} "
+                     f"{r['measured_ms'] / (st['simulated'] * 1e3):>8.3f} "
+                     f"{_ratio(st['compute']):>11} "
                      f"{st['action'] * 1e6:>6.0f}/{st['message'] * 1e6:.0f}/"
                      f"{st['receive'] * 1e6:.0f}  {stretch}")
     h = report[0] if report else None

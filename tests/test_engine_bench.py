@@ -103,9 +103,13 @@ def test_balance_bench_reports_each_balance():
                for r in report)
     assert "meas/pred" in balance_table(report) and "meas/summed" in balance_table(report)
     # the steps taken apart as the simulator's figures; each round re-timed before its steps
-    assert all(r["in_step"]["simulated"] > 0 and r["in_step"]["compute"] > 0
-               and len(r["rounds"]) == 2 and all(x > 0 for x in r["rounds"])
-               and len(r["in_step"]["stretch"]) == 2 for r in report)
+    # (the compute ratio is None where the prediction's compute less its
+    # per-action cost is not positive: layers of microseconds on a loaded host)
+    for r in report:
+        st = r["in_step"]
+        assert st["simulated"] > 0 and (st["compute"] is None or st["compute"] > 0), r
+        assert len(r["rounds"]) == 2 and all(x > 0 for x in r["rounds"]), r
+        assert len(st["stretch"]) == 2, r
     assert "meas/sim" in balance_table(report) and "by round" in balance_table(report)
 
 
