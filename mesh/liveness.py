@@ -253,6 +253,35 @@ class Liveness:
                 self._inbox.peer_gone(peer.rank, "it refused our credentials: a different job "
                                       "secret?", DEAD)
 
+    def exited(self, rank: int) -> str | None:
+        """What became of same-host peer ``rank``'s process when it has
+        exited (gone, or a zombie its parent has not reaped); None while it
+        runs, or on another host. (A pid reused since reads as running: the
+        peer is then judged as before, by its connection and its silence.)"""
+        pid = self.local.get(rank)
+        if not pid:
+            return None
+        try:
+            states, _ = _threads(pid)
+        except (OSError, ValueError, IndexError):
+            return f"its process {pid} is gone"
+        if not states or all(s in "ZX" for s in states):
+            return f"its process {pid} has exited (a zombie)"
+        return None
+
+    def reap(self, quiet: bool = False) -> None:
+        """Declare lost at once the live same-host peers whose process has
+        exited, without the grace a closed connection gets (see ``tick``):
+        a rank leaving waits for no goodbye from them (mesh.transport's
+        close), nor sends them one. ``quiet``: not logged (once this rank's
+        goodbye is out, a peer's exit is expected, its own goodbye perhaps
+        not yet read)."""
+        for p in self.peers:
+            if p.sock is not None and p.state == ALIVE and p.rank in self.local:
+                why = self.exited(p.rank)
+                if why is not None:
+                    self._inbox.peer_gone(p.rank, why, DEAD, told=quiet)
+
     def _stopped(self, rank: int, now: float) -> str | None:
         """None while silent peer ``rank``'s process, on this host, still
         runs: a thread of it is runnable (waiting for a core), or it took CPU

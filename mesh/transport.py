@@ -795,6 +795,9 @@ class Transport:
         this rank fails at once. Their answers, not their goodbyes, are
         waited for (_FAIL_WAIT at most): they may be blocked on this rank."""
         wait = config_float("MESH_CLOSE_WAIT", 30.0, least=0)
+        # a same-host peer whose process has exited gets nothing more: no flush,
+        # no goodbye, no wait for its own (its closed connection's grace is moot)
+        self.live.reap()
         if not failure:
             # sends queued for credit go first, as long as the goodbyes are waited for (a
             # peer that computes before it receives grants late); a goodbye between a
@@ -829,9 +832,13 @@ class Transport:
         # gone), so no rank exits while a peer may still read from it, be it
         # a message in flight or memory shared by a same-host collective.
         deadline = time.monotonic() + (min(wait, _FAIL_WAIT) if failure else wait)
+        reaped = time.monotonic()
         while (any(p.state == ALIVE for p in self._peers if p.sock is not None)
                and time.monotonic() < deadline):
             time.sleep(0.002)
+            if time.monotonic() - reaped > 0.02:    # (a peer that dies or leaves meanwhile)
+                self.live.reap(quiet=True)
+                reaped = time.monotonic()
         self.inbox.fail_posted()    # other threads' waits end now, not in torn-down sockets
         self.progress.closing = True
         hooks = [fn for fns in list(self.drop_hooks.values()) for fn in fns]
@@ -862,8 +869,10 @@ class Transport:
                 # moment, not the socket's whole linger, which holds up the
                 # context's term() when the peer has gone. Leaving cleanly, a
                 # peer that said goodbye waits for ours: that keeps the linger.
+                # One whose process has exited reads nothing: no linger at all.
                 left = p.state == DEAD or (p.state == CLOSED and failure)
-                p.sock.close(linger=_LEFT_LINGER_MS if left else None)
+                exited = p.state == DEAD and self.live.exited(p.rank) is not None
+                p.sock.close(linger=0 if exited else _LEFT_LINGER_MS if left else None)
         self._router.disable_monitor()
         self._router_mon.close(linger=0)
         self._router.close(linger=0)
