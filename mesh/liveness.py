@@ -262,10 +262,14 @@ class Liveness:
         if not pid:
             return None
         try:
+            with open(f"/proc/{pid}/stat", "rb") as f:     # its main thread's
+                leader = f.read().rsplit(b")", 1)[1].split()[0].decode()
             states, _ = _threads(pid)
         except (OSError, ValueError, IndexError):
             return f"its process {pid} is gone"
-        if not states or all(s in "ZX" for s in states):
+        # (a killed process's main thread is a zombie while its other threads still
+        # wind down: a Python process's main thread ends last otherwise)
+        if leader in "ZX" or not states or all(s in "ZX" for s in states):
             return f"its process {pid} has exited (a zombie)"
         return None
 

@@ -430,15 +430,15 @@ def _closes_after_a_peer_died(world: mesh.Mesh, out: str) -> None:
         world.send(os.getpid(), 0)
         world.recv(0)       # (its pid has reached rank 0: killed, it takes nothing with it)
         os.kill(os.getpid(), signal.SIGKILL)
+    said: list[str] = []        # (from the start: the watch may see the death first)
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("mesh.transport").addHandler(handler)
     pid = world.recv(1)
     world.send(None, 1)
     deadline = time.monotonic() + 20
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.002)
-    said: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("mesh.transport").addHandler(handler)
     start = time.monotonic()
     world.close()
     Path(out, "said").write_text(json.dumps([f"{time.monotonic() - start:.2f}", *said]))
