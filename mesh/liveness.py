@@ -262,16 +262,13 @@ class Liveness:
         if not pid:
             return None
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:     # its main thread's
-                leader = f.read().rsplit(b")", 1)[1].split()[0].decode()
-            states, _ = _threads(pid)
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/stat", "rb") as f:     # its main thread's state
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
             return f"its process {pid} is gone"
-        # (a killed process's main thread is a zombie while its other threads still
-        # wind down: a Python process's main thread ends last otherwise)
-        if leader in "ZX" or not states or all(s in "ZX" for s in states):
-            return f"its process {pid} has exited (a zombie)"
-        return None
+        # (its main thread's alone: a killed process's is a zombie while its other
+        # threads still wind down, and a Python process's main thread ends last)
+        return f"its process {pid} has exited (a zombie)" if state in (b"Z", b"X") else None
 
     def reap(self, quiet: bool = False) -> None:
         """Declare lost at once the live same-host peers whose process has
