@@ -3,13 +3,15 @@ those that start ranks as plain subprocesses."""
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-__all__ = ["alive", "run_in_session", "rank_env", "run_ranks"]
+__all__ = ["alive", "free_port", "run_in_session", "rank_env", "run_ranks"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,6 +25,29 @@ def alive(pid: int) -> bool:
         return False
     except OSError:
         return True
+
+
+def free_port() -> int:
+    """A free TCP port for a launcher's command line (torchrun, mpirun, slurm
+    and MASTER_PORT take a number, not port 0), picked below the kernel's
+    ephemeral range: a port bound to 0 and closed comes from that range, where
+    any process's next listener may take it before the launcher binds it (a
+    c10d rendezvous then met a stranger's socket and timed out, once, on a
+    busy machine)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
 
 
 def run_in_session(cmd: list[str], env: dict[str, str], timeout: float,

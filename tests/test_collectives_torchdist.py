@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 import mesh  # noqa: E402
-from proctools import rank_env, run_ranks  # noqa: E402
+from proctools import free_port, rank_env, run_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = dist.ReduceOp
@@ -1089,13 +1089,6 @@ AGAIN = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.timeout(120)
 def test_init_again_at_once_after_destroy_over_env_and_tcp(tmp_path: Path) -> None:
     """destroy_process_group is no collective: rank 1 inits again while rank
@@ -1106,7 +1099,7 @@ def test_init_again_at_once_after_destroy_over_env_and_tcp(tmp_path: Path) -> No
     its connection closed), rank 0 "Timed out ... waiting for clients"."""
     script = tmp_path / "again.py"
     script.write_text(AGAIN)
-    port = str(_free_port())
+    port = str(free_port())
     procs, outs = run_ranks(str(script), [[str(r), port] for r in range(2)], rank_env(),
                             [90, 30])
     for r, (p, out) in enumerate(zip(procs, outs)):
@@ -1136,7 +1129,7 @@ def test_a_store_client_whose_connection_closes_while_it_connects_connects_again
                                         "closed. Did the remote server shutdown or crash?")
         return real(*args, **kwargs)
     monkeypatch.setattr(rdv, "TCPStore", closing)
-    port, sec = _free_port(), timedelta(seconds=10)
+    port, sec = free_port(), timedelta(seconds=10)
     fail.append(False)      # rank 1's first connection closes under it
     servers: list[Any] = []      # rank 0's waits for rank 1 to connect: a thread
     server = threading.Thread(target=lambda: servers.append(rdv._create_c10d_store(

@@ -16,6 +16,7 @@ import zmq
 import mesh
 from mesh import RendezvousError, env, rdvfile
 from mesh.rendezvous import join
+from proctools import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,9 +281,7 @@ WORKER = textwrap.dedent("""
 def test_ranks_started_by_another_launcher_join_through_rank_0() -> None:
     """As srun or mpirun start them (and torchrun with no agent store): no
     meshrun, rank 0 binds MASTER_PORT itself."""
-    with socket.socket() as s:      # a launcher's choice of port, as with MASTER_PORT=...
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()      # a launcher's choice of port, as with MASTER_PORT=...
     procs = []
     for r in range(3):
         e = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
@@ -458,9 +457,7 @@ def _ranks_each_with(envs: list[dict[str, str]], code: str,
     """Run ``code`` as len(envs) ranks on this host, started as srun or
     mpirun would (rank 0 serves the rendezvous), rank r with ``envs[r]``
     added: (exit code, stdout, stderr) of each."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     n, procs = len(envs), []
     for r, extra in enumerate(envs):
         e = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}

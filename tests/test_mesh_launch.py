@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from proctools import alive
+from proctools import alive, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "scripts"
@@ -517,10 +517,7 @@ def test_a_double_dash_after_the_script_is_the_scripts(tmp_path: Path) -> None:
 def test_a_script_that_sets_master_port_meets_there(tmp_path: Path) -> None:
     """torch's tutorials set MASTER_ADDR and MASTER_PORT in the script:
     under meshrun its ranks waited for each other until the job's timeout."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "tutorial.py"
     script.write_text("import os\n"
                       "os.environ['MASTER_ADDR'] = 'localhost'\n"

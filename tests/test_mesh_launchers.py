@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from proctools import run_in_session
+from proctools import free_port, run_in_session
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "launch_mesh.py"
@@ -114,12 +114,6 @@ def test_mpirun_and_torchrun_inside_a_meshrun_rank(tmp_path: Path) -> None:
         _expected(2), out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 SLURM_CONF = """\
 ClusterName=meshtest
 SlurmctldHost={host}
@@ -182,7 +176,7 @@ def slurm() -> Iterator[dict[str, str]]:
         # a random first job id: the ports srun's jobs derive differ from those
         # of another such cluster running at once
         Path(e["SLURM_CONF"]).write_text(SLURM_CONF.format(
-            host=host, user="root", d=d, ctld_port=_free_port(), d_port=_free_port(),
+            host=host, user="root", d=d, ctld_port=free_port(), d_port=free_port(),
             first_job=random.randrange(1000, 10**6)))
         for cmd in (["munged", "-F", "-f", f"--key-file={key}", f"--socket={d}/munge.sock",
                      f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log",

@@ -4,7 +4,6 @@ the DDP example runs unchanged under it."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import textwrap
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proctools import run_in_session
+from proctools import free_port, run_in_session
 
 pytest.importorskip("torch.distributed", reason="torchrun ships with torch (the test extra)")
 
@@ -36,13 +35,6 @@ SCRIPT = textwrap.dedent("""
         ok = (got == np.arange(4.0) + (r - 1) % n).all() and (a == n * (n + 1) / 2).all()
         sys.stdout.write(f"rank {r} of {n}: {'ok' if ok else f'wrong {got} {a}'}\\n")
 """)
-
-
-def _free_port() -> int:
-    """A port for torchrun's own command line (it takes a number, not port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 EXAMPLE = os.path.join(ROOT, "examples", "torch_ddp.py")
@@ -83,18 +75,18 @@ def test_standalone_then_the_ddp_example_runs_unchanged(tmp_path: Path) -> None:
 
 def test_static_rendezvous_with_master_port(tmp_path: Path) -> None:
     _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                         "--master-port", str(_free_port()), "--rdzv-backend", "static"])
+                         "--master-port", str(free_port()), "--rdzv-backend", "static"])
 
 
 def test_c10d_rendezvous(tmp_path: Path) -> None:
     _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                         "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"])
+                         "--rdzv-endpoint", f"127.0.0.1:{free_port()}"])
 
 
 def test_c10d_rendezvous_without_a_shared_agent_store(tmp_path: Path) -> None:
     """TORCHELASTIC_USE_AGENT_STORE=False: nobody holds MASTER_PORT, rank 0 binds it."""
     _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                         "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"],
+                         "--rdzv-endpoint", f"127.0.0.1:{free_port()}"],
               {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
 
 
@@ -143,7 +135,7 @@ def test_an_unreachable_loopback_agent_store_across_hosts_says_local_addr(
     other host's ranks cannot reach MASTER_ADDR; the error names the
     variables and says what to pass (only when the job spans hosts)."""
     spec = env.from_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": local_size,
-                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                          "TORCHELASTIC_RUN_ID": "job", "TORCHELASTIC_USE_AGENT_STORE": "True"})
     with pytest.raises(RendezvousError) as e:
         torchelastic.rendezvous_address(spec, None, 0.5)
