@@ -40,6 +40,19 @@ def rank_fds(size: int) -> int:
     return FDS_PER_PEER * size + _BASE_FDS
 
 
+def too_many_for_open_files(size: int) -> str | None:
+    """Why a world of ``size`` ranks cannot run under this host's hard limit
+    on open files (None: it can). meshrun refuses such a job, and
+    ``mesh.spawn`` too, before any rank starts: past it the ranks cannot
+    connect (and spawn's timeout counts only once every rank has started)."""
+    hard = hard_open_files()
+    if hard is None or (FDS_PER_PEER - 1) * size + _BASE_FDS <= hard:
+        return None
+    return (f"a world of {size} ranks needs about {rank_fds(size)} open files a rank "
+            f"(about {FDS_PER_PEER - 1} a peer), but the hard limit is {hard} "
+            f"(ulimit -Hn): raise it, or run fewer ranks")
+
+
 def hard_open_files() -> int | None:
     """The hard limit on open files (None: none, or not POSIX)."""
     try:

@@ -39,8 +39,8 @@ from typing import Any, Callable
 from .auth import curve_wanted
 from .env import launcher_seal
 from .errors import WorkerError
-from .limits import (blas_default, env_threads, limit_threads, open_files,
-                     pool_unreachable, thread_share)
+from .limits import (blas_default, env_threads, limit_threads, open_files, pool_unreachable,
+                     thread_share, too_many_for_open_files)
 from .rendezvous import RendezvousServer, remove_run_folder, run_folder
 
 __all__ = ["spawn"]
@@ -333,6 +333,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     if nprocs < 1:
         raise ValueError(f"spawn needs nprocs >= 1, got {nprocs}")
     nprocs = int(nprocs)
+    too_many = too_many_for_open_files(nprocs)
+    if too_many:        # (ranks started one by one past it held the machine for minutes)
+        raise ValueError(f"mesh.spawn: {too_many}")
     if timeout is None:
         timeout = 60
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) \

@@ -425,6 +425,29 @@ def test_spawn_names_a_bad_argument_before_it_starts_a_rank() -> None:
             call()
 
 
+def test_a_world_past_the_open_files_hard_limit_is_refused_before_a_rank_starts() -> None:
+    """As meshrun refuses it: mesh.spawn(fn, 100000) started ranks one by one
+    (its timeout counts only once all have started) until the machine choked."""
+    code = textwrap.dedent("""\
+        import resource
+        import mesh
+        def fn(world):
+            return world.rank
+        if __name__ == "__main__":
+            resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+            try:
+                print("returned", mesh.spawn(fn, 10, timeout=30))
+            except ValueError as e:
+                print(e)
+        """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == (
+        "mesh.spawn: a world of 10 ranks needs about 316 open files a rank (about 5 a peer), "
+        "but the hard limit is 300 (ulimit -Hn): raise it, or run fewer ranks"), \
+        out.stdout + out.stderr
+
+
 def _fails(world: mesh.Mesh) -> None:
     raise ValueError(f"rank {world.rank} fails")
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from ..cliargs import nonnegative_float, positive_float
 from ..env import launcher_seal
-from ..limits import FDS_PER_PEER, hard_open_files, open_files, rank_fds, thread_share
+from ..limits import open_files, thread_share, too_many_for_open_files
 from ..auth import curve_wanted
 from ..rendezvous import Teller, remove_run_folder, run_folder
 from .records import WorkerExit, WorkerSpec, error_file, log_tracebacks, read_records
@@ -116,11 +116,9 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.log_dir and os.path.exists(a.log_dir) and not os.path.isdir(a.log_dir):
         p.error(f"--log-dir {a.log_dir}: not a directory")
     _check_addr(p, a.master_addr)
-    world, hard = a.nnodes * a.nproc, hard_open_files()
-    if hard is not None and (FDS_PER_PEER - 1) * world + 256 > hard:
-        p.error(f"a world of {world} ranks needs about {rank_fds(world)} open files a rank "
-                f"(about {FDS_PER_PEER - 1} a peer), but the hard limit is {hard} "
-                f"(ulimit -Hn): raise it, or run fewer ranks")
+    too_many = too_many_for_open_files(a.nnodes * a.nproc)
+    if too_many:
+        p.error(too_many)
 
 
 def _no_program(target: str) -> str:
