@@ -457,6 +457,25 @@ def test_an_error_that_says_nothing_is_named_without_a_dangling_colon(
     assert "KeyboardInterrupt: " not in r.stderr, r.stderr
 
 
+def test_a_rank_that_exits_saying_why_has_its_why_in_the_report(tmp_path: Path) -> None:
+    """sys.exit("why") (SystemExit with a message: the interpreter prints it
+    and exits 1) is the root cause's error, with the line that said it, where
+    the table said "no traceback ... without an uncaught Python exception"."""
+    script = tmp_path / "leave.py"
+    script.write_text("import sys, mesh\n"
+                      "with mesh.init() as w:\n"
+                      "    if w.rank == 1:\n"
+                      "        sys.exit('rank 1 needs an even world')\n"
+                      "    w.recv(src=1)\n")
+    r = meshrun("-n", "2", str(script))
+    assert r.returncode == 1, r.stderr
+    table = r.stderr[r.stderr.index("=" * 20):]
+    assert "Root cause: rank 1 failed first" in table, table
+    assert "  error      : SystemExit: rank 1 needs an even world\n" in table, table
+    assert "sys.exit('rank 1 needs an even world')" in table, table
+    assert "no traceback" not in table, table
+
+
 def test_a_rank_interrupted_in_a_collective_is_a_lost_peer_to_the_others(
         tmp_path: Path) -> None:
     """Rank 1 leaves on Ctrl-C's KeyboardInterrupt inside an all_reduce that

@@ -168,6 +168,17 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as exc:
         if exc.code not in (None, 0):
             _set_last(exc)
+        path = os.environ.get("MESH_ERROR_FILE") if os.getpid() == me else None
+        if path and exc.code is not None and not isinstance(exc.code, int):
+            # sys.exit("why"): the interpreter prints the why and exits 1; recorded, the
+            # report's table says it too (it said "no traceback ... without an uncaught
+            # Python exception", with no error line, for a rank that said why it stopped)
+            tb = _user_frames(exc.__traceback__)
+            text = "".join(traceback.format_exception(type(exc), exc, tb))
+            try:
+                write_error_record(path, exc, text, brief_traceback(exc, tb))
+            except OSError as err:
+                sys.stderr.write(f"meshrun bootstrap: cannot write {path}: {err}\n")
         raise
     except BaseException as exc:
         _set_last(exc)
