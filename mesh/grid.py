@@ -23,12 +23,27 @@ __all__ = ["Grid", "grid"]
 
 class Grid:
     def __init__(self, comm: Comm, axes: dict[str, int]) -> None:
+        if comm is None or isinstance(comm, Grid) or not all(
+                hasattr(comm, a) for a in ("size", "rank", "group")):
+            # (an AttributeError on 'NoneType' or 'Grid' said neither which rank nor why)
+            from .world import current
+            m = current()
+            who = f"rank {m.rank}: " if m is not None else ""
+            what = ("None, what world.group(ranks) returns on ranks that are not members: "
+                    "only its members may make a grid over it" if comm is None else
+                    "a mesh.Grid: pass the group of one of its axes, grid.group('dp')"
+                    if isinstance(comm, Grid) else f"a {type(comm).__name__}")
+            raise TypeError(f"{who}mesh.grid over {axes}: the communicator is {what}; a grid "
+                            f"is made over a meshrun communicator (mesh.init()'s world, "
+                            f"world.group(ranks), grid.group(axis))")
         if not axes:
-            raise ValueError("grid needs at least one axis, e.g. grid(world, dp=2, pp=2)")
+            raise ValueError(f"rank {comm.rank}: grid needs at least one axis, e.g. "
+                             f"grid(world, dp=2, pp=2)")
         bad = {k: v for k, v in axes.items()
                if not isinstance(v, int) or isinstance(v, bool) or v < 1}   # (True is 1)
         if bad:
-            raise ValueError(f"grid axes must be positive integers, got {bad}")
+            raise ValueError(f"rank {comm.rank}: grid axes must be positive integers, "
+                             f"got {bad}")
         if math.prod(axes.values()) != comm.size:
             raise ValueError(f"rank {comm.rank}: grid {axes} has {math.prod(axes.values())} "
                              f"ranks but group {comm.name} has {comm.size}")

@@ -1501,6 +1501,30 @@ def test_grid_rank_of_refuses_coordinates_outside_the_grid() -> None:
             mesh.Grid(comm, axes)       # type: ignore[arg-type]  (True was taken for 1)
 
 
+def _grid_over(world: mesh.Mesh, what: str) -> str:
+    comm = world.group([0]) if what == "non-member" else mesh.grid(world, dp=2)
+    try:
+        mesh.grid(comm, dp=1)
+    except TypeError as e:
+        return str(e)
+    return "made"
+
+
+@pytest.mark.timeout(60)
+def test_a_grid_over_none_or_a_grid_says_which_rank_and_what_to_pass() -> None:
+    """mesh.grid(world.group([0]), ...) on a rank outside the group (None)
+    raised AttributeError: 'NoneType' object has no attribute 'size', and a
+    Grid given for its communicator: 'Grid' object has no attribute 'rank'."""
+    said = mesh.spawn(_grid_over, 2, "non-member", timeout=50)
+    assert said[0] == "made"
+    assert said[1].startswith("rank 1: mesh.grid over {'dp': 1}: the communicator is None, "
+                              "what world.group(ranks) returns on ranks that are not members"), \
+        said[1]
+    said = mesh.spawn(_grid_over, 2, "grid", timeout=50)
+    assert said[0].startswith("rank 0: mesh.grid over {'dp': 1}: the communicator is a "
+                              "mesh.Grid: pass the group of one of its axes"), said[0]
+
+
 def _out_of_order(world: mesh.Mesh) -> list:
     n = (768 << 10) // 8         # two of them overflow the 1 MiB window
     if world.rank == 0:
