@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -92,6 +93,15 @@ def _show_file(path: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _a_name(what: str) -> bool:
+    """Whether ``what`` names a built-in schedule."""
+    try:
+        by_name(what, 2, 4)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.show", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,10 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lowered", action="store_true", help="also print each rank's program")
     ap.add_argument("--grid", action="store_true", help="for a trace: the measured grid")
     args = ap.parse_args(argv)
-    if args.p is None:
+    if args.p is None and (os.path.exists(args.what) or not _a_name(args.what)):
         return _show_file(args.what, args)
-    if args.m is None:
-        ap.error("give both p and m after the schedule name")
+    if args.m is None:      # (a name alone was "neither a schedule name nor a file")
+        ap.error(f"give both p and m after the schedule name: pipeline ranks and "
+                 f"micro-batches, e.g. python -m engine.show {args.what} 4 8")
     try:
         sched = by_name(args.what, args.p, args.m, args.chunks)
     except ValueError as e:

@@ -18,6 +18,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1000)
     ap.add_argument("--bytes", type=int, default=8)
     args = ap.parse_args()
+    if args.rounds < 1:     # (0 ended in a ZeroDivisionError's traceback on every pair)
+        ap.error(f"--rounds {args.rounds}: at least 1")
 
     with mesh.init() as world:
         if world.size % 2:

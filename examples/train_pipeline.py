@@ -35,6 +35,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--trace", default="train_pipeline.trace.json")
     args = ap.parse_args()
+    try:        # a usage line now, not a traceback from inside engine on every rank
+        engine.schedules.by_name(args.schedule, 2, 4)
+    except ValueError as e:
+        ap.error(f"--schedule: {e}")
 
     with mesh.init() as world:
         dp = 2 if world.size % 2 == 0 and world.size >= 4 else 1

@@ -37,6 +37,8 @@ CASES = [
     ("engine.show", ["1f1b", "4", "8", "--costs", "X=1"], "unknown cost keys ['X']"),
     ("engine.show", ["1f1b", "4", "8", "--costs", "F=-1"], "is negative"),
     ("engine.show", ["1f1b", "0", "8"], "argument p: '0'"),
+    ("engine.show", ["1f1b"], "give both p and m after the schedule name"),
+    ("engine.show", ["zb-v", "2"], "e.g. python -m engine.show zb-v 4 8"),
     ("engine.show", ["1f1b", "2", "2", "--cores", "0"], "argument --cores: '0': a number above 0"),
     ("collectives.model.__main__", ["--predict", "--ranks", "abc"],
      "argument --ranks: 'abc': a whole number of at least 1"),
@@ -114,3 +116,18 @@ def test_tool_help_names_the_module_and_says_whole_sentences() -> None:
     assert conf.returncode == 0, conf.stderr
     assert conf.stdout.startswith("usage: python -m collectives.tools.torch_conformance "), \
         conf.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("example,argv,said", [
+    ("ping_pong.py", ["--rounds", "0"], "--rounds 0: at least 1"),
+    ("train_pipeline.py", ["--schedule", "bogus"], "--schedule: unknown schedule 'bogus'"),
+])
+def test_an_example_says_usage_for_a_nonsense_option(example: str, argv: list[str],
+                                                     said: str) -> None:
+    """--rounds 0 ended in a ZeroDivisionError, --schedule bogus in a
+    ValueError from inside engine, each a traceback on every rank."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", example), *argv],
+                       cwd=ROOT, env=env, text=True, capture_output=True, timeout=60)
+    assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
