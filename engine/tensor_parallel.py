@@ -632,8 +632,9 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
                             (lambda v: forward(**{key: v}, **kwargs)), x)
     if leave:
         y = _edge(g, y, leave, st.seq_dim, meta.name)
-    if st.style == "colwise" and st.output == "shard" and not st.parts and g.size > 1 \
-            and isinstance(y, torch.Tensor) and not torch.compiler.is_compiling():
+    if st.style == "colwise" and st.output == "shard" and st.watched and not st.parts \
+            and g.size > 1 and isinstance(y, torch.Tensor) \
+            and not torch.compiler.is_compiling():
         y = _watch_blocks(y, meta)
     if st.style == "rowwise" and self.bias is not None:
         # a partial output takes the bias on tp rank 0 only (times 1, times 0
@@ -703,59 +704,214 @@ def _width_class() -> Any:
     return ShardWidth
 
 
-def _watch_blocks(y: Any, meta: _Meta) -> Any:
+def _watch_blocks(y: Any, meta: _Meta, axis: int = -1, unit: int | None = 1,
+                  width: int | None = None) -> Any:
     """A colwise output cut in one piece (no ``parts``), which raises where
-    the code that called the module cuts its last axis apart (``split``,
+    the code that called the module cuts its features apart (``split``,
     ``chunk``, ``unbind``, ``narrow``, ``glu``, a slice ``y[..., :n]``): that
     is a fused projection (nanoGPT's ``c_attn`` split into q, k and v, a
     SwiGLU's ``w12`` chunked into gate and up), whose contiguous shard holds
     all of q and half of k on one rank, the rest on the other; each rank
     then attended (or gated) with the wrong blocks, and no error was raised.
-    A view into heads (``view(B, T, heads, hd)``) is no cut and passes; the
-    watch covers this output itself, not what is made from it. So does a
-    function that mixes the values along that axis (a softmax or a sum over
-    it, ``q @ k.transpose(-1, -2)`` on a single head): on the shard, it
-    gave each rank a result of its own part of the features. A function of
-    each value alone (an activation) passes the watch on to its result; a
-    dropout there (T5's between ``wi`` and ``wo``) draws from this tp rank's
-    own stream (rng="rank"), as Megatron's does in a tp region."""
+    So does a function that mixes the values along that axis (a softmax or
+    a sum over it, ``q @ k.transpose(-1, -2)`` or an ``einsum`` contracting
+    it on a single head): on the shard, it gave each rank a result of its
+    own part of the features.
+
+    The watch follows the features through views of the output: a reshape
+    that splits their axis leaves this rank's part on the first new axis,
+    the others whole (``view(B, T, heads, hd)``: this rank's heads, each
+    head's ``hd`` features all there); a permute or a transpose moves that
+    axis, a merge (``reshape(B, T, -1)``) joins it again. A cut or a mix
+    of the axis holding this rank's part raises as on the output itself:
+    timm's ``qkv(x).reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)``,
+    then ``unbind(0)``, cuts the axis of size 3, which on a rank holds
+    [q; k; v]'s part of that rank (at tp=2, all of q, then half of k), not
+    q, k and v: the same silent wrong result until the thirty-eighth
+    session. One over another axis passes (a rotary half of ``hd``, the
+    per-head ``[q, k, v]`` of ``view(B, T, heads, 3, hd)``, the heads of
+    ``q @ k.transpose(-1, -2)``), and is watched on. ``axis`` is where
+    the features are, from the end; ``unit``, how many of them one step
+    along it holds (None: not known); ``width``, the output's own.
+
+    A function of each value alone (an activation) passes the watch on to
+    its result; a dropout there (T5's between ``wi`` and ``wo``) draws from
+    this tp rank's own stream (rng="rank"), as Megatron's does in a tp
+    region."""
     narrow = y.as_subclass(_blocks_class())
-    narrow._tp_meta = meta
+    narrow._tp_meta, narrow._tp_axis, narrow._tp_unit = meta, axis, unit
+    narrow._tp_width = y.shape[-1] if width is None else width
     return narrow
 
 
 _CUTS = {"split": 2, "split_with_sizes": 2, "unsafe_split": 2, "chunk": 2, "unsafe_chunk": 2,
          "tensor_split": 2, "unbind": 1, "narrow": 1, "glu": 1}   # name: where its dim is
+# views of a tensor: where an axis goes is read from the shapes (reshapes), or
+# from the same call on a probe whose one axis of size 2 is the features' (moves)
+_VIEWS = frozenset(("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"))
+_MOVES = frozenset(("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"))
 
 
-def _cut_last(func: Any, args: Any, kwargs: Any, out: Any) -> list[int] | None:
-    """The sizes of the pieces ``func`` cut the last axis of ``args[0]``
-    into, or None where it cut no other axis or none."""
+def _index_at(torch: Any, index: Any, ndim: int, a: int) -> tuple[Any, int | None]:
+    """What an index (``x[index]``) takes of axis ``a`` of an ``ndim``-axis
+    tensor (a full slice where it leaves it whole, or cannot tell: a boolean
+    mask), and where that axis is in the result (None: gone, or past an
+    index tensor, whose placement is torch's rule)."""
+    index = index if isinstance(index, tuple) else (index,)
+
+    def takes(i: Any) -> int:         # the axes an index element uses (-1: not known)
+        if i is None or i is ...:
+            return 0
+        bool_tensor = isinstance(i, torch.Tensor) and i.dtype == torch.bool
+        return -1 if isinstance(i, bool) or bool_tensor else 1
+    used = [takes(i) for i in index]
+    if -1 in used or sum(i is ... for i in index) > 1:
+        return slice(None), None
+    at, pos, i_in, i_out, advanced = slice(None), None, 0, 0, False
+    for i in index:
+        if i is None:
+            i_out += 1
+            continue
+        if i is ...:
+            k = ndim - sum(used)
+            if i_in <= a < i_in + k:
+                pos = i_out + a - i_in
+            i_in, i_out = i_in + k, i_out + k
+            continue
+        if i_in == a:
+            at = i
+            pos = i_out if isinstance(i, slice) else None
+        if isinstance(i, slice):
+            i_out += 1
+        elif not isinstance(i, int):
+            advanced = True
+        i_in += 1
+    if a >= i_in:
+        pos = i_out + a - i_in
+    return at, None if advanced else pos
+
+
+def _cut_at(torch: Any, func: Any, args: Any, kwargs: Any, out: Any) -> list[int] | None:
+    """The sizes of the pieces ``func`` cut the features' axis of
+    ``args[0]`` into, or None where it cut no other axis or none."""
     name, x = getattr(func, "__name__", ""), args[0]
-    last = x.dim() - 1
+    a = x._tp_axis % x.dim()
+    n = x.shape[a]
     if name == "__getitem__":
-        index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        if any(i is None for i in index) or (
-                not any(i is ... for i in index) and len(index) < x.dim()):
+        at, _ = _index_at(torch, args[1], x.dim(), a)
+        if isinstance(at, slice):
+            kept = len(range(*at.indices(n)))
+            if kept == n and at.indices(n)[2] == 1:
+                return None
+        else:
+            kept = (int(at.numel()) if isinstance(at, torch.Tensor) else
+                    len(at) if isinstance(at, (list, tuple)) else 1)
+        sizes = [kept, n - kept]
+    elif name == "__iter__":
+        sizes = [1] * n if a == 0 else []
+    elif name in _CUTS:
+        dim = kwargs.get("dim", args[_CUTS[name]] if len(args) > _CUTS[name] else
+                         (-1 if name == "glu" else 0))
+        if not isinstance(dim, int) or dim % x.dim() != a:
             return None
-        at = index[-1]
-        if at is ... or (isinstance(at, slice) and at == slice(None)):
-            return None
-        kept = out.shape[-1] if isinstance(at, slice) and out.dim() == x.dim() else 1
-        return [kept, x.shape[-1] - kept]
-    if name not in _CUTS:
+        if name == "glu":
+            sizes = [n // 2] * 2
+        elif name == "narrow":
+            sizes = [out.shape[a], n - out.shape[a]]
+        else:
+            sizes = [1] * len(out) if name == "unbind" else [o.shape[a] for o in out]
+    else:
         return None
-    dim = kwargs.get("dim", args[_CUTS[name]] if len(args) > _CUTS[name] else
-                     (-1 if name == "glu" else 0))
-    if not isinstance(dim, int) or dim % x.dim() != last:
-        return None
-    if name == "glu":
-        return [x.shape[-1] // 2] * 2
-    if name == "narrow":
-        return None if out.shape[-1] == x.shape[-1] else [out.shape[-1],
-                                                           x.shape[-1] - out.shape[-1]]
-    sizes = [1] * len(out) if name == "unbind" else [o.shape[-1] for o in out]
+    sizes = [s for s in sizes if s]
     return sizes if len(sizes) > 1 else None
+
+
+def _regroup(before: tuple[int, ...], after: tuple[int, ...], a: int,
+             unit: int | None) -> tuple[int, int | None] | None:
+    """Where axis ``a`` of a tensor shaped ``before`` holds its features once
+    viewed as ``after``, and how many features one step along it holds then;
+    None where they are no longer on one axis in order (a merge with an
+    outer axis: ``(T, heads, hd)`` into ``T * heads * hd``). The axes are
+    matched in groups of equal size; a group's features go to its first axis
+    (a split: the heads of ``(heads, hd)``, which hold this rank's part)."""
+    if 0 in before or 0 in after:
+        return None
+    i = j = 0
+    while i < len(before):
+        i0, j0 = i, j
+        p, q = before[i], after[j] if j < len(after) else 1
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q:
+                if i == len(before):
+                    return None
+                p, i = p * before[i], i + 1
+            else:
+                if j >= len(after):
+                    return None
+                q, j = q * after[j], j + 1
+        if i0 <= a < i:
+            if j0 >= len(after) or any(s != 1 for s in before[i0:a]):
+                return None            # an outer axis of size > 1 merged with it
+            inner_before = _prod(before[a + 1:i])
+            inner_after = _prod(after[j0 + 1:j])
+            if unit is not None and unit * inner_after % inner_before == 0:
+                unit = unit * inner_after // inner_before
+            else:
+                unit = None
+            return j0, unit
+    return None
+
+
+def _prod(sizes: Any) -> int:
+    out = 1
+    for s in sizes:
+        out *= s
+    return out
+
+
+def _followed(torch: Any, func: Any, args: Any, kwargs: Any, out: Any) -> Any:
+    """``out`` (a view of ``args[0]``, a piece of it cut along another
+    axis than its features') watched where ``args[0]``'s features went in
+    it; ``out`` as it is where that cannot be told (the watch stops)."""
+    name, x = getattr(func, "__name__", ""), args[0]
+    a, unit, ndim = x._tp_axis % x.dim(), x._tp_unit, x.dim()
+    where: int | None = None
+    if isinstance(out, (tuple, list)) and name in _CUTS:       # split, chunk, unbind
+        if name == "unbind":
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % ndim
+            a -= dim < a
+        return type(out)(_watch_blocks(o, x._tp_meta, a - o.dim(), unit, x._tp_width)
+                         for o in out)
+    if name == "__iter__":                                     # q, k, v = t: unbind(0)
+        if a == 0:
+            return out
+        return iter([_watch_blocks(o, x._tp_meta, a - 1 - o.dim(), unit, x._tp_width)
+                     for o in out])
+    if not isinstance(out, torch.Tensor):
+        return out
+    if name in _VIEWS and out.numel() == x.numel():
+        got = _regroup(tuple(x.shape), tuple(out.shape), a, unit)
+        if got is not None:
+            where, unit = got
+    elif name in _MOVES and out.dim() == ndim:
+        probe = torch.empty([2 if d == a else 1 for d in range(ndim)])
+        where = list(func(probe, *args[1:], **kwargs).shape).index(2)
+    elif name == "unsqueeze":
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % out.dim()
+        where = a + (dim <= a)
+    elif name == "squeeze":
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        dims = range(ndim) if dim is None else dim if isinstance(dim, (tuple, list)) else (dim,)
+        gone = {d % ndim for d in dims if x.shape[d] == 1}
+        where = None if a in gone else a - sum(d < a for d in gone)
+    elif name == "__getitem__":
+        where = _index_at(torch, args[1], ndim, a)[1]
+    elif name in ("narrow", "glu"):
+        where = a
+    if where is None:
+        return out
+    return _watch_blocks(out, x._tp_meta, where - out.dim(), unit, x._tp_width)
 
 
 # functions over an axis that mix its values (name: where its dim is, and
@@ -768,19 +924,53 @@ _MIXES = {"softmax": (1, None), "log_softmax": (1, None), "logsumexp": (1, None)
 _CONTRACTS = ("matmul", "__matmul__", "mm", "bmm", "scaled_dot_product_attention")
 
 
-def _mixed_last(func: Any, args: Any, kwargs: Any) -> bool:
-    """Whether ``func`` mixes the values along the last axis of ``args[0]``
-    (a softmax or a sum over it, a product contracting it): on a colwise
-    shard, this rank's part of them only."""
+def _mixed_at(func: Any, args: Any, kwargs: Any) -> bool:
+    """Whether ``func`` mixes the values along the features' axis of
+    ``args[0]`` (a softmax or a sum over it): on a colwise shard, this
+    rank's part of them only."""
     name, x = getattr(func, "__name__", ""), args[0]
-    if name in _CONTRACTS:
-        return True
     if name not in _MIXES or x.dim() == 0:
         return False
     at, default = _MIXES[name]
     dim = kwargs.get("dim", args[at] if len(args) > at else default)
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-    return any(isinstance(d, int) and d % x.dim() == x.dim() - 1 for d in dims)
+    return any(isinstance(d, int) and d % x.dim() == x._tp_axis % x.dim() for d in dims)
+
+
+def _contracted(cls: Any, func: Any, args: Any) -> Any:
+    """The first watched operand of a product (``matmul``, scaled dot
+    product attention's q and k, ``einsum``) whose features' axis it
+    contracts, or None."""
+    name = getattr(func, "__name__", "")
+    if name == "einsum" and isinstance(args[0], str):
+        lhs, arrow, rhs = args[0].replace(" ", "").partition("->")
+        if not arrow:              # implicit: the letters used once, and the ellipsis
+            rhs = "".join(c for c in lhs if c.isalpha() and lhs.count(c) == 1) + "..."
+        for term, op in zip(lhs.split(","), args[1:]):
+            if type(op) is not cls:
+                continue
+            a = op._tp_axis % op.dim()
+            pre, ell, post = term.partition("...")
+            outer = op.dim() - len(post)       # where the letters after "..." start
+            if a < len(pre) or (not ell and a < len(term)):
+                letter = term[a]
+            elif a >= outer:
+                letter = post[a - outer]
+            else:
+                letter = "..."                 # one of the axes the ellipsis stands for
+            if letter not in rhs:
+                return op
+        return None
+    if name not in _CONTRACTS:
+        return None
+    for k, op in enumerate(args[:2]):
+        if type(op) is not cls or op.dim() == 0:
+            continue
+        inner = op.dim() - 1 if k == 0 or op.dim() == 1 or name.startswith("scaled") else \
+            op.dim() - 2
+        if op._tp_axis % op.dim() == inner:
+            return op
+    return None
 
 
 # functions of each value alone, whose result is the same rank's part of the
@@ -794,6 +984,11 @@ _ELEMENTWISE = frozenset((
     "type_as"))
 
 
+# those of them with two operands, either of which may be the watched one
+_ARITHMETIC = frozenset(("mul", "__mul__", "__rmul__", "add", "__add__", "__radd__", "sub",
+                         "__sub__", "__rsub__", "div", "__truediv__", "__rtruediv__"))
+
+
 def _drops(args: Any, kwargs: Any) -> bool:
     """Whether a dropout call (F.dropout's keywords, or torch.dropout's
     positions) drops anything, outside a module on a tp rank's own stream."""
@@ -802,23 +997,37 @@ def _drops(args: Any, kwargs: Any) -> bool:
     return bool(train) and p > 0 and getattr(_shared, "states", None) is None
 
 
+def _flat(x: Any) -> bool:
+    """Whether a watched tensor's features are on its last axis, one a step."""
+    return x._tp_axis % x.dim() == x.dim() - 1 and x._tp_unit == 1
+
+
+def _where(x: Any) -> str:
+    """The axis holding a watched tensor's features, as an error names it."""
+    a = x._tp_axis % x.dim()
+    if _flat(x):
+        return "its output's last axis"
+    return (f"axis {a} (where its output's features went) of the {tuple(x.shape)} tensor "
+            f"its code made of that output (a view, a reshape or a permute of it)")
+
+
 @functools.cache
 def _blocks_class() -> Any:
     torch = _torch()
 
     class ColwiseOutput(torch.Tensor):  # type: ignore[name-defined,misc]
         """A colwise module's output, a contiguous part of its features,
-        whose last axis may not be cut into blocks nor mixed, and whose
+        whose features may not be cut into blocks nor mixed, and whose
         dropout draws this rank's own masks (_watch_blocks)."""
 
         @classmethod
         def __torch_function__(cls, func: Any, types: Any, args: Any = (),
                                kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
-            watched = bool(args) and type(args[0]) is cls
+            first = bool(args) and type(args[0]) is cls
             name = getattr(func, "__name__", "")
             with torch._C.DisableTorchFunctionSubclass():
-                if watched and name in ("dropout", "alpha_dropout") and _drops(args, kwargs):
+                if first and name in ("dropout", "alpha_dropout") and _drops(args, kwargs):
                     # this rank's features: masks of its own (Megatron's tp region
                     # dropout); on the default stream every rank drew the same mask
                     # for its part, feature j dropped with feature j + n/tp
@@ -826,35 +1035,58 @@ def _blocks_class() -> Any:
                     out = stream.run(lambda v: func(v, *args[1:], **kwargs), args[0])
                 else:
                     out = func(*args, **kwargs)  # a plain tensor: the watch stays here
-                if not watched:
+                x = args[0] if first else args[1] if len(args) > 1 and type(
+                    args[1]) is cls and name in _ARITHMETIC else None
+                if x is not None and name in _ELEMENTWISE:   # still this rank's part
+                    ax = x._tp_axis
+                    if isinstance(out, torch.Tensor) and out.dim() >= x.dim() and \
+                            out.shape[ax] == x.shape[ax]:
+                        return _watch_blocks(out, x._tp_meta, ax, x._tp_unit, x._tp_width)
                     return out
-                if name in _ELEMENTWISE and isinstance(out, torch.Tensor) and out.dim() \
-                        and out.shape[-1] == args[0].shape[-1]:
-                    return _watch_blocks(out, args[0]._tp_meta)   # still this rank's part
-                sizes = _cut_last(func, args, kwargs, out)
-                mixed = sizes is None and _mixed_last(func, args, kwargs)
-                meta, full = args[0]._tp_meta, args[0].shape[-1]
+                sizes, mixed = None, _contracted(cls, func, args)
+                if mixed is None and first:
+                    x = args[0]
+                    sizes = _cut_at(torch, func, args, kwargs, out)
+                    if sizes is None and _mixed_at(func, args, kwargs):
+                        mixed = x
+                    elif sizes is None:
+                        return _followed(torch, func, args, kwargs, out)
+                elif mixed is None:
+                    return out
+                x = mixed if mixed is not None else x
+                assert x is not None        # (a mix, or a cut of args[0]'s features)
+                meta, full, flat = x._tp_meta, x.shape[x._tp_axis], _flat(x)
             tp, fname = meta.group.size, getattr(func, "__name__", func)
-            if mixed:
+            if mixed is not None:
+                held = f"{full} of {full * tp}{' features' if flat else ''} (colwise)"
+                fix = "cut that axis into heads first (a view)" if flat else \
+                    "leave that axis out of it (a batch axis, as the heads' to an attention)"
                 raise PlanError(
                     f"tp rank {meta.group.rank}: {meta.name}: the code calling it takes "
-                    f"{fname}() over its output's last axis, of which this rank holds {full} "
-                    f"of {full * tp} features (colwise): a result of this rank's part only, "
-                    f"another on each rank, with no error; give {meta.name} output "
-                    f"'replicate' ({{'style': 'colwise', 'output': 'replicate'}}: its output "
-                    f"whole), or cut that axis into heads first (a view)")
-            if sizes is None:
-                return out
-            guess = len(sizes) if len(set(sizes)) == 1 else tuple(n * tp for n in sizes)
+                    f"{fname}() over {_where(x)}, of which this rank holds {held}: a result "
+                    f"of this rank's part only, another on each rank, with no error; give "
+                    f"{meta.name} output 'replicate' ({{'style': 'colwise', 'output': "
+                    f"'replicate'}}: its output whole), or {fix}")
+            assert sizes is not None
+            width, unit = x._tp_width, x._tp_unit
+            guess = len(sizes) if len(set(sizes)) == 1 else \
+                tuple(n * unit * tp for n in sizes) if unit else len(sizes)
+            blocks = "" if flat else (
+                " (its blocks made an axis of their own, as timm's qkv(x).reshape(B, N, 3, "
+                "heads, hd) then unbind(0) after a permute: here that axis holds this rank's "
+                "part of them all, not a block a step)")
             raise PlanError(
-                f"tp rank {meta.group.rank}: {meta.name}: the code calling it cuts its output's "
-                f"last axis into {len(sizes)} pieces ({fname}: "
-                f"{sizes} of this rank's {full} features), but its plan entry (colwise) shards "
-                f"that axis in one piece over tp={tp}: a fused projection ([q; k; v], a "
-                f"SwiGLU's gate and up) would mix its blocks across the ranks, a wrong "
-                f"result; plan it {{'style': 'colwise', 'parts': {guess!r}}} (the count of "
-                f"equal blocks, or their sizes in its {full * tp} output features) and "
-                f"rewrite the sizes its caller cuts by for tp (attrs)")
+                f"tp rank {meta.group.rank}: {meta.name}: the code calling it cuts "
+                f"{_where(x)} into {len(sizes)} pieces ({fname}: "
+                f"{sizes} of this rank's {full}{' features' if flat else ''}), but its plan "
+                f"entry (colwise) shards that axis in one piece over tp={tp}: a fused "
+                f"projection ([q; k; v], a SwiGLU's gate and up){blocks} would mix its "
+                f"blocks across the ranks, a wrong result; plan it {{'style': 'colwise', "
+                f"'parts': {guess!r}}} (the count of equal blocks, or their sizes in its "
+                f"{width * tp} output features) and rewrite the sizes its caller cuts by "
+                f"for tp (attrs)" + ("" if flat else "; or, if that axis holds heads that "
+                "the code takes one by one (right on the shard), plan it {'style': "
+                "'colwise', 'parts': 1}: one block, its cuts not watched"))
 
     return ColwiseOutput
 

@@ -127,7 +127,11 @@ class PlanError(ValueError):
 class Style:
     """One plan entry: the style, its layouts ("": the style's default),
     the sequence axis, attribute rewrites, and a fused colwise module's
-    blocks (``parts``: their count or their sizes; () for one block)."""
+    blocks (``parts``: their count or their sizes; () for one block).
+    ``parts=1`` said in the plan is one block too, and says that the code
+    calling the module may cut its output's features (a loop over its
+    heads one by one): such an output is not watched for cuts
+    (``watched``)."""
     style: str
     input: str = ""
     output: str = ""
@@ -136,6 +140,7 @@ class Style:
     parts: int | tuple[int, ...] = ()
     rng: str = ""
     width: str = ""
+    watched: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.style not in LAYOUTS:
@@ -162,6 +167,7 @@ class Style:
             object.__setattr__(self, "parts", parts)
         if parts in ((), 1, (1,)):
             object.__setattr__(self, "parts", ())
+            object.__setattr__(self, "watched", parts == ())
             return
         if self.style != "colwise" or self.output != "shard":
             raise PlanError(f"parts= shards a fused colwise module whose output stays sharded, "
@@ -326,7 +332,7 @@ def planned(local: dict[str, str] | str, todo: Mapping[str, Style]) -> dict[str,
 
     def said(st: Style) -> str:
         more = [f"{k} {v!r}" for k, v, plain in (
-            ("seq_dim", st.seq_dim, 1), ("parts", st.parts, ()), ("rng", st.rng, ""),
+            ("seq_dim", st.seq_dim, 1), ("parts", st.parts if st.watched else 1, ()), ("rng", st.rng, ""),
             ("width", st.width, ""), ("attrs", sorted(map(_rewrite, st.attrs.items())), []))
             if v != plain]
         return f"{st.style} ({', '.join([f'input {st.input}', f'output {st.output}', *more])})"

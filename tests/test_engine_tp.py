@@ -1259,3 +1259,120 @@ def test_a_dropout_on_a_colwise_output_draws_each_ranks_own_masks():
     for out in mesh.spawn(_hidden_dropout_worker, 2, timeout=100):
         assert out == {"own masks": True, "stream in step": True, "recomputed alike": True,
                        "eval equal": True}, out
+
+
+def _reshaped_models():
+    import torch
+    from torch import nn
+
+    class Timm(nn.Module):          # timm's Attention: [q; k; v] reshaped into its blocks
+        def __init__(self, dim=8, num_heads=4):
+            super().__init__()
+            self.num_heads, self.head_dim = num_heads, dim // num_heads
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+        def blocks(self, x):
+            B, N, C = x.shape
+            return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(
+                2, 0, 3, 1, 4)
+
+        def forward(self, x):
+            B, N, C = x.shape
+            q, k, v = self.blocks(x).unbind(0)
+            y = nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+    class TimmIndexed(Timm):        # older timm: the blocks taken by index
+        def forward(self, x):
+            qkv = self.blocks(x)
+            y = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+            return self.proj(y.transpose(1, 2).flatten(2))
+
+    class PerHead(Timm):            # [q, k, v] per head (train_3d.py's, GPT-NeoX's), rotary
+        def forward(self, x):       # halves of hd, scores by einsum: heads whole on a rank
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).view(B, N, self.num_heads, 3, -1).permute(3, 0, 2, 1, 4)
+            a, b = q.chunk(2, dim=-1)
+            q = torch.cat((-b, a), dim=-1) * 0.5 + q
+            s = torch.einsum("bhqd,bhkd->bhqk", q, k[..., :]).softmax(-1)
+            return self.proj(torch.einsum("bhqk,bhkd->bqhd", s, v).reshape(B, N, C))
+
+    class HeadLoop(Timm):           # per head, one at a time: right on the shard, but read
+        def forward(self, x):       # as a cut (parts=1 says it is no fused projection)
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).view(B, N, self.num_heads, 3, -1).permute(3, 0, 2, 1, 4)
+            ys = [nn.functional.scaled_dot_product_attention(q[:, h], k[:, h], v[:, h])
+                  for h in range(self.num_heads)]
+            return self.proj(torch.stack(ys, 2).reshape(B, N, C))
+
+    class Scores(nn.Module):        # one head's scores by einsum over q's and k's features
+        def __init__(self, d=8):
+            super().__init__()
+            self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, x):
+            return torch.einsum("btd,bsd->bts", self.q(x), self.k(x))
+    torch.manual_seed(0)
+    return Timm(), TimmIndexed(), PerHead(), Scores(), HeadLoop()
+
+
+def _reshaped_worker(world):
+    import torch
+
+    import tp_models
+    torch.set_num_threads(1)
+    timm, indexed, per_head, scores, loop = _reshaped_models()
+    x = torch.randn(2, 5, 8)
+    attn = {"0": {"style": "replicate", "width": "shard", "attrs": {"num_heads": tp_models._heads}},
+            "0.qkv": "colwise", "0.proj": "rowwise"}
+    errors, same = {}, {}
+
+    def matches(ref, plan):
+        tp = parallelize(copy_of(ref), world, plan)
+        (tp(x) ** 2).sum().backward()
+        (ref(x) ** 2).sum().backward()
+        grads = gather_state_dict(tp, grads=True)
+        return bool(torch.allclose(tp(x), ref(x), atol=1e-6)) and all(
+            torch.allclose(grads[k], p.grad, atol=1e-5) for k, p in ref.named_parameters())
+    for what, mod, plan in (("timm", timm, attn), ("indexed", indexed, attn),
+                            ("scores", scores, {"0.[qk]": "colwise"}), ("loop", loop, attn)):
+        with pytest.raises(PlanError) as e:
+            parallelize(copy_of(torch.nn.Sequential(mod)), world, plan)(x)
+        errors[what] = str(e.value)
+    same["timm parts"] = matches(torch.nn.Sequential(timm),
+                                 {**attn, "0.qkv": {"style": "colwise", "parts": 3}})
+    same["per head"] = matches(torch.nn.Sequential(per_head), attn)
+    same["loop parts 1"] = matches(torch.nn.Sequential(loop),
+                                   {**attn, "0.qkv": {"style": "colwise", "parts": 1}})
+    return errors, same
+
+
+@pytest.mark.timeout(120)
+def test_a_fused_projection_reshaped_into_its_blocks_is_refused():
+    """timm's Attention reshapes its fused qkv's output into (B, N, 3,
+    heads, hd), permutes it and unbinds the axis of size 3: planned colwise
+    without parts=, a rank's "3" axis held its contiguous shard (at tp=2,
+    all of q, then half of k), and the model trained to other weights than
+    one process's with nothing said (the watch stopped at the reshape). The
+    watch now follows views and permutes: that cut (unbind, or an index
+    qkv[0]) raises on every rank naming the module and parts=; an einsum
+    contracting a colwise output's features raises as a matmul does. Per-head
+    blocks (view(B, N, heads, 3, hd): train_3d.py's, GPT-NeoX's), a rotary
+    half of hd and an einsum over the heads pass, the result one process's;
+    so does timm's with parts=3, and a loop over the heads one by one
+    (read as a cut: the error offers parts=1, one block not watched)."""
+    pytest.importorskip("torch")
+    for r, (errors, same) in enumerate(mesh.spawn(_reshaped_worker, 2, timeout=100)):
+        assert same == {"timm parts": True, "per head": True, "loop parts 1": True}, same
+        assert "plan it {'style': 'colwise', 'parts': 1}: one block" in errors["loop"], \
+            errors["loop"]
+        assert f"tp rank {r}: 0.qkv: the code calling it cuts axis 0 (where its output's " \
+               "features went) of the (3, 2, 2, 5, 2) tensor its code made of that output" \
+               in errors["timm"], errors["timm"]
+        assert "into 3 pieces (unbind: [1, 1, 1] of this rank's 3)" in errors["timm"]
+        assert "plan it {'style': 'colwise', 'parts': 3}" in errors["timm"]
+        assert "into 2 pieces (__getitem__: [1, 2] of this rank's 3)" in errors["indexed"], \
+            errors["indexed"]
+        assert f"tp rank {r}: 0.q: the code calling it takes einsum() over its output's last " \
+               "axis, of which this rank holds 4 of 8 features (colwise)" in errors["scores"], \
+            errors["scores"]
