@@ -122,6 +122,12 @@ class Liveness:
         self.last: str | tuple | None = None     # (an item's description)
         self.last_end = 0.0
         self._inbox, self._control = inbox, control
+        # by peer, what came from it after an array whose bytes its stream still
+        # reads (mesh.reader, whose table it is): such a peer is not lost to its
+        # closed connection meanwhile (a send returns once its bytes are in the
+        # socket; over a slow link they still cross after the sender is gone, its
+        # goodbye held behind them): its stream's end, or silence, decides
+        self.streaming: dict[int, list] = {}
         # monitor socket -> its peer (None: the ROUTER's, for strangers)
         self.monitors: dict[zmq.Socket, Peer | None] = {
             p.monitor: p for p in peers if p.monitor is not None}
@@ -324,7 +330,8 @@ class Liveness:
             if p.sock is None or p.state == DEAD or (p.state == CLOSED and p.suspect_since):
                 continue
             if p.state == ALIVE:
-                if p.suspect_since and now - p.suspect_since > 0.5:
+                if p.suspect_since and now - p.suspect_since > 0.5 \
+                        and p.rank not in self.streaming:
                     self._inbox.peer_gone(p.rank, "its connection closed: the process exited "
                                           "or crashed", DEAD)
                     continue

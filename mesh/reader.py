@@ -74,7 +74,7 @@ class Reader:
         # mesh.streams: by peer whose message's bytes its stream thread reads now,
         # what came from it since (header, payload), held; the reads done
         self._streams = streams
-        self._streaming: dict[int, list] = {}
+        self._streaming: dict[int, list] = live.streaming     # (liveness reads it too)
         self.finished: deque[Job] = streams.finished if streams is not None else deque()
         self.streams_fd = streams.wake_r if streams is not None else -1
         self._idents = [str(r).encode() for r in range(len(peers))]

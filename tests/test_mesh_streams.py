@@ -397,3 +397,85 @@ def test_a_job_forked_by_a_process_with_a_listener_has_its_own_per_rank() -> Non
     sender ("a stream that was never opened to this rank")."""
     got = mesh.spawn(_forked_job, 1, timeout=55, env=TCP)
     assert got == [[[True, True, 2]] * 3], got
+
+
+def _gone_while_its_bytes_come(world: mesh.Mesh, result: str, how: str) -> None:
+    big = np.arange(N, dtype=np.float64)
+    if world.rank == 1:
+        def handed_to_the_kernel(sock: socket.socket, mv: memoryview) -> None:
+            # The send returns with its bytes in the socket (a slow link: megabytes
+            # of them still to cross); a child stands for the kernel, delivering them
+            # once this process is gone, and holds nothing else of it (the ZeroMQ
+            # connections close with the process, so rank 0 sees them close first).
+            # (A copy of the descriptor: a fork closes the child's streams' own.)
+            keep = os.dup(sock.fileno())
+            child = os.fork()
+            if child == 0:
+                os.setsid()     # (not stopped with this rank's process group)
+                for fd in map(int, os.listdir("/proc/self/fd")):
+                    if fd != keep:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+                try:
+                    out, step = socket.socket(fileno=keep), len(mv) // 8 + 1
+                    for i in range(0, len(mv), step):
+                        time.sleep(0.3)         # the array in 2.4 s
+                        out.sendall(mv[i:i + step])
+                finally:
+                    os._exit(0)
+            os.close(keep)
+            Path(result + ".child").write_text(str(child))
+        mstreams._send_payload = handed_to_the_kernel
+        # its close shuts the socket down, the child's too (the kernel would send
+        # what the socket holds, then end it): left to the child
+        mstreams._Sender.close = lambda self: None
+        _ready(world, 0)
+        world.recv(0, tag=9)
+        world.send(big, 0, tag=1)
+        if how == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ValueError("boom in rank 1")
+    deadline = time.monotonic() + 20
+    while 1 not in world._t.streams._in:
+        assert time.monotonic() < deadline, "no stream from rank 1"
+        time.sleep(0.01)
+    world.send("go", 1, tag=9)
+    time.sleep(4)       # in no receive meanwhile: the progress thread reads
+    what = []
+    for tag in (1, 2):
+        try:
+            got = world.recv(1, tag=tag, timeout=10)
+            what.append(f"received {np.array_equal(got, big)}")
+        except mesh.MeshError as e:
+            what.append(f"{type(e).__name__} {e}")
+    Path(result).write_text("\n".join(what))
+
+
+@pytest.mark.parametrize("how", ["killed", "raise"])
+def test_an_array_sent_whole_before_its_sender_went_is_received(tmp_path: Path,
+                                                                how: str) -> None:
+    """A send returns once its bytes are in the socket; over a slow link
+    they still cross after the sender is gone (killed, or failed and
+    closed), while its ZeroMQ connection closes at once. The array is
+    received whole (as through ZeroMQ, once it came): its sender is not lost
+    to the closed connection while its stream still brings bytes (the stream
+    was closed under them); a receive after it names the sender's own error
+    (its goodbye, held behind the array, was heard after the loss)."""
+    result = tmp_path / "result"
+    try:
+        with pytest.raises(mesh.WorkerError):
+            mesh.spawn(_gone_while_its_bytes_come, 2, str(result), how, timeout=50,
+                       settle=30, env=TCP)
+    finally:
+        child = tmp_path / "result.child"
+        if child.exists():
+            try:
+                os.kill(int(child.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    first, second = result.read_text().split("\n")
+    assert first == "received True", result.read_text()
+    said = "it failed: ValueError: boom in rank 1" if how == "raise" else "peer rank 1 is gone"
+    assert second.startswith("LostPeerError") and said in second, result.read_text()
