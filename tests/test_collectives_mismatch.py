@@ -159,3 +159,29 @@ def test_a_sub_groups_errors_start_with_the_world_rank() -> None:
             mismatch
         assert f"but rank {other} called" in mismatch and "of the group)" in mismatch
         assert bad_root.startswith(f"rank {r}: broadcast on group world/[1, 2]: root 3"), bad_root
+
+
+def _rd_across_the_board_limit(world: Any, big: int) -> str:
+    C.all_reduce(world, np.ones(4, np.float32))     # (the boards are set up: the next call's way)
+    n = 1 << 20 if world.rank == big else 4         # 4 MiB: past the board, over sockets
+    try:
+        C.all_reduce(world, np.ones(n, np.float32), algorithm="rd", timeout=10)
+        return "ok"
+    except mesh.MeshError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("big", [0, 1, 2])
+def test_rd_with_one_rank_past_the_board_raises_a_mismatch_at_once(big: int) -> None:
+    """A forced recursive-doubling all_reduce takes the board up to its
+    payload (64 KiB) and sockets past it, chosen by each rank's own size: a
+    rank whose array is past it talks over sockets while the others wait on
+    their boards. At 3 ranks rank 1 first receives (rank 0's fold) and sends
+    nothing: nobody heard a fingerprint and all waited for the timeout, each
+    blaming rank 1 (or rank 0), not the mismatch. Its fingerprint goes on its
+    board too, so every rank raises the mismatch at once."""
+    out = mesh.spawn(_rd_across_the_board_limit, 3, big, timeout=50)
+    for rank, text in enumerate(out):
+        assert text.startswith("MismatchError") and "shape=[1048576]" in text, \
+            f"rank {rank}: {text}"

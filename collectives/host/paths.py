@@ -230,6 +230,8 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
                         if algorithm is None and lay is None:
                             tiny.learn(ctx, arr, op, rop)
                     else:
+                        if board.available(ctx):    # (peers of smaller sizes: the board)
+                            board.announce(ctx)
                         all_reduce_rd(link.via(ctx, rd_peers(ctx.g.rank, ctx.g.size),
                                                buf.nbytes), buf, rop)
                 elif board.available(ctx):

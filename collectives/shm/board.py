@@ -59,8 +59,8 @@ from ..host.exchange import all_gather_object_direct
 from ..runner import Ctx, caught
 from . import bell, cma
 
-__all__ = ["CAPACITY", "INLINE", "ARENA", "available", "crowded", "ready", "forget", "mapped",
-           "Round", "Quick", "signature", "Stray"]
+__all__ = ["CAPACITY", "INLINE", "ARENA", "available", "announce", "crowded", "ready", "forget",
+           "mapped", "Round", "Quick", "signature", "Stray"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
@@ -300,6 +300,18 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
         with _lock:
             _boxes[ctx.g] = box
     return True
+
+
+def announce(ctx: Ctx) -> None:
+    """Post this call's fingerprint on this rank's board, no payload, and
+    go: for a rank whose part runs over sockets where, by their own sizes,
+    its peers' may run on their boards (a forced recursive doubling across
+    the board's payload). A peer on the board that waits for this rank then
+    sees the mismatch, as a MismatchError, and its abort reaches this rank's
+    receives (one that only receives first, a fold at 3 ranks, sends nothing
+    a board's watch could catch: every rank waited for the timeout)."""
+    with Round(ctx) as r:
+        r.post()
 
 
 def forget(g: Comm) -> None:
