@@ -27,13 +27,16 @@ torch's ``dist.monitored_barrier`` refuses every backend not named
 module's) in its place, which calls meshrun's groups and hands every other
 backend to torch's own. It also wraps torch's ``_object_to_tensor``, so
 that an object one rank cannot pickle fails an object collective on a
-meshrun group on every member (_object_to_tensor below).
+meshrun group on every member (_object_to_tensor below), and torch's
+``_coalescing_manager``, so that a block with no call in it on one rank
+fails the others' coalesced call (_coalescing_manager below).
 
 The ``torch.backends`` entry point (``autoload``) registers the backend
 when torch is imported; it never raises.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -80,6 +83,7 @@ _torch_env: Any = None
 _torch_store: Any = None       # torch's rendezvous._create_c10d_store (env://, tcp://)
 _torch_monitored: Any = None   # torch's dist.monitored_barrier, which refuses all but gloo
 _torch_pickle: Any = None      # torch's c10d._object_to_tensor (the object collectives')
+_torch_coalescing: Any = None  # torch's c10d._coalescing_manager
 _owned: Any = None          # the mesh this module made (closed with the default group)
 _default: Any = None        # the default group's mesh
 
@@ -88,6 +92,7 @@ def register() -> None:
     """Register the "meshrun" backend with torch.distributed (and wrap
     env:// for meshrun's jobs); calling it again does nothing."""
     global _registered, _torch_env, _torch_monitored, _torch_store, _torch_pickle
+    global _torch_coalescing
     with _lock:
         if _registered:
             return
@@ -107,6 +112,12 @@ def register() -> None:
         if pickles is not None and getattr(pickles, "__module__", None) != __name__:
             _torch_pickle = pickles
             setattr(c10d, "_object_to_tensor", _object_to_tensor)
+        manager = getattr(c10d, "_coalescing_manager", None)
+        if manager is not None and getattr(manager, "__module__", None) != __name__:
+            _torch_coalescing = manager
+            for where in (c10d, dist):           # torch's, and torch.distributed's re-export
+                if getattr(where, "_coalescing_manager", None) is manager:
+                    setattr(where, "_coalescing_manager", _coalescing_manager)
         if getattr(c10d.monitored_barrier, "__module__", None) != __name__:
             _torch_monitored = c10d.monitored_barrier
             for where in (c10d, dist):           # torch's, and torch.distributed's re-export
@@ -145,6 +156,67 @@ def _on_meshrun(group: Any) -> bool:
         return isinstance(pg._get_backend(torch.device("cpu")), ProcessGroupMeshrun)
     except (RuntimeError, ValueError):      # no default group; no CPU backend in it
         return False
+
+
+@contextlib.contextmanager
+def _coalescing_manager(group: Any = None, device: Any = None,
+                        async_ops: bool = False) -> Iterator[Any]:
+    """torch's ``dist._coalescing_manager`` once this module is imported. A
+    block that made no call torch records (no all_reduce,
+    all_gather_into_tensor or reduce_scatter_tensor in it) on a meshrun
+    group calls no backend at all in torch's: that rank went on while the
+    others' coalesced call waited for it, and its next call met theirs,
+    which took its tensor in, silently. Here such a block makes the group's
+    small agreement (ProcessGroupMeshrun.coalesced_none): MismatchError on
+    every rank where another member's block made calls, a no-op where
+    every member's is empty.
+
+    A block that raises left torch's record of it behind (its manager has
+    no ``finally``): every later all_reduce, all_gather_into_tensor and
+    reduce_scatter_tensor on the group was recorded there and never made,
+    returning None with the tensor as it was (gloo's too). Here the record
+    goes, and a block that raised an Exception makes the agreement, failed
+    (``_coalescing_manager(failed=ValueError)``), so that members whose
+    block ended raise MismatchError naming it where they waited for a call
+    this rank never made (its own error is what it raises).
+
+    ``device=`` (torch's per-call coalescing, through the backend's
+    ``_start_coalescing``, which meshrun's group has none of) is refused on
+    a meshrun group before torch's manager starts: torch's raised "No
+    backend type associated with device type cpu" after making its record,
+    which it left behind (as above). Other groups are torch's alone."""
+    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    pg = c10d._get_default_group() if group is None else group
+    if device is not None and _on_meshrun(pg):
+        raise RuntimeError(f"rank {dist.get_rank()}: _coalescing_manager(device={device}) on a "
+                           f"meshrun group: per-call coalescing needs the backend's "
+                           f"_start_coalescing, which meshrun's has none of; leave device= "
+                           f"out (the block's calls are then one coalesced call)")
+    empty = False
+    with _torch_coalescing(group, device, async_ops) as cm:
+        try:
+            yield cm
+        except BaseException as e:
+            if _on_meshrun(pg):
+                c10d._world.pg_coalesce_state.pop(pg, None)
+                if isinstance(e, Exception):    # (not on Ctrl-C's way out)
+                    _failed_block(pg, e)
+            raise
+        empty = not c10d._world.pg_coalesce_state.get(pg, [None])
+    if empty and _on_meshrun(pg):
+        work = pg._get_backend(torch.device("cpu")).coalesced_none(async_ops)
+        if async_ops:
+            cm.append(work)     # (a failed one: cm.wait() raises its error, as the others')
+
+
+def _failed_block(pg: Any, error: Exception) -> None:
+    """The agreement of a ``_coalescing_manager`` block that raised ``error``
+    on this rank: the members whose block ended fail their coalesced call;
+    its own failure here is not this rank's error (that one goes on)."""
+    try:
+        pg._get_backend(torch.device("cpu")).coalesced_none(False, type(error).__name__)
+    except (mesh.MeshError, ValueError):
+        pass
 
 
 # -- an object collective's object that does not pickle -----------------------------

@@ -503,7 +503,29 @@ class ProcessGroupMeshrun(_ProcessGroup):
             return None
         sig = ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
                         for t in tensors)
+        return self._agree(f"{op}_coalesced", {"tensors": f"[{sig}]"}, async_op)
 
+    def coalesced_none(self, async_op: bool, failed: str = "") -> dist.Work | None:
+        """A ``_coalescing_manager`` block that made no call torch hands on
+        (collectives.torchdist._coalescing_manager): torch calls nothing
+        then, so this rank went on while the others' coalesced call waited
+        for it, and its next call met theirs (an all_reduce took the
+        other's tensor in: [11, 11] from 1 and 10 at 2 ranks, silently on
+        both; its rank's call after that waited to its timeout). The
+        members' small agreement (_agree) instead: every rank raises
+        MismatchError naming this block and the others' call; where every
+        member's block is empty it is a no-op. ``failed``: the block raised
+        that error here (its own record dropped), and says so. None, or an
+        async block's failed Work."""
+        fp = {"failed": failed} if failed else {"calls": 0}
+        return self._agree("_coalescing_manager", fp, async_op)
+
+    def _agree(self, coll: str, fp: dict, async_op: bool) -> dist.Work | None:
+        """One small collective where every member sends its fingerprint
+        ``coll(fp)`` to every other, in the calling thread: every rank whose
+        call is not every member's raises MismatchError naming both. None
+        when they agree; else the failed Work of an async call (a blocking
+        one raises)."""
         def prepare(_: Any) -> tuple[dict, Callable[[Any], None]]:
             def body(ctx: Any) -> None:
                 me, n = ctx.g.rank, ctx.g.size
@@ -511,9 +533,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 sends = [ctx.isend(None, j) for j in range(n) if j != me]
                 for req in recvs + sends:
                     req.wait()
-            return {"coll": f"{op}_coalesced", "tensors": f"[{sig}]"}, body
+            return {"coll": coll, **fp}, body
         try:
-            start(self.comm, f"{op}_coalesced", prepare, False, self.timeout)
+            start(self.comm, coll, prepare, False, self.timeout)
         except Exception as e:
             _torch_words(e, self.timeout)
             if not async_op:

@@ -82,6 +82,11 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+_LAND_S = 5.0
+"""How long an interrupted receive that a message had matched waits for its
+bytes to land before the interrupt goes on (Transport._interrupted)."""
+
+
 class Transport:
     """Sockets, matching and liveness for one rank. Built by ``mesh.init``."""
 
@@ -617,16 +622,36 @@ class Transport:
             setattr(self, name, refuse)
         self.streams.close_in_child()
 
-    def _interrupted(self, item: Pending) -> None:
+    def _interrupted(self, item: Pending, error: BaseException | None = None,
+                     deadline: float = 0.0) -> None:
         """A user's receive whose wait raised (KeyboardInterrupt, a signal
         handler's exception): withdrawn, as a timeout withdraws it, so that
         the message it would have taken goes to the next receive instead of
-        into a request nobody waits for."""
-        if item.fp is None and self.inbox.withdraw(item):
+        into a request nobody waits for. One a message had matched already
+        (a large array still coming, or one that came as the interrupt did)
+        cannot be: its bytes land first (until ``deadline``, _LAND_S at most:
+        a Ctrl-C is not held up for long; a second interrupt ends the wait),
+        and ``error`` says in a note that the receive took its message.
+        They were written into out= after the call had raised, and nothing
+        said so: the caller, told the receive was interrupted, took the next
+        message for this one's."""
+        if item.fp is not None:
+            return
+        if self.inbox.withdraw(item):
             item.error = MeshError(f"rank {self.rank}: {item.desc} was interrupted; the "
                                    f"receive was withdrawn (a message that comes later goes "
                                    f"to the next receive that matches)")
             item.event.set()
+            return
+        note = getattr(error, "add_note", None)     # (Python 3.11)
+        if note is None or isinstance(item, Probe):     # (a probe takes nothing)
+            return
+        done = item.event.wait(max(0.0, min(deadline - time.monotonic(), _LAND_S)))
+        got = ("received whole (out= holds it, or a later wait() returns it)"
+               if done and item.error is None else f"it did not complete: {item.error}"
+               if done else f"not landed within {_LAND_S:g}s, it goes on into out=")
+        note(f"rank {self.rank}: {item.desc} had matched its message when interrupted "
+             f"(not withdrawn): {got}; the next receive takes the message after it")
 
     def wait(self, item: Pending | Outgoing, timeout: float | None,
              withdraw: bool = False) -> Any:
@@ -645,8 +670,8 @@ class Transport:
                 driven = True   # another thread closed the mesh under this wait
                 if item.error is None:
                     item.error = self.inbox.closed_error(item.desc)
-            except BaseException:   # (KeyboardInterrupt, a signal handler's exception)
-                self._interrupted(item)
+            except BaseException as e:  # (KeyboardInterrupt, a signal handler's exception)
+                self._interrupted(item, e, deadline)
                 raise
             if not driven and item.fp is None:
                 # a user's receive or probe that ran out before it read anything

@@ -1725,6 +1725,166 @@ def test_a_coalesced_call_of_no_tensors_on_one_rank_raises_on_every_rank() -> No
         assert g[1::3] == [True] * 5 and g[2::3] == [[2.0, 2.0]] * 5, g
 
 
+def coalescing_manager_left_empty(world: Any) -> list[Any]:
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    with dist._coalescing_manager():        # empty on every rank: a no-op
+        pass
+    got: list[Any] = []
+    blocks = [          # what the ranks but rank 0 call in the block
+        lambda: dist.all_reduce(torch.ones(2)),
+        lambda: [dist.all_reduce(torch.ones(2)) for _ in range(2)],     # (joined: one call)
+        lambda: dist.all_gather_into_tensor(torch.zeros(2 * n), torch.ones(2)),
+        lambda: [dist.reduce_scatter_tensor(torch.zeros(2), torch.ones(2 * n))
+                 for _ in range(2)],
+    ]
+    for async_ops, block in itertools.product((False, True), blocks):
+        def run() -> None:
+            with dist._coalescing_manager(async_ops=async_ops) as cm:
+                if r != 0:
+                    block()
+            cm.wait()
+        t = time.monotonic()
+        got.append(_said(run))
+        got.append(time.monotonic() - t < 10)
+        c = torch.full((2,), 10.0)
+        dist.all_reduce(c)          # (rank 0's met the others' block: [11, 11] at 2 ranks)
+        got.append(c.tolist())
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_coalescing_manager_with_no_call_on_one_rank_raises_on_every_rank() -> None:
+    """``dist._coalescing_manager`` hands the backend one coalesced call of
+    what its block recorded, and none at all for an empty block: a rank
+    whose block made no call went on, its next call met the others'
+    coalesced one and took their tensor in (silently, on every rank), and
+    its own call after that waited to its timeout. Every rank raises
+    MismatchError naming the empty block now (blocking or ``async_ops``,
+    from ``cm.wait()``), and the group's next call lines up; a block empty
+    on every rank is a no-op."""
+    n = 3
+    got = mesh.spawn(coalescing_manager_left_empty, n, timeout=45)
+    for r, g in enumerate(got):
+        for said in g[0::3]:
+            assert said.startswith(f"rank {r}:") and "collective mismatch" in said, (r, said)
+            assert "_coalescing_manager(calls=0)" in said, (r, said)
+        assert g[1::3] == [True] * 8 and g[2::3] == [[10.0 * n] * 2] * 8, (r, g)
+
+
+def coalescing_manager_raising(world: Any) -> list[Any]:
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    got: list[Any] = []
+    for raises in (True, r == 0):           # in every rank's block, then in rank 0's alone
+        def run() -> None:
+            with dist._coalescing_manager():
+                dist.all_reduce(torch.ones(2))
+                if raises:
+                    raise ValueError("the block's own error")
+        got.append(_said(run))
+        for _ in range(2):
+            c = torch.full((2,), 10.0)
+            dist.all_reduce(c)      # (was recorded in the block's record left behind: [10, 10])
+            got.append(c.tolist())
+    try:        # torch's start of per-call coalescing failed after making its record
+        with dist._coalescing_manager(device=torch.device("cpu")):
+            dist.all_reduce(torch.ones(2))
+        got.append("ok")
+    except RuntimeError as e:
+        got.append(str(e))
+    c = torch.full((2,), 10.0)
+    dist.all_reduce(c)
+    got.append(c.tolist())
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_coalescing_manager_block_that_raises_leaves_the_group_usable() -> None:
+    """torch's ``_coalescing_manager`` left its record of a block that raised
+    behind: every later ``dist.all_reduce`` on the group was recorded there
+    and never made (None returned, the tensor as it was; gloo's too), and
+    where only rank 0's block raised the others waited in their coalesced
+    call. The record goes now, and the raising rank tells the others: they
+    raise MismatchError naming its failed block, it its own error, and the
+    group's next calls line up. ``device=`` (torch's per-call coalescing,
+    which failed after making its record) is refused before it starts."""
+    n = 2
+    got = mesh.spawn(coalescing_manager_raising, n, timeout=45)
+    for r, g in enumerate(got):
+        assert g[0] == "the block's own error", g
+        if r == 0:
+            assert g[3] == "the block's own error", g
+        else:
+            assert g[3].startswith(f"rank {r}:") and "collective mismatch" in g[3], g
+            assert "_coalescing_manager(failed=ValueError)" in g[3], g
+        assert g[1:3] == g[4:6] == [[10.0 * n] * 2] * 2, (r, g)
+        assert g[6].startswith(f"rank {r}: _coalescing_manager(device=cpu)"), g
+        assert g[7] == [10.0 * n] * 2, g
+
+
+def recv_interrupted_once_matched(world: Any) -> list[Any]:
+    from mesh.match import POSTED
+    _init()
+    r, n = dist.get_rank(), 1 << 22         # 16 MiB: its bytes come after its header
+    got: list[Any] = []
+    if r == 0:
+        dist.recv(torch.zeros(1), src=1, tag=9)
+        dist.send(torch.full((n,), 1.0), 1)
+        dist.send(torch.full((n,), 2.0), 1)
+        got.append("sent")
+    else:
+        drive, seen = world._t._drive, []
+
+        def interrupt_once_matched(item: Any, deadline: float, limit: float,
+                                   flag: Any = None) -> bool:
+            if flag is not None or item.fp is not None:
+                return drive(item, deadline, limit, flag)
+            while item.state is POSTED:         # Ctrl-C once the message has matched it
+                drive(item, min(deadline, time.monotonic() + 0.001), 0.001)
+            seen.append(item.state.name)
+            raise KeyboardInterrupt
+        world._t._drive = interrupt_once_matched
+        a = torch.zeros(n)
+        try:
+            dist.send(torch.zeros(1), 0, tag=9)
+            dist.recv(a, src=0)
+        except KeyboardInterrupt as e:
+            got.append(getattr(e, "__notes__", []))
+            got.append([a.min().item(), a.max().item()])    # (when the interrupt went on)
+        finally:
+            world._t._drive = drive
+        x = torch.zeros(n)
+        dist.recv(x, src=0)
+        got.append([x.min().item(), x.max().item()])
+        got.append(seen)
+    dist.barrier()
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes: Python 3.11")
+@pytest.mark.timeout(60)
+def test_a_recv_interrupted_once_its_message_matched_says_it_took_it() -> None:
+    """A receive interrupted (Ctrl-C) once a message had matched it cannot be
+    withdrawn (as one still waiting is: its message goes to the next
+    receive): its bytes went on into the tensor after ``dist.recv`` had
+    raised, and nothing said the message was taken, so a receive made
+    again took the next message for this one's. The interrupt now goes on
+    once the bytes have landed (the tensor holds the whole message), with a
+    note naming the receive and saying the next receive takes the message
+    after it."""
+    got = mesh.spawn(recv_interrupted_once_matched, 2, timeout=45)
+    assert got[0] == ["sent"], got[0]
+    notes, a, x, seen = got[1]
+    assert seen in (["MATCHED"], ["DONE"]), seen      # (its bytes coming, or landed)
+    assert len(notes) == 1 and notes[0].startswith("rank 1: recv from rank 0 (tag 0"), notes
+    assert "had matched its message" in notes[0] and "received whole" in notes[0], notes
+    assert a == [1.0, 1.0] and x == [2.0, 2.0], got[1]
+
+
 def interrupted_behind_the_lane(world: Any) -> list[Any]:
     import signal
     _init()
