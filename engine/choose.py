@@ -845,6 +845,40 @@ def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
                                         c.schedule.num_microbatches))
 
 
+def loaded(cand: Candidate, load: float) -> Candidate:
+    """``cand`` simulated again, its costs as they are, with others'
+    processes wanting the cores its ranks share (``load``, pp ranks' worth:
+    engine.simulate's; what ``Job.retime`` fits, engine.distribute's
+    ``fitted_load``). Where the ranks outnumber the cores a quiet host
+    lends an idle rank's core to the others, so a bubble costs little; a
+    loaded one gives it to the other processes, so the load slows a
+    schedule whose ranks take turns more than one whose ranks compute at
+    once, and the ranking can change. A candidate with a core a rank
+    (``cores`` None), where no load is fitted, is as it was."""
+    if cand.cores is None or load == cand.load:
+        return cand
+    rep = cand.schedule.simulate(cand.costs, cand.cores, load)
+    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, load=load)
+
+
+def under_load(cands: Sequence[Candidate], chosen: Candidate | None, load: float
+               ) -> tuple[list[Candidate], Candidate | None]:
+    """``cands`` each ``loaded`` with ``load``, best first, and ``chosen``
+    (one of them, or None) as loaded: the table's rows and its mark. As
+    in engine.distribute's choice, where some rows were costed by their
+    own dry run (``measured``) and the best is not, those lead: the
+    others' figures are a lower bound. Nothing changes where ``chosen``
+    was simulated with ``load`` already."""
+    if chosen is None or loaded(chosen, load) is chosen:
+        return list(cands), chosen
+    again = [loaded(c, load) for c in cands]
+    mark = next((a for c, a in zip(cands, again) if c is chosen), None)
+    ranked = best_first(again)
+    if ranked[0].measured or not any(c.measured for c in ranked):
+        return ranked, mark
+    return [c for c in ranked if c.measured] + [c for c in ranked if not c.measured], mark
+
+
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
             helper: float = 0.0, send: float | None = None,
             recv: float | None = None,
@@ -960,4 +994,9 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None,
         why = why if len(why) <= 120 else why[:117] + "..."
         lines.append(f"{sched.name:<28} {sched.num_microbatches:>3}  {'-':<14} {'-':>9} "
                      f"{'-':>7} {'-':>8}  cannot run: {why}")
+    loads = sorted({c.load for c in cands if c.load})
+    if loads:       # (the simulator's figures then hold others' processes: ``loaded``)
+        lines.append("(simulated with others' processes on the shared cores: "
+                     + ", ".join(f"{x:.2f}" for x in loads) + " pp ranks' worth, fitted to a "
+                     "dry run)")
     return "\n".join(lines)

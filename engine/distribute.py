@@ -58,10 +58,10 @@ from mesh.tensors import is_tensor
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
-                     candidates, counts_for, kept_buffers, kept_random, measure,
+                     candidates, counts_for, kept_buffers, kept_random, loaded, measure,
                      measure_stages, microbatch_counts,
                      recomputing, recosted, retimed, stage_costs, stage_spans, table,
-                     time_program, whole_counts)
+                     time_program, under_load, whole_counts)
 from .executor import Pipeline, _retold, rows_of
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
@@ -562,7 +562,11 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
     figures, so all rank alike. ``tensors``: a torch job's (its dry runs'
     messages torch tensors); ``grads``, with a dp axis: each layer's
     gradients' bytes, which the leader's dry run averages over dp as its
-    steps will (the step's end in its figures)."""
+    steps will (the step's end in its figures). Where the ranks share the
+    cores (the candidates' ``cores``), each leader's dry run also fits
+    others' processes on them (``fitted_load``, as ``Job.retime`` does on
+    the chosen one's), and every candidate is ranked ``loaded`` with the
+    latest such load."""
     for _ in range(tries):
         lead = cands[0]
         if lead.measured or not lead.fits:
@@ -577,8 +581,17 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
                     steps=3, tag_base=tag_base, timeout=timeout,
                     costs={k: spin[k] for k in "FBIW"}, tensors=tensors,
                     grid=None if grads is None else grid, grads=stand_ins)
-        cands = best_first([recosted(lead, row, 1.0, w, d.action, d.message,
-                                     d.helper if crowded else 0.0, d.receive)] + cands[1:])
+        # where the ranks share the cores: others' processes on them too, fitted to
+        # this dry run as Job.retime fits them to its own (none within 10%), and
+        # every candidate simulated with them: a loaded host ranks them otherwise
+        load = lead.load
+        if lead.cores is not None:
+            load = fitted_load(lead.schedule, {k: spin[k] for k in "FBIW"},
+                               Calibration(d.action, d.message, receive=d.receive),
+                               lead.cores, d.compute or {})
+        cands = best_first([recosted(replace(lead, load=load), row, 1.0, w, d.action,
+                                     d.message, d.helper if crowded else 0.0, d.receive)]
+                           + [loaded(c, load) for c in cands[1:]])
     if cands[0].measured or not any(c.measured for c in cands):
         return cands
     # the tries spent: the best of those measured leads (the others' figures are a lower bound)
@@ -740,7 +753,8 @@ class Job:
         return self.schedule.num_stages - 1, loss
 
     def table(self) -> str:
-        """The candidates the choice was made from (and those that cannot run)."""
+        """The candidates the choice was made from (and those that cannot run),
+        simulated with the load distribute's re-time fitted (``loaded``)."""
         return table(self.candidates, self.profiled, self.skipped)
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
@@ -1378,9 +1392,6 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                  f"{memory_limit:g} bytes{hint}:\n{table(cands, None, skipped)}")
             sched = chosen.schedule
     counts = chosen.counts if chosen else counts_for(balance, sched.num_stages, None, params)
-    if verbose and grid.comm.rank == 0 and auto:
-        print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
-              f"{table(cands, chosen, skipped)}", flush=True)
 
     mine = sched.stages_of(grid.coord("pp"))
     cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
@@ -1400,13 +1411,12 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                              "fills them" if unsaved else ""), stacklevel=2)
     again = chosen.recompute if chosen is not None else bool(way)
     layered = chosen is not None and chosen.layered
-    if verbose and grid.comm.rank == 0 and auto:
-        print(f"engine.distribute: {sched.name} cuts the model into {cut}"
-              + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}"
-                 f"{', layer by layer' if layered else ''}: "
-                 "its forward again in its backward)" if again else "")
-              + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
-                 if patterns else ""), flush=True)
+    said = (f"engine.distribute: {sched.name} cuts the model into {cut}"      # (printed below)
+            + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}"
+               f"{', layer by layer' if layered else ''}: "
+               "its forward again in its backward)" if again else "")
+            + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
+               if patterns else ""))
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
     pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                     tag_base=tag_base, recompute=again, layered=layered)
@@ -1440,7 +1450,15 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
               list(source.state_dict()) if source is not model else None, aliases, skipped,
               rest)
     job.retime()
-    if verbose and grid.comm.rank == 0 and auto and job.predicted is not None:
-        print(f"engine.distribute: {job.schedule.name} re-timed as its steps will run: "
-              f"{job.predicted * 1e3:.2f} ms a step (job.predicted)", flush=True)
+    if job.calibration is not None and chosen is not None:
+        # the table simulated with the load the re-time fitted (others' processes
+        # on the shared cores; none where it fitted none): its figures and ranking
+        # those of the host the steps will find, as job.predicted's are
+        job.candidates, job.profiled = under_load(cands, chosen, job.calibration.load)
+    if verbose and grid.comm.rank == 0 and auto:
+        print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
+              f"{job.table()}\n{said}", flush=True)
+        if job.predicted is not None:
+            print(f"engine.distribute: {job.schedule.name} re-timed as its steps will run: "
+                  f"{job.predicted * 1e3:.2f} ms a step (job.predicted)", flush=True)
     return job

@@ -601,6 +601,93 @@ def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
     assert once[1].schedule is second.schedule and not once[1].measured
 
 
+def _two_ways():
+    """1F1B(2,2) and ZB-H1(2,2) with the ranks sharing one core's worth:
+    1F1B leads on a quiet host (each action's fixed cost, fewer actions),
+    ZB-H1 under others' load (its ranks compute at once more often)."""
+    rows = 16
+    prof = _profile(rows, [2], [1, 1, 1, 1])
+    scheds = choose.builtin(["1f1b", "zb-h1"], 2, [2])
+    cands = choose.candidates(prof, [1] * 4, rows, scheds, overhead=0.002, cores=1.0)
+    assert [c.schedule.name for c in cands] == ["1f1b(2,2)", "zero_bubble_h1(2,2)"]
+    return rows, prof, cands
+
+
+def test_the_table_follows_the_load_the_retime_fitted():
+    """Where the ranks share the cores, the candidates are simulated again
+    with others' processes on them (the load Job.retime fits): each row's
+    figure is the simulator's with that load, the rows ranked by it, the
+    chosen one marked with its loaded figure and the load said; a quiet
+    host (no load), or a core a rank, changes nothing."""
+    _, prof, cands = _two_ways()
+    quiet, other = cands
+    for c in cands:
+        got = choose.loaded(c, 3.0)
+        assert got.load == 3.0 and got.costs == c.costs and got.counts == c.counts
+        rep = c.schedule.simulate(c.costs, 1.0, 3.0)
+        assert got.makespan == pytest.approx(rep.makespan) and got.makespan > c.makespan
+        assert got.bubble == pytest.approx(rep.bubble)
+        assert choose.loaded(c, 0.0) is c
+    own, = choose.candidates(prof, [1] * 4, 16, [quiet.schedule], overhead=0.002)
+    assert choose.loaded(own, 3.0) is own       # a core a rank: no load is fitted there
+    rows, mark = choose.under_load(cands, quiet, 3.0)
+    assert [c.schedule.name for c in rows] == ["zero_bubble_h1(2,2)", "1f1b(2,2)"]
+    assert mark is rows[1] and mark.load == 3.0
+    text = choose.table(rows, mark).splitlines()
+    assert text[1].startswith("zero_bubble_h1(2,2)") and "<- chosen" not in text[1]
+    assert f"{rows[0].makespan * 1e3:>9.2f}" in text[1]
+    assert text[2].endswith("<- chosen") and f"{mark.makespan * 1e3:>9.2f}" in text[2]
+    assert f"{quiet.makespan * 1e3:>9.2f}" not in text[2]
+    assert text[3] == ("(simulated with others' processes on the shared cores: 3.00 pp "
+                       "ranks' worth, fitted to a dry run)")
+    assert "others' processes" not in choose.table(cands, quiet)
+    assert choose.under_load(cands, quiet, 0.0) == (cands, quiet)
+    # a row costed by its own dry run leads one that was not (its figure a lower bound)
+    led, mark = choose.under_load([replace(quiet, measured=True), other],
+                                  None, 3.0)
+    assert mark is None and led[0].schedule is quiet.schedule
+    sure = replace(quiet, measured=True)
+    led, mark = choose.under_load([sure, other], sure, 3.0)
+    assert led[0] is mark and mark.measured and led[1].schedule is other.schedule
+
+
+def test_the_choice_ranks_with_the_load_its_dry_runs_fit(monkeypatch):
+    """distribute's choice fits others' load to each leader's dry run as
+    Job.retime does (the ranks sharing the cores) and ranks every
+    candidate with it: here the dry runs' compute walls are the
+    simulator's with a load of 3, so the quiet leader, 1F1B, falls behind
+    ZB-H1, which is then costed by its own dry run and leads."""
+    import importlib
+    from engine.calibrate import Calibration, DryRun
+    dist = importlib.import_module("engine.distribute")
+    rows, prof, cands = _two_ways()
+    ran = []
+
+    def fake_dry_run(world, pp, sched, nbytes, steps=5, tag_base=0, timeout=None, costs=None,
+                     tensors=False, grid=None, grads=None):
+        ran.append(sched.name)
+        walls = dist._shared_walls(sched, {k: list(costs[k]) for k in "FBIW"},
+                                   Calibration(0.002, 0.0, cores=1.0, load=3.0))
+        return DryRun(0.002, 0.0, 0.0, compute=walls)     # as the candidates' own figures
+
+    class Grid:
+        comm = None
+
+        def group(self, axis):
+            return None
+
+        def coord(self, axis):
+            return 0
+    monkeypatch.setattr(dist, "dry_run", fake_dry_run)
+    got = dist._measured_choice(Grid(), list(cands), prof, {}, rows, False, 0, None)
+    assert ran == ["1f1b(2,2)", "zero_bubble_h1(2,2)"]
+    assert [c.schedule.name for c in got] == ["zero_bubble_h1(2,2)", "1f1b(2,2)"]
+    for c, was in zip(got, cands[::-1]):
+        assert c.measured and c.load == pytest.approx(3.0, rel=1e-3)
+        assert c.makespan == pytest.approx(was.schedule.simulate(was.costs, 1.0, 3.0).makespan,
+                                           rel=1e-3)
+
+
 class _Recording:
     """A stage that records its calls and hands on what it got."""
 
@@ -1514,3 +1601,47 @@ def test_auto_skips_the_candidates_whose_layers_fail_and_says_why():
                                        f"run, its layers fail on micro-batches of every size "
                                        f"tried: 1 row: rank "), got["error"]
         assert said in got["error"], got["error"]
+
+
+def _loaded_worker(world):
+    """A numpy job whose two ranks are made to share one core (``_cores``)
+    and whose re-time (and choice) fit others' load of 2.5 pp ranks' worth
+    (``fitted_load``, made constant): distribute's table, printed and
+    ``job.table()``, is simulated with it."""
+    import contextlib
+    import importlib
+    import io
+    importlib.import_module("engine.calibrate")._cores = lambda: 1
+    importlib.import_module("engine.distribute").fitted_load = lambda *args, **kwargs: 2.5
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        job = engine.distribute(_numpy_model(), mesh.grid(world, pp=2), sample=_data(0)[0],
+                                loss_fn=mse_loss, reps=1, timeout=60)
+    c = job.profiled
+    return {"load": job.calibration.load, "cores": job.calibration.cores,
+            "loads": sorted({x.load for x in job.candidates}),
+            "first": job.candidates[0] is c, "among": any(x is c for x in job.candidates),
+            "row": c.makespan, "sim": c.schedule.simulate(c.costs, c.cores, 2.5).makespan,
+            "quiet": c.schedule.simulate(c.costs, c.cores).makespan,
+            "schedule": job.schedule.name, "name": c.schedule.name,
+            "m": c.schedule.num_microbatches,
+            "printed": out.getvalue(), "table": job.table()}
+
+
+@pytest.mark.timeout(120)
+def test_distribute_prints_its_candidates_with_the_retimes_load():
+    for r, got in enumerate(mesh.spawn(_loaded_worker, 2, timeout=100, env=PATIENT)):
+        assert got["cores"] == 1.0 and got["load"] == 2.5 and got["loads"] == [2.5], got
+        assert got["among"] and got["first"] and got["schedule"] == got["name"], got
+        assert got["row"] == pytest.approx(got["sim"]) and got["row"] > got["quiet"], got
+        row = next(line for line in got["table"].splitlines() if line.endswith("<- chosen"))
+        assert row.split()[:2] == [got["name"], str(got["m"])], row
+        assert f"{got['row'] * 1e3:>9.2f}" in row, (row, got["row"])
+        assert got["table"].endswith("on the shared cores: 2.50 pp ranks' worth, fitted to "
+                                     "a dry run)"), got["table"]
+        if r == 0:
+            printed = got["printed"]
+            assert got["table"] in printed, printed
+            assert printed.index(got["table"]) < printed.index("re-timed as its steps"), printed
+        else:
+            assert got["printed"] == "", got["printed"]
