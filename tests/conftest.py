@@ -5,8 +5,10 @@ backend is missing here (real CuPy without a GPU) is skipped, saying why.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -53,6 +55,27 @@ def cells() -> list[Any]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cell" in metafunc.fixturenames:
         metafunc.parametrize("cell", cells())
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection imported (torch, every test module) and
+    torch._dynamo (some 300,000 objects) out of the garbage collector's way,
+    after one collection, as mesh.spawn's fork server does: each full
+    collection in this process (Python's thresholds, and
+    engine.calibrate.collected at each engine.distribute run here) scanned
+    them all: 0.1 s of CPU at 214,000 objects, more once torch._dynamo is
+    in; 3.6 s of wall in tests/test_engine_torch.py alone, under load; and
+    processes forked from here (spawn's ranks of functions it cannot
+    pickle) inherit the freeze. torch._dynamo only where collection
+    imported torch: the first torch optimizer made here imports it anyway
+    (README, "With PyTorch")."""
+    if "torch" in sys.modules:
+        try:
+            import torch._dynamo  # noqa: F401
+        except ImportError:
+            pass
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
