@@ -76,6 +76,9 @@ class Reader:
         self._streams = streams
         self._streaming: dict[int, list] = live.streaming     # (liveness reads it too)
         self.finished: deque[Job] = streams.finished if streams is not None else deque()
+        # mesh.direct: the receive whose bytes are being read out of its sender's
+        # memory now (a wait that times out meanwhile waits for them)
+        self.direct_reading: Any = None
         self.streams_fd = streams.wake_r if streams is not None else -1
         self._idents = [str(r).encode() for r in range(len(peers))]
         self._rank_of = {ident: r for r, ident in enumerate(self._idents)}
@@ -511,6 +514,17 @@ class Reader:
             self._bad(f"a direct-path message from rank {h.src}, which was never probed")
             return
         req = self._claim(h.group, h.src, h.tag)
+        # Matched now, read for a while (seconds for GiBs under load): a wait whose
+        # timeout runs out meanwhile waits for the end, as on a stream, so it never
+        # raises while its out= is still being written (it did, 1 s past its timeout)
+        self.direct_reading = req
+        try:
+            self._read_direct_into(h, peer, pid, req)
+        finally:
+            self.direct_reading = None
+
+    def _read_direct_into(self, h: wire.Header, peer: Peer, pid: int, req: Any) -> None:
+        """_read_direct, its receive (if any) claimed."""
         dest = req.out if req is not None and _fits(req.out, req, h) else None
         into_out = dest is not None
         if dest is None:

@@ -695,9 +695,11 @@ class Transport:
                     raise item.error
                 done = item.event.wait(max(1.0, limit))
                 # matched by an array whose bytes its sender's stream still brings
-                # (mesh.streams): they come whole, or the sender is lost; never a
-                # timeout while they are still written into its out=
-                while not done and self.streams.reading(item):
+                # (mesh.streams), or that is read out of its sender's memory (mesh.direct):
+                # they come whole, or the sender is lost; never a timeout while they are
+                # still written into its out=
+                while not done and (self.streams.reading(item)
+                                    or self.reader.direct_reading is item):
                     done = item.event.wait(0.1)
                 if not done:
                     raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
@@ -789,6 +791,11 @@ class Transport:
                     crossing = peer.unanswered + self.streams.pending(item.dst)
                     why = (f"with {crossing} bytes on their way to rank {item.dst} (handed "
                            f"over, not arrived yet: they still go)" if crossing
+                           # (mesh.direct: ZeroMQ holds nothing, blaming it misled)
+                           else f"before rank {item.dst} read it out of this rank's memory "
+                           f"(the same-host direct path: rank {item.dst} not reading, or "
+                           f"stopped; the buffer stays in use until it is read)"
+                           if isinstance(tracker, Ack)
                            else f"while ZeroMQ still held its buffer (rank {item.dst} not "
                            f"reading it, or the link slow)")
                     raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "

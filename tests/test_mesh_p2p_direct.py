@@ -284,3 +284,79 @@ def _no_memory(world: mesh.Mesh, path: str) -> str:
 @pytest.mark.parametrize("path", PATHS)
 def test_a_message_with_no_memory_to_receive_it_fails_its_receive(path: str) -> None:
     assert mesh.spawn(_no_memory, 2, path, timeout=60, env=PATHS[path]) == ["sent", "ok"]
+
+
+def _times_out_mid_read(world: mesh.Mesh) -> tuple:
+    """A receive whose bytes are still being read out of its sender's memory
+    (by the progress thread: a large array under load) when its wait's
+    timeout runs out waits for them: it raised MeshTimeoutError 1 s past its
+    timeout with half of its out= written, and the next wait returned it."""
+    if world.rank == 1:
+        _answered(world, 0)
+        world.recv(0, tag=99)
+        world.send(_big(1), 0, tag=1)                    # direct (probed at start)
+        world.recv(0, tag=98)
+        return ()
+    real = mesh.reader.cma.read_errno
+    halfway: list[int] = []
+
+    def slow(pid: int, addr: int, dst: np.ndarray) -> int:
+        if dst.nbytes < 64 << 10:                        # (the probe's token)
+            return real(pid, addr, dst)
+        err = real(pid, addr, dst.reshape(-1).view(np.uint8)[: dst.nbytes // 2])
+        halfway.append(err)
+        time.sleep(2.0)                                  # half now, the rest 2 s later
+        return err or real(pid, addr, dst)
+
+    mesh.reader.cma.read_errno = slow                    # type: ignore[assignment]
+    out = np.zeros(BIG)
+    req = world.irecv(1, tag=1, out=out)
+    world.send(0, 1, tag=99)
+    deadline = time.monotonic() + 10
+    while not halfway and time.monotonic() < deadline:
+        time.sleep(0.01)                                 # the progress thread reads it
+    try:
+        got = req.wait(timeout=0.1)
+    finally:
+        mesh.reader.cma.read_errno = real                # type: ignore[assignment]
+    world.send(0, 1, tag=98)
+    return got is out, bool(np.array_equal(out, _big(1))), req.cancel()
+
+
+@pytest.mark.timeout(60)
+def test_a_wait_timing_out_mid_read_waits_for_the_whole_array() -> None:
+    assert mesh.spawn(_times_out_mid_read, 2, timeout=40)[0] == (True, True, False)
+
+
+def _send_times_out_unread(world: mesh.Mesh) -> str:
+    """A direct send that times out before its receiver read it says so: it
+    blamed ZeroMQ holding its buffer, which holds nothing on this path."""
+    if world.rank == 1:
+        real = mesh.reader.cma.read_errno
+
+        def slow(pid: int, addr: int, dst: np.ndarray) -> int:
+            if dst.nbytes >= 64 << 10:
+                time.sleep(1.5)                          # a receiver not reading yet
+            return real(pid, addr, dst)
+
+        mesh.reader.cma.read_errno = slow                # type: ignore[assignment]
+        try:
+            world.send(0, 0, tag=99)
+            got = world.recv(0, tag=1, timeout=20)
+        finally:
+            mesh.reader.cma.read_errno = real            # type: ignore[assignment]
+        return "whole" if np.array_equal(got, _big(1)) else "wrong"
+    _answered(world, 1)
+    world.recv(1, tag=99)
+    with pytest.raises(mesh.MeshTimeoutError) as e:
+        world.send(_big(1), 1, tag=1, timeout=0.3)       # direct (probed at start)
+    return str(e.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_direct_send_timing_out_unread_names_the_reader_not_zeromq() -> None:
+    text, got = mesh.spawn(_send_times_out_unread, 2, timeout=40)
+    assert got == "whole"
+    assert text.startswith("rank 0: send to rank 1 (tag 1, group world) timed out after 0.3s "
+                           "before rank 1 read it out of this rank's memory"), text
+    assert "ZeroMQ" not in text, text
