@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mesh import Comm, MismatchError, tensors, wire
+from mesh.device import is_device
 from mesh.tensors import cpu_numpy
 
 from .device import paths as device
@@ -60,8 +61,8 @@ float32 beside it is told of the mismatch, not averaged with it."""
 
 
 def _half_avg(a: Any, op: str, written: bool = True) -> bool:
-    """An average of float16 (a numpy array, of either byte order, or a
-    torch tensor): taken in float32, so that no partial sum overflows (n
+    """An average of float16 (a numpy array, of either byte order, a torch
+    tensor or a CuPy array): taken in float32, so that no partial sum overflows (n
     ranks' 30000 made inf) and the mean is rounded once (as bfloat16's,
     collectives.tensors). ``written``: the call writes ``a`` (not a
     reduce off the root nor a reduce_scatter, whose array may be
@@ -75,7 +76,10 @@ def _half_avg(a: Any, op: str, written: bool = True) -> bool:
         dt = a.dtype
         return dt.kind == "f" and dt.itemsize == 2 and dt.metadata is None and (
             a.flags.writeable or not written)
-    return is_tensor(a) and str(a.dtype) == "torch.float16"
+    if is_tensor(a):
+        return str(a.dtype) == "torch.float16"
+    # a CuPy array: the device paths summed it in float16 too (three ranks' 30000: inf)
+    return is_device(a) and hasattr(a, "astype") and getattr(a, "dtype", None) == np.float16
 
 
 def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = False) -> Any:
@@ -83,9 +87,12 @@ def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = Fal
     rounded back to float16 once: into ``a`` when ``in_place``, else as a
     new array or tensor like ``a`` (``same``: ``a`` itself, untouched, as
     reduce returns it off the root)."""
-    numpy = isinstance(a, np.ndarray)
-    wide = a.astype(_HALF_WIDE) if numpy else a.detach().float()
-    cpu = not numpy and wide.device.type == "cpu"
+    numpy, tensor = isinstance(a, np.ndarray), is_tensor(a)
+    # (a CuPy array widens on its device, to plain float32: its fingerprint says
+    # float32, as a CUDA tensor's does)
+    wide = a.astype(_HALF_WIDE) if numpy else a.detach().float() if tensor else \
+        a.astype(np.float32)
+    cpu = tensor and wide.device.type == "cpu"
     res = call(wide.numpy().view(_HALF_WIDE) if cpu else wide)   # (a CPU tensor: its memory)
 
     def finish(result: Any) -> Any:
@@ -97,8 +104,8 @@ def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = Fal
             if cpu:
                 import torch
                 return torch.from_numpy(result.astype(np.float16))
-            return result.astype(a.dtype) if numpy else result.half()    # (its byte order)
-        if numpy:
+            return result.half() if tensor else result.astype(a.dtype)  # (its byte order)
+        if not tensor:
             a[...] = wide
         else:
             import torch

@@ -828,8 +828,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
         """reduce_scatter where rank j's part differs in size from the others'
         (as gloo allows): input j goes to rank j by an uneven all_to_all,
         and each rank combines the parts it receives in rank order with the
-        collectives' own ops (bfloat16 widened to float32 and rounded once,
-        as collectives.tensors does). A part whose size is not the
+        collectives' own ops (bfloat16, and float16 averaged, widened to
+        float32 and rounded once, as collectives.tensors and collectives.api
+        do). A part whose size is not the
         receiver's output size, or an op its dtype cannot take, raises on
         every rank."""
         name, factor = _op(opts.reduceOp)
@@ -840,6 +841,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
             if factor is not None:
                 flat = flat * _factor(factor)
             arr = _tensors.operand(flat if flat.is_cpu else flat.cpu(), what, True)[0]
+            if name == "avg" and flat.dtype == torch.float16:
+                # averaged in float32 and rounded once, as collectives.api averages
+                # float16 (its partial sums overflowed: three ranks' 30000 gave inf where
+                # even parts gave 30000); the fingerprint still says float16
+                arr = arr.astype(C._HALF_WIDE)
             sizes = [x.numel() for x in ins]
             launches.append(lambda a, arr=arr, sizes=sizes, k=out.numel(): _all_to_all_v(
                 self.comm, arr, sizes, [k] * self._n, a, self.timeout,

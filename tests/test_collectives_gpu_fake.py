@@ -202,6 +202,34 @@ def test_device_and_host_arrays_in_one_call_raise_mismatch() -> None:
     assert mesh.spawn(_mixed, 2, timeout=60, env={"MESH_CUDA_IPC": "0"}) == ["mismatch"] * 2
 
 
+def _half_average(world: mesh.Mesh) -> dict[str, list[float]]:
+    """float16 averaged on a device array: small (staged whole) and large
+    (the device paths), all_reduce, reduce and reduce_scatter."""
+    cp = fakecupy.install()
+    got: dict[str, list[float]] = {}
+    for k in (4, 40_000):
+        a = cp.asarray(np.full(k, 30000.0, np.float16))
+        C.all_reduce(world, a, op="avg")
+        got[f"all_reduce {k}"] = sorted(set(cp.asnumpy(a).tolist()))
+        a = cp.asarray(np.full(k, 30000.0, np.float16))
+        C.reduce(world, a, root=0, op="avg")
+        got[f"reduce {k}"] = sorted(set(cp.asnumpy(a).tolist()))
+        a = cp.asarray(np.full(k * world.size, 30000.0, np.float16))
+        row = C.reduce_scatter(world, a, op="avg")
+        got[f"reduce_scatter {k}"] = sorted(set(cp.asnumpy(row).tolist())) + [str(row.dtype)]
+    return got
+
+
+def test_a_float16_average_of_device_arrays_is_taken_in_float32() -> None:
+    """A CuPy float16 array's average was summed in float16 (three ranks'
+    30000: inf), where numpy arrays and torch tensors average in float32."""
+    for got in mesh.spawn(_half_average, 3, timeout=90, env={"MESH_TIMEOUT": "30"}):
+        for k in (4, 40_000):
+            assert got[f"all_reduce {k}"] == [30000.0], got
+            assert got[f"reduce {k}"] == [30000.0], got
+            assert got[f"reduce_scatter {k}"] == [30000.0, "float16"], got
+
+
 def _required(world: mesh.Mesh) -> str:
     import os
     cp = fakecupy.install()

@@ -1931,3 +1931,33 @@ def test_a_blocking_call_interrupted_behind_the_lane_is_a_lost_peer_to_the_other
     assert first == [2.0, 2.0] and nxt == [2.0, 2.0], got[0]
     assert (kind, peer) == ("LostPeerError", 1), got[0]
     assert "rank 1 of group world: all_reduce #" in said and "KeyboardInterrupt" in said, said
+
+
+def half_average_of_unequal_parts(world: Any) -> dict:
+    """dist.reduce_scatter of float16 with AVG, parts of equal sizes and of
+    unequal ones (rank j's part has j + 1 elements: the uneven path)."""
+    _init()
+    r, n = dist.get_rank(), dist.get_world_size()
+    got = {}
+    for kind, sizes in (("even", [2] * n), ("uneven", [j + 1 for j in range(n)])):
+        for value in (30000.0, 1.0 + 2 ** -10 * (r + 1)):
+            out = torch.zeros(sizes[r], dtype=torch.float16)
+            dist.reduce_scatter(out, [torch.full((k,), value, dtype=torch.float16)
+                                      for k in sizes], op=R.AVG)
+            got[f"{kind} {value > 2}"] = out.tolist()
+    dist.destroy_process_group()
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_float16_average_of_unequal_parts_is_taken_in_float32() -> None:
+    """The uneven reduce_scatter summed float16 parts in float16: three
+    ranks' 30000 gave inf (even parts: 30000), and 1 + k/1024 (k = 1, 2, 3)
+    averaged to 1 + 3/1024, one float16 step off the mean that even parts
+    give, 1 + 2/1024. Now both average in float32 and round once."""
+    for r, got in enumerate(mesh.spawn(half_average_of_unequal_parts, 3, timeout=45)):
+        assert got["even True"] == [30000.0] * 2 and got["uneven True"] == [30000.0] * (r + 1), \
+            (r, got)
+        mean = 1 + 2 / 1024
+        assert got["even False"] == [mean] * 2 and got["uneven False"] == [mean] * (r + 1), \
+            (r, got)
