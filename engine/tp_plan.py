@@ -332,7 +332,8 @@ def planned(local: dict[str, str] | str, todo: Mapping[str, Style]) -> dict[str,
 
     def said(st: Style) -> str:
         more = [f"{k} {v!r}" for k, v, plain in (
-            ("seq_dim", st.seq_dim, 1), ("parts", st.parts if st.watched else 1, ()), ("rng", st.rng, ""),
+            ("seq_dim", st.seq_dim, 1), ("parts", st.parts if st.watched else 1, ()),
+            ("rng", st.rng, ""),
             ("width", st.width, ""), ("attrs", sorted(map(_rewrite, st.attrs.items())), []))
             if v != plain]
         return f"{st.style} ({', '.join([f'input {st.input}', f'output {st.output}', *more])})"

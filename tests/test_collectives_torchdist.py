@@ -1775,7 +1775,7 @@ def test_a_coalescing_manager_with_no_call_on_one_rank_raises_on_every_rank() ->
 
 def coalescing_manager_raising(world: Any) -> list[Any]:
     _init()
-    r, n = dist.get_rank(), dist.get_world_size()
+    r = dist.get_rank()
     got: list[Any] = []
     for raises in (True, r == 0):           # in every rank's block, then in rank 0's alone
         def run() -> None:
