@@ -154,6 +154,22 @@ def _killed_mid_stream_with_a_child(world: mesh.Mesh, result: str) -> None:
     Path(result).write_text(f"{world._t.streams.got} {bool(np.all(first == 1))} {what}")
 
 
+def _fails_leaving_no_child(result: Path, fn, *args, env: dict) -> None:
+    """Spawn ``fn`` on 2 ranks, which fails the job (WorkerError), then kill
+    the child a rank forked and wrote the pid of (``result``.child), if any:
+    nothing outlives the test."""
+    try:
+        with pytest.raises(mesh.WorkerError):
+            mesh.spawn(fn, 2, str(result), *args, timeout=50, settle=30, env=env)
+    finally:
+        child = result.with_name(result.name + ".child")
+        if child.exists():
+            try:
+                os.kill(int(child.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_sender_killed_mid_stream_with_a_forked_child_is_named_lost(tmp_path: Path) -> None:
     """A rank forks a long-lived child, then dies mid-stream: the child's copy
     of the stream's socket held the connection up, so the receiver saw no
@@ -161,17 +177,8 @@ def test_a_sender_killed_mid_stream_with_a_forked_child_is_named_lost(tmp_path: 
     timeout: 20 s here). The child's copies are closed at the fork (the
     parent's stream goes on): the receive raises within seconds."""
     result = tmp_path / "result"
-    try:
-        with pytest.raises(mesh.WorkerError):
-            mesh.spawn(_killed_mid_stream_with_a_child, 2, str(result), timeout=50, settle=30,
-                       env={**TCP, "MESH_PEER_TIMEOUT": "20"})
-    finally:
-        child = tmp_path / "result.child"
-        if child.exists():
-            try:
-                os.kill(int(child.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _fails_leaving_no_child(result, _killed_mid_stream_with_a_child,
+                            env={**TCP, "MESH_PEER_TIMEOUT": "20"})
     got, whole, kind, peer, secs, said = result.read_text().split(" ", 5)
     assert (got, whole, kind, peer) == ("1", "True", "LostPeerError", "1"), result.read_text()
     assert float(secs) < 10 and "stream ended mid-message" in said, result.read_text()
@@ -464,17 +471,7 @@ def test_an_array_sent_whole_before_its_sender_went_is_received(tmp_path: Path,
     was closed under them); a receive after it names the sender's own error
     (its goodbye, held behind the array, was heard after the loss)."""
     result = tmp_path / "result"
-    try:
-        with pytest.raises(mesh.WorkerError):
-            mesh.spawn(_gone_while_its_bytes_come, 2, str(result), how, timeout=50,
-                       settle=30, env=TCP)
-    finally:
-        child = tmp_path / "result.child"
-        if child.exists():
-            try:
-                os.kill(int(child.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _fails_leaving_no_child(result, _gone_while_its_bytes_come, how, env=TCP)
     first, second = result.read_text().split("\n")
     assert first == "received True", result.read_text()
     said = "it failed: ValueError: boom in rank 1" if how == "raise" else "peer rank 1 is gone"
