@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import threading
 import types
 from typing import Any, Mapping
@@ -853,21 +854,14 @@ def _regroup(before: tuple[int, ...], after: tuple[int, ...], a: int,
         if i0 <= a < i:
             if j0 >= len(after) or any(s != 1 for s in before[i0:a]):
                 return None            # an outer axis of size > 1 merged with it
-            inner_before = _prod(before[a + 1:i])
-            inner_after = _prod(after[j0 + 1:j])
+            inner_before = math.prod(before[a + 1:i])
+            inner_after = math.prod(after[j0 + 1:j])
             if unit is not None and unit * inner_after % inner_before == 0:
                 unit = unit * inner_after // inner_before
             else:
                 unit = None
             return j0, unit
     return None
-
-
-def _prod(sizes: Any) -> int:
-    out = 1
-    for s in sizes:
-        out *= s
-    return out
 
 
 def _followed(torch: Any, func: Any, args: Any, kwargs: Any, out: Any) -> Any:
