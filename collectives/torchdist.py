@@ -103,26 +103,28 @@ def register() -> None:
         if getattr(handlers.get("env"), "__module__", None) != __name__:
             _torch_env = handlers.get("env")
             handlers["env"] = _env_handler
-        made = getattr(rdv, "_create_c10d_store", None)    # (env:// and tcp:// make stores here)
-        if made is not None and getattr(made, "__module__", None) != __name__:
-            _torch_store = made
-            setattr(rdv, "_create_c10d_store", _c10d_store)
+        _torch_store = _put((rdv,), "_create_c10d_store", _c10d_store) or _torch_store
         c10d = importlib.import_module("torch.distributed.distributed_c10d")
-        pickles = getattr(c10d, "_object_to_tensor", None)
-        if pickles is not None and getattr(pickles, "__module__", None) != __name__:
-            _torch_pickle = pickles
-            setattr(c10d, "_object_to_tensor", _object_to_tensor)
-        manager = getattr(c10d, "_coalescing_manager", None)
-        if manager is not None and getattr(manager, "__module__", None) != __name__:
-            _torch_coalescing = manager
-            for where in (c10d, dist):           # torch's, and torch.distributed's re-export
-                if getattr(where, "_coalescing_manager", None) is manager:
-                    setattr(where, "_coalescing_manager", _coalescing_manager)
-        if getattr(c10d.monitored_barrier, "__module__", None) != __name__:
-            _torch_monitored = c10d.monitored_barrier
-            for where in (c10d, dist):           # torch's, and torch.distributed's re-export
-                setattr(where, "monitored_barrier", monitored_barrier)
+        _torch_pickle = _put((c10d,), "_object_to_tensor", _object_to_tensor) or _torch_pickle
+        _torch_coalescing = _put((c10d, dist), "_coalescing_manager",
+                                 _coalescing_manager) or _torch_coalescing
+        _torch_monitored = _put((c10d, dist), "monitored_barrier",
+                                monitored_barrier) or _torch_monitored
         _registered = True
+
+
+def _put(where: tuple, name: str, ours: Any) -> Any:
+    """``ours`` in place of torch's ``name`` in ``where[0]``, and in each
+    other module of ``where`` that re-exports it (env:// stores, object
+    pickling, the coalescing manager, monitored_barrier); torch's own, or
+    None where it has none or ours is there already."""
+    theirs = getattr(where[0], name, None)
+    if theirs is None or getattr(theirs, "__module__", None) == __name__:
+        return None
+    for module in where:
+        if getattr(module, name, None) is theirs:
+            setattr(module, name, ours)
+    return theirs
 
 
 def monitored_barrier(group: Any = None, timeout: Any = None,
