@@ -483,8 +483,17 @@ class Inbox:
             errors = [self.gone(peer, q.desc, q.group, self._unmatched(q)) if q.src == rank
                       else self.deserted_error(q) if state != DEAD
                       else self.gone(peer, q.desc, q.group) for q in reqs]
+            # a call of one of its groups running as phases on sub-groups without it
+            # (collectives.host.hier): the phase under way fails too, as it does when
+            # the call is aborted. Its waits are on the others only: a rank waited
+            # there for a peer that had raised, until that peer's process ended
+            phases = [f for (g, _), fs in self.follows.items() if g in members for f in fs] \
+                if state == DEAD and self.follows else []
         if state == DEAD and not told:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
+        for sub, sub_tag in phases:
+            self.abort_local(sub, sub_tag, AbortKind.LOST_PEER,
+                             f"peer world rank {rank} is gone ({why})", rank)
         for q, error in zip(reqs, errors):
             q.fail(error)
         self._nudge()

@@ -309,6 +309,46 @@ def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int,
         assert got["peer"] == VICTIM, (r, got)
 
 
+def die_while_a_host_partner_is_away(world: Any, outdir: str) -> None:
+    """Rank 1 (host b) dies while rank 3 is in a large all_reduce that the
+    others are not in (they raised in an earlier call, which rank 3 had
+    finished, and are busy elsewhere): rank 3 waits in host a's phase on
+    rank 0, alive, and must fail on rank 1's death, not on rank 0's exit."""
+    _fake_host(world)
+    r = world.rank
+    C.all_reduce(world, np.ones(200_000), algorithm="hier")     # topology made, boards up
+    C.barrier(world)
+    t = time.monotonic()
+    if r == VICTIM:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    result: dict = {"type": "away"}
+    if r in (0, 2):     # (until rank 3 has its error, 10 s at most)
+        while not os.path.exists(os.path.join(outdir, "3.json")) and time.monotonic() - t < 10:
+            time.sleep(0.05)
+    else:
+        try:
+            C.all_reduce(world, np.ones(200_000), algorithm="hier", timeout=30)
+            result = {"type": "ok"}
+        except mesh.MeshError as e:
+            result = {"type": type(e).__name__, "msg": str(e), "peer": getattr(e, "peer", None)}
+    result["t"] = time.monotonic() - t
+    with open(os.path.join(outdir, f"{r}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_a_rank_lost_fails_a_phase_on_a_host_without_it(tmp_path: Any) -> None:
+    """The lost rank is not a member of the sub-group whose phase rank 3
+    waits in: the call's own group is, and its death fails the phase (it
+    waited for rank 0 until rank 0 ended, 10 s, and named rank 0 lost)."""
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(die_while_a_host_partner_is_away, 4, str(tmp_path), timeout=60, settle=20)
+    assert err.value.rank == VICTIM
+    got = json.loads((tmp_path / "3.json").read_text())
+    assert got["type"] == "LostPeerError" and got["peer"] == VICTIM, got
+    assert got["t"] < 4.5, got
+
+
 def test_layout_forcing() -> None:
     t = plan.Tuning()
     assert plan.layout("all_reduce", t) is None
