@@ -32,7 +32,7 @@ import numpy as np
 from collectives.tools.bench_gloo import run_workers
 
 from .calibrate import step_figures, step_record
-from .choose import helper_charge, time_layer
+from .choose import time_layer
 from .distribute import distribute
 from .layers import Linear, Sequential, _Activation, mse_loss
 
@@ -132,7 +132,9 @@ def _in_step(world: Any, job: Any, rows: list[Any], acts: list[Any]) -> dict[str
         (ranks, r, a, host) for ranks, r, a, host in collectives.all_gather_object(
             world, (job.grid.group("pp").ranks, rows, acts, socket.gethostname()))])
     cal = job.calibration
-    charge = helper_charge(job.chosen.schedule, cal.helper)
+    # (the charge the prediction holds: none once Job.retime measured the
+    # executor's costs, whatever helper its calibration says)
+    charge = job.chosen.charge or [0.0] * job.chosen.schedule.num_stages
     pred = sum(job.chosen.costs[k][s] - cal.action - (charge[s] if k != "W" else 0.0)
                for k in "FBIW" for s, c in enumerate(fig.compute[k]) if c)
     # (None where the prediction's compute less its per-action cost and charge

@@ -678,6 +678,8 @@ class Candidate:
     # the recomputing stages go layer by layer (each keeps its layers' inputs
     # and makes one layer's activations again at a time), not whole
     layered: bool = False
+    # per stage, the mesh threads' CPU (helper_charge) its F, B and I costs hold
+    charge: tuple[float, ...] = ()
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -799,7 +801,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             peak = max(peaks)
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
-                                 summed, cores=cores, recompute=again, layered=layered))
+                                 summed, cores=cores, recompute=again, layered=layered,
+                                 charge=tuple(charge or ())))
             if both and again is False and not fits:    # only the ranks over the limit
                 assert memory_limit is not None
                 over = frozenset(s for r, pk in enumerate(peaks) if pk > memory_limit
@@ -846,19 +849,30 @@ def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
 
 
 def loaded(cand: Candidate, load: float) -> Candidate:
-    """``cand`` simulated again, its costs as they are, with others'
-    processes wanting the cores its ranks share (``load``, pp ranks' worth:
-    engine.simulate's; what ``Job.retime`` fits, engine.distribute's
-    ``fitted_load``). Where the ranks outnumber the cores a quiet host
-    lends an idle rank's core to the others, so a bubble costs little; a
-    loaded one gives it to the other processes, so the load slows a
-    schedule whose ranks take turns more than one whose ranks compute at
-    once, and the ranking can change. A candidate with a core a rank
+    """``cand`` simulated again with others' processes wanting the cores
+    its ranks share (``load``, pp ranks' worth: engine.simulate's; what
+    ``Job.retime`` fits to a dry run, engine.distribute's ``fitted_load``).
+    Where the ranks outnumber the cores a quiet host lends an idle rank's
+    core to the others, so a bubble costs little; a loaded one gives it to
+    the other processes, so the load slows a schedule whose ranks take
+    turns more than one whose ranks compute at once, and the ranking can
+    change. Its costs as they are, less the mesh threads' CPU charged to
+    its F, B and I (``charge``): the load is fitted to a dry run whose
+    mesh threads ran on those cores beside the stages, so it holds that
+    CPU already, as ``Job.retime``'s prediction (which charges none) does;
+    charged again, the chosen row at eight ranks on two cores was up to
+    1.5x the re-time's prediction (1.24x in the median), 2.3-4.2 ms charged
+    to actions of 4-9 ms (BENCHMARKS.md, thirty-ninth session). A candidate with a core a rank
     (``cores`` None), where no load is fitted, is as it was."""
-    if cand.cores is None or load == cand.load:
+    if cand.cores is None or (load == cand.load and not any(cand.charge)):
         return cand
-    rep = cand.schedule.simulate(cand.costs, cand.cores, load)
-    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, load=load)
+    costs = cand.costs
+    if any(cand.charge):
+        costs = {k: [c - cand.charge[s] for s, c in enumerate(v)] if k in ("F", "B", "I")
+                 else v for k, v in cand.costs.items()}
+    rep = cand.schedule.simulate(costs, cand.cores, load)
+    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, load=load, costs=costs,
+                   charge=())
 
 
 def under_load(cands: Sequence[Candidate], chosen: Candidate | None, load: float
@@ -915,7 +929,7 @@ def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0
                                    cores, load).makespan
             for run in runs])
     return replace(cand, makespan=makespan, bubble=rep.bubble, costs=costs, cores=cores,
-                   load=load)
+                   load=load, charge=tuple(charge))
 
 
 def _with_times(costs: Mapping[str, list[float]], times: Mapping[int, LayerCost],
@@ -948,7 +962,8 @@ def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
     costs = stage_costs(run_row, cand.counts, scale, overhead, send, run_whole, charge, recv,
                         cand.cores is not None)
     rep = cand.schedule.simulate(costs, cand.cores, cand.load)
-    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True)
+    return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True,
+                   charge=tuple(charge or ()))
 
 
 def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:

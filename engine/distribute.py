@@ -583,14 +583,17 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
                     grid=None if grads is None else grid, grads=stand_ins)
         # where the ranks share the cores: others' processes on them too, fitted to
         # this dry run as Job.retime fits them to its own (none within 10%), and
-        # every candidate simulated with them: a loaded host ranks them otherwise
-        load = lead.load
+        # every candidate simulated with them: a loaded host ranks them otherwise;
+        # the mesh threads' CPU is then in the load (they ran in the dry run), not
+        # charged to the actions besides (``loaded``)
+        load, helper = lead.load, d.helper if crowded else 0.0
         if lead.cores is not None:
             load = fitted_load(lead.schedule, {k: spin[k] for k in "FBIW"},
                                Calibration(d.action, d.message, receive=d.receive),
                                lead.cores, d.compute or {})
+            helper = 0.0
         cands = best_first([recosted(replace(lead, load=load), row, 1.0, w, d.action,
-                                     d.message, d.helper if crowded else 0.0, d.receive)]
+                                     d.message, helper, d.receive)]
                            + [loaded(c, load) for c in cands[1:]])
     if cands[0].measured or not any(c.measured for c in cands):
         return cands
@@ -610,9 +613,11 @@ class Job:
                  target: Any = None, keys: list[str] | None = None,
                  aliases: dict[str, str] | None = None,
                  skipped: Sequence[tuple[Schedule, str]] = (),
-                 rest: dict[str, Any] | None = None) -> None:
+                 rest: dict[str, Any] | None = None,
+                 expected: Sequence[str] | None = None) -> None:
         self.grid = grid
         self._keys = keys          # a traced model's state_dict() keys, in its order
+        self._expected = set(expected or ())     # the whole model's state keys, every name
         self._rest = rest or {}    # its tensors no stage holds, by key (_rest), on every rank
         self._aliases = aliases or {}     # a shared tensor's other keys: its first key
         self.calibration = calibration
@@ -813,10 +818,23 @@ class Job:
                         out[f"{name}.{j}"] = p
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Load the whole model's state (keyed as ``state_dict()`` gives it,
         the model's own keys, unsharded) into this rank's stages: each takes
-        its own entries, and with tp its own shards of them (no message)."""
+        its own entries, and with tp its own shards of them (no message).
+        Keys the model lacks raise, as torch's ``load_state_dict`` does
+        (``strict=False`` ignores them; a missing key raises either way). A
+        tensor the model holds under several names (tied weights) takes, on
+        every stage holding a copy, the value of its last name in the
+        model's order, the one torch's load leaves in one process."""
+        unexpected = [k for k in state if k not in self._expected]
+        if strict and self._expected and unexpected:
+            raise KeyError(f"rank {self.grid.comm.rank}: load_state_dict: "
+                           f"{', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
+                           f" not in the model (a checkpoint of another model?); "
+                           f"strict=False ignores them")
+        last = {first: k for k, first in self._aliases.items() if k in state}
+        state = {k: state[last.get(self._aliases.get(k, k), k)] for k in state}
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
             if self.is_torch:       # the stage's own keys, and the model's for each
@@ -1028,6 +1046,14 @@ def _model_key(names: list[str], key: str) -> str:
     keys are the model's already)."""
     j, _, rest = key.partition(".")
     return f"{names[int(j)]}.{rest}" if names[int(j)] else rest
+
+
+def _state_keys(named: list[tuple[str, Any]], is_torch: bool) -> list[str]:
+    """The whole model's state keys (``Job.state_dict``'s), every name of a
+    module held under several, from its layers as ``_model_layers`` names them."""
+    if is_torch:
+        return [f"{n}.{k}" for n, m in named for k in m.state_dict()]
+    return [f"{n}.{j}" for n, layer in named for j in range(len(layer.params()))]
 
 
 def _on_meta(model: Any) -> bool:
@@ -1448,7 +1474,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
               bool(plan), cal, inputs, reps, messages, timeout, tag_base, target,
               list(source.state_dict()) if source is not model else None, aliases, skipped,
-              rest)
+              rest, list(source.state_dict()) if source is not model
+              else _state_keys(named, is_torch))
     job.retime()
     if job.calibration is not None and chosen is not None:
         # the table simulated with the load the re-time fitted (others' processes

@@ -282,6 +282,8 @@ def _check_rewrites(torch: Any, todo: dict[str, tuple[Any, Style]], cut_before: 
             continue
         if any(id(p) in cut for _, p in held):
             _check_whole_inside(todo, name, sub, counts)
+            if not style.rng:
+                _check_dropout_inside(torch, todo, name, sub, counts)
             continue
         params = [n for n, _ in held]
         what = ", ".join(f"{name}.{a}" for a in counts)
@@ -373,6 +375,33 @@ def _check_whole_inside(todo: dict[str, tuple[Any, Style]], name: str, sub: Any,
             f"wrong result; plan it: '{name}.{rel}': {{'style': 'replicate', 'input': "
             f"'shard'}} (its gradients summed over tp), or 'replicate' where it sees whole "
             f"activations")
+
+
+def _check_dropout_inside(torch: Any, todo: dict[str, tuple[Any, Style]], name: str,
+                          sub: Any, counts: list[str]) -> None:
+    """Refuse an unplanned dropout inside ``sub``, whose head count the plan
+    divides and whose entry sets no ``rng``: it draws torch's default
+    stream, in step on every tp rank, so where it sees this rank's heads
+    (the attention probabilities' dropout) head h got head h + heads/tp's
+    mask on the other rank, with nothing said. The plan says which stream:
+    the rank's own for the heads, the shared one for the whole output."""
+    planned = {id(m) for m, _ in todo.values()}
+    under: set[int] = set()         # inside a planned submodule: its style decides
+    for m in sub.modules():
+        if m is not sub and (id(m) in planned or getattr(m, "_tp", None) is not None):
+            under.update(id(d) for d in m.modules())
+    for rel, m in sub.named_modules():
+        if not rel or id(m) in under or not isinstance(m, torch.nn.modules.dropout._DropoutNd) \
+                or not m.p:
+            continue
+        raise PlanError(
+            f"{name}.{rel} ({type(m).__name__}, p={m.p}) inside {name}, whose "
+            f"{', '.join(counts)} the plan divides by tp, draws torch's default stream, the "
+            f"same on every tp rank: on this rank's part of the heads (the attention "
+            f"probabilities) each rank's heads would get the other's masks, not one "
+            f"process's independent ones; plan it: '{name}.{rel}': {{'style': 'replicate', "
+            f"'rng': 'rank'}}, or 'rng': 'shared' where it sees the whole output (or give "
+            f"{name} an 'rng')")
 
 
 def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:

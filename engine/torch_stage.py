@@ -551,6 +551,10 @@ def torch_loss(fn: Any) -> Any:
     torch = _torch()
 
     def loss_fn(y: Any, target: Any) -> tuple[float, Any]:
+        if not torch.is_grad_enabled():     # (the stages' forwards made no graph either)
+            raise TypeError("step() ran with grad mode off (under torch.no_grad() or "
+                            "torch.inference_mode()): a step trains; evaluate with "
+                            "eval_step(), which keeps no graph itself")
         ty = _tensor(torch, y).detach().requires_grad_(True)
         loss = fn(ty, _target(torch, target, ty.device))
         if isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad:

@@ -1,7 +1,9 @@
 """``job.eval_step``: the schedule's forwards only, the loss of one
 process's ``model.eval()`` on the global batch, no gradient touched, the
 modules back in their own modes after; ``outputs=True`` also hands back the
-last stage's outputs. Training goes on after it (its tags are a step's).
+last stage's outputs. Training goes on after it (its tags are a step's),
+and after a step called under ``torch.no_grad()``, which fails on every
+rank naming grad mode (the last stage blamed the loss function).
 
 One spawn of four ranks: dp=2 x pp=2 under ZB-V (two stages a rank, the
 embedding and the head tied, a dropout that eval mode turns off), and
@@ -76,9 +78,16 @@ def _worker(world):
                 job.eval_step(x, y if d == 0 else None)
             except (ValueError, mesh.MeshError) as e:
                 mixed = str(e)
+        try:                    # a step under no_grad (an evaluation loop's habit)
+            with torch.no_grad():
+                job.step(x, y)
+            nograd = "no error"
+        except Exception as e:      # (the last stage's own message; others name its rank)
+            nograd = str(e)
         after = job.step(x, y)                          # a training step still lines up
         res[name] = {"loss": loss, "again": again, "nothing": nothing, "kept": kept,
                      "modes": modes, "after": after, "last": job.pipeline.last, "mixed": mixed,
+                     "nograd": nograd,
                      "out": None if out is None else out.numpy(),
                      "same": out is None or torch.equal(out, out2)}
     return res
@@ -96,6 +105,8 @@ def test_eval_step_is_one_process_forward_in_eval_mode():
             assert got["kept"] and got["modes"] and got["same"], (name, r, got)
             assert dp == 1 or "1 of 2 dp replicas gave targets" in got["mixed"], (name, r, got)
             assert got["nothing"] is None, (name, r)
+            assert got["nograd"] != "no error", (name, r)
+            assert not got["last"] or "step() ran with grad mode off" in got["nograd"], (name, r)
             if not got["last"]:
                 assert got["loss"] is None and got["out"] is None, (name, r)
                 continue

@@ -441,6 +441,27 @@ def _rng_worker(world):
     out["heads own"] = not torch.equal(*collectives_all_gather(world, tp[0].heads))
     out["output shared"] = bool(torch.equal(y, want))
     out["stream moved on"] = bool(torch.equal(after, torch.rand(8)))
+
+    class Probs(torch.nn.Module):     # the attention probabilities' dropout, a submodule
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.q, self.k = 2, torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k = (z(x).view(b, t, self.num_heads, -1).transpose(1, 2) for z in (self.q, self.k))
+            return self.drop((q @ k.transpose(-1, -2)).softmax(-1))
+    plan = {"0": ("replicate", {"num_heads": lambda n, tp: n // tp}), "0.[qk]": "colwise"}
+    try:
+        parallelize(torch.nn.Sequential(Probs()), world, plan)
+        out["probs unplanned"] = "no error"
+    except PlanError as e:
+        out["probs unplanned"] = str(e)
+    probs = parallelize(torch.nn.Sequential(Probs()), world,
+                        {**plan, "0.drop": {"style": "replicate", "rng": "rank"}})
+    dropped = probs(torch.randn(1, 16, 8)) == 0
+    out["probs own"] = not torch.equal(*collectives_all_gather(world, dropped))
     return out
 
 
@@ -455,7 +476,10 @@ def test_a_sequence_shard_draws_its_dropout_from_its_own_stream():
     default) masks each rank's tokens independently, the default stream
     stays in step on every rank (replicated activations keep equal masks),
     and a checkpointed recomputation draws the same mask; with
-    rng="shared" both halves of the sequence got the same mask."""
+    rng="shared" both halves of the sequence got the same mask. A dropout
+    submodule on an attention's sharded heads, left unplanned, drew the
+    default stream (each rank's heads the other's masks, with nothing
+    said): it is refused, and planned rng="rank" its masks are the rank's."""
     pytest.importorskip("torch")
     for res in mesh.spawn(_rng_worker, 2, timeout=100):
         same_halves, dropped = res["rank"]
@@ -463,6 +487,10 @@ def test_a_sequence_shard_draws_its_dropout_from_its_own_stream():
         assert res["shared"][0], res
         assert res["replicated equal"] and res["recomputed"] and res["ranks differ"], res
         assert res["heads own"] and res["output shared"] and res["stream moved on"], res
+        assert "0.drop (Dropout, p=0.5) inside 0, whose num_heads the plan divides" in \
+            res["probs unplanned"], res
+        assert "'0.drop': {'style': 'replicate', 'rng': 'rank'}" in res["probs unplanned"], res
+        assert res["probs own"], res
     with pytest.raises(PlanError, match="rng= is 'rank'"):
         parse({"style": "sequence", "rng": "mine"})
     assert parse("sequence").rng == "rank" and parse("colwise").rng == ""
