@@ -492,6 +492,23 @@ def _abort(g: Comm, tag: int, name: str, e: BaseException) -> None:
     g.collective_channel().abort(tag, text, *abort_kind(g, e))
 
 
+def _failed(g: Comm, tag: int, name: str, e: BaseException) -> BaseException:
+    """What a call that failed with ``e`` raises, once its tag is aborted on
+    every member: ``e``, but for a peer lost to it (its goodbye, its error)
+    after a member had aborted the call: then that abort (a mismatch naming
+    both calls, a timeout, another peer lost). The lost peer passed the abort
+    on before its goodbye, on the same connection, so it is in by now; a peer
+    that closed its mesh without one is still gone. (An abort for the loss
+    of that same peer: this rank's own error says it, first hand.)"""
+    if isinstance(e, LostPeerError) and not getattr(e, "from_abort", False):
+        err = g.collective_channel().aborted(tag, where(g, name, tag).split(": ", 1)[1])
+        if err is not None and getattr(err, "from_abort", False) and not (
+                isinstance(err, LostPeerError) and err.peer in (None, e.peer)):
+            return err
+    _abort(g, tag, name, e)
+    return e
+
+
 def abandon(g: Comm, reason: str, kind: AbortKind = AbortKind.OTHER,
             peer: int | None = None) -> None:
     """Fail the group's next collective on every member without making it:
@@ -608,8 +625,10 @@ def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
                 raise aborted
             return body(ctx)
         except BaseException as e:
-            _abort(g, tag, name, e)
-            raise
+            err = _failed(g, tag, name, e)
+            if err is e:
+                raise
+            raise err from None
 
     if not async_op and st.idle():
         return run()
@@ -666,8 +685,10 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any],
         limit = float(g.timeout) if timeout is None else timeout
         return rest(Ctx(g, tag, fp, tuning, name, limit, t0 + limit))
     except BaseException as e:
-        _abort(g, tag, name, e)
-        raise
+        err = _failed(g, tag, name, e)
+        if err is e:
+            raise
+        raise err from None
     finally:
         if mine and st.user == me:      # (_Group.leave, inline: the short path's cost)
             st.user = None

@@ -140,6 +140,55 @@ def test_a_rank_that_closes_fails_its_waiting_peers_at_once(cma: str, count: int
         assert "peer rank 2 is gone (it closed its mesh)" in got[2], got
 
 
+def abort_then_leave(world: Any, raises: bool, outdir: str) -> None:
+    """Rank 1 fails a broadcast on its own argument, which aborts it on rank
+    0, and closes its mesh at once (returning, or raising: a failing
+    goodbye), while rank 0, the root, still sends to it: queued for credit
+    (a message rank 1 never receives fills the window), waited for until
+    rank 0's heartbeats say so. Its abort comes before its goodbye."""
+    C.barrier(world)
+    if world.rank == 1:
+        heard, deadline = "", time.monotonic() + 20
+        while "broadcast #2 on group world: send to rank 1" not in heard \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            heard = world._t.live.peers[0].status
+        try:
+            C.broadcast(world, np.ones(4, np.float32), root=7)
+        except ValueError:
+            if raises:
+                raise
+        return
+    world.isend(np.ones(1 << 18, np.float32), 1, tag=5)
+    t0 = time.monotonic()
+    try:
+        C.broadcast(world, np.ones(1 << 18, np.float32), timeout=20)
+        said = ["no error", ""]
+    except mesh.MeshError as e:
+        said = [type(e).__name__, str(e)]
+    with open(os.path.join(outdir, "0.json"), "w") as f:
+        json.dump(said + [time.monotonic() - t0], f)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+def test_a_rank_that_aborts_then_closes_fails_its_peers_with_the_abort(
+        tmp_path: Any, raises: bool) -> None:
+    """A peer still sending in the aborted call raises the abort (what went
+    wrong), not that the rank closed its mesh or failed."""
+    env = {"MESH_CMA": "0", "MESH_WINDOW_BYTES": "1M", "MESH_HEARTBEAT": "0.1"}
+    if raises:
+        with pytest.raises(mesh.WorkerError) as err:
+            mesh.spawn(abort_then_leave, 2, raises, str(tmp_path), timeout=50, env=env)
+        assert err.value.rank == 1
+    else:
+        mesh.spawn(abort_then_leave, 2, raises, str(tmp_path), timeout=50, env=env)
+    with open(tmp_path / "0.json") as f:
+        kind, text, took = json.load(f)
+    assert kind == "MeshError" and "broadcast #2 on group world aborted" in text, (kind, text)
+    assert "rank 1: broadcast on group world: root 7" in text and took < 10, (text, took)
+
+
 def use_after_close(world: Any) -> list[str]:
     """Every rank closes its mesh, then calls on it: each says its own mesh
     is closed, not that a peer went."""
