@@ -33,8 +33,9 @@ With ``target=True`` the forward's parameter named ``targets``,
 names another) is traced as the target too, and the part of the graph
 that reads it is the loss:
 ``forward(idx, targets)`` returning ``(logits, loss)`` (or the loss alone,
-or a dict with it) gives layers ending at what the loss reads of the model
-(nanoGPT's flattened logits) and ``.loss(output, target)``. The loss part
+or a dict with it) gives layers ending at the model's output (nanoGPT's
+logits as it returns them; the loss alone: what the loss's views reshape,
+_output) and ``.loss(output, target)``, which flattens them. The loss part
 must call no submodule with parameters (a model whose "target" feeds
 its layers, a mask, has no loss to find: pass ``loss_fn=``); a criterion
 module (the model's own, or one the forward makes) is part of it. What the
@@ -391,6 +392,9 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
             raise TypeError(f"{what}: its loss reads {len(fed)} values of the model "
                             f"besides {tgt_param.name!r}, not one output: pass loss_fn=")
         (end,) = fed
+        end, way_to = _output(model, nodes, out, end, ins)
+        way_to.update(part)
+        part = [n for n in nodes if n in way_to]
         loss = _piece(model, part, [end], [found[0]], f"{type(model).__name__}Loss", (tgt,))
     else:
         if len(out) != 1:
@@ -407,7 +411,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         up = _ancestors([n])
         if all(u in ins for u in up if u.op == "placeholder"):
             needed |= up
-    needed |= _kept_changes(model, nodes, needed, reads if target else set())
+    needed |= _kept_changes(model, nodes, needed, {*reads, *part} if target else set())
     body = [n for n in nodes if n in needed and n.op not in ("placeholder", "get_attr")]
     if any(n.op == "placeholder" and n not in ins for n in needed):
         raise TypeError(f"{what}: its layers read an input besides "
@@ -457,6 +461,54 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     object.__setattr__(seq, "loss", loss)       # not a submodule: the layers are the pieces
     object.__setattr__(seq, "traced_from", type(model).__name__)
     return seq
+
+
+_RESHAPES = {"view", "reshape", "flatten", "contiguous"}
+"""Calls that keep every value of their first argument, in another shape."""
+
+
+def _output(model: Any, nodes: list[Any], out: list[Any], end: Any, ins: list[Any]
+            ) -> tuple[Any, set[Any]]:
+    """The value the layers end at, and the nodes from it to ``end``, what
+    the loss reads (given to the loss with it). The layers' output is what
+    ``eval_step(outputs=True)`` hands back, so it is the model's output,
+    not the loss's view of it (nanoGPT's ``logits.view(-1, V)``, rows times
+    positions): a value the forward returns beside its loss, of which the
+    loss reads a function computed without parameters or other values of
+    the model (nanoGPT's logits, Hugging Face's, which it reads shifted by
+    a position); else, a forward returning the loss alone, what ``end``
+    reshapes (view, reshape, flatten, contiguous: the values the loss reads,
+    in the shape they were made). ``end`` itself where there is neither."""
+    ups = _ancestors([end])
+
+    def between(c: Any) -> set[Any] | None:
+        """The nodes from ``c`` to ``end``, where nothing else of the model
+        is read on the way (no other value, no parameter or buffer: a
+        scaling by one stays in the layers); else None."""
+        if c in ins:
+            return None
+        way, todo = set(), list(c.users)       # what reads c, on the way to end
+        while todo:
+            n = todo.pop()
+            if n in ups and n not in way:
+                way.add(n)
+                todo.extend(n.users)
+        if any(m is not c and m not in way for n in way for m in _inputs(n)) or _has_params(
+                model, list(way)):
+            return None
+        return way
+
+    for c in reversed([n for n in nodes if n in out and n in ups]):
+        way = between(c)
+        if way is not None:
+            return c, way
+    way = set()
+    while _call_name(end) in _RESHAPES and end.args and hasattr(end.args[0], "all_input_nodes"):
+        more = between(end.args[0])
+        if more is None:
+            break
+        end, way = end.args[0], more
+    return end, way
 
 
 _NO_GRAD = "meshrun_no_grad"

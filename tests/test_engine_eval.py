@@ -1,13 +1,17 @@
 """``job.eval_step``: the schedule's forwards only, the loss of one
 process's ``model.eval()`` on the global batch, no gradient touched, the
 modules back in their own modes after; ``outputs=True`` also hands back the
-last stage's outputs. Training goes on after it (its tags are a step's),
-and after a step called under ``torch.no_grad()``, which fails on every
-rank naming grad mode (the last stage blamed the loss function).
+last stage's outputs, the model's own (its logits as ``model(x)`` shapes
+them, not the flattened view its loss reads). Training goes on after it
+(its tags are a step's), and after a step called under
+``torch.no_grad()``, which fails on every rank naming grad mode (the last
+stage blamed the loss function).
 
-One spawn of four ranks: dp=2 x pp=2 under ZB-V (two stages a rank, the
-embedding and the head tied, a dropout that eval mode turns off), and
-pp=2 x tp=2 (sequence parallel).
+One spawn of four ranks, the model a plain module computing its own loss
+(traced, no ``loss_fn=``): dp=2 x pp=2 under ZB-V (two stages a rank, the
+embedding and the head tied, a dropout that eval mode turns off; the
+forward returns ``(logits, loss)``), and pp=2 x tp=2 (sequence parallel;
+the loss alone).
 """
 import numpy as np
 import pytest
@@ -22,30 +26,28 @@ def _data(step):
     return tp_models.tokens(900 + step, ROWS)
 
 
-def _ce(y, t):
-    import tp_models
-    return tp_models.cross_entropy(y, t)
-
-
 def _model(dropout):
     import torch
 
     import tp_models
     model = tp_models.model(11)
     model[-1].head.weight = model[0].embed.weight
-    if dropout:         # five layers: ZB-V's four stages
+    if dropout:
         model = torch.nn.Sequential(model[0], torch.nn.Dropout(0.5), *model[1:])
-    return model
+    return tp_models.OwnLoss(model, pair=dropout)
 
 
 def _reference(dropout):
-    """One process: the loss and outputs of step 0's batch in eval mode."""
+    """One process: the loss and outputs of step 0's batch in eval mode
+    (``model(x, y)``'s logits, where it returns them, are ``model(x)``)."""
     import torch
     model = _model(dropout).eval()
     x, y = (torch.from_numpy(a) for a in _data(0))
     with torch.no_grad():
-        out = model(x)
-        return float(_ce(out, y)), out.numpy()
+        out, both = model(x), model(x, y)
+        if dropout:
+            assert torch.equal(both[0], out)
+        return float(both[1] if dropout else both), out.numpy()
 
 
 def _worker(world):
@@ -61,7 +63,7 @@ def _worker(world):
         grid = mesh.grid(world, **axes)
         d, dp = (grid.coord("dp"), 2) if "dp" in axes else (0, 1)
         job = engine.distribute(_model(plan is None), grid, plan=plan, schedule=sched,
-                                microbatches=2, balance="uniform", loss_fn=_ce, verbose=False,
+                                microbatches=2, balance="uniform", verbose=False,
                                 overhead=0.0, timeout=60)
         x, y = (a[d::dp] for a in _data(1))
         job.step(x, y)                                  # gradients to keep
@@ -114,5 +116,6 @@ def test_eval_step_is_one_process_forward_in_eval_mode():
             assert got["again"] == got["loss"], (name, r)
             assert got["after"] is not None and np.isfinite(got["after"]), (name, r)
             d = r // 2 if dp == 2 else 0           # world rank = dp * 2 + pp (+ tp)
+            assert got["out"].shape == want_out[d::dp].shape, (name, r, got["out"].shape)
             np.testing.assert_allclose(got["out"], want_out[d::dp], rtol=1e-5, atol=1e-6,
                                        err_msg=f"{name} rank {r}")

@@ -63,6 +63,9 @@ def test_gpt_traced_into_its_own_modules_and_loss():
     assert seq[0].transformer.wte.weight is gpt.lm_head.weight is seq[-1].lm_head.weight
     x, y = _batch(0)
     torch.testing.assert_close(seq.loss(seq(x), y), gpt(x, y)[1], rtol=0, atol=0)
+    # the layers end at the logits it returns (rows, positions, vocab), not at the
+    # flattened view its loss reads: that view is the loss's (eval_step's outputs)
+    torch.testing.assert_close(seq(x), gpt(x, y)[0], rtol=0, atol=0)
     # its assert on the input's length is traced as a check the pieces make
     with pytest.raises(AssertionError, match=r"assert at nanogpt_tp.py:\d+"):
         seq(torch.zeros(1, CFG.block_size + 1, dtype=torch.long))
@@ -241,11 +244,36 @@ class _Labelled(nn.Module):          # Hugging Face's order: a mask before the l
         return out
 
 
+class _Shifted(nn.Module):     # Hugging Face's causal LM: the loss reads the logits shifted
+    def __init__(self, pair=True):
+        super().__init__()
+        self.layers, self.pair = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 3)]), pair
+
+    def forward(self, x, labels=None):
+        for m in self.layers:
+            x = m(x)
+        logits = x * 2
+        shifted = logits[:, :-1, :].contiguous()
+        loss = nn.CrossEntropyLoss()(shifted.view(-1, shifted.size(-1)), labels[:, 1:].flatten())
+        return {"loss": loss, "logits": logits} if self.pair else loss
+
+
 def test_the_target_is_found_by_its_name_and_a_dict_output_is_read():
     model = _Labelled()
     seq = engine.sequential(model, target=True)          # labels, not the mask
     x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
     torch.testing.assert_close(seq.loss(seq(x), y), model(x, labels=y)["loss"], rtol=0, atol=0)
+    # the layers end at the logits the forward returns, though its loss reads them shifted
+    # and flattened; a forward returning the loss alone: at what the loss's view reshapes
+    ids, t = torch.randn(2, 5, 4), torch.tensor([[0, 2, 1, 1, 0], [1, 1, 2, 0, 2]])
+    for pair, want in [(True, (2, 5, 3)), (False, (2, 4, 3))]:
+        shifted = _Shifted(pair)
+        layers, got = engine.sequential(shifted, target=True), shifted(ids, t)
+        assert layers(ids).shape == want, pair
+        if pair:
+            torch.testing.assert_close(layers(ids), got["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(layers.loss(layers(ids), t), got["loss"] if pair else got,
+                                   rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"calls the model's modules"):
         engine.sequential(model, target="mask")
     with pytest.raises(TypeError, match=r"takes no target 'label' to trace"):
@@ -345,9 +373,9 @@ def test_the_prediction_times_a_cross_entropy_on_class_indices():
     from engine.distribute import _loss_target
     from engine.torch_stage import torch_loss
     seq = engine.sequential(_gpt(), target=True)
-    out = seq(_batch(0)[0]).detach()                      # (rows * positions, vocab)
+    out = seq(_batch(0)[0]).detach()                      # (rows, positions, vocab)
     got = _loss_target(torch_loss(seq.loss), out)
-    assert got.dtype == torch.long and got.shape == out.shape[:1]
+    assert got.dtype == torch.long and got.shape == out.shape[:-1]
     y = torch.randn(4, 3)
     assert torch.equal(_loss_target(torch_loss(F.mse_loss), y), y)
 

@@ -79,6 +79,25 @@ def model(seed: int = 0, blocks: int = 2, dtype=torch.float32) -> nn.Sequential:
     return nn.Sequential(Embed(), *(Block() for _ in range(blocks)), Head()).to(dtype)
 
 
+class OwnLoss(nn.Module):
+    """``layers`` as a plain module computing its own loss, nanoGPT's way
+    (traced, no loss_fn=): given targets, ``(logits, loss)``, or the loss
+    alone (``pair=False``); without, the logits. The loss reads them
+    flattened, ``(rows * positions, vocab)``."""
+
+    def __init__(self, layers: nn.Sequential, pair: bool = True) -> None:
+        super().__init__()
+        self.layers, self.pair = layers, pair
+
+    def forward(self, ids, targets=None):
+        logits = self.layers(ids)
+        if targets is None:
+            return logits
+        loss = nn.functional.cross_entropy(logits.view(-1, logits.size(-1)),
+                                           targets.reshape(-1))   # (a dp slice: strided)
+        return (logits, loss) if self.pair else loss
+
+
 def _heads(n, tp):
     return n // tp
 
