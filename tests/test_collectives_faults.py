@@ -231,7 +231,8 @@ def test_a_silent_peer_whose_process_still_runs_is_not_lost(hog: int) -> None:
     """Silence alone is no proof on one host: a peer whose process runs (or
     waits for a core) is slow, not lost; and a rank whose own watch was held
     up does not count the time it could not listen (the queued heartbeats)."""
-    out = mesh.spawn(hog_the_interpreter, 3, hog, 3.5, timeout=60,
+    # (2.5 s: past the 1 s peer timeout twice over: five heartbeats of 0.5 s missed)
+    out = mesh.spawn(hog_the_interpreter, 3, hog, 2.5, timeout=60,
                      env={"MESH_PEER_TIMEOUT": "1"})
     assert out == [[6.0] * 4] * 3
 

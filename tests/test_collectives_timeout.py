@@ -20,7 +20,7 @@ import collectives as C
 import mesh
 
 LATE = 2
-QUIET = {"MESH_STALL_WARN": "0.3", "MESH_HEARTBEAT": "0.1"}
+QUIET = {"MESH_STALL_WARN": "0.1", "MESH_HEARTBEAT": "0.1"}
 
 
 def _attempt(fn: Any) -> list:
@@ -33,38 +33,51 @@ def _attempt(fn: Any) -> list:
 
 
 def _quiet_after(world: Any) -> int:
-    """Stall reports logged in the second after a collective raised: none,
-    if nothing of it is still running."""
+    """Stall reports logged in the half second (five MESH_STALL_WARN
+    periods) after a collective raised: none, if nothing of it is still
+    running."""
     before = world._t.live.stalls
-    time.sleep(1.0)
+    time.sleep(0.5)
     return world._t.live.stalls - before
 
 
+def _told_of_aborts(world: Any, count: int) -> None:
+    """Wait until ``count`` collective calls of the group were aborted here:
+    a late rank then comes after the abort of the call it is late to, as a
+    fixed sleep past the others' deadline only made likely under load."""
+    deadline = time.monotonic() + 30
+    while len(world._t.inbox.aborted) < count:
+        assert time.monotonic() < deadline, f"rank {world.rank}: no abort of call {count} came"
+        time.sleep(0.01)
+
+
 def never_calls(world: Any, count: int) -> dict:
-    """Rank 2 comes 2 s late to two all_reduces. First: rank 0 gives the
-    blocking call a 1 s timeout, rank 1 none (so only rank 0's abort can
-    stop it). Second: rank 0 waits for an async call's Work with a 1 s
-    timeout, rank 1 makes the blocking call without one. Rank 2 arrives a
-    second after the abort, as the others end their quiet second."""
+    """Rank 2 comes late to two all_reduces: once rank 0's abort of the
+    call has reached it (a fixed 2 s sleep had to outlast rank 0's timeout
+    and its abort's way under any load). First: rank 0 gives the blocking
+    call a 0.5 s timeout, rank 1 none (so only rank 0's abort can stop it).
+    Second: rank 0 waits for an async call's Work with a 0.5 s timeout,
+    rank 1 makes the blocking call without one. Rank 2 arrives after the
+    abort, as the others spend their quiet half second."""
     seen: dict = {}
     C.barrier(world)
-    for case in ("blocking", "async"):
+    for i, case in enumerate(("blocking", "async")):
         a = np.ones(count, np.float32)
         seq = world.collective_channel().seq + 1
         stalls = world._t.live.stalls
         if world.rank == LATE:
-            time.sleep(2.0)
+            _told_of_aborts(world, i + 1)
             seen[case] = _attempt(lambda: C.all_reduce(world, a)) + [seq, 0, 0]
         else:
             if world.rank == 0 and case == "async":
                 work = C.all_reduce(world, a, async_op=True)
-                got = _attempt(lambda: work.wait(timeout=1.0))
+                got = _attempt(lambda: work.wait(timeout=0.5))
                 deadline = time.monotonic() + 1.0
                 while not work.done() and time.monotonic() < deadline:
                     time.sleep(0.01)
                 assert work.done(), "the Work that timed out is still running"
             else:
-                timeout = 1.0 if world.rank == 0 else None
+                timeout = 0.5 if world.rank == 0 else None
                 got = _attempt(lambda: C.all_reduce(world, a, timeout=timeout))
             waited = world._t.live.stalls - stalls
             seen[case] = got + [seq, waited, _quiet_after(world)]
@@ -93,7 +106,7 @@ def test_a_rank_that_never_calls_makes_every_member_raise_and_stop(env: dict,
                 assert waited > 0, f"no stall report while waiting: the check is void: {what}"
             if rank == 0 and case == "blocking":
                 assert text.startswith(f"rank 0: all_reduce #{seq} on group world timed out "
-                                       f"after 1s"), what
+                                       f"after 0.5s"), what
 
 
 def every_collective_takes_a_timeout(world: Any) -> list:
@@ -210,8 +223,8 @@ def test_abandon_fails_the_call_on_the_peers_and_keeps_the_numbering() -> None:
 def _a_broadcast_times_out_on_the_others(world: Any) -> list:
     C.barrier(world)
     if world.rank == world.size - 1:
-        time.sleep(4.0)       # (past the root's deadline: rank 1 has its row by then,
-    #                           with time to spare on a loaded machine)
+        _told_of_aborts(world, 1)   # (past the root's deadline: rank 1 has its row by
+    #                                 then, the 2 s timeout's time to spare under load)
     got = [_attempt(lambda: C.broadcast(world, np.ones(3), root=0, timeout=2.0))[0]]
     for _ in range(3):
         b = np.ones(2)

@@ -98,7 +98,8 @@ def test_normal_run_prefixes_every_line(tmp_path: Path) -> None:
 
 def test_failing_rank_is_root_cause_and_others_are_stopped(tmp_path: Path) -> None:
     t0 = time.monotonic()
-    r = meshrun("-n", "3", str(WORKER), str(tmp_path),
+    # --settle 0.5: the others sleep; they would not end on their own in meshrun's 3 s
+    r = meshrun("-n", "3", "--settle", "0.5", str(WORKER), str(tmp_path),
                 "*:child", "*:barrier", "1:raise", "*:sleep")
     assert r.returncode == 1
     assert time.monotonic() - t0 < 10
@@ -115,7 +116,8 @@ def test_failing_rank_is_root_cause_and_others_are_stopped(tmp_path: Path) -> No
 
 
 def test_rank_killed_by_signal(tmp_path: Path) -> None:
-    r = meshrun("-n", "2", str(WORKER), str(tmp_path), "*:barrier", "0:sigkill", "*:sleep")
+    r = meshrun("-n", "2", "--settle", "0.5", str(WORKER), str(tmp_path), "*:barrier",
+                "0:sigkill", "*:sleep")
     assert r.returncode == 128 + signal.SIGKILL
     assert "Root cause: rank 0 failed first" in r.stderr
     assert "exit       : killed by SIGKILL" in r.stderr
@@ -125,7 +127,7 @@ def test_rank_killed_by_signal(tmp_path: Path) -> None:
 
 def test_exit_code_of_first_failure_and_sigterm_escalation(tmp_path: Path) -> None:
     t0 = time.monotonic()
-    r = meshrun("-n", "2", "--grace", "0.5", str(WORKER), str(tmp_path),
+    r = meshrun("-n", "2", "--grace", "0.5", "--settle", "0.5", str(WORKER), str(tmp_path),
                 "*:ignoreterm", "*:barrier", "1:exit3", "*:sleep")
     assert r.returncode == 3
     assert "no traceback: exited with code 3" in r.stderr
@@ -330,6 +332,9 @@ def test_two_nodes_share_one_rendezvous(tmp_path: Path) -> None:
     (("--nnodes", "2", "--node-rank", "2", "--master-port", "1", str(WORKER)), "--node-rank"),
     (("--grace", "nan", str(WORKER)), "argument --grace: 'nan': a number of at least 0"),
     (("--timeout", "nan", str(WORKER)), "argument --timeout: 'nan': a number above 0"),
+    (("--settle", "nan", str(WORKER)), "argument --settle: 'nan': a number of at least 0"),
+    (("--output-stall", "nan", str(WORKER)),
+     "argument --output-stall: 'nan': a number of at least 0"),
     (("--master-addr", "tcp://10.0.0.1", str(WORKER)), "give the host alone (e.g. 10.0.0.1)"),
     (("--master-addr", "10.0.0.1:29500", str(WORKER)), "give the port with --master-port"),
     (("--master-addr", "no-such-host.invalid", str(WORKER)), "cannot resolve it"),
@@ -418,7 +423,8 @@ def test_a_second_init_says_whom_it_waits_for(tmp_path: Path) -> None:
     answered: not running, a wrong address or secret)."""
     script = tmp_path / "second.py"
     script.write_text(_AGAIN)
-    r = meshrun("-n", "2", str(script), "10", MESH_RENDEZVOUS_TIMEOUT="2")
+    # (--settle 0.5: rank 1 sleeps on; the test is rank 0's error, not how rank 1 ends)
+    r = meshrun("-n", "2", "--settle", "0.5", str(script), "10", MESH_RENDEZVOUS_TIMEOUT="2")
     assert r.returncode == 1, r.stderr
     assert "timed out after 2s: ranks [1] never arrived" in r.stderr, r.stderr
     assert "never answered" not in r.stderr, r.stderr

@@ -88,7 +88,8 @@ def test_a_missing_node_ends_the_job_within_the_rendezvous_timeout() -> None:
 
 
 def test_a_reader_that_stops_reading_cannot_stall_teardown(tmp_path) -> None:
-    """meshrun's own stdout is a pipe nobody reads: --timeout must still fire."""
+    """meshrun's own stdout is a pipe nobody reads: --timeout must still fire
+    (and meshrun give up the output: after --output-stall, 5 s by default)."""
     script = tmp_path / "spew.py"
     script.write_text("import sys, time\nsys.stdout.write(('x' * 99 + '\\n') * 200000)\n"
                       "sys.stdout.flush()\ntime.sleep(60)\n")
@@ -96,8 +97,8 @@ def test_a_reader_that_stops_reading_cannot_stall_teardown(tmp_path) -> None:
     start = time.monotonic()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", "--timeout", "2",
-                                 str(script)], stdout=w, stderr=subprocess.DEVNULL,
-                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                                 "--output-stall", "0.5", str(script)], stdout=w,
+                                stderr=subprocess.DEVNULL, cwd=REPO)
         os.close(w)
         code = proc.wait(timeout=30)
     finally:
@@ -112,12 +113,20 @@ def test_a_slow_reader_gets_all_the_output(tmp_path) -> None:
     pager, a busy tee): meshrun writes on while it takes the output, and
     until then lost all but a pipe's worth a second after the last exit."""
     script = tmp_path / "spew.py"
-    script.write_text("import sys\nsys.stdout.write(('x' * 99 + '\\n') * 20000)\n")
+    script.write_text("import os, sys\nsys.stdout.write(('x' * 99 + '\\n') * 20000)\n"
+                      "sys.stdout.flush()\n"
+                      f"open(os.path.join({str(tmp_path)!r}, os.environ['RANK']), 'w')\n")
     proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
-        time.sleep(3)       # the ranks are done; nothing is read yet
+        # the ranks are done (each wrote its file: a fixed 3 s was waited before), and
+        # meshrun's second of reading after the last exit is past; nothing is read yet
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / r).exists() for r in "01"):
+            assert time.monotonic() < deadline and proc.poll() is None, "the ranks never ended"
+            time.sleep(0.02)
+        time.sleep(1.5)
         out, err = proc.communicate(timeout=30)
     finally:
         _end([proc])
@@ -128,16 +137,17 @@ def test_a_slow_reader_gets_all_the_output(tmp_path) -> None:
 def test_a_stuck_reader_of_both_streams_cannot_hold_meshrun_after_a_failure(tmp_path) -> None:
     """stdout and stderr go to one pipe nobody reads, and a rank fails:
     meshrun gives up on the reader and ends with the rank's code, where
-    writing its report used to block it for ever."""
+    writing its report used to block it for ever (here after 0.5 s: the
+    default --output-stall is 5 s)."""
     script = tmp_path / "spew_fail.py"
     script.write_text("import os, sys\nsys.stdout.write(('x' * 99 + '\\n') * 20000)\n"
                       "sys.stdout.flush()\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
     r, w = os.pipe()   # never read from r
     start = time.monotonic()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", str(script)],
-                                stdout=w, stderr=w, cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2",
+                                 "--output-stall", "0.5", str(script)], stdout=w, stderr=w,
+                                cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
         os.close(w)
         try:
             code = proc.wait(timeout=30)
@@ -257,7 +267,8 @@ def test_a_stopped_rank_is_continued_to_end_by_sigterm_and_named_as_the_root_cau
     names rank 1, not the survivor that reported the loss first."""
     script = tmp_path / "stops.py"
     script.write_text(STOPS)
-    job = _start("-n", "3", str(script), MESH_PEER_TIMEOUT="2")
+    # --settle 1: the survivors end on their own at once (a lost peer); rank 1 never would
+    job = _start("-n", "3", "--settle", "1", str(script), MESH_PEER_TIMEOUT="2")
     try:
         _, err = job.communicate(timeout=50)
     finally:

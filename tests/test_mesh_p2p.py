@@ -420,6 +420,7 @@ def _disagreeing(world: mesh.Mesh) -> str:
                            r".*unmatched here from world rank 1: collective call #1 on a group "
                            r"this rank has not made .*same ranks in the same order\)"):
             C.all_reduce(g, np.ones(2), timeout=2)
+        world.send("raised", 1, tag=7)
     else:
         with pytest.raises(mesh.MeshTimeoutError, match=r"rank 1: recv from rank 0 \(tag 5, "
                            r"group world\) timed out after .*unmatched here from rank 0: "
@@ -427,8 +428,12 @@ def _disagreeing(world: mesh.Mesh) -> str:
                            r"made \(\d+ bytes\) \(its members .*; the receive was withdrawn"):
             world.recv(0, tag=5, timeout=0.5)
         assert world.recv(0, tag=6).tolist() == [1, 1]
-        with pytest.raises(mesh.MeshError):         # rank 0's call times out first
-            C.all_reduce(g, np.ones(2), timeout=6)
+        # rank 0's call times out first; this one waits until it has (it waited
+        # out a fixed 6 s), then times out too
+        work = C.all_reduce(g, np.ones(2), async_op=True)
+        assert world.recv(0, tag=7, timeout=30) == "raised"
+        with pytest.raises(mesh.MeshError):
+            work.wait(timeout=0.5)
     C.barrier(world)
     return "ok"
 

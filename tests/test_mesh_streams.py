@@ -449,7 +449,11 @@ def _gone_while_its_bytes_come(world: mesh.Mesh, result: str, how: str) -> None:
         assert time.monotonic() < deadline, "no stream from rank 1"
         time.sleep(0.01)
     world.send("go", 1, tag=9)
-    time.sleep(4)       # in no receive meanwhile: the progress thread reads
+    # in no receive meanwhile: the progress thread reads the array whole (2.4 s; a
+    # fixed 4 s sleep waited for it) or, the sender lost, never does
+    deadline = time.monotonic() + 20
+    while world._t.streams.got < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     what = []
     for tag in (1, 2):
         try:

@@ -24,7 +24,6 @@ from .supervise import Job
 __all__ = ["main", "launch", "build_parser"]
 
 _BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap.py")
-_SETTLE_S = 3.0  # how long the first failure lets the others end on their own
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
             add --curve on every node to encrypt the job's traffic (CurveZMQ).
 
             Output lines are prefixed with the global rank: "[3] ...". When a rank
-            fails, the others get 3 seconds to end on their own (ranks told of the
-            failure end with errors of their own), then SIGTERM (and SIGCONT, so
+            fails, the others get --settle seconds to end on their own (ranks told of
+            the failure end with errors of their own), then SIGTERM (and SIGCONT, so
             that a stopped rank acts on it), then SIGKILL after --grace seconds,
             and meshrun prints the first failure with its traceback
             and exits with its exit code (128+N for signal N; 124 for --timeout).
@@ -75,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "rank<R>.error.json here")
     p.add_argument("--grace", type=nonnegative_float, default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
+    p.add_argument("--settle", type=nonnegative_float, default=3.0, metavar="SECONDS",
+                   help="seconds the other workers get to end on their own after the first "
+                        "failure, before they are stopped (default 3)")
+    p.add_argument("--output-stall", type=nonnegative_float, default=5.0, metavar="SECONDS",
+                   help="at the end, give up writing the output left to a reader of meshrun's "
+                        "stdout or stderr that took none for this long (default 5)")
     p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="stop the whole job after this many seconds (exit code 124)")
     p.add_argument("--curve", action="store_true",
@@ -223,8 +228,8 @@ def launch(a: argparse.Namespace) -> int:
         def ended(e: WorkerExit) -> None:    # the ranks waiting for it to join hear it
             if not e.after_stop:    # (after a table too: a mesh.init() after a close waits)
                 teller.ended(e.rank, e.describe())
-        job = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir, settle=_SETTLE_S,
-                  on_exit=ended)
+        job = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir, settle=a.settle,
+                  stall=a.output_stall, on_exit=ended)
         report = ""     # written after the relayed output, through the same writer
         try:
             try:

@@ -27,7 +27,6 @@ __all__ = ["Job"]
 _POLL_S = 0.1  # fallback exit check when no SIGCHLD wakes the loop
 _REAP_S = 5.0  # how long SIGKILLed processes get to disappear
 _DRAIN_S = 1.0  # how long to keep reading output after the last exit
-_STALL_S = 5.0  # how long a reader may take none of the output left at the end
 
 
 class _Proc:
@@ -47,15 +46,17 @@ class Job:
     ``settle``: how long the first failure lets the others end on their own
     before they are stopped: ranks told of a failure end with errors of
     their own, and the one that failed first may not be the first to end.
-    The relayed output still queued is written by ``close``, after run()."""
+    The relayed output still queued is written by ``close``, after run(),
+    for as long as each reader takes some of it within ``stall`` seconds."""
 
     def __init__(self, grace: float = 5.0, log_dir: str | None = None,
                  scratch: str | None = None, stdout: BinaryIO | None = None,
                  stderr: BinaryIO | None = None,
-                 settle: float = 0.0,
+                 settle: float = 0.0, stall: float = 5.0,
                  on_exit: Callable[[WorkerExit], None] | None = None) -> None:
         self.grace = grace
         self.settle = settle
+        self.stall = stall
         self.on_exit = on_exit      # told of each worker's end, as it is reaped
         self.log_dir = log_dir
         self.scratch = scratch
@@ -118,16 +119,16 @@ class Job:
     def close(self, tail: str = "") -> None:
         """Write the relayed output still queued, then ``tail`` (meshrun's
         report) on stderr, after it: for as long as the readers take it,
-        giving up on one that took nothing for ``_STALL_S`` seconds, which
+        giving up on one that took nothing for ``stall`` seconds, which
         is then told on stderr how much it lost."""
         t0 = time.monotonic()
         self._err.write(tail.encode("utf-8", "replace"), always=True)
-        lost = self._out.finish(_STALL_S, since=t0)
+        lost = self._out.finish(self.stall, since=t0)
         if lost:
             self._err.write(f"meshrun: {lost} bytes of the ranks' standard output were not "
-                            f"written: its reader took none for {_STALL_S:g} s\n".encode(),
+                            f"written: its reader took none for {self.stall:g} s\n".encode(),
                             always=True)
-        self._err.finish(_STALL_S, since=t0)
+        self._err.finish(self.stall, since=t0)
 
     def _install_signals(self, wfd: int) -> Callable[[], None]:
         """Turn SIGINT/SIGTERM/SIGHUP into stop requests and let SIGCHLD wake
