@@ -183,6 +183,13 @@ class Inbox:
                 return None
             return self.matcher.take_posted(group, src, tag)
 
+    def drops(self, group: int, tag: int) -> bool:
+        """Whether a message of ``group`` and ``tag`` that no receive claimed
+        is dropped on arrival (its tag aborted, its group forgotten), as
+        ``arrive`` drops it: known before its bytes are read."""
+        with self.lock:
+            return (group, tag) in self.aborted or group in self.forgotten
+
     def arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
                on_device: int = 0) -> None:
         """Deliver a fully received message that no posted receive had claimed:

@@ -508,12 +508,20 @@ class Reader:
         """An array to read out of the sender's memory (mesh.direct): into
         the claiming receive's ``out=`` when it fits, else a fresh array;
         then tell the sender. A failed read (the sender is gone) loses the
-        peer; the claiming receive, if any, raises LostPeerError."""
+        peer; the claiming receive, if any, raises LostPeerError. One whose
+        call was aborted here is not read: ``Inbox.arrive`` would drop it."""
         pid = self._direct.pids[h.src]
         if not pid:
             self._bad(f"a direct-path message from rank {h.src}, which was never probed")
             return
         req = self._claim(h.group, h.src, h.tag)
+        if req is None and self._inbox.drops(h.group, h.tag):
+            # Its call was aborted here (or its group dropped): it would be read only to be
+            # dropped, maybe after its sender heard our goodbye and exited, the read then
+            # failing as a lost peer (logged as an error). Freed unread, credit and all.
+            self._direct.read_done(peer, h.direct[1])
+            self._consumed(h.src, h.nbytes)
+            return
         # Matched now, read for a while (seconds for GiBs under load): a wait whose
         # timeout runs out meanwhile waits for the end, as on a stream, so it never
         # raises while its out= is still being written (it did, 1 s past its timeout)

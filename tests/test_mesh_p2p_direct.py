@@ -360,3 +360,54 @@ def test_a_direct_send_timing_out_unread_names_the_reader_not_zeromq() -> None:
     assert text.startswith("rank 0: send to rank 1 (tag 1, group world) timed out after 0.3s "
                            "before rank 1 read it out of this rank's memory"), text
     assert "ZeroMQ" not in text, text
+
+
+def _aborted_unread(world: mesh.Mesh) -> tuple:
+    """Large messages on a tag the receiver aborted are freed unread: they
+    were read out of the sender's memory only to be dropped, and where the
+    sender had exited meanwhile (it heard the receiver's goodbye) the read
+    failed and logged a lost peer at ERROR. Here every large read fails as
+    from an exited sender, and six messages past the 1 MiB window must go."""
+    if world.rank == 0:
+        _answered(world, 1)
+        world.recv(1, tag=99)                           # after rank 1's abort of tag 5
+        for i in range(6):
+            world.send(_big(i), 1, tag=5, timeout=10)   # direct (probed at start)
+        world.send(1, 1, tag=98)
+        return ()
+    import errno
+    import logging
+    real = mesh.reader.cma.read_errno
+    reads: list[int] = []
+    errors: list[str] = []
+
+    def gone(pid: int, addr: int, dst: np.ndarray) -> int:
+        if dst.nbytes < 64 << 10:                        # (the probe's token)
+            return real(pid, addr, dst)
+        reads.append(dst.nbytes)
+        return errno.ESRCH
+
+    class Errors(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record.getMessage())
+
+    handler = Errors(logging.ERROR)
+    logging.getLogger("mesh.transport").addHandler(handler)
+    mesh.reader.cma.read_errno = gone                    # type: ignore[assignment]
+    try:
+        world.collective_channel().abort(5, "a test's abort")
+        world.send(0, 0, tag=99)
+        try:
+            last = world.recv(0, tag=98, timeout=20)
+        except mesh.MeshError as e:
+            last = str(e)
+    finally:
+        mesh.reader.cma.read_errno = real                # type: ignore[assignment]
+        logging.getLogger("mesh.transport").removeHandler(handler)
+    return last, reads, errors
+
+
+@pytest.mark.timeout(60)
+def test_a_message_on_an_aborted_tag_is_not_read() -> None:
+    got = mesh.spawn(_aborted_unread, 2, timeout=40, env={"MESH_WINDOW_BYTES": "1M"})[1]
+    assert got == (1, [], []), got
