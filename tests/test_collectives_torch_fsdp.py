@@ -5,7 +5,6 @@ values."""
 from __future__ import annotations
 
 import os
-import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 import mesh  # noqa: E402
-from proctools import rank_env, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow     # 11-13 s each quiet; 30-60 s loaded
 
@@ -218,23 +216,28 @@ def test_fsdp2_and_a_2x2_device_mesh_on_4_ranks() -> None:
         assert o["after"] == [2.0, 2.0] and o["threads_left"] == [], (r, o)
 
 
-TWO_RANKS = textwrap.dedent("""
-    import json, os, sys, time, torch, torch.distributed as dist
-    import torch.distributed._functional_collectives as fc
-    import collectives.torchdist
-    from torch.distributed.fsdp import fully_shard
-    rank, size = int(sys.argv[1]), int(sys.argv[2])
-    dist.init_process_group("meshrun", init_method=sys.argv[3], rank=rank, world_size=size)
-    g = dist.group.WORLD
+def compiled_then_dying(world: Any, out: str, backend: str) -> None:
+    """torch.compile of functional collectives, its values and eager's
+    written to out/RANK.json; then the last rank dies in an FSDP2 step and
+    the others write what their step raised to out/RANK.raised."""
+    import json
+    import time
 
-    def f(x):
+    import torch.distributed._functional_collectives as fc
+    from torch.distributed.fsdp import fully_shard
+
+    import collectives.torchdist  # noqa: F401
+    dist.init_process_group("meshrun")
+    rank, size, g = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+    def f(x: Any) -> Any:
         y = fc.all_reduce(x * 2, "sum", g)
         z = fc.all_gather_tensor(y + 1, 0, g)
-        return fc.reduce_scatter_tensor(z * z, "sum", 0, g) + fc.all_to_all_single(x, None, None, g)
+        a2a = fc.all_to_all_single(x, None, None, g)
+        return fc.reduce_scatter_tensor(z * z, "sum", 0, g) + a2a
     x = torch.arange(4.0) + 10 * rank
-    got = torch.compile(f, fullgraph=True, backend=os.environ["COMPILE_BACKEND"])(x).tolist()
-    print("compiled " + json.dumps([got, f(x).tolist()]), flush=True)
-    # then the last rank dies in an FSDP2 step
+    got = torch.compile(f, fullgraph=True, backend=backend)(x).tolist()
+    Path(out, f"{rank}.json").write_text(json.dumps([got, f(x).tolist()]))
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4))
     for layer in net:
         fully_shard(layer)
@@ -247,10 +250,10 @@ TWO_RANKS = textwrap.dedent("""
     t0 = time.monotonic()
     try:
         net(torch.ones(2, 4)).sum().backward()
-        print("step returned", flush=True)
+        said = "step returned"
     except Exception as e:
-        print(f"raised after {time.monotonic() - t0:.0f}s: {type(e).__name__}: {e}", flush=True)
-""")
+        said = f"raised after {time.monotonic() - t0:.0f}s: {type(e).__name__}: {e}"
+    Path(out, f"{rank}.raised").write_text(said)
 
 
 @pytest.mark.timeout(400)
@@ -260,23 +263,20 @@ def test_torch_compile_of_functional_collectives_then_a_rank_dies_in_fsdp2(
     aot_eager backend; inductor with MESH_TEST_INDUCTOR=1, which compiles
     C++ for 30-60 s with a cold cache, too long for the suite) of a function
     calling functional collectives gives eager's values; then rank 1 dies
-    during an FSDP2 step and rank 0 raises LostPeerError naming it."""
+    during an FSDP2 step and rank 0 raises LostPeerError naming it. (Ranks
+    of mesh.spawn: torch and torch._dynamo preloaded, not imported by each.)"""
     import json
-    script = tmp_path / "two.py"
-    script.write_text(TWO_RANKS)
-    env = rank_env({"COMPILE_BACKEND": os.environ.get("MESH_TEST_INDUCTOR") and "inductor"
-                    or "aot_eager"})
-    procs, outs = run_ranks(str(script), [[str(r), "2", f"file://{tmp_path}/store"]
-                                          for r in range(2)], env, [360, 10])
-    assert procs[1].returncode == 3, outs[1]
-    for r, out in enumerate(outs):
-        line = next((x for x in out.splitlines() if x.startswith("compiled ")), out)
-        got, want = json.loads(line.split(" ", 1)[1])
+    backend = os.environ.get("MESH_TEST_INDUCTOR") and "inductor" or "aot_eager"
+    with pytest.raises(mesh.WorkerError) as failed:    # settle: rank 0's step sees it go
+        mesh.spawn(compiled_then_dying, 2, str(tmp_path), backend, timeout=360, settle=30)
+    assert (failed.value.rank, failed.value.exitcode) == (1, 3), str(failed.value)
+    for r in range(2):
+        got, want = json.loads((tmp_path / f"{r}.json").read_text())
         assert got == want, (r, got, want)
         # y = 2 (x0 + x1) = 4i + 20, z = [y + 1, y + 1]: each rank's half of 2 z^2
         # is 2 (4i + 21)^2; all_to_all brings rank r elements 2r, 2r + 1 of each x_j
         a2a = [2.0 * r + k + 10 * j for j in range(2) for k in range(2)]
         assert got == [2 * (4 * i + 21) ** 2 + a2a[i] for i in range(4)], (r, got)
-    line = next((x for x in outs[0].splitlines() if x.startswith("raised after")), outs[0])
+    line = (tmp_path / "0.raised").read_text()
     assert "LostPeerError" in line and "rank 1" in line, line
     assert int(line.split()[2].rstrip("s:")) < 15, line

@@ -999,12 +999,32 @@ def test_a_message_never_received_is_named_and_dropped_at_destroy() -> None:
 
 INIT = textwrap.dedent("""
     import os, sys, threading, time
+    from datetime import timedelta
     import torch, torch.distributed as dist
     import collectives.torchdist
-    rank, size = int(sys.argv[1]), int(sys.argv[2])
+    rank, size, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4]
+    if rank < 2:    # ranks 0 and 1 first init again at once after destroy, 3 times a method
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        for method in ("env://", f"tcp://127.0.0.1:{port}"):
+            for i in range(3):
+                dist.init_process_group("meshrun", init_method=method, rank=rank, world_size=2,
+                                        timeout=timedelta(seconds=30))
+                t = torch.full((2,), rank + 1.0)
+                dist.all_reduce(t)
+                assert t.tolist() == [3.0, 3.0], t
+                # rank 0 drops its store half a second after destroy_process_group, as a
+                # rank 0 slower than rank 1 there would: rank 1 joins on it meanwhile
+                keep = rank == 0 and i < 2
+                store = dist.distributed_c10d._get_default_store() if keep else None
+                dist.destroy_process_group()
+                if store is not None:
+                    time.sleep(0.5)
+                    del store
+            print(f"rank {rank} again {method.split(':')[0]} ok", flush=True)
+        del os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     before = {t.name for t in threading.enumerate()}
     store = None
-    for method in sys.argv[4:]:
+    for method in sys.argv[5:]:
         if method.startswith("tcp@"):
             # tcp://: rank 0 serves torch's store on a port the OS picks (its
             # init_process_group then finds that server, torch's stores being
@@ -1049,62 +1069,35 @@ INIT = textwrap.dedent("""
 """)
 
 
-def test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(tmp_path: Path) -> None:
+@pytest.mark.timeout(120)
+def test_init_again_at_once_then_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(
+        tmp_path: Path) -> None:
+    """Three torch processes (one start-up of torch each for all of it):
+
+    destroy_process_group is no collective: rank 1 inits again (env://,
+    tcp://, at world size 2) while rank 0 still holds (and serves) the store
+    of the group just destroyed, and counts its join there; rank 0 then
+    drops it. Without a second chance every such round failed: rank 1 "did
+    not publish the rendezvous address under key 'meshrun/rendezvous/2/1'"
+    (the old store's next generation, its connection closed), rank 0 "Timed
+    out ... waiting for clients".
+
+    Then all three init over tcp:// and file://, leaving no thread behind,
+    and the last dies in DDP's backward: the others raise, naming it."""
     script = tmp_path / "init.py"
     script.write_text(INIT)
     # (not a port found free here: another process could take it before rank 0 binds it)
     methods = [f"tcp@{tmp_path}/port", f"file://{tmp_path}/store"]
-    procs, outs = run_ranks(str(script), [[str(r), "3", f"file://{tmp_path}/s2", *methods]
+    port = str(free_port())         # (env:// and tcp:// of the inits again take a number)
+    procs, outs = run_ranks(str(script), [[str(r), "3", f"file://{tmp_path}/s2", port, *methods]
                                           for r in range(3)], rank_env(), [90, 30])
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == (3 if r == 2 else 0), out
         assert f"rank {r} tcp ok" in out and f"rank {r} file ok" in out, out
         if r < 2:
+            assert f"rank {r} again env ok" in out and f"rank {r} again tcp ok" in out, out
             line = next(x for x in out.splitlines() if x.startswith(f"rank {r} raised after"))
             assert int(line.split()[4].rstrip("s:")) < 15 and "rank 2" in line, line
-
-
-AGAIN = textwrap.dedent("""
-    import os, sys, time
-    from datetime import timedelta
-    import torch, torch.distributed as dist
-    import collectives.torchdist
-    rank, port = int(sys.argv[1]), sys.argv[2]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    for method in ("env://", f"tcp://127.0.0.1:{port}"):
-        for i in range(3):
-            dist.init_process_group("meshrun", init_method=method, rank=rank, world_size=2,
-                                    timeout=timedelta(seconds=30))
-            t = torch.full((2,), rank + 1.0)
-            dist.all_reduce(t)
-            assert t.tolist() == [3.0, 3.0], t
-            # rank 0 drops its store half a second after destroy_process_group, as a
-            # rank 0 slower than rank 1 there would: rank 1 joins on it meanwhile
-            store = dist.distributed_c10d._get_default_store() if rank == 0 and i < 2 else None
-            dist.destroy_process_group()
-            if store is not None:
-                time.sleep(0.5)
-                del store
-        print(f"rank {rank} {method.split(':')[0]} ok", flush=True)
-""")
-
-
-@pytest.mark.timeout(120)
-def test_init_again_at_once_after_destroy_over_env_and_tcp(tmp_path: Path) -> None:
-    """destroy_process_group is no collective: rank 1 inits again while rank
-    0 still holds (and serves) the store of the group just destroyed, and
-    counts its join there; rank 0 then drops it. Without a second chance
-    every such round failed: rank 1 "did not publish the rendezvous address
-    under key 'meshrun/rendezvous/2/1'" (the old store's next generation,
-    its connection closed), rank 0 "Timed out ... waiting for clients"."""
-    script = tmp_path / "again.py"
-    script.write_text(AGAIN)
-    port = str(free_port())
-    procs, outs = run_ranks(str(script), [[str(r), port] for r in range(2)], rank_env(),
-                            [90, 30])
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, out
-        assert f"rank {r} env ok" in out and f"rank {r} tcp ok" in out, out
 
 
 @pytest.mark.timeout(60)
@@ -1331,7 +1324,7 @@ def test_premul_sum_reduce_leaves_the_other_ranks_tensors_as_they_were() -> None
 def late_to_init(world: Any) -> str:
     import collectives.torchdist  # noqa: F401
     if world.rank == 1:
-        time.sleep(4)                          # past MESH_TIMEOUT, within init's timeout
+        time.sleep(2)                          # past MESH_TIMEOUT, within init's timeout
     dist.init_process_group("meshrun", timeout=timedelta(seconds=60))
     t = torch.ones(1)
     dist.all_reduce(t)
@@ -1342,7 +1335,7 @@ def late_to_init(world: Any) -> str:
 def test_a_rank_late_to_init_waits_by_inits_timeout_not_the_meshs() -> None:
     """The rendezvous's own collectives wait as long as init_process_group's
     timeout says (a rank may load data for minutes first), not MESH_TIMEOUT."""
-    assert mesh.spawn(late_to_init, 2, timeout=60, env={"MESH_TIMEOUT": "2"}) == ["2", "2"]
+    assert mesh.spawn(late_to_init, 2, timeout=60, env={"MESH_TIMEOUT": "1"}) == ["2", "2"]
 
 
 def test_a_torch_older_than_the_backend_needs_is_refused_by_name() -> None:
@@ -1885,7 +1878,7 @@ def test_a_recv_interrupted_once_its_message_matched_says_it_took_it() -> None:
     assert a == [1.0, 1.0] and x == [2.0, 2.0], got[1]
 
 
-def interrupted_behind_the_lane(world: Any) -> list[Any]:
+def interrupted_behind_the_lane(world: Any, told: str) -> list[Any]:
     import signal
     _init()
     r = dist.get_rank()
@@ -1899,9 +1892,12 @@ def interrupted_behind_the_lane(world: Any) -> list[Any]:
             got.append("ok")
         except KeyboardInterrupt:
             got.append("interrupted")           # (and goes on, as in a notebook)
+        Path(told).touch()
         first.wait()
     else:
-        time.sleep(3)
+        deadline = time.monotonic() + 30        # late: rank 1 has been interrupted
+        while not os.path.exists(told) and time.monotonic() < deadline:
+            time.sleep(0.01)
         a, b = torch.ones(2), torch.ones(3)
         dist.all_reduce(a)
         got.append(a.tolist())
@@ -1918,14 +1914,15 @@ def interrupted_behind_the_lane(world: Any) -> list[Any]:
 
 
 @pytest.mark.timeout(60)
-def test_a_blocking_call_interrupted_behind_the_lane_is_a_lost_peer_to_the_others() -> None:
+def test_a_blocking_call_interrupted_behind_the_lane_is_a_lost_peer_to_the_others(
+        tmp_path: Path) -> None:
     """A blocking collective made while an async one still runs waits behind
     it on the group's lane; Ctrl-C in that wait raised KeyboardInterrupt,
     but the call stayed queued and ran later: rank 0's all_reduce took rank
     1's tensor in after rank 1 had been told it was interrupted. It is
     aborted now, as a call interrupted in the calling thread is: rank 0
     raises LostPeerError naming rank 1 and the interrupt."""
-    got = mesh.spawn(interrupted_behind_the_lane, 2, timeout=45)
+    got = mesh.spawn(interrupted_behind_the_lane, 2, str(tmp_path / "told"), timeout=45)
     assert got[1] == ["interrupted", [2.0, 2.0]], got[1]
     first, (kind, peer, said), nxt = got[0]
     assert first == [2.0, 2.0] and nxt == [2.0, 2.0], got[0]

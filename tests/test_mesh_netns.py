@@ -402,13 +402,13 @@ def test_a_host_that_cannot_reach_master_addr_says_so(hosts: Hosts, tmp_path: Pa
     """Node 1's link stays down: its ranks fail within the rendezvous
     timeout naming MASTER_ADDR and why, not a silent service."""
     secret = secrets.token_hex(16)
-    procs = [hosts.launch(0, 0, tmp_path, secret, False, MESH_RENDEZVOUS_TIMEOUT="5")]
+    procs = [hosts.launch(0, 0, tmp_path, secret, False, MESH_RENDEZVOUS_TIMEOUT="2")]
     try:
         port = _node0_port(procs[0])
         hosts.link(1, "down")
         t = time.monotonic()
         procs.append(hosts.launch(1, port, tmp_path, secret, False,
-                                  MESH_RENDEZVOUS_TIMEOUT="5"))
+                                  MESH_RENDEZVOUS_TIMEOUT="2"))
         _, err = procs[1].communicate(timeout=40)
         assert procs[1].returncode != 0 and time.monotonic() - t < 30, err
         assert f"rank 2: cannot reach MASTER_ADDR {ADDR[0]} from this host" in err, err
