@@ -201,6 +201,13 @@ class CollectiveChannel:
         elif type(live.doing) is str:
             live.doing, live.last, live.last_end = None, live.doing, time.monotonic()
 
+    def said(self, rank: int) -> tuple[str, float] | None:
+        """What group rank ``rank`` last said it was doing (its heartbeats'
+        status, as stall reports quote it) and how many seconds ago; None
+        before its first."""
+        p = self._t.live.peers[self._comm.ranks[rank]]
+        return (p.status, time.monotonic() - p.status_at) if p.status else None
+
     def stalled(self, what: str, peers: Iterable[int], waited: float,
                 limit: float | None = None) -> None:
         """Log that ``what`` has waited ``waited`` seconds for ``peers``, with

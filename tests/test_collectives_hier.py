@@ -349,6 +349,29 @@ def test_a_rank_lost_fails_a_phase_on_a_host_without_it(tmp_path: Any) -> None:
     assert got["t"] < 4.5, got
 
 
+def late_rank(world: Any) -> str:
+    """Rank 2 (host b) calls a warm all_reduce 1.5 s after the others, whose
+    timeout is 1 s: rank 0 waits in its column on rank 1, which waits on
+    its host for rank 2."""
+    _fake_host(world)
+    a = np.ones(200_000, np.float32)
+    C.all_reduce(world, a.copy(), timeout=30)       # the boards up: one board round
+    if world.rank == 2:
+        time.sleep(1.5)
+    with pytest.raises(mesh.MeshTimeoutError) as err:
+        C.all_reduce(world, a.copy(), timeout=1.0)
+    C.barrier(world, timeout=30)
+    return str(err.value)
+
+
+def test_a_two_level_timeout_names_the_rank_that_has_not_called() -> None:
+    """Whichever rank times out first (and the abort every rank raises)
+    names rank 2 from the heartbeats, not only through the chain of waits
+    its status quotes."""
+    for said in mesh.spawn(late_rank, 4, timeout=60):
+        assert "world rank 2 has not called it" in said, said
+
+
 def test_layout_forcing() -> None:
     t = plan.Tuning()
     assert plan.layout("all_reduce", t) is None
@@ -381,10 +404,18 @@ def streams(world: Any) -> dict:
     want = np.arange(count, dtype=np.float32) % 1000 * sum(range(1, n + 1))
     for alg in ("ring", "hier"):        # every link a stream / the columns' links
         assert np.array_equal(C.all_reduce(world, a.copy(), algorithm=alg), want), alg
+    # over the columns, each rank's part crosses once, on its own link: of a
+    # reduce_scatter, the host's sums of the other host's rank's rows (the
+    # all_reduce sent twice that); of an all_gather, its row (the leaders
+    # sent both rows of their host, the others none)
     rows = np.tile(a, (n, 1)) + np.arange(n)[:, None]
+    sent = stream.stats["sent"]
     np.testing.assert_array_equal(C.reduce_scatter(world, rows)[0], want + n * r)
+    assert stream.stats["sent"] - sent == rows.nbytes // n, (sent, stream.stats)
+    sent = stream.stats["sent"]
     ag = C.all_gather(world, np.full(count, r, np.int64))
     assert all((ag[p] == p).all() for p in range(n))
+    assert stream.stats["sent"] - sent == count * 8, (sent, stream.stats)
     used = stream.stats["links"]
     assert used >= 3, used
     # the streams are kept: the same calls again make no new connection

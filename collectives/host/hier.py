@@ -25,9 +25,18 @@ each host), then within each host again::
                     (collectives.host.columns; pipelined segment by
                     segment with MESH_COLL_PIPELINE=1);
                     large otherwise: as small, a ring among the leaders
-    reduce_scatter  the all_reduce above on a copy, then this rank's rows
-    all_gather      host gather to the leader | leaders all_gather of the
-                    hosts' blocks | host broadcast of the whole
+    reduce_scatter  large, as many ranks on every host: host reduce_scatter
+                    (local rank i gets the host's sum of its column's
+                    rows) | local rank i reduce-scatters those with the
+                    local ranks i of the other hosts (a ring per column,
+                    all at once); otherwise the all_reduce above on a copy,
+                    then this rank's rows
+    all_gather      as many ranks on every host: local rank i all-gathers
+                    its row with the local ranks i of the other hosts (a
+                    ring per column, all at once) | host all_gather of the
+                    columns; otherwise host gather to the leader | leaders
+                    all_gather of the hosts' blocks | host broadcast of the
+                    whole
     broadcast       root's host: broadcast from the root | leaders broadcast
                     from the root's leader | other hosts: host broadcast
 
@@ -66,9 +75,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mesh import Comm
+from mesh import Comm, MeshTimeoutError
 from mesh.peer import config_flag
 
+from .. import scratch
 from ..ops import ReduceOp
 from ..plan import Tuning, rd_peers, ring_chunks
 from ..runner import Ctx, abandon, abort_kind, agreed, caught, start
@@ -81,8 +91,8 @@ from .rooted import broadcast_chain, broadcast_tree, gather_direct, reduce_chain
 from .small import all_reduce_rd
 
 __all__ = ["Topology", "topology", "topology_of", "refuse", "numbered", "settled", "unsettle",
-           "all_reduce", "all_gather", "broadcast", "rd_across", "small_columns", "SMALL_HOST",
-           "SMALL_COLUMN", "FIRST", "ACROSS", "LAST", "stats"]
+           "all_reduce", "reduce_scatter", "all_gather", "broadcast", "rd_across",
+           "small_columns", "SMALL_HOST", "SMALL_COLUMN", "FIRST", "ACROSS", "LAST", "stats"]
 
 stats = {"one_round": 0, "small_columns": 0}
 """All_reduces whose host part ran in one board round, small ones over the
@@ -214,6 +224,9 @@ def _groups(topo: Topology, coll: str, root: int, large: bool,
     last = [(topo.local, LAST)] if topo.local.size > 1 else []
     across = [(topo.leaders, ACROSS)] if topo.leaders is not None else []
     reduces = coll in ("all_reduce", "reduce_scatter")
+    if coll == "reduce_scatter" and _columns(topo, coll, large):
+        assert topo.column is not None
+        return both + [(topo.column, ACROSS)]
     if _columns(topo, coll, large):
         assert topo.column is not None
         return both + [(topo.column, ACROSS)] + ([] if _one_round(topo) else last)
@@ -222,6 +235,8 @@ def _groups(topo: Topology, coll: str, root: int, large: bool,
         return both + [(topo.column, ACROSS)]
     if reduces and not large and _small_round(topo, nbytes):
         return both + across
+    if coll == "all_gather" and topo.column is not None:
+        return [(topo.column, ACROSS)] + last
     if coll != "broadcast":
         return both + across + last
     home = topo.host == next(h for h, ranks in enumerate(topo.hosts) if root in ranks)
@@ -332,12 +347,43 @@ def _phases(ctx: Ctx, phases: list[Phase]) -> None:
             made = True
             start(sub, f"{ctx.name} ({what})", prepare, False, ctx.left())
         except BaseException as e:
-            reason = f"{ctx.where()}: {what} failed: {e}"
+            err = _late_named(ctx, e)
+            reason = f"{ctx.where()}: {what} failed: {err}"
             for later, at, _, _ in phases[i + (1 if made else 0):]:
-                abandon(numbered(later, ctx.tag, at), reason, *abort_kind(ctx.g, e))
+                abandon(numbered(later, ctx.tag, at), reason, *abort_kind(ctx.g, err))
             if made:
                 unsettle(sub, was, e)
+            if err is not e:
+                raise err from e
             raise
+
+
+_LATE = "has not called it"
+
+
+def _late_named(ctx: Ctx, e: BaseException) -> BaseException:
+    """A phase of this rank timed out (``e``): the same error naming the
+    members of the call's group that, as their heartbeats last said, are in
+    none of its phases nor its own tag: the ranks that have not called it.
+    The phase itself may know them only through a chain (a column peer
+    that waits on its host for one: its status quoted in ``e``), where the
+    flat ring's wait names its late neighbour. Else ``e`` itself."""
+    topo = topology_of(ctx.g)
+    if not isinstance(e, MeshTimeoutError) or _LATE in str(e) or topo is None:
+        return e
+    n = -ctx.tag
+    subs = ["leaders"] + [f"host{h}" for h in range(len(topo.hosts))] + [
+        f"column{i}" for i in range(max(len(h) for h in topo.hosts))]     # (as _layout names them)
+    marks = [f" #{n} on group {ctx.g.name}:"] + [
+        f" #{3 * n + place} on group {ctx.g.name}/{sub}:" for sub in subs
+        for place in (FIRST, ACROSS, LAST)]
+    late = []
+    for p in range(ctx.g.size):
+        said = ctx.ch.said(p) if p != ctx.g.rank else None
+        if said is not None and not any(m in said[0] for m in marks):
+            late.append(f"world rank {ctx.g.ranks[p]} {_LATE} (it said {said[1]:.1f}s ago: "
+                        f"{said[0]})")
+    return MeshTimeoutError(f"{e}; {'; '.join(late)}") if late else e
 
 
 def _follow(ctx: Ctx, sub: Comm, place: int) -> None:
@@ -539,8 +585,55 @@ def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp)
     _run(ctx, phases)
 
 
+def reduce_scatter(ctx: Ctx, topo: Topology, arr: np.ndarray, mine: np.ndarray, op: ReduceOp,
+                   alg: str) -> None:
+    """``mine`` = this rank's rows of ``arr`` (group size x ``mine``'s rows)
+    reduced over the group (``op.finish`` left to the caller); ``alg`` the
+    all_reduce's ("rd" / "ring"). Large, as many ranks on every host: each
+    row's partial sums cross to its own host once, over the columns (the
+    all_reduce, whose result this rank would then cut, sent every row to
+    every host: twice the bytes across at 2 hosts). Else that all_reduce."""
+    column = topo.column
+    if not _columns(topo, "reduce_scatter", alg != "rd"):
+        work = np.array(arr, order="C").reshape(-1)
+        all_reduce(ctx, topo, work, op, alg)
+        mine[...] = work[ctx.g.rank * mine.size:(ctx.g.rank + 1) * mine.size].reshape(mine.shape)
+        return
+    assert column is not None
+    k, i, hosts = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank), len(topo.hosts)
+    rows = arr.reshape(ctx.g.size, arr.size // ctx.g.size)
+    warm = scratch.take(arr.dtype, rows.size, 1) + scratch.take(arr.dtype, rows.size // k, 1)
+    by_column = warm[0].view(arr.dtype).reshape(k, hosts, rows.shape[1])   # (the dtype's
+    #                                                       metadata too: bfloat16's mark)
+    for p in range(k):      # local rank p's column's rows, in host order
+        for h, ranks in enumerate(topo.hosts):
+            by_column[p, h] = rows[ranks[p]]
+    col = [by_column[i]]      # the host's sums of this column's rows (the ring's: in place)
+
+    def host(c: Ctx) -> None:
+        if board.available(c):
+            col[0] = warm[1].view(arr.dtype).reshape(hosts, rows.shape[1])
+            local.reduce_scatter(c, by_column.reshape(-1), col[0].reshape(-1), op)
+        else:
+            ring(c, by_column.reshape(-1), op, k - 1, k - 1, shift=-1)
+
+    def across(c: Ctx) -> None:
+        ring(c, col[0].reshape(-1), op, c.g.size - 1, c.g.size - 1, shift=-1)
+    phases: list[Phase] = [(topo.local, FIRST, "host reduce_scatter", host)] if k > 1 else []
+    phases.append((column, ACROSS, "column reduce_scatter", across))
+    _run(ctx, phases)
+    mine[...] = col[0][topo.host].reshape(mine.shape)
+    scratch.give(warm[:1])      # (warm memory: not after a failure, when a peer may still read)
+    scratch.give(warm[1:])
+
+
 def all_gather(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray, large: bool) -> None:
-    """Row p of ``out`` (shape (group size, *arr.shape)) = rank p's ``arr``."""
+    """Row p of ``out`` (shape (group size, *arr.shape)) = rank p's ``arr``:
+    over the columns where every host holds as many ranks, else through
+    the leaders (host gather | leaders all_gather | host broadcast)."""
+    if topo.column is not None:
+        _all_gather_columns(ctx, topo, arr, out)
+        return
     rows = out.reshape(ctx.g.size, -1)
     mine = topo.hosts[topo.host]
     width = max(len(h) for h in topo.hosts)
@@ -567,6 +660,55 @@ def all_gather(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray, large
         phases.append((topo.local, LAST, "host broadcast",
                        _host_broadcast(rows.reshape(-1), 0, large)))
     _run(ctx, phases)
+
+
+def _all_gather_columns(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray) -> None:
+    """As many ranks on every host: local rank i all-gathers its row with the
+    local ranks i of the other hosts (a ring per column, every column at
+    once, so each row crosses to each other host once, on its own rank's
+    link), then the host all-gathers the columns (each rank reads its host
+    peers' columns across processes). Through the leaders instead, every
+    row crossed on the leaders' one link and the host then broadcast the
+    whole result: at 2 hosts x 2 ranks and 150 Mbit/s (a token bucket one
+    flow does not fill), 16 MiB a rank took 2.9 s across (one stream) and
+    0.8 s on the host, against 1.8 s for the bytes (BENCHMARKS.md, issue 13,
+    thirty-ninth session)."""
+    column = topo.column
+    assert column is not None
+    rows = out.reshape(ctx.g.size, -1)
+    k, i = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank)
+    warm = scratch.take(out.dtype, len(topo.hosts) * rows.shape[1], 1)
+    mine = warm[0].view(out.dtype).reshape(len(topo.hosts), rows.shape[1])  # column i's rows
+    mine[topo.host] = np.ascontiguousarray(arr).reshape(-1)
+    at = [[h[p] for h in topo.hosts] for p in range(k)]    # local rank p's column's rows
+
+    def across(c: Ctx) -> None:
+        ring(c, mine.reshape(-1), None, c.g.size - 1, 0)
+        rows[at[i]] = mine
+
+    def gather(c: Ctx) -> None:
+        if not board.available(c):
+            every = np.empty((k,) + mine.shape, out.dtype)
+            every[i] = mine
+            ring(c, every.reshape(-1), None, k - 1, 0)
+            for p in range(k):
+                rows[at[p]] = every[p]
+            return
+        step = mine.strides[0]
+        with Round(c) as r:
+            r.post(addr=mine.ctypes.data)
+            addrs = r.gather()
+            for p in r.peers:
+                for h, row in enumerate(at[p]):
+                    if rows.shape[1]:
+                        peer_read(c, p, addrs[p] + h * step, rows[row])
+            r.stage(2)
+            r.wait_stage(r.peers, 2)
+    phases: list[Phase] = [(column, ACROSS, "column all_gather", across)]
+    if k > 1:
+        phases.append((topo.local, LAST, "host all_gather", gather))
+    _run(ctx, phases)
+    scratch.give(warm)
 
 
 def broadcast(ctx: Ctx, topo: Topology, buf: np.ndarray, root: int, large: bool) -> None:

@@ -344,10 +344,8 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
             mine = np.empty((m,) + arr.shape[1:], arr.dtype) if dest is None else dest
             topo = _topology(ctx, "reduce_scatter", lay, arr.nbytes)
             if topo is not None:
-                work = np.array(arr, order="C")
-                hier.all_reduce(ctx, topo, work.reshape(-1), rop,
-                                choose("all_reduce", work.nbytes, t, "hier"))
-                mine[...] = work[rank * m:(rank + 1) * m]
+                hier.reduce_scatter(ctx, topo, arr, mine, rop,
+                                    choose("all_reduce", arr.nbytes, t, "hier"))
             elif board.available(ctx):
                 local.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
                                      mine.reshape(-1), rop)

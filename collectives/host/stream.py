@@ -74,8 +74,8 @@ _POLL_S = 0.05                          # between looks at the tag and the deadl
 _CONNECT_S = 5.0
 _HELLO_S = 2.0
 _TAG = struct.Struct("<q")               # the call's tag, first on a kept connection
-stats = {"links": 0, "connects": 0, "reused": 0}    # ring calls that ran a stream, new
-#                                         connections, kept ones reused (tests, benchmarks)
+stats = {"links": 0, "connects": 0, "reused": 0, "sent": 0}   # ring calls that ran a stream,
+#                     new connections, kept ones reused, bytes sent (tests, benchmarks)
 _unreachable: set[int] = set()          # world ranks a connect failed to
 _kept: dict[tuple[Any, int, str], tuple[socket.socket, int]] = {}
 """(group, peer's world rank, "out" / "in") -> (connection, id) kept from an
@@ -303,6 +303,7 @@ class Links:
                 break
             except OSError as e:
                 raise _Broken(self.right, f"the stream to it failed ({e.strerror or e})")
+            stats["sent"] += n
             done += self._advance(sends, head, n)
         recvs, inp = self.recvs, self.inp
         while recvs and inp is not None:

@@ -2,6 +2,7 @@
 
     sudo python -m collectives.tools.bench_hosts [--sizes 8:64M] [--passes 5]
                                                  [--per-host 1,2] [--slow 1gbit] [--p2p]
+                                                 [--op all_reduce]
 
 Makes two network namespaces joined by a veth pair (10.77.0.1 and
 10.77.0.2; root needed), and for each ranks-per-host count runs one
@@ -18,7 +19,10 @@ gloo's time over meshrun's (auto). The namespaces are deleted on the way
 out, Ctrl-C included. With ``--p2p``, point-to-point instead: ping-pong
 between rank 0 and the first rank of the other host (the array there, 8
 bytes back; meshrun's ``send``/``recv`` against gloo's), the figure the
-median round trip and the array's bytes over it.
+median round trip and the array's bytes over it. ``--op`` times another
+collective instead (automatic choice only): all_gather, reduce_scatter or
+broadcast (from the last rank), a size being the whole result's bytes as
+nccl-tests counts them (all_gather: size / ranks from each rank).
 
 Internally the same module is the worker (``--worker mesh|gloo OUT``).
 """
@@ -76,8 +80,22 @@ def _pingpong(rank: int, peer: int, size: int, send: Callable, recv: Callable) -
     return lambda: None
 
 
+def _op(op: str, n: int, size: int, lib: Any, call: Callable) -> Callable:
+    """One call of ``op`` on ``size`` bytes (module docstring) at n ranks;
+    ``lib`` makes the float32 arrays (numpy, or torch for gloo), ``call(op,
+    array)`` runs it."""
+    count = max(2, size // 4)
+    if op == "all_reduce" or op == "broadcast":
+        a = lib.zeros(count, dtype=lib.float32)
+    elif op == "all_gather":
+        a = lib.zeros(max(1, count // n), dtype=lib.float32)
+    else:
+        a = lib.zeros((n, max(1, count // n)), dtype=lib.float32)
+    return lambda: call(op, a)
+
+
 def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
-            p2p: bool = False) -> None:
+            p2p: bool = False, op: str = "all_reduce") -> None:
     results: dict[str, list[list[float]]] = {}
     if kind == "mesh":
         import collectives as C
@@ -87,7 +105,12 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
         def slowest(x: float) -> float:
             return float(C.all_reduce(world, np.array([x]), op="max")[0])
         algos = {"flat": lambda size: "rd" if size < (64 << 10) else "ring", "auto": lambda s: None}
+        if op != "all_reduce":
+            algos = {"auto": lambda s: None}
         rank = world.rank
+        ops = {"all_gather": lambda a: C.all_gather(world, a),
+               "reduce_scatter": lambda a: C.reduce_scatter(world, a),
+               "broadcast": lambda a: C.broadcast(world, a, root=world.size - 1)}
         if p2p:
             peer = world.size // 2
             for p in range(passes):
@@ -100,8 +123,8 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
             for name, alg in algos.items():
                 row = []
                 for size in sizes:
-                    a = np.zeros(max(2, size // 4), np.float32)
-                    row.append(_timed(lambda: C.all_reduce(world, a, algorithm=alg(size)),
+                    run = ops.get(op, lambda a, s=size: C.all_reduce(world, a, algorithm=alg(s)))
+                    row.append(_timed(_op(op, world.size, size, np, lambda _, a: run(a)),
                                       slowest, budget))
                 results.setdefault(name, []).append(row)
         world.close()
@@ -124,9 +147,19 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
                     for size in sizes])
         for p in range(0 if p2p else passes):
             row = []
+            n = dist.get_world_size()
+
+            def gloo(op: str, t: Any) -> None:
+                if op == "all_gather":
+                    dist.all_gather_into_tensor(torch.empty(n * t.numel()), t)
+                elif op == "reduce_scatter":
+                    dist.reduce_scatter_tensor(torch.empty(t.shape[1]), t.reshape(-1))
+                elif op == "broadcast":
+                    dist.broadcast(t, n - 1)
+                else:
+                    dist.all_reduce(t)
             for size in sizes:
-                t = torch.zeros(max(2, size // 4), dtype=torch.float32)
-                row.append(_timed(lambda: dist.all_reduce(t), slowest, budget))
+                row.append(_timed(_op(op, n, size, torch, gloo), slowest, budget))
             results.setdefault("gloo", []).append(row)
         dist.destroy_process_group()
     if rank == 0:
@@ -217,7 +250,7 @@ def _wait(procs: list[subprocess.Popen], what: str, logs: list[Path],
 def _worker_args(kind: str, out: Path, args: argparse.Namespace, sizes: list[int]) -> list[str]:
     return ["-m", "collectives.tools.bench_hosts", "--worker", kind, str(out),
             "--sizes", ",".join(map(str, sizes)), "--passes", str(args.passes),
-            "--budget", str(args.budget), *(["--p2p"] if args.p2p else [])]
+            "--budget", str(args.budget), "--op", args.op, *(["--p2p"] if args.p2p else [])]
 
 
 def _run_mesh(hosts: Hosts, per: int, out: Path, args: argparse.Namespace,
@@ -287,8 +320,8 @@ def _fmt(size: int) -> str:
     return str(size)
 
 
-def _table(title: str, n: int, sizes: list[int], res: dict) -> str:
-    f = bus_factor("all_reduce", n)
+def _table(title: str, n: int, sizes: list[int], res: dict, op: str = "all_reduce") -> str:
+    f = bus_factor(op, n)
     lines = [f"## {title}", "",
              "| size | flat time | flat busbw | auto time | auto busbw | gloo time | gloo busbw "
              "| auto/flat busbw | gloo/auto time |", "|" + "---|" * 9]
@@ -299,7 +332,8 @@ def _table(title: str, n: int, sizes: list[int], res: dict) -> str:
             t = sides[k][i] if k in sides else float("nan")
             cells += [f"{t * 1e6:.0f} us", f"{size * f / t / 1e9:.3f} GB/s"]
         gl = sides.get("gloo", [float("nan")] * len(sizes))[i]
-        cells += [f"{sides['flat'][i] / sides['auto'][i]:.2f}x", f"{gl / sides['auto'][i]:.2f}x"]
+        flat = sides.get("flat", [float("nan")] * len(sizes))[i]
+        cells += [f"{flat / sides['auto'][i]:.2f}x", f"{gl / sides['auto'][i]:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -331,11 +365,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--logs", default=None, help="keep the jobs' logs in this folder")
     ap.add_argument("--p2p", action="store_true",
                     help="point-to-point ping-pong across the hosts instead of all_reduce")
+    ap.add_argument("--op", default="all_reduce",
+                    choices=["all_reduce", "all_gather", "reduce_scatter", "broadcast"])
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args.worker[0], args.worker[1], parse_sizes(args.sizes), args.passes,
-                args.budget, args.p2p)
+                args.budget, args.p2p, args.op)
         return 0
     if os.geteuid() != 0:
         print("bench_hosts makes network namespaces: run it as root", file=sys.stderr)
@@ -358,9 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res = _run_mesh(hosts, per, Path(tmp) / f"mesh{per}.json", args, sizes)
                 if not args.no_gloo:
                     res.update(_run_gloo(hosts, per, Path(tmp) / f"gloo{per}.json", args, sizes))
-                name = f"2 hosts x {per} rank{'s' if per > 1 else ''}, {title}"
+                name = (f"{args.op}, 2 hosts x {per} rank{'s' if per > 1 else ''}, {title}")
                 print(_p2p_table(name, sizes, res) if args.p2p else
-                      _table(name, 2 * per, sizes, res), flush=True)
+                      _table(name, 2 * per, sizes, res, args.op), flush=True)
     return 0
 
 
