@@ -100,6 +100,7 @@ def test_mpirun_and_torchrun_inside_a_meshrun_rank(tmp_path: Path) -> None:
         print("--- torchrun", flush=True)
         if {torchrun.exists()!r}:
             env = {{k: v for k, v in os.environ.items() if not k.startswith("OMPI_ALLOW")}}
+            env["TMPDIR"] = {str(tmp_path)!r}     # (torchrun leaves a folder there)
             sys.exit(subprocess.run({tr!r}, env=env).returncode)
         """))
     root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}

@@ -183,7 +183,8 @@ def _torchrun(hosts: Hosts, script: Path, out: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=str(REPO), MESH_RENDEZVOUS_TIMEOUT="60", MESH_TIMEOUT="60")
+    env.update(PYTHONPATH=str(REPO), MESH_RENDEZVOUS_TIMEOUT="60", MESH_TIMEOUT="60",
+               TMPDIR=str(out))       # (where torchrun leaves its torchelastic_* folder)
     logs = [out / f"torchrun{i}.log" for i in (0, 1)]
     procs = []
     for i in (0, 1):

@@ -51,7 +51,9 @@ def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None 
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_")) and k not in
          ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    e.update(PYTHONPATH=ROOT, MESH_RENDEZVOUS_TIMEOUT="30", **(extra_env or {}))
+    # (TMPDIR: torchrun leaves a torchelastic_* folder there; tmp_path is cleaned)
+    e.update(PYTHONPATH=ROOT, MESH_RENDEZVOUS_TIMEOUT="30", TMPDIR=str(tmp_path),
+             **(extra_env or {}))
     code, out = run_in_session([sys.executable, "-m", "torch.distributed.run", *args,
                                 str(script)], e, timeout)   # no worker outlives the test
     assert code == 0, f"torchrun {' '.join(args)} exited {code}:\n{out}"
