@@ -1471,11 +1471,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     rest = _rest(source, model, own_loss, aliases) if source is not model else OrderedDict()
     if on_meta and rest:
         rest = _real_rest(source, own_loss, rest)
+    keys = list(source.state_dict()) if source is not model else None
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
-              bool(plan), cal, inputs, reps, messages, timeout, tag_base, target,
-              list(source.state_dict()) if source is not model else None, aliases, skipped,
-              rest, list(source.state_dict()) if source is not model
-              else _state_keys(named, is_torch))
+              bool(plan), cal, inputs, reps, messages, timeout, tag_base, target, keys, aliases,
+              skipped, rest, keys if keys is not None else _state_keys(named, is_torch))
     job.retime()
     if job.calibration is not None and chosen is not None:
         # the table simulated with the load the re-time fitted (others' processes

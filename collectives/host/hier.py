@@ -368,15 +368,11 @@ def _late_named(ctx: Ctx, e: BaseException) -> BaseException:
     The phase itself may know them only through a chain (a column peer
     that waits on its host for one: its status quoted in ``e``), where the
     flat ring's wait names its late neighbour. Else ``e`` itself."""
-    topo = topology_of(ctx.g)
-    if not isinstance(e, MeshTimeoutError) or _LATE in str(e) or topo is None:
+    if not isinstance(e, MeshTimeoutError) or _LATE in str(e):
         return e
-    n = -ctx.tag
-    subs = ["leaders"] + [f"host{h}" for h in range(len(topo.hosts))] + [
-        f"column{i}" for i in range(max(len(h) for h in topo.hosts))]     # (as _layout names them)
+    n = -ctx.tag        # (a phase's sub-group, whichever: "<group>/host1", numbered)
     marks = [f" #{n} on group {ctx.g.name}:"] + [
-        f" #{3 * n + place} on group {ctx.g.name}/{sub}:" for sub in subs
-        for place in (FIRST, ACROSS, LAST)]
+        f" #{3 * n + place} on group {ctx.g.name}/" for place in (FIRST, ACROSS, LAST)]
     late = []
     for p in range(ctx.g.size):
         said = ctx.ch.said(p) if p != ctx.g.rank else None
