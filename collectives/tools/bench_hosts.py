@@ -296,8 +296,9 @@ def _run_gloo(hosts: Hosts, per: int, out: Path, args: argparse.Namespace,
             if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_"))}
     procs, logs = [], [out.with_suffix(f".{i}.log") for i in (0, 1)]
     for i in (0, 1):
+        # (TMPDIR: torchrun leaves a torchelastic_* folder there; the run's folder goes)
         env = dict(base, PYTHONPATH=str(REPO), GLOO_SOCKET_IFNAME=hosts.dev[i],
-                   OMP_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", TMPDIR=str(out.parent))
         procs.append(hosts.exec(i, [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
             "--nproc-per-node", str(per), "--rdzv-backend", "c10d",
