@@ -16,6 +16,7 @@ is left running; ``Work.wait(timeout)`` running out does the same.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import threading
 import time
@@ -189,6 +190,8 @@ class Work:
         return looked_again(self._event.is_set)
 
     def wait(self, timeout: float | None = None) -> Any:
+        if timeout is not None:
+            timeout = _wait_limit(self.desc, timeout)
         if not self._event.is_set():
             blocking()
         if not self._event.wait(timeout) and not self._event.is_set():
@@ -214,6 +217,19 @@ class Work:
 
 
 _callbacks_lock = threading.Lock()
+
+
+def _wait_limit(desc: str, timeout: Any) -> float | None:
+    """``Work.wait``'s ``timeout``: seconds >= 0 (math.inf: no limit), as
+    the calls' own ``timeout=``; anything else raises ValueError before the
+    wait, the call left running (-1 or NaN ran out at once and aborted the
+    call on every member, "timed out after -1s"; math.inf raised
+    OverflowError, a timedelta or a string a TypeError naming nothing)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) \
+            or not float(timeout) >= 0:
+        raise ValueError(f"{desc}: Work.wait: timeout must be a number of seconds >= 0 or "
+                         f"None, got {timeout!r}")
+    return None if math.isinf(timeout) else float(timeout)
 
 
 def looked_again(finished: Callable[[], bool]) -> bool:

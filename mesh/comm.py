@@ -193,8 +193,17 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
     looked = False
     while True:
         for i, r in live:
-            if r.done():
+            if r.done() and _claim(r):
                 return i, r.wait()
+        if any(r._spent for _, r in live):
+            # another thread's waitany (or wait) on the same requests took these: left
+            # in, each was given twice (both threads saw it done before either waited)
+            live = [(i, r) for i, r in live if not r._spent]
+            if not live:
+                raise ValueError(f"rank {c._t.rank}: waitany: each of the {len(reqs)} "
+                                 f"requests was waited for already (its result given by "
+                                 f"wait, test or waitany)")
+            anyone = _AnyDone([r for _, r in live])
         now = time.monotonic()
         if now >= deadline and not looked:
             # one look at what has come before timing out, as recv(timeout=0) takes: a
@@ -214,6 +223,19 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
                 raise
             time.sleep(nap)     # (the mesh closed under it: each request fails on its own)
             nap = min(nap * 2, 2e-3)
+
+
+_claims = threading.Lock()
+
+
+def _claim(r: Request) -> bool:
+    """Whether this waitany may give ``r``'s result: True once only, so that
+    threads calling waitany on one list never both give one message."""
+    with _claims:
+        if r._spent:
+            return False
+        r._spent = True
+        return True
 
 
 class _AnyDone:

@@ -7,10 +7,12 @@ Also: error texts of sub-groups name both numberings, and a None
 communicator (a non-member's ``world.group()``) is a clear error."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -125,6 +127,15 @@ def every_collective_takes_a_timeout(world: Any) -> list:
     C.broadcast_object(world, "x", root=0, **t)
     C.all_gather_object(world, r, **t)
     C.all_reduce(world, a.copy(), async_op=True, **t).wait()
+    # Work.wait's own timeout is checked as the calls' are, the call left running
+    # (-1 aborted it on every member, "timed out after -1s"; math.inf raised
+    # OverflowError, a timedelta a TypeError naming nothing)
+    work = C.all_reduce(world, np.ones(2), async_op=True, **t)
+    for bad in (-1, float("nan"), True, "5", timedelta(seconds=5)):
+        with pytest.raises(ValueError, match=rf"^rank {r}: all_reduce #\d+ on group world: "
+                                             r"Work.wait: timeout must be a number of seconds"):
+            work.wait(bad)
+    assert work.wait(math.inf).tolist() == [n, n]
     C.all_reduce_grads(world, [a.copy()], timeout=30)
     with pytest.raises(ValueError, match="timeout must be a number of seconds"):
         C.all_reduce(world, a.copy(), timeout=-1)

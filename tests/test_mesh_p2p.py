@@ -1316,6 +1316,10 @@ def _waitany_loop(world: mesh.Mesh) -> list:
         for tag in (2, 0, 1):
             world.send(f"m{tag}", 1, tag=tag)
         world.recv(1, tag=9)
+        for k in range(8):          # one at a time, to threads waiting in waitany
+            world.send(k, 1, tag=6)
+            time.sleep(0.01)
+        world.recv(1, tag=9)
         return []
     reqs = [world.irecv(0, tag=t) for t in range(3)]
     reqs += [world.isend(np.arange(2), 0, tag=5), world.isend(np.arange(2), 0, tag=5)]
@@ -1333,7 +1337,24 @@ def _waitany_loop(world: mesh.Mesh) -> list:
         timed_out = str(e)
     assert left.cancel()
     world.send("done", 0, tag=9)
-    return [sorted(got, key=str), spent, timed_out]
+    # two threads in waitany on one list: each message given once (both saw the
+    # request done, and both gave it)
+    reqs = [world.irecv(0, tag=6) for _ in range(8)]
+    shared: list = []
+
+    def drain() -> None:
+        while True:
+            try:
+                shared.append(mesh.waitany(reqs, timeout=30))
+            except ValueError:
+                return
+    threads = [threading.Thread(target=drain) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    world.send("done", 0, tag=9)
+    return [sorted(got, key=str), spent, timed_out, sorted(shared)]
 
 
 @pytest.mark.timeout(60)
@@ -1342,8 +1363,10 @@ def test_waitany_called_again_gives_the_next_request_never_the_same_twice() -> N
     whose result a wait gave is spent (mpi4py nulls it), so each message is
     handled once (waitany gave request 0 and its message every time), sends
     done at once by ring included; once all are spent waitany says so, and
-    its timeout names what it waited for."""
-    got, spent, timed_out = mesh.spawn(_waitany_loop, 2, timeout=60)[1]
+    its timeout names what it waited for. Threads calling waitany on one
+    list each get a message of their own (two got the same one)."""
+    got, spent, timed_out, shared = mesh.spawn(_waitany_loop, 2, timeout=60)[1]
+    assert shared == [(k, k) for k in range(8)]
     assert got == [(0, "m0"), (1, "m1"), (2, "m2"), (3, None), (4, None)]
     assert spent == "rank 1: waitany: each of the 5 requests was waited for already (its " \
                     "result given by wait, test or waitany)"
