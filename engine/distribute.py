@@ -70,7 +70,7 @@ from .tensor_parallel import gather_state_dict, load_full_state_dict, paralleliz
 from .partition import partition
 from .traced import called_whole, few, sequential, traceable
 from .torch_stage import TorchStage, _view, checkpoint_modules, patterns_of, torch_loss
-from .tp_layers import full_params, load_full_params
+from .tp_layers import full_params, full_shapes, load_full_params
 from .tp_plan import PlanError, digest, logging_calls, named_by
 from .tp_sums import holders as tp_holders
 
@@ -833,6 +833,25 @@ class Job:
                            f"{', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
                            f" not in the model (a checkpoint of another model?); "
                            f"strict=False ignores them")
+        rank = self.grid.comm.rank
+        if not self.is_torch:   # every rank knows every key, and its stages' shapes: all
+            # are checked before anything is loaded (a (1,) bias for an (8,) one was
+            # broadcast into it, with nothing said; a missing key raised on its stage's
+            # ranks only, after the others had loaded theirs)
+            missing = [k for k in sorted(self._expected) if k not in state]
+            if missing:
+                raise KeyError(f"rank {rank}: load_state_dict: "
+                               f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                               f"of the model not in the state given")
+            for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
+                mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
+                for name, layer in zip(mine, st.layers):
+                    for j, want in enumerate(full_shapes(layer)):
+                        got = tuple(np.shape(state.get(f"{name}.{j}", want)))
+                        if got != want:
+                            raise ValueError(f"rank {rank}: load_state_dict: {name}.{j} is "
+                                             f"{got} in the state given, but {want} in the "
+                                             f"model (stage {s})")
         last = {first: k for k, first in self._aliases.items() if k in state}
         state = {k: state[last.get(self._aliases.get(k, k), k)] for k in state}
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
@@ -1158,6 +1177,14 @@ def load_state(model: Any, state: dict[str, Any]) -> None:
         model.load_state_dict(state)
         return
     named, _ = _model_layers(model)
+    for name, layer in named:   # all checked first: numpy would broadcast a (1,) bias
+        for j, p in enumerate(layer.params()):
+            if f"{name}.{j}" not in state:
+                raise KeyError(f"load_state: {name}.{j} of the model not in the state given")
+            if tuple(np.shape(state[f"{name}.{j}"])) != p.shape:
+                raise ValueError(f"load_state: {name}.{j} is "
+                                 f"{tuple(np.shape(state[f'{name}.{j}']))} in the state "
+                                 f"given, but {p.shape} in the model")
     for name, layer in named:
         for j, p in enumerate(layer.params()):
             p[...] = state[f"{name}.{j}"]

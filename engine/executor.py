@@ -600,6 +600,33 @@ def _forward_only(stage: Any, x: Any) -> Any:
     return stage.forward(x)[0]
 
 
+def _noted(e: BaseException, note: str) -> None:
+    """Add ``note`` to ``e`` (Python 3.11's notes, shown under its
+    traceback; its class and message stay the user's), unless its message
+    says where it was raised already."""
+    if hasattr(e, "add_note") and not isinstance(e, MeshError) and \
+            note.split(":")[0] not in str(e):
+        e.add_note(note)
+
+
+def _shapes(v: Any) -> Any:
+    """``v``'s shape; a list of its parts' where it is a tuple of tensors
+    (None for a part without one); None where it has none."""
+    if isinstance(v, tuple):
+        return [_shapes(part) for part in v]
+    shape = getattr(v, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def _fits(got: Any, want: Any) -> bool:
+    """Whether a gradient's shapes (``_shapes``) are those of the value it
+    is the gradient of; a part without a gradient (a mask's) fits."""
+    if isinstance(got, list) and isinstance(want, list):
+        return len(got) == len(want) and all(g is None or _fits(g, w)
+                                             for g, w in zip(got, want))
+    return got == want
+
+
 def _joined(parts: list[Any]) -> Any:
     """The micro-batches' outputs joined along axis 0 (tensors or arrays);
     a list of them where they are tuples (several tensors)."""
@@ -677,6 +704,7 @@ class _Step:
         self.gys: dict[_Key, Any] = {}
         self.outs: dict[_Key, Any] = {}
         self.ctxs: dict[_Key, Any] = {}
+        self.in_shapes: dict[_Key, Any] = {}   # each forward's input's (_shapes), for _backward
         self.wctxs: dict[_Key, Any] = {}
         self.targets: list[Any] = []
         self.weights: list[float] = []
@@ -770,12 +798,18 @@ class _Step:
     def run(self, a: Action) -> str:
         """Execute one action; return its flow direction for the trace."""
         pipe, sched = self.pipe, self.pipe.schedule
-        if a.kind == F:
-            self._forward(a)
-        elif a.kind in (B, I):
-            self._backward(a)
-        elif a.kind == W:
-            pipe.stages[a.stage].backward_weight(self.wctxs.pop(_key(a)))
+        if a.kind in (F, B, I, W):
+            given = _shapes(self.xs.get(_key(a))) if a.kind == F else None
+            try:
+                if a.kind == F:
+                    self._forward(a)
+                elif a.kind == W:
+                    pipe.stages[a.stage].backward_weight(self.wctxs.pop(_key(a)))
+                else:
+                    self._backward(a)
+            except Exception as e:
+                _noted(e, self._computing(a, given))
+                raise
         elif a.kind in (SEND_F, SEND_B):
             dst, tag = sched.rank_of(message_key(a)[2]), pipe._tag(a, self.n)
             value = self.outs.pop(_key(a))
@@ -834,6 +868,21 @@ class _Step:
                     f"once per stage of this rank: an optimizer= steps the parameters of the "
                     f"stage it is given only (a torch optimizer per stage)")
 
+    def _computing(self, a: Action, given: Any) -> str:
+        """What compute action ``a`` was doing, in the user's terms: a
+        note on an error raised in it (a stage's own numpy error, a shape
+        mismatch, named neither the stage nor where its input came from)."""
+        pipe, sched = self.pipe, self.pipe.schedule
+        call = {F: "forward", B: "backward", I: "backward_input", W: "backward_weight"}[a.kind]
+        text = (f"pp rank {pipe.rank}: raised in pipeline step {self.n} ({sched.name}), {a}: "
+                f"stage {a.stage}'s {call}() of micro-batch {a.mb}")
+        if given is not None:
+            text += f", its input of shape {given}"
+            if a.stage > 0 and sched.rank_of(a.stage - 1) != pipe.rank:
+                text += (f" from stage {a.stage - 1} on pp rank "
+                         f"{sched.rank_of(a.stage - 1)}")
+        return text
+
     def _receiving(self, a: Action) -> str:
         """What receive ``a`` waits for, in the user's terms (for errors)."""
         sched = self.pipe.schedule
@@ -864,10 +913,13 @@ class _Step:
         last = s == pipe.schedule.num_stages - 1
         if last:
             forget_exits()
+        x = self.xs.pop((s, k))
         if self.forward_only:
-            y = _forward_only(pipe.stages[s], self.xs.pop((s, k)))
+            y = _forward_only(pipe.stages[s], x)
         else:
-            y, self.ctxs[(s, k)] = pipe.stages[s].forward(self.xs.pop((s, k)))
+            y, self.ctxs[(s, k)] = pipe.stages[s].forward(x)
+            if s > 0:       # what its input gradient must be (checked in _backward)
+                self.in_shapes[(s, k)] = _shapes(x)
         split = split_by() if last else None
         if split is not None:
             self._split_output(a, *split)
@@ -877,6 +929,14 @@ class _Step:
                 self.losses[k] = self._value(y, self.targets[k])
         elif last:
             loss, gy = self._loss(y, self.targets[k])
+            if _shapes(y) is not None and not _fits(_shapes(gy), _shapes(y)):
+                # (numpy broadcasts a (rows, 1) one through a Tanh's backward: wrong
+                # gradients with nothing said; other shapes failed far off, in a stage)
+                raise ValueError(f"pp rank {pipe.rank}: pipeline step {self.n} "
+                                 f"({pipe.schedule.name}), {a}: loss_fn(output, target) "
+                                 f"returned a gradient of shape {_shapes(gy)} for an output of "
+                                 f"shape {_shapes(y)} (micro-batch {k}): the gradient of the "
+                                 "loss with respect to the output has the output's shape")
             self.losses[k] = float(loss)
             self.gys[(s, k)] = gy * self.weights[k]
         elif pipe.schedule.rank_of(s + 1) == pipe.rank:
@@ -942,6 +1002,17 @@ class _Step:
             gx = stage.backward(ctx, gy)
         else:
             gx, self.wctxs[(s, k)] = stage.backward_input(ctx, gy)
+        want = self.in_shapes.pop((s, k), None)
+        if want is not None and gx is not None and not _fits(_shapes(gx), want):
+            # (else numpy broadcast it through the stage before: a (rows, 1) one into a
+            # Tanh's backward gave wrong gradients with nothing said; others failed
+            # there, the stage before blamed)
+            raise ValueError(f"pp rank {pipe.rank}: pipeline step {self.n} "
+                             f"({pipe.schedule.name}), {a}: stage {s}'s "
+                             f"{'backward' if a.kind == B else 'backward_input'}() returned an "
+                             f"input gradient of shape {_shapes(gx)} for micro-batch {k}, whose "
+                             f"input had shape {want}: a stage's input gradient has its "
+                             "input's shape")
         if s > 0 and pipe.schedule.rank_of(s - 1) == pipe.rank:
             self.gys[(s - 1, k)] = gx
         elif s > 0:

@@ -28,8 +28,8 @@ from .layers import Embedding, Linear, Recompute, Sequential
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
                       joined_order, left, logged, match, planned, rewrite_attrs, shard_rows)
 
-__all__ = ["Sharded", "parallelize", "full_params", "load_full_params", "group_of",
-           "named_layers"]
+__all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_params",
+           "group_of", "named_layers"]
 
 
 @logged
@@ -329,19 +329,42 @@ def group_of(model: Any) -> Any:
     return None
 
 
+def full_shapes(model: Any) -> list[tuple[int, ...]]:
+    """The shapes of ``full_params(model)``, the unsharded parameters,
+    without a message (every split divides its axis by the tp size)."""
+    model = _bare(model)
+    if isinstance(model, Sharded) and isinstance(model.inner, Sequential):
+        return full_shapes(model.inner)
+    if isinstance(model, Sequential):
+        return [shape for layer in model.layers for shape in full_shapes(layer)]
+    dims = model.dims if isinstance(model, Sharded) else [None] * len(model.params())
+    return [tuple(n * model.group.size if i == d else n for i, n in enumerate(p.shape))
+            for p, d in zip(model.params(), dims, strict=True)]
+
+
 def load_full_params(model: Any, whole: list[Any]) -> None:
     """Copy the unsharded parameters ``whole`` (in the unsharded model's
     ``params()`` order, as ``full_params`` gives them) into ``model``: each
     sharded layer takes its own shard of its, cut as parallelize cut it (no
-    message)."""
+    message). An array not of its parameter's unsharded shape raises
+    ValueError before anything is copied (numpy broadcast a (1,) bias
+    into every entry of the parameter, with nothing said)."""
+    for j, (w, want) in enumerate(zip(whole, full_shapes(model), strict=True)):
+        if tuple(np.shape(w)) != want:
+            raise ValueError(f"load_full_params: parameter {j} is {want} unsharded, but the "
+                             f"array given for it is {tuple(np.shape(w))}")
+    _load_full(model, whole)
+
+
+def _load_full(model: Any, whole: list[Any]) -> None:
     model = _bare(model)
     if isinstance(model, Sharded) and isinstance(model.inner, Sequential):
-        return load_full_params(model.inner, whole)      # a region: its layers say
+        return _load_full(model.inner, whole)      # a region: its layers say
     if isinstance(model, Sequential):
         at = 0
         for layer in model.layers:
             n = len(layer.params())
-            load_full_params(layer, whole[at:at + n])
+            _load_full(layer, whole[at:at + n])
             at += n
         return
     dims = model.dims if isinstance(model, Sharded) else [None] * len(model.params())

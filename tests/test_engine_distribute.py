@@ -6,6 +6,7 @@ state on rank 0 and checks the argument errors; the parent compares with
 single-process training on the whole batch. Nothing here is timed: which
 schedule wins may differ from run to run, the weights may not.
 """
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -1192,25 +1193,42 @@ def _load_worker(world, tp):
              for j, p in enumerate(layer.params())}
     job.load_state_dict(state)               # with tp, each rank its shards
     last = f"{len(other.layers) - 1}.1"
-    try:
-        job.load_state_dict({k: v for k, v in state.items() if k != last})
-        missing = ""
-    except KeyError as e:
-        missing = str(e)
+    said = {}
+    for what, bad in [("missing", {k: v for k, v in state.items() if k != last}),
+                      ("shape", {**state, "0.1": state["0.1"][:1]})]:   # a (1,) bias
+        try:
+            job.load_state_dict(bad)
+            said[what] = ""
+        except (KeyError, ValueError) as e:
+            said[what] = f"{type(e).__name__}: {e}"
     got = job.state_dict()
     return {"same": None if got is None else all(np.array_equal(got[k], v)
                                                  for k, v in state.items()),
-            "missing": missing, "last": job.pipeline.last, "rank": world.rank}
+            **said, "first": job.pipeline.first, "rank": world.rank, "last_key": last,
+            "bias": state["0.1"].shape}
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "pp2xtp2"])
 def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
+    """A key missing raised on its stage's ranks only, the others loaded;
+    a (1,) bias was broadcast into the whole bias, with nothing said (or,
+    sharded, a numpy error). Both now raise, naming the key, before
+    anything is loaded (same: the state loaded before is still there)."""
     out = mesh.spawn(_load_worker, 2 * tp, tp, timeout=120)
     assert out[0]["same"] is True and all(o["same"] is None for o in out[1:])
     for o in out:
-        assert (o["missing"] == "") != o["last"], o
-        assert not o["last"] or f"rank {o['rank']}: load_state_dict: stage 1 needs" in \
-            o["missing"], o
+        assert o["missing"] == (f"KeyError: 'rank {o['rank']}: load_state_dict: "
+                                f"{o['last_key']} of the model not in the state given'"), o
+        assert o["shape"] == ("" if not o["first"] else
+                              f"ValueError: rank {o['rank']}: load_state_dict: 0.1 is (1,) in "
+                              f"the state given, but {o['bias']} in the model (stage 0)"), o
+    model = _numpy_model(WIDTHS)
+    state = {f"{i}.{j}": p.copy() for i, layer in enumerate(model.layers)
+             for j, p in enumerate(layer.params())}
+    with pytest.raises(ValueError, match=re.escape(
+            f"load_state: 0.1 is (1,) in the state given, but {state['0.1'].shape} in the "
+            "model")):
+        engine.load_state(model, {**state, "0.1": state["0.1"][:1]})
 
 
 def _differing_worker(world):

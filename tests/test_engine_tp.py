@@ -7,7 +7,7 @@ import pytest
 import mesh
 from engine import PlanError, Style, gather_state_dict, parallelize
 from engine.layers import Embedding, Linear, Sequential, Tanh
-from engine.tp_layers import full_params
+from engine.tp_layers import full_params, load_full_params
 from engine.tp_plan import joined_order, match, parse, shard_rows
 
 # --- plans, without processes -------------------------------------------------
@@ -206,6 +206,12 @@ def _np_worker(world):
     errors["broadcast"] = [a.tolist() for a in full_params(shared)]
     state = gather_state_dict(shared, root=0)
     assert (state is None) == (world.rank == 1)
+    whole = full_params(shared)     # a (1,) bias: numpy broadcast it into every entry
+    for name, model in [("load sharded", shared), ("load whole", Sequential(Linear(D, H)))]:
+        try:
+            load_full_params(model, [whole[0], whole[1][:1]])
+        except ValueError as e:
+            errors[name] = str(e)
     if state is not None:
         assert list(state) == ["0", "1"] and state["0"].shape == (D, H)
     return out, errors
@@ -237,6 +243,9 @@ def test_numpy_styles_match_the_unsharded_layers():
     assert results[0][1]["one rank"] == ("tp rank 0: parallelize failed on tp rank 1 of group "
                                          "world: 0: fan_out (weight columns) is 5, not "
                                          "divisible by the tp size 2")
+    for name in ("load sharded", "load whole"):
+        assert errors[name] == (f"load_full_params: parameter 1 is ({H},) unsharded, but the "
+                                "array given for it is (1,)"), errors
     want = Sequential(Linear(D, H, np.random.default_rng(0)), Tanh()).params()
     for a, b in zip(errors["broadcast"], want):
         np.testing.assert_array_equal(a, b)
