@@ -14,6 +14,7 @@ completed elsewhere. Thread-safe: one lock guards the tables.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Callable
 
@@ -34,6 +35,28 @@ _KEEP_FORGOTTEN = 4096
 unmatched)."""
 
 _log = logging.getLogger("mesh.transport")
+
+
+def _tell_launcher(me: int, rank: int, why: str) -> None:
+    """Under meshrun, a lost peer of another node is left in the run folder
+    for this node's meshrun, which stops the job here as for a failure of
+    its own: ranks busy outside mesh calls (computing, sleeping) ran on
+    until their next call, their node's meshrun never told, when another
+    node failed, was stopped or died."""
+    folder, node = os.environ.get("MESH_RUNTIME_DIR"), os.environ.get("MESH_NODE_RANK", "")
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if (not folder or not node.isdigit() or not per_node.isdigit() or int(per_node) < 1
+            or rank // int(per_node) == int(node)):
+        return          # (not meshrun's rank, or a peer of this node: meshrun sees it end)
+    from .env import by_mesh
+    if not by_mesh():   # (a launcher started inside a meshrun rank: not meshrun's)
+        return
+    try:
+        with open(os.path.join(folder, f"lost.{me}"), "x") as f:
+            f.write(f"rank {rank} of node {rank // int(per_node)} was lost (rank {me} here: "
+                    f"{why})")
+    except OSError:
+        pass
 
 
 def _nothing() -> None:
@@ -498,6 +521,8 @@ class Inbox:
                 if state == DEAD and self.follows else []
         if state == DEAD and not told:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
+        if state == DEAD:
+            _tell_launcher(self.rank, rank, why)
         for sub, sub_tag in phases:
             self.abort_local(sub, sub_tag, AbortKind.LOST_PEER,
                              f"peer world rank {rank} is gone ({why})", rank)

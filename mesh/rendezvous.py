@@ -285,10 +285,15 @@ def _endpoints_ok(eps: Any) -> bool:
 
 def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: int,
          host: str, endpoints: dict[str, str], timeout: float,
-         curve: bool = False, window: int | None = None) -> list[dict[str, Any]]:
+         curve: bool = False, window: int | None = None,
+         first_here: bool | None = None) -> list[dict[str, Any]]:
     """Register with the service and return the table of all peers, by rank
     (with ``window``, this rank's MESH_WINDOW_BYTES, for the peers to agree
-    on each pair's credit window: mesh.transport)."""
+    on each pair's credit window: mesh.transport). ``first_here``: this is
+    its host's first rank (default: rank 0), which says now and then that
+    the service has not answered yet: a node started with a wrong
+    --master-port, or before node 0, waited its whole rendezvous timeout
+    (120 s) in silence."""
     where = f"tcp://{addr}:{port}"
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -319,6 +324,14 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                     raise RendezvousError(
                         f"rank {rank}: rendezvous at {where} refused our credentials: a "
                         f"different job secret (MESH_SECRET) or MESH_CURVE setting there")
+                now = time.monotonic()
+                if missing is None and now >= note_at and (
+                        rank == 0 if first_here is None else first_here):
+                    note_at = now + _NOTE_EVERY
+                    _log.warning("rank %d: rendezvous at %s: no answer from the service yet "
+                                 "(%.0fs of %.0fs): is it running there (node 0's meshrun, "
+                                 "or rank 0), at that address and port?",
+                                 rank, where, now - t0, timeout)
                 continue
             try:
                 msg = msgpack.unpackb(sock.recv(), raw=False)

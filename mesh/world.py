@@ -311,7 +311,8 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
                 rdv_addr, rdv_port = rdvfile.rendezvous_address(spec, own_port, rdv_timeout)
             try:
                 table = join(ctx, rdv_addr, rdv_port, spec.secret, spec.rank,
-                             spec.size, host, eps, rdv_timeout, curve, window)
+                             spec.size, host, eps, rdv_timeout, curve, window,
+                             first_here=spec.local_rank == 0)
             finally:
                 if server is not None:
                     rdvfile.withdraw(spec)

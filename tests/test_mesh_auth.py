@@ -23,7 +23,7 @@ import zmq
 
 import collectives
 import mesh
-from mesh import auth
+from mesh import auth, rendezvous
 from mesh.rendezvous import RendezvousServer, join
 
 pytestmark = pytest.mark.timeout(60)
@@ -243,6 +243,30 @@ def test_a_wrong_secret_fails_the_rendezvous_with_a_clear_error() -> None:
     finally:
         ctx.term()
         srv.close()
+
+
+def test_a_rank_whose_service_never_answers_says_so_before_its_timeout(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens at the rendezvous address (a node started with a wrong
+    --master-port, or before node 0): its host's first rank says so every
+    while (at 10 s, then every 30 s; here sooner), where it waited its whole
+    rendezvous timeout (120 s) in silence; the host's other ranks say nothing."""
+    monkeypatch.setattr(rendezvous, "_NOTE_FIRST", 0.3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]       # (closed: nothing listens there)
+    ctx = zmq.Context()
+    try:
+        with caplog.at_level("WARNING", logger="mesh.rendezvous"):
+            for rank, first in ((2, True), (3, False)):
+                with pytest.raises(mesh.RendezvousError, match="the service never answered"):
+                    join(ctx, "127.0.0.1", port, "s", rank, 4, "h", EPS, 1.5,
+                         first_here=first)
+    finally:
+        ctx.term()
+    said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
+    assert len(said) == 1 and said[0].startswith(
+        f"rank 2: rendezvous at tcp://127.0.0.1:{port}: no answer from the service yet"), said
 
 
 @pytest.mark.parametrize("ipc", [False, True], ids=["tcp", "ipc"])
@@ -560,7 +584,7 @@ def test_a_handshake_timeout_must_be_positive(monkeypatch: pytest.MonkeyPatch) -
 # aborts a process whose ipc:// accept fails for want of a descriptor
 _IPC_SERVER = """
 import resource, sys, zmq
-from mesh import auth
+from mesh import auth, rendezvous
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 ctx = zmq.Context()
 a = auth.Authenticator(ctx, "s")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -38,14 +39,16 @@ def _end(procs: list[subprocess.Popen[str]]) -> None:
         p.communicate()
 
 
-def _second_node_joins(procs: list[subprocess.Popen[str]], port: str, secret: str) -> None:
-    """Node 1 launched right joins the job node 0 waits in, and both succeed."""
+def _second_node_joins(procs: list[subprocess.Popen[str]], port: str, secret: str) -> str:
+    """Node 1 launched right joins the job node 0 waits in, and both succeed;
+    returns node 0's stderr."""
     node1 = _start(*_node(1, port), MESH_SECRET=secret)
     procs.append(node1)
     _, err1 = node1.communicate(timeout=40)
     out0, err0 = procs[0].communicate(timeout=40)
     assert procs[0].returncode == 0 and node1.returncode == 0, err0 + err1
     assert "[0] rank 0 heard from [1, 2, 3]" in out0
+    return err0
 
 
 def _port(node0: subprocess.Popen[str]) -> str:
@@ -69,7 +72,10 @@ def test_a_node_of_another_job_is_refused_and_the_job_goes_on() -> None:
         assert stray.returncode == 1, err
         assert "refused our credentials: a different job secret" in err, err
         assert procs[0].poll() is None, "job B died of a stranger's attempt"
-        _second_node_joins(procs, port, "secret-of-job-b")
+        err0 = _second_node_joins(procs, port, "secret-of-job-b")
+        # (node 0's meshrun says the refusal is its own, not bare among the ranks' lines)
+        assert "\nmeshrun: refused a connection from 127.0.0.1 without the job secret" in \
+            "\n" + err0, err0
     finally:
         _end(procs)
 
@@ -225,6 +231,32 @@ def test_a_node_whose_rank_ends_before_it_joins_fails_the_other_node_at_once() -
     assert time.monotonic() - t0 < 30
 
 
+def test_a_node_stopped_before_its_ranks_join_fails_the_other_node_at_once() -> None:
+    """Ctrl-C on node 1 while its ranks have not joined yet (a slow start):
+    its meshrun told the rendezvous nothing of the ranks it stopped itself,
+    and node 0's ranks waited in silence for their rendezvous timeout
+    (120 s). Now they fail at once, naming a stopped rank and the node whose
+    meshrun stopped it (node 0's stopped ranks are told to its own service
+    the same way)."""
+    procs = [_start(*_node(0, 0), MESH_SECRET="job")]
+    try:
+        port = _port(procs[0])
+        procs.append(_start(*_node(1, port), MESH_SECRET="job",
+                            MESH_TEST_SLEEP_BEFORE_INIT="60"))
+        time.sleep(2)           # node 1's ranks run (and sleep)
+        t0 = time.monotonic()
+        procs[1].send_signal(signal.SIGINT)
+        errs = [p.communicate(timeout=40)[1] for p in procs]
+        took = time.monotonic() - t0
+    finally:
+        _end(procs)
+    assert procs[1].returncode == 130, errs[1]
+    assert procs[0].returncode == 1, errs[0]
+    assert re.search(r"peer rank [23] is gone: it ended \(killed by SIGTERM, stopped by node 1's "
+                     r"meshrun\) before the mesh was complete", errs[0]), errs[0]
+    assert took < 15, (took, errs[0])
+
+
 def test_a_node_that_dies_is_named_as_the_root_cause_on_the_other() -> None:
     """Node 1's meshrun is SIGKILLed mid-run (its watchdog takes its ranks):
     node 0's ranks lose theirs within seconds, and node 0's report leads
@@ -246,6 +278,34 @@ def test_a_node_that_dies_is_named_as_the_root_cause_on_the_other() -> None:
     assert procs[0].returncode == 1, err
     assert re.search(r"Root cause: rank [23] \(node 1\) was lost, a rank of another node", err), err
     assert took < 20, took
+
+
+def test_a_node_stopped_mid_job_stops_the_other_node_busy_outside_mesh_calls() -> None:
+    """Ctrl-C on node 0 while every rank computes outside mesh calls (here:
+    sleeps): node 1's ranks lost node 0's but ran on until their next mesh
+    call, and node 1's meshrun with them, never told. Now a rank that loses
+    a rank of another node tells its meshrun, which stops its ranks as for
+    a failure (after --settle) and says which rank of which node was lost."""
+    slow = {"MESH_TEST_SLEEP_AFTER": "60", "MESH_SECRET": "job"}
+    procs = [_start(*_node(0, 0, "--settle", "0.5"), **slow)]
+    try:
+        port = _port(procs[0])
+        procs.append(_start(*_node(1, port, "--settle", "0.5"), **slow))
+        for p in procs:             # every rank is in its sleep
+            assert p.stdout is not None
+            said = [p.stdout.readline() for _ in range(4)]
+            assert sum("sleeps" in s for s in said) == 2, said
+        t0 = time.monotonic()
+        procs[0].send_signal(signal.SIGINT)
+        errs = [p.communicate(timeout=40)[1] for p in procs]
+        took = time.monotonic() - t0
+    finally:
+        _end(procs)
+    assert procs[0].returncode == 130, errs[0]
+    assert procs[1].returncode == 1, errs[1]
+    assert re.search(r"meshrun: rank [01] of node 0 was lost \(rank [23] here: .*\); its "
+                     r"node's meshrun reports why; stopped every rank here", errs[1]), errs[1]
+    assert took < 10, (took, errs[1])
 
 
 STOPS = """

@@ -3,6 +3,7 @@ one host's share of the job from start to exit code."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import secrets
 import shutil
@@ -226,8 +227,10 @@ def launch(a: argparse.Namespace) -> int:
                         a.curve or curve_wanted())
 
         def ended(e: WorkerExit) -> None:    # the ranks waiting for it to join hear it
-            if not e.after_stop:    # (after a table too: a mesh.init() after a close waits)
-                teller.ended(e.rank, e.describe())
+            # (after a table too: a mesh.init() after a close waits); one this meshrun
+            # stopped too (Ctrl-C, --timeout): the other nodes' ranks waited 120 s for it
+            stopped = f", stopped by node {a.node_rank}'s meshrun" if e.after_stop else ""
+            teller.ended(e.rank, e.describe() + stopped)
         job = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir, settle=a.settle,
                   stall=a.output_stall, on_exit=ended)
         report = ""     # written after the relayed output, through the same writer
@@ -273,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(head)
     args.args = rest
     _check(parser, args)
+    # meshrun's own warnings (its rendezvous refusing a stranger or another job's node)
+    # say whose they are: they came bare among the ranks' "[R] " lines
+    logging.basicConfig(format="meshrun: %(message)s", level=logging.WARNING)
     try:
         code = launch(args)
     except KeyboardInterrupt:

@@ -58,11 +58,13 @@ class WorkerExit:
 
 @dataclass
 class JobOutcome:
-    """Why the job ended ('ok', 'failed', 'signal', 'timeout') and every exit."""
+    """Why the job ended ('ok', 'failed', 'signal', 'timeout', 'lost': a rank
+    of another node was lost, ``lost`` says which) and every exit."""
     reason: str
     exits: list[WorkerExit] = field(default_factory=list)
     signum: int | None = None
     stop_time: float | None = None
+    lost: str = ""
 
 
 def error_file(err_dir: str, rank: int) -> str:

@@ -116,6 +116,9 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
         lines.append(f"meshrun: job timed out after {timeout:g} s; stopped every rank")
     elif outcome.reason == "signal":
         lines.append(f"meshrun: stopped by {signal_name(outcome.signum or 0)}")
+    elif outcome.reason == "lost":
+        lines.append(f"meshrun: {outcome.lost}; its node's meshrun reports why; stopped every "
+                     f"rank here")
     root_rec = records.get(root.rank) if root is not None else None
     left = _left_early(outcome, root_rec)
     elsewhere = _lost_elsewhere(outcome, root_rec)

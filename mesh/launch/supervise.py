@@ -161,8 +161,11 @@ class Job:
             now = time.monotonic()
             if kill_at is None:
                 failed = [p.exit for p in self._procs if p.exit is not None and p.exit.failed]
-                if failed:
-                    outcome.reason = "failed"
+                lost = "" if failed or outcome.lost else self._lost()
+                if lost:
+                    outcome.lost = lost
+                if failed or outcome.lost:     # (a rank of another node lost: as a failure)
+                    outcome.reason = "failed" if failed else "lost"
                     failed_at = failed_at or now
                     if (now < failed_at + self.settle and not self._signals
                             and (timeout is None or now - t0 < timeout)):
@@ -184,6 +187,16 @@ class Job:
         outcome.exits = sorted((p.exit or self._unreaped(p) for p in self._procs),
                                key=lambda e: e.time)
         return outcome
+
+    def _lost(self) -> str:
+        """What a rank said of a rank of another node it lost (mesh.inbox
+        leaves it in the run folder), if any rank did."""
+        try:
+            names = sorted(n for n in os.listdir(self.scratch or "") if n.startswith("lost."))
+            with open(os.path.join(self.scratch or "", names[0])) as f:
+                return f.read(1000) or "a rank of another node was lost"
+        except (OSError, IndexError):
+            return ""
 
     def _live(self) -> list[_Proc]:
         return [p for p in self._procs if p.exit is None]

@@ -4,7 +4,10 @@ mesh.init(), have rank 0 greet every rank and collect the replies, check an
 all_reduce against its known sum, then leave. Each line is one write, so
 that launchers that relay unbuffered output (mpirun) never split it.
 MESH_TEST_EXIT_BEFORE_INIT="R:CODE,...": rank R exits with CODE first;
-MESH_TEST_MORE_STEPS=N: N more all_reduces, 50 ms apart, to die in."""
+MESH_TEST_MORE_STEPS=N: N more all_reduces, 50 ms apart, to die in;
+MESH_TEST_SLEEP_BEFORE_INIT=S: every rank sleeps S seconds first (a slow start);
+MESH_TEST_SLEEP_AFTER=S: every rank sleeps S seconds at the end, in its mesh (a long
+computation outside mesh calls)."""
 import os
 import sys
 import time
@@ -13,6 +16,7 @@ _EXITS = dict(e.split(":") for e in os.environ.get("MESH_TEST_EXIT_BEFORE_INIT",
               if e)
 if os.environ.get("RANK") in _EXITS:
     sys.exit(int(_EXITS[os.environ["RANK"]]))
+time.sleep(float(os.environ.get("MESH_TEST_SLEEP_BEFORE_INIT", "0")))
 
 import numpy as np
 
@@ -34,3 +38,6 @@ with mesh.init(timeout=20) as world:
     for _ in range(int(os.environ.get("MESH_TEST_MORE_STEPS", "0"))):
         collectives.all_reduce(world, np.ones(4))
         time.sleep(0.05)
+    if float(os.environ.get("MESH_TEST_SLEEP_AFTER", "0")):
+        sys.stdout.write(f"rank {world.rank} sleeps\n")
+        time.sleep(float(os.environ["MESH_TEST_SLEEP_AFTER"]))
