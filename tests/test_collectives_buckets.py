@@ -407,10 +407,10 @@ def test_float16_averaged_beside_float32_is_a_mismatch() -> None:
 
 
 def _after_a_timeout(world: Any) -> list[Any]:
-    """A wait() that timed out (rank 1 came 2 s late to a 1 s deadline)
-    left its buckets' failed calls in place: every later wait() raised that
-    error again, though the README promises the group's next collective
-    works."""
+    """A wait() that timed out (rank 1 came late to a 1 s deadline: once
+    rank 0's wait had timed out, which rank 0 tells it) left its buckets'
+    failed calls in place: every later wait() raised that error again,
+    though the README promises the group's next collective works."""
     grads = [np.zeros(3), np.zeros(5)]
     red = C.GradReducer(world, grads, bucket_bytes=32, op="sum", timeout=1)
     seen = []
@@ -418,12 +418,14 @@ def _after_a_timeout(world: Any) -> list[Any]:
         for g in grads:
             g[...] = world.rank + 1 + step
         if step == 1 and world.rank == 1:
-            time.sleep(2)
+            assert world.recv(0, tag=91, timeout=30) == "timed out"
         try:
             red.wait()
             seen.append([float(g[0]) for g in grads])
         except mesh.MeshTimeoutError:
             seen.append("timeout")
+        if step == 1 and world.rank == 0:
+            world.send("timed out", 1, tag=91)
         C.barrier(world, timeout=30)
     return seen
 

@@ -352,7 +352,9 @@ def test_a_rank_lost_fails_a_phase_on_a_host_without_it(tmp_path: Any) -> None:
 def late_rank(world: Any) -> str:
     """Rank 2 (host b) calls a warm all_reduce 1.5 s after the others, whose
     timeout is 1 s: rank 0 waits in its column on rank 1, which waits on
-    its host for rank 2."""
+    its host for rank 2. (A fixed sleep: waiting for the first abort to
+    reach rank 2 let rank 1's, which names no late rank, be the one it
+    raised, 1 run in 3.)"""
     _fake_host(world)
     a = np.ones(200_000, np.float32)
     C.all_reduce(world, a.copy(), timeout=30)       # the boards up: one board round
@@ -735,7 +737,9 @@ def failed_on_some_ranks(world: Any, warm: bool) -> tuple[str, list[bool]]:
     done after its host's phase, rank 1 (host b's leader) comes too late and
     rank 0 times out between the hosts; the group's next calls work on every
     rank (``warm``: its boards were up before; else that broadcast is its
-    first two-level call and sets host a's boards up, host b's never)."""
+    first two-level call and sets host a's boards up, host b's never).
+    Rank 1 comes once ranks 0 and 2 have timed out (each tells it so), not
+    after a fixed 2.5 s."""
     _fake_host(world)
     n, r = world.size, world.rank
     g = world.group(list(range(n)))
@@ -744,12 +748,14 @@ def failed_on_some_ranks(world: Any, warm: bool) -> tuple[str, list[bool]]:
             assert C.all_reduce(g, np.ones(4))[0] == n
             assert C.all_reduce(g, np.ones(20_000))[0] == n
     if r == 1:
-        time.sleep(2.5)
+        assert sorted(world.recv(mesh.ANY, tag=91, timeout=30) for _ in (0, 2)) == [0, 2]
     try:
         C.broadcast(g, np.full(100_000, float(r)), root=3, timeout=1.0)
         said = "no error"
     except mesh.MeshError as e:
         said = type(e).__name__
+    if r in (0, 2):
+        world.send(r, 1, tag=91)
     C.barrier(world, timeout=30)
     return said, _every_op_after(g)
 

@@ -341,26 +341,42 @@ def test_two_nodes_share_one_rendezvous(tmp_path: Path) -> None:
     (("--no-python", "no-such-program-here"), "no such program (not a file, nor on PATH)"),
     (("--log-dir", str(WORKER), str(WORKER)), "not a directory"),
 ])
-def test_usage_errors(args: tuple[str, ...], message: str) -> None:
-    r = meshrun(*args)
-    assert r.returncode == 2
-    assert message in r.stderr
+def test_usage_errors(args: tuple[str, ...], message: str, monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (as tests/test_tools_args.py calls the tools' main):
+    each is refused before anything starts, and a meshrun of its own cost
+    the interpreter's start-up and mesh's imports, 13 times."""
+    from mesh.launch import main
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("MESH_SECRET", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main(list(args))
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
 
 
-def test_no_python_says_why_a_file_that_is_there_cannot_run(tmp_path: Path) -> None:
+def test_no_python_says_why_a_file_that_is_there_cannot_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """A script without its x bit, or one in the current directory named
-    without ./, was 'no such program (not a file, nor on PATH)'."""
+    without ./, was 'no such program (not a file, nor on PATH)'. (Usage
+    errors, refused in this process as in test_usage_errors.)"""
+    from mesh.launch import main
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as stop:
+            main(["--no-python", *args])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, err
+        return err
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "job.sh").write_text("#!/bin/sh\necho hi\n")
     for args, message in ((("./job.sh",), "./job.sh: not executable (chmod +x ./job.sh)"),
                           (("job.sh",), "job.sh: not executable (chmod +x job.sh)")):
-        r = subprocess.run(_cmd("--no-python", *args), cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=20)
-        assert r.returncode == 2 and message in r.stderr, r.stderr
+        err = refused(*args)
+        assert message in err, err
     (tmp_path / "job.sh").chmod(0o755)
-    r = subprocess.run(_cmd("--no-python", "job.sh"), cwd=tmp_path, env=_env(),
-                       capture_output=True, text=True, timeout=20)
-    assert r.returncode == 2, r.stderr
-    assert "job.sh: not on PATH; give ./job.sh to run the file here" in r.stderr
+    assert "job.sh: not on PATH; give ./job.sh to run the file here" in refused("job.sh")
 
 
 MESH_SCRIPT = SCRIPTS / "launch_mesh.py"
@@ -451,8 +467,9 @@ def test_an_error_that_says_nothing_is_named_without_a_dangling_colon(
                       "        w.recv(src=1)\n"
                       "    if w.rank == 1:\n"
                       "        signal.setitimer(signal.ITIMER_REAL, 0.5)  # (inside the call)\n"
-                      "    else:\n"
-                      "        time.sleep(2)\n"
+                      "    else:        # (comes once rank 1 is gone, not after a fixed 2 s)\n"
+                      "        while w._t.peer_state(1) == 'alive':\n"
+                      "            time.sleep(0.01)\n"
                       "    C.all_reduce(w, np.ones(1))\n")
     r = meshrun("-n", "2", str(script), where)
     assert r.returncode == 130, r.stderr
@@ -500,8 +517,9 @@ def test_a_rank_interrupted_in_a_collective_is_a_lost_peer_to_the_others(
                       "    C.broadcast_object(w, 'hi')    # (leaves a watch)\n"
                       "    if w.rank == 1:\n"
                       "        signal.setitimer(signal.ITIMER_REAL, 0.5)  # (inside the call)\n"
-                      "    elif w.rank == 2:\n"
-                      "        time.sleep(2)\n"
+                      "    elif w.rank == 2:    # (once rank 1 is gone, not after a fixed 2 s)\n"
+                      "        while w._t.peer_state(1) == 'alive':\n"
+                      "            time.sleep(0.01)\n"
                       "    try:\n"
                       "        C.all_reduce(w, np.ones(1))\n"
                       "    except mesh.MeshError as e:\n"
@@ -702,23 +720,28 @@ def test_a_rank_that_finishes_late_is_not_reported_lost() -> None:
     """Rank 0 works on (as if saving a checkpoint) longer than the peer
     timeout after the last collective, while rank 1 waits in its close:
     both keep beating, so nobody is reported lost and the job succeeds."""
-    r = meshrun("-n", "2", str(FAIL_SCRIPT), "late", "4", MESH_PEER_TIMEOUT="2")
+    r = meshrun("-n", "2", str(FAIL_SCRIPT), "late", "3", MESH_PEER_TIMEOUT="2")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "lost peer" not in out and "silent" not in out, out
 
 
-def test_a_world_the_open_files_limit_cannot_hold_is_a_usage_error() -> None:
+def test_a_world_the_open_files_limit_cannot_hold_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
     """-n past what the hard limit on open files allows each rank (five a
     peer) is refused before any worker starts, not warned about while
-    thousands start."""
+    thousands start. (In this process, as test_usage_errors: a meshrun
+    started here inherits this process's limit.)"""
+    from mesh.launch import main
     from mesh.limits import hard_open_files
     hard = hard_open_files()
     if hard is None:
         pytest.skip("no hard limit on open files here")
-    r = meshrun("-n", str(hard // 4 + 1), str(WORKER))
-    assert r.returncode == 2, r.stderr
-    assert "open files a rank" in r.stderr and f"the hard limit is {hard}" in r.stderr
+    with pytest.raises(SystemExit) as stop:
+        main(["-n", str(hard // 4 + 1), str(WORKER)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert "open files a rank" in err and f"the hard limit is {hard}" in err
 
 
 def test_a_lost_peer_that_ddp_rethrew_is_a_consequence_not_the_root_cause() -> None:

@@ -290,7 +290,9 @@ def _times_out_mid_read(world: mesh.Mesh) -> tuple:
     """A receive whose bytes are still being read out of its sender's memory
     (by the progress thread: a large array under load) when its wait's
     timeout runs out waits for them: it raised MeshTimeoutError 1 s past its
-    timeout with half of its out= written, and the next wait returned it."""
+    timeout with half of its out= written, and the next wait returned it.
+    The rest is read 1 s after that wait began (0.9 s past its timeout),
+    not after a fixed 2 s."""
     if world.rank == 1:
         _answered(world, 0)
         world.recv(0, tag=99)
@@ -299,13 +301,17 @@ def _times_out_mid_read(world: mesh.Mesh) -> tuple:
         return ()
     real = mesh.reader.cma.read_errno
     halfway: list[int] = []
+    waiting: list[float] = []                            # when the wait below began
 
     def slow(pid: int, addr: int, dst: np.ndarray) -> int:
         if dst.nbytes < 64 << 10:                        # (the probe's token)
             return real(pid, addr, dst)
         err = real(pid, addr, dst.reshape(-1).view(np.uint8)[: dst.nbytes // 2])
         halfway.append(err)
-        time.sleep(2.0)                                  # half now, the rest 2 s later
+        deadline = time.monotonic() + 10                 # half now, the rest once the
+        while (not waiting or time.monotonic() < waiting[0] + 1.0) \
+                and time.monotonic() < deadline:         # wait's timeout is well past
+            time.sleep(0.01)
         return err or real(pid, addr, dst)
 
     mesh.reader.cma.read_errno = slow                    # type: ignore[assignment]
@@ -316,6 +322,7 @@ def _times_out_mid_read(world: mesh.Mesh) -> tuple:
     while not halfway and time.monotonic() < deadline:
         time.sleep(0.01)                                 # the progress thread reads it
     try:
+        waiting.append(time.monotonic())
         got = req.wait(timeout=0.1)
     finally:
         mesh.reader.cma.read_errno = real                # type: ignore[assignment]
@@ -328,15 +335,19 @@ def test_a_wait_timing_out_mid_read_waits_for_the_whole_array() -> None:
     assert mesh.spawn(_times_out_mid_read, 2, timeout=40)[0] == (True, True, False)
 
 
-def _send_times_out_unread(world: mesh.Mesh) -> str:
+def _send_times_out_unread(world: mesh.Mesh, flag: str) -> str:
     """A direct send that times out before its receiver read it says so: it
-    blamed ZeroMQ holding its buffer, which holds nothing on this path."""
+    blamed ZeroMQ holding its buffer, which holds nothing on this path. The
+    receiver reads once the sender's send has timed out (``flag``), not
+    after a fixed 1.5 s."""
     if world.rank == 1:
         real = mesh.reader.cma.read_errno
 
         def slow(pid: int, addr: int, dst: np.ndarray) -> int:
-            if dst.nbytes >= 64 << 10:
-                time.sleep(1.5)                          # a receiver not reading yet
+            deadline = time.monotonic() + 20
+            while (dst.nbytes >= 64 << 10 and not os.path.exists(flag)
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)                         # a receiver not reading yet
             return real(pid, addr, dst)
 
         mesh.reader.cma.read_errno = slow                # type: ignore[assignment]
@@ -350,12 +361,13 @@ def _send_times_out_unread(world: mesh.Mesh) -> str:
     world.recv(1, tag=99)
     with pytest.raises(mesh.MeshTimeoutError) as e:
         world.send(_big(1), 1, tag=1, timeout=0.3)       # direct (probed at start)
+    Path(flag).touch()
     return str(e.value)
 
 
 @pytest.mark.timeout(60)
-def test_a_direct_send_timing_out_unread_names_the_reader_not_zeromq() -> None:
-    text, got = mesh.spawn(_send_times_out_unread, 2, timeout=40)
+def test_a_direct_send_timing_out_unread_names_the_reader_not_zeromq(tmp_path: Path) -> None:
+    text, got = mesh.spawn(_send_times_out_unread, 2, str(tmp_path / "timed-out"), timeout=40)
     assert got == "whole"
     assert text.startswith("rank 0: send to rank 1 (tag 1, group world) timed out after 0.3s "
                            "before rank 1 read it out of this rank's memory"), text
