@@ -823,10 +823,11 @@ class Job:
         the model's own keys, unsharded) into this rank's stages: each takes
         its own entries, and with tp its own shards of them (no message).
         Keys the model lacks raise, as torch's ``load_state_dict`` does
-        (``strict=False`` ignores them; a missing key raises either way). A
-        tensor the model holds under several names (tied weights) takes, on
-        every stage holding a copy, the value of its last name in the
-        model's order, the one torch's load leaves in one process."""
+        (``strict=False`` ignores them; a missing key raises either way, on
+        every rank, before any loads). A tensor the model holds under
+        several names (tied weights) takes, on every stage holding a copy,
+        the value of its last name given in the model's order, the one
+        torch's load leaves in one process; one of its names is enough."""
         unexpected = [k for k in state if k not in self._expected]
         if strict and self._expected and unexpected:
             raise KeyError(f"rank {self.grid.comm.rank}: load_state_dict: "
@@ -834,15 +835,17 @@ class Job:
                            f" not in the model (a checkpoint of another model?); "
                            f"strict=False ignores them")
         rank = self.grid.comm.rank
-        if not self.is_torch:   # every rank knows every key, and its stages' shapes: all
-            # are checked before anything is loaded (a (1,) bias for an (8,) one was
-            # broadcast into it, with nothing said; a missing key raised on its stage's
-            # ranks only, after the others had loaded theirs)
-            missing = [k for k in sorted(self._expected) if k not in state]
-            if missing:
-                raise KeyError(f"rank {rank}: load_state_dict: "
-                               f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
-                               f"of the model not in the state given")
+        state = self._named_once(state)
+        # every rank knows every key: a missing one raises on all before any loads (it
+        # raised on its stage's ranks only, after the others had loaded theirs, which then
+        # waited in their next step for the ranks that had raised)
+        missing = [k for k in sorted(self._expected) if k not in state]
+        if missing:
+            raise KeyError(f"rank {rank}: load_state_dict: "
+                           f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                           f"of the model not in the state given")
+        if not self.is_torch:   # and its stages' shapes: all are checked before anything is
+            # loaded (a (1,) bias for an (8,) one was broadcast into it, with nothing said)
             for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
                 mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
                 for name, layer in zip(mine, st.layers):
@@ -887,6 +890,25 @@ class Job:
             with torch.no_grad():
                 for k, v in self._rest.items():
                     v.copy_(state[k])
+
+    def _named_once(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with each tensor the model holds under several names
+        (an embedding tied to its head) under every one of them where the
+        state names it once (Hugging Face's checkpoints keep a tied weight
+        under one name): the value of its last name given, as
+        ``load_state_dict`` takes for each."""
+        if not self._aliases:
+            return state
+        names: dict[str, list[str]] = {}        # first key -> every key of its tensor
+        for k, first in self._aliases.items():
+            names.setdefault(first, [first]).append(k)
+        out = dict(state)
+        for keys in names.values():
+            given = [k for k in keys if k in state]
+            for k in keys:
+                if given and k not in state:
+                    out[k] = state[given[-1]]
+        return out
 
     def state_dict(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The whole model's state on world rank 0 (None elsewhere), keyed

@@ -155,6 +155,10 @@ def split_microbatches(batch: Any, m: int) -> list[Any]:
     if isinstance(batch, tuple):
         rows_of(batch)
         return list(zip(*(split_microbatches(part, m) for part in batch)))
+    if isinstance(batch, dict):     # (sliced as a dict: "unhashable type: 'slice'")
+        raise TypeError(f"a batch is an array, a tensor or a tuple of them (a model of "
+                        f"several inputs takes them as a tuple, in its forward's order), not "
+                        f"a dict ({', '.join(map(str, list(batch)[:4]))})")
     n = len(batch)
     if n < m:
         raise ValueError(f"a batch of {n} rows cannot be cut into {m} micro-batches")

@@ -328,12 +328,16 @@ def _check_heads(named: dict[str, Any], todo: dict[str, tuple[Any, Style]], tp: 
         meta = getattr(sub, "_tp", None)
         rewritten = set(own[1].attrs if own else ()) | set(meta.style.attrs if meta else ())
         size = next((vars(sub)[a] for a in HEAD_SIZES if type(vars(sub).get(a)) is int), None)
+        # counts divided by hand are all divided so; where the plan rewrites one, the
+        # others are not (grouped-query attention at tp = heads / kv_heads: the whole
+        # kv_heads * head_dim is q's shard width, and passed for a divided count)
+        by_hand = not rewritten & set(HEAD_COUNTS)
         for attr in HEAD_COUNTS:
             count = vars(sub).get(attr)
             if type(count) is not int or attr in rewritten:
                 continue
-            if size is not None and (count * size in {w // tp for w in cut.values()}
-                                     or count * size not in cut.values()):
+            shard = count * size in {w // tp for w in cut.values()} if size else False
+            if size is not None and ((by_hand and shard) or count * size not in cut.values()):
                 continue        # this rank's count already, or no projection's
             names = list(cut)
             entry = (f"\"{name}\": (\"replicate\", {{\"{attr}\": lambda n, tp: n // tp}})"

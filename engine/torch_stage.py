@@ -269,6 +269,7 @@ class TorchStage:
         """Note which parts of a tuple ``out``, computed with autograd
         recording, need no gradient (what a recomputing forward, without a
         graph, cannot tell)."""
+        _flat(out)
         if isinstance(out, tuple):
             self._fixed = tuple(i for i, o in enumerate(out) if not _needs_grad(o))
 
@@ -276,7 +277,7 @@ class TorchStage:
         """What the next stage gets: ``out`` detached (a tuple as Parts, its
         parts that need no gradient as last learned, else the non-floating
         ones)."""
-        if not isinstance(out, tuple):
+        if not isinstance(_flat(out), tuple):
             return out.detach()
         fixed = self._fixed if self._fixed is not None else [
             i for i, o in enumerate(out) if o is None or not o.is_floating_point()]
@@ -474,6 +475,23 @@ def _leaves(h: Any) -> tuple[Any, Any]:
         return t, t
     t = h.detach().requires_grad_(True) if h.is_floating_point() else h
     return t, t
+
+
+def _flat(out: Any) -> Any:
+    """``out``, a stage's output: a tensor, or a tuple of tensors (None
+    allowed) that crosses to the next stage part by part. Anything else
+    (a tuple inside it) raises, saying so, where it failed later on an
+    attribute of a tensor ("'tuple' object has no attribute 'detach'")."""
+    torch = _torch()
+    parts = out if isinstance(out, tuple) else (out,)
+    for i, o in enumerate(parts):
+        if o is not None and not isinstance(o, torch.Tensor):
+            where = f"part {i} of its output (a tuple)" if isinstance(out, tuple) else \
+                "its output"
+            raise TypeError(f"a stage's {where} is a {type(o).__name__}: a stage hands the "
+                            f"next one a tensor or a flat tuple of tensors; return the "
+                            f"tensors in the tuple itself")
+    return out
 
 
 class Parts(tuple):

@@ -107,6 +107,35 @@ def _leaves(out: Any) -> list[Any]:
     return []
 
 
+def _items(m: Any) -> int | None:
+    """How many items a module without parameters or submodules (a leaf
+    of the trace: called whole) returns as a tuple or a list, found by
+    tracing its own forward (buffers as proxies: nothing changes); None
+    where it returns something else or cannot be traced (what its forward
+    sets on the module, a cache, is put back). Modules with
+    parameters are layers, whose outputs the model's code takes apart
+    itself where it must."""
+    import torch.fx as fx
+    if next(m.parameters(), None) is not None or next(m.children(), None) is not None:
+        return None
+
+    class Quiet(fx.Tracer):
+        proxy_buffer_attributes = True
+
+    kept, buffers = dict(vars(m)), dict(m._buffers)
+    try:
+        graph = Quiet().trace(m)
+    except Exception:
+        return None
+    finally:        # what its forward set on itself, a proxy among it, put back
+        vars(m).clear()
+        vars(m).update(kept)
+        m._buffers.clear()
+        m._buffers.update(buffers)
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    return len(out) if isinstance(out, (tuple, list)) else None
+
+
 def _inputs(n: Any) -> list[Any]:
     return list(n.all_input_nodes)
 
@@ -151,6 +180,8 @@ def _piece(model: Any, nodes: list[Any], ins: list[Any], outs: list[Any], name: 
         env[ins[0]] = g.placeholder(ins[0].name if ins[0].op == "placeholder" else "x")
     else:
         packed = g.placeholder("xs")
+        if all(m.op == "placeholder" for m in ins):     # the model's own inputs: checked
+            packed = g.call_function(_given, (packed, tuple(m.name for m in ins)))
         for i, m in enumerate(ins):
             env[m] = g.call_function(operator.getitem, (packed, i))
     for ph in extra:
@@ -174,6 +205,20 @@ def _piece(model: Any, nodes: list[Any], ins: list[Any], outs: list[Any], name: 
         if attr in getattr(model.get_submodule(path), "_non_persistent_buffers_set", ()):
             gm.get_submodule(path)._non_persistent_buffers_set.add(attr)
     return gm
+
+
+def _given(xs: Any, names: tuple[str, ...]) -> Any:
+    """The first piece's input: a tuple of the inputs the forward was
+    traced with (``names``), else a TypeError that says so (a tuple of
+    more ran without the rest, position ids left out with no word; a
+    tensor alone failed on an index)."""
+    if isinstance(xs, (tuple, list)) and len(xs) == len(names):
+        return xs
+    got = (f"a tuple of {len(xs)}" if isinstance(xs, (tuple, list))
+           else f"one {type(xs).__name__}")
+    raise TypeError(f"the model's forward was traced with {len(names)} inputs "
+                    f"({', '.join(names)}; sample= a tuple of them), which each step takes as "
+                    f"one tuple of as many: got {got}")
 
 
 _TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names
@@ -297,10 +342,16 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
 
         def call_module(self, m: Any, forward: Any, args: Any, kwargs: Any) -> Any:
             try:
-                self.path_of_module(m)
+                path = self.path_of_module(m)
             except NameError:   # made in the forward (Hugging Face's loss_fct =
                 return forward(*args, **kwargs)     # CrossEntropyLoss()): its code traced
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            k = _items(m) if self.is_leaf_module(m, path) else None
+            # a tuple (Hugging Face's rotary (cos, sin), passed whole to every block):
+            # its items, each a tensor that may cross a cut (the tuple crossed as one
+            # part, and the stage took it for a tensor: "'tuple' object has no
+            # attribute 'requires_grad'")
+            return out if k is None else tuple(out[i] for i in range(k))
 
         def create_node(self, kind: str, target: Any, args: Any, kwargs: Any,
                         name: str | None = None, type_expr: Any = None) -> Any:
@@ -710,12 +761,17 @@ _NOT_TENSORS = {"size", "dim", "numel", "item", "tolist", "stride", "element_siz
 def _tensor_valued(nodes: list[Any]) -> set[Any]:
     """The nodes whose value is surely a tensor, found without running the
     graph: the input, a submodule's output (a tuple's items where it is
-    taken apart by indexing), a parameter, and an operation on a tensor
+    taken apart by indexing), a parameter, an operation on a tensor
     other than those that read its size, shape, dtype or device (an int
-    computed from a size is not one; a tensor made from sizes alone,
-    ``torch.arange(t)``, is left out too: no cut after it, which is safe)."""
+    computed from a size is not one), and a tensor made from sizes alone
+    (``torch.arange(t)``: Hugging Face's position ids where none are
+    given, read by every layer; left out, no layers were cut apart)."""
     import builtins
     import operator
+
+    import torch
+    made = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.eye,
+            torch.linspace, torch.logspace, torch.tril_indices, torch.triu_indices}
     out: set[Any] = set()
     tuples: set[Any] = set()    # modules returning a tuple, taken apart
     for n in nodes:
@@ -734,7 +790,7 @@ def _tensor_valued(nodes: list[Any]) -> set[Any]:
             args = _inputs(n)
             if n.target is operator.getitem:      # a tensor's item, not a size's
                 args = args[:1]
-            if any(m in out for m in args):
+            if any(m in out for m in args) or n.target in made:
                 out.add(n)
     return out
 

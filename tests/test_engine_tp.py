@@ -888,15 +888,25 @@ def _heads_left_worker(world):
     torch.set_num_threads(1)
     out = {}
     left = {"*.attn.[qkv]": "colwise", "*.attn.o": "rowwise"}
+    heads = {"*.attn": ("replicate", {"num_heads": tp_models._heads}), **left}
+    both = {"*.attn": ("replicate", {"num_heads": tp_models._heads,
+                                     "num_key_value_heads": tp_models._heads}), **left}
     for key, plan in [("left", left),
                       ("gathered", {"*.attn.[qkv]": {"style": "colwise", "output": "replicate"}}),
-                      ("rewritten", tp_models.PLAIN), ("sized", left), ("by hand", left)]:
+                      ("rewritten", tp_models.PLAIN), ("sized", left), ("by hand", left),
+                      ("gqa", heads), ("gqa rewritten", both), ("gqa by hand", left)]:
         model = tp_models.model(1)
         for block in model[1:-1]:
             if key in ("sized", "by hand"):   # it keeps its head size (torchtitan's way)
                 block.attn.head_dim = tp_models.DIM // tp_models.HEADS
             if key == "by hand":              # and its count is divided before parallelize
                 block.attn.num_heads //= world.size
+            if key.startswith("gqa"):   # 4 heads, 2 of k and v: k's whole width is q's shard's
+                a = block.attn
+                a.num_heads, a.num_key_value_heads, a.head_dim = 4, 2, tp_models.DIM // 4
+                a.k, a.v = (torch.nn.Linear(tp_models.DIM, tp_models.DIM // 2) for _ in "kv")
+                if key == "gqa by hand":
+                    a.num_heads, a.num_key_value_heads = 2, 1
         try:
             parallelize(model, world, plan, strict=False)
             out[key] = model[1].attn.num_heads
@@ -919,6 +929,11 @@ def test_a_head_count_left_whole_beside_sharded_projections_is_refused():
             assert "1.attn.q, 1.attn.k, 1.attn.v are sharded colwise" in out[key], out
             assert "leaves 1.attn.num_heads = 2" in out[key], out
         assert out["gathered"] == 2 and out["rewritten"] == 1 and out["by hand"] == 1, out
+        # grouped-query attention, its num_heads rewritten and num_key_value_heads left: at
+        # tp = heads / kv_heads that count passed for one divided by hand, and the forward
+        # failed in a view, blamed on the width ("width": "shard")
+        assert "leaves 1.attn.num_key_value_heads = 2" in out["gqa"], out
+        assert out["gqa rewritten"] == 2 and out["gqa by hand"] == 2, out
 
 
 def _clip_worker(world):

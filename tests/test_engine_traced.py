@@ -16,6 +16,7 @@ nn, F = torch.nn, torch.nn.functional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
 import nanogpt_tp as nanogpt  # noqa: E402
+from engine.torch_stage import TorchStage  # noqa: E402
 
 CFG = nanogpt.GPTConfig(block_size=8, vocab_size=16, n_layer=3, n_head=2, n_embd=8)
 STEPS, LR, ROWS = 3, 0.1, 4
@@ -589,6 +590,45 @@ class _HFTuples(_HF):
         return {"logits": logits, "loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten())}
 
 
+class _Rotary(nn.Module):      # no parameters: Hugging Face's rotary embedding, (cos, sin)
+    def __init__(self, w):
+        super().__init__()
+        self.register_buffer("inv_freq", 0.5 ** torch.arange(w), persistent=False)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(x.dtype)
+        return freqs.cos(), freqs.sin()
+
+
+class _RotaryBlock(_HFBlock):
+    def forward(self, hidden, bias, position_ids=None, position_embeddings=None):
+        cos, sin = position_embeddings
+        return super().forward(hidden * cos + hidden.flip(-1) * sin, bias)
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x, (x, x)
+
+
+class _HFRotary(_HF):      # Llama's: the pair made once, passed whole to every layer, and
+    # the position ids made from the length where none are given (torch.arange)
+    def __init__(self, w=6, vocab=7, blocks=3):
+        super().__init__(w, vocab, blocks)
+        self.layer = nn.ModuleList(_RotaryBlock(w) for _ in range(blocks))
+        self.rotary_emb = _Rotary(w)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        hidden = self.embeddings(input_ids)
+        bias = (1.0 - attention_mask[:, :, None].to(hidden.dtype)) * -0.5
+        pos = torch.arange(input_ids.shape[1], device=hidden.device).unsqueeze(0)
+        pe = self.rotary_emb(hidden, pos)
+        for block in self.layer:
+            hidden = block(hidden, bias, position_ids=pos, position_embeddings=pe)
+        logits = self.classifier(hidden)
+        return {"logits": logits, "loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
 def _skip_data(kind, step):
     g = torch.Generator().manual_seed(step)
     if kind == "hf":
@@ -639,6 +679,12 @@ def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
     (ids, mask), labels = _skip_data("hf", 0)
     seq = engine.sequential(model, target=True, inputs=2)
     assert len(seq) == 4 and list(seq[0].graph.nodes)[0].name == "xs"
+    # a step given more inputs than were traced ran without the rest (position ids
+    # dropped with no word); one tensor alone failed on an index
+    for given, got in (((ids, mask, mask), "a tuple of 3"), (ids, "one Tensor")):
+        with pytest.raises(TypeError, match=r"traced with 2 inputs \(input_ids, "
+                                            rf"attention_mask; .*: got {got}"):
+            seq[0](given)
     torch.testing.assert_close(seq.loss(seq((ids, mask)), labels),
                                model(ids, mask, labels)["loss"], rtol=0, atol=0)
     parts = engine.partition(model, 2, balance="time", sample=(ids, mask))
@@ -652,6 +698,22 @@ def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
         "_HFTuples[layer.layer.2]", "_HFTuples[classifier]"]
     torch.testing.assert_close(seq.loss(seq((ids, mask)), labels),
                                tuples(ids, mask, labels)["loss"], rtol=0, atol=0)
+    torch.manual_seed(0)
+    rotary = _HFRotary().double()     # a module's (cos, sin) read by every layer: its items
+    seq = engine.sequential(rotary, target=True, inputs=2)     # cross the cuts, each a part,
+    # as do the position ids made by torch.arange (taken for no tensor: no cut between layers)
+    assert [p.__class__.__name__ for p in seq] == [
+        "_HFRotary[embeddings..layer.0]", "_HFRotary[layer.1]", "_HFRotary[layer.2]",
+        "_HFRotary[classifier]"]
+    x = (ids, mask)
+    for piece in seq[:-1]:      # (the pair crossed as one part, which the next stage took
+        x, _ = TorchStage(piece).forward(x)     # for a tensor: "'tuple' object has no
+        assert all(isinstance(v, torch.Tensor) for v in x)      # attribute 'requires_grad'")
+    torch.testing.assert_close(seq.loss(seq[-1](x), labels),
+                               rotary(ids, mask, labels)["loss"], rtol=0, atol=0)
+    nested = nn.Sequential(nn.Linear(2, 2), _Pair())      # a stage of one's own: told why
+    with pytest.raises(TypeError, match=r"part 1 of its output \(a tuple\) is a tuple: a "):
+        TorchStage(nested).forward(torch.ones(1, 2))
     with pytest.raises(TypeError, match=r"takes 2 input\(s\) besides its target 'labels', "
                                         r"not 3"):
         engine.sequential(model, target=True, inputs=3)
@@ -660,6 +722,8 @@ def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
         engine.sequential(model)
     with pytest.raises(ValueError, match=r"the parts of a tuple batch have \[3, 4\] rows"):
         engine.split_microbatches((ids, mask[:3]), 2)
+    with pytest.raises(TypeError, match=r"a tuple of them .*not a dict \(input_ids, "):
+        engine.split_microbatches({"input_ids": ids, "attention_mask": mask}, 2)   # model(**b)
 
 
 def _skip_worker(world):
