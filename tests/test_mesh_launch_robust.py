@@ -254,7 +254,7 @@ def test_a_node_stopped_before_its_ranks_join_fails_the_other_node_at_once() -> 
     assert procs[0].returncode == 1, errs[0]
     assert re.search(r"peer rank [23] is gone: it ended \(killed by SIGTERM, stopped by node 1's "
                      r"meshrun\) before the mesh was complete", errs[0]), errs[0]
-    assert took < 15, (took, errs[0])
+    assert took < 30, (took, errs[0])
 
 
 def test_a_node_that_dies_is_named_as_the_root_cause_on_the_other() -> None:
@@ -305,7 +305,7 @@ def test_a_node_stopped_mid_job_stops_the_other_node_busy_outside_mesh_calls() -
     assert procs[1].returncode == 1, errs[1]
     assert re.search(r"meshrun: rank [01] of node 0 was lost \(rank [23] here: .*\); its "
                      r"node's meshrun reports why; stopped every rank here", errs[1]), errs[1]
-    assert took < 10, (took, errs[1])
+    assert took < 30, (took, errs[1])
 
 
 STOPS = """
