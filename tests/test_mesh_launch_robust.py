@@ -231,6 +231,27 @@ def test_a_node_whose_rank_ends_before_it_joins_fails_the_other_node_at_once() -
     assert time.monotonic() - t0 < 30
 
 
+def _interrupted(procs: list[subprocess.Popen[str]], node: int,
+                 ready: list[subprocess.Popen[str]], word: str) -> list[str]:
+    """Once both ranks of each node in ``ready`` have said ``word`` (their
+    other lines read past), Ctrl-C at ``node``'s meshrun, which exits 130,
+    and the other node 1, every node within 30 s (the failures these tests
+    catch waited 60-120 s): every node's stderr."""
+    for p in ready:
+        assert p.stdout is not None
+        said: list[str] = []
+        while sum(word in s for s in said) < 2:
+            said.append(p.stdout.readline())
+            assert said[-1], said       # (it ended first)
+    t0 = time.monotonic()
+    procs[node].send_signal(signal.SIGINT)
+    errs = [p.communicate(timeout=40)[1] for p in procs]
+    took = time.monotonic() - t0
+    assert [p.returncode for p in procs] == [130 if i == node else 1 for i in (0, 1)], errs
+    assert took < 30, (took, errs)
+    return errs
+
+
 def test_a_node_stopped_before_its_ranks_join_fails_the_other_node_at_once() -> None:
     """Ctrl-C on node 1 while its ranks have not joined yet (a slow start):
     its meshrun told the rendezvous nothing of the ranks it stopped itself,
@@ -243,18 +264,11 @@ def test_a_node_stopped_before_its_ranks_join_fails_the_other_node_at_once() -> 
         port = _port(procs[0])
         procs.append(_start(*_node(1, port), MESH_SECRET="job",
                             MESH_TEST_SLEEP_BEFORE_INIT="60"))
-        time.sleep(2)           # node 1's ranks run (and sleep)
-        t0 = time.monotonic()
-        procs[1].send_signal(signal.SIGINT)
-        errs = [p.communicate(timeout=40)[1] for p in procs]
-        took = time.monotonic() - t0
+        errs = _interrupted(procs, 1, [procs[1]], "sleeps before init")
     finally:
         _end(procs)
-    assert procs[1].returncode == 130, errs[1]
-    assert procs[0].returncode == 1, errs[0]
     assert re.search(r"peer rank [23] is gone: it ended \(killed by SIGTERM, stopped by node 1's "
                      r"meshrun\) before the mesh was complete", errs[0]), errs[0]
-    assert took < 30, (took, errs[0])
 
 
 def test_a_node_that_dies_is_named_as_the_root_cause_on_the_other() -> None:
@@ -291,21 +305,11 @@ def test_a_node_stopped_mid_job_stops_the_other_node_busy_outside_mesh_calls() -
     try:
         port = _port(procs[0])
         procs.append(_start(*_node(1, port, "--settle", "0.5"), **slow))
-        for p in procs:             # every rank is in its sleep
-            assert p.stdout is not None
-            said = [p.stdout.readline() for _ in range(4)]
-            assert sum("sleeps" in s for s in said) == 2, said
-        t0 = time.monotonic()
-        procs[0].send_signal(signal.SIGINT)
-        errs = [p.communicate(timeout=40)[1] for p in procs]
-        took = time.monotonic() - t0
+        errs = _interrupted(procs, 0, procs, "sleeps")
     finally:
         _end(procs)
-    assert procs[0].returncode == 130, errs[0]
-    assert procs[1].returncode == 1, errs[1]
     assert re.search(r"meshrun: rank [01] of node 0 was lost \(rank [23] here: .*\); its "
                      r"node's meshrun reports why; stopped every rank here", errs[1]), errs[1]
-    assert took < 30, (took, errs[1])
 
 
 STOPS = """

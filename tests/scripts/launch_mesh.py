@@ -16,7 +16,10 @@ _EXITS = dict(e.split(":") for e in os.environ.get("MESH_TEST_EXIT_BEFORE_INIT",
               if e)
 if os.environ.get("RANK") in _EXITS:
     sys.exit(int(_EXITS[os.environ["RANK"]]))
-time.sleep(float(os.environ.get("MESH_TEST_SLEEP_BEFORE_INIT", "0")))
+if float(os.environ.get("MESH_TEST_SLEEP_BEFORE_INIT", "0")):
+    sys.stdout.write(f"rank {os.environ.get('RANK')} sleeps before init\n")
+    sys.stdout.flush()
+    time.sleep(float(os.environ["MESH_TEST_SLEEP_BEFORE_INIT"]))
 
 import numpy as np
 
