@@ -51,10 +51,15 @@ def _tell_launcher(me: int, rank: int, why: str) -> None:
     from .env import by_mesh
     if not by_mesh():   # (a launcher started inside a meshrun rank: not meshrun's)
         return
-    try:
-        with open(os.path.join(folder, f"lost.{me}"), "x") as f:
+    final = os.path.join(folder, f"lost.{me}")
+    if os.path.exists(final):
+        return          # (the first loss it saw: the one meshrun names)
+    part = os.path.join(folder, f".lost.{me}.{rank}")
+    try:        # (whole or not at all: meshrun read an empty file it had just made)
+        with open(part, "w") as f:
             f.write(f"rank {rank} of node {rank // int(per_node)} was lost (rank {me} here: "
                     f"{why})")
+        os.replace(part, final)
     except OSError:
         pass
 
