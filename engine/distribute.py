@@ -850,13 +850,11 @@ class Job:
                 mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
                 for name, layer in zip(mine, st.layers):
                     for j, want in enumerate(full_shapes(layer)):
-                        got = tuple(np.shape(state.get(f"{name}.{j}", want)))
+                        got = tuple(np.shape(state[f"{name}.{j}"]))
                         if got != want:
                             raise ValueError(f"rank {rank}: load_state_dict: {name}.{j} is "
                                              f"{got} in the state given, but {want} in the "
                                              f"model (stage {s})")
-        last = {first: k for k, first in self._aliases.items() if k in state}
-        state = {k: state[last.get(self._aliases.get(k, k), k)] for k in state}
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
             if self.is_torch:       # the stage's own keys, and the model's for each
@@ -893,10 +891,10 @@ class Job:
 
     def _named_once(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with each tensor the model holds under several names
-        (an embedding tied to its head) under every one of them where the
-        state names it once (Hugging Face's checkpoints keep a tied weight
-        under one name): the value of its last name given, as
-        ``load_state_dict`` takes for each."""
+        (an embedding tied to its head) under every one of them, each the
+        value of its last name given in the model's order (what torch's load
+        leaves in one process; Hugging Face's checkpoints name a tied weight
+        once)."""
         if not self._aliases:
             return state
         names: dict[str, list[str]] = {}        # first key -> every key of its tensor
@@ -906,7 +904,7 @@ class Job:
         for keys in names.values():
             given = [k for k in keys if k in state]
             for k in keys:
-                if given and k not in state:
+                if given:
                     out[k] = state[given[-1]]
         return out
 

@@ -708,7 +708,7 @@ class _Step:
         self.gys: dict[_Key, Any] = {}
         self.outs: dict[_Key, Any] = {}
         self.ctxs: dict[_Key, Any] = {}
-        self.in_shapes: dict[_Key, Any] = {}   # each forward's input's (_shapes), for _backward
+        self.in_shapes: dict[_Key, Any] = {}   # each forward's input's (_shapes)
         self.wctxs: dict[_Key, Any] = {}
         self.targets: list[Any] = []
         self.weights: list[float] = []
@@ -803,7 +803,6 @@ class _Step:
         """Execute one action; return its flow direction for the trace."""
         pipe, sched = self.pipe, self.pipe.schedule
         if a.kind in (F, B, I, W):
-            given = _shapes(self.xs.get(_key(a))) if a.kind == F else None
             try:
                 if a.kind == F:
                     self._forward(a)
@@ -812,7 +811,8 @@ class _Step:
                 else:
                     self._backward(a)
             except Exception as e:
-                _noted(e, self._computing(a, given))
+                _noted(e, self._computing(a, self.in_shapes.get(_key(a)) if a.kind == F
+                                          else None))
                 raise
         elif a.kind in (SEND_F, SEND_B):
             dst, tag = sched.rank_of(message_key(a)[2]), pipe._tag(a, self.n)
@@ -918,12 +918,13 @@ class _Step:
         if last:
             forget_exits()
         x = self.xs.pop((s, k))
+        # (taken once: what its input gradient must be, checked in _backward, and what
+        # an error in the forward notes)
+        self.in_shapes[(s, k)] = _shapes(x)
         if self.forward_only:
             y = _forward_only(pipe.stages[s], x)
         else:
             y, self.ctxs[(s, k)] = pipe.stages[s].forward(x)
-            if s > 0:       # what its input gradient must be (checked in _backward)
-                self.in_shapes[(s, k)] = _shapes(x)
         split = split_by() if last else None
         if split is not None:
             self._split_output(a, *split)
@@ -1007,7 +1008,7 @@ class _Step:
         else:
             gx, self.wctxs[(s, k)] = stage.backward_input(ctx, gy)
         want = self.in_shapes.pop((s, k), None)
-        if want is not None and gx is not None and not _fits(_shapes(gx), want):
+        if s > 0 and want is not None and gx is not None and not _fits(_shapes(gx), want):
             # (else numpy broadcast it through the stage before: a (rows, 1) one into a
             # Tanh's backward gave wrong gradients with nothing said; others failed
             # there, the stage before blamed)

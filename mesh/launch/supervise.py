@@ -161,9 +161,8 @@ class Job:
             now = time.monotonic()
             if kill_at is None:
                 failed = [p.exit for p in self._procs if p.exit is not None and p.exit.failed]
-                lost = "" if failed or outcome.lost else self._lost()
-                if lost:
-                    outcome.lost = lost
+                if not failed and not outcome.lost:
+                    outcome.lost = self._lost()
                 if failed or outcome.lost:     # (a rank of another node lost: as a failure)
                     outcome.reason = "failed" if failed else "lost"
                     failed_at = failed_at or now
