@@ -112,7 +112,11 @@ def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = Fal
             with torch.no_grad():     # (copy_ counts as a write for autograd)
                 a.copy_(wide)
         return a
-    return device.DeviceWork(res, finish) if async_op else finish(res)
+    # a host array's result is written back as the call completes, waited or not, as a
+    # call on its own memory writes it (only at wait(): an average never waited left the
+    # array as it was); a device array's at wait(), on its stream
+    eager = in_place and (numpy or cpu)
+    return device.DeviceWork(res, finish, eager) if async_op else finish(res)
 
 
 def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,

@@ -160,7 +160,7 @@ class Work:
     blocking call would have returned, or raises its error. A ``wait`` that
     runs out of time aborts the collective on every member."""
 
-    __slots__ = ("_event", "_value", "_error", "desc", "_abort", "_callbacks")
+    __slots__ = ("_event", "_value", "_error", "desc", "_abort", "_callbacks", "_then")
 
     def __init__(self, desc: str, abort: Callable[[BaseException], None] | None = None) -> None:
         self._event = threading.Event()
@@ -169,6 +169,28 @@ class Work:
         self.desc = desc
         self._abort = abort
         self._callbacks: list[Callable[["Work"], None]] = []
+        self._then: Any = None      # settle_with's fn; _SETTLED once the lane is past it
+
+    def settle_with(self, fn: Callable[[Any], None]) -> bool:
+        """Make ``fn(value)`` the last step of the call, in the lane before
+        the call is done (a float16 average's result copied back into the
+        caller's array: written as the call completes, before the group's
+        next call can start, as a call on the caller's own memory writes it;
+        an error it raises is the call's). False, ``fn`` not taken, once
+        the call is past that point: the caller then runs it after
+        ``wait()``."""
+        with _callbacks_lock:
+            if self._then is _SETTLED:
+                return False
+            self._then = fn
+            return True
+
+    def _settle(self, value: Any) -> None:
+        """(the lane, right after the body) ``settle_with``'s fn, if given."""
+        with _callbacks_lock:
+            fn, self._then = self._then, _SETTLED
+        if fn is not None:
+            fn(value)
 
     def add_done_callback(self, fn: Callable[["Work"], None]) -> None:
         """Call ``fn(self)`` once the collective has finished, in the thread
@@ -217,6 +239,7 @@ class Work:
 
 
 _callbacks_lock = threading.Lock()
+_SETTLED = object()
 
 
 def _wait_limit(desc: str, timeout: Any) -> float | None:
@@ -380,6 +403,7 @@ class _Group:
                 self.running = True
             try:
                 value, error = fn(), None
+                work._settle(value)
             except BaseException as e:
                 value, error = None, e
             with self.lock:

@@ -74,4 +74,8 @@ def run(fn: Callable[..., Any], name: str, g: Any, t: Any, **kw: Any) -> Any:
             return None
         with tensors.stream_of(t):
             return tensors.to_torch(result, t)
-    return DeviceWork(res, finish) if async_op else finish(res)
+    # a CPU tensor run on a copy (bfloat16 widened) has its result written back in the
+    # lane as the call completes, as one on its own memory has, waited or not
+    copied = not t.is_cuda and not shares and name in _IN_PLACE and (
+        name != "reduce" or g.rank == root)
+    return DeviceWork(res, finish, eager=copied) if async_op else finish(res)

@@ -796,6 +796,23 @@ class Job:
             return [p for st in self.stages for p in st.module.parameters()]
         return [p for st in self.stages for p in st.params()]
 
+    def named_parameters(self) -> list[tuple[str, Any]]:
+        """``parameters()``, in its order, each with its name in the whole
+        model: the key ``state_dict()`` gives it (a shard keeps its whole
+        parameter's name; a tied tensor is named as its own stage holds it),
+        so the usual selections by name work on a rank's part, as torch's
+        ``named_parameters()`` on one process's model
+        (``[p for n, p in job.named_parameters() if "bias" not in n]``)."""
+        out: list[tuple[str, Any]] = []
+        for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
+            mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
+            if self.is_torch:
+                out += [(_model_key(mine, k), p) for k, p in st.module.named_parameters()]
+            else:
+                out += [(f"{name}.{j}", p) for name, layer in zip(mine, st.layers)
+                        for j, p in enumerate(layer.params())]
+        return out
+
     def grads(self) -> list[Any]:
         """The gradients, in the order of ``parameters()`` (numpy models)."""
         return [g for st in self.stages for g in st.grads()]

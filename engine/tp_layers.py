@@ -143,7 +143,26 @@ class Sharded:
             return x
         axis = self.style.seq_dim if edge[2] is None else edge[2]
         where = f"{self.name} {'backward' if backward else 'forward'}"
+        if edge[2] is None and x is not None and not (
+                -x.ndim <= axis < x.ndim and axis % x.ndim != x.ndim - 1):
+            self._seq_refused(x, "input" if edge is self.enter else "output", where)
         return _comm(self.group, x, edge[1] if backward else edge[0], axis, where)
+
+    def _seq_refused(self, x: Any, side: str, where: str) -> None:
+        """Raise for a sequence axis that is no axis of ``x`` or its last,
+        the features every engine.layers layer computes on: cut there, a 2-D
+        activation's features were split and a later layer failed on a numpy
+        broadcast that named nothing. Every tp rank has the same shape, so
+        all raise here, before the edge's collective."""
+        g, dim, st = self.group, self.style.seq_dim, self.style
+        what = ("its last, the features (engine.layers compute on the last axis)"
+                if -x.ndim <= dim < x.ndim else "not there")
+        raise PlanError(
+            f"tp rank {g.rank} (rank {g.ranks[g.rank]}): {where}: a {st.style!r} layer with "
+            f"{side} 'sequence' has the sequence along seq_dim={dim}, but axis {dim} of its "
+            f"{x.shape} activation is {what}; activations of two axes, (rows, features), "
+            f"take \"seq_dim\": 0 in the plan of {self.name} and of the layers splitting the "
+            f"sequence with it (group {g.name})")
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         y, ctx = self.inner.forward(self._edge(x, self.enter, False))

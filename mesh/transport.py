@@ -818,8 +818,9 @@ class Transport:
     def peer_state(self, rank: int) -> str:
         return STATE_NAMES[self._peers[rank].state]
 
-    def close(self, linger: float = 5.0, failure: str = "") -> None:
-        """Flush queued sends (bounded), say goodbye, wait for the peers'
+    def close(self, failure: str = "") -> None:
+        """Flush queued sends (for as long as the goodbyes are waited for, and
+        MESH_CLOSE_LINGER at least), say goodbye, wait for the peers'
         goodbyes (bounded by MESH_CLOSE_WAIT), stop the thread, close sockets.
 
         ``failure``: the error this rank leaves with. Then nothing is flushed
@@ -827,6 +828,7 @@ class Transport:
         this rank fails at once. Their answers, not their goodbyes, are
         waited for (_FAIL_WAIT at most): they may be blocked on this rank."""
         wait = config_float("MESH_CLOSE_WAIT", 30.0, least=0)
+        linger = config_float("MESH_CLOSE_LINGER", 5.0, least=0)
         # a same-host peer whose process has exited gets nothing more: no flush,
         # no goodbye, no wait for its own (its closed connection's grace is moot)
         self.live.reap()

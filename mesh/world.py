@@ -237,6 +237,7 @@ def check_config() -> None:
     liveness.config(2)
     rings.config(1)
     config_float("MESH_CLOSE_WAIT", 30.0, least=0)
+    config_float("MESH_CLOSE_LINGER", 5.0, least=0)
     config_float("MESH_SPIN_US", 200.0, least=0)
 
 

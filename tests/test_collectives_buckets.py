@@ -321,7 +321,9 @@ def test_a_gradient_that_is_none_is_named_with_what_to_pass() -> None:
 
 def _half_averages(world: Any) -> list[float]:
     """float16 averaged in float32: n ranks' 30000 is 30000 (the float16 sum
-    overflowed to inf), and a mean is rounded once (2048, 1, 1, 1: 513)."""
+    overflowed to inf), and a mean is rounded once (2048, 1, 1, 1: 513); an
+    async one (and a bfloat16 sum) never waited is in the array once the call
+    completes, as a float32 one is (it stayed in the widened copy)."""
     import torch
     n, r = world.size, world.rank
     seen = []
@@ -331,6 +333,12 @@ def _half_averages(world: Any) -> list[float]:
         t = torch.full((rows,), 30000.0, dtype=torch.float16)
         C.all_reduce(world, t, op="avg", async_op=True).wait()
         seen += [float(a[-1]), float(t[-1])]
+    a = np.full(4, 1000.0 * (r + 1), np.float16)
+    b = torch.full((4,), r + 1.0, dtype=torch.bfloat16)
+    C.all_reduce(world, a, op="avg", async_op=True)     # never waited: each widened, the
+    C.all_reduce(world, b, async_op=True)               # result was left in the copy
+    C.barrier(world)            # (queued after them: the group's calls complete in order)
+    seen += [float(a[0]), float(b[0])]
     t = torch.tensor([2048.0 if r == 0 else 1.0], dtype=torch.float16)
     C.all_reduce(world, t, op="avg")
     seen.append(float(t[0]))
@@ -360,7 +368,7 @@ def _half_averages(world: Any) -> list[float]:
 def test_float16_is_averaged_in_float32() -> None:
     pytest.importorskip("torch")
     for seen in mesh.spawn(_half_averages, 4, timeout=100):
-        assert seen == [30000.0] * 4 + [513.0, 30000.0] + [30000.0] * 3, seen
+        assert seen == [30000.0] * 4 + [2500.0, 10.0] + [513.0, 30000.0] + [30000.0] * 3, seen
 
 
 def _big_endian_half_averages(world: Any) -> list[Any]:

@@ -8,6 +8,7 @@ schedule wins may differ from run to run, the weights may not.
 """
 import re
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1110,7 +1111,9 @@ def _torch_worker(world, axes, plan, widths):
     job = engine.distribute(model, grid, plan=plan, sample=part(_data(0, widths)[0]),
                             loss_fn=torch.nn.functional.mse_loss, microbatches=2, reps=1,
                             timeout=60)
-    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    named = job.named_parameters()      # groups by name, as one process's model would take
+    opt = torch.optim.SGD([{"params": [p for n, p in named if "bias" not in n]},
+                           {"params": [p for n, p in named if "bias" in n]}], lr=LR)
     losses = []
     for step in range(STEPS):
         x, y = (part(a) for a in _data(step, widths))
@@ -1119,7 +1122,9 @@ def _torch_worker(world, axes, plan, widths):
         opt.step()
     state = job.state_dict()
     return {"losses": losses, "schedule": job.schedule.name, "last": job.pipeline.last,
-            "state": None if state is None else {k: v.numpy() for k, v in state.items()}}
+            "state": None if state is None else {k: v.numpy() for k, v in state.items()},
+            "named": [(n, tuple(p.shape)) for n, p in named], "tp": plan is not None,
+            "same": [id(p) for _, p in named] == [id(p) for p in job.parameters()]}
 
 
 def trained_alike(results: list[dict], losses: list[float], want: dict) -> dict:
@@ -1135,6 +1140,32 @@ def trained_alike(results: list[dict], losses: list[float], want: dict) -> dict:
     for k, v in want.items():
         np.testing.assert_allclose(state[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
     return state
+
+
+def _halved(shape: tuple, whole: tuple) -> bool:
+    """Whether ``shape`` is ``whole`` cut in two along one axis (a tp=2 shard)."""
+    apart = [(a, b) for a, b in zip(shape, whole, strict=True) if a != b]
+    return len(apart) == 1 and 2 * apart[0][0] == apart[0][1]
+
+
+def assert_named_like(results: list[dict], model: Any) -> None:
+    """Each rank's ``named`` (name, shape) pairs, its job's
+    ``named_parameters()`` (``same``: in ``parameters()``' order), name the
+    one-process ``model``'s parameters as its ``state_dict()`` does: all of
+    them over the ranks, each whole, or with ``tp``, a shard cut along one
+    axis into halves."""
+    whole = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    seen, cut = set(), 0
+    for res in results:
+        assert res["same"], res["named"]
+        for n, shape in res["named"]:
+            assert n in whole, (n, sorted(whole))
+            seen.add(n)
+            assert shape == whole[n] or res["tp"] and _halved(shape, whole[n]), \
+                (n, shape, whole[n])
+            cut += shape != whole[n]
+    assert seen == set(whole), (seen, whole)
+    assert (cut > 0) == any(res["tp"] for res in results), cut
 
 
 @pytest.mark.timeout(300)    # four processes importing torch on a loaded machine
@@ -1157,6 +1188,7 @@ def test_torch_distribute_matches_one_process(axes, plan):
         opt.step()
         losses.append(loss.item())
     state = trained_alike(results, losses, model.state_dict())
+    assert_named_like(results, model)
     copy = _torch_model(widths)
     copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     x = torch.from_numpy(_data(9, widths)[0])
@@ -1202,8 +1234,12 @@ def _load_worker(world, tp):
         except (KeyError, ValueError) as e:
             said[what] = f"{type(e).__name__}: {e}"
     got = job.state_dict()
+    named = job.named_parameters()      # state_dict()'s names, each rank its own shards
     return {"same": None if got is None else all(np.array_equal(got[k], v)
                                                  for k, v in state.items()),
+            "named": [(n, p.shape) for n, p in named], "tp": tp > 1,
+            "in_order": [id(p) for _, p in named] == [id(p) for p in job.parameters()],
+            "whole": {k: v.shape for k, v in state.items()},
             **said, "first": job.pipeline.first, "rank": world.rank, "last_key": last,
             "bias": state["0.1"].shape}
 
@@ -1216,6 +1252,15 @@ def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
     anything is loaded (same: the state loaded before is still there)."""
     out = mesh.spawn(_load_worker, 2 * tp, tp, timeout=120)
     assert out[0]["same"] is True and all(o["same"] is None for o in out[1:])
+    cut = 0
+    for o in out:       # named_parameters(): every key over the ranks, shards halved once
+        assert o["in_order"] and {n for n, _ in o["named"]} <= set(o["whole"]), o["named"]
+        for n, shape in o["named"]:
+            want = o["whole"][n]
+            cut += shape != want
+            assert shape == want or tp > 1 and _halved(shape, want), (n, shape, want)
+    assert {n for o in out for n, _ in o["named"]} == set(out[0]["whole"])
+    assert (cut > 0) == (tp > 1)
     for o in out:
         assert o["missing"] == (f"KeyError: 'rank {o['rank']}: load_state_dict: "
                                 f"{o['last_key']} of the model not in the state given'"), o
@@ -1556,6 +1601,11 @@ def _shared_worker(world):
                                 timeout=30, verbose=False, tag_base=i << 20,
                                 recompute=recompute)
         opt = torch.optim.SGD(job.parameters(), lr=0.1)
+        # parameters() with the names state_dict() gives them (a traced piece's own)
+        named = job.named_parameters()
+        assert len(named) == len(job.parameters()) and all(
+            a is b for (_, a), b in zip(named, job.parameters())), kind
+        assert named and {n for n, _ in named} <= set(make().state_dict()), (kind, named)
         for _ in range(2):
             opt.zero_grad()
             job.step(x, y)

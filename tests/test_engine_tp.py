@@ -201,6 +201,13 @@ def _np_worker(world):
         odd.forward(np.zeros((2, 3, D)))
     except PlanError as e:
         errors["sequence axis"] = str(e)
+    for dim in (1, 0):      # 2-D activations, (rows, features): the sequence is axis 0
+        flat = parallelize(Sequential(Linear(D, H), Linear(H, D)), world, {
+            "0": "colwise", "1": {"style": "rowwise", "output": "sequence", "seq_dim": dim}})
+        try:
+            errors[f"2-D seq_dim={dim}"] = flat.forward(np.ones((4, D)))[0].shape
+        except PlanError as e:
+            errors[f"2-D seq_dim={dim}"] = str(e)
     shared = Sequential(Linear(D, H, np.random.default_rng(world.rank)), Tanh())
     parallelize(shared, world, {"0": "colwise"}, init="broadcast")
     errors["broadcast"] = [a.tolist() for a in full_params(shared)]
@@ -238,6 +245,14 @@ def test_numpy_styles_match_the_unsharded_layers():
     assert errors["sequence axis"] == ("tp rank 1: 0 forward: axis 1 of a (2, 3, 4) "
                                        "activation is 3, not divisible by the tp size 2 "
                                        "(group world)")
+    # (split along the features, it failed in numpy's broadcast of the bias, naming nothing)
+    assert errors["2-D seq_dim=1"] == (
+        "tp rank 1 (rank 1): 1 forward: a 'rowwise' layer with output 'sequence' has the "
+        "sequence along seq_dim=1, but axis 1 of its (4, 4) activation is its last, the "
+        "features (engine.layers compute on the last axis); activations of two axes, (rows, "
+        "features), take \"seq_dim\": 0 in the plan of 1 and of the layers splitting the "
+        "sequence with it (group world)"), errors
+    assert errors["2-D seq_dim=0"] == (2, D), errors
     assert errors["one rank"] == ("tp rank 1 of group world: parallelize: 0: fan_out "
                                   "(weight columns) is 5, not divisible by the tp size 2")
     assert results[0][1]["one rank"] == ("tp rank 0: parallelize failed on tp rank 1 of group "

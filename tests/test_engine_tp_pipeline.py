@@ -17,6 +17,7 @@ from engine import Pipeline, parallelize, schedules
 from engine.executor import split_microbatches, stages_for_rank
 from engine.layers import Embedding, Linear, Sequential, Tanh, mse_loss, sgd
 from engine.tp_layers import full_params
+from test_engine_distribute import assert_named_like
 
 B, T, D, H, V, OUT = 8, 4, 4, 6, 8, 4
 STEPS, LR, M = 3, 0.1, 4
@@ -371,7 +372,10 @@ def _tied_distribute_worker(world):
         job.step(*_tied_batch(step))
         opt.step()
     state = job.state_dict()
-    return None if state is None else {k: v.tolist() for k, v in state.items()}
+    named = job.named_parameters()
+    return {"state": None if state is None else {k: v.tolist() for k, v in state.items()},
+            "named": [(n, tuple(p.shape)) for n, p in named], "tp": True,
+            "same": [id(p) for _, p in named] == [id(p) for p in job.parameters()]}
 
 
 def _trained_alone(ref):
@@ -393,7 +397,11 @@ def test_a_tie_across_stages_and_tp_trains_like_one_process():
     stay equal and train like the single tied parameter."""
     torch = pytest.importorskip("torch")
     ref = _trained_alone(_tied_model())
-    state = mesh.spawn(_tied_distribute_worker, 4, timeout=130)[0]
+    results = mesh.spawn(_tied_distribute_worker, 4, timeout=130)
+    # each rank's named_parameters(): its shards under the whole model's names (the tied
+    # weight under the name its stage holds it by)
+    assert_named_like(results, ref)
+    state = results[0]["state"]
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
 

@@ -334,9 +334,11 @@ def test_switches_and_waits_are_read_as_written(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ValueError, match=r"MESH_CURVE='abc': a switch, 1 or 0"):
         check_config()
     monkeypatch.delenv("MESH_CURVE")
-    monkeypatch.setenv("MESH_CLOSE_WAIT", "-1")
-    with pytest.raises(ValueError, match=r"MESH_CLOSE_WAIT='-1': must be a number >= 0"):
-        check_config()
+    for name in ("MESH_CLOSE_WAIT", "MESH_CLOSE_LINGER"):
+        monkeypatch.setenv(name, "-1")
+        with pytest.raises(ValueError, match=rf"{name}='-1': must be a number >= 0"):
+            check_config()
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MESH_TIMEOUT", "0")
     with pytest.raises(ValueError, match=r"MESH_TIMEOUT='0': must be a number > 0"):
         config_float("MESH_TIMEOUT", 300.0, above=0)

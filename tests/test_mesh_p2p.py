@@ -1168,21 +1168,24 @@ def test_no_thread_outlives_the_mesh() -> None:
 
 def _isends_then_close(world: mesh.Mesh) -> list:
     """Rank 0 posts sends past its 1 MiB window and closes; rank 1 computes
-    for 5.5 s before it receives. The sends queued for credit were given 5 s,
-    then dropped, though close() waits for rank 1's goodbye anyway: the
-    credit that came later sent them after the goodbye, and rank 1's
-    receives failed ("it closed its mesh")."""
+    for 1 s, past MESH_CLOSE_LINGER (0.3 s here, 5 s by default), before it
+    receives. The sends queued for credit were given the linger, then
+    dropped, though close() waits for rank 1's goodbye anyway: the credit
+    that came later sent them after the goodbye, and rank 1's receives
+    failed ("it closed its mesh")."""
     n = (1 << 20) // 8
     if world.rank == 0:
         reqs = [world.isend(np.full(n, float(i)), 1) for i in range(3)]
         world.close()
         return [r.done() for r in reqs]
-    time.sleep(5.5)
+    time.sleep(1.0)
     return [bool((world.recv(0, timeout=30) == i).all()) for i in range(3)]
 
 
 def test_close_sends_what_isend_queued_to_a_late_receiver() -> None:
-    got = mesh.spawn(_isends_then_close, 2, timeout=60, env={"MESH_WINDOW_BYTES": str(1 << 20)})
+    """(The linger made short, the receiver need not wait out 5 s: 5.5 s a run.)"""
+    got = mesh.spawn(_isends_then_close, 2, timeout=60,
+                     env={"MESH_WINDOW_BYTES": str(1 << 20), "MESH_CLOSE_LINGER": "0.3"})
     assert got == [[True] * 3, [True] * 3], got
 
 

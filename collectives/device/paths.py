@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -56,14 +57,32 @@ __all__ = ["simple", "DeviceWork", "large", "all_reduce", "reduce_scatter", "all
 
 
 class DeviceWork:
-    """An async collective on a device array: ``wait()`` copies the result back."""
+    """An async collective that ran on a copy of the caller's array (a
+    device array staged, a tensor widened): ``wait()`` copies the result
+    back. ``eager`` (a host copy: a float16 average, bfloat16): the copy
+    back is the call's last step, in the group's lane (Work.settle_with),
+    so the result is in the caller's array once the call completes, waited
+    or not, as a call on the caller's own memory leaves it; a device
+    array's is copied back by ``wait()``, on the caller's stream."""
 
-    __slots__ = ("_work", "_finish", "_done", "_value")
+    __slots__ = ("_work", "_finish", "_done", "_value", "_lock")
 
-    def __init__(self, work: Any, finish: Callable[[Any], Any]) -> None:
+    def __init__(self, work: Any, finish: Callable[[Any], Any], eager: bool = False) -> None:
         self._work, self._finish = work, finish
         self._done = False
         self._value: Any = None
+        self._lock = threading.Lock()     # one copy back: the lane's, or a wait()'s
+        if eager and not work.settle_with(self._settled):
+            try:            # (the call finished already: copied back here, before the return)
+                self.wait()
+            except BaseException:       # (a failed call: wait() raises it again)
+                pass
+
+    def _settled(self, result: Any) -> None:
+        with self._lock:
+            if not self._done:
+                self._value = self._finish(result)
+                self._done = True
 
     def done(self) -> bool:
         """Whether the result is in place (copied back: a caller that polls
@@ -86,8 +105,7 @@ class DeviceWork:
 
     def wait(self, timeout: float | None = None) -> Any:
         if not self._done:
-            self._value = self._finish(self._work.wait(timeout))
-            self._done = True
+            self._settled(self._work.wait(timeout))
         return self._value
 
 
