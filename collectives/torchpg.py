@@ -1079,7 +1079,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
                            else timeout.total_seconds(), wait_all_ranks)
 
     def _what(self, op: str) -> str:
-        return f"rank {self.comm.rank}: {op} on group {self.comm.name}"
+        """``op`` on this rank, named as torch's caller knows it too: a
+        sub-group's rank 0 on world rank 2 said "rank 0" alone."""
+        c = self.comm
+        world = f" (world rank {c.ranks[c.rank]})" if c.ranks[c.rank] != c.rank else ""
+        return f"rank {c.rank}{world}: {op} on group {c.name}"
 
     # -- point-to-point -----------------------------------------------------------
 
@@ -1094,10 +1098,20 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     def _recv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
         """Straight into ``t`` where a message can go (dense, contiguous);
-        else a fresh tensor, copied into ``t``."""
-        direct = not _tensors.out_unusable(t)
-        req = self.comm.irecv(src, tag, out=t if direct else None)
-        return _P2PWork(req, None if direct else (lambda v: _write(t, v)), [t], self.timeout)
+        else into a contiguous tensor of ``t``'s dtype and shape, copied
+        into ``t``: the message is checked against it as against ``t``
+        (OutMismatchError naming the rank, the peer and the tag; the message
+        stays queued). A fresh tensor of the message's own was cast into a
+        strided ``t`` (float32 1.5 received as 1 into an int32 column) or
+        failed in torch's reshape, naming no one, the message lost."""
+        if not _tensors.out_unusable(t):
+            return _P2PWork(self.comm.irecv(src, tag, out=t), None, [t], self.timeout)
+        if t.layout is not torch.strided:
+            return _P2PWork(self.comm.irecv(src, tag), lambda v: _write(t, v), [t],
+                            self.timeout)
+        buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        return _P2PWork(self.comm.irecv(src, tag, out=buf), lambda _: _write(t, buf), [t],
+                        self.timeout)
 
 
 class _P2PWork(_Work):

@@ -359,9 +359,21 @@ def _p2p(r: int, n: int) -> None:
     strided = torch.zeros(2, 3).t()
     if r == 0:
         dist.send(torch.arange(6.0).reshape(3, 2), dst=n - 1)
+        dist.send(torch.tensor([1.5, 2.5]), dst=n - 1, tag=7)
     elif r == n - 1:
         dist.recv(strided, src=0)
         _eq(strided, torch.arange(6.0).reshape(3, 2), "recv into a strided tensor")
+        # a strided tensor is held to what a contiguous one is: a message of another
+        # dtype or size raises naming the peer and the tag, and stays queued (it was
+        # cast, 1.5 received as 1 into int32, or failed in torch's reshape naming no one)
+        for wrong, why in ((torch.zeros(2, 2, dtype=torch.int32)[:, 0], "out= is int32[2]"),
+                           (torch.zeros(3, 2)[:, 0], "out= is float32[3]")):
+            with pytest.raises(mesh.OutMismatchError, match=re.escape(
+                    f"rank {r}: recv from rank 0") + r".*tag 7.*float32\[2\], " + re.escape(why)):
+                dist.recv(wrong, src=0, tag=7)
+        col = torch.zeros(2, 2)[:, 1]
+        dist.recv(col, src=0, tag=7)
+        _eq(col, [1.5, 2.5], "recv into a strided tensor after a mismatch")
 
 
 def _groups(r: int, n: int) -> None:
@@ -513,9 +525,9 @@ def test_a_call_that_cannot_go_on_one_rank_raises_on_every_rank_naming_it() -> N
             assert after == "ok 3", (r, want, after)     # the group's next call lined up
             if r == 1 and "pickle" in want:              # the error as torch raises it
                 assert first == "TypeError: cannot pickle '_thread.lock' object", first
-            elif "world/[1, 2]" in want:
-                assert r == 0 and first == "ok" or f"rank 0: {want}" in first \
-                    and "(world rank 1)" in first, (r, first)
+            elif "world/[1, 2]" in want:     # (its group rank 0, and world rank 1 as torch says)
+                assert r == 0 and first == "ok" or f"rank 0 (world rank 1): {want}" in first, \
+                    (r, first)
             else:
                 assert f"rank 1: {want}" in first, (r, first)
 
