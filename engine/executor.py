@@ -73,6 +73,7 @@ import collectives
 from mesh import AbortKind, Comm, Grid, LostPeerError, MeshError
 
 from . import trace as _trace
+from .buffers import ReplicaBuffers
 from .clip import clip_grad_norm
 from .ir import (AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule,
                  message_key)
@@ -270,6 +271,9 @@ class Pipeline:
         # sequence-parallel sums of whole parameters' gradients, once a step
         # (not with OPT actions: the optimizer would step before the sums)
         self.tp_sums = TpSums(self.stages, enabled=not any(a.kind == OPT for a in self.program))
+        # what a training forward changes in a buffer: replica 0's on every replica after it
+        self.buffers = ReplicaBuffers(self.dp, [st.module for st in self.stages.values()
+                                                if isinstance(st, TorchStage)])
         # torch's own losses (F.mse_loss, nn.MSELoss()) return the loss only: wrapped
         self.loss_fn = torch_loss(loss_fn) if loss_fn is not None and plain_torch_loss(
             loss_fn) else loss_fn
@@ -349,7 +353,9 @@ class Pipeline:
         self._steps += 1
         _steps_on(self.pp, self._step0 + self._steps)
         events: list[list[Any]] = []
+        self.buffers.mark()
         mean = self._drive(st, inputs, targets, events)
+        self.buffers.sync(self.timeout)
         self.events = events
         return mean
 

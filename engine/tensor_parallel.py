@@ -138,17 +138,25 @@ def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
     else:
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     group = None
-    for name, sub in module.named_modules():
+    gathered: dict[tuple[int, str], Any] = {}      # each shard gathered once
+    # a module held under several names (a layer a traced stage calls twice) is in the
+    # state under each: each gathered (until the forty-first session only its first
+    # name was, and the state saved a shard under the others, the model's own name too)
+    for name, sub in module.named_modules(remove_duplicate=False):
         meta = getattr(sub, "_tp", None)
         if meta is None:
             continue
         group = meta.group
         for pname, dim in meta.dims.items():
             key = f"{name}.{pname}" if name else pname
-            if key in state:
-                state[key] = _gather(torch, meta.group, state[key], dim)
+            if key not in state:
+                continue
+            if (id(sub), pname) not in gathered:
+                full = _gather(torch, meta.group, state[key], dim)
                 if meta.order is not None:
-                    state[key] = state[key].index_select(dim, torch.tensor(meta.order))
+                    full = full.index_select(dim, torch.tensor(meta.order))
+                gathered[id(sub), pname] = full
+            state[key] = gathered[id(sub), pname]
     if root is not None and group is not None and group.rank != root:
         return None
     return state
@@ -161,7 +169,7 @@ def load_full_state_dict(module: Any, state: Mapping[str, Any]) -> None:
     sent)."""
     torch = _torch()
     mine = dict(state)
-    for name, sub in module.named_modules():
+    for name, sub in module.named_modules(remove_duplicate=False):     # every name's key
         meta = getattr(sub, "_tp", None)
         if meta is None:
             continue

@@ -96,8 +96,16 @@ def called_whole(model: Any, name: str) -> bool:
 
 
 def _leaves(out: Any) -> list[Any]:
-    """The fx Nodes of a forward's returned structure, in order."""
+    """The fx Nodes of a forward's returned structure, in order: a
+    dataclass's fields as a dict's values (Hugging Face's ``ModelOutput``,
+    which torch.fx records as a call making it; it was taken for the
+    output tensor, and the last stage handed the loss a dataclass)."""
+    import dataclasses
+
     import torch.fx as fx
+    if isinstance(out, fx.Node) and out.op == "call_function" and isinstance(
+            out.target, type) and dataclasses.is_dataclass(out.target):
+        return [n for o in (*out.args, *out.kwargs.values()) for n in _leaves(o)]
     if isinstance(out, fx.Node):
         return [out]
     if isinstance(out, (tuple, list)):
@@ -253,15 +261,60 @@ def _asserting() -> str | None:
 def _line_of(e: BaseException) -> str:
     """Where the model's own code raised ``e`` while torch.fx traced it (the
     last frame outside torch and this module): ``", at model.py:40: assert
-    t <= block_size"``, or "" when there is none."""
+    t <= block_size"``, or "" when there is none; and the line of torch's
+    own module code it called that raised, where there is one (a torch
+    module's checks of its input): the model's line alone, which calls the
+    module, holds no control flow."""
     import traceback
     torch_dir = os.path.dirname(sys.modules["torch"].__file__ or "")
-    own = [f for f in traceback.extract_tb(e.__traceback__)
+    frames = traceback.extract_tb(e.__traceback__)
+    own = [i for i, f in enumerate(frames)
            if not f.filename.startswith(torch_dir) and f.filename != __file__]
     if not own:
         return ""
-    f = own[-1]
-    return f", at {os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
+    f = frames[own[-1]]
+    modules = os.path.join(torch_dir, "nn", "modules")
+    inner = [g for g in frames[own[-1] + 1:] if g.filename.startswith(modules)]
+    within = (f", inside torch's {inner[-1].name}() at {os.path.basename(inner[-1].filename)}"
+              f":{inner[-1].lineno}: {(inner[-1].line or '').strip()}" if inner else "")
+    return (f", at {os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
+            f"{within}")
+
+
+def _stack_forward(m: Any) -> Any:
+    """A forward torch.fx can trace for torch's own ``nn.TransformerEncoder``
+    and ``nn.TransformerDecoder`` (None for any other module). Theirs test
+    the input's shape (``src.dim() != 3``, for the fast path of inference),
+    control flow on a traced value that failed every model holding one,
+    then call each layer with the masks they were given, and the norm:
+    that loop, recorded here, is what the pieces run, so their layers can
+    be cut apart. The masks go to the layers as given (a causal mask
+    without ``is_causal=True`` is used as a mask: the same values), and
+    inference keeps each layer's own fast path but not the encoder's
+    nested tensors for a padding mask (the padded positions' outputs are
+    computed, not zeros; the others the same)."""
+    from torch import nn
+    if type(m).forward is nn.TransformerEncoder.forward:
+        def encoder(src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+                    is_causal: Any = None) -> Any:
+            for layer in m.layers:
+                src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                            is_causal=bool(is_causal))
+            return src if m.norm is None else m.norm(src)
+        return encoder
+    if type(m).forward is nn.TransformerDecoder.forward:
+        def decoder(tgt: Any, memory: Any, tgt_mask: Any = None, memory_mask: Any = None,
+                    tgt_key_padding_mask: Any = None, memory_key_padding_mask: Any = None,
+                    tgt_is_causal: Any = None, memory_is_causal: bool = False) -> Any:
+            for layer in m.layers:
+                tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                            tgt_key_padding_mask=tgt_key_padding_mask,
+                            memory_key_padding_mask=memory_key_padding_mask,
+                            tgt_is_causal=bool(tgt_is_causal),
+                            memory_is_causal=memory_is_causal)
+            return tgt if m.norm is None else m.norm(tgt)
+        return decoder
+    return None
 
 
 def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
@@ -345,8 +398,10 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                 path = self.path_of_module(m)
             except NameError:   # made in the forward (Hugging Face's loss_fct =
                 return forward(*args, **kwargs)     # CrossEntropyLoss()): its code traced
-            out = super().call_module(m, forward, args, kwargs)
-            k = _items(m) if self.is_leaf_module(m, path) else None
+            leaf = self.is_leaf_module(m, path)
+            out = super().call_module(m, forward if leaf else _stack_forward(m) or forward,
+                                      args, kwargs)
+            k = _items(m) if leaf else None
             # a tuple (Hugging Face's rotary (cos, sin), passed whole to every block):
             # its items, each a tensor that may cross a cut (the tuple crossed as one
             # part, and the stage took it for a tensor: "'tuple' object has no

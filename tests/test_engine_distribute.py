@@ -1374,19 +1374,74 @@ def _batchnorm_worker(world):
     after = job.state_dict()
     ref = build()
     torch.nn.functional.mse_loss(ref(x), y).backward()
+    replicas = _batchnorm_replicas(world)      # (the next test's, on the same ranks)
     if world.rank != 0:
-        return True
+        return True, replicas
     before = {k: v.tolist() for k, v in first.items() if "running" in k or "num" in k}
     fresh = {k: v.tolist() for k, v in build().state_dict().items() if k in before}
     return before == fresh and all(torch.allclose(after[k].float(), v.float(), atol=1e-6)
-                                   for k, v in ref.state_dict().items())
+                                   for k, v in ref.state_dict().items()), replicas
 
 
-def test_measuring_leaves_batchnorm_statistics_as_they_were():
+@pytest.fixture(scope="module")
+def batchnorm_runs():
+    pytest.importorskip("torch")
+    return mesh.spawn(_batchnorm_worker, 2, timeout=120, env=PATIENT)
+
+
+@pytest.mark.timeout(130)
+def test_measuring_leaves_batchnorm_statistics_as_they_were(batchnorm_runs):
     """The profile's forwards updated every BatchNorm's statistics and
     count: 50-100 batches counted before the first step."""
-    pytest.importorskip("torch")
-    assert mesh.spawn(_batchnorm_worker, 2, timeout=120, env=PATIENT) == [True, True]
+    assert [ok for ok, _ in batchnorm_runs] == [True, True]
+
+
+def _batchnorm_build():
+    import torch
+    torch.manual_seed(SEED)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8),
+                               torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8),
+                               torch.nn.Linear(8, 2)).double()
+
+
+def _batchnorm_replicas(world):
+    """dp=2, each replica stepping on its own half: its BatchNorms'
+    statistics, and an evaluation of the whole batch."""
+    import torch
+    grid = mesh.grid(world, dp=2, pp=1)
+    d = grid.coord("dp")
+    gen = torch.Generator().manual_seed(SEED)
+    x, y = (torch.randn(16, w, generator=gen, dtype=torch.float64) for w in (8, 2))
+    job = engine.distribute(_batchnorm_build(), grid, schedule="1f1b", microbatches=2,
+                            balance="uniform", verbose=False,
+                            loss_fn=torch.nn.functional.mse_loss, timeout=60)
+    for step in range(2):
+        job.step((x + step)[d::2], y[d::2])
+    held = {k: v.clone() for st in job.stages for k, v in st.module.state_dict().items()
+            if "running" in k or "num" in k}
+    loss = job.eval_step(x[d::2], y[d::2])
+    return {"held": held, "eval": loss, "state": job.state_dict()}
+
+
+@pytest.mark.timeout(130)
+def test_replicas_keep_replica_0s_batchnorm_statistics_as_ddp_does(batchnorm_runs):
+    """Each replica's steps moved its own statistics: eval_step ran each
+    replica's half with its own, and its loss was not that of the state
+    job.state_dict() saved (replica 0's), with nothing said. After each
+    step every replica takes replica 0's, as DDP's broadcast_buffers."""
+    import torch
+    results = [replicas for _, replicas in batchnorm_runs]
+    assert results[1]["held"].keys() == results[0]["held"].keys() != set()
+    for k, v in results[1]["held"].items():
+        assert torch.equal(v, results[0]["held"][k]), k
+    model = _batchnorm_build()
+    model.load_state_dict(results[0]["state"], strict=True)
+    gen = torch.Generator().manual_seed(SEED)
+    x, y = (torch.randn(16, w, generator=gen, dtype=torch.float64) for w in (8, 2))
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(model.eval()(x), y).item()
+    for res in results:
+        assert res["eval"] == pytest.approx(want, rel=1e-12)
 
 
 def _seeded_apart_model():

@@ -12,8 +12,9 @@ ENGINE = pathlib.Path(engine.__file__).parent
 # modules beside that chain placed after what they use.
 ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "choose",
          "trace", "layers", "tp_plan", "tp_layers", "torch_stage", "tensor_parallel", "tied",
-         "tp_sums", "clip", "traced", "stagebuild", "partition", "executor", "calibrate",
-         "distribute", "show", "bench_torch", "bench_distribute", "bench_memory", "bench"]
+         "tp_sums", "clip", "buffers", "traced", "stagebuild", "partition", "executor",
+         "calibrate", "distribute", "show", "bench_torch", "bench_distribute", "bench_memory",
+         "bench"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its
 # pass when called; no pass calls them.

@@ -6,6 +6,7 @@ import pytest
 
 import mesh
 from engine import PlanError, Style, gather_state_dict, parallelize
+from engine.tensor_parallel import load_full_state_dict
 from engine.layers import Embedding, Linear, Sequential, Tanh
 from engine.tp_layers import full_params, load_full_params
 from engine.tp_plan import joined_order, match, parse, shard_rows
@@ -741,6 +742,19 @@ def _twice_worker(world):
         out[init] = float((tp(x) - ref(x)).abs().max())
         out[init, "state"] = all(torch.equal(v, ref.state_dict()[k])
                                  for k, v in gather_state_dict(tp).items())
+    # a module held under two names (a layer called twice) is in the state under both:
+    # its second name's shard was saved as it was, and loading the whole one there raised
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    ref = nn.Sequential(shared, nn.ReLU(), shared)
+    tp = parallelize(copy_of(ref), world, {"0": {"style": "colwise", "output": "replicate"}})
+    out["shared"] = float((tp(x) - ref(x)).abs().max())
+    state = gather_state_dict(tp)
+    out["shared", "state"] = list(state) == list(ref.state_dict()) and all(
+        torch.equal(v, ref.state_dict()[k]) for k, v in state.items())
+    load_full_state_dict(tp, {k: v + 1 for k, v in ref.state_dict().items()})
+    out["shared", "loaded"] = all(torch.equal(v, ref.state_dict()[k] + 1)
+                                  for k, v in gather_state_dict(tp).items())
     np_x = np.random.default_rng(0).standard_normal((2, 4, D))
     for init in ("check", "broadcast"):
         ref = Sequential(Linear(D, H, np.random.default_rng(1)), Tanh(),
@@ -765,6 +779,7 @@ def test_a_model_sharded_by_two_parallelize_calls():
         for init in ("check", "broadcast"):
             assert out[init] < 1e-6 and out[init, "state"], out
             assert out["numpy", init] < 1e-12, out
+        assert out["shared"] < 1e-6 and out["shared", "state"] and out["shared", "loaded"], out
 
 
 def _vocab_worker(world):

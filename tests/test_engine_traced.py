@@ -1,6 +1,7 @@
 """engine.sequential: a plain nn.Module's forward traced into layers, and
 engine.distribute / engine.partition on such a model (nanoGPT's GPT as
 written: a ModuleDict, a loop over a ModuleList, a tied head, its own loss)."""
+import dataclasses
 import os
 import sys
 
@@ -182,6 +183,57 @@ def test_a_vit_and_a_resnet_as_written():
         torch.testing.assert_close(parts[1](parts[0](x)), model(x), rtol=0, atol=0)
 
 
+class _TorchStacks(nn.Module):       # torch's own encoder and decoder, sequence first
+    def __init__(self, encoder=nn.TransformerEncoder, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(11, d)
+        self.enc = encoder(nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0), 2,
+                           norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(d, 2, 16, dropout=0.0), 2)
+        self.head = nn.Linear(d, 11)
+
+    def forward(self, ids):
+        h = self.emb(ids).transpose(0, 1)
+        t = ids.size(1)
+        mask = torch.ones((t, t), dtype=torch.bool).triu(1)     # causal
+        h = self.enc(h, mask=mask, is_causal=True, src_key_padding_mask=ids == 0)
+        return self.head(self.dec(h, h, tgt_mask=mask).transpose(0, 1))
+
+
+class _OwnEncoder(nn.TransformerEncoder):
+    def forward(self, src, **kw):
+        return super().forward(src, **kw)
+
+
+def test_torchs_own_encoder_and_decoder_are_cut_into_their_layers():
+    """Their forwards test the input's shape for inference's fast path,
+    which torch.fx cannot trace: every model holding one was refused,
+    naming the model's line that called it (no control flow there)."""
+    torch.manual_seed(0)
+    model = _TorchStacks().double()
+    ids = torch.randint(0, 11, (3, 5))
+    ids[0, -2:] = 0
+    parts = engine.partition(model, 2)
+    # the masks cross the cuts between steps of the layers' loops beside the activation
+    assert list(engine.partition(model, 5).labels) == [
+        "emb..enc.layers.0", "enc.layers.1", "enc.norm..dec.layers.0", "dec.layers.1", "head"]
+    for mode in (True, False):
+        for m in (model, *parts):
+            m.train(mode)
+        out = parts[1](parts[0](ids))
+        torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(ids).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=0, msg=n)
+    with pytest.raises(TypeError, match=r"at test_engine_traced.py:\d+: return super\(\)."
+                                        r"forward\(src, \*\*kw\), inside torch's forward\(\) at "
+                                        r"transformer.py:\d+: "):
+        engine.sequential(_TorchStacks(_OwnEncoder))
+
+
 class _Residual(nn.Sequential):       # a Sequential whose forward is not its members in order
     def __init__(self):
         super().__init__(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Linear(3, 1))
@@ -245,6 +297,18 @@ class _Labelled(nn.Module):          # Hugging Face's order: a mask before the l
         return out
 
 
+@dataclasses.dataclass
+class _Output:                       # Hugging Face's ModelOutput: a dataclass
+    logits: "torch.Tensor"
+    loss: "torch.Tensor | None" = None
+
+
+class _LabelledOutput(_Labelled):
+    def forward(self, x, mask=None, labels=None):
+        out = super().forward(x, mask, labels)
+        return _Output(out["logits"], out.get("loss"))
+
+
 class _Shifted(nn.Module):     # Hugging Face's causal LM: the loss reads the logits shifted
     def __init__(self, pair=True):
         super().__init__()
@@ -264,6 +328,11 @@ def test_the_target_is_found_by_its_name_and_a_dict_output_is_read():
     seq = engine.sequential(model, target=True)          # labels, not the mask
     x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
     torch.testing.assert_close(seq.loss(seq(x), y), model(x, labels=y)["loss"], rtol=0, atol=0)
+    # a dataclass is read as a dict (its loss was taken for the output, and handed on whole)
+    model = _LabelledOutput()
+    seq = engine.sequential(model, target=True)
+    torch.testing.assert_close(seq.loss(seq(x), y), model(x, labels=y).loss, rtol=0, atol=0)
+    torch.testing.assert_close(engine.sequential(model)(x), model(x).logits, rtol=0, atol=0)
     # the layers end at the logits the forward returns, though its loss reads them shifted
     # and flattened; a forward returning the loss alone: at what the loss's view reshapes
     ids, t = torch.randn(2, 5, 4), torch.tensor([[0, 2, 1, 1, 0], [1, 1, 2, 0, 2]])
