@@ -15,8 +15,8 @@ import numpy as np
 from . import device, tensors, wire
 from .match import describe
 
-__all__ = ["encode_payload", "as_array", "is_masked", "out_unusable", "out_problem", "out_fits",
-           "fill", "fmt_fp", "delivered"]
+__all__ = ["encode_payload", "decode_object", "as_array", "is_masked", "out_unusable",
+           "out_problem", "out_fits", "fill", "fmt_fp", "delivered"]
 
 
 def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any]:
@@ -32,6 +32,13 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
         arr = device.to_host(obj) if on_device else as_array(obj)
     except TypeError as e:
         raise TypeError(f"rank {rank}: {describe(desc)}: {e}") from None
+    except (RuntimeError, BufferError) as e:
+        if on_device:
+            raise
+        # DLPack's refusals (a dtype numpy lacks, a tensor that requires grad) named no
+        # rank, peer nor operation
+        raise TypeError(f"rank {rank}: {describe(desc)}: {type(obj).__name__} cannot be read "
+                        f"through DLPack ({type(e).__name__}: {e})") from None
     if arr is not None:
         if not wire.dtype_ok(arr.dtype):
             raise TypeError(f"rank {rank}: {describe(desc)}: dtype {arr.dtype} cannot be sent; "
@@ -53,6 +60,27 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
     mv = memoryview(packed)     # in frames of FRAME_BYTES, as arrays: none longer (a
     return wire.OBJ, {}, [mv[i:i + wire.FRAME_BYTES]      # worker refuses a longer one)
                           for i in range(0, len(packed), wire.FRAME_BYTES)], packed
+
+
+def decode_object(packed: Any) -> Any:
+    """An object message's value. A dict's tuple keys arrive as tuples:
+    msgpack packs a tuple as an array, which comes back a list, and a list
+    is no dict key (such a message was dropped as malformed, its send long
+    returned, and its receive waited out its timeout). Tried only when the
+    plain unpack fails, so other objects pay nothing."""
+    try:
+        return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    except TypeError:       # (unhashable type: 'list')
+        return msgpack.unpackb(packed, raw=False, strict_map_key=False,
+                               object_pairs_hook=_tuple_keys)
+
+
+def _tuple_keys(pairs: list) -> dict:
+    return {_key(k): v for k, v in pairs}
+
+
+def _key(k: Any) -> Any:
+    return tuple(_key(x) for x in k) if type(k) is list else k
 
 
 MASKED = ("a masked array's mask would not travel (its masked values would be used as "

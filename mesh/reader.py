@@ -21,7 +21,6 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-import msgpack
 import numpy as np
 import zmq
 
@@ -30,7 +29,7 @@ from .direct import Direct
 from .errors import BadMessageError, MeshError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
-from .payload import fill
+from .payload import decode_object, fill
 from .peer import ALIVE, DEAD, MSG_COST, Peer
 from .rings import MARK, Rings
 from .streams import Job, Streams
@@ -175,7 +174,10 @@ class Reader:
             return self._take_other(src, group, tag, out)
         if out is None:
             out = np.empty(h.shape or (), dt)
-        elif out.dtype is not dt and out.dtype != dt:
+        elif out.dtype is not dt and (out.dtype != dt or (out.dtype.metadata is None)
+                                      is not (dt.metadata is None)):
+            # another dtype, or bfloat16's bits on one side only (uint16 == bfloat16's
+            # dtype: its bits went into a uint16 out=, where the usual way says so)
             return False
         if nbytes:     # copied once, out of the map into ``out`` (out.data: cheaper)
             at = base + off + skip
@@ -474,7 +476,7 @@ class Reader:
             return self._bad(f"object payload of {sum(map(len, payload))} bytes in "
                              f"{len(payload)} frames, header says {h.nbytes}")
         try:
-            value = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+            value = decode_object(packed)
         except Exception as e:
             return self._bad(f"object payload is not msgpack ({type(e).__name__})")
         self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)

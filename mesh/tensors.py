@@ -77,8 +77,9 @@ def check(t: Any, what: str) -> np.dtype:
     """The numpy dtype ``t`` travels as; TypeError naming its dtype (or layout,
     or device) and ``what`` when meshrun cannot carry it."""
     torch = _torch()
-    if t.layout != torch.strided:
-        raise TypeError(f"{what}: {t.layout} tensors cannot be sent; dense (strided) "
+    if t.layout != torch.strided or t.is_nested:     # (a nested tensor says strided)
+        kind = "nested" if t.is_nested else str(t.layout)
+        raise TypeError(f"{what}: {kind} tensors cannot be sent; dense (strided) "
                         f"tensors only")
     if not (t.is_cpu or t.is_cuda):
         raise TypeError(f"{what}: tensors on {t.device.type} cannot be sent; CPU and CUDA "
@@ -174,8 +175,9 @@ def out_unusable(t: Any) -> str:
     its memory, so it must be dense, contiguous, and not a lazy conjugate or
     negation. (A dtype meshrun cannot carry raises in ``out_view``.)"""
     torch = _torch()
-    if t.layout != torch.strided:
-        return f"out= is a {t.layout} {t.dtype} tensor; dense (strided) tensors only"
+    if t.layout != torch.strided or t.is_nested:
+        kind = "nested" if t.is_nested else t.layout
+        return f"out= is a {kind} {t.dtype} tensor; dense (strided) tensors only"
     if not t.is_contiguous():
         return (f"out= is a non-contiguous {t.dtype} tensor (shape {tuple(t.shape)}, strides "
                 f"{t.stride()}); receive into a contiguous one (t.contiguous() is a copy)")
@@ -221,7 +223,10 @@ def plain_view(t: Any) -> tuple[np.ndarray, int] | None:
     None for anything that takes the usual way (CUDA, non-contiguous, a
     dtype numpy lacks, a lazy conjugate or negation: ``operand`` says why
     it fails)."""
-    if not t.is_contiguous():
+    try:
+        if not t.is_contiguous():
+            return None
+    except RuntimeError:    # (a sparse CSR tensor has no is_contiguous: ``check`` names it)
         return None
     d = t.detach() if t.requires_grad else t
     a = cpu_numpy(d)

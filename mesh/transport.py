@@ -23,7 +23,6 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
-import msgpack
 import numpy as np
 import zmq
 
@@ -33,7 +32,7 @@ from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError
 from .inbox import Inbox, abort_error
 from .liveness import COUNTED, Liveness
 from .match import DONE, Pending, Probe
-from .payload import delivered, encode_payload
+from .payload import decode_object, delivered, encode_payload
 from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_bytes, config_float
 from .progress import Progress
 from .reader import COPY_BELOW, Reader
@@ -208,7 +207,7 @@ class Transport:
         nbytes = sum(len(p) for p in payload)
         if dst == self.rank:
             value = np.array(keep, copy=True) if kind == wire.DATA else \
-                msgpack.unpackb(b"".join(payload), raw=False, strict_map_key=False)
+                decode_object(b"".join(payload))
             self.inbox.arrive(self.rank, group, tag, value, nbytes, fp,
                               header_kw.get("device", False))
             self.progress.nudge()
