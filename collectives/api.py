@@ -34,7 +34,7 @@ from .device import paths as device
 from .device.paths import simple
 from .host import paths as host
 from .host.paths import all_gather_object, barrier, broadcast_object
-from .runner import check_comm
+from .runner import check_comm, named
 from .host import tiny as hier_tiny
 from .shm import tiny
 from .tensors import is_tensor
@@ -255,9 +255,9 @@ def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
     if recv_counts is None:     # (-1s: this rank's counts are wrong, its peers learn it)
         column = np.array(sends if bad is None else [-1] * n, np.int64).reshape(n, 1)
         recvs = [int(k) for k in host.all_to_all(g, column, timeout=timeout).reshape(-1)]
-        wrong = [g.ranks[j] for j, k in enumerate(recvs) if k < 0]
+        wrong = [named(g, j) for j, k in enumerate(recvs) if k < 0]
         if wrong and bad is None:
-            bad = f"{me}: the send_counts of rank(s) {wrong} are not valid (see their error)"
+            bad = f"{me}: the send_counts of {', '.join(wrong)} are not valid (see their error)"
     else:
         recvs, bad_recv = _counts(recv_counts, "recv_counts", n, me)
         bad = bad or bad_recv
@@ -398,20 +398,20 @@ def broadcast_state(g: Comm, state: Any = None, root: int = 0,
     if bad:
         raise ValueError(bad)
     if -1 in roots:
-        raise ValueError(f"{me}: rank(s) {[g.ranks[r] for r, w in enumerate(roots) if w < 0]} "
-                         f"gave a root that is not a rank of the group")
+        raise ValueError(f"{me}: {', '.join(named(g, r) for r, w in enumerate(roots) if w < 0)}"
+                         f" gave a root that is not a rank of the group")
     if roots != [root] * g.size:
         raise MismatchError(f"{me}: the ranks gave other roots: " + ", ".join(
-            f"rank {g.ranks[r]} root={w}" for r, w in enumerate(roots)))
+            f"{named(g, r)} root={w}" for r, w in enumerate(roots)))
     shape = every[root][1]
     if isinstance(shape, dict) and shape.get(_ARRAY) == -1:
-        raise TypeError(f"{me}: the root's (rank {root}'s) {shape['error']}")
-    differ = [f"rank {g.ranks[r]}'s {why}" for r, (_, theirs) in enumerate(every)
+        raise TypeError(f"{me}: the root's ({named(g, root)}'s) {shape['error']}")
+    differ = [f"{named(g, r)}'s {why}" for r, (_, theirs) in enumerate(every)
               if r != root and theirs is not None
               for why in [_unlike(theirs, shape, "state")] if why]
     if differ:
-        raise MismatchError(f"{me}: the state passed differs from the root's (rank "
-                            f"{g.ranks[root]}'s): " + "; ".join(differ))
+        raise MismatchError(f"{me}: the state passed differs from the root's "
+                            f"({named(g, root)}'s): " + "; ".join(differ))
     made: list[Any] = []
 
     def build(x: Any) -> Any:

@@ -46,7 +46,7 @@ import numpy as np
 from mesh import Comm, device, tensors
 
 from .ops import resolve
-from .runner import check_comm
+from .runner import check_comm, named
 from .api import all_gather, all_gather_object, all_reduce   # host arrays or device ones
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "bucket_plan", "GradReducer", "all_reduce_grads"]
@@ -318,7 +318,8 @@ class GradReducer:
         i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
         said = (lambda s, k: f"{s[k][1]}{tuple(s[k][0])}" if k < len(s) else "none")
         raise ValueError(f"{self._me}: the ranks' gradients differ: gradient {i} is "
-                         f"{said(a, i)} on rank 0 and {said(b, i)} on rank {other} "
+                         f"{said(a, i)} on {named(self.g, 0)} and {said(b, i)} on "
+                         f"{named(self.g, other)} "
                          f"({len(a)} and {len(b)} gradients): every rank passes the same "
                          f"parameters in the same order (model.parameters() of one model)")
 

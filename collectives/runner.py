@@ -29,7 +29,7 @@ from mesh import ANY, AbortKind, Comm, LostPeerError, MeshError, MeshTimeoutErro
 from .plan import Tuning
 
 __all__ = ["Ctx", "Work", "Body", "start", "now", "NOT_NOW", "abandon", "agreed", "check_comm",
-           "caught", "where", "release", "blocking", "abort_kind"]
+           "caught", "where", "named", "release", "blocking", "abort_kind"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -81,6 +81,16 @@ def where(g: Comm, name: str, tag: int) -> str:
     """How errors name a collective: this rank (its world rank), the
     collective, its sequence number and its group."""
     return f"rank {g.ranks[g.rank]}: {name} #{-tag} on group {g.name}"
+
+
+def named(g: Comm, r: int, word: str = "rank") -> str:
+    """Group rank ``r`` as errors name it inside a message: ``rank 1`` (or
+    ``root 1``: ``word``), with its world rank beside it where the two
+    differ (``rank 1 (world rank 3)``, as mesh names a sub-group's peer), so
+    that a reader of a sub-group's error never takes one numbering for the
+    other."""
+    w = g.ranks[r]
+    return f"{word} {r}" if w == r else f"{word} {r} (world rank {w})"
 
 
 class Ctx:

@@ -49,7 +49,7 @@ from .host.paths import reduce_scatter as _host_reduce_scatter
 from .host.paths import scatter as _host_scatter
 from .ops import resolve
 from .shm.tiny import all_reduce as _tiny_all_reduce
-from .runner import blocking, looked_again, release, start
+from .runner import blocking, looked_again, named, release, start
 from .torchsparse import sparse_all_reduce
 
 __all__ = ["ProcessGroupMeshrun"]
@@ -1081,9 +1081,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def _what(self, op: str) -> str:
         """``op`` on this rank, named as torch's caller knows it too: a
         sub-group's rank 0 on world rank 2 said "rank 0" alone."""
-        c = self.comm
-        world = f" (world rank {c.ranks[c.rank]})" if c.ranks[c.rank] != c.rank else ""
-        return f"rank {c.rank}{world}: {op} on group {c.name}"
+        return f"{named(self.comm, self.comm.rank)}: {op} on group {self.comm.name}"
 
     # -- point-to-point -----------------------------------------------------------
 

@@ -539,7 +539,7 @@ def test_all_to_all_v_exchanges_uneven_blocks_and_refuses_bad_counts_everywhere(
                                    "[1, -1, 0]", said
             assert said[1].startswith(me + "send_counts must be 3 integers"), said
         else:
-            assert said[:2] == [me + "the send_counts of rank(s) [1] are not valid (see their "
+            assert said[:2] == [me + "the send_counts of rank 1 are not valid (see their "
                                      "error)"] * 2, said
         assert said[2] == (f"rank {rank}: all_to_all on group world takes one array (or "
                            f"tensor), got a list of 3: stack them into one (np.stack, "

@@ -140,25 +140,57 @@ def _sub_group_mismatch(world: Any) -> list[str]:
         C.all_reduce(g, np.ones(7 if world.rank == 1 else 8), timeout=10)
     except mesh.MismatchError as e:
         seen.append(str(e))
-    with pytest.raises(ValueError) as bad:
-        C.broadcast(g, np.ones(2), root=3)
-    seen.append(str(bad.value))
+    for root in (3, 2):
+        with pytest.raises(ValueError) as bad:
+            C.broadcast(g, np.ones(2), root=root)
+        seen.append(str(bad.value))
+    # the ranks named inside a message: group ranks, their world ranks beside them
+    calls = [lambda: C.scatter(g, np.ones((2, 3)) if g.rank == 0 else None, dtype=np.int32),
+             lambda: C.all_to_all_v(g, np.ones((2, 1)), [1, 1], [2, 0] if g.rank == 0
+                                    else [1, 1]),
+             lambda: C.all_to_all_v(g, np.ones((2, 1)), [1, -1] if g.rank == 1 else [1, 1]),
+             lambda: C.broadcast_state(g, {"w": np.ones(2 + g.rank)}),
+             lambda: C.all_reduce_grads(g, [np.ones((2, 2)) if g.rank == 0 else np.ones(4)])]
+    for call in calls:
+        try:
+            call()
+            seen.append("ok")
+        except (mesh.MeshError, ValueError) as e:
+            seen.append(str(e))
     return seen
 
 
+@pytest.mark.timeout(90)
 def test_a_sub_groups_errors_start_with_the_world_rank() -> None:
     """On the board (a group's calls after its first) as through the inbox,
     and in the argument checks: 'rank <world rank>: ...', the group's own
-    numbers beside the world's."""
+    numbers beside the world's; a group rank inside the message has its
+    world rank beside it (the scatter's row, all_to_all_v's counts,
+    broadcast_state's root and the gradients' check named the group's ranks
+    alone)."""
     out = mesh.spawn(_sub_group_mismatch, 3, timeout=60)
     assert out[0] == []
     for r in (1, 2):
-        mismatch, bad_root = out[r]
+        mismatch, bad_root, world_root, row, own, counts, state, grads = out[r]
         other = 3 - r
         assert mismatch.startswith(f"rank {r}: collective mismatch on group world/[1, 2]"), \
             mismatch
         assert f"but rank {other} called" in mismatch and "of the group)" in mismatch
         assert bad_root.startswith(f"rank {r}: broadcast on group world/[1, 2]: root 3"), bad_root
+        assert world_root.endswith("(0..1; a group numbers its own ranks: world rank 2 is its "
+                                   "rank 1)"), world_root
+        assert "rank 1 (world rank 2) wants its row as int32 (its tensor's dtype, or dtype=) " \
+               "but root 0 (world rank 1) scatters float64" in row, row
+        assert "rank 0 (world rank 1) expects 2 rows from rank 0 (itself), which sends 1" \
+            in own, own
+        if r == 1:
+            assert counts.endswith("the send_counts of rank 1 (world rank 2) are not valid "
+                                   "(see their error)"), counts
+        assert state.endswith("the state passed differs from the root's (rank 0 (world rank "
+                              "1)'s): rank 1 (world rank 2)'s state['w'] has shape (3,), the "
+                              "root's (2,)"), state
+        assert "gradient 0 is float64(2, 2) on rank 0 (world rank 1) and float64(4,) on rank 1 " \
+               "(world rank 2)" in grads, grads
 
 
 def _rd_across_the_board_limit(world: Any, big: int) -> str:

@@ -45,7 +45,7 @@ from mesh.env import host_id
 from ..host.exchange import all_gather_object_direct
 from ..ops import ReduceOp
 from ..plan import ring_chunks
-from ..runner import Ctx
+from ..runner import Ctx, named
 from ..shm import board
 from .gpu import Call, Lanes, where
 
@@ -174,9 +174,9 @@ def _probe(ctx: Ctx, call: Call, nbytes: int) -> _State | None:
     ok, why = True, ""
     for p, info in enumerate(everyone):
         if not info["on"]:
-            ok, why = False, f"rank {p}: {info['why']}"
+            ok, why = False, f"{named(ctx.g, p)}: {info['why']}"
         elif info["host"] != me["host"]:
-            ok, why = False, f"rank {p} is on another host"
+            ok, why = False, f"{named(ctx.g, p)} is on another host"
     if ok and st is not None:
         got = np.zeros(8, np.uint8)
         for p, info in enumerate(everyone):
@@ -187,10 +187,12 @@ def _probe(ctx: Ctx, call: Call, nbytes: int) -> _State | None:
                 with cp.cuda.Device(call.dev):
                     cp.cuda.runtime.memcpy(got.ctypes.data, ptr, 8, device.MEMCPY_DEFAULT)
             except Exception as e:
-                ok, why = False, f"rank {ctx.g.rank} cannot open rank {p}'s memory: {e}"
+                ok, why = False, (f"{named(ctx.g, ctx.g.rank)} cannot open {named(ctx.g, p)}'s "
+                                  f"memory: {e}")
                 break
             if got.tobytes() != info["token"]:
-                ok, why = False, f"rank {ctx.g.rank} read a wrong token from rank {p}"
+                ok, why = False, (f"{named(ctx.g, ctx.g.rank)} read a wrong token from "
+                                  f"{named(ctx.g, p)}")
                 break
     votes = all_gather_object_direct(ctx, [ok, why])
     if all(v[0] for v in votes):

@@ -53,7 +53,7 @@ from mesh import Comm, LostPeerError, MeshError, MismatchError
 from mesh.peer import config_flag, config_float
 from mesh.progress import adapt_spin
 
-from ..runner import Ctx, caught
+from ..runner import Ctx, caught, named
 from . import stream
 
 __all__ = ["Via", "via", "stats"]
@@ -194,7 +194,7 @@ class _Wait:
             raise err if err is not None else MeshError(
                 f"{ctx.where()}: a peer sent a message where none was expected")
         if ctx.left() <= 0:
-            raise ctx.timed_out(f" waiting for rank {ctx.g.ranks[self.link.peer]} (link)")
+            raise ctx.timed_out(f" waiting for {named(ctx.g, self.link.peer)} (link)")
 
     def lost(self, why: str) -> None:
         """The connection broke: the mesh's own error when it has one (the
@@ -206,7 +206,8 @@ class _Wait:
             raise err
         self.close()
         world = self.ctx.g.ranks[self.link.peer]
-        raise LostPeerError(f"{self.ctx.where()}: rank {world}: {why}", world)
+        raise LostPeerError(f"{self.ctx.where()}: {named(self.ctx.g, self.link.peer)}: {why}",
+                            world)
 
     def close(self) -> None:
         if self.watch is not None and not self.watch.done():
@@ -315,7 +316,7 @@ def _setup(ctx: Ctx, peers: list[int]) -> dict[int, _Link]:
         key = (ctx.g.gid, ctx.tag, ctx.g.ranks[p])
         conn = lis.take(key, time.monotonic() + min(ctx.left(), stream._CONNECT_S))
         if conn is None:
-            raise LostPeerError(f"{ctx.where()}: rank {key[2]} said it connected its link "
+            raise LostPeerError(f"{ctx.where()}: {named(ctx.g, p)} said it connected its link "
                                 f"but none came", key[2])
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         links[p] = _Link(conn, p)

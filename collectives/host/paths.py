@@ -20,7 +20,7 @@ from mesh.tensors import dtype_name, is_tensor
 
 from ..ops import resolve
 from ..plan import Tuning, choose, layout, rd_peers
-from ..runner import Body, Ctx, agreed, start
+from ..runner import Body, Ctx, agreed, named, start
 from ..shm import board, local, tiny
 from . import hier, link
 from . import tiny as hier_tiny
@@ -129,8 +129,11 @@ def _fp(coll: str, a: np.ndarray | None = None, **kw: Any) -> dict:
 
 def _root(g: Comm, root: int) -> int:
     if not isinstance(root, (int, np.integer)) or not 0 <= root < g.size:
+        hint = (f"; a group numbers its own ranks: world rank {root} is its rank "
+                f"{g.ranks.index(int(root))}" if isinstance(root, (int, np.integer))
+                and g.gid and root in g.ranks else "")
         raise ValueError(f"root {root!r} is not a rank of group {g.name} "
-                         f"(0..{g.size - 1})")
+                         f"(0..{g.size - 1}{hint})")
     return int(root)
 
 
@@ -433,12 +436,13 @@ def _row_as_wanted(ctx: Ctx, want: np.dtype | None, form: tuple[int, ...] | None
     wants (``want``, ``form``: None, anything), or MismatchError, inside
     the call (which aborts it)."""
     if want is not None and (want != got or dtype_name(want) != dtype_name(got)):
-        raise MismatchError(f"{ctx.where()}: rank {ctx.g.rank} wants its row as "
-                            f"{dtype_name(want)} (its tensor's dtype, or dtype=) but root {root} "
-                            f"scatters {dtype_name(got)}")
+        raise MismatchError(f"{ctx.where()}: {named(ctx.g, ctx.g.rank)} wants its row as "
+                            f"{dtype_name(want)} (its tensor's dtype, or dtype=) but "
+                            f"{named(ctx.g, root, 'root')} scatters {dtype_name(got)}")
     if form is not None and tuple(form) != tuple(shape):
-        raise MismatchError(f"{ctx.where()}: rank {ctx.g.rank} wants its row shaped "
-                            f"{list(form)} but root {root} scatters rows shaped {list(shape)}")
+        raise MismatchError(f"{ctx.where()}: {named(ctx.g, ctx.g.rank)} wants its row shaped "
+                            f"{list(form)} but {named(ctx.g, root, 'root')} scatters rows "
+                            f"shaped {list(shape)}")
 
 
 def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None,
@@ -499,7 +503,7 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
         me = g.rank
         if in_splits[me] != out_splits[me]:
             raise MismatchError(
-                f"rank {g.ranks[me]}: {name} on group {g.name}: rank {me} expects "
+                f"rank {g.ranks[me]}: {name} on group {g.name}: {named(g, me)} expects "
                 f"{out_splits[me]} rows from rank {me} (itself), which sends {in_splits[me]} "
                 f"({sizes})")
         rest = arr.shape[1:]
@@ -529,8 +533,8 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
                 got = r.wait()
                 if got.shape[0] != out_splits[j]:
                     raise MismatchError(
-                        f"{ctx.where()}: rank {me} expects {out_splits[j]} rows from rank {j}, "
-                        f"which sent {got.shape[0]} ({sizes})")
+                        f"{ctx.where()}: {named(ctx.g, me)} expects {out_splits[j]} rows from "
+                        f"{named(ctx.g, j)}, which sent {got.shape[0]} ({sizes})")
                 blocks[j][...] = got
             for s in sends:
                 s.wait()

@@ -65,7 +65,7 @@ from mesh.listener import HELLO as _HELLO, MAGIC as _MAGIC
 from mesh.listener import listener, reset as _reset, the_listener as _the_listener
 from mesh.peer import config_bytes, config_flag
 
-from ..runner import Ctx, caught
+from ..runner import Ctx, caught, named
 
 __all__ = ["Links", "open_links", "enabled", "stats", "listener"]
 
@@ -338,7 +338,7 @@ class Links:
             raise err if err is not None else MeshError(
                 f"{self.ctx.where()}: a peer sent a message where none was expected")
         if self.ctx.left() <= 0:
-            raise self.ctx.timed_out(f" waiting for rank {self.ctx.g.ranks[peer]} (stream)")
+            raise self.ctx.timed_out(f" waiting for {named(self.ctx.g, peer)} (stream)")
 
     def _lost(self, peer: int, why: str) -> None:
         """The stream with ``peer`` broke: the mesh's own error when it has
@@ -349,7 +349,7 @@ class Links:
             if err is not None:
                 raise err
         world = self.ctx.g.ranks[peer]
-        raise LostPeerError(f"{self.ctx.where()}: rank {world}: {why}", world)
+        raise LostPeerError(f"{self.ctx.where()}: {named(self.ctx.g, peer)}: {why}", world)
 
     def arm(self) -> None:
         """Watch the tag from now on even without an incoming stream (every
@@ -443,8 +443,8 @@ def open_links(ctx: Ctx, left: int, right: int, nbytes: int) -> Links | None:
                     key = (gid, ctx.tag, lw)
                     inp = lis.take(key, time.monotonic() + min(ctx.left(), _CONNECT_S))
                     if inp is None:
-                        raise LostPeerError(f"{ctx.where()}: rank {lw} said it connected its "
-                                            f"stream but none came", lw)
+                        raise LostPeerError(f"{ctx.where()}: {named(ctx.g, left)} said it "
+                                            f"connected its stream but none came", lw)
                     inp.setblocking(False)
     except BaseException:
         for sock in (out, inp, kin[0] if kin else None, kout[0] if kout else None):
@@ -481,7 +481,7 @@ def _told(ctx: Ctx, left: int, conn: socket.socket) -> tuple[socket.socket | Non
     try:
         while not req.done():
             if ctx.left() <= 0:
-                raise ctx.timed_out(f" waiting for rank {ctx.g.ranks[left]} (kept stream)")
+                raise ctx.timed_out(f" waiting for {named(ctx.g, left)} (kept stream)")
             if not poll.poll(int(_POLL_S * 1000)):
                 continue
             try:

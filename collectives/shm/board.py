@@ -56,7 +56,7 @@ from mesh import Comm, LostPeerError, MeshError, MismatchError
 from mesh.rings import fence
 
 from ..host.exchange import all_gather_object_direct
-from ..runner import Ctx, caught
+from ..runner import Ctx, caught, named
 from . import bell, cma
 
 __all__ = ["CAPACITY", "INLINE", "ARENA", "available", "announce", "crowded", "ready", "forget",
@@ -462,10 +462,9 @@ class _Waiting:
 
 
 def _ranks(ctx: Ctx, peers: list[int]) -> str:
-    """Group ranks as errors name them: with their world ranks in a sub-group."""
-    names = [f"rank {p}" if not ctx.g.gid else f"rank {p} (world rank {ctx.g.ranks[p]})"
-             for p in peers]
-    return ", ".join(names)
+    """Group ranks as errors name them (runner.named: with their world ranks where
+    those differ)."""
+    return ", ".join(named(ctx.g, p) for p in peers)
 
 
 def mismatch_text(g: Comm, tag: int, peer: int, mine: str, other: str) -> str:

@@ -26,7 +26,7 @@ from mesh.cma import Reader, allow_peers, read, token
 from mesh.peer import config_flag
 
 from ..host.exchange import all_gather_object_direct
-from ..runner import Ctx, caught
+from ..runner import Ctx, caught, named
 
 __all__ = ["read", "Reader", "failed_read", "peer_read", "usable", "probed", "pids", "forget"]
 
@@ -43,8 +43,7 @@ def failed_read(ctx: Ctx, peer: int, err: int, what: str) -> MeshError:
     else (EFAULT): the peer is alive but has left this collective after an
     error of its own and its buffer went with it; whoever failed first
     aborted the tag, so wait a moment for that abort and raise it."""
-    where, world = ctx.where(), ctx.g.ranks[peer]
-    who = f"rank {peer}" if not ctx.g.gid else f"rank {peer} (world rank {world})"
+    where, world, who = ctx.where(), ctx.g.ranks[peer], named(ctx.g, peer)
     wait = 0.0 if err == errno.ESRCH else min(_LEFT_WAIT_S, ctx.left())
     aborted = caught(ctx.watch(), wait)
     if isinstance(aborted, MeshError):
