@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 import weakref
 from typing import Any, Iterable, Sequence
 
@@ -46,7 +47,7 @@ import numpy as np
 from mesh import Comm, device, tensors
 
 from .ops import resolve
-from .runner import check_comm, named
+from .runner import abandon, check_comm, named
 from .api import all_gather, all_gather_object, all_reduce   # host arrays or device ones
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "bucket_plan", "GradReducer", "all_reduce_grads"]
@@ -81,6 +82,13 @@ def _is_param(x: Any) -> bool:
     """A parameter whose ``.grad`` the reducer follows (a torch Parameter)."""
     return not isinstance(x, np.ndarray) and getattr(x, "requires_grad", False) is True \
         and hasattr(x, "grad")
+
+
+def _is_frozen(x: Any) -> bool:
+    """A torch Parameter that does not require grad: its values are no
+    gradient (all_reduce_grads averaged the weights themselves)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.nn.Parameter) and not x.requires_grad
 
 
 def _torch_held(a: Any) -> bool:
@@ -134,16 +142,15 @@ class GradReducer:
         items = list(grads)
         kinds = [_is_param(x) for x in items]
         self.params: list[Any] | None = items if items and all(kinds) else None
+        frozen = next((i for i, x in enumerate(items) if _is_frozen(x)), None)
+        if frozen is not None:      # (frozen ones alone were taken as gradient arrays)
+            raise TypeError(f"{self._me}: parameter {frozen} does not require grad (a frozen "
+                            f"one): pass the trained ones, [p for p in model.parameters() "
+                            f"if p.requires_grad]")
         if any(kinds) and self.params is None:
-            i = kinds.index(False)
-            frozen = getattr(items[i], "requires_grad", None) is False and hasattr(
-                items[i], "grad")
-            raise TypeError(f"{self._me}: " + (
-                f"parameter {i} does not require grad (a frozen one): pass the trained "
-                f"ones, [p for p in model.parameters() if p.requires_grad]" if frozen else
-                f"gradient {i} is not a parameter and gradient {kinds.index(True)} is: a "
-                f"GradReducer takes all parameters (it follows their .grad) or all "
-                f"gradient arrays"))
+            raise TypeError(f"{self._me}: gradient {kinds.index(False)} is not a parameter "
+                            f"and gradient {kinds.index(True)} is: a GradReducer takes all "
+                            f"parameters (it follows their .grad) or all gradient arrays")
         self._held: list[Any] = [None] * len(items)
         self._made: list[bool] = [False] * len(items)    # .grad was None: zeros made here
         # (parameters: their own tensors stand in for the gradients they will have)
@@ -220,16 +227,25 @@ class GradReducer:
     def _check(self, i: int, a: Any) -> None:
         """Gradient ``i`` is of the reducer's kind: torch, device or host."""
         if a is None:       # (not a kind of its own: [p.grad for p in params], one unused)
-            raise TypeError(f"{self._me}: gradient {i} is None (a parameter without a "
+            err = TypeError(f"{self._me}: gradient {i} is None (a parameter without a "
                             f".grad: unused in this step's forward?); pass the parameters "
                             f"themselves, [p for p in model.parameters() if "
                             f"p.requires_grad]: a missing .grad is then reduced as zeros, "
                             f"and stays None where no rank has one")
+            # Unused here only, maybe: the ranks that have it would wait in their first
+            # call for this one (to their timeout), or meet its next call there.
+            abandon(self.g, str(err))
+            raise err
         if self.torch:
             if not tensors.is_tensor(a):
                 raise TypeError(f"{self._me}: gradient {i} is a {type(a).__name__} and "
                                 f"gradient 0 a torch tensor: a GradReducer takes all torch, "
                                 f"all host (numpy) or all device gradients")
+            if a.layout != _torch().strided:
+                raise TypeError(f"{self._me}: gradient {i} is a {a.layout} tensor: a "
+                                f"GradReducer reduces dense gradients (nn.Embedding("
+                                f"sparse=True) and EmbeddingBag's make sparse ones: leave "
+                                f"sparse=False)")
             return
         if tensors.is_tensor(a) or device.is_device(a) != self.on_device:
             raise TypeError(f"{self._me}: gradient {i} is a "
@@ -329,10 +345,14 @@ class GradReducer:
             if self.params is not None:
                 self._since_last_wait()
         if self.params is not None:
-            for i in b.members:
-                self._replace(i, self._current(i))
-                if self.torch:
-                    self._versions[i] = self._held[i]._version
+            try:
+                for i in b.members:
+                    self._replace(i, self._current(i))
+                    if self.torch:
+                        self._versions[i] = self._held[i]._version
+            except (TypeError, ValueError) as e:
+                self._fail_from(b, e)
+                raise
         with self._on_gpu():
             for i, off in zip(b.members, b.offsets):
                 b.buf[off:off + self._sizes[i]] = self._views[i].reshape(-1)
@@ -340,6 +360,17 @@ class GradReducer:
                 b.buf[b.flags:].copy_(_torch().tensor([0 if self._made[i] else 1
                                                        for i in b.members]))
             b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True, timeout=self.timeout)
+
+    def _fail_from(self, b: _Bucket, e: BaseException) -> None:
+        """A ``.grad`` this rank cannot reduce (a sparse one, another shape),
+        found as bucket ``b`` launches: the peers' calls for ``b`` and the
+        buckets after it fail naming it (the ranks agreed on the layout, so
+        they make as many), where they waited for this rank to their
+        timeout; here those buckets raise it at ``wait()``."""
+        for later in self.buckets[self.buckets.index(b):]:
+            if later.work is None:
+                abandon(self.g, str(e))
+                later.work = _Raise(e)
 
     def _since_last_wait(self) -> None:
         """A step's first launch: some gradient must have changed since the
@@ -429,6 +460,16 @@ class GradReducer:
                                f"register_hook's, which runs before the gradient is "
                                f"accumulated), so it holds no average "
                                f"({how}: {(stale or written)[:8]})")
+
+
+class _Raise:
+    """A bucket's call given up before it was made (GradReducer._fail_from)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def wait(self) -> None:
+        raise self.error
 
 
 def _floating(dt: Any) -> bool:

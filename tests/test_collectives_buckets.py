@@ -208,6 +208,27 @@ def _reducer_misuse(world: Any) -> list[str]:
     with pytest.raises(TypeError, match=rf"rank {world.rank}: GradReducer on group world: "
                                         r"parameter 0 does not require grad"):
         C.GradReducer(world, list(frozen.parameters()))
+    before = frozen[0].weight.detach().clone()
+    with torch.no_grad():
+        frozen[0].weight.add_(world.rank)       # (the replicas' frozen weights differ)
+    for make in (C.GradReducer, C.all_reduce_grads):    # frozen ones alone: no gradients
+        with pytest.raises(TypeError, match=r"parameter 0 does not require grad"):
+            make(world, list(frozen[0].parameters()))
+    assert torch.equal(frozen[0].weight.detach(), before + world.rank)
+    seen.append("frozen")
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 1)
+    ps = list(emb.parameters()) + list(lin.parameters())
+    red = C.GradReducer(world, ps, bucket_bytes=8, timeout=30)
+    h = emb(torch.tensor([0, 5])) if world.rank == 0 else torch.ones(2, 3)  # rank 1: unused
+    lin(h).sum().backward()
+    t0 = time.monotonic()
+    with pytest.raises((TypeError, mesh.MeshError)) as e:    # (rank 1 waited 30 s)
+        red.wait()
+    assert time.monotonic() - t0 < 15 and "rank 0: GradReducer on group world: gradient 0 " \
+        "is a torch.sparse_coo tensor: a GradReducer reduces dense gradients" in str(e.value)
+    assert C.all_reduce(world, torch.ones(2)).tolist() == [2.0, 2.0]    # the calls line up
+    seen.append("sparse")
     t = torch.full((4,), float(world.rank + 1), dtype=torch.bfloat16)
     w = C.all_reduce(world, t, op="sum", async_op=True)
     while not w.done():
@@ -256,11 +277,16 @@ def test_grad_reducer_refuses_what_would_train_the_replicas_apart() -> None:
     """Ranks that list the parameters in another order, a backward that
     accumulates into gradients whose bucket has gone, a frozen parameter:
     each raises naming rank and gradient, where the replicas silently went
-    apart (or the message misled); and an async bfloat16 collective's
-    result is in the tensor once done() says so."""
+    apart (or the message misled); frozen parameters alone are refused too
+    (all_reduce_grads averaged the weights themselves, GradReducer said
+    they were torch gradient tensors); a sparse .grad on rank 0 only
+    (nn.Embedding(sparse=True), unused on rank 1) raises naming it on both
+    ranks (rank 0 raised torch's "reshape is not implemented for sparse
+    tensors", rank 1 waited for it to its timeout); and an async bfloat16
+    collective's result is in the tensor once done() says so."""
     pytest.importorskip("torch")
     assert mesh.spawn(_reducer_misuse, 2, timeout=100) == [
-        ["order", "accumulated", "done 3.0"]] * 2
+        ["order", "accumulated", "frozen", "sparse", "done 3.0"]] * 2
 
 
 def _reducer_arguments(world: Any) -> list[str]:
@@ -302,6 +328,12 @@ def _unused_gradient(world: Any) -> list[str]:
     said.append(str(e.value))
     C.all_reduce_grads(world, ps)   # as advised
     said.append(f"{ps[0].grad.tolist()} {ps[1].grad}")
+    ps[1].grad = torch.ones(3) if world.rank == 0 else None     # unused on rank 1 only
+    t0 = time.monotonic()
+    with pytest.raises((TypeError, mesh.MeshError)) as e:   # (rank 0 waited to its timeout)
+        C.all_reduce_grads(world, [p.grad for p in ps], timeout=30)
+    said.append(str(e.value))
+    said.append(f"{time.monotonic() - t0 < 15} {C.all_reduce(world, torch.ones(1)).tolist()}")
     return said
 
 
@@ -310,13 +342,17 @@ def test_a_gradient_that_is_none_is_named_with_what_to_pass() -> None:
     """all_reduce_grads(g, [p.grad for p in params]) with a parameter unused
     this step (.grad None) said 'gradient 1 is a NoneType and gradient 0 a
     torch tensor: a GradReducer takes all torch, all host (numpy) or all
-    device gradients', as if the kinds were mixed."""
+    device gradients', as if the kinds were mixed. None on rank 1 only:
+    rank 0 raises naming it at once, where it waited in its call to its
+    timeout (or met rank 1's next call there)."""
     pytest.importorskip("torch")
     for r, said in enumerate(mesh.spawn(_unused_gradient, 2, timeout=60)):
         assert said[0].startswith(f"rank {r}: all_reduce_grads on group world: gradient 1 is "
                                   f"None (a parameter without a .grad"), said
         assert "pass the parameters themselves" in said[0] and "NoneType" not in said[0], said
         assert said[1] == "[1.0, 1.0, 1.0] None", said
+        assert "rank 1: all_reduce_grads on group world: gradient 1 is None" in said[2], said
+        assert said[3] == "True [2.0]", said      # at once, and the next call lines up
 
 
 def _half_averages(world: Any) -> list[float]:
