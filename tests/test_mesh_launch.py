@@ -116,12 +116,17 @@ def test_failing_rank_is_root_cause_and_others_are_stopped(tmp_path: Path) -> No
 
 
 def test_rank_killed_by_signal(tmp_path: Path) -> None:
+    """A crash in native code: exit 128+N, and the rank's Python stack on its
+    stderr (faulthandler; it showed nothing), which the table points to."""
     r = meshrun("-n", "2", "--settle", "0.5", str(WORKER), str(tmp_path), "*:barrier",
-                "0:sigkill", "*:sleep")
-    assert r.returncode == 128 + signal.SIGKILL
+                "0:segv", "*:sleep")
+    assert r.returncode == 128 + signal.SIGSEGV
     assert "Root cause: rank 0 failed first" in r.stderr
-    assert "exit       : killed by SIGKILL" in r.stderr
-    assert "no traceback: killed by SIGKILL" in r.stderr
+    assert "exit       : killed by SIGSEGV" in r.stderr
+    assert "no traceback: killed by SIGSEGV (its threads' Python stacks are in its stderr" \
+        in r.stderr
+    assert "[0] Fatal Python error: Segmentation fault" in r.stderr, r.stderr
+    assert re.search(r"\[0\]   File \".*launch_worker.py\", line \d+ in <lambda>", r.stderr)
     assert_all_gone(tmp_path, 2)
 
 
@@ -130,7 +135,8 @@ def test_exit_code_of_first_failure_and_sigterm_escalation(tmp_path: Path) -> No
     r = meshrun("-n", "2", "--grace", "0.5", "--settle", "0.5", str(WORKER), str(tmp_path),
                 "*:ignoreterm", "*:barrier", "1:exit3", "*:sleep")
     assert r.returncode == 3
-    assert "no traceback: exited with code 3" in r.stderr
+    # sys.exit(3) is the rank's error, where it was called (it said "no traceback ...")
+    assert "  error      : SystemExit: 3\n" in r.stderr and "sys.exit(3)" in r.stderr
     assert "rank 0    killed by SIGKILL (stopped by meshrun)" in r.stderr
     assert time.monotonic() - t0 < 10
     assert_all_gone(tmp_path, 2)
@@ -237,6 +243,26 @@ def test_a_line_left_open_is_ended_by_another_ranks_output_and_goes_on_prefixed(
         st.close()
     sink.finish(5)
     assert out.getvalue() == b"[0] ask> more\n[1] other\n[0]  end\n[0] next\n", out.getvalue()
+
+
+def test_a_line_longer_than_a_read_stays_one_line() -> None:
+    """A line of 150 KB (a JSON dump) comes out whole, prefixed once: it was
+    cut every 64 KiB, each piece a line of its own with the rank's prefix."""
+    import io
+    from mesh.launch import relay
+    out = io.BytesIO()
+    sink = relay.Sink(out)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    stream = relay.Stream(r, b"[0] ", sink, None)
+    for piece in (b"x" * 50000, b"x" * 50000, b"x" * 50000 + b"\nend\n"):
+        os.write(w, piece)      # (a pipe holds 64 KiB: read as the rank writes)
+        stream.pump()
+    os.close(w)
+    stream.pump()
+    stream.close()
+    sink.finish(5)
+    assert out.getvalue() == b"[0] " + b"x" * 150000 + b"\n[0] end\n"
 
 
 def test_log_dir_keeps_raw_output_and_error_records(tmp_path: Path) -> None:

@@ -140,6 +140,61 @@ def test_a_slow_reader_gets_all_the_output(tmp_path) -> None:
     assert out.count(b"\n") == 40000, (out.count(b"\n"), err[-2000:])
 
 
+def test_a_reader_slower_than_the_ranks_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank writes faster than meshrun's reader reads, which never stops
+    for long: once the relay's cap waits (here 1 MiB, 64 MiB in meshrun)
+    the rank waits in its writes, as under a slow reader of its own; past
+    the cap the output was dropped (19 MB of a rank's quick 112 MB with a
+    reader that never paused for 5 ms). In this process, on the Job."""
+    import threading
+    from mesh.launch import relay
+    from mesh.launch.records import WorkerSpec
+    from mesh.launch.supervise import Job
+    monkeypatch.setattr(relay, "_SINK_MAX", 1 << 20)
+    r, w = os.pipe()
+    got: list[bytes] = []
+
+    def read() -> None:         # 64 KiB every 5 ms: slower than the rank writes
+        while True:
+            data = os.read(r, 1 << 16)
+            if not data:
+                return
+            got.append(data)
+            time.sleep(0.005)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    spew = "import sys\nsys.stdout.write(('x' * 99 + '\\n') * 60000)\n"    # 6 MB
+    with os.fdopen(w, "wb") as out:
+        job = Job(stdout=out, stall=5)
+        try:
+            outcome = job.run([WorkerSpec(0, 0, [sys.executable, "-c", spew], dict(os.environ))],
+                              timeout=50)
+        finally:
+            job.close()
+    reader.join(30)
+    os.close(r)
+    data = b"".join(got)
+    assert outcome.reason == "ok"
+    assert b"dropped" not in data and data.count(b"[0] " + b"x" * 99 + b"\n") == 60000
+
+
+def test_a_launcher_whose_stdout_is_closed_runs_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``meshrun ... >&-`` (sys.stdout is None, as python leaves it): the
+    ranks' output goes nowhere, as a program's would under python; meshrun
+    failed before the job, naming nothing ("AttributeError: 'NoneType'
+    object has no attribute 'buffer'"). In this process, on the Job."""
+    from mesh.launch.records import WorkerSpec
+    from mesh.launch.supervise import Job
+    monkeypatch.setattr(sys, "stdout", None)
+    job = Job()
+    try:
+        outcome = job.run([WorkerSpec(0, 0, [sys.executable, "-c", "print('x' * 99)"],
+                                      dict(os.environ))], timeout=30)
+    finally:
+        job.close()
+    assert outcome.reason == "ok"
+
+
 def test_a_stuck_reader_of_both_streams_cannot_hold_meshrun_after_a_failure(tmp_path) -> None:
     """stdout and stderr go to one pipe nobody reads, and a rank fails:
     meshrun gives up on the reader and ends with the rank's code, where

@@ -7,7 +7,8 @@
 It first arms the parent-death signal (SIGKILL when the launcher dies) and
 checks that the launcher is still there, then runs the user's program as
 ``__main__`` with ``sys.argv`` and ``sys.path[0]`` as plain ``python`` would
-set them. An uncaught exception is printed as usual (without the bootstrap's
+set them. A crash in native code dumps every thread's Python stack on stderr
+(faulthandler). An uncaught exception is printed as usual (without the bootstrap's
 own frames) and also written as a JSON record to ``MESH_ERROR_FILE``, so the
 launcher can show the rank's own traceback with no decorator in user code.
 When that record is written, stderr gets only the error's last line: the
@@ -23,6 +24,7 @@ import errors unless it imports mesh itself.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import runpy
@@ -162,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: _bootstrap.py script.py args... | -m module args... | --exec prog args...")
     parent = os.environ.get("MESH_LAUNCHER_PID")
     arm_parent_death_signal(int(parent) if parent else None)
+    if not faulthandler.is_enabled():
+        # a crash in native code (SIGSEGV, SIGABRT...) shows where Python was, in every
+        # thread, on the rank's stderr, as torchrun's @record does: it showed nothing
+        faulthandler.enable(all_threads=True)
     me = os.getpid()
     try:
         _run(argv)
@@ -169,10 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         if exc.code not in (None, 0):
             _set_last(exc)
         path = os.environ.get("MESH_ERROR_FILE") if os.getpid() == me else None
-        if path and exc.code is not None and not isinstance(exc.code, int):
-            # sys.exit("why"): the interpreter prints the why and exits 1; recorded, the
-            # report's table says it too (it said "no traceback ... without an uncaught
-            # Python exception", with no error line, for a rank that said why it stopped)
+        if path and exc.code not in (None, 0):
+            # sys.exit("why") (the interpreter prints the why and exits 1), sys.exit(3):
+            # recorded, the report's table says it and where (it said "no traceback ...
+            # without an uncaught Python exception", with no error line)
             tb = _user_frames(exc.__traceback__)
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             try:

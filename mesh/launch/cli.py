@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the other workers get to end on their own after the first "
                         "failure, before they are stopped (default 3)")
     p.add_argument("--output-stall", type=nonnegative_float, default=5.0, metavar="SECONDS",
-                   help="at the end, give up writing the output left to a reader of meshrun's "
-                        "stdout or stderr that took none for this long (default 5)")
+                   help="give up writing the output to a reader of meshrun's stdout or "
+                        "stderr that took none for this long (until then, once 64 MiB wait "
+                        "for it, the ranks wait in their writes; default 5)")
     p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="stop the whole job after this many seconds (exit code 124)")
     p.add_argument("--curve", action="store_true",

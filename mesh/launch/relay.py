@@ -1,6 +1,7 @@
 """Worker output relayed to meshrun's stdout and stderr, line by line with a
 rank prefix, through a writer thread that a reader who stops reading cannot
-stall."""
+stall, and that a slow reader holds back as it would hold back the ranks
+writing to it themselves."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from typing import BinaryIO
 __all__ = ["Sink", "Stream"]
 
 _SINK_MAX = 64 << 20  # relayed output waiting for a slow reader
-_MAX_LINE = 1 << 16  # a longer run without a newline is relayed as a line anyway
+_MAX_LINE = 1 << 16  # a longer run without a newline is relayed as far as it goes
 _HOLD_S = 0.2  # a line left unended this long (a prompt) is written as far as it goes
 _PIECE = 1 << 16  # written at a time: each piece the reader takes shows it still reads
 
@@ -21,15 +22,19 @@ class Sink:
     """Relayed output goes to the launcher's stdout/stderr from a thread of
     its own, so a reader that stops reading (a full pipe) can never stall the
     supervision loop: failures, Ctrl-C and --timeout are handled regardless.
-    At most ``_SINK_MAX`` bytes wait; beyond that output is dropped and the
-    loss is reported. It writes to the stream's file descriptor in pieces,
+    At most ``_SINK_MAX`` bytes wait: past that the Job leaves the ranks'
+    pipes unread while the reader still takes some (``full``), so that the ranks
+    wait in their writes as under a slow reader of their own, and output
+    is dropped (the loss reported) only once it took none for ``stall``
+    seconds. It writes to the stream's file descriptor in pieces,
     not through the interpreter's buffered stream: a piece taken tells that
     the reader still reads (``finish`` waits for as long as it does), and a
     writer blocked on a reader that never reads again holds no lock that
     meshrun's own last writes or its exit would wait on."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, stall: float = 5.0) -> None:
         self._out = out
+        self._stall = stall
         try:
             out.flush()
             self._fd: int | None = out.fileno()
@@ -56,8 +61,8 @@ class Sink:
             self._open_by.open = False
             data = b"\n" + data
         self._open_by = by if open_end else None
-        with self._cond:
-            if self._queued + len(data) > _SINK_MAX and not always:
+        with self._cond:     # (past the cap while the reader reads: a read per pipe at most)
+            if self._queued + len(data) > _SINK_MAX and not always and not self._reading():
                 self._dropped += len(data)
                 return
             self._chunks.append(data)
@@ -66,6 +71,19 @@ class Sink:
 
     def flush(self) -> None:
         pass
+
+    def full(self) -> bool:
+        """Whether the ranks' output should wait in their pipes: ``_SINK_MAX``
+        bytes wait here and the reader took some within ``stall`` seconds (a
+        reader slower than the ranks lost all past the cap, 19 MB of a rank's
+        quick 112 MB to a reader that never paused for 5 ms)."""
+        return self._queued + self._pending >= _SINK_MAX and self._reading()
+
+    def _reading(self) -> bool:
+        """Whether the reader took some of the output within ``stall`` seconds
+        of its coming (a reader that stopped: the output past the cap is
+        dropped, and the ranks no longer wait for it)."""
+        return time.monotonic() - self._wrote_at < self._stall
 
     def _run(self) -> None:
         while True:
@@ -81,6 +99,7 @@ class Sink:
                                   f"reading them\n".encode())
                 data = b"".join(chunks)
                 self._queued, self._pending = 0, len(data)
+                self._wrote_at = time.monotonic()   # (the reader's wait starts now)
             try:
                 self._put(memoryview(data))
             except (OSError, ValueError):
@@ -148,20 +167,23 @@ class Stream:
         self._buf += data
         lines = self._buf.split(b"\n")
         self._buf = lines.pop()
-        if len(self._buf) >= _MAX_LINE or (not data and self._buf):
+        if not data and self._buf:
             lines.append(self._buf)
             self._buf = b""
         if lines:
             first = b"" if self.open else self.prefix
             self._emit(first + b"\n".join(lines[:1] + [self.prefix + ln for ln in lines[1:]])
                        + b"\n")
+        if len(self._buf) >= _MAX_LINE:     # its end follows, unprefixed (it was cut in
+            self.hold(time.monotonic(), at_once=True)   # pieces, each a line of its own)
         if self._buf and not self._since:
             self._since = time.monotonic()
         return bool(data)
 
-    def hold(self, now: float) -> None:
-        """Write a line that has waited ``_HOLD_S`` for its end as far as it goes."""
-        if self._buf and now - self._since >= _HOLD_S:
+    def hold(self, now: float, at_once: bool = False) -> None:
+        """Write a line that has waited ``_HOLD_S`` for its end (``at_once``:
+        a long one) as far as it goes."""
+        if self._buf and (at_once or now - self._since >= _HOLD_S):
             data, self._buf = (b"" if self.open else self.prefix) + self._buf, b""
             self._emit(data, open_end=True)
 

@@ -3,7 +3,7 @@ wrote, which rank failed first and why, and the exit code meshrun ends with."""
 from __future__ import annotations
 
 import re
-
+import signal
 import time
 from typing import Any
 
@@ -13,6 +13,8 @@ from .records import JobOutcome, WorkerExit, signal_name
 __all__ = ["format_report", "exit_code"]
 
 _TIMEOUT_EXIT = 124
+_DUMPED = {signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL}
+"""The signals whose Python stacks the bootstrap's faulthandler writes on the rank's stderr."""
 _RULE = "=" * 72
 
 
@@ -23,12 +25,15 @@ def _stamp(t: float) -> str:
 def _no_traceback(e: WorkerExit, program: bool = False) -> str:
     if e.returncode is None:
         return "no traceback: the process could not be reaped"
+    if e.returncode < 0 and -e.returncode in _DUMPED and not program:
+        return (f"no traceback: killed by {signal_name(-e.returncode)} (its threads' Python "
+                f"stacks are in its stderr: \"Fatal Python error\")")
     if e.returncode < 0:
         return f"no traceback: killed by {signal_name(-e.returncode)}"
     if program:         # (--no-python: a program of the user's, whose own output says why)
         return f"no traceback: the program exited with code {e.returncode}"
     return (f"no traceback: exited with code {e.returncode} without an uncaught Python "
-            f"exception (sys.exit, os._exit, or a crash in native code)")
+            f"exception (os._exit, or a crash in native code)")
 
 
 def _secondary(rec: dict[str, Any] | None) -> bool:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Sequence, TextIO
 
 from .records import JobOutcome, WorkerExit, WorkerSpec
 from .relay import Sink, Stream
@@ -60,10 +60,11 @@ class Job:
         self.on_exit = on_exit      # told of each worker's end, as it is reaped
         self.log_dir = log_dir
         self.scratch = scratch
-        self._out = Sink(stdout or sys.stdout.buffer)
-        self._err = Sink(stderr or sys.stderr.buffer)
+        self._out = Sink(stdout or _own(sys.stdout), stall)
+        self._err = Sink(stderr or _own(sys.stderr), stall)
         self._procs: list[_Proc] = []
         self._sel = selectors.DefaultSelector()
+        self._paused: dict[int, Stream] = {}   # pipes left unread while their sink is full
         self._signals: list[int] = []
         self._watchdog: Watchdog | None = None
 
@@ -203,7 +204,21 @@ class Job:
     def _unreaped(self, p: _Proc) -> WorkerExit:
         return WorkerExit(p.spec.rank, p.spec.local_rank, p.pid, None, time.time(), True)
 
+    def _throttle(self) -> None:
+        """Leave unread the pipes whose sink is full (Sink.full), and read
+        them again once it is not: the ranks then wait in their writes, and
+        their output is not dropped while meshrun's reader still reads."""
+        for key in list(self._sel.get_map().values()):
+            if key.data is not None and key.data.sink.full():
+                self._sel.unregister(key.fd)
+                self._paused[key.fd] = key.data
+        for fd, stream in list(self._paused.items()):
+            if not stream.sink.full():
+                del self._paused[fd]
+                self._sel.register(fd, selectors.EVENT_READ, stream)
+
     def _pump(self, wait: float) -> None:
+        self._throttle()
         for key, _ in self._sel.select(wait):
             if key.data is None:
                 try:
@@ -240,17 +255,32 @@ class Job:
 
     def _drain(self, deadline: float) -> None:
         """Relay what the workers wrote before they ended, for a bounded time:
-        a process outside their groups may still hold a pipe open."""
-        while any(k.data is not None for k in self._sel.get_map().values()):
+        a process outside their groups may still hold a pipe open (the time
+        a full sink holds the pipes unread, Sink.full, is not counted)."""
+        signals = len(self._signals)
+        while self._paused or any(k.data is not None for k in self._sel.get_map().values()):
+            if self._paused and len(self._signals) == signals:    # (Ctrl-C: wait no more)
+                deadline = max(deadline, time.monotonic() + _DRAIN_S)
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._pump(min(left, _POLL_S))
+        for fd, stream in self._paused.items():
+            self._sel.register(fd, selectors.EVENT_READ, stream)
+        self._paused.clear()
         for key in list(self._sel.get_map().values()):
             if key.data is not None:
                 self._sel.unregister(key.fd)
                 key.data.pump()
                 key.data.close()
+
+
+def _own(stream: TextIO | None) -> BinaryIO:
+    """meshrun's own stream, as bytes; the null device where it has none
+    (``meshrun ... >&-``: sys.stdout is None), where a program run by python
+    writes to nothing (meshrun failed naming nothing: "AttributeError:
+    'NoneType' object has no attribute 'buffer'")."""
+    return stream.buffer if stream is not None else open(os.devnull, "wb")
 
 
 def _has_exited(popen: subprocess.Popen[bytes]) -> bool:

@@ -52,6 +52,7 @@ ACTIONS = {
     "ignoreterm": lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
     "raise": _boom,
     "sigkill": lambda: os.kill(os.getpid(), signal.SIGKILL),
+    "segv": lambda: __import__("ctypes").string_at(0),
     "exit3": lambda: sys.exit(3),
     "sleep": lambda: time.sleep(60),
 }
