@@ -236,8 +236,9 @@ class Pipeline:
             tp = grid_or_group.group("tp")
             self.tp = tp if tp.size > 1 else None
         if schedule.num_ranks != self.pp.size:
-            raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks but "
-                             f"the pipeline group has {self.pp.size}")
+            raise ValueError(f"pp rank {self.pp.rank}: schedule {schedule.name!r} has "
+                             f"{schedule.num_ranks} ranks but the pipeline group has "
+                             f"{self.pp.size}: make it for pp={self.pp.size}")
         lowered = verify(schedule)
         if self.dp is not None and self.dp.size > 1:
             lowered = with_grad_sync(lowered)

@@ -27,6 +27,7 @@ pass calls them.
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -63,6 +64,15 @@ class Action:
     mb: int | None = None
 
     def __post_init__(self) -> None:
+        for what, v in (("stage", self.stage), ("micro-batch", self.mb)):
+            if v is not None and not _whole(v):
+                # (an mb of 1.0 equals 1, so the verifier passed it; its message tag 6.0
+                # was then dropped on the wire and the receiving rank timed out)
+                raise TypeError(f"{what} of action ({self.stage!r}, {self.kind!r}, "
+                                f"{self.mb!r}) must be a whole number, got {v!r}")
+        object.__setattr__(self, "stage", int(self.stage))
+        if self.mb is not None:
+            object.__setattr__(self, "mb", int(self.mb))
         if self.kind not in KINDS:
             raise ValueError(f"unknown action kind {self.kind!r}; known: {', '.join(KINDS)}")
         if self.stage < 0:
@@ -117,8 +127,33 @@ def message_key(a: Action) -> MessageKey:
     raise ValueError(f"{a} moves no message")
 
 
+def _whole(v: Any) -> bool:
+    """An int (numpy's too), not a bool or a float that happens to be whole."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _as_action(a: Action | str) -> Action:
-    return a if isinstance(a, Action) else Action.parse(a)
+    if isinstance(a, Action):
+        return a
+    if not isinstance(a, str):
+        raise TypeError(f"not an action: {a!r} (an Action, or its string form: '1F3')")
+    return Action.parse(a)
+
+
+def _as_row(r: int, row: Iterable[Action | str]) -> tuple[Action, ...]:
+    """Rank r's list as actions; an error says which rank and which entry
+    (a rank's list given as one string was read letter by letter: "not an
+    action: '0'", no rank named)."""
+    if isinstance(row, str):
+        raise TypeError(f"rank {r}'s list is the string {row!r}: give a list of actions "
+                        f"({row.split()!r})")
+    out = []
+    for i, a in enumerate(row):
+        try:
+            out.append(_as_action(a))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"rank {r}, action {i} ({a!r}): {e}") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -137,11 +172,19 @@ class Schedule:
                                               repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ranks",
-                           tuple(tuple(_as_action(a) for a in row) for row in self.ranks))
-        object.__setattr__(self, "stage_ranks", tuple(int(r) for r in self.stage_ranks))
+        object.__setattr__(self, "ranks", tuple(_as_row(r, row) for r, row in
+                                                enumerate(self.ranks)))
+        stage_ranks = tuple(self.stage_ranks)
+        for s, r in enumerate(stage_ranks):
+            if not _whole(r):       # (int() made a rank of 1.7 rank 1, without a word)
+                raise TypeError(f"stage {s} is mapped to {r!r}: a rank is a whole number")
+        object.__setattr__(self, "stage_ranks", tuple(int(r) for r in stage_ranks))
         if not self.ranks:
             raise ValueError("a schedule needs at least one rank")
+        if not _whole(self.num_microbatches):
+            raise TypeError(f"num_microbatches must be a whole number, "
+                            f"got {self.num_microbatches!r}")
+        object.__setattr__(self, "num_microbatches", int(self.num_microbatches))
         if self.num_microbatches < 1:
             raise ValueError(f"need at least one micro-batch, got {self.num_microbatches}")
         if not self.stage_ranks:
@@ -156,7 +199,7 @@ class Schedule:
     def build(cls, ranks: Iterable[Iterable[Action | str]], num_microbatches: int,
               stage_ranks: Sequence[int], name: str = "custom") -> "Schedule":
         """Build from any iterables of actions or their string forms."""
-        return cls(tuple(tuple(_as_action(a) for a in row) for row in ranks),
+        return cls(tuple(_as_row(r, row) for r, row in enumerate(ranks)),
                    num_microbatches, tuple(stage_ranks), name)
 
     @property
@@ -200,7 +243,7 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Schedule":
         try:
-            return cls.build(data["ranks"], int(data["num_microbatches"]),
+            return cls.build(data["ranks"], data["num_microbatches"],
                              data["stage_ranks"], str(data.get("name", "custom")))
         except KeyError as e:
             raise ValueError(f"schedule JSON lacks the field {e.args[0]!r}") from None

@@ -4,8 +4,9 @@ It lowers the schedule, then checks, in this order: every action is on the
 rank that holds its stage and names a real micro-batch; every send has its
 receive; each rank's list respects the data dependencies (no backward
 before its forward, no compute before its input has been received);
-every micro-batch passes every stage exactly once; and a replay of all
-ranks (engine.replay) finishes (no deadlock). The first failure raises
+every micro-batch passes every stage exactly once; every stage has an
+OPT action or none does; and a replay of all ranks (engine.replay)
+finishes (no deadlock). The first failure raises
 ScheduleError, whose text shows every rank's list with the offending
 action marked::
 
@@ -121,6 +122,12 @@ def _check_order(s: Schedule, computes: bool = False) -> None:
                     a.kind == I and Action(a.stage, B, a.mb) in done:
                 raise ScheduleError(s, f"rank {r} runs both B and I for stage {a.stage} "
                                     f"micro-batch {a.mb}", [(r, i)])
+            if a.kind == B and Action(a.stage, W, a.mb) in done or \
+                    a.kind == W and Action(a.stage, B, a.mb) in done:
+                # (was "0W0 before its input gradient 0I0", naming an action never written)
+                raise ScheduleError(s, f"rank {r} runs both B and W for stage {a.stage} "
+                                    f"micro-batch {a.mb} (B computes the weight gradient too)",
+                                    [(r, i)])
             if computes:
                 done.add(a)
                 continue
@@ -146,6 +153,20 @@ def _check_coverage(s: Schedule) -> None:
                 raise ScheduleError(s, f"micro-batch {k} is missing from stage {st}: "
                                     f"rank {r} never runs {missing}",
                                     notes={r: f"missing {missing}"})
+
+
+def _check_steps(s: Schedule) -> None:
+    """OPT for every stage or for none: the executor runs ``optimizer(stage)``
+    at OPT actions only, so a stage without one never had its weights stepped
+    (its gradients left for nobody), trained wrong without a word."""
+    stepped = {a.stage for row in s.ranks for a in row if a.kind == OPT}
+    for st in range(s.num_stages):
+        if stepped and st not in stepped:
+            r, have = s.rank_of(st), ", ".join(map(str, sorted(stepped)))
+            raise ScheduleError(s, f"rank {r} never runs {Action(st, OPT)}, but stage(s) "
+                                f"{have} have OPT actions: stage {st}'s weights would never "
+                                f"be stepped (engine.with_optimizer_step adds one per stage)",
+                                notes={r: f"missing {Action(st, OPT)}"})
 
 
 def _check_matching(s: Schedule) -> None:
@@ -196,6 +217,7 @@ def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
     _check_coverage(s)
     _check_matching(s)
     _check_order(s)
+    _check_steps(s)
     run = replay(s, costs, cores, load)
     _check_deadlock(run)
     return run

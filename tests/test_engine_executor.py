@@ -175,7 +175,8 @@ def test_an_optimizer_stepping_every_stage_at_each_opt_action_is_refused():
 def test_construction_errors():
     one = schedules.one_f_one_b(1, 2)
     stage = Sequential(Linear(2, 2))
-    with pytest.raises(ValueError, match="2 ranks"):
+    with pytest.raises(ValueError, match=r"pp rank 0: schedule '1f1b\(2,2\)' has 2 ranks but "
+                       r"the pipeline group has 1: make it for pp=1"):
         Pipeline(_Solo(), stage, schedules.one_f_one_b(2, 2), loss_fn=mse_loss)
     with pytest.raises(ValueError, match="stage object"):
         Pipeline(_Solo(), [stage, stage], one, loss_fn=mse_loss)

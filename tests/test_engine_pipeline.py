@@ -2,7 +2,8 @@
 
 One spawn per topology runs all the schedules for a few SGD steps on a
 tanh MLP (float64) and returns each rank's weights and losses; the parent
-compares them with full-batch training of the same model on the same data.
+compares them with full-batch training of the same model on the same data
+(the built-ins, and one schedule written by hand as a user would).
 Batches are cut into micro-batches (and dp replicas) of unequal size on
 purpose. The
 two-rank spawn also trains a model with a weight tied between stages.
@@ -15,12 +16,27 @@ import pytest
 import mesh
 from engine import Pipeline, partition, schedules
 from engine.executor import split_microbatches, stages_for_rank
+from engine.ir import Schedule
 from engine import layers as L
 from engine.layers import Sequential, mlp_stages, mse_loss, sgd
 
 WIDTHS = [5, 8, 6, 7, 4, 6, 5, 3, 2]  # 8 Linear layers: splits into 2, 4 or 8 stages
 ROWS, STEPS, LR, SEED = 22, 3, 0.1, 7
-NAMES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"]
+NAMES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "hand"]
+
+
+def _schedule(name, p, m):
+    """A built-in, or "hand": one written as a user would, through Schedule.build,
+    none of the built-ins' habits: stage s on rank p-1-s, backwards in reverse
+    micro-batch order, B on odd stages and I then (all W's last) on even ones."""
+    if name != "hand":
+        return schedules.by_name(name, p, m, chunks=2)
+    rows = [[] for _ in range(p)]
+    for s in range(p):
+        back = [f"{s}B{k}" for k in reversed(range(m))] if s % 2 else \
+            [f"{s}I{k}" for k in reversed(range(m))] + [f"{s}W{k}" for k in range(m)]
+        rows[p - 1 - s] = [f"{s}F{k}" for k in range(m)] + back
+    return Schedule.build(rows, m, [p - 1 - s for s in range(p)], "hand")
 
 
 def _data(step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +61,7 @@ def _reference(steps: int) -> tuple[list[np.ndarray], list[float]]:
 
 
 def _train(topo, pp, dp, dp_index, name, m, recompute=False):
-    sched = schedules.by_name(name, pp.size, m, chunks=2)
+    sched = _schedule(name, pp.size, m)
     stages = mlp_stages(WIDTHS, sched.num_stages, SEED)
     mine = stages_for_rank(stages, sched, pp.rank)
     pipe = Pipeline(topo, mine, sched, loss_fn=mse_loss, timeout=30, recompute=recompute)
@@ -86,7 +102,7 @@ def _worker(world, dp_size, m):
 def _check(results, pp_size, dp_size, m):
     ref_params, ref_losses = _reference(STEPS)
     for name in NAMES:
-        sched = schedules.by_name(name, pp_size, m, chunks=2)
+        sched = _schedule(name, pp_size, m)
         last = sched.rank_of(sched.num_stages - 1)
         for d in range(dp_size):
             got: dict[int, list[np.ndarray]] = {}

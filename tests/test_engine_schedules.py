@@ -2,6 +2,7 @@
 import importlib
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -123,6 +124,27 @@ def test_action_forms_and_errors():
         Action(0, "F")
     with pytest.raises(ValueError):
         Action(0, "OPT", 1)
+    # whole numbers only: 1.0 equals 1, so the verifier passed 0F1.0, whose message tag
+    # (6.0) the wire then dropped, the receiver timing out; int() made rank 1.7 rank 1
+    for stage, mb in ((0, 1.0), (True, 0), (0, True), ("0", 0)):
+        with pytest.raises(TypeError, match="must be a whole number"):
+            Action(stage, "F", mb)
+    with pytest.raises(TypeError, match="stage 1 is mapped to 1.7"):
+        Schedule.build([["0F0", "1F0", "1B0", "0B0"]], 1, [0, 1.7])
+    with pytest.raises(TypeError, match="num_microbatches must be a whole number, got 1.9"):
+        Schedule.from_json('{"ranks": [["0F0", "0B0"]], "num_microbatches": 1.9, '
+                           '"stage_ranks": [0]}')
+    numpy_made = Schedule.build([[Action(np.int64(0), "F", np.int64(0)), "0B0"]],
+                                np.int64(1), np.zeros(1, dtype=int))
+    assert numpy_made == Schedule.build([["0F0", "0B0"]], 1, [0])
+    assert type(numpy_made.ranks[0][0].mb) is int
+    json.loads(numpy_made.to_json())
+    # a bad entry names its rank and place (a rank's list as one string was read letter by
+    # letter: "not an action: '0'")
+    with pytest.raises(TypeError, match=r"rank 0's list is the string '0F0 0B0'"):
+        Schedule.build(["0F0 0B0"], 1, [0])
+    with pytest.raises(ValueError, match=r"rank 1, action 2 \('1X0'\): not an action"):
+        Schedule.build([["0F0", "0B0"], ["1F0", "1B0", "1X0"]], 1, [0, 1])
 
 
 @settings(max_examples=30, deadline=None)

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from engine import schedules as S
 from engine.ir import Schedule
-from engine.lower import lower
+from engine.lower import lower, with_optimizer_step
 from engine.verify import ScheduleError, verify
 
 
@@ -49,6 +49,9 @@ def test_w_before_i_and_b_with_i():
     err = _reject(_sched([["0F0", "0W0", "0I0"]]), "before its input gradient")
     assert _marked(err) == ["0W0"]
     _reject(_sched([["0F0", "0B0", "0I0", "0W0"]]), "both B and I")
+    # B already made the weight gradient: named as such, not as a W before an I never written
+    err = _reject(_sched([["0F0", "0B0", "0W0"]]), r"both B and W .* weight gradient too")
+    assert _marked(err) == ["0W0"]
 
 
 def test_missing_microbatch():
@@ -115,6 +118,14 @@ def test_grad_sync_and_optimizer_order():
     _reject(_sched([["0F0", "0AR", "0B0"]]), "before all 1 gradients")
     _reject(_sched([["0F0", "0B0", "0OPT", "0AR"]]), "before 0AR")
     _sched([["0F0", "0B0", "0AR", "0OPT"]]).validate()
+    # OPT for every stage or none: the executor steps at OPT actions only, and stage 1
+    # trained with its first weights (0.14 off sequential training, nothing said)
+    err = _reject(_sched([["0F0", "0B0", "0OPT"], ["1F0", "1B0"]]),
+                  r"rank 1 never runs 1OPT, but stage\(s\) 0 have OPT .* stage 1's weights")
+    assert err.rank == 1 and "1SEND_B0   <- missing 1OPT" in err.grid
+    half = _sched([["0F0", "1F0", "1B0", "0B0", "1OPT"]], stage_ranks=[0, 0])
+    _reject(half, "rank 0 never runs 0OPT")
+    with_optimizer_step(half).validate()
 
 
 def test_str_of_an_invalid_schedule_lists_the_programs():
