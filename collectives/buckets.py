@@ -98,8 +98,16 @@ def _torch_held(a: Any) -> bool:
     return type(a).__module__.split(".")[0] == "torch"
 
 
-# group -> the gradient layouts (digests) its ranks were found to agree on
-_agreed: "weakref.WeakKeyDictionary[Comm, set[bytes]]" = weakref.WeakKeyDictionary()
+# group -> the gradient layouts (digests) its ranks were found to agree on, each with
+# what a rank missing one of its gradients needs to plan the buckets the peers launch:
+# every gradient's (shape, dtype name), size in bytes and dtype as reduced
+_Layout = tuple[list[tuple[tuple[int, ...], str]], list[int], list[Any]]
+_agreed: "weakref.WeakKeyDictionary[Comm, dict[bytes, _Layout]]" = weakref.WeakKeyDictionary()
+
+
+def _named_spec(a: Any) -> tuple[tuple[int, ...], str]:
+    """An array's shape and dtype name, alike for torch, numpy and CuPy."""
+    return tuple(getattr(a, "shape", ())), str(getattr(a, "dtype", "")).removeprefix("torch.")
 
 
 class _Bucket:
@@ -138,6 +146,7 @@ class GradReducer:
         check_comm(g, self._called)
         self.g = g
         self.timeout = timeout
+        self._bucket_bytes = bucket_bytes
         self._me = f"rank {g.ranks[g.rank]}: {self._called} on group {g.name}"
         items = list(grads)
         kinds = [_is_param(x) for x in items]
@@ -208,6 +217,7 @@ class GradReducer:
             raise type(e)(f"{self._me}: {e}") from None
         self.op = op
         self._sizes = sizes
+        self._plan_from: _Layout = ([_named_spec(v) for v in self._views], nbytes, wide)
         # Parameters' buckets of floating gradients, summed or averaged, carry
         # whether each had a gradient: one no rank had stays None, as in DDP.
         flags = self.params is not None and op in ("avg", "sum")
@@ -232,9 +242,10 @@ class GradReducer:
                             f"themselves, [p for p in model.parameters() if "
                             f"p.requires_grad]: a missing .grad is then reduced as zeros, "
                             f"and stays None where no rank has one")
-            # Unused here only, maybe: the ranks that have it would wait in their first
-            # call for this one (to their timeout), or meet its next call there.
-            abandon(self.g, str(err))
+            # Unused here only, maybe: the ranks that have it would wait in their calls
+            # for this one (to their timeout), or meet its next calls there.
+            for _ in range(self._peers_calls()):
+                abandon(self.g, str(err))
             raise err
         if self.torch:
             if not tensors.is_tensor(a):
@@ -255,6 +266,17 @@ class GradReducer:
         if not self.on_device and (not isinstance(a, np.ndarray) or not a.flags.writeable):
             raise TypeError(f"{self._me}: gradient {i} is not a writable numpy array (got "
                             f"{type(a).__name__})")
+
+    def _peers_calls(self) -> int:
+        """How many calls the ranks that have every gradient make (a gradient
+        is None here): one per bucket of an agreed layout the others fit
+        (the most, where several do), else one, the layout check."""
+        mine = [None if a is None else _named_spec(a) for a in self.grads]
+        fits = [len(bucket_plan(nbytes, wide, self._bucket_bytes))
+                for specs, nbytes, wide in _agreed.get(self.g, {}).values()
+                if self._bucket_bytes >= 1 and len(specs) == len(mine) and
+                all(m is None or m == s for m, s in zip(mine, specs))]
+        return max(fits, default=1)
 
     def _view(self, a: Any) -> Any:
         if self.torch:
@@ -319,13 +341,13 @@ class GradReducer:
         shapes and dtypes in the same order (one small all_gather; the
         buckets' fingerprints alone miss a reordering of equal sizes),
         else a ValueError on every rank naming the first that differs."""
-        agreed = _agreed.setdefault(self.g, set())
+        agreed = _agreed.setdefault(self.g, {})
         if self._layout in agreed:
             return
         mine = np.frombuffer(self._layout, np.uint64)
         table = all_gather(self.g, mine, timeout=self.timeout).reshape(self.g.size, -1)
         if (table == table[0]).all():
-            agreed.add(self._layout)
+            agreed[self._layout] = self._plan_from
             return
         specs = all_gather_object(self.g, [(s, str(d).removeprefix("torch."))
                                            for s, d in self._specs], timeout=self.timeout)

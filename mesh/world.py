@@ -215,6 +215,21 @@ def current() -> Mesh | None:
     return mine[0] if len(mine) == 1 else None
 
 
+def _refuse_a_second(spec: env.JobSpec) -> None:
+    """Raise where this process has the job's mesh open already (torch's
+    init_process_group twice raises too): a second one waited for every
+    rank in a new round of the rendezvous, its peers' ranks having ended
+    waited in their close for the first one's goodbye, and the report said
+    the rank never joined. Another job's mesh (collectives.torchdist's, of
+    another world size) may be open beside it."""
+    for m in list(_open):
+        if m._pid == os.getpid() and not m._closed and m.spec == spec:
+            raise RuntimeError(f"rank {spec.rank}: mesh.init: this process has the job's mesh "
+                               f"open already (rank {m.rank} of {m.size}, from an earlier "
+                               f"mesh.init() or mesh.spawn): use that one, or close it first "
+                               f"(mesh.init() after a close joins the job anew)")
+
+
 _SWITCHES = ("MESH_SHM", "MESH_CMA", "MESH_CURVE", "MESH_FORCE_TCP", "MESH_COLL_PIPELINE",
              "MESH_COLL_SMALL_COLUMNS", "MESH_COLL_LINK", "MESH_COLL_STREAM",
              "MESH_COLL_STREAM_KEEP", "MESH_MALLOC_TUNE")
@@ -266,12 +281,14 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     """Join the job described by the environment (meshrun, torchrun, SLURM,
     Open MPI). ``timeout`` is the default for every blocking operation
     (MESH_TIMEOUT, else 300 s); with no job variables this is a world of one.
+    While this process has the job's mesh open, a second one raises.
 
     ``spec`` describes the job instead of the environment; with ``store`` (a
     torch.distributed Store all ranks share) rank 0 publishes where its
     rendezvous service listens there, under ``spec.agent_store``, as under
     torchrun (collectives.torchdist joins this way for tcp:// and file://)."""
     spec = spec if spec is not None else env.from_env()
+    _refuse_a_second(spec)
     check_config()
     op_timeout = timeout if timeout is not None else config_float("MESH_TIMEOUT", 300.0,
                                                                   above=0)

@@ -331,7 +331,8 @@ def _unused_gradient(world: Any) -> list[str]:
     ps[1].grad = torch.ones(3) if world.rank == 0 else None     # unused on rank 1 only
     t0 = time.monotonic()
     with pytest.raises((TypeError, mesh.MeshError)) as e:   # (rank 0 waited to its timeout)
-        C.all_reduce_grads(world, [p.grad for p in ps], timeout=30)
+        # the layout agreed above, in two buckets: rank 1 gives up both of rank 0's calls
+        C.all_reduce_grads(world, [p.grad for p in ps], bucket_bytes=8, timeout=30)
     said.append(str(e.value))
     said.append(f"{time.monotonic() - t0 < 15} {C.all_reduce(world, torch.ones(1)).tolist()}")
     return said
@@ -344,7 +345,9 @@ def test_a_gradient_that_is_none_is_named_with_what_to_pass() -> None:
     torch tensor: a GradReducer takes all torch, all host (numpy) or all
     device gradients', as if the kinds were mixed. None on rank 1 only:
     rank 0 raises naming it at once, where it waited in its call to its
-    timeout (or met rank 1's next call there)."""
+    timeout (or met rank 1's next call there); with the layout agreed in an
+    earlier call and several buckets, rank 1's next call met rank 0's second
+    bucket (a MismatchError, or that bucket's data where they matched)."""
     pytest.importorskip("torch")
     for r, said in enumerate(mesh.spawn(_unused_gradient, 2, timeout=60)):
         assert said[0].startswith(f"rank {r}: all_reduce_grads on group world: gradient 1 is "

@@ -73,11 +73,13 @@ def test_3d_example_trains_saves_and_reloads(tmp_path, script, out):
 
 def _run_example(world, name, args):
     """Rank ``world.rank`` runs examples/``name`` as its own ``__main__``
-    (its ``mesh.init()`` takes the spawned rank's place in the mesh):
-    its standard output."""
+    (its ``mesh.init()`` takes the spawned rank's place in the mesh, closed
+    first: a process has one mesh of a job open at a time): its standard
+    output."""
     import contextlib
     import io
     import runpy
+    world.close()
     buf, argv = io.StringIO(), sys.argv
     sys.argv = [name, *args]
     try:

@@ -241,6 +241,24 @@ def test_no_job_is_a_world_of_one_and_bad_jobs_are_named() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_second_init_while_the_jobs_mesh_is_open_raises_at_once() -> None:
+    """As torch's init_process_group twice: a rank's second mesh.init() waited
+    for every rank in a new round of the rendezvous (its peers, done, waited
+    in their close for the first mesh's goodbye, and meshrun said the rank
+    never joined). Another job's mesh beside it, and one after a close, are
+    fine."""
+    with mesh.init(spec=env.from_env({})) as world:
+        with pytest.raises(RuntimeError, match=r"^rank 0: mesh.init: this process has the "
+                                               r"job's mesh open already \(rank 0 of 1, "):
+            mesh.init(spec=env.from_env({}))
+        another = env.from_env({"MASTER_ADDR": "127.0.0.2", "MASTER_PORT": "1"})
+        with mesh.init(spec=another) as other:
+            assert other.size == 1 and not world._closed
+    with mesh.init(spec=env.from_env({})) as world:
+        assert world.size == 1
+
+
+@pytest.mark.timeout(30)
 def test_rank_0_whose_port_is_taken_fails_at_once_naming_where_it_came_from() -> None:
     with socket.socket() as busy:
         busy.bind(("", 0))

@@ -405,6 +405,33 @@ def test_no_python_says_why_a_file_that_is_there_cannot_run(
     assert "job.sh: not on PATH; give ./job.sh to run the file here" in refused("job.sh")
 
 
+def test_a_module_found_nowhere_is_a_usage_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`meshrun -n 2 -m no_such_module` was reported by every rank (their
+    'No module named'), where a script that is not there is refused up
+    front. Looked for as the ranks' python -m will, the current directory
+    first; a module that is there but fails to import is the ranks' error
+    (its package is not imported in meshrun: the user's code is theirs)."""
+    from mesh.launch import main
+    from mesh.launch.cli import _check, build_parser
+    monkeypatch.chdir(tmp_path)
+    for name in ("no_such_module_here", "no_such_package_here.train"):
+        with pytest.raises(SystemExit) as stop:
+            main(["-n", "2", "-m", name, "x"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, err
+        assert f"-m {name}: no module named '{name.split('.')[0]}' (looked for as the " \
+               f"ranks' python -m will: in the current directory, then on sys.path)" in err, err
+    (tmp_path / "here_only.py").write_text("")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "__init__.py").write_text("raise ImportError('broken')\n")
+    parser = build_parser()
+    for name in ("here_only", "broken.train", "json.tool"):
+        _check(parser, parser.parse_args(["-n", "2", "-m", name]))     # not refused
+    assert "broken" not in sys.modules and "here_only" not in sys.modules
+
+
 MESH_SCRIPT = SCRIPTS / "launch_mesh.py"
 
 

@@ -3,6 +3,7 @@ one host's share of the job from start to exit code."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import secrets
@@ -118,6 +119,9 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if not (a.module or a.no_python or os.path.isfile(a.target)
             or os.path.isfile(os.path.join(a.target, "__main__.py"))):
         p.error(f"{a.target}: no such file (nor a folder with a __main__.py)")
+    if a.module and not _module_found(a.target):
+        p.error(f"-m {a.target}: no module named {a.target.partition('.')[0]!r} (looked for "
+                f"as the ranks' python -m will: in the current directory, then on sys.path)")
     if a.no_python and not shutil.which(a.target):
         p.error(_no_program(a.target))
     if a.log_dir and os.path.exists(a.log_dir) and not os.path.isdir(a.log_dir):
@@ -126,6 +130,22 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     too_many = too_many_for_open_files(a.nnodes * a.nproc)
     if too_many:
         p.error(too_many)
+
+
+def _module_found(name: str) -> bool:
+    """Whether the ranks' ``python -m name`` finds its top-level package or
+    module, the current directory first on their sys.path (as the bootstrap
+    puts it): each rank said the same 'No module named' otherwise. Only the
+    top level: finding a submodule imports its packages, the user's code,
+    which is the ranks' to run (one that fails to import is their error)."""
+    saved = sys.path[:]
+    try:
+        sys.path.insert(0, os.getcwd())
+        return importlib.util.find_spec(name.partition(".")[0]) is not None
+    except Exception:       # (an empty or relative name...: the ranks' python says why)
+        return True
+    finally:
+        sys.path[:] = saved
 
 
 def _no_program(target: str) -> str:
