@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from typing import Any
 
 import pytest
 
@@ -83,19 +85,52 @@ def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return e
 
 
+def _script_rank(script: str, argv: list[str], env: dict[str, str], log: str) -> None:
+    """``python script *argv`` in this process, a fork of mesh.spawn's fork
+    server: the environment ``env``, the working folder the checkout, the
+    output (stdout and stderr merged) in ``log``."""
+    import runpy
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
 def run_ranks(script: str, args: list[list[str]], env: dict[str, str],
-              waits: list[float]) -> tuple[list[subprocess.Popen[str]], list[str]]:
-    """Start ``python script *args[r]`` for each rank r (output merged, cwd the
+              waits: list[float]) -> tuple[list[Any], list[str]]:
+    """Run ``python script *args[r]`` for each rank r (output merged, cwd the
     checkout), wait for rank i at most ``waits[i]`` seconds in turn (a wait
-    past it fails the test), then kill every rank: (processes, outputs)."""
-    procs = [subprocess.Popen([sys.executable, script, *a], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-             for a in args]
+    past it fails the test), then kill every rank: (processes, outputs); a
+    process's ``returncode`` is its exit code (-N: killed by signal N). The
+    ranks are forks of mesh.spawn's fork server, which has imported torch
+    (conftest's MESH_SPAWN_PRELOAD): a fresh interpreter imported it anew,
+    3.5 s of CPU a rank on the 2-core machine."""
+    from mesh.spawn import _fresh_context
+    ctx = _fresh_context()
+    logs = [tempfile.mkstemp(prefix="run-ranks-", suffix=".log") for _ in args]
+    procs = [ctx.Process(target=_script_rank, args=(script, a, env, path))
+             for a, (_, path) in zip(args, logs)]
     try:
-        for p, limit in zip(procs, waits):
-            p.wait(timeout=limit)
+        for p in procs:
+            p.start()
+        for r, (p, limit) in enumerate(zip(procs, waits)):
+            p.join(timeout=limit)
+            if p.exitcode is None:
+                pytest.fail(f"{script} rank {r} still ran after {limit}s")
     finally:
         for p in procs:
-            p.kill()
-        outs = [p.communicate()[0] for p in procs]
+            if p.pid is not None and p.exitcode is None:
+                p.kill()
+            if p.pid is not None:
+                p.join()
+            p.returncode = p.exitcode       # type: ignore[attr-defined]
+        outs = []
+        for fd, path in logs:
+            with os.fdopen(fd) as f:
+                outs.append(f.read())
+            os.unlink(path)
     return procs, outs

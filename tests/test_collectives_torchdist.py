@@ -1084,7 +1084,8 @@ INIT = textwrap.dedent("""
 @pytest.mark.timeout(120)
 def test_init_again_at_once_then_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp(
         tmp_path: Path) -> None:
-    """Three torch processes (one start-up of torch each for all of it):
+    """Three torch processes (forks of mesh.spawn's fork server, torch
+    imported there: proctools.run_ranks) for all of it:
 
     destroy_process_group is no collective: rank 1 inits again (env://,
     tcp://, at world size 2) while rank 0 still holds (and serves) the store

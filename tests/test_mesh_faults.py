@@ -1,8 +1,9 @@
 """Dead and hung peers, injected into real jobs at random moments.
 
 Ranks are started the way any launcher starts them (environment variables,
-``mesh.init``), with the rendezvous served here, so that the test and not a
-supervisor decides when a rank dies and the survivors live on to report. A
+``mesh.init``; forks of mesh.spawn's fork server running the script), with
+the rendezvous served here, so that the test and not a supervisor decides
+when a rank dies and the survivors live on to report. A
 rank is SIGKILLed while everyone is idle, in the middle of a point-to-point
 stream, or in the middle of 16 MiB all_reduces (the socket ring and the
 same-host path); or SIGSTOPped, so that only heartbeat silence can tell.
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import random
+import runpy
 import secrets
 import signal
 import subprocess
@@ -33,6 +35,7 @@ import pytest
 import collectives
 import mesh
 from mesh.rendezvous import RendezvousServer
+from mesh.spawn import _fresh_context
 from proctools import alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +45,20 @@ DETECT_S = 5.0        # generous: a dead process is seen in ~0.7 s, MESH_PEER_TI
 LATER_S = 2.0         # a later operation involving the dead rank fails at once
 
 pytestmark = pytest.mark.timeout(60 * TRIALS)
+
+
+def _rank(argv: list[str], env: dict[str, str], log: str) -> None:
+    """One rank of fault_worker.py, a fork of mesh.spawn's fork server (numpy,
+    ZeroMQ and mesh imported there once: a fresh interpreter took 0.6 s of a
+    loaded core to import them, 3-4 a job): the environment a launcher gives
+    and the script run as python runs it; its output in ``log``."""
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = [str(WORKER), *argv]
+    runpy.run_path(str(WORKER), run_name="__main__")
 
 
 class Job:
@@ -54,9 +71,12 @@ class Job:
         base = dict(os.environ, PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=str(self.server.port), MESH_SECRET=secret, MESH_LAUNCHER="1",
                     WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), **env)
-        self.procs = [subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp), scenario, str(victim)],
-            env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in range(n)]
+        ctx = _fresh_context()
+        self.procs = [ctx.Process(target=_rank, args=(
+            [str(tmp), scenario, str(victim)], dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+            str(tmp / f"{r}.log"))) for r in range(n)]
+        for p in self.procs:
+            p.start()
 
     def __enter__(self) -> "Job":
         return self
@@ -65,17 +85,22 @@ class Job:
         if exc[0] is not None:
             self.dump_stacks()
         for p in self.procs:
-            if p.poll() is None:
+            if p.exitcode is None:
                 p.kill()
         for p in self.procs:
-            p.wait(timeout=10)
+            p.join(timeout=10)
         self.server.close()
+        if exc[0] is not None:
+            for r in range(self.n):
+                log = self.out / f"{r}.log"
+                if log.exists():
+                    print(f"--- rank {r}:\n{log.read_text()}", file=sys.stderr)
 
     def dump_stacks(self) -> None:
         """On a failure, have each live survivor print where it is stuck."""
         for r, p in enumerate(self.procs):
-            if r != self.victim and p.poll() is None:
-                p.send_signal(signal.SIGUSR1)
+            if r != self.victim and p.exitcode is None:
+                os.kill(p.pid, signal.SIGUSR1)
         time.sleep(0.5)
 
     def wait_files(self, suffix: str, count: int, timeout: float) -> None:
@@ -83,11 +108,11 @@ class Job:
         while time.monotonic() < deadline:
             if sum(f.name.endswith(suffix) for f in self.out.iterdir()) >= count:
                 return
-            if any(p.poll() not in (None, 0) for r, p in enumerate(self.procs)
+            if any(p.exitcode not in (None, 0) for r, p in enumerate(self.procs)
                    if r != self.victim):
                 break
             time.sleep(0.01)
-        codes = [p.poll() for p in self.procs]
+        codes = [p.exitcode for p in self.procs]
         raise AssertionError(f"only {sum(f.name.endswith(suffix) for f in self.out.iterdir())} "
                              f"of {count} *{suffix} files after {timeout}s; exit codes {codes}")
 
@@ -95,7 +120,7 @@ class Job:
         """Once every rank is communicating, wait ``delay`` and signal the victim."""
         self.wait_files(".ready", self.n, 30)
         time.sleep(delay)
-        self.procs[self.victim].send_signal(sig)
+        os.kill(self.procs[self.victim].pid, sig)
         return time.monotonic()
 
     def reports(self) -> dict[int, dict]:

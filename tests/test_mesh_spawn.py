@@ -406,14 +406,14 @@ def test_a_spawn_leaves_no_process_socket_or_descriptor_behind(tmp_path: Path) -
         import tempfile
         tempfile.tempdir = None
         with pytest.raises(mesh.WorkerError) as err:
-            mesh.spawn(_starts_processes, 2, str(tmp_path), timeout=8)
+            mesh.spawn(_starts_processes, 2, str(tmp_path), timeout=4)
     finally:
         if old is None:
             del os.environ["TMPDIR"]
         else:
             os.environ["TMPDIR"] = old
         tempfile.tempdir = None
-    assert str(err.value).startswith("mesh.spawn timed out after 8s (rank 1: "), str(err.value)
+    assert str(err.value).startswith("mesh.spawn timed out after 4s (rank 1: "), str(err.value)
     assert "ranks still running: [1]" in str(err.value)     # (rank 0 returned; it closes)
     assert err.value.rank == 1
     kept = err.value     # (the error, with its frames, still held)

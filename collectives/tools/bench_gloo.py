@@ -107,13 +107,27 @@ def run_gloo(op: str, n: int, rows: list[tuple[int, int, int]], dtype: str = "fl
     return run_workers(_worker, n, (op, rows, dtype, device, poll), "gloo", timeout)
 
 
+def _context() -> Any:
+    """Fresh interpreters, as a torch job's own ranks start; with
+    MESH_BENCH_START=server, forks of mesh.spawn's fork server, where torch
+    is imported once if MESH_SPAWN_PRELOAD names it (the test suite's smoke
+    runs: a fresh rank imported pytest and torch anew, 4-5 s of CPU)."""
+    how = os.environ.get("MESH_BENCH_START", "spawn")
+    if how == "server":
+        from mesh.spawn import _fresh_context
+        return _fresh_context()
+    if how != "spawn":
+        raise ValueError(f"MESH_BENCH_START={how!r}: expected 'spawn' or 'server'")
+    return mp.get_context("spawn")
+
+
 def run_workers(target: Any, n: int, args: tuple, what: str, timeout: float = 300) -> list[Any]:
     """Run ``target(rank, n, init_file, *args, conn)`` on ``n`` fresh processes
     (a gloo group meets at ``file://init_file``); each sends ``(ok, payload)``.
     Payloads by rank; a failure or a rank late past ``timeout`` raises, naming
     it, and every process is ended. (Also engine.bench_torch's and
     engine.bench_distribute's torch side.)"""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     fd, init_file = tempfile.mkstemp(prefix="meshrun-bench-gloo-")
     os.close(fd)
     os.unlink(init_file)
