@@ -64,15 +64,8 @@ class Action:
     mb: int | None = None
 
     def __post_init__(self) -> None:
-        for what, v in (("stage", self.stage), ("micro-batch", self.mb)):
-            if v is not None and not _whole(v):
-                # (an mb of 1.0 equals 1, so the verifier passed it; its message tag 6.0
-                # was then dropped on the wire and the receiving rank timed out)
-                raise TypeError(f"{what} of action ({self.stage!r}, {self.kind!r}, "
-                                f"{self.mb!r}) must be a whole number, got {v!r}")
-        object.__setattr__(self, "stage", int(self.stage))
-        if self.mb is not None:
-            object.__setattr__(self, "mb", int(self.mb))
+        if type(self.stage) is not int or not (self.mb is None or type(self.mb) is int):
+            self._whole_numbers()       # (plain ints skip it: the simulator makes many)
         if self.kind not in KINDS:
             raise ValueError(f"unknown action kind {self.kind!r}; known: {', '.join(KINDS)}")
         if self.stage < 0:
@@ -82,6 +75,18 @@ class Action:
             raise ValueError(f"action kind {self.kind} takes {want}")
         if self.mb is not None and self.mb < 0:
             raise ValueError(f"negative micro-batch in action {self.stage}{self.kind}{self.mb}")
+
+    def _whole_numbers(self) -> None:
+        """Stage and micro-batch as ints (numpy's taken), or a TypeError: an
+        mb of 1.0 equals 1, so the verifier passed it; its message tag 6.0 was
+        then dropped on the wire and the receiving rank timed out."""
+        for what, v in (("stage", self.stage), ("micro-batch", self.mb)):
+            if v is not None and not _whole(v):
+                raise TypeError(f"{what} of action ({self.stage!r}, {self.kind!r}, "
+                                f"{self.mb!r}) must be a whole number, got {v!r}")
+        object.__setattr__(self, "stage", int(self.stage))
+        if self.mb is not None:
+            object.__setattr__(self, "mb", int(self.mb))
 
     def __str__(self) -> str:
         return f"{self.stage}{self.kind}{'' if self.mb is None else self.mb}"
