@@ -167,6 +167,17 @@ def waitall(requests: Sequence[Request], timeout: float | None = None) -> list[A
     return [r.wait(timeout=max(0.0, deadline - time.monotonic())) for r in reqs]
 
 
+def testall(requests: Sequence[Request]) -> tuple[bool, list[Any] | None]:
+    """mpi4py's ``Request.testall``: ``(True, results)``, as ``waitall``
+    gives them, once every request is done, else ``(False, None)`` at once
+    with none of them taken (a later wait, test or waitall gives them);
+    what has come is read first, as ``test()`` reads it."""
+    reqs = list(requests)
+    if all(r.get_status() for r in reqs):
+        return True, [r.wait() for r in reqs]
+    return False, None
+
+
 def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[int, Any]:
     """Wait until one of ``requests`` is done: ``(its index, its result)``
     (the lowest index among those done). As in mpi4py, where a completed

@@ -1296,10 +1296,12 @@ def _wait_some(world: mesh.Mesh) -> list:
         return sent
     reqs = [world.irecv(1, tag=1), world.irecv(1, tag=2)]
     early = reqs[0].test()
+    none_yet = mesh.testall(reqs)
     world.send("go", 1, tag=9)
     first = mesh.waitany(reqs, timeout=30)
     rest = mesh.waitall(reqs, timeout=30)
     late = reqs[0].test()
+    every = mesh.testall(reqs)
     never = world.irecv(1, tag=3)
     try:
         mesh.waitany([never], timeout=0.1)
@@ -1309,16 +1311,18 @@ def _wait_some(world: mesh.Mesh) -> list:
     assert never.cancel()
     got = mesh.waitall([world.irecv(1, tag=4), world.irecv(1, tag=5)])
     world.send("done", 1, tag=10)
-    return [early, first, rest, late, "timed out" in timed_out, got[0].tolist(), got[1]]
+    return [early, first, rest, late, "timed out" in timed_out, got[0].tolist(), got[1],
+            none_yet, every]
 
 
 def test_test_waitany_and_waitall_as_mpi4py_has_them() -> None:
     """Request.test() answers at once; waitany returns the first request
     done (index and result); waitall the results in order, bounded by one
-    timeout; waitany times out with MeshTimeoutError."""
+    timeout; waitany times out with MeshTimeoutError; testall answers at
+    once, every result once all are done."""
     res = mesh.spawn(_wait_some, 2, timeout=60)
     assert res[0] == [(False, None), (1, "two"), ["one", "two"], (True, "one"), True,
-                      [0, 1, 2], "x"]
+                      [0, 1, 2], "x", (False, None), (True, ["one", "two"])]
     assert res[1] == [None, None]
 
 
