@@ -156,6 +156,16 @@ def _sent(comm: "Comm") -> Request:
     return r
 
 
+def group_rank_hint(comm: "Comm", r: Any) -> str:
+    """For a rank given outside a sub-group's numbering that is a world rank
+    of one of its members: "a group numbers its own ranks: world rank 3 is
+    its rank 1" (else ""), for errors of calls that take a rank."""
+    if not (comm.gid and isinstance(r, (int, np.integer)) and r in comm.ranks):
+        return ""
+    return (f"a group numbers its own ranks: world rank {r} is its rank "
+            f"{comm.ranks.index(int(r))}")
+
+
 def waitall(requests: Sequence[Request], timeout: float | None = None) -> list[Any]:
     """Wait for every request; their results in order (None for sends).
     ``timeout`` bounds the whole wait; the first request that fails raises
@@ -491,10 +501,9 @@ class Comm:
                              f"(group {self.name} has ranks 0..{self.size - 1}), not "
                              f"{type(r).__name__}")
         if not 0 <= r < self.size:
-            hint = (f" (a group numbers its own ranks: world rank {r} is its rank "
-                    f"{self.ranks.index(int(r))})" if self.gid and r in self.ranks else "")
+            hint = group_rank_hint(self, r)
             raise ValueError(f"rank {self._t.rank}: {op} {way} rank {r!r}: group {self.name} "
-                             f"has ranks 0..{self.size - 1}{hint}")
+                             f"has ranks 0..{self.size - 1}{f' ({hint})' if hint else ''}")
         return self.ranks[int(r)]
 
     # -- groups ------------------------------------------------------------------

@@ -73,12 +73,20 @@ _AS_NUMPY: dict[Any, np.dtype] = {}
 """torch dtype -> the numpy dtype it travels as, for those meshrun carries."""
 
 
+def _not_dense(t: Any) -> str:
+    """What kind of tensor ``t`` is where it is not a dense one ("" where it
+    is): its layout (sparse...), or "nested" (a nested tensor says strided)."""
+    if t.is_nested:
+        return "nested"
+    return "" if t.layout == _torch().strided else str(t.layout)
+
+
 def check(t: Any, what: str) -> np.dtype:
     """The numpy dtype ``t`` travels as; TypeError naming its dtype (or layout,
     or device) and ``what`` when meshrun cannot carry it."""
     torch = _torch()
-    if t.layout != torch.strided or t.is_nested:     # (a nested tensor says strided)
-        kind = "nested" if t.is_nested else str(t.layout)
+    kind = _not_dense(t)
+    if kind:
         raise TypeError(f"{what}: {kind} tensors cannot be sent; dense (strided) "
                         f"tensors only")
     if not (t.is_cpu or t.is_cuda):
@@ -174,9 +182,8 @@ def out_unusable(t: Any) -> str:
     checked when the receive is posted: a message is written straight into
     its memory, so it must be dense, contiguous, and not a lazy conjugate or
     negation. (A dtype meshrun cannot carry raises in ``out_view``.)"""
-    torch = _torch()
-    if t.layout != torch.strided or t.is_nested:
-        kind = "nested" if t.is_nested else t.layout
+    kind = _not_dense(t)
+    if kind:
         return f"out= is a {kind} {t.dtype} tensor; dense (strided) tensors only"
     if not t.is_contiguous():
         return (f"out= is a non-contiguous {t.dtype} tensor (shape {tuple(t.shape)}, strides "

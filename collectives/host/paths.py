@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mesh import Comm, MeshError, MeshTimeoutError, MismatchError, device
+from mesh.comm import group_rank_hint
 from mesh.payload import MASKED, is_masked
 from mesh.tensors import dtype_name, is_tensor
 
@@ -129,11 +130,9 @@ def _fp(coll: str, a: np.ndarray | None = None, **kw: Any) -> dict:
 
 def _root(g: Comm, root: int) -> int:
     if not isinstance(root, (int, np.integer)) or not 0 <= root < g.size:
-        hint = (f"; a group numbers its own ranks: world rank {root} is its rank "
-                f"{g.ranks.index(int(root))}" if isinstance(root, (int, np.integer))
-                and g.gid and root in g.ranks else "")
+        hint = group_rank_hint(g, root)
         raise ValueError(f"root {root!r} is not a rank of group {g.name} "
-                         f"(0..{g.size - 1}{hint})")
+                         f"(0..{g.size - 1}{f'; {hint}' if hint else ''})")
     return int(root)
 
 
