@@ -349,8 +349,7 @@ class GradReducer:
         if (table == table[0]).all():
             agreed[self._layout] = self._plan_from
             return
-        specs = all_gather_object(self.g, [(s, str(d).removeprefix("torch."))
-                                           for s, d in self._specs], timeout=self.timeout)
+        specs = all_gather_object(self.g, self._plan_from[0], timeout=self.timeout)
         other = next(r for r in range(self.g.size) if specs[r] != specs[0])
         a, b = specs[0], specs[other]
         i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
