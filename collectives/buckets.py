@@ -17,7 +17,8 @@ With torch, pass the parameters, as torch's DDP holds them:
 torch replaces gradient tensors (its default ``optimizer.zero_grad()`` sets
 ``.grad`` to None and the next backward makes a new one), so the reducer
 reads each parameter's current ``.grad`` when its bucket launches (zeros
-where it is None), and ``wait()`` raises, naming the gradient, if ``.grad``
+where it is None; for max, min and prod the op's identity, so that they
+are over the ranks that have one), and ``wait()`` raises, naming the gradient, if ``.grad``
 was replaced between the launch and the copy back. A torch gradient tensor
 (or a numpy view of one) is refused: the reducer would go on reducing the
 old tensor after torch replaced it, and the replicas would drift apart.
@@ -218,9 +219,9 @@ class GradReducer:
         self.op = op
         self._sizes = sizes
         self._plan_from: _Layout = ([_named_spec(v) for v in self._views], nbytes, wide)
-        # Parameters' buckets of floating gradients, summed or averaged, carry
-        # whether each had a gradient: one no rank had stays None, as in DDP.
-        flags = self.params is not None and op in ("avg", "sum")
+        # Parameters' buckets of floating gradients carry whether each had a
+        # gradient: one no rank had stays None, as in DDP.
+        flags = self.params is not None
         with self._on_gpu():
             self.buckets = [_Bucket(m, sizes, empty, flags and _floating(wide[m[0]]))
                             for m in plan]
@@ -240,8 +241,9 @@ class GradReducer:
             err = TypeError(f"{self._me}: gradient {i} is None (a parameter without a "
                             f".grad: unused in this step's forward?); pass the parameters "
                             f"themselves, [p for p in model.parameters() if "
-                            f"p.requires_grad]: a missing .grad is then reduced as zeros, "
-                            f"and stays None where no rank has one")
+                            f"p.requires_grad]: a missing .grad is then reduced as zeros "
+                            f"(left out of max, min and prod), and stays None where no rank "
+                            f"has one")
             # Unused here only, maybe: the ranks that have it would wait in their calls
             # for this one (to their timeout), or meet its next calls there.
             for _ in range(self._peers_calls()):
@@ -290,13 +292,16 @@ class GradReducer:
                 f"instead: GradReducer(g, [p for p in model.parameters() if p.requires_grad])")
 
     def _current(self, i: int) -> Any:
-        """Parameter i's current gradient tensor; zeros when None (noted:
-        wait() sets it back to None when no rank had one)."""
+        """Parameter i's current gradient tensor; when None, one made of the
+        op's identity: zeros for avg and sum (as DDP counts an unused
+        parameter's), -inf for max, inf for min, ones for prod, so that max,
+        min and prod are over the ranks that have one (noted: wait() sets it
+        back to None when no rank had one)."""
         assert self.params is not None
         p = self.params[i]
         self._made[i] = p.grad is None
         if p.grad is None:
-            p.grad = p.detach().new_zeros(p.shape)
+            p.grad = p.detach().new_full(p.shape, _IDENTITY.get(self.op, 0.0))
         t = self._held[i] = p.grad
         return t
 
@@ -378,7 +383,8 @@ class GradReducer:
             for i, off in zip(b.members, b.offsets):
                 b.buf[off:off + self._sizes[i]] = self._views[i].reshape(-1)
             if b.flags >= 0:        # (parameters: torch tensors)
-                b.buf[b.flags:].copy_(_torch().tensor([0 if self._made[i] else 1
+                had = 0 if self.op in _NONE_IS_ONE else 1   # (reduces to 1 - had where none)
+                b.buf[b.flags:].copy_(_torch().tensor([1 - had if self._made[i] else had
                                                        for i in b.members]))
             b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True, timeout=self.timeout)
 
@@ -453,11 +459,12 @@ class GradReducer:
                 b.pending = set(b.members)
                 for i, off in zip(b.members, b.offsets):
                     v = self._views[i]
-                    v[...] = b.buf[off:off + self._sizes[i]].reshape(v.shape)
+                    _write(v, b.buf[off:off + self._sizes[i]].reshape(v.shape))
                 if b.flags >= 0 and any(self._made[i] for i in b.members):
                     had = b.buf[b.flags:b.flags + len(b.members)].tolist()
+                    none = 1 if self.op in _NONE_IS_ONE else 0
                     unused += [i for k, i in enumerate(b.members)
-                               if self._made[i] and had[k] == 0]
+                               if self._made[i] and had[k] == none]
         if self.params is None:
             return
         stale = [i for i, p in enumerate(self.params) if p.grad is not self._held[i]]
@@ -493,10 +500,30 @@ class _Raise:
         raise self.error
 
 
+def _write(v: Any, src: Any) -> None:
+    """``v[...] = src``. A torch tensor expanded along a dimension (stride 0:
+    ``p.grad = g.expand_as(p)``) takes it through its first index there
+    (torch refuses to write into one; the reduced values along it are equal,
+    as the gradients' were on every rank)."""
+    if tensors.is_tensor(v) and any(st == 0 and n > 1 for st, n in zip(v.stride(), v.shape)):
+        at = tuple(slice(0, 1) if st == 0 else slice(None) for st in v.stride())
+        v, src = v[at], src[at]
+    v[...] = src
+
+
 def _floating(dt: Any) -> bool:
-    """A numpy or torch floating dtype (a bucket that can carry its flags)."""
-    return bool(getattr(dt, "is_floating_point", False)) or (
-        isinstance(dt, np.dtype) and dt.kind == "f")
+    """A numpy or torch floating or complex dtype (a bucket that can carry
+    its flags)."""
+    return bool(getattr(dt, "is_floating_point", False) or getattr(dt, "is_complex", False)) \
+        or (isinstance(dt, np.dtype) and dt.kind in "fc")
+
+
+# What a parameter without a .grad contributes: the op's identity (avg and sum: zeros).
+_IDENTITY = {"max": -float("inf"), "min": float("inf"), "prod": 1.0}
+# The ops whose flags say "had none": 1 where a rank had no gradient, 0 where it had one
+# (min and prod of them are 1 where no rank had one); the others' say "had one" (max,
+# sum and average are 0 where no rank had one).
+_NONE_IS_ONE = ("min", "prod")
 
 
 def _torch() -> Any:

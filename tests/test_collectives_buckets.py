@@ -265,12 +265,31 @@ def _unused_params(world: Any) -> list[str]:
         opt.step()
         seen.append(f"step {step}")
     assert torch.equal(m["unused"].weight.detach(), before)
+    for op, vals in (("max", [-1.0, -2.0]), ("min", [1.0, 2.0]), ("prod", [2.0, 3.0])):
+        p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        if world.rank == 0:     # (rank 1 has none: counted as zeros, max was [0, 0])
+            p.grad = torch.tensor(vals)
+        C.GradReducer(world, [p, q], op=op).wait()
+        assert p.grad.tolist() == vals and q.grad is None, (op, p.grad, q.grad)
+        seen.append(op)
+    p, q = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2, 3))
+    p.grad = torch.tensor([world.rank + 1.0]).expand(4)     # stride 0: torch's copy_ refused
+    q.grad = torch.arange(6.0).reshape(3, 2).t() * (world.rank + 1)    # not contiguous
+    C.GradReducer(world, [p, q]).wait()
+    assert p.grad.tolist() == [1.5] * 4 and p.grad.stride() == (0,), p.grad
+    assert torch.equal(q.grad, torch.arange(6.0).reshape(3, 2).t() * 1.5), q.grad
+    seen.append("expanded")
     return seen
 
 
 def test_grad_reducer_leaves_a_parameter_no_rank_used_without_a_gradient() -> None:
+    """...and max, min and prod are over the ranks that have a gradient (a
+    missing one counted as zeros gave a max of negatives 0); an expanded
+    .grad (stride 0) is reduced in place (torch's "more than one element of
+    the written-to tensor refers to a single memory location" was raised)."""
     pytest.importorskip("torch")
-    assert mesh.spawn(_unused_params, 2, timeout=100) == [["step 0", "step 1"]] * 2
+    assert mesh.spawn(_unused_params, 2, timeout=100) == [
+        ["step 0", "step 1", "max", "min", "prod", "expanded"]] * 2
 
 
 def test_grad_reducer_refuses_what_would_train_the_replicas_apart() -> None:
