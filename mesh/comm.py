@@ -201,7 +201,11 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
     (default: the mesh's), naming what it waited for."""
     reqs = list(requests)
     if not reqs:
-        raise ValueError("waitany: no requests")
+        from .world import current      # (no request to say whose call it is)
+        m = current()
+        raise ValueError(f"{'' if m is None else f'rank {m.rank}: '}waitany: no requests "
+                         f"(an empty list; mpi4py's waitany returns (MPI.UNDEFINED, None) "
+                         f"for one, meshrun raises, as once every request was waited for)")
     c = reqs[0]._c
     limit = c._t.timeout if timeout is None else _check_timeout(timeout, c, "waitany")
     live = [(i, r) for i, r in enumerate(reqs) if not r._spent]

@@ -1311,18 +1311,26 @@ def _wait_some(world: mesh.Mesh) -> list:
     assert never.cancel()
     got = mesh.waitall([world.irecv(1, tag=4), world.irecv(1, tag=5)])
     world.send("done", 1, tag=10)
+    with pytest.raises(ValueError) as e:
+        mesh.waitany([])
+    empty = [str(e.value), mesh.waitall([]), mesh.waitall([], timeout=1), mesh.testall([])]
     return [early, first, rest, late, "timed out" in timed_out, got[0].tolist(), got[1],
-            none_yet, every]
+            none_yet, every, empty]
 
 
 def test_test_waitany_and_waitall_as_mpi4py_has_them() -> None:
     """Request.test() answers at once; waitany returns the first request
     done (index and result); waitall the results in order, bounded by one
     timeout; waitany times out with MeshTimeoutError; testall answers at
-    once, every result once all are done."""
+    once, every result once all are done. An empty list: waitall and
+    testall give mpi4py's [] and (True, []), waitany raises naming the rank
+    (its ValueError named none)."""
     res = mesh.spawn(_wait_some, 2, timeout=60)
     assert res[0] == [(False, None), (1, "two"), ["one", "two"], (True, "one"), True,
-                      [0, 1, 2], "x", (False, None), (True, ["one", "two"])]
+                      [0, 1, 2], "x", (False, None), (True, ["one", "two"]), [
+                          "rank 0: waitany: no requests (an empty list; mpi4py's waitany "
+                          "returns (MPI.UNDEFINED, None) for one, meshrun raises, as once "
+                          "every request was waited for)", [], [], (True, [])]]
     assert res[1] == [None, None]
 
 
