@@ -1139,7 +1139,15 @@ class _P2PWork(_Work):
         return True
 
     def is_completed(self) -> bool:
-        return bool(self._req.get_status())     # (reads what has come: a polling loop)
+        """Whether the transfer is done (what has come is read: a polling
+        loop); a receive's tensor holds the message once it says so: one
+        received through a buffer of its own (a strided tensor) is copied
+        in here, where only ``wait()`` copied it (gloo refuses one)."""
+        if not self._req.get_status():
+            return False
+        if self._finish is not None:
+            self.exception()        # (the copy, or the error that wait() raises)
+        return True
 
     def is_success(self) -> bool:
         return bool(self._req.get_status()) and self.exception() is None
