@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import replace
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -62,7 +62,7 @@ from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, 
                      measure_stages, microbatch_counts,
                      recomputing, recosted, retimed, stage_costs, stage_spans, table,
                      time_program, under_load, whole_counts)
-from .executor import Pipeline, _retold, rows_of
+from .executor import Pipeline, _in_action, _retold, rows_of
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
 from .stagebuild import inputs_of, is_module, make_stage, param_count
@@ -74,7 +74,7 @@ from .tp_layers import full_params, full_shapes, load_full_params
 from .tp_plan import PlanError, digest, logging_calls, named_by
 from .tp_sums import holders as tp_holders
 
-__all__ = ["distribute", "Job", "load_state"]
+__all__ = ["distribute", "IncompatibleKeys", "Job", "load_state"]
 
 _TP_RUNS = 10     # runs of each tensor-parallel layer's timing (its peers must run as many)
 
@@ -601,6 +601,13 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
     return [c for c in cands if c.measured] + [c for c in cands if not c.measured]
 
 
+class IncompatibleKeys(NamedTuple):
+    """What ``Job.load_state_dict`` left out, as torch's ``load_state_dict``
+    returns it: the model's keys not given, the keys given it lacks."""
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 class Job:
     """One rank's part of a distributed model: see the module docstring."""
 
@@ -614,10 +621,10 @@ class Job:
                  aliases: dict[str, str] | None = None,
                  skipped: Sequence[tuple[Schedule, str]] = (),
                  rest: dict[str, Any] | None = None,
-                 expected: Sequence[str] | None = None) -> None:
+                 expected: dict[str, tuple[int, ...]] | None = None) -> None:
         self.grid = grid
         self._keys = keys          # a traced model's state_dict() keys, in its order
-        self._expected = set(expected or ())     # the whole model's state keys, every name
+        self._expected = expected or {}     # the whole model's state keys, every name: shapes
         self._rest = rest or {}    # its tensors no stage holds, by key (_rest), on every rank
         self._aliases = aliases or {}     # a shared tensor's other keys: its first key
         self.calibration = calibration
@@ -835,76 +842,65 @@ class Job:
                         out[f"{name}.{j}"] = p
         return out
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> IncompatibleKeys:
         """Load the whole model's state (keyed as ``state_dict()`` gives it,
         the model's own keys, unsharded) into this rank's stages: each takes
         its own entries, and with tp its own shards of them (no message).
-        Keys the model lacks raise, as torch's ``load_state_dict`` does
-        (``strict=False`` ignores them; a missing key raises either way, on
-        every rank, before any loads). A tensor the model holds under
-        several names (tied weights) takes, on every stage holding a copy,
-        the value of its last name given in the model's order, the one
-        torch's load leaves in one process; one of its names is enough."""
+        As torch's ``load_state_dict``: keys the model lacks, and keys of the
+        model not given, raise ``KeyError`` (``strict=False``: ignored, a
+        key not given leaves its tensor as it is; the return value names
+        both, ``missing_keys`` and ``unexpected_keys``), and an entry not of
+        its tensor's whole shape raises ``ValueError`` naming both shapes.
+        Every rank knows every key's whole shape, so each error is raised
+        on every rank, before any rank loads anything. A tensor the model
+        holds under several names (tied weights) takes, on every stage
+        holding a copy, the value of its last name given in the model's
+        order, the one torch's load leaves in one process; one of its names
+        is enough. Values are cast to the tensor's dtype, as torch's are."""
+        rank = self.grid.comm.rank
         unexpected = [k for k in state if k not in self._expected]
         if strict and self._expected and unexpected:
-            raise KeyError(f"rank {self.grid.comm.rank}: load_state_dict: "
+            raise KeyError(f"rank {rank}: load_state_dict: "
                            f"{', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
                            f" not in the model (a checkpoint of another model?); "
                            f"strict=False ignores them")
-        rank = self.grid.comm.rank
+        # every rank knows every key and its whole shape: a missing or misshapen one raises
+        # on all before any loads (until the forty-second session a misshapen one raised
+        # on its stage's ranks only, torch's half-loaded stage, after the other stages'
+        # ranks had loaded theirs; those then waited in their next step)
+        for k, v in state.items():
+            want = self._expected.get(k)
+            got = np.shape(v) if hasattr(v, "shape") or not self.is_torch else None
+            if want is not None and got is not None and tuple(got) != want:
+                raise ValueError(f"rank {rank}: load_state_dict: {k} is {tuple(got)} in the "
+                                 f"state given, but {want} in the model")
         state = self._named_once(state)
-        # every rank knows every key: a missing one raises on all before any loads (it
-        # raised on its stage's ranks only, after the others had loaded theirs, which then
-        # waited in their next step for the ranks that had raised)
-        missing = [k for k in sorted(self._expected) if k not in state]
-        if missing:
+        missing = [k for k in self._expected if k not in state]
+        if strict and missing:
             raise KeyError(f"rank {rank}: load_state_dict: "
                            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
-                           f"of the model not in the state given")
-        if not self.is_torch:   # and its stages' shapes: all are checked before anything is
-            # loaded (a (1,) bias for an (8,) one was broadcast into it, with nothing said)
-            for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
-                mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
-                for name, layer in zip(mine, st.layers):
-                    for j, want in enumerate(full_shapes(layer)):
-                        got = tuple(np.shape(state[f"{name}.{j}"]))
-                        if got != want:
-                            raise ValueError(f"rank {rank}: load_state_dict: {name}.{j} is "
-                                             f"{got} in the state given, but {want} in the "
-                                             f"model (stage {s})")
+                           f"of the model not in the state given (strict=False leaves "
+                           f"{'them' if len(missing) > 1 else 'it'} as it is)")
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
-            if self.is_torch:       # the stage's own keys, and the model's for each
-                keys = {k: _model_key(mine, k) for k in st.module.state_dict()}
-            else:
-                keys = {f"{name}.{j}": f"{name}.{j}" for name, layer in zip(mine, st.layers)
-                        for j in range(len(layer.params()))}
-            missing = [m for m in keys.values() if m not in state]
-            if missing:
-                raise KeyError(f"rank {self.grid.comm.rank}: load_state_dict: stage {s} needs "
-                               f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}, "
-                               f"not in the state given")
-            if self._rest and s == self.schedule.stages_of(self.pipeline.rank)[0]:
-                missing = [k for k in self._rest if k not in state]
-                if missing:
-                    raise KeyError(
-                        f"rank {self.grid.comm.rank}: load_state_dict: the model's "
-                        f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (in "
-                        f"no stage: its loss's, or never read by its forward) not in the "
-                        f"state given")
-            if not self.is_torch:
+            if not self.is_torch:      # None: not given, left as it is
                 for name, layer in zip(mine, st.layers):
-                    load_full_params(layer, [state[f"{name}.{j}"]
+                    load_full_params(layer, [state.get(f"{name}.{j}")
                                              for j in range(len(layer.params()))])
-            elif self.sharded:
-                load_full_state_dict(st.module, {k: state[m] for k, m in keys.items()})
+                continue
+            keys = {k: _model_key(mine, k) for k in st.module.state_dict()}
+            given = {k: state[m] for k, m in keys.items() if m in state}
+            if self.sharded:
+                load_full_state_dict(st.module, given, strict=strict)
             else:
-                st.module.load_state_dict({k: state[m] for k, m in keys.items()})
+                st.module.load_state_dict(given, strict=strict)
         if self._rest:      # (every rank: the last stage's loss may read them)
             import torch
             with torch.no_grad():
                 for k, v in self._rest.items():
-                    v.copy_(state[k])
+                    if k in state:
+                        v.copy_(state[k])
+        return IncompatibleKeys(missing, unexpected)
 
     def _named_once(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with each tensor the model holds under several names
@@ -931,7 +927,18 @@ class Job:
         the model holds under several names is under each, as torch lists
         it, though a traced model's pieces name it once) or
         ``"layer.index"`` (numpy: see ``load_state``). Every rank must
-        call it."""
+        call it (a collective, as torch's full state dict of FSDP): rank 0
+        waiting for the others' stages raises after ``timeout`` (default
+        the job's), saying so."""
+        timeout = self._timeout if timeout is None else timeout
+        try:
+            return self._gathered_state(timeout)
+        except MeshError as e:    # (it said "recv ... tag 1152921504606846976 timed out")
+            raise _in_action(e, "job.state_dict() gathers every stage on rank 0, so every "
+                             "rank must call it (sd = job.state_dict(), then if rank == 0: "
+                             "torch.save(sd, path)); it waited here") from None
+
+    def _gathered_state(self, timeout: float | None) -> dict[str, Any] | None:
         if _coord(self.grid, "dp"):
             return None
         local = self._local_state()
@@ -1104,12 +1111,13 @@ def _model_key(names: list[str], key: str) -> str:
     return f"{names[int(j)]}.{rest}" if names[int(j)] else rest
 
 
-def _state_keys(named: list[tuple[str, Any]], is_torch: bool) -> list[str]:
+def _state_shapes(named: list[tuple[str, Any]], is_torch: bool) -> dict[str, tuple[int, ...]]:
     """The whole model's state keys (``Job.state_dict``'s), every name of a
-    module held under several, from its layers as ``_model_layers`` names them."""
+    module held under several, from its layers as ``_model_layers`` names
+    them, each with its unsharded shape."""
     if is_torch:
-        return [f"{n}.{k}" for n, m in named for k in m.state_dict()]
-    return [f"{n}.{j}" for n, layer in named for j in range(len(layer.params()))]
+        return {f"{n}.{k}": tuple(v.shape) for n, m in named for k, v in m.state_dict().items()}
+    return {f"{n}.{j}": shape for n, layer in named for j, shape in enumerate(full_shapes(layer))}
 
 
 def _on_meta(model: Any) -> bool:
@@ -1379,6 +1387,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     _same_model(grid, named, is_torch, fault, timeout)
     assert loss_fn is not None
     aliases = _aliases(source) if is_torch else {}    # (before a plan shards the model)
+    shapes = (_state_shapes(named, is_torch) if source is model    # (and whole shapes)
+              else {k: tuple(v.shape) for k, v in source.state_dict().items()})
     if plan:        # the whole model, so the plan's names are the model's own; then every
         parallelize(source, grid.group("tp"), plan)   # layer is timed sharded, collectives in
         if source is not model:       # traced again: the pieces hold the sharded modules
@@ -1538,7 +1548,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     keys = list(source.state_dict()) if source is not model else None
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
               bool(plan), cal, inputs, reps, messages, timeout, tag_base, target, keys, aliases,
-              skipped, rest, keys if keys is not None else _state_keys(named, is_torch))
+              skipped, rest, shapes)
     job.retime()
     if job.calibration is not None and chosen is not None:
         # the table simulated with the load the re-time fitted (others' processes

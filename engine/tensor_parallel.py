@@ -162,11 +162,11 @@ def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
     return state
 
 
-def load_full_state_dict(module: Any, state: Mapping[str, Any]) -> None:
+def load_full_state_dict(module: Any, state: Mapping[str, Any], strict: bool = True) -> Any:
     """Load a whole, unsharded state (keyed as ``gather_state_dict`` gives
     it) into a torch module ``parallelize`` sharded: each rank takes its
     own shard of each sharded tensor, cut as parallelize cut it (no message
-    sent)."""
+    sent). ``strict`` and the return value: torch's ``load_state_dict``'s."""
     torch = _torch()
     mine = dict(state)
     for name, sub in module.named_modules(remove_duplicate=False):     # every name's key
@@ -177,7 +177,7 @@ def load_full_state_dict(module: Any, state: Mapping[str, Any]) -> None:
             key = f"{name}.{pname}" if name else pname
             if key in mine:
                 mine[key] = _cut(torch, mine[key], dim, meta.style, meta.group)
-    module.load_state_dict(mine)
+    return module.load_state_dict(mine, strict=strict)
 
 
 def _cut(torch: Any, full: Any, dim: int, style: Style, group: Any) -> Any:

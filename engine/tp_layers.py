@@ -367,9 +367,10 @@ def load_full_params(model: Any, whole: list[Any]) -> None:
     sharded layer takes its own shard of its, cut as parallelize cut it (no
     message). An array not of its parameter's unsharded shape raises
     ValueError before anything is copied (numpy broadcast a (1,) bias
-    into every entry of the parameter, with nothing said)."""
+    into every entry of the parameter, with nothing said); None leaves its
+    parameter as it is."""
     for j, (w, want) in enumerate(zip(whole, full_shapes(model), strict=True)):
-        if tuple(np.shape(w)) != want:
+        if w is not None and tuple(np.shape(w)) != want:
             raise ValueError(f"load_full_params: parameter {j} is {want} unsharded, but the "
                              f"array given for it is {tuple(np.shape(w))}")
     _load_full(model, whole)
@@ -388,6 +389,8 @@ def _load_full(model: Any, whole: list[Any]) -> None:
         return
     dims = model.dims if isinstance(model, Sharded) else [None] * len(model.params())
     for p, w, d in zip(model.params(), whole, dims, strict=True):
+        if w is None:
+            continue
         if d is not None:
             w = np.take(w, shard_rows(w.shape[d], model.style.parts, model.group.size,
                                       model.group.rank), axis=d)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import collectives
 import engine
 import mesh
 from engine import choose
@@ -1088,7 +1089,7 @@ def _torch_model(widths=WIDTHS):
     return torch.nn.Sequential(*mods)
 
 
-def _torch_worker(world, axes, plan, widths):
+def _torch_worker(world, axes, plan, widths, ckpt):
     import torch
     torch.set_num_threads(1)
     grid = mesh.grid(world, **axes)
@@ -1112,8 +1113,12 @@ def _torch_worker(world, axes, plan, widths):
                             loss_fn=torch.nn.functional.mse_loss, microbatches=2, reps=1,
                             timeout=60)
     named = job.named_parameters()      # groups by name, as one process's model would take
-    opt = torch.optim.SGD([{"params": [p for n, p in named if "bias" not in n]},
-                           {"params": [p for n, p in named if "bias" in n]}], lr=LR)
+
+    def sgd(named):     # (with momentum: a state of its own for each parameter)
+        return torch.optim.SGD([{"params": [p for n, p in named if "bias" not in n]},
+                                {"params": [p for n, p in named if "bias" in n]}],
+                               lr=LR, momentum=0.9)
+    opt = sgd(named)
     losses = []
     for step in range(STEPS):
         x, y = (part(a) for a in _data(step, widths))
@@ -1121,8 +1126,34 @@ def _torch_worker(world, axes, plan, widths):
         losses.append(job.step(x, y))
         opt.step()
     state = job.state_dict()
+    state = None if state is None else {k: v.numpy().copy() for k, v in state.items()}
+    # README's checkpoint recipe: the model whole on rank 0, with the layout auto chose;
+    # each rank its optimizer's state, with its parameters' names
+    whole = job.state_dict()
+    if world.rank == 0:
+        torch.save({"model": whole, "schedule": job.schedule, "balance": list(job.counts)},
+                   f"{ckpt}/model.pt")
+    torch.save({"names": [n for n, _ in named], "opt": opt.state_dict()},
+               f"{ckpt}/opt-{world.rank}.pt")
+    collectives.barrier(world)
+    ck = torch.load(f"{ckpt}/model.pt", weights_only=False)     # (a Schedule)
+    again = engine.distribute(_torch_model(widths), grid, plan=plan, schedule=ck["schedule"],
+                              balance=ck["balance"], loss_fn=torch.nn.functional.mse_loss,
+                              timeout=60, verbose=False, tag_base=1 << 20)
+    again.load_state_dict(ck["model"])
+    mine = torch.load(f"{ckpt}/opt-{world.rank}.pt")
+    assert mine["names"] == [n for n, _ in again.named_parameters()], "another layout"
+    resumed = sgd(again.named_parameters())
+    resumed.load_state_dict(mine["opt"])
+    for j, o in ((job, opt), (again, resumed)):       # one more step: the same weights
+        x, y = (part(a) for a in _data(STEPS, widths))
+        o.zero_grad()
+        j.step(x, y)
+        o.step()
+    went, back = job.state_dict(), again.state_dict()
     return {"losses": losses, "schedule": job.schedule.name, "last": job.pipeline.last,
-            "state": None if state is None else {k: v.numpy() for k, v in state.items()},
+            "state": state, "resumed": went is None or all(
+                torch.equal(went[k], back[k]) for k in went) and list(went) == list(back),
             "named": [(n, tuple(p.shape)) for n, p in named], "tp": plan is not None,
             "same": [id(p) for _, p in named] == [id(p) for p in job.parameters()]}
 
@@ -1173,12 +1204,14 @@ def assert_named_like(results: list[dict], model: Any) -> None:
     ({"dp": 2, "pp": 2}, None),
     pytest.param({"pp": 2, "tp": 2}, TP_PLAN, marks=pytest.mark.slow),
 ], ids=["dp2xpp2", "pp2xtp2"])
-def test_torch_distribute_matches_one_process(axes, plan):
+def test_torch_distribute_matches_one_process(axes, plan, tmp_path):
     torch = pytest.importorskip("torch")
     widths = TP_WIDTHS if plan else WIDTHS
-    results = mesh.spawn(_torch_worker, 4, axes, plan, widths, timeout=280, env=PATIENT)
+    results = mesh.spawn(_torch_worker, 4, axes, plan, widths, str(tmp_path), timeout=280,
+                         env=PATIENT)
+    assert all(res["resumed"] for res in results)
     model = _torch_model(widths)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     losses = []
     for step in range(STEPS):
         x, y = (torch.from_numpy(a) for a in _data(step, widths))
@@ -1226,13 +1259,24 @@ def _load_worker(world, tp):
     job.load_state_dict(state)               # with tp, each rank its shards
     last = f"{len(other.layers) - 1}.1"
     said = {}
-    for what, bad in [("missing", {k: v for k, v in state.items() if k != last}),
-                      ("shape", {**state, "0.1": state["0.1"][:1]})]:   # a (1,) bias
+    moved = {k: v + 1 for k, v in state.items()}      # (a half-load would show)
+    for what, bad in [("missing", {k: v for k, v in moved.items() if k != last}),
+                      ("shape", {**moved, "0.1": state["0.1"][:1]})]:   # a (1,) bias
         try:
             job.load_state_dict(bad)
             said[what] = ""
         except (KeyError, ValueError) as e:
             said[what] = f"{type(e).__name__}: {e}"
+    # as torch's: strict=False loads what is given, leaves the rest, and names both
+    said["partial"] = job.load_state_dict({**{k: v for k, v in state.items() if k != last},
+                                           "extra.0": state["0.0"]}, strict=False)
+    if world.rank == 0 and tp == 1:   # the others do not call it: rank 0 is told so, in the
+        # job's timeout (with tp, its tp peer's gather waits MESH_TIMEOUT first)
+        try:
+            job.state_dict(timeout=0.2)
+        except mesh.MeshError as e:
+            said["alone"] = str(e)
+    collectives.barrier(world)      # (rank 1's state went to rank 0's wait, ended it)
     got = job.state_dict()
     named = job.named_parameters()      # state_dict()'s names, each rank its own shards
     return {"same": None if got is None else all(np.array_equal(got[k], v)
@@ -1248,8 +1292,11 @@ def _load_worker(world, tp):
 def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
     """A key missing raised on its stage's ranks only, the others loaded;
     a (1,) bias was broadcast into the whole bias, with nothing said (or,
-    sharded, a numpy error). Both now raise, naming the key, before
-    anything is loaded (same: the state loaded before is still there)."""
+    sharded, a numpy error), then raised on its stage's ranks only, the
+    others loading theirs. Both now raise on every rank, naming the key,
+    before anything is loaded (same: the state loaded before is still
+    there). strict=False returns what torch's does; state_dict() called
+    on rank 0 alone says every rank must call it."""
     out = mesh.spawn(_load_worker, 2 * tp, tp, timeout=120)
     assert out[0]["same"] is True and all(o["same"] is None for o in out[1:])
     cut = 0
@@ -1263,10 +1310,16 @@ def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
     assert (cut > 0) == (tp > 1)
     for o in out:
         assert o["missing"] == (f"KeyError: 'rank {o['rank']}: load_state_dict: "
-                                f"{o['last_key']} of the model not in the state given'"), o
-        assert o["shape"] == ("" if not o["first"] else
-                              f"ValueError: rank {o['rank']}: load_state_dict: 0.1 is (1,) in "
-                              f"the state given, but {o['bias']} in the model (stage 0)"), o
+                                f"{o['last_key']} of the model not in the state given "
+                                f"(strict=False leaves it as it is)'"), o
+        assert o["shape"] == (f"ValueError: rank {o['rank']}: load_state_dict: 0.1 is (1,) in "
+                              f"the state given, but {o['bias']} in the model"), o
+        assert o["partial"] == ([o["last_key"]], ["extra.0"]), o["partial"]
+        assert o["partial"].missing_keys == [o["last_key"]], o["partial"]
+    assert tp > 1 or out[0]["alone"].startswith(
+        "rank 0: job.state_dict() gathers every stage on rank 0, so every rank must call it"), \
+        out[0]["alone"]
+    assert tp > 1 or "timed out after 0.2s" in out[0]["alone"], out[0]["alone"]
     model = _numpy_model(WIDTHS)
     state = {f"{i}.{j}": p.copy() for i, layer in enumerate(model.layers)
              for j, p in enumerate(layer.params())}
@@ -1687,6 +1740,7 @@ def _shared_worker(world):
                 if not (id(v) in seen or seen.add(id(v)))}
         job.load_state_dict(once)
         named_once = job.state_dict()
+        named_once = named_once and {k: v.clone() for k, v in named_once.items()}
         last = list(other)[-1]
         try:
             job.load_state_dict({k: v for k, v in other.items() if k != last})
@@ -1695,6 +1749,21 @@ def _shared_worker(world):
             missing = str(e)
         assert f"rank {world.rank}: load_state_dict: {last} of the model not in the state " \
             f"given" in missing, missing
+        # the head's weight misshapen (rank 1's stage): rank 1 raised torch's RuntimeError
+        # (its bias loaded), rank 0 loaded its stage; now both raise, nothing loaded
+        head, held = list(other)[-2], [p.detach().clone() for p in job.parameters()]
+        try:
+            job.load_state_dict({**other, head: other[head][:1]})
+            shape = "no error"
+        except ValueError as e:
+            shape = str(e)
+        assert shape == (f"rank {world.rank}: load_state_dict: {head} is "
+                         f"{tuple(other[head][:1].shape)} in the state given, but "
+                         f"{tuple(other[head].shape)} in the model"), shape
+        assert all(torch.equal(a, b) for a, b in zip(held, job.parameters(), strict=True))
+        assert job.load_state_dict({k: v for k, v in other.items() if k != last},
+                                   strict=False) == ([last], []), kind
+        assert torch.equal(dict(job.named_parameters()).get(last, held[-1]), held[-1]), kind
         if world.rank:
             assert f"rank {world.rank}: load_state_dict: extra.weight not in" in extra, extra
             continue
