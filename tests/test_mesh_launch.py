@@ -245,6 +245,54 @@ def test_a_line_left_open_is_ended_by_another_ranks_output_and_goes_on_prefixed(
     assert out.getvalue() == b"[0] ask> more\n[1] other\n[0]  end\n[0] next\n", out.getvalue()
 
 
+def test_a_progress_bar_says_its_rank_each_time_it_starts_its_line_over() -> None:
+    """A rank's progress bar (tqdm's "\\r 40%|####") written over its own
+    line: the prefix follows each carriage return, where the bar wrote over
+    the prefix (a terminal showed " 40%|####" with no rank); a bar's line
+    ended by another rank's output ends without a line of its own."""
+    import io
+    from mesh.launch import relay
+    out = io.BytesIO()
+    sink = relay.Sink(out)
+    pipes = [os.pipe() for _ in range(2)]
+    for r, _ in pipes:
+        os.set_blocking(r, False)
+    s0, s1 = (relay.Stream(r, f"[{i}] ".encode(), sink, None) for i, (r, _) in enumerate(pipes))
+    for st, data in ((s0, b"\r 10%|#"), (s0, b"\r 20%|##"), (s1, b"\r 50%"),
+                     (s0, b"\ndone\n"), (s1, b" 60%\r"), (s1, b" 70%\r\n")):
+        os.write(pipes[st is s1][1], data)
+        st.pump()
+        st.hold(time.monotonic() + 1)   # (a line left open: shown as far as it goes)
+    for (_, w), st in zip(pipes, (s0, s1)):
+        os.close(w)
+        st.close()
+    sink.finish(5)
+    assert out.getvalue() == (b"\r[0]  10%|#\r[0]  20%|##\n\r[1]  50%\n[0] done\n"
+                              b"[1]  60%\r[1]  70%\r\n"), out.getvalue()
+
+
+def test_a_bar_on_stderr_is_ended_by_output_on_stdout_where_both_are_one_file(
+        tmp_path: Path) -> None:
+    """meshrun's stdout and stderr one terminal (or file): a rank's progress
+    bar on stderr, its line left open, is ended before output on stdout, and
+    the bar's own line end then makes no empty line: the output came on the
+    bar's line ("\\r[1] 100%|###|[0] done") and an empty "[1] " line after.
+    In this process, on the Job (its time: the bar held 0.2 s, as a prompt)."""
+    from mesh.launch.records import WorkerSpec
+    from mesh.launch.supervise import Job
+    bar = ("import sys, time\nsys.stderr.write('\\r 50%'); sys.stderr.flush()\n"
+           "time.sleep(0.5)\nprint('done', flush=True)\nsys.stderr.write('\\n')\n")
+    with open(tmp_path / "both", "wb") as both:
+        job = Job(stdout=both, stderr=both)
+        try:
+            outcome = job.run([WorkerSpec(0, 0, [sys.executable, "-c", bar], dict(os.environ))],
+                              timeout=30)
+        finally:
+            job.close()
+    assert outcome.reason == "ok"
+    assert (tmp_path / "both").read_bytes() == b"\r[0]  50%\n[0] done\n"
+
+
 def test_a_line_longer_than_a_read_stays_one_line() -> None:
     """A line of 150 KB (a JSON dump) comes out whole, prefixed once: it was
     cut every 64 KiB, each piece a line of its own with the rank's prefix."""
@@ -411,8 +459,9 @@ def test_a_module_found_nowhere_is_a_usage_error(
     """`meshrun -n 2 -m no_such_module` was reported by every rank (their
     'No module named'), where a script that is not there is refused up
     front. Looked for as the ranks' python -m will, the current directory
-    first; a module that is there but fails to import is the ranks' error
-    (its package is not imported in meshrun: the user's code is theirs)."""
+    first, a package's submodule in its folders, without importing it (its
+    code is the ranks' to run); a module that is there but fails to import
+    is the ranks' error."""
     from mesh.launch import main
     from mesh.launch.cli import _check, build_parser
     monkeypatch.chdir(tmp_path)
@@ -426,10 +475,26 @@ def test_a_module_found_nowhere_is_a_usage_error(
     (tmp_path / "here_only.py").write_text("")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "__init__.py").write_text("raise ImportError('broken')\n")
+    (tmp_path / "broken" / "train.py").write_text("")
+    (tmp_path / "grown").mkdir()      # (its __init__ may add what its folder lacks)
+    (tmp_path / "grown" / "__init__.py").write_text(
+        "import pkgutil\n__path__ = pkgutil.extend_path(__path__, __name__)\n")
+    # a package that is there without the submodule (or __main__) to run: each rank
+    # said "No module named ..."; refused, and the package is not imported here
+    for name, why in (("broken.tarin", "no module named 'broken.tarin' (the package "
+                                       f"'broken' is {tmp_path / 'broken'})"),
+                      ("broken", "'broken' is a package without a __main__ module"),
+                      ("here_only.x", "'here_only' ("),
+                      ("json.nope", "no module named 'json.nope' (the package 'json' is ")):
+        with pytest.raises(SystemExit) as stop:
+            main(["-n", "2", "-m", name])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"-m {name}: {why}" in err, err
     parser = build_parser()
-    for name in ("here_only", "broken.train", "json.tool"):
+    for name in ("here_only", "broken.train", "json.tool", "grown.anything", "os.path"):
         _check(parser, parser.parse_args(["-n", "2", "-m", name]))     # not refused
     assert "broken" not in sys.modules and "here_only" not in sys.modules
+    assert "grown" not in sys.modules
 
 
 MESH_SCRIPT = SCRIPTS / "launch_mesh.py"

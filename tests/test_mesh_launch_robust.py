@@ -114,6 +114,33 @@ def test_a_reader_that_stops_reading_cannot_stall_teardown(tmp_path) -> None:
 
 
 
+def test_a_reader_that_goes_away_stops_the_job_as_sigpipe_would(tmp_path) -> None:
+    """``meshrun -n 2 script.py | head -1``: once the reader has closed its
+    end, the ranks are stopped and meshrun exits 141 (128+SIGPIPE, as a
+    program writing to the pipe would end) without a report or traceback;
+    it wrote on to no one until the ranks ended (here never: --timeout)."""
+    script = tmp_path / "spew.py"
+    script.write_text("import os, time\n"
+                      f"open(os.path.join({str(tmp_path)!r}, os.environ['RANK']), 'w')"
+                      ".write(str(os.getpid()))\n"
+                      "while True:\n    print('x' * 99, flush=True)\n    time.sleep(0.001)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", "--timeout", "30",
+                             str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().endswith(b"x\n")
+        proc.stdout.close()        # (head -1 exits)
+        t0 = time.monotonic()
+        err = proc.communicate(timeout=20)[1].decode()
+        took = time.monotonic() - t0
+    finally:
+        _end([proc])
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert err == "" and took < 10, (took, err)
+    pids = [int((tmp_path / r).read_text()) for r in "01" if (tmp_path / r).exists()]
+    assert pids and not [p for p in pids if os.path.exists(f"/proc/{p}")], "ranks outlived it"
+
+
 def test_a_slow_reader_gets_all_the_output(tmp_path) -> None:
     """The ranks end long before the reader of meshrun's stdout reads (a
     pager, a busy tee): meshrun writes on while it takes the output, and
@@ -193,6 +220,28 @@ def test_a_launcher_whose_stdout_is_closed_runs_the_job(monkeypatch: pytest.Monk
     finally:
         job.close()
     assert outcome.reason == "ok"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_output_a_full_disk_refused_is_told_and_fails_meshrun() -> None:
+    """``meshrun ... > /dev/full``: the ranks' output was lost silently and
+    meshrun exited 0 (python says "No space left on device" and exits 1).
+    Now Job.close says on stderr what was lost and why, and returns True
+    (meshrun then exits 1 where the job did not fail). In this process."""
+    import io
+    from mesh.launch.records import WorkerSpec
+    from mesh.launch.supervise import Job
+    err = io.BytesIO()
+    with open("/dev/full", "wb") as full:
+        job = Job(stdout=full, stderr=err)
+        try:
+            outcome = job.run([WorkerSpec(0, 0, [sys.executable, "-c", "print('x' * 99)"],
+                                          dict(os.environ))], timeout=30)
+        finally:
+            failed = job.close()
+    assert outcome.reason == "ok" and failed
+    assert err.getvalue() == (b"meshrun: 104 bytes of the ranks' standard output were not "
+                              b"written: OSError: [Errno 28] No space left on device\n")
 
 
 def test_a_stuck_reader_of_both_streams_cannot_hold_meshrun_after_a_failure(tmp_path) -> None:

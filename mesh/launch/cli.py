@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import textwrap
@@ -119,9 +120,9 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if not (a.module or a.no_python or os.path.isfile(a.target)
             or os.path.isfile(os.path.join(a.target, "__main__.py"))):
         p.error(f"{a.target}: no such file (nor a folder with a __main__.py)")
-    if a.module and not _module_found(a.target):
-        p.error(f"-m {a.target}: no module named {a.target.partition('.')[0]!r} (looked for "
-                f"as the ranks' python -m will: in the current directory, then on sys.path)")
+    missing = _module_missing(a.target) if a.module else None
+    if missing:
+        p.error(f"-m {a.target}: {missing}")
     if a.no_python and not shutil.which(a.target):
         p.error(_no_program(a.target))
     if a.log_dir and os.path.exists(a.log_dir) and not os.path.isdir(a.log_dir):
@@ -132,20 +133,70 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(too_many)
 
 
-def _module_found(name: str) -> bool:
-    """Whether the ranks' ``python -m name`` finds its top-level package or
-    module, the current directory first on their sys.path (as the bootstrap
-    puts it): each rank said the same 'No module named' otherwise. Only the
-    top level: finding a submodule imports its packages, the user's code,
-    which is the ranks' to run (one that fails to import is their error)."""
+def _module_missing(name: str) -> str | None:
+    """Why the ranks' ``python -m name`` will not find what to run, or None:
+    each rank said the same 'No module named' otherwise. Looked for as runpy
+    will, the current directory first on sys.path (as the bootstrap puts it),
+    without importing anything: a package's submodules are looked for in its
+    folders, as the import system will once the package is imported (its
+    ``__init__`` is the user's code, the ranks' to run). None where that may
+    not tell: a package whose ``__init__`` changes its ``__path__`` or
+    ``sys.modules`` (pkgutil.extend_path), a finder that fails, a name the
+    ranks' python will refuse itself (empty, relative)."""
     saved = sys.path[:]
     try:
         sys.path.insert(0, os.getcwd())
-        return importlib.util.find_spec(name.partition(".")[0]) is not None
+        parts = name.split(".")
+        spec = importlib.util.find_spec(parts[0])
+        if spec is None:
+            return (f"no module named {parts[0]!r} (looked for as the ranks' python -m will: "
+                    f"in the current directory, then on sys.path)")
+        for i, part in enumerate([*parts[1:], "__main__"], 1):
+            if spec.submodule_search_locations is None and part == "__main__":
+                return None
+            if _dynamic_package(spec):
+                return None
+            pkg, sub = ".".join(parts[:i]), ".".join([*parts[:i], part])
+            if spec.submodule_search_locations is None:
+                return f"{pkg!r} ({spec.origin}) is a module, not a package"
+            found = _find_in(sub, list(spec.submodule_search_locations))
+            if found is None:
+                where = ", ".join(dict.fromkeys(spec.submodule_search_locations))
+                if part == "__main__":
+                    return (f"{pkg!r} is a package without a __main__ module ({where}): it "
+                            f"cannot be run")
+                return f"no module named {sub!r} (the package {pkg!r} is {where})"
+            spec = found
+        return None
     except Exception:       # (an empty or relative name...: the ranks' python says why)
-        return True
+        return None
     finally:
         sys.path[:] = saved
+
+
+def _dynamic_package(spec: Any) -> bool:
+    """Whether a package's ``__init__`` (a module's code) may add submodules
+    its folders do not hold (extends ``__path__``, fills ``sys.modules`` as
+    ``os`` does ``os.path``), or cannot be read."""
+    if not spec.has_location or spec.origin in (None, "namespace"):
+        return spec.origin is not None and spec.origin != "namespace"
+    try:
+        with open(spec.origin, "rb") as f:
+            source = f.read()
+    except OSError:
+        return True
+    return not spec.origin.endswith(".py") or b"__path__" in source or b"sys.modules" in source
+
+
+def _find_in(name: str, path: list[str]) -> Any:
+    """The spec of submodule ``name`` of a package whose folders are ``path``,
+    as the import system's finders give it, without importing anything."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        spec = find(name, path) if find is not None else None
+        if spec is not None:
+            return spec
+    return None
 
 
 def _no_program(target: str) -> str:
@@ -263,11 +314,13 @@ def launch(a: argparse.Namespace) -> int:
             records = read_records(err_dir, (e.rank for e in outcome.exits))
             if a.log_dir:
                 log_tracebacks(a.log_dir, records)
-            if outcome.reason != "ok":
+            piped = outcome.reason == "signal" and outcome.signum == signal.SIGPIPE
+            if outcome.reason != "ok" and not piped:    # (`| head`: as quiet as `yes | head`)
                 report = format_report(outcome, records, a.nproc, a.timeout, a.no_python)
-            return exit_code(outcome, records)
+            code = exit_code(outcome, records)
         finally:
-            job.close(report)
+            write_failed = job.close(report)
+        return 1 if write_failed and code == 0 else code   # (output lost: as python exits)
     finally:
         if srv is not None:
             _close_bounded(srv)

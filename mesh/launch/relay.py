@@ -5,10 +5,11 @@ writing to it themselves."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import threading
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 __all__ = ["Sink", "Stream"]
 
@@ -16,6 +17,8 @@ _SINK_MAX = 64 << 20  # relayed output waiting for a slow reader
 _MAX_LINE = 1 << 16  # a longer run without a newline is relayed as far as it goes
 _HOLD_S = 0.2  # a line left unended this long (a prompt) is written as far as it goes
 _PIECE = 1 << 16  # written at a time: each piece the reader takes shows it still reads
+_CR = re.compile(rb"\r(?=[^\r\n])")  # a carriage return that text follows on its line
+_CR_FIRST = re.compile(rb"\r+[^\r\n]")  # a line that starts over at once
 
 
 class Sink:
@@ -30,11 +33,21 @@ class Sink:
     not through the interpreter's buffered stream: a piece taken tells that
     the reader still reads (``finish`` waits for as long as it does), and a
     writer blocked on a reader that never reads again holds no lock that
-    meshrun's own last writes or its exit would wait on."""
+    meshrun's own last writes or its exit would wait on. A reader that
+    went away (EPIPE: ``meshrun ... | head``) gets nothing more, and
+    ``on_gone`` is told, once: meshrun stops the job, as SIGPIPE stops a
+    program writing to it (the ranks wrote on to no one until they ended).
+    Any other error of a write (a full disk) loses that write: ``error``
+    says what the first one was and ``failed`` counts the bytes lost."""
 
-    def __init__(self, out: BinaryIO, stall: float = 5.0) -> None:
+    def __init__(self, out: BinaryIO, stall: float = 5.0,
+                 on_gone: Callable[[], None] | None = None) -> None:
         self._out = out
         self._stall = stall
+        self._on_gone = on_gone
+        self.gone = False           # the reader closed its end (EPIPE)
+        self.error = ""             # the first error a write met (ENOSPC...), if any
+        self.failed = 0             # bytes lost to such errors
         try:
             out.flush()
             self._fd: int | None = out.fileno()
@@ -48,6 +61,7 @@ class Sink:
         self._cond = threading.Condition()
         self._closed = False
         self._open_by: Stream | None = None    # whose line was written without its end
+        self._lines = self      # the Sink that keeps _open_by (share_lines: another's)
         self._thread = threading.Thread(target=self._run, name="meshrun-output", daemon=True)
         self._thread.start()
 
@@ -57,10 +71,13 @@ class Sink:
         ``by``: the Stream it comes from; ``open_end``: it ends in a line
         left open (a prompt: Stream.hold). Another stream's output first
         ends that line, and the open one's rest starts a new one, prefixed."""
-        if self._open_by is not None and self._open_by is not by:
-            self._open_by.open = False
+        lines = self._lines
+        if lines._open_by is not None and lines._open_by is not by:
+            lines._open_by.open, lines._open_by.cut = False, True
             data = b"\n" + data
-        self._open_by = by if open_end else None
+        lines._open_by = by if open_end else None
+        if self.gone:
+            return
         with self._cond:     # (past the cap while the reader reads: a read per pipe at most)
             if self._queued + len(data) > _SINK_MAX and not always and not self._reading():
                 self._dropped += len(data)
@@ -68,6 +85,17 @@ class Sink:
             self._chunks.append(data)
             self._queued += len(data)
             self._cond.notify()
+
+    def fileno(self) -> int | None:
+        """The descriptor written to; None for an in-memory stream."""
+        return self._fd
+
+    def share_lines(self, other: "Sink") -> None:
+        """Keep the line left open with ``other`` (both write to one file,
+        a terminal: meshrun's stdout and stderr): a rank's progress bar on
+        stderr, its line open, is ended by any rank's output on stdout first
+        (that output came after the bar, on the bar's line)."""
+        self._lines = other._lines
 
     def flush(self) -> None:
         pass
@@ -77,7 +105,7 @@ class Sink:
         bytes wait here and the reader took some within ``stall`` seconds (a
         reader slower than the ranks lost all past the cap, 19 MB of a rank's
         quick 112 MB to a reader that never paused for 5 ms)."""
-        return self._queued + self._pending >= _SINK_MAX and self._reading()
+        return self._queued + self._pending >= _SINK_MAX and self._reading() and not self.gone
 
     def _reading(self) -> bool:
         """Whether the reader took some of the output within ``stall`` seconds
@@ -101,9 +129,15 @@ class Sink:
                 self._queued, self._pending = 0, len(data)
                 self._wrote_at = time.monotonic()   # (the reader's wait starts now)
             try:
-                self._put(memoryview(data))
-            except (OSError, ValueError):
-                pass                # the reader is gone (EPIPE): nothing can be written
+                if not self.gone:
+                    self._put(memoryview(data))
+            except BrokenPipeError:
+                self.gone = True    # the reader is gone: nothing can be written
+                if self._on_gone is not None:
+                    self._on_gone()
+            except (OSError, ValueError) as e:     # (a full disk: ENOSPC)
+                self.error = self.error or f"{type(e).__name__}: {e}"
+                self.failed += self._pending
             self._pending = 0
 
     def _put(self, view: memoryview) -> None:
@@ -146,13 +180,18 @@ class Stream:
     """Relays one pipe line by line with a rank prefix, and keeps a raw copy.
     A line left unended for ``_HOLD_S`` (a prompt: ``input("x> ")``, pdb's
     ``(Pdb) ``) is written as far as it goes (``hold``), and its end follows
-    on the same line unless another rank's output came between."""
+    on the same line unless another rank's output came between. A carriage
+    return that starts the line over (a progress bar: tqdm's ``\r 40%|...``)
+    is followed by the prefix again, so that the text it writes over the
+    line says its rank (the prefix came first, then the bar over it)."""
 
     def __init__(self, fd: int, prefix: bytes, sink: "Sink", log: BinaryIO | None) -> None:
         self.fd, self.prefix, self.sink, self.log = fd, prefix, sink, log
         self._buf = b""
         self._since = 0.0       # when _buf began to wait for its line's end
         self.open = False       # the sink's last bytes of ours are a line without its end
+        self._at_cr = False     # ... and they end in a carriage return: the line starts over
+        self.cut = False        # our open line was ended by another's output (Sink.write)
 
     def pump(self) -> bool:
         """Read what is there; False at end of stream."""
@@ -170,10 +209,12 @@ class Stream:
         if not data and self._buf:
             lines.append(self._buf)
             self._buf = b""
+        if lines and self.cut and not lines[0]:     # (its end alone: the line was ended)
+            lines.pop(0)
+            self.cut = False
         if lines:
-            first = b"" if self.open else self.prefix
-            self._emit(first + b"\n".join(lines[:1] + [self.prefix + ln for ln in lines[1:]])
-                       + b"\n")
+            self._emit(b"\n".join([self._tagged(lines[0], self._starts(lines[0]))]
+                                  + [self._tagged(ln, True) for ln in lines[1:]]) + b"\n")
         if len(self._buf) >= _MAX_LINE:     # its end follows, unprefixed (it was cut in
             self.hold(time.monotonic(), at_once=True)   # pieces, each a line of its own)
         if self._buf and not self._since:
@@ -184,8 +225,20 @@ class Stream:
         """Write a line that has waited ``_HOLD_S`` for its end (``at_once``:
         a long one) as far as it goes."""
         if self._buf and (at_once or now - self._since >= _HOLD_S):
-            data, self._buf = (b"" if self.open else self.prefix) + self._buf, b""
+            data, self._buf = self._tagged(self._buf, self._starts(self._buf)), b""
             self._emit(data, open_end=True)
+
+    def _starts(self, piece: bytes) -> bool:
+        """Whether piece, the next of our output, starts a line of its own
+        (or the line over, after a carriage return): it takes the prefix."""
+        return not self.open or (self._at_cr and piece != b"")
+
+    def _tagged(self, piece: bytes, start: bool) -> bytes:
+        """piece of a line with the prefix after each carriage return that
+        text follows, and first where it starts the line (unless it starts
+        it over at once: ``\r 40%|...``)."""
+        out = _CR.sub(b"\r" + self.prefix, piece)
+        return self.prefix + out if start and not _CR_FIRST.match(piece) else out
 
     def _emit(self, data: bytes, open_end: bool = False) -> None:
         try:
@@ -193,11 +246,12 @@ class Stream:
             self.sink.flush()
         except (OSError, ValueError):
             pass
-        self.open, self._since = open_end, 0.0
+        self.open, self._since, self.cut = open_end, 0.0, False
+        self._at_cr = open_end and data.endswith(b"\r")
 
     def close(self) -> None:
         if self._buf or self.open:
-            self._emit((b"" if self.open else self.prefix) + self._buf + b"\n")
+            self._emit(self._tagged(self._buf, self._starts(self._buf)) + b"\n")
             self._buf = b""
         os.close(self.fd)
         if self.log is not None:

@@ -60,8 +60,11 @@ class Job:
         self.on_exit = on_exit      # told of each worker's end, as it is reaped
         self.log_dir = log_dir
         self.scratch = scratch
-        self._out = Sink(stdout or _own(sys.stdout), stall)
-        self._err = Sink(stderr or _own(sys.stderr), stall)
+        self._out = Sink(stdout or _own(sys.stdout), stall, self._reader_gone)
+        self._err = Sink(stderr or _own(sys.stderr), stall, self._reader_gone)
+        self.reader_gone = False    # a reader of meshrun's output went away (EPIPE)
+        if _one_file(self._out, self._err):
+            self._err.share_lines(self._out)
         self._procs: list[_Proc] = []
         self._sel = selectors.DefaultSelector()
         self._paused: dict[int, Stream] = {}   # pipes left unread while their sink is full
@@ -72,7 +75,7 @@ class Job:
         """Start every worker, each in a new session (its own process group)."""
         self._watchdog = Watchdog(self.scratch)
         for spec in specs:
-            if self._signals:       # stopped while starting (a big -n takes a while)
+            if self._signals or self.reader_gone:   # stopped while starting (a big -n)
                 break
             popen = subprocess.Popen(list(spec.argv), env=dict(spec.env),
                                      stdin=None if spec.stdin else subprocess.DEVNULL,
@@ -117,11 +120,13 @@ class Job:
             if self._watchdog is not None:
                 self._watchdog.close()
 
-    def close(self, tail: str = "") -> None:
+    def close(self, tail: str = "") -> bool:
         """Write the relayed output still queued, then ``tail`` (meshrun's
         report) on stderr, after it: for as long as the readers take it,
         giving up on one that took nothing for ``stall`` seconds, which
-        is then told on stderr how much it lost."""
+        is then told on stderr how much it lost. Returns whether a write
+        failed (a full disk: the output lost is told on stderr, where it
+        was lost silently and meshrun exited 0; python exits 1)."""
         t0 = time.monotonic()
         self._err.write(tail.encode("utf-8", "replace"), always=True)
         lost = self._out.finish(self.stall, since=t0)
@@ -129,7 +134,16 @@ class Job:
             self._err.write(f"meshrun: {lost} bytes of the ranks' standard output were not "
                             f"written: its reader took none for {self.stall:g} s\n".encode(),
                             always=True)
+        if self._out.error:
+            self._err.write(f"meshrun: {self._out.failed} bytes of the ranks' standard output "
+                            f"were not written: {self._out.error}\n".encode(), always=True)
         self._err.finish(self.stall, since=t0)
+        return bool(self._out.error or self._err.error)
+
+    def _reader_gone(self) -> None:
+        """A Sink's reader went away (``meshrun ... | head``): the loop stops
+        the job, as the reader's going would stop a program writing to it."""
+        self.reader_gone = True
 
     def _install_signals(self, wfd: int) -> Callable[[], None]:
         """Turn SIGINT/SIGTERM/SIGHUP into stop requests and let SIGCHLD wake
@@ -168,10 +182,13 @@ class Job:
                     outcome.reason = "failed" if failed else "lost"
                     failed_at = failed_at or now
                     if (now < failed_at + self.settle and not self._signals
+                            and not self.reader_gone
                             and (timeout is None or now - t0 < timeout)):
                         continue
                 elif self._signals:
                     outcome.reason, outcome.signum = "signal", self._signals[0]
+                elif self.reader_gone:      # as a program writing to it: stopped by SIGPIPE
+                    outcome.reason, outcome.signum = "signal", signal.SIGPIPE
                 elif timeout is not None and now - t0 >= timeout:
                     outcome.reason = "timeout"
                 else:
@@ -281,6 +298,18 @@ def _own(stream: TextIO | None) -> BinaryIO:
     writes to nothing (meshrun failed naming nothing: "AttributeError:
     'NoneType' object has no attribute 'buffer'")."""
     return stream.buffer if stream is not None else open(os.devnull, "wb")
+
+
+def _one_file(a: Sink, b: Sink) -> bool:
+    """Whether two sinks write to one file (a terminal, ``2>&1``)."""
+    fa, fb = a.fileno(), b.fileno()
+    if fa is None or fb is None:
+        return False
+    try:
+        sa, sb = os.fstat(fa), os.fstat(fb)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _has_exited(popen: subprocess.Popen[bytes]) -> bool:
