@@ -180,12 +180,21 @@ def test_staging_modes_set_apart_raise_mismatch_on_every_rank() -> None:
     assert got == ["mismatch"] * 2
 
 
-def test_an_unknown_staging_mode_is_refused() -> None:
-    from collectives.device import paths
+def test_an_unknown_staging_or_ipc_mode_is_refused() -> None:
+    from collectives.device import cuda_ipc, paths
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MESH_CUDA_OVERLAP", "sometimes")
         with pytest.raises(ValueError, match="MESH_CUDA_OVERLAP='sometimes'"):
             paths.overlap_mode()
+        # MESH_CUDA_IPC likewise (it was read as "auto": "off" or "false" left IPC on,
+        # "true" or "yes" did not require it)
+        for value in ("off", "true", "2"):
+            mp.setenv("MESH_CUDA_IPC", value)
+            with pytest.raises(ValueError, match=f"MESH_CUDA_IPC='{value}'"):
+                cuda_ipc.mode()
+        for value, want in (("", "auto"), (" Auto ", "auto"), ("0", "0"), ("1", "1")):
+            mp.setenv("MESH_CUDA_IPC", value)
+            assert cuda_ipc.mode() == want
 
 
 def _mixed(world: mesh.Mesh) -> str:

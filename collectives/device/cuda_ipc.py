@@ -55,8 +55,13 @@ _MIN_BYTES = 1 << 20
 
 
 def mode() -> str:
-    """MESH_CUDA_IPC: "0" off, "1" required, anything else (default) automatic."""
-    return os.environ.get("MESH_CUDA_IPC", "auto").strip().lower()
+    """MESH_CUDA_IPC: "0" off, "1" required, "auto" (or unset, or empty) automatic;
+    anything else raises (it was read as automatic: "off" left IPC on)."""
+    value = os.environ.get("MESH_CUDA_IPC", "auto").strip().lower() or "auto"
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"MESH_CUDA_IPC={os.environ['MESH_CUDA_IPC']!r}: expected auto, "
+                         f"0 (never use CUDA IPC) or 1 (require it)")
+    return value
 
 
 def _bus(cp: Any, dev: int) -> str:
