@@ -553,3 +553,19 @@ def test_unequal_credit_windows_do_not_stall_a_stream(windows: tuple[str, str]) 
     for rc, out, err in got:
         assert rc == 0, err
     assert got[0][1].split() == ["got", "True"]
+
+
+def test_the_readme_names_every_mesh_variable_the_code_reads() -> None:
+    """Each MESH_* name the code spells out is in the README, and each one
+    the README names (but the test suite's own, MESH_TEST_*) is in the code:
+    the variables meshrun and mesh.spawn give their ranks (MESH_RUNTIME_DIR,
+    MESH_NODE_RANK...) were in none of its lines."""
+    code: set[str] = set()
+    for package in ("mesh", "collectives", "engine"):
+        for path in Path(ROOT, package).rglob("*.py"):
+            code.update(re.findall(r"[\"'](MESH_[A-Z0-9_]+)[\"']", path.read_text()))
+    readme = Path(ROOT, "README.md").read_text()
+    named = {v for v in re.findall(r"\bMESH_[A-Z0-9_]*[A-Z0-9]\b", readme)
+             if not v.startswith("MESH_TEST_")}
+    assert not code - named, f"not in the README: {sorted(code - named)}"
+    assert not named - code, f"in the README, read nowhere: {sorted(named - code)}"
