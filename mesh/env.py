@@ -360,11 +360,25 @@ def _agent_store_key(env: Mapping[str, str]) -> str | None:
     return f"meshrun/rendezvous/{run_id}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def host_id() -> str:
+def host_id(rank: int | None = None, size: int | None = None) -> str:
     """Which ranks share a host (and so use ipc://): the host name plus the
     network namespace, so that namespaces on one machine count as hosts.
-    MESH_HOST_ID overrides."""
+    MESH_HOST_ID overrides: this rank's id, or one id per rank of the world
+    separated by commas (``a,a,b,b``: rank ``rank`` takes its own), so that
+    ranks sharing one environment (mesh.spawn's ``env``, meshrun's) fake
+    several hosts on one machine."""
     forced = os.environ.get("MESH_HOST_ID")
+    if forced and "," in forced:
+        ids = [h.strip() for h in forced.split(",")]
+        why = ("one of its ids is empty" if not all(ids) else
+               "the caller does not know its rank" if rank is None else
+               f"it has {len(ids)} ids for a world of {size} ranks"
+               if size is not None and len(ids) != size else "")
+        if why:
+            raise ValueError(f"{'' if rank is None else f'rank {rank}: '}MESH_HOST_ID={forced!r}: "
+                             f"a list holds one host id per rank of the world (rank r takes "
+                             f"item r), but {why}")
+        return ids[rank or 0]    # (rank is known here)
     if forced:
         return forced
     try:

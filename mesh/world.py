@@ -313,7 +313,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
         started = time.monotonic()
         tcp_ep = _tcp_endpoint(router, spec, started + rdv_timeout)
         rdv_timeout = max(rdv_timeout - (time.monotonic() - started), 1.0)  # (a wait for a route)
-        host = env.host_id()
+        host = env.host_id(spec.rank, spec.size)
         eps = {"ipc": f"ipc://{ipc_path}", "tcp": tcp_ep}
         if spec.size == 1:
             table: list[dict[str, Any]] = [{"rank": 0, "host": host, "endpoints": eps}]

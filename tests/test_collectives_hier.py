@@ -32,8 +32,13 @@ VICTIM = 1     # the leader of host "b"
 
 
 def _fake_host(world: Any, hosts: str = HOSTS) -> None:
-    """Before the first collective: the one table every layout is read from."""
-    world.hosts[:] = ["fake-" + h for h in hosts]
+    """Before the first collective: the one table every layout is read from
+    (where the job's MESH_HOST_ID lists every rank's, the table must be it)."""
+    want = ["fake-" + h for h in hosts]
+    if "," in os.environ.get("MESH_HOST_ID", ""):
+        assert world.hosts == want, world.hosts
+        return
+    world.hosts[:] = want
 
 
 def every_op(world: Any) -> None:
@@ -122,11 +127,17 @@ def flat_against_two_levels(world: Any) -> str:
     except mesh.MeshError as e:
         said = type(e).__name__
     C.barrier(world, timeout=30)   # none leaves before all have heard (a LostPeerError else)
+    node = world.split_host()
+    assert node.size == 2 and [world.hosts[w] for w in node.ranks] == [world.hosts[world.rank]] * 2
     return said
 
 
 def test_a_flat_call_against_a_two_level_one_is_a_mismatch_everywhere() -> None:
-    assert mesh.spawn(flat_against_two_levels, 4, timeout=90) == ["MismatchError"] * 4
+    """The hosts faked by MESH_HOST_ID listing every rank's (one environment
+    for all of mesh.spawn's ranks: each took the whole list as its id, one
+    host for all)."""
+    env = {"MESH_HOST_ID": ",".join("fake-" + h for h in HOSTS)}
+    assert mesh.spawn(flat_against_two_levels, 4, timeout=90, env=env) == ["MismatchError"] * 4
 
 
 def disjoint_two_levels(world: Any) -> tuple[str, float]:

@@ -240,6 +240,21 @@ def test_no_job_is_a_world_of_one_and_bad_jobs_are_named() -> None:
         env.from_env({"RANK": "4", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
 
 
+def test_a_host_id_list_gives_each_rank_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MESH_HOST_ID lists one id per rank (one environment for every rank of
+    mesh.spawn or meshrun); a list that does not fit the world is named."""
+    monkeypatch.setenv("MESH_HOST_ID", "a, a,b,b")
+    assert [env.host_id(r, 4) for r in range(4)] == ["a", "a", "b", "b"]
+    with pytest.raises(ValueError, match=r"rank 1: MESH_HOST_ID='a, a,b,b'.* 4 ids for a world "
+                                         r"of 2 ranks"):
+        env.host_id(1, 2)
+    monkeypatch.setenv("MESH_HOST_ID", "a,,b")
+    with pytest.raises(ValueError, match="rank 0: .*one of its ids is empty"):
+        env.host_id(0, 3)
+    monkeypatch.setenv("MESH_HOST_ID", "node7")
+    assert env.host_id(3, 4) == "node7"
+
+
 @pytest.mark.timeout(30)
 def test_a_second_init_while_the_jobs_mesh_is_open_raises_at_once() -> None:
     """As torch's init_process_group twice: a rank's second mesh.init() waited

@@ -164,7 +164,9 @@ def _probe(ctx: Ctx, call: Call, nbytes: int) -> _State | None:
     """Every rank registers a buffer holding a random token, opens every
     peer's and reads its token back; all must succeed on all ranks."""
     cp, want = call.cp, mode()
-    me: dict[str, Any] = {"host": host_id(), "on": want != "0", "why": "MESH_CUDA_IPC=0"}
+    t = ctx.g._t       # (MESH_HOST_ID may list one id per rank)
+    me: dict[str, Any] = {"host": host_id(t.rank, t.size), "on": want != "0",
+                          "why": "MESH_CUDA_IPC=0"}
     st = _State(cp) if me["on"] else None
     token = np.frombuffer(secrets.token_bytes(8), np.uint8).copy()
     if st is not None:
