@@ -41,6 +41,7 @@ the global batch: the same as one process training on all of it.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import numbers
 import sys
@@ -1196,6 +1197,19 @@ class _Temp:
         return getattr(self._real(), name)
 
 
+def _given_as_returned(loss_fn: Callable[[Any, Any], Any], returned: Callable[[Any], Any]
+                       ) -> Callable[[Any, Any], Any]:
+    """``loss_fn`` given the last stage's output as the traced forward
+    returns it (a dict, a dataclass, a tuple: engine.traced._returned), as
+    one process's ``loss_fn(model(x), y)`` is: until the forty-second
+    session it got the bare tensor, and ``o.logits`` or ``o["logits"]``
+    raised at the first step, ``o[0]`` took the first row."""
+    @functools.wraps(loss_fn)
+    def loss(output: Any, target: Any) -> Any:
+        return loss_fn(returned(output), target)
+    return loss
+
+
 def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
     """A target to time the loss on (Job.retime): the model's output on the
     sample micro-batch itself, a copy, when the loss takes it (a regression
@@ -1304,12 +1318,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         source = model
         own_loss: Any = None        # the traced model's own loss, where it is the pipeline's
         n_inputs = inputs_of(sample)
+        if loss_fn is not None:
+            _takes_two(loss_fn)
         if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
             model = sequential(source, target=loss_fn is None, inputs=n_inputs)
             own_loss = model.loss
+            if loss_fn is not None and model.returned is not None:
+                loss_fn = _given_as_returned(loss_fn, model.returned)
             loss_fn = loss_fn or own_loss
-        if loss_fn is not None:
-            _takes_two(loss_fn)
         named, is_torch = _model_layers(model)
     except (TypeError, ValueError) as e:
         if not isinstance(grid, (Grid, Comm)):

@@ -115,6 +115,39 @@ def _leaves(out: Any) -> list[Any]:
     return []
 
 
+def _returned(out: Any, end: Any) -> Any:
+    """A function giving, for the last piece's output, what the forward
+    returns around it (a dict, a dataclass, Hugging Face's ``ModelOutput``,
+    a tuple or a list: the output the loss is written for, ``o["logits"]``,
+    ``o.logits``, ``o[0]``; its other items as the trace left them: None),
+    or None where the forward returns that tensor itself. A ``loss_fn``
+    written for one process's model is given it (it was given the bare
+    tensor, and ``o.logits`` raised on the last stage at the first step)."""
+    import dataclasses
+
+    import torch.fx as fx
+    if out is end:
+        return None
+
+    def build(o: Any, y: Any) -> Any:
+        if isinstance(o, fx.Node):
+            if o.op == "call_function" and isinstance(o.target, type) and \
+                    dataclasses.is_dataclass(o.target):
+                return o.target(*[build(a, y) for a in o.args],
+                                **{k: build(v, y) for k, v in o.kwargs.items()})
+            return y                    # (the one tensor: _leaves found no other)
+        if isinstance(o, tuple):        # (a named tuple as itself)
+            items = [build(a, y) for a in o]
+            return type(o)(*items) if hasattr(o, "_fields") else tuple(items)
+        if isinstance(o, list):         # (fx's immutable_list)
+            return [build(a, y) for a in o]
+        if isinstance(o, dict):         # (fx's immutable_dict)
+            return {k: build(v, y) for k, v in o.items()}
+        return o
+
+    return lambda y: build(out, y)
+
+
 def _items(m: Any) -> int | None:
     """How many items a module without parameters or submodules (a leaf
     of the trace: called whole) returns as a tuple or a list, found by
@@ -417,6 +450,16 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                 autocast.append(node)           # made inside the forward's torch.autocast()
             return node
 
+        def create_arg(self, a: Any) -> Any:
+            import dataclasses
+            if isinstance(a, dict) and dataclasses.is_dataclass(a) and not isinstance(a, type):
+                # Hugging Face's ModelOutput, a dict and a dataclass: fx keeps a plain dict
+                # of it, and the loss_fn written for it would be given one (_returned)
+                return self.create_node("call_function", type(a), (), {
+                    f.name: self.create_arg(getattr(a, f.name))
+                    for f in dataclasses.fields(a)})
+            return super().create_arg(a)
+
         def to_bool(self, obj: Any) -> bool:
             where = _asserting()    # an assert on a traced value: checked as the step runs
             if where is None:
@@ -469,7 +512,8 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     phs = [n for n in nodes if n.op == "placeholder"]
     by_name = {n.target: n for n in phs}
     ins = [by_name.get(q.name, phs[i]) for i, q in enumerate(traced)]
-    out = _leaves(next(n for n in nodes if n.op == "output").args[0])
+    returned = next(n for n in nodes if n.op == "output").args[0]
+    out = _leaves(returned)
     loss = None
     if target:
         assert tgt_param is not None
@@ -566,6 +610,9 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     seq = nn.Sequential(*pieces)
     object.__setattr__(seq, "loss", loss)       # not a submodule: the layers are the pieces
     object.__setattr__(seq, "traced_from", type(model).__name__)
+    # without the target: what the forward returns around the output (a dict, a
+    # dataclass...), which a loss_fn written for the model reads (engine.distribute)
+    object.__setattr__(seq, "returned", None if target else _returned(returned, end))
     return seq
 
 

@@ -333,6 +333,16 @@ def test_the_target_is_found_by_its_name_and_a_dict_output_is_read():
     seq = engine.sequential(model, target=True)
     torch.testing.assert_close(seq.loss(seq(x), y), model(x, labels=y).loss, rtol=0, atol=0)
     torch.testing.assert_close(engine.sequential(model)(x), model(x).logits, rtol=0, atol=0)
+    # without the target, .returned gives what the forward returns around the layers'
+    # output (a loss_fn written for the model reads it: engine.distribute)
+    out = x[:, :3]
+    got = engine.sequential(model).returned(out)
+    assert type(got) is _Output and got.logits is out and got.loss is None
+    assert engine.sequential(_Labelled()).returned(out) == {"logits": out}
+    got = engine.sequential(_Returned()).returned(out)    # (fx took it for a plain dict)
+    assert type(got) is _ModelOutput and got.logits is out and dict(got) == {"logits": out}
+    assert engine.sequential(_PositionIds(True)).returned is None    # the tensor itself
+    assert engine.sequential(_Labelled(), target=True).returned is None
     # the layers end at the logits the forward returns, though its loss reads them shifted
     # and flattened; a forward returning the loss alone: at what the loss's view reshapes
     ids, t = torch.randn(2, 5, 4), torch.tensor([[0, 2, 1, 1, 0], [1, 1, 2, 0, 2]])
@@ -582,6 +592,28 @@ class _Masked(nn.Module):            # a mask made from the input, read by every
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+@dataclasses.dataclass
+class _ModelOutput(dict):    # Hugging Face's ModelOutput: a dict and a dataclass, its fields
+    logits: "torch.Tensor | None" = None        # that are not None its items
+    loss: "torch.Tensor | None" = None
+
+    def __post_init__(self):
+        self.update({k: v for k, v in vars(self).items() if v is not None})
+
+
+class _Returned(_Masked):       # returns a ModelOutput without a loss: loss_fn reads .logits
+    def forward(self, idx, labels=None):
+        mask = idx != 0
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x, mask)
+        return _ModelOutput(logits=self.head(x))
+
+
+def _logits_loss(out, y):       # a loss written for one process's model(x)
+    return F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+
+
 class _UNet(nn.Module):              # skips: each down's output read by an up, in reverse
     def __init__(self, w=6, depth=3):
         super().__init__()
@@ -704,7 +736,7 @@ def _skip_data(kind, step):
         return ((torch.randint(0, 7, (ROWS, 5), generator=g),
                  torch.randint(0, 2, (ROWS, 5), generator=g)),
                 torch.randint(0, 7, (ROWS, 5), generator=g))
-    if kind == "masked":
+    if kind in ("masked", "returned"):
         return (torch.randint(0, 7, (ROWS, 5), generator=g),
                 torch.randint(0, 7, (ROWS, 5), generator=g))
     return (torch.randn(ROWS, 6, generator=g, dtype=torch.float64),
@@ -713,7 +745,7 @@ def _skip_data(kind, step):
 
 def _skip_model(kind):
     torch.manual_seed(0)
-    return {"masked": _Masked, "unet": _UNet, "hf": _HF}[kind]().double()
+    return {"masked": _Masked, "unet": _UNet, "hf": _HF, "returned": _Returned}[kind]().double()
 
 
 def test_a_mask_and_skips_cross_the_cuts_beside_the_activation():
@@ -800,11 +832,13 @@ def _skip_worker(world):
     with pytest.raises(ValueError, match=r"recompute=3: True, False, 'auto' or submodule name"):
         engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2), recompute=3)
     out = {}
-    for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v"), ("hf", "auto")):
+    for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v"), ("hf", "auto"),
+                           ("returned", "1f1b")):
         job = engine.distribute(_skip_model(kind), mesh.grid(world, pp=2), schedule=schedule,
                                 microbatches=2, timeout=60, verbose=False,
                                 **({"sample": _skip_data(kind, 0)[0], "recompute": True}
-                                   if kind == "hf" else {"balance": "parameters"}))
+                                   if kind == "hf" else {"balance": "parameters"}),
+                                **({"loss_fn": _logits_loss} if kind == "returned" else {}))
         out[kind] = _trained(job, lambda step, kind=kind: _skip_data(kind, step))
     return out
 
@@ -815,16 +849,19 @@ def test_a_mask_and_skips_distributed_train_like_one_process():
     1f1b, the U-Net's skips (gradients back to every down) at zb-v, whose
     split backward and V placement carry them too; a forward of two inputs
     (Hugging Face's ids and mask) chosen, timed and re-timed by "auto",
-    its stages recomputing."""
+    its stages recomputing; a model returning Hugging Face's ModelOutput
+    without a loss, its loss_fn reading ``out.logits`` as on one process
+    (it was given the bare tensor: AttributeError on the last stage)."""
     results = mesh.spawn(_skip_worker, 2, timeout=280, env=PATIENT)
-    for kind in ("masked", "unet", "hf"):
+    for kind in ("masked", "unet", "hf", "returned"):
         model = _skip_model(kind)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         losses = []
         for step in range(STEPS):
             opt.zero_grad()
             x, y = _skip_data(kind, step)
-            loss = model(*x, labels=y)["loss"] if kind == "hf" else model(x, y)
+            loss = (model(*x, labels=y)["loss"] if kind == "hf" else
+                    _logits_loss(model(x), y) if kind == "returned" else model(x, y))
             loss = loss[1] if isinstance(loss, tuple) else loss
             loss.backward()
             opt.step()
