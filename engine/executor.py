@@ -831,6 +831,8 @@ class _Step:
                      "fixed": list(getattr(value, "fixed", ()))}, dst, tag=tag))
                 parts = [v for v in value if v is not None]
             for v in parts:
+                if getattr(v, "_tp_meta", None) is not None:   # (a watched colwise output:
+                    v = v.as_subclass(sys.modules["torch"].Tensor)  # its data alone)
                 self.sends.append(pipe.pp.isend(v, dst, tag=tag))
             return "s"
         elif a.kind in (RECV_F, RECV_B):

@@ -25,8 +25,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import sys
 import threading
 import types
+import weakref
 from typing import Any, Mapping
 
 import collectives
@@ -103,6 +105,8 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     styles = {id(sub): style for sub, style in todo.values()}
     for name, (sub, style) in todo.items():
         _shard(torch, name, sub, style, group, cut, styles)
+    for name, sub in module.named_modules():     # (what a PlanError calls them)
+        _NAMES.setdefault(sub, name)
     nn = torch.nn
     for sub in module.modules():    # torch's fused inference path would read the shards
         if not isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) or not any(
@@ -1069,7 +1073,11 @@ def _blocks_class() -> Any:
                     stream = _Stream(torch, args[0]._tp_meta.group.rank)
                     out = stream.run(lambda v: func(v, *args[1:], **kwargs), args[0])
                 else:
-                    out = func(*args, **kwargs)  # a plain tensor: the watch stays here
+                    try:
+                        out = func(*args, **kwargs)  # a plain tensor: the watch stays here
+                    except RuntimeError as e:
+                        _unplanned_consumer(cls, func, args, e)
+                        raise
                 x = args[0] if first else args[1] if len(args) > 1 and type(
                     args[1]) is cls and name in _ARITHMETIC else None
                 if x is not None and name in _ELEMENTWISE:   # still this rank's part
@@ -1124,6 +1132,50 @@ def _blocks_class() -> Any:
                 "'colwise', 'parts': 1}: one block, its cuts not watched"))
 
     return ColwiseOutput
+
+
+_NAMES: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+"""Each submodule of a module parallelize sharded, and its name there."""
+
+
+def _consumer(torch: Any) -> Any:
+    """The innermost module whose forward is running (a frame of its
+    ``forward``, or of a sharded one's wrapped ``_forward``), or None."""
+    f: Any = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name in ("forward", "_forward"):
+            m = f.f_locals.get("self")
+            if isinstance(m, torch.nn.Module):
+                return m
+        f = f.f_back
+    return None
+
+
+def _unplanned_consumer(cls: Any, func: Any, args: Any, e: RuntimeError) -> None:
+    """Raise a PlanError where ``func`` failed on a colwise output in a module
+    the plan left whole (a Linear or a LayerNorm after a colwise Linear, its
+    "rowwise" forgotten): its whole weights met this rank's part of the
+    features, and torch's shape error named neither (``mat1 and mat2 shapes
+    cannot be multiplied (2x4 and 8x2)``). Return where it is not that."""
+    torch = _torch()
+    x = next((a for a in args if type(a) is cls), None)
+    if x is None:
+        return
+    meta: _Meta = x._tp_meta
+    m = _consumer(torch)
+    if m is None or hasattr(m, "_tp"):     # a planned module's own error: as it is
+        return
+    name = _NAMES.get(m)
+    what = f"{name} ({type(m).__name__})" if name else f"a {type(m).__name__}'s forward"
+    tp, full = meta.group.size, x.shape[x._tp_axis]
+    fix = (f"plan {name} 'rowwise' (it takes the features' parts and sums them), or "
+           if name and isinstance(m, torch.nn.Linear) else "plan it, or ")
+    raise PlanError(
+        f"tp rank {meta.group.rank}: {meta.name} is sharded colwise, its output this rank's "
+        f"{full} of {full * tp} features, and {what}, which the plan leaves whole, takes that "
+        f"output as if whole: {getattr(func, '__name__', func)}() raised {type(e).__name__}: "
+        f"{e}; {fix}give {meta.name} output 'replicate' ({{'style': 'colwise', 'output': "
+        f"'replicate'}}: its output gathered whole)") from e
 
 
 def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:

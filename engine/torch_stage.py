@@ -173,6 +173,19 @@ def _runs_compiled(module: Any) -> bool:
                for m in module.modules())
 
 
+def _detached(o: Any) -> Any:
+    """``o.detach()``, a colwise output still watched as one
+    (engine.tensor_parallel's ColwiseOutput, its attributes kept): a layer
+    the plan left whole after it, in the next stage on this rank or as
+    engine.distribute measures the layers one by one, raises a PlanError
+    naming both (it was torch's shape error alone)."""
+    d = o.detach()
+    if getattr(o, "_tp_meta", None) is not None and type(d) is not type(o):
+        d = d.as_subclass(type(o))
+        d.__dict__.update(o.__dict__)
+    return d
+
+
 class TorchStage:
     """A stage running ``module`` (on CPU or one GPU) on torch tensors.
     ``recompute=True``: the whole forward runs again in the backward (only
@@ -241,7 +254,7 @@ class TorchStage:
         if not t.is_floating_point():
             return t, t
         if not fixed:           # (a part no gradient goes back to: no leaf to fill)
-            t = t.detach().clone().requires_grad_(True)
+            t = _detached(t).clone().requires_grad_(True)
         return t, (t if self.dtype is None else t.to(self.dtype))
 
     def forward(self, x: Any) -> tuple[Any, Any]:
@@ -278,10 +291,10 @@ class TorchStage:
         parts that need no gradient as last learned, else the non-floating
         ones)."""
         if not isinstance(_flat(out), tuple):
-            return out.detach()
+            return _detached(out)
         fixed = self._fixed if self._fixed is not None else [
             i for i, o in enumerate(out) if o is None or not o.is_floating_point()]
-        return Parts((None if o is None else o.detach() for o in out), fixed)
+        return Parts((None if o is None else _detached(o) for o in out), fixed)
 
     def _forward_kept(self, x: Any) -> tuple[Any, Any]:
         """Recompute: the forward without a graph, keeping only its input

@@ -1204,6 +1204,29 @@ def _one_piece_worker(world):
         with pytest.raises(PlanError) as e:
             parallelize(torch.nn.Sequential(mod), world, {"0.[qkg]*": "colwise"})(x)
         errors[what] = str(e.value)
+    # a layer the plan leaves whole after a colwise one (its rowwise forgotten): torch's
+    # shape error alone, naming neither; so in the next stage on this rank (as
+    # engine.distribute measures the layers one by one), and a rowwise one there is right
+    from engine.torch_stage import TorchStage
+    nn = torch.nn
+    for what, mid, plan in (("unplanned", nn.Tanh(), {"0": "colwise"}),
+                            ("unplanned norm", nn.LayerNorm(6), {"0": "colwise", "2": "rowwise"}),
+                            ("rowwise", nn.Tanh(), {"0": "colwise", "2": "rowwise"})):
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.Linear(8, 6), mid, nn.Linear(6, 2))
+        tp = parallelize(copy_of(ref), world, plan)
+        cut = 1 if what == "unplanned norm" else 2
+        first = TorchStage(tp[:cut]).forward(x)[0]
+        if what == "rowwise":
+            same["next stage"] = bool(torch.allclose(TorchStage(tp[2:]).forward(first)[0],
+                                                     ref(x), atol=1e-6))
+            continue
+        with pytest.raises(PlanError) as e:
+            tp(x)
+        errors[what] = str(e.value)
+        with pytest.raises(PlanError) as e:
+            TorchStage(tp[cut:]).forward(first)
+        errors[what + " next stage"] = str(e.value)
     return errors, same
 
 
@@ -1216,10 +1239,13 @@ def test_a_fused_projection_sharded_in_one_piece_is_refused():
     said. Its caller's cut now raises on every rank, naming the module and
     the entry to write; with parts= the result is one process's. So does
     a function mixing a colwise output's features (a single head's scores
-    q @ k^T, a router's softmax), which took this rank's part only."""
+    q @ k^T, a router's softmax), which took this rank's part only. A layer
+    the plan leaves whole fed a colwise output (its "rowwise" forgotten),
+    there or in the next stage, raises a PlanError naming both layers and
+    the fix, where torch's shape error named neither."""
     pytest.importorskip("torch")
     for r, (errors, same) in enumerate(mesh.spawn(_one_piece_worker, 2, timeout=100)):
-        assert same == {"attn": True, "glu": True, "sliced": True}, same
+        assert same == {"attn": True, "glu": True, "sliced": True, "next stage": True}, same
         assert f"tp rank {r}: 0.c_attn: the code calling it cuts its output's last axis " \
                "into 3 pieces (split: [4, 4, 4] of this rank's 12 features)" in errors["attn"]
         assert "plan it {'style': 'colwise', 'parts': 3}" in errors["attn"]
@@ -1232,6 +1258,19 @@ def test_a_fused_projection_sharded_in_one_piece_is_refused():
         assert "0.gate: the code calling it takes softmax() over its output's last axis" in \
             errors["router"]
         assert "give 0.gate output 'replicate'" in errors["router"]
+        for what in ("unplanned", "unplanned next stage"):
+            assert f"tp rank {r}: 0 is sharded colwise, its output this rank's 3 of 6 " \
+                   "features, and 2 (Linear), which the plan leaves whole, takes that output " \
+                   "as if whole: linear() raised RuntimeError: mat1 and mat2 shapes cannot " \
+                   "be multiplied" in errors[what], errors[what]
+            assert "plan 2 'rowwise' (it takes the features' parts and sums them), or give 0 " \
+                   "output 'replicate' ({'style': 'colwise', 'output': 'replicate'}" \
+                   in errors[what]
+        for what in ("unplanned norm", "unplanned norm next stage"):
+            assert f"tp rank {r}: 0 is sharded colwise, its output this rank's 3 of 6 " \
+                   "features, and 1 (LayerNorm), which the plan leaves whole, takes that " \
+                   "output as if whole: layer_norm() raised" in errors[what], errors[what]
+            assert "; plan it, or give 0 output 'replicate'" in errors[what]
 
 
 def _qk_norm_worker(world):
