@@ -1367,6 +1367,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             if schedule.num_ranks != p:
                 raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, "
                                  f"the grid's pp axis {p}")
+            schedule.validate()     # (a ScheduleError: before any layer is timed)
             scheds = [schedule]
         else:
             rows = len(sample) if sample is not None else 0

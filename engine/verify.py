@@ -1,9 +1,10 @@
 """The verifier: reject a schedule before anything runs.
 
-It lowers the schedule, then checks, in this order: every action is on the
-rank that holds its stage and names a real micro-batch; every send has its
-receive; each rank's list respects the data dependencies (no backward
-before its forward, no compute before its input has been received);
+It lowers the schedule, then checks, in this order: every rank holds a
+stage; every action is on the rank that holds its stage and names a real
+micro-batch; every send has its receive; each rank's list respects the
+data dependencies (no backward before its forward, no compute before its
+input has been received);
 every micro-batch passes every stage exactly once; every stage has an
 OPT action or none does; and a replay of all ranks (engine.replay)
 finishes (no deadlock). The first failure raises
@@ -45,6 +46,16 @@ class ScheduleError(ValueError):
 
 def _check_placement(s: Schedule) -> None:
     last = s.num_stages - 1
+    idle = [r for r in range(s.num_ranks) if not s.stages_of(r)]
+    if idle:    # (a rank without a stage idled through every step, its process wasted,
+        # and its pipeline returned None there: accepted without a word)
+        held = sorted(set(s.stage_ranks))
+        raise ScheduleError(s, f"pp rank {idle[0]} holds no stage: stage_ranks="
+                            f"{list(s.stage_ranks)} puts the {s.num_stages} stage(s) on "
+                            f"rank(s) {held} of its {s.num_ranks}; every pipeline rank must "
+                            f"hold one (map a stage to it, or make the schedule for "
+                            f"{len(held)} rank(s): pp={len(held)})",
+                            notes={r: "holds no stage" for r in idle})
     for r, row in enumerate(s.ranks):
         for i, a in enumerate(row):
             bad = None
@@ -215,12 +226,31 @@ def verified_replay(sched: Schedule, costs: Mapping[str, Cost] | None = None,
     # action would show first as a send or receive without its peer, on another rank
     _check_computes(s)
     _check_coverage(s)
-    _check_matching(s)
-    _check_order(s)
-    _check_steps(s)
-    run = replay(s, costs, cores, load)
-    _check_deadlock(run)
+    try:
+        _check_matching(s)
+        _check_order(s)
+        _check_steps(s)
+        run = replay(s, costs, cores, load)
+        _check_deadlock(run)
+    except ScheduleError as e:
+        if sched.is_lowered and any(w in e.reason for w in _MESSAGES):
+            raise ScheduleError(s, e.reason + _by_hand(sched), e.marks) from None
+        raise
     return run
+
+
+_MESSAGES = ("unmatched send", "unmatched receive", "before receiving", "deadlock")
+"""What a ScheduleError says of a message its author may have left to lowering."""
+
+
+def _by_hand(sched: Schedule) -> str:
+    """Why a schedule that names a send or receive has no others: lowering
+    adds them only to one that names none (an author who placed one send
+    earlier got "unmatched send" alone, the others never added, no word why)."""
+    r, a = next((r, a) for r, row in enumerate(sched.ranks) for a in row if a.is_comm)
+    return (f" (the schedule names its own sends and receives, {a} on rank {r} the first, "
+            f"so none are added for it: name every one, or none and engine.lower() places "
+            f"them all; engine.strip_comm(schedule) drops them)")
 
 
 def verify(sched: Schedule) -> Schedule:

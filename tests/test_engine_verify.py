@@ -80,6 +80,24 @@ def test_unmatched_send():
     assert _marked(_reject(_sched(rows), "unmatched send")) == ["0SEND_F0"]
 
 
+def test_a_schedule_naming_some_messages_is_told_none_were_added():
+    # one send placed by hand, the rest left to lowering: only "unmatched send" was said
+    rows = [["0F0", "0SEND_F0", "0F1", "0B0", "0B1"], ["1F0", "1B0", "1F1", "1B1"]]
+    err = _reject(_sched(rows, m=2), r"unmatched send: 0SEND_F0 has no 1RECV_F0 on rank 1 "
+                  r"\(the schedule names its own sends and receives, 0SEND_F0 on rank 0 the "
+                  r"first, so none are added for it: name every one, or none .*strip_comm")
+    assert _marked(err) == ["0SEND_F0"]
+    rows = [["0F0", "0SEND_F0", "0F1", "0SEND_F1", "0B0", "0B1"],
+            ["1RECV_F0", "1F0", "1B0", "1RECV_F1", "1F1", "1B1"]]
+    _reject(_sched(rows, m=2), r"0B0 before receiving its gradient \(0RECV_B0\) \(the "
+            r"schedule names its own sends")
+    # an error of the compute alone is not about them
+    err = _reject(_sched([["0F0", "0SEND_F0", "0RECV_B0", "0B0"],
+                          ["1RECV_F0", "1B0", "1F0", "1SEND_B0"]]),
+                  "before its forward 1F0")
+    assert "names its own" not in str(err)
+
+
 def test_unmatched_receive():
     rows = [["0F0", "0SEND_F0", "0RECV_B0", "0B0"], ["1RECV_F0", "1F0", "1B0"]]
     err = _reject(_sched(rows), "unmatched receive: 0RECV_B0 has no 1SEND_B0")
@@ -97,6 +115,14 @@ def test_deadlock_from_waiting_too_early():
     early = ["0F0", "0SEND_F0", "0F1", "0RECV_B1", "0SEND_F1", "0RECV_B0", "0B0", "0B1"]
     err = _reject(gp.replace([early, gp.ranks[1]]), "deadlock")
     assert _marked(err) == ["0RECV_B1", "1RECV_F1"]
+
+
+def test_a_rank_without_a_stage():
+    # a Pipeline took it: that pp rank idled through every step, its step() None, no word
+    err = _reject(_sched([["0F0", "1F0", "1B0", "0B0"], []], stage_ranks=[0, 0]),
+                  r"pp rank 1 holds no stage: stage_ranks=\[0, 0\] puts the 2 stage\(s\) on "
+                  r"rank\(s\) \[0\] of its 2; .*for 1 rank\(s\): pp=1\)")
+    assert err.rank == 1 and "rank 1 |    <- holds no stage" in err.grid
 
 
 def test_send_before_compute_and_bad_directions():
