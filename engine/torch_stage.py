@@ -217,6 +217,7 @@ class TorchStage:
                             f"recompute={recompute!r} and a {type(module).__name__}")
         self.layered = bool(layered)
         self._fixed: tuple[int, ...] | None = None   # a tuple output's parts needing no grad
+        self._learned = False       # whether a forward with a graph has set _fixed
         self._params = [p for p in module.parameters() if p.requires_grad]
         self.compiled = _runs_compiled(module)
         # Floating inputs are cast to the dtype of the module's first floating
@@ -285,6 +286,7 @@ class TorchStage:
         _flat(out)
         if isinstance(out, tuple):
             self._fixed = tuple(i for i, o in enumerate(out) if not _needs_grad(o))
+        self._learned = True
 
     def _handed(self, out: Any) -> Any:
         """What the next stage gets: ``out`` detached (a tuple as Parts, its
@@ -302,10 +304,23 @@ class TorchStage:
         (``_replay``) with the same random draws (dropout's masks)."""
         torch = _torch()
         state = self._state()
-        with torch.no_grad():
+        kept = _uncopied(x)
+        learn = not self._learned     # (its first: with a graph, then dropped, _learn_first)
+        with torch.set_grad_enabled(learn and torch.is_grad_enabled()):
             _, fed = self._input(x)
             out = self.module(fed)
-        return self._handed(out), _Kept(x, state)
+        self._learn_first(out, learn)
+        return self._handed(out), _Kept(kept, state)
+
+    def _learn_first(self, out: Any, learn: bool) -> None:
+        """A recomputing stage's first forward runs with a graph, dropped
+        after, to learn which parts of a tuple output need no gradient
+        (``_learn``; a forward without a graph cannot tell): its first step
+        handed them on as needing one, so the next stage made each a leaf
+        (an in-place change to it there raised on that step only) and sent
+        its gradient back, a message as large as the part, for nothing."""
+        if learn and _torch().is_grad_enabled():
+            self._learn(out)
 
     def _state(self) -> tuple[Any, Any]:
         """The random number generators' state: the CPU's, and the stage's GPU's."""
@@ -324,14 +339,17 @@ class TorchStage:
         input and the generators' state before it kept (the first's input
         as the message came: ``_input`` makes its leaf again)."""
         torch = _torch()
-        ins, states = [x], []
-        with torch.no_grad():
+        ins, states = [_uncopied(x)], []
+        learn = not self._learned     # (its first: with a graph, then dropped, _learn_first)
+        with torch.set_grad_enabled(learn and torch.is_grad_enabled()):
             _, h = self._input(x)
             for j, layer in enumerate(self.module):
                 if j:
-                    ins.append(h)
+                    ins.append(h if not learn else h.detach() if isinstance(
+                        h, torch.Tensor) else tuple(v if v is None else v.detach() for v in h))
                 states.append(self._state())
                 h = layer(h)
+        self._learn_first(h, learn)
         return self._handed(h), _Layers(ins, states)
 
     def _backward_layers(self, ctx: "_Layers", gy: Any, split: bool) -> tuple[Any, Any]:
@@ -474,6 +492,29 @@ class _Layers:
 
     def __init__(self, ins: list[Any], states: list[tuple[Any, Any]]) -> None:
         self.ins, self.states = ins, states
+
+
+def _uncopied(x: Any) -> Any:
+    """A recomputing stage's input as it keeps it for its backward: the
+    parts its forward takes as they came (``_part``: no gradient goes back
+    to them, a mask's bias, or not floating, ids), copied; the others it
+    copies itself. Its module, or a later stage's on this rank, may change
+    such a part in place (``bias.mul_(2)``), which the kept input then was
+    too: the recompute ran on the changed values, and the weights' gradients
+    were another function's, with nothing said (one process, and a stage
+    keeping its activations, compute them from the values the forward
+    read)."""
+    torch = _torch()
+
+    def kept(v: Any, fixed: bool = False) -> Any:
+        if not isinstance(v, torch.Tensor) or (v.is_floating_point() and not fixed):
+            return v        # (None; an array, made a tensor apart; a part it copies)
+        return v.clone()
+    if not isinstance(x, tuple):
+        return kept(x)
+    fixed = getattr(x, "fixed", ())
+    parts = tuple(kept(v, i in fixed) for i, v in enumerate(x))
+    return Parts(parts, fixed) if isinstance(x, Parts) else parts
 
 
 def _leaves(h: Any) -> tuple[Any, Any]:
