@@ -1,6 +1,11 @@
 """Train a small transformer on 8 workers: dp=2 x pp=2 x tp=2, by one call.
 
-    meshrun -n 8 examples/train_3d.py [--steps 20] [--out model.pt]
+    meshrun -n 8 examples/train_3d.py [--steps 20] [--rows 16] [--lr 0.05]
+        [--out train_3d.pt] [--memory-limit MB] [--recompute auto|PATTERNS]   (the defaults)
+
+Any number of workers runs, the grid shrinking to fit: tp=2 where the
+number is even, pp=2 where it divides by 4, dp the rest (4: pp=2 x tp=2;
+2: tp=2; 1 or 3: dp alone; 12: dp=3 x pp=2 x tp=2).
 
 The model below is plain torch with no distribution code in it.
 ``engine.distribute`` traces its forward into layers (the embedding, each
@@ -115,7 +120,8 @@ def batch(step: int, rows: int, seq: int = 16, vocab: int = 64
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=int(os.environ.get("TRAIN_3D_STEPS", 20)))
     ap.add_argument("--rows", type=int, default=16, help="sequences per step, all replicas")
     ap.add_argument("--lr", type=float, default=0.05)

@@ -1,7 +1,10 @@
 """train_3d.py without torch: an engine.layers MLP on dp=2 x pp=2 x tp=2.
 
-    meshrun -n 8 examples/train_3d_numpy.py [--steps 20] [--out model.npz]
-        [--memory-limit MB] [--recompute auto|yes|no]
+    meshrun -n 8 examples/train_3d_numpy.py [--steps 20] [--rows 64] [--lr 0.3]
+        [--out train_3d.npz] [--memory-limit MB] [--recompute auto|yes|no]   (the defaults)
+
+Any number of workers runs, the grid shrinking as train_3d.py's: tp=2 where
+the number is even, pp=2 where it divides by 4, dp the rest.
 
 The model is a plain engine.layers.Sequential; ``engine.distribute`` cuts,
 shards (the same plan styles as torch) and schedules it. Rank 0 prints the
@@ -41,7 +44,8 @@ def batch(step: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=int(os.environ.get("TRAIN_3D_STEPS", 20)))
     ap.add_argument("--rows", type=int, default=64, help="rows per step, all replicas")
     ap.add_argument("--lr", type=float, default=0.3)

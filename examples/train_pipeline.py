@@ -1,6 +1,10 @@
 """Train a small numpy MLP on 4 workers: 2 data-parallel replicas x 2 pipeline stages.
 
-    meshrun -n 4 examples/train_pipeline.py [--schedule zb-h1] [--steps 20]
+    meshrun -n 4 examples/train_pipeline.py [--schedule 1f1b] [--microbatches 4]
+        [--steps 20] [--rows 64] [--lr 0.5] [--trace train_pipeline.trace.json]   (the defaults)
+
+--schedule is gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v. Other numbers
+of workers run too: dp=2 where the number is even and at least 4, pp the rest.
 
 Rank 0 prints the schedule grid, the last-stage rank of replica 0 prints the
 loss of each step, and rank 0 writes a Chrome/Perfetto trace of the last
@@ -26,7 +30,8 @@ def teacher_batch(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.n
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schedule", default="1f1b",
                     help="gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v")
     ap.add_argument("--microbatches", type=int, default=4)
