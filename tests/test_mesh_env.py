@@ -584,3 +584,29 @@ def test_the_readme_names_every_mesh_variable_the_code_reads() -> None:
              if not v.startswith("MESH_TEST_")}
     assert not code - named, f"not in the README: {sorted(code - named)}"
     assert not named - code, f"in the README, read nowhere: {sorted(named - code)}"
+
+
+def test_the_readmes_links_within_it_reach_a_heading() -> None:
+    """Every ``[text](#anchor)`` in README.md names a heading, as GitHub
+    makes its anchors (lower case, inline markup and punctuation dropped,
+    spaces to '-', a repeated one numbered; headings in code blocks none)."""
+    text = Path(ROOT, "README.md").read_text()
+    have: set[str] = set()
+    seen: dict[str, int] = {}
+    fence = None
+    for line in text.splitlines():
+        m = re.match(r"^ {0,3}(`{3,}|~{3,})", line)
+        if m:
+            fence = m.group(1)[0] if fence is None else (None if m.group(1)[0] == fence
+                                                         else fence)
+            continue
+        h = None if fence else re.match(r"^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if h:
+            t = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", h.group(1))
+            s = re.sub(r"[^\w\- ]", "", t.replace("`", "").replace("*", "").lower())
+            s = s.replace(" ", "-")
+            have.add(s if s not in seen else f"{s}-{seen[s]}")
+            seen[s] = seen.get(s, 0) + 1
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    links = set(re.findall(r"\]\(#([^)\s]+)\)", prose))
+    assert links and not links - have, f"no such heading: {sorted(links - have)}"
