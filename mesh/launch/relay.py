@@ -213,8 +213,13 @@ class Stream:
             lines.pop(0)
             self.cut = False
         if lines:
-            self._emit(b"\n".join([self._tagged(lines[0], self._starts(lines[0]))]
-                                  + [self._tagged(ln, True) for ln in lines[1:]]) + b"\n")
+            first = self._tagged(lines[0], self._starts(lines[0]))
+            rest = (b"\n" + self.prefix).join(lines[1:])
+            if b"\r" in rest:      # (a line by line look only where one starts over)
+                rest = b"\n".join(self._tagged(ln, True) for ln in lines[1:])
+            elif len(lines) > 1:
+                rest = self.prefix + rest
+            self._emit(first + b"\n" + rest + b"\n" if len(lines) > 1 else first + b"\n")
         if len(self._buf) >= _MAX_LINE:     # its end follows, unprefixed (it was cut in
             self.hold(time.monotonic(), at_once=True)   # pieces, each a line of its own)
         if self._buf and not self._since:
