@@ -33,7 +33,8 @@ from mesh.tensors import cpu_numpy
 from .device import paths as device
 from .device.paths import simple
 from .host import paths as host
-from .host.paths import all_gather_object, barrier, broadcast_object
+from .host.paths import (all_gather_object, barrier, broadcast_object, gather_object,
+                         scatter_object)
 from .runner import check_comm, named
 from .host import tiny as hier_tiny
 from .shm import tiny
@@ -41,8 +42,8 @@ from .tensors import is_tensor
 from .tensors import run as _on_tensor
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
-           "scatter", "all_to_all", "barrier", "broadcast_object", "all_gather_object",
-           "broadcast_state"]
+           "scatter", "all_to_all", "scan", "exscan", "barrier", "broadcast_object",
+           "all_gather_object", "gather_object", "scatter_object", "broadcast_state"]
 
 _staged_all_reduce = simple(host.all_reduce, in_place=True)
 _staged_all_gather = simple(host.all_gather, in_place=False)
@@ -53,6 +54,7 @@ _staged_gather = simple(host.gather, in_place=False)
 _staged_scatter = simple(host.scatter, in_place=False)
 _staged_all_to_all = simple(host.all_to_all, in_place=False)
 _staged_all_to_all_v = simple(host.all_to_all_v, in_place=False)
+_staged_scan = simple(host.scan, in_place=False)
 
 _HALF_WIDE = np.dtype(np.float32, metadata={"name": "float16"})
 """float16 widened for an average: float32 whose fingerprint says float16
@@ -267,6 +269,29 @@ def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
             raise ValueError(bad)
     return _staged_all_to_all_v(g, a, sends, recvs, async_op=async_op, timeout=timeout,
                                 check=check)
+
+
+def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
+         timeout: float | None = None) -> Any:
+    """MPI's Scan (an inclusive prefix reduction): rank r gets the ``a`` of
+    ranks 0..r reduced by ``op``, as a new array (or tensor) like ``a``;
+    ``a`` is only read. Host and device arrays and tensors (bfloat16
+    combined in float32)."""
+    check_comm(g, "scan")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(scan, "scan", g, a, op=op, async_op=async_op, timeout=timeout)
+    return _staged_scan(g, a, op=op, async_op=async_op, timeout=timeout)
+
+
+def exscan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
+           timeout: float | None = None) -> Any:
+    """MPI's Exscan (an exclusive prefix reduction): rank r gets the ``a``
+    of ranks 0..r-1 reduced by ``op``; rank 0 gets None (as mpi4py's
+    ``exscan``). As ``scan`` otherwise."""
+    check_comm(g, "exscan")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(exscan, "exscan", g, a, op=op, async_op=async_op, timeout=timeout)
+    return _staged_scan(g, a, op=op, async_op=async_op, timeout=timeout, exclusive=True)
 
 
 def _counts(counts: Any, what: str, n: int, me: str) -> tuple[list[int], str | None]:

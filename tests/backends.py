@@ -185,7 +185,8 @@ class _Work:
 
 
 IN_PLACE = ("all_reduce", "broadcast", "reduce")
-RETURNS = ("all_gather", "reduce_scatter", "gather", "scatter", "all_to_all")
+RETURNS = ("all_gather", "reduce_scatter", "gather", "scatter", "all_to_all", "scan",
+           "exscan")
 
 
 class Backed:

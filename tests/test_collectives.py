@@ -152,6 +152,22 @@ def _gather_scatter_cases(C: Any, g: Any, seed: int) -> None:
         expect(got, want.reshape(shape), f"all_to_all {shape} n={n}")
     with pytest.raises(ValueError, match=r"got shape \(\)"):
         C.all_to_all(g, data(seed, r, (), "int32"))
+    for shape, dtype, op in [((), "int64", "sum"), ((5,), "float32", "prod"), ((0,), "int8", "sum"),
+                             ((3, 4), "int32", "max"), ((7,), "bool", "bor"),
+                             ((1001,), "float64", "min"), ((2,), "complex64", "sum")]:
+        xs = [data(seed, i, shape, dtype) for i in range(n)]
+        mine = xs[r].copy()
+        expect(C.scan(g, mine, op=op), reference(op, xs[:r + 1]), f"scan {op} {shape} n={n}")
+        got = (C.exscan(g, mine, op=op, async_op=True).wait() if dtype == "float32"
+               else C.exscan(g, mine, op=op))
+        if r == 0:
+            assert got is None, f"exscan on rank 0 gave {got}"
+        else:
+            expect(got, reference(op, xs[:r]), f"exscan {op} {shape} n={n}")
+        expect(mine, xs[r], f"scan's input {op} {shape} n={n}")      # only read
+    with pytest.raises(ValueError, match=r"rank \d+: scan on group .* takes sum prod min max "
+                                         r"band bor bxor, not 'avg'"):
+        C.scan(g, data(seed, r, (2,), "float32"), op="avg")
     C.barrier(g)
     assert C.all_gather_object(g, {"rank": r, "t": (r, "x")}) == \
         [{"rank": i, "t": [i, "x"]} for i in range(n)]
@@ -159,6 +175,11 @@ def _gather_scatter_cases(C: Any, g: Any, seed: int) -> None:
                               root=n - 1) == {"w": [1.5, None, "s"]}
     got = C.all_gather_object(g, {"step": np.int64(r), "loss": np.float32(0.5)})   # numpy
     assert got == [{"step": i, "loss": 0.5} for i in range(n)] and type(got[r]["step"]) is int
+    got = C.gather_object(g, {"r": r, "t": (r, "x")}, root=n - 1)     # mpi4py's gather
+    assert got == ([{"r": i, "t": [i, "x"]} for i in range(n)] if r == n - 1 else None), got
+    assert C.scatter_object(g, [[i, None] for i in range(n)] if r == 0 else None) == [r, None]
+    assert C.scatter_object(g, tuple(range(n)) if r == n - 1 else None, root=n - 1,
+                            async_op=True).wait() == r
 
 
 def _async_cases(C: Any, g: Any, seed: int) -> None:

@@ -34,12 +34,16 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "gather root seen late": lambda g: C.gather(g, np.ones(2), root=0 if g.rank == 0 else 3),
     "reduce_scatter vs all_gather": lambda g: (
         C.all_gather(g, np.ones(4)) if g.rank == 2 else C.reduce_scatter(g, np.ones(4))),
+    "scan vs exscan": lambda g: (C.exscan(g, np.ones(3)) if g.rank == 2
+                                 else C.scan(g, np.ones(3))),
+    "scatter_object of a short list": lambda g: C.scatter_object(
+        g, [1, 2] if g.rank == 1 else None, root=1),
     "bad op on one rank": lambda g: C.all_reduce(g, np.ones(3, np.float32),
                                                  op=_odd(g.rank, "sum", "band")),
 }
 
 
-LATE = {"root", "gather root", "gather root seen late"}
+LATE = {"root", "gather root", "gather root seen late", "scan vs exscan"}
 
 
 def _heard_from_all(world: Any) -> None:
@@ -120,6 +124,17 @@ def test_a_root_mismatch_never_hangs_and_every_rank_hears_of_it(outcomes: list,
         assert texts[-1] == "ok", f"rank {rank}: the group did not recover: {texts}"
 
 
+def test_scan_beside_exscan_is_a_mismatch_every_rank_hears_of(outcomes: list) -> None:
+    """A rank of a scan that only sends (rank 0, and rank 1 here) may finish
+    before the ranks that receive see the mismatch; it hears of it in the
+    group's next calls, as a gather leaf does."""
+    for rank, o in enumerate(outcomes):
+        texts = o["scan vs exscan"]
+        assert any("MismatchError" in t and "exscan(" in t and " scan(" in t for t in texts), \
+            f"rank {rank}: {texts}"
+        assert texts[-1] == "ok", f"rank {rank}: the group did not recover: {texts}"
+
+
 def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> None:
     texts = _texts(outcomes, "bad op on one rank")
     assert texts[1].startswith("TypeError: rank 1: all_reduce on group world: op 'band' needs "
@@ -128,6 +143,16 @@ def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> N
         assert texts[rank].startswith("MeshError"), texts[rank]
         assert "rank 1" in texts[rank] and "all_reduce" in texts[rank]
         assert "op 'band' needs an integer" in texts[rank]
+
+
+def test_a_scatter_objects_short_list_fails_the_root_and_aborts_the_others(
+        outcomes: list) -> None:
+    texts = _texts(outcomes, "scatter_object of a short list")
+    assert texts[1] == ("ValueError: rank 1: scatter_object on group world needs a list of 4 "
+                        "objects (one a rank) on the root, got a list of 2"), texts[1]
+    for rank in (0, 2, 3):
+        assert texts[rank].startswith("MeshError") and "rank 1" in texts[rank] and \
+            "needs a list of 4 objects" in texts[rank], texts[rank]
 
 
 def _sub_group_mismatch(world: Any) -> list[str]:

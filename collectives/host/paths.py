@@ -33,8 +33,8 @@ from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chai
 from .small import all_reduce_rd, barrier_dissemination
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
-           "scatter", "all_to_all", "all_to_all_v", "barrier", "broadcast_object",
-           "all_gather_object"]
+           "scatter", "all_to_all", "all_to_all_v", "scan", "barrier", "broadcast_object",
+           "all_gather_object", "gather_object", "scatter_object"]
 
 
 _ONE_ARRAY = {      # what to do with a list of arrays, by collective ("": the others)
@@ -544,6 +544,45 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
     return start(g, name, prepare, async_op, timeout)
 
 
+def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
+         timeout: float | None = None, exclusive: bool = False) -> Any:
+    """MPI's Scan: rank r gets ``a`` of ranks 0..r reduced, a new array
+    (``a`` is only read); ``exclusive``: MPI's Exscan, ranks 0..r-1, and
+    None on rank 0. Recursive doubling: log2(size) rounds, in round k each
+    rank sends what it holds to rank + 2**k and combines what rank - 2**k
+    sends before its own (the lower ranks' operand first, so every order
+    of combination is fixed). No avg (MPI's scans have none)."""
+    name = "exscan" if exclusive else "scan"
+
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        arr = np.array(_array(name, a), order="C")      # (a copy: combined into)
+        if op == "avg":
+            raise ValueError(f"{name} takes sum prod min max band bor bxor, not 'avg' (divide "
+                             f"a sum scan by rank + 1 for a running mean)")
+        rop = resolve(op, arr.dtype)
+
+        def body(ctx: Ctx) -> Any:
+            n, r = ctx.g.size, ctx.g.rank
+            held, before = arr, None        # ranks r-d+1..r, and r-d+1..r-1 (None: none)
+            d = 1
+            while d < n:
+                got = ctx.irecv(r - d, np.empty_like(held)) if r >= d else None
+                sent = ctx.isend(held, r + d) if r + d < n else None
+                lower = got.wait() if got is not None else None
+                if sent is not None:
+                    sent.wait()             # (held is combined into next)
+                if lower is not None:
+                    if before is None:
+                        before = lower.copy()
+                    else:
+                        rop.combine(before, lower, src_first=True)
+                    rop.combine(held, lower, src_first=True)
+                d *= 2
+            return before if exclusive else held
+        return _fp(name, arr, op=op), agreed(body)
+    return start(g, name, prepare, async_op, timeout)
+
+
 def barrier(g: Comm, async_op: bool = False, timeout: float | None = None) -> Any:
     """Return once every member of ``g`` has entered the barrier."""
     def body(ctx: Ctx) -> None:
@@ -637,3 +676,48 @@ def all_gather_object(g: Comm, obj: Any, async_op: bool = False,
         value = as_received(obj)
         return _fp("all_gather_object"), lambda ctx: all_gather_object_direct(ctx, value)
     return start(g, "all_gather_object", prepare, async_op, timeout)
+
+
+def gather_object(g: Comm, obj: Any, root: int = 0, async_op: bool = False,
+                  timeout: float | None = None) -> Any:
+    """The list of every rank's msgpack-able ``obj``, in rank order, on the
+    root (mpi4py's ``gather``); None on the other ranks."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        r = _root(g, root)
+        value = as_received(obj)
+
+        def body(ctx: Ctx) -> Any:
+            if ctx.g.rank != r:
+                ctx.send(value, r)
+                return None
+            recvs = {p: ctx.irecv(p) for p in range(ctx.g.size) if p != r}
+            return [value if i == r else recvs[i].wait() for i in range(ctx.g.size)]
+        return _fp("gather_object", root=r), agreed(body)
+    return start(g, "gather_object", prepare, async_op, timeout)
+
+
+def scatter_object(g: Comm, objs: Any = None, root: int = 0, async_op: bool = False,
+                   timeout: float | None = None) -> Any:
+    """Item i of the root's list (or tuple) of g.size msgpack-able objects
+    on rank i (mpi4py's ``scatter``); ``objs`` is ignored (may be None) on
+    the other ranks."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        r = _root(g, root)
+        values: list[Any] = []
+        if g.rank == r:
+            if not isinstance(objs, (list, tuple)) or len(objs) != g.size:
+                got = (f"a {type(objs).__name__} of {len(objs)}"
+                       if isinstance(objs, (list, tuple)) else type(objs).__name__)
+                raise ValueError(f"scatter_object needs a list of {g.size} objects (one a "
+                                 f"rank) on the root, got {got}")
+            values = [as_received(o) for o in objs]
+
+        def body(ctx: Ctx) -> Any:
+            if ctx.g.rank != r:
+                return ctx.recv(r)
+            sends = [ctx.isend(v, i) for i, v in enumerate(values) if i != r]
+            for req in sends:
+                req.wait()
+            return values[r]
+        return _fp("scatter_object", root=r), agreed(body)
+    return start(g, "scatter_object", prepare, async_op, timeout)
