@@ -987,6 +987,22 @@ def recomputing(recompute: bool | frozenset[int], layered: bool = False) -> str:
     return f"recomputed{how}" if recompute else "kept"
 
 
+def legend(cands: Sequence[Candidate], why: bool = True) -> str:
+    """What ``table``'s columns are and, with ``why``, why its mark is where
+    it is (a row under the chosen one may show less time: its figure is a
+    lower bound); without, for a schedule given by name."""
+    own = any(c.measured for c in cands)
+    limit = "" if all(c.fits for c in cands) else " under the memory limit"
+    columns = ("pred ms: the simulated step (every micro-batch, all ranks); bubble: the "
+               "ranks' idle share of it; peak MB: the most activations one rank holds")
+    if not why:
+        return columns
+    return (columns + "\n"
+            f"chosen: the fastest{limit}" + (
+                ", once costed by a dry run of its own schedule (its own dry run); the "
+                "other rows' figures are from a 1F1B dry run, a lower bound" if own else ""))
+
+
 def table(cands: Sequence[Candidate], chosen: Candidate | None = None,
           skipped: Sequence[tuple[Schedule, str]] = ()) -> str:
     """The candidates as a text table, the chosen one marked; then those

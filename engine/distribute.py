@@ -61,7 +61,7 @@ from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
                      candidates, counts_for, kept_buffers, kept_random, loaded, measure,
                      measure_stages, microbatch_counts,
-                     recomputing, recosted, retimed, stage_costs, stage_spans, table,
+                     legend, recomputing, recosted, retimed, stage_costs, stage_spans, table,
                      time_program, under_load, whole_counts)
 from .executor import Pipeline, _in_action, _retold, rows_of
 from .ir import Schedule
@@ -69,6 +69,7 @@ from .schedules import by_name, one_f_one_b
 from .stagebuild import inputs_of, is_module, make_stage, param_count
 from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize, tensor_bytes
 from .partition import partition
+from .trace import write as _write_trace
 from .traced import called_whole, few, sequential, traceable
 from .torch_stage import TorchStage, _view, checkpoint_modules, patterns_of, torch_loss
 from .tp_layers import full_params, full_shapes, load_full_params
@@ -764,6 +765,21 @@ class Job:
         def loss(y: Any) -> Any:
             return fn(y, target)[1] * share
         return self.schedule.num_stages - 1, loss
+
+    def write_trace(self, path: str) -> str | None:
+        """The last step's Chrome trace (``Pipeline.write_trace``) with
+        ``job.predicted`` stored beside it, so ``python -m engine.show path``
+        prints the measured step over distribute's prediction (the
+        pipeline's own trace holds none). Collective: every rank calls it;
+        written on world rank 0, whose path it returns (None elsewhere)."""
+        data = self.pipeline.trace()
+        if data is None:
+            return None
+        if self.predicted is not None:
+            data["otherData"]["predicted_makespan_ms"] = self.predicted * 1e3
+            data["otherData"]["predicted_by"] = (f"engine.distribute's re-time of "
+                                                 f"{self.schedule.name} (job.predicted)")
+        return _write_trace(path, data)
 
     def table(self) -> str:
         """The candidates the choice was made from (and those that cannot run),
@@ -1572,9 +1588,15 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         # on the shared cores; none where it fitted none): its figures and ranking
         # those of the host the steps will find, as job.predicted's are
         job.candidates, job.profiled = under_load(cands, chosen, job.calibration.load)
-    if verbose and grid.comm.rank == 0 and auto:
-        print(f"engine.distribute: {dict(grid.axes)}, {L} layers; candidates:\n"
-              f"{job.table()}\n{said}", flush=True)
+    if verbose and grid.comm.rank == 0:
+        # a schedule named too: its row, cut and prediction (it printed nothing, and the
+        # user who picked a row by name saw none of them)
+        if auto or job.candidates:
+            print(f"engine.distribute: {dict(grid.axes)}, {L} layers; "
+                  f"{'candidates' if auto else 'the schedule given'}:\n{job.table()}\n"
+                  f"{legend(job.candidates, why=auto)}\n{said}", flush=True)
+        else:
+            print(said, flush=True)
         if job.predicted is not None:
             print(f"engine.distribute: {job.schedule.name} re-timed as its steps will run: "
                   f"{job.predicted * 1e3:.2f} ms a step (job.predicted)", flush=True)

@@ -23,10 +23,10 @@ from mesh.cliargs import checked, nonnegative_float, positive, positive_float
 
 from .ir import Schedule, format_program
 from .schedules import by_name
-from .simulate import _costs
+from .simulate import DEFAULT_COSTS, _costs
 from .verify import ScheduleError
 
-__all__ = ["main", "parse_costs"]
+__all__ = ["main", "parse_costs", "legend"]
 
 
 def parse_costs(text: str | None) -> dict[str, float]:
@@ -44,24 +44,43 @@ def parse_costs(text: str | None) -> dict[str, float]:
     return costs
 
 
+def legend(costs: dict[str, float], split: bool) -> str:
+    """What the grid's cells mean and the costs it was simulated with:
+    the grid and the figures under it are the one simulation."""
+    kinds = ("F", "I", "W") if split else ("F", "B")
+    shown = " ".join(f"{k}={costs[k]:g}" for k in kinds + ("send",))
+    backward = ("I its input gradient, W its weight gradient (a backward split in two)"
+                if split else "B its backward")
+    return (f"legend: 1F3 = stage 1's forward of micro-batch 3; {backward}; "
+            f"'---' the action going on; '.' idle (a bubble)\n"
+            f"costs: {shown} (time units, --costs to change); a cell: the shortest action's time\n"
+            f"bubble: the ranks' idle share of the whole step (within each rank's span: from its "
+            f"first action to its last, the zero-bubble paper's measure); peak activations: "
+            f"the micro-batches a rank holds at once")
+
+
 def _show_schedule(sched: Schedule, args: argparse.Namespace) -> int:
     if args.json:
         print(sched.to_json(indent=None))
         return 0
-    costs = args.costs
+    # the grid drawn with the costs the figures are simulated with (it was drawn with
+    # every action one cell while the figures took B=2: "makespan 33" under 22 cells)
+    costs = {**DEFAULT_COSTS, **args.costs}
     try:
         lowered = sched.validate()
         if args.load and args.cores is None:
             print("--load needs --cores: the cores the ranks and the others share",
                   file=sys.stderr)
             return 2
-        report = sched.simulate(costs or None, args.cores, args.load)
+        report = sched.simulate(costs, args.cores, args.load)
     except ScheduleError as e:
         print(e, file=sys.stderr)
         return 1
     print(f"{sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
           f"{sched.num_microbatches} micro-batches")
-    print(sched.render(costs or None, args.cores, args.load))
+    split = any(a.kind in ("I", "W") for row in sched.ranks for a in row)
+    print(legend(costs, split))
+    print(sched.render(costs, args.cores, args.load))
     print(report)
     if args.lowered:
         print(format_program(lowered))

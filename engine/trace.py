@@ -169,31 +169,47 @@ def summarize_trace(trace: dict[str, Any]) -> str:
                      f"{span / sim.makespan:.1f}x longer")
     pred = trace.get("otherData", {}).get("predicted_makespan_ms")
     if pred:
-        lines.append(f"simulator predicted {pred:.3f} ms; measured/predicted "
+        by = trace["otherData"].get("predicted_by", "simulator")
+        lines.append(f"{by} predicted {pred:.3f} ms; measured/predicted "
                      f"{span / 1e3 / pred:.2f}")
     return "\n".join(lines)
 
 
+_GRID_CELLS = 120      # the measured grid's widest row, in cells
+
+
 def render_trace(trace: dict[str, Any]) -> str:
     """The measured timeline as a text grid like ``Schedule.render``: each
-    column is the shortest compute action's duration."""
+    column is the shortest compute action's duration, or the step's
+    1/120th where that is longer (a real step's W of microseconds among
+    forwards of milliseconds made rows of thousands of cells); an action
+    shorter than a cell takes one, after the one before it on its row, so
+    every action is shown, in order. A first line says a cell's time."""
     rows = _slices(trace)
     comp = {k: [e for e in es if e["cat"] in _COMPUTE and e["dur"] > 0]
             for k, es in rows.items()}
     every = [e for es in comp.values() for e in es]
     if not every:
         return "(no compute actions in this trace)"
-    unit = min(e["dur"] for e in every)
     t0 = min(e["ts"] for e in every)
+    span = max(e["ts"] + e["dur"] for e in every) - t0
+    unit = max(min(e["dur"] for e in every), span / _GRID_CELLS)
     width = max(len(e["name"]) for e in every)
-    ncols = max(round((e["ts"] + e["dur"] - t0) / unit) for e in every) + 1
-    lines = []
-    for (pid, tid), es in sorted(comp.items()):
-        cells = [".".center(width)] * ncols
-        for e in es:
-            col = min(round((e["ts"] - t0) / unit), ncols - 1)
-            cells[col] = e["name"].center(width)
-            for c in range(col + 1, min(col + max(1, round(e["dur"] / unit)), ncols)):
-                cells[c] = "-" * width
-        lines.append(f"dp{pid} pp{tid} | {' '.join(cells)}".rstrip())
+    placed = {}
+    for key, es in comp.items():
+        free, cells = 0, []
+        for e in sorted(es, key=lambda e: e["ts"]):
+            col = max(round((e["ts"] - t0) / unit), free)
+            free = col + max(1, round(e["dur"] / unit))
+            cells.append((e["name"], col, free))
+        placed[key] = cells
+    ncols = max(stop for cells in placed.values() for _, _, stop in cells)
+    lines = [f"one cell = {unit / 1e3:.3g} ms (measured; '.' idle or waiting)"]
+    for (pid, tid), cells in sorted(placed.items()):
+        row = [".".center(width)] * ncols
+        for name, col, stop in cells:
+            row[col] = name.center(width)
+            for c in range(col + 1, stop):
+                row[c] = "-" * width
+        lines.append(f"dp{pid} pp{tid} | {' '.join(row)}".rstrip())
     return "\n".join(lines)

@@ -6,7 +6,12 @@ state on rank 0 and checks the argument errors; the parent compares with
 single-process training on the whole batch. Nothing here is timed: which
 schedule wins may differ from run to run, the weights may not.
 """
+import contextlib
+import io
+import json
+import os
 import re
+import tempfile
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +23,7 @@ import engine
 import mesh
 from engine import choose
 from engine.choose import LayerCost
+from engine.trace import summarize_trace
 from engine.layers import Linear, Sequential, Tanh, mlp_stages, mse_loss, sgd
 
 WIDTHS = [5, 8, 6, 7, 4, 3]          # 5 Linear layers, 9 layers with the Tanh between
@@ -97,6 +103,13 @@ def test_candidates_best_first_under_the_memory_limit():
     assert [c.fits for c in capped] == sorted((c.fits for c in capped), reverse=True)
     text = choose.table(capped, capped[0])
     assert "<- chosen" in text and "over memory limit" in text and "pred ms" in text
+    # what the columns are and why the mark is there: a row under it may show less time
+    said = choose.legend(capped)
+    assert "bubble: the ranks' idle share of it; peak MB: the most activations" in said
+    assert said.endswith("chosen: the fastest under the memory limit")
+    assert choose.legend([replace(capped[0], measured=True)]).endswith(
+        "the other rows' figures are from a 1F1B dry run, a lower bound")
+    assert "chosen" not in choose.legend(capped, why=False)
 
 
 def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
@@ -1591,17 +1604,35 @@ def _compiled_worker(world):
     with pytest.raises(TypeError, match=r"torch.compile\(model\) gives an OptimizedModule"):
         engine.distribute(torch.compile(build(False), backend="aot_eager"),
                           mesh.grid(world, pp=2), sample=x, verbose=False)
-    job = engine.distribute(build(True), mesh.grid(world, pp=2), schedule="zb-h1",
-                            microbatches=8, balance="uniform", sample=x, reps=1,
-                            loss_fn=torch.nn.functional.mse_loss, timeout=60, verbose=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        job = engine.distribute(build(True), mesh.grid(world, pp=2), schedule="zb-h1",
+                                microbatches=8, balance="uniform", sample=x, reps=1,
+                                loss_fn=torch.nn.functional.mse_loss, timeout=60)
+    # a schedule picked by name prints its cut and its prediction too (it printed nothing)
+    printed = out.getvalue()
+    assert printed == "" if world.rank else (
+        printed.startswith("engine.distribute: {'pp': 2}, 5 layers; the schedule given:\n"
+                           f"{job.table()}\npred ms: the simulated step")
+        and "zero_bubble_h1(2,8) cuts the model into 2 stages of 5 layers\n" in printed
+        and "chosen: the fastest" not in printed
+        and f"re-timed as its steps will run: {job.predicted * 1e3:.2f} ms" in printed), printed
+    assert job.table().splitlines()[1].startswith("zero_bubble_h1(2,8)"), job.table()
     opt = torch.optim.SGD(job.parameters(), lr=0.1)
     for _ in range(3):
         opt.zero_grad()
         job.step(x, y)
         opt.step()
     got = job.state_dict()
+    # the last step's trace holds distribute's prediction: engine.show sets the step
+    # beside it (the pipeline's trace held none: a job's prediction was never compared)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = job.write_trace(os.path.join(tmp, "job.trace.json"))
+        said = "" if path is None else summarize_trace(json.load(open(path)))
     if world.rank != 0:
         return 0.0
+    assert (f"engine.distribute's re-time of zero_bubble_h1(2,8) (job.predicted) predicted "
+            f"{job.predicted * 1e3:.3f} ms; measured/predicted") in said, said
     ref = build(False)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for _ in range(3):

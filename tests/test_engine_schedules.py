@@ -326,6 +326,13 @@ def test_show_prints_grid_and_figures(capsys, tmp_path):
     assert show_main(["1f1b", "2", "2"]) == 0
     out = capsys.readouterr().out
     assert "0 | 0F0 0F1" in out and "makespan" in out
+    # the grid is the simulation its figures come from (it was drawn with B one cell while
+    # the figures took B=2: 6 cells over "makespan 9"), and a legend says what it shows
+    assert "makespan 9 " in out and "costs: F=1 B=2 send=0" in out
+    assert "1 |  .  1F0 1B0 --- 1F1 1B1 ---" in out
+    assert "1F3 = stage 1's forward of micro-batch 3; B its backward" in out
+    assert show_main(["zb-h1", "2", "3"]) == 0
+    assert "I its input gradient, W its weight gradient" in capsys.readouterr().out
     assert show_main(["zb-h1", "2", "3", "--json"]) == 0
     text = capsys.readouterr().out
     path = tmp_path / "s.json"
@@ -439,3 +446,20 @@ def test_show_simulates_ranks_sharing_cores(capsys):
     assert 12 < span < 18
     assert show_main(["1f1b", "2", "3", "--load", "1"]) == 2
     assert "--load needs --cores" in capsys.readouterr().err
+
+
+def test_a_measured_grid_says_its_cell_and_stays_readable(capsys, tmp_path):
+    """engine.show trace.json --grid: a cell was the shortest action's time,
+    so a W of 10 us among forwards of 10 ms made rows of 2,000+ cells; now
+    at most about 120, the cell's time said, every action shown in order."""
+    from engine.trace import chrome_trace, write
+    us = 1000       # the events' times are in ns
+    ranks = [{"dp": 0, "pp": 0, "events": [
+        ["0F0", "F", 0, 10_000 * us, "", 0], ["0I0", "I", 10_000 * us, 20_000 * us, "", 0],
+        ["0W0", "W", 20_000 * us, 20_010 * us, "", 0]]}]
+    path = write(str(tmp_path / "t.json"), chrome_trace(ranks, {}))
+    assert show_main([path, "--grid"]) == 0
+    head, row = capsys.readouterr().out.splitlines()
+    assert head == "one cell = 0.167 ms (measured; '.' idle or waiting)"
+    cells = row.split(" | ")[1].split()
+    assert len(cells) <= 121 and [c for c in cells if c != "---"] == ["0F0", "0I0", "0W0"]
