@@ -69,6 +69,13 @@ def test_action_on_the_wrong_rank_or_out_of_range():
     _reject(_sched([["0F0", "1F0", "0B0"], ["1B0"]]), "stage 1 lives on rank 1")
     _reject(_sched([["0F0", "0F1", "0B0", "0B1"]]), "there are 1")
     _reject(_sched([["0F0", "3F0", "0B0"]]), "has 1 stages")
+    # on two ranks, named and marked as written, in the list as written: it was the
+    # receive lowering put before it, "1RECV_F3 names micro-batch 3", in the lowered list
+    err = _reject(_sched([["0F0", "0B0"], ["1F0", "1B0", "1F3"]]), "^schedule 'custom' is "
+                  "invalid: 1F3 names micro-batch 3, but there are 1\n")
+    assert _marked(err) == ["1F3"] and "RECV" not in err.grid
+    err = _reject(_sched([["0F0", "0B0"], ["1F0", "1F0", "1B0"]]), "rank 1 runs 1F0 twice")
+    assert "  rank 1 | 1F0 1F0 1B0\n" in err.grid
 
 
 def test_unmatched_send():
