@@ -23,7 +23,7 @@ from .render import render
 from .schedules import (gpipe, interleaved_1f1b, one_f_one_b, zb_v, zero_bubble_h1,
                         zero_bubble_h2)
 from .simulate import SimReport, simulate
-from .tensor_parallel import gather_state_dict, parallelize
+from .tensor_parallel import describe_plan, gather_state_dict, parallelize
 from .torch_stage import checkpoint_modules
 from .tp_plan import PlanError, Style
 from .traced import sequential
@@ -35,6 +35,7 @@ __all__ = [
     "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
-    "parallelize", "gather_state_dict", "Style", "PlanError", "partition", "Partition",
+    "parallelize", "describe_plan", "gather_state_dict", "Style", "PlanError", "partition",
+    "Partition",
     "sequential", "checkpoint_modules", "clip_grad_norm_",
 ]

@@ -39,7 +39,8 @@ from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisibl
                       joined_order, left, logged, match, planned, rewrite_attrs, shard_rows)
 from .torch_stage import TorchStage, _torch, _view
 
-__all__ = ["parallelize", "gather_state_dict", "load_full_state_dict", "PlanError", "Style"]
+__all__ = ["parallelize", "describe_plan", "gather_state_dict", "load_full_state_dict",
+           "PlanError", "Style"]
 
 
 def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str = "check",
@@ -117,6 +118,50 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
         else:
             sub.use_nested_tensor = False
     return module
+
+
+def describe_plan(module: Any, plan: Mapping[str, Any], tp: int, *,
+                  strict: bool = True) -> str:
+    """What ``parallelize(module, group, plan)`` does at tp size ``tp``, as
+    text, before anything runs (no group, nothing changed): each planned
+    submodule's style and layouts, each of its parameters' whole shape and a
+    tp rank's shard, the tensors no pattern names (whole on every tp rank).
+    Raises PlanError where parallelize would on one rank: a pattern that
+    matches nothing (when ``strict``), a dimension not divisible by ``tp``,
+    a style that does not fit its module. torch modules only."""
+    if not _is_torch(module):
+        raise TypeError(f"describe_plan takes a torch module, not a {type(module).__name__}")
+    torch = _torch()
+    named = dict(module.named_modules())
+    styles = match(plan, named, strict)
+    lines = [f"tensor-parallel plan over {tp} ranks: {len(styles)} of "
+             f"{len(named) - 1} submodules planned"]
+    planned_ids: set[int] = set()
+    for name, style in styles.items():
+        sub = named[name]
+        _validate(torch, name, sub, style, tp)
+        extra = "".join(f" {k}={v}" for k, v in (("parts", style.parts), ("rng", style.rng),
+                                                 ("width", style.width)) if v)
+        attrs = f" attrs {sorted(style.attrs)}" if style.attrs else ""
+        lines.append(f"  {name} ({type(sub).__name__}): {style.style}, input {style.input}, "
+                     f"output {style.output}{extra}{attrs}")
+        dims = _DIMS.get(style.style, {})
+        for pname, p in sub.named_parameters(recurse=style.style not in _TYPES):
+            planned_ids.add(id(p))
+            whole = tuple(p.shape)
+            if pname in dims and style.style in _TYPES:
+                d = dims[pname]
+                shard = whole[:d] + (whole[d] // tp,) + whole[d + 1:]
+                how = f"{list(whole)} -> {list(shard)} a rank (axis {d} split)"
+            else:
+                how = f"{list(whole)} whole on every rank" + (
+                    ", gradients summed over tp" if style.style == "sequence" else "")
+            lines.append(f"    {name}.{pname}: {how}")
+    rest = [(n, p) for n, p in module.named_parameters() if id(p) not in planned_ids]
+    if rest:
+        shown = ", ".join(n for n, _ in rest[:8]) + (" ..." if len(rest) > 8 else "")
+        lines.append(f"  not planned, whole on every tp rank ({len(rest)} tensors): {shown}")
+    return "\n".join(lines)
 
 
 def gather_state_dict(module: Any, root: int | None = None, grads: bool = False

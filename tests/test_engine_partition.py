@@ -314,3 +314,32 @@ def test_a_compiled_module_in_two_stages_is_refused_by_name():
     inplace.compile(backend="eager")
     with pytest.raises(ValueError, match=r"a torch.compile'd Linear is held"):
         partition(nn.Sequential(inplace, nn.Tanh(), inplace), 2, [1, 2])
+
+
+def test_a_tp_plan_prints_what_it_shards_before_anything_runs():
+    """engine.describe_plan: each planned submodule's style and each
+    parameter's whole and shard shapes, the unplanned tensors, at a tp size,
+    with no group and nothing changed; a pattern matching nothing says so."""
+    from engine import PlanError, describe_plan
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(32, 16), nn.LayerNorm(16), nn.Linear(16, 64),
+                          nn.ReLU(), nn.Linear(64, 16))
+    before = [p.shape for p in model.parameters()]
+    text = describe_plan(model, {"0": "vocab", "2": "colwise", "4": "rowwise"}, 2)
+    assert text.splitlines() == [
+        "tensor-parallel plan over 2 ranks: 3 of 5 submodules planned",
+        "  0 (Embedding): vocab, input replicate, output replicate",
+        "    0.weight: [32, 16] -> [16, 16] a rank (axis 0 split)",
+        "  2 (Linear): colwise, input replicate, output shard",
+        "    2.weight: [64, 16] -> [32, 16] a rank (axis 0 split)",
+        "    2.bias: [64] -> [32] a rank (axis 0 split)",
+        "  4 (Linear): rowwise, input shard, output replicate",
+        "    4.weight: [16, 64] -> [16, 32] a rank (axis 1 split)",
+        "    4.bias: [16] whole on every rank",
+        "  not planned, whole on every tp rank (2 tensors): 1.weight, 1.bias"]
+    assert [p.shape for p in model.parameters()] == before and not hasattr(model[2], "_tp")
+    with pytest.raises(PlanError, match=r"plan pattern '\*.up' matches no submodule \(names: "
+                       r"0, 1, 2, 3, 4\)"):
+        describe_plan(model, {"*.up": "colwise"}, 2)
+    with pytest.raises(PlanError, match="2: out_features .* is 64, not divisible by the tp size 3"):
+        describe_plan(model, {"2": "colwise"}, 3)
