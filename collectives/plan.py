@@ -11,9 +11,11 @@ from typing import Any, Mapping
 
 from mesh.peer import parse_size
 
+from . import debug
+
 __all__ = ["split", "ring_chunks", "segments", "segment_count", "ring_chunk",
            "RDPlan", "rd_plan", "rd_peers", "tree_parent", "tree_children", "chain",
-           "Tuning", "parse_size", "ALGORITHMS", "choose", "HIER", "layout"]
+           "Tuning", "parse_size", "ALGORITHMS", "ACCEPTED", "choose", "HIER", "layout"]
 
 
 def split(count: int, parts: int) -> list[tuple[int, int]]:
@@ -143,6 +145,19 @@ ALGORITHMS = {
 """Per collective: (algorithm for small buffers, algorithm for large ones)."""
 _ALGS = {a for pair in ALGORITHMS.values() for a in pair} | {"hier"}    # ("ring": flat too)
 _FORCEABLE = set(ALGORITHMS) | {"all_gather", "reduce_scatter", "*"}
+ACCEPTED = {
+    "all_reduce": ("rd", "ring", "hier"),
+    "broadcast": ("tree", "chain", "hier"),
+    "reduce": ("tree", "chain"),
+    "all_gather": ("ring", "hier"),
+    "reduce_scatter": ("ring", "hier"),
+}
+"""What MESH_COLL_ALGO's ``collective=algorithm`` takes, by collective (each
+takes effect: an algorithm of ALGORITHMS', "hier" the two-level layout of
+the topology-aware ones, "ring" the flat layout of all_gather and
+reduce_scatter); another pair raises naming it (``reduce=hier`` was taken
+and ran flat: reduce is not topology-aware). A value alone (``*``) applies
+to the collectives that take it."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +187,13 @@ class Tuning:
             key = _env_key()
             cached = _tuning_cache.get(key)
             if cached is None:
-                cached = _tuning_cache[key] = cls.from_env(os.environ.copy())
+                env = os.environ.copy()
+                cached = cls.from_env(env)
+                was = debug.ON
+                debug.read(env)             # (MESH_COLL_DEBUG: one of the keys)
+                if debug.ON != was:         # every key kept reads as ON now: a hit sets none
+                    _tuning_cache.clear()
+                _tuning_cache[key] = cached
             return cached
         forced = []
         algo = env.get("MESH_COLL_ALGO", "")
@@ -182,6 +203,9 @@ class Tuning:
                 raise ValueError(f"MESH_COLL_ALGO={algo!r}: {item!r} is not an algorithm "
                                  f"({', '.join(sorted(_ALGS))}), alone or after a collective "
                                  f"and '=' ({', '.join(sorted(_FORCEABLE - {'*'}))})")
+            if coll and alg not in ACCEPTED[coll]:
+                raise ValueError(f"MESH_COLL_ALGO={algo!r}: {item!r}: {coll} has no algorithm "
+                                 f"{alg!r}; it takes {' or '.join(map(repr, ACCEPTED[coll]))}")
             forced.append((coll or "*", alg))
 
         def read(name: str, default: str, parse: Any, least: int) -> Any:
@@ -197,7 +221,8 @@ class Tuning:
                    read("MESH_COLL_SMALL", "64K", parse_size, 0), tuple(forced))
 
 
-_ENV_KEYS = ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO")
+_ENV_KEYS = ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO",
+             "MESH_COLL_DEBUG")
 _tuning_cache: dict[tuple[Any, ...], Tuning] = {}
 _encode = getattr(os.environ, "encodekey", None)
 _RAW_KEYS = tuple(_encode(k) for k in _ENV_KEYS) if _encode is not None else ()
@@ -210,7 +235,7 @@ def _env_key() -> tuple[Any, ...]:
     data = getattr(os.environ, "_data", None)
     if _RAW_KEYS and type(data) is dict:
         return (data.get(_RAW_KEYS[0]), data.get(_RAW_KEYS[1]), data.get(_RAW_KEYS[2]),
-                data.get(_RAW_KEYS[3]))
+                data.get(_RAW_KEYS[3]), data.get(_RAW_KEYS[4]))
     return tuple(os.environ.get(k) for k in _ENV_KEYS)
 
 
@@ -219,6 +244,9 @@ def choose(coll: str, nbytes: int, tuning: Tuning, forced: str | None = None) ->
     ``forced`` one, else the environment's, else small/large by size."""
     small, large = ALGORITHMS[coll]
     if forced == HIER:
+        if HIER not in ACCEPTED[coll]:      # (reduce: no two-level form; it ran flat)
+            raise ValueError(f"{coll} has no algorithm {HIER!r}; expected {small!r} or "
+                             f"{large!r} (it is not topology-aware)")
         forced = None
     if forced is None:
         for c, alg in tuning.forced:

@@ -6,6 +6,7 @@ of rows to hosts is exercised); leaders are ranks 0 and 1. The same over
 real namespaces: tests/test_mesh_netns.py."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -41,7 +42,19 @@ def _fake_host(world: Any, hosts: str = HOSTS) -> None:
     world.hosts[:] = want
 
 
-def every_op(world: Any) -> None:
+def every_op(world: Any) -> list[str] | None:
+    """With MESH_COLL_DEBUG=1: the lines it wrote (which paths the calls took)."""
+    said = io.StringIO() if os.environ.get("MESH_COLL_DEBUG") else None
+    was, sys.stderr = sys.stderr, said or sys.stderr
+    try:
+        _every_op(world)
+    finally:
+        sys.stderr = was
+    return None if said is None else [line for line in said.getvalue().splitlines()
+                                      if line.startswith("meshrun rank ")]
+
+
+def _every_op(world: Any) -> None:
     _fake_host(world)
     n, r = world.size, world.rank
     fresh = world.group(list(range(n)))   # its first large all_reduce: three phases, not pipelined
@@ -176,9 +189,32 @@ def test_every_hierarchical_op_matches_numpy(pipeline: str) -> None:
     (MESH_COLL_PIPELINE=1) or the levels one after the other, with small
     segments and window: many blocks, and the tail of a chunk shorter than
     a segment."""
-    mesh.spawn(every_op, 4, timeout=90, env={"MESH_TIMEOUT": "20", "MESH_COLL_SEGMENT": "64K",
-                                             "MESH_COLL_WINDOW": "2",
-                                             "MESH_COLL_PIPELINE": pipeline})
+    got = mesh.spawn(every_op, 4, timeout=90, env={
+        "MESH_TIMEOUT": "20", "MESH_COLL_SEGMENT": "64K", "MESH_COLL_WINDOW": "2",
+        "MESH_COLL_PIPELINE": pipeline, "MESH_COLL_DEBUG": "1" if pipeline == "0" else ""})
+    if pipeline == "1":
+        return
+    # MESH_COLL_DEBUG=1: one line per group, collective and path, the first time
+    on = "on world (4 ranks, 2 hosts ((0,3),(1,2))): "
+    want = [f"all_reduce {on}two levels, small, columns, 40 B",
+            f"all_reduce {on}two levels, small, columns, the short way "
+            f"(collectives.host.tiny), 40 B",
+            f"all_reduce {on}flat, ring over sockets (forced: flat), 40 B",
+            f"all_reduce {on}two levels, columns, one board round, 1.526 MiB",
+            f"all_reduce {on}two levels, columns, one board round (forced: two levels), "
+            f"1.526 MiB",
+            f"reduce_scatter {on}two levels, columns, 6.104 MiB",
+            f"all_gather {on}flat, ring over sockets, 80 B",
+            f"all_gather {on}two levels, columns, 3.052 MiB",
+            f"broadcast {on}flat, binomial tree over sockets, 40 B",
+            f"broadcast {on}two levels, leaders (chain), 1.526 MiB",
+            "all_reduce on world/[0, 1, 2, 3] (4 ranks, 2 hosts ((0,3),(1,2))): two levels, "
+            "columns, three phases, 781.3 KiB"]
+    for r, lines in enumerate(got):
+        missing = [w for w in want if f"meshrun rank {r}: {w}" not in lines]
+        assert not missing, (missing, lines)
+        paths = [line.rsplit(", ", 1)[0] for line in lines]
+        assert len(set(paths)) == len(paths), lines         # (each once)
 
 
 def three_hosts(world: Any) -> None:

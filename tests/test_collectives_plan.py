@@ -9,9 +9,9 @@ from hypothesis import given, strategies as st
 
 from collectives.tools.bench import bus_factor, input_count, parse_sizes, plan_rows
 from collectives.ops import OPS, resolve
-from collectives.plan import (Tuning, chain, choose, parse_size, rd_peers, rd_plan, ring_chunk,
-                              ring_chunks, segment_count, segments, split, tree_children,
-                              tree_parent)
+from collectives.plan import (ALGORITHMS, Tuning, chain, choose, layout, parse_size, rd_peers,
+                              rd_plan, ring_chunk, ring_chunks, segment_count, segments, split,
+                              tree_children, tree_parent)
 
 NUMERIC = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
            "float16", "float32", "float64", "complex64", "complex128"]
@@ -213,6 +213,30 @@ def test_choose_by_size_call_and_env() -> None:
     for algo in ("rnig", "allreduce=ring", "all_reduce=bogus"):
         with pytest.raises(ValueError, match=rf"MESH_COLL_ALGO='{algo}': .* is not an algorithm"):
             Tuning.from_env({"MESH_COLL_ALGO": algo})
+    # every collective=algorithm pair MESH_COLL_ALGO takes has its effect; any other raises
+    # naming the pair and what the collective takes (reduce=hier was taken and ran flat)
+    accepted = {"all_reduce": ("rd", "ring", "hier"), "broadcast": ("tree", "chain", "hier"),
+                "reduce": ("tree", "chain"), "all_gather": ("ring", "hier"),
+                "reduce_scatter": ("ring", "hier")}     # (README's table says so)
+    for coll, takes in accepted.items():
+        for alg in sorted({"rd", "ring", "tree", "chain", "hier"}):
+            item = f"{coll}={alg}"
+            if alg not in takes:
+                with pytest.raises(ValueError, match=rf"MESH_COLL_ALGO='{item}': '{item}': "
+                                                     rf"{coll} has no algorithm '{alg}'; it "
+                                                     rf"takes {' or '.join(map(repr, takes))}"):
+                    Tuning.from_env({"MESH_COLL_ALGO": item})
+                continue
+            env = Tuning.from_env({"MESH_COLL_ALGO": item})
+            if alg == "hier":
+                assert layout(coll, env) is True, item
+            elif coll in ALGORITHMS:
+                assert choose(coll, 8, env) == choose(coll, 1 << 30, env) == alg, item
+            else:
+                assert layout(coll, env) is False, item      # ring: the flat layout
+    with pytest.raises(ValueError, match="reduce has no algorithm 'hier'; expected 'tree' "
+                                         "or 'chain'"):
+        choose("reduce", 8, t, forced="hier")               # reduce(algorithm="hier")
     with pytest.raises(ValueError, match=r"MESH_COLL_WINDOW='abc': invalid literal"):
         Tuning.from_env({"MESH_COLL_WINDOW": "abc"})
     with pytest.raises(ValueError, match=r"MESH_COLL_WINDOW='-1': must be at least 1"):
@@ -225,7 +249,8 @@ def test_choose_by_size_call_and_env() -> None:
 def test_tuning_follows_the_environment_as_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every call reads the knobs (from os.environ's own dict, cheaply): a
     change made in the process applies to the next collective."""
-    for k in ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO"):
+    for k in ("MESH_COLL_SEGMENT", "MESH_COLL_WINDOW", "MESH_COLL_SMALL", "MESH_COLL_ALGO",
+              "MESH_COLL_DEBUG"):
         monkeypatch.delenv(k, raising=False)
     assert Tuning.from_env() == Tuning()
     monkeypatch.setenv("MESH_COLL_WINDOW", "3")
@@ -236,6 +261,16 @@ def test_tuning_follows_the_environment_as_it_changes(monkeypatch: pytest.Monkey
     monkeypatch.delenv("MESH_COLL_WINDOW")
     monkeypatch.delenv("MESH_COLL_ALGO")
     assert Tuning.from_env() == Tuning()
+    # MESH_COLL_DEBUG is read with them (collectives.debug.ON, the one test a call makes)
+    from collectives import debug
+    assert not debug.ON
+    monkeypatch.setenv("MESH_COLL_DEBUG", "1")
+    assert Tuning.from_env() == Tuning() and debug.ON
+    monkeypatch.setenv("MESH_COLL_DEBUG", "maybe")
+    with pytest.raises(ValueError, match="MESH_COLL_DEBUG='maybe': a switch"):
+        Tuning.from_env()
+    monkeypatch.delenv("MESH_COLL_DEBUG")
+    assert Tuning.from_env() == Tuning() and not debug.ON
 
 # ---- benchmark arithmetic ----------------------------------------------------------------
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from mesh import Comm, device
 
+from .. import debug
 from ..host.paths import _fp, _root, _rows
 from ..host.ring import ring as host_ring
 from ..host.rooted import broadcast_tree
@@ -153,9 +154,26 @@ def _fp_device(coll: str, arr: Any, mode: str, **kw: Any) -> dict:
     return _fp(coll, arr, alg="device", overlap=mode, **kw)
 
 
-def _ipc(ctx: Ctx, call: gpu.Call, nbytes: int) -> bool:
-    """Every rank asks (the first ask is the group's collective probe)."""
-    return cuda_ipc.usable(ctx, call, nbytes)
+def _ipc(ctx: Ctx, call: gpu.Call, nbytes: int, coll: str = "") -> bool:
+    """Every rank asks (the first ask is the group's collective probe).
+    ``coll``: the call's, for MESH_COLL_DEBUG's line when IPC carries it."""
+    used = cuda_ipc.usable(ctx, call, nbytes)
+    if used and debug.ON and coll:
+        debug.note(ctx.g, coll, "device array, CUDA IPC", nbytes)
+    return used
+
+
+_WAYS = {"board": "staged whole over the same-host board",
+         "whole": "staged whole, flat ring over sockets",
+         "ring": "overlapped ring, staged segment by segment"}
+
+
+def _way(ctx: Ctx, mode: str, coll: str, nbytes: int) -> str:
+    """_staged, and MESH_COLL_DEBUG's line for it."""
+    way = _staged(ctx, mode)
+    if debug.ON:
+        debug.note(ctx.g, coll, f"device array, {_WAYS[way]}", nbytes)
+    return way
 
 
 def overlap_mode() -> str:
@@ -251,11 +269,11 @@ def all_reduce(g: Comm, a: Any, op: str, async_op: bool, timeout: float | None) 
         with cp.cuda.Device(call.dev):
             lanes = gpu.lanes(ctx, call)
             flat = call.flat(lanes)
-            if _ipc(ctx, call, flat.nbytes):
+            if _ipc(ctx, call, flat.nbytes, "all_reduce"):
                 cuda_ipc.all_reduce(ctx, lanes, call, flat, rop)
             else:
                 n = ctx.g.size
-                way = _staged(ctx, mode)
+                way = _way(ctx, mode, "all_reduce", flat.nbytes)
                 if way == "board":
                     _via_host(lanes, flat, lambda buf: local.all_reduce_large(ctx, buf, rop))
                 else:
@@ -287,10 +305,10 @@ def reduce_scatter(g: Comm, a: Any, op: str, async_op: bool, timeout: float | No
             flat = call.flat(lanes)
             with lanes.up:
                 mine = cp.empty((m,) + shape[1:], call.dtype)
-            if _ipc(ctx, call, flat.nbytes):
+            if _ipc(ctx, call, flat.nbytes, "reduce_scatter"):
                 cuda_ipc.reduce_scatter(ctx, lanes, call, flat, mine.reshape(-1), rop)
             else:
-                way = _staged(ctx, mode)
+                way = _way(ctx, mode, "reduce_scatter", flat.nbytes)
                 if way == "board":
                     _via_host(lanes, flat, lambda buf: _scatter_on_host(ctx, lanes, buf, mine,
                                                                         rop), up=False)
@@ -354,10 +372,10 @@ def all_gather(g: Comm, a: Any, async_op: bool, timeout: float | None) -> Any:
             with lanes.up:
                 out = cp.empty((n,) + shape, call.dtype)
             rows = out.reshape(n, -1)
-            if _ipc(ctx, call, flat.nbytes):
+            if _ipc(ctx, call, flat.nbytes, "all_gather"):
                 cuda_ipc.all_gather(ctx, lanes, call, flat, rows)
             else:
-                way = _staged(ctx, mode)
+                way = _way(ctx, mode, "all_gather", flat.nbytes)
                 if way == "board":
                     _gather_on_host(ctx, lanes, flat, out.reshape(-1))
                 else:
@@ -383,7 +401,7 @@ def broadcast(g: Comm, a: Any, root: int, async_op: bool, timeout: float | None)
         with call.cp.cuda.Device(call.dev):
             lanes = gpu.lanes(ctx, call)
             flat = call.flat(lanes)
-            if _ipc(ctx, call, flat.nbytes):
+            if _ipc(ctx, call, flat.nbytes, "broadcast"):
                 cuda_ipc.broadcast(ctx, lanes, call, flat, r)
             else:
                 _simple_broadcast_body(ctx, lanes, call, flat, r, mode)
@@ -399,7 +417,12 @@ def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any
     goes down whole, over the board on one host (unless ``mode`` is "1")
     or along the binomial tree; the others copy it up."""
     here = ctx.g.rank == root
-    if mode != "1" and board.available(ctx):      # one host: the board
+    on_board = mode != "1" and board.available(ctx)     # one host: the board
+    if debug.ON:
+        debug.note(ctx.g, "broadcast", "device array, staged whole " + (
+            "over the same-host board" if on_board else "down the binomial tree"),
+            int(flat.nbytes))
+    if on_board:
         _via_host(lanes, flat, lambda buf: local.broadcast(ctx, buf, root),
                   down=here, up=not here)
         return

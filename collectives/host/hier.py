@@ -243,6 +243,28 @@ def _groups(topo: Topology, coll: str, root: int, large: bool,
     return (both if home else []) + across + ([] if home else last)
 
 
+def form(topo: Topology, coll: str, large: bool, nbytes: int) -> str:
+    """Which form a two-level ``coll`` takes (MESH_COLL_DEBUG's line), as
+    the functions below choose it; ``large``: the leaders' (columns') large
+    algorithm (all_reduce's ring, broadcast's chain)."""
+    if coll == "reduce_scatter" and _columns(topo, coll, large):
+        return "two levels, columns"
+    if coll in ("all_reduce", "reduce_scatter"):
+        head = "two levels" if coll == "all_reduce" else "two levels, all_reduce then a cut"
+        if _columns(topo, "all_reduce", large):
+            return f"{head}, columns, " + (("pipelined in one board round" if _pipelined()
+                                            else "one board round") if _one_round(topo)
+                                           else "three phases")
+        if not large and small_columns(topo, nbytes):
+            return f"{head}, small, columns"
+        if not large and _small_round(topo, nbytes):
+            return f"{head}, small, leaders in one board round"
+        return f"{head}, leaders ({'ring' if large else 'recursive doubling'}), three phases"
+    if coll == "all_gather":
+        return "two levels, columns" if topo.column is not None else "two levels, leaders (ring)"
+    return f"two levels, leaders ({'chain' if large else 'tree'})"
+
+
 FIRST, ACROSS, LAST = range(3)
 """A phase's place in its call: the first on the host, the one across hosts,
 the last on the host (``numbered``)."""

@@ -19,7 +19,9 @@ from mesh.comm import group_rank_hint
 from mesh.payload import MASKED, is_masked
 from mesh.tensors import dtype_name, is_tensor
 
+from .. import debug
 from ..ops import resolve
+from ..plan import TOPOLOGY_AWARE as plan_TOPOLOGY_AWARE
 from ..plan import Tuning, choose, layout, rd_peers
 from ..runner import Body, Ctx, agreed, named, start
 from ..shm import board, local, tiny
@@ -185,6 +187,30 @@ def _topology(ctx: Ctx, coll: str, lay: bool | None, nbytes: int) -> hier.Topolo
     return hier.topology(ctx.g)
 
 
+_SOCKETS = {"rd": "recursive doubling", "ring": "ring", "tree": "binomial tree",
+            "chain": "chain", "direct": "direct", "dissemination": "dissemination"}
+"""What an algorithm's name is in MESH_COLL_DEBUG's line."""
+
+
+def _said(ctx: Ctx, coll: str, topo: hier.Topology | None, alg: str,
+          nbytes: int | None = None, lay: bool | None = False) -> None:
+    """MESH_COLL_DEBUG's line for this call (collectives.debug): the path
+    the body below takes (the two levels' form; the same-host board; else
+    ``alg`` over sockets), and why, where forced (``lay``: the layout
+    MESH_COLL_ALGO or ``algorithm=`` forced, else None)."""
+    if topo is not None:
+        path = hier.form(topo, coll, alg in ("ring", "chain"), nbytes or 0)
+    elif ctx.g.size > 1 and board.available(ctx, (nbytes or 0) if coll == "all_reduce"
+                                            and alg == "rd" else 0):     # (the body's ask)
+        path = f"same-host board ({'small' if alg == 'rd' else 'large'})" \
+            if coll == "all_reduce" else "same-host board"
+    else:
+        path = f"flat, {_SOCKETS.get(alg, alg)} over sockets"
+    if lay is not None and coll in plan_TOPOLOGY_AWARE:
+        path += " (forced: two levels)" if lay else " (forced: flat)"
+    debug.note(ctx.g, coll, path, nbytes)
+
+
 def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None],
               written: bool = True) -> Body:
     """Run ``body`` on a flat contiguous view of ``a`` (a contiguous copy
@@ -221,6 +247,8 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
                 topo = _topology(ctx, "all_reduce", lay, buf.nbytes)
+                if debug.ON:
+                    _said(ctx, "all_reduce", topo, alg, buf.nbytes, lay)
                 if topo is not None:
                     hier.all_reduce(ctx, topo, buf, rop, alg)
                     if alg == "rd" and algorithm is None and lay is None \
@@ -263,6 +291,8 @@ def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             topo = _topology(ctx, "broadcast", lay, buf.nbytes)
+            if debug.ON:
+                _said(ctx, "broadcast", topo, alg, buf.nbytes, lay)
             if topo is not None:
                 hier.broadcast(ctx, topo, buf, r, alg == "chain")
             elif board.available(ctx):
@@ -288,6 +318,8 @@ def reduce(g: Comm, a: np.ndarray, root: int = 0, op: str = "sum", async_op: boo
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
             if ctx.g.size > 1:
+                if debug.ON:
+                    _said(ctx, "reduce", None, alg, buf.nbytes)
                 if board.available(ctx):
                     local.reduce(ctx, buf, rop, r)
                 else:
@@ -311,6 +343,8 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
         def body(ctx: Ctx) -> Any:
             n = ctx.g.size
             topo = _topology(ctx, "all_gather", lay, n * arr.nbytes)
+            if debug.ON:
+                _said(ctx, "all_gather", topo, "ring", n * arr.nbytes, lay)
             if topo is None and board.available(ctx):
                 out = np.empty((n,) + arr.shape, arr.dtype) if dest is None else dest
                 local.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
@@ -345,6 +379,9 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
             n, m, rank = ctx.g.size, arr.shape[0] // ctx.g.size, ctx.g.rank
             mine = np.empty((m,) + arr.shape[1:], arr.dtype) if dest is None else dest
             topo = _topology(ctx, "reduce_scatter", lay, arr.nbytes)
+            if debug.ON:
+                _said(ctx, "reduce_scatter", topo, choose("all_reduce", arr.nbytes, t, "hier"),
+                      arr.nbytes, lay)
             if topo is not None:
                 hier.reduce_scatter(ctx, topo, arr, mine, rop,
                                     choose("all_reduce", arr.nbytes, t, "hier"))
@@ -375,6 +412,8 @@ def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
         def body(ctx: Ctx) -> Any:
             out = None if ctx.g.rank != r else np.empty(
                 (ctx.g.size,) + arr.shape, arr.dtype) if dest is None else dest
+            if debug.ON:
+                _said(ctx, "gather", None, "direct", arr.nbytes)
             if board.available(ctx):
                 local.gather(ctx, arr.reshape(-1), out, r)
             else:
@@ -421,6 +460,8 @@ def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
             return row
 
         def body(ctx: Ctx) -> np.ndarray:
+            if debug.ON:
+                _said(ctx, "scatter", None, "direct", None if src is None else src[0].nbytes)
             if board.available(ctx):
                 return local.scatter(ctx, src, r, lambda dt, sh: _row_as_wanted(
                     ctx, want, form, dt, sh, r), dest)
@@ -457,6 +498,8 @@ def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
         def body(ctx: Ctx) -> np.ndarray:
             out = np.empty_like(arr) if dest is None else dest
             blocks = (ctx.g.size, -1)
+            if debug.ON:
+                _said(ctx, "all_to_all", None, "direct", arr.nbytes)
             if board.available(ctx):
                 local.all_to_all(ctx, arr.reshape(blocks), out.reshape(blocks))
             else:
@@ -586,6 +629,8 @@ def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 def barrier(g: Comm, async_op: bool = False, timeout: float | None = None) -> Any:
     """Return once every member of ``g`` has entered the barrier."""
     def body(ctx: Ctx) -> None:
+        if debug.ON:
+            _said(ctx, "barrier", None, "dissemination")
         if board.available(ctx):
             local.barrier(ctx)
         else:
