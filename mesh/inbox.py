@@ -79,6 +79,10 @@ class Inbox:
         self.matcher = Matcher()
         self.aborted: dict[tuple[int, int], tuple[AbortKind, str, int]] = {}
         self.dead: set[int] = set()
+        # the first peer this rank lost (died, failed, or left cleanly after losing one:
+        # that one; or a collective of its aborted for its loss), which its own clean
+        # goodbye carries; -1: none
+        self.first_lost = -1
         self.left: set[int] = set()     # peers that closed their mesh (said goodbye cleanly)
         # Per peer, the credit (bytes and MSG_COST each) of its messages that wait
         # unmatched and were not granted back yet. A sender whose window they fill
@@ -367,6 +371,9 @@ class Inbox:
                 lost = self.dead_member(group)
                 peer = -1 if lost is None else lost
             record = self.aborted[(group, tag)] = (kind, reason, peer)
+            if kind == AbortKind.LOST_PEER and peer >= 0 and self.first_lost < 0:
+                self.first_lost = peer      # (a collective that lost it, here or relayed: the
+                #                             same-host board's read of a dead peer's memory)
             if len(self.aborted) > _KEEP_ABORTED:    # the oldest: long over everywhere
                 del self.aborted[next(iter(self.aborted))]
             reqs = self.matcher.remove_posted(lambda q: q.group == group and q.tag == tag)
@@ -449,7 +456,8 @@ class Inbox:
             return self.closed_error(desc, peer.rank)
         who = f"world rank {peer.rank}" if group else f"rank {peer.rank}"
         return LostPeerError(f"rank {self.rank}: {desc} failed: peer {who} is gone "
-                             f"({peer.why}){note}", peer.rank)
+                             f"({peer.why}){note}",
+                             peer.rank if peer.cause < 0 else peer.cause)
 
     def closed_error(self, desc: str, peer: int | None = None) -> LostPeerError:
         """The error of an operation made after this rank closed its mesh."""
@@ -493,16 +501,21 @@ class Inbox:
             q.fail(self.closed_error(q.desc))
         self._nudge()
 
-    def peer_gone(self, rank: int, why: str, state: int, told: bool = False) -> None:
+    def peer_gone(self, rank: int, why: str, state: int, told: bool = False,
+                  cause: int = -1) -> None:
         """Fail what involves ``rank``: receives from it and, when it died,
         receives from any rank and every collective's (negative tag) in its
         groups; then the sends queued for it. A death is logged unless the
-        peer ``told`` us (it reports its own error)."""
+        peer ``told`` us (it reports its own error). ``cause``: the world
+        rank whose loss made ``rank`` leave (its clean goodbye says so), which
+        the errors then name as their lost peer."""
         peer = self.peers[rank]
         with self.lock:
             if peer.state != ALIVE:
                 return
-            peer.state, peer.why = state, why
+            peer.state, peer.why, peer.cause = state, why, cause
+            if self.first_lost < 0:
+                self.first_lost = rank if state == DEAD else cause
             if state == DEAD:
                 self.dead.add(rank)
             else:

@@ -194,14 +194,21 @@ class Liveness:
         who = "world rank" if type(d) is tuple and len(d) > 4 and d[4] is not None else "rank"
         return f" ({who} {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago{said})"
 
-    def on_bye(self, peer: Peer, reason: str) -> None:
+    def on_bye(self, peer: Peer, reason: str, lost: int = -1) -> None:
         """A peer leaves. After a clean close (no reason) it is closed, and
-        waits in its close for our goodbye, hearing our heartbeats meanwhile.
+        waits in its close for our goodbye, hearing our heartbeats meanwhile;
+        ``lost``: the first peer it had lost (world rank; -1: none), which
+        the errors of what waited on it name as their lost peer: it closed
+        on catching that loss, perhaps before this rank saw the loss itself
+        (the dead rank's connection is read on the progress thread's tick).
         A peer that leaves failing (``reason``: its error) is dead at once:
         everything that involves it fails, naming its error; the answer tells
         it that we know, so it need not wait for our goodbye."""
         if not reason:
-            self._inbox.peer_gone(peer.rank, "it closed its mesh", CLOSED)
+            lost = lost if 0 <= lost < len(self.peers) and lost not in (self.rank,
+                                                                        peer.rank) else -1
+            self._inbox.peer_gone(peer.rank, "it closed its mesh" + (
+                f" after it lost world rank {lost}" if lost >= 0 else ""), CLOSED, cause=lost)
             return
         # Not alive: it answered our own failing goodbye (or is gone), so it
         # waits for nothing from us and may have left; an answer would only

@@ -146,7 +146,7 @@ class Peer:
 
     __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
                  "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at",
-                 "window", "grant_step", "_grant_lock", "sent", "unanswered")
+                 "window", "grant_step", "_grant_lock", "sent", "unanswered", "cause")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None,
                  window: int = 64 << 20) -> None:
@@ -160,6 +160,9 @@ class Peer:
         self.queue: deque[Outgoing] = deque()
         self.state = ALIVE
         self.why = ""
+        # the world rank whose loss this peer's clean goodbye said it had seen (-1: none):
+        # what an error naming this peer's leaving names as its lost peer (the root cause)
+        self.cause = -1
         self.last_heard = self.last_sent = time.monotonic()
         self.to_grant = 0
         self.suspect_since = 0.0

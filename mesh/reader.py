@@ -356,7 +356,7 @@ class Reader:
                               tell=lambda: inbox.send_abort(h.group, h.tag, h.reason, h.abort,
                                                             h.peer, h.src))
         elif h.kind == wire.BYE:
-            self._live.on_bye(peer, h.reason)
+            self._live.on_bye(peer, h.reason, h.peer)
         elif h.kind == wire.DONE:
             self._direct.on_done(h.direct[0])
         elif h.kind == wire.PROBE:

@@ -850,7 +850,10 @@ class Transport:
             if unsent and not failure:
                 _log.warning("rank %d: closing with %d send(s) to rank %d not sent (it did not "
                              "receive within MESH_CLOSE_WAIT)", self.rank, len(unsent), p.rank)
-        bye = wire.encode(wire.BYE, self.rank, reason=failure[:2000])
+        # a clean goodbye names the first peer this rank lost: what waits on this rank
+        # fails naming that root cause (its peers may not have seen that loss yet)
+        bye = wire.encode(wire.BYE, self.rank, reason=failure[:2000],
+                          peer=-1 if failure else self.inbox.first_lost)
         for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone
             if p.sock is not None and not (p.state == CLOSED and p.suspect_since):
                 self._control(p, bye, upto=CLOSED)

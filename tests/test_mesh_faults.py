@@ -450,7 +450,17 @@ def test_a_polled_send_to_a_lost_peer_ends(tmp_path: Path, env: dict) -> None:
 def _closes_after_a_peer_died(world: mesh.Mesh, out: str) -> None:
     """Rank 1 is SIGKILLed; rank 0, having learnt of it from the process
     table alone (as a same-host collective does, reading the peer's memory),
-    closes its mesh at once and writes what its close logged of rank 1."""
+    closes its mesh at once and writes what its close logged of rank 1.
+    Rank 2 waits on rank 0 alone (a receive from rank 1's death does not
+    fail) and writes the error rank 0's goodbye gives it."""
+    if world.rank == 2:
+        try:
+            world.recv(0)
+            got = "received"
+        except mesh.LostPeerError as e:
+            got = f"{e.peer} {e}"
+        Path(out, "rank2").write_text(got)
+        return
     if world.rank == 1:
         world.send(os.getpid(), 0)
         world.recv(0)       # (its pid has reached rank 0: killed, it takes nothing with it)
@@ -476,9 +486,15 @@ def test_a_rank_closes_at_once_after_a_same_host_peer_died(tmp_path: Path) -> No
     term(): a rank whose peer had crashed took 0.7-0.9 s to leave (the
     survivors of test_tcp_and_file_init_no_thread_left_and_a_dead_rank_fails_ddp
     among them). A same-host peer whose process has exited is lost at once:
-    the close neither waits for it nor sends it its goodbye."""
+    the close neither waits for it nor sends it its goodbye.
+
+    Its goodbye names that lost peer, the root cause: rank 2, waiting on
+    rank 0, raised naming rank 0 (``.peer`` 0, "it closed its mesh"), where
+    rank 0 had closed on catching rank 1's loss before rank 2 saw it (4
+    ranks on two fake hosts, kill -9 of one mid all_reduce: a survivor
+    blamed another)."""
     with pytest.raises(mesh.WorkerError) as err:
-        mesh.spawn(_closes_after_a_peer_died, 2, str(tmp_path), timeout=60, settle=20)
+        mesh.spawn(_closes_after_a_peer_died, 3, str(tmp_path), timeout=60, settle=20)
     assert err.value.rank == 1
     took, *said = json.loads(Path(tmp_path, "said").read_text())
     lost = [s for s in said if s.startswith("rank 0: lost peer rank 1: ")]
@@ -487,3 +503,6 @@ def test_a_rank_closes_at_once_after_a_same_host_peer_died(tmp_path: Path) -> No
     # closed, by the watch, and then the close had nothing to wait for
     assert ("its process " in lost[0] and ("gone" in lost[0] or "zombie" in lost[0])
             or "connection closed" in lost[0] and float(took) < 0.3), said
+    got = Path(tmp_path, "rank2").read_text()
+    assert got.startswith("1 rank 2: recv from rank 0 (tag 0, group world) failed: peer rank 0 "
+                          "is gone (it closed its mesh after it lost world rank 1)"), got

@@ -109,6 +109,32 @@ def test_a_closed_peer_fails_only_what_names_it() -> None:
     assert box.cancel(anyone) and isinstance(anyone.error, MeshError)
 
 
+def test_the_first_peer_lost_is_kept_for_the_goodbye_and_named_by_a_clean_leaver() -> None:
+    """What a rank's clean goodbye names (Transport.close): the first peer it
+    lost, be it by a death the inbox saw or by a collective aborted for it
+    (the same-host board's read of a dead peer's memory, which the inbox
+    never sees); and what waited on a peer whose clean goodbye named one
+    fails naming that one, as ``.peer`` too (a survivor closing on catching
+    a kill -9 was named as the lost peer by another survivor)."""
+    box, _ = _inbox()
+    assert box.first_lost == -1
+    box.abort_local(0, -4, AbortKind.MISMATCH, "odd shape", -1)
+    assert box.first_lost == -1
+    box.abort_local(0, -5, AbortKind.LOST_PEER, "cannot read the board of rank 2", 2)
+    box.peer_gone(3, "its connection closed", DEAD)
+    assert box.first_lost == 2
+    box, _ = _inbox()
+    waits = box.post(0, 3, 5, None, None, "recv from rank 3 (tag 5, group world)")
+    box.peer_gone(3, "it closed its mesh after it lost world rank 2", CLOSED, cause=2)
+    assert isinstance(waits.error, LostPeerError) and waits.error.peer == 2
+    assert str(waits.error) == ("rank 0: recv from rank 3 (tag 5, group world) failed: peer "
+                                "rank 3 is gone (it closed its mesh after it lost world rank "
+                                "2)"), waits.error
+    assert box.first_lost == 2 and box.dead == set()     # (its word: rank 2 not declared dead)
+    box.peer_gone(1, "its connection closed", DEAD)
+    assert box.first_lost == 2
+
+
 def test_an_abort_heard_from_a_peer_is_passed_on_once_to_the_others() -> None:
     """What the reader does with an ABORT: fail it here, then tell every other
     member but the sender, so a member failing because of it says goodbye
