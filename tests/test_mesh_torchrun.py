@@ -67,7 +67,14 @@ def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None 
 def test_standalone_then_the_ddp_example_runs_unchanged(tmp_path: Path) -> None:
     """Then examples/torch_ddp.py in the same ranks: torch.distributed on the
     "meshrun" backend, its own mesh (test_collectives_torchdist.py runs it
-    under meshrun)."""
+    under meshrun). --standalone is torchrun's c10d rendezvous, the agent
+    store shared, on localhost: this job is also the c10d rendezvous test
+    (one torchrun job less: an agent and two ranks importing torch). Its ranks
+    get the same variables as under ``--rdzv-backend c10d --rdzv-endpoint
+    127.0.0.1:PORT`` (MASTER_ADDR=localhost, MASTER_PORT the agent store's,
+    TORCHELASTIC_USE_AGENT_STORE=True) but TORCHELASTIC_RUN_ID (a uuid here,
+    "none" there); that spelling has a job of its own, the store not shared
+    (test_c10d_rendezvous_without_a_shared_agent_store)."""
     out = _torchrun(tmp_path, ["--standalone", "--nproc-per-node", "2"], then=EXAMPLE,
                     timeout=180)     # the time of both jobs it replaces
     losses = [float(ln.rsplit(" ", 1)[1]) for ln in out.splitlines()
@@ -78,11 +85,6 @@ def test_standalone_then_the_ddp_example_runs_unchanged(tmp_path: Path) -> None:
 def test_static_rendezvous_with_master_port(tmp_path: Path) -> None:
     _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                          "--master-port", str(free_port()), "--rdzv-backend", "static"])
-
-
-def test_c10d_rendezvous(tmp_path: Path) -> None:
-    _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                         "--rdzv-endpoint", f"127.0.0.1:{free_port()}"])
 
 
 def test_c10d_rendezvous_without_a_shared_agent_store(tmp_path: Path) -> None:
