@@ -131,7 +131,9 @@ SlurmctldPidFile={d}/slurmctld.pid
 SlurmdPidFile={d}/slurmd.pid
 SlurmctldLogFile={d}/slurmctld.log
 SlurmdLogFile={d}/slurmd.log
-ProctrackType=proctrack/pgid
+# linuxproc, not pgid: pgid's slurmstepd slept 1 s, then 2 s, till the batch
+# script's process group was gone, and the sbatch job ended 2-3 s after its script
+ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
@@ -141,7 +143,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 ReturnToService=2
-MinJobAge=2
+MinJobAge=300
 FirstJobId={first_job}
 NodeName={host} CPUs=4 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
@@ -239,11 +241,31 @@ def test_srun_with_nothing_set(slurm: dict[str, str]) -> None:
     assert _rank_lines(out) == _expected(4), out
 
 
-@pytest.mark.slow          # sbatch --wait polls the job's state every few seconds
+def _wait_for_job(job: str, env: dict[str, str], timeout: float) -> dict[str, str]:
+    """The ended job's fields (JobState, ExitCode, ...), polled every 0.25 s:
+    ``sbatch --wait`` slept 2 s between its own polls (MinJobAge=2 kept it
+    from sleeping longer ones), one or two of them past the job's end.
+    MinJobAge=300 keeps the ended job's record for these polls."""
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+             "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY")
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(["scontrol", "-o", "show", "job", job], env=env,
+                           capture_output=True, text=True, timeout=30)
+        fields = dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+        if fields.get("JobState") in ended:
+            return fields
+        assert time.monotonic() < deadline, f"job {job} not ended after {timeout}s: {r}"
+        time.sleep(0.25)
+
+
 def test_sbatch_job_from_the_example_script(slurm: dict[str, str], tmp_path: Path) -> None:
     """examples/slurm_job.sbatch, as the README shows it, on one node."""
     log = tmp_path / "job.out"
-    _run(["sbatch", "--wait", "--nodes=1", "--ntasks=4", f"--output={log}",
-          str(ROOT / "examples" / "slurm_job.sbatch"), str(SCRIPT)], slurm)
+    job = _run(["sbatch", "--parsable", "--nodes=1", "--ntasks=4", f"--output={log}",
+                str(ROOT / "examples" / "slurm_job.sbatch"), str(SCRIPT)], slurm)
+    fields = _wait_for_job(job.strip().split(";")[0], slurm, 90)
     out = log.read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), \
+        (fields["JobState"], fields["ExitCode"], out)
     assert _rank_lines(out) == _expected(4), out
