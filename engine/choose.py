@@ -680,6 +680,9 @@ class Candidate:
     layered: bool = False
     # per stage, the mesh threads' CPU (helper_charge) its F, B and I costs hold
     charge: tuple[float, ...] = ()
+    # the executor's own seconds per compute action its costs hold (in each F, B, I
+    # and W, or its "fixed" cost where the ranks share cores): engine.calibrate's
+    overhead: float = 0.0
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -802,7 +805,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
                                  summed, cores=cores, recompute=again, layered=layered,
-                                 charge=tuple(charge or ())))
+                                 charge=tuple(charge or ()), overhead=ov))
             if both and again is False and not fits:    # only the ranks over the limit
                 assert memory_limit is not None
                 over = frozenset(s for r, pk in enumerate(peaks) if pk > memory_limit
@@ -929,7 +932,7 @@ def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0
                                    cores, load).makespan
             for run in runs])
     return replace(cand, makespan=makespan, bubble=rep.bubble, costs=costs, cores=cores,
-                   load=load, charge=tuple(charge))
+                   load=load, charge=tuple(charge), overhead=overhead)
 
 
 def _with_times(costs: Mapping[str, list[float]], times: Mapping[int, LayerCost],
@@ -963,7 +966,7 @@ def recosted(cand: Candidate, row: dict[int, LayerCost], scale: float = 1.0,
                         cand.cores is not None)
     rep = cand.schedule.simulate(costs, cand.cores, cand.load)
     return replace(cand, makespan=rep.makespan, bubble=rep.bubble, costs=costs, measured=True,
-                   charge=tuple(charge or ()))
+                   charge=tuple(charge or ()), overhead=overhead)
 
 
 def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
@@ -1001,6 +1004,45 @@ def legend(cands: Sequence[Candidate], why: bool = True) -> str:
             f"chosen: the fastest{limit}" + (
                 ", once costed by a dry run of its own schedule (its own dry run); the "
                 "other rows' figures are from a 1F1B dry run, a lower bound" if own else ""))
+
+
+def busiest_compute(cand: Candidate) -> float:
+    """Seconds of compute a step on ``cand``'s busiest rank, as its costs
+    hold it: its F, B, I and W actions' costs less the executor's own time
+    per action (``overhead``) and the mesh threads' CPU (``charge``)."""
+    fixed = "fixed" in cand.costs
+    most = 0.0
+    for program in cand.schedule.ranks:
+        most = max(most, sum(cand.costs[a.kind][a.stage] - (0.0 if fixed else cand.overhead)
+                             - (cand.charge[a.stage] if cand.charge and a.kind != "W" else 0.0)
+                             for a in program if a.kind in ("F", "B", "I", "W")))
+    return most
+
+
+def retimed_said(row: Candidate, again: Candidate) -> str:
+    """The re-timed prediction (``again``: engine.distribute's
+    ``job.predicted``) of the chosen schedule whose table row is ``row``,
+    beside the row's figure, and what moved it: the row was simulated from
+    the profile (each layer, or stage, timed on its own; the executor's
+    costs from the choice's dry run), the re-time from its stages timed
+    again in the schedule's order and a dry run of the schedule itself
+    (its messages at their sizes, the dp step's end)."""
+    ms = 1e3
+    said = (f"{again.schedule.name} re-timed as its steps will run: {again.makespan * ms:.2f} "
+            f"ms a step (job.predicted: the figure to set a measured step against)")
+    if f"{again.makespan * ms:.2f}" == f"{row.makespan * ms:.2f}":
+        return said
+    moved = [f"the busiest rank's compute {busiest_compute(row) * ms:.2f} -> "
+             f"{busiest_compute(again) * ms:.2f} ms (its stages timed again, in its order)"]
+    if f"{row.overhead * ms:.2f}" != f"{again.overhead * ms:.2f}":
+        moved.append(f"the executor's own {row.overhead * ms:.2f} -> {again.overhead * ms:.2f} "
+                     f"ms an action")
+    send = (max(row.costs["send"], default=0.0), max(again.costs["send"], default=0.0))
+    if f"{send[0] * ms:.2f}" != f"{send[1] * ms:.2f}":
+        moved.append(f"a message {send[0] * ms:.2f} -> {send[1] * ms:.2f} ms")
+    return (said + f"; its row's {row.makespan * ms:.2f} ms was the profile's:\n  "
+            + ", ".join(moved) + (" (a dry run of the schedule itself)" if len(moved) > 1
+                                  else ""))
 
 
 def table(cands: Sequence[Candidate], chosen: Candidate | None = None,

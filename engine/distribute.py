@@ -61,7 +61,8 @@ from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
                      candidates, counts_for, kept_buffers, kept_random, loaded, measure,
                      measure_stages, microbatch_counts,
-                     legend, recomputing, recosted, retimed, stage_costs, stage_spans, table,
+                     legend, recomputing, recosted, retimed, retimed_said, stage_costs,
+                     stage_spans, table,
                      time_program, under_load, whole_counts)
 from .executor import Pipeline, _in_action, _retold, rows_of
 from .ir import Schedule
@@ -76,11 +77,14 @@ from .tp_layers import full_params, full_shapes, load_full_params
 from .tp_plan import PlanError, digest, logging_calls, named_by
 from .tp_sums import holders as tp_holders
 
-__all__ = ["distribute", "IncompatibleKeys", "Job", "load_state"]
+__all__ = ["distribute", "IncompatibleKeys", "Job", "load_state", "far_off"]
 
 _TP_RUNS = 10     # runs of each tensor-parallel layer's timing (its peers must run as many)
 
 _AXES = ("dp", "pp", "tp")
+# the steps after the first that rank 0 times against job.predicted (verbose jobs), and
+# how far off their median must be to be told: once, the machine may be loaded
+_WATCHED, _FAR_OFF = 5, 2.0
 _STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above the pipeline's
 
 
@@ -647,6 +651,8 @@ class Job:
         self.candidates = cands
         self.skipped = list(skipped)    # candidates that cannot run (their layers failed), why
         self.schedule: Schedule = pipeline.schedule
+        # step() times its steps here against predicted (rank 0 of a verbose job), else None
+        self.watched: list[float] | None = None
 
     @property
     def costs(self) -> dict[str, list[float]] | None:
@@ -788,9 +794,22 @@ class Job:
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
         """One step on this dp replica's batch; the mean loss where the last
-        stage runs, None elsewhere. Ranks that need neither may pass them."""
+        stage runs, None elsewhere. Ranks that need neither may pass them.
+        A verbose job's rank 0 times its steps after the first, and once it
+        has five, says so if their median is over twice ``predicted`` or
+        under half of it (``far_off``): once, and nothing where it is not."""
         pipe = self.pipeline
-        return pipe.step(inputs if pipe.first else None, targets if pipe.last else None)
+        if self.watched is None:
+            return pipe.step(inputs if pipe.first else None, targets if pipe.last else None)
+        began = time.perf_counter()
+        out = pipe.step(inputs if pipe.first else None, targets if pipe.last else None)
+        self.watched.append(time.perf_counter() - began)
+        if len(self.watched) > _WATCHED:
+            said = far_off(self.watched[1:], self.predicted, self.schedule.name)
+            self.watched = None
+            if said:
+                print(f"engine.distribute: {said}", flush=True)
+        return out
 
     def eval_step(self, inputs: Any = None, targets: Any = None, *,
                   outputs: bool = False) -> Any:
@@ -982,6 +1001,28 @@ class Job:
             return dict(sorted(state.items(), key=lambda kv: at.get(kv[0], len(at))))
         order = {n: i for i, n in enumerate(self.names)}
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
+
+
+def far_off(steps: Sequence[float], predicted: float | None, name: str,
+            by: float = _FAR_OFF) -> str | None:
+    """What to tell a user whose steps (seconds, rank 0's, the first left
+    out) took a median over ``by`` times the prediction, or under its
+    ``1/by``: the machine loaded by others since distribute's re-time (a
+    step took 5.4x its prediction on a loaded host, and nothing said so),
+    or quieter, or batches of other sizes than the sample; None where the
+    median is within that."""
+    if not steps or not predicted:
+        return None
+    median = sorted(steps)[(len(steps) - 1) // 2]
+    ratio = median / predicted
+    if 1 / by <= ratio <= by:
+        return None
+    why = ("the machine may be loaded (others' processes on its cores since the re-time)"
+           if ratio > by else "the machine may have been loaded while distribute timed it")
+    return (f"{name}'s steps took {median * 1e3:.2f} ms (rank 0's median of {len(steps)}, "
+            f"the first left out), {ratio:.1f}x job.predicted ({predicted * 1e3:.2f} ms): "
+            f"{why}, or the batches are not the sample's size; job.retime() predicts again "
+            f"as the machine is now")
 
 
 def _replica_state(stage: Any) -> list[Any]:
@@ -1583,6 +1624,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
               bool(plan), cal, inputs, reps, messages, timeout, tag_base, target, keys, aliases,
               skipped, rest, shapes)
     job.retime()
+    if verbose and grid.comm.rank == 0 and job.predicted is not None:
+        job.watched = []        # step() tells a median step far off the prediction, once
     if job.calibration is not None and chosen is not None:
         # the table simulated with the load the re-time fitted (others' processes
         # on the shared cores; none where it fitted none): its figures and ranking
@@ -1591,13 +1634,15 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     if verbose and grid.comm.rank == 0:
         # a schedule named too: its row, cut and prediction (it printed nothing, and the
         # user who picked a row by name saw none of them)
+        # the chosen row's figure is the profile's; the re-timed one, job.predicted, is
+        # said right under the table with what moved it (a user took the row's 6.61 ms
+        # for the prediction, 15.38 ms, of a step that measured 11.54)
+        predicted = ("" if job.profiled is None or job.chosen is None else
+                     "\nengine.distribute: " + retimed_said(job.profiled, job.chosen))
         if auto or job.candidates:
             print(f"engine.distribute: {dict(grid.axes)}, {L} layers; "
                   f"{'candidates' if auto else 'the schedule given'}:\n{job.table()}\n"
-                  f"{legend(job.candidates, why=auto)}\n{said}", flush=True)
+                  f"{legend(job.candidates, why=auto)}{predicted}\n{said}", flush=True)
         else:
-            print(said, flush=True)
-        if job.predicted is not None:
-            print(f"engine.distribute: {job.schedule.name} re-timed as its steps will run: "
-                  f"{job.predicted * 1e3:.2f} ms a step (job.predicted)", flush=True)
+            print(said + predicted, flush=True)
     return job

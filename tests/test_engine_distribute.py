@@ -410,6 +410,43 @@ def test_retimed_stages_replace_the_profile():
     slow = choose.retimed(cand, {1: LayerCost(1.0, 2.0, 1.0, 1.0, 0)}, overhead=0.1, helper=0.2)
     assert slow.costs["F"] == [cand.costs["F"][0], pytest.approx(1.3)]
     assert slow.costs["W"][1] == pytest.approx(1.1) and slow.makespan > cand.makespan
+    # what distribute prints under its table: the re-timed figure (job.predicted) beside
+    # the chosen row's (the profile's), and what moved it (the row's 6.61 ms was taken
+    # for the prediction, 15.38 ms, of a step that measured 11.54)
+    assert choose.busiest_compute(slow) == pytest.approx(4 * (1.0 + 2.0))   # 1F1B: F, B
+    assert choose.busiest_compute(cand) == pytest.approx(
+        4 * sum(cand.costs[k][0] - 0.1 - 0.2 for k in "FB"))
+    ms = 1e3
+    assert choose.retimed_said(cand, same) == (
+        f"1f1b(2,4) re-timed as its steps will run: {cand.makespan * ms:.2f} ms a step "
+        "(job.predicted: the figure to set a measured step against)")
+    again = choose.retimed(cand, {1: LayerCost(1.0, 2.0, 1.0, 1.0, 0)}, overhead=0.3,
+                           helper=0.2, send=0.5)
+    assert again.overhead == 0.3 and cand.overhead == 0.1
+    assert choose.retimed_said(cand, again) == (
+        f"1f1b(2,4) re-timed as its steps will run: {again.makespan * ms:.2f} ms a step "
+        f"(job.predicted: the figure to set a measured step against); its row's "
+        f"{cand.makespan * ms:.2f} ms was the profile's:\n"
+        f"  the busiest rank's compute {choose.busiest_compute(cand) * ms:.2f} -> 12000.00 ms "
+        f"(its stages timed again, in its order), the executor's own 100.00 -> 300.00 ms an "
+        f"action, a message 0.00 -> 500.00 ms (a dry run of the schedule itself)")
+
+
+def test_steps_far_off_the_prediction_are_told():
+    """far_off: the median of a job's steps (the first left out) over twice
+    job.predicted or under half says so, with why it may be; nothing within."""
+    from engine.distribute import far_off
+    ms = 1e-3
+    assert far_off([5 * ms, 6 * ms, 30 * ms], 4 * ms, "1f1b(2,8)") is None
+    assert far_off([], 4 * ms, "1f1b(2,8)") is None and far_off([ms], None, "x") is None
+    assert far_off([21.6 * ms, 27.99 * ms, 30 * ms, 28 * ms, 25 * ms], 5.15 * ms,
+                   "zero_bubble_h1(2,4)") == (
+        "zero_bubble_h1(2,4)'s steps took 27.99 ms (rank 0's median of 5, the first left out), "
+        "5.4x job.predicted (5.15 ms): the machine may be loaded (others' processes on its "
+        "cores since the re-time), or the batches are not the sample's size; job.retime() "
+        "predicts again as the machine is now")
+    assert "0.2x job.predicted (10.00 ms): the machine may have been loaded while distribute " \
+        "timed it" in far_off([2 * ms], 10 * ms, "gpipe(2,2)")
 
 
 def test_retimed_predicts_the_median_of_the_runs_steps():
@@ -1616,7 +1653,12 @@ def _compiled_worker(world):
                            f"{job.table()}\npred ms: the simulated step")
         and "zero_bubble_h1(2,8) cuts the model into 2 stages of 5 layers\n" in printed
         and "chosen: the fastest" not in printed
-        and f"re-timed as its steps will run: {job.predicted * 1e3:.2f} ms" in printed), printed
+        and f"re-timed as its steps will run: {job.predicted * 1e3:.2f} ms" in printed
+        # right under the table, with the row's own (profiled) figure and what moved it
+        and f"pred ms: the simulated step (every micro-batch, all ranks); bubble: the ranks' " \
+            f"idle share of it; peak MB: the most activations one rank holds\n" \
+            f"engine.distribute: {choose.retimed_said(job.profiled, job.chosen)}\n" \
+            f"engine.distribute: zero_bubble_h1(2,8) cuts" in printed), printed
     assert job.table().splitlines()[1].startswith("zero_bubble_h1(2,8)"), job.table()
     opt = torch.optim.SGD(job.parameters(), lr=0.1)
     for _ in range(3):
@@ -1903,14 +1945,25 @@ def _loaded_worker(world):
         job = engine.distribute(_numpy_model(), mesh.grid(world, pp=2), sample=_data(0)[0],
                                 loss_fn=mse_loss, reps=1, timeout=60)
     c = job.profiled
+    # steps far over the prediction are told, once, by rank 0 (a step took 5.4x its
+    # prediction on a loaded host and nothing said so): here a prediction made tiny
+    x, y = _data(0)
+    retimed = engine.choose.retimed_said(c, job.chosen)
+    job.chosen = replace(job.chosen, makespan=1e-7)
+    steps = io.StringIO()
+    with contextlib.redirect_stdout(steps):
+        for _ in range(8):
+            job.step(x, y)
     return {"load": job.calibration.load, "cores": job.calibration.cores,
+            "told": steps.getvalue(), "watched": job.watched,
             "loads": sorted({x.load for x in job.candidates}),
             "first": job.candidates[0] is c, "among": any(x is c for x in job.candidates),
             "row": c.makespan, "sim": c.schedule.simulate(c.costs, c.cores, 2.5).makespan,
             "quiet": c.schedule.simulate(c.costs, c.cores).makespan,
             "schedule": job.schedule.name, "name": c.schedule.name,
             "m": c.schedule.num_microbatches,
-            "printed": out.getvalue(), "table": job.table()}
+            "printed": out.getvalue(), "table": job.table(),
+            "retimed": retimed}
 
 
 @pytest.mark.timeout(120)
@@ -1924,9 +1977,20 @@ def test_distribute_prints_its_candidates_with_the_retimes_load():
         assert f"{got['row'] * 1e3:>9.2f}" in row, (row, got["row"])
         assert got["table"].endswith("on the shared cores: 2.50 pp ranks' worth, fitted to "
                                      "a dry run)"), got["table"]
+        assert got["watched"] is None, got
+        told = got["told"].splitlines()
+        assert told == [] if r else (
+            len(told) == 1 and told[0].startswith(f"engine.distribute: {got['name']}'s steps took ")
+            and "(rank 0's median of 5, the first left out)" in told[0]
+            and "x job.predicted (0.00 ms): the machine may be loaded" in told[0]), told
         if r == 0:
             printed = got["printed"]
             assert got["table"] in printed, printed
             assert printed.index(got["table"]) < printed.index("re-timed as its steps"), printed
+            # the chosen row's figure is the profile's: the re-timed one said under it
+            said = (f"\nengine.distribute: {got['retimed']}\n"
+                    f"engine.distribute: {got['name']} cuts")
+            assert said in printed, printed
+            assert printed.index("\nchosen: the fastest") < printed.index(said), printed
         else:
             assert got["printed"] == "", got["printed"]
