@@ -67,7 +67,8 @@ from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, 
 from .executor import Pipeline, _in_action, _retold, rows_of
 from .ir import Schedule
 from .schedules import by_name, one_f_one_b
-from .stagebuild import inputs_of, is_module, make_stage, param_count
+from .stagebuild import (inputs_of, is_module, make_stage, model_key,
+                         named_stage_parameters, param_count)
 from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize, tensor_bytes
 from .partition import partition
 from .trace import write as _write_trace
@@ -849,11 +850,7 @@ class Job:
         out: list[tuple[str, Any]] = []
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
-            if self.is_torch:
-                out += [(_model_key(mine, k), p) for k, p in st.module.named_parameters()]
-            else:
-                out += [(f"{name}.{j}", p) for name, layer in zip(mine, st.layers)
-                        for j, p in enumerate(layer.params())]
+            out += named_stage_parameters(st.module if self.is_torch else st, mine)
         return out
 
     def grads(self) -> list[Any]:
@@ -871,7 +868,7 @@ class Job:
                 state = gather_state_dict(st.module) if self.sharded else st.module.state_dict()
                 assert state is not None        # root=None: on every tp rank
                 for k, v in state.items():
-                    out[_model_key(mine, k)] = v.detach().contiguous()
+                    out[model_key(mine, k)] = v.detach().contiguous()
             else:
                 for name, layer in zip(mine, st.layers):
                     for j, p in enumerate(full_params(layer)):
@@ -924,7 +921,7 @@ class Job:
                     load_full_params(layer, [state.get(f"{name}.{j}")
                                              for j in range(len(layer.params()))])
                 continue
-            keys = {k: _model_key(mine, k) for k in st.module.state_dict()}
+            keys = {k: model_key(mine, k) for k in st.module.state_dict()}
             given = {k: state[m] for k, m in keys.items() if m in state}
             if self.sharded:
                 load_full_state_dict(st.module, given, strict=strict)
@@ -1159,14 +1156,6 @@ def _real_rest(source: Any, loss: Any, rest: dict[str, Any]) -> OrderedDict[str,
                       f"the loss's, or never read by the forward) are zeros until "
                       f"job.load_state_dict() fills them", stacklevel=3)
     return real
-
-
-def _model_key(names: list[str], key: str) -> str:
-    """A stage module's state key ("j.rest": its layer j) as the model's own:
-    that layer's name in the model before it ("" for a traced piece, whose
-    keys are the model's already)."""
-    j, _, rest = key.partition(".")
-    return f"{names[int(j)]}.{rest}" if names[int(j)] else rest
 
 
 def _state_shapes(named: list[tuple[str, Any]], is_torch: bool) -> dict[str, tuple[int, ...]]:
@@ -1569,7 +1558,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
 
     mine = sched.stages_of(grid.coord("pp"))
     cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
-                    stages=mine)
+                    stages=mine, names=[n for n, _ in named])
     if on_meta:                  # this rank's stages only: the others stay without memory
         made = {s: _materialize(cut[s], init) for s in mine}
         bare = [f"stage {s}: {name}" for s in mine for name in made[s][0]]

@@ -61,7 +61,8 @@ from .replay import replay
 from .schedules import one_f_one_b
 from .simulate import _costs
 from .stagebuild import (as_module, build, declared_tie, inputs_of, is_module, kind_of,
-                         layers_of, make_stage, param_count, stage_params, unshare, untie)
+                         layer_names, layers_of, make_stage, named_stage_parameters,
+                         param_count, stage_params, torch_module, unshare, untie)
 from .tensor_parallel import own_records
 from .tied import Tie
 from .torch_stage import TorchStage
@@ -81,17 +82,34 @@ class Partition(list):
     ``balance="time"``, ``layer_costs`` (seconds per layer for F, I, W);
     ``stage_costs()`` sums them per stage, in the form ``engine.simulate``
     takes. ``print(parts)`` shows the cut: each stage's layers, parameters
-    and measured costs, and the ties."""
+    and measured costs, and the ties. ``names``: each layer's name in the
+    model (``"0"``, ``"head"``; ``""`` for a traced forward's pieces, whose
+    parameters keep the model's keys); ``named_parameters(s)``: stage s's
+    parameters, each with its name in the model (a stage is an
+    ``nn.Sequential`` numbered from 0: stage 1's ``0.0.weight`` may be the
+    model's ``2.0.weight``), as ``Job.named_parameters()`` names them."""
 
     def __init__(self, stages: Sequence[Any], counts: Sequence[int],
                  layer_costs: dict[str, list[float]] | None, ties: Sequence[Tie],
-                 labels: Sequence[str] = (), params: Sequence[int | None] = ()) -> None:
+                 labels: Sequence[str] = (), params: Sequence[int | None] = (),
+                 names: Sequence[str] = ()) -> None:
         super().__init__(stages)
         self.counts = tuple(counts)
         self.layer_costs = layer_costs
         self.ties = tuple(ties)
         self.labels = tuple(labels)
         self.params = tuple(params)
+        self.names = tuple(names) or tuple(str(i) for i in range(sum(self.counts)))
+
+    def named_parameters(self, s: int) -> list[tuple[str, Any]]:
+        """Stage ``s``'s parameters, in its order, each with its name in the
+        whole model (engine.stagebuild.named_stage_parameters; an
+        engine.layers layer's: ``"layer.index"``). A stage not built here
+        (``stages=``) raises."""
+        if self[s] is None:
+            raise ValueError(f"stage {s} was not built here (stages= left it out)")
+        first = sum(self.counts[:s])
+        return named_stage_parameters(self[s], self.names[first:first + self.counts[s]])
 
     def stage_costs(self) -> dict[str, list[float]] | None:
         if self.layer_costs is None:
@@ -121,25 +139,44 @@ class Partition(list):
         return "\n".join(lines)
 
 
-def _label(x: Any, kind: str) -> str:
+def _label(x: Any, kind: str, given: str = "") -> str:
     """A layer's name for ``print(partition)``: what a traced piece calls
-    (``transformer.h.0``), else its class's (or a function's) name."""
+    (``transformer.h.0``), its name in the model where that is a name
+    (``nn.Sequential(OrderedDict(embed=..., head=...))``: ``head``), else
+    its class's (or a function's) name, a torch container's with its
+    children's classes (``Sequential(Linear, GELU)``: nested blocks were
+    all ``Sequential``)."""
     if kind == "spec":
         cls = x[0] if isinstance(x, tuple) else getattr(x, "func", x)
         return f"{getattr(cls, '__name__', type(cls).__name__)}()"
     name = type(x).__name__
     if "[" in name and name.endswith("]"):         # engine.sequential's pieces
         return name[name.index("[") + 1:-1]
-    return getattr(x, "__name__", name) if kind == "fn" else name
+    if given and not given.isdigit():
+        return given
+    if kind == "fn":
+        return getattr(x, "__name__", name)
+    torch = torch_module()
+    if torch is not None and isinstance(x, (torch.nn.Sequential, torch.nn.ModuleList)):
+        inner = [type(m).__name__ for m in x if m is not None]
+        return f"{name}({', '.join(inner[:4])}{', ...' if len(inner) > 4 else ''})"
+    return name
 
 
 def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "uniform",
               sample: Any = None, *, schedule: Schedule | None = None,
               stages: Sequence[int] | None = None, group: Any = None,
-              tied: Sequence[Sequence[str]] = (), reps: int = 3) -> Partition:
-    """Cut ``model`` into ``num_stages`` stages (see the module docstring)."""
+              tied: Sequence[Sequence[str]] = (), reps: int = 3,
+              names: Sequence[str] | None = None) -> Partition:
+    """Cut ``model`` into ``num_stages`` stages (see the module docstring).
+    ``names``: each layer's name in the model, where ``model`` is a list of
+    its layers (engine.distribute's); by default the model's own
+    (engine.stagebuild.layer_names)."""
     items = layers_of(model, inputs_of(sample))
     n = len(items)
+    names = list(layer_names(model, n) if names is None else names)
+    if len(names) != n:
+        raise ValueError(f"names= gives {len(names)} names for {n} layers")
     if num_stages < 1 or num_stages > n:
         source = type(model).__name__ if traceable(model) else None
         raise ValueError(f"cannot cut {n} layers{few(source, n)} into {num_stages} stages: "
@@ -202,7 +239,7 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
             index = next(i for i, q in enumerate(stage_params(out[s])) if q is p)
             out[s].tied = getattr(out[s], "tied", ()) + ((tie, index),)
     return Partition(out, counts, layer_costs, list(ties),
-                     [_label(x, k) for x, k in zip(items, kinds)], sizes)
+                     [_label(x, k, g) for x, k, g in zip(items, kinds, names)], sizes, names)
 
 
 def cut_points(costs: Sequence[Any], num_stages: int) -> list[int]:

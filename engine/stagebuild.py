@@ -29,7 +29,7 @@ from .traced import sequential, traceable
 
 __all__ = ["torch_module", "is_module", "inputs_of", "layers_of", "kind_of", "build", "param_count",
            "as_module", "make_stage", "layer_params", "stage_params", "unshare", "untie",
-           "declared_tie"]
+           "declared_tie", "layer_names", "model_key", "named_stage_parameters"]
 
 
 def torch_module() -> Any:
@@ -58,6 +58,40 @@ def layers_of(model: Any, inputs: int = 1) -> list[Any]:
         return list(model)
     raise TypeError(f"cannot cut a {type(model).__name__}: pass an nn.Sequential, an "
                     "engine.layers.Sequential or a list of layers or specs")
+
+
+def layer_names(model: Any, n: int) -> list[str]:
+    """Each of the ``n`` layers ``layers_of(model)`` gives its name in the
+    model: a torch container's child's key (``"0"``, ``"head"``), a list's
+    or an engine.layers.Sequential's index, ``""`` for a traced forward's
+    pieces (their parameters' keys are the model's own already:
+    ``model_key``)."""
+    if is_module(model):
+        if traceable(model) or getattr(model, "traced_from", None):
+            return [""] * n
+        return list(model._modules)
+    return [str(i) for i in range(n)]
+
+
+def model_key(names: Sequence[str], key: str) -> str:
+    """A stage module's parameter or state key ("j.rest": its layer j) as the
+    model's own: that layer's name in the model before it (``names``, the
+    stage's layers' ``layer_names``; "" for a traced piece, whose keys are
+    the model's already). Each stage is an ``nn.Sequential`` numbered from 0,
+    so stage 1's ``0.0.weight`` is the model's ``2.0.weight``."""
+    j, _, rest = key.partition(".")
+    return f"{names[int(j)]}.{rest}" if names[int(j)] else rest
+
+
+def named_stage_parameters(stage: Any, names: Sequence[str]) -> list[tuple[str, Any]]:
+    """A stage's parameters (an ``nn.Sequential``'s ``named_parameters()``,
+    an engine.layers.Sequential's layers' ``params()``), in its order, each
+    with its name in the whole model (``names``: the stage's layers'):
+    ``model_key`` of a torch key, ``"layer.index"`` for engine.layers."""
+    if is_module(stage):
+        return [(model_key(names, k), p) for k, p in stage.named_parameters()]
+    return [(f"{name}.{j}", p) for name, layer in zip(names, stage.layers)
+            for j, p in enumerate(layer.params())]
 
 
 def kind_of(i: int, x: Any) -> str:

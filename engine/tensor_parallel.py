@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import collectives
 from mesh import Comm
 
-from . import tp_layers
+from . import layers, tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
                       joined_order, left, logged, match, planned, rewrite_attrs, shard_rows)
 from .torch_stage import TorchStage, _torch, _view
@@ -128,9 +128,15 @@ def describe_plan(module: Any, plan: Mapping[str, Any], tp: int, *,
     tp rank's shard, the tensors no pattern names (whole on every tp rank).
     Raises PlanError where parallelize would on one rank: a pattern that
     matches nothing (when ``strict``), a dimension not divisible by ``tp``,
-    a style that does not fit its module. torch modules only."""
+    a style that does not fit its module. An engine.layers model
+    (engine.tp_layers.describe) calls its parameters by their keys
+    (``"layer.index"``, as ``Job.named_parameters()`` does), with their
+    attributes."""
     if not _is_torch(module):
-        raise TypeError(f"describe_plan takes a torch module, not a {type(module).__name__}")
+        if isinstance(module, layers.Sequential):
+            return tp_layers.describe(module, plan, tp, strict)
+        raise TypeError(f"describe_plan takes a torch module or an engine.layers.Sequential, "
+                        f"not a {type(module).__name__}")
     torch = _torch()
     named = dict(module.named_modules())
     styles = match(plan, named, strict)

@@ -29,7 +29,7 @@ from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisibl
                       joined_order, left, logged, match, planned, rewrite_attrs, shard_rows)
 
 __all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_params",
-           "group_of", "named_layers"]
+           "group_of", "named_layers", "describe"]
 
 
 @logged
@@ -271,6 +271,70 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
         layer, parent, i = layers[name]
         parent.layers[i] = _shard(layer, name, style, group)
     return model
+
+
+# the axis of each parameter (by its position in params()) a style splits
+_SPLIT = {"colwise": {0: 1, 1: 0}, "rowwise": {0: 0}, "vocab": {0: 0}}
+
+
+def describe(model: Any, plan: Mapping[str, Any], tp: int, strict: bool = True) -> str:
+    """engine.describe_plan for an engine.layers model: what ``parallelize``
+    does at tp size ``tp``, with no group and nothing changed. Each
+    parameter is called by its key (``"layer.index"``: its top-level
+    layer's name and its place in that layer's ``params()``, as
+    ``Job.named_parameters()`` and ``state_dict()`` call it) and its
+    attribute (``weight``); an engine.layers Linear's weight is (fan_in,
+    fan_out), so colwise splits its axis 1."""
+    layers = {name: layer for name, layer, _, _ in named_layers(model)}
+    keys: dict[int, str] = {}
+    for t, layer in enumerate(model.layers):
+        keys.update((id(p), f"{t}.{j}") for j, p in enumerate(layer.params()))
+    paths = {id(layer): name for name, layer in layers.items()}
+
+    def said(layer: Any, k: int, p: Any) -> str:
+        attr = next((a for a, v in vars(layer).items() if v is p), str(k))
+        return f"{paths.get(id(layer), '?')}.{attr}"
+
+    styles = match(plan, layers, strict)
+    lines = [f"tensor-parallel plan over {tp} ranks: {len(styles)} of {len(layers)} layers "
+             f"planned (engine.layers)"]
+    planned: set[int] = set()
+    for name, style in styles.items():
+        layer = layers[name]
+        _validate(name, layer, style, tp)
+        extra = "".join(f" {k}={v}" for k, v in (("parts", style.parts), ("rng", style.rng)) if v)
+        attrs = f" attrs {sorted(style.attrs)}" if style.attrs else ""
+        lines.append(f"  {name} ({type(layer).__name__}): {style.style}, input {style.input}, "
+                     f"output {style.output}{extra}{attrs}")
+        split = _SPLIT.get(style.style, {})
+        leaves = [(sub, k, p) for sub in _leaves(layer) for k, p in enumerate(sub.params())]
+        for sub, k, p in leaves:
+            planned.add(id(p))
+            whole = tuple(p.shape)
+            if sub is layer and k in split:
+                d = split[k]
+                shard = whole[:d] + (whole[d] // tp,) + whole[d + 1:]
+                how = f"{list(whole)} -> {list(shard)} a rank (axis {d} split)"
+            else:
+                how = f"{list(whole)} whole on every rank" + (
+                    ", gradients summed over tp" if style.style == "sequence" else "")
+            lines.append(f"    {said(sub, k, p)} (key {keys[id(p)]}): {how}")
+    rest = [said(sub, k, p) for sub in _leaves(model) for k, p in enumerate(sub.params())
+            if id(p) not in planned]
+    if rest:
+        shown = ", ".join(rest[:8]) + (" ..." if len(rest) > 8 else "")
+        lines.append(f"  not planned, whole on every tp rank ({len(rest)} tensors): {shown}")
+    return "\n".join(lines)
+
+
+def _leaves(layer: Any) -> list[Any]:
+    """The layers holding parameters under ``layer`` (itself, or those of a
+    Sequential or a Recompute), in ``params()``'s order."""
+    if isinstance(layer, Recompute):
+        return _leaves(layer.inner)
+    if isinstance(layer, Sequential):
+        return [leaf for sub in layer.layers for leaf in _leaves(sub)]
+    return [layer]
 
 
 def _validate(name: str, layer: Any, style: Style, tp: int) -> None:

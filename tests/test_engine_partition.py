@@ -343,3 +343,112 @@ def test_a_tp_plan_prints_what_it_shards_before_anything_runs():
         describe_plan(model, {"*.up": "colwise"}, 2)
     with pytest.raises(PlanError, match="2: out_features .* is 64, not divisible by the tp size 3"):
         describe_plan(model, {"2": "colwise"}, 3)
+
+
+class _Blocks(nn.Module):       # a plain module: its forward traced into pieces
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(2))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_a_partition_names_its_layers_and_parameters_as_the_model_does():
+    """print(partition) names a layer by its name in the model, or its class
+    with a container's children's (nested blocks all read "Sequential"), and
+    ``named_parameters(s)`` gives a stage's parameters the model's own keys
+    (each stage an nn.Sequential numbered from 0: stage 1's "0.0.weight" is
+    the model's "2.0.weight"), as Job.named_parameters() does."""
+    from collections import OrderedDict
+    torch.manual_seed(0)
+    nested = nn.Sequential(*[nn.Sequential(nn.Linear(4 if i == 0 else 8, 8), nn.GELU())
+                             for i in range(3)], nn.Linear(8, 2))
+    named = nn.Sequential(OrderedDict(embed=nn.Linear(4, 8), block=nn.Sequential(
+        nn.Linear(8, 8), nn.Tanh()), head=nn.Linear(8, 2)))
+    for model, cut, lines in [
+            (nested, [2, 2], ["  stage 0: layers 0-1  112 parameters  Sequential(Linear, GELU), "
+                              "Sequential(Linear, GELU)",
+                              "  stage 1: layers 2-3  90 parameters  Sequential(Linear, GELU), "
+                              "Linear"]),
+            (named, [1, 2], ["  stage 0: layer 0  40 parameters  embed",
+                             "  stage 1: layers 1-2  90 parameters  block, head"]),
+            (_Blocks(), [2, 2], ["  stage 0: layers 0-1  112 parameters  embed, blocks.0",
+                                 "  stage 1: layers 2-3  90 parameters  blocks.1, head"])]:
+        parts = partition(model, 2, cut, sample=torch.randn(3, 4))
+        assert str(parts).splitlines()[1:] == lines, str(parts)
+        got = [(k, p) for s in range(2) for k, p in parts.named_parameters(s)]
+        want = list(model.named_parameters())
+        assert [k for k, _ in got] == [k for k, _ in want], got
+        assert all(p is q for (_, p), (_, q) in zip(got, want))
+    assert [k for k, _ in partition(nested, 2, [2, 2]).named_parameters(1)] == [
+        "2.0.weight", "2.0.bias", "3.weight", "3.bias"]
+    with pytest.raises(ValueError, match="stage 0 was not built here"):
+        partition(nested, 2, [2, 2], stages=[1]).named_parameters(0)
+    # engine.layers: "layer.index", the keys Job.named_parameters and state_dict() give
+    np_model = L.Sequential(*L.mlp_stages([3, 4, 5], 1)[0].layers)
+    parts = partition(np_model, 2, [1, len(np_model.layers) - 1])
+    assert [k for k, _ in parts.named_parameters(1)] == [
+        f"{i}.{j}" for i in range(1, len(np_model.layers))
+        for j in range(len(np_model.layers[i].params()))]
+
+
+def test_a_tp_plan_of_an_engine_layers_model_prints_too():
+    """engine.describe_plan on an engine.layers model (torch modules only
+    before): each planned layer's style, each parameter's whole and shard
+    shapes as the numpy parallelize cuts them (a Linear's weight is (fan_in,
+    fan_out): colwise splits axis 1) and its key as Job.named_parameters()
+    gives it; parallelize's own PlanErrors; the model unchanged."""
+    import copy
+    from engine import PlanError, describe_plan, tp_layers
+    from engine.tp_plan import match
+    rng = np.random.default_rng(0)
+    model = L.Sequential(L.Embedding(32, 16, rng), L.Linear(16, 64, rng), L.Tanh(),
+                         L.Sequential(L.Linear(64, 16, rng), L.Tanh()), L.Linear(16, 4, rng))
+    before = [p.shape for p in model.params()]
+    plan = {"0": "vocab", "1": "colwise", "3.0": "rowwise", "4": "sequence"}
+    assert describe_plan(model, plan, 2).splitlines() == [
+        "tensor-parallel plan over 2 ranks: 4 of 7 layers planned (engine.layers)",
+        "  0 (Embedding): vocab, input replicate, output replicate",
+        "    0.weight (key 0.0): [32, 16] -> [16, 16] a rank (axis 0 split)",
+        "  1 (Linear): colwise, input replicate, output shard",
+        "    1.weight (key 1.0): [16, 64] -> [16, 32] a rank (axis 1 split)",
+        "    1.bias (key 1.1): [64] -> [32] a rank (axis 0 split)",
+        "  3.0 (Linear): rowwise, input shard, output replicate",
+        "    3.0.weight (key 3.0): [64, 16] -> [32, 16] a rank (axis 0 split)",
+        "    3.0.bias (key 3.1): [16] whole on every rank",
+        "  4 (Linear): sequence, input sequence, output sequence rng=rank",
+        "    4.weight (key 4.0): [16, 4] whole on every rank, gradients summed over tp",
+        "    4.bias (key 4.1): [4] whole on every rank, gradients summed over tp"]
+    assert [p.shape for p in model.params()] == before
+    assert not tp_layers.sharded_layers(model)
+
+    class Group:        # what parallelize's cut reads of the group
+        size, rank = 2, 0
+    layers = {n: lay for n, lay, _, _ in tp_layers.named_layers(model)}
+    for name, style in match(plan, layers).items():      # the shapes parallelize makes
+        cut = tp_layers._shard(copy.deepcopy(layers[name]), name, style, Group())
+        shapes = [list(p.shape) for p in cut.params()]
+        said = describe_plan(model, {name: style.style}, 2).splitlines()[2:]
+        assert [line.split(": ")[1].split(" -> ")[-1].split(" a rank")[0].split(" whole")[0]
+                for line in said if line.startswith("    ")] == [str(s) for s in shapes], said
+    assert describe_plan(model, {"4": "sequence"}, 2).endswith(
+        "\n  not planned, whole on every tp rank (5 tensors): 0.weight, 1.weight, 1.bias, "
+        "3.0.weight, 3.0.bias")
+    with pytest.raises(PlanError, match=r"plan pattern '\*.up' matches no submodule \(names: "
+                       r"0, 1, 2, 3, 3.0, 3.1, 4\)"):
+        describe_plan(model, {"*.up": "colwise"}, 2)
+    with pytest.raises(PlanError, match=r"1: fan_out \(weight columns\) is 64, not divisible "
+                                         r"by the tp size 3"):
+        describe_plan(model, {"1": "colwise"}, 3)
+    with pytest.raises(PlanError, match="style 'vocab' fits an engine.layers.Embedding, but 2 "
+                                        "is a Tanh"):
+        describe_plan(model, {"2": "vocab"}, 2)
+    with pytest.raises(TypeError, match="a torch module or an engine.layers.Sequential, not a "
+                                        "list"):
+        describe_plan([L.Tanh()], {}, 2)
