@@ -127,6 +127,21 @@ _SHORT_HIER = "two levels, small, columns, the short way (collectives.host.tiny)
 """MESH_COLL_DEBUG's lines for a tiny all_reduce that took a short way."""
 
 
+def _short_way(g: Comm, a: np.ndarray, op: str, timeout: float | None) -> bool:
+    """Whether a tiny array's all_reduce went the short way, within a host
+    (collectives.shm.tiny) or across hosts (hier_tiny), ``a`` reduced in
+    place; MESH_COLL_DEBUG's line for it."""
+    if tiny.all_reduce(g, a, op, timeout) is not None:
+        path = _SHORT
+    elif hier_tiny.all_reduce(g, a, op, timeout) is not None:
+        path = _SHORT_HIER
+    else:
+        return False
+    if debug.ON:
+        debug.note(g, "all_reduce", path, a.nbytes)
+    return True
+
+
 def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_reduce, for host and device arrays and tensors
@@ -136,26 +151,13 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
         return _widened(lambda w: all_reduce(g, w, op, async_op, algorithm, timeout), a,
                         True, async_op)
     if type(a) is np.ndarray and not async_op and algorithm is None:
-        if tiny.all_reduce(g, a, op, timeout) is not None:
-            if debug.ON:
-                debug.note(g, "all_reduce", _SHORT, a.nbytes)
-            return a
-        if hier_tiny.all_reduce(g, a, op, timeout) is not None:
-            if debug.ON:
-                debug.note(g, "all_reduce", _SHORT_HIER, a.nbytes)
+        if _short_way(g, a, op, timeout):
             return a
     check_comm(g, "all_reduce")
     if type(a) is not np.ndarray and is_tensor(a):
         view = cpu_numpy(a) if not async_op and algorithm is None else None
-        if view is not None:    # (a tiny CPU tensor the short way too, in its own memory)
-            if tiny.all_reduce(g, view, op, timeout) is not None:
-                if debug.ON:
-                    debug.note(g, "all_reduce", _SHORT, view.nbytes)
-                return a
-            if hier_tiny.all_reduce(g, view, op, timeout) is not None:
-                if debug.ON:
-                    debug.note(g, "all_reduce", _SHORT_HIER, view.nbytes)
-                return a
+        if view is not None and _short_way(g, view, op, timeout):
+            return a        # (a tiny CPU tensor the short way too, in its own memory)
         return _on_tensor(all_reduce, "all_reduce", g, a, op=op, async_op=async_op,
                           algorithm=algorithm, timeout=timeout)
     if device.large(g, a, 1, algorithm, "rd"):

@@ -36,7 +36,8 @@ from mesh import Comm
 
 from . import layers, tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      joined_order, left, logged, match, planned, rewrite_attrs, shard_rows)
+                      joined_order, left, logged, match, planned, rewrite_attrs, shard_rows,
+                      shard_said, style_said)
 from .torch_stage import TorchStage, _torch, _view
 
 __all__ = ["parallelize", "describe_plan", "gather_state_dict", "load_full_state_dict",
@@ -146,22 +147,12 @@ def describe_plan(module: Any, plan: Mapping[str, Any], tp: int, *,
     for name, style in styles.items():
         sub = named[name]
         _validate(torch, name, sub, style, tp)
-        extra = "".join(f" {k}={v}" for k, v in (("parts", style.parts), ("rng", style.rng),
-                                                 ("width", style.width)) if v)
-        attrs = f" attrs {sorted(style.attrs)}" if style.attrs else ""
-        lines.append(f"  {name} ({type(sub).__name__}): {style.style}, input {style.input}, "
-                     f"output {style.output}{extra}{attrs}")
+        lines.append(style_said(name, type(sub).__name__, style, style.width))
         dims = _DIMS.get(style.style, {})
         for pname, p in sub.named_parameters(recurse=style.style not in _TYPES):
             planned_ids.add(id(p))
-            whole = tuple(p.shape)
-            if pname in dims and style.style in _TYPES:
-                d = dims[pname]
-                shard = whole[:d] + (whole[d] // tp,) + whole[d + 1:]
-                how = f"{list(whole)} -> {list(shard)} a rank (axis {d} split)"
-            else:
-                how = f"{list(whole)} whole on every rank" + (
-                    ", gradients summed over tp" if style.style == "sequence" else "")
+            cut = pname in dims and style.style in _TYPES
+            how = shard_said(tuple(p.shape), dims[pname] if cut else None, tp, style.style)
             lines.append(f"    {name}.{pname}: {how}")
     rest = [(n, p) for n, p in module.named_parameters() if id(p) not in planned_ids]
     if rest:

@@ -26,7 +26,8 @@ import collectives
 
 from .layers import Embedding, Linear, Recompute, Sequential
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      joined_order, left, logged, match, planned, rewrite_attrs, shard_rows)
+                      joined_order, left, logged, match, planned, rewrite_attrs, shard_rows,
+                      shard_said, style_said)
 
 __all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_params",
            "group_of", "named_layers", "describe"]
@@ -302,22 +303,13 @@ def describe(model: Any, plan: Mapping[str, Any], tp: int, strict: bool = True) 
     for name, style in styles.items():
         layer = layers[name]
         _validate(name, layer, style, tp)
-        extra = "".join(f" {k}={v}" for k, v in (("parts", style.parts), ("rng", style.rng)) if v)
-        attrs = f" attrs {sorted(style.attrs)}" if style.attrs else ""
-        lines.append(f"  {name} ({type(layer).__name__}): {style.style}, input {style.input}, "
-                     f"output {style.output}{extra}{attrs}")
+        lines.append(style_said(name, type(layer).__name__, style))
         split = _SPLIT.get(style.style, {})
         leaves = [(sub, k, p) for sub in _leaves(layer) for k, p in enumerate(sub.params())]
         for sub, k, p in leaves:
             planned.add(id(p))
-            whole = tuple(p.shape)
-            if sub is layer and k in split:
-                d = split[k]
-                shard = whole[:d] + (whole[d] // tp,) + whole[d + 1:]
-                how = f"{list(whole)} -> {list(shard)} a rank (axis {d} split)"
-            else:
-                how = f"{list(whole)} whole on every rank" + (
-                    ", gradients summed over tp" if style.style == "sequence" else "")
+            cut = sub is layer and k in split
+            how = shard_said(tuple(p.shape), split[k] if cut else None, tp, style.style)
             lines.append(f"    {said(sub, k, p)} (key {keys[id(p)]}): {how}")
     rest = [said(sub, k, p) for sub in _leaves(model) for k, p in enumerate(sub.params())
             if id(p) not in planned]

@@ -89,7 +89,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 import collectives
 
 __all__ = ["Style", "STYLES", "PlanError", "parse", "match", "named_by", "edges", "rewrite_attrs",
-           "check_attrs", "check_divisible", "shard_rows", "joined_order", "digest", "agree"]
+           "check_attrs", "check_divisible", "shard_rows", "joined_order", "digest", "agree",
+           "style_said", "shard_said"]
 
 LAYOUTS = {
     "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
@@ -455,3 +456,22 @@ def logging_calls() -> Iterator[list[int]]:
         yield log
     finally:
         _calls.log = None
+
+
+def style_said(name: str, kind: str, style: "Style", width: Any = None) -> str:
+    """describe_plan's line for one planned layer or submodule (torch's and
+    engine.layers')."""
+    extra = "".join(f" {k}={v}" for k, v in (("parts", style.parts), ("rng", style.rng),
+                                             ("width", width)) if v)
+    attrs = f" attrs {sorted(style.attrs)}" if style.attrs else ""
+    return f"  {name} ({kind}): {style.style}, input {style.input}, output {style.output}" \
+        f"{extra}{attrs}"
+
+
+def shard_said(whole: tuple[int, ...], axis: int | None, tp: int, style: str) -> str:
+    """describe_plan's words for one parameter: cut on ``axis`` (None: whole)."""
+    if axis is not None:
+        shard = whole[:axis] + (whole[axis] // tp,) + whole[axis + 1:]
+        return f"{list(whole)} -> {list(shard)} a rank (axis {axis} split)"
+    return f"{list(whole)} whole on every rank" + (
+        ", gradients summed over tp" if style == "sequence" else "")
