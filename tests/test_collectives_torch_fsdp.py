@@ -159,7 +159,58 @@ def _tp_fsdp(r: int, dm: Any) -> float:
     return max(diffs)
 
 
-def fsdp_and_device_mesh(world: Any) -> dict:
+def _dcp(r: int, n: int, dm: Any, ckpt: str) -> dict:
+    """torch.distributed.checkpoint: an FSDP2 model and its AdamW state,
+    sharded over the 4 ranks, saved by ``dcp.async_save`` on a group of its
+    own, loaded by ``dcp.load`` into FSDP2 over "dp" (2 shards, replicated
+    over "tp": resharded on load) and stepped on: the full state dicts
+    (model and optimizer, ``get_state_dict``) the same as the saved ones,
+    and the next step's the same on both."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def built(m: Any) -> tuple[Any, Any]:
+        net = _mlp()
+        fully_shard(net, mesh=m)
+        return net, torch.optim.AdamW(net.parameters(), lr=0.01)
+
+    def stepped(net: Any, opt: Any, seed: int) -> dict:
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+        net(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        m, o = get_state_dict(net, opt, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+        return {"model": m, "optim": o}
+
+    net, opt = built(init_device_mesh("cpu", (n,), mesh_dim_names=("shard",)))
+    saved = stepped(net, opt, r)
+    m, o = get_state_dict(net, opt)
+    dcp.async_save({"model": m, "optim": o}, checkpoint_id=ckpt,
+                   process_group=dist.new_group()).result()
+    net2, opt2 = built(dm["dp"])
+    m, o = get_state_dict(net2, opt2)
+    sd = {"model": m, "optim": o}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_state_dict(net2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    loaded = get_state_dict(net2, opt2, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    x = [stepped(a, b, 9)["model"] for a, b in ((net, opt), (net2, opt2))]
+    if r != 0:          # (rank 0 alone holds the full state dicts)
+        return {"same": True, "next": True}
+    flat = [torch.cat([t.flatten().float() for t in d.values()
+                       if isinstance(t, torch.Tensor)] +
+                      [v.flatten() for s in d.get("state", {}).values() for v in s.values()])
+            for d in (saved["model"], saved["optim"], loaded[0], loaded[1])]
+    return {"same": torch.equal(flat[0], flat[2]) and torch.equal(flat[1], flat[3])
+            and len(saved["optim"]["state"]) == 6,
+            "next": all(torch.equal(x[0][k], x[1][k]) for k in x[0])}
+
+
+def fsdp_and_device_mesh(world: Any, ckpt: str) -> dict:
     import torch.distributed._functional_collectives as fc
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -171,7 +222,8 @@ def fsdp_and_device_mesh(world: Any) -> dict:
     out = {"fsdp": max(_fsdp(r, n, raf) for raf in (True, False)),
            "mp": [_fsdp_mp(r, n, d) for d in (torch.float32, torch.bfloat16)],
            "mesh": _mesh_2x2(r, dm),
-           "tp_fsdp": _tp_fsdp(r, dm)}
+           "tp_fsdp": _tp_fsdp(r, dm),
+           "dcp": _dcp(r, n, dm, ckpt)}
     dp = dm["dp"]
     try:                               # only rank 0 differs: group [0, 2] raises, [1, 3] not
         fc.all_reduce(torch.zeros(3 if r == 0 else 4), "sum", dp).wait()
@@ -184,10 +236,11 @@ def fsdp_and_device_mesh(world: Any) -> dict:
     return out
 
 
-def test_fsdp2_and_a_2x2_device_mesh_on_4_ranks() -> None:
-    outs = mesh.spawn(fsdp_and_device_mesh, 4, timeout=150)
+def test_fsdp2_and_a_2x2_device_mesh_on_4_ranks(tmp_path: Path) -> None:
+    outs = mesh.spawn(fsdp_and_device_mesh, 4, str(tmp_path / "ckpt"), timeout=150)
     for r, o in enumerate(outs):
         assert o["fsdp"] < 1e-6 and o["tp_fsdp"] < 1e-6, (r, o)
+        assert o["dcp"] == {"same": True, "next": True}, (r, o["dcp"])
         # bfloat16 compute, float32 / bfloat16 reduction: within a few bf16
         # ulps of gradients up to ~0.33 (a wrong reduction is off by ~0.1)
         assert all(g < 8e-3 and w < 2e-3 for g, w in o["mp"]), (r, o["mp"])
