@@ -203,11 +203,25 @@ def _mixed(world: mesh.Mesh) -> str:
     try:
         C.all_reduce(world, a)
     except mesh.MismatchError as e:
-        return "mismatch" if "device" in str(e) else str(e)
+        said = "mismatch" if "device" in str(e) else str(e)
+    else:
+        said = "no error"
+    # a bad MESH_COLL_ALGO met by a large device array's all_reduce (device.large
+    # reads the tuning before the call has a tag) is named as any other: rank, call
+    import os
+    os.environ["MESH_COLL_ALGO"] = "all_gather=rd"
+    try:
+        C.all_reduce(world, cp.asarray(np.ones(50_000)))
+    except ValueError as e:
+        head = f"rank {world.rank}: all_reduce on group world: MESH_COLL_ALGO='all_gather=rd'"
+        return said if str(e).startswith(head) else str(e)
+    finally:
+        del os.environ["MESH_COLL_ALGO"]
     return "no error"
 
 
 def test_device_and_host_arrays_in_one_call_raise_mismatch() -> None:
+    """And a bad MESH_COLL_ALGO, met on the device paths, names the rank and the call."""
     assert mesh.spawn(_mixed, 2, timeout=60, env={"MESH_CUDA_IPC": "0"}) == ["mismatch"] * 2
 
 

@@ -3,6 +3,7 @@ bad arguments on one rank. Every rank must raise a clear error (no hang, no
 silent garbage), and the group must stay usable afterwards."""
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Callable
 
@@ -17,6 +18,25 @@ N = 4
 
 def _odd(rank: int, a: Any, b: Any, who: int = 1) -> Any:
     return b if rank == who else a
+
+
+BAD_ALGO = ("all_reduce", "broadcast", "all_gather", "reduce_scatter")
+
+
+def _bad_algo(g: Any) -> None:
+    """A bad MESH_COLL_ALGO (every rank's) met by each collective's first
+    call: one ValueError of what each raised, joined by ' | '."""
+    os.environ["MESH_COLL_ALGO"] = "reduce=hier"
+    said = []
+    try:
+        for name in BAD_ALGO:
+            try:
+                getattr(C, name)(g, np.ones(2 * g.size))
+            except ValueError as e:
+                said.append(str(e))
+    finally:
+        del os.environ["MESH_COLL_ALGO"]
+    raise ValueError(" | ".join(said))
 
 
 CASES: dict[str, Callable[[Any], Any]] = {
@@ -40,6 +60,7 @@ CASES: dict[str, Callable[[Any], Any]] = {
         g, [1, 2] if g.rank == 1 else None, root=1),
     "bad op on one rank": lambda g: C.all_reduce(g, np.ones(3, np.float32),
                                                  op=_odd(g.rank, "sum", "band")),
+    "bad MESH_COLL_ALGO": _bad_algo,
 }
 
 
@@ -143,6 +164,20 @@ def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> N
         assert texts[rank].startswith("MeshError"), texts[rank]
         assert "rank 1" in texts[rank] and "all_reduce" in texts[rank]
         assert "op 'band' needs an integer" in texts[rank]
+
+
+def test_a_bad_mesh_coll_algo_names_the_rank_and_the_call(outcomes: list) -> None:
+    """all_reduce, broadcast, all_gather and reduce_scatter (the calls that
+    fail their two-level phases too) raised it bare, no rank, no call."""
+    for rank, o in enumerate(outcomes):
+        text = o["bad MESH_COLL_ALGO"][0]
+        said = text.removeprefix("ValueError: ").split(" | ")
+        assert len(said) == len(BAD_ALGO), text
+        for name, one in zip(BAD_ALGO, said):
+            assert one.startswith(f"rank {rank}: {name} on group world: MESH_COLL_ALGO="
+                                  f"'reduce=hier': 'reduce=hier': reduce has no algorithm "
+                                  f"'hier'"), one
+        assert o["bad MESH_COLL_ALGO"][1:] == ["ok"] * 3, o
 
 
 def test_a_scatter_objects_short_list_fails_the_root_and_aborts_the_others(

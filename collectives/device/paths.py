@@ -144,7 +144,11 @@ def large(g: Comm, a: Any, nbytes_factor: int = 1, algorithm: str | None = None,
     if algorithm is not None and algorithm == small_alg:
         return False
     nbytes = device.nbytes_of(a) * nbytes_factor
-    return nbytes > 0 and nbytes >= Tuning.from_env().small     # (empty: staged, as small)
+    try:
+        small = Tuning.from_env().small
+    except ValueError:      # (a bad MESH_COLL_*: the staged call raises it, naming the call)
+        return False
+    return nbytes > 0 and nbytes >= small       # (empty: staged, as small)
 
 
 def _fp_device(coll: str, arr: Any, mode: str, **kw: Any) -> dict:

@@ -173,7 +173,11 @@ def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | No
             return None
         _last = (weakref.ref(g), a.dtype, a.shape, op, plan)
     flags = a.flags
-    if (plan.tuning is not Tuning.from_env() or not flags.c_contiguous or not flags.writeable
+    try:
+        tuning = Tuning.from_env()
+    except ValueError:      # (a bad MESH_COLL_*: the long way raises it, naming the call)
+        return None
+    if (plan.tuning is not tuning or not flags.c_contiguous or not flags.writeable
             or not (timeout is None or type(timeout) is float and timeout >= 0)):
         return None
     if now(g, "all_reduce", plan.fp, plan.tuning, plan.step, a, timeout) is NOT_NOW:
