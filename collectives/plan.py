@@ -147,17 +147,19 @@ _ALGS = {a for pair in ALGORITHMS.values() for a in pair} | {"hier"}    # ("ring
 _FORCEABLE = set(ALGORITHMS) | {"all_gather", "reduce_scatter", "*"}
 ACCEPTED = {
     "all_reduce": ("rd", "ring", "hier"),
-    "broadcast": ("tree", "chain", "hier"),
+    "broadcast": ("tree", "chain", "hier", "ring"),
     "reduce": ("tree", "chain"),
     "all_gather": ("ring", "hier"),
     "reduce_scatter": ("ring", "hier"),
 }
 """What MESH_COLL_ALGO's ``collective=algorithm`` takes, by collective (each
 takes effect: an algorithm of ALGORITHMS', "hier" the two-level layout of
-the topology-aware ones, "ring" the flat layout of all_gather and
-reduce_scatter); another pair raises naming it (``reduce=hier`` was taken
-and ran flat: reduce is not topology-aware). A value alone (``*``) applies
-to the collectives that take it."""
+the topology-aware ones, "ring" the flat layout of all_gather,
+reduce_scatter and broadcast, whose algorithm is then chosen by size, as
+"*=ring" has it); another pair raises naming it (``reduce=hier`` was taken
+and ran flat: reduce is not topology-aware; ``broadcast=ring`` was refused
+though "ring" alone made broadcast flat). A value alone (``*``) applies to
+the collectives that take it."""
 
 
 @dataclass(frozen=True)
@@ -249,8 +251,8 @@ def choose(coll: str, nbytes: int, tuning: Tuning, forced: str | None = None) ->
                              f"{large!r} (it is not topology-aware)")
         forced = None
     if forced is None:
-        for c, alg in tuning.forced:
-            if alg != HIER and (c == coll or (c == "*" and alg in (small, large))):
+        for c, alg in tuning.forced:    # (broadcast=ring: its layout only, as "*=ring")
+            if (c == coll or c == "*") and alg in (small, large):
                 forced = alg
     if forced is not None:
         if forced not in (small, large):

@@ -215,7 +215,8 @@ def test_choose_by_size_call_and_env() -> None:
             Tuning.from_env({"MESH_COLL_ALGO": algo})
     # every collective=algorithm pair MESH_COLL_ALGO takes has its effect; any other raises
     # naming the pair and what the collective takes (reduce=hier was taken and ran flat)
-    accepted = {"all_reduce": ("rd", "ring", "hier"), "broadcast": ("tree", "chain", "hier"),
+    accepted = {"all_reduce": ("rd", "ring", "hier"),
+                "broadcast": ("tree", "chain", "hier", "ring"),     # (ring: as "*=ring")
                 "reduce": ("tree", "chain"), "all_gather": ("ring", "hier"),
                 "reduce_scatter": ("ring", "hier")}     # (README's table says so)
     for coll, takes in accepted.items():
@@ -230,10 +231,16 @@ def test_choose_by_size_call_and_env() -> None:
             env = Tuning.from_env({"MESH_COLL_ALGO": item})
             if alg == "hier":
                 assert layout(coll, env) is True, item
-            elif coll in ALGORITHMS:
+            elif alg in ALGORITHMS.get(coll, ()):
                 assert choose(coll, 8, env) == choose(coll, 1 << 30, env) == alg, item
             else:
                 assert layout(coll, env) is False, item      # ring: the flat layout
+                if coll in ALGORITHMS:      # broadcast: its algorithm by size, as "*=ring"
+                    star = Tuning.from_env({"MESH_COLL_ALGO": alg})
+                    assert layout(coll, star) is False
+                    assert [choose(coll, n, env) for n in (8, 1 << 30)] == \
+                        [choose(coll, n, star) for n in (8, 1 << 30)] == \
+                        list(ALGORITHMS[coll]), item
     with pytest.raises(ValueError, match="reduce has no algorithm 'hier'; expected 'tree' "
                                          "or 'chain'"):
         choose("reduce", 8, t, forced="hier")               # reduce(algorithm="hier")
