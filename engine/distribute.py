@@ -41,7 +41,6 @@ the global batch: the same as one process training on all of it.
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import numbers
 import sys
@@ -72,7 +71,7 @@ from .stagebuild import (inputs_of, is_module, make_stage, model_key,
 from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize, tensor_bytes
 from .partition import partition
 from .trace import write as _write_trace
-from .traced import called_whole, few, sequential, traceable
+from .traced import called_whole, few, given_as_returned, sequential, traceable
 from .torch_stage import TorchStage, _view, checkpoint_modules, patterns_of, torch_loss
 from .tp_layers import full_params, full_shapes, load_full_params
 from .tp_plan import PlanError, digest, logging_calls, named_by
@@ -1243,19 +1242,6 @@ class _Temp:
         return getattr(self._real(), name)
 
 
-def _given_as_returned(loss_fn: Callable[[Any, Any], Any], returned: Callable[[Any], Any]
-                       ) -> Callable[[Any, Any], Any]:
-    """``loss_fn`` given the last stage's output as the traced forward
-    returns it (a dict, a dataclass, a tuple: engine.traced._returned), as
-    one process's ``loss_fn(model(x), y)`` is: until the forty-second
-    session it got the bare tensor, and ``o.logits`` or ``o["logits"]``
-    raised at the first step, ``o[0]`` took the first row."""
-    @functools.wraps(loss_fn)
-    def loss(output: Any, target: Any) -> Any:
-        return loss_fn(returned(output), target)
-    return loss
-
-
 def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
     """A target to time the loss on (Job.retime): the model's output on the
     sample micro-batch itself, a copy, when the loss takes it (a regression
@@ -1370,7 +1356,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             model = sequential(source, target=loss_fn is None, inputs=n_inputs)
             own_loss = model.loss
             if loss_fn is not None and model.returned is not None:
-                loss_fn = _given_as_returned(loss_fn, model.returned)
+                loss_fn = given_as_returned(loss_fn, model.returned)
             loss_fn = loss_fn or own_loss
         named, is_torch = _model_layers(model)
     except (TypeError, ValueError) as e:

@@ -82,6 +82,7 @@ from .lower import with_grad_sync
 from .simulate import simulate
 from .tied import TiedGrads
 from .tp_sums import TpSums
+from .traced import given_as_returned
 from .torch_stage import (Parts, TorchStage, as_pipeline_loss, checkpoint_modules, copied,
                           patterns_of, plain_torch_loss, torch_loss, torch_targets)
 from .tp_plan import PlanError, forget_exits, named_by, split_by
@@ -275,6 +276,13 @@ class Pipeline:
         # what a training forward changes in a buffer: replica 0's on every replica after it
         self.buffers = ReplicaBuffers(self.dp, [st.module for st in self.stages.values()
                                                 if isinstance(st, TorchStage)])
+        # the last stage of an engine.partition of a plain module carries what the forward
+        # returns around its output (a dict, a dataclass...): loss_fn is given that, as
+        # engine.distribute's is (it got the bare tensor)
+        last = getattr(self.stages.get(lowered.num_stages - 1), "module", None)
+        returned = getattr(last, "returned", None)
+        if loss_fn is not None and callable(returned):
+            loss_fn = given_as_returned(loss_fn, returned)
         # torch's own losses (F.mse_loss, nn.MSELoss()) return the loss only: wrapped
         self.loss_fn = torch_loss(loss_fn) if loss_fn is not None and plain_torch_loss(
             loss_fn) else loss_fn

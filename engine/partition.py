@@ -66,7 +66,7 @@ from .stagebuild import (as_module, build, declared_tie, inputs_of, is_module, k
 from .tensor_parallel import own_records
 from .tied import Tie
 from .torch_stage import TorchStage
-from .traced import few, traceable
+from .traced import few, sequential, traceable
 from .verify import verify
 
 __all__ = ["partition", "Partition", "cut_points"]
@@ -172,7 +172,12 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     ``names``: each layer's name in the model, where ``model`` is a list of
     its layers (engine.distribute's); by default the model's own
     (engine.stagebuild.layer_names)."""
-    items = layers_of(model, inputs_of(sample))
+    # a plain module: its forward's pieces, and what the forward returns around
+    # the last one's output (a dict, a dataclass...), which the last stage
+    # carries for the Pipeline's loss_fn (engine.traced.given_as_returned)
+    traced = sequential(model, inputs=inputs_of(sample)) if traceable(model) else model
+    returned = getattr(traced, "returned", None)
+    items = layers_of(traced, inputs_of(sample))
     n = len(items)
     names = list(layer_names(model, n) if names is None else names)
     if len(names) != n:
@@ -234,6 +239,8 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     for stage in out:
         if stage is not None:       # the Pipeline checks that every pp rank cut alike
             stage.partition_cut = tuple(counts)
+    if returned is not None and out[-1] is not None:
+        out[-1].returned = returned
     for tie, members in ties.items():
         for s, p in members:
             index = next(i for i, q in enumerate(stage_params(out[s])) if q is p)

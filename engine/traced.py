@@ -52,12 +52,14 @@ length and passed to every block), there is no cut: the pieces are fewer.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["sequential", "traceable", "few"]
+__all__ = ["sequential", "traceable", "few", "given_as_returned"]
 
 
 def traceable(model: Any) -> bool:
@@ -122,30 +124,84 @@ def _returned(out: Any, end: Any) -> Any:
     ``o.logits``, ``o[0]``; its other items as the trace left them: None),
     or None where the forward returns that tensor itself. A ``loss_fn``
     written for one process's model is given it (it was given the bare
-    tensor, and ``o.logits`` raised on the last stage at the first step)."""
-    import dataclasses
-
+    tensor, and ``o.logits`` raised on the last stage at the first step).
+    It pickles (a stage carrying it, engine.partition's last, saves with
+    ``torch.save``): the trace's nodes are left out of it."""
     import torch.fx as fx
     if out is end:
         return None
 
-    def build(o: Any, y: Any) -> Any:
+    def shape(o: Any) -> Any:
         if isinstance(o, fx.Node):
             if o.op == "call_function" and isinstance(o.target, type) and \
                     dataclasses.is_dataclass(o.target):
-                return o.target(*[build(a, y) for a in o.args],
-                                **{k: build(v, y) for k, v in o.kwargs.items()})
-            return y                    # (the one tensor: _leaves found no other)
+                return _Made(o.target, tuple(shape(a) for a in o.args),
+                             {k: shape(v) for k, v in o.kwargs.items()})
+            return _Output()                # (the one tensor: _leaves found no other)
         if isinstance(o, tuple):        # (a named tuple as itself)
-            items = [build(a, y) for a in o]
+            items = [shape(a) for a in o]
             return type(o)(*items) if hasattr(o, "_fields") else tuple(items)
         if isinstance(o, list):         # (fx's immutable_list)
-            return [build(a, y) for a in o]
+            return [shape(a) for a in o]
         if isinstance(o, dict):         # (fx's immutable_dict)
-            return {k: build(v, y) for k, v in o.items()}
+            return {k: shape(v) for k, v in o.items()}
         return o
 
-    return lambda y: build(out, y)
+    return _Returned(shape(out))
+
+
+class _Output:
+    """Where the last piece's output goes in what the forward returns."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Made:
+    """A dataclass the forward returns (Hugging Face's ``ModelOutput``): its
+    class and its arguments' shapes."""
+    cls: type
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Returned:
+    """``_returned``'s function: the forward's return value's shape, filled
+    in with the last piece's output ``y``."""
+    shape: Any
+
+    def __call__(self, y: Any) -> Any:
+        return _fill(self.shape, y)
+
+
+def _fill(o: Any, y: Any) -> Any:
+    if isinstance(o, _Output):
+        return y
+    if isinstance(o, _Made):
+        return o.cls(*[_fill(a, y) for a in o.args],
+                     **{k: _fill(v, y) for k, v in o.kwargs.items()})
+    if isinstance(o, tuple):
+        items = [_fill(a, y) for a in o]
+        return type(o)(*items) if hasattr(o, "_fields") else tuple(items)
+    if isinstance(o, list):
+        return [_fill(a, y) for a in o]
+    if isinstance(o, dict):
+        return {k: _fill(v, y) for k, v in o.items()}
+    return o
+
+
+def given_as_returned(loss_fn: Callable[[Any, Any], Any], returned: Callable[[Any], Any]
+                      ) -> Callable[[Any, Any], Any]:
+    """``loss_fn`` given the last stage's output as the traced forward
+    returns it (a dict, a dataclass, a tuple: ``returned``, _returned's,
+    the ``.returned`` of engine.sequential's Sequential and of
+    engine.partition's last stage), as one process's ``loss_fn(model(x),
+    y)`` is: engine.distribute's (and the Pipeline's of a partition) got
+    the bare tensor until the forty-second session, and ``o.logits`` or
+    ``o["logits"]`` raised at the first step, ``o[0]`` took the first row."""
+    @functools.wraps(loss_fn)
+    def loss(output: Any, target: Any) -> Any:
+        return loss_fn(returned(output), target)
+    return loss
 
 
 def _items(m: Any) -> int | None:

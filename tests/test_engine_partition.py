@@ -1,7 +1,9 @@
 """engine.partition: cutting unmodified models into stages, balanced by
 layer count, parameters or simulated time; tied weights kept equal."""
+import dataclasses
 import functools
 import importlib
+import io
 import time
 
 import numpy as np
@@ -452,3 +454,55 @@ def test_a_tp_plan_of_an_engine_layers_model_prints_too():
     with pytest.raises(TypeError, match="a torch module or an engine.layers.Sequential, not a "
                                         "list"):
         describe_plan([L.Tanh()], {}, 2)
+
+
+class _Returns(_Blocks):
+    """_Blocks whose forward returns its output inside a dict, a dataclass or a
+    tuple, as Hugging Face's models do."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        y = super().forward(x)
+        return {"logits": y} if self.how == "dict" else _Out(logits=y) if self.how == "dataclass" \
+            else (y, None)
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: object = None
+    loss: object = None
+
+
+@pytest.mark.parametrize("how", ["dict", "dataclass", "tuple"])
+def test_a_partitions_pipeline_gives_loss_fn_the_output_as_the_model_returns_it(how):
+    """engine.partition of a plain module, then the user's own Pipeline: the
+    loss_fn written for the model (``o["logits"]``, ``o.logits``, ``o[0]``)
+    gets the last stage's output as the forward returns it, as
+    engine.distribute's does (it got the bare tensor: ``o["logits"]`` raised,
+    ``o[0]`` took its first row)."""
+    torch.manual_seed(0)
+    model, whole = _Returns(how), _Returns(how)
+    whole.load_state_dict(model.state_dict())
+    read = {"dict": lambda o: o["logits"], "dataclass": lambda o: o.logits,
+            "tuple": lambda o: o[0]}[how]
+    loss_fn = lambda o, t: nn.functional.mse_loss(read(o), t)
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    parts = partition(model, 2, [2, 2], sample=x[:3])
+    loss = Pipeline(_Solo(), list(parts), schedules.interleaved_1f1b(1, 2, 2),
+                    loss_fn=loss_fn).step(x, y)
+    ref = loss_fn(whole(x), y)
+    ref.backward()
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-6)
+    for (k, a), b in zip(model.named_parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=k)
+    # the last stage saves, what it carries too (not the trace's nodes)
+    buf = io.BytesIO()
+    torch.save(parts[1], buf)
+    buf.seek(0)
+    t = torch.ones(1)
+    assert read(torch.load(buf, weights_only=False).returned(t)) is t
+    # stages of a list of layers (engine.distribute's), or built elsewhere, carry none
+    assert getattr(partition(list(parts[0]) + list(parts[1]), 2)[1], "returned", None) is None
