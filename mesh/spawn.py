@@ -376,6 +376,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     server = None
     procs: list[Any] = []
     conns: list[Any] = []
+    late: set[int] = set()      # the ranks still in fn at the timeout
     # the ranks' sockets live here, removed with it whatever becomes of them
     run_dir = run_folder("meshspawn")
     extra = {**(env or {}), "MESH_RUNTIME_DIR": run_dir}
@@ -399,7 +400,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                 c.send(server.port if server is not None else 0)
             except OSError:
                 pass  # that child died already; _collect reports it
-        results = _collect(procs, conns, timeout, settle)
+        results = _collect(procs, conns, timeout, settle, late)
         ok = True
         return results
     finally:
@@ -411,7 +412,12 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                 except OSError:
                     pass
         else:       # the ranks that ended their call end their process (what they started:
-            end = time.monotonic() + settle     # a DataLoader's workers and semaphores)
+            # a DataLoader's workers and semaphores); those still in fn at the timeout are
+            # stopped first: they were waited for settle= seconds more, and so were the
+            # others, whose closes wait for them (a rank that returned, for a sleeping one)
+            for r in late:
+                procs[r].kill()
+            end = time.monotonic() + settle
             for p in procs:
                 if p.is_alive():
                     p.join(max(0.0, end - time.monotonic()))
@@ -450,9 +456,11 @@ def _ended(code: int | None) -> str:
     return f"exited (code {code}) without returning from fn"
 
 
-def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0) -> list[Any]:
+def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0,
+             late: set[int] | None = None) -> list[Any]:
     """Results by rank; on failure the root cause: a rank's own error before
-    the lost-peer errors it caused elsewhere, the earliest first."""
+    the lost-peer errors it caused elsewhere, the earliest first. At the
+    timeout, the ranks still running are added to ``late``."""
     results: list[Any] = [None] * len(procs)
     failures: list[tuple[bool, float, int, WorkerError]] = []
     pending = set(range(len(procs)))
@@ -460,6 +468,8 @@ def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0) -> lis
     settle = None
     while pending and (settle is None or time.monotonic() < settle):
         if time.monotonic() > deadline:
+            if late is not None:
+                late.update(pending)
             raise WorkerError(min(pending), f"ranks still running: {sorted(pending)} (stopped)",
                               head=f"mesh.spawn timed out after {timeout:g}s (rank "
                                    f"{min(pending)}: the first of those still running)")
