@@ -324,7 +324,9 @@ def test_a_node_whose_rank_ends_before_it_joins_fails_the_other_node_at_once() -
     procs = [_start(*_node(0, 0), MESH_SECRET="job")]
     try:
         port = _port(procs[0])
-        procs.append(_start(*_node(1, port), MESH_SECRET="job",
+        # (--settle 0.5: node 1's rank 3 waits on in its rendezvous, node 0's service gone
+        # with its job, and sat out the default 3 s to its SIGTERM; the test is node 0's)
+        procs.append(_start(*_node(1, port, "--settle", "0.5"), MESH_SECRET="job",
                             MESH_TEST_EXIT_BEFORE_INIT="2:5"))
         errs = [p.communicate(timeout=40)[1] for p in procs]
     finally:
