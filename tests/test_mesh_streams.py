@@ -223,7 +223,7 @@ def _dribble(sock: socket.socket, mv: memoryview) -> None:
     step = len(mv) // 8 + 1
     for i in range(0, len(mv), step):
         sock.sendall(mv[i:i + step])
-        time.sleep(0.25)        # the array in 2 s
+        time.sleep(0.125)       # the array in 1 s
 
 
 def _fails_mid_stream(world: mesh.Mesh, result: str, how: str) -> None:
@@ -303,8 +303,8 @@ def _matched_mid_stream(world: mesh.Mesh) -> list:
     whole = req.wait(timeout=20) is out and np.array_equal(out, big + 1)
     req = matched(2)
     t = time.monotonic()
-    second = req.wait(timeout=0.2)      # runs out while its bytes still come (2 s)
-    late = time.monotonic() - t > 1.05
+    second = req.wait(timeout=0.2)      # runs out while its bytes still come (1 s)
+    late = time.monotonic() - t > 0.6
     return [cancelled, whole, np.array_equal(second, big + 2), late, world.recv(1, tag=3)]
 
 
@@ -428,7 +428,7 @@ def _gone_while_its_bytes_come(world: mesh.Mesh, result: str, how: str) -> None:
                 try:
                     out, step = socket.socket(fileno=keep), len(mv) // 8 + 1
                     for i in range(0, len(mv), step):
-                        time.sleep(0.3)         # the array in 2.4 s
+                        time.sleep(0.15)        # the array in 1.2 s
                         out.sendall(mv[i:i + step])
                 finally:
                     os._exit(0)
@@ -449,7 +449,7 @@ def _gone_while_its_bytes_come(world: mesh.Mesh, result: str, how: str) -> None:
         assert time.monotonic() < deadline, "no stream from rank 1"
         time.sleep(0.01)
     world.send("go", 1, tag=9)
-    # in no receive meanwhile: the progress thread reads the array whole (2.4 s; a
+    # in no receive meanwhile: the progress thread reads the array whole (1.2 s; a
     # fixed 4 s sleep waited for it) or, the sender lost, never does
     deadline = time.monotonic() + 20
     while world._t.streams.got < 1 and time.monotonic() < deadline:
