@@ -398,6 +398,9 @@ def test_a_spawn_leaves_no_process_socket_or_descriptor_behind(tmp_path: Path) -
     returned; no rank failed), the call ran out of time (a test of its own
     waited out a second spawn timeout for that); and without waiting
     settle= seconds more for rank 1, still in fn."""
+    if spawn_mod._fresh_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver      # (started here, run alone, its folder
+        forkserver.ensure_running()                 # and torch's were left in TMPDIR)
     before = len(os.listdir("/proc/self/fd"))
     tmp = tmp_path / "tmp"
     tmp.mkdir()
