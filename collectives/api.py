@@ -30,7 +30,6 @@ from mesh import Comm, MismatchError, tensors, wire
 from mesh.device import is_device
 from mesh.tensors import cpu_numpy
 
-from . import debug
 from .device import paths as device
 from .device.paths import simple
 from .host import paths as host
@@ -122,26 +121,6 @@ def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = Fal
     return device.DeviceWork(res, finish, eager) if async_op else finish(res)
 
 
-_SHORT = "same-host board, the short way (collectives.shm.tiny)"
-_SHORT_HIER = "two levels, small, columns, the short way (collectives.host.tiny)"
-"""MESH_COLL_DEBUG's lines for a tiny all_reduce that took a short way."""
-
-
-def _short_way(g: Comm, a: np.ndarray, op: str, timeout: float | None) -> bool:
-    """Whether a tiny array's all_reduce went the short way, within a host
-    (collectives.shm.tiny) or across hosts (hier_tiny), ``a`` reduced in
-    place; MESH_COLL_DEBUG's line for it."""
-    if tiny.all_reduce(g, a, op, timeout) is not None:
-        path = _SHORT
-    elif hier_tiny.all_reduce(g, a, op, timeout) is not None:
-        path = _SHORT_HIER
-    else:
-        return False
-    if debug.ON:
-        debug.note(g, "all_reduce", path, a.nbytes)
-    return True
-
-
 def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_reduce, for host and device arrays and tensors
@@ -151,12 +130,14 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
         return _widened(lambda w: all_reduce(g, w, op, async_op, algorithm, timeout), a,
                         True, async_op)
     if type(a) is np.ndarray and not async_op and algorithm is None:
-        if _short_way(g, a, op, timeout):
+        if tiny.all_reduce(g, a, op, timeout) is not None \
+                or hier_tiny.all_reduce(g, a, op, timeout) is not None:
             return a
     check_comm(g, "all_reduce")
     if type(a) is not np.ndarray and is_tensor(a):
         view = cpu_numpy(a) if not async_op and algorithm is None else None
-        if view is not None and _short_way(g, view, op, timeout):
+        if view is not None and (tiny.all_reduce(g, view, op, timeout) is not None
+                                 or hier_tiny.all_reduce(g, view, op, timeout) is not None):
             return a        # (a tiny CPU tensor the short way too, in its own memory)
         return _on_tensor(all_reduce, "all_reduce", g, a, op=op, async_op=async_op,
                           algorithm=algorithm, timeout=timeout)

@@ -30,6 +30,7 @@ import numpy as np
 from mesh import Comm
 from mesh.tensors import dtype_name
 
+from .. import debug
 from ..ops import FP_RAISED, ReduceOp
 from ..plan import Tuning
 from ..runner import NOT_NOW, Body, Ctx, now
@@ -182,4 +183,10 @@ def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | No
         return None
     if now(g, "all_reduce", plan.fp, plan.tuning, plan.step, a, timeout) is NOT_NOW:
         return None
+    if debug.ON:
+        debug.note(g, "all_reduce", SHORT_PATH, a.nbytes)
     return a
+
+
+SHORT_PATH = "same-host board, the short way (collectives.shm.tiny)"
+"""MESH_COLL_DEBUG's line for a tiny all_reduce that took this way."""
