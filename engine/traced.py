@@ -101,12 +101,10 @@ def _leaves(out: Any) -> list[Any]:
     """The fx Nodes of a forward's returned structure, in order: a
     dataclass's fields as a dict's values (Hugging Face's ``ModelOutput``,
     which torch.fx records as a call making it; it was taken for the
-    output tensor, and the last stage handed the loss a dataclass)."""
-    import dataclasses
-
+    output tensor, and the last stage handed the loss a dataclass; a named
+    tuple's likewise)."""
     import torch.fx as fx
-    if isinstance(out, fx.Node) and out.op == "call_function" and isinstance(
-            out.target, type) and dataclasses.is_dataclass(out.target):
+    if isinstance(out, fx.Node) and _made(out):
         return [n for o in (*out.args, *out.kwargs.values()) for n in _leaves(o)]
     if isinstance(out, fx.Node):
         return [out]
@@ -115,6 +113,16 @@ def _leaves(out: Any) -> list[Any]:
     if isinstance(out, dict):
         return [n for o in out.values() for n in _leaves(o)]
     return []
+
+
+def _made(node: Any) -> bool:
+    """Whether an fx Node makes the class the forward returns its outputs
+    in: a dataclass (Hugging Face's ``ModelOutput``) or a named tuple
+    (``Out(logits=y, loss=None)``, which fx records as a call of its class:
+    it was taken for the output tensor, and the step failed on the tuple)."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, type) and (
+        dataclasses.is_dataclass(t) or (issubclass(t, tuple) and hasattr(t, "_fields")))
 
 
 def _returned(out: Any, end: Any) -> Any:
@@ -133,8 +141,8 @@ def _returned(out: Any, end: Any) -> Any:
 
     def shape(o: Any) -> Any:
         if isinstance(o, fx.Node):
-            if o.op == "call_function" and isinstance(o.target, type) and \
-                    dataclasses.is_dataclass(o.target):
+            if _made(o):
+                assert isinstance(o.target, type)
                 return _Made(o.target, tuple(shape(a) for a in o.args),
                              {k: shape(v) for k, v in o.kwargs.items()})
             return _Output()                # (the one tensor: _leaves found no other)
@@ -156,7 +164,8 @@ class _Output:
 
 @dataclasses.dataclass(frozen=True)
 class _Made:
-    """A dataclass the forward returns (Hugging Face's ``ModelOutput``): its
+    """A dataclass (Hugging Face's ``ModelOutput``) or a named tuple the
+    forward returns: its
     class and its arguments' shapes."""
     cls: type
     args: tuple[Any, ...]

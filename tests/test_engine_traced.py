@@ -4,6 +4,7 @@ written: a ModuleDict, a loop over a ModuleList, a tied head, its own loss)."""
 import dataclasses
 import os
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -309,6 +310,17 @@ class _LabelledOutput(_Labelled):
         return _Output(out["logits"], out.get("loss"))
 
 
+class _Logits(typing.NamedTuple):     # a named tuple the forward returns its outputs in
+    logits: "torch.Tensor"
+    loss: "torch.Tensor | None" = None
+
+
+class _LabelledPair(_Labelled):
+    def forward(self, x, mask=None, labels=None):
+        out = super().forward(x, mask, labels)
+        return _Logits(out["logits"], out.get("loss"))
+
+
 class _Shifted(nn.Module):     # Hugging Face's causal LM: the loss reads the logits shifted
     def __init__(self, pair=True):
         super().__init__()
@@ -341,6 +353,14 @@ def test_the_target_is_found_by_its_name_and_a_dict_output_is_read():
     assert engine.sequential(_Labelled()).returned(out) == {"logits": out}
     got = engine.sequential(_Returned()).returned(out)    # (fx took it for a plain dict)
     assert type(got) is _ModelOutput and got.logits is out and dict(got) == {"logits": out}
+    # a named tuple likewise (fx records a call of its class: it was taken for the output
+    # tensor, and the step failed on the tuple)
+    model = _LabelledPair()
+    seq = engine.sequential(model, target=True)
+    torch.testing.assert_close(seq.loss(seq(x), y), model(x, labels=y).loss, rtol=0, atol=0)
+    torch.testing.assert_close(engine.sequential(model)(x), model(x).logits, rtol=0, atol=0)
+    got = engine.sequential(model).returned(out)
+    assert type(got) is _Logits and got.logits is out and got.loss is None
     assert engine.sequential(_PositionIds(True)).returned is None    # the tensor itself
     assert engine.sequential(_Labelled(), target=True).returned is None
     # the layers end at the logits the forward returns, though its loss reads them shifted
