@@ -219,7 +219,8 @@ def test_a_prompt_without_its_line_end_is_shown_before_the_answer(tmp_path: Path
     assert (seen + rest).decode() == "[0] name> hello bob\n", seen + rest
 
 
-def test_a_line_left_open_is_ended_by_another_ranks_output_and_goes_on_prefixed() -> None:
+def _two_ranks_relayed() -> tuple:
+    """Two ranks' pipes relayed, prefixed, into one in-memory sink."""
     import io
     from mesh.launch import relay
     out = io.BytesIO()
@@ -227,7 +228,20 @@ def test_a_line_left_open_is_ended_by_another_ranks_output_and_goes_on_prefixed(
     pipes = [os.pipe() for _ in range(2)]
     for r, _ in pipes:
         os.set_blocking(r, False)
-    s0, s1 = (relay.Stream(r, f"[{i}] ".encode(), sink, None) for i, (r, _) in enumerate(pipes))
+    streams = tuple(relay.Stream(r, f"[{i}] ".encode(), sink, None)
+                    for i, (r, _) in enumerate(pipes))
+    return out, pipes, streams
+
+
+def _end_relayed(pipes: list, streams: tuple) -> None:
+    for (_, w), st in zip(pipes, streams):
+        os.close(w)
+        st.close()
+    streams[0].sink.finish(5)
+
+
+def test_a_line_left_open_is_ended_by_another_ranks_output_and_goes_on_prefixed() -> None:
+    out, pipes, (s0, s1) = _two_ranks_relayed()
     os.write(pipes[0][1], b"ask> ")
     s0.pump()
     s0.hold(time.monotonic() + 1)        # the prompt, as far as it goes
@@ -238,10 +252,7 @@ def test_a_line_left_open_is_ended_by_another_ranks_output_and_goes_on_prefixed(
     s1.pump()                            # ends rank 0's line first
     os.write(pipes[0][1], b" end\nnext\n")
     s0.pump()                            # rank 0's rest: a line of its own, prefixed
-    for (_, w), st in zip(pipes, (s0, s1)):
-        os.close(w)
-        st.close()
-    sink.finish(5)
+    _end_relayed(pipes, (s0, s1))
     assert out.getvalue() == b"[0] ask> more\n[1] other\n[0]  end\n[0] next\n", out.getvalue()
 
 
@@ -250,23 +261,13 @@ def test_a_progress_bar_says_its_rank_each_time_it_starts_its_line_over() -> Non
     line: the prefix follows each carriage return, where the bar wrote over
     the prefix (a terminal showed " 40%|####" with no rank); a bar's line
     ended by another rank's output ends without a line of its own."""
-    import io
-    from mesh.launch import relay
-    out = io.BytesIO()
-    sink = relay.Sink(out)
-    pipes = [os.pipe() for _ in range(2)]
-    for r, _ in pipes:
-        os.set_blocking(r, False)
-    s0, s1 = (relay.Stream(r, f"[{i}] ".encode(), sink, None) for i, (r, _) in enumerate(pipes))
+    out, pipes, (s0, s1) = _two_ranks_relayed()
     for st, data in ((s0, b"\r 10%|#"), (s0, b"\r 20%|##"), (s1, b"\r 50%"),
                      (s0, b"\ndone\n"), (s1, b" 60%\r"), (s1, b" 70%\r\n")):
         os.write(pipes[st is s1][1], data)
         st.pump()
         st.hold(time.monotonic() + 1)   # (a line left open: shown as far as it goes)
-    for (_, w), st in zip(pipes, (s0, s1)):
-        os.close(w)
-        st.close()
-    sink.finish(5)
+    _end_relayed(pipes, (s0, s1))
     assert out.getvalue() == (b"\r[0]  10%|#\r[0]  20%|##\n\r[1]  50%\n[0] done\n"
                               b"[1]  60%\r[1]  70%\r\n"), out.getvalue()
 
