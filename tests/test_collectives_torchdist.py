@@ -1165,6 +1165,22 @@ def test_the_ddp_example_runs_unchanged_under_meshrun() -> None:
     assert len(losses) == 6 and losses[-1] < losses[0], out.stdout
 
 
+def test_a_restarted_job_makes_its_process_group_anew_under_meshrun(tmp_path: Path) -> None:
+    """meshrun --max-restarts 1: rank 1 fails on the first try;
+    init_process_group("meshrun") works in the ranks started again (a fresh
+    rendezvous) and the job resumes from its checkpoint. (3 s: torch imported
+    by 4 processes)"""
+    script = os.path.join(ROOT, "tests", "scripts", "launch_restart.py")
+    cmd = [sys.executable, "-m", "mesh.launch", "-n", "2", "--max-restarts", "1", script,
+           str(tmp_path), "torch", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=rank_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "RuntimeError: rank 1 fails at step 2 of try 0" in out.stderr
+    assert "starting every rank again (restart 1 of 1" in out.stderr
+    ends = sorted(line for line in out.stdout.splitlines() if '"restart": 1' in line)
+    assert len(ends) == 2 and all('"resumed_at": 3, "total": 8.0' in e for e in ends), out.stdout
+
+
 def ddp_on_one_gpu(world: Any) -> float:
     from torch.nn.parallel import DistributedDataParallel as DDP
     _init()

@@ -89,9 +89,18 @@ def test_normal_run_prefixes_every_line(tmp_path: Path) -> None:
         assert env["PYTHONUNBUFFERED"] == "1" and env["MASTER_ADDR"] == "127.0.0.1"
         assert int(env["MASTER_PORT"]) > 0 and len(env["MESH_SECRET"]) >= 32
         assert env["MESH_ERROR_FILE"].endswith(f"rank{rank}.error.json")
+        # torchrun's other variables, with its meanings (torch 2.13's agent, one node)
+        assert env["GROUP_RANK"] == "0" and env["GROUP_WORLD_SIZE"] == "1"
+        assert env["ROLE_RANK"] == str(rank) and env["ROLE_WORLD_SIZE"] == "3"
+        assert env["ROLE_NAME"] == "default" and env["TORCHELASTIC_USE_AGENT_STORE"] == "False"
+        assert env["TORCHELASTIC_RESTART_COUNT"] == env["MESH_RESTART_COUNT"] == "0"
+        assert env["TORCHELASTIC_MAX_RESTARTS"] == "0"
+        assert len(env["TORCHELASTIC_RUN_ID"]) == 16
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
         assert rec["argv"] == [str(WORKER), str(tmp_path), "*:print", "*:stderr"]
         assert rec["path0"] == str(SCRIPTS) and rec["main"] == "__main__"
     assert len({rec["env"]["MESH_SECRET"] for rec in seen.values()}) == 1
+    assert len({rec["env"]["TORCHELASTIC_RUN_ID"] for rec in seen.values()}) == 1
     assert sorted(r.stderr.splitlines()) == [f"[{i}] complaint from rank {i}" for i in range(3)]
     assert_all_gone(tmp_path, 3)
 
@@ -352,7 +361,8 @@ def test_launcher_killed_leaves_no_worker_or_child(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_launcher_stops_the_job(tmp_path: Path, signum: int) -> None:
-    proc = start("-n", "2", str(WORKER), str(tmp_path), "*:child", "*:sleep")
+    proc = start("-n", "2", "--max-restarts", "1", str(WORKER), str(tmp_path), "*:child",
+                 "*:sleep")
     try:
         wait_for_files(tmp_path, 4)
         proc.send_signal(signum)
@@ -361,15 +371,81 @@ def test_signal_to_launcher_stops_the_job(tmp_path: Path, signum: int) -> None:
         proc.kill()
     assert proc.returncode == 128 + signum
     assert f"stopped by {signal.Signals(signum).name}" in err
+    assert "starting every rank again" not in err   # (--max-restarts 1: never after a signal)
     assert_all_gone(tmp_path, 4)
+
+
+def test_max_restarts_starts_every_rank_again_and_the_job_resumes(tmp_path: Path) -> None:
+    """--max-restarts 2: rank 1 fails on the first try; meshrun reports it,
+    then starts both ranks again (TORCHELASTIC_RESTART_COUNT=1), with a
+    rendezvous, run folder and secret of their own, and the job resumes
+    from its checkpoint and succeeds. (0.8 s)"""
+    r = meshrun("-n", "2", "--max-restarts", "2", str(SCRIPTS / "launch_restart.py"),
+                str(tmp_path), "mesh", "1")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line.partition(" ")[2]) for line in r.stdout.splitlines()]
+    starts = {(rec["start"], rec["rank"]): rec for rec in recs if "start" in rec}
+    assert sorted(starts) == [(0, 0), (0, 1), (1, 0), (1, 1)], r.stdout
+    for what in ("run_dir", "secret"):     # (the port too, but bind(0) may give it again)
+        assert starts[0, 0][what] == starts[0, 1][what] != starts[1, 0][what], what
+    for what in ("port", "run_dir", "secret"):
+        assert starts[1, 0][what] == starts[1, 1][what], what
+    assert not os.path.exists(starts[0, 0]["run_dir"])
+    ends = sorted((rec for rec in recs if "start" not in rec), key=lambda rec: rec["rank"])
+    assert [(e["rank"], e["restart"], e["resumed_at"], e["total"]) for e in ends] == [
+        (0, 1, 3, 8.0), (1, 1, 3, 8.0)], r.stdout
+    assert ends[0]["env"] == {"MESH_RESTART_COUNT": "1", "TORCHELASTIC_MAX_RESTARTS": "2",
+                              "TORCHELASTIC_RUN_ID": ends[1]["env"]["TORCHELASTIC_RUN_ID"]}
+    assert r.stderr.count("Root cause: rank 1 failed first") == 1, r.stderr
+    assert "RuntimeError: rank 1 fails at step 2 of try 0" in r.stderr
+    assert "meshrun: starting every rank again (restart 1 of 2: " \
+           "TORCHELASTIC_RESTART_COUNT=1)" in r.stderr
+    assert "restart 2" not in r.stderr
+
+
+def test_max_restarts_ends_with_the_last_failures_code(tmp_path: Path) -> None:
+    """A job that fails on every try runs 1 + --max-restarts times and exits
+    with the last failure's code; its logs keep every try's output. (1.0 s)"""
+    logs = tmp_path / "logs"
+    r = meshrun("-n", "2", "--max-restarts", "2", "--log-dir", str(logs), str(WORKER),
+                str(tmp_path), "*:stderr", "1:exit3")
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.count("Root cause: rank 1 failed first") == 3, r.stderr
+    assert r.stderr.count("meshrun: starting every rank again") == 2
+    assert r.stderr.rstrip().endswith("meshrun: no restarts left (--max-restarts 2): the job "
+                                      "failed 3 times; exit code 3, the last failure's")
+    assert (logs / "rank1.stderr.log").read_text().count("complaint from rank 1") == 3
+
+
+def test_ctrl_c_while_a_failure_settles_does_not_restart(tmp_path: Path) -> None:
+    """Ctrl-C stops the job for good, even while meshrun waits for the
+    ranks to end after a failure it would restart them for. (1.5 s)"""
+    proc = start("-n", "2", "--max-restarts", "3", "--settle", "30", str(WORKER),
+                 str(tmp_path), "*:barrier", "1:raise", "*:sleep")
+    try:
+        wait_for_files(tmp_path, 2, "*.ready")
+        deadline = time.monotonic() + 10
+        while alive(int((tmp_path / "1.pid").read_text())) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.0)     # (meshrun's loop has seen it: a tenth of a second, unloaded)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err        # (the failure's, as without --max-restarts)
+    assert "Root cause: rank 1 failed first" in err
+    assert "starting every rank again" not in err, err
+    assert_all_gone(tmp_path, 2)
 
 
 def test_job_timeout(tmp_path: Path) -> None:
     # 3 s: long enough for both ranks to start Python and write their pid
     # files on a loaded machine, which assert_all_gone then checks are gone
-    r = meshrun("-n", "2", "--timeout", "3", str(WORKER), str(tmp_path), "*:sleep")
+    r = meshrun("-n", "2", "--timeout", "3", "--max-restarts", "1", str(WORKER), str(tmp_path),
+                "*:sleep")
     assert r.returncode == 124
     assert "timed out after 3 s" in r.stderr
+    assert "starting every rank again" not in r.stderr     # (a timeout is never restarted)
     assert "rank 0    killed by SIGTERM (stopped by meshrun)" in r.stderr
     assert_all_gone(tmp_path, 2)
 
@@ -397,6 +473,9 @@ def test_two_nodes_share_one_rendezvous(tmp_path: Path) -> None:
         assert env["WORLD_SIZE"] == "4" and env["LOCAL_RANK"] == str(rank % 2)
         assert env["MESH_NODE_RANK"] == str(rank // 2)
         assert env["MASTER_PORT"] == port and env["MESH_SECRET"] == secret
+        assert env["GROUP_RANK"] == str(rank // 2) and env["GROUP_WORLD_SIZE"] == "2"
+        assert env["ROLE_RANK"] == str(rank) and env["ROLE_WORLD_SIZE"] == "4"
+    assert len({env["TORCHELASTIC_RUN_ID"] for env in by_rank.values()}) == 1  # (both nodes)
     assert_all_gone(tmp_path, 4)
 
 
@@ -405,6 +484,9 @@ def test_two_nodes_share_one_rendezvous(tmp_path: Path) -> None:
     (("--nnodes", "2", str(WORKER)), "--master-port is required"),
     (("--nnodes", "2", "--master-port", "1234", str(WORKER)), "MESH_SECRET"),
     (("--nnodes", "2", "--node-rank", "2", "--master-port", "1", str(WORKER)), "--node-rank"),
+    (("--nnodes", "2", "--master-port", "1", "--max-restarts", "1", str(WORKER)),
+     "--max-restarts works on one node only"),
+    (("--max-restarts", "-1", str(WORKER)), "'-1': a whole number of at least 0"),
     (("--grace", "nan", str(WORKER)), "argument --grace: 'nan': a number of at least 0"),
     (("--timeout", "nan", str(WORKER)), "argument --timeout: 'nan': a number above 0"),
     (("--settle", "nan", str(WORKER)), "argument --settle: 'nan': a number of at least 0"),

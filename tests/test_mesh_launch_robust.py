@@ -118,14 +118,16 @@ def test_a_reader_that_goes_away_stops_the_job_as_sigpipe_would(tmp_path) -> Non
     """``meshrun -n 2 script.py | head -1``: once the reader has closed its
     end, the ranks are stopped and meshrun exits 141 (128+SIGPIPE, as a
     program writing to the pipe would end) without a report or traceback;
-    it wrote on to no one until the ranks ended (here never: --timeout)."""
+    it wrote on to no one until the ranks ended (here never: --timeout),
+    and does not start them again (--max-restarts)."""
     script = tmp_path / "spew.py"
     script.write_text("import os, time\n"
                       f"open(os.path.join({str(tmp_path)!r}, os.environ['RANK']), 'w')"
                       ".write(str(os.getpid()))\n"
                       "while True:\n    print('x' * 99, flush=True)\n    time.sleep(0.001)\n")
     proc = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", "--timeout", "30",
-                             str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--max-restarts", "1", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         assert proc.stdout is not None and proc.stdout.readline().endswith(b"x\n")

@@ -3,6 +3,7 @@ one host's share of the job from start to exit code."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import logging
 import os
@@ -13,9 +14,10 @@ import socket
 import sys
 import textwrap
 import threading
+import time
 from typing import Any, Sequence
 
-from ..cliargs import nonnegative_float, positive_float
+from ..cliargs import nonnegative, nonnegative_float, positive_float
 from ..env import launcher_seal
 from ..limits import open_files, thread_share, too_many_for_open_files
 from ..auth import curve_wanted
@@ -38,13 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
             Launch a meshrun job: N worker processes on this host, each told its place
             in the job through the environment (RANK, WORLD_SIZE, LOCAL_RANK,
-            LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MESH_SECRET); mesh.init()
+            LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MESH_SECRET; torchrun's others
+            too: GROUP_RANK, ROLE_RANK, TORCHELASTIC_RESTART_COUNT...); mesh.init()
             reads them. This meshrun serves the rendezvous (node 0 of a multi-host job)."""),
         epilog=textwrap.dedent("""\
             examples:
               meshrun -n 4 train.py --lr 0.1
               meshrun -n 2 -m mypackage.train
               meshrun -n 2 --log-dir logs --timeout 600 train.py
+              meshrun -n 4 --max-restarts 3 train.py   # restarts: resume from a checkpoint
             multi-host (one meshrun per host, the same MESH_SECRET exported on each):
               meshrun --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500 -n 4 train.py
               meshrun --nnodes 2 --node-rank 1 --master-addr HOST0 --master-port 29500 -n 4 train.py
@@ -86,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "for it, the ranks wait in their writes; default 5)")
     p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="stop the whole job after this many seconds (exit code 124)")
+    p.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=nonnegative,
+                   default=0, metavar="N",
+                   help="after a rank fails, stop every rank, report the failure and start "
+                        "them all again, up to N times, as torchrun --max-restarts does "
+                        "(TORCHELASTIC_RESTART_COUNT and MESH_RESTART_COUNT count the "
+                        "restarts; one node only; default 0)")
     p.add_argument("--curve", action="store_true",
                    help="encrypt and authenticate all traffic with CurveZMQ, keys derived from "
                         "the job secret (same as MESH_CURVE=1; use it on every node)")
@@ -110,6 +120,12 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--master-port {a.master_port}: a TCP port is 0..65535 (0: any free one)")
     if a.module and a.no_python:
         p.error("-m and --no-python exclude each other")
+    if a.nnodes > 1 and a.max_restarts:
+        p.error("--max-restarts works on one node only: each node's meshrun would start "
+                "its own ranks again alone, and the others' would not be there to meet them; "
+                "across hosts use torchrun --nnodes K --max-restarts N --rdzv-backend c10d "
+                "(mesh.init() and the \"meshrun\" backend run under it), whose agents "
+                "restart every node together")
     if a.nnodes > 1 and a.master_port is None:
         p.error("--master-port is required with --nnodes > 1")
     if a.nnodes > 1 and a.node_rank > 0 and not a.master_port:
@@ -226,17 +242,30 @@ def _check_addr(p: argparse.ArgumentParser, addr: str) -> None:
 
 
 def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
-                run_dir: str, err_dir: str) -> dict[str, str]:
+                run_dir: str, err_dir: str, run_id: str = "",
+                restart: int = 0) -> dict[str, str]:
+    """A rank's environment: torchrun's variables, with torchrun's meanings
+    (GROUP_RANK: the node's rank; one role, "default", of every rank;
+    TORCHELASTIC_USE_AGENT_STORE: False, no torch store at MASTER_PORT),
+    and meshrun's own."""
     rank = a.node_rank * a.nproc + local_rank
     env = dict(os.environ)
     share = thread_share(env, a.nproc)
     if share is not None:
         env["OMP_NUM_THREADS"] = share
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")     # (as torchrun's agent does)
     env.update({
         "RANK": str(rank), "WORLD_SIZE": str(a.nnodes * a.nproc),
         "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(a.nproc),
+        "GROUP_RANK": str(a.node_rank), "GROUP_WORLD_SIZE": str(a.nnodes),
+        "ROLE_RANK": str(rank), "ROLE_NAME": "default",
+        "ROLE_WORLD_SIZE": str(a.nnodes * a.nproc),
+        "TORCHELASTIC_RESTART_COUNT": str(restart),
+        "TORCHELASTIC_MAX_RESTARTS": str(a.max_restarts),
+        "TORCHELASTIC_RUN_ID": run_id or "none", "TORCHELASTIC_USE_AGENT_STORE": "False",
         "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(port), "MESH_SECRET": secret,
         "MESH_LAUNCHER": "1", "MESH_NODE_RANK": str(a.node_rank),
+        "MESH_RESTART_COUNT": str(restart),
         "MESH_LAUNCHER_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
         "MESH_RUNTIME_DIR": run_dir,
         "MESH_ERROR_FILE": error_file(err_dir, rank),
@@ -270,11 +299,48 @@ def _close_bounded(srv: Any, seconds: float = 5.0) -> None:
 
 
 def launch(a: argparse.Namespace) -> int:
-    """Run one host's share of the job; returns meshrun's exit code."""
-    secret = os.environ.get("MESH_SECRET") or secrets.token_hex(16)
+    """Run one host's share of the job, and run it again after a failure
+    while --max-restarts allows; returns meshrun's exit code."""
+    given = os.environ.get("MESH_SECRET")
     open_files(5 * a.nproc + 256, f"meshrun -n {a.nproc}")  # pipes, logs, connections
     if a.log_dir:
         os.makedirs(a.log_dir, exist_ok=True)
+    run_id = _run_id(given)
+    deadline = None if a.timeout is None else time.monotonic() + a.timeout
+    restart = 0
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        # (a fresh secret for each try of a job whose secret is meshrun's: nothing the
+        # last try's ranks left running can join the next try's rendezvous)
+        code, again = _attempt(a, given or secrets.token_hex(16), run_id, restart, left)
+        if not again or (deadline is not None and time.monotonic() >= deadline):
+            return code
+        if restart >= a.max_restarts:
+            if a.max_restarts:
+                print(f"meshrun: no restarts left (--max-restarts {a.max_restarts}): the job "
+                      f"failed {restart + 1} times; exit code {code}, the last failure's",
+                      file=sys.stderr, flush=True)
+            return code
+        restart += 1
+        print(f"meshrun: starting every rank again (restart {restart} of {a.max_restarts}: "
+              f"TORCHELASTIC_RESTART_COUNT={restart})", file=sys.stderr, flush=True)
+
+
+def _run_id(secret: str | None) -> str:
+    """TORCHELASTIC_RUN_ID, the job's id (torchrun's --rdzv-id): the same on
+    every node and for every restart; derived from the secret the nodes share,
+    which it does not reveal, else new for a job on one host."""
+    if secret is None:
+        return secrets.token_hex(8)
+    return hashlib.sha256(b"meshrun run id\0" + secret.encode()).hexdigest()[:16]
+
+
+def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
+             timeout: float | None) -> tuple[int, bool]:
+    """Run the job's ranks once, each try with its own rendezvous service
+    (a port of its own unless --master-port) and run folder; returns the
+    exit code and whether the job may be started again (a rank failed;
+    not a signal to meshrun, a timeout, or a reader gone)."""
     run_dir = run_folder("meshrun")
     err_dir = a.log_dir or run_dir
     srv = None
@@ -288,7 +354,8 @@ def launch(a: argparse.Namespace) -> int:
                       file=sys.stderr, flush=True)
         specs = []
         for local in range(a.nproc):
-            env = _worker_env(a, local, int(port or 0), secret, run_dir, err_dir)
+            env = _worker_env(a, local, int(port or 0), secret, run_dir, err_dir, run_id,
+                              restart)
             try:
                 os.unlink(env["MESH_ERROR_FILE"])
             except FileNotFoundError:
@@ -304,11 +371,12 @@ def launch(a: argparse.Namespace) -> int:
             stopped = f", stopped by node {a.node_rank}'s meshrun" if e.after_stop else ""
             teller.ended(e.rank, e.describe() + stopped)
         job = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir, settle=a.settle,
-                  stall=a.output_stall, on_exit=ended)
+                  stall=a.output_stall, on_exit=ended, append=restart > 0)
         report = ""     # written after the relayed output, through the same writer
+        again = False
         try:
             try:
-                outcome = job.run(specs, timeout=a.timeout)
+                outcome = job.run(specs, timeout=timeout)
             finally:
                 teller.close()
             records = read_records(err_dir, (e.rank for e in outcome.exits))
@@ -318,9 +386,11 @@ def launch(a: argparse.Namespace) -> int:
             if outcome.reason != "ok" and not piped:    # (`| head`: as quiet as `yes | head`)
                 report = format_report(outcome, records, a.nproc, a.timeout, a.no_python)
             code = exit_code(outcome, records)
+            again = outcome.reason == "failed" and not outcome.interrupted \
+                and not job.reader_gone
         finally:
             write_failed = job.close(report)
-        return 1 if write_failed and code == 0 else code   # (output lost: as python exits)
+        return (1 if write_failed and code == 0 else code), again and not write_failed
     finally:
         if srv is not None:
             _close_bounded(srv)

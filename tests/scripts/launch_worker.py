@@ -37,13 +37,20 @@ def _boom():
     raise ValueError(f"boom from rank {RANK}")
 
 
+TORCHRUN = ("GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+            "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
+            "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+            "MESH_RESTART_COUNT")
+"""torchrun's variables beside RANK...MASTER_PORT (its agent's, torch 2.13), and meshrun's
+restart count."""
+
 ACTIONS = {
     "print": lambda: print(json.dumps({"rank": RANK, "argv": sys.argv, "path0": sys.path[0],
                                        "main": __name__, "env": {
         k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                        "MASTER_ADDR", "MASTER_PORT", "MESH_SECRET",
                                        "MESH_LAUNCHER", "MESH_NODE_RANK", "MESH_ERROR_FILE",
-                                       "PYTHONUNBUFFERED")}})),
+                                       "PYTHONUNBUFFERED", *TORCHRUN)}})),
     "stderr": lambda: print(f"complaint from rank {RANK}", file=sys.stderr),
     "child": lambda: _write(f"{RANK}.child.pid", subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"]).pid),
