@@ -31,6 +31,8 @@ sharded, the tp peers at once, so their collectives are in every figure::
         opt.step()
     val = job.eval_step(x, y)        # forwards only, modules in eval mode for the call
     state = job.state_dict()         # the whole model on rank 0 (collective)
+    optim = job.optimizer_state_dict(opt)    # opt's state, whole, by name (as DCP's full one)
+    # another layout's job: job.load_state_dict(state); job.load_optimizer_state_dict(opt, optim)
 
 A torch ``loss_fn(output, target)`` is an ordinary torch loss (the mean over
 its micro-batch); a numpy one returns ``(loss, gradient)`` as
@@ -68,7 +70,8 @@ from .ir import Schedule
 from .schedules import by_name, one_f_one_b
 from .stagebuild import (inputs_of, is_module, make_stage, model_key,
                          named_stage_parameters, param_count)
-from .tensor_parallel import gather_state_dict, load_full_state_dict, parallelize, tensor_bytes
+from .tensor_parallel import (cut_like, gather_like, gather_state_dict, load_full_state_dict,
+                              param_shards, parallelize, tensor_bytes)
 from .partition import partition
 from .trace import write as _write_trace
 from .traced import called_whole, few, given_as_returned, sequential, traceable
@@ -86,6 +89,7 @@ _AXES = ("dp", "pp", "tp")
 # how far off their median must be to be told: once, the machine may be loaded
 _WATCHED, _FAR_OFF = 5, 2.0
 _STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above the pipeline's
+_OPTIM_TAG = _STATE_TAG + (1 << 40)     # optimizer_state_dict()'s, above those
 
 
 def _is_torch(obj: Any) -> bool:
@@ -997,6 +1001,217 @@ class Job:
             return dict(sorted(state.items(), key=lambda kv: at.get(kv[0], len(at))))
         order = {n: i for i, n in enumerate(self.names)}
         return dict(sorted(state.items(), key=lambda kv: order[kv[0].split(".")[0]]))
+
+    # ---- the optimizer's state, whole, by the model's parameter names (torch DCP's
+    # full optimizer state dict: get_optimizer_state_dict(..., full_state_dict=True))
+
+    def _canonical(self) -> list[tuple[str, Any]]:
+        """``named_parameters()``, each named as one process's model's
+        ``named_parameters()`` names it: a tied tensor by its first name."""
+        return [(self._aliases.get(n, n), p) for n, p in self.named_parameters()]
+
+    def _torch_only(self, what: str) -> None:
+        if not self.is_torch:
+            raise TypeError(f"rank {self.grid.comm.rank}: {what}: an engine.layers model's "
+                            f"SGD keeps no state; it takes a torch optimizer's")
+
+    def optimizer_state_dict(self, opt: Any, timeout: float | None = None
+                             ) -> dict[str, Any] | None:
+        """The whole state of ``opt`` (a torch optimizer made on this rank's
+        ``job.parameters()``, as on every rank) on world rank 0, None
+        elsewhere, as ``state_dict()`` returns the model, keyed by the
+        parameters' names in the one-process model (its ``named_parameters()``:
+        a tied tensor under its first name), in torch DCP's format
+        (``get_optimizer_state_dict(model, opt, options=StateDictOptions(
+        full_state_dict=True))``): ``{"state": {name: {"exp_avg": ...,
+        "step": ...}}, "param_groups": [{"lr": ..., "params": [name, ...]}]}``.
+        A tensor of a tp shard's shape (Adam's ``exp_avg``) is gathered as
+        its parameter is, whole; each stage gives its own parameters'; dp
+        replicas hold the same, replica 0's is taken; a scalar (``step``) or
+        any other value as it is. ``load_optimizer_state_dict`` loads it
+        into any layout's job (another dp, pp or tp), or DCP's
+        ``set_optimizer_state_dict`` into one process's model and optimizer.
+        Every rank must call it (a collective); rank 0 waiting for the others'
+        stages raises after ``timeout`` (default the job's), saying so."""
+        self._torch_only("optimizer_state_dict")
+        timeout = self._timeout if timeout is None else timeout
+        try:
+            return self._gathered_optimizer(opt, timeout)
+        except MeshError as e:
+            raise _in_action(e, "job.optimizer_state_dict(opt) gathers every stage's optimizer "
+                             "state on rank 0, so every rank must call it; it waited "
+                             "here") from None
+
+    def _local_optimizer(self, opt: Any) -> tuple[dict[str, dict[str, Any]],
+                                                  list[tuple[dict[str, Any], list[str]]]]:
+        """This rank's part of ``opt``'s state by parameter name, tp shards
+        gathered whole (collective over the tp group), and its groups'
+        hyperparameters, each with its parameters' names."""
+        where = f"rank {self.grid.comm.rank}: optimizer_state_dict"
+        names = {id(p): n for n, p in self._canonical()}
+        cuts: dict[int, tuple[Any, int]] = {}
+        if self.sharded:
+            for st in self.stages:
+                cuts.update(param_shards(st.module))
+        state: dict[str, dict[str, Any]] = {}
+        groups: list[tuple[dict[str, Any], list[str]]] = []
+        for g in opt.param_groups:
+            held = []
+            for p in g["params"]:
+                if id(p) not in names:
+                    raise ValueError(f"{where}: the optimizer holds a {tuple(p.shape)} tensor "
+                                     f"that is not in job.parameters() (make the optimizer "
+                                     f"of job.parameters() or job.named_parameters())")
+                held.append(names[id(p)])
+            groups.append(({k: v for k, v in g.items() if k != "params"}, held))
+        for g in opt.param_groups:     # (every tp rank in the same order: the gathers pair)
+            for p in g["params"]:
+                own = opt.state.get(p)
+                if not own:
+                    continue
+                cut = cuts.get(id(p))
+                mine: dict[str, Any] = {}
+                for k, v in own.items():
+                    if not is_tensor(v) or v.dim() == 0 or cut is None:
+                        mine[k] = v.detach().clone() if is_tensor(v) else copy.deepcopy(v)
+                    elif v.shape != p.shape:
+                        raise ValueError(f"{where}: {names[id(p)]}'s {k} is {tuple(v.shape)}, "
+                                         f"not its tp shard's shape {tuple(p.shape)}: this "
+                                         f"optimizer's state cannot be gathered as the "
+                                         f"parameter is")
+                    else:
+                        mine[k] = gather_like(cut, v)
+                state[names[id(p)]] = mine
+        return state, groups
+
+    def _gathered_optimizer(self, opt: Any, timeout: float | None) -> dict[str, Any] | None:
+        if _coord(self.grid, "dp"):
+            return None
+        state, groups = self._local_optimizer(opt)
+        if _coord(self.grid, "tp"):
+            return None
+        pp = self.grid.group("pp")
+        tensors = [(n, k) for n, own in state.items() for k, v in own.items() if is_tensor(v)]
+        if pp.rank:      # (msgpack, no pickle: rank 0 compares the groups' values by repr)
+            plain = {n: {k: None if is_tensor(v) else v for k, v in own.items()}
+                     for n, own in state.items()}
+            told = [({k: repr(v) for k, v in h.items()}, ns) for h, ns in groups]
+            pp.send([plain, told, tensors], 0, tag=_OPTIM_TAG, timeout=timeout)
+            for i, (n, k) in enumerate(tensors):
+                pp.send(state[n][k], 0, tag=_OPTIM_TAG + 1 + i, timeout=timeout)
+            return None
+        whole = dict(state)
+        hyper = [h for h, _ in groups]
+        held = [list(ns) for _, ns in groups]
+        for src in range(1, pp.size):
+            plain, theirs, tensors = pp.recv(src, tag=_OPTIM_TAG, timeout=timeout)
+            for i, (n, k) in enumerate(tensors):
+                plain[n][k] = pp.recv(src, tag=_OPTIM_TAG + 1 + i, timeout=timeout)
+            for n, own in plain.items():     # (a tied tensor's copies hold the same)
+                whole.setdefault(n, own)
+            if len(theirs) != len(groups):
+                raise ValueError(f"rank 0: optimizer_state_dict: the optimizer has "
+                                 f"{len(groups)} param groups on rank 0 but {len(theirs)} on "
+                                 f"{self._pp_peer(src)}: make it alike on every rank (a "
+                                 f"group may be empty)")
+            for j, ((h, ns), mine) in enumerate(zip(theirs, hyper)):
+                said = {k: repr(v) for k, v in mine.items()}
+                differ = [k for k in {*h, *said} if h.get(k) != said.get(k)]
+                if differ:
+                    k = sorted(differ)[0]
+                    raise ValueError(f"rank 0: optimizer_state_dict: param group {j}'s {k} is "
+                                     f"{said.get(k)} on rank 0 but {h.get(k)} on "
+                                     f"{self._pp_peer(src)}: one process's optimizer has "
+                                     f"one value per group")
+                held[j] += [n for n in ns if n not in held[j]]
+        at = {k: i for i, k in enumerate(self._expected)}     # the model's order
+
+        def order(ns: Any) -> list[str]:
+            return sorted(ns, key=lambda n: at.get(n, len(at)))
+        held = [order(ns) for ns in held]      # the state in the groups' order, as DCP's
+        return {"state": {n: whole[n] for ns in held for n in ns if n in whole},
+                "param_groups": [{**h, "params": ns} for h, ns in zip(hyper, held)]}
+
+    def _pp_peer(self, src: int) -> str:
+        """pp rank ``src`` of this rank's pp group, as a world rank."""
+        return f"rank {self.grid.group('pp').ranks[src]} (pp stage rank {src})"
+
+    def load_optimizer_state_dict(self, opt: Any, state: dict[str, Any]) -> None:
+        """Load a whole optimizer state (``optimizer_state_dict``'s, of any
+        layout, or torch DCP's full one) into ``opt``, this rank's optimizer
+        (made on ``job.parameters()``, its groups as the saved one's): each
+        parameter's state, cut to this rank's shard where tp shards it, and
+        each group's hyperparameters (a group is matched by its parameters'
+        names). Every rank checks every name and every tensor's shape
+        against the whole model before any rank loads anything, and raises
+        alike (a name the model lacks: ``KeyError``; a tensor neither a
+        scalar nor of its parameter's whole shape: ``ValueError`` naming
+        both shapes). A parameter with no state given keeps none, as
+        torch's; no message is sent."""
+        self._torch_only("load_optimizer_state_dict")
+        where = f"rank {self.grid.comm.rank}: load_optimizer_state_dict"
+        if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or \
+                not isinstance(state.get("param_groups"), list):
+            raise TypeError(f"{where}: takes {{'state': {{name: {{...}}}}, 'param_groups': "
+                            f"[...]}}, what job.optimizer_state_dict(opt) returns (or DCP's "
+                            f"get_optimizer_state_dict with full_state_dict=True), not a "
+                            f"{type(state).__name__}"
+                            f"{f' of {list(state)[:4]}' if isinstance(state, dict) else ''}")
+        named = [*state["state"], *(n for g in state["param_groups"] for n in g.get("params", ()))]
+        unknown = [n for n in named if n not in self._expected]
+        if unknown:
+            more = " ..." if len(unknown) > 4 else ""
+            raise KeyError(f"{where}: {', '.join(unknown[:4])}{more} not a parameter of the "
+                           f"model (the state of another model?)")
+        for n, own in state["state"].items():
+            want = self._expected[n]
+            for k, v in own.items():
+                got = tuple(v.shape) if hasattr(v, "shape") else ()
+                if got != () and got != want:
+                    raise ValueError(f"{where}: {n}'s {k} is {got} in the state given, but {n} "
+                                     f"is {want} in the model")
+        # by the one-process model's names (a tied tensor given under another of its names)
+        given: dict[str, dict[str, Any]] = {}
+        for n, own in state["state"].items():
+            given.setdefault(self._aliases.get(n, n), own)
+        homes = [{self._aliases.get(n, n) for n in g.get("params", ())}
+                 for g in state["param_groups"]]
+        names = {id(p): n for n, p in self._canonical()}
+        cuts: dict[int, tuple[Any, int]] = {}
+        if self.sharded:
+            for st in self.stages:
+                cuts.update(param_shards(st.module))
+        local: dict[str, Any] = {"state": {}, "param_groups": []}
+        i = 0
+        for j, g in enumerate(opt.param_groups):
+            ns = []
+            for p in g["params"]:
+                if id(p) not in names:
+                    raise ValueError(f"{where}: the optimizer holds a {tuple(p.shape)} tensor "
+                                     f"that is not in job.parameters()")
+                ns.append(names[id(p)])
+            at = sorted({h for n in ns for h, home in enumerate(homes) if n in home})
+            lost = [n for n in ns if not any(n in home for home in homes)]
+            if lost:
+                raise KeyError(f"{where}: {', '.join(lost[:4])} in param group {j} of the "
+                               f"optimizer but in no param group of the state given")
+            if len(at) > 1:
+                raise ValueError(f"{where}: param group {j}'s parameters are in the state's "
+                                 f"groups {at}: group the optimizer as the one that saved it")
+            src = state["param_groups"][at[0]] if at else (
+                state["param_groups"][j] if j < len(state["param_groups"]) else g)
+            local["param_groups"].append({**{k: v for k, v in src.items() if k != "params"},
+                                          "params": list(range(i, i + len(ns)))})
+            for p, n in zip(g["params"], ns):
+                own = given.get(n)
+                if own is not None:
+                    cut = cuts.get(id(p))
+                    local["state"][i] = {
+                        k: (cut_like(cut, v) if cut is not None and is_tensor(v) and v.dim()
+                            else v.detach().clone() if is_tensor(v) else copy.deepcopy(v))
+                        for k, v in own.items()}
+                i += 1
+        opt.load_state_dict(local)
 
 
 def far_off(steps: Sequence[float], predicted: float | None, name: str,

@@ -226,6 +226,42 @@ def load_full_state_dict(module: Any, state: Mapping[str, Any], strict: bool = T
     return module.load_state_dict(mine, strict=strict)
 
 
+def param_shards(module: Any) -> dict[int, tuple[Any, int]]:
+    """Each parameter of a torch module ``parallelize`` sharded, by ``id``,
+    with its submodule's cut (what ``gather_like`` and ``cut_like`` take):
+    a tensor of the shard's shape beside it (an optimizer's ``exp_avg``) is
+    gathered and cut as the parameter is."""
+    out: dict[int, tuple[Any, int]] = {}
+    for sub in module.modules():
+        meta = getattr(sub, "_tp", None)
+        if meta is None:
+            continue
+        for pname, dim in meta.dims.items():
+            p = getattr(sub, pname, None)
+            if p is not None:
+                out.setdefault(id(p), (meta, dim))
+    return out
+
+
+def gather_like(cut: tuple[Any, int], shard: Any) -> Any:
+    """``shard``, of a parameter's shard's shape, whole as ``gather_state_dict``
+    gathers that parameter (``cut``: ``param_shards``'); collective over its
+    tp group."""
+    torch = _torch()
+    meta, dim = cut
+    full = _gather(torch, meta.group, shard.detach(), dim)
+    if meta.order is not None:
+        full = full.index_select(dim, torch.tensor(meta.order))
+    return full
+
+
+def cut_like(cut: tuple[Any, int], full: Any) -> Any:
+    """This rank's shard of ``full``, of a parameter's whole shape, as
+    ``load_full_state_dict`` cuts that parameter (no message)."""
+    meta, dim = cut
+    return _cut(_torch(), full, dim, meta.style, meta.group)
+
+
 def _cut(torch: Any, full: Any, dim: int, style: Style, group: Any) -> Any:
     """This rank's shard of ``full`` along ``dim``: its part of each block
     (``style.parts``), as parallelize keeps and load_full_state_dict loads."""

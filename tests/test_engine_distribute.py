@@ -1139,7 +1139,21 @@ def _torch_model(widths=WIDTHS):
     return torch.nn.Sequential(*mods)
 
 
-def _torch_worker(world, axes, plan, widths, ckpt):
+# the other layout each case's checkpoint is resumed on, its plan and cut
+ELSEWHERE = {"dp2xpp2": ({"pp": 2, "tp": 2}, {"0": "colwise", "2": "rowwise", "6": "colwise",
+                                              "8": "rowwise"}, [4, 5]),
+             "pp2xtp2": ({"dp": 2, "pp": 2}, None, [4, 3])}
+
+
+def _adamw(named):
+    """AdamW, weights decayed and biases not, as one process's model would group them."""
+    import torch
+    return torch.optim.AdamW([{"params": [p for n, p in named if "bias" not in n]},
+                              {"params": [p for n, p in named if "bias" in n],
+                               "weight_decay": 0.0}], lr=LR / 10)
+
+
+def _torch_worker(world, axes, plan, widths, ckpt, elsewhere):
     import torch
     torch.set_num_threads(1)
     grid = mesh.grid(world, **axes)
@@ -1150,7 +1164,7 @@ def _torch_worker(world, axes, plan, widths, ckpt):
             for p in model.parameters():
                 p.add_(1.0)
 
-    def part(a):
+    def part(a, d=d, dp=dp):
         return torch.from_numpy(a[d * len(a) // dp:(d + 1) * len(a) // dp])
 
     if not plan:      # a limit nothing meets: the table, and what might meet it
@@ -1163,12 +1177,7 @@ def _torch_worker(world, axes, plan, widths, ckpt):
                             loss_fn=torch.nn.functional.mse_loss, microbatches=2, reps=1,
                             timeout=60)
     named = job.named_parameters()      # groups by name, as one process's model would take
-
-    def sgd(named):     # (with momentum: a state of its own for each parameter)
-        return torch.optim.SGD([{"params": [p for n, p in named if "bias" not in n]},
-                                {"params": [p for n, p in named if "bias" in n]}],
-                               lr=LR, momentum=0.9)
-    opt = sgd(named)
+    opt = _adamw(named)
     losses = []
     for step in range(STEPS):
         x, y = (part(a) for a in _data(step, widths))
@@ -1177,35 +1186,70 @@ def _torch_worker(world, axes, plan, widths, ckpt):
         opt.step()
     state = job.state_dict()
     state = None if state is None else {k: v.numpy().copy() for k, v in state.items()}
-    # README's checkpoint recipe: the model whole on rank 0, with the layout auto chose;
-    # each rank its optimizer's state, with its parameters' names
-    whole = job.state_dict()
+    # README's checkpoint recipe: the model and the optimizer's state whole on rank 0
+    # (job.optimizer_state_dict), with the layout auto chose
+    whole, optim = job.state_dict(), job.optimizer_state_dict(opt)
     if world.rank == 0:
-        torch.save({"model": whole, "schedule": job.schedule, "balance": list(job.counts)},
-                   f"{ckpt}/model.pt")
-    torch.save({"names": [n for n, _ in named], "opt": opt.state_dict()},
-               f"{ckpt}/opt-{world.rank}.pt")
+        torch.save({"model": whole, "optim": optim, "schedule": job.schedule,
+                    "balance": list(job.counts)}, f"{ckpt}/model.pt")
     collectives.barrier(world)
     ck = torch.load(f"{ckpt}/model.pt", weights_only=False)     # (a Schedule)
     again = engine.distribute(_torch_model(widths), grid, plan=plan, schedule=ck["schedule"],
                               balance=ck["balance"], loss_fn=torch.nn.functional.mse_loss,
                               timeout=60, verbose=False, tag_base=1 << 20)
     again.load_state_dict(ck["model"])
-    mine = torch.load(f"{ckpt}/opt-{world.rank}.pt")
-    assert mine["names"] == [n for n, _ in again.named_parameters()], "another layout"
-    resumed = sgd(again.named_parameters())
-    resumed.load_state_dict(mine["opt"])
-    for j, o in ((job, opt), (again, resumed)):       # one more step: the same weights
-        x, y = (part(a) for a in _data(STEPS, widths))
+    resumed = _adamw(again.named_parameters())
+    again.load_optimizer_state_dict(resumed, ck["optim"])
+    # ... and on another layout: (dp=2 x) pp=2 (x tp=2), its own plan and cut
+    there, plan_there, cut = elsewhere
+    grid_there = mesh.grid(world, **there)
+    other = engine.distribute(_torch_model(widths), grid_there, plan=plan_there,
+                              schedule="1f1b", microbatches=2, balance=cut, timeout=60,
+                              loss_fn=torch.nn.functional.mse_loss, verbose=False,
+                              tag_base=1 << 21)
+    other.load_state_dict(ck["model"])
+    moved = _adamw(other.named_parameters())
+    # a misshapen or unknown entry raises on every rank, before any loads
+    first = next(iter(ck["optim"]["state"]))
+    bad = {**ck["optim"], "state": {**ck["optim"]["state"],
+                                    first: {**ck["optim"]["state"][first],
+                                            "exp_avg": torch.zeros(3, 1)}}}
+    refused = []
+    with pytest.raises(ValueError) as e:
+        other.load_optimizer_state_dict(moved, bad)
+    refused.append(str(e.value))
+    with pytest.raises(KeyError) as e:
+        other.load_optimizer_state_dict(moved, {**ck["optim"], "state": {"9.weight": {}}})
+    refused.append(str(e.value))
+    refused.append(len(moved.state))
+    other.load_optimizer_state_dict(moved, ck["optim"])
+    dt = grid_there.coord("dp") if "dp" in there else 0
+    for j, o, at in ((job, opt, (d, dp)), (again, resumed, (d, dp)),
+                     (other, moved, (dt, there.get("dp", 1)))):   # one more step each
+        x, y = (part(a, *at) for a in _data(STEPS, widths))
         o.zero_grad()
         j.step(x, y)
         o.step()
-    went, back = job.state_dict(), again.state_dict()
+    went, back, moved_state = job.state_dict(), again.state_dict(), other.state_dict()
+    went_optim, moved_optim = job.optimizer_state_dict(opt), other.optimizer_state_dict(moved)
     return {"losses": losses, "schedule": job.schedule.name, "last": job.pipeline.last,
             "state": state, "resumed": went is None or all(
                 torch.equal(went[k], back[k]) for k in went) and list(went) == list(back),
+            "went": went, "moved": moved_state, "went_optim": went_optim,
+            "moved_optim": moved_optim, "refused": refused,
             "named": [(n, tuple(p.shape)) for n, p in named], "tp": plan is not None,
             "same": [id(p) for _, p in named] == [id(p) for p in job.parameters()]}
+
+
+def _optim_close(got: dict, want: dict, **tol) -> None:
+    """Two whole optimizer states (DCP's format) alike: names, groups, values."""
+    import torch
+    assert list(got["state"]) == list(want["state"])
+    assert got["param_groups"] == want["param_groups"]
+    for n, own in want["state"].items():
+        assert list(got["state"][n]) == list(own)
+        for k, v in own.items():
+            torch.testing.assert_close(got["state"][n][k], v, **tol, msg=lambda m: f"{n} {k}: {m}")
 
 
 def trained_alike(results: list[dict], losses: list[float], want: dict) -> dict:
@@ -1257,25 +1301,62 @@ def assert_named_like(results: list[dict], model: Any) -> None:
 def test_torch_distribute_matches_one_process(axes, plan, tmp_path):
     torch = pytest.importorskip("torch")
     widths = TP_WIDTHS if plan else WIDTHS
-    results = mesh.spawn(_torch_worker, 4, axes, plan, widths, str(tmp_path), timeout=280,
-                         env=PATIENT)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    case = "pp2xtp2" if plan else "dp2xpp2"
+    results = mesh.spawn(_torch_worker, 4, axes, plan, widths, str(tmp_path), ELSEWHERE[case],
+                         timeout=280, env=PATIENT)
+    # resumed from the whole state on the same layout: bit for bit the run that went on
     assert all(res["resumed"] for res in results)
+    for r, res in enumerate(results):    # a misshapen entry, an unknown name: every rank
+        assert res["refused"][0].startswith(f"rank {r}: load_optimizer_state_dict: 0.weight's "
+                                            f"exp_avg is (3, 1) in the state given, but "
+                                            f"0.weight is ({widths[1]}, {widths[0]}) in the "
+                                            f"model"), res["refused"]
+        assert f"rank {r}: load_optimizer_state_dict: 9.weight not a parameter of the " \
+            f"model" in res["refused"][1], res["refused"]
+        assert res["refused"][2] == 0          # nothing loaded
     model = _torch_model(widths)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    opt = _adamw(list(model.named_parameters()))
     losses = []
-    for step in range(STEPS):
+    for step in range(STEPS + 1):
         x, y = (torch.from_numpy(a) for a in _data(step, widths))
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
+        if step == STEPS:   # torch DCP's full state of one process's AdamW is the job's
+            whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(
+                full_state_dict=True))
+            ck = torch.load(tmp_path / "model.pt", weights_only=False)
+            _optim_close(ck["optim"], whole, rtol=1e-10, atol=1e-13)
+            state = trained_alike(results, losses, model.state_dict())
+            copy = _torch_model(widths)
+            copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+            z = torch.from_numpy(_data(9, widths)[0])
+            torch.testing.assert_close(copy(z), model(z), rtol=1e-12, atol=1e-12)
+            # ... and one process resumes from the job's checkpoint: DCP loads it
+            alone = _torch_model(widths)
+            alone.load_state_dict(ck["model"])
+            alone_opt = _adamw(list(alone.named_parameters()))
+            set_optimizer_state_dict(alone, alone_opt, ck["optim"],
+                                     options=StateDictOptions(full_state_dict=True))
+            alone_opt.zero_grad()
+            torch.nn.functional.mse_loss(alone(x), y).backward()
+            alone_opt.step()
         opt.step()
         losses.append(loss.item())
-    state = trained_alike(results, losses, model.state_dict())
+    # every layout a step on from the checkpoint: the uninterrupted run to float64 rounding
+    # (dp averages, tp's rowwise sums and the one process add in other orders)
+    went = model.state_dict()
+    for k, v in went.items():
+        for got in (results[0]["went"][k], results[0]["moved"][k], alone.state_dict()[k]):
+            torch.testing.assert_close(got, v, rtol=1e-10, atol=1e-13)
+    whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    for got in (results[0]["went_optim"], results[0]["moved_optim"]):
+        _optim_close(got, whole, rtol=1e-10, atol=1e-13)
+    assert all(res["went_optim"] is None and res["moved_optim"] is None for res in results[1:])
     assert_named_like(results, model)
-    copy = _torch_model(widths)
-    copy.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    x = torch.from_numpy(_data(9, widths)[0])
-    torch.testing.assert_close(copy(x), model(x), rtol=1e-12, atol=1e-12)
 
 
 def test_torch_model_must_be_a_sequence_of_layers():

@@ -8,8 +8,9 @@ import typing
 
 import numpy as np
 import pytest
-from test_engine_distribute import trained_alike
+from test_engine_distribute import _optim_close, trained_alike
 
+import collectives
 import engine
 import mesh
 
@@ -480,7 +481,7 @@ def test_the_prediction_times_a_cross_entropy_on_class_indices():
     assert torch.equal(_loss_target(torch_loss(F.mse_loss), y), y)
 
 
-def _meta_worker(world, axes):
+def _meta_worker(world, axes, ckpt):
     torch.set_num_threads(1)
     grid = mesh.grid(world, **axes)
     with torch.device("meta"):                 # no rank holds the whole model's memory
@@ -492,19 +493,52 @@ def _meta_worker(world, axes):
     assert 0 < len(held) < len(list(gpt.parameters())), "a stage only, made real"
     assert all(not p.is_meta for p in job.parameters())
     job.load_state_dict(_gpt().state_dict())   # the trained model's weights, its own keys
-    return _trained(job, _batch)
+    out = _trained(job, _batch)
+    if out["state"] is not None:        # (rank 0's own tensors are its stage's, as torch's)
+        out["state"] = {k: v.copy() for k, v in out["state"].items()}
+    # an AdamW step more: its state whole on rank 0 (the tied embedding and head under
+    # the embedding's name; with tp, vocab, colwise and fused colwise shards gathered),
+    # and loaded back, each rank cutting its own shards: the state it had, bit for bit
+    opt = torch.optim.AdamW(job.parameters(), lr=LR)
+    opt.zero_grad()
+    job.step(*_batch(STEPS))
+    opt.step()
+    out["optim"] = job.optimizer_state_dict(opt)
+    if world.rank == 0:
+        torch.save(out["optim"], f"{ckpt}/optim.pt")
+    collectives.barrier(world)
+    again = torch.optim.AdamW(job.parameters(), lr=LR)
+    job.load_optimizer_state_dict(again, torch.load(f"{ckpt}/optim.pt"))
+    mine, back = opt.state_dict(), again.state_dict()
+    out["back"] = mine["param_groups"] == back["param_groups"] and all(
+        torch.equal(v, back["state"][i][k]) for i, own in mine["state"].items()
+        for k, v in own.items())
+    return out
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("axes", [{"pp": 2}, {"pp": 2, "tp": 2}], ids=["pp2", "pp2xtp2"])
-def test_a_model_on_the_meta_device_is_made_real_stage_by_stage(axes):
+def test_a_model_on_the_meta_device_is_made_real_stage_by_stage(axes, tmp_path):
     """Each rank materializes only its own stages, with tp only its shards
     (the schedule chosen by timing real copies of the layers, one at a
     time); the state loaded after makes it train as one process from the
-    same weights."""
-    results = mesh.spawn(_meta_worker, 2 * axes.get("tp", 1), axes, timeout=280, env=PATIENT)
+    same weights. Its AdamW state, gathered, is one process's (torch DCP's
+    full optimizer state dict), and loads back."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    results = mesh.spawn(_meta_worker, 2 * axes.get("tp", 1), axes, str(tmp_path),
+                         timeout=280, env=PATIENT)
     gpt, losses = _trained_here()
     trained_alike(results, losses, gpt.state_dict())
+    opt = torch.optim.AdamW(gpt.parameters(), lr=LR)
+    opt.zero_grad()
+    gpt(*_batch(STEPS))[1].backward()
+    opt.step()
+    _optim_close(results[0]["optim"], get_optimizer_state_dict(
+        gpt, opt, options=StateDictOptions(full_state_dict=True)), rtol=1e-8, atol=1e-12)
+    assert "lm_head.weight" not in results[0]["optim"]["state"]     # (the embedding's)
+    assert all(res["optim"] is None for res in results[1:])
+    assert all(res["back"] for res in results)
 
 
 def _load_tp_worker(world):
