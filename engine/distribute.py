@@ -1147,7 +1147,10 @@ class Job:
         alike (a name the model lacks: ``KeyError``; a tensor neither a
         scalar nor of its parameter's whole shape: ``ValueError`` naming
         both shapes). A parameter with no state given keeps none, as
-        torch's; no message is sent."""
+        torch's. Every rank must call it: before any loads, the ranks tell
+        each other whether each could cut its part (a rank whose optimizer
+        groups its parameters otherwise than the state makes every rank
+        raise, naming it)."""
         self._torch_only("load_optimizer_state_dict")
         where = f"rank {self.grid.comm.rank}: load_optimizer_state_dict"
         if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or \
@@ -1176,6 +1179,27 @@ class Job:
             given.setdefault(self._aliases.get(n, n), own)
         homes = [{self._aliases.get(n, n) for n in g.get("params", ())}
                  for g in state["param_groups"]]
+        fault: Exception | None = None
+        try:
+            local = self._cut_optimizer(opt, state, given, homes, where)
+        except (KeyError, ValueError) as e:
+            fault = e
+        # (every rank hears of any rank's fault before one loads: nothing half-loaded)
+        said = None if fault is None else [type(fault).__name__, str(fault)]
+        told = collectives.all_gather_object(self.grid.comm, said, timeout=self._timeout)
+        if fault is not None:
+            raise fault
+        bad = next(((r, t) for r, t in enumerate(told) if t is not None), None)
+        if bad is not None:
+            r, (kind, text) = bad
+            raise (KeyError if kind == "KeyError" else ValueError)(
+                f"{where}: not loaded, rank {r} could not: {text}")
+        opt.load_state_dict(local)
+
+    def _cut_optimizer(self, opt: Any, state: dict[str, Any], given: dict[str, Any],
+                       homes: list[set[str]], where: str) -> dict[str, Any]:
+        """This rank's ``opt.state_dict()`` of the whole ``state``: each
+        parameter's state cut to its shard, each group's hyperparameters."""
         names = {id(p): n for n, p in self._canonical()}
         cuts: dict[int, tuple[Any, int]] = {}
         if self.sharded:
@@ -1211,7 +1235,7 @@ class Job:
                             else v.detach().clone() if is_tensor(v) else copy.deepcopy(v))
                         for k, v in own.items()}
                 i += 1
-        opt.load_state_dict(local)
+        return local
 
 
 def far_off(steps: Sequence[float], predicted: float | None, name: str,

@@ -1222,6 +1222,12 @@ def _torch_worker(world, axes, plan, widths, ckpt, elsewhere):
         other.load_optimizer_state_dict(moved, {**ck["optim"], "state": {"9.weight": {}}})
     refused.append(str(e.value))
     refused.append(len(moved.state))
+    # rank 1's optimizer grouped otherwise than the one that saved: every rank raises
+    lone = _adamw(other.named_parameters()) if world.rank != 1 else \
+        torch.optim.AdamW([p for _, p in other.named_parameters()], lr=LR / 10)
+    with pytest.raises(ValueError) as e:
+        other.load_optimizer_state_dict(lone, ck["optim"])
+    refused += [str(e.value), len(lone.state)]
     other.load_optimizer_state_dict(moved, ck["optim"])
     dt = grid_there.coord("dp") if "dp" in there else 0
     for j, o, at in ((job, opt, (d, dp)), (again, resumed, (d, dp)),
@@ -1317,6 +1323,10 @@ def test_torch_distribute_matches_one_process(axes, plan, tmp_path):
         assert f"rank {r}: load_optimizer_state_dict: 9.weight not a parameter of the " \
             f"model" in res["refused"][1], res["refused"]
         assert res["refused"][2] == 0          # nothing loaded
+        lone = ("param group 0's parameters are in the state's groups [0, 1]" if r == 1
+                else "not loaded, rank 1 could not: rank 1: load_optimizer_state_dict: ")
+        assert res["refused"][3].startswith(f"rank {r}: load_optimizer_state_dict: ") and \
+            lone in res["refused"][3] and res["refused"][4] == 0, res["refused"]
     model = _torch_model(widths)
     opt = _adamw(list(model.named_parameters()))
     losses = []
