@@ -31,6 +31,7 @@ import secrets
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -221,6 +222,10 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
     if environ != os.environ:   # a fork server's child: the caller's environment of now
         os.environ.clear()
         os.environ.update(environ)
+    held = signal.getsignal(signal.SIGINT)  # a fork of the caller: its handler, as it was
+    if isinstance(getattr(held, "__self__", None), _Held):
+        signal.signal(signal.SIGINT, held.__self__._old)    # type: ignore[union-attr]
+    _whole_lines()
     world = None
     me = os.getpid()
     try:
@@ -255,6 +260,7 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
                             ) from None
         conn.send_bytes(done)   # returned: the parent knows, while this rank closes
         world.close()
+        _flush_std()            # (the parent stops the process once told it closed)
         conn.send_bytes(b"")    # closed: the parent need not wait for the interpreter's exit
     except BaseException as e:
         if os.getpid() != me:       # a child fn forked: its error is not the rank's
@@ -269,7 +275,66 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         if world is not None:
             world._close(e)  # report first: closing waits for the peers' answers
     finally:
+        _flush_std()
         conn.close()
+
+
+def _flush_std() -> None:
+    """What the rank wrote, out before the parent may stop the process: a
+    line left without its end (held by ``_Lines``, or a file's buffer) was
+    lost when the parent, told the rank had closed, stopped it before the
+    interpreter's exit flushed it."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+class _Lines:
+    """A rank's sys.stdout or sys.stderr, where the caller's is a stream that is
+    not a file (ipykernel's OutStream in a notebook, a fork of the kernel): it
+    passes whole lines on. Such a stream sends each write as it comes, and a
+    print writes its words and its end apart, so the ranks' lines came into
+    the cell mixed word by word ("rank rank 0 1 line"); a file's own buffer
+    writes lines whole. ``flush()`` passes on what is left of a line."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._part = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            return self._stream.write(text)     # (its own error)
+        with self._lock:
+            self._part += text
+            cut = self._part.rfind("\n") + 1
+            lines, self._part = self._part[:cut], self._part[cut:]
+            if lines:
+                self._stream.write(lines)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            part, self._part = self._part, ""
+            if part:
+                self._stream.write(part)
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_stream":       # (not set yet: a copy being made)
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def _whole_lines() -> None:
+    """Lines whole on a standard stream that is not a file (``_Lines``)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, (io.TextIOWrapper, _Lines)):
+            setattr(sys, name, _Lines(stream))
 
 
 def _told(e: BaseException) -> tuple[str, str]:
@@ -382,19 +447,21 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     extra = {**(env or {}), "MESH_RUNTIME_DIR": run_dir}
     ok = False
     try:
-        for r in range(nprocs):
-            parent, child = ctx.Pipe()
-            # (not daemonic: a rank may start processes of its own, DataLoader workers,
-            # a Pool; it dies with this process anyway, and is stopped below)
-            p = ctx.Process(target=_child, name=f"mesh-rank-{r}", daemon=False,
-                            args=(job, r, nprocs, secret, extra, child,
-                                  None if served else os.getpid(), dict(os.environ)))
-            p.start()
-            child.close()
-            procs.append(p)
-            conns.append(parent)
-        # only now, with every child started (forked), the service and its ZeroMQ context
-        server = RendezvousServer(nprocs, secret, curve=curve).start() if nprocs > 1 else None
+        with _Held():   # a ^C now would leave a rank forked but not yet in procs
+            for r in range(nprocs):
+                parent, child = ctx.Pipe()
+                # (not daemonic: a rank may start processes of its own, DataLoader workers,
+                # a Pool; it dies with this process anyway, and is stopped below)
+                p = ctx.Process(target=_child, name=f"mesh-rank-{r}", daemon=False,
+                                args=(job, r, nprocs, secret, extra, child,
+                                      None if served else os.getpid(), dict(os.environ)))
+                p.start()
+                child.close()
+                procs.append(p)
+                conns.append(parent)
+            # only now, with every child started (forked), the service and its ZeroMQ context
+            server = RendezvousServer(nprocs, secret, curve=curve).start() if nprocs > 1 \
+                else None
         for c in conns:
             try:
                 c.send(server.port if server is not None else 0)
@@ -403,7 +470,48 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
         results = _collect(procs, conns, timeout, settle, late)
         ok = True
         return results
+    except KeyboardInterrupt:
+        # ^C, a notebook's interrupt: the ranks (a process group of their own each) never
+        # see it; stop them now, not after settle= (they were not told to end)
+        late.update(range(len(procs)))
+        raise
     finally:
+        _stop(procs, conns, server, run_dir, ok, late, settle)
+
+
+class _Held:
+    """SIGINT held off while ranks start or are stopped, where this is the main
+    thread: a notebook's interrupt pressed twice, the second while the first
+    stopped the ranks, left them running, with the rendezvous service's threads
+    in the kernel and the ranks' folder behind (the next spawn forked beside
+    them). One that came is raised on leaving, unless an error already is."""
+    hit = False
+
+    def __enter__(self) -> "_Held":
+        self._old: Any = None
+        self._held = False
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not None:    # (None: not Python's)
+            self._old = signal.signal(signal.SIGINT, self._hold)
+            self._held = True
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._held:
+            signal.signal(signal.SIGINT, self._old)
+        if self.hit and exc[0] is None and callable(self._old):
+            self._old(signal.SIGINT, None)   # Python's own raises KeyboardInterrupt now
+
+
+def _stop(procs: list[Any], conns: list[Any], server: Any, run_dir: str, ok: bool,
+          late: set[int], settle: float) -> None:
+    """The ranks ended, their pipes closed, the rendezvous service and the ranks'
+    folder gone, whatever happens meanwhile: a ^C while the ranks are waited for
+    ends the wait, one while they are stopped is held until they are."""
+    try:
         if ok:      # every rank returned: let them close their meshes
             end = time.monotonic() + _CLOSE_S
             for p, c in zip(procs, conns):
@@ -421,6 +529,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
             for p in procs:
                 if p.is_alive():
                     p.join(max(0.0, end - time.monotonic()))
+    except KeyboardInterrupt:   # another ^C: stop waiting, stop them now
+        interrupted = True
+    else:
+        interrupted = False
+    with _Held():
         for p in procs:
             if p.is_alive():
                 p.kill()
@@ -439,6 +552,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
         if server is not None:
             server.close()
         remove_run_folder(run_dir)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _send(conn: Any, message: tuple) -> None:

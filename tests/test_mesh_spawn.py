@@ -90,6 +90,70 @@ def test_spawn_from_standard_input() -> None:
     _check(_python("-", stdin=_CODE))
 
 
+_NOTEBOOK = textwrap.dedent("""\
+    import glob, json, multiprocessing, os, signal, sys, tempfile, threading, time
+    import mesh
+
+    class Cell:     # a notebook's stdout: each write sent on as it comes (ipykernel's OutStream)
+        def write(self, text):
+            os.write(1, (json.dumps(text) + "\\n").encode())
+            return len(text)
+        def flush(self):
+            pass
+
+    def talk(world):
+        for i in range(2):
+            print("rank", world.rank, "line", i)
+        print("no end", end="")
+        return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def slow(world):
+        time.sleep(30)
+
+    out = {}
+    sys.stdout = Cell()
+    out["plain ^C"] = mesh.spawn(talk, 2, timeout=40)
+    sys.stdout = sys.__stdout__
+    me = os.getpid()
+    for delay in (0.5, 0.6):    # ^C, and again while the first stops the ranks
+        threading.Timer(delay, os.kill, (me, signal.SIGINT)).start()
+    t0 = time.monotonic()
+    try:
+        mesh.spawn(slow, 2, timeout=40, settle=5)
+    except KeyboardInterrupt:
+        out["interrupted after"] = time.monotonic() - t0
+    try:
+        time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    out["left"] = [multiprocessing.active_children(),
+                   [t.name for t in threading.enumerate() if t.name.startswith("mesh")],
+                   glob.glob(os.path.join(tempfile.gettempdir(), f"meshspawn-{me}-*"))]
+    print(json.dumps(out, default=str))
+    """)
+
+
+def test_in_a_notebook_lines_come_whole_and_an_interrupt_stops_the_ranks() -> None:
+    """What a notebook's kernel has that ``python -`` lacks, done by hand: an
+    stdout that sends each write on (ipykernel's: the ranks' prints came into
+    the cell mixed word by word, "rank rank 0 1 line line"), and Jupyter's
+    interrupt, SIGINT to the kernel, pressed twice (the second, while the
+    first stopped the ranks, left them running, the rendezvous service's
+    threads in the kernel and the ranks' folder behind; the first waited
+    settle= seconds for ranks that never see a ^C). 1 s."""
+    r = subprocess.run([sys.executable, "-"], input=_NOTEBOOK, cwd=REPO, env=_script_env(),
+                       capture_output=True, text=True, timeout=75)
+    assert r.returncode == 0, r.stdout + r.stderr
+    *pieces, last = r.stdout.splitlines()
+    out = json.loads(last)
+    written = sorted(json.loads(p) for p in pieces)
+    assert written == ["no end", "no end", "rank 0 line 0\n", "rank 0 line 1\n",
+                       "rank 1 line 0\n", "rank 1 line 1\n"], written
+    assert out["plain ^C"] == [True, True]      # a rank's SIGINT is Python's own, as before
+    assert out["interrupted after"] < 3, out     # not settle= (5 s) more
+    assert out["left"] == [[], [], []], out
+
+
 def _top_level(world: mesh.Mesh) -> int:
     return world.rank
 
