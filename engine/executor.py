@@ -85,6 +85,7 @@ from .tp_sums import TpSums
 from .traced import given_as_returned
 from .torch_stage import (Parts, TorchStage, as_pipeline_loss, checkpoint_modules, copied,
                           patterns_of, plain_torch_loss, torch_loss, torch_targets)
+from .tensor_parallel import rewatched, watch_of
 from .tp_plan import PlanError, forget_exits, named_by, split_by
 from .verify import verify
 
@@ -833,11 +834,19 @@ class _Step:
             dst, tag = sched.rank_of(message_key(a)[2]), pipe._tag(a, self.n)
             value = self.outs.pop(_key(a))
             parts = [value]
-            if isinstance(value, tuple):    # several tensors: a header, then each part
+            # a colwise output cut off by the stage's end (its layer the stage's last) is
+            # told as one, so the next stage's rank watches it too: a layer the plan leaves
+            # whole there raised torch's shape error alone, naming neither (tensor_parallel)
+            watched = [(i, w) for i, v in enumerate(value if isinstance(value, tuple)
+                                                    else (value,))
+                       for w in [watch_of(v)] if w is not None]
+            if isinstance(value, tuple) or watched:   # a header, then each part
+                many = value if isinstance(value, tuple) else (value,)
                 self.sends.append(pipe.pp.isend(
-                    {_PARTS: len(value), "none": [i for i, v in enumerate(value) if v is None],
-                     "fixed": list(getattr(value, "fixed", ()))}, dst, tag=tag))
-                parts = [v for v in value if v is not None]
+                    {_PARTS: len(many), "none": [i for i, v in enumerate(many) if v is None],
+                     "fixed": list(getattr(value, "fixed", ())), "watched": watched,
+                     "one": not isinstance(value, tuple)}, dst, tag=tag))
+                parts = [v for v in many if v is not None]
             for v in parts:
                 if getattr(v, "_tp_meta", None) is not None:   # (a watched colwise output:
                     v = v.as_subclass(sys.modules["torch"].Tensor)  # its data alone)
@@ -914,7 +923,9 @@ class _Step:
 
     def _parts(self, a: Action, header: dict[str, Any]) -> tuple[Any, ...]:
         """The tuple a header announced: its parts follow it on the same
-        tag (in order: one source, one tag), None where the sender had none."""
+        tag (in order: one source, one tag), None where the sender had none;
+        its colwise outputs watched again (``watched``), and a tensor sent
+        alone beside its watch returned alone (``one``)."""
         pipe = self.pipe
         src, tag = pipe.schedule.rank_of(message_key(a)[1]), pipe._tag(a, self.n)
         none = set(header["none"])
@@ -927,6 +938,11 @@ class _Step:
             for req in reqs.values():
                 req.cancel()
             raise
+        for i, watch in header.get("watched", ()):
+            if pipe.tp is not None:        # (the sender's tp peers are this rank's own)
+                parts[i] = rewatched(parts[i], watch, pipe.tp)
+        if header.get("one"):
+            return parts[0]
         return Parts(parts, header.get("fixed", ()))
 
     def _forward(self, a: Action) -> None:

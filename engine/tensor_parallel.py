@@ -868,6 +868,27 @@ def _watch_blocks(y: Any, meta: _Meta, axis: int = -1, unit: int | None = 1,
     return narrow
 
 
+def watch_of(v: Any) -> dict[str, Any] | None:
+    """What a pipeline sends beside a watched colwise output (_watch_blocks)
+    so that the next stage's rank watches it too: its module's name and
+    where its features are; None for any other value."""
+    meta = getattr(v, "_tp_meta", None)
+    if meta is None:
+        return None
+    return {"name": meta.name, "axis": v._tp_axis, "unit": v._tp_unit, "width": v._tp_width}
+
+
+def rewatched(v: Any, watch: dict[str, Any], group: Any) -> Any:
+    """``v``, received from the previous stage, watched again as the colwise
+    output ``watch`` (watch_of) told of, over this rank's tp ``group`` (the
+    sender's peers' equal): a layer the plan leaves whole at the top of this
+    stage raises the PlanError naming both layers and the fix, as it does
+    in one stage (it was torch's shape error alone), and a cut or a dropout
+    there is watched as it is there."""
+    meta = _Meta(watch["name"], Style("colwise"), group, {})
+    return _watch_blocks(v, meta, watch["axis"], watch["unit"], watch["width"])
+
+
 _CUTS = {"split": 2, "split_with_sizes": 2, "unsafe_split": 2, "chunk": 2, "unsafe_chunk": 2,
          "tensor_split": 2, "unbind": 1, "narrow": 1, "glu": 1}   # name: where its dim is
 # views of a tensor: where an axis goes is read from the shapes (reshapes), or

@@ -585,6 +585,22 @@ def _split_output_worker(world):
         out.append(None)
     except Exception as e:
         out.append(f"{type(e).__name__}: {e}")
+    # a cut right after a colwise Linear, no sample=: the next stage's unplanned Linear
+    # raised torch's shape error alone on its ranks; its rowwise one trains as one process
+    nn = torch.nn
+    x, y = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(4, 2)
+    for plan in ({"0": "colwise"}, {"0": "colwise", "2": "rowwise"}):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 2))
+        ref = float(torch.nn.functional.mse_loss(model(x), y))
+        job = engine.distribute(model, grid, plan=plan, schedule="1f1b", microbatches=2,
+                                balance=[1, 2], loss_fn=torch.nn.functional.mse_loss,
+                                verbose=False)
+        try:
+            loss = job.step(x, y)
+            out.append(None if loss is None else abs(loss - ref) < 1e-6)
+        except Exception as e:
+            out.append(f"{type(e).__name__}: {e}")
     return out
 
 
@@ -595,13 +611,23 @@ def test_a_last_stage_output_split_along_the_sequence_is_refused():
     error, a per-token one raised a shape mismatch naming nothing."""
     pytest.importorskip("torch")
     results = mesh.spawn(_split_output_worker, 4, timeout=80)
-    for r, (torch_error, np_error) in enumerate(results):
+    for r, (torch_error, np_error, _, right) in enumerate(results):
+        # (a cut after a colwise Linear: the next stage's unplanned layer is named, below)
+        assert right is (True if r >= 2 else None), (r, right)
         for error, name in ((torch_error, "3.ln_f"), (np_error, "3")):
             assert error is not None, (r, name)
             assert f"split along the sequence over the tp group by {name!r} " in error, error
     for r in (2, 3):     # the last stage's ranks raise it themselves
         assert results[r][0].startswith("PlanError: pp rank 1 (tp rank"), results[r][0]
         assert "give '3.ln_f' output 'replicate'" in results[r][0], results[r][0]
+    for r, result in enumerate(results):   # every rank, its own or pp rank 1's
+        error = result[2]
+        assert error is not None and error.startswith(
+            "PlanError: " if r >= 2 else f"MeshError: rank {r}: pipeline step 0"), error
+        assert f"tp rank {r % 2}: 0 is sharded colwise, its output this rank's 3 of 6 " \
+               "features, and 2 (Linear), which the plan leaves whole, takes that output as " \
+               "if whole: linear() raised RuntimeError: mat1 and mat2 shapes" in error, error
+        assert "plan 2 'rowwise'" in error, error
 
 
 def _qk_norm_worker(world):
