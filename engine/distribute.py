@@ -860,21 +860,22 @@ class Job:
         """The gradients, in the order of ``parameters()`` (numpy models)."""
         return [g for st in self.stages for g in st.grads()]
 
-    def _local_state(self) -> OrderedDict[str, Any]:
-        """This rank's stages, unsharded (collective over the tp group), keyed
-        by the model's names: a stage's layer j is the model's layer
-        ``first[s] + j``."""
+    def _local_state(self, timeout: float | None = None) -> OrderedDict[str, Any]:
+        """This rank's stages, unsharded (collective over the tp group, each
+        gather waiting ``timeout``), keyed by the model's names: a stage's
+        layer j is the model's layer ``first[s] + j``."""
         out: OrderedDict[str, Any] = OrderedDict()
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
             if self.is_torch:
-                state = gather_state_dict(st.module) if self.sharded else st.module.state_dict()
+                state = (gather_state_dict(st.module, timeout=timeout) if self.sharded
+                         else st.module.state_dict())
                 assert state is not None        # root=None: on every tp rank
                 for k, v in state.items():
                     out[model_key(mine, k)] = v.detach().contiguous()
             else:
                 for name, layer in zip(mine, st.layers):
-                    for j, p in enumerate(full_params(layer)):
+                    for j, p in enumerate(full_params(layer, timeout=timeout)):
                         out[f"{name}.{j}"] = p
         return out
 
@@ -977,7 +978,7 @@ class Job:
     def _gathered_state(self, timeout: float | None) -> dict[str, Any] | None:
         if _coord(self.grid, "dp"):
             return None
-        local = self._local_state()
+        local = self._local_state(timeout)    # (tp: its peers' gathers, in the same time)
         if _coord(self.grid, "tp"):
             return None
         pp = self.grid.group("pp")

@@ -161,18 +161,20 @@ def describe_plan(module: Any, plan: Mapping[str, Any], tp: int, *,
     return "\n".join(lines)
 
 
-def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
-                      ) -> dict[str, Any] | None:
+def gather_state_dict(module: Any, root: int | None = None, grads: bool = False, *,
+                      timeout: float | None = None) -> dict[str, Any] | None:
     """The full, unsharded ``state_dict`` of a module ``parallelize`` sharded
     (collective over each tp group): on every rank with ``root=None``, else
     on tp rank ``root`` only (None elsewhere). Keys are the original ones, so
     it loads into an unsharded copy of the model. ``grads=True``: the
     parameters' gradients instead, whole (zeros where a grad is None).
+    ``timeout``: how long each gather waits for the group's other ranks
+    (the group's default, MESH_TIMEOUT, if None).
 
     For an engine.layers model the keys are the positions in the unsharded
     model's ``params()`` (``"0"``, ``"1"``...; engine.tp_layers.full_params)."""
     if not _is_torch(module):
-        whole = tp_layers.full_params(module, grads)
+        whole = tp_layers.full_params(module, grads, timeout)
         group = tp_layers.group_of(module)
         if root is not None and group is not None and group.rank != root:
             return None
@@ -198,7 +200,7 @@ def gather_state_dict(module: Any, root: int | None = None, grads: bool = False
             if key not in state:
                 continue
             if (id(sub), pname) not in gathered:
-                full = _gather(torch, meta.group, state[key], dim)
+                full = _gather(torch, meta.group, state[key], dim, timeout)
                 if meta.order is not None:
                     full = full.index_select(dim, torch.tensor(meta.order))
                 gathered[id(sub), pname] = full
@@ -1355,7 +1357,7 @@ def _comm(group: Any, x: Any, op: str, where: str, dim: int) -> Any:
     return collectives.reduce_scatter(group, moved).movedim(0, dim).contiguous()
 
 
-def _gather(torch: Any, group: Any, x: Any, dim: int) -> Any:
-    parts = collectives.all_gather(group, x.contiguous())
+def _gather(torch: Any, group: Any, x: Any, dim: int, timeout: float | None = None) -> Any:
+    parts = collectives.all_gather(group, x.contiguous(), timeout=timeout)
     return torch.cat(list(parts.unbind(0)), dim=dim)
 

@@ -34,17 +34,19 @@ __all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_pa
 
 
 @logged
-def _comm(group: Any, x: Any, op: str, dim: int, where: str = "tensor parallel") -> Any:
+def _comm(group: Any, x: Any, op: str, dim: int, where: str = "tensor parallel",
+          timeout: float | None = None) -> Any:
     """One collective on an array: ar (all-reduce), ag (all-gather along
-    dim), rs (reduce-scatter along dim), split (this rank's part), id."""
+    dim), rs (reduce-scatter along dim), split (this rank's part), id
+    (``timeout``: the all-gather's, the group's default if None)."""
     if op == "id" or x is None:
         return x
     n = group.size
     if op == "ar":
         return collectives.all_reduce(group, np.array(x))
     if op == "ag":
-        return np.concatenate(list(collectives.all_gather(group, np.ascontiguousarray(x))),
-                              axis=dim)
+        return np.concatenate(list(collectives.all_gather(group, np.ascontiguousarray(x),
+                                                          timeout=timeout)), axis=dim)
     if x.shape[dim] % n:
         raise PlanError(f"tp rank {group.rank}: {where}: axis {dim} of a {x.shape} activation "
                         f"is {x.shape[dim]}, not divisible by the tp size {n} "
@@ -205,11 +207,12 @@ class Sharded:
     def grads(self) -> list[Any]:
         return self.inner.grads() + ([] if self.grad_bias is None else [self.grad_bias])
 
-    def full_params(self, grads: bool = False) -> list[Any]:
-        """The unsharded parameters, or gradients (collective over the group)."""
+    def full_params(self, grads: bool = False, timeout: float | None = None) -> list[Any]:
+        """The unsharded parameters, or gradients (collective over the group,
+        each all-gather waiting ``timeout``, the group's default if None)."""
         if isinstance(self.inner, Sequential):   # a region: its layers say
-            return full_params(self.inner, grads)
-        whole = [p if d is None else _comm(self.group, p, "ag", d)
+            return full_params(self.inner, grads, timeout)
+        whole = [p if d is None else _comm(self.group, p, "ag", d, timeout=timeout)
                  for p, d in zip(self.grads() if grads else self.params(), self.dims)]
         if self.order is not None:
             whole = [p if d is None else np.take(p, self.order, axis=d)
@@ -453,12 +456,13 @@ def _load_full(model: Any, whole: list[Any]) -> None:
         p[...] = w
 
 
-def full_params(model: Any, grads: bool = False) -> list[Any]:
+def full_params(model: Any, grads: bool = False, timeout: float | None = None) -> list[Any]:
     """``model.params()`` (``grads()`` with ``grads=True``) with every sharded
-    layer's gathered whole (collective over each tp group)."""
+    layer's gathered whole (collective over each tp group; ``timeout``:
+    each gather's, the group's default if None)."""
     model = _bare(model)
     if isinstance(model, Sharded):
-        return model.full_params(grads)
+        return model.full_params(grads, timeout)
     if isinstance(model, Sequential):
-        return [p for layer in model.layers for p in full_params(layer, grads)]
+        return [p for layer in model.layers for p in full_params(layer, grads, timeout)]
     return list(model.grads() if grads else model.params())

@@ -1411,15 +1411,20 @@ def _load_worker(world, tp):
     # as torch's: strict=False loads what is given, leaves the rest, and names both
     said["partial"] = job.load_state_dict({**{k: v for k, v in state.items() if k != last},
                                            "extra.0": state["0.0"]}, strict=False)
-    if world.rank == 0 and tp == 1:   # the others do not call it: rank 0 is told so, in the
-        # job's timeout (with tp, its tp peer's gather waits MESH_TIMEOUT first)
-        try:
-            job.state_dict(timeout=0.2)
-        except mesh.MeshError as e:
-            said["alone"] = str(e)
+    def alone():        # the others do not call it: rank 0 is told so, in the job's timeout
+        if world.rank == 0:
+            try:
+                job.state_dict(timeout=0.2)
+            except mesh.MeshError as e:
+                said["alone"] = str(e)
+    if tp == 1:
+        alone()
     collectives.barrier(world)      # (rank 1's state went to rank 0's wait, ended it)
     got = job.state_dict()
     named = job.named_parameters()      # state_dict()'s names, each rank its own shards
+    if tp > 1:      # (last: its timed-out gather ends the tp group, as a collective's does;
+        alone()     # it waited MESH_TIMEOUT there and said only that, until the 43rd session)
+        collectives.barrier(world)      # (the others still there)
     return {"same": None if got is None else all(np.array_equal(got[k], v)
                                                  for k, v in state.items()),
             "named": [(n, p.shape) for n, p in named], "tp": tp > 1,
@@ -1457,10 +1462,10 @@ def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
                               f"the state given, but {o['bias']} in the model"), o
         assert o["partial"] == ([o["last_key"]], ["extra.0"]), o["partial"]
         assert o["partial"].missing_keys == [o["last_key"]], o["partial"]
-    assert tp > 1 or out[0]["alone"].startswith(
+    assert out[0]["alone"].startswith(
         "rank 0: job.state_dict() gathers every stage on rank 0, so every rank must call it"), \
         out[0]["alone"]
-    assert tp > 1 or "timed out after 0.2s" in out[0]["alone"], out[0]["alone"]
+    assert "timed out after 0.2s" in out[0]["alone"], out[0]["alone"]
     model = _numpy_model(WIDTHS)
     state = {f"{i}.{j}": p.copy() for i, layer in enumerate(model.layers)
              for j, p in enumerate(layer.params())}
