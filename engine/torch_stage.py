@@ -218,6 +218,11 @@ class TorchStage:
         self.layered = bool(layered)
         self._fixed: tuple[int, ...] | None = None   # a tuple output's parts needing no grad
         self._learned = False       # whether a forward with a graph has set _fixed
+        # layered: each layer's input parts needing no gradient (a mask, ids), and the
+        # layers whose input is changed in place (by the layer, or a later one it hands
+        # it to), which keep a copy of it; both learned by the first forward
+        self._layer_fixed: dict[int, tuple[int, ...]] = {}
+        self._changed: set[int] = set()
         self._params = [p for p in module.parameters() if p.requires_grad]
         self.compiled = _runs_compiled(module)
         # Floating inputs are cast to the dtype of the module's first floating
@@ -339,18 +344,51 @@ class TorchStage:
         input and the generators' state before it kept (the first's input
         as the message came: ``_input`` makes its leaf again)."""
         torch = _torch()
-        ins, states = [_uncopied(x)], []
+        ins: list[Any] = [_uncopied(x)]
+        states: list[tuple[Any, Any]] = []
+        seen: list[tuple[int, ...]] = [()]
         learn = not self._learned     # (its first: with a graph, then dropped, _learn_first)
         with torch.set_grad_enabled(learn and torch.is_grad_enabled()):
+            graph = torch.is_grad_enabled()
             _, h = self._input(x)
             for j, layer in enumerate(self.module):
                 if j:
-                    ins.append(h if not learn else h.detach() if isinstance(
-                        h, torch.Tensor) else tuple(v if v is None else v.detach() for v in h))
+                    kept, versions = self._keep(j, h, learn, graph)
+                    ins.append(kept)
+                    seen.append(versions)
                 states.append(self._state())
                 h = layer(h)
+        if learn:       # the inputs changed in place since kept: copied from now on
+            self._changed |= {j for j in range(1, len(ins)) if isinstance(ins[j], _Given)
+                              and _versions(ins[j].given) != ins[j].versions}
+            ins = [v.kept if isinstance(v, _Given) else v for v in ins]
+            seen = [()] * len(ins)       # (copies: nothing else changes them)
         self._learn_first(h, learn)
-        return self._handed(h), _Layers(ins, states)
+        return self._handed(h), _Layers(ins, states, seen)
+
+    def _keep(self, j: int, h: Any, learn: bool, graph: bool
+              ) -> tuple[Any, tuple[int, ...]]:
+        """Layer ``j``'s input as a layered recompute keeps it, and the
+        version counters of the parts kept as they are (checked before the
+        recompute). A layer may change its input in place (a mask, ids, an
+        ``nn.ReLU(inplace=True)``'s), or a later layer a part handed on to
+        it: such an input kept as it came was the changed one when the layer
+        ran again, a wrong gradient with nothing said (or, made a leaf, the
+        in-place change raised). Its parts needing no gradient stay so
+        (learned by the first forward, with a graph; a float mask made a
+        leaf raised at its in-place change), and the layers whose input the
+        first forward saw changed keep a copy (the first forward copies
+        every layer's, and reads the counters after)."""
+        parts = h if isinstance(h, tuple) else (h,)
+        if learn and graph:     # (what needs a gradient, told by the graph)
+            self._layer_fixed[j] = tuple(i for i, v in enumerate(parts) if not _needs_grad(v))
+        fixed = self._layer_fixed.get(j, ())
+        if learn or j in self._changed:
+            copies = tuple(v if v is None else v.detach().clone() for v in parts)
+            kept = Parts(copies, fixed) if isinstance(h, tuple) else copies[0]
+            return (_Given(kept, parts, _versions(parts)) if learn else kept), ()
+        kept = Parts(parts, fixed) if isinstance(h, tuple) else h
+        return kept, _versions(parts)
 
     def _backward_layers(self, ctx: "_Layers", gy: Any, split: bool) -> tuple[Any, Any]:
         """Each layer again, last first, from its input kept and its random
@@ -376,7 +414,15 @@ class TorchStage:
         the gradient ``g`` of its output; its input's gradient."""
         torch = _torch()
         self._set_state(ctx.states[j])
-        t, fed = self._input(ctx.ins[0]) if j == 0 else _leaves(ctx.ins[j])
+        if j and ctx.seen[j] and _versions(ctx.ins[j]) != ctx.seen[j]:
+            raise RuntimeError(
+                f"layer {j} ({type(layer).__name__}) of a stage recomputing layer by layer: "
+                f"its input, kept for its recompute, was changed in place after the first "
+                f"step (which saw no such change, so it kept no copy of it): the recompute "
+                f"would run on the changed values, a wrong gradient; change a copy of it, "
+                f"or recompute the stage whole (layered=False)")
+        t, fed = self._input(ctx.ins[0]) if j == 0 else _leaves(ctx.ins[j],
+                                                                j in self._changed)
         with _stats_kept(layer):
             out = layer(fed)
         if j == len(self.module) - 1:
@@ -486,12 +532,32 @@ class _Kept:
 
 class _Layers:
     """A layered recompute's forward context: each layer's input (the
-    first's the message as it came) and the generators' state before it."""
+    first's the message as it came), the generators' state before it, and
+    the version counters of its tensors kept uncopied (() where copied)."""
 
-    __slots__ = ("ins", "states")
+    __slots__ = ("ins", "states", "seen")
 
-    def __init__(self, ins: list[Any], states: list[tuple[Any, Any]]) -> None:
-        self.ins, self.states = ins, states
+    def __init__(self, ins: list[Any], states: list[tuple[Any, Any]],
+                 seen: list[tuple[int, ...]]) -> None:
+        self.ins, self.states, self.seen = ins, states, seen
+
+
+class _Given:
+    """A layer's input kept by the first layered forward: its copy, and the
+    parts as given, whose version counters tell whether anything changed
+    them in place (TorchStage._keep)."""
+
+    __slots__ = ("kept", "given", "versions")
+
+    def __init__(self, kept: Any, given: tuple[Any, ...], versions: tuple[int, ...]) -> None:
+        self.kept, self.given, self.versions = kept, given, versions
+
+
+def _versions(h: Any) -> tuple[int, ...]:
+    """The version counters of ``h``'s tensors (a tensor, or a tuple's parts):
+    each in-place change moves its tensor's on."""
+    parts = h if isinstance(h, tuple) else (h,)
+    return tuple(-1 if v is None else v._version for v in parts)
 
 
 def _uncopied(x: Any) -> Any:
@@ -517,18 +583,20 @@ def _uncopied(x: Any) -> Any:
     return Parts(parts, fixed) if isinstance(x, Parts) else parts
 
 
-def _leaves(h: Any) -> tuple[Any, Any]:
+def _leaves(h: Any, changed: bool = False) -> tuple[Any, Any]:
     """A layer's kept input (computed without a graph) as the leaf its
-    gradient collects in, twice (``TorchStage._input``'s pair): its
-    floating tensors detached and made to require grad, no copy."""
-    if isinstance(h, tuple):
-        fixed = getattr(h, "fixed", ())
-        t = tuple(v.detach().requires_grad_(True)
-                  if v is not None and v.is_floating_point() and i not in fixed
-                  else v for i, v in enumerate(h))
-        return t, t
-    t = h.detach().requires_grad_(True) if h.is_floating_point() else h
-    return t, t
+    gradient collects in, and what the layer gets (``TorchStage._input``'s
+    pair): its floating tensors detached and made to require grad, no copy;
+    ``changed`` (the layer changes its input in place, an
+    ``nn.ReLU(inplace=True)``): the layer gets a copy of each leaf, which
+    an in-place change to a leaf refuses."""
+    parts = h if isinstance(h, tuple) else (h,)
+    fixed = getattr(h, "fixed", ())
+    t = tuple(v.detach().requires_grad_(True)
+              if v is not None and v.is_floating_point() and i not in fixed
+              else v for i, v in enumerate(parts))
+    fed = tuple(v.clone() if changed and v is not None and v.requires_grad else v for v in t)
+    return (t, fed) if isinstance(h, tuple) else (t[0], fed[0])
 
 
 def _flat(out: Any) -> Any:

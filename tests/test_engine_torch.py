@@ -389,17 +389,20 @@ def test_a_recomputing_stage_draws_the_same_dropout_masks():
 
 
 class _Biased(torch.nn.Module):      # (h, a mask's bias): the bias needs no gradient
-    def __init__(self, first=False, changes=False):
+    def __init__(self, first=False, changes=False, ids=False):
         super().__init__()
         self.fc, self.first, self.changes = torch.nn.Linear(4, 4), first, changes
+        self.ids = ids              # (h, ids): int64 counts, not a float bias
 
     def forward(self, x):
         if self.first:
-            return torch.tanh(self.fc(x)), (x[:, :1] > 0).to(x.dtype) * -0.5
+            mask = (x[:, :1] > 0)
+            return torch.tanh(self.fc(x)), mask.long() if self.ids else mask.to(x.dtype) * -0.5
         h, bias = x
-        if self.changes:
-            bias.mul_(2)             # changed in place, as one process's code may
-        return torch.tanh(self.fc(h) * (1 + bias)), bias
+        if self.changes:            # changed in place, as one process's code may
+            bias.add_(1) if self.ids else bias.mul_(2)
+        scale = 1 - 0.25 * bias if self.ids else 1 + bias
+        return torch.tanh(self.fc(h) * scale), bias
 
 
 def test_a_recomputing_stage_keeps_the_parts_it_takes_uncopied_as_they_came():
@@ -407,34 +410,55 @@ def test_a_recomputing_stage_keeps_the_parts_it_takes_uncopied_as_they_came():
     (a mask's bias) is taken as it came, not copied; changed in place by the
     stage (or by a later one on the rank, where it is handed on), the
     recompute read the changed values: weight gradients 0.75 off one
-    process's, with nothing said. Whole, split and layer by layer."""
-    def model():
+    process's, with nothing said. Whole, split and layer by layer; and
+    (until the forty-third session) a layer deep in a layer-by-layer
+    recompute, whose input is the layer before's output (a float bias, or
+    int64 ids, changed in place by that layer or a later one): kept as it
+    was handed on, its recompute read the changed values."""
+    def model(ids=False):
         torch.manual_seed(0)
-        return [_Biased(first=True).double(), _Biased(changes=True).double(),
-                _Biased(changes=True).double()]
+        return [_Biased(first=True, ids=ids).double(), _Biased(changes=True, ids=ids).double(),
+                _Biased(changes=True, ids=ids).double()]
     x = torch.randn(3, 4, dtype=torch.float64)
-    ref = model()
-    out = torch.nn.Sequential(*ref)(x)[0]
-    out.sum().backward()
-    want = [p.grad for m in ref for p in m.parameters()]
-    for way in ("whole", "split", "layered"):
-        mods = model()
-        stages = [TorchStage(mods[0]), TorchStage(torch.nn.Sequential(mods[1]), True,
-                                                  layered=way == "layered"),
-                  TorchStage(mods[2])]
+    for way in ("whole", "split", "layered", "deep", "deep ids", "deep split ids"):
+        ref = model(ids="ids" in way)
+        out = torch.nn.Sequential(*ref)(x)[0]
+        out.sum().backward()
+        want = [p.grad for m in ref for p in m.parameters()]
+        mods = model(ids="ids" in way)
+        if way.startswith("deep"):      # both changing layers in one layered stage
+            stages = [TorchStage(mods[0]), TorchStage(torch.nn.Sequential(*mods[1:]), True,
+                                                      layered=True)]
+        else:
+            stages = [TorchStage(mods[0]), TorchStage(torch.nn.Sequential(mods[1]), True,
+                                                      layered=way == "layered"),
+                      TorchStage(mods[2])]
         y, ctxs = x, []
         for st in stages:
             y, ctx = st.forward(y)
             ctxs.append(ctx)
         g = (torch.ones_like(y[0]), None)
         for st, ctx in zip(stages[::-1], ctxs[::-1]):
-            if way == "split":
+            if "split" in way:
                 g, wctx = st.backward_input(ctx, g)
                 st.backward_weight(wctx)
             else:
                 g = st.backward(ctx, g)
         torch.testing.assert_close([p.grad for m in mods for p in m.parameters()], want,
                                    rtol=0, atol=1e-12, msg=way)
+    # an nn.ReLU(inplace=True) layer: its input, made a leaf for its recompute, raised
+    # "a leaf Variable that requires grad is being used in an in-place operation"
+    grads = {}
+    for layered in (False, True):
+        torch.manual_seed(0)
+        st = TorchStage(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True),
+                                            torch.nn.Linear(4, 2)).double(), True,
+                        layered=layered)
+        for _ in range(2):
+            y, ctx = st.forward(x)
+            st.backward(ctx, torch.ones_like(y))
+        grads[layered] = [g.copy() for g in st.grads()]
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=1e-12)
 
 
 def _batchnorm_model():
