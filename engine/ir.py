@@ -279,7 +279,9 @@ class Schedule:
 
     def render(self, costs: Mapping[str, Any] | None = None,
                cores: float | None = None, load: float = 0.0) -> str:
-        """Text grid, ranks x time, bubbles shown as '.' (see engine.render)."""
+        """Text grid, ranks x time, bubbles shown as '.', simulated with
+        ``costs`` (None: every action one cell, unlike ``simulate()``'s
+        B=2; see engine.render)."""
         from .render import render
         return render(self, costs, cores, load)
 

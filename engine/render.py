@@ -1,9 +1,10 @@
 """The schedule as a text grid: one row per rank, one column per time unit.
 
 Times come from the simulator, so what the grid shows is what the
-simulator predicts: an action spans ``cost / unit`` cells (its label, then
-``-`` cells), and an idle cell, a bubble, is ``.``. With the default unit
-costs every action is one cell::
+simulator predicts for the costs given: an action spans ``cost / unit``
+cells (its label, then ``-`` cells), and an idle cell, a bubble, is ``.``.
+With the default unit costs every action is one cell (not
+``simulate()``'s own defaults, whose B is 2: ``engine.show`` draws those)::
 
     0 | 0F0 0F1  .  0B0  .  0B1
     1 |  .  1F0 1B0 1F1 1B1  .
