@@ -123,7 +123,11 @@ class StepFailed(MeshError):
 
 def rows_of(batch: Any) -> int:
     """The rows of a batch; of a tuple (a model of several inputs), those
-    every part has (else ValueError)."""
+    every part has (else ValueError). A dict raises a TypeError saying what
+    a batch is (its len() was taken for its rows: distribute's sample=
+    {"x": x, "mask": m} then failed in its layers' timing on "unhashable
+    type: 'slice'")."""
+    _no_dict(batch)
     if not isinstance(batch, tuple):
         return len(batch)
     rows = {len(part) for part in batch}
@@ -152,16 +156,21 @@ def _paired(inputs: int, targets: int, m: int) -> bool:
     return all(k * targets // m == c * (k * inputs // m) for k in range(m + 1))
 
 
+def _no_dict(batch: Any) -> None:
+    """Raise where ``batch`` is a dict (keyword inputs), saying what a batch is."""
+    if isinstance(batch, dict):
+        raise TypeError(f"a batch is an array, a tensor or a tuple of them (a model of "
+                        f"several inputs takes them as a tuple, in its forward's order), not "
+                        f"a dict ({', '.join(map(str, list(batch)[:4]))})")
+
+
 def split_microbatches(batch: Any, m: int) -> list[Any]:
     """``m`` slices of ``batch`` along axis 0, sizes differing by at most
     one; of a tuple (a model of several inputs), tuples of its parts' slices."""
     if isinstance(batch, tuple):
         rows_of(batch)
         return list(zip(*(split_microbatches(part, m) for part in batch)))
-    if isinstance(batch, dict):     # (sliced as a dict: "unhashable type: 'slice'")
-        raise TypeError(f"a batch is an array, a tensor or a tuple of them (a model of "
-                        f"several inputs takes them as a tuple, in its forward's order), not "
-                        f"a dict ({', '.join(map(str, list(batch)[:4]))})")
+    _no_dict(batch)                 # (sliced as a dict: "unhashable type: 'slice'")
     n = len(batch)
     if n < m:
         raise ValueError(f"a batch of {n} rows cannot be cut into {m} micro-batches")

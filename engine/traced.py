@@ -284,6 +284,10 @@ def _piece(model: Any, nodes: list[Any], ins: list[Any], outs: list[Any], name: 
     env: dict[Any, Any] = {}
     if len(ins) == 1:
         env[ins[0]] = g.placeholder(ins[0].name if ins[0].op == "placeholder" else "x")
+        if ins[0].op == "placeholder" and not all(
+                u.op == "call_function" and u.target is operator.getitem for u in ins[0].users):
+            # the model's one input, read whole (not a tuple it indexes): checked
+            env[ins[0]] = g.call_function(_alone, (env[ins[0]], ins[0].name))
     else:
         packed = g.placeholder("xs")
         if all(m.op == "placeholder" for m in ins):     # the model's own inputs: checked
@@ -325,6 +329,22 @@ def _given(xs: Any, names: tuple[str, ...]) -> Any:
     raise TypeError(f"the model's forward was traced with {len(names)} inputs "
                     f"({', '.join(names)}; sample= a tuple of them), which each step takes as "
                     f"one tuple of as many: got {got}")
+
+
+def _alone(x: Any, name: str) -> Any:
+    """The first piece's input where the forward was traced with one
+    (``name``), read whole: a tuple or a list raises a TypeError that says
+    so (``step((x, mask), y)`` with no sample= tuple given to distribute: the
+    forward was traced with x alone, its mask at its default, and the tuple
+    failed in the first layer, ``linear(): argument 'input' must be Tensor,
+    not tuple``)."""
+    if isinstance(x, (tuple, list)):
+        raise TypeError(f"the model's forward was traced with 1 input ({name}), which each "
+                        f"step takes alone: got a {type(x).__name__} of {len(x)}; to trace "
+                        f"its forward with several inputs, give engine.distribute (or "
+                        f"engine.sequential: inputs=) sample= a tuple of them, "
+                        f"sample=({name}, ...), and each step the same tuple")
+    return x
 
 
 _TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names

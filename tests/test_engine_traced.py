@@ -840,6 +840,20 @@ def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
         with pytest.raises(TypeError, match=r"traced with 2 inputs \(input_ids, "
                                             rf"attention_mask; .*: got {got}"):
             seq[0](given)
+    # traced with one input (no sample= tuple), a step given the tuple failed in the first
+    # layer: "linear(): argument 'input' (position 1) must be Tensor, not tuple"
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x, mask=None):
+            h = torch.tanh(self.a(x))
+            return self.b(h if mask is None else h * mask)
+    one = engine.sequential(Masked())
+    with pytest.raises(TypeError, match=r"traced with 1 input \(x\), which each step "
+                                        r"takes alone: got a tuple of 2; .* sample= a tuple"):
+        one[0]((torch.ones(2, 4), torch.ones(2, 4)))
     torch.testing.assert_close(seq.loss(seq((ids, mask)), labels),
                                model(ids, mask, labels)["loss"], rtol=0, atol=0)
     parts = engine.partition(model, 2, balance="time", sample=(ids, mask))

@@ -543,11 +543,16 @@ def test_a_pipeline_error_of_a_class_taking_other_arguments_keeps_its_message_an
 
 def _distribute_sample_of_no_rows(world):
     model = Sequential(*mlp_stages([5, 8, 3], 1, seed=0)[0].layers)
-    sample = np.zeros((8, 5)) if world.rank == 0 else 5.0
-    return _said_then_barrier(world, lambda: engine.distribute(
-        model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=2, balance="uniform",
-        loss_fn=mse_loss, sample=sample, verbose=False, overhead=0.0, timeout=20),
-        timeout=20)
+    said = []
+    # a float on rank 1; a dict (a Hugging Face batch, model(**batch)) on every rank: its
+    # len() was taken for its rows, and the layers' timing failed on "unhashable type:
+    # 'slice'", naming neither the sample nor what a batch is
+    for sample in (np.zeros((8, 5)) if world.rank == 0 else 5.0, {"x": np.zeros((8, 5))}):
+        said.append(_said_then_barrier(world, lambda: engine.distribute(
+            model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=2, balance="uniform",
+            loss_fn=mse_loss, sample=sample, verbose=False, overhead=0.0, timeout=20),
+            timeout=20))
+    return said
 
 
 @pytest.mark.timeout(60)
@@ -555,9 +560,12 @@ def test_a_distribute_sample_without_rows_on_one_rank_fails_every_rank():
     """len() of it raised a bare TypeError on that rank alone, before the
     sample's gather: the others waited there until their timeout."""
     said = mesh.spawn(_distribute_sample_of_no_rows, 2, timeout=50)
-    for r, text in enumerate(said):
+    for r, (text, keyed) in enumerate(said):
         assert text == (f"ValueError: rank {r}: engine.distribute: rank 1's sample: object of "
                         "type 'float' has no len()"), said
+        assert keyed == (f"ValueError: rank {r}: engine.distribute: rank 0's sample: a batch "
+                         "is an array, a tensor or a tuple of them (a model of several inputs "
+                         "takes them as a tuple, in its forward's order), not a dict (x)"), said
 
 
 def _clip_nan(world):
