@@ -42,8 +42,9 @@ from .tensors import is_tensor
 from .tensors import run as _on_tensor
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
-           "scatter", "all_to_all", "scan", "exscan", "barrier", "broadcast_object",
-           "all_gather_object", "gather_object", "scatter_object", "broadcast_state"]
+           "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "scan",
+           "exscan", "barrier", "broadcast_object", "all_gather_object", "gather_object",
+           "scatter_object", "broadcast_state"]
 
 _staged_all_reduce = simple(host.all_reduce, in_place=True)
 _staged_all_gather = simple(host.all_gather, in_place=False)
@@ -54,6 +55,8 @@ _staged_gather = simple(host.gather, in_place=False)
 _staged_scatter = simple(host.scatter, in_place=False)
 _staged_all_to_all = simple(host.all_to_all, in_place=False)
 _staged_all_to_all_v = simple(host.all_to_all_v, in_place=False)
+_staged_all_gather_v = simple(host.all_gather_v, in_place=False)
+_staged_reduce_scatter_v = simple(host.reduce_scatter_v, in_place=False)
 _staged_scan = simple(host.scan, in_place=False)
 
 _HALF_WIDE = np.dtype(np.float32, metadata={"name": "float16"})
@@ -269,6 +272,76 @@ def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
             raise ValueError(bad)
     return _staged_all_to_all_v(g, a, sends, recvs, async_op=async_op, timeout=timeout,
                                 check=check)
+
+
+def all_gather_v(g: Comm, a: Any, counts: Any = None, async_op: bool = False,
+                 timeout: float | None = None) -> Any:
+    """all_gather of arrays whose first axis differs from rank to rank
+    (MPI's Allgatherv, torch's ``all_gather`` of uneven tensors): every
+    rank's ``a`` concatenated along axis 0 in rank order, a new array (or
+    tensor) of sum(counts) rows; ``a`` is only read. ``counts``: each
+    rank's rows (``g.size`` integers >= 0, as a list, array or tensor; this
+    rank's ``a`` has ``counts[rank]``); None: exchanged first (one small
+    all_gather more, blocking even with ``async_op``). The rows' shape
+    (a.shape[1:]) and dtype must be alike on every rank. Counts that
+    differ between ranks make every rank raise MismatchError naming two
+    ranks and their counts; counts that are not valid, or an ``a`` of
+    other rows than its count, fail the call on every rank. Host and
+    device arrays and tensors; the ring of all_gather or the same-host
+    board, with chunks of the counts' sizes (empty ones included)."""
+    check_comm(g, "all_gather_v")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(all_gather_v, "all_gather_v", g, a, counts=counts,
+                          async_op=async_op, timeout=timeout)
+    n, me = g.size, f"rank {g.ranks[g.rank]}: all_gather_v on group {g.name}"
+    if counts is None:      # (-1: this rank's array has no rows, its peers learn it)
+        rows: Any = getattr(a, "shape", ())
+        mine = int(rows[0]) if len(rows) else -1
+        every = host.all_gather(g, np.array([mine], np.int64), timeout=timeout).reshape(-1)
+        got = [int(k) for k in every]
+        wrong = [named(g, j) for j, k in enumerate(got) if k < 0]
+        bad = None if not wrong else f"{me}: the arrays of {', '.join(wrong)} have no rows " \
+                                     f"(a 0-d array or not an array: see their error)"
+        if bad is not None and mine < 0:
+            bad = None      # (this rank's own call says what is wrong with its array)
+        sizes = [max(0, k) for k in got]
+    else:
+        sizes, bad = _counts(counts, "counts", n, me)
+
+    def check() -> None:        # (under the call's tag: every rank fails the call)
+        if bad is not None:
+            raise ValueError(bad)
+    return _staged_all_gather_v(g, a, sizes, async_op=async_op, timeout=timeout, check=check)
+
+
+def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str = "sum", async_op: bool = False,
+                     timeout: float | None = None) -> Any:
+    """reduce_scatter with shares of unequal sizes (MPI's Reduce_scatter
+    with its recvcounts, torch's ``reduce_scatter`` of uneven tensors):
+    ``a`` (sum(counts) rows, on every rank) reduced over the group by
+    ``op``; rank r gets rows [off_r, off_r + counts[r]) of the result
+    (off_r = counts[0] + ... + counts[r-1]; none where its count is 0), a
+    new array (or tensor) like ``a``, which is only read. ``counts``: as
+    all_gather_v's (required). Counts that differ between ranks make every
+    rank raise MismatchError naming two ranks and their counts. Host and
+    device arrays and tensors (bfloat16, and float16 averaged, reduced in
+    float32); the ring of reduce_scatter or the same-host board, with
+    chunks of the counts' sizes."""
+    if _half_avg(a, op, written=False):
+        return _widened(lambda w: reduce_scatter_v(g, w, counts, op, async_op, timeout), a,
+                        False, async_op)
+    check_comm(g, "reduce_scatter_v")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(reduce_scatter_v, "reduce_scatter_v", g, a, counts=counts, op=op,
+                          async_op=async_op, timeout=timeout)
+    sizes, bad = _counts(counts, "counts", g.size,
+                         f"rank {g.ranks[g.rank]}: reduce_scatter_v on group {g.name}")
+
+    def check() -> None:
+        if bad is not None:
+            raise ValueError(bad)
+    return _staged_reduce_scatter_v(g, a, sizes, op=op, async_op=async_op, timeout=timeout,
+                                    check=check)
 
 
 def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,

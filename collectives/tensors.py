@@ -24,7 +24,7 @@ from .runner import start
 
 __all__ = ["is_tensor", "run"]
 
-_REDUCING = ("all_reduce", "reduce", "reduce_scatter", "scan", "exscan")
+_REDUCING = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_v", "scan", "exscan")
 _IN_PLACE = ("all_reduce", "broadcast", "reduce")
 
 

@@ -186,7 +186,7 @@ class _Work:
 
 IN_PLACE = ("all_reduce", "broadcast", "reduce")
 RETURNS = ("all_gather", "reduce_scatter", "gather", "scatter", "all_to_all", "scan",
-           "exscan")
+           "exscan", "all_gather_v", "reduce_scatter_v")
 
 
 class Backed:

@@ -12,6 +12,7 @@ backend (tests/backends.py).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -145,6 +146,7 @@ def _gather_scatter_cases(C: Any, g: Any, seed: int) -> None:
         want = reference(op, [data(seed, i, shape, dtype) for i in range(n)])
         m = rows // n
         expect(got, want[r * m:(r + 1) * m], f"reduce_scatter {op} {shape} n={n}")
+    _uneven_cases(C, g, seed)
     for shape in [(n,), (2 * n, 3), (0,)]:
         got = C.all_to_all(g, data(seed, r, shape, "int32"))
         m = shape[0] // n
@@ -180,6 +182,48 @@ def _gather_scatter_cases(C: Any, g: Any, seed: int) -> None:
     assert C.scatter_object(g, [[i, None] for i in range(n)] if r == 0 else None) == [r, None]
     assert C.scatter_object(g, tuple(range(n)) if r == n - 1 else None, root=n - 1,
                             async_op=True).wait() == r
+
+
+def _uneven_cases(C: Any, g: Any, seed: int) -> None:
+    """all_gather_v and reduce_scatter_v (MPI's Allgatherv, Reduce_scatter):
+    counts with zeros, given and (all_gather_v) exchanged, async, small
+    (payloads on the board) and 80 KiB up (read across, the ring); and
+    counts that differ on one rank: MismatchError on every rank, naming
+    both ranks' counts."""
+    n, r = g.size, g.rank
+    cases = [([(2 * i + 1) % 4 for i in range(n)], "float32", "sum"),
+             ([0] * n, "int64", "max"), ([0] * (n - 1) + [3], "float16", "avg")]
+    if os.environ.get("MESH_SHM") != "0":   # (80 KiB up: read across on the board)
+        cases.append(([4000 * (i % 2) for i in range(n)], "int32", "max"))
+    for k, (counts, dtype, op) in enumerate(cases):
+        xs = [data(seed + 1, i, (counts[i], 5), dtype) for i in range(n)]
+        want = np.concatenate(xs)
+        if k % 2 == 0:
+            got = C.all_gather_v(g, xs[r], counts)
+        else:       # the counts exchanged
+            got = C.all_gather_v(g, xs[r], async_op=True).wait()
+        expect(got, want, f"all_gather_v {counts} n={n}")
+        ys = [data(seed + 2, i, (sum(counts), 5), dtype) for i in range(n)]
+        at = sum(counts[:r])
+        want = reference(op, ys)[at:at + counts[r]]
+        if k % 2 == 0:
+            got = C.reduce_scatter_v(g, ys[r], counts, op=op)
+        else:
+            got = C.reduce_scatter_v(g, ys[r], np.array(counts), op=op, async_op=True).wait()
+        expect(got, want, f"reduce_scatter_v {op} {counts} n={n}")
+    if n == 1:
+        return
+    odd = n - 1         # the last rank's counts differ from the others'
+    counts = [1] * n if r != odd else [1] * (n - 1) + [2]
+    for call in (lambda: C.all_gather_v(g, data(seed, r, (counts[r], 2), "int32"), counts),
+                 lambda: C.reduce_scatter_v(g, data(seed, r, (sum(counts), 2), "int32"), counts,
+                                            op="max")):
+        with pytest.raises(mesh.MismatchError) as e:
+            call()
+        said = str(e.value)
+        assert f"counts={[1] * n}" in said and f"counts={[1] * (n - 1) + [2]}" in said \
+            and f"rank {g.ranks[odd]} called" in said, said
+    C.barrier(g)    # (the group goes on)
 
 
 def _async_cases(C: Any, g: Any, seed: int) -> None:

@@ -654,10 +654,15 @@ def lists_in_place(world: Any, mib: int) -> dict[str, Any]:
     flat = torch.zeros(n * k)
     own = flat[r * k:(r + 1) * k]
     gathered = lambda: all(bool((o == j + 1).all()) for j, o in enumerate(outs))  # noqa: E731
+    uneven = [torch.zeros(k + j) for j in range(n)]      # rank j's: k + j elements
+    mine = torch.full((k + r,), float(r + 1))
     calls = {   # op: (call(async_op), the values it must give)
         "all_gather": (lambda a: dist.all_gather(outs, x, async_op=a), gathered),
         "all_gather in place": (lambda a: dist.all_gather(outs, outs[r].fill_(r + 1),
                                                           async_op=a), gathered),
+        "all_gather uneven": (
+            lambda a: dist.all_gather(uneven, mine, async_op=a),
+            lambda: all(bool((o == j + 1).all()) for j, o in enumerate(uneven))),
         "all_gather_into_tensor in place": (
             lambda a: dist.all_gather_into_tensor(flat, own.fill_(r + 1), async_op=a),
             lambda: all(bool((flat[j * k:(j + 1) * k] == j + 1).all()) for j in range(n))),
@@ -675,11 +680,11 @@ def lists_in_place(world: Any, mib: int) -> dict[str, Any]:
     }
     extra, ok = {}, {}
     for op, (call, check) in calls.items():
-        for t in outs + [one, flat]:
+        for t in outs + uneven + [one, flat]:
             t.zero_()
         extra[op] = _peak_extra(lambda: call(False))
         ok[op] = check()
-        for t in outs + [one, flat]:
+        for t in outs + uneven + [one, flat]:
             t.zero_()
         call(True).wait()
         ok[op + " async"] = check()
@@ -694,9 +699,10 @@ def test_list_collectives_and_reduce_scatter_need_no_output_sized_temporary() ->
         assert all(o["ok"].values()), got
         e = o["extra"]
         # before: all_gather's (in place too) and the root's gather's 64 MiB, scatter's
-        # 32 MiB row, the 32 MiB output of reduce_scatter_tensor, reduce_scatter, all_to_all
-        for op in ("all_gather", "all_gather in place", "all_gather_into_tensor in place",
-                   "gather", "reduce_scatter_tensor"):
+        # 32 MiB row, the 32 MiB output of reduce_scatter_tensor, reduce_scatter, all_to_all;
+        # an uneven all_gather's 128 (a copy of the input per rank, the blocks received)
+        for op in ("all_gather", "all_gather in place", "all_gather uneven",
+                   "all_gather_into_tensor in place", "gather", "reduce_scatter_tensor"):
             assert e[op] < 12, f"{op}: peak MiB beyond the operands, per rank: {got}"
         # what stays: the root's stack of scatter's and reduce_scatter's inputs, all_to_all's
         # joined input and the blocks it receives

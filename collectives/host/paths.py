@@ -10,6 +10,7 @@ whole through host memory.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -35,8 +36,8 @@ from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chai
 from .small import all_reduce_rd, barrier_dissemination
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
-           "scatter", "all_to_all", "all_to_all_v", "scan", "barrier", "broadcast_object",
-           "all_gather_object", "gather_object", "scatter_object"]
+           "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "scan",
+           "barrier", "broadcast_object", "all_gather_object", "gather_object", "scatter_object"]
 
 
 _ONE_ARRAY = {      # what to do with a list of arrays, by collective ("": the others)
@@ -400,6 +401,141 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
         return _fp("reduce_scatter", arr, op=op, hier=lay), body
     return start(g, "reduce_scatter", prepare, async_op, timeout,
                  _skipped(g, "reduce_scatter", a, 0, None))
+
+
+def _counts_fp(counts: list[int]) -> Any:
+    """Row counts as an uneven call's fingerprint holds them: the list, so
+    that a rank given other counts raises MismatchError naming both lists
+    (on every rank: the fingerprint travels with every message and every
+    board post); in a large group one that packs short (its first counts,
+    their number, sum and a digest), which still tells the lists apart."""
+    if len(counts) <= 64:
+        return list(counts)
+    import hashlib
+    digest = hashlib.blake2b(np.asarray(counts, np.int64).tobytes(), digest_size=6).hexdigest()
+    return f"{str(list(counts[:6]))[:-1]}, ...] ({len(counts)} counts, sum {sum(counts)}, " \
+           f"digest {digest})"
+
+
+def _uneven(name: str, a: Any, counts: list[int], n: int, want: int | None = None
+            ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """An uneven call's array (C-contiguous, with rows) and its chunks: the
+    flat [lo, hi) of each rank's ``counts`` rows, in rank order, in an
+    array of sum(counts) rows of a.shape[1:]. ``want``: the rows ``a`` must
+    have (else ValueError, naming the rows and the counts)."""
+    arr = np.asarray(_array(name, a), order="C")
+    if arr.ndim == 0:
+        raise ValueError(f"{name}: needs an array of rows, got a 0-d array")
+    if len(counts) != n or any(not isinstance(k, (int, np.integer)) or isinstance(k, bool)
+                               or k < 0 for k in counts):
+        raise ValueError(f"{name}: counts must be {n} integers >= 0 (one a rank), got "
+                         f"{list(counts)!r:.200}")
+    if want is not None and arr.shape[0] != want:
+        raise ValueError(f"{name}: the array has {arr.shape[0]} rows where counts "
+                         f"{_counts_fp(list(counts))} give it {want}")
+    row, at, bounds = math.prod(arr.shape[1:]), 0, []
+    for k in counts:        # (plain ints: numpy's cumsum cost a small call 10 us more)
+        bounds.append((at, at + int(k) * row))
+        at += int(k) * row
+    return arr, bounds
+
+
+def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
+                 timeout: float | None = None, name: str = "all_gather_v",
+                 out: Any = None, check: Callable[[], Any] | None = None) -> Any:
+    """MPI's Allgatherv: every rank's ``a`` (``counts[rank]`` rows; the rows'
+    shape, a.shape[1:], and dtype alike on every rank) concatenated along
+    axis 0 in rank order: sum(counts) rows. The ring of all_gather, or the
+    same-host board, with chunks of the counts' sizes; the counts are in
+    the fingerprint (_counts_fp). ``name``: the caller's call (the torch
+    backend's all_gather). ``out``: a list of g.size arrays that take the
+    ranks' rows, as _into takes them (the torch backend's output tensors,
+    filled straight on the board; None where they cannot be), returned
+    in place of the result. ``check()``, run first under the call's tag,
+    may raise for the caller's other arguments, failing the call on every
+    rank."""
+    n = g.size
+
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        if check is not None:
+            check()
+        arr, bounds = _uneven(name, a, counts, n, counts[g.rank] if len(counts) == n else None)
+        rest, total = arr.shape[1:], sum(counts)
+        dest = None if out is None else _apart(
+            [_into(o, arr, (k,) + rest, mine=0 if j == g.rank else None)
+             for j, (o, k) in enumerate(zip(out, counts))], n)
+
+        def body(ctx: Ctx) -> Any:
+            if debug.ON:
+                _said(ctx, name, None, "ring", bounds[-1][1] * arr.itemsize, None)
+            if dest is not None and board.available(ctx):
+                local.all_gather(ctx, arr.reshape(-1), dest)
+                return dest
+            res = np.empty((total,) + rest, arr.dtype)
+            flat = res.reshape(-1)
+            if board.available(ctx):
+                local.all_gather(ctx, arr.reshape(-1), [flat[lo:hi] for lo, hi in bounds])
+            else:
+                lo, hi = bounds[ctx.g.rank]
+                flat[lo:hi] = arr.reshape(-1)
+                ring(ctx, flat, None, n - 1, 0, bounds=bounds)
+            if dest is None:
+                return res
+            for o, (lo, hi) in zip(dest, bounds):
+                o.reshape(-1)[...] = flat[lo:hi]
+            return dest
+        return _fp(name, dtype=dtype_name(arr.dtype), row=list(rest) or None,
+                   counts=_counts_fp(list(counts))), body
+    return start(g, name, prepare, async_op, timeout)
+
+
+def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
+                     async_op: bool = False, timeout: float | None = None,
+                     name: str = "reduce_scatter_v", out: Any = None,
+                     check: Callable[[], Any] | None = None) -> Any:
+    """MPI's Reduce_scatter: ``a`` (sum(counts) rows on every rank) reduced
+    over the group; rank r gets rows [off_r, off_r + counts[r]) of the
+    result (off_r: the sum of the counts before r), a new array (``a`` is
+    only read). The ring of reduce_scatter, or the same-host board, with
+    chunks of the counts' sizes; the counts are in the fingerprint.
+    ``out``: where this rank's rows go (_into); ``name``, ``check``: as
+    all_gather_v's."""
+    n = g.size
+
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        if check is not None:
+            check()
+        arr, bounds = _uneven(name, a, counts, n, sum(counts) if len(counts) == n else None)
+        rop = resolve(op, arr.dtype)
+        rest = arr.shape[1:]
+        dest = _into(out, arr, (counts[g.rank],) + rest)
+
+        def body(ctx: Ctx) -> np.ndarray:
+            rank = ctx.g.rank
+            mine = np.empty((counts[rank],) + rest, arr.dtype) if dest is None else dest
+            if debug.ON:
+                _said(ctx, name, None, "ring", arr.nbytes, None)
+            if arr.nbytes < t.small and board.available(ctx, arr.nbytes):
+                # (small: the whole array all-reduced as payloads on the board, as
+                # all_reduce takes it, then this rank's rows; read across, as the even
+                # reduce_scatter reads them, took 1.4-1.9x the time at 4-16 KiB and 4
+                # ranks, BENCHMARKS.md)
+                work = np.array(arr, order="C").reshape(-1)
+                local.all_reduce_small(ctx, work, rop)
+                lo, hi = bounds[rank]
+                mine.reshape(-1)[...] = work[lo:hi]
+            elif board.available(ctx):
+                local.reduce_scatter(ctx, arr.reshape(-1), mine.reshape(-1), rop, bounds)
+            else:
+                work = np.array(arr, order="C").reshape(-1)
+                ring(ctx, work, rop, n - 1, n - 1, shift=-1, bounds=bounds)
+                lo, hi = bounds[rank]
+                mine.reshape(-1)[...] = work[lo:hi]
+            rop.finish(mine, n)
+            return mine
+        return _fp(name, dtype=dtype_name(arr.dtype), row=list(rest) or None,
+                   counts=_counts_fp(list(counts)), op=op), body
+    return start(g, name, prepare, async_op, timeout)
 
 
 def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,

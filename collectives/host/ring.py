@@ -57,11 +57,14 @@ def message_order(steps: int, nseg: int, window: int) -> list[tuple[int, int]]:
 
 
 def _geometry(n: int, count: int, itemsize: int, segment: int, window: int,
-              steps: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]],
-                                   list[tuple[int, int]]]:
-    """A ring's chunks, their segments and the link's message order."""
-    bounds = ring_chunks(count, n)
-    nseg = segment_count(bounds[0][1] - bounds[0][0], itemsize, segment)
+              steps: int, bounds: list[tuple[int, int]] | None = None
+              ) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]],
+                         list[tuple[int, int]]]:
+    """A ring's chunks (``bounds`` where given: the uneven collectives'),
+    their segments (as many in each, sized by the largest) and the link's
+    message order."""
+    bounds = ring_chunks(count, n) if bounds is None else bounds
+    nseg = segment_count(max(hi - lo for lo, hi in bounds), itemsize, segment)
     return bounds, [segments(lo, hi, nseg) for lo, hi in bounds], \
         message_order(steps, nseg, window)
 
@@ -77,20 +80,24 @@ def final_regions(n: int, rank: int, count: int, itemsize: int, segment: int,
 
 
 def ring(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_steps: int,
-         shift: int = 0, hooks: Hooks | None = None) -> None:
+         shift: int = 0, hooks: Hooks | None = None,
+         bounds: list[tuple[int, int]] | None = None) -> None:
     """Run ``steps`` ring steps over the flat contiguous ``buf``, the first
     ``reduce_steps`` of them reducing with ``op``. all_reduce is
     (2(n-1), n-1, shift 0), all_gather (n-1, 0, 0), reduce_scatter
     (n-1, n-1, shift -1, so rank r ends owning chunk r). ``hooks``: an
-    all_reduce's (first, final), module docstring."""
+    all_reduce's (first, final), module docstring. ``bounds``: the n
+    chunks, [lo, hi) of ``buf`` in rank order, where they are uneven
+    (all_gather_v, reduce_scatter_v: the same on every rank; a chunk may
+    be empty), else ``buf`` cut evenly."""
     n, r = ctx.g.size, ctx.g.rank
     if n == 1 or steps == 0:
         return
     left, right = (r - 1) % n, (r + 1) % n
     bounds, segs, order = _geometry(n, buf.size, buf.itemsize, ctx.tuning.segment,
-                                    ctx.tuning.window, steps)
+                                    ctx.tuning.window, steps, bounds)
     seg_elems = max(1, ctx.tuning.segment // buf.itemsize)
-    links = stream.open_links(ctx, left, right, steps * (bounds[0][1] - bounds[0][0])
+    links = stream.open_links(ctx, left, right, steps * max(hi - lo for lo, hi in bounds)
                               * buf.itemsize)
     try:
         _run(ctx, buf, op, steps, reduce_steps, shift, seg_elems, segs, order, links, hooks)

@@ -200,10 +200,12 @@ def _read_across(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
         r.wait_stage(r.peers, 2)
 
 
-def reduce_scatter(ctx: Ctx, buf: np.ndarray, out: np.ndarray, op: ReduceOp) -> None:
-    """``out`` = this rank's share (chunk ``rank`` of the flat ``buf``)
-    reduced over the group; ``buf`` is left as it was."""
-    lo, hi = ring_chunks(buf.size, ctx.g.size)[ctx.g.rank]
+def reduce_scatter(ctx: Ctx, buf: np.ndarray, out: np.ndarray, op: ReduceOp,
+                   bounds: list[tuple[int, int]] | None = None) -> None:
+    """``out`` = this rank's share (chunk ``rank`` of the flat ``buf``; of
+    ``bounds``, the n chunks in rank order, where they are uneven:
+    reduce_scatter_v) reduced over the group; ``buf`` is left as it was."""
+    lo, hi = (ring_chunks(buf.size, ctx.g.size) if bounds is None else bounds)[ctx.g.rank]
     with Round(ctx) as r:
         r.post(addr=buf.ctypes.data)
         addrs = r.gather()
@@ -218,18 +220,21 @@ def _flat_rows(out: np.ndarray | list[np.ndarray], n: int) -> list[Any]:
 
 
 def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray]) -> None:
-    """Row p of ``out`` (rows of buf.size; or a list of them) = rank p's flat ``buf``."""
+    """Row p of ``out`` (rows of buf.size; or a list of them, which may
+    differ in size: all_gather_v's, each rank's ``buf`` the size of its
+    own) = rank p's flat ``buf``. As payloads where the largest row is
+    small (the same choice on every rank), else read across."""
     rows = _flat_rows(out, ctx.g.size)
     rows[ctx.g.rank][...] = buf
     with Round(ctx) as r:
-        if _small(ctx, buf):
+        if _small(ctx, max(rows, key=lambda row: row.nbytes)):
             r.post(payload=buf)
             r.gather(rows)
             return
         r.post(addr=buf.ctypes.data)
         addrs = r.gather()
         for p in r.peers:
-            if buf.size:
+            if rows[p].size:
                 peer_read(ctx, p, addrs[p], rows[p])
         r.stage(2)
         r.wait_stage(r.peers, 2)
