@@ -96,7 +96,8 @@ _NOTEBOOK = textwrap.dedent("""\
 
     class Cell:     # a notebook's stdout: each write sent on as it comes (ipykernel's OutStream)
         def write(self, text):
-            os.write(1, (json.dumps(text) + "\\n").encode())
+            told = text if len(text) < 1000 else len(text)     # (a long line: its length)
+            os.write(1, (json.dumps(told) + "\\n").encode())
             return len(text)
         def flush(self):
             pass
@@ -105,23 +106,30 @@ _NOTEBOOK = textwrap.dedent("""\
         for i in range(2):
             print("rank", world.rank, "line", i)
         print("no end", end="")
-        return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        sys.stdout.flush()
+        t0 = time.monotonic()
+        for i in range(80000):     # a line of 0.8 MB in small pieces, a progress bar's dots
+            sys.stdout.write("0123456789")
+        sys.stdout.write("\\n")
+        took = time.monotonic() - t0
+        return signal.getsignal(signal.SIGINT) is signal.default_int_handler, took
 
     def slow(world):
+        print("rank", world.rank, "waits", end="")     # (its last words: held, then on)
         time.sleep(30)
 
     out = {}
     sys.stdout = Cell()
     out["plain ^C"] = mesh.spawn(talk, 2, timeout=40)
-    sys.stdout = sys.__stdout__
     me = os.getpid()
-    for delay in (0.5, 0.6):    # ^C, and again while the first stops the ranks
+    for delay in (1.0, 1.1):    # ^C, and again while the first stops the ranks
         threading.Timer(delay, os.kill, (me, signal.SIGINT)).start()
     t0 = time.monotonic()
     try:
         mesh.spawn(slow, 2, timeout=40, settle=5)
     except KeyboardInterrupt:
         out["interrupted after"] = time.monotonic() - t0
+    sys.stdout = sys.__stdout__
     try:
         time.sleep(1)
     except KeyboardInterrupt:
@@ -140,16 +148,25 @@ def test_in_a_notebook_lines_come_whole_and_an_interrupt_stops_the_ranks() -> No
     interrupt, SIGINT to the kernel, pressed twice (the second, while the
     first stopped the ranks, left them running, the rendezvous service's
     threads in the kernel and the ranks' folder behind; the first waited
-    settle= seconds for ranks that never see a ^C). 1 s."""
+    settle= seconds for ranks that never see a ^C), a line of 0.8 MB
+    written in 10-byte pieces (it took 9-29 s: the line so far was joined
+    and searched at each write), and the start of a line a rank wrote
+    before it hung (lost when the interrupt stopped it). 1.8 s."""
     r = subprocess.run([sys.executable, "-"], input=_NOTEBOOK, cwd=REPO, env=_script_env(),
                        capture_output=True, text=True, timeout=75)
     assert r.returncode == 0, r.stdout + r.stderr
     *pieces, last = r.stdout.splitlines()
     out = json.loads(last)
-    written = sorted(json.loads(p) for p in pieces)
+    written = [json.loads(p) for p in pieces]
+    assert [w for w in written if isinstance(w, int)] == [800001] * 2    # whole, long lines
+    written = sorted(w for w in written if isinstance(w, str))
     assert written == ["no end", "no end", "rank 0 line 0\n", "rank 0 line 1\n",
-                       "rank 1 line 0\n", "rank 1 line 1\n"], written
-    assert out["plain ^C"] == [True, True]      # a rank's SIGINT is Python's own, as before
+                       "rank 0 waits", "rank 1 line 0\n", "rank 1 line 1\n",
+                       "rank 1 waits"], written
+    # a rank's SIGINT is Python's own, as before; the long line came in no more time than
+    # its writes (not 9 s: the line so far joined and searched at each write)
+    assert [handler for handler, _ in out["plain ^C"]] == [True, True]
+    assert max(took for _, took in out["plain ^C"]) < 2, out
     assert out["interrupted after"] < 3, out     # not settle= (5 s) more
     assert out["left"] == [[], [], []], out
 
