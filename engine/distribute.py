@@ -1150,18 +1150,48 @@ class Job:
         both shapes). A parameter with no state given keeps none, as
         torch's. Every rank must call it: before any loads, the ranks tell
         each other whether each could cut its part (a rank whose optimizer
-        groups its parameters otherwise than the state makes every rank
-        raise, naming it)."""
+        groups its parameters otherwise than the state, or that was given
+        None, the state on rank 0 only, makes every rank raise, naming it)."""
         self._torch_only("load_optimizer_state_dict")
         where = f"rank {self.grid.comm.rank}: load_optimizer_state_dict"
+        fault: Exception | None = None
+        try:
+            local = self._checked_cut(opt, state, where)
+        except (TypeError, KeyError, ValueError) as e:
+            fault = e
+        # (every rank hears of any rank's fault before one loads: nothing half-loaded; a
+        # state given on rank 0 only, None on the others, left rank 0 waiting here)
+        said = None if fault is None else [type(fault).__name__, str(fault)]
+        told = collectives.all_gather_object(self.grid.comm, said, timeout=self._timeout)
+        if fault is not None:
+            raise fault
+        bad = next(((r, t) for r, t in enumerate(told) if t is not None), None)
+        if bad is not None:
+            r, (kind, text) = bad
+            raise {"KeyError": KeyError, "TypeError": TypeError}.get(kind, ValueError)(
+                f"{where}: not loaded, rank {r} could not: {text}")
+        opt.load_state_dict(local)
+
+    def _checked_cut(self, opt: Any, state: Any, where: str) -> dict[str, Any]:
+        """``state`` checked against the whole model, then cut as this rank's
+        ``opt.state_dict()`` (``_cut_optimizer``)."""
         if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or \
                 not isinstance(state.get("param_groups"), list):
+            rank0 = (": job.optimizer_state_dict(opt) returns it on rank 0 only, None on the "
+                     "others; give every rank the whole state (torch.load it on each)"
+                     if state is None else "")
             raise TypeError(f"{where}: takes {{'state': {{name: {{...}}}}, 'param_groups': "
                             f"[...]}}, what job.optimizer_state_dict(opt) returns (or DCP's "
                             f"get_optimizer_state_dict with full_state_dict=True), not a "
                             f"{type(state).__name__}"
-                            f"{f' of {list(state)[:4]}' if isinstance(state, dict) else ''}")
+                            f"{f' of {list(state)[:4]}' if isinstance(state, dict) else ''}"
+                            f"{rank0}")
         named = [*state["state"], *(n for g in state["param_groups"] for n in g.get("params", ()))]
+        if any(not isinstance(n, str) for n in named):
+            raise TypeError(f"{where}: takes the state by parameter name, not an optimizer's "
+                            f"own opt.state_dict() (by index: {named[:4]}); on one process "
+                            f"DCP's get_optimizer_state_dict(model, opt, options="
+                            f"StateDictOptions(full_state_dict=True)) gives it by name")
         unknown = [n for n in named if n not in self._expected]
         if unknown:
             more = " ..." if len(unknown) > 4 else ""
@@ -1180,22 +1210,7 @@ class Job:
             given.setdefault(self._aliases.get(n, n), own)
         homes = [{self._aliases.get(n, n) for n in g.get("params", ())}
                  for g in state["param_groups"]]
-        fault: Exception | None = None
-        try:
-            local = self._cut_optimizer(opt, state, given, homes, where)
-        except (KeyError, ValueError) as e:
-            fault = e
-        # (every rank hears of any rank's fault before one loads: nothing half-loaded)
-        said = None if fault is None else [type(fault).__name__, str(fault)]
-        told = collectives.all_gather_object(self.grid.comm, said, timeout=self._timeout)
-        if fault is not None:
-            raise fault
-        bad = next(((r, t) for r, t in enumerate(told) if t is not None), None)
-        if bad is not None:
-            r, (kind, text) = bad
-            raise (KeyError if kind == "KeyError" else ValueError)(
-                f"{where}: not loaded, rank {r} could not: {text}")
-        opt.load_state_dict(local)
+        return self._cut_optimizer(opt, state, given, homes, where)
 
     def _cut_optimizer(self, opt: Any, state: dict[str, Any], given: dict[str, Any],
                        homes: list[set[str]], where: str) -> dict[str, Any]:

@@ -1228,6 +1228,14 @@ def _torch_worker(world, axes, plan, widths, ckpt, elsewhere):
     with pytest.raises(ValueError) as e:
         other.load_optimizer_state_dict(lone, ck["optim"])
     refused += [str(e.value), len(lone.state)]
+    # the state on rank 0 only, as job.optimizer_state_dict returned it: every rank raises
+    # (rank 0 went on into the next collective, paired with the others' next call)
+    with pytest.raises(TypeError) as e:
+        other.load_optimizer_state_dict(moved, optim)
+    refused += [str(e.value), len(moved.state)]
+    with pytest.raises(TypeError) as e:     # torch's own, by index: not "another model's"
+        other.load_optimizer_state_dict(moved, opt.state_dict())
+    refused += [str(e.value), len(moved.state)]
     other.load_optimizer_state_dict(moved, ck["optim"])
     dt = grid_there.coord("dp") if "dp" in there else 0
     for j, o, at in ((job, opt, (d, dp)), (again, resumed, (d, dp)),
@@ -1327,6 +1335,15 @@ def test_torch_distribute_matches_one_process(axes, plan, tmp_path):
                 else "not loaded, rank 1 could not: rank 1: load_optimizer_state_dict: ")
         assert res["refused"][3].startswith(f"rank {r}: load_optimizer_state_dict: ") and \
             lone in res["refused"][3] and res["refused"][4] == 0, res["refused"]
+        given = ("not loaded, rank 1 could not: rank 1: load_optimizer_state_dict: takes"
+                 if r == 0 else "not a NoneType: job.optimizer_state_dict(opt) returns it on "
+                 "rank 0 only, None on the others; give every rank the whole state")
+        assert res["refused"][5].startswith(f"rank {r}: load_optimizer_state_dict: ") and \
+            given in res["refused"][5] and res["refused"][6] == 0, res["refused"]
+        assert res["refused"][7].startswith(f"rank {r}: load_optimizer_state_dict: takes the "
+                                            f"state by parameter name, not an optimizer's own "
+                                            f"opt.state_dict() (by index: [0, 1, 2, 3]); ") \
+            and res["refused"][8] == 0, res["refused"]
     model = _torch_model(widths)
     opt = _adamw(list(model.named_parameters()))
     losses = []
