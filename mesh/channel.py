@@ -95,7 +95,8 @@ class CollectiveChannel:
         c = self._comm
         wsrc = ANY if src == ANY else c.ranks[src]
         return Watch(self._t, self._t.irecv(c.gid, wsrc, tag, None, fp,
-                                            c._desc("recv from", src, wsrc, tag, what)))
+                                            c._desc("recv from", src, wsrc, tag, what),
+                                            watch=True))
 
     def abort(self, tag: int, reason: str, kind: AbortKind = AbortKind.OTHER,
               peer: int | None = None) -> None:

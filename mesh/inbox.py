@@ -22,7 +22,7 @@ import numpy as np
 
 from . import tensors, wire
 from .errors import AbortKind, LostPeerError, MeshError, MismatchError, OutMismatchError
-from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe, describe
+from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe, Watched, describe
 from .payload import fmt_fp, out_problem
 from .peer import ALIVE, DEAD, MSG_COST, Peer
 
@@ -102,7 +102,7 @@ class Inbox:
     # ---- posting -------------------------------------------------------------
 
     def post(self, group: int, src: int, tag: int, out: Any, fp: Any, desc: Any,
-             probe: bool = False, waited: bool = False) -> Pending:
+             probe: bool = False, waited: bool = False, watch: bool = False) -> Pending:
         """Post a receive: matched with a waiting message at once, or queued.
         A waiting message that does not fit ``out`` fails it and stays queued.
         A Probe when ``probe``: complete, ``got`` set, once a message it
@@ -111,11 +111,13 @@ class Inbox:
         view of its memory; the tensor is the request's ``target``, which
         the transport's ``wait`` returns. One that stays posted wakes a
         parked progress thread (mesh.progress), unless ``waited``: its
-        caller waits for it at once, reading for itself."""
+        caller waits for it at once, reading for itself. ``watch``: one
+        posted only to catch an abort (a Watched)."""
         target = None
         if out is not None and type(out) is not np.ndarray and tensors.is_tensor(out):
             target, out = out, tensors.out_view(out, f"rank {self.rank}: {describe(desc)}")
         req = Probe(group, src, tag, out, fp, desc) if probe else \
+            Watched(group, src, tag, out, fp, desc) if watch else \
             Pending(group, src, tag, out, fp, desc, target)
         msg = gone = None
         misfit = ""

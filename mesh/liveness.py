@@ -12,6 +12,9 @@ Leaving: a goodbye (BYE) makes the peer closed; heartbeats go on both ways
 until it has left, so nobody finds a live rank silent. A rank leaving on an
 error says so in its goodbye: its peers fail at once whatever waits on it,
 naming its error, and answer, so that it need not wait for their goodbyes.
+A clean goodbye is answered too, by the reader, whatever the main thread
+does: all the leaving rank sent before it has arrived, so it need not wait
+for the goodbye of a peer busy elsewhere (mesh.transport's close).
 """
 from __future__ import annotations
 
@@ -107,6 +110,7 @@ class Liveness:
         self.rank, self.timeout, self.peers, self.groups = rank, timeout, peers, groups
         self.peer_timeout, self.heartbeat, self.stall_warn = config(len(peers))
         self.leaving = False    # this rank said goodbye: no peer watches it or sends to it
+        self.clean_bye = False  # it says (or said) a clean goodbye: an answer to it releases
         # Silence is no proof on an oversubscribed machine: a same-host peer
         # (rank -> pid) whose process still runs is only slow, and a rank whose own
         # watch was starved has heard nothing meanwhile (``tick``).
@@ -209,6 +213,16 @@ class Liveness:
                                                                         peer.rank) else -1
             self._inbox.peer_gone(peer.rank, "it closed its mesh" + (
                 f" after it lost world rank {lost}" if lost >= 0 else ""), CLOSED, cause=lost)
+            # The answer tells it that all it sent before its goodbye is here (read
+            # in order; direct-path reads done, their DONE sent before): it need
+            # not wait for our own goodbye, which a main thread busy elsewhere
+            # (a long save, a hang) would send only when it closes. Not once our
+            # own goodbye is out: that one serves.
+            if peer.state == CLOSED and not self.leaving and not peer.answered_bye:
+                peer.answered_bye = True
+                self._control(peer, wire.encode(wire.HEARTBEAT, self.rank,
+                                                reason=self.status()[:2000], peer=peer.rank),
+                              upto=CLOSED)
             return
         # Not alive: it answered our own failing goodbye (or is gone), so it
         # waits for nothing from us and may have left; an answer would only
@@ -222,7 +236,11 @@ class Liveness:
 
     def on_heartbeat(self, peer: Peer, status: str, answers: int) -> None:
         peer.status, peer.status_at = status, peer.last_heard
-        if answers == self.rank:     # it knows this rank is failing: done with it
+        if answers != self.rank:
+            return
+        if self.clean_bye:          # it has read our clean goodbye (see on_bye)
+            peer.read_bye = True
+        else:                       # it knows this rank is failing: done with it
             self._inbox.peer_gone(peer.rank, "it heard that this rank failed", CLOSED)
 
     def on_monitor(self, mon: zmq.Socket) -> None:

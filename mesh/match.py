@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 __all__ = ["ANY", "ANY_TAG", "Flag", "State", "POSTED", "MATCHED", "DONE", "Pending", "Probe",
-           "Arrived", "Matcher", "describe", "got_fields"]
+           "Watched", "Arrived", "Matcher", "describe", "got_fields"]
 
 ANY = -1
 ANY_TAG = 1 << 63
@@ -139,6 +139,14 @@ class Pending:
 class Probe(Pending):
     """A posted probe: completed, with ``got`` and no value, when a message
     it matches is waiting in the unexpected queue, which keeps the message."""
+
+    __slots__ = ()
+
+
+class Watched(Pending):
+    """A collective's receive posted only to catch an abort (mesh.channel's
+    Watch): nothing is sent to it, so it holds nothing up (a closing rank
+    does not stay for it)."""
 
     __slots__ = ()
 

@@ -146,7 +146,8 @@ class Peer:
 
     __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
                  "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at",
-                 "window", "grant_step", "_grant_lock", "sent", "unanswered", "cause")
+                 "window", "grant_step", "_grant_lock", "sent", "unanswered", "cause",
+                 "read_bye", "answered_bye")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None,
                  window: int = 64 << 20) -> None:
@@ -170,6 +171,9 @@ class Peer:
         self.status_at = 0.0
         self.sent = 0          # messages put on its socket (order with mesh.rings)
         self.unanswered = 0    # bytes of pieces (mesh.wire.CHUNK) it has not answered yet
+        # leaving cleanly: it answered our goodbye (it has read all we sent before it);
+        # and whether we answered its own (mesh.liveness's on_bye)
+        self.read_bye = self.answered_bye = False
 
     def fits(self, cost: int) -> bool:
         """Whether a message costing ``cost`` bytes (payload and MSG_COST)

@@ -31,7 +31,7 @@ from .direct import Ack, Direct
 from .errors import BadMessageError, LostPeerError, MeshError, MeshTimeoutError
 from .inbox import Inbox, abort_error
 from .liveness import COUNTED, Liveness
-from .match import DONE, Pending, Probe
+from .match import DONE, Pending, Probe, Watched
 from .payload import decode_object, delivered, encode_payload
 from .peer import ALIVE, CLOSED, DEAD, MSG_COST, STATE_NAMES, Outgoing, Peer, config_bytes, config_float
 from .progress import Progress
@@ -817,6 +817,16 @@ class Transport:
     def peer_state(self, rank: int) -> str:
         return STATE_NAMES[self._peers[rank].state]
 
+    def _settled(self, peer: Peer) -> bool:
+        """Whether nothing of this rank's may still need ``peer`` to read
+        it, once it has answered our goodbye: no collective's receive still
+        posted here (an async one never waited for may yet finish, for its
+        peers' sake; a watch, kept to catch an abort, does not count), no
+        direct send unread, no bytes left for its stream."""
+        with self.inbox.lock:
+            posted = any(type(q) is not Watched for q in self.inbox.matcher.posted())
+        return not (posted or self.direct.sending() or self.streams.pending(peer.rank))
+
     def close(self, failure: str = "") -> None:
         """Flush queued sends (for as long as the goodbyes are waited for, and
         MESH_CLOSE_LINGER at least), say goodbye, wait for the peers'
@@ -854,6 +864,7 @@ class Transport:
         # fails naming that root cause (its peers may not have seen that loss yet)
         bye = wire.encode(wire.BYE, self.rank, reason=failure[:2000],
                           peer=-1 if failure else self.inbox.first_lost)
+        self.live.clean_bye = not failure   # (before it goes: the answers may come at once)
         for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone
             if p.sock is not None and not (p.state == CLOSED and p.suspect_since):
                 self._control(p, bye, upto=CLOSED)
@@ -866,10 +877,16 @@ class Transport:
         self.inbox.fail_posted(p2p_only=True)
         # Like MPI_Finalize: stay until every peer has said goodbye too (or is
         # gone), so no rank exits while a peer may still read from it, be it
-        # a message in flight or memory shared by a same-host collective.
+        # a message in flight or memory shared by a same-host collective. A
+        # peer that answered our goodbye has read everything we sent before it
+        # (its reader answers, whatever its main thread does: one stuck in a
+        # save or a hang no longer holds us for MESH_CLOSE_WAIT): it is waited
+        # for no longer, unless this rank still has something under way (a
+        # collective's receive, a direct send not read, bytes for its stream).
         deadline = time.monotonic() + (min(wait, _FAIL_WAIT) if failure else wait)
         reaped = time.monotonic()
-        while (any(p.state == ALIVE for p in self._peers if p.sock is not None)
+        while (any(p.state == ALIVE and not (p.read_bye and self._settled(p))
+                   for p in self._peers if p.sock is not None)
                and time.monotonic() < deadline):
             time.sleep(0.002)
             if time.monotonic() - reaped > 0.02:    # (a peer that dies or leaves meanwhile)
@@ -906,7 +923,9 @@ class Transport:
                 # context's term() when the peer has gone. Leaving cleanly, a
                 # peer that said goodbye waits for ours: that keeps the linger.
                 # One whose process has exited reads nothing: no linger at all.
-                left = p.state == DEAD or (p.state == CLOSED and failure)
+                # (A peer whose goodbye we answered waits for ours no longer, once
+                # it has what it needs: it may have left, its socket gone.)
+                left = p.state == DEAD or (p.state == CLOSED and (failure or p.answered_bye))
                 exited = p.state == DEAD and self.live.exited(p.rank) is not None
                 p.sock.close(linger=0 if exited else _LEFT_LINGER_MS if left else None)
         self._router.disable_monitor()

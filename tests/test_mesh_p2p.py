@@ -1030,8 +1030,10 @@ def _staggered_close(world: mesh.Mesh) -> list:
 
 
 def test_a_clean_shutdown_is_quiet_whoever_leaves_first() -> None:
+    """(A rank leaves once its peers have answered its goodbye, not waiting
+    for theirs: a peer that leaves later may still be alive to it.)"""
     for states, logged in mesh.spawn(_staggered_close, 4, timeout=60):
-        assert states == ["closed"] * 3 and logged == []
+        assert set(states) <= {"closed", "alive"} and logged == [], (states, logged)
 
 
 def _after_close(world: mesh.Mesh) -> list[str]:
@@ -1188,6 +1190,44 @@ def test_a_wait_in_another_thread_ends_when_close_starts_not_when_the_peers_leav
     not after that wait (it held the thread up to 30 s)."""
     assert mesh.spawn(_closes_before_its_peer, 2, str(tmp_path / "failed"),
                       timeout=90) == [True, True]
+
+
+def _closes_while_its_peer_is_busy(world: mesh.Mesh, marker: str) -> Any:
+    """Rank 0 sends a small message and a large one (the same-host direct
+    path: rank 1 reads it out of rank 0's memory) and closes while rank 1
+    is busy elsewhere (a hang, a save: it never calls close); rank 1, once
+    rank 0's close has returned, receives both, then hears that rank 0 left."""
+    big = np.arange(1 << 17, dtype=np.float64)     # 1 MiB: direct, where the peer may read us
+    if world.rank == 0:
+        world.send("small", 1)
+        world.send(big, 1)
+        t0 = time.monotonic()
+        world.close()
+        took = time.monotonic() - t0
+        Path(marker).write_text(f"{took}")
+        return took
+    _wait_for(marker)
+    got = [world.recv(0, timeout=10) == "small", bool(np.array_equal(world.recv(0), big))]
+    try:
+        world.recv(0, timeout=10)
+    except mesh.LostPeerError as e:
+        got.append(str(e))
+    t0 = time.monotonic()
+    world.close()
+    return got + [time.monotonic() - t0]
+
+
+def test_close_does_not_wait_for_a_busy_peers_goodbye(tmp_path: Path) -> None:
+    """close() waited MESH_CLOSE_WAIT (30 s) for the goodbye of a peer whose
+    main thread was busy elsewhere (torch's destroy_process_group after a
+    rank hung in a save, too): the peer's reader now answers the goodbye once
+    all sent before it is in, and the close returns then. What was sent is
+    still received, and the next receive names the rank that left."""
+    took, (small, big, error, closed) = mesh.spawn(
+        _closes_while_its_peer_is_busy, 2, str(tmp_path / "closed"), timeout=90)
+    assert took < 10 and closed < 10, (took, closed)       # (a hang guard: it was 30 s)
+    assert small and big, (small, big)
+    assert "peer rank 0 is gone (it closed its mesh)" in error, error
 
 
 def _large_sends_then_close(world: mesh.Mesh) -> list[str]:

@@ -49,6 +49,11 @@ def failed_read(ctx: Ctx, peer: int, err: int, what: str) -> MeshError:
     if isinstance(aborted, MeshError):
         return aborted
     if err == errno.ESRCH:
+        # one that said goodbye first (its peers' readers answered it, so its close
+        # did not wait for them): that is why, as the transport's waits say
+        left = ctx.ch.left(peer, where.split(": ", 1)[-1])
+        if left is not None:
+            return left
         return LostPeerError(f"{where}: cannot read {what} of {who} (no such process): "
                              f"it is gone", world)
     return MeshError(f"{where}: {what} of {who} is gone ({os.strerror(err)}): it left "
