@@ -37,7 +37,8 @@ from . import auth
 from .errors import LostPeerError, RendezvousError
 from .liveness import monitor_event
 
-__all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Teller"]
+__all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Teller",
+           "tell_ended"]
 
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
@@ -295,6 +296,7 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     --master-port, or before node 0, waited its whole rendezvous timeout
     (120 s) in silence."""
     where = f"tcp://{addr}:{port}"
+    folder = _launchers_folder()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     deadline = time.monotonic() + timeout
@@ -319,7 +321,12 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                     who += "; it refused meanwhile: " + "; ".join(refused)
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} timed out after "
                                       f"{timeout:.0f}s: {who}")
-            if not sock.poll(int(min(left, 1.0) * 1000) + 1):
+            ended = _ended_here(folder, rank) if folder else None
+            if ended is not None:       # (its meshrun says so: the service may be gone)
+                raise LostPeerError(f"rank {rank}: rendezvous at {where}: peer rank "
+                                    f"{ended[0]} is gone: it ended ({ended[1]}) before the "
+                                    f"mesh was complete", ended[0])
+            if not sock.poll(int(min(left, 0.25 if folder else 1.0) * 1000) + 1):
                 if mon.poll(0):     # the service answered the handshake: not our secret
                     raise RendezvousError(
                         f"rank {rank}: rendezvous at {where} refused our credentials: a "
@@ -428,6 +435,49 @@ def remove_run_folder(path: str) -> None:
     fd = _held_here.pop(path, None)
     if fd is not None:
         os.close(fd)
+
+
+def tell_ended(folder: str, rank: int, how: str) -> None:
+    """A launcher's word to its own ranks, in its run folder, that its rank
+    ``rank`` ended (``how``) and will never join again: a rank of this node
+    still in ``join`` fails at once, naming it, as the service fails the
+    ranks that wait there (``Teller``). Where the service had gone already
+    (node 0's job over: its ranks failed at once), such a rank waited its
+    whole rendezvous timeout, or until its meshrun stopped it after
+    --settle (3 s)."""
+    part = os.path.join(folder, f".ended.{rank}")
+    try:        # (whole or not at all)
+        with open(part, "w") as f:
+            f.write(how[:200])
+        os.replace(part, os.path.join(folder, f"ended.{rank}"))
+    except OSError:
+        pass
+
+
+def _launchers_folder() -> str | None:
+    """meshrun's run folder, where it says which of its ranks ended (not
+    mesh.spawn's, nor under a launcher started inside a rank)."""
+    from .env import by_mesh
+    folder = os.environ.get("MESH_RUNTIME_DIR")
+    return folder if folder and by_mesh() else None
+
+
+def _ended_here(folder: str, me: int) -> tuple[int, str] | None:
+    """(rank, how) of a rank other than ``me`` that its launcher says
+    ended (``tell_ended``), if any."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith("ended."))
+    except OSError:
+        return None
+    for name in names:
+        rank = name[len("ended."):]
+        if rank.isdigit() and int(rank) != me:
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    return int(rank), f.read(200)
+            except OSError:
+                continue
+    return None
 
 
 class Teller:

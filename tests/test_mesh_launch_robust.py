@@ -321,21 +321,25 @@ def test_a_rank_that_ends_before_it_joins_fails_the_waiting_ranks_at_once(code: 
 def test_a_node_whose_rank_ends_before_it_joins_fails_the_other_node_at_once() -> None:
     """Node 1's rank 2 fails before it joins (a script error on that host):
     node 1's launcher tells node 0's rendezvous, whose waiting ranks fail at
-    once naming rank 2, instead of waiting for their rendezvous timeout."""
+    once naming rank 2, instead of waiting for their rendezvous timeout; and
+    its own rank 3, which waited on in its rendezvous (node 0's service gone
+    with its job) until its meshrun stopped it after --settle (3 s), fails
+    at once too, naming rank 2 (its meshrun tells it)."""
     t0 = time.monotonic()
     procs = [_start(*_node(0, 0), MESH_SECRET="job")]
     try:
         port = _port(procs[0])
-        # (--settle 0.5: node 1's rank 3 waits on in its rendezvous, node 0's service gone
-        # with its job, and sat out the default 3 s to its SIGTERM; the test is node 0's)
-        procs.append(_start(*_node(1, port, "--settle", "0.5"), MESH_SECRET="job",
+        procs.append(_start(*_node(1, port), MESH_SECRET="job",
                             MESH_TEST_EXIT_BEFORE_INIT="2:5"))
         errs = [p.communicate(timeout=40)[1] for p in procs]
     finally:
         _end(procs)
     assert procs[1].returncode == 5, errs[1]
     assert procs[0].returncode == 1, errs[0]
-    assert "peer rank 2 is gone: it ended (exit code 5) before the mesh was complete" in errs[0]
+    said = "peer rank 2 is gone: it ended (exit code 5) before the mesh was complete"
+    assert said in errs[0], errs[0]
+    assert re.search(r"rank 3 +exit code 1 \(failed, a consequence\); LostPeerError: rank 3: "
+                     r"rendezvous at \S+: " + re.escape(said), errs[1]), errs[1]
     assert time.monotonic() - t0 < 30
 
 

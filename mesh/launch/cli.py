@@ -21,7 +21,7 @@ from ..cliargs import nonnegative, nonnegative_float, positive_float
 from ..env import launcher_seal
 from ..limits import open_files, thread_share, too_many_for_open_files
 from ..auth import curve_wanted
-from ..rendezvous import Teller, remove_run_folder, run_folder
+from ..rendezvous import Teller, remove_run_folder, run_folder, tell_ended
 from .records import WorkerExit, WorkerSpec, error_file, log_tracebacks, read_records
 from .report import exit_code, format_report
 from .supervise import Job
@@ -370,6 +370,7 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             # stopped too (Ctrl-C, --timeout): the other nodes' ranks waited 120 s for it
             stopped = f", stopped by node {a.node_rank}'s meshrun" if e.after_stop else ""
             teller.ended(e.rank, e.describe() + stopped)
+            tell_ended(run_dir, e.rank, e.describe() + stopped)     # (its ranks here hear it)
         job = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir, settle=a.settle,
                   stall=a.output_stall, on_exit=ended, append=restart > 0)
         report = ""     # written after the relayed output, through the same writer
