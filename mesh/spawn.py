@@ -578,10 +578,9 @@ def _stop(procs: list[Any], conns: list[Any], server: Any, run_dir: str, ok: boo
                 except OSError:
                     pass
         else:       # the ranks that ended their call end their process (what they started:
-            # a DataLoader's workers and semaphores); those still in fn (at the timeout, or
-            # settle= seconds after a failure: stuck) are stopped first, at once: a stuck
-            # one was waited for settle= seconds more here, and so were the others, whose
-            # closes waited for it (a rank that failed, for a sleeping one)
+            # a DataLoader's workers and semaphores); those still in fn at the timeout are
+            # stopped first: they were waited for settle= seconds more, and so were the
+            # others, whose closes wait for them (a rank that returned, for a sleeping one)
             for r in late:
                 procs[r].kill()
             end = time.monotonic() + settle
@@ -634,8 +633,7 @@ def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0,
              late: set[int] | None = None) -> list[Any]:
     """Results by rank; on failure the root cause: a rank's own error before
     the lost-peer errors it caused elsewhere, the earliest first. At the
-    timeout, or ``wait`` seconds after a failure, the ranks still running
-    (in fn) are added to ``late``."""
+    timeout, the ranks still running are added to ``late``."""
     results: list[Any] = [None] * len(procs)
     failures: list[tuple[bool, float, int, WorkerError]] = []
     pending = set(range(len(procs)))
@@ -679,7 +677,5 @@ def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0,
             settle = time.monotonic() + wait
         time.sleep(0.002)
     if failures:
-        if late is not None:    # still in fn after their settle: stuck (not waited for again)
-            late.update(pending)
         raise min(failures, key=lambda f: (f[0], f[1], f[2]))[3]
     return results

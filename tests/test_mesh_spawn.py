@@ -613,22 +613,6 @@ def test_after_a_failure_the_ranks_end_their_process_before_they_are_killed(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
 
 
-def _fails_while_another_is_stuck(world: mesh.Mesh, folder: str) -> None:
-    if world.rank == 1:
-        Path(folder, "failed").write_text(str(time.time()))
-        raise RuntimeError("rank 1 fails")
-    time.sleep(1e6)         # (stuck, alive: not in the mesh)
-
-
-def test_a_rank_stuck_after_a_failure_is_waited_for_settle_once(tmp_path: Path) -> None:
-    """A rank still in fn settle= seconds after another failed was waited for
-    as long again before it was stopped (2 x settle)."""
-    with pytest.raises(mesh.WorkerError, match="rank 1 fails"):
-        mesh.spawn(_fails_while_another_is_stuck, 2, str(tmp_path), timeout=60, settle=1.5)
-    waited = time.time() - float((tmp_path / "failed").read_text())
-    assert waited < 2.6, waited         # (1.5 s and the stopping; it was 3 s and more)
-
-
 def _forks_a_helper(world: mesh.Mesh, how: str) -> str:
     import collectives as C
     pid = os.fork()
