@@ -39,7 +39,7 @@ from .ir import B, F, I, W, Action, Schedule
 from .schedules import by_name
 
 __all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "layer_by_layer",
-           "held_by", "Candidate", "kept_random",
+           "held_by", "Candidate", "kept_random", "calibrated",
            "time_layer", "kept_buffers", "time_program", "measure", "measure_stages",
            "stage_spans", "cut", "counts_for", "stage_costs", "helper_charge", "peak_bytes",
            "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
@@ -683,6 +683,9 @@ class Candidate:
     # the executor's own seconds per compute action its costs hold (in each F, B, I
     # and W, or its "fixed" cost where the ranks share cores): engine.calibrate's
     overhead: float = 0.0
+    # simulated again with what the re-time learned (``calibrated``): the factor its
+    # compute took, and the one the whole row took after to meet the re-time's prediction
+    retimed: tuple[float, float] | None = None
 
 
 def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
@@ -896,6 +899,70 @@ def under_load(cands: Sequence[Candidate], chosen: Candidate | None, load: float
     return [c for c in ranked if c.measured] + [c for c in ranked if not c.measured], mark
 
 
+def _compute(cand: Candidate, kind: str, stage: int) -> float:
+    """The compute seconds ``cand``'s costs hold for a ``kind`` action of
+    ``stage``: its cost less the executor's own time per action
+    (``overhead``, unless the ranks share cores: then it is the
+    ``"fixed"`` cost) and the mesh threads' CPU (``charge``, but for W)."""
+    fixed = "fixed" in cand.costs
+    return (cand.costs[kind][stage] - (0.0 if fixed else cand.overhead)
+            - (cand.charge[stage] if cand.charge and kind != "W" else 0.0))
+
+
+def calibrated(cands: Sequence[Candidate], row: Candidate | None, again: Candidate | None,
+               helper: float = 0.0) -> tuple[list[Candidate], Candidate | None]:
+    """The table's rows as the re-time (``again``: engine.distribute's
+    ``job.chosen``, the chosen schedule re-timed as its steps will run)
+    corrects the chosen one's (``row``, one of ``cands``, simulated from
+    the profile), every row simulated again with what the re-time learned
+    (BENCHMARKS.md, forty-third session): each compute action's cost times
+    the chosen schedule's busiest rank's re-timed compute over its
+    profiled (``busiest_compute``: the stages timed again in the
+    schedule's order, stretched by the share of a core the steps get); the
+    executor's own time per action, each message's and each receive's
+    from the re-time's dry run of the chosen schedule (``overhead``,
+    ``send``, ``recv``), the mesh threads' CPU per message end ``helper``
+    (``helper_charge``; none where the re-time's stretch holds it); the
+    re-time's cores and load; then every row times the re-time's
+    prediction over the chosen row so simulated (what the terms leave out:
+    its median over runs, a schedule's own overheads), so the chosen row
+    is ``job.predicted``. Ranked again as ``under_load`` ranks (rows
+    costed by their own dry run first where the best is not).
+    ``(list(cands), row)`` where nothing was re-timed."""
+    if row is None or again is None or row is again or not any(c is row for c in cands):
+        return list(cands), row
+    base = busiest_compute(row)
+    factor = busiest_compute(again) / base if base > 0 else 1.0
+    fixed = again.cores is not None
+    send = max(again.costs.get("send") or [0.0])
+    recv = max(again.costs.get("recv") or [0.0])
+
+    def simulated(c: Candidate) -> Candidate:
+        charge = helper_charge(c.schedule, helper) if helper else [0.0] * len(c.counts)
+        costs: dict[str, list[float]] = {
+            kind: [_compute(c, kind, s) * factor + (0.0 if fixed else again.overhead)
+                   + (charge[s] if kind != "W" else 0.0) for s in range(len(c.costs[kind]))]
+            for kind in ("F", "B", "I", "W")}
+        n = len(costs["F"])
+        costs.update(send=[send] * n, recv=[recv] * n)
+        if fixed:
+            costs["fixed"] = [again.overhead] * n
+        rep = c.schedule.simulate(costs, again.cores, again.load)
+        return replace(c, makespan=rep.makespan, bubble=rep.bubble, costs=costs,
+                       cores=again.cores, load=again.load, charge=tuple(charge),
+                       overhead=again.overhead)
+
+    at = next(i for i, c in enumerate(cands) if c is row)
+    rows = [simulated(c) for c in cands]
+    rest = again.makespan / rows[at].makespan if rows[at].makespan > 0 else 1.0
+    rows = [replace(r, makespan=r.makespan * rest, retimed=(factor, rest)) for r in rows]
+    rows[at] = mark = replace(rows[at], makespan=again.makespan)   # (job.predicted, exactly)
+    ranked = best_first(rows)
+    if not ranked[0].measured and any(c.measured for c in ranked):
+        ranked = [c for c in ranked if c.measured] + [c for c in ranked if not c.measured]
+    return ranked, mark
+
+
 def retimed(cand: Candidate, times: Mapping[int, LayerCost], overhead: float = 0.0,
             helper: float = 0.0, send: float | None = None,
             recv: float | None = None,
@@ -1000,6 +1067,12 @@ def legend(cands: Sequence[Candidate], why: bool = True) -> str:
                "ranks' idle share of it; peak MB: the most activations one rank holds")
     if not why:
         return columns
+    if any(c.retimed is not None for c in cands):     # (``calibrated``)
+        return (columns + "\n"
+                f"chosen: the fastest{limit}" + (
+                    ", once costed by a dry run of its own schedule (its own dry run)"
+                    if own else "") + ", before the rows were re-timed: each row now holds "
+                "what the chosen schedule's re-time found, so another may show less time")
     return (columns + "\n"
             f"chosen: the fastest{limit}" + (
                 ", once costed by a dry run of its own schedule (its own dry run); the "
@@ -1021,7 +1094,8 @@ def busiest_compute(cand: Candidate) -> float:
 
 def retimed_said(row: Candidate, again: Candidate) -> str:
     """The re-timed prediction (``again``: engine.distribute's
-    ``job.predicted``) of the chosen schedule whose table row is ``row``,
+    ``job.predicted``) of the chosen schedule whose profiled row is ``row``
+    (``job.profiled``; the table prints every row re-timed: ``calibrated``),
     beside the row's figure, and what moved it: the row was simulated from
     the profile (each layer, or stage, timed on its own; the executor's
     costs from the choice's dry run), the re-time from its stages timed
@@ -1040,7 +1114,7 @@ def retimed_said(row: Candidate, again: Candidate) -> str:
     send = (max(row.costs["send"], default=0.0), max(again.costs["send"], default=0.0))
     if f"{send[0] * ms:.2f}" != f"{send[1] * ms:.2f}":
         moved.append(f"a message {send[0] * ms:.2f} -> {send[1] * ms:.2f} ms")
-    return (said + f"; its row's {row.makespan * ms:.2f} ms was the profile's:\n  "
+    return (said + f"; the profile's {row.makespan * ms:.2f} ms before it:\n  "
             + ", ".join(moved) + (" (a dry run of the schedule itself)" if len(moved) > 1
                                   else ""))
 
@@ -1067,6 +1141,14 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None,
         why = why if len(why) <= 120 else why[:117] + "..."
         lines.append(f"{sched.name:<28} {sched.num_microbatches:>3}  {'-':<14} {'-':>9} "
                      f"{'-':>7} {'-':>8}  cannot run: {why}")
+    timed = next((c for c in cands if c.retimed is not None), None)
+    if timed is not None and timed.retimed is not None:
+        # (``calibrated``: every row as the chosen one's re-time corrects it)
+        by, rest = timed.retimed
+        lines.append(f"(every row re-timed as the chosen schedule's re-time found the steps: "
+                     f"compute x{by:.2f}, the executor's {timed.overhead * 1e3:.2f} ms an "
+                     f"action, a message {max(timed.costs['send'], default=0.0) * 1e3:.2f} "
+                     f"ms, then x{rest:.2f} to its prediction)")
     loads = sorted({c.load for c in cands if c.load})
     if loads:       # (the simulator's figures then hold others' processes: ``loaded``)
         lines.append("(simulated with others' processes on the shared cores: "

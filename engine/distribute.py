@@ -60,6 +60,7 @@ from mesh.tensors import is_tensor
 from . import layers as _layers
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
 from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, builtin,
+                     calibrated,
                      candidates, counts_for, kept_buffers, kept_random, loaded, measure,
                      measure_stages, microbatch_counts,
                      legend, recomputing, recosted, retimed, retimed_said, stage_costs,
@@ -641,6 +642,7 @@ class Job:
         self.profile_calibration = calibration     # what distribute's choice was made with
         self._messages, self._timeout, self._tag_base = messages, timeout, tag_base
         self.profiled = chosen        # the prediction from distribute's profile
+        self.row = chosen             # the chosen row of the table (re-timed: ``calibrated``)
         self.stretch: list[float] | None = None     # per stage, retime's wall over CPU
         self.tp_calls: dict[tuple[int, str], list[int]] = {}   # retime's tp collectives' bytes
         self._inputs, self._reps, self._target = inputs or {}, reps, target
@@ -653,6 +655,7 @@ class Job:
         self.is_torch = is_torch
         self.chosen = chosen
         self.candidates = cands
+        self.profiled_candidates = cands    # the rows as the profile simulated them
         self.skipped = list(skipped)    # candidates that cannot run (their layers failed), why
         self.schedule: Schedule = pipeline.schedule
         # step() times its steps here against predicted (rank 0 of a verbose job), else None
@@ -692,7 +695,9 @@ class Job:
         10% longer than the simulator makes it, others' processes on them
         (``calibration.load``: ``fitted_load``), which the simulator then
         shares the cores with too.
-        distribute does it once before returning. Collective over the grid;
+        distribute does it once before returning, and the table's rows are
+        simulated again with what it learned (``table()``, engine.choose's
+        ``calibrated``), as they are after each call. Collective over the grid;
         returns the new prediction, or None (nothing timed) when the costs
         were not measured. Tensor-parallel stages are timed with their
         collectives (the tp peers time theirs at once), in CPU as the rest,
@@ -712,7 +717,21 @@ class Job:
         # their BatchNorms as often as timed)
         with collected(), kept_random(), kept_buffers(*[getattr(st, "module", None)
                                                         for st in self.stages]):
-            return self._timed_again()
+            again = self._timed_again()
+        if self.row is not self.profiled:       # (distribute's table re-timed: again)
+            self._calibrate()
+        return again
+
+    def _calibrate(self) -> None:
+        """The table's rows (``candidates``, its chosen one ``row``) simulated
+        again with what the last re-time learned (engine.choose's
+        ``calibrated``) from the profile's (``profiled_candidates``,
+        ``profiled``): its chosen row is then ``predicted``."""
+        if self.calibration is None:
+            return
+        self.candidates, self.row = calibrated(
+            self.profiled_candidates, self.profiled, self.chosen,
+            0.0 if self.stretch is not None else self.calibration.helper)
 
     def _timed_again(self) -> float:
         assert self.chosen is not None
@@ -793,8 +812,10 @@ class Job:
 
     def table(self) -> str:
         """The candidates the choice was made from (and those that cannot run),
-        simulated with the load distribute's re-time fitted (``loaded``)."""
-        return table(self.candidates, self.profiled, self.skipped)
+        simulated with the load distribute's re-time fitted (``loaded``) and
+        what the last re-time learned (engine.choose's ``calibrated``: the
+        chosen row is ``predicted``)."""
+        return table(self.candidates, self.row, self.skipped)
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
         """One step on this dp replica's batch; the mean loss where the last
@@ -1861,6 +1882,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         # on the shared cores; none where it fitted none): its figures and ranking
         # those of the host the steps will find, as job.predicted's are
         job.candidates, job.profiled = under_load(cands, chosen, job.calibration.load)
+        # every row as the re-time corrects the chosen one (its compute, the executor's
+        # own costs, the messages, then the rest to job.predicted): rows compared by
+        # figures 1.5-2.4x low otherwise (BENCHMARKS.md, forty-third session)
+        job.profiled_candidates = job.candidates
+        job._calibrate()
     if verbose and grid.comm.rank == 0:
         # a schedule named too: its row, cut and prediction (it printed nothing, and the
         # user who picked a row by name saw none of them)

@@ -425,8 +425,8 @@ def test_retimed_stages_replace_the_profile():
     assert again.overhead == 0.3 and cand.overhead == 0.1
     assert choose.retimed_said(cand, again) == (
         f"1f1b(2,4) re-timed as its steps will run: {again.makespan * ms:.2f} ms a step "
-        f"(job.predicted: the figure to set a measured step against); its row's "
-        f"{cand.makespan * ms:.2f} ms was the profile's:\n"
+        f"(job.predicted: the figure to set a measured step against); the profile's "
+        f"{cand.makespan * ms:.2f} ms before it:\n"
         f"  the busiest rank's compute {choose.busiest_compute(cand) * ms:.2f} -> 12000.00 ms "
         f"(its stages timed again, in its order), the executor's own 100.00 -> 300.00 ms an "
         f"action, a message 0.00 -> 500.00 ms (a dry run of the schedule itself)")
@@ -718,6 +718,47 @@ def test_the_table_follows_the_load_the_retime_fitted():
     sure = replace(quiet, measured=True)
     led, mark = choose.under_load([sure, other], sure, 3.0)
     assert led[0] is mark and mark.measured and led[1].schedule is other.schedule
+
+
+def test_every_row_is_simulated_with_what_the_retime_learned():
+    """calibrated: the table's rows as the chosen one's re-time corrects it
+    (distribute's rows read 1.5-2.4x under their steps, the re-timed chosen
+    one close): each row's compute times the chosen busiest rank's re-timed
+    over its profiled, the re-time's executor, message and receive costs,
+    cores and load, then the rest to the re-time's prediction, which the
+    chosen row then is; ranked again; the table says so."""
+    _, _, cands = _two_ways()
+    quiet, other = cands
+    times = {s: LayerCost(*(2 * (quiet.costs[k][s]) for k in "FBIW"), 0) for s in (0, 1)}
+    again = choose.retimed(quiet, times, overhead=0.004, send=0.001, recv=0.0005, cores=1.0)
+    assert choose.busiest_compute(again) == pytest.approx(2 * choose.busiest_compute(quiet))
+    rows, mark = choose.calibrated(cands, quiet, again)
+    assert mark in rows and mark.makespan == again.makespan and mark.schedule is quiet.schedule
+    assert [r.makespan for r in rows] == sorted(r.makespan for r in rows)
+
+    def sim(c: choose.Candidate) -> float:
+        costs = {k: [2 * v for v in c.costs[k]] for k in "FBIW"}
+        costs.update(send=[0.001] * 2, recv=[0.0005] * 2, fixed=[0.004] * 2)
+        return c.schedule.simulate(costs, 1.0).makespan
+    row = next(r for r in rows if r.schedule is other.schedule)
+    rest = again.makespan / sim(quiet)
+    assert rest == pytest.approx(1.0) and row.retimed == (pytest.approx(2.0), rest)
+    assert row.makespan == pytest.approx(sim(other) * rest) and row.makespan > other.makespan
+    assert row.overhead == 0.004 and row.costs["send"] == [0.001] * 2 and row.cores == 1.0
+    text = choose.table(rows, mark)
+    assert text.splitlines()[-1] == (
+        "(every row re-timed as the chosen schedule's re-time found the steps: compute "
+        "x2.00, the executor's 4.00 ms an action, a message 1.00 ms, then x1.00 to its "
+        "prediction)"), text
+    assert "<- chosen" in next(t for t in text.splitlines() if t.startswith("1f1b(2,2)"))
+    assert choose.legend(rows).endswith(      # (the choice was made on the profile's rows)
+        "chosen: the fastest, before the rows were re-timed: each row now holds what the "
+        "chosen schedule's re-time found, so another may show less time")
+    assert "re-timed" not in choose.legend(cands)
+    # nothing re-timed (no re-time, or the chosen row not among them): as they were
+    assert choose.calibrated(cands, quiet, quiet) == (cands, quiet)
+    assert choose.calibrated(cands, None, again) == (cands, None)
+    assert "re-timed" not in choose.table(cands, quiet)
 
 
 def test_the_choice_ranks_with_the_load_its_dry_runs_fit(monkeypatch):
@@ -2062,6 +2103,15 @@ def _loaded_worker(world):
     # prediction on a loaded host and nothing said so): here a prediction made tiny
     x, y = _data(0)
     retimed = engine.choose.retimed_said(c, job.chosen)
+    # the table's rows: every one as the re-time corrects the chosen row
+    calibrated = (job.candidates, job.row) == engine.choose.calibrated(
+        job.profiled_candidates, c, job.chosen, 0.0)
+    mark, shown = job.row.makespan, job.table()
+    predicted = job.predicted
+    # a re-time called again re-times the rows too: the chosen one its new prediction
+    job.retime()
+    again = (job.row.makespan == job.predicted and any(x is job.row for x in job.candidates)
+             and job.profiled_candidates[0] is c)
     job.chosen = replace(job.chosen, makespan=1e-7)
     steps = io.StringIO()
     with contextlib.redirect_stdout(steps):
@@ -2070,12 +2120,14 @@ def _loaded_worker(world):
     return {"load": job.calibration.load, "cores": job.calibration.cores,
             "told": steps.getvalue(), "watched": job.watched,
             "loads": sorted({x.load for x in job.candidates}),
-            "first": job.candidates[0] is c, "among": any(x is c for x in job.candidates),
+            "first": job.profiled_candidates[0] is c,
+            "among": any(x is c for x in job.profiled_candidates),
+            "calibrated": calibrated, "mark": mark, "predicted": predicted, "again": again,
             "row": c.makespan, "sim": c.schedule.simulate(c.costs, c.cores, 2.5).makespan,
             "quiet": c.schedule.simulate(c.costs, c.cores).makespan,
             "schedule": job.schedule.name, "name": c.schedule.name,
             "m": c.schedule.num_microbatches,
-            "printed": out.getvalue(), "table": job.table(),
+            "printed": out.getvalue(), "table": shown,
             "retimed": retimed}
 
 
@@ -2085,9 +2137,14 @@ def test_distribute_prints_its_candidates_with_the_retimes_load():
         assert got["cores"] == 1.0 and got["load"] == 2.5 and got["loads"] == [2.5], got
         assert got["among"] and got["first"] and got["schedule"] == got["name"], got
         assert got["row"] == pytest.approx(got["sim"]) and got["row"] > got["quiet"], got
+        # the printed rows are re-timed: the chosen one is job.predicted, the others
+        # simulated with what its re-time learned (they read 1.5-2.4x low before)
+        assert got["calibrated"] and got["mark"] == got["predicted"] and got["again"], got
         row = next(line for line in got["table"].splitlines() if line.endswith("<- chosen"))
         assert row.split()[:2] == [got["name"], str(got["m"])], row
-        assert f"{got['row'] * 1e3:>9.2f}" in row, (row, got["row"])
+        assert f"{got['predicted'] * 1e3:>9.2f}" in row, (row, got["predicted"])
+        assert "\n(every row re-timed as the chosen schedule's re-time found the steps: " \
+            "compute x" in got["table"], got["table"]
         assert got["table"].endswith("on the shared cores: 2.50 pp ranks' worth, fitted to "
                                      "a dry run)"), got["table"]
         assert got["watched"] is None, got
@@ -2100,7 +2157,8 @@ def test_distribute_prints_its_candidates_with_the_retimes_load():
             printed = got["printed"]
             assert got["table"] in printed, printed
             assert printed.index(got["table"]) < printed.index("re-timed as its steps"), printed
-            # the chosen row's figure is the profile's: the re-timed one said under it
+            # the chosen row's figure is the re-time's: what moved it from the profile's
+            # said under it
             said = (f"\nengine.distribute: {got['retimed']}\n"
                     f"engine.distribute: {got['name']} cuts")
             assert said in printed, printed
