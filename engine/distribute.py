@@ -77,7 +77,7 @@ from .partition import partition
 from .trace import write as _write_trace
 from .traced import called_whole, few, given_as_returned, sequential, traceable
 from .torch_stage import TorchStage, _view, checkpoint_modules, patterns_of, torch_loss
-from .tp_layers import full_params, full_shapes, load_full_params
+from .tp_layers import full_params, full_shapes, load_full_params, refuse_fed_whole
 from .tp_plan import PlanError, digest, logging_calls, named_by
 from .tp_sums import holders as tp_holders
 
@@ -1716,6 +1716,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
               else {k: tuple(v.shape) for k, v in source.state_dict().items()})
     if plan:        # the whole model, so the plan's names are the model's own; then every
         parallelize(source, grid.group("tp"), plan)   # layer is timed sharded, collectives in
+        if not is_torch:    # (a colwise output into a Linear left whole: known now, on every rank)
+            refuse_fed_whole(source)
         if source is not model:       # traced again: the pieces hold the sharded modules
             model = sequential(source, target=model.loss is not None, inputs=n_inputs)
             _shards_read(grid, source, [*model, *([model.loss] if model.loss else [])])

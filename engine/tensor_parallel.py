@@ -36,8 +36,8 @@ from mesh import Comm
 
 from . import layers, tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      joined_order, left, logged, match, planned, rewrite_attrs, shard_rows,
-                      shard_said, style_said)
+                      fed_whole, joined_order, left, logged, match, planned, rewrite_attrs,
+                      rowwise_fed_whole, shard_rows, shard_said, style_said)
 from .torch_stage import TorchStage, _torch, _view
 
 __all__ = ["parallelize", "describe_plan", "gather_state_dict", "load_full_state_dict",
@@ -749,6 +749,11 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     if st.width:
         x = _shard_width(torch, x, g, meta.name)
     if st.style == "rowwise":
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != self.weight.shape[1]:
+            # (torch's shape error named neither the layer nor the plan; every tp rank
+            # has the same shapes, so all raise here, before the output's all-reduce)
+            raise PlanError(rowwise_fed_whole(g.rank, meta.name, self.weight.shape[1], g.size,
+                                              x.shape[-1]))
         y = torch.nn.functional.linear(x, self.weight)
     elif st.style == "vocab":
         y = _embed(torch, self, meta, x)
@@ -1269,14 +1274,10 @@ def _unplanned_consumer(cls: Any, func: Any, args: Any, e: RuntimeError) -> None
     name = _NAMES.get(m)
     what = f"{name} ({type(m).__name__})" if name else f"a {type(m).__name__}'s forward"
     tp, full = meta.group.size, x.shape[x._tp_axis]
-    fix = (f"plan {name} 'rowwise' (it takes the features' parts and sums them), or "
-           if name and isinstance(m, torch.nn.Linear) else "plan it, or ")
-    raise PlanError(
-        f"tp rank {meta.group.rank}: {meta.name} is sharded colwise, its output this rank's "
-        f"{full} of {full * tp} features, and {what}, which the plan leaves whole, takes that "
-        f"output as if whole: {getattr(func, '__name__', func)}() raised {type(e).__name__}: "
-        f"{e}; {fix}give {meta.name} output 'replicate' ({{'style': 'colwise', 'output': "
-        f"'replicate'}}: its output gathered whole)") from e
+    raise PlanError(fed_whole(
+        meta.group.rank, meta.name, full, tp, what,
+        f"{getattr(func, '__name__', func)}() raised {type(e).__name__}: {e}",
+        name if name and isinstance(m, torch.nn.Linear) else "")) from e
 
 
 def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:

@@ -24,13 +24,13 @@ import numpy as np
 
 import collectives
 
-from .layers import Embedding, Linear, Recompute, Sequential
+from .layers import Embedding, Linear, Recompute, Sequential, _Activation
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      joined_order, left, logged, match, planned, rewrite_attrs, shard_rows,
-                      shard_said, style_said)
+                      fed_whole, joined_order, left, logged, match, planned, rewrite_attrs,
+                      rowwise_fed_whole, shard_rows, shard_said, style_said)
 
 __all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_params",
-           "group_of", "named_layers", "describe"]
+           "group_of", "named_layers", "describe", "refuse_fed_whole"]
 
 
 @logged
@@ -127,6 +127,10 @@ class Sharded:
         self.partial_bias = style.style == "rowwise" and style.output != "replicate"
         self.add_bias = bias is not None and (style.output != "partial" or group.rank == 0)
         self.defer = False      # True: a Pipeline sums them after its step (engine.tp_sums)
+        # (parent, index, layer, name): a Linear the plan leaves whole that this colwise
+        # layer's output feeds, refused at the first forward unless a later parallelize
+        # call planned it (_watch_feeds)
+        self.feeds: tuple[Any, int, Any, str] | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "Sharded":
         """A copy is sharded over the same group (a Comm is not copied)."""
@@ -167,7 +171,35 @@ class Sharded:
             f"take \"seq_dim\": 0 in the plan of {self.name} and of the layers splitting the "
             f"sequence with it (group {g.name})")
 
+    def fed_whole(self) -> str | None:
+        """The PlanError's words when this colwise layer's output feeds a
+        Linear the plan leaves whole (``feeds``, still in its place), else None."""
+        feeds = getattr(self, "feeds", None)
+        if feeds is None:
+            return None
+        parent, i, layer, name = feeds
+        if _bare(parent.layers[i]) is not layer:    # planned by a later parallelize call
+            self.feeds = None
+            return None
+        fan_in, fan_out = layer.weight.shape
+        return fed_whole(self.group.rank, self.name, self.inner.weight.shape[1], self.group.size,
+                         f"{name} ({type(layer).__name__})",
+                         f"its weight is ({fan_in}, {fan_out}), for {fan_in} input features",
+                         name)
+
     def forward(self, x: Any) -> tuple[Any, Any]:
+        # numpy's matmul error ("Input operand 1 has a mismatch in its core dimension
+        # 0") named neither layer, or with matching widths the Linear ran on this rank's
+        # part as if whole; every tp rank has the same layers and shapes, so all raise
+        # here, before any collective
+        said = self.fed_whole()
+        if said is not None:
+            raise PlanError(said)
+        if self.style.style == "rowwise" and x is not None and np.ndim(x) \
+                and x.shape[-1] != self.inner.weight.shape[0]:
+            raise PlanError(rowwise_fed_whole(self.group.rank, self.name,
+                                              self.inner.weight.shape[0], self.group.size,
+                                              x.shape[-1]))
         y, ctx = self.inner.forward(self._edge(x, self.enter, False))
         y = self._edge(y, self.leave, False)
         left(self.name, self.style, self.group.size)
@@ -274,7 +306,93 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
     for name, style in todo.items():
         layer, parent, i = layers[name]
         parent.layers[i] = _shard(layer, name, style, group)
+    _watch_feeds(model)
     return model
+
+
+def _units(seq: Any, prefix: str = "", regions: bool = True) -> list[tuple[str, Any, Any, int]]:
+    """(name, layer, parent, index) of each layer in the order a forward
+    runs them, inside Sequentials and (``regions``) sharded regions."""
+    out: list[tuple[str, Any, Any, int]] = []
+    for i, layer in enumerate(seq.layers):
+        name, inner = f"{prefix}{i}", _bare(layer)
+        if regions and isinstance(inner, Sharded) and isinstance(inner.inner, Sequential):
+            inner = inner.inner
+        if isinstance(inner, Sequential):
+            out.extend(_units(inner, name + ".", regions))
+        else:
+            out.append((name, layer, seq, i))
+    return out
+
+
+def _watch_feeds(model: Any) -> None:
+    """Note on each colwise layer whose output (this rank's part of the
+    features, through activations) meets a Linear the plan leaves whole,
+    which Linear (Sharded.feeds): it is refused at the first forward, or at
+    once by engine.distribute, which has the whole plan (refuse_fed_whole);
+    a later parallelize call may still plan it."""
+    if not isinstance(model, Sequential):
+        return
+    source: Sharded | None = None
+    for name, layer, parent, i in _units(model):
+        if isinstance(layer, Sharded):
+            st = layer.style
+            if st.style == "colwise":
+                layer.feeds = None
+                source = layer if st.output == "shard" and layer.group.size > 1 else None
+            elif (st.style, st.input) != ("replicate", "shard"):   # (that one keeps the part)
+                source = None
+        elif isinstance(layer, _Activation):       # elementwise: the part passes on
+            continue
+        elif isinstance(layer, Linear) and source is not None:
+            source.feeds = (parent, i, layer, name)
+            source = None
+        else:
+            source = None
+
+
+def refuse_fed_whole(model: Any) -> None:
+    """Raise the PlanError a colwise layer of ``model`` feeding a Linear
+    the plan leaves whole raises at its first forward (engine.distribute,
+    with the whole plan applied, before any layer is timed; alike on every
+    rank: no message)."""
+    for s in sharded_layers(model):
+        said = s.fed_whole()
+        if said is not None:
+            raise PlanError(said)
+    _refuse_sequence_fed_whole(model)
+
+
+def _refuse_sequence_fed_whole(model: Any) -> None:
+    """Raise where a layer whose input is "sequence" (this rank's part of
+    the sequence) is given whole rows: by the model's input (the batch,
+    whole on every tp rank) or a layer that leaves them whole. A "sequence"
+    layer ran on them with no error and summed its gradients over the
+    group, each rank's the whole batch's (tp times too large); a colwise or
+    replicate one gathered tp copies of them."""
+    rows, source = "whole", "the model's input (the batch, whole on every tp rank)"
+    for name, layer, _, _ in _units(model, regions=False):
+        inner = _bare(layer)
+        if not isinstance(inner, Sharded):
+            if not isinstance(inner, (_Activation, Linear, Embedding, Sequential)):
+                rows = "?"          # (a layer of its own: its rows are not known)
+            continue
+        st, g = inner.style, inner.group
+        if st.input == "sequence" and rows == "whole" and g.size > 1:
+            harm = (f"its whole parameters' gradients are summed over the tp group, each "
+                    f"rank's the whole batch's: {g.size} times too large, with no error"
+                    if st.style == "sequence" else
+                    f"its all-gather joins {g.size} copies of the whole rows")
+            raise PlanError(
+                f"tp rank {g.rank}: {name} ({st.style}) takes this rank's part of the "
+                f"sequence (input 'sequence'), but {source} gives it whole rows: {harm}; give "
+                f"the layer before it output 'sequence' (a rowwise or vocab one), or give "
+                f"{name} input 'replicate' (it then takes its part itself)")
+        if st.style == "sequence" or st.output == "sequence":
+            rows = "whole" if st.output == "replicate" else "sequence"
+        elif st.input == "sequence" or st.output == "replicate":
+            rows = "whole"
+        source = f"{name} ({st.style}, output {st.output!r})"
 
 
 # the axis of each parameter (by its position in params()) a style splits

@@ -90,7 +90,7 @@ import collectives
 
 __all__ = ["Style", "STYLES", "PlanError", "parse", "match", "named_by", "edges", "rewrite_attrs",
            "check_attrs", "check_divisible", "shard_rows", "joined_order", "digest", "agree",
-           "style_said", "shard_said"]
+           "style_said", "shard_said", "fed_whole", "rowwise_fed_whole"]
 
 LAYOUTS = {
     "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
@@ -393,6 +393,29 @@ def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
         if extra:
             raise PlanError(f"tp rank {group.rank}: {what}: tp rank {r} has {sorted(extra)[0]} "
                             f"that rank {group.rank} does not")
+
+
+def fed_whole(rank: int, name: str, part: int, tp: int, what: str, why: str,
+              linear: str = "") -> str:
+    """The PlanError's words for a layer the plan leaves whole (``what``,
+    called ``linear`` when a Linear) fed the colwise ``name``'s output, this
+    rank's ``part`` of the features (torch's and engine.layers')."""
+    fix = (f"plan {linear} 'rowwise' (it takes the features' parts and sums them), or "
+           if linear else "plan it, or ")
+    return (f"tp rank {rank}: {name} is sharded colwise, its output this rank's {part} of "
+            f"{part * tp} features, and {what}, which the plan leaves whole, takes that output "
+            f"as if whole: {why}; {fix}give {name} output 'replicate' ({{'style': 'colwise', "
+            f"'output': 'replicate'}}: its output gathered whole)")
+
+
+def rowwise_fed_whole(rank: int, name: str, part: int, tp: int, got: int) -> str:
+    """The PlanError's words for a rowwise layer whose input is not this
+    rank's part of its features (no colwise layer before it)."""
+    said = "all of them, whole" if got == part * tp else "not its part"
+    return (f"tp rank {rank}: {name} is sharded rowwise, its weight this rank's {part} of "
+            f"{part * tp} input features, but its input has {got} features ({said}): plan the "
+            f"layer before it colwise (its output this rank's part of the features), or leave "
+            f"{name} whole (no plan entry)")
 
 
 _exits = threading.local()   # .last: (module, layout, tp size) the latest sharded forward left

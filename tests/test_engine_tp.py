@@ -197,6 +197,14 @@ def _np_worker(world):
             parallelize(model, world, plan)
         except PlanError as e:
             errors[key] = str(e)
+    for key, plan in [("fed whole", {"0": "colwise"}), ("rowwise whole", {"2": "rowwise"})]:
+        # a colwise output into a Linear left whole, a rowwise Linear fed whole
+        # activations: numpy's matmul error, naming neither layer
+        fed = parallelize(Sequential(Linear(D, H), Tanh(), Linear(H, D)), world, plan)
+        try:
+            fed.forward(np.ones((2, D)))
+        except PlanError as e:
+            errors[key] = str(e)
     odd = parallelize(Sequential(Tanh()), world, {"0": {"style": "sequence", "input": "replicate"}})
     try:
         odd.forward(np.zeros((2, 3, D)))
@@ -254,6 +262,13 @@ def test_numpy_styles_match_the_unsharded_layers():
         "features), take \"seq_dim\": 0 in the plan of 1 and of the layers splitting the "
         "sequence with it (group world)"), errors
     assert errors["2-D seq_dim=0"] == (2, D), errors
+    assert errors["fed whole"] == (
+        "tp rank 1: 0 is sharded colwise, its output this rank's 3 of 6 features, and 2 "
+        "(Linear), which the plan leaves whole, takes that output as if whole: its weight is "
+        "(6, 4), for 6 input features; plan 2 'rowwise' (it takes the features' parts and sums "
+        "them), or give 0 output 'replicate' ({'style': 'colwise', 'output': 'replicate'}: its "
+        "output gathered whole)"), errors
+    assert errors["rowwise whole"] == _ROWWISE_WHOLE, errors
     assert errors["one rank"] == ("tp rank 1 of group world: parallelize: 0: fan_out "
                                   "(weight columns) is 5, not divisible by the tp size 2")
     assert results[0][1]["one rank"] == ("tp rank 0: parallelize failed on tp rank 1 of group "
@@ -265,6 +280,12 @@ def test_numpy_styles_match_the_unsharded_layers():
     want = Sequential(Linear(D, H, np.random.default_rng(0)), Tanh()).params()
     for a, b in zip(errors["broadcast"], want):
         np.testing.assert_array_equal(a, b)
+
+
+_ROWWISE_WHOLE = (
+    "tp rank 1: 2 is sharded rowwise, its weight this rank's 3 of 6 input features, but its "
+    "input has 6 features (all of them, whole): plan the layer before it colwise (its output "
+    "this rank's part of the features), or leave 2 whole (no plan entry)")
 
 
 # --- torch modules --------------------------------------------------------------
@@ -337,6 +358,13 @@ def _torch_worker(world):
         parallelize(twice, world, tp_models.PLAIN)
     except PlanError as e:
         errors["twice"] = str(e)
+    nn = torch.nn      # a rowwise Linear fed whole activations: torch's shape error alone
+    fed = parallelize(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 4)), world,
+                      {"2": "rowwise"})
+    try:
+        fed(torch.ones(2, 4))
+    except PlanError as e:
+        errors["rowwise whole"] = str(e)
     shared = parallelize(tp_models.model(world.rank), world, tp_models.PLAIN, init="broadcast")
     want = tp_models.model(0).state_dict()
     for k, v in gather_state_dict(shared).items():
@@ -381,6 +409,7 @@ def test_torch_styles_match_the_unsharded_module():
     assert "0.embed.weight differs across the tp group" in errors["differs"]
     assert "ranks [0] vs [1]" in errors["differs"]
     assert "0.embed is sharded already" in errors["twice"]
+    assert errors["rowwise whole"] == _ROWWISE_WHOLE.replace("tp rank 1", "tp rank 0"), errors
 
 
 def _fused_worker(world):

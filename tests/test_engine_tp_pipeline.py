@@ -601,6 +601,30 @@ def _split_output_worker(world):
             out.append(None if loss is None else abs(loss - ref) < 1e-6)
         except Exception as e:
             out.append(f"{type(e).__name__}: {e}")
+    # the same numpy model (engine.layers), pp=2 then pp=1 (dp=2): numpy's matmul error
+    # naming nothing, in the first step; now the PlanError, in distribute, on every rank
+    xs, ys = x.numpy().astype(np.float64), y.numpy().astype(np.float64)
+    for pp, balance in ((2, [1, 2]), (1, "uniform")):
+        model = Sequential(Linear(8, 6, np.random.default_rng(1)), Tanh(),
+                           Linear(6, 2, np.random.default_rng(2)))
+        try:
+            job = engine.distribute(model, mesh.grid(world, dp=2 // pp, pp=pp, tp=2),
+                                    plan={"0": "colwise"}, schedule="1f1b", microbatches=2,
+                                    balance=balance, loss_fn=mse_loss, verbose=False)
+            out.append(f"distributed; step: {job.step(xs, ys)}")
+        except Exception as e:
+            out.append(f"{type(e).__name__}: {e}")
+    # a colwise layer taking the sequence's part fed the whole batch: the step's loss
+    # raised "a target of shape (4, 2) for an output of shape (8, 2)"
+    seq = {"style": "colwise", "input": "sequence", "seq_dim": 0}
+    try:
+        job = engine.distribute(Sequential(Linear(8, 6), Tanh(), Linear(6, 2)),
+                                mesh.grid(world, dp=2, pp=1, tp=2), schedule="gpipe",
+                                plan={"0": seq, "2": "rowwise"}, microbatches=1,
+                                balance="uniform", loss_fn=mse_loss, verbose=False)
+        out.append(f"distributed; step: {job.step(xs, ys)}")
+    except Exception as e:
+        out.append(f"{type(e).__name__}: {e}")
     return out
 
 
@@ -611,7 +635,7 @@ def test_a_last_stage_output_split_along_the_sequence_is_refused():
     error, a per-token one raised a shape mismatch naming nothing."""
     pytest.importorskip("torch")
     results = mesh.spawn(_split_output_worker, 4, timeout=80)
-    for r, (torch_error, np_error, _, right) in enumerate(results):
+    for r, (torch_error, np_error, _, right, *_) in enumerate(results):
         # (a cut after a colwise Linear: the next stage's unplanned layer is named, below)
         assert right is (True if r >= 2 else None), (r, right)
         for error, name in ((torch_error, "3.ln_f"), (np_error, "3")):
@@ -628,6 +652,20 @@ def test_a_last_stage_output_split_along_the_sequence_is_refused():
                "features, and 2 (Linear), which the plan leaves whole, takes that output as " \
                "if whole: linear() raised RuntimeError: mat1 and mat2 shapes" in error, error
         assert "plan 2 'rowwise'" in error, error
+        assert result[-1] == (
+            f"PlanError: tp rank {r % 2}: 0 (colwise) takes this rank's part of the sequence "
+            "(input 'sequence'), but the model's input (the batch, whole on every tp rank) "
+            "gives it whole rows: its all-gather joins 2 copies of the whole rows; give the "
+            "layer before it output 'sequence' (a rowwise or vocab one), or give 0 input "
+            "'replicate' (it then takes its part itself)"), result[-1]
+        for np_error in result[-3:-1]:     # numpy, pp=2 and pp=1: in distribute, every rank
+            assert np_error == (
+                f"PlanError: tp rank {r % 2}: 0 is sharded colwise, its output this rank's 3 "
+                "of 6 features, and 2 (Linear), which the plan leaves whole, takes that output "
+                "as if whole: its weight is (6, 2), for 6 input features; plan 2 'rowwise' (it "
+                "takes the features' parts and sums them), or give 0 output 'replicate' "
+                "({'style': 'colwise', 'output': 'replicate'}: its output gathered whole)"), \
+                np_error
 
 
 def _qk_norm_worker(world):
