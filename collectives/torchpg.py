@@ -849,9 +849,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def _reduce_scatter_v(self, output_tensors: list[torch.Tensor],
                           input_tensors: list[list[torch.Tensor]], opts: Any) -> dist.Work:
         """reduce_scatter where rank j's part differs in size from the others'
-        (as gloo allows): reduce_scatter_v of the parts joined, their sizes
-        its counts (the ring, or the same-host board; it was an uneven
-        all_to_all and each rank combining the parts it received), with
+        (as gloo allows): reduce_scatter_v of the parts, their sizes its
+        counts (on the same-host board each rank's part is reduced out of
+        the peers' parts where they lie; over sockets they are joined for
+        the ring; it was an uneven all_to_all and each rank combining the
+        parts it received), with
         the collectives' own ops (bfloat16, and float16 averaged, widened
         to float32 and rounded once, as collectives.tensors and
         collectives.api do). Part sizes that differ between ranks raise
@@ -862,25 +864,37 @@ class ProcessGroupMeshrun(_ProcessGroup):
         what = self._what("reduce_scatter")
         launches, finishes = [], []
         for out, ins in zip(output_tensors, input_tensors):
-            flat = torch.cat([x.detach().reshape(-1) for x in ins])
+            # the parts as they are (views of CPU tensors of one dtype): the board reduces
+            # each rank's part out of the peers' without a joined copy of the input
+            apart = len({x.dtype for x in ins}) == 1
+            pieces = [x.detach().reshape(-1) for x in ins] if apart else \
+                [torch.cat([x.detach().reshape(-1) for x in ins])]
             if factor is not None:
-                flat = flat * _factor(factor)
-            arr = _tensors.operand(flat if flat.is_cpu else flat.cpu(), what, True)[0]
-            if name == "avg" and flat.dtype == torch.float16:
+                pieces = [x * _factor(factor) for x in pieces]
+            arrs = [_tensors.operand(x if x.is_cpu else x.cpu(), what, True)[0] for x in pieces]
+            if name == "avg" and pieces[0].dtype == torch.float16:
                 # averaged in float32 and rounded once, as collectives.api averages
                 # float16 (its partial sums overflowed: three ranks' 30000 gave inf where
                 # even parts gave 30000); the fingerprint still says float16
-                arr = arr.astype(C._HALF_WIDE)
+                arrs = [x.astype(C._HALF_WIDE) for x in arrs]
             sizes = [x.numel() for x in ins]
-            launches.append(lambda a, arr=arr, sizes=sizes, k=out.numel(): _host_reduce_scatter_v(
-                self.comm, arr, sizes, name, a, self.timeout, name="reduce_scatter",
+            v = _views(None, out, (out.numel(),))   # (written straight where it can be)
+            straight = None if v is None else v[1]
+            launches.append(lambda a, arrs=arrs, sizes=sizes, k=out.numel(), apart=apart,
+                            straight=straight: _host_reduce_scatter_v(
+                self.comm, None if apart else arrs[0], sizes, name, a, self.timeout,
+                name="reduce_scatter", parts=arrs if apart else None, out=straight,
                 check=self._fits(k, sizes[self.comm.rank], "reduce_scatter",
                                  "its output vs that rank's input for it")))
-            finishes.append(out)
+            finishes.append((out, straight))
 
         def finish(values: list[Any]) -> None:
-            for out, value in zip(finishes, values):
-                _write(out, _tensors.to_torch(value, out))
+            for (out, straight), value in zip(finishes, values):
+                if straight is not None and value.size and \
+                        value.ctypes.data == straight.ctypes.data:
+                    _tensors.written(out)   # (written through numpy: autograd is told)
+                else:
+                    _write(out, _tensors.to_torch(value, out))
         return self._run(launches, finish, output_tensors, opts.asyncOp)
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor,

@@ -213,6 +213,24 @@ def _uneven_cases(C: Any, g: Any, seed: int) -> None:
         expect(got, want, f"reduce_scatter_v {op} {counts} n={n}")
     if n == 1:
         return
+    if os.environ.get("MESH_SHM") != "0":
+        # on the board a reduce_scatter's share has the same bits at every size: its
+        # own rows first, then the peers' in ring order (small, as payloads, too; the
+        # small reduce_scatter_v took all_reduce's rank order)
+        rng = np.random.default_rng([seed, r])
+        counts = [(3 * i) % 5 + 1 for i in range(n)]
+        z = rng.standard_normal((sum(counts), 3))
+        zs = C.all_gather(g, z)
+        zs = [np.asarray(zs[i]) for i in range(n)]
+        for got, (lo, hi) in ((C.reduce_scatter_v(g, z, counts), (sum(counts[:r]),
+                                                                  sum(counts[:r + 1]))),
+                              (C.reduce_scatter(g, z[:n * (len(z) // n)]),
+                               (r * (len(z) // n), (r + 1) * (len(z) // n)))):
+            want = zs[r][lo:hi].copy()
+            for k in range(1, n):
+                want += zs[(r + k) % n][lo:hi]
+            assert np.asarray(got).tobytes() == want.tobytes(), \
+                f"rank {r}: reduce_scatter share {np.asarray(got)} is not {want} bit for bit"
     odd = n - 1         # the last rank's counts differ from the others'
     counts = [1] * n if r != odd else [1] * (n - 1) + [2]
     for call in (lambda: C.all_gather_v(g, data(seed, r, (counts[r], 2), "int32"), counts),

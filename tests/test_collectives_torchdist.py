@@ -636,7 +636,8 @@ def test_outputs_written_in_place_are_seen_by_autograd() -> None:
 
 def lists_in_place(world: Any, mib: int) -> dict[str, Any]:
     """all_gather's and gather's output lists, reduce_scatter_tensor's,
-    reduce_scatter's and scatter's output and all_to_all's output list, of
+    reduce_scatter's (even and uneven parts: the uneven input list is not
+    joined either) and scatter's output and all_to_all's output list, of
     CPU tensors, take the results straight: no temporary of the outputs'
     size; so do the all_gathers in place (the input this rank's row of the
     output, as FSDP passes it). Each call's values are checked, made
@@ -656,6 +657,9 @@ def lists_in_place(world: Any, mib: int) -> dict[str, Any]:
     gathered = lambda: all(bool((o == j + 1).all()) for j, o in enumerate(outs))  # noqa: E731
     uneven = [torch.zeros(k + j) for j in range(n)]      # rank j's: k + j elements
     mine = torch.full((k + r,), float(r + 1))
+    # uneven reduce_scatter's parts: rank r's part j is pattern + 1000 (r + 1)(j + 1)
+    pattern = lambda m: (torch.arange(m) % 997).float()     # noqa: E731
+    parts = [pattern(k + j) + 1000 * (r + 1) * (j + 1) for j in range(n)]
     calls = {   # op: (call(async_op), the values it must give)
         "all_gather": (lambda a: dist.all_gather(outs, x, async_op=a), gathered),
         "all_gather in place": (lambda a: dist.all_gather(outs, outs[r].fill_(r + 1),
@@ -675,6 +679,10 @@ def lists_in_place(world: Any, mib: int) -> dict[str, Any]:
             lambda: bool((one == n * (n + 1) // 2).all())),
         "reduce_scatter": (lambda a: dist.reduce_scatter(one, rows, async_op=a),
                            lambda: bool((one == (r + 1) * n).all())),
+        "reduce_scatter uneven": (
+            lambda a: dist.reduce_scatter(uneven[r], parts, async_op=a),
+            lambda: bool((uneven[r] == n * pattern(k + r)
+                          + 1000 * (r + 1) * n * (n + 1) // 2).all())),
         "all_to_all": (lambda a: dist.all_to_all(outs, blocks, async_op=a),
                        lambda: all(bool((o == 10 * j + r).all()) for j, o in enumerate(outs))),
     }
@@ -700,9 +708,11 @@ def test_list_collectives_and_reduce_scatter_need_no_output_sized_temporary() ->
         e = o["extra"]
         # before: all_gather's (in place too) and the root's gather's 64 MiB, scatter's
         # 32 MiB row, the 32 MiB output of reduce_scatter_tensor, reduce_scatter, all_to_all;
-        # an uneven all_gather's 128 (a copy of the input per rank, the blocks received)
+        # an uneven all_gather's 128 (a copy of the input per rank, the blocks received);
+        # an uneven reduce_scatter's 64 (its input list joined)
         for op in ("all_gather", "all_gather in place", "all_gather uneven",
-                   "all_gather_into_tensor in place", "gather", "reduce_scatter_tensor"):
+                   "all_gather_into_tensor in place", "gather", "reduce_scatter_tensor",
+                   "reduce_scatter uneven"):
             assert e[op] < 12, f"{op}: peak MiB beyond the operands, per rank: {got}"
         # what stays: the root's stack of scatter's and reduce_scatter's inputs, all_to_all's
         # joined input and the blocks it receives

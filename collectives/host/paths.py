@@ -492,42 +492,53 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
 def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
                      async_op: bool = False, timeout: float | None = None,
                      name: str = "reduce_scatter_v", out: Any = None,
-                     check: Callable[[], Any] | None = None) -> Any:
+                     check: Callable[[], Any] | None = None,
+                     parts: list[np.ndarray] | None = None) -> Any:
     """MPI's Reduce_scatter: ``a`` (sum(counts) rows on every rank) reduced
     over the group; rank r gets rows [off_r, off_r + counts[r]) of the
     result (off_r: the sum of the counts before r), a new array (``a`` is
     only read). The ring of reduce_scatter, or the same-host board, with
     chunks of the counts' sizes; the counts are in the fingerprint.
     ``out``: where this rank's rows go (_into); ``name``, ``check``: as
-    all_gather_v's."""
+    all_gather_v's. ``parts``: in place of ``a`` (None), the array as its
+    g.size flat parts of counts[j] items, one dtype (the torch backend's
+    input list): on the same-host board not joined (each rank reduces its
+    part straight out of the peers', local.reduce_scatter_parts), over
+    sockets joined into one copy, which the ring works in."""
     n = g.size
 
     def prepare(t: Tuning) -> tuple[dict, Body]:
         if check is not None:
             check()
-        arr, bounds = _uneven(name, a, counts, n, sum(counts) if len(counts) == n else None)
+        flat: list[np.ndarray] = []
+        if parts is not None:
+            flat = [np.ascontiguousarray(_array(name, p)).reshape(-1) for p in parts]
+            if [p.size for p in flat] != list(counts) or len({p.dtype for p in flat}) > 1:
+                raise ValueError(f"{name}: parts of sizes {[p.size for p in flat]} and dtypes "
+                                 f"{sorted({str(p.dtype) for p in flat})} where counts "
+                                 f"{_counts_fp(list(counts))} and one dtype are needed")
+            arr = flat[0][:0]       # (its dtype: the fingerprint's)
+            bounds = _uneven(name, arr, counts, n)[1]
+        else:
+            arr, bounds = _uneven(name, a, counts, n, sum(counts) if len(counts) == n else None)
         rop = resolve(op, arr.dtype)
         rest = arr.shape[1:]
         dest = _into(out, arr, (counts[g.rank],) + rest)
+        if dest is not None and any(np.may_share_memory(dest, p) for p in flat):
+            dest = None     # (a peer may read the parts while this rank writes out)
 
         def body(ctx: Ctx) -> np.ndarray:
             rank = ctx.g.rank
             mine = np.empty((counts[rank],) + rest, arr.dtype) if dest is None else dest
             if debug.ON:
-                _said(ctx, name, None, "ring", arr.nbytes, None)
-            if arr.nbytes < t.small and board.available(ctx, arr.nbytes):
-                # (small: the whole array all-reduced as payloads on the board, as
-                # all_reduce takes it, then this rank's rows; read across, as the even
-                # reduce_scatter reads them, took 1.4-1.9x the time at 4-16 KiB and 4
-                # ranks, BENCHMARKS.md)
-                work = np.array(arr, order="C").reshape(-1)
-                local.all_reduce_small(ctx, work, rop)
-                lo, hi = bounds[rank]
-                mine.reshape(-1)[...] = work[lo:hi]
-            elif board.available(ctx):
+                _said(ctx, name, None, "ring", bounds[-1][1] * arr.itemsize, None)
+            if board.available(ctx) and parts is not None:
+                local.reduce_scatter_parts(ctx, flat, mine.reshape(-1), rop)
+            elif board.available(ctx):     # (small: as payloads, local.reduce_scatter)
                 local.reduce_scatter(ctx, arr.reshape(-1), mine.reshape(-1), rop, bounds)
             else:
-                work = np.array(arr, order="C").reshape(-1)
+                work = np.concatenate(flat) if parts is not None else \
+                    np.array(arr, order="C").reshape(-1)
                 ring(ctx, work, rop, n - 1, n - 1, shift=-1, bounds=bounds)
                 lo, hi = bounds[rank]
                 mine.reshape(-1)[...] = work[lo:hi]

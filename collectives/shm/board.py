@@ -700,6 +700,23 @@ class Round:
         else:
             self.box.read_body(self.ctx, peer, _PEEK + self.slot * _BODY + _FP_ROOM, out)
 
+    def payload_part(self, peer: int, start: int, out: np.ndarray) -> np.ndarray:
+        """Bytes [start, start + out.nbytes) of ``peer``'s payload (after
+        ``gather``) as ``out``'s dtype: a view of its inline room as gather
+        saw it or of its mapped board (no copy), else read across processes
+        into ``out``, which is returned."""
+        size, slot, end = self.box.heads[peer][1 + self.base + PAYLEN], self.slot, \
+            start + out.nbytes
+        if size <= _INLINE:
+            at = _HEAD + slot * _INLINE
+            return self.box.rows[peer][at + start:at + end].view(out.dtype)
+        at = _PEEK + slot * _BODY + _FP_ROOM + start
+        board = self.box.boards[peer]
+        if board is not None:
+            return board[at:at + out.nbytes].view(out.dtype)
+        self.box.read_body(self.ctx, peer, at, out)
+        return out
+
     def payload_of(self, peer: int) -> np.ndarray:
         """A copy of ``peer``'s payload, whatever its size (after ``gather``)."""
         h, slot = self.box.heads[peer], self.slot
