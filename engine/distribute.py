@@ -1064,28 +1064,38 @@ class Job:
                              "state on rank 0, so every rank must call it; it waited "
                              "here") from None
 
+    def _named_groups(self, opt: Any, where: str) -> tuple[list[list[str]],
+                                                           dict[int, tuple[Any, int]]]:
+        """Each of ``opt``'s param groups as its parameters' names (one
+        process's model's: ``_canonical``), and the tp cut of each sharded
+        parameter, by id (``param_shards``)."""
+        names = {id(p): n for n, p in self._canonical()}
+        cuts: dict[int, tuple[Any, int]] = {}
+        if self.sharded:
+            for st in self.stages:
+                cuts.update(param_shards(st.module))
+        groups = []
+        for g in opt.param_groups:
+            stray = next((p for p in g["params"] if id(p) not in names), None)
+            if stray is not None:
+                raise ValueError(f"{where}: the optimizer holds a {tuple(stray.shape)} tensor "
+                                 f"that is not in job.parameters() (make the optimizer of "
+                                 f"job.parameters() or job.named_parameters())")
+            groups.append([names[id(p)] for p in g["params"]])
+        return groups, cuts
+
     def _local_optimizer(self, opt: Any) -> tuple[dict[str, dict[str, Any]],
                                                   list[tuple[dict[str, Any], list[str]]]]:
         """This rank's part of ``opt``'s state by parameter name, tp shards
         gathered whole (collective over the tp group), and its groups'
         hyperparameters, each with its parameters' names."""
         where = f"rank {self.grid.comm.rank}: optimizer_state_dict"
-        names = {id(p): n for n, p in self._canonical()}
-        cuts: dict[int, tuple[Any, int]] = {}
-        if self.sharded:
-            for st in self.stages:
-                cuts.update(param_shards(st.module))
+        named, cuts = self._named_groups(opt, where)
         state: dict[str, dict[str, Any]] = {}
-        groups: list[tuple[dict[str, Any], list[str]]] = []
-        for g in opt.param_groups:
-            held = []
-            for p in g["params"]:
-                if id(p) not in names:
-                    raise ValueError(f"{where}: the optimizer holds a {tuple(p.shape)} tensor "
-                                     f"that is not in job.parameters() (make the optimizer "
-                                     f"of job.parameters() or job.named_parameters())")
-                held.append(names[id(p)])
-            groups.append(({k: v for k, v in g.items() if k != "params"}, held))
+        groups = [({k: v for k, v in g.items() if k != "params"}, held)
+                  for g, held in zip(opt.param_groups, named)]
+        names = {id(p): n for g, held in zip(opt.param_groups, named)
+                 for p, n in zip(g["params"], held)}
         for g in opt.param_groups:     # (every tp rank in the same order: the gathers pair)
             for p in g["params"]:
                 own = opt.state.get(p)
@@ -1237,20 +1247,10 @@ class Job:
                        homes: list[set[str]], where: str) -> dict[str, Any]:
         """This rank's ``opt.state_dict()`` of the whole ``state``: each
         parameter's state cut to its shard, each group's hyperparameters."""
-        names = {id(p): n for n, p in self._canonical()}
-        cuts: dict[int, tuple[Any, int]] = {}
-        if self.sharded:
-            for st in self.stages:
-                cuts.update(param_shards(st.module))
+        named, cuts = self._named_groups(opt, where)
         local: dict[str, Any] = {"state": {}, "param_groups": []}
         i = 0
-        for j, g in enumerate(opt.param_groups):
-            ns = []
-            for p in g["params"]:
-                if id(p) not in names:
-                    raise ValueError(f"{where}: the optimizer holds a {tuple(p.shape)} tensor "
-                                     f"that is not in job.parameters()")
-                ns.append(names[id(p)])
+        for j, (g, ns) in enumerate(zip(opt.param_groups, named)):
             at = sorted({h for n in ns for h, home in enumerate(homes) if n in home})
             lost = [n for n in ns if not any(n in home for home in homes)]
             if lost:
