@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +90,8 @@ def test_normal_run_prefixes_every_line(tmp_path: Path) -> None:
         assert env["PYTHONUNBUFFERED"] == "1" and env["MASTER_ADDR"] == "127.0.0.1"
         assert int(env["MASTER_PORT"]) > 0 and len(env["MESH_SECRET"]) >= 32
         assert env["MESH_ERROR_FILE"].endswith(f"rank{rank}.error.json")
+        assert env["TORCHELASTIC_ERROR_FILE"] == \
+            env["MESH_ERROR_FILE"][:-len("error.json")] + "torchelastic.json"
         # torchrun's other variables, with its meanings (torch 2.13's agent, one node)
         assert env["GROUP_RANK"] == "0" and env["GROUP_WORLD_SIZE"] == "1"
         assert env["ROLE_RANK"] == str(rank) and env["ROLE_WORLD_SIZE"] == "3"
@@ -960,6 +963,45 @@ def test_a_lost_peer_that_ddp_rethrew_is_a_consequence_not_the_root_cause() -> N
     assert "Root cause: rank 1 failed first" in report, report
     assert "(failed, a consequence); RuntimeError" in report, report
     assert exit_code(outcome, records) == 137
+
+
+@pytest.mark.parametrize("ours", [None, "sys.exit"])
+def test_an_error_torchs_record_wrote_is_the_reports(tmp_path: Path, ours: str | None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's TORCHELASTIC_ERROR_FILE, as torch's @record writes it, is
+    its error in the table (and in its stderr log, unless its own Python
+    printed it) where the bootstrap recorded none (--no-python running
+    Python) or only the sys.exit that followed (the program caught it);
+    the table names the file, as torchrun's error_file. (no process)"""
+    torch_errors = pytest.importorskip("torch.distributed.elastic.multiprocessing.errors")
+    from mesh.launch._bootstrap import write_error_record
+    from mesh.launch.records import (JobOutcome, WorkerExit, elastic_error_file, error_file,
+                                     log_tracebacks, read_records)
+    from mesh.launch.report import format_report
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", elastic_error_file(str(tmp_path), 1))
+
+    @torch_errors.record
+    def main() -> None:
+        _inner()
+    with pytest.raises(KeyError):
+        main()
+    if ours:
+        write_error_record(error_file(str(tmp_path), 1), SystemExit(2), "Traceback...\n")
+    records = read_records(str(tmp_path), [0, 1], kept=True)
+    assert records[1]["exc_type"] == "KeyError" and records[1]["message"] == "'missing key'"
+    exits = [WorkerExit(0, 0, 100, 0, 9.0, False), WorkerExit(1, 1, 101, 2, 10.0, False)]
+    report = format_report(JobOutcome("failed", exits), records, 2)
+    assert "Root cause: rank 1 failed first\n  error      : KeyError: 'missing key'\n  rank" \
+        f"       : 1 (node 0, local rank 1, pid 101, host {socket.gethostname()})" in report
+    assert f"  error file : {elastic_error_file(str(tmp_path), 1)}\n" in report, report
+    assert "in _inner\n" in report and '        {}["missing key"]' in report, report
+    log_tracebacks(str(tmp_path), records)
+    logged = (tmp_path / "rank1.stderr.log").read_text() if ours else None
+    assert logged is None or "KeyError: 'missing key'" in logged
+
+
+def _inner() -> None:
+    {}["missing key"]
 
 
 def test_a_job_stopped_with_no_failed_rank_lists_ranks_not_other_ranks() -> None:

@@ -22,7 +22,8 @@ from ..env import launcher_seal
 from ..limits import open_files, thread_share, too_many_for_open_files
 from ..auth import curve_wanted
 from ..rendezvous import Teller, remove_run_folder, run_folder, tell_ended
-from .records import WorkerExit, WorkerSpec, error_file, log_tracebacks, read_records
+from .records import (WorkerExit, WorkerSpec, elastic_error_file, error_file, log_tracebacks,
+                      read_records)
 from .report import exit_code, format_report
 from .supervise import Job
 
@@ -246,7 +247,8 @@ def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
                 restart: int = 0) -> dict[str, str]:
     """A rank's environment: torchrun's variables, with torchrun's meanings
     (GROUP_RANK: the node's rank; one role, "default", of every rank;
-    TORCHELASTIC_USE_AGENT_STORE: False, no torch store at MASTER_PORT),
+    TORCHELASTIC_USE_AGENT_STORE: False, no torch store at MASTER_PORT;
+    TORCHELASTIC_ERROR_FILE: where @record writes, read for the report),
     and meshrun's own."""
     rank = a.node_rank * a.nproc + local_rank
     env = dict(os.environ)
@@ -269,6 +271,7 @@ def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
         "MESH_LAUNCHER_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
         "MESH_RUNTIME_DIR": run_dir,
         "MESH_ERROR_FILE": error_file(err_dir, rank),
+        "TORCHELASTIC_ERROR_FILE": elastic_error_file(err_dir, rank),     # (torch's @record's)
     })
     if a.curve:
         env["MESH_CURVE"] = "1"
@@ -356,10 +359,11 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
         for local in range(a.nproc):
             env = _worker_env(a, local, int(port or 0), secret, run_dir, err_dir, run_id,
                               restart)
-            try:
-                os.unlink(env["MESH_ERROR_FILE"])
-            except FileNotFoundError:
-                pass
+            for name in ("MESH_ERROR_FILE", "TORCHELASTIC_ERROR_FILE"):
+                try:
+                    os.unlink(env[name])
+                except FileNotFoundError:
+                    pass
             rank = int(env["RANK"])     # rank 0 reads meshrun's stdin, as under mpirun
             specs.append(WorkerSpec(rank, local, _worker_argv(a), env, stdin=rank == 0))
         teller = Teller(a.master_addr, int(port or 0), secret, a.nnodes * a.nproc,
@@ -380,7 +384,8 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
                 outcome = job.run(specs, timeout=timeout)
             finally:
                 teller.close()
-            records = read_records(err_dir, (e.rank for e in outcome.exits))
+            records = read_records(err_dir, (e.rank for e in outcome.exits),
+                                   kept=bool(a.log_dir))
             if a.log_dir:
                 log_tracebacks(a.log_dir, records)
             piped = outcome.reason == "signal" and outcome.signum == signal.SIGPIPE

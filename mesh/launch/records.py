@@ -1,6 +1,8 @@
 """What meshrun knows of a job's ranks: the workers to start, how each one
-ended and why the job ended, and the error record a rank wrote as it failed
-(rank<R>.error.json, written by ``_bootstrap.write_error_record``)."""
+ended and why the job ended, and the error records a rank wrote as it failed:
+rank<R>.error.json, written by ``_bootstrap.write_error_record``, and
+rank<R>.torchelastic.json, its ``TORCHELASTIC_ERROR_FILE``, where torch's
+``@record`` writes (torch.distributed.elastic.multiprocessing.errors)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "signal_name", "error_file",
-           "read_records", "log_tracebacks"]
+           "elastic_error_file", "read_records", "log_tracebacks"]
 
 
 def signal_name(signum: int) -> str:
@@ -75,24 +77,68 @@ def error_file(err_dir: str, rank: int) -> str:
     return os.path.join(err_dir, f"rank{rank}.error.json")
 
 
-def read_records(err_dir: str, ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
-    """The error records found in err_dir, by rank."""
+def elastic_error_file(err_dir: str, rank: int) -> str:
+    """Where torch's ``@record`` writes rank's error (its ``TORCHELASTIC_ERROR_FILE``)."""
+    return os.path.join(err_dir, f"rank{rank}.torchelastic.json")
+
+
+def _load(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _from_elastic(path: str, rank: int) -> dict[str, Any] | None:
+    """The error torch's ``@record`` wrote, {"message": {"message": "ValueError:
+    boom", "extraInfo": {"py_callstack", "timestamp"}}}, as a record of ours
+    (its time: the file's, to the millisecond, where @record's is whole seconds)."""
+    data = _load(path)
+    said: Any = data.get("message") if data else None
+    if not isinstance(said, dict) or not isinstance(said.get("message"), str):
+        return None
+    extra: Any = said.get("extraInfo")
+    extra = extra if isinstance(extra, dict) else {}
+    kind, _, msg = said["message"].partition(": ")
+    tb = str(extra.get("py_callstack") or "")
+    try:
+        when = os.stat(path).st_mtime
+    except OSError:
+        when = float(extra.get("timestamp") or 0)
+    return {"rank": rank, "exc_type": kind, "from_abort": False, "peer": None, "message": msg,
+            "traceback": tb, "brief": tb, "time": when, "torchelastic": True}
+
+
+def read_records(err_dir: str, ranks: Iterable[int],
+                 kept: bool = False) -> dict[int, dict[str, Any]]:
+    """The error records found in err_dir, by rank. A rank's ``@record`` error
+    stands in for ours where the rank wrote none (``--no-python``: a program
+    that runs Python) or ours is only the ``sys.exit`` that followed it (the
+    error @record saw is why). kept: err_dir stays (--log-dir), and each
+    record names its file ("file")."""
     records: dict[int, dict[str, Any]] = {}
     for rank in ranks:
-        try:
-            with open(error_file(err_dir, rank), encoding="utf-8") as f:
-                rec = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict):
-            records[rank] = rec
+        path = error_file(err_dir, rank)
+        rec = _load(path)
+        if rec is None or rec.get("exc_type") == "SystemExit":
+            elastic = _from_elastic(elastic_error_file(err_dir, rank), rank)
+            if elastic is not None:
+                # (a program's own Python printed it whole where meshrun's bootstrap was not)
+                rec, path = dict(elastic, printed=rec is None), elastic_error_file(err_dir, rank)
+        if rec is not None:
+            records[rank] = dict(rec, file=path) if kept else rec
     return records
 
 
 def log_tracebacks(log_dir: str, records: dict[int, dict[str, Any]]) -> None:
     """Add each rank's whole traceback to its stderr log: only its last line
-    went through the relay."""
+    went through the relay (or none of it: an error @record saw that the
+    program then caught)."""
     for rank, rec in records.items():
+        if rec.get("printed"):
+            continue
         try:
             with open(os.path.join(log_dir, f"rank{rank}.stderr.log"), "a",
                       encoding="utf-8") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import time
 from typing import Any
 
@@ -147,10 +148,13 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     if root is not None:
         if root_rec:
             lines.append(f"  error      : {_error(root_rec, str(root_rec.get('message')))}")
+        host = socket.gethostname()     # (this meshrun's ranks' host, as torchrun's says it)
         lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
-                  f"{root.local_rank}, pid {root.pid})",
+                  f"{root.local_rank}, pid {root.pid}, host {host})",
                   f"  exit       : {root.describe()}",
                   f"  time       : {_stamp(root_rec['time'] if root_rec else root.time)}"]
+        if root_rec and root_rec.get("file"):        # (--log-dir: torchrun's error_file)
+            lines.append(f"  error file : {root_rec['file']}")
         if root_rec:
             tb = root_rec.get("brief") or root_rec.get("traceback", "")
             lines.append("  traceback  :")
