@@ -408,7 +408,8 @@ def test_max_restarts_starts_every_rank_again_and_the_job_resumes(tmp_path: Path
 
 def test_max_restarts_ends_with_the_last_failures_code(tmp_path: Path) -> None:
     """A job that fails on every try runs 1 + --max-restarts times and exits
-    with the last failure's code; its logs keep every try's output. (1.0 s)"""
+    with the last failure's code; its logs keep every try's output, each in
+    its attempt_<N> folder, as torchrun's, which each report names. (1.0 s)"""
     logs = tmp_path / "logs"
     r = meshrun("-n", "2", "--max-restarts", "2", "--log-dir", str(logs), str(WORKER),
                 str(tmp_path), "*:stderr", "1:exit3")
@@ -417,7 +418,15 @@ def test_max_restarts_ends_with_the_last_failures_code(tmp_path: Path) -> None:
     assert r.stderr.count("meshrun: starting every rank again") == 2
     assert r.stderr.rstrip().endswith("meshrun: no restarts left (--max-restarts 2): the job "
                                       "failed 3 times; exit code 3, the last failure's")
-    assert (logs / "rank1.stderr.log").read_text().count("complaint from rank 1") == 3
+    assert sorted(p.name for p in logs.iterdir()) == ["attempt_0", "attempt_1", "attempt_2"]
+    for n in range(3):
+        for rank in (0, 1):
+            err = (logs / f"attempt_{n}" / f"rank{rank}.stderr.log").read_text()
+            assert err.startswith(f"complaint from rank {rank}\n"), err
+            assert err.count("complaint") == 1 and err.count("Traceback") == rank, err
+        assert f"  error file : {logs / f'attempt_{n}' / 'rank1.error.json'}\n" in r.stderr
+        assert n == 0 or f"TORCHELASTIC_RESTART_COUNT={n}; logs in {logs}/attempt_{n})" \
+            in r.stderr
 
 
 def test_ctrl_c_while_a_failure_settles_does_not_restart(tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "give 0 and prints the port it bound); default: any free port")
     p.add_argument("--log-dir", metavar="DIR",
                    help="also write rank<R>.stdout.log, rank<R>.stderr.log and, on failure, "
-                        "rank<R>.error.json here")
+                        "rank<R>.error.json here (with --max-restarts, in DIR/attempt_<N> "
+                        "for each try, N its TORCHELASTIC_RESTART_COUNT)")
     p.add_argument("--grace", type=nonnegative_float, default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
     p.add_argument("--settle", type=nonnegative_float, default=3.0, metavar="SECONDS",
@@ -306,8 +307,6 @@ def launch(a: argparse.Namespace) -> int:
     while --max-restarts allows; returns meshrun's exit code."""
     given = os.environ.get("MESH_SECRET")
     open_files(5 * a.nproc + 256, f"meshrun -n {a.nproc}")  # pipes, logs, connections
-    if a.log_dir:
-        os.makedirs(a.log_dir, exist_ok=True)
     run_id = _run_id(given)
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
     restart = 0
@@ -325,8 +324,18 @@ def launch(a: argparse.Namespace) -> int:
                       file=sys.stderr, flush=True)
             return code
         restart += 1
+        logs = f"; logs in {_try_logs(a, restart)}" if a.log_dir else ""
         print(f"meshrun: starting every rank again (restart {restart} of {a.max_restarts}: "
-              f"TORCHELASTIC_RESTART_COUNT={restart})", file=sys.stderr, flush=True)
+              f"TORCHELASTIC_RESTART_COUNT={restart}{logs})", file=sys.stderr, flush=True)
+
+
+def _try_logs(a: argparse.Namespace, restart: int) -> str | None:
+    """Where a try's logs go: --log-dir, or with --max-restarts its
+    attempt_<N> folder there (N: the try's TORCHELASTIC_RESTART_COUNT), as
+    torchrun keeps each try's."""
+    if not a.log_dir or not a.max_restarts:
+        return a.log_dir
+    return os.path.join(a.log_dir, f"attempt_{restart}")
 
 
 def _run_id(secret: str | None) -> str:
@@ -345,9 +354,12 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
     exit code and whether the job may be started again (a rank failed;
     not a signal to meshrun, a timeout, or a reader gone)."""
     run_dir = run_folder("meshrun")
-    err_dir = a.log_dir or run_dir
+    log_dir = _try_logs(a, restart)
+    err_dir = log_dir or run_dir
     srv = None
     try:
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
         port = a.master_port
         if a.node_rank == 0:
             srv = _serve_rendezvous(a, secret)
@@ -375,8 +387,8 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             stopped = f", stopped by node {a.node_rank}'s meshrun" if e.after_stop else ""
             teller.ended(e.rank, e.describe() + stopped)
             tell_ended(run_dir, e.rank, e.describe() + stopped)     # (its ranks here hear it)
-        job = Job(grace=a.grace, log_dir=a.log_dir, scratch=run_dir, settle=a.settle,
-                  stall=a.output_stall, on_exit=ended, append=restart > 0)
+        job = Job(grace=a.grace, log_dir=log_dir, scratch=run_dir, settle=a.settle,
+                  stall=a.output_stall, on_exit=ended)
         report = ""     # written after the relayed output, through the same writer
         again = False
         try:
@@ -385,9 +397,9 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             finally:
                 teller.close()
             records = read_records(err_dir, (e.rank for e in outcome.exits),
-                                   kept=bool(a.log_dir))
-            if a.log_dir:
-                log_tracebacks(a.log_dir, records)
+                                   kept=bool(log_dir))
+            if log_dir:
+                log_tracebacks(log_dir, records)
             piped = outcome.reason == "signal" and outcome.signum == signal.SIGPIPE
             if outcome.reason != "ok" and not piped:    # (`| head`: as quiet as `yes | head`)
                 report = format_report(outcome, records, a.nproc, a.timeout, a.no_python)

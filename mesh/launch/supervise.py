@@ -47,18 +47,14 @@ class Job:
     before they are stopped: ranks told of a failure end with errors of
     their own, and the one that failed first may not be the first to end.
     The relayed output still queued is written by ``close``, after run(),
-    for as long as each reader takes some of it within ``stall`` seconds.
-    ``append``: the logs in ``log_dir`` are added to, not started anew (a
-    restart of the job: --max-restarts)."""
+    for as long as each reader takes some of it within ``stall`` seconds."""
 
     def __init__(self, grace: float = 5.0, log_dir: str | None = None,
                  scratch: str | None = None, stdout: BinaryIO | None = None,
                  stderr: BinaryIO | None = None,
                  settle: float = 0.0, stall: float = 5.0,
-                 on_exit: Callable[[WorkerExit], None] | None = None,
-                 append: bool = False) -> None:
+                 on_exit: Callable[[WorkerExit], None] | None = None) -> None:
         self.grace = grace
-        self.append = append
         self.settle = settle
         self.stall = stall
         self.on_exit = on_exit      # told of each worker's end, as it is reaped
@@ -93,8 +89,7 @@ class Job:
                 fd = os.dup(pipe.fileno())
                 pipe.close()
                 os.set_blocking(fd, False)
-                log = (open(os.path.join(self.log_dir, f"rank{spec.rank}.{name}.log"),
-                            "ab" if self.append else "wb")
+                log = (open(os.path.join(self.log_dir, f"rank{spec.rank}.{name}.log"), "wb")
                        if self.log_dir else None)
                 self._sel.register(fd, selectors.EVENT_READ,
                                    Stream(fd, f"[{spec.rank}] ".encode(), sink, log))
