@@ -30,7 +30,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["JobSpec", "from_env", "host_id", "is_loopback", "launcher_seal", "by_mesh"]
+__all__ = ["JobSpec", "from_env", "host_id", "is_loopback", "launcher_seal", "by_mesh",
+           "torchrun_env"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,28 @@ def launcher_seal(env: Mapping[str, str]) -> str:
     start the rank with them."""
     return ".".join(hashlib.sha256("\0".join(f"{n}={env.get(n, '')}" for n in names)
                                    .encode()).hexdigest()[:8] for names in _SEALED)
+
+
+def torchrun_env(env: Mapping[str, str], rank: int, size: int, local_rank: int,
+                 local_size: int, master_addr: str, master_port: int, run_id: str, *,
+                 node_rank: int = 0, nnodes: int = 1, restart: int = 0,
+                 max_restarts: int = 0) -> dict[str, str]:
+    """The variables torchrun's agent (torch 2.13's) gives a worker, with its
+    meanings, as meshrun and mesh.spawn give them to a rank of theirs
+    (``env``: the rank's environment so far): GROUP_RANK is the node's rank,
+    every rank has the one role "default", and TORCHELASTIC_USE_AGENT_STORE
+    is False, no torch store listening at MASTER_PORT."""
+    return {
+        "RANK": str(rank), "WORLD_SIZE": str(size),
+        "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_size),
+        "GROUP_RANK": str(node_rank), "GROUP_WORLD_SIZE": str(nnodes),
+        "ROLE_RANK": str(rank), "ROLE_NAME": "default", "ROLE_WORLD_SIZE": str(size),
+        "TORCHELASTIC_RESTART_COUNT": str(restart),
+        "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
+        "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+    }
 
 
 def _unsealed(env: Mapping[str, str]) -> Mapping[str, str]:

@@ -38,7 +38,7 @@ import types
 from typing import Any, Callable
 
 from .auth import curve_wanted
-from .env import launcher_seal
+from .env import launcher_seal, torchrun_env
 from .errors import WorkerError
 from .limits import (blas_default, env_threads, limit_threads, open_files, pool_unreachable,
                      thread_share, too_many_for_open_files)
@@ -209,7 +209,7 @@ def _leave_server_alive_pipe() -> None:
         server._forkserver_pid = None        # type: ignore[union-attr]
 
 
-def _child(job: bytes | tuple, rank: int, size: int, secret: str,
+def _child(job: bytes | tuple, rank: int, size: int, secret: str, run_id: str,
            extra_env: dict[str, str], conn: Any, parent: int | None,
            environ: dict[str, str]) -> None:
     from .errors import LostPeerError, MeshError
@@ -232,10 +232,9 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str,
         if not conn.poll(_PORT_WAIT_S):
             return  # the parent is gone
         port = conn.recv()
-        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-                           "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port), "MESH_SECRET": secret,
-                           "MESH_LAUNCHER": "1"})
+        os.environ.update(torchrun_env(os.environ, rank, size, rank, size, "127.0.0.1", port,
+                                       run_id))       # (torchrun's, as meshrun gives them)
+        os.environ.update({"MESH_SECRET": secret, "MESH_LAUNCHER": "1"})
         os.environ.update(extra_env)
         os.environ["MESH_LAUNCHER_SEAL"] = launcher_seal(os.environ)
         share = thread_share(os.environ, size)
@@ -494,7 +493,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     served = ctx.get_start_method() == "forkserver"
     job: bytes | tuple = payload if payload is not None else (fn, args)
     open_files(4 * nprocs + 256, f"mesh.spawn of {nprocs} ranks")  # pipes, connections
-    secret = secrets.token_hex(16)
+    secret, run_id = secrets.token_hex(16), secrets.token_hex(8)    # (TORCHELASTIC_RUN_ID)
     curve = curve_wanted({**os.environ, **(env or {})})
     server = None
     procs: list[Any] = []
@@ -511,7 +510,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                 # (not daemonic: a rank may start processes of its own, DataLoader workers,
                 # a Pool; it dies with this process anyway, and is stopped below)
                 p = ctx.Process(target=_child, name=f"mesh-rank-{r}", daemon=False,
-                                args=(job, r, nprocs, secret, extra, child,
+                                args=(job, r, nprocs, secret, run_id, extra, child,
                                       None if served else os.getpid(), dict(os.environ)))
                 p.start()
                 child.close()

@@ -185,10 +185,31 @@ def _env_of(world: mesh.Mesh, name: str) -> str | None:
     return os.environ.get(name)
 
 
+_TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+             "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+             "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
+             "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "MASTER_ADDR")
+
+
+def _torchrun_env(world: mesh.Mesh) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in _TORCHRUN}
+
+
 def test_ranks_see_the_callers_environment_as_of_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fork server started at an earlier spawn; its ranks still see what
-    the caller set and unset since."""
-    assert mesh.spawn(_top_level, 2, timeout=40) == [0, 1]
+    the caller set and unset since. They have torchrun's variables, as
+    meshrun's ranks have them (one node, no restart; a run id of the call's)."""
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    envs = mesh.spawn(_torchrun_env, 2, timeout=40)
+    run_id = envs[0]["TORCHELASTIC_RUN_ID"]
+    assert run_id is not None and len(run_id) == 16
+    assert envs == [{"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                     "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1",
+                     "ROLE_RANK": str(r), "ROLE_NAME": "default", "ROLE_WORLD_SIZE": "2",
+                     "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+                     "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_USE_AGENT_STORE": "False",
+                     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "MASTER_ADDR": "127.0.0.1"}
+                    for r in range(2)]
     monkeypatch.setenv("MESH_TEST_LATE", "set after the first spawn")
     monkeypatch.delenv("MESH_SPAWN_PRELOAD", raising=False)
     assert mesh.spawn(_env_of, 2, "MESH_TEST_LATE", timeout=40) == ["set after the first spawn"] * 2

@@ -18,7 +18,7 @@ import time
 from typing import Any, Sequence
 
 from ..cliargs import nonnegative, nonnegative_float, positive_float
-from ..env import launcher_seal
+from ..env import launcher_seal, torchrun_env
 from ..limits import open_files, thread_share, too_many_for_open_files
 from ..auth import curve_wanted
 from ..rendezvous import Teller, remove_run_folder, run_folder, tell_ended
@@ -247,27 +247,18 @@ def _worker_env(a: argparse.Namespace, local_rank: int, port: int, secret: str,
                 run_dir: str, err_dir: str, run_id: str = "",
                 restart: int = 0) -> dict[str, str]:
     """A rank's environment: torchrun's variables, with torchrun's meanings
-    (GROUP_RANK: the node's rank; one role, "default", of every rank;
-    TORCHELASTIC_USE_AGENT_STORE: False, no torch store at MASTER_PORT;
-    TORCHELASTIC_ERROR_FILE: where @record writes, read for the report),
-    and meshrun's own."""
+    (``torchrun_env``; TORCHELASTIC_ERROR_FILE: where @record writes, read
+    for the report), and meshrun's own."""
     rank = a.node_rank * a.nproc + local_rank
     env = dict(os.environ)
     share = thread_share(env, a.nproc)
     if share is not None:
         env["OMP_NUM_THREADS"] = share
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")     # (as torchrun's agent does)
+    env.update(torchrun_env(env, rank, a.nnodes * a.nproc, local_rank, a.nproc, a.master_addr,
+                            port, run_id or "none", node_rank=a.node_rank, nnodes=a.nnodes,
+                            restart=restart, max_restarts=a.max_restarts))
     env.update({
-        "RANK": str(rank), "WORLD_SIZE": str(a.nnodes * a.nproc),
-        "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(a.nproc),
-        "GROUP_RANK": str(a.node_rank), "GROUP_WORLD_SIZE": str(a.nnodes),
-        "ROLE_RANK": str(rank), "ROLE_NAME": "default",
-        "ROLE_WORLD_SIZE": str(a.nnodes * a.nproc),
-        "TORCHELASTIC_RESTART_COUNT": str(restart),
-        "TORCHELASTIC_MAX_RESTARTS": str(a.max_restarts),
-        "TORCHELASTIC_RUN_ID": run_id or "none", "TORCHELASTIC_USE_AGENT_STORE": "False",
-        "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(port), "MESH_SECRET": secret,
-        "MESH_LAUNCHER": "1", "MESH_NODE_RANK": str(a.node_rank),
+        "MESH_SECRET": secret, "MESH_LAUNCHER": "1", "MESH_NODE_RANK": str(a.node_rank),
         "MESH_RESTART_COUNT": str(restart),
         "MESH_LAUNCHER_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
         "MESH_RUNTIME_DIR": run_dir,
