@@ -447,6 +447,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     call at the main script's top level without ``if __name__ ==
     "__main__":``) runs in forks of this process on Linux, and raises
     ValueError elsewhere."""
+    __tracebackhide__ = True    # (IPython's, Jupyter's and pytest's tracebacks skip this frame)
     if not callable(fn):
         raise TypeError(f"mesh.spawn: fn is the function each rank runs as fn(world, *args), "
                         f"got {type(fn).__name__} {fn!r:.60}")
@@ -527,6 +528,10 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
         results = _collect(procs, conns, timeout, settle, late)
         ok = True
         return results
+    except WorkerError as e:
+        # raised from here alone: what the caller needs is the rank's traceback, in its
+        # message; a notebook showed _collect's frames above it, with their source
+        raise e.with_traceback(None)    # (the rank's own traceback is in its message)
     except KeyboardInterrupt:
         # ^C, a notebook's interrupt: the ranks (a process group of their own each) never
         # see it; stop them now, not after settle= (they were not told to end)

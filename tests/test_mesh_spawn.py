@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(90)
 
 _CODE = textwrap.dedent("""\
     import json
+    import traceback
     import numpy as np
     import collectives as C
     import mesh
@@ -50,6 +51,8 @@ _CODE = textwrap.dedent("""\
         mesh.spawn(bad, 2, timeout=40)
     except mesh.WorkerError as e:
         out["error"] = [e.rank, e.traceback]
+        out["frames"] = [[frame.f_code.co_name, "__tracebackhide__" in frame.f_locals]
+                         for frame, _ in traceback.walk_tb(e.__traceback__)]
     print(json.dumps(out))
     """)
 
@@ -80,6 +83,9 @@ def _check(out: dict) -> None:
     rank, tb = out["error"]
     assert rank == 1
     assert "ValueError: boom in rank 1" in tb and ", in bad" in tb
+    # spawn's own frames: one, where it raised the rank's error, and hidden from a
+    # notebook's (IPython's) traceback, which showed them above the rank's
+    assert out["frames"] == [["<module>", False], ["spawn", True]], out["frames"]
 
 
 def test_spawn_from_python_c() -> None:
