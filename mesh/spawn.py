@@ -27,6 +27,7 @@ import multiprocessing as mp
 import numbers
 import os
 import pickle
+import re
 import secrets
 import signal
 import sys
@@ -211,7 +212,7 @@ def _leave_server_alive_pipe() -> None:
 
 def _child(job: bytes | tuple, rank: int, size: int, secret: str, run_id: str,
            extra_env: dict[str, str], conn: Any, parent: int | None,
-           environ: dict[str, str]) -> None:
+           environ: dict[str, str], prefix: bool = False) -> None:
     from .errors import LostPeerError, MeshError
     from .world import init
     _die_with_parent(parent)
@@ -226,6 +227,8 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str, run_id: str,
     if isinstance(getattr(held, "__self__", None), _Held):
         signal.signal(signal.SIGINT, held.__self__._old)    # type: ignore[union-attr]
     _whole_lines()
+    if prefix:
+        _prefix_lines(rank)
     world = None
     me = os.getpid()
     try:
@@ -394,6 +397,47 @@ def _whole_lines() -> None:
             setattr(sys, name, _Lines(stream))
 
 
+class _Prefixed:
+    """A rank's sys.stdout or sys.stderr under ``spawn(prefix=True)``: each
+    line it writes starts with "[rank] ", as meshrun's relay starts them,
+    and so does a line started over by a carriage return (a progress bar)."""
+
+    _LINES = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+
+    def __init__(self, stream: Any, rank: int) -> None:
+        self._stream = stream
+        self._prefix = f"[{rank}] "
+        self._fresh = True      # the next write starts a line
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            return self._stream.write(text)     # (its own error)
+        pieces = []
+        for line in self._LINES.findall(text):
+            if self._fresh:
+                pieces.append(self._prefix)
+            pieces.append(line)
+            self._fresh = line[-1] in "\r\n"
+        self._stream.write("".join(pieces))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_stream":       # (not set yet: a copy being made)
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def _prefix_lines(rank: int) -> None:
+    """Each line on the standard streams prefixed, and passed on whole
+    (``_Lines``): a print writes its text and its end apart, and unbuffered
+    (PYTHONUNBUFFERED) the ranks' lines came mixed ("[1] line b[0] line a")."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None:
+            setattr(sys, name, _Prefixed(stream if isinstance(stream, _Lines) else
+                                         _Lines(stream), rank))
+
+
 def _told(e: BaseException) -> tuple[str, str]:
     """A failed rank's traceback for its WorkerError, brief and whole, from
     the user's function down (not this module's frame that called it)."""
@@ -435,12 +479,14 @@ def _unguarded() -> bool:
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
-          env: dict[str, str] | None = None, settle: float | None = 1.0) -> list[Any]:
+          env: dict[str, str] | None = None, settle: float | None = 1.0,
+          prefix: bool = False) -> list[Any]:
     """Run ``fn(world, *args)`` on ``nprocs`` local processes; return its
     results ordered by rank (they travel back pickled). When a rank fails,
     the others get ``settle`` seconds to end (their own errors, what they
     write) before all are stopped and the root cause is raised (None: the
-    default, 1 s).
+    default, 1 s). ``prefix``: each line a rank prints starts with its rank,
+    "[3] ...", as under meshrun.
 
     A top-level function of an importable module runs in fresh interpreters.
     Anything else (``python -c``, stdin, a notebook, a lambda, a closure, a
@@ -512,7 +558,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                 # a Pool; it dies with this process anyway, and is stopped below)
                 p = ctx.Process(target=_child, name=f"mesh-rank-{r}", daemon=False,
                                 args=(job, r, nprocs, secret, run_id, extra, child,
-                                      None if served else os.getpid(), dict(os.environ)))
+                                      None if served else os.getpid(), dict(os.environ),
+                                      bool(prefix)))
                 p.start()
                 child.close()
                 procs.append(p)

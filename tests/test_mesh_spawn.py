@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(90)
 
 _CODE = textwrap.dedent("""\
     import json
+    import sys
     import traceback
     import numpy as np
     import collectives as C
@@ -40,6 +41,12 @@ _CODE = textwrap.dedent("""\
             raise ValueError("boom in rank 1")
         world.recv(1, timeout=30)
 
+    def say(world):
+        print(f"line a of {world.rank}\\nline b")
+        sys.stdout.write("part")
+        print(" whole")
+        print("bar\\r 50%", file=sys.stderr)
+
     scale = 7
     out = {"fn": mesh.spawn(fn, 3, 10, timeout=40),
            "lambda": mesh.spawn(lambda world: world.rank * scale, 2, timeout=40)}
@@ -47,6 +54,7 @@ _CODE = textwrap.dedent("""\
         own.send("kept", 0)
         out["beside a live mesh"] = mesh.spawn(lambda world: world.size, 2, timeout=40)
         out["kept"] = own.recv(0)
+    out["prefixed"] = mesh.spawn(say, 2, timeout=40, prefix=True)
     try:
         mesh.spawn(bad, 2, timeout=40)
     except mesh.WorkerError as e:
@@ -73,13 +81,19 @@ def _python(*args: str, stdin: str | None = None) -> dict:
     r = subprocess.run([sys.executable, *args], input=stdin, cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=75)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.splitlines()[-1])
+    *printed, last = r.stdout.splitlines()
+    return dict(json.loads(last), printed=printed, stderr=r.stderr)
 
 
 def _check(out: dict) -> None:
     assert out["fn"] == [3, 13, 23]
     assert out["lambda"] == [0, 7]
     assert out["beside a live mesh"] == [2, 2] and out["kept"] == "kept"
+    assert out["prefixed"] == [None, None]
+    assert sorted(out["printed"]) == [f"[{r}] {line}" for r in (0, 1) for line in (
+        f"line a of {r}", "line b", "part whole")], out["printed"]
+    # (a bar's "\r", read here as a line's end: it starts the line over, with its prefix)
+    assert all(f"[{r}] bar\n[{r}]  50%\n" in out["stderr"] for r in (0, 1)), out["stderr"]
     rank, tb = out["error"]
     assert rank == 1
     assert "ValueError: boom in rank 1" in tb and ", in bad" in tb
