@@ -86,6 +86,7 @@ from .traced import given_as_returned
 from .torch_stage import (Parts, TorchStage, as_pipeline_loss, checkpoint_modules, copied,
                           patterns_of, plain_torch_loss, torch_loss, torch_targets)
 from .tensor_parallel import rewatched, watch_of
+from .tp_layers import cut_edges, group_of, refuse_cut_fed_whole
 from .tp_plan import PlanError, forget_exits, named_by, split_by
 from .verify import verify
 
@@ -270,7 +271,12 @@ class Pipeline:
             fault = None
         except (TypeError, ValueError) as e:
             fault = e
-        _given_alike(self.pp, schedule, tag_base, given, mine, timeout, fault)
+        # engine.layers stages sharded by hand: what each cut's two sides hold
+        edges = {s: cut_edges(obj) for s, obj in zip(mine, given)} if fault is None else {}
+        _given_alike(self.pp, schedule, tag_base, given, mine, timeout, fault, edges)
+        if edges:       # (every pp rank's, gathered by _given_alike: all raise alike)
+            ours = next((g for g in map(group_of, given) if g is not None), None)
+            refuse_cut_fed_whole(edges, self.tp_index if ours is None else ours.rank)
         # selective recompute: the submodules named, in every stage that holds them
         self.checkpointed = (_checkpointed(self.pp, self.stages, patterns, timeout)
                              if patterns else {})
@@ -518,7 +524,8 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
 
 def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[Any],
                  mine: Sequence[int], timeout: float | None,
-                 fault: BaseException | None = None) -> None:
+                 fault: BaseException | None = None,
+                 edges: dict[int, Any] | None = None) -> None:
     """Every pp rank was given the same schedule and tag_base, and stages
     of the same engine.partition cut (its stages carry it: layers per
     stage), checked in one small all_gather on the pp group before anything
@@ -529,7 +536,8 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     layers without a word. ``fault``: what is wrong with this rank's own
     arguments (a tag_base out of range, a missing loss_fn...): raised here,
     and by every other rank as a ValueError naming it (alone, they waited
-    for this rank in their next collective)."""
+    for this rank in their next collective). ``edges``: this rank's stages'
+    ``cut_edges``, to which every pp rank's are added."""
     ranks = getattr(pp, "ranks", range(pp.size))       # (a stand-in group of one rank)
     me = f"rank {ranks[pp.rank]}: Pipeline on group {getattr(pp, 'name', '?')}"
     cuts = {tuple(c) for c in (getattr(o, "partition_cut", None) for o in given) if c}
@@ -547,8 +555,11 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
         return
     said = hashlib.blake2b(schedule.to_json().encode(), digest_size=8).hexdigest()
     cut = None if apart else next(iter(cuts), None)
-    told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut, apart],
+    ends = [[s, *e] for s, e in (edges or {}).items() if any(e)]
+    told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut, apart, ends],
                                          timeout=timeout)     # (apart: raised by every rank)
+    if edges is not None:
+        edges.update((s, (end, top)) for t in told for s, end, top in t[5])
     faults = [t[4] for t in told if t[4]]
     if fault is not None:
         raise _retold(fault, f"{me}: {fault}")

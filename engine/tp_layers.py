@@ -30,7 +30,8 @@ from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisibl
                       rowwise_fed_whole, shard_rows, shard_said, style_said)
 
 __all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_params",
-           "group_of", "named_layers", "describe", "refuse_fed_whole"]
+           "group_of", "named_layers", "describe", "refuse_fed_whole", "cut_edges",
+           "refuse_cut_fed_whole"]
 
 
 @logged
@@ -325,14 +326,15 @@ def _units(seq: Any, prefix: str = "", regions: bool = True) -> list[tuple[str, 
     return out
 
 
-def _watch_feeds(model: Any) -> None:
+def _watch_feeds(model: Any) -> "Sharded | None":
     """Note on each colwise layer whose output (this rank's part of the
     features, through activations) meets a Linear the plan leaves whole,
     which Linear (Sharded.feeds): it is refused at the first forward, or at
     once by engine.distribute, which has the whole plan (refuse_fed_whole);
-    a later parallelize call may still plan it."""
+    a later parallelize call may still plan it. Returns the colwise layer
+    whose part of the features ``model`` ends with (None: none)."""
     if not isinstance(model, Sequential):
-        return
+        return None
     source: Sharded | None = None
     for name, layer, parent, i in _units(model):
         if isinstance(layer, Sharded):
@@ -349,6 +351,51 @@ def _watch_feeds(model: Any) -> None:
             source = None
         else:
             source = None
+    return source
+
+
+def cut_edges(stage: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """What a Pipeline's stages tell each other of a cut between them
+    (``refuse_cut_fed_whole``), for an engine.layers ``stage``: the colwise
+    layer whose part of the features its output is (its name, that part
+    and the tp size), and the Linear the plan leaves whole that its input
+    meets first, through activations (its name and weight's shape); None
+    for each it has not (a torch stage: None, None)."""
+    stage = _bare(stage)
+    if not isinstance(stage, Sequential):
+        return None, None
+    end = _watch_feeds(stage)
+    told = None if end is None else {"name": end.name, "part": end.inner.weight.shape[1],
+                                     "tp": end.group.size}
+    top = None
+    for name, layer, _, _ in _units(stage):
+        if isinstance(layer, _Activation) or isinstance(layer, Sharded) and (
+                layer.style.style, layer.style.input) == ("replicate", "shard"):
+            continue
+        if isinstance(layer, Linear):
+            top = {"name": name, "kind": type(layer).__name__,
+                   "shape": tuple(layer.weight.shape)}
+        break
+    return told, top
+
+
+def refuse_cut_fed_whole(edges: Mapping[int, tuple[Any, Any]], tp_rank: int) -> None:
+    """Raise the PlanError of a colwise layer fed to a Linear the plan leaves
+    whole (``fed_whole``) where one ends stage s and the other begins stage
+    s + 1 (``edges``: each stage's ``cut_edges``, gathered from every pp
+    rank, so every rank raises alike, before any step): planned stage by
+    stage by hand, numpy's matmul error named neither, on the next stage's
+    ranks alone (engine.distribute sees the whole model: refuse_fed_whole)."""
+    for s, (end, _) in sorted(edges.items()):
+        top = edges.get(s + 1, (None, None))[1]
+        if end is None or top is None:
+            continue
+        fan_in, fan_out = top["shape"]
+        what = f"stage {s + 1}'s {top['name']}"
+        raise PlanError(fed_whole(tp_rank, f"stage {s}'s {end['name']}", end["part"],
+                                  end["tp"], f"{what} ({top['kind']})",
+                                  f"its weight is ({fan_in}, {fan_out}), for {fan_in} input "
+                                  f"features", what))
 
 
 def refuse_fed_whole(model: Any) -> None:

@@ -614,6 +614,19 @@ def _split_output_worker(world):
             out.append(f"distributed; step: {job.step(xs, ys)}")
         except Exception as e:
             out.append(f"{type(e).__name__}: {e}")
+    # the same numpy model planned stage by stage by hand, a Pipeline of its stages:
+    # numpy's matmul error on pp rank 1 alone in the first step; the PlanError on every
+    # rank as the Pipeline is made
+    hand = [Sequential(Linear(8, 6, np.random.default_rng(1))),
+            Sequential(Tanh(), Linear(6, 2, np.random.default_rng(2)))][grid.coord("pp")]
+    if grid.coord("pp") == 0:
+        parallelize(hand, grid.group("tp"), {"0": "colwise"})
+    try:
+        pipe = Pipeline(grid, hand, schedules.by_name("1f1b", 2, 2), loss_fn=mse_loss,
+                        timeout=60)
+        out.append(f"made; step: {pipe.step(xs, ys)}")
+    except Exception as e:
+        out.append(f"{type(e).__name__}: {e}")
     # a colwise layer taking the sequence's part fed the whole batch: the step's loss
     # raised "a target of shape (4, 2) for an output of shape (8, 2)"
     seq = {"style": "colwise", "input": "sequence", "seq_dim": 0}
@@ -658,7 +671,14 @@ def test_a_last_stage_output_split_along_the_sequence_is_refused():
             "gives it whole rows: its all-gather joins 2 copies of the whole rows; give the "
             "layer before it output 'sequence' (a rowwise or vocab one), or give 0 input "
             "'replicate' (it then takes its part itself)"), result[-1]
-        for np_error in result[-3:-1]:     # numpy, pp=2 and pp=1: in distribute, every rank
+        assert result[-2] == (
+            f"PlanError: tp rank {r % 2}: stage 0's 0 is sharded colwise, its output this "
+            "rank's 3 of 6 features, and stage 1's 1 (Linear), which the plan leaves whole, "
+            "takes that output as if whole: its weight is (6, 2), for 6 input features; plan "
+            "stage 1's 1 'rowwise' (it takes the features' parts and sums them), or give "
+            "stage 0's 0 output 'replicate' ({'style': 'colwise', 'output': 'replicate'}: "
+            "its output gathered whole)"), result[-2]
+        for np_error in result[-4:-2]:     # numpy, pp=2 and pp=1: in distribute, every rank
             assert np_error == (
                 f"PlanError: tp rank {r % 2}: 0 is sharded colwise, its output this rank's 3 "
                 "of 6 features, and 2 (Linear), which the plan leaves whole, takes that output "
