@@ -612,6 +612,37 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
     return [c for c in cands if c.measured] + [c for c in cands if not c.measured]
 
 
+class _Optimizers:
+    """Several torch optimizers as one (a list, as DCP's
+    ``get_optimizer_state_dict`` takes it): their param groups one after
+    another, in the list's order, and their states; ``load_state_dict``
+    gives each its own groups and their parameters' states."""
+
+    def __init__(self, opts: Sequence[Any]) -> None:
+        self.opts = list(opts)
+        self.param_groups = [g for o in self.opts for g in o.param_groups]
+        self.state: dict[Any, Any] = {}
+        for o in self.opts:
+            self.state.update(o.state)
+
+    def load_state_dict(self, local: dict[str, Any]) -> None:
+        at = first = 0
+        for o in self.opts:
+            groups = local["param_groups"][at:at + len(o.param_groups)]
+            count = sum(len(g["params"]) for g in groups)
+            o.load_state_dict({
+                "state": {i - first: v for i, v in local["state"].items()
+                          if first <= i < first + count},
+                "param_groups": [{**g, "params": [i - first for i in g["params"]]}
+                                 for g in groups]})
+            at, first = at + len(o.param_groups), first + count
+
+
+def _one_optimizer(opt: Any) -> Any:
+    """``opt``, or a list (tuple) of optimizers as one (_Optimizers)."""
+    return _Optimizers(opt) if isinstance(opt, (list, tuple)) else opt
+
+
 class IncompatibleKeys(NamedTuple):
     """What ``Job.load_state_dict`` left out, as torch's ``load_state_dict``
     returns it: the model's keys not given, the keys given it lacks."""
@@ -1040,14 +1071,19 @@ class Job:
     def optimizer_state_dict(self, opt: Any, timeout: float | None = None
                              ) -> dict[str, Any] | None:
         """The whole state of ``opt`` (a torch optimizer made on this rank's
-        ``job.parameters()``, as on every rank) on world rank 0, None
+        ``job.parameters()``, as on every rank, or a list of several, as
+        DCP's ``get_optimizer_state_dict`` takes it: their groups one after
+        another) on world rank 0, None
         elsewhere, as ``state_dict()`` returns the model, keyed by the
         parameters' names in the one-process model (its ``named_parameters()``:
         a tied tensor under its first name), in torch DCP's format
         (``get_optimizer_state_dict(model, opt, options=StateDictOptions(
         full_state_dict=True))``): ``{"state": {name: {"exp_avg": ...,
-        "step": ...}}, "param_groups": [{"lr": ..., "params": [name, ...]}]}``.
-        A tensor of a tp shard's shape (Adam's ``exp_avg``) is gathered as
+        "step": ...}}, "param_groups": [{"lr": ..., "params": [name, ...]}]}``,
+        each group's parameters in the optimizer's order, as DCP lists them
+        (over several pp ranks: stage by stage, each stage's in its rank's
+        optimizer's order), and the states in the groups' order. A tensor
+        of a tp shard's shape (Adam's ``exp_avg``) is gathered as
         its parameter is, whole; each stage gives its own parameters'; dp
         replicas hold the same, replica 0's is taken; a scalar (``step``) or
         any other value as it is. ``load_optimizer_state_dict`` loads it
@@ -1058,7 +1094,7 @@ class Job:
         self._torch_only("optimizer_state_dict")
         timeout = self._timeout if timeout is None else timeout
         try:
-            return self._gathered_optimizer(opt, timeout)
+            return self._gathered_optimizer(_one_optimizer(opt), timeout)
         except MeshError as e:
             raise _in_action(e, "job.optimizer_state_dict(opt) gathers every stage's optimizer "
                              "state on rank 0, so every rank must call it; it waited "
@@ -1124,17 +1160,28 @@ class Job:
             return None
         pp = self.grid.group("pp")
         tensors = [(n, k) for n, own in state.items() for k, v in own.items() if is_tensor(v)]
+        stage = self._stage_of()
+        staged = [(h, [(n, stage[n]) for n in ns]) for h, ns in groups]
         if pp.rank:      # (msgpack, no pickle: rank 0 compares the groups' values by repr)
             plain = {n: {k: None if is_tensor(v) else v for k, v in own.items()}
                      for n, own in state.items()}
-            told = [({k: repr(v) for k, v in h.items()}, ns) for h, ns in groups]
+            told = [({k: repr(v) for k, v in h.items()}, ns) for h, ns in staged]
             pp.send([plain, told, tensors], 0, tag=_OPTIM_TAG, timeout=timeout)
             for i, (n, k) in enumerate(tensors):
                 pp.send(state[n][k], 0, tag=_OPTIM_TAG + 1 + i, timeout=timeout)
             return None
         whole = dict(state)
         hyper = [h for h, _ in groups]
-        held = [list(ns) for _, ns in groups]
+        held: list[list[tuple[str, int]]] = [[] for _ in staged]
+        seen: list[set[str]] = [set() for _ in staged]
+
+        def add(j: int, ns: Any) -> None:
+            for n, st in ns:    # (a tied tensor's copies, on two stages: one name, the first)
+                if n not in seen[j]:
+                    seen[j].add(n)
+                    held[j].append((n, st))
+        for j, (_, ns) in enumerate(staged):
+            add(j, ns)
         for src in range(1, pp.size):
             plain, theirs, tensors = pp.recv(src, tag=_OPTIM_TAG, timeout=timeout)
             for i, (n, k) in enumerate(tensors):
@@ -1155,14 +1202,23 @@ class Job:
                                      f"{said.get(k)} on rank 0 but {h.get(k)} on "
                                      f"{self._pp_peer(src)}: one process's optimizer has "
                                      f"one value per group")
-                held[j] += [n for n in ns if n not in held[j]]
-        at = {k: i for i, k in enumerate(self._expected)}     # the model's order
+                add(j, ns)
+        # each group's in the optimizer's order, as DCP's (over pp ranks, the stages' in
+        # the model's: a stage's parameters are its rank's, in its optimizer's order); the
+        # state in the groups' order, as DCP's
+        names = [[n for n, _ in (sorted(ns, key=lambda e: e[1]) if pp.size > 1 else ns)]
+                 for ns in held]
+        return {"state": {n: whole[n] for ns in names for n in ns if n in whole},
+                "param_groups": [{**h, "params": ns} for h, ns in zip(hyper, names)]}
 
-        def order(ns: Any) -> list[str]:
-            return sorted(ns, key=lambda n: at.get(n, len(at)))
-        held = [order(ns) for ns in held]      # the state in the groups' order, as DCP's
-        return {"state": {n: whole[n] for ns in held for n in ns if n in whole},
-                "param_groups": [{**h, "params": ns} for h, ns in zip(hyper, held)]}
+    def _stage_of(self) -> dict[str, int]:
+        """The stage of each of this rank's parameters, by name
+        (``_canonical``'s)."""
+        out: dict[str, int] = {}
+        for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
+            ids = {id(p) for p in st.module.parameters()}
+            out.update((n, s) for n, p in self._canonical() if id(p) in ids and n not in out)
+        return out
 
     def _pp_peer(self, src: int) -> str:
         """pp rank ``src`` of this rank's pp group, as a world rank."""
@@ -1171,7 +1227,8 @@ class Job:
     def load_optimizer_state_dict(self, opt: Any, state: dict[str, Any]) -> None:
         """Load a whole optimizer state (``optimizer_state_dict``'s, of any
         layout, or torch DCP's full one) into ``opt``, this rank's optimizer
-        (made on ``job.parameters()``, its groups as the saved one's): each
+        (made on ``job.parameters()``, its groups as the saved one's; or a
+        list of optimizers, their groups one after another): each
         parameter's state, cut to this rank's shard where tp shards it, and
         each group's hyperparameters (a group is matched by its parameters'
         names). Every rank checks every name and every tensor's shape
@@ -1186,6 +1243,7 @@ class Job:
         self._torch_only("load_optimizer_state_dict")
         where = f"rank {self.grid.comm.rank}: load_optimizer_state_dict"
         fault: Exception | None = None
+        opt = _one_optimizer(opt)
         try:
             local = self._checked_cut(opt, state, where)
         except (TypeError, KeyError, ValueError) as e:

@@ -1427,6 +1427,94 @@ def test_torch_distribute_matches_one_process(axes, plan, tmp_path):
     assert_named_like(results, model)
 
 
+def _two_optimizers(named):
+    """AdamW on the weights, last layer first, and SGD with momentum on the
+    biases: an order other than the model's, in two optimizers."""
+    import torch
+    named = dict(named)
+    weights = [named[k] for k in reversed(named) if k.endswith("weight")]
+    return [torch.optim.AdamW(weights, lr=LR / 10),
+            torch.optim.SGD([named[k] for k in named if k.endswith("bias")], lr=LR,
+                            momentum=0.9)]
+
+
+def _tied_model():
+    """An embedding tied to the head."""
+    import torch
+    from torch import nn
+    torch.manual_seed(SEED)
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                          nn.Linear(4, 8, bias=False)).double()
+    model[4].weight = model[0].weight
+    return model
+
+
+def _ids_loss(out, t):
+    import torch
+    return torch.nn.functional.cross_entropy(out.flatten(0, 1), t.flatten())
+
+
+def test_several_optimizers_state_is_dcps_in_their_order(tmp_path):
+    """job.optimizer_state_dict takes a list of optimizers, as DCP's
+    get_optimizer_state_dict does, and lists each group's parameters in the
+    optimizer's order: one process's job gives DCP's full state, keys,
+    order and values (it took one optimizer only, and sorted the names in
+    the model's order), and load_optimizer_state_dict gives each optimizer
+    of a list its own state back. A tied embedding and head on the two
+    stages of one rank (ZB-V) are one name, once (they were listed twice).
+    One process, a one-rank gloo group."""
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    torch.set_num_threads(1)
+    x, y = (torch.from_numpy(a) for a in _data(0))
+    ids = [torch.from_numpy(np.random.default_rng(s).integers(0, 8, (4, 3))) for s in (1, 2)]
+    wants = []
+    for model, make, batch, loss in (
+            (_torch_model(), _two_optimizers, (x, y), torch.nn.functional.mse_loss),
+            (_tied_model(), lambda named: torch.optim.AdamW([p for _, p in named], lr=LR),
+             ids, _ids_loss)):
+        opts = make(model.named_parameters())
+        loss(model(batch[0]), batch[1]).backward()
+        for o in opts if isinstance(opts, list) else [opts]:
+            o.step()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg{len(wants)}",
+                                rank=0, world_size=1)
+        try:
+            wants.append(get_optimizer_state_dict(model, opts, options=StateDictOptions(
+                full_state_dict=True)))
+        finally:
+            dist.destroy_process_group()
+    with mesh.init() as world:
+        job = engine.distribute(_torch_model(), mesh.grid(world, pp=1), schedule="gpipe",
+                                microbatches=1, balance="uniform", verbose=False,
+                                loss_fn=torch.nn.functional.mse_loss)
+        mine = _two_optimizers(job.named_parameters())
+        job.step(x, y)
+        for o in mine:
+            o.step()
+        got = job.optimizer_state_dict(mine)
+        again = _two_optimizers(job.named_parameters())
+        job.load_optimizer_state_dict(again, got)
+        tied = engine.distribute(_tied_model(), mesh.grid(world, pp=1), schedule="zb-v",
+                                 microbatches=2, balance=[2, 3], verbose=False,
+                                 loss_fn=_ids_loss, tag_base=1 << 20)
+        adam = torch.optim.AdamW(tied.parameters(), lr=LR)
+        tied.step(*ids)
+        adam.step()
+        got_tied = tied.optimizer_state_dict(adam)
+    _optim_close(got, wants[0], rtol=1e-10, atol=1e-13)
+    _optim_close(got_tied, wants[1], rtol=1e-10, atol=1e-13)
+    for a, b in zip(mine, again, strict=True):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa["param_groups"] == sb["param_groups"]
+        assert sa["state"].keys() == sb["state"].keys()
+        for i, own in sa["state"].items():
+            for k, v in own.items():
+                assert torch.equal(v, sb["state"][i][k]), (i, k)
+
+
 def test_torch_model_must_be_a_sequence_of_layers():
     torch = pytest.importorskip("torch")
 
