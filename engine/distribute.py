@@ -1018,14 +1018,25 @@ class Job:
         ``"layer.index"`` (numpy: see ``load_state``). Every rank must
         call it (a collective, as torch's full state dict of FSDP): rank 0
         waiting for the others' stages raises after ``timeout`` (default
-        the job's), saying so."""
+        the job's), saying so; with tp, the job's next step then fails on
+        every rank (the peers' next tp collective meets the gather that
+        timed out), rolled back, and the steps after it run."""
         timeout = self._timeout if timeout is None else timeout
         try:
             return self._gathered_state(timeout)
         except MeshError as e:    # (it said "recv ... tag 1152921504606846976 timed out")
             raise _in_action(e, "job.state_dict() gathers every stage on rank 0, so every "
                              "rank must call it (sd = job.state_dict(), then if rank == 0: "
-                             "torch.save(sd, path)); it waited here") from None
+                             "torch.save(sd, path))" + self._tp_after() + "; it waited "
+                             "here") from None
+
+    def _tp_after(self) -> str:
+        """What a gather's failure leaves of the job, with tp (its error's)."""
+        if not self.sharded or _size(self.grid, "tp") < 1 + 1:
+            return ""
+        return ("; its tp peers' next tp collective fails at once, naming this (a step then "
+                "fails on every rank, rolled back, and lines the tp group up again: the steps "
+                "after it run)")
 
     def _gathered_state(self, timeout: float | None) -> dict[str, Any] | None:
         if _coord(self.grid, "dp"):
@@ -1097,8 +1108,8 @@ class Job:
             return self._gathered_optimizer(_one_optimizer(opt), timeout)
         except MeshError as e:
             raise _in_action(e, "job.optimizer_state_dict(opt) gathers every stage's optimizer "
-                             "state on rank 0, so every rank must call it; it waited "
-                             "here") from None
+                             "state on rank 0, so every rank must call it" + self._tp_after()
+                             + "; it waited here") from None
 
     def _named_groups(self, opt: Any, where: str) -> tuple[list[list[str]],
                                                            dict[int, tuple[Any, int]]]:

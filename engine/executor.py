@@ -1292,7 +1292,12 @@ class _Step:
         """Fail the tp peers' next collective, which this rank will not make
         (they run the same stage and would wait in it until its timeout),
         unless this rank's last tp collective of the step was aborted by a
-        peer (``own`` False: the group knows). tp peers make their
+        peer (``own`` False: the group knows) that made the step's earlier
+        ones with it, or that is lost. A peer that aborted the step's first
+        one may have done so outside any step (``job.state_dict()`` called on
+        it alone, its tp gather timed out): it is a collective ahead, waiting
+        in the step's first one, for the timeout, step after step, unless
+        that is failed too. tp peers make their
         collectives in lockstep, so a peer is at most one collective ahead,
         waiting in it; when this rank failed in a collective by its own
         error, a peer may have finished that one and wait in the next, so
@@ -1302,6 +1307,7 @@ class _Step:
         if tp is None:
             return
         ch = tp.collective_channel()
-        if not own and ch.seq > self.tp_seq and ch.aborted(-ch.seq, "tp collective") is not None:
+        if not own and (ch.seq > self.tp_seq + 1 or lost is not None) \
+                and ch.aborted(-ch.seq, "tp collective") is not None:
             return
         collectives.abandon(tp, reason, kind, lost)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import mesh
+from mesh import MeshError
 from engine import Pipeline, parallelize, schedules
 from engine.executor import split_microbatches, stages_for_rank
 from engine.layers import Embedding, Linear, Sequential, Tanh, mse_loss, sgd
@@ -638,6 +639,29 @@ def _split_output_worker(world):
         out.append(f"distributed; step: {job.step(xs, ys)}")
     except Exception as e:
         out.append(f"{type(e).__name__}: {e}")
+    # job.state_dict() on rank 0 alone, its tp peer in no collective until it timed out:
+    # every step after failed, the peers a tp collective apart, each waiting the timeout
+    job = engine.distribute(Sequential(Linear(8, 6), Tanh(), Linear(6, 2)),
+                            mesh.grid(world, dp=2, pp=1, tp=2), plan={"0": "colwise",
+                                                                      "2": "rowwise"},
+                            schedule="gpipe", microbatches=1, balance="uniform",
+                            loss_fn=mse_loss, verbose=False, timeout=30)
+    half = [a[2 * (world.rank // 2):][:2] for a in (xs, ys)]
+    if world.rank == 0:
+        try:
+            job.state_dict(timeout=0.5)
+        except MeshError as e:
+            out.append(str(e))
+        world.send(None, 1, tag=7)
+    elif world.rank == 1:
+        world.recv(0, tag=7)
+    steps = []
+    for _ in range(3):
+        try:
+            steps.append(job.step(*half))
+        except Exception as e:
+            steps.append(type(e).__name__)
+    out.append(steps)
     return out
 
 
@@ -648,6 +672,15 @@ def test_a_last_stage_output_split_along_the_sequence_is_refused():
     error, a per-token one raised a shape mismatch naming nothing."""
     pytest.importorskip("torch")
     results = mesh.spawn(_split_output_worker, 4, timeout=80)
+    # state_dict() on rank 0 alone: the next step fails on every rank, the others run
+    said = results[0].pop(-2)
+    assert said.startswith("rank 0: job.state_dict() gathers every stage on rank 0, so every "
+                           "rank must call it") and "(a step then fails on every rank, " \
+        "rolled back, and lines the tp group up again: the steps after it run)" in said, said
+    for r, result in enumerate(results):
+        steps = result.pop()
+        assert isinstance(steps[0], str) and all(
+            isinstance(v, float) or v is None for v in steps[1:]), (r, steps)
     for r, (torch_error, np_error, _, right, *_) in enumerate(results):
         # (a cut after a colwise Linear: the next stage's unplanned layer is named, below)
         assert right is (True if r >= 2 else None), (r, right)
