@@ -37,7 +37,7 @@ from mesh import Comm
 from . import layers, tp_layers
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
                       fed_whole, joined_order, left, logged, match, planned, rewrite_attrs,
-                      rowwise_fed_whole, shard_rows, shard_said, style_said)
+                      rowwise_fed_whole, same_on_every_rank, shard_rows, shard_said, style_said)
 from .torch_stage import TorchStage, _torch, _view
 
 __all__ = ["parallelize", "describe_plan", "gather_state_dict", "load_full_state_dict",
@@ -538,6 +538,8 @@ class _Meta:
         self.summed: list[Any] = []    # whole parameters fed a part: gradients summed over tp
         self.summed_names: list[str] = []   # their names in the module (own_records)
         self.defer = False             # True: a Pipeline sums them after its step (tp_sums)
+        # input "sequence": whether its first input was checked for whole rows
+        self.seen = style.input != "sequence" or style.alike or group.size == 1
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "_Meta":
         """A copy of the module is sharded over the same group (a Comm is not
@@ -545,6 +547,7 @@ class _Meta:
         deepcopy of a tensor leaves its hooks behind)."""
         new = _Meta(self.name, self.style, self.group, dict(self.dims))
         new.lo, new.order, new.stream = self.lo, self.order, self.stream
+        new.seen = self.seen
         new.summed = [copy.deepcopy(p, memo) for p in self.summed]
         new.summed_names = list(self.summed_names)
         for p in new.summed:
@@ -744,6 +747,8 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     else:
         raise PlanError(f"{meta.name} was called without arguments: its plan entry "
                         f"({st.style}) needs an input")
+    if not meta.seen:
+        _check_parts(torch, meta, x)
     if enter:
         x = _edge(g, x, enter, st.seq_dim, meta.name)
     if st.width:
@@ -775,6 +780,19 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         y = y + once
     left(meta.name, st, g.size)
     return y
+
+
+def _check_parts(torch: Any, meta: _Meta, x: Any) -> None:
+    """At a module's first call, for input "sequence": refuse the same
+    input on every tp rank (tp_plan.same_on_every_rank). Not under
+    torch.compile, nor for a meta tensor (no values), which stay unchecked."""
+    if not isinstance(x, torch.Tensor) or x.is_meta or torch.compiler.is_compiling():
+        return
+    meta.seen = True
+    a = x.detach()
+    constant = a.numel() == 0 or bool((a == a.reshape(-1)[0]).all())
+    data = a.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    same_on_every_rank(meta.group, meta.name, meta.style, data, a.shape, constant)
 
 
 def _module_forward(meta: _Meta, forward: Any, x: Any) -> Any:

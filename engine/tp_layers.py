@@ -27,7 +27,8 @@ import collectives
 from .layers import Embedding, Linear, Recompute, Sequential, _Activation
 from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
                       fed_whole, joined_order, left, logged, match, planned, rewrite_attrs,
-                      rowwise_fed_whole, shard_rows, shard_said, style_said)
+                      rowwise_fed_whole, same_on_every_rank, sequence_harm, shard_rows,
+                      shard_said, style_said)
 
 __all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_params",
            "group_of", "named_layers", "describe", "refuse_fed_whole", "cut_edges",
@@ -132,6 +133,8 @@ class Sharded:
         # layer's output feeds, refused at the first forward unless a later parallelize
         # call planned it (_watch_feeds)
         self.feeds: tuple[Any, int, Any, str] | None = None
+        # input "sequence": whether its first input was checked for whole rows
+        self.seen = style.input != "sequence" or style.alike or group.size == 1
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "Sharded":
         """A copy is sharded over the same group (a Comm is not copied)."""
@@ -196,6 +199,11 @@ class Sharded:
         said = self.fed_whole()
         if said is not None:
             raise PlanError(said)
+        if not getattr(self, "seen", True) and x is not None:
+            self.seen = True
+            a = np.ascontiguousarray(x)
+            same_on_every_rank(self.group, self.name, self.style, a.tobytes(), a.shape,
+                               a.size == 0 or bool((a == a.reshape(-1)[0]).all()))
         if self.style.style == "rowwise" and x is not None and np.ndim(x) \
                 and x.shape[-1] != self.inner.weight.shape[0]:
             raise PlanError(rowwise_fed_whole(self.group.rank, self.name,
@@ -426,10 +434,7 @@ def _refuse_sequence_fed_whole(model: Any) -> None:
             continue
         st, g = inner.style, inner.group
         if st.input == "sequence" and rows == "whole" and g.size > 1:
-            harm = (f"its whole parameters' gradients are summed over the tp group, each "
-                    f"rank's the whole batch's: {g.size} times too large, with no error"
-                    if st.style == "sequence" else
-                    f"its all-gather joins {g.size} copies of the whole rows")
+            harm = sequence_harm(st.style, g.size)
             raise PlanError(
                 f"tp rank {g.rank}: {name} ({st.style}) takes this rank's part of the "
                 f"sequence (input 'sequence'), but {source} gives it whole rows: {harm}; give "

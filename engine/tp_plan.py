@@ -90,7 +90,8 @@ import collectives
 
 __all__ = ["Style", "STYLES", "PlanError", "parse", "match", "named_by", "edges", "rewrite_attrs",
            "check_attrs", "check_divisible", "shard_rows", "joined_order", "digest", "agree",
-           "style_said", "shard_said", "fed_whole", "rowwise_fed_whole"]
+           "style_said", "shard_said", "fed_whole", "rowwise_fed_whole", "sequence_harm",
+           "same_on_every_rank"]
 
 LAYOUTS = {
     "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
@@ -132,7 +133,10 @@ class Style:
     ``parts=1`` said in the plan is one block too, and says that the code
     calling the module may cut its output's features (a loop over its
     heads one by one): such an output is not watched for cuts
-    (``watched``)."""
+    (``watched``). ``alike``: with input "sequence", the tp ranks' parts
+    may be equal (a sequence that repeats), so the first call's check
+    for whole rows, the same on every rank (``same_on_every_rank``),
+    is not made."""
     style: str
     input: str = ""
     output: str = ""
@@ -141,6 +145,7 @@ class Style:
     parts: int | tuple[int, ...] = ()
     rng: str = ""
     width: str = ""
+    alike: bool = False
     watched: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +164,9 @@ class Style:
         if self.width and self.style != "replicate":
             raise PlanError(f"width='shard' is for a 'replicate' module whose code reads its "
                             f"input's width, not style {self.style!r}")
+        if self.alike and self.input != "sequence":
+            raise PlanError(f"alike= says that the tp ranks' parts of the sequence may be equal, "
+                            f"for input 'sequence', not input {self.input!r}")
         if self.input not in ins or self.output not in outs:
             raise PlanError(f"style {self.style!r} takes input in {ins} and output in {outs}, "
                             f"not input={self.input!r} output={self.output!r}")
@@ -195,7 +203,7 @@ def parse(value: Any) -> Style:
         return Style(value[0], attrs=dict(value[1]))
     if isinstance(value, Mapping) and "style" in value:
         unknown = set(value) - {"style", "input", "output", "seq_dim", "attrs", "parts", "rng",
-                                  "width"}
+                                  "width", "alike"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)} in {value!r}")
         return Style(**{**value, "attrs": dict(value.get("attrs", {}))})
@@ -334,7 +342,7 @@ def planned(local: dict[str, str] | str, todo: Mapping[str, Style]) -> dict[str,
     def said(st: Style) -> str:
         more = [f"{k} {v!r}" for k, v, plain in (
             ("seq_dim", st.seq_dim, 1), ("parts", st.parts if st.watched else 1, ()),
-            ("rng", st.rng, ""),
+            ("rng", st.rng, ""), ("alike", st.alike, False),
             ("width", st.width, ""), ("attrs", sorted(map(_rewrite, st.attrs.items())), []))
             if v != plain]
         return f"{st.style} ({', '.join([f'input {st.input}', f'output {st.output}', *more])})"
@@ -406,6 +414,39 @@ def fed_whole(rank: int, name: str, part: int, tp: int, what: str, why: str,
             f"{part * tp} features, and {what}, which the plan leaves whole, takes that output "
             f"as if whole: {why}; {fix}give {name} output 'replicate' ({{'style': 'colwise', "
             f"'output': 'replicate'}}: its output gathered whole)")
+
+
+def sequence_harm(style: str, tp: int) -> str:
+    """What a layer of ``style`` with input "sequence" does with whole rows."""
+    return (f"its whole parameters' gradients are summed over the tp group, each rank's the "
+            f"whole batch's: {tp} times too large, with no error" if style == "sequence" else
+            f"its all-gather joins {tp} copies of the whole rows")
+
+
+def same_on_every_rank(group: Any, name: str, style: "Style", data: bytes, shape: Any,
+                       constant: bool) -> None:
+    """Raise PlanError where a layer whose input is "sequence" (this tp
+    rank's part of the sequence) gets the same input on every tp rank, at
+    its first call (``data``: its bytes; one all-gather of a hash over the
+    group): whole rows, as the batch gives them, which it took for its part
+    with no error (a "sequence" layer's gradients ``tp`` times too large).
+    A ``constant`` input (zeros) may be equal on every rank by right and
+    is let through; so is any input of an entry with ``alike=True``."""
+    import numpy as np
+    mine = np.frombuffer(hashlib.blake2b(data, digest_size=16).digest(), dtype=np.uint64).copy()
+    if constant:        # (never alike: the ranks still gather together)
+        mine[0] = group.rank
+    told = collectives.all_gather(group, mine, timeout=None)
+    if constant or any(not np.array_equal(t, told[0]) for t in told):
+        return
+    raise PlanError(
+        f"tp rank {group.rank}: {name} ({style.style}) takes this rank's part of the sequence "
+        f"(input 'sequence'), but its first input, {tuple(shape)}, is the same on every tp "
+        f"rank: whole rows, which it takes for its part: "
+        f"{sequence_harm(style.style, group.size)}; give the layer before it output "
+        f"'sequence' (a rowwise or vocab one), or give {name} input 'replicate' (it then "
+        f"takes its part itself); if the ranks' parts are meant to be equal (a sequence that "
+        f"repeats), add \"alike\": True to its plan entry (group {group.name})")
 
 
 def rowwise_fed_whole(rank: int, name: str, part: int, tp: int, got: int) -> str:

@@ -1104,6 +1104,28 @@ def _nested_worker(world):
         out["numpy", inner] = [i for i, (a, b) in enumerate(zip(full_params(tp, grads=True),
                                                                ref.grads(), strict=True))
                                if not np.allclose(a, b, rtol=1e-10, atol=1e-13)]
+    # a "sequence" layer (input "sequence") given whole rows, the same on every tp rank:
+    # it took them for its part, its gradients summed over tp, 2 times too large, no
+    # error; each rank's own part, zeros, or alike=True: no error
+    said = []
+    own = np.random.default_rng(10 + world.rank).standard_normal((2, 4, 8))
+    for given, entry in ((x, {}), (own, {}), (0 * x, {}), (x, {"alike": True})):
+        torch.manual_seed(0)
+        model = parallelize(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)), world,
+                            {"0": {"style": "sequence", **entry}})
+        try:
+            model(torch.from_numpy(given).float()).sum().backward()
+            said.append(None)
+        except PlanError as e:
+            said.append(str(e))
+    tp = parallelize(Sequential(Linear(8, 8, np.random.default_rng(1)), Tanh()), world,
+                     {"0": {"style": "sequence", "seq_dim": 0}})
+    try:
+        tp.forward(x[0])
+        said.append(None)
+    except PlanError as e:
+        said.append(str(e))
+    out["whole rows"] = said
     return out
 
 
@@ -1116,8 +1138,20 @@ def test_a_planned_module_inside_a_sequence_one_keeps_its_gradients():
     pipeline's cut, renewing the records of copied modules, made its
     shards: summed over the ranks there too)."""
     pytest.importorskip("torch")
-    for out in mesh.spawn(_nested_worker, 2, timeout=100):
+    for r, out in enumerate(mesh.spawn(_nested_worker, 2, timeout=100)):
+        torch_error, mine, zeros, alike, np_error = out.pop("whole rows")
         assert out == {key: [] for key in out} and len(out) == 6, out
+        assert (mine, zeros, alike) == (None, None, None)
+        for error, shape in ((torch_error, (2, 4, 8)), (np_error, (4, 8))):
+            assert error == (
+                f"tp rank {r}: 0 (sequence) takes this rank's part of the sequence (input "
+                f"'sequence'), but its first input, {shape}, is the same on every tp rank: "
+                f"whole rows, which it takes for its part: its whole parameters' gradients "
+                f"are summed over the tp group, each rank's the whole batch's: 2 times too "
+                f"large, with no error; give the layer before it output 'sequence' (a rowwise "
+                f"or vocab one), or give 0 input 'replicate' (it then takes its part itself); "
+                f"if the ranks' parts are meant to be equal (a sequence that repeats), add "
+                f"\"alike\": True to its plan entry (group world)"), error
 
 
 def _early_optimizer_worker(world):
