@@ -16,7 +16,11 @@ as soon as it is reduced while the next ones are still arriving (send,
 receive and reduce overlap), and a rank never has more than ``2 * window``
 receives posted, whose reduce-step scratch is reused call after call.
 Sends are zero-copy views of the buffer; a region is overwritten only once
-the send that read it is done. A link to a rank on another host carries its
+the send that read it is done. An empty chunk (an uneven call's zero count)
+still sends its first segment, empty, at each step: every link carries the
+call's fingerprint at every step, so a rank whose counts differ is seen
+and every rank's result waits on it (no message at all left some ranks
+returning and the others waiting out their timeout). A link to a rank on another host carries its
 segments over a plain TCP stream, received straight into the slot or the
 buffer (collectives.host.stream); the rest over the mesh.
 
@@ -144,7 +148,7 @@ def _run(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
         nonlocal next_send
         while next_send < len(order) and ready[next_send]:
             lo, hi, key = region(next_send, 0)
-            if hi > lo:
+            if hi > lo or key[1] == 0:
                 sending[key] = req = isend(buf[lo:hi])
                 sends.append(req)
             next_send += 1
@@ -164,7 +168,7 @@ def _run(ctx: Ctx, buf: np.ndarray, op: ReduceOp | None, steps: int, reduce_step
 
     def post(k: int) -> Any:
         lo, hi, key = region(k, 1)
-        if hi == lo:
+        if hi == lo and key[1]:
             return None
         if order[k][0] < reduce_steps:
             return irecv(bufs[k % slots][:hi - lo])
