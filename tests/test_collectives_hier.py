@@ -109,6 +109,122 @@ def _every_op(world: Any) -> None:
             call()
         assert not isinstance(err.value, mesh.MeshTimeoutError), err.value
     assert C.all_reduce(world, np.ones(20_000))[0] == n
+    if os.environ.get("MESH_COLL_PIPELINE") == "0":     # (the uneven calls take no pipeline)
+        _uneven_ops(world)
+
+
+_COUNTS = {4: ([3, 0, 5, 1], [0, 0, 7, 0], [0, 0, 0, 0], [9000, 1, 0, 7001]),
+           3: ([2, 5, 0], [0, 3, 0], [6000, 0, 5001])}
+"""Rows a rank (of 4: "abba"; of 3: ranks 0, 1, 3, hosts (0, 3), (1,)),
+zero counts among them; the last large (two levels for all_gather_v too)."""
+
+
+def _uneven_ops(world: Any) -> None:
+    """all_gather_v and reduce_scatter_v across the fake hosts, over the
+    columns ("abba") and through the leaders (a group of ranks 0, 1, 3:
+    hosts of two and one): numpy's values, the flat ring's bits
+    (MESH_COLL_ALGO=ring) where the order of the sums cannot tell (all but
+    float sums, products and averages), reduce_scatter's bits where the
+    counts are even; through torch.distributed's uneven all_gather and
+    reduce_scatter too; counts that differ on one rank raise MismatchError
+    on every rank, a rank's own bad rows a ValueError there and no
+    timeout elsewhere; the group goes on."""
+    took = {"all_gather": 0, "reduce_scatter": 0}       # the two-level forms' calls
+    for name in took:
+        def counted(*args: Any, _f: Any = getattr(hier, name), _n: str = name,
+                    **kw: Any) -> Any:
+            took[_n] += 1
+            return _f(*args, **kw)
+        setattr(hier, name, counted)
+
+    def flat(call: Any, algo: str = "ring") -> Any:
+        os.environ["MESH_COLL_ALGO"] = algo
+        try:
+            return call()
+        finally:
+            del os.environ["MESH_COLL_ALGO"]
+    sub = world.group([0, 1, 3])
+    for g in (world, sub):
+        if g is None:
+            continue
+        m, q = g.size, g.rank
+        for counts in _COUNTS[m]:
+            total, off = sum(counts), int(np.sum(counts[:q]))
+            before = dict(took)
+            mine = np.arange(counts[q] * 2, dtype=np.float64).reshape(-1, 2) + 1000 * q
+            want = np.concatenate([np.arange(k * 2.0).reshape(-1, 2) + 1000 * p
+                                   for p, k in enumerate(counts)])
+            got = C.all_gather_v(g, mine, counts)
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(flat(lambda: C.all_gather_v(g, mine, counts)), want)
+            assert took["all_gather"] == before["all_gather"] + (total >= 8000), (counts, took)
+            np.testing.assert_array_equal(       # (forced: two levels at any size)
+                flat(lambda: C.all_gather_v(g, mine, counts), "all_gather=hier"), want)
+            assert took["all_gather"] == before["all_gather"] + 1 + (total >= 8000), took
+            x = np.arange(total * 3, dtype=np.int64).reshape(-1, 3) % 97 + q
+            every = [np.arange(total * 3).reshape(-1, 3) % 97 + p for p in range(m)]
+            for op, fold in (("sum", np.add), ("max", np.maximum), ("min", np.minimum),
+                             ("bxor", np.bitwise_xor), ("bor", np.bitwise_or),
+                             ("band", np.bitwise_and), ("prod", np.multiply)):
+                want = every[0]
+                for e in every[1:]:
+                    want = fold(want, e)
+                got = C.reduce_scatter_v(g, x, counts, op=op)
+                np.testing.assert_array_equal(got, want[off:off + counts[q]])
+                np.testing.assert_array_equal(
+                    flat(lambda: C.reduce_scatter_v(g, x, counts, op=op)), got)
+            f = np.sin(np.arange(total * 3, dtype=np.float32) + q).reshape(-1, 3)
+            for op in ("sum", "avg"):
+                np.testing.assert_allclose(
+                    C.reduce_scatter_v(g, f, counts, op=op), sum(
+                        np.sin(np.arange(total * 3, dtype=np.float32) + p).reshape(-1, 3)
+                        for p in range(m))[off:off + counts[q]] / (m if op == "avg" else 1),
+                    rtol=1e-5, atol=1e-5)
+            assert took["reduce_scatter"] == before["reduce_scatter"] + 9, (counts, took)
+        for k in (3, 5000):     # even counts: reduce_scatter's bits, small and over the columns
+            f = np.sin(np.arange(m * k * 2, dtype=np.float32) * (q + 1)).reshape(-1, 2)
+            assert C.reduce_scatter_v(g, f, [k] * m).tobytes() == \
+                C.reduce_scatter(g, f).tobytes()
+        # rank 1 has another count for rank 0: every rank raises, naming both lists
+        counts = list(_COUNTS[m][0])
+        if q == 1:
+            counts[0] += 1
+        for call in (lambda: C.all_gather_v(g, np.ones((counts[q], 2)), counts, timeout=10),
+                     lambda: C.reduce_scatter_v(g, np.ones((sum(counts), 2)), counts,
+                                                timeout=10)):
+            with pytest.raises(mesh.MismatchError, match="counts="):
+                call()
+        # the last rank's rows are not its count: it raises ValueError, the others
+        # (waiting in the phases) at once
+        counts = list(_COUNTS[m][-1])
+        for call in (lambda: C.all_gather_v(g, np.ones((counts[q] + (q == m - 1), 2)),
+                                            counts, timeout=10),
+                     lambda: C.reduce_scatter_v(g, np.ones((sum(counts) - (q == m - 1), 2)),
+                                                counts, timeout=10)):
+            with pytest.raises((ValueError, mesh.MeshError)) as err:
+                call()
+            assert isinstance(err.value, ValueError) == (q == m - 1), err.value
+            assert not isinstance(err.value, mesh.MeshTimeoutError), err.value
+        np.testing.assert_array_equal(C.all_gather_v(g, np.full((counts[q], 2), q), counts),
+                                      np.repeat(np.arange(m), counts)[:, None] * [1, 1])
+    # torch.distributed's uneven all_gather and reduce_scatter take them
+    import torch
+    import torch.distributed as dist
+
+    import collectives.torchdist  # noqa: F401  (registers "meshrun")
+    dist.init_process_group("meshrun")
+    n, r = world.size, world.rank
+    before = dict(took)
+    for k in (3, 6000):
+        outs = [torch.zeros(k * (p + 1)) for p in range(n)]
+        dist.all_gather(outs, torch.full((k * (r + 1),), float(r)))
+        assert all(bool((o == p).all()) for p, o in enumerate(outs))
+        out = torch.zeros(k + r)
+        dist.reduce_scatter(out, [torch.full((k + p,), r + 1.0) for p in range(n)])
+        assert bool((out == sum(range(1, n + 1))).all()), out
+    dist.destroy_process_group()
+    assert took["all_gather"] == before["all_gather"] + 1, took
+    assert took["reduce_scatter"] == before["reduce_scatter"] + 2, took
 
 
 def first_call_mismatch(world: Any, small: bool) -> list[float]:
@@ -209,7 +325,12 @@ def test_every_hierarchical_op_matches_numpy(pipeline: str) -> None:
             f"broadcast {on}flat, binomial tree over sockets, 40 B",
             f"broadcast {on}two levels, leaders (chain), 1.526 MiB",
             "all_reduce on world/[0, 1, 2, 3] (4 ranks, 2 hosts ((0,3),(1,2))): two levels, "
-            "columns, three phases, 781.3 KiB"]
+            "columns, three phases, 781.3 KiB",
+            f"all_gather_v {on}flat, ring over sockets, 144 B",
+            f"all_gather_v {on}two levels, columns (forced: two levels), 144 B",
+            f"all_gather_v {on}two levels, columns, 250 KiB",
+            f"reduce_scatter_v {on}two levels, all_reduce then a cut, small, columns, 216 B",
+            f"reduce_scatter_v {on}two levels, columns, 375 KiB"]
     for r, lines in enumerate(got):
         missing = [w for w in want if f"meshrun rank {r}: {w}" not in lines]
         assert not missing, (missing, lines)
@@ -280,14 +401,14 @@ def test_final_regions_cover_the_buffer_once(n: int, count: int, seg: int, windo
         assert (covered == 1).all(), (rank, regions)
 
 
-def die_between_hosts(world: Any, outdir: str, count: int) -> None:
+def die_between_hosts(world: Any, outdir: str, count: int, uneven: bool = False) -> None:
     _fake_host(world)
     small = count <= 8
     forced = None if small else "hier"      # (small: the short way once learnt)
     try:
         for _ in range(2):                  # topology made, boards up; all alive
             C.all_reduce(world, np.ones(count), algorithm=forced)
-        _then_die(world, count, small, forced)
+        _then_die(world, count, small, forced, uneven)
         result = {"type": "ok"}
     except mesh.MeshError as e:
         # (the victim dies as soon as its second call returns: a survivor
@@ -297,9 +418,10 @@ def die_between_hosts(world: Any, outdir: str, count: int) -> None:
         json.dump(result, f)
 
 
-def _then_die(world: Any, count: int, small: bool, forced: Any) -> None:
+def _then_die(world: Any, count: int, small: bool, forced: Any, uneven: bool) -> None:
     """The victim's hooks, then the call it dies in (small ones take the
-    short way: tiny's count moves by one)."""
+    short way: tiny's count moves by one; ``uneven``: an all_gather_v over
+    the columns, its host phase after the column's, where rank 2 waits)."""
     from collectives.host import stream
     from collectives.host import tiny
     from collectives.shm import local, tiny as shm_tiny
@@ -322,16 +444,21 @@ def _then_die(world: Any, count: int, small: bool, forced: Any) -> None:
             hier.ring = columns.ring = killed   # or as the columns' (large) starts
     calls = tiny.stats["calls"]
     try:
-        C.all_reduce(world, np.ones(count), algorithm=forced)
+        if uneven:
+            counts = [count, 0, 2 * count, 1]
+            C.all_gather_v(world, np.ones(counts[world.rank]), counts)
+        else:
+            C.all_reduce(world, np.ones(count), algorithm=forced)
     finally:
         assert tiny.stats["calls"] == calls + small, tiny.stats
 
 
 @pytest.mark.parametrize("count,tcp,pipeline", [(8, False, "1"), (8, True, "1"),
                                                 (100_000, False, "1"), (400_000, True, "1"),
-                                                (100_000, False, "0"), (400_000, True, "0")],
+                                                (100_000, False, "0"), (400_000, True, "0"),
+                                                (100_000, False, "v")],
                          ids=["small", "small-link", "columns", "columns-stream",
-                              "columns-one-round", "columns-one-round-stream"])
+                              "columns-one-round", "columns-one-round-stream", "all_gather_v"])
 def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int,
                                                     tcp: bool, pipeline: str) -> None:
     """Small, the short way (collectives.host.tiny): rank 1 (host b) dies as
@@ -340,15 +467,16 @@ def test_a_rank_lost_between_hosts_fails_every_rank(tmp_path: Any, count: int,
     (collectives.host.link), rank 3 on rank 2's column step, which rank 2
     abandons; large: the columns' (rank 1 is in column 0 with rank 0); over
     tcp://, halfway through the column's streams (collectives.host.stream);
-    the columns' round pipelined or not."""
-    env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_COLL_PIPELINE": pipeline}
+    the columns' round pipelined or not; "v": an all_gather_v over the
+    columns, rank 1 dying as its column's ring starts."""
+    env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_COLL_PIPELINE": "0" if pipeline == "v" else pipeline}
     if tcp:
         env.update(MESH_FORCE_TCP="1", MESH_COLL_STREAM_MIN="64K", MESH_COLL_SEGMENT="64K")
     with pytest.raises(mesh.WorkerError) as err:
         # (settle: on a loaded machine a survivor's error may take more than
         # the default second after the victim's death to be raised and written)
-        mesh.spawn(die_between_hosts, 4, str(tmp_path), count, timeout=60, env=env,
-                   settle=20)
+        mesh.spawn(die_between_hosts, 4, str(tmp_path), count, pipeline == "v", timeout=60,
+                   env=env, settle=20)
     assert err.value.rank == VICTIM
     for r in (0, 2, 3):
         got = json.loads((tmp_path / f"{r}.json").read_text())

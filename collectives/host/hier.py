@@ -40,9 +40,14 @@ each host), then within each host again::
     broadcast       root's host: broadcast from the root | leaders broadcast
                     from the root's leader | other hosts: host broadcast
 
+reduce_scatter_v and all_gather_v take reduce_scatter's and all_gather's
+forms with each rank's part of its count's size (a column's or a host's
+parts one after the other, the rings' chunks uneven, empty ones too).
+
 A call takes this layout when its group spans more than one host and some
-host holds more than one of its ranks: an all_reduce (reduce_scatter) at
-any size, all_gather and broadcast from MESH_COLL_SMALL (64K; below, the
+host holds more than one of its ranks: an all_reduce (reduce_scatter,
+reduce_scatter_v) at any size, all_gather (all_gather_v) and broadcast
+from MESH_COLL_SMALL (64K; below, the
 flat tree and ring are quicker than three phases); MESH_COLL_ALGO /
 ``algorithm=`` "hier" or "ring" force it either way (collectives.plan.layout). Which rank sits on
 which host is the mesh's rendezvous table's (mesh.env.host_id of each
@@ -603,123 +608,159 @@ def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp)
     _run(ctx, phases)
 
 
-def reduce_scatter(ctx: Ctx, topo: Topology, arr: np.ndarray, mine: np.ndarray, op: ReduceOp,
-                   alg: str) -> None:
-    """``mine`` = this rank's rows of ``arr`` (group size x ``mine``'s rows)
-    reduced over the group (``op.finish`` left to the caller); ``alg`` the
-    all_reduce's ("rd" / "ring"). Large, as many ranks on every host: each
-    row's partial sums cross to its own host once, over the columns (the
-    all_reduce, whose result this rank would then cut, sent every row to
-    every host: twice the bytes across at 2 hosts). Else that all_reduce."""
+def _spans(sizes: list[int], at: int = 0) -> list[tuple[int, int]]:
+    """[lo, hi) of parts of ``sizes`` laid one after the other from ``at``."""
+    spans = []
+    for k in sizes:
+        spans.append((at, at + k))
+        at += k
+    return spans
+
+
+def reduce_scatter(ctx: Ctx, topo: Topology, parts: list[np.ndarray], mine: np.ndarray,
+                   op: ReduceOp, alg: str) -> None:
+    """The flat ``mine`` = part ``rank`` reduced over the group (``op.finish``
+    left to the caller): ``parts`` are this rank's operand, cut into the
+    group's n flat parts in rank order (even: reduce_scatter's rows; of any
+    sizes, empty ones too, alike on every rank: reduce_scatter_v's); ``alg``
+    the all_reduce's ("rd" / "ring"). Large, as many ranks on every host:
+    each part's partial sums cross to its own host once, over the columns
+    (the all_reduce, whose result this rank would then cut, sent every part
+    to every host: twice the bytes across at 2 hosts); the sums take the
+    host's order (the board's: from local rank i + 1 around, or the host's
+    ring), then the column ring's over the hosts. Else that all_reduce, of
+    the parts joined. Even parts and uneven ones of the same sizes take
+    the same steps: the same bits."""
     column = topo.column
+    sizes = [p.size for p in parts]
+    dtype = parts[ctx.g.rank].dtype
     if not _columns(topo, "reduce_scatter", alg != "rd"):
-        work = np.array(arr, order="C").reshape(-1)
+        work = np.concatenate(parts)
         all_reduce(ctx, topo, work, op, alg)
-        mine[...] = work[ctx.g.rank * mine.size:(ctx.g.rank + 1) * mine.size].reshape(mine.shape)
+        lo, hi = _spans(sizes)[ctx.g.rank]
+        mine[...] = work[lo:hi]
         return
     assert column is not None
-    k, i, hosts = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank), len(topo.hosts)
-    rows = arr.reshape(ctx.g.size, arr.size // ctx.g.size)
-    warm = scratch.take(arr.dtype, rows.size, 1) + scratch.take(arr.dtype, rows.size // k, 1)
-    by_column = warm[0].view(arr.dtype).reshape(k, hosts, rows.shape[1])   # (the dtype's
-    #                                                       metadata too: bfloat16's mark)
-    for p in range(k):      # local rank p's column's rows, in host order
-        for h, ranks in enumerate(topo.hosts):
-            by_column[p, h] = rows[ranks[p]]
-    col = [by_column[i]]      # the host's sums of this column's rows (the ring's: in place)
+    k, i = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank)
+    across_bounds = [_spans([sizes[h[p]] for h in topo.hosts]) for p in range(k)]
+    columns_at = _spans([b[-1][1] for b in across_bounds])    # column p's, in by_column
+    total, widest = sum(sizes), max(hi - lo for lo, hi in columns_at)
+    warm = scratch.take(dtype, total, 1) + scratch.take(dtype, widest, 1)
+    by_column = warm[0].view(dtype)     # (the dtype's metadata too: bfloat16's mark)
+    for p, (at, _) in enumerate(columns_at):     # local rank p's column's parts, in host order
+        for ranks, (lo, hi) in zip(topo.hosts, across_bounds[p]):
+            by_column[at + lo:at + hi] = parts[ranks[p]]
+    lo, hi = columns_at[i]
+    col = [by_column[lo:hi]]        # the host's sums of this column's parts (the ring's: in place)
 
     def host(c: Ctx) -> None:
         if board.available(c):
-            col[0] = warm[1].view(arr.dtype).reshape(hosts, rows.shape[1])
-            local.reduce_scatter(c, by_column.reshape(-1), col[0].reshape(-1), op)
+            col[0] = warm[1].view(dtype)[:hi - lo]
+            local.reduce_scatter(c, by_column, col[0], op, columns_at)
         else:
-            ring(c, by_column.reshape(-1), op, k - 1, k - 1, shift=-1)
+            ring(c, by_column, op, k - 1, k - 1, shift=-1, bounds=columns_at)
 
     def across(c: Ctx) -> None:
-        ring(c, col[0].reshape(-1), op, c.g.size - 1, c.g.size - 1, shift=-1)
+        ring(c, col[0], op, c.g.size - 1, c.g.size - 1, shift=-1, bounds=across_bounds[i])
     phases: list[Phase] = [(topo.local, FIRST, "host reduce_scatter", host)] if k > 1 else []
     phases.append((column, ACROSS, "column reduce_scatter", across))
     _run(ctx, phases)
-    mine[...] = col[0][topo.host].reshape(mine.shape)
+    a, b = across_bounds[i][topo.host]
+    mine[...] = col[0][a:b]
     scratch.give(warm[:1])      # (warm memory: not after a failure, when a peer may still read)
     scratch.give(warm[1:])
 
 
-def all_gather(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray, large: bool) -> None:
-    """Row p of ``out`` (shape (group size, *arr.shape)) = rank p's ``arr``:
-    over the columns where every host holds as many ranks, else through
-    the leaders (host gather | leaders all_gather | host broadcast)."""
-    if topo.column is not None:
-        _all_gather_columns(ctx, topo, arr, out)
-        return
-    rows = out.reshape(ctx.g.size, -1)
-    mine = topo.hosts[topo.host]
-    width = max(len(h) for h in topo.hosts)
-    blocks = np.empty((len(topo.hosts), width, rows.shape[1]), out.dtype)
+def all_gather(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray, large: bool,
+               bounds: list[tuple[int, int]] | None = None) -> None:
+    """The flat ``out`` holds every rank's flat ``arr``, rank p's at
+    ``bounds[p]`` ([lo, hi), in rank order, alike on every rank:
+    all_gather_v's, of any sizes; None: all_gather's, arr.size each): over
+    the columns where every host holds as many ranks, else through the
+    leaders (host gather | leaders all_gather of the hosts' blocks | host
+    broadcast)."""
     flat = np.ascontiguousarray(arr).reshape(-1)
+    if bounds is None:
+        bounds = _spans([flat.size] * ctx.g.size)
+    if topo.column is not None:
+        _all_gather_columns(ctx, topo, flat, out, bounds)
+        return
+    sizes = [hi - lo for lo, hi in bounds]
+    mine = topo.hosts[topo.host]
+    at = _spans([sum(sizes[p] for p in ranks) for ranks in topo.hosts])    # the hosts' blocks
+    blocks = np.empty(at[-1][1], out.dtype)
+    home = blocks[at[topo.host][0]:at[topo.host][1]]
     phases: list[Phase] = []
     if topo.local.size > 1:
         def gather(c: Ctx) -> None:
-            dst = blocks[topo.host, :len(mine)] if c.g.rank == 0 else None
+            dst = [home[lo:hi] for lo, hi in _spans([sizes[p] for p in mine])] \
+                if c.g.rank == 0 else None
             if board.available(c):
-                local.gather(c, flat, dst, 0)
+                local.gather(c, flat, dst, 0, max(sizes[p] for p in mine) * flat.itemsize)
             else:
                 agreed(lambda c2: gather_direct(c2, flat, dst, 0))(c)
         phases.append((topo.local, FIRST, "host gather", gather))
     else:
-        blocks[topo.host, 0] = flat
+        home[...] = flat
     if topo.leaders is not None:
         def across(c: Ctx) -> None:
-            ring(c, blocks.reshape(-1), None, c.g.size - 1, 0)
-            for h, ranks in enumerate(topo.hosts):
-                rows[list(ranks)] = blocks[h, :len(ranks)]
+            ring(c, blocks, None, c.g.size - 1, 0, bounds=at)
+            for ranks, (at0, _) in zip(topo.hosts, at):
+                for p, (lo, hi) in zip(ranks, _spans([sizes[p] for p in ranks], at0)):
+                    out[bounds[p][0]:bounds[p][1]] = blocks[lo:hi]
         phases.append((topo.leaders, ACROSS, "leaders all_gather", across))
     if topo.local.size > 1:
-        phases.append((topo.local, LAST, "host broadcast",
-                       _host_broadcast(rows.reshape(-1), 0, large)))
+        phases.append((topo.local, LAST, "host broadcast", _host_broadcast(out, 0, large)))
     _run(ctx, phases)
 
 
-def _all_gather_columns(ctx: Ctx, topo: Topology, arr: np.ndarray, out: np.ndarray) -> None:
-    """As many ranks on every host: local rank i all-gathers its row with the
-    local ranks i of the other hosts (a ring per column, every column at
-    once, so each row crosses to each other host once, on its own rank's
-    link), then the host all-gathers the columns (each rank reads its host
-    peers' columns across processes). Through the leaders instead, every
-    row crossed on the leaders' one link and the host then broadcast the
-    whole result: at 2 hosts x 2 ranks and 150 Mbit/s (a token bucket one
-    flow does not fill), 16 MiB a rank took 2.9 s across (one stream) and
-    0.8 s on the host, against 1.8 s for the bytes (BENCHMARKS.md, issue 13,
-    thirty-ninth session)."""
+def _all_gather_columns(ctx: Ctx, topo: Topology, flat: np.ndarray, out: np.ndarray,
+                        bounds: list[tuple[int, int]]) -> None:
+    """As many ranks on every host: local rank i all-gathers its part with
+    the local ranks i of the other hosts (a ring per column, every column
+    at once, so each part crosses to each other host once, on its own
+    rank's link), then the host all-gathers the columns (each rank reads its
+    host peers' columns across processes). Through the leaders instead,
+    every part crossed on the leaders' one link and the host then broadcast
+    the whole result: at 2 hosts x 2 ranks and 150 Mbit/s (a token bucket
+    one flow does not fill), 16 MiB a rank took 2.9 s across (one stream)
+    and 0.8 s on the host, against 1.8 s for the bytes (BENCHMARKS.md,
+    issue 13, thirty-ninth session)."""
     column = topo.column
     assert column is not None
-    rows = out.reshape(ctx.g.size, -1)
     k, i = topo.local.size, topo.hosts[topo.host].index(ctx.g.rank)
-    warm = scratch.take(out.dtype, len(topo.hosts) * rows.shape[1], 1)
-    mine = warm[0].view(out.dtype).reshape(len(topo.hosts), rows.shape[1])  # column i's rows
-    mine[topo.host] = np.ascontiguousarray(arr).reshape(-1)
-    at = [[h[p] for h in topo.hosts] for p in range(k)]    # local rank p's column's rows
+    at = [[h[p] for h in topo.hosts] for p in range(k)]    # local rank p's column's ranks
+    spans = [_spans([bounds[q][1] - bounds[q][0] for q in ranks]) for ranks in at]
+    warm = scratch.take(out.dtype, max(s[-1][1] for s in spans), 1)
+    mine = warm[0].view(out.dtype)[:spans[i][-1][1]]    # column i's parts, in host order
+    lo, hi = spans[i][topo.host]
+    mine[lo:hi] = flat
+
+    def put(p: int, col: np.ndarray) -> None:
+        for q, (a, b) in zip(at[p], spans[p]):
+            out[bounds[q][0]:bounds[q][1]] = col[a:b]
 
     def across(c: Ctx) -> None:
-        ring(c, mine.reshape(-1), None, c.g.size - 1, 0)
-        rows[at[i]] = mine
+        ring(c, mine, None, c.g.size - 1, 0, bounds=spans[i])
+        put(i, mine)
 
     def gather(c: Ctx) -> None:
         if not board.available(c):
-            every = np.empty((k,) + mine.shape, out.dtype)
-            every[i] = mine
-            ring(c, every.reshape(-1), None, k - 1, 0)
-            for p in range(k):
-                rows[at[p]] = every[p]
+            cols = _spans([s[-1][1] for s in spans])
+            every = np.empty(cols[-1][1], out.dtype)
+            every[cols[i][0]:cols[i][1]] = mine
+            ring(c, every, None, k - 1, 0, bounds=cols)
+            for p, (a, b) in enumerate(cols):
+                put(p, every[a:b])
             return
-        step = mine.strides[0]
+        item = out.itemsize
         with Round(c) as r:
             r.post(addr=mine.ctypes.data)
             addrs = r.gather()
             for p in r.peers:
-                for h, row in enumerate(at[p]):
-                    if rows.shape[1]:
-                        peer_read(c, p, addrs[p] + h * step, rows[row])
+                for q, (a, b) in zip(at[p], spans[p]):
+                    if b > a:
+                        peer_read(c, p, addrs[p] + a * item, out[bounds[q][0]:bounds[q][1]])
             r.stage(2)
             r.wait_stage(r.peers, 2)
     phases: list[Phase] = [(column, ACROSS, "column all_gather", across)]

@@ -145,12 +145,13 @@ def _rows(name: str, a: np.ndarray, n: int) -> None:
                          f"got shape {a.shape}")
 
 
-def _skipped(g: Comm, coll: str, a: Any, root: Any,
-             algorithm: str | None) -> Callable[[BaseException, int], None]:
+def _skipped(g: Comm, coll: str, a: Any, root: Any, algorithm: str | None,
+             size: Callable[[], int] | None = None) -> Callable[[BaseException, int], None]:
     """For runner.start: when this rank's call fails before its body runs
     and the call runs in two levels, the phases its peers run fail too
     (hier.refuse), so they raise instead of waiting and every sub-group's
-    calls stay numbered alike."""
+    calls stay numbered alike. ``size()``: the bytes the call's layout is
+    chosen by, where ``a``'s do not say them (the uneven calls' counts)."""
     def fail(e: BaseException, tag: int) -> None:
         try:
             t = Tuning.from_env()
@@ -161,6 +162,11 @@ def _skipped(g: Comm, coll: str, a: Any, root: Any,
         except Exception:
             lay = None
         nbytes = getattr(a, "nbytes", 0) * (g.size if coll == "all_gather" else 1)
+        if size is not None:
+            try:
+                nbytes = size()
+            except Exception:   # (counts that fail the call: a's bytes, as said above)
+                pass
         if _hierarchical(g.size, coll, lay, nbytes, t):
             try:        # the size rule of the body: the leaders' (columns') algorithm
                 large = choose("all_reduce", nbytes, t,
@@ -197,20 +203,22 @@ _SOCKETS = {"rd": "recursive doubling", "ring": "ring", "tree": "binomial tree",
 
 
 def _said(ctx: Ctx, coll: str, topo: hier.Topology | None, alg: str,
-          nbytes: int | None = None, lay: bool | None = False) -> None:
+          nbytes: int | None = None, lay: bool | None = False, kind: str = "") -> None:
     """MESH_COLL_DEBUG's line for this call (collectives.debug): the path
     the body below takes (the two levels' form; the same-host board; else
     ``alg`` over sockets), and why, where forced (``lay``: the layout
-    MESH_COLL_ALGO or ``algorithm=`` forced, else None)."""
+    MESH_COLL_ALGO or ``algorithm=`` forced, else None). ``kind``: the
+    collective whose paths ``coll`` takes (an uneven call's even one)."""
+    kind = kind or coll
     if topo is not None:
-        path = hier.form(topo, coll, alg in ("ring", "chain"), nbytes or 0)
+        path = hier.form(topo, kind, alg in ("ring", "chain"), nbytes or 0)
     elif ctx.g.size > 1 and board.available(ctx, (nbytes or 0) if coll == "all_reduce"
                                             and alg == "rd" else 0):     # (the body's ask)
         path = f"same-host board ({'small' if alg == 'rd' else 'large'})" \
             if coll == "all_reduce" else "same-host board"
     else:
         path = f"flat, {_SOCKETS.get(alg, alg)} over sockets"
-    if lay is not None and coll in plan_TOPOLOGY_AWARE:
+    if lay is not None and kind in plan_TOPOLOGY_AWARE:
         path += " (forced: two levels)" if lay else " (forced: flat)"
     debug.note(ctx.g, coll, path, nbytes)
 
@@ -355,7 +363,7 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
                 return out
             out = dest if type(dest) is np.ndarray else np.empty((n,) + arr.shape, arr.dtype)
             if topo is not None:
-                hier.all_gather(ctx, topo, arr, out, out.nbytes >= t.small)
+                hier.all_gather(ctx, topo, arr, out.reshape(-1), out.nbytes >= t.small)
             else:
                 out[ctx.g.rank] = arr
                 ring(ctx, out.reshape(-1), None, n - 1, 0)
@@ -387,7 +395,8 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                 _said(ctx, "reduce_scatter", topo, choose("all_reduce", arr.nbytes, t, "hier"),
                       arr.nbytes, lay)
             if topo is not None:
-                hier.reduce_scatter(ctx, topo, arr, mine, rop,
+                hier.reduce_scatter(ctx, topo, list(np.ascontiguousarray(arr).reshape(n, -1)),
+                                    mine.reshape(-1), rop,
                                     choose("all_reduce", arr.nbytes, t, "hier"))
             elif board.available(ctx):
                 local.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
@@ -445,8 +454,9 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
                  out: Any = None, check: Callable[[], Any] | None = None) -> Any:
     """MPI's Allgatherv: every rank's ``a`` (``counts[rank]`` rows; the rows'
     shape, a.shape[1:], and dtype alike on every rank) concatenated along
-    axis 0 in rank order: sum(counts) rows. The ring of all_gather, or the
-    same-host board, with chunks of the counts' sizes; the counts are in
+    axis 0 in rank order: sum(counts) rows. all_gather's paths with parts
+    of the counts' sizes (the ring, the same-host board, across hosts its
+    two levels, as MESH_COLL_ALGO's all_gather says); the counts are in
     the fingerprint (_counts_fp). ``name``: the caller's call (the torch
     backend's all_gather). ``out``: a list of g.size arrays that take the
     ranks' rows, as _into takes them (the torch backend's output tensors,
@@ -461,19 +471,24 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
             check()
         arr, bounds = _uneven(name, a, counts, n, counts[g.rank] if len(counts) == n else None)
         rest, total = arr.shape[1:], sum(counts)
+        lay = layout("all_gather", t)
         dest = None if out is None else _apart(
             [_into(o, arr, (k,) + rest, mine=0 if j == g.rank else None)
              for j, (o, k) in enumerate(zip(out, counts))], n)
 
         def body(ctx: Ctx) -> Any:
+            nbytes = bounds[-1][1] * arr.itemsize
+            topo = _topology(ctx, "all_gather", lay, nbytes)
             if debug.ON:
-                _said(ctx, name, None, "ring", bounds[-1][1] * arr.itemsize, None)
-            if dest is not None and board.available(ctx):
+                _said(ctx, name, topo, "ring", nbytes, lay, "all_gather")
+            if topo is None and dest is not None and board.available(ctx):
                 local.all_gather(ctx, arr.reshape(-1), dest)
                 return dest
             res = np.empty((total,) + rest, arr.dtype)
             flat = res.reshape(-1)
-            if board.available(ctx):
+            if topo is not None:
+                hier.all_gather(ctx, topo, arr, flat, nbytes >= t.small, bounds)
+            elif board.available(ctx):
                 local.all_gather(ctx, arr.reshape(-1), [flat[lo:hi] for lo, hi in bounds])
             else:
                 lo, hi = bounds[ctx.g.rank]
@@ -485,8 +500,10 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
                 o.reshape(-1)[...] = flat[lo:hi]
             return dest
         return _fp(name, dtype=dtype_name(arr.dtype), row=list(rest) or None,
-                   counts=_counts_fp(list(counts))), body
-    return start(g, name, prepare, async_op, timeout)
+                   counts=_counts_fp(list(counts)), hier=lay), body
+    return start(g, name, prepare, async_op, timeout, _skipped(
+        g, "all_gather", a, 0, None,
+        lambda: sum(map(int, counts)) * math.prod(a.shape[1:]) * a.itemsize))
 
 
 def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
@@ -497,14 +514,17 @@ def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
     """MPI's Reduce_scatter: ``a`` (sum(counts) rows on every rank) reduced
     over the group; rank r gets rows [off_r, off_r + counts[r]) of the
     result (off_r: the sum of the counts before r), a new array (``a`` is
-    only read). The ring of reduce_scatter, or the same-host board, with
-    chunks of the counts' sizes; the counts are in the fingerprint.
-    ``out``: where this rank's rows go (_into); ``name``, ``check``: as
-    all_gather_v's. ``parts``: in place of ``a`` (None), the array as its
-    g.size flat parts of counts[j] items, one dtype (the torch backend's
-    input list): on the same-host board not joined (each rank reduces its
-    part straight out of the peers', local.reduce_scatter_parts), over
-    sockets joined into one copy, which the ring works in."""
+    only read). reduce_scatter's paths with parts of the counts' sizes
+    (the ring, the same-host board, across hosts its two levels, as
+    MESH_COLL_ALGO's reduce_scatter says; even counts give reduce_scatter's
+    bits); the counts are in the fingerprint. ``out``: where this rank's
+    rows go (_into); ``name``, ``check``: as all_gather_v's. ``parts``: in
+    place of ``a`` (None), the array as its g.size flat parts of counts[j]
+    items, one dtype (the torch backend's input list): on the same-host
+    board not joined (each rank reduces its part straight out of the
+    peers', local.reduce_scatter_parts), nor across hosts over the columns
+    (hier.reduce_scatter copies them into its own order); else joined into
+    one copy, which the ring works in."""
     n = g.size
 
     def prepare(t: Tuning) -> tuple[dict, Body]:
@@ -523,6 +543,8 @@ def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
             arr, bounds = _uneven(name, a, counts, n, sum(counts) if len(counts) == n else None)
         rop = resolve(op, arr.dtype)
         rest = arr.shape[1:]
+        lay = layout("reduce_scatter", t)
+        nbytes = bounds[-1][1] * arr.itemsize
         dest = _into(out, arr, (counts[g.rank],) + rest)
         if dest is not None and any(np.may_share_memory(dest, p) for p in flat):
             dest = None     # (a peer may read the parts while this rank writes out)
@@ -530,9 +552,16 @@ def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
         def body(ctx: Ctx) -> np.ndarray:
             rank = ctx.g.rank
             mine = np.empty((counts[rank],) + rest, arr.dtype) if dest is None else dest
+            topo = _topology(ctx, "reduce_scatter", lay, nbytes)
+            alg = choose("all_reduce", nbytes, t, "hier")
             if debug.ON:
-                _said(ctx, name, None, "ring", bounds[-1][1] * arr.itemsize, None)
-            if board.available(ctx) and parts is not None:
+                _said(ctx, name, topo, alg, nbytes, lay, "reduce_scatter")
+            if topo is not None:
+                whole = arr.reshape(-1)
+                hier.reduce_scatter(ctx, topo, flat if parts is not None else
+                                    [whole[lo:hi] for lo, hi in bounds], mine.reshape(-1), rop,
+                                    alg)
+            elif board.available(ctx) and parts is not None:
                 local.reduce_scatter_parts(ctx, flat, mine.reshape(-1), rop)
             elif board.available(ctx):     # (small: as payloads, local.reduce_scatter)
                 local.reduce_scatter(ctx, arr.reshape(-1), mine.reshape(-1), rop, bounds)
@@ -545,8 +574,10 @@ def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
             rop.finish(mine, n)
             return mine
         return _fp(name, dtype=dtype_name(arr.dtype), row=list(rest) or None,
-                   counts=_counts_fp(list(counts)), op=op), body
-    return start(g, name, prepare, async_op, timeout)
+                   counts=_counts_fp(list(counts)), op=op, hier=lay), body
+    return start(g, name, prepare, async_op, timeout, _skipped(
+        g, "reduce_scatter", a, 0, None,
+        lambda: sum(p.nbytes for p in parts) if parts is not None else a.nbytes))
 
 
 def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,

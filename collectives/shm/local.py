@@ -375,13 +375,16 @@ def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
 
 
 def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray] | None,
-           root: int) -> None:
+           root: int, largest: int | None = None) -> None:
     """The root collects every rank's flat ``buf`` into row p of ``out`` (or
-    a list of rows): as payloads when small, else straight from the ranks' buffers."""
+    a list of rows, which may differ in size: each rank's ``buf`` the size
+    of its own, ``largest`` the bytes of the largest, so that every rank
+    chooses alike): as payloads when small, else straight from the ranks'
+    buffers."""
     is_root = ctx.g.rank == root
     rows = None if out is None else _flat_rows(out, ctx.g.size)
     with Round(ctx) as r:
-        if _small(ctx, buf):
+        if (buf.nbytes if largest is None else largest) <= min(ctx.tuning.small, CAPACITY):
             r.post(payload=None if is_root else buf)
             r.gather(None if rows is None else [None if p == root else rows[p]
                                                 for p in range(ctx.g.size)])
@@ -393,7 +396,7 @@ def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray] | None,
                 return
             assert rows is not None
             for p in r.peers:
-                if buf.size:
+                if rows[p].size:
                     peer_read(ctx, p, addrs[p], rows[p])
             r.stage(2)
     if rows is not None:

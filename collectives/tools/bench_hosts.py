@@ -22,7 +22,10 @@ bytes back; meshrun's ``send``/``recv`` against gloo's), the figure the
 median round trip and the array's bytes over it. ``--op`` times another
 collective instead (automatic choice only): all_gather, reduce_scatter or
 broadcast (from the last rank), a size being the whole result's bytes as
-nccl-tests counts them (all_gather: size / ranks from each rank).
+nccl-tests counts them (all_gather: size / ranks from each rank); or
+all_gather_v, reduce_scatter_v, rank j's part (j + 1) / (1 + ... + n) of
+the size, the flat ring (MESH_COLL_ALGO=ring) against the automatic choice
+(gloo: its reduce_scatter of unequal parts; its all_gather refuses them).
 
 Internally the same module is the worker (``--worker mesh|gloo OUT``).
 """
@@ -80,11 +83,22 @@ def _pingpong(rank: int, peer: int, size: int, send: Callable, recv: Callable) -
     return lambda: None
 
 
-def _op(op: str, n: int, size: int, lib: Any, call: Callable) -> Callable:
+def _counts(count: int, n: int) -> list[int]:
+    """An uneven call's parts of ``count`` items: rank j's (j + 1) shares."""
+    parts = [count * 2 * (j + 1) // (n * (n + 1)) for j in range(n)]
+    parts[-1] += count - sum(parts)
+    return parts
+
+
+def _op(op: str, n: int, size: int, lib: Any, call: Callable, rank: int = 0) -> Callable:
     """One call of ``op`` on ``size`` bytes (module docstring) at n ranks;
     ``lib`` makes the float32 arrays (numpy, or torch for gloo), ``call(op,
-    array)`` runs it."""
+    array)`` runs it (the uneven ones': ``call(op, (array, counts))``)."""
     count = max(2, size // 4)
+    if op.endswith("_v"):
+        counts = _counts(count, n)
+        a = lib.zeros(counts[rank] if op == "all_gather_v" else count, dtype=lib.float32)
+        return lambda: call(op, (a, counts))
     if op == "all_reduce" or op == "broadcast":
         a = lib.zeros(count, dtype=lib.float32)
     elif op == "all_gather":
@@ -105,12 +119,14 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
         def slowest(x: float) -> float:
             return float(C.all_reduce(world, np.array([x]), op="max")[0])
         algos = {"flat": lambda size: "rd" if size < (64 << 10) else "ring", "auto": lambda s: None}
-        if op != "all_reduce":
+        if op != "all_reduce" and not op.endswith("_v"):
             algos = {"auto": lambda s: None}
         rank = world.rank
         ops = {"all_gather": lambda a: C.all_gather(world, a),
                "reduce_scatter": lambda a: C.reduce_scatter(world, a),
-               "broadcast": lambda a: C.broadcast(world, a, root=world.size - 1)}
+               "broadcast": lambda a: C.broadcast(world, a, root=world.size - 1),
+               "all_gather_v": lambda a: C.all_gather_v(world, *a),
+               "reduce_scatter_v": lambda a: C.reduce_scatter_v(world, *a)}
         if p2p:
             peer = world.size // 2
             for p in range(passes):
@@ -122,9 +138,12 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
         for p in range(passes if algos else 0):
             for name, alg in algos.items():
                 row = []
+                if op.endswith("_v"):       # (its flat ring: MESH_COLL_ALGO, read per call)
+                    os.environ.pop("MESH_COLL_ALGO", None)
+                    os.environ.update({"MESH_COLL_ALGO": "ring"} if name == "flat" else {})
                 for size in sizes:
                     run = ops.get(op, lambda a, s=size: C.all_reduce(world, a, algorithm=alg(s)))
-                    row.append(_timed(_op(op, world.size, size, np, lambda _, a: run(a)),
+                    row.append(_timed(_op(op, world.size, size, np, lambda _, a: run(a), rank),
                                       slowest, budget))
                 results.setdefault(name, []).append(row)
         world.close()
@@ -150,7 +169,10 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
             n = dist.get_world_size()
 
             def gloo(op: str, t: Any) -> None:
-                if op == "all_gather":
+                if op == "reduce_scatter_v":
+                    a, counts = t
+                    dist.reduce_scatter(torch.empty(counts[rank]), list(a.split(counts)))
+                elif op == "all_gather":
                     dist.all_gather_into_tensor(torch.empty(n * t.numel()), t)
                 elif op == "reduce_scatter":
                     dist.reduce_scatter_tensor(torch.empty(t.shape[1]), t.reshape(-1))
@@ -159,7 +181,7 @@ def _worker(kind: str, out: str, sizes: list[int], passes: int, budget: float,
                 else:
                     dist.all_reduce(t)
             for size in sizes:
-                row.append(_timed(_op(op, n, size, torch, gloo), slowest, budget))
+                row.append(_timed(_op(op, n, size, torch, gloo, rank), slowest, budget))
             results.setdefault("gloo", []).append(row)
         dist.destroy_process_group()
     if rank == 0:
@@ -322,7 +344,7 @@ def _fmt(size: int) -> str:
 
 
 def _table(title: str, n: int, sizes: list[int], res: dict, op: str = "all_reduce") -> str:
-    f = bus_factor(op, n)
+    f = bus_factor(op.removesuffix("_v"), n)
     lines = [f"## {title}", "",
              "| size | flat time | flat busbw | auto time | auto busbw | gloo time | gloo busbw "
              "| auto/flat busbw | gloo/auto time |", "|" + "---|" * 9]
@@ -367,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--p2p", action="store_true",
                     help="point-to-point ping-pong across the hosts instead of all_reduce")
     ap.add_argument("--op", default="all_reduce",
-                    choices=["all_reduce", "all_gather", "reduce_scatter", "broadcast"])
+                    choices=["all_reduce", "all_gather", "reduce_scatter", "broadcast",
+                             "all_gather_v", "reduce_scatter_v"])
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -393,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hosts.shape(rate) if rate else None
             for per in args.per_host:
                 res = _run_mesh(hosts, per, Path(tmp) / f"mesh{per}.json", args, sizes)
-                if not args.no_gloo:
+                if not args.no_gloo and args.op != "all_gather_v":
                     res.update(_run_gloo(hosts, per, Path(tmp) / f"gloo{per}.json", args, sizes))
                 name = (f"{args.op}, 2 hosts x {per} rank{'s' if per > 1 else ''}, {title}")
                 print(_p2p_table(name, sizes, res) if args.p2p else
