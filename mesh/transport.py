@@ -362,7 +362,7 @@ class Transport:
         else:
             entered = progress.enter()
         try:
-            if (not entered or self._peers[src].state     # (ALIVE is 0)
+            if (not entered or self._peers[src].state or progress.closing    # (ALIVE is 0)
                     or (self._aborted and (group, tag) in self._aborted)
                     or ((self._posted or self._posted_any or self._wild or self._unexpected)
                         and not self._quiet(group, src, tag))):    # queued or posted before
@@ -441,7 +441,7 @@ class Transport:
         self.progress.unpark()
         ringed = None
         with peer.lock:
-            if peer.state != ALIVE:
+            if peer.state != ALIVE or self.inbox.closed:    # (closed: its own error)
                 out.fail(self.inbox.gone(peer, out.desc))
             elif peer.queue or not peer.admit(out.nbytes):
                 peer.queue.append(out)
@@ -908,7 +908,9 @@ class Transport:
         turn = self.progress.stop()     # (held until the sockets are closed)
         self.reader.finish_streams()    # (receives by stream that were under way: fail)
         self.streams.release()
-        if self.rings is not None:
+        if self.rings is not None:      # (a later send or receive: the usual way, which says
+            self._ringed = [False] * len(self._ringed)      # this rank's mesh is closed)
+            self._ring_out = [None] * len(self._ring_out)
             self.rings.close()
         for p in self._peers:
             if p.sock is not None:
