@@ -4,7 +4,8 @@
     world.send(array, dst=1); x = world.recv(src=0)
     results = mesh.spawn(fn, 4)       # fn(world) on four local processes
 """
-from .comm import ANY, ANY_SOURCE, ANY_TAG, Comm, Request, Status, testall, waitall, waitany
+from .comm import (ANY, ANY_SOURCE, ANY_TAG, Comm, Request, Status, testall, testany,
+                   testsome, waitall, waitany, waitsome)
 from .errors import (AbortKind, AuthError, BadMessageError, LostPeerError, MeshError,
                      MeshTimeoutError, MismatchError, OutMismatchError, RendezvousError,
                      WorkerError)
@@ -13,7 +14,7 @@ from .spawn import spawn
 from .world import Mesh, init
 
 __all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "Status", "waitall",
-           "waitany", "testall", "ANY",
+           "waitany", "waitsome", "testall", "testany", "testsome", "ANY",
            "ANY_SOURCE", "ANY_TAG", "MeshError", "MeshTimeoutError", "LostPeerError",
            "MismatchError", "OutMismatchError", "BadMessageError", "AuthError", "RendezvousError",
            "WorkerError", "AbortKind"]

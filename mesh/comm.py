@@ -199,18 +199,23 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
     that to the progress thread: an 8-byte round trip through waitany took
     100 us, through wait 14); MeshTimeoutError after ``timeout`` seconds
     (default: the mesh's), naming what it waited for."""
-    reqs = list(requests)
+    return _waitany(list(requests), timeout, "waitany")
+
+
+def _waitany(reqs: list[Request], timeout: float | None, what: str) -> tuple[int, Any]:
     if not reqs:
         from .world import current      # (no request to say whose call it is)
         m = current()
-        raise ValueError(f"{'' if m is None else f'rank {m.rank}: '}waitany: no requests "
-                         f"(an empty list; mpi4py's waitany returns (MPI.UNDEFINED, None) "
+        gives = {"waitany": "(MPI.UNDEFINED, None)",
+                 "testany": "(MPI.UNDEFINED, True, None)"}.get(what, "(None, None)")
+        raise ValueError(f"{'' if m is None else f'rank {m.rank}: '}{what}: no requests "
+                         f"(an empty list; mpi4py's {what} returns {gives} "
                          f"for one, meshrun raises, as once every request was waited for)")
     c = reqs[0]._c
-    limit = c._t.timeout if timeout is None else _check_timeout(timeout, c, "waitany")
+    limit = c._t.timeout if timeout is None else _check_timeout(timeout, c, what)
     live = [(i, r) for i, r in enumerate(reqs) if not r._spent]
     if not live:
-        raise ValueError(f"rank {c._t.rank}: waitany: each of the {len(reqs)} requests was "
+        raise ValueError(f"rank {c._t.rank}: {what}: each of the {len(reqs)} requests was "
                          f"waited for already (its result given by wait, test or waitany)")
     deadline = time.monotonic() + limit
     anyone = _AnyDone([r for _, r in live])
@@ -225,7 +230,7 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
             # in, each was given twice (both threads saw it done before either waited)
             live = [(i, r) for i, r in live if not r._spent]
             if not live:
-                raise ValueError(f"rank {c._t.rank}: waitany: each of the {len(reqs)} "
+                raise ValueError(f"rank {c._t.rank}: {what}: each of the {len(reqs)} "
                                  f"requests was waited for already (its result given by "
                                  f"wait, test or waitany)")
             anyone = _AnyDone([r for _, r in live])
@@ -237,10 +242,12 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
             c._t.poke()
             continue
         if now >= deadline:
-            what = [r._item.desc for _, r in live[:4]]
+            waits = [r._item.desc for _, r in live[:4]]
             more = f" and {len(live) - 4} more" if len(live) > 4 else ""
-            raise MeshTimeoutError(f"rank {c._t.rank}: waitany on {len(live)} requests timed "
-                                   f"out after {limit:g}s, none done: {'; '.join(what)}{more}")
+            late = MeshTimeoutError(f"rank {c._t.rank}: {what} on {len(live)} requests timed "
+                                    f"out after {limit:g}s, none done: {'; '.join(waits)}{more}")
+            late.none_done = True   # type: ignore[attr-defined]  # (not a request's own error)
+            raise late
         try:
             c._t._drive(live[0][1]._item, deadline, deadline - now, anyone)
         except Exception:
@@ -248,6 +255,67 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
                 raise
             time.sleep(nap)     # (the mesh closed under it: each request fails on its own)
             nap = min(nap * 2, 2e-3)
+
+
+def waitsome(requests: Sequence[Request],
+             timeout: float | None = None) -> tuple[list[int], list[Any]]:
+    """mpi4py's ``Request.waitsome``: wait as ``waitany`` does until one of
+    ``requests`` is done, then give it and every other one done by then:
+    ``(indices, results)``, in index order. Each is spent as by waitany (a
+    later call gives the next ones); one done with an error (a lost peer, a
+    cancelled receive) is left out for the next call, which raises it, as
+    waitany raises for the first it finds. ValueError once every request is
+    spent (mpi4py returns ``(None, None)``)."""
+    reqs = list(requests)
+    i, x = _waitany(reqs, timeout, "waitsome")
+    return _and_done(reqs, i, x)
+
+
+def testany(requests: Sequence[Request]) -> tuple[int | None, bool, Any]:
+    """mpi4py's ``Request.testany``: ``(index, True, result)`` of a request
+    done and not spent (as ``waitany`` gives it, spending it), else
+    ``(None, False, None)`` at once, what has come read first as ``test()``
+    reads it. ValueError once every request is spent, as waitany."""
+    return _testany(list(requests), "testany")
+
+
+def _testany(reqs: list[Request], what: str) -> tuple[int | None, bool, Any]:
+    try:
+        i, x = _waitany(reqs, 0, what)
+    except MeshTimeoutError as e:
+        if not getattr(e, "none_done", False):
+            raise       # (a request's own error, given as waitany gives it)
+        return None, False, None
+    return i, True, x
+
+
+def testsome(requests: Sequence[Request]) -> tuple[list[int], list[Any]]:
+    """mpi4py's ``Request.testsome``: as ``waitsome``, but ``([], [])`` at
+    once when none is done."""
+    reqs = list(requests)
+    i, ok, x = _testany(reqs, "testsome")
+    return _and_done(reqs, i, x) if ok and i is not None else ([], [])
+
+
+def _and_done(reqs: list[Request], first: int, value: Any) -> tuple[list[int], list[Any]]:
+    """``first`` (given by waitany) and every other request of ``reqs`` done
+    with a value by now, each spent: (indices, results) in index order."""
+    got = {first: value}
+    for j, r in enumerate(reqs):
+        if j != first and not r._spent and _valued(r) and _claim(r):
+            got[j] = r.wait()
+    order = sorted(got)
+    return order, [got[k] for k in order]
+
+
+def _valued(r: Request) -> bool:
+    """Whether ``r`` is done and its wait returns a value (not an error)."""
+    item = r._item
+    if item is SENT:
+        return True
+    if isinstance(item, Outgoing):
+        return item.done() and item.error is None and not r._c._t.lost_to(item)
+    return item.event.is_set() and item.error is None
 
 
 _claims = threading.Lock()

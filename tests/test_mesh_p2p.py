@@ -1349,6 +1349,12 @@ def _wait_some(world: mesh.Mesh) -> list:
         world.send("one", 0, tag=1)
         sent = mesh.waitall([world.isend(np.arange(3), 0, tag=4), world.isend("x", 0, tag=5)])
         world.recv(0, tag=10)
+        world.recv(0, tag=17)
+        for tag, x in ((11, "a"), (12, "b"), (14, "sync")):
+            world.send(x, 0, tag=tag)
+        world.recv(0, tag=18)
+        world.send("c", 0, tag=13)
+        world.recv(0, tag=19)
         return sent
     reqs = [world.irecv(1, tag=1), world.irecv(1, tag=2)]
     early = reqs[0].test()
@@ -1370,8 +1376,32 @@ def _wait_some(world: mesh.Mesh) -> list:
     with pytest.raises(ValueError) as e:
         mesh.waitany([])
     empty = [str(e.value), mesh.waitall([]), mesh.waitall([], timeout=1), mesh.testall([])]
+    trio = [world.irecv(1, tag=t) for t in (11, 12, 13)]
+    idle = [mesh.testany(trio), mesh.testsome(trio)]
+    world.send("go", 1, tag=17)
+    world.recv(1, tag=14)           # (after 11 and 12, from the same rank)
+    some = mesh.waitsome(trio, timeout=30)
+    idle += [mesh.testany(trio), mesh.testsome(trio)]
+    world.send("go", 1, tag=18)
+    last: tuple = (None, False, None)
+    while not last[1]:
+        last = mesh.testany(trio)
+    off, mine = world.irecv(1, tag=15), world.irecv(0, tag=16)
+    assert off.cancel()
+    world.send("self", 0, tag=16)
+    mixed: list = [mine, off]
+    mixed.append(mesh.waitsome(mixed, timeout=30))
+    errors = []
+    for _ in range(2):
+        with pytest.raises((mesh.MeshError, ValueError)) as e:
+            mesh.waitsome(mixed[:2], timeout=30)
+        errors.append(str(e.value))
+    with pytest.raises(ValueError) as e:
+        mesh.testsome(trio)
+    errors.append(str(e.value))
+    world.send("done", 1, tag=19)
     return [early, first, rest, late, "timed out" in timed_out, got[0].tolist(), got[1],
-            none_yet, every, empty]
+            none_yet, every, empty, idle, some, last, mixed[2:], errors]
 
 
 def test_test_waitany_and_waitall_as_mpi4py_has_them() -> None:
@@ -1380,13 +1410,24 @@ def test_test_waitany_and_waitall_as_mpi4py_has_them() -> None:
     timeout; waitany times out with MeshTimeoutError; testall answers at
     once, every result once all are done. An empty list: waitall and
     testall give mpi4py's [] and (True, []), waitany raises naming the rank
-    (its ValueError named none)."""
+    (its ValueError named none). waitsome gives every request done by then,
+    testany and testsome answer at once (mpi4py's; there were none), a
+    request done with an error is left to the next call, which raises it."""
     res = mesh.spawn(_wait_some, 2, timeout=60)
-    assert res[0] == [(False, None), (1, "two"), ["one", "two"], (True, "one"), True,
-                      [0, 1, 2], "x", (False, None), (True, ["one", "two"]), [
-                          "rank 0: waitany: no requests (an empty list; mpi4py's waitany "
-                          "returns (MPI.UNDEFINED, None) for one, meshrun raises, as once "
-                          "every request was waited for)", [], [], (True, [])]]
+    assert res[0][:10] == [(False, None), (1, "two"), ["one", "two"], (True, "one"), True,
+                           [0, 1, 2], "x", (False, None), (True, ["one", "two"]), [
+                               "rank 0: waitany: no requests (an empty list; mpi4py's waitany "
+                               "returns (MPI.UNDEFINED, None) for one, meshrun raises, as once "
+                               "every request was waited for)", [], [], (True, [])]]
+    idle, some, last, mixed, errors = res[0][10:]
+    assert idle == [(None, False, None), ([], [])] * 2
+    assert some == ([0, 1], ["a", "b"]) and last == (2, True, "c")
+    assert mixed == [([0], ["self"])]
+    assert errors == ["rank 0: recv from rank 1 (tag 15, group world) was cancelled",
+                      "rank 0: waitsome: each of the 2 requests was waited for already (its "
+                      "result given by wait, test or waitany)",
+                      "rank 0: testsome: each of the 3 requests was waited for already (its "
+                      "result given by wait, test or waitany)"]
     assert res[1] == [None, None]
 
 
