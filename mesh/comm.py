@@ -602,6 +602,16 @@ class Comm:
             return None
         return self._sub((key, n), ranks, f"{self.name}/{list(ranks)}" + (f"#{n}" if n else ""))
 
+    def dup(self) -> "Comm":
+        """MPI's ``Comm_dup``: a communicator of the same ranks, numbered
+        alike, whose traffic (messages and collectives) never mixes with
+        this one's or another dup's. It is ``group(range(size))`` (no
+        message): every rank calls it, in the same order among its groups
+        of this communicator."""
+        sub = self.group(range(self.size))
+        assert sub is not None
+        return sub
+
     def split(self, color: int | None, key: int = 0,
               timeout: float | None = None) -> "Comm | None":
         """MPI's ``Comm_split``, a collective over this communicator: the

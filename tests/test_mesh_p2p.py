@@ -305,15 +305,21 @@ def test_out_usable_is_judged_without_a_message() -> None:
 def _groups(world: mesh.Mesh) -> list:
     evens = world.group([r for r in range(world.size) if r % 2 == 0])
     pair = world.group([3, 1])
+    dup, again = world.dup(), world.dup()
+    assert (dup.rank, dup.size, again.ranks) == (world.rank, world.size, list(range(4)))
     if world.rank % 2 == 1:
         assert evens is None
     if world.rank in (1, 3):
         assert pair.size == 2 and pair.rank == (0 if world.rank == 3 else 1)
-        # same tag on the world and on the group: never confused
+        # same tag on the world, on the group and on its dups: never confused
         if world.rank == 3:
             world.send("world", 1, tag=4)
             pair.send("group", 1, tag=4)
+            dup.send("dup", 1, tag=4)
+            again.send("again", 1, tag=4)
         else:
+            assert again.recv(3, tag=4) == "again"
+            assert dup.recv(mesh.ANY, tag=mesh.ANY_TAG) == "dup"
             assert pair.recv(0, tag=4) == "group"
             assert world.recv(3, tag=4) == "world"
     if evens is not None:
@@ -327,6 +333,8 @@ def _groups(world: mesh.Mesh) -> list:
 
 
 def test_groups_are_isolated_and_grid_axes() -> None:
+    """Groups, and dups of the world (MPI's Comm_dup), keep their traffic
+    apart whatever the tags; grid axes are row-major."""
     res = mesh.spawn(_groups, 4, timeout=60)
     assert res == [[0, 0, [0, 1], [0, 2]], [0, 1, [0, 1], [1, 3]],
                    [1, 0, [2, 3], [0, 2]], [1, 1, [2, 3], [1, 3]]]
