@@ -20,6 +20,7 @@ import pytest
 
 import collectives as C
 import mesh
+from collectives.ops import resolve
 
 from backends import Cell
 from conftest import PATHS
@@ -514,6 +515,37 @@ def bitwise_battery(world: Any, seed: int) -> list[str]:
                 if differ:
                     bad.append(f"{alg or 'auto'} {count} {op} {dtype}: ranks {differ} differ "
                                f"from rank 0")
+    # scan and exscan (the board's small one too): the bits of recursive doubling,
+    # whose round k combines what rank - 2**k held before what this rank holds
+    for count, dtype, op in [(7, "float32", "sum"), (1, "complex64", "prod"),
+                             (20_000, "float64", "sum")]:
+        a = (1 + 0.1 * rng.standard_normal(count)).astype(dtype)
+        if np.dtype(dtype).kind == "c":
+            a += (0.1j * rng.standard_normal(count)).astype(dtype)
+        rows = C.all_gather(world, a)
+        rop = resolve(op, a.dtype)
+
+        def held(k: int, j: int) -> np.ndarray:
+            if k == 0:
+                return rows[j].copy()
+            mine = held(k - 1, j)
+            if j >= 1 << (k - 1):
+                rop.combine(mine, held(k - 1, j - (1 << (k - 1))), src_first=True)
+            return mine
+        rounds = (n - 1).bit_length()
+        before = None
+        for k in range(1, rounds + 1):
+            if r >= 1 << (k - 1):
+                lower = held(k - 1, r - (1 << (k - 1)))
+                if before is None:
+                    before = lower
+                else:
+                    rop.combine(before, lower, src_first=True)
+        got = [C.scan(world, a, op=op), C.exscan(world, a, op=op)]
+        for what, x, want in zip(("scan", "exscan"), got, (held(rounds, r), before)):
+            if (x is None or want is None) and x is not want or \
+                    x is not None and x.tobytes() != want.tobytes():
+                bad.append(f"{what} {count} {op} {dtype} on rank {r}: not the doubling's bits")
     return bad
 
 

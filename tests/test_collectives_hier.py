@@ -109,6 +109,14 @@ def _every_op(world: Any) -> None:
             call()
         assert not isinstance(err.value, mesh.MeshTimeoutError), err.value
     assert C.all_reduce(world, np.ones(20_000))[0] == n
+    host = world.split_host()       # a small scan: on the board within a host, else sockets
+    for g in (host, world):
+        a = np.arange(3.0) + g.rank
+        assert C.scan(g, a).tolist() == [sum(range(g.rank + 1)) + k * (g.rank + 1)
+                                         for k in range(3)]
+        got = C.exscan(g, a)
+        assert got is None if g.rank == 0 else got.tolist() == [
+            sum(range(g.rank)) + k * g.rank for k in range(3)]
     if os.environ.get("MESH_COLL_PIPELINE") == "0":     # (the uneven calls take no pipeline)
         _uneven_ops(world)
 
@@ -304,7 +312,8 @@ def test_every_hierarchical_op_matches_numpy(pipeline: str) -> None:
     """Columns in one board round (once the boards are up), pipelined
     (MESH_COLL_PIPELINE=1) or the levels one after the other, with small
     segments and window: many blocks, and the tail of a chunk shorter than
-    a segment."""
+    a segment. A small scan takes the board within a host (one round, not
+    log2(size) of messages), sockets across hosts."""
     got = mesh.spawn(every_op, 4, timeout=90, env={
         "MESH_TIMEOUT": "20", "MESH_COLL_SEGMENT": "64K", "MESH_COLL_WINDOW": "2",
         "MESH_COLL_PIPELINE": pipeline, "MESH_COLL_DEBUG": "1" if pipeline == "0" else ""})
@@ -324,6 +333,8 @@ def test_every_hierarchical_op_matches_numpy(pipeline: str) -> None:
             f"all_gather {on}two levels, columns, 3.052 MiB",
             f"broadcast {on}flat, binomial tree over sockets, 40 B",
             f"broadcast {on}two levels, leaders (chain), 1.526 MiB",
+            f"scan {on}flat, recursive doubling over sockets, 24 B",
+            f"exscan {on}flat, recursive doubling over sockets, 24 B",
             "all_reduce on world/[0, 1, 2, 3] (4 ranks, 2 hosts ((0,3),(1,2))): two levels, "
             "columns, three phases, 781.3 KiB",
             f"all_gather_v {on}flat, ring over sockets, 144 B",
@@ -332,7 +343,9 @@ def test_every_hierarchical_op_matches_numpy(pipeline: str) -> None:
             f"reduce_scatter_v {on}two levels, all_reduce then a cut, small, columns, 216 B",
             f"reduce_scatter_v {on}two levels, columns, 375 KiB"]
     for r, lines in enumerate(got):
-        missing = [w for w in want if f"meshrun rank {r}: {w}" not in lines]
+        host = f"on world/split0:{int(r in (1, 2))} (2 ranks, 1 host): same-host board, 24 B"
+        missing = [w for w in want + [f"scan {host}", f"exscan {host}"]
+                   if f"meshrun rank {r}: {w}" not in lines]
         assert not missing, (missing, lines)
         paths = [line.rsplit(", ", 1)[0] for line in lines]
         assert len(set(paths)) == len(paths), lines         # (each once)

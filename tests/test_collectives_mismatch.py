@@ -56,6 +56,7 @@ CASES: dict[str, Callable[[Any], Any]] = {
         C.all_gather(g, np.ones(4)) if g.rank == 2 else C.reduce_scatter(g, np.ones(4))),
     "scan vs exscan": lambda g: (C.exscan(g, np.ones(3)) if g.rank == 2
                                  else C.scan(g, np.ones(3))),
+    "scan size picks another path": lambda g: C.scan(g, np.ones(_odd(g.rank, 3, 20_000))),
     "scatter_object of a short list": lambda g: C.scatter_object(
         g, [1, 2] if g.rank == 1 else None, root=1),
     "bad op on one rank": lambda g: C.all_reduce(g, np.ones(3, np.float32),
@@ -64,7 +65,8 @@ CASES: dict[str, Callable[[Any], Any]] = {
 }
 
 
-LATE = {"root", "gather root", "gather root seen late", "scan vs exscan"}
+LATE = {"root", "gather root", "gather root seen late", "scan vs exscan",
+        "scan size picks another path"}
 
 
 def _heard_from_all(world: Any) -> None:
@@ -145,13 +147,19 @@ def test_a_root_mismatch_never_hangs_and_every_rank_hears_of_it(outcomes: list,
         assert texts[-1] == "ok", f"rank {rank}: the group did not recover: {texts}"
 
 
-def test_scan_beside_exscan_is_a_mismatch_every_rank_hears_of(outcomes: list) -> None:
+@pytest.mark.parametrize("case,needles", [("scan vs exscan", ["exscan(", " scan("]),
+                                          ("scan size picks another path",
+                                           ["shape=[3]", "shape=[20000]"])])
+def test_scan_beside_exscan_is_a_mismatch_every_rank_hears_of(outcomes: list, case: str,
+                                                              needles: list[str]) -> None:
     """A rank of a scan that only sends (rank 0, and rank 1 here) may finish
     before the ranks that receive see the mismatch; it hears of it in the
-    group's next calls, as a gather leaf does."""
+    group's next calls, as a gather leaf does. A rank whose array is too
+    large for the board's small scan (the others' are not) goes over
+    sockets: the board's ranks see its fingerprint, none waits it out."""
     for rank, o in enumerate(outcomes):
-        texts = o["scan vs exscan"]
-        assert any("MismatchError" in t and "exscan(" in t and " scan(" in t for t in texts), \
+        texts = o[case]
+        assert any("MismatchError" in t and all(s in t for s in needles) for t in texts), \
             f"rank {rank}: {texts}"
         assert texts[-1] == "ok", f"rank {rank}: the group did not recover: {texts}"
 

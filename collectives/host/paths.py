@@ -775,7 +775,9 @@ def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
     None on rank 0. Recursive doubling: log2(size) rounds, in round k each
     rank sends what it holds to rank + 2**k and combines what rank - 2**k
     sends before its own (the lower ranks' operand first, so every order
-    of combination is fixed). No avg (MPI's scans have none)."""
+    of combination is fixed). A small array of a same-host group goes on the
+    board instead, one round, combined there in the same order
+    (local.scan). No avg (MPI's scans have none)."""
     name = "exscan" if exclusive else "scan"
 
     def prepare(t: Tuning) -> tuple[dict, Body]:
@@ -786,6 +788,18 @@ def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
         rop = resolve(op, arr.dtype)
 
         def body(ctx: Ctx) -> Any:
+            small = arr.nbytes <= t.small and board.available(ctx, arr.nbytes)
+            if debug.ON:
+                debug.note(ctx.g, name, "same-host board" if small else
+                           f"flat, {_SOCKETS['rd']} over sockets", arr.nbytes)
+            if small:
+                out = local.scan(ctx, arr.reshape(-1), rop, exclusive)
+                return None if out is None else out.reshape(arr.shape)
+            if board.available(ctx):    # (peers of smaller sizes: the board)
+                board.announce(ctx)
+            return agreed(doubling)(ctx)
+
+        def doubling(ctx: Ctx) -> Any:
             n, r = ctx.g.size, ctx.g.rank
             held, before = arr, None        # ranks r-d+1..r, and r-d+1..r-1 (None: none)
             d = 1
@@ -803,7 +817,7 @@ def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                     rop.combine(held, lower, src_first=True)
                 d *= 2
             return before if exclusive else held
-        return _fp(name, arr, op=op), agreed(body)
+        return _fp(name, arr, op=op), body
     return start(g, name, prepare, async_op, timeout)
 
 

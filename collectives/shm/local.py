@@ -11,6 +11,8 @@
                                    from every arena | stage 1 | copy each arena's final chunk
     large reduce                   post addresses | reduce chunk r | stage 1 | root reads chunks
     small reduce_scatter           post payload | reduce chunk r of the peers' payloads
+    small scan, exscan             post payload | read ranks 0..r-1's | combine them as
+                                   recursive doubling over sockets would
     reduce_scatter                 post address | reduce chunk r | stage 2 | exit
     reduce_scatter of n parts      post the parts' addresses | reduce part r | stage 2 | exit
     large broadcast, gather,       post address | read what this rank needs | stage 2 | exit
@@ -41,7 +43,8 @@ from .board import CAPACITY, Round
 from .cma import peer_read
 
 __all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "reduce_scatter",
-           "reduce_scatter_parts", "broadcast", "reduce", "scatter", "gather", "all_to_all"]
+           "reduce_scatter_parts", "broadcast", "reduce", "scatter", "gather", "all_to_all",
+           "scan"]
 
 
 def _reduce_payloads(ctx: Ctx, buf: np.ndarray, op: ReduceOp, readers: range,
@@ -401,6 +404,47 @@ def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray] | None,
             r.stage(2)
     if rows is not None:
         rows[root][...] = buf
+
+
+def scan(ctx: Ctx, buf: np.ndarray, op: ReduceOp, exclusive: bool) -> np.ndarray | None:
+    """MPI's Scan of a small ``buf`` (the board's payload): every rank posts
+    it, rank r reads ranks 0..r-1's and returns their reduction with its own
+    (``exclusive``: without; None on rank 0), a new array. Each element is
+    combined as the recursive doubling over sockets combines it (paths.scan:
+    the same operands in the same order, so the same bits), from the rows
+    at once instead of in log2(size) rounds of messages."""
+    n, rank = ctx.g.size, ctx.g.rank
+    rows: list[np.ndarray | None] = [np.empty_like(buf) if p < rank else None
+                                     for p in range(n)]
+    with Round(ctx) as r:
+        r.post(payload=buf)
+        r.gather(rows)
+    rows[rank] = buf
+    rounds = max(0, n - 1).bit_length()     # (paths.scan's: while d < n, d doubling from 1)
+
+    def held(k: int, j: int) -> np.ndarray:
+        """What rank j holds after k rounds (ranks j-2**k+1..j), a new array."""
+        if k == 0:
+            row = rows[j]
+            assert row is not None
+            return row.copy()
+        d = 1 << (k - 1)
+        mine = held(k - 1, j)
+        if j >= d:
+            op.combine(mine, held(k - 1, j - d), src_first=True)
+        return mine
+    if not exclusive:
+        return held(rounds, rank)
+    before = None
+    for k in range(1, rounds + 1):
+        d = 1 << (k - 1)
+        if rank >= d:
+            lower = held(k - 1, rank - d)
+            if before is None:
+                before = lower
+            else:
+                op.combine(before, lower, src_first=True)
+    return before
 
 
 def all_to_all(ctx: Ctx, src: np.ndarray, out: np.ndarray) -> None:

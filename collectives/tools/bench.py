@@ -7,7 +7,8 @@ launches its own n workers (``mesh.spawn``), times every size from 8 bytes to
 time per call (the slowest rank's), algbw = bytes / time and busbw = algbw
 times the collective's factor (2(n-1)/n for all_reduce, (n-1)/n for
 all_gather, reduce_scatter, all_to_all, gather and scatter, 1 for broadcast
-and reduce). With ``--compare gloo`` torch.distributed runs the same rows in
+and reduce; scan and exscan, which nccl-tests lacks, as all_gather). With
+``--compare gloo`` torch.distributed runs the same rows in
 the same invocation and each row ends with gloo's time over ours.
 
 With ``--device cuda`` the arrays are CuPy arrays (torch CUDA tensors on the
@@ -43,7 +44,7 @@ __all__ = ["COLLECTIVES", "PATHS", "bus_factor", "parse_sizes", "input_count", "
            "path_env", "main"]
 
 COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter",
-               "gather", "scatter", "all_to_all", "barrier")
+               "gather", "scatter", "all_to_all", "barrier", "scan", "exscan")
 
 
 PATHS = {"auto": {}, "ipc": {"MESH_CUDA_IPC": "1"}, "staged": {"MESH_CUDA_IPC": "0"},
@@ -255,7 +256,8 @@ def _print_table(args: argparse.Namespace, sizes: list[int], rows: list[tuple[in
         unit += f" | {'(MiB)':>9}"
     print(head)
     print(unit)
-    redop = "sum" if args.op in ("all_reduce", "reduce", "reduce_scatter") else "none"
+    redop = "sum" if args.op in ("all_reduce", "reduce", "reduce_scatter", "scan",
+                                 "exscan") else "none"
     for i, size in enumerate(sizes):
         line = f"  {size:>10} {rows[i][0]:>10} {args.dtype:>8} {redop:>5}"
         for ts in sides.values():
@@ -303,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.poll and args.op != "all_reduce":
         ap.error("--poll: all_reduce only")
+    if args.op in ("scan", "exscan") and "gloo" in (args.compare, args.only):
+        ap.error(f"--op {args.op}: gloo has none (--only meshrun)")
     try:
         itemsize = np.dtype(args.dtype).itemsize
         sizes = [0] if args.op == "barrier" else parse_sizes(args.sizes, args.factor)
