@@ -672,8 +672,10 @@ def _lists_of_arrays(world: mesh.Mesh) -> list[str]:
     rows = [np.zeros((1, 2)) for _ in range(world.size)]
     for call in (lambda: C.all_to_all_v(world, rows, [1] * world.size, timeout=20),
                  lambda: C.all_reduce(world, rows, timeout=20),
-                 lambda: C.all_gather(world, rows, timeout=20)):
-        with pytest.raises(TypeError) as e:
+                 lambda: C.all_gather(world, rows, timeout=20),
+                 lambda: C.all_gather_object(world, {"rows": rows}, timeout=20),
+                 lambda: C.broadcast_object(world, None if world.rank else rows[0], timeout=20)):
+        with pytest.raises((TypeError, mesh.MeshError)) as e:
             call()
         said.append(str(e.value))
     return said
@@ -682,7 +684,8 @@ def _lists_of_arrays(world: mesh.Mesh) -> list[str]:
 def test_a_list_of_arrays_is_refused_with_advice_for_the_collective_called() -> None:
     """all_to_all_v given a list of blocks says to concatenate them (not to
     call all_to_all_v); all_reduce given a list of gradients says to call it
-    once per array (or all_reduce_grads), not to use all_to_all_v."""
+    once per array (or all_reduce_grads), not to use all_to_all_v. An
+    object collective given arrays says which collectives take them."""
     for rank, said in enumerate(mesh.spawn(_lists_of_arrays, 2, timeout=60)):
         me = f"rank {rank}: "
         assert said[0] == (me + "all_to_all_v on group world takes one array (or tensor), got "
@@ -694,6 +697,13 @@ def test_a_list_of_arrays_is_refused_with_advice_for_the_collective_called() -> 
         assert said[2].startswith(me + "all_gather on group world takes one array (or tensor), "
                                   "got a list of 2: call it once per array"), said
         assert not any("all_to_all" in s for s in said[1:]), said
+        # mpi4py's bcast and allgather pickle arrays: these say what takes them
+        advice = ("object collectives take msgpack values (no pickle); arrays go by the array "
+                  "collectives (broadcast, gather, all_gather_v), or nested in dicts and "
+                  "lists, from a root to every rank, by C.broadcast_state")
+        assert said[3] == (me + "all_gather_object on group world: dict is not msgpack-able "
+                           "(can not serialize 'ndarray' object); " + advice), said
+        assert said[4].endswith(advice), said
 
 
 def _not_communicators(world: mesh.Mesh) -> list[str]:

@@ -46,8 +46,13 @@ def as_received(obj: Any) -> Any:
         return msgpack.unpackb(msgpack.packb(obj, use_bin_type=True, default=_scalar),
                                raw=False, strict_map_key=False)
     except Exception as e:
+        hint = ""
+        if "'ndarray'" in str(e) or "'Tensor'" in str(e):   # (mpi4py's bcast pickles them)
+            hint = ("; arrays go by the array collectives (broadcast, gather, all_gather_v), "
+                    "or nested in dicts and lists, from a root to every rank, by "
+                    "C.broadcast_state")
         raise TypeError(f"{type(obj).__name__} is not msgpack-able ({e}); object "
-                        f"collectives take msgpack values (no pickle)") from None
+                        f"collectives take msgpack values (no pickle){hint}") from None
 
 
 def broadcast_object_tree(ctx: Ctx, obj: Any, root: int) -> Any:
