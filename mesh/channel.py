@@ -20,8 +20,9 @@ public point-to-point API, to run operations that involve a whole group:
   closed); ``left(rank, what)``, the
   LostPeerError of a wait on a member that has closed its mesh or died.
 * Where peers are: ``endpoint(rank)`` (tcp:// or ipc://), ``host(rank)``, ``encrypted``.
-* Lifetime: ``keep_alive(obj)`` and ``on_close(fn)`` keep memory that peers
-  may read until they have all said goodbye.
+* Lifetime: ``keep_alive(obj, reading)`` and ``on_close(fn)`` keep memory
+  that peers may read until they have all answered this rank's goodbye (and,
+  per ``reading``, have done reading it) or said their own.
 * Stall reports: ``stalled(what, peers, waited)`` for waits made outside the
   transport (polling a peer's memory).
 """
@@ -164,11 +165,16 @@ class CollectiveChannel:
         """Whether the mesh's sockets run CurveZMQ (MESH_CURVE=1)."""
         return bool(self._t.curve)
 
-    def keep_alive(self, obj: Any) -> None:
+    def keep_alive(self, obj: Any, reading: Callable[[int], bool] | None = None) -> None:
         """Hold ``obj`` until the mesh closes, not just while the group
         object lives: peers may still read memory it owns (same-host
-        collectives) after this rank has dropped the group."""
+        collectives) after this rank has dropped the group. ``reading(r)``:
+        whether world rank ``r`` may still read it; close() then waits for
+        that peer (up to MESH_CLOSE_WAIT, or its own goodbye) even once its
+        reader has answered this rank's goodbye."""
         self._t.keep_alive.append(obj)
+        if reading is not None:
+            self._t.reading.append(reading)
 
     def on_drop(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` once, when this rank drops the communicator (it is

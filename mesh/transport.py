@@ -106,6 +106,9 @@ class Transport:
         self._orphans: list[Any] = []   # buffers of sends to lost peers ZeroMQ may still hold
         self._ctx, self._router = ctx, router
         self.keep_alive: list[Any] = []  # released by close(), after the peers' goodbyes
+        # per kept object that says so: whether a world rank may still read it (close
+        # waits for that peer as for one that has not answered its goodbye)
+        self.reading: list[Callable[[int], bool]] = []
         self.on_close: list[Callable[[], None]] = []  # called then, before the release
         self.groups: dict[int, tuple[str, list[int]]] = {0: ("world", list(range(size)))}
         # groups dropped (garbage) here, forgotten by the next sweep(); per group id,
@@ -822,10 +825,14 @@ class Transport:
         it, once it has answered our goodbye: no collective's receive still
         posted here (an async one never waited for may yet finish, for its
         peers' sake; a watch, kept to catch an abort, does not count), no
-        direct send unread, no bytes left for its stream."""
+        direct send unread, no bytes left for its stream, nothing kept alive
+        that it may still read (a same-host board it reads across processes,
+        where it has not finished the last collective this rank posted there:
+        its reader answers the goodbye whatever its main thread does)."""
         with self.inbox.lock:
             posted = any(type(q) is not Watched for q in self.inbox.matcher.posted())
-        return not (posted or self.direct.sending() or self.streams.pending(peer.rank))
+        return not (posted or self.direct.sending() or self.streams.pending(peer.rank)
+                    or any(reads(peer.rank) for reads in self.reading))
 
     def close(self, failure: str = "") -> None:
         """Flush queued sends (for as long as the goodbyes are waited for, and
@@ -902,6 +909,7 @@ class Transport:
             except Exception:
                 _log.exception("rank %d: a close hook failed", self.rank)
         self.on_close.clear()
+        self.reading.clear()
         self.keep_alive.clear()
         self.direct.close()
         self.streams.close()

@@ -231,14 +231,28 @@ def unmapped(world: Any) -> dict:
     board._attach = lambda *args: None      # as where /proc/pid/fd cannot be opened
     board._CORES = 1                        # (the arenas: only where ranks outnumber cores)
     wrong = _results(world)
-    return {"wrong": wrong, "mapped": board.mapped(world), "large": _large(world),
-            "shape": _caught(lambda: C.all_reduce(world, np.ones(3 if world.rank else 2)))}
+    got = {"wrong": wrong, "mapped": board.mapped(world), "large": _large(world),
+           "shape": _caught(lambda: C.all_reduce(world, np.ones(3 if world.rank else 2)))}
+    if world.rank == 1:     # the last call before close: rank 1 reads its peer's post late
+        post = board.Round.post
+
+        def late(self: Any, *args: Any, **kwargs: Any) -> None:
+            post(self, *args, **kwargs)
+            time.sleep(0.3)
+        board.Round.post = late     # type: ignore[method-assign]
+    got["last"] = _caught(lambda: C.all_reduce(world, np.ones(4)))
+    world.close()
+    return got
 
 
 def test_boards_that_cannot_be_mapped_are_read_across_processes() -> None:
+    """(The last call: rank 0 leaves it first and closes. Its close waited
+    for rank 1's answer to its goodbye, not for rank 1 to finish reading
+    its board: rank 1's read failed, "it closed its mesh".)"""
     for rank, r in enumerate(mesh.spawn(unmapped, 2, timeout=60)):
         assert r["wrong"] == [] and r["large"] == [] and not r["mapped"], r
         assert r["shape"].startswith("MismatchError") and "shape=[3]" in r["shape"], r
+        assert r["last"] == "ok", (rank, r["last"])
 
 
 def killed(world: Any, out: str) -> None:

@@ -204,6 +204,7 @@ class _Box:
         self.slot_fp = [b"", b""]        # the fingerprint each slot's body holds
         self.slot_words: list[Any] = [None, None]  # the Quick whose words a slot's head holds
         n, rank = ctx.g.size, ctx.g.rank
+        self.world = {w: p for p, w in enumerate(ctx.g.ranks)}    # world rank -> group rank
         where = all_gather_object_direct(ctx, [self.mem.ctypes.data, cookie, fd])
         self.addrs = [a for a, _, _ in where]
         self.cookies = [c for _, c, _ in where]
@@ -272,6 +273,22 @@ class _Box:
                 self.ring()
                 return
 
+    def reading(self, world: int) -> bool:
+        """Whether world rank ``world`` may still read this board: it has not
+        finished the last call posted here (its ack is short of it), and its
+        board can still be read (a peer whose cannot is gone: it reads
+        nothing more). close() waits for such a peer where this board is
+        kept alive: one read across processes goes with the process."""
+        p = self.world.get(world)
+        if p is None or p == self.me - 1:
+            return False
+        posted = max(self.head[1 + SEQ], self.head[1 + _SLOT_WORDS + SEQ])
+        if posted <= self.heads[p][0]:
+            return False
+        if self.readers[p]() or self.seen_cookie[p][0] != self.cookies[p]:
+            return False
+        return bool(posted > self.heads[p][0])
+
     def read_body(self, ctx: Ctx, peer: int, offset: int, dst: np.ndarray) -> None:
         """``dst.nbytes`` bytes at ``offset`` of ``peer``'s board into ``dst``."""
         board = self.boards[peer]
@@ -295,8 +312,10 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
         box = _boxes.get(ctx.g)
     if box is None:
         box = _Box(ctx)
-        if not box.shared:      # a peer may read it across processes after this
-            ctx.ch.keep_alive(box)  # rank drops the group: it stays until the mesh closes
+        if not box.shared:  # a peer may read it across processes after this rank drops
+            # the group: it stays until the mesh closes, and that waits for the peers
+            # still reading it (reading their board, as they poll ours)
+            ctx.ch.keep_alive(box, box.reading)
         with _lock:
             _boxes[ctx.g] = box
     return True
