@@ -18,7 +18,8 @@ Under meshrun (and inside mesh.spawn) MASTER_PORT is meshrun's own
 rendezvous, where torch's env:// would start its TCPStore; so importing
 this module wraps torch's env:// handler: there, the store is a TCPStore
 rank 0 starts on port 0 and announces over the process's mesh (made with
-mesh.init() if the script has none). Elsewhere env:// is torch's own, but
+mesh.init() if the script has none, and then closed as init_process_group
+returns unless the group is meshrun's: a gloo group keeps no mesh). Elsewhere env:// is torch's own, but
 for any backend a client of rank 0's store (env://, tcp://) whose
 connection closes while it connects connects again (_c10d_store).
 
@@ -275,17 +276,38 @@ def _object_call() -> str | None:
 
 def _env_handler(url: str, timeout: timedelta = dist.default_pg_timeout,
                  **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
+    """env:// under meshrun: torch's store over the process's mesh. A mesh
+    made here for it serves a "meshrun" default group (_create takes it);
+    for any other backend (gloo) it has done its work once the store is
+    made, and is closed when torch lets go of this generator, as
+    init_process_group returns (or fails): its threads and sockets do not
+    outlive the group's start, as under torchrun there are none."""
     if not env.by_mesh():
         yield from _torch_env(url, timeout=timeout, **kwargs)
         return
+    made = _world.current() is None
     world = _process_mesh(timeout)
-    query = dict(p.split("=", 1) for p in url.partition("?")[2].split("&") if "=" in p)
-    for key, have in (("rank", world.rank), ("world_size", world.size)):
-        if key in query and int(query[key]) != have:
-            raise ValueError(f"init_process_group: {key}={query[key]} but this meshrun job "
-                             f"gives this process {key} {have}")
-    yield _store_over(world, timeout), world.rank, world.size
-    raise RuntimeError("meshrun's env:// rendezvous cannot be repeated in one process group")
+    try:
+        query = dict(p.split("=", 1) for p in url.partition("?")[2].split("&") if "=" in p)
+        for key, have in (("rank", world.rank), ("world_size", world.size)):
+            if key in query and int(query[key]) != have:
+                raise ValueError(f"init_process_group: {key}={query[key]} but this meshrun "
+                                 f"job gives this process {key} {have}")
+        yield _store_over(world, timeout), world.rank, world.size
+        raise RuntimeError("meshrun's env:// rendezvous cannot be repeated in one process "
+                           "group")
+    finally:
+        if made:
+            _drop_unused(world)
+
+
+def _drop_unused(world: Any) -> None:
+    """Close ``world``, made for a store alone, unless a "meshrun" group took it."""
+    global _owned
+    if world is _default or world is not _owned:
+        return
+    _owned = None
+    world.close()
 
 
 def _c10d_store(hostname: str, port: int, rank: int, world_size: int,

@@ -1185,16 +1185,24 @@ def test_a_store_client_whose_connection_closes_while_it_connects_connects_again
         rdv._create_c10d_store("127.0.0.1", port, 0, 2, timedelta(seconds=10))
 
 
-def test_the_ddp_example_runs_unchanged_under_meshrun() -> None:
+def test_the_ddp_example_runs_unchanged_under_meshrun_then_gloo_leaves_no_mesh() -> None:
     """(Under torchrun: test_mesh_torchrun.py's --standalone job runs it
-    after its own checks, in the same ranks.)"""
-    ex = os.path.join(ROOT, "examples", "torch_ddp.py")
-    cmd = [sys.executable, "-m", "mesh.launch", "-n", "2", ex]
+    after its own checks, in the same ranks.) Then the same ranks make a
+    gloo group: the mesh meshrun's env:// made for its store stayed open
+    after destroy_process_group (its threads mesh-zap and mesh-progress-r,
+    its heartbeats), where torchrun's leaves nothing."""
+    script = os.path.join(ROOT, "tests", "scripts", "torch_ddp_then_gloo.py")
+    cmd = [sys.executable, "-m", "mesh.launch", "-n", "2", script]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=rank_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     losses = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines()
               if "loss" in line]
     assert len(losses) == 6 and losses[-1] < losses[0], out.stdout
+    gloo = [line for line in out.stdout.splitlines() if "gloo: threads" in line]
+    assert len(gloo) == 2, out.stdout
+    for line in gloo:
+        assert "before ['MainThread'] during ['MainThread'] after ['MainThread'], mesh open " \
+               "False" in line, line
 
 
 def test_a_restarted_job_makes_its_process_group_anew_under_meshrun(tmp_path: Path) -> None:
