@@ -115,6 +115,13 @@ class Direct:
         """Whether a direct send waits to be read (its DONE comes by socket)."""
         return bool(self._sent)
 
+    def unread(self, dst: int) -> list[Outgoing]:
+        """The direct sends to ``dst`` handed over and not read yet, oldest
+        first (those still queued for credit are registered already)."""
+        with self._lock:
+            return [out for out in self._sent.values()
+                    if out.dst == dst and out.event.is_set() and out.error is None]
+
     def on_done(self, ident: int) -> None:
         """The receiver has read the buffer of send ``ident``."""
         with self._lock:

@@ -736,7 +736,7 @@ class Transport:
                                    f"{self.live.peer_note(item)}")
         if item.error is not None:
             raise item.error
-        if item.tracker is not None:
+        if item.tracker is not None and not item.tracker.done:
             self._await_release(item, deadline, limit)
             item.keep = None
             if item.error is not None:      # (a stream that broke: mesh.streams)
@@ -848,6 +848,7 @@ class Transport:
         # a same-host peer whose process has exited gets nothing more: no flush,
         # no goodbye, no wait for its own (its closed connection's grace is moot)
         self.live.reap()
+        owing = _Owing(self, wait if failure else max(linger, wait))
         if not failure:
             # sends queued for credit go first, as long as the goodbyes are waited for (a
             # peer that computes before it receives grants late); a goodbye between a
@@ -857,16 +858,13 @@ class Transport:
                 while ((p.queue or self.streams.pending(p.rank)) and p.state == ALIVE
                        and time.monotonic() < most):
                     time.sleep(0.005)
+                    owing.tell()
         for p in self._peers:       # what is still queued would go after the goodbye: fails
             with p.lock:
                 unsent = list(p.queue)
                 p.queue.clear()
-            for out in unsent:
-                out.fail(MeshError(f"rank {self.rank}: {out.desc} was not sent: this rank "
-                                   f"closed its mesh before rank {out.dst} granted it credit"))
-            if unsent and not failure:
-                _log.warning("rank %d: closing with %d send(s) to rank %d not sent (it did not "
-                             "receive within MESH_CLOSE_WAIT)", self.rank, len(unsent), p.rank)
+            owing.drop(p, unsent, "was not sent: this rank closed its mesh before rank "
+                       f"{p.rank} granted it credit", quiet=bool(failure))
         # a clean goodbye names the first peer this rank lost: what waits on this rank
         # fails naming that root cause (its peers may not have seen that loss yet)
         bye = wire.encode(wire.BYE, self.rank, reason=failure[:2000],
@@ -899,6 +897,11 @@ class Transport:
             if time.monotonic() - reaped > 0.02:    # (a peer that dies or leaves meanwhile)
                 self.live.reap(quiet=True)
                 reaped = time.monotonic()
+                owing.tell()
+        for p in self._peers:   # direct sends unread: their memory is no longer offered
+            owing.drop(p, self.direct.unread(p.rank), "was not read: this rank closed its "
+                       f"mesh before rank {p.rank} read it out of this rank's memory",
+                       quiet=bool(failure) or p.state != ALIVE)
         self.inbox.fail_posted()    # other threads' waits end now, not in torn-down sockets
         self.progress.closing = True
         hooks = [fn for fns in list(self.drop_hooks.values()) for fn in fns]
@@ -943,6 +946,81 @@ class Transport:
         self._router.close(linger=0)
         if turn:
             self.progress.turn.release()
+
+
+_OWED_TELL_S = 1.0
+"""How long close() waits for a peer to take sends it owes before it logs
+which (at most MESH_STALL_WARN; never where that is 0)."""
+_OWED_LISTED = 4
+
+
+class _Owing:
+    """What close() says of the sends it waits for a peer to take (isends
+    queued for credit, direct sends not read): once the wait has lasted
+    _OWED_TELL_S, one line per peer naming them (description, tag, bytes)
+    and what the peer last said it was doing; and of those that fail when
+    it ends. A slow receiver and a stuck one look alike from here (both
+    answer heartbeats): the wait goes on to MESH_CLOSE_WAIT either way, so
+    a slow receiver's data is never dropped before then."""
+
+    def __init__(self, t: "Transport", limit: float) -> None:
+        self._t, self._limit = t, limit     # (MESH_CLOSE_WAIT, or MESH_CLOSE_LINGER if longer)
+        self._start = time.monotonic()
+        quiet = t.stall_warn == float("inf")     # (MESH_STALL_WARN=0: no stall reports)
+        self._at = float("inf") if quiet else self._start + min(t.stall_warn, _OWED_TELL_S)
+        self._told: set[int] = set()
+
+    def owed(self, p: Peer) -> list[tuple[Outgoing, str]]:
+        with p.lock:
+            queued = [(o, "queued for credit") for o in p.queue]
+        unread = [(o, "handed over, not read out of this rank's memory yet")
+                  for o in self._t.direct.unread(p.rank)]
+        return unread + queued
+
+    def tell(self) -> None:
+        """Log, once per peer, the sends close() waits for it to take."""
+        if time.monotonic() < self._at:
+            return
+        t = self._t
+        for p in t._peers:
+            if p.rank in self._told or p.sock is None or p.state != ALIVE:
+                continue
+            owed = self.owed(p)
+            if not owed:
+                continue
+            self._told.add(p.rank)
+            _log.warning("rank %d: close() waits up to %gs (MESH_CLOSE_WAIT) for rank %d to "
+                         "receive %d send(s): %s%s; they fail if it has not by then (a stuck "
+                         "peer and a slow one look alike)", t.rank, self._limit, p.rank,
+                         len(owed), _listed(owed), t.live.peer_note(owed[0][0]))
+
+    def drop(self, p: Peer, sends: list[Outgoing], why: str, quiet: bool) -> None:
+        """Fail ``sends`` to ``p`` (``why``: what befell each), and, unless
+        ``quiet`` (closing on an error, or a peer gone: they say so), say
+        how long close() waited for them and log them."""
+        if not sends:
+            return
+        t = self._t
+        waited = time.monotonic() - self._start
+        note = "" if quiet else (f" (it did not receive it in the {waited:.1f}s close() waited: "
+                                 f"MESH_CLOSE_WAIT){t.live.peer_note(sends[0])}")
+        for out in sends:
+            t.direct.forget(out)    # (a direct send queued: registered, never offered)
+            out.fail(MeshError(f"rank {t.rank}: {out.desc} ({out.nbytes} bytes) {why}{note}"))
+        if not quiet:
+            note = t.live.peer_note(sends[0])
+            _log.warning("rank %d: closing with %d send(s) to rank %d dropped, not received in "
+                         "the %.1fs close() waited (MESH_CLOSE_WAIT): %s%s", t.rank,
+                         len(sends), p.rank, waited,
+                         _listed([(o, "") for o in sends]), note)
+
+
+def _listed(owed: list[tuple[Outgoing, str]]) -> str:
+    """The first _OWED_LISTED of ``owed`` as close()'s lines name them."""
+    text = "; ".join(f"{o.desc}, {o.nbytes} bytes{how and ', ' + how}"
+                     for o, how in owed[:_OWED_LISTED])
+    more = len(owed) - _OWED_LISTED
+    return text + (f"; and {more} more" if more > 0 else "")
 
 
 def _host_array(item: Pending) -> np.ndarray:

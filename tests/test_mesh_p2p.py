@@ -1281,6 +1281,66 @@ def test_close_sends_what_isend_queued_to_a_late_receiver() -> None:
     assert got == [[True] * 3, [True] * 3], got
 
 
+def _isends_to_a_stuck_peer(world: mesh.Mesh, marker: str) -> list:
+    """Rank 0 posts sends past its 2 MiB window and closes; rank 1 never
+    receives (busy elsewhere until rank 0's close has returned). Rank 0's
+    close logs which sends it waits for rank 1 to take, then which it
+    dropped; each dropped send's wait names it; a send that went (the
+    first: read out of rank 0's memory) still waits after the close."""
+    import logging
+    if world.rank == 1:
+        _wait_for(marker)
+        return []
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logging.getLogger("mesh").addHandler(Keep(logging.WARNING))
+    deadline = time.monotonic() + 30     # (rank 1 has answered the direct path's probe)
+    while not world._t.direct.usable(1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    n = (2 << 20) // 8      # (over the ring's largest entry: direct, read by rank 1's reader)
+    reqs = [world.isend(np.full(n, float(i)), 1, tag=i) for i in range(3)]
+    world.close()
+    Path(marker).write_text("closed")
+    waits = []
+    for r in reqs:
+        try:
+            r.wait(5)
+            waits.append("ok")
+        except mesh.MeshError as e:
+            waits.append(str(e))
+    return [r.getMessage() for r in records] + waits
+
+
+def test_close_names_the_isends_a_stuck_peer_never_takes(tmp_path: Path) -> None:
+    """close() cannot tell a stuck peer from a slow reader (both answer
+    heartbeats): it waits MESH_CLOSE_WAIT for either, and says which sends
+    it waits for and which it dropped. (The wait of a send read out of this
+    rank's memory raised OSError after the close: its wake pipe was closed;
+    and the sends dropped, registered for the direct path, held the close
+    for a second MESH_CLOSE_WAIT: 6 s at MESH_CLOSE_WAIT=3.)"""
+    env = {"MESH_WINDOW_BYTES": str(2 << 20), "MESH_CLOSE_WAIT": "1",
+           "MESH_CLOSE_LINGER": "0.3", "MESH_STALL_WARN": "0.2"}
+    said, _ = mesh.spawn(_isends_to_a_stuck_peer, 2, str(tmp_path / "closed"), timeout=60,
+                         env=env)
+    waits = said[-3:]
+    assert waits[0] == "ok", waits
+    for tag, text in zip((1, 2), waits[1:]):
+        assert text.startswith(f"rank 0: send to rank 1 (tag {tag}, group world) (2097152 "
+                               f"bytes) was not sent"), text
+        assert "close() waited: MESH_CLOSE_WAIT) (rank 1 last heard from" in text, text
+    told = [line for line in said[:-3] if "close() waits up to 1s" in line]
+    assert told and told[0].startswith(
+        "rank 0: close() waits up to 1s (MESH_CLOSE_WAIT) for rank 1 to receive 2 send(s): "
+        "send to rank 1 (tag 1, group world), 2097152 bytes, queued for credit; send to "
+        "rank 1 (tag 2, group world), 2097152 bytes, queued for credit (rank 1 last heard"), said
+    assert any(line.startswith("rank 0: closing with 2 send(s) to rank 1 dropped")
+               for line in said[:-3]), said
+
+
 def _pieces(world: mesh.Mesh) -> str:
     n = (wire.CHUNK_BYTES * 3) // 8 + 5       # pieces, the last one short (an odd tail)
     big = np.arange(n, dtype=np.float64)
