@@ -1120,7 +1120,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
     # -- point-to-point -----------------------------------------------------------
 
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> dist.Work:
-        return _P2PWork(self.comm.isend(tensors[0], dstRank, tag), None, tensors, self.timeout)
+        return _P2PWork(self.comm.isend(tensors[0], dstRank, tag), None, tensors, self.timeout,
+                        sent=f"{named(self.comm, self.comm.rank)}: send to rank {dstRank} "
+                             f"(tag {tag}, group {self.comm.name})")
 
     def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> dist.Work:
         return self._recv(tensors[0], srcRank, tag)
@@ -1152,9 +1154,10 @@ class _P2PWork(_Work):
     timeout waits the process group's (``limit``), as gloo's does."""
 
     def __init__(self, req: Any, finish: Callable[[Any], None] | None,
-                 tensors: list[torch.Tensor], limit: float) -> None:
+                 tensors: list[torch.Tensor], limit: float, sent: str = "") -> None:
         super().__init__()
         self._req, self._finish, self._tensors, self._limit = req, finish, tensors, limit
+        self._sent = sent       # a send's description ('': a receive)
         self._lock = threading.Lock()
         self._done: _FutureWork | None = None
 
@@ -1199,6 +1202,11 @@ class _P2PWork(_Work):
         return None
 
     def source_rank(self) -> int:
+        """The sender's rank in the receive's group. A send's Work has none:
+        it said "the receive has not matched a message yet", of a send."""
+        if self._sent:
+            raise RuntimeError(f"source_rank: {self._sent}: only the Work of a recv or a "
+                               f"recv from any source has a source rank (this is a send's)")
         status = self._req.status      # the sender's rank in the receive's group
         if status is None:
             raise RuntimeError("source_rank: the receive has not matched a message yet")

@@ -334,6 +334,12 @@ def _p2p(r: int, n: int) -> None:
     for q in reqs:
         q.wait()
     _eq(got, torch.full((2,), left + 0.5), "isend/irecv")
+    # a send's Work has no source rank (gloo's words too); it said "the receive has
+    # not matched a message yet", of a send
+    assert reqs[1]._source_rank() == left
+    with pytest.raises(RuntimeError, match=re.escape(f"rank {r}: send to rank {right} (tag 5")
+                       + ".*only the Work of a recv"):
+        reqs[0]._source_rank()
     got = torch.zeros(2, dtype=torch.int64)
     ops = [dist.P2POp(dist.isend, torch.tensor([r, r]), right),
            dist.P2POp(dist.irecv, got, left)]
