@@ -80,12 +80,26 @@ def _op(rop: Any) -> tuple[str, Any]:
     raise ValueError(f"meshrun backend: reduce op {kind} is not supported")
 
 
-def _torch_words(e: BaseException, secs: float) -> None:
+def _torch_words(e: BaseException, secs: float, own: bool = False) -> None:
     """A collective's MeshTimeoutError says it is the process group's timeout
-    (in place, type and traceback kept): torch's callers and its own suite
-    match " (Timed out|closed|timeout) " in a timed-out collective's error."""
+    (``own``: the call's own, _own_timeout) in place, type and traceback
+    kept: torch's callers and its own suite match " (Timed out|closed|timeout) "
+    in a timed-out collective's error."""
     if isinstance(e, MeshTimeoutError) and e.args and " timeout " not in str(e.args[0]):
-        e.args = (f"{e.args[0]} (process group timeout of {secs:g}s)",) + e.args[1:]
+        whose = "the call's own" if own else "process group"
+        e.args = (f"{e.args[0]} ({whose} timeout of {secs:g}s)",) + e.args[1:]
+
+
+_UNSET = c10d.BarrierOptions().timeout
+"""torch's kUnsetTimeout (-1 ms): options whose timeout is the group's."""
+
+
+def _own_timeout(opts: Any) -> float | None:
+    """A call's own timeout in seconds, where its options set one
+    (``dist.barrier(timeout=...)``, ``opts.timeout`` of a ProcessGroup call:
+    gloo waits that long, not the group's timeout); None where unset."""
+    t = opts.timeout
+    return None if t == _UNSET or t <= timedelta(0) else t.total_seconds()
 
 
 def _factor(factor: Any) -> float:
@@ -405,16 +419,24 @@ class ProcessGroupMeshrun(_ProcessGroup):
 
     # -- how a call runs ----------------------------------------------------------
 
+    def _limits(self, opts: Any) -> tuple[float | None, float]:
+        """A call's own timeout (_own_timeout: None where its options set
+        none) and the seconds it runs by: that, else the group's."""
+        limit = _own_timeout(opts)
+        return limit, self.timeout if limit is None else limit
+
     def _run(self, launches: Sequence[Callable[..., Any]],
              finish: Callable[[list[Any]], Any] | None,
-             result: Any, async_op: bool) -> dist.Work:
+             result: Any, async_op: bool, own: float | None = None) -> dist.Work:
         """Start each launch (a meshrun collective, given async_op); once all
         have finished, ``finish(values)`` writes the outputs and torch's
-        future gets ``result``."""
+        future gets ``result``. ``own``: the call's own timeout, which the
+        launches were given (_own_timeout), for its errors' words."""
         values, error = _launch_all(launches, async_op)
+        secs = self.timeout if own is None else own
         if not async_op:
             if error is not None:
-                _torch_words(error, self.timeout)
+                _torch_words(error, secs, own is not None)
                 raise error
             if finish is not None:
                 finish(values)
@@ -423,7 +445,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         works = values
         work.what = _what(works, work.what)
         if error is not None:       # torch reads an async call's errors from its Work
-            _torch_words(error, self.timeout)
+            _torch_words(error, secs, own is not None)
             work.finish(None, error)
             return work
 
@@ -433,7 +455,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 if finish is not None:
                     finish(values)
             except BaseException as e:
-                _torch_words(e, self.timeout)
+                _torch_words(e, secs, own is not None)
                 work.finish(None, e)
                 return
             work.finish(result, None)
@@ -556,8 +578,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
             return ""
         return f"ReduceOp.PREMUL_SUM scales by a float: it needs floating tensors, not {bad.dtype}"
 
-    def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool) -> dist.Work:
+    def _all_reduce(self, tensors: list[torch.Tensor], rop: Any, async_op: bool,
+                    limit: float | None = None) -> dist.Work:
+        """``limit``: the call's own timeout (_own_timeout), None: the group's."""
         name, factor = _op(rop)
+        secs = self.timeout if limit is None else limit
         if problem := self._premul_problem(factor, tensors):
             return self._refuse("all_reduce", problem, async_op, len(tensors))
         if factor is not None:
@@ -565,14 +590,14 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 t.detach().mul_(_factor(factor))
         if not async_op and len(tensors) == 1:     # dist.all_reduce: nothing but the call
             try:
-                C.all_reduce(self.comm, tensors[0], op=name, timeout=self.timeout)
+                C.all_reduce(self.comm, tensors[0], op=name, timeout=secs)
             except MeshTimeoutError as e:
-                _torch_words(e, self.timeout)
+                _torch_words(e, secs, limit is not None)
                 raise
             return _done(tensors)
         return self._run([lambda a, t=t: C.all_reduce(self.comm, t, op=name, async_op=a,
-                                                       timeout=self.timeout)
-                          for t in tensors], None, tensors, async_op)
+                                                       timeout=secs)
+                          for t in tensors], None, tensors, async_op, limit)
 
     # -- collectives --------------------------------------------------------------
 
@@ -595,14 +620,16 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 arr = _tensors.cpu_numpy(tensors[0])    # None: collectives.api's tensor path
                 if arr is not None and (name != "avg" or arr.dtype != np.float16):
                     # (float16 averaged: collectives.api's, in float32)
+                    limit = _own_timeout(opts)
                     if opts.asyncOp:
-                        return self._host_async(arr, name, tensors)
-                    comm, timeout = self.comm, self.timeout
+                        return self._host_async(arr, name, tensors, limit)
+                    comm = self.comm
+                    timeout = self.timeout if limit is None else limit
                     try:
                         if _tiny_all_reduce(comm, arr, name, timeout) is None:
                             _host_all_reduce(comm, arr, name, False, None, timeout)
                     except MeshTimeoutError as e:
-                        _torch_words(e, timeout)
+                        _torch_words(e, timeout, limit is not None)
                         raise
                     done = _Done()
                     done._result = tensors
@@ -610,18 +637,21 @@ class ProcessGroupMeshrun(_ProcessGroup):
         opts = opts or c10d.AllreduceOptions()
         if tensors and tensors[0].layout is torch.sparse_coo:
             return self._sparse_all_reduce(tensors, opts)
-        return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp)
+        return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp, _own_timeout(opts))
 
-    def _host_async(self, arr: np.ndarray, name: str, tensors: list[torch.Tensor]) -> dist.Work:
+    def _host_async(self, arr: np.ndarray, name: str, tensors: list[torch.Tensor],
+                    limit: float | None) -> dist.Work:
         """``arr`` (the view of ``tensors[0]``) all-reduced on the group's
         lane by the host collective, its Work's completion finishing torch's
-        (no collectives.tensors round trip)."""
-        return self._run([lambda a: _host_all_reduce(self.comm, arr, name, a, None,
-                                                     self.timeout)], None, tensors, True)
+        (no collectives.tensors round trip). ``limit``: the call's own timeout."""
+        secs = self.timeout if limit is None else limit
+        return self._run([lambda a: _host_all_reduce(self.comm, arr, name, a, None, secs)],
+                         None, tensors, True, limit)
 
     def _sparse_all_reduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         """The sum of sparse COO tensors, written into each of them (as
         gloo does: ``copy_`` of the coalesced sum)."""
+        limit, secs = self._limits(opts)
         name, factor = _op(opts.reduceOp)
         op = name if factor is None else "premul_sum"
 
@@ -629,17 +659,18 @@ class ProcessGroupMeshrun(_ProcessGroup):
             with torch.no_grad():
                 for t in tensors:
                     t.copy_(values[0])
-        return self._run([lambda a: sparse_all_reduce(self.comm, tensors, op, a, self.timeout)],
-                         finish, tensors, opts.asyncOp)
+        return self._run([lambda a: sparse_all_reduce(self.comm, tensors, op, a, secs)],
+                         finish, tensors, opts.asyncOp, limit)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         """One all_reduce of the tensors joined where they can be (_joinable:
         dist.all_reduce_coalesced's are of one dtype, torch checks), each
         taking its part back."""
         opts = opts or c10d.AllreduceCoalescedOptions()
+        limit, secs = self._limits(opts)
         if not _joinable(tensors):
             return self._unjoined("all_reduce", tensors, opts.asyncOp) or self._all_reduce(
-                tensors, opts.reduceOp, opts.asyncOp)
+                tensors, opts.reduceOp, opts.asyncOp, limit)
         name, factor = _op(opts.reduceOp)
         if problem := self._premul_problem(factor, tensors):
             return self._refuse("all_reduce", problem, opts.asyncOp)
@@ -651,18 +682,19 @@ class ProcessGroupMeshrun(_ProcessGroup):
             for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
                 _write(t, part)
         return self._run([lambda a: C.all_reduce(self.comm, flat, op=name, async_op=a,
-                                                 timeout=self.timeout)],
-                         finish, tensors, opts.asyncOp)
+                                                 timeout=secs)],
+                         finish, tensors, opts.asyncOp, limit)
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None,
                   timeout: Any = None) -> dist.Work:
         if isinstance(tensors, torch.Tensor):       # pg.broadcast(tensor, root): _short
             tensors, opts = [tensors], _short(c10d.BroadcastOptions, timeout, rootRank=opts)
         opts = opts or c10d.BroadcastOptions()
+        limit, secs = self._limits(opts)
         root = opts.rootRank
         return self._run([lambda a, t=t: C.broadcast(self.comm, t, root=root, async_op=a,
-                                                      timeout=self.timeout)
-                          for t in tensors], None, tensors, opts.asyncOp)
+                                                      timeout=secs)
+                          for t in tensors], None, tensors, opts.asyncOp, limit)
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None, op: Any = _SUM,
                timeout: Any = None) -> dist.Work:
@@ -670,6 +702,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             tensors, opts = [tensors], _short(c10d.ReduceOptions, timeout, rootRank=opts,
                                               reduceOp=op)
         opts = opts or c10d.ReduceOptions()
+        limit, secs = self._limits(opts)
         name, factor = _op(opts.reduceOp)
         root = opts.rootRank
         if problem := self._premul_problem(factor, tensors):
@@ -686,14 +719,15 @@ class ProcessGroupMeshrun(_ProcessGroup):
             else:
                 ins = [t.detach() * f for t in tensors]
         return self._run([lambda a, t=t: C.reduce(self.comm, t, root=root, op=name, async_op=a,
-                                                   timeout=self.timeout)
-                          for t in ins], None, tensors, opts.asyncOp)
+                                                   timeout=secs)
+                          for t in ins], None, tensors, opts.asyncOp, limit)
 
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         if isinstance(input_tensors, torch.Tensor):     # pg.allgather(outputs, input): _short
             output_tensors, input_tensors = [output_tensors], [input_tensors]
         opts = _timeout_only(opts, c10d.AllgatherOptions) or c10d.AllgatherOptions()
+        limit, secs = self._limits(opts)
         for outs in output_tensors:
             if len(outs) != self._n:
                 return self._refuse("all_gather", f"its output list holds {len(outs)} "
@@ -714,11 +748,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
                     else:       # (written through numpy: autograd is told)
                         _tensors.written(o)
         return self._run([lambda a, x=x, v=v: C.all_gather(self.comm, x, async_op=a,
-                                                            timeout=self.timeout)
+                                                            timeout=secs)
                           if v is None else _host_all_gather(self.comm, v[0], async_op=a,
-                                                             timeout=self.timeout, out=v[1])
+                                                             timeout=secs, out=v[1])
                           for x, v in zip(input_tensors, views)], finish,
-                         _nested(output_tensors), opts.asyncOp)
+                         _nested(output_tensors), opts.asyncOp, limit)
 
     def _allgather_v(self, output_tensors: list[list[torch.Tensor]],
                      input_tensors: list[torch.Tensor], opts: Any) -> dist.Work:
@@ -731,6 +765,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         peak for 32 MiB a rank). Outputs whose sizes differ between ranks raise
         MismatchError on every rank, naming both ranks' sizes; an input
         that is not its own output's size too, naming both sizes."""
+        limit, secs = self._limits(opts)
         launches, finishes = [], []
         for outs, x in zip(output_tensors, input_tensors):
             arr = _host(x.detach().reshape(-1), self._what("all_gather"))
@@ -738,7 +773,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             views = [_np(o) for o in outs]     # (written straight where they can be)
             straight = None if any(v is None for v in views) else views
             launches.append(lambda a, arr=arr, sizes=sizes, straight=straight: _host_all_gather_v(
-                self.comm, arr, sizes, a, self.timeout, name="all_gather", out=straight,
+                self.comm, arr, sizes, a, secs, name="all_gather", out=straight,
                 check=self._fits(sizes[self.comm.rank], arr.size, "all_gather",
                                  "its output tensor for this rank vs its input")))
             finishes.append((outs, sizes))
@@ -752,7 +787,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 got = _tensors.to_torch(value, outs[0]).split(sizes)
                 for o, piece in zip(outs, got):
                     _write(o, piece)
-        return self._run(launches, finish, _nested(output_tensors), opts.asyncOp)
+        return self._run(launches, finish, _nested(output_tensors), opts.asyncOp, limit)
 
     def _fits(self, want: int, got: int, name: str, sizes: str) -> Callable[[], None]:
         """An uneven all_gather's or reduce_scatter's check (run in the call,
@@ -787,6 +822,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                         inputs: list[torch.Tensor],
                                         opts: Any = None, result: Any = None) -> dist.Work:
         opts = opts or c10d.AllgatherOptions()
+        limit, secs = self._limits(opts)
         joined = _joinable(inputs)      # (one collective, else one a tensor: its refusal too)
         if failed := self._unjoined("all_gather_into_tensor", inputs, opts.asyncOp):
             return failed
@@ -808,8 +844,8 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 for o, part in zip(outputs, rows.split(sizes, dim=1)):
                     _write(o, part)
             return self._run([lambda a: C.all_gather(self.comm, flat, async_op=a,
-                                                     timeout=self.timeout)],
-                             apart, outputs if result is None else result, opts.asyncOp)
+                                                     timeout=secs)],
+                             apart, outputs if result is None else result, opts.asyncOp, limit)
 
         views = [_views(x, o, (self._n,) + tuple(x.shape), self.comm.rank)
                  for o, x in zip(outputs, inputs)]
@@ -821,11 +857,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 else:           # (written through numpy: autograd is told, as copy_ tells it)
                     _tensors.written(o)
         return self._run([lambda a, x=x, v=v: C.all_gather(self.comm, x, async_op=a,
-                                                            timeout=self.timeout)
+                                                            timeout=secs)
                           if v is None else _host_all_gather(self.comm, v[0], async_op=a,
-                                                             timeout=self.timeout, out=v[1])
+                                                             timeout=secs, out=v[1])
                           for x, v in zip(inputs, views)], finish,
-                         outputs if result is None else result, opts.asyncOp)
+                         outputs if result is None else result, opts.asyncOp, limit)
 
     def reduce_scatter(self, output_tensors: list[torch.Tensor],
                        input_tensors: list[list[torch.Tensor]], opts: Any = None,
@@ -860,6 +896,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         MismatchError on every rank naming both ranks' sizes; an output
         that is not this rank's part's size, or an op its dtype cannot
         take, raises on every rank."""
+        limit, secs = self._limits(opts)
         name, factor = _op(opts.reduceOp)
         what = self._what("reduce_scatter")
         launches, finishes = [], []
@@ -882,7 +919,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             straight = None if v is None else v[1]
             launches.append(lambda a, arrs=arrs, sizes=sizes, k=out.numel(), apart=apart,
                             straight=straight: _host_reduce_scatter_v(
-                self.comm, None if apart else arrs[0], sizes, name, a, self.timeout,
+                self.comm, None if apart else arrs[0], sizes, name, a, secs,
                 name="reduce_scatter", parts=arrs if apart else None, out=straight,
                 check=self._fits(k, sizes[self.comm.rank], "reduce_scatter",
                                  "its output vs that rank's input for it")))
@@ -895,7 +932,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
                     _tensors.written(out)   # (written through numpy: autograd is told)
                 else:
                     _write(out, _tensors.to_torch(value, out))
-        return self._run(launches, finish, output_tensors, opts.asyncOp)
+        return self._run(launches, finish, output_tensors, opts.asyncOp, limit)
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor,
                              opts: Any = None) -> dist.Work:
@@ -929,6 +966,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
         """``inputs`` shaped (group size, ...); ``own``: they are copies made
         here, which a PREMUL_SUM factor may scale in place. ``parts``: the
         caller's outputs, which the one output (a temporary) is split into."""
+        limit, secs = self._limits(opts)
         name, factor = _op(opts.reduceOp)
         if problem := self._premul_problem(factor, inputs):
             return self._refuse("reduce_scatter", problem, opts.asyncOp, len(inputs))
@@ -950,16 +988,17 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 for o, part in zip(parts, outputs[0].split([p.numel() for p in parts])):
                     _write(o, part)
         return self._run([lambda a, x=x, v=v: C.reduce_scatter(
-            self.comm, x, op=name, async_op=a, timeout=self.timeout) if v is None
+            self.comm, x, op=name, async_op=a, timeout=secs) if v is None
                           else _host_reduce_scatter(self.comm, v[0], op=name, async_op=a,
-                                                    timeout=self.timeout, out=v[1])
+                                                    timeout=secs, out=v[1])
                           for x, v in zip(inputs, views)], finish,
-                         outputs if parts is None else parts, opts.asyncOp)
+                         outputs if parts is None else parts, opts.asyncOp, limit)
 
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
                       output_split_sizes: list[int], input_split_sizes: list[int],
                       opts: Any = None) -> dist.Work:
         opts = _timeout_only(opts, c10d.AllToAllOptions) or c10d.AllToAllOptions()
+        limit, secs = self._limits(opts)
         n = self._n
         if problem := self._a2a_output_problem(output, input, output_split_sizes,
                                                input_split_sizes):
@@ -968,19 +1007,20 @@ class ProcessGroupMeshrun(_ProcessGroup):
             if output.shape == input.shape and (
                     v := _views(input, output, tuple(input.shape))) is not None:
                 return self._run([lambda a: _host_all_to_all(self.comm, v[0], async_op=a,
-                                                              timeout=self.timeout, out=v[1])],
-                                 lambda _: _tensors.written(output), [output], opts.asyncOp)
+                                                              timeout=secs, out=v[1])],
+                                 lambda _: _tensors.written(output), [output], opts.asyncOp,
+                                 limit)
             return self._run([lambda a: C.all_to_all(self.comm, input, async_op=a,
-                                                     timeout=self.timeout)],
-                             lambda v: _write(output, v[0]), [output], opts.asyncOp)
+                                                     timeout=secs)],
+                             lambda v: _write(output, v[0]), [output], opts.asyncOp, limit)
         ins = list(input_split_sizes) or [input.shape[0] // n] * n
         outs = list(output_split_sizes) or [output.shape[0] // n] * n
         arr = _host(input, self._what("all_to_all_single"))
-        return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, self.timeout,
+        return self._run([lambda a: _all_to_all_v(self.comm, arr, ins, outs, a, secs,
                                                   "output_split_sizes vs input_split_sizes",
                                                   name="all_to_all_single")],
                          lambda v: _write(output, _tensors.to_torch(v[0], output)), [output],
-                         opts.asyncOp)
+                         opts.asyncOp, limit)
 
     def _a2a_output_problem(self, output: torch.Tensor, input: torch.Tensor,
                             output_split_sizes: list[int], input_split_sizes: list[int]) -> str:
@@ -1011,6 +1051,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
         opts = _timeout_only(opts, c10d.AllToAllOptions) or c10d.AllToAllOptions()
+        limit, secs = self._limits(opts)
         if len(output_tensors) != self._n or len(input_tensors) != self._n:
             return self._refuse("all_to_all", f"its lists hold {len(output_tensors)} output "
                                 f"and {len(input_tensors)} input tensors, one for each of "
@@ -1031,9 +1072,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
             for o, piece in zip(output_tensors, pieces):
                 _write(o, piece)
         return self._run([lambda a: _all_to_all_v(
-            self.comm, arr, ins, outs, a, self.timeout,
+            self.comm, arr, ins, outs, a, secs,
             "its output tensors vs the ranks' input tensors for it", name="all_to_all",
-            out=dest)], finish, output_tensors, opts.asyncOp)
+            out=dest)], finish, output_tensors, opts.asyncOp, limit)
 
     all_gather_single = _allgather_base
     all_gather_single_coalesced = allgather_into_tensor_coalesced
@@ -1048,6 +1089,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             output_tensors, input_tensors = [output_tensors], [input_tensors]
             opts = _short(c10d.GatherOptions, timeout, rootRank=opts)
         opts = opts or c10d.GatherOptions()
+        limit, secs = self._limits(opts)
         root = opts.rootRank
         x = input_tensors[0]
         if self.comm.rank == root and (len(output_tensors[0]) != self._n or any(
@@ -1067,9 +1109,9 @@ class ProcessGroupMeshrun(_ProcessGroup):
                 for j, o in enumerate(output_tensors[0]):
                     _write(o, values[0][j])
         return self._run([lambda a: C.gather(self.comm, x, root=root, async_op=a,
-                                             timeout=self.timeout) if v is None
-                          else _host_gather(self.comm, v[0], root, a, self.timeout, out=v[1])],
-                         finish, _nested(output_tensors), opts.asyncOp)
+                                             timeout=secs) if v is None
+                          else _host_gather(self.comm, v[0], root, a, secs, out=v[1])],
+                         finish, _nested(output_tensors), opts.asyncOp, limit)
 
     def scatter(self, output_tensors: list[torch.Tensor],
                 input_tensors: list[list[torch.Tensor]], opts: Any = None,
@@ -1080,6 +1122,7 @@ class ProcessGroupMeshrun(_ProcessGroup):
             output_tensors, input_tensors = [output_tensors], [input_tensors]
             opts = _short(c10d.ScatterOptions, timeout, rootRank=opts)
         opts = opts or c10d.ScatterOptions()
+        limit, secs = self._limits(opts)
         root = opts.rootRank
         out = output_tensors[0]
         if self.comm.rank == root and (len(input_tensors[0]) != self._n or any(
@@ -1093,16 +1136,20 @@ class ProcessGroupMeshrun(_ProcessGroup):
         v = _views(src if mine else None, out, tuple(src.shape[1:] if mine else out.shape))
         if v is not None:
             return self._run([lambda a: _host_scatter(
-                self.comm, v[0], root, a, self.timeout, v[1].dtype, tuple(out.shape), v[1])],
-                             lambda _: _tensors.written(out), output_tensors, opts.asyncOp)
+                self.comm, v[0], root, a, secs, v[1].dtype, tuple(out.shape), v[1])],
+                             lambda _: _tensors.written(out), output_tensors, opts.asyncOp,
+                             limit)
         return self._run([lambda a: C.scatter(self.comm, src, root=root, async_op=a,
-                                              timeout=self.timeout, shape=tuple(out.shape))],
-                         lambda v: _write(out, v[0]), output_tensors, opts.asyncOp)
+                                              timeout=secs, shape=tuple(out.shape))],
+                         lambda v: _write(out, v[0]), output_tensors, opts.asyncOp, limit)
 
     def barrier(self, opts: Any = None) -> dist.Work:
+        """``dist.barrier(timeout=...)`` waits that long, as gloo's: it waited
+        the group's timeout (30 minutes by default) for a rank that never came."""
         opts = opts or c10d.BarrierOptions()
-        return self._run([lambda a: C.barrier(self.comm, async_op=a, timeout=self.timeout)],
-                         None, [], opts.asyncOp)
+        limit, secs = self._limits(opts)
+        return self._run([lambda a: C.barrier(self.comm, async_op=a, timeout=secs)],
+                         None, [], opts.asyncOp, limit)
 
     def monitored_barrier(self, timeout: timedelta | None = None,
                           wait_all_ranks: bool = False) -> None:

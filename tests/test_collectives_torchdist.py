@@ -407,6 +407,20 @@ def _groups(r: int, n: int) -> None:
     dist.all_reduce(t, group=sub)
     _eq(t, [float(dist.get_world_size(sub))], "all_reduce on new_subgroups")
     assert len(subs) == n // dist.get_world_size(sub)
+    # dist.barrier(timeout=...) and a ProcessGroup call's opts.timeout wait that
+    # long, as gloo's (they waited the group's timeout, rank 0 returning once rank 1
+    # came): rank 1 late, both raise
+    late = dist.new_group([0, 1])
+    if r < 2:
+        if r == 1:
+            time.sleep(1.0)
+        opts = dist.AllreduceOptions()
+        opts.timeout = timedelta(seconds=0.2)
+        for call in (lambda: dist.barrier(group=late, timeout=timedelta(seconds=0.2)),
+                     lambda: late.allreduce([torch.ones(1)], opts).wait()):
+            with pytest.raises(mesh.MeshTimeoutError, match=re.escape(
+                    "the call's own timeout of 0.2s") if r == 0 else "aborted"):
+                call()
 
 
 def _futures_and_buffers(r: int, n: int) -> None:
