@@ -155,6 +155,12 @@ def _each(fn: Callable[[Any], Any], v: Any) -> Any:
     return fn(v)
 
 
+def _fresh(v: Any) -> Any:
+    """A copy of array or tensor ``v`` of its own dtype (``v * 1`` made a
+    bool mask int64, which ``masked_fill`` and torch's attention refuse)."""
+    return v.clone() if is_tensor(v) else v.copy()
+
+
 def _ones(y: Any) -> Any:
     """A gradient of ones for output ``y`` (a tuple: one per part)."""
     return _each(lambda v: v * 0 + 1, y)
@@ -396,7 +402,7 @@ def _time_program(stages: Mapping[int, Any], inputs: Mapping[int, Any],
             st, key = stages[a.stage], (a.stage, a.mb)
             c0 = len(calls[0]) if calls is not None else 0
             if a.kind == F:
-                x = _each(lambda v: v * 1, inputs[a.stage])   # fresh, as a message is
+                x = _each(_fresh, inputs[a.stage])   # as a message is: a copy, its dtype
                 fn = loss[1] if loss is not None and a.stage == loss[0] else None
                 t0 = clock()
                 y, ctxs[key] = st.forward(x)

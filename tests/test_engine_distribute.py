@@ -915,6 +915,30 @@ def test_time_program_runs_the_ranks_actions_in_order():
     assert len(each) == 2 and all(run == got for run in each)
 
 
+
+def test_time_program_feeds_a_stage_its_inputs_dtypes():
+    """The re-time copies each stage's input for every F as a message
+    brings it, of its own dtype: a bool mask crossing a cut beside the
+    activation (an attention's padding mask) stays bool (``v * 1`` made it
+    int64: masked_fill, and torch's TransformerEncoderLayer, refused it, so
+    distribute failed on a model one process trains)."""
+    torch = pytest.importorskip("torch")
+    from engine.schedules import by_name
+    from engine.torch_stage import TorchStage
+
+    class MaskFill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, xs):
+            mask, h = xs
+            return self.fc(h).masked_fill(mask, 0.0)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    got = choose.time_program({0: TorchStage(MaskFill())}, {0: (mask, torch.ones(2, 3))},
+                              by_name("1f1b", 1, 2).ranks[0], reps=1)
+    assert got[0].F > 0 and got[0].B > 0
+
 def _dry_worker(world):
     from engine.calibrate import dry_run
     from engine.schedules import by_name
