@@ -498,6 +498,11 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     for aug in _AUGMENTED:
         setattr(Proxy, f"__{aug}__", lambda self, other, f=getattr(operator, aug):
                 self.tracer.create_proxy("call_function", f, (self, other), {}))
+    # and item assignment (``out[rows] += y``, ``h[:, 0] = cls``), which fx's
+    # refuses ("'Proxy' object does not support item assignment"), as the
+    # in-place change of ``self`` it is
+    setattr(Proxy, "__setitem__", lambda self, key, value: self.tracer.create_proxy(
+        "call_function", operator.setitem, (self, key, value), {}))
 
     class Tracer(fx.Tracer):
         proxy_buffer_attributes = True      # a buffer sliced by a traced size (position ids)
@@ -879,7 +884,7 @@ def _changes(model: Any, n: Any) -> Any:
         changing = getattr(model.get_submodule(n.target), "inplace", False) is True
     elif n.op == "call_function" and getattr(n.target, "__module__", "") in ("_operator",
                                                                               "operator"):
-        changing = name in _AUGMENTED       # (and_, or_: a & b changes nothing)
+        changing = name in _AUGMENTED or name == "setitem"  # (and_, or_: a & b changes nothing)
     else:
         changing = n.op.startswith("call_") and (n.kwargs.get("inplace") is True or (
             name.endswith("_") and not name.endswith("__") and name != "_"))

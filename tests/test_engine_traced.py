@@ -1261,6 +1261,9 @@ class _InPlace(nn.Module):
         h *= 1.5                            # r too (fx made it h = h * 1.5)
         g = self.b(h + r)
         g[:, 1:].mul_(3)                    # through a view of it
+        rows = g[:, 0] > 0
+        g[rows] += g[rows, 2:3]             # item assignment (an MoE's out[rows] += y)
+        g[:, 1] = g[:, 3]
         self.act(g)                         # an in-place module, its result unread
         self.calls.add_(1)                  # a buffer's
         return self.c(g)
@@ -1271,7 +1274,8 @@ def test_a_change_made_in_place_in_the_forward_is_kept():
     the pieces, kept by what the output reads, dropped the change (and a
     buffer's ``add_``) and computed another model without a word; and it
     traced ``h *= 1.5`` as ``h = h * 1.5``, leaving another name of h as
-    it was."""
+    it was; and it refused item assignment (``g[rows] += y``: "'Proxy'
+    object does not support item assignment")."""
     torch.manual_seed(0)
     model, x = _InPlace().double(), torch.randn(5, 4, dtype=torch.float64)
     seq = engine.sequential(model)
