@@ -1917,6 +1917,16 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                     tag_base=tag_base, recompute=again, layered=layered)
     stages = [pipe.stages[s] for s in mine]
+    if is_torch and not any(True for st in stages for _ in st.module.parameters()):
+        import warnings
+        names = [f"{n} ({type(layer).__name__})" for n, layer in named]
+        held = "; ".join(f"stage {s}: {', '.join(names[sum(counts[:s]):sum(counts[:s + 1])])}"
+                         for s in mine)
+        warnings.warn(f"engine.distribute: rank {grid.comm.rank}'s stages hold no parameters "
+                      f"({held}), so job.parameters() is empty there, which torch's "
+                      f"optimizers refuse ('optimizer got an empty parameter list'): cut the "
+                      f"model elsewhere (balance={list(counts)} now), or make the optimizer "
+                      f"only where job.parameters() holds some", stacklevel=2)
     if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
         dp = grid.group("dp")
         for st in stages:

@@ -2175,8 +2175,22 @@ def _one_row_worker(world):
         error = "no error"
     except ValueError as e:
         error = str(e)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:      # a stage of no parameters
+        warnings.simplefilter("always")
+        bare = engine.distribute(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)),
+                                 mesh.grid(world, pp=2), schedule="1f1b", microbatches=2,
+                                 balance=[1, 1], sample=x, overhead=0.0, reps=1,
+                                 loss_fn=torch.nn.functional.mse_loss, timeout=30,
+                                 verbose=False, tag_base=2 << 20)
+    try:
+        torch.optim.SGD(bare.parameters(), lr=0.1)
+        empty = "no error"
+    except ValueError as e:
+        empty = str(e)
     return {"m": job.schedule.num_microbatches, "table": job.table(), "error": error,
-            "loss": loss, "last": job.pipeline.last}
+            "loss": loss, "last": job.pipeline.last, "empty": empty,
+            "warned": [str(w.message) for w in caught if "no parameters" in str(w.message)]}
 
 
 @pytest.mark.timeout(120)
@@ -2194,6 +2208,14 @@ def test_auto_skips_the_candidates_whose_layers_fail_and_says_why():
                                        f"run, its layers fail on micro-batches of every size "
                                        f"tried: 1 row: rank "), got["error"]
         assert said in got["error"], got["error"]
+        # a rank whose stages hold no parameters (balance= put a Flatten alone there):
+        # torch's optimizer refuses its empty job.parameters(), and distribute said why
+        assert (got["empty"] == "optimizer got an empty parameter list") == (r == 0), got
+        assert got["warned"] == ([] if r else [
+            "engine.distribute: rank 0's stages hold no parameters (stage 0: 0 (Flatten)), so "
+            "job.parameters() is empty there, which torch's optimizers refuse ('optimizer got "
+            "an empty parameter list'): cut the model elsewhere (balance=[1, 1] now), or make "
+            "the optimizer only where job.parameters() holds some"]), got["warned"]
 
 
 def _loaded_worker(world):
