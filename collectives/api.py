@@ -153,12 +153,20 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                    timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce_scatter, for host and device arrays and tensors
-    (float16 averaged in float32; ``a`` is only read)."""
-    if _half_avg(a, op, written=False):
+    (a tiny numpy array or CPU tensor the short way, collectives.shm.tiny,
+    once a first call has settled it; float16 averaged in float32; ``a``
+    is only read)."""
+    if op == "avg" and _half_avg(a, op, written=False):
         return _widened(lambda w: reduce_scatter(g, w, op, async_op, timeout), a, False,
                         async_op)
+    if type(a) is np.ndarray and not async_op:
+        if (mine := tiny.reduce_scatter(g, a, op, timeout)) is not None:
+            return mine
     check_comm(g, "reduce_scatter")
     if type(a) is not np.ndarray and is_tensor(a):
+        view = None if async_op else cpu_numpy(a)
+        if view is not None and (mine := tiny.reduce_scatter(g, view, op, timeout)) is not None:
+            return tensors.to_torch(mine, a)
         return _on_tensor(reduce_scatter, "reduce_scatter", g, a, op=op, async_op=async_op,
                           timeout=timeout)
     if device.large(g, a):
@@ -167,9 +175,17 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 
 
 def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
-    """collectives.host.paths.all_gather, for host and device arrays and tensors."""
+    """collectives.host.paths.all_gather, for host and device arrays and tensors
+    (a tiny numpy array or CPU tensor the short way, collectives.shm.tiny,
+    once a first call has settled it)."""
+    if type(a) is np.ndarray and not async_op:
+        if (rows := tiny.all_gather(g, a, timeout)) is not None:
+            return rows
     check_comm(g, "all_gather")
     if type(a) is not np.ndarray and is_tensor(a):
+        view = None if async_op else cpu_numpy(a)
+        if view is not None and (rows := tiny.all_gather(g, view, timeout)) is not None:
+            return tensors.to_torch(rows, a)
         return _on_tensor(all_gather, "all_gather", g, a, async_op=async_op, timeout=timeout)
     if device.large(g, a, g.size):
         return device.all_gather(g, a, async_op, timeout)

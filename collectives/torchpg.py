@@ -49,7 +49,9 @@ from .host.paths import monitored_barrier as _monitored_barrier
 from .host.paths import reduce_scatter as _host_reduce_scatter
 from .host.paths import reduce_scatter_v as _host_reduce_scatter_v
 from .host.paths import scatter as _host_scatter
+from .shm.tiny import all_gather as _tiny_all_gather
 from .shm.tiny import all_reduce as _tiny_all_reduce
+from .shm.tiny import reduce_scatter as _tiny_reduce_scatter
 from .runner import blocking, looked_again, named, release, start
 from .torchsparse import sparse_all_reduce
 
@@ -639,6 +641,26 @@ class ProcessGroupMeshrun(_ProcessGroup):
             return self._sparse_all_reduce(tensors, opts)
         return self._all_reduce(tensors, opts.reduceOp, opts.asyncOp, _own_timeout(opts))
 
+    def _tiny(self, call: Callable[[np.ndarray, np.ndarray], Any], x: torch.Tensor,
+              out: torch.Tensor, secs: float, limit: float | None) -> bool:
+        """Whether ``call(input, output)`` on the numpy views of a blocking
+        call's one CPU input and output ran the call the short way
+        (collectives.shm.tiny, once a first call has settled it; it checks
+        the output), ``out`` then written; its timeout's error (``secs``;
+        ``limit``: the call's own, _own_timeout) in torch's words. False:
+        nothing done."""
+        xa, oa = _np(x), _np(out)
+        if xa is None or oa is None:
+            return False
+        try:
+            if call(xa, oa) is None:
+                return False
+        except MeshTimeoutError as e:
+            _torch_words(e, secs, limit is not None)
+            raise
+        _tensors.written(out)   # (written through numpy: autograd is told)
+        return True
+
     def _host_async(self, arr: np.ndarray, name: str, tensors: list[torch.Tensor],
                     limit: float | None) -> dist.Work:
         """``arr`` (the view of ``tensors[0]``) all-reduced on the group's
@@ -847,6 +869,10 @@ class ProcessGroupMeshrun(_ProcessGroup):
                                                      timeout=secs)],
                              apart, outputs if result is None else result, opts.asyncOp, limit)
 
+        if not opts.asyncOp and len(inputs) == 1 and self._tiny(
+                lambda x, out: _tiny_all_gather(self.comm, x, secs, out),
+                inputs[0], outputs[0], secs, limit):
+            return _done(outputs if result is None else result)
         views = [_views(x, o, (self._n,) + tuple(x.shape), self.comm.rank)
                  for o, x in zip(outputs, inputs)]
 
@@ -974,6 +1000,11 @@ class ProcessGroupMeshrun(_ProcessGroup):
             f = _factor(factor)
             inputs = [x.mul_(f) if own else x * f for x in inputs]
 
+        if not opts.asyncOp and len(inputs) == 1 and parts is None and not (
+                name == "avg" and inputs[0].dtype == torch.float16) and self._tiny(
+                lambda x, out: _tiny_reduce_scatter(self.comm, x, name, secs, out),
+                inputs[0], outputs[0], secs, limit):
+            return _done(outputs)
         views = [None if name == "avg" and x.dtype == torch.float16    # (in float32: api's)
                  else _views(x, o, (x.shape[0] // self._n,) + tuple(x.shape[1:]))
                  for o, x in zip(outputs, inputs)]

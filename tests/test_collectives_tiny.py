@@ -102,7 +102,38 @@ def on_both_ways(world: Any) -> dict:
     a = np.full(4, world.rank + 1, np.float32)
     C.all_reduce(world, a)
     out["late"] = a.tolist()
-    out["plans"] = len(tiny._plans.get(world, {}))
+    out["plans"] = sum(not isinstance(k[0], str) for k in tiny._plans.get(world, {}))
+    out.update(_scattered_and_gathered(world))
+    return out
+
+
+def _scattered_and_gathered(world: Any) -> dict:
+    """reduce_scatter and all_gather the short way (once a first call has
+    settled it), with the same guarantees: a mismatch, a bad argument, a
+    timeout on one rank raise on every rank; a late peer, the same result."""
+    rank, out = world.rank, {}
+    x = np.arange(2 * N, dtype=np.float32) + rank
+    for _ in range(3):
+        out["scattered"] = C.reduce_scatter(world, x).tolist()
+        out["gathered"] = C.all_gather(world, x[:2]).tolist()
+    out["rs shape"] = _caught(lambda: C.reduce_scatter(world, x if rank != 1 else x[:N]))
+    out["rs op"] = _caught(lambda: C.reduce_scatter(world, x, op="max" if rank == 1 else "sum"))
+    out["rs bad op"] = _caught(lambda: C.reduce_scatter(world, x, op="nope" if rank == 1
+                                                        else "sum"))
+    out["ag dtype"] = _caught(lambda: C.all_gather(world, x[:2] if rank != 1 else np.ones(2)))
+    if rank == 2:       # (as all_reduce's above: rank 2 calls once rank 0 has timed out)
+        world.recv(0, tag=6, timeout=60.0)
+    out["rs timeout"] = _caught(lambda: C.reduce_scatter(world, x, timeout=0.3 if rank == 0
+                                                         else None))
+    if rank == 0:
+        world.send("timed out", 2, tag=6)
+    C.barrier(world)
+    for _ in range(2):
+        if rank == 2:
+            time.sleep(0.05)
+        out["rs late"] = C.reduce_scatter(world, x).tolist()
+        out["ag late"] = C.all_gather(world, x[:2]).tolist()
+    out["short"] = sorted(k[0] for k in tiny._plans.get(world, {}) if isinstance(k[0], str))
     return out
 
 
@@ -130,6 +161,23 @@ def test_the_short_way_matches_numpy_and_keeps_the_guarantees() -> None:
         text = r["dtype"]
         assert text.startswith("MismatchError") and "float32" in text and "float64" in text, \
             f"rank {rank}: {text}"
+        sums = (3 * np.arange(2 * N) + total - N).tolist()
+        rows = [[float(j), j + 1.0] for j in range(N)]
+        assert r["short"] == ["all_gather", "reduce_scatter"], r
+        assert r["scattered"] == r["rs late"] == sums[2 * rank:2 * rank + 2], r
+        assert r["gathered"] == r["ag late"] == rows, r
+        for key, words in [("rs shape", ["shape=[6]", "shape=[3]"]),
+                           ("rs op", ["op=sum", "op=max"]), ("ag dtype", ["float32", "float64"])]:
+            assert r[key].startswith("MismatchError") and all(w in r[key] for w in words), \
+                f"rank {rank} {key}: {r[key]}"
+        text = r["rs bad op"]
+        if rank == 1:
+            assert text.startswith("ValueError: rank 1: reduce_scatter on group world: unknown "
+                                   "reduction op"), text
+        else:
+            assert text.startswith("MeshError") and "rank 1" in text and "nope" in text, text
+        text = r["rs timeout"]
+        assert text.startswith("MeshTimeoutError") and "rank 0" in text, f"rank {rank}: {text}"
 
 
 def _large(world: Any) -> list:
@@ -258,17 +306,21 @@ def test_boards_that_cannot_be_mapped_are_read_across_processes() -> None:
 def killed(world: Any, out: str) -> None:
     """Rank 2 is killed between two short calls; the others, waiting for it
     in the next, write what they raised and how long it took them (a rank
-    still finishing the call rank 2 left may raise in that one)."""
-    a = np.ones(2, np.float32)
+    still finishing the call rank 2 left may raise in that one). The calls
+    go round all_reduce, reduce_scatter and all_gather, a reduce_scatter
+    first after the kill."""
+    a = np.ones(2 * N, np.float32)
+    calls = [lambda: C.all_reduce(world, a), lambda: C.reduce_scatter(world, a),
+             lambda: C.all_gather(world, a[:2])]
     t0 = time.monotonic()
     try:
-        for _ in range(50):
-            C.all_reduce(world, a)
+        for i in range(49):
+            calls[i % 3]()
         if world.rank == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.monotonic()
-        for _ in range(1000):
-            C.all_reduce(world, a)
+        for i in range(49, 1000):
+            calls[i % 3]()
         text = "no error"
     except mesh.MeshError as e:
         text = f"{type(e).__name__}: {e}"

@@ -87,16 +87,30 @@ def _reductions(r: int, n: int) -> None:
     # takes the long way, which reports what the watch caught)
     from collectives import runner, torchpg
     time.sleep(runner._WATCH_S * 1.5)
-    short, tiny = [], torchpg._tiny_all_reduce
-    torchpg._tiny_all_reduce = lambda *a: short.append(tiny(*a)) or short[-1]
+    # (and reduce_scatter_tensor, all_gather_into_tensor: the short ways of theirs)
+    names = ("_tiny_all_reduce", "_tiny_reduce_scatter", "_tiny_all_gather")
+    short: dict[str, list] = {k: [] for k in names}
+    tiny = {k: getattr(torchpg, k) for k in names}
+    for k in names:
+        setattr(torchpg, k, lambda *a, k=k: short[k].append(tiny[k](*a)) or short[k][-1])
     try:
         for i in range(4):
             t = torch.full((2,), r + 1.0 + i)
             dist.all_reduce(t)
             _eq(t, torch.full((2,), float(ranks.sum()) + n * i), f"repeated all_reduce {i}")
+            out = torch.zeros(2)
+            dist.reduce_scatter_tensor(out, torch.arange(2.0 * n) * (r + 1) + i)
+            _eq(out, (torch.arange(2.0 * r, 2.0 * r + 2) * float(ranks.sum()) + n * i),
+                f"repeated reduce_scatter_tensor {i}")
+            out = torch.zeros(2 * n)
+            dist.all_gather_into_tensor(out, torch.tensor([r, i], dtype=torch.float32))
+            _eq(out, torch.tensor([[j, i] for j in range(n)], dtype=torch.float32).reshape(-1),
+                f"repeated all_gather_into_tensor {i}")
     finally:
-        torchpg._tiny_all_reduce = tiny
-    assert sum(x is not None for x in short) >= 3, f"short way taken {short}"
+        for k in names:
+            setattr(torchpg, k, tiny[k])
+    assert all(sum(x is not None for x in v) >= 3 for v in short.values()), \
+        f"short way taken {short}"
     _sparse(r, n)
 
 
@@ -632,7 +646,8 @@ def written_outputs_tell_autograd(world: Any) -> list[str]:
         "all_to_all": lambda out, a: dist.all_to_all(list(out.split(2)), list(xn.split(2)),
                                                      async_op=a),
     }
-    for (name, call), async_op in itertools.product(calls.items(), (False, True)):
+    # (the second blocking call of a tiny one: the short way, collectives.shm.tiny)
+    for (name, call), async_op in itertools.product(calls.items(), (False, True, False)):
         w = torch.ones(2 * n, requires_grad=True)
         out = torch.zeros(2 * n)
         y = (out * w).sum()                 # saves out, for w's gradient

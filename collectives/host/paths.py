@@ -360,6 +360,7 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
             if topo is None and board.available(ctx):
                 out = np.empty((n,) + arr.shape, arr.dtype) if dest is None else dest
                 local.all_gather(ctx, np.ascontiguousarray(arr).reshape(-1), out)
+                tiny.learn(ctx, arr, None, None, "all_gather")
                 return out
             out = dest if type(dest) is np.ndarray else np.empty((n,) + arr.shape, arr.dtype)
             if topo is not None:
@@ -401,6 +402,7 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
             elif board.available(ctx):
                 local.reduce_scatter(ctx, np.ascontiguousarray(arr).reshape(-1),
                                      mine.reshape(-1), rop)
+                tiny.learn(ctx, arr, op, rop, "reduce_scatter")
             else:
                 work = np.array(arr, order="C")
                 ring(ctx, work.reshape(-1), rop, n - 1, n - 1, shift=-1)

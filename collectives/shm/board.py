@@ -25,9 +25,10 @@ seen show, so it costs no extra read. The arena, likewise, is written
 again only once every peer's ack has reached the last call that used it
 (``Round.arena``): a rank leaves a call without waiting for its readers.
 
-A repeated tiny all_reduce (collectives.shm.tiny) posts and polls the same
-words through ``Quick``, its views made once, and reduces the peers'
-payloads where they lie in their mapped boards.
+A repeated tiny call (collectives.shm.tiny: all_reduce, reduce_scatter,
+all_gather) posts and polls the same words through
+``Quick``, its views made once, and reads the peers' payloads where they
+lie in their mapped boards.
 
 A peer on a socket path instead (another collective) is caught by a receive
 posted on the tag once a wait gets long; so is an abort; a dead peer fails

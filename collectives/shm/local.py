@@ -3,7 +3,8 @@
 (collectives.shm.cma). No socket carries data or waits here.
 
     small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
-      broadcast, gather, reduce
+      broadcast, gather, reduce    (tiny all_reduce, reduce_scatter, all_gather:
+                                   collectives.shm.tiny's short way, then these)
     large all_reduce               post address | reduce chunk r from every peer's buffer |
                                    stage 1 | read each peer's final chunk | stage 2 | exit;
                                    up to 8 MiB where ranks outnumber cores: copy into the
@@ -206,21 +207,24 @@ def _read_across(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
 
 
 def reduce_scatter(ctx: Ctx, buf: np.ndarray, out: np.ndarray, op: ReduceOp,
-                   bounds: list[tuple[int, int]] | None = None) -> None:
+                   bounds: list[tuple[int, int]] | None = None,
+                   sig: tuple[bytes, int] | None = None, posted: bool = False) -> None:
     """``out`` = this rank's share (chunk ``rank`` of the flat ``buf``; of
     ``bounds``, the n chunks in rank order, where they are uneven:
     reduce_scatter_v) reduced over the group; ``buf`` is left as it was.
     Small (_small): everyone posts ``buf`` as payload and reduces its own
     share out of the peers' (one sync, no reads across processes until
     the payloads are read, no exit wait: 1.9x an all_reduce's time at 4 KiB
-    and 4 ranks as the large way, BENCHMARKS.md). Either way the peers
+    and 4 ranks as the large way, BENCHMARKS.md; ``sig``, ``posted``: as
+    for _reduce_payloads, from collectives.shm.tiny). Either way the peers
     in ring order from rank + 1, as _reduce_chunk: the same bits."""
     n, rank = ctx.g.size, ctx.g.rank
     lo, hi = (ring_chunks(buf.size, n) if bounds is None else bounds)[rank]
     if _small(ctx, buf):
         tmp = np.empty(hi - lo, buf.dtype)      # (read into where a board is not mapped)
-        with Round(ctx) as r:
-            r.post(payload=buf)
+        with Round(ctx, sig) as r:
+            if not posted:
+                r.post(payload=buf)
             r.gather()
             out[...] = buf[lo:hi]
             for k in range(1, n):
@@ -266,16 +270,19 @@ def _flat_rows(out: np.ndarray | list[np.ndarray], n: int) -> list[Any]:
     return [o.reshape(-1) for o in out] if isinstance(out, list) else list(out.reshape(n, -1))
 
 
-def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray]) -> None:
+def all_gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray],
+               sig: tuple[bytes, int] | None = None, posted: bool = False) -> None:
     """Row p of ``out`` (rows of buf.size; or a list of them, which may
     differ in size: all_gather_v's, each rank's ``buf`` the size of its
     own) = rank p's flat ``buf``. As payloads where the largest row is
-    small (the same choice on every rank), else read across."""
+    small (the same choice on every rank; ``sig``, ``posted``: as for
+    _reduce_payloads, from collectives.shm.tiny), else read across."""
     rows = _flat_rows(out, ctx.g.size)
     rows[ctx.g.rank][...] = buf
-    with Round(ctx) as r:
+    with Round(ctx, sig) as r:
         if _small(ctx, max(rows, key=lambda row: row.nbytes)):
-            r.post(payload=buf)
+            if not posted:
+                r.post(payload=buf)
             r.gather(rows)
             return
         r.post(addr=buf.ctypes.data)

@@ -1,11 +1,16 @@
-"""The short way of a tiny all_reduce (a payload that fits the board's
-inline room, ranks of one host whose boards are all mapped, a blocking
-call): what the first call of a (group, dtype, shape, op) settles through
-collectives.host.paths (argument checks, fingerprint, algorithm, the
-board) is kept, and later calls under the same tuning go straight to the
-board (collectives.shm.board.Quick): one post, one poll per peer, and the
-reduction in rank order read straight out of the peers' mapped boards
-into the caller's array, with no copy and nothing made per call.
+"""The short way of a tiny all_reduce, reduce_scatter or all_gather (a
+payload that fits the board's inline room, ranks of one host whose boards
+are all mapped, a blocking call): what the first call of a (collective,
+group, dtype, shape, op) settles through collectives.host.paths (argument
+checks, fingerprint, algorithm, the board) is kept, and later calls under
+the same tuning go straight to the board (collectives.shm.board.Quick):
+one post, one poll per peer, and the result read straight out of the
+peers' mapped boards, with nothing made per call but a new result::
+
+    all_reduce       the reduction in rank order, into the caller's array
+    reduce_scatter   this rank's chunk: its own, then the peers' in ring
+                     order from rank + 1 (collectives.shm.local.reduce_scatter's)
+    all_gather       every rank's post copied into its row
 
 It keeps the long way's guarantees: the fingerprint on the board is the
 same (a rank on either way that called something else raises a
@@ -14,10 +19,12 @@ deadline, and a failure aborts the tag on every member
 (collectives.runner.now). A wait past board.Quick's (a spin where every
 rank of the group has a core, then yields, 0.5 ms in all), a mismatch, or
 a peer not done with the slot goes on as the long way does, with a Round,
-from where the short way left off (collectives.shm.local.all_reduce_small).
-Anything the short way cannot take (async, an algorithm or a timeout that
-is not a float, a non-contiguous or read-only array, a lane with work)
-takes the long way.
+from where the short way left off (collectives.shm.local's
+all_reduce_small, reduce_scatter, all_gather). Anything the short way
+cannot take (async, an algorithm or a timeout that is not a float; an
+all_reduce's non-contiguous or read-only array; an ``out`` that is not
+a C-contiguous writable array of the result's dtype and size; a lane
+with work) takes the long way.
 """
 from __future__ import annotations
 
@@ -32,33 +39,44 @@ from mesh.tensors import dtype_name
 
 from .. import debug
 from ..ops import FP_RAISED, ReduceOp
-from ..plan import Tuning
+from ..plan import Tuning, ring_chunks
 from ..runner import NOT_NOW, Body, Ctx, now
 from . import board
-from .local import all_reduce_small
+from .local import all_gather as gather_small, all_reduce_small, reduce_scatter as scatter_small
 
-__all__ = ["MAX_BYTES", "forget", "learn", "keep", "plan_key", "all_reduce"]
+__all__ = ["MAX_BYTES", "forget", "learn", "keep", "plan_key", "all_reduce", "reduce_scatter",
+           "all_gather"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
 
 
-class _Plan:
-    """One (group, dtype, shape, op): the tuning it was settled under, its
-    fingerprint and board signature, the op (its ufunc; ``avg``: whether
-    the sum is divided), the board's Quick, and the peers' receive buffers
-    for a call that goes on with a Round."""
+class _Short:
+    """What every short way keeps of one (collective, group, dtype, shape,
+    op): the tuning it was settled under, its fingerprint and board
+    signature, the group's size and the board's Quick for the payload."""
 
-    __slots__ = ("tuning", "fp", "sig", "rop", "outs", "n", "quick", "ufunc", "later", "avg",
-                 "one")
+    __slots__ = ("tuning", "fp", "sig", "n", "quick")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray) -> None:
+        self.tuning, self.fp = ctx.tuning, ctx.fp
+        self.sig = board.signature(ctx.fp)
+        self.n = ctx.g.size
+        self.quick = board.Quick(ctx.g, arr, self.sig)
+
+
+class _Plan(_Short):
+    """A tiny all_reduce: the op (its ufunc; ``avg``: whether the sum is
+    divided) and the peers' receive buffers for a call that goes on with a
+    Round."""
+
+    __slots__ = ("rop", "outs", "ufunc", "later", "avg", "one")
 
     def __init__(self, ctx: Ctx, arr: np.ndarray, rop: ReduceOp) -> None:
-        self.tuning, self.fp, self.rop = ctx.tuning, ctx.fp, rop
-        self.sig = board.signature(ctx.fp)
-        self.n = n = ctx.g.size
+        super().__init__(ctx, arr)
+        self.rop, n = rop, self.n
         self.outs: list[np.ndarray | None] = [None if p == ctx.g.rank else np.empty_like(arr)
                                               for p in range(n)]
-        self.quick = board.Quick(ctx.g, arr, self.sig)
         self.ufunc = getattr(np, rop.ufunc_name)
         self.later = [tuple(views[2:]) for views in self.quick.views]
         self.avg = rop.name == "avg" and n > 1 and arr.size > 0    # (what rop.finish divides)
@@ -82,17 +100,7 @@ class _Plan:
             f(views[0], views[1], out=a)    # in rank order, as _reduce_payloads combines
         except FP_RAISED:
             pass
-        one = self.one
-        for v in self.later[slot]:
-            try:
-                if one is None:
-                    f(a, v, out=a)
-                else:
-                    f(a, v, out=one)
-            except FP_RAISED:
-                pass
-            if one is not None:
-                a[...] = one
+        _combine(f, a, self.later[slot], self.one)
         quick.done(seq)
         if self.avg:
             self.rop.finish(a, self.n)
@@ -105,44 +113,140 @@ class _Plan:
         return run
 
 
-_plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Plan]]" = weakref.WeakKeyDictionary()
+def _combine(f: Any, acc: np.ndarray, later: tuple[np.ndarray, ...],
+             one: np.ndarray | None) -> None:
+    """``acc = acc (f) v`` for each of ``later`` in turn, as
+    ReduceOp.combine does it (``one``: the buffer of a one-element ``acc``)."""
+    for v in later:
+        try:
+            if one is None:
+                f(acc, v, out=acc)
+            else:
+                f(acc, v, out=one)
+        except FP_RAISED:
+            pass
+        if one is not None:
+            acc[...] = one
+
+
+class _Scatter(_Short):
+    """A tiny reduce_scatter: the whole array posted, as the long way's
+    small one posts it; this rank's chunk of its own post and of the
+    peers' (per slot, ring order from rank + 1) as flat views, the shape
+    of its result, the op."""
+
+    __slots__ = ("rop", "ufunc", "avg", "one", "own", "later", "shape", "size", "bounds")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: ReduceOp) -> None:
+        super().__init__(ctx, arr)
+        n, rank = self.n, ctx.g.rank
+        self.rop, self.ufunc = rop, getattr(np, rop.ufunc_name)
+        self.avg = rop.name == "avg"
+        self.bounds = ring_chunks(arr.size, n)
+        lo, hi = self.bounds[rank]
+        flat = [[v.reshape(-1)[lo:hi] for v in views] for views in self.quick.views]
+        self.own = [views[rank] for views in flat]
+        self.later = [tuple(views[(rank + k) % n] for k in range(1, n)) for views in flat]
+        self.shape = (arr.shape[0] // n,) + arr.shape[1:]
+        self.size = hi - lo
+        self.one = np.empty(1, arr.dtype) if hi - lo == 1 else None
+
+    def step(self, tag: int, arg: tuple[np.ndarray, np.ndarray]) -> Body | None:
+        a, out = arg
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, out, False)
+        if not quick.arrived(seq):
+            return self.rest(a, out, True)
+        slot = seq & 1
+        mine = out.reshape(-1)
+        mine[...] = self.own[slot]
+        _combine(self.ufunc, mine, self.later[slot], self.one)
+        quick.done(seq)
+        if self.avg:
+            self.rop.finish(out, self.n)
+        return None
+
+    def rest(self, a: np.ndarray, out: np.ndarray, posted: bool) -> Body:
+        def run(ctx: Ctx) -> None:
+            scatter_small(ctx, np.ascontiguousarray(a).reshape(-1), out.reshape(-1), self.rop,
+                          self.bounds, self.sig, posted)
+            self.rop.finish(out, self.n)
+        return run
+
+
+class _Gather(_Short):
+    """A tiny all_gather: each rank's post is its row of the result."""
+
+    __slots__ = ("shape", "size")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: Any = None) -> None:
+        super().__init__(ctx, arr)
+        self.shape = (self.n,) + arr.shape
+        self.size = self.n * arr.size
+
+    def step(self, tag: int, arg: tuple[np.ndarray, np.ndarray]) -> Body | None:
+        a, out = arg
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, out, False)
+        if not quick.arrived(seq):
+            return self.rest(a, out, True)
+        for p, v in enumerate(quick.views[seq & 1]):
+            out[p] = v
+        quick.done(seq)
+        return None
+
+    def rest(self, a: np.ndarray, out: np.ndarray, posted: bool) -> Body:
+        def run(ctx: Ctx) -> None:
+            gather_small(ctx, np.ascontiguousarray(a).reshape(-1), out, self.sig, posted)
+        return run
+
+
+_KINDS: dict[str, Any] = {"all_reduce": _Plan, "reduce_scatter": _Scatter,
+                          "all_gather": _Gather}
+
+_plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Short]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _NO_LAST: tuple = (lambda: None, None, None, None, None)
-_last = _NO_LAST
-"""(group's weak reference, dtype, shape, op, plan) of the last short call:
-a loop's next call finds its plan here for a third of what the
-dictionaries cost (hashing a dtype alone costs about as much)."""
+_last: dict[str, tuple] = {}
+"""Per collective, (group's weak reference, dtype, shape, op, plan) of its
+last short call: a loop's next call finds its plan here for a third of
+what the dictionaries cost (hashing a dtype alone costs about as much)."""
 
 
-def plan_key(dtype: np.dtype, shape: tuple[int, ...], op: Any) -> tuple:
-    """A plan's key: (dtype, shape, op), and the dtype's name where it has
-    metadata (bfloat16 widened to float32, collectives.tensors), which numpy's
-    dtype equality ignores: a bfloat16 call must not take a float32 call's
-    plan, whose fingerprint would hide a mismatch between the two."""
-    if dtype.metadata is None:
-        return (dtype, shape, op)
-    return (dtype, shape, op, dtype_name(dtype))
+def plan_key(dtype: np.dtype, shape: tuple[int, ...], op: Any, coll: str = "all_reduce") -> tuple:
+    """A plan's key: (dtype, shape, op), after the collective's name but
+    for all_reduce's, and the dtype's name where it has metadata (bfloat16
+    widened to float32, collectives.tensors), which numpy's dtype equality
+    ignores: a bfloat16 call must not take a float32 call's plan, whose
+    fingerprint would hide a mismatch between the two."""
+    key = (dtype, shape, op) if coll == "all_reduce" else (coll, dtype, shape, op)
+    return key if dtype.metadata is None else key + (dtype_name(dtype),)
 
 
 def forget(g: Comm) -> None:
     """Drop ``g``'s short-way plans (their views are of boards that
     board.forget took out of use): its next calls take the long way."""
-    global _last
     with _lock:
         _plans.pop(g, None)
-        _last = _NO_LAST
+        _last.clear()
 
 
-def learn(ctx: Ctx, arr: np.ndarray, op: str, rop: ReduceOp) -> bool:
-    """Keep what ``ctx``'s all_reduce of ``arr`` settled, for the short way:
-    called by the long way after a board all_reduce_small that any later
+def learn(ctx: Ctx, arr: np.ndarray, op: Any, rop: ReduceOp | None,
+          coll: str = "all_reduce") -> bool:
+    """Keep what ``ctx``'s ``coll`` of ``arr`` settled, for the short way:
+    called by the long way after a call on the board's payloads
+    (all_reduce_small, a small reduce_scatter or all_gather) that any later
     blocking call with these arguments and this tuning would repeat. Whether
     it is kept (collectives.host.tiny's host step takes it)."""
     if arr.nbytes > MAX_BYTES or not board.mapped(ctx.g):
         return False
-    if keep(_plans, ctx, plan_key(arr.dtype, arr.shape, op), lambda: _Plan(ctx, arr, rop)):
-        global _last
-        _last = _NO_LAST
+    if coll != "all_reduce" and (arr.nbytes > ctx.tuning.small or not arr.size):
+        return False        # (the long way's large form, or nothing to gain)
+    if keep(_plans, ctx, plan_key(arr.dtype, arr.shape, op, coll),
+            lambda: _KINDS[coll](ctx, arr, rop)):
+        _last.clear()
     return True
 
 
@@ -162,24 +266,34 @@ def keep(plans_of: "weakref.WeakKeyDictionary[Comm, dict[tuple, Any]]", ctx: Ctx
         return True
 
 
-def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | None:
-    """``a`` all-reduced the short way, or None (nothing done, no tag taken)
-    where the call must take the long way."""
-    global _last
-    ref, dtype, shape, last_op, plan = _last
+def _find(coll: str, g: Comm, a: np.ndarray, op: Any, timeout: Any) -> Any:
+    """``coll``'s plan for ``a`` on ``g`` where the call may take the short
+    way (the tuning it was settled under, a timeout it takes), else None."""
+    ref, dtype, shape, last_op, plan = _last.get(coll, _NO_LAST)
     if ref() is not g or dtype is not a.dtype or last_op is not op or shape != a.shape:
         try:
-            plan = _plans[g][plan_key(a.dtype, a.shape, op)]
+            plan = _plans[g][plan_key(a.dtype, a.shape, op, coll)]
         except (KeyError, TypeError):
             return None
-        _last = (weakref.ref(g), a.dtype, a.shape, op, plan)
-    flags = a.flags
+        _last[coll] = (weakref.ref(g), a.dtype, a.shape, op, plan)
     try:
         tuning = Tuning.from_env()
     except ValueError:      # (a bad MESH_COLL_*: the long way raises it, naming the call)
         return None
-    if (plan.tuning is not tuning or not flags.c_contiguous or not flags.writeable
-            or not (timeout is None or type(timeout) is float and timeout >= 0)):
+    if plan.tuning is not tuning or not (timeout is None or type(timeout) is float
+                                         and timeout >= 0):
+        return None
+    return plan
+
+
+def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | None:
+    """``a`` all-reduced the short way, or None (nothing done, no tag taken)
+    where the call must take the long way."""
+    plan = _find("all_reduce", g, a, op, timeout)
+    if plan is None:
+        return None
+    flags = a.flags
+    if not flags.c_contiguous or not flags.writeable:
         return None
     if now(g, "all_reduce", plan.fp, plan.tuning, plan.step, a, timeout) is NOT_NOW:
         return None
@@ -188,5 +302,51 @@ def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | No
     return a
 
 
+def _result(plan: Any, a: np.ndarray, out: Any) -> np.ndarray | None:
+    """Where a call's result goes: ``out`` (the torch backend's output, as
+    collectives.host.paths._into takes it) as the result's shape, where it
+    is a C-contiguous writable array of the result's dtype and size; a new
+    array where none is given; else None (the long way). ``out`` may
+    overlap ``a``: the short way reads ``a`` only to post it, before it
+    writes ``out``."""
+    if out is None:
+        return np.empty(plan.shape, a.dtype)
+    if (type(out) is not np.ndarray or out.size != plan.size or out.dtype != a.dtype
+            or dtype_name(out.dtype) != dtype_name(a.dtype) or not out.flags.c_contiguous
+            or not out.flags.writeable):
+        return None
+    return out if out.shape == plan.shape else out.reshape(plan.shape)
+
+
+def reduce_scatter(g: Comm, a: np.ndarray, op: Any, timeout: Any,
+                   out: Any = None) -> np.ndarray | None:
+    """This rank's rows of ``a`` reduce-scattered the short way (into
+    ``out`` where given), or None (nothing done, no tag taken) where the
+    call must take the long way."""
+    plan = _find("reduce_scatter", g, a, op, timeout)
+    if plan is None or (mine := _result(plan, a, out)) is None:
+        return None
+    if now(g, "reduce_scatter", plan.fp, plan.tuning, plan.step, (a, mine),
+           timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "reduce_scatter", SHORT_PATH, a.nbytes)
+    return mine
+
+
+def all_gather(g: Comm, a: np.ndarray, timeout: Any, out: Any = None) -> np.ndarray | None:
+    """Every rank's ``a`` gathered the short way (into ``out`` where
+    given), or None (nothing done, no tag taken) where the call must take
+    the long way."""
+    plan = _find("all_gather", g, a, None, timeout)
+    if plan is None or (rows := _result(plan, a, out)) is None:
+        return None
+    if now(g, "all_gather", plan.fp, plan.tuning, plan.step, (a, rows), timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "all_gather", SHORT_PATH, a.nbytes * plan.n)
+    return rows
+
+
 SHORT_PATH = "same-host board, the short way (collectives.shm.tiny)"
-"""MESH_COLL_DEBUG's line for a tiny all_reduce that took this way."""
+"""MESH_COLL_DEBUG's line for a tiny call that took this way."""
