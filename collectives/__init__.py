@@ -15,8 +15,8 @@
                   rooted.py (broadcast, reduce, gather, scatter), exchange.py
     shm/          same host, no sockets: board.py (sync), cma.py (reading a
                   peer's memory), local.py (the collectives on them), tiny.py
-                  (the short way of a repeated tiny all_reduce, reduce_scatter
-                  or all_gather)
+                  (the short way of a repeated tiny all_reduce, reduce_scatter,
+                  all_gather, broadcast or reduce)
     device/       device arrays: paths.py (which path, whole-array staging),
                   gpu.py (a call's array and streams), ring.py (the ring through
                   pinned slots), cuda_ipc.py (peers' device memory)

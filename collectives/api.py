@@ -195,9 +195,17 @@ def all_gather(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
 def broadcast(g: Comm, a: Any, root: int = 0, async_op: bool = False,
               algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.broadcast, for host and device arrays and
-    tensors: through CUDA IPC when the group can, else staged."""
+    tensors: through CUDA IPC when the group can, else staged (a tiny numpy
+    array or CPU tensor the short way, collectives.shm.tiny, once a first
+    call has settled it)."""
+    if type(a) is np.ndarray and not async_op and algorithm is None:
+        if tiny.broadcast(g, a, root, timeout) is not None:
+            return a
     check_comm(g, "broadcast")
     if type(a) is not np.ndarray and is_tensor(a):
+        view = cpu_numpy(a) if not async_op and algorithm is None else None
+        if view is not None and tiny.broadcast(g, view, root, timeout) is not None:
+            return tensors.written(a)
         return _on_tensor(broadcast, "broadcast", g, a, root=root, async_op=async_op,
                           algorithm=algorithm, timeout=timeout)
     if device.large(g, a) and algorithm is None:
@@ -209,12 +217,19 @@ def broadcast(g: Comm, a: Any, root: int = 0, async_op: bool = False,
 def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = False,
            algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce, for host and device arrays and tensors
-    (float16 averaged in float32)."""
+    (a tiny numpy array or CPU tensor the short way, collectives.shm.tiny,
+    once a first call has settled it; float16 averaged in float32)."""
     check_comm(g, "reduce")
     if _half_avg(a, op, g.rank == root):
         return _widened(lambda w: reduce(g, w, root, op, async_op, algorithm, timeout), a,
                         g.rank == root, async_op, same=g.rank != root)
+    if type(a) is np.ndarray and not async_op and algorithm is None:
+        if tiny.reduce(g, a, root, op, timeout) is not None:
+            return a
     if type(a) is not np.ndarray and is_tensor(a):
+        view = cpu_numpy(a) if not async_op and algorithm is None else None
+        if view is not None and tiny.reduce(g, view, root, op, timeout) is not None:
+            return tensors.written(a) if g.rank == root else a
         return _on_tensor(reduce, "reduce", g, a, root=root, op=op, async_op=async_op,
                           algorithm=algorithm, timeout=timeout)
     return _staged_reduce(g, a, root=root, op=op, async_op=async_op, algorithm=algorithm,

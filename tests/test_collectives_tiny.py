@@ -107,15 +107,28 @@ def on_both_ways(world: Any) -> dict:
     return out
 
 
+def _rooted(world: Any, x: np.ndarray) -> tuple[list, list]:
+    """A broadcast from rank 1 and a max reduced into rank 2 of x[:2]."""
+    b, c = x[:2].copy(), x[:2].copy()
+    C.broadcast(world, b, root=1)
+    C.reduce(world, c, root=2, op="max")
+    return b.tolist(), c.tolist()
+
+
 def _scattered_and_gathered(world: Any) -> dict:
-    """reduce_scatter and all_gather the short way (once a first call has
-    settled it), with the same guarantees: a mismatch, a bad argument, a
-    timeout on one rank raise on every rank; a late peer, the same result."""
+    """reduce_scatter, all_gather, broadcast and reduce the short way (once
+    a first call has settled it), with the same guarantees: a mismatch, a
+    bad argument, a timeout on one rank raise on every rank; a late peer,
+    the same result."""
     rank, out = world.rank, {}
     x = np.arange(2 * N, dtype=np.float32) + rank
     for _ in range(3):
         out["scattered"] = C.reduce_scatter(world, x).tolist()
         out["gathered"] = C.all_gather(world, x[:2]).tolist()
+        out["rooted"] = _rooted(world, x)
+    out["bc root"] = _caught(lambda: C.broadcast(world, x[:2].copy(), root=1 if rank else 2))
+    out["reduce op"] = _caught(lambda: C.reduce(world, x[:2].copy(), root=2,
+                                                op="max" if rank != 1 else "min"))
     out["rs shape"] = _caught(lambda: C.reduce_scatter(world, x if rank != 1 else x[:N]))
     out["rs op"] = _caught(lambda: C.reduce_scatter(world, x, op="max" if rank == 1 else "sum"))
     out["rs bad op"] = _caught(lambda: C.reduce_scatter(world, x, op="nope" if rank == 1
@@ -133,6 +146,9 @@ def _scattered_and_gathered(world: Any) -> dict:
             time.sleep(0.05)
         out["rs late"] = C.reduce_scatter(world, x).tolist()
         out["ag late"] = C.all_gather(world, x[:2]).tolist()
+        if rank == 0:
+            time.sleep(0.05)
+        out["rooted late"] = _rooted(world, x)
     out["short"] = sorted(k[0] for k in tiny._plans.get(world, {}) if isinstance(k[0], str))
     return out
 
@@ -163,11 +179,14 @@ def test_the_short_way_matches_numpy_and_keeps_the_guarantees() -> None:
             f"rank {rank}: {text}"
         sums = (3 * np.arange(2 * N) + total - N).tolist()
         rows = [[float(j), j + 1.0] for j in range(N)]
-        assert r["short"] == ["all_gather", "reduce_scatter"], r
+        assert r["short"] == ["all_gather", "broadcast", "reduce", "reduce_scatter"], r
         assert r["scattered"] == r["rs late"] == sums[2 * rank:2 * rank + 2], r
         assert r["gathered"] == r["ag late"] == rows, r
+        mine = [float(rank), rank + 1.0]
+        assert r["rooted"] == r["rooted late"] == ([1.0, 2.0], rows[-1] if rank == 2 else mine), r
         for key, words in [("rs shape", ["shape=[6]", "shape=[3]"]),
-                           ("rs op", ["op=sum", "op=max"]), ("ag dtype", ["float32", "float64"])]:
+                           ("rs op", ["op=sum", "op=max"]), ("ag dtype", ["float32", "float64"]),
+                           ("bc root", ["root=1", "root=2"]), ("reduce op", ["op=max", "op=min"])]:
             assert r[key].startswith("MismatchError") and all(w in r[key] for w in words), \
                 f"rank {rank} {key}: {r[key]}"
         text = r["rs bad op"]

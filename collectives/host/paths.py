@@ -309,6 +309,8 @@ def broadcast(g: Comm, a: np.ndarray, root: int = 0, async_op: bool = False,
                 hier.broadcast(ctx, topo, buf, r, alg == "chain")
             elif board.available(ctx):
                 local.broadcast(ctx, buf, r)
+                if algorithm is None:
+                    tiny.learn(ctx, arr, (None, r), None, "broadcast")
             else:
                 agreed(lambda c: fn(c, buf, r))(ctx)
         return _fp("broadcast", arr, root=r, alg=alg, hier=lay), _in_place(arr, body,
@@ -334,6 +336,8 @@ def reduce(g: Comm, a: np.ndarray, root: int = 0, op: str = "sum", async_op: boo
                     _said(ctx, "reduce", None, alg, buf.nbytes)
                 if board.available(ctx):
                     local.reduce(ctx, buf, rop, r)
+                    if algorithm is None:
+                        tiny.learn(ctx, arr, (op, r), rop, "reduce")
                 else:
                     agreed(lambda c: fn(c, buf, rop, r))(ctx)
             if ctx.g.rank == r:

@@ -3,8 +3,8 @@
 (collectives.shm.cma). No socket carries data or waits here.
 
     small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
-      broadcast, gather, reduce    (tiny all_reduce, reduce_scatter, all_gather:
-                                   collectives.shm.tiny's short way, then these)
+      broadcast, gather, reduce    (tiny ones but gather: collectives.shm.tiny's short
+                                   way, then these)
     large all_reduce               post address | reduce chunk r from every peer's buffer |
                                    stage 1 | read each peer's final chunk | stage 2 | exit;
                                    up to 8 MiB where ranks outnumber cores: copy into the
@@ -298,14 +298,17 @@ def _small(ctx: Ctx, buf: np.ndarray) -> bool:
     return buf.nbytes <= min(ctx.tuning.small, CAPACITY)
 
 
-def broadcast(ctx: Ctx, buf: np.ndarray, root: int) -> None:
+def broadcast(ctx: Ctx, buf: np.ndarray, root: int, sig: tuple[bytes, int] | None = None,
+              posted: bool = False) -> None:
     """Small: the root posts its buffer as payload, the others copy it (one
-    sync; the acks keep the slot until all have). Large: the others read the
-    root's buffer, which the root holds until they say so."""
+    sync; the acks keep the slot until all have; ``sig``, ``posted``: as
+    for _reduce_payloads, from collectives.shm.tiny). Large: the others
+    read the root's buffer, which the root holds until they say so."""
     is_root = ctx.g.rank == root
-    with Round(ctx) as r:
+    with Round(ctx, sig) as r:
         if _small(ctx, buf):
-            r.post(payload=buf if is_root else None)
+            if not posted:
+                r.post(payload=buf if is_root else None)
             r.gather(None if is_root else [buf if p == root else None
                                            for p in range(ctx.g.size)])
             return
@@ -319,15 +322,19 @@ def broadcast(ctx: Ctx, buf: np.ndarray, root: int) -> None:
         r.stage(2)
 
 
-def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int) -> None:
-    """Rank c reduces chunk c of everyone's buffer (the root in place, the
+def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int,
+           outs: list[np.ndarray | None] | None = None,
+           sig: tuple[bytes, int] | None = None, posted: bool = False) -> None:
+    """Small: the root reduces the others' payloads (_reduce_payloads;
+    ``outs``, ``sig``, ``posted`` its, from collectives.shm.tiny). Large:
+    rank c reduces chunk c of everyone's buffer (the root in place, the
     others into a chunk of their own), then the root reads the chunks::
 
         post (buffer, chunk) | reduce chunk r | stage 1 | root: read chunks, stage 2
     """
     n, rank = ctx.g.size, ctx.g.rank
     if _small(ctx, buf):
-        _reduce_payloads(ctx, buf, op, range(root, root + 1))
+        _reduce_payloads(ctx, buf, op, range(root, root + 1), outs, sig, posted)
         return
     bounds = ring_chunks(buf.size, n)
     lo, hi = bounds[rank]

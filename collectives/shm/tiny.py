@@ -1,16 +1,19 @@
-"""The short way of a tiny all_reduce, reduce_scatter or all_gather (a
-payload that fits the board's inline room, ranks of one host whose boards
-are all mapped, a blocking call): what the first call of a (collective,
-group, dtype, shape, op) settles through collectives.host.paths (argument
-checks, fingerprint, algorithm, the board) is kept, and later calls under
-the same tuning go straight to the board (collectives.shm.board.Quick):
-one post, one poll per peer, and the result read straight out of the
-peers' mapped boards, with nothing made per call but a new result::
+"""The short way of a tiny all_reduce, reduce_scatter, all_gather, reduce
+or broadcast (a payload that fits the board's inline room, ranks of one
+host whose boards are all mapped, a blocking call): what the first call of
+a (collective, group, dtype, shape, op, root) settles through
+collectives.host.paths (argument checks, fingerprint, algorithm, the
+board) is kept, and later calls under the same tuning go straight to the
+board (collectives.shm.board.Quick): one post, one poll per peer, and the
+result read straight out of the peers' mapped boards, with nothing made
+per call but a new result::
 
     all_reduce       the reduction in rank order, into the caller's array
     reduce_scatter   this rank's chunk: its own, then the peers' in ring
                      order from rank + 1 (collectives.shm.local.reduce_scatter's)
     all_gather       every rank's post copied into its row
+    reduce           the root: the reduction in rank order; the others post
+    broadcast        the others: the root's post copied into their array
 
 It keeps the long way's guarantees: the fingerprint on the board is the
 same (a rank on either way that called something else raises a
@@ -20,11 +23,11 @@ deadline, and a failure aborts the tag on every member
 rank of the group has a core, then yields, 0.5 ms in all), a mismatch, or
 a peer not done with the slot goes on as the long way does, with a Round,
 from where the short way left off (collectives.shm.local's
-all_reduce_small, reduce_scatter, all_gather). Anything the short way
-cannot take (async, an algorithm or a timeout that is not a float; an
-all_reduce's non-contiguous or read-only array; an ``out`` that is not
-a C-contiguous writable array of the result's dtype and size; a lane
-with work) takes the long way.
+all_reduce_small, reduce_scatter, all_gather, reduce, broadcast).
+Anything the short way cannot take (async, an algorithm or a timeout that
+is not a float; a non-contiguous or read-only array that the call writes;
+an ``out`` that is not a C-contiguous writable array of the result's dtype
+and size; a lane with work) takes the long way.
 """
 from __future__ import annotations
 
@@ -42,10 +45,11 @@ from ..ops import FP_RAISED, ReduceOp
 from ..plan import Tuning, ring_chunks
 from ..runner import NOT_NOW, Body, Ctx, now
 from . import board
-from .local import all_gather as gather_small, all_reduce_small, reduce_scatter as scatter_small
+from .local import all_gather as gather_small, all_reduce_small, reduce as reduce_small
+from .local import broadcast as broadcast_small, reduce_scatter as scatter_small
 
 __all__ = ["MAX_BYTES", "forget", "learn", "keep", "plan_key", "all_reduce", "reduce_scatter",
-           "all_gather"]
+           "all_gather", "broadcast", "reduce"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
@@ -110,6 +114,68 @@ class _Plan(_Short):
         def run(ctx: Ctx) -> None:
             all_reduce_small(ctx, buf, self.rop, self.outs, self.sig, posted)
             self.rop.finish(buf, self.n)
+        return run
+
+
+class _Reduce(_Plan):
+    """A tiny reduce: every rank posts, as the long way's non-roots do
+    (its root posts nothing there: a root on the long way beside ranks on
+    the short way goes on with a Round, whose gather does not weigh it);
+    the root reduces all in rank order, as a tiny all_reduce does."""
+
+    __slots__ = ("root", "rank")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: ReduceOp) -> None:
+        super().__init__(ctx, arr, rop)
+        self.root, self.rank = ctx.fp["root"], ctx.g.rank
+
+    def step(self, tag: int, a: np.ndarray) -> Body | None:
+        if self.rank == self.root:
+            return super().step(tag, a)
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, False)
+        if not quick.arrived(seq):
+            return self.rest(a, True)
+        quick.done(seq)
+        return None
+
+    def rest(self, buf: np.ndarray, posted: bool) -> Body:
+        def run(ctx: Ctx) -> None:
+            root = self.rank == self.root
+            reduce_small(ctx, buf if root else np.ascontiguousarray(buf), self.rop, self.root,
+                         self.outs, self.sig, posted)
+            if root:
+                self.rop.finish(buf, self.n)
+        return run
+
+
+class _Broadcast(_Short):
+    """A tiny broadcast: every rank posts its array (the long way's
+    non-roots post nothing: as _Reduce's root), the others copy the root's
+    post into theirs."""
+
+    __slots__ = ("root", "rank")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: Any = None) -> None:
+        super().__init__(ctx, arr)
+        self.root, self.rank = ctx.fp["root"], ctx.g.rank
+
+    def step(self, tag: int, a: np.ndarray) -> Body | None:
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, False)
+        if not quick.arrived(seq):
+            return self.rest(a, True)
+        if self.rank != self.root:
+            a[...] = quick.views[seq & 1][self.root]
+        quick.done(seq)
+        return None
+
+    def rest(self, a: np.ndarray, posted: bool) -> Body:
+        def run(ctx: Ctx) -> None:
+            buf = a if self.rank != self.root else np.ascontiguousarray(a)
+            broadcast_small(ctx, buf.reshape(-1), self.root, self.sig, posted)
         return run
 
 
@@ -204,14 +270,14 @@ class _Gather(_Short):
 
 
 _KINDS: dict[str, Any] = {"all_reduce": _Plan, "reduce_scatter": _Scatter,
-                          "all_gather": _Gather}
+                          "all_gather": _Gather, "reduce": _Reduce, "broadcast": _Broadcast}
 
 _plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Short]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-_NO_LAST: tuple = (lambda: None, None, None, None, None)
+_NO_LAST: tuple = (lambda: None, None, None, None, None, None)
 _last: dict[str, tuple] = {}
-"""Per collective, (group's weak reference, dtype, shape, op, plan) of its
-last short call: a loop's next call finds its plan here for a third of
+"""Per collective, (group's weak reference, dtype, shape, op, root, plan)
+of its last short call: a loop's next call finds its plan here for a third of
 what the dictionaries cost (hashing a dtype alone costs about as much)."""
 
 
@@ -266,16 +332,21 @@ def keep(plans_of: "weakref.WeakKeyDictionary[Comm, dict[tuple, Any]]", ctx: Ctx
         return True
 
 
-def _find(coll: str, g: Comm, a: np.ndarray, op: Any, timeout: Any) -> Any:
-    """``coll``'s plan for ``a`` on ``g`` where the call may take the short
-    way (the tuning it was settled under, a timeout it takes), else None."""
-    ref, dtype, shape, last_op, plan = _last.get(coll, _NO_LAST)
-    if ref() is not g or dtype is not a.dtype or last_op is not op or shape != a.shape:
+def _find(coll: str, g: Comm, a: np.ndarray, op: Any, timeout: Any, root: Any = None) -> Any:
+    """``coll``'s plan for ``a`` on ``g`` (and ``op``, ``root``: a rooted
+    call's plan key holds both) where the call may take the short way (the
+    tuning it was settled under, a timeout it takes), else None."""
+    ref, dtype, shape, last_op, last_root, plan = _last.get(coll, _NO_LAST)
+    if (ref() is not g or dtype is not a.dtype or last_op is not op or last_root is not root
+            or shape != a.shape):
+        if root is not None and type(root) is not int:
+            return None     # (the long way checks it)
         try:
-            plan = _plans[g][plan_key(a.dtype, a.shape, op, coll)]
+            plan = _plans[g][plan_key(a.dtype, a.shape, op if root is None else (op, root),
+                                      coll)]
         except (KeyError, TypeError):
             return None
-        _last[coll] = (weakref.ref(g), a.dtype, a.shape, op, plan)
+        _last[coll] = (weakref.ref(g), a.dtype, a.shape, op, root, plan)
     try:
         tuning = Tuning.from_env()
     except ValueError:      # (a bad MESH_COLL_*: the long way raises it, naming the call)
@@ -346,6 +417,34 @@ def all_gather(g: Comm, a: np.ndarray, timeout: Any, out: Any = None) -> np.ndar
     if debug.ON:
         debug.note(g, "all_gather", SHORT_PATH, a.nbytes * plan.n)
     return rows
+
+
+def reduce(g: Comm, a: np.ndarray, root: Any, op: Any, timeout: Any) -> np.ndarray | None:
+    """``a`` reduced into the root's the short way, or None (nothing done,
+    no tag taken) where the call must take the long way."""
+    plan = _find("reduce", g, a, op, timeout, root)
+    if plan is None or plan.rank == plan.root and not (a.flags.c_contiguous
+                                                       and a.flags.writeable):
+        return None
+    if now(g, "reduce", plan.fp, plan.tuning, plan.step, a, timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "reduce", SHORT_PATH, a.nbytes)
+    return a
+
+
+def broadcast(g: Comm, a: np.ndarray, root: Any, timeout: Any) -> np.ndarray | None:
+    """The root's ``a`` copied into ``a`` the short way, or None (nothing
+    done, no tag taken) where the call must take the long way."""
+    plan = _find("broadcast", g, a, None, timeout, root)
+    if plan is None or plan.rank != plan.root and not (a.flags.c_contiguous
+                                                       and a.flags.writeable):
+        return None
+    if now(g, "broadcast", plan.fp, plan.tuning, plan.step, a, timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "broadcast", SHORT_PATH, a.nbytes)
+    return a
 
 
 SHORT_PATH = "same-host board, the short way (collectives.shm.tiny)"
