@@ -19,9 +19,10 @@ rendezvous, where torch's env:// would start its TCPStore; so importing
 this module wraps torch's env:// handler: there, the store is a TCPStore
 rank 0 starts on port 0 and announces over the process's mesh (made with
 mesh.init() if the script has none, and then closed as init_process_group
-returns unless the group is meshrun's: a gloo group keeps no mesh). Elsewhere env:// is torch's own, but
-for any backend a client of rank 0's store (env://, tcp://) whose
-connection closes while it connects connects again (_c10d_store).
+returns unless the group is meshrun's: a gloo group keeps no mesh).
+Elsewhere env:// is torch's own, but for any backend a client of rank 0's
+store (env://, tcp://) whose connection closes while it connects connects
+again (_c10d_store).
 
 torch's ``dist.monitored_barrier`` refuses every backend not named
 "gloo" before it calls one; registering puts ``monitored_barrier`` (this
