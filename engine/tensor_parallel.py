@@ -148,7 +148,7 @@ def describe_plan(module: Any, plan: Mapping[str, Any], tp: int, *,
         sub = named[name]
         _validate(torch, name, sub, style, tp)
         lines.append(style_said(name, type(sub).__name__, style, style.width))
-        dims = _DIMS.get(style.style, {})
+        dims = _dims(sub, style.style)
         for pname, p in sub.named_parameters(recurse=style.style not in _TYPES):
             planned_ids.add(id(p))
             cut = pname in dims and style.style in _TYPES
@@ -312,6 +312,34 @@ def tensor_bytes(torch: Any, t: Any) -> bytes:
 
 _TYPES = {"colwise": "Linear", "rowwise": "Linear", "vocab": "Embedding"}
 _DIMS = {"colwise": {"weight": 0, "bias": 0}, "rowwise": {"weight": 1}, "vocab": {"weight": 0}}
+# a Conv1D holds its weight transposed, (in, out): colwise splits its columns
+_CONV1D_DIMS = {"colwise": {"weight": 1, "bias": 0}, "rowwise": {"weight": 0}}
+
+
+def is_conv1d(sub: Any) -> bool:
+    """Whether ``sub`` is a Hugging Face ``Conv1D`` (transformers.pytorch_utils:
+    GPT-2's c_attn, c_proj, c_fc), known by its duck type: a class named
+    Conv1D whose ``weight`` is ``(nx, nf)``, in by out, a Linear's
+    transposed, and whose forward is ``addmm(bias, x.view(-1, nx), weight)``
+    (transformers is not imported). Its ``nx`` may be missing (older
+    transformers kept ``nf`` alone)."""
+    shape = tuple(getattr(getattr(sub, "weight", None), "shape", ()))
+    nf = getattr(sub, "nf", None)
+    return type(sub).__name__ == "Conv1D" and type(nf) is int and len(shape) == 2 and \
+        shape[1] == nf and getattr(sub, "nx", shape[0]) == shape[0]
+
+
+def _dims(sub: Any, style: str) -> dict[str, int]:
+    """The axis ``style`` cuts each of ``sub``'s parameters along (a Linear's,
+    an Embedding's, a Conv1D's transposed weight's)."""
+    return (_CONV1D_DIMS if is_conv1d(sub) else _DIMS).get(style, {})
+
+
+def _features(sub: Any, out: bool) -> int:
+    """A Linear's or a Conv1D's output (``out``) or input features."""
+    if is_conv1d(sub):
+        return int(sub.nf if out else sub.weight.shape[0])
+    return int(sub.out_features if out else sub.in_features)
 
 
 def _check_ties(named: dict[str, Any], todo: dict[str, tuple[Any, Style]]) -> None:
@@ -326,7 +354,7 @@ def _check_ties(named: dict[str, Any], todo: dict[str, tuple[Any, Style]]) -> No
                 holders.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
     cuts: dict[int, tuple[Any, set[str]]] = {}     # how each tied one is cut, and by whom
     for name, (sub, style) in todo.items():
-        for pname, dim in _DIMS.get(style.style, {}).items():
+        for pname, dim in _dims(sub, style.style).items():
             p = getattr(sub, pname, None)
             if p is None or len(holders.get(id(p), ())) < 2:
                 continue
@@ -365,7 +393,7 @@ def _check_rewrites(torch: Any, todo: dict[str, tuple[Any, Style]], cut_before: 
     module with no parameters (an attention core fed sharded q, k, v) may."""
     cut = set(cut_before)
     for sub, style in todo.values():
-        cut.update(id(getattr(sub, p)) for p in _DIMS.get(style.style, {})
+        cut.update(id(getattr(sub, p)) for p in _dims(sub, style.style)
                    if getattr(sub, p, None) is not None)
     for name, (sub, style) in todo.items():
         counts = sorted(a for a, how in style.attrs.items() if callable(how))
@@ -411,7 +439,7 @@ def _check_heads(named: dict[str, Any], todo: dict[str, tuple[Any, Style]], tp: 
     if tp == 1:
         return
     for name, sub in named.items():
-        cut = {child: m.out_features for child, (m, st) in todo.items()
+        cut = {child: _features(m, True) for child, (m, st) in todo.items()
                if st.style == "colwise" and st.output == "shard"
                and child.rpartition(".")[0] == name and child != name}
         if not cut:
@@ -504,11 +532,18 @@ def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
     if hasattr(sub, "_tp"):
         raise PlanError(f"{name} is sharded already (parallelize ran on it before)")
     kind = _TYPES.get(style.style)
-    if kind and not isinstance(sub, getattr(torch.nn, kind)):
-        raise PlanError(f"style {style.style!r} fits an nn.{kind}, but {name} is a "
-                        f"{type(sub).__name__}")
+    conv1d = kind == "Linear" and is_conv1d(sub)
+    if kind and not conv1d and not isinstance(sub, getattr(torch.nn, kind)):
+        also = " or a Hugging Face Conv1D" if kind == "Linear" else ""
+        odd = "" if type(sub).__name__ != "Conv1D" else (
+            f" whose weight ({tuple(getattr(getattr(sub, 'weight', None), 'shape', ()))}) is "
+            f"not (nx, nf) = ({getattr(sub, 'nx', '?')}, {getattr(sub, 'nf', '?')}), as Hugging "
+            f"Face's is (in by out)")
+        raise PlanError(f"style {style.style!r} fits an nn.{kind}{also}, but {name} is a "
+                        f"{type(sub).__name__}{odd}")
     base: Any = getattr(torch.nn, kind) if kind else None
-    if style.style in ("rowwise", "vocab") and type(sub).forward is not base.forward:
+    if style.style in ("rowwise", "vocab") and not conv1d and \
+            type(sub).forward is not base.forward:
         # these run the base class's computation on the shards (a partial product,
         # masked ids) and sum it: a forward of the subclass's own would be skipped
         raise PlanError(f"style {style.style!r} computes nn.{kind}'s forward on the shards, "
@@ -516,9 +551,11 @@ def _validate(torch: Any, name: str, sub: Any, style: Style, tp: int) -> None:
                         f"(it would not run): leave it whole ('replicate')"
                         + (", or plan it colwise" if style.style == "rowwise" else ""))
     if style.style == "colwise":
-        check_divisible(name, "out_features (weight rows)", sub.out_features, tp, style.parts)
+        what = "nf (weight columns)" if conv1d else "out_features (weight rows)"
+        check_divisible(name, what, _features(sub, True), tp, style.parts)
     elif style.style == "rowwise":
-        check_divisible(name, "in_features (weight columns)", sub.in_features, tp)
+        what = "nx (weight rows)" if conv1d else "in_features (weight columns)"
+        check_divisible(name, what, _features(sub, False), tp)
     elif style.style == "vocab":
         check_divisible(name, "num_embeddings (weight rows)", sub.num_embeddings, tp)
         if sub.max_norm is not None:
@@ -650,7 +687,8 @@ def _sequence_params(sub: Any, styles: dict[int, Style]) -> list[tuple[str, Any]
 def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
            cut: dict[int, Any], styles: dict[int, Style]) -> None:
     tp, r = group.size, group.rank
-    meta = _Meta(name, style, group, {p: d for p, d in _DIMS.get(style.style, {}).items()
+    conv1d = is_conv1d(sub)     # (read before its weight is cut, while nx and nf fit it)
+    meta = _Meta(name, style, group, {p: d for p, d in _dims(sub, style.style).items()
                                       if getattr(sub, p, None) is not None})
     with torch.no_grad():
         for p, d in meta.dims.items():
@@ -668,10 +706,16 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
                     cut[id(full)] = torch.nn.Parameter(shard, requires_grad=full.requires_grad)
             setattr(sub, p, cut[id(full)])
     if style.style == "colwise":
-        meta.order = joined_order(sub.out_features, style.parts, tp)
-        sub.out_features //= tp
+        meta.order = joined_order(sub.nf if conv1d else sub.out_features, style.parts, tp)
+        if conv1d:
+            sub.nf //= tp          # (its forward shapes its output by it)
+        else:
+            sub.out_features //= tp
     elif style.style == "rowwise":
-        sub.in_features //= tp
+        if not conv1d:
+            sub.in_features //= tp
+        elif hasattr(sub, "nx"):
+            sub.nx //= tp
     elif style.style == "vocab":
         sub.num_embeddings //= tp
         meta.lo = r * sub.num_embeddings
@@ -754,12 +798,13 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     if st.width:
         x = _shard_width(torch, x, g, meta.name)
     if st.style == "rowwise":
-        if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != self.weight.shape[1]:
+        conv1d = is_conv1d(self)            # (a Conv1D's weight is (in, out))
+        part = self.weight.shape[0 if conv1d else 1]
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != part:
             # (torch's shape error named neither the layer nor the plan; every tp rank
             # has the same shapes, so all raise here, before the output's all-reduce)
-            raise PlanError(rowwise_fed_whole(g.rank, meta.name, self.weight.shape[1], g.size,
-                                              x.shape[-1]))
-        y = torch.nn.functional.linear(x, self.weight)
+            raise PlanError(rowwise_fed_whole(g.rank, meta.name, part, g.size, x.shape[-1]))
+        y = torch.nn.functional.linear(x, self.weight.t() if conv1d else self.weight)
     elif st.style == "vocab":
         y = _embed(torch, self, meta, x)
     else:
@@ -1295,7 +1340,7 @@ def _unplanned_consumer(cls: Any, func: Any, args: Any, e: RuntimeError) -> None
     raise PlanError(fed_whole(
         meta.group.rank, meta.name, full, tp, what,
         f"{getattr(func, '__name__', func)}() raised {type(e).__name__}: {e}",
-        name if name and isinstance(m, torch.nn.Linear) else "")) from e
+        name if name and (isinstance(m, torch.nn.Linear) or is_conv1d(m)) else "")) from e
 
 
 def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:

@@ -23,6 +23,9 @@ enclosing module reduces):
     sequence  any       whole, grads summed  sequence|replicate          sequence|replicate
     replicate any       whole                any|sequence|shard          any|sequence
 
+A Hugging Face ``Conv1D`` (GPT-2's projections: a Linear's weight held
+transposed, ``(in, out)``) takes colwise and rowwise as a Linear, its
+weight cut along the other axis (engine.tensor_parallel.is_conv1d).
 The first layout listed is the default. Megatron's sequence parallelism is a
 "sequence" region (norms, dropouts) between a rowwise (or vocab) module whose
 output is ``"sequence"`` (a reduce-scatter instead of an all-reduce) and a

@@ -323,6 +323,8 @@ def _torch_worker(world):
             assert state is None
         out[name] = sorted(k for k, _ in tp.named_parameters()) == \
             sorted(k for k, _ in ref.named_parameters())
+    for name, plan in [("gpt2", tp_models.GPT2), ("gpt2 sequence", tp_models.GPT2_SEQUENCE)]:
+        out[name] = _gpt2_trains(world, plan, ids)
     # a "sequence" module with whole input and output
     x = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 4, 8))).float()
     torch.manual_seed(0)
@@ -337,6 +339,8 @@ def _torch_worker(world):
     for key, make, plan in [
             ("type", lambda: tp_models.model(1), {"*.ln1": "colwise"}),
             ("divisible", lambda: torch.nn.Sequential(torch.nn.Linear(4, 5)), {"0": "colwise"}),
+            ("conv1d", lambda: torch.nn.Sequential(tp_models.Conv1D(5, 4)), {"0": "colwise"}),
+            ("conv1d shape", lambda: torch.nn.Sequential(_odd_conv1d()), {"0": "rowwise"}),
             ("nothing", lambda: tp_models.model(1), {"*.mlp.gate": "colwise"}),
             ("attr", lambda: tp_models.model(1), {"*.mlp": ("replicate", {"heads": 1})}),
             ("odd", lambda: torch.nn.Sequential(torch.nn.Linear(4, 3)),     # 3 "heads"
@@ -372,6 +376,56 @@ def _torch_worker(world):
     return out, errors
 
 
+def _odd_conv1d():
+    """A Conv1D whose weight is not Hugging Face's (nx, nf): a Linear's (out, in)."""
+    import torch
+
+    import tp_models
+    m = tp_models.Conv1D(4, 6)
+    m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous())
+    return m
+
+
+def _gpt2_trains(world, plan, ids):
+    """GPT-2's blocks, their projections Hugging Face's Conv1D (weight
+    (in, out)), sharded by ``plan``: three SGD steps give one process's
+    weights (gathered whole), and the whole state loads into the shards."""
+    import torch
+
+    import tp_models
+    from engine import describe_plan
+    ref, tp = tp_models.gpt2_model(1), tp_models.gpt2_model(1)
+    for m in tp[2].modules():      # older transformers' Conv1D: nf, and no nx
+        if isinstance(m, tp_models.Conv1D):
+            del m.nx
+    parallelize(tp, world, plan)
+    assert not hasattr(tp[2].mlp.c_proj, "nx") and tp[2].mlp.c_proj.weight.shape == (6, 8)
+    assert tp[1].mlp.c_proj.nx == 6
+    attn = tp[1].attn
+    assert (attn.num_heads, attn.split_size, attn.c_attn.nf) == (1, 4, 12)
+    assert attn.c_attn.weight.shape == (8, 12) and attn.c_proj.weight.shape == (4, 8)
+    assert tp[1].mlp.c_fc.bias.shape == (6,)
+    said = describe_plan(tp_models.gpt2_model(1), plan, 2)
+    assert "1.attn.c_attn.weight: [8, 24] -> [8, 12] a rank (axis 1 split)" in said, said
+    assert "1.attn.c_proj.weight: [8, 8] -> [4, 8] a rank (axis 0 split)" in said, said
+    targets = torch.from_numpy(np.random.default_rng(6).integers(0, tp_models.VOCAB, (2, 4)))
+    for m in (ref, tp):
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            tp_models.cross_entropy(m(ids), targets).backward()
+            opt.step()
+    torch.testing.assert_close(tp(ids), ref(ids), rtol=1e-4, atol=1e-5)
+    state = gather_state_dict(tp)
+    assert set(state) == set(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    fresh = parallelize(tp_models.gpt2_model(2), world, plan)
+    load_full_state_dict(fresh, ref.state_dict())
+    torch.testing.assert_close(fresh(ids), ref(ids), rtol=1e-4, atol=1e-5)
+    return True
+
+
 def _scaled_linear():
     import torch
 
@@ -395,8 +449,12 @@ def test_torch_styles_match_the_unsharded_module():
     pytest.importorskip("torch")
     results = mesh.spawn(_torch_worker, 2, timeout=180)
     names, errors = results[0]
-    assert names == {"plain": True, "sequence": True}
-    assert "style 'colwise' fits an nn.Linear, but 1.ln1 is a LayerNorm" in errors["type"]
+    assert names == {"plain": True, "sequence": True, "gpt2": True, "gpt2 sequence": True}
+    assert "style 'colwise' fits an nn.Linear or a Hugging Face Conv1D, but 1.ln1 is a " \
+        "LayerNorm" in errors["type"]
+    assert "0: nf (weight columns) is 5, not divisible by the tp size 2" in errors["conv1d"]
+    assert "0 is a Conv1D whose weight ((4, 6)) is not (nx, nf) = (6, 4), as Hugging Face's " \
+        "is (in by out)" in errors["conv1d shape"]
     assert "0: out_features (weight rows) is 5, not divisible by the tp size 2" in \
         errors["divisible"]
     assert "plan pattern '*.mlp.gate' matches no submodule" in errors["nothing"]

@@ -330,10 +330,11 @@ def test_a_pipeline_sums_the_sequence_gradients_once_a_step():
     assert results[0][1] is not None and "aborted" in results[0][1], results[0][1]
 
 
-def _tied_model():
-    """tp_models' transformer with its head tied to its embedding, as GPTs do."""
+def _tied_model(gpt2=False):
+    """tp_models' transformer with its head tied to its embedding, as GPTs do
+    (``gpt2``: its blocks GPT-2's, their projections Conv1Ds)."""
     import tp_models
-    model = tp_models.model(seed=0, blocks=2)
+    model = (tp_models.gpt2_model if gpt2 else tp_models.model)(seed=0, blocks=2)
     model[-1].head.weight = model[0].embed.weight       # (vocab, dim) both
     return model
 
@@ -352,31 +353,37 @@ def _tied_loss(y, t):
     return torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1))
 
 
-def _tied_job(world, schedule, microbatches, loss_fn):
+def _tied_job(world, schedule, microbatches, loss_fn, gpt2=False):
     """The tied model through engine.distribute on pp=2 x tp=2, and an SGD
-    optimizer over this rank's part."""
+    optimizer over this rank's part (``gpt2``: GPT-2's blocks, sequence
+    parallel)."""
     import torch
 
     import engine
     import tp_models
     torch.set_num_threads(1)
-    job = engine.distribute(_tied_model(), mesh.grid(world, pp=2, tp=2), plan=tp_models.PLAIN,
+    plan = tp_models.GPT2_SEQUENCE if gpt2 else tp_models.PLAIN
+    job = engine.distribute(_tied_model(gpt2), mesh.grid(world, pp=2, tp=2), plan=plan,
                             schedule=schedule, microbatches=microbatches, balance="uniform",
                             loss_fn=loss_fn, verbose=False)
     return job, torch.optim.SGD(job.parameters(), lr=0.5)
 
 
 def _tied_distribute_worker(world):
-    job, opt = _tied_job(world, "1f1b", 2, _tied_loss)
-    for step in range(STEPS):
-        opt.zero_grad()
-        job.step(*_tied_batch(step))
-        opt.step()
-    state = job.state_dict()
-    named = job.named_parameters()
-    return {"state": None if state is None else {k: v.tolist() for k, v in state.items()},
+    out = {}
+    for gpt2 in (False, True):
+        job, opt = _tied_job(world, "1f1b", 2, _tied_loss, gpt2)
+        for step in range(STEPS):
+            opt.zero_grad()
+            job.step(*_tied_batch(step))
+            opt.step()
+        state = job.state_dict()
+        named = job.named_parameters()
+        out[gpt2] = {
+            "state": None if state is None else {k: v.tolist() for k, v in state.items()},
             "named": [(n, tuple(p.shape)) for n, p in named], "tp": True,
             "same": [id(p) for _, p in named] == [id(p) for p in job.parameters()]}
+    return out
 
 
 def _trained_alone(ref):
@@ -397,14 +404,16 @@ def test_a_tie_across_stages_and_tp_trains_like_one_process():
     colwise) share one weight: each rank holds one copy's shard, the copies
     stay equal and train like the single tied parameter."""
     torch = pytest.importorskip("torch")
-    ref = _trained_alone(_tied_model())
     results = mesh.spawn(_tied_distribute_worker, 4, timeout=130)
-    # each rank's named_parameters(): its shards under the whole model's names (the tied
-    # weight under the name its stage holds it by)
-    assert_named_like(results, ref)
-    state = results[0]["state"]
-    for k, v in ref.state_dict().items():
-        torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5, msg=k)
+    for gpt2 in (False, True):      # GPT-2's blocks: Conv1Ds (weights (in, out)) sharded
+        ref = _trained_alone(_tied_model(gpt2))
+        # each rank's named_parameters(): its shards under the whole model's names (the
+        # tied weight under the name its stage holds it by)
+        assert_named_like([res[gpt2] for res in results], ref)
+        state = results[0][gpt2]["state"]
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5,
+                                       msg=f"{k} (gpt2={gpt2})")
 
 
 def _shared_block_model():

@@ -189,3 +189,93 @@ def qk_norm_model(seed: int = 0) -> nn.Sequential:
 
 # the per-head norm's gradients summed over tp: it sees this rank's heads
 QK_NORM = {**PLAIN, "*.attn.q_norm": {"style": "replicate", "input": "shard"}}
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D (transformers.pytorch_utils), as GPT-2 has it:
+    a Linear whose weight is held transposed, ``(nx, nf)``, in by out."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.3)
+        nn.init.normal_(self.bias, std=0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GPT2Attention(nn.Module):
+    """GPT-2's attention as Hugging Face writes it: a fused [q; k; v]
+    ``c_attn`` split by ``split_size``, heads by ``num_heads``, causal."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = d, heads, d // heads
+        self.split_size = d
+        self.c_attn, self.c_proj = Conv1D(3 * d, d), Conv1D(d, d)
+
+    def _split_heads(self, t):
+        return t.view(t.size()[:-1] + (self.num_heads, self.head_dim)).permute(0, 2, 1, 3)
+
+    def forward(self, h):
+        q, k, v = self.c_attn(h).split(self.split_size, dim=2)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = a.permute(0, 2, 1, 3).contiguous()
+        return self.c_proj(a.view(a.size()[:-2] + (self.num_heads * self.head_dim,)))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(h, d), Conv1D(d, h)
+
+    def forward(self, x):
+        return self.c_proj(nn.functional.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.attn, self.mlp = GPT2Attention(DIM, HEADS), GPT2MLP(DIM, HIDDEN)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def gpt2_model(seed: int = 0, blocks: int = 2) -> nn.Sequential:
+    """model(), its blocks GPT-2's, every projection a Conv1D."""
+    torch.manual_seed(seed)
+    return nn.Sequential(Embed(), *(GPT2Block() for _ in range(blocks)), Head())
+
+
+GPT2 = {
+    "*embed": "vocab",
+    "*.attn": ("replicate", {"num_heads": _heads, "split_size": _heads}),
+    "*.attn.c_attn": {"style": "colwise", "parts": 3},
+    "*.attn.c_proj": "rowwise",
+    "*.mlp.c_fc": "colwise",
+    "*.mlp.c_proj": "rowwise",
+    "*.head": {"style": "colwise", "output": "replicate"},
+}
+
+# GPT2 with Megatron's sequence parallelism around the Conv1Ds (SEQUENCE's layout)
+GPT2_SEQUENCE = {
+    "*embed": {"style": "vocab", "output": "sequence"},
+    "*.ln_[12]": "sequence",
+    "*.ln_f": "sequence",
+    "*.attn": {"style": "replicate", "input": "sequence", "output": "sequence",
+               "attrs": {"num_heads": _heads, "split_size": _heads}},
+    "*.attn.c_attn": {"style": "colwise", "input": "partial", "parts": 3},
+    "*.attn.c_proj": {"style": "rowwise", "output": "partial"},
+    "*.mlp.c_fc": {"style": "colwise", "input": "sequence"},
+    "*.mlp.c_proj": {"style": "rowwise", "output": "sequence"},
+    "*.head": {"style": "colwise", "input": "sequence", "output": "replicate"},
+}
