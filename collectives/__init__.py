@@ -25,8 +25,8 @@
 from . import api
 from .api import (all_gather, all_gather_object, all_gather_v, all_reduce, all_to_all,
                   all_to_all_v, barrier, broadcast, broadcast_object, broadcast_state, exscan,
-                  gather, gather_object, reduce, reduce_scatter, reduce_scatter_v, scan, scatter,
-                  scatter_object)
+                  gather, gather_object, gather_v, reduce, reduce_scatter, reduce_scatter_v, scan,
+                  scatter, scatter_object, scatter_v)
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
 from .plan import Tuning
@@ -34,7 +34,7 @@ from .runner import Work, abandon
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "scan",
-           "exscan", "barrier",
+           "exscan", "gather_v", "scatter_v", "barrier",
            "broadcast_object", "all_gather_object", "gather_object", "scatter_object",
            "broadcast_state", "GradReducer", "all_reduce_grads", "bucket_plan",
            "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "abandon"]

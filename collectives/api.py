@@ -43,8 +43,8 @@ from .tensors import run as _on_tensor
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "scan",
-           "exscan", "barrier", "broadcast_object", "all_gather_object", "gather_object",
-           "scatter_object", "broadcast_state"]
+           "exscan", "gather_v", "scatter_v", "barrier", "broadcast_object",
+           "all_gather_object", "gather_object", "scatter_object", "broadcast_state"]
 
 _staged_all_reduce = simple(host.all_reduce, in_place=True)
 _staged_all_gather = simple(host.all_gather, in_place=False)
@@ -58,6 +58,8 @@ _staged_all_to_all_v = simple(host.all_to_all_v, in_place=False)
 _staged_all_gather_v = simple(host.all_gather_v, in_place=False)
 _staged_reduce_scatter_v = simple(host.reduce_scatter_v, in_place=False)
 _staged_scan = simple(host.scan, in_place=False)
+_staged_gather_v = simple(host.gather_v, in_place=False)
+_staged_scatter_v = simple(host.scatter_v, in_place=False)
 
 _HALF_WIDE = np.dtype(np.float32, metadata={"name": "float16"})
 """float16 widened for an average: float32 whose fingerprint says float16
@@ -373,6 +375,60 @@ def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str = "sum", async_op: bo
             raise ValueError(bad)
     return _staged_reduce_scatter_v(g, a, sizes, op=op, async_op=async_op, timeout=timeout,
                                     check=check)
+
+
+def gather_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False,
+             timeout: float | None = None) -> Any:
+    """gather of arrays whose first axis differs from rank to rank (MPI's
+    Gatherv): every rank's ``a`` concatenated along axis 0 in rank order
+    on the root, a new array (or tensor) of sum(counts) rows; None on the
+    other ranks; ``a`` is only read. ``counts``: as all_gather_v's
+    (required; this rank's ``a`` has ``counts[rank]`` rows). The rows'
+    shape (a.shape[1:]) and dtype must be alike on every rank. Counts that
+    differ between ranks make every rank raise MismatchError naming two
+    ranks and their counts; counts that are not valid, or an ``a`` of
+    other rows than its count, fail the call on every rank. Host and
+    device arrays and tensors; gather's paths (the same-host board,
+    sockets: one message a rank)."""
+    check_comm(g, "gather_v")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(gather_v, "gather_v", g, a, counts=counts, root=root,
+                          async_op=async_op, timeout=timeout)
+    sizes, bad = _counts(counts, "counts", g.size,
+                         f"rank {g.ranks[g.rank]}: gather_v on group {g.name}")
+
+    def check() -> None:        # (under the call's tag: every rank fails the call)
+        if bad is not None:
+            raise ValueError(bad)
+    return _staged_gather_v(g, a, sizes, root=root, async_op=async_op, timeout=timeout,
+                            check=check)
+
+
+def scatter_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False,
+              timeout: float | None = None, dtype: Any = None) -> Any:
+    """scatter of blocks of unequal sizes (MPI's Scatterv): rank r gets
+    rows [off_r, off_r + counts[r]) of the root's ``a`` (sum(counts) rows;
+    off_r = counts[0] + ... + counts[r-1]), a new array (or tensor) like
+    it. ``a`` is ignored (may be None) on the other ranks; a tensor there
+    makes its rows come back as a tensor of that dtype and device, and the
+    root's rows must have that dtype (``dtype=``: a numpy dtype, to check
+    it for rows that come back as a numpy array; MismatchError naming
+    both). ``counts``: as all_gather_v's (required). Counts that differ
+    between ranks make every rank raise MismatchError naming two ranks and
+    their counts. Host and device arrays and tensors; scatter's paths (the
+    same-host board, sockets)."""
+    check_comm(g, "scatter_v")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(scatter_v, "scatter_v", g, a, counts=counts, root=root,
+                          async_op=async_op, timeout=timeout)
+    sizes, bad = _counts(counts, "counts", g.size,
+                         f"rank {g.ranks[g.rank]}: scatter_v on group {g.name}")
+
+    def check() -> None:
+        if bad is not None:
+            raise ValueError(bad)
+    return _staged_scatter_v(g, a, sizes, root=root, async_op=async_op, timeout=timeout,
+                             dtype=dtype, check=check)
 
 
 def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,

@@ -38,10 +38,11 @@ def run(fn: Callable[..., Any], name: str, g: Any, t: Any, **kw: Any) -> Any:
     root = kw.get("root", 0)
     wide = name in _REDUCING and t.dtype == torch.bfloat16
     try:
-        if name == "scatter" and g.rank != root:   # t only says what the row should be
+        if name in ("scatter", "scatter_v") and g.rank != root:   # t only says what the
+            # rows should be
             kw["dtype"] = tensors.check(t, f"rank {g.ranks[g.rank]}: {name} on group {g.name}")
             arr, shares = None, True
-        elif name == "scatter" and t.is_cuda and t.dtype == torch.bfloat16:
+        elif name in ("scatter", "scatter_v") and t.is_cuda and t.dtype == torch.bfloat16:
             # the root's rows staged here, as the host copy's would be, keeping bfloat16's
             # name (a CuPy view is plain uint16: the others would see another dtype)
             arr, shares = tensors.operand(t.cpu(), f"rank {g.ranks[g.rank]}: {name} on group "

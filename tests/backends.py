@@ -186,7 +186,7 @@ class _Work:
 
 IN_PLACE = ("all_reduce", "broadcast", "reduce")
 RETURNS = ("all_gather", "reduce_scatter", "gather", "scatter", "all_to_all", "scan",
-           "exscan", "all_gather_v", "reduce_scatter_v")
+           "exscan", "all_gather_v", "reduce_scatter_v", "gather_v", "scatter_v")
 
 
 class Backed:

@@ -36,8 +36,9 @@ from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chai
 from .small import all_reduce_rd, barrier_dissemination
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
-           "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "scan",
-           "barrier", "broadcast_object", "all_gather_object", "gather_object", "scatter_object"]
+           "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "gather_v",
+           "scatter_v", "scan", "barrier", "broadcast_object", "all_gather_object",
+           "gather_object", "scatter_object"]
 
 
 _ONE_ARRAY = {      # what to do with a list of arrays, by collective ("": the others)
@@ -657,13 +658,100 @@ def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
     return start(g, "scatter", prepare, async_op, timeout)
 
 
+def gather_v(g: Comm, a: Any, counts: list[int], root: int = 0, async_op: bool = False,
+             timeout: float | None = None, check: Callable[[], Any] | None = None) -> Any:
+    """MPI's Gatherv: every rank's ``a`` (``counts[rank]`` rows; the rows'
+    shape, a.shape[1:], and dtype alike on every rank) concatenated along
+    axis 0 in rank order on the root (sum(counts) rows); None on the other
+    ranks. gather's paths (the same-host board, sockets) with rows of the
+    counts' sizes; the counts are in the fingerprint (_counts_fp).
+    ``check``: as all_gather_v's."""
+    n = g.size
+
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        if check is not None:
+            check()
+        r = _root(g, root)
+        arr, bounds = _uneven("gather_v", a, counts, n,
+                              counts[g.rank] if len(counts) == n else None)
+        rest = arr.shape[1:]
+        flat = arr.reshape(-1)
+
+        def body(ctx: Ctx) -> Any:
+            if debug.ON:
+                _said(ctx, "gather_v", None, "direct", arr.nbytes)
+            res = None if ctx.g.rank != r else np.empty((sum(counts),) + rest, arr.dtype)
+            rows = None if res is None else [res.reshape(-1)[lo:hi] for lo, hi in bounds]
+            if board.available(ctx):    # (the largest row's bytes: every rank chooses alike)
+                local.gather(ctx, flat, rows, r,
+                             max(hi - lo for lo, hi in bounds) * arr.itemsize)
+            else:
+                agreed(lambda c: gather_direct(c, flat, rows, r))(ctx)
+            return res
+        return _fp("gather_v", dtype=dtype_name(arr.dtype), row=list(rest) or None,
+                   counts=_counts_fp(list(counts)), root=r), body
+    return start(g, "gather_v", prepare, async_op, timeout)
+
+
+def scatter_v(g: Comm, a: Any, counts: list[int], root: int = 0, async_op: bool = False,
+              timeout: float | None = None, dtype: Any = None,
+              check: Callable[[], Any] | None = None) -> Any:
+    """MPI's Scatterv: rows [off_r, off_r + counts[r]) of the root's ``a``
+    (sum(counts) rows; off_r the sum of the counts before r) to rank r, as
+    a new array. ``a`` is ignored (may be None) on the other ranks; there
+    ``dtype`` (a tensor's) is the dtype the rows must have (MismatchError
+    naming both). scatter's paths (the same-host board, sockets) with
+    blocks of the counts' sizes; the counts are in the fingerprint.
+    ``check``: as all_gather_v's."""
+    n = g.size
+
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        if check is not None:
+            check()
+        r = _root(g, root)
+        src: np.ndarray | None = None
+        bounds: list[tuple[int, int]] = []
+        if g.rank == r:
+            src, bounds = _uneven("scatter_v", a, counts, n,
+                                  sum(counts) if len(counts) == n else None)
+        elif len(counts) != n:      # (the root's _uneven says so on the root)
+            raise ValueError(f"scatter_v: counts must be {n} integers >= 0 (one a rank), got "
+                             f"{list(counts)!r:.200}")
+        want = None if dtype is None or g.rank == r else np.dtype(dtype)
+
+        def rows_as_wanted(ctx: Ctx, dt: np.dtype, shape: tuple[int, ...]) -> None:
+            _row_as_wanted(ctx, want, None, dt, shape, r, "rows")
+
+        def sockets(ctx: Ctx) -> np.ndarray:
+            if src is None:
+                got = ctx.recv(r)
+                rows_as_wanted(ctx, got.dtype, got.shape)
+                return got
+            flat = src.reshape(-1)
+            blocks = [flat[lo:hi].reshape((counts[j],) + src.shape[1:])
+                      for j, (lo, hi) in enumerate(bounds)]
+            mine = np.empty_like(blocks[r])
+            scatter_direct(ctx, blocks, mine, r)
+            return mine
+
+        def body(ctx: Ctx) -> np.ndarray:
+            if debug.ON:
+                _said(ctx, "scatter_v", None, "direct", None if src is None else src.nbytes)
+            if board.available(ctx):
+                return local.scatter(ctx, src, r, lambda dt, sh: rows_as_wanted(ctx, dt, sh),
+                                     counts=list(counts))
+            return agreed(sockets)(ctx)
+        return _fp("scatter_v", counts=_counts_fp(list(counts)), root=r), body
+    return start(g, "scatter_v", prepare, async_op, timeout)
+
+
 def _row_as_wanted(ctx: Ctx, want: np.dtype | None, form: tuple[int, ...] | None,
-                   got: np.dtype, shape: tuple[int, ...], root: int) -> None:
+                   got: np.dtype, shape: tuple[int, ...], root: int, row: str = "row") -> None:
     """A scatter's row of dtype ``got`` and ``shape`` is what this rank
     wants (``want``, ``form``: None, anything), or MismatchError, inside
     the call (which aborts it)."""
     if want is not None and (want != got or dtype_name(want) != dtype_name(got)):
-        raise MismatchError(f"{ctx.where()}: {named(ctx.g, ctx.g.rank)} wants its row as "
+        raise MismatchError(f"{ctx.where()}: {named(ctx.g, ctx.g.rank)} wants its {row} as "
                             f"{dtype_name(want)} (its tensor's dtype, or dtype=) but "
                             f"{named(ctx.g, root, 'root')} scatters {dtype_name(got)}")
     if form is not None and tuple(form) != tuple(shape):

@@ -122,8 +122,10 @@ def gather_direct(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray] 
         req.wait()
 
 
-def scatter_direct(ctx: Ctx, src: np.ndarray | None, out: np.ndarray, root: int) -> None:
-    """The root sends row i of ``src`` to rank i, received straight into ``out``."""
+def scatter_direct(ctx: Ctx, src: np.ndarray | list[np.ndarray] | None, out: np.ndarray,
+                   root: int) -> None:
+    """The root sends row i of ``src`` (or block i of a list: scatter_v's)
+    to rank i, received straight into ``out``."""
     n, rank = ctx.g.size, ctx.g.rank
     if rank != root:
         ctx.recv(root, out=out)
@@ -132,8 +134,9 @@ def scatter_direct(ctx: Ctx, src: np.ndarray | None, out: np.ndarray, root: int)
     order = [(rank + k) % n for k in range(1, n)]
     # (src[i, ...]: a 0-d row stays an array; src[i] would be a numpy scalar,
     # whose dtype drops the metadata naming bfloat16)
-    reqs = [ctx.isend(src[i, ...], i) for i in order]
-    out[...] = src[rank]
+    rows = src if isinstance(src, list) else [src[i, ...] for i in range(n)]
+    reqs = [ctx.isend(rows[i], i) for i in order]
+    out[...] = rows[rank]
     for req in reqs:
         req.wait()
 

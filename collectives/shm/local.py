@@ -27,6 +27,7 @@ owner alone), so all ranks get the same bits.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import msgpack
@@ -358,14 +359,17 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int,
 
 def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
             check: Callable[[np.dtype, tuple[int, ...]], None] | None = None,
-            out: np.ndarray | None = None) -> np.ndarray:
+            out: np.ndarray | None = None, counts: list[int] | None = None) -> np.ndarray:
     """Rank p reads row p of the root's ``src`` (shaped (n, ...)) into
     ``out`` (given: the row's dtype and shape, which ``check`` ensures) or a
     new array; the root posts the rows' dtype (bfloat16's named) and shape
     with the buffer's address. ``check(dtype, shape)`` may refuse the rows
     before a byte is read; the root waits for every reader, so its raise
-    fails the root's call too."""
+    fails the root's call too. ``counts`` (scatter_v's): rank p reads
+    counts[p] rows of ``src`` (C-contiguous, sum(counts) rows) from the sum
+    of the counts before p."""
     rank = ctx.g.rank
+    before = 0 if counts is None else sum(counts[:rank])
     with Round(ctx) as r:
         if src is not None:
             bf16 = dtype_name(src.dtype) == "bfloat16"
@@ -373,20 +377,25 @@ def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
             r.post(payload=np.frombuffer(meta, np.uint8), addr=src.ctypes.data)
             r.gather()
             r.wait_stage(r.peers, 2)
+            mine = src[rank, ...] if counts is None else src[before:before + counts[rank]]
             if out is None:
-                return src[rank, ...].copy()   # a 0-d array for 1-d src, not a numpy scalar
-            out[...] = src[rank]
+                return mine.copy()     # a 0-d array for 1-d src, not a numpy scalar
+            out[...] = mine
             return out
         r.post()
         addrs = r.gather()
         dtype, shape, bf16 = msgpack.unpackb(r.payload_of(root).tobytes())
         dt = BFLOAT16 if bf16 else np.dtype(dtype)
+        if counts is not None:      # (shape: a row's; this rank's block has counts[rank])
+            shape = [counts[rank]] + list(shape)
         if check is not None:
             check(dt, tuple(shape))
         if out is None:
             out = np.empty(shape, dt)
+        at = rank * out.nbytes if counts is None else \
+            before * dt.itemsize * math.prod(shape[1:])
         if out.size:
-            peer_read(ctx, root, addrs[root] + rank * out.nbytes, out.reshape(-1))
+            peer_read(ctx, root, addrs[root] + at, out.reshape(-1))
         r.stage(2)
         return out
 
