@@ -4,8 +4,8 @@
     world.send(array, dst=1); x = world.recv(src=0)
     results = mesh.spawn(fn, 4)       # fn(world) on four local processes
 """
-from .comm import (ANY, ANY_SOURCE, ANY_TAG, Comm, Request, Status, testall, testany,
-                   testsome, waitall, waitany, waitsome)
+from .comm import (ANY, ANY_SOURCE, ANY_TAG, PROC_NULL, Comm, Request, Status, testall,
+                   testany, testsome, waitall, waitany, waitsome)
 from .errors import (AbortKind, AuthError, BadMessageError, LostPeerError, MeshError,
                      MeshTimeoutError, MismatchError, OutMismatchError, RendezvousError,
                      WorkerError)
@@ -15,6 +15,6 @@ from .world import Mesh, init
 
 __all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "Status", "waitall",
            "waitany", "waitsome", "testall", "testany", "testsome", "ANY",
-           "ANY_SOURCE", "ANY_TAG", "MeshError", "MeshTimeoutError", "LostPeerError",
+           "ANY_SOURCE", "ANY_TAG", "PROC_NULL", "MeshError", "MeshTimeoutError", "LostPeerError",
            "MismatchError", "OutMismatchError", "BadMessageError", "AuthError", "RendezvousError",
            "WorkerError", "AbortKind"]

@@ -24,9 +24,14 @@ from .transport import SENT, Outgoing, Transport
 if TYPE_CHECKING:
     from .channel import CollectiveChannel
 
-__all__ = ["Comm", "Request", "Status", "ANY", "ANY_SOURCE", "ANY_TAG"]
+__all__ = ["Comm", "Request", "Status", "ANY", "ANY_SOURCE", "ANY_TAG", "PROC_NULL"]
 
 ANY_SOURCE = ANY
+PROC_NULL = -2
+"""MPI's null peer (its value in Open MPI and mpi4py): a send to it, or a
+receive or probe from it, completes at once doing nothing; the receive
+gives None (or its ``out=``, untouched) and a Status of source PROC_NULL,
+tag ANY_TAG and 0 bytes. Grid.shift gives it at an edge that does not wrap."""
 
 
 @dataclass
@@ -154,6 +159,51 @@ def _sent(comm: "Comm") -> Request:
     r = _new(_Sent)
     r._c, r._spent = comm, False
     return r
+
+
+class _Null(Request):
+    """What a receive from PROC_NULL gives (irecv): done at once, its value
+    None or its ``out=`` (untouched), its status PROC_NULL's (_null)."""
+
+    __slots__ = ()
+
+    def __init__(self, comm: "Comm", out: Any) -> None:
+        super().__init__(comm, SENT)
+        self._finished, self._result = True, out
+
+    def wait(self, timeout: float | None = None, status: Status | None = None) -> Any:
+        if timeout is not None:
+            _check_timeout(timeout, self._c, "wait")
+        if status is not None:
+            _check_status(status, self._c, "wait")
+            _null(status)
+        self._spent = True
+        return self._result
+
+    @property
+    def status(self) -> Status | None:
+        return _null(Status())
+
+    def get_status(self, status: Status | None = None) -> bool:
+        if status is not None:
+            _check_status(status, self._c, "get_status")
+            _null(status)
+        return True
+
+    def cancel(self) -> bool:
+        return False    # (done: MPI's Cancel of a completed request does nothing)
+
+
+def _null(status: Status) -> Status:
+    """``status`` as MPI fills it for a receive or probe from PROC_NULL."""
+    status.source, status.tag, status.nbytes = PROC_NULL, ANY_TAG, 0
+    status.dtype = status.shape = None
+    return status
+
+
+def _is_null(r: Any) -> bool:
+    """Whether the rank ``r`` is PROC_NULL (a numpy integer's too)."""
+    return (type(r) is int or isinstance(r, np.integer)) and r == PROC_NULL
 
 
 def group_rank_hint(comm: "Comm", r: Any) -> str:
@@ -395,6 +445,8 @@ class Comm:
             elif self._ring_tensor(obj, dst, tag):
                 return
         tag = _check_tag(tag, self, "send")
+        if _is_null(dst):
+            return
         wdst = self._world_rank(dst, "send")
         t.wait(t.isend(wdst, self.gid, tag, obj, None, self._desc("send to", dst, wdst, tag)),
                timeout, True)
@@ -417,6 +469,10 @@ class Comm:
                 bits = got[1].device        # a torch tensor's message: a tensor (no out=)
                 return got[0] if out is not None or not bits else delivered(got[0], bits)
         tag = _check_tag(tag, self, "recv", True)
+        if _is_null(src):
+            if status is not None:
+                _null(status)
+            return out
         wsrc = ANY if src == ANY else self._world_rank(src, "recv")
         desc = self._desc("recv from", src, wsrc, tag)
         if out is not None and not (type(out) is np.ndarray and (f := out.flags).c_contiguous
@@ -436,6 +492,8 @@ class Comm:
             elif self._ring_tensor(obj, dst, tag):
                 return _sent(self)
         tag = _check_tag(tag, self, "isend")
+        if _is_null(dst):
+            return _sent(self)      # done: nothing to send
         return self._isend(obj, dst, tag)
 
     def _ring_tensor(self, obj: Any, dst: int, tag: int) -> bool:
@@ -449,6 +507,8 @@ class Comm:
 
     def irecv(self, src: int = ANY, tag: int = 0, out: Any = None) -> Request:
         tag = _check_tag(tag, self, "irecv", True)
+        if _is_null(src):
+            return _Null(self, out)
         return Request(self, self._post_recv(src, tag, out, "recv from"))
 
     def sendrecv(self, obj: Any, dst: int, src: int = ANY, sendtag: int = 0,
@@ -471,13 +531,19 @@ class Comm:
             # ring copy, the peer's direct read, zero-copy socket frames), and the message
             # coming into out= meanwhile would be sent back in part; send a copy instead
             obj = obj.detach().clone() if tensors.is_tensor(obj) else obj.copy()
-        req = self._post_recv(src, recvtag, out, "sendrecv from")
+        req = None if _is_null(src) else self._post_recv(src, recvtag, out, "sendrecv from")
         try:
-            t.wait(t.isend(self._world_rank(dst, "sendrecv"), self.gid, sendtag, obj, None,
-                           ("sendrecv to", dst, sendtag, self.name)), timeout, True)
+            if not _is_null(dst):
+                t.wait(t.isend(self._world_rank(dst, "sendrecv"), self.gid, sendtag, obj, None,
+                               ("sendrecv to", dst, sendtag, self.name)), timeout, True)
         except BaseException:
-            t.cancel(req)
+            if req is not None:
+                t.cancel(req)
             raise
+        if req is None:     # (from PROC_NULL: out=, untouched, or None)
+            if status is not None:
+                _null(status)
+            return out
         value = t.wait(req, max(0.0, deadline - time.monotonic()))
         if status is not None:
             self._fill(status, req)
@@ -490,6 +556,8 @@ class Comm:
         tag = _check_tag(tag, self, "probe", True)
         if timeout is not None:
             timeout = _check_timeout(timeout, self, "probe")
+        if _is_null(src):
+            return _null(Status())
         wsrc = ANY if src == ANY else self._world_rank(src, "probe")
         req = self._t.irecv(self.gid, wsrc, tag, None, None, ("probe", src, tag, self.name), True,
                             True)
@@ -500,6 +568,8 @@ class Comm:
         """probe without blocking: the waiting message's Status, or None
         (what has come is read first, as MPI_Iprobe does)."""
         tag = _check_tag(tag, self, "iprobe", True)
+        if _is_null(src):
+            return _null(Status())      # (as MPI_Iprobe: flag true, the null status)
         wsrc = ANY if src == ANY else self._world_rank(src, "iprobe")
         got = self._t.iprobe(self.gid, wsrc, tag)
         if got is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .comm import Comm
+from .comm import PROC_NULL, Comm
 
 __all__ = ["Grid", "grid"]
 
@@ -105,6 +105,27 @@ class Grid:
         for name in self.names:
             rank = rank * self.axes[name] + int(coords.get(name, self._coords[name]))
         return rank
+
+    def shift(self, axis: str, disp: int = 1, periodic: bool = False) -> tuple[int, int]:
+        """MPI's Cart_shift: ``(source, dest)``, the ranks (in the grid's
+        communicator) ``disp`` steps back and forward along ``axis`` from
+        this rank, for a halo exchange's ``sendrecv(x, dest, source)``;
+        ``periodic``: the axis wraps around, else a step past its edge is
+        mesh.PROC_NULL (whose send and receive do nothing)."""
+        self._check(axis)
+        if not isinstance(disp, (int, np.integer)) or isinstance(disp, (bool, np.bool_)):
+            raise ValueError(f"rank {self.comm._t.rank}: {self!r}.shift({axis!r}, "
+                             f"disp={disp!r}): disp is an integer number of steps")
+        n, at = self.axes[axis], self._coords[axis]
+
+        def step(k: int) -> int:
+            c = at + k
+            if periodic:
+                c %= n
+            elif not 0 <= c < n:
+                return PROC_NULL
+            return self.rank_of(**{axis: c})
+        return step(-int(disp)), step(int(disp))
 
     def _check(self, axis: str) -> None:
         if axis not in self.axes:

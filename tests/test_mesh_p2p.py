@@ -329,15 +329,49 @@ def _groups(world: mesh.Mesh) -> list:
         else:
             assert evens.recv(0) == evens.rank * 10
     grid = mesh.grid(world, dp=2, pp=2)
-    return [grid.coord("dp"), grid.coord("pp"), grid.group("pp").ranks, grid.group("dp").ranks]
+    return [grid.coord("dp"), grid.coord("pp"), grid.group("pp").ranks, grid.group("dp").ranks,
+            _proc_null(world, grid)]
+
+
+def _proc_null(world: mesh.Mesh, grid: mesh.Grid) -> list:
+    """MPI's PROC_NULL: a send to it and a receive or probe from it complete
+    at once doing nothing (the status: source PROC_NULL, tag ANY_TAG, 0
+    bytes); Grid.shift gives it at an edge that does not wrap (a halo
+    exchange's sendrecv, as mpi4py's Cart_shift gives it)."""
+    null, st = mesh.PROC_NULL, mesh.Status()
+    world.send(np.ones(3), null, tag=5)
+    world.isend({"x": 1}, null).wait()
+    out = np.full(3, 7.0)
+    assert world.recv(null, out=out, status=st, timeout=0) is out and (out == 7).all()
+    assert (st.source, st.tag, st.nbytes, st.shape) == (null, mesh.ANY_TAG, 0, None), st
+    assert world.recv(np.int64(null), tag=mesh.ANY_TAG) is None
+    req = world.irecv(null)
+    assert req.done() and req.test() == (True, None) and req.status.source == null
+    assert not req.cancel()
+    assert mesh.waitany([world.irecv(null, out=out)]) == (0, out)
+    assert world.probe(null, timeout=0).source == null == world.iprobe(null).source
+    with pytest.raises(ValueError, match="tag must be"):
+        world.send(1, null, tag=-3)         # (the arguments checked all the same)
+    edges = {}
+    for periodic in (False, True):
+        src, dst = grid.shift("pp", 1, periodic)
+        got = world.sendrecv(np.array([world.rank]), dst, src, out=np.array([-1]), status=st,
+                             timeout=30)
+        edges[periodic] = [src, dst, int(got[0]), st.source]
+    (src, dst), (back, on) = grid.shift("dp", 0), grid.shift("dp", -1)
+    assert (src, dst) == (world.rank, world.rank) and (back, on) == grid.shift("dp", 1)[::-1]
+    return [edges[False], edges[True]]
 
 
 def test_groups_are_isolated_and_grid_axes() -> None:
     """Groups, and dups of the world (MPI's Comm_dup), keep their traffic
-    apart whatever the tags; grid axes are row-major."""
+    apart whatever the tags; grid axes are row-major; PROC_NULL (_proc_null)."""
     res = mesh.spawn(_groups, 4, timeout=60)
-    assert res == [[0, 0, [0, 1], [0, 2]], [0, 1, [0, 1], [1, 3]],
-                   [1, 0, [2, 3], [0, 2]], [1, 1, [2, 3], [1, 3]]]
+    n = mesh.PROC_NULL     # (the edges and the wrapped ones as mpi4py's Cart_shift gives them)
+    assert [r[:4] for r in res] == [[0, 0, [0, 1], [0, 2]], [0, 1, [0, 1], [1, 3]],
+                                    [1, 0, [2, 3], [0, 2]], [1, 1, [2, 3], [1, 3]]]
+    assert [r[4] for r in res] == [[[n, 1, -1, n], [1, 1, 1, 1]], [[0, n, 0, 0], [0, 0, 0, 0]],
+                                   [[n, 3, -1, n], [3, 3, 3, 3]], [[2, n, 2, 2], [2, 2, 2, 2]]]
 
 
 def _group_args(world: mesh.Mesh) -> list:
