@@ -10,7 +10,9 @@ tensor_parallel, on layers alone; tied (shared parameters kept equal),
 tp_sums (sequence-parallel gradient sums once a step), traced (a
 plain module's forward cut into layers by torch.fx), stagebuild (a
 model's layers as stages) and partition (where to cut) come before the
-executor; tests/test_engine_layering.py keeps the order.)
+executor, then its parts: pipeline_args (what a Pipeline is given), step
+(a step's actions), rollback (a failed step); tests/test_engine_layering.py
+keeps the order.)
 """
 from . import choose, layers, schedules
 from .distribute import Job, distribute, load_state

@@ -66,9 +66,11 @@ from .choose import (SCHEDULES, Candidate, LayerCost, Span, as_run, best_first, 
                      legend, recomputing, recosted, retimed, retimed_said, stage_costs,
                      stage_spans, table,
                      time_program, under_load, whole_counts)
-from .executor import Pipeline, _in_action, _retold, rows_of
+from .executor import Pipeline
 from .ir import Schedule
+from .pipeline_args import _retold, rows_of
 from .schedules import by_name, one_f_one_b
+from .step import _in_action
 from .stagebuild import (inputs_of, is_module, make_stage, model_key,
                          named_stage_parameters, param_count)
 from .tensor_parallel import (cut_like, gather_like, gather_state_dict, load_full_state_dict,

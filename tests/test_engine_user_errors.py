@@ -410,8 +410,8 @@ def test_a_step_refuses_targets_of_other_rows_than_its_inputs():
             assert not any(grads), grads
         assert got[1][2] == pytest.approx(_rows_apart(_Solo(), 8)[2], rel=1e-12)
     # per-token targets flattened (c rows an input's, cut alike) pair: no error
-    assert engine.executor._paired(4, 64, 4) and engine.executor._paired(8, 16, 4)
-    assert not engine.executor._paired(5, 80, 2)        # (cut at 40 rows, not 2 * 16)
+    assert engine.pipeline_args._paired(4, 64, 4) and engine.pipeline_args._paired(8, 16, 4)
+    assert not engine.pipeline_args._paired(5, 80, 2)        # (cut at 40 rows, not 2 * 16)
 
 
 def _cut_by_hand(world):

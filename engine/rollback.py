@@ -1,0 +1,226 @@
+"""A pipeline step that fails: its clean-up, the ranks' agreement, the roll-back.
+
+``_Step`` is the step engine.executor's Pipeline drives: engine.step's
+``_StepActions`` (its state and its actions run) and what ends it.
+``abandon`` cleans up after this rank's own failure (receives cancelled,
+the step's tags aborted on the pp group, the all-reduces it will not
+start abandoned on the dp group, the tp peers' next collective failed:
+``_abandon_tp``); ``agree`` has every rank of the pipeline learn whether
+the step failed anywhere (a rank whose part finished raises
+``StepFailed``), and ``roll_back`` puts the gradients, the weights an OPT
+action changed and the optimizer's state back to what they were before
+the step. See engine.executor's module docstring for what a failed step
+leaves behind.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import collectives
+from mesh import AbortKind, LostPeerError, MeshError
+
+from .ir import AR, RECV_B, RECV_F, SEND_B, SEND_F
+from .pipeline_args import _PAIRED, _paired
+from .step import _StepActions
+
+__all__ = ["StepFailed"]
+
+_REASON_MAX = 400     # abort reasons cross the wire in a header
+
+
+class StepFailed(MeshError):
+    """A pipeline step failed on another rank after this rank's part of it
+    finished; its gradients are rolled back, as the failed ranks' are.
+    Never the root cause (``from_abort``: mesh.spawn and meshrun report the
+    rank that failed)."""
+
+    from_abort = True
+    __module__ = "engine.executor"     # its public home: reports and pickles name it there
+
+
+class _Step(_StepActions):
+    """One step on one rank as the Pipeline runs it: ``_StepActions``, and
+    when it fails anywhere, its clean-up, agreement and roll-back."""
+
+    def abandon(self, at: int, error: BaseException) -> None:
+        """Clean up after ``error`` in action ``at`` (len(program): after the
+        last one). Cancel the receives still posted; abort, on every pp rank,
+        the tags of the messages from ``at`` on (peers waiting for one raise,
+        a late one is dropped), and on the dp group the all-reduces this step
+        will not start, so the group's collective sequence stays the same on
+        every rank. Then let the started all-reduces finish and put back what
+        the gradients held before the step."""
+        pipe = self.pipe
+        for req in self.recvs.values():
+            req.cancel()
+        self.recvs.clear()
+        where = f" (tp rank {pipe.tp.rank})" if pipe.tp is not None else ""
+        reason = (f"pipeline step {self.n} failed on pp rank {pipe.rank}{where}: "
+                  f"{type(error).__name__}: {error}")[:_REASON_MAX]
+        kind = AbortKind.of(error)  # peers raise the same kind: a lost peer stays one
+        lost = error.peer if isinstance(error, LostPeerError) else None
+        skipped = (1 if self.loss_sync else 0) + (1 if self.rows_pending else 0)
+        for a in self.program[at:]:
+            if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B):
+                pipe.pp.collective_channel().abort(pipe._tag(a, self.n), reason, kind, lost)
+            elif a.kind == AR:
+                skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
+        if not self.forward_only:       # (eval_step makes no tied sums)
+            pipe.tied.abandon(reason, kind, lost)
+        self._abandon_tp(reason, kind, lost, own=not getattr(error, "from_abort", False)
+                         and not isinstance(error, LostPeerError))
+        dp = pipe.dp
+        for _ in range(skipped):
+            assert dp is not None
+            collectives.abandon(dp, reason, kind, lost)
+        limit = pipe.timeout if pipe.timeout is not None or dp is None else dp.timeout
+        for s in list(self.syncs):
+            for work in self.syncs.pop(s):
+                try:
+                    work.wait(limit)
+                except Exception:
+                    pass
+        self.prior.clear()
+        if not self.forward_only:
+            pipe.tp_sums.abandon()
+        self.roll_back()
+
+    def roll_back(self) -> None:
+        """Put every gradient back to what it held before the step, and
+        the weights of this rank's stages, once an OPT action ran, to what
+        they were before the step's first (copied there), and an optimizer with ``state_dict()`` and
+        ``load_state_dict()`` (momentum, Adam's moments, a step count) to
+        its state before the step's first OPT action (a deep copy taken
+        there); another optimizer's own state saw one more call."""
+        for s, old in self.stepped.items():
+            for p, o in zip(self.pipe.stages[s].params(), old):
+                p[...] = o
+        if self.opt_state is not None:
+            self.pipe.optimizer.load_state_dict(self.opt_state)     # type: ignore[union-attr]
+        for s, old in self.before.items():
+            stage = self.pipe.stages[s]
+            if hasattr(stage, "put_grads"):
+                stage.put_grads(old)
+                continue
+            for g, o in zip(stage.grads(), old):
+                if o is None:
+                    g[...] = 0
+                else:
+                    g[...] = o
+
+    def agree(self, error: BaseException | None) -> None:
+        """Every rank of the pipeline learns whether the step failed anywhere
+        (a small all-reduce over the grid): a rank whose part finished
+        while another's failed rolls its gradients back too, and raises
+        StepFailed naming the ranks that failed (or the all-reduce's own
+        error: a LostPeerError naming a rank that died). Called with this
+        rank's own error (already cleaned up and rolled back), it only tells
+        the rest; the caller re-raises it. Targets whose rows do not pair
+        with the inputs' (``_paired``; known on other ranks) fail the step
+        on every rank, rolled back, with a ValueError naming both counts; so
+        does a step that some ranks ran as ``eval_step()`` and others as
+        ``step()`` (their messages pair up: the training ranks' gradients
+        took the evaluating ranks' forwards, whose stages learned nothing),
+        naming which ranks called which."""
+        pipe, whole = self.pipe, self.pipe.whole
+        if whole.size == 1:
+            return
+        # with it, each dp replica's rows of inputs and of targets (+1; 0: not
+        # known here), which only ranks of the first and the last stage know:
+        # targets of other rows than the inputs pair rows wrongly (the loss of
+        # micro-batch k taken against another one's targets) without a word
+        replicas = pipe.dp.size if pipe.dp is not None else 1
+        # and last, whether some rank evaluates (eval_step) and some trains (step)
+        failed = np.zeros(3 + 2 * replicas, dtype=np.int64)
+        failed[0] = 0 if error is None else 1
+        failed[1 + 2 * pipe.dp_index:3 + 2 * pipe.dp_index] = (self.in_rows + 1,
+                                                               self.target_rows + 1)
+        failed[-2:] = (1, 0) if self.forward_only else (0, 1)
+        wrong: list[tuple[int, int, int]] = []
+        evals: list[int] = []
+        try:
+            collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
+            rows = failed[1:-2].reshape(replicas, 2) - 1
+            m = pipe.schedule.num_microbatches
+            wrong = [(d, int(a), int(b)) for d, (a, b) in enumerate(rows)
+                     if a >= 0 and b >= 0 and not _paired(int(a), int(b), m)]
+            mixed = bool(failed[-2] and failed[-1])
+            if not failed[0] and not wrong and not mixed:
+                return
+            if not failed[0] and not mixed:
+                reasons: list[str | None] = []
+            else:
+                mine = None if error is None else f"{type(error).__name__}: {error}"
+                tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
+                told = collectives.all_gather_object(
+                    whole, [mine, tp_seq, self.forward_only], timeout=pipe.timeout)
+                reasons = [why for why, _, _ in told]
+                evals = [r for r, (*_, only) in enumerate(told) if only] if mixed else []
+                self.realign_tp([seq for _, seq, _ in told])
+        except Exception:
+            if error is not None:
+                return                       # this rank's own error is raised
+            self.roll_back()                 # a lost peer, a timeout: raised as it is
+            raise
+        if evals:
+            if error is None:
+                self.roll_back()
+            steps = [r for r in range(whole.size) if r not in evals]
+            raise ValueError(
+                f"rank {whole.rank} of {whole.name}: pipeline step {self.n} "
+                f"({pipe.schedule.name}): ranks {evals} of {whole.name} called eval_step() "
+                f"where ranks {steps} called step(): every rank calls the same, as often "
+                "(an evaluation takes a step's tags); rolled back on every rank") from error
+        if wrong:
+            if error is None:
+                self.roll_back()
+            sched = pipe.schedule
+            raise ValueError(
+                f"rank {whole.rank} of {whole.name}: pipeline step {self.n} ({sched.name}): "
+                + "; ".join(f"{f'dp replica {d}: ' if replicas > 1 else ''}the inputs (pp rank "
+                            f"{sched.rank_of(0)}) have {a} rows but the targets (pp rank "
+                            f"{sched.rank_of(sched.num_stages - 1)}) {b}" for d, a, b in wrong)
+                + f": {_PAIRED.format(m=m)}; rolled back on every rank") from error
+        if error is not None:
+            return
+        self.roll_back()
+        where = "; ".join(f"rank {r} of {whole.name}: {why}"[:_REASON_MAX]
+                          for r, why in enumerate(reasons) if why is not None)
+        raise StepFailed(f"pipeline step {self.n} failed elsewhere after rank {whole.rank} "
+                         f"finished its part; rolled back on every rank ({where})")
+
+    def realign_tp(self, seqs: list[int]) -> None:
+        """After a failed step: every rank of this rank's tp group takes the
+        highest collective number any of them reached (``seqs``, by rank of
+        the pipeline's grid), so their next collectives number alike; the
+        numbers skipped were aborted (late messages on them are dropped)."""
+        tp, whole = self.pipe.tp, self.pipe.whole
+        if tp is None:
+            return
+        ch = tp.collective_channel()
+        ch.seq = max(seqs[whole.ranks.index(w)] for w in tp.ranks)
+
+    def _abandon_tp(self, reason: str, kind: AbortKind, lost: int | None,
+                    own: bool = True) -> None:
+        """Fail the tp peers' next collective, which this rank will not make
+        (they run the same stage and would wait in it until its timeout),
+        unless this rank's last tp collective of the step was aborted by a
+        peer (``own`` False: the group knows) that made the step's earlier
+        ones with it, or that is lost. A peer that aborted the step's first
+        one may have done so outside any step (``job.state_dict()`` called on
+        it alone, its tp gather timed out): it is a collective ahead, waiting
+        in the step's first one, for the timeout, step after step, unless
+        that is failed too. tp peers make their
+        collectives in lockstep, so a peer is at most one collective ahead,
+        waiting in it; when this rank failed in a collective by its own
+        error, a peer may have finished that one and wait in the next, so
+        that one is failed too. The ranks may then end the step one
+        collective apart: ``agree`` lines them up (``realign_tp``)."""
+        tp = self.pipe.tp
+        if tp is None:
+            return
+        ch = tp.collective_channel()
+        if not own and (ch.seq > self.tp_seq + 1 or lost is not None) \
+                and ch.aborted(-ch.seq, "tp collective") is not None:
+            return
+        collectives.abandon(tp, reason, kind, lost)
