@@ -5,7 +5,8 @@ The passes run one way, each module importing only the ones before it::
     ir -> lower -> replay -> verify -> simulate -> render -> executor -> distribute
 
 (schedules sits beside lower, on ir alone; choose, which picks a schedule
-by simulating it, after render; tensor parallelism, tp_plan -> tp_layers ->
+by simulating it, after render, on its parts: costs, profiling,
+candidates, retime; tensor parallelism, tp_plan -> tp_layers ->
 tensor_parallel, on layers alone; tied (shared parameters kept equal),
 tp_sums (sequence-parallel gradient sums once a step), traced (a
 plain module's forward cut into layers by torch.fx), stagebuild (a

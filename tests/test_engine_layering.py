@@ -10,11 +10,12 @@ ENGINE = pathlib.Path(engine.__file__).parent
 
 # ir -> lower -> replay -> verify -> simulate -> render -> executor -> distribute, with the
 # modules beside that chain placed after what they use.
-ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "choose",
-         "trace", "layers", "tp_plan", "tp_layers", "torch_stage", "tensor_parallel", "tied",
-         "tp_sums", "clip", "buffers", "traced", "stagebuild", "partition", "pipeline_args",
-         "step", "rollback", "executor", "calibrate", "distribute", "show", "bench_torch",
-         "bench_distribute", "bench_memory", "bench"]
+ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "costs",
+         "profiling", "candidates", "retime", "choose", "trace", "layers", "tp_plan",
+         "tp_layers", "torch_stage", "tensor_parallel", "tied", "tp_sums", "clip", "buffers",
+         "traced", "stagebuild", "partition", "pipeline_args", "step", "rollback", "executor",
+         "calibrate", "distribute", "show", "bench_torch", "bench_distribute", "bench_memory",
+         "bench"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its
 # pass when called; no pass calls them.

@@ -1,0 +1,244 @@
+"""The candidate schedules: each built-in schedule cut, simulated and ranked.
+
+``builtin`` makes the named schedules (``SCHEDULES``) at each micro-batch
+count (``microbatch_counts``); ``candidates`` cuts the layers for each,
+simulates it with its per-stage costs (engine.costs) and its peak memory,
+each way of holding activations (kept, recomputed, recomputed in the
+stages over the limit: ``fewest``), and returns them ``best_first``:
+under the memory limit, then by predicted step time. ``stage_spans``
+lists the candidates' stages of several layers, for
+engine.profiling.measure_stages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .costs import (KEEPS_INPUT, LayerCost, Span, _starts, as_run, counts_for, helper_charge,
+                    layer_by_layer, peak_bytes, stage_costs, stage_held)
+from .ir import I, Schedule
+from .schedules import by_name
+
+__all__ = ["SCHEDULES", "Candidate", "microbatch_counts", "builtin", "candidates", "fewest",
+           "best_first", "stage_spans"]
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
+
+
+def microbatch_counts(p: int, rows: int) -> list[int]:
+    """The micro-batch counts tried: p, 2p, 4p... (1, 2, 4... when p is 1),
+    as long as each micro-batch keeps at least one row."""
+    ms: list[int] = []
+    m = p
+    while m <= rows and len(ms) < 5:
+        ms.append(m)
+        m *= 2
+    return ms
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One schedule with its layer cut, and what the simulator predicts."""
+
+    schedule: Schedule
+    counts: tuple[int, ...]
+    makespan: float
+    bubble: float
+    peak_bytes: int
+    fits: bool
+    costs: dict[str, list[float]]
+    summed: float | None = None     # the makespan had every stage cost its layers' sum
+    measured: bool = False          # the executor's costs from a dry run of its own (recosted)
+    # its stages recompute their forward in the backward (all, or the stages of a set)
+    recompute: bool | frozenset[int] = False
+    cores: float | None = None      # simulated with the ranks sharing this many cores (retimed)
+    load: float = 0.0               # and with others' processes wanting them, ranks' worth
+    # the recomputing stages go layer by layer (each keeps its layers' inputs
+    # and makes one layer's activations again at a time), not whole
+    layered: bool = False
+    # per stage, the mesh threads' CPU (helper_charge) its F, B and I costs hold
+    charge: tuple[float, ...] = ()
+    # the executor's own seconds per compute action its costs hold (in each F, B, I
+    # and W, or its "fixed" cost where the ranks share cores): engine.calibrate's
+    overhead: float = 0.0
+    # simulated again with what the re-time learned (``calibrated``): the factor its
+    # compute took, and the one the whole row took after to meet the re-time's prediction
+    retimed: tuple[float, float] | None = None
+
+
+def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
+            ) -> list[Schedule]:
+    """Each named schedule for ``p`` ranks at each micro-batch count in ``ms``
+    (those this build lacks, or that do not take that p and m, left out)."""
+    out = []
+    for m in ms:
+        for name in names:
+            try:
+                out.append(by_name(name, p, m, chunks))
+            except ValueError:
+                continue
+    return out
+
+
+def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], rows: int,
+               scheds: Sequence[Schedule], balance: Any = "time", scale: float = 1.0,
+               memory_limit: float | None = None,
+               overhead: float | Mapping[int, float] = 0.0,
+               send: float | Mapping[int, float] = 0.0,
+               stages: Mapping[int, Mapping[Span, LayerCost]] | None = None,
+               helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
+               cores: float | None = None, recompute: bool | str = False,
+               inputs: Mapping[int, int] | None = None, copies: bool = True,
+               layers: bool = False) -> list[Candidate]:
+    """Each schedule of ``scheds`` with its layers cut by ``balance`` and
+    simulated; best first. ``profile`` has a row for each micro-batch size
+    ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
+    stage, that stage's time measured whole; ``scale`` multiplies every
+    measured time (1/tp for tensor-parallel stages); ``overhead`` is added
+    to every compute action and ``send`` is each message's time of flight
+    (see ``stage_costs``), each one figure or one per micro-batch count
+    (``{m: seconds}``: the executor's costs depend on it, engine.calibrate),
+    as is ``recv``, the least a receive takes;
+    ``helper`` the mesh threads' CPU per message end
+    charged to the computing ranks (``helper_charge``; 0 where a core is
+    spare). ``cores``: the ranks share that many cores (engine.simulate's;
+    ``overhead`` then an unshared ``"fixed"`` cost, see ``retimed``).
+    ``recompute``: the stages recompute their forward in the backward
+    (``as_run``: the profile measured stages that keep their activations),
+    and the peak memory counts each stage's input kept and its
+    activations made again (``peak_bytes``'s ``kept``); ``"auto"``: every
+    schedule both ways where there is a ``memory_limit`` (without one,
+    recomputing is only slower: keeping), and a third way where keeping
+    puts some ranks but not all over the limit: only those ranks' stages
+    recompute (``Candidate.recompute`` the set of them; the layers cut as
+    when kept), and where that is more than one stage of a rank, the
+    fewest stages that do (``fewest``) as a fourth. A stage holds for each
+    micro-batch what its layers hold (``stage_held``) and its input (the
+    output of the layer before; for the first stage ``inputs[size]``, the
+    bytes of a micro-batch of the batch where the stage copies it, None:
+    not counted): copied (``copies``, torch stages), or the message it got
+    where its first layer keeps it (engine.layers); the last stage also
+    its loss's gradient, from its F to its B; and a backward, while it
+    runs, the gradients flowing (``peak_bytes``' ``flowing``: twice the
+    stage's widest output). ``layers``: a way that
+    recomputes is also costed with its stages recomputing layer by layer
+    (``layer_by_layer``: torch stages), and taken so where that lowers its
+    peak (the same time: each layer's forward once more;
+    ``Candidate.layered``): blocks that hold many times their input gain,
+    (Linear, GELU) pairs, which keep their inputs anyway, do not."""
+    L = len(params)
+    out = []
+    for sched in scheds:
+        if sched.num_stages > L:
+            continue
+        size = -(-rows // sched.num_microbatches)
+        m = sched.num_microbatches
+        ov = overhead if isinstance(overhead, (int, float)) else overhead[m]
+        msg = send if isinstance(send, (int, float)) else send[m]
+        rc = recv if isinstance(recv, (int, float)) else recv[m]
+        shared = cores is not None
+        charge = helper_charge(sched, helper) if helper else None
+        both = recompute == "auto" and memory_limit is not None  # (no limit: never faster)
+        ways: list[bool | frozenset[int]] = [False, True] if both else [recompute is True]
+        for again in ways:
+            # a set of stages is cut as when kept, then costed as it runs
+            row, whole = as_run(profile[size], (stages or {}).get(size), again is True)
+            times = [row[i].F + row[i].B for i in range(L)]
+            counts = counts_for(balance, sched.num_stages, times, params)
+            if isinstance(again, frozenset):
+                row, whole = as_run(row, whole, again, counts)
+            costs = stage_costs(row, counts, scale, ov, msg, whole, charge, rc, shared)
+            rep = sched.simulate(costs, cores)
+            summed = (sched.simulate(stage_costs(row, counts, scale, ov, msg, None, charge, rc,
+                                                 shared), cores).makespan
+                      if whole else rep.makespan)
+            act, kept, overlap, grads, start = [], [], [], [], 0
+            for c in counts:
+                given = row[start - 1].act_bytes if start else (inputs or {}).get(size, 0)
+                act.append(stage_held(row, start, start + c, given, copies))
+                kept.append(given)
+                overlap.append(0 if copies or not row[start].keeps & KEEPS_INPUT else given)
+                grads.append(2 * max(row[i].act_bytes for i in range(start, start + c)))
+                start += c
+            # the last stage holds each micro-batch's loss gradient from its F (where
+            # the loss runs) to its B, recomputing or not (not made again)
+            loss = row[L - 1].act_bytes
+            act[-1] += loss
+            hold = kept[:-1] + [kept[-1] + loss]
+            overlap[-1] += loss
+            held = None if not again else [k if again is True or s in again else None
+                                           for s, k in enumerate(hold)]
+            peaks = peak_bytes(sched, act, held, overlap, grads)
+            layered = False
+            if again and layers and held is not None:
+                split = any(a.kind == I for r in sched.ranks for a in r)
+                # (each stage's input as given; what it keeps besides, the loss's
+                # gradient, as in ``hold``)
+                by = [layer_by_layer(row, b, b + c, k, split) if h is not None else (0, a)
+                      for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
+                twin = peak_bytes(sched, [x for _, x in by],
+                                  [h if h is None else k + h - g
+                                   for (k, _), h, g in zip(by, held, kept)],
+                                  flowing=grads)
+                if max(twin) < max(peaks):
+                    peaks, layered = twin, True
+            peak = max(peaks)
+            fits = memory_limit is None or peak <= memory_limit
+            out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
+                                 summed, cores=cores, recompute=again, layered=layered,
+                                 charge=tuple(charge or ()), overhead=ov))
+            if both and again is False and not fits:    # only the ranks over the limit
+                assert memory_limit is not None
+                over = frozenset(s for r, pk in enumerate(peaks) if pk > memory_limit
+                                 for s in sched.stages_of(r))
+                if over and len(over) < sched.num_stages:
+                    ways.insert(1, over)
+                    few = fewest(sched, act, hold, memory_limit, overlap, grads)
+                    if few is not None and few < over:      # (a rank of several stages)
+                        ways.insert(1, few)
+    return best_first(out)
+
+
+def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],
+           limit: float, shared: Sequence[int] = (),
+           flowing: Sequence[int] = ()) -> frozenset[int] | None:
+    """A small set of stages whose recompute brings every rank of ``sched``
+    under ``limit`` (``peak_bytes``' ``act``, ``kept``, ``shared`` and
+    ``flowing``),
+    chosen greedily:
+    while a rank is over, the stage of an over rank whose recompute lowers
+    the highest peak most; None when recomputing every such stage does not
+    do. Where a rank holds several stages (interleaved, ZB-V) one of them
+    may do where ``candidates``' partial way recomputes them all."""
+    chosen: set[int] = set()
+    while True:
+        def peaks_with(extra: set[int]) -> tuple[int, ...]:
+            held = [k if s in extra else None for s, k in enumerate(kept)]
+            return peak_bytes(sched, act, held, shared, flowing)
+        peaks = peaks_with(chosen)
+        over = [r for r, pk in enumerate(peaks) if pk > limit]
+        if not over:
+            return frozenset(chosen)
+        options = sorted(s for r in over for s in sched.stages_of(r) if s not in chosen)
+        if not options:
+            return None
+        chosen.add(min(options, key=lambda s: (max(peaks_with(chosen | {s})), s)))
+
+
+def best_first(cands: Sequence[Candidate]) -> list[Candidate]:
+    """``cands`` best first: those under the memory limit, then by predicted
+    step time, peak activation bytes and micro-batch count."""
+    return sorted(cands, key=lambda c: (not c.fits, c.makespan, c.peak_bytes,
+                                        c.schedule.num_microbatches))
+
+
+def stage_spans(cands: Sequence[Candidate], rows: int) -> dict[int, list[Span]]:
+    """``{micro-batch size: [(first, stop)...]}``: the stages of more than one
+    layer that ``cands`` cut, for ``measure_stages``."""
+    spans: dict[int, set[Span]] = {}
+    for c in cands:
+        size = -(-rows // c.schedule.num_microbatches)
+        bounds = [sum(c.counts[:s]) for s in range(len(c.counts) + 1)]
+        spans.setdefault(size, set()).update(
+            (a, b) for a, b in zip(bounds, bounds[1:]) if b - a > 1)
+    return {size: sorted(ss) for size, ss in spans.items() if ss}
