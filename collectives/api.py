@@ -22,7 +22,7 @@ Each call takes the path of its array's kind::
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -299,10 +299,7 @@ def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
     else:
         recvs, bad_recv = _counts(recv_counts, "recv_counts", n, me)
         bad = bad or bad_recv
-
-    def check() -> None:        # (under the call's tag: every rank fails the call)
-        if bad is not None:
-            raise ValueError(bad)
+    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
     return _staged_all_to_all_v(g, a, sends, recvs, async_op=async_op, timeout=timeout,
                                 check=check)
 
@@ -340,10 +337,7 @@ def all_gather_v(g: Comm, a: Any, counts: Any = None, async_op: bool = False,
         sizes = [max(0, k) for k in got]
     else:
         sizes, bad = _counts(counts, "counts", n, me)
-
-    def check() -> None:        # (under the call's tag: every rank fails the call)
-        if bad is not None:
-            raise ValueError(bad)
+    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
     return _staged_all_gather_v(g, a, sizes, async_op=async_op, timeout=timeout, check=check)
 
 
@@ -369,10 +363,7 @@ def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str = "sum", async_op: bo
                           async_op=async_op, timeout=timeout)
     sizes, bad = _counts(counts, "counts", g.size,
                          f"rank {g.ranks[g.rank]}: reduce_scatter_v on group {g.name}")
-
-    def check() -> None:
-        if bad is not None:
-            raise ValueError(bad)
+    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
     return _staged_reduce_scatter_v(g, a, sizes, op=op, async_op=async_op, timeout=timeout,
                                     check=check)
 
@@ -396,10 +387,7 @@ def gather_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False
                           async_op=async_op, timeout=timeout)
     sizes, bad = _counts(counts, "counts", g.size,
                          f"rank {g.ranks[g.rank]}: gather_v on group {g.name}")
-
-    def check() -> None:        # (under the call's tag: every rank fails the call)
-        if bad is not None:
-            raise ValueError(bad)
+    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
     return _staged_gather_v(g, a, sizes, root=root, async_op=async_op, timeout=timeout,
                             check=check)
 
@@ -423,10 +411,7 @@ def scatter_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = Fals
                           async_op=async_op, timeout=timeout)
     sizes, bad = _counts(counts, "counts", g.size,
                          f"rank {g.ranks[g.rank]}: scatter_v on group {g.name}")
-
-    def check() -> None:
-        if bad is not None:
-            raise ValueError(bad)
+    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
     return _staged_scatter_v(g, a, sizes, root=root, async_op=async_op, timeout=timeout,
                              dtype=dtype, check=check)
 
@@ -452,6 +437,16 @@ def exscan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(exscan, "exscan", g, a, op=op, async_op=async_op, timeout=timeout)
     return _staged_scan(g, a, op=op, async_op=async_op, timeout=timeout, exclusive=True)
+
+
+def _fails_with(bad: str | None) -> Callable[[], None]:
+    """The check a staged call runs under its tag, so that every rank fails
+    the call: it raises ValueError(bad) where this rank's arguments were not
+    valid (``bad``: what is wrong with them, or None)."""
+    def check() -> None:
+        if bad is not None:
+            raise ValueError(bad)
+    return check
 
 
 def _counts(counts: Any, what: str, n: int, me: str) -> tuple[list[int], str | None]:
