@@ -486,7 +486,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     the others get ``settle`` seconds to end (their own errors, what they
     write) before all are stopped and the root cause is raised (None: the
     default, 1 s). ``prefix``: each line a rank prints starts with its rank,
-    "[3] ...", as under meshrun.
+    "[3] ...", as under meshrun (what it writes through sys.stdout and
+    sys.stderr; not what goes to the descriptors themselves).
 
     A top-level function of an importable module runs in fresh interpreters.
     Anything else (``python -c``, stdin, a notebook, a lambda, a closure, a
