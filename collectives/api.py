@@ -317,8 +317,9 @@ def all_gather_v(g: Comm, a: Any, counts: Any = None, async_op: bool = False,
     differ between ranks make every rank raise MismatchError naming two
     ranks and their counts; counts that are not valid, or an ``a`` of
     other rows than its count, fail the call on every rank. Host and
-    device arrays and tensors; the ring of all_gather or the same-host
-    board, with chunks of the counts' sizes (empty ones included)."""
+    device arrays and tensors; the ring of all_gather, the same-host board,
+    or across hosts its two levels (from MESH_COLL_SMALL of result up), with
+    chunks of the counts' sizes (empty ones included)."""
     check_comm(g, "all_gather_v")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(all_gather_v, "all_gather_v", g, a, counts=counts,
@@ -352,8 +353,8 @@ def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str = "sum", async_op: bo
     all_gather_v's (required). Counts that differ between ranks make every
     rank raise MismatchError naming two ranks and their counts. Host and
     device arrays and tensors (bfloat16, and float16 averaged, reduced in
-    float32); the ring of reduce_scatter or the same-host board, with
-    chunks of the counts' sizes."""
+    float32); the ring of reduce_scatter, the same-host board, or across
+    hosts its two levels, with chunks of the counts' sizes."""
     if _half_avg(a, op, written=False):
         return _widened(lambda w: reduce_scatter_v(g, w, counts, op, async_op, timeout), a,
                         False, async_op)
