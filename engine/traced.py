@@ -435,6 +435,36 @@ def _stack_forward(m: Any) -> Any:
     return None
 
 
+def _plain(fn: Any) -> Any:
+    """``fn`` (a forward) as torch.fx can trace it: itself, or where it has
+    ``*args``, ``**kwargs`` or keyword-only parameters, or is a decorator's
+    wrapper (``functools.wraps``: Hugging Face's ``@can_return_tuple``), a
+    function of the innermost one's parameters, each a plain one, that calls
+    ``fn`` with them (``*args`` and ``**kwargs`` empty). fx reads the
+    parameters off the innermost function (``inspect.unwrap``) but rewrites
+    the code of the one it calls to take ``*args`` and ``**kwargs`` as
+    plain parameters: a wrapper's own ``(*args, **kwargs)`` could not hold
+    them ("code: co_varnames is too small"), and ``**kwargs`` traced as a
+    value ("Proxy object cannot be iterated") failed every forward that
+    passes it on to its submodules."""
+    inner = inspect.unwrap(fn)
+    flags = inner.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+    if inner is fn and not flags and not inner.__code__.co_kwonlyargcount:
+        return fn
+    ps = [q for q in inspect.signature(inner).parameters.values()
+          if q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+    names = [q.name for q in ps]
+    passed = [q.name if q.kind != q.KEYWORD_ONLY else f"{q.name}={q.name}" for q in ps]
+    ns: dict[str, Any] = {}     # (its globals the forward's own, for fx's autowrap)
+    exec(f"def make(_engine_forward_):\n def forward({', '.join(names)}):\n"  # noqa: S102
+         f"  return _engine_forward_({', '.join(passed)})\n return forward",
+         inner.__globals__, ns)
+    forward = ns["make"](fn)
+    forward.__annotations__ = {k: v for k, v in getattr(inner, "__annotations__", {}).items()
+                               if k in names}
+    return forward
+
+
 def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     """``model``'s forward as an ``nn.Sequential`` of pieces of its traced
     graph (module docstring); with ``target`` its ``.loss(output, target)``
@@ -509,6 +539,10 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
 
         def proxy(self, node: Any) -> Any:
             return Proxy(node, self)
+
+        def create_args_for_root(self, root_fn: Any, is_module: bool,
+                                 concrete_args: Any = None) -> Any:
+            return super().create_args_for_root(_plain(root_fn), is_module, concrete_args)
 
         def is_leaf_module(self, m: Any, qualname: str) -> bool:
             parent = qualname.rpartition(".")[0]     # ("": the model itself)

@@ -2,6 +2,7 @@
 engine.distribute / engine.partition on such a model (nanoGPT's GPT as
 written: a ModuleDict, a loop over a ModuleList, a tied head, its own loss)."""
 import dataclasses
+import functools
 import os
 import sys
 import typing
@@ -336,6 +337,34 @@ class _Shifted(nn.Module):     # Hugging Face's causal LM: the loss reads the lo
         return {"loss": loss, "logits": logits} if self.pair else loss
 
 
+def _as_output(forward):     # Hugging Face's @can_return_tuple: wrapper(self, *args, **kwargs)
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return _Output(**forward(self, *args, **kwargs))
+    return wrapper
+
+
+class _KwBlock(nn.Linear):
+    def forward(self, x, scale=1.0, **kwargs):
+        return super().forward(x) * scale
+
+
+class _Decorated(nn.Module):      # Hugging Face's forwards: decorated, **kwargs passed on
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_KwBlock(4, 4), _KwBlock(4, 3)])
+
+    @_as_output
+    def forward(self, x, mask=None, labels=None, *, scale=2.0, **kwargs):
+        for m in self.layers:
+            x = m(x, scale=scale, **kwargs)
+        return {"logits": x, "loss": None if labels is None else F.cross_entropy(x, labels)}
+
+
+class _Kwargs(_Decorated):         # not decorated: its **kwargs alone
+    forward = _Decorated.forward.__wrapped__
+
+
 def test_the_target_is_found_by_its_name_and_a_dict_output_is_read():
     model = _Labelled()
     seq = engine.sequential(model, target=True)          # labels, not the mask
@@ -362,6 +391,14 @@ def test_the_target_is_found_by_its_name_and_a_dict_output_is_read():
     torch.testing.assert_close(engine.sequential(model)(x), model(x).logits, rtol=0, atol=0)
     got = engine.sequential(model).returned(out)
     assert type(got) is _Logits and got.logits is out and got.loss is None
+    # a decorated forward (fx failed: "code: co_varnames is too small") or one with
+    # **kwargs ("Proxy object cannot be iterated"): traced, its decorator as it runs
+    for wrapped in (_Decorated(), _Kwargs()):
+        seq = engine.sequential(wrapped, target=True)
+        want = wrapped(x, labels=y)
+        want = want.loss if isinstance(want, _Output) else want["loss"]
+        torch.testing.assert_close(seq.loss(seq(x), y), want, rtol=0, atol=0)
+    assert type(engine.sequential(_Decorated()).returned(out)) is _Output
     assert engine.sequential(_PositionIds(True)).returned is None    # the tensor itself
     assert engine.sequential(_Labelled(), target=True).returned is None
     # the layers end at the logits the forward returns, though its loss reads them shifted
