@@ -1700,7 +1700,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if loss_fn is not None:
             _takes_two(loss_fn)
         if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
-            model = sequential(source, target=loss_fn is None, inputs=n_inputs)
+            model = sequential(source, target=loss_fn is None, inputs=n_inputs, sample=sample)
             own_loss = model.loss
             if loss_fn is not None and model.returned is not None:
                 loss_fn = given_as_returned(loss_fn, model.returned)
@@ -1790,7 +1790,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if not is_torch:    # (a colwise output into a Linear left whole: known now, on every rank)
             refuse_fed_whole(source)
         if source is not model:       # traced again: the pieces hold the sharded modules
-            model = sequential(source, target=model.loss is not None, inputs=n_inputs)
+            model = sequential(source, target=model.loss is not None, inputs=n_inputs,
+                               sample=sample)
             _shards_read(grid, source, [*model, *([model.loss] if model.loss else [])])
         named, _ = _model_layers(model)
     if patterns:    # selective recompute, before any layer is timed: the profile sees it

@@ -376,6 +376,129 @@ def _asserting() -> str | None:
     return None
 
 
+def _inputs_at(graph: Any, tgt_param: Any, shaped: list[Any]) -> dict[Any, Any]:
+    """The graph's input placeholders (the target's aside) -> the sample's."""
+    names = [n for n in graph.nodes if n.op == "placeholder"
+             and n.target != getattr(tgt_param, "name", None)]
+    return dict(zip(names, shaped))
+
+
+_MISSING = object()
+
+
+def _evaluate(model: Any, node: Any, inputs_at: dict[Any, Any],
+              env: dict[Any, Any] | None = None) -> Any:
+    """``node``'s value run on the sample (``inputs_at``), where it reads
+    nothing but the inputs, the model's attributes and its modules without
+    buffers (a BatchNorm's statistics would move), and no ``.item()``, no
+    ``int()`` of a tensor's values, and runs; else _MISSING. Without
+    gradients, the random numbers put back after; ``env``: the values run
+    so far, kept between calls on one sample."""
+    import operator
+
+    import torch
+    import torch.fx as fx
+    env = {} if env is None else env
+    order: list[Any] = []
+    seen: set[Any] = set()
+
+    def visit(n: Any) -> bool:
+        if n in seen or n in env:
+            return env.get(n, None) is not _MISSING
+        seen.add(n)
+        if n.op == "placeholder" and n not in inputs_at or n.op == "output" or (
+                n.op == "call_method" and n.target in ("item", "tolist")) or (
+                n.op == "call_function" and n.target in (int, float, bool)) or (
+                n.op == "call_module" and any(
+                    True for _ in model.get_submodule(n.target).buffers())):
+            return False
+        if not all(visit(a) for a in n.all_input_nodes):
+            return False
+        order.append(n)
+        return True
+    if not visit(node):
+        return _MISSING
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for n in order:
+            try:
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+                if n.op == "placeholder":
+                    env[n] = inputs_at[n]
+                elif n.op == "get_attr":
+                    env[n] = operator.attrgetter(n.target)(model)
+                elif n.op == "call_module":
+                    env[n] = model.get_submodule(n.target)(*args, **kwargs)
+                elif n.op == "call_method":
+                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                else:
+                    env[n] = n.target(*args, **kwargs)
+            except Exception:
+                env[n] = _MISSING
+                return _MISSING
+    return env[node]
+
+
+def _bake_sizes(model: Any, graph: Any, tgt_param: Any, shaped: list[Any]) -> None:
+    """Put in the graph as constants the values made of sizes (ints,
+    tuples of them) read across a call of a member of an ``nn.ModuleList``
+    (Hugging Face's GPT-2: ``output_shape = (-1,) + input_shape[1:] +
+    (hidden.size(-1),)``, read after the last layer) that the sample and
+    its first row alone give alike, so the same for every micro-batch of
+    inputs shaped as the sample: such a value, not a tensor, could not
+    cross a cut between two layers (the model was not cut apart). Where
+    made, it is checked against the constant as each step runs."""
+    import operator
+
+    import torch
+    from torch import nn
+    nodes = list(graph.nodes)
+    tensors = _tensor_valued(nodes)
+    full = _inputs_at(graph, tgt_param, shaped)
+    if not full or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in full.values()):
+        return
+    one = {n: x[:1] for n, x in full.items()}
+    envs: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
+    pos = {n: i for i, n in enumerate(nodes)}
+    steps = [pos[n] for n in nodes if n.op == "call_module" and isinstance(
+        model.get_submodule(n.target.rpartition(".")[0]), nn.ModuleList)]
+
+    def sizes(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) or (
+            isinstance(v, tuple) and all(sizes(i) for i in v))
+    for n in nodes:
+        if n in tensors or n.op not in ("call_function", "call_method") or not n.users or (
+                n.target is torch._assert) or not any(
+                pos[n] < s < max(pos[u] for u in n.users) for s in steps):
+            continue
+        value = _evaluate(model, n, full, envs[0])
+        if value is _MISSING or not sizes(value) or _evaluate(model, n, one, envs[1]) != value:
+            continue
+        value = tuple(value) if isinstance(value, tuple) else value
+        users = list(n.users)
+        with graph.inserting_after(n):
+            same = graph.call_function(operator.eq, (n, value))
+        with graph.inserting_after(same):
+            graph.call_function(torch._assert, (same, (
+                f"engine.sequential took {value} for a size the forward computes (as the "
+                f"sample's shapes gave it) and this step's inputs give another: give "
+                f"engine.distribute a sample of their shapes")))
+        for u in users:
+            u.replace_input_with(n, value)
+
+
+def _branch_at() -> str:
+    """Where the model's code branches on a traced value (``file:line``), as
+    _asserting finds its frame; '' where it cannot tell."""
+    fx_dir = os.path.dirname(sys.modules["torch.fx"].__file__ or "")
+    frame: Any = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(fx_dir)
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    return f"at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
 def _line_of(e: BaseException) -> str:
     """Where the model's own code raised ``e`` while torch.fx traced it (the
     last frame outside torch and this module): ``", at model.py:40: assert
@@ -465,7 +588,8 @@ def _plain(fn: Any) -> Any:
     return forward
 
 
-def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
+def sequential(model: Any, target: bool | str = False, inputs: int = 1,
+               sample: Any = None) -> Any:
     """``model``'s forward as an ``nn.Sequential`` of pieces of its traced
     graph (module docstring); with ``target`` its ``.loss(output, target)``
     is the forward's own loss, else ``.loss`` is None. ``target=True``
@@ -474,7 +598,12 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
     ``inputs``: how many of the forward's first parameters (the target
     aside) are inputs: with more than one (``forward(input_ids,
     attention_mask, labels)``) the first piece takes them as one tuple,
-    as a pipeline's first stage gets ``step((ids, mask), labels)``."""
+    as a pipeline's first stage gets ``step((ids, mask), labels)``.
+    ``sample``: the inputs (a tensor, or a tuple of them): an ``if`` on a
+    value computed from their shapes alone (Hugging Face's mask code, ``if
+    q_length == kv_length``), which the trace cannot follow, is decided by
+    the sample's shapes and checked as each step runs (an AssertionError
+    naming the line where a step's inputs decide otherwise)."""
     import operator
 
     import torch
@@ -550,7 +679,16 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                 return True         # a member of a list of layers: a block, called whole
             return not _holds_layers(m)
 
+        evaluating = False      # (_by_shapes running the sample through the model)
+
+        def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Any) -> Any:
+            if self.evaluating:
+                return attr_val
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+
         def call_module(self, m: Any, forward: Any, args: Any, kwargs: Any) -> Any:
+            if self.evaluating:
+                return forward(*args, **kwargs)
             try:
                 path = self.path_of_module(m)
             except NameError:   # made in the forward (Hugging Face's loss_fct =
@@ -587,9 +725,35 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         def to_bool(self, obj: Any) -> bool:
             where = _asserting()    # an assert on a traced value: checked as the step runs
             if where is None:
-                return bool(super().to_bool(obj))
+                value = _by_shapes(obj.node, self)
+                if value is None:
+                    return bool(super().to_bool(obj))
+                # decided by the sample's shapes: the other way raises as the step runs
+                held = obj if value else self.create_proxy("call_function", operator.not_,
+                                                           (obj,), {})
+                self.create_proxy("call_function", torch_assert, (held, (
+                    f"the traced forward took the branch {_branch_at()} as the sample's "
+                    f"shapes decided it ({bool(value)}), and this step's inputs decide "
+                    f"otherwise: give engine.distribute a sample of their shapes")), {})
+                return bool(value)
             self.create_proxy("call_function", torch_assert, (obj, f"assert at {where}"), {})
             return True
+
+    shaped = ([] if sample is None else list(sample) if isinstance(sample, tuple)
+              else [sample])
+
+    def _by_shapes(node: Any, tracer: Any) -> Any:
+        """``node``'s value computed on the sample, where it is a Python
+        number or bool (a length compared, not a tensor's values: those,
+        and ``.item()``, are left to fx's error), else None."""
+        if not shaped:
+            return None
+        tracer.evaluating = True    # (fx's patched module calls and reads: run as they are)
+        try:
+            value = _evaluate(model, node, _inputs_at(node.graph, tgt_param, shaped))
+        finally:
+            tracer.evaluating = False
+        return value if isinstance(value, (bool, int, float)) else None
 
     class Baked(Tracer):
         proxy_buffer_attributes = False     # a buffer's value read (a flag): its value now
@@ -621,10 +785,15 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
         fixed = (f"; {kept} kept {'its' if len(concrete) == 1 else 'their'} default(s): "
                  "to trace a forward of several inputs, pass sample= a tuple of them "
                  "(engine.sequential: inputs=)" if concrete else "")
+        if isinstance(e, NotImplementedError) and "Cache" in str(e):    # (fx's create_arg)
+            fixed += ("; a key-value cache made in the forward is no value the layers can "
+                      "be given (transformers: config.use_cache=False, as for training)")
         raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}"
                         f"{_line_of(e)}){fixed}; {way}") from e
     _read_mode(graph, other, model.training, what)      # (before nodes are added)
     _detach_no_grad(graph)
+    if shaped:
+        _bake_sizes(model, graph, tgt_param, shaped)
     if autocast:
         import warnings
         warnings.warn(f"engine.sequential: {what} computes part of its output under "
@@ -662,6 +831,17 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1) -> Any:
                             f"model's modules with parameters ({', '.join(layers)}), so it "
                             "is no loss of the output alone: pass loss_fn=")
         fed = {m for n in part for m in _inputs(n) if m not in reads and m.op != "get_attr"}
+        # the device of the model's output the loss reads (Hugging Face's
+        # ForCausalLMLoss: labels.to(logits.device)) is the device of what it reads of
+        # the output, not a second value (the loss of one output was refused)
+        about = {m for m in fed if m.op == "call_function" and m.target is getattr
+                 and m.args[1:] == ("device",)}
+        if len(fed - about) == 1 and about:
+            (rest,) = fed - about
+            for m in about:
+                m.args = (rest, "device")
+            fed -= about
+            part = [n for n in nodes if n in about or n in part]
         if len(fed) != 1 or any(m in fed for m in ins):
             raise TypeError(f"{what}: its loss reads {len(fed)} values of the model "
                             f"besides {tgt_param.name!r}, not one output: pass loss_fn=")

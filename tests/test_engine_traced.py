@@ -748,6 +748,19 @@ class _HF(nn.Module):                # Hugging Face's signature: the mask an inp
         return out
 
 
+class _Sized(_HF):     # transformers 5's GPT-2: a mask made or not by the lengths, the
+    def forward(self, input_ids, labels=None):     # output's shape from the input's sizes
+        hidden = self.embeddings(input_ids)
+        q_length, kv_length = hidden.shape[1], input_ids.shape[-1]
+        bias = 0.0 if q_length == kv_length else torch.zeros(q_length, kv_length).sum(-1)
+        output_shape = (-1,) + input_ids.size()[1:] + (hidden.size(-1),)
+        for block in self.layer:
+            hidden = block(hidden, bias)
+        logits = self.classifier(hidden.view(output_shape))
+        # ForCausalLMLoss: the labels moved to the logits' device
+        return F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten())
+
+
 class _TupleLayer(nn.Module):     # Hugging Face's layers return a tuple the loop takes apart
     def __init__(self, w):
         super().__init__()
@@ -827,7 +840,7 @@ def _skip_data(kind, step):
         return ((torch.randint(0, 7, (ROWS, 5), generator=g),
                  torch.randint(0, 2, (ROWS, 5), generator=g)),
                 torch.randint(0, 7, (ROWS, 5), generator=g))
-    if kind in ("masked", "returned"):
+    if kind in ("masked", "returned", "sized"):
         return (torch.randint(0, 7, (ROWS, 5), generator=g),
                 torch.randint(0, 7, (ROWS, 5), generator=g))
     return (torch.randn(ROWS, 6, generator=g, dtype=torch.float64),
@@ -836,7 +849,8 @@ def _skip_data(kind, step):
 
 def _skip_model(kind):
     torch.manual_seed(0)
-    return {"masked": _Masked, "unet": _UNet, "hf": _HF, "returned": _Returned}[kind]().double()
+    return {"masked": _Masked, "unet": _UNet, "hf": _HF, "returned": _Returned,
+            "sized": _Sized}[kind]().double()
 
 
 def test_a_mask_and_skips_cross_the_cuts_beside_the_activation():
@@ -862,6 +876,54 @@ def test_a_mask_and_skips_cross_the_cuts_beside_the_activation():
         out = piece(out)
         widths.append(len(out) if isinstance(out, tuple) else 1)
     assert widths == [1, 2, 3, 3, 1]             # the skips still to be read
+
+
+class DynamicCache:      # transformers' key-value cache, made by a forward with use_cache
+    pass
+
+
+class _CacheBlock(_HFBlock):
+    def forward(self, hidden, bias, cache=None):
+        return super().forward(hidden, bias)
+
+
+class _Cached(_Sized):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList(_CacheBlock(6) for _ in range(3))
+
+    def forward(self, input_ids, labels=None):
+        cache, hidden = DynamicCache(), self.embeddings(input_ids)
+        for block in self.layer:
+            hidden = block(hidden, 0.0, cache)
+        return F.cross_entropy(self.classifier(hidden).flatten(0, 1), labels.flatten())
+
+
+def test_branches_and_sizes_from_the_inputs_shapes_are_taken_from_the_sample():
+    """An ``if`` on lengths (transformers 5's mask code: fx raised "symbolically
+    traced variables cannot be used as inputs to control flow") is decided by
+    the sample's shapes; a tuple made of sizes read after the layers (GPT-2's
+    ``output_shape``: no cut between the layers, not being a tensor) is
+    taken as the constant the sample gives; the loss reading the logits'
+    device is one loss (it was taken for a second value of the model). A step
+    whose inputs decide otherwise raises as it runs."""
+    model = _skip_model("sized")
+    x, y = _skip_data("sized", 0)
+    with pytest.raises(TypeError, match=r"cannot be used as inputs to control flow"):
+        engine.sequential(model, target=True)          # (no sample: nothing to decide by)
+    seq = engine.sequential(model, target=True, sample=x)
+    assert [p.__class__.__name__ for p in seq] == [
+        "_Sized[embeddings..layer.0]", "_Sized[layer.1]", "_Sized[layer.2]",
+        "_Sized[classifier]"]
+    torch.testing.assert_close(seq.loss(seq(x), y), model(x, y), rtol=0, atol=0)
+    torch.testing.assert_close(seq.loss(seq(x[:1]), y[:1]), model(x[:1], y[:1]), rtol=0,
+                               atol=0)     # a micro-batch of fewer rows: the same sizes
+    with pytest.raises(AssertionError, match=r"this step's inputs give another: give "
+                                             r"engine.distribute a sample of their shapes"):
+        seq(x[:, :4])
+    with pytest.raises(TypeError, match=r"argument of type: .*DynamicCache.*\(transformers: "
+                                        r"config.use_cache=False, as for training\)"):
+        engine.sequential(_Cached(), target=True, sample=x)
 
 
 def test_a_forward_of_several_inputs_takes_them_as_one_tuple():
@@ -938,11 +1000,12 @@ def _skip_worker(world):
         engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2), recompute=3)
     out = {}
     for kind, schedule in (("masked", "1f1b"), ("unet", "zb-v"), ("hf", "auto"),
-                           ("returned", "1f1b")):
+                           ("returned", "1f1b"), ("sized", "1f1b")):
         job = engine.distribute(_skip_model(kind), mesh.grid(world, pp=2), schedule=schedule,
                                 microbatches=2, timeout=60, verbose=False,
                                 **({"sample": _skip_data(kind, 0)[0], "recompute": True}
-                                   if kind == "hf" else {"balance": "parameters"}),
+                                   if kind == "hf" else {"sample": _skip_data(kind, 0)[0]}
+                                   if kind == "sized" else {"balance": "parameters"}),
                                 **({"loss_fn": _logits_loss} if kind == "returned" else {}))
         out[kind] = _trained(job, lambda step, kind=kind: _skip_data(kind, step))
     return out
@@ -956,9 +1019,11 @@ def test_a_mask_and_skips_distributed_train_like_one_process():
     (Hugging Face's ids and mask) chosen, timed and re-timed by "auto",
     its stages recomputing; a model returning Hugging Face's ModelOutput
     without a loss, its loss_fn reading ``out.logits`` as on one process
-    (it was given the bare tensor: AttributeError on the last stage)."""
+    (it was given the bare tensor: AttributeError on the last stage); a
+    forward branching on lengths, traced by the sample (transformers 5's
+    GPT-2: fx refused it)."""
     results = mesh.spawn(_skip_worker, 2, timeout=280, env=PATIENT)
-    for kind in ("masked", "unet", "hf", "returned"):
+    for kind in ("masked", "unet", "hf", "returned", "sized"):
         model = _skip_model(kind)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         losses = []
