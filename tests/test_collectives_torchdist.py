@@ -85,14 +85,16 @@ def _reductions(r: int, n: int) -> None:
     # (after the watch a rooted call of init_process_group left may be
     # withdrawn: collectives.runner keeps it _WATCH_S, and until then a call
     # takes the long way, which reports what the watch caught)
-    from collectives import runner, torchpg
+    from collectives import runner, torchexchange, torchgather, torchpg
     time.sleep(runner._WATCH_S * 1.5)
     # (and reduce_scatter_tensor, all_gather_into_tensor: the short ways of theirs)
-    names = ("_tiny_all_reduce", "_tiny_reduce_scatter", "_tiny_all_gather")
+    where = {"_tiny_all_reduce": torchpg, "_tiny_reduce_scatter": torchexchange,
+             "_tiny_all_gather": torchgather}
+    names = tuple(where)
     short: dict[str, list] = {k: [] for k in names}
-    tiny = {k: getattr(torchpg, k) for k in names}
+    tiny = {k: getattr(where[k], k) for k in names}
     for k in names:
-        setattr(torchpg, k, lambda *a, k=k: short[k].append(tiny[k](*a)) or short[k][-1])
+        setattr(where[k], k, lambda *a, k=k: short[k].append(tiny[k](*a)) or short[k][-1])
     try:
         for i in range(4):
             t = torch.full((2,), r + 1.0 + i)
@@ -108,7 +110,7 @@ def _reductions(r: int, n: int) -> None:
                 f"repeated all_gather_into_tensor {i}")
     finally:
         for k in names:
-            setattr(torchpg, k, tiny[k])
+            setattr(where[k], k, tiny[k])
     assert all(sum(x is not None for x in v) >= 3 for v in short.values()), \
         f"short way taken {short}"
     _sparse(r, n)
@@ -1286,7 +1288,7 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
     finished Work without making a torch Future (an asynchronous one still
     completes its future)."""
     import collectives.torchdist  # noqa: F401
-    from collectives import api, torchpg
+    from collectives import api, torchpg, torchwork
     seen: list[Any] = []
     views: list[Any] = []
     direct: list[Any] = []
@@ -1309,7 +1311,7 @@ def test_one_rank_here_tensors_go_to_the_collectives_as_they_are(monkeypatch: An
             super().__init__()
     real = api.all_reduce
     monkeypatch.setattr(api, "all_reduce", spy)
-    monkeypatch.setattr(torchpg, "Future", Counted)
+    monkeypatch.setattr(torchwork, "Future", Counted)
     # the store on a port the OS picks, which init_process_group's tcp:// then finds
     store = dist.TCPStore("127.0.0.1", 0, 1, True, multi_tenant=True)
     dist.init_process_group("meshrun", init_method=f"tcp://127.0.0.1:{store.port}", rank=0,
@@ -1488,13 +1490,13 @@ def test_a_works_future_is_complete_once_wait_returns(monkeypatch: Any) -> None:
     ``then`` (the future torch hands out) had run, and ``value()`` raised
     torch's "completed() INTERNAL ASSERT FAILED" (a slow ``then`` here
     makes the race certain; in real runs a few calls in a hundred)."""
-    from collectives import torchpg
-    unwrap = torchpg._unwrap
+    from collectives import torchpg, torchwork
+    unwrap = torchwork._unwrap
 
     def slow(fut: Any) -> Any:
         time.sleep(0.3)
         return unwrap(fut)
-    monkeypatch.setattr(torchpg, "_unwrap", slow)
+    monkeypatch.setattr(torchwork, "_unwrap", slow)
     work = torchpg._FutureWork()
     threading.Thread(target=work.finish, args=([torch.ones(2)], None)).start()
     assert work.wait() and work.is_completed()
