@@ -350,6 +350,18 @@ def _alone(x: Any, name: str) -> Any:
 _TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names
 
 
+def _model_frame() -> Any:
+    """The frame of the model's own code that asked torch.fx for the truth of
+    a traced value: the first one out of torch.fx and this module; None
+    where there is none."""
+    fx_dir = os.path.dirname(sys.modules["torch.fx"].__file__ or "")
+    frame: Any = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(fx_dir)
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return frame
+
+
 def _asserting() -> str | None:
     """Where the model's code tests a traced value in an ``assert`` (the
     frame outside torch.fx that asks for the truth of a proxy, at a jump
@@ -357,11 +369,7 @@ def _asserting() -> str | None:
     block_size``), as ``file:line``; None for any other test (an ``if``,
     which the trace cannot follow)."""
     import dis
-    fx_dir = os.path.dirname(sys.modules["torch.fx"].__file__ or "")
-    frame: Any = sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename.startswith(fx_dir)
-                                 or frame.f_code.co_filename == __file__):
-        frame = frame.f_back
+    frame = _model_frame()
     if frame is None:
         return None
     at = frame.f_lasti * (2 if sys.version_info < (3, 11) else 1)   # (3.10: instructions)
@@ -489,11 +497,7 @@ def _bake_sizes(model: Any, graph: Any, tgt_param: Any, shaped: list[Any]) -> No
 def _branch_at() -> str:
     """Where the model's code branches on a traced value (``file:line``), as
     _asserting finds its frame; '' where it cannot tell."""
-    fx_dir = os.path.dirname(sys.modules["torch.fx"].__file__ or "")
-    frame: Any = sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename.startswith(fx_dir)
-                                 or frame.f_code.co_filename == __file__):
-        frame = frame.f_back
+    frame = _model_frame()
     if frame is None:
         return ""
     return f"at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
