@@ -362,9 +362,7 @@ def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str = "sum", async_op: bo
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(reduce_scatter_v, "reduce_scatter_v", g, a, counts=counts, op=op,
                           async_op=async_op, timeout=timeout)
-    sizes, bad = _counts(counts, "counts", g.size,
-                         f"rank {g.ranks[g.rank]}: reduce_scatter_v on group {g.name}")
-    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
+    sizes, check = _counted(g, counts, "reduce_scatter_v")
     return _staged_reduce_scatter_v(g, a, sizes, op=op, async_op=async_op, timeout=timeout,
                                     check=check)
 
@@ -386,9 +384,7 @@ def gather_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(gather_v, "gather_v", g, a, counts=counts, root=root,
                           async_op=async_op, timeout=timeout)
-    sizes, bad = _counts(counts, "counts", g.size,
-                         f"rank {g.ranks[g.rank]}: gather_v on group {g.name}")
-    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
+    sizes, check = _counted(g, counts, "gather_v")
     return _staged_gather_v(g, a, sizes, root=root, async_op=async_op, timeout=timeout,
                             check=check)
 
@@ -410,9 +406,7 @@ def scatter_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = Fals
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(scatter_v, "scatter_v", g, a, counts=counts, root=root,
                           async_op=async_op, timeout=timeout)
-    sizes, bad = _counts(counts, "counts", g.size,
-                         f"rank {g.ranks[g.rank]}: scatter_v on group {g.name}")
-    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
+    sizes, check = _counted(g, counts, "scatter_v")
     return _staged_scatter_v(g, a, sizes, root=root, async_op=async_op, timeout=timeout,
                              dtype=dtype, check=check)
 
@@ -448,6 +442,14 @@ def _fails_with(bad: str | None) -> Callable[[], None]:
         if bad is not None:
             raise ValueError(bad)
     return check
+
+
+def _counted(g: Comm, counts: Any, what: str) -> tuple[list[int], Callable[[], None]]:
+    """An uneven call's ``counts`` given whole, as ints (_counts), and
+    the check its staged call runs under its tag (_fails_with)."""
+    sizes, bad = _counts(counts, "counts", g.size,
+                         f"rank {g.ranks[g.rank]}: {what} on group {g.name}")
+    return sizes, _fails_with(bad)
 
 
 def _counts(counts: Any, what: str, n: int, me: str) -> tuple[list[int], str | None]:
