@@ -254,3 +254,41 @@ def test_a_timeout_in_a_call_a_rank_finished_fails_none_of_its_next_calls() -> N
     assert got[1] == ["ok", "ok", "ok", "ok"], got
     for r in (0, 2):
         assert got[r] == ["MeshTimeoutError", "ok", "ok", "ok"], got
+
+
+def _stopped_past_the_timeout(world: Any) -> list:
+    """Rank 2 stops (SIGSTOP) before an all_reduce the others give a 0.3 s
+    timeout, and rank 0 resumes it once it has timed out: rank 2's main
+    thread may run before its transport reads the aborts, and the others'
+    posts are still on their boards. First the short way (a repeated
+    call), then the long way (the call's first), then a call that works."""
+    pids = C.all_gather_object(world, os.getpid())
+    got = []
+    for shape in [(4,), (3,)]:
+        a = np.ones(shape, np.float32)
+        for _ in range(3 if shape == (4,) else 0):
+            C.all_reduce(world, a)
+        if world.rank == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)
+            got.append(_attempt(lambda: C.all_reduce(world, a))[:2])
+        else:
+            got.append(_attempt(lambda: C.all_reduce(world, a, timeout=0.3))[:2])
+            if world.rank == 0:
+                os.kill(pids[2], signal.SIGCONT)
+    b = np.full(2, world.rank + 1.0)
+    C.all_reduce(world, b)
+    return got + [b.tolist()]
+
+
+def test_a_rank_stopped_past_the_timeout_raises_the_aborted_call_on_resume() -> None:
+    """The stopped rank finished the aborted call out of its peers' posts
+    (its result, and none of the others') until a failed call withdrew its
+    post from the board (collectives.shm.board.Round.__exit__)."""
+    got = mesh.spawn(_stopped_past_the_timeout, 3, timeout=60,
+                     env={"MESH_PEER_TIMEOUT": "30"})
+    for rank, res in enumerate(got):
+        assert res[2] == [6.0, 6.0], (rank, res)
+        for (kind, text), num in zip(res[:2], (5, 6)):
+            assert kind == "MeshTimeoutError", (rank, res)
+            assert f"all_reduce #{num} on group world" in text and "timed out" in text, \
+                (rank, text)

@@ -102,6 +102,8 @@ and loads are not passed by later loads or stores (all the board needs:
 no rank acts on a store it has made before loading another's)."""
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
+_WITHDRAWN = -1
+"""A post's FPHASH once its call failed here (a hash is never negative)."""
 _SLOT_WORDS = 7
 _WORDS = 1 + 2 * _SLOT_WORDS
 
@@ -529,8 +531,18 @@ class Round:
     def __enter__(self) -> "Round":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        head = self.box.head
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        box = self.box
+        head, b = box.head, 1 + self.base
+        if kind is not None and head[b + SEQ] == self.seq and not issubclass(kind,
+                                                                             MismatchError):
+            # failed (not on what the posts say, which every rank sees for itself):
+            # the post is withdrawn, so that a peer that comes to the call later
+            # raises its abort (gather) instead of finishing on what was posted (a
+            # rank stopped past its peers' timeout: resumed, its main thread may
+            # run before its transport reads their aborts)
+            head[b + FPHASH] = _WITHDRAWN
+            box.slot_words[self.slot] = None
         head[0] = max(head[0], self.seq)
         self.box.ring()
         self.wait.close()
@@ -651,7 +663,7 @@ class Round:
         inline = slot * _INLINE
         for p in self.peers:
             h = self._peek(p)       # (the second read, where the board is not mapped)
-            if h[b + SEQ] != seq:
+            if h[b + SEQ] != seq or h[b + FPHASH] == _WITHDRAWN:
                 self.wait.gone(p, "taking part")
             out = None if outs is None else outs[p]
             size = h[b + PAYLEN]
