@@ -22,6 +22,7 @@ Each call takes the path of its array's kind::
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -43,7 +44,7 @@ from .tensors import run as _on_tensor
 
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "scan",
-           "exscan", "gather_v", "scatter_v", "barrier", "broadcast_object",
+           "exscan", "gather_v", "scatter_v", "all_reduce_loc", "barrier", "broadcast_object",
            "all_gather_object", "gather_object", "scatter_object", "broadcast_state"]
 
 _staged_all_reduce = simple(host.all_reduce, in_place=True)
@@ -432,6 +433,60 @@ def exscan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(exscan, "exscan", g, a, op=op, async_op=async_op, timeout=timeout)
     return _staged_scan(g, a, op=op, async_op=async_op, timeout=timeout, exclusive=True)
+
+
+_NO_INDEX = np.iinfo(np.int64).max     # (a rank that does not hold the max: any index wins)
+
+
+def all_reduce_loc(g: Comm, a: Any, index: Any = None, op: str = "max",
+                   timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MPI's MAXLOC and MINLOC (mpi4py's ``allreduce((value, index),
+    op=MPI.MAXLOC)``): the max (``op="max"``) or min (``"min"``) of ``a``
+    over the group, elementwise, and the ``index`` that came with it, the
+    lowest of those of the ranks that hold it (MPI's rule for ties; a NaN
+    wins, as in np.maximum). ``a``: a number or a numpy array of real or
+    bool dtype, only read; ``index``: integers broadcastable to a's shape
+    (default: this rank in ``g``). Returns ``(values, indices)``, new
+    arrays of a's shape, of its dtype and int64, on every rank. Two
+    all_reduce calls; arguments that are not valid on a rank fail the
+    first on every rank."""
+    check_comm(g, "all_reduce_loc")
+    values, at, bad = _loc_args(g, a, index, op)
+    t0 = time.monotonic()
+    best = _staged_all_reduce(g, values.copy(), op=op if bad is None else "max",
+                              timeout=timeout, check=_fails_with(bad))
+    held = values == best
+    if values.dtype.kind == "f":
+        held |= np.isnan(values) & np.isnan(best)
+    at[~held] = _NO_INDEX
+    if isinstance(timeout, (int, float)):       # (it bounds the whole call)
+        timeout = max(timeout - (time.monotonic() - t0), 1e-3)
+    return best, _staged_all_reduce(g, at, op="min", timeout=timeout)
+
+
+def _loc_args(g: Comm, a: Any, index: Any, op: str) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """all_reduce_loc's values (a copy of ``a``) and indices (int64, of its
+    shape), and what is wrong with the arguments (None: nothing), for the
+    first call's check to raise on every rank."""
+    me = f"rank {g.ranks[g.rank]}: all_reduce_loc on group {g.name}"
+    try:
+        values = np.array(a)      # (a copy: a is only read)
+        mine = np.asarray(g.rank if index is None else index)
+    except (TypeError, ValueError, RuntimeError) as e:     # (a CUDA tensor, a ragged list)
+        return np.zeros(()), np.zeros((), np.int64), f"{me}: {e}"
+    at = np.zeros(values.shape, np.int64)
+    if op not in ("max", "min"):
+        return values, at, f"{me}: op must be 'max' (MPI's MAXLOC) or 'min' (MINLOC), not {op!r}"
+    if values.dtype.kind not in "biuf":
+        return values, at, f"{me}: values must be real numbers or bool, got dtype {values.dtype}"
+    if mine.dtype.kind not in "iu":
+        return values, at, f"{me}: index must be integers, got dtype {mine.dtype}"
+    try:
+        at[...] = np.broadcast_to(mine, values.shape)
+    except ValueError as e:
+        return values, at, f"{me}: index of shape {mine.shape} for values of shape " \
+                           f"{values.shape}: {e}"
+    return values, at, None
 
 
 def _fails_with(bad: str | None) -> Callable[[], None]:

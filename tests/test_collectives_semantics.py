@@ -169,3 +169,49 @@ def test_one_element_results_are_the_same_bits_on_every_rank(n: int) -> None:
     for rank, bits in enumerate(seen[1:], 1):
         assert bits == seen[0], f"rank {rank}: calls " \
             f"{[i for i, (a, b) in enumerate(zip(bits, seen[0])) if a != b]} differ from rank 0's"
+
+
+def _maxloc(world: Any) -> str:
+    """all_reduce_loc against numpy: the max (min) over the ranks and the
+    lowest index among the ranks holding it (MPI's MAXLOC and MINLOC)."""
+    n, r = world.size, world.rank
+    val = [3.0, 7.5, 7.5, -1.0, 7.5][r % 5]         # ranks 1 and 2 tie
+    vs = [[3.0, 7.5, 7.5, -1.0, 7.5][i % 5] for i in range(n)]
+    v, at = C.all_reduce_loc(world, val)
+    assert (float(v), int(at)) == (max(vs), vs.index(max(vs))) and at.dtype == np.int64, (v, at)
+    v, at = C.all_reduce_loc(world, val, op="min", index=100 - r)   # the lowest index wins
+    low = [100 - i for i in range(n) if vs[i] == min(vs)]
+    assert (float(v), int(at)) == (min(vs), min(low)), (v, at)
+    rng = [np.random.default_rng([7, i]) for i in range(n)]
+    for dtype in ("int32", "float64", "bool", "uint8"):
+        xs = [g.integers(0, 3, size=(4, 5)).astype(dtype) for g in rng]
+        index = np.arange(20).reshape(4, 5) * n + r
+        mine = xs[r].copy()
+        for op, pick in (("max", np.argmax), ("min", np.argmin)):
+            v, at = C.all_reduce_loc(world, mine, index=index, op=op)
+            stack = np.stack(xs)
+            who = pick(stack, axis=0)           # (the first rank, as numpy's argmax)
+            want = np.take_along_axis(stack, who[None], 0)[0]
+            assert v.dtype == np.dtype(dtype) and np.array_equal(v, want), (op, dtype, v, want)
+            assert np.array_equal(at, np.arange(20).reshape(4, 5) * n + who), (op, dtype, at)
+        assert np.array_equal(mine, xs[r])      # only read
+    v, at = C.all_reduce_loc(world, np.array([1.0, np.nan if r == n - 1 else 2.0]))
+    assert v[0] == 1.0 and int(at[0]) == 0 and np.isnan(v[1]) and int(at[1]) == n - 1, (v, at)
+    for bad, said in ((dict(op="sum"), "op must be 'max'"),
+                      (dict(index=np.arange(3)), "index of shape (3,)"),
+                      (dict(index=0.5), "index must be integers"),
+                      (dict(a=["x", "y"]), "values must be real numbers or bool, got dtype <U1"),
+                      (dict(a=[[1], [1, 2]]), "inhomogeneous")):       # (np.array raised)
+        kw = {"a": np.ones(2), **(bad if r == n - 1 else {})}
+        with pytest.raises(mesh.MeshError if r != n - 1 else ValueError) as e:
+            C.all_reduce_loc(world, timeout=30, **kw)
+        assert f"rank {n - 1}: all_reduce_loc on group world: " in str(e.value) \
+            and said in str(e.value), e.value
+    v, at = C.all_reduce_loc(world, np.full(2, r))      # the group goes on
+    assert v.tolist() == [n - 1] * 2 and at.tolist() == [n - 1] * 2
+    return "ok"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_all_reduce_loc_is_mpi_maxloc_and_minloc(n: int) -> None:
+    assert mesh.spawn(_maxloc, n, timeout=120) == ["ok"] * n

@@ -243,15 +243,18 @@ def _in_place(a: np.ndarray, body: Callable[[Ctx, np.ndarray], None],
 
 
 def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
-               algorithm: str | None = None, timeout: float | None = None) -> Any:
+               algorithm: str | None = None, timeout: float | None = None,
+               check: Callable[[], Any] | None = None) -> Any:
     """Reduce ``a`` over the group, in place on every rank; returns ``a``.
     ``algorithm``: "rd" (recursive doubling) or "ring" (reduce-scatter then
     all-gather); default by size. Between processes of one host both run
     over the board and cross-memory attach (collectives.shm) unless
     MESH_CMA=0. Across hosts with more than one rank on some host, or with
     "hier", it runs in two levels (collectives.host.hier; "rd" / "ring"
-    force the flat algorithm)."""
+    force the flat algorithm). ``check``: as all_gather_v's."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
+        if check is not None:
+            check()
         arr = _array("all_reduce", a, writable=True)
         rop = resolve(op, arr.dtype)
         alg = choose("all_reduce", arr.nbytes, t, algorithm)
