@@ -9,11 +9,11 @@ from .comm import (ANY, ANY_SOURCE, ANY_TAG, PROC_NULL, Comm, Request, Status, t
 from .errors import (AbortKind, AuthError, BadMessageError, LostPeerError, MeshError,
                      MeshTimeoutError, MismatchError, OutMismatchError, RendezvousError,
                      WorkerError)
-from .grid import Grid, grid
+from .grid import Grid, compute_dims, grid
 from .spawn import spawn
 from .world import Mesh, init
 
-__all__ = ["init", "spawn", "grid", "Grid", "Mesh", "Comm", "Request", "Status", "waitall",
+__all__ = ["init", "spawn", "grid", "Grid", "compute_dims", "Mesh", "Comm", "Request", "Status", "waitall",
            "waitany", "waitsome", "testall", "testany", "testsome", "ANY",
            "ANY_SOURCE", "ANY_TAG", "PROC_NULL", "MeshError", "MeshTimeoutError", "LostPeerError",
            "MismatchError", "OutMismatchError", "BadMessageError", "AuthError", "RendezvousError",

@@ -18,7 +18,7 @@ import numpy as np
 
 from .comm import PROC_NULL, Comm
 
-__all__ = ["Grid", "grid"]
+__all__ = ["Grid", "grid", "compute_dims"]
 
 
 class Grid:
@@ -106,6 +106,17 @@ class Grid:
             rank = rank * self.axes[name] + int(coords.get(name, self._coords[name]))
         return rank
 
+    def coords(self, rank: int | None = None) -> dict[str, int]:
+        """MPI's Cart_coords: the coordinates of ``rank`` (in the grid's
+        communicator; default this rank), by axis name."""
+        if rank is None:
+            return dict(self._coords)
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, (bool, np.bool_)) \
+                or not 0 <= rank < self.comm.size:
+            raise ValueError(f"rank {self.comm._t.rank}: {self!r}.coords({rank!r}): the grid's "
+                             f"communicator has ranks 0..{self.comm.size - 1}")
+        return self._unravel(int(rank))
+
     def shift(self, axis: str, disp: int = 1, periodic: bool = False) -> tuple[int, int]:
         """MPI's Cart_shift: ``(source, dest)``, the ranks (in the grid's
         communicator) ``disp`` steps back and forward along ``axis`` from
@@ -133,6 +144,32 @@ class Grid:
 
     def __repr__(self) -> str:
         return f"<Grid {self.axes} at {self._coords}>"
+
+
+def compute_dims(n: int, ndims: int) -> list[int]:
+    """MPI's Dims_create (mpi4py's ``MPI.Compute_dims(n, ndims)``): ``ndims``
+    sizes whose product is ``n``, as close to each other as they can be
+    (the least largest, then the least next...), largest first; for
+    ``mesh.grid(world, **dict(zip(names, compute_dims(world.size, 2))))``."""
+    for name, v in (("n", n), ("ndims", ndims)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 1:
+            raise ValueError(f"compute_dims({n!r}, {ndims!r}): {name} must be an integer >= 1")
+    dims = _balanced(int(n), int(ndims), int(n))
+    assert dims is not None     # (n itself, then ones, always fits)
+    return dims
+
+
+def _balanced(n: int, k: int, cap: int) -> list[int] | None:
+    """The non-increasing ``k`` factors of ``n``, none above ``cap``, that
+    are least in order (smallest first factor, then second...), or None."""
+    if k == 1:
+        return [n] if n <= cap else None
+    for d in range(1, min(cap, n) + 1):
+        if d ** k >= n and n % d == 0:
+            rest = _balanced(n // d, k - 1, d)
+            if rest is not None:
+                return [d] + rest
+    return None
 
 
 def grid(comm: Comm, **axes: int) -> Grid:

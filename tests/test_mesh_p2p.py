@@ -329,8 +329,11 @@ def _groups(world: mesh.Mesh) -> list:
         else:
             assert evens.recv(0) == evens.rank * 10
     grid = mesh.grid(world, dp=2, pp=2)
+    with pytest.raises(ValueError) as e:
+        grid.coords(4)
     return [grid.coord("dp"), grid.coord("pp"), grid.group("pp").ranks, grid.group("dp").ranks,
-            _proc_null(world, grid)]
+            _proc_null(world, grid), grid.coords(), [grid.coords(r) for r in range(4)],
+            str(e.value)]
 
 
 def _proc_null(world: mesh.Mesh, grid: mesh.Grid) -> list:
@@ -372,6 +375,25 @@ def test_groups_are_isolated_and_grid_axes() -> None:
                                     [1, 0, [2, 3], [0, 2]], [1, 1, [2, 3], [1, 3]]]
     assert [r[4] for r in res] == [[[n, 1, -1, n], [1, 1, 1, 1]], [[0, n, 0, 0], [0, 0, 0, 0]],
                                    [[n, 3, -1, n], [3, 3, 3, 3]], [[2, n, 2, 2], [2, 2, 2, 2]]]
+    every = [{"dp": 0, "pp": 0}, {"dp": 0, "pp": 1}, {"dp": 1, "pp": 0}, {"dp": 1, "pp": 1}]
+    for r, got in enumerate(res):       # (MPI's Cart_coords, of this rank and any other)
+        assert got[5] == every[r] and got[6] == every, got
+        assert got[7] == f"rank {r}: <Grid {{'dp': 2, 'pp': 2}} at {every[r]}>.coords(4): " \
+                         f"the grid's communicator has ranks 0..3", got[7]
+
+
+def test_compute_dims_is_mpi_dims_create() -> None:
+    """As balanced as can be, largest first: Open MPI's answers (its greedy
+    gives [12, 6] for 72 in two, where [9, 8] is closer)."""
+    mpi = {(12, 2): [4, 3], (12, 3): [3, 2, 2], (16, 3): [4, 2, 2], (24, 3): [4, 3, 2],
+           (7, 2): [7, 1], (1, 3): [1, 1, 1], (8, 3): [2, 2, 2], (36, 3): [4, 3, 3],
+           (96, 3): [6, 4, 4], (100, 4): [5, 5, 2, 2], (1000, 2): [40, 25],
+           (1000, 4): [8, 5, 5, 5], (128, 2): [16, 8], (6, 1): [6], (72, 2): [9, 8]}
+    for (n, k), want in mpi.items():
+        assert mesh.compute_dims(n, k) == want, (n, k)
+    for bad in ((0, 2), (4, 0), (4.0, 2), (True, 1)):
+        with pytest.raises(ValueError, match="compute_dims"):
+            mesh.compute_dims(*bad)
 
 
 def _group_args(world: mesh.Mesh) -> list:
