@@ -6,6 +6,7 @@ confused with the world's or another group's."""
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 import threading
 import time
@@ -46,6 +47,15 @@ class Status:
     nbytes: int = 0
     dtype: np.dtype | None = None
     shape: tuple[int, ...] | None = None
+
+    @property
+    def count(self) -> int | None:
+        """mpi4py's ``Get_count(datatype)`` for the array's own dtype: its
+        number of elements, to size a receive after a probe (0 from
+        PROC_NULL); None for a msgpack object (its bytes: ``nbytes``)."""
+        if self.shape is not None:
+            return math.prod(self.shape)
+        return 0 if self.source == PROC_NULL else None
 
 _channel_lock = threading.Lock()
 

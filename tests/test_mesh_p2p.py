@@ -346,7 +346,8 @@ def _proc_null(world: mesh.Mesh, grid: mesh.Grid) -> list:
     world.isend({"x": 1}, null).wait()
     out = np.full(3, 7.0)
     assert world.recv(null, out=out, status=st, timeout=0) is out and (out == 7).all()
-    assert (st.source, st.tag, st.nbytes, st.shape) == (null, mesh.ANY_TAG, 0, None), st
+    assert (st.source, st.tag, st.nbytes, st.shape, st.count) == (null, mesh.ANY_TAG, 0, None,
+                                                                   0), st
     assert world.recv(np.int64(null), tag=mesh.ANY_TAG) is None
     req = world.irecv(null)
     assert req.done() and req.test() == (True, None) and req.status.source == null

@@ -81,6 +81,7 @@ def _status(world: mesh.Mesh) -> str:
             assert pair.recv(tag=mesh.ANY_TAG, status=st) == b"pair"
             assert (st.source, st.tag, st.dtype, st.shape) == (0, 3, None, None)
             assert st.nbytes == 6          # msgpack: a bin8 header and the 4 bytes
+            assert st.count is None        # (an object has no element count)
         world.recv(0, tag=99)
         return "ok"
     seen = set()
@@ -91,6 +92,7 @@ def _status(world: mesh.Mesh) -> str:
         assert got is out and np.array_equal(out, np.arange(6))
         assert st.tag == 10 + st.source and st.nbytes == 12
         assert st.dtype == np.int16 and st.shape == (2, 3)         # as sent, not as out=
+        assert st.count == 6                # (mpi4py's Get_count(MPI.SHORT))
         seen.add(st.source)
     assert seen == set(range(1, world.size))
     for r in range(1, world.size):
@@ -159,7 +161,7 @@ def _probe(world: mesh.Mesh) -> str:
     world.send(None, 1, tag=9)
     st = world.probe(mesh.ANY, tag=4, timeout=20)             # blocks until it is there
     assert (st.source, st.tag, st.nbytes, st.dtype, st.shape) == (1, 4, 40, np.float64, (5,))
-    out = np.empty(st.shape, st.dtype)                        # sized from the probe
+    out = np.empty(st.count, st.dtype)                        # sized from the probe
     assert world.recv(st.source, st.tag, out=out) is out and np.array_equal(out, np.arange(5.0))
     st = world.probe(1, timeout=20)
     assert st.tag == 4 and world.recv(1, tag=4) == "second"
