@@ -24,7 +24,7 @@
 """
 from . import api
 from .api import (all_gather, all_gather_object, all_gather_v, all_reduce, all_reduce_loc,
-                  all_to_all, all_to_all_v, barrier, broadcast, broadcast_object,
+                  all_to_all, all_to_all_object, all_to_all_v, barrier, broadcast, broadcast_object,
                   broadcast_state, exscan, gather, gather_object, gather_v, reduce,
                   reduce_scatter, reduce_scatter_v, scan, scatter, scatter_object, scatter_v)
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
@@ -36,5 +36,5 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
            "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "scan",
            "exscan", "gather_v", "scatter_v", "all_reduce_loc", "barrier",
            "broadcast_object", "all_gather_object", "gather_object", "scatter_object",
-           "broadcast_state", "GradReducer", "all_reduce_grads", "bucket_plan",
+           "all_to_all_object", "broadcast_state", "GradReducer", "all_reduce_grads", "bucket_plan",
            "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "abandon"]

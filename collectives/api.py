@@ -34,8 +34,8 @@ from mesh.tensors import cpu_numpy
 from .device import paths as device
 from .device.paths import simple
 from .host import paths as host
-from .host.paths import (all_gather_object, barrier, broadcast_object, gather_object,
-                         scatter_object)
+from .host.paths import (all_gather_object, all_to_all_object, barrier, broadcast_object,
+                         gather_object, scatter_object)
 from .runner import check_comm, named
 from .host import tiny as hier_tiny
 from .shm import tiny
@@ -45,7 +45,8 @@ from .tensors import run as _on_tensor
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "scan",
            "exscan", "gather_v", "scatter_v", "all_reduce_loc", "barrier", "broadcast_object",
-           "all_gather_object", "gather_object", "scatter_object", "broadcast_state"]
+           "all_gather_object", "gather_object", "scatter_object", "all_to_all_object",
+           "broadcast_state"]
 
 _staged_all_reduce = simple(host.all_reduce, in_place=True)
 _staged_all_gather = simple(host.all_gather, in_place=False)

@@ -183,6 +183,10 @@ def _gather_scatter_cases(C: Any, g: Any, seed: int) -> None:
     assert C.scatter_object(g, [[i, None] for i in range(n)] if r == 0 else None) == [r, None]
     assert C.scatter_object(g, tuple(range(n)) if r == n - 1 else None, root=n - 1,
                             async_op=True).wait() == r
+    assert C.all_to_all_object(g, [{"to": j, "t": (r, "x")} for j in range(n)]) == \
+        [{"to": r, "t": [i, "x"]} for i in range(n)]                # mpi4py's alltoall
+    assert C.all_to_all_object(g, tuple(range(r, r + n)), async_op=True).wait() == \
+        [i + r for i in range(n)]
 
 
 def _uneven_cases(C: Any, g: Any, seed: int) -> None:

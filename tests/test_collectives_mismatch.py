@@ -59,6 +59,8 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "scan size picks another path": lambda g: C.scan(g, np.ones(_odd(g.rank, 3, 20_000))),
     "scatter_object of a short list": lambda g: C.scatter_object(
         g, [1, 2] if g.rank == 1 else None, root=1),
+    "all_to_all_object of a short list": lambda g: C.all_to_all_object(
+        g, [1, 2] if g.rank == 1 else list(range(g.size))),
     "bad op on one rank": lambda g: C.all_reduce(g, np.ones(3, np.float32),
                                                  op=_odd(g.rank, "sum", "band")),
     "bad MESH_COLL_ALGO": _bad_algo,
@@ -196,6 +198,18 @@ def test_a_scatter_objects_short_list_fails_the_root_and_aborts_the_others(
     for rank in (0, 2, 3):
         assert texts[rank].startswith("MeshError") and "rank 1" in texts[rank] and \
             "needs a list of 4 objects" in texts[rank], texts[rank]
+
+
+def test_an_all_to_all_objects_short_list_fails_its_rank_and_aborts_the_others(
+        outcomes: list) -> None:
+    texts = _texts(outcomes, "all_to_all_object of a short list")
+    assert texts[1] == ("ValueError: rank 1: all_to_all_object on group world needs a list of 4 "
+                        "objects (one a rank), got a list of 2"), texts[1]
+    for rank in (0, 2, 3):
+        assert texts[rank].startswith("MeshError") and "rank 1" in texts[rank] and \
+            "needs a list of 4 objects" in texts[rank], texts[rank]
+    for o in outcomes:
+        assert o["all_to_all_object of a short list"][1:] == ["ok"] * 3, o
 
 
 def _sub_group_mismatch(world: Any) -> list[str]:

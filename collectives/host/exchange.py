@@ -16,7 +16,7 @@ from ..plan import tree_children, tree_parent
 from ..runner import Ctx
 
 __all__ = ["all_to_all_direct", "as_received", "broadcast_object_tree",
-           "all_gather_object_direct"]
+           "all_gather_object_direct", "all_to_all_object_direct"]
 
 
 def all_to_all_direct(ctx: Ctx, src: np.ndarray, out: np.ndarray) -> None:
@@ -72,6 +72,18 @@ def all_gather_object_direct(ctx: Ctx, obj: Any) -> list[Any]:
     recvs = {p: ctx.irecv(p) for p in peers}
     sends = [ctx.isend(obj, p) for p in peers]
     out = [obj if i == rank else recvs[i].wait() for i in range(n)]
+    for req in sends:
+        req.wait()
+    return out
+
+
+def all_to_all_object_direct(ctx: Ctx, objs: list[Any]) -> list[Any]:
+    """``objs[p]`` to each peer p, one message each; what each sent here, in rank order."""
+    n, rank = ctx.g.size, ctx.g.rank
+    peers = [(rank + k) % n for k in range(1, n)]
+    recvs = {p: ctx.irecv(p) for p in peers}
+    sends = [ctx.isend(objs[p], p) for p in peers]
+    out = [objs[rank] if i == rank else recvs[i].wait() for i in range(n)]
     for req in sends:
         req.wait()
     return out

@@ -28,8 +28,8 @@ from ..runner import Body, Ctx, agreed, named, start
 from ..shm import board, local, tiny
 from . import hier, link
 from . import tiny as hier_tiny
-from .exchange import (all_gather_object_direct, all_to_all_direct, as_received,
-                       broadcast_object_tree)
+from .exchange import (all_gather_object_direct, all_to_all_direct, all_to_all_object_direct,
+                       as_received, broadcast_object_tree)
 from .ring import ring
 from .rooted import (broadcast_chain, broadcast_tree, gather_direct, reduce_chain,
                      reduce_tree, scatter_direct)
@@ -38,7 +38,7 @@ from .small import all_reduce_rd, barrier_dissemination
 __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "gather",
            "scatter", "all_to_all", "all_to_all_v", "all_gather_v", "reduce_scatter_v", "gather_v",
            "scatter_v", "scan", "barrier", "broadcast_object", "all_gather_object",
-           "gather_object", "scatter_object"]
+           "all_to_all_object", "gather_object", "scatter_object"]
 
 
 _ONE_ARRAY = {      # what to do with a list of arrays, by collective ("": the others)
@@ -1031,6 +1031,22 @@ def gather_object(g: Comm, obj: Any, root: int = 0, async_op: bool = False,
             return [value if i == r else recvs[i].wait() for i in range(ctx.g.size)]
         return _fp("gather_object", root=r), agreed(body)
     return start(g, "gather_object", prepare, async_op, timeout)
+
+
+def all_to_all_object(g: Comm, objs: Any, async_op: bool = False,
+                      timeout: float | None = None) -> Any:
+    """Item j of this rank's list (or tuple) of g.size msgpack-able objects
+    to rank j (mpi4py's ``alltoall``); returns the list of what every rank
+    sent this one, in rank order (its own item at its own place)."""
+    def prepare(t: Tuning) -> tuple[dict, Body]:
+        if not isinstance(objs, (list, tuple)) or len(objs) != g.size:
+            got = (f"a {type(objs).__name__} of {len(objs)}"
+                   if isinstance(objs, (list, tuple)) else type(objs).__name__)
+            raise ValueError(f"all_to_all_object needs a list of {g.size} objects (one a "
+                             f"rank), got {got}")
+        values = [as_received(o) for o in objs]
+        return _fp("all_to_all_object"), lambda ctx: all_to_all_object_direct(ctx, values)
+    return start(g, "all_to_all_object", prepare, async_op, timeout)
 
 
 def scatter_object(g: Comm, objs: Any = None, root: int = 0, async_op: bool = False,
