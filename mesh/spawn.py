@@ -49,6 +49,11 @@ __all__ = ["spawn"]
 
 _PORT_WAIT_S = 120.0  # a child waits this long for the parent's rendezvous port
 _CLOSE_S = 10.0       # ranks that returned get this long to close their meshes and exit
+_OUTER_RANKS = ("TORCHELASTIC_ERROR_FILE", "MESH_ERROR_FILE", "MESH_NODE_RANK",
+                "MESH_RESTART_COUNT", "MESH_LAUNCHER_PID")
+"""A meshrun rank's own variables (its error files, node, try, launcher), which a
+spawn called in that rank must not hand on: its ranks wrote the outer rank's error
+file (torch's @record), and the outer meshrun reported their error as the rank's."""
 
 
 class _MainProbe(pickle.Pickler):
@@ -235,6 +240,8 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str, run_id: str,
         if not conn.poll(_PORT_WAIT_S):
             return  # the parent is gone
         port = conn.recv()
+        for name in _OUTER_RANKS:
+            os.environ.pop(name, None)
         os.environ.update(torchrun_env(os.environ, rank, size, rank, size, "127.0.0.1", port,
                                        run_id))       # (torchrun's, as meshrun gives them)
         os.environ.update({"MESH_SECRET": secret, "MESH_LAUNCHER": "1"})

@@ -238,6 +238,27 @@ def test_ranks_see_the_callers_environment_as_of_the_call(monkeypatch: pytest.Mo
     assert mesh.spawn(_env_of, 2, "MESH_SPAWN_PRELOAD", timeout=40) == [None] * 2
 
 
+def _outer_env(world: mesh.Mesh) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in spawn_mod._OUTER_RANKS}
+
+
+def test_a_spawn_in_a_meshrun_rank_hands_on_none_of_that_ranks_own_variables(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Called in a meshrun rank, spawn's ranks do not get the rank's error
+    files (torch's @record in them wrote the outer rank's, which meshrun then
+    reported as that rank's error), nor its node, try or launcher; env= may
+    still set them."""
+    outer = {"TORCHELASTIC_ERROR_FILE": str(tmp_path / "rank5.torchelastic.json"),
+             "MESH_ERROR_FILE": str(tmp_path / "rank5.error.json"), "MESH_NODE_RANK": "1",
+             "MESH_RESTART_COUNT": "2", "MESH_LAUNCHER_PID": "1"}
+    for name, value in outer.items():
+        monkeypatch.setenv(name, value)
+    assert sorted(outer) == sorted(spawn_mod._OUTER_RANKS)
+    assert mesh.spawn(_outer_env, 2, timeout=40) == [dict.fromkeys(outer)] * 2
+    assert mesh.spawn(_outer_env, 1, timeout=40, env={"MESH_NODE_RANK": "0"}) == [
+        dict(dict.fromkeys(outer), MESH_NODE_RANK="0")]
+
+
 def test_where_fork_is_not_used_it_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spawn_mod, "_can_fork", lambda: False)
     with pytest.raises(ValueError, match="Move it to a .py module"):
