@@ -429,6 +429,29 @@ def test_max_restarts_ends_with_the_last_failures_code(tmp_path: Path) -> None:
             in r.stderr
 
 
+def test_a_log_dir_reused_keeps_no_try_of_an_earlier_job(tmp_path: Path) -> None:
+    """The attempt_<N> folders an earlier job left in --log-dir are cleared
+    of the ranks' files as the job starts (torchrun clears each try's): a job
+    that succeeds at once has one try's logs, not the earlier job's too; a
+    file of another node's rank, or of the user's, stays. (0.5 s)"""
+    logs = tmp_path / "logs"
+    for n in range(3):
+        (logs / f"attempt_{n}").mkdir(parents=True)
+        for rank in (0, 1):
+            (logs / f"attempt_{n}" / f"rank{rank}.stderr.log").write_text("earlier job\n")
+            (logs / f"attempt_{n}" / f"rank{rank}.error.json").write_text("{}")
+    (logs / "attempt_2" / "rank2.stdout.log").write_text("node 1's\n")
+    (logs / "attempt_1" / "notes.txt").write_text("mine\n")
+    r = meshrun("-n", "2", "--max-restarts", "2", "--log-dir", str(logs), str(WORKER),
+                str(tmp_path), "*:print")
+    assert r.returncode == 0, r.stderr
+    assert sorted(str(p.relative_to(logs)) for p in logs.rglob("*")) == [
+        "attempt_0", "attempt_0/rank0.stderr.log", "attempt_0/rank0.stdout.log",
+        "attempt_0/rank1.stderr.log", "attempt_0/rank1.stdout.log",
+        "attempt_1", "attempt_1/notes.txt", "attempt_2", "attempt_2/rank2.stdout.log"]
+    assert "earlier job" not in (logs / "attempt_0" / "rank1.stderr.log").read_text()
+
+
 def test_ctrl_c_while_a_failure_settles_does_not_restart(tmp_path: Path) -> None:
     """Ctrl-C stops the job for good, even while meshrun waits for the
     ranks to end after a failure it would restart them for. (1.5 s)"""

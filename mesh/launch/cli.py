@@ -300,6 +300,7 @@ def launch(a: argparse.Namespace) -> int:
     open_files(5 * a.nproc + 256, f"meshrun -n {a.nproc}")  # pipes, logs, connections
     run_id = _run_id(given)
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
+    _clear_earlier_tries(a)
     restart = 0
     while True:
         left = None if deadline is None else deadline - time.monotonic()
@@ -327,6 +328,31 @@ def _try_logs(a: argparse.Namespace, restart: int) -> str | None:
     if not a.log_dir or not a.max_restarts:
         return a.log_dir
     return os.path.join(a.log_dir, f"attempt_{restart}")
+
+
+def _clear_earlier_tries(a: argparse.Namespace) -> None:
+    """Remove this node's ranks' files from the ``attempt_<N>`` folders an
+    earlier job left in --log-dir (and each folder left empty), as torchrun
+    clears a try's folder before it: an earlier job's attempt_3 stood beside
+    this job's attempt_0, as if it were one of its tries. The other nodes'
+    files, in a folder they share, are theirs to clear."""
+    if not a.log_dir or not a.max_restarts or not os.path.isdir(a.log_dir):
+        return
+    ours = tuple(f"rank{a.node_rank * a.nproc + local}." for local in range(a.nproc))
+    for name in os.listdir(a.log_dir):
+        folder = os.path.join(a.log_dir, name)
+        if not (name.startswith("attempt_") and name[8:].isdigit() and os.path.isdir(folder)):
+            continue
+        for file in os.listdir(folder):
+            if file.startswith(ours):
+                try:
+                    os.unlink(os.path.join(folder, file))
+                except OSError:
+                    pass
+        try:
+            os.rmdir(folder)
+        except OSError:     # (not empty: another node's files, or the user's)
+            pass
 
 
 def _run_id(secret: str | None) -> str:
