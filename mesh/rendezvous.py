@@ -9,6 +9,8 @@ parent of ``mesh.spawn``, or in rank 0 under another launcher (torchrun, srun).
     worker r <--waiting{missing}------- service   (every second until complete)
     worker r <--table{peers}----------- service   (once all ranks joined)
     launcher --ended{rank, size, how}-> service   (a rank ended)
+    launcher <-node{say}--------------> service   (meshrun --max-restarts across
+                                                   nodes: mesh.launch.tries)
 
 A rank that ends will never join again: a launcher that sees one go
 (``Teller.ended``) tells the service, which fails the ranks that wait for it
@@ -53,12 +55,19 @@ class RendezvousServer:
 
     ``refused`` counts connections that failed the handshake (no secret, a
     wrong one, another mechanism); ``rejected`` counts requests refused after
-    it (malformed, wrong world size, a rank that already joined)."""
+    it (malformed, wrong world size, a rank that already joined).
+
+    ``tries`` (``mesh.launch.tries.Tries``): the service also carries the
+    meshruns' word on the job's tries, which restart on every node together;
+    each try is a new rendezvous, open only while the meshruns run it."""
 
     def __init__(self, world_size: int, secret: str, host: str = "127.0.0.1",
                  port: int = 0, ctx: zmq.Context | None = None,
-                 curve: bool | None = None) -> None:
+                 curve: bool | None = None, tries: Any = None) -> None:
         self.world_size = world_size
+        self.tries = tries
+        if tries is not None:
+            tries.on_go = self._new_try
         self.curve = auth.curve_wanted() if curve is None else curve
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
@@ -109,6 +118,22 @@ class RendezvousServer:
         except zmq.ZMQError:
             pass
 
+    def _send(self, ident: bytes, msg: dict[str, Any]) -> bool:
+        """``_reply`` for the meshruns' word: False where ``ident``'s
+        connection is gone (its meshrun killed: ROUTER_MANDATORY)."""
+        try:
+            self._sock.send_multipart([ident, msgpack.packb(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            return e.errno != zmq.EHOSTUNREACH
+        return True
+
+    def _new_try(self, attempt: int) -> None:
+        """Every node's meshrun starts try ``attempt``: a rendezvous of its own,
+        nothing of the last try's ranks (all ended) kept."""
+        self._peers, self._idents, self._last = {}, {}, None
+        self._refusals, self._gone = [], {}
+        self.complete.clear()
+
     def _was(self, rank: int, who: tuple[Any, str]) -> bool:
         """Whether ``who`` (pid, host) is the process the last table has at ``rank``."""
         last = None if self._last is None else self._last[rank]
@@ -122,7 +147,8 @@ class RendezvousServer:
         waited in silence for its rendezvous timeout)."""
         rank = req.get("rank")
         if (type(rank) is not int or req.get("size") != self.world_size   # (another job's)
-                or rank in self._gone):
+                or rank in self._gone
+                or self.tries is not None and req.get("try") != self.tries.attempt):
             return
         self._gone[rank] = (f"peer rank {rank} is gone: it ended "
                             f"({str(req.get('how', ''))[:200]}) before the mesh was complete")
@@ -140,6 +166,14 @@ class RendezvousServer:
         if isinstance(req, dict) and req.get("op") == "ended":
             self._ended(req)
             return
+        if isinstance(req, dict) and req.get("op") == "node":
+            if self.tries is None:
+                self._reply(ident, {"op": "node", "say": "refused", "why":
+                                    "node 0's meshrun restarts nothing (no --max-restarts): "
+                                    "give every node's meshrun the same --max-restarts"})
+            else:
+                self.tries.handle(ident, req, time.monotonic(), self._send)
+            return
         if not (isinstance(req, dict) and req.get("op") == "join"
                 and type(req.get("rank")) is int and type(req.get("size")) is int
                 and type(req.get("pid", 0)) is int     # (they go to every rank: mesh.world)
@@ -148,6 +182,10 @@ class RendezvousServer:
             self._ignore("a malformed request")
             return
         rank, size = req["rank"], req["size"]
+        if self.tries is not None and not self.tries.running:
+            self.rejected += 1
+            self._reply(ident, {"op": "error", "msg": self.tries.closed(rank)})
+            return
         if size != self.world_size or not 0 <= rank < size:
             msg = (f"rank {rank} of world {size} (pid {req.get('pid')} on "
                    f"{_said(req.get('host'))}) cannot join a job of world size {self.world_size}"
@@ -215,7 +253,7 @@ class RendezvousServer:
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._mon, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        last_status = time.monotonic()
+        last_status = last_tick = time.monotonic()
         while not self._stop.is_set():
             try:
                 events = dict(poller.poll(200))
@@ -238,6 +276,9 @@ class RendezvousServer:
                     self._ignore(f"a request it could not handle ({type(e).__name__}: "
                                  f"{str(e)[:200]})")
             now = time.monotonic()
+            if self.tries is not None and now - last_tick > 0.5:
+                last_tick = now
+                self.tries.tick(now, self._send)
             if now - last_status > 1.0 and len(self._peers) < self.world_size:
                 # (a round open: the first, or a new one once the table is out)
                 last_status = now
@@ -484,11 +525,13 @@ class Teller:
     """A launcher's messages to the service: ``ended(rank, how)`` for each of
     its ranks that ended by itself (before it joined, or after: a rank's
     ``mesh.init()`` after a close waits for every rank again). Sends, never
-    waits: the service may be gone already (the job over)."""
+    waits: the service may be gone already (the job over). ``attempt``: the
+    try its ranks run (a service that runs the tries of every node hears
+    only the word of its current try's)."""
 
     def __init__(self, addr: str, port: int, secret: str, size: int,
-                 curve: bool = False) -> None:
-        self._where, self._size = f"tcp://{addr}:{port}", size
+                 curve: bool = False, attempt: int = 0) -> None:
+        self._where, self._size, self._try = f"tcp://{addr}:{port}", size, attempt
         self._secret, self._curve = secret, curve
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
@@ -501,7 +544,7 @@ class Teller:
             self._sock.connect(self._where)
         try:
             self._sock.send(msgpack.packb({"op": "ended", "rank": rank, "size": self._size,
-                                          "how": how}),
+                                          "how": how, "try": self._try}),
                             zmq.NOBLOCK)
         except zmq.ZMQError:
             pass

@@ -21,11 +21,13 @@ from ..cliargs import nonnegative, nonnegative_float, positive_float
 from ..env import launcher_seal, torchrun_env
 from ..limits import open_files, thread_share, too_many_for_open_files
 from ..auth import curve_wanted
+from ..peer import config_float
 from ..rendezvous import Teller, remove_run_folder, run_folder, tell_ended
 from .records import (WorkerExit, WorkerSpec, elastic_error_file, error_file, log_tracebacks,
                       read_records)
-from .report import exit_code, format_report
+from .report import cause, exit_code, format_report
 from .supervise import Job
+from .tries import Agent, Tries
 
 __all__ = ["main", "launch", "build_parser"]
 
@@ -97,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a rank fails, stop every rank, report the failure and start "
                         "them all again, up to N times, as torchrun --max-restarts does "
                         "(TORCHELASTIC_RESTART_COUNT and MESH_RESTART_COUNT count the "
-                        "restarts; one node only; default 0)")
+                        "restarts; across hosts every node's ranks restart together; "
+                        "default 0)")
     p.add_argument("--curve", action="store_true",
                    help="encrypt and authenticate all traffic with CurveZMQ, keys derived from "
                         "the job secret (same as MESH_CURVE=1; use it on every node)")
@@ -122,12 +125,6 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--master-port {a.master_port}: a TCP port is 0..65535 (0: any free one)")
     if a.module and a.no_python:
         p.error("-m and --no-python exclude each other")
-    if a.nnodes > 1 and a.max_restarts:
-        p.error("--max-restarts works on one node only: each node's meshrun would start "
-                "its own ranks again alone, and the others' would not be there to meet them; "
-                "across hosts use torchrun --nnodes K --max-restarts N --rdzv-backend c10d "
-                "(mesh.init() and the \"meshrun\" backend run under it), whose agents "
-                "restart every node together")
     if a.nnodes > 1 and a.master_port is None:
         p.error("--master-port is required with --nnodes > 1")
     if a.nnodes > 1 and a.node_rank > 0 and not a.master_port:
@@ -276,14 +273,18 @@ def _worker_argv(a: argparse.Namespace) -> list[str]:
     return [sys.executable, _BOOTSTRAP, *mode, a.target, *a.args]
 
 
-def _serve_rendezvous(a: argparse.Namespace, secret: str) -> Any:
+def _serve_rendezvous(a: argparse.Namespace, secret: str, tries: Tries | None = None) -> Any:
     """Start the rendezvous service (node 0 only); it binds the given port or
-    port 0 and the bound port is what workers are told, never a guess."""
+    port 0 and the bound port is what workers are told, never a guess.
+    ``tries``: it also runs the tries of every node's meshrun."""
     from ..rendezvous import RendezvousServer
     host = "*" if a.nnodes > 1 else a.master_addr
     srv = RendezvousServer(a.nnodes * a.nproc, secret, host=host, port=a.master_port or 0,
-                           curve=a.curve or curve_wanted())
+                           curve=a.curve or curve_wanted(), tries=tries)
     srv.start()
+    if a.nnodes > 1:
+        print(f"meshrun: node 0 serves the rendezvous on port {srv.port}",
+              file=sys.stderr, flush=True)
     return srv
 
 
@@ -301,12 +302,14 @@ def launch(a: argparse.Namespace) -> int:
     run_id = _run_id(given)
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
     _clear_earlier_tries(a)
+    if given and a.nnodes > 1 and a.max_restarts:
+        return _launch_together(a, given, run_id, deadline)
     restart = 0
     while True:
         left = None if deadline is None else deadline - time.monotonic()
         # (a fresh secret for each try of a job whose secret is meshrun's: nothing the
         # last try's ranks left running can join the next try's rendezvous)
-        code, again = _attempt(a, given or secrets.token_hex(16), run_id, restart, left)
+        code, again, _ = _attempt(a, given or secrets.token_hex(16), run_id, restart, left)
         if not again or (deadline is not None and time.monotonic() >= deadline):
             return code
         if restart >= a.max_restarts:
@@ -316,9 +319,67 @@ def launch(a: argparse.Namespace) -> int:
                       file=sys.stderr, flush=True)
             return code
         restart += 1
-        logs = f"; logs in {_try_logs(a, restart)}" if a.log_dir else ""
-        print(f"meshrun: starting every rank again (restart {restart} of {a.max_restarts}: "
-              f"TORCHELASTIC_RESTART_COUNT={restart}{logs})", file=sys.stderr, flush=True)
+        _say_again(a, restart)
+
+
+def _say_again(a: argparse.Namespace, restart: int, why: str = "") -> None:
+    """meshrun's line as it starts the ranks again (``why``: the failure, on
+    whichever node, of a job across hosts)."""
+    logs = f"; logs in {_try_logs(a, restart)}" if a.log_dir else ""
+    after = f" on every node, after {why}" if why else ""
+    print(f"meshrun: starting every rank again (restart {restart} of {a.max_restarts}: "
+          f"TORCHELASTIC_RESTART_COUNT={restart}{logs}){after}", file=sys.stderr, flush=True)
+
+
+def _launch_together(a: argparse.Namespace, secret: str, run_id: str,
+                     deadline: float | None) -> int:
+    """launch() for a job of several nodes with --max-restarts: every node's
+    meshrun starts each try together, stops it at the first failure of any
+    node, and then runs the next try or ends, as node 0's ``Tries`` says
+    (mesh.launch.tries), through node 0's rendezvous service, which stays
+    for the whole job (its port too)."""
+    silent = config_float("MESH_PEER_TIMEOUT", 10.0, above=0)
+    srv = None
+    if a.node_rank == 0:
+        srv = _serve_rendezvous(a, secret, Tries(a.nnodes, a.nproc, a.max_restarts, silent))
+    agent = Agent(a.master_addr, srv.port if srv else a.master_port, secret,
+                  a.curve or curve_wanted(), a.node_rank, a.nnodes, a.nproc, a.max_restarts,
+                  silent)
+    wait = config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0, above=0)
+    code, restart = 1, 0
+    try:
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            word = agent.start(restart, wait if left is None else max(0.0, min(wait, left)))
+            if word["say"] == "go":
+                code, again, why = _attempt(a, secret, run_id, restart, left, srv, agent)
+                timed_out = deadline is not None and time.monotonic() >= deadline
+                word = agent.ended(code, again and not timed_out, *why)
+            if word["say"] == "again":
+                restart = word["try"]
+                _say_again(a, restart, str(word.get("why")))
+                continue
+            if word.get("ok"):
+                return code
+            if word["say"] == "refused":
+                print(f"meshrun: node 0's meshrun refused node {a.node_rank}'s: "
+                      f"{word.get('why')}", file=sys.stderr, flush=True)
+                return 1
+            code = code or 1
+            if word.get("exhausted"):
+                print(f"meshrun: no restarts left (--max-restarts {a.max_restarts}): the job "
+                      f"failed {restart + 1} times; exit code {code}; the last try failed "
+                      f"first on {word.get('why')}", file=sys.stderr, flush=True)
+            else:
+                print(f"meshrun: no restart: {word.get('why')}", file=sys.stderr, flush=True)
+            return code
+    finally:
+        agent.close()
+        if srv is not None:     # (the other nodes' meshruns hear how the job ends first)
+            give_up = time.monotonic() + 5.0
+            while not srv.tries.settled() and time.monotonic() < give_up:
+                time.sleep(0.05)
+            _close_bounded(srv)
 
 
 def _try_logs(a: argparse.Namespace, restart: int) -> str | None:
@@ -365,11 +426,15 @@ def _run_id(secret: str | None) -> str:
 
 
 def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
-             timeout: float | None) -> tuple[int, bool]:
+             timeout: float | None, kept: Any = None,
+             agent: Agent | None = None) -> tuple[int, bool, tuple[str, bool]]:
     """Run the job's ranks once, each try with its own rendezvous service
-    (a port of its own unless --master-port) and run folder; returns the
-    exit code and whether the job may be started again (a rank failed;
-    not a signal to meshrun, a timeout, or a reader gone)."""
+    (a port of its own unless --master-port; ``kept``: node 0's service of
+    every try) and run folder; returns the exit code, whether the job may be
+    started again (a rank failed; not a signal to meshrun, a timeout, or a
+    reader gone) and why it ended (``report.cause``: why, and whether it is
+    of this node's own). ``agent``: the other nodes' meshruns hear of a
+    rank's failure here, and may stop the try."""
     run_dir = run_folder("meshrun")
     log_dir = _try_logs(a, restart)
     err_dir = log_dir or run_dir
@@ -377,13 +442,10 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
     try:
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
-        port = a.master_port
-        if a.node_rank == 0:
+        port = a.master_port if kept is None else kept.port
+        if a.node_rank == 0 and kept is None:
             srv = _serve_rendezvous(a, secret)
             port = srv.port
-            if a.nnodes > 1:
-                print(f"meshrun: node 0 serves the rendezvous on port {port}",
-                      file=sys.stderr, flush=True)
         specs = []
         for local in range(a.nproc):
             env = _worker_env(a, local, int(port or 0), secret, run_dir, err_dir, run_id,
@@ -396,7 +458,7 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             rank = int(env["RANK"])     # rank 0 reads meshrun's stdin, as under mpirun
             specs.append(WorkerSpec(rank, local, _worker_argv(a), env, stdin=rank == 0))
         teller = Teller(a.master_addr, int(port or 0), secret, a.nnodes * a.nproc,
-                        a.curve or curve_wanted())
+                        a.curve or curve_wanted(), restart)
 
         def ended(e: WorkerExit) -> None:    # the ranks waiting for it to join hear it
             # (after a table too: a mesh.init() after a close waits); one this meshrun
@@ -404,9 +466,14 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             stopped = f", stopped by node {a.node_rank}'s meshrun" if e.after_stop else ""
             teller.ended(e.rank, e.describe() + stopped)
             tell_ended(run_dir, e.rank, e.describe() + stopped)     # (its ranks here hear it)
+            if agent is not None and e.failed and not e.after_stop:
+                agent.failed(f"rank {e.rank} ended ({e.describe()})")
         job = Job(grace=a.grace, log_dir=log_dir, scratch=run_dir, settle=a.settle,
                   stall=a.output_stall, on_exit=ended)
+        if agent is not None:
+            agent.watch(job.stop)
         report = ""     # written after the relayed output, through the same writer
+        why = ("", False)
         again = False
         try:
             try:
@@ -421,11 +488,12 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             if outcome.reason != "ok" and not piped:    # (`| head`: as quiet as `yes | head`)
                 report = format_report(outcome, records, a.nproc, a.timeout, a.no_python)
             code = exit_code(outcome, records)
-            again = outcome.reason == "failed" and not outcome.interrupted \
+            why = cause(outcome, records, a.timeout)
+            again = outcome.reason in ("failed", "lost") and not outcome.interrupted \
                 and not job.reader_gone
         finally:
             write_failed = job.close(report)
-        return (1 if write_failed and code == 0 else code), again and not write_failed
+        return (1 if write_failed and code == 0 else code), again and not write_failed, why
     finally:
         if srv is not None:
             _close_bounded(srv)

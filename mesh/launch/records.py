@@ -63,13 +63,15 @@ class JobOutcome:
     """Why the job ended ('ok', 'failed', 'signal', 'timeout', 'lost': a rank
     of another node was lost, ``lost`` says which) and every exit;
     ``interrupted``: meshrun was sent a signal (Ctrl-C) while it ran, even
-    one that came while a failure stopped the job (no restart follows)."""
+    one that came while a failure stopped the job (no restart follows);
+    ``told``: ``lost`` is another node's meshrun's word (Job.stop)."""
     reason: str
     exits: list[WorkerExit] = field(default_factory=list)
     signum: int | None = None
     stop_time: float | None = None
     lost: str = ""
     interrupted: bool = False
+    told: bool = False
 
 
 def error_file(err_dir: str, rank: int) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from .. import errors
 from .records import JobOutcome, WorkerExit, signal_name
 
-__all__ = ["format_report", "exit_code"]
+__all__ = ["format_report", "exit_code", "cause"]
 
 _TIMEOUT_EXIT = 124
 _DUMPED = {signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL}
@@ -122,6 +122,8 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
         lines.append(f"meshrun: job timed out after {timeout:g} s; stopped every rank")
     elif outcome.reason == "signal":
         lines.append(f"meshrun: stopped by {signal_name(outcome.signum or 0)}")
+    elif outcome.reason == "lost" and outcome.told:     # (another node's meshrun's word)
+        lines.append(f"meshrun: {outcome.lost}; stopped every rank here")
     elif outcome.reason == "lost":
         lines.append(f"meshrun: {outcome.lost}; its node's meshrun reports why; stopped every "
                      f"rank here")
@@ -193,3 +195,20 @@ def exit_code(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> int:
     if root is None or root.returncode is None:
         return 0 if outcome.reason == "ok" else 1
     return root.returncode if root.returncode > 0 else 128 - root.returncode
+
+
+def cause(outcome: JobOutcome, records: dict[int, dict[str, Any]],
+          timeout: float | None = None) -> tuple[str, bool]:
+    """Why the ranks here ended as they did, in a line the other nodes'
+    meshruns print: the root cause, or what stopped them ('' for a success);
+    and whether that is of this node's own (not a peer lost elsewhere)."""
+    if outcome.reason == "timeout":
+        return f"the job timed out after {timeout:g} s (--timeout)", True
+    if outcome.reason == "signal":
+        return f"its meshrun was stopped by {signal_name(outcome.signum or 0)}", True
+    root = _root_cause(outcome, records)
+    if root is None:
+        return outcome.lost, False
+    rec = records.get(root.rank)
+    said = f": {_error(rec, str(rec.get('message')).split(chr(10), 1)[0][:300])}" if rec else ""
+    return f"rank {root.rank} failed ({root.describe()}){said}", not _secondary(rec)

@@ -70,6 +70,9 @@ class Job:
         self._paused: dict[int, Stream] = {}   # pipes left unread while their sink is full
         self._signals: list[int] = []
         self._watchdog: Watchdog | None = None
+        self._told = ""             # why another node's meshrun stops this try (``stop``)
+        self._wake = -1             # the loop's wake-up pipe, while it runs
+        self._wake_lock = threading.Lock()
 
     def _start(self, specs: Sequence[WorkerSpec]) -> None:
         """Start every worker, each in a new session (its own process group)."""
@@ -101,6 +104,7 @@ class Job:
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
         self._sel.register(rfd, selectors.EVENT_READ, None)
+        self._wake = wfd
         restore = self._install_signals(wfd)
         try:
             self._start(specs)
@@ -115,6 +119,8 @@ class Job:
             self._drain(time.monotonic() + _DRAIN_S)
             restore()
             self._sel.unregister(rfd)
+            with self._wake_lock:
+                self._wake = -1
             os.close(rfd)
             os.close(wfd)
             if self._watchdog is not None:
@@ -139,6 +145,19 @@ class Job:
                             f"were not written: {self._out.error}\n".encode(), always=True)
         self._err.finish(self.stall, since=t0)
         return bool(self._out.error or self._err.error)
+
+    def stop(self, why: str) -> None:
+        """Stop the job as for a rank of another node lost (``why``: its node's
+        meshrun stopped the try there, or is gone), from any thread: the
+        others get ``settle`` seconds to end, then SIGTERM; a no-op once the
+        job has ended. Its report's first line says why."""
+        self._told = self._told or why
+        with self._wake_lock:
+            try:
+                if self._wake >= 0:
+                    os.write(self._wake, b"s")
+            except OSError:     # (its pipe full: the loop is awake already)
+                pass
 
     def _reader_gone(self) -> None:
         """A Sink's reader went away (``meshrun ... | head``): the loop stops
@@ -178,6 +197,7 @@ class Job:
                 failed = [p.exit for p in self._procs if p.exit is not None and p.exit.failed]
                 if not failed and not outcome.lost:
                     outcome.lost = self._lost()
+                    outcome.told = bool(outcome.lost) and outcome.lost == self._told
                 if failed or outcome.lost:     # (a rank of another node lost: as a failure)
                     outcome.reason = "failed" if failed else "lost"
                     failed_at = failed_at or now
@@ -208,7 +228,10 @@ class Job:
 
     def _lost(self) -> str:
         """What a rank said of a rank of another node it lost (mesh.inbox
-        leaves it in the run folder), if any rank did."""
+        leaves it in the run folder), if any rank did; first, why another
+        node's meshrun stopped the try (``stop``)."""
+        if self._told:
+            return self._told
         try:
             names = sorted(n for n in os.listdir(self.scratch or "") if n.startswith("lost."))
             with open(os.path.join(self.scratch or "", names[0])) as f:
