@@ -77,7 +77,7 @@ from .tensor_parallel import (cut_like, gather_like, gather_state_dict, load_ful
                               param_shards, parallelize, tensor_bytes)
 from .partition import partition
 from .trace import write as _write_trace
-from .traced import called_whole, few, given_as_returned, sequential, traceable
+from .traced import Reshaped, called_whole, few, given_as_returned, sequential, traceable
 from .torch_stage import TorchStage, _view, checkpoint_modules, patterns_of, torch_loss
 from .tp_layers import full_params, full_shapes, load_full_params, refuse_fed_whole
 from .tp_plan import PlanError, digest, logging_calls, named_by
@@ -693,6 +693,8 @@ class Job:
         self.schedule: Schedule = pipeline.schedule
         # step() times its steps here against predicted (rank 0 of a verbose job), else None
         self.watched: list[float] | None = None
+        # a traced model's pieces at each step's input shapes (None: at any, as traced)
+        self.reshaped: Reshaped | None = None
 
     @property
     def costs(self) -> dict[str, list[float]] | None:
@@ -745,6 +747,8 @@ class Job:
         choice. Nothing is fitted to a step: no step runs."""
         if self.chosen is None or not self._inputs:
             return None
+        if self.reshaped is not None:      # (its inputs are the sample's)
+            self.reshaped.sample()
         # no collection of a large heap inside the figures; the random streams and
         # buffers as they were (its stages' copies draw dropout masks and count
         # their BatchNorms as often as timed)
@@ -857,6 +861,8 @@ class Job:
         has five, says so if their median is over twice ``predicted`` or
         under half of it (``far_off``): once, and nothing where it is not."""
         pipe = self.pipeline
+        if self.reshaped is not None:
+            self.reshaped.step(inputs)
         if self.watched is None:
             return pipe.step(inputs if pipe.first else None, targets if pipe.last else None)
         began = time.perf_counter()
@@ -878,6 +884,8 @@ class Job:
         elsewhere; with ``outputs``, ``(loss, the last stage's outputs)``.
         Ranks that need neither may pass them; every rank calls it."""
         pipe = self.pipeline
+        if self.reshaped is not None:
+            self.reshaped.step(inputs)
         return pipe.eval_step(inputs if pipe.first else None, targets if pipe.last else None,
                               outputs=outputs)
 
@@ -1958,6 +1966,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
               bool(plan), cal, inputs, reps, messages, timeout, tag_base, target, keys, aliases,
               skipped, rest, shapes)
+    if source is not model and getattr(model, "shaped", False) and sample is not None:
+        # the pieces hold what the sample's shapes decided: traced again at other shapes
+        own = [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))]
+        entries = {sum(counts[:s]): inputs[s] for s in mine if s > 0 and s in inputs}
+        job.reshaped = Reshaped(source, model, own, own_loss if pipe.last else None,
+                                model.loss is not None, n_inputs, sample[:1], entries,
+                                f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
     job.retime()
     if verbose and grid.comm.rank == 0 and job.predicted is not None:
         job.watched = []        # step() tells a median step far off the prediction, once

@@ -59,7 +59,7 @@ import os
 import sys
 from typing import Any, Callable
 
-__all__ = ["sequential", "traceable", "few", "given_as_returned"]
+__all__ = ["sequential", "traceable", "few", "given_as_returned", "Reshaped"]
 
 
 def traceable(model: Any) -> bool:
@@ -349,6 +349,10 @@ def _alone(x: Any, name: str) -> Any:
 
 _TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names
 
+_AGAIN = (" (an engine.distribute job traces its model again at the shapes of the inputs "
+          "each step gives: pass them to step() on every rank)")
+"""Said where a step's shapes differ from those a trace was made for."""
+
 
 def _model_frame() -> Any:
     """The frame of the model's own code that asked torch.fx for the truth of
@@ -446,7 +450,7 @@ def _evaluate(model: Any, node: Any, inputs_at: dict[Any, Any],
     return env[node]
 
 
-def _bake_sizes(model: Any, graph: Any, tgt_param: Any, shaped: list[Any]) -> None:
+def _bake_sizes(model: Any, graph: Any, tgt_param: Any, shaped: list[Any]) -> int:
     """Put in the graph as constants the values made of sizes (ints,
     tuples of them) read across a call of a member of an ``nn.ModuleList``
     (Hugging Face's GPT-2: ``output_shape = (-1,) + input_shape[1:] +
@@ -454,7 +458,8 @@ def _bake_sizes(model: Any, graph: Any, tgt_param: Any, shaped: list[Any]) -> No
     its first row alone give alike, so the same for every micro-batch of
     inputs shaped as the sample: such a value, not a tensor, could not
     cross a cut between two layers (the model was not cut apart). Where
-    made, it is checked against the constant as each step runs."""
+    made, it is checked against the constant as each step runs. Returns
+    how many were put in."""
     import operator
 
     import torch
@@ -463,7 +468,7 @@ def _bake_sizes(model: Any, graph: Any, tgt_param: Any, shaped: list[Any]) -> No
     tensors = _tensor_valued(nodes)
     full = _inputs_at(graph, tgt_param, shaped)
     if not full or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in full.values()):
-        return
+        return 0
     one = {n: x[:1] for n, x in full.items()}
     envs: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
     pos = {n: i for i, n in enumerate(nodes)}
@@ -473,6 +478,7 @@ def _bake_sizes(model: Any, graph: Any, tgt_param: Any, shaped: list[Any]) -> No
     def sizes(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) or (
             isinstance(v, tuple) and all(sizes(i) for i in v))
+    baked = 0
     for n in nodes:
         if n in tensors or n.op not in ("call_function", "call_method") or not n.users or (
                 n.target is torch._assert) or not any(
@@ -489,9 +495,11 @@ def _bake_sizes(model: Any, graph: Any, tgt_param: Any, shaped: list[Any]) -> No
             graph.call_function(torch._assert, (same, (
                 f"engine.sequential took {value} for a size the forward computes (as the "
                 f"sample's shapes gave it) and this step's inputs give another: give "
-                f"engine.distribute a sample of their shapes")))
+                f"engine.distribute a sample of their shapes{_AGAIN}")))
         for u in users:
             u.replace_input_with(n, value)
+        baked += 1
+    return baked
 
 
 def _branch_at() -> str:
@@ -738,7 +746,8 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
                 self.create_proxy("call_function", torch_assert, (held, (
                     f"the traced forward took the branch {_branch_at()} as the sample's "
                     f"shapes decided it ({bool(value)}), and this step's inputs decide "
-                    f"otherwise: give engine.distribute a sample of their shapes")), {})
+                    f"otherwise: give engine.distribute a sample of their shapes{_AGAIN}")), {})
+                decided.append(_branch_at())
                 return bool(value)
             self.create_proxy("call_function", torch_assert, (obj, f"assert at {where}"), {})
             return True
@@ -763,6 +772,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
         proxy_buffer_attributes = False     # a buffer's value read (a flag): its value now
 
     outer_autocast = _autocast(torch)
+    decided: list[str] = []             # where a branch was decided by the sample's shapes
     autocast: list[Any] = []            # nodes made under the forward's own autocast
     try:
         with torch.enable_grad():       # (what the forward's own no_grad() is told from)
@@ -796,8 +806,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
                         f"{_line_of(e)}){fixed}; {way}") from e
     _read_mode(graph, other, model.training, what)      # (before nodes are added)
     _detach_no_grad(graph)
-    if shaped:
-        _bake_sizes(model, graph, tgt_param, shaped)
+    baked = _bake_sizes(model, graph, tgt_param, shaped) if shaped else 0
     if autocast:
         import warnings
         warnings.warn(f"engine.sequential: {what} computes part of its output under "
@@ -918,6 +927,9 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
     seq = nn.Sequential(*pieces)
     object.__setattr__(seq, "loss", loss)       # not a submodule: the layers are the pieces
     object.__setattr__(seq, "traced_from", type(model).__name__)
+    # whether the pieces hold what the sample's shapes decided (sizes, branches): a job
+    # traces the model again for inputs of other shapes (Reshaped)
+    object.__setattr__(seq, "shaped", bool(decided or baked))
     # without the target: what the forward returns around the output (a dict, a
     # dataclass...), which a loss_fn written for the model reads (engine.distribute)
     object.__setattr__(seq, "returned", None if target else _returned(returned, end))
@@ -1208,3 +1220,162 @@ def _tensor_valued(nodes: list[Any]) -> set[Any]:
 def _with_attrs(nodes: list[Any]) -> list[Any]:
     """``nodes`` and the get_attr nodes they read."""
     return nodes + [m for n in nodes for m in _inputs(n) if m.op == "get_attr"]
+
+
+def _shape_key(inputs: Any) -> tuple[tuple[int, ...], ...] | None:
+    """The shapes of ``inputs`` (a tensor, or a tuple of them) but for their
+    rows, which micro-batches take apart anyway: what a trace made with a
+    sample of those shapes holds (sizes, branches); None for anything else."""
+    parts = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    shapes = [tuple(getattr(p, "shape", ())) for p in parts]
+    if not parts or not all(shapes):
+        return None
+    return tuple(tuple(int(d) for d in s[1:]) for s in shapes)
+
+
+_FORM = ("_graph", "_code", "_lineno_map", "_prologue_start")
+"""A GraphModule's attributes that ``recompile`` makes from its graph (with
+its class's ``forward``): what one trace of a piece is, kept per shapes."""
+
+
+class Reshaped:
+    """A traced model's pieces at the shapes of each step's inputs. The
+    pieces of a forward traced with a sample (``sequential(sample=)``) hold
+    what the sample's shapes decided: sizes read across the layers taken as
+    constants (Hugging Face's GPT-2's ``output_shape``), ``if``s on lengths
+    (its mask code); a step of another sequence length raised an
+    AssertionError. ``at(inputs)`` traces ``source`` again with inputs of
+    those shapes (two rows of them), checks that it is cut alike (the same
+    pieces, in order), and gives each of the pieces this rank runs (``own``,
+    by index; and ``loss``, the traced loss, where given) the new trace's
+    graph, in place: the modules, parameters and shards are the pieces'
+    own, not the new trace's, so what an optimizer holds stays what it
+    updates. Each shape's graphs are kept (a step at the sample's shapes
+    again, or at any seen before, traces nothing); where a trace at new
+    shapes fails or cuts otherwise, the step runs the sample's graphs (which
+    raise their AssertionError) and a warning says why. A rank given no
+    inputs (``step(None, y)``) cannot trace again: its stages' first pieces
+    (``entries``) raise a ValueError where they are given other shapes than
+    at the shapes they run at (``where``: the rank, for it)."""
+
+    def __init__(self, source: Any, seq: Any, own: list[int], loss: Any, target: bool,
+                 inputs: int, sample: Any, entries: dict[int, Any] | None = None,
+                 where: str = "") -> None:
+        self.source, self.target, self.inputs, self.where = source, target, inputs, where
+        self.labels = [type(p).__name__ for p in seq]
+        self.pieces = [(i, seq[i]) for i in own] + ([(-1, loss)] if loss is not None else [])
+        self.now = self.first = _shape_key(sample)
+        self.forms: dict[Any, list[tuple[Any, ...]] | None] = {
+            self.now: [self._form(p) for _, p in self.pieces]}
+        # a rank given no inputs (a later stage's: ``step(None, y)``) cannot tell a new
+        # length from them: its stages' first pieces (``entries``: their inputs at the
+        # sample's shapes) check what they are given against what they were given at the
+        # shapes they run at (their sizes, taken as constants, ran wrong with no word)
+        self.blind = False
+        self.seen = {(self.first, i): _shape_key(x) for i, x in (entries or {}).items()}
+        for i in entries or {}:
+            seq[i].register_forward_pre_hook(functools.partial(self._check, i))
+
+    def step(self, inputs: Any) -> None:
+        """A step's (or eval_step's) ``inputs`` on this rank: None where it
+        was given none (see ``_check``)."""
+        self.blind = inputs is None
+        if inputs is not None:
+            self.at(inputs)
+
+    def _check(self, i: int, piece: Any, args: tuple[Any, ...]) -> None:
+        shapes = _shape_key(args[0]) if args else None
+        want = self.seen.get((self.now, i))
+        if shapes is None or want is None or not self.blind:
+            if shapes is not None:
+                self.seen[self.now, i] = shapes
+            return
+        if shapes != want:
+            raise ValueError(f"{self.where}{': ' if self.where else ''}{type(piece).__name__} "
+                             f"is given inputs of shapes {list(shapes)} "
+                             f"(rows aside), not {list(want)} as at the inputs' shapes it was "
+                             f"traced at, and this rank was given no inputs to trace it again "
+                             f"by: a job whose model reads its inputs' lengths takes steps of "
+                             f"another length where every rank is given the inputs "
+                             f"(job.step(x, y) on each)")
+
+    @staticmethod
+    def _form(piece: Any) -> tuple[Any, ...]:
+        return (*[getattr(piece, a) for a in _FORM], type(piece).forward)
+
+    def at(self, inputs: Any) -> None:
+        """Make the pieces run at ``inputs``' shapes (see the class)."""
+        key = _shape_key(inputs)
+        if key is None or key == self.now:
+            return
+        if key not in self.forms:
+            self.forms[key] = self._traced(inputs, key)
+        # (where it could not be traced: the sample's graphs, whose checks say so)
+        self._use(key if self.forms[key] is not None else self.first)
+
+    def sample(self) -> None:
+        """Make the pieces run at the sample's shapes (a job's re-time)."""
+        self._use(self.first)
+
+    def _use(self, key: Any) -> None:
+        forms = self.forms[key]
+        if key == self.now or forms is None:
+            return
+        for (_, piece), form in zip(self.pieces, forms):
+            for a, v in zip(_FORM, form):
+                setattr(piece, a, v)
+            type(piece).forward = form[-1]
+        self.now = key
+
+    def _traced(self, inputs: Any, key: Any) -> list[tuple[Any, ...]] | None:
+        """The pieces' forms traced at ``inputs``' shapes; None, and a
+        warning, where they cannot be."""
+        import warnings
+
+        import torch
+        parts = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        two = tuple(p[:2] if len(p) > 1 else torch.cat([p, p]) for p in parts)
+        try:
+            with warnings.catch_warnings():     # (said when it was first traced)
+                warnings.simplefilter("ignore")
+                new = sequential(self.source, target=self.target, inputs=self.inputs,
+                                 sample=two if isinstance(inputs, (tuple, list)) else two[0])
+            labels = [type(p).__name__ for p in new]
+            if labels != self.labels:
+                raise ValueError(f"it is cut into {labels}, not {self.labels}")
+            made = [new[i] if i >= 0 else new.loss for i, _ in self.pieces]
+            constants = []      # (a tensor the forward makes of constants: fx keeps it aside,
+            for (_, piece), gm in zip(self.pieces, made):       # named anew each trace)
+                for n in gm.graph.nodes:
+                    if n.op not in ("get_attr", "call_module") or _holds(piece, n.target):
+                        continue
+                    value = getattr(gm, n.target, None)
+                    if "." in n.target or not isinstance(value, torch.Tensor) or isinstance(
+                            value, torch.nn.Parameter):
+                        raise ValueError(f"its piece {type(piece).__name__} reads "
+                                         f"{n.target!r}, which the sample's did not")
+                    constants.append((piece, n.target, value))
+        except (TypeError, ValueError, AssertionError) as e:
+            warnings.warn(f"engine.distribute: {type(self.source).__name__}.forward traced "
+                          f"at inputs of shapes {list(key)} (but for their rows) fails "
+                          f"({type(e).__name__}: {e}): the step runs the pieces traced at the "
+                          f"sample's shapes", stacklevel=3)
+            return None
+        for piece, name, value in constants:    # (read as it is: no buffer, in no state dict)
+            vars(piece)[name] = value
+        forms = []
+        for (_, piece), gm in zip(self.pieces, made):
+            piece.graph = gm.graph      # (recompiled: its forward, from the new graph)
+            forms.append(self._form(piece))
+        self.now = key
+        return forms
+
+
+def _holds(module: Any, target: str) -> bool:
+    """Whether ``module`` has the attribute or submodule named ``target``."""
+    import operator
+    try:
+        operator.attrgetter(target)(module)
+    except AttributeError:
+        return False
+    return True

@@ -4,6 +4,7 @@ written: a ModuleDict, a loop over a ModuleList, a tied head, its own loss)."""
 import dataclasses
 import functools
 import os
+import re
 import sys
 import typing
 
@@ -1069,6 +1070,170 @@ def test_a_forward_of_two_inputs_sharded_by_a_plan_trains_like_one_process(recom
         opt.step()
         losses.append(loss.item())
     trained_alike(results, losses, model.state_dict())
+
+
+class _CausalBlock(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.qkv, self.fc, self.out = nn.Linear(w, 3 * w), nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x).split(x.size(-1), dim=-1)
+        x = x + (q @ k.transpose(-2, -1)).masked_fill(mask, float("-inf")).softmax(-1) @ v
+        return x + self.out(torch.tanh(self.fc(x)))
+
+
+class _Lengths(nn.Module):
+    """A hand-written GPT-2 whose forward reads its input's length: position
+    ids from ``idx.size(1)``, a causal mask made from T, a sliding window
+    (Mistral's) where T is over 4, an ``if`` on the length, and the output's
+    shape from the sizes read after the blocks (transformers' GPT-2)."""
+    def __init__(self, w=6, vocab=7, blocks=3, positions=16):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, w), nn.Embedding(positions, w)
+        self.h = nn.ModuleList(_CausalBlock(w) for _ in range(blocks))
+        self.head = nn.Linear(w, vocab)
+
+    def forward(self, idx, targets=None):
+        T = idx.size(1)
+        mask = torch.ones((T, T), dtype=torch.bool, device=idx.device).triu(1)
+        if T > 4:
+            mask = mask | torch.ones((T, T), dtype=torch.bool, device=idx.device).tril(-4)
+        x = self.wte(idx) + self.wpe(torch.arange(0, T, device=idx.device))
+        output_shape = (-1,) + idx.size()[1:] + (x.size(-1),)
+        for block in self.h:
+            x = block(x, mask)
+        logits = self.head(x.view(output_shape))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+LENGTHS = (5, 3, 7)     # each step's sequence length (the sample's: the first)
+
+
+def _length_data(step, length=None):
+    g = torch.Generator().manual_seed(step)
+    t = length or LENGTHS[step]
+    return (torch.randint(0, 7, (ROWS, t), generator=g),
+            torch.randint(0, 7, (ROWS, t), generator=g))
+
+
+def _lengths_worker(world):
+    torch.set_num_threads(1)
+    out = {}
+    for name, axes in (("pp2", {"dp": 2, "pp": 2}), ("tp2", {"dp": 2, "pp": 1, "tp": 2}),
+                       ("pp2xtp2", {"pp": 2, "tp": 2})):
+        grid = mesh.grid(world, **axes)
+        d, dp = grid.coord("dp") if "dp" in axes else 0, axes.get("dp", 1)
+
+        def data(step, length=None, d=d, dp=dp):
+            return tuple(t[d * ROWS // dp:(d + 1) * ROWS // dp]
+                         for t in _length_data(step, length))
+        torch.manual_seed(0)
+        job = engine.distribute(_Lengths().double(), grid, schedule="1f1b", microbatches=2,
+                                balance="parameters", sample=data(0)[0], timeout=60,
+                                plan={"h.*.fc": "colwise", "h.*.out": "rowwise"}
+                                if "tp" in axes else None, reps=1, verbose=False,
+                                recompute=name == "pp2xtp2")     # (each stage's forward again)
+        held = job.parameters()
+        res = _trained(job, data)
+        # the optimizer's parameters are still the ones the stages train
+        assert [id(p) for p in job.parameters()] == [id(p) for p in held]
+        res["eval"] = job.eval_step(*data(STEPS, 6))      # forward only, at another length
+        if name == "pp2":       # a later stage given no inputs: it cannot trace again
+            x, y = data(STEPS + 1, 4)
+            with pytest.raises(Exception) as e:
+                job.step(x if job.pipeline.first else None, y)
+            res["told"] = str(e.value)
+        out[name] = res
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_steps_of_other_sequence_lengths_than_the_samples_train_like_one_process():
+    """A forward reading its input's length (position ids, a causal mask and
+    a sliding window made from T, an ``if`` on it, the output's shape) was
+    traced at the sample's length, and a step of another raised
+    AssertionError ("pad to the sample's"): the job traces the model again
+    at each new length, cut alike, its stages keeping their parameters and
+    shards; steps at 5, 3 and 7 tokens and an eval_step at 6 are one
+    process's, at pp=2 (dp=2), tp=2 (dp=2) and pp=2 x tp=2 (recomputing).
+    A later stage's rank given no inputs (``step(None, y)``) cannot trace
+    again: a step of a new length there raises, naming the shapes."""
+    model = _Lengths().double()
+    x, y = _length_data(1)
+    seq = engine.sequential(model, target=True, sample=_length_data(0)[0])
+    assert len(seq) == 4 and seq.shaped        # (cut between the blocks: the sizes baked)
+    with pytest.raises(AssertionError, match=r"give engine.distribute a sample of their "
+                                             r"shapes \(an engine.distribute job traces"):
+        seq(x)
+    reshaped = engine.traced.Reshaped(model, seq, list(range(len(seq))), seq.loss, True, 1,
+                                      _length_data(0)[0])
+    for length in (3, 7, 5, 3):
+        x, y = _length_data(0, length)
+        reshaped.at(x)
+        torch.testing.assert_close(seq.loss(seq(x), y), model(x, y), rtol=0, atol=0)
+    assert len(reshaped.forms) == 3     # (a length seen before: traced once)
+    results = mesh.spawn(_lengths_worker, 4, timeout=280, env=PATIENT)
+    for name in ("pp2", "tp2", "pp2xtp2"):
+        torch.manual_seed(0)
+        model = _Lengths().double()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        losses = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss = model(*_length_data(step))
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        trained_alike([r[name] for r in results], losses, model.state_dict())
+        with torch.no_grad():
+            want = model(*_length_data(STEPS, 6)).item()
+        for r in results:
+            if r[name]["last"]:
+                assert r[name]["eval"] == pytest.approx(want, rel=1e-10), name
+    # (its sizes, constants of the shapes it last ran at: run with no word, they were wrong)
+    told = [r["pp2"]["told"] for r in results if r["pp2"]["last"]]
+    assert len(told) == 2 and all(re.search(
+        r"rank \d \(pp rank 1\): _Lengths\[h.1\] is given inputs of shapes \[\(4,\), \(4, 6\)\] "
+        r"\(rows aside\), not \[\(6,\), \(6, 6\)\] .* this rank was given no inputs", t)
+        for t in told), told
+
+
+@pytest.mark.filterwarnings("ignore:engine.sequential. Scaled.forward branches on self")
+def test_a_trace_at_new_shapes_reads_its_own_constants_and_refuses_another_cut():
+    """A tensor the forward makes of constants (``torch.tensor(2.0)``) is
+    named anew by each trace (``_tensor_constant1``...): the pieces read the
+    new one, kept out of their state dicts; a trace at new shapes that cuts
+    the model otherwise is not taken (the sample's pieces run, and raise),
+    with a warning that says why."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            # longer inputs: a size of the rows read after the blocks, no cut between them
+            shape = (x.size(0), -1, 4) if x.size(1) > 6 else (-1, x.size(1), 4)
+            x = x * torch.tensor(2.0)
+            for block in self.h:
+                x = block(x)
+            return x.view(shape)
+    model = Scaled()
+    x = torch.randn(3, 5, 4)
+    seq = engine.sequential(model, sample=x)
+    keys = [list(p.state_dict()) for p in seq]
+    reshaped = engine.traced.Reshaped(model, seq, [0, 1, 2], None, False, 1, x)
+    x = torch.randn(2, 6, 4)
+    reshaped.at(x)
+    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    assert [list(p.state_dict()) for p in seq] == keys
+    x = torch.randn(2, 7, 4)
+    with pytest.warns(UserWarning, match=r"Scaled.forward traced at inputs of shapes \[\(7, 4\)\] "
+                                         r"\(but for their rows\) fails \(ValueError: it is cut "
+                                         r"into .*: the step runs the pieces traced at the sample"):
+        reshaped.at(x)
+    with pytest.raises(AssertionError, match=r"the traced forward took the branch at "):
+        seq(x)
 
 
 @pytest.mark.parametrize("kind", ["masked", "unet", "hf"])
