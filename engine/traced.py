@@ -312,7 +312,10 @@ def _piece(model: Any, nodes: list[Any], ins: list[Any], outs: list[Any], name: 
     gm = fx.GraphModule(model, g, class_name=name)
     for n in g.nodes:       # a buffer read here stays out of the state dict if it was
         path, _, attr = n.target.rpartition(".") if n.op == "get_attr" else ("", "", "")
-        if attr in getattr(model.get_submodule(path), "_non_persistent_buffers_set", ()):
+        if attr in getattr(model.get_submodule(path), "_non_persistent_buffers_set", ()) or (
+                _constant(n) and attr not in model._buffers):
+            # (and a constant the forward makes, which fx put in as a buffer: the job's
+            # state dict held a key the model's has not, which strict loading refused)
             gm.get_submodule(path)._non_persistent_buffers_set.add(attr)
     return gm
 
@@ -987,6 +990,13 @@ def _output(model: Any, nodes: list[Any], out: list[Any], end: Any, ins: list[An
 _NO_GRAD = "meshrun_no_grad"
 
 
+def _constant(n: Any) -> bool:
+    """Whether fx Node ``n`` reads a tensor the forward made of constants
+    (``torch.tensor(2.0)``), which fx sets aside on the model under a name
+    of its own, another each trace (``_tensor_constant0``, then 1...)."""
+    return n.op == "get_attr" and n.target.startswith("_tensor_constant")
+
+
 def _read_mode(graph: Any, other: Any, mode: bool, what: str) -> None:
     """fx bakes what the forward reads of ``self.training`` into the graph
     (``F.dropout(h, 0.1, self.training)``: ``training=True``), so that the
@@ -998,8 +1008,8 @@ def _read_mode(graph: Any, other: Any, mode: bool, what: str) -> None:
     if other is None:
         return
     nodes, others = list(graph.nodes), list(other.nodes)
-    if len(nodes) != len(others) or any(a.op != b.op or a.target != b.target
-                                        for a, b in zip(nodes, others)):
+    if len(nodes) != len(others) or any(a.op != b.op or (a.target != b.target and not (
+            _constant(a) and _constant(b))) for a, b in zip(nodes, others)):
         warnings.warn(f"engine.sequential: {what} branches on self.training: its pieces run "
                       f"the {'training' if mode else 'eval'} mode's branch in either mode "
                       f"(eval_step included)", stacklevel=3)

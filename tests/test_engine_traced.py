@@ -1199,7 +1199,6 @@ def test_steps_of_other_sequence_lengths_than_the_samples_train_like_one_process
         for t in told), told
 
 
-@pytest.mark.filterwarnings("ignore:engine.sequential. Scaled.forward branches on self")
 def test_a_trace_at_new_shapes_reads_its_own_constants_and_refuses_another_cut():
     """A tensor the forward makes of constants (``torch.tensor(2.0)``) is
     named anew by each trace (``_tensor_constant1``...): the pieces read the
@@ -1334,6 +1333,36 @@ def test_a_buffer_sliced_by_the_inputs_length_is_traced_and_kept_as_it_was(persi
     copy = _PositionIds(persistent)
     copy.load_state_dict(state)                     # strict: the model's own keys
     torch.testing.assert_close(copy(x), model(x), rtol=0, atol=0)
+
+
+class _Constant(nn.Module):
+    """A tensor made of constants in the forward (``torch.tensor(2.0)``)."""
+    def __init__(self):
+        super().__init__()
+        self.h = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        x = x * torch.tensor(2.0)
+        for block in self.h:
+            x = block(x)
+        return x
+
+
+def test_a_tensor_the_forward_makes_of_constants_is_no_state_and_no_branch():
+    """fx sets such a tensor aside under a name of its own, another each
+    trace: the trace in the other mode named it otherwise, which was taken
+    for a branch on self.training (a warning, and the mode's reads left
+    baked), and the pieces held it as a buffer (a job's state dict had a
+    key, ``_tensor_constant0``, that the model's has not: strict loading
+    refused it)."""
+    import warnings
+    model = _Constant()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seq = engine.sequential(model)
+    assert [k for p in seq for k in p.state_dict()] == list(model.state_dict())
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
 
 
 def _meta_buffer_worker(world):
