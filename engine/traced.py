@@ -52,6 +52,7 @@ length and passed to every block), there is no cut: the pieces are fewer.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -351,6 +352,36 @@ def _alone(x: Any, name: str) -> Any:
 
 
 _TARGETS = ("targets", "target", "labels", "label", "y")   # the target's usual names
+
+_PACKED = ("ones", "zeros", "empty", "rand", "randn")
+"""torch's factories that take a size as several arguments (``torch.ones(T, T)``)."""
+
+
+@contextlib.contextmanager
+def _sizes_packed() -> Any:
+    """While fx traces: torch's factories given sizes one by one, some of
+    them traced (``torch.tril(torch.ones(T, T))``, a causal mask made from
+    the input's length), are given them as one tuple, as they run: torch
+    takes traced sizes in a tuple only, and ``ones() takes 1 positional
+    argument but 2 were given`` failed every forward making one."""
+    import torch
+    import torch.fx as fx
+    kept = {name: getattr(torch, name) for name in _PACKED}
+
+    def packed(f: Any) -> Any:
+        @functools.wraps(f)
+        def call(*size: Any, **kwargs: Any) -> Any:
+            if len(size) > 1 and any(isinstance(n, fx.Proxy) for n in size):
+                return f(size, **kwargs)
+            return f(*size, **kwargs)
+        return call
+    try:
+        for name, f in kept.items():
+            setattr(torch, name, packed(f))
+        yield
+    finally:
+        for name, f in kept.items():
+            setattr(torch, name, f)
 
 _AGAIN = (" (an engine.distribute job traces its model again at the shapes of the inputs "
           "each step gives: pass them to step() on every rank)")
@@ -695,6 +726,10 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
             return not _holds_layers(m)
 
         evaluating = False      # (_by_shapes running the sample through the model)
+
+        def trace(self, root: Any, concrete_args: Any = None) -> Any:
+            with _sizes_packed():
+                return super().trace(root, concrete_args)
 
         def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Any) -> Any:
             if self.evaluating:

@@ -1335,6 +1335,34 @@ def test_a_buffer_sliced_by_the_inputs_length_is_traced_and_kept_as_it_was(persi
     torch.testing.assert_close(copy(x), model(x), rtol=0, atol=0)
 
 
+class _Tril(nn.Module):
+    """A causal mask made from the input's length, its sizes one by one."""
+    def __init__(self):
+        super().__init__()
+        self.h = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        T = x.size(1)
+        mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+        for block in self.h:
+            x = torch.tanh(block(x)).masked_fill(~mask[:, :4], 0.0)
+        return x
+
+
+def test_a_mask_made_of_the_lengths_one_by_one_is_traced():
+    """``torch.ones(T, T)`` of a traced T raised in torch.fx ("ones() takes 1
+    positional argument but 2 were given"): a forward making its causal mask
+    so could not be traced at all; the sizes go as one tuple, and torch's
+    own factories are left as they were."""
+    model, ones = _Tril(), torch.ones
+    seq = engine.sequential(model)
+    assert len(seq) == 3 and torch.ones is ones
+    for length in (4, 6):
+        x = torch.randn(2, length, 4)
+        torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    assert "torch.ones((" in seq[0].code
+
+
 class _Constant(nn.Module):
     """A tensor made of constants in the forward (``torch.tensor(2.0)``)."""
     def __init__(self):
