@@ -242,9 +242,17 @@ def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = Fal
 
 def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
            timeout: float | None = None) -> Any:
-    """collectives.host.paths.gather, for host and device arrays and tensors."""
+    """collectives.host.paths.gather, for host and device arrays and tensors
+    (a tiny numpy array or CPU tensor the short way, collectives.shm.tiny,
+    once a first call has settled it)."""
+    if type(a) is np.ndarray and not async_op:
+        if (rows := tiny.gather(g, a, root, timeout)) is not None:
+            return rows[0]
     check_comm(g, "gather")
     if type(a) is not np.ndarray and is_tensor(a):
+        view = None if async_op else cpu_numpy(a)
+        if view is not None and (rows := tiny.gather(g, view, root, timeout)) is not None:
+            return None if rows[0] is None else tensors.to_torch(rows[0], a)
         return _on_tensor(gather, "gather", g, a, root=root, async_op=async_op,
                           timeout=timeout)
     return _staged_gather(g, a, root=root, async_op=async_op, timeout=timeout)
@@ -258,7 +266,11 @@ def scatter(g: Comm, a: Any = None, root: int = 0, async_op: bool = False,
     makes its row come back as a tensor of that dtype and device; the
     root's rows must have that dtype (``dtype=``: a numpy dtype, to check
     it for a row that comes back as a numpy array) and, given ``shape``,
-    that shape."""
+    that shape (a tiny numpy array the short way, collectives.shm.tiny, once
+    a first call has settled it)."""
+    if (a is None or type(a) is np.ndarray) and not async_op:
+        if (row := tiny.scatter(g, a, root, timeout, dtype, shape)) is not None:
+            return row
     check_comm(g, "scatter")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(scatter, "scatter", g, a, root=root, async_op=async_op,
@@ -268,9 +280,17 @@ def scatter(g: Comm, a: Any = None, root: int = 0, async_op: bool = False,
 
 
 def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = None) -> Any:
-    """collectives.host.paths.all_to_all, for host and device arrays and tensors."""
+    """collectives.host.paths.all_to_all, for host and device arrays and tensors
+    (a tiny numpy array or CPU tensor the short way, collectives.shm.tiny,
+    once a first call has settled it)."""
+    if type(a) is np.ndarray and not async_op:
+        if (got := tiny.all_to_all(g, a, timeout)) is not None:
+            return got
     check_comm(g, "all_to_all")
     if type(a) is not np.ndarray and is_tensor(a):
+        view = None if async_op else cpu_numpy(a)
+        if view is not None and (got := tiny.all_to_all(g, view, timeout)) is not None:
+            return tensors.to_torch(got, a)
         return _on_tensor(all_to_all, "all_to_all", g, a, async_op=async_op, timeout=timeout)
     return _staged_all_to_all(g, a, async_op=async_op, timeout=timeout)
 

@@ -173,5 +173,6 @@ class _Members:
     _unjoined: Callable[[str, Sequence[torch.Tensor], bool], dist.Work | None]
     _premul_problem: Callable[[Any, Sequence[torch.Tensor]], str]
     _tiny: Callable[..., bool]
+    _quick: Callable[..., Any]
     _what: Callable[[str], str]
     _fits: Callable[[int, int, str, str], Callable[[], None]]

@@ -18,6 +18,7 @@ from .host.paths import all_to_all as _host_all_to_all
 from .host.paths import all_to_all_v as _all_to_all_v
 from .host.paths import reduce_scatter as _host_reduce_scatter
 from .host.paths import reduce_scatter_v as _host_reduce_scatter_v
+from .shm.tiny import all_to_all as _tiny_all_to_all
 from .shm.tiny import reduce_scatter as _tiny_reduce_scatter
 from .torchargs import (_Members, _SUM, _dtypes, _factor, _host, _joinable, _np, _op, _short,
                         _timeout_only, _views, _write)
@@ -173,6 +174,10 @@ class _Exchanges(_Members):
                                                input_split_sizes):
             return self._refuse("all_to_all_single", problem, opts.asyncOp)
         if not output_split_sizes and not input_split_sizes:
+            if not opts.asyncOp and output.shape == input.shape and self._tiny(
+                    lambda x, out: _tiny_all_to_all(self.comm, x, secs, out), input, output,
+                    secs, limit):
+                return _done([output])
             if output.shape == input.shape and (
                     v := _views(input, output, tuple(input.shape))) is not None:
                 return self._run([lambda a: _host_all_to_all(self.comm, v[0], async_op=a,

@@ -20,6 +20,8 @@ from .host.paths import gather as _host_gather
 from .host.paths import monitored_barrier as _monitored_barrier
 from .host.paths import scatter as _host_scatter
 from .shm.tiny import all_gather as _tiny_all_gather
+from .shm.tiny import gather as _tiny_gather
+from .shm.tiny import scatter as _tiny_scatter
 from .runner import named
 from .torchargs import (_Members, _SUM, _dtypes, _factor, _host, _joinable, _nested, _np, _op,
                         _short, _timeout_only, _views, _write)
@@ -238,6 +240,11 @@ class _Gathers(_Members):
             elif values[0] is not None:
                 for j, o in enumerate(output_tensors[0]):
                     _write(o, values[0][j])
+        xa = None if opts.asyncOp or v is None and self.comm.rank == root else _np(x)
+        if xa is not None and self._quick(lambda: _tiny_gather(
+                self.comm, xa, root, secs, None if v is None else v[1]), secs, limit) is not None:
+            finish([None])      # (the short way, collectives.shm.tiny: straight into v's)
+            return _done(_nested(output_tensors))
         return self._run([lambda a: C.gather(self.comm, x, root=root, async_op=a,
                                              timeout=secs) if v is None
                           else _host_gather(self.comm, v[0], root, a, secs, out=v[1])],
@@ -264,6 +271,11 @@ class _Gathers(_Members):
         mine = self.comm.rank == root
         src = torch.stack([x.detach() for x in input_tensors[0]]) if mine else out
         v = _views(src if mine else None, out, tuple(src.shape[1:] if mine else out.shape))
+        if v is not None and not opts.asyncOp and self._quick(lambda: _tiny_scatter(
+                self.comm, v[0], root, secs, v[1].dtype, tuple(out.shape), v[1]), secs,
+                limit) is not None:
+            _tensors.written(out)       # (the short way, collectives.shm.tiny)
+            return _done(output_tensors)
         if v is not None:
             return self._run([lambda a: _host_scatter(
                 self.comm, v[0], root, a, secs, v[1].dtype, tuple(out.shape), v[1])],

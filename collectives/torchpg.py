@@ -406,16 +406,20 @@ class ProcessGroupMeshrun(_Gathers, _Exchanges, _PointToPoint, _ProcessGroup):
         ``limit``: the call's own, _own_timeout) in torch's words. False:
         nothing done."""
         xa, oa = _np(x), _np(out)
-        if xa is None or oa is None:
+        if xa is None or oa is None or self._quick(lambda: call(xa, oa), secs, limit) is None:
             return False
+        _tensors.written(out)   # (written through numpy: autograd is told)
+        return True
+
+    def _quick(self, call: Callable[[], Any], secs: float, limit: float | None) -> Any:
+        """``call()``, a short way's (collectives.shm.tiny: None where it
+        takes the long way), its timeout's error (``secs``; ``limit``: the
+        call's own, _own_timeout) in torch's words."""
         try:
-            if call(xa, oa) is None:
-                return False
+            return call()
         except MeshTimeoutError as e:
             _torch_words(e, secs, limit is not None)
             raise
-        _tensors.written(out)   # (written through numpy: autograd is told)
-        return True
 
     def _host_async(self, arr: np.ndarray, name: str, tensors: list[torch.Tensor],
                     limit: float | None) -> dist.Work:

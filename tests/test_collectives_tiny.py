@@ -611,3 +611,137 @@ def test_a_late_rank_gets_the_bits_of_the_ranks_that_waited(hosts: str) -> None:
     for rank, bits in enumerate(seen[1:], 1):
         assert bits == seen[0], f"rank {rank} differs from rank 0 in calls " \
             f"{[i for i, (a, b) in enumerate(zip(bits, seen[0])) if a != b]}"
+
+
+def _moved(world: Any) -> list:
+    """gather, scatter and all_to_all of every dtype, from no element to
+    the largest post the board holds inline (and one past it: the long
+    way), each call made three times (the first settles the short way, the
+    next take it) against numpy and against the long way
+    (collectives.host.paths) byte for byte. Returns what differed."""
+    import msgpack
+    from collectives.host import paths
+    from mesh.tensors import BFLOAT16, dtype_name
+    n, rank, bad = world.size, world.rank, []
+    room = tiny.MAX_BYTES
+    for dt in [np.bool_, np.int8, np.uint16, np.int32, np.int64, np.float16, np.float32,
+               np.float64, np.complex64, np.complex128, BFLOAT16]:
+        item = np.dtype(dt).itemsize
+
+        def make(count: int, seed: int) -> np.ndarray:
+            return ((np.arange(count) * 7 + seed) % 5).astype(dt)
+        meta = len(msgpack.packb([np.dtype(dt).str, [1], dt is BFLOAT16]))   # (the rows')
+        for what, most in [("gather", room // item), ("all_to_all", room // (n * item)),
+                           ("scatter", (room - meta) // (n * item))]:
+            for k in sorted({0, 1, 3 % (most + 1), most, most + 1}):
+                for i in range(3):
+                    if what == "gather":
+                        xs = [make(k, 11 * p + i) for p in range(n)]
+                        got = C.gather(world, xs[rank], root=n - 1)
+                        long = paths.gather(world, xs[rank], root=n - 1)
+                        want = np.stack(xs) if rank == n - 1 else None
+                    elif what == "all_to_all":
+                        xs = [make(n * k, 11 * p + i).reshape(n, k) for p in range(n)]
+                        got = C.all_to_all(world, xs[rank])
+                        long = paths.all_to_all(world, xs[rank])
+                        want = np.stack([x[rank] for x in xs])
+                    else:
+                        rows = make(n * k, i).reshape(n, k)
+                        said = {} if rank == 0 else {"dtype": dt, "shape": (k,)}
+                        got = C.scatter(world, rows if rank == 0 else None, root=0, **said)
+                        long = paths.scatter(world, rows if rank == 0 else None, root=0,
+                                             **said)
+                        want = rows[rank]
+                    for way, res in (("short", got), ("long", long)):
+                        if (want is None) != (res is None) or want is not None and (
+                                res.dtype != want.dtype or res.shape != want.shape
+                                or res.tobytes() != want.tobytes()):
+                            bad.append((what, str(np.dtype(dt)), k, i, way))
+                key = tiny.plan_key(np.dtype(dt), (n, k) if what != "gather" else (k,),
+                                    (None, n - 1) if what == "gather" else (None, 0)
+                                    if what == "scatter" else None, what)
+                if what == "scatter" and rank:
+                    key = ("scatter row", (np.dtype(dt), dtype_name(np.dtype(dt))), (k,), 0)
+                plan = tiny._plans.get(world, {}).get(key)
+                if (plan is not None) != (0 < k <= most):
+                    bad.append((what, str(np.dtype(dt)), k, "short way", plan is not None))
+    return bad
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_gather_scatter_and_all_to_all_take_the_short_way_with_the_long_ways_bits(
+        n: int) -> None:
+    for rank, bad in enumerate(mesh.spawn(_moved, n, timeout=120)):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
+def _moved_mismatches(world: Any) -> dict:
+    """gather, scatter and all_to_all the short way beside ranks that call
+    something else: a mismatch raises on every rank (a scatter's root too
+    where the others refuse its rows, dtype=), and so does a root's
+    timeout; a root that scatters other rows than the others settled, or
+    a late rank, the right result."""
+    rank, n, out = world.rank, world.size, {}
+    x = np.arange(2, dtype=np.float32) + rank
+    rows = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+    for _ in range(2):
+        for root in (0, 1):
+            C.gather(world, x, root=root)
+            C.scatter(world, rows if rank == root else None, root=root)
+        C.all_to_all(world, rows)
+        C.scatter(world, rows.astype(np.int32) if rank == 0 else None, root=0,
+                  dtype=np.int32 if rank else None)
+    out["g dtype"] = _caught(lambda: C.gather(world, x if rank != 1 else x.astype(np.float64)))
+    out["g root"] = _caught(lambda: C.gather(world, x, root=1 if rank == 1 else 0))
+    out["a2a shape"] = _caught(lambda: C.all_to_all(world, rows if rank != 1 else rows[:, :1]))
+    out["s root"] = _caught(lambda: C.scatter(world, rows, root=1 if rank == 1 else 0))
+    # the others want int32 rows (their calls say so, as the last call's did): the root
+    # sends float32
+    out["s want"] = _caught(lambda: C.scatter(world, rows if rank == 0 else None, root=0,
+                                              dtype=np.int32 if rank else None))
+    # the others said nothing of the rows: whatever the root scatters comes back
+    got = [C.scatter(world, r if rank == 0 else None, root=0) for r in
+           (rows, rows.astype(np.float64), rows[:, :1].copy(), rows)]
+    out["s other rows"] = [(str(g.dtype), g.tolist()) for g in got]
+    # the root times out waiting for rank 2, which calls only once it has (as
+    # all_reduce's above): every rank raises its timeout
+    if rank == 2:
+        world.recv(0, tag=7, timeout=60.0)
+    out["s timeout"] = _caught(lambda: C.scatter(world, rows if rank == 0 else None, root=0,
+                                                 timeout=0.3 if rank == 0 else None))
+    if rank == 0:
+        world.send("timed out", 2, tag=7)
+    C.barrier(world)
+    for late in (n - 1, 0):
+        if rank == late:
+            time.sleep(0.05)
+        out[f"late {late}"] = (C.gather(world, x, root=1), C.scatter(
+            world, rows if rank == 1 else None, root=1).tolist(), C.all_to_all(world, rows))
+    return out
+
+
+def test_gather_scatter_and_all_to_all_keep_the_guarantees_on_the_short_way() -> None:
+    res = mesh.spawn(_moved_mismatches, N, timeout=90)
+    for rank, r in enumerate(res):
+        for key, words in [("g dtype", ["float32", "float64"]), ("g root", ["root=0", "root=1"]),
+                           ("a2a shape", ["shape=[3, 2]", "shape=[3, 1]"]),
+                           ("s root", ["root=0", "root=1"])]:
+            assert r[key].startswith("MismatchError") and all(w in r[key] for w in words), \
+                f"rank {rank} {key}: {r[key]}"
+        text = r["s want"]
+        if rank:
+            assert text.startswith("MismatchError") and "int32" in text and "float32" in text, \
+                text
+        else:
+            assert text.startswith(("MismatchError", "MeshError")) and "wants its row" in text, \
+                text
+        text = r["s timeout"]
+        assert text.startswith("MeshTimeoutError") and "rank 0" in text, f"rank {rank}: {text}"
+        row = [2.0 * rank, 2.0 * rank + 1]
+        assert r["s other rows"] == [("float32", row), ("float64", row), ("float32", row[:1]),
+                                     ("float32", row)], r["s other rows"]
+        for late in (N - 1, 0):
+            g, s, a = r[f"late {late}"]
+            want = np.stack([np.arange(2, dtype=np.float32) + p for p in range(N)])
+            assert (g is None) == (rank != 1) and (g is None or np.array_equal(g, want)), g
+            assert s == row and np.array_equal(a, np.full((N, 2), 2 * rank) + [0, 1]), (s, a)

@@ -87,9 +87,11 @@ def _reductions(r: int, n: int) -> None:
     # takes the long way, which reports what the watch caught)
     from collectives import runner, torchexchange, torchgather, torchpg
     time.sleep(runner._WATCH_S * 1.5)
-    # (and reduce_scatter_tensor, all_gather_into_tensor: the short ways of theirs)
+    # (and reduce_scatter_tensor, all_gather_into_tensor, gather, scatter and
+    # all_to_all_single: the short ways of theirs)
     where = {"_tiny_all_reduce": torchpg, "_tiny_reduce_scatter": torchexchange,
-             "_tiny_all_gather": torchgather}
+             "_tiny_all_gather": torchgather, "_tiny_gather": torchgather,
+             "_tiny_scatter": torchgather, "_tiny_all_to_all": torchexchange}
     names = tuple(where)
     short: dict[str, list] = {k: [] for k in names}
     tiny = {k: getattr(where[k], k) for k in names}
@@ -108,6 +110,17 @@ def _reductions(r: int, n: int) -> None:
             dist.all_gather_into_tensor(out, torch.tensor([r, i], dtype=torch.float32))
             _eq(out, torch.tensor([[j, i] for j in range(n)], dtype=torch.float32).reshape(-1),
                 f"repeated all_gather_into_tensor {i}")
+            rows = [torch.zeros(2) for _ in range(n)] if r == 0 else None
+            dist.gather(torch.tensor([r, i], dtype=torch.float32), rows, dst=0)
+            for j, row in enumerate(rows or []):
+                _eq(row, [j, i], f"repeated gather {i}")
+            out = torch.zeros(2)
+            dist.scatter(out, [torch.tensor([j, i], dtype=torch.float32) for j in range(n)]
+                         if r == 1 else None, src=1)
+            _eq(out, [r, i], f"repeated scatter {i}")
+            out = torch.zeros(n)
+            dist.all_to_all_single(out, torch.arange(n, dtype=torch.float32) + 10 * r + i)
+            _eq(out, [10 * j + r + i for j in range(n)], f"repeated all_to_all_single {i}")
     finally:
         for k in names:
             setattr(where[k], k, tiny[k])

@@ -607,6 +607,7 @@ def gather(g: Comm, a: Any, root: int = 0, async_op: bool = False,
                 _said(ctx, "gather", None, "direct", arr.nbytes)
             if board.available(ctx):
                 local.gather(ctx, arr.reshape(-1), out, r)
+                tiny.learn(ctx, arr, (None, r), None, "gather")
             else:
                 agreed(lambda c: gather_direct(c, arr, out, r))(ctx)
             return out
@@ -654,9 +655,13 @@ def scatter(g: Comm, a: Any, root: int = 0, async_op: bool = False,
             if debug.ON:
                 _said(ctx, "scatter", None, "direct", None if src is None else src[0].nbytes)
             if board.available(ctx):
-                return local.scatter(ctx, src, r, lambda dt, sh: _row_as_wanted(
-                    ctx, want, form, dt, sh, r), dest)
+                row = local.scatter(ctx, src, r, lambda dt, sh: check(ctx, dt, sh), dest)
+                tiny.learn_scatter(ctx, src, row, r, dtype, shape, check)
+                return row
             return agreed(sockets)(ctx)
+
+        def check(ctx: Ctx, dt: np.dtype, sh: tuple[int, ...]) -> None:
+            _row_as_wanted(ctx, want, form, dt, sh, r)
         return _fp("scatter", root=r), body
     return start(g, "scatter", prepare, async_op, timeout)
 
@@ -780,6 +785,7 @@ def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
                 _said(ctx, "all_to_all", None, "direct", arr.nbytes)
             if board.available(ctx):
                 local.all_to_all(ctx, arr.reshape(blocks), out.reshape(blocks))
+                tiny.learn(ctx, arr, None, None, "all_to_all")
             else:
                 all_to_all_direct(ctx, arr.reshape(blocks), out.reshape(blocks))
             return out

@@ -26,9 +26,9 @@ again only once every peer's ack has reached the last call that used it
 (``Round.arena``): a rank leaves a call without waiting for its readers.
 
 A repeated tiny call (collectives.shm.tiny: all_reduce, reduce_scatter,
-all_gather, broadcast, reduce) posts and polls the same words through
-``Quick``, its views made once, and reads the peers' payloads where they
-lie in their mapped boards.
+all_gather, broadcast, reduce, gather, scatter, all_to_all) posts and polls
+the same words through ``Quick``, its views made once, and reads the peers'
+payloads where they lie in their mapped boards.
 
 A peer on a socket path instead (another collective) is caught by a receive
 posted on the tag once a wait gets long; so is an abort; a dead peer fails
@@ -822,13 +822,21 @@ class Quick:
     spin or a few yields, a mismatch) tells the caller to go on with a
     Round, which picks up where this left off."""
 
-    def __init__(self, g: Comm, like: np.ndarray, sig: tuple[bytes, int]) -> None:
+    def __init__(self, g: Comm, like: np.ndarray, sig: tuple[bytes, int],
+                 sizes: list[int] | None = None, tail: bytes = b"") -> None:
         box = _boxes[g]
         self.box, self.head, self.heads, self.peers = box, box.head, box.heads, box.peers
         self.fp, self.hash = sig
-        self.size = size = like.nbytes
-        self.meta = np.array([0, len(self.fp), size, 0, 0, self.hash], np.int64).data
-        # (the words after seq, as Round.post writes them: stage fplen paylen addr addr2 fphash)
+        size = like.nbytes
+        # (per rank, the payload it posts: like's bytes and this rank's ``tail`` after
+        # them, or as ``sizes`` says, 0 where a rank posts none: a scatter's)
+        self.sizes = [size] * g.size if sizes is None else sizes
+        self.size = self.sizes[g.rank]
+        self.tail, self.like = tail, size
+        self.meta = np.array([0, len(self.fp), self.size, 0, len(tail), self.hash],
+                             np.int64).data
+        # (the words after seq, as Round.post writes them: stage fplen paylen addr addr2 fphash;
+        # addr2, a scatter's: the bytes of the tail, collectives.shm.local.scatter's)
 
         def payload(row: np.ndarray, slot: int) -> np.ndarray:
             at = _HEAD + slot * _INLINE
@@ -840,9 +848,10 @@ class Quick:
         self.mine = [self.views[0][rank], self.views[1][rank]]
         self.spin = _BUSY_S if g.size <= _CORES else _QUICK_SPIN_S
 
-    def post(self, seq: int, a: np.ndarray) -> bool:
-        """Round.post of ``a`` for call ``seq``; False, with nothing written,
-        where a peer has not acked this slot's last call yet."""
+    def post(self, seq: int, a: np.ndarray | None) -> bool:
+        """Round.post of ``a`` (None: no payload) for call ``seq``; False,
+        with nothing written, where a peer has not acked this slot's last
+        call yet."""
         head, heads, slot = self.head, self.heads, seq & 1
         b = 1 + _SLOT_WORDS * slot
         held = head[b]
@@ -854,7 +863,11 @@ class Quick:
             body = _PEEK + slot * _BODY
             box.mv[body:body + len(self.fp)] = self.fp
             box.slot_fp[slot] = self.fp
-        self.mine[slot][...] = a
+        if a is not None:
+            self.mine[slot][...] = a
+            if self.tail:
+                at = _HEAD + slot * _INLINE + a.nbytes
+                box.mv[at:at + len(self.tail)] = self.tail
         if box.slot_words[slot] is not self:     # (a Round or another Quick wrote them)
             head[b + 1:b + 1 + 6] = self.meta
             box.slot_words[slot] = self
@@ -870,7 +883,7 @@ class Quick:
         """Whether every peer has posted call ``seq`` with this fingerprint
         and payload size, after a short wait (``_wait``). False: go on with
         Round.gather (a longer wait, an abort, a lost peer, a mismatch)."""
-        heads, b = self.heads, 1 + _SLOT_WORDS * (seq & 1)
+        heads, b, sizes = self.heads, 1 + _SLOT_WORDS * (seq & 1), self.sizes
         hash_at, size_at = b + FPHASH, b + PAYLEN
         for p in self.peers:
             h = heads[p]
@@ -878,9 +891,56 @@ class Quick:
                 return False
             if _FENCE:
                 fence()     # what the post holds is read after its seq
-            if h[hash_at] != self.hash or h[size_at] != self.size:
+            if h[hash_at] != self.hash or h[size_at] != sizes[p]:
                 return False
         return True
+
+    def staged(self, seq: int, peers: list[int], k: int) -> bool:
+        """Whether each of ``peers`` (all there: ``arrived``) has reached
+        stage ``k`` of call ``seq`` (Round.wait_stage's), after a short wait
+        as ``arrived``'s."""
+        at = 1 + _SLOT_WORDS * (seq & 1) + STAGE
+        for p in peers:
+            h = self.heads[p]
+            if h[at] < k and not self._wait_stage(h, at, k):
+                return False
+        if _FENCE:
+            fence()
+        return True
+
+    def tails(self, seq: int, peer: int, tail: bytes) -> bool:
+        """Whether ``peer``'s post of call ``seq`` (arrived) holds ``tail``
+        after like's bytes, as its addr2 says (and addr 0: a scatter's small
+        form, its meta after the rows)."""
+        h, b = self.heads[peer], 1 + _SLOT_WORDS * (seq & 1)
+        if h[b + ADDR] != 0 or h[b + ADDR2] != len(tail):
+            return False
+        at = _HEAD + (seq & 1) * _INLINE + self.like
+        return bytes(self.box.rows[peer].data[at:at + len(tail)]) == tail
+
+    def _wait_stage(self, h: Any, at: int, k: int) -> bool:
+        """_wait's, until the stage word at ``at`` reaches ``k``."""
+        clock = time.perf_counter
+        start = clock()
+        end = start + self.spin
+        while h[at] < k:
+            if clock() > end:
+                break
+        else:
+            return True
+        end = start + _QUICK_YIELD_S
+        while h[at] < k:
+            if clock() > end:
+                return False
+            os.sched_yield()
+        return True
+
+    def stage(self, seq: int, k: int) -> None:
+        """Round.stage's: this rank has reached stage ``k`` of call ``seq``."""
+        b = 1 + _SLOT_WORDS * (seq & 1)
+        self.box.slot_words[seq & 1] = None     # (post writes stage 0 again)
+        self.head[b + STAGE] = k
+        self.box.ring_asleep()
 
     def _wait(self, h: Any, b: int, seq: int) -> bool:
         """Until ``h``'s slot word at ``b`` says ``seq``: spin (_BUSY_S where

@@ -3,8 +3,8 @@
 (collectives.shm.cma). No socket carries data or waits here.
 
     small all_reduce, all_gather,  post payload | read the peers' | reduce in rank order
-      broadcast, gather, reduce    (tiny ones but gather: collectives.shm.tiny's short
-                                   way, then these)
+      broadcast, gather, reduce    (tiny ones: collectives.shm.tiny's short way, then
+                                   these; scatter and all_to_all's too)
     large all_reduce               post address | reduce chunk r from every peer's buffer |
                                    stage 1 | read each peer's final chunk | stage 2 | exit;
                                    up to 8 MiB where ranks outnumber cores: copy into the
@@ -16,6 +16,8 @@
                                    recursive doubling over sockets would
     reduce_scatter                 post address | reduce chunk r | stage 2 | exit
     reduce_scatter of n parts      post the parts' addresses | reduce part r | stage 2 | exit
+    small scatter                  root: post rows and meta | the others copy their row | stage 2
+    small all_to_all               post payload | copy block r of each peer's
     large broadcast, gather,       post address | read what this rank needs | stage 2 | exit
       all_gather, scatter, all_to_all
 
@@ -357,24 +359,41 @@ def reduce(ctx: Ctx, buf: np.ndarray, op: ReduceOp, root: int,
         r.stage(2)
 
 
+def scatter_meta(dtype: np.dtype, row: tuple[int, ...]) -> bytes:
+    """What a scatter's root posts of its rows: their dtype (bfloat16's
+    named) and shape past the first axis, as msgpack."""
+    return msgpack.packb([dtype.str, list(row), dtype_name(dtype) == "bfloat16"])
+
+
 def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
             check: Callable[[np.dtype, tuple[int, ...]], None] | None = None,
-            out: np.ndarray | None = None, counts: list[int] | None = None) -> np.ndarray:
-    """Rank p reads row p of the root's ``src`` (shaped (n, ...)) into
+            out: np.ndarray | None = None, counts: list[int] | None = None,
+            sig: tuple[bytes, int] | None = None, posted: bool = False) -> np.ndarray:
+    """Rank p gets row p of the root's ``src`` (shaped (n, ...)) into
     ``out`` (given: the row's dtype and shape, which ``check`` ensures) or a
-    new array; the root posts the rows' dtype (bfloat16's named) and shape
-    with the buffer's address. ``check(dtype, shape)`` may refuse the rows
-    before a byte is read; the root waits for every reader, so its raise
-    fails the root's call too. ``counts`` (scatter_v's): rank p reads
-    counts[p] rows of ``src`` (C-contiguous, sum(counts) rows) from the sum
-    of the counts before p."""
+    new array; the root posts the rows' dtype and shape (scatter_meta).
+    Small (_small, with the meta): the rows as payload, the meta after them
+    (its bytes in ``addr2``, ``addr`` 0), which each rank copies its row
+    out of (``sig``, ``posted``: as for _reduce_payloads, from
+    collectives.shm.tiny); else the meta as payload with the buffer's
+    address, which each rank reads its row from. ``check(dtype, shape)``
+    may refuse the rows before a byte is read; the root waits for every
+    reader (stage 2), so its raise fails the root's call too. ``counts``
+    (scatter_v's): rank p gets counts[p] rows of ``src`` (C-contiguous,
+    sum(counts) rows) from the sum of the counts before p."""
     rank = ctx.g.rank
     before = 0 if counts is None else sum(counts[:rank])
-    with Round(ctx) as r:
+    with Round(ctx, sig) as r:
         if src is not None:
-            bf16 = dtype_name(src.dtype) == "bfloat16"
-            meta = msgpack.packb([src.dtype.str, list(src.shape[1:]), bf16])
-            r.post(payload=np.frombuffer(meta, np.uint8), addr=src.ctypes.data)
+            meta = scatter_meta(src.dtype, src.shape[1:])
+            if not posted:
+                if src.nbytes + len(meta) <= min(ctx.tuning.small, CAPACITY):
+                    whole = np.empty(src.nbytes + len(meta), np.uint8)
+                    whole[:src.nbytes] = src.reshape(-1).view(np.uint8)
+                    whole[src.nbytes:] = np.frombuffer(meta, np.uint8)
+                    r.post(payload=whole, addr2=len(meta))
+                else:
+                    r.post(payload=np.frombuffer(meta, np.uint8), addr=src.ctypes.data)
             r.gather()
             r.wait_stage(r.peers, 2)
             mine = src[rank, ...] if counts is None else src[before:before + counts[rank]]
@@ -382,9 +401,13 @@ def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
                 return mine.copy()     # a 0-d array for 1-d src, not a numpy scalar
             out[...] = mine
             return out
-        r.post()
+        if not posted:
+            r.post()
         addrs = r.gather()
-        dtype, shape, bf16 = msgpack.unpackb(r.payload_of(root).tobytes())
+        whole = r.payload_of(root)
+        inline = addrs[root] == 0
+        tail = len(whole) - r.addr2[root] if inline else 0     # (where the meta starts)
+        dtype, shape, bf16 = msgpack.unpackb(whole[tail:].tobytes())
         dt = BFLOAT16 if bf16 else np.dtype(dtype)
         if counts is not None:      # (shape: a row's; this rank's block has counts[rank])
             shape = [counts[rank]] + list(shape)
@@ -394,24 +417,29 @@ def scatter(ctx: Ctx, src: np.ndarray | None, root: int,
             out = np.empty(shape, dt)
         at = rank * out.nbytes if counts is None else \
             before * dt.itemsize * math.prod(shape[1:])
-        if out.size:
+        if inline:
+            out.reshape(-1).view(np.uint8)[...] = whole[at:at + out.nbytes]
+        elif out.size:
             peer_read(ctx, root, addrs[root] + at, out.reshape(-1))
         r.stage(2)
         return out
 
 
 def gather(ctx: Ctx, buf: np.ndarray, out: np.ndarray | list[np.ndarray] | None,
-           root: int, largest: int | None = None) -> None:
+           root: int, largest: int | None = None, sig: tuple[bytes, int] | None = None,
+           posted: bool = False) -> None:
     """The root collects every rank's flat ``buf`` into row p of ``out`` (or
     a list of rows, which may differ in size: each rank's ``buf`` the size
     of its own, ``largest`` the bytes of the largest, so that every rank
-    chooses alike): as payloads when small, else straight from the ranks'
-    buffers."""
+    chooses alike): as payloads when small (``sig``, ``posted``: as for
+    _reduce_payloads, from collectives.shm.tiny), else straight from the
+    ranks' buffers."""
     is_root = ctx.g.rank == root
     rows = None if out is None else _flat_rows(out, ctx.g.size)
-    with Round(ctx) as r:
+    with Round(ctx, sig) as r:
         if (buf.nbytes if largest is None else largest) <= min(ctx.tuning.small, CAPACITY):
-            r.post(payload=None if is_root else buf)
+            if not posted:
+                r.post(payload=None if is_root else buf)
             r.gather(None if rows is None else [None if p == root else rows[p]
                                                 for p in range(ctx.g.size)])
         else:
@@ -470,11 +498,26 @@ def scan(ctx: Ctx, buf: np.ndarray, op: ReduceOp, exclusive: bool) -> np.ndarray
     return before
 
 
-def all_to_all(ctx: Ctx, src: np.ndarray, out: np.ndarray) -> None:
-    """Block p of ``out`` = block ``rank`` of rank p's ``src`` (both shaped (n, ...))."""
+def all_to_all(ctx: Ctx, src: np.ndarray, out: np.ndarray,
+               sig: tuple[bytes, int] | None = None, posted: bool = False) -> None:
+    """Block p of ``out`` = block ``rank`` of rank p's ``src`` (both shaped
+    (n, ...)): small (_small), out of the peers' payloads (``sig``,
+    ``posted``: as for _reduce_payloads, from collectives.shm.tiny), else
+    read from their buffers."""
     rank, block = ctx.g.rank, src[0].nbytes
     out[rank] = src[rank]
-    with Round(ctx) as r:
+    with Round(ctx, sig) as r:
+        if _small(ctx, src):
+            if not posted:
+                r.post(payload=src)
+            r.gather()
+            for p in r.peers:
+                if block:
+                    row = out[p]
+                    got = r.payload_part(p, rank * block, row)
+                    if got is not row:
+                        row[...] = got.reshape(row.shape)
+            return
         r.post(addr=src.ctypes.data)
         addrs = r.gather()
         for p in r.peers:

@@ -1,12 +1,12 @@
-"""The short way of a tiny all_reduce, reduce_scatter, all_gather, reduce
-or broadcast (a payload that fits the board's inline room, ranks of one
-host whose boards are all mapped, a blocking call): what the first call of
-a (collective, group, dtype, shape, op, root) settles through
-collectives.host.paths (argument checks, fingerprint, algorithm, the
-board) is kept, and later calls under the same tuning go straight to the
-board (collectives.shm.board.Quick): one post, one poll per peer, and the
-result read straight out of the peers' mapped boards, with nothing made
-per call but a new result::
+"""The short way of a tiny all_reduce, reduce_scatter, all_gather, reduce,
+broadcast, gather, scatter or all_to_all (a payload that fits the board's
+inline room, ranks of one host whose boards are all mapped, a blocking
+call): what the first call of a (collective, group, dtype, shape, op,
+root) settles through collectives.host.paths (argument checks,
+fingerprint, algorithm, the board) is kept, and later calls under the same
+tuning go straight to the board (collectives.shm.board.Quick): one post,
+one poll per peer, and the result read straight out of the peers' mapped
+boards, with nothing made per call but a new result::
 
     all_reduce       the reduction in rank order, into the caller's array
     reduce_scatter   this rank's chunk: its own, then the peers' in ring
@@ -14,6 +14,13 @@ per call but a new result::
     all_gather       every rank's post copied into its row
     reduce           the root: the reduction in rank order; the others post
     broadcast        the others: the root's post copied into their array
+    gather           the root: every rank's post copied into its row
+    scatter          the root posts its rows, their dtype and shape after
+                     them; the others copy their row where that meta is
+                     the one they settled (off the root, the plan's key is
+                     what the call says of the row: dtype=, shape=) and say
+                     so, which the root waits for (local.scatter's small form)
+    all_to_all       block ``rank`` of every rank's post copied into its block
 
 It keeps the long way's guarantees: the fingerprint on the board is the
 same (a rank on either way that called something else raises a
@@ -23,7 +30,8 @@ deadline, and a failure aborts the tag on every member
 rank of the group has a core, then yields, 0.5 ms in all), a mismatch, or
 a peer not done with the slot goes on as the long way does, with a Round,
 from where the short way left off (collectives.shm.local's
-all_reduce_small, reduce_scatter, all_gather, reduce, broadcast).
+all_reduce_small, reduce_scatter, all_gather, reduce, broadcast, gather,
+scatter, all_to_all).
 Anything the short way cannot take (async, an algorithm or a timeout that
 is not a float; a non-contiguous or read-only array that the call writes;
 an ``out`` that is not a C-contiguous writable array of the result's dtype
@@ -46,10 +54,13 @@ from ..plan import Tuning, ring_chunks
 from ..runner import NOT_NOW, Body, Ctx, now
 from . import board
 from .local import all_gather as gather_small, all_reduce_small, reduce as reduce_small
+from .local import all_to_all as exchange_small, gather as collect_small
 from .local import broadcast as broadcast_small, reduce_scatter as scatter_small
+from .local import scatter as deal_small, scatter_meta
 
-__all__ = ["MAX_BYTES", "forget", "learn", "keep", "plan_key", "all_reduce", "reduce_scatter",
-           "all_gather", "broadcast", "reduce"]
+__all__ = ["MAX_BYTES", "forget", "learn", "learn_scatter", "keep", "plan_key", "all_reduce",
+           "reduce_scatter", "all_gather", "broadcast", "reduce", "gather", "scatter",
+           "all_to_all"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
@@ -58,15 +69,17 @@ MAX_BYTES = board.INLINE
 class _Short:
     """What every short way keeps of one (collective, group, dtype, shape,
     op): the tuning it was settled under, its fingerprint and board
-    signature, the group's size and the board's Quick for the payload."""
+    signature, the group's size and the board's Quick for the payload
+    (``sizes``, ``tail``: Quick's, a scatter's)."""
 
     __slots__ = ("tuning", "fp", "sig", "n", "quick")
 
-    def __init__(self, ctx: Ctx, arr: np.ndarray) -> None:
+    def __init__(self, ctx: Ctx, arr: np.ndarray, sizes: list[int] | None = None,
+                 tail: bytes = b"") -> None:
         self.tuning, self.fp = ctx.tuning, ctx.fp
         self.sig = board.signature(ctx.fp)
         self.n = ctx.g.size
-        self.quick = board.Quick(ctx.g, arr, self.sig)
+        self.quick = board.Quick(ctx.g, arr, self.sig, sizes, tail)
 
 
 class _Plan(_Short):
@@ -269,8 +282,127 @@ class _Gather(_Short):
         return run
 
 
+class _Collect(_Short):
+    """A tiny gather: every rank posts, the root too (the long way's root
+    posts nothing: as _Reduce's); the root copies each post into its row."""
+
+    __slots__ = ("root", "rank", "shape", "size")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: Any = None) -> None:
+        super().__init__(ctx, arr)
+        self.root, self.rank = ctx.fp["root"], ctx.g.rank
+        self.shape = (self.n,) + arr.shape
+        self.size = self.n * arr.size
+
+    def step(self, tag: int, arg: tuple[np.ndarray, Any]) -> Body | None:
+        a, out = arg
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, out, False)
+        if not quick.arrived(seq):
+            return self.rest(a, out, True)
+        if out is not None:
+            for p, v in enumerate(quick.views[seq & 1]):
+                out[p][...] = v
+        quick.done(seq)
+        return None
+
+    def rest(self, a: np.ndarray, out: Any, posted: bool) -> Body:
+        def run(ctx: Ctx) -> None:
+            collect_small(ctx, np.ascontiguousarray(a).reshape(-1), out, self.root,
+                          sig=self.sig, posted=posted)
+        return run
+
+
+class _Deal(_Short):
+    """A tiny scatter (local.scatter's small form): the root posts its rows
+    with their meta after them, the others copy their row out of the
+    root's post where its meta is the one they settled (else they go on
+    with a Round, which reads any) and say so (stage 2), which the root
+    waits for: a rank that refuses the rows (dtype=, shape=) fails the
+    root's call too. ``arr``: the root's rows, or off the root an array
+    like them."""
+
+    __slots__ = ("root", "rank", "shape", "size", "dtype", "meta", "others", "check", "mine")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, check: Any) -> None:
+        n, root = ctx.g.size, ctx.fp["root"]
+        self.meta = scatter_meta(arr.dtype, arr.shape[1:])
+        sizes = [0] * n
+        sizes[root] = arr.nbytes + len(self.meta)
+        super().__init__(ctx, arr, sizes, self.meta if ctx.g.rank == root else b"")
+        self.root, self.rank, self.check = root, ctx.g.rank, check
+        self.shape, self.size, self.dtype = arr.shape[1:], arr[0].size, arr.dtype
+        self.others = [p for p in range(n) if p != root]
+        self.mine = [views[root][self.rank] for views in self.quick.views]
+
+    def step(self, tag: int, arg: tuple[np.ndarray | None, np.ndarray, bool]) -> Body | None:
+        a, out, given = arg
+        seq, quick, root = -tag, self.quick, self.root
+        if not quick.post(seq, a):
+            return self.rest(a, out, given, False)
+        if not quick.arrived(seq):
+            return self.rest(a, out, given, True)
+        if a is not None:
+            if not quick.staged(seq, self.others, 2):
+                return self.rest(a, out, given, True)
+        elif not quick.tails(seq, root, self.meta):
+            return self.rest(a, out, given, True)
+        else:
+            quick.stage(seq, 2)
+        out[...] = self.mine[seq & 1]
+        quick.done(seq)
+        return None
+
+    def rest(self, a: np.ndarray | None, out: np.ndarray, given: bool, posted: bool) -> Body:
+        """The call on a Round: off the root, into ``out`` only where the
+        caller ``given`` it (the call's check ensures the rows fit it), else
+        into an array of the rows the root posted, whatever they are."""
+        def run(ctx: Ctx) -> np.ndarray:
+            src = None if a is None else np.ascontiguousarray(a)
+            return deal_small(ctx, src, self.root, lambda dt, sh: self.check(ctx, dt, sh),
+                              out if given or a is not None else None, sig=self.sig,
+                              posted=posted)
+        return run
+
+
+class _Exchange(_Short):
+    """A tiny all_to_all: every rank posts its blocks, and copies block
+    ``rank`` of each post into its block of the result."""
+
+    __slots__ = ("rank", "shape", "size", "blocks")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: Any = None) -> None:
+        super().__init__(ctx, arr)
+        n, rank = self.n, ctx.g.rank
+        self.rank, self.shape, self.size = rank, arr.shape, arr.size
+        m = arr.shape[0] // n
+        self.blocks = [[v[rank * m:(rank + 1) * m] for v in views] for views in self.quick.views]
+
+    def step(self, tag: int, arg: tuple[np.ndarray, np.ndarray]) -> Body | None:
+        a, out = arg
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, out, False)
+        if not quick.arrived(seq):
+            return self.rest(a, out, True)
+        mine = out.reshape((self.n, -1) + self.shape[1:])
+        for p, v in enumerate(self.blocks[seq & 1]):
+            mine[p] = v
+        quick.done(seq)
+        return None
+
+    def rest(self, a: np.ndarray, out: np.ndarray, posted: bool) -> Body:
+        def run(ctx: Ctx) -> None:
+            blocks = (self.n, -1)
+            exchange_small(ctx, np.ascontiguousarray(a).reshape(blocks), out.reshape(blocks),
+                           sig=self.sig, posted=posted)
+        return run
+
+
 _KINDS: dict[str, Any] = {"all_reduce": _Plan, "reduce_scatter": _Scatter,
-                          "all_gather": _Gather, "reduce": _Reduce, "broadcast": _Broadcast}
+                          "all_gather": _Gather, "reduce": _Reduce, "broadcast": _Broadcast,
+                          "gather": _Collect, "all_to_all": _Exchange}
 
 _plans: "weakref.WeakKeyDictionary[Comm, dict[tuple, _Short]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -316,6 +448,33 @@ def learn(ctx: Ctx, arr: np.ndarray, op: Any, rop: ReduceOp | None,
     return True
 
 
+def _row_key(dtype: Any, shape: Any, root: Any) -> tuple:
+    """A scatter's plan key off the root: what its call says of the row it
+    wants (``dtype=``, ``shape=``; None where not given)."""
+    want = None if dtype is None else np.dtype(dtype)
+    return ("scatter row", None if want is None else (want, dtype_name(want)),
+            None if shape is None else tuple(shape), root)
+
+
+def learn_scatter(ctx: Ctx, src: np.ndarray | None, row: np.ndarray, root: int,
+                  dtype: Any, shape: Any, check: Any) -> None:
+    """learn's, for a scatter that local.scatter ran in its small form:
+    the root keeps its rows' plan (``src``), the others theirs for what
+    their call said of the row (``dtype``, ``shape``: _row_key), ``row``'s
+    dtype and shape settled, ``check`` the call's own (what a Round that
+    finds other rows runs)."""
+    if ctx.g.size * row.nbytes > MAX_BYTES or not row.size or not board.mapped(ctx.g):
+        return
+    rows = src if src is not None else np.empty((ctx.g.size,) + row.shape, row.dtype)
+    if rows.nbytes + len(scatter_meta(rows.dtype, rows.shape[1:])) > min(MAX_BYTES,
+                                                                         ctx.tuning.small):
+        return      # (local.scatter's large form)
+    key = plan_key(rows.dtype, rows.shape, (None, root), "scatter") if src is not None \
+        else _row_key(dtype, shape, root)
+    if keep(_plans, ctx, key, lambda: _Deal(ctx, rows, check)):
+        _last.clear()
+
+
 def keep(plans_of: "weakref.WeakKeyDictionary[Comm, dict[tuple, Any]]", ctx: Ctx, key: tuple,
          make: Any) -> bool:
     """Keep ``make()`` as ``ctx``'s group's plan for ``key`` in ``plans_of``
@@ -347,6 +506,12 @@ def _find(coll: str, g: Comm, a: np.ndarray, op: Any, timeout: Any, root: Any = 
         except (KeyError, TypeError):
             return None
         _last[coll] = (weakref.ref(g), a.dtype, a.shape, op, root, plan)
+    return _tuned(plan, timeout)
+
+
+def _tuned(plan: Any, timeout: Any) -> Any:
+    """``plan`` where the call may take it (the tuning it was settled
+    under, a timeout it takes), else None."""
     try:
         tuning = Tuning.from_env()
     except ValueError:      # (a bad MESH_COLL_*: the long way raises it, naming the call)
@@ -445,6 +610,89 @@ def broadcast(g: Comm, a: np.ndarray, root: Any, timeout: Any) -> np.ndarray | N
     if debug.ON:
         debug.note(g, "broadcast", SHORT_PATH, a.nbytes)
     return a
+
+
+def gather(g: Comm, a: np.ndarray, root: Any, timeout: Any,
+           out: Any = None) -> tuple[Any] | None:
+    """Every rank's ``a`` gathered into the root's rows the short way (into
+    ``out`` where given: an array, or a list of g.size rows, as
+    collectives.host.paths._into makes them), as a 1-tuple of the rows (of
+    None off the root), or None (nothing done, no tag taken) where the
+    call must take the long way."""
+    plan = _find("gather", g, a, None, timeout, root)
+    if plan is None:
+        return None
+    rows: Any = None
+    if plan.rank == plan.root:
+        if isinstance(out, list):
+            if len(out) != plan.n or any(type(o) is not np.ndarray or o.shape != a.shape
+                                         or o.dtype != a.dtype for o in out):
+                return None     # (host.paths._into's rows, where the torch backend's are)
+            rows = out
+        elif (rows := _result(plan, a, out)) is None:
+            return None
+    if now(g, "gather", plan.fp, plan.tuning, plan.step, (a, rows), timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "gather", SHORT_PATH, a.nbytes)
+    return (rows,)
+
+
+def scatter(g: Comm, a: Any, root: Any, timeout: Any, dtype: Any = None, shape: Any = None,
+            out: Any = None) -> np.ndarray | None:
+    """This rank's row of the root's ``a`` the short way (into ``out``
+    where given; off the root, ``a`` is ignored and ``dtype``, ``shape``
+    are what the call says of the row, as collectives.host.paths.scatter
+    takes them), or None (nothing done, no tag taken) where the call must
+    take the long way."""
+    try:
+        plans = _plans[g]   # (before g's attributes: not a Comm, the long way says so)
+    except (KeyError, TypeError):
+        return None
+    if type(root) is not int:
+        return None
+    if root == g.rank:
+        if type(a) is not np.ndarray:
+            return None
+        plan = _find("scatter", g, a, None, timeout, root)
+    else:
+        try:
+            plan = _tuned(plans[_row_key(dtype, shape, root)], timeout)
+        except (KeyError, TypeError):
+            return None
+        a = None
+    if plan is None:
+        return None
+    dt = plan.dtype
+    if out is None:
+        row = np.empty(plan.shape, dt)
+    elif (type(out) is not np.ndarray or out.size != plan.size or out.dtype != dt
+          or dtype_name(out.dtype) != dtype_name(dt) or not out.flags.c_contiguous
+          or not out.flags.writeable):
+        return None
+    else:
+        row = out.reshape(plan.shape)
+    got = now(g, "scatter", plan.fp, plan.tuning, plan.step, (a, row, out is not None),
+              timeout)
+    if got is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "scatter", SHORT_PATH, row.nbytes * plan.n)
+    return row if got is None else got
+
+
+def all_to_all(g: Comm, a: np.ndarray, timeout: Any, out: Any = None) -> np.ndarray | None:
+    """``a``'s blocks exchanged the short way (into ``out`` where given),
+    or None (nothing done, no tag taken) where the call must take the
+    long way."""
+    plan = _find("all_to_all", g, a, None, timeout)
+    if plan is None or (mine := _result(plan, a, out)) is None:
+        return None
+    if now(g, "all_to_all", plan.fp, plan.tuning, plan.step, (a, mine), timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "all_to_all", SHORT_PATH, a.nbytes)
+    return mine
 
 
 SHORT_PATH = "same-host board, the short way (collectives.shm.tiny)"
