@@ -618,7 +618,8 @@ def _moved(world: Any) -> list:
     the largest post the board holds inline (and one past it: the long
     way), each call made three times (the first settles the short way, the
     next take it) against numpy and against the long way
-    (collectives.host.paths) byte for byte. Returns what differed."""
+    (collectives.host.paths) byte for byte; and the uneven calls' counts
+    exchanges. Returns what differed."""
     import msgpack
     from collectives.host import paths
     from mesh.tensors import BFLOAT16, dtype_name
@@ -665,6 +666,34 @@ def _moved(world: Any) -> list:
                 plan = tiny._plans.get(world, {}).get(key)
                 if (plan is not None) != (0 < k <= most):
                     bad.append((what, str(np.dtype(dt)), k, "short way", plan is not None))
+    taken: list[str] = []
+    real = {name: getattr(tiny, name) for name in ("all_to_all", "all_gather")}
+
+    def counted(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            res = real[name](*args, **kwargs)
+            if res is not None:
+                taken.append(name)
+            return res
+        return call
+    for name in real:
+        setattr(tiny, name, counted(name))
+    try:
+        for i in range(3):      # (a loop's counts exchanges: the short way from the second)
+            sends = [(rank + j) % 3 for j in range(n)]
+            got = C.all_to_all_v(world, np.arange(sum(sends)) + 100 * rank, sends)
+            want = np.concatenate([(np.arange(sum((p + j) % 3 for j in range(n))) + 100 * p)[
+                sum((p + j) % 3 for j in range(rank)):][:(p + rank) % 3] for p in range(n)])
+            if not np.array_equal(got, want):
+                bad.append(("all_to_all_v", i, got.tolist(), want.tolist()))
+            got = C.all_gather_v(world, np.full(rank % 2 + 1, rank))
+            if got.tolist() != [p for p in range(n) for _ in range(p % 2 + 1)]:
+                bad.append(("all_gather_v", i, got.tolist()))
+    finally:
+        for name in real:
+            setattr(tiny, name, real[name])
+    if taken.count("all_gather") < 2 or taken.count("all_to_all") < 2:
+        bad.append(("counts exchanges: the short way not taken twice each", taken))
     return bad
 
 
