@@ -78,9 +78,12 @@ def traceable(model: Any) -> bool:
 
 
 def _holds_layers(m: Any) -> bool:
+    """Whether ``m`` holds a list of layers, itself or in a submodule of
+    its own (torch's ``nn.Transformer``: its encoder's and decoder's)."""
     from torch import nn
     return isinstance(m, nn.Sequential) or any(
-        isinstance(c, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) for c in m.children())
+        isinstance(c, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) or _holds_layers(c)
+        for c in m.children())
 
 
 def called_whole(model: Any, name: str) -> bool:

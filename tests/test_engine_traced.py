@@ -204,6 +204,30 @@ class _TorchStacks(nn.Module):       # torch's own encoder and decoder, sequence
         return self.head(self.dec(h, h, tgt_mask=mask).transpose(0, 1))
 
 
+class _Seq2Seq(nn.Module):      # torch's nn.Transformer: its stacks a level down
+    def __init__(self, d=8):
+        super().__init__()
+        self.src_emb, self.tgt_emb = nn.Embedding(11, d), nn.Embedding(11, d)
+        self.tr = nn.Transformer(d, 2, 2, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 11)
+
+    def forward(self, src, tgt, src_pad, labels=None):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1],
+                                                                dtype=torch.float64)
+        out = self.tr(self.src_emb(src), self.tgt_emb(tgt), tgt_mask=causal,
+                      src_key_padding_mask=src_pad, memory_key_padding_mask=src_pad)
+        return F.cross_entropy(self.head(out).flatten(0, 1), labels.flatten())
+
+
+def _seq2seq_data(step):
+    g = torch.Generator().manual_seed(step)
+    src, tgt = torch.randint(1, 11, (ROWS, 6), generator=g), torch.randint(1, 11, (ROWS, 5),
+                                                                           generator=g)
+    pad = torch.zeros(ROWS, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    return (src, tgt, pad), torch.randint(0, 11, (ROWS, 5), generator=g)
+
+
 class _OwnEncoder(nn.TransformerEncoder):
     def forward(self, src, **kw):
         return super().forward(src, **kw)
@@ -232,6 +256,18 @@ def test_torchs_own_encoder_and_decoder_are_cut_into_their_layers():
     model(ids).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=0, msg=n)
+    # nn.Transformer holds them in its encoder and decoder: it was called whole, one
+    # layer ("it cannot fill pp=4 pipeline stages"); traced through, its shape checks
+    # decided by the sample
+    torch.manual_seed(0)
+    seq2seq = _Seq2Seq().double()
+    x, y = _seq2seq_data(0)
+    seq = engine.sequential(seq2seq, target=True, inputs=3, sample=x)
+    assert [p.__class__.__name__ for p in seq] == [
+        "_Seq2Seq[src_emb..tr.encoder.layers.0]", "_Seq2Seq[tr.encoder.layers.1]",
+        "_Seq2Seq[tr.encoder.norm..tr.decoder.layers.0]", "_Seq2Seq[tr.decoder.layers.1]",
+        "_Seq2Seq[tr.decoder.norm]", "_Seq2Seq[head]"]
+    torch.testing.assert_close(seq.loss(seq(x), y), seq2seq(*x, labels=y), rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"at test_engine_traced.py:\d+: return super\(\)."
                                         r"forward\(src, \*\*kw\), inside torch's forward\(\) at "
                                         r"transformer.py:\d+: "):
