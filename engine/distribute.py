@@ -1799,7 +1799,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             refuse_fed_whole(source)
         if source is not model:       # traced again: the pieces hold the sharded modules
             model = sequential(source, target=model.loss is not None, inputs=n_inputs,
-                               sample=sample)
+                               sample=sample.parts if isinstance(sample, _Rows) else sample)
             _shards_read(grid, source, [*model, *([model.loss] if model.loss else [])])
         named, _ = _model_layers(model)
     if patterns:    # selective recompute, before any layer is timed: the profile sees it

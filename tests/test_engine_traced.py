@@ -1076,6 +1076,38 @@ def test_a_mask_and_skips_distributed_train_like_one_process():
         trained_alike([r[kind] for r in results], losses, model.state_dict())
 
 
+def _seq2seq_worker(world):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    job = engine.distribute(_Seq2Seq().double(), mesh.grid(world, pp=2, tp=2),
+                            plan={"*.linear1": "colwise", "*.linear2": "rowwise"},
+                            schedule="1f1b", microbatches=2, balance="parameters",
+                            sample=_seq2seq_data(0)[0], timeout=60, verbose=False, reps=1)
+    return _trained(job, _seq2seq_data)
+
+
+@pytest.mark.timeout(300)
+def test_torchs_transformer_sharded_by_a_plan_trains_like_one_process():
+    """nn.Transformer's forward (src, tgt and a padding mask: a sample tuple)
+    tests their sizes, decided by the sample; traced again once the plan
+    sharded it, it was given the sample as one input ("symbolically traced
+    variables cannot be used as inputs to control flow"). The encoder's
+    output crosses the cuts to every decoder layer, its gradient back."""
+    results = mesh.spawn(_seq2seq_worker, 4, timeout=280, env=PATIENT)
+    torch.manual_seed(0)
+    model = _Seq2Seq().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        x, y = _seq2seq_data(step)
+        loss = model(*x, labels=y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    trained_alike(results, losses, model.state_dict())
+
+
 def _hf_tp_worker(world, recompute):
     torch.set_num_threads(1)
     job = engine.distribute(_skip_model("hf"), mesh.grid(world, pp=2, tp=2),
