@@ -93,6 +93,7 @@ _AXES = ("dp", "pp", "tp")
 _WATCHED, _FAR_OFF = 5, 2.0
 _STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above the pipeline's
 _OPTIM_TAG = _STATE_TAG + (1 << 40)     # optimizer_state_dict()'s, above those
+_HERE_TAG = _STATE_TAG - 1      # each rank's word that it called them too (_all_called)
 
 
 def _is_torch(obj: Any) -> bool:
@@ -680,6 +681,7 @@ class Job:
         self.tp_calls: dict[tuple[int, str], list[int]] = {}   # retime's tp collectives' bytes
         self._inputs, self._reps, self._target = inputs or {}, reps, target
         self.sharded = sharded
+        self._in_tp_gather = False      # a state gather's tp collectives under way (_tp_after)
         self.pipeline = pipeline
         self.stages = stages
         self.counts = counts
@@ -1026,11 +1028,10 @@ class Job:
         the model holds under several names is under each, as torch lists
         it, though a traced model's pieces name it once) or
         ``"layer.index"`` (numpy: see ``load_state``). Every rank must
-        call it (a collective, as torch's full state dict of FSDP): rank 0
-        waiting for the others' stages raises after ``timeout`` (default
-        the job's), saying so; with tp, the job's next step then fails on
-        every rank (the peers' next tp collective meets the gather that
-        timed out), rolled back, and the steps after it run."""
+        call it (a collective, as torch's full state dict of FSDP): a rank
+        waiting for the others raises after ``timeout`` (default the
+        job's), saying so, having made no tp collective and sent no state
+        (``_all_called``), so the job's next step runs."""
         timeout = self._timeout if timeout is None else timeout
         try:
             return self._gathered_state(timeout)
@@ -1044,17 +1045,25 @@ class Job:
         """What a gather's failure leaves of the job, with tp (its error's)."""
         if not self.sharded or _size(self.grid, "tp") < 1 + 1:
             return ""
-        return ("; its tp peers' next tp collective fails at once, naming this (a step then "
-                "fails on every rank, rolled back, and lines the tp group up again: the steps "
-                "after it run)")
+        if self._in_tp_gather:      # (the words came, one a lone call's left unread)
+            return ("; its tp peers' next tp collective fails at once, naming this (a step "
+                    "then fails on every rank, rolled back, and the steps after it run)")
+        return ("; it made no tp collective, so the job's next step runs (its tp peers "
+                "number theirs as this rank does)")
 
     def _gathered_state(self, timeout: float | None) -> dict[str, Any] | None:
+        self._in_tp_gather = False
         if _coord(self.grid, "dp"):
             return None
+        if self.sharded:
+            _all_called(self.grid.group("tp"), timeout)
+        self._in_tp_gather = self.sharded
         local = self._local_state(timeout)    # (tp: its peers' gathers, in the same time)
+        self._in_tp_gather = False
         if _coord(self.grid, "tp"):
             return None
         pp = self.grid.group("pp")
+        _all_called(pp, timeout)
         if pp.rank:
             pp.send(list(local), 0, tag=_STATE_TAG, timeout=timeout)
             for i, v in enumerate(local.values()):
@@ -1174,12 +1183,18 @@ class Job:
         return state, groups
 
     def _gathered_optimizer(self, opt: Any, timeout: float | None) -> dict[str, Any] | None:
+        self._in_tp_gather = False
         if _coord(self.grid, "dp"):
             return None
+        if self.sharded:
+            _all_called(self.grid.group("tp"), timeout)
+        self._in_tp_gather = self.sharded
         state, groups = self._local_optimizer(opt)
+        self._in_tp_gather = False
         if _coord(self.grid, "tp"):
             return None
         pp = self.grid.group("pp")
+        _all_called(pp, timeout)
         tensors = [(n, k) for n, own in state.items() for k, v in own.items() if is_tensor(v)]
         stage = self._stage_of()
         staged = [(h, [(n, stage[n]) for n in ns]) for h, ns in groups]
@@ -1554,6 +1569,29 @@ def _materialize(stage: Any, init: Callable[[Any], Any] | None
             unsaved += [f"{name}.{b}".lstrip(".") for b in sorted(m._non_persistent_buffers_set)
                         if m._buffers.get(b) is not None]
     return bare, unsaved
+
+
+def _all_called(g: Comm, timeout: float | None) -> None:
+    """Wait until every rank of ``g`` called this too (a job's gather of its
+    state or its optimizer's, over tp or pp): each tells group rank 0, which
+    answers them all once it has every word, point to point. A rank that
+    calls it alone times out here having sent nothing else: no tp collective
+    taken (its peers' next ones, a step's, numbered as its own: a timed-out
+    gather took a number they had not, and their next step failed), and no
+    stage's state left for rank 0's next call to take as its own (a pp rank
+    alone sent its state unasked, and returned None: the next checkpoint
+    held that stage as it was then). Its word stays unread with rank 0,
+    which takes it for the next call's."""
+    if g.size < 2:
+        return
+    if g.rank:
+        g.send(None, 0, tag=_HERE_TAG, timeout=timeout)
+        g.recv(0, tag=_HERE_TAG, timeout=timeout)
+        return
+    for r in range(1, g.size):
+        g.recv(r, tag=_HERE_TAG, timeout=timeout)
+    for r in range(1, g.size):
+        g.send(None, r, tag=_HERE_TAG, timeout=timeout)
 
 
 class _Rows:

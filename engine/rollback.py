@@ -207,8 +207,8 @@ class _Step(_StepActions):
         unless this rank's last tp collective of the step was aborted by a
         peer (``own`` False: the group knows) that made the step's earlier
         ones with it, or that is lost. A peer that aborted the step's first
-        one may have done so outside any step (``job.state_dict()`` called on
-        it alone, its tp gather timed out): it is a collective ahead, waiting
+        one may have done so outside any step (a tp collective it called
+        alone timed out): it is a collective ahead, waiting
         in the step's first one, for the timeout, step after step, unless
         that is failed too. tp peers make their
         collectives in lockstep, so a peer is at most one collective ahead,

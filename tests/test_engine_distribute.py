@@ -1565,12 +1565,18 @@ def _load_worker(world, tp):
     job = engine.distribute(_numpy_model(widths), grid, plan=TP_PLAN if tp > 1 else None,
                             schedule="1f1b", microbatches=2, balance="uniform",
                             loss_fn=mse_loss, verbose=False, timeout=60)
+    said = {}
+    if tp == 1 and world.rank == 1:     # pp rank 1 alone: it sent its stage's state unasked
+        try:                            # and returned None; rank 0's next call took it for
+            job.state_dict(timeout=0.2)     # its own, these weights, not the ones loaded
+        except mesh.MeshError as e:
+            said["alone1"] = str(e)
+    collectives.barrier(world)      # (rank 0 not called yet: then it would pair with it)
     other = Sequential(*mlp_stages(widths, 1, SEED + 1)[0].layers)   # other weights, whole
     state = {f"{i}.{j}": p for i, layer in enumerate(other.layers)
              for j, p in enumerate(layer.params())}
     job.load_state_dict(state)               # with tp, each rank its shards
     last = f"{len(other.layers) - 1}.1"
-    said = {}
     moved = {k: v + 1 for k, v in state.items()}      # (a half-load would show)
     for what, bad in [("missing", {k: v for k, v in moved.items() if k != last}),
                       ("shape", {**moved, "0.1": state["0.1"][:1]})]:   # a (1,) bias
@@ -1593,9 +1599,19 @@ def _load_worker(world, tp):
     collectives.barrier(world)      # (rank 1's state went to rank 0's wait, ended it)
     got = job.state_dict()
     named = job.named_parameters()      # state_dict()'s names, each rank its own shards
-    if tp > 1:      # (last: its timed-out gather ends the tp group, as a collective's does;
-        alone()     # it waited MESH_TIMEOUT there and said only that, until the 43rd session)
-        collectives.barrier(world)      # (the others still there)
+    if tp > 1:      # its timed-out gather took a tp collective number its peers had not:
+        alone()     # their next step failed, meeting it (that step made meanwhile here)
+        x, y = _data(0, TP_WIDTHS)      # or its abort; now it makes none: the steps run
+        said["losses"] = [job.step(x, y)]
+        if world.rank == 3:     # a rank other than 0 alone: it times out waiting too
+            try:
+                job.state_dict(timeout=0.2)
+            except mesh.MeshError as e:
+                said["alone3"] = str(e)
+        said["losses"].append(job.step(x, y))
+        after = job.state_dict()        # and every rank's call, with the lone words unread
+        said["after"] = after is None or all(np.array_equal(after[k], v)
+                                             for k, v in state.items())
     return {"same": None if got is None else all(np.array_equal(got[k], v)
                                                  for k, v in state.items()),
             "named": [(n, p.shape) for n, p in named], "tp": tp > 1,
@@ -1637,6 +1653,17 @@ def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
         "rank 0: job.state_dict() gathers every stage on rank 0, so every rank must call it"), \
         out[0]["alone"]
     assert "timed out after 0.2s" in out[0]["alone"], out[0]["alone"]
+    if tp == 1:
+        assert out[1]["alone1"].startswith("rank 1: job.state_dict() gathers every stage on "
+                                           "rank 0, so every rank must call it"), out[1]
+    if tp > 1:      # the steps after each lone call: the same loss (gradients only added)
+        last = [o["losses"] for o in out if o["losses"][0] is not None]
+        assert len(last) == 2 and all(a == b for a, b in last), last
+        assert all(o["after"] for o in out)
+        for o, who in ((out[0], "alone"), (out[3], "alone3")):
+            assert o[who].startswith(f"rank {o['rank']}: job.state_dict() gathers every stage "
+                                     "on rank 0, so every rank must call it"), o[who]
+            assert "it made no tp collective, so the job's next step runs" in o[who], o[who]
     model = _numpy_model(WIDTHS)
     state = {f"{i}.{j}": p.copy() for i, layer in enumerate(model.layers)
              for j, p in enumerate(layer.params())}

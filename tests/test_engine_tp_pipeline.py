@@ -649,7 +649,8 @@ def _split_output_worker(world):
     except Exception as e:
         out.append(f"{type(e).__name__}: {e}")
     # job.state_dict() on rank 0 alone, its tp peer in no collective until it timed out:
-    # every step after failed, the peers a tp collective apart, each waiting the timeout
+    # every step after failed, the peers a tp collective apart, each waiting the timeout;
+    # then the first (its gather's abort met in the step); now it makes none: all run
     job = engine.distribute(Sequential(Linear(8, 6), Tanh(), Linear(6, 2)),
                             mesh.grid(world, dp=2, pp=1, tp=2), plan={"0": "colwise",
                                                                       "2": "rowwise"},
@@ -681,15 +682,14 @@ def test_a_last_stage_output_split_along_the_sequence_is_refused():
     error, a per-token one raised a shape mismatch naming nothing."""
     pytest.importorskip("torch")
     results = mesh.spawn(_split_output_worker, 4, timeout=80)
-    # state_dict() on rank 0 alone: the next step fails on every rank, the others run
+    # state_dict() on rank 0 alone: it made no tp collective, and the steps after it run
     said = results[0].pop(-2)
     assert said.startswith("rank 0: job.state_dict() gathers every stage on rank 0, so every "
-                           "rank must call it") and "(a step then fails on every rank, " \
-        "rolled back, and lines the tp group up again: the steps after it run)" in said, said
+                           "rank must call it") and "it made no tp collective, so the job's " \
+        "next step runs" in said, said
     for r, result in enumerate(results):
         steps = result.pop()
-        assert isinstance(steps[0], str) and all(
-            isinstance(v, float) or v is None for v in steps[1:]), (r, steps)
+        assert all(isinstance(v, float) or v is None for v in steps), (r, steps)
     for r, (torch_error, np_error, _, right, *_) in enumerate(results):
         # (a cut after a colwise Linear: the next stage's unplanned layer is named, below)
         assert right is (True if r >= 2 else None), (r, right)
