@@ -13,8 +13,12 @@ plain module's forward cut into layers by torch.fx), stagebuild (a
 model's layers as stages) and partition (where to cut) come before the
 executor, then its parts: pipeline_args (what a Pipeline is given), step
 (a step's actions), rollback (a failed step); tests/test_engine_layering.py
-keeps the order.)
+keeps the order.) ``engine.ZeroRedundancyOptimizer`` (engine.zero: ZeRO
+stage 1 over a job's dp axis) is a torch optimizer, so it is imported
+only when first named: ``import engine`` imports no torch.
 """
+from typing import Any
+
 from . import choose, layers, schedules
 from .distribute import Job, distribute, load_state
 from .executor import Pipeline, StepFailed, split_microbatches, stages_for_rank
@@ -42,3 +46,10 @@ __all__ = [
     "Partition",
     "sequential", "checkpoint_modules", "clip_grad_norm_",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ZeroRedundancyOptimizer":       # (a torch.optim.Optimizer: torch on first use)
+        from .zero import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -32,6 +32,8 @@ sharded, the tp peers at once, so their collectives are in every figure::
     val = job.eval_step(x, y)        # forwards only, modules in eval mode for the call
     state = job.state_dict()         # the whole model on rank 0 (collective)
     optim = job.optimizer_state_dict(opt)    # opt's state, whole, by name (as DCP's full one)
+    # ZeRO stage 1: opt = engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW,
+    # job, lr=...): each dp replica keeps its share's state; the same calls (engine.zero)
     # another layout's job: job.load_state_dict(state); job.load_optimizer_state_dict(opt, optim)
 
 A torch ``loss_fn(output, target)`` is an ordinary torch loss (the mean over
@@ -627,6 +629,13 @@ class _Optimizers:
         self.state: dict[Any, Any] = {}
         for o in self.opts:
             self.state.update(o.state)
+        self._of = {id(p): o for o in self.opts for g in o.param_groups for p in g["params"]}
+
+    def holds(self, p: Any) -> bool:
+        """Whether the optimizer of ``p`` keeps its state here (all but a
+        ZeRO optimizer's other shares)."""
+        holds = getattr(self._of.get(id(p)), "holds", None)
+        return holds is None or bool(holds(p))
 
     def load_state_dict(self, local: dict[str, Any]) -> None:
         at = first = 0
@@ -1119,16 +1128,41 @@ class Job:
         any other value as it is. ``load_optimizer_state_dict`` loads it
         into any layout's job (another dp, pp or tp), or DCP's
         ``set_optimizer_state_dict`` into one process's model and optimizer.
+        An ``engine.ZeroRedundancyOptimizer`` (ZeRO stage 1: each dp replica
+        holds its share's state) gives the same dict: its shares are
+        gathered on dp replica 0 first (engine.zero).
         Every rank must call it (a collective); rank 0 waiting for the others'
         stages raises after ``timeout`` (default the job's), saying so."""
         self._torch_only("optimizer_state_dict")
         timeout = self._timeout if timeout is None else timeout
+        zeros = self._zeros(opt, "optimizer_state_dict")
         try:
+            for z in zeros:      # (each replica's share on dp rank 0, whose state is then whole)
+                z.consolidate_state_dict(0, timeout)
             return self._gathered_optimizer(_one_optimizer(opt), timeout)
         except MeshError as e:
             raise _in_action(e, "job.optimizer_state_dict(opt) gathers every stage's optimizer "
                              "state on rank 0, so every rank must call it" + self._tp_after()
                              + "; it waited here") from None
+        finally:
+            for z in zeros:
+                z.state.clear()
+                z.consolidated = False
+
+    def _zeros(self, opt: Any, what: str) -> list[Any]:
+        """The engine.ZeroRedundancyOptimizers among ``opt`` (one or a list),
+        each checked to shard over this job's dp group."""
+        out = []
+        dp = self.grid.group("dp").ranks if "dp" in self.grid.axes else None
+        for o in (opt if isinstance(opt, (list, tuple)) else [opt]):
+            if hasattr(o, "consolidate_state_dict") and hasattr(o, "consolidated"):
+                if dp is None or list(o.group.ranks) != list(dp):
+                    raise ValueError(f"rank {self.grid.comm.rank}: {what}: the "
+                                     f"ZeroRedundancyOptimizer shards over ranks "
+                                     f"{list(o.group.ranks)}, not this job's dp group "
+                                     f"{dp}: make it with process_group=job")
+                out.append(o)
+        return out
 
     def _named_groups(self, opt: Any, where: str) -> tuple[list[list[str]],
                                                            dict[int, tuple[Any, int]]]:
@@ -1275,7 +1309,8 @@ class Job:
         torch's. Every rank must call it: before any loads, the ranks tell
         each other whether each could cut its part (a rank whose optimizer
         groups its parameters otherwise than the state, or that was given
-        None, the state on rank 0 only, makes every rank raise, naming it)."""
+        None, the state on rank 0 only, makes every rank raise, naming it).
+        An ``engine.ZeroRedundancyOptimizer`` keeps its share's state."""
         self._torch_only("load_optimizer_state_dict")
         where = f"rank {self.grid.comm.rank}: load_optimizer_state_dict"
         fault: Exception | None = None
@@ -1342,6 +1377,7 @@ class Job:
         """This rank's ``opt.state_dict()`` of the whole ``state``: each
         parameter's state cut to its shard, each group's hyperparameters."""
         named, cuts = self._named_groups(opt, where)
+        holds = getattr(opt, "holds", None)     # ZeRO: its share's state only, not cut for all
         local: dict[str, Any] = {"state": {}, "param_groups": []}
         i = 0
         for j, (g, ns) in enumerate(zip(opt.param_groups, named)):
@@ -1359,7 +1395,7 @@ class Job:
                                           "params": list(range(i, i + len(ns)))})
             for p, n in zip(g["params"], ns):
                 own = given.get(n)
-                if own is not None:
+                if own is not None and (holds is None or holds(p)):
                     cut = cuts.get(id(p))
                     local["state"][i] = {
                         k: (cut_like(cut, v) if cut is not None and is_tensor(v) and v.dim()

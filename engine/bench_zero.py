@@ -1,0 +1,128 @@
+"""``python -m engine.bench_zero``: ZeRO stage 1 against the whole optimizer.
+
+An MLP of ``--depth`` float32 Linear layers of ``--width`` (Tanh between)
+is distributed over dp x pp (``schedule="1f1b"``, a uniform cut, no
+profile) and trained with AdamW, either whole on every replica or under
+``engine.ZeroRedundancyOptimizer``; the two alternate, each round one
+``mesh.spawn`` of each, so both see the machine's load of the moment.
+Each rank reports the bytes of its optimizer state, its peak RSS
+(``ru_maxrss``) and how far that is above its RSS before the first step
+("grown": the gradients, the state, the step's buffers), and the step
+times (a barrier before each step; ``zero_grad``, ``job.step`` and
+``opt.step``, rank 0's clock) and of its ``opt.step()`` alone (the
+whole AdamW, or the share's and the broadcasts); the figures are the medians over steps and
+rounds, with the rounds' spread.
+
+    python -m engine.bench_zero --dp 2 [--pp 1] [--width 1024] [--depth 8] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+import collectives
+import mesh
+
+from mesh.cliargs import positive
+
+__all__ = ["main", "run"]
+
+
+def _rss() -> int:
+    """This process's resident bytes now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _worker(world: Any, zero: bool, dp: int, pp: int, width: int, depth: int, rows: int,
+            steps: int) -> dict[str, Any]:
+    import torch
+
+    import engine
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    mods: list[Any] = []
+    for i in range(depth):
+        mods += [torch.nn.Linear(width, width)] + ([torch.nn.Tanh()] if i < depth - 1 else [])
+    grid = mesh.grid(world, dp=dp, pp=pp)
+    rng = np.random.default_rng(grid.coord("dp"))
+    x = torch.from_numpy(rng.standard_normal((rows, width)).astype(np.float32))
+    y = torch.from_numpy(rng.standard_normal((rows, width)).astype(np.float32))
+    job = engine.distribute(torch.nn.Sequential(*mods), grid, schedule="1f1b", microbatches=2,
+                            balance="uniform", sample=x, loss_fn=torch.nn.functional.mse_loss,
+                            overhead=0.0, verbose=False, timeout=120)
+    params = job.parameters()
+    opt: Any = (engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, job, lr=1e-4)
+                if zero else torch.optim.AdamW(params, lr=1e-4))
+    before = _rss()
+    times, stepping = [], []
+    for _ in range(steps + 1):
+        collectives.barrier(world)
+        began = time.perf_counter()
+        opt.zero_grad()
+        job.step(x, y)
+        stepped = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - began)
+        stepping.append(time.perf_counter() - stepped)
+    state = opt.optim.state if zero else opt.state
+    held = sum(v.numel() * v.element_size() for own in state.values() for v in own.values()
+               if torch.is_tensor(v))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"held": held, "peak": peak, "grown": peak - before, "times": times[1:],
+            "stepping": stepping[1:],
+            "weights": sum(p.numel() * p.element_size() for p in params)}
+
+
+def run(dp: int, pp: int, width: int, depth: int, rows: int, steps: int,
+        rounds: int) -> dict[str, Any]:
+    """Both ways, alternating, ``rounds`` times: per way the medians."""
+    got: dict[bool, list[list[dict[str, Any]]]] = {False: [], True: []}
+    for _ in range(rounds):
+        for zero in (False, True):
+            got[zero].append(mesh.spawn(_worker, dp * pp, zero, dp, pp, width, depth, rows,
+                                        steps, timeout=600))
+    out: dict[str, Any] = {}
+    for zero, runs in got.items():
+        steps_ms = [statistics.median(r[0]["times"]) * 1e3 for r in runs]
+        opt_ms = [statistics.median(r[0]["stepping"]) * 1e3 for r in runs]
+        out["zero" if zero else "whole"] = {
+            "opt_ms": statistics.median(opt_ms),
+            "step_ms": statistics.median(steps_ms), "spread_ms": (min(steps_ms), max(steps_ms)),
+            "held_mb": max(res["held"] for res in runs[0]) / 2**20,
+            "weights_mb": max(res["weights"] for res in runs[0]) / 2**20,
+            "peak_mb": statistics.median(max(res["peak"] for res in r) for r in runs) / 2**20,
+            "grown_mb": statistics.median(max(res["grown"] for res in r) for r in runs) / 2**20}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m engine.bench_zero", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dp", type=positive, default=2)
+    ap.add_argument("--pp", type=positive, default=1)
+    ap.add_argument("--width", type=positive, default=1024)
+    ap.add_argument("--depth", type=positive, default=8)
+    ap.add_argument("--rows", type=positive, default=64, help="rows per replica's batch")
+    ap.add_argument("--steps", type=positive, default=10, help="timed steps (after one)")
+    ap.add_argument("--rounds", type=positive, default=3)
+    a = ap.parse_args(argv)
+    res = run(a.dp, a.pp, a.width, a.depth, a.rows, a.steps, a.rounds)
+    print(f"dp={a.dp} pp={a.pp}: {a.depth} Linear({a.width}, {a.width}), {a.rows} rows a "
+          f"replica, AdamW, {a.rounds} rounds of {a.steps} steps (medians; rounds' spread)")
+    print(f"{'optimizer':<10}{'weights MB':>12}{'state MB':>10}{'peak RSS MB':>13}"
+          f"{'grown MB':>10}{'opt.step ms':>13}{'step ms':>9}  spread")
+    for name, r in res.items():
+        lo, hi = r["spread_ms"]
+        print(f"{name:<10}{r['weights_mb']:>12.1f}{r['held_mb']:>10.1f}{r['peak_mb']:>13.1f}"
+              f"{r['grown_mb']:>10.1f}{r['opt_ms']:>13.1f}{r['step_ms']:>9.1f}  "
+              f"{lo:.1f}-{hi:.1f}")
+
+
+if __name__ == "__main__":
+    main()

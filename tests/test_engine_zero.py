@@ -1,0 +1,182 @@
+"""engine.ZeroRedundancyOptimizer (ZeRO stage 1 over a job's dp axis) trains
+as the same job with the whole optimizer on every replica, keeps a share of
+its state per replica, and checkpoints the same whole state.
+
+One spawn per layout runs two jobs of the same model on the grid, one with
+AdamW, one with AdamW under ZeRO, clipping every step; the parent compares
+their weights, their gathered optimizer states and the state each rank held.
+"""
+import numpy as np
+import pytest
+
+import collectives
+import engine
+import mesh
+from engine.zero import shares
+
+WIDTHS = [6, 16, 12, 16, 8, 4]       # 5 Linear layers, 9 layers with the Tanh between
+TP_PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
+ROWS, STEPS, LR, SEED = 24, 3, 0.05, 7
+PATIENT = {"MESH_PEER_TIMEOUT": "60"}
+
+
+def test_shares_deal_the_largest_first_to_the_emptiest():
+    assert shares([10, 1, 8, 3], 2) == [0, 0, 1, 1]
+    assert shares([4, 4, 4], 2) == [0, 1, 0]
+    assert shares([5], 3) == [0]
+    assert shares([], 2) == []
+    sizes = [64 * 32, 32, 32 * 32, 32, 32 * 8, 8]
+    held = [sum(s for s, r in zip(sizes, shares(sizes, 4)) if r == k) for k in range(4)]
+    assert sorted(held) == [32 + 32 + 8, 256, 1024, 2048]
+
+
+def _model():
+    import torch
+    torch.manual_seed(SEED)
+    mods = []
+    for i, (a, b) in enumerate(zip(WIDTHS, WIDTHS[1:])):
+        mods += [torch.nn.Linear(a, b)] + ([] if i == len(WIDTHS) - 2 else [torch.nn.Tanh()])
+    return torch.nn.Sequential(*mods)
+
+
+def _data(step):
+    import torch
+    rng = np.random.default_rng(100 + step)
+    return (torch.from_numpy(rng.standard_normal((ROWS, WIDTHS[0])).astype(np.float32)),
+            torch.from_numpy(rng.standard_normal((ROWS, WIDTHS[-1])).astype(np.float32)))
+
+
+def _groups(named):
+    """Weights decayed, biases not: two groups, as one process's AdamW would take them."""
+    return [{"params": [p for n, p in named if "bias" not in n]},
+            {"params": [p for n, p in named if "bias" in n], "weight_decay": 0.0}]
+
+
+def _numpy(state):
+    return None if state is None else {k: v.detach().numpy().copy() for k, v in state.items()}
+
+
+def _optim_numpy(optim):
+    if optim is None:
+        return None
+    return {"state": {n: {k: np.asarray(v) for k, v in own.items()}
+                      for n, own in optim["state"].items()},
+            "param_groups": optim["param_groups"]}
+
+
+def _held(opt):
+    import torch
+    return sum(v.numel() * v.element_size() for own in opt.state.values()
+               for v in own.values() if torch.is_tensor(v))
+
+
+def _worker(world, axes, plan):
+    import torch
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, **axes)
+    d, dp = grid.coord("dp"), grid.size("dp")
+    pp = axes.get("pp", 1)
+
+    def part(a):
+        return a[d * len(a) // dp:(d + 1) * len(a) // dp]
+
+    def build(tag_base):
+        return engine.distribute(_model(), grid, plan=plan, schedule="1f1b", microbatches=2,
+                                 balance=[5, 4] if pp == 2 else "uniform",
+                                 sample=part(_data(0)[0]), loss_fn=torch.nn.functional.mse_loss,
+                                 overhead=0.0, verbose=False, timeout=60, tag_base=tag_base)
+    whole, zjob = build(0), build(1 << 20)
+    opt = torch.optim.AdamW(_groups(whole.named_parameters()), lr=LR)
+    zopt = engine.ZeroRedundancyOptimizer(_groups(zjob.named_parameters()), torch.optim.AdamW,
+                                          zjob, lr=LR)
+    if pp > 1:      # over the whole world: each pp rank's stages differ, every rank says so
+        with pytest.raises(ValueError, match=r"the parameters given differ between ranks 0 "
+                                             r"and 1 .*process_group=job"):
+            engine.ZeroRedundancyOptimizer(zjob.parameters(), torch.optim.AdamW, world)
+    elif world.size == 2:   # one replica's own error: the other raises naming it, no wait
+        with pytest.raises(ValueError, match="empty parameter list" if d else
+                           r"not made, rank 1 could not: ValueError: .*empty parameter list"):
+            engine.ZeroRedundancyOptimizer([] if d else zjob.parameters(), torch.optim.AdamW,
+                                           zjob)
+        # over a group of one (pp here): its share is the whole, state_dict() gives it
+        w = torch.nn.Parameter(torch.ones(3))
+        lone = engine.ZeroRedundancyOptimizer([w], torch.optim.AdamW, grid.group("pp"))
+        w.grad = torch.ones(3)
+        lone.step()
+        assert sorted(lone.state_dict()["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    zsched = torch.optim.lr_scheduler.StepLR(zopt, 1, gamma=0.5)
+    norms = []
+    for step in range(STEPS):
+        x, y = (part(a) for a in _data(step))
+        for job, o, s in ((whole, opt, sched), (zjob, zopt, zsched)):
+            o.zero_grad()
+            job.step(x, y)
+            norms.append(job.clip_grad_norm_(0.2))
+            o.step()
+            s.step()
+    out = {"rank": world.rank, "norms": norms, "held": _held(opt),
+           "zero_held": zopt.state_bytes(), "shared": len(zopt.optim.state),
+           "params": len(zopt.params),
+           "weights": _numpy(whole.state_dict()), "zero_weights": _numpy(zjob.state_dict()),
+           "optim": _optim_numpy(whole.optimizer_state_dict(opt)),
+           "zero_optim": _optim_numpy(zjob.optimizer_state_dict(zopt))}
+    # a whole state loads into a new ZeRO optimizer (each replica keeps its share) and
+    # trains on as the whole optimizer does
+    saved = collectives.broadcast_state(world, whole.optimizer_state_dict(opt))
+    again = engine.ZeroRedundancyOptimizer(_groups(zjob.named_parameters()),
+                                           torch.optim.AdamW, zjob, lr=LR)
+    # (each rank cuts its share's state only, not a copy of the whole first)
+    cut = zjob._checked_cut(again, saved, "cut")
+    out["cut"], out["held_n"] = len(cut["state"]), len(again.optim.param_groups[0]["params"]) \
+        + len(again.optim.param_groups[1]["params"])
+    zjob.load_optimizer_state_dict(again, saved)
+    out["loaded_held"] = again.state_bytes()
+    x, y = (part(a) for a in _data(STEPS))
+    for job, o in ((whole, opt), (zjob, again)):
+        o.zero_grad()
+        job.step(x, y)
+        o.step()
+    out["resumed"] = _numpy(whole.state_dict())
+    out["zero_resumed"] = _numpy(zjob.state_dict())
+    with pytest.raises(RuntimeError, match="consolidate_state_dict"):
+        again.state_dict()
+    return out
+
+
+def _same(got, want, what):
+    """Bit for bit: the same gradients, and each parameter's AdamW update
+    computed alike, on its owner (reductions over two ranks add in either
+    order alike)."""
+    assert list(got) == list(want), what
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"{what} {k}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("axes,plan,n", [
+    ({"dp": 2, "pp": 1}, None, 2),
+    ({"dp": 2, "pp": 2}, None, 4),
+    pytest.param({"dp": 2, "pp": 1, "tp": 2}, TP_PLAN, 4, marks=pytest.mark.slow),
+], ids=["dp2", "dp2xpp2", "dp2xtp2"])
+def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
+    pytest.importorskip("torch")
+    results = mesh.spawn(_worker, n, axes, plan, timeout=280, env=PATIENT)
+    for res in results:
+        assert res["norms"][0::2] == res["norms"][1::2], res["norms"]    # clipped alike
+        assert res["norms"][0] > 0.2                                       # (it clipped)
+        # each replica keeps the state of its share only, and the shares cover it all
+        assert 0 < res["zero_held"] < res["held"], res
+        assert res["loaded_held"] == res["zero_held"]
+        assert res["cut"] == res["held_n"] == res["shared"] < res["params"], res
+    for res in results:     # a replica's share and its mate's make the whole state
+        mate = results[(res["rank"] + n // 2) % n]
+        assert res["zero_held"] + mate["zero_held"] == res["held"], (res, mate)
+    root = results[0]
+    _same(root["zero_weights"], root["weights"], "weights")
+    _same(root["zero_resumed"], root["resumed"], "resumed")
+    got, want = root["zero_optim"], root["optim"]
+    assert got["param_groups"] == want["param_groups"]
+    assert list(got["state"]) == list(want["state"])
+    for name, own in want["state"].items():
+        _same(got["state"][name], own, f"state {name}")
