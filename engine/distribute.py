@@ -1151,10 +1151,18 @@ class Job:
 
     def _zeros(self, opt: Any, what: str) -> list[Any]:
         """The engine.ZeroRedundancyOptimizers among ``opt`` (one or a list),
-        each checked to shard over this job's dp group."""
+        each checked to shard over this job's dp group; torch's own
+        ZeroRedundancyOptimizer, whose shares this cannot see, refused."""
         out = []
         dp = self.grid.group("dp").ranks if "dp" in self.grid.axes else None
         for o in (opt if isinstance(opt, (list, tuple)) else [opt]):
+            if type(o).__name__ == "ZeroRedundancyOptimizer" and \
+                    type(o).__module__.startswith("torch.distributed"):
+                raise TypeError(f"rank {self.grid.comm.rank}: {what}: torch's "
+                                f"ZeroRedundancyOptimizer keeps each rank's share of the state "
+                                f"in its .optim, out of this job's sight (its .state is empty): "
+                                f"use engine.ZeroRedundancyOptimizer(job.parameters(), "
+                                f"torch.optim.AdamW, job, lr=...), which the job gathers")
             if hasattr(o, "consolidate_state_dict") and hasattr(o, "consolidated"):
                 if dp is None or list(o.group.ranks) != list(dp):
                     raise ValueError(f"rank {self.grid.comm.rank}: {what}: the "

@@ -141,6 +141,22 @@ def _worker(world, axes, plan):
     out["zero_resumed"] = _numpy(zjob.state_dict())
     with pytest.raises(RuntimeError, match="consolidate_state_dict"):
         again.state_dict()
+    if world.size == 2:     # torch's own ZeRO (its shares in .optim): refused, not {"state": {}}
+        import torch.distributed as dist
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        from collectives import torchdist      # (registers "meshrun")
+        dist.init_process_group(torchdist.BACKEND)
+        try:
+            theirs = ZeroRedundancyOptimizer(whole.parameters(), torch.optim.AdamW, lr=LR)
+            theirs.zero_grad()
+            whole.step(x, y)
+            theirs.step()
+            with pytest.raises(TypeError, match=r"torch's ZeroRedundancyOptimizer keeps each "
+                                                r"rank's share .* engine.ZeroRedundancyOpt"):
+                whole.optimizer_state_dict(theirs)
+        finally:
+            dist.destroy_process_group()
     return out
 
 
