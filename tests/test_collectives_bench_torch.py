@@ -21,3 +21,21 @@ def test_the_torch_benchmark_reports_every_section(capsys: pytest.CaptureFixture
                          rf"all-reduces +([\d.]+) ms", out)
         assert line is not None, out
         assert float(line.group(1)) > 0 and int(line.group(2)) >= 1 and float(line.group(3)) > 0
+
+
+def test_the_torch_benchmark_times_each_call_against_the_direct_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ops``: a row per call and size, the backend's time beside the
+    direct call's and the floor's (torch's front end around the direct call)."""
+    ops = ["all_reduce", "all_gather", "reduce_scatter_tensor", "all_to_all_single_uneven",
+           "scatter", "send_recv", "all_reduce_async"]
+    assert bench_torch.main(["-n", "2", "--sizes", "", "--models", "", "--ops", ",".join(ops),
+                             "--op-sizes", "8", "--reps", "1", "--max-iters", "3",
+                             "--floor"]) == 0
+    out = capsys.readouterr().out
+    for op in ops:
+        row = re.search(rf"^\s+{op}\s+8 \|\s+([\d.]+)\s+([\d.]+) \|[\d.\s]+\|\s+([\d.]+)",
+                        out, re.M)
+        assert row is not None and all(float(x) > 0 for x in row.groups()), out
+    with pytest.raises(SystemExit):
+        bench_torch.main(["--ops", "all_reduce,nope"])

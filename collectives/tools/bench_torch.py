@@ -31,6 +31,15 @@ comparison runs interleaved on the same processes and the same load:
                  last bucket was issued (while gradients were still being
                  computed), and the backward's tail after that issue
 
+    ops          ``--ops NAMES`` (or ``all``) at ``--op-sizes``: each
+                 torch.distributed call on meshrun against the meshrun call
+                 it stands for, made directly on the same tensors ("direct":
+                 ``collectives.all_reduce(world, t)`` for ``dist.all_reduce(t)``,
+                 ``world.send``/``world.recv`` for the send/recv round trip),
+                 alternated; ``_async`` names wait on ``async_op=True``'s
+                 Work on both sides. A size is what ``collectives.tools.bench``
+                 calls it (all_gather's and gather's: the output)
+
 ``-n 1`` measures the backend's per-call overhead with no peer to wait for.
 
 Times are the slowest rank's; figures are medians over the repetitions,
@@ -49,7 +58,7 @@ from mesh.cliargs import checked, names_in, nonnegative, positive, positive_list
 
 from .bench import bus_factor, parse_sizes, plan_rows
 
-__all__ = ["MODELS", "main"]
+__all__ = ["MODELS", "OPS", "main"]
 
 MODELS = {"1M": (1024, 1), "25M": (2500, 4)}
 """name -> (width, layers) of a stack of width x width Linear layers."""
@@ -86,6 +95,166 @@ def _all_reduce_sides(world: Any, gloo: Any, count: int,
         pg = Floor(world.rank, world.size)
         sides["floor"] = lambda: dist.all_reduce(t, group=pg)
     return sides
+
+
+OPS = ("all_reduce", "broadcast", "reduce", "all_gather_into_tensor", "all_gather_single",
+       "all_gather", "reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter",
+       "all_to_all_single",
+       "all_to_all_single_uneven", "gather", "scatter", "barrier", "send_recv",
+       "all_reduce_async", "broadcast_async", "all_gather_into_tensor_async",
+       "reduce_scatter_tensor_async", "all_to_all_single_async")
+"""The ``--ops`` calls: dist's name (``_async``: with ``async_op=True``, waited);
+``_single``: torch 2.13's names of the ``_tensor`` forms (FSDP2's calls; the others
+go through a deprecation wrapper that warns)."""
+
+_BENCH_OP = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
+             "all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter",
+             "all_to_all_single": "all_to_all", "all_to_all_single_uneven": "all_to_all",
+             "send_recv": "all_reduce"}
+"""collectives.tools.bench's name of an op, for its sizes (input_count)."""
+
+
+def op_count(op: str, size: int, n: int) -> int:
+    """float32 elements of each rank's input for ``op`` at ``size`` bytes."""
+    from .bench import input_count
+
+    base = op.removesuffix("_async")
+    return input_count(_BENCH_OP.get(base, base), size, 4, n)
+
+
+def _op_sides(world: Any, op: str, count: int, floor: bool = False
+              ) -> dict[str, Callable[[], Any]]:
+    """``op`` (OPS) on ``count`` float32 a rank: the dist call on meshrun and
+    the meshrun call it stands for, on the same tensors; ``floor``: the dist
+    call on a ProcessGroup whose methods make the direct call and return a
+    finished Work (torch's front end and dispatch around the direct call)."""
+    import torch
+    import torch.distributed as dist
+
+    import collectives as C
+
+    n, me = world.size, world.rank
+    base, a = op.removesuffix("_async"), op.endswith("_async")
+
+    def waited(x: Any) -> Any:
+        return x.wait() if a else x
+    t, rows, out = torch.zeros(count), torch.zeros(n, count // n), torch.empty(count * n)
+    mine, got = torch.empty(count // n), torch.empty(count)
+    direct: Callable[[], Any]
+    call: Callable[[Any], Any]
+    if base == "all_reduce":
+        direct = lambda: waited(C.all_reduce(world, t, async_op=a))     # noqa: E731
+        call = lambda g: waited(dist.all_reduce(t, group=g, async_op=a))    # noqa: E731
+    elif base == "broadcast":
+        direct = lambda: waited(C.broadcast(world, t, 0, async_op=a))   # noqa: E731
+        call = lambda g: waited(dist.broadcast(t, group=g, group_src=0,  # noqa: E731
+                                               async_op=a))
+    elif base == "reduce":
+        direct = lambda: C.reduce(world, t, 0)      # noqa: E731
+        call = lambda g: dist.reduce(t, group=g, group_dst=0)   # noqa: E731
+    elif base in ("all_gather_into_tensor", "all_gather_single"):
+        gather = getattr(dist, base)    # (_single: torch 2.13 on)
+        direct = lambda: waited(C.all_gather(world, t, async_op=a))     # noqa: E731
+        call = lambda g: waited(gather(out, t, group=g, async_op=a))    # noqa: E731
+    elif base == "all_gather":
+        outs = list(out.chunk(n))
+        direct = lambda: C.all_gather(world, t)     # noqa: E731
+        call = lambda g: dist.all_gather(outs, t, group=g)  # noqa: E731
+    elif base in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        scatter = getattr(dist, base)
+        direct = lambda: waited(C.reduce_scatter(world, rows, async_op=a))  # noqa: E731
+        call = lambda g: waited(scatter(mine, t, group=g, async_op=a))  # noqa: E731
+    elif base == "reduce_scatter":
+        parts = list(t.chunk(n))
+        direct = lambda: C.reduce_scatter(world, rows)      # noqa: E731
+        call = lambda g: dist.reduce_scatter(mine, parts, group=g)  # noqa: E731
+    elif op == "all_to_all_single_uneven":
+        # rank r sends rank j r + 2j elements more than the even split
+        sends = [count // n + me + 2 * j for j in range(n)]
+        recvs = [count // n + j + 2 * me for j in range(n)]
+        x, into = torch.zeros(sum(sends)), torch.empty(sum(recvs))
+        direct = lambda: C.all_to_all_v(world, x, sends, recvs)     # noqa: E731
+        call = lambda g: dist.all_to_all_single(into, x, recvs, sends, group=g)  # noqa: E731
+    elif base == "all_to_all_single":
+        direct = lambda: waited(C.all_to_all(world, rows, async_op=a))  # noqa: E731
+        call = lambda g: waited(dist.all_to_all_single(got, t, group=g,  # noqa: E731
+                                                       async_op=a))
+    elif base == "gather":
+        into_list = list(out.chunk(n)) if me == 0 else None
+        direct = lambda: C.gather(world, t, 0)      # noqa: E731
+        call = lambda g: dist.gather(t, into_list, group=g, group_dst=0)     # noqa: E731
+    elif base == "scatter":     # (count: the root's rows together)
+        ins = list(t.chunk(n)) if me == 0 else None
+        direct = lambda: C.scatter(world, rows if me == 0 else mine, 0)     # noqa: E731
+        call = lambda g: dist.scatter(mine, ins, group=g, group_src=0)  # noqa: E731
+    elif base == "barrier":
+        direct = lambda: C.barrier(world)       # noqa: E731
+        call = lambda g: dist.barrier(group=g)      # noqa: E731
+    elif base == "send_recv":   # a round trip between ranks 0 and 1; the others wait
+        def direct() -> None:
+            if me < 2:
+                world.send(t, 1 - me) if me == 0 else world.recv(0, out=got)
+                world.recv(1, out=got) if me == 0 else world.send(t, 0)
+
+        def call(g: Any) -> None:
+            if me < 2:
+                if me == 0:
+                    dist.send(t, group=g, group_dst=1)
+                    dist.recv(got, group=g, group_src=1)
+                else:
+                    dist.recv(got, group=g, group_src=0)
+                    dist.send(t, group=g, group_dst=0)
+    else:
+        raise ValueError(f"bench_torch: no op {op!r} (one of {', '.join(OPS)})")
+    sides = {"direct": direct, "meshrun": lambda: call(None)}
+    if floor:
+        pg = _floor_group(world, direct)
+        sides["floor"] = lambda: call(pg)     # (its direct is this op's while the op runs)
+    return sides
+
+
+_FLOOR = "meshrun_floor"
+"""The backend of ``--ops --floor``'s group (_floor_group)."""
+
+
+def _floor_group(world: Any, direct: Callable[[], Any]) -> Any:
+    """A group over the world whose ProcessGroup's every method makes
+    ``direct()`` and returns a finished Work: registered as a backend (a
+    group torch has not made fails in its front end's checks) and made by
+    ``new_group`` once; each call sets its ``direct``."""
+    import torch.distributed as dist
+
+    from collectives.torchpg import _done
+
+    global _floor
+    if _floor is None:
+        base: Any = dist.ProcessGroup      # (its stubs overload the methods)
+
+        class Floor(base):
+            direct: Callable[[], Any] = staticmethod(lambda: None)
+
+            def _direct(self, *args: Any, **kw: Any) -> Any:
+                self.direct()
+                return _done([])
+            allreduce = broadcast = reduce = allgather = _allgather_base = _direct
+            reduce_scatter = _reduce_scatter_base = alltoall_base = gather = _direct
+            scatter = barrier = send = all_gather_single = reduce_scatter_single = _direct
+            all_to_all_single = _direct
+
+            def recv(self, *args: Any, **kw: Any) -> Any:
+                return _done([])    # (the send's direct round trip received it)
+
+            def getBackendName(self) -> str:
+                return _FLOOR
+        if _FLOOR not in dist.Backend.backend_list:
+            dist.Backend.register_backend(_FLOOR, lambda o, _: Floor(o.group_rank, o.group_size),
+                                          extended_api=True, devices=["cpu"])
+        _floor = dist.new_group(backend=_FLOOR)
+    _floor.direct = direct
+    return _floor
+
+
+_floor: Any = None
 
 
 def _p2p_sides(gloo: Any, count: int) -> dict[str, Callable[[], Any]]:
@@ -199,8 +368,8 @@ def _overlap(gloo: Any, model: str, batch: int, steps: int, warmup: int
 
 def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], steps: int,
             warmup: int, reps: int, batch: int, floor: bool = False,
-            p2p: Sequence[int] = (), overlap: bool = False
-            ) -> dict[str, list[Any]]:
+            p2p: Sequence[int] = (), overlap: bool = False,
+            ops: Sequence[tuple[str, int, int, int]] = ()) -> dict[str, list[Any]]:
     """Per benchmark row, per repetition, seconds per call of each side.
 
     The gloo group outlives every DDP model on it (they live and die in
@@ -219,7 +388,8 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
     torch.set_num_threads(1)
     dist.init_process_group("meshrun")
     gloo = dist.new_group(backend="gloo")
-    out = _measure(world, gloo, rows, models, steps, warmup, reps, batch, floor, p2p, overlap)
+    out = _measure(world, gloo, rows, models, steps, warmup, reps, batch, floor, p2p, overlap,
+                   ops)
     gc.collect()            # DDP models in a reference cycle go now, while gloo lives
     dist.barrier()
     dist.destroy_process_group()
@@ -229,17 +399,24 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
 
 def _measure(world: Any, gloo: Any, rows: list[tuple[int, int, int]], models: list[str],
              steps: int, warmup: int, reps: int, batch: int, floor: bool,
-             p2p: Sequence[int], overlap: bool) -> dict[str, list[Any]]:
+             p2p: Sequence[int], overlap: bool,
+             ops: Sequence[tuple[str, int, int, int]] = ()) -> dict[str, list[Any]]:
     import torch.distributed as dist
 
     barrier = dist.barrier
-    out: dict[str, list[Any]] = {"all_reduce": [], "ddp": [], "p2p": [], "overlap": []}
+    out: dict[str, list[Any]] = {"all_reduce": [], "ddp": [], "p2p": [], "overlap": [],
+                                 "ops": []}
     plans = [("all_reduce", _all_reduce_sides(world, gloo, count, floor), it, wu)
              for count, it, wu in rows]
     plans += [("p2p", _p2p_sides(gloo, max(1, size // 4)), 200 if size <= 65536 else 40, 5)
               for size in p2p]
     plans += [("ddp", _ddp_sides(gloo, m, batch, floor), steps, warmup) for m in models]
+    # made as they come, so that one op's tensors (64 MiB all_gather's output x n) go first
+    plans += [("ops", lambda op=op, c=c: _op_sides(world, op, c, floor), it, wu)  # type: ignore
+              for op, c, it, wu in ops]
     for kind, sides, iters, wu in plans:
+        if callable(sides):
+            sides = sides()
         names = list(sides)
         for name in names:
             for _ in range(wu):
@@ -254,12 +431,13 @@ def _measure(world: Any, gloo: Any, rows: list[tuple[int, int, int]], models: li
     return out
 
 
-def _medians(per_rank: list[list[list[dict[str, float]]]], i: int) -> dict[str, float]:
-    """Row i: per side, the median over repetitions of the slowest rank's time."""
+def _medians(per_rank: list[list[list[dict[str, float]]]], i: int,
+             of: Callable[[Any], float] = statistics.median) -> dict[str, float]:
+    """Row i: per side, the median (``of``) over repetitions of the slowest
+    rank's time."""
     reps = len(per_rank[0][i])
     sides = per_rank[0][i][0].keys()
-    return {s: statistics.median(max(r[i][k][s] for r in per_rank) for k in range(reps))
-            for s in sides}
+    return {s: of(max(r[i][k][s] for r in per_rank) for k in range(reps)) for s in sides}
 
 
 def _ratio(a: float, b: float) -> str:
@@ -270,6 +448,18 @@ def _ratio(a: float, b: float) -> str:
 def _sizes(text: str) -> list[int]:
     """Sizes as ``parse_sizes`` reads them; "" is none."""
     return parse_sizes(text) if text.strip() else []
+
+
+@checked
+def _op_names(text: str) -> list[str]:
+    """OPS's names, comma-separated; "all" is every one, "" none."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(OPS)
+    bad = [s for s in names if s not in OPS]
+    if bad:
+        raise ValueError(f"no op {', '.join(bad)} (one of {', '.join(OPS)}, or all)")
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "pass on each backend (torch's allreduce_hook, stamped)")
     ap.add_argument("--p2p", default=[], type=_sizes, help="dist.send/dist.recv round trips "
                     "between ranks 0 and 1 at these sizes, e.g. 8,4K,64K,1M")
+    ap.add_argument("--ops", default=[], type=_op_names,
+                    help=f"each of these dist calls on meshrun against the meshrun call "
+                         f"it stands for, made directly (all: every one): {', '.join(OPS)}")
+    ap.add_argument("--op-sizes", default=[8, 65536], type=_sizes, help="sizes of --ops")
     a = ap.parse_args(argv)
     import mesh
 
@@ -300,8 +494,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in a.nprocs:
         rows = [(c, min(it, a.max_iters), min(wu, 5))
                 for c, it, wu in plan_rows("all_reduce", sizes, 4, n)]
+        names = [op for op in a.ops if n > 1 or op != "send_recv"]     # (it needs a peer)
+        ops = [(op, op_count(op, size, n), min(it, a.max_iters), min(wu, 5))
+               for op in names
+               for size, (_, it, wu) in zip(a.op_sizes, plan_rows("all_reduce", a.op_sizes, 4, n))]
         per_rank = mesh.spawn(_worker, n, rows, models, a.steps, a.warmup, a.reps, a.batch,
-                              a.floor, p2p, a.overlap, timeout=3600)
+                              a.floor, p2p, a.overlap, ops, timeout=3600)
         f = bus_factor("all_reduce", n)
         print(f"# bench_torch: {n} ranks, float32, cpu, median of {a.reps} (slowest rank)")
         print(f"# {'size (B)':>10} | {'direct us':>10} {'meshrun us':>10} {'gloo us':>10} | "
@@ -335,6 +533,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  p2p {size:>10} B round trip us: meshrun {t['meshrun'] * 1e6:8.1f}  gloo "
                   f"{t['gloo'] * 1e6:8.1f}  gloo/meshrun {t['gloo'] / t['meshrun']:5.2f}",
                   flush=True)
+        if ops:     # (best: the fastest repetition's, less moved by other jobs' load)
+            print(f"# {'op':>28} {'size (B)':>10} | {'direct us':>10} {'meshrun us':>10} | "
+                  f"{'m/direct':>8} {'best':>5}"
+                  + (f" | {'floor us':>9} {'f/direct':>8} {'best':>5}" if a.floor else ""))
+        for j, (op, size) in enumerate((op, size) for op in names for size in a.op_sizes):
+            t = _medians([r["ops"] for r in per_rank], j)
+            b = _medians([r["ops"] for r in per_rank], j, min)
+            print(f"  {op:>28} {size:>10} | {t['direct'] * 1e6:10.1f} {t['meshrun'] * 1e6:10.1f} "
+                  f"| {t['meshrun'] / t['direct']:8.2f} {b['meshrun'] / b['direct']:5.2f}"
+                  + (f" | {t['floor'] * 1e6:9.1f} {t['floor'] / t['direct']:8.2f} "
+                     f"{b['floor'] / b['direct']:5.2f}" if "floor" in t else ""), flush=True)
     return 0
 
 
