@@ -145,7 +145,8 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
         view = cpu_numpy(a) if not async_op and algorithm is None else None
         if view is not None and (tiny.all_reduce(g, view, op, timeout) is not None
                                  or hier_tiny.all_reduce(g, view, op, timeout) is not None):
-            return a        # (a tiny CPU tensor the short way too, in its own memory)
+            # a tiny CPU tensor the short way too, in its own memory: autograd is told
+            return tensors.written(a)
         return _on_tensor(all_reduce, "all_reduce", g, a, op=op, async_op=async_op,
                           algorithm=algorithm, timeout=timeout)
     if device.large(g, a, 1, algorithm, "rd"):

@@ -377,7 +377,10 @@ class ProcessGroupMeshrun(_Gathers, _Exchanges, _PointToPoint, _ProcessGroup):
             if name is not None:
                 arr = _tensors.cpu_numpy(tensors[0])    # None: collectives.api's tensor path
                 if arr is not None and (name != "avg" or arr.dtype != np.float16):
-                    # (float16 averaged: collectives.api's, in float32)
+                    # (float16 averaged: collectives.api's, in float32); written through
+                    # its numpy view: autograd is told as the call starts, as torch's
+                    # in-place ops tell it (an async call's backward before wait() raises)
+                    _tensors.written(tensors[0])
                     limit = _own_timeout(opts)
                     if opts.asyncOp:
                         return self._host_async(arr, name, tensors, limit)

@@ -614,6 +614,12 @@ def _written_in_place(world: Any) -> list:
     C.all_reduce(world, b)    # (bfloat16: reduced in float32, copied back)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.backward()
+    for _ in range(3):        # a tiny one the short way after the first (collectives.shm.tiny)
+        y, w = torch.ones(2), torch.ones(2, requires_grad=True)
+        z = (y * w).sum()     # saves y (which needs no grad), for w's gradient
+        C.all_reduce(world, y)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.backward()
     p = torch.nn.Parameter(torch.full((2,), float(world.rank)))
     C.broadcast(world, p, root=0)     # a leaf that needs grad: as torch.distributed allows
     seen.append(p.tolist())

@@ -640,7 +640,9 @@ def test_all_gather_into_tensor_and_all_to_all_single_need_no_output_sized_tempo
 
 def written_outputs_tell_autograd(world: Any) -> list[str]:
     """An output written straight through its memory (all_gather_into_tensor,
-    all_to_all_single) is an in-place write to autograd, as gloo's and copy_
+    all_to_all_single; all_reduce's tensor, which dist.all_reduce hands the
+    host collective as its numpy view, the short way or not, blocking or
+    not) is an in-place write to autograd, as copy_ and torch's in-place ops
     are: a backward that saved the output raises, rather than computing with
     the values the collective wrote over."""
     _init()
@@ -649,6 +651,9 @@ def written_outputs_tell_autograd(world: Any) -> list[str]:
     x2, xn = torch.full((2,), r + 1.0), torch.full((2 * n,), r + 1.0)
     rows = [torch.full((2,), j + 1.0) for j in range(n)]
     calls = {   # each writes into out (a list: its first), as the direct paths do
+        "all_reduce": lambda out, a: dist.all_reduce(out, async_op=a),
+        "broadcast": lambda out, a: dist.broadcast(out, 0, async_op=a),
+        "reduce": lambda out, a: dist.reduce(out, 0, async_op=a),
         "all_gather_into_tensor": lambda out, a: dist.all_gather_into_tensor(out, x2, async_op=a),
         "all_to_all_single": lambda out, a: dist.all_to_all_single(out, xn, async_op=a),
         "reduce_scatter_tensor": lambda out, a: dist.reduce_scatter_tensor(out[:2], xn,
@@ -661,15 +666,15 @@ def written_outputs_tell_autograd(world: Any) -> list[str]:
         "all_to_all": lambda out, a: dist.all_to_all(list(out.split(2)), list(xn.split(2)),
                                                      async_op=a),
     }
-    # (the second blocking call of a tiny one: the short way, collectives.shm.tiny)
-    for (name, call), async_op in itertools.product(calls.items(), (False, True, False)):
+    # (the blocking calls after the first of a tiny one: the short way, collectives.shm.tiny)
+    for (name, call), async_op in itertools.product(calls.items(), (False, True, False, False)):
         w = torch.ones(2 * n, requires_grad=True)
         out = torch.zeros(2 * n)
         y = (out * w).sum()                 # saves out, for w's gradient
         work = call(out, async_op)
         if async_op:
             work.wait()
-        if name == "gather" and r:
+        if name in ("gather", "reduce") and r:
             continue                            # (only the root's output is written)
         try:
             y.backward()
