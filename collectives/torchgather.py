@@ -86,6 +86,9 @@ class _Gathers(_Members):
 
         views = [_views(x, outs, (self._n,) + tuple(x.shape), self.comm.rank)
                  for outs, x in zip(output_tensors, input_tensors)]
+        if not opts.asyncOp and len(views) == 1 and views[0] is not None and self._tiny_rows(
+                views[0], output_tensors[0], secs, limit):
+            return _done(_nested(output_tensors))
 
         def finish(values: list[Any]) -> None:
             for outs, value, v in zip(output_tensors, values, views):
@@ -100,6 +103,22 @@ class _Gathers(_Members):
                                                              timeout=secs, out=v[1])
                           for x, v in zip(input_tensors, views)], finish,
                          _nested(output_tensors), opts.asyncOp, limit)
+
+    def _tiny_rows(self, view: tuple[Any, list[Any]], outs: list[torch.Tensor], secs: float,
+                   limit: float | None) -> bool:
+        """Whether a blocking all_gather of one input into the list ``outs``
+        (``view``: _views's, the input's numpy view and the outputs') ran
+        the short way (collectives.shm.tiny, as all_gather_into_tensor and
+        collectives.all_gather take it), its rows copied into ``outs``;
+        False: nothing done, no tag taken. The list's outputs are apart from
+        each other, so its rows come back in one array of their own."""
+        rows = self._quick(lambda: _tiny_all_gather(self.comm, view[0], secs), secs, limit)
+        if rows is None:
+            return False
+        for o, dest, row in zip(outs, view[1], rows):
+            dest[...] = row
+            _tensors.written(o)     # (written through numpy: autograd is told)
+        return True
 
     def _allgather_v(self, output_tensors: list[list[torch.Tensor]],
                      input_tensors: list[torch.Tensor], opts: Any) -> dist.Work:

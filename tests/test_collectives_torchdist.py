@@ -121,6 +121,13 @@ def _reductions(r: int, n: int) -> None:
             out = torch.zeros(n)
             dist.all_to_all_single(out, torch.arange(n, dtype=torch.float32) + 10 * r + i)
             _eq(out, [10 * j + r + i for j in range(n)], f"repeated all_to_all_single {i}")
+        # all_gather into a list of tensors apart from each other: the same short way
+        short["all_gather_into_tensor"] = short.pop("_tiny_all_gather")
+        short["_tiny_all_gather"] = []
+        for i in range(4):
+            outs = [torch.zeros(2) for _ in range(n)]
+            dist.all_gather(outs, torch.tensor([r, i], dtype=torch.float32))
+            _eq(torch.stack(outs), [[j, i] for j in range(n)], f"repeated all_gather {i}")
     finally:
         for k in names:
             setattr(where[k], k, tiny[k])
