@@ -25,7 +25,7 @@ from .shm.tiny import scatter as _tiny_scatter
 from .runner import named
 from .torchargs import (_Members, _SUM, _dtypes, _factor, _host, _joinable, _nested, _np, _op,
                         _short, _timeout_only, _views, _write)
-from .torchwork import _done
+from .torchwork import _done, _Later
 
 
 class _Gathers(_Members):
@@ -179,10 +179,13 @@ class _Gathers(_Members):
         """all_gather_into_tensor; its future holds what gloo's holds: the
         output's rows, one view per rank (``output.chunk``), where they have
         the input's shape (gloo takes no other output), else [output]."""
-        rows = list(output.chunk(self._n)) if output.dim() and output.shape[0] else []
-        rows = rows if len(rows) == self._n and all(
-            p.shape == input.shape for p in rows) else [output]
-        return self.allgather_into_tensor_coalesced([output], [input], opts, rows)
+        n = self._n
+
+        def rows() -> list[torch.Tensor]:     # (made once the Work's result is asked for)
+            views = list(output.chunk(n)) if output.dim() and output.shape[0] else []
+            return views if len(views) == n and all(
+                p.shape == input.shape for p in views) else [output]
+        return self.allgather_into_tensor_coalesced([output], [input], opts, _Later(rows))
 
     def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor],
                                         inputs: list[torch.Tensor],

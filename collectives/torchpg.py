@@ -55,7 +55,7 @@ from .torchexchange import _Exchanges
 from .torchgather import _Gathers
 from .torchp2p import _PointToPoint
 from .torchsparse import sparse_all_reduce
-from .torchwork import _Done, _FutureWork, _done
+from .torchwork import _Done, _FutureWork, _done, _resolved
 
 __all__ = ["ProcessGroupMeshrun"]
 
@@ -216,7 +216,7 @@ class ProcessGroupMeshrun(_Gathers, _Exchanges, _PointToPoint, _ProcessGroup):
                 _torch_words(e, secs, own is not None)
                 work.finish(None, e)
                 return
-            work.finish(result, None)
+            work.finish(_resolved(result), None)
 
         if len(works) <= 1:      # one collective (DDP's bucket): nothing to count
             if works:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 from torch.futures import Future
@@ -18,6 +18,22 @@ from .runner import blocking, looked_again
 
 # torch's stubs overload these methods; the C++ trampoline calls ours by name
 _Work: Any = dist.Work
+
+
+class _Later:
+    """A Work's result made only when it is asked for (_resolved):
+    all_gather_into_tensor's, the output's rows as views, cost as much to
+    make as the rest of a tiny call's own Python, and few callers read it."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+
+
+def _resolved(result: Any) -> Any:
+    """``result``, made now where it is a _Later."""
+    return result.make() if type(result) is _Later else result
 
 
 class _Done(_Work):
@@ -33,7 +49,7 @@ class _Done(_Work):
 
     def get_future(self) -> Future:
         fut: Future = Future()
-        fut.set_result(self._result)
+        fut.set_result(self.result())
         return fut
 
     def is_completed(self) -> bool:
@@ -46,6 +62,8 @@ class _Done(_Work):
         return None
 
     def result(self) -> Any:
+        if type(self._result) is _Later:
+            self._result = self._result.make()
         return self._result
 
 

@@ -1565,9 +1565,15 @@ def gathered_future(world: Any) -> list[Any]:
     flat = torch.zeros(4)
     w = dist.all_gather_into_tensor(flat.view(2, 2), torch.full((1, 2), r + 1.0), async_op=True)
     w.wait()
+    # a blocking call's Work (the group's own, as a caller of ProcessGroup gets it) too,
+    # its rows made once they are asked for
+    pg = dist.distributed_c10d._get_default_group()
+    done = pg._allgather_base(out, torch.full((2, 3), r + 2.0))
+    same = [done.result()[1].data_ptr() == out[2].data_ptr(), done.result() is done.result(),
+            [tuple(t.shape) for t in done.get_future().value()], out[3].tolist()]
     dist.destroy_process_group()
     return [[tuple(t.shape) for t in rows], rows[1].data_ptr() == out[2].data_ptr(),
-            [tuple(t.shape) for t in w.get_future().value()]]
+            [tuple(t.shape) for t in w.get_future().value()], same]
 
 
 @pytest.mark.timeout(60)
@@ -1575,7 +1581,8 @@ def test_all_gather_into_tensors_future_holds_its_rows_as_gloos() -> None:
     """``dist.all_gather_into_tensor(..., async_op=True).get_future().value()``
     is gloo's: the output's rows, one view of each rank's part (it was
     ``[output]``, where gloo's is ``output.chunk(world_size)``)."""
-    want = [[(2, 3), (2, 3)], True, [(1, 2), (1, 2)]]
+    want = [[(2, 3), (2, 3)], True, [(1, 2), (1, 2)],
+            [True, True, [(2, 3), (2, 3)], [3.0, 3.0, 3.0]]]
     assert mesh.spawn(gathered_future, 2, timeout=45) == [want] * 2
 
 
