@@ -3,9 +3,9 @@ all_to_all in their forms (_v, coalesced, into a tensor, single).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch._C import _distributed_c10d as c10d
@@ -215,7 +215,7 @@ class _Exchanges(_Members):
         else:
             outs = [output.shape[0] // self._n if output.dim() else 0] * self._n
             how = f"its output's dim 0 split evenly, {outs}"
-        row = int(np.prod(input.shape[1:]))      # (elements of a row: 1 for a 1-d input)
+        row = math.prod(input.shape[1:])     # (elements of a row: 1 for a 1-d input)
         if len(outs) != self._n or any(not isinstance(k, int) or k < 0 for k in outs) \
                 or sum(outs) * row == output.numel():
             return ""       # (bad splits: _all_to_all_v names them)

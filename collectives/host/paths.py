@@ -104,7 +104,7 @@ def _into(out: Any, arr: np.ndarray | None, shape: tuple[int, ...],
     want = np.dtype(dtype) if arr is None else arr.dtype
     if (out is None or type(out) is not np.ndarray or out.dtype != want
             or dtype_name(out.dtype) != dtype_name(want)
-            or out.size != int(np.prod(shape)) or not out.flags.c_contiguous
+            or out.size != math.prod(shape) or not out.flags.c_contiguous
             or not out.flags.writeable):
         return None
     if arr is not None and np.may_share_memory(out, arr) and (
