@@ -13,7 +13,8 @@
     host/         numpy arrays: paths.py (checks, which path), and the algorithms
                   over sockets: ring.py, small.py (recursive doubling, barrier),
                   rooted.py (broadcast, reduce, gather, scatter), exchange.py
-    shm/          same host, no sockets: board.py (sync), cma.py (reading a
+    shm/          same host, no sockets: board.py (sync: round.py a call on it,
+                  waiting.py its waits, quick.py a tiny call's), cma.py (reading a
                   peer's memory), local.py (the collectives on them), tiny.py
                   (the short way of a repeated tiny all_reduce, reduce_scatter,
                   all_gather, broadcast or reduce)

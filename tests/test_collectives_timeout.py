@@ -283,7 +283,7 @@ def _stopped_past_the_timeout(world: Any) -> list:
 def test_a_rank_stopped_past_the_timeout_raises_the_aborted_call_on_resume() -> None:
     """The stopped rank finished the aborted call out of its peers' posts
     (its result, and none of the others') until a failed call withdrew its
-    post from the board (collectives.shm.board.Round.__exit__)."""
+    post from the board (collectives.shm.round.Round.__exit__)."""
     got = mesh.spawn(_stopped_past_the_timeout, 3, timeout=60,
                      env={"MESH_PEER_TIMEOUT": "30"})
     for rank, res in enumerate(got):

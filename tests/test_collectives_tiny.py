@@ -21,7 +21,7 @@ import numpy as np
 
 import collectives as C
 import mesh
-from collectives.shm import board, tiny
+from collectives.shm import board, quick, tiny, waiting
 
 N = 3
 
@@ -231,8 +231,8 @@ def crowded(world: Any) -> dict:
     """More ranks than cores (as the board sees it): a waiting rank sleeps
     on the late peer's bell, and the peer's ring ends the sleep (a sleep
     that ran out its long timeout would be a ring missed)."""
-    board._CORES = 1
-    board._BELL_WAIT_S = 5.0
+    board._CORES = quick._CORES = 1
+    waiting._BELL_WAIT_S = 5.0
     sleeps: list[tuple[float, bool]] = []
     wait = board.bell.wait
 
@@ -296,7 +296,7 @@ def test_large_reductions_give_the_same_bytes_whatever_their_pieces() -> None:
 
 def unmapped(world: Any) -> dict:
     board._attach = lambda *args: None      # as where /proc/pid/fd cannot be opened
-    board._CORES = 1                        # (the arenas: only where ranks outnumber cores)
+    board._CORES = quick._CORES = 1         # (the arenas: only where ranks outnumber cores)
     wrong = _results(world)
     got = {"wrong": wrong, "mapped": board.mapped(world), "large": _large(world),
            "shape": _caught(lambda: C.all_reduce(world, np.ones(3 if world.rank else 2)))}

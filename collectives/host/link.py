@@ -267,7 +267,7 @@ class Via(Ctx):
         return out
 
     def _mismatch(self, peer: int, fp: bytes, size: int, want: int) -> None:
-        from ..shm.board import _fmt, mismatch_text
+        from ..shm.round import _fmt, mismatch_text
         mine, other = _fmt(self.packed), _fmt(fp)
         if mine == other:
             other += f" with a {size}-byte payload, {want} expected"

@@ -1,3 +1,4 @@
 """Collectives between processes of one host without sockets: a board in each
-rank's memory for synchronization (``board``), peers' memory read directly
-(``cma``), and the collectives built on the two (``local``)."""
+rank's memory for synchronization (``board``; a collective on it: ``round``,
+its waits: ``waiting``, a repeated tiny call's: ``quick``), peers' memory read
+directly (``cma``), and the collectives built on the two (``local``)."""
