@@ -16,8 +16,9 @@
     shm/          same host, no sockets: board.py (sync: round.py a call on it,
                   waiting.py its waits, quick.py a tiny call's), cma.py (reading a
                   peer's memory), local.py (the collectives on them), tiny.py
-                  (the short way of a repeated tiny all_reduce, reduce_scatter,
-                  all_gather, broadcast or reduce)
+                  (the short way of a repeated tiny collective; its plans in
+                  tiny_reduce.py: all_reduce, reduce, reduce_scatter, and
+                  tiny_move.py: broadcast, all_gather, gather, scatter, all_to_all)
     device/       device arrays: paths.py (which path, whole-array staging),
                   gpu.py (a call's array and streams), ring.py (the ring through
                   pinned slots), cuda_ipc.py (peers' device memory)
