@@ -186,7 +186,8 @@ def test_the_innermost_launcher_describes_the_process() -> None:
 def _meshrun_rank(rank: int, size: int, outer: dict[str, str]) -> dict[str, str]:
     """The environment meshrun gives rank ``rank`` of ``size``, started
     with ``outer`` (another launcher's variables) in its own."""
-    from mesh.launch.cli import _worker_env, build_parser
+    from mesh.launch.cli import build_parser
+    from mesh.launch.run import _worker_env
     a = build_parser().parse_args(["-n", str(size), "x.py"])
     saved = dict(os.environ)
     os.environ.clear()
