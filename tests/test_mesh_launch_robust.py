@@ -89,7 +89,8 @@ def test_a_missing_node_ends_the_job_within_the_rendezvous_timeout() -> None:
     finally:
         _end([node0])
     assert node0.returncode == 1, err
-    assert "ranks [2, 3] never arrived" in err and "Root cause: rank" in err, err
+    # (node 1's ranks; node 0's rank 1 too where the load kept it from joining in 2 s)
+    assert re.search(r"ranks \[(1, )?2, 3\] never arrived", err) and "Root cause: rank" in err, err
     assert time.monotonic() - t0 < 20
 
 
