@@ -2055,6 +2055,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         job.reshaped = Reshaped(source, model, own, own_loss if pipe.last else None,
                                 model.loss is not None, n_inputs, sample[:1], entries,
                                 f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
+        pipe.reshaped = job.reshaped
     job.retime()
     if verbose and grid.comm.rank == 0 and job.predicted is not None:
         job.watched = []        # step() tells a median step far off the prediction, once

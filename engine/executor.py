@@ -241,6 +241,9 @@ class Pipeline:
         # the Pipelines are made alike on each)
         self._step0 = _steps_on(self.pp)
         self.events: list[list[Any]] = []
+        # a traced model's pieces at each step's input shapes (engine.traced.Reshaped, set by
+        # engine.distribute): the first micro-batch's activations tell the next stage them
+        self.reshaped: Any = None
 
     def _take(self, given: Sequence[Any], mine: Sequence[int], recompute: Any,
               patterns: Sequence[str], loss_fn: Any, optimizer: Any, tag_base: int,

@@ -223,12 +223,18 @@ class _StepActions:
             watched = [(i, w) for i, v in enumerate(value if isinstance(value, tuple)
                                                     else (value,))
                        for w in [watch_of(v)] if w is not None]
-            if isinstance(value, tuple) or watched:   # a header, then each part
+            # a traced model whose pieces hold its inputs' shapes: the first micro-batch's
+            # header tells them, so the next stage's rank, given no inputs, runs at them too
+            told = (pipe.reshaped.told() if pipe.reshaped is not None and a.kind == SEND_F
+                    and a.mb == 0 else None)
+            if isinstance(value, tuple) or watched or told:   # a header, then each part
                 many = value if isinstance(value, tuple) else (value,)
-                self.sends.append(pipe.pp.isend(
-                    {_PARTS: len(many), "none": [i for i, v in enumerate(many) if v is None],
-                     "fixed": list(getattr(value, "fixed", ())), "watched": watched,
-                     "one": not isinstance(value, tuple)}, dst, tag=tag))
+                header = {_PARTS: len(many), "none": [i for i, v in enumerate(many) if v is None],
+                          "fixed": list(getattr(value, "fixed", ())), "watched": watched,
+                          "one": not isinstance(value, tuple)}
+                if told:
+                    header["shapes"] = told
+                self.sends.append(pipe.pp.isend(header, dst, tag=tag))
                 parts = [v for v in many if v is not None]
             for v in parts:
                 if getattr(v, "_tp_meta", None) is not None:   # (a watched colwise output:
@@ -236,12 +242,16 @@ class _StepActions:
                 self.sends.append(pipe.pp.isend(v, dst, tag=tag))
             return "s"
         elif a.kind in (RECV_F, RECV_B):
+            told = None
             try:
                 value = self.recvs.pop(a).wait(pipe.timeout)
                 if isinstance(value, dict) and _PARTS in value:
+                    told = value.get("shapes")
                     value = self._parts(a, value)
             except MeshError as e:
                 raise _in_action(e, self._receiving(a)) from None
+            if told is not None and pipe.reshaped is not None:
+                pipe.reshaped.follow(told)      # (before this stage's first forward)
             (self.xs if a.kind == RECV_F else self.gys)[_key(a)] = value
             return "f"
         elif a.kind == AR:

@@ -1281,6 +1281,13 @@ def _shape_key(inputs: Any) -> tuple[tuple[int, ...], ...] | None:
     return tuple(tuple(int(d) for d in s[1:]) for s in shapes)
 
 
+def _dtypes(inputs: Any) -> tuple[str, ...]:
+    """The dtypes of ``inputs`` (a tensor, or a tuple of them), by name
+    (``"int64"``): what zeros made to trace with take (``Reshaped.follow``)."""
+    parts = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return tuple(str(getattr(p, "dtype", "")).rpartition(".")[2] for p in parts)
+
+
 _FORM = ("_graph", "_code", "_lineno_map", "_prologue_start")
 """A GraphModule's attributes that ``recompile`` makes from its graph (with
 its class's ``forward``): what one trace of a piece is, kept per shapes."""
@@ -1302,7 +1309,11 @@ class Reshaped:
     again, or at any seen before, traces nothing); where a trace at new
     shapes fails or cuts otherwise, the step runs the sample's graphs (which
     raise their AssertionError) and a warning says why. A rank given no
-    inputs (``step(None, y)``) cannot trace again: its stages' first pieces
+    inputs (``step(None, y)``: a later stage's) follows the first stage's:
+    ``told()``, the shapes (and dtypes) of the inputs this rank runs at, go
+    with the first micro-batch's activations to the next stage's rank, whose
+    ``follow(told)`` traces again with zeros of them before its first
+    forward (engine.step); where none came, its stages' first pieces
     (``entries``) raise a ValueError where they are given other shapes than
     at the shapes they run at (``where``: the rank, for it)."""
 
@@ -1313,6 +1324,11 @@ class Reshaped:
         self.labels = [type(p).__name__ for p in seq]
         self.pieces = [(i, seq[i]) for i in own] + ([(-1, loss)] if loss is not None else [])
         self.now = self.first = _shape_key(sample)
+        self.many = isinstance(sample, (tuple, list))       # (several inputs: a tuple)
+        # the shapes (rows aside) and dtypes of the inputs this rank's step runs at: told
+        # to the next stage's rank, which may have none
+        self.kinds = _dtypes(sample)
+        self.want: tuple[Any, tuple[str, ...]] = (self.first, self.kinds)
         self.forms: dict[Any, list[tuple[Any, ...]] | None] = {
             self.now: [self._form(p) for _, p in self.pieces]}
         # a rank given no inputs (a later stage's: ``step(None, y)``) cannot tell a new
@@ -1331,6 +1347,31 @@ class Reshaped:
         if inputs is not None:
             self.at(inputs)
 
+    def told(self) -> tuple[Any, tuple[str, ...]]:
+        """What this rank tells the next stage's rank with its first
+        micro-batch's activations: the shapes (rows aside) and dtypes of the
+        inputs its step runs at (given, or ``follow``ed)."""
+        return self.want
+
+    def follow(self, told: Any) -> None:
+        """Make the pieces run at the inputs' shapes the previous stage's
+        rank ``told()`` (a rank given no inputs learns a new length so,
+        before its first forward): traced again with zeros of those shapes
+        and dtypes where not seen before."""
+        import torch
+        key, dtypes = told
+        key = tuple(tuple(s) for s in key)
+        self.want = (key, tuple(dtypes))
+        if key == self.now:
+            return
+        if key not in self.forms:
+            at = next((p.device for p in self.source.parameters() if p.device.type != "meta"),
+                      torch.device("cpu"))
+            zeros = tuple(torch.zeros((2, *s), dtype=getattr(torch, d), device=at)
+                          for s, d in zip(key, dtypes))
+            self.forms[key] = self._traced(zeros if self.many else zeros[0], key)
+        self._use(key if self.forms[key] is not None else self.first)
+
     def _check(self, i: int, piece: Any, args: tuple[Any, ...]) -> None:
         shapes = _shape_key(args[0]) if args else None
         want = self.seen.get((self.now, i))
@@ -1343,9 +1384,9 @@ class Reshaped:
                              f"is given inputs of shapes {list(shapes)} "
                              f"(rows aside), not {list(want)} as at the inputs' shapes it was "
                              f"traced at, and this rank was given no inputs to trace it again "
-                             f"by: a job whose model reads its inputs' lengths takes steps of "
-                             f"another length where every rank is given the inputs "
-                             f"(job.step(x, y) on each)")
+                             f"by, nor told their shapes by the previous stage's rank (with "
+                             f"its first micro-batch's activations): give this rank the "
+                             f"inputs too")
 
     @staticmethod
     def _form(piece: Any) -> tuple[Any, ...]:
@@ -1354,6 +1395,8 @@ class Reshaped:
     def at(self, inputs: Any) -> None:
         """Make the pieces run at ``inputs``' shapes (see the class)."""
         key = _shape_key(inputs)
+        if key is not None:
+            self.want = (key, _dtypes(inputs))
         if key is None or key == self.now:
             return
         if key not in self.forms:
@@ -1363,6 +1406,7 @@ class Reshaped:
 
     def sample(self) -> None:
         """Make the pieces run at the sample's shapes (a job's re-time)."""
+        self.want = (self.first, self.kinds)
         self._use(self.first)
 
     def _use(self, key: Any) -> None:
