@@ -175,7 +175,10 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     # a plain module: its forward's pieces, and what the forward returns around
     # the last one's output (a dict, a dataclass...), which the last stage
     # carries for the Pipeline's loss_fn (engine.traced.given_as_returned)
-    traced = sequential(model, inputs=inputs_of(sample)) if traceable(model) else model
+    # (with the sample: a forward that reads its inputs' lengths, an ``if`` on one, traced
+    # as the sample's shapes decide it, its stages running at those shapes)
+    traced = (sequential(model, inputs=inputs_of(sample), sample=sample) if traceable(model)
+              else model)
     returned = getattr(traced, "returned", None)
     items = layers_of(traced, inputs_of(sample))
     n = len(items)

@@ -1163,7 +1163,7 @@ class _Lengths(nn.Module):
         self.h = nn.ModuleList(_CausalBlock(w) for _ in range(blocks))
         self.head = nn.Linear(w, vocab)
 
-    def forward(self, idx, targets=None):
+    def logits(self, idx):
         T = idx.size(1)
         mask = torch.ones((T, T), dtype=torch.bool, device=idx.device).triu(1)
         if T > 4:
@@ -1172,8 +1172,10 @@ class _Lengths(nn.Module):
         output_shape = (-1,) + idx.size()[1:] + (x.size(-1),)
         for block in self.h:
             x = block(x, mask)
-        logits = self.head(x.view(output_shape))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return self.head(x.view(output_shape))
+
+    def forward(self, idx, targets=None):
+        return F.cross_entropy(self.logits(idx).flatten(0, 1), targets.flatten())
 
 
 LENGTHS = (5, 3, 7)     # each step's sequence length (the sample's: the first)
@@ -1285,6 +1287,32 @@ def test_steps_of_other_sequence_lengths_than_the_samples_train_like_one_process
         for r in results:
             if r[name]["last"]:
                 assert r[name]["eval"] == pytest.approx(want, rel=1e-10), name
+
+
+class _LengthsLogits(_Lengths):
+    forward = _Lengths.logits
+
+
+def test_partition_traces_a_forward_reading_its_inputs_lengths_with_its_sample():
+    """engine.partition traced a plain module without its ``sample=``: a
+    forward with an ``if`` on its input's length (and sizes read across the
+    blocks) could not be cut by hand (TypeError: fx's "symbolically traced
+    variables cannot be used as inputs to control flow"). With it, the
+    stages run the model at the sample's shapes; at other shapes they raise
+    (the trace holds what the sample's decided: engine.distribute traces
+    again)."""
+    torch.manual_seed(0)
+    model = _LengthsLogits().double()
+    x = _length_data(0)[0]
+    parts = engine.partition(model, 2, balance="parameters", sample=x)
+    assert len(parts) == 2 and len(parts.labels) == 4
+    out = x
+    for stage in parts:
+        out = stage(out)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    with pytest.raises(AssertionError, match=r"the traced forward took the branch at .* as the "
+                                             r"sample's shapes decided it \(True\)"):
+        parts[1](parts[0](_length_data(0, 3)[0]))
 
 
 def test_a_trace_at_new_shapes_reads_its_own_constants_and_refuses_another_cut():
