@@ -56,7 +56,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 import collectives
-from mesh import Comm, Grid, MeshError
+from mesh import AbortKind, Comm, Grid, MeshError
 from mesh.tensors import is_tensor
 
 from . import layers as _layers
@@ -96,6 +96,7 @@ _WATCHED, _FAR_OFF = 5, 2.0
 _STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above the pipeline's
 _OPTIM_TAG = _STATE_TAG + (1 << 40)     # optimizer_state_dict()'s, above those
 _HERE_TAG = _STATE_TAG - 1      # each rank's word that it called them too (_all_called)
+_DONE_TAG = _STATE_TAG - 2      # each tp rank's word that its part ran or failed (_tp_agreed)
 
 
 def _is_torch(obj: Any) -> bool:
@@ -691,6 +692,7 @@ class Job:
         self._inputs, self._reps, self._target = inputs or {}, reps, target
         self.sharded = sharded
         self._in_tp_gather = False      # a state gather's tp collectives under way (_tp_after)
+        self._part_failed = False       # its own part failed, every rank told (_local_part)
         self.pipeline = pipeline
         self.stages = stages
         self.counts = counts
@@ -1045,10 +1047,42 @@ class Job:
         try:
             return self._gathered_state(timeout)
         except MeshError as e:    # (it said "recv ... tag 1152921504606846976 timed out")
+            if getattr(e, "from_abort", False):     # (another rank's error, told: as it is)
+                raise
+            if self._part_failed:       # (every rank called it: its own gather's error)
+                raise _in_action(e, "job.state_dict(), gathering its tp shards") from None
             raise _in_action(e, "job.state_dict() gathers every stage on rank 0, so every "
                              "rank must call it (sd = job.state_dict(), then if rank == 0: "
                              "torch.save(sd, path))" + self._tp_after() + "; it waited "
                              "here") from None
+
+    def _local_part(self, make: Callable[[], Any], what: str, timeout: float | None
+                    ) -> tuple[Any, BaseException | None]:
+        """``make()``: this rank's part of a state gather (its tp gathers),
+        and the error it raised (None: none). Where it raises this rank's own
+        error (not a collective's, which its peers learn of from the
+        collective), the tp peers' next gather, which this rank will not
+        make, fails on them at once naming it (they waited in it until their
+        timeout, then were a collective apart: the job's steps after failed
+        on every rank). Then the tp ranks tell each other whether their part
+        failed (``_tp_agreed``): a rank whose part ran is given GatherFailed
+        where a peer's failed, and all take the same collective number. Its
+        error is returned, never raised: the pp ranks are told it first."""
+        tp = self.grid.group("tp") if self.sharded and _size(self.grid, "tp") > 1 else None
+        out, failed = None, None
+        try:
+            out = make()
+        except BaseException as e:
+            failed = e
+            if tp is not None and not isinstance(e, MeshError):
+                collectives.abandon(tp, f"{what} failed on tp rank {tp.rank}: "
+                                    f"{type(e).__name__}: {e}"[:400], AbortKind.of(e))
+        if tp is not None:
+            try:
+                failed = _tp_agreed(tp, timeout, failed, what) or failed
+            except MeshError as e:      # (a peer lost: the pp ranks are told it, or this)
+                failed = failed or e
+        return out, failed
 
     def _tp_after(self) -> str:
         """What a gather's failure leaves of the job, with tp (its error's)."""
@@ -1061,18 +1095,22 @@ class Job:
                 "number theirs as this rank does)")
 
     def _gathered_state(self, timeout: float | None) -> dict[str, Any] | None:
-        self._in_tp_gather = False
+        self._in_tp_gather = self._part_failed = False
         if _coord(self.grid, "dp"):
             return None
         if self.sharded:
             _all_called(self.grid.group("tp"), timeout)
         self._in_tp_gather = self.sharded
-        local = self._local_state(timeout)    # (tp: its peers' gathers, in the same time)
-        self._in_tp_gather = False
+        # (tp: its peers' gathers, in the same time)
+        local, failed = self._local_part(lambda: self._local_state(timeout),
+                                         "job.state_dict()", timeout)
+        self._in_tp_gather, self._part_failed = False, failed is not None
         if _coord(self.grid, "tp"):
+            _raised(failed)
             return None
         pp = self.grid.group("pp")
-        _all_called(pp, timeout)
+        _all_called(pp, timeout, failed, "job.state_dict()")
+        _raised(failed)
         if pp.rank:
             pp.send(list(local), 0, tag=_STATE_TAG, timeout=timeout)
             for i, v in enumerate(local.values()):
@@ -1136,11 +1174,17 @@ class Job:
         self._torch_only("optimizer_state_dict")
         timeout = self._timeout if timeout is None else timeout
         zeros = self._zeros(opt, "optimizer_state_dict")
+        self._part_failed = False
         try:
             for z in zeros:      # (each replica's share on dp rank 0, whose state is then whole)
                 z.consolidate_state_dict(0, timeout)
             return self._gathered_optimizer(_one_optimizer(opt), timeout)
         except MeshError as e:
+            if getattr(e, "from_abort", False):     # (another rank's error, told: as it is)
+                raise
+            if self._part_failed:       # (every rank called it: its own gather's error)
+                raise _in_action(e, "job.optimizer_state_dict(opt), gathering its tp "
+                                 "shards") from None
             raise _in_action(e, "job.optimizer_state_dict(opt) gathers every stage's optimizer "
                              "state on rank 0, so every rank must call it" + self._tp_after()
                              + "; it waited here") from None
@@ -1225,18 +1269,22 @@ class Job:
         return state, groups
 
     def _gathered_optimizer(self, opt: Any, timeout: float | None) -> dict[str, Any] | None:
-        self._in_tp_gather = False
+        self._in_tp_gather = self._part_failed = False
         if _coord(self.grid, "dp"):
             return None
         if self.sharded:
             _all_called(self.grid.group("tp"), timeout)
         self._in_tp_gather = self.sharded
-        state, groups = self._local_optimizer(opt)
-        self._in_tp_gather = False
+        made, failed = self._local_part(lambda: self._local_optimizer(opt),
+                                        "job.optimizer_state_dict(opt)", timeout)
+        state, groups = made if failed is None else ({}, [])
+        self._in_tp_gather, self._part_failed = False, failed is not None
         if _coord(self.grid, "tp"):
+            _raised(failed)
             return None
         pp = self.grid.group("pp")
-        _all_called(pp, timeout)
+        _all_called(pp, timeout, failed, "job.optimizer_state_dict(opt)")
+        _raised(failed)
         tensors = [(n, k) for n, own in state.items() for k, v in own.items() if is_tensor(v)]
         stage = self._stage_of()
         staged = [(h, [(n, stage[n]) for n in ns]) for h, ns in groups]
@@ -1615,7 +1663,50 @@ def _materialize(stage: Any, init: Callable[[Any], Any] | None
     return bare, unsaved
 
 
-def _all_called(g: Comm, timeout: float | None) -> None:
+class GatherFailed(MeshError):
+    """A job's state gather (``state_dict()``, ``optimizer_state_dict()``)
+    failed on another rank, whose own error is the root cause."""
+
+    from_abort = True
+    __module__ = "engine"     # its public home: reports and pickles name it there
+
+
+def _tp_agreed(tp: Comm, timeout: float | None, failed: BaseException | None,
+               what: str) -> MeshError | None:
+    """After a state gather's tp part (``what``: the call), each tp rank's
+    word to tp rank 0 (its part's error, ``failed``, and its collective
+    number), and rank 0's answer, point to point: GatherFailed naming the
+    ranks that failed, for a rank whose own part ran, where any failed (None
+    elsewhere); and every rank takes the highest number, as a failed
+    step's (a peer whose part had made no more gathers skips the one its
+    failed peer abandoned, which failed its next step)."""
+    ch = tp.collective_channel()
+    me = tp.ranks[tp.rank]
+    said = None if failed is None else f"rank {me}: {type(failed).__name__}: {failed}"[:400]
+    if tp.rank:
+        tp.send([said, ch.seq], 0, tag=_DONE_TAG, timeout=timeout)
+        told, top = tp.recv(0, tag=_DONE_TAG, timeout=timeout)
+    else:
+        words = [tp.recv(r, tag=_DONE_TAG, timeout=timeout) for r in range(1, tp.size)]
+        bad = [w for w in [said] + [w for w, _ in words] if w is not None]
+        told, top = ("; ".join(bad) if bad else None), max([ch.seq] + [q for _, q in words])
+        for r in range(1, tp.size):
+            tp.send([told, top], r, tag=_DONE_TAG, timeout=timeout)
+    if told is None:
+        return None
+    ch.seq = max(ch.seq, int(top))
+    return None if failed is not None else GatherFailed(
+        f"rank {me}: {what} failed on {told}; nothing was gathered")
+
+
+def _raised(failed: BaseException | None) -> None:
+    """Raise ``failed`` (this rank's own error, once the others are told)."""
+    if failed is not None:
+        raise failed
+
+
+def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = None,
+                what: str = "") -> None:
     """Wait until every rank of ``g`` called this too (a job's gather of its
     state or its optimizer's, over tp or pp): each tells group rank 0, which
     answers them all once it has every word, point to point. A rank that
@@ -1625,17 +1716,39 @@ def _all_called(g: Comm, timeout: float | None) -> None:
     stage's state left for rank 0's next call to take as its own (a pp rank
     alone sent its state unasked, and returned None: the next checkpoint
     held that stage as it was then). Its word stays unread with rank 0,
-    which takes it for the next call's."""
+    which takes it for the next call's.
+    A rank whose own part ``failed`` (``what``: the call) says so in its
+    word, and group rank 0 in its answers: every rank of the group then
+    raises at once (GatherFailed naming it; the failed rank its own error,
+    which the caller raises), having sent no state, so no answer or state
+    is left unread for the next call."""
     if g.size < 2:
         return
+    me = g.ranks[g.rank]
+    said = None if failed is None else f"rank {me}: {type(failed).__name__}: {failed}"[:400]
     if g.rank:
-        g.send(None, 0, tag=_HERE_TAG, timeout=timeout)
-        g.recv(0, tag=_HERE_TAG, timeout=timeout)
+        g.send(said, 0, tag=_HERE_TAG, timeout=timeout)
+        if failed is not None:
+            return
+        told = g.recv(0, tag=_HERE_TAG, timeout=timeout)
+        if told is not None:
+            raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
         return
+    words: dict[int, Any] = {}
     for r in range(1, g.size):
-        g.recv(r, tag=_HERE_TAG, timeout=timeout)
-    for r in range(1, g.size):
-        g.send(None, r, tag=_HERE_TAG, timeout=timeout)
+        try:
+            words[r] = g.recv(r, tag=_HERE_TAG, timeout=timeout)
+        except MeshError:
+            if failed is None:
+                raise
+            break            # (this rank's own error is raised)
+    bad = [w for w in words.values() if w is not None]
+    told = said if said is not None else "; ".join(bad) if bad else None
+    for r, w in words.items():
+        if w is None:
+            g.send(told, r, tag=_HERE_TAG, timeout=timeout)
+    if failed is None and bad:
+        raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
 
 
 class _Rows:

@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 
+import engine
 import mesh
 from mesh import MeshError
 from engine import Pipeline, parallelize, schedules
@@ -814,3 +815,108 @@ def test_distribute_says_a_plan_error_of_its_measuring_whole():
         assert error.startswith(f"PlanError: rank {r}: engine.distribute: measuring the "
                                 "layers on the sample, rank 0: tp rank 0: 1.w12: "), error
         assert "plan it {'style': 'colwise', 'parts': 2}" in error, error
+
+
+def _state_job(world):
+    model = Sequential(Linear(8, 6, np.random.default_rng(1)), Tanh(),
+                       Linear(6, 4, np.random.default_rng(2)),
+                       Linear(4, 6, np.random.default_rng(3)), Tanh(),
+                       Linear(6, 2, np.random.default_rng(4)))
+    return engine.distribute(model, mesh.grid(world, pp=2, tp=2), schedule="1f1b",
+                             plan={"0": "colwise", "2": "rowwise", "3": "colwise",
+                                   "5": "rowwise"}, microbatches=2, balance=[3, 3],
+                             loss_fn=mse_loss, verbose=False, timeout=20)
+
+
+def _state_killed_worker(world, folder):
+    """World rank 3 is killed (SIGKILL) in job.state_dict(); each other rank
+    writes what its call raised."""
+    import os
+    import signal
+    job = _state_job(world)
+    if world.rank == 3:
+        job._local_state = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        said = f"returned {type(job.state_dict()).__name__}"
+    except Exception as e:
+        said = f"{type(e).__name__}: {e}"
+    with open(os.path.join(folder, f"rank{world.rank}"), "w") as f:
+        f.write(said)
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_killed_in_state_dict_fails_rank_0_at_once(tmp_path):
+    """Its tp peer lost it in the gather, and then, telling its tp peer, raised
+    that loss before it told rank 0, which waited for stage 1's state until
+    its timeout (20 s here). Now rank 0 is told, and raises at once."""
+    with pytest.raises(mesh.WorkerError, match="rank 3 failed"):
+        mesh.spawn(_state_killed_worker, 4, str(tmp_path), timeout=60, settle=5)
+    said = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert said.get("rank2", "").startswith("LostPeerError: rank 2: job.state_dict(), "
+                                            "gathering its tp shards: all_gather"), said
+    assert said.get("rank0", "").startswith("GatherFailed: rank 0: job.state_dict() failed on "
+                                            "rank 2: LostPeerError: rank 2"), said
+    assert said.get("rank1") == "returned NoneType", said
+
+
+def _state_fails_worker(world):
+    """pp=2 x tp=2, a numpy model: job.state_dict() raises on one rank (its
+    own error, before its tp gathers: world rank 3, then world rank 0; then
+    rank 3 after its gathers), then the job steps and gathers its state
+    again."""
+    job = _state_job(world)
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    said = []
+    for bad, late in ((3, False), (0, False), (3, True)):
+        if world.rank == bad:
+            def broken(*args, late=late, **kwargs):
+                del job._local_state        # (this call only)
+                if late:
+                    job._local_state(*args, **kwargs)
+                raise _Boom("state failed on purpose")
+            job._local_state = broken
+        try:
+            said.append(f"returned {type(job.state_dict()).__name__}")
+        except Exception as e:
+            said.append(f"{type(e).__name__}: {e}")
+        said.append(job.step(x, y))
+        said.append(sorted(job.state_dict() or {}))
+    return said
+
+
+@pytest.mark.timeout(90)
+def test_a_state_dict_failing_on_one_rank_fails_its_peers_at_once_and_the_job_goes_on():
+    """A rank's own error in job.state_dict() (a KeyboardInterrupt, a
+    MemoryError as it gathers its shards) left its tp peer waiting in the
+    gather, and rank 0 for that stage's state, each until the timeout; the
+    peers were then a tp collective apart, and every step after failed.
+    Now its tp peers' gather fails at once naming it, rank 0 too (nothing
+    gathered, nothing left unread), and the job steps and saves on."""
+    results = mesh.spawn(_state_fails_worker, 4, timeout=80)
+    keys = results[0][2]
+    assert len(keys) == 8, keys
+    # rank 3 failed: its tp peer (rank 2) in the gather, rank 0 waiting for stage 1
+    assert results[3][0] == "_Boom: state failed on purpose", results[3][0]
+    assert results[2][0].startswith("MeshError: rank 2: all_gather") \
+        and "job.state_dict() failed on tp rank 1: _Boom" in results[2][0], results[2][0]
+    assert results[0][0].startswith("GatherFailed: rank 0: job.state_dict() failed on rank 2: "
+                                    "MeshError: rank 2: all_gather"), results[0][0]
+    assert results[1][0] == "returned NoneType", results[1][0]    # (its part was done)
+    # rank 0 failed: its tp peer in the gather; stage 1's tp rank 0 told, sending nothing
+    assert results[0][3] == "_Boom: state failed on purpose", results[0][3]
+    assert "job.state_dict() failed on tp rank 0: _Boom" in results[1][3], results[1][3]
+    assert results[2][3].startswith("GatherFailed: rank 2: job.state_dict() failed on rank 0: "
+                                    "_Boom"), results[2][3]
+    assert results[3][3] == "returned NoneType", results[3][3]
+    # rank 3 failed after its gathers: its tp peer's part ran, and is told; its abandoned
+    # gather, which that peer never made, failed the job's next step on every rank
+    assert results[3][6] == "_Boom: state failed on purpose", results[3][6]
+    assert results[2][6] == ("GatherFailed: rank 2: job.state_dict() failed on rank 3: _Boom: "
+                             "state failed on purpose; nothing was gathered"), results[2][6]
+    assert results[0][6].startswith("GatherFailed: rank 0: job.state_dict() failed on rank 2: "
+                                    "GatherFailed: rank 2: "), results[0][6]
+    for r, said in enumerate(results):
+        for at in (1, 4, 7):    # the steps after each ran (a loss on the last stage's ranks)
+            assert (said[at] is None) == (r < 2), (r, said)
+        assert said[5] == said[8] == (keys if r == 0 else []), (r, said)
