@@ -114,7 +114,7 @@ def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
         g for s, stage in sorted(pipe.stages.items())
         for i, (g, cut) in enumerate(zip(stage.grads(), sharded_flags(stage)))
         if (s, i) not in skip and (cut or whole_too)]
-    parts = [_power_sum(g, p) for g in mine]
+    parts, fault = _parts(mine, p, fault)
     norm = _agreed_norm(pipe.whole, parts, p, most, fault, where, "rank", pipe.timeout,
                         norm_type, error_if_nonfinite)
     coef = most / (norm + 1e-6)
@@ -158,7 +158,7 @@ def clip_grad_norm_(model: Any, max_norm: float, group: Any, norm_type: float = 
         grads, flags = list(model.grads()), _layer_flags(model)
     mine = [] if fault is not None else [
         g for g, cut in zip(grads, flags) if g is not None and (cut or group.rank == 0)]
-    parts = [_power_sum(g, p) for g in mine]
+    parts, fault = _parts(mine, p, fault)
     total = _agreed_norm(group, parts, p, most, fault, f"tp rank {group.rank}", "tp rank",
                          None, norm_type, error_if_nonfinite)
     coef = most / (total + 1e-6)
@@ -167,6 +167,19 @@ def clip_grad_norm_(model: Any, max_norm: float, group: Any, norm_type: float = 
             if g is not None:
                 g *= coef
     return total
+
+
+def _parts(grads: list[Any], p: float, fault: BaseException | None
+           ) -> tuple[list[float], BaseException | None]:
+    """Each gradient's ``_power_sum``, and the fault: this rank's error
+    in them (a MemoryError of a float64 copy, a KeyboardInterrupt) too,
+    raised after the gather that tells every rank (alone, it raised before
+    it, and the others waited there for this rank until their timeout)."""
+    try:
+        return [_power_sum(g, p) for g in grads], fault
+    except BaseException as e:
+        e.clip_own = True   # type: ignore[attr-defined]  # (not an argument: _agreed_norm)
+        return [], e
 
 
 def _agreed_norm(group: Any, parts: list[float], p: float, most: float,
@@ -181,14 +194,16 @@ def _agreed_norm(group: Any, parts: list[float], p: float, most: float,
     here on that rank). ``word``: what the group's ranks are called."""
     told = collectives.all_gather(group, np.array(
         [(max(parts) if parts else 0.0) if math.isinf(p) else sum(parts), p, most,
-         fault is not None], dtype=np.float64), timeout=timeout)
+         0 if fault is None else 2 if getattr(fault, "clip_own", False) else 1],
+        dtype=np.float64), timeout=timeout)
     if fault is not None:
         raise fault
     failed = [r for r in range(len(told)) if told[r, 3]]
     if failed:
+        why = ("their norm_type or max_norm is not valid" if all(told[r, 3] == 1 for r in failed)
+               else "their gradients' norm raised there")
         raise ValueError(f"{where}: clip_grad_norm_ failed on {word}(s) {failed} of group "
-                         f"{group.name}: their norm_type or max_norm is not valid (see "
-                         "their error)")
+                         f"{group.name}: {why} (see their error)")
     # (by repr: a nan given on every rank is the same argument, though nan != nan)
     alike = [(repr(float(t[1])), repr(float(t[2]))) for t in told]
     given = {g: [r for r, a in enumerate(alike) if a == g] for g in alike}

@@ -286,6 +286,43 @@ def test_clip_grad_norm_given_another_norm_type_on_one_rank_fails_every_rank(nor
     assert mesh.spawn(_clip_one_rank_wrong, 2, norm_type, timeout=50) == says
 
 
+def _clip_norm_fails(world):
+    from engine import clip
+    sched = engine.schedules.by_name("1f1b", world.size, 2)
+    mine = engine.stages_for_rank(mlp_stages([3, 4, 2], sched.num_stages, 0), sched, world.rank)
+    pipe = engine.Pipeline(world, mine, sched, loss_fn=mse_loss, timeout=20)
+    rng = np.random.default_rng(0)
+    pipe.step(rng.standard_normal((4, 3)), rng.standard_normal((4, 2)))
+    if world.rank == 1:
+        real = clip._power_sum
+
+        def out_of_memory(g, p):
+            clip._power_sum = real          # (this call only)
+            raise MemoryError("no memory for the float64 copy, on purpose")
+        clip._power_sum = out_of_memory
+    said = []
+    for _ in range(2):
+        try:
+            said.append(pipe.clip_grad_norm_(1e9))
+        except (MemoryError, ValueError) as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+@pytest.mark.timeout(60)
+def test_clip_grad_norm_failing_on_one_rank_fails_every_rank_at_once():
+    """An error of the rank's own in its gradients' norm (a MemoryError of
+    its float64 copy, a KeyboardInterrupt) raised there alone, before the
+    gather: the others waited in it until their timeout, then met that
+    rank's next call as their own. Now it is told in the gather: every rank
+    raises at once, and the next call is the same on every rank."""
+    (first, again0), (own, again1) = mesh.spawn(_clip_norm_fails, 2, timeout=50)
+    assert own == "MemoryError: no memory for the float64 copy, on purpose", own
+    assert first == ("ValueError: rank 0 (pp rank 0): clip_grad_norm_ failed on rank(s) [1] of "
+                     "group world: their gradients' norm raised there (see their error)"), first
+    assert isinstance(again0, float) and again0 == again1, (again0, again1)
+
+
 # ---- engine.partition: classes as specs, balance
 
 
