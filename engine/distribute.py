@@ -45,6 +45,7 @@ the global batch: the same as one process training on all of it.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import numbers
 import sys
@@ -874,12 +875,10 @@ class Job:
         has five, says so if their median is over twice ``predicted`` or
         under half of it (``far_off``): once, and nothing where it is not."""
         pipe = self.pipeline
-        if self.reshaped is not None:
-            self.reshaped.step(inputs)
         if self.watched is None:
-            return pipe.step(inputs if pipe.first else None, targets if pipe.last else None)
+            return self._stepped(pipe.step, inputs, targets)
         began = time.perf_counter()
-        out = pipe.step(inputs if pipe.first else None, targets if pipe.last else None)
+        out = self._stepped(pipe.step, inputs, targets)
         self.watched.append(time.perf_counter() - began)
         if len(self.watched) > _WATCHED:
             said = far_off(self.watched[1:], self.predicted, self.schedule.name)
@@ -896,11 +895,24 @@ class Job:
         the last stage runs (one process's ``loss_fn(model(x), y)``), None
         elsewhere; with ``outputs``, ``(loss, the last stage's outputs)``.
         Ranks that need neither may pass them; every rank calls it."""
+        return self._stepped(functools.partial(self.pipeline.eval_step, outputs=outputs),
+                             inputs, targets)
+
+    def _stepped(self, step: Callable[..., Any], inputs: Any, targets: Any) -> Any:
+        """``step`` (the pipeline's step or eval_step) on this rank's part of
+        ``inputs`` and ``targets``, a traced model's pieces made to run at the
+        inputs' shapes first, inside the step (``before_step``): an error
+        there (a KeyboardInterrupt as it traces) fails the step on every
+        rank. (Before, it raised on this rank alone, before the step, which
+        its peers then ran without it: their collectives met this rank's next
+        step's, and every step after failed.)"""
         pipe = self.pipeline
         if self.reshaped is not None:
-            self.reshaped.step(inputs)
-        return pipe.eval_step(inputs if pipe.first else None, targets if pipe.last else None,
-                              outputs=outputs)
+            pipe.before_step = functools.partial(self.reshaped.step, inputs)
+        try:
+            return step(inputs if pipe.first else None, targets if pipe.last else None)
+        finally:
+            pipe.before_step = None
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False) -> float:

@@ -244,6 +244,9 @@ class Pipeline:
         # a traced model's pieces at each step's input shapes (engine.traced.Reshaped, set by
         # engine.distribute): the first micro-batch's activations tell the next stage them
         self.reshaped: Any = None
+        # run first in each step (engine.distribute's job: its model traced again at the
+        # step's input shapes), so that its error fails the step on every rank as a stage's
+        self.before_step: Callable[[], None] | None = None
 
     def _take(self, given: Sequence[Any], mine: Sequence[int], recompute: Any,
               patterns: Sequence[str], loss_fn: Any, optimizer: Any, tag_base: int,

@@ -136,6 +136,8 @@ class _StepActions:
             self.before = self._snapshot()
             pipe.tied.start()
             pipe.tp_sums.start()
+        if pipe.before_step is not None:
+            pipe.before_step()
         if pipe.first:
             if inputs is None:
                 raise ValueError(f"pp rank {pipe.rank} holds stage 0: {call} needs inputs")

@@ -1315,6 +1315,61 @@ def test_partition_traces_a_forward_reading_its_inputs_lengths_with_its_sample()
         parts[1](parts[0](_length_data(0, 3)[0]))
 
 
+def _retrace_fails_worker(world):
+    """tp=2: a step at a new length whose trace raises on tp rank 1 alone
+    (a KeyboardInterrupt as it traces), then steps at that length and at
+    another; the state trained."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    job = engine.distribute(_Lengths().double(), mesh.grid(world, pp=1, tp=2), schedule="1f1b",
+                            microbatches=2, balance="uniform", sample=_length_data(0)[0],
+                            plan={"h.*.fc": "colwise", "h.*.out": "rowwise"}, timeout=30,
+                            reps=1, verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    if world.rank == 1:
+        real = engine.traced.Reshaped._traced
+
+        def interrupted(self, inputs, key):
+            engine.traced.Reshaped._traced = real       # (this trace only)
+            raise KeyboardInterrupt
+        engine.traced.Reshaped._traced = interrupted
+    said = []
+    for step, length in ((1, 6), (1, 6), (2, 3)):
+        opt.zero_grad()
+        try:
+            job.step(*_length_data(step, length))
+            opt.step()
+            said.append(None)
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+    state = job.state_dict()
+    return said, None if state is None else {k: v.tolist() for k, v in state.items()}
+
+
+@pytest.mark.timeout(120)
+def test_a_trace_at_new_shapes_failing_on_one_rank_fails_the_step_on_every_rank():
+    """The job traced its model again at a step's new shapes before the
+    step: an error there (a KeyboardInterrupt as it traced) raised on that
+    rank alone, and its peers ran the step without it, their collectives
+    meeting its next step's (a MismatchError), and so on, every step after.
+    Now it is the step's own: it fails on every rank, rolled back, and the
+    steps after train as one process."""
+    (said0, state), (said1, _) = mesh.spawn(_retrace_fails_worker, 2, timeout=100)
+    assert said1[0] == "KeyboardInterrupt: ", said1
+    assert said0[0].startswith("MeshError: rank 0: all_reduce") and \
+        "pipeline step 0 failed on pp rank 0 (tp rank 1): KeyboardInterrupt" in said0[0], said0
+    assert said0[1:] == said1[1:] == [None, None], (said0, said1)
+    torch.manual_seed(0)
+    model = _Lengths().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step, length in ((1, 6), (2, 3)):
+        opt.zero_grad()
+        model(*_length_data(step, length)).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(torch.tensor(state[k], dtype=v.dtype), v, msg=k)
+
+
 def test_a_trace_at_new_shapes_reads_its_own_constants_and_refuses_another_cut():
     """A tensor the forward makes of constants (``torch.tensor(2.0)``) is
     named anew by each trace (``_tensor_constant1``...): the pieces read the
