@@ -15,7 +15,9 @@
                   rooted.py (broadcast, reduce, gather, scatter), exchange.py
     shm/          same host, no sockets: board.py (sync: round.py a call on it,
                   waiting.py its waits, quick.py a tiny call's), cma.py (reading a
-                  peer's memory), local.py (the collectives on them), tiny.py
+                  peer's memory), local.py (the collectives on them: those that
+                  reduce in local_reduce.py, those that move data in
+                  local_move.py), tiny.py
                   (the short way of a repeated tiny collective; its plans in
                   tiny_reduce.py: all_reduce, reduce, reduce_scatter, and
                   tiny_move.py: broadcast, all_gather, gather, scatter, all_to_all)

@@ -255,10 +255,10 @@ def test_large_calls_through_arenas_and_bells() -> None:
 
 def pieces(world: Any) -> list[str]:
     """The large same-host reductions (all_reduce across processes, reduce,
-    reduce_scatter: collectives.shm.local._reduce_chunk) with local.PIECE
+    reduce_scatter: collectives.shm.local_reduce._reduce_chunk) with its PIECE
     cut to a few KiB that divides no chunk, and at its default: the same
     bytes either way, on every rank, and numpy's sum. Returns what differed."""
-    from collectives.shm import local
+    from collectives.shm import local_reduce
     board.ARENA = 64 << 10          # (all_reduce across processes, not through the arenas)
     rng = np.random.default_rng([7, world.rank])
     n, bad = world.size, []
@@ -267,8 +267,8 @@ def pieces(world: Any) -> list[str]:
         xs = C.all_gather(world, x)
         want = sum(xs[1:], xs[0].copy())
         got = {}
-        for piece in (local.PIECE, 4100):
-            default, local.PIECE = local.PIECE, piece
+        for piece in (local_reduce.PIECE, 4100):
+            default, local_reduce.PIECE = local_reduce.PIECE, piece
             try:
                 a = x.copy()
                 C.all_reduce(world, a, algorithm="ring")
@@ -277,7 +277,7 @@ def pieces(world: Any) -> list[str]:
                 root = x.copy()
                 C.reduce(world, root, root=1)
             finally:
-                local.PIECE = default
+                local_reduce.PIECE = default
             got[piece] = [a.tobytes(), share.tobytes(), root.tobytes() if world.rank == 1 else b""]
             everyone = C.all_gather(world, np.frombuffer(a.tobytes(), np.uint8))
             if any(e.tobytes() != everyone[0].tobytes() for e in everyone):
