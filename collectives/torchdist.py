@@ -34,7 +34,10 @@ meshrun group on every member (_object_to_tensor below), and torch's
 fails the others' coalesced call (_coalescing_manager below).
 
 The ``torch.backends`` entry point (``autoload``) registers the backend
-when torch is imported; it never raises.
+when torch is imported; it never raises. That import may be the first
+line of any collectives.torch* module, half made while it runs, so this
+module imports none of them as it loads: ProcessGroupMeshrun
+(collectives.torchpg, which imports the others) on first use (``_pg``).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ import threading
 import time
 import warnings
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 
 def autoload() -> None:
@@ -73,7 +76,9 @@ from mesh import env, world as _world
 from mesh.peer import config_float
 
 from . import api as C
-from .torchpg import ProcessGroupMeshrun
+
+if TYPE_CHECKING:
+    from .torchpg import ProcessGroupMeshrun
 
 __all__ = ["BACKEND", "register", "autoload", "comm_of", "ProcessGroupMeshrun",
            "monitored_barrier"]
@@ -88,6 +93,19 @@ _torch_pickle: Any = None      # torch's c10d._object_to_tensor (the object coll
 _torch_coalescing: Any = None  # torch's c10d._coalescing_manager
 _owned: Any = None          # the mesh this module made (closed with the default group)
 _default: Any = None        # the default group's mesh
+
+
+def _pg() -> type[ProcessGroupMeshrun]:
+    """ProcessGroupMeshrun, imported on first use (see the module's doc)."""
+    from .torchpg import ProcessGroupMeshrun
+    return ProcessGroupMeshrun
+
+
+def __getattr__(name: str) -> Any:
+    """``collectives.torchdist.ProcessGroupMeshrun`` (in __all__), by ``_pg``."""
+    if name == "ProcessGroupMeshrun":
+        return _pg()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register() -> None:
@@ -157,7 +175,7 @@ def _on_meshrun(group: Any) -> bool:
     torch names by the whole string."""
     try:
         pg = dist.distributed_c10d._get_default_group() if group is None else group
-        return isinstance(pg._get_backend(torch.device("cpu")), ProcessGroupMeshrun)
+        return isinstance(pg._get_backend(torch.device("cpu")), _pg())
     except (RuntimeError, ValueError):      # no default group; no CPU backend in it
         return False
 
@@ -250,7 +268,7 @@ def _object_to_tensor(obj: Any, device: Any, group: Any, *args: Any, **kwargs: A
                       else group)._get_backend(torch.device(device))
             except (RuntimeError, ValueError, TypeError):
                 pass
-        if call is not None and isinstance(pg, ProcessGroupMeshrun):
+        if call is not None and isinstance(pg, _pg()):
             pg.refuse_unpicklable(call, e)
         raise
 
@@ -349,7 +367,7 @@ def comm_of(group: Any = None) -> Any:
         group = group.get_group()
     backend = group._get_backend(torch.device("cpu")) \
         if isinstance(group, dist.ProcessGroup) else group
-    if not isinstance(backend, ProcessGroupMeshrun):
+    if not isinstance(backend, _pg()):
         name = dist.get_backend(group) if isinstance(group, dist.ProcessGroup) else type(
             group).__name__
         raise TypeError(f"comm_of: the group is on the {name!r} backend; meshrun's own "
@@ -435,7 +453,7 @@ def _create(opts: Any, _pg_options: Any) -> ProcessGroupMeshrun:
         if m is None or (m.rank, m.size) != (opts.group_rank, opts.group_size):
             m = _mesh_over_store(opts.store, opts.group_rank, opts.group_size, opts.timeout)
         _default = m
-        return ProcessGroupMeshrun(m, timeout, _closer(m), shared=m is not _owned)
+        return _pg()(m, timeout, _closer(m), shared=m is not _owned)
     if _default is None or _default._closed:
         raise RuntimeError("meshrun backend: a 'meshrun' group is a group of the default "
                            "one's mesh: init_process_group('meshrun') first (a default group "
@@ -444,7 +462,7 @@ def _create(opts: Any, _pg_options: Any) -> ProcessGroupMeshrun:
     if comm is None or comm.rank != opts.group_rank:
         raise RuntimeError(f"meshrun backend: group {ranks} does not map onto the mesh (rank "
                            f"{opts.group_rank} of torch's group)")
-    return ProcessGroupMeshrun(comm, timeout)
+    return _pg()(comm, timeout)
 
 
 def _closer(m: Any) -> Any:

@@ -1381,21 +1381,39 @@ def test_register_is_idempotent_and_autoload_never_raises(monkeypatch: Any) -> N
         td.autoload()
 
 
-@pytest.mark.timeout(90)
-def test_importing_the_backend_before_torch_registers_it() -> None:
-    """``import collectives.torchdist`` as a script's first line: its own
-    ``import torch`` runs torch's ``torch.backends`` entry point, which finds
-    this module half loaded (it raised: no attribute 'autoload')."""
+@pytest.mark.timeout(120)
+def test_importing_any_torch_module_before_torch_registers_the_backend() -> None:
+    """Each collectives.torch* module as a script's first line (a fresh
+    interpreter each): its own ``import torch`` runs torch's
+    ``torch.backends`` entry point. torchdist found itself half loaded (it
+    raised: no attribute 'autoload'); every other module failed ``import
+    torch`` (a circular import: the entry point's torchdist imported torchpg,
+    which imported the module half made)."""
     from importlib.metadata import entry_points
     if not any(e.value == "collectives.torchdist:autoload"
                for e in entry_points(group="torch.backends")):
         pytest.skip("meshrun's torch.backends entry point is not installed")
-    code = ("import collectives.torchdist as td; import torch.distributed as dist\n"
-            "assert td._registered and 'meshrun' in dist.Backend.backend_list\n"
-            "print('registered')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=80, env=rank_env(), cwd=ROOT)
-    assert out.returncode == 0 and "registered" in out.stdout, out.stdout + out.stderr
+    names = sorted(p.stem for p in Path(ROOT, "collectives").glob("torch*.py"))
+    assert "torchdist" in names and "torchwork" in names, names
+    check = ("import torch.distributed as dist, collectives.torchdist as td, collectives.torchpg\n"
+             "assert td._registered and 'meshrun' in dist.Backend.backend_list\n"
+             "assert td.ProcessGroupMeshrun is collectives.torchpg.ProcessGroupMeshrun\n"
+             "print('registered')")
+    procs = {name: subprocess.Popen([sys.executable, "-c", f"import collectives.{name}\n{check}"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=rank_env(), cwd=ROOT) for name in names}
+    failed = {}
+    try:
+        for name, proc in procs.items():
+            out, _ = proc.communicate(timeout=100)
+            if proc.returncode != 0 or "registered" not in out:
+                failed[name] = out[-2000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not failed, failed
 
 
 def rank0_refused(world: Any) -> str:
