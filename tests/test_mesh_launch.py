@@ -877,6 +877,14 @@ def test_the_readme_names_every_option_of_the_launcher() -> None:
     assert not missing, missing
 
 
+def test_help_says_every_node_needs_the_same_max_restarts() -> None:
+    """``--max-restarts``'s help says what the README and node 0's refusal
+    say: across hosts every node's meshrun is given the same N."""
+    from mesh.launch.cli import build_parser
+    text = " ".join(build_parser().format_help().split())
+    assert "with --nnodes > 1 give every node's meshrun the same N" in text, text
+
+
 def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
     proc = start("-n", "2", "--grace", "60", str(WORKER), str(tmp_path),
                  "*:ignoreterm", "*:barrier", "*:sleep")

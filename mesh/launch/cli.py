@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a rank fails, stop every rank, report the failure and start "
                         "them all again, up to N times, as torchrun --max-restarts does "
                         "(TORCHELASTIC_RESTART_COUNT and MESH_RESTART_COUNT count the "
-                        "restarts; across hosts every node's ranks restart together; "
-                        "default 0)")
+                        "restarts; default 0); with --nnodes > 1 give every node's "
+                        "meshrun the same N (a node whose N differs from node 0's is "
+                        "refused): every node's ranks then restart together")
     p.add_argument("--curve", action="store_true",
                    help="encrypt and authenticate all traffic with CurveZMQ, keys derived from "
                         "the job secret (same as MESH_CURVE=1; use it on every node)")
