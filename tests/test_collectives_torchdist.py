@@ -1383,8 +1383,8 @@ def test_register_is_idempotent_and_autoload_never_raises(monkeypatch: Any) -> N
 
 @pytest.mark.timeout(120)
 def test_importing_any_torch_module_before_torch_registers_the_backend() -> None:
-    """Each collectives.torch* module as a script's first line (a fresh
-    interpreter each): its own ``import torch`` runs torch's
+    """A collectives.torch* module as a script's first line: its own
+    ``import torch`` runs torch's
     ``torch.backends`` entry point. torchdist found itself half loaded (it
     raised: no attribute 'autoload'); every other module failed ``import
     torch`` (a circular import: the entry point's torchdist imported torchpg,
@@ -1393,15 +1393,22 @@ def test_importing_any_torch_module_before_torch_registers_the_backend() -> None
     if not any(e.value == "collectives.torchdist:autoload"
                for e in entry_points(group="torch.backends")):
         pytest.skip("meshrun's torch.backends entry point is not installed")
-    names = sorted(p.stem for p in Path(ROOT, "collectives").glob("torch*.py"))
-    assert "torchdist" in names and "torchwork" in names, names
     check = ("import torch.distributed as dist, collectives.torchdist as td, collectives.torchpg\n"
              "assert td._registered and 'meshrun' in dist.Backend.backend_list\n"
              "assert td.ProcessGroupMeshrun is collectives.torchpg.ProcessGroupMeshrun\n"
              "print('registered')")
-    procs = {name: subprocess.Popen([sys.executable, "-c", f"import collectives.{name}\n{check}"],
+    # three interpreters, not one a module (each imports torch): torchdist first, torchwork
+    # first (it failed), and torch first, after which the entry point must have loaded torchdist alone, so
+    # that no other module can be found half made whichever comes first
+    alone = ("import sys, torch\n"
+             "made = sorted(m for m in sys.modules if m.startswith('collectives.torch'))\n"
+             "assert made == ['collectives.torchdist'], made\n")
+    procs = {name: subprocess.Popen([sys.executable, "-c", f"{first}\n{check}"],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=rank_env(), cwd=ROOT) for name in names}
+                                    env=rank_env(), cwd=ROOT)
+             for name, first in (("torchdist", "import collectives.torchdist"),
+                                 ("torchwork", "import collectives.torchwork"),
+                                 ("torch", alone))}
     failed = {}
     try:
         for name, proc in procs.items():
