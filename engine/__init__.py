@@ -20,7 +20,7 @@ only when first named: ``import engine`` imports no torch.
 from typing import Any
 
 from . import choose, layers, schedules
-from .distribute import GatherFailed, Job, distribute, load_state
+from .distribute import DistributeFailed, GatherFailed, Job, distribute, load_state
 from .executor import Pipeline, StepFailed, split_microbatches, stages_for_rank
 from .ir import Action, Schedule
 from .lower import lower, strip_comm, with_grad_sync, with_optimizer_step
@@ -37,7 +37,8 @@ from .traced import sequential
 from .verify import ScheduleError, verify
 
 __all__ = [
-    "schedules", "layers", "choose", "distribute", "Job", "GatherFailed", "load_state",
+    "schedules", "layers", "choose", "distribute", "Job", "DistributeFailed", "GatherFailed",
+    "load_state",
     "Action", "Schedule", "ScheduleError", "SimReport", "Pipeline", "StepFailed",
     "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2", "zb_v",
     "lower", "strip_comm", "with_grad_sync", "with_optimizer_step",

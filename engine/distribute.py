@@ -339,17 +339,57 @@ def _shared(grid: Grid, n: int, timed: Callable[[list[int]], list[tuple[Any, Lay
     for name in grid.names:             # this rank's tp group, among all of them
         if name != "tp":
             index, count = index * grid.size(name) + grid.coord(name), count * grid.size(name)
-    return _exchange(grid.comm, timed([j for j in range(n) if j % count == index]))
+    tp = grid.group("tp") if _size(grid, "tp") > 1 else None
+    ours = [j for j in range(n) if j % count == index]
+    mine, failed = _timing(grid.comm, tp, lambda: timed(ours))
+    return _exchange(grid.comm, mine or [], failed, tp)
 
 
-def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]]) -> list[tuple[list[int], LayerCost]]:
-    """Every rank's ``(key, cost)`` pairs (a key a tuple of ints), to every rank."""
+def _timing(world: Comm, tp: Comm | None, work: Callable[[], Any]
+            ) -> tuple[Any, BaseException | None]:
+    """``work()`` (this rank's timing of its share, which calls ``loss_fn``)
+    and the error it raised (None: none), returned for ``_exchange`` to tell
+    every rank. Where it is this rank's own (a KeyboardInterrupt in
+    ``loss_fn``), its tp peers' next collective, which it will not make,
+    fails on them at once naming it (they waited in it until their timeout)."""
+    try:
+        return work(), None
+    except BaseException as e:
+        if tp is not None and not isinstance(e, MeshError):
+            collectives.abandon(tp, f"engine.distribute failed on rank {world.rank} (tp rank "
+                                f"{tp.rank}): {type(e).__name__}: {e}"[:400], AbortKind.of(e))
+        return None, e
+
+
+def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]],
+              failed: BaseException | None = None, tp: Comm | None = None
+              ) -> list[tuple[list[int], LayerCost]]:
+    """Every rank's ``(key, cost)`` pairs (a key a tuple of ints), to every
+    rank; and whether its timing ``failed`` (``_timing``): then every rank
+    raises, this one its own error, the others DistributeFailed naming it
+    (the first rank whose error was its own, not a peer's abort); it raised
+    alone, and the others waited for it here until their timeout. The ranks
+    of each ``tp`` group then number their collectives alike (the highest:
+    a peer that made no more skips the one a failed rank abandoned)."""
     rows = [[*key, lc.F, lc.B, lc.I, lc.W, lc.act_bytes,
              -1 if lc.saved_bytes is None else lc.saved_bytes, lc.keeps] for key, lc in pairs]
+    said = None if failed is None else [f"{type(failed).__name__}: {failed}"[:400],
+                                        bool(getattr(failed, "from_abort", False))]
+    ch = None if tp is None else tp.collective_channel()
+    line = None if ch is None or tp is None else [list(tp.ranks), ch.seq]
+    parts = collectives.all_gather_object(world, [said, rows, line])
+    told = [(r, t) for r, (t, _, _) in enumerate(parts) if t is not None]
+    if told and ch is not None and tp is not None:
+        ch.seq = max(int(q) for _, _, (rs, q) in parts if list(rs) == list(tp.ranks))
+    if failed is not None:
+        raise failed
+    if told:
+        r, (text, _) = next(((r, t) for r, t in told if not t[1]), told[0])
+        raise DistributeFailed(f"rank {world.rank}: engine.distribute failed on rank {r}: "
+                               f"{text}")
     return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb), None if sb < 0 else int(sb),
                                               int(keeps)))
-            for part in collectives.all_gather_object(world, rows)
-            for *key, f, b, gi, gw, nb, sb, keeps in part]
+            for _, part, _ in parts for *key, f, b, gi, gw, nb, sb, keeps in part]
 
 
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int,
@@ -411,7 +451,7 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
 def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program: Any,
             reps: int, loss: tuple[int, Callable[[Any], Any]] | None = None,
             clock: Callable[[], float] = time.perf_counter,
-            calls: dict[tuple[int, str], list[int]] | None = None
+            calls: dict[tuple[int, str], list[int]] | None = None, tp: Comm | None = None
             ) -> tuple[dict[int, LayerCost], list[dict[int, LayerCost]]]:
     """Each rank times copies of its stages running its own program's
     compute actions in order (engine.choose.time_program: every rank at
@@ -426,20 +466,22 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
     once, making the same collectives: a fixed number of runs, and the
     whole parameters' gradient sums left to the step's end, as a Pipeline
     leaves them): gets the bytes of each tp collective an action of each
-    (stage, kind) makes (engine.tp_plan.logging_calls)."""
+    (stage, kind) makes (engine.tp_plan.logging_calls); ``tp``: their group.
+    An error there on one rank fails every rank at once (``_timing``)."""
     copies = {s: copy.deepcopy(st) for s, st in stages.items()}
     for st in copies.values() if calls is not None else ():
         for h in tp_holders(st):
             h.defer = True
     each: list[dict[int, LayerCost]] = []
     with logging_calls() as log:
-        median = time_program(copies, inputs, program, max(reps, 5), clock=clock, loss=loss,
-                              each=each, runs=None if calls is None else 2 * max(reps, 5),
-                              calls=None if calls is None else (log, calls))
-    mine = [((s, -1), lc) for s, lc in median.items()]
+        median, failed = _timing(world, tp, lambda: time_program(
+            copies, inputs, program, max(reps, 5), clock=clock, loss=loss, each=each,
+            runs=None if calls is None else 2 * max(reps, 5),
+            calls=None if calls is None else (log, calls)))
+    mine = [((s, -1), lc) for s, lc in (median or {}).items()]
     mine += [((s, i), lc) for i, run in enumerate(each) for s, lc in run.items()]
     got: dict[tuple[int, int], list[LayerCost]] = {}
-    for (s, i), lc in _exchange(world, mine):
+    for (s, i), lc in _exchange(world, mine, failed, tp):
         got.setdefault((s, i), []).append(lc)
 
     def mean(lcs: list[LayerCost]) -> LayerCost:
@@ -793,7 +835,7 @@ class Job:
         times, runs = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
                               self._reps, self._loss(),
                               time.thread_time if calibrated else time.perf_counter,
-                              calls if tp is not None else None)
+                              calls if tp is not None else None, tp)
         self.tp_calls = calls
         cal = self.calibration or Calibration(0.0, 0.0)
         helper = cal.helper
@@ -1675,6 +1717,15 @@ def _materialize(stage: Any, init: Callable[[Any], Any] | None
     return bare, unsaved
 
 
+class DistributeFailed(MeshError):
+    """engine.distribute's own timing of the model (its profile, a job's
+    ``retime()``, which call ``loss_fn``) failed on another rank, whose own
+    error (a KeyboardInterrupt there) is the root cause."""
+
+    from_abort = True
+    __module__ = "engine"     # its public home: reports and pickles name it there
+
+
 class GatherFailed(MeshError):
     """A job's state gather (``state_dict()``, ``optimizer_state_dict()``)
     failed on another rank, whose own error is the root cause."""
@@ -2157,13 +2208,19 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
         xs = [sample[:size]]
-        with kept_random(), kept_buffers(*[None if isinstance(m, _Temp) else  # (copies)
-                                           getattr(m, "module", None) for m in mlayers]):
-            # (sharded: tp peers pass it through the same layers, collectives alike)
-            while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
-                xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
-            inputs = {s: xs[bounds[s]] for s in mine}
-            target = _loss_target(wrapped, xs[-1]) if pipe.last else None
+
+        def own_inputs() -> tuple[dict[int, Any], Any]:
+            with kept_random(), kept_buffers(*[None if isinstance(m, _Temp) else  # (copies)
+                                               getattr(m, "module", None) for m in mlayers]):
+                # (sharded: tp peers pass it through the same layers, collectives alike)
+                while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
+                    xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
+                return ({s: xs[bounds[s]] for s in mine},
+                        _loss_target(wrapped, xs[-1]) if pipe.last else None)
+        tp_group = grid.group("tp") if _size(grid, "tp") > 1 else None
+        made, failed = _timing(grid.comm, tp_group, own_inputs)    # (loss_fn: a KeyboardInterrupt)
+        _exchange(grid.comm, [], failed, tp_group)
+        inputs, target = made
         if overhead is None:          # each stage's messages: its output, its input's gradient
             messages = _stage_messages(profile[size], tuple(counts))
     rest = _rest(source, model, own_loss, aliases) if source is not model else OrderedDict()

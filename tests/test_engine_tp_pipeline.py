@@ -817,15 +817,79 @@ def test_distribute_says_a_plan_error_of_its_measuring_whole():
         assert "plan it {'style': 'colwise', 'parts': 2}" in error, error
 
 
+_STATE_PLAN = {"0": "colwise", "2": "rowwise", "3": "colwise", "5": "rowwise"}
+
+
+def _state_model():
+    return Sequential(Linear(8, 6, np.random.default_rng(1)), Tanh(),
+                      Linear(6, 4, np.random.default_rng(2)),
+                      Linear(4, 6, np.random.default_rng(3)), Tanh(),
+                      Linear(6, 2, np.random.default_rng(4)))
+
+
 def _state_job(world):
-    model = Sequential(Linear(8, 6, np.random.default_rng(1)), Tanh(),
-                       Linear(6, 4, np.random.default_rng(2)),
-                       Linear(4, 6, np.random.default_rng(3)), Tanh(),
-                       Linear(6, 2, np.random.default_rng(4)))
-    return engine.distribute(model, mesh.grid(world, pp=2, tp=2), schedule="1f1b",
-                             plan={"0": "colwise", "2": "rowwise", "3": "colwise",
-                                   "5": "rowwise"}, microbatches=2, balance=[3, 3],
+    return engine.distribute(_state_model(), mesh.grid(world, pp=2, tp=2), schedule="1f1b",
+                             plan=_STATE_PLAN, microbatches=2, balance=[3, 3],
                              loss_fn=mse_loss, verbose=False, timeout=20)
+
+
+def _measuring_fails_worker(world):
+    """pp=2 x tp=2: a KeyboardInterrupt in world rank 3's loss_fn at its
+    first call (distribute tries it on the last stage's output), then as it
+    re-times the stages (job.retime(), inside distribute, a tp collective
+    after); then a job built clean on the same grid."""
+    import sys
+    ed = sys.modules["engine.distribute"]       # (engine.distribute: the function)
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    armed = [False]
+
+    def loss(out, target):
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt("stopped on purpose")
+        return mse_loss(out, target)
+    real = ed._retime
+
+    def retime(*args, **kwargs):
+        armed[0] = world.rank == 3
+        return real(*args, **kwargs)
+    ed._retime = retime
+    said = []
+    grid = mesh.grid(world, pp=2, tp=2)
+    for when in ("first", "retime", None):
+        armed[0] = world.rank == 3 and when == "first"
+        try:
+            job = engine.distribute(_state_model(), grid,
+                                    schedule="1f1b", plan=_STATE_PLAN, microbatches=2,
+                                    balance=[3, 3], loss_fn=loss, verbose=False, timeout=20,
+                                    sample=x, reps=1)
+            said.append(job.step(x, y))
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+        if when == "retime":
+            ed._retime = real
+    return said
+
+
+@pytest.mark.timeout(120)
+def test_a_keyboard_interrupt_in_distributes_own_timing_fails_every_rank_at_once():
+    """A KeyboardInterrupt in loss_fn on one rank as distribute times the
+    model ended that rank's call alone: the others waited in its exchange
+    of the times (or its tp peer in a collective) until their timeout (20
+    s here; the test's spawn would time out). Now every rank raises at once,
+    naming it, and a job built after runs."""
+    results = mesh.spawn(_measuring_fails_worker, 4, timeout=100)
+    for at in (0, 1):
+        assert results[3][at] == "KeyboardInterrupt: stopped on purpose", results[3]
+        for r in (0, 1, 2) if at == 0 else (0, 1):
+            assert results[r][at].startswith(f"DistributeFailed: rank {r}: engine.distribute "
+                                             "failed on rank 3: KeyboardInterrupt"), results[r]
+    # its tp peer, in a tp collective of the re-time: aborted, naming it
+    assert "engine.distribute failed on rank 3 (tp rank 1): KeyboardInterrupt" \
+        in results[2][1], results[2]
+    for r, said in enumerate(results):
+        assert (said[2] is None) == (r < 2) and not isinstance(said[2], str), (r, said)
 
 
 def _state_killed_worker(world, folder):
