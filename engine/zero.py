@@ -171,33 +171,77 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         whose ``state`` then holds every parameter's (as one optimizer's
         would; ``state_dict()`` there gives it by index, torch's format).
         Collective over dp, as torch's ZeroRedundancyOptimizer's; each
-        message waits ``timeout`` (default the job's)."""
-        g, index = self.group, self._index()
+        message waits ``timeout`` (default the job's). A rank's own error
+        (a KeyboardInterrupt, a MemoryError as it copies its share) is told
+        to the others first (an all-gather): every rank raises at once, it
+        its own, the others engine.GatherFailed naming it, nothing sent (rank
+        ``to`` waited for its share until the timeout). Where rank ``to``
+        fails as it reads the shares, it reads the rest before raising: left
+        unread, its next call took them for its own, silently stale."""
+        g = self.group
         timeout = self.timeout if timeout is None else timeout
+        own: list[Any] = []
+        failed: BaseException | None = None
+        try:
+            index = self._index()
+            if g.rank != to:
+                own = [[index[id(p)], k, None if is_tensor(v) else v, is_tensor(v)]
+                       for p, st in self.optim.state.items() for k, v in st.items()]
+                sent = [self.optim.state[self.params[i]][k].detach().contiguous() if t else None
+                        for i, k, _, t in own]
+        except BaseException as e:
+            failed = e
+        said = None if failed is None else \
+            f"rank {g.ranks[g.rank]}: {type(failed).__name__}: {failed}"[:400]
+        told = [w for w in collectives.all_gather_object(g, said, timeout=timeout)
+                if w is not None]
+        if failed is not None:
+            raise failed
+        if told:
+            from .distribute import GatherFailed
+            raise GatherFailed(f"{self.where}: consolidate_state_dict failed on "
+                               f"{'; '.join(told)}; nothing was gathered")
         if g.rank != to:
-            own = [[index[id(p)], k, None if is_tensor(v) else v, is_tensor(v)]
-                   for p, st in self.optim.state.items() for k, v in st.items()]
             g.send(own, to, tag=_TAG, timeout=timeout)
-            for j, (i, k, _, t) in enumerate(own):
-                if t:
-                    g.send(self.optim.state[self.params[i]][k].detach().contiguous(), to,
-                           tag=_TAG + 1 + j, timeout=timeout)
+            for j, v in enumerate(sent):
+                if v is not None:
+                    g.send(v, to, tag=_TAG + 1 + j, timeout=timeout)
             self.state.clear()
             self.consolidated = False
             return
         whole: dict[Any, dict[str, Any]] = {p: dict(st) for p, st in self.optim.state.items()}
-        for src in range(g.size):
-            if src == to:
-                continue
-            own = g.recv(src, tag=_TAG, timeout=timeout)
-            for j, (i, k, v, t) in enumerate(own):
-                if t:
-                    v = g.recv(src, tag=_TAG + 1 + j, timeout=timeout)
-                    v = v if is_tensor(v) else torch.from_numpy(v)
-                whole.setdefault(self.params[i], {})[k] = v
+        srcs = [src for src in range(g.size) if src != to]
+        for n, src in enumerate(srcs):
+            own, read = [], -1
+            try:
+                own = g.recv(src, tag=_TAG, timeout=timeout)
+                for j, (i, k, v, t) in enumerate(own):
+                    if t:
+                        v = g.recv(src, tag=_TAG + 1 + j, timeout=timeout)
+                        read = j
+                        v = v if is_tensor(v) else torch.from_numpy(v)
+                    whole.setdefault(self.params[i], {})[k] = v
+            except BaseException:
+                self._drain(srcs[n:], own, read, timeout)
+                raise
         self.state.clear()
         self.state.update(whole)
         self.consolidated = True
+
+    def _drain(self, srcs: list[int], own: list[Any], j: int, timeout: float | None) -> None:
+        """Read what ``srcs`` still send of their shares (the first's list
+        ``own`` read, and its tensors up to its ``j``-th entry's; none read
+        where ``own`` is empty), dropped: ``consolidate_state_dict`` failed as it read them."""
+        g = self.group
+        try:
+            for n, src in enumerate(srcs):
+                if n or not own:
+                    own, j = g.recv(src, tag=_TAG, timeout=timeout), -1
+                for m in range(j + 1, len(own)):
+                    if own[m][3]:
+                        g.recv(src, tag=_TAG + 1 + m, timeout=timeout)
+        except BaseException:       # (its own error is raised)
+            pass
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state by index (torch's format), after

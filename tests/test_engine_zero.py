@@ -196,3 +196,75 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
     assert list(got["state"]) == list(want["state"])
     for name, own in want["state"].items():
         _same(got["state"][name], own, f"state {name}")
+
+
+def _consolidate_fails_worker(world):
+    """dp=2: rank 1's own error as it gives its share (a KeyboardInterrupt),
+    then rank 0's as it reads rank 1's (a MemoryError at its first tensor);
+    each followed by a step and a whole checkpoint."""
+    import torch
+    torch.set_num_threads(1)
+    job = engine.distribute(_model(), mesh.grid(world, dp=2, pp=1), schedule="1f1b",
+                            microbatches=2, balance="uniform", verbose=False, timeout=20,
+                            loss_fn=torch.nn.functional.mse_loss)
+    z = engine.ZeroRedundancyOptimizer(_groups(job.named_parameters()), torch.optim.AdamW, job,
+                                       lr=LR)
+    names = {id(p): n for n, p in job.named_parameters()}
+    x, y = _data(0)
+    said = []
+    for bad in (1, 0):
+        z.zero_grad()
+        job.step(x, y)
+        z.step()
+        if world.rank == bad == 1:
+            def interrupted():
+                del z._index        # (this call only)
+                raise KeyboardInterrupt("stopped on purpose")
+            z._index = interrupted
+        if world.rank == bad == 0:
+            g, calls = z.group, [0]
+
+            def recv(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == 2:       # rank 1's share's list read, its first tensor not
+                    del g.recv
+                    raise MemoryError("no memory on purpose")
+                return type(g).recv(g, *args, **kwargs)
+            g.recv = recv
+        try:
+            said.append(f"returned {type(job.optimizer_state_dict(z)).__name__}")
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+        z.zero_grad()
+        job.step(x, y)
+        z.step()
+        whole = job.optimizer_state_dict(z)
+        said.append({"whole": None if whole is None else
+                     {n: own["exp_avg"].numpy().copy() for n, own in whole["state"].items()},
+                     "mine": {names[id(p)]: own["exp_avg"].numpy().copy()
+                              for p, own in z.optim.state.items()}})
+    return said
+
+
+@pytest.mark.timeout(120)
+def test_a_consolidation_failing_on_one_replica_fails_both_at_once_and_leaves_nothing():
+    """A replica's own error as it gave its share left rank 0 waiting for it
+    until its timeout ("every rank must call it"); rank 0's own as it read
+    a share left the rest unread, and its next checkpoint took them: that
+    replica's state as it was then, no error. Now both raise at once, and
+    the next checkpoint is the optimizer's state as it is."""
+    pytest.importorskip("torch")
+    results = mesh.spawn(_consolidate_fails_worker, 2, timeout=100, env=PATIENT)
+    assert results[1][0] == "KeyboardInterrupt: stopped on purpose", results[1][0]
+    assert results[0][0].startswith(
+        "GatherFailed: rank 0: ZeroRedundancyOptimizer on group world/[0, 1]: "
+        "consolidate_state_dict failed on rank 1: KeyboardInterrupt: stopped on purpose"), \
+        results[0][0]
+    assert results[0][2] == "MemoryError: no memory on purpose", results[0][2]
+    assert results[1][2] == "returned NoneType", results[1][2]      # (its share was sent)
+    for at in (1, 3):
+        whole = results[0][at]["whole"]
+        mine = {**results[0][at]["mine"], **results[1][at]["mine"]}
+        assert results[1][at]["whole"] is None and sorted(whole) == sorted(mine)
+        for n, v in mine.items():
+            np.testing.assert_array_equal(whole[n], v, err_msg=n)
