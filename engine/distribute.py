@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import numbers
 import sys
 import time
@@ -1778,8 +1779,8 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
     gather took a number they had not, and their next step failed), and no
     stage's state left for rank 0's next call to take as its own (a pp rank
     alone sent its state unasked, and returned None: the next checkpoint
-    held that stage as it was then). Its word stays unread with rank 0,
-    which takes it for the next call's.
+    held that stage as it was then). It withdraws its word (``_word``), so
+    rank 0's next call waits for its next one.
     A rank whose own part ``failed`` (``what``: the call) says so in its
     word, and group rank 0 in its answers: every rank of the group then
     raises at once (GatherFailed naming it; the failed rank its own error,
@@ -1790,28 +1791,66 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
     me = g.ranks[g.rank]
     said = None if failed is None else f"rank {me}: {type(failed).__name__}: {failed}"[:400]
     if g.rank:
-        g.send(said, 0, tag=_HERE_TAG, timeout=timeout)
+        n = next(_CALLS)
+        g.send([n, said, False], 0, tag=_HERE_TAG, timeout=timeout)
         if failed is not None:
             return
-        told = g.recv(0, tag=_HERE_TAG, timeout=timeout)
+        try:
+            told = _answer(g, n, timeout)
+        except MeshError:
+            try:    # (withdrawn: rank 0's next call takes this rank's next word, not this)
+                g.send([n, None, True], 0, tag=_HERE_TAG, timeout=timeout)
+            except MeshError:
+                pass
+            raise
         if told is not None:
             raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
         return
     words: dict[int, Any] = {}
     for r in range(1, g.size):
         try:
-            words[r] = g.recv(r, tag=_HERE_TAG, timeout=timeout)
+            words[r] = _word(g, r, timeout)
         except MeshError:
             if failed is None:
                 raise
             break            # (this rank's own error is raised)
-    bad = [w for w in words.values() if w is not None]
+    bad = [w for _, w in words.values() if w is not None]
     told = said if said is not None else "; ".join(bad) if bad else None
-    for r, w in words.items():
+    for r, (n, w) in words.items():
         if w is None:
-            g.send(told, r, tag=_HERE_TAG, timeout=timeout)
+            g.send([n, told], r, tag=_HERE_TAG, timeout=timeout)
     if failed is None and bad:
         raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
+
+
+_CALLS = itertools.count()      # this rank's words' numbers (_all_called), each call its own
+
+
+def _word(g: Comm, r: int, timeout: float | None) -> tuple[int, str | None]:
+    """Rank ``r``'s word for this call (``_all_called``, on group rank 0):
+    its number and what it said. A word that rank withdrew (its lone call
+    timed out) does not count: each is followed by its withdrawal, so the
+    last word there, not withdrawn, is this call's (a lone call's word,
+    taken for the next call's, made rank 0 answer it: that rank's next lone
+    call took the answer for its own and sent its stage's state unasked,
+    returning None, and the checkpoint after held that stage as it was)."""
+    word = None
+    while word is None or g.iprobe(r, _HERE_TAG) is not None:
+        n, said, gone = g.recv(r, tag=_HERE_TAG, timeout=timeout)
+        word = None if gone else (int(n), said)
+    return word
+
+
+def _answer(g: Comm, n: int, timeout: float | None) -> str | None:
+    """Group rank 0's answer to this rank's word ``n`` (``_all_called``): an
+    answer to an earlier word (rank 0 took it as this rank withdrew it) is
+    skipped."""
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if end is None else max(end - time.monotonic(), 0.0)
+        m, told = g.recv(0, tag=_HERE_TAG, timeout=left)
+        if m == n:
+            return told
 
 
 class _Rows:

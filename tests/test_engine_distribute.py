@@ -1598,7 +1598,25 @@ def _load_worker(world, tp):
         alone()
     collectives.barrier(world)      # (rank 1's state went to rank 0's wait, ended it)
     got = job.state_dict()
+    same = None if got is None else all(np.array_equal(got[k], v) for k, v in state.items())
     named = job.named_parameters()      # state_dict()'s names, each rank its own shards
+    if tp == 1:     # two lone calls in a row (rank 1, then rank 0), then rank 1 alone again:
+        x, y = _data(0)    # it returned None, having taken rank 0's answer to its first word
+        job.step(x, y)      # (rank 0 took it for its own call's), and sent its state unasked:
+        for who in (1, 0, None, 1, None):    # the checkpoint after held stage 1 as it was then
+            if who is None:
+                for p in job.parameters():
+                    p += 1
+                job.step(x, y)
+            elif world.rank == who:
+                try:
+                    said[f"lone{len(said)}"] = job.state_dict(timeout=0.2)
+                except mesh.MeshError as e:
+                    said[f"lone{len(said)}"] = str(e)
+            collectives.barrier(world)
+        whole = job.state_dict()
+        said["now"] = {n: np.array(p) for n, p in job.named_parameters()}
+        said["ckpt"] = None if whole is None else {k: np.array(v) for k, v in whole.items()}
     if tp > 1:      # its timed-out gather took a tp collective number its peers had not:
         alone()     # their next step failed, meeting it (that step made meanwhile here)
         x, y = _data(0, TP_WIDTHS)      # or its abort; now it makes none: the steps run
@@ -1612,9 +1630,7 @@ def _load_worker(world, tp):
         after = job.state_dict()        # and every rank's call, with the lone words unread
         said["after"] = after is None or all(np.array_equal(after[k], v)
                                              for k, v in state.items())
-    return {"same": None if got is None else all(np.array_equal(got[k], v)
-                                                 for k, v in state.items()),
-            "named": [(n, p.shape) for n, p in named], "tp": tp > 1,
+    return {"same": same, "named": [(n, p.shape) for n, p in named], "tp": tp > 1,
             "in_order": [id(p) for _, p in named] == [id(p) for p in job.parameters()],
             "whole": {k: v.shape for k, v in state.items()},
             **said, "first": job.pipeline.first, "rank": world.rank, "last_key": last,
@@ -1656,6 +1672,14 @@ def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
     if tp == 1:
         assert out[1]["alone1"].startswith("rank 1: job.state_dict() gathers every stage on "
                                            "rank 0, so every rank must call it"), out[1]
+        for o in out:       # each lone call raised (rank 1's second returned None, no error)
+            lone = [v for k, v in o.items() if k.startswith("lone")]
+            assert len(lone) == 1 + o["rank"] and all(
+                isinstance(v, str) and "every rank must call it" in v for v in lone), lone
+        fresh = {**out[0]["now"], **out[1]["now"]}     # the checkpoint: the weights now
+        assert fresh.keys() <= out[0]["ckpt"].keys()
+        stale = [k for k, v in fresh.items() if not np.array_equal(out[0]["ckpt"][k], v)]
+        assert not stale, stale
     if tp > 1:      # the steps after each lone call: the same loss (gradients only added)
         last = [o["losses"] for o in out if o["losses"][0] is not None]
         assert len(last) == 2 and all(a == b for a, b in last), last
