@@ -1397,9 +1397,9 @@ def test_importing_any_torch_module_before_torch_registers_the_backend() -> None
              "assert td._registered and 'meshrun' in dist.Backend.backend_list\n"
              "assert td.ProcessGroupMeshrun is collectives.torchpg.ProcessGroupMeshrun\n"
              "print('registered')")
-    # three interpreters, not one a module (each imports torch): torchdist first, torchwork
-    # first (it failed), and torch first, after which the entry point must have loaded torchdist alone, so
-    # that no other module can be found half made whichever comes first
+    # three interpreters, not one a module (each imports torch): torchdist first,
+    # torchwork first (it failed), and torch first, after which the entry point must have
+    # loaded torchdist alone, so that no other module is found half made, whichever is first
     alone = ("import sys, torch\n"
              "made = sorted(m for m in sys.modules if m.startswith('collectives.torch'))\n"
              "assert made == ['collectives.torchdist'], made\n")

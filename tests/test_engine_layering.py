@@ -14,8 +14,8 @@ ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "
          "profiling", "candidates", "retime", "choose", "trace", "layers", "tp_plan",
          "tp_layers", "torch_stage", "tensor_parallel", "tied", "tp_sums", "clip", "buffers",
          "traced", "stagebuild", "partition", "pipeline_args", "step", "rollback", "executor",
-         "calibrate", "distribute", "zero", "show", "bench_torch", "bench_distribute", "bench_memory",
-         "bench", "bench_zero"]
+         "calibrate", "distribute", "zero", "show", "bench_torch", "bench_distribute",
+         "bench_memory", "bench", "bench_zero"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its
 # pass when called; no pass calls them.
