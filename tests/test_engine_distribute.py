@@ -611,7 +611,7 @@ def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
     own run costs more falls behind the next, which is then measured."""
     import importlib
     from engine.calibrate import DryRun
-    dist = importlib.import_module("engine.distribute")
+    dist = importlib.import_module("engine.measured_choice")   # (dry_run read there)
     rows = 16
     prof = _profile(rows, [2, 4], [1, 1, 1, 1])
     scheds = choose.builtin(["1f1b", "zb-h1"], 2, [2, 4])
@@ -771,7 +771,7 @@ def test_the_choice_ranks_with_the_load_its_dry_runs_fit(monkeypatch):
     charged to the leader's actions besides."""
     import importlib
     from engine.calibrate import Calibration, DryRun
-    dist = importlib.import_module("engine.distribute")
+    dist = importlib.import_module("engine.measured_choice")   # (dry_run read there)
     rows, prof, cands = _two_ways()
     ran = []
 
@@ -2279,7 +2279,8 @@ def _loaded_worker(world):
     import importlib
     import io
     importlib.import_module("engine.calibrate")._cores = lambda: 1
-    importlib.import_module("engine.distribute").fitted_load = lambda *args, **kwargs: 2.5
+    for where in ("engine.job", "engine.measured_choice"):      # (the re-time's, the choice's)
+        importlib.import_module(where).fitted_load = lambda *args, **kwargs: 2.5
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         job = engine.distribute(_numpy_model(), mesh.grid(world, pp=2), sample=_data(0)[0],

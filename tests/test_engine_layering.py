@@ -14,7 +14,8 @@ ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "
          "profiling", "candidates", "retime", "choose", "trace", "layers", "tp_plan",
          "tp_layers", "torch_stage", "tensor_parallel", "tied", "tp_sums", "clip", "buffers",
          "traced", "stagebuild", "partition", "pipeline_args", "step", "rollback", "executor",
-         "calibrate", "distribute", "zero", "show", "bench_torch", "bench_distribute",
+         "calibrate", "agree", "given", "layer_timing", "measured_choice", "stage_state", "job",
+         "distribute", "zero", "show", "bench_torch", "bench_distribute",
          "bench_memory", "bench", "bench_zero"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its

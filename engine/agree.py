@@ -1,0 +1,156 @@
+"""Every rank at once, for ``engine.distribute`` and its jobs: the failures
+every rank raises together (``DistributeFailed``, ``GatherFailed``), the
+tp ranks' word that each one's part ran or failed (``_tp_agreed``) and the
+handshake by which a lone ``job.state_dict()`` or ``optimizer_state_dict()``
+caller is told, not waited on (``_all_called``: each word carries its
+caller's call number; a timed-out word is withdrawn), with the tags of
+those calls' point-to-point messages.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from mesh import Comm, MeshError
+
+
+_STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above the pipeline's
+_OPTIM_TAG = _STATE_TAG + (1 << 40)     # optimizer_state_dict()'s, above those
+_HERE_TAG = _STATE_TAG - 1      # each rank's word that it called them too (_all_called)
+_DONE_TAG = _STATE_TAG - 2      # each tp rank's word that its part ran or failed (_tp_agreed)
+
+
+class DistributeFailed(MeshError):
+    """engine.distribute's own timing of the model (its profile, a job's
+    ``retime()``, which call ``loss_fn``) failed on another rank, whose own
+    error (a KeyboardInterrupt there) is the root cause."""
+
+    from_abort = True
+    __module__ = "engine"     # its public home: reports and pickles name it there
+
+
+class GatherFailed(MeshError):
+    """A job's state gather (``state_dict()``, ``optimizer_state_dict()``)
+    failed on another rank, whose own error is the root cause."""
+
+    from_abort = True
+    __module__ = "engine"     # its public home: reports and pickles name it there
+
+
+def _tp_agreed(tp: Comm, timeout: float | None, failed: BaseException | None,
+               what: str) -> MeshError | None:
+    """After a state gather's tp part (``what``: the call), each tp rank's
+    word to tp rank 0 (its part's error, ``failed``, and its collective
+    number), and rank 0's answer, point to point: GatherFailed naming the
+    ranks that failed, for a rank whose own part ran, where any failed (None
+    elsewhere); and every rank takes the highest number, as a failed
+    step's (a peer whose part had made no more gathers skips the one its
+    failed peer abandoned, which failed its next step)."""
+    ch = tp.collective_channel()
+    me = tp.ranks[tp.rank]
+    said = None if failed is None else f"rank {me}: {type(failed).__name__}: {failed}"[:400]
+    if tp.rank:
+        tp.send([said, ch.seq], 0, tag=_DONE_TAG, timeout=timeout)
+        told, top = tp.recv(0, tag=_DONE_TAG, timeout=timeout)
+    else:
+        words = [tp.recv(r, tag=_DONE_TAG, timeout=timeout) for r in range(1, tp.size)]
+        bad = [w for w in [said] + [w for w, _ in words] if w is not None]
+        told, top = ("; ".join(bad) if bad else None), max([ch.seq] + [q for _, q in words])
+        for r in range(1, tp.size):
+            tp.send([told, top], r, tag=_DONE_TAG, timeout=timeout)
+    if told is None:
+        return None
+    ch.seq = max(ch.seq, int(top))
+    return None if failed is not None else GatherFailed(
+        f"rank {me}: {what} failed on {told}; nothing was gathered")
+
+
+def _raised(failed: BaseException | None) -> None:
+    """Raise ``failed`` (this rank's own error, once the others are told)."""
+    if failed is not None:
+        raise failed
+
+
+def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = None,
+                what: str = "") -> None:
+    """Wait until every rank of ``g`` called this too (a job's gather of its
+    state or its optimizer's, over tp or pp): each tells group rank 0, which
+    answers them all once it has every word, point to point. A rank that
+    calls it alone times out here having sent nothing else: no tp collective
+    taken (its peers' next ones, a step's, numbered as its own: a timed-out
+    gather took a number they had not, and their next step failed), and no
+    stage's state left for rank 0's next call to take as its own (a pp rank
+    alone sent its state unasked, and returned None: the next checkpoint
+    held that stage as it was then). It withdraws its word (``_word``), so
+    rank 0's next call waits for its next one.
+    A rank whose own part ``failed`` (``what``: the call) says so in its
+    word, and group rank 0 in its answers: every rank of the group then
+    raises at once (GatherFailed naming it; the failed rank its own error,
+    which the caller raises), having sent no state, so no answer or state
+    is left unread for the next call."""
+    if g.size < 2:
+        return
+    me = g.ranks[g.rank]
+    said = None if failed is None else f"rank {me}: {type(failed).__name__}: {failed}"[:400]
+    if g.rank:
+        n = next(_CALLS)
+        g.send([n, said, False], 0, tag=_HERE_TAG, timeout=timeout)
+        if failed is not None:
+            return
+        try:
+            told = _answer(g, n, timeout)
+        except MeshError:
+            try:    # (withdrawn: rank 0's next call takes this rank's next word, not this)
+                g.send([n, None, True], 0, tag=_HERE_TAG, timeout=timeout)
+            except MeshError:
+                pass
+            raise
+        if told is not None:
+            raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
+        return
+    words: dict[int, Any] = {}
+    for r in range(1, g.size):
+        try:
+            words[r] = _word(g, r, timeout)
+        except MeshError:
+            if failed is None:
+                raise
+            break            # (this rank's own error is raised)
+    bad = [w for _, w in words.values() if w is not None]
+    told = said if said is not None else "; ".join(bad) if bad else None
+    for r, (n, w) in words.items():
+        if w is None:
+            g.send([n, told], r, tag=_HERE_TAG, timeout=timeout)
+    if failed is None and bad:
+        raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
+
+
+_CALLS = itertools.count()      # this rank's words' numbers (_all_called), each call its own
+
+
+def _word(g: Comm, r: int, timeout: float | None) -> tuple[int, str | None]:
+    """Rank ``r``'s word for this call (``_all_called``, on group rank 0):
+    its number and what it said. A word that rank withdrew (its lone call
+    timed out) does not count: each is followed by its withdrawal, so the
+    last word there, not withdrawn, is this call's (a lone call's word,
+    taken for the next call's, made rank 0 answer it: that rank's next lone
+    call took the answer for its own and sent its stage's state unasked,
+    returning None, and the checkpoint after held that stage as it was)."""
+    word = None
+    while word is None or g.iprobe(r, _HERE_TAG) is not None:
+        n, said, gone = g.recv(r, tag=_HERE_TAG, timeout=timeout)
+        word = None if gone else (int(n), said)
+    return word
+
+
+def _answer(g: Comm, n: int, timeout: float | None) -> str | None:
+    """Group rank 0's answer to this rank's word ``n`` (``_all_called``): an
+    answer to an earlier word (rank 0 took it as this rank withdrew it) is
+    skipped."""
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if end is None else max(end - time.monotonic(), 0.0)
+        m, told = g.recv(0, tag=_HERE_TAG, timeout=left)
+        if m == n:
+            return told

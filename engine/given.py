@@ -1,0 +1,250 @@
+"""What ``engine.distribute`` is given, checked: the model's layers (a
+torch ``nn.Sequential``, a traced module, a list, an ``engine.layers``
+model), the same model on every rank (their fingerprints compared), the
+sample agreed, ``balance`` and ``recompute`` valid, and the grid's axes.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+import collectives
+from mesh import Comm, Grid
+from mesh.tensors import is_tensor
+
+from . import layers as _layers
+from .choose import whole_counts
+from .pipeline_args import _retold, rows_of
+from .tensor_parallel import tensor_bytes
+from .traced import called_whole, traceable
+from .torch_stage import checkpoint_modules
+from .tp_plan import digest, named_by
+
+
+_AXES = ("dp", "pp", "tp")
+
+
+def _is_torch(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _model_layers(model: Any) -> tuple[list[tuple[str, Any]], bool]:
+    """The model's layers in order, each with its name in the model ("" for
+    the pieces of a traced model, whose keys are the model's own), and
+    whether they are torch modules."""
+    if _is_torch(model):
+        if traceable(model):
+            raise TypeError(f"trace a {type(model).__name__} with engine.sequential first")
+        if getattr(model, "traced_from", None):
+            return [("", m) for m in model], True
+        # (not named_children(), which names a module held twice once: a layer
+        # called in two places, ALBERT's shared block, was left out of the pipeline)
+        return [(n, m) for n, m in model._modules.items() if m is not None], True
+    if isinstance(model, _layers.Sequential):
+        return [(str(i), layer) for i, layer in enumerate(model.layers)], False
+    if isinstance(model, (list, tuple)):
+        items = list(model)
+        is_torch = bool(items) and all(_is_torch(m) for m in items)
+        return [(str(i), m) for i, m in enumerate(items)], is_torch
+    raise TypeError(f"engine.distribute takes an nn.Sequential, an engine.layers.Sequential "
+                    f"or a list of layers, not a {type(model).__name__}")
+
+
+def _fingerprint(layer: Any, is_torch: bool) -> tuple[str, str | None]:
+    """A layer's make (its type, its tensors' names, shapes and dtypes) and
+    a hash of its values (None on the meta device, which holds none)."""
+    if is_torch:
+        torch = sys.modules["torch"]
+        state = layer.state_dict()
+        make = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+                         for k, v in state.items())
+        if any(v.is_meta for v in state.values()):
+            return f"{type(layer).__name__}({make})", None
+        return f"{type(layer).__name__}({make})", digest(tensor_bytes(torch, v)
+                                                          for v in state.values())
+    params = getattr(layer, "params", None)
+    arrays = [np.ascontiguousarray(a) for a in params()] if callable(params) else []
+    make = ", ".join(f"{a.shape} {a.dtype}" for a in arrays)
+    return f"{type(layer).__name__}({make})", digest(a.tobytes() for a in arrays)
+
+
+def _takes_two(loss_fn: Callable[..., Any]) -> None:
+    """Raise unless ``loss_fn`` can be called as ``loss_fn(output, target)``
+    (where Python can tell: a builtin may not say)."""
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError as e:
+        raise ValueError(f"loss_fn={getattr(loss_fn, '__name__', loss_fn)!r} is called as "
+                         f"loss_fn(output, target), but it takes {sig}: {e}") from None
+
+
+def _cut(text: str, most: int = 300) -> str:
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
+def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
+                fault: BaseException | None = None, timeout: float | None = None) -> None:
+    """Raise on every rank, before anything is measured or cut, unless every
+    rank built the same model: as many layers, each of the same make; and,
+    within each dp replica (whose pp and tp ranks cut their stages and
+    shards from their own copies), the same values. Replicas over dp may
+    differ: they start from replica 0's weights. ``fault``: what is wrong
+    with this rank's own arguments (a missing loss_fn, an unknown
+    schedule...): raised here, and by every other rank naming it (alone,
+    the others waited for this rank in their next collective)."""
+    said = None if fault is None else [type(fault).__name__, str(fault)]
+    mine = (_coord(grid, "dp"), [_fingerprint(layer, is_torch) for _, layer in named], said)
+    everyone = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
+    if fault is not None:
+        raise _retold(fault, f"rank {grid.comm.rank}: engine.distribute: {fault}") from fault
+    failed = [(r, t[2]) for r, t in enumerate(everyone) if t[2] is not None]
+    if failed:
+        r, (kind, text) = failed[0]
+        raise (TypeError if kind == "TypeError" else ValueError)(
+            f"rank {grid.comm.rank}: engine.distribute failed on rank {r}: {text}")
+    who = f"rank {grid.comm.rank}: engine.distribute: the model differs across ranks"
+    fix = "build the same model on every rank"
+
+    def by(key: Callable[[int], Any], ranks: Sequence[int]) -> list[tuple[Any, list[int]]]:
+        groups: dict[Any, list[int]] = {}
+        for r in ranks:
+            groups.setdefault(key(r), []).append(r)
+        return list(groups.items())
+
+    def label(i: int) -> str:
+        name, layer = named[i]
+        if name:
+            return f"layer {i} ({name!r})"
+        keys = list(layer.state_dict()) if is_torch else []    # a traced piece: the model's
+        return f"layer {i}" + (f" (with {keys[0]!r})" if keys else "")
+    world = range(len(everyone))
+    sizes = by(lambda r: len(everyone[r][1]), world)
+    if len(sizes) > 1:
+        raise ValueError(f"{who}: " + ", ".join(f"ranks {rs} built {n} layers"
+                                                for n, rs in sizes) + f"; {fix}")
+    for i in range(len(named)):
+        makes = by(lambda r: everyone[r][1][i][0], world)
+        if len(makes) > 1:
+            raise ValueError(f"{who}: {label(i)} is " + "; ".join(
+                f"{_cut(m)} on ranks {rs}" for m, rs in makes) + f"; {fix}")
+    for dp, replica in by(lambda r: everyone[r][0], world):
+        for i in range(len(named)):
+            values = by(lambda r: everyone[r][1][i][1], replica)
+            if len(values) > 1 and all(v is not None for v, _ in values):
+                where = f" of dp replica {dp}" if _size(grid, "dp") > 1 else ""
+                raise ValueError(
+                    f"{who}: {label(i)} holds different values on ranks "
+                    + " and ".join(str(rs) for _, rs in values) + f"{where}, whose pipeline "
+                    "stages (and tensor-parallel shards) are cut from each rank's own copy: "
+                    f"{fix}, seeded alike (torch.manual_seed(0) before building it), "
+                    "or load the same weights into each")
+
+
+def _agreed_sample(grid: Grid, sample: Any, timeout: float | None = None) -> Any:
+    """``sample`` cut to the fewest rows any rank's has. dp replicas may be
+    given samples of unequal rows (their own batches: ``step()`` weighs
+    unequal replicas by their rows), but every rank must profile the same
+    micro-batch sizes, each timing some of the layers for all of them, and
+    choose alike; the times of the smallest replica's micro-batches stand
+    for all. A sample given on some ranks only raises on every rank,
+    naming them."""
+    try:
+        mine: Any = None if sample is None else rows_of(sample)
+    except (TypeError, ValueError) as e:    # (told to every rank: none waits in the gather)
+        mine = f"rank {grid.comm.rank}'s sample: {e}"
+    told = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
+    bad = next((t for t in told if isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"rank {grid.comm.rank}: engine.distribute: {bad}")
+    given = [r for r, rows in enumerate(told) if rows is not None]
+    if not given:
+        return sample
+    if len(given) < len(told):
+        missing = [r for r, rows in enumerate(told) if rows is None]
+        raise ValueError(f"rank {grid.comm.rank}: engine.distribute: ranks {given} were given "
+                         f"sample= and ranks {missing} were not: give every rank its "
+                         "replica's sample (a batch of inputs as step() will get)")
+    fewest = min(int(rows) for rows in told if rows is not None)
+    if mine == fewest:
+        return sample
+    if isinstance(sample, tuple):
+        return tuple(part[:fewest] for part in sample)
+    return sample[:fewest]
+
+
+def _valid_balance(balance: Any, layers: int) -> None:
+    """Raise unless ``balance`` is a way to cut ``layers`` layers (the
+    count of stages is the schedule's, checked when the cut is made)."""
+    if isinstance(balance, str):
+        if balance not in ("time", "uniform", "parameters"):
+            raise ValueError(f"unknown balance {balance!r}: use 'time', 'uniform', "
+                             "'parameters' or a list of layer counts")
+        return
+    counts = whole_counts(balance)
+    if sum(counts) != layers or min(counts, default=0) < 1:
+        raise ValueError(f"balance={counts} must give positive layer counts adding up to the "
+                         f"model's {layers} layers")
+
+
+def _recompute_names(model: Any, patterns: Sequence[str], traced: bool) -> None:
+    """Raise unless each of ``patterns`` names a submodule of ``model``
+    (selective recompute; _checkpoint_model's checks, before any collective)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for pat in patterns:
+        if not named_by(names, pat):
+            near = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"recompute={pat!r} matches no submodule of "
+                             f"{type(model).__name__} (its submodules: {near})")
+    if traced:
+        hits = [n for p in patterns for n in named_by(names, p)]
+        through = [n for n in hits if not called_whole(model, n)]
+        if through:
+            raise ValueError(f"recompute={list(patterns)!r}: {through!r} hold the model's list "
+                             "of layers, which its trace runs through (it is cut there): name "
+                             "the layers or modules inside them")
+
+
+def _checkpoint_model(model: Any, patterns: Sequence[str], traced: bool) -> None:
+    """Selective recompute of ``model``'s submodules named by ``patterns``
+    (checkpoint_modules); with ``traced``, each must be called as a module
+    when the traced pieces run (called_whole), else it would not recompute:
+    refused, before anything is wrapped (_recompute_names)."""
+    _recompute_names(model, patterns, traced)
+    checkpoint_modules(model, patterns, type(model).__name__)
+
+
+def _copied(batch: Any) -> int:
+    """The bytes of ``batch``'s floating parts: what a TorchStage copies
+    of its input (integer ids it takes as they are)."""
+    parts = batch if isinstance(batch, tuple) else (batch,)
+    return sum(int(p.nbytes) for p in parts
+               if (p.is_floating_point() if is_tensor(p) else
+                   getattr(getattr(p, "dtype", None), "kind", "") == "f"))
+
+
+def _as_grid(grid: Grid | Comm) -> Grid:
+    if not isinstance(grid, Grid):
+        import mesh
+        return mesh.grid(grid, pp=grid.size)
+    extra = [a for a in grid.names if a not in _AXES]
+    if extra or "pp" not in grid.names:
+        raise ValueError(f"rank {grid.comm.rank}: engine.distribute needs a grid with a pp axis "
+                         f"and at most dp and tp beside it (pp=1 for no pipeline), got "
+                         f"{grid.axes}")
+    return grid
+
+
+def _size(grid: Grid, axis: str) -> int:
+    return grid.size(axis) if axis in grid.names else 1
+
+
+def _coord(grid: Grid, axis: str) -> int:
+    return grid.coord(axis) if axis in grid.names else 0
