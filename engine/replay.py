@@ -23,8 +23,8 @@ work, unshared (the executor's own, measured where it ran; without
 unshared waits too (the dp group's all-reduce, timed where it ran). The
 walk then goes in time order. ``load``: other processes on the host that
 want the cores too, in ranks' worth (others' jobs, fitted to a dry run
-before the step: engine.distribute.fitted_load), so ``k`` computing ranks each get
-``min(1, cores / (k + load))``: a rank computing alone on a host that
+before the step: engine.measured_choice.fitted_load), so ``k`` computing
+ranks each get ``min(1, cores / (k + load))``: a rank computing alone on a host that
 others load gets less than the whole of it, and little more than one that
 overlaps (with load 0 the sharing above, unchanged).
 """

@@ -23,7 +23,7 @@ __all__ = ["loaded", "under_load", "calibrated", "retimed", "recosted", "busiest
 def loaded(cand: Candidate, load: float) -> Candidate:
     """``cand`` simulated again with others' processes wanting the cores
     its ranks share (``load``, pp ranks' worth: engine.simulate's; what
-    ``Job.retime`` fits to a dry run, engine.distribute's ``fitted_load``).
+    ``Job.retime`` fits to a dry run, engine.measured_choice's ``fitted_load``).
     Where the ranks outnumber the cores a quiet host lends an idle rank's
     core to the others, so a bubble costs little; a loaded one gives it to
     the other processes, so the load slows a schedule whose ranks take
