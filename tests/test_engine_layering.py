@@ -13,6 +13,8 @@ ENGINE = pathlib.Path(engine.__file__).parent
 ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "costs",
          "profiling", "candidates", "retime", "choose", "trace", "layers", "tp_plan",
          "tp_layers", "torch_stage", "tensor_parallel", "tied", "tp_sums", "clip", "buffers",
+         "traced_returned", "traced_pieces", "traced_inplace", "traced_cuts", "traced_modes",
+         "traced_sizes", "traced_leaves", "traced_sequential", "traced_reshaped",
          "traced", "stagebuild", "partition", "pipeline_args", "step", "rollback", "executor",
          "calibrate", "agree", "given", "layer_timing", "measured_choice", "stage_state", "job",
          "distribute", "zero", "show", "bench_torch", "bench_distribute",

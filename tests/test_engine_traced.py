@@ -1857,3 +1857,15 @@ def test_the_state_of_what_no_stage_holds_is_saved_and_loaded():
     for meta in (False, True):
         state = trained_alike([r[meta] for r in results], losses, model.state_dict())
         _Criterion().double().load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+
+
+def test_what_saved_pieces_name_is_still_in_engine_traced():
+    """A piece or a last stage saved before engine.traced was split into
+    traced_*.py names its helpers as ``engine.traced``'s (a GraphModule's
+    code imports ``_alone``, ``_given``, ``_detached``; ``returned`` pickles
+    ``_Returned``, ``_Made``, ``_Output``): they stay importable there, so
+    those files load."""
+    for name in ("_alone", "_given", "_detached", "_Made", "_Output", "_Returned",
+                 "sequential", "traceable", "few", "given_as_returned", "Reshaped",
+                 "called_whole"):
+        assert hasattr(engine.traced, name), name
