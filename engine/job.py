@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 import collectives
-from mesh import AbortKind, Grid, MeshError
+from mesh import AbortKind, Comm, Grid, MeshError
 from mesh.tensors import is_tensor
 
 from .calibrate import Calibration, collected, dry_run
@@ -527,23 +527,35 @@ class Job:
         return ("; it made no tp collective, so the job's next step runs (its tp peers "
                 "number theirs as this rank does)")
 
-    def _gathered_state(self, timeout: float | None) -> dict[str, Any] | None:
+    def _agreed_part(self, make: Callable[[], Any], what: str,
+                     timeout: float | None) -> tuple[Any, Comm] | None:
+        """What both gathers begin with: every rank's word taken (tp, then
+        pp), this rank's part made (``make``, with its tp peers' gathers),
+        and this rank's own failure raised once the others are told. None
+        where this rank's part goes no further (a dp replica but the first,
+        a tp rank but the first); else ``(made, the pp group)``."""
         self._in_tp_gather = self._part_failed = False
         if _coord(self.grid, "dp"):
             return None
         if self.sharded:
             _all_called(self.grid.group("tp"), timeout)
         self._in_tp_gather = self.sharded
-        # (tp: its peers' gathers, in the same time)
-        local, failed = self._local_part(lambda: self._local_state(timeout),
-                                         "job.state_dict()", timeout)
+        made, failed = self._local_part(make, what, timeout)
         self._in_tp_gather, self._part_failed = False, failed is not None
         if _coord(self.grid, "tp"):
             _raised(failed)
             return None
         pp = self.grid.group("pp")
-        _all_called(pp, timeout, failed, "job.state_dict()")
+        _all_called(pp, timeout, failed, what)
         _raised(failed)
+        return made, pp
+
+    def _gathered_state(self, timeout: float | None) -> dict[str, Any] | None:
+        agreed = self._agreed_part(lambda: self._local_state(timeout), "job.state_dict()",
+                                   timeout)
+        if agreed is None:
+            return None
+        local, pp = agreed
         if pp.rank:
             pp.send(list(local), 0, tag=_STATE_TAG, timeout=timeout)
             for i, v in enumerate(local.values()):
@@ -702,22 +714,11 @@ class Job:
         return state, groups
 
     def _gathered_optimizer(self, opt: Any, timeout: float | None) -> dict[str, Any] | None:
-        self._in_tp_gather = self._part_failed = False
-        if _coord(self.grid, "dp"):
+        agreed = self._agreed_part(lambda: self._local_optimizer(opt),
+                                   "job.optimizer_state_dict(opt)", timeout)
+        if agreed is None:
             return None
-        if self.sharded:
-            _all_called(self.grid.group("tp"), timeout)
-        self._in_tp_gather = self.sharded
-        made, failed = self._local_part(lambda: self._local_optimizer(opt),
-                                        "job.optimizer_state_dict(opt)", timeout)
-        state, groups = made if failed is None else ({}, [])
-        self._in_tp_gather, self._part_failed = False, failed is not None
-        if _coord(self.grid, "tp"):
-            _raised(failed)
-            return None
-        pp = self.grid.group("pp")
-        _all_called(pp, timeout, failed, "job.optimizer_state_dict(opt)")
-        _raised(failed)
+        (state, groups), pp = agreed
         tensors = [(n, k) for n, own in state.items() for k, v in own.items() if is_tensor(v)]
         stage = self._stage_of()
         staged = [(h, [(n, stage[n]) for n in ns]) for h, ns in groups]
