@@ -91,16 +91,19 @@ class Round:
                                 f"freed (its group was closed)", self.ctx.g.ranks[peer])
         return box.heads[peer]
 
-    def _alive(self, peer: int) -> None:
+    def _alive(self, peer: int) -> MeshError | None:
         """A mapped board outlives its process: read it across processes to
-        learn that the peer is gone (ESRCH). Another failure (EFAULT) only
+        learn that the peer is gone (ESRCH): the error, returned, so that
+        the caller looks at the board once more (the peer may have done its
+        part, then left, since the last look). Another failure (EFAULT) only
         says that the peer has let its own mapping go (it dropped the group
         after its part): this rank's mapping still holds the board."""
         box = self.box
         if box.boards[peer] is not None:
             err = box.readers[peer]()
             if err == errno.ESRCH:
-                raise cma.failed_read(self.ctx, peer, err, "the board")
+                return cma.failed_read(self.ctx, peer, err, "the board")
+        return None
 
     def _left(self, peers: list[int]) -> MeshError | None:
         """LostPeerError if one of ``peers`` has closed its mesh (a goodbye
@@ -150,8 +153,7 @@ class Round:
                 break
             err = wait.idle(todo, box, seen)
             if err is None and wait.watch is not None:
-                self._alive(todo[0])
-                err = self._left(todo)
+                err = self._alive(todo[0]) or self._left(todo)
             if err is not None:
                 todo = [p for p in todo if not ready(self._peek(p))]
                 if todo:
