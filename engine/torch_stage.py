@@ -175,7 +175,7 @@ def _runs_compiled(module: Any) -> bool:
 
 def _detached(o: Any) -> Any:
     """``o.detach()``, a colwise output still watched as one
-    (engine.tensor_parallel's ColwiseOutput, its attributes kept): a layer
+    (engine.tp_watch's ColwiseOutput, its attributes kept): a layer
     the plan left whole after it, in the next stage on this rank or as
     engine.distribute measures the layers one by one, raises a PlanError
     naming both (it was torch's shape error alone)."""

@@ -25,7 +25,7 @@ enclosing module reduces):
 
 A Hugging Face ``Conv1D`` (GPT-2's projections: a Linear's weight held
 transposed, ``(in, out)``) takes colwise and rowwise as a Linear, its
-weight cut along the other axis (engine.tensor_parallel.is_conv1d).
+weight cut along the other axis (engine.tp_checks.is_conv1d).
 The first layout listed is the default. Megatron's sequence parallelism is a
 "sequence" region (norms, dropouts) between a rowwise (or vocab) module whose
 output is ``"sequence"`` (a reduce-scatter instead of an all-reduce) and a
