@@ -133,6 +133,28 @@ def test_a_meshrun_that_disagrees_is_refused_and_a_rank_cannot_join_between_trie
     assert "nodes [1] have not said they are ready" in m.tries.closed(2)
 
 
+def test_a_rank_slow_to_end_after_its_error_is_its_nodes_cause_though_a_stop_came_first() -> None:
+    """Rank 2 exits 3 but ends slowly (its mesh closing, a loaded host); node
+    0's ranks lost it at once, so node 0's word stops the try here first, and
+    meshrun SIGTERMs what is left after the settle: rank 2, ended after that
+    (by itself or by the SIGTERM), is still this node's own cause, its error
+    recorded before; not node 0's loss of it (else each node blamed the other
+    and every meshrun exited 1). (tests/test_mesh_netns.py: two hosts)"""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import cause, exit_code
+    told = "node 0: rank 0 ended (exit code 1); the try stops on every node"
+    records = {2: {"exc_type": "SystemExit", "message": "3", "time": 9.9},
+               3: {"exc_type": "LostPeerError", "peer": 2, "message": "rank 3: lost rank 2",
+                   "time": 10.0}}
+    for code, how in ((3, "exit code 3"), (-15, "killed by SIGTERM")):
+        exits = [WorkerExit(3, 1, 103, -15, 10.3, True), WorkerExit(2, 0, 102, code, 10.4, True)]
+        outcome = JobOutcome("lost", exits, stop_time=10.2, lost=told, told=True)
+        assert cause(outcome, records) == (f"rank 2 failed ({how}): SystemExit: 3", True)
+        assert exit_code(outcome, records) == (3 if code > 0 else 143)
+    records[2]["time"] = 10.25      # (its error came after meshrun's SIGTERM: not its own)
+    assert cause(outcome, records) == (told, False) and exit_code(outcome, records) == 1
+
+
 def _env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO), MESH_SECRET="secret-of-the-nodes-test",
                 **extra)

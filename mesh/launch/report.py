@@ -50,8 +50,21 @@ def _secondary(rec: dict[str, Any] | None) -> bool:
         kind == "RuntimeError" and "LostPeerError: " in said)
 
 
+def _failed_itself(e: WorkerExit, outcome: JobOutcome,
+                   records: dict[int, dict[str, Any]]) -> bool:
+    """Whether rank e's failure is its own: it ended before meshrun stopped
+    the job, or after, but with an error of its own recorded before meshrun
+    signalled it (a rank slow to end after its error, its mesh closing, that
+    another node's word stopped meanwhile: its peers there lost it at once)."""
+    if not e.failed or not e.after_stop:
+        return e.failed
+    rec = records.get(e.rank)
+    return (outcome.stop_time is not None and rec is not None and not _secondary(rec)
+            and float(rec.get("time", outcome.stop_time)) < outcome.stop_time)
+
+
 def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> WorkerExit | None:
-    own = [e for e in outcome.exits if e.failed and not e.after_stop]
+    own = [e for e in outcome.exits if _failed_itself(e, outcome, records)]
     return min(own, key=lambda e: (_secondary(records.get(e.rank)),
                                    records.get(e.rank, {}).get("time", e.time), e.rank),
                default=None)
