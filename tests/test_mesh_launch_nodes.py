@@ -68,10 +68,11 @@ def test_a_try_starts_once_every_node_is_ready_and_stops_everywhere_at_a_failure
     assert m.say(0, "ended", 0, code=1, again=True, why="late", own=True) == []   # (try 0's)
     m.say(0, "ready", 1)
     assert m.say(1, "ready", 1)[0][1:3] == ("go", 1) and m.started == [0, 1]
-    m.say(0, "ended", 1, code=1, again=True, why="rank 1 failed", own=True)
+    m.say(0, "ended", 1, code=3, again=True, why="rank 1 failed", own=True)
     assert m.say(1, "ended", 1, code=1, again=True, why="rank 3 lost", own=False) == [
         (0, "over", 1, "node 0: rank 1 failed"), (1, "over", 1, "node 0: rank 1 failed")]
     assert m.tries._over is not None and m.tries._over["exhausted"]
+    assert m.tries._over["code"] == 3       # (the failure's, for every node's meshrun)
     assert not m.tries.settled()
     m.say(0, "bye", 1)
     m.say(1, "bye", 1)
@@ -199,11 +200,15 @@ def _records(out: str) -> list[dict[str, Any]]:
 def test_a_failure_on_one_node_restarts_the_ranks_of_every_node() -> None:
     """Node 1's first rank fails on try 0 only: both meshruns start their
     ranks again, which see one TORCHELASTIC_RESTART_COUNT, 1, and meet in a
-    fresh rendezvous at the same port; both succeed. (2.5 s)"""
+    fresh rendezvous at the same port (only each other: their all_reduce of
+    (rank + 1) * (try + 1) sums to 6); both succeed. (2.5 s)"""
     procs = _two_nodes("--max-restarts", "2", str(SCRIPT), "1", "1")
     (out0, err0), (out1, err1) = _finish(procs)
     assert [p.returncode for p in procs] == [0, 0], err0 + err1
-    tries = {(r["rank"], r["try"]): r["env"] for r in _records(out0 + out1)}
+    records = _records(out0 + out1)
+    tries = {(r["rank"], r["try"]): r["env"] for r in records if "env" in r}
+    assert sorted((r["rank"], r["try"], r["sum"]) for r in records if "sum" in r) == [
+        (0, 1, 6), (1, 1, 6)]
     assert sorted(tries) == [(rank, t) for rank in range(2) for t in (0, 1)], tries
     for (rank, t), env in tries.items():
         assert env["GROUP_RANK"] == str(rank) and env["MESH_RESTART_COUNT"] == str(t)
@@ -218,18 +223,19 @@ def test_a_failure_on_one_node_restarts_the_ranks_of_every_node() -> None:
 
 
 def test_restarts_run_out_on_every_node_naming_the_failing_rank() -> None:
-    """Node 1's first rank fails on every try: after --max-restarts 1 both
-    meshruns end, non-zero, naming it. (3 s)"""
-    procs = _two_nodes("--max-restarts", "1", str(SCRIPT), "1", "9")
+    """Node 1's first rank exits 3 on every try: after --max-restarts 1 both
+    meshruns end with its code, 3 (node 0's ranks, which lost it, exit 1),
+    naming it. (3 s)"""
+    procs = _two_nodes("--max-restarts", "1", str(SCRIPT), "1", "9", "0", "3")
     (out0, err0), (out1, err1) = _finish(procs)
-    assert [p.returncode for p in procs] == [1, 1], err0 + err1
+    assert [p.returncode for p in procs] == [3, 3], err0 + err1
     assert sorted((r["rank"], r["try"]) for r in _records(out0 + out1)) == [
         (rank, t) for rank in range(2) for t in (0, 1)]
     for err in (err0, err1):
         assert err.rstrip().endswith(
             "meshrun: no restarts left (--max-restarts 1): the job failed 2 times; exit code "
-            "1; the last try failed first on node 1: rank 1 failed (exit code 1): "
-            "RuntimeError: rank 1 fails on try 1"), err
+            "3; the last try failed first on node 1: rank 1 failed (exit code 3): "
+            "SystemExit: 3"), err
 
 
 @pytest.mark.parametrize("signum, victim", [(signal.SIGKILL, 0), (signal.SIGKILL, 1),

@@ -159,6 +159,7 @@ def _launch_together(a: argparse.Namespace, secret: str, run_id: str,
                 return 1
             code = code or 1
             if word.get("exhausted"):
+                code = int(word.get("code") or code)
                 print(f"meshrun: no restarts left (--max-restarts {a.max_restarts}): the job "
                       f"failed {restart + 1} times; exit code {code}; the last try failed "
                       f"first on {word.get('why')}", file=sys.stderr, flush=True)

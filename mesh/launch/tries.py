@@ -196,7 +196,10 @@ class Tries:
         elif final is not None:
             self._over = self._said("over", why=final, ok=False)
         elif self.attempt >= self.max_restarts:
-            self._over = self._said("over", why=why, ok=False, exhausted=True)
+            # (every meshrun exits with the code of the failure that ended the job, as a
+            # job on one host does, not its own ranks' 1 for a peer lost on another node)
+            code = None if first is None else self._ended[first].get("code")
+            self._over = self._said("over", why=why, ok=False, exhausted=True, code=code)
         else:
             again = self._said("again", why=why)
             self.attempt += 1

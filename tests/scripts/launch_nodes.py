@@ -1,29 +1,40 @@
 """A job for the tests of meshrun --max-restarts across nodes
-(tests/test_mesh_launch_nodes.py):
+(tests/test_mesh_launch_nodes.py, tests/test_mesh_netns.py):
 
-    launch_nodes.py FAIL_NODE FAIL_TRIES [SLEEP]
+    launch_nodes.py FAIL_NODE FAIL_TRIES [SLEEP [EXIT_CODE [OUTDIR]]]
 
-Every rank joins the mesh and prints its rank, try and restart variables;
-the first rank of node FAIL_NODE then raises on each try under FAIL_TRIES;
-the ranks sleep SLEEP seconds (outside any mesh call) and meet in a barrier."""
+Every rank joins the mesh and prints its rank, try, pid and restart
+variables; the first rank of node FAIL_NODE then fails on each try under
+FAIL_TRIES, raising (or exiting EXIT_CODE); the ranks sum (rank + 1) * (try
++ 1) in an all_reduce (a try's ranks meet only each other), sleep SLEEP
+seconds (outside any mesh call), meet in a barrier and print their sum.
+(OUTDIR, which test_mesh_netns.py gives every job, is not read.)"""
 import json
 import os
 import sys
 import time
+
+import numpy as np
 
 import collectives as C
 import mesh
 
 FAIL_NODE, FAIL_TRIES = int(sys.argv[1]), int(sys.argv[2])
 SLEEP = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+EXIT_CODE = int(sys.argv[4]) if len(sys.argv) > 4 else None
 RESTART = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
 
 with mesh.init(timeout=30) as world:
-    print(json.dumps({"rank": world.rank, "try": RESTART, "env": {k: os.environ.get(k) for k in (
-        "GROUP_RANK", "MESH_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "MASTER_PORT")}}),
-        flush=True)
+    print(json.dumps({"rank": world.rank, "try": RESTART, "pid": os.getpid(),
+                      "env": {k: os.environ.get(k) for k in (
+                          "GROUP_RANK", "MESH_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                          "MASTER_ADDR", "MASTER_PORT")}}), flush=True)
     if (int(os.environ["GROUP_RANK"]) == FAIL_NODE and os.environ["LOCAL_RANK"] == "0"
             and RESTART < FAIL_TRIES):
+        if EXIT_CODE is not None:
+            sys.exit(EXIT_CODE)
         raise RuntimeError(f"rank {world.rank} fails on try {RESTART}")
+    total = C.all_reduce(world, np.array([(world.rank + 1) * (RESTART + 1)]))
     time.sleep(SLEEP)
     C.barrier(world)
+    print(json.dumps({"rank": world.rank, "try": RESTART, "sum": int(total[0])}), flush=True)
