@@ -8,7 +8,9 @@ or a token-bucket rate limit where the kernel has no netem). The same with
 one real ``torchrun --nnodes 2`` per namespace (c10d rendezvous on the first
 one's address), whose ranks run a meshrun script and then torch.distributed
 code on the "meshrun" backend, the hosts named as Debian names them (a
-host's own name is 127.0.1.1 in its /etc/hosts). Skipped with the reason where namespaces
+host's own name is 127.0.1.1 in its /etc/hosts). And a job of two meshruns
+with --max-restarts, whose ranks start again on both hosts together after a
+failure on one. Skipped with the reason where namespaces
 cannot be made; the namespaces are always deleted."""
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "scripts" / "netns_job.py"
 TORCH_JOB = REPO / "tests" / "scripts" / "netns_torch_job.py"
 P2P_JOB = REPO / "tests" / "scripts" / "netns_p2p_job.py"
+NODES_JOB = REPO / "tests" / "scripts" / "launch_nodes.py"
 ADDR = ["10.77.0.1", "10.77.0.2"]
 NAME = ["node0", "node1"]
 
@@ -164,14 +167,15 @@ class Hosts:
 
     def launch(self, i: int, port: int, out: Path, secret: str,
                curve: bool, job: list[str] | None = None,
-               **extra: str) -> subprocess.Popen[str]:
+               opts: tuple[str, ...] = (), **extra: str) -> subprocess.Popen[str]:
+        """Host i's meshrun of the job (``opts``: more of meshrun's options)."""
         env = dict(os.environ, PYTHONPATH=str(REPO), MESH_SECRET=secret, **extra)
         env.pop("MESH_CURVE", None)
         return subprocess.Popen(
             ["ip", "netns", "exec", self.ns[i], sys.executable, "-m", "mesh.launch",
              *(["--curve"] if curve else []),
              "--nnodes", "2", "--node-rank", str(i), "--master-addr", ADDR[0],
-             "--master-port", str(port), "-n", "2", "--timeout", "60",
+             "--master-port", str(port), "-n", "2", "--timeout", "60", *opts,
              *(job or [str(JOB)]), str(out)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -416,6 +420,65 @@ def test_a_host_that_cannot_reach_master_addr_says_so(hosts: Hosts, tmp_path: Pa
         assert "Network is unreachable" in err, err
     finally:
         _stop(procs)
+
+
+def _restarting(hosts: Hosts, out: Path, max_restarts: int,
+                fail_tries: int) -> list[tuple[int, list[dict], str]]:
+    """A job of both hosts' meshruns with --max-restarts whose rank 2 (node
+    1's first) exits 3 on each try under ``fail_tries`` (launch_nodes.py):
+    each meshrun's exit code, its ranks' records and its stderr."""
+    secret = secrets.token_hex(16)
+    opts = ("--max-restarts", str(max_restarts))
+    job = [str(NODES_JOB), "1", str(fail_tries), "0", "3"]
+    procs = [hosts.launch(0, 0, out, secret, False, job, opts)]
+    try:
+        port = _node0_port(procs[0])
+        procs.append(hosts.launch(1, port, out, secret, False, job, opts))
+        ends = [p.communicate(timeout=60) for p in procs]
+    finally:
+        _stop(procs)
+    return [(p.returncode, [json.loads(line.partition(" ")[2]) for line in o.splitlines()], e)
+            for p, (o, e) in zip(procs, ends)]
+
+
+def test_a_failure_on_one_host_restarts_the_ranks_of_both(hosts: Hosts,
+                                                          tmp_path: Path) -> None:
+    """--max-restarts 2: rank 2 exits 3 on the first try; both hosts' meshruns
+    start their ranks again together, which see TORCHELASTIC_RESTART_COUNT=1
+    and meet only each other (their all_reduce of (rank + 1) * (try + 1) sums
+    to 20), and the job succeeds on both. (5 s)"""
+    ends = _restarting(hosts, tmp_path, 2, 1)
+    assert [code for code, _, _ in ends] == [0, 0], [err for _, _, err in ends]
+    for node, (_, records, err) in enumerate(ends):
+        ranks = (2 * node, 2 * node + 1)
+        started = [r for r in records if "env" in r]
+        assert sorted((r["rank"], r["try"]) for r in started) == [
+            (rank, t) for rank in ranks for t in (0, 1)], err
+        assert sorted((r["rank"], r["try"], r["sum"]) for r in records if "sum" in r) == [
+            (rank, 1, 20) for rank in ranks], err
+        for r in started:
+            assert r["env"]["MESH_RESTART_COUNT"] == str(r["try"]), r
+            assert (r["env"]["GROUP_RANK"], r["env"]["MASTER_ADDR"]) == (str(node), ADDR[0])
+        assert err.count("meshrun: starting every rank again (restart 1 of 2: "
+                         "TORCHELASTIC_RESTART_COUNT=1) on every node, after node 1: rank 2 "
+                         "failed (exit code 3): SystemExit: 3") == 1, err
+        assert "restart 2" not in err, err
+
+
+def test_restarts_run_out_on_both_hosts_with_the_failures_code(hosts: Hosts,
+                                                               tmp_path: Path) -> None:
+    """--max-restarts 1: rank 2 exits 3 on every try; after two tries both
+    meshruns end with its code (node 0's ranks, which lost it, exit 1) and
+    name it. (5 s)"""
+    ends = _restarting(hosts, tmp_path, 1, 9)
+    assert [code for code, _, _ in ends] == [3, 3], [err for _, _, err in ends]
+    for node, (_, records, err) in enumerate(ends):
+        assert sorted((r["rank"], r["try"]) for r in records) == [
+            (rank, t) for rank in (2 * node, 2 * node + 1) for t in (0, 1)], err
+        assert err.rstrip().endswith(
+            "meshrun: no restarts left (--max-restarts 1): the job failed 2 times; exit code "
+            "3; the last try failed first on node 1: rank 2 failed (exit code 3): "
+            "SystemExit: 3"), err
 
 
 @pytest.mark.parametrize("p2p", [False, True], ids=["all_reduce", "p2p"])
