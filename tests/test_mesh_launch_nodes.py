@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mesh.launch.tries import Tries
+from proctools import alive
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "launch_nodes.py"
@@ -245,13 +247,16 @@ def test_a_node_whose_meshrun_is_killed_or_stopped_ends_the_job_on_the_other(
         signum: int, victim: int) -> None:
     """A node's meshrun SIGKILLed while its ranks and the other node's are
     busy outside mesh calls: the other ends its ranks and the job at once
-    (its connection to node 0's, or node 0's to it, closed), naming it, and
-    restarts nothing; so it does after a Ctrl-C there. (2.5 s each)"""
+    (its connection to node 0's, or node 0's to it, closed), naming it (node
+    0 by its address), and restarts nothing, and no rank is left (the killed
+    meshrun's die with it); so it does after a Ctrl-C there. (2.5 s each)"""
     procs = _two_nodes("--max-restarts", "3", str(SCRIPT), "9", "0", "60")
+    port = procs[1].args[procs[1].args.index("--master-port") + 1]
     try:
+        pids = []
         for p in procs:         # (both nodes' ranks are in the job)
             assert p.stdout is not None
-            assert '"try": 0' in p.stdout.readline()
+            pids += [r["pid"] for r in _records(p.stdout.readline())]
         procs[victim].send_signal(signum)
         other = procs[1 - victim]
         _, err = other.communicate(timeout=40)     # (its ranks sleep 60 s: not waited for)
@@ -261,10 +266,16 @@ def test_a_node_whose_meshrun_is_killed_or_stopped_ends_the_job_on_the_other(
     assert other.returncode == 1, err
     last = err.rstrip().splitlines()[-1]
     if signum == signal.SIGKILL:
-        assert last.startswith(f"meshrun: no restart: node {victim}'s meshrun is gone"), err
+        where = f" at tcp://127.0.0.1:{port}" if victim == 0 else ""
+        assert last.startswith(f"meshrun: no restart: node {victim}'s meshrun{where} is "
+                               f"gone"), err
     else:
         assert procs[victim].returncode == 130, err_victim
         assert last == f"meshrun: no restart: node {victim}: its meshrun was stopped by " \
                        f"SIGINT", err
     assert "starting every rank again" not in err
     assert "killed by SIGTERM (stopped by meshrun)" in err, err
+    deadline = time.monotonic() + 10
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, pids)), pids

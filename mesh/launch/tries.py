@@ -361,9 +361,9 @@ class Agent:
                 if heard is not None and now - heard > self._silent_s and not gone:
                     gone = f"it said nothing for {self._silent_s:g} s"
                 if gone:
-                    self._told({"say": "over", "why": f"node 0's meshrun is gone ({gone}: "
-                                                      f"killed, or its host lost); the job "
-                                                      f"ends on every node"})
+                    self._told({"say": "over", "why": f"node 0's meshrun at {self._where} is "
+                                                      f"gone ({gone}: killed, or its host "
+                                                      f"lost); the job ends on every node"})
                     heard, gone = None, ""
                 while not self._out.empty():
                     msg = self._out.get()
