@@ -82,7 +82,7 @@ from .rollback import StepFailed, _Step
 from .simulate import simulate
 from .tied import TiedGrads
 from .tp_sums import TpSums
-from .traced import given_as_returned
+from .traced import Reshaped, given_as_returned
 from .torch_stage import TorchStage, patterns_of, plain_torch_loss, torch_loss
 from .tp_layers import cut_edges, group_of, refuse_cut_fed_whole
 from .verify import verify
@@ -241,9 +241,6 @@ class Pipeline:
         # the Pipelines are made alike on each)
         self._step0 = _steps_on(self.pp)
         self.events: list[list[Any]] = []
-        # a traced model's pieces at each step's input shapes (engine.traced.Reshaped, set by
-        # engine.distribute): the first micro-batch's activations tell the next stage them
-        self.reshaped: Any = None
         # run first in each step (engine.distribute's job: its model traced again at the
         # step's input shapes), so that its error fails the step on every rank as a stage's
         self.before_step: Callable[[], None] | None = None
@@ -265,6 +262,11 @@ class Pipeline:
         stages = [_as_stage(obj, s in again, s, recompute, layered)
                   for s, obj in zip(mine, given)]
         self.stages = dict(zip(mine, stages))
+        # a traced model's pieces at each step's input shapes (engine.traced.Reshaped: of
+        # engine.partition's stages here, else set by engine.distribute): the first
+        # micro-batch's activations tell the next stage them
+        self.reshaped: Any = Reshaped.of([getattr(st, "module", st) for st in stages],
+                                         f"pp rank {self.rank}")
         self.first = 0 in self.stages
         self.last = lowered.num_stages - 1 in self.stages
         if self.last and loss_fn is None:

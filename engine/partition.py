@@ -15,7 +15,10 @@ are built only for the stages in ``stages=`` (the others come back as
 None), so a rank builds only what it holds: ``stages=sched.stages_of(r)``.
 
 A stage is an ``nn.Sequential`` of the model's own modules (the Pipeline
-wraps it in a TorchStage) or an ``engine.layers.Sequential``. ``balance``:
+wraps it in a TorchStage) or an ``engine.layers.Sequential``. Where the
+traced pieces hold what the sample's shapes decided, the Pipeline traces
+the model again at a step's other shapes (engine.traced.Reshaped).
+``balance``:
 
 * ``"uniform"``: layer counts as equal as possible (stage s starts at
   layer ``s * n // num_stages``, as engine.layers.mlp_stages cuts);
@@ -66,7 +69,7 @@ from .stagebuild import (as_module, build, declared_tie, inputs_of, is_module, k
 from .tensor_parallel import own_records
 from .tied import Tie
 from .torch_stage import TorchStage
-from .traced import few, sequential, traceable
+from .traced import TracedAt, few, mark, sequential, traceable
 from .verify import verify
 
 __all__ = ["partition", "Partition", "cut_points"]
@@ -244,6 +247,14 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
             stage.partition_cut = tuple(counts)
     if returned is not None and out[-1] is not None:
         out[-1].returned = returned
+    if getattr(traced, "shaped", False):
+        # its pieces hold what the sample's shapes decided: a Pipeline of these stages traces
+        # the model again at a step's other shapes (engine.traced.Reshaped) by these marks
+        starts = list(itertools.accumulate(counts, initial=0))
+        for s, stage in enumerate(out):
+            if stage is not None:
+                mark(stage, TracedAt(model, traced, inputs_of(sample), sample,
+                                     range(starts[s], starts[s + 1])))
     for tie, members in ties.items():
         for s, p in members:
             index = next(i for i, q in enumerate(stage_params(out[s])) if q is p)

@@ -138,6 +138,8 @@ class _StepActions:
             pipe.tp_sums.start()
         if pipe.before_step is not None:
             pipe.before_step()
+        elif pipe.reshaped is not None:     # (engine.partition's stages: at these inputs)
+            pipe.reshaped.step(inputs)
         if pipe.first:
             if inputs is None:
                 raise ValueError(f"pp rank {pipe.rank} holds stage 0: {call} needs inputs")

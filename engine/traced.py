@@ -56,19 +56,20 @@ pieces; traced_cuts.py, where they are cut; traced_inplace.py, in-place
 changes; traced_modes.py, the forward's modes (training, no_grad,
 autocast); traced_sizes.py, the sizes the sample decides;
 traced_returned.py, what the forward returns; traced_reshaped.py,
-``Reshaped`` (a job's pieces traced again at a step's shapes). The names
-other modules read are importable from here.
+``Reshaped`` (a job's or a Pipeline's pieces traced again at a step's
+shapes). The names other modules read are importable from here.
 """
 from __future__ import annotations
 
 from .traced_leaves import called_whole, traceable
 from .traced_modes import _detached
 from .traced_pieces import _alone, _given
-from .traced_reshaped import Reshaped
+from .traced_reshaped import Reshaped, TracedAt, mark
 from .traced_returned import _Made, _Output, _Returned, given_as_returned
 from .traced_sequential import sequential
 
-__all__ = ["sequential", "traceable", "few", "given_as_returned", "Reshaped", "called_whole"]
+__all__ = ["sequential", "traceable", "few", "given_as_returned", "Reshaped", "TracedAt",
+           "mark", "called_whole"]
 
 _PICKLED = (_alone, _given, _detached, _Made, _Output, _Returned)
 """What a saved piece or stage names as ``engine.traced``'s (a GraphModule's

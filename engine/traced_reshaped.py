@@ -4,11 +4,51 @@ traced again where they differ from the sample's (engine.traced).
 from __future__ import annotations
 
 import functools
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
 from .traced_sequential import sequential
 
-__all__ = ["Reshaped"]
+__all__ = ["Reshaped", "TracedAt", "mark"]
+
+
+class TracedAt(NamedTuple):
+    """What a Pipeline of engine.partition's stages traces the model again by
+    (``Reshaped.of``), where the pieces hold what the sample's shapes
+    decided: the model, the traced ``nn.Sequential`` of all its pieces, how
+    many inputs its forward takes, the sample, and the stage's pieces'
+    indices in it."""
+    source: Any
+    seq: Any
+    inputs: int
+    sample: Any
+    pieces: range
+
+
+_TRACED_AT: "weakref.WeakKeyDictionary[Any, TracedAt]" = weakref.WeakKeyDictionary()
+"""engine.partition's stages (``mark``) and their TracedAt: beside the stage,
+not on it, so that a stage saved (torch.save) or copied carries no model
+(a copy's pieces are not the trace's)."""
+
+
+_OF: "weakref.WeakKeyDictionary[Any, Reshaped]" = weakref.WeakKeyDictionary()
+"""The Reshaped of each partition's trace (by its ``nn.Sequential``): one,
+which every Pipeline of its stages shares, so that what one moved the
+pieces to, the others know (``now``)."""
+
+
+def mark(stage: Any, at: TracedAt) -> None:
+    """Note that ``stage``, engine.partition's, is made of ``at.seq``'s pieces ``at.pieces``."""
+    _TRACED_AT[stage] = at
+
+
+def _marked(stage: Any) -> TracedAt | None:
+    """``stage``'s TracedAt; None where it has none (a stage of the user's
+    own, that cannot be weakly referenced or hashed, has none)."""
+    try:
+        return _TRACED_AT.get(stage)
+    except TypeError:
+        return None
 
 
 def _shape_key(inputs: Any) -> tuple[tuple[int, ...], ...] | None:
@@ -49,8 +89,10 @@ class Reshaped:
     updates. Each shape's graphs are kept (a step at the sample's shapes
     again, or at any seen before, traces nothing); where a trace at new
     shapes fails or cuts otherwise, the step runs the sample's graphs (which
-    raise their AssertionError) and a warning says why. A rank given no
-    inputs (``step(None, y)``: a later stage's) follows the first stage's:
+    raise their AssertionError) and a warning says why. A Pipeline of
+    engine.partition's stages gets one (``of``), as an engine.distribute job
+    makes its own. A rank given no inputs (``step(None, y)``: a later
+    stage's) follows the first stage's:
     ``told()``, the shapes (and dtypes) of the inputs this rank runs at, go
     with the first micro-batch's activations to the next stage's rank, whose
     ``follow(told)`` traces again with zeros of them before its first
@@ -80,6 +122,30 @@ class Reshaped:
         self.seen = {(self.first, i): _shape_key(x) for i, x in (entries or {}).items()}
         for i in entries or {}:
             seq[i].register_forward_pre_hook(functools.partial(self._check, i))
+
+    @classmethod
+    def of(cls, stages: list[Any], where: str) -> "Reshaped | None":
+        """The Reshaped of the pieces of ``stages`` (a Pipeline's own stage
+        modules, by hand) that engine.partition marked (``mark``), and of
+        the other stages of that partition built here: one for every
+        Pipeline of them; None where none is marked. Stages of two
+        partitions (two traces) raise."""
+        marks = [m for m in map(_marked, stages) if m is not None]
+        if not marks:
+            return None
+        if any(m.seq is not marks[0].seq for m in marks):
+            raise ValueError(f"{where}: its stages come from {len(marks)} calls of "
+                             f"engine.partition (each traced the model anew): give a "
+                             f"Pipeline the stages of one")
+        first = marks[0]
+        if first.seq not in _OF:    # (over every stage of it built here: a Pipeline's or not)
+            sample = (tuple(p[:1] for p in first.sample) if isinstance(first.sample, tuple)
+                      else first.sample[:1])
+            own = sorted(i for m in list(_TRACED_AT.values()) if m.seq is first.seq
+                         for i in m.pieces)
+            _OF[first.seq] = cls(first.source, first.seq, own, None, False, first.inputs,
+                                 sample, where=where)
+        return _OF[first.seq]
 
     def step(self, inputs: Any) -> None:
         """A step's (or eval_step's) ``inputs`` on this rank: None where it
@@ -189,10 +255,10 @@ class Reshaped:
                                          f"{n.target!r}, which the sample's did not")
                     constants.append((piece, n.target, value))
         except (TypeError, ValueError, AssertionError) as e:
-            warnings.warn(f"engine.distribute: {type(self.source).__name__}.forward traced "
-                          f"at inputs of shapes {list(key)} (but for their rows) fails "
-                          f"({type(e).__name__}: {e}): the step runs the pieces traced at the "
-                          f"sample's shapes", stacklevel=3)
+            warnings.warn(f"{self.where or 'engine.traced'}: {type(self.source).__name__}"
+                          f".forward traced at inputs of shapes {list(key)} (but for their "
+                          f"rows) fails ({type(e).__name__}: {e}): the step runs the pieces "
+                          f"traced at the sample's shapes", stacklevel=3)
             return None
         for piece, name, value in constants:    # (read as it is: no buffer, in no state dict)
             vars(piece)[name] = value

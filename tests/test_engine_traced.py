@@ -1298,9 +1298,9 @@ def test_partition_traces_a_forward_reading_its_inputs_lengths_with_its_sample()
     forward with an ``if`` on its input's length (and sizes read across the
     blocks) could not be cut by hand (TypeError: fx's "symbolically traced
     variables cannot be used as inputs to control flow"). With it, the
-    stages run the model at the sample's shapes; at other shapes they raise
-    (the trace holds what the sample's decided: engine.distribute traces
-    again)."""
+    stages run the model at the sample's shapes; at other shapes they raise,
+    called by hand (the trace holds what the sample's decided: a Pipeline
+    of them, or engine.distribute, traces again)."""
     torch.manual_seed(0)
     model = _LengthsLogits().double()
     x = _length_data(0)[0]
@@ -1313,6 +1313,96 @@ def test_partition_traces_a_forward_reading_its_inputs_lengths_with_its_sample()
     with pytest.raises(AssertionError, match=r"the traced forward took the branch at .* as the "
                                              r"sample's shapes decided it \(True\)"):
         parts[1](parts[0](_length_data(0, 3)[0]))
+
+
+def _token_loss(out, y):
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+def _partition_lengths_worker(world):
+    """Pipelines built by hand of engine.partition's stages (1F1B, a stage
+    a rank; interleaved, two stages of four a rank), later ranks given no
+    inputs: steps at LENGTHS, an eval_step at 6; each rank's parameters
+    (by the model's names) and the last stage's losses."""
+    torch.set_num_threads(1)
+    grid, out = mesh.grid(world, pp=2), {}
+    r = grid.coord("pp")
+    for name, sched in (("1f1b", engine.schedules.one_f_one_b(2, 2)),
+                        ("interleaved", engine.schedules.interleaved_1f1b(2, 2, 2))):
+        torch.manual_seed(0)
+        parts = engine.partition(_LengthsLogits().double(), sched.num_stages,
+                                 balance="uniform", sample=_length_data(0)[0])
+        pipe = engine.Pipeline(grid, engine.stages_for_rank(parts, sched, r), sched,
+                               loss_fn=_token_loss, timeout=60)
+        params = [p for st in pipe.stages.values() for p in st.module.parameters()]
+        opt = torch.optim.SGD(params, lr=LR)
+        losses = []
+        for step in range(STEPS):
+            x, y = _length_data(step)
+            opt.zero_grad()
+            losses.append(pipe.step(x if pipe.first else None, y))
+            opt.step()
+        x, y = _length_data(STEPS, 6)
+        out[name] = {"losses": losses, "last": pipe.last,
+                     "eval": pipe.eval_step(x if pipe.first else None, y),
+                     "state": {k: v.tolist() for s in sched.stages_of(r)
+                               for k, v in parts.named_parameters(s)}}
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_pipeline_of_partitions_stages_traces_again_at_other_sequence_lengths():
+    """A Pipeline built by hand of engine.partition's stages of a forward
+    that reads its input's length ran only at the sample's (a step at
+    another raised the trace's AssertionError on the first stage's rank,
+    MeshError on the other's): it traces the model again at each new
+    length, as an engine.distribute job does, the later stage's rank given
+    no inputs told the shapes by the first's. Steps at 5, 3 and 7 tokens and
+    an eval_step at 6 are one process's (1F1B, and interleaved: a rank's
+    two stages)."""
+    torch.manual_seed(0)
+    model = _LengthsLogits().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        x, y = _length_data(step)
+        loss = _token_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        want = _token_loss(model(_length_data(STEPS, 6)[0]), _length_data(STEPS, 6)[1])
+    results = mesh.spawn(_partition_lengths_worker, 2, timeout=100, env=PATIENT)
+    for name in ("1f1b", "interleaved"):
+        got = {k: v for r in results for k, v in r[name]["state"].items()}
+        assert sorted(got) == sorted(model.state_dict()), name
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(torch.tensor(got[k], dtype=v.dtype), v, msg=k)
+        last = [r[name] for r in results if r[name]["last"]]
+        assert len(last) == 1
+        np.testing.assert_allclose(last[0]["losses"], losses, rtol=1e-10)
+        assert last[0]["eval"] == pytest.approx(want.item(), rel=1e-10), name
+
+
+def test_pipelines_of_one_partitions_stages_run_each_at_its_own_steps_lengths():
+    """Two Pipelines of one partition's stages (one process, a rank of two
+    stages) share the pieces: each step runs at its own inputs' length,
+    whatever the other's last step moved the pieces to (one Reshaped, not
+    one a Pipeline, each believing the pieces were where it had left them:
+    the trace's AssertionError)."""
+    class Solo:
+        rank, size = 0, 1
+    torch.manual_seed(0)
+    model = _LengthsLogits().double()
+    parts = engine.partition(model, 2, balance="uniform", sample=_length_data(0)[0])
+    sched = engine.schedules.interleaved_1f1b(1, 2, 2)
+    pipes = [engine.Pipeline(Solo(), list(parts), sched, loss_fn=_token_loss) for _ in "ab"]
+    for pipe, length in zip(pipes * 2, (3, 5, 7, 3)):
+        x, y = _length_data(1, length)
+        with torch.no_grad():
+            want = _token_loss(model(x), y).item()
+        assert pipe.eval_step(x, y) == pytest.approx(want, rel=1e-12), length
 
 
 def _retrace_fails_worker(world):
