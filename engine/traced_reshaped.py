@@ -88,11 +88,14 @@ class Reshaped:
     own, not the new trace's, so what an optimizer holds stays what it
     updates. Each shape's graphs are kept (a step at the sample's shapes
     again, or at any seen before, traces nothing); where a trace at new
-    shapes fails or cuts otherwise, the step runs the sample's graphs (which
-    raise their AssertionError) and a warning says why. A Pipeline of
-    engine.partition's stages gets one (``of``), as an engine.distribute job
-    makes its own. A rank given no inputs (``step(None, y)``: a later
-    stage's) follows the first stage's:
+    shapes fails, the step runs the sample's graphs (which raise their
+    AssertionError) and a warning says why; where it cuts the model
+    otherwise (a forward that reads its rows' count across the layers at
+    some lengths alone: no cut there), the step raises a ValueError naming
+    the shapes and both cuts (the stages hold the sample's pieces, which
+    cannot move between ranks). A Pipeline of engine.partition's stages
+    gets one (``of``), as an engine.distribute job makes its own. A rank
+    given no inputs (``step(None, y)``: a later stage's) follows the first stage's:
     ``told()``, the shapes (and dtypes) of the inputs this rank runs at, go
     with the first micro-batch's activations to the next stage's rank, whose
     ``follow(told)`` traces again with zeros of them before its first
@@ -226,6 +229,20 @@ class Reshaped:
             type(piece).forward = form[-1]
         self.now = key
 
+    def _cut_otherwise(self, key: Any, labels: list[str]) -> str:
+        """Why a step at inputs' shapes ``key``, whose trace cuts the model
+        into ``labels``, is refused: the stages hold the sample's pieces."""
+        return (f"{self.where}{': ' if self.where else ''}{type(self.source).__name__}.forward "
+                f"at inputs of shapes {list(key)} (rows aside) is cut into {len(labels)} "
+                f"pieces, {_names(labels)}, not the {len(self.labels)} the stages hold, "
+                f"{_names(self.labels)}, as at the sample's shapes {list(self.first or ())}: "
+                f"a step cannot cut the model otherwise (a cut falls only where the rest of "
+                f"the forward reads tensors alone: at these shapes it reads another value "
+                f"across the layers, an int such as a size of the rows). Give the steps "
+                f"inputs of shapes the forward cuts alike (pad or split them to the sample's "
+                f"length), or trace it with a sample of these shapes (engine.distribute's or "
+                f"engine.partition's sample=) for steps of them")
+
     def _traced(self, inputs: Any, key: Any) -> list[tuple[Any, ...]] | None:
         """The pieces' forms traced at ``inputs``' shapes; None, and a
         warning, where they cannot be."""
@@ -241,7 +258,7 @@ class Reshaped:
                                  sample=two if isinstance(inputs, (tuple, list)) else two[0])
             labels = [type(p).__name__ for p in new]
             if labels != self.labels:
-                raise ValueError(f"it is cut into {labels}, not {self.labels}")
+                raise _CutOtherwise(labels)
             made = [new[i] if i >= 0 else new.loss for i, _ in self.pieces]
             constants = []      # (a tensor the forward makes of constants: fx keeps it aside,
             for (_, piece), gm in zip(self.pieces, made):       # named anew each trace)
@@ -254,6 +271,8 @@ class Reshaped:
                         raise ValueError(f"its piece {type(piece).__name__} reads "
                                          f"{n.target!r}, which the sample's did not")
                     constants.append((piece, n.target, value))
+        except _CutOtherwise as e:
+            raise ValueError(self._cut_otherwise(key, e.args[0])) from None
         except (TypeError, ValueError, AssertionError) as e:
             warnings.warn(f"{self.where or 'engine.traced'}: {type(self.source).__name__}"
                           f".forward traced at inputs of shapes {list(key)} (but for their "
@@ -268,6 +287,16 @@ class Reshaped:
             forms.append(self._form(piece))
         self.now = key
         return forms
+
+
+class _CutOtherwise(Exception):
+    """A trace at new shapes cut into other pieces (their labels, args[0])."""
+
+
+def _names(labels: list[str]) -> str:
+    """Pieces' labels (``GPT[transformer.h.0]``) as their spans: ``[transformer.h.0, ...]``."""
+    return "[" + ", ".join(x[x.find("[") + 1:-1] if x.endswith("]") else x
+                           for x in labels) + "]"
 
 
 def _holds(module: Any, target: str) -> bool:

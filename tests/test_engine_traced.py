@@ -1405,6 +1405,88 @@ def test_pipelines_of_one_partitions_stages_run_each_at_its_own_steps_lengths():
         assert pipe.eval_step(x, y) == pytest.approx(want, rel=1e-12), length
 
 
+class _Windowed(nn.Module):
+    """Inputs longer than its window folded into rows of windows for the
+    blocks, unfolded after them by the rows' count read before (``B, T =
+    idx.size()``): at such lengths a value not a tensor crosses the blocks,
+    which are not cut apart; at others they are."""
+    def __init__(self, w=6, vocab=7, blocks=3, window=6):
+        super().__init__()
+        self.window = window
+        self.wte, self.wpe = nn.Embedding(vocab, w), nn.Embedding(window, w)
+        self.h = nn.ModuleList(_CausalBlock(w) for _ in range(blocks))
+        self.head = nn.Linear(w, vocab)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        x = self.wte(idx)
+        if T > self.window:
+            x = x.view(B * T // self.window, self.window, -1)
+        n = x.size(1)
+        x = x + self.wpe(torch.arange(0, n, device=idx.device))
+        mask = torch.ones((n, n), dtype=torch.bool, device=idx.device).triu(1)
+        for block in self.h:
+            x = block(x, mask)
+        if T > self.window:
+            x = x.view(B, T, -1)
+        return _token_loss(self.head(x), targets)
+
+
+_WINDOWED = ((0, 5), (1, 12), (2, 3))      # (data, length) of each step: 12 is cut otherwise
+
+
+def _windowed_worker(world):
+    """pp=2: steps at _WINDOWED's lengths, the later stage's rank given no
+    inputs; what each step raised, and the state trained."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    job = engine.distribute(_Windowed().double(), mesh.grid(world, pp=2), schedule="1f1b",
+                            microbatches=2, balance="uniform", sample=_length_data(0, 5)[0],
+                            timeout=60, reps=1, verbose=False)
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    said = []
+    for step, length in _WINDOWED:
+        x, y = _length_data(step, length)
+        opt.zero_grad()
+        try:
+            job.step(x if job.pipeline.first else None, y)
+            opt.step()
+            said.append(None)
+        except Exception as e:
+            said.append(f"{type(e).__name__}: {e}")
+    state = job.state_dict()
+    return said, None if state is None else {k: v.tolist() for k, v in state.items()}
+
+
+@pytest.mark.timeout(120)
+def test_a_length_whose_trace_cuts_the_model_otherwise_fails_the_step_naming_both_cuts():
+    """A step at a length whose trace cuts the model into other pieces (a
+    forward folding long inputs into windows, which reads the rows' count
+    across the blocks there) warned, then ran the sample's pieces, which
+    raised their AssertionError ("took (-1, 5, 6) for a size..."). It
+    fails on every rank with a ValueError naming the shapes, both cuts and
+    what to do, rolled back; the steps around it train as one process."""
+    (said0, state), (said1, _) = mesh.spawn(_windowed_worker, 2, timeout=100, env=PATIENT)
+    assert said0[0] is None and said0[2] is None and said1[0] is None and said1[2] is None
+    refused = (r"_Windowed.forward at inputs of shapes \[\(12,\)\] \(rows aside\) is cut "
+               r"into 2 pieces, \[wte..h.2, head\], not the 4 the stages hold, \[wte..h.0, "
+               r"h.1, h.2, head\], as at the sample's shapes \[\(5,\)\]: .* Give the steps "
+               r"inputs of shapes the forward cuts alike")
+    import re
+    assert re.match(r"ValueError: rank 0 \(pp rank 0\): " + refused, said0[1]), said0[1]
+    assert "pipeline step 1 failed on pp rank 0: ValueError: " in said1[1], said1[1]
+    assert "AssertionError" not in said0[1] + said1[1]
+    torch.manual_seed(0)
+    model = _Windowed().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step, length in _WINDOWED[::2]:
+        opt.zero_grad()
+        model(*_length_data(step, length)).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(torch.tensor(state[k], dtype=v.dtype), v, msg=k)
+
+
 def _retrace_fails_worker(world):
     """tp=2: a step at a new length whose trace raises on tp rank 1 alone
     (a KeyboardInterrupt as it traces), then steps at that length and at
@@ -1464,8 +1546,8 @@ def test_a_trace_at_new_shapes_reads_its_own_constants_and_refuses_another_cut()
     """A tensor the forward makes of constants (``torch.tensor(2.0)``) is
     named anew by each trace (``_tensor_constant1``...): the pieces read the
     new one, kept out of their state dicts; a trace at new shapes that cuts
-    the model otherwise is not taken (the sample's pieces run, and raise),
-    with a warning that says why."""
+    the model otherwise is refused with a ValueError naming both cuts (it
+    warned, then the sample's pieces ran and raised their AssertionError)."""
     class Scaled(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1488,12 +1570,13 @@ def test_a_trace_at_new_shapes_reads_its_own_constants_and_refuses_another_cut()
     torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
     assert [list(p.state_dict()) for p in seq] == keys
     x = torch.randn(2, 7, 4)
-    with pytest.warns(UserWarning, match=r"Scaled.forward traced at inputs of shapes \[\(7, 4\)\] "
-                                         r"\(but for their rows\) fails \(ValueError: it is cut "
-                                         r"into .*: the step runs the pieces traced at the sample"):
+    with pytest.raises(ValueError, match=r"^Scaled.forward at inputs of shapes \[\(7, 4\)\] "
+                                         r"\(rows aside\) is cut into 1 pieces, \[h.0..h.2\], "
+                                         r"not the 3 the stages hold, \[h.0, h.1, h.2\], as at "
+                                         r"the sample's shapes \[\(5, 4\)\]: a step cannot"):
         reshaped.at(x)
-    with pytest.raises(AssertionError, match=r"the traced forward took the branch at "):
-        seq(x)
+    x = torch.randn(2, 6, 4)        # (the pieces as they were: at the last shapes taken)
+    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["masked", "unet", "hf"])
