@@ -2279,7 +2279,7 @@ def _loaded_worker(world):
     import importlib
     import io
     importlib.import_module("engine.calibrate")._cores = lambda: 1
-    for where in ("engine.job", "engine.measured_choice"):      # (the re-time's, the choice's)
+    for where in ("engine.job_retime", "engine.measured_choice"):   # (the re-time's, the choice's)
         importlib.import_module(where).fitted_load = lambda *args, **kwargs: 2.5
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

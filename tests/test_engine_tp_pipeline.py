@@ -839,7 +839,7 @@ def _measuring_fails_worker(world):
     re-times the stages (job.retime(), inside distribute, a tp collective
     after); then a job built clean on the same grid."""
     import sys
-    ed = sys.modules["engine.job"]       # (Job.retime reads _retime there)
+    ed = sys.modules["engine.job_retime"]       # (Job.retime reads _retime there)
     x = np.random.default_rng(5).standard_normal((4, 8))
     y = np.random.default_rng(6).standard_normal((4, 2))
     armed = [False]
