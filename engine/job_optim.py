@@ -62,7 +62,8 @@ class _OptimizerState:
     """Job's whole optimizer state, gathered and loaded (engine.job)."""
 
     # (Job's, set in its __init__ or by its other parts)
-    _agreed_part: Callable[[Callable[[], Any], str, float | None], tuple[Any, Comm] | None]
+    _agreed_part: Callable[[Callable[[], Any], str, float | None, BaseException | None],
+                           tuple[Any, Comm] | None]
     _aliases: dict[str, str]
     _expected: dict[str, tuple[int, ...]]
     _part_failed: bool
@@ -119,14 +120,18 @@ class _OptimizerState:
         timeout = self._timeout if timeout is None else timeout
         zeros = self._zeros(opt, "optimizer_state_dict")
         self._part_failed = False
+        consolidating: BaseException | None = None
         try:
-            for z in zeros:      # (each replica's share on dp rank 0, whose state is then whole)
-                z.consolidate_state_dict(0, timeout)
-            return self._gathered_optimizer(_one_optimizer(opt), timeout)
+            try:    # (each replica's share on dp rank 0, whose state is then whole)
+                for z in zeros:
+                    z.consolidate_state_dict(0, timeout)
+            except BaseException as e:      # (the first replica's pp and tp peers told first)
+                consolidating = e
+            return self._gathered_optimizer(_one_optimizer(opt), timeout, consolidating)
         except MeshError as e:
             if getattr(e, "from_abort", False):     # (another rank's error, told: as it is)
                 raise
-            if self._part_failed:       # (every rank called it: its own gather's error)
+            if self._part_failed and e is not consolidating:    # (its own gather's error)
                 raise _in_action(e, "job.optimizer_state_dict(opt), gathering its tp "
                                  "shards") from None
             raise _in_action(e, "job.optimizer_state_dict(opt) gathers every stage's optimizer "
@@ -212,9 +217,10 @@ class _OptimizerState:
                 state[names[id(p)]] = mine
         return state, groups
 
-    def _gathered_optimizer(self, opt: Any, timeout: float | None) -> dict[str, Any] | None:
+    def _gathered_optimizer(self, opt: Any, timeout: float | None,
+                            failed: BaseException | None = None) -> dict[str, Any] | None:
         agreed = self._agreed_part(lambda: self._local_optimizer(opt),
-                                   "job.optimizer_state_dict(opt)", timeout)
+                                   "job.optimizer_state_dict(opt)", timeout, failed)
         if agreed is None:
             return None
         (state, groups), pp = agreed

@@ -173,27 +173,33 @@ class _ModelState:
                              "torch.save(sd, path))" + self._tp_after() + "; it waited "
                              "here") from None
 
-    def _local_part(self, make: Callable[[], Any], what: str, timeout: float | None
-                    ) -> tuple[Any, BaseException | None]:
+    def _local_part(self, make: Callable[[], Any], what: str, timeout: float | None,
+                    before: BaseException | None = None) -> tuple[Any, BaseException | None]:
         """``make()``: this rank's part of a state gather (its tp gathers),
         and the error it raised (None: none). Where it raises this rank's own
         error (not a collective's, which its peers learn of from the
         collective), the tp peers' next gather, which this rank will not
         make, fails on them at once naming it (they waited in it until their
         timeout, then were a collective apart: the job's steps after failed
-        on every rank). Then the tp ranks tell each other whether their part
-        failed (``_tp_agreed``): a rank whose part ran is given GatherFailed
-        where a peer's failed, and all take the same collective number. Its
-        error is returned, never raised: the pp ranks are told it first."""
+        on every rank). ``before``: what failed this rank's call before its
+        part (its ZeRO optimizer's consolidation, over dp): no part made,
+        the tp peers' gather failed so too. Then the tp ranks tell each other
+        whether their part failed (``_tp_agreed``): a rank whose part ran is
+        given GatherFailed where a peer's failed, and all take the same
+        collective number. Its error is returned, never raised: the pp ranks
+        are told it first."""
         tp = self.grid.group("tp") if self.sharded and _size(self.grid, "tp") > 1 else None
-        out, failed = None, None
+        out, failed = None, before
         try:
-            out = make()
+            if before is None:
+                out = make()
         except BaseException as e:
             failed = e
-            if tp is not None and not isinstance(e, MeshError):
-                collectives.abandon(tp, f"{what} failed on tp rank {tp.rank}: "
-                                    f"{type(e).__name__}: {e}"[:400], AbortKind.of(e))
+        if tp is not None and failed is not None and (
+                failed is before or not isinstance(failed, MeshError)):
+            collectives.abandon(tp, f"{what} failed on tp rank {tp.rank}: "
+                                f"{type(failed).__name__}: {failed}"[:400],
+                                AbortKind.of(failed))
         if tp is not None:
             try:
                 failed = _tp_agreed(tp, timeout, failed, what) or failed
@@ -211,20 +217,24 @@ class _ModelState:
         return ("; it made no tp collective, so the job's next step runs (its tp peers "
                 "number theirs as this rank does)")
 
-    def _agreed_part(self, make: Callable[[], Any], what: str,
-                     timeout: float | None) -> tuple[Any, Comm] | None:
+    def _agreed_part(self, make: Callable[[], Any], what: str, timeout: float | None,
+                     before: BaseException | None = None) -> tuple[Any, Comm] | None:
         """What both gathers begin with: every rank's word taken (tp, then
         pp), this rank's part made (``make``, with its tp peers' gathers),
-        and this rank's own failure raised once the others are told. None
-        where this rank's part goes no further (a dp replica but the first,
-        a tp rank but the first); else ``(made, the pp group)``."""
+        and this rank's own failure raised once the others are told (and
+        ``before``, what failed its call before its part: its ZeRO
+        consolidation's error; left to its own timeout, the first replica's
+        pp rank 0 and tp peers waited for this rank here). None where this
+        rank's part goes no further (a dp replica but the first, a tp rank
+        but the first); else ``(made, the pp group)``."""
         self._in_tp_gather = self._part_failed = False
         if _coord(self.grid, "dp"):
+            _raised(before)
             return None
         if self.sharded:
             _all_called(self.grid.group("tp"), timeout)
         self._in_tp_gather = self.sharded
-        made, failed = self._local_part(make, what, timeout)
+        made, failed = self._local_part(make, what, timeout, before)
         self._in_tp_gather, self._part_failed = False, failed is not None
         if _coord(self.grid, "tp"):
             _raised(failed)

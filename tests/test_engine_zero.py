@@ -268,3 +268,81 @@ def test_a_consolidation_failing_on_one_replica_fails_both_at_once_and_leaves_no
         assert results[1][at]["whole"] is None and sorted(whole) == sorted(mine)
         for n, v in mine.items():
             np.testing.assert_array_equal(whole[n], v, err_msg=n)
+
+
+def _consolidate_beside_worker(world, axes, plan):
+    """dp=2 beside pp=2 or tp=2: the dp-0 rank of the second stage (tp
+    shard) fails as it gives its share (a KeyboardInterrupt), then a step
+    and a whole checkpoint."""
+    import torch
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, **axes)
+    job = engine.distribute(_model(), grid, plan=plan, schedule="1f1b", microbatches=2,
+                            balance=[5, 4] if axes.get("pp", 1) == 2 else "uniform",
+                            overhead=0.0, verbose=False, timeout=20,
+                            loss_fn=torch.nn.functional.mse_loss)
+    z = engine.ZeroRedundancyOptimizer(_groups(job.named_parameters()), torch.optim.AdamW, job,
+                                       lr=LR)
+    names = {id(p): n for n, p in job.named_parameters()}
+    x, y = _data(0)
+    other = "pp" if "pp" in axes and axes["pp"] > 1 else "tp"
+    bad = grid.coord("dp") == 0 and grid.coord(other) == 1
+    said = [world.rank if bad else None]
+    z.zero_grad()
+    job.step(x, y)
+    z.step()
+    if bad:
+        def interrupted():
+            del z._index        # (this call only)
+            raise KeyboardInterrupt("stopped on purpose")
+        z._index = interrupted
+    try:
+        said.append(f"returned {type(job.optimizer_state_dict(z)).__name__}")
+    except BaseException as e:
+        said.append(f"{type(e).__name__}: {e}")
+    z.zero_grad()
+    job.step(x, y)
+    z.step()
+    whole = job.optimizer_state_dict(z)
+    said.append({"whole": None if whole is None else
+                 {n: own["exp_avg"].numpy().copy() for n, own in whole["state"].items()},
+                 "mine": {names[id(p)]: own["exp_avg"].numpy().copy()
+                          for p, own in z.optim.state.items()}})
+    return said
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("axes,plan", [({"dp": 2, "pp": 2}, None),
+                                       ({"dp": 2, "pp": 1, "tp": 2}, TP_PLAN)],
+                         ids=["dp2xpp2", "dp2xtp2"])
+def test_a_consolidation_failing_beside_pp_or_tp_fails_every_rank_at_once(axes, plan):
+    """With pp or tp beside dp, a dp-0 rank whose consolidation failed
+    raised before job.optimizer_state_dict's gather of the stages (and of
+    the tp shards): rank 0 (its tp peer) waited for it there until the
+    timeout (20 s here), saying every rank must call it. Now every rank
+    raises at once naming it, and the next checkpoint holds the state as
+    it is."""
+    pytest.importorskip("torch")
+    results = mesh.spawn(_consolidate_beside_worker, 4, axes, plan, timeout=100, env=PATIENT)
+    bad = next(r for r, said in enumerate(results) if said[0] is not None)
+    assert results[bad][1] == "KeyboardInterrupt: stopped on purpose", results[bad]
+    if plan is None:    # rank 0, waiting for stage 1's state: told
+        assert results[0][1].startswith(
+            f"GatherFailed: rank 0: job.optimizer_state_dict(opt) failed on rank {bad}: "
+            f"KeyboardInterrupt: stopped on purpose"), results[0][1]
+    else:       # its tp peer, in its first gather of the shards: aborted, naming it
+        assert results[0][1].startswith("MeshError: rank 0: all_gather") and \
+            f"(world rank {bad}): job.optimizer_state_dict(opt) failed on tp rank 1: " \
+            "KeyboardInterrupt: stopped on purpose" in results[0][1], results[0][1]
+    mate = next(r for r in range(1, 4) if r != bad and results[r][1] != "returned NoneType")
+    assert results[mate][1].startswith(
+        f"GatherFailed: rank {mate}: ZeroRedundancyOptimizer on group ") and \
+        f"consolidate_state_dict failed on rank {bad}: KeyboardInterrupt" in results[mate][1], \
+        results[mate][1]
+    whole = results[0][2]["whole"]
+    mine = {k: v for said in results for k, v in said[2]["mine"].items()}
+    assert all(said[2]["whole"] is None for said in results[1:])
+    assert sorted(whole) == sorted(mine), (sorted(whole), sorted(mine))
+    if plan is None:        # (tp: each rank's share is of its shards, gathered whole)
+        for n, v in mine.items():
+            np.testing.assert_array_equal(whole[n], v, err_msg=n)
