@@ -88,7 +88,10 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
     word, and group rank 0 in its answers: every rank of the group then
     raises at once (GatherFailed naming it; the failed rank its own error,
     which the caller raises), having sent no state, so no answer or state
-    is left unread for the next call."""
+    is left unread for the next call. The failed rank too waits for its
+    answer, and withdraws its word where none comes (it raised at once:
+    alone, its word was left for rank 0's next call, which raised
+    GatherFailed naming that older error)."""
     if g.size < 2:
         return
     me = g.ranks[g.rank]
@@ -96,8 +99,6 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
     if g.rank:
         n = next(_CALLS)
         g.send([n, said, False], 0, tag=_HERE_TAG, timeout=timeout)
-        if failed is not None:
-            return
         try:
             told = _answer(g, n, timeout)
         except MeshError:
@@ -105,8 +106,10 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
                 g.send([n, None, True], 0, tag=_HERE_TAG, timeout=timeout)
             except MeshError:
                 pass
+            if failed is not None:
+                return      # (its own error is raised)
             raise
-        if told is not None:
+        if failed is None and told is not None:
             raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
         return
     words: dict[int, Any] = {}
@@ -119,9 +122,8 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
             break            # (this rank's own error is raised)
     bad = [w for _, w in words.values() if w is not None]
     told = said if said is not None else "; ".join(bad) if bad else None
-    for r, (n, w) in words.items():
-        if w is None:
-            g.send([n, told], r, tag=_HERE_TAG, timeout=timeout)
+    for r, (n, _) in words.items():
+        g.send([n, told], r, tag=_HERE_TAG, timeout=timeout)
     if failed is None and bad:
         raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
 

@@ -984,3 +984,54 @@ def test_a_state_dict_failing_on_one_rank_fails_its_peers_at_once_and_the_job_go
         for at in (1, 4, 7):    # the steps after each ran (a loss on the last stage's ranks)
             assert (said[at] is None) == (r < 2), (r, said)
         assert said[5] == said[8] == (keys if r == 0 else []), (r, said)
+
+
+def _lone_failed_worker(world):
+    """pp=2: rank 1 calls job.state_dict() alone and its part fails; then
+    every rank calls it (rank 1 a moment late, so rank 0 reads what is
+    there first), steps, and calls it again."""
+    import time
+    import collectives
+    job = engine.distribute(_state_model(), mesh.grid(world, pp=2), schedule="1f1b",
+                            microbatches=2, balance=[3, 3], loss_fn=mse_loss, verbose=False,
+                            timeout=20)
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    said = []
+    if world.rank == 1:
+        def broken(*args, **kwargs):
+            del job._local_state        # (this call only)
+            raise _Boom("state failed on purpose")
+        job._local_state = broken
+        try:
+            said.append(f"returned {type(job.state_dict(timeout=0.5)).__name__}")
+        except Exception as e:
+            said.append(f"{type(e).__name__}: {e}")
+    collectives.barrier(world)
+    if world.rank == 1:
+        time.sleep(0.5)
+    for _ in range(2):
+        try:
+            said.append(sorted(job.state_dict(timeout=5) or {}))
+        except Exception as e:
+            said.append(f"{type(e).__name__}: {e}")
+        said.append(job.step(x, y))
+    return said
+
+
+@pytest.mark.timeout(60)
+def test_a_lone_call_whose_part_failed_leaves_no_word_for_the_next_call():
+    """A rank whose part failed in a call it made alone told rank 0 so and
+    raised at once: its word stayed there, and rank 0's next call took it
+    for that call's, raising GatherFailed naming an error of the call
+    before (and the rank's next word waited for an answer until its
+    timeout). Now it waits for rank 0's answer as any word does, withdraws
+    its word when none comes, and the next call gathers the whole state."""
+    results = mesh.spawn(_lone_failed_worker, 2, timeout=50)
+    assert results[1][0] == "_Boom: state failed on purpose", results[1]
+    keys = results[0][0]
+    assert isinstance(keys, list) and len(keys) == 8, results[0]
+    assert results[0][2] == keys and results[1][1] == results[1][3] == [], results
+    assert results[0][1] is results[0][3] is None, results[0]
+    # the steps after each call ran, alike (no optimizer: the same weights, the same loss)
+    assert isinstance(results[1][2], float) and results[1][2] == results[1][4], results[1]
