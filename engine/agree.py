@@ -1,5 +1,6 @@
 """Every rank at once, for ``engine.distribute`` and its jobs: the failures
 every rank raises together (``DistributeFailed``, ``GatherFailed``), the
+ranks' word that their part of a dry run failed or not (``_told``), the
 tp ranks' word that each one's part ran or failed (``_tp_agreed``) and the
 handshake by which a lone ``job.state_dict()`` or ``optimizer_state_dict()``
 caller is told, not waited on (``_all_called``: each word carries its
@@ -12,6 +13,7 @@ import itertools
 import time
 from typing import Any
 
+import collectives
 from mesh import Comm, MeshError
 
 
@@ -23,8 +25,10 @@ _DONE_TAG = _STATE_TAG - 2      # each tp rank's word that its part ran or faile
 
 class DistributeFailed(MeshError):
     """engine.distribute's own timing of the model (its profile, a job's
-    ``retime()``, which call ``loss_fn``) failed on another rank, whose own
-    error (a KeyboardInterrupt there) is the root cause."""
+    ``retime()``, which call ``loss_fn``), its checks of what every rank
+    was given (the models compared, the sample's rows) or its dry runs
+    failed on another rank, whose own error (a KeyboardInterrupt there) is
+    the root cause."""
 
     from_abort = True
     __module__ = "engine"     # its public home: reports and pickles name it there
@@ -36,6 +40,26 @@ class GatherFailed(MeshError):
 
     from_abort = True
     __module__ = "engine"     # its public home: reports and pickles name it there
+
+
+def _told(world: Comm, failed: BaseException | None, timeout: float | None = None) -> None:
+    """Every rank's word whether its part failed (``failed``: its error,
+    None: none), an all-gather over ``world`` where the ranks would meet
+    anyway (engine.calibrate's dry runs, in place of a barrier): every rank
+    then raises at once, this one its own error, the others
+    DistributeFailed naming the first rank whose error was its own, not a
+    peer's abort (a rank that raised alone left the others waiting for it
+    in their next collective until their timeout)."""
+    said = None if failed is None else [f"{type(failed).__name__}: {failed}"[:400],
+                                        bool(getattr(failed, "from_abort", False))]
+    told = [(r, t) for r, t in enumerate(collectives.all_gather_object(world, said,
+                                                                        timeout=timeout))
+            if t is not None]
+    _raised(failed)
+    if told:
+        r, (text, _) = next(((r, t) for r, t in told if not t[1]), told[0])
+        raise DistributeFailed(f"rank {world.rank}: engine.distribute failed on rank {r}: "
+                               f"{text}")
 
 
 def _tp_agreed(tp: Comm, timeout: float | None, failed: BaseException | None,

@@ -25,6 +25,7 @@ of the job is crowded, else 0 (a spare core takes it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import socket
@@ -39,6 +40,7 @@ import numpy as np
 import collectives
 from mesh import Comm, Grid
 
+from .agree import _raised, _told
 from .executor import Pipeline
 from .ir import B, F, I, RECV_B, RECV_F, SEND_B, SEND_F, W, Schedule
 from .layers import _Activation
@@ -278,24 +280,38 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
     dry = dry_run(world, pp, one_f_one_b(pp.size, m), nbytes, steps, tag_base, timeout,
                   tensors=tensors, grid=grid, grads=grads)
     busy_m = 2 * pp.size       # the same tags as the dry run's first steps, all done by now
-    out = _buffer(nbytes if busy_nbytes is None else busy_nbytes, tensors)
-    busy = Pipeline(pp, _Spin(out, spin), one_f_one_b(pp.size, busy_m),
-                    loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
+    failed: BaseException | None = None     # this rank's own, told where the ranks meet
+    try:
+        out = _buffer(nbytes if busy_nbytes is None else busy_nbytes, tensors)
+        busy = Pipeline(pp, _Spin(out, spin), one_f_one_b(pp.size, busy_m),
+                        loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
+    except BaseException as e:
+        failed = e
     dummy = np.zeros((busy_m, 1))
-    collectives.barrier(world, timeout=timeout)
+    _told(world, failed, timeout)       # (a barrier)
     busy.step(dummy, dummy)
-    h0 = _helpers()
+    _, h0 = _started(busy)
     for _ in range(busy_steps):
         busy.step(dummy, dummy)
-    ends = _messages(busy.program) * busy_steps
-    helper = _helper_since(h0) / ends if ends else 0.0
+    try:
+        ends = _messages(busy.program) * busy_steps
+        helper = _helper_since(h0) / ends if ends else 0.0
+        mine = (helper, _here())
+    except BaseException as e:
+        failed = e
+    _told(world, failed, timeout)
     helpers, hosts = [], []
-    for h, host in collectives.all_gather_object(world, (helper, _here())):
+    for h, host in collectives.all_gather_object(world, mine):
         helpers.append(h)
         hosts.append(tuple(host))
-    measured, full = statistics.median(helpers), crowded(hosts)
-    return Calibration(dry.action, dry.message, measured if full else 0.0, measured, full,
-                       dry.receive, shared_cores(hosts, pp.size))
+    try:
+        measured, full = statistics.median(helpers), crowded(hosts)
+        made = Calibration(dry.action, dry.message, measured if full else 0.0, measured, full,
+                           dry.receive, shared_cores(hosts, pp.size))
+    except BaseException as e:
+        failed = e
+    _told(world, failed, timeout)
+    return made
 
 
 @dataclass(frozen=True)
@@ -366,31 +382,55 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
                      (grads or {}).get(s, ()), tensors)
 
     m = sched.num_microbatches
-    pipe = Pipeline(pp if grid is None else grid, [stage(s) for s in sched.stages_of(pp.rank)],
-                    sched,
-                    loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
+    failed: BaseException | None = None     # this rank's own, told where the ranks meet
+    try:
+        pipe = Pipeline(pp if grid is None else grid,
+                        [stage(s) for s in sched.stages_of(pp.rank)], sched,
+                        loss_fn=lambda y, t: (0.0, y), timeout=timeout, tag_base=tag_base)
+    except BaseException as e:
+        failed = e
     dummy = np.zeros((m, 1))
     rows: list[Any] = []
     ran: list[list[tuple[Any, ...]]] = []
     helper, ends = 0.0, 0
     for i in range(steps + 1):
-        collectives.barrier(world, timeout=timeout)
-        h0 = _helpers()
-        t0 = time.time()
-        pipe.step(dummy, dummy)
+        _told(world, failed, timeout)       # (a barrier)
+        t0, h0 = _started(pipe)
+        pipe.step(dummy, dummy)         # (its failure, or one before it: every rank's at once)
         t1 = time.time()
         if i:
-            helper += _helper_since(h0)
-            ends += _messages(pipe.program)
-            row, acts = step_record(pipe, t0, t1)
-            rows.append(row)
-            ran.append(acts)
+            try:
+                helper += _helper_since(h0)
+                ends += _messages(pipe.program)
+                row, acts = step_record(pipe, t0, t1)
+                rows.append(row)
+                ran.append(acts)
+            except BaseException as e:
+                failed = e
+    _told(world, failed, timeout)
     gathered = collectives.all_gather_object(
         world, (pp.ranks, rows, ran, helper / ends if ends else 0.0, socket.gethostname()))
-    mine = [(ranks, r, acts, host) for ranks, r, acts, _, host in gathered]
-    fig = step_figures(sched, mine)
-    return DryRun(fig.action, fig.message, statistics.median(g[3] for g in gathered), fig.span,
-                  fig.receive, fig.simulated, fig.compute)
+    try:
+        mine = [(ranks, r, acts, host) for ranks, r, acts, _, host in gathered]
+        fig = step_figures(sched, mine)
+        made = DryRun(fig.action, fig.message, statistics.median(g[3] for g in gathered),
+                      fig.span, fig.receive, fig.simulated, fig.compute)
+    except BaseException as e:
+        failed = e
+    _told(world, failed, timeout)
+    return made
+
+
+def _started(pipe: Pipeline) -> tuple[float, dict[int, int]]:
+    """A dry step's start (its clock, the mesh threads' CPU); an error here
+    (a KeyboardInterrupt) fails the step on every rank at once, raised
+    before it starts (``before_step``), as any error of a step does."""
+    try:
+        h0 = _helpers()
+        return time.time(), h0
+    except BaseException as e:
+        pipe.before_step = functools.partial(_raised, e)
+        return 0.0, {}
 
 
 def step_record(pipe: Pipeline, t0: float, t1: float) -> tuple[tuple[Any, ...], list[Any]]:

@@ -16,6 +16,7 @@ from mesh import Comm, Grid
 from mesh.tensors import is_tensor
 
 from . import layers as _layers
+from .agree import DistributeFailed, _raised
 from .choose import whole_counts
 from .pipeline_args import _retold, rows_of
 from .tensor_parallel import tensor_bytes
@@ -99,15 +100,27 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
     differ: they start from replica 0's weights. ``fault``: what is wrong
     with this rank's own arguments (a missing loss_fn, an unknown
     schedule...): raised here, and by every other rank naming it (alone,
-    the others waited for this rank in their next collective)."""
-    said = None if fault is None else [type(fault).__name__, str(fault)]
-    mine = (_coord(grid, "dp"), [_fingerprint(layer, is_torch) for _, layer in named], said)
+    the others waited for this rank in their next collective). An error
+    as this rank takes its model's fingerprint (a KeyboardInterrupt as it
+    hashes the weights) is told so too: raised here, DistributeFailed on
+    the others."""
+    said: Any = None if fault is None else [type(fault).__name__, str(fault)]
+    own: BaseException | None = None
+    try:
+        prints = [_fingerprint(layer, is_torch) for _, layer in named]
+    except BaseException as e:
+        own, prints, said = e, [], [type(e).__name__, str(e), True]
+    mine = (_coord(grid, "dp"), prints, said)
     everyone = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
+    _raised(own)
     if fault is not None:
         raise _retold(fault, f"rank {grid.comm.rank}: engine.distribute: {fault}") from fault
     failed = [(r, t[2]) for r, t in enumerate(everyone) if t[2] is not None]
     if failed:
-        r, (kind, text) = failed[0]
+        r, (kind, text, *interrupted) = failed[0]
+        if interrupted:
+            raise DistributeFailed(f"rank {grid.comm.rank}: engine.distribute failed on rank "
+                                   f"{r}: {kind}: {text}"[:600])
         raise (TypeError if kind == "TypeError" else ValueError)(
             f"rank {grid.comm.rank}: engine.distribute failed on rank {r}: {text}")
     who = f"rank {grid.comm.rank}: engine.distribute: the model differs across ranks"
@@ -155,12 +168,21 @@ def _agreed_sample(grid: Grid, sample: Any, timeout: float | None = None) -> Any
     micro-batch sizes, each timing some of the layers for all of them, and
     choose alike; the times of the smallest replica's micro-batches stand
     for all. A sample given on some ranks only raises on every rank,
-    naming them."""
+    naming them; so does an error as a rank counts its rows (its own
+    there, DistributeFailed on the others: a KeyboardInterrupt)."""
+    own: BaseException | None = None
     try:
         mine: Any = None if sample is None else rows_of(sample)
     except (TypeError, ValueError) as e:    # (told to every rank: none waits in the gather)
         mine = f"rank {grid.comm.rank}'s sample: {e}"
+    except BaseException as e:
+        own, mine = e, [f"{type(e).__name__}: {e}"[:400]]
     told = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
+    _raised(own)
+    stopped = next(((r, t[0]) for r, t in enumerate(told) if isinstance(t, list)), None)
+    if stopped is not None:
+        raise DistributeFailed(f"rank {grid.comm.rank}: engine.distribute failed on rank "
+                               f"{stopped[0]}: {stopped[1]}")
     bad = next((t for t in told if isinstance(t, str)), None)
     if bad is not None:
         raise ValueError(f"rank {grid.comm.rank}: engine.distribute: {bad}")

@@ -18,7 +18,7 @@ ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "
          "traced_returned", "traced_pieces", "traced_inplace", "traced_cuts", "traced_modes",
          "traced_sizes", "traced_leaves", "traced_sequential", "traced_reshaped",
          "traced", "stagebuild", "partition", "pipeline_args", "step", "rollback", "executor",
-         "calibrate", "agree", "given", "layer_timing", "measured_choice", "stage_state",
+         "agree", "calibrate", "given", "layer_timing", "measured_choice", "stage_state",
          "job_retime", "job_state", "job_optim", "job",
          "distribute", "zero", "show", "bench_torch", "bench_distribute",
          "bench_memory", "bench", "bench_zero"]

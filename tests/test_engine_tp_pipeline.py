@@ -1035,3 +1035,54 @@ def test_a_lone_call_whose_part_failed_leaves_no_word_for_the_next_call():
     assert results[0][1] is results[0][3] is None, results[0]
     # the steps after each call ran, alike (no optimizer: the same weights, the same loss)
     assert isinstance(results[1][2], float) and results[1][2] == results[1][4], results[1]
+
+
+def _checks_fail_worker(world):
+    """pp=2: a KeyboardInterrupt on world rank 1 as distribute fingerprints
+    its model, as it counts its sample's rows, as a dry run's step starts
+    and as it is recorded (engine.calibrate), and as the dry run's figures
+    are worked out after its last exchange; then a job built clean on the
+    same grid."""
+    import sys
+    given, cal = sys.modules["engine.given"], sys.modules["engine.calibrate"]
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    said = []
+    for where, name in ((given, "_fingerprint"), (given, "rows_of"),
+                        (cal, "_helpers"), (cal, "step_record"), (cal, "step_figures"),
+                        (None, None)):
+        if world.rank == 1 and where is not None:
+            real = getattr(where, name)
+
+            def interrupted(*args, where=where, name=name, real=real, **kwargs):
+                setattr(where, name, real)      # (this call only)
+                raise KeyboardInterrupt("stopped on purpose")
+            setattr(where, name, interrupted)
+        try:
+            job = engine.distribute(_state_model(), mesh.grid(world, pp=2), schedule="1f1b",
+                                    microbatches=2, balance="time", loss_fn=mse_loss,
+                                    verbose=False, timeout=20, sample=x, reps=1)
+            said.append(job.step(x, y))
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+@pytest.mark.timeout(120)
+def test_a_keyboard_interrupt_in_distributes_checks_and_dry_runs_fails_every_rank_at_once():
+    """A KeyboardInterrupt on one rank as distribute compared the models,
+    agreed the sample's rows or ran its dry pipeline ended that rank's call
+    alone: the others waited for it in the exchange (or the dry run's next
+    step) until their timeout (20 s here). Now every rank raises at once,
+    naming it, and a job built after runs."""
+    results = mesh.spawn(_checks_fail_worker, 2, timeout=100)
+    for at in range(5):
+        assert results[1][at] == "KeyboardInterrupt: stopped on purpose", results[1]
+        if at != 2:
+            assert results[0][at] == ("DistributeFailed: rank 0: engine.distribute failed on "
+                                      "rank 1: KeyboardInterrupt: stopped on purpose"), results[0]
+    # as a dry step starts: the step fails on every rank, as any step's error does
+    assert results[0][2].startswith("MeshError: rank 0: pipeline step 0 ") and \
+        "pipeline step 0 failed on pp rank 1: KeyboardInterrupt: stopped on purpose" \
+        in results[0][2], results[0][2]
+    assert results[0][5] is None and isinstance(results[1][5], float), results
