@@ -774,3 +774,131 @@ def test_gather_scatter_and_all_to_all_keep_the_guarantees_on_the_short_way() ->
             want = np.stack([np.arange(2, dtype=np.float32) + p for p in range(N)])
             assert (g is None) == (rank != 1) and (g is None or np.array_equal(g, want)), g
             assert s == row and np.array_equal(a, np.full((N, 2), 2 * rank) + [0, 1]), (s, a)
+
+
+def _uneven_moved(world: Any) -> list:
+    """all_gather_v, gather_v and reduce_scatter_v of several dtypes and
+    uneven counts (zeros among them; the largest post the board holds
+    inline, and one past it: the long way), each call made three times
+    (the first settles the short way, the next take it) against numpy and
+    the long way (async: it never takes the short way) byte for byte; the
+    short way taken where the whole exchange fits. Returns what differed."""
+    from collectives.host import paths
+    from mesh.tensors import BFLOAT16
+    n, rank, bad = world.size, world.rank, []
+    room = tiny.MAX_BYTES
+    taken: list[str] = []
+    real = {name: getattr(tiny, name) for name in ("all_gather_v", "gather_v",
+                                                   "reduce_scatter_v")}
+
+    def counted(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            res = real[name](*args, **kwargs)
+            if res is not None:
+                taken.append(name)
+            return res
+        return call
+    for name in real:
+        setattr(tiny, name, counted(name))
+    try:
+        for dt in [np.int8, np.float16, np.float32, np.float64, np.complex64, BFLOAT16]:
+            item = np.dtype(dt).itemsize
+
+            def make(count: int, seed: int) -> np.ndarray:
+                return ((np.arange(count * 2) * 7 + seed) % 5).astype(dt).reshape(count, 2)
+            most = room // (2 * item)       # (rows of 2 in the largest post)
+            for counts in ([(p * 2) % 3 for p in range(n)], [0] * (n - 1) + [1],
+                           [most if p == n - 1 else p % 2 for p in range(n)],
+                           [most + 1] + [0] * (n - 1)):
+                fits = max(counts) <= most
+                for i in range(3):
+                    xs = [make(k, 11 * p + i) for p, k in enumerate(counts)]
+                    whole = np.concatenate(xs)
+                    before = len(taken)
+                    got = C.all_gather_v(world, xs[rank], counts)
+                    long = paths.all_gather_v(world, xs[rank], counts, async_op=True).wait()
+                    calls = [("all_gather_v", got, long, whole)]
+                    root = n - 1
+                    got = C.gather_v(world, xs[rank], counts, root=root)
+                    long = paths.gather_v(world, xs[rank], counts, root=root,
+                                          async_op=True).wait()
+                    calls.append(("gather_v", got, long, whole if rank == root else None))
+                    fits_rs = sum(counts) <= most and dt is not BFLOAT16
+                    if dt is not BFLOAT16:
+                        ys = [make(sum(counts), 3 * p + i) for p in range(n)]
+                        got = C.reduce_scatter_v(world, ys[rank], counts)
+                        long = paths.reduce_scatter_v(world, ys[rank], counts,
+                                                      async_op=True).wait()
+                        lo = sum(counts[:rank])
+                        total = ys[0].copy()
+                        for y in ys[1:]:
+                            total += y
+                        want = total[lo:lo + counts[rank]]
+                        calls.append(("reduce_scatter_v", got, long, want))
+                    for what, res_short, res_long, want in calls:
+                        for way, res in (("short", res_short), ("long", res_long)):
+                            if (want is None) != (res is None) or want is not None and (
+                                    res.dtype != want.dtype or res.shape != want.shape
+                                    or res.tobytes() != want.tobytes()):
+                                bad.append((what, str(np.dtype(dt)), counts, i, way))
+                    short = taken[before:]
+                    expect = [] if i == 0 else ["all_gather_v", "gather_v"] * fits + \
+                        ["reduce_scatter_v"] * fits_rs
+                    if sorted(short) != sorted(expect):
+                        bad.append(("short way", str(np.dtype(dt)), counts, i, short, expect))
+    finally:
+        for name in real:
+            setattr(tiny, name, real[name])
+    return bad
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_uneven_calls_take_the_short_way_with_the_long_ways_bits(n: int) -> None:
+    for rank, bad in enumerate(mesh.spawn(_uneven_moved, n, timeout=120)):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
+def _uneven_mismatches(world: Any) -> dict:
+    """all_gather_v, gather_v and reduce_scatter_v the short way beside a
+    rank that calls them with other counts, dtype or op (the long way):
+    every rank raises; a late rank gets the right result."""
+    rank, out = world.rank, {}
+    counts, other = [1, 0, 2], [1, 0, 3]
+    x = np.arange(2 * counts[rank], dtype=np.float32).reshape(-1, 2) + rank
+    y = np.arange(2 * sum(counts), dtype=np.float32).reshape(-1, 2) + rank
+    for _ in range(2):
+        C.all_gather_v(world, x, counts)
+        C.gather_v(world, x, counts, root=2)
+        C.reduce_scatter_v(world, y, counts)
+    out["agv counts"] = _caught(lambda: C.all_gather_v(world, x, other if rank == 1 else counts))
+    out["agv dtype"] = _caught(lambda: C.all_gather_v(
+        world, x.astype(np.float64) if rank == 1 else x, counts))
+    out["gv counts"] = _caught(lambda: C.gather_v(world, x, other if rank == 1 else counts,
+                                                  root=2))
+    out["rsv counts"] = _caught(lambda: C.reduce_scatter_v(
+        world, np.concatenate([y, y[:1]]) if rank == 1 else y, other if rank == 1 else counts))
+    out["rsv op"] = _caught(lambda: C.reduce_scatter_v(world, y, counts,
+                                                       op="max" if rank == 1 else "sum"))
+    C.barrier(world)
+    for late in (2, 0):
+        if rank == late:
+            time.sleep(0.05)
+        out[f"late {late}"] = (C.all_gather_v(world, x, counts).tolist(),
+                               C.reduce_scatter_v(world, y, counts).tolist())
+    return out
+
+
+def test_uneven_calls_keep_the_guarantees_on_the_short_way() -> None:
+    res = mesh.spawn(_uneven_mismatches, N, timeout=90)
+    for rank, r in enumerate(res):
+        for key, words in [("agv counts", ["[1, 0, 2]", "[1, 0, 3]"]),
+                           ("agv dtype", ["float32", "float64"]),
+                           ("gv counts", ["[1, 0, 2]", "[1, 0, 3]"]),
+                           ("rsv counts", ["[1, 0, 2]", "[1, 0, 3]"]),
+                           ("rsv op", ["sum", "max"])]:
+            assert r[key].startswith("MismatchError") and all(w in r[key] for w in words) \
+                and "rank 1" in r[key], f"rank {rank} {key}: {r[key]}"
+        for late in (2, 0):
+            got, mine = r[f"late {late}"]
+            assert got == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], got
+            assert mine == [[[3.0, 6.0]], [], [[9.0, 12.0], [15.0, 18.0]]][rank], mine

@@ -436,6 +436,25 @@ def _counts_fp(counts: list[int]) -> Any:
            f"digest {digest})"
 
 
+def _passes(check: Callable[[], Any] | None) -> bool:
+    """Whether an uneven call's ``check`` passes, run before the call (the
+    short way's, collectives.shm.tiny: a call whose check raises takes the
+    long way, which raises it under the call's tag, on every rank)."""
+    if check is not None:
+        try:
+            check()
+        except Exception:
+            return False
+    return True
+
+
+def _parts_into(out: Any, arr: np.ndarray, counts: list[int], g: Comm) -> list[Any] | None:
+    """An uneven all_gather's ``out`` (a list of g.size arrays, one a rank:
+    counts[j] rows of arr.shape[1:]) as _into takes each, or None."""
+    return _apart([_into(o, arr, (k,) + arr.shape[1:], mine=0 if j == g.rank else None)
+                   for j, (o, k) in enumerate(zip(out, counts))], g.size)
+
+
 def _uneven(name: str, a: Any, counts: list[int], n: int, want: int | None = None
             ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """An uneven call's array (C-contiguous, with rows) and its chunks: the
@@ -473,8 +492,14 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
     filled straight on the board; None where they cannot be), returned
     in place of the result. ``check()``, run first under the call's tag,
     may raise for the caller's other arguments, failing the call on every
-    rank."""
+    rank. Tiny, once a first call has settled it: the short way
+    (collectives.shm.tiny)."""
     n = g.size
+    if not async_op and type(a) is np.ndarray and type(counts) is list and _passes(check):
+        rows = None if out is None else _parts_into(out, a, counts, g)
+        if (out is None or rows is not None) and (
+                got := tiny.all_gather_v(g, a, counts, timeout, name, rows)) is not None:
+            return got
 
     def prepare(t: Tuning) -> tuple[dict, Body]:
         if check is not None:
@@ -482,9 +507,7 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
         arr, bounds = _uneven(name, a, counts, n, counts[g.rank] if len(counts) == n else None)
         rest, total = arr.shape[1:], sum(counts)
         lay = layout("all_gather", t)
-        dest = None if out is None else _apart(
-            [_into(o, arr, (k,) + rest, mine=0 if j == g.rank else None)
-             for j, (o, k) in enumerate(zip(out, counts))], n)
+        dest = None if out is None else _parts_into(out, arr, counts, g)
 
         def body(ctx: Ctx) -> Any:
             nbytes = bounds[-1][1] * arr.itemsize
@@ -493,6 +516,7 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
                 _said(ctx, name, topo, "ring", nbytes, lay, "all_gather")
             if topo is None and dest is not None and board.available(ctx):
                 local.all_gather(ctx, arr.reshape(-1), dest)
+                tiny.learn_v(ctx, arr, counts)
                 return dest
             res = np.empty((total,) + rest, arr.dtype)
             flat = res.reshape(-1)
@@ -500,6 +524,7 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,
                 hier.all_gather(ctx, topo, arr, flat, nbytes >= t.small, bounds)
             elif board.available(ctx):
                 local.all_gather(ctx, arr.reshape(-1), [flat[lo:hi] for lo, hi in bounds])
+                tiny.learn_v(ctx, arr, counts)
             else:
                 lo, hi = bounds[ctx.g.rank]
                 flat[lo:hi] = arr.reshape(-1)
@@ -534,8 +559,15 @@ def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
     board not joined (each rank reduces its part straight out of the
     peers', local.reduce_scatter_parts), nor across hosts over the columns
     (hier.reduce_scatter copies them into its own order); else joined into
-    one copy, which the ring works in."""
+    one copy, which the ring works in. Tiny (``a``, not parts), once a
+    first call has settled it: the short way (collectives.shm.tiny)."""
     n = g.size
+    if not async_op and parts is None and type(a) is np.ndarray and type(counts) is list \
+            and len(counts) == n and _passes(check):
+        mine = None if out is None else _into(out, a, (counts[g.rank],) + a.shape[1:])
+        if (out is None or mine is not None) and (got := tiny.reduce_scatter_v(
+                g, a, counts, op, timeout, name, mine)) is not None:
+            return got
 
     def prepare(t: Tuning) -> tuple[dict, Body]:
         if check is not None:
@@ -575,6 +607,7 @@ def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: str = "sum",
                 local.reduce_scatter_parts(ctx, flat, mine.reshape(-1), rop)
             elif board.available(ctx):     # (small: as payloads, local.reduce_scatter)
                 local.reduce_scatter(ctx, arr.reshape(-1), mine.reshape(-1), rop, bounds)
+                tiny.learn_v(ctx, arr, counts, op=op, rop=rop)
             else:
                 work = np.concatenate(flat) if parts is not None else \
                     np.array(arr, order="C").reshape(-1)
@@ -673,8 +706,12 @@ def gather_v(g: Comm, a: Any, counts: list[int], root: int = 0, async_op: bool =
     axis 0 in rank order on the root (sum(counts) rows); None on the other
     ranks. gather's paths (the same-host board, sockets) with rows of the
     counts' sizes; the counts are in the fingerprint (_counts_fp).
-    ``check``: as all_gather_v's."""
+    ``check``: as all_gather_v's. Tiny, once a first call has settled it:
+    the short way (collectives.shm.tiny)."""
     n = g.size
+    if not async_op and type(a) is np.ndarray and type(counts) is list and _passes(check) and (
+            got := tiny.gather_v(g, a, counts, root, timeout)) is not None:
+        return got[0]
 
     def prepare(t: Tuning) -> tuple[dict, Body]:
         if check is not None:
@@ -693,6 +730,7 @@ def gather_v(g: Comm, a: Any, counts: list[int], root: int = 0, async_op: bool =
             if board.available(ctx):    # (the largest row's bytes: every rank chooses alike)
                 local.gather(ctx, flat, rows, r,
                              max(hi - lo for lo, hi in bounds) * arr.itemsize)
+                tiny.learn_v(ctx, arr, counts, r)
             else:
                 agreed(lambda c: gather_direct(c, flat, rows, r))(ctx)
             return res

@@ -29,13 +29,17 @@ class Quick:
     Round, which picks up where this left off."""
 
     def __init__(self, g: Comm, like: np.ndarray, sig: tuple[bytes, int],
-                 sizes: list[int] | None = None, tail: bytes = b"") -> None:
+                 sizes: list[int] | None = None, tail: bytes = b"",
+                 items: list[int] | None = None) -> None:
         box = _boxes[g]
         self.box, self.head, self.heads, self.peers = box, box.head, box.heads, box.peers
         self.fp, self.hash = sig
         size = like.nbytes
         # (per rank, the payload it posts: like's bytes and this rank's ``tail`` after
-        # them, or as ``sizes`` says, 0 where a rank posts none: a scatter's)
+        # them, or as ``sizes`` says, 0 where a rank posts none: a scatter's; ``items``,
+        # an uneven call's: rank p posts items[p] of like's dtype, its view flat)
+        if items is not None:
+            sizes = [k * like.itemsize for k in items]
         self.sizes = [size] * g.size if sizes is None else sizes
         self.size = self.sizes[g.rank]
         self.tail, self.like = tail, size
@@ -44,13 +48,15 @@ class Quick:
         # (the words after seq, as Round.post writes them: stage fplen paylen addr addr2 fphash;
         # addr2, a scatter's: the bytes of the tail, collectives.shm.local.scatter's)
 
-        def payload(row: np.ndarray, slot: int) -> np.ndarray:
+        def payload(row: np.ndarray, slot: int, p: int) -> np.ndarray:
             at = _HEAD + slot * _INLINE
+            if items is not None:
+                return row[at:at + self.sizes[p]].view(like.dtype)
             return row[at:at + size].view(like.dtype).reshape(like.shape)
 
         rank = g.rank
-        self.views = [[payload(box.mem if p == rank else box.rows[p], s) for p in range(g.size)]
-                      for s in (0, 1)]
+        self.views = [[payload(box.mem if p == rank else box.rows[p], s, p)
+                       for p in range(g.size)] for s in (0, 1)]
         self.mine = [self.views[0][rank], self.views[1][rank]]
         self.spin = _BUSY_S if g.size <= _CORES else _QUICK_SPIN_S
 

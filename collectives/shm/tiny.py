@@ -21,6 +21,10 @@ boards, with nothing made per call but a new result::
                      what the call says of the row: dtype=, shape=) and say
                      so, which the root waits for (local.scatter's small form)
     all_to_all       block ``rank`` of every rank's post copied into its block
+    all_gather_v,    the uneven ones (collectives.host.paths; the plan's key
+    gather_v,        holds the call's name and counts): all_gather's and
+    reduce_scatter_v gather's with each rank's post of its own size, and
+                     reduce_scatter's with the counts' chunks
 
 It keeps the long way's guarantees: the fingerprint on the board is the
 same (a rank on either way that called something else raises a
@@ -39,11 +43,13 @@ and size; a lane with work) takes the long way.
 
     tiny.py          the calls, and the plans each keeps per group
     tiny_reduce.py   the plans of all_reduce, reduce and reduce_scatter
+                     (and reduce_scatter_v)
     tiny_move.py     the plans of broadcast, all_gather, gather, scatter
-                     and all_to_all
+                     and all_to_all (and all_gather_v, gather_v)
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from typing import Any
@@ -59,12 +65,12 @@ from ..plan import Tuning
 from ..runner import NOT_NOW, Ctx, now
 from . import board
 from .local import scatter_meta
-from .tiny_move import _Broadcast, _Collect, _Deal, _Exchange, _Gather
+from .tiny_move import _Broadcast, _Collect, _Deal, _Exchange, _Gather, _GatherV, _bounds
 from .tiny_reduce import _Plan, _Reduce, _Scatter, _Short
 
-__all__ = ["MAX_BYTES", "forget", "learn", "learn_scatter", "keep", "plan_key", "all_reduce",
-           "reduce_scatter", "all_gather", "broadcast", "reduce", "gather", "scatter",
-           "all_to_all"]
+__all__ = ["MAX_BYTES", "forget", "learn", "learn_scatter", "learn_v", "keep", "plan_key",
+           "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather",
+           "scatter", "all_to_all", "all_gather_v", "gather_v", "reduce_scatter_v"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
@@ -143,6 +149,32 @@ def learn_scatter(ctx: Ctx, src: np.ndarray | None, row: np.ndarray, root: int,
         else _row_key(dtype, shape, root)
     if keep(_plans, ctx, key, lambda: _Deal(ctx, rows, check)):
         _last.clear()
+
+
+def learn_v(ctx: Ctx, arr: np.ndarray, counts: list[int], root: int | None = None,
+            op: Any = None, rop: ReduceOp | None = None) -> None:
+    """learn's, for an uneven call that its long way ran on the board's
+    payloads (collectives.host.paths: all_gather_v, gather_v, and
+    reduce_scatter_v where ``rop`` is given; ``arr`` this rank's rows, or
+    the whole array a reduce_scatter_v posts, ``counts`` the rows of each
+    rank, ``root`` a gather_v's): the plan's key holds the call's name (the
+    fingerprint's: the torch backend's all_gather) and the counts."""
+    rows, n = math.prod(arr.shape[1:]), ctx.g.size
+    items = [arr.size] * n if rop is not None else [k * rows for k in counts]
+    if max(items) * arr.itemsize > min(MAX_BYTES, ctx.tuning.small) or not any(items) \
+            or not board.mapped(ctx.g):
+        return      # (the long way's large form, or nothing to gain)
+    name = ctx.fp["coll"]
+    if rop is not None:
+        bounds = _bounds([k * rows for k in counts])
+        keep(_plans, ctx, plan_key(arr.dtype, arr.shape, (name, tuple(counts), op), "v"),
+             lambda: _Scatter(ctx, arr, rop, bounds))
+    elif root is None:
+        keep(_plans, ctx, plan_key(arr.dtype, arr.shape, (name, tuple(counts)), "v"),
+             lambda: _GatherV(ctx, arr, items))
+    else:
+        keep(_plans, ctx, plan_key(arr.dtype, arr.shape, (name, tuple(counts), root), "v"),
+             lambda: _Collect(ctx, arr, None, items))
 
 
 def keep(plans_of: "weakref.WeakKeyDictionary[Comm, dict[tuple, Any]]", ctx: Ctx, key: tuple,
@@ -362,6 +394,81 @@ def all_to_all(g: Comm, a: np.ndarray, timeout: Any, out: Any = None) -> np.ndar
         return None
     if debug.ON:
         debug.note(g, "all_to_all", SHORT_PATH, a.nbytes)
+    return mine
+
+
+def _find_v(g: Comm, a: Any, op: tuple, timeout: Any) -> Any:
+    """An uneven call's plan (learn_v's; ``op``: its key's name, counts and
+    op or root) where the call may take the short way, else None: counts
+    of plain ints (a bool is not the count its value is)."""
+    if type(a) is not np.ndarray or any(type(k) is not int for k in op[1]):
+        return None
+    try:
+        plan = _plans[g][plan_key(a.dtype, a.shape, op, "v")]
+    except (KeyError, TypeError):
+        return None
+    return _tuned(plan, timeout)
+
+
+def all_gather_v(g: Comm, a: Any, counts: list[int], timeout: Any, name: str = "all_gather_v",
+                 out: list[np.ndarray] | None = None) -> Any:
+    """Every rank's rows of ``a`` concatenated the short way (into ``out``
+    where given: collectives.host.paths' rows of the caller's arrays, one
+    a rank, returned), or None (nothing done, no tag taken) where the call
+    must take the long way."""
+    plan = _find_v(g, a, (name, tuple(counts)), timeout)
+    if plan is None:
+        return None
+    if out is None:
+        res: Any = np.empty(plan.shape, a.dtype)
+        flat = res.reshape(-1)
+        rows = [flat[lo:hi] for lo, hi in plan.bounds]
+    else:
+        res, rows = out, [o.reshape(-1) for o in out]
+    if now(g, name, plan.fp, plan.tuning, plan.step, (a.reshape(-1), rows),
+           timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, name, SHORT_PATH, plan.size * a.itemsize)
+    return res
+
+
+def gather_v(g: Comm, a: Any, counts: list[int], root: Any, timeout: Any) -> Any:
+    """Every rank's rows of ``a`` concatenated on the root the short way,
+    as a 1-tuple of them (of None off the root), or None (nothing done, no
+    tag taken) where the call must take the long way."""
+    if type(root) is not int:
+        return None     # (the long way checks it)
+    plan = _find_v(g, a, ("gather_v", tuple(counts), root), timeout)
+    if plan is None:
+        return None
+    res = rows = None
+    if plan.rank == plan.root:
+        res = np.empty((sum(counts),) + a.shape[1:], a.dtype)
+        flat = res.reshape(-1)
+        rows = [flat[lo:hi] for lo, hi in plan.bounds]
+    if now(g, "gather_v", plan.fp, plan.tuning, plan.step, (a.reshape(-1), rows),
+           timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "gather_v", SHORT_PATH, a.nbytes)
+    return (res,)
+
+
+def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: Any, timeout: Any,
+                     name: str = "reduce_scatter_v", out: np.ndarray | None = None) -> Any:
+    """This rank's rows of ``a`` reduce-scattered the short way (into
+    ``out`` where given: collectives.host.paths' array of the caller's,
+    returned), or None (nothing done, no tag taken) where the call must
+    take the long way."""
+    plan = _find_v(g, a, (name, tuple(counts), op), timeout)
+    if plan is None:
+        return None
+    mine = np.empty(plan.shape, a.dtype) if out is None else out
+    if now(g, name, plan.fp, plan.tuning, plan.step, (a, mine), timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, name, SHORT_PATH, a.nbytes)
     return mine
 
 

@@ -1,9 +1,12 @@
 """The short way's plans (collectives.shm.tiny) of the collectives that
 move data and reduce none: broadcast, all_gather, gather, scatter and
-all_to_all. Each plan's ``step`` is a call on the board's Quick, and its
-``rest`` the call going on with a Round (collectives.shm.local)."""
+all_to_all, and the uneven all_gather_v and gather_v. Each plan's
+``step`` is a call on the board's Quick, and its ``rest`` the call going
+on with a Round (collectives.shm.local)."""
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -13,6 +16,12 @@ from .local import all_gather as gather_small, all_to_all as exchange_small
 from .local import broadcast as broadcast_small, gather as collect_small
 from .local import scatter as deal_small, scatter_meta
 from .tiny_reduce import _Short
+
+
+def _bounds(items: list[int]) -> list[tuple[int, int]]:
+    """Where each rank's ``items`` lie in an uneven call's flat result."""
+    at = [0, *itertools.accumulate(items)]
+    return list(zip(at[:-1], at[1:]))
 
 
 class _Broadcast(_Short):
@@ -72,17 +81,52 @@ class _Gather(_Short):
         return run
 
 
+class _GatherV(_Short):
+    """A tiny all_gather_v: each rank posts its flat rows (``items``: per
+    rank, the elements its counts give it), which the others copy into
+    that rank's part of the result (``a`` and the parts flat)."""
+
+    __slots__ = ("shape", "size", "bounds")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, items: list[int]) -> None:
+        super().__init__(ctx, arr, items=items)
+        self.size, self.bounds = sum(items), _bounds(items)
+        self.shape = (self.size // math.prod(arr.shape[1:]),) + arr.shape[1:]
+
+    def step(self, tag: int, arg: tuple[np.ndarray, list[np.ndarray]]) -> Body | None:
+        a, rows = arg
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, rows, False)
+        if not quick.arrived(seq):
+            return self.rest(a, rows, True)
+        for row, v in zip(rows, quick.views[seq & 1]):
+            row[...] = v
+        quick.done(seq)
+        return None
+
+    def rest(self, a: np.ndarray, out: Any, posted: bool) -> Body:
+        def run(ctx: Ctx) -> None:
+            gather_small(ctx, a, out, self.sig, posted)
+        return run
+
+
 class _Collect(_Short):
     """A tiny gather: every rank posts, the root too (the long way's root
     posts nothing: as _Reduce's); the root copies each post into its row."""
 
-    __slots__ = ("root", "rank", "shape", "size")
+    __slots__ = ("root", "rank", "shape", "size", "largest", "bounds")
 
-    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: Any = None) -> None:
-        super().__init__(ctx, arr)
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: Any = None,
+                 items: list[int] | None = None) -> None:
+        super().__init__(ctx, arr, items=items)
         self.root, self.rank = ctx.fp["root"], ctx.g.rank
         self.shape = (self.n,) + arr.shape
         self.size = self.n * arr.size
+        # (gather_v's, ``items`` given: the bytes of its largest row, which its
+        # Round chooses by; ``a`` and ``out``'s rows flat)
+        self.largest = None if items is None else max(items) * arr.itemsize
+        self.bounds = None if items is None else _bounds(items)
 
     def step(self, tag: int, arg: tuple[np.ndarray, Any]) -> Body | None:
         a, out = arg
@@ -100,7 +144,7 @@ class _Collect(_Short):
     def rest(self, a: np.ndarray, out: Any, posted: bool) -> Body:
         def run(ctx: Ctx) -> None:
             collect_small(ctx, np.ascontiguousarray(a).reshape(-1), out, self.root,
-                          sig=self.sig, posted=posted)
+                          self.largest, self.sig, posted)
         return run
 
 

@@ -4,6 +4,7 @@ reduce: all_reduce, reduce and reduce_scatter, and what every plan keeps
 its ``rest`` the call going on with a Round (collectives.shm.local)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,16 +21,17 @@ class _Short:
     """What every short way keeps of one (collective, group, dtype, shape,
     op): the tuning it was settled under, its fingerprint and board
     signature, the group's size and the board's Quick for the payload
-    (``sizes``, ``tail``: Quick's, a scatter's)."""
+    (``sizes``, ``tail``: Quick's, a scatter's; ``items``: Quick's, an
+    uneven call's)."""
 
     __slots__ = ("tuning", "fp", "sig", "n", "quick")
 
     def __init__(self, ctx: Ctx, arr: np.ndarray, sizes: list[int] | None = None,
-                 tail: bytes = b"") -> None:
+                 tail: bytes = b"", items: list[int] | None = None) -> None:
         self.tuning, self.fp = ctx.tuning, ctx.fp
         self.sig = board.signature(ctx.fp)
         self.n = ctx.g.size
-        self.quick = board.Quick(ctx.g, arr, self.sig, sizes, tail)
+        self.quick = board.Quick(ctx.g, arr, self.sig, sizes, tail, items)
 
 
 class _Plan(_Short):
@@ -130,24 +132,27 @@ def _combine(f: Any, acc: np.ndarray, later: tuple[np.ndarray, ...],
 
 
 class _Scatter(_Short):
-    """A tiny reduce_scatter: the whole array posted, as the long way's
-    small one posts it; this rank's chunk of its own post and of the
-    peers' (per slot, ring order from rank + 1) as flat views, the shape
-    of its result, the op."""
+    """A tiny reduce_scatter (or reduce_scatter_v, its ``bounds`` given):
+    the whole array posted, as the long way's small one posts it; this
+    rank's chunk of its own post and of the peers' (per slot, ring order
+    from rank + 1) as flat views, the shape of its result, the op."""
 
     __slots__ = ("rop", "ufunc", "avg", "one", "own", "later", "shape", "size", "bounds")
 
-    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: ReduceOp) -> None:
+    def __init__(self, ctx: Ctx, arr: np.ndarray, rop: ReduceOp,
+                 bounds: list[tuple[int, int]] | None = None) -> None:
         super().__init__(ctx, arr)
         n, rank = self.n, ctx.g.rank
         self.rop, self.ufunc = rop, getattr(np, rop.ufunc_name)
         self.avg = rop.name == "avg"
-        self.bounds = ring_chunks(arr.size, n)
+        self.bounds = ring_chunks(arr.size, n) if bounds is None else bounds
         lo, hi = self.bounds[rank]
         flat = [[v.reshape(-1)[lo:hi] for v in views] for views in self.quick.views]
         self.own = [views[rank] for views in flat]
         self.later = [tuple(views[(rank + k) % n] for k in range(1, n)) for views in flat]
-        self.shape = (arr.shape[0] // n,) + arr.shape[1:]
+        row = math.prod(arr.shape[1:])      # (reduce_scatter_v's ``bounds``: its parts, flat)
+        self.shape = ((hi - lo) // row if bounds is not None else arr.shape[0] // n,) \
+            + arr.shape[1:]
         self.size = hi - lo
         self.one = np.empty(1, arr.dtype) if hi - lo == 1 else None
 
