@@ -777,19 +777,20 @@ def test_gather_scatter_and_all_to_all_keep_the_guarantees_on_the_short_way() ->
 
 
 def _uneven_moved(world: Any) -> list:
-    """all_gather_v, gather_v and reduce_scatter_v of several dtypes and
-    uneven counts (zeros among them; the largest post the board holds
-    inline, and one past it: the long way), each call made three times
+    """all_gather_v, gather_v, reduce_scatter_v and scatter_v of several
+    dtypes and uneven counts (zeros among them; the largest post the board
+    holds inline, and one past it: the long way), each call made three times
     (the first settles the short way, the next take it) against numpy and
     the long way (async: it never takes the short way) byte for byte; the
     short way taken where the whole exchange fits. Returns what differed."""
+    import msgpack
     from collectives.host import paths
     from mesh.tensors import BFLOAT16
     n, rank, bad = world.size, world.rank, []
     room = tiny.MAX_BYTES
     taken: list[str] = []
     real = {name: getattr(tiny, name) for name in ("all_gather_v", "gather_v",
-                                                   "reduce_scatter_v")}
+                                                   "reduce_scatter_v", "scatter_v")}
 
     def counted(name: str) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -813,7 +814,7 @@ def _uneven_moved(world: Any) -> list:
                 fits = max(counts) <= most
                 for i in range(3):
                     xs = [make(k, 11 * p + i) for p, k in enumerate(counts)]
-                    whole = np.concatenate(xs)
+                    whole = np.concatenate(xs).view(dt)     # (bfloat16 kept)
                     before = len(taken)
                     got = C.all_gather_v(world, xs[rank], counts)
                     long = paths.all_gather_v(world, xs[rank], counts, async_op=True).wait()
@@ -823,6 +824,13 @@ def _uneven_moved(world: Any) -> list:
                     long = paths.gather_v(world, xs[rank], counts, root=root,
                                           async_op=True).wait()
                     calls.append(("gather_v", got, long, whole if rank == root else None))
+                    said = {} if rank == 0 else {"dtype": dt}
+                    got = C.scatter_v(world, whole if rank == 0 else None, counts, **said)
+                    long = paths.scatter_v(world, whole if rank == 0 else None, counts,
+                                           async_op=True, **said).wait()
+                    calls.append(("scatter_v", got, long, xs[rank]))
+                    meta = len(msgpack.packb([np.dtype(dt).str, [2], dt is BFLOAT16]))
+                    fits_sv = whole.nbytes + meta <= room
                     fits_rs = sum(counts) <= most and dt is not BFLOAT16
                     if dt is not BFLOAT16:
                         ys = [make(sum(counts), 3 * p + i) for p in range(n)]
@@ -843,7 +851,7 @@ def _uneven_moved(world: Any) -> list:
                                 bad.append((what, str(np.dtype(dt)), counts, i, way))
                     short = taken[before:]
                     expect = [] if i == 0 else ["all_gather_v", "gather_v"] * fits + \
-                        ["reduce_scatter_v"] * fits_rs
+                        ["reduce_scatter_v"] * fits_rs + ["scatter_v"] * fits_sv
                     if sorted(short) != sorted(expect):
                         bad.append(("short way", str(np.dtype(dt)), counts, i, short, expect))
     finally:
@@ -859,8 +867,8 @@ def test_uneven_calls_take_the_short_way_with_the_long_ways_bits(n: int) -> None
 
 
 def _uneven_mismatches(world: Any) -> dict:
-    """all_gather_v, gather_v and reduce_scatter_v the short way beside a
-    rank that calls them with other counts, dtype or op (the long way):
+    """all_gather_v, gather_v, reduce_scatter_v and scatter_v the short way
+    beside a rank that calls them with other counts, dtype or op (the long way):
     every rank raises; a late rank gets the right result."""
     rank, out = world.rank, {}
     counts, other = [1, 0, 2], [1, 0, 3]
@@ -870,6 +878,7 @@ def _uneven_mismatches(world: Any) -> dict:
         C.all_gather_v(world, x, counts)
         C.gather_v(world, x, counts, root=2)
         C.reduce_scatter_v(world, y, counts)
+        C.scatter_v(world, y if rank == 0 else None, counts)
     out["agv counts"] = _caught(lambda: C.all_gather_v(world, x, other if rank == 1 else counts))
     out["agv dtype"] = _caught(lambda: C.all_gather_v(
         world, x.astype(np.float64) if rank == 1 else x, counts))
@@ -877,6 +886,8 @@ def _uneven_mismatches(world: Any) -> dict:
                                                   root=2))
     out["rsv counts"] = _caught(lambda: C.reduce_scatter_v(
         world, np.concatenate([y, y[:1]]) if rank == 1 else y, other if rank == 1 else counts))
+    out["sv counts"] = _caught(lambda: C.scatter_v(world, y if rank == 0 else None,
+                                                   other if rank == 1 else counts))
     out["rsv op"] = _caught(lambda: C.reduce_scatter_v(world, y, counts,
                                                        op="max" if rank == 1 else "sum"))
     C.barrier(world)
@@ -884,7 +895,8 @@ def _uneven_mismatches(world: Any) -> dict:
         if rank == late:
             time.sleep(0.05)
         out[f"late {late}"] = (C.all_gather_v(world, x, counts).tolist(),
-                               C.reduce_scatter_v(world, y, counts).tolist())
+                               C.reduce_scatter_v(world, y, counts).tolist(),
+                               C.scatter_v(world, y if rank == 0 else None, counts).tolist())
     return out
 
 
@@ -895,10 +907,12 @@ def test_uneven_calls_keep_the_guarantees_on_the_short_way() -> None:
                            ("agv dtype", ["float32", "float64"]),
                            ("gv counts", ["[1, 0, 2]", "[1, 0, 3]"]),
                            ("rsv counts", ["[1, 0, 2]", "[1, 0, 3]"]),
+                           ("sv counts", ["[1, 0, 2]", "[1, 0, 3]"]),
                            ("rsv op", ["sum", "max"])]:
             assert r[key].startswith("MismatchError") and all(w in r[key] for w in words) \
                 and "rank 1" in r[key], f"rank {rank} {key}: {r[key]}"
         for late in (2, 0):
-            got, mine = r[f"late {late}"]
+            got, mine, dealt = r[f"late {late}"]
+            assert dealt == [[[0.0, 1.0]], [], [[2.0, 3.0], [4.0, 5.0]]][rank], dealt
             assert got == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], got
             assert mine == [[[3.0, 6.0]], [], [[9.0, 12.0], [15.0, 18.0]]][rank], mine

@@ -748,8 +748,13 @@ def scatter_v(g: Comm, a: Any, counts: list[int], root: int = 0, async_op: bool 
     ``dtype`` (a tensor's) is the dtype the rows must have (MismatchError
     naming both). scatter's paths (the same-host board, sockets) with
     blocks of the counts' sizes; the counts are in the fingerprint.
-    ``check``: as all_gather_v's."""
+    ``check``: as all_gather_v's. Tiny, once a first call has settled it:
+    the short way (collectives.shm.tiny)."""
     n = g.size
+    if not async_op and (a is None or type(a) is np.ndarray) and type(counts) is list \
+            and _passes(check) and (
+                got := tiny.scatter_v(g, a, counts, root, timeout, dtype)) is not None:
+        return got
 
     def prepare(t: Tuning) -> tuple[dict, Body]:
         if check is not None:
@@ -784,8 +789,10 @@ def scatter_v(g: Comm, a: Any, counts: list[int], root: int = 0, async_op: bool 
             if debug.ON:
                 _said(ctx, "scatter_v", None, "direct", None if src is None else src.nbytes)
             if board.available(ctx):
-                return local.scatter(ctx, src, r, lambda dt, sh: rows_as_wanted(ctx, dt, sh),
-                                     counts=list(counts))
+                row = local.scatter(ctx, src, r, lambda dt, sh: rows_as_wanted(ctx, dt, sh),
+                                    counts=list(counts))
+                tiny.learn_scatter(ctx, src, row, r, dtype, None, rows_as_wanted, list(counts))
+                return row
             return agreed(sockets)(ctx)
         return _fp("scatter_v", counts=_counts_fp(list(counts)), root=r), body
     return start(g, "scatter_v", prepare, async_op, timeout)

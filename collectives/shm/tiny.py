@@ -23,8 +23,9 @@ boards, with nothing made per call but a new result::
     all_to_all       block ``rank`` of every rank's post copied into its block
     all_gather_v,    the uneven ones (collectives.host.paths; the plan's key
     gather_v,        holds the call's name and counts): all_gather's and
-    reduce_scatter_v gather's with each rank's post of its own size, and
-                     reduce_scatter's with the counts' chunks
+    reduce_scatter_v gather's with each rank's post of its own size,
+    scatter_v        reduce_scatter's with the counts' chunks, scatter's
+                     with each rank's block of the counts' rows
 
 It keeps the long way's guarantees: the fingerprint on the board is the
 same (a rank on either way that called something else raises a
@@ -45,7 +46,7 @@ and size; a lane with work) takes the long way.
     tiny_reduce.py   the plans of all_reduce, reduce and reduce_scatter
                      (and reduce_scatter_v)
     tiny_move.py     the plans of broadcast, all_gather, gather, scatter
-                     and all_to_all (and all_gather_v, gather_v)
+                     and all_to_all (and all_gather_v, gather_v, scatter_v)
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ from .tiny_reduce import _Plan, _Reduce, _Scatter, _Short
 
 __all__ = ["MAX_BYTES", "forget", "learn", "learn_scatter", "learn_v", "keep", "plan_key",
            "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather",
-           "scatter", "all_to_all", "all_gather_v", "gather_v", "reduce_scatter_v"]
+           "scatter", "all_to_all", "all_gather_v", "gather_v", "reduce_scatter_v",
+           "scatter_v"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
@@ -124,30 +126,42 @@ def learn(ctx: Ctx, arr: np.ndarray, op: Any, rop: ReduceOp | None,
     return True
 
 
-def _row_key(dtype: Any, shape: Any, root: Any) -> tuple:
+def _row_key(dtype: Any, shape: Any, root: Any, counts: Any = None) -> tuple:
     """A scatter's plan key off the root: what its call says of the row it
-    wants (``dtype=``, ``shape=``; None where not given)."""
+    wants (``dtype=``, ``shape=``; None where not given; a scatter_v's
+    ``counts`` after them)."""
     want = None if dtype is None else np.dtype(dtype)
-    return ("scatter row", None if want is None else (want, dtype_name(want)),
-            None if shape is None else tuple(shape), root)
+    key = ("scatter row", None if want is None else (want, dtype_name(want)),
+           None if shape is None else tuple(shape), root)
+    return key if counts is None else key + (tuple(counts),)
 
 
 def learn_scatter(ctx: Ctx, src: np.ndarray | None, row: np.ndarray, root: int,
-                  dtype: Any, shape: Any, check: Any) -> None:
+                  dtype: Any, shape: Any, check: Any, counts: list[int] | None = None) -> None:
     """learn's, for a scatter that local.scatter ran in its small form:
     the root keeps its rows' plan (``src``), the others theirs for what
     their call said of the row (``dtype``, ``shape``: _row_key), ``row``'s
     dtype and shape settled, ``check`` the call's own (what a Round that
-    finds other rows runs)."""
-    if ctx.g.size * row.nbytes > MAX_BYTES or not row.size or not board.mapped(ctx.g):
-        return
-    rows = src if src is not None else np.empty((ctx.g.size,) + row.shape, row.dtype)
+    finds other rows runs). ``counts``: a scatter_v's (``row`` this rank's
+    block of them, ``src`` the root's sum(counts) rows)."""
+    if counts is None:
+        if ctx.g.size * row.nbytes > MAX_BYTES or not row.size or not board.mapped(ctx.g):
+            return
+        rows = src if src is not None else np.empty((ctx.g.size,) + row.shape, row.dtype)
+    else:
+        rows = src if src is not None else np.empty((sum(counts),) + row.shape[1:], row.dtype)
+        if rows.nbytes > MAX_BYTES or not rows.size or not board.mapped(ctx.g):
+            return
     if rows.nbytes + len(scatter_meta(rows.dtype, rows.shape[1:])) > min(MAX_BYTES,
                                                                          ctx.tuning.small):
         return      # (local.scatter's large form)
-    key = plan_key(rows.dtype, rows.shape, (None, root), "scatter") if src is not None \
-        else _row_key(dtype, shape, root)
-    if keep(_plans, ctx, key, lambda: _Deal(ctx, rows, check)):
+    if src is None:
+        key = _row_key(dtype, shape, root, counts)
+    elif counts is None:
+        key = plan_key(rows.dtype, rows.shape, (None, root), "scatter")
+    else:
+        key = plan_key(rows.dtype, rows.shape, (None, root, tuple(counts)), "scatter_v")
+    if keep(_plans, ctx, key, lambda: _Deal(ctx, rows, check, counts)):
         _last.clear()
 
 
@@ -470,6 +484,35 @@ def reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: Any, timeout: Any,
     if debug.ON:
         debug.note(g, name, SHORT_PATH, a.nbytes)
     return mine
+
+
+def scatter_v(g: Comm, a: Any, counts: list[int], root: Any, timeout: Any,
+              dtype: Any = None) -> np.ndarray | None:
+    """This rank's block of the root's rows of ``a`` the short way (off
+    the root, ``a`` is ignored and ``dtype`` is what the call says of the
+    rows, as collectives.host.paths.scatter_v takes it), or None (nothing
+    done, no tag taken) where the call must take the long way."""
+    try:
+        plans = _plans[g]
+        if type(root) is not int or any(type(k) is not int for k in counts):
+            return None
+        if root == g.rank:
+            if type(a) is not np.ndarray:
+                return None
+            plan = plans[plan_key(a.dtype, a.shape, (None, root, tuple(counts)), "scatter_v")]
+        else:
+            plan, a = plans[_row_key(dtype, None, root, counts)], None
+    except (KeyError, TypeError):
+        return None
+    if (plan := _tuned(plan, timeout)) is None:
+        return None
+    row = np.empty(plan.shape, plan.dtype)
+    got = now(g, "scatter_v", plan.fp, plan.tuning, plan.step, (a, row, False), timeout)
+    if got is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, "scatter_v", SHORT_PATH, row.nbytes)
+    return row if got is None else got
 
 
 SHORT_PATH = "same-host board, the short way (collectives.shm.tiny)"

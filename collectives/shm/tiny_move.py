@@ -155,20 +155,27 @@ class _Deal(_Short):
     with a Round, which reads any) and say so (stage 2), which the root
     waits for: a rank that refuses the rows (dtype=, shape=) fails the
     root's call too. ``arr``: the root's rows, or off the root an array
-    like them."""
+    like them. ``counts`` (scatter_v's): rank p's block is counts[p] rows
+    of ``arr`` from the sum of the counts before p, in place of row p."""
 
-    __slots__ = ("root", "rank", "shape", "size", "dtype", "meta", "others", "check", "mine")
+    __slots__ = ("root", "rank", "shape", "size", "dtype", "meta", "others", "check", "mine",
+                 "counts")
 
-    def __init__(self, ctx: Ctx, arr: np.ndarray, check: Any) -> None:
-        n, root = ctx.g.size, ctx.fp["root"]
+    def __init__(self, ctx: Ctx, arr: np.ndarray, check: Any,
+                 counts: list[int] | None = None) -> None:
+        n, root, rank = ctx.g.size, ctx.fp["root"], ctx.g.rank
         self.meta = scatter_meta(arr.dtype, arr.shape[1:])
         sizes = [0] * n
         sizes[root] = arr.nbytes + len(self.meta)
-        super().__init__(ctx, arr, sizes, self.meta if ctx.g.rank == root else b"")
-        self.root, self.rank, self.check = root, ctx.g.rank, check
-        self.shape, self.size, self.dtype = arr.shape[1:], arr[0].size, arr.dtype
+        super().__init__(ctx, arr, sizes, self.meta if rank == root else b"")
+        self.root, self.rank, self.check, self.counts = root, rank, check, counts
         self.others = [p for p in range(n) if p != root]
-        self.mine = [views[root][self.rank] for views in self.quick.views]
+        if counts is None:
+            self.mine = [views[root][rank] for views in self.quick.views]
+        else:
+            at = sum(counts[:rank])
+            self.mine = [views[root][at:at + counts[rank]] for views in self.quick.views]
+        self.shape, self.size, self.dtype = self.mine[0].shape, self.mine[0].size, arr.dtype
 
     def step(self, tag: int, arg: tuple[np.ndarray | None, np.ndarray, bool]) -> Body | None:
         a, out, given = arg
@@ -195,8 +202,8 @@ class _Deal(_Short):
         def run(ctx: Ctx) -> np.ndarray:
             src = None if a is None else np.ascontiguousarray(a)
             return deal_small(ctx, src, self.root, lambda dt, sh: self.check(ctx, dt, sh),
-                              out if given or a is not None else None, sig=self.sig,
-                              posted=posted)
+                              out if given or a is not None else None, self.counts,
+                              self.sig, posted)
         return run
 
 
