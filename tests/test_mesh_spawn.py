@@ -428,16 +428,32 @@ def test_ranks_share_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def _native_threads(world: mesh.Mesh) -> int:
-    """This rank's threads that are neither Python's nor ZeroMQ's."""
+    """This rank's threads that are neither Python's nor ZeroMQ's: the
+    fewest of a few looks, as a thread of Python's own just ending (out of
+    threading's list, its task not yet gone: a loaded CI machine saw one)
+    is not one that stays, as a BLAS pool's does."""
     import threading
-    ours = {t.native_id for t in threading.enumerate()}
-    count = 0
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            name = f.read().strip()
-        if int(tid) not in ours and not name.startswith("ZMQbg"):
-            count += 1
-    return count
+    import time
+
+    def once() -> int:
+        ours = {t.native_id for t in threading.enumerate()}
+        count = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except FileNotFoundError:       # (ended meanwhile)
+                continue
+            if int(tid) not in ours and not name.startswith("ZMQbg"):
+                count += 1
+        return count
+    fewest = once()
+    for _ in range(20):
+        if not fewest:
+            break
+        time.sleep(0.05)
+        fewest = min(fewest, once())
+    return fewest
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task")
