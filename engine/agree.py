@@ -1,6 +1,7 @@
 """Every rank at once, for ``engine.distribute`` and its jobs: the failures
 every rank raises together (``DistributeFailed``, ``GatherFailed``), the
-ranks' word that their part of a dry run failed or not (``_told``), the
+ranks' word that their part of a dry run (or of distribute's work between
+its exchanges) failed or not (``_told``, read by ``_verdict``), the
 tp ranks' word that each one's part ran or failed (``_tp_agreed``) and the
 handshake by which a lone ``job.state_dict()`` or ``optimizer_state_dict()``
 caller is told, not waited on (``_all_called``: each word carries its
@@ -26,9 +27,12 @@ _DONE_TAG = _STATE_TAG - 2      # each tp rank's word that its part ran or faile
 class DistributeFailed(MeshError):
     """engine.distribute's own timing of the model (its profile, a job's
     ``retime()``, which call ``loss_fn``), its checks of what every rank
-    was given (the models compared, the sample's rows) or its dry runs
-    failed on another rank, whose own error (a KeyboardInterrupt there) is
-    the root cause."""
+    was given (the models compared, the sample's rows), its dry runs (a
+    dry step's failure too) or its own work between its exchanges (the
+    candidates' simulation and ranking, the cut, the Pipeline made) failed
+    on another rank, whose own error (a KeyboardInterrupt there) is the
+    root cause: every other rank raises this, whatever that error was (a
+    rank's wrong arguments aside: every rank raises their ValueError)."""
 
     from_abort = True
     __module__ = "engine"     # its public home: reports and pickles name it there
@@ -45,21 +49,31 @@ class GatherFailed(MeshError):
 def _told(world: Comm, failed: BaseException | None, timeout: float | None = None) -> None:
     """Every rank's word whether its part failed (``failed``: its error,
     None: none), an all-gather over ``world`` where the ranks would meet
-    anyway (engine.calibrate's dry runs, in place of a barrier): every rank
-    then raises at once, this one its own error, the others
-    DistributeFailed naming the first rank whose error was its own, not a
-    peer's abort (a rank that raised alone left the others waiting for it
-    in their next collective until their timeout)."""
+    anyway (engine.calibrate's dry runs, in place of a barrier; after a
+    step of distribute's own work that no exchange follows): every rank
+    then raises at once (``_verdict``; a rank that raised alone left the
+    others waiting for it in their next collective until their timeout)."""
     said = None if failed is None else [f"{type(failed).__name__}: {failed}"[:400],
                                         bool(getattr(failed, "from_abort", False))]
-    told = [(r, t) for r, t in enumerate(collectives.all_gather_object(world, said,
-                                                                        timeout=timeout))
-            if t is not None]
-    _raised(failed)
+    told = collectives.all_gather_object(world, said, timeout=timeout)
+    _verdict(world, failed, [(r, t) for r, t in enumerate(told) if t is not None])
+
+
+def _verdict(world: Comm, failed: BaseException | None, told: list[tuple[int, Any]]) -> None:
+    """After a word (``_told``, engine.layer_timing's ``_exchange``): the
+    ranks whose part failed (``told``: each one's ``[text, whether a peer's
+    abort]``) make every rank raise, this one its own error (``failed``),
+    the others DistributeFailed naming the first rank whose error was its
+    own and carrying its text; so does a rank whose ``failed`` is only a
+    peer's abort (a dry step that failed on another rank: the step's
+    MeshError, which a caller of distribute could not tell from any other)."""
+    root = next(((r, t) for r, t in told if not t[1]), None)
+    if failed is not None and (root is None or not getattr(failed, "from_abort", False)):
+        raise failed
     if told:
-        r, (text, _) = next(((r, t) for r, t in told if not t[1]), told[0])
+        r, (text, _) = root or told[0]
         raise DistributeFailed(f"rank {world.rank}: engine.distribute failed on rank {r}: "
-                               f"{text}")
+                               f"{text}") from failed
 
 
 def _tp_agreed(tp: Comm, timeout: float | None, failed: BaseException | None,

@@ -33,7 +33,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -289,11 +289,11 @@ def calibrate(world: Comm, pp: Comm, m: int, nbytes: int, steps: int = 5,
         failed = e
     dummy = np.zeros((busy_m, 1))
     _told(world, failed, timeout)       # (a barrier)
-    busy.step(dummy, dummy)
-    _, h0 = _started(busy)
-    for _ in range(busy_steps):
+    try:        # (a step's failure: every rank's, told next)
         busy.step(dummy, dummy)
-    try:
+        _, h0 = _started(busy)
+        for _ in range(busy_steps):
+            busy.step(dummy, dummy)
         ends = _messages(busy.program) * busy_steps
         helper = _helper_since(h0) / ends if ends else 0.0
         mine = (helper, _here())
@@ -334,7 +334,7 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
             costs: Mapping[str, Sequence[float]] | None = None,
             tp: tuple[Comm, Mapping[tuple[int, str], Sequence[int]]] | None = None,
             grid: Grid | None = None, grads: Mapping[int, Sequence[int]] | None = None,
-            tensors: bool = False) -> DryRun:
+            tensors: bool = False, then: Callable[[DryRun], None] | None = None) -> DryRun:
     """The executor running ``sched`` on ``pp`` with stages that compute
     nothing, or, with ``costs`` (seconds per stage of each kind, as the
     simulator takes them), that keep the core busy that long per action
@@ -368,8 +368,12 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     ``tensors``: messages and stand-in gradients are torch tensors, as a
     torch job's are (the executor's own time grows with them: a torch
     step's CPU outside its actions was 1.3-1.6 ms at pp=2 x tp=2 where the
-    arrays' dry run's was 0.8-0.9). Collective over ``world`` (every pp
-    group of it runs its own)."""
+    arrays' dry run's was 0.8-0.9). ``then``: the caller's own work on the
+    figures (engine.measured_choice's ranking), done before the last word,
+    so that its error (a KeyboardInterrupt) is told there too. Collective
+    over ``world`` (every pp group of it runs its own); an error of any
+    rank's part, a dry step's included, raises on every rank at once, the
+    others DistributeFailed naming it (``_told``)."""
     sizes = ([(nbytes, nbytes)] * sched.num_stages if isinstance(nbytes, int)
              else list(nbytes))
 
@@ -396,17 +400,17 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
     for i in range(steps + 1):
         _told(world, failed, timeout)       # (a barrier)
         t0, h0 = _started(pipe)
-        pipe.step(dummy, dummy)         # (its failure, or one before it: every rank's at once)
-        t1 = time.time()
-        if i:
-            try:
+        try:        # (a step's failure, or one before it: every rank's, told next)
+            pipe.step(dummy, dummy)
+            t1 = time.time()
+            if i:
                 helper += _helper_since(h0)
                 ends += _messages(pipe.program)
                 row, acts = step_record(pipe, t0, t1)
                 rows.append(row)
                 ran.append(acts)
-            except BaseException as e:
-                failed = e
+        except BaseException as e:
+            failed = e
     _told(world, failed, timeout)
     gathered = collectives.all_gather_object(
         world, (pp.ranks, rows, ran, helper / ends if ends else 0.0, socket.gethostname()))
@@ -415,6 +419,8 @@ def dry_run(world: Comm, pp: Comm, sched: Schedule, nbytes: int | Sequence[tuple
         fig = step_figures(sched, mine)
         made = DryRun(fig.action, fig.message, statistics.median(g[3] for g in gathered),
                       fig.span, fig.receive, fig.simulated, fig.compute)
+        if then is not None:
+            then(made)
     except BaseException as e:
         failed = e
     _told(world, failed, timeout)

@@ -51,6 +51,7 @@ rank raises or says at once).
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 import sys
 import time
@@ -77,7 +78,7 @@ from .partition import partition
 from .traced import Reshaped, few, given_as_returned, sequential, traceable
 from .torch_stage import TorchStage, patterns_of, torch_loss
 from .tp_layers import refuse_fed_whole
-from .agree import DistributeFailed, GatherFailed
+from .agree import DistributeFailed, GatherFailed, _raised, _told
 from .given import (_agreed_sample, _as_grid, _checkpoint_model, _copied, _cut, _is_torch,
                     _model_layers, _recompute_names, _same_model, _size, _takes_two, _valid_balance)
 from .layer_timing import _exchange, _median_act, _profile, _profile_stages, _timing
@@ -380,24 +381,39 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                 _median_act(profile[-(-rows // k)]), tag_base=tag_base,
                                 timeout=timeout, tensors=is_torch, grid=on, grads=even)
                     action[k], message[k], receive[k] = d.action, d.message, d.receive
-            # (a torch stage copies its floating input: the first stage's, a micro-batch's)
-            ins = {size: _copied(sample[:size]) for size in sizes} if is_torch else None
-            cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                               action, message, helper=cal.helper, recv=receive, cores=cal.cores,
-                               recompute=way, inputs=ins, copies=is_torch, layers=is_torch)
-            spans = stage_spans(cands, rows)
-            whole: dict[int, dict[Span, LayerCost]] = {}
-            if spans:          # the cuts' stages, timed whole: what the steps will pay
-                def join(first: int, stop: int) -> Any:
-                    stage = make_stage([layer for _, layer in named[first:stop]], first)
-                    if on_meta:             # a real copy, for as long as it is timed
-                        stage = copy.deepcopy(stage)
-                        _materialize(stage, init)
-                    return TorchStage(stage) if is_torch else stage
-                whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock)
+            # this rank's own error in the work between the exchanges (the candidates'
+            # simulation, the cut: a KeyboardInterrupt), told in the next one (every rank
+            # then raises at once, the others DistributeFailed naming it)
+            failed: BaseException | None = None
+            try:
+                # (a torch stage copies its floating input: the first stage's, a micro-batch's)
+                ins = {size: _copied(sample[:size]) for size in sizes} if is_torch else None
                 cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                                   action, message, whole, cal.helper, receive, cal.cores,
-                                   way, ins, is_torch, is_torch)
+                                   action, message, helper=cal.helper, recv=receive,
+                                   cores=cal.cores, recompute=way, inputs=ins, copies=is_torch,
+                                   layers=is_torch)
+                spans = stage_spans(cands, rows)
+            except BaseException as e:
+                failed, spans = e, {}
+
+            def join(first: int, stop: int) -> Any:
+                stage = make_stage([layer for _, layer in named[first:stop]], first)
+                if on_meta:             # a real copy, for as long as it is timed
+                    stage = copy.deepcopy(stage)
+                    _materialize(stage, init)
+                return TorchStage(stage) if is_torch else stage
+            # the cuts' stages, timed whole: what the steps will pay (an exchange every
+            # rank makes, with no stage to time too: the failure above told there)
+            whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock,
+                                    failed)
+            if spans:
+                try:
+                    cands = candidates(profile, params, rows, scheds, balance, 1.0,
+                                       memory_limit, action, message, whole, cal.helper,
+                                       receive, cal.cores, way, ins, is_torch, is_torch)
+                except BaseException as e:
+                    failed = e
+                _told(grid.comm, failed, timeout)     # (the choice below rests on them)
             if not cands:
                 raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
             if auto and overhead is None:     # the leaders' own dry runs
@@ -412,13 +428,19 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 raise ValueError(f"no schedule keeps its activations under memory_limit="
                                  f"{memory_limit:g} bytes{hint}:\n{table(cands, None, skipped)}")
             sched = chosen.schedule
-    counts = chosen.counts if chosen else counts_for(balance, sched.num_stages, None, params)
-
-    mine = sched.stages_of(grid.coord("pp"))
-    cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
-                    stages=mine, names=[n for n, _ in named])
-    if on_meta:                  # this rank's stages only: the others stay without memory
-        made = {s: _materialize(cut[s], init) for s in mine}
+    failed = None
+    try:        # (this rank's own error told before the Pipeline's exchanges)
+        counts = (chosen.counts if chosen else
+                  counts_for(balance, sched.num_stages, None, params))
+        mine = sched.stages_of(grid.coord("pp"))
+        cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
+                        stages=mine, names=[n for n, _ in named])
+        # this rank's stages only: the others stay without memory
+        made = {s: _materialize(cut[s], init) for s in mine} if on_meta else {}
+    except BaseException as e:
+        failed = e
+    _told(grid.comm, failed, timeout)
+    if on_meta:
         bare = [f"stage {s}: {name}" for s in mine for name in made[s][0]]
         unsaved = [f"stage {s}: {name}" for s in mine for name in made[s][1]]
         if bare:
@@ -439,27 +461,16 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
                if patterns else ""))
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
-    pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
-                    tag_base=tag_base, recompute=again, layered=layered)
-    stages = [pipe.stages[s] for s in mine]
-    if is_torch and not any(True for st in stages for _ in st.module.parameters()):
-        import warnings
-        names = [f"{n} ({type(layer).__name__})" for n, layer in named]
-        held = "; ".join(f"stage {s}: {', '.join(names[sum(counts[:s]):sum(counts[:s + 1])])}"
-                         for s in mine)
-        warnings.warn(f"engine.distribute: rank {grid.comm.rank}'s stages hold no parameters "
-                      f"({held}), so job.parameters() is empty there, which torch's "
-                      f"optimizers refuse ('optimizer got an empty parameter list'): cut the "
-                      f"model elsewhere (balance={list(counts)} now), or make the optimizer "
-                      f"only where job.parameters() holds some", stacklevel=2)
-    if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
-        dp = grid.group("dp")
-        for st in stages:
-            for arr in _replica_state(st):
-                collectives.broadcast(dp, arr, root=0)
+    try:        # (this rank's own error told in the exchange below, before the dp broadcast)
+        pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
+                        tag_base=tag_base, recompute=again, layered=layered)
+        stages = [pipe.stages[s] for s in mine]
+    except BaseException as e:
+        failed = e
     inputs: dict[int, Any] = {}
     target: Any = None
     messages: list[tuple[int, int]] | None = None
+    tp_group = grid.group("tp") if _size(grid, "tp") > 1 else None
     if chosen is not None:       # for Job.retime: each own stage's input
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
@@ -473,12 +484,30 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                     xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
                 return ({s: xs[bounds[s]] for s in mine},
                         _loss_target(wrapped, xs[-1]) if pipe.last else None)
-        tp_group = grid.group("tp") if _size(grid, "tp") > 1 else None
-        made, failed = _timing(grid.comm, tp_group, own_inputs)    # (loss_fn: a KeyboardInterrupt)
+        # (loss_fn: a KeyboardInterrupt; or the Pipeline's, above, told here)
+        made, failed = _timing(grid.comm, tp_group, own_inputs if failed is None else
+                               functools.partial(_raised, failed))
         _exchange(grid.comm, [], failed, tp_group)
         inputs, target = made
         if overhead is None:          # each stage's messages: its output, its input's gradient
             messages = _stage_messages(profile[size], tuple(counts))
+    else:
+        _told(grid.comm, failed, timeout)
+    if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
+        dp = grid.group("dp")
+        for st in stages:
+            for arr in _replica_state(st):
+                collectives.broadcast(dp, arr, root=0)
+    if is_torch and not any(True for st in stages for _ in st.module.parameters()):
+        import warnings
+        names = [f"{n} ({type(layer).__name__})" for n, layer in named]
+        held = "; ".join(f"stage {s}: {', '.join(names[sum(counts[:s]):sum(counts[:s + 1])])}"
+                         for s in mine)
+        warnings.warn(f"engine.distribute: rank {grid.comm.rank}'s stages hold no parameters "
+                      f"({held}), so job.parameters() is empty there, which torch's "
+                      f"optimizers refuse ('optimizer got an empty parameter list'): cut the "
+                      f"model elsewhere (balance={list(counts)} now), or make the optimizer "
+                      f"only where job.parameters() holds some", stacklevel=2)
     rest = _rest(source, model, own_loss, aliases) if source is not model else OrderedDict()
     if on_meta and rest:
         rest = _real_rest(source, own_loss, rest)

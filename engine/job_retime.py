@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from mesh import Grid
 
-from .calibrate import Calibration, collected, dry_run
+from .calibrate import Calibration, DryRun, collected, dry_run
 from .choose import Candidate, calibrated, kept_buffers, kept_random, retimed, table
 from .executor import Pipeline
 from .ir import Schedule
@@ -141,30 +141,33 @@ class _Retiming:
             spin = {k: [getattr(times[s], k) for s in range(self.schedule.num_stages)]
                     for k in ("F", "B", "I", "W")}
             dp = self.pipeline.dp is not None and self.pipeline.dp.size > 1
-            dry = dry_run(self.grid.comm, self.grid.group("pp"), self.chosen.schedule,
-                          self._messages, steps=5, tag_base=self._tag_base,
-                          timeout=self._timeout, costs=spin,
-                          tp=(tp, calls) if tp is not None else None,
-                          grid=self.grid if dp else None,
-                          grads={s: [g.nbytes for g in st.grads()] for s, st in own.items()}
-                          if dp else None, tensors=self.is_torch)
-            cal = replace(cal, action=dry.action, message=dry.message,
-                          helper=dry.helper if cal.crowded else 0.0, helper_measured=dry.helper,
-                          receive=dry.receive)
-            # where the ranks share the cores: others' processes on them too, as many
-            # as make the simulated dry run as long as the measured one (none where it
-            # is within 10%: as before)
-            if cal.cores is not None:
-                cal = replace(cal, load=fitted_load(self.chosen.schedule, spin, cal,
-                                                    cal.cores, dry.compute or {}))
+            sched = self.chosen.schedule
+            got: list[tuple[Any, ...]] = []
+
+            def figured(dry: DryRun) -> None:      # (in the dry run's last word: its error told)
+                c = replace(cal, action=dry.action, message=dry.message,
+                            helper=dry.helper if cal.crowded else 0.0,
+                            helper_measured=dry.helper, receive=dry.receive)
+                # where the ranks share the cores: others' processes on them too, as many
+                # as make the simulated dry run as long as the measured one (none where it
+                # is within 10%: as before)
+                if c.cores is not None:
+                    c = replace(c, load=fitted_load(sched, spin, c, c.cores, dry.compute or {}))
+                shared = None if c.cores is None else _shared_walls(sched, spin, c)
+                stretch = _stretch(spin if shared is None else shared, dry.compute or {},
+                                   floor=1.0 if shared is None else 0.0)
+                got.append((c, stretch, {s: _stretched(lc, stretch[s]) for s, lc in times.items()},
+                            [{s: _stretched(lc, stretch[s]) for s, lc in run.items()}
+                             for run in runs]))
+            dry_run(self.grid.comm, self.grid.group("pp"), sched,
+                    self._messages, steps=5, tag_base=self._tag_base,
+                    timeout=self._timeout, costs=spin,
+                    tp=(tp, calls) if tp is not None else None,
+                    grid=self.grid if dp else None,
+                    grads={s: [g.nbytes for g in st.grads()] for s, st in own.items()}
+                    if dp else None, tensors=self.is_torch, then=figured)
+            cal, self.stretch, times, runs = got[0]
             self.calibration = cal
-            shared = None if cal.cores is None else _shared_walls(self.chosen.schedule, spin,
-                                                                  cal)
-            stretch = _stretch(spin if shared is None else shared, dry.compute or {},
-                               floor=1.0 if shared is None else 0.0)
-            times = {s: _stretched(lc, stretch[s]) for s, lc in times.items()}
-            runs = [{s: _stretched(lc, stretch[s]) for s, lc in run.items()} for run in runs]
-            self.stretch = stretch
             helper = 0.0         # the stretch holds the mesh threads' share where they take one
         self.chosen = retimed(self.chosen, times, cal.action, helper, cal.message,
                               cal.receive, runs, cores=cal.cores if calibrated else None,

@@ -7,6 +7,7 @@ them (``_retime``: ``Job.retime``).
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from mesh import AbortKind, Comm, Grid, MeshError
 from .choose import LayerCost, Span, measure, measure_stages, time_program
 from .tp_plan import PlanError, logging_calls
 from .tp_sums import holders as tp_holders
-from .agree import DistributeFailed
+from .agree import _raised, _verdict
 from .given import _size
 
 
@@ -25,20 +26,23 @@ def _median_act(row: dict[int, LayerCost]) -> int:
     return sorted(lc.act_bytes for lc in row.values())[len(row) // 2]
 
 
-def _shared(grid: Grid, n: int, timed: Callable[[list[int]], list[tuple[Any, LayerCost]]]
-            ) -> list[tuple[list[int], LayerCost]]:
+def _shared(grid: Grid, n: int, timed: Callable[[list[int]], list[tuple[Any, LayerCost]]],
+            failed: BaseException | None = None) -> list[tuple[list[int], LayerCost]]:
     """Items ``0..n-1`` shared out over the ranks, each timing its own
     (``timed(mine)``: ``(key, cost)`` pairs, a key a tuple of ints), and
     every rank's results exchanged, so all of them decide alike. With a tp
     axis, over the tp groups: a group's ranks time the same items at once
-    (sharded layers, whose collectives they make together)."""
+    (sharded layers, whose collectives they make together). ``failed``:
+    this rank's error in its own work before (engine.distribute's), told in
+    the exchange in place of its share, which it does not time."""
     index, count = 0, 1
     for name in grid.names:             # this rank's tp group, among all of them
         if name != "tp":
             index, count = index * grid.size(name) + grid.coord(name), count * grid.size(name)
     tp = grid.group("tp") if _size(grid, "tp") > 1 else None
     ours = [j for j in range(n) if j % count == index]
-    mine, failed = _timing(grid.comm, tp, lambda: timed(ours))
+    mine, failed = _timing(grid.comm, tp, (lambda: timed(ours)) if failed is None else
+                           functools.partial(_raised, failed))
     return _exchange(grid.comm, mine or [], failed, tp)
 
 
@@ -78,12 +82,7 @@ def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]],
     told = [(r, t) for r, (t, _, _) in enumerate(parts) if t is not None]
     if told and ch is not None and tp is not None:
         ch.seq = max(int(q) for _, _, (rs, q) in parts if list(rs) == list(tp.ranks))
-    if failed is not None:
-        raise failed
-    if told:
-        r, (text, _) = next(((r, t) for r, t in told if not t[1]), told[0])
-        raise DistributeFailed(f"rank {world.rank}: engine.distribute failed on rank {r}: "
-                               f"{text}")
+    _verdict(world, failed, told)
     return [([int(k) for k in key], LayerCost(f, b, gi, gw, int(nb), None if sb < 0 else int(sb),
                                               int(keeps)))
             for _, part, _ in parts for *key, f, b, gi, gw, nb, sb, keeps in part]
@@ -130,17 +129,19 @@ def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps
 
 def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], Any], sample: Any,
                     spans: dict[int, list[Span]], reps: int, runs: int | None = None,
-                    clock: Callable[[], float] = time.perf_counter
-                    ) -> dict[int, dict[Span, LayerCost]]:
+                    clock: Callable[[], float] = time.perf_counter,
+                    failed: BaseException | None = None) -> dict[int, dict[Span, LayerCost]]:
     """Every stage of ``spans`` measured whole (engine.choose.measure_stages;
-    ``_shared`` over the stages; ``runs`` and ``clock`` as ``_profile``'s)."""
+    ``_shared`` over the stages; ``runs`` and ``clock`` as ``_profile``'s;
+    ``failed`` as ``_shared``'s: its exchange is a word every rank makes,
+    with no stage to time too)."""
     def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
         local = measure_stages(mlayers, join, sample, spans, reps, mine, runs, clock)
         return [((size, a, b), lc) for size, row in local.items() for (a, b), lc in row.items()]
 
     merged: dict[int, dict[Span, LayerCost]] = {s: {} for s in spans}
     n = sum(len(ss) for ss in spans.values())
-    for (size, a, b), lc in _shared(grid, n, timed):
+    for (size, a, b), lc in _shared(grid, n, timed, failed):
         merged[size][(a, b)] = lc
     return merged
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from mesh import Grid
 
-from .calibrate import Calibration, dry_run
+from .calibrate import Calibration, DryRun, dry_run
 from .choose import Candidate, LayerCost, Span, as_run, best_first, loaded, recosted, stage_costs
 from .ir import Schedule
 from .stagebuild import is_module
@@ -158,24 +158,30 @@ def _measured_choice(grid: Grid, cands: list[Candidate], profile: dict[int, dict
         spin = stage_costs(run_row, lead.counts, whole=run_whole)
         stand_ins = None if grads is None else _stage_grads(
             grads, lead.counts, lead.schedule.stages_of(grid.coord("pp")))
-        d = dry_run(grid.comm, grid.group("pp"), lead.schedule, _stage_messages(row, lead.counts),
-                    steps=3, tag_base=tag_base, timeout=timeout,
-                    costs={k: spin[k] for k in "FBIW"}, tensors=tensors,
-                    grid=None if grads is None else grid, grads=stand_ins)
-        # where the ranks share the cores: others' processes on them too, fitted to
-        # this dry run as Job.retime fits them to its own (none within 10%), and
-        # every candidate simulated with them: a loaded host ranks them otherwise;
-        # the mesh threads' CPU is then in the load (they ran in the dry run), not
-        # charged to the actions besides (``loaded``)
-        load, helper = lead.load, d.helper if crowded else 0.0
-        if lead.cores is not None:
-            load = fitted_load(lead.schedule, {k: spin[k] for k in "FBIW"},
-                               Calibration(d.action, d.message, receive=d.receive),
-                               lead.cores, d.compute or {})
-            helper = 0.0
-        cands = best_first([recosted(replace(lead, load=load), row, 1.0, w, d.action,
-                                     d.message, helper, d.receive)]
-                           + [loaded(c, load) for c in cands[1:]])
+        ranked: list[list[Candidate]] = []
+
+        def rank(d: DryRun) -> None:        # (called within this try's dry run)
+            # where the ranks share the cores: others' processes on them too, fitted to
+            # this dry run as Job.retime fits them to its own (none within 10%), and
+            # every candidate simulated with them: a loaded host ranks them otherwise;
+            # the mesh threads' CPU is then in the load (they ran in the dry run), not
+            # charged to the actions besides (``loaded``)
+            load, helper = lead.load, d.helper if crowded else 0.0
+            if lead.cores is not None:
+                load = fitted_load(lead.schedule, {k: spin[k] for k in "FBIW"},
+                                   Calibration(d.action, d.message, receive=d.receive),
+                                   lead.cores, d.compute or {})
+                helper = 0.0
+            ranked.append(best_first([recosted(replace(lead, load=load), row, 1.0, w, d.action,
+                                               d.message, helper, d.receive)]
+                                     + [loaded(c, load) for c in cands[1:]]))
+        # (the ranking in the dry run's last word: its error, a KeyboardInterrupt, is told
+        # there, and every rank raises at once; after it, the ranks' next call depends on it)
+        dry_run(grid.comm, grid.group("pp"), lead.schedule, _stage_messages(row, lead.counts),
+                steps=3, tag_base=tag_base, timeout=timeout,
+                costs={k: spin[k] for k in "FBIW"}, tensors=tensors,
+                grid=None if grads is None else grid, grads=stand_ins, then=rank)
+        cands = ranked[0]
     if cands[0].measured or not any(c.measured for c in cands):
         return cands
     # the tries spent: the best of those measured leads (the others' figures are a lower bound)

@@ -621,11 +621,14 @@ def test_the_leader_is_costed_by_its_own_dry_run(monkeypatch):
     ran = []
 
     def fake_dry_run(world, pp, sched, nbytes, steps=5, tag_base=0, timeout=None, costs=None,
-                     tensors=False, grid=None, grads=None):
+                     tensors=False, grid=None, grads=None, then=None):
         ran.append((sched.name, nbytes, costs))
         if sched.name == lead.schedule.name:
-            return DryRun(1.0, 0.03, 0.5, receive=0.04)
-        return DryRun(0.01, 0.01, 0.5)      # as its no-op figures said
+            d = DryRun(1.0, 0.03, 0.5, receive=0.04)
+        else:
+            d = DryRun(0.01, 0.01, 0.5)      # as its no-op figures said
+        then(d)         # (the ranking on its figures, in its last word)
+        return d
 
     class Grid:
         comm = None
@@ -776,11 +779,13 @@ def test_the_choice_ranks_with_the_load_its_dry_runs_fit(monkeypatch):
     ran = []
 
     def fake_dry_run(world, pp, sched, nbytes, steps=5, tag_base=0, timeout=None, costs=None,
-                     tensors=False, grid=None, grads=None):
+                     tensors=False, grid=None, grads=None, then=None):
         ran.append(sched.name)
         walls = dist._shared_walls(sched, {k: list(costs[k]) for k in "FBIW"},
                                    Calibration(0.002, 0.0, cores=1.0, load=3.0))
-        return DryRun(0.002, 0.0, 0.001, compute=walls)   # as the candidates' own figures
+        d = DryRun(0.002, 0.0, 0.001, compute=walls)   # as the candidates' own figures
+        then(d)         # (the ranking on its figures, in its last word)
+        return d
 
     class Grid:
         comm = None

@@ -878,16 +878,14 @@ def test_a_keyboard_interrupt_in_distributes_own_timing_fails_every_rank_at_once
     model ended that rank's call alone: the others waited in its exchange
     of the times (or its tp peer in a collective) until their timeout (20
     s here; the test's spawn would time out). Now every rank raises at once,
-    naming it, and a job built after runs."""
+    naming it (its tp peer too, which raised its tp collective's abort
+    before), and a job built after runs."""
     results = mesh.spawn(_measuring_fails_worker, 4, timeout=100)
     for at in (0, 1):
         assert results[3][at] == "KeyboardInterrupt: stopped on purpose", results[3]
-        for r in (0, 1, 2) if at == 0 else (0, 1):
+        for r in (0, 1, 2):     # (its tp peer too, whose tp collective it aborted)
             assert results[r][at].startswith(f"DistributeFailed: rank {r}: engine.distribute "
                                              "failed on rank 3: KeyboardInterrupt"), results[r]
-    # its tp peer, in a tp collective of the re-time: aborted, naming it
-    assert "engine.distribute failed on rank 3 (tp rank 1): KeyboardInterrupt" \
-        in results[2][1], results[2]
     for r, said in enumerate(results):
         assert (said[2] is None) == (r < 2) and not isinstance(said[2], str), (r, said)
 
@@ -1074,15 +1072,76 @@ def test_a_keyboard_interrupt_in_distributes_checks_and_dry_runs_fails_every_ran
     agreed the sample's rows or ran its dry pipeline ended that rank's call
     alone: the others waited for it in the exchange (or the dry run's next
     step) until their timeout (20 s here). Now every rank raises at once,
-    naming it, and a job built after runs."""
+    naming it (a dry step's failure too, whose MeshError they raised
+    before), and a job built after runs."""
     results = mesh.spawn(_checks_fail_worker, 2, timeout=100)
-    for at in range(5):
+    for at in range(5):     # (a dry step's failure too: not the step's MeshError there)
         assert results[1][at] == "KeyboardInterrupt: stopped on purpose", results[1]
-        if at != 2:
-            assert results[0][at] == ("DistributeFailed: rank 0: engine.distribute failed on "
-                                      "rank 1: KeyboardInterrupt: stopped on purpose"), results[0]
-    # as a dry step starts: the step fails on every rank, as any step's error does
-    assert results[0][2].startswith("MeshError: rank 0: pipeline step 0 ") and \
-        "pipeline step 0 failed on pp rank 1: KeyboardInterrupt: stopped on purpose" \
-        in results[0][2], results[0][2]
+        assert results[0][at] == ("DistributeFailed: rank 0: engine.distribute failed on "
+                                  "rank 1: KeyboardInterrupt: stopped on purpose"), results[0]
     assert results[0][5] is None and isinstance(results[1][5], float), results
+
+
+def _between_fail_worker(world, cases):
+    """pp=2 (world rank 1 holds the last stage): for each case ``(module,
+    name, call, args)``, distribute with the ``call``-th call of
+    ``module.name`` on world rank 1 raising a KeyboardInterrupt (``after``:
+    once the real call returned), then a step of the job."""
+    import importlib
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    said = []
+    for module, name, call, args in cases:
+        where = importlib.import_module(module) if module else None
+        if world.rank == 1 and where is not None:
+            real, calls = getattr(where, name), [0]
+
+            def interrupted(*a, where=where, name=name, real=real, calls=calls, call=call,
+                            **k):
+                calls[0] += 1
+                if calls[0] < abs(call):
+                    return real(*a, **k)
+                setattr(where, name, real)      # (this call only)
+                if call < 0:
+                    real(*a, **k)
+                raise KeyboardInterrupt("stopped on purpose")
+            setattr(where, name, interrupted)
+        kw = dict(schedule="1f1b", microbatches=2, balance="time", sample=x, reps=1)
+        kw.update(args)
+        try:
+            job = engine.distribute(_state_model(), mesh.grid(world, pp=2), loss_fn=mse_loss,
+                                    verbose=False, timeout=20, **kw)
+            said.append(job.step(x, y))
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+# where distribute's own work between its exchanges runs (a negative call: once it returned)
+_BETWEEN = [("engine.distribute", "candidates", 1, {}),      # the candidates' simulation
+            ("engine.distribute", "candidates", 2, {}),      # again, the stages timed whole
+            ("engine.distribute", "partition", 1, {}),       # the chosen cut
+            ("engine.distribute", "Pipeline", -1, {}),       # the job's Pipeline, made
+            ("engine.distribute", "Pipeline", -1,            # so, with nothing measured
+             dict(balance=[3, 3], sample=None)),
+            ("engine.job_retime", "_stretch", 1, {}),        # the re-time's, after its dry run
+            ("engine.measured_choice", "best_first", 1,      # the choice's, after its dry run
+             dict(schedule="auto", microbatches=None)),
+            (None, None, 0, {})]
+
+
+@pytest.mark.timeout(120)
+def test_a_keyboard_interrupt_between_distributes_exchanges_fails_every_rank_at_once():
+    """A KeyboardInterrupt on one rank in distribute's own work between two
+    of its exchanges (the candidates' simulation, the cut, the Pipeline
+    made, the ranking or the stretch worked out after a dry run) ended its
+    call alone: the others waited for it in their next collective until
+    their timeout (20 s here), or went on to return a job whose first step
+    waited. Now every rank raises at once, the others DistributeFailed
+    naming it, and a job built after trains."""
+    results = mesh.spawn(_between_fail_worker, 2, _BETWEEN, timeout=100)
+    for at in range(len(_BETWEEN) - 1):
+        assert results[1][at] == "KeyboardInterrupt: stopped on purpose", (at, results[1])
+        assert results[0][at] == ("DistributeFailed: rank 0: engine.distribute failed on "
+                                  "rank 1: KeyboardInterrupt: stopped on purpose"), (at, results[0])
+    assert results[0][-1] is None and isinstance(results[1][-1], float), results
