@@ -142,18 +142,23 @@ def test_a_rank_slow_to_end_after_its_error_is_its_nodes_cause_though_a_stop_cam
     meshrun SIGTERMs what is left after the settle: rank 2, ended after that
     (by itself or by the SIGTERM), is still this node's own cause, its error
     recorded before; not node 0's loss of it (else each node blamed the other
-    and every meshrun exited 1). (tests/test_mesh_netns.py: two hosts)"""
+    and every meshrun exited 1). Killed by the SIGTERM, its exit is the code
+    it recorded, 3, not the signal's 143 (that of a record without one, torch's
+    @record's). (tests/test_mesh_netns.py: two hosts)"""
     from mesh.launch.records import JobOutcome, WorkerExit
     from mesh.launch.report import cause, exit_code
     told = "node 0: rank 0 ended (exit code 1); the try stops on every node"
-    records = {2: {"exc_type": "SystemExit", "message": "3", "time": 9.9},
+    records = {2: {"exc_type": "SystemExit", "message": "3", "time": 9.9, "exit_code": 3},
                3: {"exc_type": "LostPeerError", "peer": 2, "message": "rank 3: lost rank 2",
-                   "time": 10.0}}
-    for code, how in ((3, "exit code 3"), (-15, "killed by SIGTERM")):
+                   "time": 10.0, "exit_code": 1}}
+    for code in (3, -15):
         exits = [WorkerExit(3, 1, 103, -15, 10.3, True), WorkerExit(2, 0, 102, code, 10.4, True)]
         outcome = JobOutcome("lost", exits, stop_time=10.2, lost=told, told=True)
-        assert cause(outcome, records) == (f"rank 2 failed ({how}): SystemExit: 3", True)
-        assert exit_code(outcome, records) == (3 if code > 0 else 143)
+        assert cause(outcome, records) == ("rank 2 failed (exit code 3): SystemExit: 3", True)
+        assert exit_code(outcome, records) == 3
+    del records[2]["exit_code"]
+    assert cause(outcome, records)[0] == "rank 2 failed (killed by SIGTERM): SystemExit: 3"
+    assert exit_code(outcome, records) == 143
     records[2]["time"] = 10.25      # (its error came after meshrun's SIGTERM: not its own)
     assert cause(outcome, records) == (told, False) and exit_code(outcome, records) == 1
 
@@ -171,13 +176,13 @@ def _node(rank: int, port: int | str, *args: str, **env: str) -> subprocess.Pope
         stderr=subprocess.PIPE, text=True)
 
 
-def _two_nodes(*args: str) -> list[subprocess.Popen[str]]:
+def _two_nodes(*args: str, **env: str) -> list[subprocess.Popen[str]]:
     """Node 0's meshrun (on a port of its choosing), then node 1's."""
-    node0 = _node(0, 0, *args)
+    node0 = _node(0, 0, *args, **env)
     assert node0.stderr is not None
     line = node0.stderr.readline()
     assert "serves the rendezvous on port" in line, line
-    return [node0, _node(1, line.split()[-1], *args)]
+    return [node0, _node(1, line.split()[-1], *args, **env)]
 
 
 def _finish(procs: list[subprocess.Popen[str]], timeout: float = 40) -> list[tuple[str, str]]:
@@ -224,13 +229,21 @@ def test_a_failure_on_one_node_restarts_the_ranks_of_every_node() -> None:
     assert "Root cause: rank 1 failed first" in err1
 
 
-def test_restarts_run_out_on_every_node_naming_the_failing_rank() -> None:
+@pytest.mark.parametrize("slow", [False, True], ids=["ends-at-once", "slow-to-end"])
+def test_restarts_run_out_on_every_node_naming_the_failing_rank(slow: bool) -> None:
     """Node 1's first rank exits 3 on every try: after --max-restarts 1 both
     meshruns end with its code, 3 (node 0's ranks, which lost it, exit 1),
-    naming it. (3 s)"""
-    procs = _two_nodes("--max-restarts", "1", str(SCRIPT), "1", "9", "0", "3")
+    naming it; so they do where it is slow to end (its mesh closed, its exit
+    handler sleeps): node 0's ranks lost it at once, node 0's word stopped
+    the try, and node 1's meshrun SIGTERMed it as it was exiting (they
+    said 143, its SIGTERM's, not the 3 it recorded). (3 s each)"""
+    procs = _two_nodes("--max-restarts", "1", str(SCRIPT), "1", "9", "0", "3",
+                       **({"SLOW_EXIT": "30"} if slow else {}))
     (out0, err0), (out1, err1) = _finish(procs)
     assert [p.returncode for p in procs] == [3, 3], err0 + err1
+    if slow:
+        assert "exit       : exit code 3 (as it recorded; killed by SIGTERM by meshrun's " \
+               "stop as it was exiting)" in err1, err1
     assert sorted((r["rank"], r["try"]) for r in _records(out0 + out1)) == [
         (rank, t) for rank in range(2) for t in (0, 1)]
     for err in (err0, err1):

@@ -84,12 +84,14 @@ def brief_traceback(exc: BaseException, tb: TracebackType | None,
 
 
 def write_error_record(path: str, exc: BaseException, tb_text: str,
-                       brief: str | None = None) -> None:
+                       brief: str | None = None, code: int | None = None) -> None:
     """Write {rank, exc_type, from_abort, peer, message, traceback, brief,
-    time, pid, host} atomically: the launcher never reads half a record, even if
-    this process is killed. ``brief`` is the traceback to show (``tb_text``
-    by default); ``from_abort``: the error tells of another rank's failure
-    (mesh.inbox.abort_error, engine.StepFailed)."""
+    time, pid, host, exit_code} atomically: the launcher never reads half a
+    record, even if this process is killed. ``brief`` is the traceback to
+    show (``tb_text`` by default); ``from_abort``: the error tells of another
+    rank's failure (mesh.inbox.abort_error, engine.StepFailed); ``code``: the
+    exit code the process is about to end with (what meshrun reports where
+    its own stop then killed the process as it was still exiting)."""
     record = {
         "rank": int(os.environ.get("RANK", "-1")),
         "exc_type": type(exc).__qualname__,
@@ -101,6 +103,7 @@ def write_error_record(path: str, exc: BaseException, tb_text: str,
         "time": time.time(),
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "exit_code": code,
     }
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -157,6 +160,14 @@ def _set_last(exc: BaseException) -> None:
     sys.last_exc = exc  # type: ignore[attr-defined]  # Python 3.12's name
 
 
+def _exit_code(code: object) -> int:
+    """The status a process that raised SystemExit(code) ends with, as the
+    interpreter makes it: an int's low 8 bits, 1 for anything else printed."""
+    if code is None:
+        return 0
+    return code & 0xFF if isinstance(code, int) else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Arm the parent-death signal, run the program, record an uncaught error."""
     argv = sys.argv[1:] if argv is None else argv
@@ -182,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
             tb = _user_frames(exc.__traceback__)
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             try:
-                write_error_record(path, exc, text, brief_traceback(exc, tb))
+                write_error_record(path, exc, text, brief_traceback(exc, tb),
+                                   _exit_code(exc.code))
             except OSError as err:
                 sys.stderr.write(f"meshrun bootstrap: cannot write {path}: {err}\n")
         raise
@@ -194,9 +206,10 @@ def main(argv: list[str] | None = None) -> None:
         # its to write, and meshrun reports no child: its traceback, here)
         path = os.environ.get("MESH_ERROR_FILE") if os.getpid() == me else None
         recorded = False
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
         if path:
             try:
-                write_error_record(path, exc, text, brief_traceback(exc, tb))
+                write_error_record(path, exc, text, brief_traceback(exc, tb), code)
                 recorded = True
             except OSError as err:
                 sys.stderr.write(f"meshrun bootstrap: cannot write {path}: {err}\n")
@@ -204,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write(f"{_one_line(exc)}  (uncaught: meshrun reports it at the end)\n")
         else:
             sys.stderr.write(text)
-        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,19 @@ def _failed_itself(e: WorkerExit, outcome: JobOutcome,
             and float(rec.get("time", outcome.stop_time)) < outcome.stop_time)
 
 
+def _meant(e: WorkerExit, outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> int | None:
+    """The exit code a rank of its own failure recorded it was ending with
+    (its error record's) where meshrun's stop then killed it as it still
+    exited (its mesh closing; stopped by another node's word): that code,
+    not the signal's 128+N, is its failure's; None where it ended as meant."""
+    rec = records.get(e.rank)
+    code = rec.get("exit_code") if rec else None
+    if (type(code) is int and code > 0 and e.returncode is not None and e.returncode < 0
+            and e.after_stop and _failed_itself(e, outcome, records)):
+        return code
+    return None
+
+
 def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> WorkerExit | None:
     own = [e for e in outcome.exits if _failed_itself(e, outcome, records)]
     return min(own, key=lambda e: (_secondary(records.get(e.rank)),
@@ -108,6 +121,18 @@ def _lost_stopped(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> Worke
         return None
     return next((e for e in outcome.exits if e.rank == peer and e.after_stop
                  and e.returncode != 0), None)
+
+
+def _exit(e: WorkerExit, outcome: JobOutcome, records: dict[int, dict[str, Any]],
+          short: bool = False) -> str:
+    """'exit code 3', 'killed by SIGTERM': how rank e ended, as it meant to
+    where meshrun's stop killed it as it exited (``_meant``; ``short``: the
+    code alone, as another node's meshrun says it)."""
+    meant = _meant(e, outcome, records)
+    if meant is None:
+        return e.describe()
+    return f"exit code {meant}" + ("" if short else f" (as it recorded; {e.describe()} by "
+                                                    f"meshrun's stop as it was exiting)")
 
 
 def _error(rec: dict[str, Any], msg: str) -> str:
@@ -166,7 +191,7 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
         host = socket.gethostname()     # (this meshrun's ranks' host, as torchrun's says it)
         lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
                   f"{root.local_rank}, pid {root.pid}, host {host})",
-                  f"  exit       : {root.describe()}",
+                  f"  exit       : {_exit(root, outcome, records)}",
                   f"  time       : {_stamp(root_rec['time'] if root_rec else root.time)}"]
         if root_rec and root_rec.get("file"):        # (--log-dir: torchrun's error_file)
             lines.append(f"  error file : {root_rec['file']}")
@@ -207,6 +232,9 @@ def exit_code(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> int:
         return 128 + (outcome.signum or 0)
     if root is None or root.returncode is None:
         return 0 if outcome.reason == "ok" else 1
+    meant = _meant(root, outcome, records)
+    if meant is not None:
+        return meant
     return root.returncode if root.returncode > 0 else 128 - root.returncode
 
 
@@ -224,4 +252,5 @@ def cause(outcome: JobOutcome, records: dict[int, dict[str, Any]],
         return outcome.lost, False
     rec = records.get(root.rank)
     said = f": {_error(rec, str(rec.get('message')).split(chr(10), 1)[0][:300])}" if rec else ""
-    return f"rank {root.rank} failed ({root.describe()}){said}", not _secondary(rec)
+    return (f"rank {root.rank} failed ({_exit(root, outcome, records, short=True)}){said}",
+            not _secondary(rec))

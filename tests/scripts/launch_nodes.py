@@ -8,7 +8,10 @@ variables; the first rank of node FAIL_NODE then fails on each try under
 FAIL_TRIES, raising (or exiting EXIT_CODE); the ranks sum (rank + 1) * (try
 + 1) in an all_reduce (a try's ranks meet only each other), sleep SLEEP
 seconds (outside any mesh call), meet in a barrier and print their sum.
-(OUTDIR, which test_mesh_netns.py gives every job, is not read.)"""
+(OUTDIR, which test_mesh_netns.py gives every job, is not read.) With
+SLOW_EXIT=S in its environment the failing rank, its mesh closed, lingers
+S seconds in an exit handler (a rank slow to end after its error)."""
+import atexit
 import json
 import os
 import sys
@@ -31,6 +34,7 @@ with mesh.init(timeout=30) as world:
                           "MASTER_ADDR", "MASTER_PORT")}}), flush=True)
     if (int(os.environ["GROUP_RANK"]) == FAIL_NODE and os.environ["LOCAL_RANK"] == "0"
             and RESTART < FAIL_TRIES):
+        atexit.register(time.sleep, float(os.environ.get("SLOW_EXIT", "0")))
         if EXIT_CODE is not None:
             sys.exit(EXIT_CODE)
         raise RuntimeError(f"rank {world.rank} fails on try {RESTART}")
