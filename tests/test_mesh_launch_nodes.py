@@ -104,7 +104,15 @@ def test_a_success_a_signal_or_a_node_gone_ends_the_job_without_a_restart() -> N
     m.heard = []
     m.tries.tick(1.0, m.send)
     assert [h[:2] for h in m.heard] == [(0, "over")] and "node 1's meshrun is gone" in m.heard[0][3]
+    assert m.tries._over is not None and m.tries._over["gone"] == 1     # (its ranks' node)
     assert m.say(0, "ready", 1)[0][1] == "over"     # (whatever it says next)
+
+    m = _Meshruns(Tries(2, 2, 5, silent_s=10.0))
+    m.say(0, "ready")
+    m.say(1, "ready")
+    assert m.say(0, "ask", about=1) == [(0, "known", None, None)]      # (there)
+    m.gone.add(1)       # (asked whether it is there: found gone then, not at the next beat)
+    assert [h[:2] for h in m.say(0, "ask", about=1)] == [(0, "over"), (0, "known")]
 
     m = _Meshruns(Tries(2, 2, 5, silent_s=10.0))
     m.say(0, "ready", now=0.0)
@@ -253,17 +261,24 @@ def test_restarts_run_out_on_every_node_naming_the_failing_rank(slow: bool) -> N
             "SystemExit: 3"), err
 
 
-@pytest.mark.parametrize("signum, victim", [(signal.SIGKILL, 0), (signal.SIGKILL, 1),
-                                            (signal.SIGINT, 1)],
-                         ids=["node-0-killed", "node-1-killed", "node-1-ctrl-c"])
+@pytest.mark.parametrize("signum, victim, mid_call", [
+    (signal.SIGKILL, 0, False), (signal.SIGKILL, 1, False), (signal.SIGINT, 1, False),
+    (signal.SIGKILL, 0, True), (signal.SIGKILL, 1, True)],
+    ids=["node-0-killed", "node-1-killed", "node-1-ctrl-c", "node-0-killed-mid-collective",
+         "node-1-killed-mid-collective"])
 def test_a_node_whose_meshrun_is_killed_or_stopped_ends_the_job_on_the_other(
-        signum: int, victim: int) -> None:
+        signum: int, victim: int, mid_call: bool) -> None:
     """A node's meshrun SIGKILLed while its ranks and the other node's are
     busy outside mesh calls: the other ends its ranks and the job at once
     (its connection to node 0's, or node 0's to it, closed), naming it (node
     0 by its address), and restarts nothing, and no rank is left (the killed
-    meshrun's die with it); so it does after a Ctrl-C there. (2.5 s each)"""
-    procs = _two_nodes("--max-restarts", "3", str(SCRIPT), "9", "0", "60")
+    meshrun's die with it); so it does after a Ctrl-C there. Where the other
+    node's ranks wait for the killed one's in a collective, they fail at
+    once, lost peers of another node, and the table says that node's meshrun
+    is gone, not that it "reports why" (it said so). (2.5 s each)"""
+    settle = ["--settle", "10"] if mid_call else []     # (they fail before: not waited for)
+    procs = _two_nodes("--max-restarts", "3", *settle, str(SCRIPT), "9", "0", "60",
+                       **({"SLEEP_NODE": str(victim)} if mid_call else {}))
     port = procs[1].args[procs[1].args.index("--master-port") + 1]
     try:
         pids = []
@@ -278,8 +293,8 @@ def test_a_node_whose_meshrun_is_killed_or_stopped_ends_the_job_on_the_other(
         _kill(procs)
     assert other.returncode == 1, err
     last = err.rstrip().splitlines()[-1]
+    where = f" at tcp://127.0.0.1:{port}" if victim == 0 else ""
     if signum == signal.SIGKILL:
-        where = f" at tcp://127.0.0.1:{port}" if victim == 0 else ""
         assert last.startswith(f"meshrun: no restart: node {victim}'s meshrun{where} is "
                                f"gone"), err
     else:
@@ -287,7 +302,12 @@ def test_a_node_whose_meshrun_is_killed_or_stopped_ends_the_job_on_the_other(
         assert last == f"meshrun: no restart: node {victim}: its meshrun was stopped by " \
                        f"SIGINT", err
     assert "starting every rank again" not in err
-    assert "killed by SIGTERM (stopped by meshrun)" in err, err
+    if mid_call:
+        assert f"(node {victim}) was lost, a rank of another node (node {victim}'s meshrun" \
+               f"{where} is gone (" in err, err
+        assert "reports why" not in err, err
+    else:
+        assert "killed by SIGTERM (stopped by meshrun)" in err, err
     deadline = time.monotonic() + 10
     while any(map(alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -11,7 +11,7 @@ from typing import Any
 from .. import errors
 from .records import JobOutcome, WorkerExit, signal_name
 
-__all__ = ["format_report", "exit_code", "cause"]
+__all__ = ["format_report", "exit_code", "cause", "lost_nodes"]
 
 _TIMEOUT_EXIT = 124
 _DUMPED = {signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL}
@@ -112,6 +112,23 @@ def _lost_elsewhere(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> int
     return peer
 
 
+_TELLS = "its node's meshrun reports why"
+_OF_NODE = re.compile(r"rank \d+ of node (\d+) was lost")
+"""Where the node of a rank of another node lost stands in ``JobOutcome.lost``
+(mesh.inbox's note to this node's meshrun)."""
+
+
+def lost_nodes(outcome: JobOutcome, records: dict[int, dict[str, Any]],
+               nproc: int) -> list[int]:
+    """The other nodes whose lost ranks the report names as the job's cause
+    (whose meshruns, where gone, report nothing: ``format_report``'s ``gone``)."""
+    found = _OF_NODE.match(outcome.lost) if outcome.reason == "lost" else None
+    nodes = [int(found.group(1))] if found and not outcome.told else []
+    root = _root_cause(outcome, records)
+    peer = _lost_elsewhere(outcome, records.get(root.rank)) if root is not None else None
+    return nodes + ([peer // nproc] if peer is not None else [])
+
+
 def _lost_stopped(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> WorkerExit | None:
     """The lost peer the root cause's error names when it is a rank of this
     node that never ended by itself (stopped, or silent until its peers gave
@@ -150,10 +167,14 @@ def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
 
 
 def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc: int,
-                  timeout: float | None = None, program: bool = False) -> str:
+                  timeout: float | None = None, program: bool = False,
+                  gone: dict[int, str] | None = None) -> str:
     """The root-cause table: why the job stopped, the first failing rank's
     error, exit and traceback, then one line for every other rank (program:
-    the ranks run a program of the user's, --no-python, not Python)."""
+    the ranks run a program of the user's, --no-python, not Python; ``gone``:
+    how the meshrun of a node of ``lost_nodes`` is gone, which says nothing
+    of its ranks, by node)."""
+    gone = gone or {}
     root = _root_cause(outcome, records)
     lines = [_RULE]
     if outcome.reason == "timeout":
@@ -163,16 +184,18 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     elif outcome.reason == "lost" and outcome.told:     # (another node's meshrun's word)
         lines.append(f"meshrun: {outcome.lost}; stopped every rank here")
     elif outcome.reason == "lost":
-        lines.append(f"meshrun: {outcome.lost}; its node's meshrun reports why; stopped every "
-                     f"rank here")
+        found = _OF_NODE.match(outcome.lost)
+        there = gone.get(int(found.group(1))) if found else None
+        lines.append(f"meshrun: {outcome.lost}; {there or _TELLS}; stopped every rank here")
     root_rec = records.get(root.rank) if root is not None else None
     left = _left_early(outcome, root_rec)
     elsewhere = _lost_elsewhere(outcome, root_rec)
     stopped = _lost_stopped(outcome, root_rec)
     if root is not None and elsewhere is not None:
+        there = gone.get(elsewhere // nproc)
         lines.append(f"Root cause: rank {elsewhere} (node {elsewhere // nproc}) was lost, a "
-                     f"rank of another node (its meshrun reports why); rank {root.rank} here "
-                     f"reported it first:")
+                     f"rank of another node ({there or 'its meshrun reports why'}); rank "
+                     f"{root.rank} here reported it first:")
     elif root is not None and stopped is not None:
         lines.append(f"Root cause: rank {stopped.rank} was lost (the error below says how) "
                      f"and then stopped by meshrun ({stopped.describe()}); rank {root.rank} "

@@ -23,7 +23,7 @@ from ..peer import config_float
 from ..rendezvous import Teller, remove_run_folder, run_folder, tell_ended
 from .records import (WorkerExit, WorkerSpec, elastic_error_file, error_file, log_tracebacks,
                       read_records)
-from .report import cause, exit_code, format_report
+from .report import cause, exit_code, format_report, lost_nodes
 from .supervise import Job
 from .tries import Agent, Tries
 
@@ -279,7 +279,11 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
                 log_tracebacks(log_dir, records)
             piped = outcome.reason == "signal" and outcome.signum == signal.SIGPIPE
             if outcome.reason != "ok" and not piped:    # (`| head`: as quiet as `yes | head`)
-                report = format_report(outcome, records, a.nproc, a.timeout, a.no_python)
+                gone: dict[int, str] = {}   # (a node lost with its meshrun: that says nothing)
+                if agent is not None:
+                    gone = {n: how for n in set(lost_nodes(outcome, records, a.nproc))
+                            if (how := agent.gone(n))}
+                report = format_report(outcome, records, a.nproc, a.timeout, a.no_python, gone)
             code = exit_code(outcome, records)
             why = cause(outcome, records, a.timeout)
             again = outcome.reason in ("failed", "lost") and not outcome.interrupted \

@@ -13,6 +13,9 @@ torchelastic's agents agree through their rendezvous store:
 
 A meshrun whose connection closes, or that says nothing for
 MESH_PEER_TIMEOUT, is gone: the others end the job, without a restart.
+A meshrun whose ranks lost a rank of node k asks whether k's is there
+(ask{k}: node 0's then looks, and answers known{k}, after the over of a
+node gone), so that its table says that node's meshrun is gone, or not.
 ``Tries`` is node 0's side (in the service's thread, no sockets of its
 own), ``Agent`` every meshrun's (node 0's too, a client of its own service).
 """
@@ -35,6 +38,7 @@ __all__ = ["Tries", "Agent"]
 _log = logging.getLogger("mesh.launch")
 _BEAT_S = 0.5    # a meshrun's word to node 0's service, and back, at least this often
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # a meshrun's notes of the nodes not come yet
+_ASK_S = 3 * _BEAT_S    # how long a meshrun waits for node 0's answer on another node's
 
 Send = Callable[[bytes, "dict[str, Any]"], bool]
 """How Tries answers: False where that meshrun's connection is gone."""
@@ -92,6 +96,12 @@ class Tries:
             return
         assert isinstance(node, int)
         self._idents[node], self._seen[node] = ident, now
+        if say == "ask":    # (whether a node's meshrun is there: gone, the "over" comes first)
+            about = msg.get("about")
+            if type(about) is int:
+                self._look(about, now, send)
+            send(ident, {"op": "node", "say": "known", "about": about})
+            return
         if say == "bye":
             self._done.add(node)
             if self._over is None:      # (its meshrun ended while the job went on: ^C)
@@ -133,17 +143,22 @@ class Tries:
             self._tick(now, send)
 
     def _tick(self, now: float, send: Send) -> None:
-        for node, ident in list(self._idents.items()):
-            if node in self._done:
-                continue
-            if not send(ident, {"op": "node", "say": "beat"}) or \
-                    now - self._seen[node] > self.silent_s:
+        for node in list(self._idents):
+            self._look(node, now, send)
+
+    def _look(self, node: int, now: float, send: Send) -> None:
+        """Send node ``node``'s meshrun a beat: gone where it cannot be sent."""
+        ident = self._idents.get(node)
+        if ident is not None and node not in self._done:
+            closed = not send(ident, {"op": "node", "say": "beat"})
+            if closed or now - self._seen[node] > self.silent_s:
                 self._done.add(node)
                 if self._over is None:
-                    why = (f"node {node}'s meshrun is gone (killed, or its host lost: its "
-                           f"connection to node 0's closed, or it said nothing for "
-                           f"{self.silent_s:g} s); the job ends on every node")
-                    self._over = self._said("over", why=why, ok=False)
+                    how = ("its connection to node 0's closed" if closed else
+                           f"it said nothing for {self.silent_s:g} s")
+                    gone = f"node {node}'s meshrun is gone ({how}: killed, or its host lost)"
+                    self._over = self._said("over", why=f"{gone}; the job ends on every node",
+                                            ok=False, gone=node, gone_why=gone)
                     self._tell(send, self._over)
 
     def _refusal(self, ident: bytes, msg: dict[str, Any]) -> str:
@@ -230,6 +245,8 @@ class Agent:
         self._try = 0
         self._on_stop: Callable[[str], None] | None = None
         self._stopped = ""      # why the current try stops, once told
+        self._gone: dict[int, str] = {}   # the nodes whose meshrun is gone, and how
+        self._known: set[int] = set()     # the nodes node 0's has answered for (``gone``)
         self._ready = False     # saying it is ready for self._try, until an answer comes
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -313,6 +330,22 @@ class Agent:
             if msg.get("say") in ("again", "over", "refused"):
                 return msg
 
+    def gone(self, node: int) -> str:
+        """How node ``node``'s meshrun is gone, '' where it is there: the
+        ranks here lose its ranks as their connections close, before node
+        0's next beat finds its meshrun's closed too, so node 0's is asked
+        now (where node 0's is gone, its connection closed first); ''
+        where no answer came in a few beats."""
+        with self._lock:
+            self._known.discard(node)
+        self._out.put(dict(self._mine, say="ask", about=node))
+        give_up = time.monotonic() + _ASK_S
+        while True:
+            with self._lock:
+                if node in self._gone or node in self._known or time.monotonic() >= give_up:
+                    return self._gone.get(node, "")
+            time.sleep(0.01)
+
     def close(self) -> None:
         """Say bye (node 0's waits for every node's before its service goes)."""
         self._out.put(dict(self._mine, say="bye"))
@@ -321,6 +354,10 @@ class Agent:
     def _told(self, msg: dict[str, Any]) -> None:
         say = msg.get("say")
         with self._lock:
+            if type(msg.get("gone")) is int:
+                self._gone[msg["gone"]] = str(msg.get("gone_why"))
+            if say == "known" and type(msg.get("about")) is int:
+                self._known.add(msg["about"])
             current = msg.get("try") == self._try or say in ("over", "refused")
             stop = say in ("stop", "over", "refused") and current and not self._stopped
             if stop:
@@ -361,9 +398,10 @@ class Agent:
                 if heard is not None and now - heard > self._silent_s and not gone:
                     gone = f"it said nothing for {self._silent_s:g} s"
                 if gone:
-                    self._told({"say": "over", "why": f"node 0's meshrun at {self._where} is "
-                                                      f"gone ({gone}: killed, or its host "
-                                                      f"lost); the job ends on every node"})
+                    gone = f"node 0's meshrun at {self._where} is gone ({gone}: killed, or " \
+                           f"its host lost)"
+                    self._told({"say": "over", "why": f"{gone}; the job ends on every node",
+                                "gone": 0, "gone_why": gone})
                     heard, gone = None, ""
                 while not self._out.empty():
                     msg = self._out.get()

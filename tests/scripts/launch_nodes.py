@@ -10,7 +10,8 @@ FAIL_TRIES, raising (or exiting EXIT_CODE); the ranks sum (rank + 1) * (try
 seconds (outside any mesh call), meet in a barrier and print their sum.
 (OUTDIR, which test_mesh_netns.py gives every job, is not read.) With
 SLOW_EXIT=S in its environment the failing rank, its mesh closed, lingers
-S seconds in an exit handler (a rank slow to end after its error)."""
+S seconds in an exit handler (a rank slow to end after its error); with
+SLEEP_NODE=K only node K's ranks sleep (the others wait in the barrier)."""
 import atexit
 import json
 import os
@@ -39,6 +40,7 @@ with mesh.init(timeout=30) as world:
             sys.exit(EXIT_CODE)
         raise RuntimeError(f"rank {world.rank} fails on try {RESTART}")
     total = C.all_reduce(world, np.array([(world.rank + 1) * (RESTART + 1)]))
-    time.sleep(SLEEP)
+    if os.environ.get("SLEEP_NODE", os.environ["GROUP_RANK"]) == os.environ["GROUP_RANK"]:
+        time.sleep(SLEEP)
     C.barrier(world)
     print(json.dumps({"rank": world.rank, "try": RESTART, "sum": int(total[0])}), flush=True)
