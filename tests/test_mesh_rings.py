@@ -705,7 +705,9 @@ def _stream_past_the_window(world: mesh.Mesh) -> int:
 def test_a_stream_past_its_window_stays_on_the_ring() -> None:
     got = mesh.spawn(_stream_past_the_window, 2, timeout=90,
                      env={"MESH_WINDOW_BYTES": "1M"})
-    assert got[0] == 0 and got[1] <= 40, got      # (a stalled receiver may cost a few)
+    # (a stalled receiver may cost some: 76 of 400 once, on a 2-core machine loaded
+    # thirteenfold; before the fix, 289-385 went by socket)
+    assert got[0] == 0 and got[1] <= 160, got
 
 
 
