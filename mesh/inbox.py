@@ -541,7 +541,9 @@ class Inbox:
                 if state == DEAD and self.follows else []
         if state == DEAD and not told:
             _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
-        if state == DEAD:
+        if state == DEAD and not self.closed:
+            # (once this rank's goodbye is out, a peer's exit is expected, its own goodbye
+            # perhaps not read yet: its node's meshrun reports how it ended)
             _tell_launcher(self.rank, rank, why)
         for sub, sub_tag in phases:
             self.abort_local(sub, sub_tag, AbortKind.LOST_PEER,

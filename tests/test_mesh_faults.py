@@ -506,3 +506,42 @@ def test_a_rank_closes_at_once_after_a_same_host_peer_died(tmp_path: Path) -> No
     got = Path(tmp_path, "rank2").read_text()
     assert got.startswith("1 rank 2: recv from rank 0 (tag 0, group world) failed: peer rank 0 "
                           "is gone (it closed its mesh after it lost world rank 1)"), got
+
+
+def _closes_as_a_peer_of_another_node_exits(world: mesh.Mesh, folder: str) -> str:
+    """Rank 0 plays a rank of node 0 under meshrun, rank 1 one of node 1.
+    Rank 1 stops (no answer to rank 0's goodbye); once rank 0's goodbye is
+    out, its close finds rank 1's process gone (as if it had exited, its
+    own goodbye not read yet): what a loaded machine made of a clean end."""
+    if world.rank == 1:
+        world.send(os.getpid(), 0)
+        world.recv(0)       # (its pid is in: the stop stops its sockets' thread too)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return ""
+    pid = world.recv(1)
+    world.send(None, 1)
+    os.environ.update(MESH_RUNTIME_DIR=folder, MESH_NODE_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.pop("MESH_LAUNCHER_SEAL", None)      # (described by hand, as it says)
+    t = world._t
+    t.live.exited = lambda r: f"its process {pid} is gone" if t.inbox.closed and r == 1 \
+        else None
+    world.close()
+    Path(folder).with_suffix(".state").write_text(t.peer_state(1))
+    os.kill(pid, signal.SIGCONT)
+    return ""
+
+
+def test_a_closing_rank_tells_its_launcher_of_no_lost_peer(tmp_path: Path) -> None:
+    """A rank that has said goodbye and finds a peer of another node gone
+    (its close's look for exited same-host peers, before that peer's goodbye
+    was read) left a "lost" note for its node's meshrun, which then failed
+    a job whose every rank had finished (two launchers on one host, under
+    load: "rank 2 of node 1 was lost (rank 0 here: its process ... is
+    gone)", exit code 1). Its peers' exits are expected by then: their own
+    launchers report how they ended."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    mesh.spawn(_closes_as_a_peer_of_another_node_exits, 2, str(folder), timeout=60)
+    # (the close took rank 1 for gone: else the check below is void)
+    assert (tmp_path / "run.state").read_text() == "dead"
+    assert sorted(p.name for p in folder.iterdir()) == [], "a lost note for a clean end"
