@@ -662,11 +662,12 @@ def test_a_second_init_waiting_for_a_rank_that_ended_fails_at_once(tmp_path: Pat
     script = tmp_path / "second.py"
     script.write_text(_AGAIN)
     t0 = time.monotonic()
-    r = meshrun("-n", "2", str(script), "0", MESH_RENDEZVOUS_TIMEOUT="15")
+    r = meshrun("-n", "2", str(script), "0", MESH_RENDEZVOUS_TIMEOUT="45")
     assert r.returncode == 1, r.stderr
     assert "peer rank 1 is gone: it ended (exit code 0) before the mesh was complete" in r.stderr
     assert "Root cause: rank 1 finished (exit code 0) while rank 0 still waited" in r.stderr
-    assert time.monotonic() - t0 < 12, r.stderr
+    assert time.monotonic() - t0 < 35, r.stderr      # (not the 45 s timeout; a loaded machine
+    #                                                   starts the interpreters slowly)
 
 
 def test_a_second_init_says_whom_it_waits_for(tmp_path: Path) -> None:

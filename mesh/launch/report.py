@@ -112,7 +112,11 @@ def _lost_elsewhere(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> int
     return peer
 
 
-_TELLS = "its node's meshrun reports why"
+_WHY = "meshrun reports why, unless it is gone too"
+_TELLS = f"its node's {_WHY}"
+"""(Where no word says that meshrun is gone: a plain job across nodes has no link
+between the meshruns, and a rank lost there reads the same whether its meshrun
+was killed or reports the rank's failure.)"""
 _OF_NODE = re.compile(r"rank \d+ of node (\d+) was lost")
 """Where the node of a rank of another node lost stands in ``JobOutcome.lost``
 (mesh.inbox's note to this node's meshrun)."""
@@ -194,7 +198,7 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     if root is not None and elsewhere is not None:
         there = gone.get(elsewhere // nproc)
         lines.append(f"Root cause: rank {elsewhere} (node {elsewhere // nproc}) was lost, a "
-                     f"rank of another node ({there or 'its meshrun reports why'}); rank "
+                     f"rank of another node ({there or 'its ' + _WHY}); rank "
                      f"{root.rank} here reported it first:")
     elif root is not None and stopped is not None:
         lines.append(f"Root cause: rank {stopped.rank} was lost (the error below says how) "
