@@ -5,8 +5,9 @@ its exchanges) failed or not (``_told``, read by ``_verdict``), the
 tp ranks' word that each one's part ran or failed (``_tp_agreed``) and the
 handshake by which a lone ``job.state_dict()`` or ``optimizer_state_dict()``
 caller is told, not waited on (``_all_called``: each word carries its
-caller's call number; a timed-out word is withdrawn), with the tags of
-those calls' point-to-point messages.
+caller's call number; a timed-out word is withdrawn, and the caller of a
+word taken says whether it still waits on it), with the tags of those
+calls' point-to-point messages.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ _STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above th
 _OPTIM_TAG = _STATE_TAG + (1 << 40)     # optimizer_state_dict()'s, above those
 _HERE_TAG = _STATE_TAG - 1      # each rank's word that it called them too (_all_called)
 _DONE_TAG = _STATE_TAG - 2      # each tp rank's word that its part ran or failed (_tp_agreed)
+_STILL_TAG = _STATE_TAG - 3     # each rank's reply that a word taken is its call's (_all_called)
 
 
 class DistributeFailed(MeshError):
@@ -121,7 +123,10 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
     stage's state left for rank 0's next call to take as its own (a pp rank
     alone sent its state unasked, and returned None: the next checkpoint
     held that stage as it was then). It withdraws its word (``_word``), so
-    rank 0's next call waits for its next one.
+    rank 0's next call waits for its next one; and since the withdrawal may
+    be on its way still when rank 0 takes the word, rank 0 asks the rank
+    whether it still waits on it (``_taken``), and takes its next word where
+    it does not.
     A rank whose own part ``failed`` (``what``: the call) says so in its
     word, and group rank 0 in its answers: every rank of the group then
     raises at once (GatherFailed naming it; the failed rank its own error,
@@ -153,7 +158,7 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
     words: dict[int, Any] = {}
     for r in range(1, g.size):
         try:
-            words[r] = _word(g, r, timeout)
+            words[r] = _taken(g, r, timeout)
         except MeshError:
             if failed is None:
                 raise
@@ -161,7 +166,7 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
     bad = [w for _, w in words.values() if w is not None]
     told = said if said is not None else "; ".join(bad) if bad else None
     for r, (n, _) in words.items():
-        g.send([n, told], r, tag=_HERE_TAG, timeout=timeout)
+        g.send([n, told, False], r, tag=_HERE_TAG, timeout=timeout)
     if failed is None and bad:
         raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
 
@@ -184,13 +189,33 @@ def _word(g: Comm, r: int, timeout: float | None) -> tuple[int, str | None]:
     return word
 
 
+def _taken(g: Comm, r: int, timeout: float | None) -> tuple[int, str | None]:
+    """Rank ``r``'s word for this call (``_word``), once that rank says it
+    still waits on it (a failed rank's too: it waits for its answer as
+    well): where it withdrew it, the withdrawal still on its way (iprobe saw
+    none), its next word. Rank 0 took the withdrawn word for the call's and
+    answered it: that rank, waiting for the answer to its new word, timed out
+    (a checkpoint after a lone call), and rank 0 waited for its state."""
+    while True:
+        n, said = _word(g, r, timeout)
+        g.send([n, None, True], r, tag=_HERE_TAG, timeout=timeout)
+        m = None
+        while m != n:       # (a reply to an earlier call's question, which timed out: skipped)
+            m, still = g.recv(r, tag=_STILL_TAG, timeout=timeout)
+        if still:
+            return n, said
+
+
 def _answer(g: Comm, n: int, timeout: float | None) -> str | None:
     """Group rank 0's answer to this rank's word ``n`` (``_all_called``): an
     answer to an earlier word (rank 0 took it as this rank withdrew it) is
-    skipped."""
+    skipped; rank 0's question whether this rank still waits on a word
+    (``_taken``) is answered, yes for ``n`` alone."""
     end = None if timeout is None else time.monotonic() + timeout
     while True:
         left = None if end is None else max(end - time.monotonic(), 0.0)
-        m, told = g.recv(0, tag=_HERE_TAG, timeout=left)
-        if m == n:
+        m, told, asked = g.recv(0, tag=_HERE_TAG, timeout=left)
+        if asked:
+            g.send([m, m == n], 0, tag=_STILL_TAG, timeout=timeout)
+        elif m == n:
             return told

@@ -1702,6 +1702,33 @@ def test_load_state_dict_puts_a_whole_models_state_into_each_ranks_stages(tp):
         engine.load_state(model, {**state, "0.1": state["0.1"][:1]})
 
 
+def _word_after_a_lone_one(world):
+    """Rank 1 calls the handshake of job.state_dict() alone (it times out
+    and withdraws its word), then both call it; rank 0 does not see the
+    withdrawal yet (still on its way: iprobe finds nothing)."""
+    from engine.agree import _all_called
+    if world.rank == 1:
+        with contextlib.suppress(mesh.MeshTimeoutError):
+            _all_called(world, 0.2)
+    collectives.barrier(world)
+    if world.rank == 0:
+        world.iprobe = lambda *args, **kwargs: None
+    try:
+        _all_called(world, 10)
+        said = "passed"
+    except mesh.MeshError as e:
+        said = f"{type(e).__name__}: {e}"
+    vars(world).pop("iprobe", None)
+    return said
+
+
+def test_a_lone_callers_word_withdrawn_late_is_not_taken_for_its_next_call():
+    """Rank 0 took rank 1's withdrawn word (the withdrawal not come yet) for
+    their joint call's and answered that: rank 1, waiting for the answer to
+    its new word, timed out (a checkpoint after a lone call, under load)."""
+    assert mesh.spawn(_word_after_a_lone_one, 2, timeout=60) == ["passed", "passed"]
+
+
 def _differing_worker(world):
     """dp=2 x pp=2, each case a model some ranks build otherwise: every rank
     raises the same error before anything is measured; replicas over dp
