@@ -32,7 +32,7 @@ from .inbox import Inbox
 from .match import ANY, Pending, describe
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float
 
-__all__ = ["Liveness", "heartbeat_for", "monitor_event"]
+__all__ = ["Liveness", "heartbeat_for", "monitor_event", "watch_router"]
 
 _log = logging.getLogger("mesh.transport")
 _BEATS_PER_S = 64
@@ -68,6 +68,25 @@ def monitor_event(frames: list[bytes]) -> int:
 COUNTED = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def watch_router(ctx: zmq.Context, router: zmq.Socket) -> zmq.Socket:
+    """The monitor of this rank's ROUTER (its ``COUNTED`` events), attached
+    before it binds (mesh.world): libzmq tells a connection's events only to a
+    monitor attached when they happen. Attached with the transport, after the
+    rendezvous, it missed the strangers that connected in between (seen: those
+    of a peer that had the table, and ran its job, before this rank built its
+    transport: never counted), and the acceptance of peers' connections, whose
+    handshakes, ending later, each took a stranger's count. Its queue has no
+    limit: it is read only once the transport is built (mesh.progress), and
+    libzmq, finding a monitor's queue full, stalls the I/O thread (which the
+    rendezvous needs) until it is read, rather than drop an event."""
+    addr = f"inproc://mesh.router-monitor.{router.FD}"
+    router.monitor(addr, COUNTED)
+    mon = ctx.socket(zmq.PAIR)
+    mon.setsockopt(zmq.RCVHWM, 0)       # (its pipe's limit: libzmq's side's and this one's)
+    mon.connect(addr)
+    return mon
 
 
 def heartbeat_for(size: int, peer_timeout: float) -> float:

@@ -35,7 +35,7 @@ from .closing import _Closing
 from .direct import Direct
 from .errors import LostPeerError, MeshError
 from .inbox import Inbox, abort_error
-from .liveness import COUNTED, Liveness
+from .liveness import Liveness
 from .peer import DEAD, STATE_NAMES, Outgoing, Peer, config_bytes, config_float
 from .progress import Progress
 from .reader import Reader
@@ -70,10 +70,10 @@ os.register_at_fork(after_in_child=_after_fork)
 class Transport(_Sending, _RingPaths, _Waiting, _Closing):
     """Sockets, matching and liveness for one rank. Built by ``mesh.init``."""
 
-    def __init__(self, ctx: zmq.Context, router: zmq.Socket, rank: int, size: int,
-                 endpoints: list[str], secret: str, timeout: float, curve: bool = False,
-                 hosts: list[str] | None = None, pids: list[int] | None = None,
-                 windows: list[int | None] | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, router: zmq.Socket, router_mon: zmq.Socket,
+                 rank: int, size: int, endpoints: list[str], secret: str, timeout: float,
+                 curve: bool = False, hosts: list[str] | None = None,
+                 pids: list[int] | None = None, windows: list[int | None] | None = None) -> None:
         self.rank, self.size, self.timeout = rank, size, timeout
         self.endpoints, self.curve = list(endpoints), curve   # how each peer is reached
         # each rank's host id (mesh.env.host_id) as the rendezvous table has it
@@ -117,7 +117,7 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
                                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             s.connect(ep)
             self._peers.append(Peer(r, s, mon, pair[r]))
-        self._router_mon = router.get_monitor_socket(COUNTED)
+        self._router_mon = router_mon       # (mesh.liveness.watch_router, before it bound)
         # Headers repeat (same peer, tag, dtype and shape, message after
         # message): encode each once; bounded, starts over when full.
         self._encoded: dict[tuple, bytes] = {}

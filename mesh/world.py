@@ -306,6 +306,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     # claiming a longer one, in its handshake too, is dropped before it is buffered.
     router.setsockopt(zmq.MAXMSGSIZE, wire.FRAME_BYTES + wire.MAX_HEADER)
     auth.make_server(router, spec.secret, curve)
+    router_mon = liveness.watch_router(ctx, router)     # (before it binds: see there)
     ipc_path = _ipc_path(f"mr-{os.getpid()}-{secrets.token_hex(4)}.sock")
     server = None
     try:
@@ -335,6 +336,8 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
                 if server is not None:
                     rdvfile.withdraw(spec)
     except BaseException:
+        router.disable_monitor()
+        router_mon.close(linger=0)
         router.close(linger=0)
         if server is not None:
             server.close()
@@ -346,6 +349,6 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     endpoints = [p["endpoints"]["ipc"] if same_host_ipc and p["host"] == host
                  else p["endpoints"]["tcp"] for p in table]
     windows = [p.get("window") if type(p.get("window")) is int else None for p in table]
-    transport = Transport(ctx, router, spec.rank, spec.size, endpoints, spec.secret, op_timeout,
-                          curve, hosts, [p.get("pid") or 0 for p in table], windows)
+    transport = Transport(ctx, router, router_mon, spec.rank, spec.size, endpoints, spec.secret,
+                          op_timeout, curve, hosts, [p.get("pid") or 0 for p in table], windows)
     return Mesh(transport, ctx, authenticator, spec, hosts, endpoints, server, ipc_path)

@@ -16,7 +16,8 @@ import pytest
 import zmq
 
 import mesh
-from mesh import wire
+from mesh import auth, wire
+from mesh import world as world_module
 
 DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
           np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128]
@@ -875,6 +876,55 @@ def test_strangers_refused_and_garbage_dropped() -> None:
     refused, bad = mesh.spawn(_misbehave, 2, timeout=60)[0]
     assert refused >= 2
     assert bad == 6
+
+
+def test_strangers_before_a_ranks_transport_is_built_are_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strangers that connect to a rank between its rendezvous and its
+    transport are counted: here rank 0 builds its transport only once its ZAP
+    handler has refused the one with a wrong secret, as a loaded machine had it
+    when rank 1 ran its job first. Its router's monitor was attached with the
+    transport then, and never heard of connections made before (0 counted)."""
+    handlers: list[auth.Authenticator] = []
+    real_transport = world_module.Transport
+
+    class Handler(auth.Authenticator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            handlers.append(self)
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        if os.environ["RANK"] == "0":
+            deadline = time.monotonic() + 20
+            while not handlers[-1].refused and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)         # (and the other stranger's retry, 0.1 s later)
+        return real_transport(*args, **kwargs)
+
+    def strangers(world: mesh.Mesh) -> int:
+        if world.rank == 1:
+            ctx = zmq.Context()
+            socks = [ctx.socket(zmq.DEALER) for _ in range(2)]
+            socks[1].setsockopt(zmq.PLAIN_USERNAME, b"meshrun")
+            socks[1].setsockopt(zmq.PLAIN_PASSWORD, b"guess")
+            for s in socks:
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(world.endpoints[0])
+            world.recv(0)           # (connected until rank 0 has counted them)
+            for s in socks:
+                s.close()
+            ctx.term()
+            return 0
+        deadline = time.monotonic() + 20
+        while world.refused < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        world.send("done", 1)
+        return world.refused
+
+    # (a closure: the ranks are forks of this process, patched)
+    monkeypatch.setattr(auth, "Authenticator", Handler)
+    monkeypatch.setattr(world_module, "Transport", late)
+    assert mesh.spawn(strangers, 2, timeout=60)[0] >= 2
 
 
 def _raises(world: mesh.Mesh) -> None:
