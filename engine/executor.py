@@ -180,29 +180,40 @@ class Pipeline:
             raise ValueError(f"pp rank {self.pp.rank}: schedule {schedule.name!r} has "
                              f"{schedule.num_ranks} ranks but the pipeline group has "
                              f"{self.pp.size}: make it for pp={self.pp.size}")
-        lowered = verify(schedule)
-        if self.dp is not None and self.dp.size > 1:
-            lowered = with_grad_sync(lowered)
-        elif any(a.kind == AR for row in lowered.ranks for a in row):
-            # a schedule that names its all-reduces (one a dp pipeline ran, its
-            # .schedule) on one replica: an average over one is the gradient as it is
-            lowered = lowered.replace([a for a in row if a.kind != AR] for row in lowered.ranks)
-        self.schedule = lowered
-        self.rank = self.pp.rank
-        self.program: tuple[Action, ...] = lowered.ranks[self.rank]
-        # eval_step's: the forwards and their messages, in the schedule's order
-        self.forward_program = tuple(a for a in self.program if a.kind in (F, SEND_F, RECV_F))
-        mine = lowered.stages_of(self.rank)
         given = stage if isinstance(stage, (list, tuple)) else [stage]
-        patterns = patterns_of(recompute)
-        try:        # this rank's own arguments: every rank raises (_given_alike)
-            self._take(given, mine, recompute, patterns, loss_fn, optimizer, tag_base, layered)
-            fault = None
-        except (TypeError, ValueError) as e:
-            fault = e
-        # engine.layers stages sharded by hand: what each cut's two sides hold
-        edges = {s: cut_edges(obj) for s, obj in zip(mine, given)} if fault is None else {}
-        _given_alike(self.pp, schedule, tag_base, given, mine, timeout, fault, edges)
+        mine: Sequence[int] = ()
+        fault: BaseException | None = None      # this rank's own arguments
+        failed: BaseException | None = None     # its own error else (a KeyboardInterrupt)
+        edges: dict[int, Any] = {}
+        # either raised by every rank in _given_alike's exchange (failed alone: its
+        # peers waited for it there until their timeout)
+        try:
+            lowered = verify(schedule)
+            if self.dp is not None and self.dp.size > 1:
+                lowered = with_grad_sync(lowered)
+            elif any(a.kind == AR for row in lowered.ranks for a in row):
+                # a schedule that names its all-reduces (one a dp pipeline ran, its
+                # .schedule) on one replica: an average over one is the gradient as it is
+                lowered = lowered.replace([a for a in row if a.kind != AR]
+                                          for row in lowered.ranks)
+            self.schedule = lowered
+            self.rank = self.pp.rank
+            self.program: tuple[Action, ...] = lowered.ranks[self.rank]
+            # eval_step's: the forwards and their messages, in the schedule's order
+            self.forward_program = tuple(a for a in self.program
+                                         if a.kind in (F, SEND_F, RECV_F))
+            mine = lowered.stages_of(self.rank)
+            patterns = patterns_of(recompute)
+            try:
+                self._take(given, mine, recompute, patterns, loss_fn, optimizer, tag_base,
+                           layered)
+            except (TypeError, ValueError) as e:
+                fault = e
+            # engine.layers stages sharded by hand: what each cut's two sides hold
+            edges = {s: cut_edges(obj) for s, obj in zip(mine, given)} if fault is None else {}
+        except BaseException as e:
+            failed = e
+        _given_alike(self.pp, schedule, tag_base, given, mine, timeout, fault, edges, failed)
         if edges:       # (every pp rank's, gathered by _given_alike: all raise alike)
             ours = next((g for g in map(group_of, given) if g is not None), None)
             refuse_cut_fed_whole(edges, self.tp_index if ours is None else ours.rank)

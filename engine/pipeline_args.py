@@ -22,7 +22,7 @@ from typing import Any, Collection, Iterable, Sequence
 import numpy as np
 
 import collectives
-from mesh import Comm
+from mesh import Comm, MeshError
 
 from .ir import Schedule
 from .layers import Recompute, deterministic
@@ -110,7 +110,8 @@ def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozense
 def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[Any],
                  mine: Sequence[int], timeout: float | None,
                  fault: BaseException | None = None,
-                 edges: dict[int, Any] | None = None) -> None:
+                 edges: dict[int, Any] | None = None,
+                 failed: BaseException | None = None) -> None:
     """Every pp rank was given the same schedule and tag_base, and stages
     of the same engine.partition cut (its stages carry it: layers per
     stage), checked in one small all_gather on the pp group before anything
@@ -122,7 +123,11 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     arguments (a tag_base out of range, a missing loss_fn...): raised here,
     and by every other rank as a ValueError naming it (alone, they waited
     for this rank in their next collective). ``edges``: this rank's stages'
-    ``cut_edges``, to which every pp rank's are added."""
+    ``cut_edges``, to which every pp rank's are added. ``failed``: this
+    rank's own error else, before the exchange (a KeyboardInterrupt):
+    raised here, and by every other rank as a MeshError naming it (a
+    peer's abort: ``from_abort``; alone, they waited here until their
+    timeout)."""
     ranks = getattr(pp, "ranks", range(pp.size))       # (a stand-in group of one rank)
     me = f"rank {ranks[pp.rank]}: Pipeline on group {getattr(pp, 'name', '?')}"
     cuts = {tuple(c) for c in (getattr(o, "partition_cut", None) for o in given) if c}
@@ -133,6 +138,8 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
                  f"{pp.rank}'s come from an engine.partition cut into "
                  f"{len(next(iter(cuts)))}: cut the model into schedule.num_stages")
     if pp.size == 1:
+        if failed is not None:
+            raise failed
         if fault is not None:
             raise _retold(fault, f"{me}: {fault}")
         if apart:
@@ -141,8 +148,11 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     said = hashlib.blake2b(schedule.to_json().encode(), digest_size=8).hexdigest()
     cut = None if apart else next(iter(cuts), None)
     ends = [[s, *e] for s, e in (edges or {}).items() if any(e)]
-    told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut, apart, ends],
-                                         timeout=timeout)     # (apart: raised by every rank)
+    broke = None if failed is None else f"{type(failed).__name__}: {failed}"[:400]
+    told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut, apart, ends,
+                                              broke], timeout=timeout)  # (raised by every rank)
+    if failed is not None:
+        raise failed
     if edges is not None:
         edges.update((s, (end, top)) for t in told for s, end, top in t[5])
     faults = [t[4] for t in told if t[4]]
@@ -150,6 +160,11 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
         raise _retold(fault, f"{me}: {fault}")
     if faults:
         raise ValueError(f"{me}: {apart or faults[0]}")
+    r, text = next(((r, t[6]) for r, t in enumerate(told) if t[6]), (None, None))
+    if text is not None:
+        err = MeshError(f"{me}: failed on pp rank {r}: {text}")
+        err.from_abort = True       # type: ignore[attr-defined]
+        raise err
     told = [t[:4] for t in told]
     kinds: dict[tuple, list[int]] = {}
     for r, (name, digest, base, _) in enumerate(told):
