@@ -31,7 +31,8 @@ class DistributeFailed(MeshError):
     ``retime()``, which call ``loss_fn``), its checks of what every rank
     was given (the models compared, the sample's rows), its dry runs (a
     dry step's failure too) or its own work between its exchanges (the
-    candidates' simulation and ranking, the cut, the Pipeline made) failed
+    plan applied, the dry runs' figures, the candidates' simulation and
+    ranking, the cut, the Pipeline made, the table simulated again) failed
     on another rank, whose own error (a KeyboardInterrupt there) is the
     root cause: every other rank raises this, whatever that error was (a
     rank's wrong arguments aside: every rank raises their ValueError)."""

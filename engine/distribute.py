@@ -305,25 +305,35 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         fault = e
     _same_model(grid, named, is_torch, fault, timeout)
     assert loss_fn is not None
-    aliases = _aliases(source) if is_torch else {}    # (before a plan shards the model)
-    shapes = (_state_shapes(named, is_torch) if source is model    # (and whole shapes)
-              else {k: tuple(v.shape) for k, v in source.state_dict().items()})
-    if plan:        # the whole model, so the plan's names are the model's own; then every
-        parallelize(source, grid.group("tp"), plan)   # layer is timed sharded, collectives in
-        if not is_torch:    # (a colwise output into a Linear left whole: known now, on every rank)
-            refuse_fed_whole(source)
-        if source is not model:       # traced again: the pieces hold the sharded modules
-            model = sequential(source, target=model.loss is not None, inputs=n_inputs,
-                               sample=sample.parts if isinstance(sample, _Rows) else sample)
-            _shards_read(grid, source, [*model, *([model.loss] if model.loss else [])])
-        named, _ = _model_layers(model)
-    if patterns:    # selective recompute, before any layer is timed: the profile sees it
-        _checkpoint_model(source, patterns, traced=source is not model)
-    params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
-    # with a dp axis, the dry runs average stand-ins of the gradients as the steps
-    # will: the step's end (those averages, the loss's and the outcome's
-    # all-reduces) is then in the candidates' figures, not only in the re-time's
-    grads = [_grad_bytes(layer) for _, layer in named] if _size(grid, "dp") > 1 else None
+    # this rank's own error in the work up to the profile (the plan applied: a
+    # KeyboardInterrupt), told in its first exchange (or, with nothing measured, the cut's)
+    early: BaseException | None = None
+    aliases: dict[str, Any] = {}
+    shapes: dict[str, Any] = {}
+    params: list[int] = []
+    grads: list[Any] | None = None
+    try:
+        aliases = _aliases(source) if is_torch else {}    # (before a plan shards the model)
+        shapes = (_state_shapes(named, is_torch) if source is model    # (and whole shapes)
+                  else {k: tuple(v.shape) for k, v in source.state_dict().items()})
+        if plan:        # the whole model, so the plan's names are the model's own; then every
+            parallelize(source, grid.group("tp"), plan)   # layer timed sharded, collectives in
+            if not is_torch:    # (a colwise output into a Linear left whole: known on every rank)
+                refuse_fed_whole(source)
+            if source is not model:       # traced again: the pieces hold the sharded modules
+                model = sequential(source, target=model.loss is not None, inputs=n_inputs,
+                                   sample=sample.parts if isinstance(sample, _Rows) else sample)
+                _shards_read(grid, source, [*model, *([model.loss] if model.loss else [])])
+            named, _ = _model_layers(model)
+        if patterns:    # selective recompute, before any layer is timed: the profile sees it
+            _checkpoint_model(source, patterns, traced=source is not model)
+        params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
+        # with a dp axis, the dry runs average stand-ins of the gradients as the steps
+        # will: the step's end (those averages, the loss's and the outcome's
+        # all-reduces) is then in the candidates' figures, not only in the re-time's
+        grads = [_grad_bytes(layer) for _, layer in named] if _size(grid, "dp") > 1 else None
+    except BaseException as e:
+        early = e
     runs = _TP_RUNS if plan and tp > 1 else None      # tp peers time a layer together
     cands: list[Candidate] = []
     skipped: list[tuple[Schedule, str]] = []    # candidates whose layers failed, and why
@@ -339,13 +349,17 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
             # (a meta model's layers are timed on real copies, one layer at a time)
             current: list[Any] = [None]
-            mlayers = [(_Temp(layer, init, current) if on_meta else TorchStage(layer))
-                       if is_torch else layer for _, layer in named]
+            mlayers: list[Any] = []
+            try:
+                mlayers = [(_Temp(layer, init, current) if on_meta else TorchStage(layer))
+                           if is_torch else layer for _, layer in named] if early is None else []
+            except BaseException as e:
+                early = e
             # where the ranks outnumber a host's cores the simulator shares them, so
             # each layer is timed in its thread's CPU: its wall, every rank timing at
             # once, held that sharing already (the table ran long twice over)
             clock = time.thread_time if shared_cores(hosts(grid.comm), p) else time.perf_counter
-            profile, broken = _profile(grid, mlayers, sample, sizes, reps, runs, clock)
+            profile, broken = _profile(grid, mlayers, sample, sizes, reps, runs, clock, early)
             if broken:      # (alike on every rank) those micro-batch sizes' candidates cannot run
                 skipped = [(sc, f"micro-batches of {size} row{'s' if size > 1 else ''}: "
                                 f"{broken[size]}") for sc in scheds
@@ -358,33 +372,38 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                         f"run, its layers fail on micro-batches of every size tried: " + "; ".join(
                             f"{size} row{'s' if size > 1 else ''}: {_cut(why)}"
                             for size, why in sorted(broken.items())))
+            # this rank's own error in the work between the exchanges (the dry runs'
+            # figures, the candidates' simulation, the cut: a KeyboardInterrupt), told in
+            # the next one (every rank then raises at once, the others DistributeFailed
+            # naming it)
+            failed: BaseException | None = None
             cal = Calibration(overhead or 0.0, 0.0)
             action: float | dict[int, float] = cal.action
             message: float | dict[int, float] = cal.message
             receive: float | dict[int, float] = cal.receive
             if overhead is None:
-                m = max(sc.num_microbatches for sc in scheds)
-                mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
-                spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p)
-                even = (_stage_grads(grads, counts_for("uniform", p, None, params),
-                                     [grid.coord("pp")]) if grads is not None else None)
-                on = grid if grads is not None else None
-                cal = calibrate(grid.comm, grid.group("pp"), m,
-                                _median_act(profile[-(-rows // m)]),
-                                tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
-                                busy_nbytes=_median_act(mid), tensors=is_torch,
-                                grid=on, grads=even)
-                action, message, receive = {m: cal.action}, {m: cal.message}, {m: cal.receive}
-                for k in sorted({sc.num_microbatches for sc in scheds} - {m}):
+                try:
+                    m = max(sc.num_microbatches for sc in scheds)
+                    mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
+                    spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p)
+                    even = (_stage_grads(grads, counts_for("uniform", p, None, params),
+                                         [grid.coord("pp")]) if grads is not None else None)
+                    on = grid if grads is not None else None
                     # the executor's costs at each micro-batch count tried (engine.calibrate)
-                    d = dry_run(grid.comm, grid.group("pp"), one_f_one_b(p, k),
-                                _median_act(profile[-(-rows // k)]), tag_base=tag_base,
+                    dries = [(k, one_f_one_b(p, k), _median_act(profile[-(-rows // k)]))
+                             for k in sorted({sc.num_microbatches for sc in scheds} - {m})]
+                    first, busy = _median_act(profile[-(-rows // m)]), _median_act(mid)
+                except BaseException as e:
+                    failed = e
+                _told(grid.comm, failed, timeout)     # (no word before the dry runs' first)
+                cal = calibrate(grid.comm, grid.group("pp"), m, first,
+                                tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
+                                busy_nbytes=busy, tensors=is_torch, grid=on, grads=even)
+                action, message, receive = {m: cal.action}, {m: cal.message}, {m: cal.receive}
+                for k, dry, nbytes in dries:
+                    d = dry_run(grid.comm, grid.group("pp"), dry, nbytes, tag_base=tag_base,
                                 timeout=timeout, tensors=is_torch, grid=on, grads=even)
                     action[k], message[k], receive[k] = d.action, d.message, d.receive
-            # this rank's own error in the work between the exchanges (the candidates'
-            # simulation, the cut: a KeyboardInterrupt), told in the next one (every rank
-            # then raises at once, the others DistributeFailed naming it)
-            failed: BaseException | None = None
             try:
                 # (a torch stage copies its floating input: the first stage's, a micro-batch's)
                 ins = {size: _copied(sample[:size]) for size in sizes} if is_torch else None
@@ -430,6 +449,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sched = chosen.schedule
     failed = None
     try:        # (this rank's own error told before the Pipeline's exchanges)
+        _raised(early if sample is None else None)      # (not told in a profile)
         counts = (chosen.counts if chosen else
                   counts_for(balance, sched.num_stages, None, params))
         mine = sched.stages_of(grid.coord("pp"))
@@ -524,30 +544,37 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                                 f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
         pipe.reshaped = job.reshaped
     job.retime()
-    if verbose and grid.comm.rank == 0 and job.predicted is not None:
-        job.watched = []        # step() tells a median step far off the prediction, once
-    if job.calibration is not None and chosen is not None:
-        # the table simulated with the load the re-time fitted (others' processes
-        # on the shared cores; none where it fitted none): its figures and ranking
-        # those of the host the steps will find, as job.predicted's are
-        job.candidates, job.profiled = under_load(cands, chosen, job.calibration.load)
-        # every row as the re-time corrects the chosen one (its compute, the executor's
-        # own costs, the messages, then the rest to job.predicted): rows compared by
-        # figures 1.5-2.4x low otherwise (BENCHMARKS.md, forty-third session)
-        job.profiled_candidates = job.candidates
-        job._calibrate()
-    if verbose and grid.comm.rank == 0:
-        # a schedule named too: its row, cut and prediction (it printed nothing, and the
-        # user who picked a row by name saw none of them)
-        # the chosen row's figure is the profile's; the re-timed one, job.predicted, is
-        # said right under the table with what moved it (a user took the row's 6.61 ms
-        # for the prediction, 15.38 ms, of a step that measured 11.54)
-        predicted = ("" if job.profiled is None or job.chosen is None else
-                     "\nengine.distribute: " + retimed_said(job.profiled, job.chosen))
-        if auto or job.candidates:
-            print(f"engine.distribute: {dict(grid.axes)}, {L} layers; "
-                  f"{'candidates' if auto else 'the schedule given'}:\n{job.table()}\n"
-                  f"{legend(job.candidates, why=auto)}{predicted}\n{said}", flush=True)
-        else:
-            print(said + predicted, flush=True)
+    # this rank's own error in what is left (the table simulated again, the print), told
+    # in a last word: alone, it left the others with jobs whose first step waited for it
+    failed = None
+    try:
+        if verbose and grid.comm.rank == 0 and job.predicted is not None:
+            job.watched = []        # step() tells a median step far off the prediction, once
+        if job.calibration is not None and chosen is not None:
+            # the table simulated with the load the re-time fitted (others' processes
+            # on the shared cores; none where it fitted none): its figures and ranking
+            # those of the host the steps will find, as job.predicted's are
+            job.candidates, job.profiled = under_load(cands, chosen, job.calibration.load)
+            # every row as the re-time corrects the chosen one (its compute, the executor's
+            # own costs, the messages, then the rest to job.predicted): rows compared by
+            # figures 1.5-2.4x low otherwise (BENCHMARKS.md, forty-third session)
+            job.profiled_candidates = job.candidates
+            job._calibrate()
+        if verbose and grid.comm.rank == 0:
+            # a schedule named too: its row, cut and prediction (it printed nothing, and the
+            # user who picked a row by name saw none of them)
+            # the chosen row's figure is the profile's; the re-timed one, job.predicted, is
+            # said right under the table with what moved it (a user took the row's 6.61 ms
+            # for the prediction, 15.38 ms, of a step that measured 11.54)
+            predicted = ("" if job.profiled is None or job.chosen is None else
+                         "\nengine.distribute: " + retimed_said(job.profiled, job.chosen))
+            if auto or job.candidates:
+                print(f"engine.distribute: {dict(grid.axes)}, {L} layers; "
+                      f"{'candidates' if auto else 'the schedule given'}:\n{job.table()}\n"
+                      f"{legend(job.candidates, why=auto)}{predicted}\n{said}", flush=True)
+            else:
+                print(said + predicted, flush=True)
+    except BaseException as e:
+        failed = e
+    _told(grid.comm, failed, timeout)
     return job

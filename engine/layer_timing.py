@@ -89,14 +89,16 @@ def _exchange(world: Comm, pairs: list[tuple[Any, LayerCost]],
 
 
 def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps: int,
-             runs: int | None = None, clock: Callable[[], float] = time.perf_counter
+             runs: int | None = None, clock: Callable[[], float] = time.perf_counter,
+             early: BaseException | None = None
              ) -> tuple[dict[int, dict[int, LayerCost]], dict[int, str]]:
     """Every layer measured at every size (``_shared`` over the layers;
     ``runs``: a fixed count, for tensor-parallel layers; ``clock``: wall
     time, or the thread's CPU where the ranks share cores); and the sizes
     where a layer failed on some rank, each with its error (a BatchNorm
     refuses a 1-row micro-batch in training), told to every rank: those
-    sizes' candidates are left out, not the whole call failed."""
+    sizes' candidates are left out, not the whole call failed. ``early``:
+    as ``_shared``'s ``failed`` (engine.distribute's own work before: the plan applied)."""
     failed: dict[int, str] = {}
 
     def timed(mine: list[int]) -> list[tuple[Any, LayerCost]]:
@@ -112,7 +114,7 @@ def _profile(grid: Grid, mlayers: list[Any], sample: Any, sizes: list[int], reps
             pairs += [((size, i), lc) for i, lc in local[size].items()]
         return pairs
 
-    got = _shared(grid, len(mlayers), timed)
+    got = _shared(grid, len(mlayers), timed, early)
     broken: dict[int, str] = {}
     for r, theirs in enumerate(collectives.all_gather_object(grid.comm, failed)):
         for size, why in sorted(theirs.items()):

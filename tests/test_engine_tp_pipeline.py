@@ -1127,6 +1127,11 @@ _BETWEEN = [("engine.distribute", "candidates", 1, {}),      # the candidates' s
             ("engine.job_retime", "_stretch", 1, {}),        # the re-time's, after its dry run
             ("engine.measured_choice", "best_first", 1,      # the choice's, after its dry run
              dict(schedule="auto", microbatches=None)),
+            ("engine.distribute", "param_count", 1, {}),     # after the models compared
+            ("engine.distribute", "param_count", 1,          # so, with nothing measured
+             dict(balance=[3, 3], sample=None)),
+            ("engine.distribute", "_median_act", 1, {}),     # after the profile, before calibrate
+            ("engine.distribute", "under_load", 1, {}),      # after the job's re-time
             ("engine.executor", "verify", 1, {}),            # a dry run's Pipeline, made
             ("engine.executor", "verify", 1,                 # the job's, with nothing measured
              dict(balance=[3, 3], sample=None)),
@@ -1137,12 +1142,14 @@ _BETWEEN = [("engine.distribute", "candidates", 1, {}),      # the candidates' s
 def test_a_keyboard_interrupt_between_distributes_exchanges_fails_every_rank_at_once():
     """A KeyboardInterrupt on one rank in distribute's own work between two
     of its exchanges (the candidates' simulation, the cut, the Pipeline
-    made, the ranking or the stretch worked out after a dry run; a
-    Pipeline's own work before its first exchange) ended its call alone:
-    the others waited for it in their next collective until their timeout
-    (20 s here), or went on to return a job whose first step waited. Now
-    every rank raises at once, the others DistributeFailed naming it, and a
-    job built after trains."""
+    made, the ranking or the stretch worked out after a dry run; the plan
+    applied before the profile, the figures worked out before calibrate,
+    the table simulated again after the job's re-time; a Pipeline's own
+    work before its first exchange) ended its call alone: the others waited
+    for it in their next collective until their timeout (20 s here), or
+    went on to return a job whose first step waited. Now every rank raises
+    at once, the others DistributeFailed naming it, and a job built after
+    trains."""
     results = mesh.spawn(_between_fail_worker, 2, _BETWEEN, timeout=100)
     for at in range(len(_BETWEEN) - 1):
         assert results[1][at] == "KeyboardInterrupt: stopped on purpose", (at, results[1])
