@@ -65,7 +65,7 @@ from mesh import Comm, Grid
 from mesh.tensors import is_tensor
 
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
-from .choose import (SCHEDULES, Candidate, LayerCost, Span, builtin, candidates, counts_for,
+from .choose import (SCHEDULES, Candidate, builtin, candidates, counts_for,
                      kept_buffers, kept_random, microbatch_counts, legend, recomputing,
                      retimed_said, stage_spans, table, under_load)
 from .executor import Pipeline
