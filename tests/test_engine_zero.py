@@ -231,19 +231,25 @@ def _consolidate_fails_worker(world):
                     raise MemoryError("no memory on purpose")
                 return type(g).recv(g, *args, **kwargs)
             g.recv = recv
-        try:
-            said.append(f"returned {type(job.optimizer_state_dict(z)).__name__}")
-        except BaseException as e:
-            said.append(f"{type(e).__name__}: {e}")
-        z.zero_grad()
-        job.step(x, y)
-        z.step()
-        whole = job.optimizer_state_dict(z)
-        said.append({"whole": None if whole is None else
-                     {n: own["exp_avg"].numpy().copy() for n, own in whole["state"].items()},
-                     "mine": {names[id(p)]: own["exp_avg"].numpy().copy()
-                              for p, own in z.optim.state.items()}})
+        _failed_then_whole(job, z, x, y, names, said)
     return said
+
+
+def _failed_then_whole(job, z, x, y, names, said):
+    """What the call meant to fail said (or its type, returned), then a step
+    and the whole optimizer state with this rank's own exp_avg, into ``said``."""
+    try:
+        said.append(f"returned {type(job.optimizer_state_dict(z)).__name__}")
+    except BaseException as e:
+        said.append(f"{type(e).__name__}: {e}")
+    z.zero_grad()
+    job.step(x, y)
+    z.step()
+    whole = job.optimizer_state_dict(z)
+    said.append({"whole": None if whole is None else
+                 {n: own["exp_avg"].numpy().copy() for n, own in whole["state"].items()},
+                 "mine": {names[id(p)]: own["exp_avg"].numpy().copy()
+                          for p, own in z.optim.state.items()}})
 
 
 @pytest.mark.timeout(120)
@@ -296,18 +302,7 @@ def _consolidate_beside_worker(world, axes, plan):
             del z._index        # (this call only)
             raise KeyboardInterrupt("stopped on purpose")
         z._index = interrupted
-    try:
-        said.append(f"returned {type(job.optimizer_state_dict(z)).__name__}")
-    except BaseException as e:
-        said.append(f"{type(e).__name__}: {e}")
-    z.zero_grad()
-    job.step(x, y)
-    z.step()
-    whole = job.optimizer_state_dict(z)
-    said.append({"whole": None if whole is None else
-                 {n: own["exp_avg"].numpy().copy() for n, own in whole["state"].items()},
-                 "mine": {names[id(p)]: own["exp_avg"].numpy().copy()
-                          for p, own in z.optim.state.items()}})
+    _failed_then_whole(job, z, x, y, names, said)
     return said
 
 
