@@ -916,3 +916,27 @@ def test_uneven_calls_keep_the_guarantees_on_the_short_way() -> None:
             assert dealt == [[[0.0, 1.0]], [], [[2.0, 3.0], [4.0, 5.0]]][rank], dealt
             assert got == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], got
             assert mine == [[[3.0, 6.0]], [], [[9.0, 12.0], [15.0, 18.0]]][rank], mine
+
+
+def _many_shapes(world: Any) -> list[int]:
+    """Tiny all_reduces of 20 shapes, each twice (the second the short way),
+    with a group's plans capped at 8: results right, plans kept at most 8."""
+    tiny.PLANS = 8
+    kept = []
+    for rnd in range(2):
+        for n in range(1, 21):
+            for _ in range(2):
+                a = np.full(n, world.rank + 1.0)
+                C.all_reduce(world, a)
+                assert (a == 3.0).all(), (n, a)
+            kept.append(len(tiny._plans[world]))
+    return kept
+
+
+@pytest.mark.timeout(60)
+def test_a_group_keeps_a_bounded_number_of_short_way_plans() -> None:
+    """A program whose tiny calls change shape call after call kept a plan
+    for each shape for good (unbounded); a group keeps at most PLANS, the
+    oldest dropped, and a call whose plan went takes the long way again."""
+    for kept in mesh.spawn(_many_shapes, 2, timeout=40):
+        assert max(kept) <= 8 and kept[-1] == 8, kept

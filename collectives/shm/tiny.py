@@ -77,6 +77,9 @@ __all__ = ["MAX_BYTES", "forget", "learn", "learn_scatter", "learn_v", "keep", "
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
 
+PLANS = 512
+"""The most plans a group keeps (``keep``)."""
+
 
 _KINDS: dict[str, Any] = {"all_reduce": _Plan, "reduce_scatter": _Scatter,
                           "all_gather": _Gather, "reduce": _Reduce, "broadcast": _Broadcast,
@@ -195,7 +198,10 @@ def keep(plans_of: "weakref.WeakKeyDictionary[Comm, dict[tuple, Any]]", ctx: Ctx
          make: Any) -> bool:
     """Keep ``make()`` as ``ctx``'s group's plan for ``key`` in ``plans_of``
     unless one made under the same tuning is there (the short ways' plans:
-    here and collectives.host.tiny); whether a new one was kept."""
+    here and collectives.host.tiny); whether a new one was kept. A group
+    keeps at most PLANS of them, the oldest made dropped first (a program
+    whose tiny calls change shape or counts call after call: each kept its
+    plan for good; a call whose plan went takes the long way once again)."""
     with _lock:
         plans = plans_of.get(ctx.g)
         if plans is None:
@@ -203,6 +209,9 @@ def keep(plans_of: "weakref.WeakKeyDictionary[Comm, dict[tuple, Any]]", ctx: Ctx
         plan = plans.get(key)
         if plan is not None and plan.tuning is ctx.tuning:
             return False
+        plans.pop(key, None)
+        while len(plans) >= PLANS:
+            del plans[next(iter(plans))]
         plans[key] = make()
         return True
 
