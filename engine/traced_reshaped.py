@@ -51,6 +51,10 @@ def _marked(stage: Any) -> TracedAt | None:
         return None
 
 
+FORMS = 64
+"""The most input shapes whose graphs a Reshaped keeps (``Reshaped._keep``)."""
+
+
 def _shape_key(inputs: Any) -> tuple[tuple[int, ...], ...] | None:
     """The shapes of ``inputs`` (a tensor, or a tuple of them) but for their
     rows, which micro-batches take apart anyway: what a trace made with a
@@ -179,7 +183,7 @@ class Reshaped:
                       torch.device("cpu"))
             zeros = tuple(torch.zeros((2, *s), dtype=getattr(torch, d), device=at)
                           for s, d in zip(key, dtypes))
-            self.forms[key] = self._traced(zeros if self.many else zeros[0], key)
+            self._keep(key, self._traced(zeros if self.many else zeros[0], key))
         self._use(key if self.forms[key] is not None else self.first)
 
     def _check(self, i: int, piece: Any, args: tuple[Any, ...]) -> None:
@@ -210,7 +214,7 @@ class Reshaped:
         if key is None or key == self.now:
             return
         if key not in self.forms:
-            self.forms[key] = self._traced(inputs, key)
+            self._keep(key, self._traced(inputs, key))
         # (where it could not be traced: the sample's graphs, whose checks say so)
         self._use(key if self.forms[key] is not None else self.first)
 
@@ -219,8 +223,22 @@ class Reshaped:
         self.want = (self.first, self.kinds)
         self._use(self.first)
 
+    def _keep(self, key: Any, forms: list[tuple[Any, ...]] | None) -> None:
+        """Keep ``key``'s forms, and at most FORMS shapes' in all: the least
+        lately used dropped first (never the sample's, nor those the pieces
+        run at now), so that a program of ever new lengths holds the graphs
+        of the last few (it held every length's for good); a length dropped
+        is traced again when it comes back."""
+        while len(self.forms) >= max(FORMS, 3):
+            old = next(k for k in self.forms if k != self.first and k != self.now)
+            del self.forms[old]
+            for seen in [k for k in self.seen if k[0] == old]:
+                del self.seen[seen]
+        self.forms[key] = forms
+
     def _use(self, key: Any) -> None:
         forms = self.forms[key]
+        self.forms[key] = self.forms.pop(key)       # (the last used, dropped last: _keep)
         if key == self.now or forms is None:
             return
         for (_, piece), form in zip(self.pieces, forms):

@@ -1405,6 +1405,33 @@ def test_pipelines_of_one_partitions_stages_run_each_at_its_own_steps_lengths():
         assert pipe.eval_step(x, y) == pytest.approx(want, rel=1e-12), length
 
 
+def test_a_pipeline_keeps_the_graphs_of_a_bounded_number_of_lengths(monkeypatch):
+    """Each new length's graphs were kept for good (a program of ever new
+    lengths grew them without bound): at most FORMS lengths' now, the least
+    lately used dropped (never the sample's), and a length dropped is traced
+    again when it comes back, its loss still one process's."""
+    from engine import traced_reshaped
+    monkeypatch.setattr(traced_reshaped, "FORMS", 3)
+
+    class Solo:
+        rank, size = 0, 1
+    torch.manual_seed(0)
+    model = _LengthsLogits().double()
+    sample = _length_data(0)[0]
+    parts = engine.partition(model, 2, balance="uniform", sample=sample)
+    pipe = engine.Pipeline(Solo(), list(parts), engine.schedules.interleaved_1f1b(1, 2, 2),
+                           loss_fn=_token_loss)
+    kept = []
+    for length in (3, 4, 6, 7, 3, 6, 4):
+        x, y = _length_data(1, length)
+        with torch.no_grad():
+            want = _token_loss(model(x), y).item()
+        assert pipe.eval_step(x, y) == pytest.approx(want, rel=1e-12), length
+        kept.append(sorted(k[0][-1] for k in pipe.reshaped.forms))
+    first = sample.shape[-1]
+    assert all(len(k) <= 3 and first in k for k in kept), kept
+
+
 class _Windowed(nn.Module):
     """Inputs longer than its window folded into rows of windows for the
     blocks, unfolded after them by the rows' count read before (``B, T =
