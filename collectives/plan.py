@@ -5,6 +5,7 @@ Nothing here touches a process or a buffer, so every rule is tested alone.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -13,7 +14,7 @@ from mesh.peer import parse_size
 
 from . import debug
 
-__all__ = ["split", "ring_chunks", "segments", "segment_count", "ring_chunk",
+__all__ = ["split", "spans", "ring_chunks", "segments", "segment_count", "ring_chunk",
            "RDPlan", "rd_plan", "rd_peers", "tree_parent", "tree_children", "chain",
            "Tuning", "parse_size", "ALGORITHMS", "ACCEPTED", "choose", "HIER", "layout"]
 
@@ -39,6 +40,18 @@ def split(count: int, parts: int) -> list[tuple[int, int]]:
 
 ring_chunks = split
 """The ring's chunks: chunk c of a count-long buffer is ``ring_chunks(count, n)[c]``."""
+
+
+def spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """Where each of ``sizes`` lies laid end to end, ``(lo, hi)`` each (an
+    uneven call's parts, by rank, in its flat array): split's ranges for
+    sizes of one's choosing.
+
+    >>> spans([3, 0, 2])
+    [(0, 3), (3, 3), (3, 5)]
+    """
+    at = [0, *itertools.accumulate(sizes)]
+    return list(zip(at[:-1], at[1:]))
 
 
 def segment_count(max_len: int, itemsize: int, seg_bytes: int) -> int:

@@ -26,6 +26,24 @@ from collectives.shm import board, quick, tiny, waiting
 N = 3
 
 
+def _counting(names: tuple[str, ...], taken: list[str]) -> dict[str, Any]:
+    """Wrap collectives.shm.tiny's calls ``names`` so that each call that
+    took the short way (returned a result) appends its name to ``taken``;
+    the real calls, to put back."""
+    real = {name: getattr(tiny, name) for name in names}
+
+    def counted(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            res = real[name](*args, **kwargs)
+            if res is not None:
+                taken.append(name)
+            return res
+        return call
+    for name in real:
+        setattr(tiny, name, counted(name))
+    return real
+
+
 def _caught(fn: Any) -> str:
     try:
         fn()
@@ -667,17 +685,7 @@ def _moved(world: Any) -> list:
                 if (plan is not None) != (0 < k <= most):
                     bad.append((what, str(np.dtype(dt)), k, "short way", plan is not None))
     taken: list[str] = []
-    real = {name: getattr(tiny, name) for name in ("all_to_all", "all_gather")}
-
-    def counted(name: str) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            res = real[name](*args, **kwargs)
-            if res is not None:
-                taken.append(name)
-            return res
-        return call
-    for name in real:
-        setattr(tiny, name, counted(name))
+    real = _counting(("all_to_all", "all_gather"), taken)
     try:
         for i in range(3):      # (a loop's counts exchanges: the short way from the second)
             sends = [(rank + j) % 3 for j in range(n)]
@@ -690,8 +698,8 @@ def _moved(world: Any) -> list:
             if got.tolist() != [p for p in range(n) for _ in range(p % 2 + 1)]:
                 bad.append(("all_gather_v", i, got.tolist()))
     finally:
-        for name in real:
-            setattr(tiny, name, real[name])
+        for name, call in real.items():
+            setattr(tiny, name, call)
     if taken.count("all_gather") < 2 or taken.count("all_to_all") < 2:
         bad.append(("counts exchanges: the short way not taken twice each", taken))
     return bad
@@ -789,18 +797,7 @@ def _uneven_moved(world: Any) -> list:
     n, rank, bad = world.size, world.rank, []
     room = tiny.MAX_BYTES
     taken: list[str] = []
-    real = {name: getattr(tiny, name) for name in ("all_gather_v", "gather_v",
-                                                   "reduce_scatter_v", "scatter_v")}
-
-    def counted(name: str) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            res = real[name](*args, **kwargs)
-            if res is not None:
-                taken.append(name)
-            return res
-        return call
-    for name in real:
-        setattr(tiny, name, counted(name))
+    real = _counting(("all_gather_v", "gather_v", "reduce_scatter_v", "scatter_v"), taken)
     try:
         for dt in [np.int8, np.float16, np.float32, np.float64, np.complex64, BFLOAT16]:
             item = np.dtype(dt).itemsize
@@ -855,8 +852,8 @@ def _uneven_moved(world: Any) -> list:
                     if sorted(short) != sorted(expect):
                         bad.append(("short way", str(np.dtype(dt)), counts, i, short, expect))
     finally:
-        for name in real:
-            setattr(tiny, name, real[name])
+        for name, call in real.items():
+            setattr(tiny, name, call)
     return bad
 
 

@@ -23,7 +23,7 @@ from mesh.tensors import dtype_name, is_tensor
 from .. import debug
 from ..ops import resolve
 from ..plan import TOPOLOGY_AWARE as plan_TOPOLOGY_AWARE
-from ..plan import Tuning, choose, layout, rd_peers
+from ..plan import Tuning, choose, layout, rd_peers, spans
 from ..runner import Body, Ctx, agreed, named, start
 from ..shm import board, local, tiny
 from . import hier, link
@@ -471,11 +471,8 @@ def _uneven(name: str, a: Any, counts: list[int], n: int, want: int | None = Non
     if want is not None and arr.shape[0] != want:
         raise ValueError(f"{name}: the array has {arr.shape[0]} rows where counts "
                          f"{_counts_fp(list(counts))} give it {want}")
-    row, at, bounds = math.prod(arr.shape[1:]), 0, []
-    for k in counts:        # (plain ints: numpy's cumsum cost a small call 10 us more)
-        bounds.append((at, at + int(k) * row))
-        at += int(k) * row
-    return arr, bounds
+    row = math.prod(arr.shape[1:])     # (plain ints: numpy's cumsum cost a small call 10 us more)
+    return arr, spans([int(k) * row for k in counts])
 
 
 def all_gather_v(g: Comm, a: Any, counts: list[int], async_op: bool = False,

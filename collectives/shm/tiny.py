@@ -62,11 +62,11 @@ from mesh.tensors import dtype_name
 
 from .. import debug
 from ..ops import ReduceOp
-from ..plan import Tuning
+from ..plan import Tuning, spans
 from ..runner import NOT_NOW, Ctx, now
 from . import board
 from .local import scatter_meta
-from .tiny_move import _Broadcast, _Collect, _Deal, _Exchange, _Gather, _GatherV, _bounds
+from .tiny_move import _Broadcast, _Collect, _Deal, _Exchange, _Gather, _GatherV
 from .tiny_reduce import _Plan, _Reduce, _Scatter, _Short
 
 __all__ = ["MAX_BYTES", "forget", "learn", "learn_scatter", "learn_v", "keep", "plan_key",
@@ -183,7 +183,7 @@ def learn_v(ctx: Ctx, arr: np.ndarray, counts: list[int], root: int | None = Non
         return      # (the long way's large form, or nothing to gain)
     name = ctx.fp["coll"]
     if rop is not None:
-        bounds = _bounds([k * rows for k in counts])
+        bounds = spans([k * rows for k in counts])
         keep(_plans, ctx, plan_key(arr.dtype, arr.shape, (name, tuple(counts), op), "v"),
              lambda: _Scatter(ctx, arr, rop, bounds))
     elif root is None:

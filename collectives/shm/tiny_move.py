@@ -5,23 +5,17 @@ all_to_all, and the uneven all_gather_v and gather_v. Each plan's
 on with a Round (collectives.shm.local)."""
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
 import numpy as np
 
+from ..plan import spans
 from ..runner import Body, Ctx
 from .local import all_gather as gather_small, all_to_all as exchange_small
 from .local import broadcast as broadcast_small, gather as collect_small
 from .local import scatter as deal_small, scatter_meta
 from .tiny_reduce import _Short
-
-
-def _bounds(items: list[int]) -> list[tuple[int, int]]:
-    """Where each rank's ``items`` lie in an uneven call's flat result."""
-    at = [0, *itertools.accumulate(items)]
-    return list(zip(at[:-1], at[1:]))
 
 
 class _Broadcast(_Short):
@@ -90,7 +84,7 @@ class _GatherV(_Short):
 
     def __init__(self, ctx: Ctx, arr: np.ndarray, items: list[int]) -> None:
         super().__init__(ctx, arr, items=items)
-        self.size, self.bounds = sum(items), _bounds(items)
+        self.size, self.bounds = sum(items), spans(items)
         self.shape = (self.size // math.prod(arr.shape[1:]),) + arr.shape[1:]
 
     def step(self, tag: int, arg: tuple[np.ndarray, list[np.ndarray]]) -> Body | None:
@@ -126,7 +120,7 @@ class _Collect(_Short):
         # (gather_v's, ``items`` given: the bytes of its largest row, which its
         # Round chooses by; ``a`` and ``out``'s rows flat)
         self.largest = None if items is None else max(items) * arr.itemsize
-        self.bounds = None if items is None else _bounds(items)
+        self.bounds = None if items is None else spans(items)
 
     def step(self, tag: int, arg: tuple[np.ndarray, Any]) -> Body | None:
         a, out = arg
