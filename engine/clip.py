@@ -11,7 +11,9 @@ adds up the p-th powers of the gradients it alone stands for (float64):
 * a tied parameter's first copy only (``Tie.stages[0]``): the others hold
   the same sum after the step;
 * on dp replica 0 only: the replicas' gradients are averaged already, so
-  equal.
+  equal. Under ZeRO stage 2 (engine.zero_grads) a gradient one replica
+  keeps is counted there, and a small sum over dp gives replica 0 every
+  part exactly as it would have had it (``_owned_parts``).
 
 One all-gather of four float64 over the whole grid (each rank's sum, its
 norm_type, its max_norm and whether they were valid: every rank sums them
@@ -110,19 +112,50 @@ def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
     skip = {(s, i) for tie, members, _, _ in pipe.tied.ties for s, i in members
             if s != tie.stages[0]}
     whole_too = pipe.tp is None or pipe.tp_index == 0
-    mine = [] if pipe.dp_index or fault is not None else [
-        g for s, stage in sorted(pipe.stages.items())
-        for i, (g, cut) in enumerate(zip(stage.grads(), sharded_flags(stage)))
-        if (s, i) not in skip and (cut or whole_too)]
-    parts, fault = _parts(mine, p, fault)
+    if pipe.owned and pipe.dp is not None:  # ZeRO stage 2: counted where kept
+        parts, fault = _owned_parts(pipe, skip, whole_too, p, fault)
+    else:
+        mine = [] if pipe.dp_index or fault is not None else [
+            g for s, stage in sorted(pipe.stages.items())
+            for i, (g, cut) in enumerate(zip(stage.grads(), sharded_flags(stage)))
+            if (s, i) not in skip and (cut or whole_too)]
+        parts, fault = _parts(mine, p, fault)
     norm = _agreed_norm(pipe.whole, parts, p, most, fault, where, "rank", pipe.timeout,
                         norm_type, error_if_nonfinite)
     coef = most / (norm + 1e-6)
     if coef < 1.0:
-        for stage in pipe.stages.values():
-            for g in stage.grads():
-                g *= coef
+        for s in pipe.stages:
+            for g in pipe.owned.kept(s):
+                if g is not None:       # (freed: another replica keeps it, and scales it)
+                    g *= coef
     return norm
+
+
+def _owned_parts(pipe: Any, skip: set[tuple[int, int]], whole_too: bool, p: float,
+                 fault: BaseException | None) -> tuple[list[float], BaseException | None]:
+    """``_parts`` of what dp replica 0 would count without ZeRO stage 2 (as
+    ``clip_grad_norm`` lists them), under it: each gradient's on the replica
+    that keeps it (its owner; replica 0 for one every replica keeps), 0 on
+    the others, then a sum (the largest for the infinity norm) over dp,
+    which adds each to zeros only: replica 0 gets every gradient's part
+    exactly as it would have computed it, and sums them alike, so the norm
+    is the same bit for bit. Every replica joins that sum, even one whose
+    own part failed (its zeros; the fault is told after, by _agreed_norm)."""
+    me = pipe.dp_index
+    held: list[Any] = []
+    for s, stage in sorted(pipe.stages.items()):
+        kept = pipe.owned.kept(s)
+        for i, (r, cut) in enumerate(zip(pipe.owned.owners(s), sharded_flags(stage))):
+            if (s, i) not in skip and (cut or whole_too):
+                held.append(kept[i] if (me == 0 if r is None else r == me) else None)
+    parts, fault = _parts([g for g in held if g is not None] if fault is None else [], p,
+                          fault)
+    told = np.zeros(len(held), dtype=np.float64)
+    if fault is None:
+        told[[j for j, g in enumerate(held) if g is not None]] = parts
+    collectives.all_reduce(pipe.dp, told, op="max" if math.isinf(p) else "sum",
+                           timeout=pipe.timeout)
+    return ([float(v) for v in told] if me == 0 and fault is None else []), fault
 
 
 def clip_grad_norm_(model: Any, max_norm: float, group: Any, norm_type: float = 2.0,

@@ -26,7 +26,9 @@ schedule once; ``step(inputs, targets)`` then runs one training step:
   sizes weigh by their rows). With a dp axis each stage's gradients are
   then averaged over the dp group (``collectives.all_reduce(op="avg")``,
   started as soon as the stage's last backward is done), which makes them
-  the gradient of the mean over the global batch. Whatever ``grads()`` held
+  the gradient of the mean over the global batch (under ZeRO stage 2 a
+  gradient one replica keeps is reduced to it alone, ``collectives.reduce``,
+  and freed on the others after the step: engine.zero_grads). Whatever ``grads()`` held
   before the step is kept and the step's gradient added to it: it is set
   aside at the step's start and added back once at its end, after the dp
   average and the sums of tied copies and of sequence-parallel gradients,
@@ -86,6 +88,7 @@ from .traced import Reshaped, given_as_returned
 from .torch_stage import TorchStage, patterns_of, plain_torch_loss, torch_loss
 from .tp_layers import cut_edges, group_of, refuse_cut_fed_whole
 from .verify import verify
+from .zero_grads import OwnedGrads
 
 __all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank", "rows_of"]
 
@@ -229,6 +232,8 @@ class Pipeline:
         # sequence-parallel sums of whole parameters' gradients, once a step
         # (not with OPT actions: the optimizer would step before the sums)
         self.tp_sums = TpSums(self.stages, enabled=not any(a.kind == OPT for a in self.program))
+        # ZeRO stage 2: the gradients one dp replica keeps, reduced to it (engine.zero_grads)
+        self.owned = OwnedGrads(self)
         # what a training forward changes in a buffer: replica 0's on every replica after it
         self.buffers = ReplicaBuffers(self.dp, [st.module for st in self.stages.values()
                                                 if isinstance(st, TorchStage)])
@@ -413,7 +418,8 @@ class Pipeline:
         ``clip_grad_norm``), and return the total norm before clipping (a
         float, the same on every rank): over every stage and tp shard, each
         tied and each tp-replicated parameter counted once, dp replicas
-        not multiplying it (their gradients are averaged already; see
+        not multiplying it (their gradients are averaged already; under
+        ZeRO stage 2 each is counted on the replica that keeps it; see
         engine.clip). Every gradient on every rank is scaled by the same
         factor, so tied copies and replicas stay equal. Call it after
         ``step()`` and before the optimizer; collective: every rank of the

@@ -138,6 +138,13 @@ class Job(_ModelState, _OptimizerState, _Retiming):
         ``step()`` and ``opt.step()`` on every rank."""
         return self.pipeline.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite)
 
+    def _grads_kept_by(self, params: Sequence[Any], owners: Sequence[int] | None) -> None:
+        """ZeRO stage 2 (engine.ZeroRedundancyOptimizer(stage=2) calls it):
+        from the next step on, each of ``params``' gradients reduced to the
+        dp replica ``owners`` names and freed on the others; None: averaged
+        on every replica and kept, as without (engine.zero_grads)."""
+        self.pipeline.owned.take(params, owners)
+
     def parameters(self) -> list[Any]:
         """This rank's parameters (its stages, its shards), for an optimizer."""
         if self.is_torch:

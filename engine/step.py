@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -261,8 +262,12 @@ class _StepActions:
         elif a.kind == AR:
             assert pipe.dp is not None       # the lowering adds ARs only with a dp axis
             works = self.syncs.setdefault(a.stage, [])
-            for g in pipe.stages[a.stage].grads():
-                works.append(collectives.all_reduce(pipe.dp, g, op="avg", async_op=True))
+            # (ZeRO stage 2: a gradient one replica keeps reduced to it, engine.zero_grads)
+            roots = pipe.owned.roots(a.stage) if pipe.owned else itertools.repeat(None)
+            for g, root in zip(pipe.stages[a.stage].grads(), roots):
+                works.append(
+                    collectives.all_reduce(pipe.dp, g, op="avg", async_op=True) if root is None
+                    else collectives.reduce(pipe.dp, g, root=root, op="avg", async_op=True))
         elif a.kind == OPT:
             self._finish_sync(a.stage)
             self._add_prior(a.stage)
@@ -491,7 +496,8 @@ class _StepActions:
         """Wait for every all-reduce and every send of the step, then sum
         the gradients of tied parameters over their copies, and those of
         whole parameters fed a part of the sequence over the tp group; then
-        add back what the gradients held before the step."""
+        add back what the gradients held before the step; last, free the
+        gradients other dp replicas keep (ZeRO stage 2: engine.zero_grads)."""
         for s in list(self.syncs):
             self._finish_sync(s)
         for req in self.sends:
@@ -502,6 +508,7 @@ class _StepActions:
         self.pipe.tp_sums.settle(self.pipe.timeout)
         for s in list(self.prior):
             self._add_prior(s)
+        self.pipe.owned.free()      # (ZeRO stage 2: the other replicas' shares' gradients)
 
     def mean_loss(self) -> float:
         return sum(w * v for w, v in zip(self.weights, self.losses))

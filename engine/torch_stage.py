@@ -503,6 +503,20 @@ class TorchStage:
     def grads(self) -> list[Any]:
         return [_view(self._grad(p)) for p in self._params]
 
+    def grad_params(self) -> list[Any]:
+        """The parameters whose gradients ``grads()`` gives, in its order."""
+        return list(self._params)
+
+    def kept_grads(self) -> list[Any]:
+        """``grads()``, but None where ``.grad`` is None (not made zeros)."""
+        return [None if p.grad is None else _view(p.grad) for p in self._params]
+
+    def free_grads(self, which: Iterable[int]) -> None:
+        """The gradients of ``which`` (indices into ``grads()``) freed: None
+        (engine.zero_grads: another dp replica keeps them)."""
+        for i in which:
+            self._params[i].grad = None
+
     def held_grads(self) -> list[Any]:
         """A copy of each gradient that holds anything, None for the rest
         (a None ``.grad`` stays None): what a failed step puts back."""

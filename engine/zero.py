@@ -1,5 +1,6 @@
-"""ZeRO stage 1 over a job's dp axis: each dp replica keeps the optimizer
-state of its own share of the parameters, not of all of them.
+"""ZeRO stages 1 and 2 over a job's dp axis: each dp replica keeps the
+optimizer state of its own share of the parameters, not of all of them
+(stage 1), and with ``stage=2`` its share's gradients only too.
 
 torch's ``ZeroRedundancyOptimizer`` and DeepSpeed's
 ``zero_optimization: {"stage": 1}``, on a mesh group::
@@ -19,6 +20,14 @@ moments: 2/dp of the weights' bytes instead of 2x).
     dp rank:      0            1
     params:   [w0, b1]     [w1, b0]     each steps its own, then broadcasts it
     state:    w0, b1's     w1, b0's     (nothing of the other's)
+
+``stage=2`` (DeepSpeed's ``{"stage": 2}``; the job must be the process
+group): the job's step reduces each gradient to its owner (engine.
+zero_grads: ``collectives.reduce``, op="avg", where stage 1's all-reduce
+was) and frees it on the others after the step, so between steps a
+replica holds its share's gradients (about 1/dp of them);
+``job.clip_grad_norm_`` counts each on its owner, and ``step()`` is the
+same.
 """
 from __future__ import annotations
 
@@ -63,6 +72,32 @@ def _dp_of(process_group: Any) -> tuple[Comm, float | None]:
     return process_group, None
 
 
+def _stage_checked(stage: Any, job: Any, g: Comm, where: str) -> None:
+    """Raise ValueError unless ``stage`` is 1, or 2 over a job."""
+    if isinstance(stage, bool) or stage not in (1, 2):
+        raise ValueError(f"{where}: stage={stage!r}: 1 (each replica keeps its share's "
+                         f"optimizer state) or 2 (its share's gradients too); stage 3 "
+                         f"(the parameters sharded) is not provided")
+    if stage == 2 and job is None:
+        raise ValueError(f"{where}: stage=2 needs process_group=job (engine.distribute's), "
+                         f"not the mesh group {g.name}: the job's step reduces each gradient "
+                         f"to the replica that owns it and frees it on the others, so the job "
+                         f"must know the shares (stage=1 takes a mesh group)")
+
+
+def _in_job(whole: Any, job: Any, where: str) -> None:
+    """Raise ValueError where ``whole`` (the optimizer over every
+    parameter) holds a tensor that is not one of ``job``'s parameters."""
+    known = {id(p) for p in job.parameters()}
+    stray = next((p for grp in whole.param_groups for p in grp["params"]
+                  if id(p) not in known), None)
+    if stray is not None:
+        raise ValueError(f"{where}: stage=2: the optimizer holds a {tuple(stray.shape)} "
+                         f"tensor that is not in job.parameters(): the job reduces its own "
+                         f"parameters' gradients only (make it of job.parameters() or "
+                         f"job.named_parameters())")
+
+
 class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     """``optimizer_class`` over this dp replica's share of ``params`` (a
     list of tensors, or of param groups as torch's optimizers take them),
@@ -72,20 +107,29 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     changes them; ``step()`` hands the hyperparameters on to the share's
     optimizer, ``optim``); ``state`` is empty: each replica's is
     ``optim.state``, and ``job.optimizer_state_dict(opt)`` gathers them,
-    whole and by name, as for an optimizer without ZeRO. Collective over
-    the dp group: building it (the replicas' parameters compared),
-    ``step()`` and ``consolidate_state_dict()``."""
+    whole and by name, as for an optimizer without ZeRO. ``stage``: 1, or
+    2 (``process_group`` the job, whose step then keeps each gradient on
+    its owner alone; its parameters the job's): see the module docstring.
+    A job's newest such optimizer over a parameter says how the job reduces
+    its gradient (a stage 1 one over the job: averaged on every replica
+    again). Collective over the dp group: building it (the replicas'
+    parameters and stages compared), ``step()`` and
+    ``consolidate_state_dict()``."""
 
     def __init__(self, params: Iterable[Any], optimizer_class: type,
-                 process_group: Any, **defaults: Any) -> None:
+                 process_group: Any, *, stage: int = 1, **defaults: Any) -> None:
         self.group, self.timeout = _dp_of(process_group)
         g = self.group
         self.where = f"rank {g.ranks[g.rank]}: ZeroRedundancyOptimizer on group {g.name}"
+        job = process_group if getattr(process_group, "grid", None) is not None else None
         fault: Exception | None = None
         try:
+            _stage_checked(stage, job, g, self.where)
             whole = optimizer_class(params, **defaults)    # (its groups, defaults filled)
-            said: Any = [[str(p.dtype), list(p.shape)]
-                         for grp in whole.param_groups for p in grp["params"]]
+            if stage == 2:
+                _in_job(whole, job, self.where)
+            said: Any = [stage, [[str(p.dtype), list(p.shape)]
+                                 for grp in whole.param_groups for p in grp["params"]]]
         except (TypeError, ValueError) as e:    # (an empty list: every replica hears of it)
             fault, said = e, f"{type(e).__name__}: {e}"
         told = collectives.all_gather_object(g, said, timeout=self.timeout)
@@ -95,6 +139,12 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if bad is not None:
             raise ValueError(f"{self.where}: not made, rank {g.ranks[bad]} could not: "
                              f"{told[bad]}")
+        other = next((r for r, t in enumerate(told) if t[0] != stage), None)
+        if other is not None:
+            raise ValueError(f"{self.where}: stage={stage} here but stage={told[other][0]} on "
+                             f"rank {g.ranks[other]}: every replica passes the same")
+        told = [t[1] for t in told]
+        self.stage = stage
         self._building = True
         super().__init__([dict(grp) for grp in whole.param_groups], dict(whole.defaults))
         self._building = False
@@ -112,6 +162,14 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.optim = optimizer_class(
             [{**self._hyper(grp), "params": [p for p in grp["params"] if id(p) in self.mine]}
              for grp in self.param_groups], **defaults)
+        if job is not None:     # stage 2: each gradient reduced to its owner alone, and kept
+            job._grads_kept_by(self.params, self.owner if stage == 2 else None)  # there only
+
+    def grad_bytes(self) -> int:
+        """The bytes of the gradients this replica holds of ``params`` (under
+        stage 2, after the step: its share's only)."""
+        return sum(p.grad.numel() * p.grad.element_size() for p in self.params
+                   if p.grad is not None)
 
     def holds(self, p: Any) -> bool:
         """Whether ``p`` is in this replica's share (its state kept here)."""

@@ -1,10 +1,12 @@
-"""engine.ZeroRedundancyOptimizer (ZeRO stage 1 over a job's dp axis) trains
-as the same job with the whole optimizer on every replica, keeps a share of
-its state per replica, and checkpoints the same whole state.
+"""engine.ZeroRedundancyOptimizer (ZeRO stage 1 over a job's dp axis, and
+stage 2: the gradients too) trains as the same job with the whole optimizer
+on every replica, keeps a share of its state (and under stage 2 of the
+gradients) per replica, and checkpoints the same whole state.
 
-One spawn per layout runs two jobs of the same model on the grid, one with
-AdamW, one with AdamW under ZeRO, clipping every step; the parent compares
-their weights, their gathered optimizer states and the state each rank held.
+One spawn per layout runs three jobs of the same model on the grid, one
+with AdamW, one with AdamW under ZeRO stage 1, one under stage 2, clipping
+every step; the parent compares their weights, their gathered optimizer
+states and the state (and gradients) each rank held.
 """
 import numpy as np
 import pytest
@@ -85,10 +87,13 @@ def _worker(world, axes, plan):
                                  balance=[5, 4] if pp == 2 else "uniform",
                                  sample=part(_data(0)[0]), loss_fn=torch.nn.functional.mse_loss,
                                  overhead=0.0, verbose=False, timeout=60, tag_base=tag_base)
-    whole, zjob = build(0), build(1 << 20)
+    whole, zjob, z2job = build(0), build(1 << 20), build(2 << 20)
     opt = torch.optim.AdamW(_groups(whole.named_parameters()), lr=LR)
     zopt = engine.ZeroRedundancyOptimizer(_groups(zjob.named_parameters()), torch.optim.AdamW,
                                           zjob, lr=LR)
+    z2opt = engine.ZeroRedundancyOptimizer(_groups(z2job.named_parameters()),
+                                           torch.optim.AdamW, z2job, stage=2, lr=LR)
+    _refused_stages(world, grid, z2job, d)
     if pp > 1:      # over the whole world: each pp rank's stages differ, every rank says so
         with pytest.raises(ValueError, match=r"the parameters given differ between ranks 0 "
                                              r"and 1 .*process_group=job"):
@@ -106,21 +111,30 @@ def _worker(world, axes, plan):
         assert sorted(lone.state_dict()["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
     zsched = torch.optim.lr_scheduler.StepLR(zopt, 1, gamma=0.5)
+    z2sched = torch.optim.lr_scheduler.StepLR(z2opt, 1, gamma=0.5)
     norms = []
+    ways = ((whole, opt, sched), (zjob, zopt, zsched), (z2job, z2opt, z2sched))
     for step in range(STEPS):
         x, y = (part(a) for a in _data(step))
-        for job, o, s in ((whole, opt, sched), (zjob, zopt, zsched)):
+        for job, o, s in ways:
             o.zero_grad()
             job.step(x, y)
             norms.append(job.clip_grad_norm_(0.2))
             o.step()
             s.step()
+    # stage 2: after the step each replica holds its share's gradients only
+    grads = [sum(p.grad.numel() * p.grad.element_size() for p in o.params
+                 if p.grad is not None) for o in (zopt, z2opt)]
     out = {"rank": world.rank, "norms": norms, "held": _held(opt),
            "zero_held": zopt.state_bytes(), "shared": len(zopt.optim.state),
-           "params": len(zopt.params),
+           "params": len(zopt.params), "zero2_held": z2opt.state_bytes(),
+           "grads": grads[0], "zero2_grads": grads[1], "zero2_grad_bytes": z2opt.grad_bytes(),
+           "zero2_kept": all((p.grad is not None) == z2opt.holds(p) for p in z2opt.params),
            "weights": _numpy(whole.state_dict()), "zero_weights": _numpy(zjob.state_dict()),
+           "zero2_weights": _numpy(z2job.state_dict()),
            "optim": _optim_numpy(whole.optimizer_state_dict(opt)),
-           "zero_optim": _optim_numpy(zjob.optimizer_state_dict(zopt))}
+           "zero_optim": _optim_numpy(zjob.optimizer_state_dict(zopt)),
+           "zero2_optim": _optim_numpy(z2job.optimizer_state_dict(z2opt))}
     # a whole state loads into a new ZeRO optimizer (each replica keeps its share) and
     # trains on as the whole optimizer does
     saved = collectives.broadcast_state(world, whole.optimizer_state_dict(opt))
@@ -132,13 +146,27 @@ def _worker(world, axes, plan):
         + len(again.optim.param_groups[1]["params"])
     zjob.load_optimizer_state_dict(again, saved)
     out["loaded_held"] = again.state_bytes()
+    again2 = engine.ZeroRedundancyOptimizer(_groups(z2job.named_parameters()),
+                                            torch.optim.AdamW, z2job, stage=2, lr=LR)
+    z2job.load_optimizer_state_dict(again2, saved)
     x, y = (part(a) for a in _data(STEPS))
-    for job, o in ((whole, opt), (zjob, again)):
+    for job, o in ((whole, opt), (zjob, again), (z2job, again2)):
         o.zero_grad()
         job.step(x, y)
         o.step()
     out["resumed"] = _numpy(whole.state_dict())
     out["zero_resumed"] = _numpy(zjob.state_dict())
+    out["zero2_resumed"] = _numpy(z2job.state_dict())
+    # gradients accumulated over two steps (no zero_grad between): stage 2's owner adds
+    # the second step's average to the first's, as every replica does without ZeRO
+    for job, o in ((whole, opt), (z2job, again2)):
+        o.zero_grad()
+        for step in (STEPS + 1, STEPS + 2):
+            job.step(*(part(a) for a in _data(step)))
+        job.clip_grad_norm_(0.2)
+        o.step()
+    out["accumulated"] = _numpy(whole.state_dict())
+    out["zero2_accumulated"] = _numpy(z2job.state_dict())
     with pytest.raises(RuntimeError, match="consolidate_state_dict"):
         again.state_dict()
     if world.size == 2:     # torch's own ZeRO (its shares in .optim): refused, not {"state": {}}
@@ -160,6 +188,28 @@ def _worker(world, axes, plan):
     return out
 
 
+def _refused_stages(world, grid, job, d):
+    """A stage other than 1 or 2, stage 2 over a mesh group (the job must
+    know the shares), stage 2 of a tensor not the job's, and replicas given
+    other stages: each refused, every replica raising at once."""
+    import torch
+    with pytest.raises(ValueError, match=r"stage=3: 1 .* or 2 .*; stage 3 .* not provided"):
+        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3)
+    with pytest.raises(ValueError, match=r"stage=2 needs process_group=job .*not the mesh "
+                                         r"group .*the job must know the shares"):
+        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW,
+                                       grid.group("dp"), stage=2)
+    with pytest.raises(ValueError, match=r"stage=2: the optimizer holds a \(3,\) tensor that "
+                                         r"is not in job.parameters\(\)"):
+        engine.ZeroRedundancyOptimizer([*job.parameters(), torch.nn.Parameter(torch.ones(3))],
+                                       torch.optim.AdamW, job, stage=2)
+    if world.size == 2:
+        with pytest.raises(ValueError, match=f"stage={1 + d} here but stage={2 - d} on rank "
+                                             f"{1 - d}: every replica passes the same"):
+            engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job,
+                                           stage=1 + d)
+
+
 def _same(got, want, what):
     """Bit for bit: the same gradients, and each parameter's AdamW update
     computed alike, on its owner (reductions over two ranks add in either
@@ -178,24 +228,31 @@ def _same(got, want, what):
 def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
     pytest.importorskip("torch")
     results = mesh.spawn(_worker, n, axes, plan, timeout=280, env=PATIENT)
-    for res in results:
-        assert res["norms"][0::2] == res["norms"][1::2], res["norms"]    # clipped alike
+    for res in results:     # clipped alike (stage 2's norm: the same bit for bit)
+        assert res["norms"][0::3] == res["norms"][1::3] == res["norms"][2::3], res["norms"]
         assert res["norms"][0] > 0.2                                       # (it clipped)
         # each replica keeps the state of its share only, and the shares cover it all
         assert 0 < res["zero_held"] < res["held"], res
+        assert res["zero2_held"] == res["zero_held"], res
         assert res["loaded_held"] == res["zero_held"]
         assert res["cut"] == res["held_n"] == res["shared"] < res["params"], res
+        # stage 2: its share's gradients only (stage 1's: every one, as the weights')
+        assert res["zero2_kept"], res
+        assert 0 < res["zero2_grads"] == res["zero2_grad_bytes"] < res["grads"], res
     for res in results:     # a replica's share and its mate's make the whole state
         mate = results[(res["rank"] + n // 2) % n]
         assert res["zero_held"] + mate["zero_held"] == res["held"], (res, mate)
+        assert res["zero2_grads"] + mate["zero2_grads"] == res["grads"], (res, mate)
     root = results[0]
-    _same(root["zero_weights"], root["weights"], "weights")
-    _same(root["zero_resumed"], root["resumed"], "resumed")
-    got, want = root["zero_optim"], root["optim"]
-    assert got["param_groups"] == want["param_groups"]
-    assert list(got["state"]) == list(want["state"])
-    for name, own in want["state"].items():
-        _same(got["state"][name], own, f"state {name}")
+    for way in ("zero", "zero2"):
+        _same(root[f"{way}_weights"], root["weights"], f"{way} weights")
+        _same(root[f"{way}_resumed"], root["resumed"], f"{way} resumed")
+        got, want = root[f"{way}_optim"], root["optim"]
+        assert got["param_groups"] == want["param_groups"]
+        assert list(got["state"]) == list(want["state"])
+        for name, own in want["state"].items():
+            _same(got["state"][name], own, f"{way} state {name}")
+    _same(root["zero2_accumulated"], root["accumulated"], "zero2 accumulated")
 
 
 def _consolidate_fails_worker(world):
@@ -341,3 +398,133 @@ def test_a_consolidation_failing_beside_pp_or_tp_fails_every_rank_at_once(axes, 
     if plan is None:        # (tp: each rank's share is of its shards, gathered whole)
         for n, v in mine.items():
             np.testing.assert_array_equal(whole[n], v, err_msg=n)
+
+
+def _tied_sequence_worker(world):
+    """dp=2 x pp=2 with the embedding and the head tied (summed over pp
+    after the dp average), then dp=2 x tp=2 under sequence parallelism (the
+    norms' gradients summed over tp after it): AdamW whole and under ZeRO
+    stage 2, two steps clipped; the weights, the norms, and which
+    gradients each replica kept."""
+    import torch
+
+    import tp_models
+    torch.set_num_threads(1)
+    out = {}
+    for name, axes, plan, tied in [("tied", {"dp": 2, "pp": 2}, None, True),
+                                   ("sequence", {"dp": 2, "pp": 1, "tp": 2},
+                                    tp_models.SEQUENCE, False)]:
+        grid = mesh.grid(world, **axes)
+        d = grid.coord("dp")
+
+        def model():
+            m = tp_models.model(3)
+            if tied:            # the head's weight is the embedding's
+                m[-1].head.weight = m[0].embed.weight
+            return m
+        jobs = [engine.distribute(model(), grid, plan=plan, schedule="1f1b", microbatches=2,
+                                  balance="uniform", loss_fn=tp_models.cross_entropy,
+                                  verbose=False, overhead=0.0, timeout=60, tag_base=t)
+                for t in (0, 1 << 20)]
+        params = jobs[1].parameters()
+        tie = next((i for i, (n, _) in enumerate(jobs[1].named_parameters())
+                    if n.endswith(("embed.weight", "head.weight"))), None)
+        if tied:        # its copies dealt to replica 0 on one pp rank, to 1 on the other
+            want = grid.coord("pp")
+            rest = params[:tie] + params[tie + 1:]
+            at = next(k for k in range(len(params))
+                      if shares([p.numel() for p in rest[:k] + [params[tie]] + rest[k:]],
+                                2)[k] == want)
+            params = rest[:at] + [params[tie]] + rest[at:]
+        opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR),
+                engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, jobs[1], stage=2,
+                                               lr=LR)]
+        norms = []
+        for step in range(2):
+            x, y = (a[d::2] for a in tp_models.tokens(300 + step, 8))
+            for job, o in zip(jobs, opts):
+                o.zero_grad()
+                job.step(x, y)
+                norms.append(job.clip_grad_norm_(0.5))
+                o.step()
+        z = opts[1]
+        out[name] = {"norms": norms, "weights": [_numpy(job.state_dict()) for job in jobs],
+                     "kept": all((p.grad is not None) == z.holds(p) for p in z.params),
+                     "freed": sum(not z.holds(p) for p in z.params),
+                     "tie": None if not tied else (grid.coord("pp"), z.owner[at])}
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_zero2_with_tied_weights_and_sequence_parallel_trains_as_the_whole_optimizer():
+    """A tied copy's and a sequence-parallel norm's gradients are summed
+    over pp or tp after the dp average, which they need on every replica:
+    stage 2 averages them on every replica as before, and frees them on
+    the replicas that do not own them after those sums, as the rest."""
+    pytest.importorskip("torch")
+    results = mesh.spawn(_tied_sequence_worker, 4, timeout=180, env=PATIENT)
+    for name in ("tied", "sequence"):
+        for res in results:
+            got = res[name]
+            assert got["norms"][0::2] == got["norms"][1::2], (name, got["norms"])
+            assert got["norms"][0] > 0.5, (name, got["norms"])
+            assert got["kept"] and got["freed"] > 0, (name, got)
+            if got["tie"] is not None:      # (pp rank 0's copy on replica 0, 1's on 1)
+                assert got["tie"][0] == got["tie"][1], got["tie"]
+        whole, zero = results[0][name]["weights"]
+        _same(zero, whole, f"{name} weights")
+
+
+def _failed_step_worker(world):
+    """dp=2, the whole AdamW and ZeRO stage 2: a step, then one whose loss
+    raises on rank 1 only (rank 0's reduces to the owners are under way or
+    done), then a step on and AdamW's."""
+    import torch
+    torch.set_num_threads(1)
+    grid = mesh.grid(world, dp=2, pp=1)
+    d = grid.coord("dp")
+    jobs = [engine.distribute(_model(), grid, schedule="1f1b", microbatches=2,
+                              balance="uniform", loss_fn=torch.nn.functional.mse_loss,
+                              overhead=0.0, verbose=False, timeout=30, tag_base=t)
+            for t in (0, 1 << 20)]
+    opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR),
+            engine.ZeroRedundancyOptimizer(jobs[1].parameters(), torch.optim.AdamW, jobs[1],
+                                           stage=2, lr=LR)]
+    z = opts[1]
+    out = {}
+    for step in range(3):
+        x, y = (a[d::2] for a in _data(step))
+        for job, o in zip(jobs, opts):
+            if step != 1:
+                o.zero_grad()
+                job.step(x, y)
+                o.step()
+                continue
+            before = [None if p.grad is None else p.grad.clone() for p in o.param_groups[0]
+                      ["params"]]
+            try:        # (rank 1's targets one column short: its loss raises)
+                job.step(x, y[:, :-1] if d else y)
+            except Exception as e:
+                out.setdefault("raised", []).append(type(e).__name__)
+            after = [p.grad for p in o.param_groups[0]["params"]]
+            out.setdefault("rolled_back", []).append(all(
+                (a is None) == (b is None) and (a is None or torch.equal(a, b))
+                for a, b in zip(after, before)))
+    out["kept"] = all((p.grad is not None) == z.holds(p) for p in z.params)
+    out["weights"] = [_numpy(job.state_dict()) for job in jobs]
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
+    """A step that fails on one replica (its loss raising) while the other's
+    gradients are being reduced to their owners: both raise, each puts its
+    gradients back as they were (the others' shares' None), and the next
+    step trains as the whole AdamW's does."""
+    pytest.importorskip("torch")
+    results = mesh.spawn(_failed_step_worker, 2, timeout=140, env=PATIENT)
+    for res in results:
+        assert len(res["raised"]) == 2 and res["rolled_back"] == [True, True], res
+        assert res["kept"], res
+    whole, zero = results[0]["weights"]
+    _same(zero, whole, "weights after a failed step")
