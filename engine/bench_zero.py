@@ -1,17 +1,20 @@
-"""``python -m engine.bench_zero``: ZeRO stage 1 against the whole optimizer.
+"""``python -m engine.bench_zero``: ZeRO stages 1 and 2 against the whole optimizer.
 
 An MLP of ``--depth`` float32 Linear layers of ``--width`` (Tanh between)
 is distributed over dp x pp (``schedule="1f1b"``, a uniform cut, no
 profile) and trained with AdamW, either whole on every replica or under
-``engine.ZeroRedundancyOptimizer``; the two alternate, each round one
-``mesh.spawn`` of each, so both see the machine's load of the moment.
-Each rank reports the bytes of its optimizer state, its peak RSS
-(``ru_maxrss``) and how far that is above its RSS before the first step
-("grown": the gradients, the state, the step's buffers), and the step
-times (a barrier before each step; ``zero_grad``, ``job.step`` and
-``opt.step``, rank 0's clock) and of its ``opt.step()`` alone (the
-whole AdamW, or the share's and the broadcasts); the figures are the medians over steps and
-rounds, with the rounds' spread.
+``engine.ZeroRedundancyOptimizer`` at stage 1 (the state sharded) or 2
+(the gradients too); the three alternate, each round one ``mesh.spawn``
+of each, so all see the machine's load of the moment.
+Each rank reports the bytes of its optimizer state and of the gradients
+it holds after the step (``opt.step()`` done: under stage 2 its share's),
+its peak RSS (``ru_maxrss``) and how far that is above its RSS before the
+first step ("grown": the gradients, the state, the step's buffers), and
+the step times (a barrier before each step; ``zero_grad``, ``job.step``
+and ``opt.step``, rank 0's clock) and of its ``opt.step()`` alone (the
+whole AdamW, or the share's and the broadcasts); the figures are the
+medians over steps and rounds, with the rounds' spread; the bytes are the
+most any rank holds.
 
     python -m engine.bench_zero --dp 2 [--pp 1] [--width 1024] [--depth 8] [--rounds 3]
 """
@@ -39,8 +42,10 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _worker(world: Any, zero: bool, dp: int, pp: int, width: int, depth: int, rows: int,
+def _worker(world: Any, zero: int, dp: int, pp: int, width: int, depth: int, rows: int,
             steps: int) -> dict[str, Any]:
+    """One way's run on this rank: ``zero`` 0 (the whole AdamW), 1 or 2
+    (engine.ZeroRedundancyOptimizer's stage)."""
     import torch
 
     import engine
@@ -57,7 +62,8 @@ def _worker(world: Any, zero: bool, dp: int, pp: int, width: int, depth: int, ro
                             balance="uniform", sample=x, loss_fn=torch.nn.functional.mse_loss,
                             overhead=0.0, verbose=False, timeout=120)
     params = job.parameters()
-    opt: Any = (engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, job, lr=1e-4)
+    opt: Any = (engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, job, stage=zero,
+                                               lr=1e-4)
                 if zero else torch.optim.AdamW(params, lr=1e-4))
     before = _rss()
     times, stepping = [], []
@@ -73,28 +79,31 @@ def _worker(world: Any, zero: bool, dp: int, pp: int, width: int, depth: int, ro
     state = opt.optim.state if zero else opt.state
     held = sum(v.numel() * v.element_size() for own in state.values() for v in own.values()
                if torch.is_tensor(v))
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"held": held, "peak": peak, "grown": peak - before, "times": times[1:],
+    return {"held": held, "grads": grads, "peak": peak, "grown": peak - before,
+            "times": times[1:],
             "stepping": stepping[1:],
             "weights": sum(p.numel() * p.element_size() for p in params)}
 
 
 def run(dp: int, pp: int, width: int, depth: int, rows: int, steps: int,
         rounds: int) -> dict[str, Any]:
-    """Both ways, alternating, ``rounds`` times: per way the medians."""
-    got: dict[bool, list[list[dict[str, Any]]]] = {False: [], True: []}
+    """The three ways, alternating, ``rounds`` times: per way the medians."""
+    got: dict[int, list[list[dict[str, Any]]]] = {0: [], 1: [], 2: []}
     for _ in range(rounds):
-        for zero in (False, True):
+        for zero in got:
             got[zero].append(mesh.spawn(_worker, dp * pp, zero, dp, pp, width, depth, rows,
                                         steps, timeout=600))
     out: dict[str, Any] = {}
     for zero, runs in got.items():
         steps_ms = [statistics.median(r[0]["times"]) * 1e3 for r in runs]
         opt_ms = [statistics.median(r[0]["stepping"]) * 1e3 for r in runs]
-        out["zero" if zero else "whole"] = {
+        out[f"zero{zero}" if zero else "whole"] = {
             "opt_ms": statistics.median(opt_ms),
             "step_ms": statistics.median(steps_ms), "spread_ms": (min(steps_ms), max(steps_ms)),
             "held_mb": max(res["held"] for res in runs[0]) / 2**20,
+            "grads_mb": max(res["grads"] for res in runs[0]) / 2**20,
             "weights_mb": max(res["weights"] for res in runs[0]) / 2**20,
             "peak_mb": statistics.median(max(res["peak"] for res in r) for r in runs) / 2**20,
             "grown_mb": statistics.median(max(res["grown"] for res in r) for r in runs) / 2**20}
@@ -115,13 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     res = run(a.dp, a.pp, a.width, a.depth, a.rows, a.steps, a.rounds)
     print(f"dp={a.dp} pp={a.pp}: {a.depth} Linear({a.width}, {a.width}), {a.rows} rows a "
           f"replica, AdamW, {a.rounds} rounds of {a.steps} steps (medians; rounds' spread)")
-    print(f"{'optimizer':<10}{'weights MB':>12}{'state MB':>10}{'peak RSS MB':>13}"
-          f"{'grown MB':>10}{'opt.step ms':>13}{'step ms':>9}  spread")
+    print(f"{'optimizer':<10}{'weights MB':>12}{'state MB':>10}{'grads MB':>10}"
+          f"{'peak RSS MB':>13}{'grown MB':>10}{'opt.step ms':>13}{'step ms':>9}  spread")
     for name, r in res.items():
         lo, hi = r["spread_ms"]
-        print(f"{name:<10}{r['weights_mb']:>12.1f}{r['held_mb']:>10.1f}{r['peak_mb']:>13.1f}"
-              f"{r['grown_mb']:>10.1f}{r['opt_ms']:>13.1f}{r['step_ms']:>9.1f}  "
-              f"{lo:.1f}-{hi:.1f}")
+        print(f"{name:<10}{r['weights_mb']:>12.1f}{r['held_mb']:>10.1f}{r['grads_mb']:>10.1f}"
+              f"{r['peak_mb']:>13.1f}{r['grown_mb']:>10.1f}{r['opt_ms']:>13.1f}"
+              f"{r['step_ms']:>9.1f}  {lo:.1f}-{hi:.1f}")
 
 
 if __name__ == "__main__":
