@@ -481,10 +481,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
                if patterns else ""))
     wrapped = torch_loss(loss_fn) if is_torch else loss_fn
+    replicas: list[Any] = []        # what replica 0 sends the others (_replica_state)
     try:        # (this rank's own error told in the exchange below, before the dp broadcast)
         pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                         tag_base=tag_base, recompute=again, layered=layered)
         stages = [pipe.stages[s] for s in mine]
+        if _size(grid, "dp") > 1:
+            replicas = [arr for st in stages for arr in _replica_state(st)]
     except BaseException as e:
         failed = e
     inputs: dict[int, Any] = {}
@@ -513,41 +516,58 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             messages = _stage_messages(profile[size], tuple(counts))
     else:
         _told(grid.comm, failed, timeout)
-    if _size(grid, "dp") > 1:        # every replica starts from replica 0's weights
-        dp = grid.group("dp")
-        for st in stages:
-            for arr in _replica_state(st):
-                collectives.broadcast(dp, arr, root=0)
-    if is_torch and not any(True for st in stages for _ in st.module.parameters()):
-        import warnings
-        names = [f"{n} ({type(layer).__name__})" for n, layer in named]
-        held = "; ".join(f"stage {s}: {', '.join(names[sum(counts[:s]):sum(counts[:s + 1])])}"
-                         for s in mine)
-        warnings.warn(f"engine.distribute: rank {grid.comm.rank}'s stages hold no parameters "
-                      f"({held}), so job.parameters() is empty there, which torch's "
-                      f"optimizers refuse ('optimizer got an empty parameter list'): cut the "
-                      f"model elsewhere (balance={list(counts)} now), or make the optimizer "
-                      f"only where job.parameters() holds some", stacklevel=2)
-    rest = _rest(source, model, own_loss, aliases) if source is not model else OrderedDict()
-    if on_meta and rest:
-        rest = _real_rest(source, own_loss, rest)
-    keys = list(source.state_dict()) if source is not model else None
-    job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen, cands,
-              bool(plan), cal, inputs, reps, messages, timeout, tag_base, target, keys, aliases,
-              skipped, rest, shapes)
-    if source is not model and getattr(model, "shaped", False) and sample is not None:
-        # the pieces hold what the sample's shapes decided: traced again at other shapes
-        own = [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))]
-        entries = {sum(counts[:s]): inputs[s] for s in mine if s > 0 and s in inputs}
-        job.reshaped = Reshaped(source, model, own, own_loss if pipe.last else None,
-                                model.loss is not None, n_inputs, sample[:1], entries,
-                                f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
-        pipe.reshaped = job.reshaped
-    job.retime()
-    # this rank's own error in what is left (the table simulated again, the print), told
-    # in a last word: alone, it left the others with jobs whose first step waited for it
-    failed = None
+    # this rank's own error in the last stretch (the dp broadcast, the Job made: a
+    # KeyboardInterrupt), told where the others' re-time makes its word (its exchange; the
+    # last word where nothing is re-timed): alone, they waited there until their timeout
+    # (its dp peer in the broadcast: one that fails inside the collective fails it on them)
+    job: Job | None = None
     try:
+        if replicas:        # every replica starts from replica 0's weights
+            dp = grid.group("dp")
+            for arr in replicas:
+                collectives.broadcast(dp, arr, root=0, timeout=timeout)
+        if is_torch and not any(True for st in stages for _ in st.module.parameters()):
+            import warnings
+            names = [f"{n} ({type(layer).__name__})" for n, layer in named]
+            held = "; ".join(f"stage {s}: "
+                             f"{', '.join(names[sum(counts[:s]):sum(counts[:s + 1])])}"
+                             for s in mine)
+            warnings.warn(f"engine.distribute: rank {grid.comm.rank}'s stages hold no "
+                          f"parameters ({held}), so job.parameters() is empty there, which "
+                          f"torch's optimizers refuse ('optimizer got an empty parameter "
+                          f"list'): cut the model elsewhere (balance={list(counts)} now), or "
+                          f"make the optimizer only where job.parameters() holds some",
+                          stacklevel=2)
+        rest = _rest(source, model, own_loss, aliases) if source is not model else OrderedDict()
+        if on_meta and rest:
+            rest = _real_rest(source, own_loss, rest)
+        keys = list(source.state_dict()) if source is not model else None
+        job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen,
+                  cands, bool(plan), cal, inputs, reps, messages, timeout, tag_base, target,
+                  keys, aliases, skipped, rest, shapes)
+        if source is not model and getattr(model, "shaped", False) and sample is not None:
+            # the pieces hold what the sample's shapes decided: traced again at other shapes
+            own = [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))]
+            entries = {sum(counts[:s]): inputs[s] for s in mine if s > 0 and s in inputs}
+            job.reshaped = Reshaped(source, model, own, own_loss if pipe.last else None,
+                                    model.loss is not None, n_inputs, sample[:1], entries,
+                                    f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
+            pipe.reshaped = job.reshaped
+    except BaseException as e:
+        failed = e
+    # this rank's own error in what is left (the re-time after its word, the table simulated
+    # again, the print), told in a last word: alone, it left the others with jobs whose
+    # first step waited for it
+    try:
+        if job is None:     # (the others' re-time: its exchange, where it times anything)
+            if chosen is not None:
+                peers = tp_group if plan else None      # (the re-time's: a sharded job's)
+                _exchange(grid.comm, [], _timing(grid.comm, peers, functools.partial(
+                    _raised, failed))[1], peers)
+            _raised(failed)
+        assert job is not None
+        job.retime()
+        failed = None
         if verbose and grid.comm.rank == 0 and job.predicted is not None:
             job.watched = []        # step() tells a median step far off the prediction, once
         if job.calibration is not None and chosen is not None:
@@ -577,4 +597,5 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     except BaseException as e:
         failed = e
     _told(grid.comm, failed, timeout)
+    assert job is not None
     return job

@@ -100,8 +100,6 @@ class _Retiming:
         choice. Nothing is fitted to a step: no step runs."""
         if self.chosen is None or not self._inputs:
             return None
-        if self.reshaped is not None:      # (its inputs are the sample's)
-            self.reshaped.sample()
         # no collection of a large heap inside the figures; the random streams and
         # buffers as they were (its stages' copies draw dropout masks and count
         # their BatchNorms as often as timed)
@@ -132,7 +130,9 @@ class _Retiming:
         times, runs = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
                               self._reps, self._loss(),
                               time.thread_time if calibrated else time.perf_counter,
-                              calls if tp is not None else None, tp)
+                              calls if tp is not None else None, tp,
+                              # (its inputs are the sample's: its error told as the times)
+                              self.reshaped.sample if self.reshaped is not None else None)
         self.tp_calls = calls
         cal = self.calibration or Calibration(0.0, 0.0)
         helper = cal.helper

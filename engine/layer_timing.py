@@ -151,7 +151,8 @@ def _profile_stages(grid: Grid, mlayers: list[Any], join: Callable[[int, int], A
 def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program: Any,
             reps: int, loss: tuple[int, Callable[[Any], Any]] | None = None,
             clock: Callable[[], float] = time.perf_counter,
-            calls: dict[tuple[int, str], list[int]] | None = None, tp: Comm | None = None
+            calls: dict[tuple[int, str], list[int]] | None = None, tp: Comm | None = None,
+            before: Callable[[], Any] | None = None
             ) -> tuple[dict[int, LayerCost], list[dict[int, LayerCost]]]:
     """Each rank times copies of its stages running its own program's
     compute actions in order (engine.choose.time_program: every rank at
@@ -167,17 +168,23 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
     whole parameters' gradient sums left to the step's end, as a Pipeline
     leaves them): gets the bytes of each tp collective an action of each
     (stage, kind) makes (engine.tp_plan.logging_calls); ``tp``: their group.
-    An error there on one rank fails every rank at once (``_timing``)."""
-    copies = {s: copy.deepcopy(st) for s, st in stages.items()}
-    for st in copies.values() if calls is not None else ():
-        for h in tp_holders(st):
-            h.defer = True
+    An error there on one rank (``before()`` too, what the copies need
+    first: a traced model's pieces at the sample's shapes) fails every rank
+    at once (``_timing``)."""
     each: list[dict[int, LayerCost]] = []
+
+    def timed(log: Any) -> dict[int, LayerCost]:
+        if before is not None:
+            before()
+        copies = {s: copy.deepcopy(st) for s, st in stages.items()}
+        for st in copies.values() if calls is not None else ():
+            for h in tp_holders(st):
+                h.defer = True
+        return time_program(copies, inputs, program, max(reps, 5), clock=clock, loss=loss,
+                            each=each, runs=None if calls is None else 2 * max(reps, 5),
+                            calls=None if calls is None else (log, calls))
     with logging_calls() as log:
-        median, failed = _timing(world, tp, lambda: time_program(
-            copies, inputs, program, max(reps, 5), clock=clock, loss=loss, each=each,
-            runs=None if calls is None else 2 * max(reps, 5),
-            calls=None if calls is None else (log, calls)))
+        median, failed = _timing(world, tp, functools.partial(timed, log))
     mine = [((s, -1), lc) for s, lc in (median or {}).items()]
     mine += [((s, i), lc) for i, run in enumerate(each) for s, lc in run.items()]
     got: dict[tuple[int, int], list[LayerCost]] = {}

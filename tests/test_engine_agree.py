@@ -1,0 +1,118 @@
+"""Every rank raises at once (engine.agree): a failure on one rank in
+engine.distribute's last stretch (the dp broadcast of replica 0's weights,
+the Job made, its re-time), in a Pipeline's making after its exchange, in
+engine.parallelize, or before a rank's part of job.state_dict(), raises its
+own error there and, on every other rank, at once, an error naming it: none
+waits in a collective the failed rank will not make until its timeout.
+"""
+import importlib
+import types
+
+import numpy as np
+import pytest
+
+import engine
+import mesh
+from engine.layers import Linear, Sequential, Tanh, mse_loss
+
+
+def _model():
+    return Sequential(Linear(8, 6, np.random.default_rng(1)), Tanh(),
+                      Linear(6, 4, np.random.default_rng(2)),
+                      Linear(4, 6, np.random.default_rng(3)), Tanh(),
+                      Linear(6, 2, np.random.default_rng(4)))
+
+
+def _interrupt(module, name, call, rank):
+    """The ``call``-th call of ``module.name`` raises a KeyboardInterrupt
+    (a negative ``call``: once the real call returned), on this rank only."""
+    where = importlib.import_module(module)
+    real, calls = getattr(where, name), [0]
+
+    def interrupted(*a, **k):
+        calls[0] += 1
+        if calls[0] < abs(call):
+            return real(*a, **k)
+        setattr(where, name, real)      # (this call only)
+        if call < 0:
+            real(*a, **k)
+        raise KeyboardInterrupt(f"stopped on purpose on rank {rank}")
+    setattr(where, name, interrupted)
+
+
+def _interrupt_inside_broadcast(rank):
+    """distribute's next dp broadcast raises a KeyboardInterrupt inside the
+    collective (as it starts, under its tag: Ctrl-C in its wait)."""
+    import collectives
+    from collectives import runner
+    here = importlib.import_module("engine.distribute")
+    real_t = runner.Tuning
+
+    class Interrupted:
+        @staticmethod
+        def from_env():
+            runner.Tuning = real_t
+            raise KeyboardInterrupt(f"stopped on purpose on rank {rank}")
+
+    def broadcast(*a, **k):
+        here.collectives = collectives
+        runner.Tuning = Interrupted
+        return collectives.broadcast(*a, **k)
+    here.collectives = types.SimpleNamespace(broadcast=broadcast)
+
+
+def _last_stretch_worker(world, cases):
+    """dp=2 x pp=2: for each case ``(module, name, call, args)``, distribute
+    with that call interrupted on world rank 1 (``module`` "broadcast": its
+    dp broadcast, inside the collective), then a step of the job."""
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    grid = mesh.grid(world, dp=2, pp=2)
+    said = []
+    for module, name, call, args in cases:
+        if world.rank == 1 and module == "broadcast":
+            _interrupt_inside_broadcast(world.rank)
+        elif world.rank == 1 and module is not None:
+            _interrupt(module, name, call, world.rank)
+        kw = dict(schedule="1f1b", microbatches=2, balance="time", sample=x, reps=1)
+        kw.update(args)
+        try:
+            job = engine.distribute(_model(), grid, loss_fn=mse_loss, verbose=False,
+                                    timeout=20, **kw)
+            said.append(job.step(x, y))
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+_UNMEASURED = dict(balance=[3, 3], sample=None)
+# where distribute's last stretch runs, after the exchange that follows its Pipeline
+_LAST = [("engine.distribute", "_replica_state", 1, {}),   # replica 0's weights, taken
+         ("broadcast", None, 0, {}),                        # and sent (inside the collective)
+         ("engine.distribute", "Job", 1, {}),               # the job made
+         ("engine.distribute", "Job", 1, _UNMEASURED),      # so, with nothing measured
+         ("engine.job_retime", "retimed", 1, {}),           # the re-time's, after its dry run
+         (None, None, 0, {})]
+
+
+@pytest.mark.timeout(240)
+def test_a_failure_in_distributes_last_stretch_fails_every_rank_at_once():
+    """A KeyboardInterrupt on one rank after the exchange that follows
+    distribute's Pipeline (as it takes or sends replica 0's weights over dp,
+    makes the Job, or re-times it after its dry run) ended its call alone:
+    its dp peer waited in the broadcast, the other ranks in the re-time's
+    exchange (or, with nothing measured, the last word) until their
+    timeout (20 s here), raising a timeout that named neither the rank nor
+    its error. Now every rank raises at once, the others DistributeFailed
+    naming it, and a job built after trains."""
+    results = mesh.spawn(_last_stretch_worker, 4, _LAST, timeout=200)
+    for at in range(len(_LAST) - 1):
+        assert results[1][at] == "KeyboardInterrupt: stopped on purpose on rank 1", \
+            (at, results[1])
+        for r in (0, 2, 3):
+            assert results[r][at] == (f"DistributeFailed: rank {r}: engine.distribute failed "
+                                      f"on rank 1: KeyboardInterrupt: stopped on purpose on "
+                                      f"rank 1"), (at, r, results[r])
+    for r, said in enumerate(results):
+        last = said[-1]
+        assert not isinstance(last, str), (r, said)
