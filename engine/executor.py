@@ -189,7 +189,9 @@ class Pipeline:
         failed: BaseException | None = None     # its own error else (a KeyboardInterrupt)
         edges: dict[int, Any] = {}
         # either raised by every rank in _given_alike's exchange (failed alone: its
-        # peers waited for it there until their timeout)
+        # peers waited for it there until their timeout); so is what is made of the
+        # stages before it (their ties read, tp sums, buffers' replicas and loss: failed
+        # after it, alone, its peers' first step waited for it)
         try:
             lowered = verify(schedule)
             if self.dp is not None and self.dp.size > 1:
@@ -210,10 +212,18 @@ class Pipeline:
             try:
                 self._take(given, mine, recompute, patterns, loss_fn, optimizer, tag_base,
                            layered)
+                # its ties' marks checked (their groups made once every rank's passed)
+                self.tied = TiedGrads(lowered, self.stages)
+                if self.tied and any(a.kind == OPT for a in self.program):
+                    raise ValueError(f"pp rank {self.rank} holds tied parameters, whose "
+                                     f"gradients are summed after the step: schedule "
+                                     f"{schedule.name!r} cannot have OPT actions")
             except (TypeError, ValueError) as e:
                 fault = e
             # engine.layers stages sharded by hand: what each cut's two sides hold
             edges = {s: cut_edges(obj) for s, obj in zip(mine, given)} if fault is None else {}
+            if fault is None:
+                self._made(lowered, loss_fn)
         except BaseException as e:
             failed = e
         _given_alike(self.pp, schedule, tag_base, given, mine, timeout, fault, edges, failed)
@@ -223,12 +233,25 @@ class Pipeline:
         # selective recompute: the submodules named, in every stage that holds them
         self.checkpointed = (_checkpointed(self.pp, self.stages, patterns, timeout)
                              if patterns else {})
-        self.tied = TiedGrads(self.pp, lowered, self.stages)
-        if self.tied and any(a.kind == OPT for a in self.program):
-            raise ValueError(f"pp rank {self.rank} holds tied parameters, whose gradients are "
-                             f"summed after the step: schedule {schedule.name!r} cannot have "
-                             "OPT actions")
+        self.tied.join(self.pp)
         self.tied.broadcast(timeout)
+        self.optimizer = optimizer
+        self.timeout = timeout
+        self.tag_base = tag_base
+        self._steps = 0
+        # the first step's number in the tags: after every step an earlier
+        # Pipeline made on the group (every pp rank made as many: step() and
+        # the Pipelines are made alike on each)
+        self._step0 = _steps_on(self.pp)
+        self.events: list[list[Any]] = []
+        # run first in each step (engine.distribute's job: its model traced again at the
+        # step's input shapes), so that its error fails the step on every rank as a stage's
+        self.before_step: Callable[[], None] | None = None
+
+    def _made(self, lowered: Schedule, loss_fn: Any) -> None:
+        """The rest this rank's stages need (tp sums, buffers' replicas, the
+        loss), made before __init__'s exchange: an error here (a
+        KeyboardInterrupt) is told in it."""
         # sequence-parallel sums of whole parameters' gradients, once a step
         # (not with OPT actions: the optimizer would step before the sums)
         self.tp_sums = TpSums(self.stages, enabled=not any(a.kind == OPT for a in self.program))
@@ -248,18 +271,6 @@ class Pipeline:
         self.loss_fn = torch_loss(loss_fn) if loss_fn is not None and plain_torch_loss(
             loss_fn) else loss_fn
         self.loss_checked = False      # what it returns: seen on its first call
-        self.optimizer = optimizer
-        self.timeout = timeout
-        self.tag_base = tag_base
-        self._steps = 0
-        # the first step's number in the tags: after every step an earlier
-        # Pipeline made on the group (every pp rank made as many: step() and
-        # the Pipelines are made alike on each)
-        self._step0 = _steps_on(self.pp)
-        self.events: list[list[Any]] = []
-        # run first in each step (engine.distribute's job: its model traced again at the
-        # step's input shapes), so that its error fails the step on every rank as a stage's
-        self.before_step: Callable[[], None] | None = None
 
     def _take(self, given: Sequence[Any], mine: Sequence[int], recompute: Any,
               patterns: Sequence[str], loss_fn: Any, optimizer: Any, tag_base: int,

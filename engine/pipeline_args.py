@@ -160,11 +160,7 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
         raise _retold(fault, f"{me}: {fault}")
     if faults:
         raise ValueError(f"{me}: {apart or faults[0]}")
-    r, text = next(((r, t[6]) for r, t in enumerate(told) if t[6]), (None, None))
-    if text is not None:
-        err = MeshError(f"{me}: failed on pp rank {r}: {text}")
-        err.from_abort = True       # type: ignore[attr-defined]
-        raise err
+    _broke(me, [t[6] for t in told])
     told = [t[:4] for t in told]
     kinds: dict[tuple, list[int]] = {}
     for r, (name, digest, base, _) in enumerate(told):
@@ -183,25 +179,51 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
                            "balance='time', pass group= so that one timing decides)")
 
 
+def _broke(me: str, words: Sequence[str | None]) -> None:
+    """After an exchange of the pp ranks' words (``words``: each one's
+    error, or None), a MeshError naming the first that failed (a peer's
+    abort, ``from_abort``: its own error is the root cause)."""
+    r, text = next(((r, w) for r, w in enumerate(words) if w), (None, None))
+    if text is not None:
+        err = MeshError(f"{me}: failed on pp rank {r}: {text}")
+        err.from_abort = True       # type: ignore[attr-defined]
+        raise err
+
+
 def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],
                   timeout: float | None) -> dict[int, list[str]]:
     """``checkpoint_modules`` of ``patterns`` on each of this rank's torch
     stages: ``{stage: names wrapped}``; a pattern no stage of the pipeline
-    holds (the pp ranks' hits gathered) raises on every rank, naming it."""
+    holds (the pp ranks' hits gathered) raises on every rank, naming it;
+    so does this rank's own error as it wraps them (a KeyboardInterrupt:
+    raised here, a MeshError naming it on the others, which waited for it
+    in the gather until their timeout)."""
     wrong = [f"stage {s}, a {type(stage).__name__}, is not a torch module"
              for s, stage in stages.items() if not isinstance(stage, TorchStage)]
-    done = {} if wrong else {
-        s: checkpoint_modules(stage.module, patterns, f"stage {s}", missing=True)
-        for s, stage in stages.items()}
-    names = [[n for n, _ in stages[s].module.named_modules() if n] for s in done]
-    mine = [p for p in patterns if any(named_by(v, p) for v in names)]
+    failed: BaseException | None = None
+    done: dict[int, list[str]] = {}
+    mine: list[str] = []
+    try:
+        done = {} if wrong else {
+            s: checkpoint_modules(stage.module, patterns, f"stage {s}", missing=True)
+            for s, stage in stages.items()}
+        names = [[n for n, _ in stages[s].module.named_modules() if n] for s in done]
+        mine = [p for p in patterns if any(named_by(v, p) for v in names)]
+    except BaseException as e:
+        failed = e
+    broke = None if failed is None else f"{type(failed).__name__}: {failed}"[:400]
     # every rank learns every rank's hits and refusals, so all raise alike
-    held = collectives.all_gather_object(pp, [mine, wrong], timeout=timeout)
-    refused = [f"pp rank {r}: {w}" for r, (_, ws) in enumerate(held) for w in ws]
+    held = collectives.all_gather_object(pp, [mine, wrong, broke], timeout=timeout)
+    if failed is not None:
+        raise failed
+    ranks = getattr(pp, "ranks", range(pp.size))       # (a stand-in group of one rank)
+    _broke(f"rank {ranks[pp.rank]}: Pipeline on group {getattr(pp, 'name', '?')}",
+           [h[2] for h in held])
+    refused = [f"pp rank {r}: {w}" for r, (_, ws, _) in enumerate(held) for w in ws]
     if refused:
         raise TypeError(f"recompute={list(patterns)!r} (submodules by name): "
                         + "; ".join(refused))
-    nowhere = [p for p in patterns if not any(p in h for h, _ in held)]
+    nowhere = [p for p in patterns if not any(p in h for h, _, _ in held)]
     if nowhere:
         raise ValueError(f"recompute={list(patterns)!r}: {nowhere!r} match no submodule of "
                          f"any stage of the pipeline (names as in each stage's module: "

@@ -42,10 +42,12 @@ class Tie:
 
 
 class TiedGrads:
-    """The ties of one pp rank's stages, and the group joining each tie's
-    owner ranks (None when this rank holds every copy)."""
+    """The ties of one pp rank's stages, their marks checked (a ValueError),
+    and, once ``join`` made them, the group joining each tie's owner ranks
+    (None when this rank holds every copy): made only once every pp rank's
+    checks passed, as each rank counts the groups it made of the same ranks."""
 
-    def __init__(self, pp: Comm, schedule: Schedule, stages: Mapping[int, Any]) -> None:
+    def __init__(self, schedule: Schedule, stages: Mapping[int, Any]) -> None:
         local: dict[Tie, list[tuple[int, int]]] = {}
         for s, stage in sorted(stages.items()):
             for tie, index in getattr(stage, "tied", ()):
@@ -53,7 +55,7 @@ class TiedGrads:
                     raise ValueError(f"stage {s} is marked as a copy of tied parameter "
                                      f"{tie.name!r}, held by stages {list(tie.stages)}")
                 local.setdefault(tie, []).append((s, int(index)))
-        self.ties: list[tuple[Tie, list[tuple[int, int]], Comm | None, int]] = []
+        self._held: list[tuple[Tie, list[tuple[int, int]], list[int], int]] = []
         for tie in sorted(local, key=lambda t: t.name):
             held = {s for s, _ in local[tie]}
             bad = [s for s in tie.stages if not 0 <= s < schedule.num_stages
@@ -63,13 +65,19 @@ class TiedGrads:
                                  f"stages {bad} are not in {schedule.name!r} or hold no "
                                  f"marked copy")
             ranks = sorted({schedule.rank_of(s) for s in tie.stages})
-            group = pp.group(ranks) if len(ranks) > 1 else None
-            self.ties.append((tie, local[tie], group, ranks.index(schedule.rank_of(tie.stages[0]))))
+            self._held.append((tie, local[tie], ranks,
+                               ranks.index(schedule.rank_of(tie.stages[0]))))
+        self.ties: list[tuple[Tie, list[tuple[int, int]], Comm | None, int]] = []
         self.stages = stages
         self._done = 0
 
+    def join(self, pp: Comm) -> None:
+        """Make each tie's group of its owners' pp ranks (``ties``)."""
+        self.ties = [(tie, members, pp.group(ranks) if len(ranks) > 1 else None, root)
+                     for tie, members, ranks, root in self._held]
+
     def __bool__(self) -> bool:
-        return bool(self.ties)
+        return bool(self._held)
 
     def broadcast(self, timeout: float | None = None) -> None:
         """Give every copy the first owner's value."""

@@ -116,3 +116,65 @@ def test_a_failure_in_distributes_last_stretch_fails_every_rank_at_once():
     for r, said in enumerate(results):
         last = said[-1]
         assert not isinstance(last, str), (r, said)
+
+
+def _pipeline_worker(world, cases):
+    """pp=2 (world rank 1 holds the last stage): for each case ``(module,
+    name, call, torch)``, a Pipeline made with that call interrupted on
+    world rank 1 (torch stages recomputing their first submodule where
+    ``torch``), then a step of it."""
+    import torch
+    from engine.layers import mlp_stages
+    sched = engine.schedules.by_name("1f1b", world.size, 2)
+    x = np.random.default_rng(5).standard_normal((4, 3))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    said = []
+    for module, name, call, is_torch in cases:
+        if world.rank == 1 and module is not None:
+            _interrupt(module, name, call, world.rank)
+        if is_torch:
+            torch.manual_seed(0)
+            parts = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()),
+                     torch.nn.Sequential(torch.nn.Linear(4, 2))]
+            kw = dict(loss_fn=torch.nn.functional.mse_loss, recompute="0")
+            xs, ys = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+        else:
+            parts, kw, xs, ys = mlp_stages([3, 4, 2], sched.num_stages, 0), {}, x, y
+        kw.setdefault("loss_fn", mse_loss)
+        try:
+            pipe = engine.Pipeline(world, engine.stages_for_rank(parts, sched, world.rank),
+                                   sched, timeout=20, **kw)
+            loss = pipe.step(xs, ys)
+            said.append(None if loss is None else float(loss))
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+# where a Pipeline's making runs after its exchange (_given_alike)
+_MADE = [("engine.executor", "TiedGrads", 1, False),         # its ties read
+         ("engine.executor", "TpSums", 1, False),            # its tp sums
+         ("engine.executor", "ReplicaBuffers", 1, False),    # its buffers over dp
+         ("engine.pipeline_args", "checkpoint_modules", 1, True),   # its selective recompute
+         (None, None, 0, False),
+         (None, None, 0, True)]
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_in_a_pipelines_making_after_its_exchange_fails_every_rank_at_once():
+    """A KeyboardInterrupt on one rank as its Pipeline is made, after the
+    exchange of what every rank was given (its ties read, its tp sums or
+    its buffers' replicas set up, its submodules wrapped to recompute),
+    raised there alone: the others returned a Pipeline whose first step
+    waited for it (or waited in the gather of the recompute's hits) until
+    their timeout (20 s here). Now every rank raises at once, the others
+    naming it, and a Pipeline made after steps."""
+    results = mesh.spawn(_pipeline_worker, 2, _MADE, timeout=100)
+    for at in range(len(_MADE) - 2):
+        assert results[1][at] == "KeyboardInterrupt: stopped on purpose on rank 1", \
+            (at, results[1])
+        assert results[0][at] == ("MeshError: rank 0: Pipeline on group world: failed on pp "
+                                  "rank 1: KeyboardInterrupt: stopped on purpose on rank 1"), \
+            (at, results[0])
+    for at in (-2, -1):
+        assert results[0][at] is None and isinstance(results[1][at], float), results
