@@ -38,8 +38,8 @@ import collectives
 from mesh import Comm
 
 from . import layers, tp_layers
-from .tp_plan import (PlanError, Style, agree, digest, match, planned, shard_said,
-                      style_said)
+from .tp_plan import (PlanError, Style, abandoned, agree, digest, match, planned,
+                      shard_said, style_said)
 from .torch_stage import TorchStage, _torch
 from .tp_rng import _Stream
 from .tp_checks import (HEAD_COUNTS, HEAD_SIZES, _TYPES, _check_heads, _check_rewrites,
@@ -91,15 +91,17 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     if torch is None:
         return tp_layers.parallelize(module, group, plan, init=init, strict=strict)
     todo: dict[str, tuple[Any, Style]] = {}
-    # a module on the meta device holds no values to compare or send: its
-    # shards are cut as shapes, made real later (engine.distribute)
-    hollow = any(t.is_meta for t in module.state_dict().values())
-    # shards an earlier call cut (another part of the model planned apart) differ
-    # across the ranks by design: neither compared nor broadcast again
-    cut_before = _shard_ids(module)
-    whole = {k: v for k, v in module.state_dict(keep_vars=True).items()
-             if id(v) not in cut_before}
+    own: BaseException | None = None    # this rank's own error, not the plan's: told in agree
+    hollow, whole = False, {}
     try:
+        # a module on the meta device holds no values to compare or send: its
+        # shards are cut as shapes, made real later (engine.distribute)
+        hollow = any(t.is_meta for t in module.state_dict().values())
+        # shards an earlier call cut (another part of the model planned apart) differ
+        # across the ranks by design: neither compared nor broadcast again
+        cut_before = _shard_ids(module)
+        whole = {k: v for k, v in module.state_dict(keep_vars=True).items()
+                 if id(v) not in cut_before}
         named = dict(module.named_modules())
         for name, style in match(plan, named, strict).items():
             _validate(torch, name, named[name], style, group.size)
@@ -116,11 +118,24 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
             k: digest([tensor_bytes(torch, t)]) for k, t in whole.items()}
     except PlanError as e:
         local = str(e)
-    agree(group, planned(local, {name: st for name, (_, st) in todo.items()}), "parallelize")
+    except BaseException as e:      # (a KeyboardInterrupt, a state_dict() of its own)
+        own, local = e, f"{type(e).__name__}: {e}"[:400]
+    agree(group, planned(local, {name: st for name, (_, st) in todo.items()}), "parallelize",
+          own)
     if init == "broadcast" and not hollow:
         with torch.no_grad():
             for t in whole.values():
                 collectives.broadcast(group, t.detach(), root=0)
+    try:
+        _cut_all(torch, module, todo, group)
+    except BaseException as e:
+        abandoned(group, e)
+        raise
+    return module
+
+
+def _cut_all(torch: Any, module: Any, todo: dict[str, tuple[Any, Style]], group: Any) -> None:
+    """parallelize's planned submodules cut to this rank's shards."""
     cut: dict[int, Any] = {}       # a tied parameter is cut once, its shard shared
     styles = {id(sub): style for sub, style in todo.values()}
     for name, (sub, style) in todo.items():
@@ -136,7 +151,6 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
             sub.activation_relu_or_gelu = 0     # (what turns that path off, and only that)
         else:
             sub.use_nested_tensor = False
-    return module
 
 
 def describe_plan(module: Any, plan: Mapping[str, Any], tp: int, *,

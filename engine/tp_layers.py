@@ -25,10 +25,10 @@ import numpy as np
 import collectives
 
 from .layers import Embedding, Linear, Recompute, Sequential, _Activation
-from .tp_plan import (Edge, PlanError, Style, agree, check_attrs, check_divisible, digest, edges,
-                      fed_whole, joined_order, left, logged, match, planned, rewrite_attrs,
-                      rowwise_fed_whole, same_on_every_rank, sequence_harm, shard_rows,
-                      shard_said, style_said)
+from .tp_plan import (Edge, PlanError, Style, abandoned, agree, check_attrs, check_divisible,
+                      digest, edges, fed_whole, joined_order, left, logged, match, planned,
+                      rewrite_attrs, rowwise_fed_whole, same_on_every_rank, sequence_harm,
+                      shard_rows, shard_said, style_said)
 
 __all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_params",
            "group_of", "named_layers", "describe", "refuse_fed_whole", "cut_edges",
@@ -290,13 +290,16 @@ def named_layers(model: Any, prefix: str = "") -> list[tuple[str, Any, Any, int]
 def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = "check",
                 strict: bool = True) -> Any:
     """engine.parallelize for an engine.layers model (see there)."""
-    layers = {name: (layer, parent, i) for name, layer, parent, i in named_layers(model)}
+    layers: dict[str, tuple[Any, Any, int]] = {}
     todo = {}
-    # shards an earlier call cut (another part of the model planned apart) differ
-    # across the ranks by design: neither compared nor broadcast again
-    cut = {id(p) for s in sharded_layers(model) if not isinstance(s.inner, Sequential)
-           for p, d in zip(s.params(), s.dims) if d is not None}
+    cut: set[int] = set()
+    own: BaseException | None = None    # this rank's own error, not the plan's: told in agree
     try:
+        layers = {name: (layer, parent, i) for name, layer, parent, i in named_layers(model)}
+        # shards an earlier call cut (another part of the model planned apart) differ
+        # across the ranks by design: neither compared nor broadcast again
+        cut = {id(p) for s in sharded_layers(model) if not isinstance(s.inner, Sequential)
+               for p, d in zip(s.params(), s.dims) if d is not None}
         for name, style in match(plan, layers, strict).items():
             _validate(name, layers[name][0], style, group.size)
             todo[name] = style
@@ -307,15 +310,21 @@ def parallelize(model: Any, group: Any, plan: Mapping[str, Any], *, init: str = 
             for k, p in enumerate(layer.params()) if id(p) not in cut}
     except PlanError as e:
         local = str(e)
-    agree(group, planned(local, todo), "parallelize")
+    except BaseException as e:      # (a KeyboardInterrupt)
+        own, local = e, f"{type(e).__name__}: {e}"[:400]
+    agree(group, planned(local, todo), "parallelize", own)
     if init == "broadcast":
         for p in (model.params() if hasattr(model, "params") else []):
             if id(p) not in cut:
                 collectives.broadcast(group, p, root=0)
-    for name, style in todo.items():
-        layer, parent, i = layers[name]
-        parent.layers[i] = _shard(layer, name, style, group)
-    _watch_feeds(model)
+    try:
+        for name, style in todo.items():
+            layer, parent, i = layers[name]
+            parent.layers[i] = _shard(layer, name, style, group)
+        _watch_feeds(model)
+    except BaseException as e:
+        abandoned(group, e)
+        raise
     return model
 
 

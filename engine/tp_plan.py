@@ -90,11 +90,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import collectives
+from mesh import AbortKind, MeshError
 
 __all__ = ["Style", "STYLES", "PlanError", "parse", "match", "named_by", "edges", "rewrite_attrs",
            "check_attrs", "check_divisible", "shard_rows", "joined_order", "digest", "agree",
-           "style_said", "shard_said", "fed_whole", "rowwise_fed_whole", "sequence_harm",
-           "same_on_every_rank"]
+           "abandoned", "style_said", "shard_said", "fed_whole", "rowwise_fed_whole",
+           "sequence_harm", "same_on_every_rank"]
 
 LAYOUTS = {
     "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
@@ -336,6 +337,17 @@ def digest(buffers: Iterable[bytes]) -> str:
 _PLAN = "\0plan "     # agree's keys of the plan's entries, beside the state's names
 
 
+def abandoned(group: Any, e: BaseException, what: str = "parallelize") -> None:
+    """This rank's own error after agree's exchange (a submodule cut to its
+    shard: a KeyboardInterrupt), which it raises: its tp peers' next
+    collective, which it will not make, fails on them at once naming it
+    (they went on, and waited in it until their timeout). A collective's
+    own error its peers know already."""
+    if not isinstance(e, MeshError):
+        collectives.abandon(group, f"{what} failed on tp rank {group.rank}: "
+                                   f"{type(e).__name__}: {e}"[:400], AbortKind.of(e))
+
+
 def planned(local: dict[str, str] | str, todo: Mapping[str, Style]) -> dict[str, str] | str:
     """``local`` (agree's) with the style of each submodule the plan
     covers, so that tp ranks given other plans raise before any shard is cut."""
@@ -360,19 +372,29 @@ def _rewrite(item: tuple[str, Any]) -> str:
     return f"{attr}={how!r}" if isinstance(how, (int, float, str, bool, type(None))) else attr
 
 
-def agree(group: Any, local: dict[str, str] | str, what: str) -> None:
+def agree(group: Any, local: dict[str, str] | str, what: str,
+          failed: BaseException | None = None) -> None:
     """All-gather this rank's ``{name: digest}`` (or its error message) over
     ``group``; raise on every rank if any rank failed (its own error where it
     failed itself) or any name's digest differs, naming the ranks. An empty
-    dict compares nothing and only shares the errors."""
-    everyone = collectives.all_gather_object(group, local)
+    dict compares nothing and only shares the errors. ``failed``: this
+    rank's own error besides the plan's (a KeyboardInterrupt as it read the
+    module; ``local`` its text), raised here; the others' PlanError naming
+    it is then a peer's abort (``from_abort``: engine.distribute names this
+    rank, not theirs). Alone, it left them waiting here until their timeout."""
+    told = collectives.all_gather_object(group, [local, failed is not None])
+    if failed is not None:
+        raise failed
     if isinstance(local, str):
         raise PlanError(f"tp rank {group.rank} of group {group.name}: {what}: {local}")
-    failed = [(r, e) for r, e in enumerate(everyone) if isinstance(e, str)]
-    if failed:
-        r, e = failed[0]
-        raise PlanError(f"tp rank {group.rank}: {what} failed on tp rank {r} of group "
+    everyone = [t for t, _ in told]
+    broke = [(r, e, own) for r, (e, own) in enumerate(told) if isinstance(e, str)]
+    if broke:
+        r, e, own = broke[0]
+        err = PlanError(f"tp rank {group.rank}: {what} failed on tp rank {r} of group "
                         f"{group.name}: {e}")
+        err.from_abort = own        # type: ignore[attr-defined]
+        raise err
     assert isinstance(local, dict)
     for name in local:
         seen: dict[str, list[int]] = {}

@@ -178,3 +178,117 @@ def test_a_failure_in_a_pipelines_making_after_its_exchange_fails_every_rank_at_
             (at, results[0])
     for at in (-2, -1):
         assert results[0][at] is None and isinstance(results[1][at], float), results
+
+
+def _parallelize_worker(world, cases):
+    """tp=2 over the world: for each case ``(module, name, call, torch)``,
+    engine.parallelize with that call interrupted on rank 1 (``name``
+    "state_dict": the module's own, a torch module's that raises there),
+    then a forward, whose collectives the tp peers make together."""
+    import torch
+    x = np.random.default_rng(5).standard_normal((3, 4))
+    said = []
+    for module, name, call, is_torch in cases:
+        if is_torch:
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                        torch.nn.Linear(6, 2))
+        else:
+            model = Sequential(Linear(4, 6, np.random.default_rng(1)), Tanh(),
+                               Linear(6, 2, np.random.default_rng(2)))
+        if world.rank == 1 and name == "state_dict":
+            def state_dict(*a, **k):
+                del model.state_dict        # (this call only)
+                raise KeyboardInterrupt(f"stopped on purpose on rank {world.rank}")
+            model.state_dict = state_dict
+        elif world.rank == 1 and module is not None:
+            _interrupt(module, name, call, world.rank)
+        try:
+            engine.parallelize(model, world, {"0": "colwise", "2": "rowwise"})
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+            continue
+        try:
+            if is_torch:
+                with torch.no_grad():
+                    said.append(model(torch.tensor(x, dtype=torch.float32)).numpy())
+            else:
+                said.append(model.forward(x)[0])
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+# where parallelize runs on one rank: before its check's exchange, and after
+_PARALLELIZE = [(None, "state_dict", 1, True),                 # the module read
+                ("engine.tensor_parallel", "match", 1, True),   # the plan matched
+                ("engine.tp_layers", "match", 1, False),        # so, an engine.layers model's
+                ("engine.tensor_parallel", "_shard", 2, True),  # a submodule cut (its second)
+                ("engine.tp_layers", "_shard", 2, False),       # so, an engine.layers model's
+                (None, None, 0, True),
+                (None, None, 0, False)]
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_in_parallelize_on_one_tp_rank_fails_its_peers_at_once():
+    """A KeyboardInterrupt on one tp rank in engine.parallelize (as it
+    reads the module, matches the plan, or cuts a submodule to its shard)
+    raised there alone: its peers waited in the check's exchange, or in the
+    first collective of their forward, until their timeout. Now they raise
+    at once naming it: a PlanError in the exchange (a peer's abort, which
+    engine.distribute reports as that rank's error), or their next tp
+    collective fails naming it; and a module parallelized after runs."""
+    results = mesh.spawn(_parallelize_worker, 2, _PARALLELIZE, timeout=100)
+    own = "KeyboardInterrupt: stopped on purpose on rank 1"
+    for at in range(3):
+        assert results[1][at] == own, (at, results[1])
+        assert results[0][at] == ("PlanError: tp rank 0: parallelize failed on tp rank 1 of "
+                                  f"group world: {own}"), (at, results[0])
+    for at in (3, 4):
+        assert results[1][at] == own, (at, results[1])
+        assert results[0][at].startswith("MeshError: rank 0: ") and (
+            f"parallelize failed on tp rank 1: {own}" in results[0][at]), (at, results[0])
+    for at in (5, 6):
+        assert np.allclose(results[0][at], results[1][at]), (at, results)
+
+
+def _distribute_tp_worker(world, cases):
+    """tp=2: for each case ``(module, name, call)``, distribute with a plan
+    and that call interrupted on world rank 1, then a step of the job."""
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    grid = mesh.grid(world, pp=1, tp=2)
+    said = []
+    for module, name, call in cases:
+        if world.rank == 1 and module is not None:
+            _interrupt(module, name, call, world.rank)
+        try:
+            job = engine.distribute(_model(), grid, plan={"0": "colwise", "2": "rowwise"},
+                                    schedule="1f1b", microbatches=2, loss_fn=mse_loss,
+                                    sample=x, reps=1, verbose=False, timeout=20)
+            said.append(job.step(x, y))
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+_DISTRIBUTE_TP = [("engine.tp_layers", "match", 1),     # before parallelize's exchange
+                  ("engine.tp_layers", "_shard", 2),    # after it, a layer cut
+                  (None, None, 0)]
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_in_distributes_parallelize_fails_every_rank_at_once():
+    """distribute's plan applied: a KeyboardInterrupt on one tp rank in
+    parallelize, before its check's exchange or after it, left its tp peer
+    waiting there (or in the first tp collective of its profile) until its
+    timeout. Now every rank raises at once, the other DistributeFailed naming
+    it, and a job built after trains."""
+    results = mesh.spawn(_distribute_tp_worker, 2, _DISTRIBUTE_TP, timeout=100)
+    for at in range(len(_DISTRIBUTE_TP) - 1):
+        assert results[1][at] == "KeyboardInterrupt: stopped on purpose on rank 1", \
+            (at, results[1])
+        assert results[0][at] == ("DistributeFailed: rank 0: engine.distribute failed on rank "
+                                  "1: KeyboardInterrupt: stopped on purpose on rank 1"), \
+            (at, results[0])
+    assert all(isinstance(said[-1], float) for said in results), results
