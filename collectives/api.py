@@ -304,9 +304,11 @@ def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
     the next ``send_counts[1]`` to rank 1, and so on; returns the rows
     received, in rank order (``recv_counts[j]`` from rank j), as an array
     (or tensor) like ``a``. ``recv_counts=None``: the counts are exchanged
-    first (one more all_to_all, blocking even with ``async_op``). Both
-    ranks of a pair that disagree on a count raise MismatchError naming
-    both counts; host and device arrays and tensors."""
+    first (one more all_to_all, blocking even with ``async_op``). A pair
+    of ranks that disagree on a count raise MismatchError naming both
+    counts (on one host every rank does); host and device arrays and
+    tensors. Tiny and repeated on one host: the short way
+    (collectives.shm.tiny)."""
     check_comm(g, "all_to_all_v")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(all_to_all_v, "all_to_all_v", g, a, send_counts=send_counts,

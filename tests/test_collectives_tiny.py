@@ -317,7 +317,8 @@ def unmapped(world: Any) -> dict:
     board._CORES = quick._CORES = 1         # (the arenas: only where ranks outnumber cores)
     wrong = _results(world)
     got = {"wrong": wrong, "mapped": board.mapped(world), "large": _large(world),
-           "shape": _caught(lambda: C.all_reduce(world, np.ones(3 if world.rank else 2)))}
+           "shape": _caught(lambda: C.all_reduce(world, np.ones(3 if world.rank else 2))),
+           "all_to_all_v": _exchanged(world, False)}
     if world.rank == 1:     # the last call before close: rank 1 reads its peer's post late
         post = board.Round.post
 
@@ -335,7 +336,8 @@ def test_boards_that_cannot_be_mapped_are_read_across_processes() -> None:
     for rank 1's answer to its goodbye, not for rank 1 to finish reading
     its board: rank 1's read failed, "it closed its mesh".)"""
     for rank, r in enumerate(mesh.spawn(unmapped, 2, timeout=60)):
-        assert r["wrong"] == [] and r["large"] == [] and not r["mapped"], r
+        assert r["wrong"] == [] and r["large"] == [] and r["all_to_all_v"] == [] \
+            and not r["mapped"], r
         assert r["shape"].startswith("MismatchError") and "shape=[3]" in r["shape"], r
         assert r["last"] == "ok", (rank, r["last"])
 
@@ -915,9 +917,177 @@ def test_uneven_calls_keep_the_guarantees_on_the_short_way() -> None:
             assert mine == [[[3.0, 6.0]], [], [[9.0, 12.0], [15.0, 18.0]]][rank], mine
 
 
+def _exchange_counts(n: int, case: int) -> list[list[int]]:
+    """all_to_all_v's rows, rank p to rank q (M[p][q]), in ``case``: 0, 1
+    uneven with zeros; 2 rank 0 sends nothing; 3 rank n - 1 receives
+    nothing; 4, 5 rank 0's counts alike, the others' not (at 3 ranks and
+    up: a plan of rank 0's finds other peers' counts); 6, 7, 8: case 0's,
+    which _exchanged makes its own of (rank 0's post as large as the
+    board holds inline, one row past it, large blocks)."""
+    m = [[(2 * p + q + case) % 3 for q in range(n)] for p in range(n)]
+    if case == 2:
+        m[0] = [0] * n
+    elif case == 3:
+        for p in range(n):
+            m[p][n - 1] = 0
+    elif case in (4, 5) and n > 2:
+        m[1][2], m[2][1] = (1, 2) if case == 4 else (2, 1)
+    return m
+
+
+def _exchanged(world: Any, short: bool) -> list:
+    """all_to_all_v of several dtypes and count matrices (_exchange_counts),
+    each called three times (the first settles the short way, the next take
+    it), then some matrices again, against numpy and the long way (async:
+    it never takes the short way) byte for byte; the short way taken once
+    a call with this rank's counts has settled it, where every rank's post
+    (its rows and counts) fit the board's inline room, and never where
+    ``short`` is False (no boards, or unmapped ones)."""
+    import msgpack
+    from collectives.host import paths
+    from mesh.tensors import BFLOAT16
+    n, rank, bad = world.size, world.rank, []
+    taken: list[str] = []
+    real = _counting(("all_to_all_v",), taken)
+    try:
+        for dt in [np.int8, np.float32, np.float64, BFLOAT16]:
+            item, settled = np.dtype(dt).itemsize, set()
+
+            def make(count: int, p: int, q: int, i: int) -> np.ndarray:
+                return ((np.arange(count * 2) + 7 * p + 3 * q + i) % 11).astype(dt).reshape(
+                    count, 2)
+
+            def meta(m: list[list[int]], p: int) -> int:
+                return len(msgpack.packb([m[p], [m[q][p] for q in range(n)]]))
+            for case in list(range(8)) + [4, 5, 0] + [8] * (dt is np.float64):
+                m = _exchange_counts(n, case)
+                if case == 8:       # (past the board's small form: read at the posts' address)
+                    m[0][1], m[n - 1][0] = 5000, 3000
+                elif case >= 6:     # (rank 0's post fills the inline room: one row more)
+                    m = [[1] * n for _ in range(n)]
+                    m[0][1] = (tiny.MAX_BYTES - meta(m, 0)) // (2 * item) - (n - 1)
+                    m[0][1] += case - 6
+                fits = all(sum(m[p]) * 2 * item + meta(m, p) <= tiny.MAX_BYTES
+                           for p in range(n)) and any(map(any, m))
+                sends, recvs = m[rank], [m[q][rank] for q in range(n)]
+                for i in range(3):
+                    a = np.concatenate([make(k, rank, q, i) for q, k in enumerate(sends)])
+                    if i == 2:
+                        a = np.asfortranarray(a)    # (not C-contiguous: read as it is)
+                    want = np.concatenate([make(m[p][rank], p, rank, i) for p in range(n)])
+                    before = len(taken)
+                    got = C.all_to_all_v(world, a, sends, recvs)
+                    long = paths.all_to_all_v(world, a, sends, recvs, async_op=True).wait()
+                    for way, res in (("short", got), ("long", long)):
+                        if res.dtype != want.dtype or res.shape != want.shape \
+                                or res.tobytes() != want.tobytes():
+                            bad.append((str(np.dtype(dt)), case, i, way))
+                    key = (tuple(sends), tuple(recvs), a.shape)
+                    if len(taken) - before != (key in settled and short):
+                        bad.append(("short way", str(np.dtype(dt)), case, i, taken[before:]))
+                    if fits:
+                        settled.add(key)
+    finally:
+        for name, call in real.items():
+            setattr(tiny, name, call)
+    return bad
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("n,env", [(2, {}), (3, {}), (4, {}),
+                                   (3, {"MESH_CMA": "0", "MESH_SHM": "0"})],
+                         ids=["2", "3", "4", "3-sockets"])
+def test_all_to_all_v_takes_the_short_way_with_the_long_ways_bits(n: int, env: dict) -> None:
+    """Tiny uneven all_to_all_v: the same bytes as numpy and the long way,
+    zero counts, a rank that sends nothing, one that receives nothing,
+    counts that change between calls; the short way from the second call
+    where the posts fit, never where the boards are off."""
+    for rank, bad in enumerate(mesh.spawn(_exchanged, n, not env, timeout=120, env=env)):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
+def _exchange_mismatches(world: Any) -> dict:
+    """all_to_all_v the short way beside a rank whose counts disagree with
+    another's (its receive counts, or its send counts), or whose dtype
+    differs: every rank raises MismatchError naming both ranks of the pair;
+    a late rank gets the right result."""
+    rank, out = world.rank, {}
+    m = [[1, 0, 2], [1, 1, 0], [0, 2, 1]]
+    sends, recvs = m[rank], [m[q][rank] for q in range(3)]
+    x = np.arange(2 * sum(sends), dtype=np.float32).reshape(-1, 2) + 10 * rank
+    for _ in range(2):
+        C.all_to_all_v(world, x, sends, recvs)
+    # rank 1 expects a row from rank 0, which sends it none
+    out["recvs"] = _caught(lambda: C.all_to_all_v(world, x, sends,
+                                                  [1, 1, 2] if rank == 1 else recvs))
+    # rank 2 sends rank 0 a row it does not expect (its rows as many)
+    out["sends"] = _caught(lambda: C.all_to_all_v(world, x, [1, 1, 1] if rank == 2 else sends,
+                                                  recvs))
+    out["dtype"] = _caught(lambda: C.all_to_all_v(
+        world, x.astype(np.float64) if rank == 1 else x, sends, recvs))
+    C.barrier(world)
+    for late in (2, 0):
+        if rank == late:
+            time.sleep(0.05)
+        out[f"late {late}"] = C.all_to_all_v(world, x, sends, recvs).tolist()
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_all_to_all_v_keeps_the_guarantees_on_the_short_way() -> None:
+    res = mesh.spawn(_exchange_mismatches, N, timeout=60)
+    for rank, r in enumerate(res):
+        for key, words in [("recvs", ["rank 1 expects 1 rows from rank 0, which sends 0",
+                                      "recv_counts vs send_counts"]),
+                           ("sends", ["rank 0 expects 0 rows from rank 2, which sends 1"]),
+                           ("dtype", ["float32", "float64", "rank 1"])]:
+            assert r[key].startswith("MismatchError") and all(w in r[key] for w in words), \
+                f"rank {rank} {key}: {r[key]}"
+        want = {0: [[0.0, 1.0], [10.0, 11.0]], 1: [[12.0, 13.0], [20.0, 21.0], [22.0, 23.0]],
+                2: [[2.0, 3.0], [4.0, 5.0], [24.0, 25.0]]}[rank]
+        for late in (2, 0):
+            assert r[f"late {late}"] == want, (rank, late, r[f"late {late}"])
+
+
+def _killed_exchanging(world: Any, out: str) -> None:
+    """Rank 2 is killed between two short all_to_all_v calls; the others,
+    waiting for it in the next, write what they raised and how long it
+    took them."""
+    n = world.size
+    sends = [(world.rank + q) % 2 + 1 for q in range(n)]
+    recvs = [(p + world.rank) % 2 + 1 for p in range(n)]
+    x = np.ones((sum(sends), 2), np.float32)
+    t0 = time.monotonic()
+    try:
+        for _ in range(20):
+            C.all_to_all_v(world, x, sends, recvs)
+        if world.rank == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        t0 = time.monotonic()
+        for _ in range(1000):
+            C.all_to_all_v(world, x, sends, recvs)
+        text = "no error"
+    except mesh.MeshError as e:
+        text = f"{type(e).__name__}: {e}"
+    Path(out, str(world.rank)).write_text(f"{time.monotonic() - t0:.2f} {text}")
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_killed_between_short_all_to_all_v_calls_is_named(tmp_path: Path) -> None:
+    env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_HEARTBEAT": "0.1"}
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(_killed_exchanging, N, str(tmp_path), timeout=60, env=env, settle=20)
+    assert err.value.rank == 2
+    for rank in (0, 1):
+        took, text = Path(tmp_path, str(rank)).read_text().split(" ", 1)
+        assert text.startswith("LostPeerError") and "2" in text, f"rank {rank}: {text}"
+        assert float(took) < 15, f"rank {rank} took {took}s: {text}"
+
+
 def _many_shapes(world: Any) -> list[int]:
-    """Tiny all_reduces of 20 shapes, each twice (the second the short way),
-    with a group's plans capped at 8: results right, plans kept at most 8."""
+    """Tiny all_reduces of 20 shapes and all_to_all_vs of 20 counts, each
+    twice (the second the short way), with a group's plans capped at 8:
+    results right, plans kept at most 8."""
     tiny.PLANS = 8
     kept = []
     for rnd in range(2):
@@ -926,6 +1096,11 @@ def _many_shapes(world: Any) -> list[int]:
                 a = np.full(n, world.rank + 1.0)
                 C.all_reduce(world, a)
                 assert (a == 3.0).all(), (n, a)
+            kept.append(len(tiny._plans[world]))
+            counts = [n % 5, n // 5] if world.rank == 0 else [n // 5, 1]    # (sent, got)
+            for _ in range(2):
+                got = C.all_to_all_v(world, np.full(sum(counts), world.rank), counts, counts)
+                assert got.tolist() == [0] * counts[0] + [1] * counts[1], (n, got)
             kept.append(len(tiny._plans[world]))
     return kept
 

@@ -842,17 +842,28 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
                  out: list[np.ndarray] | None = None) -> Any:
     """all_to_all with uneven blocks: rows [off_i, off_i + in_splits[i]) of
     ``a`` go to rank i; the result holds rank j's block at out_splits'
-    offset j. Each block carries, in its fingerprint, the rows it holds
-    and the rows its sender expects back, so that both ranks of a pair
-    that disagree on either raise MismatchError naming both (``sizes``
-    says which arguments disagree); the other members' blocks are right,
-    and they may return them before the abort reaches them. ``check()``,
-    run first under the call's tag, may raise for the caller's other
-    arguments, failing it on every rank. ``name``: the caller's call (the torch
-    backend's: in errors and fingerprints, an uneven all_gather meeting an
-    even one names both). ``out``: a list of g.size arrays that take the
-    blocks received, as _into takes them (the torch backend's tensors)."""
+    offset j. On the same-host board (local.all_to_all_v) every rank posts
+    its counts beside its rows and checks every rank's: a pair that
+    disagrees raises MismatchError on every rank, naming both (``sizes``
+    says which arguments disagree). Over sockets each block carries, in its
+    fingerprint, the rows it holds and the rows its sender expects back,
+    so that both ranks of such a pair raise MismatchError naming both; the
+    other members' blocks are right, and they may return them before the
+    abort reaches them. ``check()``, run first under the call's tag, may
+    raise for the caller's other arguments, failing it on every rank.
+    ``name``: the caller's call (the torch backend's: in errors and
+    fingerprints, an uneven all_gather meeting an even one names both).
+    ``out``: a list of g.size arrays that take the blocks received, as
+    _into takes them (the torch backend's tensors). Tiny, once a first call
+    has settled it: the short way (collectives.shm.tiny)."""
     n = g.size
+    if not async_op and type(a) is np.ndarray and type(in_splits) is list \
+            and type(out_splits) is list and len(out_splits) == n and _passes(check):
+        rows = None if out is None or any(type(k) is not int for k in out_splits) else \
+            _apart([_into(o, a, (k,) + a.shape[1:]) for o, k in zip(out, out_splits)], n)
+        if (out is None or rows is not None) and (got := tiny.all_to_all_v(
+                g, a, in_splits, out_splits, timeout, sizes, name, rows)) is not None:
+            return got
 
     def prepare(_: Any) -> tuple[dict, Callable[[Ctx], Any]]:
         if check is not None:
@@ -875,10 +886,10 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
                 f"{out_splits[me]} rows from rank {me} (itself), which sends {in_splits[me]} "
                 f"({sizes})")
         rest = arr.shape[1:]
-        ioff = np.concatenate([[0], np.cumsum(in_splits)]).astype(int)
-        ooff = np.concatenate([[0], np.cumsum(out_splits)]).astype(int)
+        sends, recvs = [int(k) for k in in_splits], [int(k) for k in out_splits]
+        isp, osp = spans(sends), spans(recvs)
         dest = None if out is None else _apart([_into(o, arr, (k,) + rest)
-                                                for o, k in zip(out, out_splits)], n)
+                                                for o, k in zip(out, recvs)], n)
 
         def pair(src: int, dst: int, there: int, back: int) -> dict:
             """The fingerprint of a block from ``src`` to ``dst`` of ``there``
@@ -889,22 +900,29 @@ def all_to_all_v(g: Comm, a: Any, in_splits: list[int], out_splits: list[int],
 
         def body(ctx: Ctx) -> Any:
             me = ctx.g.rank
-            out: Any = np.empty((int(ooff[-1]),) + rest, arr.dtype) if dest is None else dest
-            blocks = dest or [out[ooff[j]:ooff[j + 1]] for j in range(n)]
-            recvs = [(j, ctx.irecv(j, fp=pair(j, me, out_splits[j], in_splits[j])))
+            out: Any = np.empty((osp[-1][1],) + rest, arr.dtype) if dest is None else dest
+            blocks = dest or [out[lo:hi] for lo, hi in osp]
+            if debug.ON:
+                _said(ctx, name, None, "direct", arr.nbytes)
+            if board.available(ctx):
+                metas = local.all_to_all_v(ctx, arr.reshape(-1), [b.reshape(-1) for b in blocks],
+                                           sends, recvs, math.prod(rest), sizes)
+                if metas is not None:
+                    tiny.learn_v(ctx, arr, sends, recvs=recvs, metas=metas, sizes=sizes)
+                return out
+            recvd = [(j, ctx.irecv(j, fp=pair(j, me, recvs[j], sends[j])))
                      for j in range(n) if j != me]
-            sends = [ctx.isend(arr[ioff[i]:ioff[i + 1]], i,
-                               fp=pair(me, i, in_splits[i], out_splits[i]))
-                     for i in range(n) if i != me]
-            blocks[me][...] = arr[ioff[me]:ioff[me + 1]]
-            for j, r in recvs:
+            sent = [ctx.isend(arr[isp[i][0]:isp[i][1]], i, fp=pair(me, i, sends[i], recvs[i]))
+                    for i in range(n) if i != me]
+            blocks[me][...] = arr[isp[me][0]:isp[me][1]]
+            for j, r in recvd:
                 got = r.wait()
-                if got.shape[0] != out_splits[j]:
+                if got.shape[0] != recvs[j]:
                     raise MismatchError(
-                        f"{ctx.where()}: {named(ctx.g, me)} expects {out_splits[j]} rows from "
+                        f"{ctx.where()}: {named(ctx.g, me)} expects {recvs[j]} rows from "
                         f"{named(ctx.g, j)}, which sent {got.shape[0]} ({sizes})")
                 blocks[j][...] = got
-            for s in sends:
+            for s in sent:
                 s.wait()
             return out
         ctx_fp = {"coll": name, "dtype": dtype_name(arr.dtype),

@@ -26,7 +26,8 @@ again only once every peer's ack has reached the last call that used it
 (``Round.arena``): a rank leaves a call without waiting for its readers.
 
 A repeated tiny call (collectives.shm.tiny: all_reduce, reduce_scatter,
-all_gather, broadcast, reduce, gather, scatter, all_to_all) posts and polls
+all_gather, broadcast, reduce, gather, scatter, all_to_all, and the
+uneven ones) posts and polls
 the same words through ``Quick``, its views made once, and reads the peers'
 payloads where they lie in their mapped boards.
 

@@ -20,6 +20,9 @@ keeps the barrier and names them all.
     reduce_scatter of n parts      post the parts' addresses | reduce part r | stage 2 | exit
     small scatter                  root: post rows and meta | the others copy their row | stage 2
     small all_to_all               post payload | copy block r of each peer's
+    all_to_all_v                   post rows and counts (large: counts and address) | check
+                                   every rank's counts | copy (read) this rank's rows of each
+                                   peer's | stage 2 and exit where a rank posted an address
     large broadcast, gather,       post address | read what this rank needs | stage 2 | exit
       all_gather, scatter, all_to_all
 
@@ -33,13 +36,14 @@ from __future__ import annotations
 
 from ..runner import Ctx
 from .board import Round
-from .local_move import all_gather, all_to_all, broadcast, gather, scatter, scatter_meta
+from .local_move import all_gather, all_to_all, all_to_all_v, broadcast, gather, scatter
+from .local_move import scatter_meta
 from .local_reduce import all_reduce_large, all_reduce_small, reduce
 from .local_reduce import reduce_scatter, reduce_scatter_parts, scan
 
 __all__ = ["all_reduce_small", "all_reduce_large", "barrier", "all_gather", "reduce_scatter",
            "reduce_scatter_parts", "broadcast", "reduce", "scatter", "gather", "all_to_all",
-           "scan", "scatter_meta"]
+           "all_to_all_v", "scan", "scatter_meta"]
 
 
 def barrier(ctx: Ctx) -> None:

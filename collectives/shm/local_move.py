@@ -1,6 +1,6 @@
 """The same-host collectives that move data and reduce none
-(collectives.shm.local): all_gather, broadcast, gather, scatter and
-all_to_all."""
+(collectives.shm.local): all_gather, broadcast, gather, scatter,
+all_to_all and all_to_all_v."""
 from __future__ import annotations
 
 import math
@@ -9,14 +9,17 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
+from mesh import MismatchError
 from mesh.tensors import BFLOAT16, dtype_name
 
-from ..runner import Ctx
-from .board import CAPACITY, Round
+from ..plan import spans
+from ..runner import Ctx, named
+from .board import CAPACITY, INLINE, Round
 from .cma import peer_read
 from .local_reduce import _small
 
-__all__ = ["all_gather", "broadcast", "scatter_meta", "scatter", "gather", "all_to_all"]
+__all__ = ["all_gather", "broadcast", "scatter_meta", "scatter", "gather", "all_to_all",
+           "all_to_all_v"]
 
 
 def _flat_rows(out: np.ndarray | list[np.ndarray], n: int) -> list[Any]:
@@ -197,3 +200,72 @@ def all_to_all(ctx: Ctx, src: np.ndarray, out: np.ndarray,
                 peer_read(ctx, p, addrs[p] + rank * block, out[p])
         r.stage(2)
         r.wait_stage(r.peers, 2)
+
+
+def all_to_all_v(ctx: Ctx, src: np.ndarray, blocks: list[np.ndarray], sends: list[int],
+                 recvs: list[int], row: int, sizes: str, sig: tuple[bytes, int] | None = None,
+                 posted: bool = False) -> list[bytes] | None:
+    """Block p of ``blocks`` (flat, ``recvs[p]`` rows of ``row`` items
+    each) = rank p's rows for this rank, out of its flat ``src``
+    (``sends[p']`` rows for each p', in rank order). Every rank posts its
+    counts, ``[sends, recvs]`` as msgpack (its meta), after its rows where
+    they are small (_small, with the meta: its bytes in ``addr2``, ``addr``
+    0), else alone with the buffer's address, which the peers read their
+    rows from (the poster waits for them: stage 2); the form is each
+    rank's own. Every rank checks the whole matrix of counts from the
+    posts before it reads a row: a pair that disagrees raises
+    MismatchError on every rank, naming both (``sizes``: which arguments
+    disagree). ``sig``, ``posted``: as for _reduce_payloads, from
+    collectives.shm.tiny. Returns every rank's meta where every rank posted
+    its rows in the board's inline room (what the short way settles), else
+    None."""
+    n, rank = ctx.g.size, ctx.g.rank
+    item = src.itemsize * row
+    meta = msgpack.packb([sends, recvs])
+    lo, hi = spans(sends)[rank]
+    blocks[rank][...] = src[lo * row:hi * row]
+    with Round(ctx, sig) as r:
+        inline = src.nbytes + len(meta) <= min(ctx.tuning.small, CAPACITY)
+        if not posted:
+            if inline:
+                whole = np.empty(src.nbytes + len(meta), np.uint8)
+                whole[:src.nbytes] = src.view(np.uint8)
+                whole[src.nbytes:] = np.frombuffer(meta, np.uint8)
+                r.post(payload=whole, addr2=len(meta))
+            else:
+                r.post(payload=np.frombuffer(meta, np.uint8), addr=src.ctypes.data,
+                       addr2=len(meta))
+        addrs = r.gather()
+        metas: list[bytes] = [b""] * n
+        metas[rank] = meta
+        posts = src.nbytes + len(meta)      # (the largest post)
+        for p in r.peers:
+            size, k = r.payload_size(p), r.addr2[p]
+            metas[p] = bytes(r.payload_part(p, size - k, np.empty(k, np.uint8)))
+            posts = max(posts, size)
+        counts = [msgpack.unpackb(m) for m in metas]
+        expected = list(zip(*(c[1] for c in counts)))   # (i: what each rank expects from i)
+        for i in range(n):      # (every rank the same check, so the same error)
+            if tuple(counts[i][0]) == expected[i]:
+                continue
+            j = next(j for j in range(n) if counts[i][0][j] != expected[i][j])
+            raise MismatchError(
+                f"{ctx.where()}: {named(ctx.g, j)} expects {expected[i][j]} rows from "
+                f"{named(ctx.g, i)}, which sends {counts[i][0][j]} ({sizes})")
+        for p in r.peers:
+            out = blocks[p]
+            if not out.size:
+                continue
+            at = sum(counts[p][0][:rank]) * item
+            if addrs[p] == 0:
+                got = r.payload_part(p, at, out)
+                if got is not out:
+                    out[...] = got
+            else:
+                peer_read(ctx, p, addrs[p] + at, out)
+        if any(addrs) or not inline:
+            r.stage(2)
+            if not inline:
+                r.wait_stage(r.peers, 2)
+            return None
+    return metas if posts <= INLINE else None

@@ -37,12 +37,13 @@ class Quick:
         size = like.nbytes
         # (per rank, the payload it posts: like's bytes and this rank's ``tail`` after
         # them, or as ``sizes`` says, 0 where a rank posts none: a scatter's; ``items``,
-        # an uneven call's: rank p posts items[p] of like's dtype, its view flat)
-        if items is not None:
+        # an uneven call's: rank p posts items[p] of like's dtype, its view flat, and
+        # sizes[p] bytes in all where given: an all_to_all_v's, its counts after them)
+        if items is not None and sizes is None:
             sizes = [k * like.itemsize for k in items]
         self.sizes = [size] * g.size if sizes is None else sizes
         self.size = self.sizes[g.rank]
-        self.tail, self.like = tail, size
+        self.tail = tail
         self.meta = np.array([0, len(self.fp), self.size, 0, len(tail), self.hash],
                              np.int64).data
         # (the words after seq, as Round.post writes them: stage fplen paylen addr addr2 fphash;
@@ -51,7 +52,7 @@ class Quick:
         def payload(row: np.ndarray, slot: int, p: int) -> np.ndarray:
             at = _HEAD + slot * _INLINE
             if items is not None:
-                return row[at:at + self.sizes[p]].view(like.dtype)
+                return row[at:at + items[p] * like.itemsize].view(like.dtype)
             return row[at:at + size].view(like.dtype).reshape(like.shape)
 
         rank = g.rank
@@ -121,13 +122,13 @@ class Quick:
         return True
 
     def tails(self, seq: int, peer: int, tail: bytes) -> bool:
-        """Whether ``peer``'s post of call ``seq`` (arrived) holds ``tail``
-        after like's bytes, as its addr2 says (and addr 0: a scatter's small
-        form, its meta after the rows)."""
+        """Whether ``peer``'s post of call ``seq`` (arrived) ends with
+        ``tail``, as its addr2 says (and addr 0: a scatter's small form, its
+        meta after the rows; an all_to_all_v's, its counts after them)."""
         h, b = self.heads[peer], 1 + _SLOT_WORDS * (seq & 1)
         if h[b + ADDR] != 0 or h[b + ADDR2] != len(tail):
             return False
-        at = _HEAD + (seq & 1) * _INLINE + self.like
+        at = _HEAD + (seq & 1) * _INLINE + self.sizes[peer] - len(tail)
         return bytes(self.box.rows[peer].data[at:at + len(tail)]) == tail
 
     def _wait_stage(self, h: Any, at: int, k: int) -> bool:

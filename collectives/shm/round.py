@@ -267,6 +267,10 @@ class Round:
         else:
             self.box.read_body(self.ctx, peer, _PEEK + self.slot * _BODY + _FP_ROOM, out)
 
+    def payload_size(self, peer: int) -> int:
+        """The bytes of ``peer``'s payload (after ``gather``)."""
+        return int(self.box.heads[peer][1 + self.base + PAYLEN])
+
     def payload_part(self, peer: int, start: int, out: np.ndarray) -> np.ndarray:
         """Bytes [start, start + out.nbytes) of ``peer``'s payload (after
         ``gather``) as ``out``'s dtype: a view of its inline room as gather

@@ -24,8 +24,12 @@ boards, with nothing made per call but a new result::
     all_gather_v,    the uneven ones (collectives.host.paths; the plan's key
     gather_v,        holds the call's name and counts): all_gather's and
     reduce_scatter_v gather's with each rank's post of its own size,
-    scatter_v        reduce_scatter's with the counts' chunks, scatter's
-                     with each rank's block of the counts' rows
+    scatter_v,       reduce_scatter's with the counts' chunks, scatter's
+    all_to_all_v     with each rank's block of the counts' rows; an
+                     all_to_all_v's (its key this rank's send and receive
+                     counts) with every rank's counts after its rows, each
+                     peer's checked against those the plan settled before
+                     its block is copied (local.all_to_all_v's small form)
 
 It keeps the long way's guarantees: the fingerprint on the board is the
 same (a rank on either way that called something else raises a
@@ -36,7 +40,7 @@ rank of the group has a core, then yields, 0.5 ms in all), a mismatch, or
 a peer not done with the slot goes on as the long way does, with a Round,
 from where the short way left off (collectives.shm.local's
 all_reduce_small, reduce_scatter, all_gather, reduce, broadcast, gather,
-scatter, all_to_all).
+scatter, all_to_all, all_to_all_v).
 Anything the short way cannot take (async, an algorithm or a timeout that
 is not a float; a non-contiguous or read-only array that the call writes;
 an ``out`` that is not a C-contiguous writable array of the result's dtype
@@ -46,7 +50,8 @@ and size; a lane with work) takes the long way.
     tiny_reduce.py   the plans of all_reduce, reduce and reduce_scatter
                      (and reduce_scatter_v)
     tiny_move.py     the plans of broadcast, all_gather, gather, scatter
-                     and all_to_all (and all_gather_v, gather_v, scatter_v)
+                     and all_to_all (and all_gather_v, gather_v, scatter_v,
+                     all_to_all_v)
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ import threading
 import weakref
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from mesh import Comm
@@ -66,13 +72,13 @@ from ..plan import Tuning, spans
 from ..runner import NOT_NOW, Ctx, now
 from . import board
 from .local import scatter_meta
-from .tiny_move import _Broadcast, _Collect, _Deal, _Exchange, _Gather, _GatherV
+from .tiny_move import _Broadcast, _Collect, _Deal, _Exchange, _ExchangeV, _Gather, _GatherV
 from .tiny_reduce import _Plan, _Reduce, _Scatter, _Short
 
 __all__ = ["MAX_BYTES", "forget", "learn", "learn_scatter", "learn_v", "keep", "plan_key",
            "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather",
            "scatter", "all_to_all", "all_gather_v", "gather_v", "reduce_scatter_v",
-           "scatter_v"]
+           "scatter_v", "all_to_all_v"]
 
 MAX_BYTES = board.INLINE
 """The largest payload the short way takes: the board's inline room."""
@@ -169,14 +175,27 @@ def learn_scatter(ctx: Ctx, src: np.ndarray | None, row: np.ndarray, root: int,
 
 
 def learn_v(ctx: Ctx, arr: np.ndarray, counts: list[int], root: int | None = None,
-            op: Any = None, rop: ReduceOp | None = None) -> None:
+            op: Any = None, rop: ReduceOp | None = None, recvs: list[int] | None = None,
+            metas: list[bytes] | None = None, sizes: str = "") -> None:
     """learn's, for an uneven call that its long way ran on the board's
     payloads (collectives.host.paths: all_gather_v, gather_v, and
     reduce_scatter_v where ``rop`` is given; ``arr`` this rank's rows, or
     the whole array a reduce_scatter_v posts, ``counts`` the rows of each
-    rank, ``root`` a gather_v's): the plan's key holds the call's name (the
+    rank, ``root`` a gather_v's; all_to_all_v where ``recvs`` is given:
+    ``counts`` the rows this rank sends each rank, ``recvs`` those it
+    receives, ``metas`` every rank's counts as posted, ``sizes`` the call's
+    word for them): the plan's key holds the call's name (the
     fingerprint's: the torch backend's all_gather) and the counts."""
     rows, n = math.prod(arr.shape[1:]), ctx.g.size
+    if metas is not None:       # (each rank's post: its rows and its counts)
+        items = [sum(msgpack.unpackb(m)[0]) * rows for m in metas]
+        if max(k * arr.itemsize + len(m) for k, m in zip(items, metas)) > min(
+                MAX_BYTES, ctx.tuning.small) or not any(items) or not board.mapped(ctx.g):
+            return      # (a post past the board's inline room, or nothing to gain)
+        key = (ctx.fp["coll"], tuple(counts), tuple(recvs or ()), sizes)
+        keep(_plans, ctx, plan_key(arr.dtype, arr.shape, key, "v"),
+             lambda: _ExchangeV(ctx, arr, counts, recvs or [], metas, sizes))
+        return
     items = [arr.size] * n if rop is not None else [k * rows for k in counts]
     if max(items) * arr.itemsize > min(MAX_BYTES, ctx.tuning.small) or not any(items) \
             or not board.mapped(ctx.g):
@@ -522,6 +541,33 @@ def scatter_v(g: Comm, a: Any, counts: list[int], root: Any, timeout: Any,
     if debug.ON:
         debug.note(g, "scatter_v", SHORT_PATH, row.nbytes)
     return row if got is None else got
+
+
+def all_to_all_v(g: Comm, a: Any, sends: list[int], recvs: list[int], timeout: Any,
+                 sizes: str = "recv_counts vs send_counts", name: str = "all_to_all_v",
+                 out: list[np.ndarray] | None = None) -> Any:
+    """``a``'s uneven blocks exchanged the short way: ``sends[p]`` rows of
+    ``a`` to rank p, ``recvs[p]`` rows from it (into ``out`` where given:
+    collectives.host.paths' blocks of the caller's arrays, one a rank,
+    returned), or None (nothing done, no tag taken) where the call must
+    take the long way."""
+    if type(recvs) is not list or any(type(k) is not int for k in recvs):
+        return None
+    plan = _find_v(g, a, (name, tuple(sends), tuple(recvs), sizes), timeout)
+    if plan is None:
+        return None
+    if out is None:
+        res: Any = np.empty(plan.shape, a.dtype)
+        flat = res.reshape(-1)
+        blocks = [flat[lo:hi] for lo, hi in plan.bounds]
+    else:
+        res, blocks = out, [o.reshape(-1) for o in out]
+    if now(g, name, plan.fp, plan.tuning, plan.step, (a.reshape(-1), blocks),
+           timeout) is NOT_NOW:
+        return None
+    if debug.ON:
+        debug.note(g, name, SHORT_PATH, a.nbytes)
+    return res
 
 
 SHORT_PATH = "same-host board, the short way (collectives.shm.tiny)"

@@ -1,6 +1,7 @@
 """The short way's plans (collectives.shm.tiny) of the collectives that
 move data and reduce none: broadcast, all_gather, gather, scatter and
-all_to_all, and the uneven all_gather_v and gather_v. Each plan's
+all_to_all, and the uneven all_gather_v, gather_v, scatter_v and
+all_to_all_v. Each plan's
 ``step`` is a call on the board's Quick, and its ``rest`` the call going
 on with a Round (collectives.shm.local)."""
 from __future__ import annotations
@@ -8,11 +9,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from ..plan import spans
 from ..runner import Body, Ctx
 from .local import all_gather as gather_small, all_to_all as exchange_small
+from .local import all_to_all_v as exchange_v_small
 from .local import broadcast as broadcast_small, gather as collect_small
 from .local import scatter as deal_small, scatter_meta
 from .tiny_reduce import _Short
@@ -232,4 +235,63 @@ class _Exchange(_Short):
             blocks = (self.n, -1)
             exchange_small(ctx, np.ascontiguousarray(a).reshape(blocks), out.reshape(blocks),
                            sig=self.sig, posted=posted)
+        return run
+
+
+class _ExchangeV(_Short):
+    """A tiny all_to_all_v (local.all_to_all_v's small form): every rank
+    posts its flat rows with its counts after them (its meta), and copies
+    its block of each peer's post into its block of the result, once every
+    peer's meta is the one this plan settled (``metas``: every rank's, as
+    the first call saw them); where one is not (a peer's counts changed, or
+    it posted its rows' address), the call goes on with a Round, which
+    checks every rank's counts. ``bounds``: the flat [lo, hi) of each
+    rank's block in the result (the result's rows: ``shape``)."""
+
+    __slots__ = ("rank", "sends", "recvs", "row", "sizes", "metas", "peers", "blocks", "mine",
+                 "bounds", "shape")
+
+    def __init__(self, ctx: Ctx, arr: np.ndarray, sends: list[int], recvs: list[int],
+                 metas: list[bytes], sizes: str) -> None:
+        row, itemsize = math.prod(arr.shape[1:]), arr.itemsize
+        items = [sum(msgpack.unpackb(m)[0]) * row for m in metas]
+        super().__init__(ctx, arr, [k * itemsize + len(m) for k, m in zip(items, metas)],
+                         metas[ctx.g.rank], items)
+        self.rank, rank = ctx.g.rank, ctx.g.rank
+        self.sends, self.recvs, self.row, self.sizes, self.metas = sends, recvs, row, sizes, metas
+        self.peers = [p for p in range(self.n) if p != rank]
+        self.blocks = []       # per slot, (peer, its block for this rank in its post)
+        for views in self.quick.views:
+            got = []
+            for p in self.peers:
+                at = sum(msgpack.unpackb(metas[p])[0][:rank]) * row
+                got.append((p, views[p][at:at + recvs[p] * row]))
+            self.blocks.append(got)
+        lo, hi = spans(sends)[rank]
+        self.mine = (lo * row, hi * row)
+        self.bounds = spans([k * row for k in recvs])
+        self.shape = (sum(recvs),) + arr.shape[1:]
+
+    def step(self, tag: int, arg: tuple[np.ndarray, list[np.ndarray]]) -> Body | None:
+        a, out = arg
+        seq, quick = -tag, self.quick
+        if not quick.post(seq, a):
+            return self.rest(a, out, False)
+        if not quick.arrived(seq):
+            return self.rest(a, out, True)
+        metas = self.metas
+        for p in self.peers:
+            if not quick.tails(seq, p, metas[p]):
+                return self.rest(a, out, True)
+        for p, v in self.blocks[seq & 1]:
+            out[p][...] = v
+        lo, hi = self.mine
+        out[self.rank][...] = a[lo:hi]
+        quick.done(seq)
+        return None
+
+    def rest(self, a: np.ndarray, out: list[np.ndarray], posted: bool) -> Body:
+        def run(ctx: Ctx) -> None:
+            exchange_v_small(ctx, a, out, self.sends, self.recvs, self.row, self.sizes,
+                             self.sig, posted)
         return run
