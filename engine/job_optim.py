@@ -58,6 +58,18 @@ def _one_optimizer(opt: Any) -> Any:
     return _Optimizers(opt) if isinstance(opt, (list, tuple)) else opt
 
 
+def _said(v: Any) -> str:
+    """A param group's value as rank 0 compares it with the other pp ranks':
+    its repr, a tuple as a list (``betas`` (0.9, 0.999) on the rank that
+    broadcast a loaded state, [0.9, 0.999] on those that got it:
+    collectives.broadcast_state gives tuples back as lists)."""
+    def listed(x: Any) -> Any:
+        if isinstance(x, (tuple, list)):
+            return [listed(e) for e in x]
+        return {k: listed(e) for k, e in x.items()} if isinstance(x, dict) else x
+    return repr(listed(v))
+
+
 class _OptimizerState:
     """Job's whole optimizer state, gathered and loaded (engine.job)."""
 
@@ -230,7 +242,7 @@ class _OptimizerState:
         if pp.rank:      # (msgpack, no pickle: rank 0 compares the groups' values by repr)
             plain = {n: {k: None if is_tensor(v) else v for k, v in own.items()}
                      for n, own in state.items()}
-            told = [({k: repr(v) for k, v in h.items()}, ns) for h, ns in staged]
+            told = [({k: _said(v) for k, v in h.items()}, ns) for h, ns in staged]
             pp.send([plain, told, tensors], 0, tag=_OPTIM_TAG, timeout=timeout)
             for i, (n, k) in enumerate(tensors):
                 pp.send(state[n][k], 0, tag=_OPTIM_TAG + 1 + i, timeout=timeout)
@@ -259,7 +271,7 @@ class _OptimizerState:
                                  f"{self._pp_peer(src)}: make it alike on every rank (a "
                                  f"group may be empty)")
             for j, ((h, ns), mine) in enumerate(zip(theirs, hyper)):
-                said = {k: repr(v) for k, v in mine.items()}
+                said = {k: _said(v) for k, v in mine.items()}
                 differ = [k for k in {*h, *said} if h.get(k) != said.get(k)]
                 if differ:
                     k = sorted(differ)[0]

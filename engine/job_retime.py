@@ -164,8 +164,8 @@ class _Retiming:
                     timeout=self._timeout, costs=spin,
                     tp=(tp, calls) if tp is not None else None,
                     grid=self.grid if dp else None,
-                    grads={s: [g.nbytes for g in st.grads()] for s, st in own.items()}
-                    if dp else None, tensors=self.is_torch, then=figured)
+                    grads={s: _grad_sizes(st) for s, st in own.items()} if dp else None,
+                    tensors=self.is_torch, then=figured)
             cal, self.stretch, times, runs = got[0]
             self.calibration = cal
             helper = 0.0         # the stretch holds the mesh threads' share where they take one
@@ -209,3 +209,13 @@ class _Retiming:
         what the last re-time learned (engine.choose's ``calibrated``: the
         chosen row is ``predicted``)."""
         return table(self.candidates, self.row, self.skipped)
+
+
+def _grad_sizes(stage: Any) -> list[int]:
+    """The bytes of each of ``stage``'s gradients, read off its parameters
+    where it has them: ``grads()`` makes a None ``.grad`` zeros, so reading
+    it made the gradients ZeRO stage 2 freed (engine.zero_grads) whole again
+    on every replica, held until the next step's end."""
+    if hasattr(stage, "grad_params"):
+        return [p.numel() * p.element_size() for p in stage.grad_params()]
+    return [g.nbytes for g in stage.grads()]
