@@ -162,6 +162,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.optim = optimizer_class(
             [{**self._hyper(grp), "params": [p for p in grp["params"] if id(p) in self.mine]}
              for grp in self.param_groups], **defaults)
+        self.optim._zero_share = True   # (stepped from step(): engine.zero_grads' check)
         if job is not None:     # stage 2: each gradient reduced to its owner alone, and kept
             job._grads_kept_by(self.params, self.owner if stage == 2 else None)  # there only
 

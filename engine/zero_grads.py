@@ -20,16 +20,57 @@ over tp after it) need the average on every replica for those sums: they
 are all-reduced as before, then freed on the replicas that do not own
 them. Parameters no such optimizer holds are averaged on every replica
 and kept, as without ZeRO. ``clip_grad_norm_`` (engine.clip) counts each
-gradient on the one replica that has it (``kept``).
+gradient on the one replica that has it (``kept``). Any other optimizer's
+``step()`` over such a parameter (a plain one, or one made before the newest
+stage-2 one) raises on every replica, nothing stepped (``_checked_step``):
+it would skip the freed gradients, and the replicas' weights would part.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 from .ir import OPT
 from .torch_stage import TorchStage
 
 __all__ = ["OwnedGrads"]
+
+# the Pipelines' OwnedGrads that free gradients, which the optimizers' steps are checked
+# against (_checked_step: torch's global step pre-hook, registered with the first)
+_OWNING: "weakref.WeakSet[OwnedGrads]" = weakref.WeakSet()
+_hooked: list[Any] = []
+
+
+def _checked_step(opt: Any, args: Any, kwargs: Any) -> None:
+    """Before any torch optimizer's ``step()`` in this process: raise
+    RuntimeError where it steps a parameter whose gradient a job keeps on
+    one dp replica alone (``OwnedGrads``) and it is not the stage-2
+    ``engine.ZeroRedundancyOptimizer`` that dealt it so (its share's own
+    optimizer is stepped from it): a plain optimizer, a stage-1 one, or a
+    stage-2 one made before another took the parameter, would skip the
+    gradients freed on the other replicas (or step with none), and the
+    replicas' weights would part with nothing said. Every replica holds
+    the same optimizer, so every one raises, before anything is stepped."""
+    if not _OWNING or getattr(opt, "_zero_share", False):
+        return
+    dealt: dict[int, int] = {}
+    if getattr(opt, "stage", None) == 2 and hasattr(opt, "owner"):
+        dealt = {id(p): r for p, r in zip(opt.params, opt.owner)}
+    for owned in list(_OWNING):
+        for grp in opt.param_groups:
+            for p in grp["params"]:
+                r = owned.owner.get(id(p))
+                if r is not None and dealt.get(id(p)) != r:
+                    raise RuntimeError(
+                        f"rank {owned.pipe.pp.ranks[owned.pipe.pp.rank]}: "
+                        f"{type(opt).__name__}.step(): the gradient of its {tuple(p.shape)} "
+                        f"parameter is kept by dp replica {r} alone (ZeRO stage 2: the newest "
+                        f"engine.ZeroRedundancyOptimizer(..., stage=2) over it; the other "
+                        f"replicas' .grad is None), so this step would skip it there and the "
+                        f"replicas' weights would part; nothing stepped: step that optimizer, "
+                        f"or make engine.ZeroRedundancyOptimizer(..., stage=1) over these "
+                        f"parameters (the job then averages their gradients on every replica "
+                        f"and keeps them) and step again")
 
 
 class OwnedGrads:
@@ -65,6 +106,13 @@ class OwnedGrads:
                 self.owner.pop(id(p), None)
             else:
                 self.owner[id(p)] = int(owners[i])
+        if self.owner:
+            _OWNING.add(self)
+            if not _hooked:     # (once a process; it returns at once where no job frees)
+                from torch.optim.optimizer import register_optimizer_step_pre_hook
+                _hooked.append(register_optimizer_step_pre_hook(_checked_step))
+        else:
+            _OWNING.discard(self)
 
     def owners(self, s: int) -> list[int | None]:
         """Each of stage ``s``'s gradients' owner (its dp index), None where

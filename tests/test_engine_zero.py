@@ -561,12 +561,13 @@ def _combined_worker(world):
       decides: the biases averaged and kept everywhere), measured overhead
       (job.retime() re-times it after a step), and the whole state saved,
       broadcast (tuples as lists) and loaded into the same optimizers each
-      step, then saved again."""
+      step, then saved again;
+    then a plain AdamW over the "zb-v" stage-2 job's parameters."""
     import torch
     torch.set_num_threads(1)
     grid = mesh.grid(world, dp=2, pp=2)
     d = grid.coord("dp")
-    out = {}
+    out = {"rank": world.rank}
 
     def make(job, params, stage):
         return engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, job, stage=stage,
@@ -624,6 +625,18 @@ def _combined_worker(world):
                                 for o in z for p in o.params),
                     "freed": sum(p.grad is None for o in z for p in o.params),
                     "retimed": retimed}
+        if way == "zb-v":   # a plain AdamW over the stage-2 job's parameters: refused
+            plain = torch.optim.AdamW(jobs[1].parameters(), lr=LR)
+            for then in ("refused", "stepped"):
+                plain.zero_grad()
+                jobs[1].step(x, y)
+                try:
+                    plain.step()
+                    out[then] = "stepped"
+                except RuntimeError as e:
+                    out[then] = str(e)
+                make(jobs[1], jobs[1].parameters(), 1)     # (the average everywhere again)
+            out["sums"] = [float(p.double().sum()) for p in jobs[1].parameters()]
     return out
 
 
@@ -637,7 +650,9 @@ def test_zero2_in_the_schedules_and_ways_a_user_reaches_trains_as_stage_1():
     loaded each step. job.retime() made the freed gradients whole again
     (its dry run's sizes read through grads()); a state broadcast (tuples
     as lists) and loaded was then refused by optimizer_state_dict at pp=2
-    ("betas is (0.9, 0.999) on rank 0 but [0.9, 0.999] on rank 1")."""
+    ("betas is (0.9, 0.999) on rank 0 but [0.9, 0.999] on rank 1"); a plain
+    AdamW over a stage-2 job's parameters stepped each replica's share only,
+    the replicas' weights parting silently: now refused on every replica."""
     pytest.importorskip("torch")
     results = mesh.spawn(_combined_worker, 4, timeout=220, env=PATIENT)
     for way in ("zb-v", "interleaved", "switched"):
@@ -651,3 +666,13 @@ def test_zero2_in_the_schedules_and_ways_a_user_reaches_trains_as_stage_1():
         stage1, stage2 = results[0][way]["weights"]
         _same(stage2, stage1, f"{way} weights")
     assert results[0]["switched"]["retimed"] == [True] * 3
+    # a plain optimizer stepping what a stage-2 one dealt would skip the freed gradients,
+    # each replica stepping its share only: refused on every replica, nothing stepped;
+    # after a stage-1 one over them, it steps, the replicas alike
+    for res in results:
+        assert res["refused"].startswith(f"rank {res['rank']}: AdamW.step(): the gradient "
+                                         f"of its ") and "is kept by dp replica" in \
+            res["refused"] and "nothing stepped" in res["refused"], res["refused"]
+        assert res["stepped"] == "stepped", res["stepped"]
+    for r in (0, 1):
+        assert results[r]["sums"] == results[r + 2]["sums"], (results[r], results[r + 2])
