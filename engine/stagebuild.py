@@ -270,22 +270,74 @@ def untie(built: list[list[Any] | None], counts: Sequence[int],
     here its own copy, and return each tie's (stage, its copy) for the
     stages built here. ``present``: the layers to look in, by stage (by
     default the built ones; a stage this rank does not build still shows
-    its existing modules, so every rank finds the same ties)."""
+    its existing modules, so every rank finds the same ties).
+    A copy is put in the model's own modules (a stage is made of them),
+    on the ranks that build its stage only, and marked there as the copy
+    of its parameter (``_UNTIED``): a later cut of the same model object
+    (engine.distribute or partition called again) sees it as the parameter
+    itself, so every rank finds the same ties again, and keeps it (a job
+    still running trains it; one stage holding both is given the parameter
+    back, tied as the model built it). Unmarked, rank 0 (the embedding's
+    stage) found the tie, the head's rank its own copy and none: rank 0
+    alone broadcast the tie's value, and both waited out their timeout."""
     first = list(itertools.accumulate(counts, initial=0))
+    looked = built if present is None else present
+    back = _untied_copies([layer for ls in looked for layer in ls or []])
     owners: dict[int, tuple[str, Any, list[int]]] = {}
-    for s, ls in enumerate(built if present is None else present):
+    for s, ls in enumerate(looked):
         for j, layer in enumerate(ls or []):
             for name, p in layer_params(layer):
+                p = back.get(id(p), p)          # (an earlier cut's copy: the parameter)
                 entry = owners.setdefault(id(p), (f"{first[s] + j}.{name}", p, []))
                 if s not in entry[2]:
                     entry[2].append(s)
+    copied = {id(p) for p in back.values()}
     ties: dict[Tie, list[tuple[int, Any]]] = {}
     for name, p, stages in owners.values():
         if len(stages) > 1:
-            ties[Tie(name, tuple(stages))] = [
-                (s, p if s == stages[0] else _copy_into(built[s] or [], p))
-                for s in stages if built[s] is not None]
+            ties[Tie(name, tuple(stages))] = [(s, _held(built[s] or [], p, back, s == stages[0]))
+                                              for s in stages if built[s] is not None]
+        elif id(p) in copied and built[stages[0]] is not None:   # one stage holds them all
+            _held(built[stages[0]] or [], p, back, True)
     return ties
+
+
+_UNTIED = "_engine_untied"
+"""A module's (an engine.layers layer's) attribute: ``{name: (copy,
+parameter)}`` for each copy of a tied parameter that ``untie`` put there."""
+
+
+def _untied_copies(layers: list[Any]) -> dict[int, Any]:
+    """The copies of tied parameters that an earlier ``untie`` put in these
+    layers (their modules) and that they still hold, by id: each the
+    parameter it copies."""
+    back: dict[int, Any] = {}
+    for layer in layers:
+        for mod in layer.modules() if is_module(layer) else [layer]:
+            marks = getattr(mod, "__dict__", {}).get(_UNTIED, {})
+            for name, (c, p) in marks.items():
+                if (mod._parameters if is_module(mod) else vars(mod)).get(name) is c:
+                    back[id(c)] = p
+    return back
+
+
+def _held(layers: list[Any], p: Any, back: dict[int, Any], first: bool) -> Any:
+    """What stage ``layers`` hold of tied parameter ``p`` (itself or an
+    earlier cut's copies of it), made one object: ``p`` in the tie's first
+    stage (or where it is held itself), else a copy (an earlier cut's kept:
+    a job of that cut trains it; a new one where the stage holds ``p``)."""
+    objs = list({id(q): q for layer in layers for _, q in layer_params(layer)
+                 if back.get(id(q), q) is p}.values())
+    if not objs:
+        return p
+    if first or any(q is p for q in objs):
+        keep = p
+    else:
+        keep = objs[0]
+    for q in objs:
+        if q is not keep:
+            _copy_into(layers, q, keep, of=p)
+    return keep if keep is not p or first else _copy_into(layers, p, of=p)
 
 
 def declared_tie(built: list[list[Any] | None], counts: Sequence[int], names: list[str],
@@ -327,9 +379,12 @@ def declared_tie(built: list[list[Any] | None], counts: Sequence[int], names: li
     return {Tie(names[0], stages): members} if len(stages) > 1 else {}
 
 
-def _copy_into(layers: list[Any], p: Any, copy: Any = None) -> Any:
+def _copy_into(layers: list[Any], p: Any, copy: Any = None, of: Any = None) -> Any:
     """Replace ``p`` by ``copy`` (default: a new copy of p) wherever
-    ``layers`` hold it; return what replaced it."""
+    ``layers`` hold it; return what replaced it. ``of``: the tied
+    parameter that ``copy`` stands for (``untie``'s), marked on each module
+    where it now sits (``_UNTIED``; the mark taken off where ``copy`` is
+    that parameter)."""
     torch = torch_module()
     if torch is not None and isinstance(p, torch.nn.Parameter):
         if copy is None:
@@ -339,10 +394,24 @@ def _copy_into(layers: list[Any], p: Any, copy: Any = None) -> Any:
                 for name, q in list(mod._parameters.items()):
                     if q is p:
                         setattr(mod, name, copy)
+                        _mark(mod, name, copy, of)
         return copy
     copy = p.copy() if copy is None else copy
     for layer in layers:
         for name, q in list(vars(layer).items()):
             if q is p:
                 setattr(layer, name, copy)
+                _mark(layer, name, copy, of)
     return copy
+
+
+def _mark(holder: Any, name: str, copy: Any, of: Any) -> None:
+    """Note on ``holder`` that its ``name`` is a copy of tied parameter
+    ``of`` (``untie``), or, where it is that parameter, no more."""
+    if of is None:
+        return
+    marks = holder.__dict__.setdefault(_UNTIED, {})
+    if copy is of:
+        marks.pop(name, None)
+    else:
+        marks[name] = (copy, of)

@@ -1,0 +1,173 @@
+"""One model object distributed (partitioned, parallelized) twice.
+
+A user distributes the same model again to change the plan or the
+schedule, or re-runs a notebook cell: the second job is made from the
+model as it now is, with the first job kept or dropped. A model whose
+embedding and head share one weight (tied) hung there: the first cut
+untied the head's copy in the model's own module on the head's rank
+only, so the second cut found the tie on the embedding's rank alone,
+which broadcast its value to a rank that never came (engine.stagebuild's
+``untie``). Short timeouts: a hang fails in seconds, not the 60 s default.
+"""
+import copy
+
+import numpy as np
+import pytest
+
+import engine
+import mesh
+from engine.layers import Linear, Sequential, Tanh, mse_loss, sgd
+from engine.torch_stage import torch_loss
+
+LR, TIMEOUT = 0.1, 15
+PATIENT = {"MESH_PEER_TIMEOUT": "60"}
+
+
+def _torch_model(tied):
+    import torch
+    from torch import nn
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                          nn.Linear(4, 8, bias=False)).double()
+    if tied:
+        model[4].weight = model[0].weight
+    return model
+
+
+def _numpy_model(tied):
+    rng = np.random.default_rng(7)
+    model = Sequential(Linear(4, 4, rng), Tanh(), Linear(4, 4, rng), Tanh(), Linear(4, 4, rng))
+    if tied:
+        model.layers[4].weight = model.layers[0].weight
+    return model
+
+
+def _ids_loss(out, t):
+    import torch
+    return torch.nn.functional.cross_entropy(out.flatten(0, 1), t.flatten())
+
+
+def _batch(kind):
+    rng = np.random.default_rng(3)
+    if kind == "torch":
+        import torch
+        return (torch.from_numpy(rng.integers(0, 8, (4, 3))),
+                torch.from_numpy(rng.integers(0, 8, (4, 3))))
+    return rng.standard_normal((4, 4)), rng.standard_normal((4, 4))
+
+
+def _redistributed(world, kind, tied, keep):
+    """Distribute one model twice over pp=2 (the first job kept or
+    dropped), then one SGD step of the second; its loss and state (rank 0)."""
+    if kind == "torch":
+        import torch
+        torch.set_num_threads(1)
+    model = _torch_model(tied) if kind == "torch" else _numpy_model(tied)
+    loss_fn = _ids_loss if kind == "torch" else mse_loss
+    grid = mesh.grid(world, pp=2)
+    first = engine.distribute(model, grid, schedule="1f1b", microbatches=2, balance=[2, 3],
+                              loss_fn=loss_fn, verbose=False, timeout=TIMEOUT)
+    if not keep:
+        del first
+    else:
+        assert first.parameters()       # (alive until the second job is made)
+    job = engine.distribute(model, grid, schedule="gpipe", microbatches=2, balance=[2, 3],
+                            loss_fn=loss_fn, verbose=False, timeout=TIMEOUT, tag_base=1 << 20)
+    loss = job.step(*_batch(kind))
+    if kind == "torch":
+        import torch
+        torch.optim.SGD(job.parameters(), lr=LR).step()
+    else:
+        sgd(job.stages, LR)
+    state = job.state_dict()
+    if state is not None:
+        state = {k: np.array(v.detach() if kind == "torch" else v) for k, v in state.items()}
+    return loss, state
+
+
+def _one_process(kind, tied):
+    """The same step on one process, on a fresh model: its loss and state."""
+    x, y = _batch(kind)
+    if kind == "torch":
+        import torch
+        model = _torch_model(tied)
+        loss = _ids_loss(model(x), y)
+        loss.backward()
+        torch.optim.SGD(model.parameters(), lr=LR).step()
+        return float(loss.detach()), {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    model = _numpy_model(tied)
+    out, ctx = model.forward(x)
+    loss, grad = mse_loss(out, y)
+    model.backward(ctx, grad)
+    for layer in model.layers:
+        sgd([layer], LR)        # (a shared weight: each layer's gradient taken off in turn)
+    return loss, {f"{i}.{j}": np.array(p) for i, layer in enumerate(model.layers)
+                  for j, p in enumerate(layer.params())}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+@pytest.mark.parametrize("tied,keep", [(True, False), (True, True), (False, False)])
+def test_distributing_one_model_twice_trains_as_one_process(kind, tied, keep):
+    """The second job of one model object, tied or not, the first job kept
+    or dropped, trains as one process trains a fresh copy (the tied case
+    hung in the second distribute's tie broadcast on the embedding's rank)."""
+    if kind == "torch":
+        pytest.importorskip("torch")
+    want_loss, want = _one_process(kind, tied)
+    got = mesh.spawn(_redistributed, 2, kind, tied, keep, timeout=120, env=PATIENT)
+    losses = [loss for loss, _ in got if loss is not None]
+    assert losses and all(abs(loss - want_loss) < 1e-10 for loss in losses), (losses, want_loss)
+    state = got[0][1]
+    assert sorted(state) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(state[k], want[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def _partitioned_twice(world):
+    """engine.partition of one tied model twice, a Pipeline of each."""
+    import torch
+    torch.set_num_threads(1)
+    model = _torch_model(True)
+    sched = engine.schedules.gpipe(2, 2)
+    pp = world.group(list(range(world.size)))
+    out = []
+    for tag in (0, 1 << 20):
+        parts = engine.partition(model, 2, balance=[2, 3], stages=[world.rank])
+        pipe = engine.Pipeline(pp, parts[world.rank], sched, loss_fn=torch_loss(_ids_loss),
+                               timeout=TIMEOUT, tag_base=tag)
+        out.append((parts.ties, pipe.step(*_batch("torch"))))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_partitioning_one_tied_model_twice_finds_the_same_ties():
+    """engine.partition of the same tied model again (its Pipeline built):
+    every rank finds the tie again, and the second Pipeline runs as the
+    first (it hung in the tie's broadcast, which rank 0 alone made)."""
+    pytest.importorskip("torch")
+    got = mesh.spawn(_partitioned_twice, 2, timeout=100, env=PATIENT)
+    for ties, _ in got[0] + got[1]:
+        assert [(t.name, t.stages) for t in ties] == [("0.weight", (0, 1))]
+    losses = [loss for _, loss in got[1]]
+    assert losses[0] is not None and abs(losses[0] - losses[1]) < 1e-12
+
+
+def test_untie_twice_keeps_the_copy_and_reties_one_stage():
+    """Without processes: a second cut of one model keeps the first's copy
+    of the head's weight (a job of the first cut trains it), and a cut
+    that puts embedding and head in one stage makes them one parameter
+    again, as the model was built."""
+    pytest.importorskip("torch")
+    model = _torch_model(True)
+    shared = model[0].weight
+    parts = engine.partition(model, 2, balance=[2, 3])
+    assert model[4].weight is not shared and model[0].weight is shared
+    copied = model[4].weight
+    again = engine.partition(model, 2, balance=[3, 2])
+    assert [(t.name, t.stages) for t in again.ties] == [("0.weight", (0, 1))]
+    assert model[4].weight is copied and parts.ties == again.ties
+    whole = engine.partition(model, 1)
+    assert model[4].weight is shared and not whole.ties
+    split = engine.partition(copy.deepcopy(model), 2, balance=[2, 3])      # (a copy: as made)
+    assert [(t.name, t.stages) for t in split.ties] == [("0.weight", (0, 1))]
