@@ -149,8 +149,9 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     cut = None if apart else next(iter(cuts), None)
     ends = [[s, *e] for s, e in (edges or {}).items() if any(e)]
     broke = None if failed is None else f"{type(failed).__name__}: {failed}"[:400]
+    ties = sorted({(tie.name, *tie.stages) for o in given for tie, _ in getattr(o, "tied", ())})
     told = collectives.all_gather_object(pp, [schedule.name, said, tag_base, cut, apart, ends,
-                                              broke], timeout=timeout)  # (raised by every rank)
+                                              broke, ties], timeout=timeout)  # (by every rank)
     if failed is not None:
         raise failed
     if edges is not None:
@@ -161,6 +162,7 @@ def _given_alike(pp: Comm, schedule: Schedule, tag_base: int, given: Sequence[An
     if faults:
         raise ValueError(f"{me}: {apart or faults[0]}")
     _broke(me, [t[6] for t in told])
+    _same_ties(me, schedule, [[tuple(t) for t in word[7]] for word in told])
     told = [t[:4] for t in told]
     kinds: dict[tuple, list[int]] = {}
     for r, (name, digest, base, _) in enumerate(told):
@@ -188,6 +190,24 @@ def _broke(me: str, words: Sequence[str | None]) -> None:
         err = MeshError(f"{me}: failed on pp rank {r}: {text}")
         err.from_abort = True       # type: ignore[attr-defined]
         raise err
+
+
+def _same_ties(me: str, schedule: Schedule, ties: list[list[tuple[Any, ...]]]) -> None:
+    """Every pp rank holding a stage of a tied parameter marks it alike
+    (``ties``: each pp rank's ``(name, *stages)``, engine.tied): a rank
+    alone with a tie broadcast its value to one that never came, and both
+    waited out their timeout (a model whose weights are shared on some
+    ranks only; before engine.stagebuild's marks, one distributed twice)."""
+    for tie in sorted({t for mine in ties for t in mine}):
+        name, stages = tie[0], tie[1:]
+        owners = sorted({schedule.rank_of(s) for s in stages if 0 <= s < schedule.num_stages})
+        lack = [r for r in owners if tie not in ties[r]]
+        if lack:
+            raise ValueError(
+                f"{me}: pp ranks {[r for r in owners if r not in lack]} mark tied parameter "
+                f"{name!r} (stages {list(stages)}) on their stages, pp ranks {lack}, which hold "
+                "stages of it too, do not: every rank must cut the same model, its parameters "
+                "shared alike (an embedding tied to its head on every rank)")
 
 
 def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],

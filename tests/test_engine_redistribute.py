@@ -171,3 +171,33 @@ def test_untie_twice_keeps_the_copy_and_reties_one_stage():
     assert model[4].weight is shared and not whole.ties
     split = engine.partition(copy.deepcopy(model), 2, balance=[2, 3])      # (a copy: as made)
     assert [(t.name, t.stages) for t in split.ties] == [("0.weight", (0, 1))]
+
+
+def _tied_on_rank_0_only(world):
+    """A model whose head shares the embedding's weight on rank 0 only (the
+    same values elsewhere, so the models' fingerprints agree)."""
+    import torch
+    torch.set_num_threads(1)
+    model = _torch_model(world.rank == 0)
+    if world.rank:
+        model[4].weight = torch.nn.Parameter(model[0].weight.detach().clone())
+    try:
+        engine.distribute(model, mesh.grid(world, pp=2), schedule="1f1b", microbatches=2,
+                          balance=[2, 3], loss_fn=_ids_loss, verbose=False, timeout=TIMEOUT)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_a_weight_shared_on_some_ranks_only_is_refused_on_every_rank():
+    """The pp ranks' ties are compared where the Pipeline checks their cut:
+    a tie that one rank marks and the other does not is refused on both at
+    once, naming it (rank 0 broadcast the tie's value alone, and both
+    waited out their timeout)."""
+    pytest.importorskip("torch")
+    got = mesh.spawn(_tied_on_rank_0_only, 2, timeout=100, env=PATIENT)
+    for rank, said in enumerate(got):
+        assert said is not None and said.startswith(f"rank {rank}: Pipeline on group"), said
+        assert ("pp ranks [0] mark tied parameter '0.weight' (stages [0, 1]) on their stages, "
+                "pp ranks [1], which hold stages of it too, do not") in said
