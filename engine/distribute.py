@@ -79,8 +79,9 @@ from .traced import Reshaped, few, given_as_returned, sequential, traceable
 from .torch_stage import TorchStage, patterns_of, torch_loss
 from .tp_layers import refuse_fed_whole
 from .agree import DistributeFailed, GatherFailed, _raised, _told
-from .given import (_agreed_sample, _as_grid, _checkpoint_model, _copied, _cut, _is_torch,
-                    _model_layers, _recompute_names, _same_model, _size, _takes_two, _valid_balance)
+from .given import (_agreed_sample, _as_grid, _checkpoint_model, _copied, _cut, _held_before,
+                    _is_torch, _mark_held, _model_layers, _not_sharded, _recompute_names,
+                    _same_model, _size, _takes_two, _valid_balance)
 from .layer_timing import _exchange, _median_act, _profile, _profile_stages, _timing
 from .measured_choice import (_grad_bytes, _measured_choice, _shared_walls, _stage_grads,
                               _stage_messages, _stretch, _stretched, fitted_load)
@@ -216,6 +217,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if not patterns and recompute not in (False, True, "auto"):
             raise ValueError(f"recompute={recompute!r}: True, False, 'auto' or submodule name "
                              "patterns (a str or a list of them)")
+        _not_sharded(model)         # (an earlier distribute's plan= cut it in place)
         on_meta = _on_meta(model)
         source = model
         own_loss: Any = None        # the traced model's own loss, where it is the pipeline's
@@ -303,7 +305,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             _recompute_names(source, patterns, traced=source is not model)
     except (TypeError, ValueError) as e:
         fault = e
-    _same_model(grid, named, is_torch, fault, timeout)
+    _same_model(grid, named, is_torch, fault, timeout,
+                None if fault is not None else _held_before(source, len(named)))
     assert loss_fn is not None
     # this rank's own error in the work up to the profile (the plan applied: a
     # KeyboardInterrupt), told in its first exchange (or, with nothing measured, the cut's)
@@ -460,6 +463,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     except BaseException as e:
         failed = e
     _told(grid.comm, failed, timeout)
+    # (a later distribute of this object refuses layers trained on other ranks only)
+    _mark_held(source, L, [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))])
     if on_meta:
         bare = [f"stage {s}: {name}" for s in mine for name in made[s][0]]
         unsaved = [f"stage {s}: {name}" for s in mine for name in made[s][1]]

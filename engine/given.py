@@ -22,6 +22,7 @@ from .pipeline_args import _retold, rows_of
 from .tensor_parallel import tensor_bytes
 from .traced import called_whole, traceable
 from .torch_stage import checkpoint_modules
+from .tp_layers import sharded_layers
 from .tp_plan import digest, named_by
 
 
@@ -73,6 +74,56 @@ def _fingerprint(layer: Any, is_torch: bool) -> tuple[str, str | None]:
     return f"{type(layer).__name__}({make})", digest(a.tobytes() for a in arrays)
 
 
+_HELD = "_engine_held"
+"""A model object's attribute, set by engine.distribute on each rank: its
+layer count and the layers this rank's stages took, in its last job."""
+
+
+def _holder(model: Any) -> Any:
+    """Where a model's ``_HELD`` mark is: the model object, a list's first layer."""
+    return (model[0] if model else None) if isinstance(model, (list, tuple)) else model
+
+
+def _held_before(model: Any, n: int) -> tuple[int, ...] | None:
+    """The layers this rank's stages took in the last engine.distribute of
+    this model object (of ``n`` layers then too), or None."""
+    mark = getattr(_holder(model), "__dict__", {}).get(_HELD)
+    return tuple(mark[1]) if mark is not None and mark[0] == n else None
+
+
+def _mark_held(model: Any, n: int, held: Sequence[int]) -> None:
+    """Note on the model object (a list's first layer) the layers this
+    rank's stages took (``_held_before``)."""
+    if hasattr(_holder(model), "__dict__"):
+        _holder(model).__dict__[_HELD] = (n, tuple(held))
+
+
+def _not_sharded(model: Any) -> None:
+    """Refuse a model whose layers a tensor-parallel plan sharded already
+    (engine.parallelize, in place: an earlier engine.distribute's plan):
+    each rank holds its own part of them, which distribute cannot cut
+    again (it refused them as a model that differs across the ranks)."""
+    if _is_torch(model):
+        cut = [n or type(model).__name__ for n, m in model.named_modules() if hasattr(m, "_tp")]
+    elif isinstance(model, _layers.Sequential):
+        cut = [str(i) for i, layer in enumerate(model.layers) if sharded_layers(layer)]
+    elif isinstance(model, (list, tuple)):
+        cut = [f"{i}.{n}" if n else str(i) for i, m in enumerate(model)
+               for n, sub in (m.named_modules() if _is_torch(m) else [("", m)])
+               if hasattr(sub, "_tp") or (not _is_torch(m) and sharded_layers(m))]
+    else:
+        return
+    if cut:
+        raise ValueError(
+            f"the model's {', '.join(repr(n) for n in cut[:4])}{' ...' if len(cut) > 4 else ''}"
+            " are tensor-parallel shards already: engine.parallelize cut them in place (a "
+            "plan= of an earlier engine.distribute of this model object), and each rank holds "
+            "its own part; distribute shards the whole model itself: give it a fresh copy "
+            "(copy.deepcopy(model) before the first distribute, or the model built again; "
+            "a trained job's weights: new_job.load_state_dict(state), state being "
+            "job.state_dict())")
+
+
 def _takes_two(loss_fn: Callable[..., Any]) -> None:
     """Raise unless ``loss_fn`` can be called as ``loss_fn(output, target)``
     (where Python can tell: a builtin may not say)."""
@@ -92,7 +143,8 @@ def _cut(text: str, most: int = 300) -> str:
 
 
 def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
-                fault: BaseException | None = None, timeout: float | None = None) -> None:
+                fault: BaseException | None = None, timeout: float | None = None,
+                held: Sequence[int] | None = None) -> None:
     """Raise on every rank, before anything is measured or cut, unless every
     rank built the same model: as many layers, each of the same make; and,
     within each dp replica (whose pp and tp ranks cut their stages and
@@ -103,14 +155,18 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
     the others waited for this rank in their next collective). An error
     as this rank takes its model's fingerprint (a KeyboardInterrupt as it
     hashes the weights) is told so too: raised here, DistributeFailed on
-    the others."""
+    the others. ``held``: the layers this rank's stages took in an earlier
+    distribute of this model object (``_held_before``): a layer whose
+    values there differ from those of a rank that did not take it (trained
+    by that job) is refused, naming both (each rank's copy holds its own
+    stages' training only)."""
     said: Any = None if fault is None else [type(fault).__name__, str(fault)]
     own: BaseException | None = None
     try:
         prints = [_fingerprint(layer, is_torch) for _, layer in named]
     except BaseException as e:
         own, prints, said = e, [], [type(e).__name__, str(e), True]
-    mine = (_coord(grid, "dp"), prints, said)
+    mine = (_coord(grid, "dp"), prints, said, None if held is None else list(held))
     everyone = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
     _raised(own)
     if fault is not None:
@@ -148,6 +204,20 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
         if len(makes) > 1:
             raise ValueError(f"{who}: {label(i)} is " + "; ".join(
                 f"{_cut(m)} on ranks {rs}" for m, rs in makes) + f"; {fix}")
+    marked = [r for r in world if everyone[r][3] is not None]
+    for i in range(len(named)):
+        holders = [r for r in marked if i in everyone[r][3]]
+        trained = {everyone[r][1][i][1] for r in holders}
+        stale = [r for r in marked if r not in holders and everyone[r][1][i][1] not in trained]
+        if len(trained) == 1 and None not in trained and stale:
+            raise ValueError(
+                f"rank {grid.comm.rank}: engine.distribute: this model object was distributed "
+                f"before, and {label(i)} holds other values on ranks {stale} than on ranks "
+                f"{holders}, whose stages took it then (and trained it, or took dp replica 0's "
+                "values): each rank's copy of the model holds its own stages' training only. "
+                "Distribute a fresh copy (copy.deepcopy(model) before the first distribute, or "
+                "the model built again) and load the trained weights into the new job "
+                "(new_job.load_state_dict(state) on every rank, state being job.state_dict())")
     for dp, replica in by(lambda r: everyone[r][0], world):
         for i in range(len(named)):
             values = by(lambda r: everyone[r][1][i][1], replica)

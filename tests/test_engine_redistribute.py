@@ -201,3 +201,100 @@ def test_a_weight_shared_on_some_ranks_only_is_refused_on_every_rank():
         assert said is not None and said.startswith(f"rank {rank}: Pipeline on group"), said
         assert ("pp ranks [0] mark tied parameter '0.weight' (stages [0, 1]) on their stages, "
                 "pp ranks [1], which hold stages of it too, do not") in said
+
+
+def _trained_then_again(world, as_list, regrid):
+    """A job trains a step; the same model object distributed again (the
+    error each rank raises), on the same grid or over dp; then the way out:
+    a copy made before the first distribute, distributed, the trained state
+    loaded (rank 0's, sent)."""
+    import torch
+    import collectives
+    torch.set_num_threads(1)
+    model = _torch_model(False)
+    model = list(model) if as_list else model
+    fresh = copy.deepcopy(model)
+    grid = mesh.grid(world, pp=2)
+    kw = dict(schedule="1f1b", microbatches=2, balance=[2, 3], loss_fn=_ids_loss,
+              verbose=False, timeout=TIMEOUT)
+    job = engine.distribute(model, grid, **kw)
+    job.step(*_batch("torch"))
+    torch.optim.SGD(job.parameters(), lr=LR).step()
+    try:
+        if regrid:      # (replicas are not compared: each rank's stale layers went unseen)
+            engine.distribute(model, mesh.grid(world, dp=2, pp=1), schedule="gpipe",
+                              microbatches=1, balance="uniform", loss_fn=_ids_loss,
+                              verbose=False, timeout=TIMEOUT, tag_base=1 << 20)
+        else:
+            engine.distribute(model, grid, tag_base=1 << 20, **kw)
+        said = None
+    except ValueError as e:
+        said = str(e)
+    state = job.state_dict()
+    again = engine.distribute(fresh, grid, tag_base=2 << 20, **kw)
+    again.load_state_dict(collectives.broadcast_state(world, state, root=0))
+    loaded = again.state_dict()
+    same = None if state is None else all(torch.equal(state[k], loaded[k]) for k in state)
+    return said, same
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("as_list,regrid", [(False, False), (True, False), (False, True)])
+def test_a_trained_model_distributed_again_is_refused_saying_why(as_list, regrid):
+    """After a job trained, each rank's copy of the model holds its own
+    stages' training only: distributing that object (an nn.Sequential, a
+    list of layers) again is refused on every rank at once, naming the
+    layer, the ranks and the way out (it was refused as a model "built"
+    differently on the ranks, seeded apart; over dp, whose replicas are not
+    compared, it took rank 0's stale layers without a word), and the way
+    out (a copy, the state loaded) holds the trained weights."""
+    pytest.importorskip("torch")
+    got = mesh.spawn(_trained_then_again, 2, as_list, regrid, timeout=100, env=PATIENT)
+    for rank, (said, _) in enumerate(got):
+        assert said is not None and said.startswith(f"rank {rank}: engine.distribute: this "
+                                                    "model object was distributed before")
+        assert "layer 0 ('0') holds other values on ranks [1] than on ranks [0]" in said
+        assert "copy.deepcopy(model)" in said and "load_state_dict" in said
+    assert got[0][1] is True
+
+
+def _sharded_then_again(world, kind, plan_again):
+    if kind == "torch":
+        import torch
+        from torch import nn
+        torch.set_num_threads(1)
+        torch.manual_seed(7)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+        loss_fn = torch.nn.functional.mse_loss
+    else:
+        rng = np.random.default_rng(7)
+        model = Sequential(Linear(4, 8, rng), Tanh(), Linear(8, 4, rng))
+        loss_fn = mse_loss
+    grid = mesh.grid(world, pp=1, tp=2)
+    plan = {"0": "colwise", "2": "rowwise"}
+    kw = dict(schedule="gpipe", microbatches=1, balance="uniform", loss_fn=loss_fn,
+              verbose=False, timeout=TIMEOUT)
+    engine.distribute(model, grid, plan=plan, **kw)
+    try:
+        engine.distribute(model, grid, plan=plan if plan_again else None, tag_base=1 << 20, **kw)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_a_model_sharded_by_a_plan_distributed_again_is_refused(kind):
+    """A plan shards the model in place (each rank keeps its part):
+    distributing it again, with a plan or without, is refused on every
+    rank at once, naming the sharded layers and the way out (it was refused
+    as a model "built" differently on the ranks, seeded apart)."""
+    if kind == "torch":
+        pytest.importorskip("torch")
+    for plan_again in (True, False):
+        got = mesh.spawn(_sharded_then_again, 2, kind, plan_again, timeout=100, env=PATIENT)
+        for rank, said in enumerate(got):
+            assert said is not None and said.startswith(
+                f"rank {rank}: engine.distribute: the model's '0', '2' are tensor-parallel "
+                "shards already"), said
+            assert "copy.deepcopy(model)" in said
