@@ -22,6 +22,48 @@ from backends import Cell, backend
 # installed (the fork server skips a module that does not import)
 os.environ.setdefault("MESH_SPAWN_PRELOAD", "pytest,collectives,engine,torch,torch._dynamo")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compile_the_tree() -> list[str]:
+    """Where bytecode is not written (PYTHONDONTWRITEBYTECODE=1, as on the CI
+    machine), compile this tree's modules once, here, where each fresh
+    interpreter the suite starts (every meshrun, torchrun and mpirun rank, a
+    subprocess; each fork-server rank for its test module) compiled them from
+    source: mesh, collectives and engine 0.25 s of CPU a process (0.42 s to
+    import them, 0.15 s from bytecode), test_mesh_launch.py's CPU 29 s -> 20 s.
+    Returns the files it made, removed again at the session's end
+    (``pytest_unconfigure``); one already there is left as it is. Run in
+    pytest's process alone (``pytest_configure``), before any test starts
+    one, not in the ranks that import this module for PATHS."""
+    if not sys.dont_write_bytecode:
+        return []
+    import compileall
+    from importlib.util import cache_from_source
+    made = []
+    for package in ("mesh", "collectives", "engine", "tests", "examples"):
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    pyc = cache_from_source(path)
+                except ValueError:
+                    continue
+                new = not os.path.exists(pyc)
+                if compileall.compile_file(path, quiet=2) and new and os.path.exists(pyc):
+                    made.append(pyc)
+    return made
+
+
+_COMPILED: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _COMPILED.extend(_compile_the_tree())
+
+
 PATHS = {
     # every byte through ZeroMQ sockets, rings cut into many small segments
     "sockets": {"MESH_CMA": "0", "MESH_SHM": "0", "MESH_CUDA_IPC": "0",
@@ -101,3 +143,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 pass
         except PermissionError:
             continue
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The bytecode ``_compile_the_tree`` made goes again (PYTHONDONTWRITEBYTECODE
+    asked for none in the tree), with each __pycache__ folder it left empty."""
+    for pyc in _COMPILED:
+        try:
+            os.unlink(pyc)
+            os.rmdir(os.path.dirname(pyc))
+        except OSError:
+            pass
