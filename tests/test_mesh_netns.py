@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "scripts" / "netns_job.py"
 TORCH_JOB = REPO / "tests" / "scripts" / "netns_torch_job.py"
 P2P_JOB = REPO / "tests" / "scripts" / "netns_p2p_job.py"
+BOTH_JOB = REPO / "tests" / "scripts" / "netns_both_job.py"
 NODES_JOB = REPO / "tests" / "scripts" / "launch_nodes.py"
 ADDR = ["10.77.0.1", "10.77.0.2"]
 NAME = ["node0", "node1"]
@@ -282,7 +283,19 @@ def _check_topology(reports: list[dict], tcp_to: list[str] = ADDR, checked: int 
 
 @pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
 def test_two_hosts_tcp_across_ipc_within(hosts: Hosts, tmp_path: Path, curve: bool) -> None:
-    reports = _run_job(hosts, tmp_path, curve)
+    """2 ranks a host: ipc:// within a host, tcp:// across (--curve: encrypted).
+    Plain: then, in the same ranks (netns_both_job.py, a job less), a
+    16 MiB array each way between the hosts at once (into out= and a fresh
+    array), then small messages after them: the arrays go by the senders'
+    plain TCP streams (mesh.streams). (MESH_P2P_STREAM_MIN=0, through ZeroMQ
+    as before: the "pieces" case below, and tests/test_mesh_streams.py.)"""
+    reports = _run_job(hosts, tmp_path, curve,
+                       job=None if curve else [str(BOTH_JOB), str(16 << 20)])
+    if not curve:
+        p2p = _reports(tmp_path / "p2p")
+        assert p2p[0]["endpoints"][2].startswith("tcp://"), p2p[0]
+        assert [p2p[r]["streams"] for r in (0, 2)] == [[1, 1], [1, 1]], \
+            f"the 16 MiB arrays did not go by the streams: {p2p}"
     _check_topology(reports)
     assert all(rep["curve"] is curve for rep in reports)
     # the ring's links across the hosts ran over plain TCP streams
@@ -317,16 +330,6 @@ def test_a_message_slower_than_the_peer_timeout_arrives(hosts: Hosts, tmp_path: 
     assert reports[0]["endpoints"][2].startswith("tcp://"), reports[0]
     assert min(reports[r]["big"] for r in (0, 2)) > 4, reports    # (longer than the timeout)
     assert reports[0]["streams"] == ([1, 1] if stream == "stream" else [0, 0]), reports
-
-
-def test_large_arrays_across_hosts_go_by_stream(hosts: Hosts, tmp_path: Path) -> None:
-    """A 16 MiB array each way between the hosts at once (into out= and a
-    fresh array), then small messages after them: the arrays go by the
-    senders' plain TCP streams (mesh.streams). (MESH_P2P_STREAM_MIN=0, through
-    ZeroMQ as before: the "pieces" case above, and tests/test_mesh_streams.py.)"""
-    reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(16 << 20)])
-    assert reports[0]["endpoints"][2].startswith("tcp://"), reports[0]
-    assert [reports[r]["streams"] for r in (0, 2)] == [[1, 1], [1, 1]], reports
 
 
 def test_a_send_timing_out_midway_names_what_the_receiver_does(hosts: Hosts,
