@@ -1245,40 +1245,38 @@ def test_a_store_client_whose_connection_closes_while_it_connects_connects_again
         rdv._create_c10d_store("127.0.0.1", port, 0, 2, timedelta(seconds=10))
 
 
-def test_the_ddp_example_runs_unchanged_under_meshrun_then_gloo_leaves_no_mesh() -> None:
-    """(Under torchrun: test_mesh_torchrun.py's --standalone job runs it
-    after its own checks, in the same ranks.) Then the same ranks make a
-    gloo group: the mesh meshrun's env:// made for its store stayed open
-    after destroy_process_group (its threads mesh-zap and mesh-progress-r,
-    its heartbeats), where torchrun's leaves nothing."""
-    script = os.path.join(ROOT, "tests", "scripts", "torch_ddp_then_gloo.py")
-    cmd = [sys.executable, "-m", "mesh.launch", "-n", "2", script]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=rank_env(), cwd=ROOT)
-    assert out.returncode == 0, out.stdout + out.stderr
-    losses = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines()
-              if "loss" in line]
-    assert len(losses) == 6 and losses[-1] < losses[0], out.stdout
-    gloo = [line for line in out.stdout.splitlines() if "gloo: threads" in line]
-    assert len(gloo) == 2, out.stdout
-    for line in gloo:
-        assert "before ['MainThread'] during ['MainThread'] after ['MainThread'], mesh open " \
-               "False" in line, line
-
-
-def test_a_restarted_job_makes_its_process_group_anew_under_meshrun(tmp_path: Path) -> None:
+def test_a_restarted_job_makes_its_process_group_anew_then_the_ddp_example_and_gloo_run(
+        tmp_path: Path) -> None:
     """meshrun --max-restarts 1: rank 1 fails on the first try;
     init_process_group("meshrun") works in the ranks started again (a fresh
-    rendezvous) and the job resumes from its checkpoint. (3 s: torch imported
-    by 4 processes)"""
+    rendezvous) and the job resumes from its checkpoint. Then, in the same
+    ranks (a job less: torch imported by 2 processes fewer),
+    examples/torch_ddp.py runs unchanged (under torchrun:
+    test_mesh_torchrun.py's --standalone job runs it after its own checks,
+    in the same ranks), and then the same ranks make a gloo group: the mesh
+    meshrun's env:// made for its store stayed open after
+    destroy_process_group (its threads mesh-zap and mesh-progress-r, its
+    heartbeats), where torchrun's leaves nothing."""
     script = os.path.join(ROOT, "tests", "scripts", "launch_restart.py")
+    then = os.path.join(ROOT, "tests", "scripts", "torch_ddp_then_gloo.py")
     cmd = [sys.executable, "-m", "mesh.launch", "-n", "2", "--max-restarts", "1", script,
-           str(tmp_path), "torch", "1"]
+           str(tmp_path), "torch", "1", then]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=rank_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "RuntimeError: rank 1 fails at step 2 of try 0" in out.stderr
     assert "starting every rank again (restart 1 of 1" in out.stderr
     ends = sorted(line for line in out.stdout.splitlines() if '"restart": 1' in line)
-    assert len(ends) == 2 and all('"resumed_at": 3, "total": 8.0' in e for e in ends), out.stdout
+    assert len(ends) == 2 and all('"resumed_at": 3, "total": 8.0' in e for e in ends), \
+        f"the restarted job did not resume from its checkpoint:\n{out.stdout}"
+    losses = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines()
+              if "loss" in line]
+    assert len(losses) == 6 and losses[-1] < losses[0], \
+        f"the DDP example did not train after the restart:\n{out.stdout}"
+    gloo = [line for line in out.stdout.splitlines() if "gloo: threads" in line]
+    assert len(gloo) == 2, out.stdout
+    for line in gloo:
+        assert "before ['MainThread'] during ['MainThread'] after ['MainThread'], mesh open " \
+               "False" in line, f"a gloo group after the meshrun ones: {line}"
 
 
 def ddp_on_one_gpu(world: Any) -> float:

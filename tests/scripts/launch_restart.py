@@ -2,14 +2,16 @@
 again (meshrun --max-restarts, torchrun --max-restarts), for
 tests/test_mesh_launch.py and tests/test_collectives_torchdist.py:
 
-    launch_restart.py CKPT_DIR mesh|torch FAIL_TRIES
+    launch_restart.py CKPT_DIR mesh|torch FAIL_TRIES [THEN]
 
 It runs 4 steps of an all_reduce on mesh.init()'s world (mesh) or on
 torch.distributed's "meshrun" backend (torch), rank 0 saving the next step
 after each; rank 1 raises at step 2 on each try whose restart count is under
 FAIL_TRIES. Each rank prints where it starts (the try, its rendezvous
 port, run folder and secret) and how it ended: the try, the step it resumed
-from, the sum it got and the variables the launcher gave it."""
+from, the sum it got and the variables the launcher gave it. THEN: a script
+the ranks of the try that ends run after that, as ``python THEN`` would (a
+job less: each job's ranks import torch)."""
 import json
 import os
 import sys
@@ -76,3 +78,7 @@ print(json.dumps({"rank": rank, "restart": RESTART, "resumed_at": first, "total"
                   "env": {k: os.environ.get(k) for k in (
                       "MESH_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
                       "TORCHELASTIC_RUN_ID")}}), flush=True)
+if len(sys.argv) > 4:
+    import runpy
+    sys.argv = sys.argv[4:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
