@@ -58,10 +58,13 @@ def _port(node0: subprocess.Popen[str]) -> str:
     return line.split()[-1]
 
 
-def test_a_node_of_another_job_is_refused_and_the_job_goes_on() -> None:
-    """Job B waits for its second node; a node of job A (another secret)
-    pointed at B's rendezvous is refused and fails on its own, at once; then
-    B's real second node joins and B succeeds."""
+def test_nodes_of_another_job_or_world_size_fail_at_once_and_the_job_goes_on() -> None:
+    """Job B waits for its second node. A node of job A (another secret)
+    pointed at B's rendezvous is refused and fails on its own, at once; a
+    node of B launched with -n 3 against node 0's -n 2 (its ranks are of a
+    world of 6, node 0's of 4) fails at once naming the disagreement, and
+    node 0 says so as it waits; then B's real second node joins and B
+    succeeds. (One job for both strangers: a job less.)"""
     procs = [_start(*_node(0, 0), MESH_SECRET="secret-of-job-b")]
     try:
         port = _port(procs[0])
@@ -72,7 +75,23 @@ def test_a_node_of_another_job_is_refused_and_the_job_goes_on() -> None:
         assert stray.returncode == 1, err
         assert "refused our credentials: a different job secret" in err, err
         assert procs[0].poll() is None, "job B died of a stranger's attempt"
-        err0 = _second_node_joins(procs, port, "secret-of-job-b")
+        wrong = _start("--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                       "--master-port", port, "-n", "3", str(MESH_SCRIPT),
+                       MESH_SECRET="secret-of-job-b")
+        procs.append(wrong)
+        _, err1 = wrong.communicate(timeout=40)
+        assert wrong.returncode == 1, err1
+        assert "of world 6" in err1 and "cannot join a job of world size 4" in err1, err1
+        assert "the launchers disagree on the world size (-n, --nnodes)" in err1, err1
+        assert procs[0].stderr is not None
+        said = read = ""
+        while "the rendezvous refused a join" not in said:
+            said = procs[0].stderr.readline()
+            assert said, "node 0 ended without saying it refused the node of world 6"
+            read += said
+        assert "of world 6" in said and "ranks [2, 3]" in said, said
+        assert procs[0].poll() is None, "node 0 died of node 1's mistake"
+        err0 = read + _second_node_joins(procs, port, "secret-of-job-b")
         # (node 0's meshrun says the refusal is its own, not bare among the ranks' lines)
         assert "\nmeshrun: refused a connection from 127.0.0.1 without the job secret" in \
             "\n" + err0, err0
@@ -270,33 +289,6 @@ def test_a_stuck_reader_of_both_streams_cannot_hold_meshrun_after_a_failure(tmp_
         os.close(r)
     assert code == 3
     assert time.monotonic() - start < 20
-
-
-def test_a_node_with_another_world_size_fails_at_once_and_the_job_waits_on() -> None:
-    """Node 1 launched with -n 3 against node 0's -n 2 (its ranks are of a
-    world of 6, node 0's of 4) fails at once naming the disagreement; node 0
-    says so as it waits, and goes on when node 1 is launched right."""
-    procs = [_start(*_node(0, 0), MESH_SECRET="same-job")]
-    try:
-        port = _port(procs[0])
-        wrong = _start("--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
-                       "--master-port", port, "-n", "3", str(MESH_SCRIPT),
-                       MESH_SECRET="same-job")
-        procs.append(wrong)
-        _, err1 = wrong.communicate(timeout=40)
-        assert wrong.returncode == 1, err1
-        assert "of world 6" in err1 and "cannot join a job of world size 4" in err1, err1
-        assert "the launchers disagree on the world size (-n, --nnodes)" in err1, err1
-        assert procs[0].stderr is not None
-        said = ""
-        while "the rendezvous refused a join" not in said:
-            said = procs[0].stderr.readline()
-            assert said, "node 0 ended without saying it"
-        assert "of world 6" in said and "ranks [2, 3]" in said, said
-        assert procs[0].poll() is None, "node 0 died of node 1's mistake"
-        _second_node_joins(procs, port, "same-job")
-    finally:
-        _end(procs)
 
 
 @pytest.mark.parametrize("code", [0, 3])
