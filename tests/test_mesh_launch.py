@@ -487,23 +487,31 @@ def test_job_timeout(tmp_path: Path) -> None:
     assert_all_gone(tmp_path, 2)
 
 
-def test_two_nodes_share_one_rendezvous(tmp_path: Path) -> None:
+def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> None:
+    """Two meshruns (--nnodes 2) on one host: their ranks get one job's
+    variables, then form one mesh of 4 (launch_mesh.py: rank 0 greets every
+    rank, each answers; an all_reduce)."""
     secret = "s3cret-for-this-test"
     common = ("--nnodes", "2", "-n", "2", "--master-addr", "127.0.0.1")
     node0 = start(*common, "--node-rank", "0", "--master-port", "0",
-                  str(WORKER), str(tmp_path), "*:print", MESH_SECRET=secret)
+                  str(WORKER), str(tmp_path), "*:print", "*:mesh", MESH_SECRET=secret)
     try:
         assert node0.stderr is not None
         announce = node0.stderr.readline()
         assert "node 0 serves the rendezvous on port" in announce
         port = announce.split()[-1]
         r1 = meshrun(*common, "--node-rank", "1", "--master-port", port,
-                     str(WORKER), str(tmp_path), "*:print", MESH_SECRET=secret)
-        out0, _ = node0.communicate(timeout=20)
+                     str(WORKER), str(tmp_path), "*:print", "*:mesh", MESH_SECRET=secret)
+        out0, err0 = node0.communicate(timeout=20)
     finally:
         node0.kill()
-    assert node0.returncode == 0 and r1.returncode == 0, r1.stderr
-    recs = [json.loads(line.partition(" ")[2]) for line in (out0 + r1.stdout).splitlines()]
+    assert node0.returncode == 0 and r1.returncode == 0, err0 + r1.stderr
+    lines = (out0 + r1.stdout).splitlines()
+    assert sorted(ln for ln in lines if " rank " in ln) == [
+        "[0] rank 0 heard from [1, 2, 3]", "[1] rank 1 got {'hello': 1}",
+        "[2] rank 2 got {'hello': 2}", "[3] rank 3 got {'hello': 3}"], \
+        f"the two nodes' ranks did not form one mesh: {lines}"
+    recs = [json.loads(ln.partition(" ")[2]) for ln in lines if " rank " not in ln]
     by_rank = {rec["rank"]: rec["env"] for rec in recs}
     assert sorted(by_rank) == [0, 1, 2, 3]
     for rank, env in by_rank.items():
@@ -826,24 +834,6 @@ def test_a_rank_that_finishes_early_is_named_as_the_cause(tmp_path: Path) -> Non
     assert re.search(r"Root cause: rank 2 finished \(exit code 0\) while rank [01] still "
                      r"waited for it", r.stderr), r.stderr
     assert "(failed, a consequence); LostPeerError" in r.stderr, r.stderr
-
-
-def test_two_launchers_form_one_mesh() -> None:
-    common = ("--nnodes", "2", "-n", "2", "--master-addr", "127.0.0.1")
-    node0 = start(*common, "--node-rank", "0", "--master-port", "0", str(MESH_SCRIPT),
-                  MESH_SECRET="another-test-secret")
-    try:
-        assert node0.stderr is not None
-        port = node0.stderr.readline().split()[-1]
-        r1 = meshrun(*common, "--node-rank", "1", "--master-port", port, str(MESH_SCRIPT),
-                     MESH_SECRET="another-test-secret")
-        out0, err0 = node0.communicate(timeout=20)
-    finally:
-        node0.kill()
-    assert node0.returncode == 0 and r1.returncode == 0, err0 + r1.stderr
-    assert sorted((out0 + r1.stdout).splitlines()) == [
-        "[0] rank 0 heard from [1, 2, 3]", "[1] rank 1 got {'hello': 1}",
-        "[2] rank 2 got {'hello': 2}", "[3] rank 3 got {'hello': 3}"]
 
 
 def test_two_jobs_at_once_do_not_collide() -> None:

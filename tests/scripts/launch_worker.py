@@ -62,6 +62,9 @@ ACTIONS = {
     "segv": lambda: __import__("ctypes").string_at(0),
     "exit3": lambda: sys.exit(3),
     "sleep": lambda: time.sleep(60),
+    # launch_mesh.py's mesh: rank 0 greets every rank, then an all_reduce
+    "mesh": lambda: __import__("runpy").run_path(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch_mesh.py")),
 }
 
 if __name__ == "__main__":
