@@ -6,6 +6,7 @@ backend is missing here (real CuPy without a GPU) is skipped, saying why.
 from __future__ import annotations
 
 import gc
+import importlib
 import itertools
 import os
 import sys
@@ -118,6 +119,57 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             pass
     gc.collect()
     gc.freeze()
+
+
+_SPAWNS: dict[str, bool] = {}       # per test file: whether it calls mesh.spawn
+
+
+def _spawns(item: pytest.Item) -> bool:
+    path = str(item.path)
+    if path not in _SPAWNS:
+        try:
+            _SPAWNS[path] = "spawn" in item.path.read_text()
+        except OSError:
+            _SPAWNS[path] = False
+    return _SPAWNS[path]
+
+
+def _warm_fork_server() -> None:
+    """Start mesh.spawn's fork server and wait until it has imported what
+    MESH_SPAWN_PRELOAD names (torch, torch._dynamo: 6-7 s of CPU, 30-60 s
+    of wall on the 2-core machine under load 15-20), by forking one
+    process of it that returns at once; at most 300 s, then the test pays
+    the rest as before."""
+    import threading
+    ctx = importlib.import_module("mesh.spawn")._fresh_context()
+    if ctx.get_start_method() != "forkserver":
+        return
+
+    def fork_one() -> None:
+        p = ctx.Process(target=os.getpid, name="mesh-fork-server-warm")
+        p.start()
+        p.join(60)
+    warm = threading.Thread(target=fork_one, name="mesh-fork-server-warm", daemon=True)
+    warm.start()
+    warm.join(300)
+
+
+_warmed = False
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """Before the run's first test of a file that spawns ranks, and outside
+    its pytest-timeout (this wrapper is outside pytest-timeout's, whose
+    timer covers setup, call and teardown): the fork server's preload. That
+    test's own first ``mesh.spawn`` paid it within its timeout (a 60 s
+    test's first spawn waited 60 s on it under load 17, and timed out),
+    where the same test later in a run starts its ranks in milliseconds."""
+    global _warmed
+    if not _warmed and _spawns(item):
+        _warmed = True
+        _warm_fork_server()
+    yield
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -102,6 +102,19 @@ def _check(out: dict) -> None:
     assert out["frames"] == [["<module>", False], ["spawn", True]], out["frames"]
 
 
+def test_the_fork_server_has_its_preload_before_a_test_that_spawns_starts() -> None:
+    """conftest forks one process of mesh.spawn's fork server before the
+    run's first test that spawns, outside that test's pytest-timeout: the
+    server's preload (torch and torch._dynamo, 30-60 s under load) took a
+    60 s test's whole time where that test came first in a run (``-k``, a
+    file alone). Run alone or not, the server is up when a test starts."""
+    import multiprocessing as mp
+    if not (spawn_mod._can_fork() and "forkserver" in mp.get_all_start_methods()
+            and spawn_mod._server_fits()):
+        pytest.skip("mesh.spawn starts fresh interpreters here, not forks of a server")
+    assert spawn_mod._server_running()
+
+
 def test_spawn_from_python_c() -> None:
     _check(_python("-c", _CODE))
 
