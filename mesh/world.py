@@ -76,7 +76,12 @@ class Mesh(Comm):
         _open.discard(self)
         if self._pid != os.getpid():    # a forked child's copy: the sockets are the parent's
             return
-        self._t.close(failure=_failure(error))
+        failure = _failure(error)
+        if failure and error is not None and os.environ.get("MESH_ERROR_FILE"):
+            # under meshrun, the error is recorded before the goodbye tells the peers
+            from .launch._bootstrap import record_first
+            record_first(error)
+        self._t.close(failure=failure)
         if self._server is not None:
             self._server.close()
         self._auth.close()

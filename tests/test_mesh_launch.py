@@ -744,6 +744,37 @@ def test_a_rank_that_exits_saying_why_has_its_why_in_the_report(tmp_path: Path) 
     assert "no traceback" not in table, table
 
 
+@pytest.mark.timeout(60)
+def test_a_rank_stopped_on_its_errors_way_out_of_its_mesh_is_still_the_root_cause(
+        tmp_path: Path) -> None:
+    """A rank's error that closed its ``with mesh.init()`` told its peers
+    (its goodbye), which failed at once, and meshrun's stop came while the
+    error still went its way out (here a handler of the program's that
+    takes its time; under load, the interpreter alone: test_mesh_launch_nodes'
+    slow-to-end case failed so): its record, written once the error reached
+    the bootstrap, never was, and the table named rank 0's lost peer, exit
+    code 1. The record is written before the goodbye goes: rank 1 is the
+    root cause, with the code it was ending with."""
+    script = tmp_path / "slow_out.py"
+    script.write_text("import sys, time, mesh\n"
+                      "class Slow:\n"
+                      "    def __enter__(self): return self\n"
+                      "    def __exit__(self, *exc):\n"
+                      "        if exc[0] is SystemExit: time.sleep(120)\n"
+                      "with Slow():\n"
+                      "    with mesh.init() as w:\n"
+                      "        if w.rank == 1:\n"
+                      "            sys.exit(3)\n"
+                      "        w.recv(src=1)\n")
+    r = meshrun("-n", "2", "--settle", "0.5", "--grace", "1", str(script), timeout=50)
+    assert r.returncode == 3, r.stderr
+    table = r.stderr[r.stderr.index("=" * 20):]
+    assert "Root cause: rank 1 failed first" in table, table
+    assert "  exit       : exit code 3 (as it recorded; killed by SIGTERM by meshrun's stop as " \
+           "it was exiting)\n" in table, table
+    assert "slow_out.py\", line 9, in <module>\n        sys.exit(3)\n" in table, table
+
+
 def test_a_rank_interrupted_in_a_collective_is_a_lost_peer_to_the_others(
         tmp_path: Path) -> None:
     """Rank 1 leaves on Ctrl-C's KeyboardInterrupt inside an all_reduce that

@@ -35,7 +35,8 @@ import time
 import traceback
 from types import TracebackType
 
-__all__ = ["arm_parent_death_signal", "write_error_record", "brief_traceback", "main"]
+__all__ = ["arm_parent_death_signal", "write_error_record", "brief_traceback", "record_first",
+           "main"]
 
 _PR_SET_PDEATHSIG = 1
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,7 +92,9 @@ def write_error_record(path: str, exc: BaseException, tb_text: str,
     show (``tb_text`` by default); ``from_abort``: the error tells of another
     rank's failure (mesh.inbox.abort_error, engine.StepFailed); ``code``: the
     exit code the process is about to end with (what meshrun reports where
-    its own stop then killed the process as it was still exiting)."""
+    its own stop then killed the process as it was still exiting). An
+    error recorded before (``record_first``) keeps its first time."""
+    first = getattr(exc, _RECORDED, None)
     record = {
         "rank": int(os.environ.get("RANK", "-1")),
         "exc_type": type(exc).__qualname__,
@@ -100,7 +103,7 @@ def write_error_record(path: str, exc: BaseException, tb_text: str,
         "message": str(exc),
         "traceback": tb_text,
         "brief": tb_text if brief is None else brief,
-        "time": time.time(),
+        "time": first if type(first) is float else time.time(),
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "exit_code": code,
@@ -109,6 +112,45 @@ def write_error_record(path: str, exc: BaseException, tb_text: str,
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f)
     os.replace(tmp, path)
+    try:
+        setattr(exc, _RECORDED, record["time"])
+    except AttributeError:      # (an exception type with __slots__)
+        pass
+
+
+_RECORDED = "_meshrun_recorded_at"
+"""The attribute that holds when an error's record was first written."""
+
+
+def _record(path: str, exc: BaseException, code: int) -> None:
+    """``exc``'s record, its traceback without the bootstrap's frames."""
+    tb = _user_frames(exc.__traceback__)
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    write_error_record(path, exc, text, brief_traceback(exc, tb), code)
+
+
+def _code(exc: BaseException) -> int:
+    """The status the bootstrap ends with on ``exc``."""
+    if isinstance(exc, SystemExit):
+        return _exit_code(exc.code)
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def record_first(exc: BaseException) -> None:
+    """Record ``exc``, the error a mesh closes on, before its goodbye tells
+    the peers: they fail at once, and meshrun stops this rank as soon as
+    they end (another node's word at once, here after --settle), where the
+    error still had its way to go to ``main`` (out of ``with mesh.init()``,
+    through the program's own handlers), and the rank's own error went
+    unrecorded, its peers' lost-peer errors the root cause. Only in the
+    process the bootstrap runs (not a child of the program's); ``main``
+    records it again, its traceback whole, with this first time."""
+    path = os.environ.get("MESH_ERROR_FILE")
+    if path and os.environ.get("MESH_BOOTSTRAP_PID") == str(os.getpid()):
+        try:
+            _record(path, exc, _code(exc))
+        except OSError:
+            pass        # (main says why, if it fails again)
 
 
 def _set_path0(entry: str) -> None:
@@ -181,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         faulthandler.enable(all_threads=True)
     me = os.getpid()
     try:
+        if argv[0] != "--exec":     # (a program exec'd in its place has no bootstrap)
+            os.environ["MESH_BOOTSTRAP_PID"] = str(me)
         _run(argv)
     except SystemExit as exc:
         if exc.code not in (None, 0):
@@ -190,11 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             # sys.exit("why") (the interpreter prints the why and exits 1), sys.exit(3):
             # recorded, the report's table says it and where (it said "no traceback ...
             # without an uncaught Python exception", with no error line)
-            tb = _user_frames(exc.__traceback__)
-            text = "".join(traceback.format_exception(type(exc), exc, tb))
             try:
-                write_error_record(path, exc, text, brief_traceback(exc, tb),
-                                   _exit_code(exc.code))
+                _record(path, exc, _code(exc))
             except OSError as err:
                 sys.stderr.write(f"meshrun bootstrap: cannot write {path}: {err}\n")
         raise
@@ -206,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         # its to write, and meshrun reports no child: its traceback, here)
         path = os.environ.get("MESH_ERROR_FILE") if os.getpid() == me else None
         recorded = False
-        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        code = _code(exc)
         if path:
             try:
                 write_error_record(path, exc, text, brief_traceback(exc, tb), code)
