@@ -108,10 +108,11 @@ class Outgoing:
     host goes in pieces (mesh.wire.CHUNK): ``pieces``, those not handed over
     yet, (payload bytes, frames) each, and ``held``, the trackers of those
     that were; under way once its header went (``frames`` None), it stays
-    first in its peer's queue until its last piece is handed over."""
+    first in its peer's queue until its last piece is handed over
+    (``pieced`` says it went so)."""
 
     __slots__ = ("dst", "frames", "nbytes", "_desc", "event", "tracker", "error", "keep",
-                 "pieces", "held", "streamed")
+                 "pieces", "held", "streamed", "pieced")
 
     def __init__(self, dst: int, frames: list | None, nbytes: int, desc: Any, keep: Any) -> None:
         self.frames: list | None
@@ -122,6 +123,7 @@ class Outgoing:
         self.pieces: deque[tuple[int, list]] | None = None
         self.held: list = []
         self.streamed: memoryview | None = None     # its bytes, to write on a stream
+        self.pieced = False
 
     def under_way(self) -> bool:
         """Whether this is a message in pieces whose header went already."""

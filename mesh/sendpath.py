@@ -105,6 +105,7 @@ class _Sending:
                              **header_kw)
         if pieced:      # its header, then its payload in pieces (mesh.wire.CHUNK)
             out = Outgoing(dst, [header], nbytes, desc, keep)
+            out.pieced = True
             k = wire.CHUNK_BYTES // wire.FRAME_BYTES     # (payload frames: FRAME_BYTES each)
             out.pieces = deque((sum(map(len, payload[i:i + k])), payload[i:i + k])
                                for i in range(0, len(payload), k))

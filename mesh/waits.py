@@ -178,7 +178,11 @@ class _Waiting:
         bound for a peer that is gone are never released: fail then, and keep
         the buffer alive for as long as ZeroMQ may hold it (until close).
         A direct send (mesh.direct) waits instead for the peer's answer
-        that it has read the buffer, reading the socket in this thread."""
+        that it has read the buffer, reading the socket in this thread.
+        A message in pieces whose every piece the peer answered (read
+        before its goodbye, on its one connection) is with the peer: its
+        frames' release is on its way (pyzmq's garbage thread, late under
+        load), and the send does not fail on the peer's leaving since."""
         peer = self._peers[item.dst]
         tracker = item.tracker
         assert tracker is not None
@@ -203,7 +207,7 @@ class _Waiting:
                         return
                     except zmq.NotDone:
                         pass
-                if peer.state != ALIVE:
+                if peer.state != ALIVE and not (item.pieced and peer.unanswered == 0):
                     self._orphans.append(item.keep)
                     raise self.inbox.gone(peer, item.desc)
                 if left <= 0.1:

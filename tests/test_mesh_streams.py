@@ -371,6 +371,60 @@ def test_the_stream_path_off_or_above_the_size_goes_through_zeromq(env: dict) ->
     assert got == [[on, 0], [on, 0]], got
 
 
+def _released_late(world: mesh.Mesh) -> list:
+    """Rank 0 sends rank 1 an array in pieces (the stream path off), which
+    rank 1 receives whole and closes its mesh on; ZeroMQ's release of the
+    array's frames is told rank 0 only after its wait has seen rank 1's
+    goodbye read (pyzmq's garbage thread, late under load)."""
+    import zmq
+    from mesh.peer import ALIVE
+    big = np.arange(N, dtype=np.float64)
+    if world.rank == 1:
+        return [bool(np.array_equal(world.recv(0, tag=1), big))]
+    peer, real = world._t._peers[1], zmq.MessageTracker
+
+    class Late:
+        def __init__(self, *trackers: object) -> None:
+            self.real, self.told = real(*trackers), False
+
+        @property
+        def done(self) -> bool:
+            return self.told and self.real.done
+
+        def wait(self, timeout: float = -1) -> None:
+            gone = peer.state != ALIVE
+            if not (gone and self.told):
+                self.told = gone            # (released once seen gone, not before)
+                time.sleep(0.02)
+                raise zmq.NotDone
+            self.real.wait(timeout)
+
+    class Zmq:      # (sendpath's zmq, whose trackers are Late ones)
+        MessageTracker = Late
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(zmq, name)
+    from mesh import sendpath
+    sendpath.zmq = Zmq()    # type: ignore[assignment]
+    try:
+        world.send(big, 1, tag=1, timeout=30)
+    except mesh.MeshError as e:
+        return [f"{type(e).__name__}: {e}"]
+    return ["sent", peer.state != ALIVE]
+
+
+def test_a_send_in_pieces_the_peer_received_whole_does_not_fail_as_it_leaves() -> None:
+    """A large array to a peer on another host without the stream path goes
+    in pieces, each answered by the receiver; the receiver got it whole and
+    closed its mesh, and the sender, whose wait for ZeroMQ to let go of its
+    frames saw the goodbye first, raised LostPeerError "it closed its mesh"
+    for a send that had arrived (test_the_stream_path_off_or_above_the_size_
+    goes_through_zeromq[0] under load). Every piece answered, the send ends
+    as ZeroMQ lets go."""
+    got = mesh.spawn(_released_late, 2, timeout=50, env={**TCP, "MESH_P2P_STREAM_MIN": "0"})
+    assert got == [["sent", True], [True]], got
+
+
 def test_the_stream_path_is_off_under_curve_and_its_size_checked(monkeypatch) -> None:
     assert mstreams.min_bytes(True) == 0
     monkeypatch.setenv("MESH_P2P_STREAM_MIN", "8M")
