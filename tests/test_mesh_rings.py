@@ -681,10 +681,15 @@ def _stream_past_the_window(world: mesh.Mesh) -> int:
     for its progress thread: a sender whose window is full reads them
     itself while the receiver reads, and the stream stays on the ring
     (before, 289-385 of the 400 went by socket, queued behind their credit).
-    Rank 1's count of socket messages during the stream."""
+    Rank 1's count of socket messages during the stream. A receiver that
+    read nothing for 10 ms (rings._WAIT) is left for the socket until it
+    reads again, which a loaded machine's scheduler does to it at will (233
+    of 400 went by socket under load 13): here it is waited for, so that
+    what is counted is the grants' reading alone."""
     t = world._t
     n = 64 << 10
     if world.rank == 1:
+        rings._WAIT = 120.0
         world.recv(0)
         sent = t._peers[0].sent
         reqs = [world.isend(np.full(n, i % 251, np.uint8), 0) for i in range(400)]
@@ -705,9 +710,8 @@ def _stream_past_the_window(world: mesh.Mesh) -> int:
 def test_a_stream_past_its_window_stays_on_the_ring() -> None:
     got = mesh.spawn(_stream_past_the_window, 2, timeout=90,
                      env={"MESH_WINDOW_BYTES": "1M"})
-    # (a stalled receiver may cost some: 76 of 400 once, on a 2-core machine loaded
-    # thirteenfold; before the fix, 289-385 went by socket)
-    assert got[0] == 0 and got[1] <= 160, got
+    # (before the fix, 289-385 went by socket; heartbeats go so too)
+    assert got[0] == 0 and got[1] <= 40, got
 
 
 
