@@ -433,7 +433,8 @@ def die_between_hosts(world: Any, outdir: str, count: int, uneven: bool = False)
 
 def _then_die(world: Any, count: int, small: bool, forced: Any, uneven: bool) -> None:
     """The victim's hooks, then the call it dies in (small ones take the
-    short way: tiny's count moves by one; ``uneven``: an all_gather_v over
+    short way: tiny's count moves by one, unless the rank knew of the death
+    before its call; ``uneven``: an all_gather_v over
     the columns, its host phase after the column's, where rank 2 waits)."""
     from collectives.host import stream
     from collectives.host import tiny
@@ -463,7 +464,10 @@ def _then_die(world: Any, count: int, small: bool, forced: Any, uneven: bool) ->
         else:
             C.all_reduce(world, np.ones(count), algorithm=forced)
     finally:
-        assert tiny.stats["calls"] == calls + small, tiny.stats
+        # the short way once (small), or not at all where this rank learnt of the
+        # victim's death before its call began (held off its core under load: the
+        # call then raised the lost peer at once, where this failed it)
+        assert tiny.stats["calls"] - calls in ((0, 1) if small else (0,)), tiny.stats
 
 
 @pytest.mark.parametrize("count,tcp,pipeline", [(8, False, "1"), (8, True, "1"),
