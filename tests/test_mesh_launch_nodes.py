@@ -278,13 +278,19 @@ def test_a_node_whose_meshrun_is_killed_or_stopped_ends_the_job_on_the_other(
     is gone, not that it "reports why" (it said so). (2.5 s each)"""
     settle = ["--settle", "10"] if mid_call else []     # (they fail before: not waited for)
     procs = _two_nodes("--max-restarts", "3", *settle, str(SCRIPT), "9", "0", "60",
-                       **({"SLEEP_NODE": str(victim)} if mid_call else {}))
+                       **({"SLEEP_NODE": str(victim)} if mid_call else {"SAY_SLEEP": "1"}))
     port = procs[1].args[procs[1].args.index("--master-port") + 1]
     try:
         pids = []
         for p in procs:         # (both nodes' ranks are in the job)
             assert p.stdout is not None
             pids += [r["pid"] for r in _records(p.stdout.readline())]
+        # outside mesh calls: once both have done their all_reduce (killed as the ranks
+        # joined, the other's rank still in it raised a lost peer, as mid_call's do)
+        for p in procs if not mid_call else []:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            assert all("sleeps" in r for r in _records(line)), line
         procs[victim].send_signal(signum)
         other = procs[1 - victim]
         _, err = other.communicate(timeout=40)     # (its ranks sleep 60 s: not waited for)

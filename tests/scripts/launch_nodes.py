@@ -11,7 +11,9 @@ seconds (outside any mesh call), meet in a barrier and print their sum.
 (OUTDIR, which test_mesh_netns.py gives every job, is not read.) With
 SLOW_EXIT=S in its environment the failing rank, its mesh closed, lingers
 S seconds in an exit handler (a rank slow to end after its error); with
-SLEEP_NODE=K only node K's ranks sleep (the others wait in the barrier)."""
+SLEEP_NODE=K only node K's ranks sleep (the others wait in the barrier);
+with SAY_SLEEP=1 each rank prints {"rank", "try", "sleeps"} once its
+all_reduce is done."""
 import atexit
 import json
 import os
@@ -40,6 +42,8 @@ with mesh.init(timeout=30) as world:
             sys.exit(EXIT_CODE)
         raise RuntimeError(f"rank {world.rank} fails on try {RESTART}")
     total = C.all_reduce(world, np.array([(world.rank + 1) * (RESTART + 1)]))
+    if os.environ.get("SAY_SLEEP"):
+        print(json.dumps({"rank": world.rank, "try": RESTART, "sleeps": SLEEP}), flush=True)
     if os.environ.get("SLEEP_NODE", os.environ["GROUP_RANK"]) == os.environ["GROUP_RANK"]:
         time.sleep(SLEEP)
     C.barrier(world)
