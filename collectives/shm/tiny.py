@@ -461,17 +461,25 @@ def all_gather_v(g: Comm, a: Any, counts: list[int], timeout: Any, name: str = "
     plan = _find_v(g, a, (name, tuple(counts)), timeout)
     if plan is None:
         return None
+    return _into_parts(g, name, plan, a, out, timeout, plan.size * a.itemsize)
+
+
+def _into_parts(g: Comm, name: str, plan: Any, a: np.ndarray, out: list[np.ndarray] | None,
+                timeout: Any, nbytes: int) -> Any:
+    """``plan``'s call on ``a`` into a new array of ``plan.shape`` (its
+    parts ``plan.bounds``) or the caller's ``out`` (one array a part), which
+    it returns; None where the call must take the long way (nothing done)."""
     if out is None:
         res: Any = np.empty(plan.shape, a.dtype)
         flat = res.reshape(-1)
-        rows = [flat[lo:hi] for lo, hi in plan.bounds]
+        parts = [flat[lo:hi] for lo, hi in plan.bounds]
     else:
-        res, rows = out, [o.reshape(-1) for o in out]
-    if now(g, name, plan.fp, plan.tuning, plan.step, (a.reshape(-1), rows),
+        res, parts = out, [o.reshape(-1) for o in out]
+    if now(g, name, plan.fp, plan.tuning, plan.step, (a.reshape(-1), parts),
            timeout) is NOT_NOW:
         return None
     if debug.ON:
-        debug.note(g, name, SHORT_PATH, plan.size * a.itemsize)
+        debug.note(g, name, SHORT_PATH, nbytes)
     return res
 
 
@@ -556,18 +564,7 @@ def all_to_all_v(g: Comm, a: Any, sends: list[int], recvs: list[int], timeout: A
     plan = _find_v(g, a, (name, tuple(sends), tuple(recvs), sizes), timeout)
     if plan is None:
         return None
-    if out is None:
-        res: Any = np.empty(plan.shape, a.dtype)
-        flat = res.reshape(-1)
-        blocks = [flat[lo:hi] for lo, hi in plan.bounds]
-    else:
-        res, blocks = out, [o.reshape(-1) for o in out]
-    if now(g, name, plan.fp, plan.tuning, plan.step, (a.reshape(-1), blocks),
-           timeout) is NOT_NOW:
-        return None
-    if debug.ON:
-        debug.note(g, name, SHORT_PATH, a.nbytes)
-    return res
+    return _into_parts(g, name, plan, a, out, timeout, a.nbytes)
 
 
 SHORT_PATH = "same-host board, the short way (collectives.shm.tiny)"
