@@ -1,9 +1,9 @@
 """Every rank raises at once (engine.agree): a failure on one rank in
 engine.distribute's last stretch (the dp broadcast of replica 0's weights,
-the Job made, its re-time), in a Pipeline's making after its exchange, in
-engine.parallelize, or before a rank's part of job.state_dict(), raises its
-own error there and, on every other rank, at once, an error naming it: none
-waits in a collective the failed rank will not make until its timeout.
+the Job made, its re-time), in a Pipeline's making after its exchange or
+in engine.parallelize raises its own error there and, on every other
+rank, at once, an error naming it: none waits in a collective the failed
+rank will not make until its timeout.
 """
 import importlib
 import types
@@ -14,6 +14,7 @@ import pytest
 import engine
 import mesh
 from engine.layers import Linear, Sequential, Tanh, mse_loss
+from test_engine_tp_pipeline import interrupt_call
 
 
 def _model():
@@ -26,18 +27,7 @@ def _model():
 def _interrupt(module, name, call, rank):
     """The ``call``-th call of ``module.name`` raises a KeyboardInterrupt
     (a negative ``call``: once the real call returned), on this rank only."""
-    where = importlib.import_module(module)
-    real, calls = getattr(where, name), [0]
-
-    def interrupted(*a, **k):
-        calls[0] += 1
-        if calls[0] < abs(call):
-            return real(*a, **k)
-        setattr(where, name, real)      # (this call only)
-        if call < 0:
-            real(*a, **k)
-        raise KeyboardInterrupt(f"stopped on purpose on rank {rank}")
-    setattr(where, name, interrupted)
+    interrupt_call(module, name, call, f"stopped on purpose on rank {rank}")
 
 
 def _interrupt_inside_broadcast(rank):

@@ -1082,30 +1082,36 @@ def test_a_keyboard_interrupt_in_distributes_checks_and_dry_runs_fails_every_ran
     assert results[0][5] is None and isinstance(results[1][5], float), results
 
 
+def interrupt_call(module, name, call, text):
+    """The ``call``-th call of ``module.name`` (its import name) raises
+    KeyboardInterrupt(``text``), on this rank only; a negative ``call``:
+    once the real call returned. Later calls are the real one's."""
+    import importlib
+    where = importlib.import_module(module)
+    real, calls = getattr(where, name), [0]
+
+    def interrupted(*a, **k):
+        calls[0] += 1
+        if calls[0] < abs(call):
+            return real(*a, **k)
+        setattr(where, name, real)      # (this call only)
+        if call < 0:
+            real(*a, **k)
+        raise KeyboardInterrupt(text)
+    setattr(where, name, interrupted)
+
+
 def _between_fail_worker(world, cases):
     """pp=2 (world rank 1 holds the last stage): for each case ``(module,
     name, call, args)``, distribute with the ``call``-th call of
     ``module.name`` on world rank 1 raising a KeyboardInterrupt (``after``:
     once the real call returned), then a step of the job."""
-    import importlib
     x = np.random.default_rng(5).standard_normal((4, 8))
     y = np.random.default_rng(6).standard_normal((4, 2))
     said = []
     for module, name, call, args in cases:
-        where = importlib.import_module(module) if module else None
-        if world.rank == 1 and where is not None:
-            real, calls = getattr(where, name), [0]
-
-            def interrupted(*a, where=where, name=name, real=real, calls=calls, call=call,
-                            **k):
-                calls[0] += 1
-                if calls[0] < abs(call):
-                    return real(*a, **k)
-                setattr(where, name, real)      # (this call only)
-                if call < 0:
-                    real(*a, **k)
-                raise KeyboardInterrupt("stopped on purpose")
-            setattr(where, name, interrupted)
+        if world.rank == 1 and module:
+            interrupt_call(module, name, call, "stopped on purpose")
         kw = dict(schedule="1f1b", microbatches=2, balance="time", sample=x, reps=1)
         kw.update(args)
         try:
