@@ -105,10 +105,6 @@ class Action:
         return cls(int(stage), kind, None if mb is None else int(mb))
 
     @property
-    def is_compute(self) -> bool:
-        return self.kind in COMPUTE
-
-    @property
     def is_comm(self) -> bool:
         return self.kind in COMM
 

@@ -395,7 +395,6 @@ class TorchStage:
         draws, then its backward: the input gradient, and (``split``: the
         weights' gradients left for backward_weight) every layer's outputs
         and output gradients."""
-        torch = _torch()
         layers = list(self.module)
         outs_all: list[Any] = []
         gys_all: list[Any] = []

@@ -40,7 +40,7 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     if enter:
         x = _edge(g, x, enter, st.seq_dim, meta.name)
     if st.width:
-        x = _shard_width(torch, x, g, meta.name)
+        x = _shard_width(x, g, meta.name)
     if st.style == "rowwise":
         conv1d = is_conv1d(self)            # (a Conv1D's weight is (in, out))
         part = self.weight.shape[0 if conv1d else 1]
@@ -104,7 +104,7 @@ def _module_forward(meta: _Meta, forward: Any, x: Any) -> Any:
                         f"plan entry") from e
 
 
-def _shard_width(torch: Any, x: Any, group: Any, name: str) -> Any:
+def _shard_width(x: Any, group: Any, name: str) -> Any:
     """``x`` as its module's code reads it under width="shard": its last axis
     looks ``1/tp`` as long (``size()`` and ``shape``); the data, its autograd
     history and every operation on it are the whole tensor's."""

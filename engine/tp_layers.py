@@ -535,7 +535,7 @@ def _part(a: Any, group: Any, axis: int) -> Any:
 
 
 def _shard(layer: Any, name: str, style: Style, group: Any) -> Any:
-    rewrite_attrs(layer, name, style, group.size)
+    rewrite_attrs(layer, style, group.size)
     if style.style == "replicate" and (style.input, style.output) == ("any", "any"):
         return layer
     if style.style == "colwise":     # its columns (of each block, when fused)

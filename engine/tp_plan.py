@@ -269,9 +269,8 @@ def check_attrs(obj: Any, name: str, style: Style, tp: int) -> None:
                             f"{new * tp} of {old})")
 
 
-def rewrite_attrs(obj: Any, name: str, style: Style, tp: int) -> None:
-    """Apply ``style.attrs`` to ``obj`` (the submodule called ``name``;
-    check_attrs checked them)."""
+def rewrite_attrs(obj: Any, style: Style, tp: int) -> None:
+    """Apply ``style.attrs`` to ``obj`` (check_attrs checked them)."""
     for attr, how in style.attrs.items():
         setattr(obj, attr, how(getattr(obj, attr), tp) if callable(how) else how)
 
@@ -337,14 +336,14 @@ def digest(buffers: Iterable[bytes]) -> str:
 _PLAN = "\0plan "     # agree's keys of the plan's entries, beside the state's names
 
 
-def abandoned(group: Any, e: BaseException, what: str = "parallelize") -> None:
+def abandoned(group: Any, e: BaseException) -> None:
     """This rank's own error after agree's exchange (a submodule cut to its
     shard: a KeyboardInterrupt), which it raises: its tp peers' next
     collective, which it will not make, fails on them at once naming it
     (they went on, and waited in it until their timeout). A collective's
     own error its peers know already."""
     if not isinstance(e, MeshError):
-        collectives.abandon(group, f"{what} failed on tp rank {group.rank}: "
+        collectives.abandon(group, f"parallelize failed on tp rank {group.rank}: "
                                    f"{type(e).__name__}: {e}"[:400], AbortKind.of(e))
 
 

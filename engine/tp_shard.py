@@ -90,7 +90,7 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
     meta.summed_names, meta.summed = [n for n, _ in summed], [p for _, p in summed]
     for param in meta.summed:      # whole, but fed a part of the sequence: sum the parts
         param.register_hook(functools.partial(_summed, meta))
-    rewrite_attrs(sub, name, style, tp)
+    rewrite_attrs(sub, style, tp)
     sub._tp = meta
     if style.rng == "rank":
         meta.stream = _Stream(torch, r)
