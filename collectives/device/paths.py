@@ -408,15 +408,14 @@ def broadcast(g: Comm, a: Any, root: int, async_op: bool, timeout: float | None)
             if _ipc(ctx, call, flat.nbytes, "broadcast"):
                 cuda_ipc.broadcast(ctx, lanes, call, flat, r)
             else:
-                _simple_broadcast_body(ctx, lanes, call, flat, r, mode)
+                _simple_broadcast_body(ctx, lanes, flat, r, mode)
             call.write_back(lanes, flat)
             lanes.sync()
         return a
     return start(g, "broadcast", prepare, async_op, timeout)
 
 
-def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, call: gpu.Call, flat: Any,
-                           root: int, mode: str) -> None:
+def _simple_broadcast_body(ctx: Ctx, lanes: gpu.Lanes, flat: Any, root: int, mode: str) -> None:
     """Broadcast without IPC inside a device collective: the root's array
     goes down whole, over the board on one host (unless ``mode`` is "1")
     or along the binomial tree; the others copy it up."""

@@ -130,14 +130,13 @@ class Round:
         wait = self.wait
         wait.t0, wait.reports = time.monotonic(), 0
         try:
-            self._until_all(todo, ready, heads, bells)
+            self._until_all(todo, ready, bells)
         finally:
             if wait.told:
                 wait.told = False
                 self.ctx.ch.waiting(None)
 
-    def _until_all(self, todo: list[int], ready: Callable[[Any], bool], heads: Any,
-                   bells: Any) -> None:
+    def _until_all(self, todo: list[int], ready: Callable[[Any], bool], bells: Any) -> None:
         """_until's loop, once some peer is not there yet."""
         wait, box = self.wait, self.box
         seen = 0

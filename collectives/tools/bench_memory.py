@@ -107,7 +107,7 @@ def _count(size: int, n: int) -> int:
     return count - count % n
 
 
-def _measure(op: str, count: int, n: int, calls: int, make: Callable[[int, float], Any],
+def _measure(count: int, n: int, calls: int, make: Callable[[int, float], Any],
              prealloc: Callable[[int], Any], call: Callable[[Any, Any], Any],
              barrier: Callable[[], Any]) -> dict[str, Any]:
     """On one rank: a warm-up call, then ``calls`` measured ones (see the
@@ -169,7 +169,7 @@ def _mesh_worker(world: Any, op: str, count: int, calls: int) -> dict[str, Any]:
             getattr(C, op)(world, a)
             return a
         return getattr(C, op)(world, a)
-    return _measure(op, count, n, calls, _numpy_make, lambda c: None, call,
+    return _measure(count, n, calls, _numpy_make, lambda c: None, call,
                     lambda: C.barrier(world))
 
 
@@ -206,7 +206,7 @@ def _dist_measure(op: str, count: int, calls: int) -> dict[str, Any]:
         if op in ("all_reduce", "broadcast") or (op == "sendrecv" and rank != 1):
             return None
         return _torch_make(_out_count(op, c, n), 0.0)
-    return _measure(op, count, n, calls, _torch_make, prealloc, _dist_call(op, rank),
+    return _measure(count, n, calls, _torch_make, prealloc, _dist_call(op, rank),
                     dist.barrier)
 
 
@@ -273,7 +273,7 @@ def _mpi_worker(op: str, count: int, calls: int) -> None:
         if op in ("all_reduce", "broadcast") or (op == "sendrecv" and rank != 1):
             return None
         return _numpy_make(_out_count(op, c, n), 0.0)
-    res = comm.gather(_measure(op, count, n, calls, _numpy_make, prealloc, call,
+    res = comm.gather(_measure(count, n, calls, _numpy_make, prealloc, call,
                                comm.Barrier), root=0)
     if rank == 0:
         print("MESHBENCH " + json.dumps(res), flush=True)

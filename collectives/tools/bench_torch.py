@@ -208,7 +208,7 @@ def _op_sides(world: Any, op: str, count: int, floor: bool = False
         raise ValueError(f"bench_torch: no op {op!r} (one of {', '.join(OPS)})")
     sides = {"direct": direct, "meshrun": lambda: call(None)}
     if floor:
-        pg = _floor_group(world, direct)
+        pg = _floor_group(direct)
         sides["floor"] = lambda: call(pg)     # (its direct is this op's while the op runs)
     return sides
 
@@ -217,7 +217,7 @@ _FLOOR = "meshrun_floor"
 """The backend of ``--ops --floor``'s group (_floor_group)."""
 
 
-def _floor_group(world: Any, direct: Callable[[], Any]) -> Any:
+def _floor_group(direct: Callable[[], Any]) -> Any:
     """A group over the world whose ProcessGroup's every method makes
     ``direct()`` and returns a finished Work: registered as a backend (a
     group torch has not made fails in its front end's checks) and made by
