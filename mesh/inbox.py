@@ -154,7 +154,7 @@ class Inbox:
                     release = [(r, self._release(r)) for r, n in enumerate(self.held) if n]
         if msg is not None:
             if misfit:
-                req.fail(self._misfit(req, msg.src, msg.tag, msg.value, misfit))
+                req.fail(self._misfit(req, msg.src, msg.tag, misfit))
             elif probe:
                 req.got = msg.got
                 req.complete(None)
@@ -261,7 +261,7 @@ class Inbox:
         if out is not None and fp == req.fp:
             problem = out_problem(out, value)
             if problem:
-                req.fail(self._misfit(req, src, tag, value, problem))
+                req.fail(self._misfit(req, src, tag, problem))
                 return False
         self._finish(req, src, tag, value, nbytes, fp, on_device)
         return True
@@ -319,7 +319,7 @@ class Inbox:
             peer = self.peers[src]
             self._control(peer, wire.encode(wire.CREDIT, self.rank, credit=peer.flush(held)))
 
-    def _misfit(self, req: Pending, src: int, tag: int, value: Any, problem: str) -> MeshError:
+    def _misfit(self, req: Pending, src: int, tag: int, problem: str) -> MeshError:
         ranks = self.groups.get(req.group, ("", []))[1]
         who = f"rank {ranks.index(src)}" if src in ranks else f"world rank {src}"
         return OutMismatchError(f"rank {self.rank}: {req.desc}: the message from {who} (tag "

@@ -32,8 +32,8 @@ class Mesh(Comm):
     """The world communicator; also a context manager that closes the mesh."""
 
     def __init__(self, transport: Transport, ctx: zmq.Context, authenticator: auth.Authenticator,
-                 spec: env.JobSpec, hosts: list[str], endpoints: list[str],
-                 server: RendezvousServer | None, ipc_path: str) -> None:
+                 spec: env.JobSpec, endpoints: list[str], server: RendezvousServer | None,
+                 ipc_path: str) -> None:
         super().__init__(transport, range(transport.size), 0, "world")
         self.spec = spec
         self.hosts = transport.hosts     # each rank's host id (the same list as the transport's)
@@ -356,4 +356,4 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     windows = [p.get("window") if type(p.get("window")) is int else None for p in table]
     transport = Transport(ctx, router, router_mon, spec.rank, spec.size, endpoints, spec.secret,
                           op_timeout, curve, hosts, [p.get("pid") or 0 for p in table], windows)
-    return Mesh(transport, ctx, authenticator, spec, hosts, endpoints, server, ipc_path)
+    return Mesh(transport, ctx, authenticator, spec, endpoints, server, ipc_path)
