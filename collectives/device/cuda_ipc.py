@@ -49,7 +49,8 @@ from ..runner import Ctx, named
 from ..shm import board
 from .gpu import Call, Lanes, where
 
-__all__ = ["usable", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "mode"]
+__all__ = ["usable", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "mode",
+           "env_mode"]
 
 _MIN_BYTES = 1 << 20
 
@@ -57,10 +58,15 @@ _MIN_BYTES = 1 << 20
 def mode() -> str:
     """MESH_CUDA_IPC: "0" off, "1" required, "auto" (or unset, or empty) automatic;
     anything else raises (it was read as automatic: "off" left IPC on)."""
-    value = os.environ.get("MESH_CUDA_IPC", "auto").strip().lower() or "auto"
+    return env_mode("MESH_CUDA_IPC", "never use CUDA IPC", "require it")
+
+
+def env_mode(name: str, zero: str, one: str) -> str:
+    """Environment variable ``name``: "auto" (unset or empty too), "0" or
+    "1" (what ``zero`` and ``one`` mean, for the error); anything else raises."""
+    value = os.environ.get(name, "auto").strip().lower() or "auto"
     if value not in ("auto", "0", "1"):
-        raise ValueError(f"MESH_CUDA_IPC={os.environ['MESH_CUDA_IPC']!r}: expected auto, "
-                         f"0 (never use CUDA IPC) or 1 (require it)")
+        raise ValueError(f"{name}={os.environ[name]!r}: expected auto, 0 ({zero}) or 1 ({one})")
     return value
 
 

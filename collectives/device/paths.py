@@ -34,7 +34,6 @@ when the array is large: the paths differ, and a mix raises MismatchError.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from typing import Any, Callable
 
@@ -182,11 +181,7 @@ def _way(ctx: Ctx, mode: str, coll: str, nbytes: int) -> str:
 
 def overlap_mode() -> str:
     """MESH_CUDA_OVERLAP: "auto" (default), "1" or "0" (see the module's text)."""
-    mode = os.environ.get("MESH_CUDA_OVERLAP", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"MESH_CUDA_OVERLAP={mode!r}: expected auto, 1 (the overlapped "
-                         f"ring) or 0 (whole-array staging)")
-    return mode
+    return cuda_ipc.env_mode("MESH_CUDA_OVERLAP", "whole-array staging", "the overlapped ring")
 
 
 def _staged(ctx: Ctx, mode: str) -> str:

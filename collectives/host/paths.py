@@ -1105,14 +1105,20 @@ def all_to_all_object(g: Comm, objs: Any, async_op: bool = False,
     to rank j (mpi4py's ``alltoall``); returns the list of what every rank
     sent this one, in rank order (its own item at its own place)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
-        if not isinstance(objs, (list, tuple)) or len(objs) != g.size:
-            got = (f"a {type(objs).__name__} of {len(objs)}"
-                   if isinstance(objs, (list, tuple)) else type(objs).__name__)
-            raise ValueError(f"all_to_all_object needs a list of {g.size} objects (one a "
-                             f"rank), got {got}")
-        values = [as_received(o) for o in objs]
+        values = _one_per_rank(g, objs, "all_to_all_object", "")
         return _fp("all_to_all_object"), lambda ctx: all_to_all_object_direct(ctx, values)
     return start(g, "all_to_all_object", prepare, async_op, timeout)
+
+
+def _one_per_rank(g: Comm, objs: Any, coll: str, where: str) -> list[Any]:
+    """``objs`` as sent, one a rank of ``g``; ValueError unless a list (or
+    tuple) of g.size."""
+    if not isinstance(objs, (list, tuple)) or len(objs) != g.size:
+        got = (f"a {type(objs).__name__} of {len(objs)}"
+               if isinstance(objs, (list, tuple)) else type(objs).__name__)
+        raise ValueError(f"{coll} needs a list of {g.size} objects (one a rank){where}, "
+                         f"got {got}")
+    return [as_received(o) for o in objs]
 
 
 def scatter_object(g: Comm, objs: Any = None, root: int = 0, async_op: bool = False,
@@ -1122,14 +1128,7 @@ def scatter_object(g: Comm, objs: Any = None, root: int = 0, async_op: bool = Fa
     the other ranks."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         r = _root(g, root)
-        values: list[Any] = []
-        if g.rank == r:
-            if not isinstance(objs, (list, tuple)) or len(objs) != g.size:
-                got = (f"a {type(objs).__name__} of {len(objs)}"
-                       if isinstance(objs, (list, tuple)) else type(objs).__name__)
-                raise ValueError(f"scatter_object needs a list of {g.size} objects (one a "
-                                 f"rank) on the root, got {got}")
-            values = [as_received(o) for o in objs]
+        values = _one_per_rank(g, objs, "scatter_object", " on the root") if g.rank == r else []
 
         def body(ctx: Ctx) -> Any:
             if ctx.g.rank != r:
