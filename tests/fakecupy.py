@@ -238,19 +238,9 @@ def alloc_pinned_memory(size: int) -> bytearray:
 
 
 class _Runtime:
-    memcpyDefault = 4
-
     @staticmethod
     def getDeviceCount() -> int:
         return _devices()
-
-    @staticmethod
-    def getDevice() -> int:
-        return _current_device()
-
-    @staticmethod
-    def deviceCanAccessPeer(device: int, peer: int) -> int:
-        return 1
 
     @staticmethod
     def memcpy(dst: int, src: int, size: int, kind: int) -> None:

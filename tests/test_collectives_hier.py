@@ -680,7 +680,7 @@ def _dropped_groups(world: Any) -> list[int]:
 
     from collectives.host import stream
     _fake_host(world)
-    n, r = world.size, world.rank
+    n = world.size
     big = np.ones(100_001, np.float32)
 
     def fds() -> int:

@@ -291,7 +291,7 @@ def test_a_stage_taking_and_returning_a_tuple():
     from engine.torch_stage import Parts
     scale = torch.full((4, 1), 0.5, dtype=torch.float64)
     _, ctx = stage.forward(Parts((x, scale), fixed=[1]))
-    gx3, gs = stage.backward(ctx, (torch.ones_like(y), None))
+    _, gs = stage.backward(ctx, (torch.ones_like(y), None))
     assert gs is None
     _, ctx = stage.forward((x, scale))
     assert stage.backward(ctx, (torch.ones_like(y), None))[1].shape == (4, 1)

@@ -55,7 +55,7 @@ def costs() -> None:
         print(f"costs  {name:28s} {_per(fn, 500):9.1f} us")
 
 
-def _contender(n: int, q: Any, start: Any) -> None:
+def _contender(q: Any, start: Any) -> None:
     import cupy as cp
     s = cp.cuda.Stream(non_blocking=True)
     a = cp.zeros(2, cp.float32)
@@ -74,7 +74,7 @@ def contend(n: int) -> None:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     start = ctx.Event()
-    ps = [ctx.Process(target=_contender, args=(n, q, start)) for _ in range(n)]
+    ps = [ctx.Process(target=_contender, args=(q, start)) for _ in range(n)]
     for p in ps:
         p.start()
     time.sleep(3)
