@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -351,32 +351,44 @@ def killed(world: Any, out: str) -> None:
     a = np.ones(2 * N, np.float32)
     calls = [lambda: C.all_reduce(world, a), lambda: C.reduce_scatter(world, a),
              lambda: C.all_gather(world, a[:2])]
+    _killed_between(world, out, lambda i: calls[i % 3](), 49)
+
+
+def _killed_between(world: Any, out: str, call: Callable[[int], Any], before: int) -> None:
+    """Make ``call(i)`` for i up from 0, rank 2 killed after ``before`` of
+    them; the others write what they raised and how long it took them."""
     t0 = time.monotonic()
     try:
-        for i in range(49):
-            calls[i % 3]()
+        for i in range(before):
+            call(i)
         if world.rank == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.monotonic()
-        for i in range(49, 1000):
-            calls[i % 3]()
+        for i in range(before, 1000):
+            call(i)
         text = "no error"
     except mesh.MeshError as e:
         text = f"{type(e).__name__}: {e}"
     Path(out, str(world.rank)).write_text(f"{time.monotonic() - t0:.2f} {text}")
 
 
-@pytest.mark.timeout(90)
-def test_a_peer_killed_between_short_calls_is_named(tmp_path: Path) -> None:
+def _survivors_name_rank_2(worker: Callable[[Any, str], None], tmp_path: Path) -> None:
+    """``worker`` (as _killed_between) on N ranks: the survivors raised
+    LostPeerError naming rank 2, soon after its death."""
     env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_HEARTBEAT": "0.1"}
     with pytest.raises(mesh.WorkerError) as err:
         # settle: the survivors write after rank 2's death, slowly when loaded
-        mesh.spawn(killed, N, str(tmp_path), timeout=60, env=env, settle=20)
+        mesh.spawn(worker, N, str(tmp_path), timeout=60, env=env, settle=20)
     assert err.value.rank == 2
     for rank in (0, 1):
         took, text = Path(tmp_path, str(rank)).read_text().split(" ", 1)
         assert text.startswith("LostPeerError") and "2" in text, f"rank {rank}: {text}"
         assert float(took) < 15, f"rank {rank} took {took}s: {text}"
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_killed_between_short_calls_is_named(tmp_path: Path) -> None:
+    _survivors_name_rank_2(killed, tmp_path)
 
 
 def _many_groups(world: Any) -> tuple[int, int]:
@@ -1057,31 +1069,12 @@ def _killed_exchanging(world: Any, out: str) -> None:
     sends = [(world.rank + q) % 2 + 1 for q in range(n)]
     recvs = [(p + world.rank) % 2 + 1 for p in range(n)]
     x = np.ones((sum(sends), 2), np.float32)
-    t0 = time.monotonic()
-    try:
-        for _ in range(20):
-            C.all_to_all_v(world, x, sends, recvs)
-        if world.rank == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-        t0 = time.monotonic()
-        for _ in range(1000):
-            C.all_to_all_v(world, x, sends, recvs)
-        text = "no error"
-    except mesh.MeshError as e:
-        text = f"{type(e).__name__}: {e}"
-    Path(out, str(world.rank)).write_text(f"{time.monotonic() - t0:.2f} {text}")
+    _killed_between(world, out, lambda i: C.all_to_all_v(world, x, sends, recvs), 20)
 
 
 @pytest.mark.timeout(90)
 def test_a_peer_killed_between_short_all_to_all_v_calls_is_named(tmp_path: Path) -> None:
-    env = {"MESH_PEER_TIMEOUT": "1.5", "MESH_HEARTBEAT": "0.1"}
-    with pytest.raises(mesh.WorkerError) as err:
-        mesh.spawn(_killed_exchanging, N, str(tmp_path), timeout=60, env=env, settle=20)
-    assert err.value.rank == 2
-    for rank in (0, 1):
-        took, text = Path(tmp_path, str(rank)).read_text().split(" ", 1)
-        assert text.startswith("LostPeerError") and "2" in text, f"rank {rank}: {text}"
-        assert float(took) < 15, f"rank {rank} took {took}s: {text}"
+    _survivors_name_rank_2(_killed_exchanging, tmp_path)
 
 
 def _many_shapes(world: Any) -> list[int]:

@@ -6,11 +6,12 @@ use a ring directly (Transport.send_ring, recv_ring), and nothing left in
 /dev/shm."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -36,14 +37,25 @@ def _count_takes(t: Any) -> list[int]:
     return taken
 
 
-def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def _pair(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any, Any]]:
+    """Rank 0's rings and rank 1's (of 4 KiB) in this process, rank 1's
+    attached to rank 0's: (receiver, sender, the sender's ring to rank 0)."""
     monkeypatch.setenv("MESH_RING_BYTES", "4096")
     receiver, sender = rings.Rings(0, 2, [1]), rings.Rings(1, 2, [0])
     try:
         assert sender.attach(0, receiver.announce())
-        assert not sender.attach(0, (*receiver.announce()[:3], 12345))   # a wrong token
         out = sender.out[0]
         assert out is not None
+        yield receiver, sender, out
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    with _pair(monkeypatch) as (receiver, sender, out):
+        assert not sender.attach(0, (*receiver.announce()[:3], 12345))   # a wrong token
         got: list[bytes] = []
         sent = 0
         for rnd in range(6):                  # fill, drain, again: the ring wraps
@@ -58,9 +70,6 @@ def test_a_ring_wraps_fills_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> 
         assert receiver.drain(1, 2, lambda s, mv: got.append(bytes(mv))) == 0
         assert receiver.drain(1, 3, lambda s, mv: got.append(bytes(mv))) == 1
         assert got[-1] == b"late"
-    finally:
-        sender.close()
-        receiver.close()
 
 
 @pytest.mark.timeout(30)
@@ -100,12 +109,7 @@ def test_a_body_refused_where_the_ring_wraps_leaves_it_usable(
     sends it) wraps too. It was written past the ring's end instead, an
     IndexError there and at every later put: a same-host peer that sent
     strided views could no longer send to that rank."""
-    monkeypatch.setenv("MESH_RING_BYTES", "4096")
-    receiver, sender = rings.Rings(0, 2, [1]), rings.Rings(1, 2, [0])
-    try:
-        assert sender.attach(0, receiver.announce())
-        out = sender.out[0]
-        assert out is not None
+    with _pair(monkeypatch) as (receiver, sender, out):
         got: list[bytes] = []
         for i in range(30):                   # 432 bytes an entry: wraps every 9
             view = (np.arange(200, dtype=np.int32) + i)[::2]       # 400 bytes, strided
@@ -116,9 +120,6 @@ def test_a_body_refused_where_the_ring_wraps_leaves_it_usable(
             receiver.drain_all([0, 0], lambda s, mv: got.append(bytes(mv)))
         assert got == [b"h" + (np.arange(0, 200, 2, dtype=np.int32) + i).tobytes()
                        for i in range(30)]
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def test_a_ring_takes_no_message_its_length_word_cannot_hold(
@@ -141,12 +142,7 @@ def test_a_full_ring_is_waited_on_while_its_receiver_reads(
     takes; once the receiver reads nothing for _WAIT it leaves the ring
     (OFF) for the socket, until the receiver reads again. The receiver's
     reads are played by the sender's yield, so no clock decides."""
-    monkeypatch.setenv("MESH_RING_BYTES", "4096")
-    receiver, sender = rings.Rings(0, 2, [1]), rings.Rings(1, 2, [0])
-    try:
-        assert sender.attach(0, receiver.announce())
-        out = sender.out[0]
-        assert out is not None
+    with _pair(monkeypatch) as (receiver, sender, out):
         got: list[bytes] = []
 
         def drain() -> None:
@@ -178,9 +174,6 @@ def test_a_full_ring_is_waited_on_while_its_receiver_reads(
         assert not receiver.off(1)
         drain()
         assert xs > 10 and got == [b"x" * 200] * xs + [b"y"] + [b"z" * 200] * zs
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def _message(src: int, i: int) -> object:
