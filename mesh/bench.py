@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from .cliargs import checked, positive, positive_list
+from .cliargs import checked, positive, positive_list, size_text
 from .comm import waitany
 from .peer import parse_size
 from .spawn import spawn
@@ -398,8 +398,8 @@ def main(argv: list[str] | None = None) -> None:
           + " ".join(f"{r:>10}" for r, _, _ in ratios))
     keys = [("rtt", "round trip 8 B (us)"), ("rttany", "  through waitany (us)"),
             ("rttprobe", "  iprobe loop (us)")]
-    keys += [(f"bw{n}", f"stream {_fmt(n)} (GB/s)") for n in sizes]
-    keys += [(f"pp{n}", f"ping-pong {_fmt(n)} (GB/s)") for n in sizes if n >= PINGPONG_FROM]
+    keys += [(f"bw{n}", f"stream {size_text(n)} (GB/s)") for n in sizes]
+    keys += [(f"pp{n}", f"ping-pong {size_text(n)} (GB/s)") for n in sizes if n >= PINGPONG_FROM]
     for key, label in keys:
         scale = 1e6 if key.startswith("rtt") else 1e-9
         med = {n: statistics.median(x[key] for x in runs[n]) * scale
@@ -417,16 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     print("# ratios: > 1 means the first named is faster (for round trips too)")
     for i, r in enumerate(runs["mesh"]):     # which way each stream went (mesh.rings)
         print(f"# mesh trial {i + 1}, streams on the rings: " + "; ".join(
-            f"{_fmt(n)} {r[f'sock{n}']:.0f} by socket, {r[f'left{n}']:.0f} full rings left, "
+            f"{size_text(n)} {r[f'sock{n}']:.0f} by socket, {r[f'left{n}']:.0f} full rings left, "
             f"{r[f'miss{n}']:.0f} receives off the ring" for n in sizes
             if n <= r.get("ringmax", 0)))
-
-
-def _fmt(n: int) -> str:
-    for unit, k in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= k and n % k == 0:
-            return f"{n // k}{unit}"
-    return str(n)
 
 
 if __name__ == "__main__":

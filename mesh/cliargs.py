@@ -11,7 +11,7 @@ import math
 from typing import Any, Callable, Iterable
 
 __all__ = ["positive", "nonnegative", "positive_float", "nonnegative_float", "checked",
-           "names_in", "positive_list"]
+           "names_in", "positive_list", "size_text"]
 
 
 def _number(text: str, kind: type) -> Any:
@@ -77,3 +77,12 @@ def names_in(allowed: Iterable[str], empty: bool = False) -> Callable[[str], lis
         return names
     typed.__name__ = "names"
     return typed
+
+
+def size_text(n: int) -> str:
+    """A size in bytes as the tools print it and take it (``--sizes``,
+    mesh.peer.parse_size): 65536 -> "64K", 3 << 30 -> "3G", 1000 -> "1000"."""
+    for unit, k in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= k and n % k == 0:
+            return f"{n // k}{unit}"
+    return str(n)

@@ -69,6 +69,18 @@ def test_a_nonsense_option_is_a_usage_error(module: str, argv: list[str], said: 
     assert said in err and "Traceback" not in err, err
 
 
+def test_sizes_print_as_the_tools_take_them() -> None:
+    """mesh.cliargs.size_text, the tools' one way to print a size (mesh.bench,
+    bench_memory and bench_hosts each had their own; bench_hosts' had no G):
+    what it prints, parse_size (--sizes) reads back."""
+    from mesh.cliargs import size_text
+    from mesh.peer import parse_size
+    said = {8: "8", 1000: "1000", 1536: "1536", 4096: "4K", 3 << 20: "3M", 1 << 30: "1G",
+            3 << 30: "3G"}
+    assert {n: size_text(n) for n in said} == said
+    assert all(parse_size(text) == n for n, text in said.items())
+
+
 @pytest.mark.parametrize("text,said", [
     (None, "nor a file it can read (No such file or directory)"),
     ("{", "is not JSON"),

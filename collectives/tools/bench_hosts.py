@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mesh.cliargs import positive, positive_float, positive_list
+from mesh.cliargs import positive, positive_float, positive_list, size_text
 
 from .bench import bus_factor, parse_sizes
 
@@ -336,13 +336,6 @@ def _median(rows: list[list[float]]) -> list[float]:
     return [statistics.median(col) for col in zip(*rows)]
 
 
-def _fmt(size: int) -> str:
-    for unit, shift in (("M", 20), ("K", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift}{unit}"
-    return str(size)
-
-
 def _table(title: str, n: int, sizes: list[int], res: dict, op: str = "all_reduce") -> str:
     f = bus_factor(op.removesuffix("_v"), n)
     lines = [f"## {title}", "",
@@ -350,7 +343,7 @@ def _table(title: str, n: int, sizes: list[int], res: dict, op: str = "all_reduc
              "| auto/flat busbw | gloo/auto time |", "|" + "---|" * 9]
     sides = {k: _median(v) for k, v in res.items()}
     for i, size in enumerate(sizes):
-        cells = [_fmt(size)]
+        cells = [size_text(size)]
         for k in ("flat", "auto", "gloo"):
             t = sides[k][i] if k in sides else float("nan")
             cells += [f"{t * 1e6:.0f} us", f"{size * f / t / 1e9:.3f} GB/s"]
@@ -369,7 +362,7 @@ def _p2p_table(title: str, sizes: list[int], res: dict) -> str:
     for i, size in enumerate(sizes):
         m = sides["p2p"][i]
         g = sides.get("gloo", [float("nan")] * len(sizes))[i]
-        lines.append(f"| {_fmt(size)} | {m * 1e6:.0f} us | {size / m / 1e9:.3f} | "
+        lines.append(f"| {size_text(size)} | {m * 1e6:.0f} us | {size / m / 1e9:.3f} | "
                      f"{g * 1e6:.0f} us | {size / g / 1e9:.3f} | {g / m:.2f}x |")
     return "\n".join(lines) + "\n"
 

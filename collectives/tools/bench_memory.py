@@ -51,7 +51,8 @@ import traceback
 import warnings
 from typing import Any, Callable, Sequence
 
-from mesh.cliargs import checked, names_in, positive, positive_float, positive_list
+from mesh.cliargs import (checked, names_in, positive, positive_float, positive_list,
+                          size_text)
 
 from .bench import parse_sizes
 
@@ -307,13 +308,6 @@ def _available() -> int:
     return int(m.group(1)) << 10 if m else 0
 
 
-def _fmt_size(n: int) -> str:
-    for unit, k in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= k and n % k == 0:
-            return f"{n // k}{unit}"
-    return str(n)
-
-
 def _cell(per_rank: list[Any] | str) -> str:
     if isinstance(per_rank, str):
         return per_rank
@@ -389,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             need = max(_need(op, size, n) for op in a.ops)
             avail = _available()
             if need > avail:
-                print(f"# {_fmt_size(size)} on {n} ranks skipped: its jobs could need "
+                print(f"# {size_text(size)} on {n} ranks skipped: its jobs could need "
                       f"{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available", flush=True)
                 continue
             count = _count(size, n)
@@ -401,15 +395,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     except Exception as e:      # one failed job: say so, keep going
                         got[fw] = "error"
                         first = (str(e).strip().splitlines() or [""])[-1]
-                        notes.append(f"# {op} {_fmt_size(size)} {fw}: "
+                        notes.append(f"# {op} {size_text(size)} {fw}: "
                                      f"{type(e).__name__}: {first[:200]}")
                     else:
                         shm = max(r["shm"] for r in got[fw]) >> 20
                         dev = max(r["devshm"] for r in got[fw]) >> 20
                         if max(shm, dev) << 20 >= 0.05 * count * _ITEM:
-                            notes.append(f"# {op} {_fmt_size(size)} {fw}: RssShmem up to "
+                            notes.append(f"# {op} {size_text(size)} {fw}: RssShmem up to "
                                          f"{shm} MiB, /dev/shm grew {dev} MiB")
-                print(f"  {op:>14} {_fmt_size(size):>6} | "
+                print(f"  {op:>14} {size_text(size):>6} | "
                       + " ".join(f"{_cell(got[f]):>14}" for f in fws)
                       + (" | " + " ".join(f"{_ratio(_worst(got[x]), _worst(got[y])):>12}"
                                           for _, x, y in pairs) if pairs else ""), flush=True)
