@@ -490,7 +490,7 @@ def test_retime_stretches_each_stage_by_its_dry_run_wall_over_cpu():
     """Job.retime times the stages in thread CPU; the busy dry run burns that
     CPU per action, and each stage's actions' wall there over their CPU (at
     least 1; kinds the stage did not run left out) stretches its times."""
-    from engine.distribute import _stretch, _stretched
+    from engine.measured_choice import _stretch, _stretched
     cpu = {"F": [1.0, 2.0], "B": [2.0, 2.0], "I": [0.0, 0.0], "W": [0.0, 0.0]}
     wall = {"F": [1.5, 2.0], "B": [3.0, 1.0], "I": [0.0, 0.0], "W": [0.0, 0.0]}
     assert _stretch(cpu, wall) == [pytest.approx(1.5), 1.0]
@@ -517,7 +517,7 @@ def test_fitted_load_makes_the_simulated_dry_run_as_long_as_the_measured():
     the simulator without load give none (a quiet machine predicts as
     before)."""
     from engine.calibrate import Calibration
-    from engine.distribute import _shared_walls, fitted_load
+    from engine.measured_choice import _shared_walls, fitted_load
     cal = Calibration(1e-4, 5e-5, receive=1e-5)
     for name, cores in (("1f1b", 2.0), ("1f1b", 1.0), ("zb-v", 2.0), ("interleaved", 0.5)):
         sched = engine.schedules.by_name(name, 2, 4, chunks=2)
@@ -541,7 +541,7 @@ def test_retime_stretch_over_the_shared_cores_walls():
     """Where ranks outnumber cores, the stretch is the dry run's wall over
     what the simulator's sharing makes of the CPU, which can be under 1."""
     from engine.calibrate import Calibration
-    from engine.distribute import _shared_walls, _stretch
+    from engine.measured_choice import _shared_walls, _stretch
     (sched,) = choose.builtin(["gpipe"], 2, [2])
     spin = {"F": [1.0, 1.0], "B": [2.0, 2.0], "I": [0.0, 0.0], "W": [0.0, 0.0]}
     walls = _shared_walls(sched, spin, Calibration(0.5, 0.0, cores=1.0))
