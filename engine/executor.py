@@ -79,7 +79,7 @@ from .clip import clip_grad_norm
 from .ir import AR, OPT, B, F, I, W, RECV_F, SEND_F, Action, Schedule, message_key
 from .lower import with_grad_sync
 from .pipeline_args import (_as_stage, _checkpointed, _given_alike, _joined, _recomputing,
-                            rows_of, split_microbatches, stages_for_rank)
+                            split_microbatches, stages_for_rank)
 from .rollback import StepFailed, _Step
 from .simulate import simulate
 from .tied import TiedGrads
@@ -90,7 +90,7 @@ from .tp_layers import cut_edges, group_of, refuse_cut_fed_whole
 from .verify import verify
 from .zero_grads import OwnedGrads
 
-__all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank", "rows_of"]
+__all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
 
 _STEP_SHIFT = 32      # step n's tags are tag_base + i + (n << 32)
 # steps made so far on each group (by transport, then group id) by every Pipeline: a new

@@ -36,7 +36,7 @@ from .direct import Direct
 from .errors import LostPeerError, MeshError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
-from .peer import DEAD, STATE_NAMES, Outgoing, Peer, config_bytes, config_float
+from .peer import DEAD, STATE_NAMES, Outgoing, Peer, config_bytes
 from .progress import Progress
 from .reader import Reader
 from .ringpath import SENT, _RingPaths
@@ -44,7 +44,7 @@ from .sendpath import _Sending
 from .streams import Streams
 from .waits import _Waiting
 
-__all__ = ["Transport", "Outgoing", "config_float", "abort_error", "SENT"]
+__all__ = ["Transport", "Outgoing", "abort_error", "SENT"]
 
 _log = logging.getLogger("mesh.transport")
 

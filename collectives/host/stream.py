@@ -62,12 +62,12 @@ import numpy as np
 
 from mesh import LostPeerError, MeshError
 from mesh.listener import HELLO as _HELLO, MAGIC as _MAGIC
-from mesh.listener import listener, reset as _reset, the_listener as _the_listener
+from mesh.listener import reset as _reset, the_listener as _the_listener
 from mesh.peer import config_bytes, config_flag
 
 from ..runner import Ctx, caught, named
 
-__all__ = ["Links", "open_links", "enabled", "stats", "listener"]
+__all__ = ["Links", "open_links", "enabled", "stats"]
 
 _CHUNK = 4 << 20                        # most bytes handed to one send / recv_into
 _POLL_S = 0.05                          # between looks at the tag and the deadline

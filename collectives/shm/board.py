@@ -42,7 +42,7 @@ each slow poll with one); a freed board fails the cookie check.
     round.py      Round: one collective on the board (and announce)
     quick.py      Quick: the board side of a repeated tiny call (collectives.shm.tiny)
 
-Round, Quick, Stray, announce and mismatch_text are importable from here too.
+Round, Quick, Stray and announce are importable from here too.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ from ..runner import Ctx
 from . import bell, cma
 
 __all__ = ["CAPACITY", "INLINE", "ARENA", "available", "announce", "crowded", "ready", "forget",
-           "mapped", "Round", "Quick", "signature", "Stray", "mismatch_text"]
+           "mapped", "Round", "Quick", "signature", "Stray"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
@@ -362,5 +362,5 @@ def signature(fp: dict) -> tuple[bytes, int]:
 
 # (Round and Quick read this module's names: imported once they are all defined)
 from .quick import Quick  # noqa: E402
-from .round import Round, announce, mismatch_text  # noqa: E402
+from .round import Round, announce  # noqa: E402
 from .waiting import Stray  # noqa: E402
