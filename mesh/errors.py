@@ -40,12 +40,13 @@ class OutMismatchError(MismatchError, BadMessageError):
     count, or not an array). The message stays queued for the next receive."""
 
 
-class AuthError(MeshError):
-    """A peer did not present the job's secret."""
-
-
 class RendezvousError(MeshError):
     """The job could not be assembled: ranks missing, duplicated, or no service."""
+
+
+class AuthError(RendezvousError):
+    """The rendezvous service refused this rank's credentials: a different job
+    secret (MESH_SECRET) or MESH_CURVE setting there."""
 
 
 class WorkerError(MeshError):

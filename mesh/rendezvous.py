@@ -36,7 +36,7 @@ import msgpack
 import zmq
 
 from . import auth
-from .errors import LostPeerError, RendezvousError
+from .errors import AuthError, LostPeerError, RendezvousError
 from .liveness import monitor_event
 
 __all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Teller",
@@ -369,7 +369,7 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                                     f"mesh was complete", ended[0])
             if not sock.poll(int(min(left, 0.25 if folder else 1.0) * 1000) + 1):
                 if mon.poll(0):     # the service answered the handshake: not our secret
-                    raise RendezvousError(
+                    raise AuthError(
                         f"rank {rank}: rendezvous at {where} refused our credentials: a "
                         f"different job secret (MESH_SECRET) or MESH_CURVE setting there")
                 now = time.monotonic()

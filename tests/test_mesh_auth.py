@@ -235,8 +235,8 @@ def test_a_wrong_secret_fails_the_rendezvous_with_a_clear_error() -> None:
     ctx = zmq.Context()
     try:
         t0 = time.monotonic()
-        with pytest.raises(mesh.RendezvousError, match="refused our credentials: a different "
-                                                       "job secret"):
+        with pytest.raises(mesh.AuthError, match="refused our credentials: a different "
+                                                 "job secret"):
             join(ctx, "127.0.0.1", srv.port, "wrong", 0, 2, "h", EPS, 30.0)
         assert time.monotonic() - t0 < 5      # at once, not at the rendezvous timeout
         assert _wait(lambda: srv.refused >= 1)
