@@ -537,6 +537,8 @@ def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> Non
      "argument --output-stall: 'nan': a number of at least 0"),
     (("--master-addr", "tcp://10.0.0.1", str(WORKER)), "give the host alone (e.g. 10.0.0.1)"),
     (("--master-addr", "10.0.0.1:29500", str(WORKER)), "give the port with --master-port"),
+    (("--nnodes", "2", "--master-addr", "10.0.0.1:29500", str(WORKER)),
+     "10.0.0.1:29500: give the port with --master-port 29500"),
     (("--master-addr", "no-such-host.invalid", str(WORKER)), "cannot resolve it"),
     (("--no-python", "no-such-program-here"), "no such program (not a file, nor on PATH)"),
     (("--log-dir", str(WORKER), str(WORKER)), "not a directory"),
@@ -577,6 +579,41 @@ def test_no_python_says_why_a_file_that_is_there_cannot_run(
         assert message in err, err
     (tmp_path / "job.sh").chmod(0o755)
     assert "job.sh: not on PATH; give ./job.sh to run the file here" in refused("job.sh")
+
+
+def test_a_script_that_is_not_python_is_a_usage_error_saying_no_python(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A shell script or a compiled program given without --no-python ran
+    as Python on every rank, each failing with a SyntaxError in its second
+    line (or a null byte's ValueError). A Python script with a #! line runs.
+    (Usage errors, refused in this process as in test_usage_errors.)"""
+    from mesh.launch.cli import _check, build_parser
+    monkeypatch.chdir(tmp_path)
+    files = {"job.sh": b"#!/bin/sh\necho hi\n",
+             "job2.sh": b"#!/usr/bin/env -S bash -e\necho hi\n",
+             "prog": b"\x7fELF\x02\x01\x01\x00" + bytes(64),
+             "ok.py": b"#!/usr/bin/env python3\nprint('hi')\n",
+             "plain.py": b"print('hi')\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    parser = build_parser()
+
+    def check(*argv: str) -> str:
+        with pytest.raises(SystemExit) as stop:
+            _check(parser, parser.parse_args(["-n", "2", *argv]))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, err
+        return err
+    assert ("job.sh: a sh script (its first line: #!/bin/sh), not Python: run it with "
+            "--no-python (meshrun -n 2 --no-python ./job.sh ...)") in check("job.sh")
+    assert "job2.sh: a bash script (its first line: #!/usr/bin/env -S bash -e), not " \
+           "Python" in check("job2.sh")
+    assert "prog: a compiled program (ELF), not Python" in check("prog")
+    for name in ("ok.py", "plain.py"):
+        _check(parser, parser.parse_args(["-n", "2", name]))
+    (tmp_path / "job.sh").chmod(0o755)
+    _check(parser, parser.parse_args(["-n", "2", "--no-python", "./job.sh"]))
 
 
 def test_a_module_found_nowhere_is_a_usage_error(

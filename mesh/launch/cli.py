@@ -112,6 +112,7 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--master-port {a.master_port}: a TCP port is 0..65535 (0: any free one)")
     if a.module and a.no_python:
         p.error("-m and --no-python exclude each other")
+    _check_addr_form(p, a.master_addr)      # (host:port: said before "--master-port is required")
     if a.nnodes > 1 and a.master_port is None:
         p.error("--master-port is required with --nnodes > 1")
     if a.nnodes > 1 and a.node_rank > 0 and not a.master_port:
@@ -122,6 +123,10 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if not (a.module or a.no_python or os.path.isfile(a.target)
             or os.path.isfile(os.path.join(a.target, "__main__.py"))):
         p.error(f"{a.target}: no such file (nor a folder with a __main__.py)")
+    other = None if a.module or a.no_python else _not_python(a.target)
+    if other:
+        p.error(f"{a.target}: {other}, not Python: run it with --no-python "
+                f"(meshrun -n {a.nproc} --no-python {_runnable(a.target)} ...)")
     missing = _module_missing(a.target) if a.module else None
     if missing:
         p.error(f"-m {a.target}: {missing}")
@@ -212,7 +217,40 @@ def _no_program(target: str) -> str:
     return f"{target}: no such program (not a file, nor on PATH)"
 
 
-def _check_addr(p: argparse.ArgumentParser, addr: str) -> None:
+_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish"}
+
+
+def _not_python(target: str) -> str | None:
+    """What a script file is where it is surely not Python, else None: its
+    ``#!`` line names a shell (``#!/bin/sh``, ``#!/usr/bin/env bash``), or it
+    is a compiled program (ELF). Run as Python, each rank failed with a
+    SyntaxError in the file's second line, or a null byte's ValueError."""
+    if not os.path.isfile(target):
+        return None             # (a folder with a __main__.py)
+    try:
+        with open(target, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None             # (the ranks' python says why)
+    if head.startswith(b"\x7fELF"):
+        return "a compiled program (ELF)"
+    if not head.startswith(b"#!"):
+        return None
+    line = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    words = line.split()
+    if words and os.path.basename(words[0]) == "env":
+        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+    if words and os.path.basename(words[0]) in _SHELLS:
+        return f"a {os.path.basename(words[0])} script (its first line: #!{line})"
+    return None
+
+
+def _runnable(target: str) -> str:
+    """target as --no-python takes a file here: with a directory part."""
+    return target if os.sep in target else f".{os.sep}{target}"
+
+
+def _check_addr_form(p: argparse.ArgumentParser, addr: str) -> None:
     """--master-addr is a host name or an IP address: not a URL, no port."""
     if "://" in addr:
         p.error(f"--master-addr {addr}: give the host alone (e.g. {addr.split('://', 1)[1]}), "
@@ -221,6 +259,10 @@ def _check_addr(p: argparse.ArgumentParser, addr: str) -> None:
     if colon and port.isdigit() and host.count(":") == 0:
         p.error(f"--master-addr {addr}: give the port with --master-port {port}, the host "
                 f"alone with --master-addr {host}")
+
+
+def _check_addr(p: argparse.ArgumentParser, addr: str) -> None:
+    """--master-addr resolves (its form checked first, by _check_addr_form)."""
     try:
         socket.getaddrinfo(addr.strip("[]"), None)
     except (socket.gaierror, UnicodeError) as e:
