@@ -226,11 +226,48 @@ def group_rank_hint(comm: "Comm", r: Any) -> str:
             f"{comm.ranks.index(int(r))}")
 
 
+def _listed(requests: Any, what: str) -> list[Request]:
+    """``requests`` as a list, or TypeError naming the rank and ``what``
+    (mesh.waitall...) for one given a Request itself (it was "'_Sent'
+    object is not iterable") or anything that is no request (an array:
+    "'numpy.ndarray' object has no attribute 'wait'")."""
+    if isinstance(requests, Request) or not hasattr(requests, "__iter__"):
+        given = "one request" if isinstance(requests, Request) else _a(requests)
+        raise TypeError(f"{_who(requests)}{what} takes a list of requests (those isend and "
+                        f"irecv return), not {given}: give [req], or wait for one alone "
+                        f"with req.wait()")
+    reqs = list(requests)
+    for i, r in enumerate(reqs):
+        if not isinstance(r, Request):
+            raise TypeError(f"{_who(reqs)}{what}: requests[{i}] is {_a(r)}, not a request "
+                            f"(what isend and irecv return)")
+    return reqs
+
+
+def _a(x: Any) -> str:
+    """"a list", "an int": x's type named with its article."""
+    name = type(x).__name__
+    return f"{'an' if name[:1] in 'aeiouAEIOU' else 'a'} {name}"
+
+
+def _who(requests: Any) -> str:
+    """"rank R: " for an error about a call's requests: the rank of the first
+    one's communicator, else of this process's mesh (or "")."""
+    if isinstance(requests, Request):
+        return f"rank {requests._c._t.rank}: "
+    for r in requests if isinstance(requests, list) else ():
+        if isinstance(r, Request):
+            return f"rank {r._c._t.rank}: "
+    from .world import current
+    m = current()
+    return "" if m is None else f"rank {m.rank}: "
+
+
 def waitall(requests: Sequence[Request], timeout: float | None = None) -> list[Any]:
     """Wait for every request; their results in order (None for sends).
     ``timeout`` bounds the whole wait; the first request that fails raises
     (the others stay waitable)."""
-    reqs = list(requests)
+    reqs = _listed(requests, "waitall")
     if timeout is None or not reqs:
         return [r.wait() for r in reqs]
     deadline = time.monotonic() + _check_timeout(timeout, reqs[0]._c, "waitall")
@@ -242,7 +279,7 @@ def testall(requests: Sequence[Request]) -> tuple[bool, list[Any] | None]:
     gives them, once every request is done, else ``(False, None)`` at once
     with none of them taken (a later wait, test or waitall gives them);
     what has come is read first, as ``test()`` reads it."""
-    reqs = list(requests)
+    reqs = _listed(requests, "testall")
     if all(r.get_status() for r in reqs):
         return True, [r.wait() for r in reqs]
     return False, None
@@ -259,7 +296,7 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
     that to the progress thread: an 8-byte round trip through waitany took
     100 us, through wait 14); MeshTimeoutError after ``timeout`` seconds
     (default: the mesh's), naming what it waited for."""
-    return _waitany(list(requests), timeout, "waitany")
+    return _waitany(_listed(requests, "waitany"), timeout, "waitany")
 
 
 def _waitany(reqs: list[Request], timeout: float | None, what: str) -> tuple[int, Any]:
@@ -326,7 +363,7 @@ def waitsome(requests: Sequence[Request],
     cancelled receive) is left out for the next call, which raises it, as
     waitany raises for the first it finds. ValueError once every request is
     spent (mpi4py returns ``(None, None)``)."""
-    reqs = list(requests)
+    reqs = _listed(requests, "waitsome")
     i, x = _waitany(reqs, timeout, "waitsome")
     return _and_done(reqs, i, x)
 
@@ -336,7 +373,7 @@ def testany(requests: Sequence[Request]) -> tuple[int | None, bool, Any]:
     done and not spent (as ``waitany`` gives it, spending it), else
     ``(None, False, None)`` at once, what has come read first as ``test()``
     reads it. ValueError once every request is spent, as waitany."""
-    return _testany(list(requests), "testany")
+    return _testany(_listed(requests, "testany"), "testany")
 
 
 def _testany(reqs: list[Request], what: str) -> tuple[int | None, bool, Any]:
@@ -352,7 +389,7 @@ def _testany(reqs: list[Request], what: str) -> tuple[int | None, bool, Any]:
 def testsome(requests: Sequence[Request]) -> tuple[list[int], list[Any]]:
     """mpi4py's ``Request.testsome``: as ``waitsome``, but ``([], [])`` at
     once when none is done."""
-    reqs = list(requests)
+    reqs = _listed(requests, "testsome")
     i, ok, x = _testany(reqs, "testsome")
     return _and_done(reqs, i, x) if ok and i is not None else ([], [])
 

@@ -1579,6 +1579,38 @@ def _wait_some(world: mesh.Mesh) -> list:
             none_yet, every, empty, idle, some, last, mixed[2:], errors]
 
 
+def _not_a_list(world: mesh.Mesh) -> list:
+    sent, got = world.isend(np.arange(3), 0, tag=1), world.irecv(0, tag=1)
+    said = []
+    for call in (mesh.waitall, mesh.waitany, mesh.waitsome, mesh.testall, mesh.testany,
+                 mesh.testsome):
+        for given in (got, [got, np.arange(2)], sent, 3):
+            with pytest.raises(TypeError) as e:
+                call(given)
+            said.append(str(e.value))
+    return [said, mesh.waitall([sent, got])[1].tolist()]
+
+
+def test_the_wait_and_test_calls_given_no_list_of_requests_say_so() -> None:
+    """A newcomer's mesh.waitall(req) raised "'_Sent' object is not iterable",
+    and a list holding an array "'numpy.ndarray' object has no attribute
+    'wait'": neither named the rank nor the call. The requests are left as
+    they were: a list of them is waited for after."""
+    said, got = mesh.spawn(_not_a_list, 1, timeout=60)[0]
+    assert got == [0, 1, 2]
+    for i, call in enumerate(("waitall", "waitany", "waitsome", "testall", "testany",
+                              "testsome")):
+        one, mixed, sent, number = said[4 * i:4 * i + 4]
+        assert one == sent == (f"rank 0: {call} takes a list of requests (those isend and "
+                               f"irecv return), not one request: give [req], or wait for one "
+                               f"alone with req.wait()"), (one, sent)
+        assert number == (f"rank 0: {call} takes a list of requests (those isend and irecv "
+                          f"return), not an int: give [req], or wait for one alone with "
+                          f"req.wait()"), number
+        assert mixed == (f"rank 0: {call}: requests[1] is a ndarray, not a request (what "
+                         f"isend and irecv return)"), mixed
+
+
 def test_test_waitany_and_waitall_as_mpi4py_has_them() -> None:
     """Request.test() answers at once; waitany returns the first request
     done (index and result); waitall the results in order, bounded by one
