@@ -938,6 +938,35 @@ def test_the_readme_names_every_option_of_the_launcher() -> None:
     assert not missing, missing
 
 
+def _readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readmes_quick_start_prints_what_it_says(tmp_path: Path) -> None:
+    """The Quick start's command, run as written from a checkout, prints the
+    line the README shows (its figures aside); and "A first program", run
+    under plain python, fails as the README says it does."""
+    quick = _readme_section("Quick start")
+    command = re.search(r"```\n(PYTHONPATH=\. python .*?)\s+#", quick).group(1).split()
+    assert command[:2] == ["PYTHONPATH=.", "python"], command
+    shown = re.search(r"prints rank 0's line, `(.*?), \.\.\.`", quick).group(1)
+    pattern = re.escape(shown).replace(re.escape("24.4"), r"[\d.]+")
+    env = _env()
+    env["PYTHONPATH"] = "."
+    r = subprocess.run([sys.executable, *command[2:]], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=25)
+    assert r.returncode == 0, r.stderr
+    assert re.match(pattern + ", ", r.stdout), (pattern, r.stdout)
+    first = _readme_section("A first program")
+    code = re.search(r"```python\n(.*?)```", first, re.S).group(1)
+    said = re.search(r"fails at its send: `(.*?)`", " ".join(first.split())).group(1)
+    (tmp_path / "first.py").write_text(code)
+    r = subprocess.run([sys.executable, "first.py"], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=25)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1] == said, (said, r.stderr)
+
+
 def test_help_says_every_node_needs_the_same_max_restarts() -> None:
     """``--max-restarts``'s help says what the README and node 0's refusal
     say: across hosts every node's meshrun is given the same N."""
