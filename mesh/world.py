@@ -294,13 +294,16 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     torchrun (collectives.torchdist joins this way for tcp:// and file://)."""
     spec = spec if spec is not None else env.from_env()
     _refuse_a_second(spec)
-    check_config()
-    op_timeout = timeout if timeout is not None else config_float("MESH_TIMEOUT", 300.0,
-                                                                  above=0)
-    rdv_timeout = rendezvous_timeout if rendezvous_timeout is not None else \
-        config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0, above=0)
-    window = int(config_bytes("MESH_WINDOW_BYTES", 64 << 20))    # told to the peers (join)
-    curve = auth.curve_wanted()
+    try:        # (a bad MESH_* variable: every rank raises it, each naming itself)
+        check_config()
+        op_timeout = timeout if timeout is not None else config_float("MESH_TIMEOUT", 300.0,
+                                                                      above=0)
+        rdv_timeout = rendezvous_timeout if rendezvous_timeout is not None else \
+            config_float("MESH_RENDEZVOUS_TIMEOUT", 120.0, above=0)
+        window = int(config_bytes("MESH_WINDOW_BYTES", 64 << 20))    # told to the peers (join)
+        curve = auth.curve_wanted()
+    except ValueError as e:
+        raise ValueError(f"rank {spec.rank}: mesh.init: {e}") from None
     limits.open_files(limits.rank_fds(spec.size), f"rank {spec.rank} of a world of {spec.size}")
     ctx = limits.context(spec.size)
     authenticator = auth.Authenticator(ctx, spec.secret, curve)

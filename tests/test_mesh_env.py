@@ -395,6 +395,24 @@ def test_switches_and_waits_are_read_as_written(monkeypatch: pytest.MonkeyPatch)
         ctx.destroy(linger=0)
 
 
+def test_a_bad_variable_at_init_names_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mesh.init's refusal of a bad MESH_* value named the variable only
+    (`ValueError: MESH_SHM='flase': a switch, ...` from every rank, under
+    torchrun with no rank prefix), where every other error starts with the
+    rank that raised it."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MESH_LAUNCHER", "OMPI_COMM_WORLD_RANK",
+                 "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value, why in [("MESH_SHM", "flase", "a switch, 1 or 0"),
+                             ("MESH_TIMEOUT", "30s", "not a number"),
+                             ("MESH_WINDOW_BYTES", "lots", "not a size in bytes")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError) as e:
+            mesh.init()
+        assert str(e.value).startswith(f"rank 0: mesh.init: {name}='{value}': {why}"), e.value
+        monkeypatch.delenv(name)
+
+
 def test_switches_and_sizes_read_only_across_hosts_are_checked_at_init(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """MESH_MALLOC_TUNE (read once a rank has peers on other hosts) and
