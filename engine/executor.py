@@ -111,8 +111,25 @@ def _steps_on(pp: Any, upto: int | None = None) -> int:
     return used.get(gid, 0)
 
 
+def check_grid(grid: Any, call: str) -> None:
+    """TypeError naming the rank and ``call`` for a ``grid`` that is neither
+    a mesh.Grid nor a communicator (None, what world.group gives a
+    non-member; the mesh module): it was "AttributeError: 'NoneType'
+    object has no attribute 'size'"."""
+    if isinstance(grid, Grid) or (hasattr(grid, "rank") and hasattr(grid, "size")):
+        return      # (a Comm, or a stand-in for one)
+    from mesh.world import current
+    m = current()
+    who = f"rank {m.rank}: " if m is not None else ""
+    what = ("None (what world.group(ranks) returns on ranks that are not members)"
+            if grid is None else f"a {type(grid).__name__}")
+    raise TypeError(f"{who}{call}: the grid is {what}: pass a mesh.Grid (mesh.grid(world, "
+                    f"dp=..., pp=...)) or a meshrun communicator (mesh.init()'s world)")
+
+
 def _axes(grid_or_group: Grid | Comm) -> tuple[Comm, Comm | None, int]:
     """(pp communicator, dp communicator or None, dp index) of a grid or group."""
+    check_grid(grid_or_group, "engine.Pipeline")
     if isinstance(grid_or_group, Grid):
         pp = grid_or_group.group("pp")
         try:

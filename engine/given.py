@@ -18,6 +18,7 @@ from mesh.tensors import is_tensor
 from . import layers as _layers
 from .agree import DistributeFailed, _raised
 from .choose import whole_counts
+from .executor import check_grid
 from .pipeline_args import _retold, rows_of
 from .tensor_parallel import tensor_bytes
 from .traced import called_whole, traceable
@@ -323,6 +324,7 @@ def _copied(batch: Any) -> int:
 
 
 def _as_grid(grid: Grid | Comm) -> Grid:
+    check_grid(grid, "engine.distribute")
     if not isinstance(grid, Grid):
         import mesh
         return mesh.grid(grid, pp=grid.size)

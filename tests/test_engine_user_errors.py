@@ -371,6 +371,32 @@ def test_pipeline_counts_the_stage_objects_it_was_given():
                         loss_fn=mse_loss)
 
 
+def _no_grid(world):
+    import torch
+    said = []
+    for grid in (None, mesh):
+        for call in (lambda: engine.Pipeline(grid, Sequential(Linear(2, 2)),
+                                             engine.schedules.one_f_one_b(1, 2), loss_fn=mse_loss),
+                     lambda: engine.distribute(torch.nn.Linear(2, 2), grid,
+                                               sample=torch.ones(2, 2), loss_fn=mse_loss)):
+            with pytest.raises(TypeError) as e:
+                call()
+            said.append(str(e.value))
+    return said
+
+
+def test_pipeline_and_distribute_given_no_grid_say_so():
+    """A grid that is None (world.group's on a non-member) or no grid at all
+    (the mesh module) raised "AttributeError: 'NoneType' object has no
+    attribute 'size'" from inside, naming neither the rank nor the call."""
+    said = mesh.spawn(_no_grid, 1, timeout=60)[0]
+    tail = ": pass a mesh.Grid (mesh.grid(world, dp=..., pp=...)) or a meshrun communicator " \
+           "(mesh.init()'s world)"
+    none = "None (what world.group(ranks) returns on ranks that are not members)"
+    assert said == [f"rank 0: engine.{call}: the grid is {what}{tail}"
+                    for what in (none, "a module") for call in ("Pipeline", "distribute")], said
+
+
 def test_stages_for_rank_refuses_a_cut_of_another_stage_count():
     """A model cut into other than the schedule's stage count raised a bare
     IndexError (fewer) or silently left the last stages out (more: the
