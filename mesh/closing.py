@@ -100,13 +100,16 @@ class _Closing:
             owing.drop(p, unsent, "was not sent: this rank closed its mesh before rank "
                        f"{p.rank} granted it credit", quiet=bool(failure))
         # a clean goodbye names the first peer this rank lost: what waits on this rank
-        # fails naming that root cause (its peers may not have seen that loss yet)
-        bye = wire.encode(wire.BYE, self.rank, reason=failure[:2000],
-                          peer=-1 if failure else self.inbox.first_lost)
+        # fails naming that root cause (its peers may not have seen that loss yet); each
+        # says how many of its addressee's messages this rank read: a send of the peer's
+        # that waits for ZeroMQ to let go of its frames arrived if it was among them
+        reason, lost = failure[:2000], -1 if failure else self.inbox.first_lost
+        heard = self.reader.heard
         self.live.clean_bye = not failure   # (before it goes: the answers may come at once)
         for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone
             if p.sock is not None and not (p.state == CLOSED and p.suspect_since):
-                self._control(p, bye, upto=CLOSED)
+                self._control(p, wire.encode(wire.BYE, self.rank, reason=reason, peer=lost,
+                                             heard=heard[p.rank]), upto=CLOSED)
         self.live.leaving = True
         self.inbox.closed = True
         # A receive another thread still waits in can never be answered to

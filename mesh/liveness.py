@@ -217,7 +217,7 @@ class Liveness:
         who = "world rank" if type(d) is tuple and len(d) > 4 and d[4] is not None else "rank"
         return f" ({who} {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago{said})"
 
-    def on_bye(self, peer: Peer, reason: str, lost: int = -1) -> None:
+    def on_bye(self, peer: Peer, reason: str, lost: int = -1, heard: int = -1) -> None:
         """A peer leaves. After a clean close (no reason) it is closed, and
         waits in its close for our goodbye, hearing our heartbeats meanwhile;
         ``lost``: the first peer it had lost (world rank; -1: none), which
@@ -226,7 +226,10 @@ class Liveness:
         (the dead rank's connection is read on the progress thread's tick).
         A peer that leaves failing (``reason``: its error) is dead at once:
         everything that involves it fails, naming its error; the answer tells
-        it that we know, so it need not wait for our goodbye."""
+        it that we know, so it need not wait for our goodbye. ``heard``: how
+        many of the messages we put on its socket it had read (-1: not
+        said), kept before its leaving wakes the sends that wait on it."""
+        peer.read_ours = heard
         if not reason:
             lost = lost if 0 <= lost < len(self.peers) and lost not in (self.rank,
                                                                         peer.rank) else -1

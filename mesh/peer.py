@@ -109,10 +109,13 @@ class Outgoing:
     yet, (payload bytes, frames) each, and ``held``, the trackers of those
     that were; under way once its header went (``frames`` None), it stays
     first in its peer's queue until its last piece is handed over
-    (``pieced`` says it went so)."""
+    (``pieced`` says it went so). ``seq``, for one ZeroMQ sends zero-copy:
+    how many messages its peer's socket had carried once its last frame
+    was on it (``Peer.sent``; 0: not yet, or another kind of send), which
+    the peer's goodbye may say it had read (mesh.wire's BYE, field h)."""
 
     __slots__ = ("dst", "frames", "nbytes", "_desc", "event", "tracker", "error", "keep",
-                 "pieces", "held", "streamed", "pieced")
+                 "pieces", "held", "streamed", "pieced", "seq")
 
     def __init__(self, dst: int, frames: list | None, nbytes: int, desc: Any, keep: Any) -> None:
         self.frames: list | None
@@ -124,6 +127,7 @@ class Outgoing:
         self.held: list = []
         self.streamed: memoryview | None = None     # its bytes, to write on a stream
         self.pieced = False
+        self.seq = 0
 
     def under_way(self) -> bool:
         """Whether this is a message in pieces whose header went already."""
@@ -149,7 +153,7 @@ class Peer:
     __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
                  "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at",
                  "window", "grant_step", "_grant_lock", "sent", "unanswered", "cause",
-                 "read_bye", "answered_bye")
+                 "read_bye", "answered_bye", "read_ours")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None,
                  window: int = 64 << 20) -> None:
@@ -176,6 +180,9 @@ class Peer:
         # leaving cleanly: it answered our goodbye (it has read all we sent before it);
         # and whether we answered its own (mesh.liveness's on_bye)
         self.read_bye = self.answered_bye = False
+        # how many of the messages we put on its socket (``sent``) its goodbye said it
+        # had read (-1: no goodbye heard, or it did not say)
+        self.read_ours = -1
 
     def fits(self, cost: int) -> bool:
         """Whether a message costing ``cost`` bytes (payload and MSG_COST)

@@ -81,7 +81,8 @@ class Reader:
         self.streams_fd = streams.wake_r if streams is not None else -1
         self._idents = [str(r).encode() for r in range(len(peers))]
         self._rank_of = {ident: r for r, ident in enumerate(self._idents)}
-        # mesh.rings: messages read off each peer's socket, to order its ring by
+        # messages read off each peer's socket: mesh.rings orders its ring by them,
+        # and this rank's goodbye tells each peer its count (close, in mesh.closing)
         self.rings = rings
         self.heard = [0] * len(peers)
         self._ringed = [False] * len(peers)
@@ -125,7 +126,9 @@ class Reader:
         payload: list = []
         del frame
         src = self._rank_of.get(ident)
-        if src is not None and self._ringed[src]:   # what its ring holds from before, first
+        if src is None:
+            return self._dispatch(ident, head, payload, more)
+        if self._ringed[src]:   # what its ring holds from before, first
             rings = self.rings
             assert rings is not None
             rings.drain(src, self.heard[src], self._from_ring)
@@ -135,6 +138,7 @@ class Reader:
                 return self._dispatch(ident, head, payload, more)
             finally:
                 rings.drain(src, self.heard[src], self._from_ring)
+        self.heard[src] += 1
         return self._dispatch(ident, head, payload, more)
 
     def read_rings(self, force: bool = False, until: Callable[[], bool] | None = None) -> int:
@@ -356,7 +360,7 @@ class Reader:
                               tell=lambda: inbox.send_abort(h.group, h.tag, h.reason, h.abort,
                                                             h.peer, h.src))
         elif h.kind == wire.BYE:
-            self._live.on_bye(peer, h.reason, h.peer)
+            self._live.on_bye(peer, h.reason, h.peer, h.heard)
         elif h.kind == wire.DONE:
             self._direct.on_done(h.direct[0])
         elif h.kind == wire.PROBE:

@@ -175,6 +175,7 @@ class _Sending:
                     if t is not None:
                         trackers.append(t)
                 out.tracker = zmq.MessageTracker(*trackers)
+                out.seq = peer.sent + 1     # (the message counted below)
         except zmq.ZMQError as e:
             out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
             return
@@ -220,6 +221,7 @@ class _Sending:
         if pieces:
             return False
         out.pieces = None
+        out.seq = peer.sent
         out.tracker = zmq.MessageTracker(*[t for t in out.held if t is not None])
         out.held = []
         out.event.set()

@@ -179,10 +179,13 @@ class _Waiting:
         the buffer alive for as long as ZeroMQ may hold it (until close).
         A direct send (mesh.direct) waits instead for the peer's answer
         that it has read the buffer, reading the socket in this thread.
-        A message in pieces whose every piece the peer answered (read
-        before its goodbye, on its one connection) is with the peer: its
-        frames' release is on its way (pyzmq's garbage thread, late under
-        load), and the send does not fail on the peer's leaving since."""
+        A message the peer's goodbye says it had read (wire's BYE h, against
+        ``item.seq``) is with the peer, whose leaving then ends the wait: the
+        send is done (its frames' release, by pyzmq's garbage thread, late
+        under load, is on its way; ZeroMQ holds them meanwhile). So is a
+        message in pieces whose every piece the peer answered (read before
+        its goodbye, on its one connection): the send does not fail on the
+        peer's leaving since."""
         peer = self._peers[item.dst]
         tracker = item.tracker
         assert tracker is not None
@@ -207,9 +210,12 @@ class _Waiting:
                         return
                     except zmq.NotDone:
                         pass
-                if peer.state != ALIVE and not (item.pieced and peer.unanswered == 0):
-                    self._orphans.append(item.keep)
-                    raise self.inbox.gone(peer, item.desc)
+                if peer.state != ALIVE:
+                    if 0 < item.seq <= peer.read_ours:  # it read the message, then left
+                        return
+                    if not (item.pieced and peer.unanswered == 0):
+                        self._orphans.append(item.keep)
+                        raise self.inbox.gone(peer, item.desc)
                 if left <= 0.1:
                     # (a message in pieces: not answered yet; by stream: not written yet)
                     crossing = peer.unanswered + self.streams.pending(item.dst)

@@ -18,6 +18,12 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  reports) or the error a failing rank leaves with (goodbyes;
                  none: a clean close), p the lost peer an abort names, or the
                  failing rank whose goodbye a heartbeat answers (-1: none),
+                 h on BYE: how many messages the sender had read off the
+                 addressee's connection when it said goodbye (each peer gets
+                 its own goodbye; absent: not said), as the addressee counts
+                 what it puts on that connection (Peer.sent): a send of the
+                 addressee's still waiting for ZeroMQ to let go of its frames
+                 arrived if it was among them,
                  v flags of the array's origin (returned as such): 1 a device
                  array, 2 a torch tensor, 4 a bfloat16 one (sent as uint16),
                  x same-host direct path (mesh.direct), a list of integers:
@@ -107,6 +113,7 @@ class Header(NamedTuple):
     direct: tuple[int, ...] = ()  # the x field
     more: int = 0           # the m field: 1, the payload follows in CHUNK messages;
     #                         STREAMED, on the sender's stream
+    heard: int = -1         # the h field (goodbyes; -1: absent)
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -134,7 +141,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
            credit: int = 0, reason: str = "", device: int = 0, peer: int = -1,
            abort: AbortKind = AbortKind.OTHER, direct: tuple[int, ...] = (),
-           more: int = 0) -> bytes:
+           more: int = 0, heard: int = -1) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if direct:
         h["x"] = list(direct)
@@ -166,6 +173,8 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
             h["r"] = reason
         if peer >= 0:
             h["p"] = peer
+        if heard >= 0 and kind == BYE:
+            h["h"] = heard
     return msgpack.packb(h)
 
 
@@ -213,7 +222,8 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         return Header(kind, src, nbytes=_int(h, "n", 0))
     if kind in (HEARTBEAT, BYE):
         return Header(kind, src, reason=_str(h, "r"),
-                      peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1)
+                      peer=_int(h, "p", -1, world_size - 1) if "p" in h else -1,
+                      heard=_int(h, "h", 0) if "h" in h and kind == BYE else -1)
     group, tag = _int(h, "g", 0), _int(h, "t")
     if kind == ABORT:
         return Header(kind, src, group, tag, reason=_str(h, "r"),

@@ -18,6 +18,7 @@ import zmq
 import mesh
 from mesh import auth, wire
 from mesh import world as world_module
+from late_release import hold_releases
 
 DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
           np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128]
@@ -805,6 +806,7 @@ def test_send_to_self_and_world_of_one() -> None:
 
 
 def _misbehave(world: mesh.Mesh) -> list:
+    import msgpack
     if world.rank == 1:
         # a stranger without the job secret connects to rank 0 and sends junk;
         # not blocking: once rank 0 has refused the handshake, ZeroMQ drops the
@@ -832,7 +834,11 @@ def _misbehave(world: mesh.Mesh) -> list:
                # a bad header followed by frames that would pass for a message
                # of their own: the whole multipart message must go
                [b"\xc1bad", wire.encode(wire.DATA, 1, 0, 0, dtype="<f8", shape=(1,), nbytes=8),
-                b"\x00" * 8]]
+                b"\x00" * 8],
+               # goodbyes whose count of rank 0's messages read is no count: dropped, the
+               # peer not taken for gone (the receive below comes)
+               [msgpack.packb({"k": wire.BYE, "s": 1, "h": "all"})],
+               [msgpack.packb({"k": wire.BYE, "s": 1, "h": -5})]]
         # under the peer's lock: a ZeroMQ socket is not thread-safe, and the
         # progress thread sends on it too (credits, control), so sending on it
         # bare raced with that now and then and hung both ranks. Counted as
@@ -875,7 +881,7 @@ def _try_send(sock: zmq.Socket, messages: list[list[bytes]]) -> None:
 def test_strangers_refused_and_garbage_dropped() -> None:
     refused, bad = mesh.spawn(_misbehave, 2, timeout=60)[0]
     assert refused >= 2
-    assert bad == 6
+    assert bad == 8
 
 
 def test_strangers_before_a_ranks_transport_is_built_are_counted(
@@ -1363,6 +1369,59 @@ def test_no_thread_outlives_the_mesh() -> None:
     with the process's last mesh (destroy_process_group promises no
     thread left)."""
     assert mesh.spawn(_large_sends_then_close, 2, timeout=60) == [[], []]
+
+
+def _taken_then_closed(world: mesh.Mesh, how: str, handed: str) -> list:
+    """Rank 0 sends rank 1 a 2 MiB array, zero-copy in one ZeroMQ message
+    (MESH_SHM=0: no same-host direct path), whose release by ZeroMQ is told
+    rank 0 only once its wait has seen rank 1 leave (pyzmq's garbage thread,
+    late under load). Rank 1 receives it and closes its mesh (``how``
+    "closes"), or leaves on an error ("fails"); or ("unread") stops reading
+    its socket, tells rank 0 to send, and closes once the array is handed
+    to ZeroMQ."""
+    big = np.arange((2 << 20) // 8, dtype=np.float64)
+    if world.rank == 1:
+        if how != "unread":
+            got = [bool(np.array_equal(world.recv(0, tag=1), big))]
+            world._close(RuntimeError("boom") if how == "fails" else None)
+            return got
+        reader, progress = world._t.reader, world._t.progress
+        reader.read_one = progress._read_one = lambda: False    # nothing read from now on
+        world.send("go", 0, tag=2)
+        _wait_for(handed)
+        world.close()       # (its peer's answer unread: MESH_CLOSE_WAIT, 1 s here)
+        return []
+    if how == "unread":
+        world.recv(1, tag=2)
+    hold_releases(world, 1, handed)
+    try:
+        world.send(big, 1, tag=1, timeout=30)
+    except mesh.MeshError as e:
+        return [type(e).__name__, str(e), getattr(e, "peer", None)]
+    return ["sent", world._t.peer_state(1)]
+
+
+@pytest.mark.parametrize("how", ["closes", "fails"])
+def test_a_send_its_receiver_took_does_not_fail_as_the_receiver_leaves(
+        tmp_path: Path, how: str) -> None:
+    """The receiver took the array and left (closed its mesh, or on an
+    error) before ZeroMQ let go of the sender's frames: the send raised
+    LostPeerError ("it closed its mesh", "it failed: ...") for a message
+    that had arrived. The goodbye says how many of the sender's messages
+    the receiver had read: the send returns."""
+    got = mesh.spawn(_taken_then_closed, 2, how, str(tmp_path / "handed"), timeout=60,
+                     env={"MESH_SHM": "0"})
+    assert got == [["sent", "closed" if how == "closes" else "dead"], [True]], got
+
+
+def test_a_send_its_receiver_never_read_fails_as_the_receiver_leaves(tmp_path: Path) -> None:
+    """The receiver closed without reading the message: its goodbye says so,
+    and the send raises LostPeerError naming it and the send."""
+    got = mesh.spawn(_taken_then_closed, 2, "unread", str(tmp_path / "handed"), timeout=60,
+                     env={"MESH_SHM": "0", "MESH_CLOSE_WAIT": "1"})
+    assert got[1] == [] and got[0][0] == "LostPeerError" and got[0][2] == 1, got
+    assert got[0][1].startswith("rank 0: send to rank 1 (tag 1, group world) failed: peer "
+                                "rank 1 is gone (it closed its mesh)"), got
 
 
 def _isends_then_close(world: mesh.Mesh) -> list:

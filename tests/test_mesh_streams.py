@@ -18,6 +18,7 @@ import pytest
 
 import mesh
 from mesh import streams as mstreams
+from late_release import hold_releases
 
 pytestmark = pytest.mark.timeout(60)
 TCP = {"MESH_FORCE_TCP": "1"}
@@ -376,36 +377,12 @@ def _released_late(world: mesh.Mesh) -> list:
     rank 1 receives whole and closes its mesh on; ZeroMQ's release of the
     array's frames is told rank 0 only after its wait has seen rank 1's
     goodbye read (pyzmq's garbage thread, late under load)."""
-    import zmq
     from mesh.peer import ALIVE
     big = np.arange(N, dtype=np.float64)
     if world.rank == 1:
         return [bool(np.array_equal(world.recv(0, tag=1), big))]
-    peer, real = world._t._peers[1], zmq.MessageTracker
-
-    class Late:
-        def __init__(self, *trackers: object) -> None:
-            self.real, self.told = real(*trackers), False
-
-        @property
-        def done(self) -> bool:
-            return self.told and self.real.done
-
-        def wait(self, timeout: float = -1) -> None:
-            gone = peer.state != ALIVE
-            if not (gone and self.told):
-                self.told = gone            # (released once seen gone, not before)
-                time.sleep(0.02)
-                raise zmq.NotDone
-            self.real.wait(timeout)
-
-    class Zmq:      # (sendpath's zmq, whose trackers are Late ones)
-        MessageTracker = Late
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(zmq, name)
-    from mesh import sendpath
-    sendpath.zmq = Zmq()    # type: ignore[assignment]
+    hold_releases(world, 1)
+    peer = world._t._peers[1]
     try:
         world.send(big, 1, tag=1, timeout=30)
     except mesh.MeshError as e:

@@ -17,7 +17,7 @@ from mesh import AbortKind, BadMessageError, wire
 
 pytestmark = pytest.mark.timeout(120)
 
-KEYS = ["k", "s", "g", "t", "d", "sh", "n", "f", "c", "r", "e"]
+KEYS = ["k", "s", "g", "t", "d", "sh", "n", "f", "c", "r", "e", "h"]
 INT64 = st.integers(-(1 << 63), (1 << 64) - 1)        # what msgpack can carry
 SMALL = st.integers(-3, 40)
 DTYPES = ["<f4", "<f8", "|u1", "<i8", "|b1", "<c16", ">f4", "|O", "V8", "<M8[s]", "S3",
@@ -70,6 +70,7 @@ def _check(frame: bytes, size: int) -> None:
     if h.kind == wire.ABORT:
         assert type(h.abort) is AbortKind and 0 <= h.abort <= 3   # the four abort kinds
     assert type(h.peer) is int and -1 <= h.peer < size
+    assert type(h.heard) is int and h.heard >= -1 and (h.kind == wire.BYE or h.heard == -1)
 
 
 @SETTINGS
@@ -109,9 +110,9 @@ valid = st.one_of(
     st.builds(lambda s, r, e, p: wire.encode(wire.ABORT, s, reason=r, abort=e, peer=p),
               st.integers(0, 3), st.text(max_size=30), st.sampled_from(AbortKind),
               st.integers(-1, 3)),
-    st.builds(lambda k, s, r, p: wire.encode(k, s, reason=r, peer=p),
+    st.builds(lambda k, s, r, p, n: wire.encode(k, s, reason=r, peer=p, heard=n),
               st.sampled_from([wire.HEARTBEAT, wire.BYE]), st.integers(0, 3),
-              st.text(max_size=30), st.integers(-1, 3)))
+              st.text(max_size=30), st.integers(-1, 3), st.integers(-1, 1 << 62)))
 
 
 @SETTINGS
@@ -151,6 +152,8 @@ def test_hostile_shapes_and_sizes() -> None:
         msgpack.packb({"k": 3, "s": 9}), msgpack.packb({1: 2}), msgpack.packb([3, 0]),
         msgpack.packb({"k": 3, "s": 0, "r": 7}), msgpack.packb({"k": 4, "s": 0, "p": 2}),
         msgpack.packb({"k": 1, "s": 0, "n": 1, "pad": "x" * wire.MAX_HEADER}),
+        msgpack.packb({"k": 5, "s": 0, "h": -1}), msgpack.packb({"k": 5, "s": 0, "h": "3"}),
+        msgpack.packb({"k": 5, "s": 0, "h": 1.0}), msgpack.packb({"k": 5, "s": 0, "h": 1 << 63}),
     ]
     for frame in cases:
         with pytest.raises(BadMessageError):
@@ -192,3 +195,13 @@ def test_abort_kind_has_its_own_field(kind: AbortKind) -> None:
     assert (h.abort, h.credit, h.reason, h.peer) == (kind, 0, "why", 0)
     with pytest.raises(BadMessageError):
         wire.decode(msgpack.packb({**msgpack.unpackb(frame), "e": len(AbortKind)}), 2)
+
+
+def test_a_goodbye_says_how_many_of_its_addressees_messages_were_read() -> None:
+    """A goodbye's field h: how many of the addressee's messages the leaving
+    rank had read (absent: not said); a heartbeat carries none."""
+    assert wire.decode(wire.encode(wire.BYE, 1, heard=7), 2).heard == 7
+    assert wire.decode(wire.encode(wire.BYE, 1, reason="it failed", heard=0), 2).heard == 0
+    assert wire.decode(wire.encode(wire.BYE, 1), 2).heard == -1
+    assert "h" not in msgpack.unpackb(wire.encode(wire.HEARTBEAT, 1, heard=7))
+    assert wire.decode(msgpack.packb({"k": wire.HEARTBEAT, "s": 1, "h": 7}), 2).heard == -1
