@@ -61,7 +61,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import collectives
-from mesh import Comm, Grid
+from mesh import AbortKind, Comm, Grid
 from mesh.tensors import is_tensor
 
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
@@ -130,6 +130,27 @@ def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
             continue
         return target
     return None
+
+
+def _broadcast_replicas(grid: Grid, replicas: list[Any], timeout: float | None) -> None:
+    """Replica 0's weights (``replicas``) to every dp replica, a broadcast
+    each. A rank that fails (a KeyboardInterrupt between two broadcasts, or
+    inside one: its peers learn of that one from it) abandons the broadcasts
+    it has not started, so its dp peers raise in them at once naming it (they
+    waited there until their timeout) and every replica numbers the group's
+    calls alike; its own error is told in the word that follows."""
+    dp = grid.group("dp")
+    ch = dp.collective_channel()
+    first = ch.seq
+    try:
+        for arr in replicas:
+            collectives.broadcast(dp, arr, root=0, timeout=timeout)
+    except BaseException as e:
+        for _ in range(len(replicas) - (ch.seq - first)):
+            collectives.abandon(dp, f"engine.distribute failed on rank {grid.comm.rank} (dp "
+                                f"rank {dp.rank}): {type(e).__name__}: {e}"[:400],
+                                AbortKind.of(e))
+        raise
 
 
 def load_state(model: Any, state: dict[str, Any]) -> None:
@@ -524,13 +545,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     # this rank's own error in the last stretch (the dp broadcast, the Job made: a
     # KeyboardInterrupt), told where the others' re-time makes its word (its exchange; the
     # last word where nothing is re-timed): alone, they waited there until their timeout
-    # (its dp peer in the broadcast: one that fails inside the collective fails it on them)
+    # (its dp peers in the broadcasts: those it will not make are abandoned, failing on them)
     job: Job | None = None
     try:
         if replicas:        # every replica starts from replica 0's weights
-            dp = grid.group("dp")
-            for arr in replicas:
-                collectives.broadcast(dp, arr, root=0, timeout=timeout)
+            _broadcast_replicas(grid, replicas, timeout)
         if is_torch and not any(True for st in stages for _ in st.module.parameters()):
             import warnings
             names = [f"{n} ({type(layer).__name__})" for n, layer in named]

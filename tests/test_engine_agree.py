@@ -1,5 +1,5 @@
 """Every rank raises at once (engine.agree): a failure on one rank in
-engine.distribute's last stretch (the dp broadcast of replica 0's weights,
+engine.distribute's last stretch (the dp broadcasts of replica 0's weights,
 the Job made, its re-time), in a Pipeline's making after its exchange or
 in engine.parallelize raises its own error there and, on every other
 rank, at once, an error naming it: none waits in a collective the failed
@@ -51,10 +51,27 @@ def _interrupt_inside_broadcast(rank):
     here.collectives = types.SimpleNamespace(broadcast=broadcast)
 
 
+def _interrupt_between_broadcasts(rank):
+    """distribute's second dp broadcast raises a KeyboardInterrupt before
+    it starts (Ctrl-C between two broadcasts, outside any collective)."""
+    import collectives
+    here = importlib.import_module("engine.distribute")
+    calls = [0]
+
+    def broadcast(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            here.collectives = collectives
+            raise KeyboardInterrupt(f"stopped on purpose on rank {rank}")
+        return collectives.broadcast(*a, **k)
+    here.collectives = types.SimpleNamespace(broadcast=broadcast)
+
+
 def _last_stretch_worker(world, cases):
     """dp=2 x pp=2: for each case ``(module, name, call, args)``, distribute
     with that call interrupted on world rank 1 (``module`` "broadcast": its
-    dp broadcast, inside the collective), then a step of the job."""
+    dp broadcast, inside the collective; "between": before its second),
+    then a step of the job."""
     x = np.random.default_rng(5).standard_normal((4, 8))
     y = np.random.default_rng(6).standard_normal((4, 2))
     grid = mesh.grid(world, dp=2, pp=2)
@@ -62,6 +79,8 @@ def _last_stretch_worker(world, cases):
     for module, name, call, args in cases:
         if world.rank == 1 and module == "broadcast":
             _interrupt_inside_broadcast(world.rank)
+        elif world.rank == 1 and module == "between":
+            _interrupt_between_broadcasts(world.rank)
         elif world.rank == 1 and module is not None:
             _interrupt(module, name, call, world.rank)
         kw = dict(schedule="1f1b", microbatches=2, balance="time", sample=x, reps=1)
@@ -79,6 +98,7 @@ _UNMEASURED = dict(balance=[3, 3], sample=None)
 # where distribute's last stretch runs, after the exchange that follows its Pipeline
 _LAST = [("engine.distribute", "_replica_state", 1, {}),   # replica 0's weights, taken
          ("broadcast", None, 0, {}),                        # and sent (inside the collective)
+         ("between", None, 0, {}),                          # (between two broadcasts)
          ("engine.distribute", "Job", 1, {}),               # the job made
          ("engine.distribute", "Job", 1, _UNMEASURED),      # so, with nothing measured
          ("engine.job_retime", "retimed", 1, {}),           # the re-time's, after its dry run
@@ -89,7 +109,8 @@ _LAST = [("engine.distribute", "_replica_state", 1, {}),   # replica 0's weights
 def test_a_failure_in_distributes_last_stretch_fails_every_rank_at_once():
     """A KeyboardInterrupt on one rank after the exchange that follows
     distribute's Pipeline (as it takes or sends replica 0's weights over dp,
-    makes the Job, or re-times it after its dry run) ended its call alone:
+    inside a broadcast or between two, makes the Job, or re-times it after
+    its dry run) ended its call alone:
     its dp peer waited in the broadcast, the other ranks in the re-time's
     exchange (or, with nothing measured, the last word) until their
     timeout (20 s here), raising a timeout that named neither the rank nor
