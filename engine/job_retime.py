@@ -105,8 +105,10 @@ class _Retiming:
         # their BatchNorms as often as timed)
         with collected(), kept_random(), kept_buffers(*[getattr(st, "module", None)
                                                         for st in self.stages]):
-            again = self._timed_again()
-        if self.row is not self.profiled:       # (distribute's table re-timed: again)
+            again, table = self._timed_again()
+        if table is not None:
+            self.candidates, self.row = table
+        elif self.row is not self.profiled:     # (distribute's table re-timed: again)
             self._calibrate()
         return again
 
@@ -121,22 +123,28 @@ class _Retiming:
             self.profiled_candidates, self.profiled, self.chosen,
             0.0 if self.stretch is not None else self.calibration.helper)
 
-    def _timed_again(self) -> float:
+    def _timed_again(self) -> tuple[float, tuple[list[Candidate], Candidate | None] | None]:
+        """The re-time itself: the new prediction, and with a dry run the
+        table's rows simulated again (``_calibrate``'s, where it would run
+        after; else None). What follows the dry run (the new figures, the
+        prediction, the table) is worked out in its last word (``then``),
+        where its error is told: alone (a KeyboardInterrupt on one rank
+        after a user's ``job.retime()`` dry run) the others returned, and
+        their next call waited for that rank."""
         assert self.chosen is not None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
-        calibrated = self._messages is not None        # (not a given overhead)
+        measured = self._messages is not None        # (not a given overhead)
         tp = self.pipeline.tp if self.sharded else None
         calls: dict[tuple[int, str], list[int]] = {}
         times, runs = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
                               self._reps, self._loss(),
-                              time.thread_time if calibrated else time.perf_counter,
+                              time.thread_time if measured else time.perf_counter,
                               calls if tp is not None else None, tp,
                               # (its inputs are the sample's: its error told as the times)
                               self.reshaped.sample if self.reshaped is not None else None)
         self.tp_calls = calls
         cal = self.calibration or Calibration(0.0, 0.0)
-        helper = cal.helper
-        if calibrated:
+        if measured:
             assert self._messages is not None
             spin = {k: [getattr(times[s], k) for s in range(self.schedule.num_stages)]
                     for k in ("F", "B", "I", "W")}
@@ -156,9 +164,15 @@ class _Retiming:
                 shared = None if c.cores is None else _shared_walls(sched, spin, c)
                 stretch = _stretch(spin if shared is None else shared, dry.compute or {},
                                    floor=1.0 if shared is None else 0.0)
-                got.append((c, stretch, {s: _stretched(lc, stretch[s]) for s, lc in times.items()},
-                            [{s: _stretched(lc, stretch[s]) for s, lc in run.items()}
-                             for run in runs]))
+                assert self.chosen is not None
+                chosen = retimed(self.chosen, {s: _stretched(lc, stretch[s])
+                                               for s, lc in times.items()},
+                                 c.action, 0.0, c.message, c.receive,
+                                 [{s: _stretched(lc, stretch[s]) for s, lc in run.items()}
+                                  for run in runs], cores=c.cores, load=c.load)
+                # (the stretch holds the mesh threads' share where they take one: no helper)
+                got.append((c, stretch, chosen, None if self.row is self.profiled else
+                            calibrated(self.profiled_candidates, self.profiled, chosen, 0.0)))
             dry_run(self.grid.comm, self.grid.group("pp"), sched,
                     self._messages, steps=5, tag_base=self._tag_base,
                     timeout=self._timeout, costs=spin,
@@ -166,13 +180,11 @@ class _Retiming:
                     grid=self.grid if dp else None,
                     grads={s: _grad_sizes(st) for s, st in own.items()} if dp else None,
                     tensors=self.is_torch, then=figured)
-            cal, self.stretch, times, runs = got[0]
-            self.calibration = cal
-            helper = 0.0         # the stretch holds the mesh threads' share where they take one
-        self.chosen = retimed(self.chosen, times, cal.action, helper, cal.message,
-                              cal.receive, runs, cores=cal.cores if calibrated else None,
-                              load=cal.load if calibrated else 0.0)
-        return self.chosen.makespan
+            self.calibration, self.stretch, self.chosen, table = got[0]
+            return self.chosen.makespan, table
+        self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message,
+                              cal.receive, runs)
+        return self.chosen.makespan, None
 
     def _loss(self) -> tuple[int, Callable[[Any], Any]] | None:
         """The last stage and its loss as the executor runs it after the

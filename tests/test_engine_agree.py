@@ -1,9 +1,10 @@
 """Every rank raises at once (engine.agree): a failure on one rank in
-engine.distribute's last stretch (the dp broadcasts of replica 0's weights,
-the Job made, its re-time), in a Pipeline's making after its exchange or
-in engine.parallelize raises its own error there and, on every other
-rank, at once, an error naming it: none waits in a collective the failed
-rank will not make until its timeout.
+engine.distribute's last stretch (the dp broadcasts of replica 0's
+weights, the Job made, its re-time), in a user's later job.retime(), in a
+Pipeline's making after its exchange or in engine.parallelize raises its
+own error there and, on every other rank, at once, an error naming it:
+none waits in a collective the failed rank will not make until its
+timeout.
 """
 import importlib
 import types
@@ -303,3 +304,39 @@ def test_a_failure_in_distributes_parallelize_fails_every_rank_at_once():
                                   "1: KeyboardInterrupt: stopped on purpose on rank 1"), \
             (at, results[0])
     assert all(isinstance(said[-1], float) for said in results), results
+
+
+def _retime_worker(world):
+    """pp=2: a job made, then the user's own job.retime() with its first
+    prediction after the dry run interrupted on rank 1, then another
+    re-time and a step on every rank."""
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    job = engine.distribute(_model(), mesh.grid(world, pp=2), loss_fn=mse_loss, sample=x,
+                            schedule="1f1b", microbatches=2, reps=1, verbose=False, timeout=20)
+    if world.rank == 1:
+        _interrupt("engine.job_retime", "retimed", 1, world.rank)
+    said = []
+    try:
+        said.append(job.retime())
+    except BaseException as e:
+        said.append(f"{type(e).__name__}: {e}")
+    said.append(job.retime())
+    loss = job.step(x, y)
+    return said + [None if loss is None else float(loss)]
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_after_a_users_retime_dry_run_fails_every_rank_at_once():
+    """A KeyboardInterrupt on one rank after the dry run of a user's own
+    job.retime() (as its figures predict the step again) raised there
+    alone: the others returned, and their next collective waited for that
+    rank until their timeout. Now every rank raises at once, the others
+    DistributeFailed naming it, and the job re-times and steps after."""
+    results = mesh.spawn(_retime_worker, 2, timeout=100)
+    assert results[1][0] == "KeyboardInterrupt: stopped on purpose on rank 1", results
+    assert results[0][0] == ("DistributeFailed: rank 0: engine.distribute failed on rank 1: "
+                             "KeyboardInterrupt: stopped on purpose on rank 1"), results
+    for said in results:
+        assert isinstance(said[1], float) and said[1] > 0, results
+    assert results[0][2] is None and isinstance(results[1][2], float), results
