@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import collectives
-from mesh import Comm, MeshError
+from mesh import Comm, MeshError, waitany
 
 
 _STATE_TAG = 1 << 60      # state_dict()'s point-to-point messages, far above the pipeline's
@@ -24,6 +24,7 @@ _OPTIM_TAG = _STATE_TAG + (1 << 40)     # optimizer_state_dict()'s, above those
 _HERE_TAG = _STATE_TAG - 1      # each rank's word that it called them too (_all_called)
 _DONE_TAG = _STATE_TAG - 2      # each tp rank's word that its part ran or failed (_tp_agreed)
 _STILL_TAG = _STATE_TAG - 3     # each rank's reply that a word taken is its call's (_all_called)
+_GONE_TAG = _STATE_TAG - 4      # each rank's word that its call ended there, raised (_Called)
 
 
 class DistributeFailed(MeshError):
@@ -114,7 +115,7 @@ def _raised(failed: BaseException | None) -> None:
 
 
 def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = None,
-                what: str = "") -> None:
+                what: str = "", keep: bool = False) -> "_Called | None":
     """Wait until every rank of ``g`` called this too (a job's gather of its
     state or its optimizer's, over tp or pp): each tells group rank 0, which
     answers them all once it has every word, point to point. A rank that
@@ -135,13 +136,25 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
     is left unread for the next call. The failed rank too waits for its
     answer, and withdraws its word where none comes (it raised at once:
     alone, its word was left for rank 0's next call, which raised
-    GatherFailed naming that older error)."""
+    GatherFailed naming that older error).
+    A rank interrupted as it waits here (a KeyboardInterrupt: its own error,
+    not a MeshError) raises it at once, having told group rank 0 first
+    (``_Called.ended``): rank 0 takes its word as one that says that error
+    (and ends any wait of its own on that rank), so every rank raises at
+    once, GatherFailed naming it; rank 0 so interrupted answers every word
+    it took, or finds waiting, with its own error, then raises it (alone,
+    either left the others waiting here until their timeout). ``keep``:
+    the call goes on (a pp gather's state, sent to rank 0): its ``_Called``
+    is returned, whose ``recv`` and ``ended`` do the same for what follows,
+    and which the caller closes (None where ``g`` has one rank)."""
     if g.size < 2:
-        return
+        return None
     me = g.ranks[g.rank]
-    said = None if failed is None else f"rank {me}: {type(failed).__name__}: {failed}"[:400]
+    said = None if failed is None else getattr(failed, "told", None) or (    # (a tp peer's)
+        f"rank {me}: {type(failed).__name__}: {failed}"[:400])
+    call = _Called(g, timeout)
     if g.rank:
-        n = next(_CALLS)
+        n = call.n = next(_CALLS)
         g.send([n, said, False], 0, tag=_HERE_TAG, timeout=timeout)
         try:
             told = _answer(g, n, timeout)
@@ -151,58 +164,280 @@ def _all_called(g: Comm, timeout: float | None, failed: BaseException | None = N
             except MeshError:
                 pass
             if failed is not None:
-                return      # (its own error is raised)
+                return None     # (its own error is raised)
+            raise
+        except BaseException as e:
+            call.ended(e)
             raise
         if failed is None and told is not None:
-            raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
-        return
-    words: dict[int, Any] = {}
-    for r in range(1, g.size):
-        try:
-            words[r] = _taken(g, r, timeout)
-        except MeshError:
-            if failed is None:
-                raise
-            break            # (this rank's own error is raised)
-    bad = [w for _, w in words.values() if w is not None]
+            raise _gather_failed(me, what, told)
+        return call if keep else None
+    try:
+        for r in range(1, g.size):
+            try:
+                call.words[r] = _taken(call, r)
+            except MeshError:
+                if failed is None:
+                    raise
+                break            # (this rank's own error is raised)
+        call.heard()
+    except BaseException as e:
+        if not isinstance(e, MeshError):
+            call.interrupted(e)
+        call.close()
+        raise
+    bad = [w for _, w in call.words.values() if w is not None]
     told = said if said is not None else "; ".join(bad) if bad else None
-    for r, (n, _) in words.items():
-        g.send([n, told, False], r, tag=_HERE_TAG, timeout=timeout)
+    try:
+        for r, (n, _) in call.words.items():
+            g.send([n, told, False], r, tag=_HERE_TAG, timeout=timeout)
+    except BaseException as e:
+        if not isinstance(e, MeshError):
+            call.interrupted(e)
+        call.close()
+        raise
     if failed is None and bad:
-        raise GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
+        call.close()
+        raise _gather_failed(me, what, "; ".join(bad))
+    if keep and failed is None:
+        return call
+    call.close()
+    return None
 
 
 _CALLS = itertools.count()      # this rank's words' numbers (_all_called), each call its own
 
 
-def _word(g: Comm, r: int, timeout: float | None) -> tuple[int, str | None]:
+def _gather_failed(me: int, what: str, told: str) -> GatherFailed:
+    """GatherFailed on world rank ``me``: ``what`` failed on the ranks
+    ``told`` names, which it keeps (``told``: a tp rank 0's word to its pp
+    group says them, not its own GatherFailed)."""
+    e = GatherFailed(f"rank {me}: {what} failed on {told}; nothing was gathered")
+    e.told = told       # type: ignore[attr-defined]
+    return e
+
+
+class _Called:
+    """One ``_all_called`` call, on each rank. Group rank 0 keeps the words
+    taken (``words``: each rank's number and what it said) and, for each of
+    those ranks, a receive posted on its notices (``_GONE_TAG``): a rank
+    whose call ended after its word (a KeyboardInterrupt as it waited, or as
+    it sent its state) says so there (``ended``), with its word's number and
+    its error, and raises it at once; rank 0 then takes its word as one that
+    says that error (``gone``), and ends its own wait on that rank
+    (``recv``). A notice of another word (an older one: that rank's lone
+    call, interrupted) is passed over. On the other ranks, ``n``: this
+    call's word."""
+
+    def __init__(self, g: Comm, timeout: float | None) -> None:
+        self.g, self.timeout = g, timeout
+        self.n = -1
+        self.words: dict[int, tuple[int, str | None]] = {}
+        self.nums: dict[int, int] = {}          # rank -> its word taken's number
+        self.notes: dict[int, Any] = {}         # rank -> the receive posted on its notices
+        self.gone: dict[int, str] = {}          # rank -> its notice for its word taken
+
+    def ended(self, e: BaseException) -> None:
+        """Tell group rank 0 that this rank's call ended here with ``e``."""
+        me = self.g.ranks[self.g.rank]
+        try:
+            self.g.send([self.n, f"rank {me}: {type(e).__name__}: {e}"[:400]], 0,
+                        tag=_GONE_TAG, timeout=self.timeout)
+        except MeshError:
+            pass
+
+    def interrupted(self, e: BaseException) -> None:
+        """Group rank 0's own error ``e`` as it took the words: every word
+        taken, and every word waiting unread, answered with it (each of
+        those ranks raises GatherFailed naming rank 0)."""
+        g = self.g
+        said = f"rank {g.ranks[0]}: {type(e).__name__}: {e}"[:400]
+        try:
+            for r in range(1, g.size):
+                word = (self.nums[r], None) if r in self.nums else _word(g, r, self.timeout,
+                                                                          wait=False)
+                if word is not None:
+                    g.send([word[0], said, False], r, tag=_HERE_TAG, timeout=self.timeout)
+        except MeshError:
+            pass
+
+    def took(self, r: int, n: int) -> str | None:
+        """Rank ``r``'s word ``n`` taken (on group rank 0): its notices
+        watched from now on; what its notice for ``n`` says, if one came."""
+        self.nums[r] = n
+        if r not in self.notes and r not in self.gone:
+            self.notes[r] = self.g.irecv(r, tag=_GONE_TAG)
+        return self._noticed(r)
+
+    def _noticed(self, r: int, got: Any = None) -> str | None:
+        """What rank ``r``'s notice for its word taken says, once one came
+        (``got``: one taken already); notices of its other words passed over."""
+        note = self.notes.get(r)
+        while note is not None and (got is not None or note.get_status()):
+            if got is None:
+                try:
+                    got = note.wait()
+                except MeshError:       # (rank r gone: what it sent is read as a recv reads it)
+                    del self.notes[r]
+                    break
+            m, said = got
+            got = None
+            if int(m) == self.nums[r]:
+                del self.notes[r]
+                self.gone[r] = str(said)
+                break
+            self.notes[r] = note = self.g.irecv(r, tag=_GONE_TAG)
+        return self.gone.get(r)
+
+    def recv(self, r: int, tag: int) -> Any:
+        """``g.recv(r, tag)`` on group rank 0, ending where rank ``r``'s
+        notice for its word taken comes first (``_Ended``, its text). A
+        message come already is received as ``recv`` does (a same-host
+        ring's short way: through ``waitany`` a state of 400 small arrays
+        took up to 3.7x as long, BENCHMARKS.md); only one still to come is
+        waited for beside the notice."""
+        if r in self.gone:
+            raise _Ended(self.gone[r])
+        if r not in self.notes or self.g.iprobe(r, tag) is not None:
+            return self.g.recv(r, tag=tag, timeout=self.timeout)
+        req = self.g.irecv(r, tag=tag)
+        end = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            while r in self.notes:
+                left = None if end is None else max(end - time.monotonic(), 0.0)
+                try:
+                    i, got = waitany([req, self.notes[r]], left)
+                except MeshError:
+                    if req.done() or not self.notes[r].done():
+                        raise
+                    del self.notes[r]   # (rank r gone: what it sent is read as a recv reads it)
+                    break
+                if i == 0:
+                    return got
+                if self._noticed(r, got) is not None:
+                    raise _Ended(self.gone[r])
+            return req.wait(None if end is None else max(end - time.monotonic(), 0.0))
+        except BaseException:
+            req.cancel()
+            raise
+
+    def heard(self) -> None:
+        """Every notice come by now read: each word taken whose rank's call
+        ended says that rank's error."""
+        for r in list(self.notes):
+            self._noticed(r)
+        for r, said in self.gone.items():
+            if r in self.words:
+                self.words[r] = (self.words[r][0], said)
+
+    def close(self) -> None:
+        """The notices' receives withdrawn (one taken meanwhile: read)."""
+        for r in list(self.notes):
+            if not self.notes[r].cancel():
+                self._noticed(r)
+                if r in self.notes:
+                    self.notes.pop(r).cancel()
+        self.notes.clear()
+
+
+class _Ended(Exception):
+    """A rank's call ended after its word (``_Called.recv``): its text."""
+
+
+def _sent(call: _Called, first: Any, parts: list[Any], tag: int) -> None:
+    """A pp rank's part of a gather (``first``, then each of ``parts``) sent
+    to group rank 0 on ``tag`` and the tags after it; where this rank's own
+    error stops it (a KeyboardInterrupt), rank 0 is told (``_Called.ended``),
+    which then takes the others' parts and raises GatherFailed naming it
+    (alone, it waited for the rest until its timeout)."""
+    try:
+        call.g.send(first, 0, tag=tag, timeout=call.timeout)
+        for i, v in enumerate(parts):
+            call.g.send(v, 0, tag=tag + 1 + i, timeout=call.timeout)
+    except BaseException as e:
+        if not isinstance(e, MeshError):
+            call.ended(e)
+        raise
+
+
+def _each_part(call: _Called, tag: int, count: Callable[[Any], int], what: str
+               ) -> Iterator[tuple[int, Any, list[Any]]]:
+    """On group rank 0: each other rank's part of a gather (``_sent``),
+    ``(its rank, its first message, its parts: count(first) of them)``; a
+    rank whose call ended meanwhile (its notice) is passed over, and once
+    the others' parts are taken (none left unread) GatherFailed names it.
+    The notices' receives are withdrawn at the end."""
+    ended: list[str] = []
+    try:
+        for r in range(1, call.g.size):
+            try:
+                first = call.recv(r, tag)
+                parts = [call.recv(r, tag + 1 + i) for i in range(count(first))]
+            except _Ended as e:
+                ended.append(str(e))
+                continue
+            yield r, first, parts
+    finally:
+        call.close()
+    if ended:
+        raise _gather_failed(call.g.ranks[0], what, "; ".join(ended))
+
+
+def _word(g: Comm, r: int, timeout: float | None, wait: bool = True
+          ) -> tuple[int, str | None] | None:
     """Rank ``r``'s word for this call (``_all_called``, on group rank 0):
     its number and what it said. A word that rank withdrew (its lone call
     timed out) does not count: each is followed by its withdrawal, so the
     last word there, not withdrawn, is this call's (a lone call's word,
     taken for the next call's, made rank 0 answer it: that rank's next lone
     call took the answer for its own and sent its stage's state unasked,
-    returning None, and the checkpoint after held that stage as it was)."""
-    word = None
-    while word is None or g.iprobe(r, _HERE_TAG) is not None:
+    returning None, and the checkpoint after held that stage as it was).
+    Only a word whose call ended there unanswered (a KeyboardInterrupt, told
+    in its notice: ``_Called``) stays, not withdrawn: the first such is this
+    call's, and the words after it are kept for the next calls (taken for
+    this one, the interrupted rank's next call, the call its peers were
+    making with it, took the answer the interrupted one was owed, and its
+    peers' next call waited for it). ``wait``: False, None where no word
+    has come."""
+    kept = _KEPT.setdefault((g.gid, r), [])
+    while True:
+        while g.iprobe(r, _HERE_TAG) is not None:
+            n, said, gone = g.recv(r, tag=_HERE_TAG, timeout=timeout)
+            kept[:] = [w for w in kept if w[0] != int(n)] if gone else kept + [(int(n), said)]
+        if kept or not wait:
+            return kept.pop(0) if kept else None
         n, said, gone = g.recv(r, tag=_HERE_TAG, timeout=timeout)
-        word = None if gone else (int(n), said)
-    return word
+        if not gone:
+            kept.append((int(n), said))
 
 
-def _taken(g: Comm, r: int, timeout: float | None) -> tuple[int, str | None]:
+_KEPT: dict[tuple[int, int], list[tuple[int, str | None]]] = {}   # (group, rank): words come
+
+
+def _taken(call: _Called, r: int) -> tuple[int, str | None]:
     """Rank ``r``'s word for this call (``_word``), once that rank says it
     still waits on it (a failed rank's too: it waits for its answer as
     well): where it withdrew it, the withdrawal still on its way (iprobe saw
     none), its next word. Rank 0 took the withdrawn word for the call's and
     answered it: that rank, waiting for the answer to its new word, timed out
-    (a checkpoint after a lone call), and rank 0 waited for its state."""
+    (a checkpoint after a lone call), and rank 0 waited for its state.
+    A word whose call ended there (its notice: ``_Called``) is taken at
+    once, saying that rank's error."""
+    g, timeout = call.g, call.timeout
     while True:
-        n, said = _word(g, r, timeout)
+        word = _word(g, r, timeout)
+        assert word is not None
+        n, said = word
+        ended = call.took(r, n)
+        if ended is not None:
+            return n, ended
         g.send([n, None, True], r, tag=_HERE_TAG, timeout=timeout)
         m = None
-        while m != n:       # (a reply to an earlier call's question, which timed out: skipped)
-            m, still = g.recv(r, tag=_STILL_TAG, timeout=timeout)
+        try:
+            while m != n:   # (a reply to an earlier call's question, which timed out: skipped)
+                m, still = call.recv(r, _STILL_TAG)
+        except _Ended as e:
+            return n, str(e)
         if still:
             return n, said
 

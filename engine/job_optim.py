@@ -10,14 +10,14 @@ import copy
 from typing import Any, Callable, Sequence
 
 import collectives
-from mesh import Comm, Grid, MeshError
+from mesh import Grid, MeshError
 from mesh.tensors import is_tensor
 
 from .executor import Pipeline
 from .ir import Schedule
 from .step import _in_action
 from .tensor_parallel import cut_like, gather_like, param_shards
-from .agree import _OPTIM_TAG
+from .agree import _OPTIM_TAG, _Called, _each_part, _sent
 
 
 class _Optimizers:
@@ -75,7 +75,7 @@ class _OptimizerState:
 
     # (Job's, set in its __init__ or by its other parts)
     _agreed_part: Callable[[Callable[[], Any], str, float | None, BaseException | None],
-                           tuple[Any, Comm] | None]
+                           tuple[Any, _Called] | None]
     _aliases: dict[str, str]
     _expected: dict[str, tuple[int, ...]]
     _part_failed: bool
@@ -235,7 +235,8 @@ class _OptimizerState:
                                    "job.optimizer_state_dict(opt)", timeout, failed)
         if agreed is None:
             return None
-        (state, groups), pp = agreed
+        (state, groups), call = agreed
+        pp = call.g
         tensors = [(n, k) for n, own in state.items() for k, v in own.items() if is_tensor(v)]
         stage = self._stage_of()
         staged = [(h, [(n, stage[n]) for n in ns]) for h, ns in groups]
@@ -243,9 +244,7 @@ class _OptimizerState:
             plain = {n: {k: None if is_tensor(v) else v for k, v in own.items()}
                      for n, own in state.items()}
             told = [({k: _said(v) for k, v in h.items()}, ns) for h, ns in staged]
-            pp.send([plain, told, tensors], 0, tag=_OPTIM_TAG, timeout=timeout)
-            for i, (n, k) in enumerate(tensors):
-                pp.send(state[n][k], 0, tag=_OPTIM_TAG + 1 + i, timeout=timeout)
+            _sent(call, [plain, told, tensors], [state[n][k] for n, k in tensors], _OPTIM_TAG)
             return None
         whole = dict(state)
         hyper = [h for h, _ in groups]
@@ -259,10 +258,10 @@ class _OptimizerState:
                     held[j].append((n, st))
         for j, (_, ns) in enumerate(staged):
             add(j, ns)
-        for src in range(1, pp.size):
-            plain, theirs, tensors = pp.recv(src, tag=_OPTIM_TAG, timeout=timeout)
-            for i, (n, k) in enumerate(tensors):
-                plain[n][k] = pp.recv(src, tag=_OPTIM_TAG + 1 + i, timeout=timeout)
+        for src, (plain, theirs, tensors), values in _each_part(
+                call, _OPTIM_TAG, lambda first: len(first[2]), "job.optimizer_state_dict(opt)"):
+            for (n, k), v in zip(tensors, values):
+                plain[n][k] = v
             for n, own in plain.items():     # (a tied tensor's copies hold the same)
                 whole.setdefault(n, own)
             if len(theirs) != len(groups):

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 import collectives
-from mesh import AbortKind, Comm, Grid, MeshError
+from mesh import AbortKind, Grid, MeshError
 
 from .executor import Pipeline
 from .ir import Schedule
@@ -20,7 +20,8 @@ from .step import _in_action
 from .stagebuild import model_key
 from .tensor_parallel import gather_state_dict, load_full_state_dict
 from .tp_layers import full_params, load_full_params
-from .agree import _STATE_TAG, _all_called, _raised, _tp_agreed
+from .agree import (_STATE_TAG, GatherFailed, _all_called, _Called, _each_part, _raised, _sent,
+                    _tp_agreed)
 from .given import _coord, _size
 
 
@@ -218,7 +219,7 @@ class _ModelState:
                 "number theirs as this rank does)")
 
     def _agreed_part(self, make: Callable[[], Any], what: str, timeout: float | None,
-                     before: BaseException | None = None) -> tuple[Any, Comm] | None:
+                     before: BaseException | None = None) -> tuple[Any, _Called] | None:
         """What both gathers begin with: every rank's word taken (tp, then
         pp), this rank's part made (``make``, with its tp peers' gathers),
         and this rank's own failure raised once the others are told (and
@@ -226,13 +227,19 @@ class _ModelState:
         consolidation's error; left to its own timeout, the first replica's
         pp rank 0 and tp peers waited for this rank here). None where this
         rank's part goes no further (a dp replica but the first, a tp rank
-        but the first); else ``(made, the pp group)``."""
+        but the first); else ``(made, the pp group's call)``, whose ``_sent``
+        or ``_each_part`` send the parts to pp rank 0 or take them there."""
         self._in_tp_gather = self._part_failed = False
         if _coord(self.grid, "dp"):
             _raised(before)
             return None
         if self.sharded:
-            _all_called(self.grid.group("tp"), timeout)
+            try:
+                _all_called(self.grid.group("tp"), timeout, what=what)
+            except GatherFailed as e:   # (a tp peer's call ended: its pp peers are told too)
+                if not _coord(self.grid, "tp"):
+                    _all_called(self.grid.group("pp"), timeout, e, what)
+                raise
         self._in_tp_gather = self.sharded
         made, failed = self._local_part(make, what, timeout, before)
         self._in_tp_gather, self._part_failed = False, failed is not None
@@ -240,26 +247,22 @@ class _ModelState:
             _raised(failed)
             return None
         pp = self.grid.group("pp")
-        _all_called(pp, timeout, failed, what)
+        call = _all_called(pp, timeout, failed, what, keep=True)
         _raised(failed)
-        return made, pp
+        return made, call or _Called(pp, timeout)
 
     def _gathered_state(self, timeout: float | None) -> dict[str, Any] | None:
         agreed = self._agreed_part(lambda: self._local_state(timeout), "job.state_dict()",
                                    timeout)
         if agreed is None:
             return None
-        local, pp = agreed
-        if pp.rank:
-            pp.send(list(local), 0, tag=_STATE_TAG, timeout=timeout)
-            for i, v in enumerate(local.values()):
-                pp.send(v, 0, tag=_STATE_TAG + 1 + i, timeout=timeout)
+        local, call = agreed
+        if call.g.rank:
+            _sent(call, list(local), list(local.values()), _STATE_TAG)
             return None
         state = dict(local)
-        for src in range(1, pp.size):
-            keys = pp.recv(src, tag=_STATE_TAG, timeout=timeout)
-            for i, k in enumerate(keys):
-                state[k] = pp.recv(src, tag=_STATE_TAG + 1 + i, timeout=timeout)
+        for _, keys, values in _each_part(call, _STATE_TAG, len, "job.state_dict()"):
+            state.update(zip(keys, values))
         for k, v in self._rest.items():     # what no stage holds: this rank's own copy
             state.setdefault(k, v.detach().clone())
         for k, first in self._aliases.items():    # a shared module's other names, as torch's

@@ -1,9 +1,10 @@
 """Every rank raises at once (engine.agree): a failure on one rank in
 engine.distribute's last stretch (the dp broadcasts of replica 0's
 weights, the Job made, its re-time), in a user's later job.retime(), in a
-Pipeline's making after its exchange or in engine.parallelize raises its
-own error there and, on every other rank, at once, an error naming it:
-none waits in a collective the failed rank will not make until its
+Pipeline's making after its exchange, in engine.parallelize, or a
+KeyboardInterrupt as it waits in job.state_dict() raises its own error
+there and, on every other rank, at once, an error naming it: none waits
+in a collective (or for a word) the failed rank will not make until its
 timeout.
 """
 import importlib
@@ -340,3 +341,158 @@ def test_a_failure_after_a_users_retime_dry_run_fails_every_rank_at_once():
     for said in results:
         assert isinstance(said[1], float) and said[1] > 0, results
     assert results[0][2] is None and isinstance(results[1][2], float), results
+
+
+def _stop(rank):
+    return KeyboardInterrupt(f"stopped on purpose on rank {rank}")
+
+
+def _answered_then_stopped(rank):
+    """Rank ``rank``'s wait for group rank 0's answer (engine.agree._answer)
+    answers rank 0's question about its word, then is interrupted."""
+    from engine import agree
+
+    def answer(g, n, timeout):
+        agree._answer = real
+        m, _, asked = g.recv(0, tag=agree._HERE_TAG, timeout=timeout)
+        assert asked
+        g.send([m, m == n], 0, tag=agree._STILL_TAG, timeout=timeout)
+        raise _stop(rank)
+    real = agree._answer
+    agree._answer = answer
+
+
+def _stopped_sending(rank, at):
+    """This rank's next point-to-point send on tag ``at`` is interrupted."""
+    real = mesh.Comm.send
+
+    def send(self, obj, dst, tag=0, timeout=None):
+        if tag == at:
+            mesh.Comm.send = real
+            raise _stop(rank)
+        return real(self, obj, dst, tag, timeout)
+    mesh.Comm.send = send
+
+
+def _gather_worker(world, cases):
+    """pp=3, one stage a rank: for each case ``(who, how, late)``,
+    job.state_dict() on every rank, rank ``who`` interrupted ``how``
+    ("waiting": in its wait for rank 0's answer, before rank 0 took its
+    word; "answered": once it answered rank 0's question; "sending": as it
+    sends its state; "word": rank 0 as it takes the second rank's word),
+    the ranks of ``late`` calling it 0.5 s after the others; then another
+    job.state_dict() on every rank, the whole state or None."""
+    import time
+    from engine import agree
+    from engine.layers import Linear, Sequential
+    model = Sequential(*[Linear(4, 4, np.random.default_rng(i)) for i in range(3)])
+    job = engine.distribute(model, mesh.grid(world, pp=3), balance=[1, 1, 1],
+                            schedule="1f1b", microbatches=3, loss_fn=mse_loss,
+                            verbose=False, timeout=20)
+    said = []
+    for who, how, late in cases:
+        if world.rank == who:
+            if how == "waiting":
+                interrupt_call("engine.agree", "_answer", 1, str(_stop(who)))
+            elif how == "answered":
+                _answered_then_stopped(who)
+            elif how == "sending":
+                _stopped_sending(who, agree._STATE_TAG + 1)
+            elif how == "word":
+                interrupt_call("engine.agree", "_word", 2, str(_stop(who)))
+        if world.rank in late:
+            time.sleep(0.5)
+        try:
+            got = job.state_dict(timeout=10)
+            said.append(None if got is None else sorted(got))
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+        import collectives
+        collectives.barrier(world)
+        try:
+            got = job.state_dict(timeout=10)
+            said.append(None if got is None else sorted(got))
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+_GATHER = [(1, "waiting", [0]),         # rank 1 alone waiting, rank 0 not come yet
+           (1, "answered", [2]),        # rank 1 asked, rank 0 waiting for rank 2's word
+           (1, "sending", []),          # rank 1 sending its state
+           (0, "word", [0])]            # rank 0 taking rank 2's word
+
+
+@pytest.mark.timeout(150)
+def test_a_rank_interrupted_in_job_state_dict_fails_the_others_at_once():
+    """A rank interrupted (KeyboardInterrupt, on that rank alone) as it
+    waited in job.state_dict() for group rank 0's answer, or as it sent its
+    state, raised there and left rank 0 waiting for it, and the ranks rank
+    0 then did not answer waiting for it, until their timeout; rank 0 so
+    interrupted as it took the words left the others waiting for its
+    answer. Now the interrupted rank raises its interrupt at once, having
+    told the others, which raise GatherFailed naming it (a rank whose state
+    was sent already returns None, as always), and the next state_dict()
+    on every rank gathers the whole state."""
+    results = mesh.spawn(_gather_worker, 3, _GATHER, timeout=140)
+    whole = results[0][1]
+    assert isinstance(whole, list) and len(whole) == 6, results[0]
+    for at, (who, how, _) in enumerate(_GATHER):
+        own = f"KeyboardInterrupt: stopped on purpose on rank {who}"
+        for r in range(3):
+            got, after = results[r][2 * at], results[r][2 * at + 1]
+            assert after == (whole if r == 0 else None), (how, r, after)
+            if r == who:
+                assert got == own, (how, r, got)
+            elif how == "sending" and r == 2:
+                assert got is None, (how, r, got)
+            else:
+                assert got == (f"GatherFailed: rank {r}: job.state_dict() failed on rank "
+                               f"{who}: {own}; nothing was gathered"), (how, r, got)
+
+
+def _gather_tp_worker(world):
+    """pp=2 x tp=2: job.state_dict() with the rank at pp 1, tp 1
+    interrupted in its wait for its tp rank 0's answer (which comes 0.5 s
+    late), then job.state_dict() and a step on every rank."""
+    import time
+    x = np.random.default_rng(5).standard_normal((4, 8))
+    y = np.random.default_rng(6).standard_normal((4, 2))
+    grid = mesh.grid(world, pp=2, tp=2)
+    job = engine.distribute(_model(), grid, plan={"0": "colwise", "2": "rowwise"},
+                            balance=[3, 3], schedule="1f1b", microbatches=2, loss_fn=mse_loss,
+                            verbose=False, timeout=20)
+    at = (grid.coord("pp"), grid.coord("tp"))
+    if at == (1, 1):
+        _interrupt("engine.agree", "_answer", 1, world.rank)
+    elif at == (1, 0):
+        time.sleep(0.5)
+    try:
+        got = job.state_dict(timeout=10)
+        said = None if got is None else sorted(got)
+    except BaseException as e:
+        said = f"{type(e).__name__}: {e}"
+    got = job.state_dict(timeout=10)
+    return at, said, None if got is None else sorted(got), job.step(x, y)
+
+
+@pytest.mark.timeout(120)
+def test_a_tp_rank_interrupted_in_job_state_dict_fails_its_pp_rank_0_at_once():
+    """A tp rank interrupted in job.state_dict() as it waited for its tp
+    rank 0's answer: now that rank 0 raises GatherFailed naming it, and
+    tells its pp rank 0 (which waited for its word until its timeout), which
+    raises the same; the next state_dict() gathers the whole state and the
+    job steps."""
+    results = mesh.spawn(_gather_tp_worker, 4, timeout=100)
+    by = {at: (r, said, after, loss) for r, (at, said, after, loss) in enumerate(results)}
+    gone = by[(1, 1)][0]
+    own = f"KeyboardInterrupt: stopped on purpose on rank {gone}"
+    assert by[(1, 1)][1] == own, results
+    for at in ((1, 0), (0, 0)):
+        assert by[at][1] == (f"GatherFailed: rank {by[at][0]}: job.state_dict() failed on rank "
+                             f"{gone}: {own}; nothing was gathered"), (at, results)
+    assert by[(0, 1)][1] is None, results
+    whole = by[(0, 0)][2]
+    assert isinstance(whole, list) and len(whole) == 8, results
+    assert all(v[2] is None for at, v in by.items() if at != (0, 0)), results
+    assert all(isinstance(v[3], float) for at, v in by.items() if at[0] == 1), results
