@@ -140,6 +140,11 @@ class Liveness:
         self.stalls = 0
         self.handshake_failures = 0
         self._shaking = 0     # connections accepted whose handshake has not ended (as far as seen)
+        # when each connection that closed while handshakes were under way did
+        # (``on_monitor``): a stranger's, or a peer's established one, undecided
+        self._suspects: list[float] = []
+        # (its value was checked as the ROUTER was made: mesh.auth.make_server)
+        self._shake_limit = config_float("MESH_HANDSHAKE_TIMEOUT", 10.0)
         self.doing: Pending | Outgoing | str | None = None
         self.doing_since = 0.0
         self.last: str | tuple | None = None     # (an item's description)
@@ -275,29 +280,7 @@ class Liveness:
                 return
             event = monitor_event(frames)
             if peer is None:
-                # A connection that never spoke ZeroMQ raises no failure: it is
-                # counted when it closes with a handshake unresolved. (Handshake
-                # events name no connection, only accepted and disconnected ones
-                # do, so this counts handshakes begun and not ended: one ending
-                # as a peer's established connection closes counts a stranger
-                # one early, never twice: an event finding none open counts none.)
-                if event == zmq.EVENT_ACCEPTED:
-                    self._shaking += 1
-                    continue
-                if not self._shaking:       # (resolved already: counted, or a peer's)
-                    continue
-                self._shaking -= 1
-                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    continue
-            if peer is None:
-                self.handshake_failures += 1
-                n = self.handshake_failures
-                # 1, 2, 4, 8...: a stranger retries every 100 ms; the ZAP handler (mesh.auth)
-                # logs those refused for their credentials, with their address
-                if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and n & (n - 1) == 0:
-                    _log.warning("rank %d: refused a connection that failed the handshake "
-                                 "(not ZeroMQ, another mechanism, too slow, or a peer that "
-                                 "exited while connecting; %d so far)", self.rank, n)
+                self._on_router_event(event)
             elif event == zmq.EVENT_DISCONNECTED and peer.state != DEAD:
                 peer.suspect_since = peer.suspect_since or time.monotonic()
             elif event == zmq.EVENT_CONNECTED:
@@ -305,6 +288,52 @@ class Liveness:
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._inbox.peer_gone(peer.rank, "it refused our credentials: a different job "
                                       "secret?", DEAD)
+
+    def _on_router_event(self, event: int) -> None:
+        """Count the strangers in the ROUTER's monitor events. A connection
+        is accepted, then its handshake succeeds, or fails (ZeroMQ's failure
+        event, then its close), or it closes with none: one that never spoke
+        ZeroMQ (an HTTP request). Handshake events name no connection, so
+        this counts handshakes begun and not ended (``_shaking``). A close
+        while some are under way is a stranger's only if a handshake did not
+        end after all: it may be a peer's established connection (a clean
+        job, a peer leaving as another's handshake still ran, was warned of
+        a stranger) or a failed one's. It is held (``_suspects``) until
+        more handshakes end than can then be under way (a peer's it was), or
+        MESH_HANDSHAKE_TIMEOUT after it, by which every handshake begun
+        before it has ended (``expire``: a stranger's it was)."""
+        if event == zmq.EVENT_ACCEPTED:
+            self._shaking += 1
+            return
+        if not self._shaking:           # (a peer's, or one failed and counted, closing)
+            return
+        if event == zmq.EVENT_DISCONNECTED:
+            self._suspects.append(time.monotonic())
+        else:
+            self._shaking -= 1
+            if event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._refused(event)
+        # each suspect a stranger's leaves one handshake that will never end:
+        # more of them than handshakes left, and the extra were peers'
+        del self._suspects[self._shaking:]
+
+    def expire(self, now: float) -> None:
+        """Count as strangers the closes held (``_on_router_event``) that no
+        handshake has ended after within MESH_HANDSHAKE_TIMEOUT (and a tick)."""
+        while self._suspects and now - self._suspects[0] > self._shake_limit + 0.5:
+            self._suspects.pop(0)
+            self._shaking -= 1
+            self._refused(zmq.EVENT_DISCONNECTED)
+
+    def _refused(self, event: int) -> None:
+        self.handshake_failures += 1
+        n = self.handshake_failures
+        # 1, 2, 4, 8...: a stranger retries every 100 ms; the ZAP handler (mesh.auth)
+        # logs those refused for their credentials, with their address
+        if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and n & (n - 1) == 0:
+            _log.warning("rank %d: refused a connection that failed the handshake "
+                         "(not ZeroMQ, another mechanism, too slow, or a peer that "
+                         "exited while connecting; %d so far)", self.rank, n)
 
     def exited(self, rank: int) -> str | None:
         """What became of same-host peer ``rank``'s process when it has
@@ -370,6 +399,7 @@ class Liveness:
         goodbye, no peer watches it: beats then would only be left queued for
         peers that have gone, holding up the context's term()."""
         beat = None
+        self.expire(now)
         if self._ticked and now - self._ticked > _BLIND:
             self._awake_since = now     # blind till now: what it missed may still be unread
         self._ticked = now
