@@ -77,6 +77,10 @@ class _Sending:
         kind, header_kw, payload, keep = encode_payload(obj, desc, self.rank)
         nbytes = sum(len(p) for p in payload)
         if dst == self.rank:
+            if self.inbox.closed:       # as a send to a peer does (``_submit``)
+                out = Outgoing(dst, [], nbytes, desc, None)
+                out.fail(self.inbox.closed_error(out.desc, dst))
+                return out
             value = np.array(keep, copy=True) if kind == wire.DATA else \
                 decode_object(b"".join(payload))
             self.inbox.arrive(self.rank, group, tag, value, nbytes, fp,

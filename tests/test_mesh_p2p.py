@@ -1849,6 +1849,34 @@ def test_iprobe_after_close_reads_nothing_more() -> None:
     assert mesh.spawn(_iprobe_after_close, 2, timeout=60)[1] == [4, None, None]
 
 
+def _send_after_close(world: mesh.Mesh) -> list:
+    """A send after close, to a peer and to this rank itself, one way each."""
+    world.close()
+    said = []
+    for dst in (1 - world.rank, world.rank):
+        for how in ("send", "isend"):
+            try:
+                if how == "send":
+                    world.send(np.arange(3), dst, tag=2)
+                else:
+                    world.isend({"x": 1}, dst, tag=2).wait()
+                said.append(f"{how} to {dst}: sent")
+            except mesh.LostPeerError as e:
+                said.append(f"{how} to {dst}: {e}")
+    return said
+
+
+@pytest.mark.timeout(60)
+def test_a_send_to_this_rank_itself_after_close_fails_as_one_to_a_peer() -> None:
+    """Once closed, a send to this rank itself went on working (into its
+    own inbox) where one to a peer raised: it raises the same error now."""
+    for rank, said in enumerate(mesh.spawn(_send_after_close, 2, timeout=60)):
+        assert len(said) == 4, said
+        for line, dst in zip(said, (1 - rank, 1 - rank, rank, rank)):
+            assert line.split(":")[0] in (f"send to {dst}", f"isend to {dst}"), said
+            assert f"rank {rank}: " in line and "this rank's mesh is closed" in line, said
+
+
 def _waitany_zero_loop(world: mesh.Mesh) -> list:
     """A loop polling waitany(timeout=0) while the progress thread cannot
     run (a switch interval of 1 s: a busy caller keeps the interpreter)."""
