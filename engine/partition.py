@@ -175,6 +175,35 @@ def partition(model: Any, num_stages: int, balance: str | Sequence[int] = "unifo
     ``names``: each layer's name in the model, where ``model`` is a list of
     its layers (engine.distribute's); by default the model's own
     (engine.stagebuild.layer_names)."""
+    try:
+        return _partition(model, num_stages, balance, sample, schedule=schedule, stages=stages,
+                          group=group, tied=tied, reps=reps, names=names)
+    except (ValueError, TypeError) as e:
+        _said_by_rank(e, group)
+        raise
+
+
+def _said_by_rank(e: BaseException, group: Any) -> None:
+    """Start ``e``, a ValueError or TypeError out of engine.partition, with
+    the rank and the call, as every other error does (where a mesh runs:
+    each rank cuts its model alone, and what went wrong named neither)."""
+    if type(e) not in (ValueError, TypeError) or len(e.args) != 1 \
+            or not isinstance(e.args[0], str) or e.args[0].startswith("rank "):
+        return
+    if isinstance(group, Comm):
+        who = f"rank {group.ranks[group.rank]}: "
+    else:
+        from mesh.world import current
+        m = current()
+        who = "" if m is None else f"rank {m.rank}: "
+    call = "" if e.args[0].startswith("engine.") else "engine.partition: "
+    e.args = (f"{who}{call}{e.args[0]}",)
+
+
+def _partition(model: Any, num_stages: int, balance: str | Sequence[int], sample: Any, *,
+               schedule: Schedule | None, stages: Sequence[int] | None, group: Any,
+               tied: Sequence[Sequence[str]], reps: int,
+               names: Sequence[str] | None) -> Partition:
     # a plain module: its forward's pieces, and what the forward returns around
     # the last one's output (a dict, a dataclass...), which the last stage
     # carries for the Pipeline's loss_fn (engine.traced.given_as_returned)

@@ -199,11 +199,11 @@ def _as_comm(group: Any) -> Any:
     if isinstance(group, Comm):
         return group
     import sys
+    from mesh.world import current
+    m = current()
+    me = "" if m is None else f"rank {m.rank}: "
     dist = sys.modules.get("torch.distributed")
     if group is None and (dist is None or not dist.is_initialized()):
-        from mesh.world import current
-        m = current()
-        me = "" if m is None else f"rank {m.rank}: "
         raise TypeError(f"{me}parallelize: the tp group is None (what world.group(ranks) gives "
                         f"the ranks outside it) and torch.distributed has no default group to "
                         f"take instead: pass the tp communicator (a mesh.grid's group('tp'))")
@@ -215,7 +215,7 @@ def _as_comm(group: Any) -> Any:
         from collectives.torchdist import comm_of
         return comm_of(group)
     grid = " (a mesh.Grid: pass its group('tp'))" if hasattr(group, "axes") else ""
-    raise TypeError(f"parallelize needs the tp group as a meshrun communicator (a "
+    raise TypeError(f"{me}parallelize: the tp group must be a meshrun communicator (a "
                     f"mesh.grid's group('tp')) or a torch.distributed group on the "
                     f"'meshrun' backend, not a {type(group).__name__}{grid}")
 

@@ -508,7 +508,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
     if isinstance(nprocs, bool) or not isinstance(nprocs, numbers.Integral):
         raise TypeError(f"mesh.spawn: nprocs is a whole number of ranks, got {nprocs!r}")
     if nprocs < 1:
-        raise ValueError(f"spawn needs nprocs >= 1, got {nprocs}")
+        raise ValueError(f"mesh.spawn: nprocs must be at least 1, got {nprocs}")
     nprocs = int(nprocs)
     too_many = too_many_for_open_files(nprocs)
     if too_many:        # (ranks started one by one past it held the machine for minutes)

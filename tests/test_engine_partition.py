@@ -240,7 +240,8 @@ def test_a_time_cut_whose_timing_rank_has_no_sample_fails_every_rank():
     LostPeerError once it exited). Another rank needs none."""
     import mesh
     said = mesh.spawn(_time_cut_without_a_sample, 2, 0, timeout=60)
-    assert said[0].startswith("ValueError: balance='time' measures each of the "), said
+    assert said[0].startswith("ValueError: rank 0: engine.partition: balance='time' measures "
+                              "each of the "), said
     assert said[1].startswith("ValueError: rank 1: engine.partition(balance='time') failed on "
                               "the first rank of its group, which times the layers: "
                               "ValueError: balance='time' measures each"), said

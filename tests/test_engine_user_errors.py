@@ -397,6 +397,36 @@ def test_pipeline_and_distribute_given_no_grid_say_so():
                     for what in (none, "a module") for call in ("Pipeline", "distribute")], said
 
 
+def _cut_wrong(world):
+    import torch
+    model = Sequential(Linear(2, 2), Tanh(), Linear(2, 2))
+    said = []
+    for kw in ({"num_stages": 4}, {"num_stages": 2, "balance": "x"},
+               {"num_stages": 2, "balance": [1, 1]}):
+        with pytest.raises(ValueError) as e:
+            engine.partition(model, **kw)
+        said.append(str(e.value))
+    with pytest.raises(TypeError) as e:
+        engine.parallelize(torch.nn.Linear(2, 2), mesh.grid(world, tp=1), {"": "colwise"})
+    return said + [str(e.value)]
+
+
+def test_partition_and_parallelize_errors_start_with_the_rank():
+    """As every other error does: engine.partition's (each rank cuts its
+    model alone) named neither the rank nor the call, and parallelize given a
+    Grid for its tp group named no rank."""
+    said = mesh.spawn(_cut_wrong, 1, timeout=60)[0]
+    assert [s.split(": ")[:2] for s in said[:3]] == [["rank 0", "engine.partition"]] * 3, said
+    assert said[0].endswith("cannot cut 3 layers into 4 stages: each stage needs at least "
+                            "one layer"), said
+    assert said[3].startswith("rank 0: parallelize: the tp group must be a meshrun "
+                              "communicator"), said
+    assert said[3].endswith("not a Grid (a mesh.Grid: pass its group('tp'))"), said
+    # without a mesh, no rank to name: the call still
+    with pytest.raises(ValueError, match="^engine.partition: unknown balance 'x'"):
+        engine.partition(Sequential(Linear(2, 2), Tanh()), 2, balance="x")
+
+
 def test_stages_for_rank_refuses_a_cut_of_another_stage_count():
     """A model cut into other than the schedule's stage count raised a bare
     IndexError (fewer) or silently left the last stages out (more: the

@@ -613,11 +613,13 @@ def test_a_spawn_leaves_no_process_socket_or_descriptor_behind(tmp_path: Path) -
 def test_spawn_names_a_bad_argument_before_it_starts_a_rank() -> None:
     for call, said in [
             (lambda: mesh.spawn(_one_sleeps, "2"), "nprocs is a whole number of ranks"),
+            (lambda: mesh.spawn(_one_sleeps, 0), "nprocs must be at least 1, got 0"),
             (lambda: mesh.spawn(_one_sleeps, 2, timeout=-1), "timeout is a number of seconds"),
             (lambda: mesh.spawn(_one_sleeps, 2, env={"FOO": 1}), "env['FOO'] is 1"),
             (lambda: mesh.spawn("_one_sleeps", 2), "fn is the function each rank runs")]:
-        with pytest.raises((TypeError, ValueError), match=re.escape(said)):
+        with pytest.raises((TypeError, ValueError), match=re.escape(said)) as err:
             call()
+        assert str(err.value).startswith("mesh.spawn: "), err.value    # (as every check's)
 
 
 def test_a_world_past_the_open_files_hard_limit_is_refused_before_a_rank_starts() -> None:
