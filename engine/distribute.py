@@ -83,16 +83,13 @@ from .given import (_agreed_sample, _as_grid, _checkpoint_model, _copied, _cut, 
                     _is_torch, _mark_held, _model_layers, _not_sharded, _recompute_names,
                     _same_model, _size, _takes_two, _valid_balance)
 from .layer_timing import _exchange, _median_act, _profile, _profile_stages, _timing
-from .measured_choice import (_grad_bytes, _measured_choice, _shared_walls, _stage_grads,
-                              _stage_messages, _stretch, _stretched, fitted_load)
+from .measured_choice import _grad_bytes, _measured_choice, _stage_grads, _stage_messages
 from .stage_state import (_Temp, _aliases, _materialize, _on_meta, _real_rest, _replica_state,
                           _rest, _shards_read, _state_shapes)
 from .job import IncompatibleKeys, Job, far_off
 
 __all__ = ["distribute", "IncompatibleKeys", "Job", "load_state", "far_off", "DistributeFailed",
-           "GatherFailed",
-           # moved to engine.measured_choice; read here by the tests
-           "_shared_walls", "_stretch", "_stretched", "fitted_load"]
+           "GatherFailed"]
 
 _TP_RUNS = 10     # runs of each tensor-parallel layer's timing (its peers must run as many)
 
