@@ -39,3 +39,23 @@ def test_the_torch_benchmark_times_each_call_against_the_direct_one(
         assert row is not None and all(float(x) > 0 for x in row.groups()), out
     with pytest.raises(SystemExit):
         bench_torch.main(["--ops", "all_reduce,nope"])
+
+
+def test_the_torch_benchmark_tells_each_sides_cpu_thread_by_thread(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--cpu``: per DDP side a line of its CPU per step, the main thread's
+    beside meshrun's lane (on meshrun) and gloo's threads (on gloo). (A
+    side's line may hold a little of another's threads: its barrier, a lane
+    or gloo thread winding down.)"""
+    assert bench_torch.main(["-n", "2", "--sizes", "", "--models", "1M", "--reps", "1",
+                             "--steps", "2", "--warmup", "1", "--floor", "--cpu"]) == 0
+    out = capsys.readouterr().out
+    lines = {}
+    for side in ("meshrun", "gloo", "floor", "local"):
+        line = re.search(rf"DDP   1M cpu ms/step +{side}: +([\d.]+) = main ([\d.]+)(.*)\(waited",
+                         out)
+        assert line is not None, out
+        total, main = float(line.group(1)), float(line.group(2))
+        assert total >= main > 0, out
+        lines[side] = line.group(3)
+    assert "lane" in lines["meshrun"] and "gloo" in lines["gloo"], out

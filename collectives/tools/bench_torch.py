@@ -19,7 +19,11 @@ comparison runs interleaved on the same processes and the same load:
                  minus local is the communication DDP did not hide.
                  ``--floor`` adds a DDP replica whose comm hook does nothing
                  ("floor": DDP's own bucket copies and bookkeeping), the
-                 step no backend can go under
+                 step no backend can go under; ``--cpu`` adds each side's CPU
+                 per step and rank, thread by thread (collectives.tools.
+                 threadcpu: the main thread's backward and bucket copies,
+                 meshrun's lane, the progress thread, gloo's threads), a
+                 figure other jobs' load moves far less than the wall clock
     p2p          ``--p2p SIZES``: a ``dist.send``/``dist.recv`` round trip
                  between ranks 0 and 1 on each backend (2 ranks or more)
     overlap      ``--overlap``: per model, where DDP's bucket all-reduces
@@ -369,7 +373,8 @@ def _overlap(gloo: Any, model: str, batch: int, steps: int, warmup: int
 def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], steps: int,
             warmup: int, reps: int, batch: int, floor: bool = False,
             p2p: Sequence[int] = (), overlap: bool = False,
-            ops: Sequence[tuple[str, int, int, int]] = ()) -> dict[str, list[Any]]:
+            ops: Sequence[tuple[str, int, int, int]] = (),
+            cpu: bool = False) -> dict[str, list[Any]]:
     """Per benchmark row, per repetition, seconds per call of each side.
 
     The gloo group outlives every DDP model on it (they live and die in
@@ -389,7 +394,7 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
     dist.init_process_group("meshrun")
     gloo = dist.new_group(backend="gloo")
     out = _measure(world, gloo, rows, models, steps, warmup, reps, batch, floor, p2p, overlap,
-                   ops)
+                   ops, cpu)
     gc.collect()            # DDP models in a reference cycle go now, while gloo lives
     dist.barrier()
     dist.destroy_process_group()
@@ -400,12 +405,15 @@ def _worker(world: Any, rows: list[tuple[int, int, int]], models: list[str], ste
 def _measure(world: Any, gloo: Any, rows: list[tuple[int, int, int]], models: list[str],
              steps: int, warmup: int, reps: int, batch: int, floor: bool,
              p2p: Sequence[int], overlap: bool,
-             ops: Sequence[tuple[str, int, int, int]] = ()) -> dict[str, list[Any]]:
+             ops: Sequence[tuple[str, int, int, int]] = (),
+             cpu: bool = False) -> dict[str, list[Any]]:
     import torch.distributed as dist
+
+    from .threadcpu import snapshot, spent
 
     barrier = dist.barrier
     out: dict[str, list[Any]] = {"all_reduce": [], "ddp": [], "p2p": [], "overlap": [],
-                                 "ops": []}
+                                 "ops": [], "ddp_cpu": []}
     plans = [("all_reduce", _all_reduce_sides(world, gloo, count, floor), it, wu)
              for count, it, wu in rows]
     plans += [("p2p", _p2p_sides(gloo, max(1, size // 4)), 200 if size <= 65536 else 40, 5)
@@ -421,11 +429,20 @@ def _measure(world: Any, gloo: Any, rows: list[tuple[int, int, int]], models: li
         for name in names:
             for _ in range(wu):
                 sides[name]()
-        row = []
+        row, cpus = [], []
         for rep in range(reps):
             order = names[rep % len(names):] + names[:rep % len(names)]
-            row.append({name: _timed(sides[name], iters, barrier) for name in order})
+            times, used = {}, {}
+            for name in order:
+                before = snapshot() if cpu and kind == "ddp" else None
+                times[name] = _timed(sides[name], iters, barrier)
+                if before is not None:
+                    used[name] = spent(before, snapshot(), iters)
+            row.append(times)
+            cpus.append(used)
         out[kind].append(row)
+        if cpu and kind == "ddp":
+            out["ddp_cpu"].append(cpus)
     for m in models if overlap else ():
         out["overlap"].append(_overlap(gloo, m, batch, max(3 * steps, 9), warmup))
     return out
@@ -442,6 +459,20 @@ def _medians(per_rank: list[list[list[dict[str, float]]]], i: int,
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:5.2f}" if b > 0 else "  n/a"
+
+
+def _print_cpu(model: str, per_rank: list[list[dict[str, dict[str, float]]]]) -> None:
+    """``--cpu``'s lines for ``model``: per side, the CPU per step (ms), the
+    mean over ranks of each rank's median over repetitions, thread kind by
+    kind, and the wait for a core."""
+    from .threadcpu import KINDS
+
+    for side in per_rank[0][0]:
+        ms = {k: statistics.mean(statistics.median(rep[side][k] for rep in reps)
+                                 for reps in per_rank) * 1e3 for k in (*KINDS, "waited")}
+        parts = " + ".join(f"{k} {ms[k]:.1f}" for k in KINDS if ms[k] >= 0.05)
+        print(f"  DDP {model:>4} cpu ms/step {side:>7}: {sum(ms[k] for k in KINDS):8.1f} = "
+              f"{parts}  (waited for a core {ms['waited']:.1f})", flush=True)
 
 
 @checked
@@ -481,6 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--overlap", action="store_true",
                     help="per model, where DDP's bucket all-reduces run against its backward "
                          "pass on each backend (torch's allreduce_hook, stamped)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="per DDP side, the CPU per step and rank thread by thread (main, "
+                         "meshrun's lane, progress, gloo, other, ended threads) and the "
+                         "wait for a core")
     ap.add_argument("--p2p", default=[], type=_sizes, help="dist.send/dist.recv round trips "
                     "between ranks 0 and 1 at these sizes, e.g. 8,4K,64K,1M")
     ap.add_argument("--ops", default=[], type=_op_names,
@@ -499,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                for op in names
                for size, (_, it, wu) in zip(a.op_sizes, plan_rows("all_reduce", a.op_sizes, 4, n))]
         per_rank = mesh.spawn(_worker, n, rows, models, a.steps, a.warmup, a.reps, a.batch,
-                              a.floor, p2p, a.overlap, ops, timeout=3600)
+                              a.floor, p2p, a.overlap, ops, a.cpu, timeout=3600)
         f = bus_factor("all_reduce", n)
         print(f"# bench_torch: {n} ranks, float32, cpu, median of {a.reps} (slowest rank)")
         print(f"# {'size (B)':>10} | {'direct us':>10} {'meshrun us':>10} {'gloo us':>10} | "
@@ -521,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{_ratio(t['meshrun'] - t['local'], t['gloo'] - t['local'])}"
                   + (f"  floor {t['floor'] * 1e3:8.1f}  floor/gloo {t['floor'] / t['gloo']:5.2f}"
                      if "floor" in t else ""), flush=True)
+        for j, m in enumerate(models if a.cpu else ()):
+            _print_cpu(m, [r["ddp_cpu"][j] for r in per_rank])
         for j, m in enumerate(models if a.overlap else ()):
             for side in ("meshrun", "gloo"):
                 o = per_rank[0]["overlap"][j][side]     # rank 0's
