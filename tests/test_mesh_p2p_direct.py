@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -243,6 +244,29 @@ def test_the_probe_token_is_drawn_once_when_two_threads_ask_first(
         t.join()
     now = [int(v) for v in cma.token()]
     assert all(s == now for s in seen), (seen, now)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="cross-memory attach is Linux's")
+def test_pieces_read_any_range_into_any_address_and_name_a_bad_one() -> None:
+    """mesh.cma.Pieces: one set-up, then reads of several ranges (a
+    collective's 256 KiB pieces) into several places; an unmapped range
+    gives its errno, as read_errno does."""
+    import errno
+    import mmap
+
+    from mesh import cma
+    src = np.arange(1000, dtype=np.float32)
+    dst = np.zeros(1000, np.float32)
+    read = cma.Pieces(os.getpid())
+    for lo, hi in [(0, 10), (10, 700), (700, 1000)]:
+        assert read(src.ctypes.data + lo * 4, dst.ctypes.data + lo * 4, (hi - lo) * 4) == 0
+    assert np.array_equal(dst, src)
+    assert read(src.ctypes.data, dst.ctypes.data, 0) == 0
+    gone = mmap.mmap(-1, 4096)
+    addr = np.frombuffer(gone, np.uint8).ctypes.data
+    gone.close()
+    assert read(addr, dst.ctypes.data, 16) == errno.EFAULT == cma.read_errno(
+        os.getpid(), addr, dst[:4])
 
 
 class _NoRoomForBig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mesh.cma import Pieces
 from mesh.rings import fence
 
 from .. import scratch
@@ -14,7 +15,7 @@ from ..plan import ring_chunks, segments
 from ..runner import Ctx
 from . import board
 from .board import CAPACITY, Round
-from .cma import peer_read
+from .cma import failed_read, peer_read, pids
 
 __all__ = ["all_reduce_small", "all_reduce_large", "reduce_scatter", "reduce_scatter_parts",
            "reduce", "scan"]
@@ -70,20 +71,31 @@ def _reduce_chunk(ctx: Ctx, addrs: list[int], src: np.ndarray, lo: int, hi: int,
     the tuning's segment and PIECE) through one warm scratch buffer, peers
     in ring order from rank + 1; the pieces only cut the loop, every item
     is reduced in the same order whatever their size. ``dst`` may be
-    ``src[lo:hi]`` itself."""
+    ``src[lo:hi]`` itself. Each peer's reads go through one set-up
+    ``mesh.cma.Pieces`` and the ufunc is looked up once: the interpreter
+    took a fifth of a DDP lane's CPU (25 MB buckets, 4 ranks on 2 cores),
+    much of it some 14 calls a piece here (BENCHMARKS.md, forty-eighth
+    session)."""
     n, rank, item = ctx.g.size, ctx.g.rank, src.itemsize
     per = max(1, min(ctx.tuning.segment, PIECE) // item)
     bufs = scratch.take(src.dtype, per, 1)
     in_place = np.may_share_memory(dst, src)
+    peers = [(rank + k) % n for k in range(1, n)]
+    reads = [(p, Pieces(pids(ctx)[p]), addrs[p]) for p in peers]
+    ufunc, at = getattr(np, op.ufunc_name), bufs[0].ctypes.data
     for a, b in segments(lo, hi, max(1, -(-(hi - lo) // per))):
         out = dst[a - lo:b - lo]
         if not in_place:
             out[...] = src[a:b]
         tmp = bufs[0][:b - a]
-        for k in range(1, n):
-            p = (rank + k) % n
-            peer_read(ctx, p, addrs[p] + a * item, tmp)
-            op.combine(out, tmp)
+        for p, read, addr in reads:
+            err = read(addr + a * item, at, tmp.nbytes)
+            if err:
+                raise failed_read(ctx, p, err, "the memory") from None
+            if out.size == 1:
+                op.combine(out, tmp)    # (its one-element form: ReduceOp.combine)
+            else:
+                apply(ufunc, out, tmp, out)
     scratch.give(bufs)
 
 
