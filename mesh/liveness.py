@@ -134,6 +134,10 @@ class Liveness:
         # (rank -> pid) whose process still runs is only slow, and a rank whose own
         # watch was starved has heard nothing meanwhile (``tick``).
         self.local = dict(local or {})
+        # a same-host peer silent this long is looked up in the process table: one
+        # whose process has exited is lost then, not after the peer timeout, where its
+        # connection's close was never seen (``tick``)
+        self._exit_look = max(_LOOK, 2 * self.heartbeat)
         self._cpu: dict[int, tuple[float, int]] = {}    # rank -> (since, its CPU time then)
         self._ticked = 0.0
         self._awake_since = 0.0
@@ -392,7 +396,12 @@ class Liveness:
                                         f"(blocked: a deadlock, or waiting on something else)")
 
     def tick(self, now: float) -> None:
-        """Declare silent or vanished peers lost; beat to the others. A peer
+        """Declare silent or vanished peers lost; beat to the others. A
+        same-host peer silent for two heartbeats (a second at least) whose
+        process has exited is lost then: its connection's close is not always
+        seen (a connection ZeroMQ had not made yet when it died, under load,
+        tells nothing), and silence alone took the peer timeout (once this
+        rank has said goodbye, its close looks: ``reap``). A peer
         that said goodbye is not watched, but is still beaten to until its
         connection goes: it waits in its close for every peer's goodbye, and
         must not find a live peer silent meanwhile. Once this rank has said
@@ -412,7 +421,12 @@ class Liveness:
                     self._inbox.peer_gone(p.rank, "its connection closed: the process exited "
                                           "or crashed", DEAD)
                     continue
-                if now - max(p.last_heard, self._awake_since) <= self.peer_timeout:
+                silent = now - max(p.last_heard, self._awake_since)
+                if silent > self._exit_look and not self.leaving \
+                        and (why := self.exited(p.rank)) is not None:
+                    self._inbox.peer_gone(p.rank, why, DEAD)
+                    continue
+                if silent <= self.peer_timeout:
                     self._cpu.pop(p.rank, None)
                 elif (state := self._stopped(p.rank, now)) is not None:
                     self._inbox.peer_gone(p.rank, f"silent for {now - p.last_heard:.1f}s{state}",

@@ -31,9 +31,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 
 import collectives
 import mesh
+from mesh.liveness import Liveness
+from mesh.peer import DEAD, Peer
 from mesh.rendezvous import RendezvousServer
 from mesh.spawn import _fresh_context
 from proctools import alive
@@ -506,6 +509,91 @@ def test_a_rank_closes_at_once_after_a_same_host_peer_died(tmp_path: Path) -> No
     got = Path(tmp_path, "rank2").read_text()
     assert got.startswith("1 rank 2: recv from rank 0 (tag 0, group world) failed: peer rank 0 "
                           "is gone (it closed its mesh after it lost world rank 1)"), got
+
+
+def _waits_on_a_peer_dead_unseen(world: mesh.Mesh, out: str) -> None:
+    """Rank 1 is SIGKILLed while rank 0 waits to receive from it, rank 0's
+    watch blind to its sockets to the peers (their events read and dropped:
+    as where ZeroMQ had not made the connection yet when the peer died, which
+    then tells nothing). Rank 0 writes what its receive raised."""
+    if world.rank == 1:
+        world.send(os.getpid(), 0)
+        world.recv(0)       # (rank 0's watch is blind by now)
+        os.kill(os.getpid(), signal.SIGKILL)
+    live = world._t.live
+    seen = live.on_monitor
+
+    def blind(mon: zmq.Socket) -> None:
+        if live.monitors[mon] is None:      # (the router's: strangers)
+            seen(mon)
+            return
+        while True:
+            try:
+                mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    live.on_monitor = blind     # type: ignore[method-assign]
+    pid = world.recv(1)
+    world.send(None, 1)
+    try:
+        world.recv(1, timeout=8)
+        got = "received"
+    except mesh.MeshError as e:
+        got = f"{type(e).__name__}: {e}"
+    Path(out, "said").write_text(json.dumps([pid, got]))
+
+
+def test_a_same_host_peer_dead_unseen_by_its_connection_is_lost_by_its_process(
+        tmp_path: Path) -> None:
+    """A same-host peer's death is seen as its connection closes; where
+    ZeroMQ had not made the connection to it yet (under load: two meshruns
+    on one host, node 1's killed 0.3 s after its rank joined), no event
+    came, and its silence alone found it lost, after the peer timeout (10
+    s): the other node's meshrun, settling 10 s, stopped its rank first,
+    whose report then had no root cause (1 round in 9 of
+    test_mesh_launch_nodes.py at load 20-40). A same-host peer silent for
+    two heartbeats whose process has exited is now lost then; here the
+    receive, given 8 s and a peer timeout of 30 s, timed out before."""
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(_waits_on_a_peer_dead_unseen, 2, str(tmp_path), timeout=60, settle=20,
+                   env={"MESH_PEER_TIMEOUT": "30"})
+    assert err.value.rank == 1
+    pid, got = json.loads(Path(tmp_path, "said").read_text())
+    assert got.startswith("LostPeerError: rank 0: recv from rank 1 (tag 0, group world) failed: "
+                          f"peer rank 1 is gone (its process {pid} "), got
+    assert got.endswith(("is gone)", "has exited (a zombie))")), got
+
+
+def test_the_watch_looks_up_a_silent_same_host_peer_in_the_process_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch's tick, without a process: a same-host peer silent past two
+    heartbeats (1 s here) whose process has exited is lost, naming its
+    process; one that runs is not, nor one heard from lately, nor after this
+    rank's goodbye (its close looks then)."""
+    monkeypatch.delenv("MESH_PEER_TIMEOUT", raising=False)
+    monkeypatch.delenv("MESH_HEARTBEAT", raising=False)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    lost: list[tuple[int, str, int]] = []
+
+    class _Inbox:
+        def peer_gone(self, rank: int, why: str, state: int, told: bool = False) -> None:
+            lost.append((rank, why, state))
+
+    peers = [Peer(0, None, None), Peer(1, object(), None), Peer(2, object(), None)]
+    live = Liveness(0, 60.0, peers, {}, _Inbox(), lambda *a, **k: None,  # type: ignore[arg-type]
+                    None, {1: child.pid, 2: os.getpid()})   # type: ignore[arg-type]
+    now = time.monotonic()
+    for p in peers:
+        p.last_heard = p.last_sent = now - 0.5
+    live.tick(now)
+    live.leaving = True
+    live.tick(now + 0.9)
+    assert lost == []
+    live.leaving = False
+    live.tick(now + 0.95)
+    assert lost == [(1, f"its process {child.pid} is gone", DEAD)]
 
 
 def _closes_as_a_peer_of_another_node_exits(world: mesh.Mesh, folder: str) -> str:
