@@ -301,10 +301,13 @@ def unsettle(sub: Comm, was: bool, e: BaseException) -> None:
     up may have been cut short (an abort from another host comes at any
     moment) after some members had it and before others did; every member
     whose phase failed forgets it, so the next call sets it up again on
-    every member (a member whose phase did not fail saw every peer's
-    post: they had it all). So does one that finds a peer setting it up
-    again (board.Stray). Otherwise the state stays: the layout of the next
-    call does not depend on what any call did (numbered, small_columns)."""
+    every member. A member whose phase ended well cannot know that a peer's
+    failed after its post (the abort came before it saw the others'): it
+    keeps the boards, and its next call sets them up again with that peer,
+    whose forgotten board says so (board.available). One that finds a peer
+    setting them up again anyway (board.Stray) forgets them too. Otherwise
+    the state stays: the layout of the next call does not depend on what
+    any call did (numbered, small_columns)."""
     if not was or isinstance(e, board.Stray):
         board.forget(sub)
         shm_tiny.forget(sub)
@@ -374,12 +377,12 @@ def _phases(ctx: Ctx, phases: list[Phase]) -> None:
             made = True
             start(sub, f"{ctx.name} ({what})", prepare, False, ctx.left())
         except BaseException as e:
+            if made:        # (first: a peer told of it by the abandons sees it done)
+                unsettle(sub, was, e)
             err = _late_named(ctx, e)
             reason = f"{ctx.where()}: {what} failed: {err}"
             for later, at, _, _ in phases[i + (1 if made else 0):]:
                 abandon(numbered(later, ctx.tag, at), reason, *abort_kind(ctx.g, err))
-            if made:
-                unsettle(sub, was, e)
             if err is not e:
                 raise err from e
             raise

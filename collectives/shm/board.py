@@ -111,6 +111,9 @@ _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else o
 SEQ, STAGE, FPLEN, PAYLEN, ADDR, ADDR2, FPHASH = range(7)
 _WITHDRAWN = -1
 """A post's FPHASH once its call failed here (a hash is never negative)."""
+_FORGOTTEN = -1
+"""A board's cookie once its rank took it out of use (forget; a cookie is
+never negative): a peer that still uses it sets its own up again."""
 _SLOT_WORDS = 7
 _WORDS = 1 + 2 * _SLOT_WORDS
 
@@ -316,10 +319,21 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
     """Whether this group syncs through boards (a same-host group whose
     members may read each other) with room for ``payload`` bytes; sets the
     boards up on the first ask (messages under this collective's tag)."""
-    if payload > CAPACITY or ctx.g.size == 1 or not cma.usable(ctx):
+    if payload > CAPACITY or ctx.g.size == 1:
         return False
     with _lock:
         box = _boxes.get(ctx.g)
+    if box is not None and any(box.seen_cookie[p][0] == _FORGOTTEN for p in box.peers):
+        # a peer forgot them (its part of the call that set them up failed, after
+        # this rank's ended well: collectives.host.hier.unsettle) and sets them up
+        # again on this call, by messages (a probe first): so does this rank
+        from . import tiny
+        forget(ctx.g)
+        tiny.forget(ctx.g)
+        cma.forget(ctx.g)
+        box = None
+    if not cma.usable(ctx):
+        return False
     if box is None:
         box = _Box(ctx)
         if not box.shared:  # a peer may read it across processes after this rank drops
@@ -334,9 +348,14 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
 def forget(g: Comm) -> None:
     """Take ``g``'s boards out of use here (their memory stays for peers:
     in their mappings, or kept alive until the mesh closes): its next
-    collective sets them up again, with the peers, as on its first."""
+    collective sets them up again, with the peers, as on its first. The
+    cookie of this rank's board says so to a peer that still uses the
+    boards: its next collective on ``g`` sets them up again too (available;
+    what this rank posted there still holds for a peer's current call)."""
     with _lock:
-        _boxes.pop(g, None)
+        box = _boxes.pop(g, None)
+    if box is not None:
+        box.mem[:8].view(np.int64)[0] = _FORGOTTEN
 
 
 def ready(g: Comm) -> bool:

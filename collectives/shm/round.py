@@ -16,9 +16,9 @@ from mesh.rings import fence
 
 from ..runner import Ctx
 from . import cma
-from .board import (_ARENA_AT, _BODY, _FP_ROOM, _HEAD, _INLINE, _PEEK, _SIZE, _SLOT_WORDS,
-                    _WITHDRAWN, ADDR, ADDR2, FPHASH, FPLEN, PAYLEN, SEQ, STAGE, _boxes, _raw,
-                    signature)
+from .board import (_ARENA_AT, _BODY, _FORGOTTEN, _FP_ROOM, _HEAD, _INLINE, _PEEK, _SIZE,
+                    _SLOT_WORDS, _WITHDRAWN, ADDR, ADDR2, FPHASH, FPLEN, PAYLEN, SEQ, STAGE,
+                    _boxes, _raw, signature)
 from .waiting import _Waiting, _ranks
 
 
@@ -86,7 +86,8 @@ class Round:
             err = box.readers[peer]()
             if err:
                 raise cma.failed_read(self.ctx, peer, err, "the board")
-        if box.seen_cookie[peer][0] != box.cookies[peer]:
+        cookie = box.seen_cookie[peer][0]
+        if cookie != box.cookies[peer] and cookie != _FORGOTTEN:   # (its posts still hold)
             raise LostPeerError(f"{self.wait.where()}: {_ranks(self.ctx, [peer])}'s board was "
                                 f"freed (its group was closed)", self.ctx.g.ranks[peer])
         return box.heads[peer]
