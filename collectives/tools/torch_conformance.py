@@ -263,8 +263,10 @@ def run_suite(backend: str, world_size: int, names: list[str], timeout: float,
     left = list(names)
     with tempfile.TemporaryDirectory(prefix="meshrun-conformance-") as tmp:
         out_file = os.path.join(tmp, "results.jsonl")
+        # (TMPDIR: the suite's own temporary files, which it leaves behind, go
+        # with the folder: a whole run left some 500 in /tmp)
         env = dict(os.environ, BACKEND=backend, WORLD_SIZE=str(world_size),
-                   TEMP_DIR=tmp, CONFORMANCE_OUT=out_file,
+                   TEMP_DIR=tmp, TMPDIR=tmp, CONFORMANCE_OUT=out_file,
                    DISTRIBUTED_TESTS_DEFAULT_TIMEOUT=str(int(timeout)),
                    CONFORMANCE_UNGATE="1" if ungate else "0", CONFORMANCE_START=start,
                    INIT_METHOD=f"file://{tmp}/init_dir/shared_init_file",
