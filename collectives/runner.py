@@ -44,9 +44,8 @@ def check_comm(g: Comm | None, name: str) -> None:
     returns None on the ranks that are not in ``ranks``."""
     if isinstance(g, Comm):
         return
-    from mesh import world as _world        # (the process's mesh names the rank)
-    m = _world.current()
-    who = f"rank {m.rank}: " if m is not None else ""
+    from mesh.world import rank_said        # (the process's mesh names the rank)
+    who = rank_said()
     if g is None:
         raise TypeError(f"{who}{name}: the communicator is None; world.group(ranks) returns "
                         f"None on ranks that are not members of the group, and only members "

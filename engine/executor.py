@@ -118,9 +118,8 @@ def check_grid(grid: Any, call: str) -> None:
     object has no attribute 'size'"."""
     if isinstance(grid, Grid) or (hasattr(grid, "rank") and hasattr(grid, "size")):
         return      # (a Comm, or a stand-in for one)
-    from mesh.world import current
-    m = current()
-    who = f"rank {m.rank}: " if m is not None else ""
+    from mesh.world import rank_said
+    who = rank_said()
     what = ("None (what world.group(ranks) returns on ranks that are not members)"
             if grid is None else f"a {type(grid).__name__}")
     raise TypeError(f"{who}{call}: the grid is {what}: pass a mesh.Grid (mesh.grid(world, "

@@ -193,9 +193,8 @@ def _said_by_rank(e: BaseException, group: Any) -> None:
     if isinstance(group, Comm):
         who = f"rank {group.ranks[group.rank]}: "
     else:
-        from mesh.world import current
-        m = current()
-        who = "" if m is None else f"rank {m.rank}: "
+        from mesh.world import rank_said
+        who = rank_said()
     call = "" if e.args[0].startswith("engine.") else "engine.partition: "
     e.args = (f"{who}{call}{e.args[0]}",)
 

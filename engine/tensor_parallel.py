@@ -199,9 +199,8 @@ def _as_comm(group: Any) -> Any:
     if isinstance(group, Comm):
         return group
     import sys
-    from mesh.world import current
-    m = current()
-    me = "" if m is None else f"rank {m.rank}: "
+    from mesh.world import rank_said
+    me = rank_said()
     dist = sys.modules.get("torch.distributed")
     if group is None and (dist is None or not dist.is_initialized()):
         raise TypeError(f"{me}parallelize: the tp group is None (what world.group(ranks) gives "

@@ -258,9 +258,8 @@ def _who(requests: Any) -> str:
     for r in requests if isinstance(requests, list) else ():
         if isinstance(r, Request):
             return f"rank {r._c._t.rank}: "
-    from .world import current
-    m = current()
-    return "" if m is None else f"rank {m.rank}: "
+    from .world import rank_said
+    return rank_said()
 
 
 def waitall(requests: Sequence[Request], timeout: float | None = None) -> list[Any]:
@@ -301,11 +300,10 @@ def waitany(requests: Sequence[Request], timeout: float | None = None) -> tuple[
 
 def _waitany(reqs: list[Request], timeout: float | None, what: str) -> tuple[int, Any]:
     if not reqs:
-        from .world import current      # (no request to say whose call it is)
-        m = current()
+        from .world import rank_said    # (no request to say whose call it is)
         gives = {"waitany": "(MPI.UNDEFINED, None)",
                  "testany": "(MPI.UNDEFINED, True, None)"}.get(what, "(None, None)")
-        raise ValueError(f"{'' if m is None else f'rank {m.rank}: '}{what}: no requests "
+        raise ValueError(f"{rank_said()}{what}: no requests "
                          f"(an empty list; mpi4py's {what} returns {gives} "
                          f"for one, meshrun raises, as once every request was waited for)")
     c = reqs[0]._c

@@ -26,9 +26,8 @@ class Grid:
         if comm is None or isinstance(comm, Grid) or not all(
                 hasattr(comm, a) for a in ("size", "rank", "group")):
             # (an AttributeError on 'NoneType' or 'Grid' said neither which rank nor why)
-            from .world import current
-            m = current()
-            who = f"rank {m.rank}: " if m is not None else ""
+            from .world import rank_said
+            who = rank_said()
             what = ("None, what world.group(ranks) returns on ranks that are not members: "
                     "only its members may make a grid over it" if comm is None else
                     "a mesh.Grid: pass the group of one of its axes, grid.group('dp')"

@@ -220,6 +220,13 @@ def current() -> Mesh | None:
     return mine[0] if len(mine) == 1 else None
 
 
+def rank_said() -> str:
+    """"rank R: ", this process's mesh's rank, to start an error with where
+    no communicator is at hand ("" without one open)."""
+    m = current()
+    return "" if m is None else f"rank {m.rank}: "
+
+
 def _refuse_a_second(spec: env.JobSpec) -> None:
     """Raise where this process has the job's mesh open already (torch's
     init_process_group twice raises too): a second one waited for every
