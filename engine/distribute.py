@@ -40,7 +40,9 @@ A torch ``loss_fn(output, target)`` is an ordinary torch loss (the mean over
 its micro-batch); a numpy one returns ``(loss, gradient)`` as
 ``engine.layers.mse_loss`` does. The executor weighs each micro-batch by its
 rows, and dp averages, so a step's gradients are those of the mean loss over
-the global batch: the same as one process training on all of it.
+the global batch: the same as one process training on all of it. A
+per-token loss returns its sum and count instead (engine.per_token): the
+step's loss is then every sum over every count.
 
 This module is the call itself; its parts live beside it: engine.given (the
 model, sample and grid checked), engine.layer_timing (the layers timed),

@@ -33,7 +33,15 @@ schedule once; ``step(inputs, targets)`` then runs one training step:
   aside at the step's start and added back once at its end, after the dp
   average and the sums of tied copies and of sequence-parallel gradients,
   which so cover the step's own gradients only (accumulating over steps
-  is then torch's ``.grad +=`` for every parameter, at every layout).
+  is then torch's ``.grad +=`` for every parameter, at every layout);
+* a per-token loss (engine.per_token) returns instead the sum over the
+  tokens its micro-batch counts and their count (``(loss_sum, count)`` on
+  torch stages, ``(loss_sum, gradient, count)``): each sum's gradient goes
+  back unscaled, the counts (the last stage's) meet in the step's closing
+  all-reduce (``_Step.agree``), and every rank scales its gradients once,
+  by dp / the count over every micro-batch and replica, before adding
+  back what they held (``settle``): the step's loss and gradients are
+  then one process's sum over every counted token over their count.
 
 A step that fails (a stage, the loss function, a receive, a lost peer...)
 raises on this rank after cleaning up: its receives still posted are
@@ -352,8 +360,9 @@ class Pipeline:
                               self.schedule.num_microbatches)
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
-        """Run one step; return the mean loss on last-stage ranks, else None.
-        On failure, clean up (see the class docstring) and raise."""
+        """Run one step; return the mean loss on last-stage ranks (a
+        per-token loss's: the sums over the count), else None. On failure,
+        clean up (see the class docstring) and raise."""
         st = _Step(self, self._steps)
         self._steps += 1
         _steps_on(self.pp, self._step0 + self._steps)
@@ -388,7 +397,7 @@ class Pipeline:
             st.agree(e)
             raise
         st.agree(None)
-        return mean
+        return st.settle(mean)
 
     def eval_step(self, inputs: Any = None, targets: Any = None, *,
                   outputs: bool = False) -> Any:
@@ -399,7 +408,8 @@ class Pipeline:
         as ``model.eval()`` in one process) and get back their own modes
         after. Returns the mean loss over the global batch on last-stage
         ranks (the micro-batches and dp replicas weighed by their rows, as
-        ``step()``'s: one process's ``loss_fn(model(x), y)``), None
+        ``step()``'s: one process's ``loss_fn(model(x), y)``; a per-token
+        loss's sums over the count), None
         elsewhere (and where ``targets`` is None: no loss, inference, every
         replica alike); with ``outputs``, ``(loss, out)``: the last stage's
         outputs for this replica's batch, its micro-batches' joined in
@@ -426,7 +436,8 @@ class Pipeline:
 
     def _mean_loss(self, st: "_Step") -> float | None:
         """The step's mean loss on last-stage ranks (averaged over dp,
-        where the replicas' rows weighed it), else None."""
+        where the replicas' rows weighed it; a per-token loss's sums
+        averaged, which ``settle`` divides by the count), else None."""
         if not self.last or not st.weights:
             return None
         mean = st.mean_loss()

@@ -121,31 +121,44 @@ class _Step(_StepActions):
         does a step that some ranks ran as ``eval_step()`` and others as
         ``step()`` (their messages pair up: the training ranks' gradients
         took the evaluating ranks' forwards, whose stages learned nothing),
-        naming which ranks called which."""
+        naming which ranks called which. The counts of a per-token loss
+        (engine.per_token), known on the last stage's ranks, meet in it too:
+        every rank learns (``counts``) whether the step's loss was per-token
+        and its count over every dp replica, which ``settle`` scales the
+        gradients by; dp replicas whose losses were of both kinds fail the
+        step, naming them."""
         pipe, whole = self.pipe, self.pipe.whole
         if whole.size == 1:
+            self.counts.agreed(None)
             return
         # with it, each dp replica's rows of inputs and of targets (+1; 0: not
         # known here), which only ranks of the first and the last stage know:
         # targets of other rows than the inputs pair rows wrongly (the loss of
         # micro-batch k taken against another one's targets) without a word
         replicas = pipe.dp.size if pipe.dp is not None else 1
+        # then each replica's kind of loss: (its count + 1, 0) where per-token, (0, 1) a
+        # mean, (0, 0) not known here (float64: a count may be a weighted one);
         # and last, whether some rank evaluates (eval_step) and some trains (step)
-        failed = np.zeros(3 + 2 * replicas, dtype=np.int64)
+        failed = np.zeros(3 + 4 * replicas, dtype=np.float64)
         failed[0] = 0 if error is None else 1
         failed[1 + 2 * pipe.dp_index:3 + 2 * pipe.dp_index] = (self.in_rows + 1,
                                                                self.target_rows + 1)
+        if error is None:
+            at = 1 + 2 * replicas + 2 * pipe.dp_index
+            failed[at:at + 2] = self.counts.slots()
         failed[-2:] = (1, 0) if self.forward_only else (0, 1)
         wrong: list[tuple[int, int, int]] = []
         evals: list[int] = []
+        kinds: tuple[list[int], list[int]] = ([], [])
         try:
             collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
-            rows = failed[1:-2].reshape(replicas, 2) - 1
+            rows = failed[1:1 + 2 * replicas].reshape(replicas, 2) - 1
             m = pipe.schedule.num_microbatches
             wrong = [(d, int(a), int(b)) for d, (a, b) in enumerate(rows)
                      if a >= 0 and b >= 0 and not _paired(int(a), int(b), m)]
+            kinds = self.counts.agreed(failed[1 + 2 * replicas:-2].reshape(replicas, 2))
             mixed = bool(failed[-2] and failed[-1])
-            if not failed[0] and not wrong and not mixed:
+            if not failed[0] and not wrong and not mixed and not all(kinds):
                 return
             if not failed[0] and not mixed:
                 reasons: list[str | None] = []
@@ -171,6 +184,14 @@ class _Step(_StepActions):
                 f"({pipe.schedule.name}): ranks {evals} of {whole.name} called eval_step() "
                 f"where ranks {steps} called step(): every rank calls the same, as often "
                 "(an evaluation takes a step's tags); rolled back on every rank") from error
+        if all(kinds) and not failed[0]:
+            self.roll_back()
+            raise ValueError(
+                f"rank {whole.rank} of {whole.name}: pipeline step {self.n} "
+                f"({pipe.schedule.name}): loss_fn(output, target) returned a per-token (sum, "
+                f"count) on dp replicas {kinds[0]} but a mean (a loss alone) on dp replicas "
+                f"{kinds[1]}: every replica's micro-batches return one kind; rolled back on "
+                "every rank")
         if wrong:
             if error is None:
                 self.roll_back()

@@ -6,7 +6,9 @@ the requests in flight: ``start`` cuts the batch and posts every receive,
 ``run`` executes one action (a stage's F, B, I or W with the loss at the
 last stage; a SEND's message, a tuple as a header then its parts; a
 RECV's wait; a dp all-reduce; an optimizer step), ``finish`` waits for
-the step's sends and all-reduces and settles the gradient sums. What a
+the step's sends and all-reduces and makes the gradient sums, and
+``settle``, once the ranks agreed, scales a per-token loss's gradients
+by its count (engine.per_token) and adds back what they held. What a
 failed step does (abort, agree, roll back) is engine.rollback's ``_Step``,
 built on this class; engine.executor's Pipeline drives it.
 """
@@ -24,6 +26,7 @@ import collectives
 from mesh import LostPeerError, MeshError
 
 from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, message_key
+from .per_token import Counts
 from .pipeline_args import _PAIRED, _paired, rows_of, split_microbatches
 from .torch_stage import Parts, TorchStage, as_pipeline_loss, copied, torch_targets
 from .tensor_parallel import rewatched, watch_of
@@ -113,6 +116,8 @@ class _StepActions:
         self.targets: list[Any] = []
         self.weights: list[float] = []
         self.losses = [0.0] * pipe.schedule.num_microbatches
+        # whether the losses are per-token and their counts (engine.per_token)
+        self.counts = Counts()
         self.prior: dict[int, list[Any]] = {}
         self.before: dict[int, list[Any]] = {}
         self.stepped: dict[int, list[Any]] = {}   # weights before this step's first OPT
@@ -366,9 +371,11 @@ class _StepActions:
         if last and self.forward_only:
             self.outs_last[k] = y
             if self.targets:
-                self.losses[k] = self._value(y, self.targets[k])
+                self.losses[k] = self._value(a, y, self.targets[k])
         elif last:
-            loss, gy = self._loss(y, self.targets[k])
+            out = self._loss(y, self.targets[k])
+            loss, gy = out[0], out[1]
+            counted = self._counted(a, out[2] if len(out) == 3 else None)
             if _shapes(y) is not None and not _fits(_shapes(gy), _shapes(y)):
                 # (numpy broadcasts a (rows, 1) one through a Tanh's backward: wrong
                 # gradients with nothing said; other shapes failed far off, in a stage)
@@ -378,7 +385,8 @@ class _StepActions:
                                  f"shape {_shapes(y)} (micro-batch {k}): the gradient of the "
                                  "loss with respect to the output has the output's shape")
             self.losses[k] = float(loss)
-            self.gys[(s, k)] = gy * self.weights[k]
+            # (a per-token loss's sum goes back as it is: settle() scales the gradients)
+            self.gys[(s, k)] = gy if counted else gy * self.weights[k]
         elif pipe.schedule.rank_of(s + 1) == pipe.rank:
             self.xs[(s + 1, k)] = y
         else:
@@ -423,17 +431,32 @@ class _StepActions:
             pipe.loss_checked = True
         return out
 
-    def _value(self, y: Any, target: Any) -> float:
+    def _value(self, a: Action, y: Any, target: Any) -> float:
         """The loss alone (eval_step): a torch loss computed without its
         gradient where the loss is one (``torch_loss``'s ``value``), else
-        the pair's loss (autograd on, for its gradient's sake)."""
+        the pair's loss (autograd on, for its gradient's sake); a per-token
+        loss's sum, its count noted."""
         value = getattr(self.pipe.loss_fn, "value", None)
         if value is not None:
-            return float(value(y, target))
-        torch = sys.modules.get("torch")
-        with torch.enable_grad() if torch is not None else contextlib.nullcontext():
-            loss, _ = self._loss(y, target)
+            out = value(y, target)
+            loss, count = out if isinstance(out, tuple) else (out, None)
+        else:
+            torch = sys.modules.get("torch")
+            with torch.enable_grad() if torch is not None else contextlib.nullcontext():
+                out = self._loss(y, target)
+            loss, count = out[0], out[2] if len(out) == 3 else None
+        self._counted(a, count)
         return float(loss)
+
+    def _counted(self, a: Action, count: Any) -> bool:
+        """Note micro-batch ``a.mb``'s loss (``Counts.note``): a per-token
+        loss's count, or a mean (``count`` None); True for a per-token one."""
+        pipe = self.pipe
+        assert a.mb is not None
+        where = f"pp rank {pipe.rank}: pipeline step {self.n} ({pipe.schedule.name}), {a}"
+        opt = not self.forward_only and any(b.kind == OPT for r in pipe.schedule.ranks
+                                            for b in r)
+        return self.counts.note(a.mb, count, where, opt)
 
     def _backward(self, a: Action) -> None:
         pipe, (s, k) = self.pipe, _key(a)
@@ -495,9 +518,8 @@ class _StepActions:
     def finish(self) -> None:
         """Wait for every all-reduce and every send of the step, then sum
         the gradients of tied parameters over their copies, and those of
-        whole parameters fed a part of the sequence over the tp group; then
-        add back what the gradients held before the step; last, free the
-        gradients other dp replicas keep (ZeRO stage 2: engine.zero_grads)."""
+        whole parameters fed a part of the sequence over the tp group
+        (``settle`` ends the step once the ranks have agreed)."""
         for s in list(self.syncs):
             self._finish_sync(s)
         for req in self.sends:
@@ -506,9 +528,39 @@ class _StepActions:
             return
         self.pipe.tied.reduce(self.pipe.timeout)
         self.pipe.tp_sums.settle(self.pipe.timeout)
-        for s in list(self.prior):
-            self._add_prior(s)
-        self.pipe.owned.free()      # (ZeRO stage 2: the other replicas' shares' gradients)
 
     def mean_loss(self) -> float:
+        """This replica's share of the step's loss: its micro-batches' means
+        weighed by rows (times its share of the global batch's rows), or a
+        per-token loss's sum."""
+        if self.counts.kind():
+            return sum(self.losses)
         return sum(w * v for w, v in zip(self.weights, self.losses))
+
+    def settle(self, loss: float | None) -> float | None:
+        """End a step every rank agreed succeeded (``agree``, which told
+        each whether its loss was per-token and the count over every
+        replica): a per-token step's gradients (after the dp average, the
+        tied and sequence-parallel sums, all linear) and ``loss`` (the dp
+        average of the replicas' sums) scaled by dp / the count, which
+        makes them the sum over every token over the count (a count of 0:
+        zeros); then what the gradients held before the step added back,
+        and the gradients other dp replicas keep freed (ZeRO stage 2:
+        engine.zero_grads). Returns the step's loss."""
+        pipe = self.pipe
+        if self.counts.per_token:
+            scale = self.counts.scale(pipe.dp.size if pipe.dp is not None else 1)
+            if not self.forward_only:
+                for stage in pipe.stages.values():
+                    # (a None .grad, a parameter the step did not reach, stays None)
+                    held = stage.kept_grads() if hasattr(stage, "kept_grads") else stage.grads()
+                    for g in held:
+                        if g is not None:
+                            g *= scale
+            loss = None if loss is None else loss * scale
+        if self.forward_only:
+            return loss
+        for s in list(self.prior):
+            self._add_prior(s)
+        pipe.owned.free()      # (ZeRO stage 2: the other replicas' shares' gradients)
+        return loss

@@ -36,6 +36,7 @@ import numpy as np
 
 from mesh.tensors import is_tensor
 
+from .per_token import SUM_COUNT, count_of, is_count, split_count
 from .tp_plan import named_by
 
 __all__ = ["TorchStage", "Parts", "torch_loss", "as_pipeline_loss", "plain_torch_loss",
@@ -699,17 +700,19 @@ def widened(a: Any) -> Any:
 
 def torch_loss(fn: Any) -> Any:
     """Wrap a torch loss (``fn(y, target) -> scalar tensor``, mean over the
-    micro-batch) as a pipeline ``loss_fn`` on tensors (or numpy arrays);
-    the target (each part of a tuple of them) goes to the output's device."""
+    micro-batch; or a per-token loss's ``(loss_sum, count)``, engine.per_token)
+    as a pipeline ``loss_fn`` on tensors (or numpy arrays), which returns
+    ``(loss, gradient)``, or ``(loss_sum, gradient, count)``; the target (each
+    part of a tuple of them) goes to the output's device."""
     torch = _torch()
 
-    def loss_fn(y: Any, target: Any) -> tuple[float, Any]:
+    def loss_fn(y: Any, target: Any) -> tuple[Any, ...]:
         if not torch.is_grad_enabled():     # (the stages' forwards made no graph either)
             raise TypeError("step() ran with grad mode off (under torch.no_grad() or "
                             "torch.inference_mode()): a step trains; evaluate with "
                             "eval_step(), which keeps no graph itself")
         ty = _tensor(torch, y).detach().requires_grad_(True)
-        loss = fn(ty, _target(torch, target, ty.device))
+        loss, count = split_count(fn(ty, _target(torch, target, ty.device)))
         if isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad:
             raise TypeError("loss_fn(output, target) returned a scalar tensor without a "
                             "gradient: compute it from the output (no .detach(), no "
@@ -718,15 +721,21 @@ def torch_loss(fn: Any) -> Any:
             raise TypeError(f"loss_fn(output, target) returned {_described(loss)}: a torch "
                             "model's loss_fn returns the loss as a scalar tensor of the "
                             "output, the mean over the micro-batch (F.mse_loss, "
-                            "F.cross_entropy)" + _hint(loss))
+                            f"F.cross_entropy), {SUM_COUNT}" + _hint(loss))
         loss.backward()
-        return float(loss.detach()), ty.grad
+        if count is None:
+            return float(loss.detach()), ty.grad
+        return float(loss.detach()), ty.grad, count_of(count, "a per-token loss")
 
-    def value(y: Any, target: Any) -> float:
-        """The loss alone, without its gradient (an evaluation)."""
+    def value(y: Any, target: Any) -> Any:
+        """The loss alone, without its gradient (an evaluation): a float,
+        or a per-token loss's ``(sum, count)``."""
         with torch.no_grad():
             ty = _tensor(torch, y)
-            return float(fn(ty, _target(torch, target, ty.device)))
+            loss, count = split_count(fn(ty, _target(torch, target, ty.device)))
+            if count is None:
+                return float(loss)
+            return float(loss), count_of(count, "a per-token loss")
 
     loss_fn.value = value       # type: ignore[attr-defined]
     return loss_fn
@@ -766,22 +775,28 @@ def as_pipeline_loss(fn: Any, first: Any, where: str, output: Any = None) -> Any
     """A Pipeline's ``loss_fn`` from what ``fn(y, target)`` returned on its
     first call (``first``): ``fn`` itself where that is a ``(loss,
     gradient)`` pair (the loss a number, the gradient of the output
-    ``output`` where that is a torch tensor: its shape); ``torch_loss(fn)``
-    where it is a torch scalar (an ordinary torch loss, F.mse_loss); else
-    TypeError, saying what it must return (``where``: the rank, for the
-    error). A tuple whose first part is a tensor is a torch loss returned
-    with something else (``(loss, logits)``), not a pair: refused too."""
+    ``output`` where that is a torch tensor: its shape) or a per-token
+    ``(loss_sum, gradient, count)`` (engine.per_token); ``torch_loss(fn)``
+    where it is a torch scalar (an ordinary torch loss, F.mse_loss) or a
+    per-token ``(loss_sum, count)`` of tensors; else TypeError, saying what
+    it must return (``where``: the rank, for the error). A tuple whose first
+    part is a tensor and second no count is a torch loss returned with
+    something else (``(loss, logits)``), not a pair: refused too."""
     torch = sys.modules.get("torch")
-    if isinstance(first, tuple) and len(first) == 2:
-        loss, grad = first
+    if isinstance(first, tuple) and len(first) == 2 and split_count(first)[1] is not None \
+            and first[0].dim() == 0:
+        return torch_loss(fn)
+    if isinstance(first, tuple) and (len(first) == 2 or len(first) == 3 and is_count(first[2])):
+        loss, grad = first[:2]
         if torch is not None and isinstance(loss, torch.Tensor):
-            raise TypeError(f"{where}: loss_fn(output, target) returned a tuple of 2, "
-                            f"({_described(loss)}, {_described(grad)}): on torch stages a "
-                            "Pipeline's loss_fn returns the loss alone, as a scalar tensor "
-                            "of the output (F.mse_loss: the mean over the micro-batch), not "
-                            "with logits or anything else; a (loss, gradient) pair is an "
-                            "engine.layers model's loss (engine.layers.mse_loss: the loss a "
-                            "number, then the gradient of the output)")
+            raise TypeError(f"{where}: loss_fn(output, target) returned a tuple of "
+                            f"{len(first)}, ({', '.join(map(_described, first))}): on torch "
+                            "stages a Pipeline's loss_fn returns the loss alone, as a scalar "
+                            "tensor of the output (F.mse_loss: the mean over the micro-batch), "
+                            "not with logits or anything else, or a per-token loss's (sum, "
+                            "count), the count a number or a 0-dim tensor; a (loss, gradient) "
+                            "pair is an engine.layers model's loss (engine.layers.mse_loss: the "
+                            "loss a number, then the gradient of the output)")
         if torch is not None and isinstance(output, torch.Tensor) and (
                 tuple(getattr(grad, "shape", (None,))) != tuple(output.shape)):
             raise TypeError(f"{where}: loss_fn(output, target) returned a (loss, gradient) "
@@ -795,5 +810,6 @@ def as_pipeline_loss(fn: Any, first: Any, where: str, output: Any = None) -> Any
         return torch_loss(fn)
     raise TypeError(f"{where}: loss_fn(output, target) returned {_described(first)}: a "
                     "Pipeline's loss_fn returns (loss, gradient of the output) "
-                    "(engine.layers.mse_loss), or, on torch stages, the loss as a scalar "
-                    "tensor (F.mse_loss: the mean over the micro-batch)")
+                    "(engine.layers.mse_loss), or, per token, (loss_sum, its gradient, "
+                    "count); on torch stages the loss as a scalar tensor (F.mse_loss: the "
+                    f"mean over the micro-batch), {SUM_COUNT}")

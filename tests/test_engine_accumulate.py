@@ -3,7 +3,10 @@
 two steps' gradients of the global batch, as torch's ``.grad +=`` does in
 one process, at every layout: tied weights over pp (the copies' sum counts
 what they held once), sequence-parallel norms over tp (their sum over the
-group counts it once), dp averaging this step's gradients only.
+group counts it once), dp averaging this step's gradients only. The second
+step's loss is per-token (engine.per_token: each micro-batch's sum over the
+targets it counts, -100 elsewhere, and their count), scaled at its end by
+the step's count over every replica, which covers its own gradients only.
 
 One spawn of four ranks runs dp=2 x pp=2 with the embedding and the head
 tied, then dp=2 x tp=2 under sequence parallelism.
@@ -17,13 +20,26 @@ ROWS, STEPS = 8, 2
 
 
 def _data(step):
+    """Step 1's targets are -100 where not counted (each row's first, and
+    others): a different number in each micro-batch (2 rows) of each
+    replica (every other row)."""
     import tp_models
-    return tp_models.tokens(300 + step, ROWS)
+    x, y = tp_models.tokens(300 + step, ROWS)
+    if step == 1:
+        y[np.random.default_rng(7).random(y.shape) < 0.3] = -100
+        y[:, 0] = -100
+    return x, y
 
 
 def _ce(y, t):
+    """Step 0's loss: the mean; step 1's (t holds a -100): per-token."""
+    import torch
+
     import tp_models
-    return tp_models.cross_entropy(y, t)
+    if not bool((t == -100).any()):
+        return tp_models.cross_entropy(y, t)
+    return (torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1),
+                                              reduction="sum"), (t != -100).sum())
 
 
 def _model(tied):
@@ -37,10 +53,12 @@ def _model(tied):
 def _reference(tied):
     """One process: STEPS backward passes on the whole batches, no zero_grad."""
     import torch
+
+    import tp_models
     model = _model(tied)
     for step in range(STEPS):
         x, y = (torch.from_numpy(a) for a in _data(step))
-        _ce(model(x), y).backward()
+        tp_models.cross_entropy(model(x), y).backward()     # (the mean over the counted)
     return {k: v.grad.numpy() for k, v in model.state_dict(keep_vars=True).items()
             if v.grad is not None}
 

@@ -11,7 +11,7 @@ ENGINE = pathlib.Path(engine.__file__).parent
 # ir -> lower -> replay -> verify -> simulate -> render -> executor -> distribute, with the
 # modules beside that chain placed after what they use.
 ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "costs",
-         "profiling", "candidates", "retime", "choose", "trace", "layers", "tp_plan",
+         "profiling", "candidates", "retime", "choose", "trace", "layers", "per_token", "tp_plan",
          "tp_layers", "torch_stage", "tp_comm", "tp_rng", "tp_checks", "tp_axes", "tp_record",
          "tp_watch", "tp_forward", "tp_shard", "tp_state", "tensor_parallel", "tied", "tp_sums",
          "clip", "buffers", "zero_grads",

@@ -7,6 +7,9 @@ compares them with full-batch training of the same model on the same data
 Batches are cut into micro-batches (and dp replicas) of unequal size on
 purpose. The
 two-rank spawn also trains a model with a weight tied between stages.
+A per-token loss (a sum over the targets a mask counts, and their count:
+engine.per_token) trains as one process's sum over every counted target
+over their count, micro-batches and replicas counting different numbers.
 """
 import functools
 
@@ -60,14 +63,14 @@ def _reference(steps: int) -> tuple[list[np.ndarray], list[float]]:
     return model.params(), losses
 
 
-def _train(topo, pp, dp, dp_index, name, m, recompute=False):
+def _train(topo, pp, dp, dp_index, name, m, recompute=False, loss_fn=mse_loss, data=_data):
     sched = _schedule(name, pp.size, m)
     stages = mlp_stages(WIDTHS, sched.num_stages, SEED)
     mine = stages_for_rank(stages, sched, pp.rank)
-    pipe = Pipeline(topo, mine, sched, loss_fn=mse_loss, timeout=30, recompute=recompute)
+    pipe = Pipeline(topo, mine, sched, loss_fn=loss_fn, timeout=30, recompute=recompute)
     losses = []
     for step in range(STEPS):
-        x, y = _data(step)
+        x, y = data(step)
         if dp is not None:
             x, y = split_microbatches(x, dp.size)[dp_index], split_microbatches(y, dp.size)[dp_index]
         if dp is not None:  # what grads() held before must survive the dp average
@@ -90,6 +93,8 @@ def _worker(world, dp_size, m):
         topo = mesh.grid(world, dp=dp_size, pp=world.size // dp_size)
         pp, dp, dp_index = topo.group("pp"), topo.group("dp"), topo.coord("dp")
     out = {name: _train(topo, pp, dp, dp_index, name, m) for name in NAMES}
+    out["counted"] = {name: _train(topo, pp, dp, dp_index, name, m, loss_fn=counted_mse,
+                                   data=_counted_data)[:2] for name in COUNTED}
     if pp.size == 2:
         out["tied"] = _tied_worker(topo, pp, dp, dp_index)
         # recompute (engine.layers.Recompute): every stage, or stage 0 only
@@ -119,6 +124,63 @@ def _check(results, pp_size, dp_size, m):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13,
                                            err_msg=f"{name}: parameter {i}, dp replica {d}")
         _check_trace(results, name, pp_size, dp_size)
+    _check_counted(results, pp_size, dp_size, m)
+
+
+# -- a per-token loss (engine.per_token): sums over counted targets, and their counts --
+
+COUNTED = ["gpipe", "zb-h2", "zb-v"]
+
+
+def _counted_data(step):
+    """``_data``'s batch, its targets with a mask of the elements counted,
+    so each micro-batch and each dp replica counts another number of them
+    (the first three rows none)."""
+    x, y = _data(step)
+    mask = (np.random.default_rng(2000 + step).random(y.shape) < 0.4).astype(float)
+    mask[:3] = 0.0
+    return x, (y, mask)
+
+
+def counted_mse(y, target):
+    """The squared error summed over the elements the mask counts, its
+    gradient, and their count: a numpy per-token loss."""
+    t, mask = target
+    diff = (y - t) * mask
+    return float((diff * diff).sum()), 2.0 * diff, float(mask.sum())
+
+
+def _counted_reference():
+    """One process: the sum over every counted element of the batch over their count."""
+    model = Sequential(*mlp_stages(WIDTHS, 1, SEED)[0].layers)
+    losses = []
+    for step in range(STEPS):
+        x, target = _counted_data(step)
+        out, ctx = model.forward(x)
+        total, gy, count = counted_mse(out, target)
+        model.backward(ctx, gy / count)
+        sgd([model], LR)
+        losses.append(total / count)
+    return model.params(), losses
+
+
+def _check_counted(results, pp_size, dp_size, m):
+    ref_params, ref_losses = _counted_reference()
+    for name in COUNTED:
+        last = _schedule(name, pp_size, m).rank_of(_schedule(name, pp_size, m).num_stages - 1)
+        for d in range(dp_size):
+            got: dict[int, list[np.ndarray]] = {}
+            for r in range(pp_size):
+                params, losses = results[d * pp_size + r]["counted"][name]
+                got.update(params)
+                if r == last:
+                    np.testing.assert_allclose(losses, ref_losses, rtol=1e-10,
+                                               err_msg=f"per-token {name}: loss")
+            flat = [p for s in sorted(got) for p in got[s]]
+            for i, (a, b) in enumerate(zip(flat, ref_params, strict=True)):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13,
+                                           err_msg=f"per-token {name}: parameter {i}, "
+                                                   f"dp replica {d}")
 
 
 def _check_trace(results, name, pp_size, dp_size):

@@ -72,7 +72,7 @@ def test_a_pipeline_takes_an_ordinary_torch_loss_and_says_what_a_loss_returns():
                                                       f"{words}")):
             Pipeline(_Solo(), stages, sched, loss_fn=fn).step(torch.from_numpy(x),
                                                                torch.from_numpy(y))
-    for fn, words in [(lambda o, t: (mse(o, t), 0), "a tuple of 2: a torch model's loss_fn "
+    for fn, words in [(lambda o, t: (mse(o, t), o), "a tuple of 2: a torch model's loss_fn "
                        "returns the loss as a scalar tensor"),
                       (lambda o, t: (o - t) ** 2, "(reduction='mean')"),
                       (lambda o, t: mse(o, t).item(), "not a number (no .item())"),
@@ -83,6 +83,75 @@ def test_a_pipeline_takes_an_ordinary_torch_loss_and_says_what_a_loss_returns():
                                                    "but it takes (logits)")):
         engine.distribute(_torch_copy(mlp_stages([4, 5, 2], 1, seed=2)[0]), None,
                           loss_fn=lambda logits: logits.sum())
+
+
+def _counted_solo(sched, loss_fn=None, **kw):
+    """(a Pipeline on one process of a (Linear, Tanh, Linear) classifier cut
+    in two, per_token_ce its loss unless told; the whole model)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6).double(), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3).double())
+    stages = [model[:2], model[2:]]
+    pipe = Pipeline(_Solo(), stages, sched, loss_fn=loss_fn or per_token_ce, **kw)
+    return pipe, model
+
+
+def _counted_batch():
+    rng = np.random.default_rng(0)
+    x, y = torch.from_numpy(rng.standard_normal((9, 4))), torch.from_numpy(rng.integers(0, 3, 9))
+    y[[0, 1, 2, 4]] = -100        # micro-batches of 3 rows count 0, 2 and 3 targets
+    return x, y
+
+
+@pytest.mark.parametrize("sched", [schedules.zb_v(1, 3), schedules.interleaved_1f1b(1, 3, 2)],
+                         ids=lambda s: s.name)
+def test_a_per_token_loss_is_the_sum_over_the_counted_targets_over_their_count(sched):
+    """loss_fn returns (sum, count): the step's loss and gradients are one
+    process's F.cross_entropy(..., reduction="sum") / count over the whole
+    batch (the mean of the micro-batches' means, weighed by rows, was not:
+    nan, micro-batch 0 counting none of its 3 targets, then 2 and 3), and so
+    is eval_step's loss. A step that
+    counts nothing has a loss of 0 and leaves the gradients as they were."""
+    F = torch.nn.functional
+    x, y = _counted_batch()
+    pipe, model = _counted_solo(sched)
+    _, ref = _counted_solo(sched)
+    want = F.cross_entropy(ref(x), y, ignore_index=-100, reduction="sum") / (y != -100).sum()
+    want.backward()
+    assert pipe.step(x, y) == pytest.approx(want.item(), rel=1e-12)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+    assert pipe.eval_step(x, y) == pytest.approx(want.item(), rel=1e-12)
+    held = [p.grad.clone() for p in model.parameters()]
+    assert pipe.step(x, torch.full_like(y, -100)) == 0.0
+    for p, h in zip(model.parameters(), held, strict=True):
+        assert torch.equal(p.grad, h)
+
+
+def test_a_per_token_loss_refuses_mixed_kinds_bad_counts_and_opt_actions():
+    """A step whose micro-batches return a mean and a (sum, count) fails,
+    naming both; so does a negative count, and a per-token loss under a
+    schedule with OPT actions (its optimizer steps before the count is
+    known); each rolled back, the gradients as they were."""
+    x, y = _counted_batch()
+
+    def mixed(logits, t):      # the loss alone where every target counts (micro-batch 2)
+        loss, count = per_token_ce(logits, t)
+        return loss if int(count) == len(t) else (loss, count)
+
+    for fn, words, kw in [
+            (mixed, "1F2: loss_fn(output, target) returned a mean (a loss alone) for "
+                    "micro-batch 2 but a per-token (sum, count) for micro-batch 0", {}),
+            (lambda o, t: (per_token_ce(o, t)[0], -1), "returned a count of -1.0", {}),
+            (per_token_ce, "returned a per-token (sum, count), but the schedule has OPT "
+                           "actions", {"optimizer": lambda stage: None})]:
+        sched = schedules.zb_v(1, 3)
+        if "optimizer" in kw:
+            sched = engine.with_optimizer_step(sched)
+        pipe, model = _counted_solo(sched, fn, **kw)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            pipe.step(x, y)
+        assert all(p.grad is None for p in model.parameters()), words
 
 
 def test_a_torch_loss_of_ones_own_takes_numpy_targets():
@@ -192,13 +261,55 @@ class _Recording(TorchStage):
         return super().backward_input(ctx, gy)
 
 
+def _counted_data(step):
+    """``_torch_data``'s inputs and class ids (of WIDTHS[-1]), -100 where not
+    counted: each micro-batch and each dp replica counts another number."""
+    x, _ = _torch_data(step)
+    rng = np.random.default_rng(80 + step)
+    y = rng.integers(0, WIDTHS[-1], ROWS)
+    y[rng.random(ROWS) < 0.4] = -100
+    y[:3] = -100
+    return x, y
+
+
+def per_token_ce(logits, y):
+    """A per-token loss: the cross entropy summed over the counted targets,
+    and their count."""
+    return (torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum"),
+            (y != -100).sum())
+
+
 def _torch_dp_pp(world, names):
-    """dp=2 x pp=2, TorchStages and torch SGD with the default zero_grad()."""
+    """dp=2 x pp=2, TorchStages and torch SGD with the default zero_grad();
+    then a per-token loss (``per_token_ce``), its eval_step, and a step whose
+    dp replicas' losses are of both kinds."""
     import mesh
     from engine.executor import split_microbatches, stages_for_rank
     grid = mesh.grid(world, dp=2, pp=2)
     pp, d = grid.group("pp"), grid.coord("dp")
     out = {}
+    for name in names:
+        sched = schedules.by_name(name, pp.size, 4)
+        mine = stages_for_rank([TorchStage(m) for m in (_torch_model()[:4], _torch_model()[4:])],
+                               sched, pp.rank)
+        opt = torch.optim.SGD([p for s in mine for p in s.module.parameters()], lr=LR)
+        pipe = Pipeline(grid, mine, sched, loss_fn=per_token_ce, timeout=30)
+        losses = []
+        for step in range(STEPS):
+            x, y = (split_microbatches(a, 2)[d] for a in _counted_data(step))
+            opt.zero_grad()
+            losses.append(pipe.step(x if pipe.first else None, y if pipe.last else None))
+            opt.step()
+        x, y = (split_microbatches(a, 2)[d] for a in _counted_data(0))
+        losses.append(pipe.eval_step(x if pipe.first else None, y if pipe.last else None))
+        out[name + " per-token"] = ({s: [p.detach().numpy().copy() for p in st.module.parameters()]
+                                     for s, st in pipe.stages.items()}, losses)
+    pipe.loss_fn = torch_loss(per_token_ce if d == 0 else torch.nn.functional.cross_entropy)
+    try:
+        pipe.step(x if pipe.first else None, y if pipe.last else None)
+        out["mixed"] = "no error"
+    except Exception as e:
+        out["mixed"] = f"{type(e).__name__}: {e}"
     for name in names:
         sched = schedules.by_name(name, pp.size, 4, chunks=2)
         blocks = list(_torch_model())           # 4 blocks of (Linear, Tanh), the last alone
@@ -234,6 +345,7 @@ def test_dp2_pp2_torch_stages_with_default_zero_grad_match_one_process():
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     want = [p.detach().numpy() for p in model.parameters()]
+    _check_per_token_dp_pp(results, names)
     for name in names:
         kinds = sorted(set().union(*(res[name + " kinds"] for res in results)))
         assert kinds == ["backward: Tensor", "stage 0 forward: ndarray",
@@ -246,6 +358,40 @@ def test_dp2_pp2_torch_stages_with_default_zero_grad_match_one_process():
             assert len(flat) == len(want)
             for a, b in zip(flat, want):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{name} dp {d}")
+
+
+def _check_per_token_dp_pp(results, names):
+    """``_torch_dp_pp``'s per-token training: one process's sum over every
+    counted token over their count, in its weights, losses and eval loss;
+    replicas of both kinds of loss fail the step on every rank."""
+    import torch.nn.functional as F
+    model, losses = _torch_model(), []
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = (torch.from_numpy(a) for a in _counted_data(step))
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y, ignore_index=-100, reduction="sum") / (y != -100).sum()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    x, y = (torch.from_numpy(a) for a in _counted_data(0))
+    with torch.no_grad():
+        losses.append(F.cross_entropy(model(x), y, ignore_index=-100).item())
+    want = [p.detach().numpy() for p in model.parameters()]
+    for name in names:
+        for d in range(2):
+            got = {}
+            for r in range(2):
+                params, said = results[d * 2 + r][name + " per-token"]
+                got.update(params)
+                if said[0] is not None:
+                    np.testing.assert_allclose(said, losses, rtol=1e-10, err_msg=name)
+            flat = [p for s in sorted(got) for p in got[s]]
+            for a, b in zip(flat, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{name} dp {d}")
+    for r, res in enumerate(results):
+        assert ("returned a per-token (sum, count) on dp replicas [0] but a mean (a loss "
+                "alone) on dp replicas [1]") in res["mixed"], (r, res["mixed"])
 
 
 class _Gate(torch.nn.Module):

@@ -45,7 +45,8 @@ def _losses():
     import torch.nn.functional as F
     return {
         "logits": lambda y, t: (F.mse_loss(y, t), y.detach()),     # HF-style (loss, logits)
-        "one": lambda y, t: (F.mse_loss(y, t), 1),
+        # (a count would be a per-token loss's (sum, count): engine.per_token; this is none)
+        "one": lambda y, t: (F.mse_loss(y, t), y.new_ones(1)),
         # an engine-style pair written by hand: the loss a number, the output's gradient
         "pair": lambda y, t: (float(F.mse_loss(y, t)), 2 * (y - t).detach() / y.numel()),
         "plain": F.mse_loss,
