@@ -7,6 +7,8 @@ array, so CuPy is never imported here).
 
     sum prod min max avg      every numeric dtype (avg of bool refused)
     band bor bxor             integers and bool
+    land lor lxor             integers and bool: MPI's LAND, LOR, LXOR (1 or 0 in
+                              the array's dtype, True or False for bool)
 
 avg of integers is the sum divided by n, truncated toward zero, as NCCL's
 (torch code written for NCCL, Lightning's ``sync_dist`` among it, averages
@@ -26,11 +28,13 @@ from mesh.tensors import dtype_name
 
 __all__ = ["OPS", "ReduceOp", "resolve", "array_module", "apply", "FP_RAISED"]
 
-OPS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
+OPS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor", "land", "lor", "lxor")
 
 _UFUNC = {"sum": "add", "avg": "add", "prod": "multiply", "min": "minimum",
           "max": "maximum", "band": "bitwise_and", "bor": "bitwise_or",
-          "bxor": "bitwise_xor"}
+          "bxor": "bitwise_xor", "land": "logical_and", "lor": "logical_or",
+          "lxor": "logical_xor"}
+_INTEGRAL = ("band", "bor", "bxor", "land", "lor", "lxor")
 
 
 def array_module(a: Any) -> Any:
@@ -137,7 +141,7 @@ def _problem(name: str, dt: np.dtype) -> str | None:
     kind = dt.kind
     if kind not in "biufc":
         return f"dtype {dtype_name(dt)} is not numeric"
-    if name in ("band", "bor", "bxor") and kind not in "biu":
+    if name in _INTEGRAL and kind not in "biu":
         return f"op {name!r} needs an integer or bool dtype, got {dtype_name(dt)}"
     if name == "avg" and kind == "b":
         return "op 'avg' is undefined for bool (use 'max' for any, 'min' for all)"

@@ -43,7 +43,8 @@ def data(seed: int, rank: int, shape: tuple, dtype: str) -> np.ndarray:
 def reference(op: str, xs: list[np.ndarray]) -> np.ndarray:
     fn = {"sum": np.add, "avg": np.add, "prod": np.multiply, "min": np.minimum,
           "max": np.maximum, "band": np.bitwise_and, "bor": np.bitwise_or,
-          "bxor": np.bitwise_xor}[op]
+          "bxor": np.bitwise_xor, "land": np.logical_and, "lor": np.logical_or,
+          "lxor": np.logical_xor}[op]
     acc = xs[0].copy()
     for x in xs[1:]:
         acc = fn(acc, x).astype(xs[0].dtype)
@@ -54,7 +55,7 @@ def reference(op: str, xs: list[np.ndarray]) -> np.ndarray:
 
 def valid(op: str, dtype: str) -> bool:
     k = np.dtype(dtype).kind
-    return not ((op in ("band", "bor", "bxor") and k not in "biu")
+    return not ((op in ("band", "bor", "bxor", "land", "lor", "lxor") and k not in "biu")
                 or (op == "avg" and k == "b") or (op in ("min", "max") and k == "c"))
 
 
@@ -169,7 +170,7 @@ def _gather_scatter_cases(C: Any, g: Any, seed: int) -> None:
             expect(got, reference(op, xs[:r]), f"exscan {op} {shape} n={n}")
         expect(mine, xs[r], f"scan's input {op} {shape} n={n}")      # only read
     with pytest.raises(ValueError, match=r"rank \d+: scan on group .* takes sum prod min max "
-                                         r"band bor bxor, not 'avg'"):
+                                         r"band bor bxor land lor lxor, not 'avg'"):
         C.scan(g, data(seed, r, (2,), "float32"), op="avg")
     C.barrier(g)
     assert C.all_gather_object(g, {"rank": r, "t": (r, "x")}) == \

@@ -20,7 +20,7 @@ NUMERIC = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64
 # ---- ops ---------------------------------------------------------------------------------
 
 def _allowed(op: str, dt: np.dtype) -> bool:
-    if op in ("band", "bor", "bxor"):
+    if op in ("band", "bor", "bxor", "land", "lor", "lxor"):
         return dt.kind in "biu"
     if op == "avg":
         return dt.kind != "b"
@@ -45,7 +45,10 @@ def test_op_table_matches_numpy(op: str, dtype: str) -> None:
            "min": lambda: np.minimum(np.minimum(xs[0], xs[1]), xs[2]),
            "max": lambda: np.maximum(np.maximum(xs[0], xs[1]), xs[2]),
            "band": lambda: xs[0] & xs[1] & xs[2], "bor": lambda: xs[0] | xs[1] | xs[2],
-           "bxor": lambda: xs[0] ^ xs[1] ^ xs[2]}[op]()
+           "bxor": lambda: xs[0] ^ xs[1] ^ xs[2],
+           "land": lambda: xs[0].astype(bool) & xs[1].astype(bool) & xs[2].astype(bool),
+           "lor": lambda: xs[0].astype(bool) | xs[1].astype(bool) | xs[2].astype(bool),
+           "lxor": lambda: xs[0].astype(bool) ^ xs[1].astype(bool) ^ xs[2].astype(bool)}[op]()
     acc = xs[0].copy()
     rop.combine(acc, xs[1])
     rop.combine(acc, xs[2])

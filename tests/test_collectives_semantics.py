@@ -215,3 +215,93 @@ def _maxloc(world: Any) -> str:
 @pytest.mark.parametrize("n", [2, 4])
 def test_all_reduce_loc_is_mpi_maxloc_and_minloc(n: int) -> None:
     assert mesh.spawn(_maxloc, n, timeout=120) == ["ok"] * n
+
+
+def _jacobi(world: Any, tol: float) -> tuple[int, np.ndarray]:
+    """mpi4py's demo/mpi-ref-v1/ex-2.16.py (Jacobi with sendrecv and null
+    processes) as the README ports it: Fortran-ordered blocks, so a column
+    is contiguous and takes ``out=`` (its rows 1..n: the demo receives n
+    values into the n + 2 of a column, which MPI allows and meshrun
+    refuses); convergence (to ``tol``: the demo's 1e-8 takes 970 steps) by
+    MPI.LAND of int flags. Returns the steps and the whole grid."""
+    n, p, r = 5 * world.size, world.size, world.rank
+    m = n // p + (r < n - p * (n // p))
+    left = mesh.PROC_NULL if r == 0 else r - 1
+    right = mesh.PROC_NULL if r == p - 1 else r + 1
+    a = np.ones((n + 2, m + 2), order="F")
+    a[0, :] = a[-1, :] = a[:, 0] = a[:, -1] = 0
+    b = np.empty((n, m), order="F")
+    steps = 0
+    while True:
+        steps += 1
+        b[...] = 0.25 * (a[:-2, 1:-1] + a[2:, 1:-1] + a[1:-1, :-2] + a[1:-1, 2:])
+        a[1:-1, 1:-1] = b
+        world.sendrecv(b[:, -1], right, left, out=a[1:-1, 0])
+        world.sendrecv(b[:, 0], left, right, out=a[1:-1, -1])
+        if C.all_reduce(world, np.array(np.allclose(b, 0, atol=tol), "i"), op="land"):
+            return steps, C.all_gather_v(world, np.ascontiguousarray(b.T), [m] * p).T
+
+
+def _task_farm(world: Any) -> list | int:
+    """A master/worker farm: rank 0 hands out tasks by tag, takes results
+    from ANY_SOURCE (Status: the worker), probes each result's size first."""
+    work, die, tasks = 1, 2, list(range(1, 12))
+    if world.rank == 0:
+        for w in range(1, world.size):
+            world.send(tasks.pop(), w, tag=work)
+        got: list = []
+        while len(got) < 11:
+            st = world.probe(mesh.ANY_SOURCE, tag=3)
+            got.append(world.recv(st.source, 3, out=np.empty(st.count, st.dtype)).tolist())
+            world.send(tasks.pop() if tasks else None, st.source, tag=work if tasks else die)
+        return sorted(got, key=len)
+    done, st = 0, mesh.Status()
+    while (t := world.recv(0, mesh.ANY_TAG, status=st)) is not None or st.tag != die:
+        world.send(np.arange(t, dtype=np.int16), 0, tag=3)
+        done += 1
+    return done
+
+
+def _mpi4py_programs(world: Any) -> str:
+    """mpi4py's demo programs, ported as the README's "Coming from mpi4py"
+    says, checked against numpy (the answers the originals print under
+    mpirun): MPI's logical reductions on int and bool flags, a Jacobi loop,
+    a task farm."""
+    n, r = world.size, world.rank
+    for dtype in ("int32", "bool", "uint8"):        # MPI.LAND, LOR, LXOR (ex-2.16's flags)
+        xs = [np.array([5, 0, 3, 0, 2, i % 2, (i + 1) % 3]).astype(dtype) for i in range(n)]
+        for op, fn in (("land", np.logical_and), ("lor", np.logical_or),
+                       ("lxor", np.logical_xor)):
+            want = fn.reduce(np.stack(xs).astype(bool), axis=0).astype(dtype)
+            for rep in range(2):                    # (the second: the short way)
+                got = C.all_reduce(world, xs[r].copy(), op=op)
+                assert got.dtype == np.dtype(dtype) and np.array_equal(got, want), (op, got)
+            got = C.reduce_scatter(world, np.tile(xs[r], n), op=op)
+            assert np.array_equal(got, want), (op, dtype, got)
+    big = np.full(100_000, r + 1, np.int64)
+    big[7] = 0 if r == n - 1 else 9
+    C.all_reduce(world, big, op="land")           # (the ring, or read across)
+    assert big[7] == 0 and (np.delete(big, 7) == 1).all(), big[:9]
+    steps, u = _jacobi(world, 0.05)
+    blocks = [np.ones((5 * n + 2, 7)) for _ in range(n)]    # (the same loop in one process)
+    for a in blocks:
+        a[0, :] = a[-1, :] = a[:, 0] = a[:, -1] = 0
+    for step in range(1, steps + 1):
+        for a in blocks:
+            a[1:-1, 1:-1] = 0.25 * (a[:-2, 1:-1] + a[2:, 1:-1] + a[1:-1, :-2] + a[1:-1, 2:])
+        for a, b in zip(blocks, blocks[1:]):
+            a[1:-1, -1], b[1:-1, 0] = b[1:-1, 1], a[1:-1, -2]
+        assert all(np.allclose(a[1:-1, 1:-1], 0, atol=0.05) for a in blocks) == (step == steps)
+    assert np.array_equal(u, np.hstack([a[1:-1, 1:-1] for a in blocks]))
+    farm = _task_farm(world)
+    assert farm == ([list(range(t)) for t in range(1, 12)] if r == 0 else farm), farm
+    done = C.reduce(world, np.array(0 if r == 0 else farm), root=0)
+    assert r != 0 or done == 11, done           # (every task done once)
+    return "ok"
+
+
+def test_mpi4py_programs_give_mpi4pys_answers() -> None:
+    """README's "Coming from mpi4py": its ports of mpi4py's programs (a
+    Jacobi loop with sendrecv, PROC_NULL and MPI.LAND, a task farm with
+    probe and ANY_SOURCE) and MPI's logical reductions, at 3 ranks."""
+    assert mesh.spawn(_mpi4py_programs, 3, timeout=90, env={"MESH_TIMEOUT": "30"}) == ["ok"] * 3

@@ -21,7 +21,7 @@ from mesh.payload import MASKED, is_masked
 from mesh.tensors import dtype_name, is_tensor
 
 from .. import debug
-from ..ops import resolve
+from ..ops import OPS, resolve
 from ..plan import TOPOLOGY_AWARE as plan_TOPOLOGY_AWARE
 from ..plan import Tuning, choose, layout, rd_peers, spans
 from ..runner import Body, Ctx, agreed, named, start
@@ -946,8 +946,9 @@ def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
     def prepare(t: Tuning) -> tuple[dict, Body]:
         arr = np.array(_array(name, a), order="C")      # (a copy: combined into)
         if op == "avg":
-            raise ValueError(f"{name} takes sum prod min max band bor bxor, not 'avg' (divide "
-                             f"a sum scan by rank + 1 for a running mean)")
+            ops = " ".join(o for o in OPS if o != "avg")
+            raise ValueError(f"{name} takes {ops}, not 'avg' (divide a sum scan by rank + 1 for "
+                             f"a running mean)")
         rop = resolve(op, arr.dtype)
 
         def body(ctx: Ctx) -> Any:
