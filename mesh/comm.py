@@ -109,9 +109,11 @@ class Request:
     def done(self) -> bool:
         item = self._item
         if isinstance(item, Outgoing):
-            # a send handed to a peer that died is done too, its wait raising
+            # a send handed to a peer that has left is done too, as its wait ends:
+            # returning if the peer's goodbye said it read it, else raising
             # LostPeerError: a direct send's answer never comes, nor does ZeroMQ let go
-            # of frames for a stopped peer (a loop polling test() never ended)
+            # of frames for a stopped peer, and pyzmq's release of those it sent comes
+            # late (a loop polling test() never ended, or waited for that release)
             return item.done() or self._c._t.lost_to(item)
         return item.event.is_set()
 
@@ -409,7 +411,9 @@ def _valued(r: Request) -> bool:
     if item is SENT:
         return True
     if isinstance(item, Outgoing):
-        return item.done() and item.error is None and not r._c._t.lost_to(item)
+        t = r._c._t     # (a send to a peer that left: its wait returns if it read it)
+        return item.error is None and (item.done() or t.lost_to(item)
+                                       and t.read_before_leaving(item))
     return item.event.is_set() and item.error is None
 
 

@@ -36,7 +36,7 @@ from .direct import Direct
 from .errors import LostPeerError, MeshError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
-from .peer import DEAD, STATE_NAMES, Outgoing, Peer, config_bytes
+from .peer import ALIVE, STATE_NAMES, Outgoing, Peer, config_bytes
 from .progress import Progress
 from .reader import Reader
 from .ringpath import SENT, _RingPaths
@@ -203,12 +203,15 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
             progress.leave(entered)
 
     def lost_to(self, out: Outgoing) -> bool:
-        """Whether ``out``, handed over and not done, went to a peer that
-        died (or was found silent): its ``wait`` raises LostPeerError
-        (``_await_release``), where what it waits for may never come
-        (Request.done). A peer that closed cleanly read what it was sent."""
+        """Whether ``out``, handed over, went to a peer that has left (closed
+        its mesh, died, or was found silent): its ``wait`` ends at once
+        (``_await_release``), returning if the peer's goodbye said it had
+        read it (``read_before_leaving``), else raising LostPeerError,
+        where what it waits for may never come, or comes late (Request.done:
+        a direct send's answer, ZeroMQ's release of frames for a stopped
+        peer, pyzmq's release of those it sent, late under load)."""
         return out.event.is_set() and out.error is None and out.dst >= 0 \
-            and self._peers[out.dst].state == DEAD
+            and self._peers[out.dst].state != ALIVE
 
     def _busy(self) -> bool:
         """Whether a posted receive or a send in flight (queued, or read out

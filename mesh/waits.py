@@ -173,6 +173,14 @@ class _Waiting:
         return self._drive(item, time.monotonic() + limit, limit, item.event) \
             or item.event.is_set()
 
+    def read_before_leaving(self, item: Outgoing) -> bool:
+        """Whether the peer that send ``item`` went to said, as it left, that
+        it had read it: its goodbye's count of our messages (wire's BYE h)
+        reaches ``item.seq``, or, a message in pieces, it answered every
+        piece."""
+        peer = self._peers[item.dst]
+        return 0 < item.seq <= peer.read_ours or (item.pieced and peer.unanswered == 0)
+
     def _await_release(self, item: Outgoing, deadline: float, limit: float) -> None:
         """Wait until ZeroMQ has let go of a zero-copy send's frames. Frames
         bound for a peer that is gone are never released: fail then, and keep
@@ -185,7 +193,7 @@ class _Waiting:
         under load, is on its way; ZeroMQ holds them meanwhile). So is a
         message in pieces whose every piece the peer answered (read before
         its goodbye, on its one connection): the send does not fail on the
-        peer's leaving since."""
+        peer's leaving since (``read_before_leaving``)."""
         peer = self._peers[item.dst]
         tracker = item.tracker
         assert tracker is not None
@@ -211,11 +219,10 @@ class _Waiting:
                     except zmq.NotDone:
                         pass
                 if peer.state != ALIVE:
-                    if 0 < item.seq <= peer.read_ours:  # it read the message, then left
+                    if self.read_before_leaving(item):     # it read the message, then left
                         return
-                    if not (item.pieced and peer.unanswered == 0):
-                        self._orphans.append(item.keep)
-                        raise self.inbox.gone(peer, item.desc)
+                    self._orphans.append(item.keep)
+                    raise self.inbox.gone(peer, item.desc)
                 if left <= 0.1:
                     # (a message in pieces: not answered yet; by stream: not written yet)
                     crossing = peer.unanswered + self.streams.pending(item.dst)

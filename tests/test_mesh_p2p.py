@@ -1372,17 +1372,19 @@ def test_no_thread_outlives_the_mesh() -> None:
 
 
 def _taken_then_closed(world: mesh.Mesh, how: str, handed: str) -> list:
-    """Rank 0 sends rank 1 a 2 MiB array, zero-copy in one ZeroMQ message
-    (MESH_SHM=0: no same-host direct path), whose release by ZeroMQ is told
-    rank 0 only once its wait has seen rank 1 leave (pyzmq's garbage thread,
-    late under load). Rank 1 receives it and closes its mesh (``how``
-    "closes"), or leaves on an error ("fails"); or ("unread") stops reading
-    its socket, tells rank 0 to send, and closes once the array is handed
-    to ZeroMQ."""
+    """Rank 0 sends rank 1 a 2 MiB array twice, zero-copy in one ZeroMQ
+    message each (MESH_SHM=0: no same-host direct path), by isend, then by
+    a blocking send, whose release by ZeroMQ is told rank 0 only once a
+    wait has seen rank 1 leave (pyzmq's garbage thread, late under load).
+    Rank 1 receives them and closes its mesh (``how`` "closes"), or leaves
+    on an error ("fails"); or ("unread") stops reading its socket, tells
+    rank 0 to send, and closes once the arrays are handed to ZeroMQ. Once
+    the blocking send is over, rank 0 polls the isend's ``test()`` (10 s at
+    most): done as the blocking send's wait was, or what it raised."""
     big = np.arange((2 << 20) // 8, dtype=np.float64)
     if world.rank == 1:
         if how != "unread":
-            got = [bool(np.array_equal(world.recv(0, tag=1), big))]
+            got = [bool(np.array_equal(world.recv(0, tag=1), big)) for _ in range(2)]
             world._close(RuntimeError("boom") if how == "fails" else None)
             return got
         reader, progress = world._t.reader, world._t.progress
@@ -1394,11 +1396,20 @@ def _taken_then_closed(world: mesh.Mesh, how: str, handed: str) -> list:
     if how == "unread":
         world.recv(1, tag=2)
     hold_releases(world, 1, handed)
+    req = world.isend(big, 1, tag=1)
     try:
         world.send(big, 1, tag=1, timeout=30)
+        got = ["sent", world._t.peer_state(1)]
     except mesh.MeshError as e:
-        return [type(e).__name__, str(e), getattr(e, "peer", None)]
-    return ["sent", world._t.peer_state(1)]
+        got = [type(e).__name__, str(e), getattr(e, "peer", None)]
+    deadline = time.monotonic() + 10    # (it waited for a release that never came)
+    try:
+        while not req.test()[0]:
+            if time.monotonic() > deadline:
+                return got + ["test() still False after 10 s"]
+        return got + ["test() done"]
+    except mesh.MeshError as e:
+        return got + [type(e).__name__, str(e), getattr(e, "peer", None)]
 
 
 @pytest.mark.parametrize("how", ["closes", "fails"])
@@ -1411,17 +1422,21 @@ def test_a_send_its_receiver_took_does_not_fail_as_the_receiver_leaves(
     the receiver had read: the send returns."""
     got = mesh.spawn(_taken_then_closed, 2, how, str(tmp_path / "handed"), timeout=60,
                      env={"MESH_SHM": "0"})
-    assert got == [["sent", "closed" if how == "closes" else "dead"], [True]], got
+    assert got == [["sent", "closed" if how == "closes" else "dead", "test() done"],
+                   [True, True]], got
 
 
 def test_a_send_its_receiver_never_read_fails_as_the_receiver_leaves(tmp_path: Path) -> None:
-    """The receiver closed without reading the message: its goodbye says so,
-    and the send raises LostPeerError naming it and the send."""
+    """The receiver closed without reading the messages: its goodbye says so,
+    and the send raises LostPeerError naming it and the send; so does the
+    isend's test() (it waited for ZeroMQ's release: a loop polling it spun)."""
     got = mesh.spawn(_taken_then_closed, 2, "unread", str(tmp_path / "handed"), timeout=60,
                      env={"MESH_SHM": "0", "MESH_CLOSE_WAIT": "1"})
     assert got[1] == [] and got[0][0] == "LostPeerError" and got[0][2] == 1, got
-    assert got[0][1].startswith("rank 0: send to rank 1 (tag 1, group world) failed: peer "
-                                "rank 1 is gone (it closed its mesh)"), got
+    assert got[0][3:] == ["LostPeerError", got[0][4], 1], got
+    for said in got[0][1], got[0][4]:
+        assert said.startswith("rank 0: send to rank 1 (tag 1, group world) failed: peer "
+                               "rank 1 is gone (it closed its mesh)"), got
 
 
 def _isends_then_close(world: mesh.Mesh) -> list:
