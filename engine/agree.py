@@ -6,14 +6,16 @@ tp ranks' word that each one's part ran or failed (``_tp_agreed``) and the
 handshake by which a lone ``job.state_dict()`` or ``optimizer_state_dict()``
 caller is told, not waited on (``_all_called``: each word carries its
 caller's call number; a timed-out word is withdrawn, and the caller of a
-word taken says whether it still waits on it), with the tags of those
-calls' point-to-point messages.
+word taken says whether it still waits on it), the parts those calls send
+group rank 0 (``_sent``) and its word that ends each sender's call once it
+took them all, or failed (``_each_part``), with the tags of those calls'
+point-to-point messages.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import collectives
 from mesh import Comm, MeshError, waitany
@@ -25,6 +27,7 @@ _HERE_TAG = _STATE_TAG - 1      # each rank's word that it called them too (_all
 _DONE_TAG = _STATE_TAG - 2      # each tp rank's word that its part ran or failed (_tp_agreed)
 _STILL_TAG = _STATE_TAG - 3     # each rank's reply that a word taken is its call's (_all_called)
 _GONE_TAG = _STATE_TAG - 4      # each rank's word that its call ended there, raised (_Called)
+_TAKEN_TAG = _STATE_TAG - 5     # group rank 0's word that it took every part, or failed (_sent)
 
 
 class DistributeFailed(MeshError):
@@ -236,6 +239,9 @@ class _Called:
         self.nums: dict[int, int] = {}          # rank -> its word taken's number
         self.notes: dict[int, Any] = {}         # rank -> the receive posted on its notices
         self.gone: dict[int, str] = {}          # rank -> its notice for its word taken
+        # the message a ``recv`` that raised (a KeyboardInterrupt) had taken: (rank, tag,
+        # its receive, still landing; None: its value lost), for ``_each_part``'s drain
+        self.landing: tuple[int, int, Any] | None = None
 
     def ended(self, e: BaseException) -> None:
         """Tell group rank 0 that this rank's call ended here with ``e``."""
@@ -258,6 +264,14 @@ class _Called:
                                                                           wait=False)
                 if word is not None:
                     g.send([word[0], said, False], r, tag=_HERE_TAG, timeout=self.timeout)
+        except MeshError:
+            pass
+
+    def told(self, r: int, said: str | None) -> None:
+        """Group rank 0's word that ends rank ``r``'s call (``_sent``):
+        every part taken (``said`` None), or what failed the gather."""
+        try:
+            self.g.send([self.words[r][0], said], r, tag=_TAKEN_TAG, timeout=self.timeout)
         except MeshError:
             pass
 
@@ -299,7 +313,12 @@ class _Called:
         if r in self.gone:
             raise _Ended(self.gone[r])
         if r not in self.notes or self.g.iprobe(r, tag) is not None:
-            return self.g.recv(r, tag=tag, timeout=self.timeout)
+            try:
+                return self.g.recv(r, tag=tag, timeout=self.timeout)
+            except BaseException as e:
+                if not isinstance(e, MeshError) and self.g.iprobe(r, tag) is None:
+                    self.landing = (r, tag, None)   # (come before, taken as it raised)
+                raise
         req = self.g.irecv(r, tag=tag)
         end = None if self.timeout is None else time.monotonic() + self.timeout
         try:
@@ -317,8 +336,9 @@ class _Called:
                 if self._noticed(r, got) is not None:
                     raise _Ended(self.gone[r])
             return req.wait(None if end is None else max(end - time.monotonic(), 0.0))
-        except BaseException:
-            req.cancel()
+        except BaseException as e:
+            if not req.cancel() and not isinstance(e, (MeshError, _Ended)):
+                self.landing = (r, tag, req)    # (a message had matched it: it lands)
             raise
 
     def heard(self) -> None:
@@ -344,43 +364,111 @@ class _Ended(Exception):
     """A rank's call ended after its word (``_Called.recv``): its text."""
 
 
-def _sent(call: _Called, first: Any, parts: list[Any], tag: int) -> None:
+def _sent(call: _Called, first: Any, parts: list[Any], tag: int, what: str) -> None:
     """A pp rank's part of a gather (``first``, then each of ``parts``) sent
-    to group rank 0 on ``tag`` and the tags after it; where this rank's own
-    error stops it (a KeyboardInterrupt), rank 0 is told (``_Called.ended``),
-    which then takes the others' parts and raises GatherFailed naming it
-    (alone, it waited for the rest until its timeout)."""
+    to group rank 0 on ``tag`` and the tags after it; then rank 0's word that
+    it took every rank's part (``_each_part``): where the gather failed
+    there (another rank's error, or rank 0's own: a KeyboardInterrupt as it
+    took the parts), GatherFailed naming it (alone, rank 0 interrupted so
+    left this rank's part unread, which its next call took for its own, and
+    this rank returned None, or waited in a send that rank 0 did not read
+    until its timeout). Where this rank's own error stops it (a
+    KeyboardInterrupt), rank 0 is told (``_Called.ended``), which then takes
+    the others' parts and raises GatherFailed naming it (alone, it waited
+    for the rest until its timeout)."""
+    g, timeout = call.g, call.timeout
     try:
-        call.g.send(first, 0, tag=tag, timeout=call.timeout)
+        g.send(first, 0, tag=tag, timeout=timeout)
         for i, v in enumerate(parts):
-            call.g.send(v, 0, tag=tag + 1 + i, timeout=call.timeout)
+            g.send(v, 0, tag=tag + 1 + i, timeout=timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        m = None
+        while m != call.n:      # (an earlier call's word, whose wait ended: skipped)
+            left = None if end is None else max(end - time.monotonic(), 0.0)
+            m, told = g.recv(0, tag=_TAKEN_TAG, timeout=left)
     except BaseException as e:
         if not isinstance(e, MeshError):
             call.ended(e)
         raise
+    if told is not None:
+        raise _gather_failed(g.ranks[g.rank], what, told)
 
 
-def _each_part(call: _Called, tag: int, count: Callable[[Any], int], what: str
-               ) -> Iterator[tuple[int, Any, list[Any]]]:
+def _each_part(call: _Called, tag: int, count: Callable[[Any], int], what: str,
+               take: Callable[[int, Any, list[Any]], None]) -> None:
     """On group rank 0: each other rank's part of a gather (``_sent``),
-    ``(its rank, its first message, its parts: count(first) of them)``; a
-    rank whose call ended meanwhile (its notice) is passed over, and once
-    the others' parts are taken (none left unread) GatherFailed names it.
-    The notices' receives are withdrawn at the end."""
-    ended: list[str] = []
+    given to ``take(its rank, its first message, its parts: count(first)
+    of them)``; a rank whose call ended meanwhile (its notice) is passed
+    over, and once the others' parts are taken (none left unread)
+    GatherFailed names it, here and, in rank 0's word that ends each
+    other rank's call, there. This rank's own error meanwhile (a
+    KeyboardInterrupt, or ``take``'s) is raised once every part still on
+    its way is taken and dropped (``_drained``: left unread, the next call
+    took them for its own) and the others are told it in that word, so
+    they raise GatherFailed naming it. The notices' receives are withdrawn
+    at the end."""
+    g = call.g
+    ended: dict[int, str] = {}
+    at: dict[int, int] = {}         # rank -> how many of its messages were taken
+    firsts: dict[int, Any] = {}
     try:
-        for r in range(1, call.g.size):
+        for r in range(1, g.size):
             try:
-                first = call.recv(r, tag)
-                parts = [call.recv(r, tag + 1 + i) for i in range(count(first))]
+                at[r] = 0
+                first = firsts[r] = call.recv(r, tag)
+                at[r] = 1
+                parts = []
+                for i in range(count(first)):
+                    parts.append(call.recv(r, tag + 1 + i))
+                    at[r] += 1
             except _Ended as e:
-                ended.append(str(e))
+                ended[r] = str(e)
                 continue
-            yield r, first, parts
+            take(r, first, parts)
+    except BaseException as e:
+        said = f"rank {g.ranks[0]}: {type(e).__name__}: {e}"[:400]
+        for r in range(1, g.size):
+            if r not in ended and _drained(call, r, tag, count, at.get(r, 0), firsts):
+                call.told(r, said)
+        raise
     finally:
         call.close()
-    if ended:
-        raise _gather_failed(call.g.ranks[0], what, "; ".join(ended))
+    told = "; ".join(ended.values()) or None
+    for r in range(1, g.size):
+        if r not in ended:
+            call.told(r, told)
+    if told is not None:
+        raise _gather_failed(g.ranks[0], what, told)
+
+
+def _drained(call: _Called, r: int, tag: int, count: Callable[[Any], int], at: int,
+             firsts: dict[int, Any]) -> bool:
+    """On group rank 0, its own error raised as it took the parts: rank
+    ``r``'s part taken on from its message ``at`` (the one a ``recv`` that
+    raised had taken first: ``_Called.landing``) and dropped; False where
+    that rank's call ended meanwhile (it waits for no word). A rank whose
+    part cannot be taken (lost, its first message's value lost as the
+    interrupt came) is left (its messages unread)."""
+    try:
+        landing = call.landing
+        if landing is not None and landing[:2] == (r, tag + at):
+            call.landing = None
+            if landing[2] is None and at == 0:
+                return True         # (how many follow is lost with it)
+            got = None if landing[2] is None else landing[2].wait(call.timeout)
+            if at == 0:
+                firsts[r] = got
+            at += 1
+        if at == 0:
+            firsts[r] = call.recv(r, tag)
+            at = 1
+        for i in range(at - 1, count(firsts[r])):
+            call.recv(r, tag + 1 + i)
+    except _Ended:
+        return False
+    except Exception:       # (a MeshError: that rank lost; its part's own)
+        pass
+    return True
 
 
 def _word(g: Comm, r: int, timeout: float | None, wait: bool = True

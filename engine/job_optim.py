@@ -244,7 +244,8 @@ class _OptimizerState:
             plain = {n: {k: None if is_tensor(v) else v for k, v in own.items()}
                      for n, own in state.items()}
             told = [({k: _said(v) for k, v in h.items()}, ns) for h, ns in staged]
-            _sent(call, [plain, told, tensors], [state[n][k] for n, k in tensors], _OPTIM_TAG)
+            _sent(call, [plain, told, tensors], [state[n][k] for n, k in tensors], _OPTIM_TAG,
+                  "job.optimizer_state_dict(opt)")
             return None
         whole = dict(state)
         hyper = [h for h, _ in groups]
@@ -258,8 +259,9 @@ class _OptimizerState:
                     held[j].append((n, st))
         for j, (_, ns) in enumerate(staged):
             add(j, ns)
-        for src, (plain, theirs, tensors), values in _each_part(
-                call, _OPTIM_TAG, lambda first: len(first[2]), "job.optimizer_state_dict(opt)"):
+
+        def take(src: int, first: Any, values: list[Any]) -> None:
+            plain, theirs, tensors = first
             for (n, k), v in zip(tensors, values):
                 plain[n][k] = v
             for n, own in plain.items():     # (a tied tensor's copies hold the same)
@@ -279,6 +281,8 @@ class _OptimizerState:
                                      f"{self._pp_peer(src)}: one process's optimizer has "
                                      f"one value per group")
                 add(j, ns)
+        _each_part(call, _OPTIM_TAG, lambda first: len(first[2]),
+                   "job.optimizer_state_dict(opt)", take)
         # each group's in the optimizer's order, as DCP's (over pp ranks, the stages' in
         # the model's: a stage's parameters are its rank's, in its optimizer's order); the
         # state in the groups' order, as DCP's

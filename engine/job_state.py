@@ -258,11 +258,11 @@ class _ModelState:
             return None
         local, call = agreed
         if call.g.rank:
-            _sent(call, list(local), list(local.values()), _STATE_TAG)
+            _sent(call, list(local), list(local.values()), _STATE_TAG, "job.state_dict()")
             return None
         state = dict(local)
-        for _, keys, values in _each_part(call, _STATE_TAG, len, "job.state_dict()"):
-            state.update(zip(keys, values))
+        _each_part(call, _STATE_TAG, len, "job.state_dict()",
+                   lambda _, keys, values: state.update(zip(keys, values)))
         for k, v in self._rest.items():     # what no stage holds: this rank's own copy
             state.setdefault(k, v.detach().clone())
         for k, first in self._aliases.items():    # a shared module's other names, as torch's

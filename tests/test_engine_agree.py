@@ -374,14 +374,30 @@ def _stopped_sending(rank, at):
     mesh.Comm.send = send
 
 
+def _stopped_receiving(rank, r, at):
+    """Group rank 0's next receive of rank ``r``'s state message on tag
+    ``at`` in a gather is interrupted (before it takes the message)."""
+    from engine import agree
+    real = agree._Called.recv
+
+    def recv(self, src, tag):
+        if (src, tag) == (r, at):
+            agree._Called.recv = real
+            raise _stop(rank)
+        return real(self, src, tag)
+    agree._Called.recv = recv
+
+
 def _gather_worker(world, cases):
     """pp=3, one stage a rank: for each case ``(who, how, late)``,
     job.state_dict() on every rank, rank ``who`` interrupted ``how``
     ("waiting": in its wait for rank 0's answer, before rank 0 took its
     word; "answered": once it answered rank 0's question; "sending": as it
-    sends its state; "word": rank 0 as it takes the second rank's word),
-    the ranks of ``late`` calling it 0.5 s after the others; then another
-    job.state_dict() on every rank, the whole state or None."""
+    sends its state; "word": rank 0 as it takes the second rank's word;
+    "receiving": rank 0 as it takes the second rank's state, the first's
+    taken), the ranks of ``late`` calling it 0.5 s after the others; then
+    another job.state_dict() on every rank, the whole state or None, and
+    the tags of the gather's messages left unread (after a barrier)."""
     import time
     from engine import agree
     from engine.layers import Linear, Sequential
@@ -400,6 +416,8 @@ def _gather_worker(world, cases):
                 _stopped_sending(who, agree._STATE_TAG + 1)
             elif how == "word":
                 interrupt_call("engine.agree", "_word", 2, str(_stop(who)))
+            elif how == "receiving":
+                _stopped_receiving(who, 2, agree._STATE_TAG + 1)
         if world.rank in late:
             time.sleep(0.5)
         try:
@@ -414,13 +432,18 @@ def _gather_worker(world, cases):
             said.append(None if got is None else sorted(got))
         except BaseException as e:
             said.append(f"{type(e).__name__}: {e}")
+        collectives.barrier(world)
+        pp = job.grid.group("pp")      # (a state's messages: first, two parts; rank 0's word)
+        said.append([t - agree._STATE_TAG for t in (agree._TAKEN_TAG, *range(agree._STATE_TAG,
+                     agree._STATE_TAG + 3)) if pp.iprobe(mesh.ANY, t) is not None])
     return said
 
 
 _GATHER = [(1, "waiting", [0]),         # rank 1 alone waiting, rank 0 not come yet
            (1, "answered", [2]),        # rank 1 asked, rank 0 waiting for rank 2's word
            (1, "sending", []),          # rank 1 sending its state
-           (0, "word", [0])]            # rank 0 taking rank 2's word
+           (0, "word", [0]),            # rank 0 taking rank 2's word
+           (0, "receiving", [])]        # rank 0 taking rank 2's state
 
 
 @pytest.mark.timeout(150)
@@ -430,22 +453,24 @@ def test_a_rank_interrupted_in_job_state_dict_fails_the_others_at_once():
     state, raised there and left rank 0 waiting for it, and the ranks rank
     0 then did not answer waiting for it, until their timeout; rank 0 so
     interrupted as it took the words left the others waiting for its
-    answer. Now the interrupted rank raises its interrupt at once, having
-    told the others, which raise GatherFailed naming it (a rank whose state
-    was sent already returns None, as always), and the next state_dict()
-    on every rank gathers the whole state."""
+    answer; rank 0 so interrupted as it took the others' states left them
+    unread (the next call took them for its own) and the others returned
+    None. Now the interrupted rank raises its interrupt at once, having
+    told the others (rank 0: once it took and dropped the states on their
+    way), which raise GatherFailed naming it (a rank whose state was sent
+    already too: it waits for rank 0's word that it took every state), the
+    next state_dict() on every rank gathers the whole state, and no
+    message is left unread."""
     results = mesh.spawn(_gather_worker, 3, _GATHER, timeout=140)
     whole = results[0][1]
     assert isinstance(whole, list) and len(whole) == 6, results[0]
     for at, (who, how, _) in enumerate(_GATHER):
         own = f"KeyboardInterrupt: stopped on purpose on rank {who}"
         for r in range(3):
-            got, after = results[r][2 * at], results[r][2 * at + 1]
-            assert after == (whole if r == 0 else None), (how, r, after)
+            got, after, left = results[r][3 * at:3 * at + 3]
+            assert after == (whole if r == 0 else None) and left == [], (how, r, after, left)
             if r == who:
                 assert got == own, (how, r, got)
-            elif how == "sending" and r == 2:
-                assert got is None, (how, r, got)
             else:
                 assert got == (f"GatherFailed: rank {r}: job.state_dict() failed on rank "
                                f"{who}: {own}; nothing was gathered"), (how, r, got)
