@@ -18,6 +18,7 @@ from .executor import Pipeline
 from .ir import Schedule
 from .trace import write as _write_trace
 from .traced import Reshaped
+from .agree import _told
 from .layer_timing import _retime
 from .measured_choice import _shared_walls, _stretch, _stretched, fitted_load
 
@@ -106,10 +107,8 @@ class _Retiming:
         with collected(), kept_random(), kept_buffers(*[getattr(st, "module", None)
                                                         for st in self.stages]):
             again, table = self._timed_again()
-        if table is not None:
+        if table is not None:       # (distribute's table re-timed: again)
             self.candidates, self.row = table
-        elif self.row is not self.profiled:     # (distribute's table re-timed: again)
-            self._calibrate()
         return again
 
     def _calibrate(self) -> None:
@@ -124,13 +123,16 @@ class _Retiming:
             0.0 if self.stretch is not None else self.calibration.helper)
 
     def _timed_again(self) -> tuple[float, tuple[list[Candidate], Candidate | None] | None]:
-        """The re-time itself: the new prediction, and with a dry run the
-        table's rows simulated again (``_calibrate``'s, where it would run
-        after; else None). What follows the dry run (the new figures, the
-        prediction, the table) is worked out in its last word (``then``),
-        where its error is told: alone (a KeyboardInterrupt on one rank
-        after a user's ``job.retime()`` dry run) the others returned, and
-        their next call waited for that rank."""
+        """The re-time itself: the new prediction, and the table's rows
+        simulated again with it (``_calibrate``'s; None where distribute's
+        table is not re-timed). What follows the timing (with a dry run, the
+        new figures; the prediction, the table) is worked out before a last
+        word where its error is told (the dry run's, ``then``; without one,
+        the costs given, one after the times' exchange), and kept only once
+        every rank's part is told to have run, so every rank holds the same
+        prediction: alone (a KeyboardInterrupt on one rank after a user's
+        ``job.retime()`` timing) the others returned, and their next call
+        waited for that rank, which kept the prediction before."""
         assert self.chosen is not None
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
         measured = self._messages is not None        # (not a given overhead)
@@ -182,9 +184,18 @@ class _Retiming:
                     tensors=self.is_torch, then=figured)
             self.calibration, self.stretch, self.chosen, table = got[0]
             return self.chosen.makespan, table
-        self.chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message,
-                              cal.receive, runs)
-        return self.chosen.makespan, None
+        failed: BaseException | None = None
+        try:
+            chosen = retimed(self.chosen, times, cal.action, cal.helper, cal.message,
+                             cal.receive, runs)
+            table = None if self.row is self.profiled or self.calibration is None else \
+                calibrated(self.profiled_candidates, self.profiled, chosen,
+                           0.0 if self.stretch is not None else self.calibration.helper)
+        except BaseException as e:
+            failed = e
+        _told(self.grid.comm, failed, self._timeout)
+        self.chosen = chosen
+        return chosen.makespan, table
 
     def _loss(self) -> tuple[int, Callable[[Any], Any]] | None:
         """The last stage and its loss as the executor runs it after the

@@ -310,21 +310,30 @@ def test_a_failure_in_distributes_parallelize_fails_every_rank_at_once():
 def _retime_worker(world):
     """pp=2: a job made, then the user's own job.retime() with its first
     prediction after the dry run interrupted on rank 1, then another
-    re-time and a step on every rank."""
+    re-time and a step on every rank; then the same with a job whose costs
+    were given (``overhead``: no dry run), with each rank's prediction
+    after the interrupted re-time and after the next."""
     x = np.random.default_rng(5).standard_normal((4, 8))
     y = np.random.default_rng(6).standard_normal((4, 2))
-    job = engine.distribute(_model(), mesh.grid(world, pp=2), loss_fn=mse_loss, sample=x,
-                            schedule="1f1b", microbatches=2, reps=1, verbose=False, timeout=20)
-    if world.rank == 1:
-        _interrupt("engine.job_retime", "retimed", 1, world.rank)
     said = []
-    try:
+    for overhead in (None, 1e-4):
+        job = engine.distribute(_model(), mesh.grid(world, pp=2), loss_fn=mse_loss, sample=x,
+                                schedule="1f1b", microbatches=2, reps=1, verbose=False,
+                                timeout=20, overhead=overhead)
+        if world.rank == 1:
+            _interrupt("engine.job_retime", "retimed", 1, world.rank)
+        try:
+            said.append(job.retime())
+        except BaseException as e:
+            said.append(f"{type(e).__name__}: {e}")
+        if overhead is not None:
+            said.append(job.predicted)
         said.append(job.retime())
-    except BaseException as e:
-        said.append(f"{type(e).__name__}: {e}")
-    said.append(job.retime())
-    loss = job.step(x, y)
-    return said + [None if loss is None else float(loss)]
+        if overhead is not None:
+            said.append(job.predicted)
+        loss = job.step(x, y)
+        said.append(None if loss is None else float(loss))
+    return said
 
 
 @pytest.mark.timeout(120)
@@ -333,14 +342,24 @@ def test_a_failure_after_a_users_retime_dry_run_fails_every_rank_at_once():
     job.retime() (as its figures predict the step again) raised there
     alone: the others returned, and their next collective waited for that
     rank until their timeout. Now every rank raises at once, the others
-    DistributeFailed naming it, and the job re-times and steps after."""
+    DistributeFailed naming it, and the job re-times and steps after. So
+    without a dry run (the costs given: the prediction was made on each
+    rank alone after the times' exchange, and rank 0 kept a new one that
+    rank 1 had not): every rank keeps the prediction before, and the next
+    re-time gives every rank the same."""
     results = mesh.spawn(_retime_worker, 2, timeout=100)
-    assert results[1][0] == "KeyboardInterrupt: stopped on purpose on rank 1", results
-    assert results[0][0] == ("DistributeFailed: rank 0: engine.distribute failed on rank 1: "
-                             "KeyboardInterrupt: stopped on purpose on rank 1"), results
+    for at in (0, 3):       # (the dry run's re-time, then the given costs')
+        assert results[1][at] == "KeyboardInterrupt: stopped on purpose on rank 1", results
+        assert results[0][at] == ("DistributeFailed: rank 0: engine.distribute failed on "
+                                  "rank 1: KeyboardInterrupt: stopped on purpose on rank 1"), \
+            results
     for said in results:
         assert isinstance(said[1], float) and said[1] > 0, results
+        assert isinstance(said[5], float) and said[5] > 0 and said[5] == said[6], results
+    assert results[0][4] == results[1][4], results      # (as distribute left it, on both)
+    assert results[0][6] == results[1][6], results
     assert results[0][2] is None and isinstance(results[1][2], float), results
+    assert results[0][7] is None and isinstance(results[1][7], float), results
 
 
 def _stop(rank):
