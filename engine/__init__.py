@@ -32,6 +32,7 @@ from .schedules import (gpipe, interleaved_1f1b, one_f_one_b, zb_v, zero_bubble_
 from .simulate import SimReport, simulate
 from .tensor_parallel import describe_plan, gather_state_dict, parallelize
 from .torch_stage import checkpoint_modules
+from .tp_loss import vocab_parallel_cross_entropy
 from .tp_plan import PlanError, Style
 from .traced import sequential
 from .verify import ScheduleError, verify
@@ -45,7 +46,7 @@ __all__ = [
     "render", "simulate", "verify", "split_microbatches", "stages_for_rank",
     "parallelize", "describe_plan", "gather_state_dict", "Style", "PlanError", "partition",
     "Partition",
-    "sequential", "checkpoint_modules", "clip_grad_norm_",
+    "sequential", "checkpoint_modules", "clip_grad_norm_", "vocab_parallel_cross_entropy",
 ]
 
 

@@ -145,10 +145,22 @@ def _mixed_at(func: Any, args: Any, kwargs: Any) -> bool:
     name, x = getattr(func, "__name__", ""), args[0]
     if name not in _MIXES or x.dim() == 0:
         return False
+    if _over_all(func, args, kwargs):       # over every axis (logits.argmax(), .sum())
+        return True
     at, default = _MIXES[name]
     dim = kwargs.get("dim", args[at] if len(args) > at else default)
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
     return any(isinstance(d, int) and d % x.dim() == x._tp_axis % x.dim() for d in dims)
+
+
+def _over_all(func: Any, args: Any, kwargs: Any) -> bool:
+    """Whether ``func`` (one of ``_MIXES``) reduces over every axis of
+    ``args[0]``, given no axis (``logits.argmax()``, ``y.sum()``)."""
+    name = getattr(func, "__name__", "")
+    if name not in _MIXES or _MIXES[name][1] is not None:
+        return False
+    at = _MIXES[name][0]
+    return kwargs.get("dim", args[at] if len(args) > at else None) is None
 
 
 def _contracted(cls: Any, func: Any, args: Any) -> Any:

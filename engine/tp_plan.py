@@ -26,6 +26,9 @@ enclosing module reduces):
 A Hugging Face ``Conv1D`` (GPT-2's projections: a Linear's weight held
 transposed, ``(in, out)``) takes colwise and rowwise as a Linear, its
 weight cut along the other axis (engine.tp_checks.is_conv1d).
+A colwise output left ``shard`` (a language model's head: its logits split
+over the vocabulary) takes ``F.cross_entropy`` on the shards
+(engine.tp_loss, Megatron's vocab-parallel cross entropy).
 The first layout listed is the default. Megatron's sequence parallelism is a
 "sequence" region (norms, dropouts) between a rowwise (or vocab) module whose
 output is ``"sequence"`` (a reduce-scatter instead of an all-reduce) and a

@@ -2,12 +2,15 @@
 a tensor subclass that raises where the code that called the module cuts
 its features into blocks or mixes them (a fused projection planned
 without ``parts``), follows them through views, draws a dropout on them
-from the tp rank's own stream, and names the module the plan left whole
-where one meets them; and what a pipeline sends so that the next stage
-watches it too.
+from the tp rank's own stream, takes ``F.cross_entropy`` of them on the
+shards (a head's logits sharded over the vocabulary: engine.tp_loss) and
+refuses any other loss, and names the module the plan left whole where
+one meets them; and what a pipeline sends so that the next stage watches
+it too.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import weakref
@@ -17,7 +20,9 @@ from .tp_plan import PlanError, Style, fed_whole
 from .torch_stage import _torch
 from .tp_rng import _Stream, _shared
 from .tp_checks import is_conv1d
-from .tp_axes import _CUTS, _MOVES, _VIEWS, _contracted, _cut_at, _index_at, _mixed_at, _regroup
+from .tp_axes import (_CUTS, _MOVES, _VIEWS, _contracted, _cut_at, _index_at, _mixed_at,
+                      _over_all, _regroup)
+from .tp_loss import LOSSES, watched_loss
 from .tp_record import _Meta
 
 
@@ -173,12 +178,24 @@ def _blocks_class() -> Any:
         whose features may not be cut into blocks nor mixed, and whose
         dropout draws this rank's own masks (_watch_blocks)."""
 
+        def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+            """A copy, watched as this one (torch's own deepcopy of a
+            subclass failed: engine.distribute copies a last stage's output
+            to time its loss on)."""
+            plain = copy.deepcopy(self.as_subclass(torch.Tensor), memo)
+            return _watch_blocks(plain, self._tp_meta, self._tp_axis, self._tp_unit,
+                                 self._tp_width)
+
         @classmethod
         def __torch_function__(cls, func: Any, types: Any, args: Any = (),
                                kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             first = bool(args) and type(args[0]) is cls
             name = getattr(func, "__name__", "")
+            if name in LOSSES:          # cross entropy on the shards; any other, refused
+                x = next((a for a in (*args, *kwargs.values()) if type(a) is cls), None)
+                if x is not None:
+                    return watched_loss(func, args, kwargs, x)
             with torch._C.DisableTorchFunctionSubclass():
                 if first and name in ("dropout", "alpha_dropout") and _drops(args, kwargs):
                     # this rank's features: masks of its own (Megatron's tp region
@@ -218,9 +235,12 @@ def _blocks_class() -> Any:
                 held = f"{full} of {full * tp}{' features' if flat else ''} (colwise)"
                 fix = "cut that axis into heads first (a view)" if flat else \
                     "leave that axis out of it (a batch axis, as the heads' to an attention)"
+                where = _where(x)
+                if x is args[0] and _over_all(func, args, kwargs):
+                    where, fix = f"every axis, {where} among them", "name another axis (dim=)"
                 raise PlanError(
                     f"tp rank {meta.group.rank}: {meta.name}: the code calling it takes "
-                    f"{fname}() over {_where(x)}, of which this rank holds {held}: a result "
+                    f"{fname}() over {where}, of which this rank holds {held}: a result "
                     f"of this rank's part only, another on each rank, with no error; give "
                     f"{meta.name} output 'replicate' ({{'style': 'colwise', 'output': "
                     f"'replicate'}}: its output whole), or {fix}")

@@ -373,7 +373,81 @@ def _torch_worker(world):
     want = tp_models.model(0).state_dict()
     for k, v in gather_state_dict(shared).items():
         torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    out["vocab loss"] = _vocab_loss(world, errors)
     return out, errors
+
+
+def _vocab_loss(world, errors):
+    """Cross entropy of vocab-sharded logits against F.cross_entropy of the
+    whole ones: the function (torch and numpy), a head planned colwise under
+    the user's own F.cross_entropy (and nn.CrossEntropyLoss), what else is
+    refused. Returns the checks' names, each True."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    import engine
+    import tp_models
+    done = {}
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 3, 8, generator=g, dtype=torch.float64)        # (rows, positions, V)
+    t = torch.randint(0, 8, (6, 3), generator=g)
+    t[1, 2] = t[4, 0] = -100
+    t[0, 0] = 6                             # (a target on the other rank than rank 0's)
+    part = slice(4 * world.rank, 4 * world.rank + 4)
+    for reduction in ("mean", "sum", "none"):
+        for eps in (0.0, 0.2):
+            whole, shard = x.clone().requires_grad_(True), x[..., part].clone().requires_grad_(True)
+            want = F.cross_entropy(whole.flatten(0, 1), t.flatten(), reduction=reduction,
+                                   label_smoothing=eps)
+            got = engine.vocab_parallel_cross_entropy(shard.flatten(0, 1), t.flatten(), world,
+                                                      reduction=reduction, label_smoothing=eps)
+            (want * 1.5).sum().backward()
+            (got * 1.5).sum().backward()
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(shard.grad, whole.grad[..., part], rtol=1e-12, atol=1e-12)
+            if reduction != "none":
+                loss, grad = engine.vocab_parallel_cross_entropy(
+                    x[..., part].numpy(), t.numpy(), world, reduction=reduction,
+                    label_smoothing=eps)
+                np.testing.assert_allclose(loss, float(want), rtol=1e-12)
+                np.testing.assert_allclose(grad * 1.5, whole.grad[..., part].numpy(),
+                                           rtol=1e-12, atol=1e-14)
+            done[f"function {reduction} {eps}"] = True
+    plan = {**tp_models.PLAIN, "*.head": "colwise"}    # output "shard": the logits stay split
+    ids, targets = (torch.from_numpy(a) for a in tp_models.tokens(3, 4))
+    targets[0, 0] = -100
+    for how, loss_fn in [
+            ("F.cross_entropy", lambda o, y: F.cross_entropy(o.flatten(0, 1), y.flatten())),
+            ("CrossEntropyLoss", lambda o, y: torch.nn.CrossEntropyLoss(
+                reduction="sum", label_smoothing=0.1)(o.transpose(1, 2), y))]:
+        ref, tp = tp_models.model(1), parallelize(tp_models.model(1), world, plan)
+        losses = [loss_fn(m(ids), targets) for m in (ref, tp)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        grads = gather_state_dict(tp, grads=True)
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=how + k)
+        done[how] = True
+    from engine.torch_stage import _detached    # (a stage's output, as a pipeline hands it)
+    y = _detached(tp(ids))
+    dup = copy.deepcopy(y)      # (engine.distribute times the loss on a copy: torch's raised)
+    done["deepcopy"] = type(dup) is type(y) and torch.equal(dup, y)
+    for key, use in [
+            ("loss softmax", lambda o: o.softmax(-1)),
+            ("loss argmax", lambda o: o.argmax()),
+            ("loss nll", lambda o: F.nll_loss(o.flatten(0, 1), targets.flatten())),
+            ("loss weight", lambda o: F.cross_entropy(o.flatten(0, 1), targets.flatten(),
+                                                      weight=torch.ones(8))),
+            ("loss axis", lambda o: F.cross_entropy(o, targets[:, 0])),
+            ("loss target", lambda o: F.cross_entropy(o.flatten(0, 1), torch.full((16,), 8)))]:
+        try:
+            use(tp(ids))
+        except (PlanError, IndexError) as e:
+            errors[key] = f"{type(e).__name__}: {e}"
+    return done
 
 
 def _odd_conv1d():
@@ -449,7 +523,12 @@ def test_torch_styles_match_the_unsharded_module():
     pytest.importorskip("torch")
     results = mesh.spawn(_torch_worker, 2, timeout=180)
     names, errors = results[0]
+    assert names.pop("vocab loss") == {**{f"function {r} {e}": True for r in
+                                           ("mean", "sum", "none") for e in (0.0, 0.2)},
+                                        "F.cross_entropy": True, "CrossEntropyLoss": True,
+                                        "deepcopy": True}
     assert names == {"plain": True, "sequence": True, "gpt2": True, "gpt2 sequence": True}
+    _check_vocab_loss_errors(errors)
     assert "style 'colwise' fits an nn.Linear or a Hugging Face Conv1D, but 1.ln1 is a " \
         "LayerNorm" in errors["type"]
     assert "0: nf (weight columns) is 5, not divisible by the tp size 2" in errors["conv1d"]
@@ -468,6 +547,33 @@ def test_torch_styles_match_the_unsharded_module():
     assert "ranks [0] vs [1]" in errors["differs"]
     assert "0.embed is sharded already" in errors["twice"]
     assert errors["rowwise whole"] == _ROWWISE_WHOLE.replace("tp rank 1", "tp rank 0"), errors
+
+
+def _check_vocab_loss_errors(errors):
+    """What a head's vocab-sharded logits refuse (_vocab_loss), on tp rank 0."""
+    head = ("PlanError: tp rank 0: 3.head: the code calling it takes {}() of its output, which "
+            "is sharded colwise (this rank's 4 of 8 features)")
+    fix = ("give 3.head output 'replicate' ({'style': 'colwise', 'output': 'replicate'}: its "
+           "output gathered whole)")
+    assert errors["loss softmax"].startswith(
+        "PlanError: tp rank 0: 3.head: the code calling it takes softmax() over its output's "
+        "last axis, of which this rank holds 4 of 8 features (colwise)"), errors
+    assert errors["loss argmax"].startswith(
+        "PlanError: tp rank 0: 3.head: the code calling it takes argmax() over every axis, "
+        "its output's last axis among them, of which this rank holds 4 of 8 features "
+        "(colwise): a result of this rank's part only"), errors
+    assert errors["loss argmax"].endswith("or name another axis (dim=)"), errors
+    assert errors["loss nll"] == head.format("nll_loss") + (
+        ": nll_loss of this rank's part alone, another on each rank, with no error; " + fix +
+        ", or take F.cross_entropy of the logits, which runs on the shards (vocab-parallel)")
+    assert errors["loss weight"] == head.format("cross_entropy") + (
+        " with class weights (weight=), which the vocab-parallel loss does not take; " + fix)
+    assert errors["loss axis"] == head.format("cross_entropy") + (
+        " over axis 1 of a (4, 4, 4) tensor made of it, where this rank's part of its "
+        "features is not (one feature a step); " + fix)
+    assert errors["loss target"].startswith(
+        "IndexError: tp rank 0: 3.head: target 8 is out of bounds for 8 classes (the "
+        "vocabulary, sharded over tp=2)"), errors
 
 
 def _fused_worker(world):
