@@ -28,6 +28,7 @@ from .ir import Schedule
 from .layers import Recompute, deterministic
 from .torch_stage import TorchStage, checkpoint_modules
 from .tp_plan import named_by
+from .tp_comm import _gather
 
 __all__ = ["rows_of", "split_microbatches", "stages_for_rank"]
 
@@ -276,11 +277,19 @@ def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = Tr
 
 def _joined(parts: list[Any]) -> Any:
     """The micro-batches' outputs joined along axis 0 (tensors or arrays);
-    a list of them where they are tuples (several tensors)."""
+    a list of them where they are tuples (several tensors). Logits a head
+    planned colwise left sharded over the vocabulary (a watched colwise
+    output, its features on its last axis) are gathered whole over its tp
+    group, as every tp rank of the last stage joins its own."""
     if not parts or isinstance(parts[0], tuple):
         return parts
     torch = sys.modules.get("torch")
     if torch is not None and all(isinstance(p, torch.Tensor) for p in parts):
+        meta = getattr(parts[0], "_tp_meta", None)
+        if meta is not None and parts[0]._tp_axis % parts[0].dim() == parts[0].dim() - 1 \
+                and parts[0]._tp_unit == 1:
+            plain = torch.cat([p.as_subclass(torch.Tensor) for p in parts])
+            return _gather(torch, meta.group, plain, -1)
         return torch.cat(parts)
     return np.concatenate([np.asarray(p) for p in parts])
 

@@ -711,7 +711,8 @@ def torch_loss(fn: Any) -> Any:
             raise TypeError("step() ran with grad mode off (under torch.no_grad() or "
                             "torch.inference_mode()): a step trains; evaluate with "
                             "eval_step(), which keeps no graph itself")
-        ty = _tensor(torch, y).detach().requires_grad_(True)
+        # (a colwise output kept watched: F.cross_entropy of it runs vocab-parallel)
+        ty = _detached(_tensor(torch, y)).requires_grad_(True)
         loss, count = split_count(fn(ty, _target(torch, target, ty.device)))
         if isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad:
             raise TypeError("loss_fn(output, target) returned a scalar tensor without a "

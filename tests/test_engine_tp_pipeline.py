@@ -357,13 +357,17 @@ def _tied_loss(y, t):
 def _tied_job(world, schedule, microbatches, loss_fn, gpt2=False):
     """The tied model through engine.distribute on pp=2 x tp=2, and an SGD
     optimizer over this rank's part (``gpt2``: GPT-2's blocks, sequence
-    parallel)."""
+    parallel; ``"vocab"``: the head's logits left sharded over the
+    vocabulary, the loss's cross entropy taken on the shards)."""
     import torch
 
     import engine
     import tp_models
     torch.set_num_threads(1)
-    plan = tp_models.GPT2_SEQUENCE if gpt2 else tp_models.PLAIN
+    plan = tp_models.GPT2_SEQUENCE if gpt2 is True else tp_models.PLAIN
+    if gpt2 == "vocab":
+        plan = {**plan, "*.head": "colwise"}
+        gpt2 = False
     job = engine.distribute(_tied_model(gpt2), mesh.grid(world, pp=2, tp=2), plan=plan,
                             schedule=schedule, microbatches=microbatches, balance="uniform",
                             loss_fn=loss_fn, verbose=False)
@@ -372,31 +376,42 @@ def _tied_job(world, schedule, microbatches, loss_fn, gpt2=False):
 
 def _tied_distribute_worker(world):
     out = {}
-    for gpt2 in (False, True):
+    for gpt2 in (False, True, "vocab"):
         job, opt = _tied_job(world, "1f1b", 2, _tied_loss, gpt2)
+        losses = []
         for step in range(STEPS):
             opt.zero_grad()
-            job.step(*_tied_batch(step))
+            losses.append(job.step(*_tied_batch(step)))
             opt.step()
         state = job.state_dict()
         named = job.named_parameters()
         out[gpt2] = {
             "state": None if state is None else {k: v.tolist() for k, v in state.items()},
             "named": [(n, tuple(p.shape)) for n, p in named], "tp": True,
-            "same": [id(p) for _, p in named] == [id(p) for p in job.parameters()]}
+            "same": [id(p) for _, p in named] == [id(p) for p in job.parameters()],
+            "losses": losses}
+        if gpt2 == "vocab":     # eval_step's outputs: the logits gathered whole
+            loss, logits = job.eval_step(*_tied_batch(STEPS), outputs=True)
+            out[gpt2]["eval"] = None if loss is None else (loss, logits.tolist())
     return out
 
 
-def _trained_alone(ref):
-    """``ref`` trained STEPS steps in this process on the whole batches."""
+def _trained_alone(ref, losses=None):
+    """``ref`` trained STEPS steps in this process on the whole batches
+    (each step's loss appended to ``losses``)."""
     import torch
     opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     for step in range(STEPS):
         x, y = _tied_batch(step)
         opt.zero_grad()
-        _tied_loss(ref(x), y).backward()
+        loss = _tied_loss(ref(x), y)
+        loss.backward()
         opt.step()
+        if losses is not None:
+            losses.append(float(loss))
     return ref
+
+
 
 
 @pytest.mark.timeout(150)
@@ -406,8 +421,13 @@ def test_a_tie_across_stages_and_tp_trains_like_one_process():
     stay equal and train like the single tied parameter."""
     torch = pytest.importorskip("torch")
     results = mesh.spawn(_tied_distribute_worker, 4, timeout=130)
-    for gpt2 in (False, True):      # GPT-2's blocks: Conv1Ds (weights (in, out)) sharded
-        ref = _trained_alone(_tied_model(gpt2))
+    # GPT-2's blocks: Conv1Ds (weights (in, out)) sharded; "vocab": the head's logits
+    # left sharded, the user's F.cross_entropy taken on the shards
+    for gpt2 in (False, True, "vocab"):
+        losses = []
+        ref = _trained_alone(_tied_model(gpt2 is True), losses)
+        for r in (2, 3):        # (the last stage's ranks)
+            np.testing.assert_allclose(results[r][gpt2]["losses"], losses, rtol=1e-5)
         # each rank's named_parameters(): its shards under the whole model's names (the
         # tied weight under the name its stage holds it by)
         assert_named_like([res[gpt2] for res in results], ref)
@@ -415,6 +435,13 @@ def test_a_tie_across_stages_and_tp_trains_like_one_process():
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(torch.tensor(state[k]), v, rtol=1e-4, atol=1e-5,
                                        msg=f"{k} (gpt2={gpt2})")
+    x, y = _tied_batch(STEPS)
+    with torch.no_grad():
+        logits = ref(x)
+    for r in (2, 3):
+        loss, got = results[r]["vocab"]["eval"]
+        torch.testing.assert_close(torch.tensor(got), logits, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(loss, float(_tied_loss(logits, y)), rtol=1e-5)
 
 
 def _shared_block_model():
