@@ -19,7 +19,9 @@ rendezvous, where torch's env:// would start its TCPStore; so importing
 this module wraps torch's env:// handler: there, the store is a TCPStore
 rank 0 starts on port 0 and announces over the process's mesh (made with
 mesh.init() if the script has none, and then closed as init_process_group
-returns unless the group is meshrun's: a gloo group keeps no mesh).
+returns unless the group is meshrun's: a gloo group keeps no mesh). So
+it is under mpirun and srun where nothing set RANK and WORLD_SIZE (torch's
+env:// wants them; mesh.init() reads those launchers' own variables).
 Elsewhere env:// is torch's own, but for any backend a client of rank 0's
 store (env://, tcp://) whose connection closes while it connects connects
 again (_c10d_store).
@@ -295,13 +297,15 @@ def _object_call() -> str | None:
 
 def _env_handler(url: str, timeout: timedelta = dist.default_pg_timeout,
                  **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
-    """env:// under meshrun: torch's store over the process's mesh. A mesh
+    """env:// under meshrun, and under mpirun or srun where nothing set
+    torch's RANK and WORLD_SIZE (mesh.init() reads their own variables, as
+    a meshrun script's does): torch's store over the process's mesh. A mesh
     made here for it serves a "meshrun" default group (_create takes it);
     for any other backend (gloo) it has done its work once the store is
     made, and is closed when torch lets go of this generator, as
     init_process_group returns (or fails): its threads and sockets do not
     outlive the group's start, as under torchrun there are none."""
-    if not env.by_mesh():
+    if not (env.by_mesh() or env.by_other_launcher()):
         yield from _torch_env(url, timeout=timeout, **kwargs)
         return
     made = _world.current() is None

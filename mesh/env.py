@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 __all__ = ["JobSpec", "from_env", "host_id", "is_loopback", "launcher_seal", "by_mesh",
-           "torchrun_env"]
+           "by_other_launcher", "torchrun_env"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,17 @@ def by_mesh(env: Mapping[str, str] | None = None) -> bool:
     rendezvous), not a launcher started inside one of their ranks."""
     env = os.environ if env is None else env
     return _unsealed(env).get("MESH_LAUNCHER", "") == "1"
+
+
+def by_other_launcher(env: Mapping[str, str] | None = None) -> bool:
+    """Whether mpirun, srun (or another PMI launcher) started this process
+    and nothing set torch's RANK and WORLD_SIZE: torch's env:// would refuse
+    it, while from_env() reads that launcher's own variables. Contradictory
+    ones raise ValueError naming them, as from_env() does."""
+    env = _unsealed(os.environ if env is None else env)
+    if _set(env, "RANK") or _set(env, "WORLD_SIZE"):
+        return False            # (torchrun's, or set by hand: torch's env:// takes them)
+    return bool(_read(env))
 
 
 def _set(env: Mapping[str, str], name: str | None) -> bool:

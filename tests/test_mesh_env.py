@@ -67,6 +67,22 @@ SRUN = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_N
         "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NUM_TASKS": "4"}
 
 
+def test_torch_env_is_taken_from_mpirun_or_srun_only_where_rank_is_not_set() -> None:
+    """by_other_launcher: where collectives.torchdist's env:// makes torch's
+    store over a mesh from mpirun's or srun's own variables (torch's env://
+    wants RANK); RANK or WORLD_SIZE set (torchrun, by hand) leave it torch's;
+    sbatch's script and no launcher are not one; an mpirun in a meshrun rank is."""
+    ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
+    assert env.by_other_launcher(ompi) and env.by_other_launcher(SRUN)
+    assert not env.by_other_launcher({**ompi, "RANK": "1", "WORLD_SIZE": "2"})
+    assert not env.by_other_launcher({**SRUN, "WORLD_SIZE": "4"})
+    assert not env.by_other_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert not env.by_other_launcher({})
+    assert env.by_other_launcher({**_meshrun_rank(0, 1, {}), **ompi})
+    with pytest.raises(ValueError, match="OMPI_COMM_WORLD_SIZE is not"):
+        env.by_other_launcher({"OMPI_COMM_WORLD_RANK": "1"})
+
+
 def test_srun_with_nothing_set_meets_on_the_steps_first_host() -> None:
     spec = env.from_env(SRUN)
     assert (spec.rank, spec.size, spec.local_rank, spec.local_size) == (2, 4, 0, 2)

@@ -81,6 +81,36 @@ def test_mpirun_on_one_host_with_nothing_set() -> None:
 @pytest.mark.skipif(shutil.which("mpirun") is None,
                     reason="Open MPI's mpirun is not installed (apt-get install openmpi-bin)")
 @pytest.mark.timeout(90)
+def test_mpirun_runs_a_torch_script_with_nothing_set(tmp_path: Path) -> None:
+    """``init_process_group`` with env:// (the default), "meshrun" then
+    gloo, under ``mpirun -n 2`` with no RANK or WORLD_SIZE: torch's env://
+    refused it ("environment variable RANK expected"); the store is made
+    over a mesh that mpirun's own variables assemble, closed by the
+    meshrun group's destroy, and as the gloo group starts. (4 s)"""
+    pytest.importorskip("torch.distributed", reason="the torch extra")
+    script = tmp_path / "torch_env.py"
+    script.write_text(textwrap.dedent("""\
+        import torch, torch.distributed as dist
+        import collectives.torchdist
+        from mesh import world
+        for backend in ("meshrun", "gloo"):
+            dist.init_process_group(backend)
+            t = torch.ones(2)
+            dist.all_reduce(t)
+            rank = dist.get_rank()
+            dist.destroy_process_group()
+            print(f"rank {rank} {backend} {t.tolist()} {world.current()}", flush=True)
+        """))
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    out = _run(["mpirun", "--oversubscribe", "--bind-to", "none", "-n", "2", sys.executable,
+                str(script)], _clean_env(**root))
+    assert _rank_lines(out) == [f"rank {r} {b} [2.0, 2.0] None" for r in (0, 1)
+                                for b in ("gloo", "meshrun")], out
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None,
+                    reason="Open MPI's mpirun is not installed (apt-get install openmpi-bin)")
+@pytest.mark.timeout(90)
 def test_mpirun_and_torchrun_inside_a_meshrun_rank(tmp_path: Path) -> None:
     """A meshrun rank that starts a job of its own: the inner launcher's
     processes inherit meshrun's marks (MESH_LAUNCHER=1, RANK, MASTER_PORT).
