@@ -1185,23 +1185,51 @@ def test_a_forked_childs_uncaught_error_is_printed_whole_and_is_not_the_ranks(
     assert text.count("parent done") == 2, text
 
 
-def test_a_stopped_rank_its_peers_gave_up_is_the_root_cause_not_the_first_survivor() -> None:
+@pytest.mark.parametrize("ddp", [False, True], ids=["LostPeerError", "ddp"])
+def test_a_stopped_rank_its_peers_gave_up_is_the_root_cause_not_the_first_survivor(
+        ddp: bool) -> None:
     """A rank stopped (SIGSTOP, a debugger) or silent until its peers declared
     it lost never ends by itself: meshrun kills it after the others fail, so
     it was never a candidate and the table blamed the first survivor's
-    LostPeerError ("Root cause: rank 5 failed first")."""
+    LostPeerError ("Root cause: rank 5 failed first"). So it did where
+    torch's DDP rethrew that as a RuntimeError (no peer kept: its text names
+    it); and the cause the other nodes' meshruns print (their restart line)
+    named the survivor, as another's failure, not the stopped rank here."""
     from mesh.launch.records import JobOutcome, WorkerExit
-    from mesh.launch.report import format_report
+    from mesh.launch.report import cause, format_report
     msg = ("rank 5: all_reduce #666 on group world aborted: rank 9 of group world: all_reduce "
            "#666 on group world failed: peer rank 3 is gone (silent for 10.1s; its process 14 "
            "is stopped: SIGSTOP, Ctrl-Z or a debugger; lost to this job even if resumed)")
     exits = [WorkerExit(5, 5, 105, 1, 10.0, False), WorkerExit(0, 0, 100, 1, 10.1, False),
              WorkerExit(3, 3, 103, -9, 19.0, True)]
-    records = {5: {"exc_type": "LostPeerError", "from_abort": True, "peer": 3,
-                   "message": msg, "time": 10.0},
+    kind = {"exc_type": "RuntimeError", "message": "Got the following error when running the "
+            "callback: LostPeerError: " + msg} if ddp else \
+        {"exc_type": "LostPeerError", "from_abort": True, "peer": 3, "message": msg}
+    records = {5: dict(kind, time=10.0),
                0: {"exc_type": "LostPeerError", "peer": 3, "message": msg, "time": 10.1}}
-    report = format_report(JobOutcome("failed", exits), records, 8)
+    outcome = JobOutcome("failed", exits)
+    report = format_report(outcome, records, 8)
     head = report.splitlines()[1]
     assert head.startswith("Root cause: rank 3 was lost"), report
     assert "rank 5 reported it first" in head, report
-    assert "  error      : LostPeerError: " + msg in report, report
+    assert f"  error      : {kind['exc_type']}: " in report and msg in report, report
+    why, own = cause(outcome, records)
+    assert why.startswith("rank 3 was lost and then stopped by meshrun (killed by SIGKILL); "
+                          "rank 5 reported it: ") and own, why
+
+
+def test_a_rank_of_another_node_that_ddp_names_is_the_root_cause() -> None:
+    """Node 0's rank 0 raised DDP's RuntimeError around a LostPeerError for
+    rank 3 of node 1 (stopped there, so node 1's word came later): the table
+    blamed rank 0 ("Root cause: rank 0 failed first"), not the rank lost."""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import format_report, lost_nodes
+    exits = [WorkerExit(0, 0, 100, 1, 10.0, False), WorkerExit(1, 1, 101, 1, 10.1, False)]
+    records = {r: {"exc_type": "RuntimeError", "time": 10.0 + r / 10, "message":
+                   "Got the following error when running the callback: LostPeerError: rank "
+                   f"{r}: all_reduce #103 on group world/column{r} aborted: peer world rank 3 "
+                   "is gone (silent for 3.2s)"} for r in (0, 1)}
+    report = format_report(JobOutcome("failed", exits), records, 2)
+    assert "Root cause: rank 3 (node 1) was lost, a rank of another node (its meshrun " \
+        "reports why, unless it is gone too); rank 0 here reported it first:" in report, report
+    assert lost_nodes(JobOutcome("failed", exits), records, 2) == [1]

@@ -83,16 +83,24 @@ def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> Work
                default=None)
 
 
+def _peer(rec: dict[str, Any] | None) -> int | None:
+    """The lost peer's world rank a consequence's error record names: its
+    LostPeerError's, or where torch's DDP rethrew that as a RuntimeError (no
+    peer kept), the one its text names; None for an error of its own."""
+    if not rec or not _secondary(rec):
+        return None
+    peer = rec.get("peer")
+    if isinstance(peer, int):
+        return peer
+    found = next((m for m in map(lambda p: p.search(str(rec.get("message"))), _GONE) if m),
+                 None)
+    return int(found.group(1)) if found else None
+
+
 def _left_early(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> WorkerExit | None:
     """The rank whose clean exit the root cause's error tells of (a lost
     peer that closed its mesh and finished), if any: the job's real cause."""
-    if not root_rec or not _secondary(root_rec):
-        return None
-    peer = root_rec.get("peer")
-    if not isinstance(peer, int):       # (torch's DDP rethrows it as a RuntimeError's text)
-        found = next((m for m in map(lambda p: p.search(str(root_rec.get("message"))), _GONE)
-                      if m), None)
-        peer = int(found.group(1)) if found else None
+    peer = _peer(root_rec)
     return next((e for e in outcome.exits if e.rank == peer and e.returncode == 0
                  and not e.after_stop), None)
 
@@ -106,8 +114,8 @@ _GONE = [re.compile(p) for p in (r"peer (?:world )?rank (\d+) is gone",
 def _lost_elsewhere(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> int | None:
     """The lost peer the root cause's error names when it is no rank of this
     node (a node that died, or was cut off): the job's real cause."""
-    peer = root_rec.get("peer") if root_rec and _secondary(root_rec) else None
-    if not isinstance(peer, int) or any(e.rank == peer for e in outcome.exits):
+    peer = _peer(root_rec)
+    if peer is None or any(e.rank == peer for e in outcome.exits):
         return None
     return peer
 
@@ -137,9 +145,7 @@ def _lost_stopped(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> Worke
     """The lost peer the root cause's error names when it is a rank of this
     node that never ended by itself (stopped, or silent until its peers gave
     it up) and that meshrun then stopped: the job's real cause."""
-    peer = root_rec.get("peer") if root_rec and _secondary(root_rec) else None
-    if not isinstance(peer, int):
-        return None
+    peer = _peer(root_rec)
     return next((e for e in outcome.exits if e.rank == peer and e.after_stop
                  and e.returncode != 0), None)
 
@@ -279,5 +285,9 @@ def cause(outcome: JobOutcome, records: dict[int, dict[str, Any]],
         return outcome.lost, False
     rec = records.get(root.rank)
     said = f": {_error(rec, str(rec.get('message')).split(chr(10), 1)[0][:300])}" if rec else ""
+    stopped = _lost_stopped(outcome, rec)
+    if stopped is not None:     # (a rank here that never ended: this node's own cause)
+        return (f"rank {stopped.rank} was lost and then stopped by meshrun "
+                f"({stopped.describe()}); rank {root.rank} reported it{said}", True)
     return (f"rank {root.rank} failed ({_exit(root, outcome, records, short=True)}){said}",
             not _secondary(rec))
