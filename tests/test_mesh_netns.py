@@ -10,7 +10,8 @@ one's address), whose ranks run a meshrun script and then torch.distributed
 code on the "meshrun" backend, the hosts named as Debian names them (a
 host's own name is 127.0.1.1 in its /etc/hosts). And a job of two meshruns
 with --max-restarts, whose ranks start again on both hosts together after a
-failure on one. Skipped with the reason where namespaces
+failure on one; and one Open MPI mpirun across both (``-x MASTER_ADDR -x
+MASTER_PORT``). Skipped with the reason where namespaces
 cannot be made; the namespaces are always deleted."""
 from __future__ import annotations
 
@@ -372,6 +373,38 @@ def test_torchrun_two_hosts(hosts: Hosts, tmp_path: Path) -> None:
         reports = _reports(out)
         assert [rep["netns"] for rep in reports] == [hosts.netns(i) for i in (0, 0, 1, 1)]
         _check_topology(reports, [NAME[0], ADDR[1]], checked)
+
+
+def test_mpirun_two_hosts(hosts: Hosts, tmp_path: Path) -> None:
+    """README's ``mpirun -H node1:2,node2:2 -x MASTER_ADDR -x MASTER_PORT``
+    across the hosts: one mpirun in node 0's namespace starts node 1's
+    ranks through an rsh agent that enters node 1's namespace (as ssh
+    would reach the host); the meshrun script (netns_job.py) unchanged.
+    (torch.distributed under mpirun: test_mesh_launchers.py, one host.)"""
+    if shutil.which("mpirun") is None:
+        pytest.skip("Open MPI's mpirun is not installed (apt-get install openmpi-bin)")
+    agent = tmp_path / "nsrsh"
+    agent.write_text("#!/bin/sh\nwhile [ \"${1#-}\" != \"$1\" ]; do shift; done\n"
+                     f"case $1 in {ADDR[0]}) ns={hosts.ns[0]};; {ADDR[1]}) ns={hosts.ns[1]};; "
+                     "*) exit 1;; esac\nshift\nexec ip netns exec $ns /bin/sh -c \"$*\"\n")
+    agent.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MESH_", "TORCHELASTIC_", "MASTER_", "OMPI_", "PMIX_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(REPO), MESH_RENDEZVOUS_TIMEOUT="60", MESH_TIMEOUT="60",
+               TMPDIR=str(tmp_path), OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    done = subprocess.run(
+        ["ip", "netns", "exec", hosts.ns[0], "mpirun", "--mca", "plm_rsh_agent", str(agent),
+         "-H", f"{ADDR[0]}:2,{ADDR[1]}:2", "-n", "4", "--oversubscribe", "--bind-to", "none",
+         "-x", "PYTHONPATH", "-x", "MESH_RENDEZVOUS_TIMEOUT", "-x", "MESH_TIMEOUT",
+         "-x", f"MASTER_ADDR={ADDR[0]}", "-x", "MASTER_PORT=29500",
+         sys.executable, str(JOB), str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = _reports(tmp_path)
+    assert [rep["netns"] for rep in reports] == [hosts.netns(i) for i in (0, 0, 1, 1)]
+    _check_topology(reports)
 
 
 def _stop(procs: list[subprocess.Popen[str]]) -> None:
