@@ -411,7 +411,7 @@ def _vocab_loss(world, errors):
                 loss, grad = engine.vocab_parallel_cross_entropy(
                     x[..., part].numpy(), t.numpy(), world, reduction=reduction,
                     label_smoothing=eps)
-                np.testing.assert_allclose(loss, float(want), rtol=1e-12)
+                np.testing.assert_allclose(loss, want.item(), rtol=1e-12)
                 np.testing.assert_allclose(grad * 1.5, whole.grad[..., part].numpy(),
                                            rtol=1e-12, atol=1e-14)
             done[f"function {reduction} {eps}"] = True
@@ -884,7 +884,7 @@ def _encoder_layer_worker(world):
             m.train(mode == "train")
         for grad in (True, False):
             with torch.set_grad_enabled(grad):
-                out[mode, grad] = float((tp(x) - ref(x)).abs().max())
+                out[mode, grad] = (tp(x) - ref(x)).abs().max().item()
     # an encoder's inference path with a padding mask: nested tensors through the layers
     torch.manual_seed(0)
     ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0,

@@ -408,7 +408,7 @@ def _trained_alone(ref, losses=None):
         loss.backward()
         opt.step()
         if losses is not None:
-            losses.append(float(loss))
+            losses.append(loss.item())
     return ref
 
 
