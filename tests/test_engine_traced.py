@@ -25,6 +25,10 @@ from engine.torch_stage import TorchStage  # noqa: E402
 CFG = nanogpt.GPTConfig(block_size=8, vocab_size=16, n_layer=3, n_head=2, n_embd=8)
 STEPS, LR, ROWS = 3, 0.1, 4
 PATIENT = {"MESH_HEARTBEAT_TIMEOUT": "60"}
+# (DRY) a job whose prediction is not under test is given overhead=0.0: no dry runs
+# of the executor's costs (engine.calibrate), a quarter of such a job's CPU; their
+# stages only burn the measured times, whatever the model, and
+# tests/test_engine_distribute.py runs them
 
 
 def _trained(job, data, blind=False):
@@ -563,7 +567,8 @@ def _meta_worker(world, axes, ckpt):
         gpt = nanogpt.GPT(CFG).double()
     job = engine.distribute(gpt, grid, plan=nanogpt.PLAN if "tp" in axes else None,
                             sample=_batch(0)[0], microbatches=2, timeout=60, reps=1,
-                            verbose=False)      # auto: the layers timed on real copies
+                            verbose=False,      # auto: the layers timed on real copies
+                            overhead=0.0)       # (DRY)
     held = [p for p in gpt.parameters() if not p.is_meta]
     assert 0 < len(held) < len(list(gpt.parameters())), "a stage only, made real"
     assert all(not p.is_meta for p in job.parameters())
@@ -1041,8 +1046,10 @@ def _skip_worker(world):
                            ("returned", "1f1b"), ("sized", "1f1b")):
         job = engine.distribute(_skip_model(kind), mesh.grid(world, pp=2), schedule=schedule,
                                 microbatches=2, timeout=60, verbose=False,
-                                **({"sample": _skip_data(kind, 0)[0], "recompute": True}
-                                   if kind == "hf" else {"sample": _skip_data(kind, 0)[0]}
+                                **({"sample": _skip_data(kind, 0)[0], "recompute": True,
+                                    "overhead": 0.0}        # (DRY)
+                                   if kind == "hf" else {"sample": _skip_data(kind, 0)[0],
+                                                         "overhead": 0.0}
                                    if kind == "sized" else {"balance": "parameters"}),
                                 **({"loss_fn": _logits_loss} if kind == "returned" else {}))
         out[kind] = _trained(job, lambda step, kind=kind: _skip_data(kind, step))
@@ -1083,7 +1090,8 @@ def _seq2seq_worker(world):
     job = engine.distribute(_Seq2Seq().double(), mesh.grid(world, pp=2, tp=2),
                             plan={"*.linear1": "colwise", "*.linear2": "rowwise"},
                             schedule="1f1b", microbatches=2, balance="parameters",
-                            sample=_seq2seq_data(0)[0], timeout=60, verbose=False, reps=1)
+                            sample=_seq2seq_data(0)[0], timeout=60, verbose=False, reps=1,
+                            overhead=0.0)       # (DRY: no dry runs, the prediction aside)
     return _trained(job, _seq2seq_data)
 
 
@@ -1116,6 +1124,7 @@ def _hf_tp_worker(world, recompute):
                             schedule="zb-h1", microbatches=2, balance="parameters",
                             sample=_skip_data("hf", 0)[0], timeout=60, verbose=False,
                             reps=1,     # (the sample is for the trace: timed once is enough)
+                            overhead=0.0,       # (DRY)
                             recompute=recompute)  # tp collectives in the forward run again
     return _trained(job, lambda step: _skip_data("hf", step))
 
@@ -1204,7 +1213,7 @@ def _lengths_worker(world):
                                 schedule="interleaved" if name == "pp2v" else "1f1b",
                                 balance="parameters", sample=data(0)[0], timeout=60,
                                 plan={"h.*.fc": "colwise", "h.*.out": "rowwise"}
-                                if "tp" in axes else None, reps=1, verbose=False,
+                                if "tp" in axes else None, reps=1, verbose=False, overhead=0.0,
                                 recompute=name == "pp2xtp2")     # (each stage's forward again)
         held = job.parameters()
         # at pp=2, the later stage's ranks given no inputs: the first stage's tell the lengths
@@ -1469,7 +1478,7 @@ def _windowed_worker(world):
     torch.manual_seed(0)
     job = engine.distribute(_Windowed().double(), mesh.grid(world, pp=2), schedule="1f1b",
                             microbatches=2, balance="uniform", sample=_length_data(0, 5)[0],
-                            timeout=60, reps=1, verbose=False)
+                            timeout=60, reps=1, verbose=False, overhead=0.0)     # (DRY)
     opt = torch.optim.SGD(job.parameters(), lr=LR)
     said = []
     for step, length in _WINDOWED:
@@ -1523,7 +1532,7 @@ def _retrace_fails_worker(world):
     job = engine.distribute(_Lengths().double(), mesh.grid(world, pp=1, tp=2), schedule="1f1b",
                             microbatches=2, balance="uniform", sample=_length_data(0)[0],
                             plan={"h.*.fc": "colwise", "h.*.out": "rowwise"}, timeout=30,
-                            reps=1, verbose=False)
+                            reps=1, verbose=False, overhead=0.0)     # (DRY)
     opt = torch.optim.SGD(job.parameters(), lr=LR)
     if world.rank == 1:
         real = engine.traced.Reshaped._traced
