@@ -111,38 +111,21 @@ def test_mpirun_runs_a_torch_script_with_nothing_set(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("mpirun") is None,
                     reason="Open MPI's mpirun is not installed (apt-get install openmpi-bin)")
 @pytest.mark.timeout(90)
-def test_mpirun_and_torchrun_inside_a_meshrun_rank(tmp_path: Path) -> None:
+def test_mpirun_inside_a_meshrun_rank(tmp_path: Path) -> None:
     """A meshrun rank that starts a job of its own: the inner launcher's
     processes inherit meshrun's marks (MESH_LAUNCHER=1, RANK, MASTER_PORT).
-    mpirun's ranks were each rank 0 of a world of one (meshrun -n 1), and
-    torchrun's waited for a rendezvous at the agent's store until the timeout."""
+    mpirun's ranks were each rank 0 of a world of one (meshrun -n 1).
+    (torchrun inside a meshrun rank: tests/test_mesh_torchrun.py's static
+    rendezvous job.)"""
     inner = tmp_path / "inner.py"
-    torchrun = Path(sys.executable).with_name("torchrun")
     mpirun = ["mpirun", "--oversubscribe", "--bind-to", "none", "-n", "3", sys.executable,
               str(SCRIPT)]
-    tr = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(SCRIPT)]
-    # one meshrun rank starts both, one after the other (a meshrun job less); torchrun
-    # without the variables that let mpirun run as root, as it ran in a job of its own
-    inner.write_text(textwrap.dedent(f"""\
-        import os, subprocess, sys
-        if subprocess.run({mpirun!r}).returncode:
-            sys.exit("mpirun failed")
-        print("--- torchrun", flush=True)
-        if {torchrun.exists()!r}:
-            env = {{k: v for k, v in os.environ.items() if not k.startswith("OMPI_ALLOW")}}
-            env["TMPDIR"] = {str(tmp_path)!r}     # (torchrun leaves a folder there)
-            sys.exit(subprocess.run({tr!r}, env=env).returncode)
-        """))
+    inner.write_text(f"import subprocess, sys\nsys.exit(subprocess.run({mpirun!r}).returncode)\n")
     root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     out = _run([sys.executable, "-m", "mesh.launch", "-n", "1", str(inner)],
                _clean_env(**root))
-    mpi_out, _, tr_out = out.partition("[0] --- torchrun\n")
-    assert sorted(ln[4:] for ln in mpi_out.splitlines() if ln.startswith("[0] rank ")) == \
+    assert sorted(ln[4:] for ln in out.splitlines() if ln.startswith("[0] rank ")) == \
         _expected(3), out
-    if not torchrun.exists():
-        return
-    assert sorted(ln[4:] for ln in tr_out.splitlines() if ln.startswith("[0] rank ")) == \
-        _expected(2), out
 
 
 SLURM_CONF = """\

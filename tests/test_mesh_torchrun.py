@@ -41,10 +41,12 @@ EXAMPLE = os.path.join(ROOT, "examples", "torch_ddp.py")
 
 
 def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None = None,
-              timeout: float = 90, then: str | None = None) -> str:
+              timeout: float = 90, then: str | None = None, in_meshrun: bool = False) -> str:
     """torchrun ``args`` the job SCRIPT, and after it (``then``) a script
     run unchanged in the same ranks, as ``python then`` would (a torchrun
-    job costs a torch import in the agent and in each rank)."""
+    job costs a torch import in the agent and in each rank). ``in_meshrun``:
+    torchrun started by the rank of a ``meshrun -n 1`` job (its output
+    prefixed "[0] " there, taken off here)."""
     script = tmp_path / "job.py"
     script.write_text(SCRIPT + (f"import runpy\nrunpy.run_path({then!r}, run_name='__main__')\n"
                                 if then else ""))
@@ -54,8 +56,14 @@ def _torchrun(tmp_path: Path, args: list[str], extra_env: dict[str, str] | None 
     # (TMPDIR: torchrun leaves a torchelastic_* folder there; tmp_path is cleaned)
     e.update(PYTHONPATH=ROOT, MESH_RENDEZVOUS_TIMEOUT="30", TMPDIR=str(tmp_path),
              **(extra_env or {}))
-    code, out = run_in_session([sys.executable, "-m", "torch.distributed.run", *args,
-                                str(script)], e, timeout)   # no worker outlives the test
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, str(script)]
+    if in_meshrun:
+        inner = tmp_path / "inner.py"
+        inner.write_text(f"import subprocess, sys\nsys.exit(subprocess.run({cmd!r}).returncode)\n")
+        cmd = [sys.executable, "-m", "mesh.launch", "-n", "1", str(inner)]
+    code, out = run_in_session(cmd, e, timeout)   # no worker outlives the test
+    if in_meshrun:
+        out = "\n".join(ln.removeprefix("[0] ") for ln in out.splitlines())
     assert code == 0, f"torchrun {' '.join(args)} exited {code}:\n{out}"
     assert "Address already in use" not in out, out
     assert sorted(ln for ln in out.splitlines() if ln.startswith("rank ")) == \
@@ -82,9 +90,17 @@ def test_standalone_then_the_ddp_example_runs_unchanged(tmp_path: Path) -> None:
     assert len(losses) == 6 and losses[-1] < losses[0], out
 
 
-def test_static_rendezvous_with_master_port(tmp_path: Path) -> None:
+def test_static_rendezvous_with_master_port_started_inside_a_meshrun_rank(
+        tmp_path: Path) -> None:
+    """torchrun's static rendezvous at --master-port; torchrun started by a
+    meshrun rank, a job of its own inside one: its processes inherit
+    meshrun's marks (MESH_LAUNCHER=1, RANK, MASTER_PORT), and its ranks
+    waited for a rendezvous at the agent's store until the timeout. (One
+    torchrun job for both: tests/test_mesh_launchers.py starts mpirun
+    inside a meshrun rank.)"""
     _torchrun(tmp_path, ["--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                         "--master-port", str(free_port()), "--rdzv-backend", "static"])
+                         "--master-port", str(free_port()), "--rdzv-backend", "static"],
+              in_meshrun=True)
 
 
 def test_c10d_rendezvous_without_a_shared_agent_store(tmp_path: Path) -> None:
