@@ -15,6 +15,7 @@ appends one JSON line per trial (the figures in BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -222,21 +223,29 @@ def test_killed_rank_mid_pipeline_step(tmp_path: Path) -> None:
         _log("pipeline", "SIGKILL", n, victim, delay, [t - struck for t, _, _ in errors], reports)
 
 
-@pytest.mark.parametrize("scenario", ["idle", "all_reduce"])
-def test_hung_rank_is_found_by_heartbeat_silence(tmp_path: Path, scenario: str) -> None:
-    """A SIGSTOPped rank keeps its connections open: only its silence shows."""
+def test_hung_rank_is_found_by_heartbeat_silence(tmp_path: Path) -> None:
+    """A SIGSTOPped rank keeps its connections open: only its silence shows.
+    Idle and mid all_reduce: two jobs at once, each waiting out its peer
+    timeout (2 s) beside the other (a job each, one after the other, took
+    twice the wait)."""
     n, victim = 3, 1
     for trial in range(TRIALS):
-        out = tmp_path / str(trial)
-        out.mkdir()
-        delay = random.uniform(0.0, 0.5)
-        with Job(out, n, scenario, victim, MESH_PEER_TIMEOUT="2",
-                 MESH_HEARTBEAT="0.2") as job:
-            struck = job.strike(signal.SIGSTOP, delay)
-            reports = job.reports()
-        times = _check(reports, victim, struck, 2.0 + DETECT_S)
-        assert min(times) >= 1.5, f"noticed a stopped rank before its peer timeout: {times}"
-        _log(scenario, "SIGSTOP", n, victim, delay, times, reports)
+        with contextlib.ExitStack() as stack:
+            jobs = {}
+            for scenario in ("idle", "all_reduce"):
+                out = tmp_path / f"{scenario}-{trial}"
+                out.mkdir()
+                jobs[scenario] = stack.enter_context(Job(
+                    out, n, scenario, victim, MESH_PEER_TIMEOUT="2", MESH_HEARTBEAT="0.2"))
+            delays = {scenario: random.uniform(0.0, 0.5) for scenario in jobs}
+            struck = {scenario: job.strike(signal.SIGSTOP, delays[scenario])
+                      for scenario, job in jobs.items()}
+            reports = {scenario: job.reports() for scenario, job in jobs.items()}
+        for scenario in jobs:
+            times = _check(reports[scenario], victim, struck[scenario], 2.0 + DETECT_S)
+            assert min(times) >= 1.5, \
+                f"{scenario}: noticed a stopped rank before its peer timeout: {times}"
+            _log(scenario, "SIGSTOP", n, victim, delays[scenario], times, reports[scenario])
 
 
 def test_launcher_names_the_killed_rank_as_root_cause(tmp_path: Path) -> None:
