@@ -59,7 +59,18 @@ def vocab_parallel_cross_entropy(logits: Any, target: Any, group: Any, ignore_in
         return _numpy(np.asarray(logits), np.asarray(target), group, ignore_index, reduction,
                       float(label_smoothing), name)
     return _function().apply(logits, torch.as_tensor(target, device=logits.device), group,
-                             ignore_index, reduction, float(label_smoothing), name)
+                             ignore_index, reduction, float(label_smoothing), name,
+                             _loss_dtype(torch, logits))
+
+
+def _loss_dtype(torch: Any, logits: Any) -> Any:
+    """The loss's dtype, as F.cross_entropy's: float32 for bfloat16 or
+    float16 logits under torch.autocast (which runs cross entropy in
+    float32), else the logits' own. (The loss is worked in float32 either
+    way; a per-token sum rounded to bfloat16 would lose its third digit.)"""
+    low = logits.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if low and torch.is_autocast_enabled(logits.device.type) else \
+        logits.dtype
 
 
 def _is_tensor(x: Any) -> bool:
@@ -158,7 +169,7 @@ def _function() -> Any:
 
         @staticmethod
         def forward(ctx: Any, logits: Any, target: Any, group: Any, ignore_index: int,
-                    reduction: str, eps: float, name: str) -> Any:
+                    reduction: str, eps: float, name: str, loss_dtype: Any) -> Any:
             _rows(tuple(logits.shape), tuple(target.shape), group, name)
             part = logits.shape[-1]
             work = logits.dtype if logits.dtype in (torch.float32, torch.float64) else \
@@ -191,7 +202,7 @@ def _function() -> Any:
             ctx.shape, ctx.dtype, ctx.eps, ctx.vocab = logits.shape, logits.dtype, eps, vocab
             ctx.reduction, ctx.count, ctx.used, ctx.name = reduction, count, False, name
             ctx.rank = group.rank
-            return loss.to(logits.dtype)
+            return loss.to(loss_dtype)
 
         @staticmethod
         def backward(ctx: Any, g: Any) -> Any:
@@ -211,7 +222,8 @@ def _function() -> Any:
             else:
                 scale = (g.to(grad.dtype) / (ctx.count if ctx.reduction == "mean" else 1)) * valid
             grad.mul_(scale[:, None])
-            return grad.to(ctx.dtype).reshape(ctx.shape), None, None, None, None, None, None
+            return (grad.to(ctx.dtype).reshape(ctx.shape), None, None, None, None, None, None,
+                    None)
 
     return VocabParallelCrossEntropy
 

@@ -415,6 +415,15 @@ def _vocab_loss(world, errors):
                 np.testing.assert_allclose(grad * 1.5, whole.grad[..., part].numpy(),
                                            rtol=1e-12, atol=1e-14)
             done[f"function {reduction} {eps}"] = True
+    xb = (x * 20).to(torch.bfloat16)      # bfloat16 logits: a per-token sum of about 100
+    for amp in (True, False):             # F.cross_entropy's dtype: float32 under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            want = F.cross_entropy(xb.flatten(0, 1), t.flatten(), reduction="sum")
+            got = engine.vocab_parallel_cross_entropy(xb[..., part].flatten(0, 1), t.flatten(),
+                                                      world, reduction="sum")
+        assert got.dtype == want.dtype, (amp, got.dtype, want.dtype)
+        torch.testing.assert_close(got, want, rtol=1e-6 if amp else 1e-2, atol=0)
+        done[f"bfloat16 autocast {amp}"] = True
     plan = {**tp_models.PLAIN, "*.head": "colwise"}    # output "shard": the logits stay split
     ids, targets = (torch.from_numpy(a) for a in tp_models.tokens(3, 4))
     targets[0, 0] = -100
@@ -526,7 +535,8 @@ def test_torch_styles_match_the_unsharded_module():
     assert names.pop("vocab loss") == {**{f"function {r} {e}": True for r in
                                            ("mean", "sum", "none") for e in (0.0, 0.2)},
                                         "F.cross_entropy": True, "CrossEntropyLoss": True,
-                                        "deepcopy": True}
+                                        "deepcopy": True, "bfloat16 autocast True": True,
+                                        "bfloat16 autocast False": True}
     assert names == {"plain": True, "sequence": True, "gpt2": True, "gpt2 sequence": True}
     _check_vocab_loss_errors(errors)
     assert "style 'colwise' fits an nn.Linear or a Hugging Face Conv1D, but 1.ln1 is a " \
