@@ -682,7 +682,7 @@ def _reads_worker(world):
             out[key] = str(e)
     for key, kind in (("want", _ReadsWeight), ("want dtype", _ReadsDtype)):
         torch.manual_seed(0)
-        out[key] = float(kind().double()(ids, targets))
+        out[key] = kind().double()(ids, targets).item()
     return out
 
 
