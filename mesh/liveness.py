@@ -183,6 +183,13 @@ class Liveness:
             return f"not in a mesh call; last: {self._what(last)}, {now - self.last_end:.1f}s ago"
         return "not in a mesh call yet"
 
+    def waiting_in(self) -> tuple[str, float] | None:
+        """The operation a caller waits in now and for how many seconds, as
+        ``status`` says it (what a rank meshrun stops tells it: ``waits``);
+        None when none."""
+        item, since = self.doing, self.doing_since
+        return None if item is None else (self._what(item), time.monotonic() - since)
+
     def stalled_on(self, item: Pending | Outgoing, waited: float, limit: float) -> None:
         """The stall report of a wait for ``item``: it names the peers it needs."""
         if isinstance(item, Outgoing):

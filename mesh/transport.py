@@ -44,7 +44,7 @@ from .sendpath import _Sending
 from .streams import Streams
 from .waits import _Waiting
 
-__all__ = ["Transport", "Outgoing", "abort_error", "SENT"]
+__all__ = ["Transport", "Outgoing", "abort_error", "SENT", "waits"]
 
 _log = logging.getLogger("mesh.transport")
 
@@ -57,6 +57,14 @@ def forked_error(rank: int, pid: int) -> MeshError:
 
 
 _live: "weakref.WeakSet[Transport]" = weakref.WeakSet()
+
+
+def waits() -> list[tuple[str, float]]:
+    """The operations this process's ranks wait in now, each with how many
+    seconds it has waited (``Liveness.waiting_in``): what a rank that
+    meshrun or mesh.spawn stops says it was doing (mesh.launch._bootstrap's
+    ``where``)."""
+    return [w for t in list(_live) if (w := t.live.waiting_in()) is not None]
 
 
 def _after_fork() -> None:

@@ -380,6 +380,32 @@ def test_signal_to_launcher_stops_the_job(tmp_path: Path, signum: int) -> None:
     assert_all_gone(tmp_path, 4)
 
 
+def test_a_stopped_job_says_where_each_rank_was(tmp_path: Path) -> None:
+    """Ctrl-C: each rank, asked before its SIGTERM, says where it is: rank 1
+    in its receive from rank 0, rank 0 at its line of a Python loop; rank 2,
+    which never answers (the signal blocked: as if wedged in native code),
+    is stopped all the same, after a bounded wait, and said to give no word."""
+    # (--settle 0.3: how long the ranks get to answer, at most; rank 2 never does)
+    proc = start("-n", "3", "--settle", "0.3", str(SCRIPTS / "launch_where.py"),
+                 str(tmp_path), MESH_HEARTBEAT="0.1")
+    try:
+        wait_for_files(tmp_path, 2, "*.ready")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    script = "tests/scripts/launch_where.py"
+    assert re.search(r"rank 0    killed by SIGTERM \(stopped by meshrun\)\n +running at "
+                     + script + r":\d+ in spin \(called from " + script + r":\d+ in main\)",
+                     err), err
+    assert re.search(r"rank 1    killed by SIGTERM \(stopped by meshrun\)\n +waiting [\d.]+ s "
+                     r"in recv from rank 0 \(tag 7, group world\), called at " + script
+                     + r":\d+ in main\n", err), err
+    assert re.search(r"rank 2    killed by SIGTERM \(stopped by meshrun\)\n +it gave no word",
+                     err), err
+
+
 def test_max_restarts_starts_every_rank_again_and_the_job_resumes(tmp_path: Path) -> None:
     """--max-restarts 2: rank 1 fails on the first try; meshrun reports it,
     then starts both ranks again (TORCHELASTIC_RESTART_COUNT=1), with a
@@ -483,7 +509,8 @@ def test_job_timeout(tmp_path: Path) -> None:
     assert r.returncode == 124
     assert "timed out after 3 s" in r.stderr
     assert "starting every rank again" not in r.stderr     # (a timeout is never restarted)
-    assert "rank 0    killed by SIGTERM (stopped by meshrun)" in r.stderr
+    assert "rank 0    killed by SIGTERM (stopped by meshrun)\n            running at " \
+        "tests/scripts/launch_worker.py:" in r.stderr, r.stderr     # (where it was)
     assert_all_gone(tmp_path, 2)
 
 
@@ -1141,6 +1168,34 @@ def test_a_job_stopped_with_no_failed_rank_lists_ranks_not_other_ranks() -> None
     report = format_report(JobOutcome("signal", exits, signum=2), {}, 2)
     assert "meshrun: stopped by SIGINT\nRanks:\n  rank 0    killed by SIGTERM" in report, report
     assert "Other ranks" not in report, report
+
+
+def test_where_a_rank_was_reads_as_its_call_or_its_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a stopped rank said (``_bootstrap.where``), in the table's words:
+    the mesh call it waits in and the line that called it; the call it is in
+    (through the libraries it calls: zmq's poll), not waiting; or its line."""
+    from mesh.launch._bootstrap import where
+    from mesh.launch.records import where_text
+    monkeypatch.chdir(REPO)     # (a file in it is named from there)
+    job, own, lib = "/j/job.py", str(REPO / "mesh" / "world.py"), "/v/site-packages/zmq/poll.py"
+    waiting = {"calls": [["recv from rank 0 (tag 7, group world)", 12.34]],
+               "stack": [[own, 300, "recv", True, False], [job, 9, "main", False, False]]}
+    assert where_text(waiting) == ("waiting 12.3 s in recv from rank 0 (tag 7, group world), "
+                                   "called at /j/job.py:9 in main")
+    elsewhere = {"calls": waiting["calls"], "stack": [[job, 3, "main", False, False]]}
+    assert where_text(elsewhere).endswith("(tag 7, group world), its main thread at "
+                                          "/j/job.py:3 in main")    # (another thread waits)
+    inside = {"calls": [], "stack": [[lib, 106, "poll", False, True],
+                                     [own, 347, "init", True, False],
+                                     [job, 5, "<module>", False, False]]}
+    assert where_text(inside) == "in init (mesh/world.py:347), called at /j/job.py:5 in <module>"
+    running = {"calls": [], "step": None, "stack": [[job, 42, "step", False, False],
+                                                    [job, 50, "main", False, False]]}
+    assert where_text(running) == ("running at /j/job.py:42 in step (called from "
+                                   "/j/job.py:50 in main)")
+    here, line = where(sys._getframe()), sys._getframe().f_lineno   # (this test's frame)
+    assert here["calls"] == [] and here["stack"][0] == [
+        __file__, line, "test_where_a_rank_was_reads_as_its_call_or_its_line", False, False]
 
 
 @pytest.mark.parametrize("record", [

@@ -33,10 +33,11 @@ import socket
 import sys
 import time
 import traceback
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import Any
 
 __all__ = ["arm_parent_death_signal", "write_error_record", "brief_traceback", "record_first",
-           "main"]
+           "SAY_WHERE", "where_file", "where", "say_where", "main"]
 
 _PR_SET_PDEATHSIG = 1
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -153,6 +154,78 @@ def record_first(exc: BaseException) -> None:
             pass        # (main says why, if it fails again)
 
 
+SAY_WHERE = signal.SIGRTMAX - 7 if hasattr(signal, "SIGRTMAX") else 0
+"""The signal meshrun (and mesh.spawn) sends a rank it is about to stop,
+asking where it is (``say_where``): a real-time one, which no program
+catches (0: the platform has none; nobody is asked)."""
+_FRAMES = 6     # the frames of a rank's stack that ``where`` keeps
+_LIB = tuple({os.path.join(p, "") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+"""Where the standard library and installed packages are (a frame in one: ``lib``)."""
+
+
+def where_file(error_file: str) -> str:
+    """Where a rank says where it was (``say_where``): beside its error
+    record, ``rank<R>.where.json`` for ``rank<R>.error.json``."""
+    if error_file.endswith("error.json"):
+        return error_file[:-len("error.json")] + "where.json"
+    return error_file + ".where.json"
+
+
+def where(frame: FrameType | None) -> dict[str, Any]:
+    """Where this rank is: the mesh calls it waits in (``mesh.transport.waits``:
+    each one's description and seconds), the pipeline step's action it runs
+    (engine), and its main thread's innermost frames from ``frame`` on, each
+    [file, line, function, own, lib], innermost first (the bootstrap's and
+    runpy's left out; a run of frames inside mesh, collectives or engine,
+    ``own``, only by its outermost: the call the program made; ``lib``: in
+    the standard library or an installed package)."""
+    transport = sys.modules.get("mesh.transport")
+    calls = [[what, round(waited, 3)] for what, waited in transport.waits()] \
+        if transport is not None else []
+    hidden = (globals(), vars(runpy))
+    frames: list[list[Any]] = []
+    step = None
+    while frame is not None and len(frames) < _FRAMES:
+        code = frame.f_code
+        own = code.co_filename.startswith(_OWN)
+        if own and code.co_name == "_drive" and code.co_filename.endswith("executor.py"):
+            got = frame.f_locals      # (engine.Pipeline's step: its program, the action at)
+            if "a" in got and "st" in got:
+                step = f"action {got['a']} ({got.get('at', 0) + 1} of {len(got['st'].program)})"
+        if not any(frame.f_globals is g for g in hidden):
+            this = [code.co_filename, frame.f_lineno, code.co_name, own,
+                    not own and code.co_filename.startswith(_LIB)]
+            if own and frames and frames[-1][3]:
+                frames[-1] = this
+            else:
+                frames.append(this)
+        frame = frame.f_back
+    return {"rank": int(os.environ.get("RANK", "-1")), "pid": os.getpid(), "time": time.time(),
+            "calls": calls, "step": step, "stack": frames}
+
+
+def say_where(path: str) -> None:
+    """Have this process write ``where`` (JSON, atomically) to ``path`` when
+    sent ``SAY_WHERE``: meshrun asks it as it stops the job, and reports it.
+    The handler runs in the main thread, between two of its bytecodes: a
+    rank wedged in native code says nothing (meshrun waits a bounded time)."""
+    if not SAY_WHERE:
+        return
+    me = os.getpid()
+
+    def said(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != me:       # (a child the program forked: not the rank)
+            return
+        try:
+            tmp = f"{path}.{me}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(where(frame), f, default=str)
+            os.replace(tmp, path)
+        except Exception:     # (never an error of the program's)
+            pass
+    signal.signal(SAY_WHERE, said)
+
+
 def _set_path0(entry: str) -> None:
     """Put the program's directory first on sys.path, where python would, in
     place of this file's directory (unless -P / PYTHONSAFEPATH is in force)."""
@@ -225,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] != "--exec":     # (a program exec'd in its place has no bootstrap)
             os.environ["MESH_BOOTSTRAP_PID"] = str(me)
+            if os.environ.get("MESH_ERROR_FILE"):
+                say_where(where_file(os.environ["MESH_ERROR_FILE"]))
         _run(argv)
     except SystemExit as exc:
         if exc.code not in (None, 0):

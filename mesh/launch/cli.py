@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
             that a stopped rank acts on it), then SIGKILL after --grace seconds,
             and meshrun prints the first failure with its traceback
             and exits with its exit code (128+N for signal N; 124 for --timeout).
-            Ctrl-C stops the job; a second Ctrl-C kills it at once. Rank 0 reads
+            Ctrl-C stops the job; a second Ctrl-C kills it at once. Each rank
+            stopped is first asked where it is, and the report says it: the mesh
+            call it waits in, or the line it runs. Rank 0 reads
             meshrun's standard input, the others /dev/null. OMP_NUM_THREADS,
             when unset, becomes cpus/N so that N workers do not oversubscribe the cores."""))
     p.add_argument("-n", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,
@@ -73,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
     p.add_argument("--settle", type=nonnegative_float, default=3.0, metavar="SECONDS",
                    help="seconds the other workers get to end on their own after the first "
-                        "failure, before they are stopped (default 3)")
+                        "failure, before they are stopped (default 3); also, up to 1, "
+                        "what the workers stopped get to say where they are (0: not asked)")
     p.add_argument("--output-stall", type=nonnegative_float, default=5.0, metavar="SECONDS",
                    help="give up writing the output to a reader of meshrun's stdout or "
                         "stderr that took none for this long (until then, once 64 MiB wait "

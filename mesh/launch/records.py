@@ -2,7 +2,9 @@
 ended and why the job ended, and the error records a rank wrote as it failed:
 rank<R>.error.json, written by ``_bootstrap.write_error_record``, and
 rank<R>.torchelastic.json, its ``TORCHELASTIC_ERROR_FILE``, where torch's
-``@record`` writes (torch.distributed.elastic.multiprocessing.errors)."""
+``@record`` writes (torch.distributed.elastic.multiprocessing.errors), and
+rank<R>.where.json, where a rank meshrun stops says where it was
+(``_bootstrap.say_where``)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +13,11 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from . import _bootstrap
+
 __all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "signal_name", "error_file",
-           "elastic_error_file", "read_records", "log_tracebacks"]
+           "elastic_error_file", "where_file", "read_records", "read_wheres", "where_text",
+           "can_answer", "log_tracebacks"]
 
 
 def signal_name(signum: int) -> str:
@@ -26,12 +31,14 @@ def signal_name(signum: int) -> str:
 @dataclass(frozen=True)
 class WorkerSpec:
     """One process to start: its global and local rank, argv and environment;
-    stdin: it reads meshrun's standard input (others read /dev/null)."""
+    stdin: it reads meshrun's standard input (others read /dev/null);
+    where: the file it writes where it is to when asked (``where_file``)."""
     rank: int
     local_rank: int
     argv: Sequence[str]
     env: Mapping[str, str]
     stdin: bool = False
+    where: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,8 @@ class JobOutcome:
     of another node was lost, ``lost`` says which) and every exit;
     ``interrupted``: meshrun was sent a signal (Ctrl-C) while it ran, even
     one that came while a failure stopped the job (no restart follows);
-    ``told``: ``lost`` is another node's meshrun's word (Job.stop)."""
+    ``told``: ``lost`` is another node's meshrun's word (Job.stop);
+    ``asked``: the ranks asked where they were as the job was stopped."""
     reason: str
     exits: list[WorkerExit] = field(default_factory=list)
     signum: int | None = None
@@ -72,6 +80,7 @@ class JobOutcome:
     lost: str = ""
     interrupted: bool = False
     told: bool = False
+    asked: list[int] = field(default_factory=list)
 
 
 def error_file(err_dir: str, rank: int) -> str:
@@ -82,6 +91,11 @@ def error_file(err_dir: str, rank: int) -> str:
 def elastic_error_file(err_dir: str, rank: int) -> str:
     """Where torch's ``@record`` writes rank's error (its ``TORCHELASTIC_ERROR_FILE``)."""
     return os.path.join(err_dir, f"rank{rank}.torchelastic.json")
+
+
+def where_file(err_dir: str, rank: int) -> str:
+    """Where rank says where it was when meshrun stopped it, beside its error file."""
+    return _bootstrap.where_file(error_file(err_dir, rank))
 
 
 def _load(path: str) -> dict[str, Any] | None:
@@ -132,6 +146,72 @@ def read_records(err_dir: str, ranks: Iterable[int],
         if rec is not None:
             records[rank] = dict(rec, file=path) if kept else rec
     return records
+
+
+def read_wheres(err_dir: str, ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """What each rank asked as meshrun stopped it said of where it was
+    (``_bootstrap.where``), by rank."""
+    found = {rank: _load(where_file(err_dir, rank)) for rank in ranks}
+    return {rank: rec for rank, rec in found.items() if rec is not None}
+
+
+def can_answer(pid: int, signum: int) -> bool:
+    """Whether process pid can answer signal signum at once: it has a handler
+    for it and runs (Linux's /proc/PID/status; False where it cannot be read,
+    and for a process stopped, SIGSTOP or Ctrl-Z, or dead); one without
+    would die of it."""
+    caught, running = False, False
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"State:"):
+                    running = line.split()[1] not in (b"T", b"t", b"Z", b"X")
+                elif line.startswith(b"SigCgt:"):
+                    caught = bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        return False
+    return caught and running
+
+
+def _place(f: Sequence[Any]) -> str:
+    """'train.py:42': a frame of ``_bootstrap.where``'s, its file relative to
+    the current folder where it is inside it."""
+    path = str(f[0])
+    try:
+        rel = os.path.relpath(path)
+        path = rel if not rel.startswith(os.pardir) else path
+    except ValueError:
+        pass
+    return f"{path}:{f[1]}"
+
+
+def _frame(f: Sequence[Any]) -> str:
+    return f"{_place(f)} in {f[2]}"
+
+
+def where_text(rec: dict[str, Any]) -> str:
+    """What a rank said of where it was, in words: 'waiting 12.3 s in recv from
+    rank 0 (tag 7, group world), called at train.py:9 in main'; 'in init
+    (mesh/world.py:301), called at train.py:5 in main' (in a call, not
+    waiting); or 'running at train.py:42 in step (called from train.py:50
+    in main)'."""
+    stack = [f for f in rec.get("stack") or [] if isinstance(f, list) and len(f) >= 5]
+    own = next((i for i, f in enumerate(stack) if f[3]), len(stack))
+    called = f"called at {_frame(stack[own + 1])}" if own + 1 < len(stack) else ""
+    step = f"pipeline step's {rec['step']}" if rec.get("step") else ""
+    calls = [c for c in rec.get("calls") or [] if isinstance(c, list) and len(c) == 2]
+    if calls:
+        said = " and ".join(f"waiting {float(waited):.1f} s in {what}" for what, waited in calls)
+        if stack and own == len(stack):     # (another thread waits: the main one is elsewhere)
+            called = f"its main thread at {_frame(stack[0])}"
+        return ", ".join(p for p in (said, step, called) if p)
+    if not stack:
+        return "running (no Python frame)"
+    if all(f[4] for f in stack[:own]) and own < len(stack):   # (in a call into mesh...,
+        inside = f"in {stack[own][2]} ({_place(stack[own])})"  # not waiting; or its libraries)
+        return ", ".join(p for p in (inside, step, called) if p)
+    up = f" (called from {_frame(stack[1])})" if len(stack) > 1 and not stack[1][3] else ""
+    return f"running at {_frame(stack[0])}{up}" + (f", {step}" if step else "")
 
 
 def log_tracebacks(log_dir: str, records: dict[int, dict[str, Any]]) -> None:

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from .. import errors
-from .records import JobOutcome, WorkerExit, signal_name
+from .records import JobOutcome, WorkerExit, signal_name, where_text
 
 __all__ = ["format_report", "exit_code", "cause", "lost_nodes"]
 
@@ -176,15 +176,28 @@ def _as_root(msg: str, root_msg: str, root_rank: int) -> str:
     return msg
 
 
+def _where(e: WorkerExit, outcome: JobOutcome, wheres: dict[int, dict[str, Any]]) -> str:
+    """What rank e, asked as meshrun stopped the job, said of where it was
+    ('' where it was not asked, or ended without being killed)."""
+    if e.rank not in outcome.asked or not e.after_stop or e.returncode == 0:
+        return ""
+    if e.rank in wheres:
+        return where_text(wheres[e.rank])
+    return "it gave no word of where it was (busy in native code?)"
+
+
 def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc: int,
                   timeout: float | None = None, program: bool = False,
-                  gone: dict[int, str] | None = None) -> str:
+                  gone: dict[int, str] | None = None,
+                  wheres: dict[int, dict[str, Any]] | None = None) -> str:
     """The root-cause table: why the job stopped, the first failing rank's
     error, exit and traceback, then one line for every other rank (program:
     the ranks run a program of the user's, --no-python, not Python; ``gone``:
     how the meshrun of a node of ``lost_nodes`` is gone, which says nothing
-    of its ranks, by node)."""
+    of its ranks, by node; ``wheres``: what the ranks meshrun stopped said
+    of where they were, by rank: each rank's line says it)."""
     gone = gone or {}
+    wheres = wheres or {}
     root = _root_cause(outcome, records)
     lines = [_RULE]
     if outcome.reason == "timeout":
@@ -226,6 +239,8 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
                   f"{root.local_rank}, pid {root.pid}, host {host})",
                   f"  exit       : {_exit(root, outcome, records)}",
                   f"  time       : {_stamp(root_rec['time'] if root_rec else root.time)}"]
+        if _where(root, outcome, wheres):
+            lines.append(f"  stopped in : {_where(root, outcome, wheres)}")
         if root_rec and root_rec.get("file"):        # (--log-dir: torchrun's error_file)
             lines.append(f"  error file : {root_rec['file']}")
         if root_rec:
@@ -250,7 +265,9 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
             if root is not None and root_rec:
                 msg = _as_root(msg, str(root_rec.get("message")), root.rank)
             err = f"; {_error(rec, msg)}"
-        lines.append(f"  rank {e.rank:<4} {e.describe()} ({how}){err}")
+        where = _where(e, outcome, wheres)
+        lines.append(f"  rank {e.rank:<4} {e.describe()} ({how}){err}"
+                     + (f"\n{'':12}{where}" if where else ""))
     lines.append(_RULE)
     return "\n".join(lines) + "\n"
 

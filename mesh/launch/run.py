@@ -22,7 +22,7 @@ from ..auth import curve_wanted
 from ..peer import config_float
 from ..rendezvous import Teller, remove_run_folder, run_folder, tell_ended
 from .records import (WorkerExit, WorkerSpec, elastic_error_file, error_file, log_tracebacks,
-                      read_records)
+                      read_records, read_wheres, where_file)
 from .report import cause, exit_code, format_report, lost_nodes
 from .supervise import Job
 from .tries import Agent, Tries
@@ -243,13 +243,15 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
         for local in range(a.nproc):
             env = _worker_env(a, local, int(port or 0), secret, run_dir, err_dir, run_id,
                               restart)
-            for name in ("MESH_ERROR_FILE", "TORCHELASTIC_ERROR_FILE"):
+            rank = int(env["RANK"])     # rank 0 reads meshrun's stdin, as under mpirun
+            where = where_file(err_dir, rank)
+            for path in (env["MESH_ERROR_FILE"], env["TORCHELASTIC_ERROR_FILE"], where):
                 try:
-                    os.unlink(env[name])
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
-            rank = int(env["RANK"])     # rank 0 reads meshrun's stdin, as under mpirun
-            specs.append(WorkerSpec(rank, local, _worker_argv(a), env, stdin=rank == 0))
+            specs.append(WorkerSpec(rank, local, _worker_argv(a), env, stdin=rank == 0,
+                                    where=where))
         teller = Teller(a.master_addr, int(port or 0), secret, a.nnodes * a.nproc,
                         a.curve or curve_wanted(), restart)
 
@@ -283,7 +285,9 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
                 if agent is not None:
                     gone = {n: how for n in set(lost_nodes(outcome, records, a.nproc))
                             if (how := agent.gone(n))}
-                report = format_report(outcome, records, a.nproc, a.timeout, a.no_python, gone)
+                wheres = read_wheres(err_dir, outcome.asked)
+                report = format_report(outcome, records, a.nproc, a.timeout, a.no_python, gone,
+                                       wheres)
             code = exit_code(outcome, records)
             why = cause(outcome, records, a.timeout)
             again = outcome.reason in ("failed", "lost") and not outcome.interrupted \

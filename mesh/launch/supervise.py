@@ -18,7 +18,8 @@ import threading
 import time
 from typing import BinaryIO, Callable, Sequence, TextIO
 
-from .records import JobOutcome, WorkerExit, WorkerSpec
+from ._bootstrap import SAY_WHERE
+from .records import JobOutcome, WorkerExit, WorkerSpec, can_answer
 from .relay import Sink, Stream
 from .watchdog import Watchdog
 
@@ -27,6 +28,8 @@ __all__ = ["Job"]
 _POLL_S = 0.1  # fallback exit check when no SIGCHLD wakes the loop
 _REAP_S = 5.0  # how long SIGKILLed processes get to disappear
 _DRAIN_S = 1.0  # how long to keep reading output after the last exit
+_SAY_S = 1.0    # how long the ranks asked where they are get to say it (at most --settle)
+_ASKED_POLL_S = 0.01
 
 
 class _Proc:
@@ -40,7 +43,10 @@ class Job:
 
     run() returns once every worker has been reaped: all succeeded, or the
     first failure / a signal to the launcher / the job timeout stopped the
-    rest with SIGTERM, then SIGKILL after ``grace`` seconds. ``log_dir`` gets
+    rest with SIGTERM, then SIGKILL after ``grace`` seconds; before the
+    SIGTERM each rank is asked where it is (``_bootstrap.SAY_WHERE``), and
+    given up to a second (no more than ``settle``) to write it to its
+    ``WorkerSpec.where``, for the report. ``log_dir`` gets
     each rank's raw output; ``scratch`` is a directory the watchdog removes
     if the launcher dies (else removing it is the caller's business).
     ``settle``: how long the first failure lets the others end on their own
@@ -71,6 +77,7 @@ class Job:
         self._signals: list[int] = []
         self._watchdog: Watchdog | None = None
         self._told = ""             # why another node's meshrun stops this try (``stop``)
+        self._asked: list[_Proc] = []   # the ranks asked where they are (``_ask_where``)
         self._wake = -1             # the loop's wake-up pipe, while it runs
         self._wake_lock = threading.Lock()
 
@@ -186,14 +193,16 @@ class Job:
         t0 = time.monotonic()
         outcome = JobOutcome("ok")
         kill_at: float | None = None
+        asked_until: float | None = None
         give_up_at: float | None = None
         failed_at: float | None = None
         signals_seen = 0
         while self._live():
-            self._pump(_POLL_S)
-            self._reap(stopping=kill_at is not None)
+            asking = asked_until is not None and kill_at is None
+            self._pump(_ASKED_POLL_S if asking else _POLL_S)
+            self._reap(stopping=asked_until is not None)
             now = time.monotonic()
-            if kill_at is None:
+            if asked_until is None:
                 failed = [p.exit for p in self._procs if p.exit is not None and p.exit.failed]
                 if not failed and not outcome.lost:
                     outcome.lost = self._lost()
@@ -214,8 +223,17 @@ class Job:
                 else:
                     continue
                 outcome.stop_time = time.time()
+                signals_seen = len(self._signals)
+                asked_until = now + self._ask_where()
+            if kill_at is None:
+                # SIGTERM once the ranks asked where they are have said it, or their
+                # time is up (a second Ctrl-C: at once, and SIGKILL next)
+                if now < asked_until and len(self._signals) == signals_seen and any(
+                        p.exit is None and not os.path.exists(p.spec.where)
+                        for p in self._asked):
+                    continue
                 self._kill_all(signal.SIGTERM)
-                kill_at, signals_seen = now + self.grace, len(self._signals)
+                kill_at = now + self.grace
             elif give_up_at is None and (now >= kill_at or len(self._signals) > signals_seen):
                 self._kill_all(signal.SIGKILL)
                 give_up_at = now + _REAP_S
@@ -224,7 +242,22 @@ class Job:
         outcome.exits = sorted((p.exit or self._unreaped(p) for p in self._procs),
                                key=lambda e: e.time)
         outcome.interrupted = bool(self._signals)
+        outcome.asked = sorted(p.spec.rank for p in self._asked)
         return outcome
+
+    def _ask_where(self) -> float:
+        """Ask every live rank that can say it (its bootstrap catches
+        ``SAY_WHERE``) where it is; how long they get to say it (0: none asked)."""
+        if not SAY_WHERE or self.settle <= 0:
+            return 0.0
+        for p in self._live():
+            if p.spec.where and can_answer(p.pid, SAY_WHERE):
+                try:
+                    os.kill(p.pid, SAY_WHERE)
+                except OSError:
+                    continue
+                self._asked.append(p)
+        return min(self.settle, _SAY_S) if self._asked else 0.0
 
     def _lost(self) -> str:
         """What a rank said of a rank of another node it lost (mesh.inbox
