@@ -234,6 +234,8 @@ def _child(job: bytes | tuple, rank: int, size: int, secret: str, run_id: str,
     _whole_lines()
     if prefix:
         _prefix_lines(rank)
+    from .launch._bootstrap import say_where
+    say_where(_where_file(extra_env["MESH_RUNTIME_DIR"], rank))     # (asked at a timeout)
     world = None
     me = os.getpid()
     try:
@@ -580,7 +582,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 60,
                 c.send(server.port if server is not None else 0)
             except OSError:
                 pass  # that child died already; _collect reports it
-        results = _collect(procs, conns, timeout, settle, late)
+        results = _collect(procs, conns, timeout, settle, late, run_dir)
         ok = True
         return results
     except WorkerError as e:
@@ -688,11 +690,31 @@ def _ended(code: int | None) -> str:
     return f"exited (code {code}) without returning from fn"
 
 
+def _where_file(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, f"rank{rank}.where.json")
+
+
+def _still_running(procs: list, pending: set[int], run_dir: str, wait: float) -> str:
+    """'ranks still running: [1] (stopped)', and where each one said it was,
+    asked (mesh.launch.records.ask_where) and given up to a second, no more
+    than ``wait`` (settle=), to say it."""
+    from .launch._bootstrap import SAY_WHERE
+    from .launch.records import ask_where, where_text
+    ranks = sorted(pending)
+    said = ask_where({r: procs[r].pid for r in ranks}, {r: _where_file(run_dir, r)
+                                                        for r in ranks},
+                     SAY_WHERE, min(wait, 1.0)) if run_dir else {}
+    where = "".join(f"\n  rank {r}: " + (where_text(said[r]) if r in said else
+                                          "gave no word of where it was") for r in ranks)
+    return f"ranks still running: {ranks} (stopped)" + (where if said else "")
+
+
 def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0,
-             late: set[int] | None = None) -> list[Any]:
+             late: set[int] | None = None, run_dir: str = "") -> list[Any]:
     """Results by rank; on failure the root cause: a rank's own error before
     the lost-peer errors it caused elsewhere, the earliest first. At the
-    timeout, the ranks still running are added to ``late``."""
+    timeout, the ranks still running are added to ``late``, and the error
+    says where each one was (``_still_running``)."""
     results: list[Any] = [None] * len(procs)
     failures: list[tuple[bool, float, int, WorkerError]] = []
     pending = set(range(len(procs)))
@@ -702,7 +724,7 @@ def _collect(procs: list, conns: list, timeout: float, wait: float = 1.0,
         if time.monotonic() > deadline:
             if late is not None:
                 late.update(pending)
-            raise WorkerError(min(pending), f"ranks still running: {sorted(pending)} (stopped)",
+            raise WorkerError(min(pending), _still_running(procs, pending, run_dir, wait),
                               head=f"mesh.spawn timed out after {timeout:g}s (rank "
                                    f"{min(pending)}: the first of those still running)")
         for r in sorted(pending):

@@ -603,6 +603,7 @@ def test_a_spawn_leaves_no_process_socket_or_descriptor_behind(tmp_path: Path) -
     # 0's close, which waited for rank 1); 20 s: the fork server's start, if not warm
     assert took < 20, took
     assert "ranks still running: [1]" in str(err.value)     # (rank 0 returned; it closes)
+    assert "\n  rank 1: running at " in str(err.value), str(err.value)    # (where it was)
     assert err.value.rank == 1
     kept = err.value     # (the error, with its frames, still held)
     pids = [int((tmp_path / f"{r}.pid").read_text()) for r in range(2)]

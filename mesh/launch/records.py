@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -17,7 +18,7 @@ from . import _bootstrap
 
 __all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "signal_name", "error_file",
            "elastic_error_file", "where_file", "read_records", "read_wheres", "where_text",
-           "can_answer", "log_tracebacks"]
+           "can_answer", "ask_where", "log_tracebacks"]
 
 
 def signal_name(signum: int) -> str:
@@ -171,6 +172,26 @@ def can_answer(pid: int, signum: int) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return caught and running
+
+
+def ask_where(pids: Mapping[int, int], files: Mapping[int, str], signum: int,
+              wait: float) -> dict[int, dict[str, Any]]:
+    """Ask each rank (its pid, by rank) where it is, with signal signum
+    (``_bootstrap.SAY_WHERE``: where it catches it), and wait up to ``wait``
+    seconds for each one's ``files[rank]``; what they said, by rank (mesh.spawn's
+    timeout; meshrun's ``Job`` asks as it stops the job, without blocking)."""
+    asked = []
+    for rank, pid in pids.items() if wait > 0 else ():
+        if signum and can_answer(pid, signum):
+            try:
+                os.kill(pid, signum)
+                asked.append(rank)
+            except OSError:
+                pass
+    end = time.monotonic() + wait
+    while asked and time.monotonic() < end and not all(os.path.exists(files[r]) for r in asked):
+        time.sleep(0.01)
+    return {r: rec for r in asked if (rec := _load(files[r])) is not None}
 
 
 def _place(f: Sequence[Any]) -> str:
