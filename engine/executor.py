@@ -294,6 +294,9 @@ class Pipeline:
         # torch's own losses (F.mse_loss, nn.MSELoss()) return the loss only: wrapped
         self.loss_fn = torch_loss(loss_fn) if loss_fn is not None and plain_torch_loss(
             loss_fn) else loss_fn
+        if any(a.kind == OPT for r in lowered.ranks for a in r):
+            # (a mean cross entropy run per token: its optimizer would step before the count)
+            self.loss_fn = getattr(self.loss_fn, "as_written", self.loss_fn)
         self.loss_checked = False      # what it returns: seen on its first call
 
     def _take(self, given: Sequence[Any], mine: Sequence[int], recompute: Any,

@@ -37,6 +37,7 @@ import numpy as np
 from mesh.tensors import is_tensor
 
 from .per_token import SUM_COUNT, count_of, is_count, split_count
+from .per_token_loss import summed
 from .tp_plan import named_by
 
 __all__ = ["TorchStage", "Parts", "torch_loss", "as_pipeline_loss", "plain_torch_loss",
@@ -698,13 +699,18 @@ def widened(a: Any) -> Any:
     return copied(a)
 
 
-def torch_loss(fn: Any) -> Any:
+def torch_loss(fn: Any, per_token: bool = True) -> Any:
     """Wrap a torch loss (``fn(y, target) -> scalar tensor``, mean over the
     micro-batch; or a per-token loss's ``(loss_sum, count)``, engine.per_token)
     as a pipeline ``loss_fn`` on tensors (or numpy arrays), which returns
     ``(loss, gradient)``, or ``(loss_sum, gradient, count)``; the target (each
-    part of a tuple of them) goes to the output's device."""
+    part of a tuple of them) goes to the output's device. A mean cross
+    entropy (``nn.CrossEntropyLoss()``: engine.per_token_loss) runs as its
+    per-token sum and count unless ``per_token`` is False; its wrapper's ``as_written`` is then
+    the mean's (a schedule with OPT actions takes that)."""
     torch = _torch()
+    form = summed(fn) if per_token else None
+    given, fn = fn, form or fn
 
     def loss_fn(y: Any, target: Any) -> tuple[Any, ...]:
         if not torch.is_grad_enabled():     # (the stages' forwards made no graph either)
@@ -739,6 +745,8 @@ def torch_loss(fn: Any) -> Any:
             return float(loss), count_of(count, "a per-token loss")
 
     loss_fn.value = value       # type: ignore[attr-defined]
+    if form is not None:
+        loss_fn.as_written = torch_loss(given, per_token=False)     # type: ignore[attr-defined]
     return loss_fn
 
 

@@ -12,9 +12,9 @@ ENGINE = pathlib.Path(engine.__file__).parent
 # modules beside that chain placed after what they use.
 ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "costs",
          "profiling", "candidates", "retime", "choose", "trace", "layers", "per_token", "tp_plan",
-         "tp_layers", "torch_stage", "tp_comm", "tp_rng", "tp_checks", "tp_axes", "tp_loss",
-         "tp_record", "tp_watch", "tp_forward", "tp_shard", "tp_state", "tensor_parallel", "tied",
-         "tp_sums", "clip", "buffers", "zero_grads",
+         "per_token_loss", "tp_layers", "torch_stage", "tp_comm", "tp_rng", "tp_checks",
+         "tp_axes", "tp_loss", "tp_record", "tp_watch", "tp_forward", "tp_shard", "tp_state",
+         "tensor_parallel", "tied", "tp_sums", "clip", "buffers", "zero_grads",
          "traced_returned", "traced_pieces", "traced_inplace", "traced_cuts", "traced_modes",
          "traced_sizes", "traced_leaves", "traced_sequential", "traced_reshaped",
          "traced", "stagebuild", "partition", "pipeline_args", "step", "rollback", "executor",

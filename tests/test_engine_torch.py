@@ -111,21 +111,23 @@ def test_a_per_token_loss_is_the_sum_over_the_counted_targets_over_their_count(s
     batch (the mean of the micro-batches' means, weighed by rows, was not:
     nan, micro-batch 0 counting none of its 3 targets, then 2 and 3), and so
     is eval_step's loss. A step that
-    counts nothing has a loss of 0 and leaves the gradients as they were."""
+    counts nothing has a loss of 0 and leaves the gradients as they were.
+    nn.CrossEntropyLoss() itself (a mean) runs as that sum and count."""
     F = torch.nn.functional
     x, y = _counted_batch()
-    pipe, model = _counted_solo(sched)
-    _, ref = _counted_solo(sched)
-    want = F.cross_entropy(ref(x), y, ignore_index=-100, reduction="sum") / (y != -100).sum()
-    want.backward()
-    assert pipe.step(x, y) == pytest.approx(want.item(), rel=1e-12)
-    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
-    assert pipe.eval_step(x, y) == pytest.approx(want.item(), rel=1e-12)
-    held = [p.grad.clone() for p in model.parameters()]
-    assert pipe.step(x, torch.full_like(y, -100)) == 0.0
-    for p, h in zip(model.parameters(), held, strict=True):
-        assert torch.equal(p.grad, h)
+    for fn in (per_token_ce, torch.nn.CrossEntropyLoss()):
+        pipe, model = _counted_solo(sched, fn)
+        _, ref = _counted_solo(sched)
+        want = F.cross_entropy(ref(x), y, ignore_index=-100, reduction="sum") / (y != -100).sum()
+        want.backward()
+        assert pipe.step(x, y) == pytest.approx(want.item(), rel=1e-12)
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+        assert pipe.eval_step(x, y) == pytest.approx(want.item(), rel=1e-12)
+        held = [p.grad.clone() for p in model.parameters()]
+        assert pipe.step(x, torch.full_like(y, -100)) == 0.0
+        for p, h in zip(model.parameters(), held, strict=True):
+            assert torch.equal(p.grad, h)
 
 
 def test_a_per_token_loss_refuses_mixed_kinds_bad_counts_and_opt_actions():
@@ -152,6 +154,12 @@ def test_a_per_token_loss_refuses_mixed_kinds_bad_counts_and_opt_actions():
         with pytest.raises(ValueError, match=re.escape(words)):
             pipe.step(x, y)
         assert all(p.grad is None for p in model.parameters()), words
+    # nn.CrossEntropyLoss() there runs as written: each micro-batch's mean, weighed by rows
+    pipe, model = _counted_solo(engine.with_optimizer_step(schedules.zb_v(1, 3)),
+                                torch.nn.CrossEntropyLoss(), optimizer=lambda stage: None)
+    y[0] = 1        # (micro-batch 0 counting none of its targets: torch's mean is nan)
+    means = [torch.nn.functional.cross_entropy(model(x[k:k + 3]), y[k:k + 3]) for k in (0, 3, 6)]
+    assert pipe.step(x, y) == pytest.approx((sum(means) / 3).item(), rel=1e-12)
 
 
 def test_a_torch_loss_of_ones_own_takes_numpy_targets():
