@@ -42,8 +42,9 @@ its micro-batch); a numpy one returns ``(loss, gradient)`` as
 rows, and dp averages, so a step's gradients are those of the mean loss over
 the global batch: the same as one process training on all of it. A
 per-token loss returns its sum and count instead (engine.per_token): the
-step's loss is then every sum over every count. A mean cross entropy
-(``nn.CrossEntropyLoss()``) runs as one (engine.per_token_loss).
+step's loss is then every sum over every count. A mean cross entropy (the
+traced model's own ``F.cross_entropy``, ``nn.CrossEntropyLoss()``) runs as
+one (engine.per_token_loss).
 
 This module is the call itself; its parts live beside it: engine.given (the
 model, sample and grid checked), engine.layer_timing (the layers timed),

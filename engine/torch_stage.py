@@ -705,8 +705,9 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
     as a pipeline ``loss_fn`` on tensors (or numpy arrays), which returns
     ``(loss, gradient)``, or ``(loss_sum, gradient, count)``; the target (each
     part of a tuple of them) goes to the output's device. A mean cross
-    entropy (``nn.CrossEntropyLoss()``: engine.per_token_loss) runs as its
-    per-token sum and count unless ``per_token`` is False; its wrapper's ``as_written`` is then
+    entropy (``nn.CrossEntropyLoss()``, a traced model's own
+    ``F.cross_entropy``: engine.per_token_loss) runs as its per-token sum and
+    count unless ``per_token`` is False; its wrapper's ``as_written`` is then
     the mean's (a schedule with OPT actions takes that)."""
     torch = _torch()
     form = summed(fn) if per_token else None

@@ -38,7 +38,9 @@ logits as it returns them; the loss alone: what the loss's views reshape,
 _output) and ``.loss(output, target)``, which flattens them. The loss part
 must call no submodule with parameters (a model whose "target" feeds
 its layers, a mask, has no loss to find: pass ``loss_fn=``); a criterion
-module (the model's own, or one the forward makes) is part of it. What the
+module (the model's own, or one the forward makes) is part of it. A
+pipeline runs a ``.loss`` that is one mean cross entropy as its per-token
+sum and count (engine.per_token_loss). What the
 forward computes under ``torch.no_grad()`` is read detached, as it runs;
 what it changes in place is changed in the pieces too (_kept_changes). Other parameters keep their
 defaults (nanoGPT's ``if targets is None`` takes the training branch only
