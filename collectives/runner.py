@@ -87,9 +87,9 @@ def named(g: Comm, r: int, word: str = "rank") -> str:
     ``root 1``: ``word``), with its world rank beside it where the two
     differ (``rank 1 (world rank 3)``, as mesh names a sub-group's peer), so
     that a reader of a sub-group's error never takes one numbering for the
-    other."""
-    w = g.ranks[r]
-    return f"{word} {r}" if w == r else f"{word} {r} (world rank {w})"
+    other; and with its host where that is not this rank's (``rank 1
+    (world rank 3, on host node-b, pid 4242)``: mesh.peer.named)."""
+    return g._t.named(g.ranks[r], word, r)
 
 
 class Ctx:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from . import tensors, wire
 from .errors import AbortKind, LostPeerError, MeshError, MismatchError, OutMismatchError
 from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe, Watched, describe
 from .payload import fmt_fp, out_problem
-from .peer import ALIVE, DEAD, MSG_COST, Peer
+from .peer import ALIVE, DEAD, MSG_COST, Peer, named
 
 __all__ = ["Inbox", "abort_error"]
 _KEEP_ABORTED = 4096
@@ -358,6 +359,17 @@ class Inbox:
             if r != self.rank and r != heard_from:
                 self._control(self.peers[r], header)
 
+    def relayed(self, reason: str, kind: AbortKind, peer: int) -> str:
+        """An abort's reason as a member sent it, its lost peer (world rank
+        ``peer``) named with its host where that is not this rank's: the
+        sender, on the lost peer's own host, named it bare."""
+        there = self.peers[peer].there if kind == AbortKind.LOST_PEER and \
+            0 <= peer < len(self.peers) else ""
+        if not there:
+            return reason
+        return re.sub(rf"\bpeer (world )?rank {peer} is gone", lambda m: f"peer "
+                      f"{named(peer, there, (m.group(1) or '') + 'rank')} is gone", reason, 1)
+
     def abort_local(self, group: int, tag: int, kind: AbortKind, reason: str,
                     peer: int = -1, tell: Callable[[], None] | None = None) -> bool:
         """Fail ``tag`` here (an abort of ours, or one a peer sent); False if
@@ -456,7 +468,7 @@ class Inbox:
         ``note``: what waits unmatched from it (see unmatched_note)."""
         if self.closed:         # not the peer's doing
             return self.closed_error(desc, peer.rank)
-        who = f"world rank {peer.rank}" if group else f"rank {peer.rank}"
+        who = named(peer.rank, peer.there, "world rank" if group else "rank")
         return LostPeerError(f"rank {self.rank}: {desc} failed: peer {who} is gone "
                              f"({peer.why}){note}",
                              peer.rank if peer.cause < 0 else peer.cause)
@@ -482,7 +494,8 @@ class Inbox:
             return self.closed_error(req.desc)
         ranks = self.groups.get(req.group, ("", []))[1]
         word = "world rank" if req.group else "rank"
-        who = [f"{word} {r} ({self.peers[r].why})" for r in ranks if r != self.rank]
+        who = [f"{named(r, self.peers[r].there, word)} ({self.peers[r].why})"
+               for r in ranks if r != self.rank]
         return LostPeerError(f"rank {self.rank}: {req.desc} failed: every rank that could send "
                              f"it is gone: {', '.join(who)}{self._unmatched(req)}",
                              next(r for r in ranks if r != self.rank))
@@ -540,14 +553,15 @@ class Inbox:
             phases = [f for (g, _), fs in self.follows.items() if g in members for f in fs] \
                 if state == DEAD and self.follows else []
         if state == DEAD and not told:
-            _log.error("rank %d: lost peer rank %d: %s", self.rank, rank, why)
+            _log.error("rank %d: lost peer %s: %s", self.rank, named(rank, peer.there), why)
         if state == DEAD and not self.closed:
             # (once this rank's goodbye is out, a peer's exit is expected, its own goodbye
             # perhaps not read yet: its node's meshrun reports how it ended)
             _tell_launcher(self.rank, rank, why)
         for sub, sub_tag in phases:
             self.abort_local(sub, sub_tag, AbortKind.LOST_PEER,
-                             f"peer world rank {rank} is gone ({why})", rank)
+                             f"peer {named(rank, peer.there, 'world rank')} is gone ({why})",
+                             rank)
         for q, error in zip(reqs, errors):
             q.fail(error)
         self._nudge()

@@ -30,7 +30,7 @@ import zmq
 from . import wire
 from .inbox import Inbox
 from .match import ANY, Pending, describe
-from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float
+from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float, named
 
 __all__ = ["Liveness", "heartbeat_for", "monitor_event", "watch_router"]
 
@@ -213,7 +213,7 @@ class Liveness:
             p = self.peers[r]
             said = (f"{p.status} (said {now - p.status_at:.1f}s ago)" if p.status
                     else "no status heard yet")
-            notes.append(f"rank {r} [{STATE_NAMES[p.state]}, heard from "
+            notes.append(f"{named(r, p.there)} [{STATE_NAMES[p.state]}, heard from "
                          f"{now - p.last_heard:.1f}s ago]: {said}")
         self.stalls += 1
         _log.warning("rank %d: stalled: %s has waited %.1fs (times out after %.3gs) for %s",
@@ -231,7 +231,8 @@ class Liveness:
         # world rank, so named, not taken for the group's rank of that number)
         d = item._desc
         who = "world rank" if type(d) is tuple and len(d) > 4 and d[4] is not None else "rank"
-        return f" ({who} {peer} last heard from {time.monotonic() - p.last_heard:.1f}s ago{said})"
+        return (f" ({named(peer, p.there, who)} last heard from "
+                f"{time.monotonic() - p.last_heard:.1f}s ago{said})")
 
     def on_bye(self, peer: Peer, reason: str, lost: int = -1, heard: int = -1) -> None:
         """A peer leaves. After a clean close (no reason) it is closed, and
@@ -250,7 +251,8 @@ class Liveness:
             lost = lost if 0 <= lost < len(self.peers) and lost not in (self.rank,
                                                                         peer.rank) else -1
             self._inbox.peer_gone(peer.rank, "it closed its mesh" + (
-                f" after it lost world rank {lost}" if lost >= 0 else ""), CLOSED, cause=lost)
+                f" after it lost {named(lost, self.peers[lost].there, 'world rank')}"
+                if lost >= 0 else ""), CLOSED, cause=lost)
             # The answer tells it that all it sent before its goodbye is here (read
             # in order; direct-path reads done, their DONE sent before): it need
             # not wait for our own goodbye, which a main thread busy elsewhere

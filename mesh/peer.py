@@ -19,7 +19,7 @@ import zmq
 from .match import Flag, describe
 
 __all__ = ["ALIVE", "CLOSED", "DEAD", "STATE_NAMES", "MSG_COST", "Outgoing", "Peer",
-           "config_float", "config_flag", "config_bytes", "parse_size"]
+           "config_float", "config_flag", "config_bytes", "parse_size", "named", "on_host"]
 
 ALIVE, CLOSED, DEAD = 0, 1, 2
 STATE_NAMES = ("alive", "closed", "dead")
@@ -102,6 +102,35 @@ def config_bytes(name: str, default: int) -> int:
         raise ValueError(f"{name}={v!r}: not a size in bytes (examples: 65536, 64K, 4M)") from None
 
 
+def named(rank: int, there: str = "", word: str = "rank", world: int | None = None) -> str:
+    """A peer as every error and log line names it: ``rank 5``; a group's
+    rank with its world rank where the two differ, ``rank 1 (world rank 3)``;
+    a peer on another host than this rank's with ``there`` beside it (its
+    ``Peer.there``, ``on_host``): ``rank 5 (on host node-b, pid 4242)``,
+    ``rank 1 (world rank 3, on host node-b, pid 4242)``. (``word``: ``world
+    rank``, ``root``...) Only errors and reports call it."""
+    notes = f"world rank {world}" if world is not None and world != rank else ""
+    if there:
+        notes = f"{notes}, {there}" if notes else there
+    return f"{word} {rank} ({notes})" if notes else f"{word} {rank}"
+
+
+def on_host(mine: str, host: str, endpoint: str, pid: int) -> str:
+    """Where a peer on another host than this rank's is, as ``named`` says it
+    (``''`` for one on this host: same host ids, ``mine`` and ``host``, as
+    the rendezvous table has them, mesh.env.host_id): ``on host node-b, pid
+    4242``. The host by the name its rank reported (its host id's host name,
+    or the id MESH_HOST_ID gave it); by the address it is reached at
+    (``endpoint``) where that name is this host's own too (network
+    namespaces, containers of one name), which would not tell them apart."""
+    if host == mine:
+        return ""
+    name = host.split("|", 1)[0]
+    if not name or name == mine.split("|", 1)[0]:
+        name = endpoint.split("://", 1)[-1].rsplit(":", 1)[0] or host
+    return f"on host {name}, pid {pid}" if pid else f"on host {name}"
+
+
 class Outgoing:
     """A send in progress: queued (no credit yet), handed to ZeroMQ, then done
     once ZeroMQ has released the caller's buffer. A large message to another
@@ -153,7 +182,7 @@ class Peer:
     __slots__ = ("rank", "sock", "monitor", "lock", "inflight", "queue", "state", "why",
                  "last_heard", "last_sent", "to_grant", "suspect_since", "status", "status_at",
                  "window", "grant_step", "_grant_lock", "sent", "unanswered", "cause",
-                 "read_bye", "answered_bye", "read_ours")
+                 "read_bye", "answered_bye", "read_ours", "there")
 
     def __init__(self, rank: int, sock: zmq.Socket | None, monitor: zmq.Socket | None,
                  window: int = 64 << 20) -> None:
@@ -183,6 +212,9 @@ class Peer:
         # how many of the messages we put on its socket (``sent``) its goodbye said it
         # had read (-1: no goodbye heard, or it did not say)
         self.read_ours = -1
+        # where it is when on another host than this rank's ('' on this one): what
+        # errors naming it say beside its rank (``named``, ``on_host``)
+        self.there = ""
 
     def fits(self, cost: int) -> bool:
         """Whether a message costing ``cost`` bytes (payload and MSG_COST)

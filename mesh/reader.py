@@ -356,7 +356,8 @@ class Reader:
             # otherwise be reported where every rank should see a mismatch).
             # (Sent before the waiters on the tag wake: see Inbox.abort_local.)
             inbox = self._inbox
-            inbox.abort_local(h.group, h.tag, h.abort, h.reason, h.peer,
+            inbox.abort_local(h.group, h.tag, h.abort, inbox.relayed(h.reason, h.abort, h.peer),
+                              h.peer,
                               tell=lambda: inbox.send_abort(h.group, h.tag, h.reason, h.abort,
                                                             h.peer, h.src))
         elif h.kind == wire.BYE:

@@ -15,7 +15,7 @@ from . import wire
 from .direct import Ack
 from .errors import LostPeerError
 from .payload import decode_object, encode_payload
-from .peer import ALIVE, Outgoing, Peer
+from .peer import ALIVE, Outgoing, Peer, named
 from .reader import COPY_BELOW
 
 if TYPE_CHECKING:
@@ -41,6 +41,13 @@ _AHEAD = 64 << 20
 # 146-164 us zero-copy against 117-121 copied, 256 KiB 203-217 against 179-184,
 # and 512 KiB no better copied.
 _COPY_SEND_BELOW = 512 << 10
+
+
+def _lost(rank: int, out: Outgoing, peer: Peer, why: str) -> LostPeerError:
+    """A send of ``rank``'s whose socket failed (``why``), naming ``peer``
+    with its host where that is not this rank's."""
+    to = f" (to {named(peer.rank, peer.there)})" if peer.there else ""
+    return LostPeerError(f"rank {rank}: {out.desc} failed: {why}{to}", peer.rank)
 
 
 class _Sending:
@@ -151,7 +158,7 @@ class _Sending:
             try:
                 peer.sock.send(frames[0], 0)
             except zmq.ZMQError as e:
-                out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
+                out.fail(_lost(self.rank, out, peer, f"{e}"))
                 return
             peer.sent += 1
             peer.last_sent = time.monotonic()
@@ -162,7 +169,7 @@ class _Sending:
                 out.event.set()
             else:                       # (it broke just now: reset, so the peer fails it)
                 out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: its stream to "
-                                       f"rank {peer.rank} broke", peer.rank))
+                                       f"{named(peer.rank, peer.there)} broke", peer.rank))
             return
         try:
             if out.nbytes < _COPY_SEND_BELOW or out.tracker is not None:  # small, or direct
@@ -181,7 +188,7 @@ class _Sending:
                 out.tracker = zmq.MessageTracker(*trackers)
                 out.seq = peer.sent + 1     # (the message counted below)
         except zmq.ZMQError as e:
-            out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
+            out.fail(_lost(self.rank, out, peer, f"{e}"))
             return
         peer.sent += 1
         peer.last_sent = time.monotonic()
@@ -218,7 +225,7 @@ class _Sending:
                     out.held.append(sock.send(f, _SNDMORE if i < last else 0, copy=False,
                                               track=True))
             except zmq.ZMQError as e:
-                out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: {e}", peer.rank))
+                out.fail(_lost(self.rank, out, peer, f"{e}"))
                 return True
             peer.unanswered += n
             peer.sent += 1   # not last_sent: heartbeats (with status) go between the pieces

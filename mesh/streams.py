@@ -68,7 +68,7 @@ from . import wire
 from .direct import Ack
 from .listener import HELLO, MAGIC, the_listener
 from .listener import reset as _reset
-from .peer import ALIVE, Outgoing, Peer, parse_size
+from .peer import ALIVE, Outgoing, Peer, named, parse_size
 
 __all__ = ["Streams", "Job", "min_bytes"]
 
@@ -203,8 +203,9 @@ class _Sender:
                    f"peer rank {self.peer.rank} is gone ({self.peer.why})"
                    if self.peer.state != ALIVE else f"{err}")
             for f in failed:
-                f.error = o.lost(f"rank {o.rank}: {f.desc} failed: its stream to rank "
-                                 f"{self.peer.rank} broke: {why}", self.peer.rank)
+                f.error = o.lost(f"rank {o.rank}: {f.desc} failed: its stream to "
+                                 f"{named(self.peer.rank, self.peer.there)} broke: {why}",
+                                 self.peer.rank)
                 f.streamed = None
                 _acked(f)
             o.wake()

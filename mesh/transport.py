@@ -36,7 +36,7 @@ from .direct import Direct
 from .errors import LostPeerError, MeshError
 from .inbox import Inbox, abort_error
 from .liveness import Liveness
-from .peer import ALIVE, STATE_NAMES, Outgoing, Peer, config_bytes
+from .peer import ALIVE, STATE_NAMES, Outgoing, Peer, config_bytes, named, on_host
 from .progress import Progress
 from .reader import Reader
 from .ringpath import SENT, _RingPaths
@@ -125,6 +125,9 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
                                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             s.connect(ep)
             self._peers.append(Peer(r, s, mon, pair[r]))
+        for r, p in enumerate(self._peers):    # where each peer on another host is
+            p.there = on_host(self.hosts[rank], self.hosts[r], endpoints[r],
+                              (pids or [0] * size)[r]) if r != rank else ""
         self._router_mon = router_mon       # (mesh.liveness.watch_router, before it bound)
         # Headers repeat (same peer, tag, dtype and shape, message after
         # message): encode each once; bounded, starts over when full.
@@ -262,6 +265,13 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
                      "cancel", "abort", "poke", "_drive"):
             setattr(self, name, refuse)
         self.streams.close_in_child()
+
+    def named(self, world: int, word: str = "rank", rank: int | None = None) -> str:
+        """World rank ``world`` as errors name it (mesh.peer.named: with its
+        host where that is not this rank's); ``rank``: its rank in a group,
+        named so, with its world rank beside it where the two differ."""
+        there = self._peers[world].there if 0 <= world < self.size else ""
+        return named(world if rank is None else rank, there, word, world)
 
     def peer_state(self, rank: int) -> str:
         return STATE_NAMES[self._peers[rank].state]

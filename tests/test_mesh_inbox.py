@@ -10,7 +10,8 @@ from mesh.errors import (AbortKind, LostPeerError, MeshError, MeshTimeoutError, 
                          OutMismatchError)
 from mesh.inbox import Inbox
 from mesh.match import ANY, DONE, MATCHED, POSTED
-from mesh.peer import ALIVE, CLOSED, DEAD, MSG_COST, Outgoing, Peer
+from mesh.launch.report import _peer
+from mesh.peer import ALIVE, CLOSED, DEAD, MSG_COST, Outgoing, Peer, named, on_host
 
 SIZE = 4
 
@@ -133,6 +134,48 @@ def test_the_first_peer_lost_is_kept_for_the_goodbye_and_named_by_a_clean_leaver
     assert box.first_lost == 2 and box.dead == set()     # (its word: rank 2 not declared dead)
     box.peer_gone(1, "its connection closed", DEAD)
     assert box.first_lost == 2
+
+
+def test_a_peer_on_another_host_is_named_with_its_host_one_on_this_host_as_before(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """mesh.peer's renderer, the one every error and log line naming a peer
+    goes through: a peer on another host is named with that host (the name
+    its rank reported, or its address where the name is this host's too:
+    network namespaces) and its pid; a same-host peer as before. The
+    inbox's lost-peer errors and log line, and an abort relayed by a
+    member on the lost peer's own host (which named it bare), say so; the
+    launcher's report still finds the lost peer's rank in such a text."""
+    assert on_host("a|net:[1]", "a|net:[1]", "ipc:///tmp/mr.sock", 42) == ""
+    assert on_host("a|net:[1]", "node-b|net:[1]", "tcp://10.0.0.2:4000", 4242) == \
+        "on host node-b, pid 4242"
+    assert on_host("box|net:[1]", "box|net:[2]", "tcp://10.77.0.2:4000", 7) == \
+        "on host 10.77.0.2, pid 7"
+    assert on_host("fake-a", "fake-b", "tcp://127.0.0.1:5", 0) == "on host fake-b"  # MESH_HOST_ID
+    there = "on host node-b, pid 4242"
+    assert (named(5), named(5, there)) == ("rank 5", "rank 5 (on host node-b, pid 4242)")
+    assert (named(1, "", "rank", 3), named(3, "", "rank", 3)) == ("rank 1 (world rank 3)", "rank 3")
+    assert named(1, there, "root", 3) == "root 1 (world rank 3, on host node-b, pid 4242)"
+    box, _ = _inbox()
+    box.peers[1].there = there
+    far = box.post(0, 1, 5, None, None, "recv from rank 1 (tag 5, group world)")
+    near = box.post(0, 2, 5, None, None, "recv from rank 2 (tag 5, group world)")
+    with caplog.at_level("ERROR", logger="mesh.transport"):
+        box.peer_gone(1, "silent for 10.2s", DEAD)
+        box.peer_gone(2, "silent for 10.2s", DEAD)
+    assert str(far.error) == ("rank 0: recv from rank 1 (tag 5, group world) failed: peer rank 1 "
+                              "(on host node-b, pid 4242) is gone (silent for 10.2s)")
+    assert str(near.error) == ("rank 0: recv from rank 2 (tag 5, group world) failed: peer rank 2 "
+                               "is gone (silent for 10.2s)")
+    assert [r.getMessage() for r in caplog.records] == [
+        "rank 0: lost peer rank 1 (on host node-b, pid 4242): silent for 10.2s",
+        "rank 0: lost peer rank 2: silent for 10.2s"]
+    assert _peer({"exc_type": "LostPeerError", "message": str(far.error)}) == 1
+    said = "all_reduce #3 failed: LostPeerError: peer {}rank {} is gone (silent for 10.2s)"
+    for word in ("", "world "):     # (the sender, on rank 1's host, named it bare)
+        assert box.relayed(said.format(word, 1), AbortKind.LOST_PEER, 1) == \
+            said.format(word, f"1 ({there})")
+    assert box.relayed(said.format("", 2), AbortKind.LOST_PEER, 2) == said.format("", 2)
+    assert box.relayed(said.format("", 1), AbortKind.MISMATCH, -1) == said.format("", 1)
 
 
 def test_an_abort_heard_from_a_peer_is_passed_on_once_to_the_others() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -338,11 +339,13 @@ def test_a_send_timing_out_midway_names_what_the_receiver_does(hosts: Hosts,
     """A send in pieces over a slow link that times out says what its
     receiver last said it was doing (waiting in its receive): the receiver's
     heartbeats go between its answers to the pieces, not replaced by them;
-    and that the message is still crossing (not that rank 2 is not reading)."""
+    and that the message is still crossing (not that rank 2 is not reading);
+    and rank 2's host (its address: one host name) and pid."""
     hosts.limit("200mbit")      # (a piece answered every 0.17 s; 100 MiB in 4 s)
     reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(100 << 20)], PROBE="1")
     error = reports[0]["error"]
     assert "timed out" in error and "it said: waiting" in error, error
+    assert re.search(rf"\(rank 2 \(on host {ADDR[1]}, pid \d+\) last heard from ", error), error
     assert "in recv from rank 0 (tag 4" in error, error
     assert "on their way to rank 2" in error or "bytes handed over" in error, error
 
@@ -482,9 +485,14 @@ def test_a_failure_on_one_host_restarts_the_ranks_of_both(hosts: Hosts,
     """--max-restarts 2: rank 2 exits 3 on the first try; both hosts' meshruns
     start their ranks again together, which see TORCHELASTIC_RESTART_COUNT=1
     and meet only each other (their all_reduce of (rank + 1) * (try + 1) sums
-    to 20), and the job succeeds on both. (5 s)"""
+    to 20), and the job succeeds on both. (5 s) Node 0's ranks, which lost
+    rank 2, name its host (its address: both namespaces have one host name)
+    and pid in their errors."""
     ends = _restarting(hosts, tmp_path, 2, 1)
     assert [code for code, _, _ in ends] == [0, 0], [err for _, _, err in ends]
+    lost = next(r["pid"] for r in ends[1][1] if r.get("rank") == 2 and "env" in r)
+    assert f"rank 2 (on host {ADDR[1]}, pid {lost}) is gone (it failed: SystemExit: 3)" \
+        in ends[0][2] or f"world rank 2, on host {ADDR[1]}, pid {lost})" in ends[0][2], ends[0][2]
     for node, (_, records, err) in enumerate(ends):
         ranks = (2 * node, 2 * node + 1)
         started = [r for r in records if "env" in r]

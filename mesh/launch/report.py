@@ -105,7 +105,7 @@ def _left_early(outcome: JobOutcome, root_rec: dict[str, Any] | None) -> WorkerE
                  and not e.after_stop), None)
 
 
-_GONE = [re.compile(p) for p in (r"peer (?:world )?rank (\d+) is gone",
+_GONE = [re.compile(p) for p in (r"peer (?:world )?rank (\d+)(?: \([^()]*\))? is gone",
                                  r"\(world rank (\d+)\) \(no such process\)",
                                  r"of rank (\d+) \(no such process\)")]
 """Where a lost peer's world rank stands in an error's text."""
