@@ -99,11 +99,13 @@ class _Closing:
                 p.queue.clear()
             owing.drop(p, unsent, "was not sent: this rank closed its mesh before rank "
                        f"{p.rank} granted it credit", quiet=bool(failure))
-        # a clean goodbye names the first peer this rank lost: what waits on this rank
-        # fails naming that root cause (its peers may not have seen that loss yet); each
+        # a goodbye names the first peer this rank lost: after a clean close, what waits
+        # on this rank fails naming that root cause (its peers may not have seen that
+        # loss yet); a failing one's error is what they quote, naming it (with its host,
+        # where that is not theirs: Inbox.relayed); each
         # says how many of its addressee's messages this rank read: a send of the peer's
         # that waits for ZeroMQ to let go of its frames arrived if it was among them
-        reason, lost = failure[:2000], -1 if failure else self.inbox.first_lost
+        reason, lost = failure[:2000], self.inbox.first_lost
         heard = self.reader.heard
         self.live.clean_bye = not failure   # (before it goes: the answers may come at once)
         for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone

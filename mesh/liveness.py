@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import zmq
 
 from . import wire
+from .errors import AbortKind
 from .inbox import Inbox
 from .match import ANY, Pending, describe
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float, named
@@ -242,7 +243,8 @@ class Liveness:
         on catching that loss, perhaps before this rank saw the loss itself
         (the dead rank's connection is read on the progress thread's tick).
         A peer that leaves failing (``reason``: its error) is dead at once:
-        everything that involves it fails, naming its error; the answer tells
+        everything that involves it fails, naming its error (``lost`` named
+        in it with its host where that is not this rank's); the answer tells
         it that we know, so it need not wait for our goodbye. ``heard``: how
         many of the messages we put on its socket it had read (-1: not
         said), kept before its leaving wakes the sends that wait on it."""
@@ -268,6 +270,7 @@ class Liveness:
         # waits for nothing from us and may have left; an answer would only
         # stay queued, holding up our context's term().
         waits = peer.state == ALIVE
+        reason = self._inbox.relayed(reason, AbortKind.LOST_PEER, lost)
         self._inbox.peer_gone(peer.rank, f"it failed: {reason}", DEAD, told=True)
         if waits:
             self._control(peer, wire.encode(wire.HEARTBEAT, self.rank,

@@ -16,8 +16,9 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  e what an abort makes its receivers raise (mesh.AbortKind),
                  status (heartbeats: what the sender is doing, for stall
                  reports) or the error a failing rank leaves with (goodbyes;
-                 none: a clean close), p the lost peer an abort names, or the
-                 failing rank whose goodbye a heartbeat answers (-1: none),
+                 none: a clean close), p the lost peer an abort names, the
+                 first peer a goodbye's sender lost, or the failing rank whose
+                 goodbye a heartbeat answers (-1: none),
                  h on BYE: how many messages the sender had read off the
                  addressee's connection when it said goodbye (each peer gets
                  its own goodbye; absent: not said), as the addressee counts

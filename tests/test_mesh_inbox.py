@@ -11,6 +11,7 @@ from mesh.errors import (AbortKind, LostPeerError, MeshError, MeshTimeoutError, 
 from mesh.inbox import Inbox
 from mesh.match import ANY, DONE, MATCHED, POSTED
 from mesh.launch.report import _peer
+from mesh.liveness import Liveness
 from mesh.peer import ALIVE, CLOSED, DEAD, MSG_COST, Outgoing, Peer, named, on_host
 
 SIZE = 4
@@ -176,6 +177,24 @@ def test_a_peer_on_another_host_is_named_with_its_host_one_on_this_host_as_befor
             said.format(word, f"1 ({there})")
     assert box.relayed(said.format("", 2), AbortKind.LOST_PEER, 2) == said.format("", 2)
     assert box.relayed(said.format("", 1), AbortKind.MISMATCH, -1) == said.format("", 1)
+
+
+def test_a_failing_goodbye_quoted_names_its_lost_peer_with_its_host() -> None:
+    """Rank 2 and rank 1 share host node-b; rank 2 lost rank 1 and leaves
+    failing, its error naming rank 1 bare (its own host); its goodbye also
+    says it lost rank 1, so what rank 0 (another host) quotes of that error
+    names rank 1 with its host, as rank 2 with its own."""
+    box, _ = _inbox()
+    box.peers[1].there, box.peers[2].there = "on host node-b, pid 41", "on host node-b, pid 42"
+    live = Liveness(0, 60.0, box.peers, box.groups, box, lambda *a, **k: None,
+                    None)       # type: ignore[arg-type]
+    waits = box.post(0, 2, 5, None, None, "recv from rank 2 (tag 5, group world)")
+    live.on_bye(box.peers[2], "LostPeerError: rank 2: recv from rank 1 (tag 0, group world) "
+                "failed: peer rank 1 is gone (silent for 10.2s)", 1)
+    assert str(waits.error) == (
+        "rank 0: recv from rank 2 (tag 5, group world) failed: peer rank 2 (on host node-b, "
+        "pid 42) is gone (it failed: LostPeerError: rank 2: recv from rank 1 (tag 0, group "
+        "world) failed: peer rank 1 (on host node-b, pid 41) is gone (silent for 10.2s))")
 
 
 def test_an_abort_heard_from_a_peer_is_passed_on_once_to_the_others() -> None:
