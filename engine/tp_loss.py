@@ -7,7 +7,8 @@ there, never gathering the (rows, vocab) logits::
     rank r: x_r (rows, V/tp) -> per row: max m_r, sum exp(x_r - m_r) s_r,
             the target's logit where rank r holds the target (else 0),
             the sum of x_r (label smoothing)
-    one all-gather of those (4, rows) -> logsumexp = M + log sum_r s_r e^(m_r - M)
+    one all-gather of those (4, rows) (and each part's width, checked alike)
+                                  -> logsumexp = M + log sum_r s_r e^(m_r - M)
     gradient, on the shard only: softmax_r - (1 - eps) onehot_r - eps / V
 
 A watched colwise output (engine.tp_watch) takes this path when the user's
@@ -38,15 +39,21 @@ def vocab_parallel_cross_entropy(logits: Any, target: Any, group: Any, ignore_in
                                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                                  name: str = "vocab_parallel_cross_entropy") -> Any:
     """``F.cross_entropy(whole_logits, target, ...)`` from this tp rank's
-    part of the logits: ``logits`` is ``(rows, V / tp)`` (or ``(V / tp,)``
-    for one row), the columns ``rank * V/tp`` on of the whole vocabulary;
-    ``target`` holds the whole vocabulary's class ids, the same on every tp
-    rank of ``group`` (a meshrun communicator, or a torch.distributed group
-    on the "meshrun" backend). Every tp rank gets the same loss; the
-    gradient (torch: through autograd) is this rank's part of the whole
-    one. One all-gather of ``4 * rows`` numbers; nothing of size vocab
+    part of the logits: ``logits`` is ``(..., V / tp)``, the vocabulary
+    its last axis (``(rows, V / tp)``, ``(batch, T, V / tp)``, or
+    ``(V / tp,)`` for one row), holding the columns ``rank * V / tp`` to
+    ``(rank + 1) * V / tp`` of the whole vocabulary, every rank as many
+    (else ValueError on every rank); ``target`` holds the whole
+    vocabulary's class ids, of the logits' shape less their last axis, the
+    same on every tp rank of ``group`` (a meshrun communicator, or a
+    torch.distributed group on the "meshrun" backend). Every tp rank gets
+    the same loss (reduction "mean", "sum" or "none"; ``ignore_index`` and
+    ``label_smoothing`` as torch's); the gradient (torch: through autograd,
+    one backward) is this rank's part of the whole one. One all-gather of
+    ``4 * rows`` numbers (and the part's width); nothing of size vocab
     crosses the group. Class indices only (no ``weight``, no probabilities
-    as targets). numpy: returns ``(loss, gradient of logits)``, reduction
+    as targets); a target outside the vocabulary raises IndexError, as
+    torch's. numpy: returns ``(loss, gradient of logits)``, reduction
     "mean" or "sum", as a pipeline's numpy ``loss_fn``. ``name`` names the
     call in errors (the head's module, where the watch calls it)."""
     group = _comm_of(group)
@@ -100,8 +107,8 @@ def _rows(logits_shape: tuple[int, ...], target_shape: tuple[int, ...], group: A
 
 def _out_of_range(t: Any, valid: Any, vocab: int, group: Any, name: str) -> None:
     """Raise IndexError for a target id outside the whole vocabulary (as
-    torch does), alike on every tp rank (the targets are), before any
-    collective."""
+    torch does), alike on every tp rank (the targets are, and the parts'
+    widths, checked in the exchange before)."""
     bad = valid & ((t < 0) | (t >= vocab))
     if bool(bad.any()):
         raise IndexError(f"tp rank {group.rank}: {name}: target {int(t[bad].reshape(-1)[0])} "
@@ -109,9 +116,26 @@ def _out_of_range(t: Any, valid: Any, vocab: int, group: Any, name: str) -> None
                          f"over tp={group.size})")
 
 
+def _exchanged(group: Any, stats: Any, part: int, name: str, lib: Any) -> Any:
+    """Every tp rank's ``(4, rows)`` statistics: ``(tp, 4, rows)``. Each
+    rank's part of the vocabulary rides as a last column: parts unlike
+    (the offsets ``rank * part`` assume them alike) raise on every rank."""
+    width = lib.full((4, 1), float(part), dtype=stats.dtype)
+    if lib is not np:
+        width = width.to(stats.device)
+    every = _gathered(group, lib.cat([stats, width], 1) if lib is not np
+                      else np.concatenate([stats, width], 1), "ag", name)
+    parts = [int(w) for w in every[:, 0, -1].tolist()]
+    if len(set(parts)) > 1:
+        raise ValueError(f"tp rank {group.rank}: {name}: the ranks hold parts of the "
+                         f"vocabulary of unlike widths {parts} (by tp rank): each holds "
+                         f"V / tp columns, rank r the columns from r * V / tp (a head "
+                         f"planned colwise splits them so)")
+    return every[:, :, :-1]
+
+
 @logged
-def _exchanged(group: Any, stats: Any, op: str, name: str) -> Any:
-    """Every tp rank's ``(4, rows)`` statistics: ``(tp, 4, rows)``."""
+def _gathered(group: Any, stats: Any, op: str, name: str) -> Any:
     return collectives.all_gather(group, stats)
 
 
@@ -136,7 +160,6 @@ def _numpy(x: Any, t: Any, group: Any, ignore_index: int, reduction: str, eps: f
     xs, ts = x.reshape(-1, part).astype(work, copy=False), t.reshape(-1).astype(np.int64)
     vocab, lo = part * group.size, part * group.rank
     valid = ts != ignore_index
-    _out_of_range(ts, valid, vocab, group, name)
     local = ts - lo
     mine = valid & (local >= 0) & (local < part)
     rows = np.arange(len(ts))
@@ -145,7 +168,9 @@ def _numpy(x: Any, t: Any, group: Any, ignore_index: int, reduction: str, eps: f
     np.exp(e, out=e)
     stats = np.stack([m, e.sum(-1), np.where(mine, xs[rows, np.clip(local, 0, part - 1)], 0),
                       xs.sum(-1) if eps else np.zeros(len(ts), work)]).astype(work)
-    top, total, tl, sx = _combined(_exchanged(group, stats, "ag", name), np)
+    every = _exchanged(group, stats, part, name, np)
+    _out_of_range(ts, valid, vocab, group, name)
+    top, total, tl, sx = _combined(every, np)
     per_row = np.where(valid, top + np.log(total) - (1 - eps) * tl - eps / vocab * sx, 0.0)
     count = int(valid.sum())
     scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
@@ -178,7 +203,6 @@ def _function() -> Any:
             ts = target.reshape(-1).long()
             vocab, lo = part * group.size, part * group.rank
             valid = ts != ignore_index
-            _out_of_range(ts, valid, vocab, group, name)
             local = ts - lo
             mine = valid & (local >= 0) & (local < part)
             m = xs.amax(-1)
@@ -186,7 +210,9 @@ def _function() -> Any:
             picked = xs.gather(1, local.clamp(0, part - 1)[:, None]).squeeze(1)
             stats = torch.stack([m, e.sum(-1), torch.where(mine, picked, 0.0),
                                  xs.sum(-1) if eps else torch.zeros_like(m)])
-            top, total, tl, sx = _combined(_exchanged(group, stats, "ag", name), torch)
+            every = _exchanged(group, stats, part, name, torch)
+            _out_of_range(ts, valid, vocab, group, name)
+            top, total, tl, sx = _combined(every, torch)
             per_row = torch.where(valid, top + torch.log(total) - (1 - eps) * tl
                                   - eps / vocab * sx, 0.0)
             count = valid.sum()

@@ -424,6 +424,13 @@ def _vocab_loss(world, errors):
         assert got.dtype == want.dtype, (amp, got.dtype, want.dtype)
         torch.testing.assert_close(got, want, rtol=1e-6 if amp else 1e-2, atol=0)
         done[f"bfloat16 autocast {amp}"] = True
+    mine = x[..., :5] if world.rank == 0 else x[..., 5:]   # parts of unlike widths: refused
+    for lib, logits, tt in (("torch", mine, t), ("numpy", mine.numpy(), t.numpy())):
+        try:                                               # on every rank (were taken as
+            engine.vocab_parallel_cross_entropy(logits, tt, world)     # rank * width on)
+        except ValueError as e:
+            errors[f"loss widths {lib}"] = f"{type(e).__name__}: {e}"
+            done[f"widths {lib}"] = True
     plan = {**tp_models.PLAIN, "*.head": "colwise"}    # output "shard": the logits stay split
     ids, targets = (torch.from_numpy(a) for a in tp_models.tokens(3, 4))
     targets[0, 0] = -100
@@ -532,11 +539,13 @@ def test_torch_styles_match_the_unsharded_module():
     pytest.importorskip("torch")
     results = mesh.spawn(_torch_worker, 2, timeout=180)
     names, errors = results[0]
+    assert results[1][0]["vocab loss"] == names["vocab loss"]
     assert names.pop("vocab loss") == {**{f"function {r} {e}": True for r in
                                            ("mean", "sum", "none") for e in (0.0, 0.2)},
                                         "F.cross_entropy": True, "CrossEntropyLoss": True,
                                         "deepcopy": True, "bfloat16 autocast True": True,
-                                        "bfloat16 autocast False": True}
+                                        "bfloat16 autocast False": True,
+                                        "widths torch": True, "widths numpy": True}
     assert names == {"plain": True, "sequence": True, "gpt2": True, "gpt2 sequence": True}
     _check_vocab_loss_errors(errors)
     assert "style 'colwise' fits an nn.Linear or a Hugging Face Conv1D, but 1.ln1 is a " \
@@ -581,6 +590,11 @@ def _check_vocab_loss_errors(errors):
     assert errors["loss axis"] == head.format("cross_entropy") + (
         " over axis 1 of a (4, 4, 4) tensor made of it, where this rank's part of its "
         "features is not (one feature a step); " + fix)
+    for lib in ("torch", "numpy"):
+        assert errors[f"loss widths {lib}"] == (
+            "ValueError: tp rank 0: vocab_parallel_cross_entropy: the ranks hold parts of the "
+            "vocabulary of unlike widths [5, 3] (by tp rank): each holds V / tp columns, rank "
+            "r the columns from r * V / tp (a head planned colwise splits them so)"), errors
     assert errors["loss target"].startswith(
         "IndexError: tp rank 0: 3.head: target 8 is out of bounds for 8 classes (the "
         "vocabulary, sharded over tp=2)"), errors
