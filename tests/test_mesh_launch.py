@@ -383,8 +383,9 @@ def test_signal_to_launcher_stops_the_job(tmp_path: Path, signum: int) -> None:
 def test_a_stopped_job_says_where_each_rank_was(tmp_path: Path) -> None:
     """Ctrl-C: each rank, asked before its SIGTERM, says where it is: rank 1
     in its receive from rank 0, rank 0 at its line of a Python loop; rank 2,
-    which never answers (the signal blocked: as if wedged in native code),
-    is stopped all the same, after a bounded wait, and said to give no word."""
+    which never answers (wedged in native code, a C call holding the GIL),
+    is stopped all the same, after a bounded wait, said to give no word, and
+    its line shows its Python stack, which faulthandler dumped."""
     # (--settle 0.3: how long the ranks get to answer, at most; rank 2 never does)
     proc = start("-n", "3", "--settle", "0.3", str(SCRIPTS / "launch_where.py"),
                  str(tmp_path), MESH_HEARTBEAT="0.1")
@@ -402,8 +403,11 @@ def test_a_stopped_job_says_where_each_rank_was(tmp_path: Path) -> None:
     assert re.search(r"rank 1    killed by SIGTERM \(stopped by meshrun\)\n +waiting [\d.]+ s "
                      r"in recv from rank 0 \(tag 7, group world\), called at " + script
                      + r":\d+ in main\n", err), err
-    assert re.search(r"rank 2    killed by SIGTERM \(stopped by meshrun\)\n +it gave no word",
-                     err), err
+    assert re.search(r"rank 2    killed by SIGTERM \(stopped by meshrun\)\n +it gave no word "
+                     r"of where it was: its Python stack \(faulthandler\): " + script
+                     + r":\d+ in wedge, called from " + script + r":\d+ in main, from "
+                     + script + r":\d+ in <module>(; \d+ other threads?, innermost in \w+"
+                     r"(, \w+)*)?\n", err), err
 
 
 def test_max_restarts_starts_every_rank_again_and_the_job_resumes(tmp_path: Path) -> None:
@@ -1170,12 +1174,16 @@ def test_a_job_stopped_with_no_failed_rank_lists_ranks_not_other_ranks() -> None
     assert "Other ranks" not in report, report
 
 
-def test_where_a_rank_was_reads_as_its_call_or_its_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_where_a_rank_was_reads_as_its_call_or_its_line(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
     """What a stopped rank said (``_bootstrap.where``), in the table's words:
     the mesh call it waits in and the line that called it; the call it is in
-    (through the libraries it calls: zmq's poll), not waiting; or its line."""
+    (through the libraries it calls: zmq's poll), not waiting; or its line;
+    or, from one that gave no word, its main thread's frames in the stack
+    faulthandler dumped (the bootstrap's left out; a line cut short, not yet
+    written whole, too)."""
     from mesh.launch._bootstrap import where
-    from mesh.launch.records import where_text
+    from mesh.launch.records import read_stack, where_text
     monkeypatch.chdir(REPO)     # (a file in it is named from there)
     job, own, lib = "/j/job.py", str(REPO / "mesh" / "world.py"), "/v/site-packages/zmq/poll.py"
     waiting = {"calls": [["recv from rank 0 (tag 7, group world)", 12.34]],
@@ -1193,6 +1201,16 @@ def test_where_a_rank_was_reads_as_its_call_or_its_line(monkeypatch: pytest.Monk
                                                     [job, 50, "main", False, False]]}
     assert where_text(running) == ("running at /j/job.py:42 in step (called from "
                                    "/j/job.py:50 in main)")
+    dumped = tmp_path / "rank2.stack.txt"
+    dumped.write_text('main thread 0x7f00aa\nThread 0x00007f00bb (most recent call first):\n'
+                      '  File "/v/threading.py", line 320 in wait\n\nCurrent thread 0x00007f00aa'
+                      ' (most recent call first):\n  File "/j/job.py", line 12 in wedge\n'
+                      '  File "/r/mesh/launch/_bootstrap.py", line 298 in _run\n  File "/j/jo')
+    assert where_text({"dump": read_stack(str(dumped))}) == (
+        "it gave no word of where it was: its Python stack (faulthandler): /j/job.py:12 in "
+        "wedge; 1 other thread, innermost in wait")
+    dumped.write_text("main thread 0x7f00aa\n")    # (nothing dumped: not asked, or not yet)
+    assert read_stack(str(dumped)) is None
     here, line = where(sys._getframe()), sys._getframe().f_lineno   # (this test's frame)
     assert here["calls"] == [] and here["stack"][0] == [
         __file__, line, "test_where_a_rank_was_reads_as_its_call_or_its_line", False, False]

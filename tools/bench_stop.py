@@ -5,8 +5,8 @@ trees side by side (base and head, trials alternating):
 
 The job is tests/scripts/launch_where.py (of this tree): rank 1 waits in a
 receive that never comes, rank 0 computes in a Python loop, and with 3
-ranks rank 2 never answers meshrun's question of where it is (its signal
-blocked: as a rank wedged in native code). Prints each tree's times in
+ranks rank 2 never answers meshrun's question of where it is (wedged in
+native code, a C call that holds the GIL). Prints each tree's times in
 milliseconds, their median and best."""
 from __future__ import annotations
 

@@ -31,13 +31,15 @@ import runpy
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from types import FrameType, TracebackType
 from typing import Any
 
 __all__ = ["arm_parent_death_signal", "write_error_record", "brief_traceback", "record_first",
-           "SAY_WHERE", "where_file", "where", "say_where", "main"]
+           "SAY_WHERE", "where_file", "where", "say_where", "DUMP_STACK", "stack_file",
+           "dump_stack", "main"]
 
 _PR_SET_PDEATHSIG = 1
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -208,7 +210,8 @@ def say_where(path: str) -> None:
     """Have this process write ``where`` (JSON, atomically) to ``path`` when
     sent ``SAY_WHERE``: meshrun asks it as it stops the job, and reports it.
     The handler runs in the main thread, between two of its bytecodes: a
-    rank wedged in native code says nothing (meshrun waits a bounded time)."""
+    rank wedged in native code says nothing (meshrun waits a bounded time,
+    then has faulthandler dump its stack: ``dump_stack``)."""
     if not SAY_WHERE:
         return
     me = os.getpid()
@@ -224,6 +227,42 @@ def say_where(path: str) -> None:
         except Exception:     # (never an error of the program's)
             pass
     signal.signal(SAY_WHERE, said)
+
+
+DUMP_STACK = signal.SIGRTMAX - 8 \
+    if hasattr(signal, "SIGRTMAX") and hasattr(faulthandler, "register") else 0
+"""The signal meshrun sends a rank that gave no word of where it was
+(``SAY_WHERE``) in its time: faulthandler's handler (``dump_stack``) runs
+in C, without the GIL, and so answers a rank wedged in native code too."""
+
+
+def stack_file(error_file: str) -> str:
+    """Where a rank's Python stack is dumped (``dump_stack``): beside its
+    error record, ``rank<R>.stack.txt`` for ``rank<R>.error.json``."""
+    return where_file(error_file)[:-len("where.json")] + "stack.txt"
+
+
+def dump_stack(path: str) -> None:
+    """Have faulthandler write every thread's Python stack to ``path`` when
+    this process is sent ``DUMP_STACK``, after a first line naming the main
+    thread ('main thread 0x7f...': faulthandler's thread ids). A child the
+    program forks unregisters it and closes the file, so that nothing it
+    does writes into the rank's."""
+    if not DUMP_STACK:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.write(fd, f"main thread 0x{threading.get_ident():x}\n".encode())
+        faulthandler.register(DUMP_STACK, file=fd, all_threads=True, chain=False)
+    except (OSError, RuntimeError, ValueError):
+        return
+    held = [fd]     # (a child's child: the child closed it already)
+
+    def forked() -> None:
+        if held:
+            faulthandler.unregister(DUMP_STACK)
+            os.close(held.pop())
+    os.register_at_fork(after_in_child=forked)
 
 
 def _set_path0(entry: str) -> None:
@@ -300,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             os.environ["MESH_BOOTSTRAP_PID"] = str(me)
             if os.environ.get("MESH_ERROR_FILE"):
                 say_where(where_file(os.environ["MESH_ERROR_FILE"]))
+                dump_stack(stack_file(os.environ["MESH_ERROR_FILE"]))
         _run(argv)
     except SystemExit as exc:
         if exc.code not in (None, 0):

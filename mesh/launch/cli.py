@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
             and exits with its exit code (128+N for signal N; 124 for --timeout).
             Ctrl-C stops the job; a second Ctrl-C kills it at once. Each rank
             stopped is first asked where it is, and the report says it: the mesh
-            call it waits in, or the line it runs. Rank 0 reads
+            call it waits in, or the line it runs (wedged in native code: its
+            Python stack, which faulthandler dumps). Rank 0 reads
             meshrun's standard input, the others /dev/null. OMP_NUM_THREADS,
             when unset, becomes cpus/N so that N workers do not oversubscribe the cores."""))
     p.add_argument("-n", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,

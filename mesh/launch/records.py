@@ -4,11 +4,13 @@ rank<R>.error.json, written by ``_bootstrap.write_error_record``, and
 rank<R>.torchelastic.json, its ``TORCHELASTIC_ERROR_FILE``, where torch's
 ``@record`` writes (torch.distributed.elastic.multiprocessing.errors), and
 rank<R>.where.json, where a rank meshrun stops says where it was
-(``_bootstrap.say_where``)."""
+(``_bootstrap.say_where``), and rank<R>.stack.txt, where faulthandler dumps
+the Python stack of one that gave no word (``_bootstrap.dump_stack``)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from . import _bootstrap
 
 __all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "signal_name", "error_file",
-           "elastic_error_file", "where_file", "read_records", "read_wheres", "where_text",
+           "elastic_error_file", "where_file", "stack_file", "read_records", "read_stack",
+           "drop_unused_stacks", "read_wheres", "where_text",
            "can_answer", "ask_where", "log_tracebacks"]
 
 
@@ -33,13 +36,15 @@ def signal_name(signum: int) -> str:
 class WorkerSpec:
     """One process to start: its global and local rank, argv and environment;
     stdin: it reads meshrun's standard input (others read /dev/null);
-    where: the file it writes where it is to when asked (``where_file``)."""
+    where: the file it writes where it is to when asked (``where_file``);
+    stack: the one faulthandler dumps its stack to, when asked (``stack_file``)."""
     rank: int
     local_rank: int
     argv: Sequence[str]
     env: Mapping[str, str]
     stdin: bool = False
     where: str = ""
+    stack: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,11 @@ def where_file(err_dir: str, rank: int) -> str:
     return _bootstrap.where_file(error_file(err_dir, rank))
 
 
+def stack_file(err_dir: str, rank: int) -> str:
+    """Where faulthandler dumps rank's Python stack, beside its error file."""
+    return _bootstrap.stack_file(error_file(err_dir, rank))
+
+
 def _load(path: str) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -151,9 +161,56 @@ def read_records(err_dir: str, ranks: Iterable[int],
 
 def read_wheres(err_dir: str, ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
     """What each rank asked as meshrun stopped it said of where it was
-    (``_bootstrap.where``), by rank."""
-    found = {rank: _load(where_file(err_dir, rank)) for rank in ranks}
+    (``_bootstrap.where``), or else its stack faulthandler dumped
+    (``read_stack``, as {"dump": ...}), by rank."""
+    found: dict[int, dict[str, Any] | None] = {}
+    for rank in ranks:
+        found[rank] = _load(where_file(err_dir, rank))
+        if found[rank] is None and (dump := read_stack(stack_file(err_dir, rank))):
+            found[rank] = {"dump": dump}
     return {rank: rec for rank, rec in found.items() if rec is not None}
+
+
+_THREAD = re.compile(r"(?:Current thread|Thread) (0x[0-9a-fA-F]+) \(most recent call first\):$")
+_FILE = re.compile(r'  File "(.*)", line (\d+) in (.*)$')
+_MAIN_FRAMES = 3    # the main thread's innermost frames that the report shows
+
+
+def read_stack(path: str) -> dict[str, Any] | None:
+    """The Python stack faulthandler dumped in ``path`` (``_bootstrap.dump_stack``):
+    {"main": the main thread's innermost frames, [file, line, function] each
+    (the bootstrap's and runpy's left out), "others": each other thread's
+    innermost function}; None where the main thread's first frame is not
+    there (nothing dumped, or not yet: a line cut short is left out)."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(1 << 16).decode("utf-8", "replace").split("\n")[:-1]
+        main = int(lines[0].split()[-1], 16)
+    except (OSError, IndexError, ValueError):
+        return None
+    threads: list[tuple[int, list[list[Any]]]] = []
+    for line in lines[1:]:
+        if m := _THREAD.match(line):
+            threads.append((int(m[1], 16), []))
+        elif (m := _FILE.match(line)) and threads:
+            threads[-1][1].append([m[1], int(m[2]), m[3]])
+    own = [frames for ident, frames in threads if ident == main]
+    if not own or not own[0]:
+        return None
+    hidden = (os.path.join("mesh", "launch", "_bootstrap.py"), "runpy.py", "<frozen runpy>")
+    return {"main": [f for f in own[0] if not f[0].endswith(hidden)][:_MAIN_FRAMES],
+            "others": [frames[0][2] for ident, frames in threads if ident != main and frames]}
+
+
+def drop_unused_stacks(paths: Iterable[str]) -> None:
+    """Remove the stack files that hold no dump: every rank opens one, and
+    only those dumped are worth keeping (--log-dir)."""
+    for path in paths:
+        if path and read_stack(path) is None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def can_answer(pid: int, signum: int) -> bool:
@@ -216,6 +273,8 @@ def where_text(rec: dict[str, Any]) -> str:
     (mesh/world.py:301), called at train.py:5 in main' (in a call, not
     waiting); or 'running at train.py:42 in step (called from train.py:50
     in main)'."""
+    if isinstance(rec.get("dump"), dict):
+        return _dump_text(rec["dump"])
     stack = [f for f in rec.get("stack") or [] if isinstance(f, list) and len(f) >= 5]
     own = next((i for i, f in enumerate(stack) if f[3]), len(stack))
     called = f"called at {_frame(stack[own + 1])}" if own + 1 < len(stack) else ""
@@ -233,6 +292,19 @@ def where_text(rec: dict[str, Any]) -> str:
         return ", ".join(p for p in (inside, step, called) if p)
     up = f" (called from {_frame(stack[1])})" if len(stack) > 1 and not stack[1][3] else ""
     return f"running at {_frame(stack[0])}{up}" + (f", {step}" if step else "")
+
+
+def _dump_text(dump: dict[str, Any]) -> str:
+    """'it gave no word of where it was: its Python stack (faulthandler):
+    train.py:12 in wedge, called from train.py:20 in main, from train.py:23
+    in <module>; 2 other threads, innermost in wait, select' (``read_stack``'s)."""
+    main = [_frame(f) for f in dump.get("main") or []]
+    said = ", ".join([main[0], *(("called from " if i == 1 else "from ") + f
+                                 for i, f in enumerate(main) if i)]) if main else "no frame"
+    others = dump.get("others") or []
+    more = f"; {len(others)} other thread{'s' if len(others) > 1 else ''}, innermost in " \
+        + ", ".join(map(str, others)) if others else ""
+    return f"it gave no word of where it was: its Python stack (faulthandler): {said}{more}"
 
 
 def log_tracebacks(log_dir: str, records: dict[int, dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ from ..auth import curve_wanted
 from ..peer import config_float
 from ..rendezvous import Teller, remove_run_folder, run_folder, tell_ended
 from .records import (WorkerExit, WorkerSpec, elastic_error_file, error_file, log_tracebacks,
-                      read_records, read_wheres, where_file)
+                      drop_unused_stacks, read_records, read_wheres, stack_file, where_file)
 from .report import cause, exit_code, format_report, lost_nodes
 from .supervise import Job
 from .tries import Agent, Tries
@@ -244,14 +244,14 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             env = _worker_env(a, local, int(port or 0), secret, run_dir, err_dir, run_id,
                               restart)
             rank = int(env["RANK"])     # rank 0 reads meshrun's stdin, as under mpirun
-            where = where_file(err_dir, rank)
-            for path in (env["MESH_ERROR_FILE"], env["TORCHELASTIC_ERROR_FILE"], where):
+            where, stack = where_file(err_dir, rank), stack_file(err_dir, rank)
+            for path in (env["MESH_ERROR_FILE"], env["TORCHELASTIC_ERROR_FILE"], where, stack):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
             specs.append(WorkerSpec(rank, local, _worker_argv(a), env, stdin=rank == 0,
-                                    where=where))
+                                    where=where, stack=stack))
         teller = Teller(a.master_addr, int(port or 0), secret, a.nnodes * a.nproc,
                         a.curve or curve_wanted(), restart)
 
@@ -288,6 +288,8 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
                 wheres = read_wheres(err_dir, outcome.asked)
                 report = format_report(outcome, records, a.nproc, a.timeout, a.no_python, gone,
                                        wheres)
+            if log_dir:
+                drop_unused_stacks(s.stack for s in specs)
             code = exit_code(outcome, records)
             why = cause(outcome, records, a.timeout)
             again = outcome.reason in ("failed", "lost") and not outcome.interrupted \

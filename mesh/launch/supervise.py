@@ -18,8 +18,8 @@ import threading
 import time
 from typing import BinaryIO, Callable, Sequence, TextIO
 
-from ._bootstrap import SAY_WHERE
-from .records import JobOutcome, WorkerExit, WorkerSpec, can_answer
+from ._bootstrap import DUMP_STACK, SAY_WHERE
+from .records import JobOutcome, WorkerExit, WorkerSpec, can_answer, read_stack
 from .relay import Sink, Stream
 from .watchdog import Watchdog
 
@@ -30,6 +30,7 @@ _REAP_S = 5.0  # how long SIGKILLed processes get to disappear
 _DRAIN_S = 1.0  # how long to keep reading output after the last exit
 _SAY_S = 1.0    # how long the ranks asked where they are get to say it (at most --settle)
 _ASKED_POLL_S = 0.01
+_DUMP_S = 0.2   # how long faulthandler gets to dump the stack of a rank that gave no word
 
 
 class _Proc:
@@ -46,7 +47,9 @@ class Job:
     rest with SIGTERM, then SIGKILL after ``grace`` seconds; before the
     SIGTERM each rank is asked where it is (``_bootstrap.SAY_WHERE``), and
     given up to a second (no more than ``settle``) to write it to its
-    ``WorkerSpec.where``, for the report. ``log_dir`` gets
+    ``WorkerSpec.where``, for the report; one that gives no word (wedged in
+    native code) is sent ``_bootstrap.DUMP_STACK``, and faulthandler gets up
+    to 0.2 s more to dump its stack to ``WorkerSpec.stack``. ``log_dir`` gets
     each rank's raw output; ``scratch`` is a directory the watchdog removes
     if the launcher dies (else removing it is the caller's business).
     ``settle``: how long the first failure lets the others end on their own
@@ -78,6 +81,7 @@ class Job:
         self._watchdog: Watchdog | None = None
         self._told = ""             # why another node's meshrun stops this try (``stop``)
         self._asked: list[_Proc] = []   # the ranks asked where they are (``_ask_where``)
+        self._dumping: dict[_Proc, int] = {}    # those asked for their stack: its size seen
         self._wake = -1             # the loop's wake-up pipe, while it runs
         self._wake_lock = threading.Lock()
 
@@ -194,6 +198,7 @@ class Job:
         outcome = JobOutcome("ok")
         kill_at: float | None = None
         asked_until: float | None = None
+        dump_until: float | None = None
         give_up_at: float | None = None
         failed_at: float | None = None
         signals_seen = 0
@@ -227,11 +232,15 @@ class Job:
                 asked_until = now + self._ask_where()
             if kill_at is None:
                 # SIGTERM once the ranks asked where they are have said it, or their
-                # time is up (a second Ctrl-C: at once, and SIGKILL next)
-                if now < asked_until and len(self._signals) == signals_seen and any(
-                        p.exit is None and not os.path.exists(p.spec.where)
-                        for p in self._asked):
-                    continue
+                # time is up and those that did not have had their stacks dumped, or
+                # 0.2 s more is (a second Ctrl-C: at once, and SIGKILL next)
+                if len(self._signals) == signals_seen:
+                    if now < asked_until and any(self._silent()):
+                        continue
+                    if dump_until is None:
+                        dump_until = now + self._ask_stacks()
+                    if now < dump_until and not self._dumped():
+                        continue
                 self._kill_all(signal.SIGTERM)
                 kill_at = now + self.grace
             elif give_up_at is None and (now >= kill_at or len(self._signals) > signals_seen):
@@ -258,6 +267,35 @@ class Job:
                     continue
                 self._asked.append(p)
         return min(self.settle, _SAY_S) if self._asked else 0.0
+
+    def _silent(self) -> list[_Proc]:
+        """The ranks asked where they are, still running, that have not said it."""
+        return [p for p in self._asked if p.exit is None and not os.path.exists(p.spec.where)]
+
+    def _ask_stacks(self) -> float:
+        """Have faulthandler dump the stack of each rank that gave no word
+        (``_bootstrap.DUMP_STACK``); how long it gets (0: none asked)."""
+        for p in self._silent() if DUMP_STACK else ():
+            if p.spec.stack and can_answer(p.pid, DUMP_STACK):
+                try:
+                    os.kill(p.pid, DUMP_STACK)
+                except OSError:
+                    continue
+                self._dumping[p] = -1
+        return _DUMP_S if self._dumping else 0.0
+
+    def _dumped(self) -> bool:
+        """Whether every stack asked for is there: its main thread's frames,
+        and no more written since the last look."""
+        done = True
+        for p, seen in self._dumping.items():
+            try:
+                self._dumping[p] = os.stat(p.spec.stack).st_size
+            except OSError:
+                self._dumping[p] = -1
+            if p.exit is None and (self._dumping[p] != seen or read_stack(p.spec.stack) is None):
+                done = False
+        return done
 
     def _lost(self) -> str:
         """What a rank said of a rank of another node it lost (mesh.inbox

@@ -3,18 +3,16 @@
     launch_where.py DIR
 
 Rank 1 waits in a receive that never comes; rank 0, once rank 1's
-heartbeats say it waits, computes in a Python loop; rank 2 blocks the
-signal that asks (as a rank wedged in native code would never answer) and
-sleeps. Ranks 0 and 2 write DIR/<rank>.ready once there."""
+heartbeats say it waits, computes in a Python loop; rank 2 is wedged in
+native code: a C call that holds the GIL, where no Python signal handler
+runs (it never answers meshrun's question). Ranks 0 and 2 write
+DIR/<rank>.ready once there."""
+import ctypes
 import os
-import signal
 import sys
 import time
 
 import mesh
-from mesh.launch import _bootstrap
-
-SAY_WHERE = getattr(_bootstrap, "SAY_WHERE", 0)     # (tools/bench_stop.py runs older trees)
 
 DIR = sys.argv[1]
 
@@ -30,9 +28,19 @@ def spin() -> None:
         x += 1
 
 
+def wedge() -> None:
+    """Deadlock in C holding the GIL: a lock acquired twice through ctypes.pythonapi,
+    whose calls keep the GIL, and whose wait a signal does not end (EINTR: again)."""
+    api = ctypes.pythonapi
+    api.PyThread_allocate_lock.restype = ctypes.c_void_p
+    api.PyThread_acquire_lock.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lock = api.PyThread_allocate_lock()
+    api.PyThread_acquire_lock(lock, 1)
+    ready(2)
+    api.PyThread_acquire_lock(lock, 1)
+
+
 def main() -> None:
-    if os.environ["RANK"] == "2" and SAY_WHERE:    # (before mesh.init: its threads too)
-        signal.pthread_sigmask(signal.SIG_BLOCK, [SAY_WHERE])
     with mesh.init() as world:
         if world.rank == 1:
             world.recv(0, tag=7)
@@ -43,8 +51,7 @@ def main() -> None:
                 time.sleep(0.02)
             spin()
         else:
-            ready(2)
-            time.sleep(60)
+            wedge()
 
 
 main()
