@@ -38,9 +38,10 @@ import zmq
 from . import auth
 from .errors import AuthError, LostPeerError, RendezvousError
 from .liveness import monitor_event
+from .peer import named, on_host
 
 __all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Teller",
-           "tell_ended"]
+           "tell_ended", "gone_text"]
 
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
@@ -97,7 +98,9 @@ class RendezvousServer:
         self._idents: dict[int, bytes] = {}
         self._last: dict[int, dict[str, Any]] | None = None   # the last table, by rank
         self._refusals: list[str] = []      # the last joins refused, as the waiting hear
-        self._gone: dict[int, str] = {}     # ranks that ended before the job was complete
+        # ranks that ended before the job was complete: how, and where (``_where_gone``)
+        self._gone: dict[int, tuple[str, dict[str, Any]]] = {}
+        self._from = ""     # the address the request in hand came from ('' not known)
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()      # close() wakes the poll at once
         self._thread = threading.Thread(target=self._run, name="mesh-rendezvous", daemon=True)
@@ -150,16 +153,32 @@ class RendezvousServer:
                 or rank in self._gone
                 or self.tries is not None and req.get("try") != self.tries.attempt):
             return
-        self._gone[rank] = (f"peer rank {rank} is gone: it ended "
-                            f"({str(req.get('how', ''))[:200]}) before the mesh was complete")
+        self._gone[rank] = (str(req.get("how", ""))[:200], self._where_gone(rank, req))
         if len(self._peers) < self.world_size:     # (a round open; else the table is out)
             self._fail_waiting()
 
+    def _where_gone(self, rank: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Where rank ``rank``, said to have ended, was: its host id, pid and
+        TCP endpoint as it joined (this round or the last table), else the
+        host id and pid its launcher's word (``req``, ``Teller.ended``) says,
+        and the address that word came from (its host's, as a peer on another
+        host whose name is this one's too is named: mesh.peer.on_host)."""
+        came = self._peers.get(rank) or (self._last or {}).get(rank)
+        if came is not None:
+            return {"host": came["host"], "pid": came.get("pid") or 0,
+                    "endpoint": came["endpoints"]["tcp"]}
+        host, pid = req.get("host"), req.get("pid")
+        return {"host": host if isinstance(host, str) else "",
+                "pid": pid if type(pid) is int else 0,
+                "endpoint": f"tcp://{self._from}:0" if self._from else ""}
+
     def _fail_waiting(self) -> None:
-        """Fail every rank that waits, naming the first rank that ended."""
-        rank, msg = next(iter(self._gone.items()))
+        """Fail every rank that waits, naming the first rank that ended (each
+        rank names its host, as it sees it: ``gone_text``)."""
+        rank, (how, where) = next(iter(self._gone.items()))
         for ident in self._idents.values():
-            self._reply(ident, {"op": "error", "msg": msg, "peer": rank})
+            self._reply(ident, {"op": "error", "msg": gone_text(rank, how), "peer": rank,
+                                "how": how, **where})
         self._peers, self._idents = {}, {}
 
     def _register(self, ident: bytes, req: Any) -> None:
@@ -263,9 +282,10 @@ class RendezvousServer:
                 self._on_monitor()
             if self._sock in events:
                 try:
-                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    got = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.ZMQError:
                     continue
+                frames, self._from = [f.bytes for f in got], _peer_address(got[-1])
                 try:
                     req = msgpack.unpackb(frames[1], raw=False) if len(frames) == 2 else None
                 except Exception:
@@ -308,6 +328,22 @@ class RendezvousServer:
             self._auth.close()
         if self._own_ctx:
             self._ctx.term()
+
+
+def gone_text(rank: int, how: str, there: str = "") -> str:
+    """What the ranks waiting for rank ``rank``, which ended (``how``), hear:
+    ``peer rank 2 is gone: it ended (exit code 5) before the mesh was
+    complete``, with its host beside it for a rank on another host
+    (``there``: mesh.peer.on_host, as every error naming a peer)."""
+    return f"peer {named(rank, there)} is gone: it ended ({how}) before the mesh was complete"
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    """The address a TCP connection's message came from ('' for another transport)."""
+    try:
+        return str(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return ""
 
 
 def _said(value: Any) -> str:
@@ -364,9 +400,8 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                                       f"{timeout:.0f}s: {who}")
             ended = _ended_here(folder, rank) if folder else None
             if ended is not None:       # (its meshrun says so: the service may be gone)
-                raise LostPeerError(f"rank {rank}: rendezvous at {where}: peer rank "
-                                    f"{ended[0]} is gone: it ended ({ended[1]}) before the "
-                                    f"mesh was complete", ended[0])
+                raise LostPeerError(f"rank {rank}: rendezvous at {where}: "
+                                    f"{gone_text(*ended)}", ended[0])
             if not sock.poll(int(min(left, 0.25 if folder else 1.0) * 1000) + 1):
                 if mon.poll(0):     # the service answered the handshake: not our secret
                     raise AuthError(
@@ -403,8 +438,12 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                             _log.warning("rank 0: the rendezvous refused a join while the "
                                          "job waits for ranks %s: %s", missing, said)
             elif msg.get("op") == "error" and type(msg.get("peer")) is int:
-                raise LostPeerError(f"rank {rank}: rendezvous at {where}: {msg.get('msg')}",
-                                    msg["peer"])
+                said, far = str(msg.get("msg")), msg.get("host")
+                if isinstance(msg.get("how"), str) and far and isinstance(far, str):
+                    said = gone_text(msg["peer"], msg["how"], on_host(   # (as this rank sees it)
+                        host, far, str(msg.get("endpoint", "")),
+                        msg["pid"] if type(msg.get("pid")) is int else 0))
+                raise LostPeerError(f"rank {rank}: rendezvous at {where}: {said}", msg["peer"])
             elif msg.get("op") == "error":
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} refused: "
                                       f"{msg.get('msg')}")
@@ -521,6 +560,17 @@ def _ended_here(folder: str, me: int) -> tuple[int, str] | None:
     return None
 
 
+def _host_of(rank: int, size: int) -> str:
+    """The host id rank ``rank`` of a launcher here has (mesh.env.host_id,
+    from the launcher's environment, which its ranks inherit); '' where
+    MESH_HOST_ID is malformed (the rank itself says so)."""
+    from .env import host_id
+    try:
+        return host_id(rank, size)
+    except ValueError:
+        return ""
+
+
 class Teller:
     """A launcher's messages to the service: ``ended(rank, how)`` for each of
     its ranks that ended by itself (before it joined, or after: a rank's
@@ -536,7 +586,8 @@ class Teller:
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
 
-    def ended(self, rank: int, how: str) -> None:
+    def ended(self, rank: int, how: str, pid: int = 0) -> None:
+        """Rank ``rank`` (process ``pid``) of this host ended (``how``)."""
         if self._sock is None:
             self._ctx = zmq.Context()
             self._sock = self._ctx.socket(zmq.DEALER)
@@ -544,7 +595,8 @@ class Teller:
             self._sock.connect(self._where)
         try:
             self._sock.send(msgpack.packb({"op": "ended", "rank": rank, "size": self._size,
-                                          "how": how, "try": self._try}),
+                                          "how": how, "try": self._try, "pid": pid,
+                                          "host": _host_of(rank, self._size)}),
                             zmq.NOBLOCK)
         except zmq.ZMQError:
             pass

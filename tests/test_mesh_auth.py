@@ -280,6 +280,51 @@ def test_a_rank_whose_service_never_answers_says_so_before_its_timeout(
         f"rank 2: rendezvous at tcp://127.0.0.1:{port}: no answer from the service yet"), said
 
 
+def test_a_rank_that_ended_is_named_with_its_host_by_the_ranks_of_other_hosts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's "peer rank 1 is gone: it ended ... before the mesh was
+    complete" names the rank's host as every error naming a peer does
+    (mesh.peer.on_host), as each waiting rank sees it: rank 1 joined from
+    another namespace of this host name (named by its address) and ended;
+    its own host's rank names it bare. Rank 2 never joined: its host is
+    the one its launcher's word (``Teller.ended``) says, with its pid (by
+    the address that word came from where the name is shared too)."""
+    ctx = zmq.Context()
+    said: dict[str, str] = {}
+
+    def joins(rank: int, host: str, tcp: str) -> None:
+        try:
+            join(ctx, "127.0.0.1", srv.port, "s", rank, 3, host, {**EPS, "tcp": tcp}, 5)
+        except mesh.LostPeerError as e:
+            said[host] = str(e).split(": ", 2)[2]
+    for gone, host in ((1, ""), (2, "node-c"), (2, "box|net:[3]")):
+        srv = RendezvousServer(3, "s").start()
+        said.clear()
+        monkeypatch.setenv("MESH_HOST_ID", host or "x")
+        teller = rendezvous.Teller("127.0.0.1", srv.port, "s", 3)
+        threads = [threading.Thread(target=joins, args=a) for a in (
+            (0, "box|net:[1]", "tcp://10.77.0.1:1"), (1, "box|net:[2]", "tcp://10.77.0.2:1"))]
+        try:
+            for t in threads:
+                t.start()
+            assert _wait(lambda: srv.missing() == [2]), srv.missing()
+            teller.ended(gone, "exit code 5", 77)
+        finally:
+            for t in threads:
+                t.join(6)
+            teller.close()
+            srv.close()
+        yet = "is gone: it ended (exit code 5) before the mesh was complete"
+        if gone == 1:
+            assert said == {"box|net:[1]": f"peer rank 1 (on host 10.77.0.2, pid "
+                                           f"{os.getpid()}) {yet}",
+                            "box|net:[2]": f"peer rank 1 {yet}"}, said
+        else:
+            name = "node-c" if host == "node-c" else "127.0.0.1"
+            assert set(said.values()) == {f"peer rank 2 (on host {name}, pid 77) {yet}"}, said
+    ctx.term()
+
+
 @pytest.mark.parametrize("ipc", [False, True], ids=["tcp", "ipc"])
 def test_a_refused_stranger_is_named(ipc: bool, tmp_path: Path,
                                      caplog: pytest.LogCaptureFixture) -> None:

@@ -13,6 +13,7 @@ from mesh.match import ANY, DONE, MATCHED, POSTED
 from mesh.launch.report import _peer
 from mesh.liveness import Liveness
 from mesh.peer import ALIVE, CLOSED, DEAD, MSG_COST, Outgoing, Peer, named, on_host
+from mesh.rendezvous import gone_text
 
 SIZE = 4
 
@@ -171,6 +172,12 @@ def test_a_peer_on_another_host_is_named_with_its_host_one_on_this_host_as_befor
         "rank 0: lost peer rank 1 (on host node-b, pid 4242): silent for 10.2s",
         "rank 0: lost peer rank 2: silent for 10.2s"]
     assert _peer({"exc_type": "LostPeerError", "message": str(far.error)}) == 1
+    ended = "is gone: it ended (exit code 5) before the mesh was complete"
+    assert (gone_text(1, "exit code 5"), gone_text(1, "exit code 5", there)) == (
+        f"peer rank 1 {ended}", f"peer rank 1 ({there}) {ended}")     # (the rendezvous')
+    assert _peer({"exc_type": "RuntimeError", "message":
+                  f"LostPeerError: rank 0: rendezvous at tcp://a:1: peer rank 1 ({there}) "
+                  f"{ended}"}) == 1
     said = "all_reduce #3 failed: LostPeerError: peer {}rank {} is gone (silent for 10.2s)"
     for word in ("", "world "):     # (the sender, on rank 1's host, named it bare)
         assert box.relayed(said.format(word, 1), AbortKind.LOST_PEER, 1) == \

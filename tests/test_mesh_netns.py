@@ -461,6 +461,26 @@ def test_a_host_that_cannot_reach_master_addr_says_so(hosts: Hosts, tmp_path: Pa
         _stop(procs)
 
 
+def test_a_rank_ended_before_the_mesh_was_complete_is_named_by_its_host(
+        hosts: Hosts, tmp_path: Path) -> None:
+    """Node 1's rank 2 exits 5 before it joins: node 0's ranks, failed at once
+    by the rendezvous, name it with its host (its address: both namespaces
+    have one host name) and pid; node 1's rank 3, its own host's, bare. (2 s)"""
+    secret, exits = secrets.token_hex(16), {"MESH_TEST_EXIT_BEFORE_INIT": "2:5"}
+    job = [str(REPO / "tests" / "scripts" / "launch_mesh.py")]
+    procs = [hosts.launch(0, 0, tmp_path, secret, False, job, **exits)]
+    try:
+        port = _node0_port(procs[0])
+        procs.append(hosts.launch(1, port, tmp_path, secret, False, job, **exits))
+        errs = [p.communicate(timeout=40)[1] for p in procs]
+    finally:
+        _stop(procs)
+    said = "is gone: it ended (exit code 5) before the mesh was complete"
+    assert re.search(rf"rank 0: rendezvous at \S+: peer rank 2 \(on host {ADDR[1]}, pid "
+                     rf"\d+\) {re.escape(said)}", errs[0]), errs[0]
+    assert f"rank 3: rendezvous at tcp://{ADDR[0]}:{port}: peer rank 2 {said}" in errs[1], errs[1]
+
+
 def _restarting(hosts: Hosts, out: Path, max_restarts: int,
                 fail_tries: int) -> list[tuple[int, list[dict], str]]:
     """A job of both hosts' meshruns with --max-restarts whose rank 2 (node

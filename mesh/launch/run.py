@@ -259,7 +259,7 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             # (after a table too: a mesh.init() after a close waits); one this meshrun
             # stopped too (Ctrl-C, --timeout): the other nodes' ranks waited 120 s for it
             stopped = f", stopped by node {a.node_rank}'s meshrun" if e.after_stop else ""
-            teller.ended(e.rank, e.describe() + stopped)
+            teller.ended(e.rank, e.describe() + stopped, e.pid)
             tell_ended(run_dir, e.rank, e.describe() + stopped)     # (its ranks here hear it)
             if agent is not None and e.failed and not e.after_stop:
                 agent.failed(f"rank {e.rank} ended ({e.describe()})")
