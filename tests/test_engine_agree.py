@@ -407,6 +407,15 @@ def _stopped_receiving(rank, r, at):
     agree._Called.recv = recv
 
 
+def _state_said(job):
+    """What a ``job.state_dict()`` call gave: None, its keys, or its error."""
+    try:
+        got = job.state_dict(timeout=10)
+        return None if got is None else sorted(got)
+    except BaseException as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def _gather_worker(world, cases):
     """pp=3, one stage a rank: for each case ``(who, how, late)``,
     job.state_dict() on every rank, rank ``who`` interrupted ``how``
@@ -424,7 +433,8 @@ def _gather_worker(world, cases):
     job = engine.distribute(model, mesh.grid(world, pp=3), balance=[1, 1, 1],
                             schedule="1f1b", microbatches=3, loss_fn=mse_loss,
                             verbose=False, timeout=20)
-    said = []
+    import collectives
+    said: list = []
     for who, how, late in cases:
         if world.rank == who:
             if how == "waiting":
@@ -439,19 +449,9 @@ def _gather_worker(world, cases):
                 _stopped_receiving(who, 2, agree._STATE_TAG + 1)
         if world.rank in late:
             time.sleep(0.5)
-        try:
-            got = job.state_dict(timeout=10)
-            said.append(None if got is None else sorted(got))
-        except BaseException as e:
-            said.append(f"{type(e).__name__}: {e}")
-        import collectives
-        collectives.barrier(world)
-        try:
-            got = job.state_dict(timeout=10)
-            said.append(None if got is None else sorted(got))
-        except BaseException as e:
-            said.append(f"{type(e).__name__}: {e}")
-        collectives.barrier(world)
+        for _ in range(2):      # the call the case stops, then the next one
+            said.append(_state_said(job))
+            collectives.barrier(world)
         pp = job.grid.group("pp")      # (a state's messages: first, two parts; rank 0's word)
         said.append([t - agree._STATE_TAG for t in (agree._TAKEN_TAG, *range(agree._STATE_TAG,
                      agree._STATE_TAG + 3)) if pp.iprobe(mesh.ANY, t) is not None])

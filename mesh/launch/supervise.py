@@ -33,6 +33,20 @@ _ASKED_POLL_S = 0.01
 _DUMP_S = 0.2   # how long faulthandler gets to dump the stack of a rank that gave no word
 
 
+def _signalled(procs: list[_Proc], sig: int) -> list[_Proc]:
+    """Those of ``procs`` whose bootstrap catches ``sig`` (``can_answer``),
+    sent it (a process gone meanwhile left out)."""
+    sent = []
+    for p in procs:
+        if can_answer(p.pid, sig):
+            try:
+                os.kill(p.pid, sig)
+            except OSError:
+                continue
+            sent.append(p)
+    return sent
+
+
 class _Proc:
     def __init__(self, spec: WorkerSpec, popen: subprocess.Popen[bytes]) -> None:
         self.spec, self.popen, self.pid = spec, popen, popen.pid
@@ -259,13 +273,7 @@ class Job:
         ``SAY_WHERE``) where it is; how long they get to say it (0: none asked)."""
         if not SAY_WHERE or self.settle <= 0:
             return 0.0
-        for p in self._live():
-            if p.spec.where and can_answer(p.pid, SAY_WHERE):
-                try:
-                    os.kill(p.pid, SAY_WHERE)
-                except OSError:
-                    continue
-                self._asked.append(p)
+        self._asked = _signalled([p for p in self._live() if p.spec.where], SAY_WHERE)
         return min(self.settle, _SAY_S) if self._asked else 0.0
 
     def _silent(self) -> list[_Proc]:
@@ -275,13 +283,9 @@ class Job:
     def _ask_stacks(self) -> float:
         """Have faulthandler dump the stack of each rank that gave no word
         (``_bootstrap.DUMP_STACK``); how long it gets (0: none asked)."""
-        for p in self._silent() if DUMP_STACK else ():
-            if p.spec.stack and can_answer(p.pid, DUMP_STACK):
-                try:
-                    os.kill(p.pid, DUMP_STACK)
-                except OSError:
-                    continue
-                self._dumping[p] = -1
+        if DUMP_STACK:
+            silent = [p for p in self._silent() if p.spec.stack]
+            self._dumping = {p: -1 for p in _signalled(silent, DUMP_STACK)}
         return _DUMP_S if self._dumping else 0.0
 
     def _dumped(self) -> bool:
