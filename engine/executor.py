@@ -228,6 +228,8 @@ class Pipeline:
             self.schedule = lowered
             self.rank = self.pp.rank
             self.program: tuple[Action, ...] = lowered.ranks[self.rank]
+            # whether some rank's optimizer steps inside the step (OPT actions)
+            self.has_opt = any(a.kind == OPT for row in lowered.ranks for a in row)
             # eval_step's: the forwards and their messages, in the schedule's order
             self.forward_program = tuple(a for a in self.program
                                          if a.kind in (F, SEND_F, RECV_F))
@@ -294,7 +296,7 @@ class Pipeline:
         # torch's own losses (F.mse_loss, nn.MSELoss()) return the loss only: wrapped
         self.loss_fn = torch_loss(loss_fn) if loss_fn is not None and plain_torch_loss(
             loss_fn) else loss_fn
-        if any(a.kind == OPT for r in lowered.ranks for a in r):
+        if self.has_opt:
             # (a mean cross entropy run per token: its optimizer would step before the count)
             self.loss_fn = getattr(self.loss_fn, "as_written", self.loss_fn)
         self.loss_checked = False      # what it returns: seen on its first call
@@ -329,7 +331,7 @@ class Pipeline:
             raise ValueError(f"schedule {schedule.name!r} has OPT actions: pass optimizer=")
         # optimizer(stage) runs at OPT actions only: with none anywhere it never ran (the
         # weights never changed, without a word)
-        if optimizer is not None and not any(a.kind == OPT for r in lowered.ranks for a in r):
+        if optimizer is not None and not self.has_opt:
             raise ValueError(f"pp rank {self.rank}: Pipeline(optimizer=...): schedule "
                              f"{schedule.name!r} has no OPT actions, so the optimizer would "
                              f"never run: add them with engine.with_optimizer_step(schedule), "

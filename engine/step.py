@@ -454,9 +454,7 @@ class _StepActions:
         pipe = self.pipe
         assert a.mb is not None
         where = f"pp rank {pipe.rank}: pipeline step {self.n} ({pipe.schedule.name}), {a}"
-        opt = not self.forward_only and any(b.kind == OPT for r in pipe.schedule.ranks
-                                            for b in r)
-        return self.counts.note(a.mb, count, where, opt)
+        return self.counts.note(a.mb, count, where, pipe.has_opt and not self.forward_only)
 
     def _backward(self, a: Action) -> None:
         pipe, (s, k) = self.pipe, _key(a)
