@@ -35,10 +35,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import collectives
-from mesh import Comm
 
 from . import layers, tp_layers
-from .tp_plan import (PlanError, Style, abandoned, agree, digest, match, planned,
+from .tp_plan import (PlanError, Style, abandoned, agree, as_comm, digest, match, planned,
                       shard_said, style_said)
 from .torch_stage import TorchStage, _torch
 from .tp_rng import _Stream
@@ -80,7 +79,7 @@ def parallelize(module: Any, group: Any, plan: Mapping[str, Any], *, init: str =
     before any step."""
     if init not in ("check", "broadcast"):
         raise ValueError(f"init is 'check' or 'broadcast', not {init!r}")
-    group = _as_comm(group)
+    group = as_comm(group, "parallelize")
     if isinstance(module, TorchStage):        # shard its module, then see the shards
         parallelize(module.module, group, plan, init=init, strict=strict)
         module._params = [p for p in module.module.parameters() if p.requires_grad]
@@ -191,32 +190,6 @@ def describe_plan(module: Any, plan: Mapping[str, Any], tp: int, *,
         shown = ", ".join(n for n, _ in rest[:8]) + (" ..." if len(rest) > 8 else "")
         lines.append(f"  not planned, whole on every tp rank ({len(rest)} tensors): {shown}")
     return "\n".join(lines)
-
-
-def _as_comm(group: Any) -> Any:
-    """A meshrun communicator, or the one under a torch.distributed group
-    (or a one-dimensional DeviceMesh) on the "meshrun" backend."""
-    if isinstance(group, Comm):
-        return group
-    import sys
-    from mesh.world import rank_said
-    me = rank_said()
-    dist = sys.modules.get("torch.distributed")
-    if group is None and (dist is None or not dist.is_initialized()):
-        raise TypeError(f"{me}parallelize: the tp group is None (what world.group(ranks) gives "
-                        f"the ranks outside it) and torch.distributed has no default group to "
-                        f"take instead: pass the tp communicator (a mesh.grid's group('tp'))")
-    torchy = dist is not None and (
-        group is None or isinstance(group, dist.ProcessGroup)
-        or hasattr(group, "mesh_dim_names")               # a DeviceMesh
-        or group is dist.GroupMember.NON_GROUP_MEMBER)    # (comm_of says what it is)
-    if torchy:
-        from collectives.torchdist import comm_of
-        return comm_of(group)
-    grid = " (a mesh.Grid: pass its group('tp'))" if hasattr(group, "axes") else ""
-    raise TypeError(f"{me}parallelize: the tp group must be a meshrun communicator (a "
-                    f"mesh.grid's group('tp')) or a torch.distributed group on the "
-                    f"'meshrun' backend, not a {type(group).__name__}{grid}")
 
 
 def tensor_bytes(torch: Any, t: Any) -> bytes:

@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 
 import collectives
-from mesh import Comm
 
-from .tp_plan import PlanError, logged
+from .tp_plan import PlanError, as_comm, logged
 from .torch_stage import _torch
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -56,7 +55,7 @@ def vocab_parallel_cross_entropy(logits: Any, target: Any, group: Any, ignore_in
     torch's. numpy: returns ``(loss, gradient of logits)``, reduction
     "mean" or "sum", as a pipeline's numpy ``loss_fn``. ``name`` names the
     call in errors (the head's module, where the watch calls it)."""
-    group = _comm_of(group)
+    group = as_comm(group, name)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{name}: reduction is one of {_REDUCTIONS}, not {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -83,13 +82,6 @@ def _loss_dtype(torch: Any, logits: Any) -> Any:
 def _is_tensor(x: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
-
-
-def _comm_of(group: Any) -> Any:
-    if isinstance(group, Comm):
-        return group
-    from collectives.torchdist import comm_of
-    return comm_of(group)
 
 
 def _rows(logits_shape: tuple[int, ...], target_shape: tuple[int, ...], group: Any,

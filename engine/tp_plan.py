@@ -93,12 +93,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import collectives
-from mesh import AbortKind, MeshError
+from mesh import AbortKind, Comm, MeshError
 
 __all__ = ["Style", "STYLES", "PlanError", "parse", "match", "named_by", "edges", "rewrite_attrs",
            "check_attrs", "check_divisible", "shard_rows", "joined_order", "digest", "agree",
            "abandoned", "style_said", "shard_said", "fed_whole", "rowwise_fed_whole",
-           "sequence_harm", "same_on_every_rank"]
+           "sequence_harm", "same_on_every_rank", "as_comm"]
 
 LAYOUTS = {
     "colwise": (("replicate", "sequence", "partial"), ("shard", "replicate")),
@@ -566,3 +566,31 @@ def shard_said(whole: tuple[int, ...], axis: int | None, tp: int, style: str) ->
         return f"{list(whole)} -> {list(shard)} a rank (axis {axis} split)"
     return f"{list(whole)} whole on every rank" + (
         ", gradients summed over tp" if style == "sequence" else "")
+
+
+def as_comm(group: Any, call: str) -> Any:
+    """A meshrun communicator, or the one under a torch.distributed group
+    (or a one-dimensional DeviceMesh) on the "meshrun" backend; else a
+    TypeError naming the rank and ``call`` (parallelize, the vocab-parallel
+    loss)."""
+    if isinstance(group, Comm):
+        return group
+    import sys
+    from mesh.world import rank_said
+    me = rank_said()
+    dist = sys.modules.get("torch.distributed")
+    if group is None and (dist is None or not dist.is_initialized()):
+        raise TypeError(f"{me}{call}: the tp group is None (what world.group(ranks) gives "
+                        f"the ranks outside it) and torch.distributed has no default group to "
+                        f"take instead: pass the tp communicator (a mesh.grid's group('tp'))")
+    torchy = dist is not None and (
+        group is None or isinstance(group, dist.ProcessGroup)
+        or hasattr(group, "mesh_dim_names")               # a DeviceMesh
+        or group is dist.GroupMember.NON_GROUP_MEMBER)    # (comm_of says what it is)
+    if torchy:
+        from collectives.torchdist import comm_of
+        return comm_of(group)
+    grid = " (a mesh.Grid: pass its group('tp'))" if hasattr(group, "axes") else ""
+    raise TypeError(f"{me}{call}: the tp group must be a meshrun communicator (a "
+                    f"mesh.grid's group('tp')) or a torch.distributed group on the "
+                    f"'meshrun' backend, not a {type(group).__name__}{grid}")
