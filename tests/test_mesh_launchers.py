@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -53,7 +54,11 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 90) -> str:
 
 
 def _rank_lines(out: str) -> list[str]:
-    return sorted(ln for ln in out.splitlines() if ln.startswith("rank "))
+    """The ranks' lines, sorted; split where one starts, too: mpirun forwards
+    each rank's writes as they come, and a line's newline may follow another
+    rank's line (``rank 0 gloo ... Nonerank 1 gloo ...``)."""
+    return sorted(ln.strip() for ln in re.split(r"\n|(?=rank \d+ )", out)
+                  if ln.startswith("rank "))
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None,
