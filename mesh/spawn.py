@@ -43,7 +43,8 @@ from .env import launcher_seal, torchrun_env
 from .errors import WorkerError
 from .limits import (blas_default, env_threads, limit_threads, open_files, pool_unreachable,
                      thread_share, too_many_for_open_files)
-from .rendezvous import RendezvousServer, remove_run_folder, run_folder
+from .rdvlaunch import remove_run_folder, run_folder
+from .rendezvous import RendezvousServer
 
 __all__ = ["spawn"]
 

@@ -20,7 +20,7 @@ from ..env import launcher_seal, torchrun_env
 from ..limits import open_files, thread_share
 from ..auth import curve_wanted
 from ..peer import config_float
-from ..rendezvous import Teller, remove_run_folder, run_folder, tell_ended
+from ..rdvlaunch import Teller, remove_run_folder, run_folder, tell_ended
 from .records import (WorkerExit, WorkerSpec, elastic_error_file, error_file, log_tracebacks,
                       drop_unused_stacks, read_records, read_wheres, stack_file, where_file)
 from .report import cause, exit_code, format_report, lost_nodes
