@@ -44,7 +44,7 @@ from .errors import WorkerError
 from .limits import (blas_default, env_threads, limit_threads, open_files, pool_unreachable,
                      thread_share, too_many_for_open_files)
 from .rdvlaunch import remove_run_folder, run_folder
-from .rendezvous import RendezvousServer
+from .rdvserver import RendezvousServer
 
 __all__ = ["spawn"]
 

@@ -69,7 +69,7 @@ def _serve_rendezvous(a: argparse.Namespace, secret: str, tries: Tries | None = 
     """Start the rendezvous service (node 0 only); it binds the given port or
     port 0 and the bound port is what workers are told, never a guess.
     ``tries``: it also runs the tries of every node's meshrun."""
-    from ..rendezvous import RendezvousServer
+    from ..rdvserver import RendezvousServer
     host = "*" if a.nnodes > 1 else a.master_addr
     srv = RendezvousServer(a.nnodes * a.nproc, secret, host=host, port=a.master_port or 0,
                            curve=a.curve or curve_wanted(), tries=tries)

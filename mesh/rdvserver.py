@@ -1,0 +1,342 @@
+"""The rendezvous service (mesh.rendezvous draws its messages): one per job,
+in the launcher, the parent of ``mesh.spawn``, or rank 0 under another
+launcher. It hands every rank the table once all have joined, answers the
+ranks that wait with whom they wait for, fails them at once, naming it,
+where a rank ended (a launcher's word: mesh.rdvlaunch.Teller), and carries
+the meshruns' word on the job's tries (mesh.launch.tries). It logs as
+``mesh.rendezvous``, as a rank's ``join`` does: the one name a user's
+logging configuration needs for both.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from . import auth
+from .errors import RendezvousError
+from .liveness import monitor_event
+from .peer import named
+
+__all__ = ["RendezvousServer", "gone_text"]
+
+_log = logging.getLogger("mesh.rendezvous")
+_MAX_REQUEST = 64 * 1024
+
+
+class RendezvousServer:
+    """Collects one registration per rank and hands every rank the table.
+    Once the table is out, a rank's process may join again (its mesh
+    closed, ``mesh.init()`` or ``init_process_group`` once more): that
+    starts a new round, which only the processes of the last table join.
+
+    ``refused`` counts connections that failed the handshake (no secret, a
+    wrong one, another mechanism); ``rejected`` counts requests refused after
+    it (malformed, wrong world size, a rank that already joined).
+
+    ``tries`` (``mesh.launch.tries.Tries``): the service also carries the
+    meshruns' word on the job's tries, which restart on every node together;
+    each try is a new rendezvous, open only while the meshruns run it."""
+
+    def __init__(self, world_size: int, secret: str, host: str = "127.0.0.1",
+                 port: int = 0, ctx: zmq.Context | None = None,
+                 curve: bool | None = None, tries: Any = None) -> None:
+        self.world_size = world_size
+        self.tries = tries
+        if tries is not None:
+            tries.on_go = self._new_try
+        self.curve = auth.curve_wanted() if curve is None else curve
+        self._own_ctx = ctx is None
+        self._ctx = ctx or zmq.Context()
+        self._auth = auth.Authenticator(self._ctx, secret, self.curve) if self._own_ctx else None
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, _MAX_REQUEST)
+        auth.make_server(self._sock, secret, self.curve)
+        self._mon = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        bind_host = "*" if host in ("", "0.0.0.0", "*") else host
+        try:
+            self._sock.bind(f"tcp://{bind_host}:{port}")
+        except zmq.ZMQError as e:
+            self._sock.disable_monitor()
+            self._mon.close(linger=0)
+            self._sock.close(linger=0)
+            raise RendezvousError(f"rendezvous: cannot bind tcp://{bind_host}:{port}: {e}") from e
+        self.port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self.rejected = 0
+        self._ignored = 0       # (malformed requests, of those rejected: the log's count)
+        self.refused = 0
+        self.complete = threading.Event()
+        self._peers: dict[int, dict[str, Any]] = {}
+        self._idents: dict[int, bytes] = {}
+        self._last: dict[int, dict[str, Any]] | None = None   # the last table, by rank
+        self._refusals: list[str] = []      # the last joins refused, as the waiting hear
+        # ranks that ended before the job was complete: how, and where (``_where_gone``)
+        self._gone: dict[int, tuple[str, dict[str, Any]]] = {}
+        self._from = ""     # the address the request in hand came from ('' not known)
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()      # close() wakes the poll at once
+        self._thread = threading.Thread(target=self._run, name="mesh-rendezvous", daemon=True)
+
+    def start(self) -> "RendezvousServer":
+        self._thread.start()
+        return self
+
+    def missing(self) -> list[int]:
+        return [r for r in range(self.world_size) if r not in self._peers]
+
+    def _reply(self, ident: bytes, msg: dict[str, Any]) -> None:
+        """Send ``msg`` to ``ident``, never waiting: an answer that finds its
+        queue full (a client that does not read: 1000 answers) is dropped,
+        where a blocking send stalled the service for every rank."""
+        try:
+            self._sock.send_multipart([ident, msgpack.packb(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _send(self, ident: bytes, msg: dict[str, Any]) -> bool:
+        """``_reply`` for the meshruns' word: False where ``ident``'s
+        connection is gone (its meshrun killed: ROUTER_MANDATORY)."""
+        try:
+            self._sock.send_multipart([ident, msgpack.packb(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            return e.errno != zmq.EHOSTUNREACH
+        return True
+
+    def _new_try(self, attempt: int) -> None:
+        """Every node's meshrun starts try ``attempt``: a rendezvous of its own,
+        nothing of the last try's ranks (all ended) kept."""
+        self._peers, self._idents, self._last = {}, {}, None
+        self._refusals, self._gone = [], {}
+        self.complete.clear()
+
+    def _was(self, rank: int, who: tuple[Any, str]) -> bool:
+        """Whether ``who`` (pid, host) is the process the last table has at ``rank``."""
+        last = None if self._last is None else self._last[rank]
+        return last is not None and (last["pid"], last["host"]) == who
+
+    def _ended(self, req: dict[str, Any]) -> None:
+        """A launcher says rank ``rank`` ended: before it joined, or after a
+        table (a new round joins only the last table's processes). Nobody
+        will fill its place, so the ranks waiting now fail, naming it, and
+        so does every later join (a ``mesh.init()`` after a close, which
+        waited in silence for its rendezvous timeout)."""
+        rank = req.get("rank")
+        if (type(rank) is not int or req.get("size") != self.world_size   # (another job's)
+                or rank in self._gone
+                or self.tries is not None and req.get("try") != self.tries.attempt):
+            return
+        self._gone[rank] = (str(req.get("how", ""))[:200], self._where_gone(rank, req))
+        if len(self._peers) < self.world_size:     # (a round open; else the table is out)
+            self._fail_waiting()
+
+    def _where_gone(self, rank: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Where rank ``rank``, said to have ended, was: its host id, pid and
+        TCP endpoint as it joined (this round or the last table), else the
+        host id and pid its launcher's word (``req``, ``Teller.ended``) says,
+        and the address that word came from (its host's, as a peer on another
+        host whose name is this one's too is named: mesh.peer.on_host)."""
+        came = self._peers.get(rank) or (self._last or {}).get(rank)
+        if came is not None:
+            return {"host": came["host"], "pid": came.get("pid") or 0,
+                    "endpoint": came["endpoints"]["tcp"]}
+        host, pid = req.get("host"), req.get("pid")
+        return {"host": host if isinstance(host, str) else "",
+                "pid": pid if type(pid) is int else 0,
+                "endpoint": f"tcp://{self._from}:0" if self._from else ""}
+
+    def _fail_waiting(self) -> None:
+        """Fail every rank that waits, naming the first rank that ended (each
+        rank names its host, as it sees it: ``gone_text``)."""
+        rank, (how, where) = next(iter(self._gone.items()))
+        for ident in self._idents.values():
+            self._reply(ident, {"op": "error", "msg": gone_text(rank, how), "peer": rank,
+                                "how": how, **where})
+        self._peers, self._idents = {}, {}
+
+    def _register(self, ident: bytes, req: Any) -> None:
+        if isinstance(req, dict) and req.get("op") == "ended":
+            self._ended(req)
+            return
+        if isinstance(req, dict) and req.get("op") == "node":
+            if self.tries is None:
+                self._reply(ident, {"op": "node", "say": "refused", "why":
+                                    "node 0's meshrun restarts nothing (no --max-restarts): "
+                                    "give every node's meshrun the same --max-restarts"})
+            else:
+                self.tries.handle(ident, req, time.monotonic(), self._send)
+            return
+        if not (isinstance(req, dict) and req.get("op") == "join"
+                and type(req.get("rank")) is int and type(req.get("size")) is int
+                and type(req.get("pid", 0)) is int     # (they go to every rank: mesh.world)
+                and (req.get("window") is None or type(req["window"]) is int)
+                and _endpoints_ok(req.get("endpoints"))):
+            self._ignore("a malformed request")
+            return
+        rank, size = req["rank"], req["size"]
+        if self.tries is not None and not self.tries.running:
+            self.rejected += 1
+            self._reply(ident, {"op": "error", "msg": self.tries.closed(rank)})
+            return
+        if size != self.world_size or not 0 <= rank < size:
+            msg = (f"rank {rank} of world {size} (pid {req.get('pid')} on "
+                   f"{_said(req.get('host'))}) cannot join a job of world size {self.world_size}"
+                   + (": the launchers disagree on the world size (-n, --nnodes)"
+                      if size != self.world_size else ""))
+            self.rejected += 1
+            self._reply(ident, {"op": "error", "msg": msg})
+            self._refusals = (self._refusals + [msg])[-3:]   # told to the ranks that wait
+            return
+        who = (req.get("pid"), str(req.get("host", "")))
+        if len(self._peers) == self.world_size and self._was(rank, who):
+            self._peers, self._idents = {}, {}     # the table is out: a new round
+        prev = self._peers.get(rank)
+        if prev is not None:             # joined this round already, from another socket?
+            duplicate = self._idents[rank] != ident
+        else:                            # a new round's ranks are the last table's processes
+            prev = None if self._last is None else self._last[rank]
+            duplicate = prev is not None and not self._was(rank, who)
+        if duplicate:
+            assert prev is not None
+            self.rejected += 1
+            self._reply(ident, {"op": "error", "msg":
+                                f"rank {rank} already joined (pid {prev.get('pid')} on "
+                                f"{_said(prev.get('host'))}); duplicate from pid "
+                                f"{req.get('pid')}"})
+            return
+        self._peers[rank] = {"rank": rank, "host": str(req.get("host", "")),
+                             "endpoints": req["endpoints"], "pid": req.get("pid"),
+                             "window": req.get("window")}
+        self._idents[rank] = ident
+        if self._gone:              # one of the ranks ended already: none will come
+            self._fail_waiting()
+            return
+        if len(self._peers) == self.world_size:
+            table = {"op": "table", "peers": [self._peers[r] for r in range(self.world_size)]}
+            for r in range(self.world_size):
+                self._reply(self._idents[r], table)
+            self._last = dict(self._peers)
+            self.complete.set()
+
+    def _ignore(self, what: str) -> None:
+        """Count a request ignored; logged at the 1st, 2nd, 4th, 8th...: a
+        client holding the secret may send any number."""
+        self.rejected += 1
+        self._ignored += 1
+        n = self._ignored
+        if n & (n - 1) == 0:
+            _log.warning("rendezvous: ignored %s (%d so far)", what, n)
+
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                event = monitor_event(self._mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.refused += 1       # any event is a refusal; the ZAP handler logs the secret's
+            n = self.refused
+            if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and n & (n - 1) == 0:
+                _log.warning("rendezvous: refused a connection that failed the handshake "
+                             "(not ZeroMQ, another mechanism, too slow, or a peer that exited "
+                             "while connecting; %d so far)", n)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._mon, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        last_status = last_tick = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                events = dict(poller.poll(200))
+            except zmq.ZMQError:
+                break
+            if self._mon in events:
+                self._on_monitor()
+            if self._sock in events:
+                try:
+                    got = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError:
+                    continue
+                frames, self._from = [f.bytes for f in got], _peer_address(got[-1])
+                try:
+                    req = msgpack.unpackb(frames[1], raw=False) if len(frames) == 2 else None
+                except Exception:
+                    req = None
+                try:
+                    self._register(frames[0], req)
+                except Exception as e:     # a request no check foresaw: not the service's end
+                    self._ignore(f"a request it could not handle ({type(e).__name__}: "
+                                 f"{str(e)[:200]})")
+            now = time.monotonic()
+            if self.tries is not None and now - last_tick > 0.5:
+                last_tick = now
+                self.tries.tick(now, self._send)
+            if now - last_status > 1.0 and len(self._peers) < self.world_size:
+                # (a round open: the first, or a new one once the table is out)
+                last_status = now
+                missing = self.missing()
+                for ident in self._idents.values():
+                    self._reply(ident, {"op": "waiting", "missing": missing,
+                                        "refused": self._refusals})
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        self._sock.disable_monitor()
+        self._mon.close(linger=0)
+        self._sock.close(linger=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            os.write(self._wake_w, b"x")
+            self._thread.join(timeout=2)
+        elif not self._sock.closed:
+            self._close_sockets()
+        if self._wake_w >= 0 and not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+        if self._auth is not None:
+            self._auth.close()
+        if self._own_ctx:
+            self._ctx.term()
+
+
+def gone_text(rank: int, how: str, there: str = "") -> str:
+    """What the ranks waiting for rank ``rank``, which ended (``how``), hear:
+    ``peer rank 2 is gone: it ended (exit code 5) before the mesh was
+    complete``, with its host beside it for a rank on another host
+    (``there``: mesh.peer.on_host, as every error naming a peer)."""
+    return f"peer {named(rank, there)} is gone: it ended ({how}) before the mesh was complete"
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    """The address a TCP connection's message came from ('' for another transport)."""
+    try:
+        return str(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return ""
+
+
+def _said(value: Any) -> str:
+    """What a request said (a host), quoted in a refusal: at most 200
+    characters (a request may take 64 KiB, and a refusal goes to every rank
+    that waits too)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _endpoints_ok(eps: Any) -> bool:
+    """A worker's endpoints: {"ipc": "ipc://...", "tcp": "tcp://..."}."""
+    return (isinstance(eps, dict) and set(eps) == {"ipc", "tcp"}
+            and all(isinstance(eps[k], str) and eps[k].startswith(f"{k}://")
+                    and len(eps[k]) < 1024 for k in eps))
