@@ -18,8 +18,8 @@ import threading
 import time
 from typing import BinaryIO, Callable, Sequence, TextIO
 
-from ._bootstrap import DUMP_STACK, SAY_WHERE
-from .records import JobOutcome, WorkerExit, WorkerSpec, can_answer, read_stack
+from .asking import Asking
+from .records import JobOutcome, WorkerExit, WorkerSpec
 from .relay import Sink, Stream
 from .watchdog import Watchdog
 
@@ -28,23 +28,7 @@ __all__ = ["Job"]
 _POLL_S = 0.1  # fallback exit check when no SIGCHLD wakes the loop
 _REAP_S = 5.0  # how long SIGKILLed processes get to disappear
 _DRAIN_S = 1.0  # how long to keep reading output after the last exit
-_SAY_S = 1.0    # how long the ranks asked where they are get to say it (at most --settle)
 _ASKED_POLL_S = 0.01
-_DUMP_S = 0.2   # how long faulthandler gets to dump the stack of a rank that gave no word
-
-
-def _signalled(procs: list[_Proc], sig: int) -> list[_Proc]:
-    """Those of ``procs`` whose bootstrap catches ``sig`` (``can_answer``),
-    sent it (a process gone meanwhile left out)."""
-    sent = []
-    for p in procs:
-        if can_answer(p.pid, sig):
-            try:
-                os.kill(p.pid, sig)
-            except OSError:
-                continue
-            sent.append(p)
-    return sent
 
 
 class _Proc:
@@ -59,13 +43,14 @@ class Job:
     run() returns once every worker has been reaped: all succeeded, or the
     first failure / a signal to the launcher / the job timeout stopped the
     rest with SIGTERM, then SIGKILL after ``grace`` seconds; before the
-    SIGTERM each rank is asked where it is (``_bootstrap.SAY_WHERE``), and
-    given up to a second (no more than ``settle``) to write it to its
-    ``WorkerSpec.where``, for the report; one that gives no word (wedged in
-    native code) is sent ``_bootstrap.DUMP_STACK``, and faulthandler gets up
-    to 0.2 s more to dump its stack to ``WorkerSpec.stack``. ``log_dir`` gets
-    each rank's raw output; ``scratch`` is a directory the watchdog removes
-    if the launcher dies (else removing it is the caller's business).
+    SIGTERM each rank is asked where it is (``_bootstrap.SAY_WHERE``;
+    ``asking.Asking``), and given up to a second (no more than ``settle``)
+    to write it to its ``WorkerSpec.where``, for the report; one that gives
+    no word (wedged in native code) is sent ``_bootstrap.DUMP_STACK``, and
+    faulthandler gets up to 0.2 s more to dump its stack to
+    ``WorkerSpec.stack``. ``log_dir`` gets each rank's raw output;
+    ``scratch`` is a directory the watchdog removes if the launcher dies
+    (else removing it is the caller's business).
     ``settle``: how long the first failure lets the others end on their own
     before they are stopped: ranks told of a failure end with errors of
     their own, and the one that failed first may not be the first to end.
@@ -94,8 +79,7 @@ class Job:
         self._signals: list[int] = []
         self._watchdog: Watchdog | None = None
         self._told = ""             # why another node's meshrun stops this try (``stop``)
-        self._asked: list[_Proc] = []   # the ranks asked where they are (``_ask_where``)
-        self._dumping: dict[_Proc, int] = {}    # those asked for their stack: its size seen
+        self._asking = Asking()     # the ranks asked where they are, as the job stops
         self._wake = -1             # the loop's wake-up pipe, while it runs
         self._wake_lock = threading.Lock()
 
@@ -243,17 +227,17 @@ class Job:
                     continue
                 outcome.stop_time = time.time()
                 signals_seen = len(self._signals)
-                asked_until = now + self._ask_where()
+                asked_until = now + self._asking.where(self._live(), self.settle)
             if kill_at is None:
                 # SIGTERM once the ranks asked where they are have said it, or their
                 # time is up and those that did not have had their stacks dumped, or
                 # 0.2 s more is (a second Ctrl-C: at once, and SIGKILL next)
                 if len(self._signals) == signals_seen:
-                    if now < asked_until and any(self._silent()):
+                    if now < asked_until and any(self._asking.silent()):
                         continue
                     if dump_until is None:
-                        dump_until = now + self._ask_stacks()
-                    if now < dump_until and not self._dumped():
+                        dump_until = now + self._asking.stacks()
+                    if now < dump_until and not self._asking.dumped():
                         continue
                 self._kill_all(signal.SIGTERM)
                 kill_at = now + self.grace
@@ -265,41 +249,8 @@ class Job:
         outcome.exits = sorted((p.exit or self._unreaped(p) for p in self._procs),
                                key=lambda e: e.time)
         outcome.interrupted = bool(self._signals)
-        outcome.asked = sorted(p.spec.rank for p in self._asked)
+        outcome.asked = sorted(p.spec.rank for p in self._asking.asked)
         return outcome
-
-    def _ask_where(self) -> float:
-        """Ask every live rank that can say it (its bootstrap catches
-        ``SAY_WHERE``) where it is; how long they get to say it (0: none asked)."""
-        if not SAY_WHERE or self.settle <= 0:
-            return 0.0
-        self._asked = _signalled([p for p in self._live() if p.spec.where], SAY_WHERE)
-        return min(self.settle, _SAY_S) if self._asked else 0.0
-
-    def _silent(self) -> list[_Proc]:
-        """The ranks asked where they are, still running, that have not said it."""
-        return [p for p in self._asked if p.exit is None and not os.path.exists(p.spec.where)]
-
-    def _ask_stacks(self) -> float:
-        """Have faulthandler dump the stack of each rank that gave no word
-        (``_bootstrap.DUMP_STACK``); how long it gets (0: none asked)."""
-        if DUMP_STACK:
-            silent = [p for p in self._silent() if p.spec.stack]
-            self._dumping = {p: -1 for p in _signalled(silent, DUMP_STACK)}
-        return _DUMP_S if self._dumping else 0.0
-
-    def _dumped(self) -> bool:
-        """Whether every stack asked for is there: its main thread's frames,
-        and no more written since the last look."""
-        done = True
-        for p, seen in self._dumping.items():
-            try:
-                self._dumping[p] = os.stat(p.spec.stack).st_size
-            except OSError:
-                self._dumping[p] = -1
-            if p.exit is None and (self._dumping[p] != seen or read_stack(p.spec.stack) is None):
-                done = False
-        return done
 
     def _lost(self) -> str:
         """What a rank said of a rank of another node it lost (mesh.inbox
