@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from ._bootstrap import DUMP_STACK, SAY_WHERE
-from .records import can_answer, read_stack
+from .records import read_stack, signalled
 
 if TYPE_CHECKING:
     from .supervise import _Proc
@@ -26,17 +26,10 @@ _DUMP_S = 0.2   # how long faulthandler gets to dump the stack of a rank that ga
 
 
 def _signalled(procs: list[_Proc], sig: int) -> list[_Proc]:
-    """Those of ``procs`` whose bootstrap catches ``sig`` (``can_answer``),
-    sent it (a process gone meanwhile left out)."""
-    sent = []
-    for p in procs:
-        if can_answer(p.pid, sig):
-            try:
-                os.kill(p.pid, sig)
-            except OSError:
-                continue
-            sent.append(p)
-    return sent
+    """Those of ``procs`` whose bootstrap catches ``sig``, sent it
+    (``records.signalled``)."""
+    by_pid = {p.pid: p for p in procs}
+    return [by_pid[pid] for pid in signalled(by_pid, sig)]
 
 
 class Asking:

@@ -21,7 +21,7 @@ from . import _bootstrap
 __all__ = ["WorkerSpec", "WorkerExit", "JobOutcome", "signal_name", "error_file",
            "elastic_error_file", "where_file", "stack_file", "read_records", "read_stack",
            "drop_unused_stacks", "read_wheres", "where_text",
-           "can_answer", "ask_where", "log_tracebacks"]
+           "can_answer", "signalled", "ask_where", "log_tracebacks"]
 
 
 def signal_name(signum: int) -> str:
@@ -231,20 +231,28 @@ def can_answer(pid: int, signum: int) -> bool:
     return caught and running
 
 
+def signalled(pids: Iterable[int], sig: int) -> list[int]:
+    """Those of ``pids`` whose bootstrap catches ``sig`` (``can_answer``),
+    sent it (a process gone meanwhile left out)."""
+    sent = []
+    for pid in pids:
+        if can_answer(pid, sig):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                continue
+            sent.append(pid)
+    return sent
+
+
 def ask_where(pids: Mapping[int, int], files: Mapping[int, str], signum: int,
               wait: float) -> dict[int, dict[str, Any]]:
     """Ask each rank (its pid, by rank) where it is, with signal signum
     (``_bootstrap.SAY_WHERE``: where it catches it), and wait up to ``wait``
     seconds for each one's ``files[rank]``; what they said, by rank (mesh.spawn's
     timeout; meshrun's ``Job`` asks as it stops the job, without blocking)."""
-    asked = []
-    for rank, pid in pids.items() if wait > 0 else ():
-        if signum and can_answer(pid, signum):
-            try:
-                os.kill(pid, signum)
-                asked.append(rank)
-            except OSError:
-                pass
+    rank_of = {pid: rank for rank, pid in pids.items()}
+    asked = [rank_of[pid] for pid in signalled(rank_of, signum)] if wait > 0 and signum else []
     end = time.monotonic() + wait
     while asked and time.monotonic() < end and not all(os.path.exists(files[r]) for r in asked):
         time.sleep(0.01)
