@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from .ir import B, F, I, W, Schedule
 
 __all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "Span", "stage_held", "layer_by_layer",
-           "recomputed", "as_run", "cut", "whole_counts", "counts_for", "stage_costs",
-           "helper_charge", "peak_bytes"]
+           "recomputed", "as_run", "cut", "whole_counts", "ByType", "by_type",
+           "counts_for", "stage_costs", "helper_charge", "peak_bytes"]
 
 Span = tuple[int, int]          # a stage's layers: first, stop (first..stop-1)
 
@@ -157,13 +158,50 @@ def whole_counts(balance: Any) -> list[int]:
     return [int(c) for c in balance]
 
 
+@dataclass(frozen=True)
+class ByType:
+    """``balance="type:REGEX"`` read against a model's layers (DeepSpeed's
+    ``partition_method="type:..."``): ``weights`` is 1 for each layer whose
+    class matches, else 0, so the cut spreads the matching layers (the
+    transformer blocks) evenly whatever their neighbours weigh."""
+    balance: str
+    weights: tuple[int, ...]
+
+    def counts(self, n: int) -> tuple[int, ...]:
+        # (a millionth a layer: among the cuts with the fewest blocks in the fullest
+        # stage, the one with the fewest layers in it, the embedding and head aside)
+        return cut([w + 1e-6 for w in self.weights], n)
+
+
+def by_type(balance: str, classes: Sequence[Sequence[str]]) -> ByType:
+    """``balance="type:REGEX"`` (``re.search``, case ignored, as DeepSpeed's)
+    against each layer's class names (``classes``, one list a layer:
+    engine.stagebuild.layer_classes); ValueError where the pattern is no
+    regex or names no layer (the cut would be arbitrary)."""
+    pattern = balance[len("type:"):]
+    try:
+        rx = re.compile(pattern, re.IGNORECASE)
+    except re.error as e:
+        raise ValueError(f"balance={balance!r}: {pattern!r} is not a regular expression "
+                         f"({e})") from None
+    weights = tuple(int(any(rx.search(c) for c in names)) for names in classes)
+    if not any(weights):
+        seen = sorted({c for names in classes for c in names})
+        raise ValueError(f"balance={balance!r} matches no layer's class (the layers' "
+                         f"classes: {', '.join(seen)})")
+    return ByType(balance, weights)
+
+
 def counts_for(balance: Any, n: int, times: Sequence[float] | None,
                params: Sequence[int]) -> tuple[int, ...]:
     """Layers per stage for ``balance``: "uniform" (layer count),
-    "parameters", "time" (``times``, one per layer) or explicit counts."""
+    "parameters", "time" (``times``, one per layer), a ``ByType`` or
+    explicit counts."""
     L = len(params)
     if n > L:
         raise ValueError(f"the model has {L} layers: it cannot fill {n} pipeline stages")
+    if isinstance(balance, ByType):
+        return balance.counts(n)
     if not isinstance(balance, str):
         counts = tuple(whole_counts(balance))
         if len(counts) != n or sum(counts) != L or min(counts) < 1:

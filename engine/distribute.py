@@ -72,11 +72,12 @@ from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared
 from .choose import (SCHEDULES, Candidate, builtin, candidates, counts_for,
                      kept_buffers, kept_random, microbatch_counts, legend, recomputing,
                      retimed_said, stage_spans, table, under_load)
+from .costs import by_type
 from .executor import Pipeline
 from .ir import Schedule
 from .pipeline_args import rows_of
 from .schedules import by_name, one_f_one_b
-from .stagebuild import inputs_of, make_stage, param_count
+from .stagebuild import inputs_of, layer_classes, make_stage, param_count
 from .tensor_parallel import parallelize
 from .partition import partition
 from .traced import Reshaped, few, given_as_returned, sequential, traceable
@@ -192,7 +193,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     ``balance``: "time" (measured on ``sample``, this replica's batch;
     replicas' samples of unequal rows are all cut to the fewest, so every
     rank profiles and chooses alike),
-    "uniform", "parameters" or layer counts per stage. A plain module
+    "uniform", "parameters", "type:REGEX" (DeepSpeed's: the layers whose class
+    matches spread evenly, engine.costs.by_type) or layer counts per
+    stage. A plain module
     whose forward takes several inputs (``forward(input_ids,
     attention_mask, labels)``) is given its sample as a tuple of them,
     and each step's inputs the same way: ``step((ids, mask), labels)``.
@@ -323,6 +326,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                              f"a layer each at least")
         scheds = fit
         _valid_balance(balance, L)
+        if isinstance(balance, str) and balance.startswith("type:"):    # (layers' classes)
+            balance = by_type(balance, [layer_classes(layer, "module" if is_torch else "layer")
+                                        for _, layer in named])
         if patterns:
             _recompute_names(source, patterns, traced=source is not model)
     except (TypeError, ValueError) as e:

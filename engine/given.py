@@ -277,9 +277,9 @@ def _valid_balance(balance: Any, layers: int) -> None:
     """Raise unless ``balance`` is a way to cut ``layers`` layers (the
     count of stages is the schedule's, checked when the cut is made)."""
     if isinstance(balance, str):
-        if balance not in ("time", "uniform", "parameters"):
+        if balance not in ("time", "uniform", "parameters") and not balance.startswith("type:"):
             raise ValueError(f"unknown balance {balance!r}: use 'time', 'uniform', "
-                             "'parameters' or a list of layer counts")
+                             "'parameters', 'type:REGEX' or a list of layer counts")
         return
     counts = whole_counts(balance)
     if sum(counts) != layers or min(counts, default=0) < 1:

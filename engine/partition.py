@@ -36,6 +36,10 @@ the model again at a step's other shapes (engine.traced.Reshaped).
   pass ``group=`` (every rank of it calls partition): its first rank
   measures (specs built one at a time) and broadcasts the costs, and every
   rank cuts alike;
+* ``"type:REGEX"`` (DeepSpeed's ``partition_method``): the layers whose
+  class matches (``re.search``, case ignored: ``"type:block"``; a traced
+  piece by the modules it calls) spread as evenly as they can be, the
+  others weighing nothing (engine.costs.by_type);
 * a list of whole layer counts, one per stage (anything else raises, naming it).
 
 A parameter shared by layers of two stages (same object: an embedding and
@@ -59,13 +63,15 @@ from typing import Any, Sequence
 from mesh import Comm
 
 from .choose import kept_random, time_layer, whole_counts
+from .costs import by_type
 from .ir import Schedule
 from .replay import replay
 from .schedules import one_f_one_b
 from .simulate import _costs
 from .stagebuild import (as_module, build, declared_tie, inputs_of, is_module, kind_of,
-                         layer_names, layers_of, make_stage, named_stage_parameters,
-                         param_count, stage_params, torch_module, unshare, untie)
+                         layer_classes, layer_names, layers_of, make_stage,
+                         named_stage_parameters, param_count, stage_params, torch_module,
+                         unshare, untie)
 from .tensor_parallel import own_records
 from .tied import Tie
 from .torch_stage import TorchStage
@@ -241,9 +247,12 @@ def _partition(model: Any, num_stages: int, balance: str | Sequence[int], sample
                              f"not {num_stages}")
         layer_costs = _measured(items, kinds, sample, reps, group)
         counts = _best_simulated(layer_costs, sched)
+    elif isinstance(balance, str) and balance.startswith("type:"):
+        counts = list(by_type(balance, [layer_classes(x, k) for x, k in zip(items, kinds)]
+                              ).counts(num_stages))
     elif isinstance(balance, str):
-        raise ValueError(f"unknown balance {balance!r}: use 'uniform', 'parameters', 'time' "
-                         "or a list of layer counts")
+        raise ValueError(f"unknown balance {balance!r}: use 'uniform', 'parameters', 'time', "
+                         "'type:REGEX' or a list of layer counts")
     else:
         counts = whole_counts(balance)
         if len(counts) != num_stages or sum(counts) != n or min(counts) < 1:

@@ -29,7 +29,8 @@ from .traced import sequential, traceable
 
 __all__ = ["torch_module", "is_module", "inputs_of", "layers_of", "kind_of", "build", "param_count",
            "as_module", "make_stage", "layer_params", "stage_params", "unshare", "untie",
-           "declared_tie", "layer_names", "model_key", "named_stage_parameters"]
+           "declared_tie", "layer_names", "layer_classes", "model_key",
+           "named_stage_parameters"]
 
 
 def torch_module() -> Any:
@@ -71,6 +72,22 @@ def layer_names(model: Any, n: int) -> list[str]:
             return [""] * n
         return list(model._modules)
     return [str(i) for i in range(n)]
+
+
+def layer_classes(x: Any, kind: str) -> list[str]:
+    """The class names ``balance="type:REGEX"`` matches a layer by: its
+    class (a spec's, the class it builds), or a function's name; for a
+    traced forward's piece, the classes of the modules it calls whole (a
+    block's ``Block``), not the piece's own (``GPT[blocks.0]``)."""
+    torch = torch_module()
+    if torch is not None and isinstance(x, torch.fx.GraphModule):
+        return [type(x.get_submodule(str(n.target))).__name__ for n in x.graph.nodes
+                if n.op == "call_module"]
+    if kind == "spec":      # a class, a (cls, args, kwargs) tuple, a functools.partial
+        x = x[0] if isinstance(x, tuple) else getattr(x, "func", x)
+    if kind in ("spec", "fn"):
+        return [getattr(x, "__name__", type(x).__name__)]
+    return [type(x).__name__]
 
 
 def model_key(names: Sequence[str], key: str) -> str:

@@ -101,6 +101,60 @@ def test_specs_build_only_the_stages_asked_for():
     assert parts[1][2](torch.ones(1)).item() == 2.0   # the function became a module
 
 
+class _TBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + torch.tanh(self.a(x))
+
+
+class _Typed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(4096, 8)          # 32768 parameters, a block 72
+        self.blocks = nn.ModuleList([_TBlock() for _ in range(4)])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_type_balance_spreads_the_layers_of_a_class_as_deepspeeds_does():
+    """balance="type:REGEX" (DeepSpeed's partition_method="type:..."): the
+    layers whose class matches (case ignored) spread evenly, whatever the
+    others weigh (by parameters the embedding stands alone); specs go by
+    the class they build, a traced forward's pieces by the modules they
+    call, and engine.distribute cuts alike. A pattern that names no layer,
+    or is no regex, raises naming the classes."""
+    import engine
+    import mesh
+    torch.manual_seed(0)
+    model = _Typed()
+    layers = nn.Sequential(model.embed, *model.blocks, model.head)
+    assert partition(layers, 2, "parameters").counts == (1, 5)
+    assert partition(layers, 2, "type:block").counts == (3, 3)
+    assert partition(layers, 3, "type:^_TBlock$").counts == (2, 2, 2)
+    specs = [functools.partial(nn.Embedding, 4096, 8), _TBlock, _TBlock, _TBlock,
+             (_TBlock, (), {}), (nn.Linear, (8, 4), {})]
+    assert partition(specs, 2, "type:BLOCK", stages=[1]).counts == (3, 3)
+    assert partition(model, 2, "type:block").counts == (3, 3)          # traced
+    with mesh.init() as world:
+        job = engine.distribute(_Typed(), mesh.grid(world, pp=1), schedule="zb-v",
+                                microbatches=2, balance="type:block", verbose=False,
+                                loss_fn=lambda o, y: torch.nn.functional.mse_loss(o, y))
+        assert tuple(job.counts) == (3, 3)
+    with pytest.raises(ValueError, match=r"balance='type:attn' matches no layer's class "
+                                         r"\(the layers' classes: Embedding, Linear, _TBlock\)"):
+        partition(layers, 2, "type:attn")
+    with pytest.raises(ValueError, match="'\\(' is not a regular expression"):
+        partition(layers, 2, "type:(")
+
+
 def test_time_balance_is_chosen_by_simulation(monkeypatch):
     """With ZB-V's placement (rank r holds stages r and 3-r) the cut that
     minimises the largest stage is not the fastest step; the simulator's is."""
