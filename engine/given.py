@@ -51,6 +51,19 @@ def _model_layers(model: Any) -> tuple[list[tuple[str, Any]], bool]:
         return [(str(i), layer) for i, layer in enumerate(model.layers)], False
     if isinstance(model, (list, tuple)):
         items = list(model)
+        for i, m in enumerate(items):   # (a spec, a function: engine.partition's, not built)
+            if not _is_torch(m) and (isinstance(m, type) or not callable(
+                    getattr(m, "forward", None)) or not callable(getattr(m, "backward", None))):
+                what = (f"the class {m.__name__}" if isinstance(m, type) else
+                        f"a {type(m).__name__}" + (f" ({m.__name__})" if hasattr(m, "__name__")
+                                                   else ""))
+                raise TypeError(
+                    f"layer {i} of the list is {what}, not a layer: engine.distribute takes "
+                    "built layers, torch modules (an nn.Sequential) or engine.layers ones. "
+                    "Build specs first (nn.Sequential(*(spec() for spec in specs)), under "
+                    "`with torch.device('meta'):` for a model too large: each rank then makes "
+                    "its own stages real), or cut them with engine.partition(specs, n, "
+                    "stages=...) into an engine.Pipeline; a function: an nn.Module around it")
         is_torch = bool(items) and all(_is_torch(m) for m in items)
         return [(str(i), m) for i, m in enumerate(items)], is_torch
     raise TypeError(f"engine.distribute takes an nn.Sequential, an engine.layers.Sequential "

@@ -231,6 +231,25 @@ def test_distribute_refuses_a_microbatch_count_that_is_no_whole_number_above_0(m
                           sample=np.zeros((8, 5)), verbose=False)
 
 
+def test_distribute_refuses_a_list_of_specs_or_functions_naming_the_way_to_build_them():
+    """A DeepSpeed LayerSpec's port, a list of classes or partials (engine.partition
+    takes them), or a function among torch modules, raised AttributeError: 'Embed'
+    has no attribute 'params' (read as numpy layers)."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    for layers, what in (([nn.Embedding, nn.Linear], "layer 0 of the list is the class "
+                                                      "Embedding, not a layer"),
+                         ([nn.Linear(4, 4), functools.partial(nn.Linear, 4, 2)],
+                          "layer 1 of the list is a partial, not a layer"),
+                         ([nn.Linear(4, 4), torch.tanh, nn.Linear(4, 2)],
+                          "layer 1 of the list is a builtin_function_or_method (tanh)"),
+                         ([Linear(4, 4), Tanh],
+                          "layer 1 of the list is the class Tanh")):
+        with pytest.raises(TypeError, match=re.escape(what) + ".*engine.partition"):
+            engine.distribute(layers, None, loss_fn=mse_loss, schedule="1f1b",
+                              microbatches=1, balance="uniform", verbose=False)
+
+
 def _distribute_one_rank_wrong(world, what):
     model = Sequential(*mlp_stages([5, 8, 3], 1, seed=0)[0].layers)
     kw = {"schedule": "1f1b", "microbatches": 2, "balance": "uniform", "loss_fn": mse_loss}
