@@ -24,6 +24,7 @@ from .transport import SENT, Outgoing, Transport
 
 if TYPE_CHECKING:
     from .channel import CollectiveChannel
+    from .mprobe import Message
 
 __all__ = ["Comm", "Request", "Status", "ANY", "ANY_SOURCE", "ANY_TAG", "PROC_NULL"]
 
@@ -204,6 +205,11 @@ class _Null(Request):
 
     def cancel(self) -> bool:
         return False    # (done: MPI's Cancel of a completed request does nothing)
+
+
+def _copy_status(st: Status, into: Status) -> None:
+    into.source, into.tag, into.nbytes, into.dtype, into.shape = \
+        st.source, st.tag, st.nbytes, st.dtype, st.shape
 
 
 def _null(status: Status) -> Status:
@@ -625,6 +631,36 @@ class Comm:
             self._t.poke()      # (what has come is read here, as MPI_Iprobe does)
             got = self._t.iprobe(self.gid, wsrc, tag)
         return None if got is None else self._status(Status(), got)
+
+    def mprobe(self, src: int = ANY, tag: int = ANY_TAG, timeout: float | None = None,
+               status: Status | None = None) -> "Message":
+        """MPI's Mprobe (mpi4py's ``comm.mprobe``): block until a message from
+        ``src`` with ``tag`` comes and take it out of matching: no other
+        receive or probe sees it; the returned Message says what it is and
+        its ``recv(out=None)``/``irecv`` receives it (mesh.mprobe)."""
+        from .mprobe import Message, mprobe
+        tag = _check_tag(tag, self, "mprobe", True)
+        if timeout is not None:
+            timeout = _check_timeout(timeout, self, "mprobe")
+        if status is not None:
+            _check_status(status, self, "mprobe")
+        msg = Message(self, None, None) if _is_null(src) else mprobe(self, src, tag, timeout)
+        if status is not None:
+            _copy_status(msg.status, status)
+        return msg
+
+    def improbe(self, src: int = ANY, tag: int = ANY_TAG,
+                status: Status | None = None) -> "Message | None":
+        """mprobe without blocking (MPI's Improbe): the waiting message,
+        taken out of matching, or None (what has come is read first)."""
+        from .mprobe import Message, improbe
+        tag = _check_tag(tag, self, "improbe", True)
+        if status is not None:
+            _check_status(status, self, "improbe")
+        msg = Message(self, None, None) if _is_null(src) else improbe(self, src, tag)
+        if msg is not None and status is not None:
+            _copy_status(msg.status, status)
+        return msg
 
     # -- internal: the collectives' side (mesh.channel) -----------------------------
 

@@ -188,6 +188,37 @@ class Inbox:
             self._grant(r, n)
         return None if msg is None else msg.got
 
+    def take_waiting(self, group: int, src: int, tag: int, desc: Any) -> Pending | None:
+        """A receive without ``out=`` completed with the message one posted
+        now would take, which leaves the queue; None where none waits, and
+        nothing is posted (mesh.mprobe's improbe). Credit goes back as for
+        ``iprobe``, and as for a receive that takes a waiting message."""
+        release: list[tuple[int, int]] = []
+        with self.lock:
+            msg = self.matcher.waiting(group, src, tag)
+            if msg is not None:
+                self.matcher.take(group, msg)
+                if not msg.granted and msg.src != self.rank:
+                    self.held[msg.src] -= msg.nbytes + MSG_COST    # (consumed below)
+            elif any(self.held):
+                release = [(r, self._release(r, True)) for r in
+                           ((src,) if src != ANY else range(len(self.held))) if self.held[r]]
+        for r, n in release:
+            self._grant(r, n)
+        if msg is None:
+            return None
+        req = Pending(group, src, tag, None, None, desc)
+        req.state = MATCHED
+        self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device,
+                     msg.granted)
+        return req
+
+    def hand(self, req: Pending, src: int, tag: int, value: Any, nbytes: int,
+             on_device: int) -> None:
+        """Complete ``req`` with a message received already, its credit given
+        back then, that fits ``req.out`` (a matched probe's, mesh.mprobe)."""
+        self._finish(req, src, tag, value, nbytes, None, on_device, True)
+
     def cancel(self, req: Pending) -> bool:
         """Withdraw ``req`` if no message has matched it (Request.cancel). The
         error is in place before the request reads as complete, so a thread
