@@ -37,6 +37,7 @@ from .host import paths as host
 from .host.paths import (all_gather_object, all_to_all_object, barrier, broadcast_object,
                          gather_object, scatter_object)
 from .runner import check_comm, named
+from . import displs as _displs
 from .host import tiny as hier_tiny
 from .shm import tiny
 from .tensors import is_tensor
@@ -297,7 +298,8 @@ def all_to_all(g: Comm, a: Any, async_op: bool = False, timeout: float | None = 
 
 
 def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
-                 async_op: bool = False, timeout: float | None = None) -> Any:
+                 async_op: bool = False, timeout: float | None = None,
+                 send_displs: Any = None, recv_displs: Any = None, out: Any = None) -> Any:
     """all_to_all with blocks of unequal sizes (MPI's Alltoallv, torch's
     ``all_to_all_single`` with split sizes; a mixture of experts'
     dispatch): the first ``send_counts[0]`` rows of ``a`` go to rank 0,
@@ -308,12 +310,27 @@ def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
     of ranks that disagree on a count raise MismatchError naming both
     counts (on one host every rank does); host and device arrays and
     tensors. Tiny and repeated on one host: the short way
-    (collectives.shm.tiny)."""
+    (collectives.shm.tiny). ``send_displs``, ``recv_displs`` and ``out=``
+    (MPI's sdispls and rdispls, and its receive buffer): where the blocks
+    lie instead (collectives.displs; ``recv_counts`` required with the
+    latter two)."""
+    if send_displs is not None or recv_displs is not None or out is not None:
+        return _displs.all_to_all_v(_all_to_all_v, g, a, send_counts, recv_counts, send_displs,
+                                   recv_displs, out, async_op, timeout)
+    return _all_to_all_v(g, a, send_counts, recv_counts, async_op, timeout)
+
+
+def _all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
+                  async_op: bool = False, timeout: float | None = None,
+                  bad: str | None = None) -> Any:
+    """all_to_all_v, packed; ``bad``: what is wrong with the caller's
+    other arguments (collectives.displs), failing the call on every rank."""
     check_comm(g, "all_to_all_v")
     if type(a) is not np.ndarray and is_tensor(a):
-        return _on_tensor(all_to_all_v, "all_to_all_v", g, a, send_counts=send_counts,
-                          recv_counts=recv_counts, async_op=async_op, timeout=timeout)
+        return _on_tensor(_all_to_all_v, "all_to_all_v", g, a, send_counts=send_counts,
+                          recv_counts=recv_counts, async_op=async_op, timeout=timeout, bad=bad)
     n, me = g.size, f"rank {g.ranks[g.rank]}: all_to_all_v on group {g.name}"
+    given_bad = bad
     sends, bad = _counts(send_counts, "send_counts", n, me)
     if recv_counts is None:     # (-1s: this rank's counts are wrong, its peers learn it)
         column = np.array(sends if bad is None else [-1] * n, np.int64).reshape(n, 1)
@@ -327,13 +344,13 @@ def all_to_all_v(g: Comm, a: Any, send_counts: Any, recv_counts: Any = None,
     else:
         recvs, bad_recv = _counts(recv_counts, "recv_counts", n, me)
         bad = bad or bad_recv
-    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
+    check = _fails_with(bad or given_bad)        # (under the call's tag: every rank fails the call)
     return _staged_all_to_all_v(g, a, sends, recvs, async_op=async_op, timeout=timeout,
                                 check=check)
 
 
 def all_gather_v(g: Comm, a: Any, counts: Any = None, async_op: bool = False,
-                 timeout: float | None = None) -> Any:
+                 timeout: float | None = None, displs: Any = None, out: Any = None) -> Any:
     """all_gather of arrays whose first axis differs from rank to rank
     (MPI's Allgatherv, torch's ``all_gather`` of uneven tensors): every
     rank's ``a`` concatenated along axis 0 in rank order, a new array (or
@@ -347,12 +364,26 @@ def all_gather_v(g: Comm, a: Any, counts: Any = None, async_op: bool = False,
     other rows than its count, fail the call on every rank. Host and
     device arrays and tensors; the ring of all_gather, the same-host board,
     or across hosts its two levels (from MESH_COLL_SMALL of result up), with
-    chunks of the counts' sizes (empty ones included)."""
+    chunks of the counts' sizes (empty ones included). ``displs`` (MPI's,
+    in rows; ``counts`` required) places rank r's rows at ``displs[r]``
+    instead, in ``out=`` when given (its other rows kept, and returned),
+    else in a new zeroed array of the rows they reach; ``out=`` alone
+    takes them packed (collectives.displs)."""
+    if displs is not None or out is not None:
+        return _displs.all_gather_v(_all_gather_v, g, a, counts, displs, out, async_op,
+                                    timeout)
+    return _all_gather_v(g, a, counts, async_op, timeout)
+
+
+def _all_gather_v(g: Comm, a: Any, counts: Any = None, async_op: bool = False,
+                  timeout: float | None = None, bad: str | None = None) -> Any:
+    """all_gather_v, packed; ``bad``: as _all_to_all_v's."""
     check_comm(g, "all_gather_v")
     if type(a) is not np.ndarray and is_tensor(a):
-        return _on_tensor(all_gather_v, "all_gather_v", g, a, counts=counts,
-                          async_op=async_op, timeout=timeout)
+        return _on_tensor(_all_gather_v, "all_gather_v", g, a, counts=counts,
+                          async_op=async_op, timeout=timeout, bad=bad)
     n, me = g.size, f"rank {g.ranks[g.rank]}: all_gather_v on group {g.name}"
+    given_bad = bad
     if counts is None:      # (-1: this rank's array has no rows, its peers learn it)
         rows: Any = getattr(a, "shape", ())
         mine = int(rows[0]) if len(rows) else -1
@@ -370,7 +401,7 @@ def all_gather_v(g: Comm, a: Any, counts: Any = None, async_op: bool = False,
         sizes = [max(0, k) for k in got]
     else:
         sizes, bad = _counts(counts, "counts", n, me)
-    check = _fails_with(bad)        # (under the call's tag: every rank fails the call)
+    check = _fails_with(bad or given_bad)        # (under the call's tag: every rank fails the call)
     return _staged_all_gather_v(g, a, sizes, async_op=async_op, timeout=timeout, check=check)
 
 
@@ -400,7 +431,7 @@ def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str = "sum", async_op: bo
 
 
 def gather_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False,
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, displs: Any = None, out: Any = None) -> Any:
     """gather of arrays whose first axis differs from rank to rank (MPI's
     Gatherv): every rank's ``a`` concatenated along axis 0 in rank order
     on the root, a new array (or tensor) of sum(counts) rows; None on the
@@ -411,18 +442,27 @@ def gather_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False
     ranks and their counts; counts that are not valid, or an ``a`` of
     other rows than its count, fail the call on every rank. Host and
     device arrays and tensors; gather's paths (the same-host board,
-    sockets: one message a rank)."""
+    sockets: one message a rank). ``displs`` and ``out=``, the root's: as
+    all_gather_v's (ignored on the other ranks)."""
+    if displs is not None or out is not None:
+        return _displs.gather_v(_gather_v, g, a, counts, root, displs, out, async_op, timeout)
+    return _gather_v(g, a, counts, root, async_op, timeout)
+
+
+def _gather_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False,
+              timeout: float | None = None, bad: str | None = None) -> Any:
+    """gather_v, packed; ``bad``: as _all_to_all_v's."""
     check_comm(g, "gather_v")
     if type(a) is not np.ndarray and is_tensor(a):
-        return _on_tensor(gather_v, "gather_v", g, a, counts=counts, root=root,
-                          async_op=async_op, timeout=timeout)
-    sizes, check = _counted(g, counts, "gather_v")
+        return _on_tensor(_gather_v, "gather_v", g, a, counts=counts, root=root,
+                          async_op=async_op, timeout=timeout, bad=bad)
+    sizes, check = _counted(g, counts, "gather_v", bad)
     return _staged_gather_v(g, a, sizes, root=root, async_op=async_op, timeout=timeout,
                             check=check)
 
 
 def scatter_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False,
-              timeout: float | None = None, dtype: Any = None) -> Any:
+              timeout: float | None = None, dtype: Any = None, displs: Any = None) -> Any:
     """scatter of blocks of unequal sizes (MPI's Scatterv): rank r gets
     rows [off_r, off_r + counts[r]) of the root's ``a`` (sum(counts) rows;
     off_r = counts[0] + ... + counts[r-1]), a new array (or tensor) like
@@ -433,12 +473,25 @@ def scatter_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = Fals
     both). ``counts``: as all_gather_v's (required). Counts that differ
     between ranks make every rank raise MismatchError naming two ranks and
     their counts. Host and device arrays and tensors; scatter's paths (the
-    same-host board, sockets)."""
+    same-host board, sockets). ``displs`` (MPI's, in rows; the root's,
+    ignored elsewhere): rank r's rows are ``a[displs[r]:displs[r] +
+    counts[r]]`` instead, blocks that may not overlap (collectives.displs:
+    cut out of ``a``, one copy)."""
+    if displs is not None:
+        return _displs.scatter_v(_scatter_v, g, a, counts, root, displs, async_op, timeout,
+                                 dtype)
+    return _scatter_v(g, a, counts, root, async_op, timeout, dtype)
+
+
+def _scatter_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = False,
+               timeout: float | None = None, dtype: Any = None,
+               bad: str | None = None) -> Any:
+    """scatter_v, packed; ``bad``: as _all_to_all_v's."""
     check_comm(g, "scatter_v")
     if type(a) is not np.ndarray and is_tensor(a):
-        return _on_tensor(scatter_v, "scatter_v", g, a, counts=counts, root=root,
-                          async_op=async_op, timeout=timeout)
-    sizes, check = _counted(g, counts, "scatter_v")
+        return _on_tensor(_scatter_v, "scatter_v", g, a, counts=counts, root=root,
+                          async_op=async_op, timeout=timeout, bad=bad)
+    sizes, check = _counted(g, counts, "scatter_v", bad)
     return _staged_scatter_v(g, a, sizes, root=root, async_op=async_op, timeout=timeout,
                              dtype=dtype, check=check)
 
@@ -530,12 +583,14 @@ def _fails_with(bad: str | None) -> Callable[[], None]:
     return check
 
 
-def _counted(g: Comm, counts: Any, what: str) -> tuple[list[int], Callable[[], None]]:
+def _counted(g: Comm, counts: Any, what: str,
+             more: str | None = None) -> tuple[list[int], Callable[[], None]]:
     """An uneven call's ``counts`` given whole, as ints (_counts), and
-    the check its staged call runs under its tag (_fails_with)."""
+    the check its staged call runs under its tag (_fails_with; ``more``:
+    what else is wrong with the call's arguments, if anything)."""
     sizes, bad = _counts(counts, "counts", g.size,
                          f"rank {g.ranks[g.rank]}: {what} on group {g.name}")
-    return sizes, _fails_with(bad)
+    return sizes, _fails_with(bad or more)
 
 
 def _counts(counts: Any, what: str, n: int, me: str) -> tuple[list[int], str | None]:

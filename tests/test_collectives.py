@@ -697,7 +697,69 @@ def _uneven_exchange(world: Any) -> list[str]:
         C.all_to_all(world, [torch.ones(2)] * n)
     said.append(str(t_err.value))
     C.barrier(world)
+    _displaced(world)
     return said
+
+
+def _displaced(world: Any) -> None:
+    """The v-collectives' displacements (MPI's displs, in rows), on numpy
+    arrays and tensors, sync and async; bad ones fail the call everywhere."""
+    import torch
+    r = world.rank
+    counts, displs = [2, 1, 3], [1, 5, 8]       # gaps between the blocks, and before
+    A = np.arange(24.0).reshape(12, 2)
+    got = C.scatter_v(world, A if r == 0 else None, counts, displs=displs)
+    assert np.array_equal(got, A[displs[r]:displs[r] + counts[r]]), got
+    got = C.scatter_v(world, torch.tensor(A) if r == 2 else torch.zeros(0, 2, dtype=torch.float64),
+                      counts, root=2, displs=torch.tensor(displs), async_op=True).wait()
+    assert torch.equal(got, torch.tensor(A[displs[r]:displs[r] + counts[r]])), got
+    mine = np.full((counts[r], 2), r, np.float64)
+    want = np.full((12, 2), -1.0)
+    for j in range(3):
+        want[displs[j]:displs[j] + counts[j]] = j
+    out = np.full((12, 2), -1.0)
+    got = C.gather_v(world, mine, counts, root=1, displs=displs, out=out)
+    assert (got is out and np.array_equal(out, want)) if r == 1 else got is None, got
+    got = C.all_gather_v(world, mine, counts, displs=displs, async_op=True).wait()
+    assert np.array_equal(got, np.where(want < 0, 0, want)[:11]), got   # (to the last's end)
+    into = torch.full((6, 2), -1.0, dtype=torch.float64)
+    got = C.all_gather_v(world, torch.tensor(mine), counts, out=into)    # out= alone: packed
+    assert got is into and torch.equal(into, torch.tensor(np.repeat([0.0, 0, 1, 2, 2, 2], 2)
+                                                          .reshape(6, 2))), into
+    # all_to_all_v: rank r sends rows [r, r + j + 1) to rank j (overlapping: only read),
+    # and gets rank j's r + 1 rows at 4 j
+    a = np.arange(5.0) + 100 * r
+    recv = [r + 1] * 3
+    o = np.full(12, -1.0)
+    got = C.all_to_all_v(world, a, [1, 2, 3], recv, send_displs=[r] * 3,
+                         recv_displs=[0, 4, 8], out=o)
+    want_o = np.full(12, -1.0)
+    for j in range(3):
+        want_o[4 * j:4 * j + r + 1] = np.arange(j, j + r + 1) + 100 * j
+    assert got is o and np.array_equal(o, want_o), o
+    got = C.all_to_all_v(world, torch.tensor(a), [1, 2, 3], recv, send_displs=[r] * 3,
+                         recv_displs=[8, 4, 0], async_op=True).wait()
+    want_t = np.zeros(9 + r)        # (a new array: zeros between the blocks)
+    for j in range(3):
+        want_t[8 - 4 * j:9 - 4 * j + r] = want_o[4 * j:4 * j + r + 1]
+    assert torch.equal(got, torch.tensor(want_t)), got
+    for call, text, bad in (
+            (lambda: C.gather_v(world, mine, counts, root=0, displs=[0, 1, 7], timeout=20),
+             "gather_v on group world: rank 1's block, rows [1, 2) (displs[1] = 1), overlaps "
+             "rank 0's, rows [0, 2) (displs[0] = 0): blocks may not overlap", 0),
+            (lambda: C.scatter_v(world, A if r == 0 else None, counts, displs=[0, 2, 10],
+                                 timeout=20),
+             "scatter_v on group world: rank 2's block, rows [10, 13) (displs[2] = 10, 3 "
+             "rows), ends past the array's 12 rows", 0),
+            (lambda: C.all_gather_v(world, mine, counts, displs=displs, timeout=20,
+                                    out=np.zeros((12, 2), np.float32 if r == 2 else float)),
+             "all_gather_v on group world: out= is float32[12, 2]: its rows must be "
+             "float64[2], as the array's", 2)):
+        # the rank whose arguments are wrong raises ValueError, the others the abort
+        with pytest.raises(ValueError if r == bad else mesh.MeshError) as e:
+            call()
+        assert text in str(e.value) and f"rank {bad}: " in str(e.value), (r, str(e.value))
+    C.barrier(world)
 
 
 def test_all_to_all_v_exchanges_uneven_blocks_and_refuses_bad_counts_everywhere() -> None:

@@ -240,7 +240,28 @@ def _half_average(world: mesh.Mesh) -> dict[str, list[float]]:
         a = cp.asarray(np.full(k * world.size, 30000.0, np.float16))
         row = C.reduce_scatter(world, a, op="avg")
         got[f"reduce_scatter {k}"] = sorted(set(cp.asnumpy(row).tolist())) + [str(row.dtype)]
+    _displaced(world, cp)
     return got
+
+
+def _displaced(world: mesh.Mesh, cp: Any) -> None:
+    """The v-collectives' displacements on device arrays: blocks cut out of
+    the root's and placed into out= (its other rows kept) or a new array."""
+    r = world.rank
+    counts, displs = [2, 1, 3], [1, 5, 8]
+    A = np.arange(24.0).reshape(12, 2)
+    got = C.scatter_v(world, cp.asarray(A) if r == 0 else None, counts, displs=displs)
+    assert np.array_equal(cp.asnumpy(got), A[displs[r]:displs[r] + counts[r]]), got
+    mine = cp.asarray(np.full((counts[r], 2), r, np.float64))
+    want = np.full((12, 2), -1.0)
+    for j in range(3):
+        want[displs[j]:displs[j] + counts[j]] = j
+    out = cp.asarray(np.full((12, 2), -1.0))
+    assert C.all_gather_v(world, mine, counts, displs=displs, out=out) is out
+    assert np.array_equal(cp.asnumpy(out), want)
+    got = C.gather_v(world, mine, counts, displs=displs, async_op=True).wait()
+    assert np.array_equal(cp.asnumpy(got), np.where(want < 0, 0, want)[:11]) if r == 0 \
+        else got is None, got
 
 
 def test_a_float16_average_of_device_arrays_is_taken_in_float32() -> None:
