@@ -22,10 +22,13 @@ where any rank was given others) makes the total, the same on every
 rank, and every
 gradient on every rank is scaled by ``max_norm / (total + 1e-6)`` when that
 is under 1 (torch's ``clip_grad_norm_``), copies of tied and replicated
-parameters alike, so they stay equal.
+parameters alike, so they stay equal. Torch models get the norm as torch's
+``clip_grad_norm_`` returns it (``_as_torch``), a 0-d tensor, so code written
+for torch runs unchanged; numpy models a float.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -38,6 +41,19 @@ from .layers import Recompute, Sequential
 from .tp_layers import Sharded
 
 __all__ = ["clip_grad_norm", "clip_grad_norm_", "sharded_flags"]
+
+
+def _as_torch(total: float, params: list[Any]) -> Any:
+    """``total`` as torch's ``clip_grad_norm_`` returns its norm: a 0-d
+    tensor in the gradients' dtype (promoted where they differ: float32 for
+    float32 and bfloat16 ones) on the first one's device, float32 on the
+    CPU where this rank has none (torch's of no parameters). A float, as
+    returned before, broke code written for torch (``norm.item()``,
+    ``torch.isfinite(norm)``)."""
+    import torch
+    dtypes = {p.dtype for p in params}
+    dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
+    return torch.tensor(total, dtype=dtype, device=params[0].device if params else "cpu")
 
 
 def sharded_flags(stage: Any) -> list[bool]:
@@ -96,10 +112,12 @@ def _module(a: Any) -> Any:
 
 
 def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
-                   error_if_nonfinite: bool = False) -> float:
+                   error_if_nonfinite: bool = False) -> Any:
     """Clip ``pipe``'s gradients (an engine.Pipeline, after its step) to a
     total norm of ``max_norm``; return the total norm before clipping, the
-    same on every rank. Collective: every rank of the pipeline calls it."""
+    same on every rank: a 0-d tensor where this rank's stages are torch's
+    (``_as_torch``), else a float. Collective: every rank of the pipeline
+    calls it."""
     where = f"rank {pipe.whole.rank} (pp rank {pipe.rank})"
     fault: BaseException | None = None
     try:        # this rank's own arguments: told to every rank in the gather below
@@ -128,7 +146,10 @@ def clip_grad_norm(pipe: Any, max_norm: float, norm_type: float = 2.0,
             for g in pipe.owned.kept(s):
                 if g is not None:       # (freed: another replica keeps it, and scales it)
                     g *= coef
-    return norm
+    torch_stages = [st for st in pipe.stages.values() if hasattr(st, "grad_params")]
+    if not torch_stages:
+        return norm
+    return _as_torch(norm, [p for st in torch_stages for p in st.grad_params()])
 
 
 def _owned_parts(pipe: Any, skip: set[tuple[int, int]], whole_too: bool, p: float,
@@ -159,7 +180,7 @@ def _owned_parts(pipe: Any, skip: set[tuple[int, int]], whole_too: bool, p: floa
 
 
 def clip_grad_norm_(model: Any, max_norm: float, group: Any, norm_type: float = 2.0,
-                    error_if_nonfinite: bool = False) -> float:
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> Any:
     """torch's ``clip_grad_norm_`` for a model that ``engine.parallelize``
     sharded over ``group`` (a training loop of one's own, no Pipeline):
     Megatron's ``clip_grad_norm`` over a tp group. torch's own, called on
@@ -169,9 +190,11 @@ def clip_grad_norm_(model: Any, max_norm: float, group: Any, norm_type: float = 
     each shard counted on its rank, each whole parameter (a norm's, a
     rowwise bias, anything unplanned: equal on every tp rank) once; one
     small all-gather over ``group``; every gradient scaled by the same
-    ``max_norm / (norm + 1e-6)`` when that is under 1. Returns the norm
-    (a float, the same on every rank). ``model``: a torch module or an
-    engine.layers model. Collective over ``group``; with data parallelism
+    ``max_norm / (norm + 1e-6)`` when that is under 1. Returns the norm,
+    the same on every rank: as torch's returns it for a torch module (a
+    0-d tensor, ``_as_torch``; ``foreach`` is taken as torch takes it, its
+    way of computing changing nothing here), a float for an engine.layers
+    model. Collective over ``group``; with data parallelism
     too, call it once gradients are averaged over dp (the norm is then the
     same on every replica). Ranks given other ``max_norm`` or
     ``norm_type`` all raise ValueError naming them."""
@@ -199,6 +222,8 @@ def clip_grad_norm_(model: Any, max_norm: float, group: Any, norm_type: float = 
         for g in grads:
             if g is not None:
                 g *= coef
+    if hasattr(model, "named_modules") and hasattr(model, "parameters"):
+        return _as_torch(total, [q for q in model.parameters() if q.grad is not None])
     return total
 
 

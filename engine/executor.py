@@ -455,16 +455,20 @@ class Pipeline:
         return mean
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
-                        error_if_nonfinite: bool = False) -> float:
+                        error_if_nonfinite: bool = False, foreach: bool | None = None) -> Any:
         """Clip the gradients to a total norm of ``max_norm``, as torch's
         ``clip_grad_norm_`` on the one-process model (Megatron's
-        ``clip_grad_norm``), and return the total norm before clipping (a
-        float, the same on every rank): over every stage and tp shard, each
+        ``clip_grad_norm``), and return the total norm before clipping, the
+        same on every rank: as torch returns it on torch stages (a 0-d
+        tensor in the gradients' dtype, on their device), a float on numpy
+        stages; over every stage and tp shard, each
         tied and each tp-replicated parameter counted once, dp replicas
         not multiplying it (their gradients are averaged already; under
         ZeRO stage 2 each is counted on the replica that keeps it; see
         engine.clip). Every gradient on every rank is scaled by the same
-        factor, so tied copies and replicas stay equal. Call it after
+        factor, so tied copies and replicas stay equal. ``foreach`` is
+        taken as torch takes it (how torch computes; nothing changes here).
+        Call it after
         ``step()`` and before the optimizer; collective: every rank of the
         pipeline calls it. A schedule with OPT actions steps its optimizer
         inside the step, too early for it: refused."""

@@ -129,14 +129,15 @@ class Job(_ModelState, _OptimizerState, _Retiming):
             pipe.before_step = None
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
-                        error_if_nonfinite: bool = False) -> float:
+                        error_if_nonfinite: bool = False, foreach: bool | None = None) -> Any:
         """Clip every rank's gradients to a total norm of ``max_norm`` and
         return the total norm before clipping, the same on every rank: the
-        one-process model's (torch's ``clip_grad_norm_`` on it), over all
-        stages and tp shards, each tied and each replicated parameter
-        counted once (``Pipeline.clip_grad_norm_``). Collective: between
-        ``step()`` and ``opt.step()`` on every rank."""
-        return self.pipeline.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite)
+        one-process model's (torch's ``clip_grad_norm_`` on it, and as it
+        returns it: a 0-d tensor for a torch model, a float for a numpy
+        one), over all stages and tp shards, each tied and each replicated
+        parameter counted once (``Pipeline.clip_grad_norm_``). Collective:
+        between ``step()`` and ``opt.step()`` on every rank."""
+        return self.pipeline.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite, foreach)
 
     def _grads_kept_by(self, params: Sequence[Any], owners: Sequence[int] | None) -> None:
         """ZeRO stage 2 (engine.ZeroRedundancyOptimizer(stage=2) calls it):

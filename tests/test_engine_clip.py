@@ -43,8 +43,8 @@ def _reference():
     x, y = (torch.from_numpy(a) for a in _data())
     _ce(model(x), y).backward()
     params = list(model.parameters())
-    inf = float(torch.nn.utils.clip_grad_norm_(params, 1e9, math.inf))
-    two = float(torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+    inf = torch.nn.utils.clip_grad_norm_(params, 1e9, math.inf).item()
+    two = torch.nn.utils.clip_grad_norm_(params, MAX_NORM).item()
     grads = {k: v.grad.numpy() for k, v in model.state_dict(keep_vars=True).items()
              if v.grad is not None}
     return inf, two, grads
@@ -68,7 +68,11 @@ def _worker(world):
         x, y = (a[d::dp] for a in _data())
         job.step(x, y)
         inf = job.clip_grad_norm_(1e9, norm_type=math.inf)     # measured, nothing clipped
-        two = job.clip_grad_norm_(MAX_NORM)
+        two = job.clip_grad_norm_(MAX_NORM, error_if_nonfinite=True, foreach=True)
+        # as torch's clip_grad_norm_ returns it: a 0-dim float32 tensor (norm.item() works)
+        assert all(isinstance(n, torch.Tensor) and n.dim() == 0 and n.dtype == torch.float32
+                   and bool(torch.isfinite(n)) for n in (inf, two)), (inf, two)
+        inf, two = inf.item(), two.item()
         grads = {}
         for s, st in zip(job.schedule.stages_of(job.pipeline.rank), job.stages):
             whole = (gather_state_dict(st.module, grads=True) if job.sharded else
@@ -125,6 +129,7 @@ def _np_worker(world):
                             timeout=60)
     job.step(*_np_data())
     norm = job.clip_grad_norm_(MAX_NORM / 10)
+    assert type(norm) is float, norm        # (numpy stages: a float, as before)
     return norm, [g.tolist() for st in job.stages for g in full_params(st, grads=True)]
 
 

@@ -1224,7 +1224,9 @@ def _clip_worker(world):
     _, wctx = layers.backward_input(ctx, np.ones_like(y))
     layers.backward_weight(wctx)
     norm_one = float(np.sqrt(sum(float((g ** 2).sum()) for g in one.grads())))
-    return float(want), float(own), float(got), same, errors, norm_one, \
+    # as torch's returns it: a 0-dim tensor of the gradients' dtype; numpy models: a float
+    assert isinstance(got, torch.Tensor) and got.dim() == 0 and got.dtype == want.dtype, got
+    return float(want), float(own), got.item(), same, errors, norm_one, \
         engine.clip_grad_norm_(layers, 1e9, world)
 
 
@@ -1243,7 +1245,7 @@ def test_clip_grad_norm_of_a_sharded_model_is_the_whole_models():
         assert errors[1].endswith("clip_grad_norm_ on group world: norm_type='two', "
                                   "max_norm=0.5: could not convert string to float: 'two'"), \
             errors
-        assert norm_np == pytest.approx(norm_one, rel=1e-9)
+        assert type(norm_np) is float and norm_np == pytest.approx(norm_one, rel=1e-9)
 
 
 # the layers 3.0 (a norm, or a Linear) inside layer 3, both planned: between
