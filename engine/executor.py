@@ -88,6 +88,7 @@ from .ir import AR, OPT, B, F, I, W, RECV_F, SEND_F, Action, Schedule, message_k
 from .lower import with_grad_sync
 from .pipeline_args import (_as_stage, _checkpointed, _given_alike, _joined, _recomputing,
                             split_microbatches, stages_for_rank)
+from .reports import Layout
 from .rollback import StepFailed, _Step
 from .simulate import simulate
 from .tied import TiedGrads
@@ -270,6 +271,11 @@ class Pipeline:
         # the Pipelines are made alike on each)
         self._step0 = _steps_on(self.pp)
         self.events: list[list[Any]] = []
+        # a per-token loss's reports (Megatron-core's third item, engine.reports): the last
+        # step's sums over its micro-batches and dp replicas, on every rank; and their
+        # layout, as the ranks last agreed on it (it sizes the step's closing all-reduce)
+        self.reports: dict[str, Any] = {}
+        self.report_layout: Layout = ()
         # run first in each step (engine.distribute's job: its model traced again at the
         # step's input shapes), so that its error fails the step on every rank as a stage's
         self.before_step: Callable[[], None] | None = None
@@ -366,8 +372,10 @@ class Pipeline:
 
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
         """Run one step; return the mean loss on last-stage ranks (a
-        per-token loss's: the sums over the count), else None. On failure,
-        clean up (see the class docstring) and raise."""
+        per-token loss's: the sums over the count), else None; a per-token
+        loss's reports (Megatron-core's third item) are then ``reports`` on
+        every rank, summed over the micro-batches and dp replicas ({}
+        without). On failure, clean up (see the class docstring) and raise."""
         st = _Step(self, self._steps)
         self._steps += 1
         _steps_on(self.pp, self._step0 + self._steps)
@@ -384,6 +392,7 @@ class Pipeline:
         the trace); its mean loss on last-stage ranks. On failure: clean
         up, agree with the others that it failed, raise."""
         at = 0
+        self.reports = {}
         try:
             st.start(inputs, targets)
             for at, a in enumerate(st.program):
@@ -402,7 +411,9 @@ class Pipeline:
             st.agree(e)
             raise
         st.agree(None)
-        return st.settle(mean)
+        mean = st.settle(mean)
+        self.reports = st.counts.reports.total
+        return mean
 
     def eval_step(self, inputs: Any = None, targets: Any = None, *,
                   outputs: bool = False) -> Any:

@@ -101,6 +101,14 @@ class Job(_ModelState, _OptimizerState, _Retiming):
                 print(f"engine.distribute: {said}", flush=True)
         return out
 
+    @property
+    def reports(self) -> dict[str, Any]:
+        """The last ``step()``'s or ``eval_step()``'s reports, on every rank:
+        a per-token loss's third item (Megatron-core's ``{"lm loss":
+        [sum, count]}``) summed over its micro-batches and dp replicas
+        (engine.reports); {} where its loss reported nothing, or it failed."""
+        return self.pipeline.reports
+
     def eval_step(self, inputs: Any = None, targets: Any = None, *,
                   outputs: bool = False) -> Any:
         """Evaluate this dp replica's batch: the schedule's forwards only,

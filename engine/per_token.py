@@ -11,8 +11,10 @@ after it)::
         return (F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
                                 reduction="sum"), (y != -100).sum())
 
-The step's loss is then the sum over every micro-batch and dp replica
-over the count summed alike, and its gradients that quantity's: each
+A third item after the count, Megatron-core's reports (``{"lm loss":
+report}``), is summed over the step (engine.reports). The step's loss is
+then the sum over every micro-batch and dp replica over the count summed
+alike, and its gradients that quantity's: each
 micro-batch's sum goes back unscaled, and every gradient is scaled once at
 the step's end (engine.step's ``settle``), when the counts, known on the
 last stage's ranks, have met in the step's closing all-reduce
@@ -26,6 +28,8 @@ import math
 import numbers
 import sys
 from typing import Any
+
+from .reports import StepReports
 
 __all__ = ["Counts", "is_count", "count_of", "split_count", "SUM_COUNT"]
 
@@ -57,18 +61,22 @@ def count_of(v: Any, where: str) -> float:
     return n
 
 
-def split_count(out: Any) -> tuple[Any, Any]:
-    """(loss, count) of what a torch loss returned: ``(out, None)`` for
-    the loss alone, ``(loss_sum, count)`` for a pair whose first part is a
-    tensor and second a count."""
+def split_count(out: Any) -> tuple[Any, Any, Any]:
+    """(loss, count, reports) of what a torch loss returned: ``(out, None,
+    None)`` for the loss alone, ``(loss_sum, count, None)`` for a pair
+    whose first part is a tensor and second a count, and Megatron-core's
+    ``(loss_sum, num_tokens, reports)`` (a dict: engine.reports) whole."""
     torch = sys.modules.get("torch")
-    if (torch is not None and isinstance(out, tuple) and len(out) == 2
-            and isinstance(out[0], torch.Tensor) and is_count(out[1])):
-        return out[0], out[1]
-    return out, None
+    if (torch is not None and isinstance(out, tuple) and len(out) in (2, 3)
+            and isinstance(out[0], torch.Tensor) and is_count(out[1])
+            and (len(out) == 2 or isinstance(out[2], dict))):
+        return out[0], out[1], out[2] if len(out) == 3 else None
+    return out, None, None
 
 
-_SAID = {True: "a per-token (sum, count)", False: "a mean (a loss alone)"}
+_MEAN, _PAIR, _REPORTED = 0, 1, 2      # the kinds of a micro-batch's loss
+_SAID = {_PAIR: "a per-token (sum, count)", _MEAN: "a mean (a loss alone)",
+         _REPORTED: "a per-token (sum, count, reports)"}
 
 
 class Counts:
@@ -80,27 +88,30 @@ class Counts:
     its gradients and loss."""
 
     def __init__(self) -> None:
-        self.first: tuple[int, bool] | None = None   # (micro-batch, per-token) of the first
+        self.first: tuple[int, int] | None = None   # (micro-batch, its kind) of the first
         self.count = 0.0
         self.per_token, self.total = False, 0.0
+        self.reports = StepReports()
 
-    def note(self, k: int, count: Any, where: str, has_opt: bool) -> bool:
-        """Micro-batch ``k``'s loss: a per-token one's ``count``, or a mean
-        (``count`` None); True for a per-token one. A step's micro-batches
-        return one kind (a mean weighed by rows beside a sum over tokens is
-        neither one process's loss), else ValueError naming both; a
-        per-token loss cannot run under OPT actions (``has_opt``), whose
-        optimizer steps inside the step, before the step's count is known."""
-        kind = count is not None
+    def note(self, k: int, count: Any, where: str, has_opt: bool, reports: Any = None) -> bool:
+        """Micro-batch ``k``'s loss: a per-token one's ``count`` (and its
+        ``reports``, summed: engine.reports), or a mean (``count`` None);
+        True for a per-token one. A step's micro-batches return one kind (a
+        mean weighed by rows beside a sum over tokens is neither one
+        process's loss; reports of some micro-batches only are no step's),
+        else ValueError naming both; a per-token loss cannot run under OPT
+        actions (``has_opt``), whose optimizer steps inside the step,
+        before the step's count is known."""
+        kind = _MEAN if count is None else _PAIR if reports is None else _REPORTED
         if self.first is None:
             self.first = (k, kind)
         elif self.first[1] != kind:
             raise ValueError(f"{where}: loss_fn(output, target) returned {_SAID[kind]} for "
-                             f"micro-batch {k} but {_SAID[not kind]} for micro-batch "
+                             f"micro-batch {k} but {_SAID[self.first[1]]} for micro-batch "
                              f"{self.first[0]}: a step's micro-batches return one kind (the "
                              "step's loss is the mean of the means, weighed by rows, or the "
                              "sum of the sums over the sum of the counts)")
-        if not kind:
+        if kind == _MEAN:
             return False
         if has_opt:
             raise ValueError(f"{where}: loss_fn(output, target) returned a per-token (sum, "
@@ -109,11 +120,13 @@ class Counts:
                              "every dp replica's) scales the gradients; use a schedule without "
                              "them and step the optimizer after step()")
         self.count += count_of(count, where)
+        if reports is not None:
+            self.reports.add(k, reports, where)
         return True
 
     def kind(self) -> bool | None:
         """This rank's kind of loss: per-token, a mean, or None (no loss here)."""
-        return None if self.first is None else self.first[1]
+        return None if self.first is None else self.first[1] != _MEAN
 
     def slots(self) -> tuple[float, float]:
         """This rank's two numbers for the step's closing all-reduce (a max):
@@ -127,6 +140,7 @@ class Counts:
         was per-token and those whose was a mean (both: the step fails)."""
         if slots is None:
             self.per_token, self.total = bool(self.kind()), self.count
+            self.reports.alone()
             return [], []
         tokens = [d for d, (c, _) in enumerate(slots) if c > 0]
         self.per_token = bool(tokens)

@@ -21,6 +21,7 @@ from mesh import AbortKind, LostPeerError, MeshError
 
 from .ir import AR, RECV_B, RECV_F, SEND_B, SEND_F
 from .pipeline_args import _PAIRED, _paired
+from .reports import width
 from .step import _StepActions
 
 __all__ = ["StepFailed"]
@@ -126,7 +127,10 @@ class _Step(_StepActions):
         every rank learns (``counts``) whether the step's loss was per-token
         and its count over every dp replica, which ``settle`` scales the
         gradients by; dp replicas whose losses were of both kinds fail the
-        step, naming them."""
+        step, naming them. So do a per-token loss's reports (engine.reports):
+        each replica's sums in slots laid out as the ranks last agreed, or,
+        laid out otherwise, a word that they are, then the layouts in the
+        all-gather; replicas reporting other names fail the step."""
         pipe, whole = self.pipe, self.pipe.whole
         if whole.size == 1:
             self.counts.agreed(None)
@@ -139,37 +143,52 @@ class _Step(_StepActions):
         # then each replica's kind of loss: (its count + 1, 0) where per-token, (0, 1) a
         # mean, (0, 0) not known here (float64: a count may be a weighted one);
         # and last, whether some rank evaluates (eval_step) and some trains (step)
-        failed = np.zeros(3 + 4 * replicas, dtype=np.float64)
+        # then the reports' word (engine.reports: 0, 1 or 2) and each replica's sums
+        agreed, reports = pipe.report_layout, self.counts.reports
+        said = 1 + 4 * replicas
+        span = 2 * width(agreed)
+        failed = np.zeros(4 + 4 * replicas + span * replicas, dtype=np.float64)
         failed[0] = 0 if error is None else 1
         failed[1 + 2 * pipe.dp_index:3 + 2 * pipe.dp_index] = (self.in_rows + 1,
                                                                self.target_rows + 1)
+        loss_here = error is None and self.counts.kind() is not None
         if error is None:
             at = 1 + 2 * replicas + 2 * pipe.dp_index
             failed[at:at + 2] = self.counts.slots()
+            at = said + 1 + span * pipe.dp_index
+            failed[said], failed[at:at + span] = reports.said(agreed, loss_here)
         failed[-2:] = (1, 0) if self.forward_only else (0, 1)
         wrong: list[tuple[int, int, int]] = []
         evals: list[int] = []
         kinds: tuple[list[int], list[int]] = ([], [])
+        unlike: str | None = None       # replicas reporting other names: why the step fails
         try:
             collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
             rows = failed[1:1 + 2 * replicas].reshape(replicas, 2) - 1
             m = pipe.schedule.num_microbatches
             wrong = [(d, int(a), int(b)) for d, (a, b) in enumerate(rows)
                      if a >= 0 and b >= 0 and not _paired(int(a), int(b), m)]
-            kinds = self.counts.agreed(failed[1 + 2 * replicas:-2].reshape(replicas, 2))
+            kinds = self.counts.agreed(failed[1 + 2 * replicas:said].reshape(replicas, 2))
             mixed = bool(failed[-2] and failed[-1])
-            if not failed[0] and not wrong and not mixed and not all(kinds):
+            relaid = failed[said] == 2
+            if failed[said] == 1:
+                reports.from_slots(agreed, failed[said + 1:-2].reshape(replicas, span))
+            if not failed[0] and not wrong and not mixed and not all(kinds) and not relaid:
                 return
-            if not failed[0] and not mixed:
+            if not failed[0] and not mixed and not relaid:
                 reasons: list[str | None] = []
             else:
                 mine = None if error is None else f"{type(error).__name__}: {error}"
                 tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
                 told = collectives.all_gather_object(
-                    whole, [mine, tp_seq, self.forward_only], timeout=pipe.timeout)
-                reasons = [why for why, _, _ in told]
-                evals = [r for r, (*_, only) in enumerate(told) if only] if mixed else []
-                self.realign_tp([seq for _, seq, _ in told])
+                    whole, [mine, tp_seq, self.forward_only, pipe.dp_index,
+                            reports.told(loss_here) if relaid else None], timeout=pipe.timeout)
+                reasons = [t[0] for t in told]
+                evals = [r for r, t in enumerate(told) if t[2]] if mixed else []
+                self.realign_tp([t[1] for t in told])
+                if relaid and not failed[0] and not mixed and not wrong and not all(kinds):
+                    pipe.report_layout, unlike = reports.from_told(
+                        {t[3]: t[4] for t in told if t[4] is not None})
         except Exception:
             if error is not None:
                 return                       # this rank's own error is raised
@@ -192,6 +211,12 @@ class _Step(_StepActions):
                 f"count) on dp replicas {kinds[0]} but a mean (a loss alone) on dp replicas "
                 f"{kinds[1]}: every replica's micro-batches return one kind; rolled back on "
                 "every rank")
+        if unlike is not None:
+            self.roll_back()
+            raise ValueError(f"rank {whole.rank} of {whole.name}: pipeline step {self.n} "
+                             f"({pipe.schedule.name}): {unlike}; rolled back on every rank")
+        if not failed[0] and not wrong:     # (the reports laid out anew: the step is done)
+            return
         if wrong:
             if error is None:
                 self.roll_back()

@@ -375,7 +375,8 @@ class _StepActions:
         elif last:
             out = self._loss(y, self.targets[k])
             loss, gy = out[0], out[1]
-            counted = self._counted(a, out[2] if len(out) == 3 else None)
+            counted = self._counted(a, out[2] if len(out) >= 3 else None,
+                                    out[3] if len(out) == 4 else None)
             if _shapes(y) is not None and not _fits(_shapes(gy), _shapes(y)):
                 # (numpy broadcasts a (rows, 1) one through a Tanh's backward: wrong
                 # gradients with nothing said; other shapes failed far off, in a stage)
@@ -439,22 +440,24 @@ class _StepActions:
         value = getattr(self.pipe.loss_fn, "value", None)
         if value is not None:
             out = value(y, target)
-            loss, count = out if isinstance(out, tuple) else (out, None)
+            loss, count, reports = (*out, None)[:3] if isinstance(out, tuple) else (out, None, None)
         else:
             torch = sys.modules.get("torch")
             with torch.enable_grad() if torch is not None else contextlib.nullcontext():
                 out = self._loss(y, target)
-            loss, count = out[0], out[2] if len(out) == 3 else None
-        self._counted(a, count)
+            loss, count, reports = (out[0], *out[2:], None, None)[:3]
+        self._counted(a, count, reports)
         return float(loss)
 
-    def _counted(self, a: Action, count: Any) -> bool:
+    def _counted(self, a: Action, count: Any, reports: Any = None) -> bool:
         """Note micro-batch ``a.mb``'s loss (``Counts.note``): a per-token
-        loss's count, or a mean (``count`` None); True for a per-token one."""
+        loss's count (and its reports), or a mean (``count`` None); True for
+        a per-token one."""
         pipe = self.pipe
         assert a.mb is not None
         where = f"pp rank {pipe.rank}: pipeline step {self.n} ({pipe.schedule.name}), {a}"
-        return self.counts.note(a.mb, count, where, pipe.has_opt and not self.forward_only)
+        return self.counts.note(a.mb, count, where, pipe.has_opt and not self.forward_only,
+                                reports)
 
     def _backward(self, a: Action) -> None:
         pipe, (s, k) = self.pipe, _key(a)

@@ -701,9 +701,10 @@ def widened(a: Any) -> Any:
 
 def torch_loss(fn: Any, per_token: bool = True) -> Any:
     """Wrap a torch loss (``fn(y, target) -> scalar tensor``, mean over the
-    micro-batch; or a per-token loss's ``(loss_sum, count)``, engine.per_token)
-    as a pipeline ``loss_fn`` on tensors (or numpy arrays), which returns
-    ``(loss, gradient)``, or ``(loss_sum, gradient, count)``; the target (each
+    micro-batch; or a per-token loss's ``(loss_sum, count)``, engine.per_token,
+    or Megatron-core's ``(loss_sum, num_tokens, reports)``) as a pipeline
+    ``loss_fn`` on tensors (or numpy arrays), which returns ``(loss,
+    gradient)``, or ``(loss_sum, gradient, count)`` (and the reports); the target (each
     part of a tuple of them) goes to the output's device. A mean cross
     entropy (``nn.CrossEntropyLoss()``, a traced model's own
     ``F.cross_entropy``: engine.per_token_loss) runs as its per-token sum and
@@ -720,7 +721,7 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
                             "eval_step(), which keeps no graph itself")
         # (a colwise output kept watched: F.cross_entropy of it runs vocab-parallel)
         ty = _detached(_tensor(torch, y)).requires_grad_(True)
-        loss, count = split_count(fn(ty, _target(torch, target, ty.device)))
+        loss, count, reports = split_count(fn(ty, _target(torch, target, ty.device)))
         if isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad:
             raise TypeError("loss_fn(output, target) returned a scalar tensor without a "
                             "gradient: compute it from the output (no .detach(), no "
@@ -733,17 +734,20 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
         loss.backward()
         if count is None:
             return float(loss.detach()), ty.grad
-        return float(loss.detach()), ty.grad, count_of(count, "a per-token loss")
+        if reports is None:
+            return float(loss.detach()), ty.grad, count_of(count, "a per-token loss")
+        return float(loss.detach()), ty.grad, count_of(count, "a per-token loss"), reports
 
     def value(y: Any, target: Any) -> Any:
         """The loss alone, without its gradient (an evaluation): a float,
-        or a per-token loss's ``(sum, count)``."""
+        or a per-token loss's ``(sum, count)`` (``(sum, count, reports)``)."""
         with torch.no_grad():
             ty = _tensor(torch, y)
-            loss, count = split_count(fn(ty, _target(torch, target, ty.device)))
+            loss, count, reports = split_count(fn(ty, _target(torch, target, ty.device)))
             if count is None:
                 return float(loss)
-            return float(loss), count_of(count, "a per-token loss")
+            pair = float(loss), count_of(count, "a per-token loss")
+            return pair if reports is None else (*pair, reports)
 
     loss_fn.value = value       # type: ignore[attr-defined]
     if form is not None:
@@ -786,17 +790,21 @@ def as_pipeline_loss(fn: Any, first: Any, where: str, output: Any = None) -> Any
     first call (``first``): ``fn`` itself where that is a ``(loss,
     gradient)`` pair (the loss a number, the gradient of the output
     ``output`` where that is a torch tensor: its shape) or a per-token
-    ``(loss_sum, gradient, count)`` (engine.per_token); ``torch_loss(fn)``
-    where it is a torch scalar (an ordinary torch loss, F.mse_loss) or a
-    per-token ``(loss_sum, count)`` of tensors; else TypeError, saying what
+    ``(loss_sum, gradient, count)`` (engine.per_token; a dict of reports
+    after the count: engine.reports); ``torch_loss(fn)`` where it is a
+    torch scalar (an ordinary torch loss, F.mse_loss) or a per-token
+    ``(loss_sum, count)`` of tensors (Megatron-core's ``(loss_sum,
+    num_tokens, reports)``); else TypeError, saying what
     it must return (``where``: the rank, for the error). A tuple whose first
     part is a tensor and second no count is a torch loss returned with
     something else (``(loss, logits)``), not a pair: refused too."""
     torch = sys.modules.get("torch")
-    if isinstance(first, tuple) and len(first) == 2 and split_count(first)[1] is not None \
+    if isinstance(first, tuple) and len(first) in (2, 3) and split_count(first)[1] is not None \
             and first[0].dim() == 0:
         return torch_loss(fn)
-    if isinstance(first, tuple) and (len(first) == 2 or len(first) == 3 and is_count(first[2])):
+    if isinstance(first, tuple) and (len(first) == 2 or len(first) == 3 and is_count(first[2])
+                                     or len(first) == 4 and is_count(first[2])
+                                     and isinstance(first[3], dict)):
         loss, grad = first[:2]
         if torch is not None and isinstance(loss, torch.Tensor):
             raise TypeError(f"{where}: loss_fn(output, target) returned a tuple of "

@@ -32,14 +32,16 @@ def _data(step):
 
 
 def _ce(y, t):
-    """Step 0's loss: the mean; step 1's (t holds a -100): per-token."""
+    """Step 0's loss: the mean; step 1's (t holds a -100): per-token,
+    Megatron-core's (sum, count, reports)."""
     import torch
 
     import tp_models
     if not bool((t == -100).any()):
         return tp_models.cross_entropy(y, t)
     return (torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1),
-                                              reduction="sum"), (t != -100).sum())
+                                              reduction="sum"), (t != -100).sum(),
+            {"tokens": (t != -100).sum()})
 
 
 def _model(tied):
@@ -91,10 +93,13 @@ def _worker(world):
         job = engine.distribute(_model(tied), grid, plan=plan, schedule="1f1b",
                                 microbatches=2, balance="uniform", loss_fn=_ce,
                                 verbose=False, overhead=0.0, timeout=60)
+        reports = []
         for step in range(STEPS):        # no zero_grad between them
             x, y = (a[d::2] for a in _data(step))
             job.step(x, y)
+            reports.append(job.reports)
         out[name] = _accumulated(job)
+        out[name + " reports"] = reports
     return out
 
 
@@ -102,10 +107,14 @@ def _worker(world):
 def test_accumulated_steps_equal_one_process_at_dp2():
     pytest.importorskip("torch")
     results = mesh.spawn(_worker, 4, timeout=180)
+    counted = float((_data(1)[1] != -100).sum())
     for name, tied in [("tied", True), ("sequence", False)]:
         want = _reference(tied)
         seen = set()
         for r, res in enumerate(results):
+            # job.reports: step 1's, summed over micro-batches and dp replicas, on every rank
+            assert res[name + " reports"][0] == {}, res[name + " reports"]
+            assert res[name + " reports"][1]["tokens"].item() == counted, res[name + " reports"]
             for k, g in res[name].items():
                 np.testing.assert_allclose(g, want[k], rtol=1e-4, atol=1e-6,
                                            err_msg=f"{name}: rank {r} {k}")

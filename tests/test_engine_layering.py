@@ -11,8 +11,9 @@ ENGINE = pathlib.Path(engine.__file__).parent
 # ir -> lower -> replay -> verify -> simulate -> render -> executor -> distribute, with the
 # modules beside that chain placed after what they use.
 ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "costs",
-         "profiling", "candidates", "retime", "choose", "trace", "layers", "per_token", "tp_plan",
-         "per_token_loss", "tp_layers", "torch_stage", "tp_comm", "tp_rng", "tp_checks",
+         "profiling", "candidates", "retime", "choose", "trace", "layers", "reports",
+         "per_token", "tp_plan", "per_token_loss",
+         "tp_layers", "torch_stage", "tp_comm", "tp_rng", "tp_checks",
          "tp_axes", "tp_loss", "tp_record", "tp_watch", "tp_forward", "tp_shard", "tp_state",
          "tensor_parallel", "tied", "tp_sums", "clip", "buffers", "zero_grads",
          "traced_returned", "traced_pieces", "traced_inplace", "traced_cuts", "traced_modes",

@@ -9,7 +9,8 @@ purpose. The
 two-rank spawn also trains a model with a weight tied between stages.
 A per-token loss (a sum over the targets a mask counts, and their count:
 engine.per_token) trains as one process's sum over every counted target
-over their count, micro-batches and replicas counting different numbers.
+over their count, micro-batches and replicas counting different numbers;
+its reports (Megatron-core's third item) are the step's sums on every rank.
 """
 import functools
 
@@ -63,7 +64,8 @@ def _reference(steps: int) -> tuple[list[np.ndarray], list[float]]:
     return model.params(), losses
 
 
-def _train(topo, pp, dp, dp_index, name, m, recompute=False, loss_fn=mse_loss, data=_data):
+def _train(topo, pp, dp, dp_index, name, m, recompute=False, loss_fn=mse_loss, data=_data,
+           reports=None):
     sched = _schedule(name, pp.size, m)
     stages = mlp_stages(WIDTHS, sched.num_stages, SEED)
     mine = stages_for_rank(stages, sched, pp.rank)
@@ -82,6 +84,8 @@ def _train(topo, pp, dp, dp_index, name, m, recompute=False, loss_fn=mse_loss, d
                 g -= dp_index + 1.0
         sgd(mine, LR)
         losses.append(loss)
+        if reports is not None:
+            reports.append(pipe.reports)
     params = {s: [p.copy() for p in stage.params()] for s, stage in pipe.stages.items()}
     return params, losses, pipe.trace()
 
@@ -93,8 +97,12 @@ def _worker(world, dp_size, m):
         topo = mesh.grid(world, dp=dp_size, pp=world.size // dp_size)
         pp, dp, dp_index = topo.group("pp"), topo.group("dp"), topo.coord("dp")
     out = {name: _train(topo, pp, dp, dp_index, name, m) for name in NAMES}
-    out["counted"] = {name: _train(topo, pp, dp, dp_index, name, m, loss_fn=counted_mse,
-                                   data=_counted_data)[:2] for name in COUNTED}
+    out["counted"] = {}
+    for name in COUNTED:
+        reports: list = []
+        out["counted"][name] = (*_train(topo, pp, dp, dp_index, name, m, data=_counted_data,
+                                        loss_fn=reported_mse if name == "zb-v" else counted_mse,
+                                        reports=reports)[:2], reports)
     if pp.size == 2:
         out["tied"] = _tied_worker(topo, pp, dp, dp_index)
         # recompute (engine.layers.Recompute): every stage, or stage 0 only
@@ -150,10 +158,18 @@ def counted_mse(y, target):
     return float((diff * diff).sum()), 2.0 * diff, float(mask.sum())
 
 
+def reported_mse(y, target):
+    """``counted_mse`` and its reports after the count (Megatron-core's
+    third item): its sum and count, and -1 a micro-batch."""
+    total, gy, count = counted_mse(y, target)
+    return total, gy, count, {"sse": np.array([total, count]), "minus": -1}
+
+
 def _counted_reference():
-    """One process: the sum over every counted element of the batch over their count."""
+    """One process: the sum over every counted element of the batch over
+    their count; and each step's sum and count."""
     model = Sequential(*mlp_stages(WIDTHS, 1, SEED)[0].layers)
-    losses = []
+    losses, sums = [], []
     for step in range(STEPS):
         x, target = _counted_data(step)
         out, ctx = model.forward(x)
@@ -161,17 +177,28 @@ def _counted_reference():
         model.backward(ctx, gy / count)
         sgd([model], LR)
         losses.append(total / count)
-    return model.params(), losses
+        sums.append([total, count])
+    return model.params(), losses, sums
 
 
 def _check_counted(results, pp_size, dp_size, m):
-    ref_params, ref_losses = _counted_reference()
+    ref_params, ref_losses, ref_sums = _counted_reference()
     for name in COUNTED:
         last = _schedule(name, pp_size, m).rank_of(_schedule(name, pp_size, m).num_stages - 1)
         for d in range(dp_size):
             got: dict[int, list[np.ndarray]] = {}
             for r in range(pp_size):
-                params, losses = results[d * pp_size + r]["counted"][name]
+                params, losses, reports = results[d * pp_size + r]["counted"][name]
+                # zb-v's reports (reported_mse): summed over micro-batches and replicas, on
+                # every rank (the first step's laid out in the closing all-gather)
+                for step, rep in enumerate(reports):
+                    if name != "zb-v":
+                        assert rep == {}, rep
+                        continue
+                    assert rep.keys() == {"sse", "minus"}, rep
+                    assert isinstance(rep["sse"], np.ndarray) and type(rep["minus"]) is float
+                    np.testing.assert_allclose(rep["sse"], ref_sums[step], rtol=1e-10)
+                    assert rep["minus"] == -m * dp_size, rep
                 got.update(params)
                 if r == last:
                     np.testing.assert_allclose(losses, ref_losses, rtol=1e-10,

@@ -1,5 +1,6 @@
 """The torch adapter gives the same numbers as the numpy reference layers."""
 import copy
+import functools
 import re
 import sys
 
@@ -112,17 +113,26 @@ def test_a_per_token_loss_is_the_sum_over_the_counted_targets_over_their_count(s
     nan, micro-batch 0 counting none of its 3 targets, then 2 and 3), and so
     is eval_step's loss. A step that
     counts nothing has a loss of 0 and leaves the gradients as they were.
-    nn.CrossEntropyLoss() itself (a mean) runs as that sum and count."""
+    nn.CrossEntropyLoss() itself (a mean) runs as that sum and count.
+    Megatron-core's (sum, count, reports) too, its reports summed over the
+    micro-batches (``pipe.reports``)."""
     F = torch.nn.functional
     x, y = _counted_batch()
-    for fn in (per_token_ce, torch.nn.CrossEntropyLoss()):
+    for fn in (per_token_ce, torch.nn.CrossEntropyLoss(), megatron_ce):
         pipe, model = _counted_solo(sched, fn)
         _, ref = _counted_solo(sched)
-        want = F.cross_entropy(ref(x), y, ignore_index=-100, reduction="sum") / (y != -100).sum()
+        total = F.cross_entropy(ref(x), y, ignore_index=-100, reduction="sum")
+        want = total / (y != -100).sum()
         want.backward()
-        assert pipe.step(x, y) == pytest.approx(want.item(), rel=1e-12)
+        assert pipe.step(x, y) == pytest.approx(want.item(), rel=1e-12), fn
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+        if fn is megatron_ce:
+            assert pipe.reports.keys() == {"lm loss", "micro-batches"}, pipe.reports
+            assert pipe.reports["lm loss"].tolist() == pytest.approx([total.item(), 5.0])
+            assert pipe.reports["micro-batches"] == 3.0
+        else:
+            assert pipe.reports == {}, pipe.reports
         assert pipe.eval_step(x, y) == pytest.approx(want.item(), rel=1e-12)
         held = [p.grad.clone() for p in model.parameters()]
         assert pipe.step(x, torch.full_like(y, -100)) == 0.0
@@ -141,9 +151,19 @@ def test_a_per_token_loss_refuses_mixed_kinds_bad_counts_and_opt_actions():
         loss, count = per_token_ce(logits, t)
         return loss if int(count) == len(t) else (loss, count)
 
+    def reported(logits, t):   # reports where every target counts; others named by count
+        loss, count = per_token_ce(logits, t)
+        return (loss, count, {"all": 1}) if int(count) == len(t) else (loss, count)
+
     for fn, words, kw in [
             (mixed, "1F2: loss_fn(output, target) returned a mean (a loss alone) for "
                     "micro-batch 2 but a per-token (sum, count) for micro-batch 0", {}),
+            (reported, "1F2: loss_fn(output, target) returned a per-token (sum, count, "
+                       "reports) for micro-batch 2 but a per-token (sum, count) for "
+                       "micro-batch 0", {}),
+            (lambda o, t: (*per_token_ce(o, t), {"some" if (t != -100).any() else "none": 1}),
+             "1F1: loss_fn(output, target) returned the reports {'some': a number} for "
+             "micro-batch 1 but {'none': a number} for micro-batch 0", {}),
             (lambda o, t: (per_token_ce(o, t)[0], -1), "returned a count of -1.0", {}),
             (per_token_ce, "returned a per-token (sum, count), but the schedule has OPT "
                            "actions", {"optimizer": lambda stage: None})]:
@@ -154,12 +174,19 @@ def test_a_per_token_loss_refuses_mixed_kinds_bad_counts_and_opt_actions():
         with pytest.raises(ValueError, match=re.escape(words)):
             pipe.step(x, y)
         assert all(p.grad is None for p in model.parameters()), words
+    pipe, model = _counted_solo(schedules.zb_v(1, 3), lambda o, t: (*per_token_ce(o, t),
+                                                                     {"lm loss": "text"}))
+    with pytest.raises(TypeError, match=re.escape("returned the report 'lm loss' as str 'text': "
+                                                  "a report's value is a tensor")):
+        pipe.step(x, y)
     # nn.CrossEntropyLoss() there runs as written: each micro-batch's mean, weighed by rows
-    pipe, model = _counted_solo(engine.with_optimizer_step(schedules.zb_v(1, 3)),
-                                torch.nn.CrossEntropyLoss(), optimizer=lambda stage: None)
     y[0] = 1        # (micro-batch 0 counting none of its targets: torch's mean is nan)
-    means = [torch.nn.functional.cross_entropy(model(x[k:k + 3]), y[k:k + 3]) for k in (0, 3, 6)]
-    assert pipe.step(x, y) == pytest.approx((sum(means) / 3).item(), rel=1e-12)
+    for fn in (torch.nn.CrossEntropyLoss(),):
+        pipe, model = _counted_solo(engine.with_optimizer_step(schedules.zb_v(1, 3)), fn,
+                                    optimizer=lambda stage: None)
+        means = [torch.nn.functional.cross_entropy(model(x[k:k + 3]), y[k:k + 3])
+                 for k in (0, 3, 6)]
+        assert pipe.step(x, y) == pytest.approx((sum(means) / 3).item(), rel=1e-12)
 
 
 def test_a_torch_loss_of_ones_own_takes_numpy_targets():
@@ -287,10 +314,19 @@ def per_token_ce(logits, y):
             (y != -100).sum())
 
 
+def megatron_ce(logits, y, name="lm loss"):
+    """Megatron-core's per-token loss_func: (sum, count, reports)."""
+    loss, count = per_token_ce(logits, y)
+    count = count.to(torch.int)
+    return loss, count, {name: torch.cat([loss.clone().detach().view(1), count.view(1)]),
+                         "micro-batches": 1}
+
+
 def _torch_dp_pp(world, names):
     """dp=2 x pp=2, TorchStages and torch SGD with the default zero_grad();
-    then a per-token loss (``per_token_ce``), its eval_step, and a step whose
-    dp replicas' losses are of both kinds."""
+    then a per-token loss (``per_token_ce``; Megatron-core's with its
+    reports under 1F1B), its eval_step, and steps whose dp replicas' losses
+    are of both kinds, or report other names."""
     import mesh
     from engine.executor import split_microbatches, stages_for_rank
     grid = mesh.grid(world, dp=2, pp=2)
@@ -301,23 +337,31 @@ def _torch_dp_pp(world, names):
         mine = stages_for_rank([TorchStage(m) for m in (_torch_model()[:4], _torch_model()[4:])],
                                sched, pp.rank)
         opt = torch.optim.SGD([p for s in mine for p in s.module.parameters()], lr=LR)
-        pipe = Pipeline(grid, mine, sched, loss_fn=per_token_ce, timeout=30)
-        losses = []
+        fn = {"1f1b": megatron_ce, "zb-h1": per_token_ce}[name]
+        pipe = Pipeline(grid, mine, sched, loss_fn=fn, timeout=30)
+        losses, reports = [], []
         for step in range(STEPS):
             x, y = (split_microbatches(a, 2)[d] for a in _counted_data(step))
             opt.zero_grad()
             losses.append(pipe.step(x if pipe.first else None, y if pipe.last else None))
+            reports.append(pipe.reports)
             opt.step()
         x, y = (split_microbatches(a, 2)[d] for a in _counted_data(0))
         losses.append(pipe.eval_step(x if pipe.first else None, y if pipe.last else None))
+        reports.append(pipe.reports)
         out[name + " per-token"] = ({s: [p.detach().numpy().copy() for p in st.module.parameters()]
-                                     for s, st in pipe.stages.items()}, losses)
-    pipe.loss_fn = torch_loss(per_token_ce if d == 0 else torch.nn.functional.cross_entropy)
-    try:
-        pipe.step(x if pipe.first else None, y if pipe.last else None)
-        out["mixed"] = "no error"
-    except Exception as e:
-        out["mixed"] = f"{type(e).__name__}: {e}"
+                                     for s, st in pipe.stages.items()}, losses, reports)
+    for way, fn in [("mixed", torch_loss(per_token_ce) if d == 0 else torch_loss(
+                        torch.nn.functional.cross_entropy, per_token=False)),
+                    ("named", torch_loss(functools.partial(megatron_ce,
+                                                           name="lm loss" if d else "loss")))]:
+        pipe.loss_fn = fn
+        try:
+            pipe.step(x if pipe.first else None, y if pipe.last else None)
+            out[way] = "no error"
+        except Exception as e:
+            out[way] = f"{type(e).__name__}: {e}"
+        out[way + " reports"] = pipe.reports     # (a failed step's: none)
     for name in names:
         sched = schedules.by_name(name, pp.size, 4, chunks=2)
         blocks = list(_torch_model())           # 4 blocks of (Linear, Tanh), the last alone
@@ -373,33 +417,53 @@ def _check_per_token_dp_pp(results, names):
     counted token over their count, in its weights, losses and eval loss;
     replicas of both kinds of loss fail the step on every rank."""
     import torch.nn.functional as F
-    model, losses = _torch_model(), []
+    model, losses, sums = _torch_model(), [], []
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
         x, y = (torch.from_numpy(a) for a in _counted_data(step))
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y, ignore_index=-100, reduction="sum") / (y != -100).sum()
+        total = F.cross_entropy(model(x), y, ignore_index=-100, reduction="sum")
+        loss = total / (y != -100).sum()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        sums.append([total.item(), (y != -100).sum().item()])
     x, y = (torch.from_numpy(a) for a in _counted_data(0))
     with torch.no_grad():
         losses.append(F.cross_entropy(model(x), y, ignore_index=-100).item())
+        sums.append([F.cross_entropy(model(x), y, ignore_index=-100, reduction="sum").item(),
+                     (y != -100).sum().item()])
     want = [p.detach().numpy() for p in model.parameters()]
     for name in names:
         for d in range(2):
             got = {}
             for r in range(2):
-                params, said = results[d * 2 + r][name + " per-token"]
+                params, said, reports = results[d * 2 + r][name + " per-token"]
                 got.update(params)
                 if said[0] is not None:
                     np.testing.assert_allclose(said, losses, rtol=1e-10, err_msg=name)
+                # Megatron's reports: summed over micro-batches and replicas, on every rank
+                for step, (rep, (total, count)) in enumerate(zip(reports, sums, strict=True)):
+                    if name != "1f1b":
+                        assert rep == {}, (name, rep)
+                        continue
+                    assert set(rep) == {"lm loss", "micro-batches"}, rep
+                    assert rep["lm loss"].dtype == torch.float64 and rep["lm loss"].shape == (2,)
+                    np.testing.assert_allclose(rep["lm loss"].numpy(), [total, count],
+                                               rtol=1e-10, err_msg=f"step {step}")
+                    assert rep["micro-batches"] == 8.0, rep
             flat = [p for s in sorted(got) for p in got[s]]
             for a, b in zip(flat, want, strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{name} dp {d}")
     for r, res in enumerate(results):
         assert ("returned a per-token (sum, count) on dp replicas [0] but a mean (a loss "
                 "alone) on dp replicas [1]") in res["mixed"], (r, res["mixed"])
+        assert ("loss_fn(output, target) returned other reports on other dp replicas (dp "
+                "replica 0: {'loss': tensor of shape (2,), 'micro-batches': a number}; dp "
+                "replica 1: {'lm loss': tensor of shape (2,), 'micro-batches': a number}): every "
+                "replica's loss reports the same names; rolled back on every rank"
+                ) in res["named"], (r, res["named"])
+        assert res["named reports"] == {}, res["named reports"]
 
 
 class _Gate(torch.nn.Module):
