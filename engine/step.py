@@ -426,6 +426,8 @@ class _StepActions:
         out = pipe.loss_fn(y, target)
         if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
             fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
+            if pipe.has_opt:        # (a mean cross entropy run per token: too late for OPT)
+                fn = getattr(fn, "as_written", fn)
             if fn is not pipe.loss_fn:
                 pipe.loss_fn = fn
                 out = fn(y, target)

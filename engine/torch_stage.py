@@ -37,6 +37,7 @@ import numpy as np
 from mesh.tensors import is_tensor
 
 from .per_token import SUM_COUNT, count_of, is_count, split_count
+from .per_token_call import watched
 from .per_token_loss import summed
 from .tp_plan import named_by
 
@@ -707,11 +708,12 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
     gradient)``, or ``(loss_sum, gradient, count)`` (and the reports); the target (each
     part of a tuple of them) goes to the output's device. A mean cross
     entropy (``nn.CrossEntropyLoss()``, a traced model's own
-    ``F.cross_entropy``: engine.per_token_loss) runs as its per-token sum and
-    count unless ``per_token`` is False; its wrapper's ``as_written`` is then
-    the mean's (a schedule with OPT actions takes that)."""
+    ``F.cross_entropy``: engine.per_token_loss; a function returning one's
+    value: engine.per_token_call) runs as its per-token sum and count unless
+    ``per_token`` is False; the wrapper's ``as_written`` is the loss as
+    written (a schedule with OPT actions takes that)."""
     torch = _torch()
-    form = summed(fn) if per_token else None
+    form = (summed(fn) or watched(fn)) if per_token else None
     given, fn = fn, form or fn
 
     def loss_fn(y: Any, target: Any) -> tuple[Any, ...]:

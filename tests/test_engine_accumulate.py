@@ -32,13 +32,14 @@ def _data(step):
 
 
 def _ce(y, t):
-    """Step 0's loss: the mean; step 1's (t holds a -100): per-token,
+    """Step 0's loss: the mean (scaled after the call: not read as a cross
+    entropy, engine.per_token_call); step 1's (t holds a -100): per-token,
     Megatron-core's (sum, count, reports)."""
     import torch
 
     import tp_models
     if not bool((t == -100).any()):
-        return tp_models.cross_entropy(y, t)
+        return 1.0 * tp_models.cross_entropy(y, t)
     return (torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1),
                                               reduction="sum"), (t != -100).sum(),
             {"tokens": (t != -100).sum()})

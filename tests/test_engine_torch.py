@@ -13,6 +13,7 @@ from engine.layers import mlp_stages, mse_loss
 
 torch = pytest.importorskip("torch")
 from engine.torch_stage import TorchStage, torch_loss  # noqa: E402
+from engine.traced import given_as_returned  # noqa: E402
 
 
 class _Solo:
@@ -113,12 +114,18 @@ def test_a_per_token_loss_is_the_sum_over_the_counted_targets_over_their_count(s
     nan, micro-batch 0 counting none of its 3 targets, then 2 and 3), and so
     is eval_step's loss. A step that
     counts nothing has a loss of 0 and leaves the gradients as they were.
-    nn.CrossEntropyLoss() itself (a mean) runs as that sum and count.
-    Megatron-core's (sum, count, reports) too, its reports summed over the
-    micro-batches (``pipe.reports``)."""
+    nn.CrossEntropyLoss() itself (a mean) runs as that sum and count; so do
+    F.cross_entropy and a function returning such a call's value (the
+    criterion given a model's output taken out of a tuple), which were
+    means weighed by rows (nan here). Megatron-core's (sum, count, reports)
+    too, its reports summed over the micro-batches (``pipe.reports``)."""
     F = torch.nn.functional
     x, y = _counted_batch()
-    for fn in (per_token_ce, torch.nn.CrossEntropyLoss(), megatron_ce):
+    # (what engine.distribute gives a loss_fn of a model returning {"logits": ..., "aux": None})
+    dict_ce = given_as_returned(lambda out, t: ce(out["logits"], t),
+                                lambda o: {"logits": o, "aux": None})
+    ce = torch.nn.CrossEntropyLoss()
+    for fn in (per_token_ce, torch.nn.CrossEntropyLoss(), F.cross_entropy, dict_ce, megatron_ce):
         pipe, model = _counted_solo(sched, fn)
         _, ref = _counted_solo(sched)
         total = F.cross_entropy(ref(x), y, ignore_index=-100, reduction="sum")
@@ -179,9 +186,10 @@ def test_a_per_token_loss_refuses_mixed_kinds_bad_counts_and_opt_actions():
     with pytest.raises(TypeError, match=re.escape("returned the report 'lm loss' as str 'text': "
                                                   "a report's value is a tensor")):
         pipe.step(x, y)
-    # nn.CrossEntropyLoss() there runs as written: each micro-batch's mean, weighed by rows
+    # nn.CrossEntropyLoss() there runs as written: each micro-batch's mean, weighed by rows;
+    # so does a function returning F.cross_entropy's mean
     y[0] = 1        # (micro-batch 0 counting none of its targets: torch's mean is nan)
-    for fn in (torch.nn.CrossEntropyLoss(),):
+    for fn in (torch.nn.CrossEntropyLoss(), lambda o, t: torch.nn.functional.cross_entropy(o, t)):
         pipe, model = _counted_solo(engine.with_optimizer_step(schedules.zb_v(1, 3)), fn,
                                     optimizer=lambda stage: None)
         means = [torch.nn.functional.cross_entropy(model(x[k:k + 3]), y[k:k + 3])
@@ -325,8 +333,9 @@ def megatron_ce(logits, y, name="lm loss"):
 def _torch_dp_pp(world, names):
     """dp=2 x pp=2, TorchStages and torch SGD with the default zero_grad();
     then a per-token loss (``per_token_ce``; Megatron-core's with its
-    reports under 1F1B), its eval_step, and steps whose dp replicas' losses
-    are of both kinds, or report other names."""
+    reports under 1F1B; nn.CrossEntropyLoss in a lambda under ZB-H1, which
+    runs as the same sum and count), its eval_step, and steps whose dp
+    replicas' losses are of both kinds, or report other names."""
     import mesh
     from engine.executor import split_microbatches, stages_for_rank
     grid = mesh.grid(world, dp=2, pp=2)
@@ -337,7 +346,8 @@ def _torch_dp_pp(world, names):
         mine = stages_for_rank([TorchStage(m) for m in (_torch_model()[:4], _torch_model()[4:])],
                                sched, pp.rank)
         opt = torch.optim.SGD([p for s in mine for p in s.module.parameters()], lr=LR)
-        fn = {"1f1b": megatron_ce, "zb-h1": per_token_ce}[name]
+        ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
+        fn = {"1f1b": megatron_ce, "zb-h1": lambda o, t: ce({"logits": o}["logits"], t)}[name]
         pipe = Pipeline(grid, mine, sched, loss_fn=fn, timeout=30)
         losses, reports = [], []
         for step in range(STEPS):
