@@ -233,7 +233,7 @@ class _Owing:
             _log.warning("rank %d: close() waits up to %gs (MESH_CLOSE_WAIT) for rank %d to "
                          "receive %d send(s): %s%s; they fail if it has not by then (a stuck "
                          "peer and a slow one look alike)", t.rank, self._limit, p.rank,
-                         len(owed), _listed(owed), t.live.peer_note(owed[0][0]))
+                         len(owed), _listed(owed, t._peers), t.live.peer_note(owed[0][0]))
 
     def drop(self, p: Peer, sends: list[Outgoing], why: str, quiet: bool) -> None:
         """Fail ``sends`` to ``p`` (``why``: what befell each), and, unless
@@ -247,18 +247,19 @@ class _Owing:
                                  f"MESH_CLOSE_WAIT){t.live.peer_note(sends[0])}")
         for out in sends:
             t.direct.forget(out)    # (a direct send queued: registered, never offered)
-            out.fail(MeshError(f"rank {t.rank}: {out.desc} ({out.nbytes} bytes) {why}{note}"))
+            out.fail(MeshError(f"rank {t.rank}: {out.described(t._peers)} ({out.nbytes} bytes) "
+                               f"{why}{note}"))
         if not quiet:
             note = t.live.peer_note(sends[0])
             _log.warning("rank %d: closing with %d send(s) to rank %d dropped, not received in "
                          "the %.1fs close() waited (MESH_CLOSE_WAIT): %s%s", t.rank,
                          len(sends), p.rank, waited,
-                         _listed([(o, "") for o in sends]), note)
+                         _listed([(o, "") for o in sends], t._peers), note)
 
 
-def _listed(owed: list[tuple[Outgoing, str]]) -> str:
+def _listed(owed: list[tuple[Outgoing, str]], peers: list[Peer]) -> str:
     """The first _OWED_LISTED of ``owed`` as close()'s lines name them."""
-    text = "; ".join(f"{o.desc}, {o.nbytes} bytes{how and ', ' + how}"
+    text = "; ".join(f"{o.described(peers)}, {o.nbytes} bytes{how and ', ' + how}"
                      for o, how in owed[:_OWED_LISTED])
     more = len(owed) - _OWED_LISTED
     return text + (f"; and {more} more" if more > 0 else "")

@@ -345,7 +345,7 @@ def _waitany(reqs: list[Request], timeout: float | None, what: str) -> tuple[int
             c._t.poke()
             continue
         if now >= deadline:
-            waits = [r._item.desc for _, r in live[:4]]
+            waits = [r._item.described(c._t.inbox.peers) for _, r in live[:4]]
             more = f" and {len(live) - 4} more" if len(live) > 4 else ""
             late = MeshTimeoutError(f"rank {c._t.rank}: {what} on {len(live)} requests timed "
                                     f"out after {limit:g}s, none done: {'; '.join(waits)}{more}")
@@ -589,8 +589,9 @@ class Comm:
         req = None if _is_null(src) else self._post_recv(src, recvtag, out, "sendrecv from")
         try:
             if not _is_null(dst):
-                t.wait(t.isend(self._world_rank(dst, "sendrecv"), self.gid, sendtag, obj, None,
-                               ("sendrecv to", dst, sendtag, self.name)), timeout, True)
+                wdst = self._world_rank(dst, "sendrecv")
+                t.wait(t.isend(wdst, self.gid, sendtag, obj, None,
+                               self._desc("sendrecv to", dst, wdst, sendtag)), timeout, True)
         except BaseException:
             if req is not None:
                 t.cancel(req)
@@ -614,8 +615,8 @@ class Comm:
         if _is_null(src):
             return _null(Status())
         wsrc = ANY if src == ANY else self._world_rank(src, "probe")
-        req = self._t.irecv(self.gid, wsrc, tag, None, None, ("probe", src, tag, self.name), True,
-                            True)
+        req = self._t.irecv(self.gid, wsrc, tag, None, None, self._desc("probe", src, wsrc, tag),
+                            True, True)
         self._t.wait(req, timeout)
         return self._fill(Status(), req)
 

@@ -143,7 +143,7 @@ class Inbox:
                     self.dead_member(group) if self.dead and (src == ANY or tag < 0) else None
                 if lost is not None:
                     self.matcher.cancel(req)
-                    gone = self.gone(self.peers[lost], req.desc, group,
+                    gone = self.gone(self.peers[lost], req.described(self.peers), group,
                                      self._unmatched(req) if lost == src else "")
                 elif src == ANY and self.left and tag >= 0 and self.deserted(group):
                     self.matcher.cancel(req)
@@ -163,7 +163,8 @@ class Inbox:
                 self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device,
                              msg.granted)
         elif aborted:
-            req.fail(abort_error(aborted, f"rank {self.rank}: {req.desc} aborted: {aborted[1]}"))
+            req.fail(abort_error(aborted, f"rank {self.rank}: {req.described(self.peers)} "
+                                          f"aborted: {aborted[1]}"))
         elif gone is not None:
             req.fail(gone)
         elif not waited:     # (a receive its caller waits for at once: read by that caller)
@@ -228,7 +229,7 @@ class Inbox:
             # elsewhere, a lost peer's or a close's, reads POSTED until it fails, and
             # putting back None over that error made its wait return None)
             if req.state != POSTED or not self.matcher.cancel(
-                    req, MeshError(f"rank {self.rank}: {req.desc} was cancelled")):
+                    req, MeshError(f"rank {self.rank}: {req.described(self.peers)} was cancelled")):
                 return False
         req.event.set()
         self._nudge()
@@ -354,9 +355,9 @@ class Inbox:
     def _misfit(self, req: Pending, src: int, tag: int, problem: str) -> MeshError:
         ranks = self.groups.get(req.group, ("", []))[1]
         who = f"rank {ranks.index(src)}" if src in ranks else f"world rank {src}"
-        return OutMismatchError(f"rank {self.rank}: {req.desc}: the message from {who} (tag "
-                                f"{tag}) does not fit out=: {problem}; the message stays queued "
-                                f"for the next receive")
+        return OutMismatchError(f"rank {self.rank}: {req.described(self.peers)}: the message "
+                                f"from {who} (tag {tag}) does not fit out=: {problem}; the "
+                                f"message stays queued for the next receive")
 
     def _mismatch(self, req: Pending, src: int, fp: Any) -> None:
         at = f" at call #{-req.tag}" if req.tag < 0 else ""
@@ -429,7 +430,8 @@ class Inbox:
         for m in dropped:
             self.consumed(m.src, m.nbytes)
         for q in reqs:
-            q.fail(abort_error(record, f"rank {self.rank}: {q.desc} aborted: {reason}"))
+            q.fail(abort_error(record, f"rank {self.rank}: {q.described(self.peers)} aborted: "
+                                       f"{reason}"))
         for sub, sub_tag in followers:      # a phase of the call, here only
             self.abort_local(sub, sub_tag, kind, reason, peer)
         self._nudge()
@@ -522,13 +524,14 @@ class Inbox:
         """The error of ``req``, a receive or probe from any rank of a
         group whose other members have all left (``deserted``; the lock held)."""
         if self.closed:
-            return self.closed_error(req.desc)
+            return self.closed_error(req.described(self.peers))
         ranks = self.groups.get(req.group, ("", []))[1]
         word = "world rank" if req.group else "rank"
         who = [f"{named(r, self.peers[r].there, word)} ({self.peers[r].why})"
                for r in ranks if r != self.rank]
-        return LostPeerError(f"rank {self.rank}: {req.desc} failed: every rank that could send "
-                             f"it is gone: {', '.join(who)}{self._unmatched(req)}",
+        return LostPeerError(f"rank {self.rank}: {req.described(self.peers)} failed: every rank "
+                             f"that could send it is gone: {', '.join(who)}"
+                             f"{self._unmatched(req)}",
                              next(r for r in ranks if r != self.rank))
 
     def dead_member(self, group: int) -> int | None:
@@ -544,7 +547,7 @@ class Inbox:
         with self.lock:
             reqs = self.matcher.remove_posted(lambda q: not p2p_only or q.tag >= 0)
         for q in reqs:
-            q.fail(self.closed_error(q.desc))
+            q.fail(self.closed_error(q.described(self.peers)))
         self._nudge()
 
     def peer_gone(self, rank: int, why: str, state: int, told: bool = False,
@@ -574,9 +577,9 @@ class Inbox:
                 lambda q: q.src == rank or (state == DEAD and (q.src == ANY or q.tag < 0)
                                             and q.group in members)
                 or (q.src == ANY and q.tag >= 0 and q.group in deserted))
-            errors = [self.gone(peer, q.desc, q.group, self._unmatched(q)) if q.src == rank
-                      else self.deserted_error(q) if state != DEAD
-                      else self.gone(peer, q.desc, q.group) for q in reqs]
+            errors = [self.gone(peer, q.described(self.peers), q.group, self._unmatched(q))
+                      if q.src == rank else self.deserted_error(q) if state != DEAD
+                      else self.gone(peer, q.described(self.peers), q.group) for q in reqs]
             # a call of one of its groups running as phases on sub-groups without it
             # (collectives.host.hier): the phase under way fails too, as it does when
             # the call is aborted. Its waits are on the others only: a rank waited
@@ -599,7 +602,7 @@ class Inbox:
         with peer.lock:
             while peer.queue:
                 out = peer.queue.popleft()
-                out.fail(self.gone(peer, out.desc))
+                out.fail(self.gone(peer, out.described(self.peers)))
 
 
 def abort_error(record: tuple[AbortKind, str, int], text: str) -> MeshError:

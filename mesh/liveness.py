@@ -167,11 +167,12 @@ class Liveness:
         self.monitors[router_mon] = None
 
     def _what(self, item: Pending | Outgoing | str | tuple) -> str:
-        # a collective's message names it (mesh.match.describe); a wait outside
-        # the transport (collectives.shm.board) says itself what it is
+        # a collective's message names it (mesh.match.describe), its peer with its
+        # host where that is not this rank's; a wait outside the transport
+        # (collectives.shm.board) says itself what it is
         if type(item) is str or type(item) is tuple:
-            return describe(item)
-        return item.desc     # type: ignore[union-attr]
+            return describe(item, self.peers)
+        return item.described(self.peers)     # type: ignore[union-attr]
 
     def status(self) -> str:
         """What this rank is doing, as its heartbeats tell its peers."""

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 __all__ = ["ANY", "ANY_TAG", "Flag", "State", "POSTED", "MATCHED", "DONE", "Pending", "Probe",
-           "Watched", "Arrived", "Matcher", "describe", "got_fields"]
+           "Watched", "Arrived", "Matcher", "describe", "named", "got_fields"]
 
 ANY = -1
 ANY_TAG = 1 << 63
@@ -24,7 +24,23 @@ ANY_TAG = 1 << 63
 wire (user tags 0..2**63-1, collectives' negative), so no message has it."""
 
 
-def describe(d: Any) -> str:
+def named(rank: int, there: str = "", word: str = "rank", world: int | None = None) -> str:
+    """A peer as every error and log line names it: ``rank 5``; a group's
+    rank with its world rank where the two differ, ``rank 1 (world rank 3)``;
+    a peer on another host than this rank's with ``there`` beside it (its
+    ``Peer.there``, mesh.peer.on_host): ``rank 5 (on host node-b, pid 4242)``,
+    ``rank 1 (world rank 3, on host node-b, pid 4242)``. (``word``: ``world
+    rank``, ``root``...) Only errors and reports call it."""
+    notes = _also(f"world rank {world}" if world is not None and world != rank else "", there)
+    return f"{word} {rank} ({notes})" if notes else f"{word} {rank}"
+
+
+def _also(notes: str, there: str) -> str:
+    """``notes`` with ``there`` (a peer's host, ``named``) after them."""
+    return f"{notes}, {there}" if notes and there else notes or there
+
+
+def describe(d: Any, peers: Sequence[Any] | None = None) -> str:
     """An operation's description. Point-to-point calls pass the parts,
     ``(verb, peer, tag, group name[, peer's world rank, collective])``, and
     the text is made only when an error or a status report needs it, not
@@ -35,20 +51,31 @@ def describe(d: Any) -> str:
         recv from rank 1 (tag 7, group world)
         recv from rank 1 of group world/[1, 2] (world rank 2), tag 7
         all_reduce #3 on group world/[1, 2]: recv from rank 1 (world rank 2)
-    """
+
+    ``peers``: the transport's (mesh.peer.Peer, by world rank): a peer on
+    another host than this rank's is named with its host as ``named`` says
+    it (``recv from rank 1 (on host node-b, pid 4242) (tag 7, group
+    world)``; ``... (world rank 2, on host node-b, pid 4242), tag 7``)."""
     if type(d) is str:
         return d
     verb, peer, tag, name = d[0], d[1], d[2], d[3]
     world = d[4] if len(d) > 4 else None
     coll = d[5] if len(d) > 5 else None
-    who = "any rank" if peer == ANY else f"rank {peer}"
+    at = peer if world is None else world
+    there = peers[at].there if peers is not None and peer != ANY and 0 <= at < len(peers) \
+        else ""
+    if peer == ANY:
+        who = "any rank"
+    elif world is None:
+        who = named(peer, there)
+    else:   # (in a sub-group, its world rank is always said, the same number or not)
+        who = f"rank {peer} ({_also(f'world rank {world}', there)})"
     tagged = "any tag" if tag == ANY_TAG else f"tag {tag}"
     if coll is not None:
-        mine = "" if world is None or peer == ANY else f" (world rank {world})"
-        return f"{coll} #{-tag} on group {name}: {verb} {who}{mine}"
+        return f"{coll} #{-tag} on group {name}: {verb} {who}"
     if world is None or peer == ANY:
         return f"{verb} {who} ({tagged}, group {name})"
-    return f"{verb} {who} of group {name} (world rank {world}), {tagged}"
+    return f"{verb} rank {peer} of group {name} ({_also(f'world rank {world}', there)}), {tagged}"
 
 
 def got_fields(got: Any) -> tuple:
@@ -124,6 +151,11 @@ class Pending:
     @property
     def desc(self) -> str:
         return describe(self._desc)
+
+    def described(self, peers: Sequence[Any]) -> str:
+        """``desc``, its peer named with its host where that is not this
+        rank's (``peers``: the transport's): what errors and reports say."""
+        return describe(self._desc, peers)
 
     def complete(self, value: Any) -> None:
         self.value = value

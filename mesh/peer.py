@@ -12,11 +12,11 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 import zmq
 
-from .match import Flag, describe
+from .match import Flag, describe, named
 
 __all__ = ["ALIVE", "CLOSED", "DEAD", "STATE_NAMES", "MSG_COST", "Outgoing", "Peer",
            "config_float", "config_flag", "config_bytes", "parse_size", "named", "on_host"]
@@ -102,19 +102,6 @@ def config_bytes(name: str, default: int) -> int:
         raise ValueError(f"{name}={v!r}: not a size in bytes (examples: 65536, 64K, 4M)") from None
 
 
-def named(rank: int, there: str = "", word: str = "rank", world: int | None = None) -> str:
-    """A peer as every error and log line names it: ``rank 5``; a group's
-    rank with its world rank where the two differ, ``rank 1 (world rank 3)``;
-    a peer on another host than this rank's with ``there`` beside it (its
-    ``Peer.there``, ``on_host``): ``rank 5 (on host node-b, pid 4242)``,
-    ``rank 1 (world rank 3, on host node-b, pid 4242)``. (``word``: ``world
-    rank``, ``root``...) Only errors and reports call it."""
-    notes = f"world rank {world}" if world is not None and world != rank else ""
-    if there:
-        notes = f"{notes}, {there}" if notes else there
-    return f"{word} {rank} ({notes})" if notes else f"{word} {rank}"
-
-
 def on_host(mine: str, host: str, endpoint: str, pid: int) -> str:
     """Where a peer on another host than this rank's is, as ``named`` says it
     (``''`` for one on this host: same host ids, ``mine`` and ``host``, as
@@ -165,6 +152,11 @@ class Outgoing:
     @property
     def desc(self) -> str:
         return describe(self._desc)
+
+    def described(self, peers: Sequence[Any]) -> str:
+        """``desc``, its peer named with its host where that is not this
+        rank's (``peers``: the transport's): what errors and reports say."""
+        return describe(self._desc, peers)
 
     def done(self) -> bool:
         return self.event.is_set() and (self.tracker is None or self.tracker.done)

@@ -419,8 +419,9 @@ class Reader:
                                           DEAD)
                 if req is not None:     # (its call aborted by one of those: the abort's error)
                     record = self._inbox.aborted.get((req.group, req.tag))
-                    req.fail(self._inbox.gone(peer, req.desc, req.group) if record is None
-                             else abort_error(record, f"rank {self.rank}: {req.desc} aborted: "
+                    what = req.described(self._peers)
+                    req.fail(self._inbox.gone(peer, what, req.group) if record is None
+                             else abort_error(record, f"rank {self.rank}: {what} aborted: "
                                                       f"{record[1]}"))
                 continue
             if self._streams is not None:
@@ -552,7 +553,7 @@ class Reader:
             self._inbox.peer_gone(h.src, f"reading its message (tag {h.tag}, {h.nbytes} bytes) "
                                   f"out of its memory failed: {os.strerror(err)}", DEAD)
             if req is not None:
-                req.fail(self._inbox.gone(peer, req.desc, req.group))
+                req.fail(self._inbox.gone(peer, req.described(self._peers), req.group))
             return
         self._direct.read_done(peer, h.direct[1])
         if into_out:
@@ -576,7 +577,7 @@ class Reader:
                    f"(tag {h.tag}), dropped: {e}")
             self._consumed(h.src, h.nbytes)
         if req is not None:
-            req.fail(MeshError(f"rank {self.rank}: {req.desc} failed: {why}"))
+            req.fail(MeshError(f"rank {self.rank}: {req.described(self._peers)} failed: {why}"))
         else:
             _log.error("rank %d: %s", self.rank, why)
         return None

@@ -43,11 +43,10 @@ _AHEAD = 64 << 20
 _COPY_SEND_BELOW = 512 << 10
 
 
-def _lost(rank: int, out: Outgoing, peer: Peer, why: str) -> LostPeerError:
-    """A send of ``rank``'s whose socket failed (``why``), naming ``peer``
-    with its host where that is not this rank's."""
-    to = f" (to {named(peer.rank, peer.there)})" if peer.there else ""
-    return LostPeerError(f"rank {rank}: {out.desc} failed: {why}{to}", peer.rank)
+def _lost(rank: int, out: Outgoing, peers: list[Peer], why: str) -> LostPeerError:
+    """A send of ``rank``'s whose socket failed (``why``), naming its peer
+    with its host where that is not this rank's (``peers``: the transport's)."""
+    return LostPeerError(f"rank {rank}: {out.described(peers)} failed: {why}", out.dst)
 
 
 class _Sending:
@@ -86,7 +85,7 @@ class _Sending:
         if dst == self.rank:
             if self.inbox.closed:       # as a send to a peer does (``_submit``)
                 out = Outgoing(dst, [], nbytes, desc, None)
-                out.fail(self.inbox.closed_error(out.desc, dst))
+                out.fail(self.inbox.closed_error(out.described(self._peers), dst))
                 return out
             value = np.array(keep, copy=True) if kind == wire.DATA else \
                 decode_object(b"".join(payload))
@@ -136,7 +135,7 @@ class _Sending:
         ringed = None
         with peer.lock:
             if peer.state != ALIVE or self.inbox.closed:    # (closed: its own error)
-                out.fail(self.inbox.gone(peer, out.desc))
+                out.fail(self.inbox.gone(peer, out.described(self._peers)))
             elif peer.queue or not peer.admit(out.nbytes):
                 peer.queue.append(out)
             elif out.nbytes <= self._ring_max and out.tracker is None and self._ring(peer, out):
@@ -158,7 +157,7 @@ class _Sending:
             try:
                 peer.sock.send(frames[0], 0)
             except zmq.ZMQError as e:
-                out.fail(_lost(self.rank, out, peer, f"{e}"))
+                out.fail(_lost(self.rank, out, self._peers, f"{e}"))
                 return
             peer.sent += 1
             peer.last_sent = time.monotonic()
@@ -168,8 +167,9 @@ class _Sending:
             elif self.streams.push(peer.rank, out):
                 out.event.set()
             else:                       # (it broke just now: reset, so the peer fails it)
-                out.fail(LostPeerError(f"rank {self.rank}: {out.desc} failed: its stream to "
-                                       f"{named(peer.rank, peer.there)} broke", peer.rank))
+                out.fail(LostPeerError(f"rank {self.rank}: {out.described(self._peers)} failed: "
+                                       f"its stream to {named(peer.rank, peer.there)} broke",
+                                       peer.rank))
             return
         try:
             if out.nbytes < _COPY_SEND_BELOW or out.tracker is not None:  # small, or direct
@@ -188,7 +188,7 @@ class _Sending:
                 out.tracker = zmq.MessageTracker(*trackers)
                 out.seq = peer.sent + 1     # (the message counted below)
         except zmq.ZMQError as e:
-            out.fail(_lost(self.rank, out, peer, f"{e}"))
+            out.fail(_lost(self.rank, out, self._peers, f"{e}"))
             return
         peer.sent += 1
         peer.last_sent = time.monotonic()
@@ -225,7 +225,7 @@ class _Sending:
                     out.held.append(sock.send(f, _SNDMORE if i < last else 0, copy=False,
                                               track=True))
             except zmq.ZMQError as e:
-                out.fail(_lost(self.rank, out, peer, f"{e}"))
+                out.fail(_lost(self.rank, out, self._peers, f"{e}"))
                 return True
             peer.unanswered += n
             peer.sent += 1   # not last_sent: heartbeats (with status) go between the pieces

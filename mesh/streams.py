@@ -203,7 +203,7 @@ class _Sender:
                    f"peer rank {self.peer.rank} is gone ({self.peer.why})"
                    if self.peer.state != ALIVE else f"{err}")
             for f in failed:
-                f.error = o.lost(f"rank {o.rank}: {f.desc} failed: its stream to "
+                f.error = o.lost(f"rank {o.rank}: {f.described(o.peers)} failed: its stream to "
                                  f"{named(self.peer.rank, self.peer.there)} broke: {why}",
                                  self.peer.rank)
                 f.streamed = None

@@ -61,9 +61,9 @@ class _Waiting:
         if item.fp is not None:
             return
         if self.inbox.withdraw(item):
-            item.error = MeshError(f"rank {self.rank}: {item.desc} was interrupted; the "
-                                   f"receive was withdrawn (a message that comes later goes "
-                                   f"to the next receive that matches)")
+            item.error = MeshError(f"rank {self.rank}: {item.described(self._peers)} was "
+                                   f"interrupted; the receive was withdrawn (a message that "
+                                   f"comes later goes to the next receive that matches)")
             item.event.set()
             return
         note = getattr(error, "add_note", None)     # (Python 3.11)
@@ -73,8 +73,8 @@ class _Waiting:
         got = ("received whole (out= holds it, or a later wait() returns it)"
                if done and item.error is None else f"it did not complete: {item.error}"
                if done else f"not landed within {_LAND_S:g}s, it goes on into out=")
-        note(f"rank {self.rank}: {item.desc} had matched its message when interrupted "
-             f"(not withdrawn): {got}; the next receive takes the message after it")
+        note(f"rank {self.rank}: {item.described(self._peers)} had matched its message when "
+             f"interrupted (not withdrawn): {got}; the next receive takes the message after it")
 
     def wait(self, item: Pending | Outgoing, timeout: float | None,
              withdraw: bool = False) -> Any:
@@ -92,7 +92,7 @@ class _Waiting:
                     raise
                 driven = True   # another thread closed the mesh under this wait
                 if item.error is None:
-                    item.error = self.inbox.closed_error(item.desc)
+                    item.error = self.inbox.closed_error(item.described(self._peers))
             except BaseException as e:  # (KeyboardInterrupt, a signal handler's exception)
                 self._interrupted(item, e, deadline)
                 raise
@@ -105,8 +105,9 @@ class _Waiting:
                 driven = item.state == DONE
             if not driven:
                 if self.inbox.withdraw(item):
-                    text = (f"rank {self.rank}: {item.desc} timed out after {limit:g}s"
-                            f"{self.live.peer_note(item)}{self.inbox.unmatched_note(item)}")
+                    text = (f"rank {self.rank}: {item.described(self._peers)} timed out after "
+                            f"{limit:g}s{self.live.peer_note(item)}"
+                            f"{self.inbox.unmatched_note(item)}")
                     if item.fp is not None:     # a collective's: it looks again, or gives up
                         raise MeshTimeoutError(text)
                     # a user's receive, withdrawn: a message arriving later goes to the next
@@ -125,8 +126,9 @@ class _Waiting:
                                     or self.reader.direct_reading is item):
                     done = item.event.wait(0.1)
                 if not done:
-                    raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
-                                           f"{limit:g}s{self.live.peer_note(item)}")
+                    raise MeshTimeoutError(f"rank {self.rank}: {item.described(self._peers)} "
+                                           f"timed out after {limit:g}s"
+                                           f"{self.live.peer_note(item)}")
             if item.error is not None:
                 raise item.error
             out = item.out
@@ -141,12 +143,12 @@ class _Waiting:
                 pieces = item.pieces
                 left = sum(n for n, _ in pieces) if item.under_way() and pieces else -1
             if left >= 0:
-                raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
-                                       f"{limit:g}s with {item.nbytes - left} of its "
+                raise MeshTimeoutError(f"rank {self.rank}: {item.described(self._peers)} timed "
+                                       f"out after {limit:g}s with {item.nbytes - left} of its "
                                        f"{item.nbytes} bytes handed over (the rest still "
                                        f"goes){self.live.peer_note(item)}")
-            text = (f"rank {self.rank}: {item.desc} timed out after {limit:g}s waiting for "
-                    f"credit from rank {item.dst} (it is not receiving)")
+            text = (f"rank {self.rank}: {item.described(self._peers)} timed out after "
+                    f"{limit:g}s waiting for credit from rank {item.dst} (it is not receiving)")
             if withdraw and self._unqueue(item):
                 error = MeshTimeoutError(f"{text}; the send was withdrawn: nothing of it "
                                          f"went{self.live.peer_note(item)}")
@@ -222,7 +224,7 @@ class _Waiting:
                     if self.read_before_leaving(item):     # it read the message, then left
                         return
                     self._orphans.append(item.keep)
-                    raise self.inbox.gone(peer, item.desc)
+                    raise self.inbox.gone(peer, item.described(self._peers))
                 if left <= 0.1:
                     # (a message in pieces: not answered yet; by stream: not written yet)
                     crossing = peer.unanswered + self.streams.pending(item.dst)
@@ -235,8 +237,9 @@ class _Waiting:
                            if isinstance(tracker, Ack)
                            else f"while ZeroMQ still held its buffer (rank {item.dst} not "
                            f"reading it, or the link slow)")
-                    raise MeshTimeoutError(f"rank {self.rank}: {item.desc} timed out after "
-                                           f"{limit:g}s {why}{live.peer_note(item)}")
+                    raise MeshTimeoutError(f"rank {self.rank}: {item.described(self._peers)} "
+                                           f"timed out after {limit:g}s {why}"
+                                           f"{live.peer_note(item)}")
         finally:
             if live.doing is item:
                 live.doing, live.last, live.last_end = None, item._desc, time.monotonic()

@@ -2,6 +2,8 @@
 seen through what it completes and the control messages it would send."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -184,6 +186,39 @@ def test_a_peer_on_another_host_is_named_with_its_host_one_on_this_host_as_befor
             said.format(word, f"1 ({there})")
     assert box.relayed(said.format("", 2), AbortKind.LOST_PEER, 2) == said.format("", 2)
     assert box.relayed(said.format("", 1), AbortKind.MISMATCH, -1) == said.format("", 1)
+
+
+def test_an_operation_names_its_peer_on_another_host_with_its_host() -> None:
+    """The operation's own words (mesh.match.describe, given the peers) name
+    its peer on another host with its host, as ``named`` does, in a timeout
+    or lost-peer error, the status a rank's heartbeats carry and the stall
+    report's, and what a rank meshrun stops says it waits in; bare for a
+    peer on this host, and without the peers (rendered only then)."""
+    there = "on host node-b, pid 4242"
+    box, _ = _inbox()
+    box.peers[2].there = there
+    world = box.post(0, 2, 5, None, None, ("recv from", 2, 5, "world"))
+    pair = box.post(7, 2, 6, None, None, ("recv from", 1, 6, "world/[0, 2]", 2))
+    coll = box.post(7, 2, -3, None, None, ("recv from", 1, -3, "world/[0, 2]", 2, "all_reduce"))
+    near = box.post(0, 1, 5, None, None, ("recv from", 1, 5, "world"))
+    anyone = box.post(0, ANY, 5, None, None, ("recv from", ANY, 5, "world"))
+    live = Liveness(0, 60.0, box.peers, box.groups, box, lambda *a, **k: None,
+                    None)       # type: ignore[arg-type]
+    live.doing, live.doing_since = world, time.monotonic() - 3.7
+    what, waited = live.waiting_in() or ("", 0.0)
+    assert what == f"recv from rank 2 ({there}) (tag 5, group world)" and waited >= 3.7
+    assert live.status().endswith(f"s in recv from rank 2 ({there}) (tag 5, group world)")
+    assert world.desc == "recv from rank 2 (tag 5, group world)"     # (no peers: bare)
+    box.peer_gone(2, "silent for 10.2s", DEAD)
+    assert [str(r.error) for r in (world, pair, coll)] == [
+        f"rank 0: recv from rank 2 ({there}) (tag 5, group world) failed: peer rank 2 ({there}) "
+        f"is gone (silent for 10.2s)",
+        f"rank 0: recv from rank 1 of group world/[0, 2] (world rank 2, {there}), tag 6 "
+        f"failed: peer world rank 2 ({there}) is gone (silent for 10.2s)",
+        f"rank 0: all_reduce #3 on group world/[0, 2]: recv from rank 1 (world rank 2, "
+        f"{there}) failed: peer world rank 2 ({there}) is gone (silent for 10.2s)"]
+    assert [r.described(box.peers) for r in (near, anyone)] == [
+        "recv from rank 1 (tag 5, group world)", "recv from any rank (tag 5, group world)"]
 
 
 def test_a_failing_goodbye_quoted_names_its_lost_peer_with_its_host() -> None:

@@ -340,25 +340,30 @@ def test_a_send_timing_out_midway_names_what_the_receiver_does(hosts: Hosts,
     receiver last said it was doing (waiting in its receive): the receiver's
     heartbeats go between its answers to the pieces, not replaced by them;
     and that the message is still crossing (not that rank 2 is not reading);
-    and rank 2's host (its address: one host name) and pid."""
+    and rank 2's host (its address: one host name) and pid, in the send's
+    own words too, as rank 2's word names rank 0's."""
     hosts.limit("200mbit")      # (a piece answered every 0.17 s; 100 MiB in 4 s)
     reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(100 << 20)], PROBE="1")
     error = reports[0]["error"]
     assert "timed out" in error and "it said: waiting" in error, error
     assert re.search(rf"\(rank 2 \(on host {ADDR[1]}, pid \d+\) last heard from ", error), error
-    assert "in recv from rank 0 (tag 4" in error, error
+    assert re.match(rf"rank 0: send to rank 2 \(on host {ADDR[1]}, pid \d+\) \(tag 4, group "
+                    rf"world\) timed out", error), error
+    assert re.search(rf"in recv from rank 0 \(on host {ADDR[0]}, pid \d+\) \(tag 4", error), error
     assert "on their way to rank 2" in error or "bytes handed over" in error, error
 
 
 def test_a_rank_blocked_in_a_slow_send_says_so(hosts: Hosts, tmp_path: Path) -> None:
     """Rank 0 waits in a send of 8 MiB (one message, not in pieces) that
     takes 3.4 s to cross a 20 Mbit/s link to rank 2; rank 1, on rank 0's
-    host, times out waiting for rank 0 and says what rank 0 is doing."""
+    host, times out waiting for rank 0 and says what rank 0 is doing: its
+    send, naming rank 2 by its host; rank 1's own receive names rank 0 bare."""
     hosts.limit("20mbit")
     reports = _run_job(hosts, tmp_path, job=[str(P2P_JOB), str(8 << 20)], PROBE="2")
     error = reports[1]["error"]
     assert "timed out" in error and "it said: waiting" in error, error
-    assert "in send to rank 2 (tag 4" in error, error
+    assert re.search(rf"in send to rank 2 \(on host {ADDR[1]}, pid \d+\) \(tag 4", error), error
+    assert error.startswith("rank 1: recv from rank 0 (tag 4, group world) timed out"), error
 
 
 @pytest.mark.slow
