@@ -19,7 +19,8 @@ import zmq
 from .match import Flag, describe, named
 
 __all__ = ["ALIVE", "CLOSED", "DEAD", "STATE_NAMES", "MSG_COST", "Outgoing", "Peer",
-           "config_float", "config_flag", "config_bytes", "parse_size", "named", "on_host"]
+           "config_float", "config_flag", "config_bytes", "parse_size", "named", "on_host",
+           "host_names"]
 
 ALIVE, CLOSED, DEAD = 0, 1, 2
 STATE_NAMES = ("alive", "closed", "dead")
@@ -114,8 +115,29 @@ def on_host(mine: str, host: str, endpoint: str, pid: int) -> str:
         return ""
     name = host.split("|", 1)[0]
     if not name or name == mine.split("|", 1)[0]:
-        name = endpoint.split("://", 1)[-1].rsplit(":", 1)[0] or host
+        name = _address(endpoint) or host
     return f"on host {name}, pid {pid}" if pid else f"on host {name}"
+
+
+def host_names(hosts: Sequence[str], endpoints: Sequence[str]) -> list[str]:
+    """Each rank's host as ``on_host`` names it, seen from no host of the
+    job (what meshrun's table says of a rank: ``hosts``, each rank's host
+    id, ``endpoints``, its tcp:// one, as the rendezvous table has them):
+    the name its rank reported; its address where that name is another
+    host's too (network namespaces, containers of one name)."""
+    ids: dict[str, set[str]] = {}
+    for host in hosts:
+        ids.setdefault(host.split("|", 1)[0], set()).add(host)
+    names = []
+    for host, endpoint in zip(hosts, endpoints):
+        name = host.split("|", 1)[0]
+        names.append(name if name and len(ids[name]) == 1 else _address(endpoint) or host)
+    return names
+
+
+def _address(endpoint: str) -> str:
+    """The host of a tcp:// endpoint ('' for none)."""
+    return endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
 
 
 class Outgoing:

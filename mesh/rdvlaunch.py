@@ -12,6 +12,7 @@ wait there (mesh.rendezvous).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ import zmq
 
 from . import auth
 
-__all__ = ["run_folder", "remove_run_folder", "tell_ended", "Teller"]
+__all__ = ["run_folder", "remove_run_folder", "tell_ended", "tell_hosts", "read_hosts", "Teller"]
 
 _LOCK = ".lock"
 _held_here: dict[str, int] = {}     # run folders this process made -> its lock's fd
@@ -107,6 +108,40 @@ def tell_ended(folder: str, rank: int, how: str) -> None:
         os.replace(part, os.path.join(folder, f"ended.{rank}"))
     except OSError:
         pass
+
+
+_HOSTS = "hosts.json"
+
+
+def tell_hosts(folder: str, names: list[str], pids: list[int]) -> None:
+    """The ranks' word to their meshrun, in its run folder, of where each
+    rank of a job across hosts is (by world rank: its host as errors name
+    it, mesh.peer.host_names, and its pid), for its table (``read_hosts``):
+    meshrun knows its own host name only, which is not another node's
+    ranks' host, nor tells apart hosts of one name. Written as their mesh
+    is made, once a folder (whole or not at all)."""
+    path = os.path.join(folder, _HOSTS)
+    if os.path.exists(path):
+        return
+    part = f"{path}.{os.getpid()}.part"
+    try:
+        with open(part, "w", encoding="utf-8") as f:
+            json.dump({"hosts": names, "pids": pids}, f)
+        os.replace(part, path)
+    except OSError:
+        pass
+
+
+def read_hosts(folder: str) -> dict[int, tuple[str, int]]:
+    """(host, pid) of each rank, by rank, as its ranks told (``tell_hosts``;
+    none in a job on one host, or where no mesh was made)."""
+    try:
+        with open(os.path.join(folder, _HOSTS), encoding="utf-8") as f:
+            said = json.load(f)
+        hosts, pids = said["hosts"], said["pids"]
+        return {r: (str(h), int(p)) for r, (h, p) in enumerate(zip(hosts, pids, strict=True))}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
 
 
 def _launchers_folder() -> str | None:

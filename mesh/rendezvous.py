@@ -35,12 +35,12 @@ import zmq
 from . import auth
 from .errors import AuthError, LostPeerError, RendezvousError
 from .peer import on_host
-from .rdvlaunch import (Teller, _ended_here, _launchers_folder, remove_run_folder, run_folder,
-                        tell_ended)
+from .rdvlaunch import (Teller, _ended_here, _launchers_folder, read_hosts, remove_run_folder,
+                        run_folder, tell_ended, tell_hosts)
 from .rdvserver import RendezvousServer, gone_text
 
 __all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Teller",
-           "tell_ended", "gone_text"]
+           "tell_ended", "tell_hosts", "read_hosts", "gone_text"]
 
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet

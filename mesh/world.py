@@ -18,8 +18,8 @@ import zmq
 from . import auth, env, limits, liveness, rdvfile, rings, streams, torchelastic, wire
 from .comm import Comm
 from .errors import RendezvousError
-from .rendezvous import RendezvousServer, join
-from .peer import config_bytes, config_flag, config_float
+from .rendezvous import RendezvousServer, join, tell_hosts
+from .peer import config_bytes, config_flag, config_float, host_names
 from .transport import Transport
 
 __all__ = ["Mesh", "init", "current"]
@@ -177,6 +177,19 @@ def _tcp_host(master_addr: str, across_hosts: bool = False, deadline: float = 0.
                 _log.warning("%s; waiting for a route until the rendezvous timeout", why)
             time.sleep(0.2)
     return "*" if across_hosts and env.is_loopback(host) else host
+
+
+def _tell_hosts(table: list[dict[str, Any]], hosts: list[str]) -> None:
+    """Under meshrun, a job across hosts: where each rank is, as errors name
+    its host (mesh.peer.host_names), left in the run folder for meshrun's
+    table (mesh.rdvlaunch.tell_hosts), which said its own host name of
+    every rank: another node's host, one name for hosts that share it."""
+    folder = os.environ.get("MESH_RUNTIME_DIR")
+    if not folder or not os.environ.get("MESH_NODE_RANK") or len(set(hosts)) < 2 \
+            or not env.by_mesh():
+        return
+    tell_hosts(folder, host_names(hosts, [str(p["endpoints"].get("tcp", "")) for p in table]),
+               [p.get("pid") or 0 for p in table])
 
 
 def _tcp_endpoint(router: zmq.Socket, spec: env.JobSpec, deadline: float = 0.0) -> str:
@@ -360,6 +373,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
         ctx.term()
         raise
     hosts = [p["host"] for p in table]
+    _tell_hosts(table, hosts)
     same_host_ipc = not config_flag("MESH_FORCE_TCP", False)
     endpoints = [p["endpoints"]["ipc"] if same_host_ipc and p["host"] == host
                  else p["endpoints"]["tcp"] for p in table]

@@ -14,7 +14,7 @@ from mesh.inbox import Inbox
 from mesh.match import ANY, DONE, MATCHED, POSTED
 from mesh.launch.report import _peer
 from mesh.liveness import Liveness
-from mesh.peer import ALIVE, CLOSED, DEAD, MSG_COST, Outgoing, Peer, named, on_host
+from mesh.peer import ALIVE, CLOSED, DEAD, MSG_COST, Outgoing, Peer, host_names, named, on_host
 from mesh.rendezvous import gone_text
 
 SIZE = 4
@@ -193,7 +193,9 @@ def test_an_operation_names_its_peer_on_another_host_with_its_host() -> None:
     its peer on another host with its host, as ``named`` does, in a timeout
     or lost-peer error, the status a rank's heartbeats carry and the stall
     report's, and what a rank meshrun stops says it waits in; bare for a
-    peer on this host, and without the peers (rendered only then)."""
+    peer on this host, and without the peers (rendered only then). Each
+    rank's host as meshrun's table names it (mesh.peer.host_names): the
+    name its rank reported, its address where another host has that name."""
     there = "on host node-b, pid 4242"
     box, _ = _inbox()
     box.peers[2].there = there
@@ -219,6 +221,11 @@ def test_an_operation_names_its_peer_on_another_host_with_its_host() -> None:
         f"{there}) failed: peer world rank 2 ({there}) is gone (silent for 10.2s)"]
     assert [r.described(box.peers) for r in (near, anyone)] == [
         "recv from rank 1 (tag 5, group world)", "recv from any rank (tag 5, group world)"]
+    assert host_names(["a|net:[1]", "a|net:[1]", "node-b|net:[1]", "fake"],
+                      ["tcp://10.0.0.1:1", "tcp://10.0.0.1:2", "tcp://10.0.0.2:3", ""]) == \
+        ["a", "a", "node-b", "fake"]
+    assert host_names(["vm|net:[1]", "vm|net:[2]"], ["tcp://10.77.0.1:1", "tcp://10.77.0.2:2"]) \
+        == ["10.77.0.1", "10.77.0.2"]       # (network namespaces: one host name)
 
 
 def test_a_failing_goodbye_quoted_names_its_lost_peer_with_its_host() -> None:

@@ -1291,11 +1291,15 @@ def test_a_stopped_rank_its_peers_gave_up_is_the_root_cause_not_the_first_surviv
                           "rank 5 reported it: ") and own, why
 
 
-def test_a_rank_of_another_node_that_ddp_names_is_the_root_cause() -> None:
+def test_a_rank_of_another_node_that_ddp_names_is_the_root_cause(tmp_path: Path) -> None:
     """Node 0's rank 0 raised DDP's RuntimeError around a LostPeerError for
     rank 3 of node 1 (stopped there, so node 1's word came later): the table
-    blamed rank 0 ("Root cause: rank 0 failed first"), not the rank lost."""
+    blamed rank 0 ("Root cause: rank 0 failed first"), not the rank lost.
+    Where the ranks left where each rank is (a job across hosts), the table
+    names each by its own host, rank 3 of node 1 too, not by this meshrun's
+    host name (which network namespaces of one machine share)."""
     from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.rendezvous import read_hosts, tell_hosts
     from mesh.launch.report import format_report, lost_nodes
     exits = [WorkerExit(0, 0, 100, 1, 10.0, False), WorkerExit(1, 1, 101, 1, 10.1, False)]
     records = {r: {"exc_type": "RuntimeError", "time": 10.0 + r / 10, "message":
@@ -1305,4 +1309,15 @@ def test_a_rank_of_another_node_that_ddp_names_is_the_root_cause() -> None:
     report = format_report(JobOutcome("failed", exits), records, 2)
     assert "Root cause: rank 3 (node 1) was lost, a rank of another node (its meshrun " \
         "reports why, unless it is gone too); rank 0 here reported it first:" in report, report
+    assert f"pid 100, host {socket.gethostname()})" in report, report
     assert lost_nodes(JobOutcome("failed", exits), records, 2) == [1]
+    assert read_hosts(str(tmp_path)) == {}
+    tell_hosts(str(tmp_path), ["10.77.0.1", "10.77.0.1", "10.77.0.2", "10.77.0.2"],
+               [100, 101, 102, 103])
+    tell_hosts(str(tmp_path), ["x"] * 4, [0] * 4)       # (a folder's first word stays)
+    hosts = read_hosts(str(tmp_path))
+    assert hosts[3] == ("10.77.0.2", 103) and len(hosts) == 4
+    report = format_report(JobOutcome("failed", exits), records, 2, hosts=hosts)
+    assert "Root cause: rank 3 (node 1, on host 10.77.0.2, pid 103) was lost, a rank of " \
+        "another node" in report, report
+    assert "  rank       : 0 (node 0, local rank 0, pid 100, host 10.77.0.1)" in report, report

@@ -538,10 +538,20 @@ def test_restarts_run_out_on_both_hosts_with_the_failures_code(hosts: Hosts,
                                                                tmp_path: Path) -> None:
     """--max-restarts 1: rank 2 exits 3 on every try; after two tries both
     meshruns end with its code (node 0's ranks, which lost it, exit 1) and
-    name it. (5 s)"""
+    name it. (5 s) Each table names a rank by its own host as the ranks'
+    errors do (its address: both namespaces have one host name), not the
+    host name of the meshrun that prints it: rank 2 on node 1's, and node
+    0's lost rank 2 too."""
     ends = _restarting(hosts, tmp_path, 1, 9)
     assert [code for code, _, _ in ends] == [3, 3], [err for _, _, err in ends]
     for node, (_, records, err) in enumerate(ends):
+        roots = re.findall(r"  rank       : (\d+) \(node (\d), local rank \d, pid \d+, host "
+                           r"(\S+)\)", err)
+        assert len(roots) == 2 and all(int(r) // 2 == int(n) == node and h == ADDR[node]
+                                       for r, n, h in roots), err
+        assert not re.search(r"\(node 1\) was lost", err), err      # (it says its host)
+        if node == 1:
+            assert [r for r, _, _ in roots] == ["2", "2"], err
         assert sorted((r["rank"], r["try"]) for r in records) == [
             (rank, t) for rank in (2 * node, 2 * node + 1) for t in (0, 1)], err
         assert err.rstrip().endswith(

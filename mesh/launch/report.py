@@ -189,15 +189,20 @@ def _where(e: WorkerExit, outcome: JobOutcome, wheres: dict[int, dict[str, Any]]
 def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc: int,
                   timeout: float | None = None, program: bool = False,
                   gone: dict[int, str] | None = None,
-                  wheres: dict[int, dict[str, Any]] | None = None) -> str:
+                  wheres: dict[int, dict[str, Any]] | None = None,
+                  hosts: dict[int, tuple[str, int]] | None = None) -> str:
     """The root-cause table: why the job stopped, the first failing rank's
     error, exit and traceback, then one line for every other rank (program:
     the ranks run a program of the user's, --no-python, not Python; ``gone``:
     how the meshrun of a node of ``lost_nodes`` is gone, which says nothing
     of its ranks, by node; ``wheres``: what the ranks meshrun stopped said
-    of where they were, by rank: each rank's line says it)."""
+    of where they were, by rank: each rank's line says it; ``hosts``: where
+    each rank of a job across hosts is, (host, pid) by rank, as its ranks
+    said (mesh.rendezvous.read_hosts): a rank is named by its own host, not this
+    meshrun's host name, which hosts of one name share)."""
     gone = gone or {}
     wheres = wheres or {}
+    hosts = hosts or {}
     root = _root_cause(outcome, records)
     lines = [_RULE]
     if outcome.reason == "timeout":
@@ -216,7 +221,9 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     stopped = _lost_stopped(outcome, root_rec)
     if root is not None and elsewhere is not None:
         there = gone.get(elsewhere // nproc)
-        lines.append(f"Root cause: rank {elsewhere} (node {elsewhere // nproc}) was lost, a "
+        host, pid = hosts.get(elsewhere, ("", 0))
+        at = f", on host {host}" + (f", pid {pid}" if pid else "") if host else ""
+        lines.append(f"Root cause: rank {elsewhere} (node {elsewhere // nproc}{at}) was lost, a "
                      f"rank of another node ({there or 'its ' + _WHY}); rank "
                      f"{root.rank} here reported it first:")
     elif root is not None and stopped is not None:
@@ -234,7 +241,8 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     if root is not None:
         if root_rec:
             lines.append(f"  error      : {_error(root_rec, str(root_rec.get('message')))}")
-        host = socket.gethostname()     # (this meshrun's ranks' host, as torchrun's says it)
+        # (this meshrun's ranks' host, as torchrun's says it; as errors name it across hosts)
+        host = hosts[root.rank][0] if root.rank in hosts else socket.gethostname()
         lines += [f"  rank       : {root.rank} (node {root.rank // nproc}, local rank "
                   f"{root.local_rank}, pid {root.pid}, host {host})",
                   f"  exit       : {_exit(root, outcome, records)}",

@@ -20,7 +20,7 @@ from ..env import launcher_seal, torchrun_env
 from ..limits import open_files, thread_share
 from ..auth import curve_wanted
 from ..peer import config_float
-from ..rdvlaunch import Teller, remove_run_folder, run_folder, tell_ended
+from ..rdvlaunch import Teller, read_hosts, remove_run_folder, run_folder, tell_ended
 from .records import (WorkerExit, WorkerSpec, elastic_error_file, error_file, log_tracebacks,
                       drop_unused_stacks, read_records, read_wheres, stack_file, where_file)
 from .report import cause, exit_code, format_report, lost_nodes
@@ -287,7 +287,7 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
                             if (how := agent.gone(n))}
                 wheres = read_wheres(err_dir, outcome.asked)
                 report = format_report(outcome, records, a.nproc, a.timeout, a.no_python, gone,
-                                       wheres)
+                                       wheres, read_hosts(run_dir))
             if log_dir:
                 drop_unused_stacks(s.stack for s in specs)
             code = exit_code(outcome, records)
