@@ -22,7 +22,7 @@ from .tp_rng import _Stream, _shared
 from .tp_checks import is_conv1d
 from .tp_axes import (_CUTS, _MOVES, _VIEWS, _contracted, _cut_at, _index_at, _mixed_at,
                       _over_all, _regroup)
-from .tp_loss import LOSSES, watched_loss
+from .tp_watched_loss import LOSSES, watched_loss
 from .tp_record import _Meta
 
 

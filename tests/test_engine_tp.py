@@ -455,14 +455,14 @@ def _vocab_loss(world, errors):
             ("loss softmax", lambda o: o.softmax(-1)),
             ("loss argmax", lambda o: o.argmax()),
             ("loss nll", lambda o: F.nll_loss(o.flatten(0, 1), targets.flatten())),
-            ("loss weight", lambda o: F.cross_entropy(o.flatten(0, 1), targets.flatten(),
-                                                      weight=torch.ones(8))),
             ("loss axis", lambda o: F.cross_entropy(o, targets[:, 0])),
             ("loss target", lambda o: F.cross_entropy(o.flatten(0, 1), torch.full((16,), 8)))]:
         try:
             use(tp(ids))
         except (PlanError, IndexError) as e:
             errors[key] = f"{type(e).__name__}: {e}"
+    import tp_loss_checks
+    done.update(tp_loss_checks.weights_and_probabilities(world, errors))
     return done
 
 
@@ -545,7 +545,12 @@ def test_torch_styles_match_the_unsharded_module():
                                         "F.cross_entropy": True, "CrossEntropyLoss": True,
                                         "deepcopy": True, "bfloat16 autocast True": True,
                                         "bfloat16 autocast False": True,
-                                        "widths torch": True, "widths numpy": True}
+                                        "widths torch": True, "widths numpy": True,
+                                        **{f"function {k}": True for k in (
+                                            "weight", "probabilities",
+                                            "weighted probabilities")},
+                                        "head weight": True, "head probabilities": True,
+                                        "per-token weight": True}
     assert names == {"plain": True, "sequence": True, "gpt2": True, "gpt2 sequence": True}
     _check_vocab_loss_errors(errors)
     assert "style 'colwise' fits an nn.Linear or a Hugging Face Conv1D, but 1.ln1 is a " \
@@ -585,8 +590,15 @@ def _check_vocab_loss_errors(errors):
     assert errors["loss nll"] == head.format("nll_loss") + (
         ": nll_loss of this rank's part alone, another on each rank, with no error; " + fix +
         ", or take F.cross_entropy of the logits, which runs on the shards (vocab-parallel)")
-    assert errors["loss weight"] == head.format("cross_entropy") + (
-        " with class weights (weight=), which the vocab-parallel loss does not take; " + fix)
+    assert errors["loss probabilities split"] == (
+        "ValueError: tp rank 0: vocab_parallel_cross_entropy: a target of shape (6, 3, 4) for "
+        "logits of shape (6, 3, 4) (this rank's part of the vocabulary): probabilities as "
+        "targets cut to this rank's part are not taken; they are over the whole vocabulary, "
+        "(6, 3, 8), the same on every tp rank (each reads its part)"), errors
+    assert errors["loss weight split"] == (
+        "ValueError: tp rank 0: vocab_parallel_cross_entropy: a class weight of shape (4,): it "
+        "is the whole vocabulary's, (8,), the same on every tp rank (each reads its part, the "
+        "columns 0 to 4)"), errors
     assert errors["loss axis"] == head.format("cross_entropy") + (
         " over axis 1 of a (4, 4, 4) tensor made of it, where this rank's part of its "
         "features is not (one feature a step); " + fix)

@@ -1,0 +1,105 @@
+"""Checks of the vocab-parallel cross entropy's class weights and
+probabilities as targets, run inside test_engine_tp's torch spawn (tp=2,
+the vocabulary of 8 split 4 and 4): each returns the names of its checks,
+each True, and adds what it expected to raise to ``errors``."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import engine
+import tp_models
+from engine import gather_state_dict, parallelize
+
+
+def weights_and_probabilities(world, errors):
+    """engine.vocab_parallel_cross_entropy (torch and numpy) with ``weight=``
+    and probabilities as targets against F.cross_entropy of the whole
+    logits, every reduction, label smoothing and ignore_index, to float64's
+    rounding; then a head planned colwise under the user's own calls of
+    them, its per-token form (a pipeline's nn.CrossEntropyLoss(weight=))
+    included, to float32's."""
+    done = {}
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 3, 8, generator=g, dtype=torch.float64)        # (rows, positions, V)
+    t = torch.randint(0, 8, (6, 3), generator=g)
+    t[1, 2] = t[4, 0] = -100
+    t[0, 0] = 6
+    p = torch.softmax(3 * torch.randn(6, 3, 8, generator=g, dtype=torch.float64), -1)
+    w = torch.rand(8, generator=g, dtype=torch.float64) + 0.25
+    part = slice(4 * world.rank, 4 * world.rank + 4)
+    for kind, target, weight in [("weight", t, w), ("probabilities", p, None),
+                                 ("weighted probabilities", p, w)]:
+        for reduction in ("mean", "sum", "none"):
+            for eps in (0.0, 0.2):
+                whole = x.clone().requires_grad_(True)
+                shard = x[..., part].clone().requires_grad_(True)
+                kw = dict(weight=weight, reduction=reduction, label_smoothing=eps)
+                want = F.cross_entropy(whole.flatten(0, 1), target.flatten(0, 1), **kw)
+                got = engine.vocab_parallel_cross_entropy(
+                    shard.flatten(0, 1), target.flatten(0, 1), world, **kw)
+                (want * 1.5).sum().backward()
+                (got * 1.5).sum().backward()
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(shard.grad, whole.grad[..., part], rtol=1e-12,
+                                           atol=1e-12)
+                if reduction != "none":
+                    loss, grad = engine.vocab_parallel_cross_entropy(
+                        x[..., part].numpy(), target.numpy(), world, reduction=reduction,
+                        label_smoothing=eps, weight=None if weight is None else weight.numpy())
+                    np.testing.assert_allclose(loss, want.item(), rtol=1e-12)
+                    np.testing.assert_allclose(grad * 1.5, whole.grad[..., part].numpy(),
+                                               rtol=1e-12, atol=1e-14)
+        done[f"function {kind}"] = True
+    for key, target, weight in [("loss probabilities split", p[..., part], None),
+                                ("loss weight split", t, w[part])]:
+        try:
+            engine.vocab_parallel_cross_entropy(x[..., part], target, world, weight=weight)
+        except ValueError as e:
+            errors[key] = f"{type(e).__name__}: {e}"
+    done.update(_head(world))
+    return done
+
+
+def _head(world):
+    """A head planned colwise (its logits left sharded) under the user's
+    F.cross_entropy with weight= and with probabilities (logits (N, V, T)
+    too), and the per-token form a pipeline makes of a weighted
+    nn.CrossEntropyLoss: one process's loss and gradients."""
+    from engine.torch_stage import _detached, torch_loss
+    done = {}
+    plan = {**tp_models.PLAIN, "*.head": "colwise"}
+    ids, targets = (torch.from_numpy(a) for a in tp_models.tokens(4, 4))
+    targets[0, 0] = -100
+    g = torch.Generator().manual_seed(13)
+    w = torch.rand(tp_models.VOCAB, generator=g) + 0.25
+    probs = torch.softmax(torch.randn(4, tp_models.SEQ, tp_models.VOCAB, generator=g), -1)
+    for how, loss_fn in [
+            ("head weight", lambda o, y: F.cross_entropy(
+                o.flatten(0, 1), y.flatten(), weight=w, label_smoothing=0.1)),
+            ("head probabilities", lambda o, y: torch.nn.CrossEntropyLoss(
+                weight=w, reduction="sum", label_smoothing=0.1)(
+                    o.transpose(1, 2), probs.transpose(1, 2)))]:
+        ref, tp = tp_models.model(1), parallelize(tp_models.model(1), world, plan)
+        losses = [loss_fn(m(ids), targets) for m in (ref, tp)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        grads = gather_state_dict(tp, grads=True)
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=how + k)
+        done[how] = True
+    part = slice(4 * world.rank, 4 * world.rank + 4)
+    criterion = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)
+    logits = ref(ids).detach().flatten(0, 1)
+    for target, count_want in [(targets.flatten(), w[targets.flatten()[1:]].sum()),
+                               (probs.flatten(0, 1), float(len(logits)))]:
+        whole = logits.clone().requires_grad_(True)
+        want = F.cross_entropy(whole, target, weight=w, reduction="sum", label_smoothing=0.1)
+        want.backward()
+        y = _detached(tp(ids).flatten(0, 1))        # (a stage's output, as a pipeline's)
+        loss_sum, grad, count = torch_loss(criterion)(y, target)
+        np.testing.assert_allclose(loss_sum, want.item(), rtol=1e-5)
+        np.testing.assert_allclose(float(count), float(count_want), rtol=1e-6)
+        torch.testing.assert_close(grad, whole.grad[:, part], rtol=1e-4, atol=1e-6)
+    done["per-token weight"] = True
+    return done
