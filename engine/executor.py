@@ -95,7 +95,7 @@ from .tied import TiedGrads
 from .tp_sums import TpSums
 from .traced import Reshaped, given_as_returned
 from .torch_stage import TorchStage, patterns_of, plain_torch_loss, torch_loss
-from .tp_layers import cut_edges, group_of, refuse_cut_fed_whole
+from .tp_layers import cut_edges, group_of, refuse_cut_fed_whole, whole_output
 from .verify import verify
 from .zero_grads import OwnedGrads
 
@@ -447,8 +447,10 @@ class Pipeline:
                 m.training = mode
         if not outputs:
             return mean
-        return mean, (_joined([st.outs_last[k] for k in range(len(st.outs_last))])
-                      if self.last else None)
+        if not self.last:
+            return mean, None
+        out = _joined([st.outs_last[k] for k in range(len(st.outs_last))])
+        return mean, whole_output(self.stages[max(self.stages)], out)
 
     def _mean_loss(self, st: "_Step") -> float | None:
         """The step's mean loss on last-stage ranks (averaged over dp,

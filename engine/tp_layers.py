@@ -32,7 +32,7 @@ from .tp_plan import (Edge, PlanError, Style, abandoned, agree, check_attrs, che
 
 __all__ = ["Sharded", "parallelize", "full_params", "full_shapes", "load_full_params",
            "group_of", "named_layers", "describe", "refuse_fed_whole", "cut_edges",
-           "refuse_cut_fed_whole"]
+           "refuse_cut_fed_whole", "whole_output"]
 
 
 @logged
@@ -369,6 +369,19 @@ def _watch_feeds(model: Any) -> "Sharded | None":
         else:
             source = None
     return source
+
+
+def whole_output(stage: Any, y: Any) -> Any:
+    """``y``, an engine.layers ``stage``'s output (its micro-batches'
+    joined), gathered over the vocabulary where the stage ends with a
+    colwise layer's part of its features (a head planned colwise, its
+    logits left split for engine.vocab_parallel_cross_entropy): an
+    evaluation's outputs are whole, as a torch head's are (they were this
+    rank's part, another on each tp rank). ``y`` as it is elsewhere."""
+    end = _watch_feeds(_bare(stage))
+    if end is None or not isinstance(y, np.ndarray):
+        return y
+    return _comm(end.group, y, "ag", -1, end.name)
 
 
 def cut_edges(stage: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

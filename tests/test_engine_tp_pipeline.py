@@ -91,10 +91,110 @@ def _np_worker(world, dp):
                                           for s, st in pipe.stages.items()}
     trace = pipe.trace()        # one trace, on world rank 0, not one per tp index
     assert (trace is not None) == (world.rank == 0), world.rank
+    out["vocab head"] = _np_vocab_head(grid, tp, d, dp)
     return out
 
 
+def _np_vocab_model():
+    """_np_model with a head over the vocabulary: logits (batch, sequence, V)."""
+    stages = _np_model()
+    stages[1].layers[-1] = Linear(D, V, np.random.default_rng(12))
+    return stages
+
+
+CLASS_WEIGHT, SMOOTHING = np.linspace(0.5, 2.0, V), 0.1
+
+
+def _np_vocab_data(step):
+    rng = np.random.default_rng(300 + step)
+    t = rng.integers(0, V, (B, T))
+    t[step % B, :step + 1] = -100                 # (tokens not counted)
+    return rng.integers(0, V, (B, T)), t
+
+
+def _np_cross_entropy(y, t):
+    """One process's F.cross_entropy(weight=CLASS_WEIGHT, label_smoothing=
+    SMOOTHING) over every token (its mean by the counted tokens' weights),
+    and its gradient: per row ``A logsumexp - a . x``, ``a`` the weights of
+    the smoothed one-hot target."""
+    x, t = y.reshape(-1, V), t.reshape(-1)
+    a = np.zeros_like(x)
+    counted = t != -100
+    a[counted] = SMOOTHING / V * CLASS_WEIGHT
+    a[counted, t[counted]] += (1 - SMOOTHING) * CLASS_WEIGHT[t[counted]]
+    top = x.max(-1, keepdims=True)
+    lse = top + np.log(np.exp(x - top).sum(-1, keepdims=True))
+    big_a = a.sum(-1, keepdims=True)
+    total = CLASS_WEIGHT[t[counted]].sum()
+    loss = float((big_a * lse - (a * x).sum(-1, keepdims=True)).sum() / total)
+    return loss, ((big_a * np.exp(x - lse) - a) / total).reshape(y.shape)
+
+
+def _np_vocab_loss(tp):
+    """The Pipeline's loss_fn: the vocab-parallel sum and the count it is
+    over (a per-token loss: the step's mean is the whole batch's)."""
+    def loss_fn(y, t):
+        loss_sum, grad = engine.vocab_parallel_cross_entropy(
+            y, t, tp, reduction="sum", weight=CLASS_WEIGHT, label_smoothing=SMOOTHING)
+        return loss_sum, grad, CLASS_WEIGHT[t[t != -100]].sum()
+    return loss_fn
+
+
+def _np_vocab_head(grid, tp, d, dp):
+    """The head planned colwise (its logits left split over the vocabulary)
+    and engine.vocab_parallel_cross_entropy, class weights, label smoothing
+    and ignored tokens, as the Pipeline's loss_fn: (the steps' losses, the
+    stages' whole weights), as one process's."""
+    sched = schedules.by_name("1f1b", 2, M)
+    stages = _np_vocab_model()
+    mine = stages_for_rank(stages, sched, grid.coord("pp"))
+    plans = [NP_PLANS["plain"][0], {"1": "colwise", "3": "rowwise", "5": "colwise"}]
+    for s, stage in zip(sched.stages_of(grid.coord("pp")), mine):
+        parallelize(stage, tp, plans[s])
+    pipe = Pipeline(grid, mine, sched, loss_fn=_np_vocab_loss(tp), timeout=60)
+    losses = []
+    for step in range(STEPS):
+        x, y = (split_microbatches(a, dp)[d] for a in _np_vocab_data(step))
+        losses.append(pipe.step(x if pipe.first else None, y if pipe.last else None))
+        sgd(mine, LR)
+    x, y = (split_microbatches(a, dp)[d] for a in _np_vocab_data(STEPS))
+    loss, out = pipe.eval_step(x if pipe.first else None, y if pipe.last else None,
+                               outputs=True)       # (its logits whole: they were the part)
+    losses.append(loss)
+    return losses, out, {s: [p.tolist() for p in full_params(st)]
+                         for s, st in pipe.stages.items()}
+
+
+def _check_np_vocab_head(results, dp):
+    model = Sequential(*[layer for stage in _np_vocab_model() for layer in stage.layers])
+    want = []
+    for step in range(STEPS):
+        x, y = _np_vocab_data(step)
+        out, ctx = model.forward(x)
+        loss, grad = _np_cross_entropy(out, y)
+        want.append(loss)
+        model.backward(ctx, grad)
+        sgd([model], LR)
+    x, y = _np_vocab_data(STEPS)
+    out = model.forward(x)[0]
+    want.append(_np_cross_entropy(out, y)[0])
+    whole = model.params()
+    n0 = len(_np_model()[0].params())
+    for r, res in enumerate(results):
+        losses, outs, params = res.pop("vocab head")
+        if (r // 2) % 2 == 1:        # the last stage's ranks: world rank = (dp*2 + pp)*2 + tp
+            np.testing.assert_allclose(losses, want, rtol=1e-10, err_msg=f"rank {r}")
+            np.testing.assert_allclose(outs, split_microbatches(out, dp)[r // 4], rtol=1e-10,
+                                       atol=1e-13, err_msg=f"rank {r}")
+        got = [np.array(p) for s in sorted(params) for p in params[s]]
+        ref = whole[:n0] if (r // 2) % 2 == 0 else whole[n0:]
+        assert len(got) == len(ref), r
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=f"rank {r}")
+
+
 def _check_np(results, dp):
+    _check_np_vocab_head(results, dp)
     want = _np_reference()
     for key in results[0]:
         for r, res in enumerate(results):
