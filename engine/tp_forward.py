@@ -14,7 +14,7 @@ from .tp_comm import _edge
 from .tp_rng import _on_shared
 from .tp_checks import is_conv1d
 from .tp_record import _Meta
-from .tp_watch import _watch_blocks
+from .tp_watch import watched
 
 
 def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -58,9 +58,8 @@ def _forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     if leave:
         y = _edge(g, y, leave, st.seq_dim, meta.name)
     if st.style == "colwise" and st.output == "shard" and st.watched and not st.parts \
-            and g.size > 1 and isinstance(y, torch.Tensor) \
-            and not torch.compiler.is_compiling():
-        y = _watch_blocks(y, meta)
+            and g.size > 1 and isinstance(y, torch.Tensor):
+        y = watched(torch, y, meta)         # (under torch.compile too: a graph break)
     if st.style == "rowwise" and self.bias is not None:
         # a partial output takes the bias on tp rank 0 only (times 1, times 0
         # elsewhere): every rank has the same graph, so the bias's gradient

@@ -268,6 +268,43 @@ def _blocks_class() -> Any:
     return ColwiseOutput
 
 
+def _uncompiled(torch: Any, cls: Any) -> None:
+    """Have torch.compile run each function of a ``cls`` tensor eagerly
+    (a graph break), through its ``__torch_function__``: traced, the
+    watch was not (a cross entropy of vocab-sharded logits under a compiled
+    loss failed in AOT autograd; a view of them, left plain in the graph,
+    lost the watch)."""
+    never = getattr(torch._dynamo.config, "nontraceable_tensor_subclasses", None)
+    if never is not None:
+        never.add(cls)
+
+
+_EAGER: list[Any] = []
+"""_watch_eagerly, as torch.compile runs it: eagerly (``watched``)."""
+
+
+def watched(torch: Any, y: Any, meta: _Meta) -> Any:
+    """``_watch_blocks(y, meta)``, a colwise module's output watched, under
+    torch.compile too: the compiled model returned its logits plain, and
+    the user's ``F.cross_entropy`` of them took this rank's part of the
+    vocabulary for the whole (a wrong loss, or an IndexError for a target
+    of another rank). There the watch runs eagerly (a graph break), and so
+    does every function of its result; ``fullgraph=True`` raises dynamo's
+    Unsupported naming ColwiseOutput."""
+    if not torch.compiler.is_compiling():
+        if "torch._dynamo" in sys.modules:    # (a compiled loss may meet it: not imported
+            _uncompiled(torch, _blocks_class())    # for it, a second or so)
+        return _watch_blocks(y, meta)
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_watch_eagerly))
+    return _EAGER[0](y, meta)
+
+
+def _watch_eagerly(y: Any, meta: _Meta) -> Any:
+    _uncompiled(_torch(), _blocks_class())
+    return _watch_blocks(y, meta)
+
+
 _NAMES: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 """Each submodule of a module parallelize sharded, and its name there."""
 

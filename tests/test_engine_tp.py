@@ -463,6 +463,7 @@ def _vocab_loss(world, errors):
             errors[key] = f"{type(e).__name__}: {e}"
     import tp_loss_checks
     done.update(tp_loss_checks.weights_and_probabilities(world, errors))
+    done.update(tp_loss_checks.compiled(world))
     return done
 
 
@@ -550,7 +551,8 @@ def test_torch_styles_match_the_unsharded_module():
                                             "weight", "probabilities",
                                             "weighted probabilities")},
                                         "head weight": True, "head probabilities": True,
-                                        "per-token weight": True}
+                                        "per-token weight": True, "compiled": True,
+                                        "compiled fullgraph raises": True}
     assert names == {"plain": True, "sequence": True, "gpt2": True, "gpt2 sequence": True}
     _check_vocab_loss_errors(errors)
     assert "style 'colwise' fits an nn.Linear or a Hugging Face Conv1D, but 1.ln1 is a " \

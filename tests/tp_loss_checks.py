@@ -1,5 +1,5 @@
-"""Checks of the vocab-parallel cross entropy's class weights and
-probabilities as targets, run inside test_engine_tp's torch spawn (tp=2,
+"""Checks of the vocab-parallel cross entropy's class weights, probabilities
+as targets and torch.compile, run inside test_engine_tp's torch spawn (tp=2,
 the vocabulary of 8 split 4 and 4): each returns the names of its checks,
 each True, and adds what it expected to raise to ``errors``."""
 import numpy as np
@@ -103,3 +103,34 @@ def _head(world):
         torch.testing.assert_close(grad, whole.grad[:, part], rtol=1e-4, atol=1e-6)
     done["per-token weight"] = True
     return done
+
+
+def compiled(world):
+    """torch.compile of a model whose head is planned colwise: its logits
+    came back plain, and F.cross_entropy of them took this rank's 4 columns
+    for the vocabulary (targets below 4: no IndexError, a wrong loss); now
+    watched, vocab-parallel. fullgraph=True raises."""
+    torch.manual_seed(0)
+    x, t = torch.randn(6, 4), torch.tensor([0, 3, 1, 2, 3, 0])
+
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 8))
+    ref = make()
+    want = F.cross_entropy(ref(x), t)
+    want.backward()
+    tp = parallelize(make(), world, {"2": "colwise"})
+    got = F.cross_entropy(torch.compile(tp, backend="eager")(x), t)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grads = gather_state_dict(tp, grads=True)
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-6, msg=k)
+    torch._dynamo.reset()
+    try:
+        torch.compile(tp, backend="eager", fullgraph=True)(x)
+        raised = False
+    except Exception:        # (dynamo's Unsupported)
+        raised = True
+    torch._dynamo.reset()
+    return {"compiled": True, "compiled fullgraph raises": raised}
