@@ -98,6 +98,7 @@ from .torch_stage import TorchStage, patterns_of, plain_torch_loss, torch_loss
 from .tp_layers import cut_edges, group_of, refuse_cut_fed_whole, whole_output
 from .verify import verify
 from .zero_grads import OwnedGrads
+from .zero_params import ShardedParams
 
 __all__ = ["Pipeline", "StepFailed", "split_microbatches", "stages_for_rank"]
 
@@ -289,6 +290,8 @@ class Pipeline:
         self.tp_sums = TpSums(self.stages, enabled=not any(a.kind == OPT for a in self.program))
         # ZeRO stage 2: the gradients one dp replica keeps, reduced to it (engine.zero_grads)
         self.owned = OwnedGrads(self)
+        # ZeRO stage 3: the parameters one dp replica keeps between steps (engine.zero_params)
+        self.owned_params = ShardedParams(self)
         # what a training forward changes in a buffer: replica 0's on every replica after it
         self.buffers = ReplicaBuffers(self.dp, [st.module for st in self.stages.values()
                                                 if isinstance(st, TorchStage)])
@@ -391,6 +394,13 @@ class Pipeline:
         """Run step ``st``'s program (``events``: each action's, timed, for
         the trace); its mean loss on last-stage ranks. On failure: clean
         up, agree with the others that it failed, raise."""
+        try:
+            return self._driven(st, inputs, targets, events)
+        finally:        # (ZeRO stage 3: the others' parameters dropped again, on failure too)
+            self.owned_params.free()
+
+    def _driven(self, st: "_Step", inputs: Any, targets: Any,
+                events: list[list[Any]] | None) -> float | None:
         at = 0
         self.reports = {}
         try:

@@ -154,8 +154,26 @@ class Job(_ModelState, _OptimizerState, _Retiming):
         on every replica and kept, as without (engine.zero_grads)."""
         self.pipeline.owned.take(params, owners)
 
+    def _params_kept_by(self, params: Sequence[Any], owners: Sequence[int] | None) -> None:
+        """ZeRO stage 3 (engine.ZeroRedundancyOptimizer(stage=3) calls it):
+        each of ``params``' values kept by the dp replica ``owners`` names
+        alone between steps, the others' dropped now; None: on every replica
+        again (collective over dp: engine.zero_params)."""
+        self.pipeline.owned_params.take(params, owners)
+
+    def gathered(self, fill: bool = True) -> Any:
+        """A context manager: under ZeRO stage 3, every parameter of this
+        rank with its values for the ``with`` block (each broadcast from the
+        dp replica that owns it; collective over dp), dropped again after
+        it on the replicas that do not own it (what they wrote into it then
+        is lost; the owner's writes are kept). ``fill=False``: the storage
+        only, no message. Without stage 3 it does nothing."""
+        return self.pipeline.owned_params.whole(fill)
+
     def parameters(self) -> list[Any]:
-        """This rank's parameters (its stages, its shards), for an optimizer."""
+        """This rank's parameters (its stages, its shards), for an optimizer.
+        Under ZeRO stage 3 those another dp replica owns are empty between
+        steps (``numel() == 0``): read them inside ``job.gathered()``."""
         if self.is_torch:
             return [p for st in self.stages for p in st.module.parameters()]
         return [p for st in self.stages for p in st.params()]

@@ -130,6 +130,10 @@ class _OptimizerState:
         stages raises after ``timeout`` (default the job's), saying so."""
         self._torch_only("optimizer_state_dict")
         timeout = self._timeout if timeout is None else timeout
+        with self.pipeline.owned_params.whole(fill=False):  # (ZeRO stage 3: the shapes)
+            return self._optimizer_state(opt, timeout)
+
+    def _optimizer_state(self, opt: Any, timeout: float | None) -> dict[str, Any] | None:
         zeros = self._zeros(opt, "optimizer_state_dict")
         self._part_failed = False
         consolidating: BaseException | None = None
@@ -326,7 +330,8 @@ class _OptimizerState:
         fault: Exception | None = None
         opt = _one_optimizer(opt)
         try:
-            local = self._checked_cut(opt, state, where)
+            with self.pipeline.owned_params.whole(fill=False):  # (ZeRO stage 3: the shapes)
+                local = self._checked_cut(opt, state, where)
         except (TypeError, KeyError, ValueError) as e:
             fault = e
         # (every rank hears of any rank's fault before one loads: nothing half-loaded; a

@@ -105,7 +105,8 @@ class _Retiming:
         # buffers as they were (its stages' copies draw dropout masks and count
         # their BatchNorms as often as timed)
         with collected(), kept_random(), kept_buffers(*[getattr(st, "module", None)
-                                                        for st in self.stages]):
+                                                        for st in self.stages]), \
+                self.pipeline.owned_params.whole():     # (ZeRO stage 3: timed whole)
             again, table = self._timed_again()
         if table is not None:       # (distribute's table re-timed: again)
             self.candidates, self.row = table

@@ -111,6 +111,12 @@ class _ModelState:
                            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
                            f"of the model not in the state given (strict=False leaves "
                            f"{'them' if len(missing) > 1 else 'it'} as it is)")
+        with self.pipeline.owned_params.whole(fill=False):   # (ZeRO stage 3: the owners'
+            self._loaded(state, strict)                      # values kept, no message)
+        return IncompatibleKeys(missing, unexpected)
+
+    def _loaded(self, state: dict[str, Any], strict: bool) -> None:
+        """Each of this rank's stages' entries of ``state``, loaded."""
         for s, st in zip(self.schedule.stages_of(self.pipeline.rank), self.stages):
             mine = self.names[self.first[s]:self.first[s] + self.counts[s]]
             if not self.is_torch:      # None: not given, left as it is
@@ -130,7 +136,6 @@ class _ModelState:
                 for k, v in self._rest.items():
                     if k in state:
                         v.copy_(state[k])
-        return IncompatibleKeys(missing, unexpected)
 
     def _named_once(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with each tensor the model holds under several names
@@ -163,7 +168,8 @@ class _ModelState:
         (``_all_called``), so the job's next step runs."""
         timeout = self._timeout if timeout is None else timeout
         try:
-            return self._gathered_state(timeout)
+            with self.pipeline.owned_params.whole():    # (ZeRO stage 3: every value)
+                return self._gathered_state(timeout)
         except MeshError as e:    # (it said "recv ... tag 1152921504606846976 timed out")
             if getattr(e, "from_abort", False):     # (another rank's error, told: as it is)
                 raise

@@ -138,10 +138,15 @@ class _StepActions:
         pipe = self.pipe
         m = pipe.schedule.num_microbatches
         call = "eval_step()" if self.forward_only else "step()"
+        # (ZeRO stage 3: the parameters other replicas own, broadcast from them, in flight
+        # while the step starts; each stage waits for its own before it computes)
+        pipe.owned_params.gather()
         if not self.forward_only:
             self.before = self._snapshot()
             pipe.tied.start()
             pipe.tp_sums.start()
+        if pipe.before_step is not None or pipe.reshaped is not None:
+            pipe.owned_params.wait()        # (a traced model traced again may read them)
         if pipe.before_step is not None:
             pipe.before_step()
         elif pipe.reshaped is not None:     # (engine.partition's stages: at these inputs)
@@ -212,6 +217,8 @@ class _StepActions:
         """Execute one action; return its flow direction for the trace."""
         pipe, sched = self.pipe, self.pipe.schedule
         if a.kind in (F, B, I, W):
+            if pipe.owned_params.pending:
+                pipe.owned_params.wait(a.stage)     # (ZeRO stage 3: its parameters here)
             try:
                 if a.kind == F:
                     self._forward(a)

@@ -1,6 +1,7 @@
-"""ZeRO stages 1 and 2 over a job's dp axis: each dp replica keeps the
+"""ZeRO stages 1 to 3 over a job's dp axis: each dp replica keeps the
 optimizer state of its own share of the parameters, not of all of them
-(stage 1), and with ``stage=2`` its share's gradients only too.
+(stage 1), with ``stage=2`` its share's gradients only too, and with
+``stage=3`` its share's parameters only too (between steps).
 
 torch's ``ZeroRedundancyOptimizer`` and DeepSpeed's
 ``zero_optimization: {"stage": 1}``, on a mesh group::
@@ -28,9 +29,16 @@ was) and frees it on the others after the step, so between steps a
 replica holds its share's gradients (about 1/dp of them);
 ``job.clip_grad_norm_`` counts each on its owner, and ``step()`` is the
 same.
+
+``stage=3`` (DeepSpeed's ``{"stage": 3}``; the job a torch model's): the
+parameters too (engine.zero_params): between steps a replica holds its
+share's values only (the others' ``.data`` an empty tensor), each step
+gathers the others from their owners at its start and drops them at its
+end, and ``step()`` sends nothing (the next step's gather does).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -73,26 +81,40 @@ def _dp_of(process_group: Any) -> tuple[Comm, float | None]:
 
 
 def _stage_checked(stage: Any, job: Any, g: Comm, where: str) -> None:
-    """Raise ValueError unless ``stage`` is 1, or 2 over a job."""
-    if isinstance(stage, bool) or stage not in (1, 2):
+    """Raise ValueError unless ``stage`` is 1, or 2 or 3 over a torch job."""
+    if isinstance(stage, bool) or stage not in (1, 2, 3):
         raise ValueError(f"{where}: stage={stage!r}: 1 (each replica keeps its share's "
-                         f"optimizer state) or 2 (its share's gradients too); stage 3 "
-                         f"(the parameters sharded) is not provided")
-    if stage == 2 and job is None:
-        raise ValueError(f"{where}: stage=2 needs process_group=job (engine.distribute's), "
-                         f"not the mesh group {g.name}: the job's step reduces each gradient "
-                         f"to the replica that owns it and frees it on the others, so the job "
-                         f"must know the shares (stage=1 takes a mesh group)")
+                         f"optimizer state), 2 (its share's gradients too) or 3 (its share's "
+                         f"parameters too)")
+    if stage in (2, 3) and job is None:
+        raise ValueError(f"{where}: stage={stage} needs process_group=job (engine."
+                         f"distribute's), not the mesh group {g.name}: the job's step reduces "
+                         f"each gradient to the replica that owns it and frees it on the "
+                         f"others, so the job must know the shares (stage=1 takes a mesh group)")
+    if stage == 3 and not getattr(job, "is_torch", False):
+        raise ValueError(f"{where}: stage=3 shards a torch model's parameters; this job's "
+                         f"stages are engine.layers' (numpy)")
 
 
-def _in_job(whole: Any, job: Any, where: str) -> None:
+def _shape(job: Any, p: Any) -> tuple[int, ...]:
+    """``p``'s shape, whole where the job keeps it on another replica
+    (ZeRO stage 3: empty here between steps)."""
+    kept = getattr(getattr(job, "pipeline", None), "owned_params", None)
+    return tuple(p.shape) if kept is None else kept.shape_of(p)
+
+
+def _numel(job: Any, p: Any) -> int:
+    return math.prod(_shape(job, p))
+
+
+def _in_job(whole: Any, job: Any, where: str, stage: int) -> None:
     """Raise ValueError where ``whole`` (the optimizer over every
     parameter) holds a tensor that is not one of ``job``'s parameters."""
     known = {id(p) for p in job.parameters()}
     stray = next((p for grp in whole.param_groups for p in grp["params"]
                   if id(p) not in known), None)
     if stray is not None:
-        raise ValueError(f"{where}: stage=2: the optimizer holds a {tuple(stray.shape)} "
+        raise ValueError(f"{where}: stage={stage}: the optimizer holds a {tuple(stray.shape)} "
                          f"tensor that is not in job.parameters(): the job reduces its own "
                          f"parameters' gradients only (make it of job.parameters() or "
                          f"job.named_parameters())")
@@ -107,9 +129,10 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     changes them; ``step()`` hands the hyperparameters on to the share's
     optimizer, ``optim``); ``state`` is empty: each replica's is
     ``optim.state``, and ``job.optimizer_state_dict(opt)`` gathers them,
-    whole and by name, as for an optimizer without ZeRO. ``stage``: 1, or
-    2 (``process_group`` the job, whose step then keeps each gradient on
-    its owner alone; its parameters the job's): see the module docstring.
+    whole and by name, as for an optimizer without ZeRO. ``stage``: 1, 2
+    (``process_group`` the job, whose step then keeps each gradient on
+    its owner alone; its parameters the job's) or 3 (each parameter's
+    values too, between steps): see the module docstring.
     A job's newest such optimizer over a parameter says how the job reduces
     its gradient (a stage 1 one over the job: averaged on every replica
     again). Collective over the dp group: building it (the replicas'
@@ -126,9 +149,9 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         try:
             _stage_checked(stage, job, g, self.where)
             whole = optimizer_class(params, **defaults)    # (its groups, defaults filled)
-            if stage == 2:
-                _in_job(whole, job, self.where)
-            said: Any = [stage, [[str(p.dtype), list(p.shape)]
+            if stage in (2, 3):
+                _in_job(whole, job, self.where, stage)
+            said: Any = [stage, [[str(p.dtype), list(_shape(job, p))]
                                  for grp in whole.param_groups for p in grp["params"]]]
         except (TypeError, ValueError) as e:    # (an empty list: every replica hears of it)
             fault, said = e, f"{type(e).__name__}: {e}"
@@ -145,6 +168,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                              f"rank {g.ranks[other]}: every replica passes the same")
         told = [t[1] for t in told]
         self.stage = stage
+        self.job: Any = job     # (None: a mesh group, stage 1)
         self._building = True
         super().__init__([dict(grp) for grp in whole.param_groups], dict(whole.defaults))
         self._building = False
@@ -157,20 +181,27 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                              f"{g.ranks[0]} and {g.ranks[other]} (their dtypes and shapes, in "
                              f"order): the group is the job's dp replicas (process_group=job), "
                              f"each making it of its own job.parameters()")
-        self.owner = shares([p.numel() for p in self.params], g.size)
+        self.owner = shares([_numel(job, p) for p in self.params], g.size)
         self.mine = {id(p) for p, r in zip(self.params, self.owner) if r == g.rank}
         self.optim = optimizer_class(
             [{**self._hyper(grp), "params": [p for p in grp["params"] if id(p) in self.mine]}
              for grp in self.param_groups], **defaults)
         self.optim._zero_share = True   # (stepped from step(): engine.zero_grads' check)
         if job is not None:     # stage 2: each gradient reduced to its owner alone, and kept
-            job._grads_kept_by(self.params, self.owner if stage == 2 else None)  # there only
+            job._grads_kept_by(self.params, self.owner if stage > 1 else None)  # there only
+            # stage 3: each parameter's values too, between steps (engine.zero_params)
+            job._params_kept_by(self.params, self.owner if stage == 3 else None)
 
     def grad_bytes(self) -> int:
         """The bytes of the gradients this replica holds of ``params`` (under
         stage 2, after the step: its share's only)."""
         return sum(p.grad.numel() * p.grad.element_size() for p in self.params
                    if p.grad is not None)
+
+    def param_bytes(self) -> int:
+        """The bytes of the values this replica holds of ``params`` (under
+        stage 3, between steps: its share's only)."""
+        return sum(p.numel() * p.element_size() for p in self.params)
 
     def holds(self, p: Any) -> bool:
         """Whether ``p`` is in this replica's share (its state kept here)."""
@@ -208,9 +239,13 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         copy of the model: a gather of the shares into one buffer held the
         weights 1.5 times over at dp=2, more than the state saved), all in
         flight at once, as the job's gradient all-reduces are."""
+        # (stage 3: the parameters the job keeps on their owners alone are not sent: the
+        # others get them as the next step gathers them; those a newer stage-1 optimizer
+        # took back, whole on every replica again, are)
+        kept = self.job.pipeline.owned_params.owner if self.stage == 3 else {}
         works = [collectives.broadcast(self.group, p.detach(), root=r, async_op=True,
                                        timeout=self.timeout)
-                 for p, r in zip(self.params, self.owner)]
+                 for p, r in zip(self.params, self.owner) if kept.get(id(p)) != r]
         for w in works:
             w.wait()
 

@@ -54,7 +54,7 @@ def _checked_step(opt: Any, args: Any, kwargs: Any) -> None:
     if not _OWNING or getattr(opt, "_zero_share", False):
         return
     dealt: dict[int, int] = {}
-    if getattr(opt, "stage", None) == 2 and hasattr(opt, "owner"):
+    if getattr(opt, "stage", None) in (2, 3) and hasattr(opt, "owner"):
         dealt = {id(p): r for p, r in zip(opt.params, opt.owner)}
     for owned in list(_OWNING):
         for grp in opt.param_groups:
@@ -63,11 +63,13 @@ def _checked_step(opt: Any, args: Any, kwargs: Any) -> None:
                 if r is not None and dealt.get(id(p)) != r:
                     raise RuntimeError(
                         f"rank {owned.pipe.pp.ranks[owned.pipe.pp.rank]}: "
-                        f"{type(opt).__name__}.step(): the gradient of its {tuple(p.shape)} "
-                        f"parameter is kept by dp replica {r} alone (ZeRO stage 2: the newest "
-                        f"engine.ZeroRedundancyOptimizer(..., stage=2) over it; the other "
-                        f"replicas' .grad is None), so this step would skip it there and the "
-                        f"replicas' weights would part; nothing stepped: step that optimizer, "
+                        f"{type(opt).__name__}.step(): the gradient of its "
+                        f"{owned.pipe.owned_params.shape_of(p)} "
+                        f"parameter is kept by dp replica {r} alone (ZeRO stage 2 or 3: the "
+                        f"newest engine.ZeroRedundancyOptimizer(..., stage=2 or 3) over it; the "
+                        f"other replicas' .grad is None), so this step would skip it there and "
+                        f"the replicas' weights would part; nothing stepped: step that "
+                        f"optimizer, "
                         f"or make engine.ZeroRedundancyOptimizer(..., stage=1) over these "
                         f"parameters (the job then averages their gradients on every replica "
                         f"and keeps them) and step again")

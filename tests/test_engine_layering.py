@@ -16,7 +16,7 @@ ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "
          "tp_layers", "torch_stage", "tp_comm", "tp_rng", "tp_checks",
          "tp_axes", "tp_loss", "tp_watched_loss", "tp_record", "tp_watch", "tp_forward",
          "tp_shard", "tp_state",
-         "tensor_parallel", "tied", "tp_sums", "clip", "buffers", "zero_grads",
+         "tensor_parallel", "tied", "tp_sums", "clip", "buffers", "zero_grads", "zero_params",
          "traced_returned", "traced_pieces", "traced_inplace", "traced_cuts", "traced_modes",
          "traced_sizes", "traced_leaves", "traced_sequential", "traced_reshaped",
          "traced", "stagebuild", "partition", "pipeline_args", "step", "rollback", "executor",

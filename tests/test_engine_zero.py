@@ -1,12 +1,14 @@
-"""engine.ZeroRedundancyOptimizer (ZeRO stage 1 over a job's dp axis, and
-stage 2: the gradients too) trains as the same job with the whole optimizer
-on every replica, keeps a share of its state (and under stage 2 of the
-gradients) per replica, and checkpoints the same whole state.
+"""engine.ZeroRedundancyOptimizer (ZeRO stage 1 over a job's dp axis,
+stage 2: the gradients too, stage 3: the parameters too) trains as the
+same job with the whole optimizer on every replica, keeps a share of its
+state (and under stage 2 of the gradients, under stage 3 of the
+parameters) per replica, and checkpoints the same whole state.
 
-One spawn per layout runs three jobs of the same model on the grid, one
-with AdamW, one with AdamW under ZeRO stage 1, one under stage 2, clipping
+One spawn per layout runs four jobs of the same model on the grid, one
+with AdamW, the others with AdamW under ZeRO stages 1, 2 and 3, clipping
 every step; the parent compares their weights, their gathered optimizer
-states and the state (and gradients) each rank held.
+states and the state (gradients, parameters) each rank held. The other
+tests run stage 3 beside stage 2 in their spawns.
 """
 import numpy as np
 import pytest
@@ -87,12 +89,14 @@ def _worker(world, axes, plan):
                                  balance=[5, 4] if pp == 2 else "uniform",
                                  sample=part(_data(0)[0]), loss_fn=torch.nn.functional.mse_loss,
                                  overhead=0.0, verbose=False, timeout=60, tag_base=tag_base)
-    whole, zjob, z2job = build(0), build(1 << 20), build(2 << 20)
+    whole, zjob, z2job, z3job = build(0), build(1 << 20), build(2 << 20), build(3 << 20)
     opt = torch.optim.AdamW(_groups(whole.named_parameters()), lr=LR)
     zopt = engine.ZeroRedundancyOptimizer(_groups(zjob.named_parameters()), torch.optim.AdamW,
                                           zjob, lr=LR)
     z2opt = engine.ZeroRedundancyOptimizer(_groups(z2job.named_parameters()),
                                            torch.optim.AdamW, z2job, stage=2, lr=LR)
+    z3opt = engine.ZeroRedundancyOptimizer(_groups(z3job.named_parameters()),
+                                           torch.optim.AdamW, z3job, stage=3, lr=LR)
     _refused_stages(world, grid, z2job, d)
     if pp > 1:      # over the whole world: each pp rank's stages differ, every rank says so
         with pytest.raises(ValueError, match=r"the parameters given differ between ranks 0 "
@@ -112,8 +116,12 @@ def _worker(world, axes, plan):
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
     zsched = torch.optim.lr_scheduler.StepLR(zopt, 1, gamma=0.5)
     z2sched = torch.optim.lr_scheduler.StepLR(z2opt, 1, gamma=0.5)
+    z3sched = torch.optim.lr_scheduler.StepLR(z3opt, 1, gamma=0.5)
     norms = []
-    ways = ((whole, opt, sched), (zjob, zopt, zsched), (z2job, z2opt, z2sched))
+    ways = ((whole, opt, sched), (zjob, zopt, zsched), (z2job, z2opt, z2sched),
+            (z3job, z3opt, z3sched))
+    # stage 3: at rest each replica holds its share's values only (the others empty)
+    at_rest = [_param_bytes(z3job)]
     for step in range(STEPS):
         x, y = (part(a) for a in _data(step))
         for job, o, s in ways:
@@ -122,6 +130,7 @@ def _worker(world, axes, plan):
             norms.append(job.clip_grad_norm_(0.2))
             o.step()
             s.step()
+        at_rest.append(_param_bytes(z3job))
     # stage 2: after the step each replica holds its share's gradients only
     grads = [sum(p.grad.numel() * p.grad.element_size() for p in o.params
                  if p.grad is not None) for o in (zopt, z2opt)]
@@ -132,6 +141,12 @@ def _worker(world, axes, plan):
            "zero2_kept": all((p.grad is not None) == z2opt.holds(p) for p in z2opt.params),
            "weights": _numpy(whole.state_dict()), "zero_weights": _numpy(zjob.state_dict()),
            "zero2_weights": _numpy(z2job.state_dict()),
+           "zero3_weights": _numpy(z3job.state_dict()), "whole_bytes": _param_bytes(whole),
+           "zero3_at_rest": at_rest + [_param_bytes(z3job)],
+           "zero3_kept": all((p.numel() > 0) == z3opt.holds(p) and
+                             (p.grad is not None) == z3opt.holds(p) for p in z3opt.params),
+           "zero3_held": z3opt.state_bytes(), "zero3_param_bytes": z3opt.param_bytes(),
+           "zero3_optim": _optim_numpy(z3job.optimizer_state_dict(z3opt)),
            "optim": _optim_numpy(whole.optimizer_state_dict(opt)),
            "zero_optim": _optim_numpy(zjob.optimizer_state_dict(zopt)),
            "zero2_optim": _optim_numpy(z2job.optimizer_state_dict(z2opt))}
@@ -149,17 +164,23 @@ def _worker(world, axes, plan):
     again2 = engine.ZeroRedundancyOptimizer(_groups(z2job.named_parameters()),
                                             torch.optim.AdamW, z2job, stage=2, lr=LR)
     z2job.load_optimizer_state_dict(again2, saved)
+    again3 = engine.ZeroRedundancyOptimizer(_groups(z3job.named_parameters()),
+                                            torch.optim.AdamW, z3job, stage=3, lr=LR)
+    z3job.load_optimizer_state_dict(again3, saved)
+    # (and the whole model's state, saved and loaded: each replica keeps its share's)
+    z3job.load_state_dict(collectives.broadcast_state(world, z3job.state_dict()))
     x, y = (part(a) for a in _data(STEPS))
-    for job, o in ((whole, opt), (zjob, again), (z2job, again2)):
+    for job, o in ((whole, opt), (zjob, again), (z2job, again2), (z3job, again3)):
         o.zero_grad()
         job.step(x, y)
         o.step()
     out["resumed"] = _numpy(whole.state_dict())
     out["zero_resumed"] = _numpy(zjob.state_dict())
     out["zero2_resumed"] = _numpy(z2job.state_dict())
+    out["zero3_resumed"] = _numpy(z3job.state_dict())
     # gradients accumulated over two steps (no zero_grad between): stage 2's owner adds
     # the second step's average to the first's, as every replica does without ZeRO
-    for job, o in ((whole, opt), (z2job, again2)):
+    for job, o in ((whole, opt), (z2job, again2), (z3job, again3)):
         o.zero_grad()
         for step in (STEPS + 1, STEPS + 2):
             job.step(*(part(a) for a in _data(step)))
@@ -167,6 +188,20 @@ def _worker(world, axes, plan):
         o.step()
     out["accumulated"] = _numpy(whole.state_dict())
     out["zero2_accumulated"] = _numpy(z2job.state_dict())
+    out["zero3_accumulated"] = _numpy(z3job.state_dict())
+    by_hand = z3job.pipeline.first and plan is None     # (a tp module makes collectives)
+    with z3job.gathered():     # (a user reading the weights: every one whole, then freed)
+        out["zero3_gathered"] = _param_bytes(z3job) == _param_bytes(whole)
+        if by_hand:
+            z3job.stages[0].module(x)       # (whole: it runs)
+    out["zero3_called"] = None
+    if by_hand:     # a stage's module called by hand between steps: refused, naming the fix
+        try:
+            z3job.stages[0].module(x)
+            out["zero3_called"] = "ran"
+        except RuntimeError as e:
+            out["zero3_called"] = str(e)
+    out["zero3_after"] = _param_bytes(z3job) < _param_bytes(whole)
     with pytest.raises(RuntimeError, match="consolidate_state_dict"):
         again.state_dict()
     if world.size == 2:     # torch's own ZeRO (its shares in .optim): refused, not {"state": {}}
@@ -188,17 +223,23 @@ def _worker(world, axes, plan):
     return out
 
 
+def _param_bytes(job):
+    return sum(p.numel() * p.element_size() for p in job.parameters())
+
+
 def _refused_stages(world, grid, job, d):
     """A stage other than 1 or 2, stage 2 over a mesh group (the job must
     know the shares), stage 2 of a tensor not the job's, and replicas given
     other stages: each refused, every replica raising at once."""
     import torch
-    with pytest.raises(ValueError, match=r"stage=3: 1 .* or 2 .*; stage 3 .* not provided"):
-        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3)
-    with pytest.raises(ValueError, match=r"stage=2 needs process_group=job .*not the mesh "
-                                         r"group .*the job must know the shares"):
-        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW,
-                                       grid.group("dp"), stage=2)
+    with pytest.raises(ValueError, match=r"stage=4: 1 .*, 2 .* or 3 \(its share's "
+                                         r"parameters too\)"):
+        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=4)
+    for stage in (2, 3):
+        with pytest.raises(ValueError, match=f"stage={stage} needs process_group=job .*not "
+                                             f"the mesh group .*the job must know the shares"):
+            engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW,
+                                           grid.group("dp"), stage=stage)
     with pytest.raises(ValueError, match=r"stage=2: the optimizer holds a \(3,\) tensor that "
                                          r"is not in job.parameters\(\)"):
         engine.ZeroRedundancyOptimizer([*job.parameters(), torch.nn.Parameter(torch.ones(3))],
@@ -228,8 +269,9 @@ def _same(got, want, what):
 def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
     pytest.importorskip("torch")
     results = mesh.spawn(_worker, n, axes, plan, timeout=280, env=PATIENT)
-    for res in results:     # clipped alike (stage 2's norm: the same bit for bit)
-        assert res["norms"][0::3] == res["norms"][1::3] == res["norms"][2::3], res["norms"]
+    for res in results:     # clipped alike (stage 2's and 3's norm: the same bit for bit)
+        assert res["norms"][0::4] == res["norms"][1::4] == res["norms"][2::4] == \
+            res["norms"][3::4], res["norms"]
         assert res["norms"][0] > 0.2                                       # (it clipped)
         # each replica keeps the state of its share only, and the shares cover it all
         assert 0 < res["zero_held"] < res["held"], res
@@ -239,12 +281,24 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
         # stage 2: its share's gradients only (stage 1's: every one, as the weights')
         assert res["zero2_kept"], res
         assert 0 < res["zero2_grads"] == res["zero2_grad_bytes"] < res["grads"], res
+        # stage 3: its share's values only at rest (and gradients, and state), whole inside
+        # job.gathered()
+        assert res["zero3_kept"] and res["zero3_held"] == res["zero_held"], res
+        assert res["zero3_gathered"] and res["zero3_after"], res
+        if res["zero3_called"] is not None:     # (stage 0's ranks: its module called by hand)
+            assert "called outside job.step() and eval_step(): under ZeRO stage 3" in \
+                res["zero3_called"] and "job.gathered()" in res["zero3_called"], res
+        assert len(set(res["zero3_at_rest"])) == 1, res["zero3_at_rest"]
+        assert 0 < res["zero3_at_rest"][0] == res["zero3_param_bytes"] < res["whole_bytes"], res
+    assert sum(res["zero3_called"] is not None for res in results) == (2 if plan is None
+                                                                         else 0)
     for res in results:     # a replica's share and its mate's make the whole state
         mate = results[(res["rank"] + n // 2) % n]
         assert res["zero_held"] + mate["zero_held"] == res["held"], (res, mate)
         assert res["zero2_grads"] + mate["zero2_grads"] == res["grads"], (res, mate)
+        assert res["zero3_at_rest"][0] + mate["zero3_at_rest"][0] == res["whole_bytes"]
     root = results[0]
-    for way in ("zero", "zero2"):
+    for way in ("zero", "zero2", "zero3"):
         _same(root[f"{way}_weights"], root["weights"], f"{way} weights")
         _same(root[f"{way}_resumed"], root["resumed"], f"{way} resumed")
         got, want = root[f"{way}_optim"], root["optim"]
@@ -253,6 +307,7 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
         for name, own in want["state"].items():
             _same(got["state"][name], own, f"{way} state {name}")
     _same(root["zero2_accumulated"], root["accumulated"], "zero2 accumulated")
+    _same(root["zero3_accumulated"], root["accumulated"], "zero3 accumulated")
 
 
 def _consolidate_fails_worker(world):
@@ -425,7 +480,7 @@ def _tied_sequence_worker(world):
         jobs = [engine.distribute(model(), grid, plan=plan, schedule="1f1b", microbatches=2,
                                   balance="uniform", loss_fn=tp_models.cross_entropy,
                                   verbose=False, overhead=0.0, timeout=60, tag_base=t)
-                for t in (0, 1 << 20)]
+                for t in (0, 1 << 20, 2 << 20)]
         params = jobs[1].parameters()
         tie = next((i for i, (n, _) in enumerate(jobs[1].named_parameters())
                     if n.endswith(("embed.weight", "head.weight"))), None)
@@ -436,9 +491,13 @@ def _tied_sequence_worker(world):
                       if shares([p.numel() for p in rest[:k] + [params[tie]] + rest[k:]],
                                 2)[k] == want)
             params = rest[:at] + [params[tie]] + rest[at:]
+        # (stage 3 dealt as stage 2: its job's parameters in the same order)
+        same = {id(p): q for p, q in zip(jobs[1].parameters(), jobs[2].parameters())}
         opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR),
                 engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, jobs[1], stage=2,
-                                               lr=LR)]
+                                               lr=LR),
+                engine.ZeroRedundancyOptimizer([same[id(p)] for p in params], torch.optim.AdamW,
+                                               jobs[2], stage=3, lr=LR)]
         norms = []
         for step in range(2):
             x, y = (a[d::2] for a in tp_models.tokens(300 + step, 8))
@@ -447,9 +506,11 @@ def _tied_sequence_worker(world):
                 job.step(x, y)
                 norms.append(job.clip_grad_norm_(0.5))
                 o.step()
-        z = opts[1]
+        z, z3 = opts[1], opts[2]
         out[name] = {"norms": norms, "weights": [_numpy(job.state_dict()) for job in jobs],
-                     "kept": all((p.grad is not None) == z.holds(p) for p in z.params),
+                     "kept": all((p.grad is not None) == z.holds(p) for p in z.params) and
+                     all((p.grad is not None) == (p.numel() > 0) == z3.holds(p)
+                         for p in z3.params),
                      "freed": sum(not z.holds(p) for p in z.params),
                      "tie": None if not tied else (grid.coord("pp"), z.owner[at])}
     return out
@@ -460,23 +521,26 @@ def test_zero2_with_tied_weights_and_sequence_parallel_trains_as_the_whole_optim
     """A tied copy's and a sequence-parallel norm's gradients are summed
     over pp or tp after the dp average, which they need on every replica:
     stage 2 averages them on every replica as before, and frees them on
-    the replicas that do not own them after those sums, as the rest."""
+    the replicas that do not own them after those sums, as the rest; stage
+    3 beside it, its parameters gathered for the step and dropped after."""
     pytest.importorskip("torch")
     results = mesh.spawn(_tied_sequence_worker, 4, timeout=180, env=PATIENT)
     for name in ("tied", "sequence"):
         for res in results:
             got = res[name]
-            assert got["norms"][0::2] == got["norms"][1::2], (name, got["norms"])
+            assert got["norms"][0::3] == got["norms"][1::3] == got["norms"][2::3], \
+                (name, got["norms"])
             assert got["norms"][0] > 0.5, (name, got["norms"])
             assert got["kept"] and got["freed"] > 0, (name, got)
             if got["tie"] is not None:      # (pp rank 0's copy on replica 0, 1's on 1)
                 assert got["tie"][0] == got["tie"][1], got["tie"]
-        whole, zero = results[0][name]["weights"]
+        whole, zero, zero3 = results[0][name]["weights"]
         _same(zero, whole, f"{name} weights")
+        _same(zero3, whole, f"{name} stage 3 weights")
 
 
 def _failed_step_worker(world):
-    """dp=2, the whole AdamW and ZeRO stage 2: a step, then one whose loss
+    """dp=2, the whole AdamW and ZeRO stages 2 and 3: a step, then one whose loss
     raises on rank 1 only (rank 0's reduces to the owners are under way or
     done), then a step on and AdamW's."""
     import torch
@@ -486,11 +550,11 @@ def _failed_step_worker(world):
     jobs = [engine.distribute(_model(), grid, schedule="1f1b", microbatches=2,
                               balance="uniform", loss_fn=torch.nn.functional.mse_loss,
                               overhead=0.0, verbose=False, timeout=30, tag_base=t)
-            for t in (0, 1 << 20)]
-    opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR),
-            engine.ZeroRedundancyOptimizer(jobs[1].parameters(), torch.optim.AdamW, jobs[1],
-                                           stage=2, lr=LR)]
-    z = opts[1]
+            for t in (0, 1 << 20, 2 << 20)]
+    opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR)] + [
+        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=stage,
+                                       lr=LR) for job, stage in zip(jobs[1:], (2, 3))]
+    z, z3 = opts[1], opts[2]
     out = {}
     for step in range(3):
         x, y = (a[d::2] for a in _data(step))
@@ -510,8 +574,57 @@ def _failed_step_worker(world):
             out.setdefault("rolled_back", []).append(all(
                 (a is None) == (b is None) and (a is None or torch.equal(a, b))
                 for a, b in zip(after, before)))
-    out["kept"] = all((p.grad is not None) == z.holds(p) for p in z.params)
+    out["kept"] = all((p.grad is not None) == z.holds(p) for p in z.params) and \
+        all((p.grad is not None) == (p.numel() > 0) == z3.holds(p) for p in z3.params)
     out["weights"] = [_numpy(job.state_dict()) for job in jobs]
+    out.update(_per_token_zero3(grid, d))
+    return out
+
+
+def _per_token_zero3(grid, d):
+    """dp=2, a per-token loss (torch's mean cross entropy, ignored targets:
+    the replicas' micro-batches count other tokens), the whole AdamW and
+    ZeRO stage 3: steps with eval_step between, job.retime(), then a plain
+    AdamW over the stage-3 job's parameters (refused), then a stage-1
+    optimizer over them (every replica holds every value again)."""
+    import torch
+    loss = torch.nn.CrossEntropyLoss(ignore_index=-1)
+    jobs = [engine.distribute(_model(), grid, schedule="1f1b", microbatches=2,
+                              balance="uniform", loss_fn=loss, overhead=None, verbose=False,
+                              timeout=30, tag_base=t, sample=_data(0)[0][d::2])
+            for t in (3 << 20, 4 << 20)]
+    opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR),
+            engine.ZeroRedundancyOptimizer(jobs[1].parameters(), torch.optim.AdamW, jobs[1],
+                                           stage=3, lr=LR)]
+    out = {"evals": [], "retimed": []}
+    for step in range(2):
+        x = _data(step)[0][d::2]
+        y = torch.from_numpy(np.random.default_rng(step).integers(-1, WIDTHS[-1], ROWS))[d::2]
+        for job, o in zip(jobs, opts):
+            o.zero_grad()
+            job.step(x, y)
+            out["evals"].append(job.eval_step(x, y))
+            if o is opts[1]:
+                sizes = [p.numel() for p in job.parameters()]
+                job.retime()
+                out["retimed"].append(sizes == [p.numel() for p in job.parameters()])
+            job.clip_grad_norm_(0.3)
+            o.step()
+    out["token_weights"] = [_numpy(job.state_dict()) for job in jobs]
+    plain = torch.optim.AdamW(jobs[1].parameters(), lr=LR)
+    try:
+        plain.step()
+        out["plain"] = "stepped"
+    except RuntimeError as e:
+        out["plain"] = str(e)
+    engine.ZeroRedundancyOptimizer(jobs[1].parameters(), torch.optim.AdamW, jobs[1], lr=LR)
+    out["whole_again"] = [p.numel() for p in jobs[1].parameters()] == \
+        [p.numel() for p in jobs[0].parameters()]
+    # the stage-3 optimizer stepped still: its share sent to the others, now whole again
+    opts[1].zero_grad()
+    jobs[1].step(x, y)
+    opts[1].step()
+    out["sums"] = [float(p.detach().double().sum()) for p in jobs[1].parameters()]
     return out
 
 
@@ -520,14 +633,28 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
     """A step that fails on one replica (its loss raising) while the other's
     gradients are being reduced to their owners: both raise, each puts its
     gradients back as they were (the others' shares' None), and the next
-    step trains as the whole AdamW's does."""
+    step trains as the whole AdamW's does; under stage 3 too, the gathered
+    parameters dropped again. Then stage 3 with a per-token loss, eval_step
+    and job.retime() trains as the whole AdamW; a plain AdamW over its
+    parameters is refused, a stage-1 optimizer made over them gives every
+    replica their values again, and the stage-3 one stepped then sends its
+    share (it sent none: the replicas parted)."""
     pytest.importorskip("torch")
     results = mesh.spawn(_failed_step_worker, 2, timeout=140, env=PATIENT)
     for res in results:
-        assert len(res["raised"]) == 2 and res["rolled_back"] == [True, True], res
+        assert len(res["raised"]) == 3 and res["rolled_back"] == [True] * 3, res
         assert res["kept"], res
-    whole, zero = results[0]["weights"]
+    whole, zero, zero3 = results[0]["weights"]
     _same(zero, whole, "weights after a failed step")
+    _same(zero3, whole, "stage 3 weights after a failed step")
+    # stage 3 with a per-token loss, eval_step and job.retime(): the whole AdamW's weights
+    for res in results:
+        assert res["evals"][0::2] == res["evals"][1::2], res["evals"]
+        assert res["retimed"] == [True, True], res["retimed"]
+        assert "is kept by dp replica" in res["plain"], res["plain"]
+        assert res["whole_again"], res
+    assert results[0]["sums"] == results[1]["sums"], (results[0]["sums"], results[1]["sums"])
+    _same(*reversed(results[0]["token_weights"]), "per-token stage 3 weights")
 
 
 
@@ -550,7 +677,8 @@ def _spare_model(dtype):
 
 def _combined_worker(world):
     """dp=2 x pp=2: jobs under ZeRO stage 1 and stage 2 side by side, each
-    way in its own pair (stage 1's job, stage 2's), three steps:
+    way in its own pair (stage 1's job, stage 2's; in "zb-v" and
+    "interleaved" a stage-3 job's too), three steps:
     - "zb-v": two stages a rank, W actions apart from B; eval_step between
       the step and the clip, two job.step calls before opt.step after
       opt.zero_grad(set_to_none=False), the infinity norm clipped;
@@ -587,15 +715,15 @@ def _combined_worker(world):
                                   loss_fn=lambda y, t: torch.nn.functional.mse_loss(
                                       y.float(), t.float()),
                                   **{"overhead": 0.0, **extra}, verbose=False, timeout=60,
-                                  tag_base=(2 * t + k) << 20)
-                for k in (0, 1)]
+                                  tag_base=(3 * t + k) << 20)
+                for k in ((0, 1) if way == "switched" else (0, 1, 2))]
         if way == "switched":
             make(jobs[1], jobs[1].parameters(), 2)
             opts = [[make(jobs[0], ps, 1) for ps in split(jobs[0])],
                     [make(j_ps[0], j_ps[1], s) for j_ps, s in zip(
                         [(jobs[1], ps) for ps in split(jobs[1])], (2, 1))]]
         else:
-            opts = [[make(job, job.parameters(), s)] for job, s in zip(jobs, (1, 2))]
+            opts = [[make(job, job.parameters(), s)] for job, s in zip(jobs, (1, 2, 3))]
         norms, retimed = [], []
         for step in range(3):
             x, y = (a[d::2].to(dtype) for a in _data(step))
@@ -624,7 +752,10 @@ def _combined_worker(world):
                     "kept": all((p.grad is not None) == (o.stage == 1 or o.holds(p))
                                 for o in z for p in o.params),
                     "freed": sum(p.grad is None for o in z for p in o.params),
-                    "retimed": retimed}
+                    "retimed": retimed, "n": len(jobs)}
+        if len(jobs) == 3:      # stage 3: its share's values and gradients only, at rest
+            out[way]["kept"] &= all((p.grad is not None) == (p.numel() > 0) == o.holds(p)
+                                    for o in opts[2] for p in o.params)
         if way == "zb-v":   # a plain AdamW over the stage-2 job's parameters: refused
             plain = torch.optim.AdamW(jobs[1].parameters(), lr=LR)
             for then in ("refused", "stepped"):
@@ -658,13 +789,17 @@ def test_zero2_in_the_schedules_and_ways_a_user_reaches_trains_as_stage_1():
     for way in ("zb-v", "interleaved", "switched"):
         for res in results:
             got = res[way]
-            assert got["norms"][0::2] == got["norms"][1::2], (way, got["norms"])
+            n = got["n"]
+            assert got["norms"][0::n] == got["norms"][1::n] == got["norms"][n - 1::n], \
+                (way, got["norms"])
             assert got["kept"], (way, got)
             assert all(got["retimed"]), (way, got["retimed"])
         # each pp rank's replicas free some (the biases of "switched" kept everywhere)
         assert all(sum(res[way]["freed"] for res in results[k::2]) > 0 for k in (0, 1)), way
-        stage1, stage2 = results[0][way]["weights"]
+        stage1, stage2, *stage3 = results[0][way]["weights"]
         _same(stage2, stage1, f"{way} weights")
+        for w in stage3:
+            _same(w, stage1, f"{way} stage 3 weights")
     assert results[0]["switched"]["retimed"] == [True] * 3
     # a plain optimizer stepping what a stage-2 one dealt would skip the freed gradients,
     # each replica stepping its share only: refused on every replica, nothing stepped;

@@ -1,0 +1,195 @@
+"""ZeRO stage 3 in a Pipeline: each parameter's values kept by one dp replica between steps.
+
+``engine.ZeroRedundancyOptimizer(..., process_group=job, stage=3)`` tells
+the job which dp replica owns each parameter (``ShardedParams.take``, the
+shares stage 2 reduces the gradients to). Between steps the other
+replicas hold none of its values: its ``.data`` is an empty tensor of its
+dtype (``numel() == 0``; torch's own ``Parameter`` object stays, so an
+optimizer, the job's names and ``job.parameters()`` still hold it), as
+DeepSpeed's stage 3 leaves a parameter. A step (or an evaluation) first
+gives every replica the parameters it lacks, each broadcast from its owner
+into fresh storage, all in flight at once, started as the step starts;
+each stage waits for its own before its first action that computes
+(``wait``), so the broadcasts overlap the step's start (cutting the batch,
+posting the receives, the loss's row count, a later stage's wait for its
+first activation). Once the step is done (the gradients reduced to their
+owners and freed elsewhere, engine.zero_grads) the others' storage is
+dropped again (``free``), on failure too:
+
+    dp rank:          0                1
+    owns:         [w0, b1]         [w1, b0]
+    at rest:      w0, b1 (w1, b0 empty)   w1, b0 (w0, b1 empty)
+    step:         broadcast each from its owner, run, reduce each grad to it, free
+
+``opt.step()`` then steps each replica's share alone and sends nothing:
+the next step's gathers give the others the new values. Outside a step,
+``whole`` gives the parameters their values for a while (the job's state
+gathers and loads, its re-time, ``job.gathered()``) and frees them after.
+A step holds its stages' whole weights from its start to its end: what is
+saved is the memory at rest, between steps (no per-layer gather).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import weakref
+from typing import Any, Iterator, Sequence
+
+import collectives
+
+from .torch_stage import TorchStage
+
+__all__ = ["ShardedParams"]
+
+
+class ShardedParams:
+    """A Pipeline's parameters (by id) whose values one dp replica keeps
+    between steps, that replica's dp index, and their shapes."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.owner: dict[int, int] = {}
+        self.shape: dict[int, Any] = {}     # each one's whole shape (a tp shard's: the shard's)
+        self.pending: dict[int, list[Any]] = {}     # each stage's broadcasts in flight
+        self.held = False      # whether the others' parameters hold their values now
+        self._hooked: set[int] = set()      # the modules _guard watches, by id
+
+    def __bool__(self) -> bool:
+        return bool(self.owner)
+
+    def _stage_params(self) -> list[tuple[int, list[Any]]]:
+        """Each torch stage's parameters this rank shards, in the stages'
+        order (the same on every replica: the broadcasts' order)."""
+        out = []
+        for s, stage in sorted(self.pipe.stages.items()):
+            if isinstance(stage, TorchStage):
+                # (module.parameters() names a shared one once)
+                out.append((s, [p for p in stage.module.parameters() if id(p) in self.owner]))
+        return out
+
+    def shape_of(self, p: Any) -> tuple[int, ...]:
+        """``p``'s shape, whole (where this replica holds it empty)."""
+        return tuple(self.shape.get(id(p), p.shape))
+
+    def take(self, params: Sequence[Any], owners: Sequence[int] | None) -> None:
+        """From now on, each of ``params``' values kept by the replica
+        ``owners`` names alone between steps (None: by every replica again,
+        as without stage 3). Collective over dp where a parameter sharded
+        so far is given back its values (the replicas make the same call:
+        building the optimizer is)."""
+        back = [p for p in params if id(p) in self.owner] if owners is None else []
+        if back:
+            with self.whole(params=back):
+                for p in back:
+                    self.owner.pop(id(p), None)
+                    self.shape.pop(id(p), None)
+        if owners is None:
+            return
+        shapes = [self.shape_of(p) for p in params]
+        self.gather()       # (the shares may change: every value here first)
+        self.wait()
+        for p, r, shape in zip(params, owners, shapes):
+            self.owner[id(p)] = int(r)
+            self.shape[id(p)] = shape
+            if int(r) != self.pipe.dp_index:
+                p.grad = None       # (the owner keeps it, as stage 2 after a step)
+        self._guard()
+        self.held = True
+        self.free()
+
+    def _guard(self) -> None:
+        """A forward pre-hook on each module of this rank's stages that holds
+        a sharded parameter itself: called between steps (a user's own
+        ``job.stages[0].module(x)``) while one is empty here, it raises
+        naming the fix, where torch's matmul said only that "mat1 and mat2
+        shapes cannot be multiplied". (A closure over a weak reference: a
+        deep copy of the module, the re-time's, copies no pipeline.)"""
+        me = weakref.ref(self)
+        where = f"pp rank {self.pipe.rank} (dp replica {self.pipe.dp_index})"
+
+        def hook(module: Any, args: Any) -> None:
+            kept = me()
+            if kept is None or kept.held or not kept.owner:
+                return
+            mine = kept.owner
+            if any(id(p) in mine and mine[id(p)] != kept.pipe.dp_index
+                   for p in module.parameters(recurse=False)):
+                raise RuntimeError(
+                    f"{where}: {type(module).__name__} called outside job.step() and "
+                    f"eval_step(): under ZeRO stage 3 the parameters other dp replicas own "
+                    f"are empty here between steps; call it inside `with job.gathered():` "
+                    f"(collective over dp)")
+        for _, stage in sorted(self.pipe.stages.items()):
+            if not isinstance(stage, TorchStage):
+                continue
+            for m in stage.module.modules():
+                if id(m) not in self._hooked and any(
+                        id(p) in self.owner for p in m.parameters(recurse=False)):
+                    self._hooked.add(id(m))
+                    m.register_forward_pre_hook(hook)
+
+    def gather(self, fill: bool = True, params: Sequence[Any] | None = None) -> None:
+        """Give every parameter this replica does not own its storage again,
+        and (``fill``) its owner's values, each broadcast from it, all in
+        flight at once (``wait`` for them); ``params``: these alone."""
+        if self.held or not self.owner:
+            return
+        torch = sys.modules["torch"]
+        dp, me, timeout = self.pipe.dp, self.pipe.dp_index, self.pipe.timeout
+        only = None if params is None else {id(p) for p in params}
+        self.held = True
+        for s, ps in self._stage_params():
+            works = self.pending.setdefault(s, [])
+            for p in ps:
+                if only is not None and id(p) not in only:
+                    continue
+                r = self.owner[id(p)]
+                if r != me:
+                    p.data = torch.empty(self.shape[id(p)], dtype=p.dtype, device=p.device)
+                if fill and dp is not None and dp.size > 1:
+                    works.append(collectives.broadcast(dp, p.detach(), root=r, async_op=True,
+                                                       timeout=timeout))
+
+    def wait(self, s: int | None = None) -> None:
+        """Wait for stage ``s``'s broadcasts (None: every stage's)."""
+        for k in ([s] if s is not None else list(self.pending)):
+            works = self.pending.pop(k, None) or []
+            for w in works:
+                w.wait()
+
+    def free(self) -> None:
+        """Drop the values of the parameters this replica does not own (an
+        empty tensor of its dtype each), their broadcasts waited for first
+        (a failed one's error dropped: the step's own is raised)."""
+        if not self.held:
+            return
+        for works in self.pending.values():
+            for w in works:
+                try:
+                    w.wait()
+                except Exception:
+                    pass
+        self.pending.clear()
+        torch = sys.modules["torch"]
+        me = self.pipe.dp_index
+        for _, ps in self._stage_params():
+            for p in ps:
+                if self.owner[id(p)] != me:
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.held = False
+
+    @contextlib.contextmanager
+    def whole(self, fill: bool = True, params: Sequence[Any] | None = None) -> Iterator[None]:
+        """Every parameter with its values (``fill``; else its storage
+        only: what is written then on a replica that does not own it is
+        dropped after) for the ``with`` block, freed after it. Collective
+        over dp with ``fill``; nothing where they are held already."""
+        if self.held or not self.owner:
+            yield
+            return
+        try:
+            self.gather(fill, params)
+            self.wait()
+            yield
+        finally:
+            self.free()
