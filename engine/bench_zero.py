@@ -1,26 +1,32 @@
-"""``python -m engine.bench_zero``: ZeRO stages 1 and 2 against the whole optimizer.
+"""``python -m engine.bench_zero``: ZeRO stages 1, 2 and 3 against the whole optimizer.
 
 An MLP of ``--depth`` float32 Linear layers of ``--width`` (Tanh between)
 is distributed over dp x pp (``schedule="1f1b"``, a uniform cut, no
 profile) and trained with AdamW, either whole on every replica or under
-``engine.ZeroRedundancyOptimizer`` at stage 1 (the state sharded) or 2
-(the gradients too); the three alternate, each round one ``mesh.spawn``
-of each, so all see the machine's load of the moment.
-Each rank reports the bytes of its optimizer state and of the gradients
-it holds after the step (``opt.step()`` done: under stage 2 its share's),
+``engine.ZeroRedundancyOptimizer`` at stage 1 (the state sharded), 2
+(the gradients too) or 3 (the parameters too); the four alternate, each
+round one ``mesh.spawn`` of each, so all see the machine's load of the
+moment. Each rank reports the bytes of its optimizer state, of the
+gradients and of the parameters' values it holds after the step
+(``opt.step()`` done, at rest: under stage 2 its share's gradients, under
+stage 3 its share's values too), its RSS then ("rest RSS", once
+malloc has handed its free memory back: the least and the most of the
+ranks'),
 its peak RSS (``ru_maxrss``) and how far that is above its RSS before the
 first step ("grown": the gradients, the state, the step's buffers), and
 the step times (a barrier before each step; ``zero_grad``, ``job.step``
 and ``opt.step``, rank 0's clock) and of its ``opt.step()`` alone (the
-whole AdamW, or the share's and the broadcasts); the figures are the
-medians over steps and rounds, with the rounds' spread; the bytes are the
-most any rank holds.
+whole AdamW, or the share's and the broadcasts: none under stage 3, whose
+step gathers the parameters instead); the figures are the medians over
+steps and rounds, with the rounds' spread; the bytes are the most any
+rank holds.
 
     python -m engine.bench_zero --dp 2 [--pp 1] [--width 1024] [--depth 8] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
 import statistics
 import time
@@ -42,9 +48,20 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _trimmed_rss() -> int:
+    """``_rss()`` once glibc's malloc has handed its free memory back to
+    the system (``malloc_trim(0)``; as it is elsewhere): what the process
+    holds, not what its allocator keeps for reuse (stage 3's freed values)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return _rss()
+
+
 def _worker(world: Any, zero: int, dp: int, pp: int, width: int, depth: int, rows: int,
             steps: int) -> dict[str, Any]:
-    """One way's run on this rank: ``zero`` 0 (the whole AdamW), 1 or 2
+    """One way's run on this rank: ``zero`` 0 (the whole AdamW), 1, 2 or 3
     (engine.ZeroRedundancyOptimizer's stage)."""
     import torch
 
@@ -82,15 +99,15 @@ def _worker(world: Any, zero: int, dp: int, pp: int, width: int, depth: int, row
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"held": held, "grads": grads, "peak": peak, "grown": peak - before,
-            "times": times[1:],
+            "times": times[1:], "rest": _trimmed_rss(),
             "stepping": stepping[1:],
             "weights": sum(p.numel() * p.element_size() for p in params)}
 
 
 def run(dp: int, pp: int, width: int, depth: int, rows: int, steps: int,
         rounds: int) -> dict[str, Any]:
-    """The three ways, alternating, ``rounds`` times: per way the medians."""
-    got: dict[int, list[list[dict[str, Any]]]] = {0: [], 1: [], 2: []}
+    """The four ways, alternating, ``rounds`` times: per way the medians."""
+    got: dict[int, list[list[dict[str, Any]]]] = {0: [], 1: [], 2: [], 3: []}
     for _ in range(rounds):
         for zero in got:
             got[zero].append(mesh.spawn(_worker, dp * pp, zero, dp, pp, width, depth, rows,
@@ -106,6 +123,8 @@ def run(dp: int, pp: int, width: int, depth: int, rows: int, steps: int,
             "grads_mb": max(res["grads"] for res in runs[0]) / 2**20,
             "weights_mb": max(res["weights"] for res in runs[0]) / 2**20,
             "peak_mb": statistics.median(max(res["peak"] for res in r) for r in runs) / 2**20,
+            "rest_mb": [statistics.median(f(res["rest"] for res in r) for r in runs) / 2**20
+                        for f in (min, max)],
             "grown_mb": statistics.median(max(res["grown"] for res in r) for r in runs) / 2**20}
     return out
 
@@ -125,12 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"dp={a.dp} pp={a.pp}: {a.depth} Linear({a.width}, {a.width}), {a.rows} rows a "
           f"replica, AdamW, {a.rounds} rounds of {a.steps} steps (medians; rounds' spread)")
     print(f"{'optimizer':<10}{'weights MB':>12}{'state MB':>10}{'grads MB':>10}"
-          f"{'peak RSS MB':>13}{'grown MB':>10}{'opt.step ms':>13}{'step ms':>9}  spread")
+          f"{'rest RSS MB':>13}{'peak RSS MB':>13}{'grown MB':>10}{'opt.step ms':>13}"
+          f"{'step ms':>9}  spread")
     for name, r in res.items():
         lo, hi = r["spread_ms"]
         print(f"{name:<10}{r['weights_mb']:>12.1f}{r['held_mb']:>10.1f}{r['grads_mb']:>10.1f}"
-              f"{r['peak_mb']:>13.1f}{r['grown_mb']:>10.1f}{r['opt_ms']:>13.1f}"
-              f"{r['step_ms']:>9.1f}  {lo:.1f}-{hi:.1f}")
+              f"{'%.0f-%.0f' % tuple(r['rest_mb']):>13}{r['peak_mb']:>13.1f}"
+              f"{r['grown_mb']:>10.1f}"
+              f"{r['opt_ms']:>13.1f}{r['step_ms']:>9.1f}  {lo:.1f}-{hi:.1f}")
 
 
 if __name__ == "__main__":
