@@ -66,9 +66,10 @@ from .costs import by_type
 from .ir import Schedule
 from .partition_cuts import _KINDS, _best_simulated, _measured, _stage_costs, cut_points
 from .schedules import one_f_one_b
-from .stagebuild import (build, declared_tie, inputs_of, is_module, kind_of, layer_classes,
-                         layer_names, layers_of, make_stage, named_stage_parameters,
-                         param_count, stage_params, torch_module, unshare, untie)
+from .stagebuild import (build, inputs_of, is_module, kind_of, layer_classes, layer_names,
+                         layers_of, make_stage, named_stage_parameters, param_count,
+                         stage_params, torch_module)
+from .stagebuild_ties import declared_tie, unshare, untie
 from .tensor_parallel import own_records
 from .tied import Tie
 from .traced import TracedAt, few, mark, sequential, traceable

@@ -198,7 +198,7 @@ def _same_ties(me: str, schedule: Schedule, ties: list[list[tuple[Any, ...]]]) -
     (``ties``: each pp rank's ``(name, *stages)``, engine.tied): a rank
     alone with a tie broadcast its value to one that never came, and both
     waited out their timeout (a model whose weights are shared on some
-    ranks only; before engine.stagebuild's marks, one distributed twice)."""
+    ranks only; before engine.stagebuild_ties's marks, one distributed twice)."""
     for tie in sorted({t for mine in ties for t in mine}):
         name, stages = tie[0], tie[1:]
         owners = sorted({schedule.rank_of(s) for s in stages if 0 <= s < schedule.num_stages})

@@ -19,7 +19,7 @@ ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "
          "tensor_parallel", "tied", "tp_sums", "clip", "buffers", "zero_grads", "zero_params",
          "traced_returned", "traced_pieces", "traced_inplace", "traced_cuts", "traced_modes",
          "traced_sizes", "traced_leaves", "traced_sequential", "traced_reshaped",
-         "traced", "stagebuild", "partition_cuts", "partition",
+         "traced", "stagebuild", "stagebuild_ties", "partition_cuts", "partition",
          "pipeline_args", "step", "rollback", "executor",
          "agree", "calibrate", "given", "layer_timing", "measured_choice", "stage_state",
          "job_retime", "job_state", "job_optim", "job",

@@ -6,7 +6,7 @@ model as it now is, with the first job kept or dropped. A model whose
 embedding and head share one weight (tied) hung there: the first cut
 untied the head's copy in the model's own module on the head's rank
 only, so the second cut found the tie on the embedding's rank alone,
-which broadcast its value to a rank that never came (engine.stagebuild's
+which broadcast its value to a rank that never came (engine.stagebuild_ties's
 ``untie``). Short timeouts: a hang fails in seconds, not the 60 s default.
 """
 import copy
