@@ -266,8 +266,8 @@ def _partition(model: Any, num_stages: int, balance: str | Sequence[int], sample
         start += c
     unshare(present, counts)
     ties = untie(built, counts, present)
-    for names in tied:
-        ties.update(declared_tie(built, counts, [str(x) for x in names], ties))
+    for pair in tied:       # (not ``names``: the layers' names, which Partition keeps)
+        ties.update(declared_tie(built, counts, [str(x) for x in pair], ties))
     out: list[Any] = [None if ls is None else make_stage(ls, s) for s, ls in enumerate(built)]
     for stage in out:       # a shared module's copy: its tp sums over its own parameters
         if stage is not None and is_module(stage):

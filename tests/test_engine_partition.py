@@ -454,6 +454,14 @@ def test_a_partition_names_its_layers_and_parameters_as_the_model_does():
     assert [k for k, _ in parts.named_parameters(1)] == [
         f"{i}.{j}" for i in range(1, len(np_model.layers))
         for j in range(len(np_model.layers[i].params()))]
+    # a tie named by tied= leaves the layers' names as they were (not the tied pair's)
+    specs = [functools.partial(nn.Linear, 4, 4), nn.Tanh, functools.partial(nn.Linear, 4, 4)]
+    parts = partition(specs, 2, [2, 1], tied=[("0.weight", "2.weight")])
+    assert parts.names == ("0", "1", "2"), parts.names
+    assert str(parts).splitlines()[1:] == ["  stage 0: layers 0-1  Linear(), Tanh()",
+                                           "  stage 1: layer 2  Linear()",
+                                           "  tied: 0.weight on stages 0, 1 (kept equal)"]
+    assert [k for k, _ in parts.named_parameters(1)] == ["2.weight", "2.bias"]
 
 
 def test_a_tp_plan_of_an_engine_layers_model_prints_too():
