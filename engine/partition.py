@@ -64,7 +64,8 @@ from mesh import Comm
 from .choose import whole_counts
 from .costs import by_type
 from .ir import Schedule
-from .partition_cuts import _KINDS, _best_simulated, _measured, _stage_costs, cut_points
+from .partition_cuts import (_KINDS, _best_simulated, _measured, _stage_costs, cut_points,
+                             uniform_counts)
 from .schedules import one_f_one_b
 from .stagebuild import (build, inputs_of, is_module, kind_of, layer_classes, layer_names,
                          layers_of, make_stage, named_stage_parameters, param_count,
@@ -148,9 +149,8 @@ def _label(x: Any, kind: str, given: str = "") -> str:
     its class's (or a function's) name, a torch container's with its
     children's classes (``Sequential(Linear, GELU)``: nested blocks were
     all ``Sequential``)."""
-    if kind == "spec":
-        cls = x[0] if isinstance(x, tuple) else getattr(x, "func", x)
-        return f"{getattr(cls, '__name__', type(cls).__name__)}()"
+    if kind == "spec":                              # the class it builds
+        return f"{layer_classes(x, kind)[0]}()"
     name = type(x).__name__
     if "[" in name and name.endswith("]"):         # engine.sequential's pieces
         return name[name.index("[") + 1:-1]
@@ -224,7 +224,7 @@ def _partition(model: Any, num_stages: int, balance: str | Sequence[int], sample
     sizes: list[int | None] = [None if k == "spec" else param_count(x, k)
                                for x, k in zip(items, kinds)]
     if balance == "uniform":
-        counts = [(s + 1) * n // num_stages - s * n // num_stages for s in range(num_stages)]
+        counts = uniform_counts(n, num_stages)
     elif balance == "parameters":
         counted = [param_count(x, k) if c is None else c             # specs counted too
                    for c, x, k in zip(sizes, items, kinds)]

@@ -25,7 +25,7 @@ from .stagebuild import as_module, build, is_module
 from .torch_stage import TorchStage
 from .verify import verify
 
-__all__ = ["cut_points"]
+__all__ = ["cut_points", "uniform_counts"]
 
 _KINDS = ("F", "I", "W")
 _EXHAUSTIVE = 400    # simulate every cut when there are at most this many
@@ -62,6 +62,12 @@ def cut_points(costs: Sequence[Any], num_stages: int) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
+def uniform_counts(n: int, num_stages: int) -> list[int]:
+    """Layer counts as equal as they can be, the longer stages last: stage
+    s starts at layer ``s * n // num_stages`` (``balance="uniform"``)."""
+    return [(s + 1) * n // num_stages - s * n // num_stages for s in range(num_stages)]
+
+
 def _stage_costs(layer_costs: dict[str, list[float]],
                  counts: Sequence[int]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k in ("F", "B", "I", "W")}
@@ -91,8 +97,7 @@ def _best_simulated(layer_costs: dict[str, list[float]], sched: Schedule) -> lis
         cuts = itertools.combinations(range(1, n), p - 1)
         every = [[b - a for a, b in zip((0,) + c, c + (n,))] for c in cuts]
         return list(min(key(c) for c in every)[2])
-    best = min(key(c) for c in (cut_points(per_layer, p),
-                                [(s + 1) * n // p - s * n // p for s in range(p)]))
+    best = min(key(c) for c in (cut_points(per_layer, p), uniform_counts(n, p)))
     for _ in range(4 * n):
         moves = []
         for b1, b2 in itertools.combinations_with_replacement(range(p - 1), 2):

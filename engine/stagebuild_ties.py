@@ -187,7 +187,7 @@ def declared_tie(built: list[list[Any] | None], counts: Sequence[int], names: li
     """The tie named by ``names`` ("layer.parameter": "0.weight" in torch,
     "0.0" for the first of an engine.layers layer's params()): each built
     stage's copies become one object; nothing new when they already are
-    one (found by ``_untie``)."""
+    one (found by ``untie``)."""
     first = list(itertools.accumulate(counts, initial=0))
     where: list[tuple[int, int, str]] = []
     for name in names:
