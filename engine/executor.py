@@ -373,13 +373,16 @@ class Pipeline:
         return _trace.flow_id(self.dp_index, kind, dst, k, self.schedule.num_stages,
                               self.schedule.num_microbatches)
 
-    def step(self, inputs: Any = None, targets: Any = None) -> float | None:
+    def step(self, inputs: Any = None, targets: Any = None, *,
+             scaler: Any = None) -> float | None:
         """Run one step; return the mean loss on last-stage ranks (a
         per-token loss's: the sums over the count), else None; a per-token
         loss's reports (Megatron-core's third item) are then ``reports`` on
         every rank, summed over the micro-batches and dp replicas ({}
-        without). On failure, clean up (see the class docstring) and raise."""
-        st = _Step(self, self._steps)
+        without). On failure, clean up (see the class docstring) and raise.
+        ``scaler``: a ``torch.amp.GradScaler`` whose scale seeds the losses'
+        backward, its inf check agreed by every rank (engine.scaled)."""
+        st = _Step(self, self._steps, scaler=scaler)
         self._steps += 1
         _steps_on(self.pp, self._step0 + self._steps)
         events: list[list[Any]] = []

@@ -82,17 +82,22 @@ class Job(_ModelState, _OptimizerState, _Retiming):
         # a traced model's pieces at each step's input shapes (None: at any, as traced)
         self.reshaped: Reshaped | None = None
 
-    def step(self, inputs: Any = None, targets: Any = None) -> float | None:
+    def step(self, inputs: Any = None, targets: Any = None, *,
+             scaler: Any = None) -> float | None:
         """One step on this dp replica's batch; the mean loss where the last
         stage runs, None elsewhere. Ranks that need neither may pass them.
+        ``scaler``: a ``torch.amp.GradScaler``, in place of one process's
+        ``scaler.scale(loss).backward()``, its inf check alike on every rank
+        (engine.scaled); then ``scaler.unscale_(opt)``, ``scaler.step(opt)``
+        and ``scaler.update()`` as in one process.
         A verbose job's rank 0 times its steps after the first, and once it
         has five, says so if their median is over twice ``predicted`` or
         under half of it (``far_off``): once, and nothing where it is not."""
-        pipe = self.pipeline
+        step = functools.partial(self.pipeline.step, scaler=scaler)
         if self.watched is None:
-            return self._stepped(pipe.step, inputs, targets)
+            return self._stepped(step, inputs, targets)
         began = time.perf_counter()
-        out = self._stepped(pipe.step, inputs, targets)
+        out = self._stepped(step, inputs, targets)
         self.watched.append(time.perf_counter() - began)
         if len(self.watched) > _WATCHED:
             said = far_off(self.watched[1:], self.predicted, self.schedule.name)

@@ -130,7 +130,10 @@ class _Step(_StepActions):
         step, naming them. So do a per-token loss's reports (engine.reports):
         each replica's sums in slots laid out as the ranks last agreed, or,
         laid out otherwise, a word that they are, then the layouts in the
-        all-gather; replicas reporting other names fail the step."""
+        all-gather; replicas reporting other names fail the step. So does
+        a loss scale (``step(scaler=)``, engine.scaled): each rank's, which
+        must be alike, and whether its gradients were finite, which every
+        rank learns."""
         pipe, whole = self.pipe, self.pipe.whole
         if whole.size == 1:
             self.counts.agreed(None)
@@ -147,7 +150,8 @@ class _Step(_StepActions):
         agreed, reports = pipe.report_layout, self.counts.reports
         said = 1 + 4 * replicas
         span = 2 * width(agreed)
-        failed = np.zeros(4 + 4 * replicas + span * replicas, dtype=np.float64)
+        failed = np.zeros(7 + 4 * replicas + span * replicas, dtype=np.float64)
+        amp = len(failed) - 5   # a loss scale's three slots (engine.scaled), before the last two
         failed[0] = 0 if error is None else 1
         failed[1 + 2 * pipe.dp_index:3 + 2 * pipe.dp_index] = (self.in_rows + 1,
                                                                self.target_rows + 1)
@@ -157,6 +161,7 @@ class _Step(_StepActions):
             failed[at:at + 2] = self.counts.slots()
             at = said + 1 + span * pipe.dp_index
             failed[said], failed[at:at + span] = reports.said(agreed, loss_here)
+            failed[amp:amp + 3] = self.scaled.slots(pipe)
         failed[-2:] = (1, 0) if self.forward_only else (0, 1)
         wrong: list[tuple[int, int, int]] = []
         evals: list[int] = []
@@ -164,6 +169,10 @@ class _Step(_StepActions):
         unlike: str | None = None       # replicas reporting other names: why the step fails
         try:
             collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
+            if not failed[0] and not (failed[-2] and failed[-1]):   # (a scale unlike
+                # another rank's: raised, rolled back; eval_step beside step is told below)
+                self.scaled.agreed(failed[amp:amp + 3], f"rank {whole.rank} of {whole.name}: "
+                                   f"pipeline step {self.n} ({pipe.schedule.name})")
             rows = failed[1:1 + 2 * replicas].reshape(replicas, 2) - 1
             m = pipe.schedule.num_microbatches
             wrong = [(d, int(a), int(b)) for d, (a, b) in enumerate(rows)
@@ -172,7 +181,7 @@ class _Step(_StepActions):
             mixed = bool(failed[-2] and failed[-1])
             relaid = failed[said] == 2
             if failed[said] == 1:
-                reports.from_slots(agreed, failed[said + 1:-2].reshape(replicas, span))
+                reports.from_slots(agreed, failed[said + 1:amp].reshape(replicas, span))
             if not failed[0] and not wrong and not mixed and not all(kinds) and not relaid:
                 return
             if not failed[0] and not mixed and not relaid:

@@ -27,6 +27,7 @@ from mesh import LostPeerError, MeshError
 
 from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, message_key
 from .per_token import Counts
+from .scaled import UNSCALED, LossScale
 from .pipeline_args import _PAIRED, _paired, rows_of, split_microbatches
 from .torch_stage import Parts, TorchStage, as_pipeline_loss, copied, torch_targets
 from .tensor_parallel import rewatched, watch_of
@@ -102,8 +103,10 @@ class _StepActions:
     """The state of one step on one rank: what each action leaves for a later
     one, keyed by (stage, micro-batch), and the requests still in flight."""
 
-    def __init__(self, pipe: Pipeline, n: int, forward_only: bool = False) -> None:
+    def __init__(self, pipe: Pipeline, n: int, forward_only: bool = False,
+                 scaler: Any = None) -> None:
         self.pipe, self.n = pipe, n
+        self.scaler, self.scaled = scaler, UNSCALED    # step(scaler=): engine.scaled
         self.forward_only = forward_only     # eval_step's: no backward, no gradient touched
         self.program = pipe.forward_program if forward_only else pipe.program
         self.outs_last: dict[int, Any] = {}  # eval_step's: the last stage's outputs
@@ -142,6 +145,7 @@ class _StepActions:
         # while the step starts; each stage waits for its own before it computes)
         pipe.owned_params.gather()
         if not self.forward_only:
+            self.scaled = LossScale.of(self.scaler, pipe)
             self.before = self._snapshot()
             pipe.tied.start()
             pipe.tp_sums.start()
@@ -380,10 +384,14 @@ class _StepActions:
             if self.targets:
                 self.losses[k] = self._value(a, y, self.targets[k])
         elif last:
-            out = self._loss(y, self.targets[k])
+            seed = self.scaled.seed(self.weights[k])
+            out = self._loss(y, self.targets[k], seed)
             loss, gy = out[0], out[1]
             counted = self._counted(a, out[2] if len(out) >= 3 else None,
                                     out[3] if len(out) == 4 else None)
+            if seed is not None:
+                gy = self.scaled.seeded(gy, seed, counted, pipe.loss_fn, f"pp rank {pipe.rank}: "
+                                        f"pipeline step {self.n} ({pipe.schedule.name}), {a}")
             if _shapes(y) is not None and not _fits(_shapes(gy), _shapes(y)):
                 # (numpy broadcasts a (rows, 1) one through a Tanh's backward: wrong
                 # gradients with nothing said; other shapes failed far off, in a stage)
@@ -394,7 +402,7 @@ class _StepActions:
                                  "loss with respect to the output has the output's shape")
             self.losses[k] = float(loss)
             # (a per-token loss's sum goes back as it is: settle() scales the gradients)
-            self.gys[(s, k)] = gy if counted else gy * self.weights[k]
+            self.gys[(s, k)] = gy if counted or seed is not None else gy * self.weights[k]
         elif pipe.schedule.rank_of(s + 1) == pipe.rank:
             self.xs[(s + 1, k)] = y
         else:
@@ -418,13 +426,16 @@ class _StepActions:
                         f"colwise module after it with input 'sequence' and output "
                         f"'replicate' (the head)")
 
-    def _loss(self, y: Any, target: Any) -> tuple[Any, Any]:
+    def _loss(self, y: Any, target: Any, seed: float | None = None) -> tuple[Any, Any]:
         """``loss_fn(y, target)``: (loss, gradient of ``y``); on its first
         call, a torch loss is wrapped or a wrong return refused. A tensor
         output's loss gets its targets as tensors on the output's device
         (each part of a tuple), on its first call too: a torch loss of the
         user's own (``F.cross_entropy(logits, y)``) given numpy targets
-        failed there, in torch, before it could be wrapped."""
+        failed there, in torch, before it could be wrapped. With a loss
+        scale's ``seed`` (engine.scaled), a torch loss's backward starts
+        from it, the loss as written (a mean, not run per token: its count
+        comes too late to seed by)."""
         pipe = self.pipe
         assert pipe.loss_fn is not None
         torch = sys.modules.get("torch")
@@ -439,6 +450,10 @@ class _StepActions:
                 pipe.loss_fn = fn
                 out = fn(y, target)
             pipe.loss_checked = True
+        if seed is not None:
+            fn = getattr(pipe.loss_fn, "as_written", pipe.loss_fn)
+            if getattr(fn, "seeded", False):
+                return fn(y, target, seed=seed)
         return out
 
     def _value(self, a: Action, y: Any, target: Any) -> float:
@@ -573,4 +588,5 @@ class _StepActions:
         for s in list(self.prior):
             self._add_prior(s)
         pipe.owned.free()      # (ZeRO stage 2: the other replicas' shares' gradients)
+        self.scaled.settle(pipe)    # (a loss scale: a rank's overflow told to every rank)
         return loss

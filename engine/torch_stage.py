@@ -711,12 +711,13 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
     ``F.cross_entropy``: engine.per_token_loss; a function returning one's
     value: engine.per_token_call) runs as its per-token sum and count unless
     ``per_token`` is False; the wrapper's ``as_written`` is the loss as
-    written (a schedule with OPT actions takes that)."""
+    written (a schedule with OPT actions takes that). ``seed``: the loss's
+    gradient to start its backward from (a loss scale's, engine.scaled)."""
     torch = _torch()
     form = (summed(fn) or watched(fn)) if per_token else None
     given, fn = fn, form or fn
 
-    def loss_fn(y: Any, target: Any) -> tuple[Any, ...]:
+    def loss_fn(y: Any, target: Any, seed: float | None = None) -> tuple[Any, ...]:
         if not torch.is_grad_enabled():     # (the stages' forwards made no graph either)
             raise TypeError("step() ran with grad mode off (under torch.no_grad() or "
                             "torch.inference_mode()): a step trains; evaluate with "
@@ -733,7 +734,9 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
                             "model's loss_fn returns the loss as a scalar tensor of the "
                             "output, the mean over the micro-batch (F.mse_loss, "
                             f"F.cross_entropy), {SUM_COUNT}" + _hint(loss))
-        loss.backward()
+        # (a loss scale's seed, engine.scaled: one process's scaler.scale(loss).backward())
+        loss.backward(None if seed is None else torch.tensor(seed, dtype=loss.dtype,
+                                                             device=loss.device))
         if count is None:
             return float(loss.detach()), ty.grad
         if reports is None:
@@ -752,6 +755,7 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
             return pair if reports is None else (*pair, reports)
 
     loss_fn.value = value       # type: ignore[attr-defined]
+    loss_fn.seeded = True       # type: ignore[attr-defined]
     if form is not None:
         loss_fn.as_written = torch_loss(given, per_token=False)     # type: ignore[attr-defined]
     return loss_fn

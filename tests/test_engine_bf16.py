@@ -9,7 +9,12 @@ sample: balance="time") at dp=2 x pp=2 with the embedding and the head tied,
 two steps without ``zero_grad()`` (the second copies what the gradients
 held), against one process's bfloat16 gradients, and the same at dp=2 x
 tp=2 under sequence parallelism; and a bare ``Pipeline``,
-its gradients zeroed in place, then kept for a second step.
+its gradients zeroed in place, then kept for a second step. In it too,
+float16 autocast with torch's ``GradScaler`` (``job.step(x, y,
+scaler=scaler)``, engine.scaled) at dp=2 x pp=2, AdamW and ZeRO stages 2
+and 3: an inf put in one rank's stage-1 gradient makes every rank skip that
+step and halve its scale, and the scales, norms and weights follow one
+process's.
 """
 import numpy as np
 import pytest
@@ -17,6 +22,7 @@ import pytest
 import mesh
 
 ROWS, STEPS = 8, 2
+FP16_STEPS, BAD = 4, 1      # the float16 steps, and the one whose stage-1 gradient is inf
 
 
 def _data(step):
@@ -48,6 +54,94 @@ def _reference():
         _ce(model(x), y).backward()
     return {k: v.grad.float().numpy() for k, v in model.state_dict(keep_vars=True).items()
             if v.grad is not None}
+
+
+def _mlp():
+    import torch
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 16),
+                               torch.nn.GELU(), torch.nn.Linear(16, 5))
+
+
+def _fp16_batch(step):
+    import torch
+    g = torch.Generator().manual_seed(70 + step)
+    return torch.randn(16, 6, generator=g) * 4, torch.randint(0, 5, (16,), generator=g)
+
+
+def _fp16_loop(params, opt, scaler, step_fn, clip, bad):
+    """One process's GradScaler loop, its backward ``step_fn``'s; ``bad``: a
+    parameter whose gradient is made inf at step BAD. Each step's scale
+    after it, whether any weight moved, and the norm."""
+    import torch
+    out = []
+    for step in range(FP16_STEPS):
+        hook = bad.register_hook(lambda g: g * float("inf")) if step == BAD and bad is not None \
+            else None
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            step_fn(step)
+        if hook is not None:
+            hook.remove()
+        scaler.unscale_(opt)
+        norm = float(clip(1.0))
+        before = [p.detach().clone() for p in params]
+        scaler.step(opt)
+        scaler.update()
+        out.append((scaler.get_scale(), any(not torch.equal(b, p) for b, p in zip(before, params)),
+                    norm))
+    return out
+
+
+def _fp16_reference():
+    import torch
+    import torch.nn.functional as F
+    model = _mlp()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+
+    def backward(step):
+        x, y = _fp16_batch(step)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+    steps = _fp16_loop(params, opt, scaler, backward,
+                       lambda m: torch.nn.utils.clip_grad_norm_(params, m), model[4].weight)
+    return steps, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _fp16(grid):
+    """The float16 loop at dp=2 x pp=2 (AdamW, then ZeRO stages 2 and 3), the inf
+    on dp replica 0's stage 1 only (the dp average spreads it to replica 1's,
+    stage 0's ranks see none); then a step given a scaler on rank 0 alone,
+    and one given something else than a GradScaler."""
+    import torch
+    import torch.nn.functional as F
+
+    import engine
+    d, out = grid.coord("dp"), []
+    for zero in (0, 2, 3):
+        job = engine.distribute(_mlp(), grid, schedule="1f1b", microbatches=2, balance=[3, 2],
+                                loss_fn=F.cross_entropy, verbose=False, timeout=60)
+        params = job.parameters()
+        opt = (torch.optim.AdamW(params, lr=1e-2) if not zero else engine.ZeroRedundancyOptimizer(
+            params, torch.optim.AdamW, process_group=job, stage=zero, lr=1e-2))
+        scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+
+        def backward(step):
+            x, y = _fp16_batch(step)
+            job.step(x[d::2], y[d::2], scaler=scaler)
+        steps = _fp16_loop(params, opt, scaler, backward, job.clip_grad_norm_,
+                           dict(job.named_parameters()).get("4.weight") if d == 0 else None)
+        state = job.state_dict()
+        out.append((steps, state and {k: v.numpy() for k, v in state.items()}))
+    x, y = _fp16_batch(0)
+    for given in (scaler if grid.comm.rank == 0 else None, object()):
+        try:
+            job.step(x[d::2], y[d::2], scaler=given)
+            out.append(None)
+        except (TypeError, ValueError) as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return out
 
 
 def _worker(world):
@@ -99,7 +193,7 @@ def _worker(world):
         x, y = torch.randn(8, 6), torch.randn(8, 3)
         losses.append(pipe.step(x if pipe.first else None, y if pipe.last else None))
         opt.step()
-    return grads, losses, sequence
+    return grads, losses, sequence, _fp16(grid)
 
 
 @pytest.mark.timeout(200)
@@ -111,7 +205,7 @@ def test_bfloat16_stages_train_and_accumulate():
     # gradient that is rounding noise (an attention's key bias: 0 exactly) by as much
     atol = 1e-2 * max(float(np.abs(g).max()) for g in want.values())
     seen = set()
-    for r, (grads, losses, sequence) in enumerate(results):
+    for r, (grads, losses, sequence, _) in enumerate(results):
         for k, g in grads.items():
             np.testing.assert_allclose(g, want[k], rtol=5e-2, atol=atol,
                                        err_msg=f"rank {r} {k}")
@@ -127,3 +221,26 @@ def test_bfloat16_stages_train_and_accumulate():
     # the tied copies (stage 0's embedding, stage 1's head) hold the same sum
     np.testing.assert_array_equal(results[0][0]["0.embed.weight"],
                                   results[1][0]["3.head.weight"])
+    # float16 with a GradScaler: every rank skips step BAD and halves its scale, as one
+    # process does; the scales (grown back after 2 good steps), norms and weights are its
+    steps, weights = _fp16_reference()
+    assert [s[:2] for s in steps] == [(65536.0, True), (32768.0, False), (32768.0, True),
+                                      (65536.0, True)], steps
+    for r, (*_, fp16) in enumerate(results):
+        for zero, (got, state) in zip((0, 2, 3), fp16[:3]):
+            assert [g[:2] for g in got] == [s[:2] for s in steps], (r, zero, got)
+            # (step BAD's norm: inf in one process; here its two micro-batches' infs of
+            # either sign may add up to a nan)
+            assert not np.isfinite(got[BAD][2]) and not np.isfinite(steps[BAD][2]), (r, got)
+            np.testing.assert_allclose([g[2] for i, g in enumerate(got) if i != BAD],
+                                       [s[2] for i, s in enumerate(steps) if i != BAD],
+                                       rtol=1e-3, err_msg=f"rank {r} zero {zero}")
+            if r == 0:
+                assert set(state) == set(weights)
+                for k, v in state.items():
+                    np.testing.assert_allclose(v, weights[k], atol=2e-4,
+                                               err_msg=f"zero {zero} {k}")
+        assert fp16[3].startswith("ValueError") and "step(scaler=) was given" in fp16[3] \
+            and "rolled back" in fp16[3], (r, fp16[3])
+        assert fp16[4] == f"TypeError: pp rank {r % 2}: step(scaler=): a torch.amp.GradScaler, " \
+            "not 'object'", (r, fp16[4])
