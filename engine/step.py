@@ -441,6 +441,10 @@ class _StepActions:
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(y, torch.Tensor):
             target = torch_targets(target, y.device)
+        if seed is not None and pipe.loss_checked:      # (the loss computed once)
+            fn = getattr(pipe.loss_fn, "as_written", pipe.loss_fn)
+            if getattr(fn, "seeded", False):
+                return fn(y, target, seed=seed)
         out = pipe.loss_fn(y, target)
         if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
             fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
