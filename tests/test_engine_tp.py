@@ -434,19 +434,11 @@ def _vocab_loss(world, errors):
     plan = {**tp_models.PLAIN, "*.head": "colwise"}    # output "shard": the logits stay split
     ids, targets = (torch.from_numpy(a) for a in tp_models.tokens(3, 4))
     targets[0, 0] = -100
-    for how, loss_fn in [
+    import tp_loss_checks
+    ref, tp = tp_loss_checks.matches_unsharded(world, plan, ids, targets, done, [
             ("F.cross_entropy", lambda o, y: F.cross_entropy(o.flatten(0, 1), y.flatten())),
             ("CrossEntropyLoss", lambda o, y: torch.nn.CrossEntropyLoss(
-                reduction="sum", label_smoothing=0.1)(o.transpose(1, 2), y))]:
-        ref, tp = tp_models.model(1), parallelize(tp_models.model(1), world, plan)
-        losses = [loss_fn(m(ids), targets) for m in (ref, tp)]
-        for loss in losses:
-            loss.backward()
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-        grads = gather_state_dict(tp, grads=True)
-        for k, p in ref.named_parameters():
-            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=how + k)
-        done[how] = True
+                reduction="sum", label_smoothing=0.1)(o.transpose(1, 2), y))])
     from engine.torch_stage import _detached    # (a stage's output, as a pipeline hands it)
     y = _detached(tp(ids))
     dup = copy.deepcopy(y)      # (engine.distribute times the loss on a copy: torch's raised)
@@ -461,7 +453,6 @@ def _vocab_loss(world, errors):
             use(tp(ids))
         except (PlanError, IndexError) as e:
             errors[key] = f"{type(e).__name__}: {e}"
-    import tp_loss_checks
     done.update(tp_loss_checks.weights_and_probabilities(world, errors))
     done.update(tp_loss_checks.compiled(world))
     return done

@@ -11,6 +11,24 @@ import tp_models
 from engine import gather_state_dict, parallelize
 
 
+def matches_unsharded(world, plan, ids, targets, done, cases):
+    """Each ``(name, loss_fn)`` of ``cases`` on the output of
+    tp_models.model(1) parallelized by ``plan`` gives one process's loss,
+    and its backward every gradient (gathered), to float32's tolerance:
+    ``done[name]``; the last pair of models (one process's, the tp one) returned."""
+    for how, loss_fn in cases:
+        ref, tp = tp_models.model(1), parallelize(tp_models.model(1), world, plan)
+        losses = [loss_fn(m(ids), targets) for m in (ref, tp)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        grads = gather_state_dict(tp, grads=True)
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=how + k)
+        done[how] = True
+    return ref, tp
+
+
 def weights_and_probabilities(world, errors):
     """engine.vocab_parallel_cross_entropy (torch and numpy) with ``weight=``
     and probabilities as targets against F.cross_entropy of the whole
@@ -73,21 +91,12 @@ def _head(world):
     g = torch.Generator().manual_seed(13)
     w = torch.rand(tp_models.VOCAB, generator=g) + 0.25
     probs = torch.softmax(torch.randn(4, tp_models.SEQ, tp_models.VOCAB, generator=g), -1)
-    for how, loss_fn in [
+    ref, tp = matches_unsharded(world, plan, ids, targets, done, [
             ("head weight", lambda o, y: F.cross_entropy(
                 o.flatten(0, 1), y.flatten(), weight=w, label_smoothing=0.1)),
             ("head probabilities", lambda o, y: torch.nn.CrossEntropyLoss(
                 weight=w, reduction="sum", label_smoothing=0.1)(
-                    o.transpose(1, 2), probs.transpose(1, 2)))]:
-        ref, tp = tp_models.model(1), parallelize(tp_models.model(1), world, plan)
-        losses = [loss_fn(m(ids), targets) for m in (ref, tp)]
-        for loss in losses:
-            loss.backward()
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-        grads = gather_state_dict(tp, grads=True)
-        for k, p in ref.named_parameters():
-            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=how + k)
-        done[how] = True
+                    o.transpose(1, 2), probs.transpose(1, 2)))])
     part = slice(4 * world.rank, 4 * world.rank + 4)
     criterion = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)
     logits = ref(ids).detach().flatten(0, 1)
