@@ -19,7 +19,26 @@ def _edge(group: Any, x: Any, spec: Edge, seq_dim: int, name: str) -> Any:
     """``x`` through the Comm function at an edge of submodule ``name``:
     (forward, backward, axis; None: the sequence axis)."""
     fwd, bwd, axis = spec
-    return _function().apply(x, group, fwd, bwd, seq_dim if axis is None else axis, name)
+    args = (x, group, fwd, bwd, seq_dim if axis is None else axis, name)
+    torch = _torch()
+    if not torch.compiler.is_compiling():
+        return _apply(*args)
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_apply))
+    return _EAGER[0](*args)
+
+
+_EAGER: list[Any] = []
+"""_apply, as torch.compile runs it: eagerly, a graph break at each edge.
+Traced, dynamo followed the collective into the transport (a rowwise
+layer's all-reduce) and failed where it set up its group's board ("Guard
+failed on the same frame it was created"), and compiled the function
+again for each submodule's name (past its recompile limit, a warning)."""
+
+
+def _apply(*args: Any) -> Any:
+    """The Comm function applied: (x, group, fwd, bwd, dim, name)."""
+    return _function().apply(*args)
 
 
 @functools.cache

@@ -543,7 +543,8 @@ def test_torch_styles_match_the_unsharded_module():
                                             "weighted probabilities")},
                                         "head weight": True, "head probabilities": True,
                                         "per-token weight": True, "compiled": True,
-                                        "compiled fullgraph raises": True}
+                                        "compiled fullgraph raises": True,
+                                        "compiled rowwise": True}
     assert names == {"plain": True, "sequence": True, "gpt2": True, "gpt2 sequence": True}
     _check_vocab_loss_errors(errors)
     assert "style 'colwise' fits an nn.Linear or a Hugging Face Conv1D, but 1.ln1 is a " \

@@ -142,4 +142,26 @@ def compiled(world):
     except Exception:        # (dynamo's Unsupported)
         raised = True
     torch._dynamo.reset()
-    return {"compiled": True, "compiled fullgraph raises": raised}
+    return {"compiled": True, "compiled fullgraph raises": raised, **_compiled_rowwise(world)}
+
+
+def _compiled_rowwise(world):
+    """A transformer's rowwise layers (an all-reduce forward) and vocab
+    embedding compiled: dynamo followed the edge's collective into the
+    transport and failed ("Guard failed on the same frame it was
+    created", where the collective set up its group's board); the edges
+    now run eagerly, the loss and gradients one process's."""
+    ids, t = (torch.from_numpy(a) for a in tp_models.tokens(5, 3))
+    ref = tp_models.model()
+    want = F.cross_entropy(ref(ids).flatten(0, 1), t.flatten())
+    want.backward()
+    group = world.dup()         # (its first all-reduce, under the trace, set up its board)
+    tp = parallelize(tp_models.model(), group, {**tp_models.PLAIN, "*.head": "colwise"})
+    got = F.cross_entropy(torch.compile(tp, backend="eager")(ids).flatten(0, 1), t.flatten())
+    got.backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grads = gather_state_dict(tp, grads=True)
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
+    return {"compiled rowwise": True}
