@@ -33,7 +33,7 @@ from .inbox import Inbox
 from .match import ANY, Pending, describe
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float, named
 
-__all__ = ["Liveness", "heartbeat_for", "monitor_event", "watch_router"]
+__all__ = ["Liveness", "close_watched", "heartbeat_for", "monitor_event", "watch_router"]
 
 _log = logging.getLogger("mesh.transport")
 _BEATS_PER_S = 64
@@ -62,6 +62,15 @@ def monitor_event(frames: list[bytes]) -> int:
     with it, a native uint16). zmq.utils.monitor would parse it too, but it
     imports asyncio: a tenth of every rank's start-up."""
     return int(struct.unpack_from("=H", frames[0])[0])
+
+
+def close_watched(sock: zmq.Socket, monitor: zmq.Socket, linger: int = 0) -> None:
+    """Close ``sock`` and the ``monitor`` its ``get_monitor_socket`` made,
+    the monitoring stopped first (libzmq sends it no more events): one
+    helper for every owner of a watched socket."""
+    sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=linger)
 
 
 # The ROUTER's events that count its strangers: accepted, then through

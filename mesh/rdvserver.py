@@ -20,7 +20,7 @@ import zmq
 
 from . import auth
 from .errors import RendezvousError
-from .liveness import monitor_event
+from .liveness import close_watched, monitor_event
 from .peer import named
 
 __all__ = ["RendezvousServer", "gone_text"]
@@ -66,9 +66,7 @@ class RendezvousServer:
         try:
             self._sock.bind(f"tcp://{bind_host}:{port}")
         except zmq.ZMQError as e:
-            self._sock.disable_monitor()
-            self._mon.close(linger=0)
-            self._sock.close(linger=0)
+            close_watched(self._sock, self._mon)
             raise RendezvousError(f"rendezvous: cannot bind tcp://{bind_host}:{port}: {e}") from e
         self.port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.rejected = 0
@@ -93,18 +91,12 @@ class RendezvousServer:
     def missing(self) -> list[int]:
         return [r for r in range(self.world_size) if r not in self._peers]
 
-    def _reply(self, ident: bytes, msg: dict[str, Any]) -> None:
+    def _send(self, ident: bytes, msg: dict[str, Any]) -> bool:
         """Send ``msg`` to ``ident``, never waiting: an answer that finds its
         queue full (a client that does not read: 1000 answers) is dropped,
-        where a blocking send stalled the service for every rank."""
-        try:
-            self._sock.send_multipart([ident, msgpack.packb(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-
-    def _send(self, ident: bytes, msg: dict[str, Any]) -> bool:
-        """``_reply`` for the meshruns' word: False where ``ident``'s
-        connection is gone (its meshrun killed: ROUTER_MANDATORY)."""
+        where a blocking send stalled the service for every rank. False where
+        ``ident``'s connection is gone (a meshrun killed: ROUTER_MANDATORY),
+        which the meshruns' word (``tries``) needs to know."""
         try:
             self._sock.send_multipart([ident, msgpack.packb(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
@@ -158,8 +150,8 @@ class RendezvousServer:
         rank names its host, as it sees it: ``gone_text``)."""
         rank, (how, where) = next(iter(self._gone.items()))
         for ident in self._idents.values():
-            self._reply(ident, {"op": "error", "msg": gone_text(rank, how), "peer": rank,
-                                "how": how, **where})
+            self._send(ident, {"op": "error", "msg": gone_text(rank, how), "peer": rank,
+                               "how": how, **where})
         self._peers, self._idents = {}, {}
 
     def _register(self, ident: bytes, req: Any) -> None:
@@ -168,9 +160,9 @@ class RendezvousServer:
             return
         if isinstance(req, dict) and req.get("op") == "node":
             if self.tries is None:
-                self._reply(ident, {"op": "node", "say": "refused", "why":
-                                    "node 0's meshrun restarts nothing (no --max-restarts): "
-                                    "give every node's meshrun the same --max-restarts"})
+                self._send(ident, {"op": "node", "say": "refused", "why":
+                                   "node 0's meshrun restarts nothing (no --max-restarts): "
+                                   "give every node's meshrun the same --max-restarts"})
             else:
                 self.tries.handle(ident, req, time.monotonic(), self._send)
             return
@@ -184,7 +176,7 @@ class RendezvousServer:
         rank, size = req["rank"], req["size"]
         if self.tries is not None and not self.tries.running:
             self.rejected += 1
-            self._reply(ident, {"op": "error", "msg": self.tries.closed(rank)})
+            self._send(ident, {"op": "error", "msg": self.tries.closed(rank)})
             return
         if size != self.world_size or not 0 <= rank < size:
             msg = (f"rank {rank} of world {size} (pid {req.get('pid')} on "
@@ -192,7 +184,7 @@ class RendezvousServer:
                    + (": the launchers disagree on the world size (-n, --nnodes)"
                       if size != self.world_size else ""))
             self.rejected += 1
-            self._reply(ident, {"op": "error", "msg": msg})
+            self._send(ident, {"op": "error", "msg": msg})
             self._refusals = (self._refusals + [msg])[-3:]   # told to the ranks that wait
             return
         who = (req.get("pid"), str(req.get("host", "")))
@@ -207,10 +199,10 @@ class RendezvousServer:
         if duplicate:
             assert prev is not None
             self.rejected += 1
-            self._reply(ident, {"op": "error", "msg":
-                                f"rank {rank} already joined (pid {prev.get('pid')} on "
-                                f"{_said(prev.get('host'))}); duplicate from pid "
-                                f"{req.get('pid')}"})
+            self._send(ident, {"op": "error", "msg":
+                               f"rank {rank} already joined (pid {prev.get('pid')} on "
+                               f"{_said(prev.get('host'))}); duplicate from pid "
+                               f"{req.get('pid')}"})
             return
         self._peers[rank] = {"rank": rank, "host": str(req.get("host", "")),
                              "endpoints": req["endpoints"], "pid": req.get("pid"),
@@ -222,7 +214,7 @@ class RendezvousServer:
         if len(self._peers) == self.world_size:
             table = {"op": "table", "peers": [self._peers[r] for r in range(self.world_size)]}
             for r in range(self.world_size):
-                self._reply(self._idents[r], table)
+                self._send(self._idents[r], table)
             self._last = dict(self._peers)
             self.complete.set()
 
@@ -285,14 +277,9 @@ class RendezvousServer:
                 last_status = now
                 missing = self.missing()
                 for ident in self._idents.values():
-                    self._reply(ident, {"op": "waiting", "missing": missing,
-                                        "refused": self._refusals})
-        self._close_sockets()
-
-    def _close_sockets(self) -> None:
-        self._sock.disable_monitor()
-        self._mon.close(linger=0)
-        self._sock.close(linger=0)
+                    self._send(ident, {"op": "waiting", "missing": missing,
+                                       "refused": self._refusals})
+        close_watched(self._sock, self._mon)
 
     def close(self) -> None:
         self._stop.set()
@@ -300,7 +287,7 @@ class RendezvousServer:
             os.write(self._wake_w, b"x")
             self._thread.join(timeout=2)
         elif not self._sock.closed:
-            self._close_sockets()
+            close_watched(self._sock, self._mon)
         if self._wake_w >= 0 and not self._thread.is_alive():
             os.close(self._wake_r)
             os.close(self._wake_w)

@@ -34,6 +34,7 @@ import zmq
 
 from . import auth
 from .errors import AuthError, LostPeerError, RendezvousError
+from .liveness import close_watched
 from .peer import on_host
 from .rdvlaunch import (Teller, _ended_here, _launchers_folder, read_hosts, remove_run_folder,
                         run_folder, tell_ended, tell_hosts)
@@ -133,6 +134,4 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} refused: "
                                       f"{msg.get('msg')}")
     finally:
-        sock.disable_monitor()
-        mon.close(linger=0)
-        sock.close(linger=0)
+        close_watched(sock, mon)
