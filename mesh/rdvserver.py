@@ -122,9 +122,14 @@ class RendezvousServer:
         so does every later join (a ``mesh.init()`` after a close, which
         waited in silence for its rendezvous timeout)."""
         rank = req.get("rank")
-        if (type(rank) is not int or req.get("size") != self.world_size   # (another job's)
-                or rank in self._gone
+        if (req.get("size") != self.world_size      # (another job's)
                 or self.tries is not None and req.get("try") != self.tries.attempt):
+            return
+        if type(rank) is not int or not 0 <= rank < self.world_size:
+            self._ignore(f"an ended word for rank {_said(rank)}, not a rank of this job of "
+                         f"world size {self.world_size}")
+            return
+        if rank in self._gone:
             return
         self._gone[rank] = (str(req.get("how", ""))[:200], self._where_gone(rank, req))
         if len(self._peers) < self.world_size:     # (a round open; else the table is out)
