@@ -27,6 +27,7 @@ __all__ = ["RendezvousServer", "gone_text"]
 
 _log = logging.getLogger("mesh.rendezvous")
 _MAX_REQUEST = 64 * 1024
+_STOP_WAIT = 2.0    # how long close() waits for the service's thread to end
 
 
 class RendezvousServer:
@@ -82,6 +83,7 @@ class RendezvousServer:
         self._from = ""     # the address the request in hand came from ('' not known)
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()      # close() wakes the poll at once
+        self._wake_lock = threading.Lock()      # (close() writes it, the thread's end closes it)
         self._thread = threading.Thread(target=self._run, name="mesh-rendezvous", daemon=True)
 
     def start(self) -> "RendezvousServer":
@@ -246,6 +248,13 @@ class RendezvousServer:
                              "while connecting; %d so far)", n)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            close_watched(self._sock, self._mon)
+            self._close_wake()
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._mon, zmq.POLLIN)
@@ -284,19 +293,34 @@ class RendezvousServer:
                 for ident in self._idents.values():
                     self._send(ident, {"op": "waiting", "missing": missing,
                                        "refused": self._refusals})
-        close_watched(self._sock, self._mon)
+
+    def _close_wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
 
     def close(self) -> None:
+        """Stop the service; a second call does nothing. Its thread closes
+        its sockets and wake pipe as it ends: one still busy after
+        ``_STOP_WAIT`` (a slow ``tries`` callback) ends on its own, where
+        its pipe's descriptors stayed open for good and a second close()
+        wrote to it again."""
+        if self._stop.is_set():
+            return
         self._stop.set()
-        if self._thread.is_alive():
-            os.write(self._wake_w, b"x")
-            self._thread.join(timeout=2)
-        elif not self._sock.closed:
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"x")
+        if self._thread.ident is None:      # (never started: nothing else will close them)
             close_watched(self._sock, self._mon)
-        if self._wake_w >= 0 and not self._thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+            self._close_wake()
+        else:
+            self._thread.join(timeout=_STOP_WAIT)
+            if self._thread.is_alive():
+                _log.warning("rendezvous: the service's thread has not stopped %g s after "
+                             "close(); it closes its sockets as it ends", _STOP_WAIT)
         if self._auth is not None:
             self._auth.close()
         if self._own_ctx:

@@ -4,6 +4,7 @@ to stop, a wait hearing endless refusals, a run folder that cannot be locked.
 (Strangers, garbage and duplicates: tests/test_mesh_auth.py.)"""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import msgpack
 import pytest
 import zmq
 
+from mesh import rdvserver
 from mesh.rendezvous import RendezvousServer, Teller, join
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,5 +63,51 @@ def test_an_ended_word_for_no_rank_of_the_job_is_refused_not_the_jobs_end(
     finally:
         first.join(10)
         teller.close()
+        srv.close()
+        ctx.term()
+
+
+class _SlowTries:
+    """A ``tries`` whose tick holds the service's thread until ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.on_go: Any = None
+        self.attempt, self.running = 0, True
+        self.ticking, self.go = threading.Event(), threading.Event()
+
+    def tick(self, now: float, send: Any) -> None:
+        self.ticking.set()
+        self.go.wait(10)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_service_thread_slow_to_stop_closes_its_own_wake_pipe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() waits a while for the service's thread; one still busy then
+    (here a ``tries`` callback) left the wake pipe's descriptors open for
+    good, and a second close() wrote to the pipe again and waited again.
+    The thread closes its pipe and sockets as it ends; close() runs once."""
+    monkeypatch.setattr(rdvserver, "_STOP_WAIT", 0.1, raising=False)
+    ctx = zmq.Context()
+    ctx.socket(zmq.ROUTER).close()      # (its threads' descriptors: there from now on)
+    fds = _fds()
+    tries = _SlowTries()
+    srv = RendezvousServer(2, "s", ctx=ctx, tries=tries).start()
+    try:
+        assert tries.ticking.wait(10)
+        srv.close()
+        assert srv._thread.is_alive()       # (still in the callback)
+        tries.go.set()
+        srv._thread.join(10)
+        assert not srv._thread.is_alive()
+        assert _wait(lambda: _fds() <= fds), "the wake pipe (or a socket) was left open"
+        srv.close()
+        assert _fds() <= fds
+    finally:
+        tries.go.set()
         srv.close()
         ctx.term()
