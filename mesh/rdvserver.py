@@ -78,6 +78,7 @@ class RendezvousServer:
         self._idents: dict[int, bytes] = {}
         self._last: dict[int, dict[str, Any]] | None = None   # the last table, by rank
         self._refusals: list[str] = []      # the last joins refused, as the waiting hear
+        self._refused_joins = 0             # and how many in all (they say the first few)
         # ranks that ended before the job was complete: how, and where (``_where_gone``)
         self._gone: dict[int, tuple[str, dict[str, Any]]] = {}
         self._from = ""     # the address the request in hand came from ('' not known)
@@ -109,7 +110,7 @@ class RendezvousServer:
         """Every node's meshrun starts try ``attempt``: a rendezvous of its own,
         nothing of the last try's ranks (all ended) kept."""
         self._peers, self._idents, self._last = {}, {}, None
-        self._refusals, self._gone = [], {}
+        self._refusals, self._refused_joins, self._gone = [], 0, {}
         self.complete.clear()
 
     def _was(self, rank: int, who: tuple[Any, str]) -> bool:
@@ -193,6 +194,7 @@ class RendezvousServer:
             self.rejected += 1
             self._send(ident, {"op": "error", "msg": msg})
             self._refusals = (self._refusals + [msg])[-3:]   # told to the ranks that wait
+            self._refused_joins += 1
             return
         who = (req.get("pid"), str(req.get("host", "")))
         if len(self._peers) == self.world_size and self._was(rank, who):
@@ -292,7 +294,8 @@ class RendezvousServer:
                 missing = self.missing()
                 for ident in self._idents.values():
                     self._send(ident, {"op": "waiting", "missing": missing,
-                                       "refused": self._refusals})
+                                       "refused": self._refusals,
+                                       "refusals": self._refused_joins})
 
     def _close_wake(self) -> None:
         with self._wake_lock:

@@ -6,7 +6,9 @@ back once every rank has arrived. The service runs in the launcher, in the
 parent of ``mesh.spawn``, or in rank 0 under another launcher (torchrun, srun).
 
     worker r --join{rank, endpoints}--> service
-    worker r <--waiting{missing}------- service   (every second until complete)
+    worker r <--waiting{missing}------- service   (every second until complete; with
+                                                   the joins it refused: the last 3,
+                                                   and how many in all)
     worker r <--table{peers}----------- service   (once all ranks joined)
     launcher --ended{rank, size, how}-> service   (a rank ended)
     launcher <-node{say}--------------> service   (meshrun --max-restarts across
@@ -45,6 +47,7 @@ __all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Telle
 
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
+_SAY_REFUSED = 3     # the refused joins a rank quotes (then says how many in all)
 
 
 def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: int,
@@ -64,7 +67,8 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     sock.setsockopt(zmq.LINGER, 0)
     deadline = time.monotonic() + timeout
     missing: list[int] | None = None
-    refused: list[str] = []     # joins the service refused while this rank waited
+    refused: list[str] = []     # the first joins the service refused while this rank waited
+    heard = 0                   # how many it refused in all
     t0 = time.monotonic()
     note_at = t0 + _NOTE_FIRST     # rank 0 says whom the job still waits for, now and then
     mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -81,7 +85,8 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                        else "the service never answered (not running, wrong address, "
                             "or a different job secret or MESH_CURVE setting)")
                 if refused:
-                    who += "; it refused meanwhile: " + "; ".join(refused)
+                    who += "; it refused meanwhile: " + "; ".join(refused) + (
+                        f" ({heard} joins refused in all)" if heard > len(refused) else "")
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} timed out after "
                                       f"{timeout:.0f}s: {who}")
             ended = _ended_here(folder, rank) if folder else None
@@ -117,12 +122,7 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                     note_at = now + _NOTE_EVERY
                     _log.warning("rank 0: rendezvous at %s: still waiting for ranks %s "
                                  "(%.0fs of %.0fs)", where, missing, now - t0, timeout)
-                for said in msg.get("refused", []):
-                    if said not in refused:
-                        refused.append(said)
-                        if rank == 0:     # (once a job, not once a rank)
-                            _log.warning("rank 0: the rendezvous refused a join while the "
-                                         "job waits for ranks %s: %s", missing, said)
+                heard = _refusals(msg, heard, refused, rank == 0, missing)
             elif msg.get("op") == "error" and type(msg.get("peer")) is int:
                 said, far = str(msg.get("msg")), msg.get("host")
                 if isinstance(msg.get("how"), str) and far and isinstance(far, str):
@@ -135,3 +135,28 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                                       f"{msg.get('msg')}")
     finally:
         close_watched(sock, mon)
+
+
+def _refusals(msg: dict[str, Any], heard: int, refused: list[str], says: bool,
+              missing: list[int]) -> int:
+    """The joins refused that a ``waiting`` word ``msg`` tells of: the last
+    few (3) and how many in all; those not ``heard`` of yet go to
+    ``refused`` while it has fewer than ``_SAY_REFUSED``, each said by rank
+    0 (``says``: once a job, not once a rank), then rank 0 says how many at
+    the 4th, 8th, 16th...: a long wait beside a node that keeps joining
+    wrongly kept every distinct one, all quoted in its timeout error.
+    Returns how many it refused in all."""
+    total, last = msg.get("refusals"), msg.get("refused")
+    if type(total) is not int or total <= heard or not isinstance(last, list):
+        return heard
+    for said in map(str, last[max(0, len(last) - (total - heard)):]):
+        if said not in refused and len(refused) < _SAY_REFUSED:
+            refused.append(said)
+            if says:
+                _log.warning("rank 0: the rendezvous refused a join while the job waits for "
+                             "ranks %s: %s", missing, said)
+    top = 1 << (total.bit_length() - 1)
+    if says and heard < top and top > _SAY_REFUSED:
+        _log.warning("rank 0: the rendezvous has refused %d joins while the job waits for "
+                     "ranks %s (the last: %s)", total, missing, last[-1] if last else "")
+    return total

@@ -13,7 +13,8 @@ import msgpack
 import pytest
 import zmq
 
-from mesh import rdvserver
+import mesh
+from mesh import auth, rdvserver
 from mesh.rendezvous import RendezvousServer, Teller, join
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,3 +112,48 @@ def test_a_service_thread_slow_to_stop_closes_its_own_wake_pipe(
         tries.go.set()
         srv.close()
         ctx.term()
+
+
+def test_a_long_wait_quotes_the_first_refusals_and_counts_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rank waiting beside a node that keeps joining wrongly kept every
+    distinct refusal the service told of (its last 3, every second) and
+    quoted all in its timeout error, and rank 0 logged each: it quotes the
+    first 3 and says how many in all, and logs how many at the 4th, 8th...
+    (A service of its own here, telling of 120 refusals at once.)"""
+    ctx = zmq.Context()
+    authenticator = auth.Authenticator(ctx, "s")
+    service = ctx.socket(zmq.ROUTER)
+    service.setsockopt(zmq.LINGER, 0)
+    auth.make_server(service, "s")
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve() -> None:
+        if not service.poll(5000):
+            return
+        ident = service.recv_multipart()[0]
+        for n in range(1, 41):
+            said = [f"rank 1 of world 3 (pid {3 * n + i}) cannot join" for i in range(3)]
+            service.send_multipart([ident, msgpack.packb(
+                {"op": "waiting", "missing": [1], "refused": said, "refusals": 3 * n})])
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        with caplog.at_level("WARNING", logger="mesh.rendezvous"):
+            with pytest.raises(mesh.RendezvousError) as e:
+                join(ctx, "127.0.0.1", port, "s", 0, 2, "h", EPS, 1.5)
+        said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
+    finally:
+        server.join(10)
+        service.close()
+        authenticator.close()
+        ctx.term()
+    assert str(e.value).endswith(
+        "ranks [1] never arrived; it refused meanwhile: rank 1 of world 3 (pid 3) cannot "
+        "join; rank 1 of world 3 (pid 4) cannot join; rank 1 of world 3 (pid 5) cannot join "
+        "(120 joins refused in all)"), str(e.value)[:400]
+    assert [m.split(": ", 1)[1] for m in said[:3]] == [
+        f"the rendezvous refused a join while the job waits for ranks [1]: rank 1 of world 3 "
+        f"(pid {p}) cannot join" for p in (3, 4, 5)], said
+    assert [m.split(" joins")[0] for m in said[3:]] == [
+        f"rank 0: the rendezvous has refused {n}" for n in (6, 9, 18, 33, 66)], said
