@@ -59,10 +59,26 @@ def run_folder(kind: str) -> str:
             pass
     path = tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-")
     if fcntl is not None:
+        _lock(path)
+    return path
+
+
+def _lock(path: str) -> None:
+    """Lock the new run folder ``path`` for as long as this process lives;
+    one that cannot be locked (no descriptor left: EMFILE) is removed, and
+    the error names it: left unlocked, a launcher in another PID namespace
+    sharing /tmp took it for a dead launcher's and removed it."""
+    fd = -1
+    try:
         fd = os.open(os.path.join(path, _LOCK), os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _held_here[path] = fd
-    return path
+    except OSError as e:
+        if fd >= 0:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        raise OSError(e.errno, f"cannot lock the run folder {path} "
+                               f"({e.strerror or e})") from e
+    _held_here[path] = fd
 
 
 def _locked(path: str) -> bool:

@@ -4,9 +4,12 @@ to stop, a wait hearing endless refusals, a run folder that cannot be locked.
 (Strangers, garbage and duplicates: tests/test_mesh_auth.py.)"""
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -14,8 +17,8 @@ import pytest
 import zmq
 
 import mesh
-from mesh import auth, rdvserver
-from mesh.rendezvous import RendezvousServer, Teller, join
+from mesh import auth, rdvlaunch, rdvserver
+from mesh.rendezvous import RendezvousServer, Teller, join, run_folder
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -157,3 +160,40 @@ def test_a_long_wait_quotes_the_first_refusals_and_counts_the_rest(
         f"(pid {p}) cannot join" for p in (3, 4, 5)], said
     assert [m.split(" joins")[0] for m in said[3:]] == [
         f"rank 0: the rendezvous has refused {n}" for n in (6, 9, 18, 33, 66)], said
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("fails", ["open", "flock"])
+def test_a_run_folder_that_cannot_be_locked_is_not_left(
+        fails: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher out of descriptors (EMFILE) left its new run folder
+    without a lock (and the lock's descriptor open where flock failed):
+    another PID namespace's launcher sharing /tmp takes such a folder for a
+    dead launcher's. The folder is removed, and the error names it."""
+    import errno
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real_open = os.open
+
+    def open_(path: Any, *args: Any, **kwargs: Any) -> int:
+        if fails == "open" and str(path).endswith(".lock"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, *args, **kwargs)
+
+    class Fcntl:
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd: int, how: int) -> None:
+            if fails == "flock":
+                raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+            fcntl.flock(fd, how)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(rdvlaunch, "fcntl", Fcntl)
+    fds = _fds()
+    said = re.escape(f"cannot lock the run folder {tmp_path}/meshrun-")
+    with pytest.raises(OSError, match=said) as e:
+        run_folder("meshrun")
+    assert e.value.errno == (errno.EMFILE if fails == "open" else errno.ENOLCK)
+    assert list(tmp_path.iterdir()) == []
+    assert _fds() == fds
