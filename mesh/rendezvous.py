@@ -36,7 +36,7 @@ import zmq
 
 from . import auth
 from .errors import AuthError, LostPeerError, RendezvousError
-from .liveness import close_watched
+from .liveness import close_watched, monitor_event
 from .peer import on_host
 from .rdvlaunch import (Teller, _ended_here, _launchers_folder, read_hosts, remove_run_folder,
                         run_folder, tell_ended, tell_hosts)
@@ -71,7 +71,12 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     heard = 0                   # how many it refused in all
     t0 = time.monotonic()
     note_at = t0 + _NOTE_FIRST     # rank 0 says whom the job still waits for, now and then
-    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                  | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    shook = closed = False      # the handshake with the service went through; then closed
+    poller = zmq.Poller()       # (its monitor too: a refused secret or a closed service at once)
+    poller.register(sock, zmq.POLLIN)
+    poller.register(mon, zmq.POLLIN)
     try:
         auth.make_client(sock, secret, curve)
         sock.connect(where)
@@ -93,12 +98,22 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
             if ended is not None:       # (its meshrun says so: the service may be gone)
                 raise LostPeerError(f"rank {rank}: rendezvous at {where}: "
                                     f"{gone_text(*ended)}", ended[0])
-            if not sock.poll(int(min(left, 0.25 if folder else 1.0) * 1000) + 1):
-                if mon.poll(0):     # the service answered the handshake: not our secret
+            ready = dict(poller.poll(int(min(left, 0.25 if folder else 1.0) * 1000) + 1))
+            if sock not in ready:
+                shook, why = _heard(mon, shook)
+                now = time.monotonic()
+                if why == "auth":       # the service answered the handshake: not our secret
                     raise AuthError(
                         f"rank {rank}: rendezvous at {where} refused our credentials: a "
                         f"different job secret (MESH_SECRET) or MESH_CURVE setting there")
-                now = time.monotonic()
+                closed = closed or why == "closed"
+                if closed and not sock.poll(0):     # (what it said last, first)
+                    raise RendezvousError(
+                        f"rank {rank}: rendezvous at {where}: the service closed this rank's "
+                        f"connection {now - t0:.0f}s into its wait, before the job was "
+                        f"complete: its process ended (node 0's meshrun, or rank 0 under "
+                        f"another launcher) or the network dropped it, and this rank's join "
+                        f"with it")
                 if missing is None and now >= note_at and (
                         rank == 0 if first_here is None else first_here):
                     note_at = now + _NOTE_EVERY
@@ -135,6 +150,25 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                                       f"{msg.get('msg')}")
     finally:
         close_watched(sock, mon)
+
+
+def _heard(mon: zmq.Socket, shook: bool) -> tuple[bool, str]:
+    """What the join's monitor ``mon`` says: whether the handshake with the
+    service went through (``shook``: it had already), and why the join
+    cannot go on, if so: the handshake refused ("auth"), or the connection
+    closed after it ("closed": the service's process ended, which left the
+    job's other hosts' ranks waiting their whole rendezvous timeout, to say
+    the ranks that never arrived; a connection made again would not help,
+    as the service answers a join on the connection it came by)."""
+    while mon.poll(0):
+        event = monitor_event(mon.recv_multipart())
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return shook, "auth"
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            shook = True
+        elif shook and event == zmq.EVENT_DISCONNECTED:
+            return shook, "closed"
+    return shook, ""
 
 
 def _refusals(msg: dict[str, Any], heard: int, refused: list[str], says: bool,

@@ -197,3 +197,47 @@ def test_a_run_folder_that_cannot_be_locked_is_not_left(
     assert e.value.errno == (errno.EMFILE if fails == "open" else errno.ENOLCK)
     assert list(tmp_path.iterdir()) == []
     assert _fds() == fds
+
+
+def test_a_service_that_ends_mid_rendezvous_fails_the_waiting_ranks_at_once() -> None:
+    """The service's process ends (node 0's meshrun killed, its host lost)
+    while ranks of other hosts wait: they waited their whole rendezvous
+    timeout, then said the ranks that never arrived, though the join they
+    made was lost with the service. They fail as its connection closes."""
+    srv = RendezvousServer(2, "s").start()
+    ctx = zmq.Context()
+    try:
+        failed = threading.Event()
+        got: dict[str, str] = {}
+
+        def joins() -> None:
+            try:
+                join(ctx, "127.0.0.1", srv.port, "s", 1, 2, "h", EPS, 30)
+            except mesh.RendezvousError as e:
+                got["error"] = str(e)
+            failed.set()
+        waiter = threading.Thread(target=joins)
+        waiter.start()
+        assert _wait(lambda: srv.missing() == [0])
+        srv.close()
+        assert failed.wait(10), "the rank waits on for a service that is gone"
+        waiter.join(10)
+        assert f"rank 1: rendezvous at tcp://127.0.0.1:{srv.port}: the service closed this " \
+               f"rank's connection" in got["error"], got
+        # what a service says as it closes comes first: its refusal, not "closed"
+        authenticator = auth.Authenticator(ctx, "s")
+        for _ in range(5):
+            service = ctx.socket(zmq.ROUTER)
+            auth.make_server(service, "s")
+            port = service.bind_to_random_port("tcp://127.0.0.1")
+            closing = threading.Thread(target=lambda: (
+                service.send_multipart([service.recv_multipart()[0], msgpack.packb(
+                    {"op": "error", "msg": "no"})]), service.close(linger=1000)))
+            closing.start()
+            with pytest.raises(mesh.RendezvousError, match="refused: no$"):
+                join(ctx, "127.0.0.1", port, "s", 1, 2, "h", EPS, 10)
+            closing.join(10)
+        authenticator.close()
+    finally:
+        srv.close()
+        ctx.term()
