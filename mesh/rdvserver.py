@@ -292,10 +292,23 @@ class RendezvousServer:
                 # (a round open: the first, or a new one once the table is out)
                 last_status = now
                 missing = self.missing()
-                for ident in self._idents.values():
-                    self._send(ident, {"op": "waiting", "missing": missing,
-                                       "refused": self._refusals,
-                                       "refusals": self._refused_joins})
+                for rank, ident in list(self._idents.items()):
+                    if not self._send(ident, {"op": "waiting", "missing": missing,
+                                              "refused": self._refusals,
+                                              "refusals": self._refused_joins}):
+                        self._left(rank)
+
+    def _left(self, rank: int) -> None:
+        """Rank ``rank`` joined, and its connection closed before the table
+        (its process ended, or it gave up): its join is forgotten, so that
+        the table does not name a rank that cannot hear it (the others
+        failed connecting to it, or a restarted process was refused as a
+        duplicate), and it is waited for again."""
+        came = self._peers.pop(rank)
+        del self._idents[rank]
+        _log.warning("rendezvous: rank %d (pid %s on %s) joined, then its connection closed "
+                     "before the job was complete: it is waited for again", rank,
+                     came.get("pid"), _said(came.get("host")))
 
     def _close_wake(self) -> None:
         with self._wake_lock:

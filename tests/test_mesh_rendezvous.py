@@ -65,7 +65,8 @@ def test_an_ended_word_for_no_rank_of_the_job_is_refused_not_the_jobs_end(
         assert said[0] == ("rendezvous: ignored an ended word for rank 99, not a rank of this "
                            "job of world size 2 (1 so far)"), said
     finally:
-        first.join(10)
+        if first.ident is not None:
+            first.join(10)
         teller.close()
         srv.close()
         ctx.term()
@@ -239,5 +240,43 @@ def test_a_service_that_ends_mid_rendezvous_fails_the_waiting_ranks_at_once() ->
             closing.join(10)
         authenticator.close()
     finally:
+        srv.close()
+        ctx.term()
+
+
+def test_a_rank_whose_connection_closes_before_the_table_is_waited_for_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rank joined, then its process ended (under a launcher that says
+    nothing of it): the table went out naming it, and a restarted process
+    of that rank was refused as a duplicate. Its join is forgotten as its
+    connection closes: the rank is waited for again and may join."""
+    srv = RendezvousServer(2, "s").start()
+    ctx = zmq.Context()
+    got: dict[int, Any] = {}
+
+    def joins(rank: int) -> None:
+        got[rank] = join(ctx, "127.0.0.1", srv.port, "s", rank, 2, f"h{rank}", EPS, 10)
+    first = threading.Thread(target=joins, args=(0,))
+    try:
+        with caplog.at_level("WARNING", logger="mesh.rendezvous"):
+            gone = ctx.socket(zmq.DEALER)
+            gone.setsockopt(zmq.LINGER, 0)
+            auth.make_client(gone, "s")
+            gone.connect(f"tcp://127.0.0.1:{srv.port}")
+            gone.send(msgpack.packb({"op": "join", "rank": 1, "size": 2, "host": "h9",
+                                     "endpoints": EPS, "pid": 99}))
+            assert _wait(lambda: srv.missing() == [0])
+            gone.close()
+            assert _wait(lambda: srv.missing() == [0, 1])
+            first.start()
+            joins(1)
+            first.join(10)
+        assert [p["host"] for p in got[0]] == ["h0", "h1"] and got[0] == got[1], got
+        said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
+        assert said == ["rendezvous: rank 1 (pid 99 on h9) joined, then its connection closed "
+                        "before the job was complete: it is waited for again"], said
+    finally:
+        if first.ident is not None:
+            first.join(10)
         srv.close()
         ctx.term()
