@@ -12,6 +12,7 @@ import zmq
 
 from . import wire
 from .errors import MeshError
+from .liveness import close_watched
 from .match import Watched
 from .peer import ALIVE, CLOSED, DEAD, Outgoing, Peer, config_float
 
@@ -180,9 +181,7 @@ class _Closing:
                 left = p.state == DEAD or (p.state == CLOSED and (failure or p.answered_bye))
                 exited = p.state == DEAD and self.live.exited(p.rank) is not None
                 p.sock.close(linger=0 if exited else _LEFT_LINGER_MS if left else None)
-        self._router.disable_monitor()
-        self._router_mon.close(linger=0)
-        self._router.close(linger=0)
+        close_watched(self._router, self._router_mon)
         if turn:
             self.progress.turn.release()
 

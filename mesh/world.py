@@ -364,9 +364,7 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
                 if server is not None:
                     rdvfile.withdraw(spec)
     except BaseException:
-        router.disable_monitor()
-        router_mon.close(linger=0)
-        router.close(linger=0)
+        liveness.close_watched(router, router_mon)
         if server is not None:
             server.close()
         authenticator.close()

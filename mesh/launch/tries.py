@@ -31,7 +31,7 @@ import msgpack
 import zmq
 
 from .. import auth
-from ..liveness import monitor_event
+from ..liveness import close_watched, monitor_event
 
 __all__ = ["Tries", "Agent"]
 
@@ -415,9 +415,7 @@ class Agent:
                                     **{"try": self._try})
                     self._send(beat)
         finally:
-            self._sock.disable_monitor()
-            self._mon.close(linger=0)
-            self._sock.close(linger=1000)    # (a bye: a moment to go out)
+            close_watched(self._sock, self._mon, 1000)    # (a bye: a moment to go out)
             self._ctx.term()
 
     def _send(self, msg: dict[str, Any]) -> None:
