@@ -12,10 +12,11 @@ from .errors import (AbortKind, AuthError, BadMessageError, LostPeerError, MeshE
 from .grid import Grid, compute_dims, grid
 from .spawn import spawn
 from .mprobe import Message
+from .persistent import Prequest, startall
 from .world import Mesh, init
 
 __all__ = ["init", "spawn", "grid", "Grid", "compute_dims", "Mesh", "Comm", "Request", "Status",
-           "Message", "waitall", "waitany", "waitsome", "testall", "testany", "testsome", "ANY",
-           "ANY_SOURCE", "ANY_TAG", "PROC_NULL", "MeshError", "MeshTimeoutError", "LostPeerError",
-           "MismatchError", "OutMismatchError", "BadMessageError", "AuthError", "RendezvousError",
-           "WorkerError", "AbortKind"]
+           "Message", "Prequest", "startall", "waitall", "waitany", "waitsome", "testall",
+           "testany", "testsome", "ANY", "ANY_SOURCE", "ANY_TAG", "PROC_NULL", "MeshError",
+           "MeshTimeoutError", "LostPeerError", "MismatchError", "OutMismatchError",
+           "BadMessageError", "AuthError", "RendezvousError", "WorkerError", "AbortKind"]

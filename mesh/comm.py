@@ -25,6 +25,7 @@ from .transport import SENT, Outgoing, Transport
 if TYPE_CHECKING:
     from .channel import CollectiveChannel
     from .mprobe import Message
+    from .persistent import Prequest
 
 __all__ = ["Comm", "Request", "Status", "ANY", "ANY_SOURCE", "ANY_TAG", "PROC_NULL"]
 
@@ -566,6 +567,19 @@ class Comm:
             return _Null(self, out)
         return Request(self, self._post_recv(src, tag, out, "recv from"))
 
+    def send_init(self, buf: Any, dst: int, tag: int = 0) -> "Prequest":
+        """MPI's Send_init (mpi4py's ``comm.Send_init``): a persistent send,
+        set up once; each ``start()`` (or ``mesh.startall``) sends ``buf``'s
+        contents as they are then, as ``isend`` (mesh.persistent)."""
+        from .persistent import send_init
+        return send_init(self, buf, dst, tag)
+
+    def recv_init(self, src: int = ANY, tag: int = 0, out: Any = None) -> "Prequest":
+        """MPI's Recv_init: a persistent receive into ``out=``; each
+        ``start()`` posts it as ``irecv`` (mesh.persistent)."""
+        from .persistent import recv_init
+        return recv_init(self, src, tag, out)
+
     def sendrecv(self, obj: Any, dst: int, src: int = ANY, sendtag: int = 0,
                  recvtag: int = ANY_TAG, out: Any = None, timeout: float | None = None,
                  status: Status | None = None) -> Any:
@@ -723,7 +737,7 @@ class Comm:
     def _world_rank(self, r: int, op: str) -> int:
         if type(r) is int and 0 <= r < self.size:
             return self.ranks[r]
-        way = "from" if op in ("recv", "probe", "iprobe") else "to"
+        way = "from" if op in ("recv", "probe", "iprobe", "recv_init") else "to"
         if not isinstance(r, (int, np.integer)) or isinstance(r, (bool, np.bool_)):
             raise ValueError(f"rank {self._t.rank}: {op} {way} rank {r!r}: a rank is an int "
                              f"(group {self.name} has ranks 0..{self.size - 1}), not "
