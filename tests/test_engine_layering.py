@@ -20,7 +20,7 @@ ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "
          "traced_returned", "traced_pieces", "traced_inplace", "traced_cuts", "traced_modes",
          "traced_sizes", "traced_leaves", "traced_sequential", "traced_reshaped",
          "traced", "stagebuild", "stagebuild_ties", "partition_cuts", "partition",
-         "pipeline_args", "step", "rollback", "executor",
+         "pipeline_args", "scaled", "step", "rollback", "executor",
          "agree", "calibrate", "given", "layer_timing", "measured_choice", "stage_state",
          "job_retime", "job_state", "job_optim", "job",
          "distribute", "zero", "show", "bench_torch", "bench_distribute",
