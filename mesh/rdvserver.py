@@ -22,6 +22,7 @@ from . import auth
 from .errors import RendezvousError
 from .liveness import close_watched, monitor_event
 from .peer import named
+from .rdvwords import MAX_FIELD, join_fault, kind
 
 __all__ = ["RendezvousServer", "gone_text"]
 
@@ -134,7 +135,11 @@ class RendezvousServer:
             return
         if rank in self._gone:
             return
-        self._gone[rank] = (str(req.get("how", ""))[:200], self._where_gone(rank, req))
+        if not isinstance(req.get("how", ""), str):
+            self._ignore(f"an ended word for rank {rank} whose how is {kind(req['how'])}, "
+                         f"not a string")
+            return
+        self._gone[rank] = (req.get("how", "")[:200], self._where_gone(rank, req))
         if len(self._peers) < self.world_size:     # (a round open; else the table is out)
             self._fail_waiting()
 
@@ -149,7 +154,9 @@ class RendezvousServer:
             return {"host": came["host"], "pid": came.get("pid") or 0,
                     "endpoint": came["endpoints"]["tcp"]}
         host, pid = req.get("host"), req.get("pid")
-        return {"host": host if isinstance(host, str) else "",
+        if not (isinstance(host, str) and len(host.encode()) <= MAX_FIELD):
+            host = ""       # (not known; or too long to send every rank that waits)
+        return {"host": host,
                 "pid": pid if type(pid) is int else 0,
                 "endpoint": f"tcp://{self._from}:0" if self._from else ""}
 
@@ -174,12 +181,15 @@ class RendezvousServer:
             else:
                 self.tries.handle(ident, req, time.monotonic(), self._send)
             return
-        if not (isinstance(req, dict) and req.get("op") == "join"
-                and type(req.get("rank")) is int and type(req.get("size")) is int
-                and type(req.get("pid", 0)) is int     # (they go to every rank: mesh.world)
-                and (req.get("window") is None or type(req["window"]) is int)
-                and _endpoints_ok(req.get("endpoints"))):
+        if not (isinstance(req, dict) and req.get("op") == "join"):
             self._ignore("a malformed request")
+            return
+        fault = join_fault(req)
+        if fault:       # (its fields go to every rank, in the table: mesh.world)
+            of = f"rank {req['rank']}" if type(req.get("rank")) is int else "a rank"
+            said = f"a malformed join of {of}: {fault}"
+            self._ignore(said)
+            self._send(ident, {"op": "error", "msg": said})
             return
         rank, size = req["rank"], req["size"]
         if self.tries is not None and not self.tries.running:
@@ -196,7 +206,7 @@ class RendezvousServer:
             self._refusals = (self._refusals + [msg])[-3:]   # told to the ranks that wait
             self._refused_joins += 1
             return
-        who = (req.get("pid"), str(req.get("host", "")))
+        who = (req.get("pid"), req.get("host", ""))
         if len(self._peers) == self.world_size and self._was(rank, who):
             self._peers, self._idents = {}, {}     # the table is out: a new round
         prev = self._peers.get(rank)
@@ -213,7 +223,7 @@ class RendezvousServer:
                                f"{_said(prev.get('host'))}); duplicate from pid "
                                f"{req.get('pid')}"})
             return
-        self._peers[rank] = {"rank": rank, "host": str(req.get("host", "")),
+        self._peers[rank] = {"rank": rank, "host": req.get("host", ""),
                              "endpoints": req["endpoints"], "pid": req.get("pid"),
                              "window": req.get("window")}
         self._idents[rank] = ident
@@ -365,10 +375,3 @@ def _said(value: Any) -> str:
     that waits too)."""
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-def _endpoints_ok(eps: Any) -> bool:
-    """A worker's endpoints: {"ipc": "ipc://...", "tcp": "tcp://..."}."""
-    return (isinstance(eps, dict) and set(eps) == {"ipc", "tcp"}
-            and all(isinstance(eps[k], str) and eps[k].startswith(f"{k}://")
-                    and len(eps[k]) < 1024 for k in eps))

@@ -280,3 +280,51 @@ def test_a_rank_whose_connection_closes_before_the_table_is_waited_for_again(
             first.join(10)
         srv.close()
         ctx.term()
+
+
+def test_a_join_whose_fields_are_oversized_or_mistyped_is_refused_saying_which(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A join's host and endpoints go to every rank in the table, and had no
+    size but the request's (64 KiB): a holder of the secret could make every
+    rank hold 64 KiB a rank. A join whose host id or an endpoint is over 255
+    bytes, or of another type, is refused, counted and logged as malformed,
+    and the rank hears which field (it had no answer, or joined). A launcher's
+    ended word whose ``how`` is no string is ignored the same way."""
+    srv = RendezvousServer(2, "s").start()
+    ctx = zmq.Context()
+    good = {"op": "join", "rank": 0, "size": 2, "host": "h", "endpoints": EPS, "pid": 1}
+    bad = [({"host": "h" * 256}, "rank 0: its host id is 256 bytes, more than 255"),
+           ({"host": 7}, "rank 0: its host is of type int, not a string"),
+           ({"endpoints": {**EPS, "tcp": "tcp://" + "1" * 250}},
+            "rank 0: its tcp endpoint is 256 bytes, more than 255"),
+           ({"endpoints": {**EPS, "ipc": 1}}, "rank 0: its ipc endpoint is not a string"),
+           ({"rank": "0"}, "a rank: its rank is of type str, not an integer")]
+    try:
+        with caplog.at_level("WARNING", logger="mesh.rendezvous"):
+            with pytest.raises(mesh.RendezvousError, match=re.escape(
+                    "rank 1: rendezvous at tcp://127.0.0.1:%d refused: a malformed join of "
+                    "rank 1: its host id is 300 bytes, more than 255 (MESH_HOST_ID, or the "
+                    "host name)" % srv.port)):
+                join(ctx, "127.0.0.1", srv.port, "s", 1, 2, "h" * 300, EPS, 10)
+            for change, said in bad:
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                auth.make_client(s, "s")
+                s.connect(f"tcp://127.0.0.1:{srv.port}")
+                s.send(msgpack.packb({**good, **change}))
+                assert s.poll(5000), f"no answer to a join with {str(change)[:60]}"
+                answer = msgpack.unpackb(s.recv(), raw=False)
+                s.close()
+                assert answer["op"] == "error" and said in answer["msg"], (said, answer)
+            teller = Teller("127.0.0.1", srv.port, "s", 2)
+            teller.ended(0, 5)      # type: ignore[arg-type]
+            assert _wait(lambda: srv.rejected == len(bad) + 2), srv.rejected
+            teller.close()
+        assert srv.missing() == [0, 1] and not srv._gone
+        said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
+        assert said[0] == ("rendezvous: ignored a malformed join of rank 1: its host id is 300 "
+                           "bytes, more than 255 (MESH_HOST_ID, or the host name) (1 so far)")
+        assert len(said) == 3 and said[-1].endswith("(4 so far)"), said    # (1st, 2nd, 4th)
+    finally:
+        srv.close()
+        ctx.term()

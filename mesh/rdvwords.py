@@ -1,0 +1,46 @@
+"""The rendezvous' words, checked where they arrive: a join at the service
+(``join_fault``). Each rank holds every rank's join in the table, so each
+field has a type and a size: a holder of the job secret could put 64 KiB a
+rank there.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["MAX_FIELD", "join_fault", "kind"]
+
+MAX_FIELD = 255     # bytes of a join's host id, and of each endpoint
+
+
+def join_fault(req: dict[str, Any]) -> str:
+    """What is wrong with join ``req`` ('' if nothing): each rank receives
+    every rank's host, endpoints, pid and window in the table, so each has
+    its type and a size (a holder of the secret could put 64 KiB a rank
+    there, for every rank to hold)."""
+    for field in ("rank", "size"):
+        if type(req.get(field)) is not int:
+            return f"its {field} is {kind(req.get(field))}, not an integer"
+    if type(req.get("pid", 0)) is not int:
+        return f"its pid is {kind(req['pid'])}, not an integer"
+    if req.get("window") is not None and type(req["window"]) is not int:   # (optional)
+        return f"its window is {kind(req['window'])}, not an integer"
+    host = req.get("host", "")
+    if not isinstance(host, str):
+        return f"its host is {kind(host)}, not a string"
+    if len(host.encode()) > MAX_FIELD:
+        return (f"its host id is {len(host.encode())} bytes, more than {MAX_FIELD} "
+                f"(MESH_HOST_ID, or the host name)")
+    eps = req.get("endpoints")
+    if not (isinstance(eps, dict) and set(eps) == {"ipc", "tcp"}):
+        return "its endpoints are not {'ipc': 'ipc://...', 'tcp': 'tcp://...'}"
+    for k in ("ipc", "tcp"):
+        if not (isinstance(eps[k], str) and eps[k].startswith(f"{k}://")):
+            return f"its {k} endpoint is not a string '{k}://...'"
+        if len(eps[k].encode()) > MAX_FIELD:
+            return f"its {k} endpoint is {len(eps[k].encode())} bytes, more than {MAX_FIELD}"
+    return ""
+
+
+def kind(value: Any) -> str:
+    """A value's type, as a refusal names it (never the value: it may be large)."""
+    return "missing" if value is None else f"of type {type(value).__name__}"
