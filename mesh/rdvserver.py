@@ -72,6 +72,7 @@ class RendezvousServer:
             raise RendezvousError(f"rendezvous: cannot bind tcp://{bind_host}:{port}: {e}") from e
         self.port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.rejected = 0
+        self.failure = ""       # the error the service's thread ended on, if it did
         self._ignored = 0       # (malformed requests, of those rejected: the log's count)
         self.refused = 0
         self.complete = threading.Event()
@@ -260,11 +261,30 @@ class RendezvousServer:
                              "while connecting; %d so far)", n)
 
     def _run(self) -> None:
+        linger = 0
         try:
             self._serve()
+        except Exception as e:      # (a poll error; a ``tries`` callback's)
+            linger = self._failed(e)
         finally:
-            close_watched(self._sock, self._mon)
+            close_watched(self._sock, self._mon, linger)
             self._close_wake()
+
+    def _failed(self, e: Exception) -> int:
+        """The service's thread ends on error ``e``: it says so (meshrun
+        shows its warnings), where it ended in silence (the ranks that
+        waited heard only that its connection closed, as if its process
+        had ended); and tells the ranks that wait. Returns the linger its
+        socket needs for that."""
+        self.failure = f"{type(e).__name__}: {str(e)[:200]}"
+        _log.error("rendezvous: the service stopped on an error (%s): the ranks waiting there "
+                   "fail, and none can join it again", self.failure)
+        _log.debug("rendezvous: the service's error", exc_info=e)
+        waiting = self._idents if len(self._peers) < self.world_size else {}
+        for ident in waiting.values():
+            self._send(ident, {"op": "error",
+                               "msg": f"the rendezvous service stopped ({self.failure})"})
+        return 500 if waiting else 0
 
     def _serve(self) -> None:
         poller = zmq.Poller()
@@ -276,7 +296,9 @@ class RendezvousServer:
             try:
                 events = dict(poller.poll(200))
             except zmq.ZMQError:
-                break
+                if self._stop.is_set():
+                    break
+                raise
             if self._mon in events:
                 self._on_monitor()
             if self._sock in events:

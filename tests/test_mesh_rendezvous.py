@@ -328,3 +328,66 @@ def test_a_join_whose_fields_are_oversized_or_mistyped_is_refused_saying_which(
     finally:
         srv.close()
         ctx.term()
+
+
+class _FailingTries(_SlowTries):
+    """A ``tries`` whose tick raises once ``go`` is set."""
+
+    def tick(self, now: float, send: Any) -> None:
+        if self.go.is_set():
+            raise RuntimeError("boom")
+
+
+def test_the_services_end_on_an_error_is_logged_and_told_to_the_waiting_ranks(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's thread ended in silence on an error of its ``tries``
+    callback or of its poll: the ranks waiting there heard only that its
+    connection closed, as if its process had ended, and meshrun said
+    nothing. It logs the error (an error: meshrun shows it; its traceback at
+    debug), keeps it in ``failure``, and the waiting ranks hear it."""
+    tries = _FailingTries()
+    srv = RendezvousServer(2, "s", tries=tries).start()
+    ctx = zmq.Context()
+    got: dict[str, Any] = {}
+
+    def joins() -> None:
+        try:
+            join(ctx, "127.0.0.1", srv.port, "s", 1, 2, "h", EPS, 10)
+        except Exception as e:
+            got["error"] = e
+    waiter = threading.Thread(target=joins)
+    try:
+        with caplog.at_level("DEBUG", logger="mesh.rendezvous"):
+            waiter.start()
+            assert _wait(lambda: srv.missing() == [0])
+            tries.go.set()
+            waiter.join(10)
+            srv._thread.join(10)
+        assert srv.failure == "RuntimeError: boom"
+        assert isinstance(got.get("error"), mesh.RendezvousError), got
+        assert str(got["error"]).endswith(
+            "refused: the rendezvous service stopped (RuntimeError: boom)"), got
+        said = [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records
+                if r.name == "mesh.rendezvous"]
+        assert [s[:2] for s in said] == [
+            ("ERROR", "rendezvous: the service stopped on an error (RuntimeError: boom): the "
+                      "ranks waiting there fail, and none can join it again"),
+            ("DEBUG", "rendezvous: the service's error")], said
+        assert said[1][2] is not None
+    finally:
+        waiter.join(10)
+        srv.close()
+        ctx.term()
+
+    class BadPoller(zmq.Poller):
+        def poll(self, timeout: Any = None) -> Any:
+            raise zmq.ZMQError(zmq.EFAULT)
+    monkeypatch.setattr(zmq, "Poller", BadPoller)
+    caplog.clear()
+    srv = RendezvousServer(2, "s").start()
+    try:
+        srv._thread.join(10)
+        assert srv.failure.startswith("ZMQError: "), srv.failure
+        assert [r.levelname for r in caplog.records if r.name == "mesh.rendezvous"] == ["ERROR"]
+    finally:
+        srv.close()
