@@ -231,7 +231,7 @@ class RendezvousServer:
         if self._gone:              # one of the ranks ended already: none will come
             self._fail_waiting()
             return
-        if len(self._peers) == self.world_size:
+        if len(self._peers) == self.world_size and self._all_there():
             table = {"op": "table", "peers": [self._peers[r] for r in range(self.world_size)]}
             for r in range(self.world_size):
                 self._send(self._idents[r], table)
@@ -323,12 +323,19 @@ class RendezvousServer:
             if now - last_status > 1.0 and len(self._peers) < self.world_size:
                 # (a round open: the first, or a new one once the table is out)
                 last_status = now
-                missing = self.missing()
-                for rank, ident in list(self._idents.items()):
-                    if not self._send(ident, {"op": "waiting", "missing": missing,
-                                              "refused": self._refusals,
-                                              "refusals": self._refused_joins}):
-                        self._left(rank)
+                self._all_there()
+
+    def _all_there(self) -> bool:
+        """Tell each rank that joined whom the job waits for, and forget each
+        whose connection has closed (``_left``); whether none had. At the
+        beat, and just before the table goes out: a rank whose process ended
+        in the beat before the table was named in it."""
+        word = {"op": "waiting", "missing": self.missing(), "refused": self._refusals,
+                "refusals": self._refused_joins}
+        gone = [rank for rank, ident in self._idents.items() if not self._send(ident, word)]
+        for rank in gone:
+            self._left(rank)
+        return not gone
 
     def _left(self, rank: int) -> None:
         """Rank ``rank`` joined, and its connection closed before the table

@@ -391,3 +391,36 @@ def test_the_services_end_on_an_error_is_logged_and_told_to_the_waiting_ranks(
         assert [r.levelname for r in caplog.records if r.name == "mesh.rendezvous"] == ["ERROR"]
     finally:
         srv.close()
+
+
+def test_a_rank_whose_connection_closed_just_before_the_table_is_not_named_in_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The service finds the ranks whose connection closed at its waiting
+    beat (1 s): one whose process ended in the beat before the last rank
+    joined was named in the table. Their connections are checked once more
+    just before it goes out. (The service's logic alone, no socket.)"""
+    srv = RendezvousServer(2, "s")
+    sent: list[tuple[bytes, dict[str, Any]]] = []
+
+    def send(ident: bytes, msg: dict[str, Any]) -> bool:
+        sent.append((ident, msg))
+        return ident != b"gone"
+    srv._send = send        # type: ignore[method-assign]
+    try:
+        with caplog.at_level("WARNING", logger="mesh.rendezvous"):
+            srv._register(b"gone", {"op": "join", "rank": 1, "size": 2, "host": "h9",
+                                    "endpoints": EPS, "pid": 99})
+            srv._register(b"r0", {"op": "join", "rank": 0, "size": 2, "host": "h0",
+                                  "endpoints": EPS, "pid": 10})
+            assert not [m for _, m in sent if m["op"] == "table"], sent
+            assert srv.missing() == [1] and not srv.complete.is_set()
+            srv._register(b"r1", {"op": "join", "rank": 1, "size": 2, "host": "h1",
+                                  "endpoints": EPS, "pid": 11})
+        tables = [(i, m) for i, m in sent if m["op"] == "table"]
+        assert [i for i, _ in tables] == [b"r0", b"r1"]
+        assert [p["host"] for p in tables[0][1]["peers"]] == ["h0", "h1"]
+        said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
+        assert said == ["rendezvous: rank 1 (pid 99 on h9) joined, then its connection closed "
+                        "before the job was complete: it is waited for again"], said
+    finally:
+        srv.close()
