@@ -41,6 +41,7 @@ from .peer import on_host
 from .rdvlaunch import (Teller, _ended_here, _launchers_folder, read_hosts, remove_run_folder,
                         run_folder, tell_ended, tell_hosts)
 from .rdvserver import RendezvousServer, gone_text
+from .rdvwords import MAX_FIELD, table_fault, text
 
 __all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Teller",
            "tell_ended", "tell_hosts", "read_hosts", "gone_text"]
@@ -69,6 +70,7 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     missing: list[int] | None = None
     refused: list[str] = []     # the first joins the service refused while this rank waited
     heard = 0                   # how many it refused in all
+    odd = 0                     # messages ignored (malformed; not the service's)
     t0 = time.monotonic()
     note_at = t0 + _NOTE_FIRST     # rank 0 says whom the job still waits for, now and then
     mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -125,13 +127,24 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
             try:
                 msg = msgpack.unpackb(sock.recv(), raw=False)
             except Exception:
-                continue
+                msg = None
             if not isinstance(msg, dict):
+                odd = _odd(odd, rank, where, "a message that is not msgpack's map")
                 continue
             if msg.get("op") == "table":
+                fault = table_fault(msg.get("peers"), size)
+                if fault:
+                    raise RendezvousError(
+                        f"rank {rank}: rendezvous at {where} sent a malformed table ({fault}): "
+                        f"a service of another version of mesh, or not mesh's")
                 return list(msg["peers"])
             if msg.get("op") == "waiting":
-                missing = list(msg.get("missing", []))
+                said = msg.get("missing", [])
+                if not (isinstance(said, list) and all(type(r) is int for r in said)):
+                    odd = _odd(odd, rank, where, "a waiting word whose missing ranks are "
+                                                 "not a list of integers")
+                    continue
+                missing = said
                 now = time.monotonic()
                 if rank == 0 and now >= note_at and missing:
                     note_at = now + _NOTE_EVERY
@@ -139,15 +152,17 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                                  "(%.0fs of %.0fs)", where, missing, now - t0, timeout)
                 heard = _refusals(msg, heard, refused, rank == 0, missing)
             elif msg.get("op") == "error" and type(msg.get("peer")) is int:
-                said, far = str(msg.get("msg")), msg.get("host")
+                said, far = text(msg.get("msg")), msg.get("host")
                 if isinstance(msg.get("how"), str) and far and isinstance(far, str):
-                    said = gone_text(msg["peer"], msg["how"], on_host(   # (as this rank sees it)
-                        host, far, str(msg.get("endpoint", "")),
+                    said = gone_text(msg["peer"], msg["how"][:200], on_host(   # (as it sees it)
+                        host, far[:MAX_FIELD], text(msg.get("endpoint", "")),
                         msg["pid"] if type(msg.get("pid")) is int else 0))
                 raise LostPeerError(f"rank {rank}: rendezvous at {where}: {said}", msg["peer"])
             elif msg.get("op") == "error":
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} refused: "
-                                      f"{msg.get('msg')}")
+                                      f"{text(msg.get('msg'))}")
+            else:
+                odd = _odd(odd, rank, where, f"a word it does not know ({text(msg.get('op'))})")
     finally:
         close_watched(sock, mon)
 
@@ -183,7 +198,8 @@ def _refusals(msg: dict[str, Any], heard: int, refused: list[str], says: bool,
     total, last = msg.get("refusals"), msg.get("refused")
     if type(total) is not int or total <= heard or not isinstance(last, list):
         return heard
-    for said in map(str, last[max(0, len(last) - (total - heard)):]):
+    last = [text(said) for said in last]
+    for said in last[max(0, len(last) - (total - heard)):]:
         if said not in refused and len(refused) < _SAY_REFUSED:
             refused.append(said)
             if says:
@@ -194,3 +210,12 @@ def _refusals(msg: dict[str, Any], heard: int, refused: list[str], says: bool,
         _log.warning("rank 0: the rendezvous has refused %d joins while the job waits for "
                      "ranks %s (the last: %s)", total, missing, last[-1] if last else "")
     return total
+
+
+def _odd(n: int, rank: int, where: str, what: str) -> int:
+    """Log a message ``join`` ignored (``what``), the 1st, 2nd, 4th...; returns
+    how many it ignored now."""
+    n += 1
+    if n & (n - 1) == 0:
+        _log.warning("rank %d: rendezvous at %s: ignored %s (%d so far)", rank, where, what, n)
+    return n

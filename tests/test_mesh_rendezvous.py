@@ -424,3 +424,71 @@ def test_a_rank_whose_connection_closed_just_before_the_table_is_not_named_in_it
                         "before the job was complete: it is waited for again"], said
     finally:
         srv.close()
+
+
+def _join_hearing(words: list[Any], size: int = 2) -> Any:
+    """What join returns or raises, from a service of its own that answers
+    its join with ``words`` (bytes as they are; others packed)."""
+    ctx = zmq.Context()
+    authenticator = auth.Authenticator(ctx, "s")
+    service = ctx.socket(zmq.ROUTER)
+    service.setsockopt(zmq.LINGER, 0)
+    auth.make_server(service, "s")
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve() -> None:
+        if service.poll(5000):
+            ident = service.recv_multipart()[0]
+            for w in words:
+                service.send_multipart([ident, w if isinstance(w, bytes) else msgpack.packb(w)])
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        return join(ctx, "127.0.0.1", port, "s", 0, size, "h", EPS, 10)
+    except Exception as e:
+        return e
+    finally:
+        server.join(10)
+        service.close()
+        authenticator.close()
+        ctx.term()
+
+
+def test_a_rank_joining_makes_malformed_words_a_clear_error_or_ignores_them(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rank's join raised a bare TypeError or KeyError on a malformed word
+    (a table whose peers are not a list of the job's entries, a waiting word
+    whose missing ranks are no list) and RecursionError quoting a deeply
+    nested one. A malformed table is a RendezvousError saying so; other
+    words are ignored, each logged (the 1st, 2nd, 4th...)."""
+    deep = b"\x82" + b"".join(map(msgpack.packb, ["op", "error", "msg"])) + b"\x91" * 1000 \
+        + b"\xc0"
+    peer = {"rank": 0, "host": "h", "endpoints": EPS, "pid": 1, "window": None}
+    with caplog.at_level("WARNING", logger="mesh.rendezvous"):
+        got = _join_hearing([
+            b"\xc1", [1], {"op": "waiting", "missing": 5}, {"op": "waiting", "missing": ["x"]},
+            {"op": "waiting", "missing": [1], "refusals": 1, "refused": [[[1]]]},
+            {"op": "what"}, {}, {"op": "table"}])
+    assert isinstance(got, mesh.RendezvousError), got
+    assert "sent a malformed table (its peers are of type NoneType, not a list)" in str(got), got
+    said = [re.sub(r"^rank 0: rendezvous at tcp://127.0.0.1:\d+: ", "", r.getMessage())
+            for r in caplog.records if r.name == "mesh.rendezvous"]
+    assert said == [
+        f"ignored {m}" for m in (
+            "a message that is not msgpack's map (1 so far)",
+            "a message that is not msgpack's map (2 so far)",
+            "a waiting word whose missing ranks are not a list of integers (4 so far)")] + [
+        "rank 0: the rendezvous refused a join while the job waits for ranks [1]: (not a "
+        "string: list)"], said
+    for table, fault in (([peer], "1 peers for a world of 2"),
+                         ([peer, {**peer, "rank": 0}], "its entry for rank 1 is not"),
+                         ([peer, {**peer, "rank": 1, "endpoints": {"tcp": 1}}],
+                          "its entry for rank 1 is not"),
+                         ([peer, 7], "its entry for rank 1 is not")):
+        got = _join_hearing([{"op": "table", "peers": table}])
+        assert isinstance(got, mesh.RendezvousError) and fault in str(got), (table, got)
+    got = _join_hearing([deep])
+    assert isinstance(got, mesh.RendezvousError), got
+    assert str(got).endswith("refused: (not a string: list)"), got
+    got = _join_hearing([{"op": "table", "peers": [peer, {**peer, "rank": 1}]}])
+    assert got == [peer, {**peer, "rank": 1}], got
