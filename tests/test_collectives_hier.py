@@ -248,7 +248,7 @@ def first_call_mismatch(world: Any, small: bool) -> list[float]:
     return [float(C.all_reduce(g, np.ones(count), timeout=30)[0]) for _ in range(3)]
 
 
-def host_phase_failing_after_its_post(world: Any) -> tuple[bool, list[float]]:
+def host_phase_failing_after_its_post(world: Any, small: bool) -> tuple[bool, list[float]]:
     """The race of a first call's mismatch made certain: rank 2's phase on
     host b (the call's first, which sets the host's boards up) fails once
     its board round is done (as when the abort from host a comes after its
@@ -257,11 +257,16 @@ def host_phase_failing_after_its_post(world: Any) -> tuple[bool, list[float]]:
     phases. Rank 2 forgot host b's boards, rank 1 kept them (it cannot know
     that rank 2's part failed after its post): its next call sets them up
     again with rank 2 (not: polls its board where rank 2 sets them up again
-    by messages, a Stray), and the next calls work."""
+    by messages, a Stray), and the next calls work. Large (``small``
+    False): the first call's host reduce_scatter (three phases); rank 1's
+    next one takes the three phases too, as rank 2's (not: one board round,
+    its fingerprint's phase then not rank 2's, a MismatchError)."""
     _fake_host(world)
     n, r = world.size, world.rank
     g = world.group(list(range(n)))
-    real = hier.local.all_reduce_small
+    name = "all_reduce_small" if small else "reduce_scatter"
+    real = getattr(hier.local, name)
+    count = 4 if small else 100_000
 
     def host_b(*args: Any) -> None:
         real(*args)
@@ -272,20 +277,21 @@ def host_phase_failing_after_its_post(world: Any) -> tuple[bool, list[float]]:
         world.send("go", 0, tag=92)
         raise mesh.MeshError(f"rank {r}: aborted after its post (the test)")
     if r in (1, 2):
-        hier.local.all_reduce_small = host_b
+        setattr(hier.local, name, host_b)
     elif r == 0:
         assert world.recv(2, tag=92, timeout=30) == "go"
     with pytest.raises(mesh.MeshError):
-        C.all_reduce(g, np.ones(4), op="max" if r == 0 else "sum", timeout=30)
-    hier.local.all_reduce_small = real
+        C.all_reduce(g, np.ones(count), op="max" if r == 0 else "sum", timeout=30)
+    setattr(hier.local, name, real)
     topo = hier.topology(g)
     assert topo is not None
     kept = hier.board.ready(topo.local)
-    return kept, [float(C.all_reduce(g, np.ones(4), timeout=30)[0]) for _ in range(3)]
+    return kept, [float(C.all_reduce(g, np.ones(count), timeout=30)[0]) for _ in range(3)]
 
 
-def test_a_host_phase_failing_after_its_post_leaves_the_next_calls_working() -> None:
-    said = mesh.spawn(host_phase_failing_after_its_post, 4, timeout=90)
+@pytest.mark.parametrize("small", [True, False])
+def test_a_host_phase_failing_after_its_post_leaves_the_next_calls_working(small: bool) -> None:
+    said = mesh.spawn(host_phase_failing_after_its_post, 4, small, timeout=90)
     assert [kept for kept, _ in said] == [False, True, False, False], said
     assert [got for _, got in said] == [[4.0] * 3] * 4, said
 

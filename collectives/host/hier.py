@@ -189,8 +189,10 @@ def _one_round(topo: Topology) -> bool:
     """Whether an all_reduce runs its host's part in one board round with
     the part across hosts nested in it (collectives.host.columns, and
     _all_reduce_small below): the host's boards are up (an earlier call set
-    them up). Otherwise its three phases run one after the other."""
-    return topo.local.size > 1 and board.ready(topo.local)
+    them up) and no peer of the host forgot them (board.kept: it takes the
+    three phases, which set them up again). Otherwise its three phases run
+    one after the other."""
+    return topo.local.size > 1 and board.kept(topo.local)
 
 
 def _pipelined() -> bool:
@@ -291,8 +293,9 @@ def numbered(sub: Comm, tag: int, place: int) -> Comm:
 def settled(sub: Comm) -> bool:
     """Whether ``sub``'s same-host state (the memory probe, the boards) was
     set up by an earlier call (no message: the phases' bodies set it up on
-    their first ask, every member alike)."""
-    return board.ready(sub) or cma.probed(sub) is False
+    their first ask, every member alike); boards a peer forgot are not (this
+    call sets them up again: a failure in it forgets them, as on a first)."""
+    return board.kept(sub) or cma.probed(sub) is False
 
 
 def unsettle(sub: Comm, was: bool, e: BaseException) -> None:

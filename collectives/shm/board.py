@@ -365,6 +365,17 @@ def ready(g: Comm) -> bool:
         return g in _boxes
 
 
+def kept(g: Comm) -> bool:
+    """Whether ``g``'s boards are set up here and no peer forgot them (its
+    part of the call that set them up failed after this rank's ended well:
+    collectives.host.hier.unsettle): a call whose form depends on the boards
+    being up (one board round or three phases) takes the peer's, which sets
+    them up again (available)."""
+    with _lock:
+        box = _boxes.get(g)
+    return box is not None and all(box.seen_cookie[p][0] != _FORGOTTEN for p in box.peers)
+
+
 def mapped(g: Comm) -> bool:
     """Whether every peer's board in group ``g`` is mapped here (polls are loads)."""
     box = _boxes.get(g)
