@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -186,11 +186,7 @@ class _Null(Request):
         self._finished, self._result = True, out
 
     def wait(self, timeout: float | None = None, status: Status | None = None) -> Any:
-        if timeout is not None:
-            _check_timeout(timeout, self._c, "wait")
-        if status is not None:
-            _check_status(status, self._c, "wait")
-            _null(status)
+        _answered(self, timeout, status, _null, "wait")
         self._spent = True
         return self._result
 
@@ -199,13 +195,23 @@ class _Null(Request):
         return _null(Status())
 
     def get_status(self, status: Status | None = None) -> bool:
-        if status is not None:
-            _check_status(status, self._c, "get_status")
-            _null(status)
+        _answered(self, None, status, _null, "get_status")
         return True
 
     def cancel(self) -> bool:
         return False    # (done: MPI's Cancel of a completed request does nothing)
+
+
+def _answered(req: Request, timeout: float | None, status: Status | None,
+              fill: Callable[[Status], Any], what: str) -> None:
+    """A ``what`` (wait, get_status) whose answer needs nothing: a
+    PROC_NULL request's, an inactive persistent one's (mesh.persistent):
+    its arguments checked, ``status`` filled by ``fill``."""
+    if timeout is not None:
+        _check_timeout(timeout, req._c, what)
+    if status is not None:
+        _check_status(status, req._c, what)
+        fill(status)
 
 
 def _copy_status(st: Status, into: Status) -> None:

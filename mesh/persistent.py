@@ -19,8 +19,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Sequence
 
-from .comm import (ANY, ANY_TAG, Comm, Request, Status, _a, _check_status, _check_tag,
-                   _check_timeout, _is_null, _listed, _Null, _who)
+from .comm import (ANY, ANY_TAG, Comm, Request, Status, _a, _answered, _check_tag, _is_null,
+                   _listed, _Null, _who)
 from .errors import MeshError
 from .match import describe
 from .transport import SENT
@@ -86,11 +86,7 @@ class Prequest(Request):
     def wait(self, timeout: float | None = None, status: Status | None = None) -> Any:
         inner = self._inner
         if not self._active or inner is None:
-            if timeout is not None:
-                _check_timeout(timeout, self._c, "wait")
-            if status is not None:
-                _check_status(status, self._c, "wait")
-                _empty(status)
+            _answered(self, timeout, status, _empty, "wait")
             self._spent = True
             return None
         try:
@@ -105,9 +101,7 @@ class Prequest(Request):
     def get_status(self, status: Status | None = None) -> bool:
         inner = self._inner
         if not self._active or inner is None:
-            if status is not None:
-                _check_status(status, self._c, "get_status")
-                _empty(status)
+            _answered(self, None, status, _empty, "get_status")
             return True
         return inner.get_status(status)
 
