@@ -1,5 +1,6 @@
-"""Helpers shared by the tests that check no process outlives a job, and
-those that start ranks as plain subprocesses."""
+"""Helpers shared by the tests that check no process outlives a job, those
+that start ranks as plain subprocesses, and those that join a rendezvous
+of their own."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +18,18 @@ import pytest
 __all__ = ["alive", "free_port", "run_in_session", "rank_env", "run_ranks"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+EPS = {"ipc": "ipc:///tmp/nowhere", "tcp": "tcp://127.0.0.1:1"}
+"""Endpoints no rank listens on: a join's, where no mesh is made from the table."""
+
+
+def wait_until(cond: Any, timeout: float = 5.0) -> bool:
+    """Whether ``cond()`` holds within ``timeout`` seconds (looked at each 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(cond())
 
 
 def alive(pid: int) -> bool:

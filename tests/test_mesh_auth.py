@@ -26,16 +26,9 @@ import mesh
 from mesh import auth, rendezvous
 from mesh.rendezvous import RendezvousServer, join
 
+from proctools import EPS, wait_until
+
 pytestmark = pytest.mark.timeout(60)
-
-EPS = {"ipc": "ipc:///tmp/nowhere", "tcp": "tcp://127.0.0.1:1"}
-
-
-def _wait(cond: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def _stranger(ctx: zmq.Context, port: int, how: str, secret: str) -> zmq.Socket:
@@ -87,13 +80,13 @@ def test_rendezvous_refuses_strangers_and_duplicates(curve: bool) -> None:
     try:
         strangers = ["none", "plain-wrong", "curve-wrong"] + (["plain-right"] if curve else [])
         socks = [_stranger(ctx, srv.port, how, secret) for how in strangers]
-        assert _wait(lambda: srv.refused >= len(strangers)), srv.refused
+        assert wait_until(lambda: srv.refused >= len(strangers)), srv.refused
         assert not any(s.poll(200) for s in socks), "a stranger got an answer"
         assert srv.missing() == [0, 1]
 
         results: dict[int, Any] = {}
         first = _join_in_thread(srv.port, secret, 0, 2, curve, results)
-        assert _wait(lambda: srv.missing() == [1])
+        assert wait_until(lambda: srv.missing() == [1])
         dup: dict[int, Any] = {}
         _join_in_thread(srv.port, secret, 0, 2, curve, dup).join(10)
         assert isinstance(dup[0], mesh.RendezvousError)
@@ -109,7 +102,7 @@ def test_rendezvous_refuses_strangers_and_duplicates(curve: bool) -> None:
         # mesh.init() once more), for a new table; another process may not
         again: dict[int, Any] = {}
         first = _join_in_thread(srv.port, secret, 1, 2, curve, again)
-        assert _wait(lambda: srv.missing() == [0])
+        assert wait_until(lambda: srv.missing() == [0])
         other = ctx.socket(zmq.DEALER)
         other.setsockopt(zmq.LINGER, 0)
         auth.make_client(other, secret, curve)
@@ -167,7 +160,7 @@ def test_a_client_that_never_reads_its_answers_does_not_stall_the_rendezvous() -
                              "endpoints": EPS})
         for _ in range(5000):
             deaf.send(bad)
-        assert _wait(lambda: srv.rejected == 5000, 20), srv.rejected
+        assert wait_until(lambda: srv.rejected == 5000, 20), srv.rejected
         assert "cannot join a job of world size 2" in _refused_at_once(ctx, srv.port, "s")
         s = _insider(ctx, srv.port, "s")
         s.send(msgpack.packb({"op": "join", "rank": 0, "size": 3, "host": "h" * 60_000,
@@ -200,7 +193,7 @@ def test_a_request_the_checks_did_not_foresee_does_not_end_the_rendezvous() -> N
             s = _insider(ctx, srv.port, "s")
             before = srv.rejected
             s.send(req)
-            assert _wait(lambda: srv.rejected == before + 1), req[:80]
+            assert wait_until(lambda: srv.rejected == before + 1), req[:80]
             s.close()
         assert srv.missing() == [0, 1]
         assert "cannot join a job of world size 2" in _refused_at_once(ctx, srv.port, "s")
@@ -221,7 +214,7 @@ def test_malformed_requests_do_not_flood_the_rendezvous_log(
         with caplog.at_level("WARNING", logger="mesh.rendezvous"):
             for _ in range(300):
                 s.send(b"\xc1 not msgpack")
-            assert _wait(lambda: srv.rejected == 300), srv.rejected
+            assert wait_until(lambda: srv.rejected == 300), srv.rejected
         said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
         assert len(said) == 9 and said[-1].endswith("(256 so far)"), said[:3]
         s.close()
@@ -239,7 +232,7 @@ def test_a_wrong_secret_fails_the_rendezvous_with_a_clear_error() -> None:
                                                  "job secret"):
             join(ctx, "127.0.0.1", srv.port, "wrong", 0, 2, "h", EPS, 30.0)
         assert time.monotonic() - t0 < 5      # at once, not at the rendezvous timeout
-        assert _wait(lambda: srv.refused >= 1)
+        assert wait_until(lambda: srv.refused >= 1)
     finally:
         ctx.term()
         srv.close()
@@ -307,7 +300,7 @@ def test_a_rank_that_ended_is_named_with_its_host_by_the_ranks_of_other_hosts(
         try:
             for t in threads:
                 t.start()
-            assert _wait(lambda: srv.missing() == [2]), srv.missing()
+            assert wait_until(lambda: srv.missing() == [2]), srv.missing()
             teller.ended(gone, "exit code 5", 77)
         finally:
             for t in threads:
@@ -343,7 +336,7 @@ def test_a_refused_stranger_is_named(ipc: bool, tmp_path: Path,
     try:
         with caplog.at_level("WARNING", logger="mesh.auth"):
             s.connect(r.getsockopt_string(zmq.LAST_ENDPOINT))
-            assert _wait(lambda: a.refused >= 1)
+            assert wait_until(lambda: a.refused >= 1)
         said = [rec.getMessage() for rec in caplog.records if rec.name == "mesh.auth"]
         where = (f"from process {os.getpid()} (user id {os.geteuid()}) on this host" if ipc
                  else "from 127.0.0.1 ")
@@ -417,7 +410,7 @@ def _curve_job(world: mesh.Mesh) -> list:
             s.close()
         ctx.term()
     else:
-        assert _wait(lambda: world.refused >= 3)
+        assert wait_until(lambda: world.refused >= 3)
         world.send("done", 1, tag=5)
     a = np.arange(1000, dtype=np.float64) * (world.rank + 1)
     collectives.all_reduce(world, a)
@@ -550,7 +543,7 @@ def _not_zeromq(world: mesh.Mesh) -> list:
     world.recv(1)
     world.send(None, 1)
     world.recv(1)
-    _wait(lambda: world.refused >= 3, 20)
+    wait_until(lambda: world.refused >= 3, 20)
     time.sleep(0.5)         # (nothing counted twice, nor a peer's connection)
     return [world.refused]
 
@@ -627,7 +620,7 @@ def _silent_stranger(world: mesh.Mesh) -> list:
     world.recv(1)
     world.send(None, 1)
     closed = world.recv(1)
-    _wait(lambda: world.refused >= 1, 20)   # (the monitor is read on the next tick)
+    wait_until(lambda: world.refused >= 1, 20)   # (the monitor is read on the next tick)
     return [closed, world.refused]
 
 

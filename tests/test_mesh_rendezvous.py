@@ -8,7 +8,6 @@ import fcntl
 import os
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,18 @@ import mesh
 from mesh import auth, rdvlaunch, rdvserver
 from mesh.rendezvous import RendezvousServer, Teller, join, run_folder
 
+from proctools import EPS, wait_until
+
 pytestmark = pytest.mark.timeout(60)
 
-EPS = {"ipc": "ipc:///tmp/nowhere", "tcp": "tcp://127.0.0.1:1"}
 
-
-def _wait(cond: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return bool(cond())
+def _service(ctx: zmq.Context) -> tuple[zmq.Socket, int]:
+    """A service of the test's own (a ROUTER of the secret "s", on ``ctx``,
+    whose Authenticator the test makes) and its port: the test says its words."""
+    service = ctx.socket(zmq.ROUTER)
+    service.setsockopt(zmq.LINGER, 0)
+    auth.make_server(service, "s")
+    return service, service.bind_to_random_port("tcp://127.0.0.1")
 
 
 def test_an_ended_word_for_no_rank_of_the_job_is_refused_not_the_jobs_end(
@@ -52,12 +53,12 @@ def test_an_ended_word_for_no_rank_of_the_job_is_refused_not_the_jobs_end(
     try:
         with caplog.at_level("WARNING", logger="mesh.rendezvous"):
             first.start()
-            assert _wait(lambda: srv.missing() == [1])
+            assert wait_until(lambda: srv.missing() == [1])
             teller.ended(99, "exit code 5")
             teller.ended(-1, "exit code 5")
             assert teller._sock is not None
             teller._sock.send(msgpack.packb({"op": "ended", "rank": "1", "size": 2, "how": ""}))
-            assert _wait(lambda: srv.rejected == 3), srv.rejected
+            assert wait_until(lambda: srv.rejected == 3), srv.rejected
             joins(1)
             first.join(10)
         assert isinstance(got[0], list) and got[0] == got[1], got
@@ -109,7 +110,7 @@ def test_a_service_thread_slow_to_stop_closes_its_own_wake_pipe(
         tries.go.set()
         srv._thread.join(10)
         assert not srv._thread.is_alive()
-        assert _wait(lambda: _fds() <= fds), "the wake pipe (or a socket) was left open"
+        assert wait_until(lambda: _fds() <= fds), "the wake pipe (or a socket) was left open"
         srv.close()
         assert _fds() <= fds
     finally:
@@ -127,10 +128,7 @@ def test_a_long_wait_quotes_the_first_refusals_and_counts_the_rest(
     (A service of its own here, telling of 120 refusals at once.)"""
     ctx = zmq.Context()
     authenticator = auth.Authenticator(ctx, "s")
-    service = ctx.socket(zmq.ROUTER)
-    service.setsockopt(zmq.LINGER, 0)
-    auth.make_server(service, "s")
-    port = service.bind_to_random_port("tcp://127.0.0.1")
+    service, port = _service(ctx)
 
     def serve() -> None:
         if not service.poll(5000):
@@ -219,7 +217,7 @@ def test_a_service_that_ends_mid_rendezvous_fails_the_waiting_ranks_at_once() ->
             failed.set()
         waiter = threading.Thread(target=joins)
         waiter.start()
-        assert _wait(lambda: srv.missing() == [0])
+        assert wait_until(lambda: srv.missing() == [0])
         srv.close()
         assert failed.wait(10), "the rank waits on for a service that is gone"
         waiter.join(10)
@@ -228,9 +226,7 @@ def test_a_service_that_ends_mid_rendezvous_fails_the_waiting_ranks_at_once() ->
         # what a service says as it closes comes first: its refusal, not "closed"
         authenticator = auth.Authenticator(ctx, "s")
         for _ in range(5):
-            service = ctx.socket(zmq.ROUTER)
-            auth.make_server(service, "s")
-            port = service.bind_to_random_port("tcp://127.0.0.1")
+            service, port = _service(ctx)
             closing = threading.Thread(target=lambda: (
                 service.send_multipart([service.recv_multipart()[0], msgpack.packb(
                     {"op": "error", "msg": "no"})]), service.close(linger=1000)))
@@ -265,9 +261,9 @@ def test_a_rank_whose_connection_closes_before_the_table_is_waited_for_again(
             gone.connect(f"tcp://127.0.0.1:{srv.port}")
             gone.send(msgpack.packb({"op": "join", "rank": 1, "size": 2, "host": "h9",
                                      "endpoints": EPS, "pid": 99}))
-            assert _wait(lambda: srv.missing() == [0])
+            assert wait_until(lambda: srv.missing() == [0])
             gone.close()
-            assert _wait(lambda: srv.missing() == [0, 1])
+            assert wait_until(lambda: srv.missing() == [0, 1])
             first.start()
             joins(1)
             first.join(10)
@@ -318,7 +314,7 @@ def test_a_join_whose_fields_are_oversized_or_mistyped_is_refused_saying_which(
                 assert answer["op"] == "error" and said in answer["msg"], (said, answer)
             teller = Teller("127.0.0.1", srv.port, "s", 2)
             teller.ended(0, 5)      # type: ignore[arg-type]
-            assert _wait(lambda: srv.rejected == len(bad) + 2), srv.rejected
+            assert wait_until(lambda: srv.rejected == len(bad) + 2), srv.rejected
             teller.close()
         assert srv.missing() == [0, 1] and not srv._gone
         said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
@@ -359,7 +355,7 @@ def test_the_services_end_on_an_error_is_logged_and_told_to_the_waiting_ranks(
     try:
         with caplog.at_level("DEBUG", logger="mesh.rendezvous"):
             waiter.start()
-            assert _wait(lambda: srv.missing() == [0])
+            assert wait_until(lambda: srv.missing() == [0])
             tries.go.set()
             waiter.join(10)
             srv._thread.join(10)
@@ -431,10 +427,7 @@ def _join_hearing(words: list[Any], size: int = 2) -> Any:
     its join with ``words`` (bytes as they are; others packed)."""
     ctx = zmq.Context()
     authenticator = auth.Authenticator(ctx, "s")
-    service = ctx.socket(zmq.ROUTER)
-    service.setsockopt(zmq.LINGER, 0)
-    auth.make_server(service, "s")
-    port = service.bind_to_random_port("tcp://127.0.0.1")
+    service, port = _service(ctx)
 
     def serve() -> None:
         if service.poll(5000):
