@@ -26,7 +26,7 @@ sharded, the tp peers at once, so their collectives are in every figure::
     opt = torch.optim.SGD(job.parameters(), lr=0.1)
     for x, y in batches:             # this dp replica's batch
         opt.zero_grad()
-        loss = job.step(x, y)        # the mean loss on last-stage ranks, else None
+        loss = job.step(x, y)        # the global batch's mean loss, on every rank
         job.clip_grad_norm_(1.0)     # (optional) the whole model's norm, engine.clip
         opt.step()
     val = job.eval_step(x, y)        # forwards only, modules in eval mode for the call

@@ -76,9 +76,6 @@ import time
 import weakref
 from typing import Any, Callable, Collection, Sequence
 
-import numpy as np
-
-import collectives
 from mesh import Comm, Grid
 
 from . import trace as _trace
@@ -375,11 +372,14 @@ class Pipeline:
 
     def step(self, inputs: Any = None, targets: Any = None, *,
              scaler: Any = None) -> float | None:
-        """Run one step; return the mean loss on last-stage ranks (a
-        per-token loss's: the sums over the count), else None; a per-token
-        loss's reports (Megatron-core's third item) are then ``reports`` on
-        every rank, summed over the micro-batches and dp replicas ({}
-        without). On failure, clean up (see the class docstring) and raise.
+        """Run one step; return its mean loss over the global batch (a
+        per-token loss's: the sums over the count) on every rank, the same
+        float (DeepSpeed's ``train_batch``'s: the last stage's ranks' loss,
+        each replica's, met in the step's closing all-reduce, ``_Step.agree``,
+        and averaged over dp there); a per-token loss's reports
+        (Megatron-core's third item) are then ``reports`` on every rank,
+        summed over the micro-batches and dp replicas ({} without). On
+        failure, clean up (see the class docstring) and raise.
         ``scaler``: a ``torch.amp.GradScaler`` whose scale seeds the losses'
         backward, its inf check agreed by every rank (engine.scaled)."""
         st = _Step(self, self._steps, scaler=scaler)
@@ -395,7 +395,7 @@ class Pipeline:
     def _drive(self, st: "_Step", inputs: Any, targets: Any,
                events: list[list[Any]] | None = None) -> float | None:
         """Run step ``st``'s program (``events``: each action's, timed, for
-        the trace); its mean loss on last-stage ranks. On failure: clean
+        the trace); its mean loss, on every rank. On failure: clean
         up, agree with the others that it failed, raise."""
         try:
             return self._driven(st, inputs, targets, events)
@@ -418,13 +418,14 @@ class Pipeline:
                                self._flow(a) if flow else 0])
             at = len(st.program)
             st.finish()
-            mean = self._mean_loss(st)
+            if self.last and st.weights:    # (the mean over dp: agree's, on every rank)
+                st.share = st.mean_loss()
         except BaseException as e:
             st.abandon(at, e)
             st.agree(e)
             raise
         st.agree(None)
-        mean = st.settle(mean)
+        mean = st.settle(st.loss)
         self.reports = st.counts.reports.total
         return mean
 
@@ -435,12 +436,12 @@ class Pipeline:
         touched and no autograd graph kept (torch's ``no_grad``). Every
         torch stage's modules are in eval mode for the call (dropout off,
         as ``model.eval()`` in one process) and get back their own modes
-        after. Returns the mean loss over the global batch on last-stage
-        ranks (the micro-batches and dp replicas weighed by their rows, as
+        after. Returns the mean loss over the global batch on every rank
+        (the micro-batches and dp replicas weighed by their rows, as
         ``step()``'s: one process's ``loss_fn(model(x), y)``; a per-token
-        loss's sums over the count), None
-        elsewhere (and where ``targets`` is None: no loss, inference, every
-        replica alike); with ``outputs``, ``(loss, out)``: the last stage's
+        loss's sums over the count), None where ``targets`` is None (no
+        loss, inference, every replica alike); with ``outputs``, ``(loss,
+        out)``: the last stage's
         outputs for this replica's batch, its micro-batches' joined in
         order (a tensor or an array; None elsewhere). It uses a
         step's tags (every rank calls it as often, as ``step()``); a
@@ -464,21 +465,6 @@ class Pipeline:
             return mean, None
         out = _joined([st.outs_last[k] for k in range(len(st.outs_last))])
         return mean, whole_output(self.stages[max(self.stages)], out)
-
-    def _mean_loss(self, st: "_Step") -> float | None:
-        """The step's mean loss on last-stage ranks (averaged over dp,
-        where the replicas' rows weighed it; a per-token loss's sums
-        averaged, which ``settle`` divides by the count), else None."""
-        if not self.last or not st.weights:
-            return None
-        mean = st.mean_loss()
-        if st.loss_sync:
-            assert self.dp is not None
-            st.loss_sync = False
-            buf = np.array([mean], dtype=np.float64)
-            collectives.all_reduce(self.dp, buf, op="avg")
-            mean = float(buf[0])
-        return mean
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False, foreach: bool | None = None) -> Any:

@@ -84,8 +84,9 @@ class Job(_ModelState, _OptimizerState, _Retiming):
 
     def step(self, inputs: Any = None, targets: Any = None, *,
              scaler: Any = None) -> float | None:
-        """One step on this dp replica's batch; the mean loss where the last
-        stage runs, None elsewhere. Ranks that need neither may pass them.
+        """One step on this dp replica's batch; the global batch's mean
+        loss, the same float on every rank (DeepSpeed's ``train_batch``'s;
+        ``Pipeline.step``). Ranks that need neither may pass them.
         ``scaler``: a ``torch.amp.GradScaler``, in place of one process's
         ``scaler.scale(loss).backward()``, its inf check alike on every rank
         (engine.scaled); then ``scaler.unscale_(opt)``, ``scaler.step(opt)``
@@ -118,9 +119,10 @@ class Job(_ModelState, _OptimizerState, _Retiming):
                   outputs: bool = False) -> Any:
         """Evaluate this dp replica's batch: the schedule's forwards only,
         no gradient touched, torch modules in eval mode for the call
-        (``Pipeline.eval_step``). The mean loss over the global batch where
-        the last stage runs (one process's ``loss_fn(model(x), y)``), None
-        elsewhere; with ``outputs``, ``(loss, the last stage's outputs)``.
+        (``Pipeline.eval_step``). The mean loss over the global batch on
+        every rank (one process's ``loss_fn(model(x), y)``; None where
+        ``targets`` is None on every replica); with ``outputs``, ``(loss,
+        the last stage's outputs)`` (None off the last stage).
         Ranks that need neither may pass them; every rank calls it."""
         return self._stepped(functools.partial(self.pipeline.eval_step, outputs=outputs),
                              inputs, targets)

@@ -60,7 +60,7 @@ class _Step(_StepActions):
                   f"{type(error).__name__}: {error}")[:_REASON_MAX]
         kind = AbortKind.of(error)  # peers raise the same kind: a lost peer stays one
         lost = error.peer if isinstance(error, LostPeerError) else None
-        skipped = (1 if self.loss_sync else 0) + (1 if self.rows_pending else 0)
+        skipped = 1 if self.rows_pending else 0
         for a in self.program[at:]:
             if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B):
                 pipe.pp.collective_channel().abort(pipe._tag(a, self.n), reason, kind, lost)
@@ -133,10 +133,15 @@ class _Step(_StepActions):
         all-gather; replicas reporting other names fail the step. So does
         a loss scale (``step(scaler=)``, engine.scaled): each rank's, which
         must be alike, and whether its gradients were finite, which every
-        rank learns."""
+        rank learns. And each dp replica's share of the step's loss
+        (``share``, known on its last stage's ranks; -inf elsewhere, the
+        all-reduce's maximum takes it): every rank takes their mean
+        (``loss``, the step's loss, which ``settle`` ends), so the step
+        returns it on every rank at no message of its own."""
         pipe, whole = self.pipe, self.pipe.whole
         if whole.size == 1:
             self.counts.agreed(None)
+            self.loss = self.share
             return
         # with it, each dp replica's rows of inputs and of targets (+1; 0: not
         # known here), which only ranks of the first and the last stage know:
@@ -150,8 +155,12 @@ class _Step(_StepActions):
         agreed, reports = pipe.report_layout, self.counts.reports
         said = 1 + 4 * replicas
         span = 2 * width(agreed)
-        failed = np.zeros(7 + 4 * replicas + span * replicas, dtype=np.float64)
+        failed = np.zeros(8 + 5 * replicas + span * replicas, dtype=np.float64)
         amp = len(failed) - 5   # a loss scale's three slots (engine.scaled), before the last two
+        # before them, each replica's share of the loss (-inf: not known here; known on its
+        # last stage's ranks) and 1 where some rank has one: every rank returns their mean
+        lo = amp - 1 - replicas
+        failed[lo:amp - 1] = -np.inf
         failed[0] = 0 if error is None else 1
         failed[1 + 2 * pipe.dp_index:3 + 2 * pipe.dp_index] = (self.in_rows + 1,
                                                                self.target_rows + 1)
@@ -162,6 +171,8 @@ class _Step(_StepActions):
             at = said + 1 + span * pipe.dp_index
             failed[said], failed[at:at + span] = reports.said(agreed, loss_here)
             failed[amp:amp + 3] = self.scaled.slots(pipe)
+            if self.share is not None:
+                failed[lo + pipe.dp_index], failed[amp - 1] = self.share, 1
         failed[-2:] = (1, 0) if self.forward_only else (0, 1)
         wrong: list[tuple[int, int, int]] = []
         evals: list[int] = []
@@ -181,7 +192,9 @@ class _Step(_StepActions):
             mixed = bool(failed[-2] and failed[-1])
             relaid = failed[said] == 2
             if failed[said] == 1:
-                reports.from_slots(agreed, failed[said + 1:amp].reshape(replicas, span))
+                reports.from_slots(agreed, failed[said + 1:lo].reshape(replicas, span))
+            if failed[amp - 1]:     # (the replicas' shares' mean: collectives' avg, alike)
+                self.loss = float(failed[lo:amp - 1].sum() / replicas)
             if not failed[0] and not wrong and not mixed and not all(kinds) and not relaid:
                 return
             if not failed[0] and not mixed and not relaid:

@@ -129,8 +129,12 @@ class _StepActions:
         self.recvs: dict[Action, Any] = {}
         self.sends: list[Any] = []
         self.syncs: dict[int, list[Any]] = {}
-        self.loss_sync = pipe.last and pipe.dp is not None and pipe.dp.size > 1
-        self.rows_pending = self.loss_sync     # the sum of the replicas' rows, not yet made
+        # the sum of the replicas' rows, not yet made (a last stage's, with dp replicas)
+        self.rows_pending = pipe.last and pipe.dp is not None and pipe.dp.size > 1
+        # this replica's share of the step's loss (its last stage's ranks: ``mean_loss``),
+        # and the step's, which every rank learns in the closing all-reduce (``agree``)
+        self.share: float | None = None
+        self.loss: float | None = None
         self.tp_seq = pipe.tp.collective_channel().seq if pipe.tp is not None else 0
         # this replica's rows of inputs (stage 0's ranks) and of targets (the last
         # stage's), -1 where this rank was given none: compared at the step's end
@@ -164,9 +168,8 @@ class _StepActions:
                 raise ValueError(f"pp rank {pipe.rank}: {call}'s inputs: {e}") from None
             self.xs.update({(0, k): x for k, x in enumerate(xs)})
             self.in_rows = rows_of(inputs)
-        if pipe.last and targets is None and self.forward_only and not self.rows_pending:
-            self.loss_sync = False      # outputs only: no loss
-        elif pipe.last:
+        # (eval_step's targets None, no dp replicas: outputs only, no loss)
+        if pipe.last and not (targets is None and self.forward_only and not self.rows_pending):
             if targets is None and not self.forward_only:
                 raise ValueError(f"pp rank {pipe.rank} holds the last stage: {call} needs targets")
             if targets is not None:
@@ -198,7 +201,6 @@ class _StepActions:
                                      f"dp replicas gave targets, the others None: all do, or "
                                      f"none (outputs only)")
                 if not having:
-                    self.loss_sync = False
                     return self._post_receives()
                 share = total * pipe.dp.size / float(rows[0])
             # each micro-batch's loss gradient weighed by its share of the global batch
@@ -559,9 +561,10 @@ class _StepActions:
         self.pipe.tp_sums.settle(self.pipe.timeout)
 
     def mean_loss(self) -> float:
-        """This replica's share of the step's loss: its micro-batches' means
-        weighed by rows (times its share of the global batch's rows), or a
-        per-token loss's sum."""
+        """This replica's share of the step's loss (``share``; their mean
+        over dp is the step's loss): its micro-batches' means weighed by
+        rows (times its share of the global batch's rows), or a per-token
+        loss's sum."""
         if self.counts.kind():
             return sum(self.losses)
         return sum(w * v for w, v in zip(self.weights, self.losses))

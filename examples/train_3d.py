@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import collectives
 import engine
 import mesh
 
@@ -163,7 +162,7 @@ def main() -> None:
             loss = job.step(*mine(step))
             opt.step()
             took.append(time.perf_counter() - t0)
-            if loss is not None and d == 0 and grid.coord("tp") == 0:
+            if world.rank == 0:                     # (the step's loss, on every rank)
                 print(f"step {step:3d}  loss {loss:.4f}", flush=True)
         if world.rank == 0 and job.predicted and len(took) > 1:
             print(f"steps took {statistics.median(took[1:]) * 1e3:.2f} ms (median; rank 0, "
@@ -171,7 +170,6 @@ def main() -> None:
 
         opt.zero_grad()
         final = job.step(*mine(args.steps))           # the distributed forward, trained
-        final = [v for v in collectives.all_gather_object(world, final) if v is not None][0]
         state = job.state_dict()                      # every rank; the whole model on rank 0
         if world.rank == 0:
             torch.save(state, args.out)

@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 
-import collectives
 import engine
 import mesh
 from engine.layers import Linear, Sequential, Tanh, mse_loss, sgd
@@ -81,7 +80,7 @@ def main() -> None:
             loss = job.step(*mine(step))
             sgd(job.stages, args.lr)
             took.append(time.perf_counter() - t0)
-            if loss is not None and d == 0 and grid.coord("tp") == 0:
+            if world.rank == 0:                     # (the step's loss, on every rank)
                 print(f"step {step:3d}  loss {loss:.6f}", flush=True)
         if world.rank == 0 and job.predicted and len(took) > 1:
             print(f"steps took {statistics.median(took[1:]) * 1e3:.2f} ms (median; rank 0, "
@@ -90,7 +89,6 @@ def main() -> None:
         final = job.step(*mine(args.steps))
         for g in job.grads():
             g[...] = 0
-        final = [v for v in collectives.all_gather_object(world, final) if v is not None][0]
         state = job.state_dict()
         if world.rank == 0:
             np.savez(args.out, **state)

@@ -6,8 +6,8 @@
 --schedule is gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v. Other numbers
 of workers run too: dp=2 where the number is even and at least 4, pp the rest.
 
-Rank 0 prints the schedule grid, the last-stage rank of replica 0 prints the
-loss of each step, and rank 0 writes a Chrome/Perfetto trace of the last
+Rank 0 prints the schedule grid and the loss of each step (``pipe.step``
+returns it on every rank), and writes a Chrome/Perfetto trace of the last
 step (open it in ui.perfetto.dev, or `python -m engine.show FILE`).
 """
 import argparse
@@ -65,7 +65,7 @@ def main() -> None:
             x, y = teacher_batch(rng, args.rows)
             loss = pipe.step(x if pipe.first else None, y if pipe.last else None)
             sgd(stages, args.lr)
-            if loss is not None and replica == 0:
+            if world.rank == 0:                 # (the step's loss, on every rank)
                 print(f"step {step:3d}  loss {loss:.6f}", flush=True)
 
         path = pipe.write_trace(args.trace)

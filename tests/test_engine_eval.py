@@ -109,12 +109,15 @@ def test_eval_step_is_one_process_forward_in_eval_mode():
             assert got["nothing"] is None, (name, r)
             assert got["nograd"] != "no error", (name, r)
             assert not got["last"] or "step() ran with grad mode off" in got["nograd"], (name, r)
-            if not got["last"]:
-                assert got["loss"] is None and got["out"] is None, (name, r)
-                continue
+            # the loss on every rank, the same float (the last stage's, averaged over dp)
             assert got["loss"] == pytest.approx(want, rel=1e-5), (name, r)
+            assert got["loss"] == results[0][name]["loss"], (name, r)
             assert got["again"] == got["loss"], (name, r)
+            assert got["after"] == results[0][name]["after"], (name, r)
             assert got["after"] is not None and np.isfinite(got["after"]), (name, r)
+            if not got["last"]:
+                assert got["out"] is None, (name, r)
+                continue
             d = r // 2 if dp == 2 else 0           # world rank = dp * 2 + pp (+ tp)
             assert got["out"].shape == want_out[d::dp].shape, (name, r, got["out"].shape)
             np.testing.assert_allclose(got["out"], want_out[d::dp], rtol=1e-5, atol=1e-6,

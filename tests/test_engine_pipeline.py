@@ -122,10 +122,11 @@ def _check(results, pp_size, dp_size, m):
             for r in range(pp_size):
                 params, losses, _ = results[d * pp_size + r][name]
                 got.update(params)
-                assert (losses[0] is not None) == (r == last)
-                if r == last:
-                    np.testing.assert_allclose(losses, ref_losses, rtol=1e-10,
-                                               err_msg=f"{name}: loss")
+                # every rank of every replica returns the step's loss, the same float
+                # (the last stage's, averaged over dp: DeepSpeed's train_batch's)
+                assert losses == results[last][name][1], (name, d, r)
+                np.testing.assert_allclose(losses, ref_losses, rtol=1e-10,
+                                           err_msg=f"{name}: loss")
             flat = [p for s in sorted(got) for p in got[s]]
             assert len(flat) == len(ref_params)
             for i, (a, b) in enumerate(zip(flat, ref_params)):
@@ -200,9 +201,9 @@ def _check_counted(results, pp_size, dp_size, m):
                     np.testing.assert_allclose(rep["sse"], ref_sums[step], rtol=1e-10)
                     assert rep["minus"] == -m * dp_size, rep
                 got.update(params)
-                if r == last:
-                    np.testing.assert_allclose(losses, ref_losses, rtol=1e-10,
-                                               err_msg=f"per-token {name}: loss")
+                assert losses == results[last]["counted"][name][1], (name, d, r)
+                np.testing.assert_allclose(losses, ref_losses, rtol=1e-10,
+                                           err_msg=f"per-token {name}: loss")
             flat = [p for s in sorted(got) for p in got[s]]
             for i, (a, b) in enumerate(zip(flat, ref_params, strict=True)):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13,
