@@ -155,8 +155,8 @@ class _Step(_StepActions):
         agreed, reports = pipe.report_layout, self.counts.reports
         said = 1 + 4 * replicas
         span = 2 * width(agreed)
-        failed = np.zeros(8 + 5 * replicas + span * replicas, dtype=np.float64)
-        amp = len(failed) - 5   # a loss scale's three slots (engine.scaled), before the last two
+        failed = np.zeros(9 + 5 * replicas + span * replicas, dtype=np.float64)
+        amp = len(failed) - 6   # a loss scale's four slots (engine.scaled), before the last two
         # before them, each replica's share of the loss (-inf: not known here; known on its
         # last stage's ranks) and 1 where some rank has one: every rank returns their mean
         lo = amp - 1 - replicas
@@ -170,7 +170,7 @@ class _Step(_StepActions):
             failed[at:at + 2] = self.counts.slots()
             at = said + 1 + span * pipe.dp_index
             failed[said], failed[at:at + span] = reports.said(agreed, loss_here)
-            failed[amp:amp + 3] = self.scaled.slots(pipe)
+            failed[amp:amp + 4] = self.scaled.slots(pipe)
             if self.share is not None:
                 failed[lo + pipe.dp_index], failed[amp - 1] = self.share, 1
         failed[-2:] = (1, 0) if self.forward_only else (0, 1)
@@ -182,7 +182,7 @@ class _Step(_StepActions):
             collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
             if not failed[0] and not (failed[-2] and failed[-1]):   # (a scale unlike
                 # another rank's: raised, rolled back; eval_step beside step is told below)
-                self.scaled.agreed(failed[amp:amp + 3], f"rank {whole.rank} of {whole.name}: "
+                self.scaled.agreed(failed[amp:amp + 4], f"rank {whole.rank} of {whole.name}: "
                                    f"pipeline step {self.n} ({pipe.schedule.name})")
             rows = failed[1:1 + 2 * replicas].reshape(replicas, 2) - 1
             m = pipe.schedule.num_microbatches

@@ -94,6 +94,15 @@ def _in_action(e: MeshError, where: str) -> MeshError:
 _Key = tuple[int, int]
 
 
+def _elements(targets: Any) -> float:
+    """How many elements ``targets`` holds (a tuple's: its first part's;
+    rows where it has no size): what a count of tokens is at most."""
+    first = targets[0] if isinstance(targets, tuple) and targets else targets
+    numel = getattr(first, "numel", None)
+    size = numel() if callable(numel) else getattr(first, "size", None)
+    return float(size) if isinstance(size, (int, np.integer)) else float(len(first))
+
+
 def _key(a: Action) -> _Key:
     assert a.mb is not None
     return (a.stage, a.mb)
@@ -189,13 +198,15 @@ class _StepActions:
             # rows, not len(): a tuple of targets (labels and a mask) has its parts' rows
             total = sum(rows_of(t) for t in self.targets)
             share = 1.0     # this replica's rows over the mean replica's (dp replicas may differ)
+            elements = 0.0 if targets is None else _elements(targets)
             if self.rows_pending:
                 assert pipe.dp is not None
                 self.rows_pending = False
-                # (with them, how many replicas have targets: eval_step's may be None, on all)
-                rows = np.array([total, targets is not None], dtype=np.float64)
+                # (with them, how many replicas have targets: eval_step's may be None, on all;
+                # and the targets' elements, a per-token loss's seed's divisor under a scaler)
+                rows = np.array([total, targets is not None, elements], dtype=np.float64)
                 collectives.all_reduce(pipe.dp, rows, op="sum")
-                having = int(rows[1])
+                having, elements = int(rows[1]), float(rows[2])
                 if having not in (0, pipe.dp.size):
                     raise ValueError(f"pp rank {pipe.rank}: {call}: {having} of {pipe.dp.size} "
                                      f"dp replicas gave targets, the others None: all do, or "
@@ -207,6 +218,7 @@ class _StepActions:
             # (times dp, which the average over dp divides out): every stage's gradients,
             # linear in it, are then the global mean loss's
             self.weights = [rows_of(t) / total * share for t in self.targets]
+            self.scaled.per_token(elements)
         if not self.forward_only:
             self.prior = self._save_prior()
         self._post_receives()
@@ -387,13 +399,12 @@ class _StepActions:
                 self.losses[k] = self._value(a, y, self.targets[k])
         elif last:
             seed = self.scaled.seed(self.weights[k])
-            out = self._loss(y, self.targets[k], seed)
+            out = self._loss(y, self.targets[k], seed, self.scaled.sum_seed())
             loss, gy = out[0], out[1]
             counted = self._counted(a, out[2] if len(out) >= 3 else None,
                                     out[3] if len(out) == 4 else None)
             if seed is not None:
-                gy = self.scaled.seeded(gy, seed, counted, pipe.loss_fn, f"pp rank {pipe.rank}: "
-                                        f"pipeline step {self.n} ({pipe.schedule.name}), {a}")
+                gy = self.scaled.seeded(gy, seed, counted, pipe.loss_fn)
             if _shapes(y) is not None and not _fits(_shapes(gy), _shapes(y)):
                 # (numpy broadcasts a (rows, 1) one through a Tanh's backward: wrong
                 # gradients with nothing said; other shapes failed far off, in a stage)
@@ -428,7 +439,8 @@ class _StepActions:
                         f"colwise module after it with input 'sequence' and output "
                         f"'replicate' (the head)")
 
-    def _loss(self, y: Any, target: Any, seed: float | None = None) -> tuple[Any, Any]:
+    def _loss(self, y: Any, target: Any, seed: float | None = None,
+              sum_seed: float | None = None) -> tuple[Any, Any]:
         """``loss_fn(y, target)``: (loss, gradient of ``y``); on its first
         call, a torch loss is wrapped or a wrong return refused. A tensor
         output's loss gets its targets as tensors on the output's device
@@ -436,17 +448,15 @@ class _StepActions:
         user's own (``F.cross_entropy(logits, y)``) given numpy targets
         failed there, in torch, before it could be wrapped. With a loss
         scale's ``seed`` (engine.scaled), a torch loss's backward starts
-        from it, the loss as written (a mean, not run per token: its count
-        comes too late to seed by)."""
+        from it, or, where the loss is per-token, from ``sum_seed``."""
         pipe = self.pipe
         assert pipe.loss_fn is not None
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(y, torch.Tensor):
             target = torch_targets(target, y.device)
         if seed is not None and pipe.loss_checked:      # (the loss computed once)
-            fn = getattr(pipe.loss_fn, "as_written", pipe.loss_fn)
-            if getattr(fn, "seeded", False):
-                return fn(y, target, seed=seed)
+            if getattr(pipe.loss_fn, "seeded", False):
+                return pipe.loss_fn(y, target, seed=seed, sum_seed=sum_seed)
         out = pipe.loss_fn(y, target)
         if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
             fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
@@ -456,10 +466,8 @@ class _StepActions:
                 pipe.loss_fn = fn
                 out = fn(y, target)
             pipe.loss_checked = True
-        if seed is not None:
-            fn = getattr(pipe.loss_fn, "as_written", pipe.loss_fn)
-            if getattr(fn, "seeded", False):
-                return fn(y, target, seed=seed)
+        if seed is not None and getattr(pipe.loss_fn, "seeded", False):
+            return pipe.loss_fn(y, target, seed=seed, sum_seed=sum_seed)
         return out
 
     def _value(self, a: Action, y: Any, target: Any) -> float:
@@ -583,12 +591,14 @@ class _StepActions:
         if self.counts.per_token:
             scale = self.counts.scale(pipe.dp.size if pipe.dp is not None else 1)
             if not self.forward_only:
+                # (under a loss scale, the sums' seed was scaled down by its divisor too)
+                factor = scale * self.scaled.factor()
                 for stage in pipe.stages.values():
                     # (a None .grad, a parameter the step did not reach, stays None)
                     held = stage.kept_grads() if hasattr(stage, "kept_grads") else stage.grads()
                     for g in held:
                         if g is not None:
-                            g *= scale
+                            g *= factor
             loss = None if loss is None else loss * scale
         if self.forward_only:
             return loss

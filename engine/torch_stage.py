@@ -712,12 +712,14 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
     value: engine.per_token_call) runs as its per-token sum and count unless
     ``per_token`` is False; the wrapper's ``as_written`` is the loss as
     written (a schedule with OPT actions takes that). ``seed``: the loss's
-    gradient to start its backward from (a loss scale's, engine.scaled)."""
+    gradient to start its backward from (a loss scale's, engine.scaled);
+    ``sum_seed``: a per-token loss's sum's, in its place."""
     torch = _torch()
     form = (summed(fn) or watched(fn)) if per_token else None
     given, fn = fn, form or fn
 
-    def loss_fn(y: Any, target: Any, seed: float | None = None) -> tuple[Any, ...]:
+    def loss_fn(y: Any, target: Any, seed: float | None = None,
+                sum_seed: float | None = None) -> tuple[Any, ...]:
         if not torch.is_grad_enabled():     # (the stages' forwards made no graph either)
             raise TypeError("step() ran with grad mode off (under torch.no_grad() or "
                             "torch.inference_mode()): a step trains; evaluate with "
@@ -735,6 +737,8 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
                             "output, the mean over the micro-batch (F.mse_loss, "
                             f"F.cross_entropy), {SUM_COUNT}" + _hint(loss))
         # (a loss scale's seed, engine.scaled: one process's scaler.scale(loss).backward())
+        if count is not None and sum_seed is not None:
+            seed = sum_seed
         loss.backward(None if seed is None else torch.tensor(seed, dtype=loss.dtype,
                                                              device=loss.device))
         if count is None:

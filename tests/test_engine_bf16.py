@@ -69,18 +69,19 @@ def _fp16_batch(step):
     return torch.randn(16, 6, generator=g) * 4, torch.randint(0, 5, (16,), generator=g)
 
 
-def _fp16_loop(params, opt, scaler, step_fn, clip, bad):
+def _fp16_loop(params, opt, scaler, step_fn, clip, bad, autocast=True):
     """One process's GradScaler loop, its backward ``step_fn``'s; ``bad``: a
     parameter whose gradient is made inf at step BAD. Each step's scale
-    after it, whether any weight moved, and the norm."""
+    after it, whether any weight moved, and the norm (and with ``autocast``
+    off, the loss ``step_fn`` returned)."""
     import torch
     out = []
     for step in range(FP16_STEPS):
         hook = bad.register_hook(lambda g: g * float("inf")) if step == BAD and bad is not None \
             else None
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            step_fn(step)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = step_fn(step)
         if hook is not None:
             hook.remove()
         scaler.unscale_(opt)
@@ -89,7 +90,7 @@ def _fp16_loop(params, opt, scaler, step_fn, clip, bad):
         scaler.step(opt)
         scaler.update()
         out.append((scaler.get_scale(), any(not torch.equal(b, p) for b, p in zip(before, params)),
-                    norm))
+                    norm) + (() if autocast else (loss,)))
     return out
 
 
@@ -107,6 +108,69 @@ def _fp16_reference():
     steps = _fp16_loop(params, opt, scaler, backward,
                        lambda m: torch.nn.utils.clip_grad_norm_(params, m), model[4].weight)
     return steps, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _counted_batch(step):
+    """``_fp16_batch``'s, some labels -100 (not counted): each micro-batch
+    and dp replica counts another number of them."""
+    import torch
+    x, y = _fp16_batch(step)
+    y[torch.rand(16, generator=torch.Generator().manual_seed(90 + step)) < 0.4] = -100
+    return x, y
+
+
+def _counted_sum(out, t):
+    """A per-token loss of the user's own: the sum and the count."""
+    import torch.nn.functional as F
+    return F.cross_entropy(out, t, ignore_index=-100, reduction="sum"), (t != -100).sum()
+
+
+def _per_token_reference():
+    """One process's float32 GradScaler loop (no autocast, SGD) on the
+    counted batches: ``scaler.scale(mean over the counted labels)``."""
+    import torch
+    import torch.nn.functional as F
+    model = _mlp()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+
+    def backward(step):
+        x, y = _counted_batch(step)
+        loss = F.cross_entropy(model(x), y, ignore_index=-100)
+        scaler.scale(loss).backward()
+        return loss.item()
+    steps = _fp16_loop(params, opt, scaler, backward,
+                       lambda m: torch.nn.utils.clip_grad_norm_(params, m), model[4].weight,
+                       autocast=False)
+    return steps, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _fp16_per_token(grid):
+    """A per-token loss under a GradScaler at dp=2 x pp=2, float32 (no
+    autocast), SGD: a mean cross entropy module (run per token) and a
+    ``(loss_sum, count)`` of the user's own; the inf on dp replica 0's
+    stage 1 at step BAD."""
+    import torch
+
+    import engine
+    d, out = grid.coord("dp"), []
+    for loss_fn in (torch.nn.CrossEntropyLoss(ignore_index=-100), _counted_sum):
+        job = engine.distribute(_mlp(), grid, schedule="1f1b", microbatches=2, balance=[3, 2],
+                                loss_fn=loss_fn, verbose=False, timeout=60)
+        params = job.parameters()
+        opt = torch.optim.SGD(params, lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+
+        def backward(step):
+            x, y = _counted_batch(step)
+            return job.step(x[d::2], y[d::2], scaler=scaler)
+        steps = _fp16_loop(params, opt, scaler, backward, job.clip_grad_norm_,
+                           dict(job.named_parameters()).get("4.weight") if d == 0 else None,
+                           autocast=False)
+        state = job.state_dict()
+        out.append((steps, state and {k: v.numpy() for k, v in state.items()}))
+    return out
 
 
 def _fp16(grid):
@@ -193,7 +257,7 @@ def _worker(world):
         x, y = torch.randn(8, 6), torch.randn(8, 3)
         losses.append(pipe.step(x if pipe.first else None, y if pipe.last else None))
         opt.step()
-    return grads, losses, sequence, _fp16(grid)
+    return grads, losses, sequence, _fp16(grid), _fp16_per_token(grid)
 
 
 @pytest.mark.timeout(200)
@@ -205,7 +269,7 @@ def test_bfloat16_stages_train_and_accumulate():
     # gradient that is rounding noise (an attention's key bias: 0 exactly) by as much
     atol = 1e-2 * max(float(np.abs(g).max()) for g in want.values())
     seen = set()
-    for r, (grads, losses, sequence, _) in enumerate(results):
+    for r, (grads, losses, sequence, *_) in enumerate(results):
         for k, g in grads.items():
             np.testing.assert_allclose(g, want[k], rtol=5e-2, atol=atol,
                                        err_msg=f"rank {r} {k}")
@@ -225,7 +289,7 @@ def test_bfloat16_stages_train_and_accumulate():
     steps, weights = _fp16_reference()
     assert [s[:2] for s in steps] == [(65536.0, True), (32768.0, False), (32768.0, True),
                                       (65536.0, True)], steps
-    for r, (*_, fp16) in enumerate(results):
+    for r, (*_, fp16, _) in enumerate(results):
         for zero, (got, state) in zip((0, 2, 3), fp16[:3]):
             assert [g[:2] for g in got] == [s[:2] for s in steps], (r, zero, got)
             # (step BAD's norm: inf in one process; here its two micro-batches' infs of
@@ -243,3 +307,23 @@ def test_bfloat16_stages_train_and_accumulate():
             and "rolled back" in fp16[3], (r, fp16[3])
         assert fp16[4] == f"TypeError: pp rank {r % 2}: step(scaler=): a torch.amp.GradScaler, " \
             "not 'object'", (r, fp16[4])
+    # a per-token loss under the scaler (float32): its sums' backward seeded by the scale
+    # over the targets' elements, the gradients made the count's at the step's end: the
+    # scales, skips, norms, losses (every rank's the same) and weights are one process's
+    steps, weights = _per_token_reference()
+    assert [s[:2] for s in steps] == [(65536.0, True), (32768.0, False), (32768.0, True),
+                                      (65536.0, True)], steps
+    for r, (*_, per_token) in enumerate(results):
+        for way, (got, state) in zip(("module", "pair"), per_token):
+            assert [g[:2] for g in got] == [s[:2] for s in steps], (r, way, got)
+            assert [g[3] for g in got] == [g[3] for g in results[0][-1][0][0]], (r, way)
+            np.testing.assert_allclose([g[3] for g in got], [s[3] for s in steps], rtol=1e-6,
+                                       err_msg=f"rank {r} {way}: losses")
+            np.testing.assert_allclose([g[2] for i, g in enumerate(got) if i != BAD],
+                                       [s[2] for i, s in enumerate(steps) if i != BAD],
+                                       rtol=1e-5, err_msg=f"rank {r} {way}: norms")
+            if r == 0:
+                assert set(state) == set(weights)
+                for k, v in state.items():
+                    np.testing.assert_allclose(v, weights[k], rtol=1e-5, atol=1e-7,
+                                               err_msg=f"{way} {k}")
