@@ -36,6 +36,11 @@ class RendezvousServer:
     Once the table is out, a rank's process may join again (its mesh
     closed, ``mesh.init()`` or ``init_process_group`` once more): that
     starts a new round, which only the processes of the last table join.
+    A join is one registration however often it comes (its ``call``, drawn
+    once a join): a rank whose connection dropped (a network drop) sends it
+    again on a new one, which replaces the first, in its round or once the
+    table is out (the table again, which the drop may have lost), where a
+    second process claiming the rank is refused.
 
     ``refused`` counts connections that failed the handshake (no secret, a
     wrong one, another mechanism); ``rejected`` counts requests refused after
@@ -78,6 +83,7 @@ class RendezvousServer:
         self.complete = threading.Event()
         self._peers: dict[int, dict[str, Any]] = {}
         self._idents: dict[int, bytes] = {}
+        self._calls: dict[int, Any] = {}    # each join's call (None: a rank's of an older mesh)
         self._last: dict[int, dict[str, Any]] | None = None   # the last table, by rank
         self._refusals: list[str] = []      # the last joins refused, as the waiting hear
         self._refused_joins = 0             # and how many in all (they say the first few)
@@ -111,7 +117,7 @@ class RendezvousServer:
     def _new_try(self, attempt: int) -> None:
         """Every node's meshrun starts try ``attempt``: a rendezvous of its own,
         nothing of the last try's ranks (all ended) kept."""
-        self._peers, self._idents, self._last = {}, {}, None
+        self._peers, self._idents, self._calls, self._last = {}, {}, {}, None
         self._refusals, self._refused_joins, self._gone = [], 0, {}
         self.complete.clear()
 
@@ -168,7 +174,7 @@ class RendezvousServer:
         for ident in self._idents.values():
             self._send(ident, {"op": "error", "msg": gone_text(rank, how), "peer": rank,
                                "how": how, **where})
-        self._peers, self._idents = {}, {}
+        self._peers, self._idents, self._calls = {}, {}, {}
 
     def _register(self, ident: bytes, req: Any) -> None:
         if isinstance(req, dict) and req.get("op") == "ended":
@@ -207,12 +213,18 @@ class RendezvousServer:
             self._refusals = (self._refusals + [msg])[-3:]   # told to the ranks that wait
             self._refused_joins += 1
             return
-        who = (req.get("pid"), req.get("host", ""))
+        who, call = (req.get("pid"), req.get("host", "")), req.get("call")
+        again = call is not None and call == self._calls.get(rank)     # (the same join)
         if len(self._peers) == self.world_size and self._was(rank, who):
-            self._peers, self._idents = {}, {}     # the table is out: a new round
+            if again:       # the table's join, on a new connection: the table again
+                self._idents[rank] = ident
+                self._send(ident, {"op": "table",
+                                   "peers": [self._peers[r] for r in range(self.world_size)]})
+                return
+            self._peers, self._idents, self._calls = {}, {}, {}    # the table is out: a new round
         prev = self._peers.get(rank)
         if prev is not None:             # joined this round already, from another socket?
-            duplicate = self._idents[rank] != ident
+            duplicate = self._idents[rank] != ident and not again
         else:                            # a new round's ranks are the last table's processes
             prev = None if self._last is None else self._last[rank]
             duplicate = prev is not None and not self._was(rank, who)
@@ -228,6 +240,7 @@ class RendezvousServer:
                              "endpoints": req["endpoints"], "pid": req.get("pid"),
                              "window": req.get("window")}
         self._idents[rank] = ident
+        self._calls[rank] = call
         if self._gone:              # one of the ranks ended already: none will come
             self._fail_waiting()
             return
@@ -345,6 +358,7 @@ class RendezvousServer:
         duplicate), and it is waited for again."""
         came = self._peers.pop(rank)
         del self._idents[rank]
+        self._calls.pop(rank, None)
         _log.warning("rendezvous: rank %d (pid %s on %s) joined, then its connection closed "
                      "before the job was complete: it is waited for again", rank,
                      came.get("pid"), _said(came.get("host")))

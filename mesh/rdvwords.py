@@ -17,14 +17,16 @@ def join_fault(req: dict[str, Any]) -> str:
     """What is wrong with join ``req`` ('' if nothing): each rank receives
     every rank's host, endpoints, pid and window in the table, so each has
     its type and a size (a holder of the secret could put 64 KiB a rank
-    there, for every rank to hold)."""
+    there, for every rank to hold); its call (the service compares it, to
+    know the same join sent again) is an integer, where it has one."""
     for field in ("rank", "size"):
         if type(req.get(field)) is not int:
             return f"its {field} is {kind(req.get(field))}, not an integer"
     if type(req.get("pid", 0)) is not int:
         return f"its pid is {kind(req['pid'])}, not an integer"
-    if req.get("window") is not None and type(req["window"]) is not int:   # (optional)
-        return f"its window is {kind(req['window'])}, not an integer"
+    for field in ("window", "call"):        # (optional)
+        if req.get(field) is not None and type(req[field]) is not int:
+            return f"its {field} is {kind(req[field])}, not an integer"
     host = req.get("host", "")
     if not isinstance(host, str):
         return f"its host is {kind(host)}, not a string"

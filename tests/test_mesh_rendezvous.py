@@ -294,6 +294,7 @@ def test_a_join_whose_fields_are_oversized_or_mistyped_is_refused_saying_which(
            ({"endpoints": {**EPS, "tcp": "tcp://" + "1" * 250}},
             "rank 0: its tcp endpoint is 256 bytes, more than 255"),
            ({"endpoints": {**EPS, "ipc": 1}}, "rank 0: its ipc endpoint is not a string"),
+           ({"call": "7"}, "rank 0: its call is of type str, not an integer"),
            ({"rank": "0"}, "a rank: its rank is of type str, not an integer")]
     try:
         with caplog.at_level("WARNING", logger="mesh.rendezvous"):
@@ -320,7 +321,7 @@ def test_a_join_whose_fields_are_oversized_or_mistyped_is_refused_saying_which(
         said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
         assert said[0] == ("rendezvous: ignored a malformed join of rank 1: its host id is 300 "
                            "bytes, more than 255 (MESH_HOST_ID, or the host name) (1 so far)")
-        assert len(said) == 3 and said[-1].endswith("(4 so far)"), said    # (1st, 2nd, 4th)
+        assert len(said) == 4 and said[-1].endswith("(8 so far)"), said  # (1st, 2nd, 4th, 8th)
     finally:
         srv.close()
         ctx.term()
@@ -485,3 +486,40 @@ def test_a_rank_joining_makes_malformed_words_a_clear_error_or_ignores_them(
     assert str(got).endswith("refused: (not a string: list)"), got
     got = _join_hearing([{"op": "table", "peers": [peer, {**peer, "rank": 1}]}])
     assert got == [peer, {**peer, "rank": 1}], got
+
+
+def test_the_same_join_again_is_one_registration_and_gets_the_table_again() -> None:
+    """A join sent again on a new connection (its call the same: a network
+    drop) replaces the first in its round, and once the table is out (a
+    drop may have lost it) gets the table again, no new round; a join of
+    another call (the process's next ``mesh.init()``) starts a new round,
+    and another process claiming the rank is refused. (The service's logic
+    alone, no socket.)"""
+    srv = RendezvousServer(2, "s")
+    sent: list[tuple[bytes, dict[str, Any]]] = []
+
+    def send(ident: bytes, msg: dict[str, Any]) -> bool:
+        sent.append((ident, msg))
+        return True
+    srv._send = send        # type: ignore[method-assign]
+
+    def joins(ident: bytes, rank: int, call: int, pid: int = 0) -> None:
+        srv._register(ident, {"op": "join", "rank": rank, "size": 2, "host": f"h{rank}",
+                              "endpoints": EPS, "pid": pid or 10 + rank, "call": call})
+    try:
+        joins(b"a", 1, 7)
+        joins(b"b", 1, 7)
+        assert srv.rejected == 0 and srv.missing() == [0] and srv._idents == {1: b"b"}
+        joins(b"c", 1, 8, pid=99)
+        assert [m["msg"] for i, m in sent if i == b"c"] == [
+            "rank 1 already joined (pid 11 on h1); duplicate from pid 99"], sent
+        joins(b"r0", 0, 5)
+        tables = [(i, m["peers"]) for i, m in sent if m["op"] == "table"]
+        assert [i for i, _ in tables] == [b"r0", b"b"] and srv.complete.is_set()
+        joins(b"d", 1, 7)
+        assert [i for i, m in sent if m["op"] == "table"] == [b"r0", b"b", b"d"]
+        assert sent[-1][1]["peers"] == tables[0][1] and srv.missing() == []
+        joins(b"e", 1, 9)       # (its mesh closed; mesh.init() again)
+        assert srv.missing() == [0] and srv.rejected == 1
+    finally:
+        srv.close()
