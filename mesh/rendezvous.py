@@ -19,6 +19,14 @@ A rank that ends will never join again: a launcher that sees one go
 (in the first round, or in a new one once its mesh closed) at once, naming
 it, instead of at their rendezvous timeout.
 
+A network drop while a rank waits (its connection reset, the service's host
+unreachable for a while) is not the service's end: ZeroMQ connects again,
+and the rank sends the same join (its ``call``, drawn once a join) on the
+new connection, which the service takes as the same registration, not a
+second one; until its rendezvous timeout. The service's process ended
+where its port refuses connections now (``_refuses``): that fails the rank
+at once.
+
 Here: a rank's side, ``join``. The service is mesh.rdvserver
 (``RendezvousServer``), the launcher's side mesh.rdvlaunch (its run
 folder, ``run_folder``, and its word that a rank ended, ``tell_ended`` and
@@ -28,7 +36,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -49,6 +60,8 @@ __all__ = ["RendezvousServer", "join", "run_folder", "remove_run_folder", "Telle
 _log = logging.getLogger("mesh.rendezvous")
 _NOTE_FIRST, _NOTE_EVERY = 10.0, 30.0    # rank 0's notes of the ranks not come yet
 _SAY_REFUSED = 3     # the refused joins a rank quotes (then says how many in all)
+_CONNECT_TIMEOUT = 2.0  # a connect to the service unanswered this long is tried again (s)
+_PROBE_EVERY = 1.0      # after a drop, how often a failed connect asks whether the port refuses
 
 
 def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: int,
@@ -66,6 +79,7 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     folder = _launchers_folder()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, int(_CONNECT_TIMEOUT * 1000))   # (a link down: again)
     deadline = time.monotonic() + timeout
     missing: list[int] | None = None
     refused: list[str] = []     # the first joins the service refused while this rank waited
@@ -73,27 +87,33 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
     odd = 0                     # messages ignored (malformed; not the service's)
     t0 = time.monotonic()
     note_at = t0 + _NOTE_FIRST     # rank 0 says whom the job still waits for, now and then
-    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                  | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-    shook = closed = False      # the handshake with the service went through; then closed
+    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                  | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+    line = _Line()              # the connection to the service, as the monitor tells
     poller = zmq.Poller()       # (its monitor too: a refused secret or a closed service at once)
     poller.register(sock, zmq.POLLIN)
     poller.register(mon, zmq.POLLIN)
+    request = msgpack.packb({"op": "join", "rank": rank, "size": size, "host": host,
+                             "endpoints": endpoints, "pid": os.getpid(), "window": window,
+                             "call": secrets.randbits(62)})   # (the same join, sent again)
     try:
         auth.make_client(sock, secret, curve)
         sock.connect(where)
-        sock.send(msgpack.packb({"op": "join", "rank": rank, "size": size, "host": host,
-                                 "endpoints": endpoints, "pid": os.getpid(),
-                                 "window": window}))
+        sock.send(request)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 who = (f"ranks {missing} never arrived" if missing is not None
+                       else "the service never said whom it waits for" if line.shook
                        else "the service never answered (not running, wrong address, "
                             "or a different job secret or MESH_CURVE setting)")
                 if refused:
                     who += "; it refused meanwhile: " + "; ".join(refused) + (
                         f" ({heard} joins refused in all)" if heard > len(refused) else "")
+                if line.shook and not line.up:
+                    who += (f"; its connection to the service dropped "
+                            f"{line.dropped_at - t0:.0f}s into the wait and has not come back "
+                            f"(the network between them)")
                 raise RendezvousError(f"rank {rank}: rendezvous at {where} timed out after "
                                       f"{timeout:.0f}s: {who}")
             ended = _ended_here(folder, rank) if folder else None
@@ -102,20 +122,14 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                                     f"{gone_text(*ended)}", ended[0])
             ready = dict(poller.poll(int(min(left, 0.25 if folder else 1.0) * 1000) + 1))
             if sock not in ready:
-                shook, why = _heard(mon, shook)
                 now = time.monotonic()
-                if why == "auth":       # the service answered the handshake: not our secret
+                if _heard(mon, line, now) == "auth":   # the service answered: not our secret
                     raise AuthError(
                         f"rank {rank}: rendezvous at {where} refused our credentials: a "
                         f"different job secret (MESH_SECRET) or MESH_CURVE setting there")
-                closed = closed or why == "closed"
-                if closed and not sock.poll(0):     # (what it said last, first)
-                    raise RendezvousError(
-                        f"rank {rank}: rendezvous at {where}: the service closed this rank's "
-                        f"connection {now - t0:.0f}s into its wait, before the job was "
-                        f"complete: its process ended (node 0's meshrun, or rank 0 under "
-                        f"another launcher) or the network dropped it, and this rank's join "
-                        f"with it")
+                _rejoin(sock, line, request, rank, where, line.dropped_at - t0)
+                if line.failed and now >= line.probe_at and not sock.poll(0):
+                    _away(line, now, addr, port, rank, where, line.dropped_at - t0, timeout)
                 if missing is None and now >= note_at and (
                         rank == 0 if first_here is None else first_here):
                     note_at = now + _NOTE_EVERY
@@ -167,23 +181,92 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
         close_watched(sock, mon)
 
 
-def _heard(mon: zmq.Socket, shook: bool) -> tuple[bool, str]:
-    """What the join's monitor ``mon`` says: whether the handshake with the
-    service went through (``shook``: it had already), and why the join
-    cannot go on, if so: the handshake refused ("auth"), or the connection
-    closed after it ("closed": the service's process ended, which left the
-    job's other hosts' ranks waiting their whole rendezvous timeout, to say
-    the ranks that never arrived; a connection made again would not help,
-    as the service answers a join on the connection it came by)."""
+@dataclass
+class _Line:
+    """The join's connection to the service, as its monitor tells (``_heard``)."""
+    shook: bool = False         # a handshake with the service went through, once at least
+    up: bool = False            # and the connection it made is up now
+    dropped_at: float = 0.0     # when it last dropped (after a handshake)
+    fresh: bool = False         # a drop not said yet
+    again: bool = False         # a handshake after a drop: the join goes again (``_rejoin``)
+    failed: bool = False        # a connect failed since the drop: does the port refuse?
+    probe_at: float = 0.0       # (not before then)
+
+
+def _heard(mon: zmq.Socket, line: _Line, now: float) -> str:
+    """Read what the join's monitor ``mon`` says into ``line``; "auth" where
+    the service refused the handshake (not our secret). A connection that
+    closed after the handshake went through (``dropped_at``) is a network
+    drop until a connect fails to a port that refuses it (``failed``, then
+    ``_refuses``): ZeroMQ connects again, and the join goes again
+    (``again``: the service answers a join on the connection it came by).
+    A connect that fails before any handshake is a service not started
+    yet: waited for, saying so (``join``'s note)."""
     while mon.poll(0):
         event = monitor_event(mon.recv_multipart())
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return shook, "auth"
+            return "auth"
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            shook = True
-        elif shook and event == zmq.EVENT_DISCONNECTED:
-            return shook, "closed"
-    return shook, ""
+            line.again = line.again or line.shook
+            line.shook = line.up = True
+            line.failed = False
+        elif event == zmq.EVENT_DISCONNECTED and line.up:
+            line.up, line.dropped_at, line.fresh = False, now, True
+        elif event == zmq.EVENT_CLOSED and line.shook and not line.up:
+            line.failed = True
+    return ""
+
+
+def _rejoin(sock: zmq.Socket, line: _Line, request: bytes, rank: int, where: str,
+            dropped: float) -> None:
+    """Once ZeroMQ has connected to the service again after a drop
+    (``line``; ``dropped`` s into the wait), send the same join
+    (``request``) again, and say so."""
+    if line.again and line.up:
+        line.again = line.fresh = False
+        try:
+            sock.send(request, zmq.NOBLOCK)
+        except zmq.Again:       # (its queue full: the first join's still there)
+            pass
+        _log.warning("rank %d: rendezvous at %s: the connection to the service dropped %.0fs "
+                     "into the wait and is back: joined again", rank, where, dropped)
+
+
+def _away(line: _Line, now: float, addr: str, port: int, rank: int, where: str,
+          dropped: float, timeout: float) -> None:
+    """A connect to the service failed after a drop (``line``, ``dropped`` s
+    into the wait): raise where its port refuses connections now (what it
+    said last read first), else say, once a drop, that the rank waits for
+    the network, until its rendezvous ``timeout``. Asked each
+    ``_PROBE_EVERY`` s at most."""
+    line.failed, line.probe_at = False, now + _PROBE_EVERY
+    if _refuses(addr, port):
+        raise RendezvousError(
+            f"rank {rank}: rendezvous at {where}: the service closed this rank's connection "
+            f"{dropped:.0f}s into its wait, before the job was complete, and its port "
+            f"refuses connections now: its process ended (node 0's meshrun, or rank 0 under "
+            f"another launcher), and this rank's join with it")
+    if line.fresh:
+        line.fresh = False
+        _log.warning("rank %d: rendezvous at %s: the connection to the service dropped %.0fs "
+                     "into the wait, and its port does not refuse connections (the network, "
+                     "not the service's end): joining again as it comes back, until the "
+                     "rendezvous timeout (%.0fs)", rank, where, dropped, timeout)
+
+
+def _refuses(addr: str, port: int) -> bool:
+    """Whether the service's port refuses a TCP connection now (its process
+    ended; its host up): not a link down or a host unreachable, which a
+    rank waits through. Asked only after ZeroMQ's own connect failed: one
+    that reaches a service there (the link back in between) is counted
+    among its refused handshakes."""
+    try:
+        with socket.create_connection((addr, port), timeout=_PROBE_EVERY / 2):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:         # (unreachable, timed out, not resolved: the network)
+        return False
 
 
 def _refusals(msg: dict[str, Any], heard: int, refused: list[str], says: bool,

@@ -1,12 +1,16 @@
 """The rendezvous service and its clients against bad words, in one process:
 a launcher's word naming no rank of the job, a service whose thread is slow
-to stop, a wait hearing endless refusals, a run folder that cannot be locked.
-(Strangers, garbage and duplicates: tests/test_mesh_auth.py.)"""
+to stop, a wait hearing endless refusals, a run folder that cannot be locked;
+and against network drops (a TCP relay of the test's own, ``_Link``, cut
+and mended). (Strangers, garbage and duplicates: tests/test_mesh_auth.py.)"""
 from __future__ import annotations
 
 import fcntl
 import os
 import re
+import select
+import socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ import pytest
 import zmq
 
 import mesh
-from mesh import auth, rdvlaunch, rdvserver
+from mesh import auth, rdvlaunch, rdvserver, rendezvous
 from mesh.rendezvous import RendezvousServer, Teller, join, run_folder
 
 from proctools import EPS, wait_until
@@ -199,10 +203,12 @@ def test_a_run_folder_that_cannot_be_locked_is_not_left(
 
 
 def test_a_service_that_ends_mid_rendezvous_fails_the_waiting_ranks_at_once() -> None:
-    """The service's process ends (node 0's meshrun killed, its host lost)
-    while ranks of other hosts wait: they waited their whole rendezvous
-    timeout, then said the ranks that never arrived, though the join they
-    made was lost with the service. They fail as its connection closes."""
+    """The service's process ends (node 0's meshrun killed) while ranks of
+    other hosts wait: they waited their whole rendezvous timeout, then said
+    the ranks that never arrived, though the join they made was lost with
+    the service. They fail as its connection closes and its port refuses
+    connections (a network drop they wait through:
+    test_a_rank_waiting_through_a_network_drop_joins_as_the_link_comes_back)."""
     srv = RendezvousServer(2, "s").start()
     ctx = zmq.Context()
     try:
@@ -223,6 +229,7 @@ def test_a_service_that_ends_mid_rendezvous_fails_the_waiting_ranks_at_once() ->
         waiter.join(10)
         assert f"rank 1: rendezvous at tcp://127.0.0.1:{srv.port}: the service closed this " \
                f"rank's connection" in got["error"], got
+        assert "and its port refuses connections now: its process ended" in got["error"], got
         # what a service says as it closes comes first: its refusal, not "closed"
         authenticator = auth.Authenticator(ctx, "s")
         for _ in range(5):
@@ -488,6 +495,167 @@ def test_a_rank_joining_makes_malformed_words_a_clear_error_or_ignores_them(
     assert got == [peer, {**peer, "rank": 1}], got
 
 
+class _Link:
+    """A TCP relay between the ranks and the service, in the test's process:
+    ``cut()`` resets every connection through it (RST) and, until ``mend()``,
+    each new one as it is accepted (a link down, a middlebox dropping the
+    flow: its port accepts, never refuses, as a service's that ended does);
+    ``cut(down=False)`` resets them and relays on (a connection reset)."""
+
+    def __init__(self, port: int) -> None:
+        self._to = ("127.0.0.1", port)
+        self._lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._lsock.getsockname()[1]
+        self._up, self._stop = True, threading.Event()
+        self._pairs: dict[socket.socket, socket.socket] = {}
+        self._lock = threading.Lock()
+        self.turned = 0         # connections reset as they were accepted (while cut)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:        # (cut() closes sockets: never one in the select)
+                for s in select.select([self._lsock, *self._pairs], [], [], 0.05)[0]:
+                    if s is self._lsock:
+                        self._accept()
+                    elif s in self._pairs:
+                        self._relay(s)
+
+    def relaying(self) -> bool:
+        """Whether a connection goes through it now."""
+        with self._lock:
+            return bool(self._pairs)
+
+    def _accept(self) -> None:
+        conn, _ = self._lsock.accept()
+        if not self._up:
+            self.turned += 1
+            _reset(conn)
+            return
+        far = socket.create_connection(self._to)
+        self._pairs[conn], self._pairs[far] = far, conn
+
+    def _relay(self, s: socket.socket) -> None:
+        try:
+            data = s.recv(65536)
+            if data:
+                self._pairs[s].sendall(data)
+                return
+        except OSError:
+            pass
+        self._drop(s)
+
+    def _drop(self, s: socket.socket) -> None:
+        other = self._pairs.pop(s)
+        self._pairs.pop(other, None)
+        _reset(s)
+        _reset(other)
+
+    def cut(self, down: bool = True) -> None:
+        with self._lock:
+            self._up = not down
+            for s in list(self._pairs):
+                if s in self._pairs:
+                    self._drop(s)
+
+    def mend(self) -> None:
+        with self._lock:
+            self._up = True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.cut()
+        self._lsock.close()
+
+
+def _reset(s: socket.socket) -> None:
+    """Close ``s`` with a reset (RST), as a link's far end or a middlebox does."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def test_a_rank_waiting_through_a_network_drop_joins_as_the_link_comes_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rank's connection to the service was reset while it waited (a
+    link down, the service's host unreachable for a moment): it failed at
+    once, as if the service had ended. It joins again as the link comes
+    back (the same join: the service, which forgot it as its connection
+    closed, counts it once), until its rendezvous timeout."""
+    srv = RendezvousServer(2, "s").start()
+    link = _Link(srv.port)
+    ctx = zmq.Context()
+    got: dict[int, Any] = {}
+
+    def joins(rank: int, port: int) -> None:
+        try:
+            got[rank] = join(ctx, "127.0.0.1", port, "s", rank, 2, f"h{rank}", EPS, 30)
+        except Exception as e:
+            got[rank] = e
+    waiter = threading.Thread(target=joins, args=(1, link.port))
+    try:
+        with caplog.at_level("WARNING", logger="mesh.rendezvous"):
+            waiter.start()
+            assert wait_until(lambda: srv.missing() == [0])
+            link.cut()
+            assert wait_until(lambda: srv.missing() == [0, 1] and link.turned >= 3, 10), \
+                (srv.missing(), link.turned, got)
+            assert 1 not in got, got
+            link.mend()
+            assert wait_until(lambda: srv.missing() == [0], 10), (srv.missing(), got)
+            joins(0, srv.port)
+            waiter.join(10)
+        assert isinstance(got[1], list) and got[0] == got[1], got
+        assert [p["host"] for p in got[0]] == ["h0", "h1"] and srv.rejected == 0
+        said = [re.sub(r"\d+s into", "Ns into", r.getMessage()) for r in caplog.records
+                if r.name == "mesh.rendezvous" and "pid" not in r.getMessage()]
+        dropped = f"rank 1: rendezvous at tcp://127.0.0.1:{link.port}: the connection to the " \
+                  f"service dropped Ns into the wait"
+        assert said[-1] == f"{dropped} and is back: joined again", said
+        assert set(said[:-1]) <= {   # (where a connect failed as the link reset it)
+            f"{dropped}, and its port does not refuse connections (the network, not the "
+            f"service's end): joining again as it comes back, until the rendezvous timeout "
+            f"(30s)"}, said
+    finally:
+        link.close()
+        waiter.join(10)
+        srv.close()
+        ctx.term()
+
+
+def test_a_rank_whose_connection_is_reset_joins_again_not_as_a_duplicate() -> None:
+    """A connection reset, the link at once good again: the rank joins again
+    before the service has seen its first connection close, and was refused
+    as a duplicate of itself. The same join again is the same registration."""
+    srv = RendezvousServer(2, "s").start()
+    link = _Link(srv.port)
+    ctx = zmq.Context()
+    got: dict[int, Any] = {}
+
+    def joins(rank: int, port: int) -> None:
+        try:
+            got[rank] = join(ctx, "127.0.0.1", port, "s", rank, 2, f"h{rank}", EPS, 30)
+        except Exception as e:
+            got[rank] = e
+    waiter = threading.Thread(target=joins, args=(1, link.port))
+    try:
+        waiter.start()
+        for _ in range(3):
+            assert wait_until(lambda: srv.missing() == [0] and link.relaying()), got
+            link.cut(down=False)
+        assert wait_until(lambda: srv.missing() == [0] and link.relaying()), got
+        joins(0, srv.port)
+        waiter.join(10)
+        assert isinstance(got[1], list) and got[0] == got[1], got
+        assert srv.rejected == 0
+    finally:
+        link.close()
+        waiter.join(10)
+        srv.close()
+        ctx.term()
+
+
 def test_the_same_join_again_is_one_registration_and_gets_the_table_again() -> None:
     """A join sent again on a new connection (its call the same: a network
     drop) replaces the first in its round, and once the table is out (a
@@ -523,3 +691,34 @@ def test_the_same_join_again_is_one_registration_and_gets_the_table_again() -> N
         assert srv.missing() == [0] and srv.rejected == 1
     finally:
         srv.close()
+
+
+def test_a_drop_that_outlasts_the_rendezvous_timeout_names_who_is_missing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link that stays down: the rank times out naming the ranks the
+    service last said it waited for, and that its connection dropped."""
+    srv = RendezvousServer(3, "s").start()
+    link = _Link(srv.port)
+    ctx = zmq.Context()
+    heard = threading.Event()
+    told = rendezvous._refusals
+
+    def refusals(*args: Any) -> int:        # (a waiting word, read)
+        heard.set()
+        return told(*args)
+    monkeypatch.setattr(rendezvous, "_refusals", refusals)
+    cutter = threading.Thread(target=lambda: heard.wait(10) and link.cut())
+    try:
+        cutter.start()
+        with pytest.raises(mesh.RendezvousError) as e:
+            join(ctx, "127.0.0.1", link.port, "s", 1, 3, "h", EPS, 3)
+        assert heard.is_set() and link.turned > 0
+        assert re.search(r"timed out after 3s: ranks \[0, 2\] never arrived; its connection to "
+                         r"the service dropped \ds into the wait and has not come back \(the "
+                         r"network between them\)$", str(e.value)), e.value
+    finally:
+        heard.set()
+        cutter.join(10)
+        link.close()
+        srv.close()
+        ctx.term()
