@@ -10,6 +10,7 @@
     runner.py     how one call runs: tag, fingerprint, deadline, abort, lanes, Work
     plan.py       pure arithmetic: chunks, segments, trees, algorithm choice, Tuning
     ops.py        reduction operators;  scratch.py: buffers kept between calls
+    userop.py     Op: a reduction given by a Python function, and its paths
     host/         numpy arrays: paths.py (checks, which path), and the algorithms
                   over sockets: ring.py, small.py (recursive doubling, barrier),
                   rooted.py (broadcast, reduce, gather, scatter), exchange.py
@@ -33,6 +34,7 @@ from .api import (all_gather, all_gather_object, all_gather_v, all_reduce, all_r
                   reduce_scatter, reduce_scatter_v, scan, scatter, scatter_object, scatter_v)
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
+from .userop import Op
 from .plan import Tuning
 from .runner import Work, abandon
 
@@ -41,4 +43,4 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
            "exscan", "gather_v", "scatter_v", "all_reduce_loc", "barrier",
            "broadcast_object", "all_gather_object", "gather_object", "scatter_object",
            "all_to_all_object", "broadcast_state", "GradReducer", "all_reduce_grads", "bucket_plan",
-           "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "abandon"]
+           "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "Op", "abandon"]

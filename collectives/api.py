@@ -38,6 +38,8 @@ from .host.paths import (all_gather_object, all_to_all_object, barrier, broadcas
                          gather_object, scatter_object)
 from .runner import check_comm, named
 from . import displs as _displs
+from . import userop
+from .userop import Op
 from .host import tiny as hier_tiny
 from .shm import tiny
 from .tensors import is_tensor
@@ -129,11 +131,14 @@ def _widened(call: Any, a: Any, in_place: bool, async_op: bool, same: bool = Fal
     return device.DeviceWork(res, finish, eager) if async_op else finish(res)
 
 
-def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
+def all_reduce(g: Comm, a: Any, op: str | Op = "sum", async_op: bool = False,
                algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.all_reduce, for host and device arrays and tensors
     (a tiny numpy array the short way, collectives.shm.tiny, once a first
-    call has settled it; float16 averaged in float32)."""
+    call has settled it; float16 averaged in float32; a collectives.Op:
+    collectives.userop)."""
+    if isinstance(op, Op):
+        return userop.all_reduce(g, a, op, async_op, timeout)
     if op == "avg" and _half_avg(a, op):
         return _widened(lambda w: all_reduce(g, w, op, async_op, algorithm, timeout), a,
                         True, async_op)
@@ -156,12 +161,14 @@ def all_reduce(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
                               algorithm=algorithm)
 
 
-def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
+def reduce_scatter(g: Comm, a: Any, op: str | Op = "sum", async_op: bool = False,
                    timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce_scatter, for host and device arrays and tensors
     (a tiny numpy array or CPU tensor the short way, collectives.shm.tiny,
     once a first call has settled it; float16 averaged in float32; ``a``
-    is only read)."""
+    is only read; a collectives.Op: collectives.userop)."""
+    if isinstance(op, Op):
+        return userop.reduce_scatter(g, a, op, async_op, timeout)
     if op == "avg" and _half_avg(a, op, written=False):
         return _widened(lambda w: reduce_scatter(g, w, op, async_op, timeout), a, False,
                         async_op)
@@ -220,11 +227,14 @@ def broadcast(g: Comm, a: Any, root: int = 0, async_op: bool = False,
                              algorithm=algorithm)
 
 
-def reduce(g: Comm, a: Any, root: int = 0, op: str = "sum", async_op: bool = False,
+def reduce(g: Comm, a: Any, root: int = 0, op: str | Op = "sum", async_op: bool = False,
            algorithm: str | None = None, timeout: float | None = None) -> Any:
     """collectives.host.paths.reduce, for host and device arrays and tensors
     (a tiny numpy array or CPU tensor the short way, collectives.shm.tiny,
-    once a first call has settled it; float16 averaged in float32)."""
+    once a first call has settled it; float16 averaged in float32; a
+    collectives.Op: collectives.userop)."""
+    if isinstance(op, Op):
+        return userop.reduce(g, a, op, root, async_op, timeout)
     check_comm(g, "reduce")
     if _half_avg(a, op, g.rank == root):
         return _widened(lambda w: reduce(g, w, root, op, async_op, algorithm, timeout), a,
@@ -405,8 +415,8 @@ def _all_gather_v(g: Comm, a: Any, counts: Any = None, async_op: bool = False,
     return _staged_all_gather_v(g, a, sizes, async_op=async_op, timeout=timeout, check=check)
 
 
-def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str = "sum", async_op: bool = False,
-                     timeout: float | None = None) -> Any:
+def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str | Op = "sum",
+                     async_op: bool = False, timeout: float | None = None) -> Any:
     """reduce_scatter with shares of unequal sizes (MPI's Reduce_scatter
     with its recvcounts, torch's ``reduce_scatter`` of uneven tensors):
     ``a`` (sum(counts) rows, on every rank) reduced over the group by
@@ -417,7 +427,10 @@ def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: str = "sum", async_op: bo
     rank raise MismatchError naming two ranks and their counts. Host and
     device arrays and tensors (bfloat16, and float16 averaged, reduced in
     float32); the ring of reduce_scatter, the same-host board, or across
-    hosts its two levels, with chunks of the counts' sizes."""
+    hosts its two levels, with chunks of the counts' sizes. A collectives.Op:
+    collectives.userop."""
+    if isinstance(op, Op):
+        return userop.reduce_scatter_v(g, a, counts, op, async_op, timeout)
     if _half_avg(a, op, written=False):
         return _widened(lambda w: reduce_scatter_v(g, w, counts, op, async_op, timeout), a,
                         False, async_op)
@@ -496,23 +509,27 @@ def _scatter_v(g: Comm, a: Any, counts: Any, root: int = 0, async_op: bool = Fal
                              dtype=dtype, check=check)
 
 
-def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
+def scan(g: Comm, a: Any, op: str | Op = "sum", async_op: bool = False,
          timeout: float | None = None) -> Any:
     """MPI's Scan (an inclusive prefix reduction): rank r gets the ``a`` of
     ranks 0..r reduced by ``op``, as a new array (or tensor) like ``a``;
     ``a`` is only read. Host and device arrays and tensors (bfloat16
-    combined in float32)."""
+    combined in float32); a collectives.Op (collectives.userop) too."""
+    if isinstance(op, Op):
+        return userop.scan(g, a, op, async_op, timeout)
     check_comm(g, "scan")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(scan, "scan", g, a, op=op, async_op=async_op, timeout=timeout)
     return _staged_scan(g, a, op=op, async_op=async_op, timeout=timeout)
 
 
-def exscan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
+def exscan(g: Comm, a: Any, op: str | Op = "sum", async_op: bool = False,
            timeout: float | None = None) -> Any:
     """MPI's Exscan (an exclusive prefix reduction): rank r gets the ``a``
     of ranks 0..r-1 reduced by ``op``; rank 0 gets None (as mpi4py's
     ``exscan``). As ``scan`` otherwise."""
+    if isinstance(op, Op):
+        return userop.scan(g, a, op, async_op, timeout, exclusive=True)
     check_comm(g, "exscan")
     if type(a) is not np.ndarray and is_tensor(a):
         return _on_tensor(exscan, "exscan", g, a, op=op, async_op=async_op, timeout=timeout)

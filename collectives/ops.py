@@ -19,14 +19,14 @@ Booleans follow logic: sum and max are "or", prod and min are "and".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from mesh import device
 from mesh.tensors import dtype_name
 
-__all__ = ["OPS", "ReduceOp", "resolve", "array_module", "apply", "FP_RAISED"]
+__all__ = ["OPS", "ReduceOp", "Combines", "resolve", "array_module", "apply", "FP_RAISED"]
 
 OPS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor", "land", "lor", "lxor")
 
@@ -69,6 +69,13 @@ def apply(ufunc: Any, x: Any, y: Any, out: Any) -> None:
         ufunc(x, y, out=out)
     except FP_RAISED:
         pass        # (the output is whole: see FP_RAISED)
+
+
+class Combines(Protocol):
+    """What an algorithm that only combines whole operands needs of an op
+    (recursive doubling): ReduceOp, or a user op (collectives.userop)."""
+
+    def combine(self, dst: Any, src: Any, src_first: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,11 @@ def resolve(name: str, dtype: Any) -> ReduceOp:
     """The ReduceOp for ``name`` on ``dtype``; ValueError for an unknown op,
     TypeError for an op that the dtype cannot take."""
     if not isinstance(name, str) or name not in _UFUNC:
-        raise ValueError(f"unknown reduction op {name!r}; expected one of {', '.join(OPS)}")
+        if type(name).__name__ == "Op":     # (collectives.userop's: not importable here)
+            raise ValueError(f"a user op ({name!r}) is taken by all_reduce, reduce, "
+                             f"reduce_scatter, reduce_scatter_v, scan and exscan, not here")
+        raise ValueError(f"unknown reduction op {name!r}; expected one of {', '.join(OPS)} "
+                         f"(or a collectives.Op)")
     dt = np.dtype(dtype)
     problem = _problem(name, dt)
     if problem:

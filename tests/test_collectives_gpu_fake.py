@@ -241,7 +241,36 @@ def _half_average(world: mesh.Mesh) -> dict[str, list[float]]:
         row = C.reduce_scatter(world, a, op="avg")
         got[f"reduce_scatter {k}"] = sorted(set(cp.asnumpy(row).tolist())) + [str(row.dtype)]
     _displaced(world, cp)
+    _user_op(world, cp)
     return got
+
+
+def _user_op(world: mesh.Mesh, cp: Any) -> None:
+    """A user op (collectives.Op) on device arrays, small and large: staged
+    whole (its function gets host arrays), in rank order, the results on
+    the device."""
+    n, r = world.size, world.rank
+    seen = set()
+
+    def mat(a: Any, b: Any) -> Any:
+        seen.add(type(a))
+        return (a.reshape(-1, 2, 2) @ b.reshape(-1, 2, 2)).reshape(a.shape)
+    op = C.Op(mat, name="mat")
+    for k in (2, 10_000):
+        mats = [np.arange(4.0 * k).reshape(k, 4) % (p + 2) - p for p in range(n)]
+        prods = [mats[0]]
+        for p in range(1, n):
+            prods.append(mat(prods[-1], mats[p]))
+        a = cp.asarray(mats[r])
+        assert C.all_reduce(world, a, op=op) is a
+        assert np.array_equal(cp.asnumpy(a), prods[-1])
+        got = C.scan(world, cp.asarray(mats[r]), op=op, async_op=True).wait()
+        assert isinstance(got, cp.ndarray) and np.array_equal(cp.asnumpy(got), prods[r])
+        counts = [k - 1, 0, 1]
+        got = C.reduce_scatter_v(world, cp.asarray(mats[r]), counts, op=op)
+        lo = sum(counts[:r])
+        assert np.array_equal(cp.asnumpy(got), prods[-1][lo:lo + counts[r]])
+    assert seen == {np.ndarray}, seen
 
 
 def _displaced(world: mesh.Mesh, cp: Any) -> None:
@@ -266,7 +295,8 @@ def _displaced(world: mesh.Mesh, cp: Any) -> None:
 
 def test_a_float16_average_of_device_arrays_is_taken_in_float32() -> None:
     """A CuPy float16 array's average was summed in float16 (three ranks'
-    30000: inf), where numpy arrays and torch tensors average in float32."""
+    30000: inf), where numpy arrays and torch tensors average in float32.
+    (Its ranks go on with the v-collectives' displacements and a user op.)"""
     for got in mesh.spawn(_half_average, 3, timeout=90, env={"MESH_TIMEOUT": "30"}):
         for k in (4, 40_000):
             assert got[f"all_reduce {k}"] == [30000.0], got

@@ -98,6 +98,24 @@ def _every_op(world: Any) -> None:
     with pytest.raises(mesh.MismatchError):
         C.all_reduce(world, np.ones(20_000), op="max" if r == 2 else "sum")
     assert C.all_reduce(world, np.ones(20_000))[0] == n       # the group still works
+    # a user op (collectives.Op) runs flat over sockets, across the hosts, in rank
+    # order (a 2x2 matrix product a row); given on one rank where the others sum
+    # (in two levels), it is a mismatch on every rank
+    mat = C.Op(lambda x, y: (x.reshape(-1, 2, 2) @ y.reshape(-1, 2, 2)).reshape(x.shape),
+               name="mat")
+    mats = [np.arange(16.0).reshape(4, 4) % (p + 2) - p for p in range(n)]
+    prods = [mats[0]]
+    for p in range(1, n):
+        prods.append((prods[-1].reshape(-1, 2, 2) @ mats[p].reshape(-1, 2, 2)).reshape(4, 4))
+    assert np.array_equal(C.all_reduce(world, mats[r].copy(), op=mat), prods[-1])
+    a = mats[r].copy()
+    C.reduce(world, a, root=2, op=mat)
+    assert np.array_equal(a, prods[-1] if r == 2 else mats[r])
+    assert np.array_equal(C.reduce_scatter(world, mats[r], op=mat), prods[-1][r:r + 1])
+    assert np.array_equal(C.scan(world, mats[r], op=mat), prods[r])
+    with pytest.raises(mesh.MismatchError, match=r"op=Op\('add'\)"):
+        C.all_reduce(world, np.ones(20_000), op=C.Op(np.add, name="add") if r == 1 else "sum")
+    assert C.all_reduce(world, np.ones(20_000))[0] == n
     # one rank's own arguments are wrong: it raises ValueError, the others
     # (waiting in the host and leaders' phases) raise too instead of waiting
     big = np.ones(20_000)

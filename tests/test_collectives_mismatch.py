@@ -39,6 +39,16 @@ def _bad_algo(g: Any) -> None:
     raise ValueError(" | ".join(said))
 
 
+def _fails_on_rank_1(g: Any) -> Any:
+    """A user op whose function raises on rank 1 only (after rank 1 has
+    sent its operand: the others could finish without it)."""
+    def fn(a: Any, b: Any) -> Any:
+        if g.rank == 1:
+            raise ValueError("the op failed on purpose")
+        return a + b
+    return C.all_reduce(g, np.ones(3), op=C.Op(fn, name="fails on rank 1"))
+
+
 CASES: dict[str, Callable[[Any], Any]] = {
     "op": lambda g: C.all_reduce(g, np.ones(4, np.float32), op=_odd(g.rank, "sum", "max")),
     "dtype": lambda g: C.all_reduce(g, np.ones(4, _odd(g.rank, np.float32, np.float64, 2))),
@@ -64,11 +74,19 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "bad op on one rank": lambda g: C.all_reduce(g, np.ones(3, np.float32),
                                                  op=_odd(g.rank, "sum", "band")),
     "bad MESH_COLL_ALGO": _bad_algo,
+    "user op vs sum": lambda g: C.all_reduce(g, np.ones(4, np.float32),
+                                             op=_odd(g.rank, "sum", C.Op(np.add))),
+    "user op vs sum, scan": lambda g: C.scan(g, np.ones(4), op=_odd(g.rank, C.Op(np.add), "sum")),
+    "two user ops": lambda g: C.reduce_scatter(g, np.ones(8), op=C.Op(
+        _odd(g.rank, lambda a, b: a + b, lambda a, b: a * b))),
+    "user op raises on one rank": _fails_on_rank_1,
+    "user op returns the wrong shape": lambda g: C.all_reduce(
+        g, np.ones(3), op=C.Op(lambda a, b: (a + b)[:2], name="short")),
 }
 
 
 LATE = {"root", "gather root", "gather root seen late", "scan vs exscan",
-        "scan size picks another path"}
+        "scan size picks another path", "user op vs sum", "user op vs sum, scan", "two user ops"}
 
 
 def _heard_from_all(world: Any) -> None:
@@ -164,6 +182,41 @@ def test_scan_beside_exscan_is_a_mismatch_every_rank_hears_of(outcomes: list, ca
         assert any("MismatchError" in t and all(s in t for s in needles) for t in texts), \
             f"rank {rank}: {texts}"
         assert texts[-1] == "ok", f"rank {rank}: the group did not recover: {texts}"
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("user op vs sum", ["op=sum", "op=Op('numpy.add')"]),
+    ("user op vs sum, scan", ["op=sum", "op=Op('numpy.add')"]),
+    ("two user ops", ["reduce_scatter(", "<lambda>' code "]),
+])
+def test_a_user_op_beside_another_op_is_a_mismatch_every_rank_hears_of(
+        outcomes: list, case: str, needles: list[str]) -> None:
+    """A user op (collectives.Op) goes over sockets where its peers' builtin
+    op may take the board: its fingerprint is posted there too. Two
+    lambdas differ by their code's digest. (A sum scan's rank 0 over
+    sockets needs nothing from the others: it hears of it in a next call.)"""
+    for rank, o in enumerate(outcomes):
+        texts = o[case]
+        assert any("MismatchError" in t and all(s in t for s in needles) for t in texts), \
+            f"rank {rank}: {texts}"
+        assert texts[-1] == "ok", f"rank {rank}: the group did not recover: {texts}"
+
+
+def test_a_user_op_failing_on_one_rank_fails_the_call_on_every_rank(outcomes: list) -> None:
+    """Rank 1's function raises after rank 1 has sent its operand: the
+    others, whose results no longer need it, raise too (the call ends in
+    a barrier), naming rank 1 and its error; rank 1 raises its own."""
+    texts = _texts(outcomes, "user op raises on one rank")
+    assert texts[1] == "ValueError: the op failed on purpose", texts[1]
+    for rank in (0, 2, 3):
+        assert texts[rank].startswith("MeshError") and "rank 1 of group world: all_reduce #" \
+            in texts[rank] and "ValueError: the op failed on purpose" in texts[rank], \
+            texts[rank]
+    for rank, text in enumerate(_texts(outcomes, "user op returns the wrong shape")):
+        # (its own, or a peer's first: every rank's function gives the wrong shape)
+        assert re.match(r"(TypeError|MeshError): rank \d: all_reduce #\d+ on group world", text) \
+            and "the user op Op('short') returned float64 of shape (2,) for operands of " \
+                "float64 of shape (3,)" in text, text
 
 
 def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> None:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops import ReduceOp
+from ..ops import Combines
 from ..plan import rd_plan
 from ..runner import Ctx
 
 __all__ = ["all_reduce_rd", "barrier_dissemination"]
 
 
-def all_reduce_rd(ctx: Ctx, buf: np.ndarray, op: ReduceOp) -> None:
+def all_reduce_rd(ctx: Ctx, buf: np.ndarray, op: Combines) -> None:
     """All-reduce the flat contiguous ``buf`` in place by recursive doubling."""
     n, rank = ctx.g.size, ctx.g.rank
     plan = rd_plan(rank, n)

@@ -1,7 +1,7 @@
 """A worker for tests/test_mesh_netns.py, run by meshrun inside a network
 namespace ("host"): it records where it lives and what it connected to,
-checks collectives against numpy (hierarchical across the hosts, and the flat
-ring forced), times a cross-host round trip, and writes
+checks collectives against numpy (hierarchical across the hosts, the flat
+ring forced, and a user op), times a cross-host round trip, and writes
 OUTDIR/<rank>.json. (netns_torch_job.py runs it too, under torchrun.)
 
     netns_job.py OUTDIR
@@ -41,6 +41,16 @@ def main(outdir: str) -> None:
             collectives.all_reduce(world, flat, algorithm="ring")   # the flat ring, forced
             assert np.array_equal(flat, a)
             checked += 3
+        # a user op across the hosts (collectives.userop: flat, over sockets), in rank
+        # order: a 2x2 matrix product a row
+        mat = collectives.Op(lambda x, y: (x.reshape(-1, 2, 2) @ y.reshape(-1, 2, 2))
+                             .reshape(x.shape), name="mat")
+        mats = [np.arange(8.0).reshape(2, 4) % (p + 2) - p for p in range(n)]
+        prods = [mats[0]]
+        for p in range(1, n):
+            prods.append((prods[-1].reshape(-1, 2, 2) @ mats[p].reshape(-1, 2, 2)).reshape(2, 4))
+        assert np.array_equal(collectives.all_reduce(world, mats[r].copy(), op=mat), prods[-1])
+        assert np.array_equal(collectives.scan(world, mats[r], op=mat), prods[r])
         # a round trip between rank 0 and the first rank of the other host
         other = world.hosts.index(next(h for h in world.hosts if h != world.hosts[0]))
         rtt = None

@@ -1,0 +1,416 @@
+"""User-defined reduction ops (mpi4py's ``MPI.Op.Create``): ``Op(fn)`` as
+the ``op=`` of all_reduce, reduce, reduce_scatter, reduce_scatter_v, scan
+and exscan (collectives.api hands such a call here, whatever its array).
+
+    op = collectives.Op(lambda a, b: a @ b)           # a 2x2 matrix product a row
+    collectives.all_reduce(world, mats, op=op)        # rank 0's @ rank 1's @ ...
+
+``fn(a, b)`` combines two operands of the call's array shape and dtype
+(a reduce_scatter's: one rank's block of rows): it returns ``a (op) b``,
+or writes it into ``b`` and returns None (MPI's ``inoutbuf``); a ``fn``
+taking three arguments, as mpi4py's ``fn(inbuf, inoutbuf, datatype)``,
+gets the dtype third. ``a`` holds lower ranks than ``b``: every path
+combines in rank order, so a non-commutative op (``commute=False``, the
+default as in MPI) gives ``x0 (op) x1 (op) ... (op) x(n-1)``; and the same
+bits on every rank, each pair combined once, by the same operands.
+
+These calls take their own paths, over point-to-point (never the board's
+or the ring's reductions, which combine chunks of an array in ufuncs):
+
+    all_reduce          recursive doubling (collectives.host.small), the
+                        whole array each round: log2(n) calls of fn
+    reduce              a binomial tree of contiguous rank ranges into
+                        rank 0 (then to the root)
+    reduce_scatter(_v)  each rank's block sent to it; it combines the n
+                        blocks in rank order
+    scan, exscan        recursive doubling, the lower ranks' operand first
+
+A numpy array's operands are numpy arrays (``a`` read-only), a torch
+tensor's CPU tensors (bfloat16 widened to float32, as meshrun reduces it),
+a device array's host copies. The op is in the call's fingerprint (its
+name, and without one its function's code), so ranks passing other ops
+raise MismatchError naming both; ``fn`` raising on a rank fails the call
+on every rank, naming it.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+
+from mesh import Comm
+from mesh.tensors import dtype_name, is_tensor
+
+from . import debug
+from .device.paths import simple
+from .host.paths import _array, _counts_fp, _fp, _in_place, _root, _rows, _uneven
+from .host.small import all_reduce_rd, barrier_dissemination
+from .runner import Body, Ctx, agreed, check_comm, start
+from .shm import board
+from .tensors import run as _on_tensor
+
+__all__ = ["Op", "all_reduce", "reduce", "reduce_scatter", "reduce_scatter_v", "scan"]
+
+
+class Op:
+    """A reduction given by a Python function (see the module): ``fn(a, b)``
+    returns ``a (op) b`` or writes it into ``b``; ``fn(a, b, dtype)`` (three
+    required arguments: mpi4py's form) writes it into ``b``. ``commute``:
+    MPI's flag, part of the fingerprint (the order is rank order either
+    way). ``name``: how the fingerprint and errors name it (default: the
+    function's module and qualified name, and its code's digest, so that
+    two lambdas differ; a name ranks on different Python versions agree on)."""
+
+    __slots__ = ("fn", "commute", "name", "label", "_dtype_arg", "_torch")
+
+    def __init__(self, fn: Callable[..., Any], commute: bool = False,
+                 name: str | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"collectives.Op takes a function fn(a, b), got "
+                            f"{type(fn).__name__} {fn!r:.60}")
+        if not isinstance(commute, bool):
+            raise TypeError(f"collectives.Op: commute must be True or False, got {commute!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"collectives.Op: name must be a non-empty string, got {name!r}")
+        self.fn, self.commute, self._torch = fn, commute, False
+        self._dtype_arg = _required_args(fn) >= 3
+        self.name = name or _qualified(fn)
+        digest = "" if name else _code_digest(fn)
+        self.label = (f"Op({self.name!r}" + (f" code {digest}" if digest else "")
+                      + (", commute" if commute else "") + ")")
+
+    def __repr__(self) -> str:
+        return f"collectives.Op({self.name!r}, commute={self.commute})"
+
+    def on_tensors(self) -> "Op":
+        """This op for a torch tensor's call: its operands go to ``fn`` as
+        CPU tensors (views of the call's buffers)."""
+        twin = object.__new__(Op)
+        for k in Op.__slots__:
+            object.__setattr__(twin, k, getattr(self, k))
+        twin._torch = True
+        return twin
+
+
+def _required_args(fn: Callable[..., Any]) -> int:
+    """How many positional arguments ``fn`` requires (2 where unknown)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    return sum(1 for p in params if p.default is p.empty and p.kind in (
+        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _qualified(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or \
+        type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if isinstance(module, str) else str(name)
+
+
+def _code_digest(fn: Callable[..., Any]) -> str:
+    """A short digest of ``fn``'s code (its bytecode, names and constants,
+    nested functions' too): alike in every process of one Python version."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ""
+    h = hashlib.blake2b(digest_size=4)
+
+    def feed(c: Any) -> None:
+        h.update(c.co_code)
+        h.update(repr((c.co_names, c.co_varnames)).encode())
+        for k in c.co_consts:
+            if inspect.iscode(k):
+                feed(k)
+            else:   # (a frozenset's order is the process's hash seed's)
+                h.update((repr(sorted(map(repr, k))) if isinstance(k, frozenset)
+                          else repr(k)).encode())
+    feed(code)
+    return h.hexdigest()
+
+
+class _Bound:
+    """An Op in one call: ``apply(a, b)`` leaves ``a (op) b`` in ``b`` (an
+    array of this call's, never the caller's) and returns ``b``, checking
+    what ``fn`` gave; ``combine`` is ReduceOp's (the recursive doubling's),
+    on flat buffers shown to ``fn`` as ``shape``. Errors name the call."""
+
+    __slots__ = ("op", "where", "shape")
+
+    def __init__(self, op: Op, ctx: Ctx, shape: tuple[int, ...] | None = None) -> None:
+        self.op, self.where, self.shape = op, ctx.where(), shape
+
+    def combine(self, dst: np.ndarray, src: np.ndarray, src_first: bool = False) -> None:
+        a, b = (src, dst) if src_first else (dst, src)
+        if self.shape is not None:
+            a, b = a.reshape(self.shape), b.reshape(self.shape)
+        self.apply(a, b)
+        if not src_first:       # (the result is in src's buffer, a received one)
+            dst[...] = src
+
+    def apply(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        op = self.op
+        if b.size == 0:     # (an empty array, a block of no rows: nothing to combine)
+            return b
+        if op._torch:
+            import torch
+            x: Any = torch.from_numpy(a if a.flags.writeable else a.copy())
+            y: Any = torch.from_numpy(b)
+        else:
+            x = a.view()
+            x.flags.writeable = False      # (MPI's invec: fn writes only its second operand)
+            y = b
+        try:
+            res = op.fn(x, y, y.dtype) if op._dtype_arg else op.fn(x, y)
+        except Exception as e:
+            e.add_note(f"{self.where}: raised by the user op {op.label}; the call fails on "
+                       f"every rank")
+            raise
+        if res is None or res is y:
+            return b
+        got: np.ndarray | None = None
+        if is_tensor(res):
+            try:
+                got = res.detach().cpu().numpy()
+            except (TypeError, RuntimeError):   # (a dtype numpy has not: bfloat16)
+                got = None
+        elif isinstance(res, (np.ndarray, np.generic, int, float, complex, bool)):
+            got = np.asarray(res)
+        if got is None or got.shape != b.shape or got.dtype != b.dtype:
+            said = f"a {type(res).__name__}" if got is None else \
+                f"{dtype_name(got.dtype)} of shape {got.shape}"
+            raise TypeError(f"{self.where}: the user op {op.label} returned {said} for operands "
+                            f"of {dtype_name(b.dtype)} of shape {b.shape}: fn(a, b) returns "
+                            f"their combination, of their shape and dtype (or None, written "
+                            f"into b)")
+        b[...] = got
+        return b
+
+
+def _settled(ctx: Ctx) -> None:
+    """The call's last step on every rank: a dissemination barrier on its
+    tag, so that no rank returns before every rank's ``fn`` has returned
+    (a rank whose last step was a combine raised, its peers waited in
+    nothing of its: they returned a result and never heard of it)."""
+    barrier_dissemination(ctx)
+
+
+def _noted(ctx: Ctx, name: str, path: str, nbytes: int) -> None:
+    """MESH_COLL_DEBUG's line; and this call's fingerprint on the board
+    where the group has one (peers that took it for a builtin op wait
+    there: they see the mismatch at once, collectives.shm.round.announce)."""
+    if debug.ON:
+        debug.note(ctx.g, name, f"user op, {path} over sockets", nbytes)
+    if board.available(ctx):
+        board.announce(ctx)
+
+
+def _fp_of(coll: str, arr: np.ndarray | None, op: Op, **kw: Any) -> dict:
+    return _fp(coll, arr, op=op.label, **kw)
+
+
+def _all_reduce(g: Comm, a: Any, op: Op, async_op: bool = False,
+                timeout: float | None = None) -> Any:
+    def prepare(t: Any) -> tuple[dict, Body]:
+        arr = _array("all_reduce", a, writable=True)
+
+        def body(ctx: Ctx, buf: np.ndarray) -> None:
+            if ctx.g.size > 1:
+                _noted(ctx, "all_reduce", "recursive doubling", buf.nbytes)
+                all_reduce_rd(ctx, buf, _Bound(op, ctx, arr.shape))
+                _settled(ctx)
+        return _fp_of("all_reduce", arr, op), _in_place(arr, body)
+    return start(g, "all_reduce", prepare, async_op, timeout)
+
+
+def _ordered_to_zero(ctx: Ctx, mine: np.ndarray, op: _Bound) -> np.ndarray | None:
+    """Binomial tree over contiguous rank ranges: in round d (1, 2, 4...)
+    rank r (a multiple of 2d) takes r + d's range after its own. Rank 0's
+    result: x0 (op) ... (op) x(n-1); None elsewhere. ``mine`` is only read."""
+    n, r = ctx.g.size, ctx.g.rank
+    acc, d = mine, 1
+    while d < n:
+        if r % (2 * d):
+            ctx.send(acc, r - d)
+            return None
+        if r + d < n:
+            acc = op.apply(acc, ctx.recv(r + d, out=np.empty_like(mine)))
+        d *= 2
+    return acc
+
+
+def _reduce(g: Comm, a: Any, op: Op, root: int = 0, async_op: bool = False,
+            timeout: float | None = None) -> Any:
+    def prepare(t: Any) -> tuple[dict, Body]:
+        arr = _array("reduce", a, writable=g.rank == root)
+        r = _root(g, root)
+
+        def tree(ctx: Ctx, buf: np.ndarray) -> None:
+            got = _ordered_to_zero(ctx, buf.reshape(arr.shape), _Bound(op, ctx))
+            if got is not None and r == 0:
+                buf[...] = got.reshape(-1)
+            elif got is not None:
+                ctx.send(got, r)
+            elif ctx.g.rank == r:
+                ctx.recv(0, out=buf)
+            _settled(ctx)      # (before agreed's watch: it would take the barrier's messages)
+
+        def body(ctx: Ctx, buf: np.ndarray) -> None:
+            if ctx.g.size > 1:
+                _noted(ctx, "reduce", "binomial tree", buf.nbytes)
+                agreed(lambda c: tree(c, buf))(ctx)
+        return _fp_of("reduce", arr, op, root=r), _in_place(arr, body, g.rank == r)
+    return start(g, "reduce", prepare, async_op, timeout)
+
+
+def _blocks(ctx: Ctx, name: str, parts: list[np.ndarray], op: Op) -> np.ndarray:
+    """This rank's block of a reduce_scatter: every rank's ``parts[rank]``
+    (``parts``: this rank's array cut in g.size blocks, only read),
+    combined in rank order."""
+    n, me = ctx.g.size, ctx.g.rank
+    if n > 1:
+        _noted(ctx, name, "direct", sum(p.nbytes for p in parts))
+    got = {j: ctx.irecv(j, np.empty_like(parts[me])) for j in range(n) if j != me}
+    sent = [ctx.isend(parts[j], j) for j in range(n) if j != me]
+    bound = _Bound(op, ctx)
+    acc = None
+    for j in range(n):
+        part = got[j].wait() if j != me else parts[me].copy()
+        acc = part if acc is None else bound.apply(acc, part)
+    for req in sent:
+        req.wait()
+    if n > 1:
+        _settled(ctx)
+    assert acc is not None
+    return acc
+
+
+def _reduce_scatter(g: Comm, a: Any, op: Op, async_op: bool = False,
+                    timeout: float | None = None) -> Any:
+    def prepare(t: Any) -> tuple[dict, Body]:
+        arr = np.ascontiguousarray(_array("reduce_scatter", a))
+        _rows("reduce_scatter", arr, g.size)
+
+        def body(ctx: Ctx) -> np.ndarray:
+            return _blocks(ctx, "reduce_scatter", np.split(arr, ctx.g.size), op)
+        return _fp_of("reduce_scatter", arr, op), body
+    return start(g, "reduce_scatter", prepare, async_op, timeout)
+
+
+def _reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: Op, async_op: bool = False,
+                      timeout: float | None = None,
+                      check: Callable[[], Any] | None = None) -> Any:
+    name = "reduce_scatter_v"
+
+    def prepare(t: Any) -> tuple[dict, Body]:
+        if check is not None:
+            check()
+        n = g.size
+        arr = _uneven(name, a, counts, n, sum(counts) if len(counts) == n else None)[0]
+        edges = np.cumsum([0] + list(counts))
+
+        def body(ctx: Ctx) -> np.ndarray:
+            return _blocks(ctx, name, [arr[lo:hi] for lo, hi in zip(edges, edges[1:])], op)
+        return _fp(name, dtype=dtype_name(arr.dtype), row=list(arr.shape[1:]) or None,
+                   counts=_counts_fp(list(counts)), op=op.label), body
+    return start(g, name, prepare, async_op, timeout)
+
+
+def _scan(g: Comm, a: Any, op: Op, async_op: bool = False, timeout: float | None = None,
+          exclusive: bool = False) -> Any:
+    name = "exscan" if exclusive else "scan"
+
+    def prepare(t: Any) -> tuple[dict, Body]:
+        arr = np.array(_array(name, a), order="C")      # (a copy: combined into)
+
+        def doubling(ctx: Ctx) -> Any:
+            n, r = ctx.g.size, ctx.g.rank
+            bound = _Bound(op, ctx)
+            held, before = arr, None        # ranks r-d+1..r, and r-d+1..r-1 (None: none)
+            d = 1
+            while d < n:
+                got = ctx.irecv(r - d, np.empty_like(held)) if r >= d else None
+                sent = ctx.isend(held, r + d) if r + d < n else None
+                lower = got.wait() if got is not None else None
+                if sent is not None:
+                    sent.wait()             # (held is combined into next)
+                if lower is not None:
+                    before = lower.copy() if before is None else bound.apply(lower, before)
+                    held = bound.apply(lower, held)
+                d *= 2
+            if n > 1:
+                _settled(ctx)
+            return before if exclusive else held
+
+        def body(ctx: Ctx) -> Any:
+            if ctx.g.size > 1:
+                _noted(ctx, name, "recursive doubling", arr.nbytes)
+            return doubling(ctx)
+        return _fp_of(name, arr, op), body
+    return start(g, name, prepare, async_op, timeout)
+
+
+_staged_all_reduce = simple(_all_reduce, in_place=True)
+_staged_reduce = simple(_reduce, in_place=True)
+_staged_reduce_scatter = simple(_reduce_scatter, in_place=False)
+_staged_reduce_scatter_v = simple(_reduce_scatter_v, in_place=False)
+_staged_scan = simple(_scan, in_place=False)
+
+
+def all_reduce(g: Comm, a: Any, op: Op, async_op: bool = False,
+               timeout: float | None = None) -> Any:
+    """collectives.all_reduce with a user op: in place, returns ``a``."""
+    check_comm(g, "all_reduce")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(all_reduce, "all_reduce", g, a, op=op.on_tensors(),
+                          async_op=async_op, timeout=timeout)
+    return _staged_all_reduce(g, a, op, async_op=async_op, timeout=timeout)
+
+
+def reduce(g: Comm, a: Any, op: Op, root: int = 0, async_op: bool = False,
+           timeout: float | None = None) -> Any:
+    """collectives.reduce with a user op: into the root's ``a``."""
+    check_comm(g, "reduce")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(reduce, "reduce", g, a, op=op.on_tensors(),
+                          root=root, async_op=async_op, timeout=timeout)
+    return _staged_reduce(g, a, op, root, async_op=async_op, timeout=timeout)
+
+
+def reduce_scatter(g: Comm, a: Any, op: Op, async_op: bool = False,
+                   timeout: float | None = None) -> Any:
+    """collectives.reduce_scatter with a user op: this rank's rows, new."""
+    check_comm(g, "reduce_scatter")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(reduce_scatter, "reduce_scatter", g, a,
+                          op=op.on_tensors(), async_op=async_op,
+                          timeout=timeout)
+    return _staged_reduce_scatter(g, a, op, async_op=async_op, timeout=timeout)
+
+
+def reduce_scatter_v(g: Comm, a: Any, counts: Any, op: Op, async_op: bool = False,
+                     timeout: float | None = None) -> Any:
+    """collectives.reduce_scatter_v with a user op: counts[rank] rows, new."""
+    check_comm(g, "reduce_scatter_v")
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(reduce_scatter_v, "reduce_scatter_v", g, a, counts=counts,
+                          op=op.on_tensors(), async_op=async_op,
+                          timeout=timeout)
+    from .api import _counted       # (api imports this module)
+    sizes, check = _counted(g, counts, "reduce_scatter_v")
+    return _staged_reduce_scatter_v(g, a, sizes, op, async_op=async_op, timeout=timeout,
+                                    check=check)
+
+
+def scan(g: Comm, a: Any, op: Op, async_op: bool = False, timeout: float | None = None,
+         exclusive: bool = False) -> Any:
+    """collectives.scan (``exclusive``: exscan) with a user op."""
+    name = "exscan" if exclusive else "scan"
+    check_comm(g, name)
+    if type(a) is not np.ndarray and is_tensor(a):
+        return _on_tensor(scan, name, g, a, op=op.on_tensors(),
+                          async_op=async_op, timeout=timeout, exclusive=exclusive)
+    return _staged_scan(g, a, op, async_op=async_op, timeout=timeout, exclusive=exclusive)

@@ -1,0 +1,158 @@
+"""User-defined reduction ops (collectives.Op, mpi4py's MPI.Op.Create):
+every reducing collective against a one-process numpy reference, for
+non-commutative ops (a 2x2 matrix product a row, an affine map's
+composition in mpi4py's in-place form) and commutative ones, numpy arrays
+and torch tensors, in groups of 1 to 4 ranks inside one spawn. Ranks
+that disagree on the op, and an op that fails, are in
+test_collectives_mismatch.py; across hosts in test_collectives_hier.py."""
+from __future__ import annotations
+
+from functools import reduce as fold
+from typing import Any
+
+import numpy as np
+import pytest
+
+import collectives as C
+import mesh
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def matmul_rows(a: Any, b: Any) -> Any:
+    """Rows of 4 read as 2x2 matrices, multiplied row by row: a @ b."""
+    return (a.reshape(-1, 2, 2) @ b.reshape(-1, 2, 2)).reshape(a.shape)
+
+
+def compose(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+    """mpi4py's form: rows (scale, shift) of x -> scale * x + shift, the
+    lower ranks' map applied first, written into inoutbuf."""
+    x = np.frombuffer(inbuf, datatype).reshape(-1, 2)
+    y = np.frombuffer(inoutbuf, datatype).reshape(-1, 2)
+    y[:, 1] += x[:, 1] * y[:, 0]
+    y[:, 0] *= x[:, 0]
+
+
+def compose_ref(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.stack([a[:, 0] * b[:, 0], a[:, 1] * b[:, 0] + b[:, 1]], axis=1)
+
+
+MAT = C.Op(matmul_rows)
+AFFINE = C.Op(compose, name="affine")
+GCD = C.Op(np.gcd, commute=True)
+
+
+def mats(seed: int, rows: int = 4) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-2, 3, (rows, 4)).astype(np.int64)
+
+
+def maps(seed: int, rows: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(1, 4, rows), rng.integers(-5, 6, rows)], 1).astype(float)
+
+
+def _groups(world: Any) -> list[Any]:
+    """Groups of 1, 2, 3 and 4 ranks (None where this rank is not in one)."""
+    return [world.group([world.rank]), world.group([0, 1]), world.group([1, 2, 3]), world]
+
+
+def _check(world: Any) -> list[str]:
+    import torch
+    wrong: list[str] = []
+
+    def same(what: str, got: Any, want: Any) -> None:
+        if got is None or want is None:
+            ok = got is None and want is None
+        else:
+            got = got.numpy() if isinstance(got, torch.Tensor) else got
+            ok = np.array_equal(got, want) and got.dtype == np.asarray(want).dtype
+        if not ok:
+            wrong.append(f"{what} on {g.name}: {got!r} != {want!r}")
+
+    for g in _groups(world):
+        if g is None:
+            continue
+        n, r, w = g.size, g.rank, g.ranks
+        seed = [10 * x for x in w]
+        a = mats(seed[r])
+        same("all_reduce", C.all_reduce(g, a, op=MAT), fold(matmul_rows, map(mats, seed)))
+        for root in range(n):
+            a = mats(seed[r])
+            C.reduce(g, a, root=root, op=MAT)
+            same(f"reduce root={root}", a, fold(matmul_rows, map(mats, seed)) if r == root
+                 else mats(seed[r]))
+        rows = mats(seed[r] + 1, 2 * n)
+        want = fold(matmul_rows, [mats(s + 1, 2 * n) for s in seed])
+        same("reduce_scatter", C.reduce_scatter(g, rows, op=MAT), want[2 * r:2 * r + 2])
+        counts = [(j % 3) for j in range(n)]
+        lo = sum(counts[:r])
+        rows = mats(seed[r] + 2, sum(counts))
+        want = fold(matmul_rows, [mats(s + 2, sum(counts)) for s in seed])
+        same("reduce_scatter_v", C.reduce_scatter_v(g, rows, counts, op=MAT),
+             want[lo:lo + counts[r]])
+        same("scan", C.scan(g, mats(seed[r]), op=MAT),
+             fold(matmul_rows, map(mats, seed[:r + 1])))
+        same("exscan", C.exscan(g, mats(seed[r]), op=MAT),
+             fold(matmul_rows, map(mats, seed[:r])) if r else None)
+        # mpi4py's in-place form; a 0-d array; a commutative op
+        same("affine", C.all_reduce(g, maps(seed[r]), op=AFFINE),
+             fold(compose_ref, map(maps, seed)))
+        same("affine scan", C.scan(g, maps(seed[r]), op=AFFINE),
+             fold(compose_ref, map(maps, seed[:r + 1])))
+        same("gcd 0-d", C.all_reduce(g, np.array(12 * (w[r] + 1)), op=GCD),
+             np.array(fold(np.gcd, [12 * (x + 1) for x in w])))
+        same("empty", C.all_reduce(g, np.zeros((0, 4), np.int64), op=MAT),
+             np.zeros((0, 4), np.int64))
+        work = C.all_reduce(g, mats(seed[r]), op=MAT, async_op=True)
+        same("async all_reduce", work.wait(), fold(matmul_rows, map(mats, seed)))
+        # torch tensors: fn gets tensors (bfloat16 widened: float32)
+        seen: list[Any] = []
+
+        def tmat(x: Any, y: Any) -> Any:
+            seen.append((type(x).__name__, x.dtype))
+            return (x.view(-1, 2, 2) @ y.view(-1, 2, 2)).view(x.shape)
+        top = C.Op(tmat, name="tmat")
+        t = torch.from_numpy(mats(seed[r]).astype(np.float64))
+        C.all_reduce(g, t, op=top)
+        same("torch all_reduce", t, fold(matmul_rows, map(mats, seed)).astype(np.float64))
+        t = torch.from_numpy(mats(seed[r], 2 * n).astype(np.float32)).bfloat16()
+        got = C.reduce_scatter(g, t, op=top)
+        want = fold(matmul_rows, [mats(s, 2 * n) for s in seed])[2 * r:2 * r + 2]
+        if got.dtype != torch.bfloat16:
+            wrong.append(f"torch reduce_scatter gave {got.dtype}")
+        same("torch bfloat16 reduce_scatter", got.float(), want.astype(np.float32))
+        t = torch.from_numpy(mats(seed[r]).astype(np.float64))
+        same("torch exscan", C.exscan(g, t, op=top), fold(matmul_rows, map(
+            mats, seed[:r])).astype(np.float64) if r else None)
+        # (at 3 ranks rank 0 folds into rank 1: its all_reduce and exscan combine nothing)
+        if n > 1 and not {("Tensor", torch.float32)} <= set(seen) <= {
+                ("Tensor", torch.float64), ("Tensor", torch.float32)}:
+            wrong.append(f"torch operands: {set(seen)}")
+    return wrong
+
+
+def test_user_ops_match_numpy_in_groups_of_one_to_four_ranks() -> None:
+    """In rank order (the products differ in any other order), the same
+    bits on every rank, a reduce's non-roots' arrays untouched."""
+    for rank, wrong in enumerate(mesh.spawn(_check, 4, timeout=100)):
+        assert wrong == [], f"rank {rank}: {wrong}"
+
+
+def test_an_op_is_checked_where_it_is_made() -> None:
+    with pytest.raises(TypeError, match="collectives.Op takes a function"):
+        C.Op("sum")     # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="commute must be True or False"):
+        C.Op(np.add, commute=1)     # type: ignore[arg-type]
+    assert repr(AFFINE) == "collectives.Op('affine', commute=False)"
+    assert AFFINE.label == "Op('affine')" and GCD.label == "Op('numpy.gcd', commute)"
+    first, second = C.Op(lambda a, b: a + b), C.Op(lambda a, b: a * b)
+    assert first.name == second.name and first.label != second.label
+    assert C.Op(lambda a, b: a + b).label == first.label
+
+
+def test_a_user_op_where_only_builtin_ones_go_says_where_it_goes() -> None:
+    """(GradReducer, all_reduce_grads: their buckets join many arrays)"""
+    from collectives.ops import resolve
+    with pytest.raises(ValueError, match=r"a user op \(collectives.Op\('affine', commute="
+                                         r"False\)\) is taken by all_reduce, reduce, "):
+        resolve(AFFINE, np.float64)
