@@ -988,3 +988,14 @@ def test_the_benchmark_polls_async_calls(capsys: pytest.CaptureFixture[str]) -> 
                        "--poll", "--only", "meshrun"]) == 0
     out = capsys.readouterr().out
     assert "each call polled" in out and out.rstrip().splitlines()[-1].split()[0] == "8"
+
+
+@pytest.mark.timeout(120)
+def test_the_benchmark_times_a_user_op(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--redop user``: the reducing collectives with collectives.Op(np.add),
+    for BENCHMARKS' comparison of a user op's paths with "sum"'s."""
+    from collectives.tools import bench
+    assert bench.main(["--op", "reduce_scatter", "--sizes", "64", "--iters", "3", "--warmup",
+                       "1", "--redop", "user", "--only", "meshrun"]) == 0
+    row = capsys.readouterr().out.rstrip().splitlines()[-1].split()
+    assert row[:4] == ["64", "16", "float32", "user"], row

@@ -19,6 +19,11 @@ host, the overlapped ring across hosts), ``ring`` (the overlapped ring
 forced, MESH_CUDA_OVERLAP=1 as well) or ``simple`` (every call staged whole
 as small arrays are, MESH_CUDA_OVERLAP=0 as well).
 
+``--redop`` picks the reducing collectives' op: a builtin one's name, or
+``user``: ``collectives.Op(np.add, commute=True)``, a user-defined op
+computing the sum (collectives.userop: what its own paths cost beside the
+builtin op's).
+
 With ``--poll`` (all_reduce) each call is made with ``async_op=True`` and
 waited for by a loop polling its Work (``done()``; gloo's side
 ``is_completed()``), as code that overlaps its own Python work does.
@@ -29,6 +34,7 @@ reduce_scatter input, the array scattered from the root.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -38,6 +44,7 @@ import numpy as np
 
 from mesh.cliargs import nonnegative, positive
 
+from ..ops import OPS
 from ..plan import parse_size
 
 __all__ = ["COLLECTIVES", "PATHS", "bus_factor", "parse_sizes", "input_count", "plan_rows",
@@ -135,8 +142,12 @@ def polled(work: Any, done: str = "done") -> Any:
     return work.wait()
 
 
+REDUCING = ("all_reduce", "reduce", "reduce_scatter", "scan", "exscan")
+
+
 def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: str,
-                 device: str, poll: bool = False) -> list[tuple[float, float]]:
+                 device: str, poll: bool = False,
+                 redop: str = "sum") -> list[tuple[float, float]]:
     """(seconds per call, MiB of peak memory beyond the input) per row; the
     memory figure is exact for the first row and a lower bound after it."""
     import resource
@@ -149,6 +160,9 @@ def _mesh_worker(world: Any, op: str, rows: list[tuple[int, int, int]], dtype: s
         cupy.cuda.Device(world.rank % cupy.cuda.runtime.getDeviceCount()).use()
         xp = cupy
     fn = getattr(C, op)
+    if op in REDUCING and redop != "sum":
+        fn = functools.partial(fn, op=C.Op(np.add, commute=True, name="user sum")
+                               if redop == "user" else redop)
     times = []
     for count, iters, warmup in rows:
         a = _make(xp, op, count, dtype, world.size, world.rank)
@@ -218,6 +232,10 @@ def _measure(args: argparse.Namespace, rows: list[tuple[int, int, int]]
     alternating), and meshrun's peak extra memory by row."""
     n = args.nprocs
     want_gloo = args.compare == "gloo" or args.only == "gloo"
+    if want_gloo and args.redop != "sum" and args.op in REDUCING:
+        print(f"# --compare gloo: gloo's side reduces by sum only, not {args.redop}; skipped",
+              file=sys.stderr)
+        want_gloo = False
     if want_gloo:
         from .bench_gloo import available, run_gloo
         if not available():
@@ -229,7 +247,8 @@ def _measure(args: argparse.Namespace, rows: list[tuple[int, int, int]]
         if args.only != "gloo":
             import mesh
             per_rank = mesh.spawn(_mesh_worker, n, args.op, rows, args.dtype, args.device,
-                                  args.poll, timeout=3600, env=path_env(args.path))
+                                  args.poll, args.redop, timeout=3600,
+                                  env=path_env(args.path))
             ts = [_slowest([[t for t, _ in r] for r in per_rank], i) for i in range(len(rows))]
             sides["meshrun"] = _best(sides.get("meshrun", ts), ts)
             memory = [max(r[i][1] for r in per_rank) for i in range(len(rows))]
@@ -256,8 +275,7 @@ def _print_table(args: argparse.Namespace, sizes: list[int], rows: list[tuple[in
         unit += f" | {'(MiB)':>9}"
     print(head)
     print(unit)
-    redop = "sum" if args.op in ("all_reduce", "reduce", "reduce_scatter", "scan",
-                                 "exscan") else "none"
+    redop = args.redop if args.op in REDUCING else "none"
     for i, size in enumerate(sizes):
         line = f"  {size:>10} {rows[i][0]:>10} {args.dtype:>8} {redop:>5}"
         for ts in sides.values():
@@ -282,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collectives.tools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--op", default="all_reduce", choices=COLLECTIVES)
+    ap.add_argument("--redop", default="sum", choices=OPS + ("user",),
+                    help="the reducing collectives' op; user: collectives.Op(np.add)")
     ap.add_argument("-n", "--nprocs", type=positive, default=2)
     ap.add_argument("--sizes", default="8:64M", help="lo:hi (doubling), or a,b,c; K M G suffixes")
     ap.add_argument("--factor", type=positive, default=2, help="step between sizes of a range")
