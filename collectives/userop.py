@@ -2,8 +2,8 @@
 the ``op=`` of all_reduce, reduce, reduce_scatter, reduce_scatter_v, scan
 and exscan (collectives.api hands such a call here, whatever its array).
 
-    op = collectives.Op(lambda a, b: a @ b)           # a 2x2 matrix product a row
-    collectives.all_reduce(world, mats, op=op)        # rank 0's @ rank 1's @ ...
+    op = collectives.Op(lambda a, b: a @ b)     # mats of shape (k, 2, 2): k products
+    collectives.all_reduce(world, mats, op=op)  # rank 0's @ rank 1's @ ... @ rank n-1's
 
 ``fn(a, b)`` combines two operands of the call's array shape and dtype
 (a reduce_scatter's: one rank's block of rows): it returns ``a (op) b``,
@@ -15,7 +15,8 @@ default as in MPI) gives ``x0 (op) x1 (op) ... (op) x(n-1)``; and the same
 bits on every rank, each pair combined once, by the same operands.
 
 These calls take their own paths, over point-to-point (never the board's
-or the ring's reductions, which combine chunks of an array in ufuncs):
+or the ring's reductions, which combine chunks of an array in ufuncs;
+``algorithm=`` and MESH_COLL_ALGO do not apply), each ending in a barrier:
 
     all_reduce          recursive doubling (collectives.host.small), the
                         whole array each round: log2(n) calls of fn
