@@ -558,6 +558,38 @@ class Comm:
             return _sent(self)      # done: nothing to send
         return self._isend(obj, dst, tag)
 
+    def ssend(self, obj: Any, dst: int, tag: int = 0, timeout: float | None = None) -> None:
+        """MPI's synchronous send (mpi4py's ``ssend``/``Ssend``): ``send``,
+        returning only once a receive of ``dst`` (a ``recv``, ``irecv``,
+        ``mprobe``, from ``dst``'s rank or ANY_SOURCE) has taken the
+        message; its buffer may be reused then too. MeshTimeoutError after
+        ``timeout`` (the message stays for a later receive), LostPeerError
+        when ``dst`` leaves without taking it."""
+        tag = _check_tag(tag, self, "ssend")
+        if timeout is not None:
+            timeout = _check_timeout(timeout, self, "ssend")
+        if _is_null(dst):
+            return
+        t = self._t
+        t.wait(self._issend(obj, dst, tag), timeout, True)
+
+    def issend(self, obj: Any, dst: int, tag: int = 0) -> Request:
+        """``ssend`` as a request (MPI's Issend): its ``wait``, ``test`` and
+        ``done`` complete once a receive of ``dst`` has taken the message."""
+        tag = _check_tag(tag, self, "issend")
+        if _is_null(dst):
+            return _sent(self)
+        return Request(self, self._issend(obj, dst, tag))
+
+    def _issend(self, obj: Any, dst: int, tag: int) -> Outgoing:
+        wdst = self._world_rank(dst, "ssend")
+        desc = self._desc("ssend to", dst, wdst, tag)
+        if type(obj) is np.ndarray and wdst != self._t.rank:
+            out = self._t.ssend_ring(wdst, self.gid, tag, obj, desc)
+            if out is not None:
+                return out
+        return self._t.isend(wdst, self.gid, tag, obj, None, desc, True)
+
     def _ring_tensor(self, obj: Any, dst: int, tag: int) -> bool:
         """Send a plain CPU torch tensor by ring (as a numpy array is, its
         header flagged so the receiver gets a tensor); False: the usual way."""

@@ -69,6 +69,10 @@ def _nothing() -> None:
     pass
 
 
+def _no_ack(src: int, ident: int) -> None:
+    pass
+
+
 class Inbox:
     """Matching, aborts and lost peers for the rank ``rank`` of ``peers``
     (indexed by world rank; this rank's own entry has no socket)."""
@@ -99,6 +103,8 @@ class Inbox:
         self.forgotten: dict[int, None] = {}   # the latest groups dropped (forget)
         self._control, self._nudge = control, nudge
         self.unpark: Callable[[], None] = _nothing    # a receive stays posted (mesh.progress)
+        # tells a synchronous send's sender (world rank, its id) that a receive took it
+        self.ack: Callable[[int, int], None] = _no_ack
 
     # ---- posting -------------------------------------------------------------
 
@@ -161,7 +167,7 @@ class Inbox:
                 req.complete(None)
             else:
                 self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device,
-                             msg.granted)
+                             msg.granted, msg.sync)
         elif aborted:
             req.fail(abort_error(aborted, f"rank {self.rank}: {req.described(self.peers)} "
                                           f"aborted: {aborted[1]}"))
@@ -211,7 +217,7 @@ class Inbox:
         req = Pending(group, src, tag, None, None, desc)
         req.state = MATCHED
         self._finish(req, msg.src, msg.tag, msg.value, msg.nbytes, msg.fp, msg.device,
-                     msg.granted)
+                     msg.granted, msg.sync)
         return req
 
     def hand(self, req: Pending, src: int, tag: int, value: Any, nbytes: int,
@@ -258,10 +264,11 @@ class Inbox:
             return (group, tag) in self.aborted or group in self.forgotten
 
     def arrive(self, src: int, group: int, tag: int, value: Any, nbytes: int, fp: Any,
-               on_device: int = 0) -> None:
+               on_device: int = 0, sync: int = -1) -> None:
         """Deliver a fully received message that no posted receive had claimed:
         to the first posted receive it fits (those it does not fit fail), else
-        to the unexpected queue, waking the probes it matches."""
+        to the unexpected queue, waking the probes it matches. ``sync``: a
+        synchronous send's id (mesh.wire's y), answered once a receive takes it."""
         while True:
             with self.lock:
                 if (group, tag) in self.aborted or self.forgotten and group in self.forgotten:
@@ -270,7 +277,7 @@ class Inbox:
                     req = self.matcher.take_posted(group, src, tag)
                     if req is None:
                         probes = self.matcher.add_unexpected(
-                            group, tag, Arrived(src, tag, value, nbytes, fp, on_device))
+                            group, tag, Arrived(src, tag, value, nbytes, fp, on_device, sync))
                         release = 0
                         if src != self.rank:
                             self.held[src] += nbytes + MSG_COST
@@ -279,14 +286,14 @@ class Inbox:
             if req is None:
                 self.consumed(src, nbytes)
                 return
-            if self.complete(req, src, tag, value, nbytes, fp, on_device):
+            if self.complete(req, src, tag, value, nbytes, fp, on_device, sync):
                 return
         self._grant(src, release)
         for p in probes:
             p.complete(None)
 
     def complete(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
-                 on_device: int = 0) -> bool:
+                 on_device: int = 0, sync: int = -1) -> bool:
         """Finish a matched receive with a value that is not yet in ``req.out``.
         False when the value does not fit ``req.out``: ``req`` fails and the
         message is still the caller's to deliver (see arrive)."""
@@ -296,17 +303,20 @@ class Inbox:
             if problem:
                 req.fail(self._misfit(req, src, tag, problem))
                 return False
-        self._finish(req, src, tag, value, nbytes, fp, on_device)
+        self._finish(req, src, tag, value, nbytes, fp, on_device, False, sync)
         return True
 
     def _finish(self, req: Pending, src: int, tag: int, value: Any, nbytes: int, fp: Any,
-                on_device: int, granted: bool = False) -> None:
+                on_device: int, granted: bool = False, sync: int = -1) -> None:
         """complete once the value is known to fit ``req.out`` (``granted``:
-        its credit went back already, see ``held``)."""
+        its credit went back already, see ``held``); a synchronous send's
+        (``sync``: its id) sender is told its message was taken."""
         if not granted:
             self.consumed(src, nbytes)
         if fp != req.fp:
             return self._mismatch(req, src, fp)
+        if sync >= 0:
+            self.ack(src, sync)
         req.device = on_device
         out = req.out
         if type(value) is np.ndarray:
@@ -317,6 +327,12 @@ class Inbox:
         else:
             req.got = (src, tag, nbytes, None, None)
         req.complete(value)
+
+    def ack_of(self, h: wire.Header) -> None:
+        """A receive took the message of header ``h`` (mesh.reader, which
+        completed it): its sender told, if it waits to be (a synchronous send)."""
+        if h.sync >= 0:
+            self.ack(h.src, h.sync)
 
     def consumed(self, src: int, nbytes: int) -> None:
         """A message from ``src`` left our buffers: grant its bytes back."""

@@ -184,15 +184,17 @@ class Watched(Pending):
 
 
 class Arrived:
-    """A message that arrived before its receive was posted."""
+    """A message that arrived before its receive was posted (``sync``: a
+    synchronous send's id, answered when a receive takes it; -1: none)."""
 
-    __slots__ = ("src", "tag", "value", "nbytes", "fp", "order", "device", "granted")
+    __slots__ = ("src", "tag", "value", "nbytes", "fp", "order", "device", "granted", "sync")
 
     def __init__(self, src: int, tag: int, value: Any, nbytes: int, fp: Any,
-                 device: int = 0) -> None:
+                 device: int = 0, sync: int = -1) -> None:
         self.src, self.tag, self.value, self.nbytes, self.fp = src, tag, value, nbytes, fp
         self.order = 0
         self.device = device
+        self.sync = sync
         self.granted = False     # its credit went back before a receive took it (Inbox.held)
 
     @property

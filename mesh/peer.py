@@ -150,10 +150,13 @@ class Outgoing:
     (``pieced`` says it went so). ``seq``, for one ZeroMQ sends zero-copy:
     how many messages its peer's socket had carried once its last frame
     was on it (``Peer.sent``; 0: not yet, or another kind of send), which
-    the peer's goodbye may say it had read (mesh.wire's BYE, field h)."""
+    the peer's goodbye may say it had read (mesh.wire's BYE, field h).
+    ``sync``, for a synchronous send (Comm.ssend): set once the receiver
+    said a receive took the message (mesh.wire's SYNCED); done waits for it
+    too."""
 
     __slots__ = ("dst", "frames", "nbytes", "_desc", "event", "tracker", "error", "keep",
-                 "pieces", "held", "streamed", "pieced", "seq")
+                 "pieces", "held", "streamed", "pieced", "seq", "sync")
 
     def __init__(self, dst: int, frames: list | None, nbytes: int, desc: Any, keep: Any) -> None:
         self.frames: list | None
@@ -166,6 +169,7 @@ class Outgoing:
         self.streamed: memoryview | None = None     # its bytes, to write on a stream
         self.pieced = False
         self.seq = 0
+        self.sync: Flag | None = None
 
     def under_way(self) -> bool:
         """Whether this is a message in pieces whose header went already."""
@@ -181,7 +185,8 @@ class Outgoing:
         return describe(self._desc, peers)
 
     def done(self) -> bool:
-        return self.event.is_set() and (self.tracker is None or self.tracker.done)
+        return self.event.is_set() and (self.tracker is None or self.tracker.done) and (
+            self.sync is None or self.sync.is_set())
 
     def fail(self, error: BaseException) -> None:
         self.error = error

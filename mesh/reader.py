@@ -62,12 +62,14 @@ class Reader:
                  direct: Direct, rings: Rings | None = None,
                  on_answer: Callable[[Peer, int], None] | None = None,
                  control: Callable[..., None] | None = None,
-                 streams: Streams | None = None) -> None:
+                 streams: Streams | None = None,
+                 on_synced: Callable[[int], None] | None = None) -> None:
         self.rank, self.size = rank, len(peers)
         self.bad_messages = 0
         self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
         self._on_credit, self._direct, self._on_answer = on_credit, direct, on_answer
         self._control = control     # what answers a piece (mesh.wire.GOT)
+        self._on_synced = on_synced     # a synchronous send of ours was taken (SYNCED)
         # by peer, its message in pieces under way: [header, the frames so far, bytes]
         self._pieces: dict[int, list] = {}
         # mesh.streams: by peer whose message's bytes its stream thread reads now,
@@ -107,6 +109,7 @@ class Reader:
         self._known: list[tuple] = [(-1, 0, 0, None, 0, 0, None, 0, 0, 0)] * len(peers)
         self._claim, self._arrive = inbox.claim, inbox.arrive
         self._consumed, self._complete = inbox.consumed, inbox.complete
+        self._ack = inbox.ack_of
 
     def read_one(self) -> bool:
         """Read and dispatch one message from the ROUTER; False when none is
@@ -256,12 +259,16 @@ class Reader:
     def _from_ring(self, src: int, frame: memoryview) -> None:
         """One message out of rank ``src``'s ring: an array or an object,
         delivered as from the socket (the bytes are copied before the ring
-        moves on)."""
+        moves on), or the answer to a synchronous send of ours (SYNCED)."""
         try:
             head, body = wire.split_inline(frame)
             h = self._header(head)
         except BadMessageError as e:
             self._bad(f"from rank {src}'s ring: {e}")
+            return
+        if h.kind == wire.SYNCED and h.src == src and not body:
+            if self._on_synced is not None:     # (a receive of its took our ssend)
+                self._on_synced(h.direct[0])
             return
         if h.src != src or h.kind > wire.OBJ or h.direct:
             self._bad(f"rank {src}'s ring holds a message of kind {h.kind} from rank {h.src}")
@@ -275,7 +282,7 @@ class Reader:
         h = self._decoded.get(head)
         if h is None:
             h = wire.decode(head, self.size)
-            if h.kind <= wire.OBJ and h.fp is None:
+            if h.kind <= wire.OBJ and h.fp is None and h.sync < 0:   # (a sync id: once)
                 if len(self._decoded) >= _CACHE:
                     self._decoded.clear()
                     self._plain.clear()
@@ -364,6 +371,9 @@ class Reader:
             self._live.on_bye(peer, h.reason, h.peer, h.heard)
         elif h.kind == wire.DONE:
             self._direct.on_done(h.direct[0])
+        elif h.kind == wire.SYNCED:
+            if self._on_synced is not None:
+                self._on_synced(h.direct[0])
         elif h.kind == wire.PROBE:
             if not self._live.leaving:    # else nobody sends to us again, and an answer
                 self._direct.on_probe(peer, h.direct)   # would wait for a peer that left
@@ -432,9 +442,10 @@ class Reader:
                 self._consumed(src, h.nbytes)
                 req.got = h
                 req.complete(dest)
+                self._ack(h)
             elif req is None or not self._complete(req, src, h.tag, dest, h.nbytes, h.fp,
-                                                   h.device):
-                self._arrive(src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
+                                                   h.device, h.sync):
+                self._arrive(src, h.group, h.tag, dest, h.nbytes, h.fp, h.device, h.sync)
             for i, (h2, payload) in enumerate(held):
                 self._handle(h2, peer, payload)
                 if src in self._streaming:     # another array by stream: the rest after it
@@ -485,7 +496,7 @@ class Reader:
             value = decode_object(packed)
         except Exception as e:
             return self._bad(f"object payload is not msgpack ({type(e).__name__})")
-        self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp)
+        self._arrive(h.src, h.group, h.tag, value, h.nbytes, h.fp, 0, h.sync)
         return True
 
     def _read_array(self, h: wire.Header, parts: list) -> None:
@@ -504,13 +515,16 @@ class Reader:
                 self._consumed(h.src, got)
                 req.got = h
                 req.complete(out)
+                if h.sync >= 0:
+                    self._ack(h)
                 return
         dest = self._fresh(h, req)
         if dest is None:
             return
         fill(dest, parts)
-        if req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp, h.device):
-            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
+        if req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp, h.device,
+                                             h.sync):
+            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device, h.sync)
 
     def _read_direct(self, h: wire.Header, peer: Peer) -> None:
         """An array to read out of the sender's memory (mesh.direct): into
@@ -561,9 +575,10 @@ class Reader:
             self._consumed(h.src, h.nbytes)
             req.got = h
             req.complete(dest)
+            self._ack(h)
         elif req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp,
-                                               h.device):
-            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device)
+                                               h.device, h.sync):
+            self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device, h.sync)
 
     def _fresh(self, h: wire.Header, req: Any) -> np.ndarray | None:
         """A new array for the array message ``h``; None where there is no

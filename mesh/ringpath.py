@@ -5,7 +5,7 @@ thread.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -28,6 +28,9 @@ class _RingPaths:
     """Transport's short ways through the same-host rings (mesh.transport)."""
 
     # (Transport's, set in its __init__)
+    _expect_sync: Callable[[Outgoing, int], None]
+    _sync_ids: Iterator[int]
+    unsync: Callable[[Outgoing], None]
     _aborted: dict[tuple[int, int], tuple[AbortKind, str, int]]
     _awake_rung: memoryview | None
     _marked: int
@@ -49,20 +52,21 @@ class _RingPaths:
     rings: Rings | None
 
     def send_ring(self, dst: int, group: int, tag: int, obj: np.ndarray,
-                  bits: int = 0) -> Outgoing | None:
+                  bits: int = 0, sync: int = -1) -> Outgoing | None:
         """Send a small array to a same-host peer by its ring (mesh.rings),
         header and bytes copied in and nothing else: SENT, done already;
         None when it must go the usual way (``isend``: no ring, too big,
         not C-contiguous, no credit or room, sends queued before it).
         ``bits``: the header's flags (mesh.tensors.TORCH: a torch tensor's
-        memory, so the receiver gets one)."""
+        memory, so the receiver gets one); ``sync``: a synchronous send's
+        id (``ssend_ring``), in a header made for it alone."""
         ring = self._ring_out[dst]
         if ring is None or (ring.full and ring.off()):
             return None
         dt = obj.dtype       # a dtype hashes slowly: not in the key, known by identity
         # (another dtype there replaces the entry)
         key = (obj.shape, group, tag) if not bits else (obj.shape, group, tag, bits)
-        known = self._prefixes.get(key)
+        known = self._prefixes.get(key) if sync < 0 else None
         if known is None or known[0] is not dt:     # (not C-contiguous: ``put`` raises ValueError)
             n = obj.nbytes
             if n > self._ring_max or not wire.dtype_ok(dt):
@@ -70,16 +74,19 @@ class _RingPaths:
             flags = bits | (tensors.BF16 if dt.metadata is not None    # numpy's bfloat16
                             and tensors.dtype_name(dt) == "bfloat16" else 0)
             pre = wire.inline(wire.encode(wire.DATA, self.rank, group, tag, dtype=dt.str,
-                                          shape=obj.shape, nbytes=n, device=flags))
-            if len(self._prefixes) >= _CACHE:
-                self._prefixes.clear()
-                self._marks.clear()
-            mark = self._marks.get(pre, 0)   # its header's id: one no other header had
-            if not mark and self._marked < rings.MARKS - 1:   # (once all are given: none)
-                self._marked += 1
-                mark = self._marks[pre] = rings.MARK * self._marked
-            known = self._prefixes[key] = (dt, pre, len(pre), n, n + MSG_COST,
-                                           len(pre) + n + mark)    # n: bytes; its length word
+                                          shape=obj.shape, nbytes=n, device=flags, sync=sync))
+            if sync >= 0:       # (its id: seen once, neither kept nor marked)
+                known = (dt, pre, len(pre), n, n + MSG_COST, len(pre) + n)
+            else:
+                if len(self._prefixes) >= _CACHE:
+                    self._prefixes.clear()
+                    self._marks.clear()
+                mark = self._marks.get(pre, 0)   # its header's id: one no other header had
+                if not mark and self._marked < rings.MARKS - 1:   # (once all are given: none)
+                    self._marked += 1
+                    mark = self._marks[pre] = rings.MARK * self._marked
+                known = self._prefixes[key] = (dt, pre, len(pre), n, n + MSG_COST,
+                                               len(pre) + n + mark)    # n: bytes; length word
         _, pre, plen, n, cost, word = known
         peer = self._peers[dst]
         lock = peer.lock         # acquire/release: cheaper than ``with``, once a message
@@ -105,6 +112,23 @@ class _RingPaths:
         if not (awake_rung[0] or awake_rung[1]):
             ring.bell()
         return SENT
+
+    def ssend_ring(self, dst: int, group: int, tag: int, obj: np.ndarray,
+                   desc: Any) -> Outgoing | None:
+        """A synchronous send (Comm.ssend) of a small array by ``send_ring``:
+        handed over, done once the receiver answers that a receive took it
+        (mesh.wire's SYNCED); None when it must go the usual way (``isend``).
+        Through ``isend``, the progress thread was woken for each, and its
+        reading turn, taken from the caller waiting for the answer, made an
+        8-byte ssend round trip take 180-300 us."""
+        ident = next(self._sync_ids)
+        out = Outgoing(dst, None, obj.nbytes, desc, None)
+        self._expect_sync(out, ident)
+        if self.send_ring(dst, group, tag, obj, 0, ident) is None:
+            self.unsync(out)
+            return None
+        out.event.set()
+        return out
 
     def _grants(self, peer: Peer, cost: int) -> bool:
         """``send_ring`` found ``peer``'s window full, or sends queued for

@@ -4,9 +4,10 @@ come), in pieces across hosts, and the control messages beside them.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import zmq
@@ -14,6 +15,7 @@ import zmq
 from . import wire
 from .direct import Ack
 from .errors import LostPeerError
+from .match import Flag
 from .payload import decode_object, encode_payload
 from .peer import ALIVE, Outgoing, Peer, named
 from .reader import COPY_BELOW
@@ -54,6 +56,9 @@ class _Sending:
 
     # (Transport's, set in its __init__)
     _encoded: dict[tuple, bytes]
+    _syncing: dict[int, Outgoing]       # synchronous sends awaiting SYNCED, by id
+    _sync_ids: Iterator[int]
+    _sync_lock: threading.Lock
     _peers: list[Peer]
     _pieced: list[bool]
     _ring: Callable[[Peer, Outgoing], bool]
@@ -65,9 +70,13 @@ class _Sending:
     rank: int
     streams: Streams
 
-    def isend(self, dst: int, group: int, tag: int, obj: Any, fp: Any, desc: Any) -> Outgoing:
+    def isend(self, dst: int, group: int, tag: int, obj: Any, fp: Any, desc: Any,
+              sync: bool = False) -> Outgoing:
+        """Send ``obj``; ``sync``: a synchronous send (Comm.ssend), its header
+        carrying an id that the receiver answers (SYNCED) once a receive has
+        taken it, and done only then (``Outgoing.sync``)."""
         if type(obj) is np.ndarray and fp is None and dst != self.rank \
-                and obj.dtype.metadata is None:     # (bfloat16's bits: flagged, below)
+                and obj.dtype.metadata is None and not sync:   # (bfloat16's bits: flagged)
             n = obj.nbytes
             if n < COPY_BELOW and obj.flags.c_contiguous:   # the common small case, lean
                 key = (obj.dtype, obj.shape, group, tag)
@@ -82,47 +91,98 @@ class _Sending:
                     return out
         kind, header_kw, payload, keep = encode_payload(obj, desc, self.rank)
         nbytes = sum(len(p) for p in payload)
+        ident = -1
+        if sync:
+            ident = header_kw["sync"] = next(self._sync_ids)
         if dst == self.rank:
+            out = Outgoing(dst, [], nbytes, desc, None)
             if self.inbox.closed:       # as a send to a peer does (``_submit``)
-                out = Outgoing(dst, [], nbytes, desc, None)
                 out.fail(self.inbox.closed_error(out.described(self._peers), dst))
                 return out
             value = np.array(keep, copy=True) if kind == wire.DATA else \
                 decode_object(b"".join(payload))
+            if sync:
+                self._expect_sync(out, ident)
             self.inbox.arrive(self.rank, group, tag, value, nbytes, fp,
-                              header_kw.get("device", False))
+                              header_kw.get("device", False), ident)
             self.progress.nudge()
-            out = Outgoing(dst, [], nbytes, desc, None)
             out.event.set()
             return out
-        if kind == wire.DATA and nbytes >= self.direct.min_bytes and self.direct.usable(dst):
+        direct = kind == wire.DATA and nbytes >= self.direct.min_bytes \
+            and self.direct.usable(dst)
+        if direct:
             out = Outgoing(dst, None, nbytes, desc, keep)    # read by dst out of our memory
             out.frames = [self.direct.header(out, group=group, tag=tag, nbytes=nbytes, fp=fp,
                                              **header_kw)]
-            self._submit(self._peers[dst], out)
-            if out.error is not None:
-                self.direct.forget(out)
-            return out
-        if kind == wire.DATA and self._pieced[dst] and self.streams.usable(dst, nbytes):
+        elif kind == wire.DATA and self._pieced[dst] and self.streams.usable(dst, nbytes):
             out = Outgoing(dst, [wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp,
                                              more=wire.STREAMED, **header_kw)],
                            nbytes, desc, keep)      # its bytes by stream (mesh.streams)
             out.streamed = memoryview(keep.reshape(-1).view(np.uint8))
-            self._submit(self._peers[dst], out)
-            return out
-        pieced = nbytes > wire.CHUNK_BYTES and self._pieced[dst]   # (to another host)
-        header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp, more=pieced,
-                             **header_kw)
-        if pieced:      # its header, then its payload in pieces (mesh.wire.CHUNK)
-            out = Outgoing(dst, [header], nbytes, desc, keep)
-            out.pieced = True
-            k = wire.CHUNK_BYTES // wire.FRAME_BYTES     # (payload frames: FRAME_BYTES each)
-            out.pieces = deque((sum(map(len, payload[i:i + k])), payload[i:i + k])
-                               for i in range(0, len(payload), k))
         else:
-            out = Outgoing(dst, wire.frames(header, payload, nbytes), nbytes, desc, keep)
+            pieced = nbytes > wire.CHUNK_BYTES and self._pieced[dst]   # (to another host)
+            header = wire.encode(kind, self.rank, group, tag, nbytes=nbytes, fp=fp,
+                                 more=pieced, **header_kw)
+            if pieced:      # its header, then its payload in pieces (mesh.wire.CHUNK)
+                out = Outgoing(dst, [header], nbytes, desc, keep)
+                out.pieced = True
+                k = wire.CHUNK_BYTES // wire.FRAME_BYTES     # (payload frames: FRAME_BYTES each)
+                out.pieces = deque((sum(map(len, payload[i:i + k])), payload[i:i + k])
+                                   for i in range(0, len(payload), k))
+            else:
+                out = Outgoing(dst, wire.frames(header, payload, nbytes), nbytes, desc, keep)
+        if sync:
+            self._expect_sync(out, ident)
         self._submit(self._peers[dst], out)
+        if out.error is not None:
+            if direct:
+                self.direct.forget(out)
+            if sync:
+                self.unsync(out)
         return out
+
+    def _expect_sync(self, out: Outgoing, ident: int) -> None:
+        """Register the synchronous send ``out`` under ``ident`` (before its
+        header can go: the answer may come at once)."""
+        out.sync = Flag()
+        with self._sync_lock:
+            self._syncing[ident] = out
+
+    def on_synced(self, ident: int) -> None:
+        """The receiver of synchronous send ``ident`` said a receive took it
+        (mesh.wire's SYNCED)."""
+        with self._sync_lock:
+            out = self._syncing.pop(ident, None)
+        if out is not None and out.sync is not None:
+            out.sync.set()
+
+    def unsync(self, out: Outgoing) -> None:
+        """Forget a synchronous send whose answer is no longer awaited (it
+        failed: withdrawn, its peer lost, the mesh closed)."""
+        with self._sync_lock:
+            for k in [k for k, v in self._syncing.items() if v is out]:
+                del self._syncing[k]
+
+    def ack(self, src: int, ident: int) -> None:
+        """Tell world rank ``src`` that a receive here took its synchronous
+        send ``ident`` (Inbox.ack): a SYNCED control message, put in its
+        same-host ring where it has one with room (mesh.rings: read in a
+        microsecond or two where a socket's message takes tens), else on
+        its socket; a send of this rank's to itself, its flag set here."""
+        if src == self.rank:
+            self.on_synced(ident)
+            return
+        peer = self._peers[src]
+        header = wire.encode(wire.SYNCED, self.rank, direct=(ident,))
+        ring = self._ring_out[src]
+        if ring is not None and not (ring.full and ring.off()):
+            frame = wire.inline(header)
+            with peer.lock:
+                put = peer.state == ALIVE and ring.put(frame, len(frame), peer.sent)
+            if put:
+                ring.bell()     # (the lock released: a full fence, see send_ring)
+                return
+        self._control(peer, header)
 
     def _remember(self, key: tuple, header: bytes) -> bytes:
         if len(self._encoded) >= _CACHE:

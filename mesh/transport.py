@@ -21,8 +21,10 @@ Transport's methods are kept by theme in its mixins:
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import threading
 import time
 import weakref
 from collections import deque
@@ -132,8 +134,13 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
         # Headers repeat (same peer, tag, dtype and shape, message after
         # message): encode each once; bounded, starts over when full.
         self._encoded: dict[tuple, bytes] = {}
+        # synchronous sends (Comm.ssend) awaiting their receiver's SYNCED, by id
+        self._syncing: dict[int, Outgoing] = {}
+        self._sync_ids = itertools.count()
+        self._sync_lock = threading.Lock()
         self.progress = Progress(router, rank)
         self.inbox = Inbox(rank, self._peers, self.groups, self._control, self.progress.nudge)
+        self.inbox.ack = self.ack
         # same-host peers' pids (ipc://: one filesystem, one machine): their silence is
         # weighed against what their process does (mesh.liveness.Liveness.tick)
         local = {r: pid for r, (pid, ep) in enumerate(zip(pids or [0] * size, endpoints))
@@ -155,7 +162,7 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
         self._marked = 0                       # how many were given so far
         self.reader = Reader(router, rank, self._peers, self.inbox, self.live, self._on_credit,
                              self.direct, self.rings, self._on_answer, self._control,
-                             self.streams)
+                             self.streams, self.on_synced)
         self.stall_warn = self.live.stall_warn
         # what recv_ring calls and reads, bound once
         self._take, self._quiet = self.reader.take, self.inbox.matcher.quiet
@@ -225,11 +232,11 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
             and self._peers[out.dst].state != ALIVE
 
     def _busy(self) -> bool:
-        """Whether a posted receive or a send in flight (queued, or read out
-        of our memory) waits on background reading (mesh.progress parks
-        while nothing does)."""
+        """Whether a posted receive or a send in flight (queued, read out of
+        our memory, or synchronous: its answer comes by socket) waits on
+        background reading (mesh.progress parks while nothing does)."""
         return (self.inbox.matcher.posted_some() or self.direct.sending()
-                or any(p.queue for p in self._peers))
+                or bool(self._syncing) or any(p.queue for p in self._peers))
 
     def sweep(self) -> None:
         """Forget the groups dropped since the last sweep: their name, what

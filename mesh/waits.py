@@ -12,7 +12,7 @@ import zmq
 from . import device, tensors
 from .direct import Ack
 from .errors import BadMessageError, MeshError, MeshTimeoutError
-from .match import DONE, Pending, Probe
+from .match import DONE, Flag, Pending, Probe
 from .payload import delivered
 from .peer import ALIVE, Outgoing, Peer
 
@@ -36,6 +36,7 @@ class _Waiting:
     _orphans: list[Any]
     _peers: list[Peer]
     _unqueue: Callable[[Outgoing], bool]
+    unsync: Callable[[Outgoing], None]
     inbox: Inbox
     live: Liveness
     poke: Callable[[], None]
@@ -153,6 +154,8 @@ class _Waiting:
                 error = MeshTimeoutError(f"{text}; the send was withdrawn: nothing of it "
                                          f"went{self.live.peer_note(item)}")
                 item.fail(error)
+                if item.sync is not None:
+                    self.unsync(item)
                 raise error
             raise MeshTimeoutError(f"{text}; it stays queued and goes once rank {item.dst} "
                                    f"grants credit (its buffer is in use until a wait returns)"
@@ -164,7 +167,34 @@ class _Waiting:
             item.keep = None
             if item.error is not None:      # (a stream that broke: mesh.streams)
                 raise item.error
+        if item.sync is not None and not item.sync.is_set():
+            self._await_match(item, item.sync, deadline, limit)
         return None
+
+    def _await_match(self, item: Outgoing, sync: Flag, deadline: float, limit: float) -> None:
+        """Wait until the receiver of synchronous send ``item`` says a
+        receive took it (mesh.wire's SYNCED), reading the socket in this
+        thread. Its peer lost (died, or left without taking it) raises
+        LostPeerError naming it; this mesh closed, its error; the timeout,
+        MeshTimeoutError naming the peer and the send (heartbeats meanwhile
+        say this rank waits in it: the peer's own timeout names both)."""
+        peer = self._peers[item.dst]
+        while not sync.is_set():
+            now = time.monotonic()
+            if peer.state != ALIVE or self.inbox.closed:
+                if sync.is_set():       # (its answer came before its goodbye)
+                    return
+                self.unsync(item)
+                item.error = self.inbox.gone(peer, item.described(self._peers))
+                raise item.error
+            if now >= deadline:
+                raise MeshTimeoutError(
+                    f"rank {self.rank}: {item.described(self._peers)} timed out after "
+                    f"{limit:g}s before a receive of rank {item.dst}'s took it (a synchronous "
+                    f"send completes once the matching receive is posted; the message stays "
+                    f"there for one){self.live.peer_note(item)}")
+            step = min(deadline - now, 0.1)
+            self._drive(item, now + step, step, sync)
 
     def _await_credit(self, item: Outgoing, limit: float) -> bool:
         """Wait for a queued send to be handed to ZeroMQ, reading the socket
@@ -180,6 +210,8 @@ class _Waiting:
         it had read it: its goodbye's count of our messages (wire's BYE h)
         reaches ``item.seq``, or, a message in pieces, it answered every
         piece."""
+        if item.sync is not None:       # synchronous: only a receive's taking it counts
+            return item.sync.is_set()
         peer = self._peers[item.dst]
         return 0 < item.seq <= peer.read_ours or (item.pieced and peer.unanswered == 0)
 

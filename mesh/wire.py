@@ -38,7 +38,10 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  it follows on the sender's stream (mesh.streams);
                  on STREAM x [port, nonce] and r the token (where to connect
                  a stream to the sender), or x [1] (the sender's stream to
-                 the receiver is open)
+                 the receiver is open); on SYNCED [id],
+                 y on DATA and OBJ: a synchronous send's id (Comm.ssend): the
+                 receiver answers SYNCED x=[id] once a receive (a matched
+                 probe's too) has taken the message
 
     Across hosts (tcp://) a message of more than CHUNK_BYTES goes as its
     header (m set, no payload), then CHUNK messages ``[header, frames...]``
@@ -62,12 +65,14 @@ from .errors import AbortKind, BadMessageError
 from .tensors import BFLOAT16
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "PROBE", "DONE", "RING",
-           "CHUNK", "GOT", "STREAM", "STREAMED", "FRAME_BYTES", "CHUNK_BYTES",
+           "CHUNK", "GOT", "STREAM", "SYNCED", "STREAMED", "FRAME_BYTES", "CHUNK_BYTES",
            "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
            "split_inline", "array_frames", "dtype_ok"]
 
-DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM = range(12)
-_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM)
+DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM, SYNCED = \
+    range(13)
+_KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM,
+          SYNCED)
 STREAMED = 2    # the m field of an array whose payload follows on a stream (mesh.streams)
 _MAX_DIRECT = 4
 FRAME_BYTES = 1 << 20
@@ -115,6 +120,7 @@ class Header(NamedTuple):
     more: int = 0           # the m field: 1, the payload follows in CHUNK messages;
     #                         STREAMED, on the sender's stream
     heard: int = -1         # the h field (goodbyes; -1: absent)
+    sync: int = -1          # the y field: a synchronous send's id (-1: a standard send)
 
 
 def dtype_ok(dt: np.dtype) -> bool:
@@ -142,7 +148,7 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
            shape: tuple[int, ...] | None = None, nbytes: int = 0, fp: Any = None,
            credit: int = 0, reason: str = "", device: int = 0, peer: int = -1,
            abort: AbortKind = AbortKind.OTHER, direct: tuple[int, ...] = (),
-           more: int = 0, heard: int = -1) -> bytes:
+           more: int = 0, heard: int = -1, sync: int = -1) -> bytes:
     h: dict[str, Any] = {"k": kind, "s": src}
     if direct:
         h["x"] = list(direct)
@@ -160,6 +166,8 @@ def encode(kind: int, src: int, group: int = 0, tag: int = 0, *, dtype: str | No
             h["f"] = fp
         if more:
             h["m"] = int(more)
+        if sync >= 0:
+            h["y"] = sync
     elif kind == CHUNK:
         h["n"] = nbytes
     elif kind in (CREDIT, GOT):
@@ -209,8 +217,9 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
         raise BadMessageError(f"unknown message kind {kind}")
     src = _int(h, "s", 0, world_size - 1)
     direct = _direct(h) if "x" in h else ()
-    if kind in (PROBE, DONE, RING):
-        if len(direct) != (1 if kind == DONE else 4) and (kind != PROBE or len(direct) != 1):
+    if kind in (PROBE, DONE, RING, SYNCED):
+        if len(direct) != (1 if kind in (DONE, SYNCED) else 4) and (kind != PROBE
+                                                                   or len(direct) != 1):
             raise BadMessageError(f"message kind {kind} with direct-path field {direct!r}")
         return Header(kind, src, direct=direct)
     if kind == STREAM:
@@ -233,10 +242,11 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
                       else AbortKind.OTHER)
     nbytes = _int(h, "n", 0)
     more = _int(h, "m", 0, STREAMED) if "m" in h else 0
+    sync = _int(h, "y", 0) if "y" in h else -1
     if kind == OBJ:
         if more == STREAMED:
             raise BadMessageError("an object message whose payload follows on a stream")
-        return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"), more=more)
+        return Header(kind, src, group, tag, nbytes=nbytes, fp=h.get("f"), more=more, sync=sync)
     dtype, shape = h.get("d"), h.get("sh")
     if not isinstance(dtype, str) or not isinstance(shape, list) or len(shape) > _MAX_DIMS:
         raise BadMessageError(f"array header has dtype {dtype!r} and shape {shape!r}")
@@ -256,7 +266,7 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     if direct and (len(direct) != 2 or more):
         raise BadMessageError(f"array header with direct-path field {list(direct)!r}")
     return Header(kind, src, group, tag, dtype, tuple(shape), nbytes, h.get("f"),
-                  device=origin, dt=dt, direct=direct, more=more)
+                  device=origin, dt=dt, direct=direct, more=more, sync=sync)
 
 
 def _direct(h: dict) -> tuple[int, ...]:

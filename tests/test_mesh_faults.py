@@ -415,7 +415,8 @@ def _sends_to_a_stopped_peer(world: mesh.Mesh, out: str) -> None:
     it never reads: a direct send's answer never comes, nor does ZeroMQ let
     go of frames for it; once it is found lost, a loop polling test() and a
     waitany end with LostPeerError naming it (they waited for ever, and
-    waitany for its timeout)."""
+    waitany for its timeout); so does the wait of an issend, whose receive
+    never comes."""
     if world.rank == 1:
         world.send(os.getpid(), 0, tag=1)
         world.recv(0, tag=2)        # (all of ours went: nothing waits for us to run)
@@ -427,6 +428,7 @@ def _sends_to_a_stopped_peer(world: mesh.Mesh, out: str) -> None:
     time.sleep(0.3)
     polled = world.isend(np.ones(4 << 20, np.uint8), 1, tag=3)
     waited = world.isend(np.ones(4 << 20, np.uint8), 1, tag=4)
+    synced = world.issend(np.ones(2), 1, tag=5)
     said = []
     start = time.monotonic()
     try:
@@ -441,6 +443,11 @@ def _sends_to_a_stopped_peer(world: mesh.Mesh, out: str) -> None:
         said.append("waitany returned")
     except mesh.MeshError as e:
         said.append(f"{type(e).__name__}: {e}")
+    try:        # a synchronous send it never received (in its ring, or its socket)
+        synced.wait(timeout=20)
+        said.append("issend's wait returned")
+    except mesh.MeshError as e:
+        said.append(f"{type(e).__name__}: {e}")
     said.append(f"{time.monotonic() - start:.1f}")
     os.kill(pid, signal.SIGKILL)
     Path(out, "said").write_text(json.dumps(said))
@@ -452,9 +459,9 @@ def test_a_polled_send_to_a_lost_peer_ends(tmp_path: Path, env: dict) -> None:
         mesh.spawn(_sends_to_a_stopped_peer, 2, str(tmp_path), timeout=50, settle=40,
                    env={"MESH_PEER_TIMEOUT": "2", **env})
     assert err.value.rank == 1
-    polled, waited, took = json.loads(Path(tmp_path, "said").read_text())
-    for said, tag in ((polled, 3), (waited, 4)):
-        assert said.startswith(f"LostPeerError: rank 0: send to rank 1 (tag {tag}, group "
+    polled, waited, synced, took = json.loads(Path(tmp_path, "said").read_text())
+    for said, tag, verb in ((polled, 3, "send"), (waited, 4, "send"), (synced, 5, "ssend")):
+        assert said.startswith(f"LostPeerError: rank 0: {verb} to rank 1 (tag {tag}, group "
                                f"world) failed: peer rank 1 is gone (silent for "), said
     assert float(took) < 15, took
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
+import collectives as C
 import mesh
 from mesh import auth, wire
 from mesh import world as world_module
@@ -259,10 +260,63 @@ def _sendrecv_in_place(world: mesh.Mesh) -> list[str]:
     return bad
 
 
+def _synchronous(world: mesh.Mesh, folder: str) -> list[str]:
+    """ssend and issend (MPI's Ssend, Issend) complete only once a receive
+    of the peer took the message: rank 1 writes a flag file just before
+    each receive (after a receive whose out= it did not fit and a probe:
+    they took nothing), and rank 0's issend must not test done before the flag is
+    there; by ring, direct read and socket, an object, a receive from
+    ANY_SOURCE and a matched probe. Then MPI's classic deadlock (both
+    ssend first) times out on both, each naming itself and its peer; a
+    dead end to self, and PROC_NULL."""
+    r, peer, said = world.rank, 1 - world.rank, []
+    flag = Path(folder, "posted")
+    for i, msg in enumerate([np.arange(1.0), np.arange(40_000.0), {"an": "object"}]):
+        if r == 1:
+            with pytest.raises(mesh.OutMismatchError):      # (takes nothing, nor does probe)
+                world.recv(0, tag=20 + i, out=np.empty(7))
+            assert world.probe(0, tag=20 + i).source == 0
+            time.sleep(0.2)
+            flag.write_text(str(i))
+            got = world.recv(mesh.ANY_SOURCE, tag=20 + i) if i != 1 else \
+                world.mprobe(0, 20 + i).recv()
+            assert np.array_equal(got, msg) if i != 2 else got == msg
+            if i != 1:
+                assert str(world.recv(0, tag=30 + i)) == str(msg)
+            continue
+        req = world.issend(msg, 1, tag=20 + i)
+        while not req.test()[0]:
+            time.sleep(0.002)
+        if not flag.exists() or flag.read_text() != str(i):
+            said.append(f"issend #{i} done before the receive was posted")
+        if i != 1:
+            world.ssend(msg, 1, tag=30 + i)         # blocking, as rank 1 receives it
+    with pytest.raises(mesh.MeshTimeoutError, match=rf"^rank {r}: ssend to rank {peer} \(tag 40, "
+                       rf"group world\) timed out after 0.5s before a receive of rank {peer}'s "
+                       rf"took it \(a synchronous send completes once"):
+        world.ssend(np.ones(2), peer, tag=40, timeout=0.5)      # each sends first: deadlock
+    C.barrier(world)    # (both timed out): their messages are there for a receive
+    assert world.recv(peer, tag=40).size == 2
+    mine = world.issend("to self", r, tag=41)
+    assert not mine.test()[0] and world.recv(r, tag=41) == "to self"
+    assert mine.wait(timeout=10) is None
+    with pytest.raises(mesh.MeshTimeoutError, match=rf"rank {r}: ssend to rank {r} "):
+        world.ssend(1, r, tag=42, timeout=0.1)
+    world.ssend(1, mesh.PROC_NULL)
+    assert world.issend(1, mesh.PROC_NULL).test() == (True, None)
+    C.barrier(world)
+    return said
+
+
 @pytest.mark.parametrize("env", [{}, {"MESH_SHM": "0"}], ids=["same-host", "sockets"])
-def test_sendrecv_into_its_own_send_buffer_replaces_it(env: dict) -> None:
+def test_sendrecv_into_its_own_send_buffer_replaces_it_and_ssend_waits_for_the_receive(
+        env: dict, tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    assert mesh.spawn(_sendrecv_in_place, 2, timeout=90, env=env) == [[], []]
+    assert mesh.spawn(_exchanges, 2, str(tmp_path), timeout=90, env=env) == [[], []]
+
+
+def _exchanges(world: mesh.Mesh, folder: str) -> list[str]:
+    return _sendrecv_in_place(world) + _synchronous(world, folder)
 
 
 def _device_out_misfits(world: mesh.Mesh) -> str:

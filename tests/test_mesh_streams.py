@@ -40,10 +40,17 @@ def _in_order(world: mesh.Mesh) -> list:
     if world.rank in (0, 2):
         _ready(world, 1)
         world.recv(1, tag=9)         # rank 1's streams from both are open too
-        first = world.isend(big + world.rank, 1, tag=1)
+        # rank 0's synchronous (issend): done only once rank 1's receive took it, after
+        # rank 1 said it receives now (tag 8, which comes first, on one connection)
+        send = world.issend if world.rank == 0 else world.isend
+        first = send(big + world.rank, 1, tag=1)
         world.send(np.float64(world.rank), 1, tag=1)    # after the big one, on its tag
         world.send({"after": world.rank}, 1, tag=2)
-        first.wait()
+        while not first.test()[0]:
+            time.sleep(0.001)
+        if world.rank == 0:
+            assert world.iprobe(1, tag=8) is not None, "issend done before its receive"
+            world.recv(1, tag=8)
         return [world._t.streams.sent]
     deadline = time.monotonic() + 20
     while len(world._t.streams._in) < 2:
@@ -51,6 +58,8 @@ def _in_order(world: mesh.Mesh) -> list:
         time.sleep(0.01)
     world.send("go", 0, tag=9)
     out = np.empty_like(big)
+    time.sleep(0.2)
+    world.send("receiving", 0, tag=8)
     a = world.recv(0, tag=1, out=out)                       # into out=
     assert a is out and np.array_equal(a, big), a[:4]
     st = mesh.Status()
@@ -66,7 +75,8 @@ def _in_order(world: mesh.Mesh) -> list:
 
 def test_a_large_array_across_hosts_comes_by_stream_intact_and_in_order() -> None:
     """Arrays into out= and fresh arrive whole; a small message sent after a
-    large one on the same tag comes after it, ANY source included."""
+    large one on the same tag comes after it, ANY source included; an
+    issend by stream completes once its receive took it."""
     got = mesh.spawn(_in_order, 3, timeout=50, env=TCP)
     assert got == [[1], [2], [1]], got
 
