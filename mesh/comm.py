@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from . import tensors
+from . import device, tensors
 from .errors import MeshTimeoutError
 from .match import ANY, ANY_TAG, Pending, describe, got_fields
 from .payload import delivered, out_unusable
@@ -590,6 +590,28 @@ class Comm:
                 return out
         return self._t.isend(wdst, self.gid, tag, obj, None, desc, True)
 
+    def bsend(self, obj: Any, dst: int, tag: int = 0) -> None:
+        """MPI's buffered send (mpi4py's ``bsend``/``Bsend``): returns at once,
+        the message copied (no ``Attach_buffer``: each copy is its own, held
+        until it has gone); sent as ``isend`` sends the copy. An error of
+        the send (a lost peer) is not reported: use ``ibsend`` to see it."""
+        self.ibsend(obj, dst, tag)
+
+    def ibsend(self, obj: Any, dst: int, tag: int = 0) -> Request:
+        """``bsend`` giving the copy's ``isend`` request: ``obj`` may be
+        reused at once; its ``wait`` returns once the copy is handed over
+        (or raises the send's error)."""
+        tag = _check_tag(tag, self, "ibsend")
+        if _is_null(dst):
+            return _sent(self)
+        return self.isend(_copied(obj), dst, tag)
+
+    rsend = send
+    """MPI's ready send (mpi4py's ``rsend``/``Rsend``, which requires the
+    receive to be posted already): ``send``, which is correct for it."""
+    irsend = isend
+    """MPI's Irsend: ``isend``."""
+
     def _ring_tensor(self, obj: Any, dst: int, tag: int) -> bool:
         """Send a plain CPU torch tensor by ring (as a numpy array is, its
         header flagged so the receiver gets a tensor); False: the usual way."""
@@ -893,6 +915,23 @@ def _span(x: Any) -> tuple[int, int] | None:
         return None
     return (at + sum((n - 1) * k for n, k in zip(shape, strides) if k < 0),
             at + sum((n - 1) * k for n, k in zip(shape, strides) if k > 0) + size)
+
+
+def _copied(obj: Any) -> Any:
+    """What ``bsend`` sends: a copy of ``obj``'s host memory (a numpy array's,
+    a CPU tensor's, a DLPack object's), which the send may read after the
+    call returns. A device array is copied to the host as its send starts,
+    and an object encoded: they go as they are."""
+    if isinstance(obj, np.ndarray):
+        return obj.copy()       # (a subclass stays one: a masked array is refused as ever)
+    if tensors.is_tensor(obj):
+        return obj.detach().clone()
+    if hasattr(obj, "__dlpack__") and not device.is_device(obj):
+        try:
+            return np.from_dlpack(obj).copy()
+        except (RuntimeError, BufferError, TypeError):
+            return obj          # (the send refuses it, saying why)
+    return obj
 
 
 def _overlap(obj: Any, out: Any) -> bool:

@@ -268,7 +268,7 @@ def _synchronous(world: mesh.Mesh, folder: str) -> list[str]:
     there; by ring, direct read and socket, an object, a receive from
     ANY_SOURCE and a matched probe. Then MPI's classic deadlock (both
     ssend first) times out on both, each naming itself and its peer; a
-    dead end to self, and PROC_NULL."""
+    dead end to self, PROC_NULL, and bsend's copy."""
     r, peer, said = world.rank, 1 - world.rank, []
     flag = Path(folder, "posted")
     for i, msg in enumerate([np.arange(1.0), np.arange(40_000.0), {"an": "object"}]):
@@ -304,6 +304,12 @@ def _synchronous(world: mesh.Mesh, folder: str) -> list[str]:
         world.ssend(1, r, tag=42, timeout=0.1)
     world.ssend(1, mesh.PROC_NULL)
     assert world.issend(1, mesh.PROC_NULL).test() == (True, None)
+    a = np.arange(300_000.0)                    # large: an isend would read it later
+    world.bsend(a, peer, tag=43)
+    a[:] = -1
+    assert world.recv(peer, tag=43)[5] == 5.0
+    world.rsend(2, peer, tag=44)
+    assert world.recv(peer, tag=44) == 2
     C.barrier(world)
     return said
 
