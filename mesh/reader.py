@@ -222,7 +222,9 @@ class Reader:
         plen = 3 + (m[at + 1] | m[at + 2] << 8)
         found = self._plain.get(m[at + 3:at + plen]) if plen <= n else None
         if found is None:
-            return False
+            found = self._synced_entry(bytes(m[at + 3:at + plen])) if plen <= n else None
+            if found is None:
+                return False
         h, fields, nbytes, dt, cost, step = found
         if fields != (src, group, tag, n):     # fields: (src, group, tag, the entry's length)
             return False
@@ -230,10 +232,28 @@ class Reader:
         self._known[src] = (word, group, tag, h, 16 + plen, nbytes, dt, cost, step,
                             rings.end - n)
         try:
-            return self.take(src, group, tag, out)
+            got = self.take(src, group, tag, out)
         finally:
             if not word >> _MARKED:      # no id: known for this entry only
                 self._known[src] = known
+        if got and h.sync >= 0:         # a synchronous send's, taken: its sender told
+            self._ack(h)
+        return got
+
+    def _synced_entry(self, head: bytes) -> tuple | None:
+        """``_plain``'s entry for the header ``head`` of a synchronous send's
+        plain array (mesh.wire's y: its id makes each header new, never
+        kept), so that ``take`` takes it as it takes another; None for any
+        other header (the usual way reads it)."""
+        try:
+            h = wire.decode(head, self.size)
+        except BadMessageError:
+            return None
+        if h.kind != wire.DATA or h.sync < 0 or h.device & 1 or h.direct or h.fp is not None:
+            return None
+        n = 3 + len(head) + h.nbytes
+        return (h, (h.src, h.group, h.tag, n), h.nbytes, h.dt, h.nbytes + MSG_COST,
+                16 + ((n + 15) & ~15))
 
     def forget_lost(self) -> None:
         """Drop what came of a message in pieces whose sender is gone (the
