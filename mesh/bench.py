@@ -5,8 +5,8 @@
     python -m mesh.bench --scale [--ranks 8,16,32,64] [--trials 3]
 
 Round trip of 8 bytes (DEALER->ROUTER both ways, as the mesh wires it;
-again with the receive waited for by waitany, and answered once a loop
-polling iprobe sees it, mesh and MPI only),
+again with the receive waited for by waitany, answered once a loop
+polling iprobe sees it, and sent by ssend both ways, mesh and MPI only),
 one-way stream bandwidth (raw: PUSH/PULL with copy=False; mesh: isend/recv
 with out=) and, from 1 MiB up, ping-pong bandwidth (2 x bytes / time of a
 round trip), run alternately in one process tree so that all see the same
@@ -155,22 +155,24 @@ def _raw(sizes: list[int], iters: int, transport: str) -> dict[str, float]:
 def _round_trips(rank: int, iters: int, send: Any, ways: Any,
                  before: Any = None) -> dict[str, float]:
     """Seconds per 8-byte round trip between ranks 0 and 1 (mesh and MPI
-    alike), for each (key, rank 0's receive, rank 1's receive) of ``ways``:
-    200 trips, then ``iters`` timed (``before`` each run: MPI's barrier)."""
+    alike), for each (key, rank 0's receive, rank 1's receive[, the send
+    instead of ``send``]) of ``ways``: 200 trips, then ``iters`` timed
+    (``before`` each run: MPI's barrier)."""
     out = {}
-    for key, first, second in ways:
+    for key, first, second, *other in ways:
         receive = first if rank == 0 else second
+        send_one = other[0] if other else send
         for n in (200, iters):
             if before is not None:
                 before()
             start = time.perf_counter()
             for _ in range(n):
                 if rank == 0:
-                    send()
+                    send_one()
                     receive()
                 else:
                     receive()
-                    send()
+                    send_one()
             out[key] = (time.perf_counter() - start) / n
     return out
 
@@ -194,7 +196,7 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
     def send() -> None:
         world.send(small, peer)
 
-    def trips(*ways: tuple[str, Any, Any]) -> None:
+    def trips(*ways: tuple[Any, ...]) -> None:
         results.update(_round_trips(world.rank, iters, send, ways))
     trips(("rtt", plain, plain))
     missed = [0]       # receives a same-host ring did not answer directly (mesh.rings):
@@ -244,7 +246,7 @@ def _mesh_peer(world: Any, sizes: list[int], iters: int) -> dict[str, float]:
     # last, so that the rows before are measured as they were before these came
     # (a receive's spin adapts to the waits before it)
     trips(("rttany", lambda: waitany([world.irecv(peer, out=small)]), plain),
-          ("rttprobe", plain, probed))
+          ("rttprobe", plain, probed), ("rttsync", plain, plain, lambda: world.ssend(small, peer)))
     return results
 
 
@@ -291,7 +293,8 @@ def _mpi_worker(sizes: list[int], iters: int) -> None:
         rank, iters, lambda: comm.Send(small, peer),
         (("rtt", plain, plain),
          ("rttany", lambda: MPI.Request.Waitany([comm.Irecv(small, peer)]), plain),
-         ("rttprobe", plain, probed)), comm.Barrier))
+         ("rttprobe", plain, probed), ("rttsync", plain, plain, lambda: comm.Ssend(small, peer))),
+        comm.Barrier))
     for size in sizes:
         buf = np.ones(size, np.uint8)
         k = _iters_for(size, iters)
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'measure':>24} " + " ".join(f"{n:>11}" for n in names) + " "
           + " ".join(f"{r:>10}" for r, _, _ in ratios))
     keys = [("rtt", "round trip 8 B (us)"), ("rttany", "  through waitany (us)"),
-            ("rttprobe", "  iprobe loop (us)")]
+            ("rttprobe", "  iprobe loop (us)"), ("rttsync", "  by ssend (us)")]
     keys += [(f"bw{n}", f"stream {size_text(n)} (GB/s)") for n in sizes]
     keys += [(f"pp{n}", f"ping-pong {size_text(n)} (GB/s)") for n in sizes if n >= PINGPONG_FROM]
     for key, label in keys:

@@ -1302,7 +1302,7 @@ def test_the_point_to_point_benchmark_says_how_each_stream_went(
     from mesh import bench
     bench.main(["--trials", "1", "--sizes", "64K:64K", "--iters", "50"])
     out = capsys.readouterr().out
-    assert "stream 64K (GB/s)" in out, out
+    assert "stream 64K (GB/s)" in out and "by ssend (us)" in out, out
     assert re.search(r"mesh trial 1, streams on the rings: 64K \d+ by socket", out), out
 
 
