@@ -279,7 +279,7 @@ def _synchronous(world: mesh.Mesh, folder: str) -> list[str]:
                 with pytest.raises(mesh.OutMismatchError):      # (takes nothing, nor probe)
                     world.recv(0, tag=20 + i, out=np.empty(7))
                 assert world.probe(0, tag=20 + i).source == 0
-            time.sleep(0.2)
+            time.sleep(0.1)
             flag.write_text(str(i))
             got = world.recv(mesh.ANY_SOURCE, tag=20 + i) if i in (0, 2) else \
                 world.mprobe(0, 20 + i).recv() if i == 1 else \
@@ -296,9 +296,9 @@ def _synchronous(world: mesh.Mesh, folder: str) -> list[str]:
         if i in (0, 2):
             world.ssend(msg, 1, tag=30 + i)         # blocking, as rank 1 receives it
     with pytest.raises(mesh.MeshTimeoutError, match=rf"^rank {r}: ssend to rank {peer} \(tag 40, "
-                       rf"group world\) timed out after 0.5s before a receive of rank {peer}'s "
+                       rf"group world\) timed out after 0.3s before a receive of rank {peer}'s "
                        rf"took it \(a synchronous send completes once"):
-        world.ssend(np.ones(2), peer, tag=40, timeout=0.5)      # each sends first: deadlock
+        world.ssend(np.ones(2), peer, tag=40, timeout=0.3)      # each sends first: deadlock
     C.barrier(world)    # (both timed out): their messages are there for a receive
     assert world.recv(peer, tag=40).size == 2
     mine = world.issend("to self", r, tag=41)
