@@ -267,7 +267,8 @@ def first_call_mismatch(world: Any, small: bool) -> list[float]:
     return [float(C.all_reduce(g, np.ones(count), timeout=30)[0]) for _ in range(3)]
 
 
-def host_phase_failing_after_its_post(world: Any, small: bool) -> tuple[bool, list[float]]:
+def host_phase_failing_after_its_post(world: Any, small: bool,
+                                      late: bool = False) -> tuple[bool, list[float]]:
     """The race of a first call's mismatch made certain: rank 2's phase on
     host b (the call's first, which sets the host's boards up) fails once
     its board round is done (as when the abort from host a comes after its
@@ -279,13 +280,26 @@ def host_phase_failing_after_its_post(world: Any, small: bool) -> tuple[bool, li
     by messages, a Stray), and the next calls work. Large (``small``
     False): the first call's host reduce_scatter (three phases); rank 1's
     next one takes the three phases too, as rank 2's (not: one board round,
-    its fingerprint's phase then not rank 2's, a MismatchError)."""
+    its fingerprint's phase then not rank 2's, a MismatchError).
+    ``late``: rank 2 writes its board's forgotten mark only once rank 1 has
+    started its next call, and a moment later (rank 2 descheduled between
+    its abort and the mark): rank 1 still takes rank 2's form (not: its
+    own, read before the mark, a MismatchError or a Stray)."""
     _fake_host(world)
     n, r = world.size, world.rank
     g = world.group(list(range(n)))
     name = "all_reduce_small" if small else "reduce_scatter"
     real = getattr(hier.local, name)
     count = 4 if small else 100_000
+    forget = hier.board.forget
+
+    def late_forget(sub: Any) -> None:
+        hier.board.forget = forget
+        assert world.recv(1, tag=93, timeout=30) == "next"
+        time.sleep(0.3)
+        forget(sub)
+    if late and r == 2:
+        hier.board.forget = late_forget
 
     def host_b(*args: Any) -> None:
         real(*args)
@@ -305,12 +319,16 @@ def host_phase_failing_after_its_post(world: Any, small: bool) -> tuple[bool, li
     topo = hier.topology(g)
     assert topo is not None
     kept = hier.board.ready(topo.local)
+    if late and r == 1:
+        world.send("next", 2, tag=93)
     return kept, [float(C.all_reduce(g, np.ones(count), timeout=30)[0]) for _ in range(3)]
 
 
-@pytest.mark.parametrize("small", [True, False])
-def test_a_host_phase_failing_after_its_post_leaves_the_next_calls_working(small: bool) -> None:
-    said = mesh.spawn(host_phase_failing_after_its_post, 4, small, timeout=90)
+@pytest.mark.parametrize("small,late", [(True, False), (False, False), (True, True),
+                                        (False, True)])
+def test_a_host_phase_failing_after_its_post_leaves_the_next_calls_working(
+        small: bool, late: bool) -> None:
+    said = mesh.spawn(host_phase_failing_after_its_post, 4, small, late, timeout=90)
     assert [kept for kept, _ in said] == [False, True, False, False], said
     assert [got for _, got in said] == [[4.0] * 3] * 4, said
 

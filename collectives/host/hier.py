@@ -134,6 +134,7 @@ def _sub(g: Comm, members: tuple[int, ...], name: str) -> Comm:
                f"{g.name}/{name}")
     with _lock:
         _topos[sub] = None      # one host, or one rank per host: flat
+    board.forgettable(sub)      # (unsettle)
     return sub
 
 
@@ -191,8 +192,18 @@ def _one_round(topo: Topology) -> bool:
     _all_reduce_small below): the host's boards are up (an earlier call set
     them up) and no peer of the host forgot them (board.kept: it takes the
     three phases, which set them up again). Otherwise its three phases run
-    one after the other."""
+    one after the other. As the call finds it (_agreed_one_round), or as
+    it stands (MESH_COLL_DEBUG's line)."""
     return topo.local.size > 1 and board.kept(topo.local)
+
+
+def _agreed_one_round(ctx: Ctx, topo: Topology) -> bool:
+    """_one_round for the call ``ctx``, read once every rank of the host with
+    the boards up has entered it (board.agree), so that they all read the
+    same peers' marks: a peer that forgot the boards writes its mark before
+    its next call, but perhaps after this rank's next call has begun."""
+    board.agree(ctx, topo.local, -3 * ctx.tag + FIRST)    # (numbered's round; none: no wait)
+    return _one_round(topo)
 
 
 def _pipelined() -> bool:
@@ -234,14 +245,12 @@ def _groups(topo: Topology, coll: str, root: int, large: bool,
     if coll == "reduce_scatter" and _columns(topo, coll, large):
         assert topo.column is not None
         return both + [(topo.column, ACROSS)]
-    if _columns(topo, coll, large):
+    if _columns(topo, coll, large):     # (one board round or three phases: the three's groups)
         assert topo.column is not None
-        return both + [(topo.column, ACROSS)] + ([] if _one_round(topo) else last)
+        return both + [(topo.column, ACROSS)] + last
     if reduces and not large and small_columns(topo, nbytes):
         assert topo.column is not None
         return both + [(topo.column, ACROSS)]
-    if reduces and not large and _small_round(topo, nbytes):
-        return both + across
     if coll == "all_gather" and topo.column is not None:
         return [(topo.column, ACROSS)] + last
     if coll != "broadcast":
@@ -337,9 +346,11 @@ Phase = tuple[Comm, int, str, Callable[[Ctx], Any]]
 """A phase: its sub-group, its place (FIRST, ACROSS, LAST), name, body."""
 
 
-def _run(ctx: Ctx, phases: list[Phase], greet: bool = True) -> None:
+def _run(ctx: Ctx, phases: list[Phase] | Callable[[], list[Phase]],
+         greet: bool = True) -> None:
     """Run the phases in order, each a collective on its sub-group; on a
-    failure, abandon the ones not made yet and raise. Meanwhile a receive
+    failure, abandon the ones not made yet and raise (``phases`` may be
+    their choice, made once the receives below are posted). Meanwhile a receive
     watches the call's own tag, where its members send nothing but one
     greeting: a rank that made a flat collective instead (a small broadcast
     where the others all-reduce) sends there, its fingerprint fails the
@@ -357,7 +368,7 @@ def _run(ctx: Ctx, phases: list[Phase], greet: bool = True) -> None:
     sent = ctx.isend(None, (me + 1) % n) if greet else None
     watch = ctx.watch()
     try:
-        _phases(ctx, phases)
+        _phases(ctx, phases() if callable(phases) else phases)
         if hello is not None and sent is not None:
             hello.wait()
             sent.wait()
@@ -428,15 +439,17 @@ def _follow(ctx: Ctx, sub: Comm, place: int) -> None:
 Body = Callable[[Ctx], Any]
 
 
-def _nested(ctx: Ctx, sub: Comm, what: str, inner: Comm | None, inner_what: str,
-            body_of: Callable[[Callable[[Body], None]], Body]) -> None:
-    """One phase on ``sub`` (the first on the host) whose body
+def _nested(ctx: Ctx, topo: Topology, what: str, inner: Comm | None, inner_what: str,
+            body_of: Callable[[Callable[[Body], None]], Body], three: list[Phase]) -> None:
+    """One phase on the host (the first there) whose body
     (``body_of(across)``) runs the phase across hosts on ``inner`` inside it
     by calling ``across(its body)`` (a rank without
     ``inner`` does not); if the outer one fails before that, ``inner`` is
-    abandoned, so its peers raise too."""
-    made = [False]
-    stats["one_round"] += 1
+    abandoned, so its peers raise too. Where the host's boards are not
+    kept by all (_agreed_one_round), ``three`` instead: the same call in
+    phases one after the other (its groups, at its places, include the
+    one round's; a failure of the choice abandons them)."""
+    made, one = [False], [False]
 
     def across(body: Body) -> None:
         assert inner is not None
@@ -444,10 +457,23 @@ def _nested(ctx: Ctx, sub: Comm, what: str, inner: Comm | None, inner_what: str,
         made[0] = True
         fp = dict(ctx.fp, phase=inner_what)
         start(inner, f"{ctx.name} ({inner_what})", lambda t: (fp, body), False, ctx.left())
+
+    def choose() -> list[Phase]:
+        try:
+            one[0] = _agreed_one_round(ctx, topo)
+        except BaseException as e:
+            reason = f"{ctx.where()}: {what} failed: {e}"
+            for sub, at, _, _ in three:
+                abandon(numbered(sub, ctx.tag, at), reason, *abort_kind(ctx.g, e))
+            raise
+        if not one[0]:
+            return three
+        stats["one_round"] += 1
+        return [(topo.local, FIRST, what, body_of(across))]
     try:
-        _run(ctx, [(sub, FIRST, what, body_of(across))])
+        _run(ctx, choose)
     except BaseException as e:
-        if inner is not None and not made[0]:
+        if one[0] and inner is not None and not made[0]:
             abandon(numbered(inner, ctx.tag, ACROSS), f"{ctx.where()}: {what} failed: {e}",
                     *abort_kind(ctx.g, e))
         raise
@@ -481,9 +507,6 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
     if not large and small_columns(topo, buf.nbytes):
         _all_reduce_small_columns(ctx, topo, buf, op)
         return
-    if not large and _small_round(topo, buf.nbytes):
-        _all_reduce_small(ctx, topo, buf, op)
-        return
     phases: list[Phase] = []
     if topo.local.size > 1:
         phases.append((topo.local, FIRST, "host reduce", _host_reduce(buf, op, large)))
@@ -496,6 +519,10 @@ def all_reduce(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp, alg: str
         phases.append((topo.leaders, ACROSS, "leaders all_reduce", across))
     if topo.local.size > 1:
         phases.append((topo.local, LAST, "host broadcast", _host_broadcast(buf, 0, large)))
+    if not large and buf.nbytes <= board.CAPACITY and topo.local.size > 1 \
+            and board.ready(topo.local):
+        _all_reduce_small(ctx, topo, buf, op, phases)
+        return
     _run(ctx, phases)
 
 
@@ -532,12 +559,14 @@ def _all_reduce_small_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: Red
                (column, ACROSS, SMALL_COLUMN, lambda c: rd_across(c, buf, op))], greet=False)
 
 
-def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
+def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp,
+                      three: list[Phase]) -> None:
     """One board round on the host: the others post their ``buf``, the
     leader reduces them in rank order, all-reduces the host's sum with the
     other leaders (recursive doubling, nested), and publishes the result in
     its board; the others sleep (not spin: the leaders need the cores)
-    until it is there, and copy it."""
+    until it is there, and copy it. Where the host's boards are not kept by
+    all, ``three`` (_nested)."""
     def body_of(across: Callable[[Body], None]) -> Body:
         def body(lc: Ctx) -> None:
             lead = lc.g.rank == 0
@@ -559,8 +588,8 @@ def _all_reduce_small(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -
                     r.gather()      # (every post is there once the leader has published)
                     r.payload_into(0, buf)
         return body
-    _nested(ctx, topo.local, "host reduce, leaders all_reduce, host broadcast",
-            topo.leaders, "leaders all_reduce", body_of)
+    _nested(ctx, topo, "host reduce, leaders all_reduce, host broadcast",
+            topo.leaders, "leaders all_reduce", body_of, three)
 
 
 def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp) -> None:
@@ -576,12 +605,6 @@ def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp)
     item = buf.itemsize
     column = topo.column
     assert column is not None
-    if _one_round(topo):
-        _nested(ctx, topo.local, "host reduce_scatter, column all_reduce, host all_gather",
-                column, "column all_reduce",
-                lambda across: columns.host_body(buf, op, i, k, len(topo.hosts), topo.host,
-                                                 across, _pipelined()))
-        return
 
     def scatter(c: Ctx) -> None:
         if board.available(c):
@@ -611,6 +634,12 @@ def _all_reduce_columns(ctx: Ctx, topo: Topology, buf: np.ndarray, op: ReduceOp)
     phases.append((column, ACROSS, "column all_reduce", across))
     if k > 1:
         phases.append((topo.local, LAST, "host all_gather", gather))
+    if k > 1 and board.ready(topo.local):
+        _nested(ctx, topo, "host reduce_scatter, column all_reduce, host all_gather",
+                column, "column all_reduce",
+                lambda across: columns.host_body(buf, op, i, k, len(topo.hosts), topo.host,
+                                                 across, _pipelined()), phases)
+        return
     _run(ctx, phases)
 
 

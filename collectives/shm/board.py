@@ -37,12 +37,13 @@ a cross-memory read of its board (made on every poll without a mapping, on
 each slow poll with one); a freed board fails the cookie check.
 
     board.py      the board: its layout, mapping a peer's, a group's boards
-                  (available, ready, forget, mapped), fingerprints (signature)
-    waiting.py    a wait on peers' boards: spins, yields, bells, an abort, the deadline
+                  (available, ready, forget, kept, mapped), fingerprints (signature)
+    waiting.py    a wait on peers' boards: spins, yields, bells, an abort, the deadline;
+                  agree (the peers have entered a call, or forgot the boards)
     round.py      Round: one collective on the board (and announce)
     quick.py      Quick: the board side of a repeated tiny call (collectives.shm.tiny)
 
-Round, Quick, Stray and announce are importable from here too.
+Round, Quick, Stray, announce and agree are importable from here too.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ from ..runner import Ctx
 from . import bell, cma
 
 __all__ = ["CAPACITY", "INLINE", "ARENA", "available", "announce", "crowded", "ready", "forget",
-           "mapped", "Round", "Quick", "signature", "Stray"]
+           "kept", "forgettable", "agree", "mapped", "Round", "Quick", "signature", "Stray"]
 
 CAPACITY = 64 << 10
 _FP_ROOM = 1024
@@ -82,6 +83,9 @@ _BELL = _PEEK + 2 * _BODY
 """Where a board's bell is (an int32 rung as its head changes, for peers
 sleeping on it: collectives.shm.bell), and after it the word that says on
 whose bell this rank sleeps (that rank + 1; 0: none)."""
+_ENTERED = _BELL + 8
+"""The word (int64) where a rank says the first round of which call it has
+entered while its peers may not all keep the boards (agree)."""
 _ASLEEP = _BELL + 64
 _ARENA_AT = -(-(_ASLEEP + 64) // 4096) * 4096
 ARENA = 8 << 20
@@ -262,6 +266,11 @@ class _Box:
                     self.sleepers.append(board[_ASLEEP:_ASLEEP + 4].view(np.int32).data)
         self.own_bell = self.bell.ctypes.data
         self.seen_cookie = [r[:8].view(np.int64).data for r in self.rows]
+        self.since = -ctx.tag       # the round that set the boards up (agree)
+        self.pids, self.ranks = pids, ctx.g.ranks
+        self.entered = self.mem[_ENTERED:_ENTERED + 8].view(np.int64)
+        with _lock:     # (agree: at once where no member forgets them, else once every
+            self.confirmed = ctx.g not in _forgettable    # peer has posted after that round)
 
     def ring(self) -> None:
         """After a change of this rank's head: bump the bell, and wake the
@@ -312,7 +321,17 @@ class _Box:
 
 
 _boxes: "weakref.WeakKeyDictionary[Comm, _Box]" = weakref.WeakKeyDictionary()
+_forgettable: "weakref.WeakSet[Comm]" = weakref.WeakSet()
 _lock = threading.Lock()
+
+
+def forgettable(g: Comm) -> None:
+    """Say that ``g``'s boards may be forgotten by some members only (the
+    host groups of collectives.host.hier, after a failed call that set them
+    up): a choice that rests on whether its peers kept them waits for them
+    to enter the call first (agree)."""
+    with _lock:
+        _forgettable.add(g)
 
 
 def available(ctx: Ctx, payload: int = 0) -> bool:
@@ -323,6 +342,8 @@ def available(ctx: Ctx, payload: int = 0) -> bool:
         return False
     with _lock:
         box = _boxes.get(ctx.g)
+    if box is not None and not box.confirmed:
+        agree(ctx, ctx.g, -ctx.tag)     # (so that every member reads the cookies below alike)
     if box is not None and any(box.seen_cookie[p][0] == _FORGOTTEN for p in box.peers):
         # a peer forgot them (its part of the call that set them up failed, after
         # this rank's ended well: collectives.host.hier.unsettle) and sets them up
@@ -393,4 +414,4 @@ def signature(fp: dict) -> tuple[bytes, int]:
 # (Round and Quick read this module's names: imported once they are all defined)
 from .quick import Quick  # noqa: E402
 from .round import Round, announce  # noqa: E402
-from .waiting import Stray  # noqa: E402
+from .waiting import Stray, agree  # noqa: E402

@@ -1,19 +1,25 @@
 """Waits on peers' boards (collectives.shm.board): a wait spins, then
 yields or sleeps on the late peer's bell (collectives.shm.bell), looks for
 an abort of the call and at the deadline, and once it gets long posts a
-receive on the tag (a peer on a socket path, an abort, a lost peer)."""
+receive on the tag (a peer on a socket path, an abort, a lost peer); and
+``agree``, a wait for the peers to enter a call before a choice that rests
+on whether they kept the boards."""
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Any
 
-from mesh import MeshError
+import numpy as np
+
+from mesh import Comm, LostPeerError, MeshError
 from mesh.rings import fence
 
 from ..runner import Ctx, caught, named
-from . import bell
-from .board import _BELL_WAIT_S, _BUSY_S, _CROWD_YIELD_S, _SPIN_S, _Box, crowded
+from . import bell, cma
+from .board import (_BELL_WAIT_S, _BUSY_S, _CROWD_YIELD_S, _ENTERED, _FORGOTTEN, _SLOT_WORDS,
+                    _SPIN_S, SEQ, _Box, _boxes, _lock, crowded)
 
 
 class Stray(MeshError):
@@ -138,3 +144,85 @@ def _ranks(ctx: Ctx, peers: list[int]) -> str:
     """Group ranks as errors name them (runner.named: with their world ranks where
     those differ)."""
     return ", ".join(named(ctx.g, p) for p in peers)
+
+
+def agree(ctx: Ctx, g: Comm, seq: int) -> None:
+    """Before this rank's choice between ``g``'s boards and setting them up
+    again (available; collectives.host.hier's one board round or three
+    phases), made for the call whose first round on ``g`` is ``seq``: wait
+    until each peer has entered that call (its board's mark, or a post of
+    it or later) or has forgotten the boards (its cookie), so that every
+    member of ``g`` then reads the same cookies (kept). A peer forgets them
+    after a failed call that set them up (collectives.host.hier.unsettle)
+    and before its next call, but it may be descheduled between its abort
+    and the mark, while this rank, whose part ended well, starts its next
+    call: read then, the cookies said kept, and this rank took the boards
+    (one board round) where the peer set them up again (three phases), a
+    MismatchError or a Stray. Once every peer has posted after the round
+    that set the boards up (none of them forgets them then: its part of
+    that call ended well), no wait and no mark: a load per call. The wait
+    is bounded by ``ctx``'s deadline and raises its abort or the loss of
+    a peer (no receive posted: a peer that forgot may be setting them up
+    again by messages on the tag, which one would take). Meanwhile this
+    rank's ack says it is done with the rounds before ``seq`` (as its post
+    would), which a peer that does not wait here may wait for to post."""
+    with _lock:
+        box = _boxes.get(g)
+    if box is None or box.confirmed:
+        return
+    if all(_posted(box, p) > box.since for p in box.peers):
+        box.confirmed = True
+        return
+    box.entered[0] = max(int(box.entered[0]), seq)
+    box.head[0] = max(box.head[0], seq - 1)     # (done with the rounds before: as a post says)
+    box.ring()
+    todo = [p for p in box.peers if not _entered(ctx, box, p, seq)]
+    t0 = time.monotonic()
+    what = None
+    while todo:
+        waited = time.monotonic() - t0
+        if waited > _SPIN_S:
+            what = what or ctx.where().split(": ", 1)[1]
+            aborted = ctx.ch.aborted(ctx.tag, what)
+            if aborted is not None:
+                raise aborted
+            for p in todo:
+                world = box.ranks[p]
+                if world in ctx.g.ranks:
+                    left = ctx.ch.left(ctx.g.ranks.index(world), what)
+                    if left is not None:
+                        raise left
+            if time.monotonic() > ctx.deadline:
+                late = ", ".join(f"world rank {box.ranks[p]}" for p in todo)
+                raise ctx.timed_out(f" waiting for {late} to enter it (same-host board)")
+            time.sleep(min(0.001, waited / 20))
+        else:
+            os.sched_yield()
+        todo = [p for p in todo if not _entered(ctx, box, p, seq)]
+
+
+def _posted(box: _Box, p: int) -> int:
+    """The last call peer ``p`` posted on its board, as this rank last read it."""
+    h = box.heads[p]
+    return max(h[1 + SEQ], h[1 + _SLOT_WORDS + SEQ])
+
+
+def _entered(ctx: Ctx, box: _Box, p: int, seq: int) -> bool:
+    """Whether peer ``p`` has entered the call whose first round is ``seq``
+    (its mark, its posts) or forgot the boards (agree), read afresh."""
+    board = box.boards[p]
+    if board is None:
+        err = box.readers[p]()
+        if err == errno.ESRCH:
+            raise LostPeerError(f"{ctx.where()}: cannot read the board of world rank "
+                                f"{box.ranks[p]} (no such process): it is gone", box.ranks[p])
+    if box.seen_cookie[p][0] == _FORGOTTEN or _posted(box, p) >= seq:
+        return True
+    if board is not None:
+        return int(board[_ENTERED:_ENTERED + 8].view(np.int64)[0]) >= seq
+    word = np.zeros(1, np.int64)
+    try:
+        cma.read(box.pids[p], box.addrs[p] + _ENTERED, word)
+    except OSError:
+        return False
+    return int(word[0]) >= seq
