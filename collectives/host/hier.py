@@ -462,9 +462,12 @@ def _nested(ctx: Ctx, topo: Topology, what: str, inner: Comm | None, inner_what:
         try:
             one[0] = _agreed_one_round(ctx, topo)
         except BaseException as e:
-            reason = f"{ctx.where()}: {what} failed: {e}"
+            err = _late_named(ctx, e)
+            reason = f"{ctx.where()}: {what} failed: {err}"
             for sub, at, _, _ in three:
-                abandon(numbered(sub, ctx.tag, at), reason, *abort_kind(ctx.g, e))
+                abandon(numbered(sub, ctx.tag, at), reason, *abort_kind(ctx.g, err))
+            if err is not e:
+                raise err from e
             raise
         if not one[0]:
             return three
