@@ -66,6 +66,7 @@ class _Step(_StepActions):
                 pipe.pp.collective_channel().abort(pipe._tag(a, self.n), reason, kind, lost)
             elif a.kind == AR:
                 skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
+        pipe.owned_params.abandon(reason, kind, lost)    # (ZeRO stage 3's gathers)
         if not self.forward_only:       # (eval_step makes no tied sums)
             pipe.tied.abandon(reason, kind, lost)
         self._abandon_tp(reason, kind, lost, own=not getattr(error, "from_abort", False)

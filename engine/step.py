@@ -155,8 +155,9 @@ class _StepActions:
         m = pipe.schedule.num_microbatches
         call = "eval_step()" if self.forward_only else "step()"
         # (ZeRO stage 3: the parameters other replicas own, broadcast from them, in flight
-        # while the step starts; each stage waits for its own before it computes)
-        pipe.owned_params.gather()
+        # while the step starts, each stage waiting for its own before it computes; or each
+        # module's gathered as it runs: engine.zero_layers)
+        pipe.owned_params.begin(self.n)
         if not self.forward_only:
             self.scaled = LossScale.of(self.scaler, pipe)
             self.before = self._snapshot()
@@ -235,19 +236,18 @@ class _StepActions:
         """Execute one action; return its flow direction for the trace."""
         pipe, sched = self.pipe, self.pipe.schedule
         if a.kind in (F, B, I, W):
-            if pipe.owned_params.pending:
-                pipe.owned_params.wait(a.stage)     # (ZeRO stage 3: its parameters here)
-            try:
-                if a.kind == F:
-                    self._forward(a)
-                elif a.kind == W:
-                    pipe.stages[a.stage].backward_weight(self.wctxs.pop(_key(a)))
-                else:
-                    self._backward(a)
-            except Exception as e:
-                _noted(e, self._computing(a, self.in_shapes.get(_key(a)) if a.kind == F
-                                          else None))
-                raise
+            with pipe.owned_params.computing(a.stage):  # (ZeRO stage 3: its parameters)
+                try:
+                    if a.kind == F:
+                        self._forward(a)
+                    elif a.kind == W:
+                        pipe.stages[a.stage].backward_weight(self.wctxs.pop(_key(a)))
+                    else:
+                        self._backward(a)
+                except Exception as e:
+                    _noted(e, self._computing(a, self.in_shapes.get(_key(a)) if a.kind == F
+                                              else None))
+                    raise
         elif a.kind in (SEND_F, SEND_B):
             dst, tag = sched.rank_of(message_key(a)[2]), pipe._tag(a, self.n)
             value = self.outs.pop(_key(a))

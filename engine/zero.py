@@ -33,8 +33,10 @@ same.
 ``stage=3`` (DeepSpeed's ``{"stage": 3}``; the job a torch model's): the
 parameters too (engine.zero_params): between steps a replica holds its
 share's values only (the others' ``.data`` an empty tensor), each step
-gathers the others from their owners at its start and drops them at its
-end, and ``step()`` sends nothing (the next step's gather does).
+gathers the others from their owners, module by module as each runs
+(engine.zero_layers; ``stage3_per_layer=False``: a stage's whole weights
+at the step's start), and drops them again, and ``step()`` sends nothing
+(the next step's gathers do).
 """
 from __future__ import annotations
 
@@ -132,7 +134,9 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     whole and by name, as for an optimizer without ZeRO. ``stage``: 1, 2
     (``process_group`` the job, whose step then keeps each gradient on
     its owner alone; its parameters the job's) or 3 (each parameter's
-    values too, between steps): see the module docstring.
+    values too, between steps; ``stage3_per_layer``: a step gathers each
+    module's as it runs, else a stage's whole weights for the step): see
+    the module docstring.
     A job's newest such optimizer over a parameter says how the job reduces
     its gradient (a stage 1 one over the job: averaged on every replica
     again). Collective over the dp group: building it (the replicas'
@@ -140,7 +144,8 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     ``consolidate_state_dict()``."""
 
     def __init__(self, params: Iterable[Any], optimizer_class: type,
-                 process_group: Any, *, stage: int = 1, **defaults: Any) -> None:
+                 process_group: Any, *, stage: int = 1, stage3_per_layer: bool = True,
+                 **defaults: Any) -> None:
         self.group, self.timeout = _dp_of(process_group)
         g = self.group
         self.where = f"rank {g.ranks[g.rank]}: ZeroRedundancyOptimizer on group {g.name}"
@@ -151,8 +156,13 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
             whole = optimizer_class(params, **defaults)    # (its groups, defaults filled)
             if stage in (2, 3):
                 _in_job(whole, job, self.where, stage)
+            if not isinstance(stage3_per_layer, bool):
+                raise TypeError(f"{self.where}: stage3_per_layer={stage3_per_layer!r}: True "
+                                f"(a step gathers each module's parameters as it runs) or "
+                                f"False (a stage's whole weights for the step)")
             said: Any = [stage, [[str(p.dtype), list(_shape(job, p))]
-                                 for grp in whole.param_groups for p in grp["params"]]]
+                                 for grp in whole.param_groups for p in grp["params"]],
+                         stage3_per_layer]
         except (TypeError, ValueError) as e:    # (an empty list: every replica hears of it)
             fault, said = e, f"{type(e).__name__}: {e}"
         told = collectives.all_gather_object(g, said, timeout=self.timeout)
@@ -166,8 +176,14 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if other is not None:
             raise ValueError(f"{self.where}: stage={stage} here but stage={told[other][0]} on "
                              f"rank {g.ranks[other]}: every replica passes the same")
+        other = next((r for r, t in enumerate(told) if t[2] != stage3_per_layer), None)
+        if stage == 3 and other is not None:
+            raise ValueError(f"{self.where}: stage3_per_layer={stage3_per_layer} here but "
+                             f"{told[other][2]} on rank {g.ranks[other]}: every replica passes "
+                             f"the same (the gathers pair up)")
         told = [t[1] for t in told]
         self.stage = stage
+        self.stage3_per_layer = stage3_per_layer
         self.job: Any = job     # (None: a mesh group, stage 1)
         self._building = True
         super().__init__([dict(grp) for grp in whole.param_groups], dict(whole.defaults))
@@ -190,7 +206,8 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if job is not None:     # stage 2: each gradient reduced to its owner alone, and kept
             job._grads_kept_by(self.params, self.owner if stage > 1 else None)  # there only
             # stage 3: each parameter's values too, between steps (engine.zero_params)
-            job._params_kept_by(self.params, self.owner if stage == 3 else None)
+            job._params_kept_by(self.params, self.owner if stage == 3 else None,
+                                stage3_per_layer)
 
     def grad_bytes(self) -> int:
         """The bytes of the gradients this replica holds of ``params`` (under
@@ -202,6 +219,15 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         """The bytes of the values this replica holds of ``params`` (under
         stage 3, between steps: its share's only)."""
         return sum(p.numel() * p.element_size() for p in self.params)
+
+    def peak_gathered_bytes(self) -> int:
+        """Under stage 3: the most bytes of other replicas' parameters this
+        rank held at once during the job's last step (its stages' whole
+        weights' share, or with ``stage3_per_layer`` the modules' gathered
+        at one time); else 0."""
+        if self.stage != 3 or self.job is None:
+            return 0
+        return int(self.job.pipeline.owned_params.peak_bytes())
 
     def holds(self, p: Any) -> bool:
         """Whether ``p`` is in this replica's share (its state kept here)."""

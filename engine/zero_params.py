@@ -25,12 +25,18 @@ dropped again (``free``), on failure too:
 the next step's gathers give the others the new values. Outside a step,
 ``whole`` gives the parameters their values for a while (the job's state
 gathers and loads, its re-time, ``job.gathered()``) and frees them after.
-A step holds its stages' whole weights from its start to its end: what is
-saved is the memory at rest, between steps (no per-layer gather).
+That is a step with ``per_layer`` False; with it (the default) a torch
+stage's step gathers each module's parameters just before the module
+runs and drops them after (engine.zero_layers: ``begin``, the module
+hooks ``_guard`` sets, ``computing`` around each forward and backward
+action), so a step holds a module or two of the others' weights at a
+time, not the stage's; a compiled stage, and a traced model traced again
+at its inputs' shapes, are gathered whole.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import weakref
 from typing import Any, Iterator, Sequence
@@ -38,8 +44,11 @@ from typing import Any, Iterator, Sequence
 import collectives
 
 from .torch_stage import TorchStage
+from .zero_layers import LayerGathers
 
 __all__ = ["ShardedParams"]
+
+_NOTHING = contextlib.nullcontext()
 
 
 class ShardedParams:
@@ -53,6 +62,9 @@ class ShardedParams:
         self.pending: dict[int, list[Any]] = {}     # each stage's broadcasts in flight
         self.held = False      # whether the others' parameters hold their values now
         self._hooked: set[int] = set()      # the modules _guard watches, by id
+        self.per_layer = True       # a step gathers module by module (engine.zero_layers)
+        self.layers = LayerGathers(self)
+        self.whole_bytes = 0        # the others' bytes the last step gathered whole
 
     def __bool__(self) -> bool:
         return bool(self.owner)
@@ -71,10 +83,12 @@ class ShardedParams:
         """``p``'s shape, whole (where this replica holds it empty)."""
         return tuple(self.shape.get(id(p), p.shape))
 
-    def take(self, params: Sequence[Any], owners: Sequence[int] | None) -> None:
+    def take(self, params: Sequence[Any], owners: Sequence[int] | None,
+             per_layer: bool = True) -> None:
         """From now on, each of ``params``' values kept by the replica
         ``owners`` names alone between steps (None: by every replica again,
-        as without stage 3). Collective over dp where a parameter sharded
+        as without stage 3), a step gathering them module by module
+        (``per_layer``) or whole. Collective over dp where a parameter sharded
         so far is given back its values (the replicas make the same call:
         building the optimizer is)."""
         back = [p for p in params if id(p) in self.owner] if owners is None else []
@@ -93,23 +107,33 @@ class ShardedParams:
             self.shape[id(p)] = shape
             if int(r) != self.pipe.dp_index:
                 p.grad = None       # (the owner keeps it, as stage 2 after a step)
+        self.per_layer = bool(per_layer)
         self._guard()
         self.held = True
         self.free()
 
     def _guard(self) -> None:
-        """A forward pre-hook on each module of this rank's stages that holds
-        a sharded parameter itself: called between steps (a user's own
-        ``job.stages[0].module(x)``) while one is empty here, it raises
-        naming the fix, where torch's matmul said only that "mat1 and mat2
-        shapes cannot be multiplied". (A closure over a weak reference: a
-        deep copy of the module, the re-time's, copies no pipeline.)"""
+        """A forward pre-hook and hook on each module of this rank's stages
+        that holds a sharded parameter itself. In a step run layer by layer
+        they gather its parameters before its forward and drop them after
+        (engine.zero_layers). Called between steps (a user's own
+        ``job.stages[0].module(x)``) while one is empty here, the pre-hook
+        raises naming the fix, where torch's matmul said only that "mat1 and
+        mat2 shapes cannot be multiplied". (Closures over a weak reference:
+        a deep copy of the module, the re-time's, copies no pipeline.)"""
         me = weakref.ref(self)
         where = f"pp rank {self.pipe.rank} (dp replica {self.pipe.dp_index})"
 
         def hook(module: Any, args: Any) -> None:
             kept = me()
-            if kept is None or kept.held or not kept.owner:
+            if kept is None:
+                return
+            if kept.layers.active:
+                own = kept.layers.units.get(id(module))
+                if own:
+                    kept.layers.acquire(own)
+                return
+            if kept.held or not kept.owner:
                 return
             mine = kept.owner
             if any(id(p) in mine and mine[id(p)] != kept.pipe.dp_index
@@ -119,14 +143,71 @@ class ShardedParams:
                     f"eval_step(): under ZeRO stage 3 the parameters other dp replicas own "
                     f"are empty here between steps; call it inside `with job.gathered():` "
                     f"(collective over dp)")
+
+        def after(module: Any, args: Any, out: Any) -> None:
+            kept = me()
+            if kept is not None and kept.layers.active:
+                own = kept.layers.units.get(id(module))
+                if own:
+                    kept.layers.release(own)
+        modules = []
         for _, stage in sorted(self.pipe.stages.items()):
             if not isinstance(stage, TorchStage):
                 continue
             for m in stage.module.modules():
-                if id(m) not in self._hooked and any(
-                        id(p) in self.owner for p in m.parameters(recurse=False)):
-                    self._hooked.add(id(m))
-                    m.register_forward_pre_hook(hook)
+                if any(id(p) in self.owner for p in m.parameters(recurse=False)):
+                    if not stage.compiled:      # (a compiled stage is gathered whole)
+                        modules.append(m)
+                    if id(m) not in self._hooked:
+                        self._hooked.add(id(m))
+                        # (first and last: the module's other hooks read its weights)
+                        m.register_forward_pre_hook(hook, prepend=True)
+                        m.register_forward_hook(after)
+        self.layers.watch([p for _, ps in self._stage_params() for p in ps], modules)
+
+    def begin(self, n: int) -> None:
+        """Step (or evaluation) ``n`` starts: the torch stages that run
+        layer by layer (``per_layer``; not a compiled stage, nor a traced
+        model traced again at its inputs' shapes, which reads every weight)
+        gather each module's parameters as it runs (engine.zero_layers,
+        under the step's tags); the others' are gathered whole now (in
+        flight: each stage ``wait``s for its own)."""
+        if self.held or not self.owner:
+            return
+        pipe = self.pipe
+        layered: set[int] = set()
+        if self.per_layer and pipe.before_step is None and pipe.reshaped is None and \
+                pipe.dp is not None and pipe.dp.size > 1:
+            layered = {s for s, st in pipe.stages.items()
+                       if isinstance(st, TorchStage) and not st.compiled}
+        staged = self._stage_params()
+        if layered:     # (the tags of step n: engine.executor's, above its messages')
+            self.layers.begin(layered, pipe.tag_base + ((pipe._step0 + n) << 32),
+                              [p for s, ps in staged if s in layered for p in ps])
+        rest = [p for s, ps in staged if s not in layered for p in ps]
+        self.gather(params=rest)
+        me = pipe.dp_index
+        self.whole_bytes = sum(math.prod(self.shape[id(p)]) * p.element_size() for p in rest
+                               if self.owner[id(p)] != me)
+
+    def computing(self, s: int) -> Any:
+        """A context manager for stage ``s``'s forward or backward action in
+        a step: its parameters gathered whole waited for first, or gathered
+        module by module (engine.zero_layers); nothing without stage 3."""
+        if self.pending:
+            self.wait(s)
+        return self.layers.computing(s) if self.layers.active else _NOTHING
+
+    def abandon(self, reason: str, kind: Any, lost: int | None) -> None:
+        """This rank's step failed: the replicas waiting for its parameters
+        (layer by layer) raise now (engine.zero_layers)."""
+        self.layers.abandon(reason, kind, lost)
+
+    def peak_bytes(self) -> int:
+        """The most bytes of other replicas' parameters this rank held at
+        once during its last step: the whole stages' where gathered whole,
+        else the modules' gathered at one time."""
+        return self.whole_bytes + self.layers.peak_bytes
 
     def gather(self, fill: bool = True, params: Sequence[Any] | None = None) -> None:
         """Give every parameter this replica does not own its storage again,
@@ -163,6 +244,7 @@ class ShardedParams:
         (a failed one's error dropped: the step's own is raised)."""
         if not self.held:
             return
+        self.layers.end()
         for works in self.pending.values():
             for w in works:
                 try:

@@ -10,6 +10,8 @@ every step; the parent compares their weights, their gathered optimizer
 states and the state (gradients, parameters) each rank held. The other
 tests run stage 3 beside stage 2 in their spawns.
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -146,6 +148,7 @@ def _worker(world, axes, plan):
            "zero3_kept": all((p.numel() > 0) == z3opt.holds(p) and
                              (p.grad is not None) == z3opt.holds(p) for p in z3opt.params),
            "zero3_held": z3opt.state_bytes(), "zero3_param_bytes": z3opt.param_bytes(),
+           "zero3_peak": z3opt.peak_gathered_bytes(),
            "zero3_optim": _optim_numpy(z3job.optimizer_state_dict(z3opt)),
            "optim": _optim_numpy(whole.optimizer_state_dict(opt)),
            "zero_optim": _optim_numpy(zjob.optimizer_state_dict(zopt)),
@@ -229,8 +232,9 @@ def _param_bytes(job):
 
 def _refused_stages(world, grid, job, d):
     """A stage other than 1 or 2, stage 2 over a mesh group (the job must
-    know the shares), stage 2 of a tensor not the job's, and replicas given
-    other stages: each refused, every replica raising at once."""
+    know the shares), stage 2 of a tensor not the job's, replicas given
+    other stages, and stage3_per_layer not a bool or other on the replicas:
+    each refused, every replica raising at once."""
     import torch
     with pytest.raises(ValueError, match=r"stage=4: 1 .*, 2 .* or 3 \(its share's "
                                          r"parameters too\)"):
@@ -244,11 +248,20 @@ def _refused_stages(world, grid, job, d):
                                          r"is not in job.parameters\(\)"):
         engine.ZeroRedundancyOptimizer([*job.parameters(), torch.nn.Parameter(torch.ones(3))],
                                        torch.optim.AdamW, job, stage=2)
+    with pytest.raises(TypeError, match=r"stage3_per_layer='yes': True \(a step gathers "
+                                        r"each module's parameters as it runs\) or False"):
+        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
+                                       stage3_per_layer="yes")
     if world.size == 2:
         with pytest.raises(ValueError, match=f"stage={1 + d} here but stage={2 - d} on rank "
                                              f"{1 - d}: every replica passes the same"):
             engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job,
                                            stage=1 + d)
+        # (the replicas' gathers pair up only when all gather alike)
+        with pytest.raises(ValueError, match=f"stage3_per_layer={bool(d)} here but "
+                                             f"{not d} on rank {1 - d}: every replica"):
+            engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
+                                           stage3_per_layer=bool(d))
 
 
 def _same(got, want, what):
@@ -290,6 +303,11 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
                 res["zero3_called"] and "job.gathered()" in res["zero3_called"], res
         assert len(set(res["zero3_at_rest"])) == 1, res["zero3_at_rest"]
         assert 0 < res["zero3_at_rest"][0] == res["zero3_param_bytes"] < res["whole_bytes"], res
+        # a step gathers module by module: at pp=1 (5 Linear a stage) a few of the others'
+        # parameters at once, not all (at pp=2 a stage's two or three may all be)
+        others = res["whole_bytes"] - res["zero3_param_bytes"]
+        assert 0 < res["zero3_peak"] <= others and (res["zero3_peak"] < others or
+                                                    axes["pp"] > 1), (res["zero3_peak"], others)
     assert sum(res["zero3_called"] is not None for res in results) == (2 if plan is None
                                                                          else 0)
     for res in results:     # a replica's share and its mate's make the whole state
@@ -570,6 +588,7 @@ def _failed_step_worker(world):
                 job.step(x, y[:, :-1] if d else y)
             except Exception as e:
                 out.setdefault("raised", []).append(type(e).__name__)
+                out.setdefault("said", []).append(str(e))
             after = [p.grad for p in o.param_groups[0]["params"]]
             out.setdefault("rolled_back", []).append(all(
                 (a is None) == (b is None) and (a is None or torch.equal(a, b))
@@ -578,6 +597,59 @@ def _failed_step_worker(world):
         all((p.grad is not None) == (p.numel() > 0) == z3.holds(p) for p in z3.params)
     out["weights"] = [_numpy(job.state_dict()) for job in jobs]
     out.update(_per_token_zero3(grid, d))
+    out.update(_layered_zero3(grid, d))
+    return out
+
+
+def _layered_model():
+    """Blocks that read their own scale and their child's weight outside
+    the child's forward (x @ lin.weight.T), a norm, a weight tied into two
+    modules of the stage."""
+    import torch
+    torch.manual_seed(SEED)
+
+    class Block(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.lin = torch.nn.Linear(n, n)
+            self.scale = torch.nn.Parameter(torch.full((n,), 0.9))
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x)) * self.scale + 0.1 * (x @ self.lin.weight.t())
+    mods = [torch.nn.Linear(6, 8), Block(8), Block(8), torch.nn.LayerNorm(8), Block(8),
+            torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)]
+    mods[5].weight = mods[1].lin.weight
+    return torch.nn.Sequential(*mods)
+
+
+def _layered_zero3(grid, d):
+    """dp=2: ZeRO stage 3 gathering each module's parameters as it runs
+    (the default) and a stage's whole weights for the step
+    (stage3_per_layer=False) beside the whole AdamW, two of the three
+    blocks recomputed (torch.utils.checkpoint: a block's own scale read
+    again in the backward), with eval_step between the steps."""
+    import torch
+    jobs = [engine.distribute(_layered_model(), grid, schedule="1f1b", microbatches=2,
+                              balance="uniform", loss_fn=torch.nn.functional.mse_loss,
+                              overhead=0.0, verbose=False, timeout=30, tag_base=t,
+                              recompute=["1", "4"], sample=_data(0)[0][d::2])
+            for t in (5 << 20, 6 << 20, 7 << 20)]
+    opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR)] + [
+        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
+                                       stage3_per_layer=layered, lr=LR)
+        for job, layered in zip(jobs[1:], (True, False))]
+    out = {"layered_evals": [], "layered_peaks": []}
+    for step in range(2):
+        x, y = (a[d::2] for a in _data(step))
+        for job, o in zip(jobs, opts):
+            o.zero_grad()
+            job.step(x, y[:, :4])
+            out["layered_evals"].append(job.eval_step(x, y[:, :4]))
+            o.step()
+        out["layered_peaks"].append([o.peak_gathered_bytes() for o in opts[1:]])
+    out["layered_others"] = sum(4 * math.prod(jobs[2].pipeline.owned_params.shape_of(p))
+                                for p in opts[2].params if not opts[2].holds(p))
+    out["layered_weights"] = [_numpy(job.state_dict()) for job in jobs]
     return out
 
 
@@ -634,16 +706,24 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
     gradients are being reduced to their owners: both raise, each puts its
     gradients back as they were (the others' shares' None), and the next
     step trains as the whole AdamW's does; under stage 3 too, the gathered
-    parameters dropped again. Then stage 3 with a per-token loss, eval_step
-    and job.retime() trains as the whole AdamW; a plain AdamW over its
-    parameters is refused, a stage-1 optimizer made over them gives every
-    replica their values again, and the stage-3 one stepped then sends its
-    share (it sent none: the replicas parted)."""
+    parameters dropped again, the replica waiting for a gather told at once.
+    Then stage 3 with a per-token loss, eval_step and job.retime() trains as
+    the whole AdamW; a plain AdamW over its parameters is refused, a stage-1
+    optimizer made over them gives every replica their values again, and
+    the stage-3 one stepped then sends its share (it sent none: the replicas
+    parted). Then stage 3 layer by layer and whole, with a module's weight
+    read outside its forward, a tie and checkpointed blocks, trains as the
+    whole AdamW, layer by layer holding less of the others' at once."""
     pytest.importorskip("torch")
     results = mesh.spawn(_failed_step_worker, 2, timeout=140, env=PATIENT)
     for res in results:
         assert len(res["raised"]) == 3 and res["rolled_back"] == [True] * 3, res
         assert res["kept"], res
+    # stage 3 gathers layer by layer: replica 0, waiting in its backward for a parameter
+    # replica 1 owns, is told of replica 1's failure at once (its gathers' tags aborted)
+    said = results[0]["said"][2]
+    assert "recv from rank 1" in said and "aborted" in said and "The size of tensor" in said, \
+        said
     whole, zero, zero3 = results[0]["weights"]
     _same(zero, whole, "weights after a failed step")
     _same(zero3, whole, "stage 3 weights after a failed step")
@@ -655,6 +735,17 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
         assert res["whole_again"], res
     assert results[0]["sums"] == results[1]["sums"], (results[0]["sums"], results[1]["sums"])
     _same(*reversed(results[0]["token_weights"]), "per-token stage 3 weights")
+    # stage 3 layer by layer and whole: the whole AdamW's weights; a step held a module's
+    # or two of the others' parameters at once, not the stage's (the whole gather's)
+    whole, layered, at_once = results[0]["layered_weights"]
+    _same(layered, whole, "stage 3 weights, layer by layer")
+    _same(at_once, whole, "stage 3 weights, gathered whole")
+    for res in results:
+        evals = res["layered_evals"]
+        assert evals[0::3] == evals[1::3] == evals[2::3], evals
+        for peak, whole_peak in res["layered_peaks"]:
+            assert whole_peak == res["layered_others"], (whole_peak, res["layered_others"])
+            assert 0 < peak < whole_peak, (peak, whole_peak)
 
 
 
