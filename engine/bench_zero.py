@@ -4,18 +4,24 @@ An MLP of ``--depth`` float32 Linear layers of ``--width`` (Tanh between)
 is distributed over dp x pp (``schedule="1f1b"``, a uniform cut, no
 profile) and trained with AdamW, either whole on every replica or under
 ``engine.ZeroRedundancyOptimizer`` at stage 1 (the state sharded), 2
-(the gradients too) or 3 (the parameters too); the four alternate, each
-round one ``mesh.spawn`` of each, so all see the machine's load of the
-moment. Each rank reports the bytes of its optimizer state, of the
-gradients and of the parameters' values it holds after the step
-(``opt.step()`` done, at rest: under stage 2 its share's gradients, under
-stage 3 its share's values too), its RSS then ("rest RSS", once
+(the gradients too) or 3 (the parameters too: "zero3" gathering each
+module's as it runs, "zero3whole" a stage's whole weights for the step,
+``stage3_per_layer=False``); the five alternate, each round one
+``mesh.spawn`` of each, so all see the machine's load of the moment. Each
+rank reports the bytes of its optimizer state, of the gradients and of
+the parameters' values it holds after the step (``opt.step()`` done, at
+rest: under stage 2 its share's gradients, under stage 3 its share's
+values too), the parameters' bytes it held at most during the step ("in
+step": its own, and the most of the others' gathered at once,
+``opt.peak_gathered_bytes()``), its RSS then ("rest RSS", once
 malloc has handed its free memory back: the least and the most of the
 ranks'),
 its peak RSS (``ru_maxrss``) and how far that is above its RSS before the
 first step ("grown": the gradients, the state, the step's buffers), and
 the step times (a barrier before each step; ``zero_grad``, ``job.step``
-and ``opt.step``, rank 0's clock) and of its ``opt.step()`` alone (the
+and ``opt.step``, rank 0's clock, and its process's CPU time for them,
+its mesh threads' included: less moved by other jobs' load than the
+clock) and of its ``opt.step()`` alone (the
 whole AdamW, or the share's and the broadcasts: none under stage 3, whose
 step gathers the parameters instead); the figures are the medians over
 steps and rounds, with the rounds' spread; the bytes are the most any
@@ -59,10 +65,15 @@ def _trimmed_rss() -> int:
     return _rss()
 
 
-def _worker(world: Any, zero: int, dp: int, pp: int, width: int, depth: int, rows: int,
-            steps: int) -> dict[str, Any]:
+_WAYS = {"whole": (0, True), "zero1": (1, True), "zero2": (2, True),
+         "zero3": (3, True), "zero3whole": (3, False)}
+
+
+def _worker(world: Any, zero: int, per_layer: bool, dp: int, pp: int, width: int, depth: int,
+            rows: int, steps: int) -> dict[str, Any]:
     """One way's run on this rank: ``zero`` 0 (the whole AdamW), 1, 2 or 3
-    (engine.ZeroRedundancyOptimizer's stage)."""
+    (engine.ZeroRedundancyOptimizer's stage; 3 gathering module by module
+    with ``per_layer``, else a stage's whole weights for the step)."""
     import torch
 
     import engine
@@ -80,48 +91,56 @@ def _worker(world: Any, zero: int, dp: int, pp: int, width: int, depth: int, row
                             overhead=0.0, verbose=False, timeout=120)
     params = job.parameters()
     opt: Any = (engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, job, stage=zero,
-                                               lr=1e-4)
+                                               stage3_per_layer=per_layer, lr=1e-4)
                 if zero else torch.optim.AdamW(params, lr=1e-4))
     before = _rss()
-    times, stepping = [], []
+    times, stepping, cpu = [], [], []
     for _ in range(steps + 1):
         collectives.barrier(world)
-        began = time.perf_counter()
+        began, cpu0 = time.perf_counter(), time.process_time()
         opt.zero_grad()
         job.step(x, y)
         stepped = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - cpu0)
         stepping.append(time.perf_counter() - stepped)
     state = opt.optim.state if zero else opt.state
     held = sum(v.numel() * v.element_size() for own in state.values() for v in own.values()
                if torch.is_tensor(v))
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    values = sum(p.numel() * p.element_size() for p in params)      # (at rest)
+    # a step's parameters: those held at rest, and the most of the others' gathered at once
+    in_step = values + (opt.peak_gathered_bytes() if zero == 3 else 0)
     return {"held": held, "grads": grads, "peak": peak, "grown": peak - before,
-            "times": times[1:], "rest": _trimmed_rss(),
+            "in_step": in_step,
+            "times": times[1:], "rest": _trimmed_rss(), "cpu": cpu[1:],
             "stepping": stepping[1:],
-            "weights": sum(p.numel() * p.element_size() for p in params)}
+            "weights": values}
 
 
 def run(dp: int, pp: int, width: int, depth: int, rows: int, steps: int,
         rounds: int) -> dict[str, Any]:
-    """The four ways, alternating, ``rounds`` times: per way the medians."""
-    got: dict[int, list[list[dict[str, Any]]]] = {0: [], 1: [], 2: [], 3: []}
+    """The five ways, alternating, ``rounds`` times: per way the medians."""
+    got: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in _WAYS}
     for _ in range(rounds):
-        for zero in got:
-            got[zero].append(mesh.spawn(_worker, dp * pp, zero, dp, pp, width, depth, rows,
-                                        steps, timeout=600))
+        for name, (zero, per_layer) in _WAYS.items():
+            got[name].append(mesh.spawn(_worker, dp * pp, zero, per_layer, dp, pp, width,
+                                        depth, rows, steps, timeout=600))
     out: dict[str, Any] = {}
-    for zero, runs in got.items():
+    for name, runs in got.items():
         steps_ms = [statistics.median(r[0]["times"]) * 1e3 for r in runs]
         opt_ms = [statistics.median(r[0]["stepping"]) * 1e3 for r in runs]
-        out[f"zero{zero}" if zero else "whole"] = {
+        cpu_ms = [statistics.median(r[0]["cpu"]) * 1e3 for r in runs]
+        out[name] = {
             "opt_ms": statistics.median(opt_ms),
             "step_ms": statistics.median(steps_ms), "spread_ms": (min(steps_ms), max(steps_ms)),
+            "cpu_ms": statistics.median(cpu_ms),
             "held_mb": max(res["held"] for res in runs[0]) / 2**20,
             "grads_mb": max(res["grads"] for res in runs[0]) / 2**20,
             "weights_mb": max(res["weights"] for res in runs[0]) / 2**20,
+            "in_step_mb": max(res["in_step"] for res in runs[0]) / 2**20,
             "peak_mb": statistics.median(max(res["peak"] for res in r) for r in runs) / 2**20,
             "rest_mb": [statistics.median(f(res["rest"] for res in r) for r in runs) / 2**20
                         for f in (min, max)],
@@ -143,15 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     res = run(a.dp, a.pp, a.width, a.depth, a.rows, a.steps, a.rounds)
     print(f"dp={a.dp} pp={a.pp}: {a.depth} Linear({a.width}, {a.width}), {a.rows} rows a "
           f"replica, AdamW, {a.rounds} rounds of {a.steps} steps (medians; rounds' spread)")
-    print(f"{'optimizer':<10}{'weights MB':>12}{'state MB':>10}{'grads MB':>10}"
-          f"{'rest RSS MB':>13}{'peak RSS MB':>13}{'grown MB':>10}{'opt.step ms':>13}"
-          f"{'step ms':>9}  spread")
+    print(f"{'optimizer':<11}{'weights MB':>11}{'in step MB':>11}{'state MB':>10}"
+          f"{'grads MB':>10}{'rest RSS MB':>13}{'peak RSS MB':>13}{'grown MB':>10}"
+          f"{'opt.step ms':>13}{'step ms':>9}{'CPU ms':>8}  spread")
     for name, r in res.items():
         lo, hi = r["spread_ms"]
-        print(f"{name:<10}{r['weights_mb']:>12.1f}{r['held_mb']:>10.1f}{r['grads_mb']:>10.1f}"
+        print(f"{name:<11}{r['weights_mb']:>11.1f}{r['in_step_mb']:>11.1f}{r['held_mb']:>10.1f}"
+              f"{r['grads_mb']:>10.1f}"
               f"{'%.0f-%.0f' % tuple(r['rest_mb']):>13}{r['peak_mb']:>13.1f}"
               f"{r['grown_mb']:>10.1f}"
-              f"{r['opt_ms']:>13.1f}{r['step_ms']:>9.1f}  {lo:.1f}-{hi:.1f}")
+              f"{r['opt_ms']:>13.1f}{r['step_ms']:>9.1f}{r['cpu_ms']:>8.1f}  {lo:.1f}-{hi:.1f}")
 
 
 if __name__ == "__main__":
