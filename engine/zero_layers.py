@@ -45,6 +45,8 @@ import sys
 import weakref
 from typing import Any, Iterator, Sequence
 
+from mesh import MeshTimeoutError
+
 __all__ = ["LayerGathers", "KEEP"]
 
 KEEP = 2        # the modules a backward keeps gathered at once (the newest)
@@ -171,10 +173,18 @@ class LayerGathers:
         try:
             for req in recvs:
                 req.wait(pipe.timeout)
-        except BaseException:
+        except BaseException as e:
             for p in params:        # (not held: the step fails, end() drops the rest)
                 if id(p) in self.count:
                     self.count[id(p)] -= 1
+            if isinstance(e, MeshTimeoutError):     # (not a failed peer's abort)
+                shapes = ", ".join(f"{tuple(self.kept.shape[id(p)])} from dp replica "
+                                   f"{owner[id(p)]}" for p in new if owner[id(p)] != me)
+                e.add_note(f"pp rank {pipe.rank} (dp replica {me}): ZeRO stage 3 gathering "
+                           f"a module's parameters ({shapes}) as it runs: every dp replica "
+                           f"runs the same modules in the same order (a module called on "
+                           f"some replicas only waits for its gather; stage3_per_layer=False "
+                           f"gathers a stage's weights whole)")
             raise
 
     def release(self, params: Sequence[Any]) -> None:

@@ -650,6 +650,28 @@ def _layered_zero3(grid, d):
     out["layered_others"] = sum(4 * math.prod(jobs[2].pipeline.owned_params.shape_of(p))
                                 for p in opts[2].params if not opts[2].holds(p))
     out["layered_weights"] = [_numpy(job.state_dict()) for job in jobs]
+    # a module called on replica 1 only: its gather of the part replica 0 owns times out,
+    # saying why; replica 0, told, fails the step too
+    side = torch.nn.Linear(8, 8)
+
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.side, self.on = side, d == 1
+
+        def forward(self, x):
+            return x + self.side(x) if self.on else x
+    odd = engine.distribute(torch.nn.Sequential(torch.nn.Linear(6, 8), Gate(),
+                                                torch.nn.Linear(8, 4)),
+                            grid, schedule="1f1b", microbatches=2, balance="uniform",
+                            loss_fn=torch.nn.functional.mse_loss, overhead=0.0,
+                            verbose=False, timeout=1.0, tag_base=8 << 20)
+    engine.ZeroRedundancyOptimizer(odd.parameters(), torch.optim.AdamW, odd, stage=3, lr=LR)
+    x, y = (a[d::2] for a in _data(0))
+    try:
+        odd.step(x, y[:, :4])
+    except Exception as e:
+        out["odd"] = [type(e).__name__, " ".join(getattr(e, "__notes__", []))]
     return out
 
 
@@ -740,6 +762,14 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
     whole, layered, at_once = results[0]["layered_weights"]
     _same(layered, whole, "stage 3 weights, layer by layer")
     _same(at_once, whole, "stage 3 weights, gathered whole")
+    # a module called on one replica only: a gather that waited out the timeout (replica
+    # 1's of that module, or replica 0's of the next, which replica 1 never reached) says
+    # why; the other replica, if told first, fails the step too
+    timed_out = [res["odd"][1] for res in results if res["odd"][0] == "MeshTimeoutError"]
+    assert timed_out and all(
+        "ZeRO stage 3 gathering a module's parameters (" in note and
+        "every dp replica runs the same modules in the same order" in note
+        for note in timed_out), [res["odd"] for res in results]
     for res in results:
         evals = res["layered_evals"]
         assert evals[0::3] == evals[1::3] == evals[2::3], evals
