@@ -39,6 +39,8 @@ _log = logging.getLogger("mesh.transport")
 _BEATS_PER_S = 64
 _BLIND = 1.0        # a tick this late (they come every 0.25 s at most): this rank was starved
 _LOOK = 1.0         # a silent same-host peer's CPU time is compared over windows this long
+# a peer's connection closed, or a connect to it failed (no retry: mesh.transport)
+_BROKE = (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED)
 
 
 def _threads(pid: int) -> tuple[str, int]:
@@ -170,6 +172,7 @@ class Liveness:
         # socket; over a slow link they still cross after the sender is gone, its
         # goodbye held behind them): its stream's end, or silence, decides
         self.streaming: dict[int, list] = {}
+        self._broke: dict[int, int] = {}    # by peer, the event its connection broke with
         # monitor socket -> its peer (None: the ROUTER's, for strangers)
         self.monitors: dict[zmq.Socket, Peer | None] = {
             p.monitor: p for p in peers if p.monitor is not None}
@@ -297,7 +300,12 @@ class Liveness:
             self._inbox.peer_gone(peer.rank, "it heard that this rank failed", CLOSED)
 
     def on_monitor(self, mon: zmq.Socket) -> None:
-        """Read the events waiting on monitor socket ``mon``."""
+        """Read the events waiting on monitor socket ``mon``. A peer's
+        connection closing (or this rank's connect to it failing) makes it
+        suspect: ``tick`` declares it lost half a second later unless its
+        goodbye came. The connection is not made again (mesh.transport): a
+        drop loses what was in flight on it, and a new connection carried
+        the messages after those lost, taken in their place."""
         peer = self.monitors[mon]
         while True:
             try:
@@ -307,13 +315,25 @@ class Liveness:
             event = monitor_event(frames)
             if peer is None:
                 self._on_router_event(event)
-            elif event == zmq.EVENT_DISCONNECTED and peer.state != DEAD:
+            elif event in _BROKE and peer.state != DEAD:
+                # (ZeroMQ does not make it again: mesh.transport; its goodbye, read
+                # after this, still makes it closed, not lost: ``tick``'s grace)
                 peer.suspect_since = peer.suspect_since or time.monotonic()
-            elif event == zmq.EVENT_CONNECTED:
-                peer.suspect_since = 0.0
+                self._broke.setdefault(peer.rank, event)
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._inbox.peer_gone(peer.rank, "it refused our credentials: a different job "
                                       "secret?", DEAD)
+
+    def _broken(self, rank: int) -> str:
+        """Why peer ``rank``, whose connection broke (``on_monitor``), is lost."""
+        if self._broke.get(rank) == zmq.EVENT_CLOSED:
+            return ("this rank's connection to it could not be made (its process "
+                    "ended, or the network between them failed)")
+        if rank in self.local:
+            return "its connection closed: the process exited or crashed"
+        return ("its connection closed or was reset: its process exited or crashed, or the "
+                "network dropped the connection, and what was in flight on it may be lost "
+                "(a link is not made again)")
 
     def _on_router_event(self, event: int) -> None:
         """Count the strangers in the ROUTER's monitor events. A connection
@@ -440,8 +460,7 @@ class Liveness:
             if p.state == ALIVE:
                 if p.suspect_since and now - p.suspect_since > 0.5 \
                         and p.rank not in self.streaming:
-                    self._inbox.peer_gone(p.rank, "its connection closed: the process exited "
-                                          "or crashed", DEAD)
+                    self._inbox.peer_gone(p.rank, self._broken(p.rank), DEAD)
                     continue
                 silent = now - max(p.last_heard, self._awake_since)
                 if silent > self._exit_look and not self.leaving \

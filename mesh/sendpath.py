@@ -51,6 +51,16 @@ def _lost(rank: int, out: Outgoing, peers: list[Peer], why: str) -> LostPeerErro
     return LostPeerError(f"rank {rank}: {out.described(peers)} failed: {why}", out.dst)
 
 
+def _why(e: zmq.ZMQError) -> str:
+    """What a send's socket error means: EAGAIN, that the peer's connection
+    broke (a link is not made again, and nothing else makes a send wait:
+    mesh.transport)."""
+    if e.errno == zmq.EAGAIN:
+        return ("this rank's connection to it closed or was reset (a link is not made "
+                "again: what was in flight on it may be lost)")
+    return f"{e}"
+
+
 class _Sending:
     """Transport's sends (mesh.transport): ``isend`` and what hands its frames over."""
 
@@ -217,7 +227,7 @@ class _Sending:
             try:
                 peer.sock.send(frames[0], 0)
             except zmq.ZMQError as e:
-                out.fail(_lost(self.rank, out, self._peers, f"{e}"))
+                out.fail(_lost(self.rank, out, self._peers, _why(e)))
                 return
             peer.sent += 1
             peer.last_sent = time.monotonic()
@@ -248,7 +258,7 @@ class _Sending:
                 out.tracker = zmq.MessageTracker(*trackers)
                 out.seq = peer.sent + 1     # (the message counted below)
         except zmq.ZMQError as e:
-            out.fail(_lost(self.rank, out, self._peers, f"{e}"))
+            out.fail(_lost(self.rank, out, self._peers, _why(e)))
             return
         peer.sent += 1
         peer.last_sent = time.monotonic()
@@ -285,7 +295,7 @@ class _Sending:
                     out.held.append(sock.send(f, _SNDMORE if i < last else 0, copy=False,
                                               track=True))
             except zmq.ZMQError as e:
-                out.fail(_lost(self.rank, out, self._peers, f"{e}"))
+                out.fail(_lost(self.rank, out, self._peers, _why(e)))
                 return True
             peer.unanswered += n
             peer.sent += 1   # not last_sent: heartbeats (with status) go between the pieces
