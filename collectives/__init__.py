@@ -11,8 +11,10 @@
     plan.py       pure arithmetic: chunks, segments, trees, algorithm choice, Tuning
     ops.py        reduction operators;  scratch.py: buffers kept between calls
     userop.py     Op: a reduction given by a Python function, and its paths
-    host/         numpy arrays: paths.py (checks, which path), and the algorithms
-                  over sockets: ring.py, small.py (recursive doubling, barrier),
+    host/         numpy arrays: paths.py (every call's path: paths_reduce.py,
+                  paths_move.py, paths_uneven.py, paths_objects.py, paths_barrier.py;
+                  paths_checks.py their arguments, paths_route.py which path), and the
+                  algorithms over sockets: ring.py, small.py (recursive doubling, barrier),
                   rooted.py (broadcast, reduce, gather, scatter), exchange.py
     shm/          same host, no sockets: board.py (sync: round.py a call on it,
                   waiting.py its waits, quick.py a tiny call's), cma.py (reading a
