@@ -155,7 +155,7 @@ class Progress:
     def drive(self, item: Any, deadline: float, limit: float,
               flag: Flag | Settles | None = None) -> bool:
         """Wait for ``item`` (a Pending; or until ``flag`` is set: an
-        Outgoing's, or mesh.comm.waitany's, set once any of its requests
+        Outgoing's, or mesh.completion.waitany's, set once any of its requests
         is) by reading the ROUTER in this thread (see the module
         docstring); stall reports every MESH_STALL_WARN. False on timeout."""
         with self._want_lock:
