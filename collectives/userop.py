@@ -9,10 +9,12 @@ and exscan (collectives.api hands such a call here, whatever its array).
 (a reduce_scatter's: one rank's block of rows): it returns ``a (op) b``,
 or writes it into ``b`` and returns None (MPI's ``inoutbuf``); a ``fn``
 taking three arguments, as mpi4py's ``fn(inbuf, inoutbuf, datatype)``,
-gets the dtype third. ``a`` holds lower ranks than ``b``: every path
-combines in rank order, so a non-commutative op (``commute=False``, the
-default as in MPI) gives ``x0 (op) x1 (op) ... (op) x(n-1)``; and the same
-bits on every rank, each pair combined once, by the same operands.
+gets numpy arrays and their numpy dtype whatever the call's array (a
+torch tensor's too: mpi4py's gets buffers), so ``np.frombuffer`` reads
+them. ``a`` holds lower ranks than ``b``: every path combines in rank
+order, so a non-commutative op (``commute=False``, the default as in
+MPI) gives ``x0 (op) x1 (op) ... (op) x(n-1)``; and the same bits on
+every rank, each pair combined once, by the same operands.
 
 These calls take their own paths, over point-to-point (never the board's
 or the ring's reductions, which combine chunks of an array in ufuncs;
@@ -27,7 +29,7 @@ or the ring's reductions, which combine chunks of an array in ufuncs;
     scan, exscan        recursive doubling, the lower ranks' operand first
 
 A numpy array's operands are numpy arrays (``a`` read-only), a torch
-tensor's CPU tensors (bfloat16 widened to float32, as meshrun reduces it),
+tensor's CPU tensors for ``fn(a, b)`` (bfloat16 widened to float32, as meshrun reduces it),
 a device array's host copies. The op is in the call's fingerprint (its
 name, and without one its function's code), so ranks passing other ops
 raise MismatchError naming both; ``fn`` raising on a rank fails the call
@@ -86,8 +88,9 @@ class Op:
         return f"collectives.Op({self.name!r}, commute={self.commute})"
 
     def on_tensors(self) -> "Op":
-        """This op for a torch tensor's call: its operands go to ``fn`` as
-        CPU tensors (views of the call's buffers)."""
+        """This op for a torch tensor's call: its operands go to ``fn(a, b)``
+        as CPU tensors (views of the call's buffers), to mpi4py's form
+        ``fn(inbuf, inoutbuf, datatype)`` as numpy arrays, as ever."""
         twin = object.__new__(Op)
         for k in Op.__slots__:
             object.__setattr__(twin, k, getattr(self, k))
@@ -156,7 +159,7 @@ class _Bound:
         op = self.op
         if b.size == 0:     # (an empty array, a block of no rows: nothing to combine)
             return b
-        if op._torch:
+        if op._torch and not op._dtype_arg:     # (mpi4py's form gets arrays, as buffers)
             import torch
             x: Any = torch.from_numpy(a if a.flags.writeable else a.copy())
             y: Any = torch.from_numpy(b)

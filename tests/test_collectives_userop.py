@@ -105,7 +105,7 @@ def _check(world: Any) -> list[str]:
              np.zeros((0, 4), np.int64))
         work = C.all_reduce(g, mats(seed[r]), op=MAT, async_op=True)
         same("async all_reduce", work.wait(), fold(matmul_rows, map(mats, seed)))
-        # torch tensors: fn gets tensors (bfloat16 widened: float32)
+        # torch tensors: fn(a, b) gets tensors (bfloat16 widened: float32)
         seen: list[Any] = []
 
         def tmat(x: Any, y: Any) -> Any:
@@ -124,6 +124,13 @@ def _check(world: Any) -> list[str]:
         t = torch.from_numpy(mats(seed[r]).astype(np.float64))
         same("torch exscan", C.exscan(g, t, op=top), fold(matmul_rows, map(
             mats, seed[:r])).astype(np.float64) if r else None)
+        # mpi4py's form on a tensor: numpy arrays and dtype, as mpi4py's buffers
+        same("torch affine scan", C.scan(g, torch.from_numpy(maps(seed[r])), op=AFFINE),
+             fold(compose_ref, map(maps, seed[:r + 1])))
+        t = torch.from_numpy(maps(seed[r]).astype(np.float32)).bfloat16()
+        got = C.all_reduce(g, t, op=AFFINE)
+        same("torch bfloat16 affine", got.float(),
+             fold(compose_ref, map(maps, seed)).astype(np.float32))
         # (at 3 ranks rank 0 folds into rank 1: its all_reduce and exscan combine nothing)
         if n > 1 and not {("Tensor", torch.float32)} <= set(seen) <= {
                 ("Tensor", torch.float64), ("Tensor", torch.float32)}:
