@@ -151,7 +151,7 @@ class Comm:
         if _is_null(dst):
             return
         t = self._t
-        t.wait(self._issend(obj, dst, tag), timeout, True)
+        t.wait(self._issend(obj, dst, tag, "ssend"), timeout, True)
 
     def issend(self, obj: Any, dst: int, tag: int = 0) -> Request:
         """``ssend`` as a request (MPI's Issend): its ``wait``, ``test`` and
@@ -159,11 +159,11 @@ class Comm:
         tag = _check_tag(tag, self, "issend")
         if _is_null(dst):
             return _sent(self)
-        return Request(self, self._issend(obj, dst, tag))
+        return Request(self, self._issend(obj, dst, tag, "issend"))
 
-    def _issend(self, obj: Any, dst: int, tag: int) -> Outgoing:
-        wdst = self._world_rank(dst, "ssend")
-        desc = self._desc("ssend to", dst, wdst, tag)
+    def _issend(self, obj: Any, dst: int, tag: int, op: str) -> Outgoing:
+        wdst = self._world_rank(dst, op)
+        desc = self._desc(f"{op} to", dst, wdst, tag)
         if type(obj) is np.ndarray and wdst != self._t.rank:
             out = self._t.ssend_ring(wdst, self.gid, tag, obj, desc)
             if out is not None:
@@ -175,15 +175,19 @@ class Comm:
         the message copied (no ``Attach_buffer``: each copy is its own, held
         until it has gone); sent as ``isend`` sends the copy. An error of
         the send (a lost peer) is not reported: use ``ibsend`` to see it."""
-        self.ibsend(obj, dst, tag)
+        self._ibsend(obj, dst, tag, "bsend")
 
     def ibsend(self, obj: Any, dst: int, tag: int = 0) -> Request:
         """``bsend`` giving the copy's ``isend`` request: ``obj`` may be
         reused at once; its ``wait`` returns once the copy is handed over
         (or raises the send's error)."""
-        tag = _check_tag(tag, self, "ibsend")
+        return self._ibsend(obj, dst, tag, "ibsend")
+
+    def _ibsend(self, obj: Any, dst: int, tag: int, op: str) -> Request:
+        tag = _check_tag(tag, self, op)
         if _is_null(dst):
             return _sent(self)
+        self._world_rank(dst, op)       # (a bad rank's error names this call)
         return self.isend(_copied(obj), dst, tag)
 
     rsend = send

@@ -464,7 +464,7 @@ def test_a_polled_send_to_a_lost_peer_ends(tmp_path: Path, env: dict) -> None:
                    env={"MESH_PEER_TIMEOUT": "2", **env})
     assert err.value.rank == 1
     polled, waited, synced, took = json.loads(Path(tmp_path, "said").read_text())
-    for said, tag, verb in ((polled, 3, "send"), (waited, 4, "send"), (synced, 5, "ssend")):
+    for said, tag, verb in ((polled, 3, "send"), (waited, 4, "send"), (synced, 5, "issend")):
         assert said.startswith(f"LostPeerError: rank 0: {verb} to rank 1 (tag {tag}, group "
                                f"world) failed: peer rank 1 is gone (silent for "), said
     assert float(took) < 15, took

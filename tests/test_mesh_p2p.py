@@ -314,6 +314,16 @@ def _synchronous(world: mesh.Mesh, folder: str) -> list[str]:
     assert world.recv(peer, tag=43)[5] == 5.0
     world.rsend(2, peer, tag=44)
     assert world.recv(peer, tag=44) == 2
+    late = world.issend(np.ones(3), peer, tag=45)       # errors name the call made
+    with pytest.raises(mesh.MeshTimeoutError, match=rf"^rank {r}: issend to rank {peer} \(tag "):
+        late.wait(timeout=0.1)
+    for call in ("bsend", "ibsend", "issend", "ssend"):
+        with pytest.raises(ValueError, match=rf"^rank {r}: {call} to rank 5: group world has"):
+            getattr(world, call)(a, 5)
+        with pytest.raises(ValueError, match=rf"^rank {r}: {call} on group world: tag must be"):
+            getattr(world, call)(a, peer, tag=-1)
+    C.barrier(world)
+    assert world.recv(peer, tag=45).size == 3 and late.wait(timeout=10) is None
     C.barrier(world)
     return said
 
