@@ -651,10 +651,39 @@ def late_rank(world: Any) -> list[str]:
 def test_a_two_level_timeout_names_the_rank_that_has_not_called() -> None:
     """Whichever rank times out first (and the abort every rank raises)
     names rank 2 from the heartbeats, not only through the chain of waits
-    its status quotes."""
+    its status quotes, and no rank that called it (rank 1 waiting in
+    board.agree: its heartbeats say so)."""
     for said in mesh.spawn(late_rank, 4, timeout=60):
         for one in said:
             assert "world rank 2 has not called it" in one, said
+            for r in (0, 1, 3):
+                assert f"world rank {r} has not called it" not in one, one
+
+
+def late_on_a_link(world: Any) -> str:
+    """Rank 3 (host b, beside rank 2) calls a small all_reduce 1.5 s after
+    the others: ranks 0 and 1 wait in their columns on their kept TCP links
+    (host.link) to ranks 2 and 3, rank 2 on its host for rank 3."""
+    _fake_host(world, "aabb")
+    C.all_reduce(world, np.ones(1), timeout=30)       # the boards and links up
+    if world.rank == 3:
+        time.sleep(1.5)
+    with pytest.raises(mesh.MeshTimeoutError) as err:
+        C.all_reduce(world, np.ones(4), timeout=0.7)
+    C.barrier(world, timeout=30)
+    return str(err.value)
+
+
+def test_a_rank_waiting_on_a_link_is_not_named_late() -> None:
+    """A wait on a link tells the heartbeats, as a board's does: only the
+    rank that has not called is named so."""
+    env = {"MESH_HOST_ID": "fake-a,fake-a,fake-b,fake-b"}
+    said = mesh.spawn(late_on_a_link, 4, timeout=60, env=env)
+    assert any("(link)" in one for one in said), said
+    for one in said:
+        assert "world rank 3 has not called it" in one, one
+        for r in (0, 1, 2):
+            assert f"world rank {r} has not called it" not in one, one
 
 
 def test_layout_forcing() -> None:

@@ -168,6 +168,8 @@ class _Wait:
         self.ctx, self.link = ctx, link
         self.watch: Any = None
         self.what = ""
+        self.t0 = time.monotonic()
+        self.told = False
 
     def idle(self) -> None:
         left = self.ctx.left()
@@ -180,6 +182,10 @@ class _Wait:
             # watch from any rank took their message (a MeshError here, or a
             # partner that waited for it until the call timed out)
             self.watch = self.ctx.watch(self.link.peer)
+        if not self.told:   # (the peers' stall reports, and a timeout's late ranks: in the call)
+            self.told = True
+            self.ctx.ch.waiting(f"{self.what}: waiting for {named(self.ctx.g, self.link.peer)} "
+                                f"(link)", self.t0)
 
     def check(self) -> None:
         ctx = self.ctx
@@ -210,6 +216,9 @@ class _Wait:
                             world)
 
     def close(self) -> None:
+        if self.told:
+            self.told = False
+            self.ctx.ch.waiting(None)
         if self.watch is not None and not self.watch.done():
             caught(self.watch, 0)
 

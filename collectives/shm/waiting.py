@@ -179,26 +179,36 @@ def agree(ctx: Ctx, g: Comm, seq: int) -> None:
     todo = [p for p in box.peers if not _entered(ctx, box, p, seq)]
     t0 = time.monotonic()
     what = None
-    while todo:
-        waited = time.monotonic() - t0
-        if waited > _SPIN_S:
-            what = what or ctx.where().split(": ", 1)[1]
-            aborted = ctx.ch.aborted(ctx.tag, what)
-            if aborted is not None:
-                raise aborted
-            for p in todo:
-                world = box.ranks[p]
-                if world in ctx.g.ranks:
-                    left = ctx.ch.left(ctx.g.ranks.index(world), what)
-                    if left is not None:
-                        raise left
-            if time.monotonic() > ctx.deadline:
-                late = ", ".join(f"world rank {box.ranks[p]}" for p in todo)
-                raise ctx.timed_out(f" waiting for {late} to enter it (same-host board)")
-            time.sleep(min(0.001, waited / 20))
-        else:
-            os.sched_yield()
-        todo = [p for p in todo if not _entered(ctx, box, p, seq)]
+    try:
+        while todo:
+            waited = time.monotonic() - t0
+            if waited > _SPIN_S:
+                if what is None:    # (the peers' stall reports, and a timeout's
+                    what = ctx.where().split(": ", 1)[1]    # late ranks: in the call)
+                    ctx.ch.waiting(f"{what}: waiting for {_entering(box, todo)}", t0)
+                aborted = ctx.ch.aborted(ctx.tag, what)
+                if aborted is not None:
+                    raise aborted
+                for p in todo:
+                    world = box.ranks[p]
+                    if world in ctx.g.ranks:
+                        left = ctx.ch.left(ctx.g.ranks.index(world), what)
+                        if left is not None:
+                            raise left
+                if time.monotonic() > ctx.deadline:
+                    raise ctx.timed_out(f" waiting for {_entering(box, todo)}")
+                time.sleep(min(0.001, waited / 20))
+            else:
+                os.sched_yield()
+            todo = [p for p in todo if not _entered(ctx, box, p, seq)]
+    finally:
+        if what is not None:
+            ctx.ch.waiting(None)
+
+
+def _entering(box: _Box, todo: list[int]) -> str:
+    late = ", ".join(f"world rank {box.ranks[p]}" for p in todo)
+    return f"{late} to enter it (same-host board)"
 
 
 def _posted(box: _Box, p: int) -> int:
