@@ -192,8 +192,9 @@ def _contracted(cls: Any, func: Any, args: Any) -> Any:
     for k, op in enumerate(args[:2]):
         if type(op) is not cls or op.dim() == 0:
             continue
-        inner = op.dim() - 1 if k == 0 or op.dim() == 1 or name.startswith("scaled") else \
-            op.dim() - 2
+        # (name compared whole: dynamo traced no str method of a function's name)
+        sdpa = name == "scaled_dot_product_attention"
+        inner = op.dim() - 1 if k == 0 or op.dim() == 1 or sdpa else op.dim() - 2
         if op._tp_axis % op.dim() == inner:
             return op
     return None

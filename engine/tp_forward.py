@@ -147,7 +147,13 @@ def _embed(torch: Any, sub: Any, meta: _Meta, ids: Any) -> Any:
     would give it zeros: a silent zero vector)."""
     total = sub.num_embeddings * meta.group.size
     bad = (ids < 0) | (ids >= total)
-    if bool(bad.any()):
+    if torch.compiler.is_compiling():
+        # in the graph (a check of the ids' values there cut it: Tensor.item()); it
+        # cannot say which id
+        torch._assert_async(~bad.any(), f"tp rank {meta.group.rank}: {meta.name}: a token "
+                            f"id is out of range for the embedding's {total} rows "
+                            f"(vocab-sharded over tp={meta.group.size})")
+    elif bool(bad.any()):
         raise IndexError(f"tp rank {meta.group.rank}: {meta.name}: token id "
                          f"{int(ids[bad].reshape(-1)[0])} is out of range for the embedding's "
                          f"{total} rows (vocab-sharded over tp={meta.group.size})")

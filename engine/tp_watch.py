@@ -60,7 +60,7 @@ def _watch_blocks(y: Any, meta: _Meta, axis: int = -1, unit: int | None = 1,
     its result; a dropout there (T5's between ``wi`` and ``wo``) draws from
     this tp rank's own stream (rng="rank"), as Megatron's does in a tp
     region."""
-    narrow = y.as_subclass(_blocks_class())
+    narrow = y.as_subclass(_READY[0] if _READY else _blocks_class())
     narrow._tp_meta, narrow._tp_axis, narrow._tp_unit = meta, axis, unit
     narrow._tp_width = y.shape[-1] if width is None else width
     return narrow
@@ -194,15 +194,18 @@ def _blocks_class() -> Any:
             name = getattr(func, "__name__", "")
             if name in LOSSES:          # cross entropy on the shards; any other, refused
                 x = next((a for a in (*args, *kwargs.values()) if type(a) is cls), None)
-                if x is not None:
-                    return watched_loss(func, args, kwargs, x)
+                if x is not None:       # (its collectives eager under torch.compile)
+                    loss = _READY[1] if torch.compiler.is_compiling() and _READY else \
+                        watched_loss
+                    return loss(func, args, kwargs, x)
             with torch._C.DisableTorchFunctionSubclass():
                 if first and name in ("dropout", "alpha_dropout") and _drops(args, kwargs):
                     # this rank's features: masks of its own (Megatron's tp region
                     # dropout); on the default stream every rank drew the same mask
                     # for its part, feature j dropped with feature j + n/tp
-                    stream = _Stream(torch, args[0]._tp_meta.group.rank)
-                    out = stream.run(lambda v: func(v, *args[1:], **kwargs), args[0])
+                    drop = _READY[2] if torch.compiler.is_compiling() and _READY else \
+                        _own_dropout
+                    out = drop(func, args, kwargs)
                 else:
                     try:
                         out = func(*args, **kwargs)  # a plain tensor: the watch stays here
@@ -268,19 +271,48 @@ def _blocks_class() -> Any:
     return ColwiseOutput
 
 
+def _own_dropout(func: Any, args: Any, kwargs: Any) -> Any:
+    """A dropout of a watched tensor ``args[0]`` on its tp rank's own stream."""
+    torch = _torch()
+    stream = _Stream(torch, args[0]._tp_meta.group.rank)
+    with torch._C.DisableTorchFunctionSubclass():
+        return stream.run(lambda v: func(v, *args[1:], **kwargs), args[0])
+
+
 def _uncompiled(torch: Any, cls: Any) -> None:
-    """Have torch.compile run each function of a ``cls`` tensor eagerly
-    (a graph break), through its ``__torch_function__``: traced, the
-    watch was not (a cross entropy of vocab-sharded logits under a compiled
-    loss failed in AOT autograd; a view of them, left plain in the graph,
-    lost the watch)."""
+    """Have torch.compile run each function of a ``cls`` tensor that a
+    compiled function is given (an input of its graph: a compiled loss of
+    a compiled model's logits) eagerly, a graph break each, through its
+    ``__torch_function__``: traced, the watch was not (a cross entropy of
+    vocab-sharded logits under a compiled loss failed in AOT autograd; a
+    view of them, left plain in the graph, lost the watch). One made in the
+    traced code (watched) is traced, its ``__torch_function__`` too."""
     never = getattr(torch._dynamo.config, "nontraceable_tensor_subclasses", None)
     if never is not None:
         never.add(cls)
 
 
-_EAGER: list[Any] = []
-"""_watch_eagerly, as torch.compile runs it: eagerly (``watched``)."""
+_READY: list[Any] = []
+"""What torch.compile meets when it traces a colwise output's watch, made
+by _ready: the ColwiseOutput class, and watched_loss and _own_dropout as
+it runs them, eagerly (a graph break each: their collectives and random
+streams are meshrun's). Dynamo traced the code that makes them (a class
+statement, a graph break)."""
+
+
+def _ready() -> bool:
+    """Make _READY, once, as dynamo calls it while it traces a watch: not
+    traced (torch.compiler.assume_constant_result's mark, set here without
+    the second it takes to import dynamo where nothing is compiled)."""
+    torch = _torch()
+    if not _READY:
+        _READY.extend((_blocks_class(), torch.compiler.disable(watched_loss),
+                       torch.compiler.disable(_own_dropout)))
+    _uncompiled(torch, _READY[0])
+    return True
+
+
+setattr(_ready, "_dynamo_marked_constant", True)
 
 
 def watched(torch: Any, y: Any, meta: _Meta) -> Any:
@@ -288,20 +320,16 @@ def watched(torch: Any, y: Any, meta: _Meta) -> Any:
     torch.compile too: the compiled model returned its logits plain, and
     the user's ``F.cross_entropy`` of them took this rank's part of the
     vocabulary for the whole (a wrong loss, or an IndexError for a target
-    of another rank). There the watch runs eagerly (a graph break), and so
-    does every function of its result; ``fullgraph=True`` raises dynamo's
-    Unsupported naming ColwiseOutput."""
+    of another rank). There dynamo traces the watch (ColwiseOutput's
+    ``__torch_function__``: its checks run as it traces, on the shapes, and
+    leave nothing in the graph) but for a loss of it or a dropout on the
+    rank's own stream, which run eagerly (a graph break each); a compiled
+    model returns the watched tensor."""
     if not torch.compiler.is_compiling():
         if "torch._dynamo" in sys.modules:    # (a compiled loss may meet it: not imported
             _uncompiled(torch, _blocks_class())    # for it, a second or so)
         return _watch_blocks(y, meta)
-    if not _EAGER:
-        _EAGER.append(torch.compiler.disable(_watch_eagerly))
-    return _EAGER[0](y, meta)
-
-
-def _watch_eagerly(y: Any, meta: _Meta) -> Any:
-    _uncompiled(_torch(), _blocks_class())
+    _ready()
     return _watch_blocks(y, meta)
 
 

@@ -543,8 +543,14 @@ def test_torch_styles_match_the_unsharded_module():
                                             "weighted probabilities")},
                                         "head weight": True, "head probabilities": True,
                                         "per-token weight": True, "compiled": True,
-                                        "compiled fullgraph raises": True,
-                                        "compiled rowwise": True}
+                                        "compiled fullgraph": True, "compiled dropout": True,
+                                        "compiled rowwise eager": (1, False),
+                                        "compiled rowwise aot_eager": (1, False),
+                                        "compiled rowwise with its loss": (1, True),
+                                        "compiled rowwise sequence": (8, True),
+                                        "compiled id": "tp rank r: 0.embed: a token id is "
+                                        "out of range for the embedding's 8 rows "
+                                        "(vocab-sharded over tp=2)"}
     assert names == {"plain": True, "sequence": True, "gpt2": True, "gpt2 sequence": True}
     _check_vocab_loss_errors(errors)
     assert "style 'colwise' fits an nn.Linear or a Hugging Face Conv1D, but 1.ln1 is a " \

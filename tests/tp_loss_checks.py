@@ -118,7 +118,7 @@ def compiled(world):
     """torch.compile of a model whose head is planned colwise: its logits
     came back plain, and F.cross_entropy of them took this rank's 4 columns
     for the vocabulary (targets below 4: no IndexError, a wrong loss); now
-    watched, vocab-parallel. fullgraph=True raises."""
+    watched, vocab-parallel. fullgraph=True compiles it whole (it raised)."""
     torch.manual_seed(0)
     x, t = torch.randn(6, 4), torch.tensor([0, 3, 1, 2, 3, 0])
 
@@ -128,21 +128,33 @@ def compiled(world):
     ref = make()
     want = F.cross_entropy(ref(x), t)
     want.backward()
-    tp = parallelize(make(), world, {"2": "colwise"})
-    got = F.cross_entropy(torch.compile(tp, backend="eager")(x), t)
-    got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    grads = gather_state_dict(tp, grads=True)
-    for k, p in ref.named_parameters():
-        torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-6, msg=k)
+    for fullgraph in (False, True):
+        tp = parallelize(make(), world, {"2": "colwise"})
+        got = F.cross_entropy(torch.compile(tp, backend="eager", fullgraph=fullgraph)(x), t)
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        grads = gather_state_dict(tp, grads=True)
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-6, msg=k)
+        torch._dynamo.reset()
+    return {"compiled": True, "compiled fullgraph": True, "compiled dropout":
+            _compiled_dropout(world, x), **_compiled_rowwise(world)}
+
+
+def _compiled_dropout(world, x):
+    """A dropout of a colwise output, traced, runs eagerly on the rank's own
+    stream: the compiled model's masks are the eager one's."""
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5),
+                                   torch.nn.Linear(8, 4))
+    ys = []
+    for compile in (False, True):
+        tp = parallelize(make(), world, {"0": "colwise", "2": "rowwise"})
+        torch.manual_seed(7)
+        ys.append((torch.compile(tp, backend="eager") if compile else tp)(x))
     torch._dynamo.reset()
-    try:
-        torch.compile(tp, backend="eager", fullgraph=True)(x)
-        raised = False
-    except Exception:        # (dynamo's Unsupported)
-        raised = True
-    torch._dynamo.reset()
-    return {"compiled": True, "compiled fullgraph raises": raised, **_compiled_rowwise(world)}
+    return torch.equal(ys[0], ys[1])
 
 
 def _compiled_rowwise(world):
@@ -150,18 +162,51 @@ def _compiled_rowwise(world):
     embedding compiled: dynamo followed the edge's collective into the
     transport and failed ("Guard failed on the same frame it was
     created", where the collective set up its group's board); the edges
-    now run eagerly, the loss and gradients one process's."""
+    ran eagerly, a graph break each and one for each function of a colwise
+    output. Now one graph (fullgraph=True: the edges torch's functional
+    collectives, the watch traced), the loss and gradients one process's,
+    with AOT autograd too; a loss compiled with the model runs eagerly (a
+    graph break), and a token id outside the vocabulary raises in the graph.
+    Under a sequence plan its all-gathers and reduce-scatters are in the
+    graphs too, broken only where its norms run on the rank's own stream."""
+    from torch._dynamo.utils import counters
     ids, t = (torch.from_numpy(a) for a in tp_models.tokens(5, 3))
-    ref = tp_models.model()
+    ref = tp_models.model(blocks=1)
     want = F.cross_entropy(ref(ids).flatten(0, 1), t.flatten())
     want.backward()
     group = world.dup()         # (its first all-reduce, under the trace, set up its board)
-    tp = parallelize(tp_models.model(), group, {**tp_models.PLAIN, "*.head": "colwise"})
-    got = F.cross_entropy(torch.compile(tp, backend="eager")(ids).flatten(0, 1), t.flatten())
-    got.backward()
-    torch._dynamo.reset()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    grads = gather_state_dict(tp, grads=True)
-    for k, p in ref.named_parameters():
-        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
-    return {"compiled rowwise": True}
+    plan = {**tp_models.PLAIN, "*.head": "colwise"}
+    done = {}
+    for how in ("eager", "aot_eager", "with its loss", "sequence"):
+        tp = parallelize(tp_models.model(blocks=1), group, plan if how != "sequence" else
+                         tp_models.SEQUENCE)       # (its all-gathers and reduce-scatters)
+        counters.clear()
+        if how == "sequence":   # (its norms on the rank's own stream: a graph break each)
+            got = F.cross_entropy(torch.compile(tp, backend="eager")(ids).flatten(0, 1),
+                                  t.flatten())
+        elif how == "with its loss":
+            step = torch.compile(lambda i, y: F.cross_entropy(tp(i).flatten(0, 1), y.flatten()),
+                                 backend="eager")
+            got = step(ids, t)
+        else:
+            got = F.cross_entropy(torch.compile(tp, backend=how, fullgraph=True)(ids).flatten(
+                0, 1), t.flatten())
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        grads = gather_state_dict(tp, grads=True)
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-5, msg=how + k)
+        breaks = sum(counters["graph_break"].values())
+        done[f"compiled rowwise {how}"] = (counters["stats"]["unique_graphs"], breaks > 0)
+        if how == "eager":
+            with torch.no_grad():       # (no gradient: the edges without their backward)
+                again = F.cross_entropy(torch.compile(tp, backend=how, fullgraph=True)(
+                    ids).flatten(0, 1), t.flatten())
+            torch.testing.assert_close(again, want.detach(), rtol=1e-5, atol=1e-6)
+            try:
+                torch.compile(tp, backend=how, fullgraph=True)(torch.full_like(ids, 8))
+                done["compiled id"] = "no error"
+            except RuntimeError as e:      # (the same on every rank but its number)
+                done["compiled id"] = str(e).replace(f"tp rank {world.rank}:", "tp rank r:")
+        torch._dynamo.reset()
+    return done
