@@ -16,11 +16,12 @@ another term, a scaled one, a sum, an MSE) stays as written.
 A function seen returning such a call has its calls made as sums from then
 on (each handing the function ``sum / count``, its mean), so its steps cost
 what the pair written by hand costs; one seen returning anything else runs
-as written, watched only. A call that goes the other way than the last
-(the function returned something else this time) runs again, as written
-(its value then exactly the function's), and the watch follows it; a step
-whose micro-batches so return both kinds fails as mixed kinds do
-(engine.per_token's ``Counts``).
+as written, watched only. Each micro-batch calls the function once: a call
+that goes the other way than the last (made as sums, it returned
+something else this time: ``ce + aux``) keeps the value it made, whose
+cross entropies are those sums over their counts (the same means, to
+rounding), and the watch follows it; a step whose micro-batches so return
+both kinds fails as mixed kinds do (engine.per_token's ``Counts``).
 """
 from __future__ import annotations
 
@@ -44,14 +45,9 @@ def watched(fn: Any) -> Callable[[Any, Any], Any] | None:
     sums = [False]      # whether the last call returned such a value
 
     def form(y: Any, target: Any) -> Any:
-        if sums[0]:
-            with _Watch(summed=True) as w:
-                out = fn(y, target)
-            pair = w.pair_of(out)
-            if pair is not None:
-                return pair
-            sums[0] = False         # (its value was made of sums: run as written)
-        with _Watch(summed=False) as w:
+        # (one call each micro-batch: a function called again would draw its random
+        # numbers or move its state twice, and cost two forwards of the loss)
+        with _Watch(summed=sums[0]) as w:
             out = fn(y, target)
         pair = w.pair_of(out)
         sums[0] = pair is not None

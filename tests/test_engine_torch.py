@@ -197,6 +197,42 @@ def test_a_per_token_loss_refuses_mixed_kinds_bad_counts_and_opt_actions():
         assert pipe.step(x, y) == pytest.approx((sum(means) / 3).item(), rel=1e-12)
 
 
+def test_a_loss_whose_kind_flips_is_called_once_a_micro_batch():
+    """A function returning a mean cross entropy's value is watched; made as
+    sums once it has, a call returning something else (the cross entropy
+    plus a term, the next step) keeps the value it made, the same mean:
+    each micro-batch calls it once (it was called again, as written: a
+    stateful loss stepped twice), and its loss and gradients are one
+    process's, each kind's."""
+    F = torch.nn.functional
+    x, y = _counted_batch()
+    y[[0, 1, 2, 4]] = torch.tensor([0, 1, 2, 0])      # (every target counts: the means weigh alike)
+    calls, term = [], [0.0]
+
+    def flipping(o, t):     # the cross entropy alone in step 0, plus a term after
+        calls.append(len(t))
+        loss = F.cross_entropy(o, t)
+        return loss + term[0] * o.square().mean() if term[0] else loss
+
+    pipe, model = _counted_solo(schedules.interleaved_1f1b(1, 3, 2), flipping)
+    _, ref = _counted_solo(schedules.interleaved_1f1b(1, 3, 2))
+    for step, extra in enumerate((0.0, 0.5, 0.5)):
+        calls.clear()
+        term[0] = extra
+        for p in (*model.parameters(), *ref.parameters()):
+            p.grad = None
+        got = pipe.step(x, y)
+        out = ref(x)
+        want = F.cross_entropy(out, y) + extra * sum(
+            out[k:k + 3].square().mean() for k in (0, 3, 6)) / 3
+        want.backward()
+        # (its first call a probe, then each micro-batch's once)
+        assert len(calls) == (4 if step == 0 else 3), (step, calls)
+        assert got == pytest.approx(want.item(), rel=1e-12), step
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+
+
 def test_a_torch_loss_of_ones_own_takes_numpy_targets():
     """README: a torch stage's loss may be "a function of your own"; given
     numpy targets its first call got them as they came (torch_loss turns
