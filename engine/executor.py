@@ -378,7 +378,8 @@ class Pipeline:
         each replica's, met in the step's closing all-reduce, ``_Step.agree``,
         and averaged over dp there); a per-token loss's reports
         (Megatron-core's third item) are then ``reports`` on every rank,
-        summed over the micro-batches and dp replicas ({} without). On
+        summed over the micro-batches and dp replicas ({} without), and a
+        mean's (Megatron's older ``(loss, reports)``) averaged alike. On
         failure, clean up (see the class docstring) and raise.
         ``scaler``: a ``torch.amp.GradScaler`` whose scale seeds the losses'
         backward, its inf check agreed by every rank (engine.scaled)."""

@@ -12,7 +12,9 @@ after it)::
                                 reduction="sum"), (y != -100).sum())
 
 A third item after the count, Megatron-core's reports (``{"lm loss":
-report}``), is summed over the step (engine.reports). The step's loss is
+report}``), is summed over the step (engine.reports); a mean may come with
+Megatron's older reports, ``(loss_mean, reports)`` (``(loss, gradient,
+reports)`` for numpy stages), which are averaged. The step's loss is
 then the sum over every micro-batch and dp replica over the count summed
 alike, and its gradients that quantity's: each
 micro-batch's sum goes back unscaled, and every gradient is scaled once at
@@ -31,7 +33,7 @@ from typing import Any
 
 from .reports import StepReports
 
-__all__ = ["Counts", "is_count", "count_of", "split_count", "SUM_COUNT"]
+__all__ = ["Counts", "is_count", "count_of", "split_count", "count_reports", "SUM_COUNT"]
 
 SUM_COUNT = ("or the sum over the tokens it counts and their count, a (sum, count) pair (a "
              "per-token loss: F.cross_entropy(..., ignore_index=-100, reduction='sum'), "
@@ -64,19 +66,36 @@ def count_of(v: Any, where: str) -> float:
 def split_count(out: Any) -> tuple[Any, Any, Any]:
     """(loss, count, reports) of what a torch loss returned: ``(out, None,
     None)`` for the loss alone, ``(loss_sum, count, None)`` for a pair
-    whose first part is a tensor and second a count, and Megatron-core's
-    ``(loss_sum, num_tokens, reports)`` (a dict: engine.reports) whole."""
+    whose first part is a tensor and second a count, Megatron-core's
+    ``(loss_sum, num_tokens, reports)`` (a dict: engine.reports) whole,
+    and Megatron's older ``(loss_mean, reports)`` as ``(loss_mean, None,
+    reports)`` (a mean whose reports are averaged: engine.reports)."""
     torch = sys.modules.get("torch")
     if (torch is not None and isinstance(out, tuple) and len(out) in (2, 3)
-            and isinstance(out[0], torch.Tensor) and is_count(out[1])
-            and (len(out) == 2 or isinstance(out[2], dict))):
-        return out[0], out[1], out[2] if len(out) == 3 else None
+            and isinstance(out[0], torch.Tensor)):
+        if len(out) == 2 and isinstance(out[1], dict):
+            return out[0], None, out[1]
+        if is_count(out[1]) and (len(out) == 2 or isinstance(out[2], dict)):
+            return out[0], out[1], out[2] if len(out) == 3 else None
     return out, None, None
 
 
-_MEAN, _PAIR, _REPORTED = 0, 1, 2      # the kinds of a micro-batch's loss
+def count_reports(out: tuple[Any, ...]) -> tuple[Any, Any]:
+    """(count, reports) of what a Pipeline's ``loss_fn`` returned after its
+    (loss, gradient): ``(loss, gradient)`` a mean's, ``(loss, gradient,
+    reports)`` (a dict) a mean's with Megatron's older reports, ``(loss_sum,
+    gradient, count)`` and ``(loss_sum, gradient, count, reports)`` a
+    per-token loss's; None where there is none."""
+    if len(out) == 3 and isinstance(out[2], dict):
+        return None, out[2]
+    return (out[2] if len(out) >= 3 else None), (out[3] if len(out) == 4 else None)
+
+
+# the kinds of a micro-batch's loss (_MEANT: a mean and Megatron's older reports)
+_MEAN, _PAIR, _REPORTED, _MEANT = 0, 1, 2, 3
 _SAID = {_PAIR: "a per-token (sum, count)", _MEAN: "a mean (a loss alone)",
-         _REPORTED: "a per-token (sum, count, reports)"}
+         _REPORTED: "a per-token (sum, count, reports)",
+         _MEANT: "a mean and its reports (loss, reports)"}
 
 
 class Counts:
@@ -95,14 +114,16 @@ class Counts:
 
     def note(self, k: int, count: Any, where: str, has_opt: bool, reports: Any = None) -> bool:
         """Micro-batch ``k``'s loss: a per-token one's ``count`` (and its
-        ``reports``, summed: engine.reports), or a mean (``count`` None);
-        True for a per-token one. A step's micro-batches return one kind (a
+        ``reports``, summed: engine.reports), or a mean (``count`` None; its
+        ``reports``, Megatron's older ones, averaged); True for a per-token
+        one. A step's micro-batches return one kind (a
         mean weighed by rows beside a sum over tokens is neither one
         process's loss; reports of some micro-batches only are no step's),
         else ValueError naming both; a per-token loss cannot run under OPT
         actions (``has_opt``), whose optimizer steps inside the step,
         before the step's count is known."""
-        kind = _MEAN if count is None else _PAIR if reports is None else _REPORTED
+        kind = ((_MEAN if reports is None else _MEANT) if count is None
+                else _PAIR if reports is None else _REPORTED)
         if self.first is None:
             self.first = (k, kind)
         elif self.first[1] != kind:
@@ -111,7 +132,9 @@ class Counts:
                              f"{self.first[0]}: a step's micro-batches return one kind (the "
                              "step's loss is the mean of the means, weighed by rows, or the "
                              "sum of the sums over the sum of the counts)")
-        if kind == _MEAN:
+        if kind == _MEANT:      # (Megatron's older reports: averaged over the step)
+            self.reports.add(k, reports, where, averaged=True)
+        if kind in (_MEAN, _MEANT):
             return False
         if has_opt:
             raise ValueError(f"{where}: loss_fn(output, target) returned a per-token (sum, "
@@ -126,7 +149,7 @@ class Counts:
 
     def kind(self) -> bool | None:
         """This rank's kind of loss: per-token, a mean, or None (no loss here)."""
-        return None if self.first is None else self.first[1] != _MEAN
+        return None if self.first is None else self.first[1] in (_PAIR, _REPORTED)
 
     def slots(self) -> tuple[float, float]:
         """This rank's two numbers for the step's closing all-reduce (a max):

@@ -19,6 +19,14 @@ costs that gather once, and a step after it only the array's slots. The
 all-reduce takes the largest of each slot, so each value goes as its
 positive and its negative part (every other rank's zeros leave both as
 they are).
+
+Megatron's older ``loss_func`` returned a mean and its reports, ``(loss,
+{"lm loss": averaged_loss})``, each value averaged over dp in the
+function and over the micro-batches by its training loop (a mean of the
+means, each micro-batch one). A Pipeline's loss may return that pair: its
+reports are averaged over the step's micro-batches and dp replicas alike,
+as sums beside a hidden count of the micro-batches (``_MICRO``, one each),
+by which every rank divides the sums once they have met.
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ __all__ = ["StepReports", "Layout", "width"]
 # Megatron's older (sum, count)), "number" (a Python or numpy number) or "array" (a numpy
 # array, a tuple of numbers)
 Layout = tuple[tuple[str, str, tuple[int, ...]], ...]
+
+# the hidden report of averaged ones (a mean's reports): 1 a micro-batch, summed alike
+_MICRO = "\x00micro-batches"
 
 _WHAT = ("a report's value is a tensor (Megatron's [sum, count]), a number, a numpy array or "
          "a tuple of 0-dim tensors or numbers")
@@ -73,8 +84,13 @@ def _value(kind: str, shape: tuple[int, ...], values: np.ndarray) -> Any:
 
 
 def _names(layout: Layout) -> str:
-    return "{" + ", ".join(f"{n!r}: " + ("a number" if k == "number" else f"{k} of shape {s}")
-                           for n, k, s in layout) + "}"
+    said = ", ".join(f"{n!r}: " + ("a number" if k == "number" else f"{k} of shape {s}")
+                     for n, k, s in layout if n != _MICRO)
+    return "{" + said + "}" + (" averaged (a mean's)" if _averaged(layout) else "")
+
+
+def _averaged(layout: Layout) -> bool:
+    return any(n == _MICRO for n, _, _ in layout)
 
 
 class StepReports:
@@ -87,16 +103,19 @@ class StepReports:
         self.sums = np.zeros(0)
         self.total: dict[str, Any] = {}
 
-    def add(self, k: int, reports: Any, where: str) -> None:
-        """Micro-batch ``k``'s reports (a dict of name: value) added; a name
-        or a shape other than the step's first micro-batch's raises
-        ValueError naming both (the sums would mix them)."""
+    def add(self, k: int, reports: Any, where: str, averaged: bool = False) -> None:
+        """Micro-batch ``k``'s reports (a dict of name: value) added
+        (``averaged``: a mean's, counted to be averaged); a name or a shape
+        other than the step's first micro-batch's raises ValueError naming
+        both (the sums would mix them)."""
         if not isinstance(reports, dict) or not all(isinstance(n, str) for n in reports):
             raise TypeError(f"{where}: loss_fn(output, target) returned {type(reports).__name__} "
                             "as its third item: a per-token loss's reports are a dict of "
                             "names and values (Megatron's {'lm loss': torch.cat([loss_sum."
                             "detach().view(1), num_tokens.view(1)])})")
         flat = [(n, *_flat(n, v, where)) for n, v in sorted(reports.items())]
+        if averaged:
+            flat.append((_MICRO, "number", (), np.ones(1)))
         layout: Layout = tuple((n, kind, shape) for n, kind, shape, _ in flat)
         values = np.concatenate([a for *_, a in flat]) if flat else np.zeros(0)
         if self.layout is None:
@@ -158,9 +177,14 @@ class StepReports:
 
     @staticmethod
     def _rebuilt(layout: Layout, sums: np.ndarray) -> dict[str, Any]:
-        out, at = {}, 0
+        """The step's reports from their sums: each averaged over the
+        hidden count of micro-batches where the layout has one."""
+        parts, at = {}, 0
         for name, kind, shape in layout:
             n = int(np.prod(shape))
-            out[name] = _value(kind, shape, sums[at:at + n])
+            parts[name] = (kind, shape, sums[at:at + n])
             at += n
-        return out
+        micro = parts.pop(_MICRO, None)
+        over = micro[2][0] if micro is not None and micro[2][0] > 0 else 1.0
+        return {name: _value(kind, shape, values / over)
+                for name, (kind, shape, values) in parts.items()}

@@ -26,7 +26,7 @@ import collectives
 from mesh import LostPeerError, MeshError
 
 from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, message_key
-from .per_token import Counts
+from .per_token import Counts, count_reports
 from .scaled import UNSCALED, LossScale
 from .pipeline_args import _PAIRED, _paired, rows_of, split_microbatches
 from .torch_stage import Parts, TorchStage, as_pipeline_loss, copied, torch_targets
@@ -401,8 +401,7 @@ class _StepActions:
             seed = self.scaled.seed(self.weights[k])
             out = self._loss(y, self.targets[k], seed, self.scaled.sum_seed())
             loss, gy = out[0], out[1]
-            counted = self._counted(a, out[2] if len(out) >= 3 else None,
-                                    out[3] if len(out) == 4 else None)
+            counted = self._counted(a, *count_reports(out))
             if seed is not None:
                 gy = self.scaled.seeded(gy, seed, counted, pipe.loss_fn)
             if _shapes(y) is not None and not _fits(_shapes(gy), _shapes(y)):
@@ -483,7 +482,7 @@ class _StepActions:
             torch = sys.modules.get("torch")
             with torch.enable_grad() if torch is not None else contextlib.nullcontext():
                 out = self._loss(y, target)
-            loss, count, reports = (out[0], *out[2:], None, None)[:3]
+            loss, (count, reports) = out[0], count_reports(out)
         self._counted(a, count, reports)
         return float(loss)
 

@@ -702,10 +702,12 @@ def widened(a: Any) -> Any:
 
 def torch_loss(fn: Any, per_token: bool = True) -> Any:
     """Wrap a torch loss (``fn(y, target) -> scalar tensor``, mean over the
-    micro-batch; or a per-token loss's ``(loss_sum, count)``, engine.per_token,
+    micro-batch, or with Megatron's older reports after it, ``(loss,
+    reports)``; or a per-token loss's ``(loss_sum, count)``, engine.per_token,
     or Megatron-core's ``(loss_sum, num_tokens, reports)``) as a pipeline
     ``loss_fn`` on tensors (or numpy arrays), which returns ``(loss,
-    gradient)``, or ``(loss_sum, gradient, count)`` (and the reports); the target (each
+    gradient)`` (and the reports), or ``(loss_sum, gradient, count)`` (and the
+    reports); the target (each
     part of a tuple of them) goes to the output's device. A mean cross
     entropy (``nn.CrossEntropyLoss()``, a traced model's own
     ``F.cross_entropy``: engine.per_token_loss; a function returning one's
@@ -741,20 +743,22 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
             seed = sum_seed
         loss.backward(None if seed is None else torch.tensor(seed, dtype=loss.dtype,
                                                              device=loss.device))
-        if count is None:
-            return float(loss.detach()), ty.grad
+        if count is None:       # (a mean; Megatron's older reports after it: averaged)
+            return (float(loss.detach()), ty.grad) if reports is None else (
+                float(loss.detach()), ty.grad, reports)
         if reports is None:
             return float(loss.detach()), ty.grad, count_of(count, "a per-token loss")
         return float(loss.detach()), ty.grad, count_of(count, "a per-token loss"), reports
 
     def value(y: Any, target: Any) -> Any:
         """The loss alone, without its gradient (an evaluation): a float,
-        or a per-token loss's ``(sum, count)`` (``(sum, count, reports)``)."""
+        or a per-token loss's ``(sum, count)`` (``(sum, count, reports)``),
+        or a mean's with Megatron's older reports, ``(loss, None, reports)``."""
         with torch.no_grad():
             ty = _tensor(torch, y)
             loss, count, reports = split_count(fn(ty, _target(torch, target, ty.device)))
             if count is None:
-                return float(loss)
+                return float(loss) if reports is None else (float(loss), None, reports)
             pair = float(loss), count_of(count, "a per-token loss")
             return pair if reports is None else (*pair, reports)
 
@@ -801,18 +805,20 @@ def as_pipeline_loss(fn: Any, first: Any, where: str, output: Any = None) -> Any
     gradient)`` pair (the loss a number, the gradient of the output
     ``output`` where that is a torch tensor: its shape) or a per-token
     ``(loss_sum, gradient, count)`` (engine.per_token; a dict of reports
-    after the count: engine.reports); ``torch_loss(fn)`` where it is a
-    torch scalar (an ordinary torch loss, F.mse_loss) or a per-token
-    ``(loss_sum, count)`` of tensors (Megatron-core's ``(loss_sum,
-    num_tokens, reports)``); else TypeError, saying what
+    after the count, or after a mean's pair, Megatron's older ones:
+    engine.reports); ``torch_loss(fn)`` where it is a torch scalar (an
+    ordinary torch loss, F.mse_loss) or a per-token ``(loss_sum, count)`` of
+    tensors (Megatron-core's ``(loss_sum, num_tokens, reports)``; the older
+    ``(loss_mean, reports)``); else TypeError, saying what
     it must return (``where``: the rank, for the error). A tuple whose first
     part is a tensor and second no count is a torch loss returned with
     something else (``(loss, logits)``), not a pair: refused too."""
     torch = sys.modules.get("torch")
-    if isinstance(first, tuple) and len(first) in (2, 3) and split_count(first)[1] is not None \
+    if isinstance(first, tuple) and len(first) in (2, 3) and split_count(first)[0] is not first \
             and first[0].dim() == 0:
         return torch_loss(fn)
-    if isinstance(first, tuple) and (len(first) == 2 or len(first) == 3 and is_count(first[2])
+    if isinstance(first, tuple) and (len(first) == 2 or len(first) == 3 and (
+                                     is_count(first[2]) or isinstance(first[2], dict))
                                      or len(first) == 4 and is_count(first[2])
                                      and isinstance(first[3], dict)):
         loss, grad = first[:2]

@@ -96,7 +96,11 @@ def _worker(world, dp_size, m):
     else:
         topo = mesh.grid(world, dp=dp_size, pp=world.size // dp_size)
         pp, dp, dp_index = topo.group("pp"), topo.group("dp"), topo.coord("dp")
-    out = {name: _train(topo, pp, dp, dp_index, name, m) for name in NAMES}
+    legacy: list = []       # "hand" with Megatron's older reports (legacy_mse)
+    out = {name: _train(topo, pp, dp, dp_index, name, m, reports=legacy if name == "hand"
+                        else None, loss_fn=legacy_mse if name == "hand" else mse_loss)
+           for name in NAMES}
+    out["legacy reports"] = legacy
     out["counted"] = {}
     for name in COUNTED:
         reports: list = []
@@ -133,7 +137,42 @@ def _check(results, pp_size, dp_size, m):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13,
                                            err_msg=f"{name}: parameter {i}, dp replica {d}")
         _check_trace(results, name, pp_size, dp_size)
+    # "hand"'s reports (legacy_mse): averaged over every micro-batch of every replica, as
+    # Megatron's training loop averages them, on every rank
+    want = _legacy_reference(dp_size, m)
+    for r, res in enumerate(results):
+        assert [sorted(rep) for rep in res["legacy reports"]] == [["mse", "rows"]] * STEPS, r
+        for step, (rep, (mse, rows)) in enumerate(zip(res["legacy reports"], want, strict=True)):
+            assert type(rep["mse"]) is float and type(rep["rows"]) is float, rep
+            np.testing.assert_allclose([rep["mse"], rep["rows"]], [mse, rows], rtol=1e-10,
+                                       err_msg=f"rank {r}, step {step}")
     _check_counted(results, pp_size, dp_size, m)
+
+
+def legacy_mse(y, target):
+    """Megatron's older loss_func for numpy stages: the mean's (loss,
+    gradient) and its reports after it, here the loss and the rows."""
+    loss, gy = mse_loss(y, target)
+    return loss, gy, {"mse": loss, "rows": len(y)}
+
+
+def _legacy_reference(dp_size, m):
+    """Each step's ``legacy_mse`` reports by Megatron's training loop: each
+    micro-batch's values (``_data``'s, cut over dp, then into ``m``) averaged
+    over the dp replicas and the micro-batches, each one alike, on one
+    process trained as ``_reference``."""
+    model = Sequential(*mlp_stages(WIDTHS, 1, SEED)[0].layers)
+    out = []
+    for step in range(STEPS):
+        x, y = _data(step)
+        seen = [(mse_loss(model.forward(a)[0], b)[0], len(a))
+                for xd, yd in zip(split_microbatches(x, dp_size), split_microbatches(y, dp_size))
+                for a, b in zip(split_microbatches(xd, m), split_microbatches(yd, m))]
+        out.append(np.mean(seen, axis=0).tolist())
+        pred, ctx = model.forward(x)
+        model.backward(ctx, mse_loss(pred, y)[1])
+        sgd([model], LR)
+    return out
 
 
 # -- a per-token loss (engine.per_token): sums over counted targets, and their counts --

@@ -233,6 +233,54 @@ def test_a_loss_whose_kind_flips_is_called_once_a_micro_batch():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
 
 
+def megatron_legacy(o, t):
+    """Megatron's older loss_func: (mean, {"lm loss": the mean, detached})."""
+    loss = torch.nn.functional.cross_entropy(o, t)
+    return loss, {"lm loss": loss.detach().clone(), "rows": len(t)}
+
+
+def test_megatrons_older_mean_and_reports_are_averaged_as_megatron_averages_them():
+    """Megatron's older loss_func returns (loss_mean, {"lm loss": mean}):
+    the loss a mean, weighed by rows as a mean alone; each report averaged
+    over the step's micro-batches (Megatron's training loop's mean over
+    them, each micro-batch one) in ``pipe.reports``, in step and eval_step;
+    beside a mean alone or a per-token loss in one step, refused naming both
+    micro-batches."""
+    F = torch.nn.functional
+    rng = np.random.default_rng(1)      # 10 rows: micro-batches of 3, 3 and 4, which the
+    # loss weighs by rows and the reports not
+    x, y = torch.from_numpy(rng.standard_normal((10, 4))), torch.from_numpy(
+        rng.integers(0, 3, 10))
+    for sched in (schedules.zb_v(1, 3), schedules.interleaved_1f1b(1, 3, 2)):
+        pipe, model = _counted_solo(sched, megatron_legacy)
+        _, ref = _counted_solo(sched)
+        want = F.cross_entropy(ref(x), y)
+        want.backward()
+        means = [F.cross_entropy(ref(x[a:b]), y[a:b]).item() for a, b in ((0, 3), (3, 6),
+                                                                             (6, 10))]
+        assert pipe.step(x, y) == pytest.approx(want.item(), rel=1e-12)
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+        assert pipe.reports.keys() == {"lm loss", "rows"}, pipe.reports
+        assert pipe.reports["lm loss"].dtype == torch.float64
+        assert pipe.reports["lm loss"].item() == pytest.approx(np.mean(means), rel=1e-12)
+        assert pipe.reports["rows"] == pytest.approx(10 / 3, rel=1e-15)     # (a number's: float)
+        assert abs(np.mean(means) - want.item()) > 1e-3      # (the mean of means: not the loss)
+        assert pipe.eval_step(x, y) == pytest.approx(want.item(), rel=1e-12)
+        assert pipe.reports["lm loss"].item() == pytest.approx(np.mean(means), rel=1e-12)
+    for fn, words in [
+            (lambda o, t: 1.0 * megatron_legacy(o, t)[0] if len(t) == 4  # (not read as
+             else megatron_legacy(o, t),                                     # per-token)
+             "returned a mean (a loss alone) for micro-batch 2 but a mean and its reports "
+             "(loss, reports) for micro-batch 0"),
+            (lambda o, t: per_token_ce(o, t) if len(t) == 4 else megatron_legacy(o, t),
+             "returned a per-token (sum, count) for micro-batch 2 but a mean and its reports "
+             "(loss, reports) for micro-batch 0")]:
+        pipe, model = _counted_solo(schedules.interleaved_1f1b(1, 3, 2), fn)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            pipe.step(x, y)
+
+
 def test_a_torch_loss_of_ones_own_takes_numpy_targets():
     """README: a torch stage's loss may be "a function of your own"; given
     numpy targets its first call got them as they came (torch_loss turns
@@ -366,6 +414,13 @@ def megatron_ce(logits, y, name="lm loss"):
                          "micro-batches": 1}
 
 
+def legacy_squared(o, t):
+    """Megatron's older loss_func over every row (no -100), and its square
+    reported too (a mean of squares: not the square of the mean)."""
+    loss, reports = megatron_legacy(o, t.clamp(min=0))
+    return loss, {"lm loss": reports["lm loss"], "squared": reports["lm loss"] ** 2}
+
+
 def _torch_dp_pp(world, names):
     """dp=2 x pp=2, TorchStages and torch SGD with the default zero_grad();
     then a per-token loss (``per_token_ce``; Megatron-core's with its
@@ -408,6 +463,11 @@ def _torch_dp_pp(world, names):
         except Exception as e:
             out[way] = f"{type(e).__name__}: {e}"
         out[way + " reports"] = pipe.reports     # (a failed step's: none)
+    # Megatron's older (mean, reports): the loss on every rank, the reports averaged over
+    # the micro-batches and the dp replicas (the trained weights kept: no optimizer step)
+    pipe.loss_fn = torch_loss(legacy_squared)
+    out["legacy"] = (pipe.step(x if pipe.first else None, y if pipe.last else None),
+                     pipe.reports)
     for name in names:
         sched = schedules.by_name(name, pp.size, 4, chunks=2)
         blocks = list(_torch_model())           # 4 blocks of (Linear, Tanh), the last alone
@@ -480,6 +540,18 @@ def _check_per_token_dp_pp(results, names):
         sums.append([F.cross_entropy(model(x), y, ignore_index=-100, reduction="sum").item(),
                      (y != -100).sum().item()])
     want = [p.detach().numpy() for p in model.parameters()]
+    with torch.no_grad():       # Megatron's older (mean, reports), by Megatron's training loop
+        x, y = (torch.from_numpy(a) for a in _counted_data(0))
+        means = [F.cross_entropy(model(x[k:k + 2]), y[k:k + 2].clamp(min=0)).item()
+                 for k in range(0, ROWS, 2)]         # (2 replicas x 4 micro-batches of 2 rows)
+        loss = F.cross_entropy(model(x), y.clamp(min=0)).item()
+    for r, res in enumerate(results):
+        got, reports = res["legacy"]
+        assert reports.keys() == {"lm loss", "squared"}, (r, reports)
+        np.testing.assert_allclose(got, loss, rtol=1e-10, err_msg=f"rank {r}")
+        np.testing.assert_allclose(reports["lm loss"].item(), np.mean(means), rtol=1e-10)
+        np.testing.assert_allclose(reports["squared"].item(), np.mean(np.square(means)),
+                                   rtol=1e-10, err_msg=f"rank {r}")
     for name in names:
         for d in range(2):
             got = {}
