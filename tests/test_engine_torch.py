@@ -468,6 +468,21 @@ def _torch_dp_pp(world, names):
     pipe.loss_fn = torch_loss(legacy_squared)
     out["legacy"] = (pipe.step(x if pipe.first else None, y if pipe.last else None),
                      pipe.reports)
+    # a function returning F.cross_entropy's value, then that plus a term: each step's loss
+    # on every rank, each micro-batch's loss called once
+    calls, term = [], [0.0]
+
+    def flipping(o, t):
+        calls.append(len(t))
+        loss = torch.nn.functional.cross_entropy(o, t.clamp(min=0))
+        return loss + term[0] * o.square().mean() if term[0] else loss
+
+    pipe.loss_fn = torch_loss(flipping)
+    out["flipping"] = []
+    for term[0] in (0.0, 0.5):
+        calls.clear()
+        out["flipping"].append((pipe.step(x if pipe.first else None, y if pipe.last else None),
+                                len(calls)))
     for name in names:
         sched = schedules.by_name(name, pp.size, 4, chunks=2)
         blocks = list(_torch_model())           # 4 blocks of (Linear, Tanh), the last alone
@@ -545,7 +560,13 @@ def _check_per_token_dp_pp(results, names):
         means = [F.cross_entropy(model(x[k:k + 2]), y[k:k + 2].clamp(min=0)).item()
                  for k in range(0, ROWS, 2)]         # (2 replicas x 4 micro-batches of 2 rows)
         loss = F.cross_entropy(model(x), y.clamp(min=0)).item()
+        plus = loss + 0.5 * model(x).square().mean().item()    # (micro-batches of 2 rows alike)
     for r, res in enumerate(results):
+        # the flipping loss: one call a micro-batch (4 on the last stage's ranks), the
+        # step's loss on every rank
+        (first, n0), (then, n1) = res["flipping"]
+        assert (n0, n1) == ((4, 4) if r % 2 else (0, 0)), (r, n0, n1)
+        np.testing.assert_allclose([first, then], [loss, plus], rtol=1e-10, err_msg=f"rank {r}")
         got, reports = res["legacy"]
         assert reports.keys() == {"lm loss", "squared"}, (r, reports)
         np.testing.assert_allclose(got, loss, rtol=1e-10, err_msg=f"rank {r}")
