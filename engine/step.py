@@ -441,7 +441,9 @@ class _StepActions:
     def _loss(self, y: Any, target: Any, seed: float | None = None,
               sum_seed: float | None = None) -> tuple[Any, Any]:
         """``loss_fn(y, target)``: (loss, gradient of ``y``); on its first
-        call, a torch loss is wrapped or a wrong return refused. A tensor
+        call, a torch loss is wrapped or a wrong return refused (a function of
+        the user's is called as written, then wrapped and called again: twice
+        that once; a loss scale's seed goes into the wrapped call). A tensor
         output's loss gets its targets as tensors on the output's device
         (each part of a tuple), on its first call too: a torch loss of the
         user's own (``F.cross_entropy(logits, y)``) given numpy targets
@@ -453,20 +455,21 @@ class _StepActions:
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(y, torch.Tensor):
             target = torch_targets(target, y.device)
-        if seed is not None and pipe.loss_checked:      # (the loss computed once)
-            if getattr(pipe.loss_fn, "seeded", False):
-                return pipe.loss_fn(y, target, seed=seed, sum_seed=sum_seed)
-        out = pipe.loss_fn(y, target)
+
+        def call(fn: Any) -> Any:       # (seeded where a loss scale seeds a torch loss)
+            if seed is not None and getattr(fn, "seeded", False):
+                return fn(y, target, seed=seed, sum_seed=sum_seed)
+            return fn(y, target)
+
+        out = call(pipe.loss_fn)
         if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
             fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
             if pipe.has_opt:        # (a mean cross entropy run per token: too late for OPT)
                 fn = getattr(fn, "as_written", fn)
             if fn is not pipe.loss_fn:
                 pipe.loss_fn = fn
-                out = fn(y, target)
+                out = call(fn)
             pipe.loss_checked = True
-        if seed is not None and getattr(pipe.loss_fn, "seeded", False):
-            return pipe.loss_fn(y, target, seed=seed, sum_seed=sum_seed)
         return out
 
     def _value(self, a: Action, y: Any, target: Any) -> float:

@@ -233,6 +233,38 @@ def test_a_loss_whose_kind_flips_is_called_once_a_micro_batch():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
 
 
+def test_a_loss_under_a_loss_scale_is_called_once_a_micro_batch_after_its_first():
+    """Under ``step(scaler=)`` a torch loss's first call is not made a third
+    time to seed it (a function of one's own: called as written, then
+    wrapped and seeded; a torch module, wrapped when given: once), and the
+    steps after call it once a micro-batch; the loss is one process's."""
+    F = torch.nn.functional
+    x, y = _counted_batch()
+    y[[0, 1, 2, 4]] = torch.tensor([0, 1, 2, 0])
+    calls = []
+
+    class Counted(torch.nn.CrossEntropyLoss):
+        def forward(self, o, t):
+            calls.append(len(t))
+            return super().forward(o, t)
+
+    def counted(o, t):
+        calls.append(len(t))
+        return F.cross_entropy(o, t)
+
+    for fn, first in ((counted, 4), (Counted(), 3)):
+        pipe, model = _counted_solo(schedules.interleaved_1f1b(1, 3, 2), fn)
+        _, ref = _counted_solo(schedules.interleaved_1f1b(1, 3, 2))
+        scaler = torch.amp.GradScaler("cpu")
+        want = F.cross_entropy(ref(x), y).item()
+        for step in range(2):
+            calls.clear()
+            assert pipe.step(x, y, scaler=scaler) == pytest.approx(want, rel=1e-12)
+            assert len(calls) == (first if step == 0 else 3), (fn, step, calls)
+            for p in model.parameters():
+                p.grad = None
+
+
 def megatron_legacy(o, t):
     """Megatron's older loss_func: (mean, {"lm loss": the mean, detached})."""
     loss = torch.nn.functional.cross_entropy(o, t)
