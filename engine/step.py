@@ -29,7 +29,8 @@ from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, mes
 from .per_token import Counts, count_reports
 from .scaled import UNSCALED, LossScale
 from .pipeline_args import _PAIRED, _paired, rows_of, split_microbatches
-from .torch_stage import Parts, TorchStage, as_pipeline_loss, copied, torch_targets
+from .torch_stage import (Parts, TorchStage, as_pipeline_loss, copied, first_loss,
+                          torch_targets)
 from .tensor_parallel import rewatched, watch_of
 from .tp_plan import PlanError, forget_exits, split_by
 
@@ -441,9 +442,9 @@ class _StepActions:
     def _loss(self, y: Any, target: Any, seed: float | None = None,
               sum_seed: float | None = None) -> tuple[Any, Any]:
         """``loss_fn(y, target)``: (loss, gradient of ``y``); on its first
-        call, a torch loss is wrapped or a wrong return refused (a function of
-        the user's is called as written, then wrapped and called again: twice
-        that once; a loss scale's seed goes into the wrapped call). A tensor
+        call, a torch loss is wrapped or a wrong return refused, the loss
+        called once (a function of the user's on a torch output: engine.
+        torch_stage's ``first_loss``; a loss scale's seed in that call). A tensor
         output's loss gets its targets as tensors on the output's device
         (each part of a tuple), on its first call too: a torch loss of the
         user's own (``F.cross_entropy(logits, y)``) given numpy targets
@@ -461,6 +462,12 @@ class _StepActions:
                 return fn(y, target, seed=seed, sum_seed=sum_seed)
             return fn(y, target)
 
+        if not pipe.loss_checked and not getattr(pipe.loss_fn, "seeded", False) and \
+                torch is not None and isinstance(y, torch.Tensor):    # (called once)
+            pipe.loss_fn, out = first_loss(pipe.loss_fn, y, target, f"pp rank {pipe.rank}",
+                                           pipe.has_opt, seed, sum_seed)
+            pipe.loss_checked = True
+            return out
         out = call(pipe.loss_fn)
         if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
             fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)

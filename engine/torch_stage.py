@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -41,7 +42,8 @@ from .per_token_call import watched
 from .per_token_loss import summed
 from .tp_plan import named_by
 
-__all__ = ["TorchStage", "Parts", "torch_loss", "as_pipeline_loss", "plain_torch_loss",
+__all__ = ["TorchStage", "Parts", "torch_loss", "as_pipeline_loss", "first_loss",
+           "plain_torch_loss",
            "checkpoint_modules", "copied", "widened", "torch_targets"]
 
 
@@ -721,14 +723,17 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
     given, fn = fn, form or fn
 
     def loss_fn(y: Any, target: Any, seed: float | None = None,
-                sum_seed: float | None = None) -> tuple[Any, ...]:
+                sum_seed: float | None = None, probe: bool = False) -> Any:
         if not torch.is_grad_enabled():     # (the stages' forwards made no graph either)
             raise TypeError("step() ran with grad mode off (under torch.no_grad() or "
                             "torch.inference_mode()): a step trains; evaluate with "
                             "eval_step(), which keeps no graph itself")
         # (a colwise output kept watched: F.cross_entropy of it runs vocab-parallel)
         ty = _detached(_tensor(torch, y)).requires_grad_(True)
-        loss, count, reports = split_count(fn(ty, _target(torch, target, ty.device)))
+        out = fn(ty, _target(torch, target, ty.device))
+        loss, count, reports = split_count(out)
+        if probe and not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+            return _Unwrapped(out)      # (no torch loss: first_loss reads it)
         if isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad:
             raise TypeError("loss_fn(output, target) returned a scalar tensor without a "
                             "gradient: compute it from the output (no .detach(), no "
@@ -767,6 +772,43 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
     if form is not None:
         loss_fn.as_written = torch_loss(given, per_token=False)     # type: ignore[attr-defined]
     return loss_fn
+
+
+class _Unwrapped:
+    """What a loss function returned that is no torch loss (``torch_loss``'s probe)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+
+def first_loss(fn: Any, y: Any, target: Any, where: str, as_written: bool,
+               seed: float | None = None, sum_seed: float | None = None) -> tuple[Any, Any]:
+    """A user's loss function's first call on a torch output ``y``, made
+    once: ``(the Pipeline's loss_fn, what it returned)``. The call is made
+    as ``torch_loss(fn)`` makes it (``as_written``: not per token, under OPT
+    actions), whose loss_fn that is where ``fn`` returned a torch loss; else
+    ``fn`` itself where it returned a (loss, gradient) pair (its tensors
+    detached: it was handed the output as a tensor requiring its gradient),
+    or ``as_pipeline_loss``'s TypeError. A function that cannot take such a
+    tensor (``.numpy()`` of it) is called again on ``y`` itself."""
+    wrapped = torch_loss(fn, per_token=not as_written)
+    try:
+        with warnings.catch_warnings():     # (a pair's float(loss) of it: no torch warning)
+            warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True")
+            got = wrapped(y, target, seed=seed, sum_seed=sum_seed, probe=True)
+    except RuntimeError as e:
+        if "requires grad" not in str(e):
+            raise
+        out = fn(y, target)
+        return as_pipeline_loss(fn, out, where, y), out
+    if not isinstance(got, _Unwrapped):
+        return wrapped, got
+    out = got.out
+    fn = as_pipeline_loss(fn, out, where, y)        # (raises: no torch loss either)
+    torch = _torch()
+    if isinstance(out, tuple):
+        out = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in out)
+    return fn, out
 
 
 def _described(v: Any) -> str:

@@ -226,18 +226,17 @@ def test_a_loss_whose_kind_flips_is_called_once_a_micro_batch():
         want = F.cross_entropy(out, y) + extra * sum(
             out[k:k + 3].square().mean() for k in (0, 3, 6)) / 3
         want.backward()
-        # (its first call a probe, then each micro-batch's once)
-        assert len(calls) == (4 if step == 0 else 3), (step, calls)
+        assert len(calls) == 3, (step, calls)
         assert got == pytest.approx(want.item(), rel=1e-12), step
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
 
 
-def test_a_loss_under_a_loss_scale_is_called_once_a_micro_batch_after_its_first():
-    """Under ``step(scaler=)`` a torch loss's first call is not made a third
-    time to seed it (a function of one's own: called as written, then
-    wrapped and seeded; a torch module, wrapped when given: once), and the
-    steps after call it once a micro-batch; the loss is one process's."""
+def test_a_loss_is_called_once_a_micro_batch_from_its_first_under_a_loss_scale():
+    """Under ``step(scaler=)`` a torch loss is called once a micro-batch,
+    its first call too (a function of one's own was called as written to
+    see what it returns, then wrapped, then seeded: three times; a torch
+    module, wrapped when given, twice); the loss is one process's."""
     F = torch.nn.functional
     x, y = _counted_batch()
     y[[0, 1, 2, 4]] = torch.tensor([0, 1, 2, 0])
@@ -252,7 +251,7 @@ def test_a_loss_under_a_loss_scale_is_called_once_a_micro_batch_after_its_first(
         calls.append(len(t))
         return F.cross_entropy(o, t)
 
-    for fn, first in ((counted, 4), (Counted(), 3)):
+    for fn in (counted, Counted()):
         pipe, model = _counted_solo(schedules.interleaved_1f1b(1, 3, 2), fn)
         _, ref = _counted_solo(schedules.interleaved_1f1b(1, 3, 2))
         scaler = torch.amp.GradScaler("cpu")
@@ -260,9 +259,39 @@ def test_a_loss_under_a_loss_scale_is_called_once_a_micro_batch_after_its_first(
         for step in range(2):
             calls.clear()
             assert pipe.step(x, y, scaler=scaler) == pytest.approx(want, rel=1e-12)
-            assert len(calls) == (first if step == 0 else 3), (fn, step, calls)
+            assert len(calls) == 3, (fn, step, calls)
             for p in model.parameters():
                 p.grad = None
+
+
+def test_a_loss_and_gradient_pair_on_torch_stages_still_runs_from_its_first_call():
+    """A (loss, gradient) pair of one's own on torch stages: its first call
+    is handed the output requiring its gradient (to be called once where it
+    is a torch loss), so its gradient comes back detached, and one that
+    takes the output to numpy (which torch refuses there) is called again
+    on the output as it is; both train as one process's mean squared error."""
+    x, y = _counted_batch()
+    t = torch.nn.functional.one_hot(y.clamp(min=0), 3).double()
+    calls = []
+
+    def by_torch(o, t):
+        calls.append(len(t))
+        d = o - t
+        return float((d * d).mean()), 2 * d / d.numel()
+
+    def by_numpy(o, t):
+        d = o.numpy() - t.numpy()
+        return float((d * d).mean()), torch.from_numpy(2 * d / d.size)
+
+    for fn in (by_torch, by_numpy):
+        pipe, model = _counted_solo(schedules.zb_v(1, 3), fn)
+        _, ref = _counted_solo(schedules.zb_v(1, 3))
+        want = torch.nn.functional.mse_loss(ref(x), t)
+        want.backward()
+        assert pipe.step(x, t) == pytest.approx(want.item(), rel=1e-12), fn
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+    assert len(calls) == 3, calls
 
 
 def megatron_legacy(o, t):
