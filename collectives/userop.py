@@ -49,6 +49,7 @@ from mesh.tensors import dtype_name, is_tensor
 from . import debug
 from .device.paths import simple
 from .host.paths import _array, _counts_fp, _fp, _in_place, _root, _rows, _uneven
+from .host.paths_reduce import scan_doubling
 from .host.small import all_reduce_rd, barrier_dissemination
 from .runner import Body, Ctx, agreed, check_comm, start
 from .shm import board
@@ -331,23 +332,10 @@ def _scan(g: Comm, a: Any, op: Op, async_op: bool = False, timeout: float | None
         arr = np.array(_array(name, a), order="C")      # (a copy: combined into)
 
         def doubling(ctx: Ctx) -> Any:
-            n, r = ctx.g.size, ctx.g.rank
-            bound = _Bound(op, ctx)
-            held, before = arr, None        # ranks r-d+1..r, and r-d+1..r-1 (None: none)
-            d = 1
-            while d < n:
-                got = ctx.irecv(r - d, np.empty_like(held)) if r >= d else None
-                sent = ctx.isend(held, r + d) if r + d < n else None
-                lower = got.wait() if got is not None else None
-                if sent is not None:
-                    sent.wait()             # (held is combined into next)
-                if lower is not None:
-                    before = lower.copy() if before is None else bound.apply(lower, before)
-                    held = bound.apply(lower, held)
-                d *= 2
-            if n > 1:
+            out = scan_doubling(ctx, arr, _Bound(op, ctx).apply, exclusive)
+            if ctx.g.size > 1:
                 _settled(ctx)
-            return before if exclusive else held
+            return out
 
         def body(ctx: Ctx) -> Any:
             if ctx.g.size > 1:

@@ -6,6 +6,7 @@ and mended). (Strangers, garbage and duplicates: tests/test_mesh_auth.py.)"""
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
 import select
@@ -570,6 +571,15 @@ class _Link:
         self._lsock.close()
 
 
+def _joins(ctx: zmq.Context, got: dict[int, Any], rank: int, port: int) -> None:
+    """Rank ``rank`` of 2 joins the service at ``port``: its table, or its
+    error, in ``got``."""
+    try:
+        got[rank] = join(ctx, "127.0.0.1", port, "s", rank, 2, f"h{rank}", EPS, 30)
+    except Exception as e:
+        got[rank] = e
+
+
 def _reset(s: socket.socket) -> None:
     """Close ``s`` with a reset (RST), as a link's far end or a middlebox does."""
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -587,12 +597,7 @@ def test_a_rank_waiting_through_a_network_drop_joins_as_the_link_comes_back(
     link = _Link(srv.port)
     ctx = zmq.Context()
     got: dict[int, Any] = {}
-
-    def joins(rank: int, port: int) -> None:
-        try:
-            got[rank] = join(ctx, "127.0.0.1", port, "s", rank, 2, f"h{rank}", EPS, 30)
-        except Exception as e:
-            got[rank] = e
+    joins = functools.partial(_joins, ctx, got)
     waiter = threading.Thread(target=joins, args=(1, link.port))
     try:
         with caplog.at_level("WARNING", logger="mesh.rendezvous"):
@@ -632,12 +637,7 @@ def test_a_rank_whose_connection_is_reset_joins_again_not_as_a_duplicate() -> No
     link = _Link(srv.port)
     ctx = zmq.Context()
     got: dict[int, Any] = {}
-
-    def joins(rank: int, port: int) -> None:
-        try:
-            got[rank] = join(ctx, "127.0.0.1", port, "s", rank, 2, f"h{rank}", EPS, 30)
-        except Exception as e:
-            got[rank] = e
+    joins = functools.partial(_joins, ctx, got)
     waiter = threading.Thread(target=joins, args=(1, link.port))
     try:
         waiter.start()

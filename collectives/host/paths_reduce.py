@@ -143,6 +143,30 @@ def reduce_scatter(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
 
 
 
+def scan_doubling(ctx: Ctx, arr: Any, below: Callable[[Any, Any], Any],
+                  exclusive: bool) -> Any:
+    """Recursive doubling of a scan (``scan``'s; collectives.userop's): in
+    round k this rank sends what it holds to rank + 2**k and combines what
+    rank - 2**k sends before its own, ``below(lower, acc)`` returning
+    ``lower (op) acc`` (into ``acc`` where it may: ``arr`` is the call's
+    copy). Its result: ranks 0..r combined, or with ``exclusive`` 0..r-1
+    (None on rank 0)."""
+    n, r = ctx.g.size, ctx.g.rank
+    held, before = arr, None        # ranks r-d+1..r, and r-d+1..r-1 (None: none)
+    d = 1
+    while d < n:
+        got = ctx.irecv(r - d, np.empty_like(held)) if r >= d else None
+        sent = ctx.isend(held, r + d) if r + d < n else None
+        lower = got.wait() if got is not None else None
+        if sent is not None:
+            sent.wait()             # (held is combined into next)
+        if lower is not None:
+            before = lower.copy() if before is None else below(lower, before)
+            held = below(lower, held)
+        d *= 2
+    return before if exclusive else held
+
+
 def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
          timeout: float | None = None, exclusive: bool = False) -> Any:
     """MPI's Scan: rank r gets ``a`` of ranks 0..r reduced, a new array
@@ -176,22 +200,9 @@ def scan(g: Comm, a: Any, op: str = "sum", async_op: bool = False,
             return agreed(doubling)(ctx)
 
         def doubling(ctx: Ctx) -> Any:
-            n, r = ctx.g.size, ctx.g.rank
-            held, before = arr, None        # ranks r-d+1..r, and r-d+1..r-1 (None: none)
-            d = 1
-            while d < n:
-                got = ctx.irecv(r - d, np.empty_like(held)) if r >= d else None
-                sent = ctx.isend(held, r + d) if r + d < n else None
-                lower = got.wait() if got is not None else None
-                if sent is not None:
-                    sent.wait()             # (held is combined into next)
-                if lower is not None:
-                    if before is None:
-                        before = lower.copy()
-                    else:
-                        rop.combine(before, lower, src_first=True)
-                    rop.combine(held, lower, src_first=True)
-                d *= 2
-            return before if exclusive else held
+            def below(lower: Any, acc: Any) -> Any:
+                rop.combine(acc, lower, src_first=True)
+                return acc
+            return scan_doubling(ctx, arr, below, exclusive)
         return _fp(name, arr, op=op), body
     return start(g, name, prepare, async_op, timeout)
