@@ -218,6 +218,24 @@ class Comm:
         from .persistent import send_init
         return send_init(self, buf, dst, tag)
 
+    def ssend_init(self, buf: Any, dst: int, tag: int = 0) -> "Prequest":
+        """MPI's Ssend_init: ``send_init`` whose each start sends as
+        ``issend``: its wait completes once a receive of ``dst`` took it."""
+        from .persistent import send_init
+        return send_init(self, buf, dst, tag, "ssend_init")
+
+    def bsend_init(self, buf: Any, dst: int, tag: int = 0) -> "Prequest":
+        """MPI's Bsend_init: ``send_init`` whose each start sends as
+        ``ibsend``: ``buf`` copied then, free again at once."""
+        from .persistent import send_init
+        return send_init(self, buf, dst, tag, "bsend_init")
+
+    def rsend_init(self, buf: Any, dst: int, tag: int = 0) -> "Prequest":
+        """MPI's Rsend_init: ``send_init`` (each start an ``irsend``, which
+        is ``isend``)."""
+        from .persistent import send_init
+        return send_init(self, buf, dst, tag, "rsend_init")
+
     def recv_init(self, src: int = ANY, tag: int = 0, out: Any = None) -> "Prequest":
         """MPI's Recv_init: a persistent receive into ``out=``; each
         ``start()`` posts it as ``irecv`` (mesh.persistent)."""

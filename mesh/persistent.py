@@ -1,10 +1,11 @@
-"""Persistent requests (MPI's Send_init, Recv_init, Start and Startall;
-mpi4py's ``comm.Send_init``, ``Recv_init``, ``Prequest.Start`` and
-``Prequest.Startall``), for an exchange that repeats each iteration (a
-halo exchange) set up once.
+"""Persistent requests (MPI's Send_init, Ssend_init, Bsend_init, Rsend_init,
+Recv_init, Start and Startall; mpi4py's ``comm.Send_init``, ``Recv_init``,
+``Prequest.Start`` and ``Prequest.Startall``), for an exchange that repeats
+each iteration (a halo exchange) set up once.
 
 A ``Prequest`` keeps the operation's arguments (checked once, when it is
-made) and each ``start()`` posts it as ``isend`` or ``irecv`` would: the
+made) and each ``start()`` posts it as ``isend`` or ``irecv`` would (the
+send modes' forms as ``issend``, ``ibsend`` and ``irsend``): the
 same paths (rings, the direct path, streams, the socket), order per source
 and tag, ``out=``, cancel, timeouts and lost peers are theirs. It is a
 ``Request`` whose wait, test, get_status, cancel and status are those of
@@ -127,17 +128,26 @@ def _empty(status: Status) -> None:
     status.dtype = status.shape = None
 
 
-def send_init(comm: Comm, buf: Any, dst: int, tag: int) -> Prequest:
+def send_init(comm: Comm, buf: Any, dst: int, tag: int, op: str = "send_init") -> Prequest:
     """Comm.send_init: ``isend(buf, dst, tag)`` at each start, its
-    arguments checked now (a PROC_NULL ``dst``: each start does nothing)."""
-    tag = _check_tag(tag, comm, "send_init")
+    arguments checked now (a PROC_NULL ``dst``: each start does nothing);
+    ``op`` the send mode's call, whose send each start makes instead:
+    ``ssend_init`` an issend, ``bsend_init`` an ibsend (``buf`` copied at
+    the start), ``rsend_init`` an irsend (isend). Its errors name ``op``."""
+    tag = _check_tag(tag, comm, op)
+    verb = "send to" if op == "send_init" else f"{op} to"
     if _is_null(dst):
-        desc: tuple = comm._desc("send to", dst, dst, tag)
+        return Prequest(comm, lambda: comm.isend(buf, dst, tag), comm._desc(verb, dst, dst, tag))
+    wdst = comm._world_rank(dst, op)
+    dst = int(dst)      # (a numpy integer's value: isend's ring path takes ints)
+    post: Callable[[], Request]
+    if op == "ssend_init":
+        post = lambda: Request(comm, comm._issend(buf, dst, tag, op))
+    elif op == "bsend_init":
+        post = lambda: comm._ibsend(buf, dst, tag, op)
     else:
-        wdst = comm._world_rank(dst, "send_init")
-        dst = int(dst)      # (a numpy integer's value: isend's ring path takes ints)
-        desc = comm._desc("send to", dst, wdst, tag)
-    return Prequest(comm, lambda: comm.isend(buf, dst, tag), desc)
+        post = lambda: comm.isend(buf, dst, tag)
+    return Prequest(comm, post, comm._desc(verb, dst, wdst, tag))
 
 
 def recv_init(comm: Comm, src: int, tag: int, out: Any) -> Prequest:

@@ -1,7 +1,8 @@
 """Persistent requests (mpi4py's Send_init, Recv_init, Prequest.Start and
 Startall): a 1-D halo exchange run with them and with isend/irecv gives the
 same values; restarts, MPI's rules for inactive and active ones, cancel,
-PROC_NULL; all in one spawn."""
+PROC_NULL; the send modes' forms (Ssend_init, Bsend_init, Rsend_init); all
+in one spawn."""
 from __future__ import annotations
 
 import time
@@ -128,6 +129,39 @@ def _rules(world: mesh.Mesh) -> None:
     with pytest.raises(ValueError, match=r"rank 0: recv from rank 1 \(tag 6, group world\)"):
         world.recv_init(1, 6, out=ro)
     world.send("done", 1, tag=7)
+    _modes(world)
+
+
+def _modes(world: mesh.Mesh) -> None:
+    """Rank 0's ssend_init, bsend_init and rsend_init: each start the
+    mode's send of its buffer as it is then (rank 1 receives, _modes_peer)."""
+    sb, bb, rb = np.zeros(3), np.zeros(3), np.zeros(3)
+    s, b = world.ssend_init(sb, 1, tag=12), world.bsend_init(bb, 1, tag=13)
+    r = world.rsend_init(rb, np.int64(1), tag=14)
+    assert repr(s) == "<Prequest ssend_init to rank 1 (tag 12, group world)>"
+    for k in range(2):
+        sb[:], bb[:], rb[:] = 20 + k, 30 + k, 40 + k
+        mesh.startall([s, b, r])
+        bb[:] = -1          # (bsend_init sent a copy made at the start)
+        with pytest.raises(mesh.MeshError, match=r"rank 0: start of the persistent bsend_init "
+                           r"to rank 1 \(tag 13, group world\): it is active"):
+            b.start()
+        # synchronous: not done until rank 1's receive took it; its timeout names the call
+        with pytest.raises(mesh.MeshTimeoutError, match=r"^rank 0: ssend_init to rank 1 \(tag "
+                           r"12, group world\)"):
+            s.wait(timeout=0.05)
+        assert s.active and not s.done() and not s.cancel()
+        world.send("take", 1, tag=7)
+        assert mesh.waitall([s, b, r], timeout=30) == [None] * 3
+        assert not any(p.active for p in (s, b, r))
+    n = world.ssend_init(sb, mesh.PROC_NULL, 3)     # PROC_NULL: done at once
+    n.start()
+    assert n.test() == (True, None)
+    for call in ("ssend_init", "bsend_init", "rsend_init"):     # checked when made
+        with pytest.raises(ValueError, match=rf"^rank 0: {call} to rank 7: group world has"):
+            getattr(world, call)(sb, 7)
+        with pytest.raises(ValueError, match=rf"^rank 0: {call} on group world: tag must be"):
+            getattr(world, call)(sb, 1, tag=-1)
 
 
 def _peer(world: mesh.Mesh) -> None:
@@ -141,6 +175,10 @@ def _peer(world: mesh.Mesh) -> None:
     time.sleep(0.05)
     world.send(np.full(3, 9.0), 0, tag=6)
     world.recv(0, tag=7, timeout=30)
+    for k in range(2):      # _modes: the ssend_init's receive only once told
+        world.recv(0, tag=7, timeout=30)
+        for tag, value in ((12, 20), (13, 30), (14, 40)):
+            assert np.array_equal(world.recv(0, tag=tag, timeout=30), [value + k] * 3)
 
 
 def _persistent(world: mesh.Mesh) -> str:
