@@ -269,8 +269,8 @@ class Pipeline:
         # the Pipelines are made alike on each)
         self._step0 = _steps_on(self.pp)
         self.events: list[list[Any]] = []
-        # a per-token loss's reports (Megatron-core's third item, engine.reports): the last
-        # step's sums over its micro-batches and dp replicas, on every rank; and their
+        # a loss's reports (Megatron's last item, engine.reports): the last step's, over its
+        # micro-batches and dp replicas as Megatron's loop logs them, on every rank; and their
         # layout, as the ranks last agreed on it (it sizes the step's closing all-reduce)
         self.reports: dict[str, Any] = {}
         self.report_layout: Layout = ()
@@ -378,8 +378,9 @@ class Pipeline:
         each replica's, met in the step's closing all-reduce, ``_Step.agree``,
         and averaged over dp there); a per-token loss's reports
         (Megatron-core's third item) are then ``reports`` on every rank,
-        summed over the micro-batches and dp replicas ({} without), and a
-        mean's (Megatron's older ``(loss, reports)``) averaged alike. On
+        reduced over the micro-batches and dp replicas as Megatron's
+        training loop reduces them ({} without; engine.reports), and a
+        mean's (Megatron's older ``(loss, reports)``) alike. On
         failure, clean up (see the class docstring) and raise.
         ``scaler``: a ``torch.amp.GradScaler`` whose scale seeds the losses'
         backward, its inf check agreed by every rank (engine.scaled)."""

@@ -110,8 +110,10 @@ class Job(_ModelState, _OptimizerState, _Retiming):
     @property
     def reports(self) -> dict[str, Any]:
         """The last ``step()``'s or ``eval_step()``'s reports, on every rank:
-        a per-token loss's third item (Megatron-core's ``{"lm loss":
-        [sum, count]}``) summed over its micro-batches and dp replicas
+        a loss's reports (Megatron-core's ``{"lm loss": [sum, count]}``,
+        or its older ``{"lm loss": mean}``) over its micro-batches and dp
+        replicas as Megatron's training loop logs them: a [sum, count] the
+        sum over the count, one value its mean over the micro-batches
         (engine.reports); {} where its loss reported nothing, or it failed."""
         return self.pipeline.reports
 

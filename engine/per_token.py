@@ -12,9 +12,10 @@ after it)::
                                 reduction="sum"), (y != -100).sum())
 
 A third item after the count, Megatron-core's reports (``{"lm loss":
-report}``), is summed over the step (engine.reports); a mean may come with
-Megatron's older reports, ``(loss_mean, reports)`` (``(loss, gradient,
-reports)`` for numpy stages), which are averaged. The step's loss is
+report}``), is reduced over the step as Megatron's training loop reduces
+it (engine.reports); a mean may come with Megatron's older reports,
+``(loss_mean, reports)`` (``(loss, gradient, reports)`` for numpy
+stages), reduced alike. The step's loss is
 then the sum over every micro-batch and dp replica over the count summed
 alike, and its gradients that quantity's: each
 micro-batch's sum goes back unscaled, and every gradient is scaled once at
@@ -69,7 +70,7 @@ def split_count(out: Any) -> tuple[Any, Any, Any]:
     whose first part is a tensor and second a count, Megatron-core's
     ``(loss_sum, num_tokens, reports)`` (a dict: engine.reports) whole,
     and Megatron's older ``(loss_mean, reports)`` as ``(loss_mean, None,
-    reports)`` (a mean whose reports are averaged: engine.reports)."""
+    reports)`` (a mean with reports: engine.reports)."""
     torch = sys.modules.get("torch")
     if (torch is not None and isinstance(out, tuple) and len(out) in (2, 3)
             and isinstance(out[0], torch.Tensor)):
@@ -114,8 +115,8 @@ class Counts:
 
     def note(self, k: int, count: Any, where: str, has_opt: bool, reports: Any = None) -> bool:
         """Micro-batch ``k``'s loss: a per-token one's ``count`` (and its
-        ``reports``, summed: engine.reports), or a mean (``count`` None; its
-        ``reports``, Megatron's older ones, averaged); True for a per-token
+        ``reports``: engine.reports), or a mean (``count`` None; its
+        ``reports``, Megatron's older ones, alike); True for a per-token
         one. A step's micro-batches return one kind (a
         mean weighed by rows beside a sum over tokens is neither one
         process's loss; reports of some micro-batches only are no step's),
@@ -132,8 +133,8 @@ class Counts:
                              f"{self.first[0]}: a step's micro-batches return one kind (the "
                              "step's loss is the mean of the means, weighed by rows, or the "
                              "sum of the sums over the sum of the counts)")
-        if kind == _MEANT:      # (Megatron's older reports: averaged over the step)
-            self.reports.add(k, reports, where, averaged=True)
+        if kind == _MEANT:      # (Megatron's older reports)
+            self.reports.add(k, reports, where)
         if kind in (_MEAN, _MEANT):
             return False
         if has_opt:

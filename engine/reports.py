@@ -1,13 +1,22 @@
-"""A per-token loss's reports (Megatron-core's third item), summed over a step.
+"""A loss's reports (Megatron's ``loss_func``'s last item), reduced over a step.
 
 Megatron-core's ``loss_func`` returns ``(loss_sum, num_tokens, {"lm loss":
-report})``: each report a value to log (a tensor ``[sum, count]``, which
-Megatron sums over micro-batches and all-reduces over dp, and divides when
-it logs). A Pipeline's per-token loss may return that third item too: each
-micro-batch's reports are summed on the last stage's ranks
-(``StepReports.add``), then over the dp replicas in the step's closing
+report})``, its older one ``(loss_mean, {"lm loss": averaged_loss})``; a
+Pipeline's loss may return either (engine.per_token). Megatron's training
+loop (``train_step``) reduces each report by its number of values, in
+either form: two, ``[sum, count]``, are summed over the micro-batches and
+dp and logged as the sum over the count; one is averaged over the
+micro-batches, each one alike (its older ``loss_func`` averaged it over dp
+itself); any other number of values it refuses. So does a Pipeline: each
+micro-batch's values are summed on the last stage's ranks
+(``StepReports.add``) beside a hidden count of the micro-batches
+(``_MICRO``, one each), then over the dp replicas in the step's closing
 all-reduce (engine.rollback's ``agree``), after which every rank of the
-pipeline holds the step's sums (``Pipeline.reports``, ``job.reports``).
+pipeline divides (a two-value report by its second value, a one-value
+report by the micro-batches of every replica) and holds what Megatron
+logs (``Pipeline.reports``, ``job.reports``). A one-value report is so
+averaged over every replica's micro-batches: Megatron's where its
+function averaged it over dp, and the same value on every rank.
 
 That all-reduce is one array of the same size on every rank, and only the
 last stage's ranks know the reports' names, so the pipeline keeps the
@@ -19,14 +28,6 @@ costs that gather once, and a step after it only the array's slots. The
 all-reduce takes the largest of each slot, so each value goes as its
 positive and its negative part (every other rank's zeros leave both as
 they are).
-
-Megatron's older ``loss_func`` returned a mean and its reports, ``(loss,
-{"lm loss": averaged_loss})``, each value averaged over dp in the
-function and over the micro-batches by its training loop (a mean of the
-means, each micro-batch one). A Pipeline's loss may return that pair: its
-reports are averaged over the step's micro-batches and dp replicas alike,
-as sums beside a hidden count of the micro-batches (``_MICRO``, one each),
-by which every rank divides the sums once they have met.
 """
 from __future__ import annotations
 
@@ -43,11 +44,13 @@ __all__ = ["StepReports", "Layout", "width"]
 # array, a tuple of numbers)
 Layout = tuple[tuple[str, str, tuple[int, ...]], ...]
 
-# the hidden report of averaged ones (a mean's reports): 1 a micro-batch, summed alike
+# the hidden report of the micro-batches (one-value reports' divisor): 1 each, summed alike
 _MICRO = "\x00micro-batches"
 
 _WHAT = ("a report's value is a tensor (Megatron's [sum, count]), a number, a numpy array or "
          "a tuple of 0-dim tensors or numbers")
+_SIZES = ("Megatron's training loop takes a report of 2 values, [sum, count] (summed over the "
+          "step, then divided), or of one (averaged over the micro-batches)")
 
 
 def width(layout: Layout) -> int:
@@ -73,24 +76,18 @@ def _flat(name: str, v: Any, where: str) -> tuple[str, tuple[int, ...], np.ndarr
                     f"{type(v).__name__} {v!r:.80}: {_WHAT}")
 
 
-def _value(kind: str, shape: tuple[int, ...], values: np.ndarray) -> Any:
-    """A report's sum as its values were: a float64 tensor (on the CPU), a
-    float, or a float64 array, of their shape."""
-    if kind == "number":
-        return float(values[0])
+def _value(kind: str, value: np.float64) -> Any:
+    """A report's logged value as Megatron's loop gives it: a 0-dim
+    float64 tensor (on the CPU) where it was a tensor, else a float."""
     if kind == "tensor":
-        return sys.modules["torch"].from_numpy(values.reshape(shape).copy())
-    return values.reshape(shape).copy()
+        return sys.modules["torch"].tensor(float(value), dtype=sys.modules["torch"].float64)
+    return float(value)
 
 
 def _names(layout: Layout) -> str:
     said = ", ".join(f"{n!r}: " + ("a number" if k == "number" else f"{k} of shape {s}")
                      for n, k, s in layout if n != _MICRO)
-    return "{" + said + "}" + (" averaged (a mean's)" if _averaged(layout) else "")
-
-
-def _averaged(layout: Layout) -> bool:
-    return any(n == _MICRO for n, _, _ in layout)
+    return "{" + said + "}"
 
 
 class StepReports:
@@ -103,18 +100,23 @@ class StepReports:
         self.sums = np.zeros(0)
         self.total: dict[str, Any] = {}
 
-    def add(self, k: int, reports: Any, where: str, averaged: bool = False) -> None:
-        """Micro-batch ``k``'s reports (a dict of name: value) added
-        (``averaged``: a mean's, counted to be averaged); a name or a shape
-        other than the step's first micro-batch's raises ValueError naming
-        both (the sums would mix them)."""
+    def add(self, k: int, reports: Any, where: str) -> None:
+        """Micro-batch ``k``'s reports (a dict of name: value) added, and
+        the micro-batch counted; a value of other than 1 or 2 numbers raises
+        ValueError (Megatron's loop does), as do a name or a shape other
+        than the step's first micro-batch's, naming both (the sums would
+        mix them)."""
         if not isinstance(reports, dict) or not all(isinstance(n, str) for n in reports):
             raise TypeError(f"{where}: loss_fn(output, target) returned {type(reports).__name__} "
                             "as its third item: a per-token loss's reports are a dict of "
                             "names and values (Megatron's {'lm loss': torch.cat([loss_sum."
                             "detach().view(1), num_tokens.view(1)])})")
         flat = [(n, *_flat(n, v, where)) for n, v in sorted(reports.items())]
-        if averaged:
+        for name, _, shape, a in flat:
+            if a.size not in (1, 2):
+                raise ValueError(f"{where}: loss_fn(output, target) returned the report "
+                                 f"{name!r} of shape {shape}, {a.size} values: {_SIZES}")
+        if flat:
             flat.append((_MICRO, "number", (), np.ones(1)))
         layout: Layout = tuple((n, kind, shape) for n, kind, shape, _ in flat)
         values = np.concatenate([a for *_, a in flat]) if flat else np.zeros(0)
@@ -177,14 +179,16 @@ class StepReports:
 
     @staticmethod
     def _rebuilt(layout: Layout, sums: np.ndarray) -> dict[str, Any]:
-        """The step's reports from their sums: each averaged over the
-        hidden count of micro-batches where the layout has one."""
+        """The step's reports from their sums, as Megatron's loop logs
+        them: a [sum, count] the sum over the count (nan where both are 0),
+        one value its mean over the hidden count of micro-batches."""
         parts, at = {}, 0
         for name, kind, shape in layout:
             n = int(np.prod(shape))
-            parts[name] = (kind, shape, sums[at:at + n])
+            parts[name] = (kind, sums[at:at + n])
             at += n
         micro = parts.pop(_MICRO, None)
-        over = micro[2][0] if micro is not None and micro[2][0] > 0 else 1.0
-        return {name: _value(kind, shape, values / over)
-                for name, (kind, shape, values) in parts.items()}
+        over = micro[1][0] if micro is not None and micro[1][0] > 0 else 1.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {name: _value(kind, np.float64(v[0]) / (v[1] if len(v) == 2 else over))
+                    for name, (kind, v) in parts.items()}

@@ -200,9 +200,9 @@ def counted_mse(y, target):
 
 def reported_mse(y, target):
     """``counted_mse`` and its reports after the count (Megatron-core's
-    third item): its sum and count, and -1 a micro-batch."""
+    third item): its sum and count, and minus its rows."""
     total, gy, count = counted_mse(y, target)
-    return total, gy, count, {"sse": np.array([total, count]), "minus": -1}
+    return total, gy, count, {"sse": np.array([total, count]), "minus": -len(y)}
 
 
 def _counted_reference():
@@ -229,16 +229,18 @@ def _check_counted(results, pp_size, dp_size, m):
             got: dict[int, list[np.ndarray]] = {}
             for r in range(pp_size):
                 params, losses, reports = results[d * pp_size + r]["counted"][name]
-                # zb-v's reports (reported_mse): summed over micro-batches and replicas, on
-                # every rank (the first step's laid out in the closing all-gather)
+                # zb-v's reports (reported_mse) as Megatron's loop logs them, on every rank
+                # (the first step's laid out in the closing all-gather): [sum, count] summed
+                # over micro-batches and replicas, then divided; one value averaged over them
                 for step, rep in enumerate(reports):
                     if name != "zb-v":
                         assert rep == {}, rep
                         continue
                     assert rep.keys() == {"sse", "minus"}, rep
-                    assert isinstance(rep["sse"], np.ndarray) and type(rep["minus"]) is float
-                    np.testing.assert_allclose(rep["sse"], ref_sums[step], rtol=1e-10)
-                    assert rep["minus"] == -m * dp_size, rep
+                    assert type(rep["sse"]) is float and type(rep["minus"]) is float, rep
+                    np.testing.assert_allclose(rep["sse"], ref_losses[step], rtol=1e-10)
+                    rows = len(_data(step)[0])
+                    np.testing.assert_allclose(rep["minus"], -rows / (m * dp_size), rtol=1e-12)
                 got.update(params)
                 assert losses == results[last]["counted"][name][1], (name, d, r)
                 np.testing.assert_allclose(losses, ref_losses, rtol=1e-10,

@@ -118,7 +118,9 @@ def test_a_per_token_loss_is_the_sum_over_the_counted_targets_over_their_count(s
     F.cross_entropy and a function returning such a call's value (the
     criterion given a model's output taken out of a tuple), which were
     means weighed by rows (nan here). Megatron-core's (sum, count, reports)
-    too, its reports summed over the micro-batches (``pipe.reports``)."""
+    too, its reports as Megatron's training loop logs them (``pipe.reports``):
+    a [sum, count] summed over the micro-batches then divided, one value
+    averaged over them."""
     F = torch.nn.functional
     x, y = _counted_batch()
     # (what engine.distribute gives a loss_fn of a model returning {"logits": ..., "aux": None})
@@ -135,9 +137,12 @@ def test_a_per_token_loss_is_the_sum_over_the_counted_targets_over_their_count(s
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
         if fn is megatron_ce:
-            assert pipe.reports.keys() == {"lm loss", "micro-batches"}, pipe.reports
-            assert pipe.reports["lm loss"].tolist() == pytest.approx([total.item(), 5.0])
-            assert pipe.reports["micro-batches"] == 3.0
+            assert pipe.reports.keys() == {"lm loss", "tokens", "micro-batches"}, pipe.reports
+            assert pipe.reports["lm loss"].dtype == torch.float64
+            assert pipe.reports["lm loss"].shape == pipe.reports["tokens"].shape == ()
+            assert pipe.reports["lm loss"].item() == pytest.approx(want.item(), rel=1e-12)
+            assert pipe.reports["tokens"].item() == pytest.approx(5 / 3, rel=1e-15)
+            assert pipe.reports["micro-batches"] == 1.0
         else:
             assert pipe.reports == {}, pipe.reports
         assert pipe.eval_step(x, y) == pytest.approx(want.item(), rel=1e-12)
@@ -171,6 +176,9 @@ def test_a_per_token_loss_refuses_mixed_kinds_bad_counts_and_opt_actions():
             (lambda o, t: (*per_token_ce(o, t), {"some" if (t != -100).any() else "none": 1}),
              "1F1: loss_fn(output, target) returned the reports {'some': a number} for "
              "micro-batch 1 but {'none': a number} for micro-batch 0", {}),
+            (lambda o, t: (*per_token_ce(o, t), {"lm loss": (1.0, 2.0, 3.0)}),
+             "1F0: loss_fn(output, target) returned the report 'lm loss' of shape (3,), 3 "
+             "values: Megatron's training loop takes a report of 2 values", {}),
             (lambda o, t: (per_token_ce(o, t)[0], -1), "returned a count of -1.0", {}),
             (per_token_ce, "returned a per-token (sum, count), but the schedule has OPT "
                            "actions", {"optimizer": lambda stage: None})]:
@@ -472,7 +480,7 @@ def megatron_ce(logits, y, name="lm loss"):
     loss, count = per_token_ce(logits, y)
     count = count.to(torch.int)
     return loss, count, {name: torch.cat([loss.clone().detach().view(1), count.view(1)]),
-                         "micro-batches": 1}
+                         "tokens": count.view(1), "micro-batches": 1}
 
 
 def legacy_squared(o, t):
@@ -642,16 +650,19 @@ def _check_per_token_dp_pp(results, names):
                 got.update(params)
                 if said[0] is not None:
                     np.testing.assert_allclose(said, losses, rtol=1e-10, err_msg=name)
-                # Megatron's reports: summed over micro-batches and replicas, on every rank
+                # Megatron-core's reports as its training loop logs them, on every rank: a
+                # [sum, count] summed over micro-batches and replicas then divided, one value
+                # averaged over the micro-batches (2 replicas x 4)
                 for step, (rep, (total, count)) in enumerate(zip(reports, sums, strict=True)):
                     if name != "1f1b":
                         assert rep == {}, (name, rep)
                         continue
-                    assert set(rep) == {"lm loss", "micro-batches"}, rep
-                    assert rep["lm loss"].dtype == torch.float64 and rep["lm loss"].shape == (2,)
-                    np.testing.assert_allclose(rep["lm loss"].numpy(), [total, count],
+                    assert set(rep) == {"lm loss", "tokens", "micro-batches"}, rep
+                    assert rep["lm loss"].dtype == torch.float64 and rep["lm loss"].shape == ()
+                    np.testing.assert_allclose(rep["lm loss"].item(), total / count,
                                                rtol=1e-10, err_msg=f"step {step}")
-                    assert rep["micro-batches"] == 8.0, rep
+                    np.testing.assert_allclose(rep["tokens"].item(), count / 8, rtol=1e-12)
+                    assert rep["micro-batches"] == 1.0, rep
             flat = [p for s in sorted(got) for p in got[s]]
             for a, b in zip(flat, want, strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{name} dp {d}")
@@ -659,9 +670,10 @@ def _check_per_token_dp_pp(results, names):
         assert ("returned a per-token (sum, count) on dp replicas [0] but a mean (a loss "
                 "alone) on dp replicas [1]") in res["mixed"], (r, res["mixed"])
         assert ("loss_fn(output, target) returned other reports on other dp replicas (dp "
-                "replica 0: {'loss': tensor of shape (2,), 'micro-batches': a number}; dp "
-                "replica 1: {'lm loss': tensor of shape (2,), 'micro-batches': a number}): every "
-                "replica's loss reports the same names; rolled back on every rank"
+                "replica 0: {'loss': tensor of shape (2,), 'micro-batches': a number, 'tokens': "
+                "tensor of shape (1,)}; dp replica 1: {'lm loss': tensor of shape (2,), "
+                "'micro-batches': a number, 'tokens': tensor of shape (1,)}): every replica's "
+                "loss reports the same names; rolled back on every rank"
                 ) in res["named"], (r, res["named"])
         assert res["named reports"] == {}, res["named reports"]
 
