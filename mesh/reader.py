@@ -462,7 +462,8 @@ class Reader:
                 self._consumed(src, h.nbytes)
                 req.got = h
                 req.complete(dest)
-                self._ack(h)
+                if h.sync >= 0:     # (a synchronous send's: its sender told)
+                    self._ack(h)
             elif req is None or not self._complete(req, src, h.tag, dest, h.nbytes, h.fp,
                                                    h.device, h.sync):
                 self._arrive(src, h.group, h.tag, dest, h.nbytes, h.fp, h.device, h.sync)
@@ -595,7 +596,8 @@ class Reader:
             self._consumed(h.src, h.nbytes)
             req.got = h
             req.complete(dest)
-            self._ack(h)
+            if h.sync >= 0:     # (a synchronous send's: its sender told)
+                self._ack(h)
         elif req is None or not self._complete(req, h.src, h.tag, dest, h.nbytes, h.fp,
                                                h.device, h.sync):
             self._arrive(h.src, h.group, h.tag, dest, h.nbytes, h.fp, h.device, h.sync)
