@@ -5,6 +5,7 @@ and against network drops (a TCP relay of the test's own, ``_Link``, cut
 and mended). (Strangers, garbage and duplicates: tests/test_mesh_auth.py.)"""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -14,7 +15,7 @@ import socket
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import msgpack
 import pytest
@@ -580,6 +581,29 @@ def _joins(ctx: zmq.Context, got: dict[int, Any], rank: int, port: int) -> None:
         got[rank] = e
 
 
+@contextlib.contextmanager
+def _dropping() -> Iterator[tuple[RendezvousServer, _Link, dict[int, Any],
+                                  Callable[[int, int], None], threading.Thread]]:
+    """A service of 2 ranks with a relay before it (``_Link``, to cut), and
+    ``waiter``, a thread (not started) where rank 1 joins through the relay;
+    ``joins(rank, port)`` joins another, each one's table or error in
+    ``got``. All closed after."""
+    srv = RendezvousServer(2, "s").start()
+    link = _Link(srv.port)
+    ctx = zmq.Context()
+    got: dict[int, Any] = {}
+    joins = functools.partial(_joins, ctx, got)
+    waiter = threading.Thread(target=joins, args=(1, link.port))
+    try:
+        yield srv, link, got, joins, waiter
+    finally:
+        link.close()
+        if waiter.ident is not None:
+            waiter.join(10)
+        srv.close()
+        ctx.term()
+
+
 def _reset(s: socket.socket) -> None:
     """Close ``s`` with a reset (RST), as a link's far end or a middlebox does."""
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -593,13 +617,7 @@ def test_a_rank_waiting_through_a_network_drop_joins_as_the_link_comes_back(
     once, as if the service had ended. It joins again as the link comes
     back (the same join: the service, which forgot it as its connection
     closed, counts it once), until its rendezvous timeout."""
-    srv = RendezvousServer(2, "s").start()
-    link = _Link(srv.port)
-    ctx = zmq.Context()
-    got: dict[int, Any] = {}
-    joins = functools.partial(_joins, ctx, got)
-    waiter = threading.Thread(target=joins, args=(1, link.port))
-    try:
+    with _dropping() as (srv, link, got, joins, waiter):
         with caplog.at_level("WARNING", logger="mesh.rendezvous"):
             waiter.start()
             assert wait_until(lambda: srv.missing() == [0])
@@ -622,24 +640,13 @@ def test_a_rank_waiting_through_a_network_drop_joins_as_the_link_comes_back(
             f"{dropped}, and its port does not refuse connections (the network, not the "
             f"service's end): joining again as it comes back, until the rendezvous timeout "
             f"(30s)"}, said
-    finally:
-        link.close()
-        waiter.join(10)
-        srv.close()
-        ctx.term()
 
 
 def test_a_rank_whose_connection_is_reset_joins_again_not_as_a_duplicate() -> None:
     """A connection reset, the link at once good again: the rank joins again
     before the service has seen its first connection close, and was refused
     as a duplicate of itself. The same join again is the same registration."""
-    srv = RendezvousServer(2, "s").start()
-    link = _Link(srv.port)
-    ctx = zmq.Context()
-    got: dict[int, Any] = {}
-    joins = functools.partial(_joins, ctx, got)
-    waiter = threading.Thread(target=joins, args=(1, link.port))
-    try:
+    with _dropping() as (srv, link, got, joins, waiter):
         waiter.start()
         for _ in range(3):
             assert wait_until(lambda: srv.missing() == [0] and link.relaying()), got
@@ -649,11 +656,6 @@ def test_a_rank_whose_connection_is_reset_joins_again_not_as_a_duplicate() -> No
         waiter.join(10)
         assert isinstance(got[1], list) and got[0] == got[1], got
         assert srv.rejected == 0
-    finally:
-        link.close()
-        waiter.join(10)
-        srv.close()
-        ctx.term()
 
 
 def test_the_same_join_again_is_one_registration_and_gets_the_table_again() -> None:
