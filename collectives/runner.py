@@ -29,7 +29,7 @@ from mesh import ANY, AbortKind, Comm, LostPeerError, MeshError, MeshTimeoutErro
 from .plan import Tuning
 
 __all__ = ["Ctx", "Work", "Body", "start", "now", "NOT_NOW", "abandon", "agreed", "check_comm",
-           "caught", "where", "named", "release", "blocking", "abort_kind"]
+           "caught", "where", "named", "release", "blocking", "abort_kind", "abort_now"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -539,6 +539,15 @@ def _abort(g: Comm, tag: int, name: str, e: BaseException) -> None:
     else:
         text = f"{name} #{-tag} failed: {type(e).__name__}" + (f": {text}" if text else "")
     g.collective_channel().abort(tag, text, *abort_kind(g, e))
+
+
+def abort_now(ctx: Ctx, e: BaseException) -> None:
+    """Abort ``ctx``'s call on every member for ``e`` now, which this rank
+    is about to raise from a step its peers watch on the board (a user op's
+    ``fn``: collectives.shm.local_fold): their waits then find the abort
+    itself, not only that this rank has left the round. The abort the
+    call's failure makes (``_failed``) finds it made, and sends nothing."""
+    _abort(ctx.g, ctx.tag, ctx.name, e)
 
 
 def _failed(g: Comm, tag: int, name: str, e: BaseException) -> BaseException:

@@ -14,11 +14,16 @@ torch tensor's too: mpi4py's gets buffers), so ``np.frombuffer`` reads
 them. ``a`` holds lower ranks than ``b``: every path combines in rank
 order, so a non-commutative op (``commute=False``, the default as in
 MPI) gives ``x0 (op) x1 (op) ... (op) x(n-1)``; and the same bits on
-every rank, each pair combined once, by the same operands.
+every rank (over sockets each pair is combined once; on the board every
+rank combines the same operands in the same order).
 
-These calls take their own paths, over point-to-point (never the board's
-or the ring's reductions, which combine chunks of an array in ufuncs;
-``algorithm=`` and MESH_COLL_ALGO do not apply), each ending in a barrier:
+These calls take their own paths (never the builtin reductions, which
+combine chunks of an array in ufuncs; ``algorithm=`` and MESH_COLL_ALGO
+do not apply). On a group whose ranks share a host (unless MESH_CMA=0),
+the same-host board (collectives.shm.local_fold): each rank reads the
+operands it needs out of its peers' memory and combines them itself, left
+to right in rank order, then waits for every peer's stage. Otherwise over
+point-to-point, each ending in a barrier:
 
     all_reduce          recursive doubling (collectives.host.small), the
                         whole array each round: log2(n) calls of fn
@@ -39,7 +44,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -51,8 +57,9 @@ from .device.paths import simple
 from .host.paths import _array, _counts_fp, _fp, _in_place, _root, _rows, _uneven
 from .host.paths_reduce import scan_doubling
 from .host.small import all_reduce_rd, barrier_dissemination
-from .runner import Body, Ctx, agreed, check_comm, start
+from .runner import Body, Ctx, abort_now, agreed, check_comm, start
 from .shm import board
+from .shm.local_fold import fold
 from .tensors import run as _on_tensor
 
 __all__ = ["Op", "all_reduce", "reduce", "reduce_scatter", "reduce_scatter_v", "scan"]
@@ -203,14 +210,41 @@ def _settled(ctx: Ctx) -> None:
     barrier_dissemination(ctx)
 
 
-def _noted(ctx: Ctx, name: str, path: str, nbytes: int) -> None:
-    """MESH_COLL_DEBUG's line; and this call's fingerprint on the board
-    where the group has one (peers that took it for a builtin op wait
-    there: they see the mismatch at once, collectives.shm.round.announce)."""
-    if debug.ON:
-        debug.note(ctx.g, name, f"user op, {path} over sockets", nbytes)
+def _on_board(ctx: Ctx, name: str, path: str, nbytes: int) -> tuple[bytes, int] | None:
+    """Whether this call runs on the same-host board (a group whose ranks
+    may read each other's memory, unless MESH_CMA=0: collectives.shm.local_fold):
+    the board's signature of its fingerprint, else None (over sockets, by
+    ``path``: a group across hosts, or an op's name too long for the board's
+    fingerprint); and MESH_COLL_DEBUG's line."""
+    sig = None
     if board.available(ctx):
-        board.announce(ctx)
+        try:
+            sig = board.signature(ctx.fp)
+        except ValueError:
+            pass
+    if debug.ON:
+        debug.note(ctx.g, name, "user op, same-host board" if sig is not None
+                   else f"user op, {path} over sockets", nbytes)
+    return sig
+
+
+def _folded(ctx: Ctx, sig: tuple[bytes, int], mine: np.ndarray, ranks: Sequence[int],
+            lo: int, hi: int, op: Op, shape: tuple[int, ...],
+            out: np.ndarray | None = None) -> np.ndarray | None:
+    """collectives.shm.local_fold.fold of items [lo, hi) of ``ranks``'
+    ``mine`` (into ``out``), shown to ``fn`` as ``shape``; a ``fn`` that
+    raises aborts the call on every member before this rank leaves the
+    board's round."""
+    bound = _Bound(op, ctx)
+
+    def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        try:
+            bound.apply(a.reshape(shape), b.reshape(shape))
+        except BaseException as e:
+            abort_now(ctx, e)
+            raise
+        return b
+    return fold(ctx, mine, ranks, lo, hi, combine, sig, out)
 
 
 def _fp_of(coll: str, arr: np.ndarray | None, op: Op, **kw: Any) -> dict:
@@ -223,10 +257,14 @@ def _all_reduce(g: Comm, a: Any, op: Op, async_op: bool = False,
         arr = _array("all_reduce", a, writable=True)
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
-            if ctx.g.size > 1:
-                _noted(ctx, "all_reduce", "recursive doubling", buf.nbytes)
+            if ctx.g.size == 1:
+                return
+            sig = _on_board(ctx, "all_reduce", "recursive doubling", buf.nbytes)
+            if sig is None:
                 all_reduce_rd(ctx, buf, _Bound(op, ctx, arr.shape))
                 _settled(ctx)
+                return
+            _folded(ctx, sig, buf, range(ctx.g.size), 0, buf.size, op, arr.shape, buf)
         return _fp_of("all_reduce", arr, op), _in_place(arr, body)
     return start(g, "all_reduce", prepare, async_op, timeout)
 
@@ -264,20 +302,34 @@ def _reduce(g: Comm, a: Any, op: Op, root: int = 0, async_op: bool = False,
             _settled(ctx)      # (before agreed's watch: it would take the barrier's messages)
 
         def body(ctx: Ctx, buf: np.ndarray) -> None:
-            if ctx.g.size > 1:
-                _noted(ctx, "reduce", "binomial tree", buf.nbytes)
+            if ctx.g.size == 1:
+                return
+            sig = _on_board(ctx, "reduce", "binomial tree", buf.nbytes)
+            if sig is None:
                 agreed(lambda c: tree(c, buf))(ctx)
+                return
+            ranks = range(ctx.g.size) if ctx.g.rank == r else range(0)
+            _folded(ctx, sig, buf, ranks, 0, buf.size, op, arr.shape, buf)
         return _fp_of("reduce", arr, op, root=r), _in_place(arr, body, g.rank == r)
     return start(g, "reduce", prepare, async_op, timeout)
 
 
-def _blocks(ctx: Ctx, name: str, parts: list[np.ndarray], op: Op) -> np.ndarray:
-    """This rank's block of a reduce_scatter: every rank's ``parts[rank]``
-    (``parts``: this rank's array cut in g.size blocks, only read),
-    combined in rank order."""
+def _blocks(ctx: Ctx, name: str, arr: np.ndarray, counts: list[int], op: Op) -> np.ndarray:
+    """This rank's block of a reduce_scatter: every rank's block ``rank``
+    (``arr``: this rank's array, C-contiguous, only read, cut in blocks of
+    ``counts`` rows in rank order), combined in rank order."""
     n, me = ctx.g.size, ctx.g.rank
+    row, form = math.prod(arr.shape[1:]), arr.shape[1:]
+    at = np.cumsum([0] + counts).tolist()
+    lo, hi = at[me] * row, at[me + 1] * row
     if n > 1:
-        _noted(ctx, name, "direct", sum(p.nbytes for p in parts))
+        sig = _on_board(ctx, name, "direct", arr.nbytes)
+        if sig is not None:
+            block = _folded(ctx, sig, arr.reshape(-1), range(n), lo, hi, op,
+                            (counts[me],) + form)
+            assert block is not None
+            return block.reshape((counts[me],) + form)
+    parts = [arr[at[j]:at[j + 1]] for j in range(n)]
     got = {j: ctx.irecv(j, np.empty_like(parts[me])) for j in range(n) if j != me}
     sent = [ctx.isend(parts[j], j) for j in range(n) if j != me]
     bound = _Bound(op, ctx)
@@ -300,7 +352,8 @@ def _reduce_scatter(g: Comm, a: Any, op: Op, async_op: bool = False,
         _rows("reduce_scatter", arr, g.size)
 
         def body(ctx: Ctx) -> np.ndarray:
-            return _blocks(ctx, "reduce_scatter", np.split(arr, ctx.g.size), op)
+            m = arr.shape[0] // ctx.g.size
+            return _blocks(ctx, "reduce_scatter", arr, [m] * ctx.g.size, op)
         return _fp_of("reduce_scatter", arr, op), body
     return start(g, "reduce_scatter", prepare, async_op, timeout)
 
@@ -315,10 +368,9 @@ def _reduce_scatter_v(g: Comm, a: Any, counts: list[int], op: Op, async_op: bool
             check()
         n = g.size
         arr = _uneven(name, a, counts, n, sum(counts) if len(counts) == n else None)[0]
-        edges = np.cumsum([0] + list(counts))
 
         def body(ctx: Ctx) -> np.ndarray:
-            return _blocks(ctx, name, [arr[lo:hi] for lo, hi in zip(edges, edges[1:])], op)
+            return _blocks(ctx, name, arr, [int(k) for k in counts], op)
         return _fp(name, dtype=dtype_name(arr.dtype), row=list(arr.shape[1:]) or None,
                    counts=_counts_fp(list(counts)), op=op.label), body
     return start(g, name, prepare, async_op, timeout)
@@ -331,16 +383,18 @@ def _scan(g: Comm, a: Any, op: Op, async_op: bool = False, timeout: float | None
     def prepare(t: Any) -> tuple[dict, Body]:
         arr = np.array(_array(name, a), order="C")      # (a copy: combined into)
 
-        def doubling(ctx: Ctx) -> Any:
-            out = scan_doubling(ctx, arr, _Bound(op, ctx).apply, exclusive)
-            if ctx.g.size > 1:
-                _settled(ctx)
-            return out
-
         def body(ctx: Ctx) -> Any:
-            if ctx.g.size > 1:
-                _noted(ctx, name, "recursive doubling", arr.nbytes)
-            return doubling(ctx)
+            if ctx.g.size == 1:
+                return scan_doubling(ctx, arr, _Bound(op, ctx).apply, exclusive)
+            sig = _on_board(ctx, name, "recursive doubling", arr.nbytes)
+            if sig is None:
+                out = scan_doubling(ctx, arr, _Bound(op, ctx).apply, exclusive)
+                _settled(ctx)
+                return out
+            r = ctx.g.rank
+            got = _folded(ctx, sig, arr.reshape(-1), range(r if exclusive else r + 1), 0,
+                          arr.size, op, arr.shape)
+            return None if got is None else got.reshape(arr.shape)
         return _fp_of(name, arr, op), body
     return start(g, name, prepare, async_op, timeout)
 

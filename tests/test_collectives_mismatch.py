@@ -39,14 +39,14 @@ def _bad_algo(g: Any) -> None:
     raise ValueError(" | ".join(said))
 
 
-def _fails_on_rank_1(g: Any) -> Any:
+def _fails_on_rank_1(g: Any, size: int = 3) -> Any:
     """A user op whose function raises on rank 1 only (after rank 1 has
-    sent its operand: the others could finish without it)."""
+    sent or posted its operand: the others could finish without it)."""
     def fn(a: Any, b: Any) -> Any:
         if g.rank == 1:
             raise ValueError("the op failed on purpose")
         return a + b
-    return C.all_reduce(g, np.ones(3), op=C.Op(fn, name="fails on rank 1"))
+    return C.all_reduce(g, np.ones(size), op=C.Op(fn, name="fails on rank 1"))
 
 
 CASES: dict[str, Callable[[Any], Any]] = {
@@ -80,6 +80,7 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "two user ops": lambda g: C.reduce_scatter(g, np.ones(8), op=C.Op(
         _odd(g.rank, lambda a, b: a + b, lambda a, b: a * b))),
     "user op raises on one rank": _fails_on_rank_1,
+    "user op raises on one rank, large": lambda g: _fails_on_rank_1(g, 20_000),
     "user op returns the wrong shape": lambda g: C.all_reduce(
         g, np.ones(3), op=C.Op(lambda a, b: (a + b)[:2], name="short")),
 }
@@ -206,12 +207,13 @@ def test_a_user_op_failing_on_one_rank_fails_the_call_on_every_rank(outcomes: li
     """Rank 1's function raises after rank 1 has sent its operand: the
     others, whose results no longer need it, raise too (the call ends in
     a barrier), naming rank 1 and its error; rank 1 raises its own."""
-    texts = _texts(outcomes, "user op raises on one rank")
-    assert texts[1] == "ValueError: the op failed on purpose", texts[1]
-    for rank in (0, 2, 3):
-        assert texts[rank].startswith("MeshError") and "rank 1 of group world: all_reduce #" \
-            in texts[rank] and "ValueError: the op failed on purpose" in texts[rank], \
-            texts[rank]
+    for case in ("user op raises on one rank", "user op raises on one rank, large"):
+        texts = _texts(outcomes, case)      # (large: past the board's payload, read across)
+        assert texts[1] == "ValueError: the op failed on purpose", texts[1]
+        for rank in (0, 2, 3):
+            assert texts[rank].startswith("MeshError") and "rank 1 of group world: " \
+                "all_reduce #" in texts[rank] and "ValueError: the op failed on purpose" \
+                in texts[rank], texts[rank]
     for rank, text in enumerate(_texts(outcomes, "user op returns the wrong shape")):
         # (its own, or a peer's first: every rank's function gives the wrong shape)
         assert re.match(r"(TypeError|MeshError): rank \d: all_reduce #\d+ on group world", text) \

@@ -2,11 +2,16 @@
 every reducing collective against a one-process numpy reference, for
 non-commutative ops (a 2x2 matrix product a row, an affine map's
 composition in mpi4py's in-place form) and commutative ones, numpy arrays
-and torch tensors, in groups of 1 to 4 ranks inside one spawn. Ranks
-that disagree on the op, and an op that fails, are in
-test_collectives_mismatch.py; across hosts in test_collectives_hier.py."""
+and torch tensors, in groups of 1 to 4 ranks inside one spawn, on the
+same-host board (payloads, and arrays past them read across processes)
+and over sockets (MESH_CMA=0). Ranks that disagree on the op, and an op
+that fails, are in test_collectives_mismatch.py; across hosts in
+test_collectives_hier.py."""
 from __future__ import annotations
 
+import io
+import os
+import sys
 from functools import reduce as fold
 from typing import Any
 
@@ -53,10 +58,30 @@ def maps(seed: int, rows: int = 3) -> np.ndarray:
 
 def _groups(world: Any) -> list[Any]:
     """Groups of 1, 2, 3 and 4 ranks (None where this rank is not in one)."""
-    return [world.group([world.rank]), world.group([0, 1]), world.group([1, 2, 3]), world]
+    return [world.group([world.rank]), world.group([0, 1]), world.group([1, 2, 3]),
+            world.group(list(range(world.size)))]
 
 
-def _check(world: Any) -> list[str]:
+BIG = 2100
+"""Rows of 4 int64 (67 KB): past the board's payload (64 KiB), read across processes."""
+
+
+def _both_paths(world: Any) -> tuple[list[str], list[str]]:
+    """_check on the same-host board, then on new groups with MESH_CMA=0
+    (sockets); what was wrong, and MESH_COLL_DEBUG's lines of user ops."""
+    said = io.StringIO()
+    was, sys.stderr = sys.stderr, said
+    try:
+        wrong = _check(_groups(world))
+        os.environ["MESH_CMA"] = "0"    # (read as a group first asks for the board)
+        wrong += [f"sockets: {w}" for w in _check(_groups(world))]
+    finally:
+        sys.stderr = was
+        del os.environ["MESH_CMA"]
+    return wrong, [line for line in said.getvalue().splitlines() if "user op" in line]
+
+
+def _check(groups: list[Any]) -> list[str]:
     import torch
     wrong: list[str] = []
 
@@ -69,13 +94,26 @@ def _check(world: Any) -> list[str]:
         if not ok:
             wrong.append(f"{what} on {g.name}: {got!r} != {want!r}")
 
-    for g in _groups(world):
+    for g in groups:
         if g is None:
             continue
         n, r, w = g.size, g.rank, g.ranks
         seed = [10 * x for x in w]
         a = mats(seed[r])
         same("all_reduce", C.all_reduce(g, a, op=MAT), fold(matmul_rows, map(mats, seed)))
+        # past the board's payload: read across processes, the order the same
+        big = [mats(s + 3, BIG) for s in seed]
+        same("big all_reduce", C.all_reduce(g, big[r].copy(), op=MAT), fold(matmul_rows, big))
+        a = big[r].copy()
+        C.reduce(g, a, root=n - 1, op=MAT)
+        same("big reduce", a, fold(matmul_rows, big) if r == n - 1 else big[r])
+        counts = [BIG - 7 * (n - 1)] + [7] * (n - 1)
+        lo = sum(counts[:r])
+        same("big reduce_scatter_v", C.reduce_scatter_v(g, big[r], counts, op=MAT),
+             fold(matmul_rows, big)[lo:lo + counts[r]])
+        same("big scan", C.scan(g, big[r], op=MAT), fold(matmul_rows, big[:r + 1]))
+        same("big exscan", C.exscan(g, big[r], op=MAT),
+             fold(matmul_rows, big[:r]) if r else None)
         for root in range(n):
             a = mats(seed[r])
             C.reduce(g, a, root=root, op=MAT)
@@ -140,9 +178,17 @@ def _check(world: Any) -> list[str]:
 
 def test_user_ops_match_numpy_in_groups_of_one_to_four_ranks() -> None:
     """In rank order (the products differ in any other order), the same
-    bits on every rank, a reduce's non-roots' arrays untouched."""
-    for rank, wrong in enumerate(mesh.spawn(_check, 4, timeout=100)):
+    bits on every rank, a reduce's non-roots' arrays untouched; on the
+    same-host board, and over sockets where MESH_CMA=0."""
+    got = mesh.spawn(_both_paths, 4, timeout=100, env={"MESH_COLL_DEBUG": "1"})
+    for rank, (wrong, lines) in enumerate(got):
         assert wrong == [], f"rank {rank}: {wrong}"
+        for name in ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_v", "scan",
+                     "exscan"):
+            took = {line.split(": user op, ", 1)[1].rsplit(", ", 1)[0] for line in lines
+                    if line.startswith(f"meshrun rank {rank}: {name} on ")}
+            assert "same-host board" in took and any("over sockets" in t for t in took) \
+                and len(took) == 2, (rank, name, lines)
 
 
 def test_an_op_is_checked_where_it_is_made() -> None:
