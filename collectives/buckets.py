@@ -49,6 +49,7 @@ from mesh import Comm, device, tensors
 
 from .ops import resolve
 from .runner import abandon, check_comm, named
+from .userop import Op
 from .api import all_gather, all_gather_object, all_reduce   # host arrays or device ones
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "bucket_plan", "GradReducer", "all_reduce_grads"]
@@ -136,14 +137,18 @@ class GradReducer:
     """All-reduce a fixed list of gradient arrays (or the current gradients
     of a fixed list of parameters), bucket by bucket, as they become ready;
     ``wait()`` leaves every gradient averaged (``op="avg"``, the default) or
-    summed (``op="sum"``) over the group, in place. ``timeout`` bounds each
-    bucket's all_reduce (default: the group's)."""
+    summed (``op="sum"``) over the group, in place. A user op
+    (``collectives.Op``) gets a bucket at a time: the gradients of one
+    dtype joined flat, so it must combine elementwise; a parameter without
+    a ``.grad`` is refused then (the op has no identity to stand for it).
+    ``timeout`` bounds each bucket's all_reduce (default: the group's)."""
 
     _refuse_torch = True      # all_reduce_grads' one-shot reducer takes them
     _called = "GradReducer"   # what errors name
 
     def __init__(self, g: Comm, grads: Iterable[Any], bucket_bytes: int =
-                 DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
+                 DEFAULT_BUCKET_BYTES, op: str | Op = "avg",
+                 timeout: float | None = None) -> None:
         check_comm(g, self._called)
         self.g = g
         self.timeout = timeout
@@ -212,7 +217,8 @@ class GradReducer:
                 return xp.empty(n, self._views[first].dtype)
         try:
             for dt in wide:
-                resolve(op, dt)
+                if not isinstance(op, Op):
+                    resolve(op, dt)
             plan = bucket_plan(nbytes, wide, bucket_bytes)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{self._me}: {e}") from None
@@ -220,8 +226,9 @@ class GradReducer:
         self._sizes = sizes
         self._plan_from: _Layout = ([_named_spec(v) for v in self._views], nbytes, wide)
         # Parameters' buckets of floating gradients carry whether each had a
-        # gradient: one no rank had stays None, as in DDP.
-        flags = self.params is not None
+        # gradient: one no rank had stays None, as in DDP (a user op's, which
+        # would combine the flags too, have none: a missing .grad is refused).
+        flags = self.params is not None and not isinstance(op, Op)
         with self._on_gpu():
             self.buckets = [_Bucket(m, sizes, empty, flags and _floating(wide[m[0]]))
                             for m in plan]
@@ -301,7 +308,13 @@ class GradReducer:
         p = self.params[i]
         self._made[i] = p.grad is None
         if p.grad is None:
-            p.grad = p.detach().new_full(p.shape, _IDENTITY.get(self.op, 0.0))
+            op = self.op
+            if isinstance(op, Op):
+                raise TypeError(f"{self._me}: parameter {i} has no .grad (unused in this "
+                                f"step's forward?): the user op {op.label} has no "
+                                f"identity to reduce in its place; give it one (p.grad = "
+                                f"torch.zeros_like(p)) or reduce with a builtin op")
+            p.grad = p.detach().new_full(p.shape, _IDENTITY.get(op, 0.0))
         t = self._held[i] = p.grad
         return t
 
@@ -538,8 +551,9 @@ class _Once(GradReducer):
 
 
 def all_reduce_grads(g: Comm, grads: Iterable[Any], bucket_bytes: int =
-                     DEFAULT_BUCKET_BYTES, op: str = "avg", timeout: float | None = None) -> None:
+                     DEFAULT_BUCKET_BYTES, op: str | Op = "avg",
+                     timeout: float | None = None) -> None:
     """All gradients (arrays, torch gradients too, or parameters' .grad) at
     once through fusion buckets (no overlap with backward; build a
-    GradReducer and call ``ready`` for that)."""
+    GradReducer and call ``ready`` for that); ``op``: as GradReducer's."""
     _Once(g, grads, bucket_bytes, op, timeout).wait()

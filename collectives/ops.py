@@ -163,7 +163,8 @@ def resolve(name: str, dtype: Any) -> ReduceOp:
     if not isinstance(name, str) or name not in _UFUNC:
         if type(name).__name__ == "Op":     # (collectives.userop's: not importable here)
             raise ValueError(f"a user op ({name!r}) is taken by all_reduce, reduce, "
-                             f"reduce_scatter, reduce_scatter_v, scan and exscan, not here")
+                             f"reduce_scatter, reduce_scatter_v, scan, exscan, GradReducer "
+                             f"and all_reduce_grads, not here")
         raise ValueError(f"unknown reduction op {name!r}; expected one of {', '.join(OPS)} "
                          f"(or a collectives.Op)")
     dt = np.dtype(dtype)

@@ -60,6 +60,18 @@ def reducer_cases(world: Any) -> bool:
     C.all_reduce_grads(world, summed, bucket_bytes=1 << 10, op="sum")
     for g, w in zip(summed, [sum(gs) for gs in zip(*(_grads(2, i) for i in range(n)))]):
         assert np.array_equal(g, w)
+    # a user op (collectives.Op) takes each bucket flat, combined in rank order:
+    # "first" (associative, not commutative) leaves rank 0's gradients everywhere
+    mine = _grads(3, r)
+    red = C.GradReducer(world, mine, bucket_bytes=64, op=C.Op(lambda a, b: a, name="first"))
+    for i in reversed(range(len(mine))):
+        red.ready(i)
+    red.wait()
+    assert all(np.array_equal(g, w) for g, w in zip(mine, _grads(3, 0)))
+    added = _grads(4, r)
+    C.all_reduce_grads(world, added, bucket_bytes=1 << 10, op=C.Op(np.add, commute=True))
+    for g, w in zip(added, [sum(gs) for gs in zip(*(_grads(4, i) for i in range(n)))]):
+        assert np.array_equal(g, w)
     return True
 
 
@@ -279,6 +291,20 @@ def _unused_params(world: Any) -> list[str]:
     assert p.grad.tolist() == [1.5] * 4 and p.grad.stride() == (0,), p.grad
     assert torch.equal(q.grad, torch.arange(6.0).reshape(3, 2).t() * 1.5), q.grad
     seen.append("expanded")
+    # a user op: parameters' gradients in rank order ("last": rank 1's); a missing
+    # .grad has no identity to stand for it: refused on its rank, the peer told
+    last = C.Op(lambda a, b: b, name="last")
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    p.grad, q.grad = torch.full((2,), world.rank + 1.0), torch.full((3,), world.rank + 5.0)
+    C.GradReducer(world, [p, q], op=last).wait()
+    assert p.grad.tolist() == [2.0] * 2 and q.grad.tolist() == [6.0] * 3, (p.grad, q.grad)
+    seen.append("user op")
+    q.grad = None if world.rank == 1 else torch.ones(3)
+    with pytest.raises((TypeError, mesh.MeshError), match=r"rank 1: GradReducer on group "
+                       r"world: parameter 1 has no \.grad .* the user op Op\('last'\) has no "
+                       r"identity") as err:
+        C.GradReducer(world, [p, q], op=last).wait()
+    seen.append(f"{type(err.value).__name__} refused")
     return seen
 
 
@@ -286,10 +312,14 @@ def test_grad_reducer_leaves_a_parameter_no_rank_used_without_a_gradient() -> No
     """...and max, min and prod are over the ranks that have a gradient (a
     missing one counted as zeros gave a max of negatives 0); an expanded
     .grad (stride 0) is reduced in place (torch's "more than one element of
-    the written-to tensor refers to a single memory location" was raised)."""
+    the written-to tensor refers to a single memory location" was raised);
+    a user op (collectives.Op) combines parameters' gradients in rank order,
+    and refuses a missing .grad (no identity to stand for it) on its rank,
+    its peer told (a GradReducer took builtin ops only)."""
     pytest.importorskip("torch")
-    assert mesh.spawn(_unused_params, 2, timeout=100) == [
-        ["step 0", "step 1", "max", "min", "prod", "expanded"]] * 2
+    got = mesh.spawn(_unused_params, 2, timeout=100)
+    seen = ["step 0", "step 1", "max", "min", "prod", "expanded", "user op"]
+    assert got == [seen + ["MeshError refused"], seen + ["TypeError refused"]], got
 
 
 def test_grad_reducer_refuses_what_would_train_the_replicas_apart() -> None:

@@ -204,7 +204,7 @@ def test_an_op_is_checked_where_it_is_made() -> None:
 
 
 def test_a_user_op_where_only_builtin_ones_go_says_where_it_goes() -> None:
-    """(GradReducer, all_reduce_grads: their buckets join many arrays)"""
+    """(all_reduce_loc, the object collectives, the torch backend)"""
     from collectives.ops import resolve
     with pytest.raises(ValueError, match=r"a user op \(collectives.Op\('affine', commute="
                                          r"False\)\) is taken by all_reduce, reduce, "):
