@@ -633,16 +633,23 @@ def late_rank(world: Any) -> list[str]:
     reach rank 2 let rank 1's, which names no late rank, be the one it
     raised, 1 run in 3.) Then the same on a group whose boards a small
     call set up (no post since: rank 1 waits for rank 2 to enter the call
-    before it chooses the one board round, board.agree)."""
+    before it chooses the one board round, board.agree), and a small call
+    that a call of its shape made before takes the short way
+    (collectives.host.tiny: its phases time out outside hier's)."""
+    from collectives.host import tiny
     _fake_host(world)
-    a = np.ones(200_000, np.float32)
+    a, small = np.ones(200_000, np.float32), np.ones(4)
     said = []
-    for g, warm in ((world, a), (world.group(list(range(world.size))), np.ones(4))):
+    for g, warm, late in ((world, a, a), (world.group(list(range(world.size))), small, a),
+                          (world, small, small)):
         C.all_reduce(g, warm.copy(), timeout=30)       # the boards up
         if world.rank == 2:
             time.sleep(1.5)
+        short = tiny.stats["calls"]
         with pytest.raises(mesh.MeshTimeoutError) as err:
-            C.all_reduce(g, a.copy(), timeout=1.0)
+            C.all_reduce(g, late.copy(), timeout=1.0)
+        if world.rank != 2:     # (rank 2 finds the call aborted before its phases)
+            assert (tiny.stats["calls"] > short) == (late is small), late.size
         C.barrier(world, timeout=30)
         said.append(str(err.value))
     return said

@@ -97,7 +97,8 @@ from .small import all_reduce_rd
 
 __all__ = ["Topology", "topology", "topology_of", "refuse", "numbered", "settled", "unsettle",
            "all_reduce", "reduce_scatter", "all_gather", "broadcast", "rd_across",
-           "small_columns", "SMALL_HOST", "SMALL_COLUMN", "FIRST", "ACROSS", "LAST", "stats"]
+           "small_columns", "late_named", "SMALL_HOST", "SMALL_COLUMN", "FIRST", "ACROSS",
+           "LAST", "stats"]
 
 stats = {"one_round": 0, "small_columns": 0}
 """All_reduces whose host part ran in one board round, small ones over the
@@ -393,7 +394,7 @@ def _phases(ctx: Ctx, phases: list[Phase]) -> None:
         except BaseException as e:
             if made:        # (first: a peer told of it by the abandons sees it done)
                 unsettle(sub, was, e)
-            err = _late_named(ctx, e)
+            err = late_named(ctx.g, ctx.tag, e)
             reason = f"{ctx.where()}: {what} failed: {err}"
             for later, at, _, _ in phases[i + (1 if made else 0):]:
                 abandon(numbered(later, ctx.tag, at), reason, *abort_kind(ctx.g, err))
@@ -405,23 +406,25 @@ def _phases(ctx: Ctx, phases: list[Phase]) -> None:
 _LATE = "has not called it"
 
 
-def _late_named(ctx: Ctx, e: BaseException) -> BaseException:
-    """A phase of this rank timed out (``e``): the same error naming the
-    members of the call's group that, as their heartbeats last said, are in
-    none of its phases nor its own tag: the ranks that have not called it.
-    The phase itself may know them only through a chain (a column peer
-    that waits on its host for one: its status quoted in ``e``), where the
-    flat ring's wait names its late neighbour. Else ``e`` itself."""
+def late_named(g: Comm, tag: int, e: BaseException) -> BaseException:
+    """A phase of this rank's call ``tag`` on ``g`` timed out (``e``): the
+    same error naming the members of ``g`` that, as their heartbeats last
+    said, are in none of the call's phases nor its own tag: the ranks that
+    have not called it. The phase itself may know them only through a chain
+    (a column peer that waits on its host for one: its status quoted in
+    ``e``), where the flat ring's wait names its late neighbour. Else ``e``
+    itself. (The long way's phases, and collectives.host.tiny's short way.)"""
     if not isinstance(e, MeshTimeoutError) or _LATE in str(e):
         return e
-    n = -ctx.tag        # (a phase's sub-group, whichever: "<group>/host1", numbered)
-    marks = [f" #{n} on group {ctx.g.name}:"] + [
-        f" #{3 * n + place} on group {ctx.g.name}/" for place in (FIRST, ACROSS, LAST)]
+    n = -tag        # (a phase's sub-group, whichever: "<group>/host1", numbered)
+    marks = [f" #{n} on group {g.name}:"] + [
+        f" #{3 * n + place} on group {g.name}/" for place in (FIRST, ACROSS, LAST)]
+    ch = g.collective_channel()
     late = []
-    for p in range(ctx.g.size):
-        said = ctx.ch.said(p) if p != ctx.g.rank else None
+    for p in range(g.size):
+        said = ch.said(p) if p != g.rank else None
         if said is not None and not any(m in said[0] for m in marks):
-            late.append(f"world rank {ctx.g.ranks[p]} {_LATE} (it said {said[1]:.1f}s ago: "
+            late.append(f"world rank {g.ranks[p]} {_LATE} (it said {said[1]:.1f}s ago: "
                         f"{said[0]})")
     return MeshTimeoutError(f"{e}; {'; '.join(late)}") if late else e
 
@@ -462,7 +465,7 @@ def _nested(ctx: Ctx, topo: Topology, what: str, inner: Comm | None, inner_what:
         try:
             one[0] = _agreed_one_round(ctx, topo)
         except BaseException as e:
-            err = _late_named(ctx, e)
+            err = late_named(ctx.g, ctx.tag, e)
             reason = f"{ctx.where()}: {what} failed: {err}"
             for sub, at, _, _ in three:
                 abandon(numbered(sub, ctx.tag, at), reason, *abort_kind(ctx.g, err))

@@ -27,15 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from mesh import Comm
+from mesh import Comm, MeshTimeoutError
 
 from .. import debug
 from ..ops import ReduceOp
 from ..plan import Tuning
 from ..runner import NOT_NOW, Body, Ctx, abandon, abort_kind, now, start
 from ..shm import local as shm_local, tiny as shm_tiny
-from .hier import (ACROSS, FIRST, SMALL_COLUMN, SMALL_HOST, Topology, numbered, rd_across, refuse,
-                   unsettle)
+from .hier import (ACROSS, FIRST, SMALL_COLUMN, SMALL_HOST, Topology, late_named, numbered,
+                   rd_across, refuse, unsettle)
 
 __all__ = ["learn", "all_reduce", "stats"]
 
@@ -59,10 +59,12 @@ class _Plan:
         self.cname = f"{ctx.name} ({SMALL_COLUMN})"
         self.stepped = False        # (whether this call's step began: its phases' tags taken)
 
-    def step(self, tag: int, arg: tuple[np.ndarray, float]) -> None:
-        """runner.now's step: the whole call (its phases bring their own
-        Ctx and deadline, from what is left of the call's)."""
-        a, deadline = arg
+    def step(self, tag: int, arg: tuple[np.ndarray, float, Comm]) -> None:
+        """runner.now's step: the whole call on ``arg``'s group (its phases
+        bring their own Ctx and deadline, from what is left of the call's);
+        a phase's timeout names the members that have not called it, as the
+        long way's does (hier.late_named)."""
+        a, deadline, g = arg
         self.stepped = True
         stats["calls"] += 1
         flat = a.reshape(-1)
@@ -74,14 +76,25 @@ class _Plan:
                       lambda t: (self.lfp, lambda c: shm_local.all_reduce_small(c, flat, rop)),
                       False, left)
         except BaseException as e:
+            err = late_named(g, tag, e)
             abandon(numbered(self.column, tag, ACROSS), f"rank {self.local.ranks[self.local.rank]}"
-                    f": {self.lname} failed: {e}", *abort_kind(self.local, e))
+                    f": {self.lname} failed: {err}", *abort_kind(self.local, err))
             unsettle(self.local, True, e)       # (a plan is made once the boards are up)
+            if err is not e:
+                raise err from e
             raise
         left = max(0.0, deadline - time.monotonic())
         column = numbered(self.column, tag, ACROSS)
-        if now(column, self.cname, self.cfp, self.tuning, self._across, flat, left) is NOT_NOW:
-            start(column, self.cname, lambda t: (self.cfp, self._across(0, flat)), False, left)
+        try:
+            if now(column, self.cname, self.cfp, self.tuning, self._across, flat,
+                   left) is NOT_NOW:
+                start(column, self.cname, lambda t: (self.cfp, self._across(0, flat)), False,
+                      left)
+        except MeshTimeoutError as e:
+            err = late_named(g, tag, e)
+            if err is not e:
+                raise err from e
+            raise
 
     def _across(self, tag: int, flat: np.ndarray) -> Body:
         rop = self.rop
@@ -123,7 +136,7 @@ def all_reduce(g: Comm, a: np.ndarray, op: Any, timeout: Any) -> np.ndarray | No
     limit = float(g.timeout) if timeout is None else timeout
     plan.stepped = False
     try:
-        if now(g, "all_reduce", plan.fp, plan.tuning, plan.step, (a, time.monotonic() + limit),
+        if now(g, "all_reduce", plan.fp, plan.tuning, plan.step, (a, time.monotonic() + limit, g),
                timeout) is NOT_NOW:
             return None
     except BaseException as e:
