@@ -315,14 +315,20 @@ class Liveness:
             event = monitor_event(frames)
             if peer is None:
                 self._on_router_event(event)
-            elif event in _BROKE and peer.state != DEAD:
-                # (ZeroMQ does not make it again: mesh.transport; its goodbye, read
-                # after this, still makes it closed, not lost: ``tick``'s grace)
-                peer.suspect_since = peer.suspect_since or time.monotonic()
-                self._broke.setdefault(peer.rank, event)
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._inbox.peer_gone(peer.rank, "it refused our credentials: a different job "
-                                      "secret?", DEAD)
+            else:
+                self.on_link(peer, event)
+
+    def on_link(self, peer: Peer, event: int) -> None:
+        """Peer ``peer``'s link's monitor said ``event`` (``on_monitor``; or
+        mesh.transport.links, for a link whose first connect failed for good)."""
+        if event in _BROKE and peer.state != DEAD:
+            # (ZeroMQ does not make it again: mesh.transport; its goodbye, read
+            # after this, still makes it closed, not lost: ``tick``'s grace)
+            peer.suspect_since = peer.suspect_since or time.monotonic()
+            self._broke.setdefault(peer.rank, event)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self._inbox.peer_gone(peer.rank, "it refused our credentials: a different job "
+                                  "secret?", DEAD)
 
     def _broken(self, rank: int) -> str:
         """Why peer ``rank``, whose connection broke (``on_monitor``), is lost."""

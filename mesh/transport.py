@@ -37,7 +37,8 @@ from .closing import _Closing
 from .direct import Direct
 from .errors import LostPeerError, MeshError
 from .inbox import Inbox, abort_error
-from .liveness import Liveness
+from .liveness import Liveness, close_watched, monitor_event
+from .liveness import config as liveness_config
 from .peer import ALIVE, STATE_NAMES, Outgoing, Peer, config_bytes, named, on_host
 from .progress import Progress
 from .reader import Reader
@@ -77,6 +78,12 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+# A link's monitor events: its close, or a connect that failed (liveness),
+# its handshake refused (liveness), its first connection made (``links``)
+_WATCHED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+
 def link(ctx: zmq.Context, rank: int, ep: str, secret: str,
          curve: bool) -> tuple[zmq.Socket, zmq.Socket]:
     """Rank ``rank``'s DEALER connected to a peer's endpoint ``ep``, and its
@@ -87,7 +94,8 @@ def link(ctx: zmq.Context, rank: int, ep: str, secret: str,
     again, the link stays broken: liveness declares the peer lost (its
     close, or a connect that failed), and a send finds no connection at
     once (SNDTIMEO 0: with no send limit, nothing else makes one wait)
-    where it waited for ever."""
+    where it waited for ever. (A first connect that fails is tried again
+    on a new link, before anything is sent: ``links``.)"""
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IDENTITY, str(rank).encode())
     s.setsockopt(zmq.SNDHWM, 0)
@@ -95,10 +103,91 @@ def link(ctx: zmq.Context, rank: int, ep: str, secret: str,
     s.setsockopt(zmq.RECONNECT_IVL, -1)
     s.setsockopt(zmq.SNDTIMEO, 0)
     auth.make_client(s, secret, curve)
-    mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
-                               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    mon = s.get_monitor_socket(_WATCHED)
     s.connect(ep)
     return s, mon
+
+
+def links(ctx: zmq.Context, rank: int, endpoints: list[str], secret: str, curve: bool,
+          pids: list[int], limit: float) -> tuple[list[Any], dict[int, int]]:
+    """Rank ``rank``'s links to each peer (``link``; None for itself), each
+    returned once its first connection is made (its handshake done: no
+    message of ours has crossed before it, so none can have been lost). A
+    first connect that fails (the peer's listener not accepting yet, a SYN
+    refused or lost while its host starts, a full ipc:// backlog) is tried
+    again on a new link, 50 ms later, then after twice as long each time (at
+    most 0.5 s), until ``limit`` seconds have passed or, where the peer is on
+    this host (ipc://), its process (``pids``) is gone. Also returned: the
+    links handed over without a first connection, each with the event its
+    last try ended with, for liveness (``Liveness.on_link``: the peer is
+    lost half a second later, or at once where it refused our credentials).
+    A connection still being made at ``limit`` is handed over as it is."""
+    made: list[Any] = [None] * len(endpoints)
+    trying: dict[zmq.Socket, int] = {}      # monitor -> its peer
+    again: dict[int, float] = {}            # peer -> when its next try starts
+    tries: dict[int, int] = {}
+    failed: dict[int, int] = {}
+    poller = zmq.Poller()
+
+    def start(r: int) -> None:
+        made[r] = link(ctx, rank, endpoints[r], secret, curve)
+        trying[made[r][1]] = r
+        poller.register(made[r][1], zmq.POLLIN)
+
+    for r in range(len(endpoints)):
+        if r != rank:
+            start(r)
+    end = time.monotonic() + limit
+    while trying or again:
+        now = time.monotonic()
+        for r in [r for r, at in again.items() if at <= now]:
+            del again[r]
+            close_watched(*made[r])     # (nothing was sent on it)
+            start(r)
+        if now >= end:
+            failed.update((r, zmq.EVENT_CLOSED) for r in again)
+            break
+        wake = min([end, *again.values()])
+        for mon, _ in poller.poll(max(1, int((wake - now) * 1000))):
+            r = trying[mon]
+            event = _first(mon)
+            if event < 0:
+                continue
+            poller.unregister(mon)
+            del trying[mon]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                continue
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or _gone(endpoints[r], pids[r]):
+                failed[r] = event
+                continue
+            n = tries[r] = tries.get(r, 0) + 1
+            again[r] = time.monotonic() + min(0.05 * 2 ** (n - 1), 0.5)
+            _log.debug("rank %d: a connect to rank %d failed (event %d): try %d", rank, r,
+                       event, n + 1)
+    return made, failed
+
+
+def _first(mon: zmq.Socket) -> int:
+    """The next event on a link's monitor ``mon`` (-1: none yet); those after
+    it are left to liveness (``Liveness.on_monitor``)."""
+    try:
+        return monitor_event(mon.recv_multipart(zmq.NOBLOCK))
+    except zmq.Again:
+        return -1
+
+
+def _gone(ep: str, pid: int) -> bool:
+    """Whether a peer reached at ``ep`` is known gone: on this host
+    (ipc://), no process ``pid`` runs."""
+    if not pid or not ep.startswith("ipc://"):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 class Transport(_Sending, _RingPaths, _Waiting, _Closing):
@@ -138,12 +227,11 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
         self._pieced = [ep.startswith("tcp://") for ep in endpoints]
         if any(self._pieced):
             alloc.tune()    # ZeroMQ's receive buffers: no page faults per message
-        for r, ep in enumerate(endpoints):
-            if r == rank:
-                self._peers.append(Peer(r, None, None, pair[r]))
-                continue
-            s, mon = link(ctx, rank, ep, secret, curve)
-            self._peers.append(Peer(r, s, mon, pair[r]))
+        made, unmade = links(ctx, rank, endpoints, secret, curve, pids or [0] * size,
+                             liveness_config(size)[0])
+        for r, sm in enumerate(made):
+            self._peers.append(Peer(r, None, None, pair[r]) if sm is None
+                               else Peer(r, sm[0], sm[1], pair[r]))
         for r, p in enumerate(self._peers):    # where each peer on another host is
             p.there = on_host(self.hosts[rank], self.hosts[r], endpoints[r],
                               (pids or [0] * size)[r]) if r != rank else ""
@@ -164,6 +252,8 @@ class Transport(_Sending, _RingPaths, _Waiting, _Closing):
                  if pid and r != rank and ep.startswith("ipc://")}
         self.live = Liveness(rank, timeout, self._peers, self.groups, self.inbox, self._control,
                              self._router_mon, local)
+        for r, event in unmade.items():     # (their first connect failed for good: lost)
+            self.live.on_link(self._peers[r], event)
         self.direct = Direct(rank, self._peers, endpoints, self._control)
         # large arrays to peers on other hosts: a plain TCP stream (mesh.streams)
         self.streams = Streams(rank, self._peers, endpoints, curve, self._control,

@@ -333,8 +333,8 @@ def init(timeout: float | None = None, rendezvous_timeout: float | None = None, 
     # No frame of ours is longer (payloads go in frames of FRAME_BYTES): a stranger
     # claiming a longer one, in its handshake too, is dropped before it is buffered.
     router.setsockopt(zmq.MAXMSGSIZE, wire.FRAME_BYTES + wire.MAX_HEADER)
-    # every peer connects at once, and a connect is not tried again (mesh.transport):
-    # over ipc:// one refused by a full backlog (ZeroMQ's 100) would lose the peer
+    # every peer connects at once: over ipc:// one refused by a full backlog (ZeroMQ's
+    # 100) is tried again (mesh.transport.links), later, the start held up meanwhile
     router.setsockopt(zmq.BACKLOG, 100 + spec.size)
     auth.make_server(router, spec.secret, curve)
     router_mon = liveness.watch_router(ctx, router)     # (before it binds: see there)
