@@ -108,6 +108,8 @@ class _Closing:
         # that waits for ZeroMQ to let go of its frames arrived if it was among them
         reason, lost = failure[:2000], self.inbox.first_lost
         heard = self.reader.heard
+        if not failure:     # synchronous sends left unread: their senders told, before it
+            self.inbox.close_unread()
         self.live.clean_bye = not failure   # (before it goes: the answers may come at once)
         for p in self._peers:     # a peer that said goodbye first waits for ours, unless gone
             if p.sock is not None and not (p.state == CLOSED and p.suspect_since):

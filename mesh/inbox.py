@@ -69,7 +69,7 @@ def _nothing() -> None:
     pass
 
 
-def _no_ack(src: int, ident: int) -> None:
+def _no_ack(src: int, ident: int, word: int = 0) -> None:
     pass
 
 
@@ -103,8 +103,9 @@ class Inbox:
         self.forgotten: dict[int, None] = {}   # the latest groups dropped (forget)
         self._control, self._nudge = control, nudge
         self.unpark: Callable[[], None] = _nothing    # a receive stays posted (mesh.progress)
-        # tells a synchronous send's sender (world rank, its id) that a receive took it
-        self.ack: Callable[[int, int], None] = _no_ack
+        # tells a synchronous send's sender (world rank, its id) that a receive took it,
+        # or (a mesh.wire SYNC_ word) what else became of it
+        self.ack: Callable[..., None] = _no_ack
 
     # ---- posting -------------------------------------------------------------
 
@@ -285,6 +286,8 @@ class Inbox:
                         break
             if req is None:
                 self.consumed(src, nbytes)
+                if sync >= 0:   # its sender told (a user tag's: dropped with its group)
+                    self.ack(src, sync, wire.SYNC_GROUP)
                 return
             if self.complete(req, src, tag, value, nbytes, fp, on_device, sync):
                 return
@@ -327,6 +330,24 @@ class Inbox:
         else:
             req.got = (src, tag, nbytes, None, None)
         req.complete(value)
+
+    def _unread(self, dropped: list[Arrived], word: int) -> None:
+        """Tell the senders of the synchronous sends among ``dropped`` (taken
+        out unmatched) that their message was dropped unread (``word``)."""
+        for m in dropped:
+            if m.sync >= 0:
+                self.ack(m.src, m.sync, word)
+
+    def close_unread(self) -> None:
+        """This rank closes its mesh (cleanly): the synchronous sends whose
+        messages wait unmatched are dropped, each sender told it was closed
+        with it unread (before the goodbye: it fails naming that)."""
+        with self.lock:
+            gone = self.matcher.drop_synced()
+            dropped = self._ungranted(gone)
+        for m in dropped:
+            self.consumed(m.src, m.nbytes)
+        self._unread(gone, wire.SYNC_CLOSED)
 
     def ack_of(self, h: wire.Header) -> None:
         """A receive took the message of header ``h`` (mesh.reader, which
@@ -467,9 +488,11 @@ class Inbox:
             for key in [k for k in self.follows if k[0] == group]:
                 del self.follows[key]
             self.matcher.remove_posted(lambda q: q.group == group)
-            dropped = self._ungranted(self.matcher.drop_group(group))
+            gone = self.matcher.drop_group(group)
+            dropped = self._ungranted(gone)
         for m in dropped:
             self.consumed(m.src, m.nbytes)
+        self._unread(gone, wire.SYNC_GROUP)
 
     def _ungranted(self, dropped: list[Arrived]) -> list[Arrived]:
         """Of messages taken out unmatched (the lock held), those whose credit

@@ -428,6 +428,22 @@ class Matcher:
         by_src = self._unexpected.pop((group, tag), {})
         return [m for q in by_src.values() for m in q]
 
+    def drop_synced(self) -> list[Arrived]:
+        """Every synchronous send's message waiting unmatched, taken out (a
+        closing rank's: each sender told it was dropped unread)."""
+        dropped = []
+        for key in list(self._unexpected):
+            by_src = self._unexpected[key]
+            for src in list(by_src):
+                q = by_src[src]
+                dropped += [m for m in q if m.sync >= 0]
+                by_src[src] = q = deque(m for m in q if m.sync < 0)
+                if not q:
+                    del by_src[src]
+            if not by_src:
+                del self._unexpected[key]
+        return dropped
+
     def drop_group(self, group: int) -> list[Arrived]:
         """Every message of ``group`` waiting unmatched, taken out."""
         return [m for key in [k for k in self._unexpected if k[0] == group]

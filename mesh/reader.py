@@ -63,13 +63,15 @@ class Reader:
                  on_answer: Callable[[Peer, int], None] | None = None,
                  control: Callable[..., None] | None = None,
                  streams: Streams | None = None,
-                 on_synced: Callable[[int], None] | None = None) -> None:
+                 on_synced: Callable[[int, int, int], None] | None = None) -> None:
         self.rank, self.size = rank, len(peers)
         self.bad_messages = 0
         self._router, self._peers, self._inbox, self._live = router, peers, inbox, live
         self._on_credit, self._direct, self._on_answer = on_credit, direct, on_answer
         self._control = control     # what answers a piece (mesh.wire.GOT)
-        self._on_synced = on_synced     # a synchronous send of ours was taken (SYNCED)
+        # a synchronous send of ours was taken, or dropped, or one of a peer's is to be
+        # withdrawn (SYNCED: the peer, the send's id, what of it)
+        self._on_synced = on_synced
         # by peer, its message in pieces under way: [header, the frames so far, bytes]
         self._pieces: dict[int, list] = {}
         # mesh.streams: by peer whose message's bytes its stream thread reads now,
@@ -287,8 +289,7 @@ class Reader:
             self._bad(f"from rank {src}'s ring: {e}")
             return
         if h.kind == wire.SYNCED and h.src == src and not body:
-            if self._on_synced is not None:     # (a receive of its took our ssend)
-                self._on_synced(h.direct[0])
+            self._synced(h)     # (a receive of its took our ssend, or...)
             return
         if h.src != src or h.kind > wire.OBJ or h.direct:
             self._bad(f"rank {src}'s ring holds a message of kind {h.kind} from rank {h.src}")
@@ -392,8 +393,7 @@ class Reader:
         elif h.kind == wire.DONE:
             self._direct.on_done(h.direct[0])
         elif h.kind == wire.SYNCED:
-            if self._on_synced is not None:
-                self._on_synced(h.direct[0])
+            self._synced(h)
         elif h.kind == wire.PROBE:
             if not self._live.leaving:    # else nobody sends to us again, and an answer
                 self._direct.on_probe(peer, h.direct)   # would wait for a peer that left
@@ -404,6 +404,13 @@ class Reader:
             if why:
                 return self._bad(why)
         return True
+
+    def _synced(self, h: wire.Header) -> None:
+        """A SYNCED word from rank ``h.src`` (mesh.wire): what became of a
+        synchronous send of ours, or its cancel of one of its own."""
+        if self._on_synced is not None:
+            x = h.direct
+            self._on_synced(h.src, x[0], x[1] if len(x) > 1 else 0)
 
     def _read_stream(self, h: wire.Header, peer: Peer) -> None:
         """An array whose bytes follow on rank ``h.src``'s stream
@@ -564,6 +571,8 @@ class Reader:
             # failing as a lost peer (logged as an error). Freed unread, credit and all.
             self._direct.read_done(peer, h.direct[1])
             self._consumed(h.src, h.nbytes)
+            if h.sync >= 0:     # (a synchronous send's, of a user tag: its group dropped)
+                self._inbox.ack(h.src, h.sync, wire.SYNC_GROUP)
             return
         # Matched now, read for a while (seconds for GiBs under load): a wait whose
         # timeout runs out meanwhile waits for the end, as on a stream, so it never
@@ -613,6 +622,8 @@ class Reader:
             why = (f"no memory for the message of {h.nbytes} bytes from world rank {h.src} "
                    f"(tag {h.tag}), dropped: {e}")
             self._consumed(h.src, h.nbytes)
+            if h.sync >= 0:     # (a synchronous send's: its sender told)
+                self._inbox.ack(h.src, h.sync, wire.SYNC_NO_MEMORY)
         if req is not None:
             req.fail(MeshError(f"rank {self.rank}: {req.described(self._peers)} failed: {why}"))
         else:

@@ -4,7 +4,6 @@ come), in pieces across hosts, and the control messages beside them.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -15,7 +14,6 @@ import zmq
 from . import wire
 from .direct import Ack
 from .errors import LostPeerError
-from .match import Flag
 from .payload import decode_object, encode_payload
 from .peer import ALIVE, Outgoing, Peer, named
 from .reader import COPY_BELOW
@@ -66,9 +64,9 @@ class _Sending:
 
     # (Transport's, set in its __init__)
     _encoded: dict[tuple, bytes]
-    _syncing: dict[int, Outgoing]       # synchronous sends awaiting SYNCED, by id
     _sync_ids: Iterator[int]
-    _sync_lock: threading.Lock
+    _expect_sync: Callable[[Outgoing, int], None]
+    unsync: Callable[[Outgoing], None]
     _peers: list[Peer]
     _pieced: list[bool]
     _ring: Callable[[Peer, Outgoing], bool]
@@ -150,49 +148,6 @@ class _Sending:
             if sync:
                 self.unsync(out)
         return out
-
-    def _expect_sync(self, out: Outgoing, ident: int) -> None:
-        """Register the synchronous send ``out`` under ``ident`` (before its
-        header can go: the answer may come at once)."""
-        out.sync = Flag()
-        with self._sync_lock:
-            self._syncing[ident] = out
-
-    def on_synced(self, ident: int) -> None:
-        """The receiver of synchronous send ``ident`` said a receive took it
-        (mesh.wire's SYNCED)."""
-        with self._sync_lock:
-            out = self._syncing.pop(ident, None)
-        if out is not None and out.sync is not None:
-            out.sync.set()
-
-    def unsync(self, out: Outgoing) -> None:
-        """Forget a synchronous send whose answer is no longer awaited (it
-        failed: withdrawn, its peer lost, the mesh closed)."""
-        with self._sync_lock:
-            for k in [k for k, v in self._syncing.items() if v is out]:
-                del self._syncing[k]
-
-    def ack(self, src: int, ident: int) -> None:
-        """Tell world rank ``src`` that a receive here took its synchronous
-        send ``ident`` (Inbox.ack): a SYNCED control message, put in its
-        same-host ring where it has one with room (mesh.rings: read in a
-        microsecond or two where a socket's message takes tens), else on
-        its socket; a send of this rank's to itself, its flag set here."""
-        if src == self.rank:
-            self.on_synced(ident)
-            return
-        peer = self._peers[src]
-        header = wire.encode(wire.SYNCED, self.rank, direct=(ident,))
-        ring = self._ring_out[src]
-        if ring is not None and not (ring.full and ring.off()):
-            frame = wire.inline(header)
-            with peer.lock:
-                put = peer.state == ALIVE and ring.put(frame, len(frame), peer.sent)
-            if put:
-                ring.bell()     # (the lock released: a full fence, see send_ring)
-                return
-        self._control(peer, header)
 
     def _remember(self, key: tuple, header: bytes) -> bytes:
         if len(self._encoded) >= _CACHE:

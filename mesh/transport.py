@@ -16,6 +16,7 @@ Transport's methods are kept by theme in its mixins:
 
     mesh.sendpath   isend, and frames handed to ZeroMQ within credit, queued, pieced
     mesh.ringpath   send_ring / recv_ring: small arrays through same-host rings
+    mesh.syncpath   synchronous sends' answers (taken, dropped unread)
     mesh.waits      wait: until done, timed out, withdrawn or interrupted
     mesh.closing    close: flush, goodbyes, sends still owed dropped, sockets closed
 """
@@ -45,6 +46,7 @@ from .reader import Reader
 from .ringpath import SENT, _RingPaths
 from .sendpath import _Sending
 from .streams import Streams
+from .syncpath import _Syncing
 from .waits import _Waiting
 
 __all__ = ["Transport", "Outgoing", "abort_error", "SENT", "waits", "link"]
@@ -190,7 +192,7 @@ def _gone(ep: str, pid: int) -> bool:
     return False
 
 
-class Transport(_Sending, _RingPaths, _Waiting, _Closing):
+class Transport(_Sending, _Syncing, _RingPaths, _Waiting, _Closing):
     """Sockets, matching and liveness for one rank. Built by ``mesh.init``."""
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, router_mon: zmq.Socket,

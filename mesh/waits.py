@@ -167,8 +167,11 @@ class _Waiting:
             item.keep = None
             if item.error is not None:      # (a stream that broke: mesh.streams)
                 raise item.error
-        if item.sync is not None and not item.sync.is_set():
-            self._await_match(item, item.sync, deadline, limit)
+        if item.sync is not None:
+            if not item.sync.is_set():
+                self._await_match(item, item.sync, deadline, limit)
+            if item.error is not None:      # (dropped unread, or cancelled: its receiver said)
+                raise item.error
         return None
 
     def _await_match(self, item: Outgoing, sync: Flag, deadline: float, limit: float) -> None:

@@ -38,10 +38,12 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  it follows on the sender's stream (mesh.streams);
                  on STREAM x [port, nonce] and r the token (where to connect
                  a stream to the sender), or x [1] (the sender's stream to
-                 the receiver is open); on SYNCED [id],
+                 the receiver is open); on SYNCED [id] or [id, word]
+                 (mesh.wire's SYNC_ words: what became of the message),
                  y on DATA and OBJ: a synchronous send's id (Comm.ssend): the
                  receiver answers SYNCED x=[id] once a receive (a matched
-                 probe's too) has taken the message
+                 probe's too) has taken the message, x=[id, word] once it
+                 dropped it unread (SYNC_GROUP, SYNC_CLOSED, SYNC_NO_MEMORY)
 
     Across hosts (tcp://) a message of more than CHUNK_BYTES goes as its
     header (m set, no payload), then CHUNK messages ``[header, frames...]``
@@ -65,14 +67,18 @@ from .errors import AbortKind, BadMessageError
 from .tensors import BFLOAT16
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "PROBE", "DONE", "RING",
-           "CHUNK", "GOT", "STREAM", "SYNCED", "STREAMED", "FRAME_BYTES", "CHUNK_BYTES",
-           "MAX_HEADER", "INLINE_MAX", "Header", "encode", "decode", "frames", "inline",
-           "split_inline", "array_frames", "dtype_ok"]
+           "CHUNK", "GOT", "STREAM", "SYNCED", "SYNC_GROUP", "SYNC_CLOSED",
+           "SYNC_NO_MEMORY", "STREAMED",
+           "FRAME_BYTES", "CHUNK_BYTES", "MAX_HEADER", "INLINE_MAX", "Header", "encode",
+           "decode", "frames", "inline", "split_inline", "array_frames", "dtype_ok"]
 
 DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM, SYNCED = \
     range(13)
 _KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM,
           SYNCED)
+# SYNCED's word (x[1]; absent: a receive took the message): its receiver dropped it
+# unread (its group dropped, its mesh closed, no memory for it)
+SYNC_GROUP, SYNC_CLOSED, SYNC_NO_MEMORY = range(1, 4)
 STREAMED = 2    # the m field of an array whose payload follows on a stream (mesh.streams)
 _MAX_DIRECT = 4
 FRAME_BYTES = 1 << 20
@@ -218,8 +224,12 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     src = _int(h, "s", 0, world_size - 1)
     direct = _direct(h) if "x" in h else ()
     if kind in (PROBE, DONE, RING, SYNCED):
-        if len(direct) != (1 if kind in (DONE, SYNCED) else 4) and (kind != PROBE
-                                                                   or len(direct) != 1):
+        n = len(direct)
+        if kind == SYNCED:      # [id], or [id, a SYNC_ word]
+            bad = not (n == 1 or n == 2 and 0 < direct[1] <= SYNC_NO_MEMORY)
+        else:
+            bad = n != (1 if kind == DONE else 4) and (kind != PROBE or n != 1)
+        if bad:
             raise BadMessageError(f"message kind {kind} with direct-path field {direct!r}")
         return Header(kind, src, direct=direct)
     if kind == STREAM:

@@ -3,6 +3,7 @@ tags, ANY, out=, groups, timeouts, background progress, flow control, and
 peers that misbehave."""
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -324,6 +325,41 @@ def _synchronous(world: mesh.Mesh, folder: str) -> list[str]:
             getattr(world, call)(a, peer, tag=-1)
     C.barrier(world)
     assert world.recv(peer, tag=45).size == 3 and late.wait(timeout=10) is None
+    C.barrier(world)
+    return said + _dropped_unread(world)
+
+
+def _dropped_unread(world: mesh.Mesh) -> list[str]:
+    """A synchronous send whose receiver drops its message unread (its group
+    dropped there: garbage) fails at once naming why, where it timed out:
+    queued unreceived when rank 1 drops the group, or coming after (a small
+    array by ring or socket, a large one read out of rank 0's memory or by
+    socket, an object)."""
+    g = world.group([0, 1])
+    if world.rank == 1:
+        assert world.recv(0, tag=52) == "sent"      # rank 0's first two wait here, unreceived
+        del g
+        gc.collect()
+        C.barrier(world)        # (its start forgets the groups dropped: g)
+        C.barrier(world)
+        return []
+    assert g is not None
+    big = np.arange(300_000.0)
+    reqs = [g.issend(np.ones(2), 1, tag=50), g.issend(big, 1, tag=51)]
+    world.send("sent", 1, tag=52)
+    C.barrier(world)
+    reqs += [g.issend(np.ones(2), 1, tag=53), g.issend(big, 1, tag=54),
+             g.issend({"an": "object"}, 1, tag=55)]
+    said = []
+    for tag, req in zip((50, 51, 53, 54, 55), reqs):
+        try:
+            req.wait(timeout=10)
+            said.append(f"tag {tag}: its wait returned")
+        except mesh.MeshError as e:
+            if not re.match(rf"rank 0: issend to rank 1 of group world/\[0, 1\] \(world rank "
+                            rf"1\), tag {tag} failed: dropped unread: world rank 1 dropped the "
+                            rf"group \(", str(e)):
+                said.append(f"tag {tag}: {type(e).__name__}: {e}")
     C.barrier(world)
     return said
 
@@ -1391,9 +1427,11 @@ def _closes_while_its_peer_is_busy(world: mesh.Mesh, marker: str) -> Any:
     """Rank 0 sends a small message and a large one (the same-host direct
     path: rank 1 reads it out of rank 0's memory) and closes while rank 1
     is busy elsewhere (a hang, a save: it never calls close); rank 1, once
-    rank 0's close has returned, receives both, then hears that rank 0 left."""
+    rank 0's close has returned, receives both, then hears that rank 0 left.
+    Rank 1's issend, which rank 0 leaves unread, fails saying so."""
     big = np.arange(1 << 17, dtype=np.float64)     # 1 MiB: direct, where the peer may read us
     if world.rank == 0:
+        world.probe(1, tag=9, timeout=20)
         world.send("small", 1)
         world.send(big, 1)
         t0 = time.monotonic()
@@ -1401,12 +1439,14 @@ def _closes_while_its_peer_is_busy(world: mesh.Mesh, marker: str) -> Any:
         took = time.monotonic() - t0
         Path(marker).write_text(f"{took}")
         return took
+    synced = world.issend(np.ones(2), 0, tag=9)
     _wait_for(marker)
     got = [world.recv(0, timeout=10) == "small", bool(np.array_equal(world.recv(0), big))]
-    try:
-        world.recv(0, timeout=10)
-    except mesh.LostPeerError as e:
-        got.append(str(e))
+    for req in (None, synced):
+        try:
+            world.recv(0, timeout=10) if req is None else req.wait(timeout=10)
+        except mesh.LostPeerError as e:
+            got.append(str(e))
     t0 = time.monotonic()
     world.close()
     return got + [time.monotonic() - t0]
@@ -1418,11 +1458,13 @@ def test_close_does_not_wait_for_a_busy_peers_goodbye(tmp_path: Path) -> None:
     rank hung in a save, too): the peer's reader now answers the goodbye once
     all sent before it is in, and the close returns then. What was sent is
     still received, and the next receive names the rank that left."""
-    took, (small, big, error, closed) = mesh.spawn(
+    took, (small, big, error, unread, closed) = mesh.spawn(
         _closes_while_its_peer_is_busy, 2, str(tmp_path / "closed"), timeout=90)
     assert took < 10 and closed < 10, (took, closed)       # (a hang guard: it was 30 s)
     assert small and big, (small, big)
     assert "peer rank 0 is gone (it closed its mesh)" in error, error
+    assert unread == ("rank 1: issend to rank 0 (tag 9, group world) failed: dropped unread: "
+                      "rank 0 closed its mesh with it unread"), unread
 
 
 def _large_sends_then_close(world: mesh.Mesh) -> list[str]:

@@ -7,6 +7,7 @@ mid-stream named as lost, one failing named with its error; strangers on the
 listener refused; a forked job's own listeners; the path off."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import collectives as C
 import mesh
 from mesh import streams as mstreams
 from late_release import hold_releases
@@ -90,7 +92,23 @@ def _both_ways(world: mesh.Mesh, nbytes: int) -> list:
     world.send(mine, peer, tag=1, timeout=20)   # both block in a send at once
     got = world.recv(peer, tag=1, timeout=20)
     assert np.all(got == peer + 1) and got.size == mine.size
-    return [world._t.streams.sent, world._t.streams.got, time.monotonic() - t < 15]
+    counts = [world._t.streams.sent, world._t.streams.got, time.monotonic() - t < 15]
+    # rank 0's issend by stream on a group rank 1 has dropped: read there and dropped
+    # unread, it fails at once saying so (it timed out)
+    g = world.group([0, 1])
+    if world.rank:
+        del g
+        gc.collect()
+    C.barrier(world)        # (rank 1's start forgets the groups dropped: g)
+    if not world.rank:
+        assert g is not None
+        with pytest.raises(mesh.MeshError, match=r"^rank 0: issend to rank 1 of group "
+                           r"world/\[0, 1\] \(world rank 1\), tag 3 failed: dropped unread: "
+                           r"world rank 1 dropped the group \("):
+            g.issend(mine, 1, tag=3).wait(timeout=10)
+        assert world._t.streams.sent == counts[0] + 1       # (it went by stream)
+    C.barrier(world)
+    return counts
 
 
 def test_two_ranks_sending_each_other_64_mib_at_once_do_not_wait_on_each_other() -> None:
