@@ -338,6 +338,18 @@ class Inbox:
             if m.sync >= 0:
                 self.ack(m.src, m.sync, word)
 
+    def withdraw_synced(self, src: int, ident: int) -> bool:
+        """World rank ``src`` cancels its synchronous send ``ident``: taken
+        out of the unexpected queue (its credit granted back) if it waits
+        there unmatched, and never seen here; False where it does not
+        (taken by a receive, dropped, or not come whole yet)."""
+        with self.lock:
+            m = self.matcher.take_synced(src, ident)
+            dropped = self._ungranted([m]) if m is not None else []
+        for d in dropped:
+            self.consumed(d.src, d.nbytes)
+        return m is not None
+
     def close_unread(self) -> None:
         """This rank closes its mesh (cleanly): the synchronous sends whose
         messages wait unmatched are dropped, each sender told it was closed

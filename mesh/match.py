@@ -428,6 +428,23 @@ class Matcher:
         by_src = self._unexpected.pop((group, tag), {})
         return [m for q in by_src.values() for m in q]
 
+    def take_synced(self, src: int, ident: int) -> Arrived | None:
+        """World rank ``src``'s synchronous send ``ident`` (Arrived.sync),
+        taken out if it waits here unmatched (a cancel withdraws it); None
+        if it does not."""
+        for key, by_src in self._unexpected.items():
+            q = by_src.get(src)
+            if q:
+                for m in q:
+                    if m.sync == ident:
+                        q.remove(m)
+                        if not q:
+                            del by_src[src]
+                            if not by_src:
+                                del self._unexpected[key]
+                        return m
+        return None
+
     def drop_synced(self) -> list[Arrived]:
         """Every synchronous send's message waiting unmatched, taken out (a
         closing rank's: each sender told it was dropped unread)."""

@@ -107,10 +107,11 @@ class Prequest(Request):
         return inner.get_status(status)
 
     def cancel(self) -> bool:
-        """Withdraw the active receive as ``Request.cancel`` does (True:
-        its wait then raises MeshError and makes it inactive, ready to
-        start again); False for a send, an inactive one, or one a
-        message matched already."""
+        """Withdraw the active receive, or an ssend_init's message no
+        receive has taken, as ``Request.cancel`` does (True: its wait then
+        raises MeshError and makes it inactive, ready to start again);
+        False for another send, an inactive one, or one a message matched
+        already (or whose message was taken)."""
         inner = self._inner
         return self._active and inner is not None and inner.cancel()
 

@@ -102,10 +102,16 @@ class Request:
         ``MPI_Cancel``: True, and then ``done()`` is True and ``wait()``
         raises MeshError; the message it would have taken goes to the next
         matching receive instead. False once a message matched it (its value
-        is then what ``wait()`` returns), and always for sends: a send may
-        already be on the wire and cannot be cancelled."""
+        is then what ``wait()`` returns). A synchronous send's (issend, an
+        ssend_init's start) is withdrawn likewise while no receive has taken
+        its message (its receiver asked, and its answer awaited): True, its
+        wait raises MeshError and the receiver never sees it; False once
+        taken, and it completes as it would have. A standard send's message
+        carries no id its receiver could withdraw it by: False, always."""
         item = self._item
-        return not isinstance(item, Outgoing) and self._c._t.cancel(item)
+        if isinstance(item, Outgoing):
+            return self._c._t.cancel_send(item)
+        return self._c._t.cancel(item)
 
 
 class _Sent(Request):

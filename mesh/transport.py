@@ -16,7 +16,7 @@ Transport's methods are kept by theme in its mixins:
 
     mesh.sendpath   isend, and frames handed to ZeroMQ within credit, queued, pieced
     mesh.ringpath   send_ring / recv_ring: small arrays through same-host rings
-    mesh.syncpath   synchronous sends' answers (taken, dropped unread)
+    mesh.syncpath   synchronous sends' answers (taken, dropped unread) and cancels
     mesh.waits      wait: until done, timed out, withdrawn or interrupted
     mesh.closing    close: flush, goodbyes, sends still owed dropped, sockets closed
 """
@@ -245,6 +245,7 @@ class Transport(_Sending, _Syncing, _RingPaths, _Waiting, _Closing):
         self._syncing: dict[int, Outgoing] = {}
         self._sync_ids = itertools.count()
         self._sync_lock = threading.Lock()
+        self._asking: dict[int, list] = {}     # their cancels awaiting the answer, by id
         self.progress = Progress(router, rank)
         self.inbox = Inbox(rank, self._peers, self.groups, self._control, self.progress.nudge)
         self.inbox.ack = self.ack
@@ -378,7 +379,7 @@ class Transport(_Sending, _Syncing, _RingPaths, _Waiting, _Closing):
         def refuse(*args: Any, **kw: Any) -> Any:
             raise forked_error(self.rank, self.pid)     # (a new one each time: its own frames)
         for name in ("isend", "send_ring", "recv_ring", "irecv", "iprobe", "wait", "sweep",
-                     "cancel", "abort", "poke", "_drive"):
+                     "cancel", "cancel_send", "abort", "poke", "_drive"):
             setattr(self, name, refuse)
         self.streams.close_in_child()
 

@@ -43,7 +43,11 @@ giant allocation page-faults on the way. Objects travel as one msgpack frame.
                  y on DATA and OBJ: a synchronous send's id (Comm.ssend): the
                  receiver answers SYNCED x=[id] once a receive (a matched
                  probe's too) has taken the message, x=[id, word] once it
-                 dropped it unread (SYNC_GROUP, SYNC_CLOSED, SYNC_NO_MEMORY)
+                 dropped it unread (SYNC_GROUP, SYNC_CLOSED, SYNC_NO_MEMORY);
+                 the sender's SYNCED x=[id, SYNC_CANCEL]
+                 asks the receiver to withdraw it (Request.cancel), which
+                 answers SYNC_WITHDRAWN (out of its queue, unread) or
+                 SYNC_KEPT (not there: taken, dropped, or still coming)
 
     Across hosts (tcp://) a message of more than CHUNK_BYTES goes as its
     header (m set, no payload), then CHUNK messages ``[header, frames...]``
@@ -68,7 +72,7 @@ from .tensors import BFLOAT16
 
 __all__ = ["DATA", "OBJ", "CREDIT", "HEARTBEAT", "ABORT", "BYE", "PROBE", "DONE", "RING",
            "CHUNK", "GOT", "STREAM", "SYNCED", "SYNC_GROUP", "SYNC_CLOSED",
-           "SYNC_NO_MEMORY", "STREAMED",
+           "SYNC_NO_MEMORY", "SYNC_WITHDRAWN", "SYNC_KEPT", "SYNC_CANCEL", "STREAMED",
            "FRAME_BYTES", "CHUNK_BYTES", "MAX_HEADER", "INLINE_MAX", "Header", "encode",
            "decode", "frames", "inline", "split_inline", "array_frames", "dtype_ok"]
 
@@ -77,8 +81,9 @@ DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM,
 _KINDS = (DATA, OBJ, CREDIT, HEARTBEAT, ABORT, BYE, PROBE, DONE, RING, CHUNK, GOT, STREAM,
           SYNCED)
 # SYNCED's word (x[1]; absent: a receive took the message): its receiver dropped it
-# unread (its group dropped, its mesh closed, no memory for it)
-SYNC_GROUP, SYNC_CLOSED, SYNC_NO_MEMORY = range(1, 4)
+# unread (its group dropped, its mesh closed, no memory for it), or withdrew it (a
+# cancel), or kept it; SYNC_CANCEL, the sender's: withdraw it
+SYNC_GROUP, SYNC_CLOSED, SYNC_NO_MEMORY, SYNC_WITHDRAWN, SYNC_KEPT, SYNC_CANCEL = range(1, 7)
 STREAMED = 2    # the m field of an array whose payload follows on a stream (mesh.streams)
 _MAX_DIRECT = 4
 FRAME_BYTES = 1 << 20
@@ -226,7 +231,7 @@ def decode(frame: bytes | memoryview, world_size: int) -> Header:
     if kind in (PROBE, DONE, RING, SYNCED):
         n = len(direct)
         if kind == SYNCED:      # [id], or [id, a SYNC_ word]
-            bad = not (n == 1 or n == 2 and 0 < direct[1] <= SYNC_NO_MEMORY)
+            bad = not (n == 1 or n == 2 and 0 < direct[1] <= SYNC_CANCEL)
         else:
             bad = n != (1 if kind == DONE else 4) and (kind != PROBE or n != 1)
         if bad:

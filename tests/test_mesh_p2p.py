@@ -847,7 +847,8 @@ def test_credit_bounds_a_flood_of_empty_messages(tmp_path) -> None:
 def _send_timed_out_for_credit(world: mesh.Mesh, flag: str) -> Any:
     """A blocking send that times out waiting for credit is withdrawn: its
     caller has its buffer back and may write it (or send again). It stayed
-    queued and went once credit came, the caller's new contents in it."""
+    queued and went once credit came, the caller's new contents in it. An
+    issend queued behind it is cancelled there: none of it goes."""
     n = (1 << 20) // 8
     if world.rank == 0:
         world.send(np.zeros(2 * n), 1)           # alone, past the 1 MiB window
@@ -858,12 +859,20 @@ def _send_timed_out_for_credit(world: mesh.Mesh, flag: str) -> Any:
         req = world.isend(np.full(4, 2.0), 1)    # waits for credit, and goes
         with pytest.raises(mesh.MeshTimeoutError, match="stays queued"):
             req.wait(timeout=0.1)
+        synced = world.issend(np.full(3, 7.0), 1, tag=4)
+        assert synced.cancel() is True and synced.done()
+        with pytest.raises(mesh.MeshError, match=r"^rank 0: issend to rank 1 \(tag 4, group "
+                           r"world\) was cancelled \(withdrawn before any of it went\)"):
+            synced.wait(timeout=5)
         open(flag, "w").close()                  # (a message would wait for credit too)
         req.wait(timeout=30)
+        world.send("last", 1, tag=5)
         return str(e.value)
     _wait_for(flag)
     first = world.recv(0, timeout=30)
-    return [first.size, world.recv(0, timeout=30).tolist()]
+    got = [first.size, world.recv(0, timeout=30).tolist()]
+    assert world.recv(0, tag=5, timeout=30) == "last" and world.iprobe(0, tag=4) is None
+    return got
 
 
 def test_a_blocking_send_that_times_out_for_credit_is_withdrawn(tmp_path) -> None:

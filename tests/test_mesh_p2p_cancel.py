@@ -1,6 +1,8 @@
 """Request.cancel, like MPI_Cancel: a posted receive no message has matched
-is withdrawn (its wait raises, the message goes to the next receive); a
-matched receive and every send cannot be cancelled."""
+is withdrawn (its wait raises, the message goes to the next receive), and
+so is a synchronous send's message no receive has taken (its receiver never
+sees it); a matched receive, a taken issend and a standard send cannot be
+cancelled."""
 from __future__ import annotations
 
 import threading
@@ -28,6 +30,14 @@ def _cancel(world: mesh.Mesh) -> list[str]:
         world.send("matched", 0, tag=6)
         world.send("early", 0, tag=7)
         assert np.array_equal(world.recv(0, tag=8), np.ones(4))
+        for tag in (20, 21, 22):        # rank 0's issends wait here, unreceived
+            world.probe(0, tag=tag, timeout=20)
+        world.send(None, 0, tag=19)
+        world.recv(0, tag=19)           # rank 0 cancelled them: never seen here
+        assert [world.iprobe(0, tag=t) for t in (20, 21, 22)] == [None] * 3
+        world.send(None, 0, tag=19)
+        assert world.recv(0, tag=20) == "after" and world.recv(0, tag=23) == "taken"
+        world.send(None, 0, tag=19)
         world.recv(0, tag=0)
         return seen
     req = world.irecv(1, tag=5)
@@ -64,6 +74,27 @@ def _cancel(world: mesh.Mesh) -> list[str]:
     assert not waiter.is_alive() and "was cancelled" in str(errors[0])
     seen.append("waiter")
 
+    # an issend's message not yet taken: withdrawn out of rank 1's queue (small: by
+    # ring; large: read out of this rank's memory; an object); one taken is not
+    reqs = [world.issend(m, 1, tag=20 + i) for i, m in
+            enumerate([np.arange(3.0), np.arange(300_000.0), {"an": "object"}])]
+    world.recv(1, tag=19)       # rank 1 has them, unreceived
+    for i, req in enumerate(reqs):
+        assert req.cancel() is True and req.done()
+        with pytest.raises(mesh.MeshError, match=rf"^rank 0: issend to rank 1 \(tag {20 + i}, "
+                           rf"group world\) was cancelled \(withdrawn unread from rank 1's "):
+            req.wait(timeout=5)
+        assert req.cancel() is False
+    world.send(None, 1, tag=19)
+    world.recv(1, tag=19)       # rank 1 found none of them
+    taken = world.issend("taken", 1, tag=23)
+    world.send("after", 1, tag=20)
+    world.recv(1, tag=19)       # rank 1 received tags 20 and 23
+    assert taken.cancel() is False and taken.wait(timeout=20) is None
+    mine = world.issend("to self", 0, tag=24)
+    assert mine.cancel() is True and world.iprobe(0, tag=24) is None
+    seen.append("issend")
+
     assert list(world._t.inbox.matcher.posted()) == []
     world.send(None, 1, tag=0)
     return seen
@@ -77,7 +108,8 @@ def _catch(req: mesh.Request, errors: list[BaseException]) -> None:
 
 
 def test_cancel_withdraws_only_unmatched_receives() -> None:
-    assert mesh.spawn(_cancel, 2, timeout=90)[0] == ["not lost", "matched", "send", "waiter"]
+    assert mesh.spawn(_cancel, 2, timeout=90)[0] == ["not lost", "matched", "send", "waiter",
+                                                     "issend"]
 
 
 def _timed_out(world: mesh.Mesh) -> list[str]:
