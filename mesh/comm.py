@@ -187,8 +187,20 @@ class Comm:
         tag = _check_tag(tag, self, op)
         if _is_null(dst):
             return _sent(self)
-        self._world_rank(dst, op)       # (a bad rank's error names this call)
-        return self.isend(_copied(obj), dst, tag)
+        return self._isend_as(_copied(obj), dst, tag, op)
+
+    def _isend_as(self, obj: Any, dst: int, tag: int, op: str) -> Request:
+        """``isend`` (its tag checked already) whose errors name ``op`` (a
+        bad rank, and its wait's: ``ibsend to rank 1 ...``)."""
+        wdst = self._world_rank(dst, op)
+        dst = int(dst)
+        if type(obj) is np.ndarray:
+            if self._t.send_ring(wdst, self.gid, tag, obj) is not None:
+                return _sent(self)      # done already
+        elif self._ring_tensor(obj, dst, tag):
+            return _sent(self)
+        desc = self._desc(f"{op} to", dst, wdst, tag)
+        return Request(self, self._t.isend(wdst, self.gid, tag, obj, None, desc))
 
     rsend = send
     """MPI's ready send (mpi4py's ``rsend``/``Rsend``, which requires the

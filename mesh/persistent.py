@@ -146,6 +146,8 @@ def send_init(comm: Comm, buf: Any, dst: int, tag: int, op: str = "send_init") -
         post = lambda: Request(comm, comm._issend(buf, dst, tag, op))
     elif op == "bsend_init":
         post = lambda: comm._ibsend(buf, dst, tag, op)
+    elif op == "rsend_init":
+        post = lambda: comm._isend_as(buf, dst, tag, op)
     else:
         post = lambda: comm.isend(buf, dst, tag)
     return Prequest(comm, post, comm._desc(verb, dst, wdst, tag))

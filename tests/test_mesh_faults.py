@@ -421,7 +421,8 @@ def _sends_to_a_stopped_peer(world: mesh.Mesh, out: str) -> None:
     go of frames for it; once it is found lost, a loop polling test() and a
     waitany end with LostPeerError naming it (they waited for ever, and
     waitany for its timeout); so does the wait of an issend, whose receive
-    never comes."""
+    never comes, and those of a bsend_init's and an rsend_init's start,
+    naming their call."""
     if world.rank == 1:
         world.send(os.getpid(), 0, tag=1)
         world.recv(0, tag=2)        # (all of ours went: nothing waits for us to run)
@@ -434,6 +435,9 @@ def _sends_to_a_stopped_peer(world: mesh.Mesh, out: str) -> None:
     polled = world.isend(np.ones(4 << 20, np.uint8), 1, tag=3)
     waited = world.isend(np.ones(4 << 20, np.uint8), 1, tag=4)
     synced = world.issend(np.ones(2), 1, tag=5)
+    modes = [world.bsend_init(np.ones(4 << 20, np.uint8), 1, tag=6),
+             world.rsend_init(np.ones(4 << 20, np.uint8), 1, tag=7)]
+    mesh.startall(modes)
     said = []
     start = time.monotonic()
     try:
@@ -453,6 +457,12 @@ def _sends_to_a_stopped_peer(world: mesh.Mesh, out: str) -> None:
         said.append("issend's wait returned")
     except mesh.MeshError as e:
         said.append(f"{type(e).__name__}: {e}")
+    for p in modes:
+        try:
+            p.wait(timeout=20)
+            said.append("its wait returned")
+        except mesh.MeshError as e:
+            said.append(f"{type(e).__name__}: {e}")
     said.append(f"{time.monotonic() - start:.1f}")
     os.kill(pid, signal.SIGKILL)
     Path(out, "said").write_text(json.dumps(said))
@@ -464,8 +474,10 @@ def test_a_polled_send_to_a_lost_peer_ends(tmp_path: Path, env: dict) -> None:
         mesh.spawn(_sends_to_a_stopped_peer, 2, str(tmp_path), timeout=50, settle=40,
                    env={"MESH_PEER_TIMEOUT": "2", **env})
     assert err.value.rank == 1
-    polled, waited, synced, took = json.loads(Path(tmp_path, "said").read_text())
-    for said, tag, verb in ((polled, 3, "send"), (waited, 4, "send"), (synced, 5, "issend")):
+    polled, waited, synced, buffered, ready, took = json.loads(
+        Path(tmp_path, "said").read_text())
+    for said, tag, verb in ((polled, 3, "send"), (waited, 4, "send"), (synced, 5, "issend"),
+                            (buffered, 6, "bsend_init"), (ready, 7, "rsend_init")):
         assert said.startswith(f"LostPeerError: rank 0: {verb} to rank 1 (tag {tag}, group "
                                f"world) failed: peer rank 1 is gone (silent for "), said
     assert float(took) < 15, took
