@@ -730,10 +730,13 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
                             "eval_step(), which keeps no graph itself")
         # (a colwise output kept watched: F.cross_entropy of it runs vocab-parallel)
         ty = _detached(_tensor(torch, y)).requires_grad_(True)
-        out = fn(ty, _target(torch, target, ty.device))
+        leaving = _leaving_torch() if probe else contextlib.nullcontext()
+        with leaving:       # (the probe: a pair's .numpy() of the output, detached)
+            out = fn(ty, _target(torch, target, ty.device))
         loss, count, reports = split_count(out)
-        if probe and not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
-            return _Unwrapped(out)      # (no torch loss: first_loss reads it)
+        left = getattr(leaving, "left", False)
+        if probe and (left or not (isinstance(loss, torch.Tensor) and loss.dim() == 0)):
+            return _Unwrapped(out, left)    # (no torch loss: first_loss reads it)
         if isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad:
             raise TypeError("loss_fn(output, target) returned a scalar tensor without a "
                             "gradient: compute it from the output (no .detach(), no "
@@ -775,10 +778,51 @@ def torch_loss(fn: Any, per_token: bool = True) -> Any:
 
 
 class _Unwrapped:
-    """What a loss function returned that is no torch loss (``torch_loss``'s probe)."""
+    """What a loss function returned that is no torch loss, or that took a
+    tensor requiring its gradient out of torch (``left``): ``torch_loss``'s
+    probe."""
 
-    def __init__(self, out: Any) -> None:
-        self.out = out
+    def __init__(self, out: Any, left: bool) -> None:
+        self.out, self.left = out, left
+
+
+_IN_PLACE = {"__setitem__"} | {f"__i{op}__" for op in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift",
+    "rshift", "matmul")}
+
+
+def _leaving_torch() -> Any:
+    """A torch function mode under which what torch refuses a tensor
+    requiring its gradient is done to its detached self: leaving torch
+    (``.numpy()``, ``np.asarray``, CuPy's ``__cuda_array_interface__``,
+    ``__dlpack__``), and, a leaf's, an in-place change (``o -= t``,
+    ``o.sub_(t)``, ``o[m] = 0``); ``left``: whether any was. ``first_loss``'s
+    call hands the output requiring its gradient, in case the function is a
+    torch loss: a (loss, gradient) pair that does either so runs once, as on
+    the output itself."""
+    from torch.overrides import TorchFunctionMode
+    torch = _torch()
+    t = torch.Tensor
+    leaving = (t.numpy, t.__array__, t.__cuda_array_interface__.__get__, t.__dlpack__)
+
+    def in_place(func: Any, v: Any) -> bool:       # (add_, __iadd__, __setitem__)
+        name = getattr(func, "__name__", "")
+        return v.is_leaf and torch.is_grad_enabled() and (
+            name in _IN_PLACE or name[-1:] == "_" and name[:1] != "_")
+
+    class Leaving(TorchFunctionMode):
+        left = False
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            v: Any = args[0] if args else None
+            if getattr(v, "requires_grad", False) and (func in leaving or in_place(func, v)):
+                d = v.detach()
+                out = func(d, *args[1:], **(kwargs or {}))
+                self.left = True        # (not where it raised: hasattr of a CPU tensor's
+                return v if out is d else out   # __cuda_array_interface__)
+            return func(*args, **(kwargs or {}))
+    return Leaving()
 
 
 def first_loss(fn: Any, y: Any, target: Any, where: str, as_written: bool,
@@ -788,24 +832,26 @@ def first_loss(fn: Any, y: Any, target: Any, where: str, as_written: bool,
     as ``torch_loss(fn)`` makes it (``as_written``: not per token, under OPT
     actions), whose loss_fn that is where ``fn`` returned a torch loss; else
     ``fn`` itself where it returned a (loss, gradient) pair (its tensors
-    detached: it was handed the output as a tensor requiring its gradient),
-    or ``as_pipeline_loss``'s TypeError. A function that cannot take such a
-    tensor (``.numpy()`` of it) is called again on ``y`` itself."""
+    detached: it was handed the output as a tensor requiring its gradient,
+    which it may take to numpy or change in place: ``_leaving_torch``), or
+    ``as_pipeline_loss``'s TypeError. A torch loss that did either is
+    refused (RuntimeError), as torch refuses its next calls."""
     wrapped = torch_loss(fn, per_token=not as_written)
-    try:
-        with warnings.catch_warnings():     # (a pair's float(loss) of it: no torch warning)
-            warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True")
-            got = wrapped(y, target, seed=seed, sum_seed=sum_seed, probe=True)
-    except RuntimeError as e:
-        if "requires grad" not in str(e):
-            raise
-        out = fn(y, target)
-        return as_pipeline_loss(fn, out, where, y), out
+    with warnings.catch_warnings():     # (a pair's float(loss) of it: no torch warning)
+        warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True")
+        got = wrapped(y, target, seed=seed, sum_seed=sum_seed, probe=True)
     if not isinstance(got, _Unwrapped):
         return wrapped, got
     out = got.out
-    fn = as_pipeline_loss(fn, out, where, y)        # (raises: no torch loss either)
     torch = _torch()
+    loss = split_count(out)[0]
+    if got.left and isinstance(loss, torch.Tensor) and loss.dim() == 0:
+        raise RuntimeError(f"{where}: loss_fn(output, target) returned a torch loss but took "
+                           "a tensor requiring its gradient out of torch (.numpy(), "
+                           "np.asarray) or changed it in place, which torch refuses: use "
+                           ".detach().numpy() or .clone() there, or return a (loss, gradient) "
+                           "pair of numbers and arrays")
+    fn = as_pipeline_loss(fn, out, where, y)        # (raises: no torch loss either)
     if isinstance(out, tuple):
         out = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in out)
     return fn, out

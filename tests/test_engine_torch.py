@@ -276,22 +276,40 @@ def test_a_loss_and_gradient_pair_on_torch_stages_still_runs_from_its_first_call
     """A (loss, gradient) pair of one's own on torch stages: its first call
     is handed the output requiring its gradient (to be called once where it
     is a torch loss), so its gradient comes back detached, and one that
-    takes the output to numpy (which torch refuses there) is called again
-    on the output as it is; both train as one process's mean squared error."""
+    takes the output to numpy (``.numpy()``, ``np.asarray``, which torch
+    refuses on such a tensor) gets its detached values there, and one that
+    changes it in place (refused alike) changes them; each is called once a
+    micro-batch (those two were called again on their first, on the output
+    as it is) and trains as one process's mean squared error. A torch loss
+    that takes the output to numpy or changes it in place is refused on
+    that call, naming the rank, as torch refuses its next ones (an
+    IndexError of a 0-dim tensor came after it was called twice)."""
     x, y = _counted_batch()
     t = torch.nn.functional.one_hot(y.clamp(min=0), 3).double()
     calls = []
 
     def by_torch(o, t):
-        calls.append(len(t))
+        calls.append(("torch", len(t)))
         d = o - t
         return float((d * d).mean()), 2 * d / d.numel()
 
     def by_numpy(o, t):
+        calls.append(("numpy", len(t)))
         d = o.numpy() - t.numpy()
         return float((d * d).mean()), torch.from_numpy(2 * d / d.size)
 
-    for fn in (by_torch, by_numpy):
+    def by_asarray(o, t):
+        calls.append(("asarray", len(t)))
+        d = np.asarray(o) - np.asarray(t)
+        return float((d * d).mean()), 2 * d / d.size
+
+    def in_place(o, t):         # (torch refuses it on a leaf requiring its gradient)
+        calls.append(("in place", len(t)))
+        o -= t
+        d = o.numpy()
+        return float((d * d).mean()), torch.from_numpy(2 * d / d.size)
+
+    for fn in (by_torch, by_numpy, by_asarray, in_place):
         pipe, model = _counted_solo(schedules.zb_v(1, 3), fn)
         _, ref = _counted_solo(schedules.zb_v(1, 3))
         want = torch.nn.functional.mse_loss(ref(x), t)
@@ -299,7 +317,162 @@ def test_a_loss_and_gradient_pair_on_torch_stages_still_runs_from_its_first_call
         assert pipe.step(x, t) == pytest.approx(want.item(), rel=1e-12), fn
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
-    assert len(calls) == 3, calls
+    assert calls == [(name, 3) for name in ("torch", "numpy", "asarray", "in place")
+                     for _ in range(3)]
+
+    def logged(o, t):       # (a torch loss logging the output's mean through numpy)
+        calls.append(("logged", float(o.numpy().mean())))
+        return torch.nn.functional.mse_loss(o, t)
+
+    def shifted(o, t):
+        calls.append(("shifted", len(t)))
+        return torch.nn.functional.mse_loss(o.sub_(t), torch.zeros_like(t))
+
+    for fn in (logged, shifted):
+        calls.clear()
+        pipe, model = _counted_solo(schedules.zb_v(1, 3), fn)
+        with pytest.raises(RuntimeError, match=re.escape(
+                "pp rank 0: loss_fn(output, target) returned a torch loss but took a tensor "
+                "requiring its gradient out of torch (.numpy(), np.asarray) or changed it in "
+                "place, which torch refuses: use .detach().numpy() or .clone() there")):
+            pipe.step(x, t)
+        assert len(calls) == 1, calls
+        assert all(p.grad is None for p in model.parameters())
+
+
+class _Runs(torch.overrides.TorchFunctionMode):
+    """Notes each call of torch's losses (F.cross_entropy, F.mse_loss), the
+    calls a loss module makes (as written, or as its per-token sum)."""
+
+    def __init__(self, runs):
+        super().__init__()
+        self.runs = runs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.functional.cross_entropy, torch.nn.functional.mse_loss):
+            self.runs.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _noted(fn, calls):
+    """``fn`` noting each call's rows in ``calls``."""
+    def noted(o, t):
+        calls.append(len(t))
+        return fn(o, t)
+    return noted
+
+
+def _by_numpy(o, t):
+    """A (loss, gradient) pair of one's own that takes a torch output to numpy."""
+    d = o.numpy() - t.numpy()
+    return float((d * d).mean()), torch.from_numpy(2 * d / d.size)
+
+
+def _every_loss(calls, opt):
+    """(name, loss_fn, whether the target is class ids, whether a module's
+    runs count the calls) of each kind a Pipeline of torch stages takes,
+    those of one's own noting their calls in ``calls``: a torch function,
+    a pair through numpy, modules, Megatron-core's (sum, count, reports)
+    (its older (mean, reports) under OPT actions, where a per-token loss is
+    refused)."""
+    return [("function", _noted(torch.nn.functional.mse_loss, calls), False, False),
+            ("numpy pair", _noted(_by_numpy, calls), False, False),
+            ("CrossEntropyLoss", torch.nn.CrossEntropyLoss(), True, True),
+            ("MSELoss", torch.nn.MSELoss(), False, True),
+            ("megatron", _noted(megatron_legacy if opt else megatron_ce, calls), True, False)]
+
+
+@pytest.mark.parametrize("sched", [schedules.gpipe(1, 3), schedules.one_f_one_b(1, 3),
+                                   schedules.interleaved_1f1b(1, 3, 2),
+                                   engine.with_optimizer_step(schedules.zb_v(1, 3))],
+                         ids=lambda s: s.name)
+def test_every_loss_is_called_once_a_micro_batch(sched):
+    """Each micro-batch calls the loss once, its first too, whatever the
+    loss (``_every_loss``; engine.layers' numpy mse_loss on numpy stages)
+    and the schedule (GPipe, 1F1B, interleaved, ZB-V with OPT actions), as
+    torch.distributed.pipelining and DeepSpeed call it: a loss counting its
+    calls, logging or drawing random numbers sees 3 calls a step of 3
+    micro-batches. A pair taking the output to numpy was called twice on
+    its first. The losses are one process's."""
+    F = torch.nn.functional
+    x, y = _counted_batch()
+    y = y.clamp(min=0)          # (every target counted: a mean is one process's)
+    t = F.one_hot(y, 3).double()
+    opt = sched.name.startswith("zb")
+    kw = {"optimizer": lambda stage: None} if opt else {}
+    calls, runs = [], []
+    for name, fn, ids, module in _every_loss(calls, opt):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6).double(), torch.nn.Tanh(),
+                                    torch.nn.Linear(6, 3).double())
+        stages = [model] if sched.num_stages == 1 else [model[:2], model[2:]]
+        pipe = Pipeline(_Solo(), stages, sched, loss_fn=fn, **kw)
+        target = y if ids else t
+        with torch.no_grad():
+            want = (F.cross_entropy if ids else F.mse_loss)(model(x), target).item()
+        for step in range(2):
+            calls.clear()
+            runs.clear()
+            with _Runs(runs):
+                got = pipe.step(x, target)
+            assert len(runs if module else calls) == 3, (name, step, calls, runs)
+            assert got == pytest.approx(want, rel=1e-12), (name, step)
+    stages = mlp_stages([4, 5, 3], sched.num_stages, seed=2)
+    pipe = Pipeline(_Solo(), stages, sched, loss_fn=_noted(mse_loss, calls), **kw)
+    xs, ts = x.numpy(), t.numpy()
+    for stage in stages:
+        xs = stage.forward(xs)[0]
+    for step in range(2):
+        calls.clear()
+        assert pipe.step(x.numpy(), ts) == pytest.approx(mse_loss(xs, ts)[0], rel=1e-12)
+        assert calls == [3, 3, 3], (step, calls)
+
+
+def test_every_loss_is_called_once_a_micro_batch_through_distribute():
+    """engine.distribute's jobs call the loss once a micro-batch too
+    (``_every_loss`` but the pair through numpy: a torch model's loss is a
+    torch loss; engine.layers' mse_loss on an engine.layers model), under
+    GPipe, 1F1B, interleaved and ZB-V (pp=1: the last two on two stages;
+    OPT actions are a Pipeline's, given its optimizer), the losses one
+    process's."""
+    import mesh
+    from engine.layers import Sequential
+    F = torch.nn.functional
+    x, y = _counted_batch()
+    y = y.clamp(min=0)
+    t = F.one_hot(y, 3).double()
+    calls, runs = [], []
+    with mesh.init() as world:
+        grid = mesh.grid(world, pp=1)
+        for n, schedule in enumerate(("gpipe", "1f1b", "interleaved", "zb-v")):
+            args = dict(schedule=schedule, microbatches=3, balance="uniform", verbose=False)
+            for k, (name, fn, ids, module) in enumerate(_every_loss(calls, False)):
+                if name == "numpy pair":
+                    continue
+                torch.manual_seed(0)
+                model = torch.nn.Sequential(torch.nn.Linear(4, 6).double(), torch.nn.Tanh(),
+                                            torch.nn.Linear(6, 3).double())
+                target = y if ids else t
+                with torch.no_grad():
+                    want = (F.cross_entropy if ids else F.mse_loss)(model(x), target).item()
+                job = engine.distribute(model, grid, loss_fn=fn, tag_base=(n * 6 + k) << 16,
+                                        **args)
+                for step in range(2):
+                    calls.clear()
+                    runs.clear()
+                    with _Runs(runs):
+                        got = job.step(x, target)
+                    assert len(runs if module else calls) == 3, (schedule, name, calls, runs)
+                    assert got == pytest.approx(want, rel=1e-12), (schedule, name, step)
+            layers = Sequential(*mlp_stages([4, 5, 3], 1, seed=2)[0].layers)
+            xs, ts = x.numpy(), t.numpy()
+            want = mse_loss(layers.forward(xs)[0], ts)[0]
+            job = engine.distribute(layers, grid, loss_fn=_noted(mse_loss, calls),
+                                    tag_base=(n * 6 + 5) << 16, **args)
+            for step in range(2):
+                calls.clear()
+                assert job.step(xs, ts) == pytest.approx(want, rel=1e-12), (schedule, step)
+                assert calls == [3, 3, 3], (schedule, step, calls)
 
 
 def megatron_legacy(o, t):
