@@ -462,6 +462,10 @@ class _StepActions:
                 return fn(y, target, seed=seed, sum_seed=sum_seed)
             return fn(y, target)
 
+        if not pipe.loss_checked and pipe.has_opt:
+            # (a mean cross entropy run per token: too late for OPT; chosen before the first
+            # call, so a loss_fn set since the Pipeline was made is called once there too)
+            pipe.loss_fn = getattr(pipe.loss_fn, "as_written", pipe.loss_fn)
         if not pipe.loss_checked and not getattr(pipe.loss_fn, "seeded", False) and \
                 torch is not None and isinstance(y, torch.Tensor):    # (called once)
             pipe.loss_fn, out = first_loss(pipe.loss_fn, y, target, f"pp rank {pipe.rank}",
@@ -471,7 +475,7 @@ class _StepActions:
         out = call(pipe.loss_fn)
         if not pipe.loss_checked:   # its first call: a torch loss wrapped, or a clear error
             fn = as_pipeline_loss(pipe.loss_fn, out, f"pp rank {pipe.rank}", y)
-            if pipe.has_opt:        # (a mean cross entropy run per token: too late for OPT)
+            if pipe.has_opt:
                 fn = getattr(fn, "as_written", fn)
             if fn is not pipe.loss_fn:
                 pipe.loss_fn = fn

@@ -393,7 +393,9 @@ def test_every_loss_is_called_once_a_micro_batch(sched):
     torch.distributed.pipelining and DeepSpeed call it: a loss counting its
     calls, logging or drawing random numbers sees 3 calls a step of 3
     micro-batches. A pair taking the output to numpy was called twice on
-    its first. The losses are one process's."""
+    its first; so was a module loss wrapped and set as ``pipe.loss_fn``
+    before the first step under OPT actions (per token, then as written).
+    The losses are one process's."""
     F = torch.nn.functional
     x, y = _counted_batch()
     y = y.clamp(min=0)          # (every target counted: a mean is one process's)
@@ -401,12 +403,16 @@ def test_every_loss_is_called_once_a_micro_batch(sched):
     opt = sched.name.startswith("zb")
     kw = {"optimizer": lambda stage: None} if opt else {}
     calls, runs = [], []
-    for name, fn, ids, module in _every_loss(calls, opt):
+    cases = _every_loss(calls, opt) + [("CrossEntropyLoss set", torch_loss(
+        torch.nn.CrossEntropyLoss()), True, True)]
+    for name, fn, ids, module in cases:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 6).double(), torch.nn.Tanh(),
                                     torch.nn.Linear(6, 3).double())
         stages = [model] if sched.num_stages == 1 else [model[:2], model[2:]]
         pipe = Pipeline(_Solo(), stages, sched, loss_fn=fn, **kw)
+        if name.endswith("set"):        # (set in place of the one given, before a step)
+            pipe.loss_fn = fn
         target = y if ids else t
         with torch.no_grad():
             want = (F.cross_entropy if ids else F.mse_loss)(model(x), target).item()
